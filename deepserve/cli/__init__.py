@@ -1,0 +1,1 @@
+"""Command line: `deepserve serve | generate | chat | bench | eval | convert | plan | validate | ops`."""

@@ -1,0 +1,139 @@
+"""`deepserve bench serve | sweep | latency | throughput`: vLLM's bench commands, same flags.
+
+`serve` and `sweep` measure any OpenAI-compatible server over HTTP; `latency` and
+`throughput` run the engine in-process. Flag names, defaults and meanings follow
+`vllm bench ...`, so commands and result JSON carry over from vLLM runs.
+"""
+from __future__ import annotations
+
+import argparse
+
+from deepserve.bench.client import ENDPOINTS
+from deepserve.bench.datasets import DATASET_NAMES
+
+
+def _rate(text: str) -> float:
+    value = float(text)  # accepts "inf"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"request rate must be > 0 (or inf), got {text}")
+    return value
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--base-url", default=None, help="Server URL, root or /v1 (overrides --host/--port).")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    g.add_argument("--model", default=None, help="Model name sent in requests (default: the first "
+                   "model the server lists); also the tokenizer folder when it is a local path.")
+    g.add_argument("--served-model-name", default=None, help="Name sent in requests when it differs "
+                   "from --model.")
+    g.add_argument("--tokenizer", default=None, help="Tokenizer folder (tokenizer.json) to count tokens "
+                   "with; default: --model when it is a folder.")
+    g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    d.add_argument("--dataset-path", default=None, help="sonnet.txt or ShareGPT JSON file.")
+    d.add_argument("--num-prompts", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--random-input-len", type=int, default=1024)
+    d.add_argument("--random-output-len", type=int, default=128)
+    d.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="Lengths drawn uniformly in [len*(1-r), len*(1+r)].")
+    d.add_argument("--random-prefix-len", type=int, default=0, help="Random tokens before each prompt.")
+    d.add_argument("--sonnet-input-len", type=int, default=550)
+    d.add_argument("--sonnet-output-len", type=int, default=150)
+    d.add_argument("--sonnet-prefix-len", type=int, default=200)
+    d.add_argument("--sharegpt-output-len", type=int, default=None,
+                   help="Output length for every request (default: the dataset reply's length).")
+    d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
+    d.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
+    d.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    t = p.add_argument_group("traffic")
+    t.add_argument("--request-rate", type=_rate, default=float("inf"),
+                   help="Requests/s, Poisson arrivals (inf: all at once).")
+    t.add_argument("--burstiness", type=float, default=1.0,
+                   help="Gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular.")
+    t.add_argument("--max-concurrency", type=int, default=None, help="Most requests in flight.")
+    t.add_argument("--ignore-eos", action="store_true", help="Ask the server to ignore EOS.")
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--num-warmups", type=int, default=0, help="Untimed requests before the run.")
+    r = p.add_argument_group("results")
+    r.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000.")
+    r.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
+    r.add_argument("--metric-percentiles", default="90,95,99")
+    r.add_argument("--save-result", action="store_true")
+    r.add_argument("--save-detailed", action="store_true", help="Also save each generated text.")
+    r.add_argument("--result-dir", default=None)
+    r.add_argument("--result-filename", default=None)
+    r.add_argument("--label", default=None)
+    r.add_argument("--disable-tqdm", action="store_true")
+
+
+def _serve(args) -> int:
+    from deepserve.bench.serve import run_serve
+
+    result = run_serve(args)
+    return 1 if result["completed"] == 0 else 0
+
+
+def _sweep(args) -> int:
+    from deepserve.bench.sweep import run_sweep
+
+    out = run_sweep(args)
+    return 1 if all(r["completed"] == 0 for r in out["runs"]) else 0
+
+
+def _latency(args) -> int:
+    from deepserve.bench.offline import run_latency
+
+    run_latency(args)
+    return 0
+
+
+def _throughput(args) -> int:
+    from deepserve.bench.offline import run_throughput
+
+    run_throughput(args)
+    return 0
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from deepserve.config import EngineArgs
+
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--input-len", type=int, default=32 if p.prog.endswith("latency") else 1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--output-json", default=None, help="Write the result JSON here.")
+    p.add_argument("--disable-tqdm", action="store_true")
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="Benchmark a server (serve, sweep) or the engine "
+                                  "(latency, throughput).")
+    sub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+
+    serve = sub.add_parser("serve", help="Load an OpenAI-compatible server; TTFT/TPOT/ITL/E2EL, throughput.")
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
+
+    sweep = sub.add_parser("sweep", help="bench serve at several concurrencies/rates; Markdown + PNG.")
+    add_serve_args(sweep)
+    sweep.add_argument("--max-concurrency-list", type=int, nargs="+", default=None)
+    sweep.add_argument("--request-rate-list", type=_rate, nargs="+", default=None)
+    sweep.set_defaults(func=_sweep)
+
+    latency = sub.add_parser("latency", help="In-process engine: latency of one batch.")
+    _add_engine_args(latency)
+    latency.add_argument("--batch-size", type=int, default=8)
+    latency.add_argument("--num-iters", type=int, default=30)
+    latency.add_argument("--num-iters-warmup", type=int, default=10)
+    latency.set_defaults(func=_latency)
+
+    throughput = sub.add_parser("throughput", help="In-process engine: requests/s and tokens/s.")
+    _add_engine_args(throughput)
+    throughput.add_argument("--num-prompts", type=int, default=1000)
+    throughput.set_defaults(func=_throughput)

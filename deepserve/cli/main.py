@@ -1,0 +1,54 @@
+"""`deepserve` entry point: one sub-command per module of this package.
+
+Each module `deepserve/cli/<name>.py` has `register(subparsers)`, which adds its parser and
+sets `func` (called with the parsed args; returns the exit code). Errors a user can fix are
+printed as one line, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (sub-command module, in the order `deepserve --help` lists them)
+COMMANDS = ["serve", "generate", "chat", "bench", "eval", "convert", "plan", "validate", "ops"]
+
+
+class UserError(Exception):
+    """An error in what the user asked for: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepserve", description="Serve, convert, benchmark and "
+                                     "evaluate DeepSeek-R1 and its distilled models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"deepserve.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"deepserve.cli.{name}":
+                continue  # sub-command not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (UserError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"deepserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

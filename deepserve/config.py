@@ -1,0 +1,348 @@
+"""Engine configuration: `EngineArgs` (what users set) and the configs the engine reads.
+
+Every field carries a docstring (the string literal right below it, as in vLLM); the CLI
+flags are generated from the fields and those docstrings (as SGLang does), with vLLM's flag
+names: field `max_num_seqs` is flag `--max-num-seqs`. Values are checked in `__post_init__`
+and errors name the bad value. This module imports nothing from deepserve.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_MODEL = str(PACKAGE_DIR / "assets" / "stories260k")
+PRESET_DIR = PACKAGE_DIR / "assets" / "presets"
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------- HF config.json
+class HFConfig:
+    """A model's config.json as attributes, normalised to one spelling.
+
+    Hub checkpoints write `rope_theta` + `rope_scaling` and `torch_dtype`; newer
+    `transformers` writes `rope_parameters` (holding rope_theta and the scaling) and `dtype`.
+    Both are read into `rope_theta`, `rope_scaling` (None or a dict with a "rope_type"
+    key) and `torch_dtype`, so the model code has one spelling to branch on.
+    """
+
+    def __init__(self, data: dict[str, Any]):
+        data = dict(data)
+        rope_params = data.pop("rope_parameters", None)
+        if isinstance(rope_params, dict):
+            rope_params = dict(rope_params)
+            data.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
+            kind = rope_params.get("rope_type", rope_params.get("type", "default"))
+            if kind != "default" and data.get("rope_scaling") is None:
+                data["rope_scaling"] = rope_params
+        scaling = data.get("rope_scaling")
+        if isinstance(scaling, dict):
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            data["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
+        if "dtype" in data and "torch_dtype" not in data:
+            data["torch_dtype"] = data.pop("dtype")
+        data.setdefault("rope_theta", 10000.0)
+        data.setdefault("rope_scaling", None)
+        self.__dict__.update(data)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.__dict__.get(name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry")
+        return archs[0]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
+    """Read `model`/config.json, or the preset named `model` (e.g. "deepseek-r1")."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        data = json.loads((path / "config.json").read_text())
+    elif (PRESET_DIR / f"{model}.json").is_file():
+        data = json.loads((PRESET_DIR / f"{model}.json").read_text())
+    elif path.exists():
+        raise FileNotFoundError(f"{path / 'config.json'} not found: not a Hugging Face model folder")
+    else:
+        raise FileNotFoundError(
+            f"model {model!r} is neither a folder nor a preset; presets: {', '.join(list_presets())}")
+    data.update(hf_overrides or {})
+    return HFConfig(data)
+
+
+def is_preset(model: str) -> bool:
+    return not Path(model).exists() and (PRESET_DIR / f"{model}.json").is_file()
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass
+class ModelConfig:
+    """The model as the engine sees it: HF config, dtype, context length."""
+
+    model: str
+    hf_config: HFConfig
+    dtype: str
+    max_model_len: int
+    tokenizer: str
+    load_format: str = "auto"
+    quantization: Optional[str] = None
+    seed: int = 0
+
+    @property
+    def architecture(self) -> str:
+        return self.hf_config.architecture
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    enable_prefix_caching: bool = True
+    num_blocks: int = 0  # decided by the model runner after profiling
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting_requests: Optional[int] = None
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: str
+    ops: str
+    enforce_eager: bool
+    cuda_graph_sizes: list[int]
+
+
+# --------------------------------------------------------------------------- EngineArgs
+@dataclass
+class EngineArgs:
+    """Everything a user sets to start an engine. Field names are vLLM's."""
+
+    model: str = DEMO_MODEL
+    """Hugging Face model folder, or a preset name (deepseek-r1, r1-distill-llama-8b, ...).
+    Default: the built-in stories260k demo model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder; default: the model folder."""
+    served_model_name: Optional[str] = None
+    """Model name the API reports; default: the model argument's last path part."""
+    dtype: str = "auto"
+    """Weight and activation dtype: auto (the checkpoint's, bf16 for fp8 checkpoints, fp32 on CPU
+    for fp16/bf16 checkpoints), float32, float16 or bfloat16."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + output in tokens; default: the model's max_position_embeddings."""
+    load_format: str = "auto"
+    """auto | safetensors | dummy (random weights with the config's shapes)."""
+    hf_overrides: dict = field(default_factory=dict)
+    """JSON object merged over config.json, e.g. '{"num_hidden_layers": 4}'."""
+    quantization: Optional[str] = None
+    """Weight quantization: None (as stored; fp8 checkpoints are dequantized), fp8, w8a8-int8."""
+    seed: int = 0
+    """Seed for random weights and for sampling requests that give no seed."""
+    device: str = "auto"
+    """auto | cpu | cuda (or an out-of-tree platform name)."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    gpu_memory_utilization: float = 0.9
+    """Share of device memory the engine may use (weights + activations + KV cache)."""
+    num_gpu_blocks_override: Optional[int] = None
+    """Use exactly this many KV cache blocks instead of sizing the pool from memory."""
+    kv_cache_memory_bytes: Optional[int] = None
+    """Bytes for the KV cache pool (default on CPU: 1 GiB; on GPU: from gpu_memory_utilization)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of identical full-block prompt prefixes."""
+    max_num_seqs: int = 256
+    """Most sequences in one engine step."""
+    max_num_batched_tokens: Optional[int] = None
+    """Most tokens in one engine step (default 8192, at least max_model_len without chunked prefill)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps, mixed with decode tokens."""
+    max_waiting_requests: Optional[int] = None
+    """Most requests queued before new ones are refused (server: 503); default unbounded."""
+    tensor_parallel_size: int = 1
+    """Tensor-parallel ranks."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages."""
+    data_parallel_size: int = 1
+    """Data-parallel ranks (MLA attention per rank, experts shared with expert parallel)."""
+    enable_expert_parallel: bool = False
+    """Shard MoE experts over the TP x DP ranks instead of slicing each expert."""
+    distributed_executor_backend: Optional[str] = None
+    """mp (local processes) or ray; default: mp on one node."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs."""
+    cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    """Decode batch sizes captured as CUDA graphs."""
+    ops: str = "auto"
+    """Operator backend: auto (triton on CUDA, torch elsewhere) | torch | triton | flaggems.
+    Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
+    speculative_config: Optional[dict] = None
+    """JSON, e.g. '{"method": "mtp", "num_speculative_tokens": 1}'."""
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.quantization not in (None, "fp8", "w8a8-int8"):
+            raise ValueError(f"quantization must be fp8 or w8a8-int8, got {self.quantization!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override",
+                     "max_waiting_requests", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
+        env_ops = os.environ.get("DEEPSERVE_OPS")
+        if self.ops == "auto" and os.environ.get("USE_FLAGGEMS", "0").lower() in ("1", "true"):
+            self.ops = "flaggems"
+        elif self.ops == "auto" and env_ops:
+            self.ops = env_ops
+        if self.ops not in ("auto", "torch", "triton", "flaggems"):
+            raise ValueError(f"ops must be auto, torch, triton or flaggems, got {self.ops!r}")
+        if isinstance(self.hf_overrides, str):
+            self.hf_overrides = json.loads(self.hf_overrides)
+        if isinstance(self.speculative_config, str):
+            self.speculative_config = json.loads(self.speculative_config)
+
+    def create_engine_config(self) -> EngineConfig:
+        hf = load_hf_config(self.model, self.hf_overrides)
+        model_len_limit = int(hf.get("max_position_embeddings", 2048))
+        max_model_len = self.max_model_len or model_len_limit
+        if self.max_model_len and self.max_model_len > model_len_limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {model_len_limit}")
+        tokenizer = self.tokenizer or (self.model if Path(self.model).is_dir() else None)
+        load_format = "dummy" if is_preset(self.model) else self.load_format
+        model = ModelConfig(model=self.model, hf_config=hf, dtype=self.dtype,
+                            max_model_len=max_model_len, tokenizer=tokenizer,
+                            load_format=load_format, quantization=self.quantization, seed=self.seed)
+        batched = self.max_num_batched_tokens or 8192
+        if not self.enable_chunked_prefill:
+            batched = max(batched, max_model_len)
+        scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                                    max_model_len=max_model_len,
+                                    enable_chunked_prefill=self.enable_chunked_prefill,
+                                    max_waiting_requests=self.max_waiting_requests)
+        cache = CacheConfig(block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                            num_gpu_blocks_override=self.num_gpu_blocks_override,
+                            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                            enable_prefix_caching=self.enable_prefix_caching)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                  self.data_parallel_size, self.enable_expert_parallel,
+                                  self.distributed_executor_backend)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
+                            device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
+                            cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))
+
+    # ----------------------------------------------------------------------- CLI
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        add_dataclass_args(parser, cls, skip=skip)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineArgs":
+        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- CLI generation
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls`, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from None
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field: `--field-name`, typed from the annotation."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"help": docs.get(f.name, ""), "default": argparse.SUPPRESS, "dest": f.name}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if base in (dict,) or typing.get_origin(base) is dict:
+            kw["type"] = _json_arg
+        elif base is list or typing.get_origin(base) is list:
+            kw.update(type=int, nargs="+")
+        elif base in (int, float):
+            kw["type"] = base
+        else:
+            kw["type"] = str
+        kw["help"] = f"{kw['help']} (default: {default})"
+        parser.add_argument(flag, **kw)

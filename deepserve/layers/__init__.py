@@ -1,0 +1,1 @@
+"""Model building blocks: parallel-aware linears and embeddings, norms, rotary, attention, MoE."""

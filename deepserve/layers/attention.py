@@ -1,0 +1,60 @@
+"""Paged attention module and the per-step batch metadata every attention layer reads.
+
+`AttentionMetadata` is built by the model runner once per step and passed down the model
+as an argument (DESIGN invariant 1: no module globals carry per-step state). Sequences are
+ordered decodes first: the first `num_decodes` sequences have exactly one new token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deepserve import ops
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor   # [B+1] int32, offsets of each sequence's new tokens
+    seq_lens: torch.Tensor          # [B] int32, tokens in each sequence after this step
+    block_tables: torch.Tensor      # [B, max_blocks] int32, pool blocks of each sequence
+    slot_mapping: torch.Tensor      # [T] int64, flat cache slot of each new token (-1: padding)
+    logits_indices: torch.Tensor    # [N] int64, rows of the batch whose logits are needed
+    max_query_len: int
+    max_seq_len: int
+    num_decodes: int = 0            # leading sequences with one new token each
+    query_lens_cpu: list[int] = field(default_factory=list)
+    seq_lens_cpu: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention over a paged KV pool.
+
+    The model runner allocates the pool from `kv_cache_shapes` and sets `self.kv_cache`
+    to [k_cache, v_cache], each [num_blocks, block_size, num_kv_heads, dim]."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 v_head_dim: int | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.v_head_dim = v_head_dim or head_dim
+        self.scale = scale
+        self.kv_cache: list[torch.Tensor] = []
+
+    def kv_cache_shapes(self, block_size: int) -> list[tuple[int, ...]]:
+        return [(block_size, self.num_kv_heads, self.head_dim),
+                (block_size, self.num_kv_heads, self.v_head_dim)]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, H * Dv]."""
+        k_cache, v_cache = self.kv_cache
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len)
+        return out.flatten(1)

@@ -1,0 +1,21 @@
+"""The operator library: one function per hot op, backends torch | triton | flaggems.
+
+Call ops as `ops.rms_norm(x, w, eps)`; the backend is chosen once at start with
+`ops.set_backend(...)` (DESIGN invariant 6). The torch implementations are the oracle
+every other backend is tested against.
+"""
+from deepserve.ops import activation, attention, norm, rotary, sampling  # noqa: F401  (torch impls)
+from deepserve.ops.registry import (call_counts, dispatcher, get_backend, op_table, resolve,
+                                    set_backend, triton_share)
+
+rms_norm = dispatcher("rms_norm")
+fused_add_rms_norm = dispatcher("fused_add_rms_norm")
+silu_and_mul = dispatcher("silu_and_mul")
+rotary_embedding = dispatcher("rotary_embedding")
+write_kv_cache = dispatcher("write_kv_cache")
+paged_attention = dispatcher("paged_attention")
+sample = dispatcher("sample")
+
+__all__ = ["set_backend", "get_backend", "op_table", "resolve", "call_counts", "triton_share",
+           "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache",
+           "paged_attention", "sample"]

@@ -1,0 +1,68 @@
+"""Paged attention over a flat token batch, torch reference.
+
+The batch holds B sequences whose new tokens are concatenated: sequence b owns query rows
+`query_start_loc[b]:query_start_loc[b+1]` and has `seq_lens[b]` tokens in total, the new
+ones last. Keys and values live in a paged pool `[num_blocks, block_size, heads, dim]`;
+`block_tables[b, i]` is the pool block holding tokens `i*block_size ...` of sequence b.
+Prefill chunks and decode tokens are the same case (decode: one query row).
+
+MLA's absorbed decode is this op with one KV head of width 576 and `v_cache` a view of the
+first 512 dims of the same latent pool (DESIGN invariant 3).
+"""
+from __future__ import annotations
+
+import torch
+
+from deepserve.ops.registry import register
+
+
+@register("write_kv_cache", "torch")
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """Store key [T, Hk, D] (and value) at flat slots `block * block_size + offset`.
+
+    Slots < 0 are padding (e.g. CUDA-graph filler rows) and are skipped."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
+    if v_cache is not None and value is not None:
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first `seq_len` tokens of one sequence from a paged pool -> [seq_len, ...]."""
+    block_size = cache.shape[1]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:n_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+@register("paged_attention", "torch")
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_query_len: int = 0, max_seq_len: int = 0) -> torch.Tensor:
+    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
+
+    Causal: query row i of a sequence with context c (cached before this step) sees keys
+    0 .. c + i. Heads are grouped (GQA/MQA) when the cache has fewer heads than q."""
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    out = q.new_empty(q.shape[0], num_heads, v_cache.shape[-1])
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q_b = q[starts[b]:starts[b + 1]]                       # [Lq, H, D]
+        q_len = q_b.shape[0]
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len)      # [L, Hk, D]
+        v = gather_kv(v_cache, block_tables[b], seq_len)      # [L, Hk, Dv]
+        if num_kv_heads != num_heads:
+            k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q_b.float(), k.float()) * scale
+        context = seq_len - q_len
+        q_pos = torch.arange(q_len, device=q.device)[:, None] + context
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+    return out

@@ -1,0 +1,34 @@
+"""Rotary position embedding (Su et al. 2021) from a cos/sin cache, torch reference.
+
+`cos_sin_cache[pos]` holds [cos(pos * f_i) | sin(pos * f_i)] for the rot_dim/2 frequencies
+(any YaRN magnitude scale already folded in). Neox style rotates the two halves of the
+rotary dims; interleaved (GPT-J) style rotates adjacent pairs.
+"""
+from __future__ import annotations
+
+import torch
+
+from deepserve.ops.registry import register
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    # x [T, H, rot_dim]; cos/sin [T, 1, rot_dim/2]
+    if is_neox:
+        x1, x2 = x.chunk(2, dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        return torch.cat((o1, o2), dim=-1)
+    return torch.stack((o1, o2), dim=-1).flatten(-2)
+
+
+@register("rotary_embedding", "torch")
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, rot_dim], k [T, Hk, rot_dim] -> rotated copies (computed in fp32)."""
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    q_out = _rotate(q.float(), cos, sin, is_neox).to(q.dtype)
+    k_out = _rotate(k.float(), cos, sin, is_neox).to(k.dtype)
+    return q_out, k_out
