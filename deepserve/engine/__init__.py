@@ -1,0 +1,1 @@
+"""The engine: offline `LLM`, `AsyncLLM` for the server, scheduler, KV blocks, model runner."""

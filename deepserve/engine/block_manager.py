@@ -1,0 +1,131 @@
+"""Paged KV cache bookkeeping: free blocks, block tables, prefix caching over full blocks.
+
+Every block has a reference count. A full block whose KV has been written is registered
+under the hash of (its parent block's hash, its tokens), so a later sequence with the same
+prefix reuses it instead of recomputing it (vLLM's automatic prefix caching). A block whose
+count drops to zero goes to the end of the free queue but keeps its hash until it is handed
+out again: cached blocks are evicted least recently freed first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+from deepserve.engine.sequence import Sequence
+
+
+def block_hash(parent: Optional[int], tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hash_of: list[Optional[int]] = [None] * num_blocks
+        self.cached: dict[int, int] = {}                  # hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.prefix_queries = 0                           # prompt tokens looked up
+        self.prefix_hits = 0                              # of those, found in the cache
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks `seq` needs to hold `num_tokens` tokens in total."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    # ---------------------------------------------------------------- prefix cache
+    def _full_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[int]:
+        hashes, parent = [], None
+        for i in range(upto_tokens // self.block_size):
+            parent = block_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            hashes.append(parent)
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of `seq`'s tokens (never all of them: the last token
+        must be computed to get logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h in self._full_block_hashes(seq, seq.num_tokens - 1):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    # ---------------------------------------------------------------- allocation
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.hash_of[block]
+        if old is not None:  # evict its cached contents
+            self.cached.pop(old, None)
+            self.hash_of[block] = None
+        return block
+
+    def can_allocate(self, seq: Sequence, num_tokens: int, hits: list[int] = ()) -> bool:
+        reused_free = sum(1 for b in hits if self.ref_counts[b] == 0)
+        need = self.blocks_needed(seq, num_tokens) - len(hits)
+        return need + reused_free <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_tokens: int, hits: list[int] = ()) -> None:
+        """Give a new sequence its prefix-cache hits and fresh blocks for `num_tokens` tokens."""
+        assert not seq.block_table
+        for b in hits:
+            if self.ref_counts[b] == 0:
+                del self.free[b]
+            self.ref_counts[b] += 1
+            seq.block_table.append(b)
+        seq.block_hashes = [self.hash_of[b] for b in hits]
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += seq.num_cached_tokens
+        self.append_slots(seq, num_tokens)
+
+    def append_slots(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            b = self._take_free()
+            self.ref_counts[b] = 1
+            seq.block_table.append(b)
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a step: publish the blocks whose KV is now complete to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        n_full = seq.num_computed_tokens // self.block_size
+        if n_full <= len(seq.block_hashes):
+            return
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), n_full):
+            parent = block_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            seq.block_hashes.append(parent)
+            block = seq.block_table[i]
+            if parent not in self.cached and self.hash_of[block] is None:
+                self.cached[parent] = block
+                self.hash_of[block] = parent
+
+    def free_seq(self, seq: Sequence) -> None:
+        # release in reverse so a sequence's tail blocks are evicted before its prefix
+        for b in reversed(seq.block_table):
+            self.ref_counts[b] -= 1
+            assert self.ref_counts[b] >= 0, f"block {b} freed twice"
+            if self.ref_counts[b] == 0:
+                self.free[b] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        for h, b in list(self.cached.items()):
+            self.hash_of[b] = None
+        self.cached.clear()

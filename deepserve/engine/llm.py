@@ -1,0 +1,70 @@
+"""The offline API, as in vLLM: `LLM(model, **engine_args).generate(prompts, params)`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+from deepserve.config import EngineArgs
+from deepserve.engine.llm_engine import LLMEngine, PromptType
+from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, **kwargs):
+        if model is not None:
+            kwargs["model"] = model
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; see EngineArgs")
+        self.engine = LLMEngine(EngineArgs(**kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, sampling_params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]],
+             sampling_params: Optional[SamplingParams] = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"}) or several,
+        rendered with the model's own chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt, tokenize=True)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        except BaseException:
+            for rid in request_ids:  # leave no blocks behind on error or Ctrl-C
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [done[rid] for rid in request_ids]

@@ -1,0 +1,222 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time.
+
+    batch = scheduler.schedule()
+    seqs, sampled = runner.execute(batch)
+    outputs = self._postprocess(batch, seqs, sampled)
+
+The engine owns tokenization, detokenization and stop handling; the scheduler owns the
+block manager; the runner owns the model, KV pool and sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Optional, Union
+
+from deepserve.config import EngineArgs
+from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.detokenizer import IncrementalDetokenizer
+from deepserve.engine.model_runner import ModelRunner
+from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.scheduler import Scheduler
+from deepserve.engine.sequence import Sequence, SeqStatus
+from deepserve.engine.tokenizer import Tokenizer
+from deepserve.platforms import get_platform
+
+logger = logging.getLogger("deepserve")
+
+PromptType = Union[str, dict, list]
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (e.g. too long); carries the offending numbers."""
+
+
+class RequestState:
+    """One request: its n sequences, their detokenizers and the text seen so far."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_ids: list[int],
+                 params: SamplingParams, seqs: list[Sequence], tokenizer: Optional[Tokenizer]):
+        self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.seqs = seqs
+        self.detoks = [IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+                       if tokenizer else None for _ in seqs]
+        self.texts = [""] * len(seqs)
+        self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string may still need
+        self.arrival = time.monotonic()
+        self.first_token_time: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        outs = []
+        for seq, text in zip(self.seqs, self.texts):
+            if not seq.is_finished and self.hold:
+                text = text[:max(0, len(text) - self.hold)]  # never show a stop string's start
+            outs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if self.params.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
+                             num_cached_tokens=max(s.num_cached_tokens for s in self.seqs),
+                             metrics={"arrival_time": self.arrival, "first_token_time": self.first_token_time})
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.config = args.create_engine_config()
+        self.platform = get_platform(args.device)
+        tok_path = self.config.model.tokenizer
+        self.tokenizer = Tokenizer(tok_path) if tok_path else None
+        eos = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
+        cfg_eos = self.config.model.hf_config.get("eos_token_id")
+        if not eos and cfg_eos is not None:
+            eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+        self.eos_token_ids = eos
+        self.runner = ModelRunner(self.config, self.platform, eos_token_ids=eos)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.cache.block_size,
+                                          self.config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self.requests: dict[str, RequestState] = {}
+        self.max_model_len = self.config.model.max_model_len
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineArgs(**kwargs))
+
+    # ------------------------------------------------------------------ requests
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: give prompt_token_ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return self.tokenize_prompt(prompt["prompt"])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise RequestError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: Optional[str], prompt: PromptType,
+                    params: Optional[SamplingParams] = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.runner.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens
+        if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
+            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
+                               f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
+        seqs = [Sequence(request_id, i, ids, params) for i in range(params.n)]
+        state = RequestState(request_id, text, ids, params, seqs, self.tokenizer)
+        self.requests[request_id] = state
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.stats["prompt_tokens"] += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request now and free its KV blocks; returns its last output."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq, "abort")
+        return state.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs, sampled = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        return self._postprocess(seqs, sampled)
+
+    def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, sampled.token_ids)):
+            state = self.requests.get(seq.request_id)
+            if state is None or seq.is_finished:
+                continue
+            seq.token_ids.append(token)
+            self.stats["generation_tokens"] += 1
+            if state.first_token_time is None:
+                state.first_token_time = now
+            lp = sampled.logprobs[i]
+            if lp is not None:
+                self._record_logprobs(seq, token, lp)
+            self._detokenize_and_check_stop(state, seq, token)
+            touched[seq.request_id] = state
+        outputs = []
+        for rid, state in touched.items():
+            outputs.append(state.output())
+            if state.finished:
+                del self.requests[rid]
+        return outputs
+
+    def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
+        chosen, rank, top = lp
+        decode = self.tokenizer.decode if self.tokenizer else (lambda ids, skip=False: str(ids[0]))
+        entry = {token: Logprob(chosen, rank, decode([token], False))}
+        for r, (tid, val) in enumerate(top, start=1):
+            entry.setdefault(tid, Logprob(val, r, decode([tid], False)))
+        seq.logprobs.append(entry)
+        seq.cumulative_logprob += chosen
+
+    def _detokenize_and_check_stop(self, state: RequestState, seq: Sequence, token: int) -> None:
+        p = seq.params
+        idx = seq.index
+        detok = state.detoks[idx]
+        if detok is not None:
+            before = len(state.texts[idx])
+            state.texts[idx] += detok.add(token)
+            text = state.texts[idx]
+            for stop in p.stop:
+                pos = text.find(stop, max(0, before - len(stop) + 1))
+                if pos >= 0:
+                    state.texts[idx] = text[:pos + len(stop)] if p.include_stop_str_in_output else text[:pos]
+                    seq.stop_reason = stop
+                    self.scheduler.finish(seq, "stop")
+                    return
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                self.scheduler.finish(seq, "stop")
+                return
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                self.scheduler.finish(seq, "stop")
+                return
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")

@@ -1,0 +1,176 @@
+"""The model runner owns the model, the KV cache pool and the sampler, and runs one step:
+flatten the scheduled sequences into one token batch, forward, sample.
+
+The pool is one preallocated tensor per cache of each attention layer, sized at start: on
+GPU from free memory x gpu_memory_utilization after a profiling forward at the largest
+batch; on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
+`max_num_seqs` full-length sequences could use.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+
+from deepserve import ops
+from deepserve.config import EngineConfig
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.engine.sampler import Sampler, SamplerOutput
+from deepserve.engine.scheduler import ScheduledBatch
+from deepserve.layers.attention import AttentionMetadata
+from deepserve.models.loader import load_model
+from deepserve.platforms import Platform
+
+logger = logging.getLogger("deepserve")
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, platform: Platform, pctx: Optional[ParallelContext] = None,
+                 local_rank: int = 0, eos_token_ids: set[int] = frozenset()):
+        self.config = config
+        self.platform = platform
+        self.device = platform.device(local_rank)
+        backend = platform.default_ops if config.ops == "auto" else config.ops
+        ops.set_backend(backend)
+        self.timings: dict[str, float] = {}
+        torch.manual_seed(config.model.seed)
+
+        t0 = time.perf_counter()
+        self.model = load_model(config.model, self.device, pctx)
+        self.timings["load_s"] = time.perf_counter() - t0
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = config.cache.block_size
+        self.kv_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
+        self.vocab_size = config.model.hf_config.vocab_size
+        self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
+
+        t0 = time.perf_counter()
+        self.num_blocks = self._decide_num_blocks()
+        self.timings["profile_s"] = time.perf_counter() - t0
+        self._allocate_kv_cache(self.num_blocks)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from deepserve.engine.cuda_graphs import CudaGraphRunner
+            t0 = time.perf_counter()
+            self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
+            self.timings["cuda_graph_s"] = time.perf_counter() - t0
+        logger.info("model %s on %s (%s, ops=%s): %d KV blocks of %d tokens; %s",
+                    config.model.architecture, self.device, self.dtype, ops.get_backend(),
+                    self.num_blocks, self.block_size,
+                    ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+
+    # ------------------------------------------------------------------ KV cache
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(math.prod(s) * elem for m in self.kv_layers for s in m.kv_cache_shapes(self.block_size))
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        for m in self.kv_layers:
+            m.kv_cache = [torch.zeros(num_blocks, *s, dtype=self.dtype, device=self.device)
+                          for s in m.kv_cache_shapes(self.block_size)]
+
+    def _max_useful_blocks(self) -> int:
+        sc = self.config.scheduler
+        return sc.max_num_seqs * math.ceil(sc.max_model_len / self.block_size) + 1
+
+    def _decide_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return cache.num_gpu_blocks_override
+        per_block = self.bytes_per_block()
+        if cache.kv_cache_memory_bytes:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cpu":
+            budget = CPU_DEFAULT_KV_BYTES
+        else:
+            budget = self._profile_free_memory()
+        blocks = min(budget // per_block, self._max_useful_blocks())
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
+                               f"{per_block} bytes per block): lower --max-num-batched-tokens or raise "
+                               f"--gpu-memory-utilization")
+        return int(blocks)
+
+    @torch.inference_mode()
+    def _profile_free_memory(self) -> int:
+        """Run the largest batch once on a scratch cache; the KV pool gets what is left."""
+        sc = self.config.scheduler
+        tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * sc.max_model_len)
+        seq_len = min(sc.max_model_len, tokens)
+        n_seqs = max(1, tokens // seq_len)
+        blocks_per_seq = math.ceil(seq_len / self.block_size)
+        self._allocate_kv_cache(n_seqs * blocks_per_seq)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(n_seqs * seq_len, dtype=torch.long, device=self.device)
+        starts = torch.arange(n_seqs + 1, dtype=torch.int32, device=self.device) * seq_len
+        tables = torch.arange(n_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(n_seqs, -1)
+        slots = torch.cat([torch.arange(seq_len, device=self.device) + b * blocks_per_seq * self.block_size
+                           for b in range(n_seqs)])
+        meta = AttentionMetadata(starts, torch.full((n_seqs,), seq_len, dtype=torch.int32, device=self.device),
+                                 tables, slots, (starts[1:] - 1).long(), seq_len, seq_len, 0,
+                                 [seq_len] * n_seqs, [seq_len] * n_seqs)
+        positions = torch.arange(seq_len, device=self.device).repeat(n_seqs)
+        hidden = self.model(ids, positions, meta)
+        self.model.compute_logits(hidden[meta.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        for m in self.kv_layers:
+            m.kv_cache = []
+        torch.cuda.empty_cache()
+        free, total = self.platform.memory_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_by_others))
+
+    # ------------------------------------------------------------------ one step
+    def prepare(self, batch: ScheduledBatch):
+        """Flatten the batch: input ids, positions and the attention metadata."""
+        ids, positions, slots, q_lens, seq_lens, logits_rows = [], [], [], [], [], []
+        bs = self.block_size
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            q_lens.append(n)
+            seq_lens.append(start + n)
+            offset += n
+            if start + n == seq.num_tokens:  # chunk reaches the end: sample a token
+                logits_rows.append(offset - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(dev, non_blocking=True),
+            max_query_len=max(q_lens), max_seq_len=max(seq_lens), num_decodes=batch.num_decodes,
+            query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
+        return (torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+                torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True), meta)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
+        """Run one step; returns (sequences that got a token, their sampled tokens)."""
+        input_ids, positions, meta = self.prepare(batch)
+        if self.graphs is not None and self.graphs.can_run(batch, meta):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+            logits = self.model.compute_logits(hidden[meta.logits_indices])
+        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
+                         if s.num_computed_tokens + n == s.num_tokens]
+        if not sampling_seqs:
+            return [], SamplerOutput([], [])
+        return sampling_seqs, self.sampler(logits, sampling_seqs)

@@ -1,0 +1,95 @@
+"""From logits to next tokens: penalties, min_tokens, logprobs, then `ops.sample`.
+
+All per-row settings become tensors once per step; nothing loops over tokens. Seeded
+requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
+whatever else is in the batch. Logprobs are those of the model's raw distribution (vLLM's
+default), taken before penalties and temperature.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from deepserve import ops
+from deepserve.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (sampled token logprob, its rank, [(token id, logprob), ...] top-k) or None
+    logprobs: list[Optional[tuple[float, int, list[tuple[int, float]]]]]
+
+
+def _padded(rows: list[list[int]], fill: int, device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    n, vocab = logits.shape
+    dev = logits.device
+    # counts of generated tokens per row; column `vocab` swallows the padding
+    out_ids = _padded([s.output_token_ids for s in seqs], vocab, dev)
+    counts = torch.zeros(n, vocab + 1, device=dev).scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float))
+    counts = counts[:, :vocab]
+    seen = counts > 0
+    prompt_ids = _padded([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab, dev)
+    seen_prompt = torch.zeros(n, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompt_ids, True)[:, :vocab]
+    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)[:, None]
+    pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)[:, None]
+    freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen | seen_prompt, penalised, logits)
+    return logits - freq * counts - pres * seen.float()
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], vocab_size: int):
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()[:, :self.vocab_size]
+        n = logits.shape[0]
+        dev = logits.device
+        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+
+        if any(s.params.has_penalties for s in seqs):
+            logits = apply_penalties(logits, seqs)
+        banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                  for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
+        if banned:
+            rows, cols = zip(*banned)
+            logits[list(rows), list(cols)] = float("-inf")
+
+        if all(s.params.greedy for s in seqs):
+            next_ids = logits.argmax(dim=-1)
+        else:
+            temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
+            top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
+            top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+            min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+            noise = torch.empty_like(logits).exponential_(1)
+            for i, s in enumerate(seqs):
+                if s.generator is not None:  # seeded: the request's own stream
+                    noise[i] = torch.empty(logits.shape[1]).exponential_(1, generator=s.generator).to(dev)
+            next_ids = ops.sample(logits, temperature, top_k, top_p, min_p, noise)
+
+        token_ids = next_ids.tolist()
+        logprobs: list = [None] * n
+        if raw_logprobs is not None:
+            k = max(s.params.logprobs or 0 for s in seqs)
+            top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
+            chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
+            ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            chosen, ranks = chosen.tolist(), ranks.tolist()
+            for i, s in enumerate(seqs):
+                if want_logprobs[i]:
+                    kk = s.params.logprobs
+                    logprobs[i] = (chosen[i], ranks[i], list(zip(top_ids[i][:kk], top_vals[i][:kk])))
+        return SamplerOutput(token_ids, logprobs)

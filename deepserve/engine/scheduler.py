@@ -1,0 +1,112 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence budget
+(`max_num_seqs`). Running sequences go first, each getting its next token (decode) or its
+next prompt chunk; then waiting sequences are admitted, their cached prefix blocks reused.
+When the pool runs out of blocks the most recently admitted running sequence is preempted:
+its blocks are freed and it goes back to the front of the queue to be recomputed later
+(its generated tokens are kept and recomputed as prompt).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from deepserve.config import SchedulerConfig
+from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]          # decodes first, then prefill chunks
+    num_new_tokens: list[int]     # tokens each sequence computes this step
+    num_decodes: int
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Sequence, int]] = []
+        preempted = False
+        bm = self.block_manager
+
+        # 1. running sequences: next decode token or next prefill chunk
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
+                victim = self.running.pop()       # most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                bm.append_slots(seq, seq.num_computed_tokens + n)
+                chosen.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # `seq` itself was preempted: nothing later can fit either
+
+        # 2. waiting sequences, unless this step already had to preempt
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            hits = bm.match_prefix(seq)
+            remaining = seq.num_tokens - len(hits) * bm.block_size
+            n = min(remaining, budget)
+            if n < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not bm.can_allocate(seq, seq.num_tokens - remaining + n, hits):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, seq.num_tokens - remaining + n, hits)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chosen.append((seq, n))
+            budget -= n
+
+        # one-token rows (decodes) first: attention kernels and MLA split the batch there
+        chosen.sort(key=lambda c: c[1] != 1)
+        num_decodes = sum(1 for _, n in chosen if n == 1)
+        return ScheduledBatch([s for s, _ in chosen], [n for _, n in chosen], num_decodes)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (finished or aborted) and free its blocks at once."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.block_manager.free_seq(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
