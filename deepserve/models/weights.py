@@ -35,17 +35,21 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard, one shard open at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in checkpoint_files(folder):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, (FileNotFoundError,)):
-                raise
+            f = safe_open(str(path), framework="pt")
+            names = list(f.keys())
+        except (OSError, SafetensorError) as exc:
             raise ValueError(f"cannot read shard {path}: {exc}") from None
+        for name in names:
+            try:
+                tensor = f.get_tensor(name)
+            except (OSError, SafetensorError) as exc:
+                raise ValueError(f"cannot read tensor {name} from shard {path}: {exc}") from None
+            yield name, tensor
+        del f
 
 
 def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),

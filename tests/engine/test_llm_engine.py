@@ -1,0 +1,123 @@
+"""End-to-end engine behaviour on the real stories260k model: known greedy text, batching
+with preemption, chunked prefill, prefix caching, sampling controls."""
+import pytest
+
+from deepserve import LLM, SamplingParams
+from deepserve.engine.llm_engine import RequestError
+
+KNOWN = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+         "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high")
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(block_size=4)
+
+
+def _prompts(llm, n=32):
+    tok = llm.get_tokenizer()
+    words = "the little dog saw a big red ball and ran to the park with his friend Tom".split()
+    return [{"prompt_token_ids": tok.encode(" ".join(words[: 1 + (i * 7) % len(words)]))} for i in range(n)]
+
+
+def test_stories260k_known_greedy_text(llm):
+    out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0, max_tokens=60))[0]
+    assert out.outputs[0].text.startswith(KNOWN)
+
+
+def test_batch_with_preemption_equals_alone():
+    prompts = None
+    alone = LLM(block_size=4)
+    prompts = _prompts(alone)
+    expected = [alone.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+    # 40 blocks of 4 tokens cannot hold 32 sequences of ~40 tokens: preemption must happen
+    small = LLM(block_size=4, num_gpu_blocks_override=40, enable_prefix_caching=False)
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY)]
+    engine = small.engine
+    assert engine.scheduler.num_preemptions > 0
+    assert got == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_chunked_prefill_and_prefix_cache_unchanged(llm):
+    tok = llm.get_tokenizer()
+    long_prompt = {"prompt_token_ids": tok.encode("Once upon a time there was a dog. " * 8)}
+    expected = llm.generate(long_prompt, GREEDY)[0].outputs[0].token_ids
+    chunked = LLM(block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert len(long_prompt["prompt_token_ids"]) > 16
+    assert chunked.generate(long_prompt, GREEDY)[0].outputs[0].token_ids == expected
+    cached = LLM(block_size=4)
+    first = cached.generate(long_prompt, GREEDY)[0]
+    hits_before = cached.engine.block_manager.prefix_hits
+    second = cached.generate(long_prompt, GREEDY)[0]
+    assert cached.engine.block_manager.prefix_hits - hits_before >= len(long_prompt["prompt_token_ids"]) - 4
+    assert second.num_cached_tokens > 0
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == expected
+
+
+def test_seeded_sampling_reproducible_and_topk1_is_greedy(llm):
+    p = {"prompt_token_ids": [1]}
+    sp = SamplingParams(temperature=1.0, max_tokens=20, seed=7)
+    a = llm.generate(p, sp)[0].outputs[0].token_ids
+    # batched with other requests, the seeded one must not change
+    outs = llm.generate([p, p, p], [SamplingParams(temperature=1.0, max_tokens=20), sp,
+                                     SamplingParams(temperature=1.0, max_tokens=20, seed=8)])
+    assert outs[1].outputs[0].token_ids == a
+    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].token_ids
+    topk1 = llm.generate(p, SamplingParams(temperature=1.3, top_k=1, max_tokens=20))[0].outputs[0].token_ids
+    assert topk1 == greedy
+
+
+def test_stop_strings_cut_and_n2(llm):
+    p = {"prompt_token_ids": [1]}
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=60, stop=["Lily"]))[0].outputs[0]
+    assert out.text == "Once upon a time, there was a little girl named "
+    assert out.finish_reason == "stop" and out.stop_reason == "Lily"
+    kept = llm.generate(p, SamplingParams(temperature=0, max_tokens=60, stop=["Lily"],
+                                          include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text.endswith("named Lily")
+    two = llm.generate(p, SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=3))[0]
+    assert [c.index for c in two.outputs] == [0, 1] and all(len(c.token_ids) == 16 for c in two.outputs)
+    assert two.outputs[0].token_ids != two.outputs[1].token_ids
+
+
+def test_max_tokens_min_tokens_ignore_eos_and_stop_token(llm):
+    p = {"prompt_token_ids": [1]}
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=7))[0].outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].token_ids
+    stop_tok = greedy[5]
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert out.token_ids == greedy[:6] and out.stop_reason == stop_tok
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, min_tokens=8,
+                                         stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert stop_tok not in out.token_ids[:7]
+    long = llm.generate(p, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))[0].outputs[0]
+    assert len(long.token_ids) == 300
+
+
+def test_penalties_and_logprobs(llm):
+    p = {"prompt_token_ids": [1]}
+    base = llm.generate(p, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0].token_ids
+    pen = llm.generate(p, SamplingParams(temperature=0, max_tokens=40, frequency_penalty=2.0,
+                                         presence_penalty=2.0))[0].outputs[0].token_ids
+    assert len(set(pen)) > len(set(base))  # penalties reduce repetition
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=5, logprobs=3))[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for tid, entry in zip(out.token_ids, out.logprobs):
+        assert entry[tid].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        assert all(lp.logprob <= 0 for lp in entry.values())
+
+
+def test_bad_requests_are_clear_errors(llm):
+    with pytest.raises(RequestError, match="512.*513|513.*512"):
+        llm.generate({"prompt_token_ids": [1] * 513}, GREEDY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [1, 99999]}, GREEDY)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        SamplingParams(temperature=-1)
+    # the engine still serves afterwards, with every block free
+    assert llm.generate({"prompt_token_ids": [1]}, GREEDY)[0].outputs[0].text.startswith("Once")
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

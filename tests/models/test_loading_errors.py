@@ -1,0 +1,113 @@
+"""Bad checkpoints give one clear error naming the file, tensor, shapes or architecture."""
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from deepserve.config import EngineArgs
+from tests.models.hf_reference import load_ours, save_tiny
+
+CFG = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    save_tiny(transformers.LlamaForCausalLM, CFG, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _shard(folder, n=2):
+    """Rewrite the single model.safetensors as n shards with an index."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(n):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: tensors[k] for k in names[i::n]}
+        save_file(part, folder / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return weight_map
+
+
+def test_sharded_checkpoint_loads_same(tiny, tmp_path):
+    ref = load_ours(tiny)
+    shutil.copytree(tiny, tmp_path / "sharded")
+    _shard(tmp_path / "sharded")
+    ours = load_ours(tmp_path / "sharded")
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_missing_shard_names_file(tiny):
+    _shard(tiny)
+    (tiny / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        load_ours(tiny)
+
+
+def test_missing_tensor_named(tiny):
+    t = load_file(tiny / "model.safetensors")
+    del t["model.layers.1.mlp.down_proj.weight"]
+    save_file(t, tiny / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_ours(tiny)
+
+
+def test_misshaped_tensor_names_both_shapes(tiny):
+    t = load_file(tiny / "model.safetensors")
+    t["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(32, 31)
+    save_file(t, tiny / "model.safetensors")
+    with pytest.raises(ValueError, match=r"o_proj\.weight.*\(32, 31\).*\(32, 32\)"):
+        load_ours(tiny)
+
+
+def test_corrupt_shard_is_clear(tiny):
+    data = (tiny / "model.safetensors").read_bytes()
+    (tiny / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read shard .*model.safetensors"):
+        load_ours(tiny)
+
+
+def test_unknown_architecture_lists_supported(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="MambaForCausalLM.*LlamaForCausalLM"):
+        load_ours(tiny)
+
+
+def test_fp8_checkpoint_dequantized_at_load(tiny, tmp_path):
+    """A DeepSeek-style fp8 checkpoint (e4m3 + weight_scale_inv per 128x128 block) loads to
+    exactly dequant(x) = fp32(x) * s."""
+    t = load_file(tiny / "model.safetensors")
+    name = "model.layers.0.mlp.gate_proj.weight"
+    w = t[name]
+    scale = torch.tensor([[0.5]])
+    t[name] = (w / 0.5).to(torch.float8_e4m3fn)
+    t[name + "_scale_inv"] = scale
+    save_file(t, tiny / "model.safetensors")
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    model = load_ours(tiny)
+    gate = model.model.layers[0].mlp.gate_up_proj.weight[:48]
+    assert torch.equal(gate, t[name].float() * 0.5)
+    del t[name + "_scale_inv"]
+    save_file(t, tiny / "model.safetensors")
+    with pytest.raises(ValueError, match=r"gate_proj\.weight_scale_inv"):
+        load_ours(tiny)
+
+
+def test_engine_args_validation_names_value():
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 1, got 12"):
+        EngineArgs(block_size=12)
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in \\(0, 1\\], got 1.5"):
+        EngineArgs(gpu_memory_utilization=1.5)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        EngineArgs(model="no-such-model").create_engine_config()

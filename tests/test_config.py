@@ -1,0 +1,42 @@
+"""EngineArgs: CLI flags generated from the fields, with vLLM's names and docstrings."""
+import argparse
+
+import pytest
+
+from deepserve.config import EngineArgs, HFConfig, field_docs
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    return EngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+def test_flags_have_vllm_names_and_docs():
+    args = _parse(["--max-num-seqs", "8", "--no-enable-prefix-caching", "--hf-overrides",
+                   '{"num_hidden_layers": 2}', "--cuda-graph-sizes", "1", "2", "--enforce-eager",
+                   "--tensor-parallel-size", "1", "--max-model-len", "128"])
+    assert args.max_num_seqs == 8 and args.enable_prefix_caching is False and args.enforce_eager
+    assert args.hf_overrides == {"num_hidden_layers": 2} and args.cuda_graph_sizes == [1, 2]
+    assert args.block_size == 16  # untouched flags keep the dataclass default
+    docs = field_docs(EngineArgs)
+    assert all(docs.get(f) for f in ("model", "max_num_seqs", "gpu_memory_utilization", "ops"))
+
+
+def test_bad_flag_values_name_the_value():
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        _parse(["--max-num-seqs", "0"])
+    with pytest.raises(SystemExit):
+        _parse(["--hf-overrides", "{not json"])
+
+
+def test_hf_config_reads_both_spellings():
+    old = HFConfig({"architectures": ["X"], "rope_theta": 5.0, "torch_dtype": "bfloat16",
+                    "rope_scaling": {"type": "yarn", "factor": 40}})
+    new = HFConfig({"architectures": ["X"], "dtype": "bfloat16",
+                    "rope_parameters": {"rope_type": "yarn", "factor": 40, "rope_theta": 5.0}})
+    for c in (old, new):
+        assert c.rope_theta == 5.0 and c.torch_dtype == "bfloat16"
+        assert c.rope_scaling["rope_type"] == "yarn" and c.rope_scaling["factor"] == 40
+    plain = HFConfig({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert plain.rope_scaling is None and plain.rope_theta == 1e6
