@@ -68,3 +68,8 @@ class LLM:
             if bar:
                 bar.close()
         return [done[rid] for rid in request_ids]
+
+    def prompt_logits(self, prompts: Sequence[PromptType]) -> list:
+        """Full-vocabulary logits at every prompt position (fp32 CPU tensors [len, V]), for
+        logit-level comparisons between setups (`deepserve validate`)."""
+        return [self.engine.prompt_logits(p) for p in prompts]

@@ -148,6 +148,22 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
         return state.output()
 
+    def prompt_logits(self, prompt: PromptType):
+        """Logits [len, V] at every position of one prompt, computed through the paged cache
+        (prefill in one chunk; the blocks are freed afterwards)."""
+        _, ids = self.tokenize_prompt(prompt)
+        if len(ids) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
+            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows")
+        seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
+        if not self.block_manager.can_allocate(seq, len(ids)):
+            raise RequestError("not enough free KV blocks to score the prompt now")
+        self.block_manager.allocate(seq, len(ids))  # no prefix hits: every position is computed
+        seq.num_computed_tokens = 0
+        try:
+            return self.runner.all_logits(seq)
+        finally:
+            self.block_manager.free_seq(seq)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

@@ -161,6 +161,14 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True), meta)
 
     @torch.inference_mode()
+    def all_logits(self, seq) -> torch.Tensor:
+        """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
+        batch = ScheduledBatch([seq], [seq.num_tokens], 0)
+        input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden)[:, :self.vocab_size].float().cpu()
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
         """Run one step; returns (sequences that got a token, their sampled tokens)."""
         input_ids, positions, meta = self.prepare(batch)

@@ -1,0 +1,90 @@
+"""CUDA graphs for decode steps (one new token per sequence).
+
+A decode step of a small batch is dominated by kernel launch overhead; replaying a graph
+captured at a fixed batch size removes it. Graphs are captured at `--cuda-graph-sizes`
+(largest first, sharing one memory pool); a batch of n decodes runs the graph of the
+smallest captured size >= n, its extra rows padded (slot -1: nothing written; sequence
+length 1 over block 0: a harmless read). Prefill and mixed steps run eagerly.
+
+Capture needs ops without host syncs, so graphs are used only with the Triton backend.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from deepserve import ops
+from deepserve.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("deepserve")
+
+
+class CudaGraphRunner:
+    def __init__(self, runner, sizes: list[int]):
+        self.runner = runner
+        self.model = runner.model
+        sc = runner.config.scheduler
+        self.sizes = sorted(s for s in sizes if s <= sc.max_num_seqs) or [1]
+        self.enabled = ops.get_backend() == "triton"
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if not self.enabled:
+            logger.info("CUDA graphs off: ops backend %s syncs with the host", ops.get_backend())
+            return
+        dev = runner.device
+        self.max_bs = self.sizes[-1]
+        self.max_len = sc.max_model_len
+        self.max_blocks = math.ceil(self.max_len / runner.block_size)
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
+        self.slots = torch.full((self.max_bs,), -1, dtype=torch.int64, device=dev)
+        self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
+        self.qsl = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(self.max_bs, dtype=torch.int64, device=dev)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(self.qsl[:bs + 1], self.seq_lens[:bs], self.tables[:bs], self.slots[:bs],
+                                 self.rows[:bs], 1, self.max_len, bs, [1] * bs, [self.max_len] * bs)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs)
+            for _ in range(2):  # warm up: compile kernels, settle the allocator
+                self._forward(bs, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._forward(bs, meta)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+        return self.model.compute_logits(hidden)
+
+    def can_run(self, batch, meta: AttentionMetadata) -> bool:
+        n = len(batch.seqs)
+        return (self.enabled and batch.num_decodes == n and n <= self.max_bs
+                and meta.max_seq_len <= self.max_len)
+
+    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.slots[:n].copy_(meta.slot_mapping)
+        width = meta.block_tables.shape[1]
+        self.tables[:n, :width].copy_(meta.block_tables)
+        if bs > n:  # padding rows: write nothing, read one slot
+            self.seq_lens[n:bs].fill_(1)
+            self.slots[n:bs].fill_(-1)
+            self.tables[n:bs, 0].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
