@@ -15,10 +15,14 @@ _ATOMIC_HELP = ("The output is built in DST.partial and renamed to DST when comp
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="source checkpoint folder (config.json + safetensors)")
+    p.add_argument("src", metavar="SRC",
+                   help="source checkpoint folder (config.json + safetensors)")
     p.add_argument("dst", metavar="DST", help="destination folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto",
+                   help="where the math runs: auto (cuda if available), cpu, cuda, cuda:N; "
+                        "the output is bit-identical on every device")
 
 
 def register(subparsers) -> None:
@@ -65,10 +69,10 @@ def _report(rep) -> int:
 def _fp8_to_bf16(args: argparse.Namespace) -> int:
     from deepserve.quant import convert_fp8_to_bf16
     return _report(convert_fp8_to_bf16(args.src, args.dst, overwrite=args.overwrite,
-                                       progress=not args.no_progress))
+                                       progress=not args.no_progress, device=args.device))
 
 
 def _quantize(args: argparse.Namespace) -> int:
     from deepserve.quant import quantize_checkpoint
     return _report(quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
-                                       progress=not args.no_progress))
+                                       progress=not args.no_progress, device=args.device))

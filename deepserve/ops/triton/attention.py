@@ -1,0 +1,112 @@
+"""Paged attention (Triton backend): host-side checks, tile choices and dispatch.
+
+Batches whose rows are all decode rows (`max_query_len == 1`) run the split-KV decode
+kernel plus its reduce; any batch with a prefill chunk runs the varlen prefill kernel over
+all rows (decode rows are 1-row chunks to it). Launch shapes depend only on tensor shapes
+and the host ints `max_query_len` / `max_seq_len`, so the path never syncs with the device
+and can be captured in a CUDA graph. Semantics are those of `deepserve.ops.attention`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, sm_count
+from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
+from deepserve.ops.triton.attention_prefill import _prefill_kernel
+
+MAX_SPLITS = 64
+MIN_TOKENS_PER_SPLIT = 256
+# decode splits aim at this many programs per SM; MLA's wide tiles hide latency worse, so
+# it wants more of them in flight (measured on an H100 with benchmarks/bench_ops.py --sweep)
+PROGRAMS_PER_SM = {False: 2, True: 4}
+
+
+def decode_config(big_head: bool, small: bool) -> dict:
+    """Tile and launch settings of the decode kernel (benchmarks/bench_ops.py --sweep tunes them)."""
+    if small:
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _split_head_dim(d: int) -> tuple[int, int]:
+    """A non-power-of-two head dim as a power-of-two main block plus a padded tail block
+    (576 -> 512 + 64, 192 -> 128 + 64); the tail is 0 when d is a power of two."""
+    main = 1 << (d.bit_length() - 1)
+    tail = d - main
+    return main, (next_pow2(tail) if tail else 0)
+
+
+def _shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_d: int) -> bool:
+    """v_cache is the first block_d dims of k_cache's rows (MLA latent), so V tiles = K tiles."""
+    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+            and v_cache.shape[-1] == block_d)
+
+
+def num_decode_splits(batch: int, kv_programs: int, max_seq_len: int, device: torch.device,
+                      programs_per_sm: int = 2) -> int:
+    """Enough splits to give every SM about `programs_per_sm` programs, but no split under
+    MIN_TOKENS_PER_SPLIT tokens (merging costs more than it saves there)."""
+    want = triton.cdiv(programs_per_sm * sm_count(device), max(batch * kv_programs, 1))
+    by_len = triton.cdiv(max(max_seq_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, by_len, MAX_SPLITS))
+
+
+@register("paged_attention", "triton")
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    scale: float, max_query_len: int = 0, max_seq_len: int = 0) -> torch.Tensor:
+    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
+
+    `max_query_len` / `max_seq_len` are host ints; when left at 0 they are read from the
+    device tensors (one sync), so callers on the hot path should pass them."""
+    n_tokens, n_heads, d = q.shape
+    n_kv_heads, dv = k_cache.shape[2], v_cache.shape[-1]
+    if k_cache.shape[-1] != d or n_heads % n_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head dim must "
+                         f"match and heads must be a multiple of KV heads")
+    if d < 16:
+        raise ValueError(f"the Triton paged_attention needs head dim >= 16, got {d}")
+    out = q.new_empty(n_tokens, n_heads, dv)
+    batch = seq_lens.shape[0]
+    if n_tokens == 0 or batch == 0:
+        return out
+    if max_query_len <= 0:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_seq_len <= 0:
+        max_seq_len = int(seq_lens.max())
+    group = n_heads // n_kv_heads
+    block_d, block_dpe = _split_head_dim(d)
+    block_dv = next_pow2(dv)
+    shared = _shares_kv(k_cache, v_cache, block_d)
+    qk_scale = float(scale) * LOG2E
+    common = dict(BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, SHARED_KV=shared,
+                  DOT_PRECISION=dot_precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype))
+    small = interpreting() or q.device.type != "cuda"
+    big_head = block_d + block_dpe + block_dv > 512
+    if max_query_len == 1:
+        block_h = 16   # the smallest tensor-core M; GQA groups under 16 leave rows masked
+        head_groups = triton.cdiv(group, block_h)
+        splits = num_decode_splits(batch, n_kv_heads * head_groups, max_seq_len, q.device,
+                                   PROGRAMS_PER_SM[big_head])
+        mid_o = torch.empty(batch, n_heads, splits, block_dv, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
+        _decode_split_kernel[(batch, n_kv_heads * head_groups, splits)](
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+            qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
+            BLOCK_H=block_h, **decode_config(big_head, small), **common)
+        _decode_reduce_kernel[(batch, n_heads)](
+            mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
+            BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4)
+        return out
+    block_m = 16 if small else (64 if big_head else 128)
+    block_n = 16 if small else (32 if big_head else 64)
+    _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
+        block_tables.stride(0), qk_scale, group, k_cache.shape[1], d - block_d, dv,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if small else 8, num_stages=1 if small else 2,
+        **common)
+    return out

@@ -1,0 +1,118 @@
+"""Split-KV paged decode attention (flash-decoding) for GQA/MQA and MLA's absorbed decode.
+
+Each decode row's context is cut into `num_splits` ranges along the sequence; one program
+attends the query heads of one KV head group (up to BLOCK_H of them packed as the rows of a
+tensor-core tile) over one range, keeping an online softmax, and writes its partial output
+with its log-sum-exp. A second kernel merges the splits. Splitting keeps every SM busy when
+the batch is small and the context long (Dao et al., "Flash-Decoding for long-context
+inference", 2023; the same two-stage layout as vLLM's/SGLang's Triton decode kernels).
+
+Head dims that are not a power of two (MLA: 576 = 512 latent + 64 rope) are handled as a
+main block plus a tail block. When `v_cache` is a view of the first dims of `k_cache` (MLA),
+the value tile is the key tile already in registers: the latent is read from memory once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+        q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
+        q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, bt_stride,
+        qk_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
+        BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_DTYPE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1) // n_head_groups
+    hg = tl.program_id(1) % n_head_groups
+    split = tl.program_id(2)
+
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    has_row = tl.load(qsl_ptr + b + 1) > q_start
+    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.where(has_row, seq_len, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    h_in_group = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = h_in_group < group
+    heads = kvh * group + h_in_group
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + q_start * q_st + heads[:, None] * q_sh + offs_d[None, :] * q_sd,
+                mask=h_mask[:, None], other=0.0).to(DOT_DTYPE)                   # [H, D]
+    if BLOCK_DPE > 0:
+        offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+        pe_mask = offs_pe < BLOCK_D + d_pe
+        q_pe = tl.load(q_ptr + q_start * q_st + heads[:, None] * q_sh + offs_pe[None, :] * q_sd,
+                       mask=h_mask[:, None] & pe_mask[None, :], other=0.0).to(DOT_DTYPE)  # [H, DPE]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < dv
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * bt_stride
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
+        row_off = blk * kc_b + (offs_n % block_size) * kc_o + kvh * kc_h             # [N]
+        k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
+                    mask=n_mask[None, :], other=0.0)                                 # [D, N]
+        qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if BLOCK_DPE > 0:
+            k_pe = tl.load(kc_ptr + row_off[None, :] + offs_pe[:, None] * kc_d,
+                           mask=n_mask[None, :] & pe_mask[:, None], other=0.0)
+            qk += tl.dot(q_pe, k_pe.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))               # log2 units
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if SHARED_KV:
+            v = tl.trans(k)                                                          # [N, DV]
+        else:
+            v_off = blk * vc_b + (offs_n % block_size) * vc_o + kvh * vc_h
+            v = tl.load(vc_ptr + v_off[:, None] + offs_dv[None, :] * vc_d,
+                        mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = end > start
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+    # mid buffers are [B, H, num_splits, (DV)]
+    mid_row = (b.to(tl.int64) * n_heads + heads) * num_splits + split
+    tl.store(mid_lse_ptr + mid_row, lse, mask=h_mask)
+    tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :], acc / l_safe[:, None],
+             mask=h_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n_heads, dv, num_splits,
+                          BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Merge the splits of one (row, head): weights 2^(lse_s - max lse), renormalised."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    has_row = tl.load(qsl_ptr + b + 1) > q_start
+    base = (b.to(tl.int64) * n_heads + h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    lse = tl.load(mid_lse_ptr + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)        # every split empty: output zeros, not NaN
+    total = tl.sum(tl.exp2(lse - m), axis=0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(mid_lse_ptr + base + s) - m)
+        acc += w * tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv)
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty),
+             mask=(offs_dv < dv) & has_row)

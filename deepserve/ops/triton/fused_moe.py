@@ -1,0 +1,192 @@
+"""Fused MoE experts as two grouped-GEMM Triton kernels over tokens sorted by expert.
+
+After `align_by_expert`, program (m, n) of the first kernel multiplies BLOCK_M rows routed
+to one expert by that expert's gate and up columns n at once and writes
+silu(gate) * up (the activation fused into the GEMM epilogue, so the 2I-wide intermediate
+never reaches memory). The second kernel multiplies by the expert's down projection,
+scales each row by its routing weight and writes it to its (token, slot) row; a small
+kernel then sums each token's k rows in fp32. The grid is fixed by host-known bounds, so
+nothing syncs and the whole op can sit in a CUDA graph. The layout follows vLLM's/SGLang's
+fused_moe (sorted token ids + per-block expert ids).
+
+fp8 weights (e4m3 with one fp32 scale_inv per 128x128 block, DeepSeek-V3's format) run as
+W8A8: each BLOCK_K=128 slice of an activation row is quantised to e4m3 in registers with
+its own scale (per-token-group quantisation, as DeepSeek-V3's inference does), the product
+runs on fp8 tensor cores, and both scales are applied to the partial sums.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
+from deepserve.ops.triton.moe_align import align_by_expert
+
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _quant_group(a, FP8_MAX_C: tl.constexpr):
+    """Row-wise e4m3 quantisation of an activation tile [M, 128] -> (values, scales [M])."""
+    amax = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10)
+    scale = amax / FP8_MAX_C
+    return (a / scale[:, None]).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+                    x_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
+                    n_assign, inter, hidden, n_experts,
+                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < n_experts:
+        rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = rows < n_assign
+        tok = tl.where(row_ok, rows // TOP_K, 0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * x_stride + offs_k[None, :]
+        w_base = w_ptr + expert * w_se + offs_k[:, None] * w_sk
+        g_ptrs = w_base + offs_n[None, :] * w_sn                   # gate rows n
+        u_ptrs = w_base + (offs_n + inter)[None, :] * w_sn         # up rows I + n
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = offs_k < hidden - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if FP8:
+                a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
+                kb = k0 // BLOCK_K
+                s_base = ws_ptr + expert * ws_se + kb * ws_sk
+                sg = tl.load(s_base + (offs_n // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
+                su = tl.load(s_base + ((offs_n + inter) // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
+                acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
+                acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
+            else:
+                acc_g = tl.dot(a.to(DOT_DTYPE), wg.to(DOT_DTYPE), acc_g)
+                acc_u = tl.dot(a.to(DOT_DTYPE), wu.to(DOT_DTYPE), acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * w_sk
+            u_ptrs += BLOCK_K * w_sk
+        # round gate/up to the activation dtype like the reference's bf16 linear output
+        gate = acc_g.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_u.to(out_ptr.dtype.element_ty).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32) * up
+        o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
+        tl.store(o_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr, out_ptr,
+                 h_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
+                 n_assign, hidden, inter, n_experts,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < n_experts:
+        rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        row_ok = rows < n_assign
+        safe_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hidden
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + safe_rows[:, None] * h_stride + offs_k[None, :]
+        w_ptrs = w_ptr + expert * w_se + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_ok = offs_k < inter - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if FP8:
+                a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
+                s = tl.load(ws_ptr + expert * ws_se + (k0 // BLOCK_K) * ws_sk + (offs_n // BLOCK_K) * ws_sn,
+                            mask=n_ok, other=0.0)
+                acc += tl.dot(a_q, w) * a_s[:, None] * s[None, :]
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * w_sk
+        y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)      # the reference's bf16 linear output
+        y = y * tl.load(topk_w_ptr + safe_rows, mask=row_ok, other=0.0)[:, None]
+        tl.store(out_ptr + safe_rows[:, None] * out_stride + offs_n[None, :], y,
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, n_experts, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over the token's k slots routed to a local expert of y[t*k + j] (fp32)."""
+    tok = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < hidden
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOP_K):
+        e = tl.load(ids_ptr + tok * TOP_K + j)
+        local = (e >= 0) & (e < n_experts)
+        acc += tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=mask & local, other=0.0)
+    tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(n_assign: int, num_experts: int, fp8: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows per expert."""
+    if interpreting():
+        return 16, 32, (FP8_BLOCK if fp8 else 32), 4, 1
+    per_expert = n_assign / max(num_experts, 1)
+    block_m = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
+    block_k = 128 if fp8 else 64
+    return block_m, 64 if block_m <= 32 else 128, block_k, 4, 4 if block_m <= 32 else 3
+
+
+@register("fused_moe", "triton")
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
+              w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, inter):
+        raise ValueError(f"expert weights w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit "
+                         f"x {tuple(x.shape)}")
+    fp8 = w13_scale is not None
+    if fp8 != (w2_scale is not None):
+        raise ValueError("fp8 fused_moe needs both w13_scale and w2_scale")
+    top_k = topk_ids.shape[1]
+    out = torch.empty_like(x)
+    if num_tokens == 0:
+        return out
+    n_assign = num_tokens * top_k
+    block_m, block_n, block_k, warps, stages = _tiles(n_assign, num_experts, fp8)
+    aligned = align_by_expert(topk_ids, num_experts, block_m)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(n_assign, hidden, dtype=torch.float32, device=x.device)
+    s13 = w13_scale.stride() if fp8 else (0, 0, 0)
+    s2 = w2_scale.stride() if fp8 else (0, 0, 0)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype),
+                  num_warps=warps, num_stages=stages)
+    _gate_up_kernel[(aligned.num_blocks, triton.cdiv(inter, block_n))](
+        x, w13, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
+        n_assign, inter, hidden, num_experts, TOP_K=top_k, **common)
+    _down_kernel[(aligned.num_blocks, triton.cdiv(hidden, block_n))](
+        act, w2, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert,
+        topk_weights.reshape(-1).float().contiguous(), y,
+        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
+        n_assign, hidden, inter, num_experts, **common)
+    block = min(next_pow2(hidden), 1024)
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        y, topk_ids.contiguous(), out, hidden, num_experts, TOP_K=top_k, BLOCK=block, num_warps=4)
+    return out

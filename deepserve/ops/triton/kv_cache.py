@@ -1,0 +1,73 @@
+"""Scatter new keys/values into the paged KV pool as a Triton kernel.
+
+One program stores one token's heads at its flat slot `block * block_size + offset`; slots
+below zero are padding rows (CUDA-graph filler) and store nothing. The pool is addressed
+through its strides, so `v_cache` may be a strided view of the same pool (MLA keeps the
+512-wide latent as the first dims of the 576-wide key row). Casting to the cache dtype
+happens in the store, so an fp8 pool needs no separate conversion pass.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import next_pow2
+
+
+@triton.jit
+def _store_heads(src_ptr, dst_ptr, tok, blk, off, s_t, s_h, s_d, c_b, c_o, c_h, c_d, n_heads, dim,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < n_heads) & (d < dim)
+    x = tl.load(src_ptr + tok * s_t + h * s_h + d * s_d, mask=mask)
+    tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
+                     k_st, k_sh, k_sd, v_st, v_sh, v_sd,
+                     kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d,
+                     block_size, n_heads, k_dim, v_dim,
+                     HAS_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     BLOCK_DV: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        _store_heads(k_ptr, kc_ptr, tok, blk, off, k_st, k_sh, k_sd, kc_b, kc_o, kc_h, kc_d,
+                     n_heads, k_dim, BLOCK_H, BLOCK_DK)
+        if HAS_V:
+            _store_heads(v_ptr, vc_ptr, tok, blk, off, v_st, v_sh, v_sd, vc_b, vc_o, vc_h, vc_d,
+                         n_heads, v_dim, BLOCK_H, BLOCK_DV)
+
+
+@register("write_kv_cache", "triton")
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """Store key [T, Hk, D] (and value) at flat slots `block * block_size + offset`.
+
+    Slots < 0 are padding (e.g. CUDA-graph filler rows) and are skipped."""
+    n_tokens, n_heads, k_dim = key.shape
+    if k_cache.dim() != 4 or k_cache.shape[2:] != (n_heads, k_dim):
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not hold keys of shape {tuple(key.shape)}")
+    has_v = value is not None and v_cache is not None
+    v_dim = 0
+    if has_v:
+        v_dim = value.shape[-1]
+        if v_cache.shape[2:] != (n_heads, v_dim):
+            raise ValueError(f"v_cache {tuple(v_cache.shape)} does not hold values of shape "
+                             f"{tuple(value.shape)}")
+    if n_tokens == 0:
+        return
+    v_args = (value.stride(0), value.stride(1), value.stride(2)) if has_v else (0, 0, 0)
+    vc_args = tuple(v_cache.stride()) if has_v else (0, 0, 0, 0)
+    _write_kv_kernel[(n_tokens,)](
+        slot_mapping, key, value if has_v else key, k_cache, v_cache if has_v else k_cache,
+        key.stride(0), key.stride(1), key.stride(2), *v_args, *k_cache.stride(), *vc_args,
+        k_cache.shape[1], n_heads, k_dim, v_dim,
+        HAS_V=has_v, BLOCK_H=next_pow2(n_heads), BLOCK_DK=next_pow2(k_dim),
+        BLOCK_DV=next_pow2(max(v_dim, 1)), num_warps=4)

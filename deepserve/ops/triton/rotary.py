@@ -1,0 +1,82 @@
+"""Rotary position embedding (RoPE) from a cos/sin cache as one Triton kernel for q and k.
+
+One program rotates every head of one token, for q and k together: the cos/sin row of the
+token's position is loaded once and reused across heads. Neox style pairs dim i with
+i + rot_dim/2; interleaved (GPT-J, DeepSeek's MLA rope) pairs 2i with 2i+1. YaRN needs no
+special case: it only changes the cache (frequencies and the folded-in magnitude scale).
+Inputs may be strided views (MLA rotates the rope slice of a wider q); outputs are fresh
+contiguous tensors as in the torch reference. Math in fp32, like the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import next_pow2
+
+
+@triton.jit
+def _rotate_heads(src_ptr, dst_ptr, tok, s_t, s_h, s_d, n_heads, cos, sin, half,
+                  IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (i < half)
+    if IS_NEOX:
+        d1 = i
+        d2 = i + half
+    else:
+        d1 = 2 * i
+        d2 = 2 * i + 1
+    src = src_ptr + tok * s_t + heads * s_h
+    x1 = tl.load(src + d1 * s_d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + d2 * s_d, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    dst = dst_ptr + tok * n_heads * 2 * half + heads * 2 * half   # outputs are contiguous
+    tl.store(dst + d1, o1.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + d2, o2.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
+                   q_st, q_sh, q_sd, k_st, k_sh, k_sd, cache_stride, n_q_heads, n_k_heads, half,
+                   IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cache_ptr + pos * cache_stride + i, mask=i < half, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * cache_stride + half + i, mask=i < half, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, tok, q_st, q_sh, q_sd, n_q_heads, cos, sin, half,
+                  IS_NEOX, BLOCK_HQ, BLOCK_HALF)
+    _rotate_heads(k_ptr, k_out_ptr, tok, k_st, k_sh, k_sd, n_k_heads, cos, sin, half,
+                  IS_NEOX, BLOCK_HK, BLOCK_HALF)
+
+
+@register("rotary_embedding", "triton")
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, rot_dim], k [T, Hk, rot_dim] -> rotated copies (computed in fp32)."""
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"rotary_embedding wants q [T, H, D] and k [T, Hk, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    rot_dim = q.shape[-1]
+    if k.shape[-1] != rot_dim or cos_sin_cache.shape[-1] != rot_dim or rot_dim % 2:
+        raise ValueError(f"rotary dims disagree: q {rot_dim}, k {k.shape[-1]}, "
+                         f"cos_sin_cache {cos_sin_cache.shape[-1]} (must be equal and even)")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    n_tokens = positions.shape[0]
+    if n_tokens == 0:
+        return q_out, k_out
+    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    half = rot_dim // 2
+    _rotary_kernel[(n_tokens,)](
+        positions, q, k, cache, q_out, k_out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cache.stride(0),
+        q.shape[1], k.shape[1], half,
+        IS_NEOX=bool(is_neox), BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),
+        BLOCK_HALF=next_pow2(half), num_warps=4)
+    return q_out, k_out

@@ -1,0 +1,54 @@
+"""Quantization formats and checkpoint conversions.
+
+Tensor functions (used by the engine's loader and by the converters):
+`dequant_fp8_block` / `quant_fp8_block` (DeepSeek's e4m3 + 128x128 fp32 `weight_scale_inv`),
+`quant_int8_per_channel` / `quant_int8_per_token` / `dequant_int8` (symmetric W8A8).
+Folder conversions (`deepserve convert`): `convert_fp8_to_bf16` and `quantize_checkpoint`,
+resumable and atomic (see quant/pipeline.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deepserve.quant.checkpoint import open_checkpoint
+from deepserve.quant.fp8 import dequant_fp8_block, quant_fp8_block
+from deepserve.quant.fp8_to_bf16 import Fp8ToBf16
+from deepserve.quant.int8 import dequant_int8, quant_int8_per_channel, quant_int8_per_token
+from deepserve.quant.pipeline import ConversionReport, run_conversion
+from deepserve.quant.quantize import METHODS, Quantize
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is checked as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} asked for, but no CUDA device is available")
+    return device
+
+
+def convert_fp8_to_bf16(src: str | Path, dst: str | Path, overwrite: bool = False,
+                        progress: bool = True, device: str = "cpu") -> ConversionReport:
+    """DeepSeek FP8 checkpoint folder `src` -> BF16 folder `dst`."""
+    conv = Fp8ToBf16(device=resolve_device(device))
+    return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
+                          overwrite=overwrite, progress=progress)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, overwrite: bool = False,
+                        progress: bool = True, device: str = "cpu") -> ConversionReport:
+    """High-precision checkpoint folder `src` -> `method` ("fp8-block" | "w8a8-int8") folder."""
+    conv = Quantize(method, device=resolve_device(device))
+    return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
+                          overwrite=overwrite, progress=progress)
+
+
+__all__ = ["METHODS", "ConversionReport", "convert_fp8_to_bf16", "dequant_fp8_block",
+           "dequant_int8", "quant_fp8_block", "quant_int8_per_channel", "quant_int8_per_token",
+           "quantize_checkpoint"]

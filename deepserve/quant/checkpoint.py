@@ -1,0 +1,143 @@
+"""Read a Hugging Face safetensors checkpoint folder without loading its tensors.
+
+A conversion first needs the whole picture (every tensor's name, dtype, shape and shard) to
+check the source format, estimate the output size and build the new index before it reads a
+single weight. safetensors headers give all of that cheaply; `TensorReader` then fetches
+single tensors lazily (memory-mapped), so a scale stored in another shard costs one small
+read rather than a second shard in RAM.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
+    "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8,
+    "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header describes it."""
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: config, shard files in order, and every tensor's header."""
+    root: Path
+    config: dict
+    shards: list[str]
+    tensors: dict[str, TensorInfo]
+    has_index: bool
+    index_metadata: dict = field(default_factory=dict)
+
+    def names_in(self, shard: str) -> list[str]:
+        return [t.name for t in self.tensors.values() if t.file == shard]
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {t.dtype for t in self.tensors.values()}
+
+
+def _dtype_of(code: str, name: str, path: Path) -> torch.dtype:
+    if code not in _DTYPES:
+        raise ValueError(f"tensor {name} in {path} has unsupported dtype {code}")
+    return _DTYPES[code]
+
+
+def open_checkpoint(src: Path) -> Checkpoint:
+    """Read config.json, the index (if any) and every shard header under `src`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source checkpoint folder {src} does not exist")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {src}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+
+    index_path = src / INDEX_NAME
+    expected: dict[str, str] = {}
+    metadata: dict = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            expected = dict(index["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index_path} is not a safetensors index ({exc!r})") from None
+        metadata = dict(index.get("metadata") or {})
+        shards = sorted(set(expected.values()))
+    elif (src / SINGLE_NAME).is_file():
+        shards = [SINGLE_NAME]
+    else:
+        shards = sorted(p.name for p in src.glob("*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"no *.safetensors weights in {src}")
+
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        path = src / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in {INDEX_NAME} does not exist")
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                if name in tensors:
+                    raise ValueError(f"tensor {name} appears in both {tensors[name].file} "
+                                     f"and {shard}")
+                tensors[name] = TensorInfo(name, shard, _dtype_of(sl.get_dtype(), name, path),
+                                           tuple(sl.get_shape()))
+    for name, shard in expected.items():
+        if name not in tensors or tensors[name].file != shard:
+            raise ValueError(f"{INDEX_NAME} maps {name} to {shard}, but that shard does not "
+                             f"hold it")
+    return Checkpoint(src, config, shards, tensors, bool(expected), metadata)
+
+
+class TensorReader:
+    """Fetch single tensors by name, keeping at most `max_open` shard handles open."""
+
+    def __init__(self, ckpt: Checkpoint, max_open: int = 2):
+        self.ckpt = ckpt
+        self.max_open = max_open
+        self._open: OrderedDict[str, object] = OrderedDict()
+
+    def _handle(self, shard: str):
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        handle = safe_open(str(self.ckpt.root / shard), framework="pt")
+        self._open[shard] = handle
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return handle
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.ckpt.tensors.get(name)
+        if info is None:
+            raise KeyError(f"tensor {name} is not in {self.ckpt.root}")
+        return self._handle(info.file).get_tensor(name)
+
+    def close(self) -> None:
+        self._open.clear()

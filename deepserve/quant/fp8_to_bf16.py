@@ -1,0 +1,88 @@
+"""`deepserve convert fp8-to-bf16`: DeepSeek's FP8 release to a plain BF16 checkpoint.
+
+Each float8 e4m3 weight `W` with its fp32 block scale `W_scale_inv` becomes
+bf16(fp32(W) * scale_inv) (see quant/fp8.py); the scale tensors are dropped, every other
+tensor is copied unchanged, and config.json loses its `quantization_config`. This is the
+BF16 checkpoint the deployment guides serve on chips without FP8. Follows DeepSeek-V3's
+`inference/fp8_cast_bf16.py` in what it produces, shard by shard with bounded memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, dequant_fp8_block
+from deepserve.quant.pipeline import Converter, OutSpec
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def _block_size(config: dict) -> tuple[int, int]:
+    qc = config.get("quantization_config") or {}
+    block = qc.get("weight_block_size") or list(DEFAULT_BLOCK)
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive ints, "
+                         f"got {block!r}")
+    return (block[0], block[1])
+
+
+class Fp8ToBf16(Converter):
+    task = "fp8-to-bf16"
+
+    def __init__(self, out_dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+        self.out_dtype = out_dtype
+        self.device = torch.device(device)
+
+    def validate(self, ckpt: Checkpoint) -> None:
+        qc = ckpt.config.get("quantization_config")
+        if qc and qc.get("quant_method") != "fp8":
+            raise ValueError(f"{ckpt.root} is quantized with quant_method="
+                             f"{qc.get('quant_method')!r}, not DeepSeek's block FP8 ('fp8')")
+        fp8 = [t for t in ckpt.tensors.values() if t.dtype == FP8_DTYPE]
+        if not fp8:
+            found = sorted(str(d).replace("torch.", "") for d in ckpt.dtypes())
+            raise ValueError(f"{ckpt.root} has no float8_e4m3fn weights (dtypes: "
+                             f"{', '.join(found)}): not an FP8 checkpoint")
+        block = _block_size(ckpt.config)
+        for t in fp8:
+            scale = ckpt.tensors.get(t.name + SCALE_SUFFIX)
+            if scale is None:
+                raise ValueError(f"missing scale tensor {t.name + SCALE_SUFFIX} for FP8 weight "
+                                 f"{t.name}")
+            if len(t.shape) != 2:
+                raise ValueError(f"FP8 weight {t.name} must be 2-D, got shape {t.shape}")
+            want = block_scale_shape(t.shape, block)
+            if scale.shape != want or scale.dtype != torch.float32:
+                raise ValueError(f"scale tensor {scale.name} is {scale.dtype} {scale.shape}; "
+                                 f"expected float32 {want} for weight {t.shape} and block {block}")
+
+    def _is_consumed_scale(self, ckpt: Checkpoint, name: str) -> bool:
+        if not name.endswith(SCALE_SUFFIX):
+            return False
+        weight = ckpt.tensors.get(name[: -len(SCALE_SUFFIX)])
+        return weight is not None and weight.dtype == FP8_DTYPE
+
+    def outputs(self, ckpt: Checkpoint, info: TensorInfo) -> list[OutSpec]:
+        if self._is_consumed_scale(ckpt, info.name):
+            return []
+        dtype = self.out_dtype if info.dtype == FP8_DTYPE else info.dtype
+        return [(info.name, dtype, info.shape)]
+
+    def convert(self, ckpt: Checkpoint, info: TensorInfo,
+                reader: TensorReader) -> dict[str, torch.Tensor]:
+        x = reader.get(info.name)
+        if info.dtype != FP8_DTYPE:
+            return {info.name: x}
+        scale = reader.get(info.name + SCALE_SUFFIX)
+        # Same bits on any device (quant/fp8.py), so the device is only a matter of speed.
+        y = dequant_fp8_block(x.to(self.device), scale.to(self.device),
+                              _block_size(ckpt.config), self.out_dtype)
+        return {info.name: y.cpu()}
+
+    def new_config(self, config: dict) -> dict:
+        config.pop("quantization_config", None)
+        name = str(self.out_dtype).replace("torch.", "")
+        config["torch_dtype"] = name
+        if "dtype" in config:  # newer transformers write "dtype" instead of "torch_dtype"
+            config["dtype"] = name
+        return config

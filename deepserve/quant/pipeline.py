@@ -1,0 +1,242 @@
+"""Resumable shard-by-shard conversion of a checkpoint folder into a new one.
+
+Every conversion (FP8 -> BF16, quantization) is a `Converter`: it checks the source, says
+which tensors each source tensor becomes (names, dtypes, shapes: known from the headers, so
+the output size and index exist before any weight is read) and converts them. The driver:
+
+1. checks everything a user can get wrong (source format, destination exists, free disk)
+   before writing anything;
+2. builds the output in `DST.partial`: each shard is assembled in memory, written (by a
+   writer thread, while the next shard is converted: at most two output shards in RAM) to a
+   temporary name, renamed, then recorded with its size and sha256 in
+   `DST.partial/.deepserve-convert.json`;
+3. writes the index, config.json and side files, then renames `DST.partial` to `DST`.
+
+A killed run leaves nothing under `DST`; the next run with the same source and task resumes,
+skipping shards whose size and sha256 still match the manifest.
+Test hook: env `DEEPSERVE_CONVERT_TEST_SLEEP_S` sleeps that long after each shard, so a test
+can SIGKILL the converter between shards deterministically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from deepserve.quant.checkpoint import INDEX_NAME, Checkpoint, TensorInfo, TensorReader
+from deepserve.quant.files import (atomic_save_safetensors, atomic_write_json, copy_atomic,
+                                   remove_tmp_files, sha256_file, side_files)
+
+MANIFEST_NAME = ".deepserve-convert.json"
+PARTIAL_SUFFIX = ".partial"
+MANIFEST_VERSION = 1
+# Slack on top of the estimated output size: filesystem blocks, index, config, side files.
+_DISK_SLACK_BYTES = 16 << 20
+
+OutSpec = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+class Converter:
+    """One conversion; subclasses fill in the four methods."""
+
+    task: str = ""
+
+    def validate(self, ckpt: Checkpoint) -> None:
+        """Raise ValueError if `ckpt` is not in the format this conversion reads."""
+        raise NotImplementedError
+
+    def outputs(self, ckpt: Checkpoint, info: TensorInfo) -> list[OutSpec]:
+        """What `info` becomes in the output; [] drops it (e.g. a consumed scale)."""
+        raise NotImplementedError
+
+    def convert(self, ckpt: Checkpoint, info: TensorInfo,
+                reader: TensorReader) -> dict[str, torch.Tensor]:
+        """The tensors `outputs` promised, computed from the source."""
+        raise NotImplementedError
+
+    def new_config(self, config: dict) -> dict:
+        """config.json for the output folder."""
+        raise NotImplementedError
+
+
+@dataclass
+class ConversionReport:
+    dst: Path
+    shards_converted: int
+    shards_skipped: int
+    bytes_written: int
+    seconds: float
+
+
+def _plan(ckpt: Checkpoint, conv: Converter) -> dict[str, list[OutSpec]]:
+    return {name: conv.outputs(ckpt, info) for name, info in ckpt.tensors.items()}
+
+
+def _shard_bytes(ckpt: Checkpoint, plan: dict[str, list[OutSpec]], shard: str) -> int:
+    return sum(torch.Size(shape).numel() * dtype.itemsize
+               for name in ckpt.names_in(shard) for _, dtype, shape in plan[name])
+
+
+def _job_id(ckpt: Checkpoint, conv: Converter) -> dict:
+    src = ckpt.root.resolve()
+    return {"version": MANIFEST_VERSION, "task": conv.task, "source": str(src),
+            "source_shards": {s: (src / s).stat().st_size for s in ckpt.shards}}
+
+
+def partial_dir(dst: Path) -> Path:
+    return dst.with_name(dst.name + PARTIAL_SUFFIX)
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
+        raise ValueError(f"destination {dst} must be outside the source {src} and not contain it")
+    if dst.exists() and not overwrite:
+        raise ValueError(f"destination {dst} already exists; pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"parent folder of destination {dst} does not exist")
+
+
+def _load_manifest(partial: Path, job: dict, overwrite: bool) -> dict:
+    """The manifest of a resumable run in `partial`, or a fresh one (clearing a stale run)."""
+    path = partial / MANIFEST_NAME
+    if partial.exists():
+        manifest = None
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                manifest = None
+        same = manifest is not None and all(manifest.get(k) == v for k, v in job.items())
+        if same:
+            return manifest
+        if any(partial.iterdir()) and not overwrite:
+            raise ValueError(f"{partial} holds an unfinished conversion of another source or "
+                             f"task; remove it or pass --overwrite")
+    return {**job, "shards": {}}
+
+
+def _verified_shards(partial: Path, manifest: dict) -> dict[str, dict]:
+    done = {}
+    for shard, rec in manifest["shards"].items():
+        p = partial / shard
+        if p.is_file() and p.stat().st_size == rec["size"] and sha256_file(p) == rec["sha256"]:
+            done[shard] = rec
+    return done
+
+
+def _check_disk(dst: Path, needed: int) -> None:
+    free = shutil.disk_usage(dst.parent).free
+    if needed + _DISK_SLACK_BYTES > free:
+        raise ValueError(f"not enough disk space for {dst}: the output needs about "
+                         f"{needed / 1e9:.2f} GB more, only {free / 1e9:.2f} GB free")
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    atomic_save_safetensors(path, tensors)
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _test_sleep() -> None:
+    delay = os.environ.get("DEEPSERVE_CONVERT_TEST_SLEEP_S")
+    if delay:
+        time.sleep(float(delay))
+
+
+def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
+                   overwrite: bool = False, progress: bool = True) -> ConversionReport:
+    """Convert `ckpt` (opened from `src`) into folder `dst` with `conv`, resumably."""
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst, overwrite)
+    conv.validate(ckpt)
+    plan = _plan(ckpt, conv)
+    partial = partial_dir(dst)
+    manifest = _load_manifest(partial, _job_id(ckpt, conv), overwrite)
+    done = _verified_shards(partial, manifest) if partial.exists() else {}
+    todo = [s for s in ckpt.shards if s not in done]
+    _check_disk(dst, sum(_shard_bytes(ckpt, plan, s) for s in todo))
+
+    if partial.exists() and not manifest["shards"] and not done:
+        shutil.rmtree(partial)  # stale run of another job (allowed by --overwrite) or empty
+    partial.mkdir(exist_ok=True)
+    remove_tmp_files(partial)
+    manifest["shards"] = dict(done)
+    atomic_write_json(partial / MANIFEST_NAME, manifest)
+
+    t0, written = time.perf_counter(), 0
+    reader = TensorReader(ckpt)
+    bar = tqdm(total=len(ckpt.shards), initial=len(done), unit="shard", desc=conv.task,
+               disable=not progress, dynamic_ncols=True)
+
+    def commit(shard: str, fut: Future) -> None:
+        nonlocal written
+        manifest["shards"][shard] = fut.result()
+        atomic_write_json(partial / MANIFEST_NAME, manifest)
+        written += manifest["shards"][shard]["size"]
+        bar.set_postfix_str(f"{written / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s")
+        bar.update(1)
+        _test_sleep()
+
+    # One writer thread: shard i is written and hashed while shard i+1 is converted, so at
+    # most two output shards are in memory; a shard is committed before the next is queued.
+    pending: tuple[str, Future] | None = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            for shard in todo:
+                out: dict[str, torch.Tensor] = {}
+                for name in ckpt.names_in(shard):
+                    if plan[name]:
+                        out.update(conv.convert(ckpt, ckpt.tensors[name], reader))
+                if pending is not None:
+                    commit(*pending)
+                pending = (shard, writer.submit(_write_shard, partial / shard, out))
+                del out
+            if pending is not None:
+                commit(*pending)
+    finally:
+        bar.close()
+        reader.close()
+
+    _finish(ckpt, conv, plan, partial, dst)
+    return ConversionReport(dst, len(todo), len(done), written, time.perf_counter() - t0)
+
+
+def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
+            partial: Path, dst: Path) -> None:
+    """Index, config and side files into `partial`, then move it to its final name."""
+    if ckpt.has_index:
+        weight_map = {out_name: ckpt.tensors[name].file
+                      for name, specs in plan.items() for out_name, _, _ in specs}
+        total = sum(_shard_bytes(ckpt, plan, s) for s in ckpt.shards)
+        atomic_write_json(partial / INDEX_NAME, {
+            "metadata": {**ckpt.index_metadata, "total_size": total},
+            "weight_map": dict(sorted(weight_map.items()))})
+    config = conv.new_config(dict(ckpt.config))
+    # auto_map points at remote-code *.py files, which are never copied: drop the dangling link.
+    config.pop("auto_map", None)
+    atomic_write_json(partial / "config.json", config)
+    for f in side_files(ckpt.root, skip={"config.json", INDEX_NAME}):
+        copy_atomic(f, partial / f.name)
+    (partial / MANIFEST_NAME).unlink()
+    if dst.exists():  # --overwrite: swap in the new folder, then drop the old one
+        old = dst.with_name(dst.name + ".old")
+        _remove(old)
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        _remove(old)
+    else:
+        os.replace(partial, dst)

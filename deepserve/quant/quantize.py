@@ -1,0 +1,117 @@
+"""`deepserve convert quantize`: a BF16/FP16/FP32 checkpoint to FP8 block or INT8 W8A8.
+
+Two output formats, both loadable beyond deepserve:
+
+- `fp8-block`: DeepSeek's own FP8 layout (e4m3 `weight` + fp32 `weight_scale_inv` per 128x128
+  block, quantization_config quant_method "fp8"), so BF16 distills run through the same FP8
+  path as R1 itself.
+- `w8a8-int8`: symmetric per-output-channel int8 `weight` + fp32 `weight_scale` [N, 1], with
+  dynamic per-token int8 activations, described in the `compressed-tensors` format
+  (quant_method "compressed-tensors", format "int-quantized") that vLLM loads.
+
+Which tensors stay in high precision is decided in quant/policy.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, quant_fp8_block
+from deepserve.quant.int8 import quant_int8_per_channel
+from deepserve.quant.pipeline import Converter, OutSpec
+from deepserve.quant.policy import LINEAR_REASONS, high_precision_reason
+
+METHODS = ("fp8-block", "w8a8-int8")
+_QUANTIZED_DTYPES = {FP8_DTYPE, torch.float8_e5m2, torch.int8, torch.uint8}
+
+
+def fp8_block_config(block: tuple[int, int] = DEFAULT_BLOCK) -> dict:
+    """quantization_config exactly as DeepSeek-V3/R1 ship it."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(block)}
+
+
+def _quant_args(strategy: str, dynamic: bool, observer: str | None) -> dict:
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy,
+            "dynamic": dynamic, "group_size": None, "block_structure": None, "actorder": None,
+            "observer": observer, "observer_kwargs": {}}
+
+
+def w8a8_int8_config(ignore: list[str]) -> dict:
+    """compressed-tensors quantization_config for int8 channel weights + dynamic token acts."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": _quant_args("channel", dynamic=False, observer="minmax"),
+            "input_activations": _quant_args("token", dynamic=True, observer=None),
+            "output_activations": None,
+        }},
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+class Quantize(Converter):
+    def __init__(self, method: str, device: str = "cpu"):
+        if method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
+        self.device = torch.device(device)
+        self.task = f"quantize {method}"
+        self._ignore: list[str] = []
+
+    def validate(self, ckpt: Checkpoint) -> None:
+        qc = ckpt.config.get("quantization_config")
+        if qc:
+            raise ValueError(f"{ckpt.root} is already quantized (quant_method="
+                             f"{qc.get('quant_method')!r}); quantize reads a BF16/FP16/FP32 "
+                             f"checkpoint (use fp8-to-bf16 first for DeepSeek's FP8 release)")
+        for t in ckpt.tensors.values():
+            if t.dtype in _QUANTIZED_DTYPES:
+                raise ValueError(f"{ckpt.root} holds quantized tensor {t.name} ({t.dtype}); "
+                                 f"quantize reads a BF16/FP16/FP32 checkpoint")
+        if not any(self._quantizes(t) for t in ckpt.tensors.values()):
+            raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
+        # Linear layers that stay high precision must be named for compressed-tensors loaders.
+        ignore = {"lm_head"}
+        for t in ckpt.tensors.values():
+            if high_precision_reason(t.name, t.dtype, t.shape) in LINEAR_REASONS:
+                ignore.add(t.name[: -len(".weight")])
+        self._ignore = sorted(ignore)
+
+    @staticmethod
+    def _quantizes(info: TensorInfo) -> bool:
+        return high_precision_reason(info.name, info.dtype, info.shape) is None
+
+    def outputs(self, ckpt: Checkpoint, info: TensorInfo) -> list[OutSpec]:
+        if not self._quantizes(info):
+            return [(info.name, info.dtype, info.shape)]
+        if self.method == "fp8-block":
+            return [(info.name, FP8_DTYPE, info.shape),
+                    (info.name + "_scale_inv", torch.float32, block_scale_shape(info.shape))]
+        return [(info.name, torch.int8, info.shape),
+                (info.name + "_scale", torch.float32, (info.shape[0], 1))]
+
+    def convert(self, ckpt: Checkpoint, info: TensorInfo,
+                reader: TensorReader) -> dict[str, torch.Tensor]:
+        w = reader.get(info.name)
+        if not self._quantizes(info):
+            return {info.name: w}
+        w = w.to(self.device)  # bit-identical results on any device (quant/fp8.py, int8.py)
+        if self.method == "fp8-block":
+            q, scale_inv = quant_fp8_block(w)
+            return {info.name: q.cpu(), info.name + "_scale_inv": scale_inv.cpu()}
+        q, scale = quant_int8_per_channel(w)
+        return {info.name: q.cpu(), info.name + "_scale": scale.cpu()}
+
+    def new_config(self, config: dict) -> dict:
+        if self.method == "fp8-block":
+            config["quantization_config"] = fp8_block_config()
+        else:
+            config["quantization_config"] = w8a8_int8_config(self._ignore)
+        return config

@@ -1,0 +1,103 @@
+"""Triton paged attention (prefill tiles and split-KV decode) against the torch reference.
+
+Batches come from `paged_batch.make_paged_batch`: sequences scattered over a shuffled
+paged pool, prefill chunks after cached context mixed with decode rows, GQA, and MLA's
+latent cache whose values are a strided view of the keys. CPU cases run interpreted.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve.ops.registry import resolve
+from tests.ops.paged_batch import make_paged_batch
+
+
+def compare(pb, scale=0.125, atol=1e-5, rtol=1e-5):
+    want = resolve("paged_attention", "torch")[1](*pb.args(scale))
+    got = resolve("paged_attention", "triton")[1](*pb.args(scale))
+    rows = int(pb.query_start_loc[-1])
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got[:rows].float(), want[:rows].float(), atol=atol, rtol=rtol)
+    return got
+
+
+# ---- CPU, interpreted, tiny ---------------------------------------------------------------
+
+def test_prefill_mixed_batch_gqa(triton_ops, cpu_only):
+    # a fresh prompt, a chunk after 17 cached tokens, a decode row, an idle sequence
+    compare(make_paged_batch([5, 20, 1, 0], [5, 37, 50, 9], num_heads=4, num_kv_heads=2, head_dim=32))
+
+
+def test_prefill_head_dim_not_power_of_two(triton_ops, cpu_only):
+    # MLA's prefill shape in miniature: qk head dim = nope + rope (24 = 16 + 8), v dim 16
+    compare(make_paged_batch([3, 17], [30, 40], num_heads=4, num_kv_heads=4, head_dim=24, v_head_dim=16,
+                             block_size=8))
+
+
+def test_decode_splits_long_context(triton_ops, cpu_only):
+    attn = triton_ops.attention
+    assert attn.num_decode_splits(3, 1, 600, torch.device("cpu")) == 3    # really split
+    compare(make_paged_batch([1, 1, 1], [5, 37, 600], num_heads=4, num_kv_heads=2, head_dim=32))
+
+
+def test_decode_with_idle_sequence(triton_ops, cpu_only):
+    pb = make_paged_batch([1, 0, 1], [5, 37, 60], num_heads=4, num_kv_heads=1, head_dim=16)
+    compare(pb)
+
+
+def test_decode_mla_shared_latent(triton_ops, cpu_only):
+    pb = make_paged_batch([1, 1], [30, 300], num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32,
+                          mla=True)
+    assert pb.v_cache.data_ptr() == pb.k_cache.data_ptr() and not pb.v_cache.is_contiguous()
+    compare(pb)
+
+
+def test_prefill_mla_shared_latent(triton_ops, cpu_only):
+    compare(make_paged_batch([3, 17], [30, 40], num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32,
+                             mla=True))
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [2, 1, 4]])
+def test_bf16(triton_ops, cpu_only, query_lens):
+    compare(make_paged_batch(query_lens, [5, 37, 300], num_heads=4, num_kv_heads=2, head_dim=32,
+                             dtype=torch.bfloat16), atol=2e-2, rtol=2e-2)
+
+
+def test_host_lengths_may_be_omitted(triton_ops, cpu_only):
+    pb = make_paged_batch([1, 3], [8, 20], num_heads=2, num_kv_heads=2, head_dim=16)
+    pb.max_query_len = pb.max_seq_len = 0            # read from the tensors (one sync)
+    compare(pb)
+
+
+def test_rejects_mismatched_cache(triton_ops, cpu_only):
+    pb = make_paged_batch([1], [8], num_heads=3, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match=r"multiple of KV heads"):
+        resolve("paged_attention", "triton")[1](*pb.args(0.1))
+
+
+# ---- GPU, model sizes ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_decode_gqa_gpu(triton_ops):
+    lens = [4096 - 37 * i for i in range(64)]
+    compare(make_paged_batch([1] * 64, lens, num_heads=32, num_kv_heads=8, head_dim=128,
+                             dtype=torch.bfloat16, device="cuda"), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_decode_mla_gpu(triton_ops):
+    lens = [4096 - 61 * i for i in range(64)]
+    compare(make_paged_batch([1] * 64, lens, num_heads=16, num_kv_heads=1, head_dim=576, v_head_dim=512,
+                             block_size=64, dtype=torch.bfloat16, device="cuda", mla=True),
+            atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_prefill_varlen_gpu(triton_ops):
+    compare(make_paged_batch([1000, 1, 317, 2048, 1], [1500, 900, 317, 2048, 77], num_heads=32,
+                             num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda"),
+            atol=1e-2, rtol=1e-2)
+    # MLA prefill: 192-wide q/k (128 nope + 64 rope), 128-wide v
+    compare(make_paged_batch([700, 1, 300], [700, 500, 1200], num_heads=16, num_kv_heads=16, head_dim=192,
+                             v_head_dim=128, dtype=torch.bfloat16, device="cuda"), atol=1e-2, rtol=1e-2)

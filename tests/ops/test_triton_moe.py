@@ -1,0 +1,115 @@
+"""Triton MoE router and fused experts against the torch references in deepserve.ops.moe.
+
+Router: every scoring function and top-k method of the DeepSeek family must pick the same
+experts in the same order with the same weights. Experts: bf16/fp32 weights must match the
+reference to rounding; fp8 block weights run as W8A8 (activations quantised per 128-wide
+group), so they must match within quantisation error; a wrong block scale is far outside.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve.ops.registry import resolve
+
+ROUTES = [
+    dict(top_k=6, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+         norm_topk_prob=False, routed_scaling_factor=1.0),                        # V2-Lite
+    dict(top_k=6, scoring_func="softmax", topk_method="group_limited_greedy", n_group=8, topk_group=3,
+         norm_topk_prob=False, routed_scaling_factor=16.0),                       # V2
+    dict(top_k=8, scoring_func="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4,
+         norm_topk_prob=True, routed_scaling_factor=2.5),                         # V3 / R1
+]
+
+
+def run_both(op, *args, **kwargs):
+    return resolve(op, "torch")[1](*args, **kwargs), resolve(op, "triton")[1](*args, **kwargs)
+
+
+def check_route(logits, bias, kw):
+    (w_ref, id_ref), (w_tri, id_tri) = run_both("moe_route", logits, bias, **kw)
+    assert id_tri.dtype == torch.int32 and w_tri.dtype == torch.float32
+    assert torch.equal(id_tri, id_ref)
+    torch.testing.assert_close(w_tri, w_ref, rtol=1e-5, atol=1e-6)
+
+
+def moe_inputs(t, d, inter, e, k, dtype, device="cpu", fp8=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, d, generator=g, device=device).to(dtype)
+    scale = 1.0 if fp8 else d ** -0.5
+    w13 = torch.randn(e, 2 * inter, d, generator=g, device=device) * scale
+    w2 = torch.randn(e, d, inter, generator=g, device=device) * scale
+    ids = torch.rand(t, e, generator=g, device=device).topk(k, dim=-1).indices.to(torch.int32)
+    weights = torch.rand(t, k, generator=g, device=device)
+    kwargs = {}
+    if fp8:
+        w13, w2 = w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn)
+        kwargs = dict(w13_scale=torch.rand(e, -(-2 * inter // 128), -(-d // 128), generator=g, device=device)
+                      / 64 + 0.005,
+                      w2_scale=torch.rand(e, -(-d // 128), -(-inter // 128), generator=g, device=device)
+                      / 64 + 0.005)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+    return (x, w13, w2, weights, ids), kwargs
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+# ---- CPU, interpreted, tiny ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", ROUTES, ids=lambda kw: kw["topk_method"])
+def test_moe_route(triton_ops, cpu_only, kw):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 64, generator=g)
+    check_route(logits, torch.randn(64, generator=g) * 0.1, kw)
+
+
+def test_moe_route_rejects_bad_groups(triton_ops, cpu_only):
+    with pytest.raises(ValueError, match="n_group 3 does not divide the 64"):
+        resolve("moe_route", "triton")[1](torch.zeros(2, 64), None, **{**ROUTES[1], "n_group": 3})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe(triton_ops, cpu_only, dtype):
+    args, _ = moe_inputs(7, 64, 48, 6, 2, dtype)
+    args[4][1, 0] = -1                     # experts of another EP rank contribute nothing
+    args[4][2, 1] = 9
+    want, got = run_both("fused_moe", *args)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:   # the interpreter truncates to bf16 instead of rounding: a biased, larger error
+        assert rel_err(got, want) < 3e-2
+
+
+def test_fused_moe_fp8_blocks(triton_ops, cpu_only):
+    args, kwargs = moe_inputs(5, 256, 128, 4, 2, torch.bfloat16, fp8=True)
+    want, got = run_both("fused_moe", *args, **kwargs)
+    # W8A8 vs the reference's bf16 activations; the interpreter also rounds to e4m3 less
+    # accurately than the GPU, hence the looser bound here than in the gpu test
+    assert rel_err(got, want) < 0.15
+    wrong = dict(kwargs, w2_scale=kwargs["w2_scale"].flip(1))
+    assert rel_err(resolve("fused_moe", "triton")[1](*args, **wrong), want) > 0.3
+
+
+# ---- GPU, model sizes ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_moe_route_gpu(triton_ops):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(4096, 256, generator=g, device="cuda")
+    check_route(logits, torch.randn(256, generator=g, device="cuda") * 0.1, ROUTES[2])
+    check_route(logits[:, :160].contiguous(), None, ROUTES[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_fused_moe_gpu(triton_ops, tokens):
+    args, _ = moe_inputs(tokens, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")   # V2-Lite shapes
+    want, got = run_both("fused_moe", *args)
+    assert rel_err(got, want) < 1e-2
+    args, kwargs = moe_inputs(tokens, 7168, 256, 32, 8, torch.bfloat16, device="cuda", fp8=True)
+    want, got = run_both("fused_moe", *args, **kwargs)
+    assert rel_err(got, want) < 0.06

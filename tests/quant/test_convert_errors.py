@@ -1,0 +1,96 @@
+"""Each user error is one line on stderr, exit code 2, and nothing is written."""
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepserve.cli.main import main
+from deepserve.quant import pipeline, quantize_checkpoint
+
+Q_A = "model.layers.0.self_attn.q_a_proj.weight"
+
+
+def _fails(capsys, argv, dst, *fragments):
+    assert main(["convert", *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepserve convert: error: "), err
+    for frag in fragments:
+        assert frag in err, err
+    assert not dst.with_name(dst.name + ".partial").exists()
+    return err
+
+
+def test_fp8_to_bf16_on_bf16_folder(bf16_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    _fails(capsys, ["fp8-to-bf16", str(bf16_ckpt), str(dst)], dst,
+           "has no float8_e4m3fn weights", "bfloat16", "not an FP8 checkpoint")
+    assert not dst.exists()
+
+
+@pytest.fixture
+def fp8_ckpt(bf16_ckpt, tmp_path):
+    out = tmp_path / "fp8"
+    quantize_checkpoint(bf16_ckpt, out, "fp8-block", progress=False)
+    return out
+
+
+def test_missing_scale_names_the_tensor(fp8_ckpt, tmp_path, capsys):
+    index_path = fp8_ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = fp8_ckpt / index["weight_map"].pop(Q_A + "_scale_inv")
+    with safe_open(str(shard), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != Q_A + "_scale_inv"}
+    save_file(kept, str(shard))
+    index_path.write_text(json.dumps(index))
+    dst = tmp_path / "out"
+    _fails(capsys, ["fp8-to-bf16", str(fp8_ckpt), str(dst)], dst,
+           f"missing scale tensor {Q_A}_scale_inv for FP8 weight {Q_A}")
+    assert not dst.exists()
+
+
+def test_quantize_refuses_quantized_source(fp8_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    _fails(capsys, ["quantize", str(fp8_ckpt), str(dst), "--method", "w8a8-int8"], dst,
+           "is already quantized (quant_method='fp8')")
+    assert not dst.exists()
+
+
+def test_destination_exists(bf16_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block"], dst,
+           f"destination {dst} already exists; pass --overwrite")
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_too_little_disk(bf16_ckpt, tmp_path, capsys, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 10**6))
+    dst = tmp_path / "out"
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block"], dst,
+           "not enough disk space", "0.00 GB free")
+    assert not dst.exists()
+
+
+def test_missing_source_and_shard(bf16_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    _fails(capsys, ["fp8-to-bf16", str(tmp_path / "nope"), str(dst)], dst,
+           f"source checkpoint folder {tmp_path / 'nope'} does not exist")
+    (bf16_ckpt / "model-00002-of-00002.safetensors").unlink()
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "w8a8-int8"], dst,
+           "model-00002-of-00002.safetensors listed in model.safetensors.index.json "
+           "does not exist")
+    assert not dst.exists()
+
+
+def test_bad_device(bf16_ckpt, tmp_path, capsys):
+    dst = tmp_path / "out"
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block",
+                    "--device", "tpu:x"], dst,
+           "--device must be auto, cpu, cuda or cuda:N, got 'tpu:x'")
+    assert not dst.exists()

@@ -1,0 +1,80 @@
+"""SIGKILL the converter between shards, re-run: complete, byte-identical output."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deepserve.quant import convert_fp8_to_bf16, quantize_checkpoint
+from deepserve.quant.pipeline import MANIFEST_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+FIRST = "model-00001-of-00002.safetensors"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _kill_after_first_shard(args: list[str], dst: Path) -> Path:
+    """Run `deepserve convert ARGS` in a subprocess; SIGKILL it once shard 1 is recorded."""
+    env = {**os.environ, "DEEPSERVE_CONVERT_TEST_SLEEP_S": "60",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "deepserve", "convert", *args, "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = dst.with_name(dst.name + ".partial")
+    manifest = partial / MANIFEST_NAME
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if manifest.is_file() and FIRST in json.loads(manifest.read_text())["shards"]:
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "converter did not finish its first shard"
+            time.sleep(0.05)
+        assert not dst.exists()  # mid-run: nothing under the final name
+    finally:
+        proc.kill()  # SIGKILL; a no-op if it already exited (then the asserts above failed)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists()
+    assert (partial / FIRST).is_file() and not (partial / "config.json").exists()
+    return partial
+
+
+def test_sigkill_then_resume_skips_verified_shard(bf16_ckpt, tmp_path):
+    dst = tmp_path / "fp8"
+    partial = _kill_after_first_shard(
+        ["quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block"], dst)
+    inode = (partial / FIRST).stat().st_ino
+
+    rep = quantize_checkpoint(bf16_ckpt, dst, "fp8-block", progress=False)
+    assert (rep.shards_converted, rep.shards_skipped) == (1, 1)
+    assert (dst / FIRST).stat().st_ino == inode  # kept, not rewritten
+    assert not partial.exists() and not (dst / MANIFEST_NAME).exists()
+
+    fresh = tmp_path / "fresh"
+    quantize_checkpoint(bf16_ckpt, fresh, "fp8-block", progress=False)
+    assert _digests(dst) == _digests(fresh)
+
+
+def test_resume_redoes_corrupted_shard_and_drops_temporaries(bf16_ckpt, tmp_path):
+    fp8 = tmp_path / "fp8"
+    quantize_checkpoint(bf16_ckpt, fp8, "fp8-block", progress=False)
+    dst = tmp_path / "back"
+    partial = _kill_after_first_shard(["fp8-to-bf16", str(fp8), str(dst)], dst)
+    data = bytearray((partial / FIRST).read_bytes())
+    data[-1] ^= 0xFF  # same size, different content: only the sha256 catches it
+    (partial / FIRST).write_bytes(bytes(data))
+    (partial / ".model-00002-of-00002.safetensors.tmp").write_bytes(b"half a shard")
+
+    rep = convert_fp8_to_bf16(fp8, dst, progress=False)
+    assert (rep.shards_converted, rep.shards_skipped) == (2, 0)
+    fresh = tmp_path / "fresh"
+    convert_fp8_to_bf16(fp8, fresh, progress=False)
+    assert _digests(dst) == _digests(fresh)
