@@ -1,0 +1,198 @@
+"""Request sets for `deepserve bench serve`: random, sonnet, sharegpt, prefix-repetition.
+
+Each sampler returns `SampleRequest`s (prompt text, its length in the model's tokens, the
+output length to ask for), following the definitions of vLLM's `benchmarks/datasets.py`
+so that numbers compare with `vllm bench serve` runs on the same flags:
+
+- random: prompts of `--random-input-len` tokens (± `--random-range-ratio`), built from
+  token ids, decoded, then re-encoded so the reported length is what the server will see.
+- sonnet: lines of a poem after a fixed instruction; the first lines are a shared prefix
+  (`--sonnet-prefix-len` tokens) for prefix-cache tests; chat-formatted for /v1/completions.
+- sharegpt: first human turn of each conversation, output length of the first reply
+  (or `--sharegpt-output-len`), pruned like vLLM (prompt < 1024, prompt + output < 2048).
+- prefix-repetition: `--prefix-repetition-num-prefixes` random prefixes, each shared by an
+  equal share of the requests, plus a random suffix per request.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from deepserve.bench.tokenizer import BenchTokenizer
+
+DATASET_NAMES = ("random", "sonnet", "sharegpt", "prefix-repetition")
+SONNET_INSTRUCTION = "Pick as many lines as you can from these poem lines:\n"
+
+
+@dataclass
+class SampleRequest:
+    prompt: str
+    prompt_len: int
+    expected_output_len: int
+
+
+def _exact_length_text(tok: BenchTokenizer, rng: np.random.Generator, length: int,
+                       seed_ids: Optional[list[int]] = None) -> tuple[str, int]:
+    """Text that encodes to `length` tokens (or as near as the tokenizer allows).
+
+    Decoding random ids and encoding the text again merges or splits tokens, so the ids are
+    topped up or cut and the round trip repeated; the length returned is the re-encoded one.
+    """
+    vocab = np.asarray(tok.text_token_ids)
+    ids = list(seed_ids) if seed_ids is not None else vocab[rng.integers(0, len(vocab), length)].tolist()
+    text = tok.decode(ids)
+    for _ in range(8):
+        ids = tok.encode(text)
+        if len(ids) == length:
+            break
+        if len(ids) > length:
+            ids = ids[:length]
+        else:
+            ids = ids + vocab[rng.integers(0, len(vocab), length - len(ids))].tolist()
+        text = tok.decode(ids)
+    return text, tok.count(text)
+
+
+def sample_random(tok: BenchTokenizer, num_requests: int, input_len: int, output_len: int,
+                  range_ratio: float, prefix_len: int, seed: int) -> list[SampleRequest]:
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    if input_len < 1 or output_len < 1:
+        raise ValueError(f"--random-input-len and --random-output-len must be >= 1, "
+                         f"got {input_len} and {output_len}")
+    rng = np.random.default_rng(seed)
+    lens_in = rng.integers(max(1, math.floor(input_len * (1 - range_ratio))),
+                           math.ceil(input_len * (1 + range_ratio)) + 1, num_requests)
+    lens_out = rng.integers(max(1, math.floor(output_len * (1 - range_ratio))),
+                            math.ceil(output_len * (1 + range_ratio)) + 1, num_requests)
+    vocab = np.asarray(tok.text_token_ids)
+    prefix = vocab[rng.integers(0, len(vocab), prefix_len)].tolist() if prefix_len else []
+    offsets = rng.integers(0, len(vocab), num_requests)
+    requests = []
+    for i in range(num_requests):
+        # Consecutive ids from a random start (vLLM's scheme): distinct prompts, no repeats.
+        inner = vocab[(offsets[i] + i + np.arange(int(lens_in[i]))) % len(vocab)].tolist()
+        text, n = _exact_length_text(tok, rng, prefix_len + int(lens_in[i]), prefix + inner)
+        requests.append(SampleRequest(text, n, int(lens_out[i])))
+    return requests
+
+
+def sample_sonnet(tok: BenchTokenizer, path: str, num_requests: int, input_len: int,
+                  prefix_len: int, output_len: int, chat_format: bool, seed: int) -> list[SampleRequest]:
+    """vLLM's sonnet set; `chat_format` sends the chat-templated text (for /v1/completions)."""
+    lines = Path(path).read_text().splitlines(keepends=True)
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"sonnet dataset {path!r} has no lines")
+    use_template = chat_format and tok.chat_template is not None
+
+    def formatted(prompt: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}]) if use_template else prompt
+
+    base_len = tok.count(formatted(SONNET_INSTRUCTION))
+    if input_len <= base_len:
+        raise ValueError(f"--sonnet-input-len {input_len} must be larger than the instruction's "
+                         f"{base_len} tokens")
+    avg_line = sum(tok.count(line) for line in lines) / len(lines)
+    num_input_lines = round((input_len - base_len) / avg_line)
+    num_prefix_lines = max(round((prefix_len - base_len) / avg_line), 0)
+    if num_prefix_lines > num_input_lines:
+        raise ValueError(f"--sonnet-prefix-len {prefix_len} must not exceed --sonnet-input-len {input_len}")
+    prefix_lines = lines[:num_prefix_lines]
+    rnd = random.Random(seed)
+    requests: list[SampleRequest] = []
+    attempts = 0
+    while len(requests) < num_requests:
+        attempts += 1
+        if attempts > 100 * num_requests + 100:
+            raise ValueError(f"could not build sonnet prompts of at most {input_len} tokens "
+                             f"(lines average {avg_line:.1f} tokens)")
+        extra = rnd.choices(lines, k=num_input_lines - num_prefix_lines)
+        prompt = formatted(SONNET_INSTRUCTION + "".join(prefix_lines + extra))
+        n = tok.count(prompt)
+        if n <= input_len:
+            requests.append(SampleRequest(prompt, n, output_len))
+    return requests
+
+
+def sample_sharegpt(tok: BenchTokenizer, path: str, num_requests: int,
+                    output_len: Optional[int], seed: int) -> list[SampleRequest]:
+    """First human turn of each conversation; pruned as vLLM does (see the module docstring)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"sharegpt dataset {path!r} must be a JSON list of conversations")
+    convs = [d.get("conversations") or d.get("conversation") or [] for d in data if isinstance(d, dict)]
+    # A single-turn entry has no reply to take an output length from: usable only with
+    # --sharegpt-output-len.
+    convs = [c for c in convs if len(c) >= (1 if output_len is not None else 2)]
+    random.Random(seed).shuffle(convs)
+    requests: list[SampleRequest] = []
+    for conv in convs:
+        if len(requests) == num_requests:
+            break
+        prompt = conv[0].get("value", "")
+        prompt_len = tok.count(prompt)
+        out_len = output_len if output_len is not None else tok.count(conv[1].get("value", ""))
+        if prompt_len < 4 or (output_len is None and out_len < 4):
+            continue
+        if prompt_len > 1024 or prompt_len + out_len > 2048:
+            continue
+        requests.append(SampleRequest(prompt, prompt_len, out_len))
+    if not requests:
+        hint = "" if output_len is not None else " (single-turn entries need --sharegpt-output-len)"
+        raise ValueError(f"sharegpt dataset {path!r} has no usable conversation{hint}")
+    return requests
+
+
+def sample_prefix_repetition(tok: BenchTokenizer, num_requests: int, prefix_len: int,
+                             suffix_len: int, num_prefixes: int, output_len: int,
+                             seed: int) -> list[SampleRequest]:
+    if num_prefixes < 1 or num_prefixes > num_requests:
+        raise ValueError(f"--prefix-repetition-num-prefixes must be in [1, --num-prompts={num_requests}], "
+                         f"got {num_prefixes}")
+    if prefix_len < 0 or suffix_len < 1:
+        raise ValueError(f"--prefix-repetition-prefix-len must be >= 0 and -suffix-len >= 1, "
+                         f"got {prefix_len} and {suffix_len}")
+    rng = np.random.default_rng(seed)
+    requests = []
+    for p in range(num_prefixes):
+        prefix, _ = _exact_length_text(tok, rng, prefix_len) if prefix_len else ("", 0)
+        # Spread the remainder over the first prefixes so that exactly num_requests come out.
+        share = num_requests // num_prefixes + (1 if p < num_requests % num_prefixes else 0)
+        for _ in range(share):
+            suffix, _ = _exact_length_text(tok, rng, suffix_len)
+            prompt = prefix + suffix
+            requests.append(SampleRequest(prompt, tok.count(prompt), output_len))
+    random.Random(seed).shuffle(requests)
+    return requests
+
+
+def sample_requests(args, tok: BenchTokenizer) -> list[SampleRequest]:
+    """The request set named by `args.dataset_name`, built from the bench serve flags."""
+    name, n, seed = args.dataset_name, args.num_prompts, args.seed
+    if n < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {n}")
+    if name == "random":
+        return sample_random(tok, n, args.random_input_len, args.random_output_len,
+                             args.random_range_ratio, args.random_prefix_len, seed)
+    if name in ("sonnet", "sharegpt") and not args.dataset_path:
+        raise ValueError(f"--dataset-name {name} needs --dataset-path")
+    if args.dataset_path and not Path(args.dataset_path).is_file():
+        raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
+    if name == "sonnet":
+        return sample_sonnet(tok, args.dataset_path, n, args.sonnet_input_len, args.sonnet_prefix_len,
+                             args.sonnet_output_len, chat_format="chat" not in args.endpoint, seed=seed)
+    if name == "sharegpt":
+        return sample_sharegpt(tok, args.dataset_path, n, args.sharegpt_output_len, seed)
+    if name == "prefix-repetition":
+        return sample_prefix_repetition(tok, n, args.prefix_repetition_prefix_len,
+                                        args.prefix_repetition_suffix_len,
+                                        args.prefix_repetition_num_prefixes,
+                                        args.prefix_repetition_output_len, seed)
+    raise ValueError(f"--dataset-name must be one of {', '.join(DATASET_NAMES)}, got {name!r}")

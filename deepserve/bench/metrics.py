@@ -1,0 +1,156 @@
+"""Serving metrics from timed requests, with vLLM `bench serve`'s definitions and field names.
+
+Per request: TTFT, E2EL, the ITLs between text chunks, and TPOT = (E2EL - TTFT) /
+(output_tokens - 1) (only for outputs longer than one token). Over the run: mean, median,
+std and percentiles of each (reported in ms), request / input / output / total token
+throughput over the wall time of the run, and goodput: requests per second that met every
+SLO given with `--goodput ttft:MS tpot:MS e2el:MS`. Failed requests count in `failed`,
+keep their error in `errors`, and add nothing to the latency statistics.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from deepserve.bench.client import RequestOutput
+
+METRICS = ("ttft", "tpot", "itl", "e2el")
+METRIC_HEADERS = {"ttft": ("TTFT", "Time to First Token"),
+                  "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
+                  "itl": ("ITL", "Inter-token Latency"),
+                  "e2el": ("E2EL", "End-to-end Latency")}
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+def parse_goodput(items: Optional[Sequence[str]]) -> dict[str, float]:
+    """`["ttft:100", "tpot:50"]` -> {"ttft": 100.0, "tpot": 50.0} (milliseconds)."""
+    slos: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition(":")
+        if not sep or name not in GOODPUT_METRICS:
+            raise ValueError(f"--goodput takes NAME:MS with NAME in {', '.join(GOODPUT_METRICS)}, got {item!r}")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput value must be a number of milliseconds, got {item!r}") from None
+        if ms < 0:
+            raise ValueError(f"--goodput value must be >= 0 ms, got {item!r}")
+        slos[name] = ms
+    return slos
+
+
+def percentile_key(p: float) -> str:
+    return f"p{int(p) if float(p).is_integer() else p}"
+
+
+def _stats(name: str, values_s: list[float], percentiles: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(values_s, dtype=np.float64) * 1000.0 if values_s else np.zeros(1)
+    out = {f"mean_{name}_ms": float(np.mean(ms)), f"median_{name}_ms": float(np.median(ms)),
+           f"std_{name}_ms": float(np.std(ms))}
+    for p in percentiles:
+        out[f"{percentile_key(p)}_{name}_ms"] = float(np.percentile(ms, p))
+    return out
+
+
+def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
+    """Most requests in flight at once (successful ones, from send to last token)."""
+    events = []
+    for o in outputs:
+        if o.success:
+            events += [(o.start_time, 1), (o.start_time + o.latency, -1)]
+    peak = cur = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        cur += step
+        peak = max(peak, cur)
+    return peak
+
+
+def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
+                    count_tokens: Callable[[str], int], percentiles: Sequence[float] = (90, 95, 99),
+                    goodput: Optional[dict[str, float]] = None) -> dict:
+    """The result fields of one run (vLLM names); `duration` in seconds."""
+    if duration <= 0:
+        raise ValueError(f"benchmark duration must be > 0 s, got {duration}")
+    output_lens, ttfts, tpots, itls, e2els = [], [], [], [], []
+    good = 0
+    total_input = completed = 0
+    for o in outputs:
+        if not o.success:
+            output_lens.append(0)
+            continue
+        n = o.output_tokens if o.output_tokens else count_tokens(o.generated_text)
+        output_lens.append(n)
+        total_input += o.prompt_len
+        completed += 1
+        tpot = (o.latency - o.ttft) / (n - 1) if n > 1 else 0.0
+        if n > 1:
+            tpots.append(tpot)
+        ttfts.append(o.ttft)
+        itls.extend(o.itl)
+        e2els.append(o.latency)
+        if goodput:
+            measured = {"ttft": o.ttft, "tpot": tpot, "e2el": o.latency}
+            good += all(measured[k] * 1000.0 <= slo for k, slo in goodput.items())
+    total_output = int(sum(output_lens))
+    result = {
+        "duration": duration,
+        "completed": completed,
+        "failed": len(outputs) - completed,
+        "total_input_tokens": total_input,
+        "total_output_tokens": total_output,
+        "request_throughput": completed / duration,
+        "request_goodput": good / duration if goodput else None,
+        "output_throughput": total_output / duration,
+        "total_token_throughput": (total_input + total_output) / duration,
+        "max_concurrent_requests": peak_concurrency(outputs),
+    }
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
+        result.update(_stats(name, values, percentiles))
+    result.update({
+        "input_lens": [o.prompt_len for o in outputs],
+        "output_lens": output_lens,
+        "ttfts": [o.ttft for o in outputs],
+        "itls": [o.itl for o in outputs],
+        "e2els": [o.latency for o in outputs],
+        "generated_texts": [o.generated_text for o in outputs],
+        "errors": [o.error for o in outputs],
+    })
+    return result
+
+
+def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
+                   metrics: Sequence[str] = METRICS) -> str:
+    """The result table `vllm bench serve` prints, as one string."""
+    rows = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
+
+    def row(label, value, fmt="{:<10}"):
+        rows.append(("{:<40} " + fmt).format(label, value))
+
+    row("Successful requests:", result["completed"])
+    row("Failed requests:", result["failed"])
+    if result.get("max_concurrency"):
+        row("Maximum request concurrency:", result["max_concurrency"])
+    rate = result.get("request_rate")
+    if rate not in (None, "inf", float("inf")):
+        row("Request rate configured (RPS):", float(rate), "{:<10.2f}")
+    row("Benchmark duration (s):", result["duration"], "{:<10.2f}")
+    row("Total input tokens:", result["total_input_tokens"])
+    row("Total generated tokens:", result["total_output_tokens"])
+    row("Request throughput (req/s):", result["request_throughput"], "{:<10.2f}")
+    if result.get("request_goodput") is not None:
+        row("Request goodput (req/s):", result["request_goodput"], "{:<10.2f}")
+    row("Output token throughput (tok/s):", result["output_throughput"], "{:<10.2f}")
+    row("Peak concurrent requests:", result["max_concurrent_requests"])
+    row("Total Token throughput (tok/s):", result["total_token_throughput"], "{:<10.2f}")
+    for name in metrics:
+        short, header = METRIC_HEADERS[name]
+        rows.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
+        row(f"Mean {short} (ms):", result[f"mean_{name}_ms"], "{:<10.2f}")
+        row(f"Median {short} (ms):", result[f"median_{name}_ms"], "{:<10.2f}")
+        row(f"Std {short} (ms):", result[f"std_{name}_ms"], "{:<10.2f}")
+        for p in percentiles:
+            key = percentile_key(p)
+            row(f"{key.upper()} {short} (ms):", result[f"{key}_{name}_ms"], "{:<10.2f}")
+    rows.append("=" * 50)
+    return "\n".join(rows)

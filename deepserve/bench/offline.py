@@ -1,0 +1,121 @@
+"""`deepserve bench latency` and `bench throughput`: the engine in-process, no server.
+
+Both follow vLLM's `benchmark_latency.py` / `benchmark_throughput.py`: random prompt token
+ids (so no tokenizer or dataset is involved), `ignore_eos` so every request produces exactly
+`--output-len` tokens, greedy sampling.
+
+- latency: one batch of `--batch-size` prompts, timed end to end `--num-iters` times after
+  `--num-iters-warmup` untimed runs; reports the mean and percentiles (seconds).
+- throughput: `--num-prompts` prompts submitted at once; requests/s and tokens/s over the
+  wall time of the whole `generate` call, with output tokens counted from the results.
+
+The measuring functions take the `llm` object, so they run against anything with vLLM's
+`LLM.generate` API.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)
+
+
+def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list[dict]:
+    if num < 1 or input_len < 1:
+        raise ValueError(f"need >= 1 prompt of >= 1 token, got {num} prompts of {input_len} tokens")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(num, input_len))
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def measure_latency(llm: Any, sampling_params: Any, prompts: list[dict], num_iters: int,
+                    num_iters_warmup: int, progress: bool = True) -> dict:
+    """Time `llm.generate(prompts)` `num_iters` times; vLLM's latency JSON fields (seconds)."""
+    from tqdm.auto import tqdm
+
+    if num_iters < 1 or num_iters_warmup < 0:
+        raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0, "
+                         f"got {num_iters} and {num_iters_warmup}")
+    for _ in tqdm(range(num_iters_warmup), desc="warmup", disable=not progress, file=sys.stderr):
+        llm.generate(prompts, sampling_params)
+    latencies = []
+    for _ in tqdm(range(num_iters), desc="latency", disable=not progress, file=sys.stderr):
+        start = time.perf_counter()
+        llm.generate(prompts, sampling_params)
+        latencies.append(time.perf_counter() - start)
+    arr = np.asarray(latencies)
+    return {"avg_latency": float(arr.mean()), "latencies": latencies,
+            "percentiles": {str(p): float(np.percentile(arr, p)) for p in LATENCY_PERCENTILES}}
+
+
+def measure_throughput(llm: Any, sampling_params: Any, prompts: list[dict], progress: bool = True) -> dict:
+    """One `generate` over all prompts; vLLM's throughput JSON fields plus output tokens/s."""
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, sampling_params, use_tqdm=progress)
+    elapsed = time.perf_counter() - start
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"elapsed_time": elapsed, "num_requests": len(prompts),
+            "total_num_tokens": prompt_tokens + output_tokens,
+            "total_prompt_tokens": prompt_tokens, "total_output_tokens": output_tokens,
+            "requests_per_second": len(prompts) / elapsed,
+            "tokens_per_second": (prompt_tokens + output_tokens) / elapsed,
+            "output_tokens_per_second": output_tokens / elapsed}
+
+
+def _load_engine(args) -> tuple[Any, Any, int, int]:
+    """(llm, SamplingParams class, vocab size, seed) from the engine flags in `args`."""
+    try:
+        from deepserve import LLM, SamplingParams
+    except ImportError as exc:
+        raise RuntimeError(f"the in-process engine is not available in this build ({exc})") from None
+    from deepserve.config import EngineArgs, load_hf_config
+
+    engine_args = EngineArgs.from_cli_args(args)
+    vocab = int(load_hf_config(engine_args.model, engine_args.hf_overrides).get("vocab_size", 0))
+    if vocab < 1:
+        raise ValueError(f"model {engine_args.model!r} has no vocab_size in its config.json")
+    return LLM(**dataclasses.asdict(engine_args)), SamplingParams, vocab, engine_args.seed
+
+
+def _write_json(path: Optional[str], result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"bench: result written to {path}", file=sys.stderr)
+
+
+def run_latency(args) -> dict:
+    llm, SamplingParams, vocab, seed = _load_engine(args)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
+    result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,
+                             progress=not args.disable_tqdm)
+    print(f"Avg latency: {result['avg_latency']:.4f} seconds "
+          f"(batch {args.batch_size}, {args.input_len} in / {args.output_len} out)")
+    for p, value in result["percentiles"].items():
+        print(f"{p}% percentile latency: {value:.4f} seconds")
+    _write_json(args.output_json, result)
+    return result
+
+
+def run_throughput(args) -> dict:
+    llm, SamplingParams, vocab, seed = _load_engine(args)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed)
+    result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)
+    print(f"Throughput: {result['requests_per_second']:.2f} requests/s, "
+          f"{result['tokens_per_second']:.2f} total tokens/s, "
+          f"{result['output_tokens_per_second']:.2f} output tokens/s")
+    print(f"Total num prompt tokens: {result['total_prompt_tokens']}")
+    print(f"Total num output tokens: {result['total_output_tokens']}")
+    _write_json(args.output_json, result)
+    return result

@@ -1,0 +1,202 @@
+"""`deepserve bench serve`: load an OpenAI-compatible server and measure it.
+
+Requests arrive as a Poisson process of `--request-rate` requests/s (all at once when inf);
+with `--burstiness` b != 1 the gaps are Gamma(shape=b, scale=1/(rate*b)), vLLM's model of
+bursty traffic (b < 1 burstier, b > 1 more regular, same mean rate). `--max-concurrency`
+caps the requests in flight: an arriving request waits for a free slot, and its timing
+starts when it is sent. The result dict carries vLLM's field names and metadata, so tooling
+written for `vllm bench serve` JSON reads ours.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+import httpx
+import numpy as np
+
+from deepserve.bench.client import RequestInput, RequestOutput, api_url, send_request
+from deepserve.bench.datasets import SampleRequest, sample_requests
+from deepserve.bench.metrics import METRICS, compute_metrics, format_summary, parse_goodput
+from deepserve.bench.tokenizer import BenchTokenizer, resolve_tokenizer
+
+
+def arrival_gaps(n: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
+    """Seconds to wait before sending each of `n` requests (the first is sent at once)."""
+    if request_rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 (or inf), got {request_rate}")
+    if burstiness <= 0:
+        raise ValueError(f"--burstiness must be > 0, got {burstiness}")
+    if math.isinf(request_rate):
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    theta = 1.0 / (request_rate * burstiness)
+    gaps = rng.gamma(shape=burstiness, scale=theta, size=n)
+    gaps[0] = 0.0
+    return gaps.tolist()
+
+
+async def _warm_up(client: httpx.AsyncClient, url: str) -> None:
+    """One untimed GET /v1/models first: httpx/anyio import their networking lazily on the first
+    request (tens of ms), which would otherwise land in the first request's TTFT."""
+    models = url[: url.index("/v1/") + len("/v1/")] + "models"
+    try:
+        await client.get(models)
+    except httpx.HTTPError:
+        pass  # an unreachable server shows up as failed requests in the run itself
+
+
+async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burstiness: float,
+                       max_concurrency: Optional[int], seed: int, timeout_s: float,
+                       progress: bool = True, num_warmups: int = 0) -> tuple[list[RequestOutput], float]:
+    """Send `inputs` on the arrival schedule; returns their outputs (input order) and the wall time."""
+    from tqdm.auto import tqdm
+
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    gaps = arrival_gaps(len(inputs), request_rate, burstiness, seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # trust_env=False: a proxy from the environment must not sit between bench and server.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False) as client:
+        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+        async def limited(req: RequestInput) -> RequestOutput:
+            if slots is None:
+                return await send_request(client, req)
+            async with slots:
+                return await send_request(client, req)
+
+        if inputs:
+            await _warm_up(client, inputs[0].api_url)
+        if num_warmups > 0 and inputs:
+            await asyncio.gather(*(limited(inputs[0]) for _ in range(num_warmups)))
+        bar = tqdm(total=len(inputs), disable=not progress, desc="requests", file=sys.stderr)
+
+        async def tracked(req: RequestInput) -> RequestOutput:
+            out = await limited(req)
+            bar.update(1)
+            return out
+
+        start = time.perf_counter()
+        tasks = []
+        # Send times are fixed from the start (cumulative gaps), so sleep overshoot does not
+        # slow the offered rate down.
+        for req, send_at in zip(inputs, np.cumsum(gaps)):
+            delay = start + send_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(tracked(req)))
+        outputs = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+    return list(outputs), duration
+
+
+def result_filename(args: argparse.Namespace) -> str:
+    """vLLM's default name: {backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json."""
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g}"
+    conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
+    model = Path(str(args.model)).name or "model"
+    return f"{backend_name(args.endpoint)}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
+
+
+def backend_name(endpoint: str) -> str:
+    return "openai-chat" if "chat" in endpoint else "openai"
+
+
+def base_url_of(args: argparse.Namespace) -> str:
+    return args.base_url or f"http://{args.host}:{args.port}"
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """`--model`, or when it is not given the first model the server lists at /v1/models."""
+    if args.model:
+        return args.model
+    url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
+    try:
+        resp = httpx.get(url, timeout=30.0, trust_env=False)
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"no --model given and {url} did not list a model ({exc})") from None
+
+
+def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list[str]]:
+    """`--metric-percentiles 90,99` and `--percentile-metrics ttft,tpot`, checked."""
+    values = []
+    for p in str(percentiles).split(","):
+        try:
+            value = float(p)
+        except ValueError:
+            raise ValueError(f"--metric-percentiles takes numbers like 90,95,99, got {p!r}") from None
+        if not 0 <= value <= 100:
+            raise ValueError(f"--metric-percentiles must be in [0, 100], got {p!r}")
+        values.append(value)
+    names = [m.strip() for m in str(metrics).split(",") if m.strip()]
+    for name in names:
+        if name not in METRICS:
+            raise ValueError(f"--percentile-metrics takes {','.join(METRICS)}, got {name!r}")
+    return values, names
+
+
+def run_serve(args: argparse.Namespace, tok: Optional[BenchTokenizer] = None,
+              requests: Optional[list[SampleRequest]] = None, quiet: bool = False) -> dict:
+    """One benchmark run; returns the result dict (saved when `args.save_result`)."""
+    args.model = resolve_model(args)
+    tok = tok or resolve_tokenizer(args.tokenizer, args.model)
+    requests = requests if requests is not None else sample_requests(args, tok)
+    url = api_url(base_url_of(args), args.endpoint)
+    goodput = parse_goodput(args.goodput)
+    percentiles, metrics = parse_percentiles(args.metric_percentiles, args.percentile_metrics)
+    chat = "chat" in args.endpoint
+    inputs = [RequestInput(prompt=r.prompt, prompt_len=r.prompt_len, output_len=r.expected_output_len,
+                           model=args.served_model_name or args.model, api_url=url, chat=chat,
+                           ignore_eos=args.ignore_eos, temperature=args.temperature)
+              for r in requests]
+    if not quiet:
+        rate = "inf" if math.isinf(args.request_rate) else args.request_rate
+        print(f"bench serve: {len(inputs)} {args.dataset_name} requests to {url}, request rate {rate}, "
+              f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}", file=sys.stderr)
+    outputs, duration = asyncio.run(run_requests(
+        inputs, args.request_rate, args.burstiness, args.max_concurrency, args.seed,
+        args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups))
+    result = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": backend_name(args.endpoint),
+        "endpoint_type": "openai-chat" if chat else "openai",
+        "endpoint": args.endpoint,
+        "base_url": base_url_of(args),
+        "label": args.label,
+        "model_id": args.model,
+        "tokenizer_id": tok.name,
+        "dataset_name": args.dataset_name,
+        "num_prompts": len(inputs),
+        "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+        "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency,
+        "goodput_slos_ms": goodput or None,
+    }
+    result.update(compute_metrics(outputs, duration, tok.count, percentiles, goodput))
+    if not args.save_detailed:
+        result.pop("generated_texts")
+    if not quiet:
+        print(format_summary(result, percentiles, metrics))
+    if result["failed"]:
+        first = next(e for e in result["errors"] if e)
+        print(f"bench serve: {result['failed']} of {len(inputs)} requests failed; first error: {first}",
+              file=sys.stderr)
+    if args.save_result:
+        path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        result["result_path"] = str(path)
+        if not quiet:
+            print(f"bench serve: result written to {path}", file=sys.stderr)
+    return result

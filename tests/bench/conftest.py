@@ -1,0 +1,68 @@
+"""Fixtures for the bench tests: the fake OpenAI endpoint (fake_openai.py) in a subprocess,
+and the bench sub-command parser."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+TOKENIZER = SHARED / "tokenizers" / "deepseek-r1-distill-llama-8b"
+SERVING = SHARED / "datasets" / "serving"
+FAKE_SERVER = Path(__file__).resolve().parent / "fake_openai.py"
+# result JSON fields that tools written for `vllm bench serve` read
+EXPECTED_KEYS = {"date", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
+                 "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
+                 "total_output_tokens", "request_throughput", "output_throughput",
+                 "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls", "errors",
+                 "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p90_ttft_ms", "p95_ttft_ms",
+                 "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
+                 "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms"}
+
+
+class FakeServer:
+    """`with FakeServer(ttft=0.1, itl=0.02) as srv:` runs fake_openai.py; srv.url, srv.stats()."""
+
+    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True):
+        self.argv = [sys.executable, str(FAKE_SERVER), "--ttft", str(ttft), "--itl", str(itl),
+                     "--status", str(status)] + ([] if usage else ["--no-usage"])
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        port = self.proc.stdout.readline().strip()
+        if not port.isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"fake server did not start (printed {port!r})")
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/_stats", trust_env=False).json()
+
+
+@pytest.fixture
+def fake_server():
+    """Factory: `with fake_server(ttft=..., itl=...) as srv:`."""
+    return FakeServer
+
+
+def parse_bench(argv: list[str]) -> argparse.Namespace:
+    """Parse `deepserve bench ...` flags with the real sub-command parser."""
+    from deepserve.cli.bench import register
+
+    parser = argparse.ArgumentParser(prog="deepserve")
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.fixture
+def bench_args():
+    return parse_bench

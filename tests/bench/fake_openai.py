@@ -1,0 +1,107 @@
+"""A fake OpenAI streaming endpoint with known timing, run as its own process by the tests.
+
+`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage]` prints its port,
+then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
+then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
+not accumulate), then a usage chunk and `[DONE]`. Each chunk's text is " hello", one token
+of the Llama tokenizer. GET /_stats returns what it received (bodies, arrival times, most
+requests in flight). A plain asyncio HTTP/1.1 server, in its own process so that its timing
+does not share a GIL with the client under test.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+
+class FakeOpenAI:
+    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True):
+        self.ttft, self.itl, self.status = ttft, itl, status
+        self.usage, self.role_chunk = usage, role_chunk
+        self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.arrivals: list[float] = []
+
+    async def serve(self):
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        async with server:
+            await server.serve_forever()
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                method, path, _ = line.decode().split(" ", 2)
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                await self._respond(method, path, body, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _send_json(self, writer, status, obj):
+        data = json.dumps(obj).encode()
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        await writer.drain()
+
+    async def _chunk(self, writer, obj):
+        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+
+    async def _respond(self, method, path, body, writer):
+        if method == "GET" and path == "/v1/models":
+            return await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
+        if method == "GET" and path == "/_stats":
+            return await self._send_json(writer, 200, {"requests": self.requests, "arrivals": self.arrivals,
+                                                       "max_in_flight": self.max_in_flight})
+        self.arrivals.append(time.perf_counter())
+        self.requests.append(body)
+        if self.status != 200:
+            return await self._send_json(writer, self.status, {"error": {"message": "boom", "code": self.status}})
+        chat = path.endswith("/chat/completions")
+        n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        loop = asyncio.get_running_loop()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        t0 = loop.time()
+        if chat and self.role_chunk:
+            await self._chunk(writer, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + self.ttft + i * self.itl - loop.time()))
+            choice = {"index": 0, "delta": {"content": " hello"}} if chat else {"index": 0, "text": " hello"}
+            await self._chunk(writer, {"choices": [choice]})
+        if self.usage and (body.get("stream_options") or {}).get("include_usage"):
+            await self._chunk(writer, {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n,
+                                                                 "total_tokens": n + 1}})
+        await self._chunk(writer, b"[DONE]")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.in_flight -= 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--ttft", type=float, default=0.1)
+    p.add_argument("--itl", type=float, default=0.02)
+    p.add_argument("--status", type=int, default=200)
+    p.add_argument("--no-usage", action="store_true")
+    a = p.parse_args(argv)
+    asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage).serve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

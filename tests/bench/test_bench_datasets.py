@@ -1,0 +1,114 @@
+"""Request sets: lengths in real tokenizer tokens, shared prefixes, and each kind end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SERVING, TOKENIZER
+from deepserve.bench.datasets import (SONNET_INSTRUCTION, sample_prefix_repetition, sample_random,
+                                      sample_sharegpt, sample_sonnet)
+from deepserve.bench.serve import run_serve
+from deepserve.bench.tokenizer import load_tokenizer
+
+SONNET = str(SERVING / "sonnet.txt")
+SHAREGPT_2TURN = str(SERVING / "ShareGPT_V3_unfiltered_cleaned_split.first500.json")
+SHAREGPT_1TURN = str(SERVING / "ShareGPT_V3_filtered_500.json")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(str(TOKENIZER))
+
+
+def test_random_lengths_are_tokenizer_counts(tok):
+    reqs = sample_random(tok, 6, input_len=64, output_len=8, range_ratio=0.0, prefix_len=0, seed=1)
+    assert [r.prompt_len for r in reqs] == [tok.count(r.prompt) for r in reqs]
+    assert all(abs(r.prompt_len - 64) <= 2 for r in reqs)  # re-encoding may merge a token or two
+    assert [r.expected_output_len for r in reqs] == [8] * 6
+    assert len({r.prompt for r in reqs}) == 6
+    # the word count is not the token count: random ids decode to sub-word pieces
+    assert any(len(r.prompt.split()) != r.prompt_len for r in reqs)
+
+
+def test_random_range_ratio_and_prefix(tok):
+    reqs = sample_random(tok, 40, input_len=50, output_len=20, range_ratio=0.5, prefix_len=10, seed=0)
+    lens_out = [r.expected_output_len for r in reqs]
+    assert min(lens_out) >= 10 and max(lens_out) <= 30 and len(set(lens_out)) > 5
+    assert all(10 + 25 - 2 <= r.prompt_len <= 10 + 75 + 2 for r in reqs)
+    prefix = tok.decode(tok.encode(reqs[0].prompt)[:8])
+    assert all(r.prompt.startswith(prefix) for r in reqs)
+    with pytest.raises(ValueError, match="range-ratio must be in"):
+        sample_random(tok, 1, 10, 10, 1.5, 0, 0)
+
+
+def test_random_is_seeded(tok):
+    a = sample_random(tok, 3, 32, 4, 0.2, 0, seed=7)
+    b = sample_random(tok, 3, 32, 4, 0.2, 0, seed=7)
+    c = sample_random(tok, 3, 32, 4, 0.2, 0, seed=8)
+    assert [r.prompt for r in a] == [r.prompt for r in b] != [r.prompt for r in c]
+
+
+def test_sonnet_shared_prefix_and_limit(tok):
+    reqs = sample_sonnet(tok, SONNET, 5, input_len=200, prefix_len=80, output_len=20,
+                         chat_format=False, seed=0)
+    lines = [line for line in open(SONNET).read().splitlines(keepends=True) if line.strip()]
+    assert all(r.prompt.startswith(SONNET_INSTRUCTION + lines[0] + lines[1]) for r in reqs)
+    assert all(r.prompt_len <= 200 and r.prompt_len == tok.count(r.prompt) for r in reqs)
+    assert all(r.prompt_len > 150 for r in reqs)
+    chat = sample_sonnet(tok, SONNET, 2, 200, 80, 20, chat_format=True, seed=0)
+    assert chat[0].prompt.startswith("<｜begin▁of▁sentence｜><｜User｜>" + SONNET_INSTRUCTION)
+    assert chat[0].prompt.endswith("<｜Assistant｜><think>\n")
+    with pytest.raises(ValueError, match="sonnet-input-len 5 must be larger"):
+        sample_sonnet(tok, SONNET, 1, 5, 0, 10, False, 0)
+
+
+def test_sharegpt_lengths_and_pruning(tok):
+    reqs = sample_sharegpt(tok, SHAREGPT_2TURN, 20, output_len=None, seed=0)
+    data = {c["conversations"][0]["value"]: c["conversations"][1]["value"]
+            for c in json.load(open(SHAREGPT_2TURN)) if len(c["conversations"]) >= 2}
+    assert len(reqs) == 20
+    for r in reqs:
+        assert r.expected_output_len == tok.count(data[r.prompt])
+        assert 4 <= r.prompt_len <= 1024 and r.prompt_len + r.expected_output_len <= 2048
+    fixed = sample_sharegpt(tok, SHAREGPT_1TURN, 5, output_len=16, seed=0)
+    assert [r.expected_output_len for r in fixed] == [16] * 5
+    with pytest.raises(ValueError, match="need --sharegpt-output-len"):
+        sample_sharegpt(tok, SHAREGPT_1TURN, 5, output_len=None, seed=0)
+
+
+def test_prefix_repetition_groups(tok):
+    reqs = sample_prefix_repetition(tok, 7, prefix_len=24, suffix_len=12, num_prefixes=3,
+                                    output_len=5, seed=0)
+    assert len(reqs) == 7 and all(r.expected_output_len == 5 for r in reqs)
+    heads = [tok.decode(tok.encode(r.prompt)[:20]) for r in reqs]
+    assert sorted(heads.count(h) for h in set(heads)) == [2, 2, 3]
+    assert all(abs(r.prompt_len - 36) <= 2 for r in reqs)
+    with pytest.raises(ValueError, match="num-prefixes must be in"):
+        sample_prefix_repetition(tok, 2, 8, 8, 3, 4, 0)
+
+
+@pytest.mark.parametrize("dataset,extra", [
+    ("random", ["--random-input-len", "40", "--random-output-len", "3"]),
+    ("sonnet", ["--dataset-path", SONNET, "--sonnet-input-len", "150", "--sonnet-prefix-len", "60",
+                "--sonnet-output-len", "3"]),
+    ("sharegpt", ["--dataset-path", SHAREGPT_2TURN, "--sharegpt-output-len", "3"]),
+    ("prefix-repetition", ["--prefix-repetition-prefix-len", "16", "--prefix-repetition-suffix-len", "8",
+                           "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "3"]),
+])
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_each_dataset_against_endpoint(fake_server, bench_args, tok, dataset, extra, endpoint):
+    argv = ["serve", "--model", "fake-model", "--tokenizer", str(TOKENIZER), "--dataset-name", dataset,
+            "--endpoint", endpoint, "--num-prompts", "4", "--max-concurrency", "2", "--disable-tqdm", *extra]
+    with fake_server(ttft=0.002, itl=0.001) as srv:
+        res = run_serve(bench_args(argv + ["--base-url", srv.url]))
+        received = srv.stats()["requests"]
+    assert res["completed"] == 4 and res["failed"] == 0 and res["dataset_name"] == dataset
+    assert res["output_lens"] == [3] * 4
+    key = "max_completion_tokens" if "chat" in endpoint else "max_tokens"
+    assert [r[key] for r in received] == [3] * 4
+    sent = [r["messages"][0]["content"] if "chat" in endpoint else r["prompt"] for r in received]
+    assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in sent)
+    # sonnet is chat-formatted for /v1/completions only (the chat endpoint formats it itself)
+    if dataset == "sonnet":
+        assert all(p.startswith("<｜begin▁of▁sentence｜>") == ("chat" not in endpoint) for p in sent)

@@ -1,0 +1,144 @@
+"""bench serve against the fake endpoint: timing metrics, failures, traffic shaping, JSON."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import EXPECTED_KEYS, TOKENIZER
+from deepserve.bench.serve import arrival_gaps, run_serve
+from deepserve.bench.tokenizer import BenchTokenizer
+from deepserve.cli.bench import _serve
+
+
+def _argv(url, *extra, n=4, out=10):
+    return ["serve", "--base-url", url, "--model", "fake-model", "--tokenizer", str(TOKENIZER),
+            "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", str(out),
+            "--num-prompts", str(n), "--disable-tqdm", *extra]
+
+
+TIMING = {"ttft": 100.0, "tpot": 20.0, "itl": 20.0, "e2el": 280.0}  # ms, for 10 tokens
+
+
+def _loopback_rtt_ms(url: str) -> float:
+    """Median round trip of a tiny request to the fake server: this machine's floor under TTFT."""
+    with httpx.Client(trust_env=False) as client:
+        client.get(url + "/v1/models")
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            client.get(url + "/v1/models")
+            times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times))
+
+
+def _timing_errors(res: dict, slack_ms: float) -> list[str]:
+    return [f"{stat}_{key}={res[f'{stat}_{key}_ms']:.1f} ms, want {want} ms ± 10% + {slack_ms:.1f} ms"
+            for key, want in TIMING.items() for stat in ("mean", "median")
+            if abs(res[f"{stat}_{key}_ms"] - want) > 0.10 * want + slack_ms]
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_known_timing(fake_server, bench_args, endpoint, capsys):
+    # First token after 100 ms, then one every 20 ms: 10 tokens -> E2EL = 100 + 9 * 20 = 280 ms.
+    # On an idle machine the client measures TTFT 103 ms, E2EL 283 ms, TPOT/ITL 20.0 ms (16-core
+    # host). A loaded one adds scheduler delay to every wake-up (~15 ms per TTFT at load 8 on 2
+    # cores), so the tolerance is 10% plus two loopback round trips measured just before, and up
+    # to 3 attempts; a wrong measurement (role chunk as first token, time to [DONE], ...) fails all.
+    for _attempt in range(3):
+        with fake_server(ttft=0.1, itl=0.02) as srv:
+            slack = 2 * _loopback_rtt_ms(srv.url)
+            res = run_serve(bench_args(_argv(srv.url + "/v1", "--endpoint", endpoint,
+                                             "--max-concurrency", "1", n=3)))
+            received = srv.stats()["requests"]
+        if not _timing_errors(res, slack):
+            break
+    assert not _timing_errors(res, slack), _timing_errors(res, slack)
+    assert res["completed"] == 3 and res["failed"] == 0
+    assert res["output_lens"] == [10] * 3 and res["total_output_tokens"] == 30
+    assert all(len(itl) == 9 for itl in res["itls"])
+    # input lengths are the tokenizer's count of the prompts the server got
+    tok = BenchTokenizer(TOKENIZER)
+    sent = [r.get("prompt") or r["messages"][0]["content"] for r in received]
+    assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in sent)
+    assert res["total_input_tokens"] == sum(res["input_lens"])
+    assert all(r["stream"] and r["stream_options"] == {"include_usage": True} for r in received)
+    assert res["output_throughput"] == pytest.approx(30 / res["duration"])
+    out = capsys.readouterr().out
+    assert "Serving Benchmark Result" in out and "Median TTFT (ms):" in out and "P99 E2EL (ms):" in out
+
+
+def test_output_tokens_counted_with_tokenizer_without_usage(fake_server, bench_args):
+    with fake_server(ttft=0.01, itl=0.002, usage=False) as srv:
+        res = run_serve(bench_args(_argv(srv.url, n=2, out=7)))
+    # " hello" x 7 is 7 Llama tokens; splitting on spaces would also give 7, so check the text too
+    assert res["output_lens"] == [7, 7]
+    assert res["mean_tpot_ms"] > 0
+
+
+def test_failing_endpoint_counts_failures(fake_server, bench_args, capsys):
+    with fake_server(status=500) as srv:
+        args = bench_args(_argv(srv.url, n=3))
+        res = run_serve(args)
+        code = _serve(bench_args(_argv(srv.url, n=3)))
+    assert res["completed"] == 0 and res["failed"] == 3
+    assert len(res["errors"]) == 3 and all(e.startswith("HTTP 500") for e in res["errors"])
+    assert res["output_lens"] == [0, 0, 0] and res["request_throughput"] == 0.0
+    assert code == 1
+    assert "first error: HTTP 500" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_a_counted_failure(bench_args):
+    res = run_serve(bench_args(_argv("http://127.0.0.1:9", n=2)))
+    assert res["failed"] == 2 and all("ConnectError" in e for e in res["errors"])
+
+
+def test_concurrency_limit_and_saved_json(fake_server, bench_args, tmp_path):
+    with fake_server(ttft=0.03, itl=0.005) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--max-concurrency", "2", "--save-result",
+                                         "--result-dir", str(tmp_path), "--result-filename", "r.json",
+                                         "--goodput", "ttft:1000", "tpot:1000", n=6, out=4)))
+        assert srv.stats()["max_in_flight"] == 2
+    assert res["max_concurrent_requests"] == 2
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert EXPECTED_KEYS <= set(saved)
+    assert saved["completed"] == 6 and saved["max_concurrency"] == 2 and saved["request_rate"] == "inf"
+    assert saved["request_goodput"] == pytest.approx(saved["request_throughput"])
+    assert "generated_texts" not in saved
+
+
+def test_request_rate_spreads_arrivals(fake_server, bench_args, tmp_path):
+    with fake_server(ttft=0.005, itl=0.001) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--request-rate", "20", "--burstiness", "1.0",
+                                         "--save-result", "--result-dir", str(tmp_path), n=8, out=2)))
+        arrivals = srv.stats()["arrivals"]
+    assert res["completed"] == 8 and res["request_rate"] == 20.0
+    files = list(tmp_path.glob("openai-20qps-fake-model-*.json"))
+    assert len(files) == 1 and EXPECTED_KEYS <= set(json.loads(files[0].read_text()))
+    # the server sees the requests on the seeded Poisson schedule (7 gaps, 50 ms on average)
+    expected = sum(arrival_gaps(8, 20.0, 1.0, seed=0))
+    assert arrivals[-1] - arrivals[0] == pytest.approx(expected, rel=0.2, abs=0.03)
+
+
+def test_goodput_excludes_slow_requests(fake_server, bench_args):
+    with fake_server(ttft=0.05, itl=0.002) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--goodput", "ttft:10", n=2, out=2)))
+    assert res["request_goodput"] == 0.0 and res["completed"] == 2
+
+
+def test_model_from_server_listing(fake_server, bench_args):
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        argv = [a for a in _argv(srv.url, n=1, out=2) if a not in ("--model", "fake-model")]
+        res = run_serve(bench_args(argv))
+        assert srv.stats()["requests"][0]["model"] == "fake-model"
+    assert res["model_id"] == "fake-model"
+
+
+def test_ignore_eos_and_served_model_name_are_sent(fake_server, bench_args):
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        run_serve(bench_args(_argv(srv.url, "--ignore-eos", "--served-model-name", "other", n=1, out=3)))
+        body = srv.stats()["requests"][0]
+    assert body["ignore_eos"] is True and body["model"] == "other" and body["max_tokens"] == 3
