@@ -60,3 +60,53 @@ def divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} = {n} is not divisible by the parallel size {d}")
     return n // d
+
+
+def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Layers of pipeline stage `pp_rank`: contiguous, the remainder spread over the first stages."""
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, backend: str,
+                     init_method: str, timeout_s: float, expert_parallel: bool = False) -> ParallelContext:
+    """Join the process group and build this rank's context.
+
+    Rank layout: rank = pp_rank * tp_size + tp_rank. Every rank creates every group (in the
+    same order, as torch.distributed requires). `timeout_s` bounds every collective, so a dead
+    or stuck peer turns into an error instead of a silent hang."""
+    import datetime
+
+    if world_size != tp_size * pp_size:
+        raise ValueError(f"world size {world_size} != tensor_parallel_size {tp_size} x "
+                         f"pipeline_parallel_size {pp_size}")
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    tp_rank, pp_rank = rank % tp_size, rank // tp_size
+    tp_group = None
+    for stage in range(pp_size):
+        group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+        if stage == pp_rank:
+            tp_group = group
+    control_group()  # created now, in the same order on every rank
+    ep = dict(ep_rank=tp_rank, ep_size=tp_size, ep_group=tp_group) if expert_parallel else {}
+    return ParallelContext(tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group,
+                           pp_rank=pp_rank, pp_size=pp_size, **ep)
+
+
+_control = {"group": None}
+
+
+def control_group():
+    """A gloo group over all ranks for host-side messages (step inputs, agreements)."""
+    if _control["group"] is None and dist.is_initialized():
+        _control["group"] = (dist.group.WORLD if dist.get_backend() == "gloo"
+                             else dist.new_group(backend="gloo"))
+    return _control["group"]
+
+
+def destroy_distributed() -> None:
+    _control["group"] = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -68,10 +68,10 @@ class CudaGraphRunner:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta)
         return self.model.compute_logits(hidden)
 
-    def can_run(self, batch, meta: AttentionMetadata) -> bool:
-        n = len(batch.seqs)
-        return (self.enabled and batch.num_decodes == n and n <= self.max_bs
-                and meta.max_seq_len <= self.max_len)
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        n = meta.num_seqs
+        return (self.enabled and meta.num_decodes == n and meta.max_query_len == 1
+                and n <= self.max_bs and meta.max_seq_len <= self.max_len)
 
     def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         n = input_ids.shape[0]

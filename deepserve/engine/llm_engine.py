@@ -18,7 +18,7 @@ from typing import Optional, Union
 from deepserve.config import EngineArgs
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.detokenizer import IncrementalDetokenizer
-from deepserve.engine.model_runner import ModelRunner
+from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.scheduler import Scheduler
@@ -80,7 +80,8 @@ class LLMEngine:
         if not eos and cfg_eos is not None:
             eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
         self.eos_token_ids = eos
-        self.runner = ModelRunner(self.config, self.platform, eos_token_ids=eos)
+        self.executor = make_executor(self.config, self.platform, eos)
+        self.runner = self.executor.runner  # the driver's runner (rank 0)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.cache.block_size,
                                           self.config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
@@ -166,6 +167,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def shutdown(self) -> None:
+        """Stop worker processes (multi-GPU / multi-process layouts)."""
+        self.executor.shutdown()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

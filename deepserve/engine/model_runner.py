@@ -14,10 +14,11 @@ import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from deepserve import ops
 from deepserve.config import EngineConfig
-from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.distributed.parallel_state import ParallelContext, control_group
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import ScheduledBatch
 from deepserve.layers.attention import AttentionMetadata
@@ -41,18 +42,31 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
 
         t0 = time.perf_counter()
-        self.model = load_model(config.model, self.device, pctx)
+        self.pctx = pctx or ParallelContext()
+        self.model = load_model(config.model, self.device, self.pctx)
         self.timings["load_s"] = time.perf_counter() - t0
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = config.cache.block_size
-        self.kv_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")]
+        # the attention layers this rank holds (a pipeline stage holds a range of them)
+        self.kv_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")
+                          and all(p.device.type != "meta" for p in m.parameters())]
+        if self.pctx.pp_size > 1:
+            held = {id(m) for i in self.model.pp_layers for m in self.model.model.layers[i].modules()}
+            self.kv_layers = [m for m in self.kv_layers if id(m) in held]
         self.vocab_size = config.model.hf_config.vocab_size
         self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
 
         t0 = time.perf_counter()
         self.num_blocks = self._decide_num_blocks()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank must agree on the pool size: the smallest wins
+            n = torch.tensor([self.num_blocks], dtype=torch.int64)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=control_group())
+            self.num_blocks = int(n.item())
         self.timings["profile_s"] = time.perf_counter() - t0
         self._allocate_kv_cache(self.num_blocks)
+        # set by a multi-process executor: sends each step's host inputs to the other ranks
+        self.publish = lambda host: None
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             from deepserve.engine.cuda_graphs import CudaGraphRunner
@@ -127,8 +141,8 @@ class ModelRunner:
         return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_by_others))
 
     # ------------------------------------------------------------------ one step
-    def prepare(self, batch: ScheduledBatch):
-        """Flatten the batch: input ids, positions and the attention metadata."""
+    def host_inputs(self, batch: ScheduledBatch) -> dict:
+        """The step's inputs as plain lists (cheap to send to the other ranks)."""
         ids, positions, slots, q_lens, seq_lens, logits_rows = [], [], [], [], [], []
         bs = self.block_size
         offset = 0
@@ -145,38 +159,82 @@ class ModelRunner:
                 logits_rows.append(offset - 1)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        return dict(ids=ids, positions=positions, slots=slots, q_lens=q_lens, seq_lens=seq_lens,
+                    tables=tables, logits_rows=logits_rows, num_decodes=batch.num_decodes)
+
+    def to_device(self, h: dict):
+        """Host inputs -> (input ids, positions, attention metadata) on the device."""
         dev = self.device
         qsl = [0]
-        for n in q_lens:
+        for n in h["q_lens"]:
             qsl.append(qsl[-1] + n)
+
+        def tensor(data, dtype):
+            return torch.tensor(data, dtype=dtype).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(dev, non_blocking=True),
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens), num_decodes=batch.num_decodes,
-            query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        return (torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-                torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True), meta)
+            query_start_loc=tensor(qsl, torch.int32), seq_lens=tensor(h["seq_lens"], torch.int32),
+            block_tables=tensor(h["tables"], torch.int32), slot_mapping=tensor(h["slots"], torch.int64),
+            logits_indices=tensor(h["logits_rows"], torch.int64), max_query_len=max(h["q_lens"]),
+            max_seq_len=max(h["seq_lens"]), num_decodes=h["num_decodes"],
+            query_lens_cpu=h["q_lens"], seq_lens_cpu=h["seq_lens"])
+        return tensor(h["ids"], torch.int64), tensor(h["positions"], torch.int64), meta
+
+    def prepare(self, batch: ScheduledBatch):
+        return self.to_device(self.host_inputs(batch))
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids, positions, meta: AttentionMetadata) -> Optional[torch.Tensor]:
+        """Logits of the rows in meta.logits_indices (None on pipeline stages but the first)."""
+        if self.pctx.pp_size > 1:
+            return self._pipeline_forward(input_ids, positions, meta)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[meta.logits_indices])
+
+    def _pipeline_forward(self, input_ids, positions, meta):
+        """One step through the pipeline: each stage runs its layers and sends (hidden,
+        residual) on; the last stage sends the logits back to the first, which samples."""
+        m, p = self.model.model, self.pctx
+        first, last = p.pp_rank == 0, p.pp_rank == p.pp_size - 1
+        stage_rank = lambda stage: stage * p.tp_size + p.tp_rank  # noqa: E731
+        hidden_size = self.config.model.hf_config.hidden_size
+        if first:
+            x, residual = m.embed_tokens(input_ids), None
+        else:
+            buf = torch.empty(2, input_ids.shape[0], hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(buf, src=stage_rank(p.pp_rank - 1))
+            x, residual = buf[0], buf[1]
+        for i in self.model.pp_layers:
+            x, residual = m.layers[i](positions, x, residual, meta)
+        if not last:
+            dist.send(torch.stack((x, residual)).contiguous(), dst=stage_rank(p.pp_rank + 1))
+            if not first:
+                return None
+            logits = torch.empty(meta.logits_indices.shape[0], self.vocab_size, dtype=torch.float32,
+                                 device=self.device)
+            dist.recv(logits, src=stage_rank(p.pp_size - 1))
+            return logits
+        x, _ = m.norm(x, residual)
+        logits = self.model.compute_logits(x[meta.logits_indices])[:, :self.vocab_size].float().contiguous()
+        dist.send(logits, dst=stage_rank(0))
+        return None
 
     @torch.inference_mode()
     def all_logits(self, seq) -> torch.Tensor:
         """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
-        batch = ScheduledBatch([seq], [seq.num_tokens], 0)
-        input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden)[:, :self.vocab_size].float().cpu()
+        host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
+        host["logits_rows"] = list(range(seq.num_tokens))
+        self.publish(host)
+        return self.forward_logits(*self.to_device(host))[:, :self.vocab_size].float().cpu()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
         """Run one step; returns (sequences that got a token, their sampled tokens)."""
-        input_ids, positions, meta = self.prepare(batch)
-        if self.graphs is not None and self.graphs.can_run(batch, meta):
-            logits = self.graphs.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
-            logits = self.model.compute_logits(hidden[meta.logits_indices])
+        host = self.host_inputs(batch)
+        self.publish(host)
+        logits = self.forward_logits(*self.to_device(host))
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
                          if s.num_computed_tokens + n == s.num_tokens]
         if not sampling_seqs:

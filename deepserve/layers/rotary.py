@@ -87,6 +87,22 @@ class RotaryEmbedding(nn.Module):
                  rope_scaling: Optional[dict] = None, is_neox_style: bool = True):
         super().__init__()
         self.rotary_dim, self.is_neox_style = rotary_dim, is_neox_style
+        self._args = (max_position, base, rope_scaling)
+        self.register_buffer("cos_sin_cache", self._compute_cache(), persistent=False)  # [max_pos, rotary_dim]
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the cache after the module was materialized from the meta device."""
+        with torch.device(self.cos_sin_cache.device):
+            self.cos_sin_cache = self._compute_cache()
+
+    def _compute_cache(self) -> torch.Tensor:
+        target = torch.empty(0).device  # the device the model is being built on
+        with torch.device("cpu"):       # frequencies in fp32 on the host, whatever the target
+            return self._cache_on_cpu().to(target)
+
+    def _cache_on_cpu(self) -> torch.Tensor:
+        max_position, base, rope_scaling = self._args
+        rotary_dim = self.rotary_dim
         kind = (rope_scaling or {}).get("rope_type", "default")
         magnitude = 1.0
         if kind == "default":
@@ -101,8 +117,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        cache = torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)  # [max_pos, rotary_dim]
+        return torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, Hk, D]; rotates q[..., :rotary_dim] and k[..., :rotary_dim]."""

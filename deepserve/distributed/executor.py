@@ -1,0 +1,130 @@
+"""Executors: where the model runs. `UniExecutor` is one process; `MultiprocExecutor`
+starts and supervises one worker process per extra rank on this node.
+
+The driver (rank 0, inside the engine's process) schedules and samples; every step it
+broadcasts the step's host inputs (plain lists) over a gloo group, and each rank runs the
+same forward on its shard (TP collectives inside the model, PP send/recv between stages).
+A monitor thread watches the workers: one that exits makes `failure` name its rank, host
+and exit code. Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`, seconds), so a stuck
+peer becomes an error instead of a silent hang.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Optional
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepserve.config import EngineConfig
+from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.platforms import Platform, get_platform
+
+logger = logging.getLogger("deepserve")
+
+
+def dist_timeout_s() -> float:
+    return float(os.environ.get("DEEPSERVE_DIST_TIMEOUT", "300"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UniExecutor:
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        from deepserve.engine.model_runner import ModelRunner
+        self.runner = ModelRunner(config, platform, eos_token_ids=eos_token_ids)
+        self.failure: Optional[str] = None
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_method: str,
+                 timeout_s: float) -> None:
+    from deepserve.engine.model_runner import ModelRunner
+    platform = get_platform(platform_name)
+    par = config.parallel
+    pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                            platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel)
+    runner = ModelRunner(config, platform, pctx, local_rank=rank)
+    group = control_group()
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is None:
+            break
+        runner.forward_logits(*runner.to_device(box[0]))
+    destroy_distributed()
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        from deepserve.engine.model_runner import ModelRunner
+        par = config.parallel
+        self.world_size = par.world_size
+        self.failure: Optional[str] = None
+        self._closing = False
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        timeout = dist_timeout_s()
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, name=f"deepserve-rank{r}", daemon=True,
+                                  args=(r, config, platform.name, init_method, timeout))
+                      for r in range(1, self.world_size)]
+        for p in self.procs:
+            p.start()
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
+        self._monitor.start()
+        pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel)
+        self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
+        self.group = control_group()
+        self.runner.publish = self._publish
+
+    def _publish(self, host: dict) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
+        dist.broadcast_object_list([host], src=0, group=self.group)
+
+    def _watch(self) -> None:
+        host = socket.gethostname()
+        while not self._closing:
+            for rank, p in enumerate(self.procs, start=1):
+                p.join(timeout=0.2)
+                if p.exitcode is not None and not self._closing and self.failure is None:
+                    self.failure = (f"worker rank {rank} (pid {p.pid}) on host {host} exited with code "
+                                    f"{p.exitcode}")
+                    logger.error(self.failure)
+
+    def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.failure is None:
+            try:
+                dist.broadcast_object_list([None], src=0, group=self.group)
+            except RuntimeError as exc:
+                logger.warning("could not tell workers to stop: %s", exc)
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        destroy_distributed()
+
+
+def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+    par = config.parallel
+    if par.data_parallel_size > 1:
+        raise ValueError(f"data_parallel_size {par.data_parallel_size} is not supported yet")
+    if par.world_size == 1:
+        return UniExecutor(config, platform, eos_token_ids)
+    if par.distributed_executor_backend == "ray":
+        from deepserve.distributed.ray_executor import RayExecutor
+        return RayExecutor(config, platform, eos_token_ids)
+    return MultiprocExecutor(config, platform, eos_token_ids)

@@ -1,0 +1,260 @@
+"""AsyncLLM: the engine for an asyncio server. `LLMEngine.step()` runs in a background thread
+so a forward never blocks the event loop; each request streams its RequestOutputs through
+its own asyncio.Queue, fed from that thread with `loop.call_soon_threadsafe`.
+
+Only the engine thread touches the engine. Adds and aborts are queued and applied between
+steps (in order, so an abort that follows an add always finds it); an abort frees the
+request's KV blocks before the next step. A step that raises fails the requests it held
+and the loop goes on serving the others. Gauges the server reports (running / waiting
+requests, KV usage, prefix-cache counters) are copied into `self.snapshot` by the engine
+thread after each round, so readers never race the scheduler's containers.
+
+Follows the shape of vLLM's AsyncLLM (generate as an async generator, abort on cancel),
+with a thread instead of a separate engine-core process.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from typing import AsyncIterator, Optional, Protocol
+
+from deepserve.config import EngineArgs
+from deepserve.engine.llm_engine import LLMEngine, PromptType
+from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("deepserve")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the server answers 503 with Retry-After."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not running or is shutting down; the server answers 503."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed while this request was in it; the server answers 500."""
+
+
+class RequestListener(Protocol):
+    """Optional observer of request timing (the server's metrics implement it)."""
+
+    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: int,
+                  first: bool) -> None: ...
+
+    def on_finish(self, request_id: str, arrival: float, now: float, prompt_tokens: int,
+                  generation_tokens: int, reason: Optional[str]) -> None: ...
+
+
+def _count_requests(seqs) -> int:
+    return len({s.request_id for s in seqs})
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, listener: Optional[RequestListener] = None):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.runner.vocab_size
+        self.max_waiting_requests = engine.config.scheduler.max_waiting_requests
+        self.listener = listener
+        self._cond = threading.Condition()
+        self._ops: deque = deque()          # (kind, payload, future) applied between steps
+        self._stop = False
+        self._accepting = True
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._queues: dict[str, asyncio.Queue] = {}   # touched on the event loop only
+        self._thread: Optional[threading.Thread] = None
+        self.snapshot: dict = {}
+        self.num_step_errors = 0
+        self._take_snapshot()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, listener: Optional[RequestListener] = None) -> "AsyncLLM":
+        return cls(LLMEngine(args), listener)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="deepserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests and end the in-flight ones with an error (thread-safe)."""
+        self._accepting = False
+        self._submit("abort_all", EngineDeadError(reason))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread after failing whatever is still in flight."""
+        self._accepting = False
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("engine thread did not stop within %.0f s", timeout)
+            self._thread = None
+
+    # ------------------------------------------------------------------ requests
+    def _submit(self, kind: str, payload) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._ops.append((kind, payload, fut))
+            self._cond.notify()
+        return fut
+
+    def num_waiting_requests(self) -> int:
+        pending = sum(1 for kind, _, _ in list(self._ops) if kind == "add")
+        return self.snapshot.get("num_requests_waiting", 0) + pending
+
+    def check_can_accept(self) -> None:
+        """Raise EngineDeadError / QueueFullError when a new request would be refused."""
+        if not self._accepting or self._thread is None:
+            raise EngineDeadError("the engine is not running")
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting_requests() >= limit:
+            raise QueueFullError(f"the server queue is full ({limit} requests waiting); retry later")
+
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative RequestOutputs for one request until it finishes. Leaving the
+        loop early (client gone, task cancelled) aborts the request and frees its blocks."""
+        self.check_can_accept()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        arrival = time.monotonic()
+        finished = False
+        tokens_seen = 0
+        out: Optional[RequestOutput] = None
+        try:
+            await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
+            while True:
+                item = await queue.get()
+                while not queue.empty():  # outputs are cumulative: only the newest matters
+                    item = queue.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                out = item
+                now = time.monotonic()
+                total = sum(len(o.token_ids) for o in out.outputs)
+                if self.listener is not None and total > tokens_seen:
+                    self.listener.on_output(request_id, arrival, now, total - tokens_seen, tokens_seen == 0)
+                tokens_seen = total
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+            if self.listener is not None and out is not None:
+                reason = out.outputs[0].finish_reason if finished else "abort"
+                self.listener.on_finish(request_id, arrival, time.monotonic(),
+                                        len(out.prompt_token_ids), tokens_seen, reason)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe); its blocks are freed before the next step."""
+        self._submit("abort", request_id)
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._ops and not self._stop and not engine.has_unfinished_requests():
+                    self._cond.wait()
+                ops = list(self._ops)
+                self._ops.clear()
+                stop = self._stop
+            for kind, payload, fut in ops:
+                self._apply(kind, payload, fut)
+            if stop:
+                self._abort_all(EngineDeadError("the server is shutting down"))
+                self._take_snapshot()
+                return
+            outputs: list[RequestOutput] = []
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:  # a failing step must not kill the server
+                    self.num_step_errors += 1
+                    logger.exception("engine step failed; failing the requests in it")
+                    self._fail_step(exc)
+            self._take_snapshot()
+            if outputs:
+                self._deliver([(o.request_id, o) for o in outputs])
+
+    def _apply(self, kind: str, payload, fut: concurrent.futures.Future) -> None:
+        try:
+            if kind == "add":
+                request_id, prompt, params = payload
+                fut.set_result(self.engine.add_request(request_id, prompt, params))
+            elif kind == "abort":
+                self.engine.abort_request(payload)
+                fut.set_result(None)
+            elif kind == "abort_all":
+                self._abort_all(payload)
+                fut.set_result(None)
+            else:
+                raise AssertionError(f"unknown engine op {kind!r}")
+        except Exception as exc:  # handed back to the awaiting request (e.g. too-long prompt)
+            fut.set_exception(exc)
+
+    def _abort_all(self, error: BaseException) -> None:
+        ids = list(self.engine.requests)
+        for rid in ids:
+            self.engine.abort_request(rid)
+        self._deliver([(rid, error) for rid in ids])
+
+    def _fail_step(self, exc: Exception) -> None:
+        ids = {s.request_id for s in self.engine.scheduler.running} or set(self.engine.requests)
+        for rid in ids:
+            self.engine.abort_request(rid)
+        err = EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
+        self._deliver([(rid, err) for rid in ids])
+
+    def _deliver(self, items: list) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._dispatch, items)
+        except RuntimeError:  # the loop closed between the check and the call
+            pass
+
+    def _dispatch(self, items: list) -> None:
+        for rid, item in items:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(item)
+
+    def _take_snapshot(self) -> None:
+        sched, bm = self.engine.scheduler, self.engine.block_manager
+        self.snapshot = {
+            "num_requests_running": _count_requests(sched.running),
+            "num_requests_waiting": _count_requests(sched.waiting),
+            "num_preemptions": sched.num_preemptions,
+            "kv_cache_usage": bm.usage(),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prompt_tokens": self.engine.stats["prompt_tokens"],
+            "generation_tokens": self.engine.stats["generation_tokens"],
+            "steps": self.engine.stats["steps"],
+        }

@@ -1,0 +1,67 @@
+"""Multi-process layouts on CPU (gloo): TP=2, PP=2 and EP=2 give the greedy outputs of TP=1,
+and a worker that dies is reported by rank, host and exit code instead of hanging."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+import transformers
+
+from deepserve import LLM, SamplingParams
+from tests.models.hf_reference import save_tiny
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [1]}, {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11]},
+           {"prompt_token_ids": list(range(3, 30))}]
+
+
+def tiny_deepseek(path):
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=256, tie_word_embeddings=False)
+    save_tiny(transformers.DeepseekV3ForCausalLM, cfg, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tests.conftest import DEMO_MODEL
+    return {"llama": str(DEMO_MODEL), "deepseek": str(tiny_deepseek(tmp_path_factory.mktemp("dsv3")))}
+
+
+def _outputs(model, **kw):
+    llm = LLM(model, block_size=4, max_model_len=128, **kw)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek"])
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                    {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+                         ids=["tp2", "pp2", "ep2"])
+def test_layout_matches_single_process(models, name, layout):
+    if name == "llama" and layout.get("enable_expert_parallel"):
+        pytest.skip("a dense model has no experts")
+    assert _outputs(models[name], **layout) == _outputs(models[name])
+
+
+def test_dead_worker_is_reported(models, monkeypatch):
+    monkeypatch.setenv("DEEPSERVE_DIST_TIMEOUT", "20")
+    llm = LLM(models["llama"], block_size=4, tensor_parallel_size=2)
+    executor = llm.engine.executor
+    try:
+        os.kill(executor.procs[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) on host .* exited with code -9"):
+            for _ in range(50):
+                llm.generate(PROMPTS[0], GREEDY)
+                time.sleep(0.2)
+        assert time.monotonic() - start < 30
+    finally:
+        llm.engine.shutdown()
