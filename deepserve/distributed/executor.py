@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Optional
 
 import torch.distributed as dist
@@ -41,6 +42,9 @@ class UniExecutor:
         from deepserve.engine.model_runner import ModelRunner
         self.runner = ModelRunner(config, platform, eos_token_ids=eos_token_ids)
         self.failure: Optional[str] = None
+
+    def explain(self, exc: BaseException) -> str:
+        return str(exc)
 
     def shutdown(self) -> None:
         pass
@@ -91,6 +95,14 @@ class MultiprocExecutor:
         if self.failure:
             raise RuntimeError(self.failure)
         dist.broadcast_object_list([host], src=0, group=self.group)
+
+    def explain(self, exc: BaseException) -> str:
+        """The reason behind a failed collective: a dead worker when there is one (the
+        monitor may notice a moment after the collective broke)."""
+        deadline = time.monotonic() + 3.0
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"{self.failure} ({exc})" if self.failure else str(exc)
 
     def _watch(self) -> None:
         host = socket.gethostname()

@@ -177,7 +177,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        seqs, sampled = self.runner.execute(batch)
+        try:
+            seqs, sampled = self.runner.execute(batch)
+        except RuntimeError as exc:  # a collective broke: name the worker behind it
+            raise RuntimeError(self.executor.explain(exc)) from exc
         self.stats["steps"] += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n

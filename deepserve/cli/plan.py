@@ -1,0 +1,134 @@
+"""`deepserve plan`: choose the TP / PP / DP / EP layout for a model on a set of GPUs.
+
+    deepserve plan deepseek-r1 --gpus 16 --nodes 2 --gpu-memory 80GiB --quantization fp8
+
+Prints the chosen layout with its weight and KV memory per GPU and the concurrent tokens its
+KV cache holds, the `serve` flags that give it, then every other layout with the reason it
+lost. MODEL is a model folder (its config.json) or a preset name. Exit code 0 when a layout
+fits, 1 when none does (the report then names what would fit).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from deepserve.config import load_hf_config
+from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans
+from deepserve.distributed.plan_bytes import GROUPS
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+_GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
+                "shared_experts": "shared experts", "router": "router", "embedding": "embedding",
+                "lm_head": "lm_head", "norms": "norms", "mtp": "MTP"}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '141 GiB', '80GB' (10^9), '80G' (GiB), '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m[2].lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"memory size {text!r} not understood; write e.g. 80GiB, 141GiB or 80GB")
+    value = int(float(m[1]) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="choose TP/PP/DP/EP for a model on N GPUs and explain why",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model folder or preset name (e.g. deepseek-r1)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs in all")
+    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
+                   "(equally); TP stays inside a node")
+    p.add_argument("--quantization", choices=["fp8", "none"], default="none",
+                   help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
+                   "DeepSeek-V3/R1 checkpoints ship; none: every weight in --dtype")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence each replica must hold (default: max_position_embeddings)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of each GPU's memory deepserve may use")
+    p.add_argument("--activation-reserve", default=None,
+                   help="memory per GPU kept for activations, CUDA graphs and NCCL buffers "
+                   "(default 4GiB for models of 20B parameters or more, else 2GiB)")
+    p.add_argument("--include-mtp", action="store_true",
+                   help="also load the MTP module (DeepSeek-V3/R1 speculative drafting)")
+    p.set_defaults(func=run)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def _breakdown(c: Candidate) -> str:
+    return ", ".join(f"{_GROUP_NAMES[g]} {c.breakdown[g] / GiB:.2f}" for g in GROUPS if c.breakdown.get(g))
+
+
+def _flags(c: Candidate) -> str:
+    lay = c.layout
+    flags = f"--tensor-parallel-size {lay.tp} --pipeline-parallel-size {lay.pp} --data-parallel-size {lay.dp}"
+    return flags + (" --enable-expert-parallel" if lay.ep else "")
+
+
+def _candidate_row(c: Candidate, verdict: str) -> str:
+    lay = "TP={} PP={} DP={} EP={}".format(c.layout.tp, "*" if c.any_pp_dp else c.layout.pp,
+                                            "*" if c.any_pp_dp else c.layout.dp,
+                                            "*" if c.any_pp_dp else c.layout.ep_size if c.layout.ep else "off")
+    if c.weight_bytes and c.kv_bytes > 0:
+        nums = f"{c.weight_bytes / GiB:>8.1f} {c.kv_bytes / GiB:>8.1f} {c.tokens:>13,}"
+    elif c.weight_bytes:
+        nums = f"{c.weight_bytes / GiB:>8.1f} {'-':>8} {'-':>13}"
+    else:
+        nums = f"{'-':>8} {'-':>8} {'-':>13}"
+    return f"  {lay:<24} {nums}  {verdict}"
+
+
+def render_plan(plan: Plan, model: str, cfg) -> str:
+    """The report `deepserve plan` prints."""
+    q = f"fp8 (128x128 blocks) Linear weights, the rest {plan.dtype}" if plan.quantization else plan.dtype
+    mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"
+           if plan.mtp_params else "")
+    lines = [f"model      {model} ({cfg.architecture}, {plan.params / 1e9:.2f}B parameters{mtp})",
+             f"GPUs       {plan.gpus} x {_gib(plan.gpu_memory_bytes)} in {plan.nodes} node(s) "
+             f"of {plan.gpus // plan.nodes}",
+             f"weights    {q}; KV cache {plan.dtype}",
+             f"usable     {_gib(plan.gpu_memory_bytes)} x {plan.gpu_memory_utilization:.2f} - "
+             f"{_gib(plan.activation_reserve_bytes)} activation reserve = {_gib(plan.usable_bytes)} per GPU",
+             f"max-model-len {plan.max_model_len:,}", ""]
+    best = plan.chosen
+    if best is None:
+        lines += ["NO LAYOUT FITS: " + plan.no_fit_message(), ""]
+    else:
+        lay = best.layout
+        kind = ("data-parallel attention, experts over TP x DP" if lay.ep and lay.dp > 1 else
+                "expert parallel" if lay.ep else "")
+        lines += [f"chosen     {lay}" + (f" ({kind})" if kind else ""),
+                  f"  weights per GPU     {_gib(best.weight_bytes)} ({_breakdown(best)} GiB)",
+                  f"  KV cache per GPU    {_gib(best.kv_bytes)} at {best.kv_bytes_per_token / 1024:.1f} KiB "
+                  f"per token",
+                  f"  concurrent tokens   {best.tokens:,} ({best.tokens_per_replica:,} per replica x {lay.dp})"]
+        if lay.pp > 1:
+            ranges = ", ".join(f"{r.start}-{r.stop - 1}" for r in plan.stage_layers(cfg.num_hidden_layers))
+            lines.append(f"  layers per stage    {ranges} (weights and KV above: the heaviest stage)")
+        lines += [f"  serve flags         {_flags(best)}", ""]
+    lines.append(f"  {'layout':<24} {'GiB/GPU':>8} {'KV GiB':>8} {'KV tokens':>13}  verdict")
+    for c in sorted(plan.candidates, key=lambda c: (c is not best, not c.weight_bytes, -c.tokens,
+                                                    c.layout.tp, c.layout.pp, c.layout.ep)):
+        lines.append(_candidate_row(c, "CHOSEN" if c is best else c.reason))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    cfg = load_hf_config(args.model)
+    plan = evaluate_plans(
+        cfg, args.gpus, parse_size(args.gpu_memory), args.nodes,
+        None if args.quantization == "none" else args.quantization, dtype=args.dtype,
+        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
+        include_mtp=args.include_mtp)
+    print(render_plan(plan, args.model, cfg))
+    return 0 if plan.chosen else 1

@@ -1,0 +1,243 @@
+"""Automatic parallel plan: which TP / PP / DP / EP layout to serve a model with.
+
+For every layout of `gpus` GPUs (TP a power of two within one node, PP a divisor of the
+rest, DP what is left, EP on or off for MoE models) it computes the weight bytes and KV
+memory per GPU (arithmetic in plan_bytes.py) and the concurrent tokens the KV cache holds,
+then picks one and says why each other layout lost. `serve` calls `choose_plan` when no
+parallel sizes are given ("automated deployment optimization" in the R1 serving guides).
+
+KV memory per GPU = gpu_memory x utilization - weights - an activation reserve: the
+profiling peak at the largest batch, CUDA graphs and NCCL buffers, 4 GiB by default for
+models of 20B parameters or more, else 2 GiB (flag). Concurrent tokens = KV memory / KV
+bytes per token per GPU, the least over PP stages, times DP (each DP replica, and with
+DP-attention each DP rank, keeps its own requests and cache).
+
+Choice: among layouts that fit and hold at least one max-model-len sequence per replica,
+the most concurrent tokens wins; ties go to fewer PP stages, then smaller TP. PP is only
+used to fit or to put one stage per node: a PP larger than the smallest that fits, and
+other than the node count, is rejected, since pipeline bubbles cost latency the token
+count does not show (without this rule PP would win everywhere: it splits the KV cache
+where TP replicates MLA's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Layout, architecture,
+                                              kv_bytes_per_token_layer, param_count, stage_kv_layers,
+                                              stage_layers, structural_problem, weight_breakdown,
+                                              weight_bytes_per_gpu)
+
+GiB = 1 << 30
+QUANTIZATIONS = (None, "fp8")
+
+
+# --------------------------------------------------------------------------- candidates
+@dataclass
+class Candidate:
+    """One layout with its per-GPU numbers and its verdict (`reason` None only when chosen)."""
+
+    layout: Layout
+    reason: Optional[str] = None          # why rejected; None for the chosen plan
+    any_pp_dp: bool = False               # rejected for its TP alone: stands for every PP/DP
+    weight_bytes: int = 0                 # heaviest stage, per GPU
+    breakdown: dict = field(default_factory=dict)
+    kv_bytes: int = 0                     # KV memory per GPU on the heaviest stage
+    kv_bytes_per_token: int = 0           # per GPU, heaviest stage
+    tokens_per_replica: int = 0
+    fits: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_per_replica * self.layout.dp
+
+
+@dataclass
+class Plan:
+    """A chosen layout (None when nothing fits), every candidate with its verdict, the inputs."""
+
+    chosen: Optional[Candidate]
+    candidates: list[Candidate]
+    gpus: int
+    nodes: int
+    gpu_memory_bytes: int
+    dtype: str
+    quantization: Optional[str]
+    max_model_len: int
+    gpu_memory_utilization: float
+    activation_reserve_bytes: int
+    include_mtp: bool
+    params: int
+    mtp_params: int
+    total_weight_bytes: int               # the whole model in this dtype / quantization
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.gpu_memory_bytes * self.gpu_memory_utilization) - self.activation_reserve_bytes
+
+    def stage_layers(self, num_layers: int) -> list[range]:
+        return stage_layers(num_layers, self.chosen.layout.pp) if self.chosen else []
+
+    def parallel_args(self) -> dict:
+        """ParallelConfig fields of the chosen layout."""
+        if self.chosen is None:
+            raise ValueError(self.no_fit_message())
+        lay = self.chosen.layout
+        return dict(tensor_parallel_size=lay.tp, pipeline_parallel_size=lay.pp,
+                    data_parallel_size=lay.dp, enable_expert_parallel=lay.ep)
+
+    def no_fit_message(self) -> str:
+        q = self.quantization or self.dtype
+        msg = (f"no layout of {self.gpus} x {self.gpu_memory_bytes / GiB:.0f} GiB GPUs fits this model "
+               f"in {q} with max-model-len {self.max_model_len}: its weights alone are "
+               f"{self.total_weight_bytes / GiB:.0f} GiB, the GPUs have {self.gpus} x "
+               f"{self.usable_bytes / GiB:.1f} = {self.gpus * self.usable_bytes / GiB:.0f} GiB usable")
+        return msg + ("; it would fit with " + "; or ".join(self.suggestions) if self.suggestions else "")
+
+
+def default_activation_reserve(params: int) -> int:
+    return 4 * GiB if params >= 20_000_000_000 else 2 * GiB
+
+
+def resolve_dtype(cfg, dtype: str) -> str:
+    if dtype == "auto":
+        dtype = str(cfg.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} has no plan arithmetic; use one of {', '.join(DTYPE_BYTES)}")
+    return dtype
+
+
+def _powers_of_two(n: int) -> list[int]:
+    return [1 << i for i in range(n.bit_length()) if (1 << i) <= n and n % (1 << i) == 0]
+
+
+def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
+    cand = Candidate(lay)
+    problem = structural_problem(cfg, lay, plan.quantization)
+    if problem:
+        cand.reason = problem
+        return cand
+    stages = weight_breakdown(cfg, lay, plan.dtype, plan.quantization, plan.include_mtp)
+    per_layer = kv_bytes_per_token_layer(cfg, lay.tp, DTYPE_BYTES[plan.dtype])
+    tokens = []
+    for s, groups in enumerate(stages):
+        kv_mem = plan.usable_bytes - sum(groups.values())
+        tokens.append(max(0, kv_mem) // (per_layer * max(1, stage_kv_layers(cfg, lay, s, plan.include_mtp))))
+    heavy = max(range(lay.pp), key=lambda s: sum(stages[s].values()))
+    cand.breakdown, cand.weight_bytes = stages[heavy], sum(stages[heavy].values())
+    cand.kv_bytes = plan.usable_bytes - cand.weight_bytes
+    cand.kv_bytes_per_token = per_layer * stage_kv_layers(cfg, lay, heavy, plan.include_mtp)
+    cand.tokens_per_replica = min(tokens)
+    if cand.kv_bytes <= 0:
+        cand.reason = (f"doesn't fit: weights {cand.weight_bytes / GiB:.1f} GiB/GPU > "
+                       f"{plan.usable_bytes / GiB:.1f} GiB usable")
+    elif cand.tokens_per_replica < plan.max_model_len:
+        cand.reason = (f"KV cache holds {cand.tokens_per_replica:,} tokens per replica, "
+                       f"fewer than max-model-len {plan.max_model_len:,}")
+    else:
+        cand.fits = True
+    return cand
+
+
+def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quantization: Optional[str] = None,
+                   dtype: str = "auto", max_model_len: Optional[int] = None,
+                   gpu_memory_utilization: float = 0.9, activation_reserve_bytes: Optional[int] = None,
+                   include_mtp: bool = False, suggest: bool = True) -> Plan:
+    """Every candidate layout with its verdict; `chosen` is None when none fits."""
+    if gpus < 1 or nodes < 1 or gpus % nodes:
+        raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} has no plan arithmetic; use fp8 or none")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if gpu_memory_bytes <= 0:
+        raise ValueError(f"gpu memory must be positive, got {gpu_memory_bytes} bytes")
+    architecture(cfg)
+    params = param_count(cfg)
+    has_mtp = include_mtp and bool(cfg.get("num_nextn_predict_layers"))
+    plan = Plan(None, [], gpus, nodes, gpu_memory_bytes, resolve_dtype(cfg, dtype), quantization,
+                int(max_model_len or cfg.max_position_embeddings), gpu_memory_utilization,
+                default_activation_reserve(params) if activation_reserve_bytes is None else activation_reserve_bytes,
+                has_mtp, params, param_count(cfg, True) - params, 0)
+    plan.total_weight_bytes = weight_bytes_per_gpu(cfg, Layout(1, 1, 1), plan.dtype, quantization, has_mtp)
+    if plan.max_model_len < 1:
+        raise ValueError(f"max-model-len must be >= 1, got {plan.max_model_len}")
+    per_node = gpus // nodes
+    moe = architecture(cfg) in MLA_ARCHS and bool(cfg.get("n_routed_experts"))
+    for tp in _powers_of_two(gpus):
+        if tp > per_node:
+            plan.candidates.append(Candidate(Layout(tp, 1, gpus // tp), f"TP {tp} crosses nodes "
+                                             f"({per_node} GPUs per node)", any_pp_dp=True))
+            continue
+        if cfg.num_attention_heads % tp:
+            plan.candidates.append(Candidate(Layout(tp, 1, gpus // tp), f"num_attention_heads "
+                                             f"{cfg.num_attention_heads} not divisible by TP {tp}", any_pp_dp=True))
+            continue
+        for pp in (p for p in range(1, gpus // tp + 1) if (gpus // tp) % p == 0):
+            dp = gpus // (tp * pp)
+            for ep in ((False, True) if moe and tp * dp > 1 else (False,)):
+                plan.candidates.append(_evaluate(cfg, Layout(tp, pp, dp, ep), plan))
+    _choose(plan)
+    if plan.chosen is None and suggest:
+        plan.suggestions = _suggestions(cfg, plan)
+    return plan
+
+
+def _choose(plan: Plan) -> None:
+    fitting = [c for c in plan.candidates if c.fits]
+    if not fitting:
+        return
+    min_pp = min(c.layout.pp for c in fitting)
+    allowed = {min_pp, plan.nodes}
+    for c in fitting:
+        if c.layout.pp not in allowed:
+            c.fits, c.reason = False, (f"PP {c.layout.pp} not needed: layouts with PP {min_pp} fit "
+                                       f"(PP only to fit or one stage per node)")
+    fitting = [c for c in fitting if c.fits]
+    fitting.sort(key=lambda c: (-c.tokens, c.layout.pp, c.layout.tp, c.layout.ep))
+    best = plan.chosen = fitting[0]
+    for c in fitting[1:]:
+        if c.tokens < best.tokens:
+            c.reason = f"fewer KV tokens than the chosen ({c.tokens:,} < {best.tokens:,})"
+        elif c.layout.pp > best.layout.pp:
+            c.reason = "as many KV tokens; the chosen has fewer PP stages"
+        elif c.layout.tp > best.layout.tp:
+            c.reason = "as many KV tokens; the chosen has a smaller TP"
+        else:
+            c.reason = "as many KV tokens; the chosen keeps experts unsharded (EP off)"
+
+
+def _suggestions(cfg, plan: Plan) -> list[str]:
+    """What would fit: fp8 on the same GPUs, or 2x / 4x / 8x as many nodes of the same GPUs."""
+    kw = dict(dtype=plan.dtype, max_model_len=plan.max_model_len,
+              gpu_memory_utilization=plan.gpu_memory_utilization,
+              activation_reserve_bytes=plan.activation_reserve_bytes, include_mtp=plan.include_mtp, suggest=False)
+    out = []
+    if plan.quantization is None:
+        other = evaluate_plans(cfg, plan.gpus, plan.gpu_memory_bytes, plan.nodes, "fp8", **kw)
+        if other.chosen:
+            out.append(f"--quantization fp8 on the same {plan.gpus} GPUs ({other.chosen.layout}, "
+                       f"{other.chosen.tokens:,} KV tokens)")
+    per_node = plan.gpus // plan.nodes
+    for mult in (2, 4, 8):
+        other = evaluate_plans(cfg, plan.gpus * mult, plan.gpu_memory_bytes, plan.nodes * mult,
+                               plan.quantization, **kw)
+        if other.chosen:
+            out.append(f"{plan.gpus * mult} x {plan.gpu_memory_bytes / GiB:.0f} GiB GPUs in "
+                       f"{plan.nodes * mult} nodes of {per_node} in {plan.quantization or plan.dtype} "
+                       f"({other.chosen.layout}, {other.chosen.tokens:,} KV tokens)")
+            break
+    return out
+
+
+def choose_plan(hf_config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quantization: Optional[str] = None,
+                **kwargs) -> Plan:
+    """The plan `serve` uses when no parallel sizes are given; ValueError (naming what would
+    fit) when no layout fits. kwargs: dtype, max_model_len, gpu_memory_utilization,
+    activation_reserve_bytes, include_mtp."""
+    plan = evaluate_plans(hf_config, gpus, gpu_memory_bytes, nodes, quantization, **kwargs)
+    if plan.chosen is None:
+        raise ValueError(plan.no_fit_message())
+    return plan

@@ -1,0 +1,277 @@
+"""Per-GPU weight bytes and KV-cache bytes of a model under a parallel layout, from config.json.
+
+The arithmetic behind `deepserve plan` (distributed/plan.py): no weights are read and
+nothing is allocated. Tensors are counted one by one, split as deepserve's parallel layers
+split them (layers/linear.py, embedding.py, mla.py, moe.py), so the sums equal the
+parameter bytes of our models built with the same ParallelContext (tests check this on
+the `meta` device):
+
+- TP splits attention heads (q/k/v/o; MLA's q_b / kv_b / o), MLP intermediate dims, and
+  the vocab (embedding and lm_head rows, padded to equal slices of ceil(V / TP)). GQA KV
+  heads are replicated when TP > kv heads. MLA's q_a / kv_a down-projections, norms, the
+  MoE router and row-parallel biases are whole on every rank.
+- EP (vLLM's --enable-expert-parallel): each of the TP x DP ranks of a stage holds
+  E / (TP x DP) routed experts whole; without EP every rank holds every expert with its
+  intermediate dim split by TP. Shared experts and dense MLPs are TP-split either way.
+- PP gives each stage a contiguous run of layers, the embedding on the first stage and the
+  final norm + lm_head (+ the MTP module when asked for) on the last.
+- fp8 (DeepSeek's block format, quant/fp8.py): each quantized Linear weight takes 1 byte
+  per value plus one fp32 scale per 128 x 128 block of the rank's slice; embeddings,
+  lm_head, norms and biases keep the model dtype (quant/policy.py), and the router is fp32
+  as MoEGate holds it.
+- KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
+  for R1), the same on every TP rank of a DP group; GQA caches K and V for
+  max(1, kv_heads / TP) heads per layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+FP8_BLOCK = 128
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MLA_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+GQA_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# groups of the weight breakdown, in the order they are printed
+GROUPS = ("attention", "mlp", "experts", "shared_experts", "router", "embedding", "lm_head", "norms", "mtp")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter as a rank holds it: `count` copies of a [rows, cols] matrix.
+    kind: "linear" (quantized under fp8), "high" (model dtype always), "fp32"."""
+
+    group: str
+    rows: int
+    cols: int = 1
+    kind: str = "linear"
+    count: int = 1
+
+    def nbytes(self, dtype_bytes: int, quantization: Optional[str]) -> int:
+        n = self.rows * self.cols
+        if self.kind == "fp32":
+            return 4 * n * self.count
+        if self.kind == "linear" and quantization == "fp8":
+            scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK)
+            return (n + 4 * scales) * self.count
+        return dtype_bytes * n * self.count
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    ep: bool = False
+
+    @property
+    def ep_size(self) -> int:
+        return self.tp * self.dp if self.ep else 1
+
+    def __str__(self) -> str:
+        return f"TP={self.tp} PP={self.pp} DP={self.dp} EP={self.ep_size if self.ep else 'off'}"
+
+
+# --------------------------------------------------------------------------- model tensors
+def architecture(cfg) -> str:
+    arch = cfg.architecture
+    if arch not in MLA_ARCHS + GQA_ARCHS:
+        raise ValueError(f"architecture {arch!r} has no plan arithmetic; supported: "
+                         f"{', '.join(MLA_ARCHS + GQA_ARCHS)}")
+    return arch
+
+
+def is_moe_layer(cfg, layer: int) -> bool:
+    """As models/deepseek_v3.py: dense first `first_k_dense_replace` layers and off `moe_layer_freq`."""
+    return (bool(cfg.get("n_routed_experts")) and layer >= (cfg.get("first_k_dense_replace") or 0)
+            and layer % (cfg.get("moe_layer_freq") or 1) == 0)
+
+
+def _mlp(group: str, d: int, inter: int, tp: int, bias: bool) -> list[Tensor]:
+    local = inter // tp
+    out = [Tensor(group, local, d), Tensor(group, local, d), Tensor(group, d, local)]
+    return out + ([Tensor(group, 2 * local, kind="high"), Tensor(group, d, kind="high")] if bias else [])
+
+
+def _gqa_attention(cfg, tp: int) -> list[Tensor]:
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    kv = cfg.get("num_key_value_heads") or h
+    hd = cfg.get("head_dim") or d // h
+    q, kv_local = h * hd // tp, max(kv, tp) * hd // tp   # KV heads replicated when TP > kv heads
+    bias = bool(cfg.get("attention_bias", False))
+    qkv_bias = bias or cfg.architecture == "Qwen2ForCausalLM"
+    out = [Tensor("attention", q, d), Tensor("attention", kv_local, d), Tensor("attention", kv_local, d),
+           Tensor("attention", d, h * hd // tp)]
+    if qkv_bias:
+        out.append(Tensor("attention", q + 2 * kv_local, kind="high"))
+    if bias and cfg.architecture != "Qwen2ForCausalLM":
+        out.append(Tensor("attention", d, kind="high"))   # o_proj bias, replicated
+    return out
+
+
+def _mla_attention(cfg, tp: int) -> list[Tensor]:
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q_lora, kv_lora = cfg.get("q_lora_rank"), cfg.kv_lora_rank
+    bias = bool(cfg.get("attention_bias", False))
+    out = []
+    if q_lora is None:
+        out.append(Tensor("attention", h * qk // tp, d))
+    else:  # q_a (replicated) -> q_a_layernorm -> q_b (column-parallel over heads)
+        out += [Tensor("attention", q_lora, d), Tensor("norms", q_lora, kind="high"),
+                Tensor("attention", h * qk // tp, q_lora)]
+        out += [Tensor("attention", q_lora, kind="high")] if bias else []
+    out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, d), Tensor("norms", kv_lora, kind="high"),
+            Tensor("attention", h * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, kv_lora),
+            Tensor("attention", d, h * cfg.v_head_dim // tp)]
+    if bias:
+        out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, kind="high"), Tensor("attention", d, kind="high")]
+    return out
+
+
+def _moe(cfg, layout: Layout) -> list[Tensor]:
+    d, e, inter = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    out = [Tensor("router", e, d, kind="fp32")]
+    if (cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")) == "noaux_tc":
+        out.append(Tensor("router", e, kind="fp32"))   # e_score_correction_bias
+    if layout.ep:
+        n, local = e // layout.ep_size, inter
+    else:
+        n, local = e, inter // layout.tp
+    out += [Tensor("experts", local, d, count=n), Tensor("experts", local, d, count=n),
+            Tensor("experts", d, local, count=n)]
+    shared = cfg.get("n_shared_experts") or 0
+    if shared:
+        out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)))
+    return out
+
+
+def layer_tensors(cfg, layer: int, layout: Layout) -> list[Tensor]:
+    """What one rank of `layout` holds of decoder layer `layer`."""
+    d = cfg.hidden_size
+    mla = architecture(cfg) in MLA_ARCHS
+    out = _mla_attention(cfg, layout.tp) if mla else _gqa_attention(cfg, layout.tp)
+    out += [Tensor("norms", d, kind="high"), Tensor("norms", d, kind="high")]
+    if mla and is_moe_layer(cfg, layer):
+        return out + _moe(cfg, layout)
+    return out + _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)))
+
+
+def vocab_rows(cfg, tp: int) -> int:
+    return -(-cfg.vocab_size // tp)   # padded so every rank holds the same slice
+
+
+def mtp_tensors(cfg, layout: Layout) -> list[Tensor]:
+    """DeepSeek MTP modules (models/deepseek_mtp.py): own embedding, enorm/hnorm, eh_proj
+    [D, 2D], one MoE decoder layer, shared_head norm + head."""
+    d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
+    out = []
+    for i in range(int(cfg.get("num_nextn_predict_layers") or 0)):
+        block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout)
+        out += [Tensor("mtp", t.rows, t.cols, t.kind, t.count) for t in block]
+        out += [Tensor("mtp", rows, d, kind="high"), Tensor("mtp", d, kind="high"), Tensor("mtp", d, kind="high"),
+                Tensor("mtp", d, 2 * d), Tensor("mtp", d, kind="high"), Tensor("mtp", rows, d, kind="high")]
+    return out
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Contiguous layer ranges per PP stage; the remainder of an uneven split goes to the
+    middle stages first (the first holds the embedding, the last the lm_head)."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pipeline-parallel size {pp} must be in [1, num_hidden_layers={num_layers}]")
+    sizes = [num_layers // pp] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1]
+    for i in range(num_layers % pp):
+        sizes[order[i % len(order)]] += 1
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def stage_tensors(cfg, layout: Layout, stage: int, include_mtp: bool = False) -> list[Tensor]:
+    """Every tensor one rank of PP stage `stage` holds."""
+    d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
+    out = []
+    if stage == 0:
+        out.append(Tensor("embedding", rows, d, kind="high"))
+    for layer in stage_layers(cfg.num_hidden_layers, layout.pp)[stage]:
+        out += layer_tensors(cfg, layer, layout)
+    if stage == layout.pp - 1:
+        out.append(Tensor("norms", d, kind="high"))
+        # a tied head shares the embedding's storage only when both sit on the same stage
+        if not cfg.get("tie_word_embeddings", False) or layout.pp > 1:
+            out.append(Tensor("lm_head", rows, d, kind="high"))
+        if include_mtp:
+            out += mtp_tensors(cfg, layout)
+    return out
+
+
+def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization: Optional[str] = None,
+                     include_mtp: bool = False) -> list[dict[str, int]]:
+    """Bytes per GPU by group (GROUPS), one dict per PP stage."""
+    dtype_bytes = DTYPE_BYTES[dtype]
+    stages = []
+    for stage in range(layout.pp):
+        groups = dict.fromkeys(GROUPS, 0)
+        for t in stage_tensors(cfg, layout, stage, include_mtp):
+            groups[t.group] += t.nbytes(dtype_bytes, quantization)
+        stages.append(groups)
+    return stages
+
+
+def weight_bytes_per_gpu(cfg, layout: Layout, dtype: str = "bfloat16", quantization: Optional[str] = None,
+                         include_mtp: bool = False) -> int:
+    """Weight bytes on the most loaded GPU (the heaviest PP stage)."""
+    return max(sum(s.values()) for s in weight_breakdown(cfg, layout, dtype, quantization, include_mtp))
+
+
+def param_count(cfg, include_mtp: bool = False) -> int:
+    """Parameters of the unsharded model (tied head counted once)."""
+    one = Layout(1, 1, 1)
+    return sum(t.rows * t.cols * t.count for t in stage_tensors(cfg, one, 0, include_mtp))
+
+
+def kv_bytes_per_token_layer(cfg, tp: int, kv_dtype_bytes: int) -> int:
+    """KV cache bytes one GPU stores per token for one layer."""
+    if architecture(cfg) in MLA_ARCHS:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * kv_dtype_bytes   # latent, on every TP rank
+    h = cfg.num_attention_heads
+    kv = cfg.get("num_key_value_heads") or h
+    hd = cfg.get("head_dim") or cfg.hidden_size // h
+    return 2 * max(1, kv // tp) * hd * kv_dtype_bytes
+
+
+def stage_kv_layers(cfg, layout: Layout, stage: int, include_mtp: bool) -> int:
+    n = len(stage_layers(cfg.num_hidden_layers, layout.pp)[stage])
+    if include_mtp and stage == layout.pp - 1:
+        n += int(cfg.get("num_nextn_predict_layers") or 0)
+    return n
+
+
+def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
+    """Why the layout cannot be built at all (divisibility), or None."""
+    tp, h = layout.tp, cfg.num_attention_heads
+    if h % tp:
+        return f"num_attention_heads {h} not divisible by TP {tp}"
+    mla = architecture(cfg) in MLA_ARCHS
+    if not mla:
+        kv = cfg.get("num_key_value_heads") or h
+        if kv % tp and tp % kv:
+            return f"num_key_value_heads {kv} and TP {tp}: neither divides the other"
+    if layout.pp > cfg.num_hidden_layers:
+        return f"PP {layout.pp} > num_hidden_layers {cfg.num_hidden_layers}"
+    splits = {"intermediate_size": cfg.intermediate_size}
+    if mla and cfg.get("n_routed_experts"):
+        e = cfg.n_routed_experts
+        if layout.ep and e % layout.ep_size:
+            return f"n_routed_experts {e} not divisible by EP size {layout.ep_size}"
+        splits["moe_intermediate_size x n_shared_experts"] = cfg.moe_intermediate_size * (cfg.get("n_shared_experts") or 0)
+        if not layout.ep:
+            splits["moe_intermediate_size"] = cfg.moe_intermediate_size
+    for name, size in splits.items():
+        if size % tp:
+            return f"{name} {size} not divisible by TP {tp}"
+        if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK:
+            return f"{name} / TP = {size // tp} is not a multiple of the fp8 block {FP8_BLOCK}"
+    return None

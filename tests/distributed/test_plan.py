@@ -1,0 +1,301 @@
+"""`deepserve plan`: weight bytes per GPU against hand arithmetic and against our own models
+built on the `meta` device, KV bytes per token, the choice and its reasons, the CLI, and
+docs/PLAN.md staying equal to what the command prints."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepserve.cli.main import main as cli_main
+from deepserve.cli.plan import parse_size
+from deepserve.config import HFConfig, load_hf_config
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.distributed.plan import GiB, Candidate, Plan, _choose, choose_plan, evaluate_plans
+from deepserve.distributed.plan_bytes import (Layout, kv_bytes_per_token_layer, param_count, stage_layers,
+                                              weight_breakdown, weight_bytes_per_gpu)
+from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM
+from deepserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from deepserve.quant.fp8 import block_scale_shape
+from deepserve.quant.policy import high_precision_reason
+
+REPO = Path(__file__).resolve().parents[2]
+
+# DeepSeek-R1's config.json (the numbers the arithmetic below uses)
+R1 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+      "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+      "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
+      "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc",
+      "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+      "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+      "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280,
+      "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+      "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+      "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+# DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B)
+LLAMA8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+D, V, L, K_DENSE = 7168, 129280, 61, 3
+I, I_MOE, E, H = 18432, 2048, 256, 128
+Q_LORA, KV_LORA, NOPE, ROPE, V_DIM = 1536, 512, 128, 64, 128
+
+
+def r1():
+    return HFConfig(R1)
+
+
+def meta_param_bytes(cls, cfg, tp: int, ep: int = 1, **kw) -> int:
+    """Parameter bytes of rank 0 of our model built with this parallel context (no memory used)."""
+    with torch.device("meta"):
+        model = cls(cfg, dtype=torch.bfloat16, pctx=ParallelContext(tp_rank=0, tp_size=tp, ep_size=ep), **kw)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- hand arithmetic
+def test_r1_parameter_count_is_671b_plus_14b_mtp():
+    attn = D * Q_LORA + Q_LORA + Q_LORA * H * (NOPE + ROPE) + D * (KV_LORA + ROPE) + KV_LORA \
+        + KV_LORA * H * (NOPE + V_DIM) + H * V_DIM * D                    # 187,107,328
+    dense_layer = attn + 2 * D + 3 * D * I
+    moe_layer = attn + 2 * D + E * 3 * D * I_MOE + 3 * D * I_MOE + E * D + E   # experts, shared, gate + bias
+    main = 2 * V * D + D + K_DENSE * dense_layer + (L - K_DENSE) * moe_layer
+    mtp = moe_layer + 2 * V * D + 2 * D * D + 3 * D                     # block, embed+head, eh_proj, 3 norms
+    assert attn == 187_107_328
+    assert main == 671_026_419_200 == param_count(r1())
+    assert mtp == param_count(r1(), include_mtp=True) - main
+    assert round(main / 1e9) == 671 and round((main + mtp) / 1e9) == 684   # model card: "685B" with MTP
+
+
+def test_r1_bf16_bytes_per_gpu_tp8_by_hand():
+    tp = 8
+    vocab = 2 * math.ceil(V / tp) * D + D                                # embed + lm_head slices, final norm
+    attn = D * Q_LORA + Q_LORA + Q_LORA * (H // tp) * 192 + D * 576 + KV_LORA \
+        + KV_LORA * (H // tp) * 256 + (H // tp) * V_DIM * D + 2 * D      # q_a, kv_a, norms replicated
+    dense = 3 * D * (I // tp)
+    moe = E * 3 * D * (I_MOE // tp) + 3 * D * (I_MOE // tp)               # experts and shared, TP-split
+    router = (E * D + E) * 4                                             # fp32, replicated
+    expected = 2 * (vocab + L * attn + K_DENSE * dense + (L - K_DENSE) * moe) + (L - K_DENSE) * router
+    assert expected == 169_773_604_864
+    assert weight_bytes_per_gpu(r1(), Layout(8, 1, 1)) == expected
+
+
+def fp8(rows: int, cols: int) -> int:
+    return rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128)
+
+
+def test_r1_fp8_bytes_per_gpu_by_hand():
+    # TP=8, experts TP-split: every Linear slice is a whole number of 128-blocks except kv_a (576 rows)
+    assert fp8(576, D) == 576 * D + 4 * 5 * 56
+    attn = fp8(Q_LORA, D) + fp8(H // 8 * 192, Q_LORA) + fp8(576, D) + fp8(H // 8 * 256, KV_LORA) + fp8(D, H // 8 * 128)
+    high = 2 * (2 * math.ceil(V / 8) * D + D + L * (Q_LORA + KV_LORA + 2 * D))   # embed, head, norms (bf16)
+    dense = 3 * fp8(I // 8, D)
+    moe = (E + 1) * 3 * fp8(I_MOE // 8, D) + (E * D + E) * 4                  # 256 routed + 1 shared, router fp32
+    expected = high + L * attn + K_DENSE * dense + (L - K_DENSE) * moe
+    assert weight_bytes_per_gpu(r1(), Layout(8, 1, 1), quantization="fp8") == expected
+    # TP=1 x DP=8 with EP: 32 whole experts per GPU, attention and shared expert whole
+    attn1 = fp8(Q_LORA, D) + fp8(H * 192, Q_LORA) + fp8(576, D) + fp8(H * 256, KV_LORA) + fp8(D, H * 128)
+    high1 = 2 * (2 * V * D + D + L * (Q_LORA + KV_LORA + 2 * D))
+    moe1 = (E // 8 + 1) * 3 * fp8(I_MOE, D) + (E * D + E) * 4
+    expected1 = high1 + L * attn1 + K_DENSE * 3 * fp8(I, D) + (L - K_DENSE) * moe1
+    assert weight_bytes_per_gpu(r1(), Layout(1, 1, 8, ep=True), quantization="fp8") == expected1
+    assert round(expected1 / GiB, 1) == 94.1
+
+
+def test_llama8b_bytes_per_gpu_by_hand():
+    cfg = HFConfig(LLAMA8B)
+    d, inter, layers, vocab, hd = 4096, 14336, 32, 128256, 128
+    per_layer = d * 32 * hd + 2 * d * 8 * hd + 32 * hd * d + 3 * d * inter + 2 * d
+    assert param_count(cfg) == 2 * vocab * d + d + layers * per_layer == 8_030_261_248
+    for tp in (1, 2, 8):
+        layer = (d * 32 * hd + 2 * d * 8 * hd + 32 * hd * d + 3 * d * inter) // tp + 2 * d
+        expected = 2 * (2 * (vocab // tp) * d + d + layers * layer)
+        assert weight_bytes_per_gpu(cfg, Layout(tp, 1, 1)) == expected, tp
+    assert weight_bytes_per_gpu(cfg, Layout(1, 1, 1)) == 2 * 8_030_261_248
+    # TP=8: embed + head 2 x 16032 x 4096 = 131,334,144; a layer (16,777,216 q + 2 x 4,194,304 k/v
+    # + 16,777,216 o + 176,160,768 MLP) / 8 + 8192 norms = 27,271,168, x 32 = 872,677,376;
+    # + 4096 final norm = 1,004,015,616 parameters, 2 bytes each
+    assert weight_bytes_per_gpu(cfg, Layout(8, 1, 1)) == 2 * 1_004_015_616
+
+
+def test_pp_stages_split_layers_and_vocab():
+    assert [list(r) for r in stage_layers(10, 4)] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+    assert [len(r) for r in stage_layers(61, 4)] == [15, 16, 15, 15]
+    cfg = HFConfig(LLAMA8B)
+    first, last = weight_breakdown(cfg, Layout(1, 2, 1))
+    assert first["embedding"] == last["lm_head"] == 128256 * 4096 * 2
+    assert first["lm_head"] == last["embedding"] == 0
+    total = sum(first.values()) + sum(last.values())
+    assert total == weight_bytes_per_gpu(cfg, Layout(1, 1, 1))
+
+
+def test_kv_bytes_per_token():
+    assert kv_bytes_per_token_layer(r1(), 1, 2) * L == 576 * 2 * 61 == 70_272
+    assert kv_bytes_per_token_layer(r1(), 8, 2) == 576 * 2            # MLA latent replicated on TP ranks
+    llama = HFConfig(LLAMA8B)
+    assert kv_bytes_per_token_layer(llama, 1, 2) == 2 * 8 * 128 * 2
+    assert kv_bytes_per_token_layer(llama, 8, 2) == 2 * 1 * 128 * 2
+    assert kv_bytes_per_token_layer(llama, 16, 2) == 2 * 1 * 128 * 2    # at least one KV head
+
+
+# --------------------------------------------------------------------------- against our models
+@pytest.mark.parametrize("tp", [1, 2, 8, 16])
+def test_llama_matches_meta_model(tp):
+    # a short rope table: LlamaAttention builds its cos/sin cache on the CPU, layer by layer
+    cfg = HFConfig({**LLAMA8B, "max_position_embeddings": 4096})
+    assert weight_bytes_per_gpu(cfg, Layout(tp, 1, 1)) == meta_param_bytes(LlamaForCausalLM, cfg, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_qwen2_tied_with_bias_matches_meta_model(tp):
+    cfg = HFConfig({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 1536, "intermediate_size": 8960,
+                    "num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 4,
+                    "vocab_size": 151937, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True})
+    assert weight_bytes_per_gpu(cfg, Layout(tp, 1, 1)) == meta_param_bytes(Qwen2ForCausalLM, cfg, tp)
+
+
+@pytest.mark.parametrize("tp,ep,mtp", [(8, 1, False), (8, 32, True), (1, 8, False)])
+def test_r1_matches_meta_model(tp, ep, mtp):
+    expected = meta_param_bytes(DeepseekV3ForCausalLM, r1(), tp, ep, load_mtp=mtp)
+    layout = Layout(tp, 1, ep // tp, ep > 1)
+    assert weight_bytes_per_gpu(r1(), layout, include_mtp=mtp) == expected
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 1), (2, 4)])
+def test_v2_lite_shape_matches_meta_model(tp, ep):
+    # q_lora_rank null (one q_proj), softmax/greedy routing (no correction bias), 1 dense layer
+    cfg = HFConfig({**R1, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                    "q_lora_rank": None, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "intermediate_size": 512, "moe_intermediate_size": 64, "n_routed_experts": 8,
+                    "n_shared_experts": 2, "num_hidden_layers": 3, "first_k_dense_replace": 1,
+                    "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+                    "vocab_size": 1000, "num_nextn_predict_layers": 0})
+    layout = Layout(tp, 1, ep // tp, ep > 1)
+    assert weight_bytes_per_gpu(cfg, layout) == meta_param_bytes(DeepseekV3ForCausalLM, cfg, tp, ep)
+
+
+def test_r1_fp8_matches_block_scales_of_meta_model():
+    """fp8 bytes from our model's parameters with quant/policy.py and quant/fp8.py's scale grid.
+    (Fused gate/up stacks have as many blocks as the separate tensors: 256 and 2304 are
+    multiples of 128 at TP=8.)"""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(r1(), dtype=torch.bfloat16, pctx=ParallelContext(tp_rank=0, tp_size=8))
+    total = 0
+    for name, p in model.named_parameters():
+        mats = [tuple(p.shape)] if p.dim() == 2 else [tuple(p.shape[1:])] * p.shape[0] if p.dim() == 3 else []
+        check_name = name.replace("_weight", ".weight") if p.dim() == 3 else name
+        if mats and high_precision_reason(check_name, p.dtype, mats[0]) is None:
+            total += sum(r * c + 4 * math.prod(block_scale_shape((r, c))) for r, c in mats)
+        else:
+            total += p.numel() * p.element_size()
+    assert weight_bytes_per_gpu(r1(), Layout(8, 1, 1), quantization="fp8") == total
+
+
+# --------------------------------------------------------------------------- the choice
+def test_r1_bf16_on_8_h200_does_not_fit_and_names_what_would():
+    plan = evaluate_plans(r1(), 8, 141 * GiB)
+    assert plan.chosen is None
+    assert all(c.reason for c in plan.candidates)
+    assert any(s.startswith("--quantization fp8 on the same 8 GPUs (TP=1 PP=1 DP=8 EP=8") for s in plan.suggestions)
+    assert any(s.startswith("16 x 141 GiB GPUs in 2 nodes") for s in plan.suggestions)
+    with pytest.raises(ValueError, match=r"weights alone are 1250 GiB.*--quantization fp8"):
+        choose_plan(r1(), 8, 141 * GiB)
+
+
+def test_r1_fp8_on_8_h200_chooses_dp_attention_with_ep():
+    plan = choose_plan(r1(), 8, 141 * GiB, quantization="fp8")
+    best = plan.chosen
+    assert best.layout == Layout(1, 1, 8, ep=True)
+    usable = int(141 * GiB * 0.9) - 4 * GiB
+    weights = weight_bytes_per_gpu(r1(), best.layout, quantization="fp8")
+    assert best.tokens == (usable - weights) // 70_272 * 8
+    assert plan.parallel_args() == dict(tensor_parallel_size=1, pipeline_parallel_size=1,
+                                        data_parallel_size=8, enable_expert_parallel=True)
+    tp8 = next(c for c in plan.candidates if c.layout == Layout(8, 1, 1))
+    assert tp8.tokens == (usable - weight_bytes_per_gpu(r1(), tp8.layout, quantization="fp8")) // 70_272
+    assert tp8.reason == f"fewer KV tokens than the chosen ({tp8.tokens:,} < {best.tokens:,})"
+    pp8 = next(c for c in plan.candidates if c.layout == Layout(1, 8, 1))
+    assert pp8.reason.startswith("PP 8 not needed")
+
+
+def test_r1_on_h100_nodes_keeps_tp_in_a_node():
+    plan = choose_plan(r1(), 32, 80 * GiB, nodes=4)
+    assert plan.chosen.layout == Layout(1, 4, 8, ep=True)     # one PP stage per node, EP inside it
+    crossing = {c.layout.tp: c.reason for c in plan.candidates if c.any_pp_dp}
+    assert crossing == {16: "TP 16 crosses nodes (8 GPUs per node)", 32: "TP 32 crosses nodes (8 GPUs per node)"}
+    assert evaluate_plans(r1(), 16, 80 * GiB, nodes=2).chosen is None     # 1250 GiB > 16 x 68 GiB
+
+
+def test_heads_divisibility_and_max_model_len_rejections():
+    qwen = load_hf_config("r1-distill-qwen-1.5b")     # 12 heads, 2 KV heads
+    plan = evaluate_plans(qwen, 8, 80 * GiB, quantization="fp8")
+    reasons = {c.layout.tp: c.reason for c in plan.candidates if c.any_pp_dp}
+    assert reasons[8] == "num_attention_heads 12 not divisible by TP 8"
+    tp4 = [c.reason for c in plan.candidates if c.layout.tp == 4]
+    assert tp4 and all(r == "intermediate_size / TP = 2240 is not a multiple of the fp8 block 128" for r in tp4)
+    small = evaluate_plans(HFConfig(LLAMA8B), 1, 24 * GiB, max_model_len=131072)
+    assert small.chosen is None
+    (only,) = small.candidates
+    usable = int(24 * GiB * 0.9) - 2 * GiB
+    held = (usable - 16_060_522_496) // 131_072
+    assert only.reason == f"KV cache holds {held:,} tokens per replica, fewer than max-model-len 131,072"
+
+
+def test_ties_prefer_fewer_pp_then_smaller_tp():
+    def cand(tp, pp, tokens):
+        return Candidate(Layout(tp, pp, 1), fits=True, tokens_per_replica=tokens)
+    plan = Plan(None, [cand(2, 1, 100), cand(1, 2, 100), cand(1, 1, 100), cand(4, 1, 90)], 4, 2, GiB,
+                "bfloat16", None, 10, 0.9, 0, False, 1, 0, 0)
+    _choose(plan)
+    assert plan.chosen.layout == Layout(1, 1, 1)
+    reasons = [c.reason for c in plan.candidates]
+    assert reasons == ["as many KV tokens; the chosen has a smaller TP",
+                       "as many KV tokens; the chosen has fewer PP stages", None,
+                       "fewer KV tokens than the chosen (90 < 100)"]
+
+
+# --------------------------------------------------------------------------- CLI and docs
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * GiB
+    assert parse_size("141 GiB") == 141 * GiB
+    assert parse_size("80GB") == 80 * 10 ** 9
+    assert parse_size("1.5G") == int(1.5 * GiB)
+    with pytest.raises(ValueError, match="'80 gigs'"):
+        parse_size("80 gigs")
+
+
+def test_cli_reports_and_errors():
+    rc, out, _ = run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB", "--quantization", "fp8"])
+    assert rc == 0
+    assert "chosen     TP=1 PP=1 DP=8 EP=8" in out
+    assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 --data-parallel-size 8 --enable-expert-parallel" in out
+    rc, out, _ = run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])
+    assert rc == 1 and "NO LAYOUT FITS" in out and "--quantization fp8 on the same 8 GPUs" in out
+    rc, _, err = run_cli(["plan", "deepseek-r1", "--gpus", "12", "--nodes", "5", "--gpu-memory", "80GiB"])
+    assert rc == 2 and "--gpus 12 must be a positive multiple of --nodes 5" in err
+    rc, _, err = run_cli(["plan", "no-such-model", "--gpus", "1", "--gpu-memory", "80GiB"])
+    assert rc == 2 and "no-such-model" in err
+
+
+def test_docs_plan_md_is_what_the_command_prints():
+    text = (REPO / "docs" / "PLAN.md").read_text()
+    blocks = re.findall(r"```\n\$ deepserve (plan [^\n]*)\n(.*?)\n```", text, flags=re.S)
+    assert len(blocks) == 6
+    for command, shown in blocks:
+        _, out, _ = run_cli(command.split())
+        assert out.rstrip("\n") == shown, command
