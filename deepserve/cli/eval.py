@@ -1,0 +1,124 @@
+"""`deepserve eval`: accuracy of any OpenAI-compatible endpoint; `eval compare`: do runs differ?
+
+    deepserve eval --base-url http://host:8000 --model deepseek-r1 \\
+        --tasks gsm8k,math500,aime24,gpqa_diamond,mmlu,mmlu_pro,ceval --data-path ./datasets
+    deepserve eval compare official.json ours.json
+
+Defaults follow DeepSeek-R1's published evaluation (temperature 0.6, top-p 0.95, 32768
+generated tokens, pass@1 over --num-samples). Rerunning an interrupted command resumes
+from its reply cache (`<output>.cache.jsonl`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from deepserve.evals.client import SamplingSettings, api_root
+from deepserve.evals.report import (compare, compare_markdown, load_result, markdown_table,
+                                    write_result)
+from deepserve.evals.runner import EvalOptions, run_eval
+from deepserve.evals.tasks import DEFAULT_TASKS, TASKS, parse_tasks
+
+DATA_LAYOUT = ("--data-path holds one folder per task: gsm8k/test.jsonl, math500/test.jsonl, "
+               "aime/test.jsonl (aime24), aime/aime_2025.jsonl (aime25), "
+               "gpqa_diamond/gpqa_diamond.zip, mmlu/test/*.csv, mmlu_pro/test-*.parquet, "
+               "ceval/ceval-exam.zip.")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy of an OpenAI-compatible endpoint (GSM8K, MATH-500, AIME, ...)",
+        description=__doc__ + "\n" + DATA_LAYOUT,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", help="server root or its /v1, e.g. http://localhost:8000")
+    p.add_argument("--model", help="served model name sent in each request")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated, from: {', '.join(TASKS)} (default: %(default)s)")
+    p.add_argument("--data-path", type=Path, help="root folder of the datasets (see above)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples per question; pass@1 is averaged over them (default 1)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
+    p.add_argument("--max-concurrency", type=int, default=32, help="requests in flight (32)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=32768, help="generated tokens per reply")
+    p.add_argument("--seed", type=int, default=None,
+                   help="base seed sent to the server (seed + sample index per request)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="result JSON (default ./eval-results/<model>__<host>.json); a .md "
+                        "table is written beside it")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="reply cache JSONL (default <output>.cache.jsonl)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token (default $OPENAI_API_KEY)")
+    p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=8,
+                   help="retries of a request on connection errors, 429 and 5xx (default 8)")
+    p.add_argument("--retry-backoff", type=float, default=1.0,
+                   help="first retry delay in seconds, doubled each retry (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_handler)
+
+    sub = p.add_subparsers(dest="eval_command", metavar="compare")
+    c = sub.add_parser("compare", help="side-by-side table of several eval results with deltas",
+                       description="Compare eval result JSONs against the first one, with a "
+                                   "paired test per task on the items they share.")
+    c.add_argument("results", nargs="+", type=Path, help="result JSON files; the first is the "
+                                                          "baseline")
+    c.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
+    c.add_argument("--output", type=Path, default=None,
+                   help="also write the comparison as JSON here (and Markdown beside it)")
+    c.set_defaults(func=compare_handler)
+
+
+def default_output(base_url: str, model: str) -> Path:
+    host = urlparse(api_root(base_url)).netloc
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{host}").strip("_")
+    return Path("eval-results") / f"{name}.json"
+
+
+def run_handler(args) -> int:
+    missing = [flag for flag, value in (("--base-url", args.base_url), ("--model", args.model),
+                                         ("--data-path", args.data_path)) if not value]
+    if missing:
+        raise ValueError(f"deepserve eval needs {', '.join(missing)} "
+                         "(or use `deepserve eval compare A.json B.json`)")
+    settings = SamplingSettings(model=args.model, temperature=args.temperature,
+                                top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    output = args.output or default_output(args.base_url, args.model)
+    cache = args.cache or output.with_suffix(".cache.jsonl")
+    opts = EvalOptions(base_url=args.base_url, settings=settings, tasks=parse_tasks(args.tasks),
+                       data_path=args.data_path, cache_path=cache, num_samples=args.num_samples,
+                       limit=args.limit, max_concurrency=args.max_concurrency,
+                       api_key=args.api_key, request_timeout=args.request_timeout,
+                       max_retries=args.max_retries, retry_backoff=args.retry_backoff,
+                       progress=not args.no_progress)
+    result = run_eval(opts)
+    json_path, md_path = write_result(result, output)
+    req = result["requests"]
+    print(markdown_table(result), end="")
+    for name, task in result["tasks"].items():
+        if task["n_truncated"]:
+            print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
+                  f"--max-tokens {args.max_tokens} and were scored as given", file=sys.stderr)
+    print(f"\n{req['total']} requests ({req['from_cache']} from cache, {req['retries']} retries)"
+          f"; results: {json_path}, {md_path}", file=sys.stderr)
+    return 0
+
+
+def compare_handler(args) -> int:
+    paths = [str(p) for p in args.results]
+    results = [load_result(p) for p in paths]
+    comparison = compare(results, paths, alpha=args.alpha)
+    table = compare_markdown(comparison)
+    print(table, end="")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
+        args.output.with_suffix(".md").write_text(table, encoding="utf-8")
+    return 0

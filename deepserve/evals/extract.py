@@ -1,0 +1,183 @@
+"""Pull the final answer out of a reasoning model's reply.
+
+DeepSeek-R1 and its distills think first (`<think> ... </think>`) and answer after. The answer
+is read from the text after the last `</think>`, or from `content` alone when the server
+already split the reasoning into `reasoning_content`. Inside the answer we look for, in
+order of trust: a `\\boxed{}` (math), an explicit "Answer: X" statement, then weaker cues.
+
+Three extractors, one per scoring kind:
+- `extract_boxed` / `extract_math_answer`: the last `\\boxed{...}` with nested braces.
+- `extract_number`: GSM8K's integer answers ("$1,234." -> "1234").
+- `extract_choice`: a multiple-choice letter, avoiding the article "A" and pronoun "I".
+"""
+from __future__ import annotations
+
+import re
+
+THINK_END = "</think>"
+THINK_START = "<think>"
+
+
+def answer_text(content: str | None, reasoning_content: str | None = None) -> str:
+    """The part of a reply that holds the answer (reasoning removed).
+
+    With `reasoning_content` set, the server already split the reply, so `content` is the answer.
+    Otherwise the answer follows the last `</think>`. A reply that opened `<think>` and never
+    closed it (cut at max tokens) has no answer: returns "".
+    """
+    content = content or ""
+    if reasoning_content:
+        # Some servers split but still leave a stray closing tag in content.
+        return content.rsplit(THINK_END, 1)[-1].strip()
+    if THINK_END in content:
+        return content.rsplit(THINK_END, 1)[-1].strip()
+    if THINK_START in content:
+        return ""
+    return content.strip()
+
+
+def _braced(text: str, start: int) -> tuple[str, int] | None:
+    """The contents of the brace group opening at text[start] == '{', and the index after it."""
+    assert text[start] == "{"
+    depth = 0
+    for i in range(start, len(text)):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            continue  # an escaped brace (\{ or \}) does not nest
+        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+    return None
+
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+
+
+def all_boxed(text: str) -> list[str]:
+    """Every `\\boxed{...}` / `\\fbox{...}` (and the brace-less `\\boxed 5`) in order."""
+    found = []
+    for m in _BOX_RE.finditer(text):
+        pos = m.end()
+        if pos < len(text) and text[pos] == "{":
+            group = _braced(text, pos)
+            if group is not None:
+                found.append(group[0].strip())
+        else:
+            bare = re.match(r"([^\s$.,;]+)", text[pos:])
+            if bare:
+                found.append(bare.group(1))
+    return found
+
+
+def extract_boxed(text: str) -> str | None:
+    """The last boxed expression, or None. Several boxes in one answer: the last one wins."""
+    boxes = all_boxed(text)
+    return boxes[-1] if boxes else None
+
+
+_FINAL_RE = re.compile(
+    r"(?:final answer|the answer)\s*(?:is|:)?\s*[:=]?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$",
+    re.IGNORECASE | re.MULTILINE)
+
+
+def extract_math_answer(text: str) -> str | None:
+    """A math answer: the last boxed expression, else a trailing "the final answer is X"."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    matches = _FINAL_RE.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+_NUMBER_RE = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def clean_number(text: str) -> str | None:
+    """"$1,234.00." -> "1234.00"; the first number in a short string, or None."""
+    text = text.replace("\\$", "$").replace("\\,", "").replace("\\!", "")
+    text = re.sub(r"\\(?:text|mathrm|textbf|mbox)\{([^}]*)\}", r"\1", text)
+    m = _NUMBER_RE.search(text)
+    if not m:
+        return None
+    num = m.group(0).replace("$", "").replace(" ", "")
+    # "1,234" is a thousands separator; a comma before a non-3-digit group is a list.
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", num):
+        num = num.replace(",", "")
+    else:
+        num = num.split(",")[0]
+    return num.rstrip(".")
+
+
+def extract_number(text: str) -> str | None:
+    """GSM8K-style answer: boxed number, else "answer is N" / "#### N", else the last number."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        num = clean_number(boxed)
+        if num is not None:
+            return num
+    for pattern in (r"####\s*([^\n]+)", r"answer\s*(?:is|:)\s*([^\n]+)"):
+        hits = re.findall(pattern, text, re.IGNORECASE)
+        for hit in reversed(hits):
+            num = clean_number(hit)
+            if num is not None:
+                return num
+    text = text.replace("\\$", "$")
+    numbers = [m.group(0) for m in _NUMBER_RE.finditer(text)]
+    for raw in reversed(numbers):
+        num = clean_number(raw)
+        if num is not None:
+            return num
+    return None
+
+
+def _letter_class(letters: str) -> str:
+    return "[" + re.escape(letters) + "]"
+
+
+def extract_choice(text: str, letters: str = "ABCD") -> str | None:
+    """The chosen option letter in a multiple-choice answer, or None.
+
+    Tried in order, the last hit of the first pattern that matches wins: `\\boxed{C}`;
+    "Answer: C" / "answer is (C)" / "**Answer: C**" / "答案：C"; a line that is only a
+    letter; a parenthesised "(C)"; a bare capital letter in prose that is not the article
+    "A" or the pronoun "I" (a letter followed by a lowercase word is prose, not an answer).
+    """
+    L = _letter_class(letters)
+    text = text.replace("**", "").replace("__", "")
+    for box in reversed(all_boxed(text)):
+        inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^}]*)\}", r"\1", box).strip()
+        m = re.fullmatch(rf"\(?({L})\)?(?:[.:)]\s*.*)?", inner, re.DOTALL)
+        if m:
+            return m.group(1)
+    # Keywords match in any case, the letter only in upper case ("the answer is a bit ...").
+    strong = [
+        rf"(?i:answer)\s*(?i:is|:|：)?\s*[:：]?\s*(?i:option\s*|choice\s*)?[\(\[]?({L})"
+        rf"(?![\w'’])",
+        rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})",
+        rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])",
+        rf"(?:选|選)(?:择|擇)?\s*[\(（]?({L})(?![a-zA-Z])",
+    ]
+    for pattern in strong:
+        hits = re.findall(pattern, text)
+        if hits:
+            return hits[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        m = re.fullmatch(rf"[\(\[]?({L})[\)\]]?[.:]?", line)
+        if m:
+            return m.group(1)
+    hits = re.findall(rf"\(({L})\)", text)
+    if hits:
+        return hits[-1]
+    # Bare letters in prose: skip "A " / "I " followed by a lowercase word (article, pronoun),
+    # and letters glued to other word characters ("A-level", "I'm").
+    candidates = []
+    for m in re.finditer(rf"(?<![\w'’-])({L})(?![\w'’-])", text):
+        after = text[m.end():m.end() + 3]
+        if re.match(r"\s+[a-z]", after):
+            continue
+        candidates.append(m.group(1))
+    return candidates[-1] if candidates else None

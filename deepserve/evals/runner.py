@@ -1,0 +1,188 @@
+"""Run an evaluation against an OpenAI-compatible endpoint and score it.
+
+The run is a flat list of jobs (task, item, sample index). Jobs already in the reply cache
+are skipped; the rest go to `max_concurrency` async workers, and each reply is written to
+the cache the moment it arrives. Scores are then computed from the cache alone, so a resumed
+run and an uninterrupted one produce the same numbers from the same replies. A request that
+fails for good stops the run (replies so far stay cached; rerunning the same command resumes).
+
+pass@1 with k samples (DeepSeek-R1 report): an item's score is the fraction of its k samples
+that are correct; a task's score is the mean over items, with a 95 % interval over items.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from deepserve.evals.cache import ReplyCache, cache_key
+from deepserve.evals.client import ChatClient, RequestFailed, SamplingSettings
+from deepserve.evals.datasets import Item
+from deepserve.evals.extract import answer_text
+from deepserve.evals.stats import mean_ci
+from deepserve.evals.tasks import Task
+
+
+@dataclass
+class EvalOptions:
+    """Everything one `deepserve eval` run needs (the CLI fills it from flags)."""
+    base_url: str
+    settings: SamplingSettings
+    tasks: list[Task]
+    data_path: Path
+    cache_path: Path
+    num_samples: int = 1
+    limit: int | None = None
+    max_concurrency: int = 32
+    api_key: str | None = None
+    request_timeout: float = 3600.0
+    max_retries: int = 8
+    retry_backoff: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if not Path(self.data_path).is_dir():
+            raise FileNotFoundError(f"--data-path {self.data_path} is not a directory")
+
+
+@dataclass
+class Job:
+    task: Task
+    item: Item
+    sample: int
+    prompt: str
+    key: str = field(default="")
+
+
+def load_items(opts: EvalOptions) -> dict[str, list[Item]]:
+    """Items per task, the first `limit` of each in file order."""
+    items = {}
+    for task in opts.tasks:
+        loaded = task.load(Path(opts.data_path))
+        if not loaded:
+            raise ValueError(f"task {task.name}: no items found under {opts.data_path}")
+        items[task.name] = list(loaded[:opts.limit] if opts.limit else loaded)
+    return items
+
+
+def build_jobs(opts: EvalOptions, items: dict[str, list[Item]]) -> list[Job]:
+    jobs = []
+    for task in opts.tasks:
+        for item in items[task.name]:
+            prompt = task.prompt(item)
+            for sample in range(opts.num_samples):
+                key = cache_key(task.name, item.id, sample, prompt, opts.settings)
+                jobs.append(Job(task, item, sample, prompt, key))
+    return jobs
+
+
+async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: tqdm) -> int:
+    """Run the jobs with bounded concurrency; returns the number of retries made."""
+    client = ChatClient(opts.base_url, api_key=opts.api_key, timeout=opts.request_timeout,
+                        max_retries=opts.max_retries, backoff=opts.retry_backoff,
+                        max_connections=opts.max_concurrency)
+    queue: asyncio.Queue[Job] = asyncio.Queue()
+    for job in todo:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while True:
+            try:
+                job = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            settings = opts.settings
+            if settings.seed is not None:  # distinct but reproducible seeds per sample
+                settings = replace(settings, seed=settings.seed + job.sample)
+            started = time.time()
+            reply = await client.chat([{"role": "user", "content": job.prompt}], settings)
+            cache.put({"key": job.key, "task": job.task.name, "item_id": job.item.id,
+                       "sample": job.sample, **reply, "latency_s": round(time.time() - started, 3)})
+            bar.update(1)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(opts.max_concurrency, len(todo)))]
+    try:
+        # The first failure propagates; the other workers are cancelled in `finally`.
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await client.close()
+    return client.retries_done
+
+
+def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache) -> dict:
+    """Per-item and overall scores of one task, from cached replies."""
+    per_item: dict[str, dict] = {item.id: {"gold": item.gold, "scores": [], "preds": []}
+                                 for item in items}
+    truncated = unanswered = 0
+    for job in jobs:
+        record = cache.get(job.key)
+        if record is None:
+            raise RuntimeError(f"internal: no cached reply for {task.name}/{job.item.id} "
+                               f"sample {job.sample} after the run")
+        answer = answer_text(record.get("content"), record.get("reasoning_content"))
+        score, pred = task.score(job.item, answer)
+        entry = per_item[job.item.id]
+        entry["scores"].append(score)
+        entry["preds"].append(pred)
+        truncated += record.get("finish_reason") == "length"
+        unanswered += pred is None
+    item_scores = []
+    for entry in per_item.values():
+        entry["score"] = sum(entry["scores"]) / len(entry["scores"])
+        item_scores.append(entry["score"])
+    mean, low, high = mean_ci(item_scores)
+    return {"title": task.title, "score": 100 * mean, "ci95": [100 * low, 100 * high],
+            "n_items": len(items), "n_samples": len(jobs), "n_truncated": truncated,
+            "n_unanswered": unanswered, "items": per_item}
+
+
+def run_eval(opts: EvalOptions) -> dict:
+    """Run (or resume) the evaluation; returns the result document (see report.py)."""
+    started = time.time()
+    items = load_items(opts)
+    jobs = build_jobs(opts, items)
+    cache = ReplyCache(opts.cache_path)
+    todo = [job for job in jobs if job.key not in cache]
+    retries = 0
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval", unit="req",
+               disable=not opts.progress, dynamic_ncols=True)
+    try:
+        if todo:
+            retries = asyncio.run(_send_all(opts, todo, cache, bar))
+    except RequestFailed as exc:
+        done = sum(job.key in cache for job in jobs)
+        raise RuntimeError(f"{exc} ({done}/{len(jobs)} replies are cached in "
+                           f"{opts.cache_path}; rerun the same command to resume)") from None
+    finally:
+        bar.close()
+        cache.close()
+    tasks = {}
+    for task in opts.tasks:
+        task_jobs = [job for job in jobs if job.task is task]
+        tasks[task.name] = score_task(task, items[task.name], task_jobs, cache)
+    return {
+        "format": "deepserve-eval/1",
+        "model": opts.settings.model,
+        "base_url": opts.base_url,
+        "settings": asdict(opts.settings),
+        "num_samples": opts.num_samples,
+        "limit": opts.limit,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": round(time.time() - started, 3),
+        "requests": {"total": len(jobs), "from_cache": len(jobs) - len(todo),
+                     "sent": len(todo), "retries": retries},
+        "cache": str(opts.cache_path),
+        "tasks": tasks,
+    }
