@@ -1,0 +1,68 @@
+"""`deepserve generate --prompt TEXT`: one completion from the offline engine, printed.
+
+    deepserve generate --prompt "Once upon a time" --max-tokens 32 --temperature 0
+
+Engine flags are the same as `deepserve serve`'s (vLLM names; no --model: the demo model).
+`add_sampling_args` / `sampling_params_from_args` are shared with `deepserve chat`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deepserve.config import EngineArgs
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"Tokens to generate (default {max_tokens}).")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default).")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 or -1: off.")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="Stop string (repeatable).")
+    g.add_argument("--ignore-eos", action="store_true", help="Keep generating after EOS.")
+
+
+def sampling_params_from_args(args: argparse.Namespace, **extra):
+    from deepserve.engine.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=list(args.stop), ignore_eos=args.ignore_eos, **extra)
+
+
+def engine_from_args(args: argparse.Namespace):
+    from deepserve.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineArgs.from_cli_args(args))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="Generate one completion offline and print it.",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="Prompt text ('-' reads stdin).")
+    p.add_argument("--n", type=int, default=1, help="Completions to print, separated by blank lines.")
+    add_sampling_args(p, max_tokens=64)
+    EngineArgs.add_cli_args(p.add_argument_group("engine (vLLM flag names)"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = sampling_params_from_args(args, n=args.n)
+    engine = engine_from_args(args)
+    request_id = engine.add_request(None, prompt, params)
+    final = None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and out.finished:
+                    final = out
+    except BaseException:
+        engine.abort_request(request_id)
+        raise
+    texts = [o.text for o in sorted(final.outputs, key=lambda o: o.index)]
+    print("\n\n".join(texts))
+    return 0

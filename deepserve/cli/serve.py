@@ -1,0 +1,76 @@
+"""`deepserve serve [MODEL | CONFIG.yaml] [flags]`: the OpenAI-compatible server.
+
+With no model it serves the built-in stories260k demo. A YAML file (FlagScale style, see
+deepserve/server/config_file.py) sets engine args, server options and environment
+variables in one place; flags given on the command line override it. Engine flags carry
+vLLM's names (`--max-model-len`, `--max-num-seqs`, `--max-waiting-requests`, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from deepserve.config import EngineArgs
+
+SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "reasoning_parser": None,
+                   "chat_template": None, "max_body_bytes": 8 * 1024 * 1024, "log_level": "info"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_or_config", nargs="?", default=None, metavar="MODEL | CONFIG.yaml",
+                   help="Model folder or preset, or a YAML deployment file (default: the demo model).")
+    s = p.add_argument_group("server")
+    sup = argparse.SUPPRESS  # only flags actually given override the YAML file
+    s.add_argument("--host", default=sup, help="Address to listen on (default: 127.0.0.1).")
+    s.add_argument("--port", type=int, default=sup, help="Port (default: 8000; 0 picks a free one).")
+    s.add_argument("--api-key", default=sup, help="Require `Authorization: Bearer KEY` on /v1/*.")
+    s.add_argument("--reasoning-parser", default=sup, choices=["deepseek_r1"],
+                   help="Split <think> reasoning into reasoning_content (and reasoning).")
+    s.add_argument("--chat-template", default=sup,
+                   help="Chat template file (or Jinja text) replacing the tokenizer's.")
+    s.add_argument("--max-body-bytes", type=int, default=sup,
+                   help="Largest request body accepted; larger ones get 413 (default: 8 MiB).")
+    s.add_argument("--log-level", default=sup, choices=["debug", "info", "warning", "error"],
+                   help="Log level (default: info).")
+    e = p.add_argument_group("engine (vLLM flag names)")
+    EngineArgs.add_cli_args(e)
+    p.set_defaults(func=run)
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(engine kwargs, server options, envs) from the YAML file (if any) and the flags."""
+    from deepserve.server.config_file import ServeConfig, is_config_file, load_serve_config
+
+    config = ServeConfig()
+    positional = args.model_or_config
+    if positional and is_config_file(positional):
+        config = load_serve_config(positional)
+    elif positional:
+        if getattr(args, "model", None) not in (None, positional):
+            raise ValueError(f"two models given: {positional!r} and --model {args.model!r}")
+        config.engine_args["model"] = positional
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    engine = dict(config.engine_args)
+    engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
+    server = dict(SERVER_DEFAULTS)
+    server.update(config.server)
+    server.update({k: getattr(args, k) for k in SERVER_DEFAULTS if hasattr(args, k)})
+    return engine, server, config.envs
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    engine_kwargs, server, envs = resolve(args)
+    os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
+    try:
+        engine_args = EngineArgs(**engine_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad engine argument: {exc}") from None
+    from deepserve.server.api_server import run_server
+
+    return run_server(engine_args, host=server["host"], port=server["port"], log_level=server["log_level"],
+                      chat_template=server["chat_template"], reasoning_parser=server["reasoning_parser"],
+                      api_key=server["api_key"], max_body_bytes=int(server["max_body_bytes"]))

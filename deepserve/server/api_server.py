@@ -1,0 +1,113 @@
+"""Start the OpenAI-compatible server: build the engine, the app, and run uvicorn until
+SIGINT/SIGTERM.
+
+On a signal, in-flight requests are ended at once with an error (streams get an error event
+and `[DONE]`), the listener closes, and the engine thread stops: the process exits within a
+few seconds and leaves nothing behind (the engine runs in a thread of this process, no
+children are spawned). When the socket is bound the server prints one line with its URL
+(`--port 0` picks a free port and the line tells which).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import uvicorn
+
+from deepserve.config import EngineArgs
+from deepserve.engine.async_llm import AsyncLLM
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.server.app import build_app
+from deepserve.server.metrics import ServerMetrics
+from deepserve.server.reasoning import PARSERS
+from deepserve.server.serving_common import ServerSettings, ServerState
+
+logger = logging.getLogger("deepserve")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def served_names(args: EngineArgs) -> list[str]:
+    if args.served_model_name:
+        names = [n.strip() for n in str(args.served_model_name).split(",") if n.strip()]
+        if names:
+            return names
+    return [Path(str(args.model).rstrip("/")).name or str(args.model)]
+
+
+def load_chat_template(engine: LLMEngine, template: Optional[str]) -> None:
+    """--chat-template: a file, or the template text itself."""
+    if template is None:
+        return
+    if engine.tokenizer is None:
+        raise ValueError("--chat-template needs a model with a tokenizer")
+    path = Path(template)
+    if path.is_file():
+        template = path.read_text()
+    elif "{" not in template:
+        raise FileNotFoundError(f"chat template file {template} not found")
+    engine.tokenizer.chat_template = template
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, plus a ready line with the bound URL and an engine drain on the first signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.should_exit or not self.servers:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        names = ", ".join(self.state.settings.served_model_names)
+        print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.state.llm.begin_shutdown()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its shutdown, so the process dies of SIGTERM (-15)
+        # even when everything closed cleanly; a requested stop that completes exits 0 instead
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
+                reasoning_parser: Optional[str] = None, api_key: Optional[str] = None,
+                max_body_bytes: int = 8 * 1024 * 1024) -> ServerState:
+    if reasoning_parser is not None and reasoning_parser not in PARSERS:
+        raise ValueError(f"unknown --reasoning-parser {reasoning_parser!r}; choose from {', '.join(PARSERS)}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    engine = LLMEngine(engine_args)
+    load_chat_template(engine, chat_template)
+    settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
+                              api_key=api_key or None, reasoning_parser=reasoning_parser,
+                              max_body_bytes=max_body_bytes, created=int(time.time()))
+    llm = AsyncLLM(engine)
+    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
+    llm.listener = metrics
+    return ServerState(llm=llm, settings=settings, metrics=metrics)
+
+
+def run_server(engine_args: EngineArgs, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+               log_level: str = "info", **state_kwargs) -> int:
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be in [0, 65535], got {port}")
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    state = build_state(engine_args, **state_kwargs)
+    app = build_app(state)
+    config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="on")
+    server = _Server(config, state)
+    server.run()
+    state.llm.shutdown()
+    return 0 if server.started else 1

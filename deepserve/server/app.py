@@ -1,0 +1,147 @@
+"""The FastAPI application: routes, API-key check, OpenAI-shaped errors for everything (unknown
+routes and unexpected failures included), and the engine thread's start and stop in the
+app's lifespan.
+
+    POST /v1/completions      POST /v1/chat/completions     GET /v1/models
+    GET  /health              GET  /version                 GET /metrics
+    POST /tokenize            POST /detokenize
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deepserve import __version__
+from deepserve.server.errors import APIError, error_body, error_response
+from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
+from deepserve.server.serving_chat import create_chat_completion
+from deepserve.server.serving_common import ServerState, parse_request
+from deepserve.server.serving_completions import create_completion
+
+logger = logging.getLogger("deepserve")
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (so streams pass through untouched): /v1/* needs `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, api_key: str, on_reject):
+        self.app, self.key, self.on_reject = app, api_key.encode(), on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        self.on_reject(401)
+        response = JSONResponse(error_body(401, "invalid or missing API key (send Authorization: "
+                                                "Bearer <key>)", code="invalid_api_key"), status_code=401)
+        await response(scope, receive, send)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.llm.start()
+        try:
+            yield
+        finally:
+            state.llm.shutdown()
+
+    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
+    app.state.deepserve = state
+    if state.settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key,
+                           on_reject=state.metrics.record_error)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        state.metrics.record_error(exc.status)
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        state.metrics.record_error(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        state.metrics.record_error(500)
+        return JSONResponse(error_body(500, f"{type(exc).__name__}: {exc}"), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await create_completion(request, state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await create_chat_completion(request, state)
+
+    @app.get("/v1/models")
+    async def models():
+        data = [{"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",
+                 "root": state.settings.model_path, "parent": None,
+                 "max_model_len": state.llm.max_model_len} for name in state.settings.served_model_names]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        if not state.llm.is_running:
+            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse_request(request, TokenizeRequest, state.settings.max_body_bytes)
+        state.check_model(req.model)
+        tok = _tokenizer(state)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            try:
+                text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
+                                               add_generation_prompt=req.add_generation_prompt)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        body = {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [tok.id_to_token(i) for i in ids]
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse_request(request, DetokenizeRequest, state.settings.max_body_bytes)
+        state.check_model(req.model)
+        tok = _tokenizer(state)
+        bad = next((t for t in req.tokens if not 0 <= t < tok.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})",
+                           param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    return app
+
+
+def _tokenizer(state: ServerState):
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    return state.tokenizer

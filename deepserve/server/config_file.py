@@ -1,0 +1,103 @@
+"""YAML deployment files for `deepserve serve CONFIG.yaml`, in FlagScale's serve style:
+
+    - serve_id: r1                    # a list of serve entries (FlagScale's serve/*.yaml), or
+      engine_args:                    # one mapping with the same keys
+        model: /nfs/DeepSeek-R1
+        tensor_parallel_size: 8
+        max_model_len: 32768
+        served_model_name: deepseek-r1
+        port: 9010                    # server options may sit beside the engine args
+      envs:
+        USE_FLAGGEMS: 1
+
+`engine_args` holds vLLM-named keys (EngineArgs fields) plus the server's own options
+(host, port, api_key, reasoning_parser, chat_template, ...); `envs` are exported before the
+engine starts (a FlagScale experiment file's `experiment.envs` is read too). Flags given on
+the command line override the file. Unknown keys are errors that name the key, except a few
+vLLM options that mean nothing here, which are ignored with a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepserve.config import EngineArgs
+
+logger = logging.getLogger("deepserve")
+
+SERVER_KEYS = ("host", "port", "api_key", "reasoning_parser", "chat_template", "max_body_bytes",
+               "log_level")
+# vLLM options with no meaning in deepserve (no remote code is ever run; logs are always on)
+IGNORED_KEYS = ("trust_remote_code", "disable_log_stats", "disable_log_requests", "enable_reasoning",
+                "uvicorn_log_level", "disable_custom_all_reduce")
+
+
+@dataclass
+class ServeConfig:
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
+    envs: dict[str, str] = field(default_factory=dict)
+
+    def apply_envs(self) -> None:
+        os.environ.update(self.envs)
+
+
+def is_config_file(arg: str) -> bool:
+    return arg.endswith((".yaml", ".yml"))
+
+
+def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
+    """The serve entry holding engine_args, and the envs found around it."""
+    envs: dict = {}
+    if isinstance(data, dict) and "serve" in data:
+        envs.update((data.get("experiment") or {}).get("envs") or {})
+        data = data["serve"]
+    if isinstance(data, list):
+        entries = [e for e in data if isinstance(e, dict) and "engine_args" in e]
+        if len(entries) != 1:
+            raise ValueError(f"{path}: expected one serve entry with engine_args, found {len(entries)}")
+        data = entries[0]
+    if not isinstance(data, dict) or not isinstance(data.get("engine_args"), dict):
+        raise ValueError(f"{path}: no 'engine_args:' mapping found (see `deepserve serve --help`)")
+    engine = data.get("engine")
+    if engine not in (None, "vllm", "deepserve"):
+        raise ValueError(f"{path}: engine {engine!r} is not served by deepserve (use vllm or deepserve)")
+    envs.update(data.get("envs") or {})
+    return data, envs
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    entry, envs = _pick_entry(data, path)
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    config = ServeConfig(envs={str(k): str(v) for k, v in envs.items()})
+    for key, value in entry["engine_args"].items():
+        key = str(key).replace("-", "_")
+        if key in fields:
+            config.engine_args[key] = value
+        elif key in SERVER_KEYS:
+            config.server[key] = value
+        elif key in IGNORED_KEYS:
+            logger.warning("%s: ignoring engine_args.%s (no meaning in deepserve)", path, key)
+        else:
+            raise ValueError(f"{path}: unknown engine_args key {key!r}; known: EngineArgs fields "
+                             f"(vLLM names) and {', '.join(SERVER_KEYS)}")
+    for key in SERVER_KEYS:  # server options may also sit at the entry's top level
+        if key in entry:
+            config.server.setdefault(key, entry[key])
+    name = config.engine_args.get("served_model_name")
+    if isinstance(name, list):
+        config.engine_args["served_model_name"] = ",".join(str(n) for n in name)
+    return config

@@ -1,0 +1,81 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the HTTP status a
+client expects (400 bad values or JSON, 401 bad key, 404 unknown model, 413 body too big,
+503 queue full with Retry-After, 500 engine failure).
+
+Handlers raise `APIError`; the app turns it into the JSON body. A streaming response that
+fails after its first chunk cannot change its status, so it sends the same body as one SSE
+event instead (`sse_error`).
+"""
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Optional
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, HTTPStatus(status).phrase),
+                      "param": param, "code": code if code is not None else status}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def sse_error(exc: APIError) -> str:
+    return f"data: {json.dumps(exc.body())}\n\n"
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """A pydantic error as a 400 naming the first bad field (or malformed JSON)."""
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"malformed JSON body: {first['msg']}", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+    param = loc[0] if loc else None
+    if param == "prompt":  # a union: pydantic's per-member message would mislead
+        return APIError(400, "prompt must be a string, a list of strings, a list of token ids or a "
+                             "list of token-id lists", param="prompt", code="invalid_value")
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    given = first.get("input")
+    shown = json.dumps(given)[:100] if given is not None and not isinstance(given, dict) else None
+    message = f"{where}: {first['msg']}" + (f", got {shown}" if shown is not None else "")
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
+                    "logprobs", "top_logprobs", "prompt", "messages", "max_completion_tokens")
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """A range error from SamplingParams/the engine as a 400; the message starts with the field."""
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    param = first if first in _SAMPLING_FIELDS else None
+    return APIError(400, message, param=param, code="invalid_value")

@@ -1,0 +1,108 @@
+"""DeepSeek-R1 reasoning parser: the text up to `</think>` is the reasoning, the rest the answer.
+
+R1's chat template ends the prompt with `<think>\\n`, so the output usually starts inside the
+reasoning with no opening tag; older templates leave `<think>` to the model. The parser is
+an incremental state machine fed with text deltas, so streamed and non-streamed responses
+split the same way, and a tag cut across two chunks (`</th` + `ink>`) is held back until it
+can be recognised, never leaked into either field:
+
+    start      -> output opens with "<think>"          -> reasoning
+               -> anything else                        -> content (no reasoning at all)
+    reasoning  -> "</think>"                           -> content (leading whitespace dropped)
+
+A prompt that already opened `<think>` starts in `reasoning`; an output that never closes
+it (cut by max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+PARSERS = ("deepseek_r1",)
+
+
+def prompt_opens_reasoning(prompt_text: str) -> bool:
+    """True when the rendered prompt ends inside an open <think> block."""
+    tail = prompt_text.rstrip()
+    return tail.endswith(THINK_START)
+
+
+def _held_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class DeepSeekR1ReasoningParser:
+    def __init__(self, prompt_opened: bool = True):
+        self.state = "reasoning" if prompt_opened else "start"
+        self.buf = ""
+        self.reasoning_started = False   # drop the newline R1 puts right after <think>
+        self.saw_reasoning = prompt_opened
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        """Take the next text delta; return (reasoning delta, content delta)."""
+        self.buf += delta
+        reasoning, content = "", ""
+        while True:
+            if self.state == "start":
+                head = self.buf.lstrip()
+                if head.startswith(THINK_START):
+                    self.state, self.buf, self.saw_reasoning = "reasoning", head[len(THINK_START):], True
+                    continue
+                if THINK_START.startswith(head):
+                    return reasoning, content     # maybe the tag, still arriving
+                self.state = "content"
+                continue
+            if self.state == "reasoning":
+                if not self.reasoning_started:
+                    self.buf = self.buf.lstrip("\n")
+                    if not self.buf:
+                        return reasoning, content
+                    self.reasoning_started = True
+                end = self.buf.find(THINK_END)
+                if end >= 0:
+                    reasoning += self.buf[:end]
+                    self.state, self.buf = "after_think", self.buf[end + len(THINK_END):]
+                    continue
+                keep = _held_suffix(self.buf, THINK_END)
+                reasoning += self.buf[:len(self.buf) - keep]
+                self.buf = self.buf[len(self.buf) - keep:]
+                return reasoning, content
+            if self.state == "after_think":
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return reasoning, content
+                self.state = "content"
+                continue
+            content += self.buf
+            self.buf = ""
+            return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """Flush what was held back at the end of the output."""
+        held, self.buf = self.buf, ""
+        if self.state == "reasoning":
+            return held, ""
+        if self.state == "start":
+            return "", held
+        return "", ""
+
+    def parse(self, text: str) -> tuple[Optional[str], Optional[str]]:
+        """Split a whole output: (reasoning or None, content or None)."""
+        r1, c1 = self.feed(text)
+        r2, c2 = self.finish()
+        reasoning, content = r1 + r2, c1 + c2
+        return (reasoning if self.saw_reasoning else None), (content or None)
+
+
+def make_parser(name: Optional[str], prompt_text: str) -> Optional[DeepSeekR1ReasoningParser]:
+    if name is None:
+        return None
+    if name not in PARSERS:
+        raise ValueError(f"unknown reasoning parser {name!r}; choose from {', '.join(PARSERS)}")
+    return DeepSeekR1ReasoningParser(prompt_opens_reasoning(prompt_text))

@@ -1,0 +1,195 @@
+"""What both generation endpoints share: the server state, reading and checking a request
+body, the context-length check, mapping engine exceptions to API errors, running several
+engine requests as one stream, and SSE framing that ends every stream cleanly.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Type, TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import StreamingResponse
+
+from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
+from deepserve.engine.llm_engine import RequestError
+from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
+from deepserve.server.metrics import ServerMetrics
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    model_path: str
+    api_key: Optional[str] = None
+    reasoning_parser: Optional[str] = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    retry_after_s: int = 1
+    created: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    llm: AsyncLLM
+    settings: ServerSettings
+    metrics: ServerMetrics
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    def check_model(self, name: Optional[str]) -> str:
+        if name and name not in self.settings.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist; served: "
+                                f"{', '.join(self.settings.served_model_names)}", param="model",
+                           code="model_not_found")
+        return name or self.model_name
+
+    def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt") -> None:
+        limit = self.llm.max_model_len
+        if prompt_tokens >= limit or prompt_tokens + (max_tokens or 0) > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
+                                f"you requested {prompt_tokens + (max_tokens or 0)} tokens "
+                                f"({prompt_tokens} in the {what}, {max_tokens or 0} for the "
+                                f"completion (max_tokens)). Please reduce the length.",
+                           param="max_tokens" if max_tokens else what, code="context_length_exceeded")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes with 413 (without reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_request(request: Request, model: Type[M], limit: int) -> M:
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:
+    """Map what the engine raises to the API error the client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(503, str(exc), code="queue_full", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_unavailable",
+                        headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), code="engine_error")
+    if isinstance(exc, (RequestError, ValueError)):
+        return from_value_error(exc)
+    return APIError(500, f"{type(exc).__name__}: {exc}", code="internal_error")
+
+
+_DONE = object()
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators as (index, item); the first error ends all of them.
+    Closing the merged stream cancels every source, which aborts their engine requests."""
+    if len(streams) == 1:  # the common case, without the extra tasks
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None))
+            await queue.put((i, None, _DONE))
+        except Exception as exc:  # handed to the consumer below
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, status = await queue.get()
+            if status is _DONE:
+                remaining -= 1
+            elif status is not None:
+                raise status
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def sse(events: AsyncIterator[dict], state: ServerState) -> AsyncIterator[str]:
+    """Frame dict events as SSE; an error mid-stream becomes an error event, then [DONE]."""
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except Exception as exc:  # the status line is gone: report in-band
+        err = api_error_from(exc, state.settings.retry_after_s)
+        state.metrics.record_error(err.status)
+        yield sse_error(err)
+    yield "data: [DONE]\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A stream that notices a client leaving even while no token is due, and always closes
+    its iterator, so the engine requests behind it are aborted at once."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as tg:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the client went away while we were sending
+                    pass
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.body_iterator.aclose()
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+
+async def until_disconnect(request: Request, coro) -> object:
+    """Run `coro` (a non-streamed generation); cancel it if the client disconnects first."""
+    task = asyncio.ensure_future(coro)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    finally:
+        watcher.cancel()

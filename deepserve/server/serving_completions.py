@@ -1,0 +1,161 @@
+"""POST /v1/completions: one engine request per prompt (string, list of strings, token ids or
+lists of token ids), each with n samples; choices are numbered prompt * n + sample as
+OpenAI does. Streams as SSE with per-choice text deltas, optional logprobs, a final usage
+chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.server.errors import APIError
+from deepserve.server.protocol import CompletionRequest, now, random_id, usage
+from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, merge_streams,
+                                             parse_request, sse, until_disconnect)
+
+
+def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
+                        text_offset: int) -> dict:
+    """OpenAI's legacy logprobs object for tokens [start, end) of one sample."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
+        chosen = entry[tid]
+        tokens.append(chosen.decoded_token)
+        token_logprobs.append(chosen.logprob)
+        top_logprobs.append({lp.decoded_token: lp.logprob for t, lp in entry.items()
+                             if lp.rank <= top_k or t == tid})
+        offsets.append(text_offset)
+        text_offset += len(chosen.decoded_token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+class _Prepared:
+    def __init__(self, state: ServerState, req: CompletionRequest):
+        self.model = state.check_model(req.model)
+        if req.best_of not in (None, 1, req.n):
+            raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not "
+                                "compute; drop one of them", param="echo")
+        try:
+            prompts = req.prompts()
+            self.params = req.sampling_params(req.max_tokens, req.logprobs)
+        except ValueError as exc:
+            raise api_error_from(exc) from None
+        tok = state.tokenizer
+        self.prompts: list[dict] = []
+        for p in prompts:
+            if isinstance(p, str):
+                if tok is None:
+                    raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+                ids = tok.encode(p)
+                self.prompts.append({"prompt": p, "prompt_token_ids": ids})
+            else:
+                bad = next((t for t in p if not 0 <= t < state.llm.vocab_size), None)
+                if bad is not None:
+                    raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
+                                        f"[0, {state.llm.vocab_size})", param="prompt")
+                self.prompts.append({"prompt": None, "prompt_token_ids": list(p)})
+            state.check_length(len(self.prompts[-1]["prompt_token_ids"]), req.max_tokens)
+        try:
+            state.llm.check_can_accept()
+        except Exception as exc:
+            raise api_error_from(exc, state.settings.retry_after_s) from None
+        self.id = random_id("cmpl")
+        self.created = now()
+        self.n = req.n
+
+    def prompt_text(self, state: ServerState, i: int) -> str:
+        p = self.prompts[i]
+        if p["prompt"] is not None:
+            return p["prompt"]
+        return state.tokenizer.decode(p["prompt_token_ids"]) if state.tokenizer else ""
+
+    def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
+        return [state.llm.generate(p, self.params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)]
+
+
+async def create_completion(request: Request, state: ServerState):
+    req = await parse_request(request, CompletionRequest, state.settings.max_body_bytes)
+    prep = _Prepared(state, req)
+    if req.stream:
+        return SSEResponse(sse(_stream(state, req, prep), state))
+    finals: dict[int, RequestOutput] = await until_disconnect(request, _collect(prep, state))
+    choices, completion_tokens = [], 0
+    for i in range(len(prep.prompts)):
+        res = finals[i]
+        prefix = prep.prompt_text(state, i) if req.echo else ""
+        for out in res.outputs:
+            completion_tokens += len(out.token_ids)
+            logprobs = (completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix))
+                        if req.logprobs is not None else None)
+            choices.append({"index": i * prep.n + out.index, "text": prefix + out.text,
+                            "logprobs": logprobs, "finish_reason": out.finish_reason,
+                            "stop_reason": out.stop_reason})
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
+    return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
+                         "model": prep.model, "choices": choices,
+                         "usage": usage(prompt_tokens, completion_tokens)})
+
+
+async def _collect(prep: _Prepared, state: ServerState) -> dict[int, RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for i, out in merge_streams(prep.streams(state)):
+            finals[i] = out
+    except Exception as exc:
+        raise api_error_from(exc, state.settings.retry_after_s) from None
+    return finals
+
+
+async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -> AsyncIterator[dict]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    sent_text: dict[int, int] = {}
+    sent_tokens: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    finished: set[int] = set()
+    completion_tokens = 0
+
+    def chunk(choices: list[dict], usage_info: Optional[dict] = None) -> dict:
+        body = {"id": prep.id, "object": "text_completion", "created": prep.created,
+                "model": prep.model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_info
+        return body
+
+    async for i, res in merge_streams(prep.streams(state)):
+        choices = []
+        for out in res.outputs:
+            idx = i * prep.n + out.index
+            if idx in finished:
+                continue
+            text = ""
+            if idx not in sent_text:  # first chunk of this choice: the echoed prompt
+                sent_text[idx], sent_tokens[idx] = 0, 0
+                text = prep.prompt_text(state, i) if req.echo else ""
+                offsets[idx] = len(text)
+            text += out.text[sent_text[idx]:]
+            n_tok = len(out.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs, offsets[idx])
+                offsets[idx] += sum(len(t) for t in logprobs["tokens"])
+            if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
+                continue
+            sent_text[idx], sent_tokens[idx] = len(out.text), n_tok
+            if out.finish_reason is not None:
+                finished.add(idx)
+                completion_tokens += n_tok
+            choices.append({"index": idx, "text": text, "logprobs": logprobs,
+                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+        if choices:
+            yield chunk(choices)
+    if include_usage:
+        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
+        yield chunk([], usage(prompt_tokens, completion_tokens))

@@ -1,0 +1,145 @@
+"""The demo server through the official `openai` client (sync and async) and httpx: known
+greedy text, streaming, n, stop, logprobs, echo, usage, token prompts, chat through the chat
+template, and the small endpoints."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY
+
+PROMPT = "Once upon a time"
+# stories260k's greedy continuation (as llama2.c documents it for this model)
+GREEDY_32 = ", there was a little girl named Lily. She loved to play outside in the park. One day, she saw"
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(demo_server):
+    with httpx.Client(base_url=demo_server.url, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def test_completion_greedy_text_and_usage(client):
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=32, temperature=0)
+    assert r.choices[0].text == GREEDY_32
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (5, 32, 37)
+    assert r.object == "text_completion" and r.model == "stories260k"
+
+
+def test_completion_stream_matches_and_reports_usage(client):
+    chunks = list(client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=32,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == GREEDY_32
+    assert len([c for c in chunks if c.choices]) > 5          # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 32
+    assert chunks[-1].usage.prompt_tokens == 5
+
+
+def test_stop_string_n2_and_seeded_sampling(client):
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=32, temperature=0,
+                                  stop=["Lily"], n=2)
+    assert [c.text for c in r.choices] == [", there was a little girl named "] * 2
+    assert [c.finish_reason for c in r.choices] == ["stop", "stop"]
+    assert [c.index for c in r.choices] == [0, 1]
+    a = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=16, temperature=1.0,
+                                  seed=7, top_p=0.9, extra_body={"min_p": 0.01, "top_k": 40})
+    b = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=16, temperature=1.0,
+                                  seed=7, top_p=0.9, extra_body={"min_p": 0.01, "top_k": 40})
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_prompt_list_token_ids_and_echo(client, http):
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    assert ids == [1, 403, 407, 261, 378]
+    r = client.completions.create(model="stories260k", prompt=[PROMPT, "One day"], max_tokens=8,
+                                  temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == GREEDY_32[:len(r.choices[0].text)]
+    assert r.choices[2].text == r.choices[3].text != r.choices[0].text
+    assert r.usage.prompt_tokens == 5 + 3 and r.usage.completion_tokens == 32
+    t = client.completions.create(model="stories260k", prompt=[ids, ids[:3]], max_tokens=8, temperature=0)
+    assert t.choices[0].text == r.choices[0].text and t.usage.prompt_tokens == 8
+    e = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert e.choices[0].text.startswith(PROMPT + ", there")
+
+
+def test_logprobs_are_consistent(client):
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0.0 and len(top) == 3
+        assert top[token] == pytest.approx(value)          # greedy: the chosen token is the top one
+        assert value == pytest.approx(max(top.values()))
+    s = list(client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=6, temperature=0,
+                                       logprobs=3, stream=True))
+    streamed = [v for c in s for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs)
+
+
+def test_chat_matches_completion_of_the_rendered_prompt(client, http):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": PROMPT}]
+    ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    ref = client.completions.create(model="stories260k", prompt=ids, max_tokens=20, temperature=0)
+    r = client.chat.completions.create(model="stories260k", messages=messages, max_completion_tokens=20,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    assert r.choices[0].message.content == ref.choices[0].text != ""
+    assert r.choices[0].message.role == "assistant"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 20)
+    content_lp = r.choices[0].logprobs.content
+    assert len(content_lp) == 20 and all(len(t.top_logprobs) == 2 for t in content_lp)
+    assert content_lp[0].top_logprobs[0].logprob == pytest.approx(content_lp[0].logprob)
+    chunks = list(client.chat.completions.create(model="stories260k", messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True, n=2,
+                                                 stream_options={"include_usage": True}))
+    texts = ["", ""]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [ref.choices[0].text] * 2
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 40
+
+
+def test_async_client_concurrent(demo_server):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0)
+        plain = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=32, temperature=0)
+
+        async def streamed():
+            stream = await client.chat.completions.create(
+                model="stories260k", messages=[{"role": "user", "content": PROMPT}],
+                max_tokens=8, temperature=0, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        results = await asyncio.gather(plain, streamed(), streamed())
+        await client.close()
+        return results
+
+    plain, s1, s2 = asyncio.run(main())
+    assert plain.choices[0].text == GREEDY_32
+    assert s1 == s2 != ""
+
+
+def test_models_health_version_detokenize(client, http):
+    assert [m.id for m in client.models.list().data] == ["stories260k"]
+    assert http.get("/health").status_code == 200
+    from deepserve import __version__
+    assert http.get("/version").json() == {"version": __version__}
+    assert http.post("/detokenize", json={"tokens": [403, 407, 261, 378]}).json() == {"prompt": PROMPT}
+    tok = http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False,
+                                       "return_token_strs": True}).json()
+    assert tok["tokens"] == [403, 407, 261, 378] and tok["count"] == 4 and tok["max_model_len"] == 512
+    assert tok["token_strs"][0] == "▁Once"

@@ -1,0 +1,115 @@
+"""Every bad request gets its status and OpenAI's error body, and the server keeps serving."""
+from __future__ import annotations
+
+import httpx
+import pytest
+from conftest import API_KEY
+
+GOOD = {"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+CHAT = {"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def http(demo_server):
+    with httpx.Client(base_url=demo_server.url, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def check_error(response: httpx.Response, status: int, param=None, contains: tuple = ()) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["param"] == param
+    for text in contains:
+        assert text in err["message"], err["message"]
+    return err
+
+
+BAD_COMPLETIONS = [
+    ({"max_tokens": 0}, "max_tokens", ("max_tokens", "0")),
+    ({"temperature": -0.5}, "temperature", ("-0.5",)),
+    ({"top_p": 0.0}, "top_p", ("top_p",)),
+    ({"top_p": 1.5}, "top_p", ("1.5",)),
+    ({"n": 0}, "n", ("n must be >= 1",)),
+    ({"n": "two"}, "n", ("two",)),
+    ({"temperature": "hot"}, "temperature", ("hot",)),
+    ({"stop": 5}, "stop", ()),
+    ({"prompt": {"text": "x"}}, "prompt", ("prompt must be",)),
+    ({"prompt": [1, 99999]}, "prompt", ("99999",)),
+    ({"logprobs": 50}, "logprobs", ("50",)),
+    ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
+]
+
+
+@pytest.mark.parametrize("change,param,contains", BAD_COMPLETIONS)
+def test_bad_completion_values_are_400(http, change, param, contains):
+    check_error(http.post("/v1/completions", json={**GOOD, **change}), 400, param, contains)
+    ok = http.post("/v1/completions", json=GOOD)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was a"
+
+
+def test_long_prompt_names_both_numbers(http):
+    err = check_error(http.post("/v1/completions", json={**GOOD, "prompt": [5] * 520, "max_tokens": 1}),
+                      400, "max_tokens")
+    assert "512" in err["message"] and "520" in err["message"]
+
+
+BAD_CHAT = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"max_completion_tokens": -1}, "max_tokens"),
+    ({"top_logprobs": 3}, "top_logprobs"),          # top_logprobs without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize("change,param", BAD_CHAT)
+def test_bad_chat_values_are_400(http, change, param):
+    check_error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param)
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_malformed_and_empty_json(http):
+    headers = {"Content-Type": "application/json"}
+    check_error(http.post("/v1/completions", content=b'{"prompt": "x",', headers=headers), 400,
+                contains=("malformed JSON",))
+    check_error(http.post("/v1/chat/completions", content=b"", headers=headers), 400)
+    check_error(http.post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
+
+
+def test_auth_401(demo_server):
+    url = demo_server.url + "/v1/completions"
+    check_error(httpx.post(url, json=GOOD), 401)
+    check_error(httpx.post(url, json=GOOD, headers={"Authorization": "Bearer wrong"}), 401)
+    # health and metrics stay open for probes and scrapers
+    assert httpx.get(demo_server.url + "/health").status_code == 200
+
+
+def test_unknown_model_404(http):
+    err = check_error(http.post("/v1/completions", json={**GOOD, "model": "gpt-4"}), 404, "model",
+                      ("gpt-4",))
+    assert err["code"] == "model_not_found"
+    check_error(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "model")
+    check_error(http.get("/v1/nothing-here"), 404)
+
+
+def test_oversized_body_413(http):
+    big = {**GOOD, "prompt": "a " * (1 << 20)}           # > the 1 MiB limit the fixture sets
+    check_error(http.post("/v1/completions", json=big), 413, contains=("limit",))
+
+    def chunks():  # no Content-Length: refused while reading
+        for _ in range(40):
+            yield b" " * 65536
+    check_error(http.post("/v1/completions", content=chunks()), 413)
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def test_error_metrics_counted(http):
+    text = http.get("/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith("deepserve:http_errors_total") and '"400"' in l)
+    assert float(line.rsplit(" ", 1)[1]) >= 1

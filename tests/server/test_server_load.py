@@ -1,0 +1,101 @@
+"""Concurrency and clients that leave: 64 streams at once, 10 dropped mid-stream; the rest get
+exactly their solo greedy text and afterwards no KV block and no request is left."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, wait_for
+
+from deepserve.server.metrics import parse_metrics
+
+PROMPTS = ["Once upon a time", "One day", "The cat", "Tom and Sue", "In the park", "A little bird",
+           "The sun was", "Lily wanted"]
+LABEL = '{model_name="stories260k"}'
+
+
+def metrics(url: str) -> dict:
+    values = parse_metrics(httpx.get(url + "/metrics").text)
+    return {k[len("deepserve:"):-len(LABEL)]: v for k, v in values.items() if k.endswith(LABEL)}
+
+
+def idle(url: str) -> bool:
+    m = metrics(url)
+    return (m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0
+            and m["kv_cache_usage_perc"] == 0 and m["num_free_kv_blocks"] == m["num_kv_blocks"])
+
+
+@pytest.fixture(scope="module")
+def solo(demo_server):
+    client = openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0)
+    return {p: client.completions.create(model="stories260k", prompt=p, max_tokens=24, temperature=0)
+            .choices[0].text for p in PROMPTS}
+
+
+def test_64_streams_10_disconnect(demo_server, solo):
+    async def run_one(client, prompt: str, drop: bool):
+        stream = await client.completions.create(
+            model="stories260k", prompt=prompt, temperature=0, stream=True,
+            max_tokens=300 if drop else 24, extra_body={"ignore_eos": drop})
+        text, chunks = "", 0
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            chunks += 1
+            if drop and chunks == 3:
+                await stream.close()      # the client goes away mid-stream
+                return None
+        return text
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=300)
+        jobs = [(PROMPTS[i % len(PROMPTS)], i % 6 == 0 and i < 60) for i in range(64)]
+        assert sum(d for _, d in jobs) == 10
+        results = await asyncio.gather(*(run_one(client, p, d) for p, d in jobs))
+        await client.close()
+        return jobs, results
+
+    jobs, results = asyncio.run(main())
+    for (prompt, dropped), text in zip(jobs, results):
+        if not dropped:
+            assert text == solo[prompt], prompt
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    m = metrics(demo_server.url)
+    assert m["generation_tokens_total"] < 64 * 24 + 10 * 300   # the dropped ones stopped early
+
+
+def test_dropped_stream_frees_blocks_at_once(demo_server):
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    with httpx.Client(base_url=demo_server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        body = {"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 480,
+                "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            events = [next(lines) for _ in range(6)]
+            assert sum(e.startswith("data: {") for e in events) == 3
+            busy = metrics(demo_server.url)
+            assert busy["num_requests_running"] == 1 and busy["kv_cache_usage_perc"] > 0
+        left = time.monotonic()
+    wait_for(lambda: idle(demo_server.url), timeout=10)
+    assert time.monotonic() - left < 5
+    generated = metrics(demo_server.url)["generation_tokens_total"]
+    time.sleep(0.5)
+    assert metrics(demo_server.url)["generation_tokens_total"] == generated   # nothing still running
+
+
+def test_non_streamed_client_timeout_aborts(demo_server):
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    key = 'deepserve:request_success_total{model_name="stories260k",finished_reason="abort"}'
+
+    def aborted() -> float:
+        return parse_metrics(httpx.get(demo_server.url + "/metrics").text).get(key, 0.0)
+
+    before = aborted()
+    body = {"model": "stories260k", "prompt": "One day", "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(demo_server.url + "/v1/completions", json=body, timeout=0.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    wait_for(lambda: idle(demo_server.url), timeout=10)
+    assert aborted() == before + 1

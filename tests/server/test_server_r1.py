@@ -1,0 +1,99 @@
+"""The R1 reasoning split end to end: the real DeepSeek-R1 tokenizer and chat template (which
+opens `<think>\\n` in the prompt) on a model whose greedy output is a fixed script with
+`</think>` in the middle; streamed and non-streamed responses must split it the same way."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import launch
+
+REASONING = "Okay, the user asks for a sum; adding them gives four."
+ANSWER = "The answer is 4"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def r1_server(echo_model):
+    server = launch(str(echo_model), "--served-model-name", "tiny-r1", "--reasoning-parser", "deepseek_r1",
+                    "--num-gpu-blocks-override", "128")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(r1_server):
+    return openai.OpenAI(base_url=r1_server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_non_streamed_split(client):
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0)
+    msg = r.choices[0].message
+    assert msg.content == ANSWER
+    assert msg.reasoning_content == REASONING and msg.reasoning == REASONING
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 22          # the script's 21 tokens + EOS
+
+
+def test_streamed_split_matches(client):
+    chunks = list(client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    also = "".join(getattr(d, "reasoning", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert (reasoning, also, content) == (REASONING, REASONING, ANSWER)
+    assert not any("think>" in (d.content or "") + (getattr(d, "reasoning_content", None) or "")
+                   for d in deltas)
+    assert sum(1 for d in deltas if getattr(d, "reasoning_content", None)) > 5   # token by token
+
+
+def test_cut_inside_reasoning_is_all_reasoning(client):
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0, max_tokens=5)
+    msg = r.choices[0].message
+    assert msg.content is None and REASONING.startswith(msg.reasoning_content) and msg.reasoning_content
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_completions_endpoint_keeps_raw_text(client, r1_server):
+    ids = httpx.post(r1_server.url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert ids[-2:] == [128798, 201]                # the template opened "<think>\n"
+    r = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=40, temperature=0)
+    assert r.choices[0].text == f"{REASONING}</think>\n\n{ANSWER}"
+
+
+TINY_V3 = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 128,
+           "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2,
+           "topk_group": 1, "num_attention_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
+           "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+           "max_position_embeddings": 1024, "num_nextn_predict_layers": 0}
+
+
+@pytest.fixture(scope="module")
+def v3_server(echo_model):
+    """The deepseek-r1 preset shrunk to a tiny random DeepSeek-V3 (MLA + MoE), real R1 tokenizer
+    and template (`echo_model` only guarantees the shared tokenizer is there)."""
+    import json
+    from conftest import R1_TOKENIZER
+    server = launch("deepseek-r1", "--tokenizer", str(R1_TOKENIZER), "--hf-overrides", json.dumps(TINY_V3),
+                    "--num-gpu-blocks-override", "128", "--reasoning-parser", "deepseek_r1")
+    yield server
+    server.stop()
+
+
+def test_tiny_deepseek_v3_chat(v3_server):
+    client = openai.OpenAI(base_url=v3_server.v1, api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["deepseek-r1"]
+    kw = dict(model="deepseek-r1", messages=MESSAGES, temperature=0, max_tokens=12)
+    r = client.chat.completions.create(n=2, logprobs=True, top_logprobs=2, **kw)
+    first, second = r.choices
+    # random weights never close </think> here: the whole output is reasoning
+    assert first.message.content is None and first.message.reasoning_content
+    assert second.message.reasoning_content == first.message.reasoning_content      # greedy, n=2
+    assert len(first.logprobs.content) == 12 and r.usage.completion_tokens == 24
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
+                       for c in chunks if c.choices)
+    assert streamed == first.message.reasoning_content
+    plain = client.completions.create(model="deepseek-r1", prompt="Hello", max_tokens=12, temperature=0)
+    assert plain.usage.completion_tokens == 12

@@ -1,0 +1,153 @@
+"""In-process pieces: AsyncLLM (streaming, abort frees blocks, a failing step fails only its
+requests, queue limit, shutdown), the YAML deployment file with CLI overrides, metrics text."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+
+from deepserve.config import EngineArgs
+from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
+from deepserve.engine.sampling_params import SamplingParams
+from deepserve.server.metrics import Histogram, ServerMetrics, parse_metrics
+
+GREEDY_8 = ", there was a little girl"
+
+
+@pytest.fixture(scope="module")
+def make_llm():
+    def make(**kwargs) -> AsyncLLM:
+        return AsyncLLM.from_engine_args(EngineArgs(num_gpu_blocks_override=64, **kwargs))
+    return make
+
+
+async def drain(llm: AsyncLLM, prompt: str, params: SamplingParams, rid: str):
+    last = None
+    async for out in llm.generate(prompt, params, rid):
+        last = out
+    return last
+
+
+def test_generate_abort_and_failed_step(make_llm):
+    llm = make_llm()
+
+    async def main():
+        llm.start()
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        out = await drain(llm, "Once upon a time", greedy, "a")
+        assert out.finished and out.outputs[0].text == GREEDY_8
+        # leave a long stream after two outputs: its blocks are back before the next step
+        gen = llm.generate("One day", SamplingParams(max_tokens=400, ignore_eos=True), "b")
+        await gen.__anext__()
+        await gen.__anext__()
+        assert llm.snapshot["num_free_blocks"] < llm.snapshot["num_blocks"]
+        await gen.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if llm.snapshot["num_free_blocks"] == llm.snapshot["num_blocks"]:
+                break
+        assert llm.snapshot["num_free_blocks"] == llm.snapshot["num_blocks"]
+        assert not llm.engine.requests
+        # a step that raises fails its request, and the next one is served normally
+        real = llm.engine.runner.execute
+        calls = {"n": 0}
+
+        def flaky(batch):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("device lost")
+            return real(batch)
+
+        llm.engine.runner.execute = flaky
+        with pytest.raises(EngineStepError, match="device lost"):
+            await drain(llm, "Once upon a time", greedy, "c")
+        assert (await drain(llm, "Once upon a time", greedy, "d")).outputs[0].text == GREEDY_8
+        assert llm.num_step_errors == 1 and llm.snapshot["num_free_blocks"] == 64
+        # too-long prompts are refused with both numbers
+        with pytest.raises(ValueError, match="512.*600|600.*512"):
+            await drain(llm, "x", SamplingParams(max_tokens=600), "e")
+        # shutdown ends in-flight requests with an error
+        gen = llm.generate("One day", SamplingParams(max_tokens=400, ignore_eos=True), "f")
+        await gen.__anext__()
+        llm.begin_shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in gen:
+                pass
+        with pytest.raises(EngineDeadError):
+            await drain(llm, "x", greedy, "g")
+        llm.shutdown()
+        assert not llm.is_running
+
+    asyncio.run(main())
+
+
+def test_queue_limit(make_llm):
+    llm = make_llm(max_num_seqs=1, max_waiting_requests=1)
+
+    async def main():
+        llm.start()
+        long = SamplingParams(max_tokens=300, ignore_eos=True)
+        first = llm.generate("One day", long, "a")
+        await first.__anext__()                      # running
+        second = asyncio.ensure_future(drain(llm, "One day", SamplingParams(max_tokens=2), "b"))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if llm.num_waiting_requests() == 1:
+                break
+        with pytest.raises(QueueFullError, match="1 requests waiting"):
+            await drain(llm, "x", long, "c")
+        await first.aclose()
+        assert len((await second).outputs[0].token_ids) == 2
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
+def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
+    from deepserve.cli.serve import register, resolve
+
+    path = tmp_path / "r1.yaml"
+    path.write_text("serve:\n- serve_id: r1\n  engine_args:\n    model: deepseek-r1\n"
+                    "    max_model_len: 4096\n    tensor_parallel_size: 8\n    port: 9010\n"
+                    "    reasoning_parser: deepseek_r1\n  envs:\n    USE_FLAGGEMS: 1\n"
+                    "experiment:\n  envs:\n    CUDA_DEVICE_MAX_CONNECTIONS: 1\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(path), "--max-model-len", "2048", "--host", "0.0.0.0"])
+    engine, server, envs = resolve(args)
+    assert engine == {"model": "deepseek-r1", "max_model_len": 2048, "tensor_parallel_size": 8}
+    assert (server["host"], server["port"], server["reasoning_parser"]) == ("0.0.0.0", 9010, "deepseek_r1")
+    assert envs == {"USE_FLAGGEMS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine_args:\n  model: x\n  max_modle_len: 5\n")
+    with pytest.raises(ValueError, match="max_modle_len"):
+        resolve(parser.parse_args(["serve", str(bad)]))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        resolve(parser.parse_args(["serve", str(tmp_path / "missing.yaml")]))
+    model_args = parser.parse_args(["serve", "some/model", "--port", "1234"])
+    engine, server, _ = resolve(model_args)
+    assert engine == {"model": "some/model"} and server["port"] == 1234 and server["host"] == "127.0.0.1"
+
+
+def test_metrics_text():
+    h = Histogram((0.1, 1.0))
+    h.observe(0.05)
+    h.observe(0.5, times=2)
+    h.observe(5.0)
+    assert h.lines("x", 'a="b"') == ['x_bucket{a="b",le="0.1"} 1', 'x_bucket{a="b",le="1.0"} 3',
+                                     'x_bucket{a="b",le="+Inf"} 4', 'x_sum{a="b"} 6.05',
+                                     'x_count{a="b"} 4']
+    snap = {"num_requests_running": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 10}
+    m = ServerMetrics('m"1', lambda: snap)
+    m.on_output("r", 0.0, 0.2, 1, True)
+    m.on_output("r", 0.0, 0.5, 3, False)
+    m.on_finish("r", 0.0, 0.5, 5, 4, "stop")
+    values = parse_metrics(m.render())
+    lab = 'model_name="m\\"1"'
+    assert values[f"deepserve:num_requests_running{{{lab}}}"] == 2
+    assert values[f"deepserve:prefix_cache_hit_rate{{{lab}}}"] == 0.25
+    assert values[f"deepserve:time_to_first_token_seconds_sum{{{lab}}}"] == pytest.approx(0.2)
+    assert values[f"deepserve:inter_token_latency_seconds_count{{{lab}}}"] == 3
+    assert values[f"deepserve:inter_token_latency_seconds_sum{{{lab}}}"] == pytest.approx(0.3)
+    assert values[f'deepserve:request_success_total{{{lab},finished_reason="stop"}}'] == 1
