@@ -90,7 +90,13 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop
+        return (self._thread is not None and self._thread.is_alive() and not self._stop
+                and self.fatal_error is None)
+
+    @property
+    def fatal_error(self) -> Optional[str]:
+        """Why the engine can no longer serve (a worker process died), or None."""
+        return getattr(self.engine.executor, "failure", None)
 
     def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
         """Refuse new requests and end the in-flight ones with an error (thread-safe)."""
@@ -108,6 +114,7 @@ class AsyncLLM:
             if self._thread.is_alive():
                 logger.warning("engine thread did not stop within %.0f s", timeout)
             self._thread = None
+        self.engine.shutdown()  # worker processes of multi-process layouts
 
     # ------------------------------------------------------------------ requests
     def _submit(self, kind: str, payload) -> concurrent.futures.Future:
@@ -195,6 +202,8 @@ class AsyncLLM:
                     self.num_step_errors += 1
                     logger.exception("engine step failed; failing the requests in it")
                     self._fail_step(exc)
+                    if self.fatal_error:  # a dead worker: nothing more can run
+                        self._abort_all(EngineDeadError(self.fatal_error))
             self._take_snapshot()
             if outputs:
                 self._deliver([(o.request_id, o) for o in outputs])

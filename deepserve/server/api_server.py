@@ -9,6 +9,7 @@ children are spawned). When the socket is bound the server prints one line with 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -67,6 +68,20 @@ class _Server(uvicorn.Server):
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         names = ", ".join(self.state.settings.served_model_names)
         print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        asyncio.get_running_loop().create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        """Exit (code 1) soon after a worker process dies; /health says 503 meanwhile."""
+        while not self.should_exit:
+            reason = self.state.llm.fatal_error
+            if reason:
+                print(f"deepserve serve: error: {reason}; shutting down", file=sys.stderr, flush=True)
+                self.fatal = reason
+                await asyncio.sleep(1.0)  # let /health report 503 to anyone polling
+                self.state.llm.begin_shutdown(reason)
+                self.should_exit = True
+                return
+            await asyncio.sleep(0.5)
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
@@ -110,4 +125,6 @@ def run_server(engine_args: EngineArgs, host: str = DEFAULT_HOST, port: int = DE
     server = _Server(config, state)
     server.run()
     state.llm.shutdown()
+    if getattr(server, "fatal", None):
+        return 1
     return 0 if server.started else 1

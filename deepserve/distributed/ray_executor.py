@@ -1,0 +1,116 @@
+"""Ray executor: one worker actor per extra rank, placed by Ray (one GPU each on GPU
+clusters), for deployments across nodes (`--distributed-executor-backend ray`).
+
+The driver joins an existing Ray cluster (`ray start --head` / `ray start --address`, or
+RAY_ADDRESS); without one it starts a local Ray instance. Workers run the same loop as the
+multi-process executor (`_worker_main`); the process group meets at the driver's node IP.
+A worker actor that dies makes `failure` name its rank and node.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+from deepserve.config import EngineConfig
+from deepserve.distributed.executor import _free_port, _worker_main, dist_timeout_s
+from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.platforms import Platform
+
+logger = logging.getLogger("deepserve")
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--distributed-executor-backend ray needs Ray: pip install 'deepserve[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        import torch.distributed as dist
+
+        from deepserve.engine.model_runner import ModelRunner
+        ray = _import_ray()
+        self._dist = dist
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True)
+        par = config.parallel
+        self.world_size = par.world_size
+        self.failure: Optional[str] = None
+        self._closing = False
+        # where the process group meets: this node's cluster address (DEEPSERVE_HOST_IP overrides)
+        node_id = ray.get_runtime_context().get_node_id()
+        ip = os.environ.get("DEEPSERVE_HOST_IP") or next(
+            n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+        init_method = f"tcp://{ip}:{_free_port()}"
+        timeout = dist_timeout_s()
+        gpu = platform.device_type == "cuda"
+
+        @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
+        class Worker:
+            def node(self) -> str:
+                # the address this node joined the cluster with (not a guessed interface)
+                node_id = ray.get_runtime_context().get_node_id()
+                return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+            def run(self, rank, cfg, platform_name, init, timeout_s):
+                # Ray shows each actor only its own GPU: it is device 0 here
+                _worker_main(rank, cfg, platform_name, init, timeout_s, local_rank=0)
+
+        self.actors = [Worker.options(name=None).remote() for _ in range(1, self.world_size)]
+        self.nodes = ray.get([a.node.remote() for a in self.actors])
+        self.runs = [a.run.remote(r, config, platform.name, init_method, timeout)
+                     for r, a in enumerate(self.actors, start=1)]
+        self._ray = ray
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-ray-monitor")
+        self._monitor.start()
+        pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel)
+        self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
+        self.group = control_group()
+        self.runner.publish = self._publish
+
+    def _publish(self, host: dict) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
+        self._dist.broadcast_object_list([host], src=0, group=self.group)
+
+    def _watch(self) -> None:
+        while not self._closing:
+            done, _ = self._ray.wait(self.runs, num_returns=1, timeout=0.5)
+            if done and not self._closing and self.failure is None:
+                rank = self.runs.index(done[0]) + 1
+                try:
+                    self._ray.get(done[0])
+                    why = "returned early"
+                except Exception as exc:  # noqa: BLE001 - any actor death is reported, not raised here
+                    why = f"died: {type(exc).__name__}"
+                self.failure = f"worker rank {rank} on node {self.nodes[rank - 1]} {why}"
+                logger.error(self.failure)
+                return
+
+    def explain(self, exc: BaseException) -> str:
+        deadline = time.monotonic() + 3.0
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"{self.failure} ({exc})" if self.failure else str(exc)
+
+    def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.failure is None:
+            try:
+                self._dist.broadcast_object_list([None], src=0, group=self.group)
+                self._ray.get(self.runs, timeout=30)
+            except Exception as exc:  # noqa: BLE001 - shutting down: log and kill
+                logger.warning("ray workers did not stop cleanly: %s", exc)
+        for actor in self.actors:
+            self._ray.kill(actor)
+        destroy_distributed()
