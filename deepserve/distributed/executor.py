@@ -51,13 +51,14 @@ class UniExecutor:
 
 
 def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_method: str,
-                 timeout_s: float) -> None:
+                 timeout_s: float, local_rank: Optional[int] = None) -> None:
+    """A worker rank: join the group, load its shard, then run every step the driver sends."""
     from deepserve.engine.model_runner import ModelRunner
     platform = get_platform(platform_name)
     par = config.parallel
     pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                             platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel)
-    runner = ModelRunner(config, platform, pctx, local_rank=rank)
+    runner = ModelRunner(config, platform, pctx, local_rank=rank if local_rank is None else local_rank)
     group = control_group()
     while True:
         box = [None]
