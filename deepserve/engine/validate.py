@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -228,7 +229,9 @@ class SetupProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "deepserve.engine.validate", "--worker", str(spec)]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            # its own session: stop() can end the worker together with any TP rank processes
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def result(self, timeout: Optional[float] = None) -> dict:
         """Wait for the process; its saved results. Raises ValueError naming the setup, with
@@ -239,15 +242,21 @@ class SetupProcess:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise ValueError(f"setup {self.name}: no result within {timeout} s") from None
+            last = failure_reason(self.log.read_text(errors="replace"))
+            raise ValueError(f"setup {self.name}: no result within {timeout:g} s; stopped it"
+                             + (f" (last output: {last})" if last else "")) from None
         if code != 0 or not self.output.is_file():
             reason = failure_reason(self.log.read_text(errors="replace")) or f"worker exited with code {code}"
             raise ValueError(f"setup {self.name} failed: {reason}")
         return torch.load(self.output, weights_only=True)
 
     def stop(self) -> None:
+        """End the worker's process group (the worker and the ranks it started)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # ended between poll() and killpg()
             self.proc.wait()
 
 
