@@ -263,7 +263,8 @@ class EngineArgs:
         if self.max_model_len and self.max_model_len > model_len_limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {model_len_limit}")
-        tokenizer = self.tokenizer or (self.model if Path(self.model).is_dir() else None)
+        # a folder without tokenizer.json serves token-id prompts only
+        tokenizer = self.tokenizer or (self.model if (Path(self.model) / "tokenizer.json").is_file() else None)
         load_format = "dummy" if is_preset(self.model) else self.load_format
         model = ModelConfig(model=self.model, hf_config=hf, dtype=self.dtype,
                             max_model_len=max_model_len, tokenizer=tokenizer,

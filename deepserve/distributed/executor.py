@@ -56,9 +56,11 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
     from deepserve.engine.model_runner import ModelRunner
     platform = get_platform(platform_name)
     par = config.parallel
+    local_rank = rank if local_rank is None else local_rank
     pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
-                            platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel)
-    runner = ModelRunner(config, platform, pctx, local_rank=rank if local_rank is None else local_rank)
+                            platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
+                            local_rank)
+    runner = ModelRunner(config, platform, pctx, local_rank=local_rank)
     group = control_group()
     while True:
         box = [None]

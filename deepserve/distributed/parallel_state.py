@@ -70,7 +70,8 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, backend: str,
-                     init_method: str, timeout_s: float, expert_parallel: bool = False) -> ParallelContext:
+                     init_method: str, timeout_s: float, expert_parallel: bool = False,
+                     local_rank: int = 0) -> ParallelContext:
     """Join the process group and build this rank's context.
 
     Rank layout: rank = pp_rank * tp_size + tp_rank. Every rank creates every group (in the
@@ -81,6 +82,10 @@ def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, bac
     if world_size != tp_size * pp_size:
         raise ValueError(f"world size {world_size} != tensor_parallel_size {tp_size} x "
                          f"pipeline_parallel_size {pp_size}")
+    if backend == "nccl":
+        # NCCL binds communicators to the current device: one GPU per local rank
+        import torch
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     tp_rank, pp_rank = rank % tp_size, rank // tp_size

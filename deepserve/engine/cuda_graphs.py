@@ -44,7 +44,13 @@ class CudaGraphRunner:
         self.qsl = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(self.max_bs, dtype=torch.int64, device=dev)
         self.outputs: dict[int, torch.Tensor] = {}
-        self._capture_all()
+        try:
+            self._capture_all()
+        except RuntimeError as exc:  # e.g. an op falls back to a path that syncs with the host
+            logger.warning("CUDA graph capture failed, running decode eagerly: %s", exc)
+            self.enabled = False
+            self.graphs.clear()
+            self.outputs.clear()
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(self.qsl[:bs + 1], self.seq_lens[:bs], self.tables[:bs], self.slots[:bs],

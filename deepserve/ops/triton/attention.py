@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, sm_count
 from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
@@ -66,8 +67,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if k_cache.shape[-1] != d or n_heads % n_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head dim must "
                          f"match and heads must be a multiple of KV heads")
-    if d < 16:
-        raise ValueError(f"the Triton paged_attention needs head dim >= 16, got {d}")
+    if d < 16:  # below the smallest tensor-core tile: the torch reference serves (tiny models)
+        return torch_paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                                     scale, max_query_len, max_seq_len)
     out = q.new_empty(n_tokens, n_heads, dv)
     batch = seq_lens.shape[0]
     if n_tokens == 0 or batch == 0:

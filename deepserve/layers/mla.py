@@ -1,0 +1,130 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2 arXiv 2405.04434 section 2.1) over a paged
+cache that holds only the compressed latent (DESIGN invariants 2 and 3).
+
+Per token the cache stores [c_kv (kv_lora_rank) | k_pe (qk_rope_head_dim)] = 512 + 64 for
+R1, one "head" wide; per-head keys and values are never cached. With
+kv_b_proj = [W_UK; W_UV] per head, a head's key is [W_UK c_kv | k_pe] and its value W_UV c_kv.
+
+- Prefill sequences (chunks of any length, context > 0 on chunked prefill or prefix hits)
+  gather their whole latent from the pool, expand k_nope / v through kv_b_proj and run
+  ordinary causal attention (`ops.paged_attention` over temporary expanded blocks).
+- Decode sequences (the first `meta.num_decodes`, one token each) absorb W_UK into the query,
+  q_lat = q_nope W_UK (so q_lat . c_kv = q_nope . k_nope), attend over the latent directly
+  as MQA with 576-wide q/k and the first 512 dims as v, then apply W_UV to the output.
+
+Both paths give the same numbers (tests/models/test_deepseek.py checks this); decode reads
+kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from deepserve import ops
+from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
+from deepserve.layers.attention import AttentionMetadata
+from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from deepserve.layers.norm import RMSNorm
+from deepserve.layers.rotary import RotaryEmbedding
+
+# DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+                 rotary_emb: RotaryEmbedding, scale: float, attention_bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, pctx: Optional[ParallelContext] = None):
+        super().__init__()
+        pctx = pctx or single_process()
+        self.num_heads = divide(num_heads, pctx.tp_size, "num_attention_heads")
+        self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.scale = scale
+        dt = params_dtype
+        if q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, False, dt, pctx)
+        else:
+            self.q_a_proj = ReplicatedLinear(hidden_size, q_lora_rank, attention_bias, dt)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, LATENT_NORM_EPS, dt)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * self.qk_head_dim, False, dt, pctx)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, kv_lora_rank + qk_rope_head_dim,
+                                                   attention_bias, dt)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, LATENT_NORM_EPS, dt)
+        self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim),
+                                              False, dt, pctx)
+        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, attention_bias, dt, pctx)
+        self.rotary_emb = rotary_emb
+        self.kv_cache: list[torch.Tensor] = []  # [pool [num_blocks, block_size, 1, kv_lora + rope]]
+
+    def kv_cache_shapes(self, block_size: int) -> list[tuple[int, ...]]:
+        return [(block_size, 1, self.kv_lora_rank + self.rope_dim)]
+
+    # ------------------------------------------------------------------ helpers
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]         # [H, nope, C], [H, v, C]
+
+    def _decode(self, q_nope, q_pe, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
+        """Absorbed attention of the first n sequences (one token each) -> [n, H, v]."""
+        w_uk, w_uv = self._w_uk_uv()
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)           # [n, H, kv_lora_rank]
+        q_abs = torch.cat((q_lat, q_pe), dim=-1)                      # [n, H, kv_lora_rank + rope]
+        out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
+                                      meta.query_start_loc[:n + 1], meta.seq_lens[:n],
+                                      meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
+        return torch.einsum("thc,hvc->thv", out_lat, w_uv)           # [n, H, v]
+
+    def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
+        """Expanded attention of sequences first.. (their new tokens are q [Tp, H, qk]) -> [Tp, H, v]."""
+        block_size = pool.shape[1]
+        seq_lens = meta.seq_lens[first:].long()
+        max_blocks = -(-meta.max_seq_len // block_size)
+        num_blocks = (seq_lens + block_size - 1) // block_size                       # [Bp]
+        tables = meta.block_tables[first:, :max_blocks].long()
+        used = torch.arange(max_blocks, device=tables.device)[None, :] < num_blocks[:, None]
+        latent = pool[tables[used]]                                   # [Nb, bs, 1, C + rope]
+        # zero the slots past each sequence's end: stale pool data must not reach the GEMM
+        seq_of_block = torch.arange(len(seq_lens), device=tables.device)[:, None].expand_as(used)[used]
+        block_idx = torch.arange(max_blocks, device=tables.device)[None, :].expand_as(used)[used]
+        pos = block_idx[:, None] * block_size + torch.arange(block_size, device=tables.device)
+        latent = latent.masked_fill((pos >= seq_lens[seq_of_block][:, None])[..., None, None], 0.0)
+        kv_c, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(kv_c).view(*kv_c.shape[:2], self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v]
+        k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
+        new_tables = torch.zeros_like(tables)
+        new_tables[used] = torch.arange(k.shape[0], device=tables.device)
+        qsl = meta.query_start_loc[first:] - meta.query_start_loc[first]
+        return ops.paged_attention(q, k, v.contiguous(), qsl, meta.seq_lens[first:],
+                                   new_tables.to(meta.block_tables.dtype), self.scale,
+                                   meta.max_query_len, meta.max_seq_len)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, D] (decode tokens first, then prefill tokens) -> [T, D]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(-1, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv_c = self.kv_a_layernorm(kv_c)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))   # [T, H, rope], [T, 1, rope]
+        (pool,) = self.kv_cache
+        latent = torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1)               # [T, 1, C + rope]
+        ops.write_kv_cache(latent, None, pool, None, meta.slot_mapping)
+
+        n_dec = meta.num_decodes
+        out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
+        if n_dec:
+            out[:n_dec] = self._decode(q_nope[:n_dec], q_pe[:n_dec], pool, meta, n_dec)
+        if n_dec < meta.num_seqs:
+            q_full = torch.cat((q_nope[n_dec:], q_pe[n_dec:]), dim=-1)
+            out[n_dec:] = self._prefill(q_full, pool, meta, n_dec)
+        return self.o_proj(out.flatten(1))

@@ -1,0 +1,211 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1 (`DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`).
+
+One implementation for the family (DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3 arXiv 2412.19437),
+matching `transformers`' modeling_deepseek_v2.py / modeling_deepseek_v3.py. It branches on
+config fields only:
+
+- attention: MLA (layers/mla.py), with `q_lora_rank` null (V2-Lite: one q_proj) or a q
+  low-rank pair; decoupled RoPE on qk_rope_head_dim, interleaved pairs unless
+  `rope_interleave` is false; YaRN `rope_scaling` with its softmax-scale correction;
+- MLP: dense for the first `first_k_dense_replace` layers (and off `moe_layer_freq`), else
+  routed experts (layers/moe.py) + `n_shared_experts` shared experts as one dense MLP;
+  routing by `scoring_func`, `topk_method`, `n_group`, `topk_group`, `norm_topk_prob`,
+  `routed_scaling_factor` (ops/moe.py). Configs written by `transformers` may omit
+  scoring_func/topk_method: the defaults are those of its classes (V3 sigmoid + noaux_tc,
+  V2 softmax + greedy), chosen by `model_type`.
+- MTP: R1 checkpoints carry `model.layers.{num_hidden_layers}.*`, a multi-token-prediction
+  module. With `load_mtp=True` it loads into `self.mtp` (models/deepseek_mtp.py); otherwise
+  those tensors are skipped on purpose (see `_rename`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from deepserve import ops
+from deepserve.config import HFConfig
+from deepserve.distributed.parallel_state import ParallelContext, single_process
+from deepserve.layers.attention import AttentionMetadata
+from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from deepserve.layers.mla import MLAAttention
+from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate
+from deepserve.layers.norm import RMSNorm
+from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
+from deepserve.models.llama import LlamaMLP
+from deepserve.models.weights import load_params
+
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# top-level parts of an MTP layer that are not its transformer block
+MTP_OWN_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
+
+
+def routing_settings(cfg: HFConfig) -> dict:
+    """Keyword arguments of `ops.moe_route` from the config."""
+    v3 = cfg.get("model_type") == "deepseek_v3"
+    return dict(top_k=cfg.num_experts_per_tok,
+                scoring_func=cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
+                topk_method=cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+                n_group=cfg.get("n_group"), topk_group=cfg.get("topk_group"),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
+
+
+def build_rotary(cfg: HFConfig) -> RotaryEmbedding:
+    """One cos/sin cache shared by every layer (R1: 163840 positions x 64 dims)."""
+    return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                           cfg.rope_scaling, is_neox_style=not cfg.get("rope_interleave", True))
+
+
+def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
+    return (bool(cfg.get("n_routed_experts")) and layer_idx >= (cfg.get("first_k_dense_replace") or 0)
+            and layer_idx % (cfg.get("moe_layer_freq") or 1) == 0)
+
+
+class DeepseekMoE(nn.Module):
+    """Routed experts plus the shared experts beside them: x [T, D] -> [T, D]."""
+
+    def __init__(self, cfg: HFConfig, dtype: torch.dtype, pctx: ParallelContext):
+        super().__init__()
+        self.route = routing_settings(cfg)
+        if self.route["topk_method"] != "greedy" and (self.route["n_group"] or 1) > 1 \
+                and not self.route["topk_group"]:
+            raise ValueError(f"topk_method {self.route['topk_method']!r} with n_group "
+                             f"{self.route['n_group']} needs topk_group, got {self.route['topk_group']!r}")
+        num_experts = cfg.n_routed_experts
+        self.gate = MoEGate(cfg.hidden_size, num_experts, self.route["topk_method"] == "noaux_tc")
+        self.experts = FusedMoE(num_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype, pctx)
+        n_shared = cfg.get("n_shared_experts") or 0
+        self.shared_experts = (LlamaMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dtype, pctx,
+                                        bool(cfg.get("mlp_bias", False))) if n_shared else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, cfg: HFConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 pctx: ParallelContext):
+        super().__init__()
+        qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.self_attn = MLAAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.get("q_lora_rank"), cfg.kv_lora_rank,
+            cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, rotary,
+            yarn_softmax_scale(qk_head_dim, cfg.rope_scaling), bool(cfg.get("attention_bias", False)),
+            dtype, pctx)
+        if is_moe_layer(cfg, layer_idx):
+            self.mlp = DeepseekMoE(cfg, dtype, pctx)
+        else:
+            self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, dtype, pctx,
+                                bool(cfg.get("mlp_bias", False)))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    # checkpoint name part -> (fused parameter name part, shard id); dense and shared MLPs
+    stacked_params = [("gate_proj", "gate_up_proj", 0), ("up_proj", "gate_up_proj", 1)]
+
+    def __init__(self, cfg: HFConfig, dtype: torch.dtype = torch.float32,
+                 pctx: Optional[ParallelContext] = None, load_mtp: bool = False):
+        super().__init__()
+        pctx = pctx or single_process()
+        self.config = cfg
+        rotary = build_rotary(cfg)
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, pctx)
+        self.model.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, rotary, dtype, pctx)
+                                          for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, pctx)
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.num_mtp_layers = int(cfg.get("num_nextn_predict_layers") or 0)
+        self.mtp: Optional[nn.ModuleList] = None
+        if load_mtp:
+            if not self.num_mtp_layers:
+                raise ValueError("load_mtp needs num_nextn_predict_layers >= 1 in config.json, got "
+                                 f"{cfg.get('num_nextn_predict_layers')!r}")
+            from deepserve.models.deepseek_mtp import DeepseekMTP  # imports this module's layers
+            self.mtp = nn.ModuleList(DeepseekMTP(cfg, cfg.num_hidden_layers + i, rotary, dtype, pctx)
+                                     for i in range(self.num_mtp_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ weights
+    def _rename(self, name: str) -> Optional[str]:
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if self.tie_word_embeddings and name == "lm_head.weight":
+            return None
+        m = _LAYER_RE.match(name)
+        if m is None or int(m[1]) < self.config.num_hidden_layers:
+            return name
+        # Layers past num_hidden_layers are the MTP module(s) R1 checkpoints carry
+        # (model.layers.61.*), or layers an hf_overrides cut of num_hidden_layers dropped.
+        # They belong to no main-model parameter: skip them on purpose, unless the MTP was
+        # asked for, and then route them to self.mtp, never into self.model.
+        index = int(m[1]) - self.config.num_hidden_layers
+        if self.mtp is None or index >= len(self.mtp):
+            return None
+        rest = m[2]
+        block = "" if rest.split(".")[0] in MTP_OWN_PARTS else "mtp_block."
+        return f"mtp.{index}.{block}{rest}"
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_deepseek_weights(self, weights, self.stacked_params, self._rename)
+
+
+def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                          stacked_params, rename) -> set[str]:
+    """`load_params`, with per-expert tensors (`...mlp.experts.{e}.gate_proj.weight`) sent to
+    the stacked expert parameters with shard id (e, "w1"|"w3"|"w2")."""
+    params = dict(module.named_parameters())
+    experts_loaded: set[str] = set()
+
+    def others():
+        for name, tensor in weights:
+            name = rename(name)
+            if name is None:
+                continue
+            m = _EXPERT_RE.match(name)
+            if m is None:
+                yield name, tensor
+                continue
+            stacked, part = EXPERT_SHARDS[m[3]]
+            target = f"{m[1]}.{stacked}"
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name} has no matching model parameter "
+                                 f"(no routed experts at {m[1]})")
+            param = params[target]
+            param.weight_loader(param, tensor, (int(m[2]), part))
+            experts_loaded.add(target)
+
+    loaded = load_params(module, others(), stacked_params, lambda n: n)
+    return loaded | experts_loaded

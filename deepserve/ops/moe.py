@@ -1,0 +1,115 @@
+"""Mixture-of-experts routing and expert compute, torch reference.
+
+`moe_route` turns router logits into each token's top-k experts and weights, covering the
+DeepSeek family (DeepSeek-V2, arXiv 2405.04434; DeepSeek-V3, arXiv 2412.19437):
+
+- scoring_func "softmax" (V2) or "sigmoid" (V3/R1);
+- topk_method "greedy" (plain top-k), "group_limited_greedy" (V2: keep the `topk_group`
+  groups with the best single expert score), "noaux_tc" (V3: choose with scores plus the
+  load-balancing `e_score_correction_bias`, groups ranked by the sum of their two best biased
+  scores; the weights are the unbiased scores);
+- norm_topk_prob (renormalise the k weights) and routed_scaling_factor (multiply them).
+
+This follows `transformers`' DeepseekV2/V3 routers: normalise first when asked, then always
+scale. (DeepSeek's original V2 code scaled only when not normalising; every released V2
+config has norm_topk_prob false, so both agree on real models.)
+
+`fused_moe` runs the SwiGLU experts over the tokens sorted by expert: one GEMM pair per
+expert that received tokens (a loop over experts, never over tokens), weighted and summed
+back per token. Expert ids outside [0, E) contribute zero: that is how expert parallelism
+drops the tokens routed to another rank's experts (the layer shifts ids by its first local
+expert). With `w13_scale`/`w2_scale` the weights are e4m3 with one fp32 scale_inv per
+128x128 block and are dequantized here, per expert.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from deepserve.ops.registry import register
+
+_SCORING = ("softmax", "sigmoid")
+_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+FP8_BLOCK = 128
+
+
+@register("moe_route", "torch")
+def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor], *,
+              top_k: int, scoring_func: str, topk_method: str, n_group: Optional[int],
+              topk_group: Optional[int], norm_topk_prob: bool,
+              routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
+    if scoring_func not in _SCORING:
+        raise ValueError(f"scoring_func must be one of {_SCORING}, got {scoring_func!r}")
+    if topk_method not in _TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {_TOPK_METHODS}, got {topk_method!r}")
+    logits = router_logits.float()
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    num_tokens, num_experts = scores.shape
+
+    choice = scores
+    if topk_method == "noaux_tc":
+        if e_score_correction_bias is None:
+            raise ValueError("topk_method 'noaux_tc' needs e_score_correction_bias, got None")
+        choice = scores + e_score_correction_bias.float()
+    groups = n_group or 1
+    if topk_method != "greedy" and groups > 1:
+        if num_experts % groups:
+            raise ValueError(f"n_group {groups} does not divide the {num_experts} routed experts")
+        grouped = choice.view(num_tokens, groups, num_experts // groups)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)   # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values                    # [T, G]
+        best_groups = group_scores.topk(topk_group, dim=-1).indices      # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    topk_ids = choice.topk(top_k, dim=-1).indices                      # [T, k]
+    topk_weights = scores.gather(1, topk_ids)
+    if norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
+
+
+def _dequant(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One expert's weight [N, K] in `dtype`; e4m3 with per-128x128 scale_inv when given."""
+    if scale_inv is None:
+        return weight.to(dtype)
+    n, k = weight.shape
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    return (weight.float() * scale).to(dtype)
+
+
+@register("fused_moe", "torch")
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
+              w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
+
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j]."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = topk_ids.reshape(-1).long()                        # [T*k]
+    local = (flat_ids >= 0) & (flat_ids < num_experts)
+    # sort the (token, slot) assignments by expert so each expert sees a contiguous run
+    order = torch.argsort(torch.where(local, flat_ids, num_experts), stable=True)
+    counts = torch.bincount(flat_ids[local], minlength=num_experts).tolist()
+    token_of = order // top_k                                     # token row of each sorted assignment
+    weight_of = topk_weights.reshape(-1)[order].float()
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of[start:start + count]
+        w_gate_up = _dequant(w13[expert], None if w13_scale is None else w13_scale[expert], x.dtype)
+        w_down = _dequant(w2[expert], None if w2_scale is None else w2_scale[expert], x.dtype)
+        gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)   # [n, I] each
+        y = F.linear(F.silu(gate) * up, w_down)                    # [n, D]
+        out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
+        start += count
+    return out.to(x.dtype)
