@@ -1,0 +1,184 @@
+"""Engine benchmarks with random weights of real shapes, each against a roofline measured in
+the same run (issue 4):
+
+  llama8b   r1-distill-llama-8b, bf16, batch 1, 128 prompt / 256 new tokens: decode tokens/s
+            vs the bandwidth roofline (all weights read once per token / copy bandwidth);
+            also decode throughput at batch 64.
+  v2lite    deepseek-v2-lite, bf16: batch-1 decode vs its active-weight roofline; decode
+            throughput at batch 64 and 256; prefill tokens/s and MFU at 8k tokens.
+
+Usage (GPU):  python benchmarks/bench_engine.py --case llama8b v2lite
+Writes one JSON per figure to benchmarks/results/engine_<name>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deepserve import LLM, SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
+    n = 1 << 30  # 2 GiB of bf16
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    secs = start.elapsed_time(end) / 1e3 / 10
+    del src, dst
+    return 2 * n * 2 / secs
+
+
+def matmul_peak() -> float:
+    """FLOP/s of an 8192^3 bf16 matmul."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3 / 10)
+
+
+def weight_bytes(model, active: bool, batch: int = 1) -> int:
+    """Bytes of weights one decode step of `batch` tokens must read: all of them, or for MoE
+    the experts the batch is expected to touch. With E experts and k per token, a batch of b
+    tokens routed uniformly touches E * (1 - (1 - k/E)^b) distinct experts per layer."""
+    cfg = model.config
+    total = 0
+    for name, p in model.named_parameters():
+        b = p.numel() * p.element_size()
+        if active and ".experts." in name and p.dim() == 3:
+            e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+            b = b * (1 - (1 - k / e) ** batch)
+        total += b
+    return int(total)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(0, vocab, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Decode tokens/s (all sequences together): (full run - prefill-only run) time."""
+    vocab = llm.engine.config.model.hf_config.vocab_size
+    prompts = random_prompts(batch, prompt_len, vocab)
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.engine.block_manager.enable_prefix_caching = False
+    llm.generate(prompts, greedy)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, one)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    llm.generate(prompts, greedy)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return batch * (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
+
+
+def prefill_rate(llm: LLM, tokens: int) -> float:
+    vocab = llm.engine.config.model.hf_config.vocab_size
+    prompts = random_prompts(1, tokens, vocab, seed=1)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.engine.block_manager.enable_prefix_caching = False
+    llm.generate(prompts, one)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, one)
+    torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - t0)
+
+
+def record(rows: list, name: str, value: float, unit: str, roof: float, extra: dict | None = None) -> None:
+    entry = {"name": name, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+             "command": "python " + " ".join(sys.argv), "value": value, "unit": unit,
+             "roofline_value": roof, "ratio": value / roof if roof else None, **(extra or {})}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"engine_{name}.json").write_text(json.dumps(entry, indent=2))
+    rows.append(entry)
+
+
+def case_llama8b(rows, bw, peak):
+    llm = LLM("r1-distill-llama-8b", load_format="dummy", dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=256, gpu_memory_utilization=0.85)
+    timings = llm.engine.runner.timings
+    wb = weight_bytes(llm.engine.runner.model, active=False)
+    rate = decode_rate(llm, 1, 128, 256)
+    record(rows, "llama8b_decode_b1", rate, "tok/s", bw / wb, {"weight_bytes": wb, "startup": timings})
+    rate64 = decode_rate(llm, 64, 128, 256)
+    record(rows, "llama8b_decode_b64", rate64, "tok/s", 64 * bw / wb, {"weight_bytes": wb})
+    release(llm)
+
+
+def case_v2lite(rows, bw, peak):
+    llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=9000,
+              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+    model = llm.engine.runner.model
+    active = weight_bytes(model, active=True)
+    rate = decode_rate(llm, 1, 128, 256)
+    record(rows, "v2lite_decode_b1", rate, "tok/s", bw / active,
+           {"active_weight_bytes": active, "startup": llm.engine.runner.timings})
+    for b in (64, 256):
+        r = decode_rate(llm, b, 128, 128)
+        step = weight_bytes(model, active=True, batch=b)
+        record(rows, f"v2lite_decode_b{b}", r, "tok/s", b * bw / step, {"step_weight_bytes": step})
+    tokens = 8192
+    p = prefill_rate(llm, tokens)
+    active_params = active / 2
+    # MFU: 2 FLOPs per active parameter per token (attention's quadratic part left out)
+    record(rows, "v2lite_prefill_8k", p * 2 * active_params, "FLOP/s", peak, {"tokens_per_s": p})
+    release(llm)
+
+
+def release(llm: LLM) -> None:
+    """Free an engine's GPU memory before the next case builds one."""
+    import gc
+    llm.engine.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", nargs="+", default=["llama8b", "v2lite"], choices=["llama8b", "v2lite"])
+    args = ap.parse_args()
+    bw, peak = copy_bandwidth(), matmul_peak()
+    print(f"roofline: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    rows: list = []
+    for case in args.case:
+        try:
+            {"llama8b": case_llama8b, "v2lite": case_v2lite}[case](rows, bw, peak)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next case
+            print(f"case {case} failed: {type(exc).__name__}: {exc}", flush=True)
+    print(f"\n| name | value | unit | roofline | ratio |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['value']:.4g} | {r['unit']} | {r['roofline_value']:.4g} | {r['ratio']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""FP8 block-scaled and INT8 W8A8 GEMM throughput against BF16 at DeepSeek-R1 shapes.
+
+    python benchmarks/bench_quant_gemm.py [--m 1,64,1024] [--out-dir benchmarks/results]
+
+For each R1 Linear shape (N, K from the deepseek-r1 preset) and token count M it times, as
+CUDA-graph replays (how the engine runs decode):
+
+- bf16: torch.matmul(x, W^T) with bf16 x and W (cuBLAS);
+- fp8: the whole `fp8_block_linear` op (Triton per-token-group activation quant + our
+  block-scaled fp8 GEMM) and the GEMM kernel alone;
+- int8: the whole `int8_linear` op (torch per-token quant, torch._int_mm, rescale) and
+  torch._int_mm alone.
+
+Rooflines measured in the same run: the bf16 matmul peak (8192^3, TFLOP/s) and a 2 GiB
+device copy (GB/s; M = 1 and 64 are bound by reading the weight). Each result is one JSON
+file (name, device, date, command, value [TFLOP/s], unit, roofline_value [bf16 peak], ratio,
+plus time_ms, bf16_ms, speedup_vs_bf16, weight_gbps, copy_gbps).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_ops import copy_bandwidth, graph_time_ms, matmul_flops  # noqa: E402
+from deepserve.ops.quant import int8_linear, int8_matmul  # noqa: E402
+from deepserve.quant.fp8 import quant_fp8_block  # noqa: E402
+from deepserve.quant.int8 import quant_int8_per_channel  # noqa: E402
+
+
+def r1_shapes() -> list[tuple[str, int, int]]:
+    """(name, N, K) of R1's dense Linear layers at TP 1, from the preset."""
+    c = json.loads((REPO / "deepserve" / "assets" / "presets" / "deepseek-r1.json").read_text())
+    heads, nope, rope, v = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                            c["v_head_dim"])
+    d, inter = c["hidden_size"], c["intermediate_size"]
+    return [("q_b_proj", heads * (nope + rope), c["q_lora_rank"]),
+            ("kv_b_proj", heads * (nope + v), c["kv_lora_rank"]),
+            ("o_proj", d, heads * v),
+            ("gate_up_proj", 2 * inter, d),
+            ("down_proj", d, inter)]
+
+
+def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float, meta: dict) -> list[dict]:
+    import deepserve.ops.triton.quant_gemm as qg
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    flop = 2.0 * m * n * k
+    bf16_ms = graph_time_ms(lambda: torch.matmul(x, w.t()))
+
+    wq, grid = quant_fp8_block(w)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    xq, xs = qg.act_quant_fp8(x)
+    wi, wis = quant_int8_per_channel(w)
+    xi = torch.randint(-127, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
+    del w
+    runs = {
+        "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
+        "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
+        "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
+        "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
+        "bf16": (None, n * k * 2),
+    }
+    out = []
+    for kind, (fn, weight_bytes) in runs.items():
+        ms = bf16_ms if fn is None else graph_time_ms(fn)
+        tflops = flop / (ms * 1e-3) / 1e12
+        rec = dict(meta, name=f"quant_gemm.{name}_{kind}_m{m}", value=round(tflops, 3), unit="TFLOP/s",
+                   roofline_value=round(peak / 1e12, 3), ratio=round(tflops * 1e12 / peak, 4),
+                   time_ms=round(ms, 5), bf16_ms=round(bf16_ms, 5), speedup_vs_bf16=round(bf16_ms / ms, 3),
+                   weight_gbps=round(weight_bytes / (ms * 1e-3) / 1e9, 1), copy_gbps=round(copy_gbps / 1e9, 1),
+                   shape={"m": m, "n": n, "k": k})
+        out.append(rec)
+        print(f"{name:13s} M={m:5d} N={n:6d} K={k:6d} {kind:14s} {ms * 1e3:9.1f} us {tflops:8.1f} TFLOP/s "
+              f"{rec['weight_gbps']:7.0f} GB/s  x{rec['speedup_vs_bf16']:.2f} vs bf16", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", default="1,64,1024", help="token counts, comma separated")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quant_gemm needs a CUDA device")
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise SystemExit("fp8 GEMMs need compute capability >= 8.9")
+    peak, copy_gbps = matmul_flops(), copy_bandwidth()
+    print(f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s, copy {copy_gbps / 1e9:.0f} GB/s")
+    meta = {"device": torch.cuda.get_device_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(sys.argv)}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, n, k in r1_shapes():
+        for m in (int(v) for v in args.m.split(",")):
+            for rec in bench_shape(name, n, k, m, peak, copy_gbps, meta):
+                (out_dir / f"{rec['name'].replace('.', '_')}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
