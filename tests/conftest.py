@@ -1,10 +1,21 @@
 """Shared fixtures: paths to ../shared assets, the demo model, and gpu skipping."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models: extra threads only add contention (and CI has 2 cores shared with the servers
+# and worker processes the tests start, which inherit this).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # Triton kernels can only run interpreted here; the interpreter is chosen when a kernel is
+    # decorated, so set it before any test imports deepserve.ops.triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
