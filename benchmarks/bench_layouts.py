@@ -107,7 +107,7 @@ def speed(rows: list, bw: float) -> None:
         llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=1024,
                   max_num_seqs=256, gpu_memory_utilization=0.8, **kw)
         for b in (64, 256):
-            rate = decode_rate(llm, b, 128, 128)
+            rate = decode_rate(llm, b, 128, 64)
             entry = {"name": f"layout_v2lite_{name}_decode_b{b}", "value": rate, "unit": "tok/s"}
             if kw:
                 # per layer: attention output + MLP/MoE output all-reduced (EP: the MoE sum)

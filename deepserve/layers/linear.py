@@ -6,6 +6,12 @@ the input features and all-reduces the partial sums. Each parameter carries a
 checkpoint tensor, so loading never needs to know the layout. Merged layers (gate+up, q+k+v)
 stack several checkpoint tensors into one parameter; `shard_id` says which.
 With tp_size 1 these are plain `nn.Linear`s.
+
+The weight storage and the GEMM belong to the layer's `quant_method` (vLLM's LinearMethod
+idea): `create_weights(layer)` registers the weight parameter(s) and `apply(layer, x, bias)`
+computes x W^T (+ bias). The default keeps a `params_dtype` weight and calls F.linear;
+layers/quantization.py holds the FP8-block and W8A8-int8 methods, which
+`LinearBase.set_quant_method` swaps in after the model is built.
 """
 from __future__ import annotations
 
@@ -29,13 +35,27 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
+class UnquantizedLinearMethod:
+    """Weight in the model dtype, y = F.linear(x, W, b)."""
+
+    def create_weights(self, layer: "LinearBase", params_dtype: torch.dtype,
+                       device: Optional[torch.device] = None) -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features,
+                                                dtype=params_dtype, device=device), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, params_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=params_dtype),
-                                   requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = params_dtype
+        self.quant_method = UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, params_dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -45,8 +65,15 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
 
+    def set_quant_method(self, method) -> None:
+        """Replace the weight parameter(s) with those of `method` (same device), before loading."""
+        device = self.weight.device
+        del self.weight
+        self.quant_method = method
+        method.create_weights(self, self.params_dtype, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -86,7 +113,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.narrow(0, offset, size).copy_(shard)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
         return self.pctx.tp_all_gather(y) if self.gather_output else y
 
 
@@ -145,7 +172,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.pctx.tp_rank * size, size))
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = self.quant_method.apply(self, x)
         if self.reduce_results:
             y = self.pctx.tp_all_reduce(y)
         return y + self.bias if self.bias is not None else y

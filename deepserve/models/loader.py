@@ -1,12 +1,30 @@
-"""Build a model from a ModelConfig: choose the class, the dtype, and fill the weights."""
+"""Build a model from a ModelConfig: choose the class, the dtype, the quantized linear
+method, and fill the weights.
+
+Quantization (`--quantization`, else the checkpoint's `quantization_config`):
+
+| checkpoint                       | --quantization | Linear layers run as                          |
+|----------------------------------|----------------|-----------------------------------------------|
+| fp8 (DeepSeek block)             | none           | fp8 on CUDA with fp8 GEMMs (sm >= 8.9), else dequantized at load |
+| fp8                              | fp8            | fp8 (CPU and older GPUs: dequantize-then-matmul per call)  |
+| compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
+| BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
+| any quantized                    | the other one  | dequantized, then quantized at load           |
+
+Layers outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate,
+kv_b_proj, MTP eh_proj) and the MoE routed experts are dequantized at load to the model dtype.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
+from deepserve.layers.quantization import init_dummy_quantized, is_quantized_tensor, quantize_linears
 from deepserve.models.registry import get_model_class
-from deepserve.models.weights import dequantize_fp8_stream, init_dummy_weights, iterate_checkpoint
+from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -26,6 +44,54 @@ def fp8_block_size(hf_config) -> tuple[int, int] | None:
     if q.get("quant_method") != "fp8":
         return None
     return tuple(q.get("weight_block_size") or (128, 128))
+
+
+def _check_w8a8_int8(qc: dict) -> None:
+    """Accept only the compressed-tensors scheme we run: int8 symmetric channel weights with
+    dynamic per-token int8 activations (what `deepserve convert quantize` writes)."""
+    groups = qc.get("config_groups") or {}
+    if qc.get("format") not in (None, "int-quantized") or not groups:
+        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with config_groups "
+                         f"{sorted(groups)} is not supported; deepserve serves int-quantized W8A8 int8")
+    for gname, g in groups.items():
+        w, a = g.get("weights") or {}, g.get("input_activations") or {}
+        got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("symmetric"),
+               a.get("num_bits"), a.get("type"), a.get("strategy"), a.get("dynamic"))
+        if got != (8, "int", "channel", True, 8, "int", "token", True):
+            raise ValueError(f"compressed-tensors group {gname}: weights {w.get('num_bits')}-bit "
+                             f"{w.get('type')} {w.get('strategy')} (symmetric={w.get('symmetric')}), "
+                             f"activations {a.get('num_bits')}-bit {a.get('type')} {a.get('strategy')} "
+                             f"(dynamic={a.get('dynamic')}): deepserve serves only int8 symmetric "
+                             f"channel weights with dynamic int8 token activations")
+
+
+def checkpoint_quantization(hf_config) -> Optional[str]:
+    """The checkpoint's stored format: "fp8", "w8a8-int8" or None (high precision)."""
+    qc = hf_config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method is None:
+        return None
+    if method == "fp8":
+        return "fp8"
+    if method == "compressed-tensors":
+        _check_w8a8_int8(qc)
+        return "w8a8-int8"
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; "
+                     f"deepserve loads fp8 (DeepSeek block) and compressed-tensors W8A8 int8")
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """fp8 tensor-core GEMMs: CUDA compute capability 8.9 (Ada) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
+    """The linear method to run (see the table in the module docstring)."""
+    if requested is not None:
+        return requested
+    if stored == "fp8":
+        return "fp8" if fp8_gemm_supported(device) else None
+    return stored
 
 
 def stage_modules(model, pctx: ParallelContext) -> list:
@@ -74,16 +140,25 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     cls = get_model_class(cfg.architecture)
     dtype = resolve_dtype(model_config, device)
     model = _build(cls, cfg, dtype, device, pctx)
-    if model_config.load_format == "dummy":
+    dummy = model_config.load_format == "dummy"
+    stored = None if dummy else checkpoint_quantization(cfg)
+    method = choose_quantization(model_config.quantization, stored, device)
+    block = fp8_block_size(cfg) or (128, 128)
+    if method is not None:
+        quantize_linears(model, method, block)
+    if dummy:
         init_dummy_weights(model, seed=model_config.seed)
+        init_dummy_quantized(model, seed=model_config.seed)
     else:
         weights = iterate_checkpoint(model_config.model)
-        block = fp8_block_size(cfg)
-        if block is not None:
-            weights = dequantize_fp8_stream(weights, block, dtype)
+        if stored is not None:
+            # stored quantized tensors go as they are to the layers that run the same method
+            keep = is_quantized_tensor if method == stored else (lambda name: False)
+            weights = dequantize_stream(weights, stored, block, dtype, keep)
         loaded = model.load_weights(weights)
-        expected = {n for n, _ in model.named_parameters()}
-        missing = sorted(expected - loaded - getattr(model, "optional_params", set()))
+        params = dict(model.named_parameters())
+        loaded |= {n for n, p in params.items() if getattr(p, "filled", False)}
+        missing = sorted(set(params) - loaded - getattr(model, "optional_params", set()))
         if missing:
             raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {', '.join(missing[:5])}"
                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))

@@ -1,19 +1,24 @@
-"""Reading Hugging Face checkpoints: safetensors shards, FP8 dequantization, random weights.
+"""Reading Hugging Face checkpoints: safetensors shards, dequantization, random weights.
 
 Shards are opened one at a time with `safe_open`, tensor by tensor, so host memory holds at
 most one shard beyond the model. DeepSeek's FP8 checkpoints store e4m3 weights with a fp32
-`<name>_scale_inv` per 128x128 block; unless a quantized path is chosen they are dequantized
-here, y = fp32(x) * s, cast to the model dtype.
+`<name>_scale_inv` per 128x128 block, compressed-tensors W8A8 ones int8 weights with a fp32
+`<name>_scale` per output row. Tensors that feed no quantized layer (all of them on the
+dequantize-at-load path; MoE experts and high-precision layers otherwise) are dequantized
+here: fp8 as bf16(fp32(x) * s), exactly what `deepserve convert fp8-to-bf16` writes, then cast
+to the model dtype; int8 as fp32(q) * s.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from deepserve.quant.fp8 import FP8_DTYPE, dequant_fp8_block
+from deepserve.quant.int8 import dequant_int8
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -52,41 +57,53 @@ def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
         del f
 
 
-def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                      out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """e4m3 weight [N, K] with fp32 scale_inv [ceil(N/bn), ceil(K/bk)] -> out_dtype [N, K]."""
-    n, k = weight.shape
-    bn, bk = block
-    expected = (math.ceil(n / bn), math.ceil(k / bk))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
-                         f"with {bn}x{bk} blocks (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return (weight.float() * scale).to(out_dtype)
+# checkpoint format -> (quantized weight dtype, scale suffix)
+QUANT_FORMATS = {"fp8": (FP8_DTYPE, "_scale_inv"), "w8a8-int8": (torch.int8, "_scale")}
 
 
-def dequantize_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], block: tuple[int, int],
-                          out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pair each fp8 weight with its `_scale_inv` (either order within a shard) and dequantize."""
+def _dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                out_dtype: torch.dtype) -> torch.Tensor:
+    if fmt == "fp8":
+        # through bf16, as `deepserve convert fp8-to-bf16` writes it, so a model served from
+        # the FP8 folder sees exactly the weights of the converted BF16 folder
+        return dequant_fp8_block(weight, scale, block, torch.bfloat16).to(out_dtype)
+    return dequant_int8(weight, scale.reshape(-1, 1).float(), out_dtype)
+
+
+def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, block: tuple[int, int],
+                      out_dtype: torch.dtype, keep: Callable[[str], bool] = lambda name: False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize the quantized weights of a `fmt` checkpoint ("fp8": e4m3 + `<name>_scale_inv`
+    per block; "w8a8-int8": int8 + `<name>_scale` per row), pairing each weight with its scale
+    in either order. Tensors for which `keep(name)` holds pass through as stored (they feed a
+    quantized layer); everything else passes through unchanged."""
+    qdtype, suffix = QUANT_FORMATS[fmt]
     pending_w: dict[str, torch.Tensor] = {}
     pending_s: dict[str, torch.Tensor] = {}
     for name, t in weights:
-        if name.endswith("_scale_inv"):
-            base = name[: -len("_scale_inv")]
-            if base in pending_w:
-                yield base, dequant_fp8_block(pending_w.pop(base), t, block, out_dtype)
+        if name.endswith(suffix):
+            base = name[: -len(suffix)]
+            if keep(name):
+                yield name, t
+            elif base in pending_w:
+                yield base, _dequantize(fmt, pending_w.pop(base), t, block, out_dtype)
             else:
                 pending_s[base] = t
-        elif t.dtype == torch.float8_e4m3fn:
-            if name in pending_s:
-                yield name, dequant_fp8_block(t, pending_s.pop(name), block, out_dtype)
+        elif t.dtype == qdtype:
+            if keep(name):
+                yield name, t
+            elif name in pending_s:
+                yield name, _dequantize(fmt, t, pending_s.pop(name), block, out_dtype)
             else:
                 pending_w[name] = t
         else:
             yield name, t
     if pending_w:
         missing = sorted(pending_w)[0]
-        raise ValueError(f"fp8 tensor {missing} has no {missing}_scale_inv in the checkpoint")
+        raise ValueError(f"{fmt} tensor {missing} has no {missing}{suffix} in the checkpoint")
+    if pending_s:
+        extra = sorted(pending_s)[0]
+        raise ValueError(f"scale tensor {extra}{suffix} has no {qdtype} weight {extra} in the checkpoint")
 
 
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -113,6 +130,9 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         if target not in params:
             raise ValueError(f"checkpoint tensor {name} has no matching model parameter")
         param = params[target]
+        if tensor.dtype in (FP8_DTYPE, torch.int8) and param.dtype != tensor.dtype:
+            raise ValueError(f"checkpoint tensor {name} is {tensor.dtype} but parameter {target} is "
+                             f"{param.dtype}: no quantized layer takes it and it was not dequantized")
         loader = getattr(param, "weight_loader", None)
         if loader is None:
             if tuple(param.shape) != tuple(tensor.shape):

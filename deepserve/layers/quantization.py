@@ -1,0 +1,242 @@
+"""Quantized linear methods: FP8 block (DeepSeek's format) and W8A8 INT8 (compressed-tensors).
+
+A method owns a linear layer's weight storage and GEMM (the `quant_method` hook of
+layers/linear.py); `quantize_linears` swaps one into every Linear the policy quantizes, after
+the model is built and before the weights load.
+
+- `Fp8BlockLinearMethod`: e4m3 `weight` [N, K] + fp32 `weight_scale_inv`. DeepSeek stores
+  one scale per 128x128 block ([ceil(N/128), ceil(K/128)]); the layer keeps it row-expanded,
+  [N, ceil(K/128)] (each row carries its block's scales). That costs 4 bytes per 128 weights
+  (3% of the fp8 weight) but lets fused layers (gate+up, q+k+v), TP shards and partial edge
+  blocks fall anywhere, not only on 128-row boundaries, with the same numbers. The K
+  direction keeps its blocks, so a row-parallel split must fall on a 128 boundary.
+  The GEMM quantizes activations per token per 128 group (ops.fp8_block_linear).
+- `Int8W8A8LinearMethod`: int8 `weight` [N, K] + fp32 `weight_scale` [N, 1] (per output
+  channel), dynamic per-token int8 activations (ops.int8_linear).
+
+Each weight loader takes either the checkpoint's quantized tensors (sharded like the weight:
+scale rows follow output rows, scale columns follow the 128-blocks of K) or a float tensor,
+which it quantizes first with the converter's own rule (quant/fp8.py, quant/int8.py) on the
+full checkpoint tensor, so `--quantization fp8` on a BF16 folder gives the same weights as
+`deepserve convert quantize --method fp8-block` followed by loading the result.
+
+Which layers stay in the model dtype: the policy of quant/policy.py (embeddings, LM head,
+norms, router gate), plus `kv_b_proj`, whose weight MLA's absorbed decode reads directly
+(as vLLM does, it is dequantized at load), and MTP's `eh_proj`, which DeepSeek's release
+keeps in BF16. MoE routed experts are not Linear layers: they are dequantized at load.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+from deepserve import ops
+from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
+                                     RowParallelLinear, UnquantizedLinearMethod, check_shape)
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quant_fp8_block
+from deepserve.quant.int8 import quant_int8_per_channel
+from deepserve.quant.policy import high_precision_reason
+
+METHODS = ("fp8", "w8a8-int8")
+# Linear layers kept in the model dtype beyond quant/policy.py (see the module docstring)
+KEEP_HIGH_PRECISION = ("kv_b_proj", "eh_proj")
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight")
+
+
+def is_quantized_module(module_name: str) -> bool:
+    """Whether the Linear `module_name` (model or checkpoint naming) runs quantized."""
+    if _EXPERT.search(f".{module_name}."):
+        return False
+    if module_name.rsplit(".", 1)[-1] in KEEP_HIGH_PRECISION:
+        return False
+    return high_precision_reason(module_name + ".weight", torch.float32, (1, 1)) is None
+
+
+def is_quantized_tensor(name: str) -> bool:
+    """Whether checkpoint tensor `name` (a weight or its scale) feeds a quantized Linear."""
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return is_quantized_module(name[: -len(suffix)])
+    return False
+
+
+def _index(layer: LinearBase, shard_id) -> int:
+    if isinstance(layer, QKVParallelLinear):
+        return {"q": 0, "k": 1, "v": 2}[shard_id]
+    return 0 if shard_id is None else shard_id
+
+
+def full_rows(layer: LinearBase, shard_id) -> int:
+    """Rows of the checkpoint tensor that `shard_id` of `layer` loads from."""
+    if isinstance(layer, QKVParallelLinear) and _index(layer, shard_id) and layer.kv_replicas > 1:
+        return layer.num_kv_heads * layer.head_dim
+    if isinstance(layer, ColumnParallelLinear):
+        return layer.output_sizes[_index(layer, shard_id)]
+    return layer.out_features
+
+
+def full_cols(layer: LinearBase) -> int:
+    return layer.full_in_features if isinstance(layer, RowParallelLinear) else layer.in_features
+
+
+class _QuantizedLinearMethod:
+    """Shared loading: a float checkpoint tensor is quantized here, then loaded as stored."""
+
+    scale_name = ""
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_scale(self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        raise NotImplementedError
+
+    def attach_loaders(self, layer: LinearBase) -> None:
+        layer.weight.weight_loader = functools.partial(self.load_weight, layer)
+        scale = getattr(layer, self.scale_name)
+        scale.weight_loader = functools.partial(self._load_scale_marked, layer)
+
+    def load_weight(self, layer: LinearBase, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        if loaded.dtype == param.dtype:
+            layer.weight_loader(param, loaded, shard_id)
+            return
+        if not loaded.is_floating_point() or loaded.dtype == FP8_DTYPE:
+            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: a {param.dtype} layer cannot "
+                             f"load a {loaded.dtype} checkpoint tensor")
+        expected = (full_rows(layer, shard_id), full_cols(layer))
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: checkpoint shape "
+                             f"{tuple(loaded.shape)} does not match the model's {expected}")
+        q, scale = self.quantize(loaded.to(param.device))   # the whole tensor, then shard
+        layer.weight_loader(param, q, shard_id)
+        self._load_scale_marked(layer, getattr(layer, self.scale_name), scale, shard_id)
+
+    def _load_scale_marked(self, layer, param, loaded, shard_id=None):
+        self.load_scale(layer, param, loaded, shard_id)
+        param.filled = True  # the loader's completeness check counts online-made scales too
+
+    def quantize_local(self, layer: LinearBase, w: torch.Tensor) -> None:
+        """Fill this rank's parameters from a local float weight (random weights)."""
+        q, scale = self.quantize(w)
+        layer.weight.data.copy_(q)
+        self._fill_local_scale(layer, scale)
+        getattr(layer, self.scale_name).filled = True
+
+    def _fill_local_scale(self, layer, scale):
+        getattr(layer, self.scale_name).data.copy_(scale)
+
+
+class Fp8BlockLinearMethod(_QuantizedLinearMethod):
+    """e4m3 weight + row-expanded fp32 block scales; y = fp8 GEMM with 1x128 activation groups."""
+
+    scale_name = "weight_scale_inv"
+
+    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK):
+        if tuple(block)[1] != ops.quant.FP8_GROUP:
+            raise ValueError(f"fp8 weight_block_size {list(block)}: the K block must be "
+                             f"{ops.quant.FP8_GROUP} (the activation group size)")
+        self.block = tuple(block)
+
+    def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
+                       device: Optional[torch.device] = None) -> None:
+        n, k = layer.out_features, layer.in_features
+        if isinstance(layer, RowParallelLinear) and layer.pctx.tp_size > 1 and k % self.block[1]:
+            raise ValueError(f"fp8: row-parallel layer with {k} local input features per rank is not "
+                             f"a multiple of the {self.block[1]}-wide scale block; use a tensor-parallel "
+                             f"size that divides {layer.full_in_features // self.block[1]}")
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        layer.weight_scale_inv = nn.Parameter(
+            torch.ones(n, math.ceil(k / self.block[1]), dtype=torch.float32, device=device),
+            requires_grad=False)
+        self.attach_loaders(layer)
+
+    def quantize(self, w):
+        return quant_fp8_block(w, self.block)
+
+    def load_scale(self, layer, param, loaded, shard_id=None):
+        rows, cols = full_rows(layer, shard_id), full_cols(layer)
+        bn, bk = self.block
+        grid = (math.ceil(rows / bn), math.ceil(cols / bk))
+        if tuple(loaded.shape) != grid:
+            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale shape {tuple(loaded.shape)} "
+                             f"does not match a {rows}x{cols} weight in {bn}x{bk} blocks {grid}")
+        expanded = loaded.to(param.device, torch.float32).repeat_interleave(bn, 0)[:rows]  # [rows, Kb]
+        if isinstance(layer, RowParallelLinear):
+            kb = param.shape[1]
+            param.data.copy_(expanded.narrow(1, layer.pctx.tp_rank * kb, kb))
+        else:
+            layer.weight_loader(param, expanded, shard_id)
+
+    def _fill_local_scale(self, layer, scale):
+        n = layer.out_features
+        layer.weight_scale_inv.data.copy_(scale.repeat_interleave(self.block[0], 0)[:n])
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, bias)
+
+
+class Int8W8A8LinearMethod(_QuantizedLinearMethod):
+    """int8 weight + per-channel fp32 scale; y = int8 GEMM on per-token int8 activations."""
+
+    scale_name = "weight_scale"
+
+    def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
+                       device: Optional[torch.device] = None) -> None:
+        n, k = layer.out_features, layer.in_features
+        layer.weight = nn.Parameter(torch.empty(n, k, dtype=torch.int8, device=device), requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.ones(n, 1, dtype=torch.float32, device=device),
+                                          requires_grad=False)
+        self.attach_loaders(layer)
+
+    def quantize(self, w):
+        return quant_int8_per_channel(w)
+
+    def load_scale(self, layer, param, loaded, shard_id=None):
+        if loaded.dim() == 1:  # some writers store [N]
+            loaded = loaded[:, None]
+        loaded = loaded.to(param.device, torch.float32)
+        if isinstance(layer, RowParallelLinear):  # output rows are whole on every rank
+            check_shape(getattr(param, "param_name", "?"), param, loaded)
+            param.data.copy_(loaded)
+        else:
+            layer.weight_loader(param, loaded, shard_id)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK):
+    if name == "fp8":
+        return Fp8BlockLinearMethod(block)
+    if name == "w8a8-int8":
+        return Int8W8A8LinearMethod()
+    raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {name!r}")
+
+
+def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK) -> list[str]:
+    """Give every Linear that `is_quantized_module` accepts the `method`; returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and is_quantized_module(name):
+            module.set_quant_method(make_method(method, block))
+            names.append(name)
+    if not names:
+        raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
+    return names
+
+
+@torch.no_grad()
+def init_dummy_quantized(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights (std `std`) for the quantized layers, quantized layer by layer."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    for module in model.modules():
+        if isinstance(module, LinearBase) and not isinstance(module.quant_method, UnquantizedLinearMethod):
+            if module.weight.device.type == "meta":
+                continue
+            w = torch.randn(module.weight.shape, generator=gen) * std
+            module.quant_method.quantize_local(module, w.to(module.weight.device))

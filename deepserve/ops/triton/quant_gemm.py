@@ -1,0 +1,142 @@
+"""Block-scaled FP8 GEMM (DeepSeek-V3's W8A8 FP8 recipe) as Triton kernels.
+
+y = x W^T with W e4m3 [N, K] and fp32 scales row-expanded to [N, ceil(K/128)], x quantized at
+run time to e4m3 per token per 128 input features. Two kernels:
+
+1. `_act_quant_kernel`: one program per (row, 128-group): amax -> scale = amax / 448,
+   q = e4m3(x / scale). The division is IEEE round-to-nearest (`tl.div_rn`), as torch's, so
+   the quantized activations are bit-identical to the torch reference.
+2. `_fp8_gemm_kernel`: a tiled GEMM whose K step is exactly one 128-group, so each step's
+   fp8 tensor-core product (fp32 accumulate) is rescaled by a_scale[m] x w_scale[n] before it
+   joins the fp32 accumulator: the "per-group promotion" DeepSeek's paper describes.
+
+The idea is that of vLLM's `w8a8_block_fp8_matmul` and DeepSeek's `fp8_gemm`; the code is
+ours. Tile sizes are chosen per M (decode vs prefill), without autotuning. GPUs without fp8
+tensor cores (compute capability < 8.9) and CPU tensors run the torch reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
+from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s,
+                      GROUP: tl.constexpr, QMAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+    scale = tl.div_rn(amax, QMAX)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * stride_s + g, scale)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
+                     stride_am, stride_bn, stride_cm, stride_as, stride_bs,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row-tiles share each column tile while it is in L2
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]   # W^T tile [BK, BN]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_as
+    bs_ptrs = bs_ptr + offs_n.to(tl.int64) * stride_bs
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)                       # [BM]
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)                       # [BN]
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scale [M, ceil(K/128)]), as ops.quant.quant_fp8_per_token_group."""
+    m, k = x.shape
+    kb = triton.cdiv(k, FP8_GROUP)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m, kb)](x, q, s, k, x.stride(0), q.stride(0), s.stride(0),
+                                   GROUP=FP8_GROUP, QMAX=FP8_MAX, num_warps=1)
+    return q, s
+
+
+def _tiles(m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by M: small tiles keep decode's few rows
+    from wasting a 128-row MMA and give enough CTAs to fill the GPU; prefill uses 128x128."""
+    if m <= 16:
+        return 16, (64 if n >= 16384 else 32), 4, 4
+    if m <= 64:
+        return 64, 64, 4, 4
+    return 128, 128, 8, 3
+
+
+def fp8_gemm(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """e4m3 q [M, K] (scales [M, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [M, N] out_dtype."""
+    m, k = q.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=q.device)
+    if m == 0:
+        return out
+    bm, bn, warps, stages = _tiles(m, n)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _fp8_gemm_kernel[grid](q, weight, out, a_scale, w_scale, bias if bias is not None else out,
+                           m, n, k, q.stride(0), weight.stride(0), out.stride(0),
+                           a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_GROUP, GROUP_M=8,
+                           num_warps=warps, num_stages=stages)
+    return out
+
+
+def fp8_kernels_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return interpreting()
+
+
+@register("fp8_block_linear", "triton")
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not fp8_kernels_usable(x.device):
+        return fp8_block_linear_torch(x, weight, weight_scale, bias)
+    check_fp8_operands(x, weight, weight_scale)
+    lead = x.shape[:-1]
+    x2 = as_rows(x)
+    q, s = act_quant_fp8(x2)
+    y = fp8_gemm(q, s, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
+    return y.reshape(*lead, weight.shape[0])
