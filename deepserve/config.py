@@ -255,6 +255,9 @@ class EngineArgs:
             self.hf_overrides = json.loads(self.hf_overrides)
         if isinstance(self.speculative_config, str):
             self.speculative_config = json.loads(self.speculative_config)
+        if self.speculative_config:
+            raise ValueError(f"speculative decoding is not supported yet, got speculative_config="
+                             f"{self.speculative_config!r} (the MTP layer loads, see DeepseekMTP)")
 
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)

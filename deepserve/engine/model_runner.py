@@ -8,11 +8,13 @@ batch; on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -73,10 +75,10 @@ class ModelRunner:
             t0 = time.perf_counter()
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
-        logger.info("model %s on %s (%s, ops=%s): %d KV blocks of %d tokens; %s",
-                    config.model.architecture, self.device, self.dtype, ops.get_backend(),
-                    self.num_blocks, self.block_size,
-                    ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+        logger.info("model %s on %s (%s, ops=%s, %.0f%% of op calls so far ran as Triton kernels): "
+                    "%d KV blocks of %d tokens; %s", config.model.architecture, self.device, self.dtype,
+                    ops.get_backend(), 100 * ops.triton_share(), self.num_blocks, self.block_size,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
 
     # ------------------------------------------------------------------ KV cache
     def bytes_per_block(self) -> int:
@@ -142,16 +144,18 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     def host_inputs(self, batch: ScheduledBatch) -> dict:
-        """The step's inputs as plain lists (cheap to send to the other ranks)."""
+        """The step's inputs as plain lists (cheap to send to the other ranks).
+
+        Work is per sequence (numpy over its new tokens), never per token in Python."""
         ids, positions, slots, q_lens, seq_lens, logits_rows = [], [], [], [], [], []
         bs = self.block_size
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            ids.append(seq.token_ids[start:start + n])
+            pos = np.arange(start, start + n)
+            positions.append(pos)
+            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
             q_lens.append(n)
             seq_lens.append(start + n)
             offset += n
@@ -159,8 +163,9 @@ class ModelRunner:
                 logits_rows.append(offset - 1)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        return dict(ids=ids, positions=positions, slots=slots, q_lens=q_lens, seq_lens=seq_lens,
-                    tables=tables, logits_rows=logits_rows, num_decodes=batch.num_decodes)
+        return dict(ids=list(itertools.chain.from_iterable(ids)), positions=np.concatenate(positions),
+                    slots=np.concatenate(slots), q_lens=q_lens, seq_lens=seq_lens, tables=tables,
+                    logits_rows=logits_rows, num_decodes=batch.num_decodes)
 
     def to_device(self, h: dict):
         """Host inputs -> (input ids, positions, attention metadata) on the device."""
@@ -170,6 +175,8 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
 
         def tensor(data, dtype):
+            if isinstance(data, np.ndarray):
+                return torch.from_numpy(data).to(dtype).to(dev, non_blocking=True)
             return torch.tensor(data, dtype=dtype).to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
