@@ -4,6 +4,11 @@ With no model it serves the built-in stories260k demo. A YAML file (FlagScale st
 deepserve/server/config_file.py) sets engine args, server options and environment
 variables in one place; flags given on the command line override it. Engine flags carry
 vLLM's names (`--max-model-len`, `--max-num-seqs`, `--max-waiting-requests`, ...).
+
+With a hostfile (`--hostfile` or `hostfile:` in the YAML; `ip slots=8 type=gpu` lines) it
+starts Ray on the listed hosts over ssh, waits for their GPUs, serves with the Ray backend
+(choosing the parallel sizes when none are given) and stops Ray on exit. `--dry-run` prints
+the commands host by host instead.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ def register(subparsers) -> None:
                    help="Largest request body accepted; larger ones get 413 (default: 8 MiB).")
     s.add_argument("--log-level", default=sup, choices=["debug", "info", "warning", "error"],
                    help="Log level (default: info).")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--hostfile", default=sup,
+                   help="Hosts to deploy over (`ip slots=N type=gpu` lines): starts Ray on them over ssh.")
+    c.add_argument("--dry-run", action="store_true",
+                   help="Print what would run (the cluster commands host by host, the engine args) and exit.")
     e = p.add_argument_group("engine (vLLM flag names)")
     EngineArgs.add_cli_args(e)
     p.set_defaults(func=run)
@@ -41,6 +51,12 @@ def register(subparsers) -> None:
 
 def resolve(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """(engine kwargs, server options, envs) from the YAML file (if any) and the flags."""
+    return resolve_all(args)[:3]
+
+
+def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
+    """resolve(), plus the cluster runner options (None without a hostfile)."""
+    from deepserve.distributed.cluster import RunnerOptions
     from deepserve.server.config_file import ServeConfig, is_config_file, load_serve_config
 
     config = ServeConfig()
@@ -57,14 +73,32 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     server = dict(SERVER_DEFAULTS)
     server.update(config.server)
     server.update({k: getattr(args, k) for k in SERVER_DEFAULTS if hasattr(args, k)})
-    return engine, server, config.envs
+    runner = config.runner
+    if getattr(args, "hostfile", None):
+        runner = runner or RunnerOptions()
+        runner.hostfile = args.hostfile
+    if runner is not None and not runner.hostfile:
+        runner = None  # a FlagScale runner block without a hostfile: one machine, no Ray to start
+    return engine, server, config.envs, runner
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    engine_kwargs, server, envs = resolve(args)
+    engine_kwargs, server, envs, runner = resolve_all(args)
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
+    if runner is not None:
+        from deepserve.distributed.cluster import serve_on_cluster
+        return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
+                                dry_run=getattr(args, "dry_run", False))
+    if getattr(args, "dry_run", False):
+        print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
+        print("server: " + " ".join(f"{k}={v}" for k, v in sorted(server.items()) if k != "api_key"))
+        return 0
+    return _serve(engine_kwargs, server)
+
+
+def _serve(engine_kwargs: dict, server: dict) -> int:
     try:
         engine_args = EngineArgs(**engine_kwargs)
     except TypeError as exc:

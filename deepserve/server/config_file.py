@@ -12,7 +12,11 @@
 
 `engine_args` holds vLLM-named keys (EngineArgs fields) plus the server's own options
 (host, port, api_key, reasoning_parser, chat_template, ...); `envs` are exported before the
-engine starts (a FlagScale experiment file's `experiment.envs` is read too). Flags given on
+engine starts (a FlagScale experiment file's `experiment.envs` is read too). A `hostfile:`
+path (beside engine_args, at the top, or in a FlagScale `runner:` / `experiment.runner:` block
+with ssh_port, ssh_user, docker, ...) deploys over the listed hosts with Ray, see
+deepserve/distributed/cluster.py; a relative path is read from the YAML's folder, else from
+the working directory. Flags given on
 the command line override the file. Unknown keys are errors that name the key, except a few
 vLLM options that mean nothing here, which are ignored with a warning.
 """
@@ -23,9 +27,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from deepserve.config import EngineArgs
+from deepserve.distributed.cluster import RunnerOptions
 
 logger = logging.getLogger("deepserve")
 
@@ -41,6 +46,7 @@ class ServeConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)
     server: dict[str, Any] = field(default_factory=dict)
     envs: dict[str, str] = field(default_factory=dict)
+    runner: Optional[RunnerOptions] = None    # set when the file names a hostfile or runner
 
     def apply_envs(self) -> None:
         os.environ.update(self.envs)
@@ -70,6 +76,35 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
     return data, envs
 
 
+def _runner(data: Any, entry: dict, path: Path) -> Optional[RunnerOptions]:
+    """Runner options from FlagScale's places: experiment.runner (+ experiment.cmds.before_start),
+    a top-level runner: or hostfile:, and the serve entry's own runner: or hostfile:."""
+    merged: dict = {}
+    top = data if isinstance(data, dict) else {}
+    experiment = top.get("experiment") or {}
+    for block in (experiment.get("runner"), top.get("runner"), entry.get("runner")):
+        if block is not None and not isinstance(block, dict):
+            raise ValueError(f"{path}: runner must be a mapping, got {block!r}")
+        merged.update(block or {})
+    before = (experiment.get("cmds") or {}).get("before_start")
+    if before:
+        merged.setdefault("before_start", before)
+    for source in (top, entry):
+        if source.get("hostfile") is not None:
+            merged["hostfile"] = source["hostfile"]
+    if not merged:
+        return None
+    options = RunnerOptions.from_mapping(merged, str(path))
+    if options.hostfile:
+        hostfile = Path(options.hostfile).expanduser()
+        beside = path.parent / hostfile
+        options.hostfile = str(beside if not hostfile.is_absolute() and beside.is_file() else hostfile)
+        if not Path(options.hostfile).is_file():
+            raise FileNotFoundError(f"{path}: hostfile {hostfile} not found (looked beside the YAML and "
+                                    f"in {Path.cwd()})")
+    return options
+
+
 def load_serve_config(path: str | Path) -> ServeConfig:
     import yaml
 
@@ -81,8 +116,9 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
     entry, envs = _pick_entry(data, path)
+    runner = _runner(data, entry, path)
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
-    config = ServeConfig(envs={str(k): str(v) for k, v in envs.items()})
+    config = ServeConfig(envs={str(k): str(v) for k, v in envs.items()}, runner=runner)
     for key, value in entry["engine_args"].items():
         key = str(key).replace("-", "_")
         if key in fields:

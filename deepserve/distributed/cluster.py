@@ -1,0 +1,490 @@
+"""One-command multi-node deployment: start Ray on the hosts of a hostfile over ssh, wait for
+their GPUs, serve, and stop Ray again on exit.
+
+The hostfile follows FlagScale's runner (`ip slots=8 type=gpu` per line, `#` comments,
+blank lines allowed). The head is the local machine when it is listed (the server's rank 0
+runs in this process and Ray needs a raylet beside its driver), else the first host. On
+every host the YAML's `envs` are exported (and the runner's `before_start`, e.g. a conda
+activation, runs first) before `ray start`, so Ray's workers inherit USE_FLAGGEMS and the
+like. Other hosts are reached with `ssh -o BatchMode=yes -p PORT [user@]host` (a wrong key
+fails at once instead of prompting); `docker: NAME` runs their commands in that container,
+as FlagScale does.
+
+The head keeps its first GPU out of Ray (`--num-gpus N-1`, CUDA_VISIBLE_DEVICES without
+it): the RayExecutor's rank 0 is this process on device 0, and Ray must not place a worker
+actor on that same GPU. The plan (`choose_plan`) still counts every GPU.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+logger = logging.getLogger("deepserve")
+
+HOST_TYPES = ("gpu", "cpu")
+# FlagScale runner keys that mean nothing here (Ray places the workers): warned about, not errors
+IGNORED_RUNNER_KEYS = ("backend", "nnodes", "nproc_per_node", "master_addr", "master_port", "rdzv_backend",
+                       "no_shared_fs")
+PARALLEL_KEYS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                 "enable_expert_parallel")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+# --------------------------------------------------------------------------- hostfile
+@dataclass(frozen=True)
+class HostSpec:
+    """One hostfile line: where, how many devices (slots) and of which type."""
+
+    address: str
+    slots: int
+    type: str = "gpu"
+    line: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.slots if self.type == "gpu" else 0
+
+
+def _check_address(token: str, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(token))
+    except ValueError:
+        pass
+    # a name opening with a number and a dot (300.1.2.3, 10.0.0, 10.0.0.x) is a mistyped IP
+    if re.match(r"[0-9]+\.", token) or not _HOSTNAME.fullmatch(token):
+        raise ValueError(f"{where}: bad IP address or host name {token!r}")
+    return token
+
+
+def parse_hostfile_text(text: str, source: str = "hostfile") -> list[HostSpec]:
+    """Hosts of a FlagScale hostfile; errors name the file, line number and bad value."""
+    hosts: list[HostSpec] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{number}"
+        tokens = line.split()
+        address = _check_address(tokens[0], where)
+        slots, kind = None, "gpu"
+        for token in tokens[1:]:
+            key, sep, value = token.partition("=")
+            if not sep or not value:
+                raise ValueError(f"{where}: expected key=value after the address, got {token!r} in {raw.strip()!r}")
+            if key == "slots":
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"{where}: slots must be a positive integer, got {value!r}")
+                slots = int(value)
+            elif key == "type":
+                if value.lower() not in HOST_TYPES:
+                    raise ValueError(f"{where}: unknown type {value!r} (known: {', '.join(HOST_TYPES)})")
+                kind = value.lower()
+            else:
+                raise ValueError(f"{where}: unknown key {key!r} (known: slots, type)")
+        if slots is None:
+            raise ValueError(f"{where}: missing slots=N for host {address!r}")
+        if address in seen:
+            raise ValueError(f"{where}: host {address!r} already listed on line {seen[address]}")
+        seen[address] = number
+        hosts.append(HostSpec(address, slots, kind, number))
+    if not hosts:
+        raise ValueError(f"{source}: no hosts listed")
+    return hosts
+
+
+def parse_hostfile(path: str | Path) -> list[HostSpec]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hostfile {path} not found")
+    return parse_hostfile_text(path.read_text(), str(path))
+
+
+# --------------------------------------------------------------------------- options
+@dataclass
+class RunnerOptions:
+    """How to reach the hosts (FlagScale's `experiment.runner` keys, plus a few of ours)."""
+
+    hostfile: Optional[str] = None
+    ssh_command: str = "ssh"          # e.g. "ssh -i ~/.ssh/cluster_key"
+    ssh_port: int = 22
+    ssh_user: Optional[str] = None
+    docker: Optional[str] = None      # run remote commands inside this container
+    before_start: Optional[str] = None  # shell run before ray start/stop on every host
+    ray_port: int = 6379
+    wait_timeout_s: float = 300.0     # how long the GPUs may take to join
+    gpu_memory: Optional[str] = None  # e.g. "80GiB"; default: read from this machine's GPU 0
+    command_timeout_s: float = 120.0  # per ssh / ray start command
+
+    @classmethod
+    def from_mapping(cls, data: dict, source: str = "runner") -> "RunnerOptions":
+        known = {f.name: f for f in fields(cls)}
+        out = cls()
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key in IGNORED_RUNNER_KEYS:
+                logger.warning("%s: ignoring runner.%s (Ray places the workers)", source, key)
+                continue
+            if key not in known:
+                raise ValueError(f"{source}: unknown runner key {key!r}; known: {', '.join(known)}")
+            if value is None:
+                continue
+            default = getattr(out, key)
+            try:
+                value = type(default)(value) if isinstance(default, (int, float)) else str(value)
+            except ValueError:
+                raise ValueError(f"{source}: runner.{key} must be a number, got {value!r}") from None
+            setattr(out, key, value)
+        for key in ("ssh_port", "ray_port"):
+            if not 0 < getattr(out, key) < 65536:
+                raise ValueError(f"{source}: runner.{key} must be in [1, 65535], got {getattr(out, key)}")
+        if out.wait_timeout_s <= 0 or out.command_timeout_s <= 0:
+            raise ValueError(f"{source}: timeouts must be positive, got wait_timeout_s={out.wait_timeout_s}, "
+                             f"command_timeout_s={out.command_timeout_s}")
+        return out
+
+
+# --------------------------------------------------------------------------- local host
+def local_addresses() -> set[str]:
+    """This machine's names and interface addresses, read locally (no packet is sent)."""
+    names = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
+    try:
+        import psutil
+        names.update(a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs)
+        return names
+    except ImportError:
+        pass
+    try:
+        import fcntl
+        import struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _, name in socket.if_nameindex():
+                try:  # SIOCGIFADDR: the interface's IPv4 address
+                    packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+                except OSError:
+                    continue
+                names.add(socket.inet_ntoa(packed[20:24]))
+    except (ImportError, OSError) as exc:
+        logger.debug("could not list interface addresses: %s", exc)
+    return names
+
+
+# --------------------------------------------------------------------------- commands
+@dataclass
+class Step:
+    """One command run on one host."""
+
+    host: HostSpec
+    role: str                  # "head" or "worker"
+    argv: list[str]
+
+    def render(self) -> str:
+        return shlex.join(self.argv)
+
+
+Runner = Callable[[list[str], float], "tuple[int, str]"]
+
+
+def run_command(argv: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run argv here (ssh for the other hosts), returning (exit code, stdout+stderr)."""
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout_s:.0f} s"
+    except FileNotFoundError as exc:
+        return 127, str(exc)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@dataclass
+class ClusterLauncher:
+    """The command plan for a hostfile, and the start / wait / stop around serving."""
+
+    hosts: list[HostSpec]
+    options: RunnerOptions = field(default_factory=RunnerOptions)
+    envs: dict[str, str] = field(default_factory=dict)
+    local: Optional[set[str]] = None                    # default: local_addresses()
+    runner: Runner = run_command
+    resources_fn: Optional[Callable[[], dict]] = None   # default: ray.cluster_resources
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    poll_s: float = 2.0
+    started: list[Step] = field(default_factory=list)
+    _old_term: object = None
+
+    def __post_init__(self):
+        if self.local is None:
+            self.local = local_addresses()
+        self.head = next((h for h in self.hosts if h.address in self.local), self.hosts[0])
+
+    # ----------------------------------------------------------------- the plan
+    @property
+    def head_is_local(self) -> bool:
+        return self.head.address in self.local
+
+    @property
+    def address(self) -> str:
+        host = self.head.address
+        return f"[{host}]:{self.options.ray_port}" if ":" in host else f"{host}:{self.options.ray_port}"
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(h.gpus for h in self.hosts)
+
+    @property
+    def ray_gpus(self) -> int:
+        """GPUs Ray offers to worker actors: all but the driver's on the head."""
+        return self.total_gpus - (1 if self.head.gpus else 0)
+
+    def _shell(self, host: HostSpec, command: str, envs: dict[str, str]) -> list[str]:
+        parts = [self.options.before_start] if self.options.before_start else []
+        if envs:
+            parts.append("export " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in envs.items()))
+        line = " && ".join(parts + [command])
+        if host.address in self.local:
+            return ["bash", "-c", line]
+        if self.options.docker:
+            line = f"docker exec {shlex.quote(self.options.docker)} bash -c {shlex.quote(line)}"
+        target = f"{self.options.ssh_user}@{host.address}" if self.options.ssh_user else host.address
+        return [*shlex.split(self.options.ssh_command), "-o", "BatchMode=yes", "-p", str(self.options.ssh_port),
+                target, line]
+
+    def _ray_start(self, host: HostSpec) -> tuple[str, dict[str, str]]:
+        envs = {str(k): str(v) for k, v in self.envs.items()}
+        gpus = host.gpus
+        if host is self.head:
+            cmd = f"ray start --head --port {self.options.ray_port}"
+            if gpus:  # device 0 stays with the driver (rank 0); Ray hands out the others
+                visible = envs.get("CUDA_VISIBLE_DEVICES")
+                ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+                envs["CUDA_VISIBLE_DEVICES"] = ",".join(ids[1:gpus])
+                gpus -= 1
+        else:
+            cmd = f"ray start --address {self.address}"
+        cmd += f" --num-gpus {gpus}"
+        if host.type == "cpu":
+            cmd += f" --num-cpus {host.slots}"
+        try:  # Ray registers nodes by IP: pin it, so multi-NIC hosts join with the listed one
+            ipaddress.ip_address(host.address)
+            cmd += f" --node-ip-address {host.address}"
+        except ValueError:
+            pass
+        return cmd, envs
+
+    def start_steps(self) -> list[Step]:
+        workers = [h for h in self.hosts if h is not self.head]
+        steps = [Step(self.head, "head", self._shell(self.head, *self._ray_start(self.head)))]
+        return steps + [Step(h, "worker", self._shell(h, *self._ray_start(h))) for h in workers]
+
+    def stop_steps(self, steps: Optional[list[Step]] = None) -> list[Step]:
+        """`ray stop` on the hosts of `steps` (default: all), workers first, the head last."""
+        steps = self.start_steps() if steps is None else steps
+        return [Step(s.host, s.role, self._shell(s.host, "ray stop", {})) for s in reversed(steps)]
+
+    def describe(self) -> str:
+        lines = [f"Ray head: {self.head.address}" + (" (this machine)" if self.head_is_local else
+                 " (not this machine: run `deepserve serve` on it, the server's rank 0 runs beside the head)"),
+                 f"GPUs: {self.total_gpus} on {len(self.hosts)} hosts ({self.ray_gpus} for Ray workers, "
+                 f"1 for the server's rank 0)" if self.head.gpus else f"GPUs: {self.total_gpus}", "", "start:"]
+        lines += [f"  [{s.host.address} {s.role}] {s.render()}" for s in self.start_steps()]
+        lines += ["", f"wait: until ray.cluster_resources() at {self.address} shows GPU >= {self.ray_gpus} and "
+                  f"every host (up to {self.options.wait_timeout_s:.0f} s)", "", "stop (on exit):"]
+        lines += [f"  [{s.host.address} {s.role}] {s.render()}" for s in self.stop_steps()]
+        return "\n".join(lines)
+
+    # ----------------------------------------------------------------- actions
+    def start(self) -> None:
+        """Run `ray start` host by host; on a failure stop the ones started and raise."""
+        for step in self.start_steps():
+            logger.info("starting Ray %s on %s", step.role, step.host.address)
+            code, output = self.runner(step.argv, self.options.command_timeout_s)
+            if code != 0:
+                tail = " | ".join(output.strip().splitlines()[-3:])
+                self.stop()
+                raise RuntimeError(f"ray start failed on {step.host.address} (hostfile line {step.host.line}, "
+                                   f"exit {code}): {tail or 'no output'}")
+            self.started.append(step)
+
+    def stop(self) -> None:
+        ray = sys.modules.get("ray")
+        if self.started and ray is not None and ray.is_initialized():
+            ray.shutdown()  # leave the cluster before its nodes go away
+        for step in self.stop_steps(self.started):
+            logger.info("stopping Ray %s on %s", step.role, step.host.address)
+            code, output = self.runner(step.argv, self.options.command_timeout_s)
+            if code != 0:
+                logger.warning("ray stop on %s failed (exit %d): %s", step.host.address, code, output.strip())
+        self.started = []
+
+    def _node_keys(self, host: HostSpec) -> set[str]:
+        """cluster_resources() keys that show `host` joined: Ray names nodes `node:IP`, and a
+        local host may register under any of this machine's addresses (Ray picks the interface)."""
+        if host.address in self.local:
+            return {f"node:{a}" for a in self.local}
+        try:
+            ipaddress.ip_address(host.address)
+            return {f"node:{host.address}"}
+        except ValueError:
+            pass
+        try:  # a host name is resolved once, here
+            return {f"node:{socket.gethostbyname(host.address)}", f"node:{host.address}"}
+        except OSError:
+            return {f"node:{host.address}"}
+
+    def _default_resources(self) -> dict:
+        import ray
+        if not ray.is_initialized():
+            ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+            self._trap_sigterm()  # Ray's core worker just put its own (fatal) SIGTERM handler in
+        return ray.cluster_resources()
+
+    def wait(self) -> dict:
+        """Poll the cluster until it has `ray_gpus` GPUs and every host; TimeoutError names the missing."""
+        resources_fn = self.resources_fn or self._default_resources
+        deadline = self.clock() + self.options.wait_timeout_s
+        keys = {h.address: self._node_keys(h) for h in self.hosts}
+        while True:
+            resources = resources_fn()
+            missing = [h for h in self.hosts if not keys[h.address] & resources.keys()]
+            gpus = int(resources.get("GPU", 0))
+            if gpus >= self.ray_gpus and not missing:
+                return resources
+            if self.clock() >= deadline:
+                names = ", ".join(f"{h.address} (line {h.line}, slots={h.slots})" for h in missing)
+                raise TimeoutError(
+                    f"Ray cluster at {self.address} has {gpus} of {self.ray_gpus} GPUs after "
+                    f"{self.options.wait_timeout_s:.0f} s; " + (f"hosts not joined: {names}" if missing else
+                                                                 "every host joined but some GPUs are missing"))
+            self.sleep(self.poll_s)
+
+    def _trap_sigterm(self) -> None:
+        """SIGTERM's default kills without unwinding: make it an exit that runs __exit__."""
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+            if self._old_term is None:
+                self._old_term = previous
+
+    def __enter__(self) -> "ClusterLauncher":
+        self._old_term = None
+        self._trap_sigterm()
+        try:
+            self.start()
+            self.wait()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+# --------------------------------------------------------------------------- serving
+_UNITS = {"gib": 1 << 30, "g": 1 << 30, "gb": 10 ** 9, "mib": 1 << 20, "tib": 1 << 40, "": 1}
+
+
+def parse_memory(text: str) -> int:
+    """runner.gpu_memory: '80GiB', '141GiB', '80GB' (10^9) or bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if m is None or m[2].lower() not in _UNITS or float(m[1]) <= 0:
+        raise ValueError(f"runner.gpu_memory {text!r} not understood; write e.g. 80GiB or 141GiB")
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
+def _local_gpu_memory() -> int:
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("no parallel sizes given and this machine has no CUDA GPU to size the plan "
+                         "with: set runner.gpu_memory (e.g. 80GiB) or --tensor-parallel-size")
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
+                        gpu_memory_fn: Optional[Callable[[], int]] = None) -> tuple[dict, Optional[object]]:
+    """Engine kwargs for serving on the cluster: Ray backend, and the automatic plan's sizes
+    when none were given. Returns (kwargs, the Plan or None)."""
+    from deepserve.config import EngineArgs, load_hf_config
+    from deepserve.distributed.plan import choose_plan
+
+    kwargs = dict(engine_kwargs)
+    backend = kwargs.get("distributed_executor_backend")
+    if backend not in (None, "ray"):
+        raise ValueError(f"a hostfile deploys over Ray, but distributed_executor_backend is {backend!r}")
+    kwargs["distributed_executor_backend"] = "ray"
+    total = launcher.total_gpus
+    plan = None
+    if not any(k in kwargs for k in PARALLEL_KEYS):
+        if launcher.options.gpu_memory:
+            memory = parse_memory(launcher.options.gpu_memory)
+        else:
+            memory = (gpu_memory_fn or _local_gpu_memory)()
+        quant = kwargs.get("quantization")
+        gpu_hosts = sum(1 for h in launcher.hosts if h.gpus)
+        if total < 1 or total % gpu_hosts:
+            raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
+                             f"{[h.gpus for h in launcher.hosts]}: give the parallel sizes")
+        hf = load_hf_config(kwargs.get("model", EngineArgs.model), kwargs.get("hf_overrides"))
+        # int8 weights take the same byte per parameter as fp8 in the plan's arithmetic
+        plan = choose_plan(hf, total, memory, nodes=gpu_hosts, quantization=None if quant is None else "fp8",
+                           dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
+                           gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
+        kwargs.update(plan.parallel_args())
+    world = (int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+             * int(kwargs.get("data_parallel_size", 1)))
+    if total and world > total:
+        raise ValueError(f"TP x PP x DP = {world} ranks need {world} GPUs, the hostfile lists {total}")
+    return kwargs, plan
+
+
+def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, serve: Callable[[dict], int],
+                     dry_run: bool = False, out: Callable[[str], None] = print,
+                     launcher: Optional[ClusterLauncher] = None,
+                     gpu_memory_fn: Optional[Callable[[], int]] = None) -> int:
+    """Start Ray on the hostfile's hosts, wait for the GPUs, serve, stop Ray on exit.
+    With dry_run, print the commands host by host (and the plan when it can be chosen) instead."""
+    if launcher is None:
+        launcher = ClusterLauncher(parse_hostfile(options.hostfile), options, envs)
+    if dry_run:
+        out(launcher.describe())
+        if options.gpu_memory or any(k in engine_kwargs for k in PARALLEL_KEYS):
+            kwargs, _ = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        else:
+            kwargs = dict(engine_kwargs, distributed_executor_backend="ray")
+            out("\nparallel sizes: chosen by `deepserve plan` once the GPUs' memory is known "
+                "(set runner.gpu_memory to see them here)")
+        out(f"\nserve: RAY_ADDRESS={launcher.address} with "
+            + " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())))
+        return 0
+    if not launcher.head_is_local:
+        raise ValueError(f"this machine is not in the hostfile {options.hostfile}: run `deepserve serve` on "
+                         f"{launcher.head.address} (the server's rank 0 runs beside the Ray head); this "
+                         f"machine's addresses: {', '.join(sorted(launcher.local))}")
+    if any(k in engine_kwargs for k in PARALLEL_KEYS):  # fail on bad sizes before touching any host
+        cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+    with launcher:
+        kwargs, plan = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        if plan is not None:
+            out(f"deepserve: plan for {launcher.total_gpus} GPUs: " +
+                " ".join(f"{k}={v}" for k, v in plan.parallel_args().items()))
+        os.environ["RAY_ADDRESS"] = launcher.address
+        return serve(kwargs)
