@@ -10,30 +10,14 @@ fits, 1 when none does (the report then names what would fit).
 from __future__ import annotations
 
 import argparse
-import re
 
 from deepserve.config import load_hf_config
-from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans
+from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
 _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
                 "shared_experts": "shared experts", "router": "router", "embedding": "embedding",
                 "lm_head": "lm_head", "norms": "norms", "mtp": "MTP"}
-
-
-def parse_size(text: str) -> int:
-    """'80GiB', '141 GiB', '80GB' (10^9), '80G' (GiB), '1073741824' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m[2].lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"memory size {text!r} not understood; write e.g. 80GiB, 141GiB or 80GB")
-    value = int(float(m[1]) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
-    return value
 
 
 def register(subparsers) -> None:

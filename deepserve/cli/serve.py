@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     engine_kwargs, server, envs, runner = resolve_all(args)
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
     if runner is not None:
-        from deepserve.distributed.cluster import serve_on_cluster
+        from deepserve.distributed.cluster_serve import serve_on_cluster
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
                                 dry_run=getattr(args, "dry_run", False))
     if getattr(args, "dry_run", False):

@@ -21,6 +21,8 @@ where TP replicates MLA's).
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -241,3 +243,20 @@ def choose_plan(hf_config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, qua
     if plan.chosen is None:
         raise ValueError(plan.no_fit_message())
     return plan
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '141 GiB', '80GB' (10^9), '80G' (GiB), '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m[2].lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"memory size {text!r} not understood; write e.g. 80GiB, 141GiB or 80GB")
+    value = int(float(m[1]) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return value

@@ -15,7 +15,8 @@ import pytest
 from deepserve.cli.serve import register, resolve_all
 from deepserve.config import load_hf_config
 from deepserve.distributed.cluster import (ClusterLauncher, HostSpec, RunnerOptions, parse_hostfile,
-                                           parse_hostfile_text, run_command, serve_on_cluster)
+                                           parse_hostfile_text, run_command)
+from deepserve.distributed.cluster_serve import serve_on_cluster
 from deepserve.distributed.plan import choose_plan
 from deepserve.server.config_file import load_serve_config
 

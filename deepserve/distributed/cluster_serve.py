@@ -1,0 +1,88 @@
+"""Serving on a hostfile's cluster: Ray backend, the automatic plan when no parallel sizes are
+given, and the start -> wait -> serve -> stop flow around `ClusterLauncher` (cluster.py)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from deepserve.distributed.cluster import PARALLEL_KEYS, ClusterLauncher, RunnerOptions, parse_hostfile
+from deepserve.distributed.plan import parse_size
+
+
+def _local_gpu_memory() -> int:
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("no parallel sizes given and this machine has no CUDA GPU to size the plan "
+                         "with: set runner.gpu_memory (e.g. 80GiB) or --tensor-parallel-size")
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
+                        gpu_memory_fn: Optional[Callable[[], int]] = None) -> tuple[dict, Optional[object]]:
+    """Engine kwargs for serving on the cluster: Ray backend, and the automatic plan's sizes
+    when none were given. Returns (kwargs, the Plan or None)."""
+    from deepserve.config import EngineArgs, load_hf_config
+    from deepserve.distributed.plan import choose_plan
+
+    kwargs = dict(engine_kwargs)
+    backend = kwargs.get("distributed_executor_backend")
+    if backend not in (None, "ray"):
+        raise ValueError(f"a hostfile deploys over Ray, but distributed_executor_backend is {backend!r}")
+    kwargs["distributed_executor_backend"] = "ray"
+    total = launcher.total_gpus
+    plan = None
+    if not any(k in kwargs for k in PARALLEL_KEYS):
+        if launcher.options.gpu_memory:
+            memory = parse_size(launcher.options.gpu_memory)
+        else:
+            memory = (gpu_memory_fn or _local_gpu_memory)()
+        quant = kwargs.get("quantization")
+        gpu_hosts = sum(1 for h in launcher.hosts if h.gpus)
+        if total < 1 or total % gpu_hosts:
+            raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
+                             f"{[h.gpus for h in launcher.hosts]}: give the parallel sizes")
+        hf = load_hf_config(kwargs.get("model", EngineArgs.model), kwargs.get("hf_overrides"))
+        # int8 weights take the same byte per parameter as fp8 in the plan's arithmetic
+        plan = choose_plan(hf, total, memory, nodes=gpu_hosts, quantization=None if quant is None else "fp8",
+                           dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
+                           gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
+        kwargs.update(plan.parallel_args())
+    world = (int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+             * int(kwargs.get("data_parallel_size", 1)))
+    if total and world > total:
+        raise ValueError(f"TP x PP x DP = {world} ranks need {world} GPUs, the hostfile lists {total}")
+    return kwargs, plan
+
+
+def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, serve: Callable[[dict], int],
+                     dry_run: bool = False, out: Callable[[str], None] = print,
+                     launcher: Optional[ClusterLauncher] = None,
+                     gpu_memory_fn: Optional[Callable[[], int]] = None) -> int:
+    """Start Ray on the hostfile's hosts, wait for the GPUs, serve, stop Ray on exit.
+    With dry_run, print the commands host by host (and the plan when it can be chosen) instead."""
+    if launcher is None:
+        launcher = ClusterLauncher(parse_hostfile(options.hostfile), options, envs)
+    if dry_run:
+        out(launcher.describe())
+        if options.gpu_memory or any(k in engine_kwargs for k in PARALLEL_KEYS):
+            kwargs, _ = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        else:
+            kwargs = dict(engine_kwargs, distributed_executor_backend="ray")
+            out("\nparallel sizes: chosen by `deepserve plan` once the GPUs' memory is known "
+                "(set runner.gpu_memory to see them here)")
+        out(f"\nserve: RAY_ADDRESS={launcher.address} with "
+            + " ".join(f"{k}={v}" for k, v in sorted(kwargs.items())))
+        return 0
+    if not launcher.head_is_local:
+        raise ValueError(f"this machine is not in the hostfile {options.hostfile}: run `deepserve serve` on "
+                         f"{launcher.head.address} (the server's rank 0 runs beside the Ray head); this "
+                         f"machine's addresses: {', '.join(sorted(launcher.local))}")
+    if any(k in engine_kwargs for k in PARALLEL_KEYS):  # fail on bad sizes before touching any host
+        cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+    with launcher:
+        kwargs, plan = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        if plan is not None:
+            out(f"deepserve: plan for {launcher.total_gpus} GPUs: " +
+                " ".join(f"{k}={v}" for k, v in plan.parallel_args().items()))
+        os.environ["RAY_ADDRESS"] = launcher.address
+        return serve(kwargs)
