@@ -7,6 +7,9 @@ same forward on its shard (TP collectives inside the model, PP send/recv between
 A monitor thread watches the workers: one that exits makes `failure` name its rank, host
 and exit code. Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`, seconds), so a stuck
 peer becomes an error instead of a silent hang.
+
+With data_parallel_size > 1 (DP attention, rank layout in parallel_state.rank_layout) the
+driver is also DP rank 0; it schedules every DP rank's batch and publishes them together.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
     local_rank = rank if local_rank is None else local_rank
     pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                             platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
-                            local_rank)
+                            local_rank, par.data_parallel_size)
     runner = ModelRunner(config, platform, pctx, local_rank=local_rank)
     group = control_group()
     while True:
@@ -67,7 +70,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
         dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is None:
             break
-        runner.forward_logits(*runner.to_device(box[0]))
+        runner.run_published(box[0])
     destroy_distributed()
 
 
@@ -89,7 +92,8 @@ class MultiprocExecutor:
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
         self._monitor.start()
         pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
-                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel)
+                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
+                                dp_size=par.data_parallel_size)
         self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
         self.group = control_group()
         self.runner.publish = self._publish
@@ -135,8 +139,9 @@ class MultiprocExecutor:
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
     par = config.parallel
-    if par.data_parallel_size > 1:
-        raise ValueError(f"data_parallel_size {par.data_parallel_size} is not supported yet")
+    if par.data_parallel_size > 1 and par.pipeline_parallel_size > 1:
+        raise ValueError(f"data_parallel_size {par.data_parallel_size} with pipeline_parallel_size "
+                         f"{par.pipeline_parallel_size} is not supported: use one of them")
     if par.world_size == 1:
         return UniExecutor(config, platform, eos_token_ids)
     if par.distributed_executor_backend == "ray":

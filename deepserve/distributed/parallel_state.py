@@ -3,6 +3,12 @@
 Layers never read globals for their rank: they are given a `ParallelContext`. With one
 process (`single_process()`) every collective is the identity, so the same model code
 runs TP=1 on a CPU and TP=8 x EP on GPUs (DESIGN invariant 5).
+
+Data parallel (DP) attention, as vLLM's for MLA models: each DP rank (a TP group of its
+own) serves its own requests with its own KV pool; attention and dense MLPs run on its own
+tokens. With expert parallel the experts are sharded over all TP x DP ranks (ep_size =
+tp * dp, ep_rank = dp_rank * tp + tp_rank) and MoE layers exchange tokens over the DP group
+(layers/moe.py). Without expert parallel a DP rank is a full replica: plain DP.
 """
 from __future__ import annotations
 
@@ -23,12 +29,22 @@ class ParallelContext:
     ep_group: Optional[dist.ProcessGroup] = None
     pp_rank: int = 0
     pp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Optional[dist.ProcessGroup] = None   # the ranks with this tp_rank in every DP rank
 
     def __post_init__(self):
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank {self.tp_rank} outside [0, {self.tp_size})")
         if not 0 <= self.ep_rank < self.ep_size:
             raise ValueError(f"ep_rank {self.ep_rank} outside [0, {self.ep_size})")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {self.dp_rank} outside [0, {self.dp_size})")
+
+    @property
+    def moe_dp_exchange(self) -> bool:
+        """MoE layers gather the tokens of every DP rank (experts sharded over TP x DP)."""
+        return self.dp_size > 1 and self.ep_size > self.tp_size
 
     # ---- collectives over the tensor-parallel group
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +60,14 @@ class ParallelContext:
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=dim)
+
+    def dp_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Stack every DP rank's equally shaped `x`: [dp_size, *x.shape] (DP rank order)."""
+        if self.dp_size == 1:
+            return x[None]
+        out = torch.empty((self.dp_size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.dp_group)
+        return out
 
     def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.ep_size == 1:
@@ -69,35 +93,66 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
+def rank_layout(rank: int, tp_size: int, pp_size: int) -> tuple[int, int, int]:
+    """(dp_rank, pp_rank, tp_rank) of a global rank: rank = dp_rank*(tp*pp) + pp_rank*tp + tp_rank,
+    so a DP rank's TP x PP ranks are contiguous (and on one node when tp*pp <= GPUs per node)."""
+    dp_rank, rest = divmod(rank, tp_size * pp_size)
+    pp_rank, tp_rank = divmod(rest, tp_size)
+    return dp_rank, pp_rank, tp_rank
+
+
 def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, backend: str,
                      init_method: str, timeout_s: float, expert_parallel: bool = False,
-                     local_rank: int = 0) -> ParallelContext:
+                     local_rank: int = 0, dp_size: int = 1) -> ParallelContext:
     """Join the process group and build this rank's context.
 
-    Rank layout: rank = pp_rank * tp_size + tp_rank. Every rank creates every group (in the
-    same order, as torch.distributed requires). `timeout_s` bounds every collective, so a dead
-    or stuck peer turns into an error instead of a silent hang."""
+    Rank layout: see `rank_layout`. Every rank creates every group (in the same order, as
+    torch.distributed requires). `timeout_s` bounds every collective, so a dead or stuck
+    peer turns into an error instead of a silent hang. Expert parallel spans the TP group,
+    or with dp_size > 1 all TP x DP ranks of the pipeline stage."""
     import datetime
 
-    if world_size != tp_size * pp_size:
+    if world_size != tp_size * pp_size * dp_size:
         raise ValueError(f"world size {world_size} != tensor_parallel_size {tp_size} x "
-                         f"pipeline_parallel_size {pp_size}")
+                         f"pipeline_parallel_size {pp_size} x data_parallel_size {dp_size}")
     if backend == "nccl":
         # NCCL binds communicators to the current device: one GPU per local rank
         import torch
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    tp_rank, pp_rank = rank % tp_size, rank // tp_size
+    dp_rank, pp_rank, tp_rank = rank_layout(rank, tp_size, pp_size)
+    span = tp_size * pp_size
     tp_group = None
-    for stage in range(pp_size):
-        group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
-        if stage == pp_rank:
-            tp_group = group
+    for d in range(dp_size):
+        for stage in range(pp_size):
+            base = d * span + stage * tp_size
+            group = dist.new_group(list(range(base, base + tp_size)))
+            if (d, stage) == (dp_rank, pp_rank):
+                tp_group = group
     control_group()  # created now, in the same order on every rank
-    ep = dict(ep_rank=tp_rank, ep_size=tp_size, ep_group=tp_group) if expert_parallel else {}
+    dp_group = ep_group = None
+    if dp_size > 1:
+        for stage in range(pp_size):
+            for t in range(tp_size):
+                group = dist.new_group([d * span + stage * tp_size + t for d in range(dp_size)])
+                if (stage, t) == (pp_rank, tp_rank):
+                    dp_group = group
+        if expert_parallel:
+            for stage in range(pp_size):
+                group = dist.new_group([d * span + stage * tp_size + t
+                                        for d in range(dp_size) for t in range(tp_size)])
+                if stage == pp_rank:
+                    ep_group = group
+    if not expert_parallel:
+        ep = {}
+    elif dp_size > 1:
+        ep = dict(ep_rank=dp_rank * tp_size + tp_rank, ep_size=dp_size * tp_size, ep_group=ep_group)
+    else:
+        ep = dict(ep_rank=tp_rank, ep_size=tp_size, ep_group=tp_group)
     return ParallelContext(tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group,
-                           pp_rank=pp_rank, pp_size=pp_size, **ep)
+                           pp_rank=pp_rank, pp_size=pp_size, dp_rank=dp_rank, dp_size=dp_size,
+                           dp_group=dp_group, **ep)
 
 
 _control = {"group": None}

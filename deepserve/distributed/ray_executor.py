@@ -71,7 +71,8 @@ class RayExecutor:
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-ray-monitor")
         self._monitor.start()
         pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
-                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel)
+                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
+                                dp_size=par.data_parallel_size)
         self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
         self.group = control_group()
         self.runner.publish = self._publish

@@ -5,7 +5,9 @@
     outputs = self._postprocess(batch, seqs, sampled)
 
 The engine owns tokenization, detokenization and stop handling; the scheduler owns the
-block manager; the runner owns the model, KV pool and sampler.
+block manager; the runner owns the model, KV pool and sampler. With data_parallel_size > 1
+there is one block manager + scheduler per DP rank behind a `DataParallelScheduler`, whose
+step is a `DataParallelBatch` (one batch per DP rank) that the runner runs on every rank.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.engine.scheduler import Scheduler
+from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
 from deepserve.engine.sequence import Sequence, SeqStatus
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.platforms import get_platform
@@ -82,9 +84,16 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.executor = make_executor(self.config, self.platform, eos)
         self.runner = self.executor.runner  # the driver's runner (rank 0)
-        self.block_manager = BlockManager(self.runner.num_blocks, self.config.cache.block_size,
-                                          self.config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        cache, dp = self.config.cache, self.config.parallel.data_parallel_size
+        # one KV pool per DP rank, all of the size every rank agreed on
+        self.block_managers = [BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
+                               for _ in range(dp)]
+        if dp == 1:
+            self.block_manager = self.block_managers[0]
+            self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        else:
+            self.block_manager = PooledBlocks(self.block_managers)
+            self.scheduler = DataParallelScheduler(self.config.scheduler, self.block_managers)
         self.requests: dict[str, RequestState] = {}
         self.max_model_len = self.config.model.max_model_len
         self._ids = itertools.count()
@@ -125,7 +134,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
                                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        capacity = self.block_managers[0].num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
         if params.max_tokens is None:
@@ -156,14 +165,15 @@ class LLMEngine:
         if len(ids) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
             raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
-        if not self.block_manager.can_allocate(seq, len(ids)):
+        bm = self.block_managers[0]  # with DP, the driver's own DP rank scores it
+        if not bm.can_allocate(seq, len(ids)):
             raise RequestError("not enough free KV blocks to score the prompt now")
-        self.block_manager.allocate(seq, len(ids))  # no prefix hits: every position is computed
+        bm.allocate(seq, len(ids))  # no prefix hits: every position is computed
         seq.num_computed_tokens = 0
         try:
             return self.runner.all_logits(seq)
         finally:
-            self.block_manager.free_seq(seq)
+            bm.free_seq(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -182,9 +192,14 @@ class LLMEngine:
         except RuntimeError as exc:  # a collective broke: name the worker behind it
             raise RuntimeError(self.executor.explain(exc)) from exc
         self.stats["steps"] += 1
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+        if isinstance(batch, DataParallelBatch):
+            parts = list(zip(batch.batches, batch.block_managers))
+        else:
+            parts = [(batch, self.block_manager)]
+        for sub, bm in parts:
+            for seq, n in zip(sub.seqs, sub.num_new_tokens):
+                seq.num_computed_tokens += n
+                bm.register_full_blocks(seq)
         return self._postprocess(seqs, sampled)
 
     def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:

@@ -5,6 +5,14 @@ The pool is one preallocated tensor per cache of each attention layer, sized at 
 GPU from free memory x gpu_memory_utilization after a profiling forward at the largest
 batch; on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
 `max_num_seqs` full-length sequences could use.
+
+Data-parallel attention (data_parallel_size > 1): the driver gets one batch per DP rank
+(`DataParallelBatch`), publishes all of their host inputs to every rank (each runs its own,
+and the token counts tell MoE layers how to exchange tokens), and a DP rank with nothing to
+do runs a one-token dummy batch (slot -1: no cache write, logits discarded), because MoE
+layers are collective. The first TP rank of every other DP rank sends its sampled rows'
+logits to the driver (point-to-point), which samples all rows in one call, so seeds and
+penalties behave as with one rank. CUDA graphs are off with DP (batch shapes differ per rank).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from deepserve import ops
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
 from deepserve.engine.sampler import Sampler, SamplerOutput
-from deepserve.engine.scheduler import ScheduledBatch
+from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
 from deepserve.platforms import Platform
@@ -60,7 +68,7 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self.num_blocks = self._decide_num_blocks()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if config.parallel.world_size > 1:  # (not dist.is_initialized(): another engine may hold a group)
             # every rank must agree on the pool size: the smallest wins
             n = torch.tensor([self.num_blocks], dtype=torch.int64)
             dist.all_reduce(n, op=dist.ReduceOp.MIN, group=control_group())
@@ -70,7 +78,7 @@ class ModelRunner:
         # set by a multi-process executor: sends each step's host inputs to the other ranks
         self.publish = lambda host: None
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.pctx.dp_size == 1:
             from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
@@ -191,13 +199,16 @@ class ModelRunner:
         return self.to_device(self.host_inputs(batch))
 
     @torch.inference_mode()
-    def forward_logits(self, input_ids, positions, meta: AttentionMetadata) -> Optional[torch.Tensor]:
-        """Logits of the rows in meta.logits_indices (None on pipeline stages but the first)."""
+    def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
+                       dp_num_tokens: Optional[list[int]] = None) -> Optional[torch.Tensor]:
+        """Logits of the rows in meta.logits_indices (None on pipeline stages but the first).
+        `dp_num_tokens`: every DP rank's token count this step (DP attention only)."""
         if self.pctx.pp_size > 1:
             return self._pipeline_forward(input_ids, positions, meta)
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
-        hidden = self.model(input_ids, positions, meta)
+        extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
+        hidden = self.model(input_ids, positions, meta, **extra)
         return self.model.compute_logits(hidden[meta.logits_indices])
 
     def _pipeline_forward(self, input_ids, positions, meta):
@@ -233,12 +244,16 @@ class ModelRunner:
         """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
         host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
         host["logits_rows"] = list(range(seq.num_tokens))
+        if self.pctx.dp_size > 1:  # DP rank 0 (the driver's) scores it; the others idle
+            return self._dp_forward([host] + [self.dummy_host()] * (self.pctx.dp_size - 1))[0].cpu()
         self.publish(host)
         return self.forward_logits(*self.to_device(host))[:, :self.vocab_size].float().cpu()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
         """Run one step; returns (sequences that got a token, their sampled tokens)."""
+        if isinstance(batch, DataParallelBatch):
+            return self._execute_dp(batch)
         host = self.host_inputs(batch)
         self.publish(host)
         logits = self.forward_logits(*self.to_device(host))
@@ -247,3 +262,55 @@ class ModelRunner:
         if not sampling_seqs:
             return [], SamplerOutput([], [])
         return sampling_seqs, self.sampler(logits, sampling_seqs)
+
+    # ------------------------------------------------------------------ data parallel
+    @staticmethod
+    def dummy_host() -> dict:
+        """One token at position 0 that writes no cache slot; its logits row is discarded."""
+        return dict(ids=[0], positions=np.zeros(1, dtype=np.int64), slots=np.full(1, -1, dtype=np.int64),
+                    q_lens=[1], seq_lens=[1], tables=[[0]], logits_rows=[0], num_decodes=1, dummy=True)
+
+    def _logits_source(self, dp_rank: int) -> int:
+        """Global rank that sends DP rank `dp_rank`'s logits: its first TP rank (see rank_layout)."""
+        return dp_rank * self.pctx.tp_size * self.pctx.pp_size
+
+    def _dp_forward(self, hosts: list[dict]) -> list[Optional[torch.Tensor]]:
+        """Driver: run one step on every DP rank; fp32 logits [rows, V] of each (None: no rows)."""
+        self.publish({"dp_hosts": hosts})
+        counts = [len(h["ids"]) for h in hosts]
+        own = self.forward_logits(*self.to_device(hosts[self.pctx.dp_rank]), dp_num_tokens=counts)
+        out: list[Optional[torch.Tensor]] = []
+        for r, h in enumerate(hosts):
+            if h.get("dummy") or not h["logits_rows"]:
+                out.append(None)
+            elif r == self.pctx.dp_rank:
+                out.append(own[:, :self.vocab_size].float())
+            else:
+                buf = torch.empty(len(h["logits_rows"]), self.vocab_size, dtype=torch.float32, device=self.device)
+                dist.recv(buf, src=self._logits_source(r))
+                out.append(buf)
+        return out
+
+    def _execute_dp(self, batch: DataParallelBatch) -> tuple[list, SamplerOutput]:
+        hosts = [self.host_inputs(b) if b else self.dummy_host() for b in batch.batches]
+        seqs, rows = [], []
+        for b, logits in zip(batch.batches, self._dp_forward(hosts)):
+            sampling = [s for s, n in zip(b.seqs, b.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+            if sampling:
+                seqs += sampling
+                rows.append(logits)
+        if not seqs:
+            return [], SamplerOutput([], [])
+        return seqs, self.sampler(torch.cat(rows), seqs)
+
+    @torch.inference_mode()
+    def run_published(self, msg: dict) -> None:
+        """Worker: run one step the driver published (one host dict, or every DP rank's)."""
+        if "dp_hosts" not in msg:
+            self.forward_logits(*self.to_device(msg))
+            return
+        hosts = msg["dp_hosts"]
+        own = hosts[self.pctx.dp_rank]
+        logits = self.forward_logits(*self.to_device(own), dp_num_tokens=[len(h["ids"]) for h in hosts])
+        if self.pctx.tp_rank == 0 and not own.get("dummy") and own["logits_rows"]:
+            dist.send(logits[:, :self.vocab_size].float().contiguous(), dst=0)

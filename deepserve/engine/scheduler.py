@@ -110,3 +110,105 @@ class Scheduler:
             self.block_manager.free_seq(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = seq.finish_reason or reason
+
+
+@dataclass
+class DataParallelBatch:
+    """One step of every DP rank: `batches[r]` runs on DP rank r (empty: it runs a dummy batch)."""
+    batches: list[ScheduledBatch]
+    block_managers: list[BlockManager]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(b.total_tokens for b in self.batches)
+
+    def __bool__(self) -> bool:
+        return any(self.batches)
+
+
+class PooledBlocks:
+    """Read-only sums over the DP ranks' KV pools (metrics and "is everything free" checks)."""
+
+    def __init__(self, block_managers: list[BlockManager]):
+        self.block_managers = block_managers
+        self.block_size = block_managers[0].block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(bm.num_blocks for bm in self.block_managers)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(bm.num_free_blocks for bm in self.block_managers)
+
+    @property
+    def prefix_queries(self) -> int:
+        return sum(bm.prefix_queries for bm in self.block_managers)
+
+    @property
+    def prefix_hits(self) -> int:
+        return sum(bm.prefix_hits for bm in self.block_managers)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+
+class DataParallelScheduler:
+    """One `Scheduler` (and KV pool) per data-parallel rank behind the single-scheduler API.
+
+    A new request goes to the DP rank with the fewest unfinished sequences (ties: the lowest
+    rank); the other sequences of the same request (n > 1) follow it there, so they can share
+    its prompt blocks. `schedule()` asks every rank for its batch."""
+
+    def __init__(self, config: SchedulerConfig, block_managers: list[BlockManager]):
+        if not block_managers:
+            raise ValueError("a data-parallel scheduler needs at least one DP rank")
+        self.ranks = [Scheduler(config, bm) for bm in block_managers]
+        self.block_managers = block_managers
+        self._rank_of: dict[int, int] = {}          # seq_id -> DP rank
+        self._request_rank: dict[str, int] = {}     # request id -> DP rank, while it has live seqs
+        self._live: dict[str, int] = {}             # request id -> its unfinished sequences
+
+    def _load(self, rank: int) -> int:
+        s = self.ranks[rank]
+        return len(s.waiting) + len(s.running)
+
+    def add(self, seq: Sequence) -> None:
+        rank = self._request_rank.get(seq.request_id)
+        if rank is None:
+            rank = min(range(len(self.ranks)), key=self._load)
+            self._request_rank[seq.request_id] = rank
+        self._rank_of[seq.seq_id] = rank
+        self._live[seq.request_id] = self._live.get(seq.request_id, 0) + 1
+        self.ranks[rank].add(seq)
+
+    def rank_of(self, seq: Sequence) -> int:
+        return self._rank_of[seq.seq_id]
+
+    def has_unfinished(self) -> bool:
+        return any(s.has_unfinished() for s in self.ranks)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [seq for s in self.ranks for seq in s.running]
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        return [seq for s in self.ranks for seq in s.waiting]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.ranks)
+
+    def schedule(self) -> DataParallelBatch:
+        return DataParallelBatch([s.schedule() for s in self.ranks], self.block_managers)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        rank = self._rank_of.pop(seq.seq_id, None)
+        if rank is None:
+            raise ValueError(f"sequence {seq!r} was never added to this scheduler")
+        self.ranks[rank].finish(seq, reason)
+        live = self._live[seq.request_id] = self._live.get(seq.request_id, 1) - 1
+        if live <= 0:
+            self._live.pop(seq.request_id, None)
+            self._request_rank.pop(seq.request_id, None)

@@ -82,9 +82,11 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = (LlamaMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dtype, pctx,
                                         bool(cfg.get("mlp_bias", False))) if n_shared else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
+        # the gate and the shared experts see this DP rank's tokens only; with DP attention +
+        # EP the routed experts exchange tokens across the DP group (layers/moe.py)
         weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, weights, ids, dp_num_tokens)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -100,7 +102,8 @@ class DeepseekDecoderLayer(nn.Module):
             cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, rotary,
             yarn_softmax_scale(qk_head_dim, cfg.rope_scaling), bool(cfg.get("attention_bias", False)),
             dtype, pctx)
-        if is_moe_layer(cfg, layer_idx):
+        self.is_moe = is_moe_layer(cfg, layer_idx)
+        if self.is_moe:
             self.mlp = DeepseekMoE(cfg, dtype, pctx)
         else:
             self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, dtype, pctx,
@@ -108,14 +111,15 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata,
+                dp_num_tokens: Optional[list[int]] = None):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return (self.mlp(x, dp_num_tokens) if self.is_moe else self.mlp(x)), residual
 
 
 class DeepseekV3ForCausalLM(nn.Module):
@@ -126,6 +130,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                  pctx: Optional[ParallelContext] = None, load_mtp: bool = False):
         super().__init__()
         pctx = pctx or single_process()
+        self.pctx = pctx
         self.config = cfg
         rotary = build_rotary(cfg)
         self.model = nn.Module()
@@ -147,11 +152,17 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.mtp = nn.ModuleList(DeepseekMTP(cfg, cfg.num_hidden_layers + i, rotary, dtype, pctx)
                                      for i in range(self.num_mtp_layers))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
+        """`dp_num_tokens`: every DP rank's token count this step, which MoE layers need with DP
+        attention + EP; the runner knows it, other callers leave it None and it is gathered."""
+        if self.pctx.moe_dp_exchange and dp_num_tokens is None:
+            count = torch.tensor([input_ids.shape[0]], dtype=torch.int64, device=input_ids.device)
+            dp_num_tokens = self.pctx.dp_all_gather(count).flatten().tolist()
         x = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(positions, x, residual, meta, dp_num_tokens)
         x, _ = self.model.norm(x, residual)
         return x
 

@@ -1,4 +1,5 @@
-"""Multi-process layouts on CPU (gloo): TP=2, PP=2 and EP=2 give the greedy outputs of TP=1,
+"""Multi-process layouts on CPU (gloo): TP=2, PP=2, EP=2, DP=2 (plain) and DP=2 x EP=2
+(data-parallel attention) give the greedy outputs of TP=1,
 and a worker that dies is reported by rank, host and exit code instead of hanging."""
 import os
 import signal
@@ -43,8 +44,10 @@ def _outputs(model, **kw):
 
 @pytest.mark.parametrize("name", ["llama", "deepseek"])
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
-                                    {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
-                         ids=["tp2", "pp2", "ep2"])
+                                    {"tensor_parallel_size": 2, "enable_expert_parallel": True},
+                                    {"data_parallel_size": 2},
+                                    {"data_parallel_size": 2, "enable_expert_parallel": True}],
+                         ids=["tp2", "pp2", "ep2", "dp2", "dp2-ep2"])
 def test_layout_matches_single_process(models, name, layout):
     if name == "llama" and layout.get("enable_expert_parallel"):
         pytest.skip("a dense model has no experts")

@@ -1,0 +1,170 @@
+"""Data-parallel attention with expert parallel (DP x EP) on CPU (gloo, spawned workers).
+
+Each DP rank keeps its own requests and KV pool; MoE layers exchange tokens across the DP
+group. Greedy outputs (and seeded samples, and prompt logits) must equal one process's, with
+chunked prefill, a DP rank left idle (dummy batch) and every block free afterwards. The
+pure-Python parts (DP scheduler, rank layout) are checked without processes. Plain DP=2 on
+the dense Llama is in test_parallel_engine.py's layout table."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from deepserve import LLM, SamplingParams
+from deepserve.config import SchedulerConfig
+from deepserve.distributed.parallel_state import rank_layout
+from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.scheduler import DataParallelScheduler, PooledBlocks
+from deepserve.engine.sequence import Sequence
+from tests.distributed.test_parallel_engine import tiny_deepseek
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+# mixed lengths; 16-token steps make the long prompts prefill in chunks (steps without logits)
+MIXED = [{"prompt_token_ids": list(range(3, 40))}, {"prompt_token_ids": [1]},
+         {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11]}, {"prompt_token_ids": list(range(50, 72))},
+         {"prompt_token_ids": [5, 6]}]
+SINGLE = [{"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11, 13]}]
+ENGINE = dict(block_size=4, max_model_len=128, max_num_batched_tokens=16)
+
+
+def _tokens(llm, prompts, params=GREEDY):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return str(tiny_deepseek(tmp_path_factory.mktemp("dsv3-dp")))
+
+
+@pytest.fixture(scope="module")
+def reference(deepseek):
+    """One process: the outputs every layout must reproduce."""
+    llm = LLM(deepseek, **ENGINE)
+    try:
+        return {"mixed": _tokens(llm, MIXED), "single": _tokens(llm, SINGLE),
+                "seeded": _tokens(llm, MIXED[:3], SEEDED),
+                "logits": llm.engine.prompt_logits(MIXED[2])}
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.fixture(scope="class")
+def dp_ep(deepseek, reference):
+    # one process group per process: this engine is shut down before the next test class starts one
+    llm = LLM(deepseek, data_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+    yield llm
+    llm.engine.shutdown()
+
+
+class TestDataParallelExpertParallel:
+    """DP=2 x EP=2 (tp=1) on the tiny DeepSeek-V3: one engine for the class."""
+
+    def test_dp_ep_context(self, dp_ep):
+        p = dp_ep.engine.runner.pctx
+        assert (p.dp_rank, p.dp_size, p.ep_rank, p.ep_size, p.tp_size) == (0, 2, 0, 2, 1)
+        experts = dp_ep.engine.runner.model.model.layers[1].mlp.experts
+        assert (experts.num_local_experts, experts.first_expert) == (4, 0)  # 8 experts over 2 ranks
+
+    def test_dp_ep_mixed_batch_matches_single_process(self, dp_ep, reference):
+        pools = dp_ep.engine.block_managers
+        before = [bm.prefix_queries for bm in pools]
+        assert _tokens(dp_ep, MIXED) == reference["mixed"]
+        # both DP ranks served requests, and every block came back
+        assert all(bm.prefix_queries > b for bm, b in zip(pools, before))
+        assert [bm.num_free_blocks for bm in pools] == [bm.num_blocks for bm in pools]
+        assert not dp_ep.engine.scheduler.has_unfinished()
+
+    def test_dp_ep_idle_rank_runs_dummy_batch(self, dp_ep, reference):
+        pools = dp_ep.engine.block_managers
+        before = [bm.prefix_queries for bm in pools]
+        assert _tokens(dp_ep, SINGLE) == reference["single"]
+        # the request went to DP rank 0; rank 1 only ran dummy batches (its pool untouched)
+        assert [bm.prefix_queries - b for bm, b in zip(pools, before)] == [len(SINGLE[0]["prompt_token_ids"]), 0]
+        assert dp_ep.engine.block_manager.num_free_blocks == dp_ep.engine.block_manager.num_blocks
+
+    def test_dp_ep_seeded_sampling_and_prompt_logits(self, dp_ep, reference):
+        assert _tokens(dp_ep, MIXED[:3], SEEDED) == reference["seeded"]
+        logits = dp_ep.engine.prompt_logits(MIXED[2])
+        assert logits.shape == reference["logits"].shape
+        torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_tp2_x_dp2_with_ep_matches_single_process(deepseek, reference):
+    llm = LLM(deepseek, tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+    try:
+        p = llm.engine.runner.pctx
+        assert (p.tp_size, p.dp_size, p.ep_size) == (2, 2, 4)
+        assert _tokens(llm, MIXED[:3]) == reference["mixed"][:3]
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    finally:
+        llm.engine.shutdown()
+
+
+def test_dead_dp_worker_is_reported(monkeypatch):
+    from tests.conftest import DEMO_MODEL
+    monkeypatch.setenv("DEEPSERVE_DIST_TIMEOUT", "20")
+    llm = LLM(str(DEMO_MODEL), data_parallel_size=2, **ENGINE)
+    try:
+        os.kill(llm.engine.executor.procs[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) on host .* exited with code -9"):
+            for _ in range(50):
+                llm.generate(MIXED[:2], GREEDY)
+                time.sleep(0.2)
+        assert time.monotonic() - start < 30
+    finally:
+        llm.engine.shutdown()
+
+
+def test_dp_with_pipeline_parallel_is_refused(deepseek):
+    with pytest.raises(ValueError, match="data_parallel_size 2 with pipeline_parallel_size 2"):
+        LLM(deepseek, data_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
+
+
+# ---------------------------------------------------------------- no processes
+def test_rank_layout():
+    # tp=2, pp=2: rank = dp*4 + pp*2 + tp
+    assert [rank_layout(r, 2, 2) for r in (0, 1, 2, 5, 7)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1)]
+    assert [rank_layout(r, 1, 1) for r in range(3)] == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+
+
+def _seq(rid, index=0, n=5):
+    return Sequence(rid, index, list(range(1, n + 1)), SamplingParams(max_tokens=4))
+
+
+def test_dp_scheduler_least_loaded_and_siblings_follow():
+    pools = [BlockManager(16, 4), BlockManager(16, 4)]
+    sched = DataParallelScheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32),
+                                  pools)
+    a0, a1, b, c = _seq("a", 0), _seq("a", 1), _seq("b"), _seq("c")
+    for s in (a0, a1, b, c):
+        sched.add(s)
+    # "a" (2 seqs) on rank 0; "b" then goes to the emptier rank 1, and "c" too (1 < 2)
+    assert [sched.rank_of(s) for s in (a0, a1, b, c)] == [0, 0, 1, 1]
+    step = sched.schedule()
+    assert [[s.request_id for s in part.seqs] for part in step.batches] == [["a", "a"], ["b", "c"]]
+    assert step.total_tokens == 20
+    for s in (a0, a1):
+        sched.finish(s, "stop")
+    assert [bm.num_free_blocks for bm in pools] == [16, 12]
+    d = _seq("d")
+    sched.add(d)
+    assert sched.rank_of(d) == 0
+    assert len(sched.running) == 2 and [s.request_id for s in sched.waiting] == ["d"]
+    view = PooledBlocks(pools)
+    assert (view.num_blocks, view.num_free_blocks, view.usage()) == (32, 28, 4 / 32)
+    with pytest.raises(ValueError, match="never added"):
+        sched.finish(_seq("x"), "abort")
+
+
+def test_dp_batch_with_one_idle_rank_is_truthy():
+    pools = [BlockManager(8, 4), BlockManager(8, 4)]
+    sched = DataParallelScheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32),
+                                  pools)
+    assert not sched.schedule()
+    sched.add(_seq("only"))
+    step = sched.schedule()
+    assert step and bool(step.batches[0]) and not step.batches[1]
