@@ -74,24 +74,19 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
     destroy_distributed()
 
 
-class MultiprocExecutor:
-    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+class DriverExecutor:
+    """What every multi-rank executor shares: the driver's own rank (rank 0, in this process),
+    the per-step broadcast of host inputs, and naming the worker behind a broken collective.
+    Subclasses start the workers and set `failure` when one dies."""
+
+    failure: Optional[str] = None
+    _closing = False
+
+    def _start_driver(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int],
+                      init_method: str, timeout: float) -> None:
         from deepserve.engine.model_runner import ModelRunner
         par = config.parallel
-        self.world_size = par.world_size
-        self.failure: Optional[str] = None
-        self._closing = False
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        timeout = dist_timeout_s()
-        ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, name=f"deepserve-rank{r}", daemon=True,
-                                  args=(r, config, platform.name, init_method, timeout))
-                      for r in range(1, self.world_size)]
-        for p in self.procs:
-            p.start()
-        self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
-        self._monitor.start()
-        pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+        pctx = init_distributed(0, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                                 platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
                                 dp_size=par.data_parallel_size)
         self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
@@ -103,6 +98,17 @@ class MultiprocExecutor:
             raise RuntimeError(self.failure)
         dist.broadcast_object_list([host], src=0, group=self.group)
 
+    def _tell_workers_to_stop(self) -> bool:
+        """Send the stop message (unless a worker already died); False if it could not be sent."""
+        if self.failure is not None:
+            return False
+        try:
+            dist.broadcast_object_list([None], src=0, group=self.group)
+            return True
+        except RuntimeError as exc:
+            logger.warning("could not tell workers to stop: %s", exc)
+            return False
+
     def explain(self, exc: BaseException) -> str:
         """The reason behind a failed collective: a dead worker when there is one (the
         monitor may notice a moment after the collective broke)."""
@@ -110,6 +116,22 @@ class MultiprocExecutor:
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
         return f"{self.failure} ({exc})" if self.failure else str(exc)
+
+
+class MultiprocExecutor(DriverExecutor):
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        self.world_size = config.parallel.world_size
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        timeout = dist_timeout_s()
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, name=f"deepserve-rank{r}", daemon=True,
+                                  args=(r, config, platform.name, init_method, timeout))
+                      for r in range(1, self.world_size)]
+        for p in self.procs:
+            p.start()
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
+        self._monitor.start()
+        self._start_driver(config, platform, eos_token_ids, init_method, timeout)
 
     def _watch(self) -> None:
         host = socket.gethostname()
@@ -125,11 +147,7 @@ class MultiprocExecutor:
         if self._closing:
             return
         self._closing = True
-        if self.failure is None:
-            try:
-                dist.broadcast_object_list([None], src=0, group=self.group)
-            except RuntimeError as exc:
-                logger.warning("could not tell workers to stop: %s", exc)
+        self._tell_workers_to_stop()
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from typing import Optional
 
 from deepserve.config import EngineConfig
-from deepserve.distributed.executor import _free_port, _worker_main, dist_timeout_s
-from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.distributed.executor import DriverExecutor, _free_port, _worker_main, dist_timeout_s
+from deepserve.distributed.parallel_state import destroy_distributed
 from deepserve.platforms import Platform
 
 logger = logging.getLogger("deepserve")
@@ -30,20 +28,13 @@ def _import_ray():
     return ray
 
 
-class RayExecutor:
+class RayExecutor(DriverExecutor):
     def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
-        import torch.distributed as dist
-
-        from deepserve.engine.model_runner import ModelRunner
         ray = _import_ray()
-        self._dist = dist
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                      log_to_driver=False, ignore_reinit_error=True)
-        par = config.parallel
-        self.world_size = par.world_size
-        self.failure: Optional[str] = None
-        self._closing = False
+        self.world_size = config.parallel.world_size
         # where the process group meets: this node's cluster address (DEEPSERVE_HOST_IP overrides)
         node_id = ray.get_runtime_context().get_node_id()
         ip = os.environ.get("DEEPSERVE_HOST_IP") or next(
@@ -70,17 +61,7 @@ class RayExecutor:
         self._ray = ray
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-ray-monitor")
         self._monitor.start()
-        pctx = init_distributed(0, self.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
-                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
-                                dp_size=par.data_parallel_size)
-        self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
-        self.group = control_group()
-        self.runner.publish = self._publish
-
-    def _publish(self, host: dict) -> None:
-        if self.failure:
-            raise RuntimeError(self.failure)
-        self._dist.broadcast_object_list([host], src=0, group=self.group)
+        self._start_driver(config, platform, eos_token_ids, init_method, timeout)
 
     def _watch(self) -> None:
         while not self._closing:
@@ -96,19 +77,12 @@ class RayExecutor:
                 logger.error(self.failure)
                 return
 
-    def explain(self, exc: BaseException) -> str:
-        deadline = time.monotonic() + 3.0
-        while self.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return f"{self.failure} ({exc})" if self.failure else str(exc)
-
     def shutdown(self) -> None:
         if self._closing:
             return
         self._closing = True
-        if self.failure is None:
+        if self._tell_workers_to_stop():
             try:
-                self._dist.broadcast_object_list([None], src=0, group=self.group)
                 self._ray.get(self.runs, timeout=30)
             except Exception as exc:  # noqa: BLE001 - shutting down: log and kill
                 logger.warning("ray workers did not stop cleanly: %s", exc)

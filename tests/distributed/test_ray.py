@@ -48,6 +48,6 @@ def test_ray_tp2_matches_tp1(tmp_path):
         import json
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["ray"] == result["single"]
-        assert result["nodes"] == ["127.0.0.1"]
+        assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
