@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(server.items()) if k != "api_key"))
         return 0
-    return _serve(engine_kwargs, server)
+    from deepserve.distributed.cluster_serve import local_engine_args
+    return _serve(local_engine_args(engine_kwargs), server)
 
 
 def _serve(engine_kwargs: dict, server: dict) -> int:

@@ -17,12 +17,38 @@ def _local_gpu_memory() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
+def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int):
+    """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes."""
+    from deepserve.config import EngineArgs, load_hf_config
+    from deepserve.distributed.plan import choose_plan
+
+    hf = load_hf_config(kwargs.get("model", EngineArgs.model), kwargs.get("hf_overrides"))
+    quant = kwargs.get("quantization")
+    # int8 weights take the same byte per parameter as fp8 in the plan's arithmetic
+    return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=None if quant is None else "fp8",
+                       dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
+                       gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
+
+
+def local_engine_args(engine_kwargs: dict, out=print) -> dict:
+    """One machine with several GPUs and no parallel sizes given: use the automatic plan
+    (the guides' "automated deployment optimization"). One GPU or none: unchanged."""
+    import torch
+
+    if any(k in engine_kwargs for k in PARALLEL_KEYS) or engine_kwargs.get("device") == "cpu":
+        return engine_kwargs
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < 2:
+        return engine_kwargs
+    plan = auto_plan(engine_kwargs, gpus, _local_gpu_memory(), nodes=1)
+    out(f"deepserve: plan for {gpus} GPUs: " + " ".join(f"{k}={v}" for k, v in plan.parallel_args().items()))
+    return dict(engine_kwargs, **plan.parallel_args())
+
+
 def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
                         gpu_memory_fn: Optional[Callable[[], int]] = None) -> tuple[dict, Optional[object]]:
     """Engine kwargs for serving on the cluster: Ray backend, and the automatic plan's sizes
     when none were given. Returns (kwargs, the Plan or None)."""
-    from deepserve.config import EngineArgs, load_hf_config
-    from deepserve.distributed.plan import choose_plan
 
     kwargs = dict(engine_kwargs)
     backend = kwargs.get("distributed_executor_backend")
@@ -36,16 +62,11 @@ def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
             memory = parse_size(launcher.options.gpu_memory)
         else:
             memory = (gpu_memory_fn or _local_gpu_memory)()
-        quant = kwargs.get("quantization")
         gpu_hosts = sum(1 for h in launcher.hosts if h.gpus)
         if total < 1 or total % gpu_hosts:
             raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
                              f"{[h.gpus for h in launcher.hosts]}: give the parallel sizes")
-        hf = load_hf_config(kwargs.get("model", EngineArgs.model), kwargs.get("hf_overrides"))
-        # int8 weights take the same byte per parameter as fp8 in the plan's arithmetic
-        plan = choose_plan(hf, total, memory, nodes=gpu_hosts, quantization=None if quant is None else "fp8",
-                           dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
-                           gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
+        plan = auto_plan(kwargs, total, memory, gpu_hosts)
         kwargs.update(plan.parallel_args())
     world = (int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
              * int(kwargs.get("data_parallel_size", 1)))

@@ -356,3 +356,22 @@ def test_real_local_ray_start_wait_stop(monkeypatch):
         # the exported envs reach Ray's workers
         assert ray.get(ray.remote(lambda: os.environ.get("DEEPSERVE_PROBE")).remote(), timeout=60) == "7"
     assert not ray.is_initialized() and cl.started == []
+
+
+def test_single_node_serve_uses_the_plan(monkeypatch):
+    """No parallel sizes on a machine with several GPUs: serve takes `deepserve plan`'s choice."""
+    import torch
+
+    from deepserve.distributed import cluster_serve
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(cluster_serve, "_local_gpu_memory", lambda: 141 * 2 ** 30)
+    said = []
+    kwargs = cluster_serve.local_engine_args({"model": "deepseek-r1", "quantization": "fp8"}, out=said.append)
+    expected = choose_plan(load_hf_config("deepseek-r1"), 8, 141 * 2 ** 30, nodes=1, quantization="fp8")
+    assert {k: kwargs[k] for k in expected.parallel_args()} == expected.parallel_args()
+    assert said and said[0].startswith("deepserve: plan for 8 GPUs:")
+    given = {"model": "deepseek-r1", "tensor_parallel_size": 8}
+    assert cluster_serve.local_engine_args(given, out=said.append) == given
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cluster_serve.local_engine_args({"model": "deepseek-r1"}) == {"model": "deepseek-r1"}
