@@ -175,7 +175,7 @@ def main():
             {"llama8b": case_llama8b, "v2lite": case_v2lite}[case](rows, bw, peak)
         except Exception as exc:  # noqa: BLE001 - report and go on with the next case
             print(f"case {case} failed: {type(exc).__name__}: {exc}", flush=True)
-    print(f"\n| name | value | unit | roofline | ratio |\n|---|---|---|---|---|")
+    print("\n| name | value | unit | roofline | ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['value']:.4g} | {r['unit']} | {r['roofline_value']:.4g} | {r['ratio']:.2%} |")
 

@@ -24,7 +24,7 @@ from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
-from deepserve.engine.sequence import Sequence, SeqStatus
+from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.platforms import get_platform
 

@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-import torch
 import transformers
 
 from deepserve import LLM, SamplingParams
