@@ -195,9 +195,6 @@ class ModelRunner:
             query_lens_cpu=h["q_lens"], seq_lens_cpu=h["seq_lens"])
         return tensor(h["ids"], torch.int64), tensor(h["positions"], torch.int64), meta
 
-    def prepare(self, batch: ScheduledBatch):
-        return self.to_device(self.host_inputs(batch))
-
     @torch.inference_mode()
     def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
                        dp_num_tokens: Optional[list[int]] = None) -> Optional[torch.Tensor]:

@@ -151,16 +151,18 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Random weights with the model's shapes (for speed tests with real shapes).
 
-    Norm weights are set to 1 and biases to 0 so activations stay in a sane range."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Norm weights are set to 1 and biases to 0 so activations stay in a sane range. The same
+    seed gives the same weights on the same device."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
-        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16) or p.device.type == "meta":
             continue
-        if "norm" in name.split(".")[-2] if "." in name else False:
+        module = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        if "norm" in module:
             p.fill_(1.0)
         elif name.endswith("bias"):
             p.zero_()
-        elif p.device.type == "cpu":
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
         else:
-            p.normal_(0.0, std)
+            if p.device not in generators:
+                generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            p.normal_(0.0, std, generator=generators[p.device])
