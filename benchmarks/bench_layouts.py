@@ -53,8 +53,11 @@ def equality(rows: list) -> None:
         prompts = [{"prompt_token_ids": torch.randint(0, 100000, (n,), generator=g).tolist()} for n in (5, 33, 80)]
         sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         outs = {}
+        print("checkpoint written", flush=True)
         for name, kw in LAYOUTS.items():
+            print(f"equality: starting {name}", flush=True)
             llm = LLM(tmp, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5, **kw)
+            print(f"equality: {name} started {llm.engine.runner.timings}", flush=True)
             outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
             release(llm)
         for name in ("tp2", "ep2"):
@@ -103,6 +106,7 @@ def _ar_worker(rank, port, batch, hidden, q):
 def speed(rows: list, bw: float) -> None:
     cfg = load_hf_config("deepseek-v2-lite")
     for name, kw in LAYOUTS.items():
+        print(f"speed: starting {name}", flush=True)
         llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=1024,
                   max_num_seqs=256, gpu_memory_utilization=0.8, **kw)
         for b in (64, 256):
