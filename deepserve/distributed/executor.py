@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Optional
@@ -40,6 +41,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when its parent dies, however the parent ends (even
+    SIGKILL), so a lost driver never leaves orphan workers holding GPUs."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # no glibc: workers still exit on the driver's stop message or a broken collective
+
+
 class UniExecutor:
     def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
         from deepserve.engine.model_runner import ModelRunner
@@ -56,6 +70,7 @@ class UniExecutor:
 def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_method: str,
                  timeout_s: float, local_rank: Optional[int] = None) -> None:
     """A worker rank: join the group, load its shard, then run every step the driver sends."""
+    _die_with_parent()
     from deepserve.engine.model_runner import ModelRunner
     platform = get_platform(platform_name)
     par = config.parallel
