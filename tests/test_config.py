@@ -40,3 +40,27 @@ def test_hf_config_reads_both_spellings():
         assert c.rope_scaling["rope_type"] == "yarn" and c.rope_scaling["factor"] == 40
     plain = HFConfig({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     assert plain.rope_scaling is None and plain.rope_theta == 1e6
+
+
+def test_ops_backend_from_flag_and_env(monkeypatch):
+    monkeypatch.delenv("DEEPSERVE_OPS", raising=False)
+    monkeypatch.delenv("USE_FLAGGEMS", raising=False)
+    assert EngineArgs().ops == "auto"
+    monkeypatch.setenv("DEEPSERVE_OPS", "torch")
+    assert EngineArgs().ops == "torch"
+    assert EngineArgs(ops="triton").ops == "triton"  # the flag wins over the environment
+    monkeypatch.setenv("USE_FLAGGEMS", "1")
+    assert EngineArgs().ops == "flaggems"             # as FlagScale honours it
+    with pytest.raises(ValueError, match="ops must be auto, torch, triton or flaggems, got 'cuda'"):
+        EngineArgs(ops="cuda")
+
+
+def test_flaggems_missing_is_a_clear_error():
+    import importlib.util
+
+    from deepserve import ops
+    if importlib.util.find_spec("flag_gems") is not None:
+        pytest.skip("flag_gems is installed here")
+    with pytest.raises(RuntimeError, match=r"--ops flaggems needs FlagGems: pip install 'deepserve\[flaggems\]'"):
+        ops.set_backend("flaggems")
+    assert ops.get_backend() != "flaggems"
