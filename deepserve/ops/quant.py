@@ -23,11 +23,23 @@ from typing import Optional
 import torch
 
 from deepserve.ops.registry import register
-from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX
-from deepserve.quant.int8 import quant_int8_per_token
 
-FP8_GROUP = 128  # activation group = weight block width along K
-_MIN_AMAX = 1e-12
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0   # largest finite e4m3fn value
+INT8_MAX = 127.0  # symmetric int8: -128 is left unused so negation is exact
+FP8_GROUP = 128   # activation group = weight block width along K
+_MIN_AMAX = 1e-12  # an all-zero row would give scale 0 and 0/0 = NaN
+
+
+def quant_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (int8 [..., K], fp32 scale [..., 1]), one symmetric scale per row."""
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
+    # Tensor divisor, not a Python float: CUDA would multiply by the reciprocal (1 ulp off)
+    # and scales must match bit for bit across devices.
+    scale = amax / torch.full_like(amax, INT8_MAX)
+    q = torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
 
 
 def quant_fp8_per_token_group(x: torch.Tensor, group: int = FP8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +120,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     if tuple(weight_scale.shape) != (n, 1):
         raise ValueError(f"int8_linear: weight scale shape {tuple(weight_scale.shape)}, expected {(n, 1)}")
     lead = x.shape[:-1]
-    xq, xs = quant_int8_per_token(x.reshape(-1, k))                       # [M, K], [M, 1]
+    xq, xs = quant_int8_rows(x.reshape(-1, k))                       # [M, K], [M, 1]
     acc = int8_matmul(xq, weight)                                          # [M, N]
     y = acc.to(torch.float32) * xs * weight_scale.float().t()
     if bias is not None:

@@ -10,18 +10,8 @@ from __future__ import annotations
 
 import torch
 
-INT8_MAX = 127.0
-_MIN_AMAX = 1e-12  # an all-zero row would give scale 0 and 0/0 = NaN
-
-
-def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
-    # Tensor divisor, not a Python float: CUDA would multiply by the reciprocal (1 ulp off)
-    # and scales must match bit for bit across devices.
-    scale = amax / torch.full_like(amax, INT8_MAX)
-    q = torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+from deepserve.ops.quant import INT8_MAX  # noqa: F401  (re-exported)
+from deepserve.ops.quant import quant_int8_rows as _quant_rows
 
 
 def quant_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

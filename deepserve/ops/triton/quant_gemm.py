@@ -26,7 +26,7 @@ from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
 from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import as_rows, interpreting
-from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX
+from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
 
 
 @triton.jit
