@@ -35,6 +35,9 @@ class VocabParallelEmbedding(nn.Module):
         rows = loaded[self.start:self.start + self.per_rank]
         param.data[:rows.shape[0]].copy_(rows)
 
+    def dummy_shards(self):
+        yield self.weight, None, (self.vocab_size, self.weight.shape[1])
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.pctx.tp_size == 1:
             return F.embedding(ids, self.weight)

@@ -112,6 +112,14 @@ class ColumnParallelLinear(LinearBase):
         shard = loaded.narrow(0, self.pctx.tp_rank * size, size)
         param.data.narrow(0, offset, size).copy_(shard)
 
+    def dummy_shards(self):
+        """(parameter, shard id, full checkpoint shape) of every checkpoint tensor this layer
+        is loaded from: random weights drawn per checkpoint tensor are the same in any layout."""
+        for i, size in enumerate(self.output_sizes):
+            yield self.weight, i, (size, self.in_features)
+            if self.bias is not None:
+                yield self.bias, i, (size,)
+
     def forward(self, x):
         y = self.quant_method.apply(self, x, self.bias)
         return self.pctx.tp_all_gather(y) if self.gather_output else y
@@ -133,6 +141,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv_size = max(num_kv_heads, pctx.tp_size) * head_dim
         super().__init__(hidden_size, [num_heads * head_dim, kv_size, kv_size], bias, params_dtype, pctx)
         self.head_dim, self.num_kv_heads = head_dim, num_kv_heads
+
+    def dummy_shards(self):
+        sizes = {"q": self.output_sizes[0], "k": self.num_kv_heads * self.head_dim,
+                 "v": self.num_kv_heads * self.head_dim}
+        for shard, size in sizes.items():
+            yield self.weight, shard, (size, self.in_features)
+            if self.bias is not None:
+                yield self.bias, shard, (size,)
 
     def weight_loader(self, param, loaded, shard_id=None):
         index = {"q": 0, "k": 1, "v": 2}[shard_id]
@@ -170,6 +186,9 @@ class RowParallelLinear(LinearBase):
                              f"{tuple(loaded.shape)} does not match the model's {expected}")
         size = self.in_features
         param.data.copy_(loaded.narrow(1, self.pctx.tp_rank * size, size))
+
+    def dummy_shards(self):
+        yield self.weight, None, (self.out_features, self.full_in_features)
 
     def forward(self, x):
         y = self.quant_method.apply(self, x)

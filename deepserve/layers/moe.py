@@ -83,6 +83,14 @@ class FusedMoE(nn.Module):
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
 
+    def dummy_shards(self):
+        """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""
+        full_i, d = self.intermediate_size, self.hidden_size
+        for expert in range(self.first_expert, self.first_expert + self.num_local_experts):
+            yield self.w13_weight, (expert, "w1"), (full_i, d)
+            yield self.w13_weight, (expert, "w3"), (full_i, d)
+            yield self.w2_weight, (expert, "w2"), (d, full_i)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         """Copy one checkpoint expert tensor into the stack. shard_id = (global expert, "w1"|"w3"|"w2");
         experts another EP rank holds are skipped on purpose."""

@@ -11,6 +11,7 @@ to the model dtype; int8 as fp32(q) * s.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -147,15 +148,39 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     return loaded
 
 
+def _seeded_normal(shape, key: str, std: float, like: torch.Tensor) -> torch.Tensor:
+    """N(0, std^2) values that depend only on `key` (and the device kind), not on the layout."""
+    gen = torch.Generator(device=like.device).manual_seed(zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype) * std
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Random weights with the model's shapes (for speed tests with real shapes).
 
-    Norm weights are set to 1 and biases to 0 so activations stay in a sane range. The same
-    seed gives the same weights on the same device."""
-    generators: dict[torch.device, torch.Generator] = {}
+    Every checkpoint tensor is drawn from a seed keyed by its name (and shard), in full, and
+    handed to the parameter's weight loader, which keeps this rank's slice: the same seed gives
+    the same model under any TP / PP / EP / DP layout on the same device kind. Norm weights are
+    1 and biases 0 so activations stay in a sane range."""
+    done: set[int] = set()
+    for mname, module in model.named_modules():
+        if not hasattr(module, "dummy_shards"):
+            continue
+        for param, shard_id, full_shape in module.dummy_shards():
+            if (param.device.type == "meta" or param.dim() == 1
+                    or param.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+                continue  # another pipeline stage's, a bias (zero below), quantized (own init)
+            pname = next(n for n, p in module.named_parameters() if p is param)
+            full = _seeded_normal(full_shape, f"{seed}:{mname}.{pname}:{shard_id}", std, param)
+            if shard_id is None:
+                param.weight_loader(param, full)
+            else:
+                param.weight_loader(param, full, shard_id)
+            done.add(id(param))
     for name, p in model.named_parameters():
-        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16) or p.device.type == "meta":
+        if id(p) in done or p.device.type == "meta":
+            continue
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             continue
         module = name.rsplit(".", 2)[-2] if name.count(".") else ""
         if "norm" in module:
@@ -163,6 +188,4 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         elif name.endswith("bias"):
             p.zero_()
         else:
-            if p.device not in generators:
-                generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            p.normal_(0.0, std, generator=generators[p.device])
+            p.copy_(_seeded_normal(p.shape, f"{seed}:{name}", std, p))

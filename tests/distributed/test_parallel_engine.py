@@ -67,3 +67,26 @@ def test_dead_worker_is_reported(models, monkeypatch):
         assert time.monotonic() - start < 30
     finally:
         llm.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dummy_deepseek_config(tmp_path_factory):
+    """A config.json alone: the model gets `--load-format dummy` weights."""
+    import json
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=256)
+    folder = tmp_path_factory.mktemp("dummy_cfg")
+    (folder / "config.json").write_text(json.dumps(dict(cfg.to_dict(), architectures=["DeepseekV3ForCausalLM"])))
+    return str(folder)
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2},
+                                    {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
+                         ids=["tp2", "ep2"])
+def test_dummy_weights_are_layout_independent(dummy_deepseek_config, layout):
+    """Random weights are drawn per checkpoint tensor, so any layout serves the same model."""
+    assert (_outputs(dummy_deepseek_config, load_format="dummy", **layout)
+            == _outputs(dummy_deepseek_config, load_format="dummy"))
