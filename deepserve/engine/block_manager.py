@@ -124,8 +124,3 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
-
-    def reset_prefix_cache(self) -> None:
-        for h, b in list(self.cached.items()):
-            self.hash_of[b] = None
-        self.cached.clear()

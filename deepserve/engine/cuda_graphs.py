@@ -54,7 +54,7 @@ class CudaGraphRunner:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(self.qsl[:bs + 1], self.seq_lens[:bs], self.tables[:bs], self.slots[:bs],
-                                 self.rows[:bs], 1, self.max_len, bs, [1] * bs, [self.max_len] * bs)
+                                 self.rows[:bs], 1, self.max_len, bs)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -61,7 +61,7 @@ class RequestState:
             if not seq.is_finished and self.hold:
                 text = text[:max(0, len(text) - self.hold)]  # never show a stop string's start
             outs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                index=seq.index, text=text, token_ids=seq.output_token_ids,  # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob if self.params.logprobs is not None else None,
                 logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
@@ -98,10 +98,6 @@ class LLMEngine:
         self.max_model_len = self.config.model.max_model_len
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "LLMEngine":
-        return cls(EngineArgs(**kwargs))
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

@@ -136,8 +136,7 @@ class ModelRunner:
         slots = torch.cat([torch.arange(seq_len, device=self.device) + b * blocks_per_seq * self.block_size
                            for b in range(n_seqs)])
         meta = AttentionMetadata(starts, torch.full((n_seqs,), seq_len, dtype=torch.int32, device=self.device),
-                                 tables, slots, (starts[1:] - 1).long(), seq_len, seq_len, 0,
-                                 [seq_len] * n_seqs, [seq_len] * n_seqs)
+                                 tables, slots, (starts[1:] - 1).long(), seq_len, seq_len, 0)
         positions = torch.arange(seq_len, device=self.device).repeat(n_seqs)
         hidden = self.model(ids, positions, meta)
         self.model.compute_logits(hidden[meta.logits_indices])
@@ -191,8 +190,7 @@ class ModelRunner:
             query_start_loc=tensor(qsl, torch.int32), seq_lens=tensor(h["seq_lens"], torch.int32),
             block_tables=tensor(h["tables"], torch.int32), slot_mapping=tensor(h["slots"], torch.int64),
             logits_indices=tensor(h["logits_rows"], torch.int64), max_query_len=max(h["q_lens"]),
-            max_seq_len=max(h["seq_lens"]), num_decodes=h["num_decodes"],
-            query_lens_cpu=h["q_lens"], seq_lens_cpu=h["seq_lens"])
+            max_seq_len=max(h["seq_lens"]), num_decodes=h["num_decodes"])
         return tensor(h["ids"], torch.int64), tensor(h["positions"], torch.int64), meta
 
     @torch.inference_mode()

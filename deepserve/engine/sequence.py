@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from typing import Optional
 
 import torch
@@ -20,8 +19,7 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: Optional[float] = None):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index                         # which of the request's n samples
@@ -35,8 +33,6 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
-        self.arrival_time = arrival_time or time.monotonic()
-        self.first_token_time: Optional[float] = None
         self.num_preemptions = 0
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] = []

@@ -43,7 +43,6 @@ class Tokenizer:
         if chat_template is not None:
             template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
         self.chat_template: Optional[str] = template
-        self.all_special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     @property
     def eos_token_id(self) -> Optional[int]:

@@ -6,7 +6,7 @@ ordered decodes first: the first `num_decodes` sequences have exactly one new to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,8 +24,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     num_decodes: int = 0            # leading sequences with one new token each
-    query_lens_cpu: list[int] = field(default_factory=list)
-    seq_lens_cpu: list[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:

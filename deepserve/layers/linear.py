@@ -30,11 +30,6 @@ def check_shape(name: str, param: torch.Tensor, loaded: torch.Tensor) -> None:
                          f"the model's {tuple(param.shape)}")
 
 
-def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-    check_shape(getattr(param, "param_name", "?"), param, loaded)
-    param.data.copy_(loaded)
-
-
 class UnquantizedLinearMethod:
     """Weight in the model dtype, y = F.linear(x, W, b)."""
 

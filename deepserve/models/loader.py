@@ -24,6 +24,7 @@ from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
 from deepserve.layers.quantization import init_dummy_quantized, is_quantized_tensor, quantize_linears
 from deepserve.models.registry import get_model_class
+from deepserve.platforms import get_platform
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,17 +81,13 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
                      f"deepserve loads fp8 (DeepSeek block) and compressed-tensors W8A8 int8")
 
 
-def fp8_gemm_supported(device: torch.device) -> bool:
-    """fp8 tensor-core GEMMs: CUDA compute capability 8.9 (Ada) or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
     """The linear method to run (see the table in the module docstring)."""
     if requested is not None:
         return requested
     if stored == "fp8":
-        return "fp8" if fp8_gemm_supported(device) else None
+        native = device.type != "cpu" and get_platform(device.type).supports_fp8(device)
+        return "fp8" if native else None
     return stored
 
 

@@ -22,7 +22,8 @@ class Platform:
         """(free bytes, total bytes) of device memory."""
         raise NotImplementedError
 
-    def supports_fp8(self) -> bool:
+    def supports_fp8(self, device: torch.device | None = None) -> bool:
+        """Whether fp8 (e4m3) GEMMs run natively on `device`."""
         return False
 
     def synchronize(self) -> None:
@@ -56,9 +57,9 @@ class CudaPlatform(Platform):
     def memory_info(self, device):
         return torch.cuda.mem_get_info(device)
 
-    def supports_fp8(self) -> bool:
-        # e4m3 tensor-core GEMMs from Hopper (sm_89 Ada also has them)
-        return torch.cuda.get_device_capability() >= (8, 9)
+    def supports_fp8(self, device: torch.device | None = None) -> bool:
+        # e4m3 tensor-core GEMMs from Ada (sm_89) and Hopper (sm_90) on
+        return torch.cuda.get_device_capability(device) >= (8, 9)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()

@@ -28,7 +28,7 @@ def build_meta(q_lens, seq_lens, block_size, blocks_per_seq):
         query_start_loc=qsl, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         logits_indices=(qsl[1:] - 1).long(), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-        num_decodes=sum(1 for q in q_lens if q == 1), query_lens_cpu=list(q_lens), seq_lens_cpu=list(seq_lens))
+        num_decodes=sum(1 for q in q_lens if q == 1))
     return meta, torch.tensor(positions, dtype=torch.int64)
 
 

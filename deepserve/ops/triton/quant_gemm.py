@@ -25,6 +25,7 @@ import triton.language as tl
 from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
 from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
+from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import as_rows, interpreting
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
 
@@ -125,7 +126,7 @@ def fp8_gemm(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_sca
 
 def fp8_kernels_usable(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
+        return CudaPlatform().supports_fp8(device)
     return interpreting()
 
 
