@@ -133,6 +133,9 @@ class SchedulerConfig:
     max_waiting_requests: Optional[int] = None
 
 
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
@@ -140,6 +143,7 @@ class ParallelConfig:
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
     distributed_executor_backend: Optional[str] = None
+    all2all_backend: str = "allgather_reducescatter"
 
     @property
     def world_size(self) -> int:
@@ -213,6 +217,11 @@ class EngineArgs:
     """Shard MoE experts over the TP x DP ranks instead of slicing each expert."""
     distributed_executor_backend: Optional[str] = None
     """mp (local processes) or ray; default: mp on one node."""
+    all2all_backend: str = "allgather_reducescatter"
+    """How MoE layers exchange tokens between DP ranks (DP attention + expert parallel):
+    allgather_reducescatter (every rank's tokens gathered, outputs reduce-scattered back; fixed
+    shapes, so decode runs as CUDA graphs) | alltoall (each token sent only to the ranks holding
+    its experts and back, all_to_all with per-step sizes; eager only)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
@@ -244,6 +253,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ValueError(f"all2all_backend must be one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}")
         env_ops = os.environ.get("DEEPSERVE_OPS")
         if self.ops == "auto" and os.environ.get("USE_FLAGGEMS", "0").lower() in ("1", "true"):
             self.ops = "flaggems"
@@ -285,7 +296,7 @@ class EngineArgs:
                             enable_prefix_caching=self.enable_prefix_caching)
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   self.data_parallel_size, self.enable_expert_parallel,
-                                  self.distributed_executor_backend)
+                                  self.distributed_executor_backend, self.all2all_backend)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
                             cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))

@@ -77,7 +77,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
     local_rank = rank if local_rank is None else local_rank
     pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                             platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
-                            local_rank, par.data_parallel_size)
+                            local_rank, par.data_parallel_size, par.all2all_backend)
     runner = ModelRunner(config, platform, pctx, local_rank=local_rank)
     group = control_group()
     while True:
@@ -103,7 +103,7 @@ class DriverExecutor:
         par = config.parallel
         pctx = init_distributed(0, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                                 platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
-                                dp_size=par.data_parallel_size)
+                                dp_size=par.data_parallel_size, all2all_backend=par.all2all_backend)
         self.runner = ModelRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids)
         self.group = control_group()
         self.runner.publish = self._publish
@@ -162,12 +162,17 @@ class MultiprocExecutor(DriverExecutor):
         if self._closing:
             return
         self._closing = True
-        self._tell_workers_to_stop()
+        stopped = self._tell_workers_to_stop()
+        # tear down together with the workers (NCCL's teardown may wait on its peers), and
+        # only then wait for them to exit
+        if stopped:
+            destroy_distributed()
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-        destroy_distributed()
+        if not stopped:
+            destroy_distributed(timeout_s=5.0)
 
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):

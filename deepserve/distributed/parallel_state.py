@@ -12,11 +12,20 @@ tp * dp, ep_rank = dp_rank * tp + tp_rank) and MoE layers exchange tokens over t
 """
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# torch >= 2.12 names these *_single (the *_tensor names are deprecated there); the GPU
+# image's torch 2.11 has only the old names
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -32,6 +41,7 @@ class ParallelContext:
     dp_rank: int = 0
     dp_size: int = 1
     dp_group: Optional[dist.ProcessGroup] = None   # the ranks with this tp_rank in every DP rank
+    all2all_backend: str = "allgather_reducescatter"  # MoE token exchange between DP ranks
 
     def __post_init__(self):
         if not 0 <= self.tp_rank < self.tp_size:
@@ -65,8 +75,23 @@ class ParallelContext:
         """Stack every DP rank's equally shaped `x`: [dp_size, *x.shape] (DP rank order)."""
         if self.dp_size == 1:
             return x[None]
-        out = torch.empty((self.dp_size, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather(list(out.unbind(0)), x.contiguous(), group=self.dp_group)
+        out = torch.empty((self.dp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_single(out, x.contiguous(), group=self.dp_group)
+        return out.view(self.dp_size, *x.shape)
+
+    def dp_reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` [dp_size * W, ...] over the DP group and keep this DP rank's W rows."""
+        if self.dp_size == 1:
+            return x
+        out = torch.empty((x.shape[0] // self.dp_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _reduce_scatter_single(out, x.contiguous(), group=self.dp_group)
+        return out
+
+    def dp_all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Rows x[sum(send_counts[:r]) : ...+send_counts[r]] go to DP rank r; returns the rows
+        received, in DP rank order."""
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.dp_group)
         return out
 
     def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +128,8 @@ def rank_layout(rank: int, tp_size: int, pp_size: int) -> tuple[int, int, int]:
 
 def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, backend: str,
                      init_method: str, timeout_s: float, expert_parallel: bool = False,
-                     local_rank: int = 0, dp_size: int = 1) -> ParallelContext:
+                     local_rank: int = 0, dp_size: int = 1,
+                     all2all_backend: str = "allgather_reducescatter") -> ParallelContext:
     """Join the process group and build this rank's context.
 
     Rank layout: see `rank_layout`. Every rank creates every group (in the same order, as
@@ -152,7 +178,7 @@ def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, bac
         ep = dict(ep_rank=tp_rank, ep_size=tp_size, ep_group=tp_group)
     return ParallelContext(tp_rank=tp_rank, tp_size=tp_size, tp_group=tp_group,
                            pp_rank=pp_rank, pp_size=pp_size, dp_rank=dp_rank, dp_size=dp_size,
-                           dp_group=dp_group, **ep)
+                           dp_group=dp_group, all2all_backend=all2all_backend, **ep)
 
 
 _control = {"group": None}
@@ -166,7 +192,20 @@ def control_group():
     return _control["group"]
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(timeout_s: float = 20.0) -> bool:
+    """Tear the process groups down; True when done. NCCL's teardown can block for good when a
+    peer is gone or still busy, so on GPU it runs in a daemon thread with a bound: past it the
+    communicators are left to process exit (logged), and the caller goes on shutting down."""
     _control["group"] = None
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return True
+    if dist.get_backend() == "gloo":
         dist.destroy_process_group()
+        return True
+    worker = threading.Thread(target=dist.destroy_process_group, daemon=True, name="deepserve-dist-teardown")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("process-group teardown did not finish in %.0f s; leaving it to process exit", timeout_s)
+        return False
+    return True

@@ -81,11 +81,12 @@ class RayExecutor(DriverExecutor):
         if self._closing:
             return
         self._closing = True
-        if self._tell_workers_to_stop():
+        stopped = self._tell_workers_to_stop()
+        destroy_distributed(timeout_s=20.0 if stopped else 5.0)  # together with the workers' own
+        if stopped:
             try:
                 self._ray.get(self.runs, timeout=30)
             except Exception as exc:  # noqa: BLE001 - shutting down: log and kill
                 logger.warning("ray workers did not stop cleanly: %s", exc)
         for actor in self.actors:
             self._ray.kill(actor)
-        destroy_distributed()

@@ -7,6 +7,11 @@ smallest captured size >= n, its extra rows padded (slot -1: nothing written; se
 length 1 over block 0: a harmless read). Prefill and mixed steps run eagerly.
 
 Capture needs ops without host syncs, so graphs are used only with the Triton backend.
+
+With DP attention + expert parallel the MoE layers exchange tokens between DP ranks inside
+the graph (all-gather / reduce-scatter of a fixed width), so every DP rank must replay a
+graph of the same size in the same step: the model runner picks it from all ranks' batches
+(`size_for` the largest) and passes it to `run`; a rank with fewer rows pads them.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class CudaGraphRunner:
         self.sizes = sorted(s for s in sizes if s <= sc.max_num_seqs) or [1]
         self.enabled = ops.get_backend() == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pctx = runner.pctx
+        self.dp_size = pctx.dp_size if pctx.moe_dp_exchange else 1
         if not self.enabled:
             logger.info("CUDA graphs off: ops backend %s syncs with the host", ops.get_backend())
             return
@@ -71,7 +78,8 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+        extra = {"dp_num_tokens": [bs] * self.dp_size} if self.dp_size > 1 else {}
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta, **extra)
         return self.model.compute_logits(hidden)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
@@ -79,9 +87,14 @@ class CudaGraphRunner:
         return (self.enabled and meta.num_decodes == n and meta.max_query_len == 1
                 and n <= self.max_bs and meta.max_seq_len <= self.max_len)
 
-    def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+    def size_for(self, num_seqs: int) -> int:
+        """The captured size a decode batch of `num_seqs` rows runs at."""
+        return next(s for s in self.sizes if s >= num_seqs)
+
+    def run(self, input_ids, positions, meta: AttentionMetadata, bs: int = 0) -> torch.Tensor:
+        """Replay the graph of size `bs` (default: the smallest that holds the batch)."""
         n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
+        bs = bs or self.size_for(n)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.seq_lens[:n].copy_(meta.seq_lens)

@@ -12,7 +12,10 @@ and the token counts tell MoE layers how to exchange tokens), and a DP rank with
 do runs a one-token dummy batch (slot -1: no cache write, logits discarded), because MoE
 layers are collective. The first TP rank of every other DP rank sends its sampled rows'
 logits to the driver (point-to-point), which samples all rows in one call, so seeds and
-penalties behave as with one rank. CUDA graphs are off with DP (batch shapes differ per rank).
+penalties behave as with one rank. Decode steps run as CUDA graphs when every DP rank's batch
+is decode-only: all ranks replay the graph sized for the largest one (`_dp_graph_size`), as
+the MoE exchange inside needs equal shapes (not with `--all2all-backend alltoall`, whose
+per-step split sizes cannot be captured).
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ class ModelRunner:
         # set by a multi-process executor: sends each step's host inputs to the other ranks
         self.publish = lambda host: None
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.pctx.dp_size == 1:
+        dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
+        if self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange:
             from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
@@ -195,12 +199,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
-                       dp_num_tokens: Optional[list[int]] = None) -> Optional[torch.Tensor]:
+                       dp_num_tokens: Optional[list[int]] = None, graph_size: int = 0) -> Optional[torch.Tensor]:
         """Logits of the rows in meta.logits_indices (None on pipeline stages but the first).
-        `dp_num_tokens`: every DP rank's token count this step (DP attention only)."""
+        `dp_num_tokens`: every DP rank's token count this step (DP attention only);
+        `graph_size`: the CUDA graph every DP rank replays this step (0: eager), with DP + EP."""
         if self.pctx.pp_size > 1:
             return self._pipeline_forward(input_ids, positions, meta)
-        if self.graphs is not None and self.graphs.can_run(meta):
+        if self.graphs is not None and self.pctx.moe_dp_exchange:
+            if graph_size:
+                return self.graphs.run(input_ids, positions, meta, graph_size)
+        elif self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
         extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
         hidden = self.model(input_ids, positions, meta, **extra)
@@ -269,11 +277,24 @@ class ModelRunner:
         """Global rank that sends DP rank `dp_rank`'s logits: its first TP rank (see rank_layout)."""
         return dp_rank * self.pctx.tp_size * self.pctx.pp_size
 
+    def _dp_graph_size(self, hosts: list[dict]) -> int:
+        """The CUDA graph size all DP ranks replay this step, or 0 to run eagerly: every rank
+        computes it from the same published batches, so they agree without talking."""
+        g = self.graphs
+        if g is None or not g.enabled or not self.pctx.moe_dp_exchange:
+            return 0
+        if any(h["num_decodes"] != len(h["ids"]) or max(h["q_lens"]) != 1 for h in hosts):
+            return 0
+        rows = max(len(h["ids"]) for h in hosts)
+        longest = max(int(max(h["seq_lens"])) for h in hosts)
+        return g.size_for(rows) if rows <= g.max_bs and longest <= g.max_len else 0
+
     def _dp_forward(self, hosts: list[dict]) -> list[Optional[torch.Tensor]]:
         """Driver: run one step on every DP rank; fp32 logits [rows, V] of each (None: no rows)."""
         self.publish({"dp_hosts": hosts})
         counts = [len(h["ids"]) for h in hosts]
-        own = self.forward_logits(*self.to_device(hosts[self.pctx.dp_rank]), dp_num_tokens=counts)
+        own = self.forward_logits(*self.to_device(hosts[self.pctx.dp_rank]), dp_num_tokens=counts,
+                                  graph_size=self._dp_graph_size(hosts))
         out: list[Optional[torch.Tensor]] = []
         for r, h in enumerate(hosts):
             if h.get("dummy") or not h["logits_rows"]:
@@ -306,6 +327,7 @@ class ModelRunner:
             return
         hosts = msg["dp_hosts"]
         own = hosts[self.pctx.dp_rank]
-        logits = self.forward_logits(*self.to_device(own), dp_num_tokens=[len(h["ids"]) for h in hosts])
+        logits = self.forward_logits(*self.to_device(own), dp_num_tokens=[len(h["ids"]) for h in hosts],
+                                     graph_size=self._dp_graph_size(hosts))
         if self.pctx.tp_rank == 0 and not own.get("dummy") and own["logits_rows"]:
             dist.send(logits[:, :self.vocab_size].float().contiguous(), dst=0)

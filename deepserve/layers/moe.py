@@ -14,12 +14,8 @@ here, and the partial sums are all-reduced over the EP group. Without EP, every 
 all experts with the intermediate dim sliced by tp_rank and the sums are all-reduced over TP.
 
 Data-parallel attention with EP (pctx.moe_dp_exchange): each DP rank brings its own tokens,
-routed by its own gate. Dispatch and combine are the naive ones, through collectives every
-backend has (gloo included): the DP ranks' hidden states and routing are padded to the
-largest DP batch and all-gathered, every rank runs its local experts over all of them, the
-partial sums are all-reduced over the EP group (all TP x DP ranks) and each rank keeps its
-own rows. It moves dp x the bytes an all-to-all dispatch would; an all-to-all (DeepEP-style)
-combine is the faster path on GPUs and can replace `_dp_exchange` without touching callers.
+routed by its own gate, and the layer exchanges them with the ranks holding their experts
+(`--all2all-backend`: all-gather + reduce-scatter, or all-to-all; layers/moe_exchange.py).
 """
 from __future__ import annotations
 
@@ -31,6 +27,7 @@ from torch import nn
 
 from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
+from deepserve.layers import moe_exchange
 
 # checkpoint projection name -> (stacked parameter, which part of it)
 EXPERT_SHARDS = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
@@ -128,26 +125,19 @@ class FusedMoE(nn.Module):
 
     def _dp_exchange(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      dp_num_tokens: Optional[list[int]]) -> torch.Tensor:
-        """Experts over the tokens of every DP rank; returns this rank's rows [T, D], reduced."""
+        """Experts over the tokens of every DP rank (layers/moe_exchange.py); returns this
+        rank's rows [T, D], reduced."""
         p = self.pctx
-        num_tokens, top_k = topk_ids.shape
+
+        def local_experts(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return ops.fused_moe(h, self.w13_weight, self.w2_weight, w, ids - self.first_expert)
+
+        if p.all2all_backend == "alltoall":
+            return moe_exchange.alltoall(p, x, topk_weights, topk_ids, self.num_local_experts, local_experts)
         if dp_num_tokens is None:
             raise ValueError("data-parallel attention with expert parallel needs dp_num_tokens "
                              "(the token count of every DP rank this step)")
-        if len(dp_num_tokens) != p.dp_size or dp_num_tokens[p.dp_rank] != num_tokens:
+        if len(dp_num_tokens) != p.dp_size or dp_num_tokens[p.dp_rank] != x.shape[0]:
             raise ValueError(f"dp_num_tokens {dp_num_tokens} does not match DP rank {p.dp_rank} "
-                             f"of {p.dp_size} with {num_tokens} tokens")
-        width = max(dp_num_tokens)
-        pad = width - num_tokens
-        # routing packed in one fp32 tensor: weights, then expert ids (exact in fp32 below 2^24);
-        # padding rows carry id -1 and weight 0, so no expert computes them
-        route = torch.cat((topk_weights.float(), topk_ids.float()), dim=1)          # [T, 2k]
-        route = torch.cat((route, route.new_tensor([[0.0] * top_k + [-1.0] * top_k]).expand(pad, -1)))
-        xs = torch.cat((x, x.new_zeros(pad, x.shape[1])))                            # [W, D]
-        all_x = p.dp_all_gather(xs).flatten(0, 1)                                    # [dp*W, D]
-        all_route = p.dp_all_gather(route).flatten(0, 1)                             # [dp*W, 2k]
-        weights, ids = all_route[:, :top_k], all_route[:, top_k:].long()
-        out = ops.fused_moe(all_x, self.w13_weight, self.w2_weight, weights.to(topk_weights.dtype),
-                            ids - self.first_expert)                                 # [dp*W, D]
-        out = p.ep_all_reduce(out)
-        return out.view(p.dp_size, width, -1)[p.dp_rank, :num_tokens]
+                             f"of {p.dp_size} with {x.shape[0]} tokens")
+        return moe_exchange.allgather_reducescatter(p, x, topk_weights, topk_ids, dp_num_tokens, local_experts)

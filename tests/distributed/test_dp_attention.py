@@ -51,16 +51,17 @@ def reference(deepseek):
         llm.engine.shutdown()
 
 
-@pytest.fixture(scope="class")
-def dp_ep(deepseek, reference):
-    # one process group per process: this engine is shut down before the next test class starts one
-    llm = LLM(deepseek, data_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+@pytest.fixture(scope="class", params=["allgather_reducescatter", "alltoall"])
+def dp_ep(deepseek, reference, request):
+    # one process group per process: this engine is shut down before the next one starts
+    llm = LLM(deepseek, data_parallel_size=2, enable_expert_parallel=True, all2all_backend=request.param,
+              **ENGINE)
     yield llm
     llm.engine.shutdown()
 
 
 class TestDataParallelExpertParallel:
-    """DP=2 x EP=2 (tp=1) on the tiny DeepSeek-V3: one engine for the class."""
+    """DP=2 x EP=2 (tp=1) on the tiny DeepSeek-V3: one engine per MoE exchange backend."""
 
     def test_dp_ep_context(self, dp_ep):
         p = dp_ep.engine.runner.pctx
@@ -92,8 +93,10 @@ class TestDataParallelExpertParallel:
         torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_tp2_x_dp2_with_ep_matches_single_process(deepseek, reference):
-    llm = LLM(deepseek, tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+@pytest.mark.parametrize("all2all", ["allgather_reducescatter", "alltoall"])
+def test_tp2_x_dp2_with_ep_matches_single_process(deepseek, reference, all2all):
+    llm = LLM(deepseek, tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True,
+              all2all_backend=all2all, **ENGINE)
     try:
         p = llm.engine.runner.pctx
         assert (p.tp_size, p.dp_size, p.ep_size) == (2, 2, 4)
