@@ -153,41 +153,11 @@ def moe_cases():
                 yield f"fused_moe_r1_{tag}_b{tokens}_compute", "flops", flops, *fns
 
 
-def sweep(bw: float) -> None:
-    """Decode-kernel settings for the MLA and GQA cases: fraction of copy bandwidth each."""
-    from deepserve.ops.triton import attention
-
-    default, default_pps = attention.decode_config, attention.PROGRAMS_PER_SM
-    cases = [("mla", make_paged_batch([1] * 64, [4096] * 64, 16, 1, 576, 512, block_size=64,
-                                      dtype=torch.bfloat16, device="cuda", mla=True), 64 * 4096 * 576 * 2, 0.072),
-             ("gqa", make_paged_batch([1] * 64, [4096] * 64, 32, 8, 128, block_size=16,
-                                      dtype=torch.bfloat16, device="cuda"), 64 * 4096 * 8 * 128 * 4, 0.088)]
-    tri = resolve("paged_attention", "triton")[1]
-    for name, pb, nbytes, scale in cases:
-        for pps in (1, 2, 4):
-            for block_n in (16, 32, 64):
-                for warps in (4, 8):
-                    for stages in (1, 2):
-                        cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                        attention.decode_config = lambda big, small, cfg=cfg: cfg
-                        attention.PROGRAMS_PER_SM = {False: pps, True: pps}
-                        try:
-                            ms = graph_time_ms(lambda: tri(*pb.args(scale)))
-                        except Exception as exc:  # noqa: BLE001  (out of resources etc.: report, go on)
-                            print(f"sweep {name} pps={pps} {cfg}: {type(exc).__name__}")
-                            continue
-                        print(f"sweep {name} pps={pps} n={block_n} w={warps} s={stages}: {ms:.4f} ms "
-                              f"{nbytes / (ms * 1e-3) / bw:.1%}")
-    attention.decode_config = default
-    attention.PROGRAMS_PER_SM = default_pps
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--no-torch", action="store_true", help="skip timing the torch references")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's launch settings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ops.py needs a CUDA device")
@@ -195,8 +165,6 @@ def main() -> int:
     device = torch.cuda.get_device_name()
     bw, flops = copy_bandwidth(), matmul_flops()
     print(f"device {device}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    if args.sweep:
-        sweep(bw)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -53,6 +53,30 @@ def test_decode_mla_shared_latent(triton_ops, cpu_only):
     compare(pb)
 
 
+@pytest.mark.parametrize("num_heads, block_h", [(24, 32), (128, 64)])
+def test_decode_mla_many_heads(triton_ops, cpu_only, num_heads, block_h):
+    # R1-like head counts: 24 heads -> one 32-row group with 8 masked rows; 128 -> 2 groups of 64
+    assert triton_ops.attention.decode_config(True, True, num_heads)["BLOCK_H"] == block_h
+    compare(make_paged_batch([1, 1], [30, 300], num_heads=num_heads, num_kv_heads=1, head_dim=48,
+                             v_head_dim=32, mla=True))
+
+
+def test_decode_override(triton_ops, cpu_only, monkeypatch):
+    attn = triton_ops.attention
+    pb = make_paged_batch([1, 1], [30, 300], num_heads=128, num_kv_heads=1, head_dim=48, v_head_dim=32,
+                          mla=True)
+    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=16, BLOCK_N=32, programs_per_sm=1))
+    assert attn.decode_config(True, True, 128)["BLOCK_H"] == 16
+    assert attn.num_decode_splits(2, 8, 300, pb.q.device, 1) == 1     # 16 programs >= 8 SMs
+    compare(pb)                                                         # 8 head groups, one split
+    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=24))
+    with pytest.raises(ValueError, match="BLOCK_H must be a power of two >= 16, got 24"):
+        compare(pb)
+    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(block_n=32))
+    with pytest.raises(ValueError, match=r"unknown keys \['block_n'\]"):
+        compare(pb)
+
+
 def test_prefill_mla_shared_latent(triton_ops, cpu_only):
     compare(make_paged_batch([3, 17], [30, 40], num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32,
                              mla=True))

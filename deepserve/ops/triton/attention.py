@@ -20,15 +20,48 @@ from deepserve.ops.triton.attention_prefill import _prefill_kernel
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
 # decode splits aim at this many programs per SM; MLA's wide tiles hide latency worse, so
-# it wants more of them in flight (measured on an H100 with benchmarks/bench_ops.py --sweep)
+# it wants more of them in flight (H100, benchmarks/sweep_mla_decode.py times 2, 4 and 8)
 PROGRAMS_PER_SM = {False: 2, True: 4}
+# launch settings merged over decode_config's choice when set (keys as decode_config
+# returns them); benchmarks/sweep_mla_decode.py sets it to time candidate settings
+DECODE_OVERRIDE: dict | None = None
+_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm"))
 
 
-def decode_config(big_head: bool, small: bool) -> dict:
-    """Tile and launch settings of the decode kernel (benchmarks/bench_ops.py --sweep tunes them)."""
+def decode_config(big_head: bool, small: bool, group: int) -> dict:
+    """Tile and launch settings of the decode kernel for `group` query heads per KV head
+    (benchmarks/sweep_mla_decode.py times the candidates; DECODE_OVERRIDE replaces keys).
+
+    GQA (group <= 16 typically, d <= 256) keeps its measured setting: 16 heads x 64 keys,
+    4 warps, 2 stages (98% of copy bandwidth on an H100). MLA's latent tile is 9x wider, so:
+    - BLOCK_N 32: one [32, 576] bf16 stage is 36 KB, so 2 stages plus q and the epilogue fit
+      in ~56 KB of shared memory (2 programs per SM) where 64 keys needed ~94 KB;
+    - 8 warps: the [16, 512] fp32 accumulator is 32 registers a thread instead of 64; the
+      sm_90 build is then 114 registers, no spills (4 warps x 64 keys: 255, spilling);
+    - heads: up to 64 query heads per program (R1's 128 heads: 2 head groups reading the
+      latent, not 8), where the dots become Hopper warp-group MMAs; V2-Lite's 16 stay 16.
+    These are reasoned guesses from the compiled kernels' resources, to be replaced by the
+    measured best of the sweep."""
+    # every query head of a KV head in one program where possible, so the cache is read once
+    # per KV head: 16 rows is the smallest tensor-core M (GQA groups under 16 leave rows
+    # masked), 64 the most whose fp32 accumulator fits in registers at d = 512
+    block_h = min(max(16, triton.next_power_of_2(group)), 64)
     if small:
-        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif big_head:
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=2)
+    else:
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
+    cfg["programs_per_sm"] = PROGRAMS_PER_SM[big_head]
+    if DECODE_OVERRIDE:
+        unknown = set(DECODE_OVERRIDE) - _DECODE_KEYS
+        if unknown:
+            raise ValueError(f"DECODE_OVERRIDE has unknown keys {sorted(unknown)}; "
+                             f"known: {sorted(_DECODE_KEYS)}")
+        cfg.update(DECODE_OVERRIDE)
+    if cfg["BLOCK_H"] < 16 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1):
+        raise ValueError(f"decode BLOCK_H must be a power of two >= 16, got {cfg['BLOCK_H']}")
+    return cfg
 
 
 def _split_head_dim(d: int) -> tuple[int, int]:
@@ -88,17 +121,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     small = interpreting() or q.device.type != "cuda"
     big_head = block_d + block_dpe + block_dv > 512
     if max_query_len == 1:
-        block_h = 16   # the smallest tensor-core M; GQA groups under 16 leave rows masked
+        cfg = decode_config(big_head, small, group)
+        block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
         head_groups = triton.cdiv(group, block_h)
-        splits = num_decode_splits(batch, n_kv_heads * head_groups, max_seq_len, q.device,
-                                   PROGRAMS_PER_SM[big_head])
+        splits = num_decode_splits(batch, n_kv_heads * head_groups, max_seq_len, q.device, pps)
         mid_o = torch.empty(batch, n_heads, splits, block_dv, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(batch, n_kv_heads * head_groups, splits)](
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
-            BLOCK_H=block_h, **decode_config(big_head, small), **common)
+            BLOCK_H=block_h, **cfg, **common)
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
             BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4)

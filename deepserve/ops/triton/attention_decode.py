@@ -9,7 +9,19 @@ inference", 2023; the same two-stage layout as vLLM's/SGLang's Triton decode ker
 
 Head dims that are not a power of two (MLA: 576 = 512 latent + 64 rope) are handled as a
 main block plus a tail block. When `v_cache` is a view of the first dims of `k_cache` (MLA),
-the value tile is the key tile already in registers: the latent is read from memory once.
+the value tile is the key tile already loaded: the latent is read from memory once. That tile
+is loaded token-major ([N, D]) and fed to the QK dot transposed: loaded as [D, N] and
+transposed in registers for the PV dot (the earlier form), it was a use the software
+pipeliner cannot stage in shared memory, so every [64, 512] tile was a blocking load into
+~128 registers per thread; as [N, D] it is copied asynchronously a stage ahead (checked in
+the sm_90 TTGIR: `async_copy_global_to_local`) and both dots read it from shared memory.
+
+For MLA's many query heads (R1: 128 per latent head) BLOCK_H may be 32 or 64: at 64 the
+dots become Hopper warp-group MMAs (M = 64) and the latent is read by 2 head groups instead
+of 8. With 8 warps Triton lays the PV dot's [64, 512] fp32 accumulator over two warp groups
+of 256 output columns each (128 registers a thread), while the QK dot chained into it is
+computed by both groups alike: the work a split of the output dims over two programs would
+cost, without the second read of the latent such a split needs.
 """
 from __future__ import annotations
 
@@ -19,7 +31,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# num_splits varies with the batch size; specialising on it (== 1, divisible by 16) would only
+# compile more variants of the same code
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
         q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, bt_stride,
@@ -63,9 +77,16 @@ def _decode_split_kernel(
         n_mask = offs_n < end
         blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
         row_off = blk * kc_b + (offs_n % block_size) * kc_o + kvh * kc_h             # [N]
-        k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
-                    mask=n_mask[None, :], other=0.0)                                 # [D, N]
-        qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if SHARED_KV:
+            # token-major [N, D]: both dots read this one tile (trans for QK, as is for PV),
+            # so the compiler can stage it in shared memory with async copies
+            kv = tl.load(kc_ptr + row_off[:, None] + offs_d[None, :] * kc_d,
+                         mask=n_mask[:, None], other=0.0)                            # [N, D]
+            qk = tl.dot(q, tl.trans(kv.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        else:
+            k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
+                        mask=n_mask[None, :], other=0.0)                             # [D, N]
+            qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         if BLOCK_DPE > 0:
             k_pe = tl.load(kc_ptr + row_off[None, :] + offs_pe[:, None] * kc_d,
                            mask=n_mask[None, :] & pe_mask[:, None], other=0.0)
@@ -76,7 +97,7 @@ def _decode_split_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if SHARED_KV:
-            v = tl.trans(k)                                                          # [N, DV]
+            v = kv                                                                   # [N, DV]
         else:
             v_off = blk * vc_b + (offs_n % block_size) * vc_o + kvh * vc_h
             v = tl.load(vc_ptr + v_off[:, None] + offs_dv[None, :] * vc_d,
@@ -94,7 +115,7 @@ def _decode_split_kernel(
              mask=h_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n_heads, dv, num_splits,
                           BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Merge the splits of one (row, head): weights 2^(lse_s - max lse), renormalised."""

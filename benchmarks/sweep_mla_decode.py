@@ -1,0 +1,194 @@
+"""Launch-setting sweep of the split-KV decode attention kernel for MLA (issue 4), GQA as a guard.
+
+    python benchmarks/sweep_mla_decode.py [--quick]             # GPU; full grid < 120 s on an H100
+    python benchmarks/sweep_mla_decode.py --device cpu --tiny   # the script's logic, interpreted
+
+Cases (bf16, every row a decode row at the same context): MLA with V2-Lite's 16 heads at
+batch 64 (memory-bound), R1's 128 heads at batch 4 and 64 (mostly compute-bound: 128 heads x
+1088 MACs per cached token), and GQA 32/8 x 128 at batch 64, whose setting is already at
+~98% of copy bandwidth and must not regress. Each candidate (BLOCK_H, BLOCK_N, warps,
+stages, programs per SM) is set through `attention.DECODE_OVERRIDE`, checked against the
+torch reference (a wrong one prints WRONG, not a speed), then timed as CUDA-graph replays
+like the engine runs decode. Bandwidth counts the cache bytes read once (MLA: the 576-wide
+latent; GQA: K and V) against a 2 GiB device-to-device copy measured first. A candidate
+that does not compile (shared memory, registers) prints one line and is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# (BLOCK_H, BLOCK_N, num_warps, num_stages) tiles per case kind, most promising first; the
+# sm_90 builds of the MLA ones were checked offline for spills and shared memory (4 warps x
+# 64 keys spills; 64 heads x 64 keys needs 221 KB of shared memory: in the full grid only)
+MLA16_TILES = [(16, 32, 8, 2), (16, 16, 4, 2), (16, 64, 8, 2), (16, 32, 8, 3), (16, 16, 4, 3),
+               (16, 32, 4, 2), (16, 64, 8, 3), (16, 16, 8, 3), (64, 32, 8, 2)]
+MLA128_TILES = [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (64, 32, 8, 3),
+                (64, 16, 8, 3), (32, 32, 8, 3), (64, 64, 8, 2)]
+GQA_TILES = [(16, 64, 4, 2), (16, 32, 4, 2), (16, 64, 4, 3), (16, 64, 8, 2)]
+
+
+@dataclass
+class Case:
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_dim: int
+    batch: int
+    ctx: int
+    block_size: int
+    scale: float
+    mla: bool
+    grid: list[dict]
+
+    def cache_bytes(self) -> int:
+        """Cache bytes a decode step must read: the shared latent once, or K and V."""
+        per_token = self.head_dim if self.mla else self.head_dim + self.v_dim
+        return self.batch * self.ctx * self.kv_heads * per_token * 2
+
+
+def settings(tiles, pps) -> list[dict]:
+    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, programs_per_sm=p)
+            for h, n, w, s in tiles for p in pps]
+
+
+def make_cases(quick: bool, tiny: bool) -> list[Case]:
+    batch64, batch4, ctx = (2, 2, 64) if tiny else (64, 4, 4096)
+    q = quick or tiny
+    mla16 = settings(MLA16_TILES[:3], (2, 4)) if q else settings(MLA16_TILES[:-1], (2, 4, 8)) \
+        + settings(MLA16_TILES[-1:], (4,))
+    # at batch 4 the split count is capped by MIN_TOKENS_PER_SPLIT, not programs per SM
+    mla128_b4 = settings(MLA128_TILES[:4] if q else MLA128_TILES, (4,))
+    mla128_b64 = settings(MLA128_TILES[:2], (1, 4)) if q else settings(MLA128_TILES[:5], (1, 2, 4))
+    gqa = [] if q else settings(GQA_TILES, (2,))
+    return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16),
+            Case("mla_h128_b4", 128, 1, 576, 512, batch4, ctx, 64, 0.072, True, mla128_b4),
+            Case("mla_h128_b64", 128, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla128_b64),
+            Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa)]
+
+
+def label(cfg: dict) -> str:
+    return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
+            f"pps{cfg['programs_per_sm']}")
+
+
+def cpu_time_ms(fn, reps: int = 1) -> float:
+    """Wall time of fn() on the host (the candidate already ran once for its check)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cpu_copy_bandwidth() -> float:
+    """Bytes read + written per second by a 256 MiB host copy (the CPU run's stand-in roofline)."""
+    src = torch.empty(256 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = cpu_time_ms(lambda: dst.copy_(src), reps=3)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
+    from deepserve.ops.registry import resolve
+    from deepserve.ops.triton import attention
+    from tests.ops.paged_batch import make_paged_batch
+
+    pb = make_paged_batch([1] * case.batch, [case.ctx] * case.batch, case.heads, case.kv_heads,
+                          case.head_dim, case.v_dim, block_size=case.block_size, dtype=torch.bfloat16,
+                          device=device, mla=case.mla)
+    args = pb.args(case.scale)
+    want = resolve("paged_attention", "torch")[1](*args).float()
+    tri = resolve("paged_attention", "triton")[1]
+    big_head = case.head_dim + case.v_dim > 512
+    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads)
+    for cfg in [None] + case.grid:
+        name = "default " + label(default) if cfg is None else label(cfg)
+        attention.DECODE_OVERRIDE = cfg
+        try:
+            try:
+                got = tri(*args)
+            except Exception as exc:  # noqa: BLE001  (out of resources, compiler errors: report, go on)
+                print(f"{case.name:15s} {name:30s} failed to build or launch: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:120] if str(exc) else ''}", flush=True)
+                continue
+            err = (got.float() - want).abs().max().item()
+            if not torch.allclose(got.float(), want, atol=1e-2, rtol=1e-2):
+                print(f"{case.name:15s} {name:30s} WRONG: max abs error {err:.3g}", flush=True)
+                rows.append((case.name, name, None, None, None))
+                continue
+            ms = timer(lambda: tri(*args))
+        finally:
+            attention.DECODE_OVERRIDE = None
+        rate = case.cache_bytes() / (ms * 1e-3)
+        rows.append((case.name, name, ms * 1e3, rate / 1e9, rate / bw))
+        print(f"{case.name:15s} {name:30s} {ms * 1e3:9.1f} us {rate / 1e9:8.1f} GB/s {rate / bw:6.1%} "
+              f"(max err {err:.2g})", flush=True)
+
+
+def print_table(rows: list) -> None:
+    print(f"\n{'case':15s} {'settings':30s} {'us':>9s} {'GB/s':>8s} {'% copy':>7s}")
+    for case, name, us, gbs, frac in rows:
+        if us is None:
+            print(f"{case:15s} {name:30s} {'WRONG':>9s}")
+        else:
+            print(f"{case:15s} {name:30s} {us:9.1f} {gbs:8.1f} {frac:7.1%}")
+    print("\nbest per case:")
+    for case in dict.fromkeys(r[0] for r in rows):
+        timed = [r for r in rows if r[0] == case and r[2] is not None]
+        if not timed:
+            print(f"{case:15s} no candidate was correct")
+            continue
+        best = min(timed, key=lambda r: r[2])
+        default = next((r for r in timed if r[1].startswith("default")), None)
+        vs = f", default {default[2]:.1f} us ({default[4]:.1%})" if default else ""
+        print(f"{case:15s} {best[1]:30s} {best[2]:9.1f} us {best[4]:7.1%}{vs}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smaller grid (the likeliest settings)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu runs the kernels under TRITON_INTERPRET=1 (a logic check, not a timing)")
+    ap.add_argument("--tiny", action="store_true", help="batch 2, context 64: for --device cpu")
+    ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"   # before any kernel module is imported
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script's logic")
+    began = time.perf_counter()
+    if args.device == "cuda":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_engine import copy_bandwidth
+        from bench_ops import graph_time_ms
+        bw, timer = copy_bandwidth(), graph_time_ms
+        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
+    else:
+        bw, timer = cpu_copy_bandwidth(), cpu_time_ms
+        print(f"device cpu (interpreted): copy {bw / 1e9:.1f} GB/s (256 MiB, read + written)")
+    only = [s for s in args.only.split(",") if s]
+    rows: list = []
+    for case in make_cases(args.quick, args.tiny):
+        if not only or any(s in case.name for s in only):
+            run_case(case, args.device, timer, bw, rows)
+    print_table(rows)
+    print(f"\nsweep took {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
