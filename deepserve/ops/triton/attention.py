@@ -30,29 +30,27 @@ _DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "prog
 
 def decode_config(big_head: bool, small: bool, group: int) -> dict:
     """Tile and launch settings of the decode kernel for `group` query heads per KV head
-    (benchmarks/sweep_mla_decode.py times the candidates; DECODE_OVERRIDE replaces keys).
-
-    GQA (group <= 16 typically, d <= 256) keeps its measured setting: 16 heads x 64 keys,
-    4 warps, 2 stages (98% of copy bandwidth on an H100). MLA's latent tile is 9x wider, so:
-    - BLOCK_N 32: one [32, 576] bf16 stage is 36 KB, so 2 stages plus q and the epilogue fit
-      in ~56 KB of shared memory (2 programs per SM) where 64 keys needed ~94 KB;
-    - 8 warps: the [16, 512] fp32 accumulator is 32 registers a thread instead of 64; the
-      sm_90 build is then 114 registers, no spills (4 warps x 64 keys: 255, spilling);
-    - heads: up to 64 query heads per program (R1's 128 heads: 2 head groups reading the
-      latent, not 8), where the dots become Hopper warp-group MMAs; V2-Lite's 16 stay 16.
-    These are reasoned guesses from the compiled kernels' resources, to be replaced by the
-    measured best of the sweep."""
+    (DECODE_OVERRIDE replaces keys). Measured on an H100 with benchmarks/sweep_mla_decode.py
+    (2026-11-23, docs/PERFORMANCE.md):
+    - GQA: 16 heads x 64 keys, 4 warps, 2 stages, 2 programs per SM (97.6% of copy bandwidth).
+    - MLA, 16 heads (V2-Lite): 32 keys, 4 warps, 2 stages, 4 programs per SM (66.4%; the
+      first guess, 8 warps, gave 56.6%).
+    - MLA, 64+ heads (R1's 128): 64 heads per program, so the latent is read twice, not 8
+      times; 32 keys, 8 warps, 3 stages, 1 program per SM (20% at batch 64, where it is
+      bound by the [64, 576] x [576, 32] products, not by memory)."""
     # every query head of a KV head in one program where possible, so the cache is read once
     # per KV head: 16 rows is the smallest tensor-core M (GQA groups under 16 leave rows
     # masked), 64 the most whose fp32 accumulator fits in registers at d = 512
     block_h = min(max(16, triton.next_power_of_2(group)), 64)
     if small:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)
+    elif big_head and block_h >= 64:
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
     elif big_head:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=2)
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=2)
     else:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
-    cfg["programs_per_sm"] = PROGRAMS_PER_SM[big_head]
+    cfg.setdefault("programs_per_sm", PROGRAMS_PER_SM[big_head])
     if DECODE_OVERRIDE:
         unknown = set(DECODE_OVERRIDE) - _DECODE_KEYS
         if unknown:
