@@ -123,7 +123,7 @@ def speed_rows(name: str, kw: dict) -> list[dict]:
         if kw.get("tensor_parallel_size", 1) > 1:
             # per layer: attention output + MLP/MoE output all-reduced (EP: the MoE sum)
             n, rows_per = 2 * cfg.num_hidden_layers + 1, b
-        elif kw.get("all2all_backend") != "alltoall":
+        elif kw.get("data_parallel_size", 1) > 1 and kw.get("all2all_backend") != "alltoall":
             # DP x EP: per MoE layer an all-gather of the tokens and an all-reduce of the
             # outputs over [batch, hidden] (counted as two all-reduces of the full batch)
             n, rows_per = 2 * (cfg.num_hidden_layers - cfg.first_k_dense_replace), b

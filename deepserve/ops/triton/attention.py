@@ -136,10 +136,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     block_m = 16 if small else (64 if big_head else 128)
     block_n = 16 if small else (32 if big_head else 64)
+    stages = 1 if small else 2
+    if q.element_size() > 2 and not small:  # fp32 tiles: half the rows, one stage (shared memory)
+        block_m, block_n, stages = min(block_m, 64), min(block_n, 32), 1
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
         block_tables.stride(0), qk_scale, group, k_cache.shape[1], d - block_d, dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if small else 8, num_stages=1 if small else 2,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if small else 8, num_stages=stages,
         **common)
     return out

@@ -139,14 +139,17 @@ def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, n_experts, TOP_K: tl.cons
     tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(n_assign: int, num_experts: int, fp8: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows per expert."""
+def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows per expert. fp32
+    activations and weights take twice the shared memory per stage: half the K tile and at
+    most 2 stages keep the 64x128 tiles under Hopper's 227 KB."""
     if interpreting():
         return 16, 32, (FP8_BLOCK if fp8 else 32), 4, 1
     per_expert = n_assign / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
-    block_k = 128 if fp8 else 64
-    return block_m, 64 if block_m <= 32 else 128, block_k, 4, 4 if block_m <= 32 else 3
+    block_k = 128 if fp8 else (64 if elem_bytes <= 2 else 32)
+    stages = 4 if block_m <= 32 else 3
+    return block_m, 64 if block_m <= 32 else 128, block_k, 4, stages if elem_bytes <= 2 else 2
 
 
 @register("fused_moe", "triton")
@@ -168,7 +171,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if num_tokens == 0:
         return out
     n_assign = num_tokens * top_k
-    block_m, block_n, block_k, warps, stages = _tiles(n_assign, num_experts, fp8)
+    block_m, block_n, block_k, warps, stages = _tiles(n_assign, num_experts, fp8, w13.element_size())
     aligned = align_by_expert(topk_ids, num_experts, block_m)
     x = x if x.stride(-1) == 1 else x.contiguous()
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
