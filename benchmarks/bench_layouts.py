@@ -166,8 +166,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-equality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=list(EQUALITY_DTYPES), choices=EQUALITY_DTYPES,
+                    help="dtypes of the equality check")
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--timeout", type=float, default=240, help="seconds per layout and part")
+    ap.add_argument("--out", default="layouts_v2lite.json", help="result file name in benchmarks/results/")
     ap.add_argument("--child", nargs=3, metavar=("PART", "LAYOUT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -179,10 +182,10 @@ def main():
 
     def save():  # after every layout, so a run cut short keeps what it measured
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "layouts_v2lite.json").write_text(json.dumps(out, indent=2))
+        (RESULTS / args.out).write_text(json.dumps(out, indent=2))
 
     if not args.skip_equality:
-        for dtype in EQUALITY_DTYPES:
+        for dtype in args.dtypes:
             outs = {n: run_child(f"equality-{dtype}", n, args.timeout) for n in args.layouts}
             compare({n: o for n, o in outs.items() if o is not None}, dtype, rows)
             save()

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from deepserve import ops
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
+from deepserve.engine.input_staging import InputStaging
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
 from deepserve.layers.attention import AttentionMetadata
@@ -80,6 +81,7 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         # set by a multi-process executor: sends each step's host inputs to the other ranks
         self.publish = lambda host: None
+        self.staging = InputStaging(self.device)
         self.graphs = None
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
         if self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange:
@@ -179,23 +181,19 @@ class ModelRunner:
                     logits_rows=logits_rows, num_decodes=batch.num_decodes)
 
     def to_device(self, h: dict):
-        """Host inputs -> (input ids, positions, attention metadata) on the device."""
-        dev = self.device
-        qsl = [0]
-        for n in h["q_lens"]:
-            qsl.append(qsl[-1] + n)
-
-        def tensor(data, dtype):
-            if isinstance(data, np.ndarray):
-                return torch.from_numpy(data).to(dtype).to(dev, non_blocking=True)
-            return torch.tensor(data, dtype=dtype).to(dev, non_blocking=True)
-
+        """Host inputs -> (input ids, positions, attention metadata) on the device, in two
+        packed transfers (engine/input_staging.py)."""
+        q_lens = h["q_lens"]
+        qsl = np.zeros(len(q_lens) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        tables = np.asarray(h["tables"], dtype=np.int32)
+        (ids, positions, slots, rows), (qsl_t, seq_lens, tables_t) = self.staging.copy(
+            (h["ids"], h["positions"], h["slots"], h["logits_rows"]), (qsl, h["seq_lens"], tables))
         meta = AttentionMetadata(
-            query_start_loc=tensor(qsl, torch.int32), seq_lens=tensor(h["seq_lens"], torch.int32),
-            block_tables=tensor(h["tables"], torch.int32), slot_mapping=tensor(h["slots"], torch.int64),
-            logits_indices=tensor(h["logits_rows"], torch.int64), max_query_len=max(h["q_lens"]),
-            max_seq_len=max(h["seq_lens"]), num_decodes=h["num_decodes"])
-        return tensor(h["ids"], torch.int64), tensor(h["positions"], torch.int64), meta
+            query_start_loc=qsl_t, seq_lens=seq_lens, block_tables=tables_t.view(tables.shape),
+            slot_mapping=slots, logits_indices=rows, max_query_len=max(q_lens),
+            max_seq_len=int(max(h["seq_lens"])), num_decodes=h["num_decodes"])
+        return ids, positions, meta
 
     @torch.inference_mode()
     def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
