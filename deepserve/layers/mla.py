@@ -121,6 +121,8 @@ class MLAAttention(nn.Module):
         ops.write_kv_cache(latent, None, pool, None, meta.slot_mapping)
 
         n_dec = meta.num_decodes
+        if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
+            return self.o_proj(self._decode(q_nope, q_pe, pool, meta, n_dec).flatten(1))
         out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
         if n_dec:
             out[:n_dec] = self._decode(q_nope[:n_dec], q_pe[:n_dec], pool, meta, n_dec)
