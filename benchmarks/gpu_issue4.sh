@@ -6,13 +6,12 @@
 OUT=${OUT:-/tmp/gpu_issue4}; mkdir -p "$OUT/results"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 step() { local name=$1; shift; local t0=$SECONDS; timeout "${LIMIT:-200}" "$@" > "$OUT/$name.txt" 2>&1; echo "== $name rc $? $((SECONDS - t0)) s"; }
-step gpu_tests python -m pytest -q -m gpu tests/ops/test_triton_fused_moe_small.py tests/ops/test_triton_attention.py
+step gpu_tests python -m pytest -q -m gpu tests/ops/test_triton_fused_moe_small.py tests/ops/test_triton_moe.py tests/ops/test_triton_attention.py tests/ops/test_triton_sampling.py
 step moe_layer_bf16 python benchmarks/bench_moe_layer.py --dtypes bf16
 step moe_layer_fp8 python benchmarks/bench_moe_layer.py --dtypes fp8
-step gemv python benchmarks/bench_gemv.py
 step prof_v2lite python benchmarks/profile_decode.py --model deepseek-v2-lite --batch 1
 step engine python benchmarks/bench_engine.py --case llama8b v2lite
 cp benchmarks/results/engine_*.json benchmarks/results/moe_layer_*.json benchmarks/results/profile_*.json "$OUT/results/" 2>/dev/null
-tail -n 3 "$OUT/gpu_tests.txt"; grep -h "moe_layer_r1" "$OUT"/moe_layer_*.txt; cat "$OUT/gemv.txt" | grep -v Warn
+tail -n 3 "$OUT/gpu_tests.txt"; grep -h "moe_layer_r1" "$OUT"/moe_layer_*.txt
 sed -n '/== summary/,$p' "$OUT/prof_v2lite.txt" | head -22
 tail -n 12 "$OUT/engine.txt"

@@ -6,8 +6,9 @@ silu(gate) * up (the activation fused into the GEMM epilogue, so the 2I-wide int
 never reaches memory). The second kernel multiplies by the expert's down projection,
 scales each row by its routing weight and writes it to its (token, slot) row; a small
 kernel then sums each token's k rows in fp32. The grid is fixed by host-known bounds, so
-nothing syncs and the whole op can sit in a CUDA graph. The layout follows vLLM's/SGLang's
-fused_moe (sorted token ids + per-block expert ids).
+nothing syncs and the whole op can sit in a CUDA graph. Batches of a few tokens
+(`use_small_path`) run fused_moe_small.py instead: two GEMV launches, no sort. The layout
+follows vLLM's/SGLang's fused_moe (sorted token ids + per-block expert ids).
 
 fp8 weights (e4m3 with one fp32 scale_inv per 128x128 block, DeepSeek-V3's format) run as
 W8A8: each BLOCK_K=128 slice of an activation row is quantised to e4m3 in registers with
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
+from deepserve.ops.triton.fused_moe_small import fused_moe_small
 from deepserve.ops.triton.moe_align import align_by_expert
 
 FP8_BLOCK = 128
@@ -139,6 +141,17 @@ def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, n_experts, TOP_K: tl.cons
     tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether `fused_moe_small` (two GEMV launches, no sort) runs this batch.
+
+    It reads an expert's weights once per (token, slot) routed to it, so two tokens sharing
+    an expert read it twice, where the sorted grouped GEMM reads it once for both. That is
+    rare while the assignments are few against the experts (T*k <= E/2), and the ~20 small
+    launches the sort costs dominate there; the floor of 8 keeps tiny expert counts (tests,
+    EP shards) on the launch-light path for a single token."""
+    return num_tokens * top_k <= max(8, num_experts // 2)
+
+
 def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows per expert. fp32
     activations and weights take twice the shared memory per stage: half the K tile and at
@@ -167,6 +180,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fp8 != (w2_scale is not None):
         raise ValueError("fp8 fused_moe needs both w13_scale and w2_scale")
     top_k = topk_ids.shape[1]
+    if num_tokens and use_small_path(num_tokens, top_k, num_experts):
+        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
