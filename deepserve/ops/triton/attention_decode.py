@@ -40,7 +40,7 @@ def _decode_split_kernel(
         qk_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr):
+        DOT_DTYPE: tl.constexpr, MIN_SPLIT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1) // n_head_groups
     hg = tl.program_id(1) % n_head_groups
@@ -50,7 +50,10 @@ def _decode_split_kernel(
     has_row = tl.load(qsl_ptr + b + 1) > q_start
     seq_len = tl.load(seq_lens_ptr + b)
     seq_len = tl.where(has_row, seq_len, 0)
+    # the host sizes num_splits from max_seq_len (under CUDA graphs: the captured maximum);
+    # a shorter row uses fewer, fuller splits, and the rest stay empty and store nothing
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(split_len, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -112,7 +115,7 @@ def _decode_split_kernel(
     mid_row = (b.to(tl.int64) * n_heads + heads) * num_splits + split
     tl.store(mid_lse_ptr + mid_row, lse, mask=h_mask)
     tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :], acc / l_safe[:, None],
-             mask=h_mask[:, None])
+             mask=h_mask[:, None] & nonempty)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -132,8 +135,10 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, 
     offs_dv = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_DV], tl.float32)
     for s in range(0, num_splits):
-        w = tl.exp2(tl.load(mid_lse_ptr + base + s) - m)
-        acc += w * tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv)
+        lse_s = tl.load(mid_lse_ptr + base + s)
+        # an empty split stored no output: do not read it
+        part = tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv, mask=lse_s > float("-inf"), other=0.0)
+        acc += tl.exp2(lse_s - m) * part
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty),
              mask=(offs_dv < dv) & has_row)
