@@ -11,3 +11,4 @@ tar czf "$OUT/results.tgz" benchmarks/results/engine_*.json
 for c in llama8b v2lite; do grep "^| \|roofline" "$OUT/engine_$c.txt"; done
 sed -n '/best per case/,$p' "$OUT/sweep.txt"
 sed -n '/== summary/,$p' "$OUT/prof_8b.txt" | head -22
+grep -h "single-row" "$OUT"/*.txt | head -3
