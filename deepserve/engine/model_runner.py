@@ -84,9 +84,6 @@ class ModelRunner:
         self.staging = InputStaging(self.device)
         self.graphs = None
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
-        if self.device.type == "cuda":
-            from deepserve.layers.gemv_tuning import tune_single_row_linears
-            tune_single_row_linears(self.model)
         if self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange:
             from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()

@@ -41,9 +41,6 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: "LinearBase", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.shape[0] == 1 and x.dim() == 2 and getattr(layer, "single_row_mv", False):
-            y = torch.mv(layer.weight, x[0])[None]   # layers/gemv_tuning.py chose it for this shape
-            return y if bias is None else y + bias
         return F.linear(x, layer.weight, bias)
 
 

@@ -44,7 +44,8 @@ def test_decode_splits_long_context(triton_ops, cpu_only):
 @pytest.mark.parametrize("mla", [False, True])
 def test_decode_graph_sized_splits(triton_ops, cpu_only, mla):
     """Under CUDA graphs max_seq_len is the captured maximum, not the batch's: the splits are
-    sized for it, rows use as many as their length needs, and empty splits are skipped."""
+    sized for it, and the splits past a shorter row's end are empty (they store nothing and the
+    merge reads nothing from them)."""
     kw = dict(num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True) if mla else \
         dict(num_heads=4, num_kv_heads=2, head_dim=32)
     pb = make_paged_batch([1, 1, 1], [5, 37, 300], block_size=16, **kw)

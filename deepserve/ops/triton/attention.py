@@ -129,7 +129,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
-            BLOCK_H=block_h, MIN_SPLIT=MIN_TOKENS_PER_SPLIT, **cfg, **common)
+            BLOCK_H=block_h, **cfg, **common)
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
             BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4)
