@@ -335,9 +335,6 @@ def test_serve_on_cluster_refusals_touch_no_host():
     assert runner.calls == []
 
 
-@pytest.mark.skipif(os.environ.get("DEEPSERVE_TEST_RAY") != "1",
-                    reason="set DEEPSERVE_TEST_RAY=1 to start a real local Ray node (it binds the machine's "
-                    "interface address, not only loopback)")
 def test_real_local_ray_start_wait_stop(monkeypatch):
     pytest.importorskip("ray")
     import ray
