@@ -25,7 +25,7 @@ import triton.language as tl
 
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
-from deepserve.ops.triton.fused_moe_small import fused_moe_small
+from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.moe_align import align_by_expert
 
 FP8_BLOCK = 128
@@ -170,15 +170,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]."""
-    num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = w13.shape
-    inter = two_inter // 2
-    if w13.shape[2] != hidden or w2.shape != (num_experts, hidden, inter):
-        raise ValueError(f"expert weights w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit "
-                         f"x {tuple(x.shape)}")
-    fp8 = w13_scale is not None
-    if fp8 != (w2_scale is not None):
-        raise ValueError("fp8 fused_moe needs both w13_scale and w2_scale")
+    num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)

@@ -167,10 +167,9 @@ def small_config(kernel: str, fp8: bool) -> dict:
     return cfg
 
 
-def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                    topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
-                    w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches."""
+def moe_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor],
+               w2_scale: Optional[torch.Tensor]) -> tuple[int, int, int, int, bool]:
+    """(T, D, E, I, fp8) of a fused-MoE call, after checking the weights fit x."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -180,6 +179,14 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     fp8 = w13_scale is not None
     if fp8 != (w2_scale is not None):
         raise ValueError("fp8 fused_moe needs both w13_scale and w2_scale")
+    return num_tokens, hidden, num_experts, inter, fp8
+
+
+def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
+                    w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches."""
+    num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
