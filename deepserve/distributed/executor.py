@@ -177,9 +177,6 @@ class MultiprocExecutor(DriverExecutor):
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
     par = config.parallel
-    if par.data_parallel_size > 1 and par.pipeline_parallel_size > 1:
-        raise ValueError(f"data_parallel_size {par.data_parallel_size} with pipeline_parallel_size "
-                         f"{par.pipeline_parallel_size} is not supported: use one of them")
     if par.world_size == 1:
         return UniExecutor(config, platform, eos_token_ids)
     if par.distributed_executor_backend == "ray":

@@ -35,9 +35,6 @@ GiB = 1 << 30
 QUANTIZATIONS = (None, "fp8")
 
 
-DP_WITH_PP = "data parallel with pipeline parallel is not supported by the engine yet"
-
-
 # --------------------------------------------------------------------------- candidates
 @dataclass
 class Candidate:
@@ -183,9 +180,6 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
         for pp in (p for p in range(1, gpus // tp + 1) if (gpus // tp) % p == 0):
             dp = gpus // (tp * pp)
             for ep in ((False, True) if moe and tp * dp > 1 else (False,)):
-                if pp > 1 and dp > 1:  # the engine refuses it (distributed/executor.make_executor)
-                    plan.candidates.append(Candidate(Layout(tp, pp, dp, ep), DP_WITH_PP))
-                    continue
                 plan.candidates.append(_evaluate(cfg, Layout(tp, pp, dp, ep), plan))
     _choose(plan)
     if plan.chosen is None and suggest:

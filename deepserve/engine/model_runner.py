@@ -12,7 +12,9 @@ and the token counts tell MoE layers how to exchange tokens), and a DP rank with
 do runs a one-token dummy batch (slot -1: no cache write, logits discarded), because MoE
 layers are collective. The first TP rank of every other DP rank sends its sampled rows'
 logits to the driver (point-to-point), which samples all rows in one call, so seeds and
-penalties behave as with one rank. Decode steps run as CUDA graphs when every DP rank's batch
+penalties behave as with one rank. With pipeline parallel too, each DP rank is its own
+pipeline and the MoE exchange runs between the same stage of every DP rank. Decode steps run as
+CUDA graphs when every DP rank's batch
 is decode-only: all ranks replay the graph sized for the largest one (`_dp_graph_size`), as
 the MoE exchange inside needs equal shapes (not with `--all2all-backend alltoall`, whose
 per-step split sizes cannot be captured).
@@ -84,7 +86,8 @@ class ModelRunner:
         self.staging = InputStaging(self.device)
         self.graphs = None
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
-        if self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange:
+        if (self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange
+                and self.pctx.pp_size == 1):  # pipeline stages run eagerly
             from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
@@ -202,7 +205,7 @@ class ModelRunner:
         `dp_num_tokens`: every DP rank's token count this step (DP attention only);
         `graph_size`: the CUDA graph every DP rank replays this step (0: eager), with DP + EP."""
         if self.pctx.pp_size > 1:
-            return self._pipeline_forward(input_ids, positions, meta)
+            return self._pipeline_forward(input_ids, positions, meta, dp_num_tokens)
         if self.graphs is not None and self.pctx.moe_dp_exchange:
             if graph_size:
                 return self.graphs.run(input_ids, positions, meta, graph_size)
@@ -212,12 +215,19 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, **extra)
         return self.model.compute_logits(hidden[meta.logits_indices])
 
-    def _pipeline_forward(self, input_ids, positions, meta):
+    def _pipeline_forward(self, input_ids, positions, meta, dp_num_tokens: Optional[list[int]] = None):
         """One step through the pipeline: each stage runs its layers and sends (hidden,
-        residual) on; the last stage sends the logits back to the first, which samples."""
+        residual) on; the last stage sends the logits back to the first, which samples.
+        With DP, each DP rank is its own pipeline (ranks offset by dp_rank * tp * pp), and the
+        MoE layers of a stage exchange tokens with the same stage of the other DP ranks."""
         m, p = self.model.model, self.pctx
         first, last = p.pp_rank == 0, p.pp_rank == p.pp_size - 1
-        stage_rank = lambda stage: stage * p.tp_size + p.tp_rank  # noqa: E731
+        base = p.dp_rank * p.tp_size * p.pp_size
+        stage_rank = lambda stage: base + stage * p.tp_size + p.tp_rank  # noqa: E731
+        if p.moe_dp_exchange and dp_num_tokens is None:  # (the start-up profile's forward)
+            count = torch.tensor([input_ids.shape[0]], dtype=torch.int64, device=self.device)
+            dp_num_tokens = p.dp_all_gather(count).flatten().tolist()
+        extra = {"dp_num_tokens": dp_num_tokens} if p.moe_dp_exchange else {}
         hidden_size = self.config.model.hf_config.hidden_size
         if first:
             x, residual = m.embed_tokens(input_ids), None
@@ -226,7 +236,7 @@ class ModelRunner:
             dist.recv(buf, src=stage_rank(p.pp_rank - 1))
             x, residual = buf[0], buf[1]
         for i in self.model.pp_layers:
-            x, residual = m.layers[i](positions, x, residual, meta)
+            x, residual = m.layers[i](positions, x, residual, meta, **extra)
         if not last:
             dist.send(torch.stack((x, residual)).contiguous(), dst=stage_rank(p.pp_rank + 1))
             if not first:
@@ -327,5 +337,5 @@ class ModelRunner:
         own = hosts[self.pctx.dp_rank]
         logits = self.forward_logits(*self.to_device(own), dp_num_tokens=[len(h["ids"]) for h in hosts],
                                      graph_size=self._dp_graph_size(hosts))
-        if self.pctx.tp_rank == 0 and not own.get("dummy") and own["logits_rows"]:
+        if self.pctx.tp_rank == 0 and self.pctx.pp_rank == 0 and not own.get("dummy") and own["logits_rows"]:
             dist.send(logits[:, :self.vocab_size].float().contiguous(), dst=0)

@@ -122,9 +122,19 @@ def test_dead_dp_worker_is_reported(monkeypatch):
         llm.engine.shutdown()
 
 
-def test_dp_with_pipeline_parallel_is_refused(deepseek):
-    with pytest.raises(ValueError, match="data_parallel_size 2 with pipeline_parallel_size 2"):
-        LLM(deepseek, data_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
+def test_dp2_x_pp2_with_ep_matches_single_process(deepseek, reference):
+    """Each DP rank a 2-stage pipeline; each stage's MoE layers exchange tokens with the same
+    stage of the other DP rank (experts over the 2 ranks of a stage)."""
+    llm = LLM(deepseek, data_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True, **ENGINE)
+    try:
+        p = llm.engine.runner.pctx
+        assert (p.dp_size, p.pp_size, p.ep_size) == (2, 2, 2)
+        assert _tokens(llm, MIXED) == reference["mixed"]
+        assert _tokens(llm, SINGLE) == reference["single"]     # DP rank 1 runs dummy steps
+        assert [bm.num_free_blocks for bm in llm.engine.block_managers] == \
+            [bm.num_blocks for bm in llm.engine.block_managers]
+    finally:
+        llm.engine.shutdown()
 
 
 # ---------------------------------------------------------------- no processes

@@ -45,8 +45,9 @@ def _outputs(model, **kw):
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
                                     {"tensor_parallel_size": 2, "enable_expert_parallel": True},
                                     {"data_parallel_size": 2},
-                                    {"data_parallel_size": 2, "enable_expert_parallel": True}],
-                         ids=["tp2", "pp2", "ep2", "dp2", "dp2-ep2"])
+                                    {"data_parallel_size": 2, "enable_expert_parallel": True},
+                                    {"data_parallel_size": 2, "pipeline_parallel_size": 2}],
+                         ids=["tp2", "pp2", "ep2", "dp2", "dp2-ep2", "dp2-pp2"])
 def test_layout_matches_single_process(models, name, layout):
     if name == "llama" and layout.get("enable_expert_parallel"):
         pytest.skip("a dense model has no experts")

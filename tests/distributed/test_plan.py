@@ -16,7 +16,7 @@ from deepserve.cli.main import main as cli_main
 from deepserve.cli.plan import parse_size
 from deepserve.config import HFConfig, load_hf_config
 from deepserve.distributed.parallel_state import ParallelContext
-from deepserve.distributed.plan import DP_WITH_PP, GiB, Candidate, Plan, _choose, choose_plan, evaluate_plans
+from deepserve.distributed.plan import GiB, Candidate, Plan, _choose, choose_plan, evaluate_plans
 from deepserve.distributed.plan_bytes import (Layout, kv_bytes_per_token_layer, param_count, stage_layers,
                                               weight_breakdown, weight_bytes_per_gpu)
 from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM
@@ -228,10 +228,7 @@ def test_r1_fp8_on_8_h200_chooses_dp_attention_with_ep():
 
 def test_r1_on_h100_nodes_keeps_tp_in_a_node():
     plan = choose_plan(r1(), 32, 80 * GiB, nodes=4)
-    assert plan.chosen.layout == Layout(2, 1, 16, ep=True)    # DP attention, experts over all 32
-    # DP x PP layouts are listed but refused: the engine does not run them (make_executor)
-    dp_pp = [c for c in plan.candidates if c.layout.pp > 1 and c.layout.dp > 1]
-    assert dp_pp and all(c.reason == DP_WITH_PP and not c.fits for c in dp_pp)
+    assert plan.chosen.layout == Layout(1, 4, 8, ep=True)     # one PP stage per node, EP inside it
     crossing = {c.layout.tp: c.reason for c in plan.candidates if c.any_pp_dp}
     assert crossing == {16: "TP 16 crosses nodes (8 GPUs per node)", 32: "TP 32 crosses nodes (8 GPUs per node)"}
     assert evaluate_plans(r1(), 16, 80 * GiB, nodes=2).chosen is None     # 1250 GiB > 16 x 68 GiB
