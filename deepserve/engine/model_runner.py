@@ -147,8 +147,10 @@ class ModelRunner:
         meta = AttentionMetadata(starts, torch.full((n_seqs,), seq_len, dtype=torch.int32, device=self.device),
                                  tables, slots, (starts[1:] - 1).long(), seq_len, seq_len, 0)
         positions = torch.arange(seq_len, device=self.device).repeat(n_seqs)
-        hidden = self.model(ids, positions, meta)
-        self.model.compute_logits(hidden[meta.logits_indices])
+        if self.pctx.pp_size > 1:  # every stage profiles at once, through the pipeline
+            self._pipeline_forward(ids, positions, meta)
+        else:
+            self.model.compute_logits(self.model(ids, positions, meta)[meta.logits_indices])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for m in self.kv_layers:
