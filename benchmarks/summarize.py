@@ -1,18 +1,30 @@
-"""Print every result in benchmarks/results/ as one Markdown table (for docs/PERFORMANCE.md)."""
+"""Print every result in benchmarks/results/ as one Markdown table (for docs/PERFORMANCE.md).
+
+Most files hold one figure (name, device, date, command, value, unit, roofline_value, ratio);
+bench_layouts.py writes one file per run with its figures under "rows" (equality checks have
+no value and are left out here)."""
 import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def figures(d: dict) -> list[dict]:
+    if "rows" in d:
+        return [dict(r, device=d["device"], date=d["date"], command=d["command"])
+                for r in d["rows"] if "name" in r and "value" in r]
+    return [d]
+
+
 def main() -> None:
     print("| name | device | date | value | unit | roofline | ratio | command |")
     print("|---|---|---|---|---|---|---|---|")
     for path in sorted(RESULTS.glob("*.json")):
-        d = json.loads(path.read_text())
-        ratio = f"{d['ratio']:.1%}" if d.get("ratio") is not None else "-"
-        print(f"| {d['name']} | {d['device']} | {d['date'][:10]} | {d['value']:.4g} | {d['unit']} | "
-              f"{d['roofline_value']:.4g} | {ratio} | `{d['command']}` |")
+        for d in figures(json.loads(path.read_text())):
+            ratio = f"{d['ratio']:.1%}" if d.get("ratio") is not None else "-"
+            roof = f"{d['roofline_value']:.4g}" if d.get("roofline_value") is not None else "-"
+            print(f"| {d['name']} | {d['device']} | {d['date'][:10]} | {d['value']:.4g} | {d['unit']} | "
+                  f"{roof} | {ratio} | `{d['command']}` |")
 
 
 if __name__ == "__main__":
