@@ -24,6 +24,8 @@ import torch
 from deepserve import LLM, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# engine options every case adds (--async-scheduling), and the suffix of their result names
+EXTRA: dict = {}
 
 
 def copy_bandwidth() -> float:
@@ -114,6 +116,7 @@ def prefill_rate(llm: LLM, tokens: int) -> float:
 
 
 def record(rows: list, name: str, value: float, unit: str, roof: float, extra: dict | None = None) -> None:
+    name += "_async" if EXTRA.get("async_scheduling") else ""
     entry = {"name": name, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
              "command": "python " + " ".join(sys.argv), "value": value, "unit": unit,
              "roofline_value": roof, "ratio": value / roof if roof else None, **(extra or {})}
@@ -124,7 +127,7 @@ def record(rows: list, name: str, value: float, unit: str, roof: float, extra: d
 
 def case_llama8b(rows, bw, peak):
     llm = LLM("r1-distill-llama-8b", load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=256, gpu_memory_utilization=0.85)
+              max_num_seqs=256, gpu_memory_utilization=0.85, **EXTRA)
     timings = llm.engine.runner.timings
     wb = weight_bytes(llm.engine.runner.model, active=False)
     rate = decode_rate(llm, 1, 128, 256)
@@ -136,7 +139,7 @@ def case_llama8b(rows, bw, peak):
 
 def case_v2lite(rows, bw, peak):
     llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=9000,
-              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85)
+              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85, **EXTRA)
     model = llm.engine.runner.model
     active = weight_bytes(model, active=True)
     rate = decode_rate(llm, 1, 128, 256)
@@ -166,7 +169,11 @@ def release(llm: LLM) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs="+", default=["llama8b", "v2lite"], choices=["llama8b", "v2lite"])
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="engines with async scheduling; results named *_async")
     args = ap.parse_args()
+    if args.async_scheduling:
+        EXTRA["async_scheduling"] = True
     bw, peak = copy_bandwidth(), matmul_peak()
     print(f"roofline: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     rows: list = []

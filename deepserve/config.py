@@ -160,6 +160,7 @@ class EngineConfig:
     ops: str
     enforce_eager: bool
     cuda_graph_sizes: list[int]
+    async_scheduling: bool = False
 
 
 # --------------------------------------------------------------------------- EngineArgs
@@ -224,6 +225,10 @@ class EngineArgs:
     its experts and back, all_to_all with per-step sizes; eager only)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
+    async_scheduling: bool = False
+    """Schedule and launch step n+1 before step n's tokens reach the host (their ids are taken
+    on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. One
+    process only; steps with logprobs, penalties or min_tokens run synchronously."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
     ops: str = "auto"
@@ -299,6 +304,7 @@ class EngineArgs:
                                   self.distributed_executor_backend, self.all2all_backend)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
+                            async_scheduling=self.async_scheduling,
                             cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))
 
     # ----------------------------------------------------------------------- CLI

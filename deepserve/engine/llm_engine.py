@@ -23,7 +23,9 @@ from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
+from deepserve.engine.sampler import SamplerOutput
+from deepserve.engine.scheduler import (DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch,
+                                        Scheduler)
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.platforms import get_platform
@@ -74,6 +76,10 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
         self.config = args.create_engine_config()
+        self.async_scheduling = self.config.async_scheduling
+        if self.async_scheduling and self.config.parallel.world_size > 1:  # (before any worker starts)
+            raise ValueError("async_scheduling runs in one process: it needs tensor/pipeline/data "
+                             f"parallel sizes of 1 (world size {self.config.parallel.world_size})")
         self.platform = get_platform(args.device)
         tok_path = self.config.model.tokenizer
         self.tokenizer = Tokenizer(tok_path) if tok_path else None
@@ -96,6 +102,7 @@ class LLMEngine:
             self.scheduler = DataParallelScheduler(self.config.scheduler, self.block_managers)
         self.requests: dict[str, RequestState] = {}
         self.max_model_len = self.config.model.max_model_len
+        self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
@@ -180,6 +187,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -196,6 +205,64 @@ class LLMEngine:
             for seq, n in zip(sub.seqs, sub.num_new_tokens):
                 seq.num_computed_tokens += n
                 bm.register_full_blocks(seq)
+        return self._postprocess(seqs, sampled)
+
+    # ------------------------------------------------------------------ async scheduling
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and launch this step, then read the previous step's tokens while the
+        device runs it. A sequence sampled by the previous step counts its pending token
+        (Sequence.num_pending), so it is scheduled as a decode whose input id the runner takes
+        on the device. A sequence that the previous step's token finishes has been launched
+        once more: that row's result is dropped (its blocks are freed; later steps that reuse
+        them run after it on the same stream). Steps that need the host's token history
+        (logprobs, penalties, min_tokens) run synchronously, after the previous tokens land."""
+        prev, self._inflight = self._inflight, None
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch and all(self._async_ok(seq) for seq in batch.seqs):
+            launched = self.runner.launch(batch, prev)
+            self.stats["steps"] += 1
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+            for seq in launched.seqs:
+                seq.num_pending += 1
+        outputs = self._resolve(prev) if prev is not None else []
+        if launched is not None:
+            for seq in batch.seqs:
+                if not seq.is_finished:  # token ids are all on the host now: hash full blocks
+                    self.block_manager.register_full_blocks(seq)
+            self._inflight = launched
+        elif batch:
+            # synchronous step; drop what the previous tokens just finished
+            live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
+            if live:
+                batch = ScheduledBatch([s for s, _ in live], [n for _, n in live],
+                                       sum(1 for _, n in live if n == 1))
+                outputs += self._run_sync(batch)
+        return outputs
+
+    @staticmethod
+    def _async_ok(seq: Sequence) -> bool:
+        p = seq.params
+        return p.logprobs is None and not p.has_penalties and p.min_tokens == 0
+
+    def _resolve(self, inflight) -> list[RequestOutput]:
+        """The launched step's tokens, now on the host: append, detokenize, check stops."""
+        tokens = inflight.token_ids()
+        for seq in inflight.seqs:
+            seq.num_pending = max(0, seq.num_pending - 1)
+        outputs = self._postprocess(inflight.seqs, SamplerOutput(tokens, [None] * len(tokens)))
+        for seq in inflight.seqs:
+            if seq.is_finished:
+                seq.num_pending = 0  # a step launched after this token computes a row we drop
+        return outputs
+
+    def _run_sync(self, batch) -> list[RequestOutput]:
+        seqs, sampled = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
         return self._postprocess(seqs, sampled)
 
     def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
@@ -253,5 +320,5 @@ class LLMEngine:
                 seq.stop_reason = token
                 self.scheduler.finish(seq, "stop")
                 return
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self.scheduler.finish(seq, "length")

@@ -46,6 +46,29 @@ logger = logging.getLogger("deepserve")
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+class InFlight:
+    """A launched step's sampled tokens: on the device at once (the next step's inputs may
+    come from them), on the host once the copy started at launch has landed."""
+
+    def __init__(self, seqs: list, next_ids: Optional[torch.Tensor]):
+        self.seqs = seqs
+        self.next_ids = next_ids
+        self.row_of = {s.seq_id: i for i, s in enumerate(seqs)}
+        self._host, self._done = next_ids, None
+        if next_ids is not None and next_ids.device.type == "cuda":
+            self._host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+            self._host.copy_(next_ids, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def token_ids(self) -> list[int]:
+        if self.next_ids is None:
+            return []
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, platform: Platform, pctx: Optional[ParallelContext] = None,
                  local_rank: int = 0, eos_token_ids: set[int] = frozenset()):
@@ -170,7 +193,9 @@ class ModelRunner:
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
-            ids.append(seq.token_ids[start:start + n])
+            toks = seq.token_ids[start:start + n]
+            # a token still on the device (async scheduling) goes in as 0; `launch` fills it in
+            ids.append(toks if len(toks) == n else toks + [0] * (n - len(toks)))
             pos = np.arange(start, start + n)
             positions.append(pos)
             slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
@@ -275,6 +300,31 @@ class ModelRunner:
         if not sampling_seqs:
             return [], SamplerOutput([], [])
         return sampling_seqs, self.sampler(logits, sampling_seqs)
+
+    # ------------------------------------------------------------------ async scheduling
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: Optional[InFlight]) -> InFlight:
+        """Start one step and return without waiting for it (one process only).
+
+        A sequence whose last token is still pending (sampled by `prev`, not yet on the host)
+        gets that token straight from prev's device tensor. The step's own samples stay on
+        the device (the next step may read them) and start an asynchronous copy to the host;
+        `InFlight.token_ids()` waits for it."""
+        host = self.host_inputs(batch)
+        ids, positions, meta = self.to_device(host)
+        rows, where, offset = [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            offset += n
+            if seq.num_pending and seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(prev.row_of[seq.seq_id])
+                where.append(offset - 1)
+        if rows:
+            ids[torch.tensor(where, device=self.device)] = prev.next_ids[torch.tensor(rows, device=self.device)]
+        logits = self.forward_logits(ids, positions, meta)
+        seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        if not seqs:
+            return InFlight([], None)
+        return InFlight(seqs, self.sampler.sample_ids(logits, seqs))
 
     # ------------------------------------------------------------------ data parallel
     @staticmethod

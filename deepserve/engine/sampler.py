@@ -54,30 +54,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()[:, :self.vocab_size]
         n = logits.shape[0]
-        dev = logits.device
         want_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-
-        if any(s.params.has_penalties for s in seqs):
-            logits = apply_penalties(logits, seqs)
-        banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
-                  for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
-        if banned:
-            rows, cols = zip(*banned)
-            logits[list(rows), list(cols)] = float("-inf")
-
-        if all(s.params.greedy for s in seqs):
-            next_ids = logits.argmax(dim=-1)
-        else:
-            temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
-            top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
-            top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-            min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-            noise = torch.empty_like(logits).exponential_(1)
-            for i, s in enumerate(seqs):
-                if s.generator is not None:  # seeded: the request's own stream
-                    noise[i] = torch.empty(logits.shape[1]).exponential_(1, generator=s.generator).to(dev)
-            next_ids = ops.sample(logits, temperature, top_k, top_p, min_p, noise)
+        next_ids = self._choose(logits, seqs)
 
         token_ids = next_ids.tolist()
         logprobs: list = [None] * n
@@ -93,3 +72,31 @@ class Sampler:
                     kk = s.params.logprobs
                     logprobs[i] = (chosen[i], ranks[i], list(zip(top_ids[i][:kk], top_vals[i][:kk])))
         return SamplerOutput(token_ids, logprobs)
+
+    def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The next token of each row as a device tensor, without waiting for it (async
+        scheduling, whose steps have no logprobs, penalties or min_tokens: those read the
+        host's token history, which lags one step there)."""
+        return self._choose(logits.float()[:, :self.vocab_size], seqs)
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Penalties, tokens banned by min_tokens, then the greedy or sampled id of each row."""
+        dev = logits.device
+        if any(s.params.has_penalties for s in seqs):
+            logits = apply_penalties(logits, seqs)
+        banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                  for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
+        if banned:
+            rows, cols = zip(*banned)
+            logits[list(rows), list(cols)] = float("-inf")
+        if all(s.params.greedy for s in seqs):
+            return logits.argmax(dim=-1)
+        temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
+        top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        noise = torch.empty_like(logits).exponential_(1)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:  # seeded: the request's own stream
+                noise[i] = torch.empty(logits.shape[1]).exponential_(1, generator=s.generator).to(dev)
+        return ops.sample(logits, temperature, top_k, top_p, min_p, noise)

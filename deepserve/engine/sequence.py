@@ -26,6 +26,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)    # prompt, then generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0               # tokens whose KV is in the cache
+        self.num_pending = 0                       # sampled on the device, not yet in token_ids (async)
         self.num_cached_tokens = 0                 # of those, prompt tokens found by prefix caching
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []          # hashes of the full blocks registered so far
@@ -42,7 +43,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens including one still on its way from the device (async scheduling)."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,0 +1,112 @@
+"""Async scheduling (step n+1 launched before step n's tokens reach the host) gives exactly the
+outputs of the synchronous engine on stories260k: greedy and seeded sampling, n > 1, stop
+strings and EOS (a finished sequence's extra row is dropped), max_tokens, chunked prefill,
+preemption, prefix caching, steps that must run synchronously (logprobs, penalties,
+min_tokens) mixed in, and an abort while a step is in flight; every block comes back."""
+import pytest
+
+from deepserve import LLM, SamplingParams
+
+WORDS = "the little dog saw a big red ball and ran to the park with his friend Tom".split()
+
+
+def _prompts(llm, n):
+    tok = llm.get_tokenizer()
+    return [{"prompt_token_ids": tok.encode(" ".join(WORDS[: 1 + (i * 7) % len(WORDS)]))} for i in range(n)]
+
+
+def _params(i: int) -> SamplingParams:
+    kinds = [SamplingParams(temperature=0, max_tokens=3 + i % 17),
+             SamplingParams(temperature=0.8, seed=i, max_tokens=20, n=2),
+             SamplingParams(temperature=0, max_tokens=40, stop=[" ball", "."]),
+             SamplingParams(temperature=0, max_tokens=60),                      # ends at EOS
+             SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=100 + i, max_tokens=15)]
+    return kinds[i % len(kinds)]
+
+
+def _texts(llm, prompts, params):
+    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in llm.generate(prompts, params)]
+
+
+def _both(**engine):
+    sync, asyn = LLM(block_size=4, **engine), LLM(block_size=4, async_scheduling=True, **engine)
+    assert asyn.engine.async_scheduling and not sync.engine.async_scheduling
+    return sync, asyn
+
+
+def _all_free(llm):
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(s.num_pending == 0 for s in llm.engine.scheduler.running)
+
+
+@pytest.mark.parametrize("engine", [{}, {"max_num_batched_tokens": 16},
+                                    {"num_gpu_blocks_override": 40, "enable_prefix_caching": False}],
+                         ids=["plain", "chunked-prefill", "preemption"])
+def test_async_equals_sync(engine):
+    sync, asyn = _both(**engine)
+    prompts = _prompts(sync, 24)
+    params = [_params(i) for i in range(len(prompts))]
+    want = _texts(sync, prompts, params)
+    assert _texts(asyn, prompts, params) == want
+    assert any(c[2] == "stop" for o in want for c in o)           # stops happened
+    if "num_gpu_blocks_override" in engine:
+        assert asyn.engine.scheduler.num_preemptions > 0
+    _all_free(asyn)
+    # again, now with prefix-cache hits where enabled
+    assert _texts(asyn, prompts, params) == want
+    _all_free(asyn)
+
+
+def test_steps_needing_host_history_run_synchronously_and_match():
+    sync, asyn = _both()
+    prompts = _prompts(sync, 8)
+    params = [SamplingParams(temperature=0, max_tokens=12, logprobs=2) if i == 2 else
+              SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3) if i == 5 else
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=10) if i == 6 else
+              SamplingParams(temperature=0, max_tokens=5 + i) for i in range(8)]
+    want = [o.outputs[0] for o in sync.generate(prompts, params)]
+    got = [o.outputs[0] for o in asyn.generate(prompts, params)]
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [[sorted(d) for d in c.logprobs] for c in got if c.logprobs] == \
+        [[sorted(d) for d in c.logprobs] for c in want if c.logprobs]
+    _all_free(asyn)
+
+
+def test_abort_with_a_step_in_flight_frees_its_blocks():
+    llm = LLM(block_size=4, async_scheduling=True)
+    engine = llm.engine
+    prompts = _prompts(llm, 4)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert engine._inflight is not None                      # a step is on its way
+    engine.abort_request("r1")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert sorted(done) == ["r0", "r2", "r3"] and all(len(t) == 30 for t in done.values())
+    engine.step()                                             # reads the last (dropped) rows
+    _all_free(llm)
+
+
+def test_async_steps_launch_without_waiting(monkeypatch):
+    """The async engine runs every step through `launch` (none through the synchronous
+    `execute`): 60 tokens from one prompt are 60 launches plus one whose row is dropped."""
+    llm = LLM(block_size=4, async_scheduling=True)
+    runner, calls = llm.engine.runner, {"launch": 0, "execute": 0}
+    for name in calls:
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _real=real, _name=name, **k:
+                            (calls.__setitem__(_name, calls[_name] + 1), _real(*a, **k))[1])
+    out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0, max_tokens=60))[0]
+    assert len(out.outputs[0].token_ids) == 60
+    assert calls == {"launch": 61, "execute": 0}
+
+
+def test_async_needs_one_process():
+    with pytest.raises(ValueError, match="async_scheduling runs in one process"):
+        LLM(block_size=4, async_scheduling=True, tensor_parallel_size=2)
