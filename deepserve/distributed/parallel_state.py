@@ -79,6 +79,11 @@ class ParallelContext:
         _all_gather_single(out, x.contiguous(), group=self.dp_group)
         return out.view(self.dp_size, *x.shape)
 
+    def dp_token_counts(self, num_tokens: int, device: torch.device) -> list[int]:
+        """Every DP rank's token count this step (for callers that were not given them)."""
+        count = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+        return self.dp_all_gather(count).flatten().tolist()
+
     def dp_reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` [dp_size * W, ...] over the DP group and keep this DP rank's W rows."""
         if self.dp_size == 1:

@@ -84,8 +84,11 @@ class CudaGraphRunner:
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         n = meta.num_seqs
-        return (self.enabled and meta.num_decodes == n and meta.max_query_len == 1
-                and n <= self.max_bs and meta.max_seq_len <= self.max_len)
+        return self.fits(n, meta.num_decodes == n and meta.max_query_len == 1, meta.max_seq_len)
+
+    def fits(self, num_seqs: int, decode_only: bool, max_seq_len: int) -> bool:
+        """Whether a batch of `num_seqs` rows can replay a captured graph."""
+        return self.enabled and decode_only and num_seqs <= self.max_bs and max_seq_len <= self.max_len
 
     def size_for(self, num_seqs: int) -> int:
         """The captured size a decode batch of `num_seqs` rows runs at."""

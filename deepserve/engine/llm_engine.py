@@ -24,8 +24,7 @@ from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput
-from deepserve.engine.scheduler import (DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch,
-                                        Scheduler)
+from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.platforms import get_platform
@@ -190,8 +189,10 @@ class LLMEngine:
         if self.async_scheduling:
             return self._step_async()
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        return self._run_sync(batch) if batch else []
+
+    def _run_sync(self, batch) -> list[RequestOutput]:
+        """Run one scheduled step and wait for its tokens."""
         try:
             seqs, sampled = self.runner.execute(batch)
         except RuntimeError as exc:  # a collective broke: name the worker behind it
@@ -233,11 +234,9 @@ class LLMEngine:
                     self.block_manager.register_full_blocks(seq)
             self._inflight = launched
         elif batch:
-            # synchronous step; drop what the previous tokens just finished
-            live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
-            if live:
-                batch = ScheduledBatch([s for s, _ in live], [n for _, n in live],
-                                       sum(1 for _, n in live if n == 1))
+            # synchronous step, less what the previous tokens just finished
+            batch = batch.without_finished()
+            if batch:
                 outputs += self._run_sync(batch)
         return outputs
 
@@ -256,14 +255,6 @@ class LLMEngine:
             if seq.is_finished:
                 seq.num_pending = 0  # a step launched after this token computes a row we drop
         return outputs
-
-    def _run_sync(self, batch) -> list[RequestOutput]:
-        seqs, sampled = self.runner.execute(batch)
-        self.stats["steps"] += 1
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-        return self._postprocess(seqs, sampled)
 
     def _postprocess(self, seqs: list[Sequence], sampled) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}

@@ -252,8 +252,7 @@ class ModelRunner:
         base = p.dp_rank * p.tp_size * p.pp_size
         stage_rank = lambda stage: base + stage * p.tp_size + p.tp_rank  # noqa: E731
         if p.moe_dp_exchange and dp_num_tokens is None:  # (the start-up profile's forward)
-            count = torch.tensor([input_ids.shape[0]], dtype=torch.int64, device=self.device)
-            dp_num_tokens = p.dp_all_gather(count).flatten().tolist()
+            dp_num_tokens = p.dp_token_counts(input_ids.shape[0], self.device)
         extra = {"dp_num_tokens": dp_num_tokens} if p.moe_dp_exchange else {}
         hidden_size = self.config.model.hf_config.hidden_size
         if first:
@@ -295,8 +294,7 @@ class ModelRunner:
         host = self.host_inputs(batch)
         self.publish(host)
         logits = self.forward_logits(*self.to_device(host))
-        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens)
-                         if s.num_computed_tokens + n == s.num_tokens]
+        sampling_seqs = batch.sampling_seqs()
         if not sampling_seqs:
             return [], SamplerOutput([], [])
         return sampling_seqs, self.sampler(logits, sampling_seqs)
@@ -319,9 +317,10 @@ class ModelRunner:
                 rows.append(prev.row_of[seq.seq_id])
                 where.append(offset - 1)
         if rows:
-            ids[torch.tensor(where, device=self.device)] = prev.next_ids[torch.tensor(rows, device=self.device)]
+            where_rows = torch.tensor([where, rows], device=self.device)   # one small copy
+            ids[where_rows[0]] = prev.next_ids[where_rows[1]]
         logits = self.forward_logits(ids, positions, meta)
-        seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        seqs = batch.sampling_seqs()
         if not seqs:
             return InFlight([], None)
         return InFlight(seqs, self.sampler.sample_ids(logits, seqs))
@@ -341,13 +340,12 @@ class ModelRunner:
         """The CUDA graph size all DP ranks replay this step, or 0 to run eagerly: every rank
         computes it from the same published batches, so they agree without talking."""
         g = self.graphs
-        if g is None or not g.enabled or not self.pctx.moe_dp_exchange:
+        if g is None or not self.pctx.moe_dp_exchange:
             return 0
-        if any(h["num_decodes"] != len(h["ids"]) or max(h["q_lens"]) != 1 for h in hosts):
-            return 0
+        decode_only = all(h["num_decodes"] == len(h["ids"]) and max(h["q_lens"]) == 1 for h in hosts)
         rows = max(len(h["ids"]) for h in hosts)
         longest = max(int(max(h["seq_lens"])) for h in hosts)
-        return g.size_for(rows) if rows <= g.max_bs and longest <= g.max_len else 0
+        return g.size_for(rows) if g.fits(rows, decode_only, longest) else 0
 
     def _dp_forward(self, hosts: list[dict]) -> list[Optional[torch.Tensor]]:
         """Driver: run one step on every DP rank; fp32 logits [rows, V] of each (None: no rows)."""
@@ -371,7 +369,7 @@ class ModelRunner:
         hosts = [self.host_inputs(b) if b else self.dummy_host() for b in batch.batches]
         seqs, rows = [], []
         for b, logits in zip(batch.batches, self._dp_forward(hosts)):
-            sampling = [s for s, n in zip(b.seqs, b.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+            sampling = b.sampling_seqs()
             if sampling:
                 seqs += sampling
                 rows.append(logits)

@@ -30,6 +30,16 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences whose step reaches their last token, so they sample one (before the
+        step: num_computed_tokens not yet advanced)."""
+        return [s for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+
+    def without_finished(self) -> "ScheduledBatch":
+        """This batch less the sequences that finished after it was scheduled."""
+        live = [(s, n) for s, n in zip(self.seqs, self.num_new_tokens) if not s.is_finished]
+        return ScheduledBatch([s for s, _ in live], [n for _, n in live], sum(1 for _, n in live if n == 1))
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):

@@ -157,8 +157,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         """`dp_num_tokens`: every DP rank's token count this step, which MoE layers need with DP
         attention + EP; the runner knows it, other callers leave it None and it is gathered."""
         if self.pctx.moe_dp_exchange and dp_num_tokens is None:
-            count = torch.tensor([input_ids.shape[0]], dtype=torch.int64, device=input_ids.device)
-            dp_num_tokens = self.pctx.dp_all_gather(count).flatten().tolist()
+            dp_num_tokens = self.pctx.dp_token_counts(input_ids.shape[0], input_ids.device)
         x = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:

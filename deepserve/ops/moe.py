@@ -35,16 +35,21 @@ _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 FP8_BLOCK = 128
 
 
+def check_route_methods(scoring_func: str, topk_method: str) -> None:
+    """Both backends of moe_route accept the same scoring functions and top-k methods."""
+    if scoring_func not in _SCORING:
+        raise ValueError(f"scoring_func must be one of {_SCORING}, got {scoring_func!r}")
+    if topk_method not in _TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {_TOPK_METHODS}, got {topk_method!r}")
+
+
 @register("moe_route", "torch")
 def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[torch.Tensor], *,
               top_k: int, scoring_func: str, topk_method: str, n_group: Optional[int],
               topk_group: Optional[int], norm_topk_prob: bool,
               routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
-    if scoring_func not in _SCORING:
-        raise ValueError(f"scoring_func must be one of {_SCORING}, got {scoring_func!r}")
-    if topk_method not in _TOPK_METHODS:
-        raise ValueError(f"topk_method must be one of {_TOPK_METHODS}, got {topk_method!r}")
+    check_route_methods(scoring_func, topk_method)
     logits = router_logits.float()
     scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
     num_tokens, num_experts = scores.shape

@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.ops.moe import check_route_methods
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import next_pow2
 
-_SCORING = ("softmax", "sigmoid")
-_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @triton.jit
@@ -86,10 +85,7 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[tor
               topk_group: Optional[int], norm_topk_prob: bool,
               routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_weights [T, k] fp32, topk_ids [T, k] int32)."""
-    if scoring_func not in _SCORING:
-        raise ValueError(f"scoring_func must be one of {_SCORING}, got {scoring_func!r}")
-    if topk_method not in _TOPK_METHODS:
-        raise ValueError(f"topk_method must be one of {_TOPK_METHODS}, got {topk_method!r}")
+    check_route_methods(scoring_func, topk_method)
     if topk_method == "noaux_tc" and e_score_correction_bias is None:
         raise ValueError("topk_method 'noaux_tc' needs e_score_correction_bias, got None")
     num_tokens, num_experts = router_logits.shape
