@@ -30,6 +30,12 @@ def test_bad_flag_values_name_the_value():
         _parse(["--hf-overrides", "{not json"])
 
 
+def test_bad_all2all_backend_names_the_value_and_the_choices():
+    with pytest.raises(ValueError, match=r"all2all_backend must be one of .*'alltoall'.*got 'naive'"):
+        _parse(["--all2all-backend", "naive"])
+    assert _parse(["--all2all-backend", "alltoall"]).create_engine_config().parallel.all2all_backend == "alltoall"
+
+
 def test_hf_config_reads_both_spellings():
     old = HFConfig({"architectures": ["X"], "rope_theta": 5.0, "torch_dtype": "bfloat16",
                     "rope_scaling": {"type": "yarn", "factor": 40}})
