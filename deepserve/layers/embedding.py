@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, single_process
 
 
@@ -52,6 +53,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits = hidden @ W^T over the vocab; may share its weight with the embedding."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = ops.linear(hidden, self.weight)
         logits = self.pctx.tp_all_gather(logits)
         return logits[:, :self.vocab_size]

@@ -9,7 +9,8 @@ With tp_size 1 these are plain `nn.Linear`s.
 
 The weight storage and the GEMM belong to the layer's `quant_method` (vLLM's LinearMethod
 idea): `create_weights(layer)` registers the weight parameter(s) and `apply(layer, x, bias)`
-computes x W^T (+ bias). The default keeps a `params_dtype` weight and calls F.linear;
+computes x W^T (+ bias). The default keeps a `params_dtype` weight and calls `ops.linear`
+(cuBLAS, or a Triton GEMV kernel for one row on the triton backend);
 layers/quantization.py holds the FP8-block and W8A8-int8 methods, which
 `LinearBase.set_quant_method` swaps in after the model is built.
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 
 
@@ -31,7 +32,7 @@ def check_shape(name: str, param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 
 class UnquantizedLinearMethod:
-    """Weight in the model dtype, y = F.linear(x, W, b)."""
+    """Weight in the model dtype, y = ops.linear(x, W, b)."""
 
     def create_weights(self, layer: "LinearBase", params_dtype: torch.dtype,
                        device: Optional[torch.device] = None) -> None:
@@ -41,7 +42,7 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: "LinearBase", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return ops.linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

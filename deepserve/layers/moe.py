@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepserve import ops
@@ -48,7 +47,7 @@ class MoEGate(nn.Module):
             self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight)
+        return ops.linear(x, self.weight)      # fp32 weight: fp32 logits
 
 
 class FusedMoE(nn.Module):

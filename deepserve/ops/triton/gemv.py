@@ -1,0 +1,120 @@
+"""One-row linear layer (y = x W^T + b for a single token) as a Triton GEMV kernel.
+
+At batch-1 decode every projection is a matrix-vector product: the time is the weight read,
+and cuBLAS reaches copy bandwidth for some shapes but not for others (on an H100 the 8B
+model's o_proj, 4096x4096, ran at 54% of copy bandwidth while its other projections ran at
+94-100%; the small V2-Lite projections took 5-8 us for 2-13 MB). This kernel streams the
+weight with as many programs as keeps every SM busy:
+
+- grid (cdiv(N, BLOCK_N),): program n reads weight rows [n*BLOCK_N, (n+1)*BLOCK_N), whole
+  rows along K (contiguous, 16-byte loads per lane), multiplies by x and accumulates
+  elementwise in fp32 into a [BLOCK_N, BLOCK_K] tile that is reduced once at the end.
+- no tensor cores, no split-K: a single launch, with a grid fixed by the shapes (CUDA-graph
+  safe).
+
+Rounding matches the torch reference `F.linear(x.to(W.dtype), W, b)`: fp32 accumulation,
+bias added in fp32, one rounding to the weight's dtype (the fp32 MoE router takes a bf16
+activation and gives fp32 logits in the same launch, where torch needs a cast kernel and a
+cuBLAS dot + reduce). `use_gemv` says when the engine takes this path instead of cuBLAS: one
+row on a Triton device; on an H100 the kernel beat cuBLAS at every batch-1 shape of the 8B,
+V2-Lite and R1 models (benchmarks/sweep_gemv.py, docs/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import interpreting
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_k)
+            w = tl.load(w_rows + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < K
+            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# launch settings merged over gemv_config's choice when set (for timing candidates:
+# benchmarks/sweep_gemv.py)
+GEMV_OVERRIDE: dict | None = None
+
+
+def gemv_config(n: int, k: int, device: torch.device) -> dict:
+    """BLOCK_N, BLOCK_K, num_warps of an [N, K] weight.
+
+    Picked on an H100 with benchmarks/sweep_gemv.py (2026-11-23): few rows per program and
+    long K steps (1024 columns: 4 warps x 32 lanes x 8 bf16 is one 16-byte load per lane per
+    row, twice), so thousands of small programs keep every SM's loads in flight; 8 warps
+    once the weight is large (>= 32M elements). Interpreted (numpy), cost is per operation:
+    few, large programs."""
+    if interpreting():
+        cfg = dict(BLOCK_N=32, BLOCK_K=64, num_warps=1)
+    else:
+        block_k = 1024 if k % 1024 == 0 or k > 4096 else 512
+        block_n = 1 if n <= 4096 else 2 if n <= 8192 else 4
+        cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if n * k >= (32 << 20) else 4)
+    if GEMV_OVERRIDE:
+        cfg.update(GEMV_OVERRIDE)
+    return cfg
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] holding one row in all, weight [N, K] -> [..., N] in the weight's dtype
+    (= F.linear(x.to(weight.dtype), weight, bias)), one launch."""
+    n, k = weight.shape
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv takes one row of {k} features, got x {tuple(x.shape)}")
+    out = torch.empty(*x.shape[:-1], n, dtype=weight.dtype, device=x.device)
+    if n == 0:
+        return out
+    x1 = x.reshape(k)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    cfg = dict(gemv_config(n, k, x.device))
+    num_warps = cfg.pop("num_warps")
+    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1,
+        **cfg)
+    return out
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() takes the GEMV kernel: one row of floats on a Triton device."""
+    return (x.numel() == x.shape[-1] and weight.dim() == 2 and weight.dtype in FLOAT_DTYPES
+            and x.dtype in FLOAT_DTYPES and (x.is_cuda or interpreting()))
+
+
+@register("linear", "triton")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T + b in the weight's dtype: the GEMV kernel for a single row, cuBLAS otherwise."""
+    if use_gemv(x, weight):
+        return gemv(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias)

@@ -1,0 +1,70 @@
+"""The one-row linear (Triton GEMV) against the torch reference F.linear(x.to(W.dtype), W, b).
+
+CPU tests run the kernel interpreted at tiny sizes, including the masked edges (N not a
+multiple of the rows per program, K not a multiple of the K step); `gpu` tests run the
+compiled kernel at the batch-1 shapes of the 8B, V2-Lite and R1 models.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve.ops.registry import resolve
+
+
+def both(*args):
+    return resolve("linear", "torch")[1](*args), resolve("linear", "triton")[1](*args)
+
+
+@pytest.mark.parametrize("n,k", [(40, 64), (37, 100), (3, 192)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_bf16_one_row(triton_ops, cpu_only, n, k, bias):
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(1, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    want, got = both(x, w, b)
+    assert got.shape == want.shape == (1, n) and got.dtype == torch.bfloat16
+    # both accumulate in fp32 and round once; summation order differs: one bf16 ulp
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=2 ** -7)
+
+
+def test_gemv_router_fp32_weight_bf16_row(triton_ops, cpu_only):
+    """The MoE router: bf16 activation, fp32 weight, fp32 logits, in one launch."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1, 96, generator=g).bfloat16()          # leading dims kept
+    w = torch.randn(8, 96, generator=g)
+    want, got = both(x, w)
+    assert got.shape == (1, 1, 8) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_several_rows_keep_the_reference_path(triton_ops, cpu_only):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    w = torch.randn(16, 64, generator=g).bfloat16()
+    want, got = both(x, w)
+    assert torch.equal(got, want)
+
+
+def test_gemv_rejects_a_wrong_width(triton_ops, cpu_only):
+    from deepserve.ops.triton.gemv import gemv
+    with pytest.raises(ValueError, match="one row of 64 features"):
+        gemv(torch.zeros(1, 32).bfloat16(), torch.zeros(8, 64).bfloat16())
+
+
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (4096, 14336), (576, 2048), (2048, 10944), (64, 2048),
+              (24576, 1536), (102400, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+def test_gemv_gpu_model_shapes(triton_ops, n, k):
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    want, got = both(x, w)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=2 ** -7)
+    wf = w.float()
+    want32, got32 = both(x, wf)                                  # router-style fp32 weight
+    torch.testing.assert_close(got32, want32, atol=1e-4, rtol=1e-4)
