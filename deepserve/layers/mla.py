@@ -11,6 +11,9 @@ kv_b_proj = [W_UK; W_UV] per head, a head's key is [W_UK c_kv | k_pe] and its va
 - Decode sequences (the first `meta.num_decodes`, one token each) absorb W_UK into the query,
   q_lat = q_nope W_UK (so q_lat . c_kv = q_nope . k_nope), attend over the latent directly
   as MQA with 576-wide q/k and the first 512 dims as v, then apply W_UV to the output.
+- Every token's cache row (normed c_kv, rotated k_pe) is written by `ops.mla_kv_write`, and
+  the decode query built by `ops.mla_q_absorb` (deepserve/ops/mla.py): one kernel each on
+  the triton backend, where the unfused steps took seven launches per layer.
 
 Both paths give the same numbers (tests/models/test_deepseek.py checks this); decode reads
 kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
@@ -69,11 +72,11 @@ class MLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]         # [H, nope, C], [H, v, C]
 
-    def _decode(self, q_nope, q_pe, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
-        """Absorbed attention of the first n sequences (one token each) -> [n, H, v]."""
+    def _decode(self, q, positions, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
+        """Absorbed attention of the first n sequences (one token each; q [n, H, qk]) -> [n, H, v]."""
         w_uk, w_uv = self._w_uk_uv()
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)           # [n, H, kv_lora_rank]
-        q_abs = torch.cat((q_lat, q_pe), dim=-1)                      # [n, H, kv_lora_rank + rope]
+        q_abs = ops.mla_q_absorb(q, positions, self.rotary_emb.cos_sin_cache,   # [n, H, C + rope]
+                                 self.rotary_emb.is_neox_style, w_uk)
         out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                       meta.query_start_loc[:n + 1], meta.seq_lens[:n],
                                       meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
@@ -112,21 +115,21 @@ class MLAAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(-1, self.num_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        kv_c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv_c = self.kv_a_layernorm(kv_c)
-        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))   # [T, H, rope], [T, 1, rope]
+        kv_a = self.kv_a_proj_with_mqa(x)                                   # [T, C + rope]
         (pool,) = self.kv_cache
-        latent = torch.cat((kv_c.unsqueeze(1), k_pe), dim=-1)               # [T, 1, C + rope]
-        ops.write_kv_cache(latent, None, pool, None, meta.slot_mapping)
+        rope = self.rotary_emb
+        ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, self.kv_a_layernorm.weight,
+                         self.kv_a_layernorm.eps, pool, meta.slot_mapping)
 
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
-            return self.o_proj(self._decode(q_nope, q_pe, pool, meta, n_dec).flatten(1))
+            return self.o_proj(self._decode(q, positions, pool, meta, n_dec).flatten(1))
         out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
         if n_dec:
-            out[:n_dec] = self._decode(q_nope[:n_dec], q_pe[:n_dec], pool, meta, n_dec)
+            out[:n_dec] = self._decode(q[:n_dec], positions[:n_dec], pool, meta, n_dec)
         if n_dec < meta.num_seqs:
-            q_full = torch.cat((q_nope[n_dec:], q_pe[n_dec:]), dim=-1)
-            out[n_dec:] = self._prefill(q_full, pool, meta, n_dec)
+            q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
+            k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
+            q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
+            out[n_dec:] = self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec)
         return self.o_proj(out.flatten(1))

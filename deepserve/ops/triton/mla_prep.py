@@ -1,0 +1,147 @@
+"""MLA decode preparation as two Triton kernels (torch reference: deepserve/ops/mla.py).
+
+Unfused, each MLA layer's step ran rms_norm on c_kv, rope on q_pe and k_pe, a cat of the
+latent row, the cache write, the W_UK einsum and a cat of q_abs: seven launches of 1.5-5 us
+for a few KB of data at batch-1 decode. Here:
+
+- `_kv_write_kernel`, grid (T,): one program per token normalises c_kv (fp32 statistics,
+  rounded to the dtype before the weight, as rms_norm), rotates k_pe with the cos/sin row of
+  its position, and stores both halves straight into the token's cache slot.
+- `_q_absorb_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(C, BLOCK_C)): q_nope [BLOCK_T, nope]
+  times W_UK[h] [nope, BLOCK_C] on tensor cores (fp32 accumulation, one rounding: the
+  einsum's), written into q_abs[:, h, :C]; the programs of the first C block also rotate
+  q_pe into q_abs[:, h, C:]. Each token block reads W_UK once.
+
+Rope math is fp32 from the cache row, as the reference; neox pairs i with i + R/2,
+interleaved (DeepSeek's MLA rope) pairs 2i with 2i + 1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deepserve.ops.registry import register
+from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2
+
+
+@triton.jit
+def _rope_pair_offsets(i, half, IS_NEOX: tl.constexpr):
+    if IS_NEOX:
+        return i, i + half
+    return 2 * i, 2 * i + 1
+
+
+@triton.jit
+def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
+                     block_size, eps, C, half,
+                     IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        dt = kv_ptr.dtype.element_ty
+        out_t = pool_ptr.dtype.element_ty
+        dst = pool_ptr + (slot // block_size) * p_sb + (slot % block_size) * p_so
+        row = kv_ptr + tok * kv_st
+        c = tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        x = tl.load(row + c, mask=c_ok, other=0.0).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(dst + c, (w * normed).to(dt).to(out_t), mask=c_ok)
+        i = tl.arange(0, BLOCK_HALF)
+        i_ok = i < half
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cos = tl.load(cs_ptr + pos * cs_st + i, mask=i_ok, other=0.0).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * cs_st + half + i, mask=i_ok, other=0.0).to(tl.float32)
+        d1, d2 = _rope_pair_offsets(i, half, IS_NEOX)
+        x1 = tl.load(row + C + d1, mask=i_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(row + C + d2, mask=i_ok, other=0.0).to(tl.float32)
+        tl.store(dst + C + d1, (x1 * cos - x2 * sin).to(dt).to(out_t), mask=i_ok)
+        tl.store(dst + C + d2, (x2 * cos + x1 * sin).to(dt).to(out_t), mask=i_ok)
+
+
+@triton.jit
+def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
+                     T, NOPE, C, half,
+                     IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    block_c = tl.program_id(2)
+    dt = out_ptr.dtype.element_ty
+    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = toks < T
+    q_rows = q_ptr + toks[:, None] * q_st + head * q_sh
+    out_rows = out_ptr + toks[:, None] * o_st + head * o_sh
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < NOPE
+    c = block_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    q_nope = tl.load(q_rows + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + head * w_sh + d[:, None] * w_sd + c[None, :], mask=d_ok[:, None] & c_ok[None, :],
+                other=0.0)
+    q_lat = tl.dot(q_nope.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    tl.store(out_rows + c[None, :], q_lat.to(dt), mask=t_ok[:, None] & c_ok[None, :])
+    if block_c == 0:
+        i = tl.arange(0, BLOCK_HALF)
+        ok = t_ok[:, None] & (i < half)[None, :]
+        pos = tl.load(pos_ptr + toks, mask=t_ok, other=0).to(tl.int64)
+        cs_rows = cs_ptr + pos[:, None] * cs_st + i[None, :]
+        cos = tl.load(cs_rows, mask=ok, other=0.0).to(tl.float32)
+        sin = tl.load(cs_rows + half, mask=ok, other=0.0).to(tl.float32)
+        d1, d2 = _rope_pair_offsets(i, half, IS_NEOX)
+        x1 = tl.load(q_rows + NOPE + d1[None, :], mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(q_rows + NOPE + d2[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_rows + C + d1[None, :], (x1 * cos - x2 * sin).to(dt), mask=ok)
+        tl.store(out_rows + C + d2[None, :], (x2 * cos + x1 * sin).to(dt), mask=ok)
+
+
+def _check_rope(rot_dim: int, cos_sin_cache: torch.Tensor) -> None:
+    if rot_dim % 2 or cos_sin_cache.shape[-1] != rot_dim:
+        raise ValueError(f"rope dims disagree: {rot_dim} rotated, cos_sin_cache {cos_sin_cache.shape[-1]} "
+                         f"(must be equal and even)")
+
+
+@register("mla_kv_write", "triton")
+def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] (pool [blocks, bs, 1, C + R])."""
+    c = norm_weight.shape[0]
+    rot = kv_a.shape[-1] - c
+    if pool.shape[-1] != kv_a.shape[-1] or pool.stride(-1) != 1:
+        raise ValueError(f"cache rows of {pool.shape[-1]} (unit stride) do not fit kv_a {tuple(kv_a.shape)}")
+    _check_rope(rot, cos_sin_cache)
+    if kv_a.shape[0] == 0:
+        return
+    kv_a = kv_a if kv_a.stride(-1) == 1 else kv_a.contiguous()
+    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    _kv_write_kernel[(kv_a.shape[0],)](
+        kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
+        pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
+        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4)
+
+
+@register("mla_q_absorb", "triton")
+def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                 w_uk: torch.Tensor) -> torch.Tensor:
+    """q [T, H, nope + R], w_uk [H, nope, C] -> q_abs [T, H, C + R] = [q_nope W_UK | rope(q_pe)]."""
+    n_tokens, heads, width = q.shape
+    _, nope, c = w_uk.shape
+    rot = width - nope
+    if w_uk.shape[0] != heads or w_uk.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"w_uk {tuple(w_uk.shape)} does not fit q {tuple(q.shape)} (unit last strides needed)")
+    _check_rope(rot, cos_sin_cache)
+    out = torch.empty(n_tokens, heads, c + rot, dtype=q.dtype, device=q.device)
+    if n_tokens == 0:
+        return out
+    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    block_t = min(64, max(16, next_pow2(n_tokens)))
+    block_c = 128
+    grid = (triton.cdiv(n_tokens, block_t), heads, triton.cdiv(c, block_c))
+    _q_absorb_kernel[grid](
+        q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0), w_uk.stride(1),
+        out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
+        IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_T=block_t,
+        BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=block_c, BLOCK_HALF=next_pow2(rot // 2), num_warps=4)
+    return out

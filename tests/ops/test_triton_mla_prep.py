@@ -1,0 +1,79 @@
+"""MLA decode preparation (kv write, q absorb) kernels against the torch references, and the
+references against the unfused layer steps they replace (rms_norm, rotary, einsum, cat, write)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve.ops.registry import resolve
+from deepserve.layers.rotary import RotaryEmbedding
+
+YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def setup(n_tok, heads, nope, c, rot, is_neox, dtype, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    cache = RotaryEmbedding(rot, 8192, 10000.0, YARN, is_neox).to(device).cos_sin_cache
+    positions = torch.randint(0, 8192, (n_tok,), generator=g, device=device)
+    kv_a = rn(n_tok, c + rot).to(dtype)
+    q = rn(n_tok, heads, nope + rot).to(dtype)
+    w_uk = (rn(heads, nope + 16, c) * 0.1).to(dtype)[:, :nope]     # a strided view, as in the layer
+    norm_w = (1 + 0.1 * rn(c)).to(dtype)
+    return positions, kv_a, q, w_uk, norm_w, cache
+
+
+def unfused_latent(kv_a, positions, cache, is_neox, norm_w, eps):
+    """What MLAAttention computed before the fused ops: rms_norm, rotary, cat."""
+    rms, rotary = resolve("rms_norm", "torch")[1], resolve("rotary_embedding", "torch")[1]
+    c = norm_w.shape[0]
+    kv_c, k_pe = kv_a.split([c, kv_a.shape[-1] - c], dim=-1)
+    _, k_rot = rotary(positions, k_pe.unsqueeze(1), k_pe.unsqueeze(1), cache, is_neox)
+    return torch.cat((rms(kv_c, norm_w, eps), k_rot[:, 0]), dim=-1)
+
+
+@pytest.mark.parametrize("is_neox", [False, True])
+def test_references_equal_the_unfused_steps(is_neox):
+    positions, kv_a, q, w_uk, norm_w, cache = setup(5, 3, 16, 32, 8, is_neox, torch.bfloat16)
+    pool = torch.zeros(4, 4, 1, 40, dtype=torch.bfloat16)
+    slots = torch.tensor([3, 0, -1, 9, 15])
+    resolve("mla_kv_write", "torch")[1](kv_a, positions, cache, is_neox, norm_w, 1e-6, pool, slots)
+    latent = unfused_latent(kv_a, positions, cache, is_neox, norm_w, 1e-6)
+    flat = pool.view(-1, 40)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat[s], latent[t])
+    assert int((flat.abs().sum(-1) > 0).sum()) == 4          # the padding row wrote nothing
+    q_abs = resolve("mla_q_absorb", "torch")[1](q, positions, cache, is_neox, w_uk)
+    _, q_rot = resolve("rotary_embedding", "torch")[1](positions, q[..., 16:], q[..., 16:], cache, is_neox)
+    assert torch.equal(q_abs[..., :32], torch.einsum("thd,hdc->thc", q[..., :16], w_uk))
+    assert torch.equal(q_abs[..., 32:], q_rot)
+
+
+def compare(n_tok, heads, nope, c, rot, is_neox, dtype, device, block_size=4, atol=2e-2):
+    positions, kv_a, q, w_uk, norm_w, cache = setup(n_tok, heads, nope, c, rot, is_neox, dtype, device)
+    pools = [torch.zeros(n_tok + 2, block_size, 1, c + rot, dtype=dtype, device=device) for _ in range(2)]
+    slots = torch.randperm(pools[0].shape[0] * block_size, device=device)[:n_tok]
+    slots[0] = -1
+    for backend, pool in zip(("torch", "triton"), pools):
+        resolve("mla_kv_write", backend)[1](kv_a, positions, cache, is_neox, norm_w, 1e-6, pool, slots)
+    # rms statistics and rope are fp32 in both; the bf16 roundings can differ by one ulp
+    torch.testing.assert_close(pools[1].float(), pools[0].float(), atol=atol, rtol=2 ** -7)
+    want = resolve("mla_q_absorb", "torch")[1](q, positions, cache, is_neox, w_uk)
+    got = resolve("mla_q_absorb", "triton")[1](q, positions, cache, is_neox, w_uk)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("is_neox", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_matches_reference(triton_ops, cpu_only, is_neox, dtype):
+    # C = 40: not a multiple of the 128-wide C block; 3 tokens: a partly masked token block
+    compare(3, 2, 16, 40, 8, is_neox, dtype, "cpu", atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tok,heads", [(1, 16), (64, 16), (4, 128), (200, 128)])
+def test_triton_matches_reference_gpu(triton_ops, n_tok, heads):
+    compare(n_tok, heads, 128, 512, 64, False, torch.bfloat16, "cuda", block_size=64, atol=3e-2)
