@@ -66,7 +66,9 @@ def settings(tiles, pps) -> list[dict]:
 def make_cases(quick: bool, tiny: bool) -> list[Case]:
     batch64, batch4, ctx = (2, 2, 64) if tiny else (64, 4, 4096)
     q = quick or tiny
-    mla16 = settings(MLA16_TILES[:3], (2, 4)) if q else settings(MLA16_TILES[:-1], (2, 4, 8)) \
+    # programs per SM: 3 and 6 too, in case 4 (576 programs at batch 64) left a partial wave
+    # (H100, 2026-11-23: 66.1% and 61.8% against 66.6% at 4, so it did not)
+    mla16 = settings(MLA16_TILES[:3], (2, 4)) if q else settings(MLA16_TILES[:-1], (2, 3, 4, 6, 8)) \
         + settings(MLA16_TILES[-1:], (4,))
     # at batch 4 the split count is capped by MIN_TOKENS_PER_SPLIT, not programs per SM
     mla128_b4 = settings(MLA128_TILES[:4] if q else MLA128_TILES, (4,))
