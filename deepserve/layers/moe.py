@@ -110,8 +110,17 @@ class FusedMoE(nn.Module):
             param.data[local].narrow(0, offset, i).copy_(loaded.narrow(0, start, i))
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
-        """`dp_num_tokens`: tokens of each DP rank this step (needed with DP attention + EP)."""
+                dp_num_tokens: Optional[list[int]] = None, *, shared_w13: Optional[torch.Tensor] = None,
+                shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`dp_num_tokens`: tokens of each DP rank this step (needed with DP attention + EP).
+        `shared_w13` [2*Is, D] / `shared_w2` [D, Is]: shared experts computed in the same op and
+        added to every token (one process only: a reduced sum would count them once per rank)."""
+        if shared_w13 is not None or shared_w2 is not None:
+            if self.pctx.tp_size != 1 or self.pctx.ep_size != 1:
+                raise ValueError(f"shared experts fold into the routed experts only with tp_size 1 and "
+                                 f"ep_size 1, got tp_size {self.pctx.tp_size}, ep_size {self.pctx.ep_size}")
+            return ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+                                 shared_w13=shared_w13, shared_w2=shared_w2)
         if self.use_ep and self.pctx.moe_dp_exchange:
             return self._dp_exchange(x, topk_weights, topk_ids, dp_num_tokens)
         if self.use_ep:

@@ -8,7 +8,8 @@ config fields only:
   low-rank pair; decoupled RoPE on qk_rope_head_dim, interleaved pairs unless
   `rope_interleave` is false; YaRN `rope_scaling` with its softmax-scale correction;
 - MLP: dense for the first `first_k_dense_replace` layers (and off `moe_layer_freq`), else
-  routed experts (layers/moe.py) + `n_shared_experts` shared experts as one dense MLP;
+  routed experts (layers/moe.py) + `n_shared_experts` shared experts as one dense MLP (in one
+  process with 16-bit weights, passed into the routed experts' op as one more expert);
   routing by `scoring_func`, `topk_method`, `n_group`, `topk_group`, `norm_topk_prob`,
   `routed_scaling_factor` (ops/moe.py). Configs written by `transformers` may omit
   scoring_func/topk_method: the defaults are those of its classes (V3 sigmoid + noaux_tc,
@@ -30,6 +31,7 @@ from deepserve.config import HFConfig
 from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from deepserve.layers.linear import UnquantizedLinearMethod
 from deepserve.layers.mla import MLAAttention
 from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate
 from deepserve.layers.norm import RMSNorm
@@ -82,10 +84,28 @@ class DeepseekMoE(nn.Module):
         self.shared_experts = (LlamaMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dtype, pctx,
                                         bool(cfg.get("mlp_bias", False))) if n_shared else None)
 
+    def fusable_shared_weights(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(gate_up [2*Is, D], down [D, Is]) when the shared experts can run inside the routed
+        experts' op (one more expert of weight 1.0: at decode it saves three launches a layer):
+        one process (tp 1, ep 1, so no reduction between the routed and shared sums), and
+        unquantized 16-bit weights without bias in x's dtype. Decided at each call, because
+        quantization swaps the linears' methods after the model is built."""
+        p, mlp = self.experts.pctx, self.shared_experts
+        if mlp is None or p.tp_size != 1 or p.ep_size != 1:
+            return None
+        for linear in (mlp.gate_up_proj, mlp.down_proj):
+            if not isinstance(linear.quant_method, UnquantizedLinearMethod) or linear.bias is not None \
+                    or linear.weight.dtype not in (torch.bfloat16, torch.float16) or linear.weight.dtype != x.dtype:
+                return None
+        return mlp.gate_up_proj.weight, mlp.down_proj.weight
+
     def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
         # the gate and the shared experts see this DP rank's tokens only; with DP attention +
         # EP the routed experts exchange tokens across the DP group (layers/moe.py)
         weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
+        shared = self.fusable_shared_weights(x)
+        if shared is not None:
+            return self.experts(x, weights, ids, dp_num_tokens, shared_w13=shared[0], shared_w2=shared[1])
         out = self.experts(x, weights, ids, dp_num_tokens)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

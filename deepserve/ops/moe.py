@@ -20,6 +20,12 @@ back per token. Expert ids outside [0, E) contribute zero: that is how expert pa
 drops the tokens routed to another rank's experts (the layer shifts ids by its first local
 expert). With `w13_scale`/`w2_scale` the weights are e4m3 with one fp32 scale_inv per
 128x128 block and are dequantized here, per expert.
+
+`shared_w13` [2*Is, D] / `shared_w2` [D, Is] add DeepSeek's shared experts: one more SwiGLU
+expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
+(F.linear gate_up, silu(gate) * up in the activation dtype, F.linear down) and added to the
+routed sum rounded to the activation dtype, so the result is bit for bit the routed output
+plus the shared MLP's, the two-call contract the Triton kernels fuse (they round once).
 """
 from __future__ import annotations
 
@@ -92,10 +98,13 @@ def _dequant(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: tor
 @register("fused_moe", "torch")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
-              w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
+              shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
 
-    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j]."""
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j],
+    plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given."""
+    check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()                        # [T*k]
@@ -117,4 +126,35 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         y = F.linear(F.silu(gate) * up, w_down)                    # [n, D]
         out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
         start += count
-    return out.to(x.dtype)
+    if shared_w13 is None:
+        return out.to(x.dtype)
+    return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2)
+
+
+def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optional[torch.Tensor],
+                         shared_w2: Optional[torch.Tensor]) -> None:
+    """Both shared-expert weights or neither, in x's dtype, [2*Is, D] and [D, Is] for x [T, D]."""
+    if shared_w13 is None and shared_w2 is None:
+        return
+    if shared_w13 is None or shared_w2 is None:
+        given = "shared_w13" if shared_w2 is None else "shared_w2"
+        raise ValueError(f"fused_moe shared experts need both shared_w13 and shared_w2, got only {given}")
+    if fp8_experts:
+        raise ValueError("fused_moe shared experts run with 16-bit expert weights only, got fp8 expert "
+                         "weights (w13_scale/w2_scale given)")
+    for name, w in (("shared_w13", shared_w13), ("shared_w2", shared_w2)):
+        if w.dtype != x.dtype:     # unquantized, like the dense MLP they replace
+            raise ValueError(f"fused_moe {name} must have the activations' dtype {x.dtype}, got {w.dtype}")
+    hidden = x.shape[-1]
+    two_inter = shared_w13.shape[0]
+    if shared_w13.dim() != 2 or shared_w13.shape[1] != hidden or two_inter % 2 or not two_inter \
+            or tuple(shared_w2.shape) != (hidden, two_inter // 2):
+        raise ValueError(f"shared expert weights shared_w13 {tuple(shared_w13.shape)} / shared_w2 "
+                         f"{tuple(shared_w2.shape)} do not fit x {tuple(x.shape)} (want [2*Is, {hidden}] "
+                         f"and [{hidden}, Is])")
+
+
+def shared_mlp(x: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor) -> torch.Tensor:
+    """The shared experts as LlamaMLP computes them: x [T, D] -> [T, D] in x's dtype."""
+    gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)    # [T, Is] each
+    return F.linear(F.silu(gate) * up, shared_w2)

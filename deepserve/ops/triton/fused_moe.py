@@ -20,10 +20,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.registry import register
+from deepserve.ops.triton.activation import silu_and_mul
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.moe_align import align_by_expert
@@ -168,12 +171,20 @@ def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> t
 @register("fused_moe", "triton")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
-              w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]."""
+              w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
+              shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
+    experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
+    two launches, a torch MLP added after the sorted path (it streams its weights once there)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
+    check_shared_experts(x, fp8, shared_w13, shared_w2)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
-        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+                               shared_w13=shared_w13, shared_w2=shared_w2)
+    if shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
+        shared = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
+        return fused_moe(x, w13, w2, topk_weights, topk_ids) + shared
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out

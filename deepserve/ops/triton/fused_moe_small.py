@@ -19,8 +19,23 @@ read nothing and add zero. A weight row is read once per (token, slot) that pick
 expert, so two tokens sharing an expert read it twice: the path is for batches where that
 is rare (see `fused_moe.use_small_path`).
 
+Shared experts (DeepSeek's `n_shared_experts`, one dense SwiGLU MLP every token uses with
+weight 1.0, intermediate size Is rather than I) ride in the same two launches when
+`shared_w13` [2*Is, D] / `shared_w2` [D, Is] are given (in the activation dtype: bf16 at
+serving; not beside fp8 experts):
+- the gate_up grid grows to (T*k + T, cdiv(max(I, Is), BLOCK_N)); its last T programs compute
+  token t's shared act, and column blocks past a program's own I (or Is) return at once;
+- act is one row per token, [T, k*I + Is]: the k routed acts back to back, then the shared
+  act (without shared experts, Is = 0 and this is the old [T*k, I] layout, same addresses);
+- each down program, after its k slots, adds the shared down rows times the shared act into
+  the same fp32 register sum.
+This saves the dense MLP's three launches (gate_up GEMV, silu_and_mul, down GEMV) and the add.
+
 Rounding follows the torch reference (deepserve/ops/moe.py): gate, up, silu(gate) and each
-expert's down output are rounded to the activation dtype; fp8 weights (e4m3, one fp32
+expert's down output are rounded to the activation dtype (the shared expert's too); the
+reference then rounds the routed sum and adds the shared output with a second rounding,
+where this path rounds routed + shared once, from fp32: the results differ by about one ulp
+of the activation dtype (the fused one is the more exact). fp8 weights (e4m3, one fp32
 scale_inv per 128x128 block) are multiplied by the unquantised activation and each row's
 128-wide partial sum by its block scale (W8A16, not the W8A8 of the sorted path), so fp8
 results match the reference's dequantise-then-matmul to about bf16 rounding.
@@ -33,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.triton._common import interpreting
 
 FP8_BLOCK = 128
@@ -71,56 +87,83 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
 
 
 @triton.jit
-def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, act_ptr,
-                          x_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, act_stride,
-                          inter, hidden, n_experts,
-                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    tok = pid // TOP_K
-    expert = tl.load(ids_ptr + tok * ids_s0 + (pid % TOP_K) * ids_s1).to(tl.int64)
-    if (expert >= 0) & (expert < n_experts):
-        dt = act_ptr.dtype.element_ty
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < inter
-        x_row = x_ptr + tok.to(tl.int64) * x_stride
-        g_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn     # gate rows n
-        u_rows = g_rows + inter * w_sn                                           # up rows I + n
-        s_ptr = ws_ptr + expert * ws_se
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)    # 16-bit weights, per element
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        rows_g = tl.zeros([BLOCK_N], tl.float32)             # fp8 weights, scaled row sums
-        rows_u = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            acc_g, rows_g = _gemv_step(acc_g, rows_g, g_rows, x_row, k0, hidden, s_ptr, offs_n, n_ok,
-                                       ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
-            acc_u, rows_u = _gemv_step(acc_u, rows_u, u_rows, x_row, k0, hidden, s_ptr, offs_n + inter, n_ok,
-                                       ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
-        if not FP8:
-            rows_g = tl.sum(acc_g, axis=1)
-            rows_u = tl.sum(acc_u, axis=1)
-        # the reference's linear output is in the activation dtype, and so is its silu
-        gate = rows_g.to(dt).to(tl.float32)
-        up = rows_u.to(dt).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
-        tl.store(act_ptr + pid.to(tl.int64) * act_stride + offs_n, act.to(dt), mask=n_ok)
+def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs,
+                  dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """a_ptrs[:] = silu(gate) * up of rows offs_n: gate rows at g_rows, up rows `inter` further."""
+    u_rows = g_rows + inter * w_sn                                       # up rows I + n
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)    # 16-bit weights, per element
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    rows_g = tl.zeros([BLOCK_N], tl.float32)             # fp8 weights, scaled row sums
+    rows_u = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        acc_g, rows_g = _gemv_step(acc_g, rows_g, g_rows, x_row, k0, hidden, s_ptr, offs_n, n_ok,
+                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+        acc_u, rows_u = _gemv_step(acc_u, rows_u, u_rows, x_row, k0, hidden, s_ptr, offs_n + inter, n_ok,
+                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+    if not FP8:
+        rows_g = tl.sum(acc_g, axis=1)
+        rows_u = tl.sum(acc_u, axis=1)
+    # the reference's linear output is in the activation dtype, and so is its silu
+    gate = rows_g.to(dt).to(tl.float32)
+    up = rows_u.to(dt).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
+    tl.store(a_ptrs, act.to(dt), mask=n_ok)
 
 
 @triton.jit
-def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, out_ptr,
-                       act_stride, ids_s0, ids_s1, tw_s0, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, out_stride,
-                       hidden, inter, n_experts,
+def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
+                          x_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, act_stride,
+                          inter, s_inter, hidden, n_experts, n_assign,
+                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                          HAS_SHARED: tl.constexpr):
+    dt = act_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if pid < n_assign:
+        # (token, slot) pid; act columns [slot*I, (slot+1)*I) of the token's row
+        tok = pid // TOP_K
+        slot = pid % TOP_K
+        expert = tl.load(ids_ptr + tok * ids_s0 + slot * ids_s1).to(tl.int64)
+        # with shared experts the grid spans max(I, Is) columns: blocks past I do nothing
+        if (expert >= 0) & (expert < n_experts) & (n0 < inter):
+            n_ok = offs_n < inter
+            x_row = x_ptr + tok.to(tl.int64) * x_stride
+            g_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn     # gate rows n
+            a_ptrs = act_ptr + tok.to(tl.int64) * act_stride + slot * inter + offs_n
+            _swiglu_block(x_row, g_rows, ws_ptr + expert * ws_se, offs_n, n_ok, inter, hidden, w_sn,
+                          ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+    else:
+        if HAS_SHARED:
+            # the last T programs: token pid - T*k's shared expert, act columns [k*I, k*I + Is)
+            s_tok = (pid - n_assign).to(tl.int64)     # (not `tok`: a name's type must agree across branches)
+            if n0 < s_inter:
+                n_ok = offs_n < s_inter
+                g_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
+                a_ptrs = act_ptr + s_tok * act_stride + TOP_K * inter + offs_n
+                _swiglu_block(x_ptr + s_tok * x_stride, g_rows, ws_ptr, offs_n, n_ok, s_inter, hidden, sw_sn,
+                              0, 0, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, False, SCALE_BLOCK)
+
+
+@triton.jit
+def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
+                       act_stride, ids_s0, ids_s1, tw_s0, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn,
+                       out_stride, hidden, inter, s_inter, n_experts,
                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+                       EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                       HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     dt = act_ptr.dtype.element_ty
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
+    act_row = act_ptr + tok * act_stride
     out = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(TOP_K):
         expert = tl.load(ids_ptr + tok * ids_s0 + j * ids_s1).to(tl.int64)
         if (expert >= 0) & (expert < n_experts):
-            a_row = act_ptr + (tok * TOP_K + j) * act_stride
+            a_row = act_row + j * inter
             w_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn
             s_ptr = ws_ptr + expert * ws_se
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -132,6 +175,15 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, out_ptr,
                 y = tl.sum(acc, axis=1)
             y = y.to(dt).to(tl.float32)       # the reference's down output dtype
             out += y * tl.load(tw_ptr + tok * tw_s0 + j * tw_s1).to(tl.float32)
+    if HAS_SHARED:
+        # the shared expert, weight 1.0, into the same fp32 sum (16-bit weights only)
+        w_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        y = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, s_inter, BLOCK_K):
+            acc, y = _gemv_step(acc, y, w_rows, act_row + TOP_K * inter, k0, s_inter, ws_ptr, offs_n, n_ok,
+                                0, 0, dt, BLOCK_K, EVEN_KS, False, SCALE_BLOCK)
+        out += tl.sum(acc, axis=1).to(dt).to(tl.float32)    # the shared MLP's down output dtype
     tl.store(out_ptr + tok * out_stride + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -184,9 +236,13 @@ def moe_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: 
 
 def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
-                    w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches."""
+                    w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
+                    shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches;
+    plus the shared experts shared_w13 [2*Is, D] (gate then up) / shared_w2 [D, Is] when given."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
+    check_shared_experts(x, fp8, shared_w13, shared_w2)
+    has_shared = shared_w13 is not None
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
@@ -198,18 +254,28 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     x = x if x.stride(-1) == 1 else x.contiguous()
     w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
     w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    s_inter = 0
+    if has_shared:
+        shared_w13 = shared_w13 if shared_w13.stride(-1) == 1 else shared_w13.contiguous()
+        shared_w2 = shared_w2 if shared_w2.stride(-1) == 1 else shared_w2.contiguous()
+        s_inter = shared_w2.shape[1]
     gu_cfg, down_cfg = small_config("gate_up", fp8), small_config("down", fp8)
-    act = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
+    act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
-    common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK)
-    _small_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, gu_cfg["BLOCK_N"]))](
-        x, topk_ids, w13, w13_scale if fp8 else w13, act,
-        x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13, act.stride(0),
-        inter, hidden, num_experts, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common)
+    common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
+    n_assign = num_tokens * top_k
+    gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
+    _small_gate_up_kernel[gu_grid](
+        x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, act,
+        x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
+        shared_w13.stride(0) if has_shared else 0, act.stride(0),
+        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common)
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
-        act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, out,
+        act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        w2.stride(0), w2.stride(1), *s2, out.stride(0),
-        hidden, inter, num_experts, EVEN_K=inter % down_cfg["BLOCK_K"] == 0, **down_cfg, **common)
+        w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0, out.stride(0),
+        hidden, inter, s_inter, num_experts, EVEN_K=inter % down_cfg["BLOCK_K"] == 0,
+        EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, **down_cfg, **common)
     return out

@@ -1,0 +1,264 @@
+"""DeepSeek's shared experts folded into fused_moe (`shared_w13` / `shared_w2`).
+
+The torch reference must equal, bit for bit, the routed experts plus the dense LlamaMLP it
+replaces. The small Triton path computes the shared expert in its own two launches (extra
+gate_up programs, an extra act column block, one more term in the down kernel's sum); it is
+compared with the reference at I != Is, D not a multiple of the block, and slots routed
+outside [0, E). In fp32 the single rounding of the fused sum is invisible (1e-5); in bf16
+the interpreter truncates instead of rounding, so CPU bf16 checks are relative, and the GPU
+test checks the ~1 ulp claim itself. The model check: a tiny bf16 DeepSeek gives the same
+logits and greedy tokens with the shared experts fused as with the dense MLP beside them.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import transformers
+
+from deepserve import ops
+from deepserve.config import EngineArgs, HFConfig
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.layers.moe import FusedMoE
+from deepserve.layers.quantization import make_method
+from deepserve.models.deepseek_v3 import DeepseekMoE, DeepseekV3ForCausalLM
+from deepserve.models.llama import LlamaMLP
+from deepserve.models.loader import load_model
+from deepserve.ops.registry import resolve
+from tests.models.hf_reference import save_tiny
+from tests.models.paged_harness import greedy_generate, prefill_logits
+from tests.models.test_deepseek import v2_lite_style
+from tests.ops.test_triton_fused_moe_small import moe_case, rel_err, with_remote_slots
+
+
+def shared_case(t, d, inter, s_inter, e, k, dtype, seed=0, device="cpu"):
+    """(x, w13, w2, topk_weights, topk_ids) with remote slots, and the shared kwargs."""
+    args = with_remote_slots(moe_case(t, d, inter, e, k, dtype, seed=seed, device=device)[0], e)
+    g = torch.Generator(device=device).manual_seed(seed + 100)
+    shared = dict(shared_w13=(torch.randn(2 * s_inter, d, generator=g, device=device) * d ** -0.5).to(dtype),
+                  shared_w2=(torch.randn(d, s_inter, generator=g, device=device) * s_inter ** -0.5).to(dtype))
+    return args, shared
+
+
+def reference(*args, **kwargs):
+    return resolve("fused_moe", "torch")[1](*args, **kwargs)
+
+
+def llama_mlp(x, shared):
+    """The dense shared-expert MLP the model ran before the fusion, holding `shared`'s weights."""
+    s_inter, d = shared["shared_w2"].shape[1], x.shape[1]
+    mlp = LlamaMLP(d, s_inter, x.dtype, ParallelContext()).to(x.device)
+    with torch.no_grad():
+        mlp.gate_up_proj.weight.copy_(shared["shared_w13"])
+        mlp.down_proj.weight.copy_(shared["shared_w2"])
+        return mlp(x)
+
+
+@pytest.fixture
+def torch_backend():
+    previous = ops.get_backend()
+    ops.set_backend("torch")
+    yield
+    ops.set_backend(previous)
+
+
+@pytest.fixture
+def small(triton_ops):
+    return importlib.import_module("deepserve.ops.triton.fused_moe_small")
+
+
+# ---- torch reference ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_routed_plus_llama_mlp(torch_backend, dtype):
+    args, shared = shared_case(3, 48, 24, 40, 8, 2, dtype)
+    want = reference(*args) + llama_mlp(args[0], shared)
+    got = reference(*args, **shared)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert rel_err(got, reference(*args)) > 0.1           # the shared MLP really adds something
+
+
+# ---- Triton small path, interpreted --------------------------------------------------------
+
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24)])    # Is > I (DeepSeek) and Is < I
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, inter, s_inter):
+    e = 8
+    args, shared = shared_case(t, 72, inter, s_inter, e, 3, dtype, seed=t)   # D 72: partial K blocks
+    want = reference(*args, **shared)
+    got = small.fused_moe_small(*args, **shared)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:   # the interpreter truncates to bf16 instead of rounding: a biased, larger error
+        assert rel_err(got, want) < 3e-2
+    # the remote slots still add zero beside the shared expert
+    x, w13, w2, weights, ids = args
+    remote = (ids < 0) | (ids >= e)
+    local_only = (x, w13, w2, weights.masked_fill(remote, 0.0), ids.masked_fill(remote, 0))
+    torch.testing.assert_close(small.fused_moe_small(*local_only, **shared), got, rtol=0, atol=0)
+
+
+def test_small_path_shared_only_when_all_slots_remote(small, cpu_only):
+    args, shared = shared_case(2, 64, 32, 48, 4, 2, torch.float32)
+    x, w13, w2, weights, _ = args
+    ids = torch.tensor([[-1, 4], [7, -1]], dtype=torch.int64)
+    got = small.fused_moe_small(x, w13, w2, weights, ids, **shared)
+    torch.testing.assert_close(got, llama_mlp(x, shared), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_fused_moe_adds_shared_on_both_paths(triton_ops, small, cpu_only, monkeypatch):
+    calls = []
+    small_fn = small.fused_moe_small
+    monkeypatch.setattr(triton_ops.fused_moe, "fused_moe_small",
+                        lambda *a, **kw: calls.append(kw.get("shared_w13") is not None) or small_fn(*a, **kw))
+    fused = resolve("fused_moe", "triton")[1]
+    for t, uses_small in ((2, True), (6, False)):    # E=8, k=4: small while T*k <= 8
+        calls.clear()
+        args, shared = shared_case(t, 64, 32, 48, 8, 4, torch.float32, seed=t)
+        torch.testing.assert_close(fused(*args, **shared), reference(*args, **shared), rtol=1e-5, atol=1e-5)
+        assert calls == ([True] if uses_small else [])
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+def fp8_case():
+    args, scales = moe_case(1, 128, 128, 4, 2, torch.float32, fp8=True)
+    _, shared = shared_case(1, 128, 128, 64, 4, 2, torch.float32)
+    return args, scales, shared
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "small"])
+def test_bad_shared_arguments_raise(triton_ops, small, backend):
+    fn = small.fused_moe_small if backend == "small" else resolve("fused_moe", backend)[1]
+    args, shared = shared_case(1, 64, 32, 48, 8, 2, torch.float32)
+    w13, w2 = shared["shared_w13"], shared["shared_w2"]
+    with pytest.raises(ValueError, match="got only shared_w13"):
+        fn(*args, shared_w13=w13)
+    with pytest.raises(ValueError, match="got only shared_w2"):
+        fn(*args, shared_w2=w2)
+    with pytest.raises(ValueError, match=r"shared_w2 \(64, 40\) do not fit"):
+        fn(*args, shared_w13=w13, shared_w2=w2[:, :40])
+    with pytest.raises(ValueError, match="shared_w13 must have the activations' dtype torch.float32, "
+                                         "got torch.bfloat16"):
+        fn(*args, shared_w13=w13.bfloat16(), shared_w2=w2)
+    fp8_args, scales, fp8_shared = fp8_case()
+    with pytest.raises(ValueError, match="16-bit expert weights only, got fp8"):
+        fn(*fp8_args, **scales, **fp8_shared)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+def tiny_moe_config(**overrides):
+    raw = dict(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+               n_shared_experts=2, model_type="deepseek_v2", mlp_bias=False)
+    return HFConfig(dict(raw, **overrides))
+
+
+def test_deepseek_moe_fuses_only_unquantized_16_bit_single_process():
+    x16 = torch.zeros(1, 32, dtype=torch.bfloat16)
+    moe = DeepseekMoE(tiny_moe_config(), torch.bfloat16, ParallelContext())
+    w13, w2 = moe.fusable_shared_weights(x16)
+    assert w13 is moe.shared_experts.gate_up_proj.weight and w2 is moe.shared_experts.down_proj.weight
+    assert tuple(w13.shape) == (64, 32) and tuple(w2.shape) == (32, 32)
+    assert DeepseekMoE(tiny_moe_config(), torch.float32, ParallelContext()).fusable_shared_weights(
+        x16.float()) is None
+    assert DeepseekMoE(tiny_moe_config(mlp_bias=True), torch.bfloat16, ParallelContext()
+                       ).fusable_shared_weights(x16) is None
+    assert DeepseekMoE(tiny_moe_config(n_shared_experts=0), torch.bfloat16, ParallelContext()
+                       ).fusable_shared_weights(x16) is None
+    for pctx in (ParallelContext(tp_size=2), ParallelContext(ep_size=2)):
+        assert DeepseekMoE(tiny_moe_config(), torch.bfloat16, pctx).fusable_shared_weights(x16) is None
+    for method in ("fp8", "w8a8-int8"):
+        quantized = DeepseekMoE(tiny_moe_config(), torch.bfloat16, ParallelContext())
+        quantized.shared_experts.down_proj.set_quant_method(make_method(method, (128, 128)))
+        assert quantized.fusable_shared_weights(x16) is None
+
+
+def test_fused_moe_layer_refuses_shared_weights_across_ranks():
+    moe = FusedMoE(4, 32, 16, torch.bfloat16, ParallelContext(ep_size=2))
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="tp_size 1, ep_size 2"):
+        moe(x, torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int32),
+            shared_w13=torch.zeros(64, 32, dtype=torch.bfloat16), shared_w2=torch.zeros(32, 32, dtype=torch.bfloat16))
+
+
+# ---- model: tiny bf16 DeepSeek, fused vs dense shared experts --------------------------------
+
+PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 7, 123]]
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v2_lite_bf16")
+    save_tiny(transformers.DeepseekV2ForCausalLM, v2_lite_style(), path)
+    model = load_model(EngineArgs(model=str(path), dtype="bfloat16").create_engine_config().model,
+                       torch.device("cpu"))
+    assert isinstance(model, DeepseekV3ForCausalLM) and next(model.parameters()).dtype == torch.bfloat16
+    return model
+
+
+def run_model(model, unfused: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if unfused:
+            m.setattr(DeepseekMoE, "fusable_shared_weights", lambda self, x: None)
+        # the two-token prompt routes T*k = 6 <= 8 assignments: the small path, as decode does
+        logits = torch.cat([prefill_logits(model, PROMPTS), prefill_logits(model, [PROMPTS[0][:2]])])
+        return logits, greedy_generate(model, PROMPTS, max_new=4)
+
+
+def test_model_torch_backend_unchanged(tiny_bf16, torch_backend, monkeypatch):
+    fused_calls = []
+    shared_mlp = importlib.import_module("deepserve.ops.moe").shared_mlp
+    monkeypatch.setattr("deepserve.ops.moe.shared_mlp", lambda *a: fused_calls.append(1) or shared_mlp(*a))
+    logits, tokens = run_model(tiny_bf16, False, monkeypatch)
+    assert fused_calls, "the shared experts did not go through fused_moe"
+    want_logits, want_tokens = run_model(tiny_bf16, True, monkeypatch)
+    assert torch.equal(logits, want_logits)      # the reference adds exactly as the dense path did
+    assert tokens == want_tokens
+
+
+def test_model_triton_fused_moe_unchanged(tiny_bf16, triton_ops, torch_backend, cpu_only, monkeypatch):
+    """The Triton fused_moe in the model, other ops on torch (interpreting all of them costs
+    ~30 s): prefill runs the sorted path plus the torch shared MLP, decode the small kernels."""
+    calls = []
+    small_fn = importlib.import_module("deepserve.ops.triton.fused_moe_small").fused_moe_small
+    monkeypatch.setattr(triton_ops.fused_moe, "fused_moe_small",
+                        lambda *a, **kw: calls.append(kw.get("shared_w13") is not None) or small_fn(*a, **kw))
+    monkeypatch.setattr(ops, "fused_moe", resolve("fused_moe", "triton")[1])
+    logits, tokens = run_model(tiny_bf16, False, monkeypatch)
+    assert calls and all(calls), "decode steps did not run the shared experts in the small kernels"
+    want_logits, want_tokens = run_model(tiny_bf16, True, monkeypatch)
+    # one rounding of routed + shared instead of two (and interpreted bf16 truncation)
+    assert rel_err(logits, want_logits) < 2e-2, rel_err(logits, want_logits)
+    assert tokens == want_tokens
+
+
+# ---- GPU, DeepSeek-V2-Lite sizes -----------------------------------------------------------
+
+def bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """The bf16 spacing at |v| (8 significant bits), for v in fp32."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -126))) - 7)
+
+
+@pytest.mark.gpu
+def test_small_path_shared_gpu_v2_lite(small):
+    e, k, d, inter, s_inter = 64, 6, 2048, 1408, 2816
+    fused = resolve("fused_moe", "triton")[1]
+    for t in (1, 4):
+        args, shared = shared_case(t, d, inter, s_inter, e, k, torch.bfloat16, seed=t, device="cuda")
+        want = reference(*args, **shared)
+        got = small.fused_moe_small(*args, **shared)
+        assert rel_err(got, want) < 5e-3, (t, rel_err(got, want))
+        assert rel_err(fused(*args, **shared), want) < 5e-3
+        # against the kernel's own routed output plus the reference shared MLP: the only
+        # differences are the single rounding (<= 1 ulp of the result, 1/2 of the routed
+        # part) and the shared GEMVs' fp32 sum order flipping a bf16 rounding (1 ulp of shared)
+        routed = small.fused_moe_small(*args).float()
+        shared_out = llama_mlp(args[0], shared).float()
+        two_step = (routed + shared_out).bfloat16().float()
+        diff = (got.float() - two_step).abs()
+        bound = 1.01 * (bf16_ulp(two_step) + bf16_ulp(routed) / 2 + 2 * bf16_ulp(shared_out))
+        assert (diff <= bound).float().mean() > 0.999, (t, (diff / bound).max().item())
