@@ -1,0 +1,109 @@
+"""Launch settings of the small-batch fused MoE (routed + shared experts, two kernels) at batch 1.
+
+    python benchmarks/sweep_moe_small.py            # GPU
+    python benchmarks/sweep_moe_small.py --device cpu --tiny   # the script's logic, interpreted
+
+Cases (bf16, one token): V2-Lite (D 2048, I 1408, 64 experts, top-6, shared Is 2816) and R1
+(D 7168, I 2048, 256 experts, top-8, shared Is 2048). Each candidate setting of one kernel
+(`fused_moe_small.SMALL_OVERRIDE`, the other kernel at its default) is checked against the
+default's output, then timed as CUDA-graph replays over 4 layers' worth of weights with
+fresh random routing per layer (so neither routed nor shared weights come from L2).
+Bandwidth: the routed experts' and the shared expert's bytes over the time, against a 2 GiB
+device-to-device copy (bytes read + written) measured first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CASES = {"v2lite": (2048, 1408, 64, 6, 2816), "r1": (7168, 2048, 256, 8, 2048)}
+GATE_UP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16, 32) for k in (256, 512, 1024) for w in (4, 8)]
+DOWN = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512, 1024) for w in (4, 8)]
+LAYERS = 2          # each call reads >= 138 MB, well over the 50 MB L2; R1 x 4 did not fit in 80 GB
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script's logic")
+    from deepserve.ops.triton import fused_moe_small as fms
+
+    dev = args.device
+    if dev == "cuda":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_engine import copy_bandwidth
+        from bench_ops import graph_time_ms
+        bw = copy_bandwidth()
+        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
+    else:
+        bw = 1e9
+
+        def graph_time_ms(fn, reps=1):
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+    layers = LAYERS if dev == "cuda" else 1
+    g = torch.Generator(device=dev).manual_seed(0)
+    summary = []
+    for name, (d, inter, e, k, s_inter) in CASES.items():
+        if args.tiny:
+            d, inter, e, s_inter = d // 16, inter // 16, max(e // 8, k + 1), s_inter // 16
+        rn = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=torch.bfloat16) * 0.02  # noqa: E731
+        ws = [(rn(e, 2 * inter, d), rn(e, d, inter), rn(2 * s_inter, d), rn(d, s_inter)) for _ in range(layers)]
+        x = rn(1, d) * 50
+        routes = [torch.randperm(e, generator=g, device=dev)[:k][None] for _ in range(layers)]
+        tw = torch.softmax(torch.randn(1, k, generator=g, device=dev), -1)
+        nbytes = (k * 3 * inter * d + 3 * s_inter * d) * 2
+
+        def run_all():
+            return [fms.fused_moe_small(x, w13, w2, tw, ids, shared_w13=s13, shared_w2=s2)
+                    for (w13, w2, s13, s2), ids in zip(ws, routes)]
+
+        want = run_all()[0].float()
+        base_us = graph_time_ms(run_all, reps=1) / layers * 1e3
+        print(f"{name}: default {base_us:.1f} us ({nbytes / (base_us * 1e-6) / bw:.0%} of copy), "
+              f"{nbytes / 1e6:.0f} MB")
+        for kernel, grid in (("gate_up", GATE_UP), ("down", DOWN)):
+            best = (base_us, "default")
+            for cfg in grid if dev == "cuda" else grid[:2]:
+                label = f"n{cfg['BLOCK_N']} k{cfg['BLOCK_K']} w{cfg['num_warps']}"
+                fms.SMALL_OVERRIDE = {kernel: cfg}
+                try:
+                    got = run_all()[0].float()
+                    if not torch.allclose(got, want, rtol=2e-2, atol=2e-3):
+                        print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
+                        continue
+                    us = graph_time_ms(run_all, reps=1) / layers * 1e3
+                except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
+                    print(f"  {kernel} {label}: failed: {type(exc).__name__}")
+                    continue
+                finally:
+                    fms.SMALL_OVERRIDE = None
+                print(f"  {kernel} {label}: {us:.1f} us ({nbytes / (us * 1e-6) / bw:.0%})", flush=True)
+                best = min(best, (us, label))
+            summary.append((name, kernel, base_us, best))
+    print("\n| case | kernel varied | default us (% copy) | best setting | best us (% copy) |")
+    print("|---|---|---:|---|---:|")
+    for name, kernel, base_us, (us, label) in summary:
+        d, inter, e, k, s_inter = CASES[name]
+        nbytes = (k * 3 * inter * d + 3 * s_inter * d) * 2
+        pct = lambda t: f"{t:.1f} ({nbytes / (t * 1e-6) / bw:.0%})"  # noqa: E731
+        print(f"| {name} | {kernel} | {pct(base_us)} | {label} | {pct(us)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
