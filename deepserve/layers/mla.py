@@ -28,9 +28,17 @@ from torch import nn
 from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers.attention import AttentionMetadata
-from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from deepserve.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                     UnquantizedLinearMethod)
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
+
+def plain_linear(layer: nn.Module) -> bool:
+    """A layer whose forward is exactly x W^T: unquantized, no bias, no output gather. Checked
+    per call: quantization swaps the linears' methods after the model is built."""
+    return (isinstance(layer.quant_method, UnquantizedLinearMethod) and layer.bias is None
+            and not getattr(layer, "gather_output", False))
+
 
 # DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -110,12 +118,15 @@ class MLAAttention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, D] (decode tokens first, then prefill tokens) -> [T, D]."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+        q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        if plain_linear(q_first) and plain_linear(self.kv_a_proj_with_mqa):
+            # both read x: one launch for a single row (ops.linear_pair)
+            q, kv_a = ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(-1, self.num_heads, self.qk_head_dim)
-        kv_a = self.kv_a_proj_with_mqa(x)                                   # [T, C + rope]
         (pool,) = self.kv_cache
         rope = self.rotary_emb
         ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, self.kv_a_layernorm.weight,

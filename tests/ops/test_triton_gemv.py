@@ -68,3 +68,33 @@ def test_gemv_gpu_model_shapes(triton_ops, n, k):
     wf = w.float()
     want32, got32 = both(x, wf)                                  # router-style fp32 weight
     torch.testing.assert_close(got32, want32, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [64, 100])
+def test_linear_pair_one_launch_matches_two_linears(triton_ops, cpu_only, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, k, generator=g).bfloat16()
+    w1 = (torch.randn(37, k, generator=g) * 0.1).bfloat16()
+    w2 = (torch.randn(9, k, generator=g) * 0.1).bfloat16()
+    want = resolve("linear_pair", "torch")[1](x, w1, w2)
+    got = resolve("linear_pair", "triton")[1](x, w1, w2)
+    for g_, w_ in zip(got, want):
+        assert g_.shape == w_.shape and g_.dtype == w_.dtype
+        torch.testing.assert_close(g_.float(), w_.float(), atol=1e-2, rtol=2 ** -7)
+    # several rows: the reference path, exactly
+    x3 = torch.randn(3, k, generator=g).bfloat16()
+    for g_, w_ in zip(resolve("linear_pair", "triton")[1](x3, w1, w2), resolve("linear_pair", "torch")[1](x3, w1, w2)):
+        assert torch.equal(g_, w_)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n1,n2,k", [(3072, 576, 2048), (1536, 576, 7168)])   # V2-Lite q+kv_a, R1 q_a+kv_a
+def test_linear_pair_gpu(triton_ops, n1, n2, k):
+    g = torch.Generator(device="cuda").manual_seed(n1)
+    x = torch.randn(1, k, device="cuda", generator=g).bfloat16()
+    w1 = (torch.randn(n1, k, device="cuda", generator=g) * 0.02).bfloat16()
+    w2 = (torch.randn(n2, k, device="cuda", generator=g) * 0.02).bfloat16()
+    want = resolve("linear_pair", "torch")[1](x, w1, w2)
+    got = resolve("linear_pair", "triton")[1](x, w1, w2)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_.float(), w_.float(), atol=2e-3, rtol=2 ** -7)

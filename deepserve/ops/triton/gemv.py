@@ -12,6 +12,9 @@ weight with as many programs as keeps every SM busy:
 - no tensor cores, no split-K: a single launch, with a grid fixed by the shapes (CUDA-graph
   safe).
 
+`linear_pair` applies two weights to the same row in one launch (MLA's q / q_a and kv_a
+projections both read the layer input), the programs split between the two weights' rows.
+
 Rounding matches the torch reference `F.linear(x.to(W.dtype), W, b)`: fp32 accumulation,
 bias added in fp32, one rounding to the weight's dtype (the fp32 MoE router takes a bf16
 activation and gives fp32 logits in the same launch, where torch needs a cast kernel and a
@@ -33,10 +36,10 @@ from deepserve.ops.triton._common import interpreting
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, block, N, K, w_stride,
+               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """y[rows] = W[rows] x (+ b[rows]) for rows block*BLOCK_N ... + BLOCK_N."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -54,6 +57,28 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, tl.program_id(0), N, K, w_stride,
+               HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+@triton.jit
+def _gemv_pair_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, N1, N2, K, w1_stride, w2_stride,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Two weights applied to the same row in one launch: the first cdiv(N1, BLOCK_N)
+    programs take W1's rows, the rest W2's."""
+    pid = tl.program_id(0)
+    first = tl.cdiv(N1, BLOCK_N)
+    if pid < first:
+        _gemv_rows(x_ptr, w1_ptr, w1_ptr, y1_ptr, pid, N1, K, w1_stride, False, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        _gemv_rows(x_ptr, w2_ptr, w2_ptr, y2_ptr, pid - first, N2, K, w2_stride, False, BLOCK_N, BLOCK_K,
+                   EVEN_K)
 
 
 # launch settings merged over gemv_config's choice when set (for timing candidates:
@@ -118,3 +143,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias)
+
+
+def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] holding one row, w1 [N1, K], w2 [N2, K] (same dtype) -> (x W1^T, x W2^T), one launch."""
+    (n1, k), (n2, k2) = w1.shape, w2.shape
+    if k2 != k or x.shape[-1] != k or x.numel() != k or w1.dtype != w2.dtype:
+        raise ValueError(f"gemv_pair takes one row of {k} features and two [N, {k}] weights of one dtype, "
+                         f"got x {tuple(x.shape)}, w1 {tuple(w1.shape)} {w1.dtype}, w2 {tuple(w2.shape)} {w2.dtype}")
+    y1 = torch.empty(*x.shape[:-1], n1, dtype=w1.dtype, device=x.device)
+    y2 = torch.empty(*x.shape[:-1], n2, dtype=w2.dtype, device=x.device)
+    x1 = x.reshape(k)
+    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
+    w1 = w1 if w1.stride(1) == 1 else w1.contiguous()
+    w2 = w2 if w2.stride(1) == 1 else w2.contiguous()
+    cfg = dict(gemv_config(n1 + n2, k, x.device))
+    num_warps = cfg.pop("num_warps")
+    grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
+    _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
+                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
+    return y1, y2
+
+
+@register("linear_pair", "triton")
+def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W1^T, x W2^T): one GEMV launch for a single row, two cuBLAS calls otherwise."""
+    if use_gemv(x, w1) and w2.dtype == w1.dtype and w2.dim() == 2:
+        return gemv_pair(x, w1, w2)
+    return F.linear(x.to(w1.dtype), w1), F.linear(x.to(w2.dtype), w2)
