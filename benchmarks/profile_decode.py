@@ -15,7 +15,13 @@ With the engine built as bench_engine.py builds it (CUDA graphs on, random weigh
   3. kernels  torch.profiler over the forward run eagerly on the same decode inputs, and over
               graph replays: top kernels by total time (count, µs, %), kernel launches per
               step, kernel time summed, grouped into Triton / cuBLAS / torch / memcpy.
-  4. summary  a short table; all numbers also go to --out as JSON.
+  4. timeline (GPU only) GPU busy vs idle over bare engine steps, with the largest idle gaps
+              and the kernels around them: how much of the host work the GPU still waits for.
+  5. summary  a short table; all numbers also go to --out as JSON.
+
+With --async-scheduling the engine overlaps step n+1's host work with step n's GPU work; the
+instrumented modes (host, synced) and the kernel tables would break that overlap or need the
+synchronous path's inputs, so only the bare timing, the graph and the timeline run.
 
 Each part runs in its own try block: a failure prints one line and the others go on.
 On CPU (`--device cpu --tiny`, a smoke check) the CUDA-event and graph parts are skipped
@@ -40,7 +46,7 @@ import torch
 # bench_engine sits beside this file; the repo root makes deepserve importable uninstalled
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from bench_engine import copy_bandwidth, random_prompts, release, weight_bytes
-from kernel_table import aggregate, print_kernels, profile_records, triton_kernel_names
+from kernel_table import aggregate, gpu_timeline, print_kernels, print_timeline, profile_records, triton_kernel_names
 
 from deepserve import LLM, SamplingParams
 
@@ -75,7 +81,7 @@ def build(args) -> LLM:
                   kv_cache_memory_bytes=64 << 20)
     else:
         kw.update(ENGINE_ARGS.get(args.model, ENGINE_ARGS["r1-distill-llama-8b"]), dtype="bfloat16")
-    return LLM(args.model, **kw)
+    return LLM(args.model, async_scheduling=args.async_scheduling, **kw)
 
 
 def sync(cuda: bool) -> None:
@@ -237,6 +243,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny config of the preset (smoke check)")
+    ap.add_argument("--async-scheduling", action="store_true", help="engine with async scheduling (parts 1, 2, 4)")
     ap.add_argument("--out", default=None, help="JSON path (default results/profile_<model>_b<batch>.json)")
     args = ap.parse_args()
     if args.batch < 1 or args.steps < 1:
@@ -244,7 +251,8 @@ def main() -> int:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU; use --device cpu --tiny for a smoke check")
-    out_path = Path(args.out) if args.out else RESULTS / f"profile_{args.model}{'_tiny' if args.tiny else ''}_b{args.batch}.json"
+    out_path = Path(args.out) if args.out else RESULTS / (f"profile_{args.model}{'_tiny' if args.tiny else ''}_b{args.batch}"
+                                                             f"{'_async' if args.async_scheduling else ''}.json")
     report: dict = {"model": args.model, "batch": args.batch, "tiny": args.tiny, "date": datetime.date.today().isoformat(),
                     "device": torch.cuda.get_device_name() if cuda else "cpu",
                     "command": "python " + " ".join(sys.argv), "errors": {}}
@@ -291,7 +299,7 @@ def main() -> int:
 
     say(f"\n== 1. decode step time, batch {args.batch}, {args.steps} steps per mode")
     host = None
-    for mode in ("bare", "host", "synced"):
+    for mode in ("bare",) if args.async_scheduling else ("bare", "host", "synced"):
         res = attempt(f"steps_{mode}", lambda m=mode: time_steps(engine, args.steps, cuda, m))
         if res:
             host = res.pop("last_host", None) or host
@@ -320,10 +328,19 @@ def main() -> int:
                 say(f"  roofline {g['roofline_ms']:.3f} ms ({args.batch / g['roofline_ms'] * 1e3:.1f} tok/s); graph at "
                     f"{g['roofline_ms'] / g['replay_ms']:.1%} of it, {g['achieved_Bps'] / 1e12:.3f} TB/s effective")
 
+    if cuda:
+        say(f"\n== 4. GPU timeline over {args.profile_steps} bare steps")
+        tl = attempt("timeline", lambda: gpu_timeline(engine.step, args.profile_steps))
+        if tl:
+            report["timeline"] = tl
+            print_timeline(tl)
+
     say(f"\n== 3. kernel breakdown ({args.profile_steps} steps{'' if cuda else ', CPU ops by self time'})")
     names = triton_kernel_names()
     report["triton_kernel_names"] = sorted(names)
-    if host is None:
+    if args.async_scheduling:
+        say("  (async scheduling: run without --async-scheduling for the kernel tables)")
+    elif host is None:
         say("  no decode inputs were captured (step timing failed): skipped")
     else:
         def eager_part():
@@ -385,6 +402,10 @@ def summary(report: dict, batch: int) -> None:
         rows.append(("graph replay GPU alone", g["replay_ms"], batch / g["replay_ms"] * 1e3))
         if "roofline_ms" in g:
             rows.append(("roofline (active bytes / copy bw)", g["roofline_ms"], batch / g["roofline_ms"] * 1e3))
+    tl = report.get("timeline")
+    if tl and tl.get("records"):
+        rows.append(("bare step: GPU busy (profiled)", tl["busy_us_per_step"] / 1e3, None))
+        rows.append(("bare step: GPU idle (profiled)", tl["idle_us_per_step"] / 1e3, None))
     kg = report.get("kernels_graph")
     if kg:
         rows.append((f"graph kernels summed ({kg['launches_per_step']:.0f} launches)", kg["kernel_us_per_step"] / 1e3, None))

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from deepserve import ops
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
-from deepserve.engine.input_staging import InputStaging
+from deepserve.engine.input_staging import InputStaging, to_device_async
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
 from deepserve.layers.attention import AttentionMetadata
@@ -317,7 +317,7 @@ class ModelRunner:
                 rows.append(prev.row_of[seq.seq_id])
                 where.append(offset - 1)
         if rows:
-            where_rows = torch.tensor([where, rows], device=self.device)   # one small copy
+            where_rows = to_device_async([where, rows], torch.long, self.device)   # one small copy, no sync
             ids[where_rows[0]] = prev.next_ids[where_rows[1]]
         logits = self.forward_logits(ids, positions, meta)
         seqs = batch.sampling_seqs()

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from deepserve import ops
+from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.sequence import Sequence
 
 
@@ -91,12 +92,14 @@ class Sampler:
             logits[list(rows), list(cols)] = float("-inf")
         if all(s.params.greedy for s in seqs):
             return logits.argmax(dim=-1)
-        temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
-        top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
+        # one copy for the four per-row settings (top_k < 2^24 is exact in fp64), without a sync
+        knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
+                                 for s in seqs], torch.float64, dev)
+        temperature, top_p, min_p = (knobs[:, j].float() for j in (0, 2, 3))
+        top_k = knobs[:, 1].long()
         noise = torch.empty_like(logits).exponential_(1)
         for i, s in enumerate(seqs):
             if s.generator is not None:  # seeded: the request's own stream
-                noise[i] = torch.empty(logits.shape[1]).exponential_(1, generator=s.generator).to(dev)
+                noise[i] = to_device_async(torch.empty(logits.shape[1]).exponential_(1, generator=s.generator),
+                                           torch.float32, dev)
         return ops.sample(logits, temperature, top_k, top_p, min_p, noise)
