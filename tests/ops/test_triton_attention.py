@@ -54,6 +54,15 @@ def test_decode_graph_sized_splits(triton_ops, cpu_only, mla):
     compare(pb)
 
 
+def test_decode_merge_of_many_splits(triton_ops, cpu_only):
+    """A graph-sized split count at batch 1: 10 non-empty splits of a 2300-token row and 6
+    empty ones past its end."""
+    pb = make_paged_batch([1], [2300], num_heads=4, num_kv_heads=1, head_dim=16, block_size=16)
+    pb.max_seq_len = 4096
+    assert triton_ops.attention.num_decode_splits(1, 1, pb.max_seq_len, torch.device("cpu")) == 16
+    compare(pb)
+
+
 def test_decode_with_idle_sequence(triton_ops, cpu_only):
     pb = make_paged_batch([1, 0, 1], [5, 37, 60], num_heads=4, num_kv_heads=1, head_dim=16)
     compare(pb)
