@@ -81,3 +81,33 @@ def dot_dtype(dtype: torch.dtype):
     if interpreting() and dtype == torch.bfloat16:
         return tl.float32
     return _TL_DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- programmatic dependent launch
+# At batch-1 decode a step is ~350 small kernels back to back, each paying launch and ramp-up
+# latency while the GPU drains the previous one. With programmatic dependent launch (Hopper
+# and later) a kernel is launched before its predecessor finishes; its programs start, wait in
+# `griddepcontrol.wait` until the predecessor has completed and its writes are visible, and
+# only then read or write memory. `pdl_begin` is that wait, then the signal that lets the next
+# kernel launch in turn (after the wait, so at most one kernel runs ahead). Kernels whose
+# first statement is `pdl_begin(USE_PDL)` are launched with `**pdl_launch(device)`.
+# DEEPSERVE_PDL=0 turns it off.
+
+
+@functools.lru_cache(maxsize=8)
+def _pdl_ok(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords for a kernel that starts with pdl_begin(USE_PDL) on `device`."""
+    on = (device.type == "cuda" and not interpreting() and os.environ.get("DEEPSERVE_PDL", "1") != "0"
+          and _pdl_ok(device.index if device.index is not None else torch.cuda.current_device()))
+    return {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_begin(USE_PDL: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -12,11 +12,12 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, next_pow2
+from deepserve.ops.triton._common import as_rows, next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -39,5 +40,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(next_pow2(d), 1024)
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-        x2, out.view(-1, d), x2.stride(0), d, d, BLOCK=block, num_warps=4)
+        x2, out.view(-1, d), x2.stride(0), d, d, BLOCK=block, num_warps=4, **pdl_launch(x.device))
     return out

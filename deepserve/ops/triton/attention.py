@@ -13,7 +13,7 @@ import triton
 
 from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, sm_count
+from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, pdl_launch, sm_count
 from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
@@ -129,10 +129,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
-            BLOCK_H=block_h, **cfg, **common)
+            BLOCK_H=block_h, **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
-            BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4)
+            BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
         return out
     block_m = 16 if small else (64 if big_head else 128)
     block_n = 16 if small else (32 if big_head else 64)

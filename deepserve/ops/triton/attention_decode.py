@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from deepserve.ops.triton._common import pdl_begin
+
 LOG2E = 1.4426950408889634
 
 
@@ -40,7 +42,8 @@ def _decode_split_kernel(
         qk_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr):
+        DOT_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1) // n_head_groups
     hg = tl.program_id(1) % n_head_groups
@@ -121,8 +124,9 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n_heads, dv, num_splits,
-                          BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
     """Merge the splits of one (row, head): weights 2^(lse_s - max lse), renormalised."""
+    pdl_begin(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b).to(tl.int64)

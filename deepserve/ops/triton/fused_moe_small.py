@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import interpreting
+from deepserve.ops.triton._common import interpreting, pdl_begin, pdl_launch
 
 FP8_BLOCK = 128
 
@@ -117,7 +117,8 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
                           inter, s_inter, hidden, n_experts, n_assign,
                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                          HAS_SHARED: tl.constexpr):
+                          HAS_SHARED: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     dt = act_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -153,7 +154,8 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
                        out_stride, hidden, inter, s_inter, n_experts,
                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                       HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr):
+                       HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     dt = act_ptr.dtype.element_ty
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,11 +273,11 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, act,
         x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
         shared_w13.stride(0) if has_shared else 0, act.stride(0),
-        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common)
+        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common, **pdl_launch(x.device))
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
         act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0, out.stride(0),
         hidden, inter, s_inter, num_experts, EVEN_K=inter % down_cfg["BLOCK_K"] == 0,
-        EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, **down_cfg, **common)
+        EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, **down_cfg, **common, **pdl_launch(x.device))
     return out

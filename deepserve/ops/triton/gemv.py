@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import interpreting
+from deepserve.ops.triton._common import interpreting, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -62,16 +62,18 @@ def _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, block, N, K, w_stride,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, tl.program_id(0), N, K, w_stride,
                HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
 
 
 @triton.jit
 def _gemv_pair_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, N1, N2, K, w1_stride, w2_stride,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     """Two weights applied to the same row in one launch: the first cdiv(N1, BLOCK_N)
     programs take W1's rows, the rest W2's."""
+    pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     first = tl.cdiv(N1, BLOCK_N)
     if pid < first:
@@ -124,7 +126,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1,
-        **cfg)
+        **cfg, **pdl_launch(x.device))
     return out
 
 
@@ -161,7 +163,7 @@ def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torc
     num_warps = cfg.pop("num_warps")
     grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
     _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
-                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
+                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg, **pdl_launch(x.device))
     return y1, y2
 
 

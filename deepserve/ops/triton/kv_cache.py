@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -32,7 +32,8 @@ def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
                      kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d,
                      block_size, n_heads, k_dim, v_dim,
                      HAS_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
-                     BLOCK_DV: tl.constexpr):
+                     BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
@@ -70,4 +71,4 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch
         key.stride(0), key.stride(1), key.stride(2), *v_args, *k_cache.stride(), *vc_args,
         k_cache.shape[1], n_heads, k_dim, v_dim,
         HAS_V=has_v, BLOCK_H=next_pow2(n_heads), BLOCK_DK=next_pow2(k_dim),
-        BLOCK_DV=next_pow2(max(v_dim, 1)), num_warps=4)
+        BLOCK_DV=next_pow2(max(v_dim, 1)), num_warps=4, **pdl_launch(key.device))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2
+from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -35,7 +35,8 @@ def _rope_pair_offsets(i, half, IS_NEOX: tl.constexpr):
 @triton.jit
 def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
                      block_size, eps, C, half,
-                     IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                     IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
@@ -65,7 +66,8 @@ def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, poo
 def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
                      T, NOPE, C, half,
                      IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     head = tl.program_id(1).to(tl.int64)
     block_c = tl.program_id(2)
     dt = out_ptr.dtype.element_ty
@@ -118,7 +120,7 @@ def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: tor
     _kv_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
         pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
-        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4)
+        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4, **pdl_launch(kv_a.device))
 
 
 @register("mla_q_absorb", "triton")
@@ -143,5 +145,5 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
         out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_T=block_t,
-        BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=block_c, BLOCK_HALF=next_pow2(rot // 2), num_warps=4)
+        BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=block_c, BLOCK_HALF=next_pow2(rot // 2), num_warps=4, **pdl_launch(q.device))
     return out

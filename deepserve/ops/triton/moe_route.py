@@ -18,7 +18,7 @@ import triton.language as tl
 
 from deepserve.ops.moe import check_route_methods
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
 
 
 
@@ -27,7 +27,8 @@ def _moe_route_kernel(logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, logits_stride
                       TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       GROUP_SIZE: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                       GROUP_TOP2: tl.constexpr, LIMIT_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     # experts laid out as [N_GROUP, GROUP_SIZE] (GROUP_SIZE padded to a power of two)
     g = tl.arange(0, N_GROUP)[:, None]
@@ -111,5 +112,5 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[tor
         TOP_K=top_k, N_GROUP=groups, TOPK_GROUP=(topk_group or groups) if limit else 1,
         GROUP_SIZE=next_pow2(num_experts // groups), SIGMOID=scoring_func == "sigmoid", HAS_BIAS=use_bias,
         GROUP_TOP2=topk_method == "noaux_tc", LIMIT_GROUPS=limit, NORMALIZE=bool(norm_topk_prob),
-        BLOCK_K=next_pow2(top_k), num_warps=4)
+        BLOCK_K=next_pow2(top_k), num_warps=4, **pdl_launch(router_logits.device))
     return weights, ids

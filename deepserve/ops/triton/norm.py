@@ -14,13 +14,14 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, next_pow2
+from deepserve.ops.triton._common import as_rows, next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
                      x_stride, res_stride, out_stride, res_out_stride, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -58,7 +59,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, res2, weight.contiguous(), out.view(-1, n_cols), res_out2,
         x2.stride(0), res2.stride(0) if res2 is not None else 0, n_cols,
         n_cols, n_cols, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x.device))
     return out, res_out
 
 

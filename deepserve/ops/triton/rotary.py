@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -43,7 +43,8 @@ def _rotate_heads(src_ptr, dst_ptr, tok, s_t, s_h, s_d, n_heads, cos, sin, half,
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
                    q_st, q_sh, q_sd, k_st, k_sh, k_sd, cache_stride, n_q_heads, n_k_heads, half,
                    IS_NEOX: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr):
+                   BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)[None, :]
@@ -78,5 +79,5 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cache.stride(0),
         q.shape[1], k.shape[1], half,
         IS_NEOX=bool(is_neox), BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_HALF=next_pow2(half), num_warps=4)
+        BLOCK_HALF=next_pow2(half), num_warps=4, **pdl_launch(q.device))
     return q_out, k_out
