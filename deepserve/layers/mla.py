@@ -88,7 +88,7 @@ class MLAAttention(nn.Module):
         out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                       meta.query_start_loc[:n + 1], meta.seq_lens[:n],
                                       meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
-        return torch.einsum("thc,hvc->thv", out_lat, w_uv)           # [n, H, v]
+        return ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
 
     def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
         """Expanded attention of sequences first.. (their new tokens are q [Tp, H, qk]) -> [Tp, H, v]."""

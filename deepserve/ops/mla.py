@@ -7,6 +7,7 @@ each as one kernel:
   [rms_norm(c_kv) * w | rope(k_pe)] stored at the token's slot (slots < 0 skipped).
 - `mla_q_absorb`: q = [q_nope | q_pe] per head -> q_abs = [q_nope W_UK | rope(q_pe)] per head,
   the 576-wide query the absorbed decode attention runs on (DeepSeek-V2 section 2.1).
+- `mla_v_up`: the attention output in latent space times W_UV, per head.
 
 The references compose the existing ones (rms_norm, rotary_embedding, the einsum, cat,
 write_kv_cache), so every rounding is the one the unfused layer had.
@@ -46,3 +47,10 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     q_nope, q_pe = q.split([nope, q.shape[-1] - nope], dim=-1)
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)
     return torch.cat((q_lat, rope(q_pe, positions, cos_sin_cache, is_neox)), dim=-1)
+
+
+@register("mla_v_up", "torch")
+def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V]: the absorbed attention's output, per head,
+    back from the latent to the value space."""
+    return torch.einsum("thc,hvc->thv", out_lat, w_uv)

@@ -77,3 +77,25 @@ def test_triton_matches_reference(triton_ops, cpu_only, is_neox, dtype):
 @pytest.mark.parametrize("n_tok,heads", [(1, 16), (64, 16), (4, 128), (200, 128)])
 def test_triton_matches_reference_gpu(triton_ops, n_tok, heads):
     compare(n_tok, heads, 128, 512, 64, False, torch.bfloat16, "cuda", block_size=64, atol=3e-2)
+
+
+def compare_v_up(n_tok, heads, c, v, dtype, device, atol):
+    g = torch.Generator(device=device).manual_seed(n_tok + heads)
+    out_lat = torch.randn(n_tok, heads, c, generator=g, device=device).to(dtype)
+    w_uv = (torch.randn(heads, v + 8, c, generator=g, device=device) * 0.1).to(dtype)[:, 8:]   # strided view
+    want = resolve("mla_v_up", "torch")[1](out_lat, w_uv)
+    got = resolve("mla_v_up", "triton")[1](out_lat, w_uv)
+    assert got.shape == want.shape == (n_tok, heads, v) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_v_up_matches_reference(triton_ops, cpu_only, dtype):
+    # C 200: two C steps, the second masked; V 24: one masked V block; 3 tokens: masked rows
+    compare_v_up(3, 2, 200, 24, dtype, "cpu", 2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tok,heads", [(1, 16), (64, 16), (4, 128), (200, 128)])
+def test_v_up_gpu(triton_ops, n_tok, heads):
+    compare_v_up(n_tok, heads, 512, 128, torch.bfloat16, "cuda", 3e-2)

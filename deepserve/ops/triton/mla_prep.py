@@ -7,6 +7,9 @@ for a few KB of data at batch-1 decode. Here:
 - `_kv_write_kernel`, grid (T,): one program per token normalises c_kv (fp32 statistics,
   rounded to the dtype before the weight, as rms_norm), rotates k_pe with the cos/sin row of
   its position, and stores both halves straight into the token's cache slot.
+- `_v_up_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(V, BLOCK_V)): the attention output in
+  latent space times W_UV[h]^T, back to per-head values (the einsum after attention), with
+  PDL like the rest of the decode path, where the cuBLAS batched GEMM could not overlap.
 - `_q_absorb_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(C, BLOCK_C)): q_nope [BLOCK_T, nope]
   times W_UK[h] [nope, BLOCK_C] on tensor cores (fp32 accumulation, one rounding: the
   einsum's), written into q_abs[:, h, :C]; the programs of the first C block also rotate
@@ -98,6 +101,29 @@ def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_s
         tl.store(out_rows + C + d2[None, :], (x2 * cos + x1 * sin).to(dt), mask=ok)
 
 
+@triton.jit
+def _v_up_kernel(lat_ptr, l_st, l_sh, w_ptr, w_sh, w_sv, out_ptr, o_st, o_sh, T, C, V,
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
+    head = tl.program_id(1).to(tl.int64)
+    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    t_ok = toks < T
+    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = v < V
+    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        lat = tl.load(lat_ptr + toks[:, None] * l_st + head * l_sh + c[None, :],
+                      mask=t_ok[:, None] & c_ok[None, :], other=0.0)                  # [T, C]
+        w = tl.load(w_ptr + head * w_sh + v[None, :] * w_sv + c[:, None],
+                    mask=v_ok[None, :] & c_ok[:, None], other=0.0)                     # [C, V]
+        acc = tl.dot(lat.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + toks[:, None] * o_st + head * o_sh + v[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & v_ok[None, :])
+
+
 def _check_rope(rot_dim: int, cos_sin_cache: torch.Tensor) -> None:
     if rot_dim % 2 or cos_sin_cache.shape[-1] != rot_dim:
         raise ValueError(f"rope dims disagree: {rot_dim} rotated, cos_sin_cache {cos_sin_cache.shape[-1]} "
@@ -146,4 +172,26 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_T=block_t,
         BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=block_c, BLOCK_HALF=next_pow2(rot // 2), num_warps=4, **pdl_launch(q.device))
+    return out
+
+
+@register("mla_v_up", "triton")
+def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V] = per head out_lat W_UV^T (tensor cores)."""
+    n_tokens, heads, c = out_lat.shape
+    v_dim = w_uv.shape[1]
+    if w_uv.shape[0] != heads or w_uv.shape[2] != c or w_uv.stride(-1) != 1 or out_lat.stride(-1) != 1:
+        raise ValueError(f"w_uv {tuple(w_uv.shape)} does not fit out_lat {tuple(out_lat.shape)} "
+                         f"(unit last strides needed)")
+    out = torch.empty(n_tokens, heads, v_dim, dtype=out_lat.dtype, device=out_lat.device)
+    if n_tokens == 0:
+        return out
+    block_t = min(64, max(16, next_pow2(n_tokens)))
+    block_v = 32
+    grid = (triton.cdiv(n_tokens, block_t), heads, triton.cdiv(v_dim, block_v))
+    _v_up_kernel[grid](
+        out_lat, out_lat.stride(0), out_lat.stride(1), w_uv, w_uv.stride(0), w_uv.stride(1),
+        out, out.stride(0), out.stride(1), n_tokens, c, v_dim,
+        DOT_DTYPE=dot_dtype(out_lat.dtype), DOT_PRECISION=dot_precision(out_lat.dtype), BLOCK_T=block_t,
+        BLOCK_V=block_v, BLOCK_C=128, num_warps=4, **pdl_launch(out_lat.device))
     return out
