@@ -1,19 +1,21 @@
-"""MLA decode preparation as two Triton kernels (torch reference: deepserve/ops/mla.py).
+"""MLA decode glue around the attention as three Triton kernels (torch reference:
+deepserve/ops/mla.py).
 
 Unfused, each MLA layer's step ran rms_norm on c_kv, rope on q_pe and k_pe, a cat of the
-latent row, the cache write, the W_UK einsum and a cat of q_abs: seven launches of 1.5-5 us
-for a few KB of data at batch-1 decode. Here:
+latent row, the cache write, the W_UK einsum and a cat of q_abs before the attention, and
+the W_UV einsum after it: eight launches of 1.5-5 us for a few KB of data at batch-1 decode.
+Here:
 
 - `_kv_write_kernel`, grid (T,): one program per token normalises c_kv (fp32 statistics,
   rounded to the dtype before the weight, as rms_norm), rotates k_pe with the cos/sin row of
   its position, and stores both halves straight into the token's cache slot.
-- `_v_up_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(V, BLOCK_V)): the attention output in
-  latent space times W_UV[h]^T, back to per-head values (the einsum after attention), with
-  PDL like the rest of the decode path, where the cuBLAS batched GEMM could not overlap.
 - `_q_absorb_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(C, BLOCK_C)): q_nope [BLOCK_T, nope]
   times W_UK[h] [nope, BLOCK_C] on tensor cores (fp32 accumulation, one rounding: the
   einsum's), written into q_abs[:, h, :C]; the programs of the first C block also rotate
   q_pe into q_abs[:, h, C:]. Each token block reads W_UK once.
+- `_v_up_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(V, BLOCK_V)): the attention output in
+  latent space times W_UV[h]^T, back to per-head values, on the programmatic-dependent-launch
+  chain of the other decode kernels (the cuBLAS batched GEMM it replaces is not).
 
 Rope math is fp32 from the cache row, as the reference; neox pairs i with i + R/2,
 interleaved (DeepSeek's MLA rope) pairs 2i with 2i + 1.
