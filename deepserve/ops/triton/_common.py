@@ -96,7 +96,8 @@ def dot_dtype(dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=8)
 def _pdl_ok(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """NVIDIA sm_90+ only: ROCm builds also report device type "cuda", without griddepcontrol."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def pdl_launch(device: torch.device) -> dict:
