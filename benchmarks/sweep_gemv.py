@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
 
 # (model, projection, N, K): output features x input features
 SHAPES = [
@@ -41,12 +40,6 @@ SHAPES = [
 BLOCK_NS, BLOCK_KS, WARPS = (1, 2, 4, 8, 16, 32), (256, 512, 1024), (4, 8)
 
 
-def cpu_time_ms(fn, reps: int = 1) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="BLOCK_K 512 only, 4 warps")
@@ -55,21 +48,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated model names (8b,v2lite,r1)")
     ap.add_argument("--out", default="", help="JSON file for every timing (shape -> setting -> us)")
     args = ap.parse_args()
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script's logic")
+    prepare(args.device)
     from deepserve.ops.triton import gemv as gemv_mod
 
     dev = args.device
-    if dev == "cuda":
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_engine import copy_bandwidth
-        from bench_ops import graph_time_ms
-        bw = copy_bandwidth()
-        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
-    else:
-        bw, graph_time_ms = 1e9, cpu_time_ms
+    bw, graph_time_ms = bandwidth_and_timer(dev)
     grid = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in BLOCK_NS for k in BLOCK_KS for w in WARPS
             if not args.quick or (k == 512 and w == 4)]
     if dev == "cpu":

@@ -14,15 +14,14 @@ device-to-device copy (bytes read + written) measured first.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
 
 CASES = {"v2lite": (2048, 1408, 64, 6, 2816), "r1": (7168, 2048, 256, 8, 2048)}
 GATE_UP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16, 32) for k in (256, 512, 1024) for w in (4, 8)]
@@ -35,26 +34,11 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
     args = ap.parse_args()
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script's logic")
+    prepare(args.device)
     from deepserve.ops.triton import fused_moe_small as fms
 
     dev = args.device
-    if dev == "cuda":
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_engine import copy_bandwidth
-        from bench_ops import graph_time_ms
-        bw = copy_bandwidth()
-        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
-    else:
-        bw = 1e9
-
-        def graph_time_ms(fn, reps=1):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
+    bw, graph_time_ms = bandwidth_and_timer(dev)
     layers = LAYERS if dev == "cuda" else 1
     g = torch.Generator(device=dev).manual_seed(0)
     summary = []
