@@ -71,6 +71,19 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 
+    def plain_weight(self) -> Optional[torch.Tensor]:
+        """W when this layer's forward is exactly x W^T on this rank (unquantized, no bias,
+        nothing gathered or reduced across ranks), so a caller may fuse it into another
+        kernel; else None. Asked per call: quantization swaps the method after the build."""
+        if not isinstance(self.quant_method, UnquantizedLinearMethod) or self.bias is not None \
+                or self.crosses_ranks():
+            return None
+        return self.weight
+
+    def crosses_ranks(self) -> bool:
+        """Whether forward gathers or reduces its output over the TP group."""
+        return False
+
 
 class ReplicatedLinear(LinearBase):
     """Full weight on every rank (e.g. MLA's low-rank down projections, the MoE gate)."""
@@ -119,6 +132,9 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x):
         y = self.quant_method.apply(self, x, self.bias)
         return self.pctx.tp_all_gather(y) if self.gather_output else y
+
+    def crosses_ranks(self) -> bool:
+        return self.gather_output and self.pctx.tp_size > 1
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -191,3 +207,6 @@ class RowParallelLinear(LinearBase):
         if self.reduce_results:
             y = self.pctx.tp_all_reduce(y)
         return y + self.bias if self.bias is not None else y
+
+    def crosses_ranks(self) -> bool:
+        return self.reduce_results and self.pctx.tp_size > 1

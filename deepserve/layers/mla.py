@@ -11,9 +11,10 @@ kv_b_proj = [W_UK; W_UV] per head, a head's key is [W_UK c_kv | k_pe] and its va
 - Decode sequences (the first `meta.num_decodes`, one token each) absorb W_UK into the query,
   q_lat = q_nope W_UK (so q_lat . c_kv = q_nope . k_nope), attend over the latent directly
   as MQA with 576-wide q/k and the first 512 dims as v, then apply W_UV to the output.
-- Every token's cache row (normed c_kv, rotated k_pe) is written by `ops.mla_kv_write`, and
-  the decode query built by `ops.mla_q_absorb` (deepserve/ops/mla.py): one kernel each on
-  the triton backend, where the unfused steps took seven launches per layer.
+- Every token's cache row (normed c_kv, rotated k_pe) is written by `ops.mla_kv_write`, the
+  decode query built by `ops.mla_q_absorb` and W_UV applied by `ops.mla_v_up`
+  (deepserve/ops/mla.py): one kernel each on the triton backend, where the unfused steps
+  took eight launches per layer.
 
 Both paths give the same numbers (tests/models/test_deepseek.py checks this); decode reads
 kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
@@ -28,17 +29,9 @@ from torch import nn
 from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers.attention import AttentionMetadata
-from deepserve.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
-                                     UnquantizedLinearMethod)
+from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
-
-def plain_linear(layer: nn.Module) -> bool:
-    """A layer whose forward is exactly x W^T: unquantized, no bias, no output gather. Checked
-    per call: quantization swaps the linears' methods after the model is built."""
-    return (isinstance(layer.quant_method, UnquantizedLinearMethod) and layer.bias is None
-            and not getattr(layer, "gather_output", False))
-
 
 # DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -119,9 +112,10 @@ class MLAAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, D] (decode tokens first, then prefill tokens) -> [T, D]."""
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        if plain_linear(q_first) and plain_linear(self.kv_a_proj_with_mqa):
+        w_q, w_kv = q_first.plain_weight(), self.kv_a_proj_with_mqa.plain_weight()
+        if w_q is not None and w_kv is not None:
             # both read x: one launch for a single row (ops.linear_pair)
-            q, kv_a = ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
+            q, kv_a = ops.linear_pair(x, w_q, w_kv)
         else:
             q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
         if self.q_lora_rank is not None:

@@ -31,7 +31,6 @@ from deepserve.config import HFConfig
 from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from deepserve.layers.linear import UnquantizedLinearMethod
 from deepserve.layers.mla import MLAAttention
 from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate
 from deepserve.layers.norm import RMSNorm
@@ -93,11 +92,10 @@ class DeepseekMoE(nn.Module):
         p, mlp = self.experts.pctx, self.shared_experts
         if mlp is None or p.tp_size != 1 or p.ep_size != 1:
             return None
-        for linear in (mlp.gate_up_proj, mlp.down_proj):
-            if not isinstance(linear.quant_method, UnquantizedLinearMethod) or linear.bias is not None \
-                    or linear.weight.dtype not in (torch.bfloat16, torch.float16) or linear.weight.dtype != x.dtype:
-                return None
-        return mlp.gate_up_proj.weight, mlp.down_proj.weight
+        weights = (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
+        if any(w is None or w.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype for w in weights):
+            return None
+        return weights
 
     def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
         # the gate and the shared experts see this DP rank's tokens only; with DP attention +

@@ -19,13 +19,7 @@ import torch
 from deepserve.ops.attention import write_kv_cache
 from deepserve.ops.norm import rms_norm
 from deepserve.ops.registry import register
-from deepserve.ops.rotary import _rotate
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    """x [T, H, rot_dim] rotated at `positions` (fp32 math, x's dtype out)."""
-    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
-    return _rotate(x.float(), cos, sin, is_neox).to(x.dtype)
+from deepserve.ops.rotary import rope
 
 
 @register("mla_kv_write", "torch")

@@ -24,11 +24,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return torch.stack((o1, o2), dim=-1).flatten(-2)
 
 
+def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """x [T, H, rot_dim] rotated at `positions` (fp32 math, x's dtype out)."""
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(x.float(), cos, sin, is_neox).to(x.dtype)
+
+
 @register("rotary_embedding", "torch")
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, rot_dim], k [T, Hk, rot_dim] -> rotated copies (computed in fp32)."""
-    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
-    q_out = _rotate(q.float(), cos, sin, is_neox).to(q.dtype)
-    k_out = _rotate(k.float(), cos, sin, is_neox).to(k.dtype)
-    return q_out, k_out
+    return rope(q, positions, cos_sin_cache, is_neox), rope(k, positions, cos_sin_cache, is_neox)

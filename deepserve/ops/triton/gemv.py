@@ -27,10 +27,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from deepserve.ops.dense import linear as torch_linear, linear_pair as torch_linear_pair
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import interpreting, pdl_begin, pdl_launch
 
@@ -107,27 +107,48 @@ def gemv_config(n: int, k: int, device: torch.device) -> dict:
     return cfg
 
 
+def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor):
+    """x as one unit-stride row of k, the weights with unit-stride rows, and the launch
+    settings (config, num_warps) for n_total output features."""
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv takes one row of {k} features, got x {tuple(x.shape)}")
+    x1 = x.reshape(k)
+    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
+    weights = [w if w.stride(1) == 1 else w.contiguous() for w in weights]
+    cfg = dict(gemv_config(n_total, k, x.device))
+    num_warps = cfg.pop("num_warps")
+    return x1, weights, cfg, num_warps
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] holding one row in all, weight [N, K] -> [..., N] in the weight's dtype
     (= F.linear(x.to(weight.dtype), weight, bias)), one launch."""
     n, k = weight.shape
-    if x.shape[-1] != k or x.numel() != k:
-        raise ValueError(f"gemv takes one row of {k} features, got x {tuple(x.shape)}")
+    x1, (weight,), cfg, num_warps = _launch_setup(x, k, n, weight)
     out = torch.empty(*x.shape[:-1], n, dtype=weight.dtype, device=x.device)
     if n == 0:
         return out
-    x1 = x.reshape(k)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
-    cfg = dict(gemv_config(n, k, x.device))
-    num_warps = cfg.pop("num_warps")
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1,
         **cfg, **pdl_launch(x.device))
     return out
+
+
+def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] holding one row, w1 [N1, K], w2 [N2, K] (same dtype) -> (x W1^T, x W2^T), one launch."""
+    (n1, k), (n2, k2) = w1.shape, w2.shape
+    if k2 != k or w1.dtype != w2.dtype:
+        raise ValueError(f"gemv_pair takes two [N, {k}] weights of one dtype, got w1 {tuple(w1.shape)} "
+                         f"{w1.dtype}, w2 {tuple(w2.shape)} {w2.dtype}")
+    x1, (w1, w2), cfg, num_warps = _launch_setup(x, k, n1 + n2, w1, w2)
+    y1 = torch.empty(*x.shape[:-1], n1, dtype=w1.dtype, device=x.device)
+    y2 = torch.empty(*x.shape[:-1], n2, dtype=w2.dtype, device=x.device)
+    grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
+    _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
+                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg,
+                            **pdl_launch(x.device))
+    return y1, y2
 
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -144,27 +165,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """y = x W^T + b in the weight's dtype: the GEMV kernel for a single row, cuBLAS otherwise."""
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
-    return F.linear(x.to(weight.dtype), weight, bias)
-
-
-def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] holding one row, w1 [N1, K], w2 [N2, K] (same dtype) -> (x W1^T, x W2^T), one launch."""
-    (n1, k), (n2, k2) = w1.shape, w2.shape
-    if k2 != k or x.shape[-1] != k or x.numel() != k or w1.dtype != w2.dtype:
-        raise ValueError(f"gemv_pair takes one row of {k} features and two [N, {k}] weights of one dtype, "
-                         f"got x {tuple(x.shape)}, w1 {tuple(w1.shape)} {w1.dtype}, w2 {tuple(w2.shape)} {w2.dtype}")
-    y1 = torch.empty(*x.shape[:-1], n1, dtype=w1.dtype, device=x.device)
-    y2 = torch.empty(*x.shape[:-1], n2, dtype=w2.dtype, device=x.device)
-    x1 = x.reshape(k)
-    x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
-    w1 = w1 if w1.stride(1) == 1 else w1.contiguous()
-    w2 = w2 if w2.stride(1) == 1 else w2.contiguous()
-    cfg = dict(gemv_config(n1 + n2, k, x.device))
-    num_warps = cfg.pop("num_warps")
-    grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
-    _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
-                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg, **pdl_launch(x.device))
-    return y1, y2
+    return torch_linear(x, weight, bias)
 
 
 @register("linear_pair", "triton")
@@ -172,4 +173,4 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[to
     """(x W1^T, x W2^T): one GEMV launch for a single row, two cuBLAS calls otherwise."""
     if use_gemv(x, w1) and w2.dtype == w1.dtype and w2.dim() == 2:
         return gemv_pair(x, w1, w2)
-    return F.linear(x.to(w1.dtype), w1), F.linear(x.to(w2.dtype), w2)
+    return torch_linear_pair(x, w1, w2)

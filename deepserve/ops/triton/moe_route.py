@@ -21,7 +21,6 @@ from deepserve.ops.registry import register
 from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
 
 
-
 @triton.jit
 def _moe_route_kernel(logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, logits_stride, n_experts, scaling,
                       TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
