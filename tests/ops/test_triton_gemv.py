@@ -98,3 +98,33 @@ def test_linear_pair_gpu(triton_ops, n1, n2, k):
     got = resolve("linear_pair", "triton")[1](x, w1, w2)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_.float(), w_.float(), atol=2e-3, rtol=2 ** -7)
+
+
+def test_gemv_pair_rejects_mismatched_weights(triton_ops, cpu_only):
+    from deepserve.ops.triton.gemv import gemv_pair
+    x = torch.zeros(1, 64).bfloat16()
+    with pytest.raises(ValueError, match=r"two \[N, 64\] weights of one dtype"):
+        gemv_pair(x, torch.zeros(8, 64).bfloat16(), torch.zeros(4, 32).bfloat16())
+    with pytest.raises(ValueError, match="one dtype"):
+        gemv_pair(x, torch.zeros(8, 64).bfloat16(), torch.zeros(4, 64))
+    with pytest.raises(ValueError, match="one row of 64 features"):
+        gemv_pair(torch.zeros(2, 64).bfloat16(), torch.zeros(8, 64).bfloat16(), torch.zeros(4, 64).bfloat16())
+
+
+def test_plain_weight_only_for_a_bare_x_w_product():
+    """What MLA's paired projection and the shared-expert fold may take straight to a kernel."""
+    from deepserve.distributed.parallel_state import ParallelContext
+    from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    from deepserve.layers.quantization import make_method
+    one, two = ParallelContext(), ParallelContext(tp_size=2)
+    plain = ReplicatedLinear(8, 4, params_dtype=torch.bfloat16)
+    assert plain.plain_weight() is plain.weight
+    assert ReplicatedLinear(8, 4, bias=True).plain_weight() is None
+    assert ColumnParallelLinear(8, 4, pctx=two).plain_weight() is not None          # a local shard
+    assert ColumnParallelLinear(8, 4, pctx=two, gather_output=True).plain_weight() is None
+    assert ColumnParallelLinear(8, 4, pctx=one, gather_output=True).plain_weight() is not None
+    assert RowParallelLinear(8, 4, pctx=two).plain_weight() is None                  # all-reduced
+    assert RowParallelLinear(8, 4, pctx=two, reduce_results=False).plain_weight() is not None
+    quantized = ReplicatedLinear(256, 256, params_dtype=torch.bfloat16)
+    quantized.set_quant_method(make_method("fp8", (128, 128)))
+    assert quantized.plain_weight() is None

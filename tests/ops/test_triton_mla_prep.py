@@ -99,3 +99,16 @@ def test_v_up_matches_reference(triton_ops, cpu_only, dtype):
 @pytest.mark.parametrize("n_tok,heads", [(1, 16), (64, 16), (4, 128), (200, 128)])
 def test_v_up_gpu(triton_ops, n_tok, heads):
     compare_v_up(n_tok, heads, 512, 128, torch.bfloat16, "cuda", 3e-2)
+
+
+def test_shapes_that_do_not_fit_are_refused(triton_ops, cpu_only):
+    positions, kv_a, q, w_uk, norm_w, cache = setup(2, 2, 16, 32, 8, False, torch.float32)
+    kv_write = resolve("mla_kv_write", "triton")[1]
+    with pytest.raises(ValueError, match="cache rows of 48"):
+        kv_write(kv_a, positions, cache, False, norm_w, 1e-6, torch.zeros(2, 4, 1, 48), torch.zeros(2).long())
+    with pytest.raises(ValueError, match="rope dims disagree"):
+        kv_write(kv_a, positions, cache[:, :4], False, norm_w, 1e-6, torch.zeros(2, 4, 1, 40), torch.zeros(2).long())
+    with pytest.raises(ValueError, match="does not fit q"):
+        resolve("mla_q_absorb", "triton")[1](q, positions, cache, False, w_uk[:1])
+    with pytest.raises(ValueError, match="does not fit out_lat"):
+        resolve("mla_v_up", "triton")[1](torch.zeros(2, 2, 32), torch.zeros(2, 16, 24))
