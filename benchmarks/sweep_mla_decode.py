@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 # (BLOCK_H, BLOCK_N, num_warps, num_stages) tiles per case kind, most promising first; the
 # sm_90 builds of the MLA ones were checked offline for spills and shared memory (4 warps x
 # 64 keys spills; 64 heads x 64 keys needs 221 KB of shared memory: in the full grid only)
-MLA16_TILES = [(16, 32, 8, 2), (16, 16, 4, 2), (16, 64, 8, 2), (16, 32, 8, 3), (16, 16, 4, 3),
-               (16, 32, 4, 2), (16, 64, 8, 3), (16, 16, 8, 3), (64, 32, 8, 2)]
+MLA16_TILES = [(16, 64, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2), (16, 64, 4, 3), (16, 32, 4, 2),
+               (16, 64, 8, 3), (16, 16, 4, 2), (16, 32, 8, 2), (64, 32, 8, 2)]
 MLA128_TILES = [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (64, 32, 8, 3),
                 (64, 16, 8, 3), (32, 32, 8, 3), (64, 64, 8, 2)]
 GQA_TILES = [(16, 64, 4, 2), (16, 32, 4, 2), (16, 64, 4, 3), (16, 64, 8, 2)]
@@ -58,31 +58,42 @@ class Case:
         return self.batch * self.ctx * self.kv_heads * per_token * 2
 
 
-def settings(tiles, pps) -> list[dict]:
-    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, programs_per_sm=p)
+def settings(tiles, pps, **flags) -> list[dict]:
+    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, programs_per_sm=p, **flags)
             for h, n, w, s in tiles for p in pps]
+
+
+# the 2026-11-23 kernel (a page id per key) beside the default
+OLD_FORM = dict(page_tile=False)
 
 
 def make_cases(quick: bool, tiny: bool) -> list[Case]:
     batch64, batch4, ctx = (2, 2, 64) if tiny else (64, 4, 4096)
     q = quick or tiny
-    # programs per SM: 3 and 6 too, in case 4 (576 programs at batch 64) left a partial wave
-    # (H100, 2026-11-23: 66.1% and 61.8% against 66.6% at 4, so it did not)
-    mla16 = settings(MLA16_TILES[:3], (2, 4)) if q else settings(MLA16_TILES[:-1], (2, 3, 4, 6, 8)) \
+    # programs per SM: 3 and 6 too, in case 4 left a partial wave (one-page tiles, H100,
+    # 2026-11-23: 64 keys x 4 warps at 4 programs per SM was best, 79.1%)
+    mla16 = settings(MLA16_TILES[:4], (3, 4)) if q else settings(MLA16_TILES[:-1], (2, 3, 4, 5, 6, 8)) \
         + settings(MLA16_TILES[-1:], (4,))
+    # the old form (a page id per key) at its best setting, and at the engine's old page size
+    mla16 += settings([(16, 32, 4, 2)], (4,), **OLD_FORM)
+    mla16_bs16 = settings([(16, 32, 4, 2)], (4,))
     # at batch 4 the split count is capped by MIN_TOKENS_PER_SPLIT, not programs per SM
     mla128_b4 = settings(MLA128_TILES[:4] if q else MLA128_TILES, (4,))
     mla128_b64 = settings(MLA128_TILES[:2], (1, 4)) if q else settings(MLA128_TILES[:5], (1, 2, 4))
-    gqa = [] if q else settings(GQA_TILES, (2,))
+    mla128_b64 += settings(MLA128_TILES[4:5], (1,), **OLD_FORM)
+    gqa = (settings(GQA_TILES[:1], (2,)) if q else settings(GQA_TILES, (2,))) \
+        + settings(GQA_TILES[:1], (2,), **OLD_FORM) + settings(GQA_TILES[:1], (2,))
     return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16),
+            Case("mla_h16_b64_bs16", 16, 1, 576, 512, batch64, ctx, 16, 0.072, True, mla16_bs16),
             Case("mla_h128_b4", 128, 1, 576, 512, batch4, ctx, 64, 0.072, True, mla128_b4),
             Case("mla_h128_b64", 128, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla128_b64),
             Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa)]
 
 
 def label(cfg: dict) -> str:
+    flags = "".join(f" no-{k}" for k in ("page_tile",) if cfg.get(k) is False)
     return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
-            f"pps{cfg['programs_per_sm']}")
+            f"pps{cfg['programs_per_sm']}{flags}")
 
 
 def cpu_time_ms(fn, reps: int = 1) -> float:
@@ -116,7 +127,7 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     want = resolve("paged_attention", "torch")[1](*args).float()
     tri = resolve("paged_attention", "triton")[1]
     big_head = case.head_dim + case.v_dim > 512
-    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads)
+    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size)
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)
         attention.DECODE_OVERRIDE = cfg

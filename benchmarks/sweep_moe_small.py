@@ -25,7 +25,8 @@ from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
 
 CASES = {"v2lite": (2048, 1408, 64, 6, 2816), "r1": (7168, 2048, 256, 8, 2048)}
 GATE_UP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16, 32) for k in (256, 512, 1024) for w in (4, 8)]
-DOWN = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512, 1024) for w in (4, 8)]
+# the down kernel with every slot in one step (both cases' shared experts are whole pieces of I)
+DOWN_SLOTS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8)]
 LAYERS = 2          # each call reads >= 138 MB, well over the 50 MB L2; R1 x 4 did not fit in 80 GB
 
 
@@ -33,6 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
+    ap.add_argument("--kernels", default="gate_up,down_slots", help="which kernels' settings to vary")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe_small as fms
@@ -60,7 +62,17 @@ def main() -> int:
         base_us = graph_time_ms(run_all, reps=1) / layers * 1e3
         print(f"{name}: default {base_us:.1f} us ({nbytes / (base_us * 1e-6) / bw:.0%} of copy), "
               f"{nbytes / 1e6:.0f} MB")
-        for kernel, grid in (("gate_up", GATE_UP), ("down", DOWN)):
+        # the down kernel's slot-by-slot loop (the form before 2026-11-23's all-slots step)
+        fms.ALL_SLOTS_PER_STEP = False
+        try:
+            loop_us = graph_time_ms(run_all, reps=1) / layers * 1e3
+            ok = torch.allclose(run_all()[0].float(), want, rtol=2e-2, atol=2e-3)
+        finally:
+            fms.ALL_SLOTS_PER_STEP = True
+        print(f"  down slot by slot: {loop_us:.1f} us ({nbytes / (loop_us * 1e-6) / bw:.0%}){'' if ok else ' WRONG'}")
+        summary.append((name, "down slot by slot", base_us, (loop_us, "slot-by-slot loop")))
+        grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS}
+        for kernel, grid in ((k, grids[k]) for k in args.kernels.split(",") if k):
             best = (base_us, "default")
             for cfg in grid if dev == "cuda" else grid[:2]:
                 label = f"n{cfg['BLOCK_N']} k{cfg['BLOCK_K']} w{cfg['num_warps']}"

@@ -18,9 +18,19 @@ def test_flags_have_vllm_names_and_docs():
                    "--tensor-parallel-size", "1", "--max-model-len", "128"])
     assert args.max_num_seqs == 8 and args.enable_prefix_caching is False and args.enforce_eager
     assert args.hf_overrides == {"num_hidden_layers": 2} and args.cuda_graph_sizes == [1, 2]
-    assert args.block_size == 16  # untouched flags keep the dataclass default
+    assert args.block_size is None  # untouched flags keep the dataclass default
     docs = field_docs(EngineArgs)
     assert all(docs.get(f) for f in ("model", "max_num_seqs", "gpu_memory_utilization", "ops"))
+
+
+@pytest.mark.parametrize("model, flags, want", [
+    ("deepseek-v2-lite", [], 64),                          # MLA: one page per 64-key decode tile
+    ("deepseek-v2-lite", ["--block-size", "16"], 16),      # a given size wins
+    (None, [], 16),                                        # the demo Llama
+])
+def test_block_size_defaults_by_attention_kind(model, flags, want):
+    args = _parse((["--model", model] if model else []) + flags)
+    assert args.create_engine_config().cache.block_size == want
 
 
 def test_bad_flag_values_name_the_value():

@@ -82,7 +82,7 @@ def test_reference_is_routed_plus_llama_mlp(torch_backend, dtype):
 # ---- Triton small path, interpreted --------------------------------------------------------
 
 @pytest.mark.parametrize("t", [1, 2])
-@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24)])    # Is > I (DeepSeek) and Is < I
+@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24), (40, 80), (40, 40)])  # Is > I, < I, = 2I, = I
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, inter, s_inter):
     e = 8

@@ -25,18 +25,18 @@ PROGRAMS_PER_SM = {False: 2, True: 4}
 # launch settings merged over decode_config's choice when set (keys as decode_config
 # returns them); benchmarks/sweep_mla_decode.py sets it to time candidate settings
 DECODE_OVERRIDE: dict | None = None
-_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm"))
+_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 
 
-def decode_config(big_head: bool, small: bool, group: int) -> dict:
-    """Tile and launch settings of the decode kernel for `group` query heads per KV head
-    (DECODE_OVERRIDE replaces keys). Measured on an H100 with benchmarks/sweep_mla_decode.py
-    (2026-11-23, docs/PERFORMANCE.md):
+def decode_config(big_head: bool, small: bool, group: int, block_size: int = 64) -> dict:
+    """Tile and launch settings of the decode kernel for `group` query heads per KV head over
+    a cache of `block_size`-token pages (DECODE_OVERRIDE replaces keys). Measured on an H100
+    with benchmarks/sweep_mla_decode.py (2026-11-23, docs/PERFORMANCE.md):
     - GQA: 16 heads x 64 keys, 4 warps, 2 stages, 2 programs per SM (97.6% of copy bandwidth).
-    - MLA, 16 heads (V2-Lite): 32 keys, 4 warps, 2 stages, 4 programs per SM (66.4%; the
-      first guess, 8 warps, gave 56.6%).
+    - MLA, 16 heads (V2-Lite), 64-token pages: 64 keys (one page per tile), 4 warps, 2
+      stages, 4 programs per SM (79.1%); 16-token pages: 32 keys (64.7%).
     - MLA, 64+ heads (R1's 128): 64 heads per program, so the latent is read twice, not 8
-      times; 32 keys, 8 warps, 3 stages, 1 program per SM (20% at batch 64, where it is
+      times; 32 keys, 8 warps, 3 stages, 1 program per SM (27% at batch 64, where it is
       bound by the [64, 576] x [576, 32] products, not by memory)."""
     # every query head of a KV head in one program where possible, so the cache is read once
     # per KV head: 16 rows is the smallest tensor-core M (GQA groups under 16 leave rows
@@ -47,10 +47,12 @@ def decode_config(big_head: bool, small: bool, group: int) -> dict:
     elif big_head and block_h >= 64:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
     elif big_head:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_H=block_h, BLOCK_N=64 if block_size % 64 == 0 else 32, num_warps=4, num_stages=2)
     else:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
     cfg.setdefault("programs_per_sm", PROGRAMS_PER_SM[big_head])
+    # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size)
+    cfg["page_tile"] = True
     if DECODE_OVERRIDE:
         unknown = set(DECODE_OVERRIDE) - _DECODE_KEYS
         if unknown:
@@ -119,17 +121,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     small = interpreting() or q.device.type != "cuda"
     big_head = block_d + block_dpe + block_dv > 512
     if max_query_len == 1:
-        cfg = decode_config(big_head, small, group)
+        cfg = decode_config(big_head, small, group, k_cache.shape[1])
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
+        page_tile = cfg.pop("page_tile") and k_cache.shape[1] % cfg["BLOCK_N"] == 0
         head_groups = triton.cdiv(group, block_h)
-        splits = num_decode_splits(batch, n_kv_heads * head_groups, max_seq_len, q.device, pps)
+        programs = n_kv_heads * head_groups
+        splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)
         mid_o = torch.empty(batch, n_heads, splits, block_dv, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
-        _decode_split_kernel[(batch, n_kv_heads * head_groups, splits)](
+        _decode_split_kernel[(batch, programs, splits)](
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
-            BLOCK_H=block_h, **cfg, **common, **pdl_launch(q.device))
+            BLOCK_H=block_h, PAGE_TILE=page_tile,
+            **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
             BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))

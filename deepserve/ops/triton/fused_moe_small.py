@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import interpreting, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch
 
 FP8_BLOCK = 128
 
@@ -149,53 +149,108 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
 
 
 @triton.jit
+def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s1, tw_s1, w_se, w_sn, sw_sn,
+                    inter, n_experts, dt: tl.constexpr, TOP_K: tl.constexpr, N_SHARED: tl.constexpr,
+                    SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The token's down rows offs_n over all its slots at once: [SLOTS, BLOCK_N, BLOCK_K] tiles.
+
+    Slot s < TOP_K is routed slot s; slots TOP_K ... TOP_K + N_SHARED - 1 are the shared
+    expert's columns cut into N_SHARED pieces of `inter` (Is = N_SHARED * I), so every slot's
+    act starts at act_row + s * inter. One step loads one K block of every slot: SLOTS times
+    the bytes in flight of a loop over slots, which left the kernel latency-bound at batch 1.
+    Rounding as the per-slot loop: each routed output rounded before its weight, the shared
+    pieces summed in fp32 and rounded once."""
+    offs_s = tl.arange(0, SLOTS)
+    routed = offs_s < TOP_K
+    shared = (offs_s >= TOP_K) & (offs_s < TOP_K + N_SHARED)
+    expert = tl.load(ids_row + offs_s * ids_s1, mask=routed, other=-1).to(tl.int64)
+    use = (routed & (expert >= 0) & (expert < n_experts)) | shared
+    expert = tl.where(routed & use, expert, 0)
+    rows = offs_n.to(tl.int64)[None, :, None]
+    w_rows = tl.where(routed[:, None, None], w_ptr + expert[:, None, None] * w_se + rows * w_sn,
+                      sw_ptr + rows * sw_sn + (offs_s - TOP_K)[:, None, None] * inter)  # [S, N, 1]
+    a_rows = act_row + offs_s[:, None] * inter                                          # [S, 1]
+    acc = tl.zeros([SLOTS, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_rows + offs_k[None, :], mask=use[:, None], other=0.0)
+            w = tl.load(w_rows + offs_k[None, None, :], mask=use[:, None, None] & n_ok[None, :, None], other=0.0)
+        else:
+            k_ok = offs_k < inter
+            a = tl.load(a_rows + offs_k[None, :], mask=use[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, None, :],
+                        mask=use[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :], other=0.0)
+        acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]
+    y = tl.sum(acc, axis=2)                                                             # [S, N]
+    tw = tl.load(tw_row + offs_s * tw_s1, mask=routed & use, other=0.0).to(tl.float32)
+    out = tl.sum(tl.where(routed[:, None], y.to(dt).to(tl.float32) * tw[:, None], 0.0), axis=0)
+    if N_SHARED > 0:
+        out += tl.sum(tl.where(shared[:, None], y, 0.0), axis=0).to(dt).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
                        act_stride, ids_s0, ids_s1, tw_s0, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn,
                        out_stride, hidden, inter, s_inter, n_experts,
                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                       HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, USE_PDL: tl.constexpr):
+                       HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, SLOTS: tl.constexpr,
+                       N_SHARED: tl.constexpr, USE_PDL: tl.constexpr):
+    """SLOTS > 0: every slot in one [SLOTS, BLOCK_N, BLOCK_K] step (`_down_all_slots`; 16-bit
+    weights, shared experts only as N_SHARED whole pieces of I); else one slot after another."""
     pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     dt = act_ptr.dtype.element_ty
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     act_row = act_ptr + tok * act_stride
-    out = tl.zeros([BLOCK_N], tl.float32)
-    for j in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + tok * ids_s0 + j * ids_s1).to(tl.int64)
-        if (expert >= 0) & (expert < n_experts):
-            a_row = act_row + j * inter
-            w_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn
-            s_ptr = ws_ptr + expert * ws_se
+    if SLOTS > 0:
+        out = _down_all_slots(act_row, ids_ptr + tok * ids_s0, tw_ptr + tok * tw_s0, w_ptr, sw_ptr, offs_n, n_ok,
+                              ids_s1, tw_s1, w_se, w_sn, sw_sn, inter, n_experts, dt, TOP_K, N_SHARED, SLOTS,
+                              BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        out = tl.zeros([BLOCK_N], tl.float32)
+        for j in tl.static_range(TOP_K):
+            expert = tl.load(ids_ptr + tok * ids_s0 + j * ids_s1).to(tl.int64)
+            if (expert >= 0) & (expert < n_experts):
+                a_row = act_row + j * inter
+                w_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn
+                s_ptr = ws_ptr + expert * ws_se
+                acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+                y = tl.zeros([BLOCK_N], tl.float32)
+                for k0 in range(0, inter, BLOCK_K):
+                    acc, y = _gemv_step(acc, y, w_rows, a_row, k0, inter, s_ptr, offs_n, n_ok, ws_sn, ws_sk,
+                                        dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+                if not FP8:
+                    y = tl.sum(acc, axis=1)
+                y = y.to(dt).to(tl.float32)       # the reference's down output dtype
+                out += y * tl.load(tw_ptr + tok * tw_s0 + j * tw_s1).to(tl.float32)
+        if HAS_SHARED:
+            # the shared expert, weight 1.0, into the same fp32 sum (16-bit weights only)
+            w_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
             y = tl.zeros([BLOCK_N], tl.float32)
-            for k0 in range(0, inter, BLOCK_K):
-                acc, y = _gemv_step(acc, y, w_rows, a_row, k0, inter, s_ptr, offs_n, n_ok, ws_sn, ws_sk,
-                                    dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
-            if not FP8:
-                y = tl.sum(acc, axis=1)
-            y = y.to(dt).to(tl.float32)       # the reference's down output dtype
-            out += y * tl.load(tw_ptr + tok * tw_s0 + j * tw_s1).to(tl.float32)
-    if HAS_SHARED:
-        # the shared expert, weight 1.0, into the same fp32 sum (16-bit weights only)
-        w_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        y = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, s_inter, BLOCK_K):
-            acc, y = _gemv_step(acc, y, w_rows, act_row + TOP_K * inter, k0, s_inter, ws_ptr, offs_n, n_ok,
-                                0, 0, dt, BLOCK_K, EVEN_KS, False, SCALE_BLOCK)
-        out += tl.sum(acc, axis=1).to(dt).to(tl.float32)    # the shared MLP's down output dtype
+            for k0 in range(0, s_inter, BLOCK_K):
+                acc, y = _gemv_step(acc, y, w_rows, act_row + TOP_K * inter, k0, s_inter, ws_ptr, offs_n, n_ok,
+                                    0, 0, dt, BLOCK_K, EVEN_KS, False, SCALE_BLOCK)
+            out += tl.sum(acc, axis=1).to(dt).to(tl.float32)    # the shared MLP's down output dtype
     tl.store(out_ptr + tok * out_stride + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
+
+# False runs the down kernel's slot-by-slot loop wherever it would take all slots per step
+# (for timing the two forms against each other: benchmarks/sweep_moe_small.py)
+ALL_SLOTS_PER_STEP = True
 
 # launch settings merged over small_config's choice when set ({"gate_up": {...}, "down": {...}},
 # keys as small_config returns them), for timing candidate settings
 SMALL_OVERRIDE: dict | None = None
 
 
-def small_config(kernel: str, fp8: bool) -> dict:
-    """BLOCK_N, BLOCK_K, num_warps, num_stages of `kernel` ("gate_up" or "down").
+def small_config(kernel: str, fp8: bool, slots: int = 0, inter: int = 0) -> dict:
+    """BLOCK_N, BLOCK_K, num_warps, num_stages of `kernel` ("gate_up", "down", or "down_slots":
+    the down kernel with all `slots` slots in one step, for an intermediate size `inter`).
 
     Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane). Picked
     on an H100 by timing CUDA-graph replays at batch 1 (2026-11-23, % of copy bandwidth):
@@ -203,10 +258,15 @@ def small_config(kernel: str, fp8: bool) -> dict:
       x 512 (512 programs; 8 rows gave 256 programs and 70%): 43.9 us, 79% (sorted: 30%).
     - fp8, R1 (D 7168, I 2048, k 8): gate_up 16 x 128, down 8 x 256 (two scale blocks per
       step), 8 warps: down alone went from 71% to 80% (sorted: 56%).
+    - down_slots: a [slots, BLOCK_N, BLOCK_K] tile of about 8K weights per step (64 fp32
+      accumulators a thread at 4 warps), K steps that divide I where 256 or 128 does.
     Pipelining stages changed nothing measurable (these loads feed no tl.dot), so 1.
     Interpreted, numpy's cost is per operation, not per element: few, large programs."""
     if interpreting():
         cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 64, num_warps=1, num_stages=1)
+    elif kernel == "down_slots":
+        block_k = 256 if inter % 256 == 0 or inter % 128 else 128
+        cfg = dict(BLOCK_N=max(1, 8192 // (slots * block_k)), BLOCK_K=block_k, num_warps=4, num_stages=1)
     elif fp8:
         cfg = dict(BLOCK_N=16, BLOCK_K=FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
             dict(BLOCK_N=8, BLOCK_K=2 * FP8_BLOCK, num_warps=8, num_stages=1)
@@ -261,7 +321,12 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         shared_w13 = shared_w13 if shared_w13.stride(-1) == 1 else shared_w13.contiguous()
         shared_w2 = shared_w2 if shared_w2.stride(-1) == 1 else shared_w2.contiguous()
         s_inter = shared_w2.shape[1]
-    gu_cfg, down_cfg = small_config("gate_up", fp8), small_config("down", fp8)
+    # the down kernel takes every slot in one step unless fp8 weights (scaled per block) or a
+    # shared expert that is not whole pieces of I ask for the slot-by-slot loop
+    n_shared = s_inter // inter if has_shared else 0
+    slots = next_pow2(top_k + n_shared) if ALL_SLOTS_PER_STEP and not fp8 and n_shared * inter == s_inter else 0
+    gu_cfg = small_config("gate_up", fp8)
+    down_cfg = small_config("down_slots", fp8, slots, inter) if slots else small_config("down", fp8)
     # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
@@ -279,5 +344,6 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0, out.stride(0),
         hidden, inter, s_inter, num_experts, EVEN_K=inter % down_cfg["BLOCK_K"] == 0,
-        EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, **down_cfg, **common, **pdl_launch(x.device))
+        EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, SLOTS=slots, N_SHARED=n_shared, **down_cfg, **common,
+        **pdl_launch(x.device))
     return out
