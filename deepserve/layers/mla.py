@@ -12,9 +12,9 @@ kv_b_proj = [W_UK; W_UV] per head, a head's key is [W_UK c_kv | k_pe] and its va
   q_lat = q_nope W_UK (so q_lat . c_kv = q_nope . k_nope), attend over the latent directly
   as MQA with 576-wide q/k and the first 512 dims as v, then apply W_UV to the output.
 - Every token's cache row (normed c_kv, rotated k_pe) is written by `ops.mla_kv_write`, the
-  decode query built by `ops.mla_q_absorb` and W_UV applied by `ops.mla_v_up`
-  (deepserve/ops/mla.py): one kernel each on the triton backend, where the unfused steps
-  took eight launches per layer.
+  decode query built by `ops.mla_q_absorb` (both in one `ops.mla_decode_prep` when every row
+  is a decode row) and W_UV applied by `ops.mla_v_up` (deepserve/ops/mla.py): on the triton
+  backend two launches around the attention, where the unfused steps took eight per layer.
 
 Both paths give the same numbers (tests/models/test_deepseek.py checks this); decode reads
 kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
@@ -73,11 +73,10 @@ class MLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]         # [H, nope, C], [H, v, C]
 
-    def _decode(self, q, positions, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
-        """Absorbed attention of the first n sequences (one token each; q [n, H, qk]) -> [n, H, v]."""
-        w_uk, w_uv = self._w_uk_uv()
-        q_abs = ops.mla_q_absorb(q, positions, self.rotary_emb.cos_sin_cache,   # [n, H, C + rope]
-                                 self.rotary_emb.is_neox_style, w_uk)
+    def _decode(self, q_abs, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
+        """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
+        -> [n, H, v]."""
+        _, w_uv = self._w_uk_uv()
         out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                       meta.query_start_loc[:n + 1], meta.seq_lens[:n],
                                       meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
@@ -123,15 +122,18 @@ class MLAAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.qk_head_dim)
         (pool,) = self.kv_cache
         rope = self.rotary_emb
-        ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, self.kv_a_layernorm.weight,
-                         self.kv_a_layernorm.eps, pool, meta.slot_mapping)
-
+        w_uk, norm = self._w_uk_uv()[0], self.kv_a_layernorm
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
-            return self.o_proj(self._decode(q, positions, pool, meta, n_dec).flatten(1))
+            q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
+                                        norm.weight, norm.eps, pool, meta.slot_mapping)   # [n, H, C + rope]
+            return self.o_proj(self._decode(q_abs, pool, meta, n_dec).flatten(1))
+        ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
+                         meta.slot_mapping)
         out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
         if n_dec:
-            out[:n_dec] = self._decode(q[:n_dec], positions[:n_dec], pool, meta, n_dec)
+            q_abs = ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
+            out[:n_dec] = self._decode(q_abs, pool, meta, n_dec)
         if n_dec < meta.num_seqs:
             q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
             k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it

@@ -8,6 +8,8 @@ each as one kernel:
 - `mla_q_absorb`: q = [q_nope | q_pe] per head -> q_abs = [q_nope W_UK | rope(q_pe)] per head,
   the 576-wide query the absorbed decode attention runs on (DeepSeek-V2 section 2.1).
 - `mla_v_up`: the attention output in latent space times W_UV, per head.
+- `mla_decode_prep`: `mla_kv_write` and `mla_q_absorb` of the same tokens as one op (a
+  decode-only step), so a backend can run both in one launch.
 
 The references compose the existing ones (rms_norm, rotary_embedding, the einsum, cat,
 write_kv_cache), so every rounding is the one the unfused layer had.
@@ -48,3 +50,12 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V]: the absorbed attention's output, per head,
     back from the latent to the value space."""
     return torch.einsum("thc,hvc->thv", out_lat, w_uv)
+
+
+@register("mla_decode_prep", "torch")
+def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    is_neox: bool, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float, pool: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """mla_kv_write(kv_a, ...) then mla_q_absorb(q, ...) for the same tokens -> q_abs."""
+    mla_kv_write(kv_a, positions, cos_sin_cache, is_neox, norm_weight, eps, pool, slot_mapping)
+    return mla_q_absorb(q, positions, cos_sin_cache, is_neox, w_uk)

@@ -33,6 +33,17 @@ def unfused_latent(kv_a, positions, cache, is_neox, norm_w, eps):
     return torch.cat((rms(kv_c, norm_w, eps), k_rot[:, 0]), dim=-1)
 
 
+def test_decode_prep_reference_is_kv_write_then_q_absorb():
+    positions, kv_a, q, w_uk, norm_w, cache = setup(5, 3, 16, 32, 8, False, torch.float32)
+    pools = [torch.zeros(4, 4, 1, 40) for _ in range(2)]
+    slots = torch.tensor([3, 0, -1, 9, 15])
+    resolve("mla_kv_write", "torch")[1](kv_a, positions, cache, False, norm_w, 1e-6, pools[0], slots)
+    q_abs = resolve("mla_decode_prep", "torch")[1](q, kv_a, positions, cache, False, w_uk, norm_w, 1e-6, pools[1],
+                                                   slots)
+    assert torch.equal(pools[1], pools[0]) and pools[0].abs().sum() > 0
+    assert torch.equal(q_abs, resolve("mla_q_absorb", "torch")[1](q, positions, cache, False, w_uk))
+
+
 @pytest.mark.parametrize("is_neox", [False, True])
 def test_references_equal_the_unfused_steps(is_neox):
     positions, kv_a, q, w_uk, norm_w, cache = setup(5, 3, 16, 32, 8, is_neox, torch.bfloat16)
@@ -64,6 +75,11 @@ def compare(n_tok, heads, nope, c, rot, is_neox, dtype, device, block_size=4, at
     got = resolve("mla_q_absorb", "triton")[1](q, positions, cache, is_neox, w_uk)
     assert got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=2 ** -7)
+    # both in one launch: the same cache rows and q_abs as the two kernels, bit for bit
+    pool = torch.zeros_like(pools[1])
+    both = resolve("mla_decode_prep", "triton")[1](q, kv_a, positions, cache, is_neox, w_uk, norm_w, 1e-6, pool,
+                                                   slots)
+    assert torch.equal(both, got) and torch.equal(pool, pools[1])
 
 
 @pytest.mark.parametrize("is_neox", [False, True])
@@ -112,3 +128,6 @@ def test_shapes_that_do_not_fit_are_refused(triton_ops, cpu_only):
         resolve("mla_q_absorb", "triton")[1](q, positions, cache, False, w_uk[:1])
     with pytest.raises(ValueError, match="does not fit out_lat"):
         resolve("mla_v_up", "triton")[1](torch.zeros(2, 2, 32), torch.zeros(2, 16, 24))
+    with pytest.raises(ValueError, match=r"kv_a \(2, 40\) \(latent 32\) does not fit q \(1, 2, 24\)"):
+        resolve("mla_decode_prep", "triton")[1](q[:1], kv_a, positions[:1], cache, False, w_uk, norm_w, 1e-6,
+                                                torch.zeros(2, 4, 1, 40), torch.zeros(1).long())

@@ -9,6 +9,9 @@ Here:
 - `_kv_write_kernel`, grid (T,): one program per token normalises c_kv (fp32 statistics,
   rounded to the dtype before the weight, as rms_norm), rotates k_pe with the cos/sin row of
   its position, and stores both halves straight into the token's cache slot.
+- `_decode_prep_kernel` (`mla_decode_prep`, every decode-only step): both of the kernels
+  below in one launch, its first T programs writing cache rows and the rest the q-absorb
+  tiles: at batch-1 decode a launch costs more than either's work.
 - `_q_absorb_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(C, BLOCK_C)): q_nope [BLOCK_T, nope]
   times W_UK[h] [nope, BLOCK_C] on tensor cores (fp32 accumulation, one rounding: the
   einsum's), written into q_abs[:, h, :C]; the programs of the first C block also rotate
@@ -38,11 +41,10 @@ def _rope_pair_offsets(i, half, IS_NEOX: tl.constexpr):
 
 
 @triton.jit
-def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
-                     block_size, eps, C, half,
-                     IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_begin(USE_PDL)
-    tok = tl.program_id(0).to(tl.int64)
+def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
+                  block_size, eps, C, half, IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token tok's cache row [rms_norm(c_kv) * w | rope(k_pe)] into its slot (none if < 0)."""
+    tok = tok.to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         dt = kv_ptr.dtype.element_ty
@@ -68,15 +70,24 @@ def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, poo
 
 
 @triton.jit
-def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
-                     T, NOPE, C, half,
-                     IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
+                     block_size, eps, C, half,
+                     IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
-    head = tl.program_id(1).to(tl.int64)
-    block_c = tl.program_id(2)
+    _kv_write_row(tl.program_id(0), kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
+                  block_size, eps, C, half, IS_NEOX, BLOCK_C, BLOCK_HALF)
+
+
+@triton.jit
+def _q_absorb_tile(t_block, head, block_c, q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd,
+                   out_ptr, o_st, o_sh, T, NOPE, C, half, IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr):
+    """q_abs rows t_block*BLOCK_T.. of one head: latent columns block_c*BLOCK_C.. (plus the
+    rotated q_pe when block_c == 0)."""
+    head = head.to(tl.int64)
     dt = out_ptr.dtype.element_ty
-    toks = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    toks = (t_block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_ok = toks < T
     q_rows = q_ptr + toks[:, None] * q_st + head * q_sh
     out_rows = out_ptr + toks[:, None] * o_st + head * o_sh
@@ -101,6 +112,38 @@ def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_s
         x2 = tl.load(q_rows + NOPE + d2[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(out_rows + C + d1[None, :], (x1 * cos - x2 * sin).to(dt), mask=ok)
         tl.store(out_rows + C + d2[None, :], (x2 * cos + x1 * sin).to(dt), mask=ok)
+
+
+@triton.jit
+def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
+                     T, NOPE, C, half,
+                     IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_begin(USE_PDL)
+    _q_absorb_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st,
+                   w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh, T, NOPE, C, half, IS_NEOX, DOT_DTYPE, DOT_PRECISION,
+                   BLOCK_T, BLOCK_D, BLOCK_C, BLOCK_HALF)
+
+
+@triton.jit
+def _decode_prep_kernel(kv_ptr, kv_st, slot_ptr, nw_ptr, pool_ptr, p_sb, p_so, block_size, eps,
+                        q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
+                        T, NOPE, C, half, heads, c_blocks,
+                        IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_CW: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    """A decode step's two MLA prep kernels in one launch: programs 0..T-1 write token pid's
+    cache row (`_kv_write_row`), the rest are the q-absorb tiles (t block, head, latent block)."""
+    pdl_begin(USE_PDL)
+    pid = tl.program_id(0)
+    if pid < T:
+        _kv_write_row(pid, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, nw_ptr, pool_ptr, p_sb, p_so,
+                      block_size, eps, C, half, IS_NEOX, BLOCK_CW, BLOCK_HALF)
+    else:
+        r = pid - T
+        _q_absorb_tile(r // (heads * c_blocks), (r // c_blocks) % heads, r % c_blocks, q_ptr, q_st, q_sh, pos_ptr,
+                       cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh, T, NOPE, C, half, IS_NEOX, DOT_DTYPE,
+                       DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_C, BLOCK_HALF)
 
 
 @triton.jit
@@ -132,19 +175,44 @@ def _check_rope(rot_dim: int, cos_sin_cache: torch.Tensor) -> None:
                          f"(must be equal and even)")
 
 
-@register("mla_kv_write", "triton")
-def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
-                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] (pool [blocks, bs, 1, C + R])."""
+def _kv_write_checked(kv_a: torch.Tensor, norm_weight: torch.Tensor, pool: torch.Tensor,
+                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """kv_a with a unit last stride, C and the rope width, after checking they fit the pool."""
     c = norm_weight.shape[0]
     rot = kv_a.shape[-1] - c
     if pool.shape[-1] != kv_a.shape[-1] or pool.stride(-1) != 1:
         raise ValueError(f"cache rows of {pool.shape[-1]} (unit stride) do not fit kv_a {tuple(kv_a.shape)}")
     _check_rope(rot, cos_sin_cache)
+    return (kv_a if kv_a.stride(-1) == 1 else kv_a.contiguous()), c, rot
+
+
+def _q_absorb_checked(q: torch.Tensor, w_uk: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[int, int, int]:
+    """nope, C and the rope width of q [T, H, nope + R] and w_uk [H, nope, C], after checks."""
+    heads, width = q.shape[1], q.shape[2]
+    _, nope, c = w_uk.shape
+    if w_uk.shape[0] != heads or w_uk.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"w_uk {tuple(w_uk.shape)} does not fit q {tuple(q.shape)} (unit last strides needed)")
+    _check_rope(width - nope, cos_sin_cache)
+    return nope, c, width - nope
+
+
+def _q_absorb_tiles(n_tokens: int, nope: int, rot: int) -> dict:
+    return dict(BLOCK_T=min(64, max(16, next_pow2(n_tokens))), BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=128,
+                BLOCK_HALF=next_pow2(rot // 2))
+
+
+def _unit_rows(cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    return cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+
+
+@register("mla_kv_write", "triton")
+def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] (pool [blocks, bs, 1, C + R])."""
+    kv_a, c, rot = _kv_write_checked(kv_a, norm_weight, pool, cos_sin_cache)
     if kv_a.shape[0] == 0:
         return
-    kv_a = kv_a if kv_a.stride(-1) == 1 else kv_a.contiguous()
-    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    cache = _unit_rows(cos_sin_cache)
     _kv_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
         pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
@@ -155,25 +223,46 @@ def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: tor
 def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
                  w_uk: torch.Tensor) -> torch.Tensor:
     """q [T, H, nope + R], w_uk [H, nope, C] -> q_abs [T, H, C + R] = [q_nope W_UK | rope(q_pe)]."""
-    n_tokens, heads, width = q.shape
-    _, nope, c = w_uk.shape
-    rot = width - nope
-    if w_uk.shape[0] != heads or w_uk.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError(f"w_uk {tuple(w_uk.shape)} does not fit q {tuple(q.shape)} (unit last strides needed)")
-    _check_rope(rot, cos_sin_cache)
+    n_tokens, heads, _ = q.shape
+    nope, c, rot = _q_absorb_checked(q, w_uk, cos_sin_cache)
     out = torch.empty(n_tokens, heads, c + rot, dtype=q.dtype, device=q.device)
     if n_tokens == 0:
         return out
-    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-    block_t = min(64, max(16, next_pow2(n_tokens)))
-    block_c = 128
-    grid = (triton.cdiv(n_tokens, block_t), heads, triton.cdiv(c, block_c))
+    cache = _unit_rows(cos_sin_cache)
+    tiles = _q_absorb_tiles(n_tokens, nope, rot)
+    grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), heads, triton.cdiv(c, tiles["BLOCK_C"]))
     _q_absorb_kernel[grid](
         q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0), w_uk.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
-        IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_T=block_t,
-        BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=block_c, BLOCK_HALF=next_pow2(rot // 2), num_warps=4, **pdl_launch(q.device))
+        IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **tiles,
+        num_warps=4, **pdl_launch(q.device))
+    return out
+
+
+@register("mla_decode_prep", "triton")
+def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                    is_neox: bool, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float, pool: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """mla_kv_write of kv_a and mla_q_absorb of q for the same T tokens, in one launch."""
+    n_tokens, heads, _ = q.shape
+    kv_a, c_kv, rot_kv = _kv_write_checked(kv_a, norm_weight, pool, cos_sin_cache)
+    nope, c, rot = _q_absorb_checked(q, w_uk, cos_sin_cache)
+    if kv_a.shape[0] != n_tokens or (c_kv, rot_kv) != (c, rot):
+        raise ValueError(f"kv_a {tuple(kv_a.shape)} (latent {c_kv}) does not fit q {tuple(q.shape)} and w_uk "
+                         f"{tuple(w_uk.shape)}: one row per token, the same latent and rope widths")
+    out = torch.empty(n_tokens, heads, c + rot, dtype=q.dtype, device=q.device)
+    if n_tokens == 0:
+        return out
+    cache = _unit_rows(cos_sin_cache)
+    tiles = _q_absorb_tiles(n_tokens, nope, rot)
+    c_blocks = triton.cdiv(c, tiles["BLOCK_C"])
+    grid = (n_tokens + triton.cdiv(n_tokens, tiles["BLOCK_T"]) * heads * c_blocks,)
+    _decode_prep_kernel[grid](
+        kv_a, kv_a.stride(0), slot_mapping, norm_weight, pool, pool.stride(0), pool.stride(1), pool.shape[1],
+        float(eps), q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0),
+        w_uk.stride(1), out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2, heads, c_blocks,
+        IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_CW=next_pow2(c), **tiles, num_warps=4, **pdl_launch(q.device))
     return out
 
 
