@@ -2,7 +2,8 @@
 
 Most files hold one figure (name, device, date, command, value, unit, roofline_value, ratio);
 bench_layouts.py writes one file per run with its figures under "rows" (equality checks have
-no value and are left out here)."""
+no value and are left out here). Reports that are not figures (profile_decode.py's step
+breakdowns, sweep_gemv.py's raw timings) have no name and value and are left out too."""
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ def figures(d: dict) -> list[dict]:
     if "rows" in d:
         return [dict(r, device=d["device"], date=d["date"], command=d["command"])
                 for r in d["rows"] if "name" in r and "value" in r]
-    return [d]
+    return [d] if "name" in d and "value" in d else []
 
 
 def main() -> None:
