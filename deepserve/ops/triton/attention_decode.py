@@ -133,7 +133,8 @@ def _decode_split_kernel(
     # mid buffers are [B, H, num_splits, (DV)]
     mid_row = (b.to(tl.int64) * n_heads + heads) * num_splits + split
     tl.store(mid_lse_ptr + mid_row, lse, mask=h_mask)
-    tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :], acc / l_safe[:, None],
+    tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :],
+             (acc / l_safe[:, None]).to(mid_o_ptr.dtype.element_ty),
              mask=h_mask[:, None] & nonempty)
 
 
@@ -157,7 +158,8 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, 
     for s in range(0, num_splits):
         lse_s = tl.load(mid_lse_ptr + base + s)
         # an empty split stored no output: do not read it
-        part = tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv, mask=lse_s > float("-inf"), other=0.0)
+        part = tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv, mask=lse_s > float("-inf"),
+                       other=0.0).to(tl.float32)
         acc += tl.exp2(lse_s - m) * part
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty),
