@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # (BLOCK_H, BLOCK_N, num_warps, num_stages) tiles per case kind, most promising first; the
-# sm_90 builds of the MLA ones were checked offline for spills and shared memory (4 warps x
-# 64 keys spills; 64 heads x 64 keys needs 221 KB of shared memory: in the full grid only)
+# sm_90 builds of the MLA ones were checked offline for spills and shared memory (64 heads x
+# 64 keys needs 221 KB of shared memory: in the full grid only; 4 warps x 64 keys spilled with
+# a page id per key and is the fastest with one page per tile)
 MLA16_TILES = [(16, 64, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2), (16, 64, 4, 3), (16, 32, 4, 2),
                (16, 64, 8, 3), (16, 16, 4, 2), (16, 32, 8, 2), (64, 32, 8, 2)]
 MLA128_TILES = [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (64, 32, 8, 3),

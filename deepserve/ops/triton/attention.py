@@ -34,7 +34,8 @@ def decode_config(big_head: bool, small: bool, group: int, block_size: int = 64)
     with benchmarks/sweep_mla_decode.py (2026-11-23, docs/PERFORMANCE.md):
     - GQA: 16 heads x 64 keys, 4 warps, 2 stages, 2 programs per SM (97.6% of copy bandwidth).
     - MLA, 16 heads (V2-Lite), 64-token pages: 64 keys (one page per tile), 4 warps, 2
-      stages, 4 programs per SM (79.1%); 16-token pages: 32 keys (64.7%).
+      stages, 4 programs per SM (79.1%; 82% with 16-bit split partials); 16-token pages: 32
+      keys (64.7%).
     - MLA, 64+ heads (R1's 128): 64 heads per program, so the latent is read twice, not 8
       times; 32 keys, 8 warps, 3 stages, 1 program per SM (27% at batch 64, where it is
       bound by the [64, 576] x [576, 32] products, not by memory)."""
