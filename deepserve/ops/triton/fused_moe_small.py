@@ -90,14 +90,14 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
 @triton.jit
 def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs,
                   dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+                  FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """a_ptrs[:] = silu(gate) * up of rows offs_n: gate rows at g_rows, up rows `inter` further."""
     u_rows = g_rows + inter * w_sn                                       # up rows I + n
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)    # 16-bit weights, per element
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     rows_g = tl.zeros([BLOCK_N], tl.float32)             # fp8 weights, scaled row sums
     rows_u = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in tl.range(0, hidden, BLOCK_K, num_stages=LOOP_STAGES):
         acc_g, rows_g = _gemv_step(acc_g, rows_g, g_rows, x_row, k0, hidden, s_ptr, offs_n, n_ok,
                                    ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
         acc_u, rows_u = _gemv_step(acc_u, rows_u, u_rows, x_row, k0, hidden, s_ptr, offs_n + inter, n_ok,
@@ -118,7 +118,7 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
                           inter, s_inter, hidden, n_experts, n_assign,
                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                          HAS_SHARED: tl.constexpr, USE_PDL: tl.constexpr):
+                          HAS_SHARED: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     dt = act_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -136,7 +136,7 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
             g_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn     # gate rows n
             a_ptrs = act_ptr + tok.to(tl.int64) * act_stride + slot * inter + offs_n
             _swiglu_block(x_row, g_rows, ws_ptr + expert * ws_se, offs_n, n_ok, inter, hidden, w_sn,
-                          ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+                          ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, LOOP_STAGES)
     else:
         if HAS_SHARED:
             # the last T programs: token pid - T*k's shared expert, act columns [k*I, k*I + Is)
@@ -146,13 +146,14 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
                 g_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
                 a_ptrs = act_ptr + s_tok * act_stride + TOP_K * inter + offs_n
                 _swiglu_block(x_ptr + s_tok * x_stride, g_rows, ws_ptr, offs_n, n_ok, s_inter, hidden, sw_sn,
-                              0, 0, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, False, SCALE_BLOCK)
+                              0, 0, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, False, SCALE_BLOCK, LOOP_STAGES)
 
 
 @triton.jit
 def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s1, tw_s1, w_se, w_sn, sw_sn,
                     inter, n_experts, dt: tl.constexpr, TOP_K: tl.constexpr, N_SHARED: tl.constexpr,
-                    SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                    SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    LOOP_STAGES: tl.constexpr):
     """The token's down rows offs_n over all its slots at once: [SLOTS, BLOCK_N, BLOCK_K] tiles.
 
     Slot s < TOP_K is routed slot s; slots TOP_K ... TOP_K + N_SHARED - 1 are the shared
@@ -172,7 +173,7 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s
                       sw_ptr + rows * sw_sn + (offs_s - TOP_K)[:, None, None] * inter)  # [S, N, 1]
     a_rows = act_row + offs_s[:, None] * inter                                          # [S, 1]
     acc = tl.zeros([SLOTS, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
+    for k0 in tl.range(0, inter, BLOCK_K, num_stages=LOOP_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             a = tl.load(a_rows + offs_k[None, :], mask=use[:, None], other=0.0)
@@ -198,7 +199,7 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                        HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, SLOTS: tl.constexpr,
-                       N_SHARED: tl.constexpr, USE_PDL: tl.constexpr):
+                       N_SHARED: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     """SLOTS > 0: every slot in one [SLOTS, BLOCK_N, BLOCK_K] step (`_down_all_slots`; 16-bit
     weights, shared experts only as N_SHARED whole pieces of I); else one slot after another."""
     pdl_begin(USE_PDL)
@@ -210,7 +211,7 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
     if SLOTS > 0:
         out = _down_all_slots(act_row, ids_ptr + tok * ids_s0, tw_ptr + tok * tw_s0, w_ptr, sw_ptr, offs_n, n_ok,
                               ids_s1, tw_s1, w_se, w_sn, sw_sn, inter, n_experts, dt, TOP_K, N_SHARED, SLOTS,
-                              BLOCK_N, BLOCK_K, EVEN_K)
+                              BLOCK_N, BLOCK_K, EVEN_K, LOOP_STAGES)
     else:
         out = tl.zeros([BLOCK_N], tl.float32)
         for j in tl.static_range(TOP_K):
@@ -275,6 +276,11 @@ def small_config(kernel: str, fp8: bool, slots: int = 0, inter: int = 0) -> dict
     else:
         cfg = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1) if kernel == "gate_up" else \
             dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
+    # K steps software-pipelined this deep (tl.range num_stages; 1: loads as written). 16-bit
+    # gate_up, H100 (sweep_moe_small.py, two runs): 3 stages took V2-Lite's routed + shared
+    # experts from 55.5-55.8 to 53.1 us (83% -> 86% of copy) and R1's from 288-290 to 267-272
+    # us (91% -> 96-98%); down_slots gained nothing, fp8 was not measured
+    cfg["LOOP_STAGES"] = 3 if kernel == "gate_up" and not fp8 and not interpreting() else 1
     if SMALL_OVERRIDE and kernel in SMALL_OVERRIDE:
         cfg.update(SMALL_OVERRIDE[kernel])
     if fp8 and cfg["BLOCK_K"] % FP8_BLOCK:
