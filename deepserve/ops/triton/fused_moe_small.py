@@ -276,11 +276,12 @@ def small_config(kernel: str, fp8: bool, slots: int = 0, inter: int = 0) -> dict
     else:
         cfg = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1) if kernel == "gate_up" else \
             dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
-    # K steps software-pipelined this deep (tl.range num_stages; 1: loads as written). 16-bit
-    # gate_up, H100 (sweep_moe_small.py, two runs): 3 stages took V2-Lite's routed + shared
-    # experts from 55.5-55.8 to 53.1 us (83% -> 86% of copy) and R1's from 288-290 to 267-272
-    # us (91% -> 96-98%); down_slots gained nothing, fp8 was not measured
-    cfg["LOOP_STAGES"] = 3 if kernel == "gate_up" and not fp8 and not interpreting() else 1
+    # K steps software-pipelined this deep (tl.range num_stages; 1: loads as written). gate_up,
+    # H100: 3 stages took V2-Lite's routed + shared experts at batch 1 from 55.5-55.8 to 53.1 us
+    # (83% -> 86% of copy) and R1's from 288-290 to 267-272 us (91% -> 96-98%; sweep_moe_small.py,
+    # two runs); R1's fp8 MoE layer at batch 1 from 0.241 to 0.234 ms (bench_moe_layer.py, twice
+    # each; 2 stages: 0.261). down_slots gained nothing.
+    cfg["LOOP_STAGES"] = 3 if kernel == "gate_up" and not interpreting() else 1
     if SMALL_OVERRIDE and kernel in SMALL_OVERRIDE:
         cfg.update(SMALL_OVERRIDE[kernel])
     if fp8 and cfg["BLOCK_K"] % FP8_BLOCK:
