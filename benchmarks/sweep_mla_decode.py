@@ -4,12 +4,13 @@
     python benchmarks/sweep_mla_decode.py --device cpu --tiny   # the script's logic, interpreted
 
 Cases (bf16, every row a decode row at the same context): MLA with V2-Lite's 16 heads at
-batch 64 (memory-bound), R1's 128 heads at batch 4 and 64 (mostly compute-bound: 128 heads x
-1088 MACs per cached token), and GQA 32/8 x 128 at batch 64, whose setting is already at
-~98% of copy bandwidth and must not regress. Each candidate (BLOCK_H, BLOCK_N, warps,
-stages, programs per SM) is set through `attention.DECODE_OVERRIDE`, checked against the
-torch reference (a wrong one prints WRONG, not a speed), then timed as CUDA-graph replays
-like the engine runs decode. Bandwidth counts the cache bytes read once (MLA: the 576-wide
+batch 64 (memory-bound) in 64-token pages and in 16-token pages (default settings only), R1's
+128 heads at batch 4 and 64 (mostly compute-bound: 128 heads x 1088 MACs per cached token),
+and GQA 32/8 x 128 at batch 64, whose setting is already at ~98% of copy bandwidth and must
+not regress. Each candidate (BLOCK_H, BLOCK_N, warps, stages, programs per SM, and
+page_tile=False for the page-id-per-key form) is set through `attention.DECODE_OVERRIDE`,
+checked against the torch reference (a wrong one prints WRONG, not a speed), then timed as
+CUDA-graph replays like the engine runs decode. Bandwidth counts the cache bytes read once (MLA: the 576-wide
 latent; GQA: K and V) against a 2 GiB device-to-device copy measured first. A candidate
 that does not compile (shared memory, registers) prints one line and is skipped.
 """
@@ -75,15 +76,14 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
     # 2026-11-23: 64 keys x 4 warps at 4 programs per SM was best, 79.1%)
     mla16 = settings(MLA16_TILES[:4], (3, 4)) if q else settings(MLA16_TILES[:-1], (2, 3, 4, 5, 6, 8)) \
         + settings(MLA16_TILES[-1:], (4,))
-    # the old form (a page id per key) at its best setting, and at the engine's old page size
+    # the old form (a page id per key) at its best setting; 16-token pages: the default alone
     mla16 += settings([(16, 32, 4, 2)], (4,), **OLD_FORM)
-    mla16_bs16 = settings([(16, 32, 4, 2)], (4,))
+    mla16_bs16 = []
     # at batch 4 the split count is capped by MIN_TOKENS_PER_SPLIT, not programs per SM
     mla128_b4 = settings(MLA128_TILES[:4] if q else MLA128_TILES, (4,))
     mla128_b64 = settings(MLA128_TILES[:2], (1, 4)) if q else settings(MLA128_TILES[:5], (1, 2, 4))
     mla128_b64 += settings(MLA128_TILES[4:5], (1,), **OLD_FORM)
-    gqa = (settings(GQA_TILES[:1], (2,)) if q else settings(GQA_TILES, (2,))) \
-        + settings(GQA_TILES[:1], (2,), **OLD_FORM) + settings(GQA_TILES[:1], (2,))
+    gqa = [] if q else settings(GQA_TILES, (2,))
     return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16),
             Case("mla_h16_b64_bs16", 16, 1, 576, 512, batch64, ctx, 16, 0.072, True, mla16_bs16),
             Case("mla_h128_b4", 128, 1, 576, 512, batch4, ctx, 64, 0.072, True, mla128_b4),
@@ -129,6 +129,7 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     tri = resolve("paged_attention", "triton")[1]
     big_head = case.head_dim + case.v_dim > 512
     default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size)
+    default.pop("page_tile")                 # the label shows only settings an override changes
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)
         attention.DECODE_OVERRIDE = cfg

@@ -114,10 +114,11 @@ class ModelConfig:
         return self.hf_config.architecture
 
 
-def default_block_size(hf_config) -> int:
+def default_block_size(hf_config: HFConfig) -> int:
     """KV cache block size when none is given: 64 for MLA's latent cache, as vLLM's FlashMLA
     needs and where the Triton decode kernel takes one page id per 64-key tile (H100, batch 64,
-    4k context: 128 us against 156 us at 16, benchmarks/sweep_mla_decode.py); 16 otherwise."""
+    4k context: 79% of copy bandwidth against 64% at 16, benchmarks/sweep_mla_decode.py and
+    docs/PERFORMANCE.md); 16 otherwise. The price: prefix-cache hits come in whole blocks of 64."""
     return 64 if hf_config.get("kv_lora_rank") else 16
 
 

@@ -73,10 +73,9 @@ class MLAAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]         # [H, nope, C], [H, v, C]
 
-    def _decode(self, q_abs, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
+    def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
         """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
         -> [n, H, v]."""
-        _, w_uv = self._w_uk_uv()
         out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                       meta.query_start_loc[:n + 1], meta.seq_lens[:n],
                                       meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
@@ -122,18 +121,18 @@ class MLAAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.qk_head_dim)
         (pool,) = self.kv_cache
         rope = self.rotary_emb
-        w_uk, norm = self._w_uk_uv()[0], self.kv_a_layernorm
+        (w_uk, w_uv), norm = self._w_uk_uv(), self.kv_a_layernorm
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
             q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
                                         norm.weight, norm.eps, pool, meta.slot_mapping)   # [n, H, C + rope]
-            return self.o_proj(self._decode(q_abs, pool, meta, n_dec).flatten(1))
+            return self.o_proj(self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1))
         ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
                          meta.slot_mapping)
         out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
         if n_dec:
             q_abs = ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
-            out[:n_dec] = self._decode(q_abs, pool, meta, n_dec)
+            out[:n_dec] = self._decode(q_abs, w_uv, pool, meta, n_dec)
         if n_dec < meta.num_seqs:
             q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
             k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it

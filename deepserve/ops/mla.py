@@ -1,6 +1,6 @@
 """MLA decode preparation ops, torch reference (layers/mla.py uses them every step).
 
-Two ops gather the small per-layer steps around MLA's latent cache, so a backend can run
+These ops gather the small per-layer steps around MLA's latent cache, so a backend can run
 each as one kernel:
 
 - `mla_kv_write`: kv_a = [c_kv | k_pe] (kv_a_proj output, one row per token) -> the cache row

@@ -82,7 +82,9 @@ def test_reference_is_routed_plus_llama_mlp(torch_backend, dtype):
 # ---- Triton small path, interpreted --------------------------------------------------------
 
 @pytest.mark.parametrize("t", [1, 2])
-@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24), (40, 80), (40, 40)])  # Is > I, < I, = 2I, = I
+# Is > I, < I, = 2I, = I (the last two: the shared expert as slots of the down kernel's
+# all-slots step); 64: I a whole number of interpreted K steps
+@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24), (40, 80), (40, 40), (64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, inter, s_inter):
     e = 8
@@ -99,6 +101,16 @@ def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, int
     remote = (ids < 0) | (ids >= e)
     local_only = (x, w13, w2, weights.masked_fill(remote, 0.0), ids.masked_fill(remote, 0))
     torch.testing.assert_close(small.fused_moe_small(*local_only, **shared), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("all_slots", [True, False])
+def test_down_kernel_forms_agree(small, cpu_only, monkeypatch, all_slots):
+    """The down kernel's all-slots step and its slot-by-slot loop (fp8's form, and the timing
+    baseline) give the reference's result on the same 16-bit case."""
+    monkeypatch.setattr(small, "ALL_SLOTS_PER_STEP", all_slots)
+    args, shared = shared_case(2, 72, 40, 80, 8, 3, torch.float32, seed=5)
+    torch.testing.assert_close(small.fused_moe_small(*args, **shared), reference(*args, **shared),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_small_path_shared_only_when_all_slots_remote(small, cpu_only):

@@ -78,9 +78,28 @@ def test_decode_mla_shared_latent(triton_ops, cpu_only):
 @pytest.mark.parametrize("num_heads, block_h", [(24, 32), (128, 64)])
 def test_decode_mla_many_heads(triton_ops, cpu_only, num_heads, block_h):
     # R1-like head counts: 24 heads -> one 32-row group with 8 masked rows; 128 -> 2 groups of 64
-    assert triton_ops.attention.decode_config(True, True, num_heads)["BLOCK_H"] == block_h
+    assert triton_ops.attention.decode_config(True, True, num_heads, 16)["BLOCK_H"] == block_h
     compare(make_paged_batch([1, 1], [30, 300], num_heads=num_heads, num_kv_heads=1, head_dim=48,
                              v_head_dim=32, mla=True))
+
+
+def test_decode_tiles_follow_the_page_size(triton_ops, cpu_only):
+    """MLA's 16 heads take 64-key tiles in 64-token pages (one page id per tile) and 32-key
+    tiles that span pages in 16-token pages; a tile is one page's rows only if BLOCK_N divides it."""
+    cfg = triton_ops.attention.decode_config
+    assert (cfg(True, False, 16, 64)["BLOCK_N"], cfg(True, False, 16, 64)["page_tile"]) == (64, True)
+    assert (cfg(True, False, 16, 16)["BLOCK_N"], cfg(True, False, 16, 16)["page_tile"]) == (32, False)
+    assert cfg(False, False, 4, 16)["page_tile"] is False          # GQA: 64 keys over 16-token pages
+
+
+def test_decode_several_tiles_per_page(triton_ops, cpu_only):
+    """16-key tiles (interpreted) in 64-token pages: tiles start mid-page, and graph-sized
+    splits (max_seq_len 4096) start mid-page too."""
+    assert triton_ops.attention.decode_config(True, True, 16, 64)["page_tile"]
+    pb = make_paged_batch([1, 1, 1], [5, 100, 300], num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32,
+                          block_size=64, mla=True)
+    pb.max_seq_len = 4096
+    compare(pb)
 
 
 def test_decode_override(triton_ops, cpu_only, monkeypatch):
@@ -88,7 +107,7 @@ def test_decode_override(triton_ops, cpu_only, monkeypatch):
     pb = make_paged_batch([1, 1], [30, 300], num_heads=128, num_kv_heads=1, head_dim=48, v_head_dim=32,
                           mla=True)
     monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=16, BLOCK_N=32, programs_per_sm=1))
-    assert attn.decode_config(True, True, 128)["BLOCK_H"] == 16
+    assert attn.decode_config(True, True, 128, 16)["BLOCK_H"] == 16
     assert attn.num_decode_splits(2, 8, 300, pb.q.device, 1) == 1     # 16 programs >= 8 SMs
     compare(pb)                                                         # 8 head groups, one split
     monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=24))

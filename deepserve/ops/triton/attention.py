@@ -28,7 +28,7 @@ DECODE_OVERRIDE: dict | None = None
 _DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 
 
-def decode_config(big_head: bool, small: bool, group: int, block_size: int = 64) -> dict:
+def decode_config(big_head: bool, small: bool, group: int, block_size: int) -> dict:
     """Tile and launch settings of the decode kernel for `group` query heads per KV head over
     a cache of `block_size`-token pages (DECODE_OVERRIDE replaces keys). Measured on an H100
     with benchmarks/sweep_mla_decode.py (2026-11-23, docs/PERFORMANCE.md):
@@ -52,14 +52,15 @@ def decode_config(big_head: bool, small: bool, group: int, block_size: int = 64)
     else:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
     cfg.setdefault("programs_per_sm", PROGRAMS_PER_SM[big_head])
-    # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size)
-    cfg["page_tile"] = True
     if DECODE_OVERRIDE:
         unknown = set(DECODE_OVERRIDE) - _DECODE_KEYS
         if unknown:
             raise ValueError(f"DECODE_OVERRIDE has unknown keys {sorted(unknown)}; "
                              f"known: {sorted(_DECODE_KEYS)}")
         cfg.update(DECODE_OVERRIDE)
+    # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size);
+    # an override may turn it off, not on
+    cfg["page_tile"] = cfg.get("page_tile", True) and block_size % cfg["BLOCK_N"] == 0
     if cfg["BLOCK_H"] < 16 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1):
         raise ValueError(f"decode BLOCK_H must be a power of two >= 16, got {cfg['BLOCK_H']}")
     return cfg
@@ -124,7 +125,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_query_len == 1:
         cfg = decode_config(big_head, small, group, k_cache.shape[1])
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
-        page_tile = cfg.pop("page_tile") and k_cache.shape[1] % cfg["BLOCK_N"] == 0
+        page_tile = cfg.pop("page_tile")
         head_groups = triton.cdiv(group, block_h)
         programs = n_kv_heads * head_groups
         splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)

@@ -10,9 +10,10 @@ its expert's weights itself:
   act[p, n] = silu(gate) * up. No tensor cores: a [BLOCK_N, BLOCK_K] tile times one
   activation row, fp32 accumulation, reduced once at the end.
 - `_small_down_kernel`, grid (T, cdiv(D, BLOCK_N)): program (t, n) multiplies act by the
-  down rows n of every slot's expert, a [slots, BLOCK_N, BLOCK_K] tile per step (fp8
-  weights: one slot after another), and sums the weighted results in fp32; the sum over
-  slots lives in registers, so no [T*k, D] buffer and no third kernel.
+  down rows n of every slot's expert, a [slots, BLOCK_N, BLOCK_K] tile per step (one slot
+  after another for fp8 weights, or a shared expert whose size is not a multiple of I), and
+  sums the weighted results in fp32; the sum over slots lives in registers, so no [T*k, D]
+  buffer and no third kernel. Slots pad to a power of two (R1: 8 routed + 1 shared -> 16).
 
 Two launches for the whole MoE, all grids fixed by host sizes (CUDA-graph safe). Slots
 whose expert id lies outside [0, E) (another expert-parallel rank's experts, -1 padding)
@@ -245,14 +246,16 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
 # (for timing the two forms against each other: benchmarks/sweep_moe_small.py)
 ALL_SLOTS_PER_STEP = True
 
-# launch settings merged over small_config's choice when set ({"gate_up": {...}, "down": {...}},
-# keys as small_config returns them), for timing candidate settings
+# launch settings merged over small_config's choice when set ({"gate_up": {...}, "down": {...},
+# "down_slots": {...}}, keys as small_config returns them; "down" is the slot-by-slot loop, whose
+# K loop is not pipelined), for timing candidate settings
 SMALL_OVERRIDE: dict | None = None
 
 
-def small_config(kernel: str, fp8: bool, slots: int = 0, inter: int = 0) -> dict:
-    """BLOCK_N, BLOCK_K, num_warps, num_stages of `kernel` ("gate_up", "down", or "down_slots":
-    the down kernel with all `slots` slots in one step, for an intermediate size `inter`).
+def small_config(kernel: str, fp8: bool, inter: int = 0) -> dict:
+    """BLOCK_N, BLOCK_K, num_warps, num_stages and LOOP_STAGES of `kernel` ("gate_up", "down",
+    or "down_slots": the down kernel with every slot in one step, for an intermediate size
+    `inter`; 16-bit weights only).
 
     Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane). Picked
     on an H100 by timing CUDA-graph replays at batch 1 (2026-11-23, % of copy bandwidth):
@@ -263,8 +266,8 @@ def small_config(kernel: str, fp8: bool, slots: int = 0, inter: int = 0) -> dict
     - down_slots: 2 rows x a K step that divides I where 256 or 128 does, times every slot:
       V2-Lite (8 slots, 2 x 128) 55.4 us for routed + shared against 62.1 us slot by slot
       (83% / 74% of copy); R1 (16 slots, 2 x 256) 284 us either way, 92%.
-    Pipelining stages changed nothing measurable (these loads feed no tl.dot), so 1.
-    Interpreted, numpy's cost is per operation, not per element: few, large programs."""
+    The launch's num_stages is 1: these loads feed no tl.dot, so it pipelines nothing; the K
+    loops are pipelined by LOOP_STAGES instead (below). Interpreted, numpy's cost is per operation, not per element: few, large programs."""
     if interpreting():
         cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 64, num_warps=1, num_stages=1)
     elif kernel == "down_slots":
@@ -335,7 +338,7 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     n_shared = s_inter // inter if has_shared else 0
     slots = next_pow2(top_k + n_shared) if ALL_SLOTS_PER_STEP and not fp8 and n_shared * inter == s_inter else 0
     gu_cfg = small_config("gate_up", fp8)
-    down_cfg = small_config("down_slots", fp8, slots, inter) if slots else small_config("down", fp8)
+    down_cfg = small_config("down_slots", fp8, inter) if slots else small_config("down", fp8)
     # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)

@@ -1,4 +1,4 @@
-"""MLA decode glue around the attention as three Triton kernels (torch reference:
+"""MLA decode glue around the attention as Triton kernels (torch reference:
 deepserve/ops/mla.py).
 
 Unfused, each MLA layer's step ran rms_norm on c_kv, rope on q_pe and k_pe, a cat of the
@@ -9,13 +9,13 @@ Here:
 - `_kv_write_kernel`, grid (T,): one program per token normalises c_kv (fp32 statistics,
   rounded to the dtype before the weight, as rms_norm), rotates k_pe with the cos/sin row of
   its position, and stores both halves straight into the token's cache slot.
-- `_decode_prep_kernel` (`mla_decode_prep`, every decode-only step): both of the kernels
-  below in one launch, its first T programs writing cache rows and the rest the q-absorb
-  tiles: at batch-1 decode a launch costs more than either's work.
 - `_q_absorb_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(C, BLOCK_C)): q_nope [BLOCK_T, nope]
   times W_UK[h] [nope, BLOCK_C] on tensor cores (fp32 accumulation, one rounding: the
   einsum's), written into q_abs[:, h, :C]; the programs of the first C block also rotate
   q_pe into q_abs[:, h, C:]. Each token block reads W_UK once.
+- `_decode_prep_kernel` (`mla_decode_prep`, every decode-only step): the two kernels above
+  in one launch, its first T programs writing cache rows and the rest the q-absorb tiles (the
+  same bodies): at batch-1 decode a launch costs more than either's work.
 - `_v_up_kernel`, grid (cdiv(T, BLOCK_T), H, cdiv(V, BLOCK_V)): the attention output in
   latent space times W_UV[h]^T, back to per-head values, on the programmatic-dependent-launch
   chain of the other decode kernels (the cuBLAS batched GEMM it replaces is not).
