@@ -146,7 +146,8 @@ def gpu_timeline(fn, steps: int, top: int = 8) -> dict:
     window = ivs[-1][1] - ivs[0][0]
     gaps.sort(reverse=True)
     return {"records": len(ivs), "window_us_per_step": window / steps, "busy_us_per_step": busy / steps,
-            "idle_us_per_step": (window - busy) / steps, "gaps_over_5us_per_step": sum(g > 5 for g, _, _ in gaps) / steps,
+            "idle_us_per_step": (window - busy) / steps,
+            "gaps_over_5us_per_step": sum(g > 5 for g, _, _ in gaps) / steps,
             "largest_gaps": [{"us": g, "after": a, "before": b} for g, a, b in gaps[:top]]}
 
 

@@ -251,8 +251,9 @@ def main() -> int:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU; use --device cpu --tiny for a smoke check")
-    out_path = Path(args.out) if args.out else RESULTS / (f"profile_{args.model}{'_tiny' if args.tiny else ''}_b{args.batch}"
-                                                             f"{'_async' if args.async_scheduling else ''}.json")
+    stem = (f"profile_{args.model}{'_tiny' if args.tiny else ''}_b{args.batch}"
+            f"{'_async' if args.async_scheduling else ''}")
+    out_path = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     report: dict = {"model": args.model, "batch": args.batch, "tiny": args.tiny, "date": datetime.date.today().isoformat(),
                     "device": torch.cuda.get_device_name() if cuda else "cpu",
                     "command": "python " + " ".join(sys.argv), "errors": {}}

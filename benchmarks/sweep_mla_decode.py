@@ -10,15 +10,14 @@ and GQA 32/8 x 128 at batch 64, whose setting is already at ~98% of copy bandwid
 not regress. Each candidate (BLOCK_H, BLOCK_N, warps, stages, programs per SM, and
 page_tile=False for the page-id-per-key form) is set through `attention.DECODE_OVERRIDE`,
 checked against the torch reference (a wrong one prints WRONG, not a speed), then timed as
-CUDA-graph replays like the engine runs decode. Bandwidth counts the cache bytes read once (MLA: the 576-wide
-latent; GQA: K and V) against a 2 GiB device-to-device copy measured first. A candidate
+CUDA-graph replays like the engine runs decode. Bandwidth counts the cache bytes read once
+(MLA: the 576-wide latent; GQA: K and V) against a 2 GiB device-to-device copy measured
+first (benchmarks/sweep_setup.py; with --device cpu a wall-clock logic check). A candidate
 that does not compile (shared memory, registers) prints one line and is skipped.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
 
 # (BLOCK_H, BLOCK_N, num_warps, num_stages) tiles per case kind, most promising first; the
 # sm_90 builds of the MLA ones were checked offline for spills and shared memory (64 heads x
@@ -97,25 +97,6 @@ def label(cfg: dict) -> str:
             f"pps{cfg['programs_per_sm']}{flags}")
 
 
-def cpu_time_ms(fn, reps: int = 1) -> float:
-    """Wall time of fn() on the host (the candidate already ran once for its check)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def cpu_copy_bandwidth() -> float:
-    """Bytes read + written per second by a 256 MiB host copy (the CPU run's stand-in roofline)."""
-    src = torch.empty(256 << 20, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ms = cpu_time_ms(lambda: dst.copy_(src), reps=3)
-    return 2 * src.numel() / (ms * 1e-3)
-
-
 def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     from deepserve.ops.registry import resolve
     from deepserve.ops.triton import attention
@@ -181,20 +162,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="batch 2, context 64: for --device cpu")
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     args = ap.parse_args()
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"   # before any kernel module is imported
-    elif not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script's logic")
+    prepare(args.device)                     # before any kernel module is imported
     began = time.perf_counter()
-    if args.device == "cuda":
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_engine import copy_bandwidth
-        from bench_ops import graph_time_ms
-        bw, timer = copy_bandwidth(), graph_time_ms
-        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
-    else:
-        bw, timer = cpu_copy_bandwidth(), cpu_time_ms
-        print(f"device cpu (interpreted): copy {bw / 1e9:.1f} GB/s (256 MiB, read + written)")
+    bw, timer = bandwidth_and_timer(args.device)
     only = [s for s in args.only.split(",") if s]
     rows: list = []
     for case in make_cases(args.quick, args.tiny):

@@ -26,7 +26,7 @@ from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
 CASES = {"v2lite": (2048, 1408, 64, 6, 2816), "r1": (7168, 2048, 256, 8, 2048)}
 GATE_UP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16, 32) for k in (256, 512, 1024) for w in (4, 8)]
 # the defaults' tiles with their K loop software-pipelined 2 or 3 deep
-STAGES = {"gate_up": [dict(LOOP_STAGES=s) for s in (2, 3)], "down_slots": [dict(LOOP_STAGES=s) for s in (2, 3)]}
+STAGES = [dict(LOOP_STAGES=s) for s in (2, 3)]
 # the down kernel with every slot in one step (both cases' shared experts are whole pieces of I)
 DOWN_SLOTS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8)]
 LAYERS = 2          # each call reads >= 138 MB, well over the 50 MB L2; R1 x 4 did not fit in 80 GB
@@ -73,8 +73,7 @@ def main() -> int:
             fms.ALL_SLOTS_PER_STEP = True
         print(f"  down slot by slot: {loop_us:.1f} us ({nbytes / (loop_us * 1e-6) / bw:.0%}){'' if ok else ' WRONG'}")
         summary.append((name, "down slot by slot", base_us, (loop_us, "slot-by-slot loop")))
-        grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS, "gate_up_stages": STAGES["gate_up"],
-                 "down_slots_stages": STAGES["down_slots"]}
+        grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS, "gate_up_stages": STAGES, "down_slots_stages": STAGES}
         for grid_name, grid in ((k, grids[k]) for k in args.kernels.split(",") if k):
             kernel = grid_name.removesuffix("_stages")
             best = (base_us, "default")

@@ -253,7 +253,8 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.quantization not in (None, "fp8", "w8a8-int8"):
             raise ValueError(f"quantization must be fp8 or w8a8-int8, got {self.quantization!r}")
-        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
+        bs = self.block_size
+        if bs is not None and (bs < 1 or bs & (bs - 1)):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -304,7 +305,8 @@ class EngineArgs:
                                     max_model_len=max_model_len,
                                     enable_chunked_prefill=self.enable_chunked_prefill,
                                     max_waiting_requests=self.max_waiting_requests)
-        cache = CacheConfig(block_size=self.block_size or default_block_size(hf), gpu_memory_utilization=self.gpu_memory_utilization,
+        cache = CacheConfig(block_size=self.block_size or default_block_size(hf),
+                            gpu_memory_utilization=self.gpu_memory_utilization,
                             num_gpu_blocks_override=self.num_gpu_blocks_override,
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                             enable_prefix_caching=self.enable_prefix_caching)

@@ -24,9 +24,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return torch.stack((o1, o2), dim=-1).flatten(-2)
 
 
+def _cos_sin(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin rows of `positions`, [T, 1, rot_dim / 2] each (broadcast over heads)."""
+    return cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool) -> torch.Tensor:
     """x [T, H, rot_dim] rotated at `positions` (fp32 math, x's dtype out)."""
-    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    cos, sin = _cos_sin(cos_sin_cache, positions)
     return _rotate(x.float(), cos, sin, is_neox).to(x.dtype)
 
 
@@ -34,4 +39,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, rot_dim], k [T, Hk, rot_dim] -> rotated copies (computed in fp32)."""
-    return rope(q, positions, cos_sin_cache, is_neox), rope(k, positions, cos_sin_cache, is_neox)
+    cos, sin = _cos_sin(cos_sin_cache, positions)     # gathered once for both
+    return (_rotate(q.float(), cos, sin, is_neox).to(q.dtype),
+            _rotate(k.float(), cos, sin, is_neox).to(k.dtype))

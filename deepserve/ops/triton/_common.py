@@ -35,6 +35,11 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim has unit stride (what the kernels step along), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] as a 2-D [rows, D] view with a unit stride along D (copies only if needed)."""
     x2 = x.reshape(-1, x.shape[-1])

@@ -27,7 +27,7 @@ import triton.language as tl
 from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, unit_last
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.moe_align import align_by_expert
 
@@ -191,7 +191,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     n_assign = num_tokens * top_k
     block_m, block_n, block_k, warps, stages = _tiles(n_assign, num_experts, fp8, w13.element_size())
     aligned = align_by_expert(topk_ids, num_experts, block_m)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_last(x)
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(n_assign, hidden, dtype=torch.float32, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, unit_last
 
 FP8_BLOCK = 128
 
@@ -267,11 +267,12 @@ def small_config(kernel: str, fp8: bool, inter: int = 0) -> dict:
       V2-Lite (8 slots, 2 x 128) 55.4 us for routed + shared against 62.1 us slot by slot
       (83% / 74% of copy); R1 (16 slots, 2 x 256) 284 us either way, 92%.
     The launch's num_stages is 1: these loads feed no tl.dot, so it pipelines nothing; the K
-    loops are pipelined by LOOP_STAGES instead (below). Interpreted, numpy's cost is per operation, not per element: few, large programs."""
+    loops are pipelined by LOOP_STAGES instead (below). Interpreted, numpy's cost is per
+    operation, not per element: few, large programs."""
     if interpreting():
         cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 64, num_warps=1, num_stages=1)
     elif kernel == "down_slots":
-        block_k = 256 if inter % 256 == 0 or inter % 128 else 128
+        block_k = 128 if inter % 256 and inter % 128 == 0 else 256      # a K step that divides I
         cfg = dict(BLOCK_N=2, BLOCK_K=block_k, num_warps=4, num_stages=1)
     elif fp8:
         cfg = dict(BLOCK_N=16, BLOCK_K=FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
@@ -325,13 +326,10 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     if num_tokens == 0:
         return out
     # the kernels step along D and I with unit stride
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    x, w13, w2 = unit_last(x), unit_last(w13), unit_last(w2)
     s_inter = 0
     if has_shared:
-        shared_w13 = shared_w13 if shared_w13.stride(-1) == 1 else shared_w13.contiguous()
-        shared_w2 = shared_w2 if shared_w2.stride(-1) == 1 else shared_w2.contiguous()
+        shared_w13, shared_w2 = unit_last(shared_w13), unit_last(shared_w2)
         s_inter = shared_w2.shape[1]
     # the down kernel takes every slot in one step unless fp8 weights (scaled per block) or a
     # shared expert that is not whole pieces of I ask for the slot-by-slot loop
@@ -350,7 +348,8 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, act,
         x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
         shared_w13.stride(0) if has_shared else 0, act.stride(0),
-        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common, **pdl_launch(x.device))
+        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common,
+        **pdl_launch(x.device))
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
         act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),

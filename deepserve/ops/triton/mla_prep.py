@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, unit_last
 
 
 @triton.jit
@@ -117,8 +117,9 @@ def _q_absorb_tile(t_block, head, block_c, q_ptr, q_st, q_sh, pos_ptr, cs_ptr, c
 @triton.jit
 def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
                      T, NOPE, C, half,
-                     IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+                     IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     _q_absorb_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st,
                    w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh, T, NOPE, C, half, IS_NEOX, DOT_DTYPE, DOT_PRECISION,
@@ -183,7 +184,7 @@ def _kv_write_checked(kv_a: torch.Tensor, norm_weight: torch.Tensor, pool: torch
     if pool.shape[-1] != kv_a.shape[-1] or pool.stride(-1) != 1:
         raise ValueError(f"cache rows of {pool.shape[-1]} (unit stride) do not fit kv_a {tuple(kv_a.shape)}")
     _check_rope(rot, cos_sin_cache)
-    return (kv_a if kv_a.stride(-1) == 1 else kv_a.contiguous()), c, rot
+    return unit_last(kv_a), c, rot
 
 
 def _q_absorb_checked(q: torch.Tensor, w_uk: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -201,10 +202,6 @@ def _q_absorb_tiles(n_tokens: int, nope: int, rot: int) -> dict:
                 BLOCK_HALF=next_pow2(rot // 2))
 
 
-def _unit_rows(cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    return cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
-
-
 @register("mla_kv_write", "triton")
 def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
                  norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -212,11 +209,12 @@ def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: tor
     kv_a, c, rot = _kv_write_checked(kv_a, norm_weight, pool, cos_sin_cache)
     if kv_a.shape[0] == 0:
         return
-    cache = _unit_rows(cos_sin_cache)
+    cache = unit_last(cos_sin_cache)
     _kv_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
         pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
-        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4, **pdl_launch(kv_a.device))
+        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4,
+        **pdl_launch(kv_a.device))
 
 
 @register("mla_q_absorb", "triton")
@@ -228,7 +226,7 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     out = torch.empty(n_tokens, heads, c + rot, dtype=q.dtype, device=q.device)
     if n_tokens == 0:
         return out
-    cache = _unit_rows(cos_sin_cache)
+    cache = unit_last(cos_sin_cache)
     tiles = _q_absorb_tiles(n_tokens, nope, rot)
     grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), heads, triton.cdiv(c, tiles["BLOCK_C"]))
     _q_absorb_kernel[grid](
@@ -253,7 +251,7 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
     out = torch.empty(n_tokens, heads, c + rot, dtype=q.dtype, device=q.device)
     if n_tokens == 0:
         return out
-    cache = _unit_rows(cos_sin_cache)
+    cache = unit_last(cos_sin_cache)
     tiles = _q_absorb_tiles(n_tokens, nope, rot)
     c_blocks = triton.cdiv(c, tiles["BLOCK_C"])
     grid = (n_tokens + triton.cdiv(n_tokens, tiles["BLOCK_T"]) * heads * c_blocks,)

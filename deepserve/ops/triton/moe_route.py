@@ -18,7 +18,7 @@ import triton.language as tl
 
 from deepserve.ops.moe import check_route_methods
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[tor
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
     if num_tokens == 0:
         return weights, ids
-    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    logits = unit_last(router_logits)
     use_bias = topk_method == "noaux_tc"
     _moe_route_kernel[(num_tokens,)](
         logits, e_score_correction_bias if use_bias else logits, weights, ids, logits.stride(0),

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     n_tokens = positions.shape[0]
     if n_tokens == 0:
         return q_out, k_out
-    cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    cache = unit_last(cos_sin_cache)
     half = rot_dim // 2
     _rotary_kernel[(n_tokens,)](
         positions, q, k, cache, q_out, k_out,
