@@ -7,6 +7,8 @@ the same run (issue 4):
   v2lite    deepseek-v2-lite, bf16: batch-1 decode vs its active-weight roofline; decode
             throughput at batch 64 and 256; prefill tokens/s and MFU at 8k tokens.
 
+Each decode figure is the median of --repeats timed runs (default 5), every run in the JSON.
+
 Usage (GPU):  python benchmarks/bench_engine.py --case llama8b v2lite
 Writes one JSON per figure to benchmarks/results/engine_<name>.json and prints a table.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,8 @@ from deepserve import LLM, SamplingParams
 RESULTS = Path(__file__).resolve().parent / "results"
 # engine options every case adds (--async-scheduling), and the suffix of their result names
 EXTRA: dict = {}
+# timed runs of each decode figure (--repeats); the figure is their median
+REPEATS = 5
 
 
 def copy_bandwidth() -> float:
@@ -83,23 +88,28 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]
     return [{"prompt_token_ids": torch.randint(0, vocab, (length,), generator=g).tolist()} for _ in range(n)]
 
 
-def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Decode tokens/s (all sequences together): (full run - prefill-only run) time."""
+def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, list[float]]:
+    """Decode tokens/s (all sequences together): (full run - prefill-only run) time, measured
+    REPEATS times after a warm-up: (the median, every run). One run of identical code moved by
+    3% between runs on an H100, so the figure is the median."""
     vocab = llm.engine.config.model.hf_config.vocab_size
     prompts = random_prompts(batch, prompt_len, vocab)
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.engine.block_manager.enable_prefix_caching = False
     llm.generate(prompts, greedy)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    llm.generate(prompts, one)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    llm.generate(prompts, greedy)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return batch * (new_tokens - 1) / ((t2 - t1) - (t1 - t0))
+    rates = []
+    for _ in range(REPEATS):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompts, one)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        llm.generate(prompts, greedy)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        rates.append(batch * (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    return statistics.median(rates), rates
 
 
 def prefill_rate(llm: LLM, tokens: int) -> float:
@@ -130,10 +140,10 @@ def case_llama8b(rows, bw, peak):
               max_num_seqs=256, gpu_memory_utilization=0.85, **EXTRA)
     timings = llm.engine.runner.timings
     wb = weight_bytes(llm.engine.runner.model, active=False)
-    rate = decode_rate(llm, 1, 128, 256)
-    record(rows, "llama8b_decode_b1", rate, "tok/s", bw / wb, {"weight_bytes": wb, "startup": timings})
-    rate64 = decode_rate(llm, 64, 128, 256)
-    record(rows, "llama8b_decode_b64", rate64, "tok/s", 64 * bw / wb, {"weight_bytes": wb})
+    rate, runs = decode_rate(llm, 1, 128, 256)
+    record(rows, "llama8b_decode_b1", rate, "tok/s", bw / wb, {"weight_bytes": wb, "startup": timings, "runs": runs})
+    rate64, runs = decode_rate(llm, 64, 128, 256)
+    record(rows, "llama8b_decode_b64", rate64, "tok/s", 64 * bw / wb, {"weight_bytes": wb, "runs": runs})
     release(llm)
 
 
@@ -142,13 +152,13 @@ def case_v2lite(rows, bw, peak):
               max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85, **EXTRA)
     model = llm.engine.runner.model
     active = weight_bytes(model, active=True)
-    rate = decode_rate(llm, 1, 128, 256)
+    rate, runs = decode_rate(llm, 1, 128, 256)
     record(rows, "v2lite_decode_b1", rate, "tok/s", bw / active,
-           {"active_weight_bytes": active, "startup": llm.engine.runner.timings})
+           {"active_weight_bytes": active, "startup": llm.engine.runner.timings, "runs": runs})
     for b in (64, 256):
-        r = decode_rate(llm, b, 128, 128)
+        r, runs = decode_rate(llm, b, 128, 128)
         step = weight_bytes(model, active=True, batch=b)
-        record(rows, f"v2lite_decode_b{b}", r, "tok/s", b * bw / step, {"step_weight_bytes": step})
+        record(rows, f"v2lite_decode_b{b}", r, "tok/s", b * bw / step, {"step_weight_bytes": step, "runs": runs})
     tokens = 8192
     p = prefill_rate(llm, tokens)
     active_params = active / 2
@@ -167,11 +177,15 @@ def release(llm: LLM) -> None:
 
 
 def main():
+    global REPEATS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs="+", default=["llama8b", "v2lite"], choices=["llama8b", "v2lite"])
     ap.add_argument("--async-scheduling", action="store_true",
                     help="engines with async scheduling; results named *_async")
+    ap.add_argument("--repeats", type=int, default=REPEATS,
+                    help=f"timed runs of each decode figure, reported as their median (default {REPEATS})")
     args = ap.parse_args()
+    REPEATS = max(1, args.repeats)
     if args.async_scheduling:
         EXTRA["async_scheduling"] = True
     bw, peak = copy_bandwidth(), matmul_peak()

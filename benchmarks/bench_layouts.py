@@ -117,9 +117,9 @@ def speed_rows(name: str, kw: dict) -> list[dict]:
     llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=1024,
               max_num_seqs=256, gpu_memory_utilization=0.8, **kw)
     for b in (64, 256):
-        rate = decode_rate(llm, b, 128, 64)
+        rate, runs = decode_rate(llm, b, 128, 64)
         entry = {"name": f"layout_v2lite_{name}_decode_b{b}", "value": rate, "unit": "tok/s",
-                 "step_ms": b / rate * 1e3}
+                 "step_ms": b / rate * 1e3, "runs": runs}
         if kw.get("tensor_parallel_size", 1) > 1:
             # per layer: attention output + MLP/MoE output all-reduced (EP: the MoE sum)
             n, rows_per = 2 * cfg.num_hidden_layers + 1, b

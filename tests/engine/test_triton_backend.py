@@ -12,10 +12,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [1]}, {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11, 12, 13]}]
 
 
-def _greedy(model, backend):
+def _greedy(model, backend, prompts=PROMPTS):
     llm = LLM(str(model), ops=backend, block_size=4, max_model_len=64)
     try:
-        outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
         share = ops.triton_share()
         return outs, share
     finally:
@@ -35,11 +35,13 @@ def tiny_mla(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("which", ["demo", "mla"])
+@pytest.mark.parametrize("which", ["demo", "mla", "mla-batch1"])
 def test_triton_greedy_equals_torch(which, tiny_mla):
+    """mla-batch1: one request, so every decode step is one row (the one-launch moe_gate)."""
     model = DEMO_MODEL if which == "demo" else tiny_mla
+    prompts = PROMPTS[1:] if which == "mla-batch1" else PROMPTS
     ops.call_counts.clear()
-    expected, _ = _greedy(model, "torch")
-    got, share = _greedy(model, "triton")
+    expected, _ = _greedy(model, "torch", prompts)
+    got, share = _greedy(model, "triton", prompts)
     assert got == expected
     assert share > 0.5  # most op calls really ran as Triton kernels

@@ -93,10 +93,19 @@ def dot_dtype(dtype: torch.dtype):
 # latency while the GPU drains the previous one. With programmatic dependent launch (Hopper
 # and later) a kernel is launched before its predecessor finishes; its programs start, wait in
 # `griddepcontrol.wait` until the predecessor has completed and its writes are visible, and
-# only then read or write memory. `pdl_begin` is that wait, then the signal that lets the next
-# kernel launch in turn (after the wait, so at most one kernel runs ahead). Kernels whose
-# first statement is `pdl_begin(USE_PDL)` are launched with `**pdl_launch(device)`.
-# DEEPSERVE_PDL=0 turns it off.
+# only then read activations or write anything (weights they may ask into L2 before: below).
+# `pdl_begin` is the signal that lets the next kernel launch, then that wait. Kernels call it
+# before touching another kernel's output (most as their first statement) and are launched
+# with `**pdl_launch(device)`. DEEPSERVE_PDL=0 turns it off.
+#
+# The signal comes before the wait: a kernel's dependent launches once every program of it
+# has started, even while it still waits on its own predecessor, so during a run of small
+# latency-bound kernels several are resident at once, each waiting on the one before, and
+# their weight prefetches start earlier. It cannot deadlock: a kernel launches only after all
+# programs of the one before are resident, and that one's progress needs nothing later. With
+# the signal after the wait (at most one kernel ahead) the V2-Lite batch-1 graph replay took
+# 2.451 ms, with it first 2.428 ms (H100, 2026-11-23); DEEPSERVE_PDL_TRIGGER_FIRST=0 restores
+# the old order.
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,8 +121,63 @@ def pdl_launch(device: torch.device) -> dict:
     return {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
 
 
+_TRIGGER_FIRST = tl.constexpr(os.environ.get("DEEPSERVE_PDL_TRIGGER_FIRST", "1") != "0")
+
+
 @triton.jit
 def pdl_begin(USE_PDL: tl.constexpr):
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if _TRIGGER_FIRST:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        else:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+# ---------------------------------------------------------------- weight prefetch into L2
+# A kernel launched early under PDL sits in `griddepcontrol.wait` while its predecessor runs.
+# At batch-1 decode most predecessors are latency-bound (a norm, the routing, the attention
+# split and merge: a few KB each), so memory bandwidth idles there. Weights depend on no
+# earlier kernel: a kernel that streams weights first asks L2 for the lines it will read
+# (`prefetch.global.L2`, which keeps no registers and waits for nothing), then waits, and its
+# loads after the wait hit L2. `weight_prefetch(device, bytes)` gives the PREFETCH launch
+# keyword: on with PDL for small weights (below), unless DEEPSERVE_PREFETCH=0.
+
+LINE_BYTES = 128
+
+
+# Measured on an H100 at V2-Lite batch 1 (graph replay, benchmarks/gpu_prefetch.sh): W_UK in
+# the MLA prep (2 MiB, behind the q/kv GEMV) and W_UV (2 MiB, behind the split merge) gained
+# 29 and 18 us a step, the router 7 us; the 15 MiB q/kv pair and 8 MiB o_proj, prefetched
+# behind a norm or W_UV, lost 134 us (a bulk of prefetches queued ahead of the small kernel
+# on the critical path slows it more than the weights gain), and so did the MoE's shared
+# expert rows (27 us). Hence the cap: a kernel prefetches when its weights total at most
+# PREFETCH_MAX_BYTES.
+PREFETCH_MAX_BYTES = 4 << 20
+
+
+def weight_prefetch(device: torch.device, weight_bytes: int) -> dict:
+    """Launch keyword PREFETCH of a kernel that calls prefetch_rows before pdl_begin and
+    streams `weight_bytes` of weights."""
+    on = (pdl_launch(device).get("USE_PDL", False) and os.environ.get("DEEPSERVE_PREFETCH", "1") != "0"
+          and weight_bytes <= PREFETCH_MAX_BYTES)
+    return {"PREFETCH": on}
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the line of every pointer in `ptrs` (any shape); nothing waits for it."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_rows(row_ptrs, n_cols, LINE: tl.constexpr, LINES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Prefetch elements [0, n_cols) of the rows at row_ptrs [R] into L2, LINES lines of LINE
+    elements per step along the rows. Every pointer must be in bounds: callers clamp rows."""
+    if PREFETCH:
+        offs = tl.arange(0, LINES) * LINE
+        for c0 in range(0, n_cols, LINES * LINE):
+            cols = tl.minimum(c0 + offs, n_cols - 1)       # past the end: the row's last line again
+            prefetch_l2(row_ptrs[:, None] + cols[None, :])

@@ -32,16 +32,21 @@ import triton.language as tl
 
 from deepserve.ops.dense import linear as torch_linear, linear_pair as torch_linear_pair
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import interpreting, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import (LINE_BYTES, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+                                          weight_prefetch)
 
 
 @triton.jit
 def _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, block, N, K, w_stride,
-               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """y[rows] = W[rows] x (+ b[rows]) for rows block*BLOCK_N ... + BLOCK_N."""
+               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+    """y[rows] = W[rows] x (+ b[rows]) for rows block*BLOCK_N ... + BLOCK_N. The rows are
+    asked into L2 before the PDL wait (they depend on no earlier kernel; x does)."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
+    prefetch_rows(w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * w_stride, K, LINE, LINES, PREFETCH)
+    pdl_begin(USE_PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -62,25 +67,26 @@ def _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, block, N, K, w_stride,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, w_stride,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_begin(USE_PDL)
+                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                 LINES: tl.constexpr):
     _gemv_rows(x_ptr, w_ptr, b_ptr, y_ptr, tl.program_id(0), N, K, w_stride,
-               HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K)
+               HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K, USE_PDL, PREFETCH, LINE, LINES)
 
 
 @triton.jit
 def _gemv_pair_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, N1, N2, K, w1_stride, w2_stride,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+                      PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """Two weights applied to the same row in one launch: the first cdiv(N1, BLOCK_N)
     programs take W1's rows, the rest W2's."""
-    pdl_begin(USE_PDL)
     pid = tl.program_id(0)
     first = tl.cdiv(N1, BLOCK_N)
     if pid < first:
-        _gemv_rows(x_ptr, w1_ptr, w1_ptr, y1_ptr, pid, N1, K, w1_stride, False, BLOCK_N, BLOCK_K, EVEN_K)
+        _gemv_rows(x_ptr, w1_ptr, w1_ptr, y1_ptr, pid, N1, K, w1_stride, False, BLOCK_N, BLOCK_K, EVEN_K,
+                   USE_PDL, PREFETCH, LINE, LINES)
     else:
         _gemv_rows(x_ptr, w2_ptr, w2_ptr, y2_ptr, pid - first, N2, K, w2_stride, False, BLOCK_N, BLOCK_K,
-                   EVEN_K)
+                   EVEN_K, USE_PDL, PREFETCH, LINE, LINES)
 
 
 # launch settings merged over gemv_config's choice when set (for timing candidates:
@@ -117,6 +123,9 @@ def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor)
     weights = [w if w.stride(1) == 1 else w.contiguous() for w in weights]
     cfg = dict(gemv_config(n_total, k, x.device))
     num_warps = cfg.pop("num_warps")
+    line = LINE_BYTES // weights[0].element_size()
+    cfg.update(weight_prefetch(x.device, n_total * k * weights[0].element_size()), LINE=line,
+               LINES=min(next_pow2(triton.cdiv(k, line)), 64), **pdl_launch(x.device))
     return x1, weights, cfg, num_warps
 
 
@@ -130,8 +139,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         return out
     _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1,
-        **cfg, **pdl_launch(x.device))
+        HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
     return out
 
 
@@ -146,8 +154,7 @@ def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torc
     y2 = torch.empty(*x.shape[:-1], n2, dtype=w2.dtype, device=x.device)
     grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
     _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
-                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg,
-                            **pdl_launch(x.device))
+                            EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
     return y1, y2
 
 
