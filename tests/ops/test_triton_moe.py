@@ -105,8 +105,9 @@ def test_moe_route_gpu(triton_ops):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("tokens", [1, 300, 2048])
 def test_fused_moe_gpu(triton_ops, tokens):
+    """1: the small path; 300: 32-row blocks; 2048: 64-row blocks (their own tile settings)."""
     args, _ = moe_inputs(tokens, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")   # V2-Lite shapes
     want, got = run_both("fused_moe", *args)
     assert rel_err(got, want) < 1e-2

@@ -155,17 +155,37 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens * top_k <= max(8, num_experts // 2)
 
 
-def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows per expert. fp32
-    activations and weights take twice the shared memory per stage: half the K tile and at
-    most 2 stages keep the 64x128 tiles under Hopper's 227 KB."""
+# launch settings merged over _tiles' choice when set, for timing candidates
+# (benchmarks/sweep_fused_moe.py): {"BLOCK_M": m, "gate_up": {...}, "down": {...}}, each
+# kernel's keys among BLOCK_N, BLOCK_K, num_warps, num_stages
+TILE_OVERRIDE: dict | None = None
+
+
+def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, dict, dict]:
+    """BLOCK_M by rows per expert, and each kernel's BLOCK_N, BLOCK_K, num_warps, num_stages:
+    (BLOCK_M, gate_up settings, down settings). fp32 activations and weights take twice the
+    shared memory per stage: half the K tile and at most 2 stages keep the 64x128 tiles under
+    Hopper's 227 KB.
+
+    64-row blocks (over 48 rows per expert, where the GEMMs turn compute-bound) were timed on
+    an H100 at R1's experts and 8192 tokens (benchmarks/sweep_fused_moe.py, 2026-11-23):
+    gate_up with 8 warps (bf16 also 256 columns) and down with 256 columns and 8 warps took
+    the whole op from 22.5 to 18.7 ms (bf16, 32% -> 39% of the bf16 matmul rate) and from
+    41.2 to 18.8 ms (fp8; at 4 warps its gate_up alone was twice as slow). Fewer rows per
+    expert keep the settings from before, which that sweep did not cover."""
     if interpreting():
-        return 16, 32, (FP8_BLOCK if fp8 else 32), 4, 1
+        cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 32, num_warps=4, num_stages=1)
+        return 16, cfg, dict(cfg)
     per_expert = n_assign / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
     block_k = 128 if fp8 else (64 if elem_bytes <= 2 else 32)
-    stages = 4 if block_m <= 32 else 3
-    return block_m, 64 if block_m <= 32 else 128, block_k, 4, stages if elem_bytes <= 2 else 2
+    stages = (4 if block_m <= 32 else 3) if elem_bytes <= 2 else 2
+    cfg = dict(BLOCK_N=64 if block_m <= 32 else 128, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    gate_up, down = dict(cfg), dict(cfg)
+    if block_m == 64 and elem_bytes <= 2:
+        gate_up.update(num_warps=8, BLOCK_N=128 if fp8 else 256)
+        down.update(num_warps=8, BLOCK_N=256)
+    return block_m, gate_up, down
 
 
 @register("fused_moe", "triton")
@@ -189,24 +209,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if num_tokens == 0:
         return out
     n_assign = num_tokens * top_k
-    block_m, block_n, block_k, warps, stages = _tiles(n_assign, num_experts, fp8, w13.element_size())
+    block_m, gu, dn = _tiles(n_assign, num_experts, fp8, w13.element_size())
+    over = TILE_OVERRIDE or {}
+    block_m = over.get("BLOCK_M", block_m)
     aligned = align_by_expert(topk_ids, num_experts, block_m)
     x = unit_last(x)
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(n_assign, hidden, dtype=torch.float32, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype),
-                  num_warps=warps, num_stages=stages)
-    _gate_up_kernel[(aligned.num_blocks, triton.cdiv(inter, block_n))](
+    common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype))
+    gu, dn = {**common, **gu, **over.get("gate_up", {})}, {**common, **dn, **over.get("down", {})}
+    _gate_up_kernel[(aligned.num_blocks, triton.cdiv(inter, gu["BLOCK_N"]))](
         x, w13, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
-        n_assign, inter, hidden, num_experts, TOP_K=top_k, **common)
-    _down_kernel[(aligned.num_blocks, triton.cdiv(hidden, block_n))](
+        n_assign, inter, hidden, num_experts, TOP_K=top_k, **gu)
+    _down_kernel[(aligned.num_blocks, triton.cdiv(hidden, dn["BLOCK_N"]))](
         act, w2, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert,
         topk_weights.reshape(-1).float().contiguous(), y,
         act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
-        n_assign, hidden, inter, num_experts, **common)
+        n_assign, hidden, inter, num_experts, **dn)
     block = min(next_pow2(hidden), 1024)
     _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
         y, topk_ids.contiguous(), out, hidden, num_experts, TOP_K=top_k, BLOCK=block, num_warps=4)
