@@ -114,11 +114,18 @@ def _pdl_ok(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """Launch keywords for a kernel that starts with pdl_begin(USE_PDL) on `device`."""
+def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
+    """Launch keywords for a kernel that calls pdl_begin(USE_PDL) on `device`. With `weights`
+    (those the kernel streams, for its prefetch_rows: below) also PREFETCH, on with PDL when
+    they total at most PREFETCH_MAX_BYTES, and LINE, the elements of one 128-byte line."""
     on = (device.type == "cuda" and not interpreting() and os.environ.get("DEEPSERVE_PDL", "1") != "0"
           and _pdl_ok(device.index if device.index is not None else torch.cuda.current_device()))
-    return {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
+    kw = {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
+    if weights:
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        kw.update(PREFETCH=on and _PREFETCH_ON and nbytes <= PREFETCH_MAX_BYTES,
+                  LINE=LINE_BYTES // weights[0].element_size())
+    return kw
 
 
 _TRIGGER_FIRST = tl.constexpr(os.environ.get("DEEPSERVE_PDL_TRIGGER_FIRST", "1") != "0")
@@ -141,13 +148,15 @@ def pdl_begin(USE_PDL: tl.constexpr):
 # split and merge: a few KB each), so memory bandwidth idles there. Weights depend on no
 # earlier kernel: a kernel that streams weights first asks L2 for the lines it will read
 # (`prefetch.global.L2`, which keeps no registers and waits for nothing), then waits, and its
-# loads after the wait hit L2. `weight_prefetch(device, bytes)` gives the PREFETCH launch
-# keyword: on with PDL for small weights (below), unless DEEPSERVE_PREFETCH=0.
+# loads after the wait hit L2. `pdl_launch(device, *weights)` gives the PREFETCH and LINE
+# launch keywords: on with PDL for small weights (below), unless DEEPSERVE_PREFETCH=0.
 
 LINE_BYTES = 128
+_PREFETCH_ON = os.environ.get("DEEPSERVE_PREFETCH", "1") != "0"
 
 
-# Measured on an H100 at V2-Lite batch 1 (graph replay, benchmarks/gpu_prefetch.sh): W_UK in
+# Measured on an H100 at V2-Lite batch 1 (graph replay of benchmarks/profile_decode.py, one
+# kernel family prefetching at a time; docs/PERFORMANCE.md, session 5): W_UK in
 # the MLA prep (2 MiB, behind the q/kv GEMV) and W_UV (2 MiB, behind the split merge) gained
 # 29 and 18 us a step, the router 7 us; the 15 MiB q/kv pair and 8 MiB o_proj, prefetched
 # behind a norm or W_UV, lost 134 us (a bulk of prefetches queued ahead of the small kernel
@@ -155,14 +164,6 @@ LINE_BYTES = 128
 # expert rows (27 us). Hence the cap: a kernel prefetches when its weights total at most
 # PREFETCH_MAX_BYTES.
 PREFETCH_MAX_BYTES = 4 << 20
-
-
-def weight_prefetch(device: torch.device, weight_bytes: int) -> dict:
-    """Launch keyword PREFETCH of a kernel that calls prefetch_rows before pdl_begin and
-    streams `weight_bytes` of weights."""
-    on = (pdl_launch(device).get("USE_PDL", False) and os.environ.get("DEEPSERVE_PREFETCH", "1") != "0"
-          and weight_bytes <= PREFETCH_MAX_BYTES)
-    return {"PREFETCH": on}
 
 
 @triton.jit

@@ -32,8 +32,7 @@ import triton.language as tl
 
 from deepserve.ops.dense import linear as torch_linear, linear_pair as torch_linear_pair
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (LINE_BYTES, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
-                                          weight_prefetch)
+from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows
 
 
 @triton.jit
@@ -123,9 +122,8 @@ def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor)
     weights = [w if w.stride(1) == 1 else w.contiguous() for w in weights]
     cfg = dict(gemv_config(n_total, k, x.device))
     num_warps = cfg.pop("num_warps")
-    line = LINE_BYTES // weights[0].element_size()
-    cfg.update(weight_prefetch(x.device, n_total * k * weights[0].element_size()), LINE=line,
-               LINES=min(next_pow2(triton.cdiv(k, line)), 64), **pdl_launch(x.device))
+    launch = pdl_launch(x.device, *weights)
+    cfg.update(launch, LINES=min(next_pow2(triton.cdiv(k, launch["LINE"])), 64))
     return x1, weights, cfg, num_warps
 
 

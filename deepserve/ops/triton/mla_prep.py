@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (LINE_BYTES, dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch,
-                                          prefetch_rows, unit_last, weight_prefetch)
+from deepserve.ops.triton._common import (dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+                                          unit_last)
 
 
 @triton.jit
@@ -181,10 +181,6 @@ def _v_up_kernel(lat_ptr, l_st, l_sh, w_ptr, w_sh, w_sv, out_ptr, o_st, o_sh, T,
              mask=t_ok[:, None] & v_ok[None, :])
 
 
-def _bytes(w: torch.Tensor) -> int:
-    return w.numel() * w.element_size()
-
-
 def _check_rope(rot_dim: int, cos_sin_cache: torch.Tensor) -> None:
     if rot_dim % 2 or cos_sin_cache.shape[-1] != rot_dim:
         raise ValueError(f"rope dims disagree: {rot_dim} rotated, cos_sin_cache {cos_sin_cache.shape[-1]} "
@@ -248,8 +244,7 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
         q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0), w_uk.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **tiles,
-        num_warps=4, LINE=LINE_BYTES // w_uk.element_size(), **weight_prefetch(q.device, _bytes(w_uk)),
-        **pdl_launch(q.device))
+        num_warps=4, **pdl_launch(q.device, w_uk))
     return out
 
 
@@ -276,8 +271,7 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
         float(eps), q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0),
         w_uk.stride(1), out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2, heads, c_blocks,
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_CW=next_pow2(c), **tiles, num_warps=4, LINE=LINE_BYTES // w_uk.element_size(),
-        **weight_prefetch(q.device, _bytes(w_uk)), **pdl_launch(q.device))
+        BLOCK_CW=next_pow2(c), **tiles, num_warps=4, **pdl_launch(q.device, w_uk))
     return out
 
 
@@ -299,6 +293,5 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
         out_lat, out_lat.stride(0), out_lat.stride(1), w_uv, w_uv.stride(0), w_uv.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, c, v_dim,
         DOT_DTYPE=dot_dtype(out_lat.dtype), DOT_PRECISION=dot_precision(out_lat.dtype), BLOCK_T=block_t,
-        BLOCK_V=block_v, BLOCK_C=128, num_warps=4, LINE=LINE_BYTES // w_uv.element_size(),
-        **weight_prefetch(out_lat.device, _bytes(w_uv)), **pdl_launch(out_lat.device))
+        BLOCK_V=block_v, BLOCK_C=128, num_warps=4, **pdl_launch(out_lat.device, w_uv))
     return out
