@@ -1,15 +1,17 @@
-"""Tile settings of the sorted fused MoE (grouped GEMM over tokens sorted by expert) where it
+"""Launch settings of the sorted fused MoE (grouped GEMM over tokens sorted by expert) where it
 is compute-bound: R1's experts (D 7168, I 2048, 256 experts, top-8) at 8192 tokens, 256 rows
 per expert on average.
 
     python benchmarks/sweep_fused_moe.py                       # GPU
     python benchmarks/sweep_fused_moe.py --device cpu --tiny   # the script's logic, interpreted
 
-Each candidate (`fused_moe.TILE_OVERRIDE`: BLOCK_M for both kernels, then one kernel's
-BLOCK_N / BLOCK_K / warps / stages with the other at the default) is checked against the
-default's output, then timed as CUDA-graph replays of the whole op (sort, both GEMMs, the
-sum over slots). Rate: 2 * tokens * top_k * 3 * D * I FLOPs over the time, against an
-8192^3 bf16 matmul measured first.
+Printed first: the bf16 matmul rate (8192^3) and, as the ceiling a grouped GEMM could reach at
+these shapes, cuBLAS batched GEMMs (torch.bmm) with exactly 256 rows for every expert (no
+gather, no padding, no routing imbalance). Then each candidate (`fused_moe.TILE_OVERRIDE`:
+BLOCK_M, PREQUANT and each kernel's BLOCK_N / BLOCK_K / GROUP_M / warps / stages) is checked
+against the default's output and timed as CUDA-graph replays of the whole op (sort, both GEMMs,
+the sum over slots). Rate: 2 * tokens * top_k * 3 * D * I FLOPs over the time. Last, the
+per-kernel times of the default and the best candidate (torch.profiler), and a table.
 """
 from __future__ import annotations
 
@@ -23,58 +25,101 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from sweep_setup import prepare  # noqa: E402
 
-KERNEL = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-          for n, k, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3),
-                             (64, 64, 4, 4), (128, 64, 4, 4), (256, 64, 4, 3), (64, 128, 4, 3))]
-FP8 = [dict(BLOCK_N=n, BLOCK_K=128, num_warps=w, num_stages=s) for n, w, s in ((128, 4, 3), (128, 8, 3), (128, 8, 4),
-                                                                               (256, 8, 3), (64, 4, 4))]
+OLD_ORDER = {"GROUP_M": 1 << 20}      # row blocks fastest: the launch order before GROUP_M
+
+
+def kernel(n, k, w, s, **extra):
+    return dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s, **extra)
+
+
+def candidates(dtype: str) -> list[dict]:
+    """Settings around the defaults of `fused_moe._tiles` at 256 rows per expert (bf16: 128-row
+    blocks; fp8: 64-row blocks), and the form they replaced (old launch order, 64-row bf16
+    blocks, fp8 activations quantised inside the GEMMs, fp8 gate_up at 128 columns)."""
+    both = lambda **kw: {"gate_up": dict(kw), "down": dict(kw)}  # noqa: E731
+    out = [both(**OLD_ORDER)] + [both(GROUP_M=g) for g in (2, 4, 8)]
+    if dtype == "bf16":
+        out += [{"BLOCK_M": 64, "gate_up": kernel(256, 64, 8, 3), "down": kernel(256, 64, 8, 3)}]
+        out += [{"gate_up": kernel(*c)} for c in ((128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 5),
+                                                   (64, 64, 4, 4))]
+        out += [{"down": kernel(*c)} for c in ((256, 64, 8, 4), (256, 32, 8, 5), (256, 128, 8, 2),
+                                                (128, 64, 4, 4))]
+    else:
+        out += [{"PREQUANT": False}]
+        out += [{"gate_up": kernel(*c)} for c in ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4),
+                                                   (64, 128, 4, 5), (256, 128, 8, 2))]
+        out += [{"down": kernel(*c)} for c in ((256, 128, 8, 4), (128, 128, 4, 4), (512, 128, 8, 3),
+                                                (256, 128, 4, 3))]
+    return out
+
+
+def kernel_times(run, reps: int = 3) -> list[tuple[str, float]]:
+    """(kernel name, ms per call) over `reps` calls of run, from torch.profiler's CUDA times."""
+    from torch.profiler import ProfilerActivity, profile
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3 / reps) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (for --device cpu)")
     ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--quick", action="store_true", help="the default and the old launch order only")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe as fm
 
     dev = args.device
+    d, inter, e, k, tokens = 7168, 2048, 256, 8, 8192
+    if args.tiny:
+        d, inter, e, tokens = 256, 128, 8, 32
+    flops = 2 * tokens * k * 3 * d * inter
     if dev == "cuda":
-        from bench_ops import graph_time_ms, matmul_flops
+        from bench_ops import graph_time_ms, matmul_flops, time_ms
         peak = matmul_flops()
         print(f"device {torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+        rows_e = tokens * k // e           # cuBLAS at the same FLOPs, every expert exactly this many rows
+        xe = torch.randn(e, rows_e, d, device=dev, dtype=torch.bfloat16)
+        w1 = torch.randn(e, d, 2 * inter, device=dev, dtype=torch.bfloat16)
+        he = torch.randn(e, rows_e, inter, device=dev, dtype=torch.bfloat16)
+        w2b = torch.randn(e, inter, d, device=dev, dtype=torch.bfloat16)
+        t1 = time_ms(lambda: torch.bmm(xe, w1), iters=10)
+        t2 = time_ms(lambda: torch.bmm(he, w2b), iters=10)
+        print(f"cuBLAS bmm, {rows_e} rows per expert: gate_up {t1:.2f} ms "
+              f"({2 * tokens * k * 2 * d * inter / (t1 * 1e-3) / peak:.1%}), down {t2:.2f} ms "
+              f"({2 * tokens * k * d * inter / (t2 * 1e-3) / peak:.1%}), both {flops / ((t1 + t2) * 1e-3) / peak:.1%}")
+        del xe, w1, he, w2b
     else:
         from sweep_setup import wall_time_ms as graph_time_ms
         peak = 1e12
-    d, inter, e, k, tokens = 7168, 2048, 256, 8, 8192
-    if args.tiny:
-        d, inter, e, tokens = 512, 256, 16, 256
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, d, generator=g, device=dev, dtype=torch.bfloat16)
     ids = torch.rand(tokens, e, generator=g, device=dev).topk(k, dim=-1).indices.to(torch.int32)
     tw = torch.rand(tokens, k, generator=g, device=dev)
     w13 = torch.randn(e, 2 * inter, d, generator=g, device=dev, dtype=torch.bfloat16) * d ** -0.5
     w2 = torch.randn(e, d, inter, generator=g, device=dev, dtype=torch.bfloat16) * inter ** -0.5
-    flops = 2 * tokens * k * 3 * d * inter
     rows = []
     for dtype in args.dtypes.split(","):
         if dtype == "fp8":
             args_w = (w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn))
             kw = dict(w13_scale=torch.ones(e, 2 * inter // 128, d // 128, device=dev),
                       w2_scale=torch.ones(e, d // 128, inter // 128, device=dev))
-            cands = FP8
         else:
-            args_w, kw, cands = (w13, w2), {}, KERNEL
+            args_w, kw = (w13, w2), {}
         run = lambda: fm.fused_moe(x, *args_w, tw, ids, **kw)  # noqa: E731
         fm.TILE_OVERRIDE = None
         want = run()
         base = graph_time_ms(run, 2)
         print(f"{dtype} default: {base:.2f} ms, {flops / (base * 1e-3) / peak:.1%} of matmul", flush=True)
-        rows.append((dtype, "default", base))
-        overrides = [{"BLOCK_M": m} for m in (64, 128)]
-        overrides += [{"gate_up": c} for c in cands] + [{"down": c} for c in cands]
-        overrides += [{"BLOCK_M": 128, "gate_up": c} for c in cands]
+        rows.append((dtype, None, base))
+        overrides = candidates(dtype)[:1 if args.quick else None]
         for over in overrides:
             fm.TILE_OVERRIDE = over
             try:
@@ -87,13 +132,21 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - out of shared memory etc.: report, go on
                 print(f"  {over}: {type(exc).__name__}: {str(exc)[:100]}")
                 continue
-            rows.append((dtype, str(over), ms))
+            rows.append((dtype, over, ms))
             print(f"  {over}: {ms:.2f} ms, {flops / (ms * 1e-3) / peak:.1%}", flush=True)
+        best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
+        if dev == "cuda":
+            for label, over in (("default", None), ("best", best[1])):
+                fm.TILE_OVERRIDE = over
+                parts = ", ".join(f"{name[:28]} {ms:.3f}" for name, ms in kernel_times(run)[:6])
+                print(f"  {dtype} {label} kernels (ms): {parts}", flush=True)
         fm.TILE_OVERRIDE = None
     print("\nbest per dtype:")
     for dtype in args.dtypes.split(","):
+        base = next(r for r in rows if r[0] == dtype and r[1] is None)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
-        print(f"| {dtype} | {best[1]} | {best[2]:.2f} ms | {flops / (best[2] * 1e-3) / peak:.1%} of matmul |")
+        print(f"| {dtype} | default {base[2]:.2f} ms ({flops / (base[2] * 1e-3) / peak:.1%}) | best {best[1] or 'default'} "
+              f"| {best[2]:.2f} ms | {flops / (best[2] * 1e-3) / peak:.1%} of matmul |")
     return 0
 
 

@@ -94,7 +94,73 @@ def test_fused_moe_fp8_blocks(triton_ops, cpu_only):
     assert rel_err(resolve("fused_moe", "triton")[1](*args, **wrong), want) > 0.3
 
 
+@pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}], ids=lambda o: str(o["GROUP_M"]))
+def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, monkeypatch, over):
+    """Which tile a program takes (GROUP_M) moves no arithmetic: outputs are bit-identical,
+    and several row and column blocks are in play (16-row blocks, 32-wide columns)."""
+    from deepserve.ops.triton import fused_moe as fm
+    args, _ = moe_inputs(24, 64, 80, 3, 2, torch.float32)
+    want = resolve("fused_moe", "torch")[1](*args)
+    monkeypatch.setattr(fm, "TILE_OVERRIDE", {"gate_up": over, "down": over})
+    got = fm.fused_moe(*args)
+    monkeypatch.setattr(fm, "TILE_OVERRIDE", None)
+    assert torch.equal(got, fm.fused_moe(*args))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_moe_fp8_prequantised_rows_equal_in_kernel_quantisation(triton_ops, cpu_only, monkeypatch):
+    """fp8 activations quantised once per row (_quant_rows, the compute-bound path) give the
+    same values and scales as quantising inside each GEMM program: identical outputs."""
+    from deepserve.ops.triton import fused_moe as fm
+    args, kwargs = moe_inputs(6, 256, 128, 4, 2, torch.bfloat16, fp8=True, seed=1)
+    outs = []
+    for pre in (True, False):
+        monkeypatch.setattr(fm, "TILE_OVERRIDE", {"PREQUANT": pre})
+        outs.append(fm.fused_moe(*args, **kwargs))
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < 0.15
+
+
+def quant_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's e4m3 rounding of x [R, C] over per-(row, 128 columns) scales amax / 448."""
+    rows, cols = x.shape
+    groups = -(-cols // 128)
+    padded = torch.nn.functional.pad(x.float(), (0, groups * 128 - cols)).view(rows, groups, 128)
+    scale = padded.abs().amax(-1).clamp(min=1e-10) / 448.0
+    q = (padded / scale[..., None]).view(rows, -1)[:, :cols].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_quant_rows_matches_per_group_reference(triton_ops, cpu_only):
+    """Row-wise e4m3 quantisation per 128 columns, a ragged last group included: the scales
+    exactly; the values within the interpreter's e4m3 rounding (it truncates, and a carry
+    into the exponent can land a power of two low), exactly on the GPU (test below)."""
+    from deepserve.ops.triton.fused_moe import _quant_rows
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x[1, 128:256] = 0                                        # an all-zero group keeps a tiny scale
+    q, s = _quant_rows(x)
+    want_q, want_s = quant_rows_reference(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 3)
+    torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+    assert rel_err(q.float(), want_q.float()) < 0.1
+
+
 # ---- GPU, model sizes ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_quant_rows_gpu(triton_ops):
+    from deepserve.ops.triton.fused_moe import _quant_rows
+    x = torch.randn(4096, 7168 + 64, device="cuda").to(torch.bfloat16)
+    q, s = _quant_rows(x)
+    want_q, want_s = quant_rows_reference(x)
+    torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+    # Triton's fp32 division may differ from torch's in the last bit, which can move a value
+    # sitting on a rounding boundary by one e4m3 step: allow a few in 30M, none further
+    differ = q.float() != want_q.float()
+    assert differ.sum().item() <= 30
+    one_step = (want_q.float().abs() * 0.125).clamp(min=2 ** -9)     # e4m3: 3 mantissa bits
+    assert ((q.float() - want_q.float()).abs() <= one_step).all()
+
 
 @pytest.mark.gpu
 def test_moe_route_gpu(triton_ops):
@@ -107,7 +173,8 @@ def test_moe_route_gpu(triton_ops):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 300, 2048])
 def test_fused_moe_gpu(triton_ops, tokens):
-    """1: the small path; 300: 32-row blocks; 2048: 64-row blocks (their own tile settings)."""
+    """1: the small path; 300: 32-row blocks; 2048: 128-row blocks for bf16 (V2-Lite, 192 rows
+    per expert) and 64-row blocks with rows quantised before the GEMMs for fp8."""
     args, _ = moe_inputs(tokens, 2048, 1408, 64, 6, torch.bfloat16, device="cuda")   # V2-Lite shapes
     want, got = run_both("fused_moe", *args)
     assert rel_err(got, want) < 1e-2

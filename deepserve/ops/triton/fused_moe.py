@@ -44,13 +44,56 @@ def _quant_group(a, FP8_MAX_C: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
-                    x_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
-                    n_assign, inter, hidden, n_experts,
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, x_stride, q_stride, s_stride,
+                       GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr):
+    """One row of x [R, C] -> e4m3 values q [R, C] and one fp32 scale per 128 columns s [R, C/128]:
+    what `_quant_group` computes inside the GEMMs, done once per row instead of once per
+    column block."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, GROUPS)
+    offs = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    q, scale = _quant_group(x, FP8_MAX_C)
+    tl.store(q_ptr + row * q_stride + offs, q, mask=mask)
+    tl.store(s_ptr + row * s_stride + g, scale, mask=g * 128 < n_cols)
+
+
+def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scales per 128-column group) of the rows of x [R, C]."""
+    rows, cols = x.shape
+    groups = triton.cdiv(cols, FP8_BLOCK)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    if rows:
+        _quant_rows_kernel[(rows,)](x, q, s, cols, x.stride(0), q.stride(0), s.stride(0),
+                                    GROUPS=next_pow2(groups), FP8_MAX_C=FP8_MAX, num_warps=4)
+    return q, s
+
+
+@triton.jit
+def _block_of(num_m, num_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program in a 1-D grid of num_m x num_n tiles.
+
+    Programs run roughly in launch order, so the order decides what the L2 can share: GROUP_M
+    row blocks at a time walk the column blocks together, row blocks fastest. With GROUP_M=1
+    the column blocks of one row block run side by side (its gathered activations are read
+    from memory once, not once per column block) and, since an expert's row blocks are
+    consecutive, each expert's weight tile is streamed once for all its rows."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+                    x_stride, xs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
+                    n_assign, inter, hidden, n_experts, num_m,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                    GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    pid_m, pid_n = _block_of(num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
         rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -71,8 +114,12 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
             wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if FP8:
-                a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 kb = k0 // BLOCK_K
+                if A_FP8:     # rows quantised beforehand (_quant_rows_kernel): values and group scales
+                    a_q = a
+                    a_s = tl.load(xs_ptr + tok * xs_stride + kb, mask=row_ok, other=1.0)
+                else:
+                    a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 s_base = ws_ptr + expert * ws_se + kb * ws_sk
                 sg = tl.load(s_base + (offs_n // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
                 su = tl.load(s_base + ((offs_n + inter) // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
@@ -93,13 +140,12 @@ def _gate_up_kernel(x_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr, out_ptr,
-                 h_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
-                 n_assign, hidden, inter, n_experts,
+def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+                 h_stride, hs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
+                 n_assign, hidden, inter, n_experts, num_m,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    pid_m, pid_n = _block_of(num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
         rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -116,7 +162,11 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if FP8:
-                a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
+                if A_FP8:
+                    a_q = a
+                    a_s = tl.load(hs_ptr + safe_rows * hs_stride + k0 // BLOCK_K, mask=row_ok, other=1.0)
+                else:
+                    a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 s = tl.load(ws_ptr + expert * ws_se + (k0 // BLOCK_K) * ws_sk + (offs_n // BLOCK_K) * ws_sn,
                             mask=n_ok, other=0.0)
                 acc += tl.dot(a_q, w) * a_s[:, None] * s[None, :]
@@ -124,15 +174,16 @@ def _down_kernel(h_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, topk_w_ptr,
                 acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * w_sk
-        y = acc.to(out_ptr.dtype.element_ty).to(tl.float32)      # the reference's bf16 linear output
-        y = y * tl.load(topk_w_ptr + safe_rows, mask=row_ok, other=0.0)[:, None]
-        tl.store(out_ptr + safe_rows[:, None] * out_stride + offs_n[None, :], y,
+        # the reference's bf16 linear output; the slot sum applies the routing weight in fp32
+        tl.store(out_ptr + safe_rows[:, None] * out_stride + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, n_experts, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = sum over the token's k slots routed to a local expert of y[t*k + j] (fp32)."""
+def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, out_ptr, hidden, n_experts,
+                      TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over the token's k slots j routed to a local expert of w[t, j] * y[t*k + j],
+    in fp32 (the reference's index_add of weighted rows)."""
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -140,7 +191,8 @@ def _sum_slots_kernel(y_ptr, ids_ptr, out_ptr, hidden, n_experts, TOP_K: tl.cons
     for j in tl.static_range(TOP_K):
         e = tl.load(ids_ptr + tok * TOP_K + j)
         local = (e >= 0) & (e < n_experts)
-        acc += tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=mask & local, other=0.0)
+        w = tl.load(topk_w_ptr + tok * TOP_K + j)
+        acc += w * tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=mask & local, other=0.0).to(tl.float32)
     tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -156,34 +208,40 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 
 # launch settings merged over _tiles' choice when set, for timing candidates
-# (benchmarks/sweep_fused_moe.py): {"BLOCK_M": m, "gate_up": {...}, "down": {...}}, each
-# kernel's keys among BLOCK_N, BLOCK_K, num_warps, num_stages
+# (benchmarks/sweep_fused_moe.py) and tests: {"BLOCK_M": m, "PREQUANT": bool, "gate_up": {...},
+# "down": {...}}, each kernel's keys among BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
 TILE_OVERRIDE: dict | None = None
 
 
 def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, dict, dict]:
-    """BLOCK_M by rows per expert, and each kernel's BLOCK_N, BLOCK_K, num_warps, num_stages:
-    (BLOCK_M, gate_up settings, down settings). fp32 activations and weights take twice the
-    shared memory per stage: half the K tile and at most 2 stages keep the 64x128 tiles under
-    Hopper's 227 KB.
+    """BLOCK_M by rows per expert, and each kernel's BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+    num_stages: (BLOCK_M, gate_up settings, down settings). fp32 activations and weights take
+    twice the shared memory per stage: half the K tile and at most 2 stages keep the 64x128
+    tiles under Hopper's 227 KB.
 
-    64-row blocks (over 48 rows per expert, where the GEMMs turn compute-bound) were timed on
-    an H100 at R1's experts and 8192 tokens (benchmarks/sweep_fused_moe.py, 2026-11-23):
-    gate_up with 8 warps (bf16 also 256 columns) and down with 256 columns and 8 warps took
-    the whole op from 22.5 to 18.7 ms (bf16, 32% -> 39% of the bf16 matmul rate) and from
-    41.2 to 18.8 ms (fp8; at 4 warps its gate_up alone was twice as slow). Fewer rows per
+    Where the GEMMs are compute-bound (over 48 rows per expert) the settings come from
+    benchmarks/sweep_fused_moe.py at R1's experts and 8192 tokens (256 rows per expert) on an
+    H200, 2026-12-04 (docs/PERFORMANCE.md): 16-bit weights take 128-row blocks from 128 rows
+    per expert (16.65 -> 14.41 ms, 46% -> 53% of the bf16 matmul rate, although an expert's
+    last block is on average half padding); fp8 weights keep 64-row blocks (128 rows ran at
+    half the rate) with gate_up at 256 columns (12.17 -> 11.27 ms, 63% -> 68%). Fewer rows per
     expert keep the settings from before, which that sweep did not cover."""
     if interpreting():
-        cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 32, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 32, GROUP_M=1, num_warps=4, num_stages=1)
         return 16, cfg, dict(cfg)
     per_expert = n_assign / max(num_experts, 1)
     block_m = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
+    wide = elem_bytes <= 2 and not fp8 and per_expert >= 128
     block_k = 128 if fp8 else (64 if elem_bytes <= 2 else 32)
     stages = (4 if block_m <= 32 else 3) if elem_bytes <= 2 else 2
-    cfg = dict(BLOCK_N=64 if block_m <= 32 else 128, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+    cfg = dict(BLOCK_N=64 if block_m <= 32 else 128, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=stages)
     gate_up, down = dict(cfg), dict(cfg)
-    if block_m == 64 and elem_bytes <= 2:
-        gate_up.update(num_warps=8, BLOCK_N=128 if fp8 else 256)
+    if wide:
+        block_m = 128
+        gate_up.update(num_warps=8, num_stages=4)
+        down.update(num_warps=8, BLOCK_N=256)
+    elif block_m == 64 and elem_bytes <= 2:
+        gate_up.update(num_warps=8, BLOCK_N=256)
         down.update(num_warps=8, BLOCK_N=256)
     return block_m, gate_up, down
 
@@ -215,21 +273,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     aligned = align_by_expert(topk_ids, num_experts, block_m)
     x = unit_last(x)
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(n_assign, hidden, dtype=torch.float32, device=x.device)
+    y = torch.empty(n_assign, hidden, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
+    num_m = aligned.num_blocks
     common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype))
     gu, dn = {**common, **gu, **over.get("gate_up", {})}, {**common, **dn, **over.get("down", {})}
-    _gate_up_kernel[(aligned.num_blocks, triton.cdiv(inter, gu["BLOCK_N"]))](
-        x, w13, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
-        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
-        n_assign, inter, hidden, num_experts, TOP_K=top_k, **gu)
-    _down_kernel[(aligned.num_blocks, triton.cdiv(hidden, dn["BLOCK_N"]))](
-        act, w2, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert,
-        topk_weights.reshape(-1).float().contiguous(), y,
-        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
-        n_assign, hidden, inter, num_experts, **dn)
+    # fp8: activation rows quantised once by a separate pass where the row blocks are large
+    # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
+    prequant = fp8 and over.get("PREQUANT", block_m >= 64)
+    a, a_s = _quant_rows(x) if prequant else (x, x)
+    _gate_up_kernel[(num_m * triton.cdiv(inter, gu["BLOCK_N"]),)](
+        a, a_s, w13, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
+        a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
+        n_assign, inter, hidden, num_experts, num_m, TOP_K=top_k, A_FP8=prequant, **gu)
+    h, h_s = _quant_rows(act) if prequant else (act, act)
+    _down_kernel[(num_m * triton.cdiv(hidden, dn["BLOCK_N"]),)](
+        h, h_s, w2, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert, y,
+        h.stride(0), h_s.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
+        n_assign, hidden, inter, num_experts, num_m, A_FP8=prequant, **dn)
     block = min(next_pow2(hidden), 1024)
     _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        y, topk_ids.contiguous(), out, hidden, num_experts, TOP_K=top_k, BLOCK=block, num_warps=4)
+        y, topk_ids.contiguous(), topk_weights.reshape(-1).float().contiguous(), out, hidden, num_experts,
+        TOP_K=top_k, BLOCK=block, num_warps=4)
     return out
