@@ -34,10 +34,11 @@ def kernel(n, k, w, s, **extra):
 
 def candidates(dtype: str) -> list[dict]:
     """Settings around the defaults of `fused_moe._tiles` at 256 rows per expert (bf16: 128-row
-    blocks; fp8: 64-row blocks), and the form they replaced (old launch order, 64-row bf16
-    blocks, fp8 activations quantised inside the GEMMs, fp8 gate_up at 128 columns)."""
+    blocks; fp8: 64-row blocks), and the forms they replaced (weights read by pointers, not
+    TMA; the old launch order; 64-row bf16 blocks; fp8 activations quantised inside the GEMMs;
+    fp8 gate_up at 128 columns). `--quick` takes the first two."""
     both = lambda **kw: {"gate_up": dict(kw), "down": dict(kw)}  # noqa: E731
-    out = [both(**OLD_ORDER)] + [both(GROUP_M=g) for g in (2, 4, 8)]
+    out = [{"W_TMA": False}, both(**OLD_ORDER)] + [both(GROUP_M=g) for g in (2, 4, 8)]
     if dtype == "bf16":
         out += [{"BLOCK_M": 64, "gate_up": kernel(256, 64, 8, 3), "down": kernel(256, 64, 8, 3)}]
         out += [{"gate_up": kernel(*c)} for c in ((128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 5),
@@ -71,13 +72,14 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="small shapes (for --device cpu)")
     ap.add_argument("--dtypes", default="bf16,fp8")
-    ap.add_argument("--quick", action="store_true", help="the default and the old launch order only")
+    ap.add_argument("--quick", action="store_true", help="the default, pointer loads and the old launch order")
+    ap.add_argument("--tokens", type=int, default=8192)
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe as fm
 
     dev = args.device
-    d, inter, e, k, tokens = 7168, 2048, 256, 8, 8192
+    d, inter, e, k, tokens = 7168, 2048, 256, 8, args.tokens
     if args.tiny:
         d, inter, e, tokens = 256, 128, 8, 32
     flops = 2 * tokens * k * 3 * d * inter
@@ -85,7 +87,7 @@ def main() -> int:
         from bench_ops import graph_time_ms, matmul_flops, time_ms
         peak = matmul_flops()
         print(f"device {torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s")
-        rows_e = tokens * k // e           # cuBLAS at the same FLOPs, every expert exactly this many rows
+        rows_e = max(tokens * k // e, 1)   # cuBLAS at the same FLOPs, every expert exactly this many rows
         xe = torch.randn(e, rows_e, d, device=dev, dtype=torch.bfloat16)
         w1 = torch.randn(e, d, 2 * inter, device=dev, dtype=torch.bfloat16)
         he = torch.randn(e, rows_e, inter, device=dev, dtype=torch.bfloat16)
@@ -119,7 +121,7 @@ def main() -> int:
         base = graph_time_ms(run, 2)
         print(f"{dtype} default: {base:.2f} ms, {flops / (base * 1e-3) / peak:.1%} of matmul", flush=True)
         rows.append((dtype, None, base))
-        overrides = candidates(dtype)[:1 if args.quick else None]
+        overrides = candidates(dtype)[:2 if args.quick else None]
         for over in overrides:
             fm.TILE_OVERRIDE = over
             try:

@@ -121,6 +121,24 @@ def test_fused_moe_fp8_prequantised_rows_equal_in_kernel_quantisation(triton_ops
     assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < 0.15
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "fp8"], ids=str)
+def test_fused_moe_tma_weight_tiles_equal_pointer_loads(triton_ops, cpu_only, monkeypatch, dtype):
+    """Expert weights read through TMA block descriptors (Hopper's path; here interpreted)
+    give bit-identical outputs to pointer loads, with ragged column and K tiles (I 80 and
+    D 64 against 32-wide tiles; fp8: I 208 against 128) whose zero fill stands in for masks."""
+    from deepserve.ops.triton import fused_moe as fm
+    if dtype == "fp8":
+        args, kwargs = moe_inputs(6, 256, 208, 4, 2, torch.bfloat16, fp8=True, seed=3)
+    else:
+        args, kwargs = moe_inputs(24, 64, 80, 3, 2, dtype, seed=3)
+    outs = []
+    for tma in (True, False):
+        monkeypatch.setattr(fm, "TILE_OVERRIDE", {"W_TMA": tma})
+        outs.append(fm.fused_moe(*args, **kwargs))
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < (0.15 if dtype == "fp8" else 3e-2)
+
+
 def quant_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's e4m3 rounding of x [R, C] over per-(row, 128 columns) scales amax / 448."""
     rows, cols = x.shape

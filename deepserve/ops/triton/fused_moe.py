@@ -1,19 +1,26 @@
 """Fused MoE experts as two grouped-GEMM Triton kernels over tokens sorted by expert.
 
-After `align_by_expert`, program (m, n) of the first kernel multiplies BLOCK_M rows routed
+After `align_by_expert`, each program of the first kernel multiplies BLOCK_M rows routed
 to one expert by that expert's gate and up columns n at once and writes
 silu(gate) * up (the activation fused into the GEMM epilogue, so the 2I-wide intermediate
-never reaches memory). The second kernel multiplies by the expert's down projection,
-scales each row by its routing weight and writes it to its (token, slot) row; a small
-kernel then sums each token's k rows in fp32. The grid is fixed by host-known bounds, so
-nothing syncs and the whole op can sit in a CUDA graph. Batches of a few tokens
-(`use_small_path`) run fused_moe_small.py instead: two GEMV launches, no sort. The layout
-follows vLLM's/SGLang's fused_moe (sorted token ids + per-block expert ids).
+never reaches memory). The second kernel multiplies by the expert's down projection and
+writes each (token, slot) row in the activation dtype, as the reference's linear rounds
+it; a small kernel then sums each token's k rows times their routing weights in fp32. The
+grid is fixed by host-known bounds, so nothing syncs and the whole op can sit in a CUDA
+graph. Batches of a few tokens (`use_small_path`) run fused_moe_small.py instead: two GEMV
+launches, no sort. The layout follows vLLM's/SGLang's fused_moe (sorted token ids +
+per-block expert ids).
+
+Both GEMMs take a 1-D grid in an L2-friendly order (`_block_of`) and, on Hopper and newer,
+read the weight tiles through TMA block descriptors (`_weight_tile`); the gathered
+activation rows are ordinary loads, which the pipeliner overlaps with the matrix products.
 
 fp8 weights (e4m3 with one fp32 scale_inv per 128x128 block, DeepSeek-V3's format) run as
-W8A8: each BLOCK_K=128 slice of an activation row is quantised to e4m3 in registers with
-its own scale (per-token-group quantisation, as DeepSeek-V3's inference does), the product
-runs on fp8 tensor cores, and both scales are applied to the partial sums.
+W8A8: each 128-wide slice of an activation row is quantised to e4m3 with its own scale
+(per-token-group quantisation, as DeepSeek-V3's inference does), the product runs on fp8
+tensor cores, and both scales are applied to the partial sums. Large batches quantise each
+row once beforehand (`_quant_rows`); small ones in registers inside the GEMMs, saving two
+launches where the weights' bytes dominate.
 """
 from __future__ import annotations
 
@@ -88,11 +95,24 @@ def _block_of(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+def _weight_tile(ptrs, mask, desc, expert, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 W_TMA: tl.constexpr):
+    """An expert's weight tile [BLOCK_K, BLOCK_N] (rows n0.., columns k0.. of w[expert], read
+    transposed): through the tensor-memory accelerator from a [1, BLOCK_N, BLOCK_K] block
+    descriptor when W_TMA (out-of-range rows and columns read as zero), else by pointers."""
+    if W_TMA:
+        return tl.trans(desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
                     x_stride, xs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
                     n_assign, inter, hidden, n_experts, num_m,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                    GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -111,8 +131,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, 
         for k0 in range(0, hidden, BLOCK_K):
             k_ok = offs_k < hidden - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            # (past column I the TMA gate tile reads up rows: those columns are never stored)
+            wg = _weight_tile(g_ptrs, w_ok, w_desc, expert.to(tl.int32), pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K,
+                              W_TMA)
+            wu = _weight_tile(u_ptrs, w_ok, w_desc, expert.to(tl.int32), inter + pid_n * BLOCK_N, k0, BLOCK_N,
+                              BLOCK_K, W_TMA)
             if FP8:
                 kb = k0 // BLOCK_K
                 if A_FP8:     # rows quantised beforehand (_quant_rows_kernel): values and group scales
@@ -140,11 +164,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, 
 
 
 @triton.jit
-def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
+def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
                  h_stride, hs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
                  n_assign, hidden, inter, n_experts, num_m,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                 GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -160,7 +185,8 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, sorted_ptr, block_expert_ptr, out
         for k0 in range(0, inter, BLOCK_K):
             k_ok = offs_k < inter - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            w = _weight_tile(w_ptrs, k_ok[:, None] & n_ok[None, :], w_desc, expert.to(tl.int32), pid_n * BLOCK_N, k0,
+                             BLOCK_N, BLOCK_K, W_TMA)
             if FP8:
                 if A_FP8:
                     a_q = a
@@ -196,6 +222,29 @@ def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, out_ptr, hidden, n_experts,
     tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _tma_weights(w: torch.Tensor) -> bool:
+    """Whether expert weights w [E, N, K] can be read through TMA block descriptors: an NVIDIA
+    GPU of compute capability 9.0 or newer, compiled kernels, and the 16-byte alignment of the
+    base and of the two outer strides that the descriptors need."""
+    if interpreting() or not w.is_cuda or torch.version.hip or torch.cuda.get_device_capability(w.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return (w.stride(2) == 1 and w.data_ptr() % 16 == 0
+            and all(st * w.element_size() % 16 == 0 for st in w.stride()[:2]))
+
+
+def _weight_arg(w: torch.Tensor, tma: bool, block_n: int, block_k: int):
+    """The kernels' w_desc argument: a [1, block_n, block_k] block descriptor of w, or w itself
+    (unused) on the pointer path."""
+    if not tma:
+        return w
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(w, [1, block_n, block_k])
+
+
 def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether `fused_moe_small` (two GEMV launches, no sort) runs this batch.
 
@@ -208,8 +257,9 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 
 # launch settings merged over _tiles' choice when set, for timing candidates
-# (benchmarks/sweep_fused_moe.py) and tests: {"BLOCK_M": m, "PREQUANT": bool, "gate_up": {...},
-# "down": {...}}, each kernel's keys among BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+# (benchmarks/sweep_fused_moe.py) and tests: {"BLOCK_M": m, "PREQUANT": bool, "W_TMA": bool,
+# "gate_up": {...}, "down": {...}}, each kernel's keys among BLOCK_N, BLOCK_K, GROUP_M,
+# num_warps, num_stages
 TILE_OVERRIDE: dict | None = None
 
 
@@ -222,10 +272,12 @@ def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> t
     Where the GEMMs are compute-bound (over 48 rows per expert) the settings come from
     benchmarks/sweep_fused_moe.py at R1's experts and 8192 tokens (256 rows per expert) on an
     H200, 2026-12-04 (docs/PERFORMANCE.md): 16-bit weights take 128-row blocks from 128 rows
-    per expert (16.65 -> 14.41 ms, 46% -> 53% of the bf16 matmul rate, although an expert's
-    last block is on average half padding); fp8 weights keep 64-row blocks (128 rows ran at
-    half the rate) with gate_up at 256 columns (12.17 -> 11.27 ms, 63% -> 68%). Fewer rows per
-    expert keep the settings from before, which that sweep did not cover."""
+    per expert (46% -> 53% of the bf16 matmul rate, although an expert's last block is on
+    average half padding) with 8 row blocks walking the columns together (GROUP_M, about +1%
+    in two runs); fp8 weights keep 64-row blocks (128 rows ran at half the rate) with gate_up
+    at 256 columns (63% -> 68%). Fewer rows per expert keep the settings from before, which
+    that sweep did not cover.
+    """
     if interpreting():
         cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 32, GROUP_M=1, num_warps=4, num_stages=1)
         return 16, cfg, dict(cfg)
@@ -238,8 +290,8 @@ def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> t
     gate_up, down = dict(cfg), dict(cfg)
     if wide:
         block_m = 128
-        gate_up.update(num_warps=8, num_stages=4)
-        down.update(num_warps=8, BLOCK_N=256)
+        gate_up.update(num_warps=8, num_stages=4, GROUP_M=8)
+        down.update(num_warps=8, BLOCK_N=256, GROUP_M=8)
     elif block_m == 64 and elem_bytes <= 2:
         gate_up.update(num_warps=8, BLOCK_N=256)
         down.update(num_warps=8, BLOCK_N=256)
@@ -282,16 +334,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # fp8: activation rows quantised once by a separate pass where the row blocks are large
     # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
     prequant = fp8 and over.get("PREQUANT", block_m >= 64)
+    tma = over.get("W_TMA", _tma_weights(w13) and _tma_weights(w2))
     a, a_s = _quant_rows(x) if prequant else (x, x)
+    w13_desc = _weight_arg(w13, tma, gu["BLOCK_N"], gu["BLOCK_K"])
     _gate_up_kernel[(num_m * triton.cdiv(inter, gu["BLOCK_N"]),)](
-        a, a_s, w13, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
+        a, a_s, w13, w13_desc, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
         a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
-        n_assign, inter, hidden, num_experts, num_m, TOP_K=top_k, A_FP8=prequant, **gu)
+        n_assign, inter, hidden, num_experts, num_m, TOP_K=top_k, A_FP8=prequant, W_TMA=tma, **gu)
     h, h_s = _quant_rows(act) if prequant else (act, act)
+    w2_desc = _weight_arg(w2, tma, dn["BLOCK_N"], dn["BLOCK_K"])
     _down_kernel[(num_m * triton.cdiv(hidden, dn["BLOCK_N"]),)](
-        h, h_s, w2, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert, y,
+        h, h_s, w2, w2_desc, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert, y,
         h.stride(0), h_s.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
-        n_assign, hidden, inter, num_experts, num_m, A_FP8=prequant, **dn)
+        n_assign, hidden, inter, num_experts, num_m, A_FP8=prequant, W_TMA=tma, **dn)
     block = min(next_pow2(hidden), 1024)
     _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
         y, topk_ids.contiguous(), topk_weights.reshape(-1).float().contiguous(), out, hidden, num_experts,
