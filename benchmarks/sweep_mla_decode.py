@@ -78,16 +78,11 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
         + settings(MLA16_TILES[-1:], (4,))
     # the old form (a page id per key) at its best setting; 16-token pages: the default alone
     mla16 += settings([(16, 32, 4, 2)], (4,), **OLD_FORM)
-    # the latent tiles through TMA descriptors (one page per tile only)
-    mla16 += settings([t for t in MLA16_TILES[:6] if t[1] == 64], (3, 4, 5) if q else (2, 3, 4, 5, 6, 8),
-                      kv_tma=True)
     mla16_bs16 = []
     # at batch 4 the split count is capped by MIN_TOKENS_PER_SPLIT, not programs per SM
     mla128_b4 = settings(MLA128_TILES[:4] if q else MLA128_TILES, (4,))
     mla128_b64 = settings(MLA128_TILES[:2], (1, 4)) if q else settings(MLA128_TILES[:5], (1, 2, 4))
     mla128_b64 += settings(MLA128_TILES[4:5], (1,), **OLD_FORM)
-    mla128_b4 += settings(MLA128_TILES[:1] + MLA128_TILES[4:5] + MLA128_TILES[-1:], (1, 4), kv_tma=True)
-    mla128_b64 += settings(MLA128_TILES[:1] + MLA128_TILES[4:5] + MLA128_TILES[-1:], (1, 4), kv_tma=True)
     gqa = [] if q else settings(GQA_TILES, (2,))
     return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16),
             Case("mla_h16_b64_bs16", 16, 1, 576, 512, batch64, ctx, 16, 0.072, True, mla16_bs16),
@@ -98,7 +93,6 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
 
 def label(cfg: dict) -> str:
     flags = "".join(f" no-{k}" for k in ("page_tile",) if cfg.get(k) is False)
-    flags += " tma" if cfg.get("kv_tma") else ""
     return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
             f"pps{cfg['programs_per_sm']}{flags}")
 
@@ -117,7 +111,6 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     big_head = case.head_dim + case.v_dim > 512
     default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size)
     default.pop("page_tile")                 # the label shows only settings an override changes
-    default.pop("kv_tma")
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)
         attention.DECODE_OVERRIDE = cfg

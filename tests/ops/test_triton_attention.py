@@ -118,23 +118,6 @@ def test_decode_override(triton_ops, cpu_only, monkeypatch):
         compare(pb)
 
 
-@pytest.mark.parametrize("kv_tma", [False, True], ids=["pointers", "tma"])
-def test_decode_mla_stale_page_rows_stay_out(triton_ops, cpu_only, monkeypatch, kv_tma):
-    """The rows of a sequence's last page past its length (another sequence's leftovers)
-    are NaN here: neither the pointer loads nor the TMA tiles (which read whole page tiles)
-    may let them into the output. TMA tiles give the pointer path's values."""
-    lens = [5, 70, 300]
-    pb = make_paged_batch([1, 1, 1], lens, num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32,
-                          block_size=64, mla=True)
-    for row, length in enumerate(lens):
-        page = int(pb.block_tables[row, (length - 1) // 64])
-        pb.k_cache[page, length % 64 or 64:] = float("nan")
-    monkeypatch.setattr(triton_ops.attention, "DECODE_OVERRIDE", dict(kv_tma=kv_tma))
-    got = compare(pb)
-    monkeypatch.setattr(triton_ops.attention, "DECODE_OVERRIDE", None)
-    assert torch.equal(got, resolve("paged_attention", "triton")[1](*pb.args(0.125)))
-
-
 def test_prefill_mla_shared_latent(triton_ops, cpu_only):
     compare(make_paged_batch([3, 17], [30, 40], num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32,
                              mla=True))
@@ -168,9 +151,7 @@ def test_decode_gqa_gpu(triton_ops):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_tma", [False, True], ids=["pointers", "tma"])
-def test_decode_mla_gpu(triton_ops, monkeypatch, kv_tma):
-    monkeypatch.setattr(triton_ops.attention, "DECODE_OVERRIDE", dict(kv_tma=kv_tma))
+def test_decode_mla_gpu(triton_ops):
     lens = [4096 - 61 * i for i in range(64)]
     compare(make_paged_batch([1] * 64, lens, num_heads=16, num_kv_heads=1, head_dim=576, v_head_dim=512,
                              block_size=64, dtype=torch.bfloat16, device="cuda", mla=True),

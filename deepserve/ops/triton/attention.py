@@ -25,8 +25,7 @@ PROGRAMS_PER_SM = {False: 2, True: 4}
 # launch settings merged over decode_config's choice when set (keys as decode_config
 # returns them); benchmarks/sweep_mla_decode.py sets it to time candidate settings
 DECODE_OVERRIDE: dict | None = None
-_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile",
-                          "kv_tma"))
+_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 
 
 def decode_config(big_head: bool, small: bool, group: int, block_size: int) -> dict:
@@ -62,7 +61,6 @@ def decode_config(big_head: bool, small: bool, group: int, block_size: int) -> d
     # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size);
     # an override may turn it off, not on
     cfg["page_tile"] = cfg.get("page_tile", True) and block_size % cfg["BLOCK_N"] == 0
-    cfg.setdefault("kv_tma", False)
     if cfg["BLOCK_H"] < 16 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1):
         raise ValueError(f"decode BLOCK_H must be a power of two >= 16, got {cfg['BLOCK_H']}")
     return cfg
@@ -74,29 +72,6 @@ def _split_head_dim(d: int) -> tuple[int, int]:
     main = 1 << (d.bit_length() - 1)
     tail = d - main
     return main, (next_pow2(tail) if tail else 0)
-
-
-def _tma_pool(k_cache: torch.Tensor) -> bool:
-    """Whether a latent pool [pages, page size, 1, D] can be read through TMA descriptors:
-    one KV head, unit stride along D, 16-byte aligned base and outer strides, and compiled
-    kernels on an NVIDIA GPU of compute capability 9.0+ (or the interpreter, for tests)."""
-    if not interpreting() and (not k_cache.is_cuda or torch.version.hip
-                               or torch.cuda.get_device_capability(k_cache.device)[0] < 9):
-        return False
-    size = k_cache.element_size()
-    return (k_cache.shape[2] == 1 and k_cache.stride(3) == 1 and k_cache.data_ptr() % 16 == 0
-            and k_cache.stride(0) * size % 16 == 0 and k_cache.stride(1) * size % 16 == 0)
-
-
-def _latent_descriptors(k_cache: torch.Tensor, block_n: int, block_d: int, block_dpe: int):
-    """TMA block descriptors of an MLA latent pool [pages, page size, 1, D] seen as
-    [pages, page size, D]: [1, block_n, block_d] tiles of the latent and [1, block_n,
-    block_dpe] tiles of the rope tail (read at column block_d; past D reads zeros)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    pages, page_size, _, d = k_cache.shape
-    shape, strides = [pages, page_size, d], [k_cache.stride(0), k_cache.stride(1), k_cache.stride(3)]
-    return (TensorDescriptor(k_cache, shape, strides, [1, block_n, block_d]),
-            TensorDescriptor(k_cache, shape, strides, [1, block_n, block_dpe]))
 
 
 def _shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_d: int) -> bool:
@@ -151,9 +126,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         cfg = decode_config(big_head, small, group, k_cache.shape[1])
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
         page_tile = cfg.pop("page_tile")
-        kv_tma = cfg.pop("kv_tma") and shared and page_tile and block_dpe > 0 and _tma_pool(k_cache)
-        kv_desc, pe_desc = _latent_descriptors(k_cache, cfg["BLOCK_N"], block_d, block_dpe) if kv_tma \
-            else (k_cache, k_cache)
         head_groups = triton.cdiv(group, block_h)
         programs = n_kv_heads * head_groups
         splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)
@@ -164,10 +136,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mid_o = torch.empty(batch, n_heads, splits, block_dv, dtype=q.dtype, device=q.device)
         mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(batch, programs, splits)](
-            q, k_cache, v_cache, kv_desc, pe_desc, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
+            q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
-            BLOCK_H=block_h, PAGE_TILE=page_tile, KV_TMA=kv_tma,
+            BLOCK_H=block_h, PAGE_TILE=page_tile,
             **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,

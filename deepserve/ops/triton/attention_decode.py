@@ -37,12 +37,12 @@ LOG2E = 1.4426950408889634
 # compile more variants of the same code
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-        q_ptr, kc_ptr, vc_ptr, kv_desc, pe_desc, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
+        q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, bt_stride,
         qk_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, PAGE_TILE: tl.constexpr, KV_TMA: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PAGE_TILE: tl.constexpr,
         USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     b = tl.program_id(0)
@@ -98,16 +98,7 @@ def _decode_split_kernel(
             blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
             slot = offs_n % block_size
         row_off = blk * kc_b + slot * kc_o + kvh * kc_h                                # [N]
-        if KV_TMA:
-            # (SHARED_KV and PAGE_TILE) the tile's rows through the tensor-memory accelerator:
-            # [1, N, D] and [1, N, DPE] blocks of the [pages, page size, 576] pool. Rows past
-            # the sequence's end are read too (the page's stale rows): their scores are
-            # masked below and their values zeroed, so nothing stale reaches the output.
-            page = blk.to(tl.int32)
-            slot0 = n0 % block_size
-            kv = kv_desc.load([page, slot0, 0]).reshape(BLOCK_N, BLOCK_D)
-            qk = tl.dot(q, tl.trans(kv.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        elif SHARED_KV:
+        if SHARED_KV:
             # token-major [N, D]: both dots read this one tile (trans for QK, as is for PV),
             # so the compiler can stage it in shared memory with async copies
             kv = tl.load(kc_ptr + row_off[:, None] + offs_d[None, :] * kc_d,
@@ -117,10 +108,7 @@ def _decode_split_kernel(
             k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
                         mask=n_mask[None, :], other=0.0)                             # [D, N]
             qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        if BLOCK_DPE > 0 and KV_TMA:
-            k_pe = pe_desc.load([page, slot0, BLOCK_D]).reshape(BLOCK_N, BLOCK_DPE)
-            qk += tl.dot(q_pe, tl.trans(k_pe.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-        elif BLOCK_DPE > 0:
+        if BLOCK_DPE > 0:
             # token-major as well: the rope tail of the same rows, staged like the latent
             k_pe = tl.load(kc_ptr + row_off[:, None] + offs_pe[None, :] * kc_d,
                            mask=n_mask[:, None] & pe_mask[None, :], other=0.0)       # [N, DPE]
@@ -130,9 +118,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if KV_TMA:
-            v = tl.where(n_mask[:, None], kv, 0.0)                                   # [N, DV]
-        elif SHARED_KV:
+        if SHARED_KV:
             v = kv                                                                   # [N, DV]
         else:
             v_off = blk * vc_b + slot * vc_o + kvh * vc_h
