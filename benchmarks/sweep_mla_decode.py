@@ -109,7 +109,8 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     want = resolve("paged_attention", "torch")[1](*args).float()
     tri = resolve("paged_attention", "triton")[1]
     big_head = case.head_dim + case.v_dim > 512
-    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size)
+    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size,
+                                      torch.cuda.get_device_name() if device == "cuda" else "")
     default.pop("page_tile")                 # the label shows only settings an override changes
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)

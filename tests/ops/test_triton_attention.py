@@ -92,6 +92,16 @@ def test_decode_tiles_follow_the_page_size(triton_ops, cpu_only):
     assert cfg(False, False, 4, 16)["page_tile"] is False          # GQA: 64 keys over 16-token pages
 
 
+def test_decode_warps_follow_the_device(triton_ops, cpu_only):
+    """The 16-head MLA tile takes 8 warps on an H200 (faster memory, same compute), 4
+    elsewhere; R1's 64-head tile and GQA do not change."""
+    cfg = triton_ops.attention.decode_config
+    assert cfg(True, False, 16, 64, "NVIDIA H200")["num_warps"] == 8
+    assert cfg(True, False, 16, 64, "NVIDIA H100 80GB HBM3")["num_warps"] == 4
+    assert cfg(True, False, 128, 64, "NVIDIA H200") == cfg(True, False, 128, 64, "NVIDIA H100 80GB HBM3")
+    assert cfg(False, False, 4, 16, "NVIDIA H200") == cfg(False, False, 4, 16, "")
+
+
 def test_decode_several_tiles_per_page(triton_ops, cpu_only):
     """16-key tiles (interpreted) in 64-token pages: tiles start mid-page, and graph-sized
     splits (max_seq_len 4096) start mid-page too."""
@@ -116,6 +126,18 @@ def test_decode_override(triton_ops, cpu_only, monkeypatch):
     monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(block_n=32))
     with pytest.raises(ValueError, match=r"unknown keys \['block_n'\]"):
         compare(pb)
+
+
+def test_decode_mla_stale_page_rows_stay_out(triton_ops, cpu_only):
+    """The rows of a sequence's last page past its length (another sequence's leftovers) are
+    NaN here: none of them may reach the output."""
+    lens = [5, 70, 300]
+    pb = make_paged_batch([1, 1, 1], lens, num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32,
+                          block_size=64, mla=True)
+    for row, length in enumerate(lens):
+        page = int(pb.block_tables[row, (length - 1) // 64])
+        pb.k_cache[page, length % 64 or 64:] = float("nan")
+    assert not compare(pb).isnan().any()
 
 
 def test_prefill_mla_shared_latent(triton_ops, cpu_only):

@@ -35,6 +35,18 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=8)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name ("NVIDIA H200", ...), for settings tuned per chip; "" off CUDA."""
+    if device.type != "cuda":
+        return ""
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def unit_last(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dim has unit stride (what the kernels step along), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

@@ -13,7 +13,8 @@ import triton
 
 from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, pdl_launch, sm_count
+from deepserve.ops.triton._common import (device_name, dot_dtype, dot_precision, interpreting, next_pow2, pdl_launch,
+                                         sm_count)
 from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
@@ -28,17 +29,22 @@ DECODE_OVERRIDE: dict | None = None
 _DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 
 
-def decode_config(big_head: bool, small: bool, group: int, block_size: int) -> dict:
+def decode_config(big_head: bool, small: bool, group: int, block_size: int, device: str = "") -> dict:
     """Tile and launch settings of the decode kernel for `group` query heads per KV head over
-    a cache of `block_size`-token pages (DECODE_OVERRIDE replaces keys). Measured on an H100
-    with benchmarks/sweep_mla_decode.py (2026-11-23, docs/PERFORMANCE.md):
+    a cache of `block_size`-token pages on the GPU named `device` (DECODE_OVERRIDE replaces
+    keys). Measured on an H100 with benchmarks/sweep_mla_decode.py (2026-11-23,
+    docs/PERFORMANCE.md):
     - GQA: 16 heads x 64 keys, 4 warps, 2 stages, 2 programs per SM (97.6% of copy bandwidth).
     - MLA, 16 heads (V2-Lite), 64-token pages: 64 keys (one page per tile), 4 warps, 2
       stages, 4 programs per SM (79.1%; 82% with 16-bit split partials); 16-token pages: 32
       keys (64.7%).
     - MLA, 64+ heads (R1's 128): 64 heads per program, so the latent is read twice, not 8
       times; 32 keys, 8 warps, 3 stages, 1 program per SM (27% at batch 64, where it is
-      bound by the [64, 576] x [576, 32] products, not by memory)."""
+      bound by the [64, 576] x [576, 32] products, not by memory).
+    On an H200 (2026-12-04, two sweeps on two machines) the 16-head MLA tile runs best with 8
+    warps: 74.6% / 75.0% of copy bandwidth against 68.4% / 69.6% with 4 (on the H100, 8 warps
+    gave 77.8-78.1% against 79.1%). Its memory is 1.4 times faster at the same compute, so
+    more warps to overlap each tile's products with the next tile's loads pay there."""
     # every query head of a KV head in one program where possible, so the cache is read once
     # per KV head: 16 rows is the smallest tensor-core M (GQA groups under 16 leave rows
     # masked), 64 the most whose fp32 accumulator fits in registers at d = 512
@@ -49,6 +55,8 @@ def decode_config(big_head: bool, small: bool, group: int, block_size: int) -> d
         cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
     elif big_head:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=64 if block_size % 64 == 0 else 32, num_warps=4, num_stages=2)
+        if "H200" in device and cfg["BLOCK_N"] == 64:
+            cfg["num_warps"] = 8
     else:
         cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
     cfg.setdefault("programs_per_sm", PROGRAMS_PER_SM[big_head])
@@ -123,7 +131,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     small = interpreting() or q.device.type != "cuda"
     big_head = block_d + block_dpe + block_dv > 512
     if max_query_len == 1:
-        cfg = decode_config(big_head, small, group, k_cache.shape[1])
+        cfg = decode_config(big_head, small, group, k_cache.shape[1], device_name(q.device))
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
         page_tile = cfg.pop("page_tile")
         head_groups = triton.cdiv(group, block_h)
