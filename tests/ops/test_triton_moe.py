@@ -94,7 +94,8 @@ def test_fused_moe_fp8_blocks(triton_ops, cpu_only):
     assert rel_err(resolve("fused_moe", "triton")[1](*args, **wrong), want) > 0.3
 
 
-@pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}], ids=lambda o: str(o["GROUP_M"]))
+@pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}],
+                         ids=lambda o: str(o["GROUP_M"]))
 def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, monkeypatch, over):
     """Which tile a program takes (GROUP_M) moves no arithmetic: outputs are bit-identical,
     and several row and column blocks are in play (16-row blocks, 32-wide columns)."""
