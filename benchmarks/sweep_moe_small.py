@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_moe_small.py            # GPU
     python benchmarks/sweep_moe_small.py --device cpu --tiny   # the script's logic, interpreted
+    python benchmarks/sweep_moe_small.py --fp8      # R1's routed experts with fp8 block weights
 
 Cases (bf16, one token): V2-Lite (D 2048, I 1408, 64 experts, top-6, shared Is 2816) and R1
 (D 7168, I 2048, 256 experts, top-8, shared Is 2048). Each candidate setting of one kernel
@@ -30,6 +31,68 @@ STAGES = [dict(LOOP_STAGES=s) for s in (2, 3)]
 # the down kernel with every slot in one step (both cases' shared experts are whole pieces of I)
 DOWN_SLOTS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8)]
 LAYERS = 2          # each call reads >= 138 MB, well over the 50 MB L2; R1 x 4 did not fit in 80 GB
+# R1 with fp8 block weights (`--fp8`; no shared expert: the small path fuses only 16-bit ones):
+# gate_up and down rows x K step (whole 128-wide scale blocks) x warps, then K-loop depths
+FP8_GRIDS = {
+    "gate_up": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
+    + [dict(LOOP_STAGES=s) for s in (2, 4)],
+    "down": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
+    + [dict(LOOP_STAGES=s) for s in (2, 3)],
+}
+
+
+def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> None:
+    """R1's routed experts in fp8 at batch 1: each kernel's candidates against the default."""
+    d, inter, e, k, _ = CASES["r1"]
+    if tiny:
+        d, inter, e = 512, 256, 16
+    g = torch.Generator(device=dev).manual_seed(0)
+    layers = LAYERS if dev == "cuda" else 1
+
+    def layer():
+        w13 = (torch.randn(e, 2 * inter, d, generator=g, device=dev) * 0.5).to(torch.float8_e4m3fn)
+        w2 = (torch.randn(e, d, inter, generator=g, device=dev) * 0.5).to(torch.float8_e4m3fn)
+        s13 = torch.rand(e, 2 * inter // 128, d // 128, generator=g, device=dev) / 64 + 0.005
+        s2 = torch.rand(e, d // 128, inter // 128, generator=g, device=dev) / 64 + 0.005
+        return w13, w2, s13, s2
+
+    ws = [layer() for _ in range(layers)]
+    x = torch.randn(1, d, generator=g, device=dev, dtype=torch.bfloat16)
+    routes = [torch.randperm(e, generator=g, device=dev)[:k][None].to(torch.int32) for _ in range(layers)]
+    tw = torch.softmax(torch.randn(1, k, generator=g, device=dev), -1)
+    nbytes = k * 3 * inter * d                      # one byte a weight (scales: 1/16384 of that)
+
+    def run_all():
+        return [fms.fused_moe_small(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2)
+                for (w13, w2, s13, s2), ids in zip(ws, routes)]
+
+    want = run_all()[0].float()
+    base_us = graph_time_ms(run_all, reps=1) / layers * 1e3
+    pct = lambda t: f"{t:.1f} us ({nbytes / (t * 1e-6) / bw:.0%} of copy)"  # noqa: E731
+    print(f"r1 fp8: default {pct(base_us)}, {nbytes / 1e6:.0f} MB", flush=True)
+    rows = []
+    for kernel, grid in FP8_GRIDS.items():
+        best = (base_us, "default")
+        for cfg in grid if dev == "cuda" else grid[:2]:
+            label = " ".join(f"{key}={v}" for key, v in cfg.items())
+            fms.SMALL_OVERRIDE = {kernel: cfg}
+            try:
+                got = run_all()[0].float()
+                if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+                    print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
+                    continue
+                us = graph_time_ms(run_all, reps=1) / layers * 1e3
+            except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
+                print(f"  {kernel} {label}: failed: {type(exc).__name__}")
+                continue
+            finally:
+                fms.SMALL_OVERRIDE = None
+            print(f"  {kernel} {label}: {pct(us)}", flush=True)
+            best = min(best, (us, label))
+        rows.append((kernel, best))
+    print("\n| case | kernel varied | default | best setting | best |\n|---|---|---:|---|---:|")
+    for kernel, (us, label) in rows:
+        print(f"| r1 fp8 | {kernel} | {pct(base_us)} | {label} | {pct(us)} |")
 
 
 def main() -> int:
@@ -37,12 +100,16 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
     ap.add_argument("--kernels", default="gate_up,down_slots", help="which kernels' settings to vary")
+    ap.add_argument("--fp8", action="store_true", help="R1 with fp8 block weights instead (FP8_GRIDS)")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe_small as fms
 
     dev = args.device
     bw, graph_time_ms = bandwidth_and_timer(dev)
+    if args.fp8:
+        sweep_fp8(fms, dev, bw, graph_time_ms, args.tiny)
+        return 0
     layers = LAYERS if dev == "cuda" else 1
     g = torch.Generator(device=dev).manual_seed(0)
     summary = []

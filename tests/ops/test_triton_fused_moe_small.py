@@ -124,6 +124,20 @@ def test_small_path_rejects_mismatched_routing(small, cpu_only):
         small.fused_moe_small(x, w13, w2, weights, ids[:1])
 
 
+def test_fp8_settings_follow_the_device(small, monkeypatch):
+    """fp8 steps cover whole 128-wide scale blocks; on an H200 both kernels take wider steps
+    (more bytes in flight), elsewhere the H100's settings; 16-bit settings do not change.
+    (The compiled kernels' settings: interpreted ones take one small setting everywhere.)"""
+    monkeypatch.setattr(small, "interpreting", lambda: False)
+    h200 = {k: small.small_config(k, True, device="NVIDIA H200") for k in ("gate_up", "down")}
+    h100 = {k: small.small_config(k, True, device="NVIDIA H100 80GB HBM3") for k in ("gate_up", "down")}
+    assert (h200["gate_up"]["BLOCK_N"], h200["gate_up"]["BLOCK_K"]) == (32, 256)
+    assert (h200["down"]["BLOCK_N"], h200["down"]["BLOCK_K"]) == (16, 1024)
+    assert (h100["gate_up"]["BLOCK_N"], h100["gate_up"]["BLOCK_K"]) == (16, 128)
+    assert all(cfg["BLOCK_K"] % 128 == 0 for cfg in (*h200.values(), *h100.values()))
+    assert small.small_config("gate_up", False, device="NVIDIA H200") == small.small_config("gate_up", False)
+
+
 def test_dispatch_rule():
     from deepserve.ops.triton.fused_moe import use_small_path
     assert use_small_path(1, 6, 64) and use_small_path(5, 6, 64) and not use_small_path(6, 6, 64)   # V2-Lite

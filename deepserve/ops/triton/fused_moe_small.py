@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton._common import device_name, interpreting, next_pow2, pdl_begin, pdl_launch, unit_last
 
 FP8_BLOCK = 128
 
@@ -252,10 +252,10 @@ ALL_SLOTS_PER_STEP = True
 SMALL_OVERRIDE: dict | None = None
 
 
-def small_config(kernel: str, fp8: bool, inter: int = 0) -> dict:
+def small_config(kernel: str, fp8: bool, inter: int = 0, device: str = "") -> dict:
     """BLOCK_N, BLOCK_K, num_warps, num_stages and LOOP_STAGES of `kernel` ("gate_up", "down",
     or "down_slots": the down kernel with every slot in one step, for an intermediate size
-    `inter`; 16-bit weights only).
+    `inter`; 16-bit weights only) on the GPU named `device`.
 
     Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane). Picked
     on an H100 by timing CUDA-graph replays at batch 1 (2026-11-23, % of copy bandwidth):
@@ -266,6 +266,10 @@ def small_config(kernel: str, fp8: bool, inter: int = 0) -> dict:
     - down_slots: 2 rows x a K step that divides I where 256 or 128 does, times every slot:
       V2-Lite (8 slots, 2 x 128) 55.4 us for routed + shared against 62.1 us slot by slot
       (83% / 74% of copy); R1 (16 slots, 2 x 256) 284 us either way, 92%.
+    - fp8 on an H200 (2026-12-04, `sweep_moe_small.py --fp8`, each kernel varied alone):
+      gate_up 32 rows x 256 (two scale blocks a step) 159 -> 131 us, down 16 x 1024 159 ->
+      143 us; its memory is 1.4 times faster than the H100's, so each program must keep
+      more bytes in flight. The H100 keeps the settings above.
     The launch's num_stages is 1: these loads feed no tl.dot, so it pipelines nothing; the K
     loops are pipelined by LOOP_STAGES instead (below). Interpreted, numpy's cost is per
     operation, not per element: few, large programs."""
@@ -274,6 +278,9 @@ def small_config(kernel: str, fp8: bool, inter: int = 0) -> dict:
     elif kernel == "down_slots":
         block_k = 128 if inter % 256 and inter % 128 == 0 else 256      # a K step that divides I
         cfg = dict(BLOCK_N=2, BLOCK_K=block_k, num_warps=4, num_stages=1)
+    elif fp8 and "H200" in device:
+        cfg = dict(BLOCK_N=32, BLOCK_K=2 * FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
+            dict(BLOCK_N=16, BLOCK_K=8 * FP8_BLOCK, num_warps=8, num_stages=1)
     elif fp8:
         cfg = dict(BLOCK_N=16, BLOCK_K=FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
             dict(BLOCK_N=8, BLOCK_K=2 * FP8_BLOCK, num_warps=8, num_stages=1)
@@ -335,8 +342,9 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     # shared expert that is not whole pieces of I ask for the slot-by-slot loop
     n_shared = s_inter // inter if has_shared else 0
     slots = next_pow2(top_k + n_shared) if ALL_SLOTS_PER_STEP and not fp8 and n_shared * inter == s_inter else 0
-    gu_cfg = small_config("gate_up", fp8)
-    down_cfg = small_config("down_slots", fp8, inter) if slots else small_config("down", fp8)
+    chip = device_name(x.device)
+    gu_cfg = small_config("gate_up", fp8, device=chip)
+    down_cfg = small_config("down_slots", fp8, inter, chip) if slots else small_config("down", fp8, device=chip)
     # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
