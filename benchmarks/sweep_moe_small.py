@@ -41,6 +41,31 @@ FP8_GRIDS = {
 }
 
 
+def best_setting(fms, kernel: str, grid: list[dict], run_all, want: torch.Tensor, time_us, show, base_us: float,
+                 atol: float) -> tuple[float, str]:
+    """Time each setting of `kernel` in grid (fused_moe_small.SMALL_OVERRIDE) after checking its
+    output against `want`; print each as `show(us)`; return (us, label) of the fastest, the
+    default (base_us) included. A setting that is wrong or does not build is reported, skipped."""
+    best = (base_us, "default")
+    for cfg in grid:
+        label = " ".join(f"{key}={v}" for key, v in cfg.items())
+        fms.SMALL_OVERRIDE = {kernel: cfg}
+        try:
+            got = run_all()[0].float()
+            if not torch.allclose(got, want, rtol=2e-2, atol=atol):
+                print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
+                continue
+            us = time_us()
+        except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
+            print(f"  {kernel} {label}: failed: {type(exc).__name__}")
+            continue
+        finally:
+            fms.SMALL_OVERRIDE = None
+        print(f"  {kernel} {label}: {show(us)}", flush=True)
+        best = min(best, (us, label))
+    return best
+
+
 def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> None:
     """R1's routed experts in fp8 at batch 1: each kernel's candidates against the default."""
     d, inter, e, k, _ = CASES["r1"]
@@ -72,23 +97,9 @@ def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> None:
     print(f"r1 fp8: default {pct(base_us)}, {nbytes / 1e6:.0f} MB", flush=True)
     rows = []
     for kernel, grid in FP8_GRIDS.items():
-        best = (base_us, "default")
-        for cfg in grid if dev == "cuda" else grid[:2]:
-            label = " ".join(f"{key}={v}" for key, v in cfg.items())
-            fms.SMALL_OVERRIDE = {kernel: cfg}
-            try:
-                got = run_all()[0].float()
-                if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
-                    print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
-                    continue
-                us = graph_time_ms(run_all, reps=1) / layers * 1e3
-            except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
-                print(f"  {kernel} {label}: failed: {type(exc).__name__}")
-                continue
-            finally:
-                fms.SMALL_OVERRIDE = None
-            print(f"  {kernel} {label}: {pct(us)}", flush=True)
-            best = min(best, (us, label))
+        best = best_setting(fms, kernel, grid if dev == "cuda" else grid[:2], run_all, want,
+                            lambda: graph_time_ms(run_all, reps=1) / layers * 1e3, pct, base_us,
+                            2e-2 * want.abs().max().item())
         rows.append((kernel, best))
     print("\n| case | kernel varied | default | best setting | best |\n|---|---|---:|---|---:|")
     for kernel, (us, label) in rows:
@@ -143,23 +154,9 @@ def main() -> int:
         grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS, "gate_up_stages": STAGES, "down_slots_stages": STAGES}
         for grid_name, grid in ((k, grids[k]) for k in args.kernels.split(",") if k):
             kernel = grid_name.removesuffix("_stages")
-            best = (base_us, "default")
-            for cfg in grid if dev == "cuda" else grid[:2]:
-                label = " ".join(f"{k}={v}" for k, v in cfg.items())
-                fms.SMALL_OVERRIDE = {kernel: cfg}
-                try:
-                    got = run_all()[0].float()
-                    if not torch.allclose(got, want, rtol=2e-2, atol=2e-3):
-                        print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
-                        continue
-                    us = graph_time_ms(run_all, reps=1) / layers * 1e3
-                except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
-                    print(f"  {kernel} {label}: failed: {type(exc).__name__}")
-                    continue
-                finally:
-                    fms.SMALL_OVERRIDE = None
-                print(f"  {kernel} {label}: {us:.1f} us ({nbytes / (us * 1e-6) / bw:.0%})", flush=True)
-                best = min(best, (us, label))
+            best = best_setting(fms, kernel, grid if dev == "cuda" else grid[:2], run_all, want,
+                                lambda: graph_time_ms(run_all, reps=1) / layers * 1e3,
+                                lambda us: f"{us:.1f} us ({nbytes / (us * 1e-6) / bw:.0%})", base_us, 2e-3)
             summary.append((name, kernel, base_us, best))
     print("\n| case | kernel varied | default us (% copy) | best setting | best us (% copy) |")
     print("|---|---|---:|---|---:|")
