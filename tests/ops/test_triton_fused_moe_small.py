@@ -111,6 +111,22 @@ def test_small_path_fp8_blocks(small, cpu_only, t, k):
         assert rel_err(small.fused_moe_small(*args, **wrong), want) > 0.1
 
 
+def test_small_path_fp8_wide_steps_past_the_last_scale_block(small, cpu_only, monkeypatch):
+    """K steps of four scale blocks (as the H200 settings take two and eight) over D 200 and
+    I 136: the last step's slices past K have no scale column. The scales here sit in wider
+    tensors whose extra columns are inf, so reading one would turn 0 * inf into NaN."""
+    e = 8
+    args, kwargs = moe_case(1, 200, 136, e, 2, torch.float32, fp8=True)
+    want = reference(*args, **kwargs)
+    padded = {}
+    for name, scale in kwargs.items():
+        wide = torch.full((*scale.shape[:2], scale.shape[2] + 2), float("inf"))
+        wide[..., :scale.shape[2]] = scale
+        padded[name] = wide[..., :scale.shape[2]]            # same values, inf just past the end
+    monkeypatch.setattr(small, "SMALL_OVERRIDE", {"gate_up": {"BLOCK_K": 512}, "down": {"BLOCK_K": 512}})
+    torch.testing.assert_close(small.fused_moe_small(*args, **padded), want, rtol=1e-5, atol=1e-5)
+
+
 def test_small_path_fp8_bf16_activations(small, cpu_only):
     args, kwargs = moe_case(3, 256, 128, 4, 2, torch.bfloat16, fp8=True)
     want = reference(*args, **kwargs)

@@ -80,8 +80,11 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
             w = tl.load(w_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a = a.to(tl.float32)[None, :]
         if FP8:
+            # a slice wholly past K (a step of several scale blocks at a ragged end) has no
+            # scale column: its weights load as zeros, and its scale must not be read either
+            s_ok = row_ok if EVEN_K else row_ok & (k0 + sub * SUB_K < k_len)
             s = tl.load(s_ptr + (rows // SCALE_BLOCK) * s_sn + (k0 // SCALE_BLOCK + sub) * s_sk,
-                        mask=row_ok, other=0.0)
+                        mask=s_ok, other=0.0)
             acc_rows += tl.sum(w.to(tl.float32) * a, axis=1) * s
         else:
             acc += w.to(OUT_DTYPE).to(tl.float32) * a
