@@ -83,6 +83,7 @@ def main() -> int:
     if args.tiny:
         d, inter, e, tokens = 256, 128, 8, 32
     flops = 2 * tokens * k * 3 * d * inter
+    rate = lambda ms, n=flops: n / (ms * 1e-3) / peak  # noqa: E731  (share of the matmul rate)
     if dev == "cuda":
         from bench_ops import graph_time_ms, matmul_flops, time_ms
         peak = matmul_flops()
@@ -94,9 +95,8 @@ def main() -> int:
         w2b = torch.randn(e, inter, d, device=dev, dtype=torch.bfloat16)
         t1 = time_ms(lambda: torch.bmm(xe, w1), iters=10)
         t2 = time_ms(lambda: torch.bmm(he, w2b), iters=10)
-        print(f"cuBLAS bmm, {rows_e} rows per expert: gate_up {t1:.2f} ms "
-              f"({2 * tokens * k * 2 * d * inter / (t1 * 1e-3) / peak:.1%}), down {t2:.2f} ms "
-              f"({2 * tokens * k * d * inter / (t2 * 1e-3) / peak:.1%}), both {flops / ((t1 + t2) * 1e-3) / peak:.1%}")
+        print(f"cuBLAS bmm, {rows_e} rows per expert: gate_up {t1:.2f} ms ({rate(t1, flops * 2 / 3):.1%}), "
+              f"down {t2:.2f} ms ({rate(t2, flops / 3):.1%}), both {rate(t1 + t2):.1%}")
         del xe, w1, he, w2b
     else:
         from sweep_setup import wall_time_ms as graph_time_ms
@@ -119,7 +119,7 @@ def main() -> int:
         fm.TILE_OVERRIDE = None
         want = run()
         base = graph_time_ms(run, 2)
-        print(f"{dtype} default: {base:.2f} ms, {flops / (base * 1e-3) / peak:.1%} of matmul", flush=True)
+        print(f"{dtype} default: {base:.2f} ms, {rate(base):.1%} of matmul", flush=True)
         rows.append((dtype, None, base))
         overrides = candidates(dtype)[:2 if args.quick else None]
         for over in overrides:
@@ -135,7 +135,7 @@ def main() -> int:
                 print(f"  {over}: {type(exc).__name__}: {str(exc)[:100]}")
                 continue
             rows.append((dtype, over, ms))
-            print(f"  {over}: {ms:.2f} ms, {flops / (ms * 1e-3) / peak:.1%}", flush=True)
+            print(f"  {over}: {ms:.2f} ms, {rate(ms):.1%}", flush=True)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
         if dev == "cuda":
             for label, over in (("default", None), ("best", best[1])):
@@ -147,7 +147,6 @@ def main() -> int:
     for dtype in args.dtypes.split(","):
         base = next(r for r in rows if r[0] == dtype and r[1] is None)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
-        rate = lambda ms: flops / (ms * 1e-3) / peak  # noqa: E731
         print(f"| {dtype} | default {base[2]:.2f} ms ({rate(base[2]):.1%}) | best {best[1] or 'default'} "
               f"| {best[2]:.2f} ms | {rate(best[2]):.1%} of matmul |")
     return 0

@@ -24,27 +24,34 @@ def interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def _cuda_properties(device: torch.device):
+    """The device's properties (read once per device), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (a nominal 8 off CUDA: interpret mode on the CPU)."""
-    if device.type != "cuda":
-        return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=8)
-def _device_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
+    props = _cuda_properties(device)
+    return 8 if props is None else props.multi_processor_count
 
 
 def device_name(device: torch.device) -> str:
     """The CUDA device's name ("NVIDIA H200", ...), for settings tuned per chip; "" off CUDA."""
-    if device.type != "cuda":
-        return ""
-    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    props = _cuda_properties(device)
+    return "" if props is None else props.name
+
+
+def nvidia_sm90(device: torch.device) -> bool:
+    """An NVIDIA GPU of compute capability 9.0 or newer (Hopper+: PDL, TMA). ROCm builds also
+    report device type "cuda", without either."""
+    props = _cuda_properties(device)
+    return props is not None and torch.version.hip is None and props.major >= 9
 
 
 def unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -120,18 +127,11 @@ def dot_dtype(dtype: torch.dtype):
 # the old order.
 
 
-@functools.lru_cache(maxsize=8)
-def _pdl_ok(device_index: int) -> bool:
-    """NVIDIA sm_90+ only: ROCm builds also report device type "cuda", without griddepcontrol."""
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
     """Launch keywords for a kernel that calls pdl_begin(USE_PDL) on `device`. With `weights`
     (those the kernel streams, for its prefetch_rows: below) also PREFETCH, on with PDL when
     they total at most PREFETCH_MAX_BYTES, and LINE, the elements of one 128-byte line."""
-    on = (device.type == "cuda" and not interpreting() and os.environ.get("DEEPSERVE_PDL", "1") != "0"
-          and _pdl_ok(device.index if device.index is not None else torch.cuda.current_device()))
+    on = not interpreting() and os.environ.get("DEEPSERVE_PDL", "1") != "0" and nvidia_sm90(device)
     kw = {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
     if weights:
         nbytes = sum(w.numel() * w.element_size() for w in weights)

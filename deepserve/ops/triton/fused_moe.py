@@ -34,9 +34,14 @@ import triton.language as tl
 from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, unit_last
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.moe_align import align_by_expert
+
+try:                                  # Triton >= 3.4; older ones read weights by pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 FP8_BLOCK = 128
 FP8_MAX = 448.0
@@ -223,17 +228,14 @@ def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, out_ptr, hidden, n_experts,
 
 
 def _tma_weights(w: torch.Tensor) -> bool:
-    """Whether expert weights w [E, N, K] can be read through TMA block descriptors: an NVIDIA
-    GPU of compute capability 9.0 or newer, compiled kernels, and the 16-byte alignment of the
-    base and of the two outer strides that the descriptors need. On an H200 at R1's experts
+    """Whether expert weights w [E, N, K] can be read through TMA block descriptors: a Triton
+    that has them, an NVIDIA GPU of compute capability 9.0 or newer, compiled kernels, and
+    the 16-byte alignment of the base and of the two outer strides that the descriptors
+    need. On an H200 at R1's experts
     (benchmarks/sweep_fused_moe.py, 2026-12-04) TMA tiles took 8192 tokens from 51.5% to 56.4%
     of the bf16 matmul rate (fp8: 66.4% to 72.4%) and the bandwidth-bound batches of 256 and
     2048 tokens 2-8% faster."""
-    if interpreting() or not w.is_cuda or torch.version.hip or torch.cuda.get_device_capability(w.device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if TensorDescriptor is None or interpreting() or not nvidia_sm90(w.device):
         return False
     return (w.stride(2) == 1 and w.data_ptr() % 16 == 0
             and all(st * w.element_size() % 16 == 0 for st in w.stride()[:2]))
@@ -242,10 +244,7 @@ def _tma_weights(w: torch.Tensor) -> bool:
 def _weight_arg(w: torch.Tensor, tma: bool, block_n: int, block_k: int):
     """The kernels' w_desc argument: a [1, block_n, block_k] block descriptor of w, or w itself
     (unused) on the pointer path."""
-    if not tma:
-        return w
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor.from_tensor(w, [1, block_n, block_k])
+    return TensorDescriptor.from_tensor(w, [1, block_n, block_k]) if tma else w
 
 
 def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
