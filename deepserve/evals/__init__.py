@@ -1,7 +1,7 @@
 """Accuracy evaluation of any OpenAI-compatible endpoint (`deepserve eval`).
 
-Layout: datasets.py loads the user's copies of the benchmark files (parquet.py and snappy.py
-read MMLU-Pro without pyarrow); tasks.py pairs each with its prompt and scorer; extract.py
+Layout: datasets.py loads the user's copies of the benchmark files (MMLU-Pro's Parquet through
+pyarrow, the `eval` extra); tasks.py pairs each with its prompt and scorer; extract.py
 and math_equiv.py read and check answers; client.py talks HTTP with retries; cache.py keeps
 every reply so runs resume; runner.py wires them; stats.py and report.py turn per-item
 scores into tables, intervals and paired comparisons. Talks HTTP only (see DESIGN.md), so it

@@ -156,10 +156,22 @@ def load_mmlu(root: Path) -> list[Item]:
     return items
 
 
+def read_parquet(path: Path, columns: tuple[str, ...] | None = None) -> list[dict]:
+    """The rows of a Parquet file as dicts (pyarrow, the `eval` extra; imported when asked for)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading Parquet files (MMLU-Pro) needs pyarrow: "
+                          "pip install 'deepserve[eval]'") from None
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns else None)
+    except (OSError, ValueError, KeyError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: cannot read as Parquet ({exc})") from None
+    return table.to_pylist()
+
+
 @functools.lru_cache(maxsize=None)  # parsed once per process
 def load_mmlu_pro(root: Path) -> list[Item]:
-    from deepserve.evals.parquet import read_parquet  # heavy only when asked for
-
     folder = _require(root / "mmlu_pro", "MMLU-Pro folder")
     files = sorted(folder.glob("test-*.parquet"))
     if not files:

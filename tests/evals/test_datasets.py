@@ -8,8 +8,6 @@ import zipfile
 import pytest
 
 from deepserve.evals import datasets
-from deepserve.evals.parquet import read_parquet
-from deepserve.evals.snappy import snappy_decompress
 from deepserve.evals.tasks import TASKS, parse_tasks
 
 
@@ -66,6 +64,7 @@ def test_gpqa_reads_a_plain_zip_too(tmp_path):
 
 
 def test_parquet_reader_values(datasets_dir):
+    read_parquet = datasets.read_parquet
     rows = read_parquet(datasets_dir / "mmlu_pro" / "validation-00000-of-00001.parquet")
     assert len(rows) == 70
     assert rows[0]["question_id"] == 0 and rows[0]["answer"] == "A"
@@ -78,13 +77,11 @@ def test_parquet_reader_values(datasets_dir):
     assert set(only[0]) == {"question_id"}
 
 
-def test_snappy_literals_and_overlapping_copies():
-    # "abcabcabcabcX": literal "abc", a copy of 9 bytes at offset 3 (overlapping), literal "X".
-    block = bytes([13, (3 - 1) << 2]) + b"abc" + bytes([((9 - 1) << 2) | 2, 3, 0]) \
-        + bytes([0]) + b"X"
-    assert snappy_decompress(block) == b"abcabcabcabcX"
-    with pytest.raises(ValueError, match="offset"):
-        snappy_decompress(bytes([4, ((4 - 4) << 2) | 1, 9]))
+def test_parquet_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="bad.parquet: cannot read as Parquet"):
+        datasets.read_parquet(bad)
 
 
 def test_parse_tasks():
