@@ -129,6 +129,8 @@ class CacheConfig:
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory_bytes: Optional[int] = None
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
+    prefix_caching_salt: Optional[str] = None
     num_blocks: int = 0  # decided by the model runner after profiling
 
 
@@ -209,6 +211,11 @@ class EngineArgs:
     """Bytes for the KV cache pool (default on CPU: 1 GiB; on GPU: from gpu_memory_utilization)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical full-block prompt prefixes."""
+    prefix_caching_hash_algo: str = "sha256"
+    """Prefix-cache block keys: sha256 or xxhash (128-bit xxh3, faster; needs the xxhash package)."""
+    prefix_caching_salt: Optional[str] = None
+    """Salt of the prefix-cache keys (default: random bytes drawn at start; a fixed string makes
+    keys reproducible across restarts)."""
     max_num_seqs: int = 256
     """Most sequences in one engine step."""
     max_num_batched_tokens: Optional[int] = None
@@ -270,6 +277,9 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(f"all2all_backend must be one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}")
+        if self.prefix_caching_hash_algo not in ("sha256", "xxhash"):
+            raise ValueError("prefix_caching_hash_algo must be sha256 or xxhash, "
+                             f"got {self.prefix_caching_hash_algo!r}")
         env_ops = os.environ.get("DEEPSERVE_OPS")
         if self.ops == "auto" and os.environ.get("USE_FLAGGEMS", "0").lower() in ("1", "true"):
             self.ops = "flaggems"
@@ -309,7 +319,9 @@ class EngineArgs:
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             num_gpu_blocks_override=self.num_gpu_blocks_override,
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            prefix_caching_hash_algo=self.prefix_caching_hash_algo,
+                            prefix_caching_salt=self.prefix_caching_salt)
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   self.data_parallel_size, self.enable_expert_parallel,
                                   self.distributed_executor_backend, self.all2all_backend)

@@ -1,32 +1,71 @@
 """Paged KV cache bookkeeping: free blocks, block tables, prefix caching over full blocks.
 
 Every block has a reference count. A full block whose KV has been written is registered
-under the hash of (its parent block's hash, its tokens), so a later sequence with the same
+under a key hashing (its parent block's key, its token ids), so a later sequence with the same
 prefix reuses it instead of recomputing it (vLLM's automatic prefix caching). A block whose
-count drops to zero goes to the end of the free queue but keeps its hash until it is handed
+count drops to zero goes to the end of the free queue but keeps its key until it is handed
 out again: cached blocks are evicted least recently freed first.
+
+Keys are sha256 (or xxhash's 128-bit xxh3) digests, as in vLLM: with Python's `hash()` two
+different prefixes that collide would silently share KV, across requests and tenants. The
+first block's parent is a salt, by default random bytes drawn when the server starts, so keys
+cannot be predicted (and collisions not crafted) from outside.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 from deepserve.engine.sequence import Sequence
 
+PREFIX_HASH_ALGOS = ("sha256", "xxhash")
 
-def block_hash(parent: Optional[int], tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def block_hasher(algo: str = "sha256") -> Callable[[bytes, tuple[int, ...]], bytes]:
+    """`key(parent_key, token_ids)` for one of PREFIX_HASH_ALGOS."""
+    if algo == "sha256":
+        digest = _sha256
+    elif algo == "xxhash":
+        try:
+            import xxhash  # optional: only when asked for
+        except ImportError:
+            raise ImportError("--prefix-caching-hash-algo xxhash needs the xxhash package: "
+                              "pip install xxhash") from None
+        digest = xxhash.xxh3_128_digest
+    else:
+        raise ValueError(f"prefix_caching_hash_algo must be one of {PREFIX_HASH_ALGOS}, got {algo!r}")
+
+    def key(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+        # a parent key has one length (a digest, or the manager's salt), so this is one-to-one
+        return digest(parent + array("q", tokens).tobytes())
+    return key
+
+
+def prefix_salt(salt: Optional[str]) -> bytes:
+    """The first block's parent key: 32 random bytes when `salt` is None, else its UTF-8 bytes
+    (a fixed salt makes keys reproducible across restarts; "" is no salt)."""
+    return os.urandom(32) if salt is None else salt.encode()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_algo: str = "sha256", salt: Optional[bytes] = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.block_key = block_hasher(hash_algo)
+        self.root_key = prefix_salt(None) if salt is None else salt
         self.ref_counts = [0] * num_blocks
-        self.hash_of: list[Optional[int]] = [None] * num_blocks
-        self.cached: dict[int, int] = {}                  # hash -> block id
+        self.hash_of: list[Optional[bytes]] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}                # key -> block id
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_queries = 0                           # prompt tokens looked up
         self.prefix_hits = 0                              # of those, found in the cache
@@ -44,10 +83,10 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
     # ---------------------------------------------------------------- prefix cache
-    def _full_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[int]:
-        hashes, parent = [], None
+    def _full_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
+        hashes, parent = [], self.root_key
         for i in range(upto_tokens // self.block_size):
-            parent = block_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            parent = self.block_key(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
             hashes.append(parent)
         return hashes
 
@@ -105,9 +144,9 @@ class BlockManager:
         n_full = seq.num_computed_tokens // self.block_size
         if n_full <= len(seq.block_hashes):
             return
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else self.root_key
         for i in range(len(seq.block_hashes), n_full):
-            parent = block_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            parent = self.block_key(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
             seq.block_hashes.append(parent)
             block = seq.block_table[i]
             if parent not in self.cached and self.hash_of[block] is None:

@@ -18,7 +18,7 @@ import time
 from typing import Optional, Union
 
 from deepserve.config import EngineArgs
-from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.distributed.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -91,7 +91,9 @@ class LLMEngine:
         self.runner = self.executor.runner  # the driver's runner (rank 0)
         cache, dp = self.config.cache, self.config.parallel.data_parallel_size
         # one KV pool per DP rank, all of the size every rank agreed on
-        self.block_managers = [BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        salt = prefix_salt(cache.prefix_caching_salt)
+        self.block_managers = [BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                            cache.prefix_caching_hash_algo, salt)
                                for _ in range(dp)]
         if dp == 1:
             self.block_manager = self.block_managers[0]

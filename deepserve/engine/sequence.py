@@ -29,7 +29,7 @@ class Sequence:
         self.num_pending = 0                       # sampled on the device, not yet in token_ids (async)
         self.num_cached_tokens = 0                 # of those, prompt tokens found by prefix caching
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []          # hashes of the full blocks registered so far
+        self.block_hashes: list[bytes] = []        # prefix-cache keys of the full blocks registered so far
         self.params = params
         self.status = SeqStatus.WAITING
         self.finish_reason: Optional[str] = None
