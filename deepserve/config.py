@@ -195,7 +195,8 @@ class EngineArgs:
     hf_overrides: dict = field(default_factory=dict)
     """JSON object merged over config.json, e.g. '{"num_hidden_layers": 4}'."""
     quantization: Optional[str] = None
-    """Weight quantization: None (as stored; fp8 checkpoints are dequantized), fp8, w8a8-int8."""
+    """Weight quantization: None (as stored; fp8 checkpoints are dequantized), fp8, w8a8-int8;
+    awq, gptq, compressed-tensors name a 4-bit checkpoint's own format (served as stored)."""
     seed: int = 0
     """Seed for random weights and for sampling requests that give no seed."""
     device: str = "auto"
@@ -258,8 +259,9 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
-        if self.quantization not in (None, "fp8", "w8a8-int8"):
-            raise ValueError(f"quantization must be fp8 or w8a8-int8, got {self.quantization!r}")
+        if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
+            raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq or compressed-tensors, "
+                             f"got {self.quantization!r}")
         bs = self.block_size
         if bs is not None and (bs < 1 or bs & (bs - 1)):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")

@@ -16,6 +16,7 @@ kv_b_proj, MTP eh_proj) and the MoE routed experts are dequantized at load to th
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,9 +24,11 @@ import torch
 from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
 from deepserve.layers.quantization import init_dummy_quantized, is_quantized_tensor, quantize_linears
+from deepserve.layers.quantization_int4 import int4_module, quantize_int4_linears
 from deepserve.models.registry import get_model_class
 from deepserve.platforms import get_platform
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
+from deepserve.quant.int4 import int4_spec, int4_stream
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,22 +70,37 @@ def _check_w8a8_int8(qc: dict) -> None:
 
 
 def checkpoint_quantization(hf_config) -> Optional[str]:
-    """The checkpoint's stored format: "fp8", "w8a8-int8" or None (high precision)."""
+    """The checkpoint's stored format: "fp8", "w8a8-int8", a 4-bit one ("awq", "gptq", "w4a16",
+    "w4a8-int8": quant/int4.py) or None (high precision)."""
     qc = hf_config.get("quantization_config") or {}
     method = qc.get("quant_method")
     if method is None:
         return None
     if method == "fp8":
         return "fp8"
+    spec = int4_spec(hf_config)
+    if spec is not None:
+        return spec.method
     if method == "compressed-tensors":
         _check_w8a8_int8(qc)
         return "w8a8-int8"
-    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; "
-                     f"deepserve loads fp8 (DeepSeek block) and compressed-tensors W8A8 int8")
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; deepserve loads "
+                     f"fp8 (DeepSeek block), compressed-tensors (W8A8 int8, W4A16, W4A8), awq and gptq")
+
+
+INT4_METHODS = ("awq", "gptq", "w4a16", "w4a8-int8")
+# --quantization names (vLLM's) that ask for a 4-bit checkpoint's own method
+INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a16", "w4a8-int8")}
 
 
 def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
-    """The linear method to run (see the table in the module docstring)."""
+    """The linear method to run (see the table in the module docstring). 4-bit checkpoints run
+    as stored (`--quantization awq|gptq|compressed-tensors` only names them)."""
+    if stored in INT4_METHODS or requested in INT4_REQUESTS:
+        if requested is not None and stored not in INT4_REQUESTS.get(requested, ()):
+            raise ValueError(f"--quantization {requested} cannot serve a {stored or 'high-precision'} "
+                             f"checkpoint: 4-bit weights are served in their stored format")
+        return stored
     if requested is not None:
         return requested
     if stored == "fp8":
@@ -141,14 +159,19 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     stored = None if dummy else checkpoint_quantization(cfg)
     method = choose_quantization(model_config.quantization, stored, device)
     block = fp8_block_size(cfg) or (128, 128)
-    if method is not None:
+    if method in INT4_METHODS:
+        quantize_int4_linears(model, int4_spec(cfg))
+    elif method is not None:
         quantize_linears(model, method, block)
     if dummy:
         init_dummy_weights(model, seed=model_config.seed)
         init_dummy_quantized(model, seed=model_config.seed)
     else:
         weights = iterate_checkpoint(model_config.model)
-        if stored is not None:
+        if method in INT4_METHODS:
+            spec = int4_spec(cfg)
+            weights = int4_stream(weights, spec, functools.partial(int4_module, spec), dtype)
+        elif stored is not None:
             # stored quantized tensors go as they are to the layers that run the same method
             keep = is_quantized_tensor if method == stored else (lambda name: False)
             weights = dequantize_stream(weights, stored, block, dtype, keep)

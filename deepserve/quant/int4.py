@@ -1,0 +1,267 @@
+"""4-bit weight checkpoints: AutoAWQ GEMM, GPTQ and compressed-tensors pack-quantized.
+
+Every format stores eight 4-bit values per int32, with its own axis and nibble order:
+
+| format             | packed weight           | nibble i of an int32 holds          | zero points                |
+|--------------------|-------------------------|-------------------------------------|----------------------------|
+| AutoAWQ GEMM       | `qweight` [K, N/8]      | column 8c + (0,2,4,6,1,3,5,7)[i]    | `qzeros` [K/G, N/8], AWQ order, as is |
+| GPTQ               | `qweight` [K/8, N]      | row 8r + i                          | `qzeros` [K/G, N/8], in order; v1 stores z - 1 |
+| compressed-tensors | `weight_packed` [N, K/8]| column 8c + i, value q + 8          | `weight_zero_point` [N/8, K/G] (rows packed), zp + 8 |
+
+(AutoAWQ's `WQLinear_GEMM.from_linear`, AutoGPTQ's `QuantLinear.pack`, compressed-tensors'
+`pack_to_int32`.) Scales are [K/G, N] (AWQ, GPTQ) or [N, K/G] (compressed-tensors; [N, 1] for
+the channel strategy), and w = (u - z) * s with u the unsigned nibble.
+
+In memory every format becomes one layout, the one the kernels read: `qweight` int32
+[N, K/8] with nibble i of column c holding input feature 8c + i (unsigned, 0..15), scales
+[N, K/G], zero points uint8 [N, K/G] (absent for symmetric weights: z = 8) and, with
+activation reordering, `g_idx` [K] (input feature -> group). The conversion runs once per
+checkpoint tensor at load; the weight stays 4-bit.
+
+GPTQ v1 (`checkpoint_format` "gptq", AutoGPTQ's default) stores each zero point minus one
+(the packer subtracts 1, every kernel adds it back), so z = nibble + 1, up to 16; "gptq_v2"
+(GPTQModel) stores z itself.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from deepserve.ops.int4 import PACK, SEQUENTIAL, dequant_int4, pack_int4, unpack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # AWQ: nibble i holds column AWQ_ORDER[i] of its 8
+FORMATS = ("awq", "gptq", "compressed-tensors")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Int4Spec:
+    """A 4-bit checkpoint's quantization_config, read once."""
+    fmt: str                      # "awq" | "gptq" | "compressed-tensors"
+    group_size: int               # -1: one group over all input features (channel)
+    symmetric: bool               # no stored zero points (z = 8)
+    act_order: bool               # g_idx maps input features to groups
+    zero_plus_one: bool = False   # GPTQ v1: stored zero = z - 1
+    activations: Optional[str] = None  # None (W4A16) | "int8-token" (W4A8)
+    skip: tuple[str, ...] = ()    # modules_to_not_convert (substrings) / ignore (names, "re:")
+    scale_dtype: torch.dtype = torch.float16
+    names: dict = field(default_factory=dict)   # role -> checkpoint suffix
+
+    @property
+    def method(self) -> str:
+        if self.fmt == "compressed-tensors":
+            return "w4a8-int8" if self.activations else "w4a16"
+        return self.fmt
+
+    def skipped(self, module: str) -> bool:
+        """Whether checkpoint module `module` is left unquantized by the checkpoint."""
+        if self.fmt == "awq":
+            return any(s in module for s in self.skip)
+        for s in self.skip:
+            if s.startswith("re:") and re.match(s[3:], module) or s == module:
+                return True
+        return False
+
+    def role(self, name: str) -> Optional[tuple[str, str]]:
+        """(module, role) when checkpoint tensor `name` is part of a 4-bit weight, else None."""
+        for role, suffix in self.names.items():
+            if name.endswith("." + suffix):
+                return name[: -len(suffix) - 1], role
+        return None
+
+    def required(self) -> set[str]:
+        """Roles every 4-bit module must provide."""
+        need = {"qweight", "scales"}
+        if not self.symmetric or self.fmt != "compressed-tensors":
+            need.add("qzeros")
+        if self.act_order:
+            need.add("g_idx")
+        if self.fmt == "compressed-tensors":
+            need.add("shape")
+        return need
+
+
+AWQ_NAMES = {"qweight": "qweight", "qzeros": "qzeros", "scales": "scales"}
+GPTQ_NAMES = {**AWQ_NAMES, "g_idx": "g_idx"}
+CT_NAMES = {"qweight": "weight_packed", "scales": "weight_scale", "qzeros": "weight_zero_point",
+            "g_idx": "weight_g_idx", "shape": "weight_shape"}
+
+
+def _bits(value, where: str) -> None:
+    if value != 4:
+        raise ValueError(f"{where}: {value}-bit weights are not supported; deepserve serves 4-bit "
+                         f"AWQ / GPTQ / compressed-tensors and 8-bit W8A8")
+
+
+def _group(value, where: str) -> int:
+    g = -1 if value in (None, -1) else int(value)
+    if g != -1 and (g <= 0 or g % PACK):
+        raise ValueError(f"{where}: group_size {value} must be -1 or a positive multiple of {PACK}")
+    return g
+
+
+def _ct_spec(qc: dict, scale_dtype: torch.dtype) -> Optional[Int4Spec]:
+    groups = qc.get("config_groups") or {}
+    weights = [(n, g.get("weights") or {}, g.get("input_activations")) for n, g in groups.items()]
+    if not weights or all((w.get("num_bits") == 8) for _, w, _ in weights):
+        return None   # the int8 W8A8 scheme: models/loader.py
+    if qc.get("format") not in ("pack-quantized", "mixed-precision", None) and len(weights) == 1:
+        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with 4-bit weights is not "
+                         f"supported; deepserve serves pack-quantized")
+    if len(weights) != 1:
+        raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one "
+                         f"4-bit scheme per checkpoint")
+    gname, w, a = weights[0]
+    where = f"compressed-tensors group {gname}"
+    _bits(w.get("num_bits"), where)
+    if w.get("type", "int") != "int":
+        raise ValueError(f"{where}: weight type {w.get('type')!r} is not supported (int only)")
+    strategy = w.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise ValueError(f"{where}: weight strategy {strategy!r} is not supported (group or channel)")
+    act = None
+    if a:
+        got = (a.get("num_bits"), a.get("type", "int"), a.get("strategy"), a.get("dynamic"))
+        if got != (8, "int", "token", True):
+            raise ValueError(f"{where}: activations {got[0]}-bit {got[1]} {got[2]} (dynamic={got[3]}): "
+                             f"4-bit weights run with 16-bit or dynamic per-token int8 activations")
+        act = "int8-token"
+    actorder = w.get("actorder")
+    if actorder not in (None, False, "group", "weight", "static", "dynamic"):
+        raise ValueError(f"{where}: actorder {actorder!r} is not supported")
+    return Int4Spec("compressed-tensors", _group(w.get("group_size") if strategy == "group" else -1, where),
+                    symmetric=bool(w.get("symmetric", True)), act_order=actorder in ("group", "dynamic"),
+                    activations=act, skip=tuple(qc.get("ignore") or ()), scale_dtype=scale_dtype,
+                    names=CT_NAMES)
+
+
+def int4_spec(hf_config) -> Optional[Int4Spec]:
+    """The checkpoint's 4-bit format, or None when it is not a 4-bit checkpoint."""
+    qc = hf_config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    scale_dtype = _DTYPES.get(str(hf_config.get("torch_dtype") or "float16").replace("torch.", ""),
+                              torch.float16)
+    if method == "awq":
+        where = "quantization_config (awq)"
+        _bits(qc.get("bits", qc.get("w_bit")), where)
+        if not qc.get("zero_point", True):
+            raise ValueError(f"{where}: zero_point false is not supported (AutoAWQ GEMM stores zero points)")
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"{where}: AutoAWQ version {version!r} is not supported (gemm only)")
+        return Int4Spec("awq", _group(qc.get("group_size", qc.get("q_group_size")), where),
+                        symmetric=False, act_order=False,
+                        skip=tuple(qc.get("modules_to_not_convert") or ()), scale_dtype=scale_dtype,
+                        names=AWQ_NAMES)
+    if method == "gptq":
+        where = "quantization_config (gptq)"
+        _bits(qc.get("bits"), where)
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        return Int4Spec("gptq", _group(qc.get("group_size"), where), symmetric=bool(qc.get("sym", True)),
+                        act_order=bool(qc.get("desc_act", False)), zero_plus_one=fmt == "gptq",
+                        skip=tuple(qc.get("modules_to_not_convert") or ()), scale_dtype=scale_dtype,
+                        names=GPTQ_NAMES)
+    if method == "compressed-tensors":
+        return _ct_spec(qc, scale_dtype)
+    return None
+
+
+# ---------------------------------------------------------------- checkpoint -> memory layout
+def weight_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:
+    """A checkpoint's packed weight of an [n, k] layer -> int32 [n, k/8] (input features packed)."""
+    want = {"awq": (k, n // PACK), "gptq": (k // PACK, n), "compressed-tensors": (n, k // PACK)}[spec.fmt]
+    if t.dtype != torch.int32 or tuple(t.shape) != want:
+        raise ValueError(f"tensor {name}: packed 4-bit weight {t.dtype} {tuple(t.shape)} does not match "
+                         f"the model's [{n}, {k}] layer ({spec.fmt} stores int32 {want})")
+    if spec.fmt == "awq":
+        return pack_int4(unpack_int4(t, 1, AWQ_ORDER).t(), 1)
+    if spec.fmt == "gptq":
+        return t.t().contiguous()     # K/8 packed rows of N = N rows of K/8, same nibble order
+    return t.contiguous()
+
+
+def scales_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, groups: int, name: str) -> torch.Tensor:
+    """Scales -> [n, groups] in the spec's scale dtype."""
+    want = (n, groups) if spec.fmt == "compressed-tensors" else (groups, n)
+    if tuple(t.shape) != want or not t.is_floating_point():
+        raise ValueError(f"tensor {name}: scales {t.dtype} {tuple(t.shape)} do not match the model's "
+                         f"{n} outputs x {groups} groups ({spec.fmt} stores {want})")
+    return (t if spec.fmt == "compressed-tensors" else t.t()).to(spec.scale_dtype).contiguous()
+
+
+def zeros_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, groups: int, name: str) -> torch.Tensor:
+    """Packed zero points -> uint8 [n, groups] holding z (w = (u - z) * s)."""
+    packed_n = -(-n // PACK)
+    want = (packed_n, groups) if spec.fmt == "compressed-tensors" else (groups, packed_n)
+    if t.dtype != torch.int32 or tuple(t.shape) != want:
+        raise ValueError(f"tensor {name}: packed zero points {t.dtype} {tuple(t.shape)} do not match the "
+                         f"model's {n} outputs x {groups} groups ({spec.fmt} stores int32 {want})")
+    if spec.fmt == "compressed-tensors":
+        return unpack_int4(t, 0)[:n].contiguous()
+    z = unpack_int4(t, 1, AWQ_ORDER if spec.fmt == "awq" else SEQUENTIAL)[:, :n]
+    if spec.zero_plus_one:
+        z = z + 1
+    return z.t().contiguous()
+
+
+def dequant_checkpoint(spec: Int4Spec, parts: dict[str, torch.Tensor], module: str,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """One module's checkpoint tensors (role -> tensor) -> its float weight [N, K]."""
+    q = parts["qweight"]
+    if spec.fmt == "compressed-tensors":
+        n, k = (int(v) for v in parts["shape"].tolist())
+    elif spec.fmt == "awq":
+        k, n = q.shape[0], q.shape[1] * PACK
+    else:
+        k, n = q.shape[0] * PACK, q.shape[1]
+    g = k if spec.group_size == -1 else spec.group_size
+    if k % g:
+        raise ValueError(f"tensor {module}: group size {g} does not divide the {k} input features")
+    qweight = weight_to_memory(spec, q, n, k, f"{module}.{spec.names['qweight']}")
+    scales = scales_to_memory(spec, parts["scales"], n, k // g, f"{module}.{spec.names['scales']}")
+    zeros = (zeros_to_memory(spec, parts["qzeros"], n, k // g, f"{module}.{spec.names['qzeros']}")
+             if "qzeros" in parts else None)
+    g_idx = parts.get("g_idx") if spec.act_order else None
+    return dequant_int4(qweight, scales, zeros, g_idx, g, out_dtype)
+
+
+def _check_trivial_g_idx(spec: Int4Spec, name: str, g_idx: torch.Tensor) -> None:
+    k = g_idx.numel()
+    g = k if spec.group_size == -1 else spec.group_size
+    if not torch.equal(g_idx.long(), torch.arange(k) // g):
+        raise ValueError(f"tensor {name}: g_idx reorders the input features but the quantization_config "
+                         f"does not enable activation reordering (desc_act / actorder)")
+
+
+def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, keep: Callable[[str], bool],
+                out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """A 4-bit checkpoint's tensors for the model: the parts of modules for which `keep(module)`
+    holds pass as stored (a 4-bit layer loads them); every other 4-bit module is dequantized
+    to `<module>.weight` in `out_dtype` once all its parts have come; a g_idx without
+    activation reordering (GPTQ writes it always) is checked to be the identity and dropped."""
+    need = spec.required()
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in weights:
+        found = spec.role(name)
+        if found is None:
+            yield name, t
+            continue
+        module, role = found
+        if role == "g_idx" and not spec.act_order:
+            _check_trivial_g_idx(spec, name, t)
+            continue
+        if keep(module):
+            yield name, t
+            continue
+        parts = pending.setdefault(module, {})
+        parts[role] = t
+        if need <= parts.keys():
+            yield module + ".weight", dequant_checkpoint(spec, pending.pop(module), module, out_dtype)
+    for module, parts in sorted(pending.items()):
+        missing = sorted(spec.names[r] for r in need - parts.keys())
+        raise ValueError(f"4-bit module {module} lacks {', '.join(missing)} in the checkpoint")

@@ -1,0 +1,210 @@
+"""4-bit checkpoints (AutoAWQ GEMM, GPTQ, compressed-tensors pack-quantized) loaded into the
+int4 linear method: every layer's output equals x @ dequant(W)^T exactly, with W computed in
+the test from the integers it packed by each format's published rule (tests/quant/int4_formats.py);
+TP shards (column, QKV, row, with and without act-order) give the full layer; tiny Llama and
+Qwen2 checkpoints in every format give exactly the logits of the same model holding the
+dequantized fp32 weights; bad checkpoints fail with one line naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from deepserve import LLM, SamplingParams
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
+                                     RowParallelLinear)
+from deepserve.layers.quantization_int4 import Int4LinearMethod
+from deepserve.quant.int4 import int4_spec
+from tests.models.hf_reference import save_tiny
+from tests.quant.int4_formats import dequantize, format_tensors, quantization_config, quantize
+
+FORMATS = [  # (format, group, symmetric, act order)
+    ("awq", 32, False, False), ("awq", 128, False, False), ("awq", -1, False, False),
+    ("gptq", 64, True, False), ("gptq", 32, False, False), ("gptq", 32, True, True),
+    ("gptq", 64, False, True),
+    ("compressed-tensors", 32, True, False), ("compressed-tensors", -1, True, False),
+    ("compressed-tensors", 64, False, False), ("compressed-tensors", 32, True, True),
+]
+IDS = [f"{f}-g{g}-{'sym' if s else 'asym'}{'-actorder' if a else ''}" for f, g, s, a in FORMATS]
+
+
+def _spec(fmt, group, sym, act_order, **kw):
+    return int4_spec({"quantization_config": quantization_config(fmt, group, sym, act_order, **kw),
+                      "torch_dtype": "float16"})
+
+
+def _packed(fmt, group, sym, act_order, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    # projections of one input share its act-order permutation
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if act_order else None
+    u, z, s, g_idx = quantize(w, group, sym, perm)
+    return format_tensors(fmt, u, z, s, g_idx, sym, act_order), dequantize(u, z, s, g_idx)
+
+
+def _load(layer, spec, tensors: dict, shard_id=None):
+    layer.set_quant_method(Int4LinearMethod(spec))
+    for name, t in tensors.items():
+        param = getattr(layer, name, None)
+        if param is None:
+            assert name == "g_idx" and not spec.act_order   # dropped by the loader's stream
+            continue
+        param.param_name = name
+        param.weight_loader(param, t, shard_id)
+    return layer
+
+
+@pytest.mark.parametrize("fmt,group,sym,act_order", FORMATS, ids=IDS)
+def test_layer_output_is_x_times_dequantized_weight(fmt, group, sym, act_order):
+    spec = _spec(fmt, group, sym, act_order)
+    tensors, w = _packed(fmt, group, sym, act_order, 64, 128, seed=1)
+    x = torch.randn(5, 128)
+    layer = _load(ReplicatedLinear(128, 64, bias=True), spec, tensors)
+    layer.bias.data.copy_(torch.randn(64))
+    qweight = getattr(layer, spec.names["qweight"])
+    assert qweight.dtype == torch.int32 and qweight.shape == (64, 16)   # stays 4-bit in memory
+    assert torch.equal(layer(x), F.linear(x, w, layer.bias))
+    xb, bb = x.bfloat16(), layer.bias.bfloat16()
+    assert torch.equal(layer.quant_method.apply(layer, xb, bb), F.linear(xb, w.bfloat16(), bb))
+
+
+def _tp(rank, size=2):
+    return ParallelContext(tp_rank=rank, tp_size=size)
+
+
+@pytest.mark.parametrize("fmt,group,sym,act_order", FORMATS, ids=IDS)
+def test_tp_shards_give_the_full_layer(fmt, group, sym, act_order):
+    spec = _spec(fmt, group, sym, act_order)
+    x = torch.randn(3, 256)
+    # column: each rank's rows
+    tensors, w = _packed(fmt, group, sym, act_order, 96, 256, seed=2)
+    outs = [_load(ColumnParallelLinear(256, 96, pctx=_tp(r)), spec, tensors)(x) for r in range(2)]
+    assert torch.equal(torch.cat(outs, -1), F.linear(x, w))
+    # q/k/v stacked, one KV head replicated over the two ranks
+    qkv = {s: _packed(fmt, group, sym, act_order, n, 256, seed=3 + i)
+           for i, (s, n) in enumerate([("q", 64), ("k", 32), ("v", 32)])}
+    outs = []
+    for r in range(2):
+        layer = QKVParallelLinear(256, 32, 2, 1, pctx=_tp(r))
+        layer.set_quant_method(Int4LinearMethod(spec))
+        for s, (tensors, _) in qkv.items():
+            for name, t in tensors.items():
+                if hasattr(layer, name):
+                    getattr(layer, name).weight_loader(getattr(layer, name), t, s)
+        outs.append(layer(x))
+    want = {s: F.linear(x, qkv[s][1]) for s in qkv}
+    assert torch.equal(outs[0][:, :32], want["q"][:, :32]) and torch.equal(outs[1][:, :32], want["q"][:, 32:])
+    for r in range(2):
+        assert torch.equal(outs[r][:, 32:], torch.cat([want["k"], want["v"]], -1))
+    # row: input features split; with act-order every rank keeps all groups' scales
+    tensors, w = _packed(fmt, group, sym, act_order, 40, 256, seed=9)
+    parts = [_load(RowParallelLinear(256, 40, pctx=_tp(r), reduce_results=False), spec, tensors)(x.chunk(2, -1)[r])
+             for r in range(2)]
+    torch.testing.assert_close(parts[0] + parts[1], F.linear(x, w), rtol=1e-5, atol=1e-5)
+    halves = w.chunk(2, -1)
+    for r in range(2):
+        assert torch.equal(parts[r], F.linear(x.chunk(2, -1)[r], halves[r]))
+
+
+# ---------------------------------------------------------------------------- whole models
+def _quantize_folder(ref: Path, dst: Path, fmt, group, sym, act_order, skip=()) -> tuple[Path, Path]:
+    """(4-bit folder, dequantized fp32 folder) from the fp32 folder `ref`."""
+    tensors = load_file(str(ref / "model.safetensors"))
+    spec = _spec(fmt, group, sym, act_order, skip=skip)
+    q_out, f_out = {}, {}
+    g = torch.Generator().manual_seed(7)
+    perms = {}
+    for name, t in sorted(tensors.items()):
+        module = name[: -len(".weight")]
+        linear = (name.endswith(".weight") and t.dim() == 2 and "embed" not in name and "norm" not in name
+                  and "lm_head" not in name)
+        if not linear or spec.skipped(module):
+            q_out[name] = f_out[name] = t
+            continue
+        perm = None
+        if act_order:   # the projections of one input share its reordering
+            key = (module.rsplit(".", 1)[0], module.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+            perm = perms.setdefault(key, torch.randperm(t.shape[1], generator=g))
+        u, z, s, g_idx = quantize(t, group, sym, perm)
+        for suffix, packed in format_tensors(fmt, u, z, s, g_idx, sym, act_order).items():
+            q_out[f"{module}.{suffix}"] = packed
+        f_out[name] = dequantize(u, z, s, g_idx)
+    out = []
+    for folder, ts, qc in ((dst / fmt, q_out, quantization_config(fmt, group, sym, act_order, skip=skip)),
+                           (dst / "dequantized", f_out, None)):
+        folder.mkdir(parents=True)
+        for f in ref.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy(f, folder / f.name)
+        save_file(ts, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        if qc:
+            cfg["quantization_config"], cfg["torch_dtype"] = qc, "float16"
+        (folder / "config.json").write_text(json.dumps(cfg))
+        out.append(folder)
+    return out[0], out[1]
+
+
+TOKENIZER = str(Path(__file__).resolve().parents[2] / "deepserve" / "assets" / "stories260k")
+PROMPTS = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 200, 11, 54, 9], [250, 1, 77, 77, 13, 140, 6, 93]]
+MODELS = {
+    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+    "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def tiny(request, tmp_path_factory):
+    cls, config = MODELS[request.param]
+    cfg = config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                 tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp(request.param) / "ref"
+    save_tiny(cls, cfg, path)
+    return request.param, path
+
+
+MODEL_CASES = [("awq", 32, False, False, ("layers.1.mlp.down_proj",)), ("gptq", 64, True, True, ()),
+               ("gptq", 32, False, False, ()), ("compressed-tensors", 32, True, False, ()),
+               ("compressed-tensors", -1, False, True, ("re:.*layers\\.0\\.self_attn\\.o_proj$",))]
+
+
+@pytest.mark.parametrize("fmt,group,sym,act_order,skip", MODEL_CASES,
+                         ids=[f"{c[0]}-g{c[1]}" + ("-actorder" if c[3] else "") for c in MODEL_CASES])
+def test_model_logits_equal_the_dequantized_model(tiny, tmp_path, fmt, group, sym, act_order, skip):
+    name, ref = tiny
+    q, deq = _quantize_folder(ref, tmp_path, fmt, group, sym, act_order, skip)
+    llm = LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER)
+    model = llm.engine.runner.model
+    packed = [n for n, p in model.named_parameters() if p.dtype == torch.int32 and p.dim() == 2]
+    assert len(packed) == 2 * 4 - len(skip)        # qkv, o, gate_up, down per layer, minus skipped
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    ref_llm = LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER)
+    want = torch.cat(ref_llm.prompt_logits(PROMPTS))
+    assert torch.equal(got, want), (got - want).abs().max()
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    a = llm.generate({"prompt_token_ids": PROMPTS[0]}, params)[0].outputs[0].token_ids
+    b = ref_llm.generate({"prompt_token_ids": PROMPTS[0]}, params)[0].outputs[0].token_ids
+    assert a == b
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_4bit_checkpoints_fail_naming_the_tensor_and_value():
+    spec = _spec("awq", 32, False, False)
+    tensors, _ = _packed("awq", 32, False, False, 64, 128, seed=1)
+    with pytest.raises(ValueError, match=r"tensor qweight: packed 4-bit weight torch.int32 \(128, 8\) .*awq stores int32 \(128, 4\)"):
+        _load(ReplicatedLinear(128, 32), spec, tensors)
+    with pytest.raises(ValueError, match="group size 48 does not divide the 128 input features"):
+        ReplicatedLinear(128, 64).set_quant_method(Int4LinearMethod(_spec("gptq", 48, True, False)))
+    with pytest.raises(ValueError, match="8-bit weights are not supported"):
+        int4_spec({"quantization_config": {**quantization_config("gptq", 32, True, False), "bits": 8}})
+    with pytest.raises(ValueError, match="not a whole number of 64-wide groups"):
+        RowParallelLinear(192, 64, pctx=_tp(0)).set_quant_method(Int4LinearMethod(_spec("awq", 64, False, False)))
