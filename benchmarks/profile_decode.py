@@ -312,7 +312,7 @@ def main() -> int:
     wb = attempt("weight_bytes", lambda: weight_bytes(model, active=True, batch=args.batch))
     report["active_weight_bytes"] = wb
     if wb and host:
-        seq_len = max(host["seq_lens"])
+        seq_len = max(host.seq_lens)
         kv = runner.bytes_per_block() / runner.block_size * seq_len * args.batch
         report["kv_bytes_read"] = kv
         say(f"  active weight bytes/step {wb / 1e9:.3f} GB (+ KV read ~{kv / 1e6:.1f} MB at {seq_len} tokens)")

@@ -21,6 +21,17 @@ class LLM:
         self.engine = LLMEngine(EngineArgs(**kwargs))
         self.tokenizer = self.engine.tokenizer
 
+    def shutdown(self) -> None:
+        """Stop this engine's worker processes and free its process groups and ports (also
+        done when the LLM is deleted); a new LLM with any layout can start afterwards."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def get_tokenizer(self):
         return self.tokenizer
 

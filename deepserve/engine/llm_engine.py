@@ -15,12 +15,13 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
 from typing import Optional, Union
 
 from deepserve.config import EngineArgs
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.detokenizer import IncrementalDetokenizer
-from deepserve.distributed.executor import make_executor
+from deepserve.engine.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput
@@ -88,6 +89,8 @@ class LLMEngine:
             eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
         self.eos_token_ids = eos
         self.executor = make_executor(self.config, self.platform, eos)
+        # workers, process groups and ports go when the engine does, even without shutdown()
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.runner = self.executor.runner  # the driver's runner (rank 0)
         cache, dp = self.config.cache, self.config.parallel.data_parallel_size
         # one KV pool per DP rank, all of the size every rank agreed on
@@ -183,8 +186,9 @@ class LLMEngine:
         return bool(self.requests)
 
     def shutdown(self) -> None:
-        """Stop worker processes (multi-GPU / multi-process layouts)."""
-        self.executor.shutdown()
+        """Stop worker processes and free the process groups (multi-process layouts); another
+        engine can start in this process afterwards."""
+        self._finalizer()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

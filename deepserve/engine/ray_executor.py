@@ -3,7 +3,8 @@ clusters), for deployments across nodes (`--distributed-executor-backend ray`).
 
 The driver joins an existing Ray cluster (`ray start --head` / `ray start --address`, or
 RAY_ADDRESS); without one it starts a local Ray instance. Workers run the same loop as the
-multi-process executor (`_worker_main`); the process group meets at the driver's node IP.
+multi-process executor (`_worker_main`, engine/executor.py); the process group meets at the
+driver's node IP.
 A worker actor that dies makes `failure` name its rank and node.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 
 from deepserve.config import EngineConfig
-from deepserve.distributed.executor import DriverExecutor, _free_port, _worker_main, dist_timeout_s
+from deepserve.engine.executor import DriverExecutor, _worker_main, check_no_live_group, dist_timeout_s, free_port
 from deepserve.distributed.parallel_state import destroy_distributed
 from deepserve.platforms import Platform
 
@@ -31,6 +32,7 @@ def _import_ray():
 class RayExecutor(DriverExecutor):
     def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
         ray = _import_ray()
+        check_no_live_group()
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                      log_to_driver=False, ignore_reinit_error=True)
@@ -39,7 +41,7 @@ class RayExecutor(DriverExecutor):
         node_id = ray.get_runtime_context().get_node_id()
         ip = os.environ.get("DEEPSERVE_HOST_IP") or next(
             n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
-        init_method = f"tcp://{ip}:{_free_port()}"
+        init_method = f"tcp://{ip}:{free_port()}"
         timeout = dist_timeout_s()
         gpu = platform.device_type == "cuda"
 

@@ -1,0 +1,148 @@
+"""The driver's runner: scheduled batches in, sampled tokens out.
+
+It flattens a `ScheduledBatch` into `StepInputs`, publishes them to the other ranks of its
+DP rank (a no-op in one process), runs its own forward and samples. `launch` starts a step
+without waiting for its tokens (async scheduling); `all_logits` scores one prompt.
+
+With the driver-sampled DP layout (a `DataParallelBatch`: one driver schedules every DP
+rank), the driver publishes every rank's inputs at once, a DP rank with nothing to do runs a
+one-token dummy batch (MoE layers are collective), and the first TP rank of every other DP
+rank sends its sampled rows' logits to the driver, which samples all rows in one call.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from deepserve.config import EngineConfig
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.engine.input_staging import to_device_async
+from deepserve.engine.model_runner import ModelRunner
+from deepserve.engine.sampler import Sampler, SamplerOutput
+from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
+from deepserve.engine.step_inputs import DPStepMessage, StepInputs, StepMessage
+from deepserve.platforms import Platform
+
+
+class InFlight:
+    """A launched step's sampled tokens: on the device at once (the next step's inputs may
+    come from them), on the host once the copy started at launch has landed."""
+
+    def __init__(self, seqs: list, next_ids: Optional[torch.Tensor]):
+        self.seqs = seqs
+        self.next_ids = next_ids
+        self.row_of = {s.seq_id: i for i, s in enumerate(seqs)}
+        self._host, self._done = next_ids, None
+        if next_ids is not None and next_ids.device.type == "cuda":
+            self._host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+            self._host.copy_(next_ids, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def token_ids(self) -> list[int]:
+        if self.next_ids is None:
+            return []
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
+class DriverRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, platform: Platform, pctx: Optional[ParallelContext] = None,
+                 local_rank: int = 0, eos_token_ids: set[int] = frozenset(),
+                 publish: Optional[Callable[[object], None]] = None):
+        super().__init__(config, platform, pctx, local_rank)
+        self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
+        # sends each step to the other ranks of this DP rank (multi-process executors)
+        self.publish = publish or (lambda msg: None)
+
+    def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        return StepInputs.from_batch(batch, self.block_size)
+
+    def _forward(self, msg: StepMessage) -> Optional[torch.Tensor]:
+        self.publish(msg)
+        return self.run_step(msg)
+
+    @torch.inference_mode()
+    def all_logits(self, seq) -> torch.Tensor:
+        """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
+        host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
+        host.logits_rows = list(range(seq.num_tokens))
+        if self.pctx.dp_size > 1:  # DP rank 0 (the driver's) scores it; the others idle
+            hosts = [host] + [StepInputs.dummy_step()] * (self.pctx.dp_size - 1)
+            return self._dp_forward(hosts)[0].cpu()
+        return self._forward(StepMessage(host))[:, :self.vocab_size].float().cpu()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
+        """Run one step; returns (sequences that got a token, their sampled tokens)."""
+        if isinstance(batch, DataParallelBatch):
+            return self._execute_dp(batch)
+        logits = self._forward(StepMessage(self.host_inputs(batch)))
+        sampling_seqs = batch.sampling_seqs()
+        if not sampling_seqs:
+            return [], SamplerOutput([], [])
+        return sampling_seqs, self.sampler(logits, sampling_seqs)
+
+    # ------------------------------------------------------------------ async scheduling
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: Optional[InFlight]) -> InFlight:
+        """Start one step and return without waiting for it (one process only).
+
+        A sequence whose last token is still pending (sampled by `prev`, not yet on the host)
+        gets that token straight from prev's device tensor. The step's own samples stay on
+        the device (the next step may read them) and start an asynchronous copy to the host;
+        `InFlight.token_ids()` waits for it."""
+        ids, positions, meta = self.to_device(self.host_inputs(batch))
+        rows, where, offset = [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            offset += n
+            if seq.num_pending and seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(prev.row_of[seq.seq_id])
+                where.append(offset - 1)
+        if rows:
+            where_rows = to_device_async([where, rows], torch.long, self.device)   # one small copy, no sync
+            ids[where_rows[0]] = prev.next_ids[where_rows[1]]
+        logits = self.forward_logits(ids, positions, meta)
+        seqs = batch.sampling_seqs()
+        if not seqs:
+            return InFlight([], None)
+        return InFlight(seqs, self.sampler.sample_ids(logits, seqs))
+
+    # ------------------------------------------------------------------ data parallel
+    def _logits_source(self, dp_rank: int) -> int:
+        """Global rank that sends DP rank `dp_rank`'s logits: its first TP rank (see rank_layout)."""
+        return dp_rank * self.pctx.tp_size * self.pctx.pp_size
+
+    def _dp_forward(self, hosts: list[StepInputs]) -> list[Optional[torch.Tensor]]:
+        """Run one step on every DP rank; fp32 logits [rows, V] of each (None: no rows)."""
+        longest = max(max(h.seq_lens) for h in hosts)
+        graph = self.dp_graph_size(max(h.num_tokens for h in hosts), all(h.decode_only for h in hosts), longest)
+        msg = DPStepMessage(hosts, graph)
+        self.publish(msg)
+        own = self.run_step(msg.for_rank(self.pctx.dp_rank))
+        out: list[Optional[torch.Tensor]] = []
+        for r, h in enumerate(hosts):
+            if h.dummy or not h.logits_rows:
+                out.append(None)
+            elif r == self.pctx.dp_rank:
+                out.append(own[:, :self.vocab_size].float())
+            else:
+                buf = torch.empty(len(h.logits_rows), self.vocab_size, dtype=torch.float32, device=self.device)
+                dist.recv(buf, src=self._logits_source(r))
+                out.append(buf)
+        return out
+
+    def _execute_dp(self, batch: DataParallelBatch) -> tuple[list, SamplerOutput]:
+        hosts = [self.host_inputs(b) if b else StepInputs.dummy_step() for b in batch.batches]
+        seqs, rows = [], []
+        for b, logits in zip(batch.batches, self._dp_forward(hosts)):
+            sampling = b.sampling_seqs()
+            if sampling:
+                seqs += sampling
+                rows.append(logits)
+        if not seqs:
+            return [], SamplerOutput([], [])
+        return seqs, self.sampler(torch.cat(rows), seqs)

@@ -1,0 +1,331 @@
+"""Executors: where the model runs. `UniExecutor` is one process; `MultiprocExecutor`
+starts and supervises one worker process per extra rank on this node.
+
+The driver (rank 0, inside the engine's process) schedules and samples; every step it
+broadcasts the step's inputs (a typed `StepMessage`, engine/step_inputs.py) over a gloo
+group, and each rank runs the same forward on its shard (TP collectives inside the model,
+PP send/recv between stages). Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`,
+seconds), so a stuck peer becomes an error instead of a silent hang.
+
+Workers are spawned (not forked: a CPU parent that already ran OpenMP kernels hangs a forked
+child's first parallel op). `WorkerProcs` supervises them: each reports over a pipe when it
+is about to join the process group and any start-up error, and a monitor thread turns an
+exit or an error into `failure`, naming the rank. The driver joins the group only once
+every worker has reported, so a worker that dies at start-up (including one that re-ran an
+unguarded script's main module) fails the start in seconds instead of at the rendezvous
+timeout. `shutdown()` (also run when the engine is garbage-collected) stops the workers and
+tears the process group down, so another engine can start in the same process.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deepserve.config import EngineConfig
+from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.engine.step_inputs import STOP, Stop
+from deepserve.platforms import Platform, get_platform
+
+logger = logging.getLogger("deepserve")
+
+GUARD_HINT = ('a script that starts a multi-process engine must guard its entry point with '
+              '`if __name__ == "__main__":` (workers are spawned and re-import the main module)')
+
+
+def dist_timeout_s() -> float:
+    return float(os.environ.get("DEEPSERVE_DIST_TIMEOUT", "300"))
+
+
+def start_timeout_s() -> float:
+    """How long a worker may take to report that it is joining the process group."""
+    return float(os.environ.get("DEEPSERVE_WORKER_START_TIMEOUT", "300"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_no_live_group() -> None:
+    """A process holds one default process group: refuse to start while another engine of
+    this process still holds it (after collecting engines nobody references any more)."""
+    if dist.is_initialized():
+        import gc
+        gc.collect()  # runs the shutdown of engines that were dropped without one
+    if dist.is_initialized():
+        raise RuntimeError("another multi-process engine in this process still holds the process group: "
+                           "call .shutdown() on it (or delete it) before starting a new one")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this worker when its parent dies, however the parent ends (even
+    SIGKILL), so a lost driver never leaves orphan workers holding GPUs."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # no glibc: workers still exit on the driver's stop message or a broken collective
+
+
+def report_errors(status, rank: int, body: Callable[[], None]) -> None:
+    """Run a worker's `body`; an exception goes to the parent over `status` before the exit."""
+    try:
+        body()
+    except BaseException as exc:
+        if status is not None:
+            try:
+                status.send(("error", f"{type(exc).__name__}: {exc}"))
+            except OSError:
+                pass
+        traceback.print_exc()
+        sys.exit(1)
+
+
+class UniExecutor:
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        from deepserve.engine.driver_runner import DriverRunner
+        self.runner = DriverRunner(config, platform, eos_token_ids=eos_token_ids)
+        self.failure: Optional[str] = None
+
+    def explain(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_method: str,
+                 timeout_s: float, local_rank: Optional[int] = None, status=None) -> None:
+    """A worker rank: join the group, load its shard, then run every step the driver sends."""
+    die_with_parent()
+
+    def body():
+        from deepserve.engine.model_runner import WorkerRunner
+        platform = get_platform(platform_name)
+        par = config.parallel
+        lr = rank if local_rank is None else local_rank
+        if status is not None:
+            status.send(("joining",))
+        pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
+                                lr, par.data_parallel_size, par.all2all_backend)
+        runner = WorkerRunner(config, platform, pctx, local_rank=lr)
+        group = control_group()
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=group)
+            if isinstance(box[0], Stop):
+                break
+            runner.run_published(box[0])
+        destroy_distributed()
+
+    report_errors(status, rank, body)
+
+
+class WorkerProcs:
+    """Spawned worker processes, each with a status pipe, and a monitor thread that sets
+    `failure` (naming the rank, its pid and its error or exit code) when one ends early."""
+
+    def __init__(self, target, args_of: Callable[[int], tuple], ranks: list[int], label: str = "worker rank"):
+        ctx = mp.get_context("spawn")
+        self.label = label
+        self.ranks = ranks
+        self.failure: Optional[str] = None
+        self.closing = False
+        self.procs, self.pipes, self.errors, self.joining = [], [], {}, set()
+        for r in ranks:
+            here, there = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=target, name=f"deepserve-rank{r}", daemon=True, args=(*args_of(r), there))
+            p.start()
+            there.close()
+            self.procs.append(p)
+            self.pipes.append(here)
+        self._host = socket.gethostname()
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
+        self._monitor.start()
+
+    def _read(self, i: int) -> None:
+        try:
+            while self.pipes[i].poll():
+                msg = self.pipes[i].recv()
+                if msg[0] == "joining":
+                    self.joining.add(self.ranks[i])
+                elif msg[0] == "error":
+                    self.errors[self.ranks[i]] = msg[1]
+        except (EOFError, OSError):
+            pass
+
+    def _watch(self) -> None:
+        while not self.closing and self.failure is None:
+            multiprocessing.connection.wait(self.pipes + [p.sentinel for p in self.procs], timeout=0.2)
+            for i, (r, p) in enumerate(zip(self.ranks, self.procs)):
+                self._read(i)
+                if p.exitcode is not None and not self.closing and self.failure is None:
+                    self._read(i)
+                    self.failure = self._describe(r, p)
+                    logger.error(self.failure)
+
+    def _describe(self, rank: int, p) -> str:
+        where = f"{self.label} {rank} (pid {p.pid}) on host {self._host}"
+        if rank in self.errors:
+            return f"{where} failed: {self.errors[rank]}"
+        if rank not in self.joining:
+            return f"{where} exited with code {p.exitcode} before it started; {GUARD_HINT}"
+        return f"{where} exited with code {p.exitcode}"
+
+    def wait_joining(self, timeout_s: float) -> None:
+        """Wait until every worker is about to join the process group; raise on a failure."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.joining) < len(self.ranks):
+            if self.failure:
+                raise RuntimeError(self.failure)
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.ranks) - self.joining)
+                raise RuntimeError(f"{self.label}s {missing} did not start within {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+    def stop(self, graceful_s: float = 10.0) -> None:
+        self.closing = True
+        deadline = time.monotonic() + graceful_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+def run_watched(start: Callable[[], None], failed: Callable[[], Optional[str]],
+                on_failure: Callable[[], None]) -> None:
+    """Run the driver's own start-up (`start`) in a thread while watching the workers: a
+    worker failure raises at once instead of waiting for a collective to time out
+    (`on_failure` stops the workers first, which breaks the driver's pending collective)."""
+    error: list[BaseException] = []
+
+    def body():
+        try:
+            start()
+        except BaseException as exc:  # handed to the caller below
+            error.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True, name="deepserve-driver-start")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.05)
+        if failed() and thread.is_alive():
+            on_failure()
+            thread.join(10.0)
+            raise RuntimeError(failed())
+    if error:
+        why = failed()
+        raise RuntimeError(f"{why} ({error[0]})") if why else error[0]
+
+
+class DriverExecutor:
+    """What every multi-rank executor shares: the driver's own rank (rank 0, in this process),
+    the per-step broadcast of step inputs, and naming the worker behind a broken collective.
+    Subclasses start the workers and set `failure` when one dies."""
+
+    _closing = False
+    failure: Optional[str] = None
+
+    def _start_driver(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int],
+                      init_method: str, timeout: float) -> None:
+        from deepserve.engine.driver_runner import DriverRunner
+        par = config.parallel
+        pctx = init_distributed(0, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
+                                dp_size=par.data_parallel_size, all2all_backend=par.all2all_backend)
+        self.group = control_group()
+        self.runner = DriverRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids,
+                                   publish=self._publish)
+
+    def _publish(self, msg) -> None:
+        if self.failure:
+            raise RuntimeError(self.failure)
+        dist.broadcast_object_list([msg], src=0, group=self.group)
+
+    def _tell_workers_to_stop(self) -> bool:
+        """Send the stop message (unless a worker already died); False if it could not be sent."""
+        if self.failure is not None or getattr(self, "group", None) is None:
+            return False
+        try:
+            dist.broadcast_object_list([STOP], src=0, group=self.group)
+            return True
+        except RuntimeError as exc:
+            logger.warning("could not tell workers to stop: %s", exc)
+            return False
+
+    def explain(self, exc: BaseException) -> str:
+        """The reason behind a failed collective: a dead worker when there is one (the
+        monitor may notice a moment after the collective broke)."""
+        deadline = time.monotonic() + 3.0
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"{self.failure} ({exc})" if self.failure else str(exc)
+
+
+class MultiprocExecutor(DriverExecutor):
+    def __init__(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+        check_no_live_group()
+        self.world_size = config.parallel.world_size
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        timeout = dist_timeout_s()
+        self.workers = WorkerProcs(_worker_main, lambda r: (r, config, platform.name, init_method, timeout, None),
+                                   list(range(1, self.world_size)))
+        self.procs = self.workers.procs
+        try:
+            self.workers.wait_joining(start_timeout_s())
+            run_watched(lambda: self._start_driver(config, platform, eos_token_ids, init_method, timeout),
+                        lambda: self.failure, lambda: self.workers.stop(graceful_s=0.0))
+        except BaseException:
+            self._abort_start()
+            raise
+
+    @property
+    def failure(self) -> Optional[str]:
+        return self.workers.failure
+
+    def _abort_start(self) -> None:
+        self._closing = True
+        self.workers.stop(graceful_s=0.0)
+        destroy_distributed(timeout_s=5.0)
+
+    def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        stopped = self._tell_workers_to_stop()
+        self.workers.closing = True
+        # tear down together with the workers (NCCL's teardown may wait on its peers), and
+        # only then wait for them to exit
+        if stopped:
+            destroy_distributed()
+        self.workers.stop()
+        if not stopped:
+            destroy_distributed(timeout_s=5.0)
+
+
+def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+    par = config.parallel
+    if par.world_size == 1:
+        return UniExecutor(config, platform, eos_token_ids)
+    if par.distributed_executor_backend == "ray":
+        from deepserve.engine.ray_executor import RayExecutor
+        return RayExecutor(config, platform, eos_token_ids)
+    return MultiprocExecutor(config, platform, eos_token_ids)
