@@ -85,8 +85,10 @@ def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
     elif path.exists():
         raise FileNotFoundError(f"{path / 'config.json'} not found: not a Hugging Face model folder")
     else:
+        hub = " (deepserve downloads nothing: fetch hub models first, e.g. `modelscope download --model ID " \
+              "--local_dir DIR` or `huggingface-cli download ID --local-dir DIR`, and pass DIR)" if "/" in model else ""
         raise FileNotFoundError(
-            f"model {model!r} is neither a folder nor a preset; presets: {', '.join(list_presets())}")
+            f"model {model!r} is neither a folder nor a preset{hub}; presets: {', '.join(list_presets())}")
     data.update(hf_overrides or {})
     return HFConfig(data)
 
@@ -199,6 +201,9 @@ class EngineArgs:
     awq, gptq, compressed-tensors name a 4-bit checkpoint's own format (served as stored)."""
     seed: int = 0
     """Seed for random weights and for sampling requests that give no seed."""
+    trust_remote_code: bool = False
+    """Accepted for vLLM compatibility and changes nothing: deepserve never executes code from a
+    checkpoint (config.json is read as data and the model classes are deepserve's own)."""
     device: str = "auto"
     """auto | cpu | cuda (or an out-of-tree platform name)."""
     block_size: Optional[int] = None
@@ -212,6 +217,9 @@ class EngineArgs:
     """Bytes for the KV cache pool (default on CPU: 1 GiB; on GPU: from gpu_memory_utilization)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical full-block prompt prefixes."""
+    swap_space: float = 4
+    """vLLM's CPU swap space per GPU (GiB) for preempted sequences: accepted and unused, since
+    preempted sequences are recomputed (as in vLLM V1)."""
     prefix_caching_hash_algo: str = "sha256"
     """Prefix-cache block keys: sha256 or xxhash (128-bit xxh3, faster; needs the xxhash package)."""
     prefix_caching_salt: Optional[str] = None
@@ -248,6 +256,12 @@ class EngineArgs:
     process only; steps with logprobs, penalties or min_tokens run synchronously."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
+    compilation_config: Optional[dict] = None
+    """vLLM's JSON, mapped onto the CUDA graphs deepserve captures (full graphs of decode steps):
+    cudagraph_capture_sizes sets --cuda-graph-sizes; cudagraph_mode NONE captures none,
+    FULL_DECODE_ONLY, FULL, PIECEWISE and FULL_AND_PIECEWISE capture decode steps (prefill and
+    mixed steps run eagerly); torch.compile keys (level, mode, backend, ...) are accepted and
+    unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
     ops: str = "auto"
     """Operator backend: auto (triton on CUDA, torch elsewhere) | torch | triton | flaggems.
     Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
@@ -259,6 +273,8 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.quantization == "ascend":
+            self.quantization = ascend_quantization(self.model)
         if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
             raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq or compressed-tensors, "
                              f"got {self.quantization!r}")
@@ -291,6 +307,8 @@ class EngineArgs:
             raise ValueError(f"ops must be auto, torch, triton or flaggems, got {self.ops!r}")
         if isinstance(self.hf_overrides, str):
             self.hf_overrides = json.loads(self.hf_overrides)
+        if self.compilation_config is not None:
+            apply_compilation_config(self, self.compilation_config)
         if isinstance(self.speculative_config, str):
             self.speculative_config = json.loads(self.speculative_config)
         if self.speculative_config:
@@ -300,6 +318,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)
         model_len_limit = int(hf.get("max_position_embeddings", 2048))
+        pp_layer_partition(int(hf.get("num_hidden_layers", 1)), self.pipeline_parallel_size)  # checked early
         max_model_len = self.max_model_len or model_len_limit
         if self.max_model_len and self.max_model_len > model_len_limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -344,6 +363,75 @@ class EngineArgs:
         return cls(**kwargs)
 
 
+# --------------------------------------------------------------------------- vLLM compatibility
+CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+# vLLM CompilationConfig keys about torch.compile / Inductor, which deepserve does not use
+COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", "use_inductor",
+                     "compile_sizes", "inductor_compile_config", "inductor_passes", "pass_config",
+                     "cudagraph_num_of_warmups", "cudagraph_copy_inputs", "debug_dump_path", "cache_dir",
+                     "compile_cache_save_format", "use_inductor_graph_partition", "compile_mm_encoder",
+                     "cudagraph_specialize_lora", "dynamic_shapes_config")
+
+
+def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
+    """Map vLLM's --compilation-config onto `cuda_graph_sizes` / `enforce_eager` (see the field)."""
+    if isinstance(config, str):
+        config = json.loads(config)
+    if isinstance(config, int):  # vLLM's `-O3` form: a torch.compile level
+        config = {"level": config}
+    if not isinstance(config, dict):
+        raise ValueError(f"compilation_config must be a JSON object, got {config!r}")
+    known = COMPILE_ONLY_KEYS + ("cudagraph_capture_sizes", "cudagraph_mode", "max_capture_size",
+                                 "max_cudagraph_capture_size", "full_cuda_graph", "use_cudagraph")
+    for key in config:
+        if key not in known:
+            raise ValueError(f"compilation_config key {key!r} is not one deepserve knows; known: {', '.join(known)}")
+    args.compilation_config = config
+    sizes = config.get("cudagraph_capture_sizes")
+    if sizes is not None:
+        if not isinstance(sizes, list) or not all(isinstance(n, int) and n >= 1 for n in sizes):
+            raise ValueError(f"cudagraph_capture_sizes must be a list of positive integers, got {sizes!r}")
+        args.cuda_graph_sizes = sorted(set(sizes))
+    largest = config.get("max_cudagraph_capture_size", config.get("max_capture_size"))
+    if largest is not None:
+        args.cuda_graph_sizes = [n for n in args.cuda_graph_sizes if n <= int(largest)] or [int(largest)]
+    mode = config.get("cudagraph_mode")
+    if mode is None and config.get("use_cudagraph") is False:
+        mode = "NONE"
+    if mode is not None:
+        mode = str(mode).upper()
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {config['cudagraph_mode']!r}")
+        if mode == "NONE":
+            args.enforce_eager = True
+
+
+def ascend_quantization(model: str) -> None:
+    """vllm-ascend's `--quantization ascend` names msModelSlim's format, which a checkpoint
+    declares in quant_model_description*.json and which is loaded as stored; other checkpoints
+    are refused, as vllm-ascend does."""
+    if not list(Path(model).glob("quant_model_description*.json")):
+        raise ValueError(f"--quantization ascend loads msModelSlim checkpoints (quant_model_description.json), "
+                         f"and {model} has none; drop the flag to serve it as stored")
+    return None
+
+
+def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
+    """vLLM's VLLM_PP_LAYER_PARTITION ("31,30": layers per pipeline stage, first stage first),
+    checked against the model; None when unset or with one stage."""
+    text = os.environ.get("VLLM_PP_LAYER_PARTITION", "").strip().strip('"')
+    if not text or pp_size == 1:
+        return None
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"VLLM_PP_LAYER_PARTITION must be comma-separated layer counts, got {text!r}") from None
+    if len(parts) != pp_size or sum(parts) != num_layers or min(parts) < 1:
+        raise ValueError(f"VLLM_PP_LAYER_PARTITION={text} must give {pp_size} stages of >= 1 layer adding up to "
+                         f"the model's {num_layers} layers")
+    return parts
+
+
 # --------------------------------------------------------------------------- CLI generation
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
@@ -366,21 +454,28 @@ def _json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from None
 
 
+TRUST_REMOTE_CODE_NOTE = ("deepserve: --trust-remote-code accepted; no code from the checkpoint is executed "
+                          "(config.json is read as data, the model classes are deepserve's own)")
+# vLLM's short spellings (`vllm serve MODEL -tp 8 -pp 4`, `-O3`)
+SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
+               "compilation_config": "-O"}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field: `--field-name`, typed from the annotation."""
+    """One flag per dataclass field: `--field-name` (and vLLM's short form), typed from the annotation."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + ([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = {"help": docs.get(f.name, ""), "default": argparse.SUPPRESS, "dest": f.name}
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue
         if base in (dict,) or typing.get_origin(base) is dict:
             kw["type"] = _json_arg
@@ -391,4 +486,4 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         else:
             kw["type"] = str
         kw["help"] = f"{kw['help']} (default: {default})"
-        parser.add_argument(flag, **kw)
+        parser.add_argument(*flags, **kw)

@@ -8,6 +8,10 @@ ids (so no tokenizer or dataset is involved), `ignore_eos` so every request prod
   `--num-iters-warmup` untimed runs; reports the mean and percentiles (seconds).
 - throughput: `--num-prompts` prompts submitted at once; requests/s and tokens/s over the
   wall time of the whole `generate` call, with output tokens counted from the results.
+  `--dataset-name random` (the default without `--dataset-path`) builds random token ids of
+  `--input-len`; `sharegpt` and `sonnet` read `--dataset-path` as `bench serve` does and send
+  the prompts' token ids (model tokenizer, no special tokens added), `--output-len` replacing
+  the dataset's output lengths where given (vLLM's benchmark_throughput.py).
 
 The measuring functions take the `llm` object, so they run against anything with vLLM's
 `LLM.generate` API.
@@ -77,9 +81,11 @@ def _load_engine(args) -> tuple[Any, Any, int, int]:
         from deepserve import LLM, SamplingParams
     except ImportError as exc:
         raise RuntimeError(f"the in-process engine is not available in this build ({exc})") from None
-    from deepserve.config import EngineArgs, load_hf_config
+    from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs, load_hf_config
 
     engine_args = EngineArgs.from_cli_args(args)
+    if engine_args.trust_remote_code:
+        print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
     vocab = int(load_hf_config(engine_args.model, engine_args.hf_overrides).get("vocab_size", 0))
     if vocab < 1:
         raise ValueError(f"model {engine_args.model!r} has no vocab_size in its config.json")
@@ -95,7 +101,7 @@ def _write_json(path: Optional[str], result: dict) -> None:
 
 def run_latency(args) -> dict:
     llm, SamplingParams, vocab, seed = _load_engine(args)
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=args.output_len or 128, ignore_eos=True, temperature=0)
     prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
     result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,
                              progress=not args.disable_tqdm)
@@ -107,10 +113,36 @@ def run_latency(args) -> dict:
     return result
 
 
+def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
+    """(prompts as token ids, output length of each) from a sharegpt or sonnet file."""
+    from deepserve.bench.datasets import sample_sharegpt, sample_sonnet
+    from deepserve.bench.tokenizer import resolve_tokenizer
+
+    if not args.dataset_path:
+        raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
+    if not Path(args.dataset_path).is_file():
+        raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
+    tok = resolve_tokenizer(args.tokenizer, args.model)
+    if args.dataset_name == "sharegpt":
+        requests = sample_sharegpt(tok, args.dataset_path, args.num_prompts, args.output_len, seed)
+    else:
+        prefix = 200 if args.prefix_len is None else args.prefix_len   # vLLM's sonnet default
+        requests = sample_sonnet(tok, args.dataset_path, args.num_prompts, args.input_len, prefix,
+                                 args.output_len or 128, chat_format=True, seed=seed)
+    return ([{"prompt_token_ids": tok.encode(r.prompt)} for r in requests],
+            [r.expected_output_len for r in requests])
+
+
 def run_throughput(args) -> dict:
     llm, SamplingParams, vocab, seed = _load_engine(args)
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
-    prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed)
+    name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
+    args.dataset_name = name
+    if name == "random":
+        prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed)
+        params = SamplingParams(max_tokens=args.output_len or 128, ignore_eos=True, temperature=0)
+    else:
+        prompts, out_lens = dataset_prompts(args, seed)
+        params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in out_lens]
     result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, "
           f"{result['tokens_per_second']:.2f} total tokens/s, "

@@ -105,8 +105,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from deepserve.config import EngineArgs
 
     EngineArgs.add_cli_args(p)
-    p.add_argument("--input-len", type=int, default=32 if p.prog.endswith("latency") else 1024)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int,
+                   default=32 if p.prog.endswith("latency") else 1024, help="Prompt tokens (random prompts).")
+    p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
+                   help="Tokens generated per request (default: 128; sharegpt: the dataset reply's length).")
     p.add_argument("--output-json", default=None, help="Write the result JSON here.")
     p.add_argument("--disable-tqdm", action="store_true")
 
@@ -136,4 +138,9 @@ def register(subparsers) -> None:
     throughput = sub.add_parser("throughput", help="In-process engine: requests/s and tokens/s.")
     _add_engine_args(throughput)
     throughput.add_argument("--num-prompts", type=int, default=1000)
+    throughput.add_argument("--dataset-name", default=None, choices=["random", "sharegpt", "sonnet"],
+                            help="Prompt source (default: sharegpt with --dataset-path, else random).")
+    throughput.add_argument("--dataset-path", default=None, help="ShareGPT JSON or sonnet.txt file.")
+    throughput.add_argument("--prefix-len", type=int, default=None,
+                            help="sonnet: tokens of shared prefix (default 200).")
     throughput.set_defaults(func=_throughput)

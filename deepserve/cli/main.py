@@ -3,6 +3,10 @@
 Each module `deepserve/cli/<name>.py` has `register(subparsers)`, which adds its parser and
 sets `func` (called with the parsed args; returns the exit code). Errors a user can fix are
 printed as one line, never as a traceback.
+
+Flags are spelled as in vLLM, whose parser also takes underscores (`--pipeline_parallel_size=2`,
+as the vLLM-MindSpore guide writes it) and unique prefixes (`--random-input` for
+`--random-input-len`); `normalize_argv` turns the first into the second spelling.
 """
 from __future__ import annotations
 
@@ -33,9 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`--flag_name[=value]` -> `--flag-name[=value]`, as vLLM's FlexibleArgumentParser does.
+    Only the flag's name changes; values (`--served-model-name deepseek_r1`) stay as given."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

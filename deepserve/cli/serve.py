@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 
-from deepserve.config import EngineArgs
+from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "reasoning_parser": None,
-                   "chat_template": None, "max_body_bytes": 8 * 1024 * 1024, "log_level": "info"}
+                   "enable_reasoning": False, "chat_template": None, "max_body_bytes": 8 * 1024 * 1024,
+                   "log_level": "info"}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_or_config", nargs="?", default=None, metavar="MODEL | CONFIG.yaml",
-                   help="Model folder or preset, or a YAML deployment file (default: the demo model).")
+                   help="Model folder or preset, or a YAML deployment file, or (as `flagscale serve NAME` "
+                        "in a FlagScale checkout) NAME for examples/NAME/conf/config_NAME.yaml "
+                        "(default: the demo model).")
     s = p.add_argument_group("server")
     sup = argparse.SUPPRESS  # only flags actually given override the YAML file
     s.add_argument("--host", default=sup, help="Address to listen on (default: 127.0.0.1).")
@@ -33,6 +38,9 @@ def register(subparsers) -> None:
     s.add_argument("--api-key", default=sup, help="Require `Authorization: Bearer KEY` on /v1/*.")
     s.add_argument("--reasoning-parser", default=sup, choices=["deepseek_r1"],
                    help="Split <think> reasoning into reasoning_content (and reasoning).")
+    s.add_argument("--enable-reasoning", action="store_true", default=sup,
+                   help="vLLM <= 0.8's switch for --reasoning-parser: accepted (reasoning is split "
+                        "whenever a parser is given), an error without one.")
     s.add_argument("--chat-template", default=sup,
                    help="Chat template file (or Jinja text) replacing the tokenizer's.")
     s.add_argument("--max-body-bytes", type=int, default=sup,
@@ -57,10 +65,12 @@ def resolve(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
     """resolve(), plus the cluster runner options (None without a hostfile)."""
     from deepserve.distributed.cluster import RunnerOptions
-    from deepserve.server.config_file import ServeConfig, is_config_file, load_serve_config
+    from deepserve.server.config_file import ServeConfig, flagscale_experiment, is_config_file, load_serve_config
 
     config = ServeConfig()
     positional = args.model_or_config
+    if positional and not is_config_file(positional) and flagscale_experiment(positional):
+        positional = str(flagscale_experiment(positional))  # `flagscale serve deepseek_r1`, run in FlagScale/
     if positional and is_config_file(positional):
         config = load_serve_config(positional)
     elif positional:
@@ -71,6 +81,9 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
     engine = dict(config.engine_args)
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
     server = dict(SERVER_DEFAULTS)
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "").lower()  # the metax guide sets DEBUG
+    if level in ("debug", "info", "warning", "error"):
+        server["log_level"] = level
     server.update(config.server)
     server.update({k: getattr(args, k) for k in SERVER_DEFAULTS if hasattr(args, k)})
     runner = config.runner
@@ -83,9 +96,9 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     engine_kwargs, server, envs, runner = resolve_all(args)
+    if server["enable_reasoning"] and not server["reasoning_parser"]:
+        raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
     if runner is not None:
         from deepserve.distributed.cluster_serve import serve_on_cluster
@@ -104,6 +117,8 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
         engine_args = EngineArgs(**engine_kwargs)
     except TypeError as exc:
         raise ValueError(f"bad engine argument: {exc}") from None
+    if engine_args.trust_remote_code:
+        print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
     from deepserve.server.api_server import run_server
 
     return run_server(engine_args, host=server["host"], port=server["port"], log_level=server["log_level"],

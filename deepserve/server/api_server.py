@@ -18,7 +18,7 @@ from typing import Optional
 
 import uvicorn
 
-from deepserve.config import EngineArgs
+from deepserve.config import DEMO_MODEL, EngineArgs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine
 from deepserve.server.app import build_app
@@ -33,11 +33,15 @@ DEFAULT_PORT = 8000
 
 
 def served_names(args: EngineArgs) -> list[str]:
+    """--served-model-name (comma-separated), else the model argument as given, as vLLM serves
+    it (the guides send `"model": "/path/to/model"`); the built-in demo is "stories260k"."""
     if args.served_model_name:
         names = [n.strip() for n in str(args.served_model_name).split(",") if n.strip()]
         if names:
             return names
-    return [Path(str(args.model).rstrip("/")).name or str(args.model)]
+    if str(args.model) == DEMO_MODEL:
+        return [Path(DEMO_MODEL).name]
+    return [str(args.model)]
 
 
 def load_chat_template(engine: LLMEngine, template: Optional[str]) -> None:

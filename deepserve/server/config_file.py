@@ -19,6 +19,14 @@ deepserve/distributed/cluster.py; a relative path is read from the YAML's folder
 the working directory. Flags given on
 the command line override the file. Unknown keys are errors that name the key, except a few
 vLLM options that mean nothing here, which are ignored with a warning.
+
+A FlagScale experiment file (`flagscale serve deepseek_r1` reads
+examples/deepseek_r1/conf/config_deepseek_r1.yaml) is read as FlagScale's Hydra would compose it:
+its `defaults:` list names the serve file (`- serve: deepseek_r1` -> serve/deepseek_r1.yaml beside
+it); `experiment.task.type` must be serve; `experiment.envs` are exported, and so are the
+`export K=V` parts of `experiment.cmds.before_start`, which FlagScale runs in the shell that starts
+the server (the whole line runs on every host before `ray start` when there is a hostfile).
+`exp_dir`, `deploy`, `action` and `hydra` only steer FlagScale's own launcher and are not read.
 """
 from __future__ import annotations
 
@@ -34,11 +42,10 @@ from deepserve.distributed.cluster import RunnerOptions
 
 logger = logging.getLogger("deepserve")
 
-SERVER_KEYS = ("host", "port", "api_key", "reasoning_parser", "chat_template", "max_body_bytes",
-               "log_level")
-# vLLM options with no meaning in deepserve (no remote code is ever run; logs are always on)
-IGNORED_KEYS = ("trust_remote_code", "disable_log_stats", "disable_log_requests", "enable_reasoning",
-                "uvicorn_log_level", "disable_custom_all_reduce")
+SERVER_KEYS = ("host", "port", "api_key", "reasoning_parser", "enable_reasoning", "chat_template",
+               "max_body_bytes", "log_level")
+# vLLM options with no meaning in deepserve (logs are always on)
+IGNORED_KEYS = ("disable_log_stats", "disable_log_requests", "uvicorn_log_level", "disable_custom_all_reduce")
 
 
 @dataclass
@@ -56,11 +63,64 @@ def is_config_file(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml"))
 
 
+def flagscale_experiment(name: str) -> Optional[Path]:
+    """`flagscale serve NAME`'s file, examples/NAME/conf/config_NAME.yaml under the working
+    directory (FlagScale's checkout), when NAME is a plain name and that file exists."""
+    if not name or "/" in name or Path(name).exists():
+        return None
+    path = Path("examples") / name / "conf" / f"config_{name}.yaml"
+    return path if path.is_file() else None
+
+
+def _compose_defaults(data: Any, path: Path) -> Any:
+    """Hydra's `defaults:` list as FlagScale uses it: `- serve: NAME` loads serve/NAME.yaml
+    from the experiment file's folder into the `serve` key."""
+    if not isinstance(data, dict) or not isinstance(data.get("defaults"), list):
+        return data
+    data = dict(data)
+    for item in data["defaults"]:
+        if not isinstance(item, dict):
+            continue  # `_self_`
+        for group, name in item.items():
+            if group != "serve":
+                logger.warning("%s: ignoring defaults entry %s: %s (only serve is read)", path, group, name)
+                continue
+            part = path.parent / group / f"{name}.yaml"
+            if not part.is_file():
+                raise FileNotFoundError(f"{path}: defaults names {group}: {name}, but {part} is not there")
+            data.setdefault("serve", _read_yaml(part))
+    return data
+
+
+def exports_of(command: str) -> dict[str, str]:
+    """The `export K=V` assignments of a shell line (`source x && export A=1 && export B=2`)."""
+    import shlex
+
+    out: dict[str, str] = {}
+    for part in command.replace(";", "&&").split("&&"):
+        try:
+            words = shlex.split(part, comments=True)
+        except ValueError:
+            continue
+        if words[:1] == ["export"]:
+            for word in words[1:]:
+                key, sep, value = word.partition("=")
+                if sep and key.isidentifier():
+                    out[key] = value
+    return out
+
+
 def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
     """The serve entry holding engine_args, and the envs found around it."""
     envs: dict = {}
     if isinstance(data, dict) and "serve" in data:
-        envs.update((data.get("experiment") or {}).get("envs") or {})
+        experiment = data.get("experiment") or {}
+        task = (experiment.get("task") or {}).get("type", "serve")
+        if task != "serve":
+            raise ValueError(f"{path}: experiment.task.type is {task!r}; deepserve runs serve experiments only")
+        before = (experiment.get("cmds") or {}).get("before_start")
+        envs.update(exports_of(before) if isinstance(before, str) else {})
+        envs.update(experiment.get("envs") or {})
         data = data["serve"]
     if isinstance(data, list):
         entries = [e for e in data if isinstance(e, dict) and "engine_args" in e]
@@ -105,16 +165,20 @@ def _runner(data: Any, entry: dict, path: Path) -> Optional[RunnerOptions]:
     return options
 
 
-def load_serve_config(path: str | Path) -> ServeConfig:
+def _read_yaml(path: Path) -> Any:
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    path = Path(path)
+    data = _compose_defaults(_read_yaml(path), path)
     entry, envs = _pick_entry(data, path)
     runner = _runner(data, entry, path)
     fields = {f.name for f in dataclasses.fields(EngineArgs)}

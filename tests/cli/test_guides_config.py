@@ -1,0 +1,278 @@
+"""Every serving and bench command of the five deployment guides, read from the guides
+themselves, parsed by deepserve's CLI into engine configs: sizes as the guides write them
+(TP=32, 61 layers, 32768 tokens) on DeepSeek-R1's own config.json, so each flag's value must
+land in the field of vLLM's meaning. Only the model path changes, and the flags of other
+issues (docs/GUIDES.md: speculative decoding, multi-node DP) are taken out and checked apart."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from deepserve.cli.main import build_parser, main, normalize_argv
+from deepserve.config import EngineArgs, SHORT_FLAGS, apply_compilation_config
+from deepserve.distributed.parallel_state import pp_layer_range
+from tests.cli.conftest import write_r1_config
+from tests.cli.guides import commands, exports, set_flags, set_model, to_deepserve, yaml_blocks
+
+# flags of other issues: speculative decoding (18), multi-node DP and --headless (17)
+PENDING = {"--speculative-config": None, "--data-parallel-size-local": None, "--data-parallel-address": None,
+           "--data-parallel-rpc-port": None, "--data-parallel-start-rank": None, "--headless": None}
+
+
+@pytest.fixture(scope="module")
+def r1_config(tmp_path_factory):
+    return str(write_r1_config(tmp_path_factory.mktemp("guides") / "DeepSeek-R1"))
+
+
+def guide(reference, name):
+    return [to_deepserve(c) for c in commands(reference / name)]
+
+
+def parse(argv):
+    return build_parser().parse_args(normalize_argv(argv))
+
+
+def serve_config(argv):
+    from deepserve.cli.serve import resolve_all
+
+    engine, server, envs, runner = resolve_all(parse(argv))
+    return EngineArgs(**engine), server, envs, runner
+
+
+def flag_values(argv: list[str]) -> dict[str, object]:
+    """{EngineArgs field: the value the command line gives it}, read off the argv by the flag
+    names alone: `--max-num-seqs=256` -> max_num_seqs 256, `--no-enable-prefix-caching` ->
+    enable_prefix_caching False, `-tp 8` -> tensor_parallel_size 8."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(EngineArgs)
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    short = {v: k for k, v in SHORT_FLAGS.items()}
+    out, i = {}, 0
+    argv = normalize_argv(argv)
+    while i < len(argv):
+        key, sep, value = argv[i].partition("=")
+        name = short.get(key) or key.lstrip("-").replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in fields
+        name = name[3:] if negated else name
+        i += 1
+        if name not in fields or not key.startswith("-"):
+            continue
+        base = [a for a in typing.get_args(hints[name]) if a is not type(None)] or [hints[name]]
+        if base[0] is bool:
+            out[name] = not negated
+            continue
+        if not sep:
+            value, i = argv[i], i + 1
+        out[name] = json.loads(value) if base[0] is dict else base[0](value) if base[0] in (int, float) else value
+    return out
+
+
+def assert_flags_land(argv, engine_args: EngineArgs):
+    for name, value in flag_values(argv).items():
+        if name in ("model", "compilation_config", "quantization"):
+            continue  # checked apart: the path is replaced; these two are mapped
+        assert getattr(engine_args, name) == value, f"{name}: {getattr(engine_args, name)!r} != {value!r}"
+
+
+# --------------------------------------------------------------------------- the commands
+def test_the_guides_have_the_commands_this_file_checks(reference):
+    found = {name: [c[:2] for c in guide(reference, name)]
+             for name in ("vastai-vacc.md", "ascend-300i-duo-mindspore.md", "vllm-ascend-w8a8.md",
+                          "flagos-metax.md", "flagos-nvidia-h100.md")}
+    assert found == {
+        "vastai-vacc.md": [["serve", "/test/weights/DeepSeek-R1"], ["bench", "serve"], ["bench", "throughput"],
+                           ["bench", "latency"]],
+        "ascend-300i-duo-mindspore.md": [["serve", "/home/ckpt/deepseek_r1_671b"]],
+        "vllm-ascend-w8a8.md": [["serve", "vllm-ascend/DeepSeek-R1-W8A8"]] * 3 + [["bench", "serve"]],
+        "flagos-metax.md": [["serve", "deepseek_r1"], ["serve", "<MODEL_NAME>"], ["serve", "/nfs/deepseek_r1_BF16"]],
+        "flagos-nvidia-h100.md": [["serve", "deepseek_r1"]]}
+
+
+def test_mindspore_tp_pp_uneven(reference, r1_config, monkeypatch):
+    partition = exports(reference / "ascend-300i-duo-mindspore.md")["VLLM_PP_LAYER_PARTITION"]
+    assert partition == "31,30"
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    (cmd,) = guide(reference, "ascend-300i-duo-mindspore.md")
+    argv = set_model(cmd, r1_config)
+    args, server, _, _ = serve_config(argv)
+    assert_flags_land(argv, args)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.distributed_executor_backend) == (8, 2, "ray")
+    assert (args.dtype, args.block_size, args.enable_prefix_caching, args.trust_remote_code) == \
+        ("float16", 128, False, True)
+    cfg = args.create_engine_config()
+    assert (cfg.scheduler.max_model_len, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization) == \
+        (32768, 16384, 0.8)
+    assert [pp_layer_range(61, 2, r) for r in (0, 1)] == [range(0, 31), range(31, 61)]
+    assert server["host"] == "127.0.0.1"   # vllm-mindspore's default: no --host given
+
+
+def test_bad_layer_partition_is_one_line(reference, r1_config, monkeypatch, capsys):
+    (cmd,) = guide(reference, "ascend-300i-duo-mindspore.md")
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "31,31")
+    assert main(set_model(cmd, r1_config) + ["--dry-run"]) == 0   # a dry run builds no engine
+    with pytest.raises(ValueError, match=r"VLLM_PP_LAYER_PARTITION=31,31 must give 2 stages .* 61 layers"):
+        serve_config(set_model(cmd, r1_config))[0].create_engine_config()
+
+
+def test_vastai_serve_and_bench_lines(reference, r1_config):
+    serve, bench_serve, throughput, latency = guide(reference, "vastai-vacc.md")
+    argv = set_model(serve, r1_config)
+    args, server, _, _ = serve_config(argv)
+    assert_flags_land(argv, args)
+    assert (args.tensor_parallel_size, args.enforce_eager, args.trust_remote_code, args.max_model_len) == \
+        (32, True, True, 32768)
+    assert (server["reasoning_parser"], server["enable_reasoning"], server["host"], server["port"]) == \
+        ("deepseek_r1", True, "10.24.73.25", 8000)
+
+    b = parse(set_model(bench_serve, r1_config))
+    assert (b.endpoint, b.dataset_name, b.sonnet_input_len, b.sonnet_prefix_len, b.sonnet_output_len) == \
+        ("/v1/chat/completions", "sonnet", 1024, 32, 1024)
+    assert (b.num_prompts, b.max_concurrency, b.result_dir, b.result_filename, b.save_result, b.model) == \
+        (100, 4, "/workspace/models/benchmark_result", "result.json", True, r1_config)
+
+    for cmd, extra in ((throughput, {"dataset_name": "random", "num_prompts": 10, "input_len": 1000,
+                                     "output_len": 1000}),
+                       (latency, {"input_len": 1024, "output_len": 1024, "batch_size": 1, "num_iters": 10})):
+        argv = set_model(cmd, r1_config)
+        ns = parse(argv)
+        engine_args = EngineArgs.from_cli_args(ns)
+        assert_flags_land(argv[2:], engine_args)
+        assert (engine_args.tensor_parallel_size, engine_args.enforce_eager, engine_args.trust_remote_code,
+                engine_args.max_model_len) == (32, True, True, 16384)
+        assert {k: getattr(ns, k) for k in extra} == extra
+
+
+def test_metax_short_flags(reference, r1_config, monkeypatch):
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", exports(reference / "flagos-metax.md")["VLLM_PP_LAYER_PARTITION"])
+    cmd = guide(reference, "flagos-metax.md")[2]
+    argv = set_model(cmd, r1_config)
+    args, _, _, _ = serve_config(argv)
+    assert_flags_land(argv, args)
+    assert (args.pipeline_parallel_size, args.tensor_parallel_size, args.dtype, args.swap_space) == (4, 8, "bfloat16", 16)
+    args.create_engine_config()
+    assert [len(pp_layer_range(61, 4, r)) for r in range(4)] == [16, 15, 15, 15]
+
+
+def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
+    (r1_dir := __import__("pathlib").Path(r1_config)).joinpath("quant_model_description.json").write_text("{}")
+    try:
+        for cmd in guide(reference, "vllm-ascend-w8a8.md")[:3]:
+            argv = set_flags(set_model(cmd, r1_config), PENDING)
+            args, server, _, _ = serve_config(argv)
+            assert_flags_land(argv, args)
+            assert (args.data_parallel_size, args.tensor_parallel_size, args.enable_expert_parallel,
+                    args.async_scheduling, args.seed, args.served_model_name) == (4, 4, True, True, 1024, "deepseek_r1")
+            assert args.quantization is None          # msModelSlim's format, loaded as stored
+            assert args.cuda_graph_sizes == [4, 16, 32, 48, 64] and not args.enforce_eager
+            assert (server["host"], server["port"]) == ("0.0.0.0", 8000)
+            cfg = args.create_engine_config()
+            assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization,
+                    cfg.cuda_graph_sizes) == (16, 4096, 0.92, [4, 16, 32, 48, 64])
+    finally:
+        r1_dir.joinpath("quant_model_description.json").unlink()
+    with pytest.raises(ValueError, match=r"--quantization ascend loads msModelSlim checkpoints .* has none"):
+        serve_config(set_flags(set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config), PENDING))
+
+    b = parse(set_model(guide(reference, "vllm-ascend-w8a8.md")[3], r1_config))
+    assert (b.dataset_name, b.random_input_len, b.num_prompts, b.request_rate, b.save_result, b.result_dir) == \
+        ("random", 200, 200, 1.0, True, "./")
+
+
+def test_speculative_config_refused_in_one_line(reference, r1_config, capsys):
+    argv = set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config)
+    argv = set_flags(argv, {k: v for k, v in PENDING.items() if k != "--speculative-config"}
+                     | {"--quantization": None})
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "speculative decoding is not supported yet" in err
+
+
+# --------------------------------------------------------------------------- FlagScale YAML
+FOUR_HOSTS = "".join(f"{ip} slots=8 type=gpu\n" for ip in ("127.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"))
+
+
+def flagscale_checkout(root, reference, r1_config, hosts=FOUR_HOSTS):
+    """The h100 guide's three files where `flagscale serve deepseek_r1` looks for them (its
+    hostfile's x.x.x.x lines filled in for the four machines it asks for)."""
+    blocks = {b.split(":", 1)[0].split()[0]: b for b in yaml_blocks(reference / "flagos-nvidia-h100.md")}
+    conf = root / "examples" / "deepseek_r1" / "conf"
+    (conf / "serve").mkdir(parents=True)
+    experiment = blocks["defaults"]
+    assert "hostfile: examples/deepseek_r1/conf/hostfile.txt" in experiment
+    (conf / "config_deepseek_r1.yaml").write_text(experiment)
+    (conf / "serve" / "deepseek_r1.yaml").write_text(blocks["-"].replace("/nfs/deepseek_r1", r1_config))
+    assert blocks["x.x.x.x"].count("x.x.x.x slots=8 type=gpu") == 2
+    (conf / "hostfile.txt").write_text(hosts)
+    return conf
+
+
+def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, capsys):
+    flagscale_checkout(tmp_path, reference, r1_config)
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")   # `serve` exports the file's envs: restored after the test
+    (cmd,) = guide(reference, "flagos-nvidia-h100.md")
+    assert cmd == ["serve", "deepseek_r1"]
+    args, _, envs, runner = serve_config(cmd)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.gpu_memory_utilization, args.max_model_len,
+            args.max_num_seqs, args.enforce_eager, args.trust_remote_code, args.enable_chunked_prefill) == \
+        (8, 4, 0.9, 32768, 256, True, True, True)
+    assert envs == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "GLOO_SOCKET_IFNAME": "bond0", "USE_FLAGGEMS": "1"}
+    assert (runner.docker, runner.ssh_port, runner.hostfile) == \
+        ("flagrelease_nv", 22, "examples/deepseek_r1/conf/hostfile.txt")
+    assert runner.before_start.startswith("source /root/miniconda3/bin/activate flagscale-inference && export")
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    assert main(cmd + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    worker = next(line for line in out.splitlines() if "[10.0.0.2 worker]" in line and "ray start" in line)
+    assert "docker exec flagrelease_nv bash -c" in worker and "export GLOO_SOCKET_IFNAME=bond0" in worker
+    assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
+    assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
+
+
+# --------------------------------------------------------------------------- the mappings
+@pytest.mark.parametrize("config, sizes, eager", [
+    ({"cudagraph_capture_sizes": [64, 4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}, [4, 16, 64], False),
+    ({"cudagraph_mode": "NONE"}, [1, 2, 4, 8, 16, 32, 64, 128, 256], True),
+    ({"cudagraph_mode": "full_and_piecewise", "max_cudagraph_capture_size": 16}, [1, 2, 4, 8, 16], False),
+    ({"level": 3, "use_cudagraph": False}, [1, 2, 4, 8, 16, 32, 64, 128, 256], True),
+    (3, [1, 2, 4, 8, 16, 32, 64, 128, 256], False)])
+def test_compilation_config_maps_to_cuda_graphs(config, sizes, eager):
+    args = EngineArgs(compilation_config=config)
+    assert (args.cuda_graph_sizes, args.enforce_eager) == (sizes, eager)
+    assert args.create_engine_config().cuda_graph_sizes == sizes
+
+
+@pytest.mark.parametrize("config, message", [({"cudagraph_mode": "SOMETIMES"}, "cudagraph_mode must be one of"),
+                                             ({"cudagraph_capture_sizes": [0]}, "positive integers"),
+                                             ({"splitting_opz": []}, "key 'splitting_opz' is not one")])
+def test_compilation_config_errors_name_the_value(config, message):
+    with pytest.raises(ValueError, match=message):
+        apply_compilation_config(EngineArgs(), config)
+
+
+def test_spellings():
+    assert normalize_argv(["--pipeline_parallel_size=2", "--served-model-name", "deepseek_r1", "-tp", "2"]) == \
+        ["--pipeline-parallel-size=2", "--served-model-name", "deepseek_r1", "-tp", "2"]
+    ns = parse(shlex.split("bench serve --random-input 200 --random_output_len=7"))
+    assert (ns.random_input_len, ns.random_output_len) == (200, 7)
+    ns = parse(shlex.split("serve -O '{\"cudagraph_mode\": \"NONE\"}' -dp 2"))
+    assert (ns.compilation_config, ns.data_parallel_size) == ({"cudagraph_mode": "NONE"}, 2)
+
+
+def test_enable_reasoning_needs_a_parser(capsys):
+    assert main(["serve", "--enable-reasoning"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "deepserve serve: error: --enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)"
+
+
+def test_trust_remote_code_says_so_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--trust-remote-code, --no-trust-remote-code Accepted for vLLM compatibility and changes nothing: " \
+           "deepserve never executes code from a checkpoint" in help_text
