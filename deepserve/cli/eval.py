@@ -61,6 +61,9 @@ def register(subparsers) -> None:
                    help="retries of a request on connection errors, 429 and 5xx (default 8)")
     p.add_argument("--retry-backoff", type=float, default=1.0,
                    help="first retry delay in seconds, doubled each retry (default 1)")
+    p.add_argument("--math-timeout", type=float, default=5.0,
+                   help="seconds of symbolic checking per math answer; one that runs out is "
+                        "scored wrong and counted (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_handler)
 
@@ -97,7 +100,7 @@ def run_handler(args) -> int:
                        limit=args.limit, max_concurrency=args.max_concurrency,
                        api_key=args.api_key, request_timeout=args.request_timeout,
                        max_retries=args.max_retries, retry_backoff=args.retry_backoff,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, math_timeout=args.math_timeout)
     result = run_eval(opts)
     json_path, md_path = write_result(result, output)
     req = result["requests"]
@@ -106,6 +109,9 @@ def run_handler(args) -> int:
         if task["n_truncated"]:
             print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
                   f"--max-tokens {args.max_tokens} and were scored as given", file=sys.stderr)
+        if task.get("n_timeouts"):
+            print(f"note: {name}: {task['n_timeouts']} of {task['n_samples']} answers ran out of "
+                  f"--math-timeout {args.math_timeout:g} s and were scored wrong", file=sys.stderr)
     print(f"\n{req['total']} requests ({req['from_cache']} from cache, {req['retries']} retries)"
           f"; results: {json_path}, {md_path}", file=sys.stderr)
     return 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from deepserve.evals.latex_sympy import braced
+
 THINK_END = "</think>"
 THINK_START = "<think>"
 
@@ -36,23 +38,6 @@ def answer_text(content: str | None, reasoning_content: str | None = None) -> st
     return content.strip()
 
 
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """The contents of the brace group opening at text[start] == '{', and the index after it."""
-    assert text[start] == "{"
-    depth = 0
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            continue  # an escaped brace (\{ or \}) does not nest
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[start + 1:i], i + 1
-    return None
-
-
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
 
 
@@ -62,7 +47,7 @@ def all_boxed(text: str) -> list[str]:
     for m in _BOX_RE.finditer(text):
         pos = m.end()
         if pos < len(text) and text[pos] == "{":
-            group = _braced(text, pos)
+            group = braced(text, pos)
             if group is not None:
                 found.append(group[0].strip())
         else:

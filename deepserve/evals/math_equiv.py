@@ -12,20 +12,26 @@ al. 2021) followed by a symbolic check (as in Qwen2.5-Math's evaluation and math
    numerically (relative 1e-6), so `\\frac{1}{2}` == `0.5` and `2\\sqrt{2}` == `\\sqrt{8}`.
 Tuples and intervals compare element by element (bracket kinds must match); unordered lists
 ("1, -2") as multisets.
+
+sympy can run for minutes (or forever) on some model outputs ("(10^{7})!", big
+simplifications), so stage 2 (latex_sympy.py) runs in a worker process with a time limit per
+answer (`SympyWorker`, 5 s by default as in math-verify): an answer that runs out of time is
+scored wrong, the worker is killed and restarted, and `judge` reports it so the evaluation
+can count and report such cases.
 """
 from __future__ import annotations
 
+import atexit
+import json
 import re
-from tokenize import TokenError
+import select
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
-import sympy
-from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
-                                        parse_expr, standard_transformations)
-
-from deepserve.evals.extract import _braced
-
-_MAX_SYMPY_LEN = 300  # longer strings are not worth (or safe) to hand to sympy
-_TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
+DEFAULT_TIMEOUT = 5.0  # seconds of sympy per answer
 
 
 def _fix_fracs_and_sqrt(s: str) -> str:
@@ -77,70 +83,6 @@ def normalize(answer: str) -> str:
     return s.rstrip(".")
 
 
-def _replace_command(s: str, name: str, n_args: int, build) -> str:
-    """Rewrite every `\\name{a}{b}` (n_args groups) with build(*args); innermost handled by recursion."""
-    out, i = [], 0
-    token = "\\" + name
-    while True:
-        j = s.find(token, i)
-        if j < 0:
-            out.append(s[i:])
-            return "".join(out)
-        out.append(s[i:j])
-        pos, args = j + len(token), []
-        for _ in range(n_args):
-            while pos < len(s) and s[pos] == " ":
-                pos += 1
-            if pos >= len(s) or s[pos] != "{":
-                raise ValueError(f"malformed \\{name} in {s!r}")
-            group = _braced(s, pos)
-            if group is None:
-                raise ValueError(f"unbalanced braces in {s!r}")
-            args.append(group[0])
-            pos = group[1]
-        out.append(build(*args))
-        i = pos
-
-
-def latex_to_sympy(s: str):
-    """Parse a normalized LaTeX answer into a sympy expression; None when it is not one."""
-    if len(s) > _MAX_SYMPY_LEN or not s:
-        return None
-    try:
-        s = _latex_commands_to_py(s)
-        if "\\" in s or "=" in s or "<" in s or ">" in s:
-            return None
-        names = {c: sympy.Symbol(c) for c in set(re.findall(r"[a-zA-Z]", s))}
-        names.update({"pi": sympy.pi, "oo": sympy.oo, "sqrt": sympy.sqrt, "E": sympy.E,
-                      "log": sympy.log, "ln": sympy.log, "sin": sympy.sin, "cos": sympy.cos,
-                      "tan": sympy.tan, "i": sympy.I})
-        return parse_expr(s, local_dict=names, transformations=_TRANSFORMS, evaluate=True)
-    except (ValueError, TypeError, SyntaxError, AttributeError, ZeroDivisionError,
-            OverflowError, RecursionError, NotImplementedError, sympy.SympifyError, TokenError):
-        return None
-
-
-def _latex_commands_to_py(s: str) -> str:
-    """Rewrite \\frac, \\sqrt and \\sqrt[n] (nested in any order) into Python syntax."""
-    s = re.sub(r"\\sqrt\[([^\]]+)\]\{", r"\\root{\1}{", s)
-    s = _replace_command(s, "frac", 2, lambda a, b: f"(({_latex_commands_to_py(a)})/"
-                                                    f"({_latex_commands_to_py(b)}))")
-    s = _replace_command(s, "root", 2, lambda n, a: f"(({_latex_commands_to_py(a)})**"
-                                                    f"(1/({_latex_commands_to_py(n)})))")
-    s = _replace_command(s, "sqrt", 1, lambda a: f"sqrt({_latex_commands_to_py(a)})")
-    return latex_to_py(s)
-
-
-def latex_to_py(s: str) -> str:
-    """Token-level LaTeX -> Python expression text (after \\frac and \\sqrt were rewritten)."""
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
-    s = s.replace("\\pi", " pi ").replace("\\infty", " oo ").replace("\\ln", " ln ")
-    for fn in ("log", "sin", "cos", "tan"):
-        s = s.replace("\\" + fn, f" {fn} ")
-    s = s.replace("{", "(").replace("}", ")").replace("^", "**")
-    return s
-
-
 def _split_top_level(s: str) -> list[str]:
     """Split on commas that are not inside brackets/braces."""
     parts, depth, cur = [], 0, []
@@ -158,47 +100,124 @@ def _split_top_level(s: str) -> list[str]:
     return parts
 
 
-def _sympy_equal(a: str, b: str) -> bool:
-    ea, eb = latex_to_sympy(a), latex_to_sympy(b)
-    if ea is None or eb is None:
-        return False
-    try:
-        if ea.free_symbols or eb.free_symbols:
-            return sympy.simplify(ea - eb) == 0
-        va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
-        return abs(va - vb) <= 1e-6 * max(1.0, abs(vb))
-    except (TypeError, ValueError, AttributeError, OverflowError, RecursionError,
-            NotImplementedError):
-        return False
+_SCRIPT = Path(__file__).with_name("latex_sympy.py")
+# run the script without its folder on sys.path (its neighbours' names could shadow modules)
+_BOOT = "import runpy, sys; sys.path.pop(0); runpy.run_path(sys.argv[1], run_name='__main__')"
 
 
-def _equal_normalized(a: str, b: str) -> bool:
+class SympyWorker:
+    """Runs `latex_sympy.sympy_equal` in a child process with a time limit per call.
+
+    A sympy call cannot be interrupted, so the child (a Python that imports only sympy) is
+    killed when a comparison runs out of time, and started again for the next one. The time
+    limit starts once the child is ready."""
+
+    STARTUP_TIMEOUT = 120.0
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+        if timeout <= 0:
+            raise ValueError(f"the math timeout must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        self._proc: Optional[subprocess.Popen] = None
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(_SCRIPT)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if self._read(self.STARTUP_TIMEOUT) != "ready":
+            self.close()
+            raise RuntimeError(f"the sympy worker ({_SCRIPT}) did not start within {self.STARTUP_TIMEOUT:.0f} s")
+
+    def _read(self, timeout: float) -> Optional[str]:
+        """The child's next line, or None when none comes within `timeout` seconds."""
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        line = self._proc.stdout.readline() if ready else ""
+        return line.strip() or None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                pipe.close()
+            self._proc = None
+
+    def equal(self, a: str, b: str) -> Optional[bool]:
+        """Whether a and b are the same expression, or None when sympy ran out of time."""
+        if self._proc is None or self._proc.poll() is not None:
+            self.close()
+            self._start()
+        try:
+            self._proc.stdin.write(json.dumps([a, b]) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:   # the child died (e.g. out of memory): as slow as a timeout
+            self.close()
+            return None
+        line = self._read(self.timeout)
+        if line is None:
+            self.close()
+            return None
+        return json.loads(line)
+
+
+_workers: dict[float, SympyWorker] = {}
+
+
+def _worker(timeout: float) -> SympyWorker:
+    if timeout not in _workers:
+        if not _workers:
+            atexit.register(lambda: [w.close() for w in _workers.values()])
+        _workers[timeout] = SympyWorker(timeout)
+    return _workers[timeout]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    equal: bool
+    timed_out: bool = False   # a symbolic comparison ran out of time (then `equal` is False)
+
+
+def judge(pred: str | None, gold: str, timeout: float = DEFAULT_TIMEOUT) -> Verdict:
+    """Whether `pred` (a model's boxed answer) is mathematically the same as `gold`, and
+    whether sympy ran out of its `timeout` seconds on the way."""
+    if pred is None:
+        return Verdict(False)
+    a, b = normalize(pred), normalize(gold)
+    if not a:
+        return Verdict(False)
+    timeouts = []
+
+    def symbolic(x: str, y: str) -> bool:
+        result = _worker(timeout).equal(x, y)
+        if result is None:
+            timeouts.append((x, y))
+        return bool(result)
+
+    equal = _equal_normalized(a, b, symbolic)
+    return Verdict(equal, timed_out=bool(timeouts) and not equal)
+
+
+def math_equal(pred: str | None, gold: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """True when `pred` (a model's boxed answer) is mathematically the same as `gold`."""
+    return judge(pred, gold, timeout).equal
+
+
+def _equal_normalized(a: str, b: str, symbolic: Callable[[str, str], bool]) -> bool:
     if a == b:
         return True
     pa, pb = _split_top_level(a), _split_top_level(b)
     if len(pa) > 1 or len(pb) > 1:
         if len(pa) != len(pb):
             return False
-        return sorted(pa) == sorted(pb) or all(_equal_normalized(x, y) for x, y in zip(pa, pb))
+        return sorted(pa) == sorted(pb) or all(_equal_normalized(x, y, symbolic) for x, y in zip(pa, pb))
     brackets = "([", ")]"
     if a[:1] in brackets[0] and a[-1:] in brackets[1] and b[:1] in brackets[0] and b[-1:] in brackets[1]:
         inner_a, inner_b = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
         if len(inner_a) > 1 or len(inner_b) > 1:
             if (a[0], a[-1]) != (b[0], b[-1]) or len(inner_a) != len(inner_b):
                 return False
-            return all(_equal_normalized(x, y) for x, y in zip(inner_a, inner_b))
+            return all(_equal_normalized(x, y, symbolic) for x, y in zip(inner_a, inner_b))
     if a.count("=") == 1 and b.count("=") == 1:
         la, ra = a.split("=")
         lb, rb = b.split("=")
-        return _equal_normalized(la, lb) and _equal_normalized(ra, rb)
-    return _sympy_equal(a, b)
-
-
-def math_equal(pred: str | None, gold: str) -> bool:
-    """True when `pred` (a model's boxed answer) is mathematically the same as `gold`."""
-    if pred is None:
-        return False
-    a, b = normalize(pred), normalize(gold)
-    if not a:
-        return False
-    return _equal_normalized(a, b)
+        return _equal_normalized(la, lb, symbolic) and _equal_normalized(ra, rb, symbolic)
+    return symbolic(a, b)

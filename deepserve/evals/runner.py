@@ -22,6 +22,7 @@ from deepserve.evals.cache import ReplyCache, cache_key
 from deepserve.evals.client import ChatClient, RequestFailed, SamplingSettings
 from deepserve.evals.datasets import Item
 from deepserve.evals.extract import answer_text
+from deepserve.evals.math_equiv import DEFAULT_TIMEOUT
 from deepserve.evals.stats import mean_ci
 from deepserve.evals.tasks import Task
 
@@ -42,12 +43,15 @@ class EvalOptions:
     max_retries: int = 8
     retry_backoff: float = 1.0
     progress: bool = True
+    math_timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.math_timeout <= 0:
+            raise ValueError(f"--math-timeout must be > 0 seconds, got {self.math_timeout}")
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if not Path(self.data_path).is_dir():
@@ -121,21 +125,27 @@ async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: 
     return client.retries_done
 
 
-def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache) -> dict:
-    """Per-item and overall scores of one task, from cached replies."""
+def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache,
+               math_timeout: float = DEFAULT_TIMEOUT) -> dict:
+    """Per-item and overall scores of one task, from cached replies. A reply whose math check
+    ran out of `math_timeout` seconds scores 0 and is counted in n_timeouts (its item lists
+    the sample in "timeouts")."""
     per_item: dict[str, dict] = {item.id: {"gold": item.gold, "scores": [], "preds": []}
                                  for item in items}
-    truncated = unanswered = 0
+    truncated = unanswered = timeouts = 0
     for job in jobs:
         record = cache.get(job.key)
         if record is None:
             raise RuntimeError(f"internal: no cached reply for {task.name}/{job.item.id} "
                                f"sample {job.sample} after the run")
         answer = answer_text(record.get("content"), record.get("reasoning_content"))
-        score, pred = task.score(job.item, answer)
+        score, pred, timed_out = task.score(job.item, answer, math_timeout)
         entry = per_item[job.item.id]
         entry["scores"].append(score)
         entry["preds"].append(pred)
+        if timed_out:
+            entry.setdefault("timeouts", []).append(job.sample)
+            timeouts += 1
         truncated += record.get("finish_reason") == "length"
         unanswered += pred is None
     item_scores = []
@@ -145,7 +155,7 @@ def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache
     mean, low, high = mean_ci(item_scores)
     return {"title": task.title, "score": 100 * mean, "ci95": [100 * low, 100 * high],
             "n_items": len(items), "n_samples": len(jobs), "n_truncated": truncated,
-            "n_unanswered": unanswered, "items": per_item}
+            "n_unanswered": unanswered, "n_timeouts": timeouts, "items": per_item}
 
 
 def run_eval(opts: EvalOptions) -> dict:
@@ -171,7 +181,7 @@ def run_eval(opts: EvalOptions) -> dict:
     tasks = {}
     for task in opts.tasks:
         task_jobs = [job for job in jobs if job.task is task]
-        tasks[task.name] = score_task(task, items[task.name], task_jobs, cache)
+        tasks[task.name] = score_task(task, items[task.name], task_jobs, cache, opts.math_timeout)
     return {
         "format": "deepserve-eval/1",
         "model": opts.settings.model,

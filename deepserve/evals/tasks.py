@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from deepserve.evals import datasets
 from deepserve.evals.datasets import LETTERS, Item
 from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
-from deepserve.evals.math_equiv import math_equal
+from deepserve.evals.math_equiv import DEFAULT_TIMEOUT, judge
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -39,24 +39,32 @@ def ceval_prompt(item: Item) -> str:
             f"{item.question}\n{options}")
 
 
-def score_math(item: Item, answer: str) -> tuple[float, str | None]:
+class Scored(NamedTuple):
+    """One reply's score, the answer read from it, and whether checking it ran out of time."""
+    score: float
+    pred: str | None
+    timed_out: bool = False
+
+
+def score_math(item: Item, answer: str, timeout: float = DEFAULT_TIMEOUT) -> Scored:
     pred = extract_math_answer(answer)
-    return float(math_equal(pred, item.gold)), pred
+    verdict = judge(pred, item.gold, timeout)
+    return Scored(float(verdict.equal), pred, verdict.timed_out)
 
 
-def score_number(item: Item, answer: str) -> tuple[float, str | None]:
+def score_number(item: Item, answer: str, timeout: float = DEFAULT_TIMEOUT) -> Scored:
     pred = extract_number(answer)
     if pred is None:
-        return 0.0, None
+        return Scored(0.0, None)
     try:
-        return float(abs(float(pred) - float(item.gold)) < 1e-6), pred
+        return Scored(float(abs(float(pred) - float(item.gold)) < 1e-6), pred)
     except ValueError:
-        return 0.0, pred
+        return Scored(0.0, pred)
 
 
-def score_choice(item: Item, answer: str) -> tuple[float, str | None]:
+def score_choice(item: Item, answer: str, timeout: float = DEFAULT_TIMEOUT) -> Scored:
     pred = extract_choice(answer, LETTERS[:len(item.choices)])
-    return float(pred == item.gold), pred
+    return Scored(float(pred == item.gold), pred)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class Task:
     title: str
     load: Callable[[Path], list[Item]]
     prompt: Callable[[Item], str]
-    score: Callable[[Item, str], tuple[float, str | None]]
+    score: Callable[[Item, str, float], Scored]   # (item, reply, math timeout in seconds)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [

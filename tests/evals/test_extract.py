@@ -101,16 +101,16 @@ def _item(gold: str, choices=()) -> Item:
 def test_task_scoring_on_full_r1_replies():
     math500, gsm8k, gpqa = TASKS["math500"], TASKS["gsm8k"], TASKS["gpqa_diamond"]
     reply = answer_text(LONG_THINK + "So the area is $\\boxed{\\dfrac{12}{2}\\text{ cm}^2}$.")
-    assert math500.score(_item("6"), reply) == (1.0, "\\dfrac{12}{2}\\text{ cm}^2")
+    assert math500.score(_item("6"), reply)[:2] == (1.0, "\\dfrac{12}{2}\\text{ cm}^2")
     assert math500.score(_item("7"), reply)[0] == 0.0
     # \frac vs decimal, and several boxed answers (the last is the answer).
     reply = answer_text("x = 1/2 ...</think>\nWe found \\boxed{2} earlier; correcting, "
                         "\\boxed{0.5}.")
-    assert math500.score(_item("\\frac{1}{2}"), reply) == (1.0, "0.5")
-    assert gsm8k.score(_item("1234"), "So she pays \\$1,234.\n\n\\boxed{1,234}") == (1.0, "1234")
-    assert gsm8k.score(_item("18"), "The answer is 18.") == (1.0, "18")
-    assert gsm8k.score(_item("18"), "I could not decide.") == (0.0, None)
+    assert math500.score(_item("\\frac{1}{2}"), reply)[:2] == (1.0, "0.5")
+    assert gsm8k.score(_item("1234"), "So she pays \\$1,234.\n\n\\boxed{1,234}")[:2] == (1.0, "1234")
+    assert gsm8k.score(_item("18"), "The answer is 18.")[:2] == (1.0, "18")
+    assert gsm8k.score(_item("18"), "I could not decide.")[:2] == (0.0, None)
     choices = ["x", "y", "z", "w"]
     reply = answer_text(LONG_THINK + "A careful look at (B) shows it fails.\n\nAnswer: C")
-    assert gpqa.score(_item("C", choices), reply) == (1.0, "C")
-    assert gpqa.score(_item("B", choices), reply) == (0.0, "C")
+    assert gpqa.score(_item("C", choices), reply)[:2] == (1.0, "C")
+    assert gpqa.score(_item("B", choices), reply)[:2] == (0.0, "C")

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from deepserve.evals.extract import extract_boxed
-from deepserve.evals.math_equiv import latex_to_sympy, math_equal, normalize
+from deepserve.evals.latex_sympy import latex_to_sympy
+from deepserve.evals.math_equiv import SympyWorker, Verdict, judge, math_equal, normalize
 
 
 @pytest.mark.parametrize("pred,gold", [
@@ -75,3 +76,34 @@ def test_math500_reference_solutions_match_their_answers(datasets_dir):
                   if math_equal(a["answer"], b["answer"])]
     # Two neighbours really are equal answers ("7" and "7" style); nothing else may match.
     assert all(normalize(a) == normalize(b) for a, b in false_hits), false_hits
+
+
+SLOW = "(10^{7})!"   # sympy computes the 65-million-digit integer exactly: minutes of CPU
+
+
+def test_a_slow_answer_times_out_and_is_reported():
+    verdict = judge(SLOW, "1", timeout=0.5)
+    assert verdict == Verdict(equal=False, timed_out=True)
+    # the worker was replaced: the next answer is checked as usual, in time
+    assert judge("2\\sqrt{2}", "\\sqrt{8}", timeout=0.5) == Verdict(equal=True, timed_out=False)
+    assert judge("3", "4", timeout=0.5) == Verdict(equal=False, timed_out=False)
+    # a tuple with one slow element: wrong and timed out
+    assert judge(f"({SLOW}, 2)", "(1, 2)", timeout=0.5).timed_out
+    with pytest.raises(ValueError, match="math timeout must be > 0"):
+        SympyWorker(0)
+
+
+def test_score_task_counts_timeouts(datasets_dir):
+    from deepserve.evals.datasets import Item
+    from deepserve.evals.runner import Job, score_task
+    from deepserve.evals.tasks import TASKS
+
+    task = TASKS["math500"]
+    items = [Item(id="a", question="q", gold="1"), Item(id="b", question="q", gold="\\frac{1}{2}")]
+    replies = {"a0": f"\\boxed{{{SLOW}}}", "a1": "\\boxed{1}", "b0": "\\boxed{0.5}", "b1": "\\boxed{2}"}
+    jobs = [Job(task, item, s, "p", key=f"{item.id}{s}") for item in items for s in (0, 1)]
+    cache = {k: {"content": v, "finish_reason": "stop"} for k, v in replies.items()}
+    result = score_task(task, items, jobs, cache, math_timeout=0.5)
+    assert result["n_timeouts"] == 1 and result["items"]["a"]["timeouts"] == [0]
+    assert result["items"]["a"]["scores"] == [0.0, 1.0] and result["items"]["b"]["scores"] == [1.0, 0.0]
+    assert "timeouts" not in result["items"]["b"] and result["score"] == 50.0
