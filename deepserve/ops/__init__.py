@@ -20,6 +20,7 @@ fused_moe = dispatcher("fused_moe")
 fp8_block_linear = dispatcher("fp8_block_linear")
 int8_linear = dispatcher("int8_linear")
 int4_linear = dispatcher("int4_linear")
+w4a8_linear = dispatcher("w4a8_linear")
 linear = dispatcher("linear")
 linear_pair = dispatcher("linear_pair")
 mla_kv_write = dispatcher("mla_kv_write")
@@ -30,5 +31,5 @@ mla_decode_prep = dispatcher("mla_decode_prep")
 __all__ = ["set_backend", "get_backend", "op_table", "resolve", "call_counts", "triton_share",
            "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache",
            "paged_attention", "sample", "moe_route", "fused_moe", "fp8_block_linear",
-           "int8_linear", "int4_linear", "linear", "linear_pair", "mla_kv_write", "mla_q_absorb", "mla_v_up",
+           "int8_linear", "int4_linear", "w4a8_linear", "linear", "linear_pair", "mla_kv_write", "mla_q_absorb", "mla_v_up",
            "mla_decode_prep"]

@@ -8,6 +8,8 @@ symmetric weights (z = 8); `g_idx` int32 [K] mapping each input feature to its g
 
     W[n, k] = (u[n, k] - z[n, g(k)]) * s[n, g(k)]
 
+`w4a8_linear` is the same weight with int8 per-token activations (compressed-tensors W4A8).
+
 This op is the oracle of the Triton kernels (ops/triton/int4_gemm.py): it expands the whole
 weight in fp32, rounds it once to the activations' dtype and calls F.linear, so on a device
 without the kernels a 4-bit layer gives exactly what the same layer holding the dequantized
@@ -20,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 
 PACK = 8                          # 4-bit values per int32
@@ -88,3 +91,23 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     """x [..., K] float -> [..., N] in x's dtype (layout in the module docstring)."""
     check_int4_operands(x, qweight, scales, zeros, g_idx, group_size)
     return F.linear(x, dequant_int4(qweight, scales, zeros, g_idx, group_size, x.dtype), bias)
+
+
+@register("w4a8_linear", "torch")
+def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                g_idx: Optional[torch.Tensor], group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A8: the 4-bit weight of int4_linear with activations quantized per token to int8
+    (symmetric, scale = amax / 127, as ops.quant.int8_linear). y = s_x * sum_k x_q[k] (u - z)[k]
+    s[g(k)]: every product of an int8, a 5-bit integer and a 16-bit scale is exact in float64, so
+    this reference differs from a kernel summing int32 per group only by the final roundings."""
+    check_int4_operands(x, qweight, scales, zeros, g_idx, group_size)
+    lead, k = x.shape[:-1], x.shape[-1]
+    xq, xs = quant_int8_rows(x.reshape(-1, k))                                 # [M, K], [M, 1]
+    u = unpack_int4(qweight, 1).to(torch.float64)
+    group = g_idx.long() if g_idx is not None else torch.arange(k, device=u.device) // group_size
+    z = zeros[:, group].to(torch.float64) if zeros is not None else 8.0
+    w = (u - z) * scales[:, group].to(torch.float64)                          # [N, K]
+    y = ((xq.to(torch.float64) @ w.t()) * xs.to(torch.float64)).to(torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])

@@ -115,7 +115,7 @@ def test_tp_shards_give_the_full_layer(fmt, group, sym, act_order):
 
 
 # ---------------------------------------------------------------------------- whole models
-def _quantize_folder(ref: Path, dst: Path, fmt, group, sym, act_order, skip=()) -> tuple[Path, Path]:
+def _quantize_folder(ref: Path, dst: Path, fmt, group, sym, act_order, skip=(), activations=False):
     """(4-bit folder, dequantized fp32 folder) from the fp32 folder `ref`."""
     tensors = load_file(str(ref / "model.safetensors"))
     spec = _spec(fmt, group, sym, act_order, skip=skip)
@@ -138,7 +138,8 @@ def _quantize_folder(ref: Path, dst: Path, fmt, group, sym, act_order, skip=()) 
             q_out[f"{module}.{suffix}"] = packed
         f_out[name] = dequantize(u, z, s, g_idx)
     out = []
-    for folder, ts, qc in ((dst / fmt, q_out, quantization_config(fmt, group, sym, act_order, skip=skip)),
+    qc = quantization_config(fmt, group, sym, act_order, skip=skip, activations=activations)
+    for folder, ts, qc in ((dst / fmt, q_out, qc),
                            (dst / "dequantized", f_out, None)):
         folder.mkdir(parents=True)
         for f in ref.iterdir():
@@ -208,3 +209,30 @@ def test_bad_4bit_checkpoints_fail_naming_the_tensor_and_value():
         int4_spec({"quantization_config": {**quantization_config("gptq", 32, True, False), "bits": 8}})
     with pytest.raises(ValueError, match="not a whole number of 64-wide groups"):
         RowParallelLinear(192, 64, pctx=_tp(0)).set_quant_method(Int4LinearMethod(_spec("awq", 64, False, False)))
+
+
+# ---------------------------------------------------------------------------- W4A8
+@pytest.mark.parametrize("group", [32, -1])
+def test_w4a8_layer_is_int8_tokens_times_dequantized_weight(group):
+    """compressed-tensors W4A8: activations quantized per token to int8 (amax / 127), the
+    4-bit weight dequantized; compared in float64 with the test's own quantizer."""
+    spec = _spec("compressed-tensors", group, True, False, activations=True)
+    assert spec.method == "w4a8-int8"
+    tensors, w = _packed("compressed-tensors", group, True, False, 48, 128, seed=4)
+    x = torch.randn(6, 128) * torch.linspace(0.1, 3, 6)[:, None]
+    layer = _load(ColumnParallelLinear(128, 48), spec, tensors)
+    sx = x.double().abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x.double() / sx).clamp(-127, 127)
+    want = ((xq * sx) @ w.double().t()).float()
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(layer(x), F.linear(x, w))     # the activations really were quantized
+
+
+def test_w4a8_model_tracks_the_dequantized_model(tiny, tmp_path):
+    _, ref = tiny
+    q, deq = _quantize_folder(ref, tmp_path, "compressed-tensors", 32, True, False, activations=True)
+    got = torch.cat(LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"W4A8 vs dequantized W4A16 weights: top-1 agreement {top1:.3f}")
+    assert top1 >= 0.95 and not torch.equal(got, want)
