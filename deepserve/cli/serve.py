@@ -23,6 +23,9 @@ SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "reasonin
                    "enable_reasoning": False, "chat_template": None, "max_body_bytes": 8 * 1024 * 1024,
                    "log_level": "info"}
 
+# request-handling options of the API (vLLM's names)
+SERVER_DEFAULTS.update({"generation_config": "auto", "enable_auto_tool_choice": False, "tool_call_parser": None})
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.",
@@ -41,6 +44,14 @@ def register(subparsers) -> None:
     s.add_argument("--enable-reasoning", action="store_true", default=sup,
                    help="vLLM <= 0.8's switch for --reasoning-parser: accepted (reasoning is split "
                         "whenever a parser is given), an error without one.")
+    s.add_argument("--generation-config", default=sup, metavar="auto|vllm|FOLDER",
+                   help="Request defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
+                        "max_new_tokens) from generation_config.json: auto reads the model folder's "
+                        "(R1: 0.6 / 0.95), vllm ignores it, or a folder holding one (default: auto).")
+    s.add_argument("--enable-auto-tool-choice", action="store_true", default=sup,
+                   help="Let the model decide to call tools (tool_choice auto); needs --tool-call-parser.")
+    s.add_argument("--tool-call-parser", default=sup, choices=["deepseek_v3", "deepseek_v31"],
+                   help="Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3).")
     s.add_argument("--chat-template", default=sup,
                    help="Chat template file (or Jinja text) replacing the tokenizer's.")
     s.add_argument("--max-body-bytes", type=int, default=sup,
@@ -123,4 +134,6 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
 
     return run_server(engine_args, host=server["host"], port=server["port"], log_level=server["log_level"],
                       chat_template=server["chat_template"], reasoning_parser=server["reasoning_parser"],
-                      api_key=server["api_key"], max_body_bytes=int(server["max_body_bytes"]))
+                      api_key=server["api_key"], max_body_bytes=int(server["max_body_bytes"]),
+                      generation_config=server["generation_config"], tool_call_parser=server["tool_call_parser"],
+                      enable_auto_tool_choice=bool(server["enable_auto_tool_choice"]))

@@ -24,7 +24,7 @@ from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.engine.sampler import SamplerOutput
+from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
@@ -49,6 +49,7 @@ class RequestState:
         self.detoks = [IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
                        if tokenizer else None for _ in seqs]
         self.texts = [""] * len(seqs)
+        self.prompt_logprobs: Optional[list] = None  # computed at add time when asked for
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string may still need
         self.arrival = time.monotonic()
         self.first_token_time: Optional[float] = None
@@ -69,7 +70,8 @@ class RequestState:
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
                              num_cached_tokens=max(s.num_cached_tokens for s in self.seqs),
-                             metrics={"arrival_time": self.arrival, "first_token_time": self.first_token_time})
+                             metrics={"arrival_time": self.arrival, "first_token_time": self.first_token_time},
+                             prompt_logprobs=self.prompt_logprobs)
 
 
 class LLMEngine:
@@ -144,10 +146,17 @@ class LLMEngine:
         capacity = self.block_managers[0].num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
+        bad = next((t for t in (params.logit_bias or {}) if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
+        if params.guided is not None and params.guided.compiled is None:
+            self.grammar_compiler().compile(params.guided)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
+        prompt_logprobs = self.prompt_logprobs(ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
         seqs = [Sequence(request_id, i, ids, params) for i in range(params.n)]
         state = RequestState(request_id, text, ids, params, seqs, self.tokenizer)
+        state.prompt_logprobs = prompt_logprobs
         self.requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)
@@ -181,6 +190,24 @@ class LLMEngine:
             return self.runner.all_logits(seq)
         finally:
             bm.free_seq(seq)
+
+    def prompt_logprobs(self, ids: list[int], k: int) -> list[Optional[dict[int, Logprob]]]:
+        """vLLM's prompt_logprobs: None for the first token, then each token's logprob (and the
+        k most likely) given the tokens before it, from one extra prefill of the prompt."""
+        import torch
+
+        logprobs = self.prompt_logits(ids).log_softmax(dim=-1)   # [L, V]: row i predicts token i + 1
+        rows = top_logprobs(logprobs[:-1], torch.tensor(ids[1:]), k)
+        return [None] + [self._logprob_entry(t, lp) for t, lp in zip(ids[1:], rows)]
+
+    def grammar_compiler(self):
+        """The structured-output compiler for this model's tokenizer (built on first use)."""
+        if getattr(self, "_grammar_compiler", None) is None:
+            from deepserve.engine.grammar import GrammarCompiler
+            if self.tokenizer is None:
+                raise RequestError("structured outputs need a model with a tokenizer")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -248,8 +275,7 @@ class LLMEngine:
 
     @staticmethod
     def _async_ok(seq: Sequence) -> bool:
-        p = seq.params
-        return p.logprobs is None and not p.has_penalties and p.min_tokens == 0
+        return not seq.params.needs_host_history
 
     def _resolve(self, inflight) -> list[RequestOutput]:
         """The launched step's tokens, now on the host: append, detokenize, check stops."""
@@ -285,14 +311,17 @@ class LLMEngine:
                 del self.requests[rid]
         return outputs
 
-    def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
+    def _logprob_entry(self, token: int, lp) -> dict[int, Logprob]:
         chosen, rank, top = lp
         decode = self.tokenizer.decode if self.tokenizer else (lambda ids, skip=False: str(ids[0]))
         entry = {token: Logprob(chosen, rank, decode([token], False))}
         for r, (tid, val) in enumerate(top, start=1):
             entry.setdefault(tid, Logprob(val, r, decode([tid], False)))
-        seq.logprobs.append(entry)
-        seq.cumulative_logprob += chosen
+        return entry
+
+    def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:
+        seq.logprobs.append(self._logprob_entry(token, lp))
+        seq.cumulative_logprob += lp[0]
 
     def _detokenize_and_check_stop(self, state: RequestState, seq: Sequence, token: int) -> None:
         p = seq.params

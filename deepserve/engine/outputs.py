@@ -35,3 +35,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

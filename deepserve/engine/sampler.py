@@ -1,12 +1,15 @@
-"""From logits to next tokens: penalties, min_tokens, logprobs, then `ops.sample`.
+"""From logits to next tokens: penalties, logit_bias, min_tokens, grammar bitmasks, logprobs,
+then `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
 whatever else is in the batch. Logprobs are those of the model's raw distribution (vLLM's
-default), taken before penalties and temperature.
+default), taken before penalties, bias, grammar and temperature. A batch without
+logit_bias or structured-output rows does no extra work and no host-device sync for them.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,49 +50,90 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits - freq * counts - pres * seen.float()
 
 
+def top_logprobs(logprobs: torch.Tensor, chosen_ids: torch.Tensor, k: int
+                 ) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    """Per row of `logprobs` [N, V]: (the chosen token's logprob, its rank (1 = most likely),
+    the k most likely (token id, logprob) pairs)."""
+    top_vals, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    chosen = logprobs.gather(1, chosen_ids[:, None])[:, 0]
+    ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+    top_vals, top_ids = top_vals[:, :k].tolist(), top_ids[:, :k].tolist()
+    return [(c, r, list(zip(i, v))) for c, r, i, v in zip(chosen.tolist(), ranks.tolist(), top_ids, top_vals)]
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Add each row's logit_bias in place (one small host-to-device copy, no sync)."""
+    rows, cols, vals = [], [], []
+    for i, s in enumerate(seqs):
+        for tid, bias in (s.params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(tid)
+            vals.append(bias)
+    index = to_device_async([rows, cols], torch.int64, logits.device)
+    logits.index_put_((index[0], index[1]), to_device_async(vals, torch.float32, logits.device), accumulate=True)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], vocab_size: int):
         self.eos_token_ids = sorted(eos_token_ids)
         self.vocab_size = vocab_size
+        # each structured-output sequence's grammar state, dropped with the sequence
+        self._grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()[:, :self.vocab_size]
         n = logits.shape[0]
         want_logprobs = [s.params.logprobs is not None for s in seqs]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-        next_ids = self._choose(logits, seqs)
+        grammars = self._grammar_states(seqs)
+        next_ids = self._choose(logits, seqs, grammars)
 
         token_ids = next_ids.tolist()
+        for i, st in grammars:
+            st.accept(token_ids[i])
         logprobs: list = [None] * n
         if raw_logprobs is not None:
             k = max(s.params.logprobs or 0 for s in seqs)
-            top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
-            chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
-            ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-            chosen, ranks = chosen.tolist(), ranks.tolist()
-            for i, s in enumerate(seqs):
+            for i, (s, row) in enumerate(zip(seqs, top_logprobs(raw_logprobs, next_ids, k))):
                 if want_logprobs[i]:
-                    kk = s.params.logprobs
-                    logprobs[i] = (chosen[i], ranks[i], list(zip(top_ids[i][:kk], top_vals[i][:kk])))
+                    logprobs[i] = (row[0], row[1], row[2][:s.params.logprobs])
         return SamplerOutput(token_ids, logprobs)
+
+    def _grammar_states(self, seqs: list[Sequence]) -> list:
+        """(row, GrammarState) of the rows with structured output."""
+        out = []
+        for i, s in enumerate(seqs):
+            if s.params.guided is not None:
+                st = self._grammars.get(s)
+                if st is None:
+                    from deepserve.engine.grammar import GrammarState
+                    st = self._grammars[s] = GrammarState(s.params.guided)
+                out.append((i, st))
+        return out
 
     def sample_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The next token of each row as a device tensor, without waiting for it (async
-        scheduling, whose steps have no logprobs, penalties or min_tokens: those read the
-        host's token history, which lags one step there)."""
+        scheduling, whose steps have no logprobs, penalties, min_tokens or grammars: those
+        read the host's token history, which lags one step there)."""
         return self._choose(logits.float()[:, :self.vocab_size], seqs)
 
-    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Penalties, tokens banned by min_tokens, then the greedy or sampled id of each row."""
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence], grammars: list = ()) -> torch.Tensor:
+        """Penalties, logit_bias, tokens banned by min_tokens, the grammars' bitmasks, then the
+        greedy or sampled id of each row."""
         dev = logits.device
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
+        if any(s.params.logit_bias for s in seqs):
+            apply_logit_bias(logits, seqs)
         banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
         if banned:
             rows, cols = zip(*banned)
             logits[list(rows), list(cols)] = float("-inf")
+        if grammars:
+            from deepserve.engine.grammar import apply_bitmask
+            logits = logits.contiguous()
+            apply_bitmask(logits, grammars)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(dim=-1)
         # one copy for the four per-row settings (top_k < 2^24 is exact in fp64), without a sync

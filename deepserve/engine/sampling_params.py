@@ -1,8 +1,49 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
+
+
+@dataclass
+class GuidedDecoding:
+    """Structured output: exactly one of json / regex / choice / grammar / json_object
+    (vLLM's StructuredOutputsParams). The grammar engine compiles it into `compiled`."""
+
+    json: Optional[Union[str, dict]] = None
+    """A JSON schema (object or its text) the output must satisfy."""
+    regex: Optional[str] = None
+    """A regular expression the whole output must match."""
+    choice: Optional[list[str]] = None
+    """The output is exactly one of these strings."""
+    grammar: Optional[str] = None
+    """An EBNF (GBNF) grammar the output must follow."""
+    json_object: bool = False
+    """Any JSON object (response_format json_object)."""
+    start_after_token: Optional[int] = None
+    """Leave the output free until this token is generated (a reasoning model's </think>)."""
+    compiled: Any = field(default=None, repr=False, compare=False)
+    """The compiled grammar (engine/grammar.py), set before the request runs."""
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output needs exactly one of json, regex, choice, grammar, "
+                             f"json_object; got {', '.join(given) or 'none'}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"guided_choice must be a non-empty list of strings, got {self.choice!r}")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"guided_json is not valid JSON: {exc}") from None
+
+    def key(self) -> tuple:
+        """What identifies the compiled grammar (cache key)."""
+        schema = self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json, sort_keys=True)
+        return (schema, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object)
 
 
 @dataclass
@@ -40,6 +81,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
+    """Keep the stop string that ended generation in the text."""
+    prompt_logprobs: Optional[int] = None
+    """Return the log-probability of every prompt token (the first has none) and of this many
+    most likely tokens at each prompt position."""
+    logit_bias: Optional[dict[int, float]] = None
+    """Added to the logits of these token ids before sampling (OpenAI's logit_bias, -100..100)."""
+    guided: Optional[GuidedDecoding] = None
+    """Structured output: the tokens are constrained by a grammar."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -70,6 +119,16 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        if self.logit_bias:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not -100 <= b <= 100), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias must map token ids >= 0 to values in [-100, 100], got "
+                                 f"{bad[0]}: {bad[1]}")
+        else:
+            self.logit_bias = None
 
     @property
     def greedy(self) -> bool:
@@ -79,3 +138,10 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_host_history(self) -> bool:
+        """Sampling reads the tokens generated so far on the host (penalties, min_tokens, the
+        grammar's state) or hands logprobs back: async scheduling runs such steps synchronously."""
+        return (self.logprobs is not None or self.has_penalties or self.min_tokens > 0
+                or self.guided is not None)

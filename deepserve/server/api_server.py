@@ -10,6 +10,7 @@ children are spawned). When the socket is bound the server prints one line with 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -25,6 +26,7 @@ from deepserve.server.app import build_app
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.serving_common import ServerSettings, ServerState
+from deepserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deepserve")
 
@@ -98,18 +100,51 @@ class _Server(uvicorn.Server):
             captured.clear()
 
 
+# generation_config.json keys that become request defaults (vLLM's --generation-config auto)
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(generation_config: str, model: str) -> dict:
+    """Sampling defaults for requests that leave fields out: `auto` reads the model folder's
+    generation_config.json, `vllm` uses none (vLLM's neutral defaults), anything else is a
+    folder holding a generation_config.json."""
+    if generation_config == "vllm":
+        return {}
+    folder = Path(model) if generation_config == "auto" else Path(generation_config)
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if generation_config != "auto":
+            raise FileNotFoundError(f"--generation-config {generation_config}: {path} not found")
+        return {}
+    data = json.loads(path.read_text())
+    defaults = {ours: data[theirs] for theirs, ours in GENERATION_KEYS.items() if data.get(theirs) is not None}
+    if defaults:
+        logger.info("request defaults from %s: %s (--generation-config vllm to ignore them)", path,
+                    ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    return defaults
+
+
 def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
                 reasoning_parser: Optional[str] = None, api_key: Optional[str] = None,
-                max_body_bytes: int = 8 * 1024 * 1024) -> ServerState:
+                max_body_bytes: int = 8 * 1024 * 1024, generation_config: str = "auto",
+                enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> ServerState:
     if reasoning_parser is not None and reasoning_parser not in PARSERS:
         raise ValueError(f"unknown --reasoning-parser {reasoning_parser!r}; choose from {', '.join(PARSERS)}")
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"unknown --tool-call-parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}")
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
+    defaults = generation_defaults(generation_config, str(engine_args.model))
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     engine = LLMEngine(engine_args)
     load_chat_template(engine, chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_key=api_key or None, reasoning_parser=reasoning_parser,
-                              max_body_bytes=max_body_bytes, created=int(time.time()))
+                              max_body_bytes=max_body_bytes, created=int(time.time()),
+                              generation_defaults=defaults, tool_call_parser=tool_call_parser,
+                              enable_auto_tool_choice=enable_auto_tool_choice)
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
     llm.listener = metrics

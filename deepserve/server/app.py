@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepserve import __version__
 from deepserve.server.errors import APIError, error_body, error_response
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
-from deepserve.server.serving_chat import create_chat_completion
+from deepserve.server.serving_chat import create_chat_completion, render_messages
 from deepserve.server.serving_common import ServerState, parse_request
 from deepserve.server.serving_completions import create_completion
 
@@ -114,12 +114,8 @@ def build_app(state: ServerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
-            try:
-                text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
-                                               add_generation_prompt=req.add_generation_prompt)
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="messages") from None
-            ids = tok.encode(text, add_special_tokens=False)
+            _, ids = render_messages(state, req.messages, req.tools, req.add_generation_prompt,
+                                     req.chat_template_kwargs)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body = {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids}

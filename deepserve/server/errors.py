@@ -70,12 +70,13 @@ def from_validation_error(exc: ValidationError) -> APIError:
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
-                    "logprobs", "top_logprobs", "prompt", "messages", "max_completion_tokens")
+                    "logprobs", "top_logprobs", "prompt", "messages", "max_completion_tokens", "logit_bias",
+                    "prompt_logprobs", "structured_outputs", "guided_json", "guided_choice", "response_format")
 
 
 def from_value_error(exc: ValueError) -> APIError:
     """A range error from SamplingParams/the engine as a 400; the message starts with the field."""
     message = str(exc)
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].rstrip(":")
     param = first if first in _SAMPLING_FIELDS else None
     return APIError(400, message, param=param, code="invalid_value")

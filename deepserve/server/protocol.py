@@ -1,10 +1,11 @@
 """The wire protocol: pydantic models for OpenAI's completions and chat requests (plus vLLM's
-extra sampling fields) and the converters to SamplingParams.
+extra sampling and structured-output fields) and the converters to SamplingParams.
 
 Types are checked by pydantic (a string where a number belongs is a 400); value ranges are
-checked once, by SamplingParams, whose messages name the field and the value. Unknown fields
-are accepted and ignored, as OpenAI-compatible servers do, so clients that send newer
-fields keep working.
+checked once, by SamplingParams, whose messages name the field and the value. Nothing is
+ignored silently: a field this server does not implement, known (OpenAI's `audio`, vLLM's
+`use_beam_search`, ...) or not, is a 400 naming it (`unsupported_field`); only a field sent
+as null or false, which asks for nothing, passes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
 
 
 def random_id(prefix: str) -> str:
@@ -22,9 +23,61 @@ def random_id(prefix: str) -> str:
 
 
 class _Strict(BaseModel):
-    """Strict types (no "0.5" for a number); unknown fields are kept and ignored."""
+    """Strict types (no "0.5" for a number); fields not declared are kept for `unsupported_field`."""
 
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+# why some well-known fields are refused (the rest get a generic message)
+_WHY_NOT = {
+    "functions": "use tools", "function_call": "use tool_choice",
+    "use_beam_search": "beam search is not implemented", "best_of": "only best_of == n is supported",
+    "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
+    "allowed_token_ids": "use logit_bias", "bad_words": "use logit_bias",
+    "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
+}
+
+
+def unsupported_field(model: BaseModel, path: str = "") -> Optional[tuple[str, str]]:
+    """(field path, message) of the first field sent that this server does not implement,
+    searching nested models; None when every field is implemented."""
+    for name, value in (model.model_extra or {}).items():
+        if value is not None and value is not False:
+            where = f"{path}{name}"
+            why = _WHY_NOT.get(name, "")
+            return where, f"{where} is not supported by this server" + (f" ({why})" if why else "")
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                sub = f"{path}{name}[{i}]." if isinstance(value, list) else f"{path}{name}."
+                found = unsupported_field(item, sub)
+                if found:
+                    return found
+    return None
+
+
+class JsonSchemaFormat(_Strict):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` field (StructuredOutputsParams)."""
+
+    json_: Optional[Union[str, dict[str, Any]]] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
 
 
 class StreamOptions(_Strict):
@@ -55,19 +108,66 @@ class _SamplingFields(_Strict):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[str, float]] = None
+    prompt_logprobs: Optional[int] = None
+    priority: int = 0
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[StructuredOutputs] = None
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
-        """Raises ValueError naming the field for out-of-range values."""
+    def guided(self) -> Optional[GuidedDecoding]:
+        """The structured-output request, from whichever field carries it (one at most)."""
+        specs = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            specs.append(("response_format", GuidedDecoding(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            specs.append(("response_format", GuidedDecoding(json=rf.json_schema.schema_)))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                specs.append((name, GuidedDecoding(**{kind: getattr(self, name)})))
+        so = self.structured_outputs
+        if so is not None:
+            specs.append(("structured_outputs", GuidedDecoding(json=so.json_, regex=so.regex, choice=so.choice,
+                                                               grammar=so.grammar, json_object=bool(so.json_object))))
+        if len(specs) > 1:
+            raise ValueError(f"structured_outputs: give one of {', '.join(n for n, _ in specs)}, not several")
+        return specs[0][1] if specs else None
+
+    def token_bias(self) -> Optional[dict[int, float]]:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)}") from None
+
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                        defaults: Optional[dict] = None) -> SamplingParams:
+        """Raises ValueError naming the field for out-of-range values. `defaults`: the
+        model's generation config (temperature, top_p, top_k, min_p, repetition_penalty),
+        used where the request leaves a field out."""
+        d = defaults or {}
+
+        def pick(name: str, fallback):
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
         return SamplingParams(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
@@ -76,6 +176,9 @@ class _SamplingFields(_Strict):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.prompt_logprobs,
+            logit_bias=self.token_bias(),
+            guided=self.guided(),
         )
 
 
@@ -89,6 +192,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+    add_special_tokens: bool = True
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts (each a string or a token-id list)."""
@@ -107,10 +211,37 @@ class ContentPart(_Strict):
     text: Optional[str] = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+
+    def template_dict(self) -> dict:
+        """The message as chat templates see it (transformers' shape): only the keys sent;
+        content None stays None beside tool calls (R1's template tests for it)."""
+        msg: dict = {"role": self.role}
+        msg["content"] = None if self.content is None and self.tool_calls else self.text()
+        if self.tool_calls:
+            msg["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                msg[key] = getattr(self, key)
+        return msg
 
     def text(self) -> str:
         if self.content is None:
@@ -125,6 +256,27 @@ class ChatMessage(_Strict):
         return "".join(parts)
 
 
+class FunctionDef(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = None
@@ -132,7 +284,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
 
     def max_new_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -152,6 +309,8 @@ class TokenizeRequest(_Strict):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -1,21 +1,35 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat template (or
---chat-template), n samples, logprobs/top_logprobs, streaming deltas, usage, and with
---reasoning-parser the R1 split into `reasoning_content` (and `reasoning`, the newer name)
-and `content`, the same way streamed and not.
+"""POST /v1/chat/completions: messages (assistant `tool_calls` and `tool` messages included) and
+`tools` rendered with the model's chat template (or --chat-template), n samples,
+logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
+
+- with --reasoning-parser the R1 split into `reasoning_content` (and `reasoning`, the newer
+  name) and `content`, the same way streamed and not;
+- tool calls: `tool_choice` auto (needs --enable-auto-tool-choice and --tool-call-parser: the
+  parser turns the model's tool-call tokens into `tool_calls`, finish_reason `tool_calls`),
+  required (the output is constrained to a JSON list of {name, parameters} of the given
+  tools) or a named function (the output is constrained to its parameters' schema), and
+  none (tools only reach the template);
+- structured outputs (response_format, guided_*, structured_outputs); with a reasoning
+  parser the grammar starts after `</think>`, so only the answer is constrained.
 """
 from __future__ import annotations
 
+import json
 from typing import AsyncIterator, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.engine.sampling_params import GuidedDecoding
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, now, random_id, usage
-from deepserve.server.reasoning import make_parser
-from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, merge_streams,
-                                             parse_request, sse, until_disconnect)
+from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, now, random_id, usage
+from deepserve.server.reasoning import THINK_END, make_parser
+from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
+                                             merge_streams, parse_request, sampling_params, sse, stream_usage,
+                                             until_disconnect)
+from deepserve.server.serving_completions import vllm_prompt_logprobs
+from deepserve.server.tool_parsers import make_tool_parser, tool_call_id
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -34,18 +48,39 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int) -> di
     return {"content": content}
 
 
-def render_messages(state: ServerState, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+def render_messages(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
+                    template_kwargs: Optional[dict] = None,
+                    add_special_tokens: bool = False) -> tuple[str, list[int]]:
+    """The prompt text and ids, as transformers' apply_chat_template renders them."""
     tok = state.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
+    extra = dict(template_kwargs or {})
+    if tools:
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     try:
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
-        text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
-                                       **(req.chat_template_kwargs or {}))
-    except ValueError as exc:
+        text = tok.apply_chat_template([m.template_dict() for m in messages],
+                                       add_generation_prompt=add_generation_prompt, **extra)
+    except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return text, tok.encode(text, add_special_tokens=False)
+    return text, tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:
+    """The JSON schema that required / named tool choices constrain the output to."""
+    tools = {t.function.name: t.function for t in req.tools or []}
+    params = lambda f: f.parameters or {"type": "object"}  # noqa: E731
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in tools:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools "
+                                f"({', '.join(tools) or 'none given'})", param="tool_choice")
+        return params(tools[choice.function.name])
+    if choice == "required":
+        items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
+                                                   "parameters": params(f)},
+                  "required": ["name", "parameters"]} for name, f in tools.items()]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    return None
 
 
 class _Prepared:
@@ -54,20 +89,53 @@ class _Prepared:
         max_tokens = req.max_new_tokens()
         try:
             self.top_k = req.num_logprobs()
-            self.params = req.sampling_params(max_tokens, self.top_k)
         except ValueError as exc:
             raise api_error_from(exc) from None
-        self.prompt_text, self.prompt_ids = render_messages(state, req)
+        self.params = sampling_params(state, req, max_tokens, self.top_k)
+        self.prompt_text, self.prompt_ids = render_messages(
+            state, req.messages, req.tools, req.add_generation_prompt, req.chat_template_kwargs,
+            req.add_special_tokens)
+        default_max = state.settings.generation_defaults.get("max_tokens")
+        if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
+            max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
         state.check_length(len(self.prompt_ids), max_tokens, what="messages")
+        self.parser_name = state.settings.reasoning_parser
+        self._tools(state, req)
+        if (self.params.guided is not None and self.parser_name is not None
+                and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
+            # the prompt opened <think>: the grammar holds from </think> on (vLLM's behaviour)
+            self.params.guided.start_after_token = state.tokenizer.tok.token_to_id(THINK_END)
         try:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
         self.id = random_id("chatcmpl")
         self.created = now()
-        self.parser_name = state.settings.reasoning_parser
 
-    def parser(self):
+    def _tools(self, state: ServerState, req: ChatCompletionRequest) -> None:
+        """How the output becomes tool calls: self.tool_mode is None (plain content), "auto"
+        (the tool-call parser), "required" or "named" (constrained JSON)."""
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        self.tool_mode, self.tool_name = None, None
+        if choice == "none":
+            return
+        if not req.tools:
+            raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'} needs tools",
+                           param="tool_choice")
+        if choice == "auto":
+            if not (state.settings.enable_auto_tool_choice and state.settings.tool_call_parser):
+                raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                    "to be set", param="tool_choice")
+            self.tool_mode = "auto"
+            return
+        if self.params.guided is not None:
+            raise APIError(400, "tool_choice required / named cannot be combined with a structured output "
+                                "field", param="tool_choice")
+        self.params.guided = GuidedDecoding(json=_tool_schema(req, choice))
+        self.tool_mode = "named" if isinstance(choice, NamedToolChoice) else "required"
+        self.tool_name = choice.function.name if self.tool_mode == "named" else None
+
+    def reasoning_parser(self):
         return make_parser(self.parser_name, self.prompt_text)
 
     def stream(self, state: ServerState) -> AsyncIterator[RequestOutput]:
@@ -75,26 +143,106 @@ class _Prepared:
         return state.llm.generate(prompt, self.params, self.id)
 
 
+class _ContentSplitter:
+    """One sample's text -> reasoning, content and tool-call deltas, streamed or whole."""
+
+    def __init__(self, prep: _Prepared, tool_call_parser: Optional[str]):
+        self.reasoning = prep.reasoning_parser()
+        self.mode, self.name = prep.tool_mode, prep.tool_name
+        self.tools = make_tool_parser(tool_call_parser) if self.mode == "auto" else None
+        self.constrained = ""          # required / named: the JSON the grammar produced
+        self.named_sent = False
+        self.id = tool_call_id()
+
+    def feed(self, delta: str, final: bool) -> tuple[str, str, list[dict]]:
+        """(reasoning delta, content delta, tool-call deltas)."""
+        reasoning, content = "", delta
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(delta)
+            if final:
+                r2, c2 = self.reasoning.finish()
+                reasoning, content = reasoning + r2, content + c2
+        calls: list[dict] = []
+        if self.tools is not None:
+            content, calls = self.tools.feed(content)
+            if final:
+                c2, calls2 = self.tools.finish()
+                content, calls = content + c2, calls + calls2
+        elif self.mode == "named":
+            self.constrained += content
+            if content or (final and not self.named_sent):
+                call: dict = {"index": 0, "function": {"arguments": content}}
+                if not self.named_sent:
+                    call.update(id=self.id, type="function")
+                    call["function"]["name"] = self.name
+                    self.named_sent = True
+                calls.append(call)
+            content = ""
+        elif self.mode == "required":
+            self.constrained += content
+            content = ""
+            if final:  # the list is only known whole: its calls go out at the end
+                calls = [{"index": i, "id": c["id"], "type": "function", "function": c["function"]}
+                         for i, c in enumerate(self.required_calls())]
+        return reasoning, content, calls
+
+    def required_calls(self) -> list[dict]:
+        try:
+            items = json.loads(self.constrained)
+        except json.JSONDecodeError:  # cut by max_tokens
+            return []
+        return [{"id": tool_call_id(), "type": "function",
+                 "function": {"name": it["name"], "arguments": json.dumps(it["parameters"], ensure_ascii=False)}}
+                for it in items]
+
+    def whole(self, text: str) -> tuple[Optional[str], Optional[str], list[dict]]:
+        """(reasoning, content, tool_calls) of a finished sample."""
+        reasoning, content = None, text
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.parse(text)
+        if self.tools is not None:
+            return (reasoning,) + self.tools.parse(content or "")
+        if self.mode == "named":
+            return reasoning, None, [{"id": self.id, "type": "function",
+                                      "function": {"name": self.name, "arguments": content or ""}}]
+        if self.mode == "required":
+            self.constrained = content or ""
+            return reasoning, None, self.required_calls()
+        return reasoning, content, []
+
+
+def _finish_reason(out: CompletionOutput, mode: Optional[str], called: bool) -> Optional[str]:
+    if out.finish_reason == "stop" and called and mode in ("auto", "required"):
+        return "tool_calls"
+    return out.finish_reason
+
+
 async def create_chat_completion(request: Request, state: ServerState):
     req = await parse_request(request, ChatCompletionRequest, state.settings.max_body_bytes)
     prep = _Prepared(state, req)
+    await compile_grammar(state, prep.params)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
     final: RequestOutput = await until_disconnect(request, _collect(prep, state))
     choices = []
     for out in final.outputs:
-        message: dict = {"role": "assistant", "content": out.text}
-        parser = prep.parser()
-        if parser is not None:
-            reasoning, content = parser.parse(out.text)
-            message.update(content=content, reasoning_content=reasoning, reasoning=reasoning)
+        splitter = _ContentSplitter(prep, state.settings.tool_call_parser)
+        reasoning, content, calls = splitter.whole(out.text)
+        message: dict = {"role": "assistant", "content": content if (content or not calls) else None}
+        if prep.parser_name is not None:
+            message.update(reasoning_content=reasoning, reasoning=reasoning)
+        if prep.tool_mode is not None:
+            message["tool_calls"] = calls
         logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k) if prep.top_k is not None else None
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+                        "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
+                        "stop_reason": out.stop_reason})
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
-    return JSONResponse({"id": prep.id, "object": "chat.completion", "created": prep.created,
-                         "model": prep.model, "choices": choices,
-                         "usage": usage(len(prep.prompt_ids), completion_tokens)})
+    body = {"id": prep.id, "object": "chat.completion", "created": prep.created, "model": prep.model,
+            "choices": choices, "usage": usage(len(prep.prompt_ids), completion_tokens)}
+    if req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = vllm_prompt_logprobs(final)
+    return JSONResponse(body)
 
 
 async def _collect(prep: _Prepared, state: ServerState) -> RequestOutput:
@@ -109,52 +257,55 @@ async def _collect(prep: _Prepared, state: ServerState) -> RequestOutput:
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepared) -> AsyncIterator[dict]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = prep.params.n
+    generated = [0] * n
 
-    def chunk(choices: list[dict], usage_info: Optional[dict] = None) -> dict:
+    def chunk(choices: list[dict], final: bool = False) -> dict:
         body = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
                 "model": prep.model, "choices": choices}
         if include_usage:
-            body["usage"] = usage_info
+            body["usage"] = stream_usage(req, len(prep.prompt_ids), sum(generated), final)
         return body
 
-    n = prep.params.n
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(n)])
-    parsers = [prep.parser() for _ in range(n)]
+    splitters = [_ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
+    called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n
     done = [False] * n
-    completion_tokens = 0
+    first = True
     async for _, res in merge_streams([prep.stream(state)]):
         choices = []
         for out in res.outputs:
             i = out.index
             if done[i]:
                 continue
-            delta_text = out.text[sent_text[i]:]
+            final = out.finish_reason is not None
+            reasoning, content, calls = splitters[i].feed(out.text[sent_text[i]:], final)
             delta: dict = {}
-            parser = parsers[i]
-            if parser is not None:
-                reasoning, content = parser.feed(delta_text)
-                if out.finish_reason is not None:
-                    r2, c2 = parser.finish()
-                    reasoning, content = reasoning + r2, content + c2
-                if reasoning:
-                    delta.update(reasoning_content=reasoning, reasoning=reasoning)
-                if content:
-                    delta["content"] = content
-            elif delta_text:
-                delta["content"] = delta_text
+            if reasoning:
+                delta.update(reasoning_content=reasoning, reasoning=reasoning)
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = calls
+                called[i] = True
             logprobs = None
             if prep.top_k is not None and len(out.token_ids) > sent_tokens[i]:
                 logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k)
             sent_text[i], sent_tokens[i] = len(out.text), len(out.token_ids)
-            if out.finish_reason is not None:
-                done[i] = True
-                completion_tokens += len(out.token_ids)
-            if delta or logprobs or out.finish_reason is not None:
-                choices.append({"index": i, "delta": delta, "logprobs": logprobs,
-                                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+            generated[i] = len(out.token_ids)
+            done[i] = final
+            if delta or logprobs or final:
+                choice = {"index": i, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": _finish_reason(out, prep.tool_mode, called[i]),
+                          "stop_reason": out.stop_reason}
+                choices.append(choice)
         if choices:
-            yield chunk(choices)
+            body = chunk(choices)
+            if first and req.prompt_logprobs is not None:
+                body["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            first = False
+            yield body
     if include_usage:
-        yield chunk([], usage(len(prep.prompt_ids), completion_tokens))
+        yield chunk([], final=True)

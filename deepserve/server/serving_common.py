@@ -1,6 +1,8 @@
 """What both generation endpoints share: the server state, reading and checking a request
-body, the context-length check, mapping engine exceptions to API errors, running several
-engine requests as one stream, and SSE framing that ends every stream cleanly.
+body (unsupported fields refused), the context-length check, sampling parameters with the
+model's generation-config defaults, structured-output grammars compiled off the event loop,
+mapping engine exceptions to API errors, running several engine requests as one stream, and
+SSE framing that ends every stream cleanly.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from starlette.responses import StreamingResponse
 
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.llm_engine import RequestError
+from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
+from deepserve.server.protocol import unsupported_field, usage
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,6 +35,10 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     retry_after_s: int = 1
     created: int = 0
+    # the model's generation_config.json sampling defaults (--generation-config auto)
+    generation_defaults: dict = field(default_factory=dict)
+    tool_call_parser: Optional[str] = None
+    enable_auto_tool_choice: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -84,9 +92,51 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
-        return model.model_validate_json(body)
+        req = model.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    found = unsupported_field(req)
+    if found is not None:
+        raise APIError(400, found[1], param=found[0], code="unsupported_field")
+    if getattr(req, "priority", 0):
+        raise APIError(400, f"priority {req.priority} is not supported: requests are scheduled first come, "
+                            "first served (no --scheduling-policy priority)", param="priority",
+                       code="unsupported_field")
+    return req
+
+
+def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    """The request's SamplingParams over the model's defaults; 400 naming a bad field."""
+    try:
+        params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)
+    except ValueError as exc:
+        raise api_error_from(exc) from None
+    bad = next((t for t in (params.logit_bias or {}) if t >= state.llm.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",
+                       param="logit_bias", code="invalid_value")
+    return params
+
+
+async def compile_grammar(state: ServerState, params: SamplingParams) -> None:
+    """Compile a structured-output request's grammar in a worker thread (the engine thread
+    would otherwise stall every running request while it compiles); 400 for a bad spec."""
+    engine = getattr(state.llm, "engine", None)
+    if params.guided is None or params.guided.compiled is not None or engine is None:
+        return
+    try:
+        await asyncio.to_thread(lambda: engine.grammar_compiler().compile(params.guided))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="response_format", code="invalid_value") from None
+
+
+def stream_usage(req, prompt_tokens: int, completion_tokens: int, final: bool) -> Optional[dict]:
+    """The usage a stream chunk carries: on the last chunk with include_usage, on every chunk
+    with continuous_usage_stats too (None: leave it out)."""
+    opts = req.stream_options
+    if opts is None or not opts.include_usage or not (final or opts.continuous_usage_stats):
+        return None
+    return usage(prompt_tokens, completion_tokens)
 
 
 def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:

@@ -1,7 +1,12 @@
 """POST /v1/completions: one engine request per prompt (string, list of strings, token ids or
 lists of token ids), each with n samples; choices are numbered prompt * n + sample as
 OpenAI does. Streams as SSE with per-choice text deltas, optional logprobs, a final usage
-chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
+chunk when `stream_options.include_usage` is set (on every chunk with
+`continuous_usage_stats`), then `data: [DONE]`.
+
+`echo` with `logprobs` returns the prompt tokens' logprobs first (the first token's is None),
+then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. vLLM's
+`prompt_logprobs` puts vLLM's per-position dicts in each choice.
 """
 from __future__ import annotations
 
@@ -13,8 +18,40 @@ from fastapi.responses import JSONResponse
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, now, random_id, usage
-from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, merge_streams,
-                                             parse_request, sse, until_disconnect)
+from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
+                                             merge_streams, parse_request, sampling_params, sse, stream_usage,
+                                             until_disconnect)
+
+
+def _legacy_entry(entry: dict, tid: int, top_k: int) -> dict:
+    return {lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank <= top_k or t == tid}
+
+
+def echo_logprobs(res: RequestOutput, top_k: int, decode) -> dict:
+    """The legacy logprobs object of the prompt (echo): the first token has no logprob."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = 0
+    for tid, entry in zip(res.prompt_token_ids, res.prompt_logprobs or []):
+        if entry is None:
+            text, lp, top = decode(tid), None, None
+        else:
+            text, lp, top = entry[tid].decoded_token, entry[tid].logprob, _legacy_entry(entry, tid, top_k)
+        tokens.append(text)
+        token_logprobs.append(lp)
+        top_logprobs.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
+    """vLLM's `prompt_logprobs` field: per prompt position None or {token id: {logprob, rank,
+    decoded_token}}."""
+    if res.prompt_logprobs is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in res.prompt_logprobs]
 
 
 def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
@@ -25,8 +62,7 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
         chosen = entry[tid]
         tokens.append(chosen.decoded_token)
         token_logprobs.append(chosen.logprob)
-        top_logprobs.append({lp.decoded_token: lp.logprob for t, lp in entry.items()
-                             if lp.rank <= top_k or t == tid})
+        top_logprobs.append(_legacy_entry(entry, tid, top_k))
         offsets.append(text_offset)
         text_offset += len(chosen.decoded_token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -40,21 +76,21 @@ class _Prepared:
             raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not "
-                                "compute; drop one of them", param="echo")
         try:
             prompts = req.prompts()
-            self.params = req.sampling_params(req.max_tokens, req.logprobs)
         except ValueError as exc:
             raise api_error_from(exc) from None
+        self.params = sampling_params(state, req, req.max_tokens, req.logprobs)
+        self.echo_logprobs = req.echo and req.logprobs is not None
+        if self.echo_logprobs:
+            self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
         tok = state.tokenizer
         self.prompts: list[dict] = []
         for p in prompts:
             if isinstance(p, str):
                 if tok is None:
                     raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-                ids = tok.encode(p)
+                ids = tok.encode(p, add_special_tokens=req.add_special_tokens)
                 self.prompts.append({"prompt": p, "prompt_token_ids": ids})
             else:
                 bad = next((t for t in p if not 0 <= t < state.llm.vocab_size), None)
@@ -71,6 +107,10 @@ class _Prepared:
         self.created = now()
         self.n = req.n
 
+    def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int) -> dict:
+        decode = (lambda t: state.tokenizer.decode([t], False)) if state.tokenizer else str
+        return echo_logprobs(res, top_k, decode)
+
     def prompt_text(self, state: ServerState, i: int) -> str:
         p = self.prompts[i]
         if p["prompt"] is not None:
@@ -84,6 +124,7 @@ class _Prepared:
 async def create_completion(request: Request, state: ServerState):
     req = await parse_request(request, CompletionRequest, state.settings.max_body_bytes)
     prep = _Prepared(state, req)
+    await compile_grammar(state, prep.params)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
     finals: dict[int, RequestOutput] = await until_disconnect(request, _collect(prep, state))
@@ -93,15 +134,24 @@ async def create_completion(request: Request, state: ServerState):
         prefix = prep.prompt_text(state, i) if req.echo else ""
         for out in res.outputs:
             completion_tokens += len(out.token_ids)
-            logprobs = (completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix))
-                        if req.logprobs is not None else None)
-            choices.append({"index": i * prep.n + out.index, "text": prefix + out.text,
-                            "logprobs": logprobs, "finish_reason": out.finish_reason,
-                            "stop_reason": out.stop_reason})
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix))
+                if prep.echo_logprobs:
+                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs), logprobs)
+            choice = {"index": i * prep.n + out.index, "text": prefix + out.text,
+                      "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            choices.append(choice)
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
     return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
                          "model": prep.model, "choices": choices,
                          "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def _joined(first: dict, second: dict) -> dict:
+    return {k: first[k] + second[k] for k in first}
 
 
 async def _collect(prep: _Prepared, state: ServerState) -> dict[int, RequestOutput]:
@@ -120,13 +170,14 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     sent_tokens: dict[int, int] = {}
     offsets: dict[int, int] = {}
     finished: set[int] = set()
-    completion_tokens = 0
+    generated: dict[int, int] = {}
+    prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
 
-    def chunk(choices: list[dict], usage_info: Optional[dict] = None) -> dict:
+    def chunk(choices: list[dict], final: bool = False) -> dict:
         body = {"id": prep.id, "object": "text_completion", "created": prep.created,
                 "model": prep.model, "choices": choices}
         if include_usage:
-            body["usage"] = usage_info
+            body["usage"] = stream_usage(req, prompt_tokens, sum(generated.values()), final)
         return body
 
     async for i, res in merge_streams(prep.streams(state)):
@@ -136,7 +187,8 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             if idx in finished:
                 continue
             text = ""
-            if idx not in sent_text:  # first chunk of this choice: the echoed prompt
+            first = idx not in sent_text
+            if first:  # first chunk of this choice: the echoed prompt
                 sent_text[idx], sent_tokens[idx] = 0, 0
                 text = prep.prompt_text(state, i) if req.echo else ""
                 offsets[idx] = len(text)
@@ -146,16 +198,20 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             if req.logprobs is not None:
                 logprobs = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs, offsets[idx])
                 offsets[idx] += sum(len(t) for t in logprobs["tokens"])
+                if first and prep.echo_logprobs:
+                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs), logprobs)
             if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
                 continue
             sent_text[idx], sent_tokens[idx] = len(out.text), n_tok
+            generated[idx] = n_tok
             if out.finish_reason is not None:
                 finished.add(idx)
-                completion_tokens += n_tok
-            choices.append({"index": idx, "text": text, "logprobs": logprobs,
-                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
+            choice = {"index": idx, "text": text, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            if first and req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            choices.append(choice)
         if choices:
             yield chunk(choices)
     if include_usage:
-        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
-        yield chunk([], usage(prompt_tokens, completion_tokens))
+        yield chunk([], final=True)

@@ -1,0 +1,113 @@
+"""Structured outputs through xgrammar: a request's JSON schema, regex, choice list or EBNF
+grammar is compiled once per tokenizer (xgrammar caches compiled grammars), each sequence
+walks it with its own matcher, and the sampler masks the logits of the constrained rows with
+the matchers' token bitmasks (32 tokens per int32 word).
+
+xgrammar (Apache-2.0, the engine vLLM and SGLang default to) was picked over llguidance and
+outlines-core because its wheel installs on CPU-only machines and works with the CPU torch
+build, it compiles JSON schemas with a persistent cache, and its bitmask kernels cover CPU
+(C++) and CUDA (Triton/CUDA) alike. JSON is generated compact (no free whitespace between
+tokens), so a model cannot pad its answer with endless blanks.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Optional
+
+import torch
+
+from deepserve.engine.input_staging import to_device_async
+from deepserve.engine.sampling_params import GuidedDecoding
+
+
+def _xgr():
+    import xgrammar  # imported on the first structured request: it pulls in transformers (~2 s)
+    return xgrammar
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF whose only sentences are the given strings."""
+    def literal(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return "root ::= " + " | ".join(literal(c) for c in choices)
+
+
+class GrammarCompiler:
+    """Compiles GuidedDecoding specs for one tokenizer and one logits width (thread-safe)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._compiler is None:
+                xgr = _xgr()
+                tok = self.tokenizer.tok  # the `tokenizers` object
+                vocab = [""] * self.vocab_size
+                for text, idx in tok.get_vocab(with_added_tokens=True).items():
+                    if idx < self.vocab_size:
+                        vocab[idx] = text
+                meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())
+                info = xgr.TokenizerInfo(vocab, vocab_type=meta["vocab_type"], vocab_size=self.vocab_size,
+                                         stop_token_ids=self.eos_token_ids,
+                                         add_prefix_space=meta["add_prefix_space"])
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def compile(self, spec: GuidedDecoding):
+        """The compiled grammar of `spec` (also stored on it); ValueError for a bad spec."""
+        compiler = self._get()
+        try:
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                compiled = compiler.compile_json_schema(schema, any_whitespace=False)
+            elif spec.json_object:  # OpenAI's json_object: an object, not any JSON value
+                compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            elif spec.regex is not None:
+                compiled = compiler.compile_regex(spec.regex)
+            elif spec.choice is not None:
+                compiled = compiler.compile_grammar(choice_grammar(spec.choice))
+            else:
+                compiled = compiler.compile_grammar(spec.grammar)
+        except RuntimeError as exc:  # xgrammar reports bad schemas / grammars as RuntimeError
+            kind = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(spec, k))
+            raise ValueError(f"the {kind} structured-output spec does not compile: {exc}") from None
+        spec.compiled = compiled
+        return compiled
+
+
+class GrammarState:
+    """One sequence's position in its grammar; inactive until `start_after_token` is seen."""
+
+    def __init__(self, spec: GuidedDecoding):
+        self.matcher = _xgr().GrammarMatcher(spec.compiled)
+        self.start_after = spec.start_after_token
+        self.active = spec.start_after_token is None
+
+    def accept(self, token: int) -> None:
+        if not self.active:
+            self.active = token == self.start_after
+        elif not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+
+def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
+    """Mask, in place, the rows of `logits` [N, V] whose grammar is active. Rows without one
+    are untouched and cost nothing; the bitmask goes to the device without a sync."""
+    rows = [(i, st) for i, st in states if st.active and not st.matcher.is_terminated()]
+    if not rows:
+        return
+    xgr = _xgr()
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    for i, st in rows:
+        st.matcher.fill_next_token_bitmask(bitmask, i)
+    bitmask = to_device_async(bitmask, torch.int32, logits.device)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[i for i, _ in rows])
+
+
+def make_compiler(tokenizer, vocab_size: int, eos_token_ids) -> Optional[GrammarCompiler]:
+    return GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None

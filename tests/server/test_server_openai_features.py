@@ -1,0 +1,214 @@
+"""The API features agents and evaluation harnesses use, with the official `openai` client
+against `deepserve serve` on the demo model: unsupported fields refused, logit_bias, echo +
+logprobs and prompt_logprobs against transformers' log_softmax (fp32), chat top_logprobs,
+continuous usage stats, structured outputs (JSON schema, choice, regex) that must parse and
+validate, and the demo model's own chat template."""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY
+
+from deepserve.config import DEMO_MODEL
+
+PROMPT = "Once upon a time, there was a little girl named Lily"
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs():
+    """log_softmax of transformers' Llama on the demo model (fp32): ids -> [len, V]."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+
+    def run(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return run
+
+
+def tokenize(server, text: str) -> list[int]:
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers={"Authorization": f"Bearer {API_KEY}"})
+    return r.json()["tokens"]
+
+
+def expect_400(fn, param: str) -> str:
+    with pytest.raises(openai.BadRequestError) as info:
+        fn()
+    err = info.value.body
+    assert err["param"] == param, err
+    return err["message"]
+
+
+# --------------------------------------------------------------------------- no silent ignores
+def test_unimplemented_fields_are_refused(client):
+    base = dict(model="stories260k", prompt=PROMPT, max_tokens=2)
+    msg = expect_400(lambda: client.completions.create(**base, extra_body={"use_beam_search": True}),
+                     "use_beam_search")
+    assert "not supported" in msg
+    expect_400(lambda: client.completions.create(**base, extra_body={"some_new_field": 1}), "some_new_field")
+    expect_400(lambda: client.chat.completions.create(
+        model="stories260k", messages=[{"role": "user", "content": "hi", "audio": {"id": "x"}}]), "messages[0].audio")
+    expect_400(lambda: client.completions.create(**base, extra_body={"priority": 3}), "priority")
+    # null / false asks for nothing, and the fields vLLM clients send are implemented
+    r = client.completions.create(**base, user="u1", extra_body={"use_beam_search": False, "functions": None,
+                                                                 "top_k": 5, "min_p": 0.05, "priority": 0})
+    assert r.choices[0].text
+
+
+# --------------------------------------------------------------------------- logit_bias
+def test_logit_bias_forces_and_bans(client, demo_server):
+    forced = tokenize(demo_server, " dragon")[-1]
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=4, temperature=1.0, seed=3,
+                                  logprobs=0, logit_bias={str(forced): 100})
+    text = httpx.post(demo_server.url + "/detokenize", json={"tokens": [forced] * 4}).json()["prompt"]
+    assert r.choices[0].text == text
+    greedy = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=1, temperature=0)
+    top = tokenize(demo_server, PROMPT + greedy.choices[0].text)[-1]
+    banned = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=1, temperature=0,
+                                       logit_bias={str(top): -100})
+    assert banned.choices[0].text != greedy.choices[0].text
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT, logit_bias={"512": 5}),
+               "logit_bias")
+
+
+# --------------------------------------------------------------------------- logprobs
+def test_echo_logprobs_equal_transformers(client, demo_server, hf_logprobs):
+    ids = tokenize(demo_server, PROMPT)
+    r = client.completions.create(model="stories260k", prompt=ids, max_tokens=1, temperature=0, logprobs=2,
+                                  echo=True)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = hf_logprobs(ids)
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
+        assert max(lp.top_logprobs[pos].values()) == pytest.approx(ref[pos - 1].max().item(), abs=1e-4)
+    assert lp.token_logprobs[-1] == pytest.approx(ref[-1].max().item(), abs=1e-4)   # the greedy token
+    assert r.choices[0].text.startswith(PROMPT)
+
+
+def test_prompt_logprobs_shape(client, demo_server, hf_logprobs):
+    ids = tokenize(demo_server, PROMPT)
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 3})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    ref = hf_logprobs(ids)
+    for pos in range(1, len(ids)):
+        entry = plp[pos]
+        assert {e["rank"] for e in entry.values()} >= {1, 2, 3} and len(entry) in (3, 4)
+        assert entry[str(ids[pos])]["logprob"] == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
+
+
+def test_chat_top_logprobs(client, demo_server, hf_logprobs):
+    messages = [{"role": "user", "content": PROMPT}]
+    r = client.chat.completions.create(model="stories260k", messages=messages, max_tokens=3, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    prompt = httpx.post(demo_server.url + "/tokenize", json={"messages": messages},
+                        headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
+    ref = hf_logprobs(prompt)[-1]
+    first = r.choices[0].logprobs.content[0]
+    assert first.logprob == pytest.approx(ref.max().item(), abs=1e-4)
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_continuous_usage_stats(client):
+    chunks = list(client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=6, stream=True,
+                                            temperature=0, stream_options={"include_usage": True,
+                                                                           "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None and c.usage.prompt_tokens > 0 for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts)) > 2
+
+
+# --------------------------------------------------------------------------- structured outputs
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "mood": {"type": "string", "enum": ["happy", "sad", "brave"]},
+                         "age": {"type": "integer", "minimum": 1, "maximum": 120},
+                         "pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]},
+                                                                  "legs": {"type": "integer", "minimum": 0,
+                                                                           "maximum": 4}},
+                                 "required": ["kind", "legs"], "additionalProperties": False}},
+          "required": ["name", "mood", "age", "pet"]}
+
+
+def test_json_schema_output_validates_on_20_seeds(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = client.chat.completions.create(
+        model="stories260k", messages=[{"role": "user", "content": PROMPT}], n=20, seed=7, temperature=1.0,
+        max_tokens=100, response_format={"type": "json_schema",
+                                         "json_schema": {"name": "kid", "schema": SCHEMA, "strict": True}})
+    assert len(r.choices) == 20
+    for choice in r.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    assert len({c.message.content for c in r.choices}) > 5   # sampled, not one fixed answer
+
+
+def test_choice_regex_and_json_object(client):
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=10, n=6, seed=1,
+                                  extra_body={"guided_choice": ["yes", "no", "maybe so"]})
+    assert {c.text for c in r.choices} <= {"yes", "no", "maybe so"}
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=30, n=4, seed=2,
+                                  extra_body={"structured_outputs": {"regex": "[a-c]{2,5}-[0-9]{3}"}})
+    assert all(re.fullmatch("[a-c]{2,5}-[0-9]{3}", c.text) for c in r.choices), [c.text for c in r.choices]
+    r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": PROMPT}],
+                                       max_tokens=60, seed=5, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:
+        assert r.choices[0].message.content.startswith("{")
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT,
+                                                 extra_body={"guided_regex": "a", "guided_choice": ["b"]}),
+               "structured_outputs")
+
+
+def test_bad_schema_is_a_400(client):
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT,
+                                                 extra_body={"guided_json": {"type": "object", "minProperties": "x"}}),
+               "response_format")
+
+
+# --------------------------------------------------------------------------- demo chat template
+def test_demo_model_ships_a_chat_template():
+    from deepserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(DEMO_MODEL)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be kind."},
+                                    {"role": "user", "content": "Once upon a time"}])
+    assert text == "<s>Be kind.\nOnce upon a time"
+
+
+# --------------------------------------------------------------------------- lm-eval loglikelihood
+def test_lm_eval_local_completions_loglikelihood(demo_server, hf_logprobs, monkeypatch):
+    """lm-eval's own API client (echo + logprobs=1, max_tokens=1 on token-id prompts) scores
+    continuations; the sums must equal transformers' log_softmax over the same tokens."""
+    pytest.importorskip("tenacity")   # lm-eval's [api] extra
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    lm = LocalCompletionsAPI(base_url=demo_server.v1 + "/completions", model="stories260k",
+                             tokenizer_backend="huggingface", tokenizer=DEMO_MODEL, num_concurrent=1,
+                             max_retries=1)
+    pairs = [("Once upon a time, there was a little", " girl"),
+             ("The cat sat on the", " mat and looked at the dog.")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+    results = lm.loglikelihood(requests)
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        ctx, whole = lm.tok_encode(context), lm.tok_encode(context + continuation)
+        ref = hf_logprobs(whole)
+        expected = sum(ref[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == all(ref[i - 1].argmax().item() == whole[i] for i in range(len(ctx), len(whole)))

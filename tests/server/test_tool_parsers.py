@@ -1,0 +1,92 @@
+"""The deepseek_v3 / deepseek_v31 tool-call parsers on canned R1 outputs: the calls text is
+R1's own chat template rendering of assistant tool calls, so the parser reads exactly the
+format the model was trained to write. Streamed (chunked at every split point) and whole
+parses must agree."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import R1_TOKENIZER
+
+from deepserve.engine.tokenizer import Tokenizer
+from deepserve.server.tool_parsers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser
+
+CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
+         ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
+
+
+def r1_calls_text(calls, content=None) -> str:
+    """What R1 writes after `<｜Assistant｜>` for these calls, from its chat template."""
+    if not R1_TOKENIZER.is_dir():
+        pytest.skip(f"{R1_TOKENIZER} not found")
+    tok = Tokenizer(R1_TOKENIZER)
+    msg = {"role": "assistant", "content": content,
+           "tool_calls": [{"type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+                          for n, a in calls]}
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, msg], add_generation_prompt=False)
+    body = text.split("<｜Assistant｜>", 1)[1]
+    assert body.endswith("<｜end▁of▁sentence｜>")
+    return body[:-len("<｜end▁of▁sentence｜>")]
+
+
+def streamed(text: str, chunk: int, variant: str = "deepseek_v3"):
+    """(content, tool calls) assembled from the streaming deltas, OpenAI-client style."""
+    p = DeepSeekToolParser(variant)
+    content, calls = "", {}
+    pieces = [text[i:i + chunk] for i in range(0, len(text), chunk)]
+    for piece in pieces:
+        c, deltas = p.feed(piece)
+        content += c
+        for d in deltas:
+            call = calls.setdefault(d["index"], {"name": "", "arguments": ""})
+            assert ("id" in d) == (call["name"] == ""), "the id comes once, with the name"
+            call["name"] += d["function"].get("name", "")
+            call["arguments"] += d["function"].get("arguments", "")
+    c, deltas = p.finish()
+    assert not deltas
+    content += c
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("calls", [CALLS[:1], CALLS])
+@pytest.mark.parametrize("prefix", [None, "Let me check that for you."])
+def test_r1_calls_parse_whole_and_streamed(calls, prefix):
+    text = r1_calls_text(calls, prefix)
+    assert text.startswith((prefix or "") + CALLS_BEGIN) and text.endswith(CALLS_END)
+    content, parsed = DeepSeekToolParser("deepseek_v3").parse(text)
+    assert content == prefix
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed] == calls
+    assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function" for c in parsed)
+    for chunk in (1, 2, 3, 7, 1000):  # arguments and markers split across chunks
+        s_content, s_calls = streamed(text, chunk)
+        assert s_content == (prefix or "")
+        assert [(c["name"], json.loads(c["arguments"])) for c in s_calls] == calls
+
+
+def test_v31_format():
+    text = ("Sure." + CALLS_BEGIN + CALL_BEGIN + "get_weather" + SEP + '{"city": "Oslo"}' + CALL_END
+            + CALL_BEGIN + "search" + SEP + '{"query": "x"}' + CALL_END + CALLS_END)
+    content, parsed = DeepSeekToolParser("deepseek_v31").parse(text)
+    assert content == "Sure."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed] == [
+        ("get_weather", {"city": "Oslo"}), ("search", {"query": "x"})]
+    for chunk in (1, 4):
+        assert streamed(text, chunk, "deepseek_v31") == ("Sure.", [
+            {"name": "get_weather", "arguments": '{"city": "Oslo"}'}, {"name": "search", "arguments": '{"query": "x"}'}])
+
+
+@pytest.mark.parametrize("text", [
+    "Plain answer with no calls.",
+    "Broken: " + CALLS_BEGIN + CALL_BEGIN + "function" + SEP + "get_weather\n{not fenced}",
+    "Cut off: " + CALLS_BEGIN + CALL_BEGIN + "function" + SEP + "get_weather\n```json\n{\"city\": \"Pa",
+])
+def test_no_or_malformed_calls_stay_content(text):
+    content, parsed = DeepSeekToolParser("deepseek_v3").parse(text)
+    assert parsed == [] and content == text
+    assert streamed(text, 3)[0] == text
+
+
+def test_unknown_parser_name():
+    with pytest.raises(ValueError, match="deepseek_v3"):
+        DeepSeekToolParser("hermes")
