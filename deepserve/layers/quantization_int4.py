@@ -19,7 +19,7 @@ The GEMM is `ops.int4_linear` (W4A16) or `ops.w4a8_linear` (int8 per-token activ
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class Int4LinearMethod:
         return ops.int4_linear(x, q, s, z, g, self.group_size, bias)
 
 
-def _checkpoint_names(model: nn.Module, name: str) -> list[str]:
+def checkpoint_names(model: nn.Module, name: str) -> list[str]:
     """The checkpoint modules a model Linear is loaded from (q/k/v for qkv_proj, ...)."""
     parts = [(part, fused) for part, fused, _ in getattr(model, "stacked_params", ())
              if name.endswith("." + fused)]
@@ -137,18 +137,25 @@ def int4_module(spec: Int4Spec, module: str) -> bool:
     return is_quantized_module(module) and not spec.skipped(module)
 
 
-def quantize_int4_linears(model: nn.Module, spec: Int4Spec) -> list[str]:
-    """Give every Linear whose checkpoint modules are 4-bit the int4 method; returns their names."""
+def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[object]]) -> list[str]:
+    """For every Linear the policy quantizes, `choose(name, checkpoint modules)` gives its
+    method (None: it stays in the model dtype); returns the names of those given one."""
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, LinearBase) or not is_quantized_module(name):
-            continue
-        sources = _checkpoint_names(model, name)
+        if isinstance(module, LinearBase) and is_quantized_module(name):
+            method = choose(name, checkpoint_names(model, name))
+            if method is not None:
+                module.set_quant_method(method)
+                names.append(name)
+    return names
+
+
+def quantize_int4_linears(model: nn.Module, spec: Int4Spec) -> list[str]:
+    """Give every Linear whose checkpoint modules are 4-bit the int4 method; returns their names."""
+    def choose(name, sources):
         quantized = [int4_module(spec, s) for s in sources]
         if any(quantized) != all(quantized):
             raise ValueError(f"{spec.method} checkpoint: {', '.join(sources)} are fused into {name} but "
                              f"only some of them are quantized")
-        if all(quantized):
-            module.set_quant_method(Int4LinearMethod(spec))
-            names.append(name)
-    return names
+        return Int4LinearMethod(spec) if all(quantized) else None
+    return set_methods(model, choose)

@@ -25,9 +25,11 @@ from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
 from deepserve.layers.quantization import init_dummy_quantized, is_quantized_tensor, quantize_linears
 from deepserve.layers.quantization_int4 import int4_module, quantize_int4_linears
+from deepserve.layers.quantization_modelslim import modelslim_module, quantize_modelslim_linears
 from deepserve.models.registry import get_model_class
 from deepserve.platforms import get_platform
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
+from deepserve.quant import modelslim
 from deepserve.quant.int4 import int4_spec, int4_stream
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,6 +91,7 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
 
 
 INT4_METHODS = ("awq", "gptq", "w4a16", "w4a8-int8")
+AS_STORED = INT4_METHODS + (modelslim.METHOD,)   # served only in the checkpoint's own format
 # --quantization names (vLLM's) that ask for a 4-bit checkpoint's own method
 INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a16", "w4a8-int8")}
 
@@ -96,7 +99,7 @@ INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a
 def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
     """The linear method to run (see the table in the module docstring). 4-bit checkpoints run
     as stored (`--quantization awq|gptq|compressed-tensors` only names them)."""
-    if stored in INT4_METHODS or requested in INT4_REQUESTS:
+    if stored in AS_STORED or requested in INT4_REQUESTS:
         if requested is not None and stored not in INT4_REQUESTS.get(requested, ()):
             raise ValueError(f"--quantization {requested} cannot serve a {stored or 'high-precision'} "
                              f"checkpoint: 4-bit weights are served in their stored format")
@@ -156,11 +159,13 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     dtype = resolve_dtype(model_config, device)
     model = _build(cls, cfg, dtype, device, pctx)
     dummy = model_config.load_format == "dummy"
-    stored = None if dummy else checkpoint_quantization(cfg)
+    stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
     method = choose_quantization(model_config.quantization, stored, device)
     block = fp8_block_size(cfg) or (128, 128)
     if method in INT4_METHODS:
         quantize_int4_linears(model, int4_spec(cfg))
+    elif method == modelslim.METHOD:
+        quantize_modelslim_linears(model, modelslim.description(model_config.model))
     elif method is not None:
         quantize_linears(model, method, block)
     if dummy:
@@ -171,6 +176,9 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
         if method in INT4_METHODS:
             spec = int4_spec(cfg)
             weights = int4_stream(weights, spec, functools.partial(int4_module, spec), dtype)
+        elif method == modelslim.METHOD:
+            desc = modelslim.description(model_config.model)
+            weights = modelslim.modelslim_stream(weights, desc, functools.partial(modelslim_module, desc), dtype)
         elif stored is not None:
             # stored quantized tensors go as they are to the layers that run the same method
             keep = is_quantized_tensor if method == stored else (lambda name: False)
