@@ -79,7 +79,8 @@ def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:
         items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
                                                    "parameters": params(f)},
                   "required": ["name", "parameters"]} for name, f in tools.items()]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+        one = {"maxItems": 1} if req.parallel_tool_calls is False else {}
+        return {"type": "array", "minItems": 1, "items": {"anyOf": items}, **one}
     return None
 
 
@@ -100,6 +101,7 @@ class _Prepared:
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
         state.check_length(len(self.prompt_ids), max_tokens, what="messages")
         self.parser_name = state.settings.reasoning_parser
+        self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)
         if (self.params.guided is not None and self.parser_name is not None
                 and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
@@ -150,6 +152,7 @@ class _ContentSplitter:
         self.reasoning = prep.reasoning_parser()
         self.mode, self.name = prep.tool_mode, prep.tool_name
         self.tools = make_tool_parser(tool_call_parser) if self.mode == "auto" else None
+        self.max_calls = 1 if prep.parallel_tool_calls is False else None
         self.constrained = ""          # required / named: the JSON the grammar produced
         self.named_sent = False
         self.id = tool_call_id()
@@ -168,6 +171,7 @@ class _ContentSplitter:
             if final:
                 c2, calls2 = self.tools.finish()
                 content, calls = content + c2, calls + calls2
+            calls = [c for c in calls if self.max_calls is None or c["index"] < self.max_calls]
         elif self.mode == "named":
             self.constrained += content
             if content or (final and not self.named_sent):
@@ -201,7 +205,8 @@ class _ContentSplitter:
         if self.reasoning is not None:
             reasoning, content = self.reasoning.parse(text)
         if self.tools is not None:
-            return (reasoning,) + self.tools.parse(content or "")
+            content, calls = self.tools.parse(content or "")
+            return reasoning, content, calls[:self.max_calls]
         if self.mode == "named":
             return reasoning, None, [{"id": self.id, "type": "function",
                                       "function": {"name": self.name, "arguments": content or ""}}]
