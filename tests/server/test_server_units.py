@@ -10,7 +10,7 @@ import pytest
 from deepserve.config import EngineArgs
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.server.metrics import Histogram, ServerMetrics, parse_metrics
+from deepserve.server.metrics import ServerMetrics, parse_metrics
 
 GREEDY_8 = ", there was a little girl"
 
@@ -131,23 +131,31 @@ def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
 
 
 def test_metrics_text():
-    h = Histogram((0.1, 1.0))
-    h.observe(0.05)
-    h.observe(0.5, times=2)
-    h.observe(5.0)
-    assert h.lines("x", 'a="b"') == ['x_bucket{a="b",le="0.1"} 1', 'x_bucket{a="b",le="1.0"} 3',
-                                     'x_bucket{a="b",le="+Inf"} 4', 'x_sum{a="b"} 6.05',
-                                     'x_count{a="b"} 4']
+    from prometheus_client.parser import text_string_to_metric_families
+
     snap = {"num_requests_running": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 10}
     m = ServerMetrics('m"1', lambda: snap)
     m.on_output("r", 0.0, 0.2, 1, True)
     m.on_output("r", 0.0, 0.5, 3, False)
     m.on_finish("r", 0.0, 0.5, 5, 4, "stop")
-    values = parse_metrics(m.render())
+    m.record_error(400)
+    text = m.render()
+    values = parse_metrics(text)
     lab = 'model_name="m\\"1"'
     assert values[f"deepserve:num_requests_running{{{lab}}}"] == 2
     assert values[f"deepserve:prefix_cache_hit_rate{{{lab}}}"] == 0.25
     assert values[f"deepserve:time_to_first_token_seconds_sum{{{lab}}}"] == pytest.approx(0.2)
     assert values[f"deepserve:inter_token_latency_seconds_count{{{lab}}}"] == 3
     assert values[f"deepserve:inter_token_latency_seconds_sum{{{lab}}}"] == pytest.approx(0.3)
+    assert values[f'deepserve:time_to_first_token_seconds_bucket{{{lab},le="0.1"}}'] == 0
+    assert values[f'deepserve:time_to_first_token_seconds_bucket{{{lab},le="0.25"}}'] == 1
     assert values[f'deepserve:request_success_total{{{lab},finished_reason="stop"}}'] == 1
+    assert values[f'deepserve:request_success_total{{{lab},finished_reason="length"}}'] == 0
+    assert values[f'deepserve:http_errors_total{{{lab},status="400"}}'] == 1
+    # every series is there under vLLM's name too
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["vllm:time_to_first_token_seconds"].type == "histogram"
+    assert families["vllm:prompt_tokens"].type == "counter"
+    for key, value in values.items():
+        if key.startswith("deepserve:"):
+            assert values["vllm:" + key[len("deepserve:"):]] == value, key
