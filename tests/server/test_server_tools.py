@@ -48,13 +48,14 @@ def server(tmp_path_factory):
     s = launch(str(folder), "--served-model-name", "tiny-r1", "--reasoning-parser", "deepseek_r1",
                "--enable-auto-tool-choice", "--tool-call-parser", "deepseek_v31", "--generation-config", str(gen),
                "--num-gpu-blocks-override", "256")
+    s.client = openai.OpenAI(base_url=s.v1, api_key="unused", max_retries=0, timeout=60)
     yield s
     s.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    return server.client
 
 
 def test_auto_tool_call_after_reasoning(client):

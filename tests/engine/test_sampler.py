@@ -1,0 +1,64 @@
+"""Sampler additions: logit_bias, grammar bitmasks on the constrained rows only, top-k
+logprobs; checked against plain torch on random logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve.config import DEMO_MODEL
+from deepserve.engine.sampler import Sampler, top_logprobs
+from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
+from deepserve.engine.sequence import Sequence
+
+VOCAB = 512
+
+
+def seqs_for(*params: SamplingParams) -> list[Sequence]:
+    return [Sequence(f"r{i}", 0, [1, 5, 9], p) for i, p in enumerate(params)]
+
+
+def test_logit_bias_moves_only_its_row():
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    sampler = Sampler({2}, VOCAB)
+    seqs = seqs_for(SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={7: 100.0}),
+                    SamplingParams(temperature=0, logit_bias={int(logits[2].argmax()): -100.0}))
+    out = sampler(logits.clone(), seqs).token_ids
+    assert out[0] == logits[0].argmax().item()
+    assert out[1] == 7
+    assert out[2] == logits[2].topk(2).indices[1].item()
+
+
+def test_top_logprobs_ranks():
+    torch.manual_seed(1)
+    lp = torch.randn(4, 50).log_softmax(-1)
+    chosen = torch.tensor([0, 1, 2, 3])
+    for row, (value, rank, top) in enumerate(top_logprobs(lp, chosen, 3)):
+        assert value == pytest.approx(lp[row, row].item())
+        assert rank == int((lp[row] > lp[row, row]).sum()) + 1
+        assert [t for t, _ in top] == lp[row].topk(3).indices.tolist()
+
+
+def test_grammar_masks_constrained_rows_only():
+    pytest.importorskip("xgrammar")
+    from deepserve.engine.grammar import GrammarCompiler
+    from deepserve.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(DEMO_MODEL)
+    compiler = GrammarCompiler(tok, VOCAB, tok.eos_token_ids)
+    guided = GuidedDecoding(regex="[ab]{3}")
+    compiler.compile(guided)
+    sampler = Sampler(tok.eos_token_ids, VOCAB)
+    free, constrained = seqs_for(SamplingParams(temperature=0), SamplingParams(temperature=0, guided=guided))
+    torch.manual_seed(2)
+    text = ""
+    for _ in range(4):
+        logits = torch.randn(2, VOCAB)
+        out = sampler(logits.clone(), [free, constrained]).token_ids
+        assert out[0] == logits[0].argmax().item()        # the free row is untouched
+        constrained.token_ids.append(out[1])
+        free.token_ids.append(out[0])
+        if out[1] in tok.eos_token_ids:
+            break
+        text += tok.decode([out[1]])
+    assert out[1] in tok.eos_token_ids and len(text) == 3 and set(text) <= {"a", "b"}, text
