@@ -28,9 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
                    "(equally); TP stays inside a node")
-    p.add_argument("--quantization", choices=["fp8", "none"], default="none",
+    p.add_argument("--quantization", choices=["fp8", "w4a16", "awq", "gptq", "none"], default="none",
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
-                   "DeepSeek-V3/R1 checkpoints ship; none: every weight in --dtype")
+                   "DeepSeek-V3/R1 checkpoints ship; w4a16 / awq / gptq: 4-bit Linear weights in "
+                   "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence each replica must hold (default: max_position_embeddings)")
@@ -73,7 +74,11 @@ def _candidate_row(c: Candidate, verdict: str) -> str:
 
 def render_plan(plan: Plan, model: str, cfg) -> str:
     """The report `deepserve plan` prints."""
-    q = f"fp8 (128x128 blocks) Linear weights, the rest {plan.dtype}" if plan.quantization else plan.dtype
+    q = plan.dtype
+    if plan.quantization == "fp8":
+        q = f"fp8 (128x128 blocks) Linear weights, the rest {plan.dtype}"
+    elif plan.quantization:
+        q = f"{plan.quantization} 4-bit (groups of 128) Linear weights, the rest {plan.dtype}"
     mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"
            if plan.mtp_params else "")
     lines = [f"model      {model} ({cfg.architecture}, {plan.params / 1e9:.2f}B parameters{mtp})",

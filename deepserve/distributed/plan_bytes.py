@@ -19,6 +19,9 @@ the `meta` device):
   per value plus one fp32 scale per 128 x 128 block of the rank's slice; embeddings,
   lm_head, norms and biases keep the model dtype (quant/policy.py), and the router is fp32
   as MoEGate holds it.
+- 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight takes half a byte per value
+  plus a scale (and for awq / gptq a uint8 zero point) per row per 128 columns; routed experts
+  and the layers fp8 keeps in the model dtype stay in the model dtype.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
@@ -31,6 +34,12 @@ from typing import Optional
 
 FP8_BLOCK = 128
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# 4-bit Linear weights as layers/quantization_int4.py allocates them: the packed int32 weight
+# [N, K/8] (half a byte per value), one scale per output row per group (checkpoint dtype, taken
+# as the model dtype here) and, for formats storing zero points, one uint8 per scale.
+# plan name -> (group size, zero points): compressed-tensors W4A16 (llm-compressor's default
+# recipe, symmetric), AutoAWQ (asymmetric), GPTQ (its qzeros are always stored)
+INT4_PLAN = {"w4a16": (128, False), "awq": (128, True), "gptq": (128, True)}
 MLA_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 GQA_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # groups of the weight breakdown, in the order they are printed
@@ -55,6 +64,10 @@ class Tensor:
         if self.kind == "linear" and quantization == "fp8":
             scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK)
             return (n + 4 * scales) * self.count
+        if self.kind == "linear" and quantization in INT4_PLAN:
+            group, zeros = INT4_PLAN[quantization]
+            scales = self.rows * math.ceil(self.cols / group)
+            return (n // 2 + scales * (dtype_bytes + zeros)) * self.count
         return dtype_bytes * n * self.count
 
 

@@ -2,9 +2,9 @@
 compressed-tensors pack-quantized checkpoints, kept packed in memory.
 
 The layer's parameters carry the checkpoint's names (`qweight`, `qzeros`, `scales`, `g_idx`
-for AWQ / GPTQ; `weight_packed`, `weight_scale`, `weight_zero_point`, `weight_g_idx`,
-`weight_shape` for compressed-tensors) so the model's ordinary loading (stacked q/k/v and
-gate/up included) finds them, but hold one layout whatever the format (quant/int4.py): each
+for AWQ / GPTQ; `weight_packed`, `weight_scale`, `weight_zero_point`, `weight_g_idx` for
+compressed-tensors, whose `weight_shape` the loading stream checks and drops) so the model's
+ordinary loading (stacked q/k/v and gate/up included) finds them, but hold one layout whatever the format (quant/int4.py): each
 loader converts the full checkpoint tensor, then keeps this rank's slice:
 
 - column-parallel: output rows, like a float weight (q/k/v and gate/up shards stacked);
@@ -71,18 +71,10 @@ class Int4LinearMethod:
             add("qzeros", (n, groups), torch.uint8, 8)
         if spec.act_order:
             add("g_idx", (k,), torch.int32)
-        if "shape" in spec.required():
-            add("shape", (2,), torch.int64)
-            self.param(layer, "shape").data.copy_(torch.tensor([n, k]))
 
     def load(self, layer: LinearBase, role: str, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         spec, name = self.spec, getattr(param, "param_name", "?")
         rows, cols = full_rows(layer, shard_id), full_cols(layer)
-        if role == "shape":
-            if [int(v) for v in loaded.tolist()] != [rows, cols]:
-                raise ValueError(f"tensor {name}: weight_shape {loaded.tolist()} does not match the "
-                                 f"model's [{rows}, {cols}]")
-            return
         if role == "g_idx":
             self._load_g_idx(layer, param, loaded, name)
             return

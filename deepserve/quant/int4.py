@@ -238,14 +238,24 @@ def _check_trivial_g_idx(spec: Int4Spec, name: str, g_idx: torch.Tensor) -> None
                          f"does not enable activation reordering (desc_act / actorder)")
 
 
+def _check_shape(spec: Int4Spec, module: str, shape: list, packed: list) -> None:
+    n, k = (int(v) for v in shape)
+    if packed != [n, -(-k // PACK)]:
+        raise ValueError(f"tensor {module}.weight_shape: {shape} does not match {module}.weight_packed "
+                         f"{packed} (a [{n}, {k}] weight packs to [{n}, {-(-k // PACK)}])")
+
+
 def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, keep: Callable[[str], bool],
                 out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """A 4-bit checkpoint's tensors for the model: the parts of modules for which `keep(module)`
     holds pass as stored (a 4-bit layer loads them); every other 4-bit module is dequantized
     to `<module>.weight` in `out_dtype` once all its parts have come; a g_idx without
-    activation reordering (GPTQ writes it always) is checked to be the identity and dropped."""
+    activation reordering (GPTQ writes it always) is checked to be the identity and dropped, as
+    is compressed-tensors' `weight_shape` once checked against the packed weight (the layer
+    checks the packed weight's shape against the model)."""
     need = spec.required()
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    shapes: dict[str, list] = {}      # kept module -> [weight_shape, packed shape], as they come
     for name, t in weights:
         found = spec.role(name)
         if found is None:
@@ -256,12 +266,21 @@ def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, kee
             _check_trivial_g_idx(spec, name, t)
             continue
         if keep(module):
-            yield name, t
+            if role in ("shape", "qweight") and spec.fmt == "compressed-tensors":
+                seen = shapes.setdefault(module, [None, None])
+                seen[role == "qweight"] = t.tolist() if role == "shape" else list(t.shape)
+                if None not in seen:
+                    _check_shape(spec, module, *shapes.pop(module))
+            if role != "shape":
+                yield name, t
             continue
         parts = pending.setdefault(module, {})
         parts[role] = t
         if need <= parts.keys():
             yield module + ".weight", dequant_checkpoint(spec, pending.pop(module), module, out_dtype)
+    for module, (shape, packed) in sorted(shapes.items()):
+        raise ValueError(f"4-bit module {module} lacks {'weight_shape' if shape is None else 'weight_packed'} "
+                         f"in the checkpoint")
     for module, parts in sorted(pending.items()):
         missing = sorted(spec.names[r] for r in need - parts.keys())
         raise ValueError(f"4-bit module {module} lacks {', '.join(missing)} in the checkpoint")

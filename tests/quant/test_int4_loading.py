@@ -22,7 +22,7 @@ from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                      RowParallelLinear)
 from deepserve.layers.quantization_int4 import Int4LinearMethod
-from deepserve.quant.int4 import int4_spec
+from deepserve.quant.int4 import int4_spec, int4_stream
 from tests.models.hf_reference import save_tiny
 from tests.quant.int4_formats import dequantize, format_tensors, quantization_config, quantize
 
@@ -54,8 +54,8 @@ def _load(layer, spec, tensors: dict, shard_id=None):
     layer.set_quant_method(Int4LinearMethod(spec))
     for name, t in tensors.items():
         param = getattr(layer, name, None)
-        if param is None:
-            assert name == "g_idx" and not spec.act_order   # dropped by the loader's stream
+        if param is None:   # dropped by the loader's stream (int4_stream) after its checks
+            assert name == "weight_shape" or name == "g_idx" and not spec.act_order
             continue
         param.param_name = name
         param.weight_loader(param, t, shard_id)
@@ -207,6 +207,11 @@ def test_bad_4bit_checkpoints_fail_naming_the_tensor_and_value():
         ReplicatedLinear(128, 64).set_quant_method(Int4LinearMethod(_spec("gptq", 48, True, False)))
     with pytest.raises(ValueError, match="8-bit weights are not supported"):
         int4_spec({"quantization_config": {**quantization_config("gptq", 32, True, False), "bits": 8}})
+    ct = _spec("compressed-tensors", 32, True, False)
+    stream = int4_stream([("m.weight_packed", torch.zeros(4, 16, dtype=torch.int32)),
+                          ("m.weight_shape", torch.tensor([4, 64]))], ct, lambda m: True, torch.float32)
+    with pytest.raises(ValueError, match=r"tensor m.weight_shape: \[4, 64\] does not match m.weight_packed \[4, 16\]"):
+        list(stream)
     with pytest.raises(ValueError, match="not a whole number of 64-wide groups"):
         RowParallelLinear(192, 64, pctx=_tp(0)).set_quant_method(Int4LinearMethod(_spec("awq", 64, False, False)))
 
@@ -236,3 +241,22 @@ def test_w4a8_model_tracks_the_dequantized_model(tiny, tmp_path):
     top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"W4A8 vs dequantized W4A16 weights: top-1 agreement {top1:.3f}")
     assert top1 >= 0.95 and not torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- plan bytes
+@pytest.mark.parametrize("fmt,plan_name,sym", [("compressed-tensors", "w4a16", True), ("awq", "awq", False),
+                                               ("gptq", "gptq", True)])
+def test_plan_counts_the_bytes_a_4bit_model_allocates(tmp_path, fmt, plan_name, sym):
+    """`deepserve plan --quantization w4a16|awq|gptq` (groups of 128) counts exactly the
+    parameter bytes of the loaded bf16 model (packed weights, fp16 scales, uint8 zeros)."""
+    from deepserve.config import HFConfig
+    from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
+    save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path / "ref")
+    q, _ = _quantize_folder(tmp_path / "ref", tmp_path, fmt, 128, sym, False)
+    model = LLM(model=str(q), dtype="bfloat16", tokenizer=TOKENIZER).engine.runner.model
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())
+    hf = HFConfig(json.loads((q / "config.json").read_text()))
+    assert weight_bytes_per_gpu(hf, Layout(1, 1, 1), "bfloat16", plan_name) == allocated
