@@ -52,10 +52,6 @@ class RequestListener(Protocol):
                   generation_tokens: int, reason: Optional[str]) -> None: ...
 
 
-def _count_requests(seqs) -> int:
-    return len({s.request_id for s in seqs})
-
-
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, listener: Optional[RequestListener] = None):
         self.engine = engine
@@ -253,17 +249,4 @@ class AsyncLLM:
                 queue.put_nowait(item)
 
     def _take_snapshot(self) -> None:
-        sched, bm = self.engine.scheduler, self.engine.block_manager
-        self.snapshot = {
-            "num_requests_running": _count_requests(sched.running),
-            "num_requests_waiting": _count_requests(sched.waiting),
-            "num_preemptions": sched.num_preemptions,
-            "kv_cache_usage": bm.usage(),
-            "num_free_blocks": bm.num_free_blocks,
-            "num_blocks": bm.num_blocks,
-            "prefix_cache_queries": bm.prefix_queries,
-            "prefix_cache_hits": bm.prefix_hits,
-            "prompt_tokens": self.engine.stats["prompt_tokens"],
-            "generation_tokens": self.engine.stats["generation_tokens"],
-            "steps": self.engine.stats["steps"],
-        }
+        self.snapshot = self.engine.gauges()

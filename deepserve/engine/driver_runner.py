@@ -52,11 +52,16 @@ class InFlight:
 class DriverRunner(ModelRunner):
     def __init__(self, config: EngineConfig, platform: Platform, pctx: Optional[ParallelContext] = None,
                  local_rank: int = 0, eos_token_ids: set[int] = frozenset(),
-                 publish: Optional[Callable[[object], None]] = None):
+                 publish: Optional[Callable[[object], None]] = None, own_dp_rank_only: bool = False):
         super().__init__(config, platform, pctx, local_rank)
         self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
         # sends each step to the other ranks of this DP rank (multi-process executors)
         self.publish = publish or (lambda msg: None)
+        # a DP rank's own engine core (engine/dp_engine.py) rather than the driver of all DP ranks
+        self.own_dp_rank_only = own_dp_rank_only
+        # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the
+        # engine core once the DP ranks have agreed on it
+        self.graph_size = 0
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
         return StepInputs.from_batch(batch, self.block_size)
@@ -66,11 +71,16 @@ class DriverRunner(ModelRunner):
         return self.run_step(msg)
 
     @torch.inference_mode()
+    def run_dummy(self) -> None:
+        """An idle DP rank's step: the MoE collectives need every rank (DP + EP)."""
+        self._forward(StepMessage(StepInputs.dummy_step(), self.graph_size))
+
+    @torch.inference_mode()
     def all_logits(self, seq) -> torch.Tensor:
         """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
         host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
         host.logits_rows = list(range(seq.num_tokens))
-        if self.pctx.dp_size > 1:  # DP rank 0 (the driver's) scores it; the others idle
+        if self.pctx.dp_size > 1 and not self.own_dp_rank_only:  # DP rank 0 scores it; the others idle
             hosts = [host] + [StepInputs.dummy_step()] * (self.pctx.dp_size - 1)
             return self._dp_forward(hosts)[0].cpu()
         return self._forward(StepMessage(host))[:, :self.vocab_size].float().cpu()
@@ -80,7 +90,7 @@ class DriverRunner(ModelRunner):
         """Run one step; returns (sequences that got a token, their sampled tokens)."""
         if isinstance(batch, DataParallelBatch):
             return self._execute_dp(batch)
-        logits = self._forward(StepMessage(self.host_inputs(batch)))
+        logits = self._forward(StepMessage(self.host_inputs(batch), self.graph_size))
         sampling_seqs = batch.sampling_seqs()
         if not sampling_seqs:
             return [], SamplerOutput([], [])

@@ -74,27 +74,44 @@ class RequestState:
                              prompt_logprobs=self.prompt_logprobs)
 
 
+def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
+    """The model's tokenizer (None for token-id-only folders) and its EOS token ids."""
+    tok_path = config.model.tokenizer
+    tokenizer = Tokenizer(tok_path) if tok_path else None
+    eos = set(tokenizer.eos_token_ids) if tokenizer else set()
+    cfg_eos = config.model.hf_config.get("eos_token_id")
+    if not eos and cfg_eos is not None:
+        eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+    return tokenizer, eos
+
+
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __new__(cls, args: EngineArgs, executor=None):
+        # data parallel over spawned processes: one engine core per DP rank behind a front end
+        if (cls is LLMEngine and executor is None and args.data_parallel_size > 1
+                and args.distributed_executor_backend != "ray"):
+            from deepserve.engine.dp_engine import DataParallelEngine
+            return super().__new__(DataParallelEngine)
+        return super().__new__(cls)
+
+    def __init__(self, args: EngineArgs, executor=None):
+        """`executor`: given by a DP rank's engine core (engine/dp_engine.py); by default the
+        executor for the configured layout is started here."""
         self.args = args
         self.config = args.create_engine_config()
         self.async_scheduling = self.config.async_scheduling
-        if self.async_scheduling and self.config.parallel.world_size > 1:  # (before any worker starts)
+        if self.async_scheduling and self.config.parallel.world_size > 1 and executor is None:
             raise ValueError("async_scheduling runs in one process: it needs tensor/pipeline/data "
                              f"parallel sizes of 1 (world size {self.config.parallel.world_size})")
         self.platform = get_platform(args.device)
-        tok_path = self.config.model.tokenizer
-        self.tokenizer = Tokenizer(tok_path) if tok_path else None
-        eos = set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
-        cfg_eos = self.config.model.hf_config.get("eos_token_id")
-        if not eos and cfg_eos is not None:
-            eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
+        self.tokenizer, eos = load_tokenizer(self.config)
         self.eos_token_ids = eos
-        self.executor = make_executor(self.config, self.platform, eos)
+        self.executor = executor or make_executor(self.config, self.platform, eos)
         # workers, process groups and ports go when the engine does, even without shutdown()
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.runner = self.executor.runner  # the driver's runner (rank 0)
-        cache, dp = self.config.cache, self.config.parallel.data_parallel_size
+        cache = self.config.cache
+        dp = getattr(self.executor, "scheduled_dp_ranks", self.config.parallel.data_parallel_size)
         # one KV pool per DP rank, all of the size every rank agreed on
         salt = prefix_salt(cache.prefix_caching_salt)
         self.block_managers = [BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
@@ -211,6 +228,21 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def gauges(self) -> dict:
+        """What the server reports: requests running / waiting, KV use, prefix-cache counters."""
+        sched, bm = self.scheduler, self.block_manager
+        return {
+            "num_requests_running": len({s.request_id for s in sched.running}),
+            "num_requests_waiting": len({s.request_id for s in sched.waiting}),
+            "num_preemptions": sched.num_preemptions,
+            "kv_cache_usage": bm.usage(),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            **self.stats,
+        }
 
     def shutdown(self) -> None:
         """Stop worker processes and free the process groups (multi-process layouts); another

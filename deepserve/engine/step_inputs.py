@@ -76,13 +76,14 @@ class DPSync:
     num_tokens: int
     mixed: bool          # some rank's batch is not decode-only (no CUDA graph this step)
     longest: int         # the longest sequence of any rank (CUDA graphs cover max_model_len)
+    stop: bool = False   # some rank is shutting down: all leave the loop in this round
 
     def to_list(self) -> list[int]:
-        return [int(self.has_work), self.num_tokens, int(self.mixed), self.longest]
+        return [int(self.has_work), self.num_tokens, int(self.mixed), self.longest, int(self.stop)]
 
     @classmethod
     def from_list(cls, v: list[int]) -> "DPSync":
-        return cls(bool(v[0]), int(v[1]), bool(v[2]), int(v[3]))
+        return cls(bool(v[0]), int(v[1]), bool(v[2]), int(v[3]), bool(v[4]))
 
 
 @dataclass

@@ -1,10 +1,12 @@
-"""Data-parallel attention with expert parallel (DP x EP) on CPU (gloo, spawned workers).
+"""Data-parallel attention with expert parallel (DP x EP) on CPU (gloo, spawned processes).
 
-Each DP rank keeps its own requests and KV pool; MoE layers exchange tokens across the DP
-group. Greedy outputs (and seeded samples, and prompt logits) must equal one process's, with
-chunked prefill, a DP rank left idle (dummy batch) and every block free afterwards. The
-pure-Python parts (DP scheduler, rank layout) are checked without processes. Plain DP=2 on
-the dense Llama is in test_parallel_engine.py's layout table."""
+Each DP rank is an engine core of its own (scheduler, KV pool, sampler); MoE layers exchange
+tokens across the DP group and an idle core runs dummy steps. Greedy outputs (and seeded
+samples, and prompt logits) must equal one process's, with chunked prefill, a DP rank left
+idle and every block free afterwards; what a rank sends per decode step is the same at DP2
+and DP4. The pure-Python parts (the driver-sampled DP scheduler the Ray executor uses, rank
+layout) are checked without processes. Plain DP=2 on the dense Llama is in
+test_parallel_engine.py's layout table."""
 import os
 import signal
 import time
@@ -16,6 +18,7 @@ from deepserve import LLM, SamplingParams
 from deepserve.config import SchedulerConfig
 from deepserve.distributed.parallel_state import rank_layout
 from deepserve.engine.block_manager import BlockManager
+from deepserve.engine.dp_engine import DataParallelEngine
 from deepserve.engine.scheduler import DataParallelScheduler, PooledBlocks
 from deepserve.engine.sequence import Sequence
 from tests.distributed.test_parallel_engine import tiny_deepseek
@@ -34,6 +37,14 @@ def _tokens(llm, prompts, params=GREEDY):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
+def _per_rank(engine, key):
+    return [g[key] for g in engine._gauges]
+
+
+def _all_free(engine):
+    return _per_rank(engine, "num_free_blocks") == _per_rank(engine, "num_blocks")
+
+
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory):
     return str(tiny_deepseek(tmp_path_factory.mktemp("dsv3-dp")))
@@ -48,7 +59,7 @@ def reference(deepseek):
                 "seeded": _tokens(llm, MIXED[:3], SEEDED),
                 "logits": llm.engine.prompt_logits(MIXED[2])}
     finally:
-        llm.engine.shutdown()
+        llm.shutdown()
 
 
 @pytest.fixture(scope="class", params=["allgather_reducescatter", "alltoall"])
@@ -57,34 +68,29 @@ def dp_ep(deepseek, reference, request):
     llm = LLM(deepseek, data_parallel_size=2, enable_expert_parallel=True, all2all_backend=request.param,
               **ENGINE)
     yield llm
-    llm.engine.shutdown()
+    llm.shutdown()
 
 
 class TestDataParallelExpertParallel:
     """DP=2 x EP=2 (tp=1) on the tiny DeepSeek-V3: one engine per MoE exchange backend."""
 
-    def test_dp_ep_context(self, dp_ep):
-        p = dp_ep.engine.runner.pctx
-        assert (p.dp_rank, p.dp_size, p.ep_rank, p.ep_size, p.tp_size) == (0, 2, 0, 2, 1)
-        experts = dp_ep.engine.runner.model.model.layers[1].mlp.experts
-        assert (experts.num_local_experts, experts.first_expert) == (4, 0)  # 8 experts over 2 ranks
-
     def test_dp_ep_mixed_batch_matches_single_process(self, dp_ep, reference):
-        pools = dp_ep.engine.block_managers
-        before = [bm.prefix_queries for bm in pools]
+        engine = dp_ep.engine
+        assert isinstance(engine, DataParallelEngine) and engine.dp_size == 2
+        before = _per_rank(engine, "prefix_cache_queries")
         assert _tokens(dp_ep, MIXED) == reference["mixed"]
         # both DP ranks served requests, and every block came back
-        assert all(bm.prefix_queries > b for bm, b in zip(pools, before))
-        assert [bm.num_free_blocks for bm in pools] == [bm.num_blocks for bm in pools]
-        assert not dp_ep.engine.scheduler.has_unfinished()
+        assert all(q > b for q, b in zip(_per_rank(engine, "prefix_cache_queries"), before))
+        assert _all_free(engine) and not engine.has_unfinished_requests()
 
     def test_dp_ep_idle_rank_runs_dummy_batch(self, dp_ep, reference):
-        pools = dp_ep.engine.block_managers
-        before = [bm.prefix_queries for bm in pools]
+        engine = dp_ep.engine
+        before = _per_rank(engine, "prefix_cache_queries")
         assert _tokens(dp_ep, SINGLE) == reference["single"]
         # the request went to DP rank 0; rank 1 only ran dummy batches (its pool untouched)
-        assert [bm.prefix_queries - b for bm, b in zip(pools, before)] == [len(SINGLE[0]["prompt_token_ids"]), 0]
-        assert dp_ep.engine.block_manager.num_free_blocks == dp_ep.engine.block_manager.num_blocks
+        assert [q - b for q, b in zip(_per_rank(engine, "prefix_cache_queries"), before)] == \
+            [len(SINGLE[0]["prompt_token_ids"]), 0]
+        assert _all_free(engine)
 
     def test_dp_ep_seeded_sampling_and_prompt_logits(self, dp_ep, reference):
         assert _tokens(dp_ep, MIXED[:3], SEEDED) == reference["seeded"]
@@ -93,48 +99,59 @@ class TestDataParallelExpertParallel:
         torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
 
 
+def _decode_step_bytes(llm, dp_size):
+    """Bytes each DP rank sent for its last step, one 6-token request per rank, all finishing
+    on the same decode step."""
+    engine = llm.engine
+    for r in range(dp_size):
+        engine.add_request(f"r{r}", {"prompt_token_ids": [1, 40 + r, 41, 26, 7, 9]}, GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return engine.step_bytes
+
+
+def test_rank_traffic_per_decode_step_does_not_grow_with_dp(deepseek):
+    sizes = {}
+    for dp in (2, 4):
+        with LLM(deepseek, data_parallel_size=dp, enable_expert_parallel=True, **ENGINE) as llm:
+            sizes[dp] = _decode_step_bytes(llm, dp)
+    assert len(set(sizes[2] + sizes[4])) == 1, sizes
+    # one request's output and the gauges: no other rank's inputs or logits
+    assert sizes[2][0] < 2500
+
+
 @pytest.mark.parametrize("all2all", ["allgather_reducescatter", "alltoall"])
 def test_tp2_x_dp2_with_ep_matches_single_process(deepseek, reference, all2all):
-    llm = LLM(deepseek, tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True,
-              all2all_backend=all2all, **ENGINE)
-    try:
-        p = llm.engine.runner.pctx
-        assert (p.tp_size, p.dp_size, p.ep_size) == (2, 2, 4)
+    with LLM(deepseek, tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True,
+             all2all_backend=all2all, **ENGINE) as llm:
         assert _tokens(llm, MIXED[:3]) == reference["mixed"][:3]
-        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
-    finally:
-        llm.engine.shutdown()
+        assert _all_free(llm.engine)
 
 
-def test_dead_dp_worker_is_reported(monkeypatch):
+def test_dead_dp_rank_is_reported(monkeypatch):
     from tests.conftest import DEMO_MODEL
     monkeypatch.setenv("DEEPSERVE_DIST_TIMEOUT", "20")
     llm = LLM(str(DEMO_MODEL), data_parallel_size=2, **ENGINE)
     try:
-        os.kill(llm.engine.executor.procs[0].pid, signal.SIGKILL)
+        os.kill(llm.engine.executor.procs[1].pid, signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"worker rank 1 \(pid \d+\) on host .* exited with code -9"):
+        with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) on host .* exited with code -9"):
             for _ in range(50):
                 llm.generate(MIXED[:2], GREEDY)
                 time.sleep(0.2)
         assert time.monotonic() - start < 30
     finally:
-        llm.engine.shutdown()
+        llm.shutdown()
 
 
 def test_dp2_x_pp2_with_ep_matches_single_process(deepseek, reference):
     """Each DP rank a 2-stage pipeline; each stage's MoE layers exchange tokens with the same
     stage of the other DP rank (experts over the 2 ranks of a stage)."""
-    llm = LLM(deepseek, data_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True, **ENGINE)
-    try:
-        p = llm.engine.runner.pctx
-        assert (p.dp_size, p.pp_size, p.ep_size) == (2, 2, 2)
+    with LLM(deepseek, data_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True,
+             **ENGINE) as llm:
         assert _tokens(llm, MIXED) == reference["mixed"]
         assert _tokens(llm, SINGLE) == reference["single"]     # DP rank 1 runs dummy steps
-        assert [bm.num_free_blocks for bm in llm.engine.block_managers] == \
-            [bm.num_blocks for bm in llm.engine.block_managers]
-    finally:
-        llm.engine.shutdown()
+        assert _all_free(llm.engine)
 
 
 # ---------------------------------------------------------------- no processes

@@ -1,0 +1,500 @@
+"""Data-parallel ranks as engines (DP attention, vLLM v1 / SGLang style).
+
+`DataParallelEngine` is the front end: it keeps no model. It starts every rank as a process;
+the first rank of each DP rank (its TP 0 / PP 0 rank) runs an `EngineCore` with its own
+scheduler, KV pool, sampler and `LLMEngine` (tokenization checks, detokenization and stop
+handling for its requests); the other ranks of the DP rank run the steps their core
+publishes to them. The front end places each request on the least-loaded DP rank (fewest
+unfinished sequences, then KV use) and merges the cores' outputs.
+
+Front end and cores talk over ZeroMQ (PUSH/PULL over ipc:// sockets, pickled messages): a
+request goes to one core; each core pushes its outputs and a few gauges after every step.
+With expert parallel the cores meet in the MoE collectives, so before every step they agree
+(one all-reduce MAX of a fixed 4-int vector, `DPSync`) on whether anyone has work, the
+largest batch and the longest sequence; a core with nothing to do runs a one-token dummy
+step. What a rank sends per step (its step inputs to its own TP/PP peers, its outputs to the
+front end, the sync vector) does not grow with the number of DP ranks. Without expert
+parallel the DP ranks are plain replicas and never synchronise.
+
+Idle cores with expert parallel poll their socket between sync rounds, backing off from 1
+to 50 ms, so a request arriving at an idle server waits at most that long for its first step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import tempfile
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from deepserve.config import EngineArgs
+from deepserve.distributed.parallel_state import destroy_distributed, init_distributed, rank_layout
+from deepserve.engine.executor import (STOP, Stop, WorkerProcs, check_no_live_group, die_with_parent,
+                                       dist_timeout_s, free_port, report_errors, start_timeout_s)
+from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
+from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.step_inputs import DPSync
+from deepserve.platforms import get_platform
+
+logger = logging.getLogger("deepserve")
+
+IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
+
+
+# ---------------------------------------------------------------- messages
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    prompt: Optional[str]
+    params: object              # SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class ScorePrompt:
+    prompt: object
+
+
+@dataclass
+class Work:
+    """Something a core runs in a sync round instead of a scheduled batch (it runs a forward,
+    so with expert parallel the other cores must step with it)."""
+    num_tokens: int
+    run: object                 # () -> None
+
+
+@dataclass
+class CoreOutputs:
+    """A core's outputs of one step, with its gauges after it."""
+    dp_rank: int
+    outputs: list[RequestOutput]
+    gauges: dict
+    step_bytes: int = 0          # bytes this rank sent for the step (its peers' inputs + this message)
+    error: Optional[str] = None  # a request the core refused, or a failed step
+    failed_requests: list[str] = field(default_factory=list)
+    logits: Optional[torch.Tensor] = None
+
+
+def _connect(ctx, kind, address: str, bind: bool):
+    import zmq
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    (sock.bind if bind else sock.connect)(address)
+    return sock
+
+
+# ---------------------------------------------------------------- rank processes
+class DPRankExecutor:
+    """The executor inside a core: this DP rank's driver runner, publishing to its peers."""
+
+    scheduled_dp_ranks = 1
+    failure: Optional[str] = None
+
+    def __init__(self, runner_factory, group, src: int, peers: bool):
+        self.group, self.src, self.peers = group, src, peers
+        self.sent_bytes = 0
+        self.runner = runner_factory(self._publish)
+
+    def _publish(self, msg) -> None:
+        if self.peers:
+            self.sent_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            dist.broadcast_object_list([msg], src=self.src, group=self.group)
+
+    def explain(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _groups(dp_size: int, span: int, dp_rank: int):
+    """Per-DP-rank gloo groups (a core publishes steps to its peers) and the cores' group
+    (the per-step sync); created in the same order on every rank."""
+    local = None
+    for d in range(dp_size):
+        g = dist.new_group(list(range(d * span, (d + 1) * span)), backend="gloo")
+        if d == dp_rank:
+            local = g
+    cores = dist.new_group([d * span for d in range(dp_size)], backend="gloo")
+    return local, cores
+
+
+def _rank_main(rank: int, args: EngineArgs, init_method: str, timeout_s: float,
+               addresses: tuple[list[str], str], status=None) -> None:
+    die_with_parent()
+
+    def body():
+        from deepserve.engine.driver_runner import DriverRunner
+        from deepserve.engine.model_runner import WorkerRunner
+        config = args.create_engine_config()
+        platform = get_platform(args.device)
+        par = config.parallel
+        status.send(("joining",))
+        pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
+                                rank, par.data_parallel_size, par.all2all_backend)
+        span = par.tensor_parallel_size * par.pipeline_parallel_size
+        dp_rank, pp_rank, tp_rank = rank_layout(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
+        local, cores = _groups(par.data_parallel_size, span, dp_rank)
+        leader = dp_rank * span
+        if rank != leader:
+            runner = WorkerRunner(config, platform, pctx, local_rank=rank)
+            while True:
+                box = [None]
+                dist.broadcast_object_list(box, src=leader, group=local)
+                if isinstance(box[0], Stop):
+                    break
+                runner.run_published(box[0])
+        else:
+            tok, eos = load_tokenizer(config)
+            executor = DPRankExecutor(
+                lambda publish: DriverRunner(config, platform, pctx, local_rank=rank, eos_token_ids=eos,
+                                             publish=publish, own_dp_rank_only=True),
+                local, leader, span > 1)
+            engine = LLMEngine(args, executor=executor)
+            EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses).run()
+        destroy_distributed()
+
+    report_errors(status, rank, body)
+
+
+class EngineCore:
+    """One DP rank's engine loop: take requests from the front end, step, push outputs."""
+
+    def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses):
+        import zmq
+        self.engine, self.executor, self.runner = engine, executor, engine.runner
+        self.dp_rank, self.sync_group = dp_rank, sync_group
+        self.ctx = zmq.Context()
+        self.inbox = _connect(self.ctx, zmq.PULL, addresses[0][dp_rank], bind=False)
+        self.outbox = _connect(self.ctx, zmq.PUSH, addresses[1], bind=False)
+        self.work: list[Work] = []
+        self.stopping = False
+        self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: the front end learns the pool size
+
+    def gauges(self) -> dict:
+        g = self.engine.gauges()
+        g["load"] = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        return g
+
+    def _send(self, msg: CoreOutputs) -> None:
+        # the byte count travels with the message it counts (within the few bytes of its own size)
+        msg.step_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        self.outbox.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+
+    def _receive(self, timeout_s: Optional[float]) -> None:
+        import zmq
+        wait_ms = None if timeout_s is None else int(timeout_s * 1000)
+        while self.inbox.poll(wait_ms, zmq.POLLIN):
+            self._apply(pickle.loads(self.inbox.recv()))
+            wait_ms = 0
+
+    def _apply(self, msg) -> None:
+        if isinstance(msg, Stop):
+            self.stopping = True
+        elif isinstance(msg, AddRequest):
+            if msg.params.prompt_logprobs is not None and self.sync_group is not None:
+                # scoring the prompt runs a forward: in a sync round, as other work
+                self.work.append(Work(len(msg.prompt_ids), lambda: self._add(msg)))
+            else:
+                self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.engine.abort_request(msg.request_id)
+        elif isinstance(msg, ScorePrompt):
+            _, ids = self.engine.tokenize_prompt(msg.prompt)
+            self.work.append(Work(len(ids), lambda: self._score(msg)))
+
+    def _add(self, msg: AddRequest) -> None:
+        try:
+            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids, "prompt": msg.prompt},
+                                    msg.params)
+        except ValueError as exc:
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc),
+                                   failed_requests=[msg.request_id]))
+
+    def _has_work(self) -> bool:
+        return bool(self.work) or self.engine.has_unfinished_requests()
+
+    def run(self) -> None:
+        if self.sync_group is None:
+            self._run_alone()
+        else:
+            self._run_in_sync()
+        self.executor.runner.publish(STOP)
+        self.ctx.destroy(linger=0)
+
+    def _run_alone(self) -> None:
+        """Without expert parallel: a replica that steps whenever it has work."""
+        while not self.stopping:
+            self._receive(None if not self._has_work() else 0)
+            while self.work and not self.stopping:
+                self.work.pop(0).run()
+            if self.engine.has_unfinished_requests() and not self.stopping:
+                self._step(None)
+
+    def _run_in_sync(self) -> None:
+        """With expert parallel: every round, the cores agree whether anyone has work (and
+        the batch shape); a core without a batch then runs a dummy step."""
+        idle = IDLE_POLL_S[0]
+        while True:
+            self._receive(0 if self._has_work() else idle)
+            work = self.work.pop(0) if self.work else None
+            batch = None if work or self.stopping or not self._has_work() else self.engine.scheduler.schedule()
+            if work:
+                mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
+            elif batch:
+                inputs = self.runner.host_inputs(batch)
+                mine = DPSync(True, inputs.num_tokens, not inputs.decode_only, max(inputs.seq_lens), self.stopping)
+            else:
+                mine = DPSync(False, 1, False, 1, self.stopping)
+            v = torch.tensor(mine.to_list(), dtype=torch.int64)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.sync_group)
+            agreed = DPSync.from_list(v.tolist())
+            if agreed.stop:
+                return
+            if not agreed.has_work:
+                idle = min(IDLE_POLL_S[1], idle * 2)
+                continue
+            idle = IDLE_POLL_S[0]
+            self.runner.graph_size = self.runner.dp_graph_size(agreed.num_tokens, not agreed.mixed, agreed.longest)
+            if work:
+                work.run()
+            elif batch:
+                self._step(batch)
+            else:
+                self.runner.run_dummy()
+
+    def _score(self, score: ScorePrompt) -> None:
+        try:
+            logits = self.engine.prompt_logits(score.prompt)
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits))
+        except ValueError as exc:
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)))
+
+    def _step(self, batch) -> None:
+        """Run one step (`batch`, or the engine's own schedule when None) and push its outputs."""
+        self.executor.sent_bytes = 0
+        try:
+            outputs = self.engine._run_sync(batch) if batch is not None else self.engine.step()
+        except Exception as exc:  # a failing step fails its requests, not the core
+            logger.exception("DP rank %d: step failed", self.dp_rank)
+            failed = list(self.engine.requests)
+            for rid in failed:
+                self.engine.abort_request(rid)
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
+                                   failed_requests=failed))
+            return
+        for out in outputs:
+            if out.finished:
+                self.engine.requests.pop(out.request_id, None)
+        self._send(CoreOutputs(self.dp_rank, outputs, self.gauges(), step_bytes=self.executor.sent_bytes))
+
+
+# ---------------------------------------------------------------- front end
+class _Placement:
+    """The front end's stand-in for a scheduler: `add` places a request's sequences on a DP
+    rank (siblings of an n > 1 request follow the first) and sends the request there."""
+
+    running: list = []
+    waiting: list = []
+
+    def __init__(self, engine: "DataParallelEngine"):
+        self.engine = engine
+
+    def add(self, seq) -> None:
+        self.engine._place(seq)
+
+    def finish(self, seq, reason: str) -> None:
+        pass
+
+
+class DataParallelEngine(LLMEngine):
+    """The LLMEngine API over one engine core per DP rank (see the module docstring)."""
+
+    def __init__(self, args: EngineArgs, executor=None):
+        import zmq
+        self.args = args
+        self.config = args.create_engine_config()
+        par = self.config.parallel
+        self.async_scheduling = self.config.async_scheduling
+        if self.async_scheduling:
+            raise ValueError("async_scheduling runs in one process: it needs tensor/pipeline/data "
+                             f"parallel sizes of 1 (world size {par.world_size})")
+        self.platform = get_platform(args.device)
+        self.tokenizer, self.eos_token_ids = load_tokenizer(self.config)
+        self.dp_size = par.data_parallel_size
+        self.requests: dict[str, RequestState] = {}
+        self.max_model_len = self.config.model.max_model_len
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.scheduler = _Placement(self)
+        self._rank_of: dict[str, int] = {}
+        self._load = [0] * self.dp_size                  # unfinished sequences placed on each rank
+        self._gauges: list[dict] = [{} for _ in range(self.dp_size)]
+        self._last: dict[str, RequestOutput] = {}
+        self._pending: list[CoreOutputs] = []          # read while waiting for something else
+        self.step_bytes: list[int] = [0] * self.dp_size  # what each rank sent for its last step
+
+        check_no_live_group()
+        run_dir = tempfile.mkdtemp(prefix="deepserve-dp-")
+        tag = uuid.uuid4().hex[:8]
+        inboxes = [f"ipc://{run_dir}/core{r}-{tag}" for r in range(self.dp_size)]
+        outbox = f"ipc://{run_dir}/out-{tag}"
+        self._ctx = zmq.Context()
+        self._pull = _connect(self._ctx, zmq.PULL, outbox, bind=True)
+        self._push = [_connect(self._ctx, zmq.PUSH, a, bind=True) for a in inboxes]
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        timeout = dist_timeout_s()
+        self.executor = WorkerProcs(_rank_main, lambda r: (r, args, init_method, timeout, (inboxes, outbox)),
+                                    list(range(par.world_size)), label="rank")
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, run_dir)
+        try:
+            self.executor.wait_joining(start_timeout_s())
+            ready = set()
+            while len(ready) < self.dp_size:
+                msg = self._next(timeout_s=None)
+                ready.add(msg.dp_rank)
+        except BaseException:
+            self._finalizer()
+            raise
+        blocks = min(g["num_blocks"] for g in self._gauges)
+        self.block_managers = [SimpleNamespace(num_blocks=blocks)]
+        self.runner = SimpleNamespace(vocab_size=self.config.model.hf_config.vocab_size)
+
+    # ------------------------------------------------------------------ requests
+    def _place(self, seq) -> None:
+        rank = self._rank_of.get(seq.request_id)
+        if rank is None:
+            rank = min(range(self.dp_size), key=lambda r: (self._load[r], self._gauges[r].get("kv_cache_usage", 0), r))
+            self._rank_of[seq.request_id] = rank
+        self._load[rank] += 1
+        if seq.index == 0:
+            params = seq.params
+            if getattr(params, "guided", None) is not None and params.guided.compiled is not None:
+                import dataclasses  # the core compiles its own grammar (compiled ones do not pickle)
+                params = dataclasses.replace(params, guided=dataclasses.replace(params.guided, compiled=None))
+            state = self.requests.get(seq.request_id)
+            self._send(rank, AddRequest(seq.request_id, list(seq.token_ids), state.prompt if state else None, params))
+
+    def prompt_logprobs(self, ids, k):
+        return None  # the core that serves the request computes them
+
+    def _send(self, rank: int, msg) -> None:
+        if self.executor.failure:
+            raise RuntimeError(self.executor.failure)
+        self._push[rank].send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _forget(self, request_id: str) -> None:
+        rank = self._rank_of.pop(request_id, None)
+        state = self.requests.pop(request_id, None)
+        if rank is not None and state is not None:
+            self._load[rank] -= len(state.seqs)
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        rank = self._rank_of.get(request_id)
+        if rank is None:
+            return None
+        self._send(rank, AbortRequest(request_id))
+        state = self.requests.get(request_id)
+        last = self._last.pop(request_id, None)
+        self._forget(request_id)
+        if last is not None:
+            for c in last.outputs:
+                c.finish_reason = c.finish_reason or "abort"
+            last.finished = True
+            return last
+        return state.output() if state else None
+
+    def prompt_logits(self, prompt):
+        """Scored by DP rank 0 (the others run dummy steps with expert parallel)."""
+        self._send(0, ScorePrompt(prompt))
+        while True:
+            msg = self._next(timeout_s=None)
+            if msg.logits is not None:
+                return msg.logits
+            if msg.error and not msg.failed_requests:
+                raise RequestError(msg.error)
+            self._pending.append(msg)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ outputs
+    def _next(self, timeout_s: Optional[float]) -> Optional[CoreOutputs]:
+        """The next message from any core; None when none came within `timeout_s`."""
+        import zmq
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self.executor.failure:
+                raise RuntimeError(self.executor.failure)
+            left = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+            if self._pull.poll(int(left * 1000), zmq.POLLIN):
+                msg: CoreOutputs = pickle.loads(self._pull.recv())
+                self._gauges[msg.dp_rank] = msg.gauges
+                self.step_bytes[msg.dp_rank] = msg.step_bytes
+                return msg
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def step(self) -> list[RequestOutput]:
+        msgs, self._pending = self._pending, []
+        first = self._next(timeout_s=0.0 if msgs else 0.05)
+        while first is not None:
+            msgs.append(first)
+            first = self._next(timeout_s=0.0)
+        outputs = []
+        for msg in msgs:
+            if msg.error and msg.failed_requests:
+                for rid in msg.failed_requests:
+                    self._forget(rid)
+                raise RuntimeError(f"DP rank {msg.dp_rank}: {msg.error}")
+            for out in msg.outputs:
+                if out.request_id not in self.requests:
+                    continue  # aborted meanwhile
+                if out.finished:
+                    self._forget(out.request_id)
+                    self._last.pop(out.request_id, None)
+                else:
+                    self._last[out.request_id] = out
+                outputs.append(out)
+        return outputs
+
+    def gauges(self) -> dict:
+        total = {}
+        for g in self._gauges:
+            for k, v in g.items():
+                total[k] = total.get(k, 0) + v
+        blocks = total.get("num_blocks", 0)
+        total["kv_cache_usage"] = 1.0 - total.get("num_free_blocks", 0) / blocks if blocks else 0.0
+        return total
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _shutdown(workers: WorkerProcs, pushes, ctx, run_dir: str) -> None:
+    workers.closing = True
+    for sock in pushes:
+        try:
+            sock.send(pickle.dumps(STOP), flags=1)  # zmq.NOBLOCK
+        except Exception:  # noqa: BLE001 - a core that is gone cannot be told
+            pass
+    workers.stop()
+    ctx.destroy(linger=0)
+    for name in os.listdir(run_dir):
+        os.unlink(os.path.join(run_dir, name))
+    os.rmdir(run_dir)
