@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from deepserve.bench.tokenizer import BenchTokenizer
+from deepserve.engine.tokenizer import Tokenizer
 
 DATASET_NAMES = ("random", "sonnet", "sharegpt", "prefix-repetition")
 SONNET_INSTRUCTION = "Pick as many lines as you can from these poem lines:\n"
@@ -37,7 +37,7 @@ class SampleRequest:
     expected_output_len: int
 
 
-def _exact_length_text(tok: BenchTokenizer, rng: np.random.Generator, length: int,
+def _exact_length_text(tok: Tokenizer, rng: np.random.Generator, length: int,
                        seed_ids: Optional[list[int]] = None) -> tuple[str, int]:
     """Text that encodes to `length` tokens (or as near as the tokenizer allows).
 
@@ -48,7 +48,7 @@ def _exact_length_text(tok: BenchTokenizer, rng: np.random.Generator, length: in
     ids = list(seed_ids) if seed_ids is not None else vocab[rng.integers(0, len(vocab), length)].tolist()
     text = tok.decode(ids)
     for _ in range(8):
-        ids = tok.encode(text)
+        ids = tok.encode(text, add_special_tokens=False)
         if len(ids) == length:
             break
         if len(ids) > length:
@@ -59,7 +59,7 @@ def _exact_length_text(tok: BenchTokenizer, rng: np.random.Generator, length: in
     return text, tok.count(text)
 
 
-def sample_random(tok: BenchTokenizer, num_requests: int, input_len: int, output_len: int,
+def sample_random(tok: Tokenizer, num_requests: int, input_len: int, output_len: int,
                   range_ratio: float, prefix_len: int, seed: int) -> list[SampleRequest]:
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
@@ -83,7 +83,7 @@ def sample_random(tok: BenchTokenizer, num_requests: int, input_len: int, output
     return requests
 
 
-def sample_sonnet(tok: BenchTokenizer, path: str, num_requests: int, input_len: int,
+def sample_sonnet(tok: Tokenizer, path: str, num_requests: int, input_len: int,
                   prefix_len: int, output_len: int, chat_format: bool, seed: int) -> list[SampleRequest]:
     """vLLM's sonnet set; `chat_format` sends the chat-templated text (for /v1/completions)."""
     lines = Path(path).read_text().splitlines(keepends=True)
@@ -121,7 +121,7 @@ def sample_sonnet(tok: BenchTokenizer, path: str, num_requests: int, input_len: 
     return requests
 
 
-def sample_sharegpt(tok: BenchTokenizer, path: str, num_requests: int,
+def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
                     output_len: Optional[int], seed: int) -> list[SampleRequest]:
     """First human turn of each conversation; pruned as vLLM does (see the module docstring)."""
     data = json.loads(Path(path).read_text())
@@ -150,7 +150,7 @@ def sample_sharegpt(tok: BenchTokenizer, path: str, num_requests: int,
     return requests
 
 
-def sample_prefix_repetition(tok: BenchTokenizer, num_requests: int, prefix_len: int,
+def sample_prefix_repetition(tok: Tokenizer, num_requests: int, prefix_len: int,
                              suffix_len: int, num_prefixes: int, output_len: int,
                              seed: int) -> list[SampleRequest]:
     if num_prefixes < 1 or num_prefixes > num_requests:
@@ -173,7 +173,7 @@ def sample_prefix_repetition(tok: BenchTokenizer, num_requests: int, prefix_len:
     return requests
 
 
-def sample_requests(args, tok: BenchTokenizer) -> list[SampleRequest]:
+def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
     """The request set named by `args.dataset_name`, built from the bench serve flags."""
     name, n, seed = args.dataset_name, args.num_prompts, args.seed
     if n < 1:

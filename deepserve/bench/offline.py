@@ -116,7 +116,7 @@ def run_latency(args) -> dict:
 def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
     """(prompts as token ids, output length of each) from a sharegpt or sonnet file."""
     from deepserve.bench.datasets import sample_sharegpt, sample_sonnet
-    from deepserve.bench.tokenizer import resolve_tokenizer
+    from deepserve.engine.tokenizer import resolve_tokenizer
 
     if not args.dataset_path:
         raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
@@ -129,7 +129,7 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
         prefix = 200 if args.prefix_len is None else args.prefix_len   # vLLM's sonnet default
         requests = sample_sonnet(tok, args.dataset_path, args.num_prompts, args.input_len, prefix,
                                  args.output_len or 128, chat_format=True, seed=seed)
-    return ([{"prompt_token_ids": tok.encode(r.prompt)} for r in requests],
+    return ([{"prompt_token_ids": tok.encode(r.prompt, add_special_tokens=False)} for r in requests],
             [r.expected_output_len for r in requests])
 
 

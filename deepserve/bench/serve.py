@@ -25,7 +25,7 @@ import numpy as np
 from deepserve.bench.client import RequestInput, RequestOutput, api_url, send_request
 from deepserve.bench.datasets import SampleRequest, sample_requests
 from deepserve.bench.metrics import METRICS, compute_metrics, format_summary, parse_goodput
-from deepserve.bench.tokenizer import BenchTokenizer, resolve_tokenizer
+from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
 
 
 def arrival_gaps(n: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
@@ -146,7 +146,7 @@ def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list
     return values, names
 
 
-def run_serve(args: argparse.Namespace, tok: Optional[BenchTokenizer] = None,
+def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
               requests: Optional[list[SampleRequest]] = None, quiet: bool = False) -> dict:
     """One benchmark run; returns the result dict (saved when `args.save_result`)."""
     args.model = resolve_model(args)

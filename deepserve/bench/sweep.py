@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deepserve.bench.datasets import sample_requests
 from deepserve.bench.serve import resolve_model, run_serve
-from deepserve.bench.tokenizer import resolve_tokenizer
+from deepserve.engine.tokenizer import resolve_tokenizer
 
 TABLE_COLUMNS = [  # (header, result key, format)
     ("max concurrency", "max_concurrency", "{}"),

@@ -20,7 +20,6 @@ from typing import Optional, Union
 
 from deepserve.config import EngineArgs
 from deepserve.engine.block_manager import BlockManager, prefix_salt
-from deepserve.engine.detokenizer import IncrementalDetokenizer
 from deepserve.engine.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
@@ -46,7 +45,7 @@ class RequestState:
                  params: SamplingParams, seqs: list[Sequence], tokenizer: Optional[Tokenizer]):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.seqs = seqs
-        self.detoks = [IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+        self.detoks = [tokenizer.decode_stream(prompt_ids, params.skip_special_tokens)
                        if tokenizer else None for _ in seqs]
         self.texts = [""] * len(seqs)
         self.prompt_logprobs: Optional[list] = None  # computed at add time when asked for

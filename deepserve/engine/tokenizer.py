@@ -1,29 +1,44 @@
-"""Tokenizer from a Hugging Face folder (tokenizer.json + tokenizer_config.json), with the
-model's own chat template rendered by a sandboxed Jinja2. No remote code runs."""
+"""The tokenizer of a Hugging Face folder (tokenizer.json + tokenizer_config.json), shared by
+the engine and the benchmarks, with the model's own chat template rendered by a sandboxed
+Jinja2 configured once (transformers' settings: trim_blocks, lstrip_blocks, loopcontrols,
+tojson, raise_exception, strftime_now). Read with the `tokenizers` library: no transformers,
+no remote code.
+
+Benchmarks count tokens the way the model does (`count`: no special tokens added), never by
+splitting on spaces; the engine encodes prompts with the BOS the model expects.
+"""
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 
 def _token_text(value) -> Optional[str]:
+    """tokenizer_config.json writes special tokens either as a string or as an AddedToken dict."""
     if isinstance(value, dict):
         return value.get("content")
     return value
 
 
 class Tokenizer:
-    def __init__(self, folder: str | Path, chat_template: Optional[str] = None):
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: deepserve reads fast tokenizers (tokenizer.json)")
-        self.folder = folder
-        self.tok = HFTokenizer.from_file(str(path))
+    """`path`: a folder with tokenizer.json (and tokenizer_config.json), or the tokenizer.json
+    itself. `chat_template`: a template (or a file holding one) replacing the folder's."""
+
+    def __init__(self, path: str | Path, chat_template: Optional[str] = None):
+        self.name = str(path)
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: deepserve reads fast tokenizers (tokenizer.json; "
+                                    "pass --tokenizer FOLDER)")
+        folder = self.folder = file.parent
+        self.tok = HFTokenizer.from_file(str(file))
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
@@ -59,7 +74,22 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` as the model sees it inside a prompt (no special tokens added)."""
+        return len(self.encode(text, add_special_tokens=False)) if text else 0
+
+    @functools.cached_property
+    def text_token_ids(self) -> list[int]:
+        """Ids that decode to ordinary text (no added or special tokens): random benchmark
+        prompts must not contain special tokens, which detokenization would drop."""
+        special = set(self.tok.get_added_tokens_decoder())
+        return [i for i in range(self.tok.get_vocab_size(with_added_tokens=False)) if i not in special]
+
+    def decode_stream(self, context_ids: list[int] = (), skip_special_tokens: bool = True) -> "TextStream":
+        """Incremental detokenization of the ids that follow `context_ids` (tokenizers' DecodeStream)."""
+        return TextStream(self, context_ids, skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""
@@ -76,23 +106,66 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-_compiled: dict[str, object] = {}
+class TextStream:
+    """Text of a growing list of token ids, one token at a time, correct across multi-byte
+    characters split over tokens (one CJK character or emoji can span several byte-level
+    tokens, each alone decoding to U+FFFD): tokenizers' DecodeStream, which decodes a short
+    window and emits only what extends the window's previous text, holding back while it
+    ends in an incomplete character. A few context ids (the prompt's last) go first and
+    print nothing, so the first output token keeps its leading space."""
+
+    CONTEXT = 6
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: list[int] = (), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in list(context_ids)[-self.CONTEXT:]:
+            self._stream.step(tokenizer.tok, int(token_id))
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes (possibly empty)."""
+        delta = self._stream.step(self.tokenizer.tok, int(token_id)) or ""
+        self.text += delta
+        return delta
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Tokenizer:
+    """A shared Tokenizer per path: a large vocabulary takes a second or more to load."""
+    return Tokenizer(path)
+
+
+def resolve_tokenizer(tokenizer: Optional[str], model: Optional[str]) -> Tokenizer:
+    """`--tokenizer` if given, else `--model` when it is a local folder with a tokenizer.json."""
+    if tokenizer:
+        return load_tokenizer(str(tokenizer))
+    if model and (Path(model) / "tokenizer.json").is_file():
+        return load_tokenizer(str(model))
+    raise ValueError(f"no tokenizer to count tokens with: --model {model!r} is not a folder with a "
+                     "tokenizer.json; pass --tokenizer FOLDER")
+
+
+def _raise_exception(message):
+    raise ValueError(f"chat template error: {message}")
+
+
+@functools.lru_cache(maxsize=1)
+def _jinja_env():
+    """The one Jinja environment chat templates render in (sandboxed, as transformers')."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"],
+                                        undefined=jinja2.Undefined)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@functools.lru_cache(maxsize=16)
 def _compile(template: str):
-    if template not in _compiled:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise ValueError(f"chat template error: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"],
-                                            undefined=jinja2.Undefined)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-            x, indent=indent, ensure_ascii=ensure_ascii)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        _compiled[template] = env.from_string(template)
-    return _compiled[template]
+    return _jinja_env().from_string(template)

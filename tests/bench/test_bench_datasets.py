@@ -9,7 +9,7 @@ from conftest import SERVING, TOKENIZER
 from deepserve.bench.datasets import (SONNET_INSTRUCTION, sample_prefix_repetition, sample_random,
                                       sample_sharegpt, sample_sonnet)
 from deepserve.bench.serve import run_serve
-from deepserve.bench.tokenizer import load_tokenizer
+from deepserve.engine.tokenizer import load_tokenizer
 
 SONNET = str(SERVING / "sonnet.txt")
 SHAREGPT_2TURN = str(SERVING / "ShareGPT_V3_unfiltered_cleaned_split.first500.json")
@@ -36,7 +36,7 @@ def test_random_range_ratio_and_prefix(tok):
     lens_out = [r.expected_output_len for r in reqs]
     assert min(lens_out) >= 10 and max(lens_out) <= 30 and len(set(lens_out)) > 5
     assert all(10 + 25 - 2 <= r.prompt_len <= 10 + 75 + 2 for r in reqs)
-    prefix = tok.decode(tok.encode(reqs[0].prompt)[:8])
+    prefix = tok.decode(tok.encode(reqs[0].prompt, add_special_tokens=False)[:8])
     assert all(r.prompt.startswith(prefix) for r in reqs)
     with pytest.raises(ValueError, match="range-ratio must be in"):
         sample_random(tok, 1, 10, 10, 1.5, 0, 0)
@@ -81,7 +81,7 @@ def test_prefix_repetition_groups(tok):
     reqs = sample_prefix_repetition(tok, 7, prefix_len=24, suffix_len=12, num_prefixes=3,
                                     output_len=5, seed=0)
     assert len(reqs) == 7 and all(r.expected_output_len == 5 for r in reqs)
-    heads = [tok.decode(tok.encode(r.prompt)[:20]) for r in reqs]
+    heads = [tok.decode(tok.encode(r.prompt, add_special_tokens=False)[:20]) for r in reqs]
     assert sorted(heads.count(h) for h in set(heads)) == [2, 2, 3]
     assert all(abs(r.prompt_len - 36) <= 2 for r in reqs)
     with pytest.raises(ValueError, match="num-prefixes must be in"):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import EXPECTED_KEYS, TOKENIZER
 from deepserve.bench.serve import arrival_gaps, run_serve
-from deepserve.bench.tokenizer import BenchTokenizer
+from deepserve.engine.tokenizer import Tokenizer
 from deepserve.cli.bench import _serve
 
 
@@ -61,7 +61,7 @@ def test_known_timing(fake_server, bench_args, endpoint, capsys):
     assert res["output_lens"] == [10] * 3 and res["total_output_tokens"] == 30
     assert all(len(itl) == 9 for itl in res["itls"])
     # input lengths are the tokenizer's count of the prompts the server got
-    tok = BenchTokenizer(TOKENIZER)
+    tok = Tokenizer(TOKENIZER)
     sent = [r.get("prompt") or r["messages"][0]["content"] for r in received]
     assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in sent)
     assert res["total_input_tokens"] == sum(res["input_lens"])

@@ -1,21 +1,80 @@
 """Tokenizer, chat template and incremental detokenization with the real R1 tokenizers."""
+import random
+
 import pytest
 
-from deepserve.engine.detokenizer import IncrementalDetokenizer
-from deepserve.engine.tokenizer import Tokenizer
+from deepserve.engine.tokenizer import Tokenizer, TextStream, load_tokenizer
 
 TEXT = "Hello 世界 🎉🎉 naïve <think>x</think> done — ünïcödé 你好吗？"
+# multi-byte characters cut across byte-level tokens: rare CJK, emoji with modifiers and ZWJ
+# sequences, combining marks, right-to-left text
+MULTIBYTE = ["鑫龘齉爨 𠀋𡈽𢌞 🇯🇵👩🏽‍💻👨‍👩‍👧‍👦🫠", "e\u0301 a\u0308 ﬁ Ⅻ ㊙ 〰 ｶﾀｶﾅ", "مرحبا بالعالم שלום עולם",
+             "  two  spaces\nand\ttabs\n\n"]
+NAMES = ["deepseek-r1", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b"]
 
 
-@pytest.mark.parametrize("name", ["deepseek-r1", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b"])
-def test_incremental_detokenization_multibyte(shared_dir, name):
-    tok = Tokenizer(shared_dir / "tokenizers" / name)
+@pytest.fixture(scope="module", params=NAMES)
+def tok(request, shared_dir):
+    return load_tokenizer(str(shared_dir / "tokenizers" / request.param))
+
+
+def stream_text(tok: Tokenizer, context: list[int], ids: list[int], skip: bool = True) -> tuple[str, list[str]]:
+    stream = tok.decode_stream(context, skip)
+    pieces = [stream.add(t) for t in ids]
+    assert stream.text == "".join(pieces)
+    return stream.text, pieces
+
+
+def test_incremental_detokenization_multibyte(tok):
     ids = tok.encode(TEXT)
     assert ids[0] == tok.bos_token_id
-    detok = IncrementalDetokenizer(tok, ids[:1])
-    pieces = [detok.add(t) for t in ids[1:]]
-    assert "".join(pieces) == TEXT == tok.decode(ids[1:])
+    text, pieces = stream_text(tok, ids[:1], ids[1:])
+    assert text == TEXT == tok.decode(ids[1:])
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_stream_equals_full_decode(tok, skip):
+    """The streamed text after a prompt equals the full decode of prompt + output less the
+    prompt's own decode, for text and for random ids (byte pieces that may never complete a
+    character, special tokens), with every piece free of U+FFFD."""
+    rng = random.Random(7)
+    prompt = tok.encode("Translate: ")
+    cases = [tok.encode(t, add_special_tokens=False) for t in MULTIBYTE + [TEXT]]
+    specials = sorted(tok.tok.get_added_tokens_decoder())[:20]
+    vocab = tok.tok.get_vocab_size(with_added_tokens=False)
+    cases += [[rng.randrange(vocab) for _ in range(60)] for _ in range(3)]
+    cases.append([rng.choice(specials + [rng.randrange(vocab) for _ in range(10)]) for _ in range(40)])
+    for ids in cases:
+        text, pieces = stream_text(tok, prompt, ids, skip)
+        context = prompt[-TextStream.CONTEXT:]
+        full = tok.decode(context + ids, skip)
+        before = tok.decode(context, skip)
+        assert full.startswith(before)
+        want = full[len(before):]
+        # a trailing incomplete character is held back, never emitted
+        assert text == want or (want.endswith("\ufffd") and want.startswith(text)), (text, want)
+        assert all(not p.endswith("\ufffd") for p in pieces)
+
+
+def test_jinja_environment_has_loopcontrols_and_tojson(tok):
+    """One environment for every template: {% break %} (loopcontrols) and tojson work."""
+    tok = Tokenizer(tok.folder, chat_template=(
+        "{% for m in messages %}{% if m['role'] == 'stop' %}{% break %}{% endif %}"
+        "{{ m['content'] | tojson }};{% endfor %}{% if add_generation_prompt %}>{% endif %}"))
+    messages = [{"role": "user", "content": "a\"b"}, {"role": "stop", "content": "x"},
+                {"role": "user", "content": "never"}]
+    assert tok.apply_chat_template(messages) == '"a\\"b";>'
+
+
+def test_tokenizer_file_and_counts(tok):
+    same = Tokenizer(tok.folder / "tokenizer.json")
+    assert same.vocab_size == tok.vocab_size and same.chat_template == tok.chat_template
+    assert tok.count("") == 0 and tok.count(TEXT) == len(tok.encode(TEXT, add_special_tokens=False))
+    special = set(tok.tok.get_added_tokens_decoder())
+    assert tok.text_token_ids and not special.intersection(tok.text_token_ids)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer(tok.folder / "missing")
 
 
 def test_r1_chat_template(shared_dir):
