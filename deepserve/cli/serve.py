@@ -24,7 +24,8 @@ SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "reasonin
                    "log_level": "info"}
 
 # request-handling options of the API (vLLM's names)
-SERVER_DEFAULTS.update({"generation_config": "auto", "enable_auto_tool_choice": False, "tool_call_parser": None})
+SERVER_DEFAULTS.update({"generation_config": "auto", "enable_auto_tool_choice": False, "tool_call_parser": None,
+                        "max_logprobs": 20})
 
 
 def register(subparsers) -> None:
@@ -52,6 +53,8 @@ def register(subparsers) -> None:
                    help="Let the model decide to call tools (tool_choice auto); needs --tool-call-parser.")
     s.add_argument("--tool-call-parser", default=sup, choices=["deepseek_v3", "deepseek_v31"],
                    help="Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3).")
+    s.add_argument("--max-logprobs", type=int, default=sup,
+                   help="Most logprobs / top_logprobs / prompt_logprobs a request may ask for (default: 20).")
     s.add_argument("--chat-template", default=sup,
                    help="Chat template file (or Jinja text) replacing the tokenizer's.")
     s.add_argument("--max-body-bytes", type=int, default=sup,
@@ -136,4 +139,5 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
                       chat_template=server["chat_template"], reasoning_parser=server["reasoning_parser"],
                       api_key=server["api_key"], max_body_bytes=int(server["max_body_bytes"]),
                       generation_config=server["generation_config"], tool_call_parser=server["tool_call_parser"],
-                      enable_auto_tool_choice=bool(server["enable_auto_tool_choice"]))
+                      enable_auto_tool_choice=bool(server["enable_auto_tool_choice"]),
+                      max_logprobs=int(server["max_logprobs"]))

@@ -40,6 +40,10 @@ class GuidedDecoding:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"guided_json is not valid JSON: {exc}") from None
 
+    def __getstate__(self) -> dict:
+        # a compiled grammar cannot be pickled: an engine in another process compiles its own
+        return {**self.__dict__, "compiled": None}
+
     def key(self) -> tuple:
         """What identifies the compiled grammar (cache key)."""
         schema = self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json, sort_keys=True)
@@ -117,10 +121,10 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):  # the server caps them at --max-logprobs
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
             bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not -100 <= b <= 100), None)

@@ -128,11 +128,14 @@ def generation_defaults(generation_config: str, model: str) -> dict:
 def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
                 reasoning_parser: Optional[str] = None, api_key: Optional[str] = None,
                 max_body_bytes: int = 8 * 1024 * 1024, generation_config: str = "auto",
-                enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None) -> ServerState:
+                enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
+                max_logprobs: int = 20) -> ServerState:
     if reasoning_parser is not None and reasoning_parser not in PARSERS:
         raise ValueError(f"unknown --reasoning-parser {reasoning_parser!r}; choose from {', '.join(PARSERS)}")
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown --tool-call-parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}")
+    if max_logprobs < 0:
+        raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
     if enable_auto_tool_choice and tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
     defaults = generation_defaults(generation_config, str(engine_args.model))
@@ -144,7 +147,7 @@ def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
                               api_key=api_key or None, reasoning_parser=reasoning_parser,
                               max_body_bytes=max_body_bytes, created=int(time.time()),
                               generation_defaults=defaults, tool_call_parser=tool_call_parser,
-                              enable_auto_tool_choice=enable_auto_tool_choice)
+                              enable_auto_tool_choice=enable_auto_tool_choice, max_logprobs=max_logprobs)
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
     llm.listener = metrics

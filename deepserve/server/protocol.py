@@ -188,11 +188,15 @@ PromptField = Union[str, list[str], list[int], list[list[int]]]
 class CompletionRequest(_SamplingFields):
     prompt: PromptField
     max_tokens: Optional[int] = 16
+    max_completion_tokens: Optional[int] = None   # vLLM takes it here too (the vllm-ascend guide sends it)
     logprobs: Optional[int] = None
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
     add_special_tokens: bool = True
+
+    def max_new_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts (each a string or a token-id list)."""
@@ -300,8 +304,8 @@ class ChatCompletionRequest(_SamplingFields):
         if not self.logprobs:
             return None
         top = self.top_logprobs or 0
-        if not 0 <= top <= 20:
-            raise ValueError(f"top_logprobs must be in [0, 20], got {top}")
+        if top < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {top}")
         return top
 
 

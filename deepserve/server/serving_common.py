@@ -39,6 +39,7 @@ class ServerSettings:
     generation_defaults: dict = field(default_factory=dict)
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
+    max_logprobs: int = 20
     extra: dict = field(default_factory=dict)
 
 
@@ -111,6 +112,12 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
         params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)
     except ValueError as exc:
         raise api_error_from(exc) from None
+    limit = state.settings.max_logprobs
+    for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        if value is not None and value > limit:
+            shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
+            raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown,
+                           code="invalid_value")
     bad = next((t for t in (params.logit_bias or {}) if t >= state.llm.vocab_size), None)
     if bad is not None:
         raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",

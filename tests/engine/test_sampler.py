@@ -62,3 +62,19 @@ def test_grammar_masks_constrained_rows_only():
             break
         text += tok.decode([out[1]])
     assert out[1] in tok.eos_token_ids and len(text) == 3 and set(text) <= {"a", "b"}, text
+
+
+def test_guided_spec_checks_and_pickles_without_its_compiled_grammar():
+    import pickle
+
+    with pytest.raises(ValueError, match="exactly one"):
+        GuidedDecoding(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GuidedDecoding(json="{nope")
+    spec = GuidedDecoding(choice=["x", "y"])
+    spec.compiled = object()
+    params = pickle.loads(pickle.dumps(SamplingParams(guided=spec, logit_bias={"3": 1})))
+    assert params.guided.choice == ["x", "y"] and params.guided.compiled is None   # another process recompiles
+    assert params.logit_bias == {3: 1.0}
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: 150})

@@ -212,3 +212,19 @@ def test_lm_eval_local_completions_loglikelihood(demo_server, hf_logprobs, monke
         expected = sum(ref[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert greedy == all(ref[i - 1].argmax().item() == whole[i] for i in range(len(ctx), len(whole)))
+
+
+def test_streamed_echo_logprobs_and_max_logprobs(client, demo_server):
+    ids = tokenize(demo_server, PROMPT)
+    kwargs = dict(model="stories260k", prompt=ids, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, values = [], []
+    for c in client.completions.create(**kwargs, stream=True):
+        if c.choices and c.choices[0].logprobs:
+            tokens += c.choices[0].logprobs.tokens
+            values += c.choices[0].logprobs.token_logprobs
+    assert tokens == whole.tokens and values[0] is None
+    assert values[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-6)
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT, logprobs=21), "logprobs")
+    expect_400(lambda: client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "x"}],
+                                                      logprobs=True, top_logprobs=21), "top_logprobs")
