@@ -15,10 +15,13 @@ the `meta` device):
   intermediate dim split by TP. Shared experts and dense MLPs are TP-split either way.
 - PP gives each stage a contiguous run of layers, the embedding on the first stage and the
   final norm + lm_head (+ the MTP module when asked for) on the last.
-- fp8 (DeepSeek's block format, quant/fp8.py): each quantized Linear weight takes 1 byte
-  per value plus one fp32 scale per 128 x 128 block of the rank's slice; embeddings,
-  lm_head, norms and biases keep the model dtype (quant/policy.py), and the router is fp32
-  as MoEGate holds it.
+- fp8 (DeepSeek's block format, quant/fp8.py), as the engine allocates it: a quantized
+  Linear weight takes 1 byte per value plus one fp32 scale per row per 128 columns of the
+  rank's slice (Fp8BlockLinearMethod keeps the block scales row-expanded); routed experts
+  take 1 byte per value plus one fp32 scale per 128 x 128 block, their intermediate dim padded
+  up to a whole block when a rank holds whole experts (FusedMoE.use_fp8); embeddings, lm_head,
+  norms, biases, MLA's kv_b_proj and MTP's eh_proj keep the model dtype
+  (layers/quantization.py), and the router is fp32 as MoEGate holds it.
 - 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight takes half a byte per value
   plus a scale (and for awq / gptq a uint8 zero point) per row per 128 columns; routed experts
   and the layers fp8 keeps in the model dtype stay in the model dtype.
@@ -31,6 +34,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+from deepserve.distributed.parallel_state import pp_layer_range
 
 FP8_BLOCK = 128
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -49,7 +54,8 @@ GROUPS = ("attention", "mlp", "experts", "shared_experts", "router", "embedding"
 @dataclass(frozen=True)
 class Tensor:
     """One parameter as a rank holds it: `count` copies of a [rows, cols] matrix.
-    kind: "linear" (quantized under fp8), "high" (model dtype always), "fp32"."""
+    kind: "linear" (quantized under fp8), "expert" (a routed expert's matrix: quantized with
+    block scales under fp8), "high" (model dtype always), "fp32"."""
 
     group: str
     rows: int
@@ -62,6 +68,8 @@ class Tensor:
         if self.kind == "fp32":
             return 4 * n * self.count
         if self.kind == "linear" and quantization == "fp8":
+            return (n + 4 * self.rows * math.ceil(self.cols / FP8_BLOCK)) * self.count
+        if self.kind == "expert" and quantization == "fp8":
             scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK)
             return (n + 4 * scales) * self.count
         if self.kind == "linear" and quantization in INT4_PLAN:
@@ -136,14 +144,14 @@ def _mla_attention(cfg, tp: int) -> list[Tensor]:
                 Tensor("attention", h * qk // tp, q_lora)]
         out += [Tensor("attention", q_lora, kind="high")] if bias else []
     out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, d), Tensor("norms", kv_lora, kind="high"),
-            Tensor("attention", h * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, kv_lora),
+            Tensor("attention", h * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, kv_lora, kind="high"),
             Tensor("attention", d, h * cfg.v_head_dim // tp)]
     if bias:
         out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, kind="high"), Tensor("attention", d, kind="high")]
     return out
 
 
-def _moe(cfg, layout: Layout) -> list[Tensor]:
+def _moe(cfg, layout: Layout, quantization: Optional[str]) -> list[Tensor]:
     d, e, inter = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     v3 = cfg.get("model_type") == "deepseek_v3"
     out = [Tensor("router", e, d, kind="fp32")]
@@ -153,22 +161,24 @@ def _moe(cfg, layout: Layout) -> list[Tensor]:
         n, local = e // layout.ep_size, inter
     else:
         n, local = e, inter // layout.tp
-    out += [Tensor("experts", local, d, count=n), Tensor("experts", local, d, count=n),
-            Tensor("experts", d, local, count=n)]
+    if quantization == "fp8" and local == inter:
+        local = math.ceil(inter / FP8_BLOCK) * FP8_BLOCK   # whole experts: padded to the block grid
+    out += [Tensor("experts", local, d, "expert", n), Tensor("experts", local, d, "expert", n),
+            Tensor("experts", d, local, "expert", n)]
     shared = cfg.get("n_shared_experts") or 0
     if shared:
         out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)))
     return out
 
 
-def layer_tensors(cfg, layer: int, layout: Layout) -> list[Tensor]:
+def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] = None) -> list[Tensor]:
     """What one rank of `layout` holds of decoder layer `layer`."""
     d = cfg.hidden_size
     mla = architecture(cfg) in MLA_ARCHS
     out = _mla_attention(cfg, layout.tp) if mla else _gqa_attention(cfg, layout.tp)
     out += [Tensor("norms", d, kind="high"), Tensor("norms", d, kind="high")]
     if mla and is_moe_layer(cfg, layer):
-        return out + _moe(cfg, layout)
+        return out + _moe(cfg, layout, quantization)
     return out + _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)))
 
 
@@ -176,47 +186,44 @@ def vocab_rows(cfg, tp: int) -> int:
     return -(-cfg.vocab_size // tp)   # padded so every rank holds the same slice
 
 
-def mtp_tensors(cfg, layout: Layout) -> list[Tensor]:
+def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None) -> list[Tensor]:
     """DeepSeek MTP modules (models/deepseek_mtp.py): own embedding, enorm/hnorm, eh_proj
     [D, 2D], one MoE decoder layer, shared_head norm + head."""
     d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
     out = []
     for i in range(int(cfg.get("num_nextn_predict_layers") or 0)):
-        block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout)
+        block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout, quantization)
         out += [Tensor("mtp", t.rows, t.cols, t.kind, t.count) for t in block]
         out += [Tensor("mtp", rows, d, kind="high"), Tensor("mtp", d, kind="high"), Tensor("mtp", d, kind="high"),
-                Tensor("mtp", d, 2 * d), Tensor("mtp", d, kind="high"), Tensor("mtp", rows, d, kind="high")]
+                Tensor("mtp", d, 2 * d, kind="high"), Tensor("mtp", d, kind="high"),
+                Tensor("mtp", rows, d, kind="high")]
     return out
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
-    """Contiguous layer ranges per PP stage; the remainder of an uneven split goes to the
-    middle stages first (the first holds the embedding, the last the lm_head)."""
+    """Contiguous layer ranges per PP stage, as the engine splits them (pp_layer_range:
+    the remainder on the first stages, or VLLM_PP_LAYER_PARTITION)."""
     if not 1 <= pp <= num_layers:
         raise ValueError(f"pipeline-parallel size {pp} must be in [1, num_hidden_layers={num_layers}]")
-    sizes = [num_layers // pp] * pp
-    order = list(range(1, pp - 1)) + [0, pp - 1]
-    for i in range(num_layers % pp):
-        sizes[order[i % len(order)]] += 1
-    starts = [sum(sizes[:i]) for i in range(pp)]
-    return [range(s, s + n) for s, n in zip(starts, sizes)]
+    return [pp_layer_range(num_layers, pp, rank) for rank in range(pp)]
 
 
-def stage_tensors(cfg, layout: Layout, stage: int, include_mtp: bool = False) -> list[Tensor]:
+def stage_tensors(cfg, layout: Layout, stage: int, include_mtp: bool = False,
+                  quantization: Optional[str] = None) -> list[Tensor]:
     """Every tensor one rank of PP stage `stage` holds."""
     d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
     out = []
     if stage == 0:
         out.append(Tensor("embedding", rows, d, kind="high"))
     for layer in stage_layers(cfg.num_hidden_layers, layout.pp)[stage]:
-        out += layer_tensors(cfg, layer, layout)
+        out += layer_tensors(cfg, layer, layout, quantization)
     if stage == layout.pp - 1:
         out.append(Tensor("norms", d, kind="high"))
         # a tied head shares the embedding's storage only when both sit on the same stage
         if not cfg.get("tie_word_embeddings", False) or layout.pp > 1:
             out.append(Tensor("lm_head", rows, d, kind="high"))
         if include_mtp:
-            out += mtp_tensors(cfg, layout)
+            out += mtp_tensors(cfg, layout, quantization)
     return out
 
 
@@ -227,7 +234,7 @@ def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization:
     stages = []
     for stage in range(layout.pp):
         groups = dict.fromkeys(GROUPS, 0)
-        for t in stage_tensors(cfg, layout, stage, include_mtp):
+        for t in stage_tensors(cfg, layout, stage, include_mtp, quantization):
             groups[t.group] += t.nbytes(dtype_bytes, quantization)
         stages.append(groups)
     return stages

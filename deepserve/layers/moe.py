@@ -8,6 +8,15 @@ rows then up rows) and w2 [E, D, I], filled from the per-expert checkpoint tenso
 (`experts.{e}.gate_proj/up_proj/down_proj.weight`) through `weight_loader(param, t, (e, w))`.
 The compute is `ops.fused_moe` over tokens sorted by expert (DESIGN invariant 4).
 
+FP8 experts (`use_fp8`, DeepSeek-V3/R1's checkpoint format; DESIGN invariant 9): w13/w2 are
+float8 e4m3 with one fp32 `scale_inv` per 128x128 block of each expert's matrix,
+w13_weight_scale_inv [E, 2I/128, ceil(D/128)] (gate blocks then up blocks) and
+w2_weight_scale_inv [E, ceil(D/128), I/128], the layout the fp8 fused-MoE kernels read. They
+stay fp8 in memory; the torch op dequantizes one expert at a time per call. A rank's slice of
+I must fall on the 128-block grid, so gate and up blocks stack and TP shards keep whole blocks.
+A float checkpoint tensor (BF16 folder with `--quantization fp8`, random weights) is quantized
+here with the converter's rule (quant/fp8.py) before slicing.
+
 Parallelism (DESIGN invariant 5): with expert parallelism (ep_size > 1) a rank holds the
 E/ep_size experts `[ep_rank * E_local, ...)` whole, tokens routed elsewhere contribute zero
 here, and the partial sums are all-reduced over the EP group. Without EP, every rank holds
@@ -27,10 +36,13 @@ from torch import nn
 from deepserve import ops
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers import moe_exchange
+from deepserve.quant.fp8 import FP8_DTYPE, quant_fp8_block
 
 # checkpoint projection name -> (stacked parameter, which part of it)
 EXPERT_SHARDS = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
                  "down_proj": ("w2_weight", "w2")}
+FP8_BLOCK = 128
+SCALE_SUFFIX = "_scale_inv"
 
 
 class MoEGate(nn.Module):
@@ -71,6 +83,7 @@ class FusedMoE(nn.Module):
             self.num_local_experts, self.first_expert = num_experts, 0
             self.local_intermediate = divide(intermediate_size, self.pctx.tp_size, "moe_intermediate_size")
             self.inter_start = self.pctx.tp_rank * self.local_intermediate
+        self.stored_intermediate = self.local_intermediate    # padded up for fp8 (use_fp8)
         e, i = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=params_dtype),
                                        requires_grad=False)
@@ -78,6 +91,47 @@ class FusedMoE(nn.Module):
                                       requires_grad=False)
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
+
+    @property
+    def fp8(self) -> bool:
+        return self.w13_weight.dtype == FP8_DTYPE
+
+    def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
+        """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before loading."""
+        if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+            raise ValueError(f"fp8 experts need {FP8_BLOCK}x{FP8_BLOCK} scale blocks (the fused-MoE "
+                             f"kernels' grid), got weight_block_size {list(block)}")
+        e, i, d = self.num_local_experts, self.local_intermediate, self.hidden_size
+        if i % FP8_BLOCK and self.inter_start == 0 and i == self.intermediate_size:
+            # whole experts on this rank: pad I with zero rows/columns to the block grid, so the
+            # up rows' scales start on a block of their own (silu(0) * 0 adds nothing)
+            i = -(-i // FP8_BLOCK) * FP8_BLOCK
+        elif i % FP8_BLOCK:
+            raise ValueError(f"fp8 experts: moe_intermediate_size {self.intermediate_size} gives {i} rows "
+                             f"per rank, not a multiple of the {FP8_BLOCK}-row scale block; use a "
+                             f"tensor-parallel size that keeps whole blocks, or expert parallel")
+        self.stored_intermediate = i
+        device = self.w13_weight.device
+        kb_d, kb_i = -(-d // FP8_BLOCK), i // FP8_BLOCK
+
+        def param(*shape, dtype):
+            p = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+            p.weight_loader = self.weight_loader
+            return p
+
+        del self.w13_weight, self.w2_weight
+        self.w13_weight = param(e, 2 * i, d, dtype=FP8_DTYPE)
+        self.w2_weight = param(e, d, i, dtype=FP8_DTYPE)
+        self.w13_weight_scale_inv = param(e, 2 * kb_i, kb_d, dtype=torch.float32)
+        self.w2_weight_scale_inv = param(e, kb_d, kb_i, dtype=torch.float32)
+        for p in (self.w13_weight, self.w2_weight):
+            p.quantize_on_load = True     # takes float tensors too (init_dummy_weights, --quantization)
+
+    def scales(self) -> dict:
+        """The fp8 keyword arguments of ops.fused_moe (none for 16-bit experts)."""
+        if not self.fp8:
+            return {}
+        return dict(w13_scale=self.w13_weight_scale_inv, w2_scale=self.w2_weight_scale_inv)
 
     def dummy_shards(self):
         """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""
@@ -88,26 +142,69 @@ class FusedMoE(nn.Module):
             yield self.w2_weight, (expert, "w2"), (d, full_i)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
-        """Copy one checkpoint expert tensor into the stack. shard_id = (global expert, "w1"|"w3"|"w2");
-        experts another EP rank holds are skipped on purpose."""
+        """Copy one checkpoint expert tensor (a weight, or with fp8 experts its block scale_inv)
+        into the stack. shard_id = (global expert, "w1"|"w3"|"w2"); experts another EP rank holds
+        are skipped on purpose."""
         expert, part = shard_id
+        name = getattr(param, "param_name", "?")
         if not 0 <= expert < self.num_experts:
-            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: expert {expert} outside "
-                             f"[0, {self.num_experts}) (n_routed_experts)")
+            raise ValueError(f"tensor {name}: expert {expert} outside [0, {self.num_experts}) (n_routed_experts)")
         local = expert - self.first_expert
         if not 0 <= local < self.num_local_experts:
             return
         full_i, d = self.intermediate_size, self.hidden_size
         expected = (d, full_i) if part == "w2" else (full_i, d)
+        is_scale = param is getattr(self, "w13_weight_scale_inv", None) or \
+            param is getattr(self, "w2_weight_scale_inv", None)
+        if is_scale:
+            self._load_scale(param, loaded, local, expert, part, expected)
+            return
+        if self.fp8 and loaded.dtype != FP8_DTYPE:
+            if tuple(loaded.shape) != expected or not loaded.is_floating_point():
+                raise ValueError(f"tensor {name} expert {expert} {part}: checkpoint {loaded.dtype} "
+                                 f"{tuple(loaded.shape)} does not fit the model's fp8 {expected}")
+            q, scale = quant_fp8_block(loaded.to(param.device))    # the whole tensor, then shard
+            self.weight_loader(param, q, shard_id)
+            target = self.w2_weight_scale_inv if part == "w2" else self.w13_weight_scale_inv
+            self._load_scale(target, scale, local, expert, part, expected)
+            return
+        if loaded.dtype == FP8_DTYPE and not self.fp8:
+            raise ValueError(f"tensor {name} expert {expert} {part}: an fp8 checkpoint tensor for "
+                             f"{param.dtype} experts (it should have been dequantized)")
         if tuple(loaded.shape) != expected:
-            raise ValueError(f"tensor {getattr(param, 'param_name', '?')} expert {expert} {part}: checkpoint "
+            raise ValueError(f"tensor {name} expert {expert} {part}: checkpoint "
                              f"shape {tuple(loaded.shape)} does not match the model's {expected}")
-        i, start = self.local_intermediate, self.inter_start
+        i, start, stored = self.local_intermediate, self.inter_start, self.stored_intermediate
         if part == "w2":
-            param.data[local].copy_(loaded.narrow(1, start, i))
+            dst = param.data[local]                                       # [D, stored]
+            dst.narrow(1, 0, i).copy_(loaded.narrow(1, start, i))
+            dst.narrow(1, i, stored - i).zero_()
         else:
-            offset = 0 if part == "w1" else i
-            param.data[local].narrow(0, offset, i).copy_(loaded.narrow(0, start, i))
+            dst = param.data[local].narrow(0, 0 if part == "w1" else stored, stored)   # [stored, D]
+            dst.narrow(0, 0, i).copy_(loaded.narrow(0, start, i))
+            dst.narrow(0, i, stored - i).zero_()
+
+    def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, local: int, expert: int, part: str,
+                    weight_shape: tuple[int, int]) -> None:
+        """One expert's block scales [ceil(N/128), ceil(K/128)] -> this rank's blocks of the stack."""
+        name = getattr(param, "param_name", "?")
+        grid = tuple(-(-n // FP8_BLOCK) for n in weight_shape)
+        if tuple(loaded.shape) != grid:
+            raise ValueError(f"tensor {name} expert {expert} {part}: scale shape {tuple(loaded.shape)} does "
+                             f"not match a {weight_shape[0]}x{weight_shape[1]} weight in {FP8_BLOCK}x"
+                             f"{FP8_BLOCK} blocks {grid}")
+        loaded = loaded.to(param.device, torch.float32)
+        if not bool(torch.isfinite(loaded).all()) or not bool((loaded > 0).all()):
+            raise ValueError(f"tensor {name} expert {expert} {part}: scale_inv has non-finite or "
+                             f"non-positive values")
+        # this rank's blocks of I (whole blocks: use_fp8 checked or padded)
+        kb, kb_start = -(-self.local_intermediate // FP8_BLOCK), self.inter_start // FP8_BLOCK
+        if part == "w2":
+            param.data[local].copy_(loaded.narrow(1, kb_start, kb))
+        else:
+            offset = 0 if part == "w1" else self.stored_intermediate // FP8_BLOCK
+            param.data[local].narrow(0, offset, kb).copy_(loaded.narrow(0, kb_start, kb))
+        param.filled = True
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 dp_num_tokens: Optional[list[int]] = None, *, shared_w13: Optional[torch.Tensor] = None,
@@ -119,6 +216,8 @@ class FusedMoE(nn.Module):
             if self.pctx.tp_size != 1 or self.pctx.ep_size != 1:
                 raise ValueError(f"shared experts fold into the routed experts only with tp_size 1 and "
                                  f"ep_size 1, got tp_size {self.pctx.tp_size}, ep_size {self.pctx.ep_size}")
+            if self.fp8:
+                raise ValueError("shared experts fold into the routed experts only with 16-bit expert weights")
             return ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
                                  shared_w13=shared_w13, shared_w2=shared_w2)
         if self.use_ep and self.pctx.moe_dp_exchange:
@@ -126,7 +225,7 @@ class FusedMoE(nn.Module):
         if self.use_ep:
             # global ids -> this rank's local ids; others fall outside [0, E_local) and add zero
             topk_ids = topk_ids - self.first_expert
-        out = ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        out = ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, **self.scales())
         if not self.reduce_results:
             return out
         return self.pctx.ep_all_reduce(out) if self.use_ep else self.pctx.tp_all_reduce(out)
@@ -138,7 +237,7 @@ class FusedMoE(nn.Module):
         p = self.pctx
 
         def local_experts(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return ops.fused_moe(h, self.w13_weight, self.w2_weight, w, ids - self.first_expert)
+            return ops.fused_moe(h, self.w13_weight, self.w2_weight, w, ids - self.first_expert, **self.scales())
 
         if p.all2all_backend == "alltoall":
             return moe_exchange.alltoall(p, x, topk_weights, topk_ids, self.num_local_experts, local_experts)

@@ -22,8 +22,9 @@ full checkpoint tensor, so `--quantization fp8` on a BF16 folder gives the same 
 
 Which layers stay in the model dtype: the policy of quant/policy.py (embeddings, LM head,
 norms, router gate), plus `kv_b_proj`, whose weight MLA's absorbed decode reads directly
-(as vLLM does, it is dequantized at load), and MTP's `eh_proj`, which DeepSeek's release
-keeps in BF16. MoE routed experts are not Linear layers: they are dequantized at load.
+(as vLLM does, it is dequantized at load; docs/PERFORMANCE.md measures what fp8 would save),
+and MTP's `eh_proj`, which DeepSeek's release keeps in BF16. MoE routed experts are not
+Linear layers: FusedMoE keeps them in fp8 itself (layers/moe.py, models/loader.py).
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ def is_quantized_module(module_name: str) -> bool:
     if module_name.rsplit(".", 1)[-1] in KEEP_HIGH_PRECISION:
         return False
     return high_precision_reason(module_name + ".weight", torch.float32, (1, 1)) is None
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether checkpoint tensor `name` is a routed expert's weight or scale."""
+    return bool(_EXPERT.search(f".{name}")) and name.endswith(_SUFFIXES)
 
 
 def is_quantized_tensor(name: str) -> bool:
@@ -165,7 +171,11 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
         if tuple(loaded.shape) != grid:
             raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale shape {tuple(loaded.shape)} "
                              f"does not match a {rows}x{cols} weight in {bn}x{bk} blocks {grid}")
-        expanded = loaded.to(param.device, torch.float32).repeat_interleave(bn, 0)[:rows]  # [rows, Kb]
+        loaded = loaded.to(param.device, torch.float32)
+        if not bool(torch.isfinite(loaded).all()) or not bool((loaded > 0).all()):
+            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale_inv has non-finite or "
+                             f"non-positive values")
+        expanded = loaded.repeat_interleave(bn, 0)[:rows]                   # [rows, Kb]
         if isinstance(layer, RowParallelLinear):
             kb = param.shape[1]
             param.data.copy_(expanded.narrow(1, layer.pctx.tp_rank * kb, kb))

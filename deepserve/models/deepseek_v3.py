@@ -38,7 +38,7 @@ from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from deepserve.models.llama import LlamaMLP
 from deepserve.models.weights import load_params
 
-_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # top-level parts of an MTP layer that are not its transformer block
 MTP_OWN_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
@@ -90,7 +90,7 @@ class DeepseekMoE(nn.Module):
         unquantized 16-bit weights without bias in x's dtype. Decided at each call, because
         quantization swaps the linears' methods after the model is built."""
         p, mlp = self.experts.pctx, self.shared_experts
-        if mlp is None or p.tp_size != 1 or p.ep_size != 1:
+        if mlp is None or p.tp_size != 1 or p.ep_size != 1 or self.experts.fp8:
             return None
         weights = (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
         if any(w is None or w.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype for w in weights):
@@ -212,10 +212,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
 def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                           stacked_params, rename) -> set[str]:
-    """`load_params`, with per-expert tensors (`...mlp.experts.{e}.gate_proj.weight`) sent to
-    the stacked expert parameters with shard id (e, "w1"|"w3"|"w2")."""
+    """`load_params`, with per-expert tensors (`...mlp.experts.{e}.gate_proj.weight`, and with
+    fp8 experts their `.weight_scale_inv`) sent to the stacked expert parameters with shard id
+    (e, "w1"|"w3"|"w2"). Every expert of every stacked parameter must come: a checkpoint that
+    lacks one (a scale included) is refused naming the first missing tensor."""
     params = dict(module.named_parameters())
     experts_loaded: set[str] = set()
+    expert_parts: dict[str, set[tuple[int, str]]] = {}
 
     def others():
         for name, tensor in weights:
@@ -227,13 +230,29 @@ def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.
                 yield name, tensor
                 continue
             stacked, part = EXPERT_SHARDS[m[3]]
-            target = f"{m[1]}.{stacked}"
+            target = f"{m[1]}.{stacked}{m[4] or ''}"
             if target not in params:
+                what = "fp8 expert scales" if m[4] else "routed experts"
                 raise ValueError(f"checkpoint tensor {name} has no matching model parameter "
-                                 f"(no routed experts at {m[1]})")
+                                 f"(no {what} at {m[1]})")
             param = params[target]
             param.weight_loader(param, tensor, (int(m[2]), part))
             experts_loaded.add(target)
+            expert_parts.setdefault(target, set()).add((int(m[2]), m[3]))
 
     loaded = load_params(module, others(), stacked_params, lambda n: n)
+    _check_every_expert(module, expert_parts)
     return loaded | experts_loaded
+
+
+def _check_every_expert(module: nn.Module, expert_parts: dict[str, set[tuple[int, str]]]) -> None:
+    """Each stacked expert parameter that received any tensor received all of its experts'."""
+    for target, seen in expert_parts.items():
+        prefix, stacked = target.rsplit(".", 1)
+        experts = module.get_submodule(prefix)
+        projections = [n for n, (s, _) in EXPERT_SHARDS.items() if stacked.startswith(s)]
+        for e in range(experts.num_experts):
+            for proj in projections:
+                if (e, proj) not in seen:
+                    suffix = stacked[len(EXPERT_SHARDS[proj][0]):]
+                    raise ValueError(f"checkpoint lacks tensor {prefix}.{e}.{proj}.weight{suffix}")

@@ -5,14 +5,18 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 
 | checkpoint                       | --quantization | Linear layers run as                          |
 |----------------------------------|----------------|-----------------------------------------------|
-| fp8 (DeepSeek block)             | none           | fp8 on CUDA with fp8 GEMMs (sm >= 8.9), else dequantized at load |
-| fp8                              | fp8            | fp8 (CPU and older GPUs: dequantize-then-matmul per call)  |
+| fp8 (DeepSeek block)             | none / fp8     | fp8 (CPU and GPUs without fp8: dequantize-then-matmul per call) |
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
 
-Layers outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate,
-kv_b_proj, MTP eh_proj) and the MoE routed experts are dequantized at load to the model dtype.
+The MoE routed experts follow the linear method when it has an expert format (fp8: e4m3 with
+per-block scales, layers/moe.py); otherwise (w8a8-int8) they are dequantized at load. Layers
+outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate, kv_b_proj,
+MTP eh_proj) are dequantized at load to the model dtype.
+
+The model is built on the meta device, given its quantized layouts, then materialised
+(`build_model`), so device memory only ever holds the tensors the engine serves from.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import torch
 
 from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
-from deepserve.layers.quantization import init_dummy_quantized, is_quantized_tensor, quantize_linears
+from deepserve.layers.moe import FusedMoE
+from deepserve.layers.quantization import (init_dummy_quantized, is_expert_tensor, is_quantized_tensor,
+                                           quantize_linears)
 from deepserve.layers.quantization_int4 import int4_module, quantize_int4_linears
 from deepserve.layers.quantization_modelslim import modelslim_module, quantize_modelslim_linears
 from deepserve.models.registry import get_model_class
@@ -97,8 +103,10 @@ INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a
 
 
 def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
-    """The linear method to run (see the table in the module docstring). 4-bit checkpoints run
-    as stored (`--quantization awq|gptq|compressed-tensors` only names them)."""
+    """The linear method to run (see the table in the module docstring): the stored format
+    unless another is asked for. Quantized weights stay quantized on every device (DESIGN
+    invariant 9); where no kernel for the format exists the ops dequantize per call. 4-bit
+    checkpoints run as stored (`--quantization awq|gptq|compressed-tensors` only names them)."""
     if stored in AS_STORED or requested in INT4_REQUESTS:
         if requested is not None and stored not in INT4_REQUESTS.get(requested, ()):
             raise ValueError(f"--quantization {requested} cannot serve a {stored or 'high-precision'} "
@@ -106,9 +114,6 @@ def choose_quantization(requested: Optional[str], stored: Optional[str], device:
         return stored
     if requested is not None:
         return requested
-    if stored == "fp8":
-        native = device.type != "cpu" and get_platform(device.type).supports_fp8(device)
-        return "fp8" if native else None
     return stored
 
 
@@ -126,41 +131,42 @@ def stage_modules(model, pctx: ParallelContext) -> list:
     return parts
 
 
-def _build(cls, cfg, dtype, device, pctx: ParallelContext):
-    if pctx.pp_size == 1:
-        with torch.device(device):
-            return cls(cfg, dtype=dtype, pctx=pctx)
-    # a pipeline stage: build the whole model without memory, then give this stage's modules
-    # real storage; the weights of other stages stay on the meta device (copies into them
-    # are no-ops)
-    with torch.device("meta"):
-        model = cls(cfg, dtype=dtype, pctx=pctx)
-    for module in stage_modules(model, pctx):
-        # to_empty swaps in new Parameter objects: carry the per-parameter weight loaders over
-        loaders = {n: p.weight_loader for n, p in module.named_parameters() if hasattr(p, "weight_loader")}
-        module.to_empty(device=device)
-        for n, p in module.named_parameters():
-            if n in loaders:
-                p.weight_loader = loaders[n]
-        for sub in module.modules():
-            if hasattr(sub, "rebuild_buffers"):
-                sub.rebuild_buffers()
-    if getattr(model, "tie_word_embeddings", False):
-        model.lm_head.weight = model.model.embed_tokens.weight  # re-tie after materializing
-    model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
-    return model
+def _materialize(module: torch.nn.Module, device: torch.device) -> None:
+    """Give a meta-built module real (uninitialised) storage on `device`. `to_empty` swaps in
+    new Parameter objects: the attributes set on the old ones (weight loaders, flags) move over."""
+    attrs = {n: dict(p.__dict__) for n, p in module.named_parameters()}
+    module.to_empty(device=device)
+    for n, p in module.named_parameters():
+        p.__dict__.update(attrs.get(n, {}))
+    for sub in module.modules():
+        if hasattr(sub, "rebuild_buffers"):
+            sub.rebuild_buffers()
 
 
-@torch.no_grad()
-def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None):
+def quantize_experts(model, method: str, block: tuple[int, int]) -> list[str]:
+    """Routed experts stored in the linear method's format where one exists (fp8); returns their names."""
+    names = []
+    if method == "fp8":
+        for name, module in model.named_modules():
+            if isinstance(module, FusedMoE):
+                module.use_fp8(block)
+                names.append(name)
+    return names
+
+
+def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None,
+                method: Optional[str] = None, **model_kwargs):
+    """The model with its parameters as the engine allocates them (dtypes, quantized layouts,
+    this rank's slices), uninitialised. Built on the meta device first, so the 16-bit tensors
+    that quantization replaces never take memory; `device` "meta" returns it there (`deepserve
+    plan` and its tests count these bytes). With pipeline parallel only this stage's modules get
+    storage: the weights of other stages stay on the meta device (copies into them are no-ops)."""
     pctx = pctx or single_process()
     cfg = model_config.hf_config
     cls = get_model_class(cfg.architecture)
     dtype = resolve_dtype(model_config, device)
-    model = _build(cls, cfg, dtype, device, pctx)
-    dummy = model_config.load_format == "dummy"
-    stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
-    method = choose_quantization(model_config.quantization, stored, device)
+    with torch.device("meta"):
+        model = cls(cfg, dtype=dtype, pctx=pctx, **model_kwargs)
     block = fp8_block_size(cfg) or (128, 128)
     if method in INT4_METHODS:
         quantize_int4_linears(model, int4_spec(cfg))
@@ -168,6 +174,27 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
         quantize_modelslim_linears(model, modelslim.description(model_config.model))
     elif method is not None:
         quantize_linears(model, method, block)
+        quantize_experts(model, method, block)
+    if pctx.pp_size > 1:
+        model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
+    if torch.device(device).type == "meta":
+        return model
+    for module in (stage_modules(model, pctx) if pctx.pp_size > 1 else [model]):
+        _materialize(module, device)
+    if getattr(model, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight  # re-tie after materializing
+    return model
+
+
+@torch.no_grad()
+def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None):
+    cfg = model_config.hf_config
+    dummy = model_config.load_format == "dummy"
+    stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
+    method = choose_quantization(model_config.quantization, stored, device)
+    model = build_model(model_config, device, pctx, method)
+    dtype = resolve_dtype(model_config, device)
+    block = fp8_block_size(cfg) or (128, 128)
     if dummy:
         init_dummy_weights(model, seed=model_config.seed)
         init_dummy_quantized(model, seed=model_config.seed)
@@ -181,7 +208,12 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             weights = modelslim.modelslim_stream(weights, desc, functools.partial(modelslim_module, desc), dtype)
         elif stored is not None:
             # stored quantized tensors go as they are to the layers that run the same method
-            keep = is_quantized_tensor if method == stored else (lambda name: False)
+            if method != stored:
+                keep = lambda name: False  # noqa: E731
+            elif stored == "fp8":
+                keep = lambda name: is_quantized_tensor(name) or is_expert_tensor(name)  # noqa: E731
+            else:
+                keep = is_quantized_tensor
             weights = dequantize_stream(weights, stored, block, dtype, keep)
         loaded = model.load_weights(weights)
         params = dict(model.named_parameters())

@@ -81,10 +81,13 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
     qdtype, suffix = QUANT_FORMATS[fmt]
     pending_w: dict[str, torch.Tensor] = {}
     pending_s: dict[str, torch.Tensor] = {}
+    kept_w: set[str] = set()      # quantized weights passed through: each needs its scale too
+    kept_s: set[str] = set()
     for name, t in weights:
         if name.endswith(suffix):
             base = name[: -len(suffix)]
             if keep(name):
+                kept_s.add(base)
                 yield name, t
             elif base in pending_w:
                 yield base, _dequantize(fmt, pending_w.pop(base), t, block, out_dtype)
@@ -92,6 +95,7 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
                 pending_s[base] = t
         elif t.dtype == qdtype:
             if keep(name):
+                kept_w.add(name)
                 yield name, t
             elif name in pending_s:
                 yield name, _dequantize(fmt, t, pending_s.pop(name), block, out_dtype)
@@ -99,6 +103,9 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
                 pending_w[name] = t
         else:
             yield name, t
+    if kept_w - kept_s:
+        missing = sorted(kept_w - kept_s)[0]
+        raise ValueError(f"{fmt} tensor {missing} has no {missing}{suffix} in the checkpoint")
     if pending_w:
         missing = sorted(pending_w)[0]
         raise ValueError(f"{fmt} tensor {missing} has no {missing}{suffix} in the checkpoint")
@@ -148,10 +155,10 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     return loaded
 
 
-def _seeded_normal(shape, key: str, std: float, like: torch.Tensor) -> torch.Tensor:
+def _seeded_normal(shape, key: str, std: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """N(0, std^2) values that depend only on `key` (and the device kind), not on the layout."""
-    gen = torch.Generator(device=like.device).manual_seed(zlib.crc32(key.encode()))
-    return torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype) * std
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype) * std
 
 
 @torch.no_grad()
@@ -167,19 +174,21 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         if not hasattr(module, "dummy_shards"):
             continue
         for param, shard_id, full_shape in module.dummy_shards():
+            float_param = param.dtype in (torch.float32, torch.float16, torch.bfloat16)
             if (param.device.type == "meta" or param.dim() == 1
-                    or param.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+                    or not (float_param or getattr(param, "quantize_on_load", False))):
                 continue  # another pipeline stage's, a bias (zero below), quantized (own init)
+            dtype = param.dtype if float_param else torch.bfloat16
             pname = next(n for n, p in module.named_parameters() if p is param)
-            full = _seeded_normal(full_shape, f"{seed}:{mname}.{pname}:{shard_id}", std, param)
+            full = _seeded_normal(full_shape, f"{seed}:{mname}.{pname}:{shard_id}", std, param.device, dtype)
             if shard_id is None:
                 param.weight_loader(param, full)
             else:
                 param.weight_loader(param, full, shard_id)
             done.add(id(param))
     for name, p in model.named_parameters():
-        if id(p) in done or p.device.type == "meta":
-            continue
+        if id(p) in done or p.device.type == "meta" or getattr(p, "filled", False):
+            continue  # loaded above, another stage's, or scales the quantizing loader made
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             continue
         module = name.rsplit(".", 2)[-2] if name.count(".") else ""
@@ -188,4 +197,4 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
         elif name.endswith("bias"):
             p.zero_()
         else:
-            p.copy_(_seeded_normal(p.shape, f"{seed}:{name}", std, p))
+            p.copy_(_seeded_normal(p.shape, f"{seed}:{name}", std, p.device, p.dtype))

@@ -19,7 +19,9 @@ from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.distributed.plan import GiB, Candidate, Plan, _choose, choose_plan, evaluate_plans
 from deepserve.distributed.plan_bytes import (Layout, kv_bytes_per_token_layer, param_count, stage_layers,
                                               weight_breakdown, weight_bytes_per_gpu)
+from deepserve.config import ModelConfig
 from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM
+from deepserve.models.loader import build_model, stage_modules
 from deepserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from deepserve.quant.fp8 import block_scale_shape
 from deepserve.quant.policy import high_precision_reason
@@ -88,25 +90,32 @@ def test_r1_bf16_bytes_per_gpu_tp8_by_hand():
 
 
 def fp8(rows: int, cols: int) -> int:
+    """A quantized Linear: e4m3 values + one fp32 scale per row per 128 columns (row-expanded)."""
+    return rows * cols + 4 * rows * math.ceil(cols / 128)
+
+
+def fp8_expert(rows: int, cols: int) -> int:
+    """A routed expert's matrix: e4m3 values + one fp32 scale per 128x128 block."""
     return rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128)
 
 
 def test_r1_fp8_bytes_per_gpu_by_hand():
-    # TP=8, experts TP-split: every Linear slice is a whole number of 128-blocks except kv_a (576 rows)
-    assert fp8(576, D) == 576 * D + 4 * 5 * 56
-    attn = fp8(Q_LORA, D) + fp8(H // 8 * 192, Q_LORA) + fp8(576, D) + fp8(H // 8 * 256, KV_LORA) + fp8(D, H // 8 * 128)
+    # TP=8, experts TP-split; kv_b_proj stays bf16 (the absorbed MLA reads it)
+    assert fp8(576, D) == 576 * D + 4 * 576 * 56
+    kv_b = 2 * (H // 8 * 256) * KV_LORA
+    attn = fp8(Q_LORA, D) + fp8(H // 8 * 192, Q_LORA) + fp8(576, D) + kv_b + fp8(D, H // 8 * 128)
     high = 2 * (2 * math.ceil(V / 8) * D + D + L * (Q_LORA + KV_LORA + 2 * D))   # embed, head, norms (bf16)
     dense = 3 * fp8(I // 8, D)
-    moe = (E + 1) * 3 * fp8(I_MOE // 8, D) + (E * D + E) * 4                  # 256 routed + 1 shared, router fp32
+    moe = E * 3 * fp8_expert(I_MOE // 8, D) + 3 * fp8(I_MOE // 8, D) + (E * D + E) * 4  # routed, shared, router
     expected = high + L * attn + K_DENSE * dense + (L - K_DENSE) * moe
     assert weight_bytes_per_gpu(r1(), Layout(8, 1, 1), quantization="fp8") == expected
     # TP=1 x DP=8 with EP: 32 whole experts per GPU, attention and shared expert whole
-    attn1 = fp8(Q_LORA, D) + fp8(H * 192, Q_LORA) + fp8(576, D) + fp8(H * 256, KV_LORA) + fp8(D, H * 128)
+    attn1 = fp8(Q_LORA, D) + fp8(H * 192, Q_LORA) + fp8(576, D) + 2 * H * 256 * KV_LORA + fp8(D, H * 128)
     high1 = 2 * (2 * V * D + D + L * (Q_LORA + KV_LORA + 2 * D))
-    moe1 = (E // 8 + 1) * 3 * fp8(I_MOE, D) + (E * D + E) * 4
+    moe1 = E // 8 * 3 * fp8_expert(I_MOE, D) + 3 * fp8(I_MOE, D) + (E * D + E) * 4
     expected1 = high1 + L * attn1 + K_DENSE * 3 * fp8(I, D) + (L - K_DENSE) * moe1
     assert weight_bytes_per_gpu(r1(), Layout(1, 1, 8, ep=True), quantization="fp8") == expected1
-    assert round(expected1 / GiB, 1) == 94.1
+    assert round(expected1 / GiB, 1) == 95.5
 
 
 def test_llama8b_bytes_per_gpu_by_hand():
@@ -126,8 +135,9 @@ def test_llama8b_bytes_per_gpu_by_hand():
 
 
 def test_pp_stages_split_layers_and_vocab():
-    assert [list(r) for r in stage_layers(10, 4)] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
-    assert [len(r) for r in stage_layers(61, 4)] == [15, 16, 15, 15]
+    # the engine's split (pp_layer_range): the remainder on the first stages
+    assert [list(r) for r in stage_layers(10, 4)] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [len(r) for r in stage_layers(61, 4)] == [16, 15, 15, 15]
     cfg = HFConfig(LLAMA8B)
     first, last = weight_breakdown(cfg, Layout(1, 2, 1))
     assert first["embedding"] == last["lm_head"] == 128256 * 4096 * 2
@@ -182,21 +192,47 @@ def test_v2_lite_shape_matches_meta_model(tp, ep):
     assert weight_bytes_per_gpu(cfg, layout) == meta_param_bytes(DeepseekV3ForCausalLM, cfg, tp, ep)
 
 
-def test_r1_fp8_matches_block_scales_of_meta_model():
-    """fp8 bytes from our model's parameters with quant/policy.py and quant/fp8.py's scale grid.
-    (Fused gate/up stacks have as many blocks as the separate tensors: 256 and 2304 are
-    multiples of 128 at TP=8.)"""
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(r1(), dtype=torch.bfloat16, pctx=ParallelContext(tp_rank=0, tp_size=8))
-    total = 0
-    for name, p in model.named_parameters():
-        mats = [tuple(p.shape)] if p.dim() == 2 else [tuple(p.shape[1:])] * p.shape[0] if p.dim() == 3 else []
-        check_name = name.replace("_weight", ".weight") if p.dim() == 3 else name
-        if mats and high_precision_reason(check_name, p.dtype, mats[0]) is None:
-            total += sum(r * c + 4 * math.prod(block_scale_shape((r, c))) for r, c in mats)
-        else:
-            total += p.numel() * p.element_size()
-    assert weight_bytes_per_gpu(r1(), Layout(8, 1, 1), quantization="fp8") == total
+def engine_param_bytes(cfg, layout: Layout, quantization, include_mtp: bool = False) -> int:
+    """Parameter bytes on the heaviest GPU of `layout`, from the model as the engine builds it
+    (models/loader.build_model: quantized linears and experts, scales, padding, this rank's
+    slices, on the meta device); with PP, each stage counts only the modules it holds."""
+    mc = ModelConfig(model="r1", hf_config=cfg, dtype="bfloat16", max_model_len=4096, tokenizer="",
+                     load_format="dummy", quantization=quantization)
+    best = 0
+    for stage in range(layout.pp):
+        pctx = ParallelContext(tp_size=layout.tp, pp_rank=stage, pp_size=layout.pp, dp_size=layout.dp,
+                               ep_size=layout.ep_size)
+        model = build_model(mc, torch.device("meta"), pctx, quantization, load_mtp=include_mtp)
+        parts = stage_modules(model, pctx) if layout.pp > 1 else [model]
+        if include_mtp and stage == layout.pp - 1 and layout.pp > 1:
+            parts.append(model.mtp)
+        params = {id(p): p for m in parts for p in m.parameters()}
+        best = max(best, sum(p.numel() * p.element_size() for p in params.values()))
+    return best
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+@pytest.mark.parametrize("layout,mtp", [(Layout(8, 1, 1), True), (Layout(1, 1, 8, True), True),
+                                        (Layout(2, 4, 1), False), (Layout(8, 1, 1, True), False)])
+def test_plan_counts_what_the_engine_allocates_for_r1(layout, mtp, quantization):
+    """`deepserve plan`'s per-GPU weight bytes equal the parameters of R1 built as the engine
+    builds it, in bf16 and fp8, under TP8, DP8 x EP8, TP2 x PP4 and TP8 x EP8 (to 1%; exact
+    today)."""
+    planned = weight_bytes_per_gpu(r1(), layout, quantization=quantization, include_mtp=mtp)
+    built = engine_param_bytes(r1(), layout, quantization, mtp)
+    assert abs(planned - built) <= 0.01 * built, (planned, built)
+    assert planned == built
+
+
+def test_fp8_experts_pad_to_the_block_grid_in_plan_and_model():
+    """V2-Lite's experts (I = 1408 = 11 blocks) whole on a rank, and an I that is not a
+    multiple of 128 padded up, as FusedMoE.use_fp8 stores it."""
+    cfg = HFConfig({**R1, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512,
+                    "moe_intermediate_size": 96, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                    "num_hidden_layers": 3, "first_k_dense_replace": 1, "vocab_size": 1000,
+                    "q_lora_rank": 64, "kv_lora_rank": 64, "num_nextn_predict_layers": 0})
+    for layout in (Layout(1, 1, 1), Layout(1, 1, 2, True)):
+        assert weight_bytes_per_gpu(cfg, layout, quantization="fp8") == engine_param_bytes(cfg, layout, "fp8")
 
 
 # --------------------------------------------------------------------------- the choice

@@ -82,22 +82,28 @@ def test_unknown_architecture_lists_supported(tiny):
         load_ours(tiny)
 
 
-def test_fp8_checkpoint_dequantized_at_load(tiny, tmp_path):
-    """A DeepSeek-style fp8 checkpoint (e4m3 + weight_scale_inv per 128x128 block) loads to
-    exactly dequant(x) = fp32(x) * s."""
+def test_fp8_checkpoint_stays_fp8_and_bad_scales_are_named(tiny, tmp_path):
+    """A DeepSeek-style fp8 checkpoint (e4m3 + weight_scale_inv per 128x128 block) keeps its
+    e4m3 values and block scales as stored (the layer expands each scale over its block's rows);
+    missing, mis-shaped or non-finite scales are refused naming the tensor."""
     t = load_file(tiny / "model.safetensors")
     name = "model.layers.0.mlp.gate_proj.weight"
     w = t[name]
-    scale = torch.tensor([[0.5]])
     t[name] = (w / 0.5).to(torch.float8_e4m3fn)
-    t[name + "_scale_inv"] = scale
+    t[name + "_scale_inv"] = torch.tensor([[0.5]])
     save_file(t, tiny / "model.safetensors")
     cfg = json.loads((tiny / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (tiny / "config.json").write_text(json.dumps(cfg))
-    model = load_ours(tiny)
-    gate = model.model.layers[0].mlp.gate_up_proj.weight[:48]
-    assert torch.equal(gate, t[name].float() * 0.5)
+    layer = load_ours(tiny).model.layers[0].mlp.gate_up_proj
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight[:48].view(torch.uint8), t[name].view(torch.uint8))
+    assert torch.equal(layer.weight_scale_inv[:48], torch.full((48, 1), 0.5))
+    for bad, why in ((torch.tensor([[0.5, 0.5]]), "scale shape"), (torch.tensor([[float("nan")]]), "non-finite")):
+        t[name + "_scale_inv"] = bad
+        save_file(t, tiny / "model.safetensors")
+        with pytest.raises(ValueError, match=rf"gate_up_proj\.weight_scale_inv.*{why}"):
+            load_ours(tiny)
     del t[name + "_scale_inv"]
     save_file(t, tiny / "model.safetensors")
     with pytest.raises(ValueError, match=r"gate_proj\.weight_scale_inv"):
