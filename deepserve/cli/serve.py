@@ -35,6 +35,8 @@ def register(subparsers) -> None:
                    help="Model folder or preset, or a YAML deployment file, or (as `flagscale serve NAME` "
                         "in a FlagScale checkout) NAME for examples/NAME/conf/config_NAME.yaml "
                         "(default: the demo model).")
+    p.add_argument("serve_config", nargs="?", default=None, metavar="SERVE.yaml",
+                   help="`flagscale serve NAME SERVE.yaml`'s form: NAME is a label, the YAML deploys.")
     s = p.add_argument_group("server")
     sup = argparse.SUPPRESS  # only flags actually given override the YAML file
     s.add_argument("--host", default=sup, help="Address to listen on (default: 127.0.0.1).")
@@ -83,6 +85,11 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
 
     config = ServeConfig()
     positional = args.model_or_config
+    if getattr(args, "serve_config", None):
+        if not is_config_file(args.serve_config):
+            raise ValueError(f"expected `deepserve serve NAME SERVE.yaml`, got {args.serve_config!r} as the second "
+                             "argument")
+        positional = args.serve_config
     if positional and not is_config_file(positional) and flagscale_experiment(positional):
         positional = str(flagscale_experiment(positional))  # `flagscale serve deepseek_r1`, run in FlagScale/
     if positional and is_config_file(positional):

@@ -80,7 +80,7 @@ class _Prepared:
             prompts = req.prompts()
         except ValueError as exc:
             raise api_error_from(exc) from None
-        self.params = sampling_params(state, req, req.max_tokens, req.logprobs)
+        self.params = sampling_params(state, req, req.max_new_tokens(), req.logprobs)
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
             self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
@@ -98,7 +98,7 @@ class _Prepared:
                     raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
                                         f"[0, {state.llm.vocab_size})", param="prompt")
                 self.prompts.append({"prompt": None, "prompt_token_ids": list(p)})
-            state.check_length(len(self.prompts[-1]["prompt_token_ids"]), req.max_tokens)
+            state.check_length(len(self.prompts[-1]["prompt_token_ids"]), req.max_new_tokens())
         try:
             state.llm.check_can_accept()
         except Exception as exc:

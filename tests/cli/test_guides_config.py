@@ -233,6 +233,13 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
     assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
 
+    # the metax guide's `flagscale serve <MODEL_NAME> <MODEL_CONFIG_YAML>`: the serve file alone
+    usage = guide(reference, "flagos-metax.md")[1]
+    assert usage == ["serve", "<MODEL_NAME>", "<MODEL_CONFIG_YAML>"]
+    args, _, envs, runner = serve_config(["serve", "deepseek_r1", "examples/deepseek_r1/conf/serve/deepseek_r1.yaml"])
+    assert (args.model, args.tensor_parallel_size, args.pipeline_parallel_size, envs, runner) == \
+        (r1_config, 8, 4, {}, None)
+
 
 # --------------------------------------------------------------------------- the mappings
 @pytest.mark.parametrize("config, sizes, eager", [
