@@ -1,0 +1,65 @@
+"""Routed experts with 4-bit weights (W4A16 fused MoE), torch reference.
+
+Each expert's matrices are in the layout of ops/int4.py, stacked over experts:
+w13 int32 [E, 2I, D/8] (gate rows then up rows), w2 int32 [E, D, I/8], scales [E, rows, groups]
+and optional uint8 zero points of the same shape (None: symmetric, z = 8); `groups` gives the
+group width of each (w13 over D, w2 over I: one group of the whole row for channel scales). The function is the one ops.fused_moe computes:
+
+    out[t] = sum_j topk_weights[t, j] * W2[e] (silu(G[e] x_t) * (U[e] x_t)),  e = topk_ids[t, j]
+
+with each expert's weight dequantized per call ((u - z) * s in fp32, rounded to x's dtype),
+so on a device without the kernels 4-bit experts give exactly what the same experts holding
+the dequantized weights in x's dtype give. Ids outside [0, E) (experts of other EP ranks)
+contribute nothing. The Triton kernels (ops/triton/moe_int4.py) are tested against it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from deepserve.ops.int4 import PACK, dequant_int4
+from deepserve.ops.registry import register
+
+
+def check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros,
+                            groups: tuple[int, int]) -> None:
+    e, two_i, dp = w13.shape
+    d, i = x.shape[-1], w2.shape[2] * PACK
+    if w13.dtype != torch.int32 or w2.dtype != torch.int32:
+        raise ValueError(f"fused_moe_int4: packed weights must be int32, got {w13.dtype} / {w2.dtype}")
+    if dp * PACK != d or tuple(w2.shape[:2]) != (e, d) or two_i != 2 * i:
+        raise ValueError(f"fused_moe_int4: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit x with "
+                         f"{d} features (w13 [E, 2I, D/8], w2 [E, D, I/8])")
+    for name, s, z, rows, k, g in (("w13", w13_scales, w13_zeros, two_i, d, groups[0]),
+                                   ("w2", w2_scales, w2_zeros, d, i, groups[1])):
+        if k % g:
+            raise ValueError(f"fused_moe_int4: {name} group size {g} does not divide its {k} input features")
+        want = (e, rows, k // g)
+        if tuple(s.shape) != want or (z is not None and tuple(z.shape) != want):
+            raise ValueError(f"fused_moe_int4: {name} scales {tuple(s.shape)} / zeros "
+                             f"{None if z is None else tuple(z.shape)}, expected {want}")
+
+
+@register("fused_moe_int4", "torch")
+def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: Optional[torch.Tensor],
+                   w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: Optional[torch.Tensor],
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int]) -> torch.Tensor:
+    """x [T, D] -> [T, D] in x's dtype (layout and function in the module docstring)."""
+    check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups)
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = topk_ids.reshape(-1).long()
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    for expert in torch.unique(flat_ids[(flat_ids >= 0) & (flat_ids < num_experts)]).tolist():
+        slots = (flat_ids == expert).nonzero().flatten()                # assignments to this expert
+        rows = slots // top_k
+        z13 = None if w13_zeros is None else w13_zeros[expert]
+        z2 = None if w2_zeros is None else w2_zeros[expert]
+        w_gate_up = dequant_int4(w13[expert], w13_scales[expert], z13, None, groups[0], x.dtype)
+        w_down = dequant_int4(w2[expert], w2_scales[expert], z2, None, groups[1], x.dtype)
+        gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)        # [n, I] each
+        y = F.linear(F.silu(gate) * up, w_down)                         # [n, D]
+        out.index_add_(0, rows, y.float() * topk_weights.reshape(-1)[slots].float()[:, None])
+    return out.to(x.dtype)
