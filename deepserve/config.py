@@ -252,8 +252,8 @@ class EngineArgs:
     """Never capture CUDA graphs."""
     async_scheduling: bool = False
     """Schedule and launch step n+1 before step n's tokens reach the host (their ids are taken
-    on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. One
-    process only; steps with logprobs, penalties or min_tokens run synchronously."""
+    on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. Every
+    layout (TP, PP, DP, EP, Ray); steps with logprobs, penalties or min_tokens run synchronously."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
     compilation_config: Optional[dict] = None

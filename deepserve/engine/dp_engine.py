@@ -273,9 +273,7 @@ class EngineCore:
             self.runner.graph_size = self.runner.dp_graph_size(agreed.num_tokens, not agreed.mixed, agreed.longest)
             if work:
                 work.run()
-            elif batch:
-                self._step(batch)
-            else:
+            elif not (batch and self._step(batch)):
                 self.runner.run_dummy()
 
     def _score(self, score: ScorePrompt) -> None:
@@ -285,11 +283,19 @@ class EngineCore:
         except ValueError as exc:
             self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)))
 
-    def _step(self, batch) -> None:
-        """Run one step (`batch`, or the engine's own schedule when None) and push its outputs."""
+    def _step(self, batch) -> bool:
+        """Run one step (`batch`, or the engine's own schedule when None) and push its outputs;
+        False when no forward ran (under async scheduling, what the previous step's tokens
+        finished may leave nothing of `batch`)."""
         self.executor.sent_bytes = 0
+        steps = self.engine.stats["steps"]
         try:
-            outputs = self.engine._run_sync(batch) if batch is not None else self.engine.step()
+            if batch is None:
+                outputs = self.engine.step()
+            elif self.engine.async_scheduling:
+                outputs = self.engine._step_async(batch)
+            else:
+                outputs = self.engine._run_sync(batch)
         except Exception as exc:  # a failing step fails its requests, not the core
             logger.exception("DP rank %d: step failed", self.dp_rank)
             failed = list(self.engine.requests)
@@ -297,11 +303,10 @@ class EngineCore:
                 self.engine.abort_request(rid)
             self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
                                    failed_requests=failed))
-            return
-        for out in outputs:
-            if out.finished:
-                self.engine.requests.pop(out.request_id, None)
-        self._send(CoreOutputs(self.dp_rank, outputs, self.gauges(), step_bytes=self.executor.sent_bytes))
+            return True
+        if outputs:
+            self._send(CoreOutputs(self.dp_rank, outputs, self.gauges(), step_bytes=self.executor.sent_bytes))
+        return self.engine.stats["steps"] > steps
 
 
 # ---------------------------------------------------------------- front end
@@ -331,9 +336,6 @@ class DataParallelEngine(LLMEngine):
         self.config = args.create_engine_config()
         par = self.config.parallel
         self.async_scheduling = self.config.async_scheduling
-        if self.async_scheduling:
-            raise ValueError("async_scheduling runs in one process: it needs tensor/pipeline/data "
-                             f"parallel sizes of 1 (world size {par.world_size})")
         self.platform = get_platform(args.device)
         self.tokenizer, self.eos_token_ids = load_tokenizer(self.config)
         self.dp_size = par.data_parallel_size

@@ -99,13 +99,15 @@ class DriverRunner(ModelRunner):
     # ------------------------------------------------------------------ async scheduling
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: Optional[InFlight]) -> InFlight:
-        """Start one step and return without waiting for it (one process only).
+        """Start one step and return without waiting for it.
 
         A sequence whose last token is still pending (sampled by `prev`, not yet on the host)
-        gets that token straight from prev's device tensor. The step's own samples stay on
-        the device (the next step may read them) and start an asynchronous copy to the host;
-        `InFlight.token_ids()` waits for it."""
-        ids, positions, meta = self.to_device(self.host_inputs(batch))
+        gets that token straight from prev's device tensor (and the TP peers get the ids from
+        this rank's device). The step's own samples stay on the device (the next step may
+        read them) and start an asynchronous copy to the host; `InFlight.token_ids()` waits
+        for it."""
+        inputs = self.host_inputs(batch)
+        ids, positions, meta = self.to_device(inputs)
         rows, where, offset = [], [], 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             offset += n
@@ -115,7 +117,9 @@ class DriverRunner(ModelRunner):
         if rows:
             where_rows = to_device_async([where, rows], torch.long, self.device)   # one small copy, no sync
             ids[where_rows[0]] = prev.next_ids[where_rows[1]]
-        logits = self.forward_logits(ids, positions, meta)
+        msg = StepMessage(inputs, self.graph_size, device_ids=bool(rows))
+        self.publish(msg)
+        logits = self.run_step(msg, (ids, positions, meta))
         seqs = batch.sampling_seqs()
         if not seqs:
             return InFlight([], None)

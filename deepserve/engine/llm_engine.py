@@ -24,7 +24,7 @@ from deepserve.engine.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
-from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, Scheduler
+from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.platforms import get_platform
@@ -99,9 +99,6 @@ class LLMEngine:
         self.args = args
         self.config = args.create_engine_config()
         self.async_scheduling = self.config.async_scheduling
-        if self.async_scheduling and self.config.parallel.world_size > 1 and executor is None:
-            raise ValueError("async_scheduling runs in one process: it needs tensor/pipeline/data "
-                             f"parallel sizes of 1 (world size {self.config.parallel.world_size})")
         self.platform = get_platform(args.device)
         self.tokenizer, eos = load_tokenizer(self.config)
         self.eos_token_ids = eos
@@ -273,16 +270,17 @@ class LLMEngine:
         return self._postprocess(seqs, sampled)
 
     # ------------------------------------------------------------------ async scheduling
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self, batch: Optional[ScheduledBatch] = None) -> list[RequestOutput]:
         """Schedule and launch this step, then read the previous step's tokens while the
         device runs it. A sequence sampled by the previous step counts its pending token
         (Sequence.num_pending), so it is scheduled as a decode whose input id the runner takes
         on the device. A sequence that the previous step's token finishes has been launched
         once more: that row's result is dropped (its blocks are freed; later steps that reuse
         them run after it on the same stream). Steps that need the host's token history
-        (logprobs, penalties, min_tokens) run synchronously, after the previous tokens land."""
+        (logprobs, penalties, min_tokens) run synchronously, after the previous tokens land.
+        `batch`: already scheduled (a DP engine core schedules before the DP ranks agree)."""
         prev, self._inflight = self._inflight, None
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule() if batch is None else batch
         launched = None
         if batch and all(self._async_ok(seq) for seq in batch.seqs):
             launched = self.runner.launch(batch, prev)

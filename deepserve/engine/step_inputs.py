@@ -93,6 +93,9 @@ class StepMessage:
     inputs: StepInputs
     graph_size: int = 0
     dp_num_tokens: Optional[list[int]] = field(default=None)
+    # async scheduling: some input ids are last step's samples, still on the driver's device;
+    # the driver broadcasts the step's ids over its TP group before the forward
+    device_ids: bool = False
 
 
 @dataclass

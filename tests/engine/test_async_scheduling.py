@@ -2,7 +2,8 @@
 outputs of the synchronous engine on stories260k: greedy and seeded sampling, n > 1, stop
 strings and EOS (a finished sequence's extra row is dropped), max_tokens, chunked prefill,
 preemption, prefix caching, steps that must run synchronously (logprobs, penalties,
-min_tokens) mixed in, and an abort while a step is in flight; every block comes back."""
+min_tokens) mixed in, and an abort while a step is in flight; every block comes back. Over
+several processes (TP2, PP2, DP2 x EP2) async gives one synchronous process's tokens."""
 import pytest
 
 from deepserve import LLM, SamplingParams
@@ -107,6 +108,31 @@ def test_async_steps_launch_without_waiting(monkeypatch):
     assert calls == {"launch": 61, "execute": 0}
 
 
-def test_async_needs_one_process():
-    with pytest.raises(ValueError, match="async_scheduling runs in one process"):
-        LLM(block_size=4, async_scheduling=True, tensor_parallel_size=2)
+ASYNC_PROMPTS = [{"prompt_token_ids": list(range(3, 40))}, {"prompt_token_ids": [1]},
+                 {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11]}]
+ASYNC_PARAMS = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                SamplingParams(temperature=1.0, seed=3, max_tokens=9, ignore_eos=True),
+                SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]
+LAYOUT_ENGINE = dict(block_size=4, max_model_len=128, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from tests.conftest import DEMO_MODEL
+    from tests.distributed.test_parallel_engine import tiny_deepseek
+    return {"llama": str(DEMO_MODEL), "deepseek": str(tiny_deepseek(tmp_path_factory.mktemp("dsv3-async")))}
+
+
+@pytest.mark.parametrize("name,layout", [
+    ("llama", {"tensor_parallel_size": 2}),
+    ("llama", {"pipeline_parallel_size": 2}),
+    ("deepseek", {"data_parallel_size": 2, "enable_expert_parallel": True})], ids=["tp2", "pp2", "dp2-ep2"])
+def test_async_on_every_layout_equals_one_synchronous_process(tiny_models, name, layout):
+    """Chunked prefill, greedy and seeded rows: async scheduling over several processes gives
+    one synchronous process's tokens (TP peers get the device-side ids from the driver)."""
+    with LLM(tiny_models[name], **LAYOUT_ENGINE) as ref:
+        want = [o.outputs[0].token_ids for o in ref.generate(ASYNC_PROMPTS, ASYNC_PARAMS)]
+    with LLM(tiny_models[name], async_scheduling=True, **layout, **LAYOUT_ENGINE) as llm:
+        assert llm.engine.async_scheduling
+        got = [o.outputs[0].token_ids for o in llm.generate(ASYNC_PROMPTS, ASYNC_PARAMS)]
+    assert got == want
