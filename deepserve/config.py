@@ -186,7 +186,8 @@ class EngineArgs:
     tokenizer: Optional[str] = None
     """Tokenizer folder; default: the model folder."""
     served_model_name: Optional[str] = None
-    """Model name the API reports; default: the model argument's last path part."""
+    """Model name(s) the API serves: `--served-model-name a b` (as vLLM) or "a,b"; the first is
+    reported. Default: the model argument as given (vLLM)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (the checkpoint's, bf16 for fp8 checkpoints, fp32 on CPU
     for fp16/bf16 checkpoints), float32, float16 or bfloat16."""
@@ -461,6 +462,13 @@ SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "
                "compilation_config": "-O"}
 
 
+class _JoinedNames(argparse.Action):
+    """vLLM's `--served-model-name NAME [NAME ...]`, kept as one comma-separated string."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, ",".join(values))
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field: `--field-name` (and vLLM's short form), typed from the annotation."""
     docs = field_docs(cls)
@@ -477,7 +485,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue
-        if base in (dict,) or typing.get_origin(base) is dict:
+        if f.name == "served_model_name":
+            kw.update(nargs="+", action=_JoinedNames)
+        elif base in (dict,) or typing.get_origin(base) is dict:
             kw["type"] = _json_arg
         elif base is list or typing.get_origin(base) is list:
             kw.update(type=int, nargs="+")

@@ -189,15 +189,11 @@ class CompletionRequest(_SamplingFields):
     prompt: PromptField
     max_tokens: Optional[int] = 16
     max_completion_tokens: Optional[int] = None   # vLLM takes it here too (the vllm-ascend guide sends it)
-    max_completion_tokens: Optional[int] = None   # vLLM takes it here too (the vllm-ascend guide sends it)
     logprobs: Optional[int] = None
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
     add_special_tokens: bool = True
-
-    def max_new_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def max_new_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
