@@ -56,3 +56,17 @@ def test_int4_kernel_leading_dims_and_empty_batch(triton_ops, cpu_only):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     empty = resolve("int4_linear", "triton")[1](torch.zeros(0, 64), qweight, scales, z, gi, 32)
     assert empty.shape == (0, 16)
+
+
+@pytest.mark.parametrize("m,n,k,group,zeros", [(1, 40, 64, 32, True), (20, 37, 128, 128, False),
+                                               (5, 24, 96, 16, True)])
+def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros):
+    qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=m + n)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g) * 3
+    bias = torch.randn(n, generator=g) if zeros else None
+    want = resolve("w4a8_linear", "torch")[1](x, qweight, scales, z, None, group, bias)
+    got = resolve("w4a8_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
+    assert got.shape == want.shape == (m, n)
+    # exact int32 group sums on both sides; only the fp32 rescaling order differs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
