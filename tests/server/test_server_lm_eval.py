@@ -62,3 +62,49 @@ def test_lm_eval_gsm8k_runs_to_the_end(demo_server, tmp_path, monkeypatch, model
     assert len(samples) == 5 and all(s["resps"][0][0].strip() for s in samples)
     assert 0.0 <= result["results"]["gsm8k_local"]["exact_match,none"] <= 1.0
     assert finished_requests(demo_server.url) - before == 5
+
+
+MC_TASK = """\
+task: stories_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+MC_DOCS = [{"context": "Once upon a time, there was a little", "choices": [" girl", " table", " seven"], "label": 0},
+           {"context": "The sun was", "choices": [" shining", " sleeping"], "label": 0},
+           {"context": "Lily wanted to play with her", "choices": [" friend", " spoon", " cloud"], "label": 0}]
+
+
+def test_lm_eval_multiple_choice_runs_on_echoed_logprobs(demo_server, tmp_path, monkeypatch):
+    """A loglikelihood task (multiple choice from a local file): every choice is scored from the
+    echoed prompt logprobs; the demo model knows its stories well enough to get all three."""
+    pytest.importorskip("tenacity")
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import json
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "stories_mc.yaml").write_text(MC_TASK.format(data=data))
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = (f"model=stories260k,base_url={demo_server.v1}/completions,num_concurrent=2,max_retries=1,"
+            f"tokenizer_backend=huggingface,tokenizer={REPO / 'deepserve' / 'assets' / 'stories260k'}")
+    result = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["stories_mc"],
+                                     task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    samples = result["samples"]["stories_mc"]
+    assert len(samples) == 3
+    for s in samples:
+        scores = [r[0][0] for r in s["resps"]]
+        assert len(scores) == len(s["doc"]["choices"]) and all(v < 0 for v in scores)
+    assert result["results"]["stories_mc"]["acc,none"] == 1.0
