@@ -92,29 +92,45 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, part_ptr, N, K, k_per_
 
 
 @triton.jit
+def _load_a_tile(a_ptr, stride_am, M, K, k0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """This program's output tile (rows offs_m, columns offs_n, masks) and the activation tile
+    [BLOCK_M, BLOCK_K] at K offset k0 with its K offsets and mask."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    m_ok, k_ok = offs_m < M, offs_k < K
+    a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
+                mask=m_ok[:, None] & k_ok[None, :], other=0)
+    return a, offs_m, offs_n, offs_k, m_ok, k_ok
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """acc (+ bias) -> y[offs_m, offs_n] in y's dtype."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K,
                       stride_xm, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x, offs_m, offs_n, offs_k, m_ok, k_ok = _load_a_tile(x_ptr, stride_xm, M, K, k0, BLOCK_M, BLOCK_N,
+                                                             BLOCK_K)
+        n_ok = offs_n < N
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn,
                           GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)                      # [BN, BK]
         w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)    # rounded to x's dtype, as the reference
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
 def _block_k(k: int, group_size: int, has_gidx: bool, cap: int) -> tuple[int, bool]:

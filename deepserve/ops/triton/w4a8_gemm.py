@@ -21,6 +21,7 @@ from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.ops.triton.int4_gemm import _load_a_tile, _store_tile
 
 
 @triton.jit
@@ -28,16 +29,11 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
                       stride_am, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0)                       # int8 [BM, BK]
+        a, offs_m, offs_n, offs_k, m_ok, k_ok = _load_a_tile(a_ptr, stride_am, M, K, k0, BLOCK_M, BLOCK_N,
+                                                             BLOCK_K)                  # int8 [BM, BK]
+        n_ok = offs_n < N
         packed = tl.load(qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (offs_k // 8)[:, None],
                          mask=k_ok[:, None] & n_ok[None, :], other=0)                   # [BK, BN]
         u = (packed >> ((offs_k % 8) * 4)[:, None]) & 0xF
@@ -49,11 +45,10 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
         w = tl.where(k_ok[:, None], u - z[None, :], 0).to(tl.int8)                     # [BK, BN]
         s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
         acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * s[None, :]
-    acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc *= tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
 def _block_k(group: int, k: int) -> Optional[int]:
