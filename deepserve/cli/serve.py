@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
                                 dry_run=getattr(args, "dry_run", False))
     if getattr(args, "dry_run", False):
+        EngineArgs(**engine_kwargs).create_engine_config()  # the flags and the model's config.json, checked
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(server.items()) if k != "api_key"))
         return 0
