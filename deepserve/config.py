@@ -136,6 +136,25 @@ class CacheConfig:
     num_blocks: int = 0  # decided by the model runner after profiling
 
 
+def check_data_parallel_nodes(args) -> None:
+    """The multi-node data-parallel flags describe a part of the DP ranks on one node."""
+    dp, local, start = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
+    if local is not None and not 1 <= local <= dp:
+        raise ValueError(f"data_parallel_size_local must be in [1, data_parallel_size={dp}], got {local}")
+    if not 0 <= start < dp or start + (local or dp) > dp:
+        raise ValueError(f"data_parallel_start_rank {start} + data_parallel_size_local {local or dp} "
+                         f"exceeds data_parallel_size {dp}")
+    if (local or dp) < dp and not args.data_parallel_address:
+        raise ValueError("DP ranks on several nodes need --data-parallel-address (the API server's node)")
+    if args.headless and start == 0:
+        raise ValueError("--headless runs the DP ranks of another node: give --data-parallel-start-rank > 0")
+    if not args.headless and start != 0:
+        raise ValueError("the node that serves the API runs DP rank 0: --data-parallel-start-rank > 0 "
+                         "needs --headless")
+    if args.api_server_count != 1:
+        raise ValueError(f"api_server_count {args.api_server_count}: one API server process is supported so far")
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
@@ -249,6 +268,20 @@ class EngineArgs:
     allgather_reducescatter (every rank's tokens gathered, outputs reduce-scattered back; fixed
     shapes, so decode runs as CUDA graphs) | alltoall (each token sent only to the ranks holding
     its experts and back, all_to_all with per-step sizes; eager only)."""
+    data_parallel_size_local: Optional[int] = None
+    """DP ranks this node runs (vLLM's multi-node data parallel without Ray); default: all."""
+    data_parallel_start_rank: int = 0
+    """The first DP rank this node runs: 0 on the node that serves the API, more with --headless."""
+    data_parallel_address: Optional[str] = None
+    """Address of the node that serves the API, where the other nodes' engine cores reach it
+    and the process group meets (needed when DP ranks run on several nodes)."""
+    data_parallel_rpc_port: int = 29550
+    """Port for the engine cores of other nodes on --data-parallel-address; the next 1 + DP-size
+    ports are used too (the process group, one request queue per DP rank)."""
+    headless: bool = False
+    """Run only this node's engine cores (DP ranks from --data-parallel-start-rank), no API server."""
+    api_server_count: int = 1
+    """API server processes in front of the engine cores (only 1 is supported so far)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     async_scheduling: bool = False
@@ -294,6 +327,7 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
+        check_data_parallel_nodes(self)
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(f"all2all_backend must be one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}")
         if self.prefix_caching_hash_algo not in ("sha256", "xxhash"):

@@ -141,6 +141,9 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
         raise ValueError(f"bad engine argument: {exc}") from None
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
+    if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
+        from deepserve.engine.dp_engine import run_headless
+        return run_headless(engine_args)
     from deepserve.server.api_server import run_server
 
     return run_server(engine_args, host=server["host"], port=server["port"], log_level=server["log_level"],

@@ -97,6 +97,69 @@ def _connect(ctx, kind, address: str, bind: bool):
     return sock
 
 
+# ---------------------------------------------------------------- where ranks run
+@dataclass
+class DPLayout:
+    """Which ranks this node runs, and where cores, front end and process group meet.
+
+    One node: ipc:// sockets in a private folder and a free loopback port. Several nodes
+    (vLLM's --data-parallel-address / --data-parallel-rpc-port): the front end's node listens
+    on rpc_port (outputs), rpc_port + 1 (the process group) and rpc_port + 2 + r (DP rank r's
+    requests); the other nodes (--headless) run their ranks and connect there."""
+    inboxes: list[str]
+    outbox: str
+    init_method: str
+    local_ranks: list[int]
+    run_dir: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "DPLayout":
+        dp, span = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
+        local = args.data_parallel_size_local or dp
+        start = args.data_parallel_start_rank
+        ranks = list(range(start * span, (start + local) * span))
+        if local == dp and not args.data_parallel_address:
+            run_dir = tempfile.mkdtemp(prefix="deepserve-dp-")
+            tag = uuid.uuid4().hex[:8]
+            return cls([f"ipc://{run_dir}/core{r}-{tag}" for r in range(dp)], f"ipc://{run_dir}/out-{tag}",
+                       f"tcp://127.0.0.1:{free_port()}", ranks, run_dir)
+        host, port = args.data_parallel_address or "127.0.0.1", args.data_parallel_rpc_port
+        return cls([f"tcp://{host}:{port + 2 + r}" for r in range(dp)], f"tcp://{host}:{port}",
+                   f"tcp://{host}:{port + 1}", ranks)
+
+    def cleanup(self) -> None:
+        if self.run_dir and os.path.isdir(self.run_dir):
+            for name in os.listdir(self.run_dir):
+                os.unlink(os.path.join(self.run_dir, name))
+            os.rmdir(self.run_dir)
+
+
+def start_ranks(args: EngineArgs, layout: DPLayout) -> WorkerProcs:
+    timeout = dist_timeout_s()
+    first = layout.local_ranks[0]
+    return WorkerProcs(_rank_main, lambda r: (r, r - first, args, layout.init_method, timeout,
+                                              (layout.inboxes, layout.outbox)),
+                       layout.local_ranks, label="rank")
+
+
+def run_headless(args: EngineArgs) -> int:
+    """A node that only runs engine cores (and their TP/PP peers) for the DP ranks from
+    --data-parallel-start-rank; returns when the front end stops them."""
+    layout = DPLayout.from_args(args)
+    procs = start_ranks(args, layout)
+    logger.info("headless: ranks %s for DP ranks %d..%d, front end at %s", layout.local_ranks,
+                args.data_parallel_start_rank, args.data_parallel_start_rank + len(layout.local_ranks) // (
+                    args.tensor_parallel_size * args.pipeline_parallel_size) - 1, layout.outbox)
+    try:
+        while any(p.is_alive() for p in procs.procs):
+            if procs.failure:
+                raise RuntimeError(procs.failure)
+            time.sleep(0.2)
+    finally:
+        procs.stop(graceful_s=5.0)
+    return 0
+
+
 # ---------------------------------------------------------------- rank processes
 class DPRankExecutor:
     """The executor inside a core: this DP rank's driver runner, publishing to its peers."""
@@ -133,7 +196,7 @@ def _groups(dp_size: int, span: int, dp_rank: int):
     return local, cores
 
 
-def _rank_main(rank: int, args: EngineArgs, init_method: str, timeout_s: float,
+def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, timeout_s: float,
                addresses: tuple[list[str], str], status=None) -> None:
     die_with_parent()
 
@@ -146,13 +209,13 @@ def _rank_main(rank: int, args: EngineArgs, init_method: str, timeout_s: float,
         status.send(("joining",))
         pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                                 platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
-                                rank, par.data_parallel_size, par.all2all_backend)
+                                local_rank, par.data_parallel_size, par.all2all_backend)
         span = par.tensor_parallel_size * par.pipeline_parallel_size
         dp_rank, pp_rank, tp_rank = rank_layout(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
         local, cores = _groups(par.data_parallel_size, span, dp_rank)
         leader = dp_rank * span
         if rank != leader:
-            runner = WorkerRunner(config, platform, pctx, local_rank=rank)
+            runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
             while True:
                 box = [None]
                 dist.broadcast_object_list(box, src=leader, group=local)
@@ -162,7 +225,7 @@ def _rank_main(rank: int, args: EngineArgs, init_method: str, timeout_s: float,
         else:
             tok, eos = load_tokenizer(config)
             executor = DPRankExecutor(
-                lambda publish: DriverRunner(config, platform, pctx, local_rank=rank, eos_token_ids=eos,
+                lambda publish: DriverRunner(config, platform, pctx, local_rank=local_rank, eos_token_ids=eos,
                                              publish=publish, own_dp_rank_only=True),
                 local, leader, span > 1)
             engine = LLMEngine(args, executor=executor)
@@ -352,23 +415,21 @@ class DataParallelEngine(LLMEngine):
         self.step_bytes: list[int] = [0] * self.dp_size  # what each rank sent for its last step
 
         check_no_live_group()
-        run_dir = tempfile.mkdtemp(prefix="deepserve-dp-")
-        tag = uuid.uuid4().hex[:8]
-        inboxes = [f"ipc://{run_dir}/core{r}-{tag}" for r in range(self.dp_size)]
-        outbox = f"ipc://{run_dir}/out-{tag}"
+        layout = DPLayout.from_args(args)
         self._ctx = zmq.Context()
-        self._pull = _connect(self._ctx, zmq.PULL, outbox, bind=True)
-        self._push = [_connect(self._ctx, zmq.PUSH, a, bind=True) for a in inboxes]
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        timeout = dist_timeout_s()
-        self.executor = WorkerProcs(_rank_main, lambda r: (r, args, init_method, timeout, (inboxes, outbox)),
-                                    list(range(par.world_size)), label="rank")
-        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, run_dir)
+        self._pull = _connect(self._ctx, zmq.PULL, layout.outbox, bind=True)
+        self._push = [_connect(self._ctx, zmq.PUSH, a, bind=True) for a in layout.inboxes]
+        self.executor = start_ranks(args, layout)
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
         try:
             self.executor.wait_joining(start_timeout_s())
-            ready = set()
-            while len(ready) < self.dp_size:
-                msg = self._next(timeout_s=None)
+            ready, deadline = set(), time.monotonic() + start_timeout_s()
+            while len(ready) < self.dp_size:  # the cores of other nodes too
+                msg = self._next(timeout_s=max(0.0, deadline - time.monotonic()))
+                if msg is None:
+                    raise RuntimeError(f"DP ranks {sorted(set(range(self.dp_size)) - ready)} did not report "
+                                       f"ready within {start_timeout_s():.0f} s (headless nodes started? "
+                                       f"--data-parallel-address {args.data_parallel_address})")
                 ready.add(msg.dp_rank)
         except BaseException:
             self._finalizer()
@@ -488,7 +549,7 @@ class DataParallelEngine(LLMEngine):
         self._finalizer()
 
 
-def _shutdown(workers: WorkerProcs, pushes, ctx, run_dir: str) -> None:
+def _shutdown(workers: WorkerProcs, pushes, ctx, layout: DPLayout) -> None:
     workers.closing = True
     for sock in pushes:
         try:
@@ -497,6 +558,4 @@ def _shutdown(workers: WorkerProcs, pushes, ctx, run_dir: str) -> None:
             pass
     workers.stop()
     ctx.destroy(linger=0)
-    for name in os.listdir(run_dir):
-        os.unlink(os.path.join(run_dir, name))
-    os.rmdir(run_dir)
+    layout.cleanup()
