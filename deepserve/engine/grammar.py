@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Optional
-
 import torch
 
 from deepserve.engine.input_staging import to_device_async
@@ -95,19 +93,32 @@ class GrammarState:
             self.matcher.accept_token(token)
 
 
-def apply_bitmask(logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
-    """Mask, in place, the rows of `logits` [N, V] whose grammar is active. Rows without one
-    are untouched and cost nothing; the bitmask goes to the device without a sync."""
-    rows = [(i, st) for i, st in states if st.active and not st.matcher.is_terminated()]
-    if not rows:
-        return
-    xgr = _xgr()
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    for i, st in rows:
-        st.matcher.fill_next_token_bitmask(bitmask, i)
+class BitmaskFiller:
+    """Fills the bitmask rows of a step's active grammars, several rows over CPU threads
+    (xgrammar's BatchGrammarMatcher), one row directly."""
+
+    def __init__(self):
+        self._batch = None
+
+    def __call__(self, logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
+        """Mask, in place, the rows of `logits` [N, V] whose grammar is active. Rows without
+        one are untouched and cost nothing; the bitmask goes to the device without a sync."""
+        rows = [(i, st) for i, st in states if st.active and not st.matcher.is_terminated()]
+        if not rows:
+            return
+        xgr = _xgr()
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+        if len(rows) == 1:
+            rows[0][1].matcher.fill_next_token_bitmask(bitmask, rows[0][0])
+        else:
+            if self._batch is None:
+                self._batch = xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask([st.matcher for _, st in rows], bitmask,
+                                                      indices=[i for i, _ in rows])
+        apply_bitmask(logits, bitmask, [i for i, _ in rows])
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """-inf, in place, where the host bitmask [N, ceil(V / 32)] has a 0 bit, on `rows` only."""
     bitmask = to_device_async(bitmask, torch.int32, logits.device)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[i for i, _ in rows])
-
-
-def make_compiler(tokenizer, vocab_size: int, eos_token_ids) -> Optional[GrammarCompiler]:
-    return GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
+    _xgr().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)

@@ -79,6 +79,7 @@ class Sampler:
         self.vocab_size = vocab_size
         # each structured-output sequence's grammar state, dropped with the sequence
         self._grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._fill_bitmask = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()[:, :self.vocab_size]
@@ -131,9 +132,11 @@ class Sampler:
             rows, cols = zip(*banned)
             logits[list(rows), list(cols)] = float("-inf")
         if grammars:
-            from deepserve.engine.grammar import apply_bitmask
+            if self._fill_bitmask is None:
+                from deepserve.engine.grammar import BitmaskFiller
+                self._fill_bitmask = BitmaskFiller()
             logits = logits.contiguous()
-            apply_bitmask(logits, grammars)
+            self._fill_bitmask(logits, grammars)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(dim=-1)
         # one copy for the four per-row settings (top_k < 2^24 is exact in fp64), without a sync

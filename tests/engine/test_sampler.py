@@ -46,22 +46,27 @@ def test_grammar_masks_constrained_rows_only():
 
     tok = Tokenizer(DEMO_MODEL)
     compiler = GrammarCompiler(tok, VOCAB, tok.eos_token_ids)
-    guided = GuidedDecoding(regex="[ab]{3}")
-    compiler.compile(guided)
+    specs = [GuidedDecoding(regex="[ab]{3}"), GuidedDecoding(choice=["cat", "dog"])]
+    for spec in specs:
+        compiler.compile(spec)
     sampler = Sampler(tok.eos_token_ids, VOCAB)
-    free, constrained = seqs_for(SamplingParams(temperature=0), SamplingParams(temperature=0, guided=guided))
+    free, *constrained = seqs_for(SamplingParams(temperature=0), *(SamplingParams(temperature=1.0, seed=4, guided=g)
+                                                                   for g in specs))
     torch.manual_seed(2)
-    text = ""
-    for _ in range(4):
-        logits = torch.randn(2, VOCAB)
-        out = sampler(logits.clone(), [free, constrained]).token_ids
+    texts = ["", ""]
+    done = [False, False]
+    for _ in range(6):
+        logits = torch.randn(3, VOCAB)
+        out = sampler(logits.clone(), [free, *constrained]).token_ids
         assert out[0] == logits[0].argmax().item()        # the free row is untouched
-        constrained.token_ids.append(out[1])
         free.token_ids.append(out[0])
-        if out[1] in tok.eos_token_ids:
-            break
-        text += tok.decode([out[1]])
-    assert out[1] in tok.eos_token_ids and len(text) == 3 and set(text) <= {"a", "b"}, text
+        for j, seq in enumerate(constrained):
+            seq.token_ids.append(out[j + 1])
+            if not done[j]:
+                done[j] = out[j + 1] in tok.eos_token_ids
+                texts[j] += "" if done[j] else tok.decode(seq.output_token_ids)[len(texts[j]):]
+    assert all(done), texts
+    assert len(texts[0]) == 3 and set(texts[0]) <= {"a", "b"} and texts[1] in ("cat", "dog"), texts
 
 
 def test_guided_spec_checks_and_pickles_without_its_compiled_grammar():
