@@ -33,6 +33,16 @@ EXTRA: dict = {}
 REPEATS = 5
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing to wait for in a CPU logic check)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
     n = 1 << 30  # 2 GiB of bf16
@@ -100,13 +110,13 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> tuple
     llm.generate(prompts, greedy)  # warm-up
     rates = []
     for _ in range(REPEATS):
-        torch.cuda.synchronize()
+        synchronize()
         t0 = time.perf_counter()
         llm.generate(prompts, one)
-        torch.cuda.synchronize()
+        synchronize()
         t1 = time.perf_counter()
         llm.generate(prompts, greedy)
-        torch.cuda.synchronize()
+        synchronize()
         t2 = time.perf_counter()
         rates.append(batch * (new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
     return statistics.median(rates), rates
@@ -118,20 +128,22 @@ def prefill_rate(llm: LLM, tokens: int) -> float:
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.engine.block_manager.enable_prefix_caching = False
     llm.generate(prompts, one)
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     llm.generate(prompts, one)
-    torch.cuda.synchronize()
+    synchronize()
     return tokens / (time.perf_counter() - t0)
 
 
-def record(rows: list, name: str, value: float, unit: str, roof: float, extra: dict | None = None) -> None:
+def record(rows: list, name: str, value: float, unit: str, roof: float, extra: dict | None = None,
+           prefix: str = "engine_", results: Path = RESULTS) -> None:
+    """One figure as benchmarks/results/<prefix><name>.json (ratio = value / roof) and a table row."""
     name += "_async" if EXTRA.get("async_scheduling") else ""
-    entry = {"name": name, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+    entry = {"name": name, "device": device_name(), "date": datetime.date.today().isoformat(),
              "command": "python " + " ".join(sys.argv), "value": value, "unit": unit,
              "roofline_value": roof, "ratio": value / roof if roof else None, **(extra or {})}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"engine_{name}.json").write_text(json.dumps(entry, indent=2))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{prefix}{name}.json").write_text(json.dumps(entry, indent=2))
     rows.append(entry)
 
 
