@@ -122,7 +122,10 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
         raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
     if not Path(args.dataset_path).is_file():
         raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
-    tok = resolve_tokenizer(args.tokenizer, args.model)
+    from deepserve.config import EngineArgs
+
+    engine_args = EngineArgs.from_cli_args(args)
+    tok = resolve_tokenizer(engine_args.tokenizer, engine_args.model)
     if args.dataset_name == "sharegpt":
         requests = sample_sharegpt(tok, args.dataset_path, args.num_prompts, args.output_len, seed)
     else:

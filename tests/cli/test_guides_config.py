@@ -1,8 +1,8 @@
 """Every serving and bench command of the five deployment guides, read from the guides
 themselves, parsed by deepserve's CLI into engine configs: sizes as the guides write them
 (TP=32, 61 layers, 32768 tokens) on DeepSeek-R1's own config.json, so each flag's value must
-land in the field of vLLM's meaning. Only the model path changes, and the flags of other
-issues (docs/GUIDES.md: speculative decoding, multi-node DP) are taken out and checked apart."""
+land in the field of vLLM's meaning. Only the model path (and the guides' `$local_ip`) changes;
+speculative decoding (issue 18, docs/GUIDES.md) is taken out and its refusal checked apart."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,9 @@ from deepserve.distributed.parallel_state import pp_layer_range
 from tests.cli.conftest import write_r1_config
 from tests.cli.guides import commands, exports, set_flags, set_model, to_deepserve, yaml_blocks
 
-# flags of other issues: speculative decoding (18), multi-node DP and --headless (17)
-PENDING = {"--speculative-config": None, "--data-parallel-size-local": None, "--data-parallel-address": None,
-           "--data-parallel-rpc-port": None, "--data-parallel-start-rank": None, "--headless": None}
+# flags of other issues: speculative decoding (18)
+PENDING = {"--speculative-config": None}
+NODE_IPS = {"--data-parallel-address": "127.0.0.1"}   # the guides' $local_ip / $node0_ip
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +160,8 @@ def test_metax_short_flags(reference, r1_config, monkeypatch):
 def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
     (r1_dir := __import__("pathlib").Path(r1_config)).joinpath("quant_model_description.json").write_text("{}")
     try:
-        for cmd in guide(reference, "vllm-ascend-w8a8.md")[:3]:
-            argv = set_flags(set_model(cmd, r1_config), PENDING)
+        for node, cmd in enumerate(guide(reference, "vllm-ascend-w8a8.md")[:3]):
+            argv = set_flags(set_model(cmd, r1_config), PENDING | NODE_IPS)
             args, server, _, _ = serve_config(argv)
             assert_flags_land(argv, args)
             assert (args.data_parallel_size, args.tensor_parallel_size, args.enable_expert_parallel,
@@ -169,6 +169,10 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
             assert args.quantization is None          # msModelSlim's format, loaded as stored
             assert args.cuda_graph_sizes == [4, 16, 32, 48, 64] and not args.enforce_eager
             assert (server["host"], server["port"]) == ("0.0.0.0", 8000)
+            if node:   # the two-node commands: node 0 serves DP ranks 0-1, node 1 (headless) 2-3
+                assert (args.data_parallel_size_local, args.data_parallel_address, args.data_parallel_rpc_port,
+                        args.data_parallel_start_rank, args.headless) == \
+                    (2, "127.0.0.1", 13389, 2 if node == 2 else 0, node == 2)
             cfg = args.create_engine_config()
             assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization,
                     cfg.cuda_graph_sizes) == (16, 4096, 0.92, [4, 16, 32, 48, 64])
@@ -184,8 +188,7 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
 
 def test_speculative_config_refused_in_one_line(reference, r1_config, capsys):
     argv = set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config)
-    argv = set_flags(argv, {k: v for k, v in PENDING.items() if k != "--speculative-config"}
-                     | {"--quantization": None})
+    argv = set_flags(argv, {"--quantization": None})
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "speculative decoding is not supported yet" in err
