@@ -7,11 +7,13 @@ per expert on average.
 
 Printed first: the bf16 matmul rate (8192^3) and, as the ceiling a grouped GEMM could reach at
 these shapes, cuBLAS batched GEMMs (torch.bmm) with exactly 256 rows for every expert (no
-gather, no padding, no routing imbalance). Then each candidate (`fused_moe.TILE_OVERRIDE`:
-BLOCK_M, PREQUANT and each kernel's BLOCK_N / BLOCK_K / GROUP_M / warps / stages) is checked
-against the default's output and timed as CUDA-graph replays of the whole op (sort, both GEMMs,
-the sum over slots). Rate: 2 * tokens * top_k * 3 * D * I FLOPs over the time. Last, the
-per-kernel times of the default and the best candidate (torch.profiler), and a table.
+gather, no padding, no routing imbalance). Then each candidate (BLOCK_M, PREQUANT, W_TMA and
+each kernel's BLOCK_N / BLOCK_K / GROUP_M / warps / stages, tried over the launch table) is
+checked against the default's output and timed as CUDA-graph replays of the whole op (sort,
+both GEMMs, the sum over slots). Rate: 2 * tokens * top_k * 3 * D * I FLOPs over the time.
+Last, the per-kernel times of the default and the best candidate (torch.profiler), and a
+table. `--write` adds each dtype's best candidate to the running device's table
+(deepserve/ops/triton/configs/fused_moe/), for this many rows per expert and more.
 """
 from __future__ import annotations
 
@@ -54,6 +56,15 @@ def candidates(dtype: str) -> list[dict]:
     return out
 
 
+def as_rules(over: dict | None, when: dict | None = None) -> list[dict]:
+    """A candidate ({"BLOCK_M": .., "gate_up": {..}, "down": {..}}) as launch-table rules."""
+    when = when or {}
+    over = over or {}
+    rules = [{"if": dict(when), "set": {k: v for k, v in over.items() if k not in ("gate_up", "down")}}]
+    rules += [{"if": dict(when, kernel=k), "set": over[k]} for k in ("gate_up", "down") if k in over]
+    return [r if r["if"] else {"set": r["set"]} for r in rules if r["set"]]
+
+
 def kernel_times(run, reps: int = 3) -> list[tuple[str, float]]:
     """(kernel name, ms per call) over `reps` calls of run, from torch.profiler's CUDA times."""
     from torch.profiler import ProfilerActivity, profile
@@ -74,9 +85,12 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bf16,fp8")
     ap.add_argument("--quick", action="store_true", help="the default, pointer loads and the old launch order")
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--write", action="store_true", help="add the best candidates to the device's launch table")
+    ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe as fm
+    from deepserve.ops.triton import launch_config
 
     dev = args.device
     d, inter, e, k, tokens = 7168, 2048, 256, 8, args.tokens
@@ -116,39 +130,46 @@ def main() -> int:
         else:
             args_w, kw = (w13, w2), {}
         run = lambda: fm.fused_moe(x, *args_w, tw, ids, **kw)  # noqa: E731
-        fm.TILE_OVERRIDE = None
         want = run()
         base = graph_time_ms(run, 2)
         print(f"{dtype} default: {base:.2f} ms, {rate(base):.1%} of matmul", flush=True)
         rows.append((dtype, None, base))
         overrides = candidates(dtype)[:2 if args.quick else None]
         for over in overrides:
-            fm.TILE_OVERRIDE = over
-            try:
-                got = run()
-                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-                if err > 2e-2:
-                    print(f"  {over}: differs from the default (rel {err:.2e}), skipped")
+            with launch_config.trying("fused_moe", as_rules(over)):
+                try:
+                    got = run()
+                    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                    if err > 2e-2:
+                        print(f"  {over}: differs from the default (rel {err:.2e}), skipped")
+                        continue
+                    ms = graph_time_ms(run, 2)
+                except Exception as exc:  # noqa: BLE001 - out of shared memory etc.: report, go on
+                    print(f"  {over}: {type(exc).__name__}: {str(exc)[:100]}")
                     continue
-                ms = graph_time_ms(run, 2)
-            except Exception as exc:  # noqa: BLE001 - out of shared memory etc.: report, go on
-                print(f"  {over}: {type(exc).__name__}: {str(exc)[:100]}")
-                continue
             rows.append((dtype, over, ms))
             print(f"  {over}: {ms:.2f} ms, {rate(ms):.1%}", flush=True)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
         if dev == "cuda":
             for label, over in (("default", None), ("best", best[1])):
-                fm.TILE_OVERRIDE = over
-                parts = ", ".join(f"{name[:28]} {ms:.3f}" for name, ms in kernel_times(run)[:6])
+                with launch_config.trying("fused_moe", as_rules(over)):
+                    parts = ", ".join(f"{name[:28]} {ms:.3f}" for name, ms in kernel_times(run)[:6])
                 print(f"  {dtype} {label} kernels (ms): {parts}", flush=True)
-        fm.TILE_OVERRIDE = None
     print("\nbest per dtype:")
+    written = []
     for dtype in args.dtypes.split(","):
         base = next(r for r in rows if r[0] == dtype and r[1] is None)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
         print(f"| {dtype} | default {base[2]:.2f} ms ({rate(base[2]):.1%}) | best {best[1] or 'default'} "
               f"| {best[2]:.2f} ms | {rate(best[2]):.1%} of matmul |")
+        if best[1]:
+            fp8 = dtype == "fp8"
+            when = {"fp8": fp8, "elem_bytes": 1 if fp8 else 2, "per_expert_ge": tokens * k / e}
+            written += as_rules(best[1], when)
+    if args.write:
+        path = launch_config.save_rules("fused_moe", launch_config.device_key(torch.device(dev)), written,
+                                        Path(args.config_dir) if args.config_dir else None)
+        print(f"wrote {len(written)} rules to {path}")
     return 0
 
 

@@ -10,7 +10,8 @@ Each shape is timed as CUDA-graph replays of one call per weight copy, with enou
 step. Each Triton candidate is checked against F.linear first (a wrong one prints WRONG).
 Bandwidth is the weight bytes read once over the time, against a 2 GiB device-to-device
 copy measured first. The last table gives, per shape, cuBLAS, the kernel's default setting
-(`gemv.gemv_config`) and the best candidate.
+(`gemv.gemv_config`, from the launch table) and the best candidate. `--write` adds each shape's
+best setting to the running device's table (deepserve/ops/triton/configs/gemv/<device>.json).
 """
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="shapes / 64 (for --device cpu)")
     ap.add_argument("--only", default="", help="comma-separated model names (8b,v2lite,r1)")
     ap.add_argument("--out", default="", help="JSON file for every timing (shape -> setting -> us)")
+    ap.add_argument("--write", action="store_true", help="add each shape's best setting to the device's launch table")
+    ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import gemv as gemv_mod
+    from deepserve.ops.triton import launch_config
 
     dev = args.device
     bw, graph_time_ms = bandwidth_and_timer(dev)
@@ -58,7 +62,7 @@ def main() -> int:
     if dev == "cpu":
         grid = grid[:4]
     only = [s for s in args.only.split(",") if s]
-    rows, every = [], {}
+    rows, every, best_rules = [], {}, []
     torch.manual_seed(0)
     for model, proj, n, k in SHAPES:
         if only and model not in only:
@@ -75,11 +79,10 @@ def main() -> int:
             return graph_time_ms(lambda: [fn(w) for w in ws], reps=1) / copies
 
         us_cublas = timed(lambda w: F.linear(x, w)) * 1e3
-        results = {"cublas": us_cublas}
+        results, settings = {"cublas": us_cublas}, {}
         for cfg in [None] + grid:
             name = "default" if cfg is None else f"n{cfg['BLOCK_N']} k{cfg['BLOCK_K']} w{cfg['num_warps']}"
-            gemv_mod.GEMV_OVERRIDE = cfg
-            try:
+            with launch_config.trying("gemv", [{"set": cfg}] if cfg else []):
                 try:
                     got = gemv_mod.gemv(x, ws[0])
                 except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
@@ -89,9 +92,10 @@ def main() -> int:
                     print(f"{model} {proj} {name}: WRONG, max err {(got.float() - want).abs().max():.3g}")
                     continue
                 results[name] = timed(lambda w: gemv_mod.gemv(x, w)) * 1e3
-            finally:
-                gemv_mod.GEMV_OVERRIDE = None
+                settings[name] = cfg
         best = min((v, s) for s, v in results.items() if s not in ("cublas", "default"))
+        if best[0] < results.get("default", float("inf")):   # the table's setting kept where it wins
+            best_rules.append({"if": {"n": n, "k": k}, "set": settings[best[1]]})
         frac = lambda us: nbytes / (us * 1e-6) / bw  # noqa: E731
         default_cfg = gemv_mod.gemv_config(n, k, x.device)
         rows.append((model, proj, n, k, nbytes, us_cublas, results.get("default"), default_cfg, best))
@@ -108,6 +112,10 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                                               "copy_bytes_per_s": bw, "us": every}, indent=1))
+    if args.write:
+        path = launch_config.save_rules("gemv", launch_config.device_key(torch.device(dev)), best_rules,
+                                        Path(args.config_dir) if args.config_dir else None)
+        print(f"wrote {len(best_rules)} rules to {path}")
     return 0
 
 

@@ -6,11 +6,12 @@
 
 Cases (bf16, one token): V2-Lite (D 2048, I 1408, 64 experts, top-6, shared Is 2816) and R1
 (D 7168, I 2048, 256 experts, top-8, shared Is 2048). Each candidate setting of one kernel
-(`fused_moe_small.SMALL_OVERRIDE`, the other kernel at its default) is checked against the
+(tried through `launch_config.trying`, the other kernel at its default) is checked against the
 default's output, then timed as CUDA-graph replays over 4 layers' worth of weights with
 fresh random routing per layer (so neither routed nor shared weights come from L2).
 Bandwidth: the routed experts' and the shared expert's bytes over the time, against a 2 GiB
-device-to-device copy (bytes read + written) measured first.
+device-to-device copy (bytes read + written) measured first. `--write` adds each case's best
+setting per kernel to the running device's table (deepserve/ops/triton/configs/fused_moe_small/).
 """
 from __future__ import annotations
 
@@ -41,32 +42,41 @@ FP8_GRIDS = {
 }
 
 
-def best_setting(fms, kernel: str, grid: list[dict], run_all, want: torch.Tensor, time_us, show, base_us: float,
-                 atol: float) -> tuple[float, str]:
-    """Time each setting of `kernel` in grid (fused_moe_small.SMALL_OVERRIDE) after checking its
-    output against `want`; print each as `show(us)`; return (us, label) of the fastest, the
-    default (base_us) included. A setting that is wrong or does not build is reported, skipped."""
-    best = (base_us, "default")
+def best_setting(kernel: str, grid: list[dict], run_all, want: torch.Tensor, time_us, show, base_us: float,
+                 atol: float) -> tuple[float, str, dict | None]:
+    """Time each setting of `kernel` in grid (tried over the launch table) after checking its
+    output against `want`; print each as `show(us)`; return (us, label, setting) of the fastest,
+    the default (base_us, setting None) included. A setting that is wrong or does not build is
+    reported, skipped."""
+    from deepserve.ops.triton.launch_config import trying
+    best = (base_us, "default", None)
     for cfg in grid:
         label = " ".join(f"{key}={v}" for key, v in cfg.items())
-        fms.SMALL_OVERRIDE = {kernel: cfg}
-        try:
-            got = run_all()[0].float()
-            if not torch.allclose(got, want, rtol=2e-2, atol=atol):
-                print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
+        with trying("fused_moe_small", [{"if": {"kernel": kernel}, "set": cfg}]):
+            try:
+                got = run_all()[0].float()
+                if not torch.allclose(got, want, rtol=2e-2, atol=atol):
+                    print(f"  {kernel} {label}: WRONG ({(got - want).abs().max():.3g})")
+                    continue
+                us = time_us()
+            except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
+                print(f"  {kernel} {label}: failed: {type(exc).__name__}")
                 continue
-            us = time_us()
-        except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
-            print(f"  {kernel} {label}: failed: {type(exc).__name__}")
-            continue
-        finally:
-            fms.SMALL_OVERRIDE = None
         print(f"  {kernel} {label}: {show(us)}", flush=True)
-        best = min(best, (us, label))
+        if us < best[0]:
+            best = (us, label, cfg)
     return best
 
 
-def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> None:
+def write_best(rules: list[dict], dev: str, config_dir: str | None) -> None:
+    """Add the sweep's best settings to the running device's launch table."""
+    from deepserve.ops.triton import launch_config
+    path = launch_config.save_rules("fused_moe_small", launch_config.device_key(torch.device(dev)), rules,
+                                    Path(config_dir) if config_dir else None)
+    print(f"wrote {len(rules)} rules to {path}")
+
+
+def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]:
     """R1's routed experts in fp8 at batch 1: each kernel's candidates against the default."""
     d, inter, e, k, _ = CASES["r1"]
     if tiny:
@@ -97,13 +107,14 @@ def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> None:
     print(f"r1 fp8: default {pct(base_us)}, {nbytes / 1e6:.0f} MB", flush=True)
     rows = []
     for kernel, grid in FP8_GRIDS.items():
-        best = best_setting(fms, kernel, grid if dev == "cuda" else grid[:2], run_all, want,
+        best = best_setting(kernel, grid if dev == "cuda" else grid[:2], run_all, want,
                             lambda: graph_time_ms(run_all, reps=1) / layers * 1e3, pct, base_us,
                             2e-2 * want.abs().max().item())
         rows.append((kernel, best))
     print("\n| case | kernel varied | default | best setting | best |\n|---|---|---:|---|---:|")
-    for kernel, (us, label) in rows:
+    for kernel, (us, label, _) in rows:
         print(f"| r1 fp8 | {kernel} | {pct(base_us)} | {label} | {pct(us)} |")
+    return [{"if": {"kernel": kernel, "fp8": True, "inter": inter}, "set": cfg} for kernel, (_, _, cfg) in rows if cfg]
 
 
 def main() -> int:
@@ -112,6 +123,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
     ap.add_argument("--kernels", default="gate_up,down_slots", help="which kernels' settings to vary")
     ap.add_argument("--fp8", action="store_true", help="R1 with fp8 block weights instead (FP8_GRIDS)")
+    ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
+    ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
     prepare(args.device)
     from deepserve.ops.triton import fused_moe_small as fms
@@ -119,11 +132,13 @@ def main() -> int:
     dev = args.device
     bw, graph_time_ms = bandwidth_and_timer(dev)
     if args.fp8:
-        sweep_fp8(fms, dev, bw, graph_time_ms, args.tiny)
+        rules = sweep_fp8(fms, dev, bw, graph_time_ms, args.tiny)
+        if args.write:
+            write_best(rules, dev, args.config_dir)
         return 0
     layers = LAYERS if dev == "cuda" else 1
     g = torch.Generator(device=dev).manual_seed(0)
-    summary = []
+    summary, rules = [], []
     for name, (d, inter, e, k, s_inter) in CASES.items():
         if args.tiny:
             d, inter, e, s_inter = d // 16, inter // 16, max(e // 8, k + 1), s_inter // 16
@@ -142,29 +157,31 @@ def main() -> int:
         base_us = graph_time_ms(run_all, reps=1) / layers * 1e3
         print(f"{name}: default {base_us:.1f} us ({nbytes / (base_us * 1e-6) / bw:.0%} of copy), "
               f"{nbytes / 1e6:.0f} MB")
-        # the down kernel's slot-by-slot loop (the form before 2026-11-23's all-slots step)
-        fms.ALL_SLOTS_PER_STEP = False
-        try:
+        # the down kernel's slot-by-slot loop (the form before the all-slots step)
+        from deepserve.ops.triton.launch_config import trying
+        with trying("fused_moe_small", [{"if": {"kernel": "down_slots"}, "set": {"ALL_SLOTS": False}}]):
             loop_us = graph_time_ms(run_all, reps=1) / layers * 1e3
             ok = torch.allclose(run_all()[0].float(), want, rtol=2e-2, atol=2e-3)
-        finally:
-            fms.ALL_SLOTS_PER_STEP = True
         print(f"  down slot by slot: {loop_us:.1f} us ({nbytes / (loop_us * 1e-6) / bw:.0%}){'' if ok else ' WRONG'}")
-        summary.append((name, "down slot by slot", base_us, (loop_us, "slot-by-slot loop")))
+        summary.append((name, "down slot by slot", base_us, (loop_us, "slot-by-slot loop", None)))
         grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS, "gate_up_stages": STAGES, "down_slots_stages": STAGES}
         for grid_name, grid in ((k, grids[k]) for k in args.kernels.split(",") if k):
             kernel = grid_name.removesuffix("_stages")
-            best = best_setting(fms, kernel, grid if dev == "cuda" else grid[:2], run_all, want,
+            best = best_setting(kernel, grid if dev == "cuda" else grid[:2], run_all, want,
                                 lambda: graph_time_ms(run_all, reps=1) / layers * 1e3,
                                 lambda us: f"{us:.1f} us ({nbytes / (us * 1e-6) / bw:.0%})", base_us, 2e-3)
             summary.append((name, kernel, base_us, best))
+            if best[2]:
+                rules.append({"if": {"kernel": kernel, "fp8": False, "inter": inter}, "set": best[2]})
     print("\n| case | kernel varied | default us (% copy) | best setting | best us (% copy) |")
     print("|---|---|---:|---|---:|")
-    for name, kernel, base_us, (us, label) in summary:
+    for name, kernel, base_us, (us, label, _) in summary:
         d, inter, e, k, s_inter = CASES[name]
         nbytes = (k * 3 * inter * d + 3 * s_inter * d) * 2
         pct = lambda t: f"{t:.1f} ({nbytes / (t * 1e-6) / bw:.0%})"  # noqa: E731
         print(f"| {name} | {kernel} | {pct(base_us)} | {label} | {pct(us)} |")
+    if args.write:
+        write_best(rules, dev, args.config_dir)
     return 0
 
 

@@ -104,13 +104,14 @@ def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, int
 
 
 @pytest.mark.parametrize("all_slots", [True, False])
-def test_down_kernel_forms_agree(small, cpu_only, monkeypatch, all_slots):
+def test_down_kernel_forms_agree(small, cpu_only, all_slots):
     """The down kernel's all-slots step and its slot-by-slot loop (fp8's form, and the timing
     baseline) give the reference's result on the same 16-bit case."""
-    monkeypatch.setattr(small, "ALL_SLOTS_PER_STEP", all_slots)
+    from deepserve.ops.triton.launch_config import trying
     args, shared = shared_case(2, 72, 40, 80, 8, 3, torch.float32, seed=5)
-    torch.testing.assert_close(small.fused_moe_small(*args, **shared), reference(*args, **shared),
-                               rtol=1e-5, atol=1e-5)
+    with trying("fused_moe_small", [{"if": {"kernel": "down_slots"}, "set": {"ALL_SLOTS": all_slots}}]):
+        torch.testing.assert_close(small.fused_moe_small(*args, **shared), reference(*args, **shared),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_small_path_shared_only_when_all_slots_remote(small, cpu_only):

@@ -111,7 +111,7 @@ def test_small_path_fp8_blocks(small, cpu_only, t, k):
         assert rel_err(small.fused_moe_small(*args, **wrong), want) > 0.1
 
 
-def test_small_path_fp8_wide_steps_past_the_last_scale_block(small, cpu_only, monkeypatch):
+def test_small_path_fp8_wide_steps_past_the_last_scale_block(small, cpu_only):
     """K steps of four scale blocks (as the H200 settings take two and eight) over D 200 and
     I 136: the last step's slices past K have no scale column. The scales here sit in wider
     tensors whose extra columns are inf, so reading one would turn 0 * inf into NaN."""
@@ -123,8 +123,10 @@ def test_small_path_fp8_wide_steps_past_the_last_scale_block(small, cpu_only, mo
         wide = torch.full((*scale.shape[:2], scale.shape[2] + 2), float("inf"))
         wide[..., :scale.shape[2]] = scale
         padded[name] = wide[..., :scale.shape[2]]            # same values, inf just past the end
-    monkeypatch.setattr(small, "SMALL_OVERRIDE", {"gate_up": {"BLOCK_K": 512}, "down": {"BLOCK_K": 512}})
-    torch.testing.assert_close(small.fused_moe_small(*args, **padded), want, rtol=1e-5, atol=1e-5)
+    from deepserve.ops.triton.launch_config import trying
+    wide_steps = [{"if": {"kernel": kernel}, "set": {"BLOCK_K": 512}} for kernel in ("gate_up", "down")]
+    with trying("fused_moe_small", wide_steps):
+        torch.testing.assert_close(small.fused_moe_small(*args, **padded), want, rtol=1e-5, atol=1e-5)
 
 
 def test_small_path_fp8_bf16_activations(small, cpu_only):
@@ -140,18 +142,23 @@ def test_small_path_rejects_mismatched_routing(small, cpu_only):
         small.fused_moe_small(x, w13, w2, weights, ids[:1])
 
 
-def test_fp8_settings_follow_the_device(small, monkeypatch):
+def test_fp8_settings_follow_the_device():
     """fp8 steps cover whole 128-wide scale blocks; on an H200 both kernels take wider steps
     (more bytes in flight), elsewhere the H100's settings; 16-bit settings do not change.
     (The compiled kernels' settings: interpreted ones take one small setting everywhere.)"""
-    monkeypatch.setattr(small, "interpreting", lambda: False)
-    h200 = {k: small.small_config(k, True, device="NVIDIA H200") for k in ("gate_up", "down")}
-    h100 = {k: small.small_config(k, True, device="NVIDIA H100 80GB HBM3") for k in ("gate_up", "down")}
+    from deepserve.ops.triton.launch_config import lookup
+
+    def settings(device, kernel, fp8):
+        return lookup("fused_moe_small", device, kernel=kernel, fp8=fp8, inter=2048)
+
+    h200 = {k: settings("NVIDIA_H200", k, True) for k in ("gate_up", "down")}
+    h100 = {k: settings("NVIDIA_H100_80GB_HBM3", k, True) for k in ("gate_up", "down")}
     assert (h200["gate_up"]["BLOCK_N"], h200["gate_up"]["BLOCK_K"]) == (32, 256)
     assert (h200["down"]["BLOCK_N"], h200["down"]["BLOCK_K"]) == (16, 1024)
     assert (h100["gate_up"]["BLOCK_N"], h100["gate_up"]["BLOCK_K"]) == (16, 128)
     assert all(cfg["BLOCK_K"] % 128 == 0 for cfg in (*h200.values(), *h100.values()))
-    assert small.small_config("gate_up", False, device="NVIDIA H200") == small.small_config("gate_up", False)
+    assert settings("NVIDIA_H200", "gate_up", False) == settings("", "gate_up", False)
+    assert settings("interpreter", "down", True)["BLOCK_N"] == 32
 
 
 def test_dispatch_rule():

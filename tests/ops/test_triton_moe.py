@@ -96,47 +96,51 @@ def test_fused_moe_fp8_blocks(triton_ops, cpu_only):
 
 @pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}],
                          ids=lambda o: str(o["GROUP_M"]))
-def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, monkeypatch, over):
+def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, over):
     """Which tile a program takes (GROUP_M) moves no arithmetic: outputs are bit-identical,
     and several row and column blocks are in play (16-row blocks, 32-wide columns)."""
     from deepserve.ops.triton import fused_moe as fm
+    from deepserve.ops.triton.launch_config import trying
     args, _ = moe_inputs(24, 64, 80, 3, 2, torch.float32)
     want = resolve("fused_moe", "torch")[1](*args)
-    monkeypatch.setattr(fm, "TILE_OVERRIDE", {"gate_up": over, "down": over})
-    got = fm.fused_moe(*args)
-    monkeypatch.setattr(fm, "TILE_OVERRIDE", None)
+    with trying("fused_moe", [{"set": over}]):
+        got = fm.fused_moe(*args)
     assert torch.equal(got, fm.fused_moe(*args))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_moe_fp8_prequantised_rows_equal_in_kernel_quantisation(triton_ops, cpu_only, monkeypatch):
+def test_fused_moe_fp8_prequantised_rows_equal_in_kernel_quantisation(triton_ops, cpu_only):
     """fp8 activations quantised once per row (_quant_rows, the compute-bound path) give the
     same values and scales as quantising inside each GEMM program: identical outputs."""
     from deepserve.ops.triton import fused_moe as fm
+    from deepserve.ops.triton.launch_config import trying
     args, kwargs = moe_inputs(6, 256, 128, 4, 2, torch.bfloat16, fp8=True, seed=1)
     outs = []
     for pre in (True, False):
-        monkeypatch.setattr(fm, "TILE_OVERRIDE", {"PREQUANT": pre})
-        outs.append(fm.fused_moe(*args, **kwargs))
+        with trying("fused_moe", [{"set": {"PREQUANT": pre}}]):
+            outs.append(fm.fused_moe(*args, **kwargs))
     assert torch.equal(outs[0], outs[1])
     assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < 0.15
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "fp8"], ids=str)
-def test_fused_moe_tma_weight_tiles_equal_pointer_loads(triton_ops, cpu_only, monkeypatch, dtype):
+def test_fused_moe_tma_weight_tiles_equal_pointer_loads(triton_ops, cpu_only, dtype):
     """Expert weights read through TMA block descriptors (Hopper's path; here interpreted)
-    give bit-identical outputs to pointer loads, with ragged column and K tiles (I 80 and
-    D 64 against 32-wide tiles; fp8: I 208 against 128) whose zero fill stands in for masks."""
+    give the outputs of pointer loads, with ragged column and K tiles (I 80 and D 64 against
+    32-wide tiles; fp8: I 208 against 128) whose zero fill stands in for masks. Equal to
+    rounding, not bit for bit: the interpreter's matmul may sum a transposed tile in another
+    order, and which order depends on the machine's BLAS."""
     from deepserve.ops.triton import fused_moe as fm
+    from deepserve.ops.triton.launch_config import trying
     if dtype == "fp8":
         args, kwargs = moe_inputs(6, 256, 208, 4, 2, torch.bfloat16, fp8=True, seed=3)
     else:
         args, kwargs = moe_inputs(24, 64, 80, 3, 2, dtype, seed=3)
     outs = []
     for tma in (True, False):
-        monkeypatch.setattr(fm, "TILE_OVERRIDE", {"W_TMA": tma})
-        outs.append(fm.fused_moe(*args, **kwargs))
-    assert torch.equal(outs[0], outs[1])
+        with trying("fused_moe", [{"set": {"W_TMA": tma}}]):
+            outs.append(fm.fused_moe(*args, **kwargs))
+    torch.testing.assert_close(outs[0], outs[1])   # the dtype's own tolerance (fp32: 1.3e-6 relative)
     assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < (0.15 if dtype == "fp8" else 3e-2)
 
 

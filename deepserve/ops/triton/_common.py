@@ -121,10 +121,9 @@ def dot_dtype(dtype: torch.dtype):
 # has started, even while it still waits on its own predecessor, so during a run of small
 # latency-bound kernels several are resident at once, each waiting on the one before, and
 # their weight prefetches start earlier. It cannot deadlock: a kernel launches only after all
-# programs of the one before are resident, and that one's progress needs nothing later. With
-# the signal after the wait (at most one kernel ahead) the V2-Lite batch-1 graph replay took
-# 2.451 ms, with it first 2.428 ms (H100, 2026-11-23); DEEPSERVE_PDL_TRIGGER_FIRST=0 restores
-# the old order.
+# programs of the one before are resident, and that one's progress needs nothing later. The
+# signal first measured faster than after the wait (docs/PERFORMANCE.md);
+# DEEPSERVE_PDL_TRIGGER_FIRST=0 restores the other order.
 
 
 def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
@@ -167,14 +166,10 @@ LINE_BYTES = 128
 _PREFETCH_ON = os.environ.get("DEEPSERVE_PREFETCH", "1") != "0"
 
 
-# Measured on an H100 at V2-Lite batch 1 (graph replay of benchmarks/profile_decode.py, one
-# kernel family prefetching at a time; docs/PERFORMANCE.md, session 5): W_UK in
-# the MLA prep (2 MiB, behind the q/kv GEMV) and W_UV (2 MiB, behind the split merge) gained
-# 29 and 18 us a step, the router 7 us; the 15 MiB q/kv pair and 8 MiB o_proj, prefetched
-# behind a norm or W_UV, lost 134 us (a bulk of prefetches queued ahead of the small kernel
-# on the critical path slows it more than the weights gain), and so did the MoE's shared
-# expert rows (27 us). Hence the cap: a kernel prefetches when its weights total at most
-# PREFETCH_MAX_BYTES.
+# Small weights gain from the prefetch; large ones lose, since a bulk of prefetches queued
+# ahead of the small kernel on the critical path slows it more than the weights gain (the
+# measurements per kernel family: docs/PERFORMANCE.md). Hence the cap: a kernel prefetches
+# when its weights total at most PREFETCH_MAX_BYTES.
 PREFETCH_MAX_BYTES = 4 << 20
 
 

@@ -32,12 +32,11 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.moe import fused_moe as fused_moe_torch
-from deepserve.ops.triton.quant_gemm import fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
+from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_align import align_by_expert
 
 try:                                  # Triton >= 3.4; older ones read weights by pointers
@@ -233,10 +232,8 @@ def _tma_weights(w: torch.Tensor) -> bool:
     """Whether expert weights w [E, N, K] can be read through TMA block descriptors: a Triton
     that has them, an NVIDIA GPU of compute capability 9.0 or newer, compiled kernels, and
     the 16-byte alignment of the base and of the two outer strides that the descriptors
-    need. On an H200 at R1's experts
-    (benchmarks/sweep_fused_moe.py, 2026-12-04) TMA tiles took 8192 tokens from 51.5% to 56.4%
-    of the bf16 matmul rate (fp8: 66.4% to 72.4%) and the bandwidth-bound batches of 256 and
-    2048 tokens 2-8% faster."""
+    need. TMA tiles run both the compute-bound and the bandwidth-bound batches faster than
+    pointer loads (docs/PERFORMANCE.md)."""
     if TensorDescriptor is None or interpreting() or not nvidia_sm90(w.device):
         return False
     return (w.stride(2) == 1 and w.data_ptr() % 16 == 0
@@ -260,46 +257,20 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens * top_k <= max(8, num_experts // 2)
 
 
-# launch settings merged over _tiles' choice when set, for timing candidates
-# (benchmarks/sweep_fused_moe.py) and tests: {"BLOCK_M": m, "PREQUANT": bool, "W_TMA": bool,
-# "gate_up": {...}, "down": {...}}, each kernel's keys among BLOCK_N, BLOCK_K, GROUP_M,
-# num_warps, num_stages
-TILE_OVERRIDE: dict | None = None
+def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int, device: torch.device) -> tuple[dict, dict]:
+    """Each kernel's launch settings from the table (configs/fused_moe/), by rows per expert:
+    BLOCK_M (taken from gate_up's), PREQUANT (fp8: quantise activation rows once beforehand),
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; W_TMA, where a table sets it, forces the
+    weights' TMA tiles on or off.
 
-
-def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int = 2) -> tuple[int, dict, dict]:
-    """BLOCK_M by rows per expert, and each kernel's BLOCK_N, BLOCK_K, GROUP_M, num_warps,
-    num_stages: (BLOCK_M, gate_up settings, down settings). fp32 activations and weights take
-    twice the shared memory per stage: half the K tile and at most 2 stages keep the 64x128
-    tiles under Hopper's 227 KB.
-
-    Where the GEMMs are compute-bound (over 48 rows per expert) the settings come from
-    benchmarks/sweep_fused_moe.py at R1's experts and 8192 tokens (256 rows per expert) on an
-    H200, 2026-12-04 (docs/PERFORMANCE.md): 16-bit weights take 128-row blocks from 128 rows
-    per expert (46% -> 53% of the bf16 matmul rate, although an expert's last block is on
-    average half padding) with 8 row blocks walking the columns together (GROUP_M, about +1%
-    in two runs); fp8 weights keep 64-row blocks (128 rows ran at half the rate) with gate_up
-    at 256 columns (63% -> 68%). Fewer rows per expert keep the settings from before, which
-    that sweep did not cover.
-    """
-    if interpreting():
-        cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 32, GROUP_M=1, num_warps=4, num_stages=1)
-        return 16, cfg, dict(cfg)
-    per_expert = n_assign / max(num_experts, 1)
-    block_m = 16 if per_expert <= 16 else (32 if per_expert <= 48 else 64)
-    wide = elem_bytes <= 2 and not fp8 and per_expert >= 128
-    block_k = 128 if fp8 else (64 if elem_bytes <= 2 else 32)
-    stages = (4 if block_m <= 32 else 3) if elem_bytes <= 2 else 2
-    cfg = dict(BLOCK_N=64 if block_m <= 32 else 128, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=stages)
-    gate_up, down = dict(cfg), dict(cfg)
-    if wide:
-        block_m = 128
-        gate_up.update(num_warps=8, num_stages=4, GROUP_M=8)
-        down.update(num_warps=8, BLOCK_N=256, GROUP_M=8)
-    elif block_m == 64 and elem_bytes <= 2:
-        gate_up.update(num_warps=8, BLOCK_N=256)
-        down.update(num_warps=8, BLOCK_N=256)
-    return block_m, gate_up, down
+    Few rows per expert take small row blocks (an expert's last block is padding); where the
+    GEMMs are compute-bound, large blocks walking the columns together. fp32 activations and
+    weights take twice the shared memory per stage: half the K tile and at most 2 stages keep
+    the tiles under Hopper's 227 KB. How each setting was measured: docs/PERFORMANCE.md
+    (benchmarks/sweep_fused_moe.py)."""
+    shape = dict(fp8=fp8, per_expert=n_assign / max(num_experts, 1), elem_bytes=elem_bytes)
+    return (launch_settings("fused_moe", device, kernel="gate_up", **shape),
+            launch_settings("fused_moe", device, kernel="down", **shape))
 
 
 @register("fused_moe", "triton")
@@ -312,8 +283,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     two launches, a torch MLP added after the sorted path (it streams its weights once there)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2)
-    if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
-        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
@@ -325,9 +294,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if num_tokens == 0:
         return out
     n_assign = num_tokens * top_k
-    block_m, gu, dn = _tiles(n_assign, num_experts, fp8, w13.element_size())
-    over = TILE_OVERRIDE or {}
-    block_m = over.get("BLOCK_M", block_m)
+    gu, dn = _tiles(n_assign, num_experts, fp8, w13.element_size(), x.device)
+    block_m, prequant, tma = gu.pop("BLOCK_M"), gu.pop("PREQUANT"), gu.pop("W_TMA", None)
+    for key in ("BLOCK_M", "PREQUANT", "W_TMA"):
+        dn.pop(key, None)
     aligned = align_by_expert(topk_ids, num_experts, block_m)
     x = unit_last(x)
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
@@ -336,11 +306,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
     num_m = aligned.num_blocks
     common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype))
-    gu, dn = {**common, **gu, **over.get("gate_up", {})}, {**common, **dn, **over.get("down", {})}
+    gu, dn = {**common, **gu}, {**common, **dn}
     # fp8: activation rows quantised once by a separate pass where the row blocks are large
     # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
-    prequant = fp8 and over.get("PREQUANT", block_m >= 64)
-    tma = over.get("W_TMA", _tma_weights(w13) and _tma_weights(w2))
+    prequant = fp8 and prequant
+    if tma is None:
+        tma = _tma_weights(w13) and _tma_weights(w2)
     a, a_s = _quant_rows(x) if prequant else (x, x)
     w13_desc = _weight_arg(w13, tma, gu["BLOCK_N"], gu["BLOCK_K"])
     _gate_up_kernel[(num_m * triton.cdiv(inter, gu["BLOCK_N"]),)](

@@ -51,7 +51,8 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import device_name, interpreting, next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton.launch_config import launch_settings
 
 FP8_BLOCK = 128
 
@@ -245,59 +246,18 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
     tl.store(out_ptr + tok * out_stride + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-# False runs the down kernel's slot-by-slot loop wherever it would take all slots per step
-# (for timing the two forms against each other: benchmarks/sweep_moe_small.py)
-ALL_SLOTS_PER_STEP = True
-
-# launch settings merged over small_config's choice when set ({"gate_up": {...}, "down": {...},
-# "down_slots": {...}}, keys as small_config returns them; "down" is the slot-by-slot loop, whose
-# K loop is not pipelined), for timing candidate settings
-SMALL_OVERRIDE: dict | None = None
-
-
-def small_config(kernel: str, fp8: bool, inter: int = 0, device: str = "") -> dict:
+def small_config(kernel: str, fp8: bool, inter: int, device: torch.device) -> dict:
     """BLOCK_N, BLOCK_K, num_warps, num_stages and LOOP_STAGES of `kernel` ("gate_up", "down",
     or "down_slots": the down kernel with every slot in one step, for an intermediate size
-    `inter`; 16-bit weights only) on the GPU named `device`.
+    `inter`; 16-bit weights only; its ALL_SLOTS says whether to take it) from the launch table
+    (configs/fused_moe_small/).
 
-    Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane). Picked
-    on an H100 by timing CUDA-graph replays at batch 1 (2026-11-23, % of copy bandwidth):
-    - bf16, V2-Lite (D 2048, I 1408, k 6): gate_up 16 rows x 256 (528 programs), down 4 rows
-      x 512 (512 programs; 8 rows gave 256 programs and 70%): 43.9 us, 79% (sorted: 30%).
-    - fp8, R1 (D 7168, I 2048, k 8): gate_up 16 x 128, down 8 x 256 (two scale blocks per
-      step), 8 warps: down alone went from 71% to 80% (sorted: 56%).
-    - down_slots: 2 rows x a K step that divides I where 256 or 128 does, times every slot:
-      V2-Lite (8 slots, 2 x 128) 55.4 us for routed + shared against 62.1 us slot by slot
-      (83% / 74% of copy); R1 (16 slots, 2 x 256) 284 us either way, 92%.
-    - fp8 on an H200 (2026-12-04, `sweep_moe_small.py --fp8`, each kernel varied alone):
-      gate_up 32 rows x 256 (two scale blocks a step) 159 -> 131 us, down 16 x 1024 159 ->
-      143 us; its memory is 1.4 times faster than the H100's, so each program must keep
-      more bytes in flight. The H100 keeps the settings above.
-    The launch's num_stages is 1: these loads feed no tl.dot, so it pipelines nothing; the K
-    loops are pipelined by LOOP_STAGES instead (below). Interpreted, numpy's cost is per
-    operation, not per element: few, large programs."""
-    if interpreting():
-        cfg = dict(BLOCK_N=32, BLOCK_K=FP8_BLOCK if fp8 else 64, num_warps=1, num_stages=1)
-    elif kernel == "down_slots":
-        block_k = 128 if inter % 256 and inter % 128 == 0 else 256      # a K step that divides I
-        cfg = dict(BLOCK_N=2, BLOCK_K=block_k, num_warps=4, num_stages=1)
-    elif fp8 and "H200" in device:
-        cfg = dict(BLOCK_N=32, BLOCK_K=2 * FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
-            dict(BLOCK_N=16, BLOCK_K=8 * FP8_BLOCK, num_warps=8, num_stages=1)
-    elif fp8:
-        cfg = dict(BLOCK_N=16, BLOCK_K=FP8_BLOCK, num_warps=8, num_stages=1) if kernel == "gate_up" else \
-            dict(BLOCK_N=8, BLOCK_K=2 * FP8_BLOCK, num_warps=8, num_stages=1)
-    else:
-        cfg = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1) if kernel == "gate_up" else \
-            dict(BLOCK_N=4, BLOCK_K=512, num_warps=4, num_stages=1)
-    # K steps software-pipelined this deep (tl.range num_stages; 1: loads as written). gate_up,
-    # H100: 3 stages took V2-Lite's routed + shared experts at batch 1 from 55.5-55.8 to 53.1 us
-    # (83% -> 86% of copy) and R1's from 288-290 to 267-272 us (91% -> 96-98%; sweep_moe_small.py,
-    # two runs); R1's fp8 MoE layer at batch 1 from 0.241 to 0.234 ms (bench_moe_layer.py, twice
-    # each; 2 stages: 0.261). down_slots gained nothing.
-    cfg["LOOP_STAGES"] = 3 if kernel == "gate_up" and not interpreting() else 1
-    if SMALL_OVERRIDE and kernel in SMALL_OVERRIDE:
-        cfg.update(SMALL_OVERRIDE[kernel])
+    Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane); fp8 steps
+    cover whole 128-wide scale blocks, and a chip with faster memory needs more bytes in flight
+    per program (the H200's fp8 rows). The launch's num_stages is 1: these loads feed no tl.dot,
+    so it pipelines nothing; the gate_up K loop is software-pipelined by LOOP_STAGES instead.
+    How each setting was measured: docs/PERFORMANCE.md (benchmarks/sweep_moe_small.py)."""
+    cfg = launch_settings("fused_moe_small", device, kernel=kernel, fp8=fp8, inter=inter)
     if fp8 and cfg["BLOCK_K"] % FP8_BLOCK:
         raise ValueError(f"fp8 weights need BLOCK_K a multiple of the {FP8_BLOCK}-wide scale block, "
                          f"got {cfg['BLOCK_K']}")
@@ -344,10 +304,11 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     # the down kernel takes every slot in one step unless fp8 weights (scaled per block) or a
     # shared expert that is not whole pieces of I ask for the slot-by-slot loop
     n_shared = s_inter // inter if has_shared else 0
-    slots = next_pow2(top_k + n_shared) if ALL_SLOTS_PER_STEP and not fp8 and n_shared * inter == s_inter else 0
-    chip = device_name(x.device)
-    gu_cfg = small_config("gate_up", fp8, device=chip)
-    down_cfg = small_config("down_slots", fp8, inter, chip) if slots else small_config("down", fp8, device=chip)
+    slots_cfg = small_config("down_slots", fp8, inter, x.device)
+    all_slots = slots_cfg.pop("ALL_SLOTS") and not fp8 and n_shared * inter == s_inter
+    slots = next_pow2(top_k + n_shared) if all_slots else 0
+    gu_cfg = small_config("gate_up", fp8, inter, x.device)
+    down_cfg = slots_cfg if slots else small_config("down", fp8, inter, x.device)
     # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)

@@ -1,10 +1,8 @@
 """One-row linear layer (y = x W^T + b for a single token) as a Triton GEMV kernel.
 
 At batch-1 decode every projection is a matrix-vector product: the time is the weight read,
-and cuBLAS reaches copy bandwidth for some shapes but not for others (on an H100 the 8B
-model's o_proj, 4096x4096, ran at 54% of copy bandwidth while its other projections ran at
-94-100%; the small V2-Lite projections took 5-8 us for 2-13 MB). This kernel streams the
-weight with as many programs as keeps every SM busy:
+and cuBLAS reaches copy bandwidth for some shapes but not for others (docs/PERFORMANCE.md).
+This kernel streams the weight with as many programs as keeps every SM busy:
 
 - grid (cdiv(N, BLOCK_N),): program n reads weight rows [n*BLOCK_N, (n+1)*BLOCK_N), whole
   rows along K (contiguous, 16-byte loads per lane), multiplies by x and accumulates
@@ -19,8 +17,8 @@ Rounding matches the torch reference `F.linear(x.to(W.dtype), W, b)`: fp32 accum
 bias added in fp32, one rounding to the weight's dtype (the fp32 MoE router takes a bf16
 activation and gives fp32 logits in the same launch, where torch needs a cast kernel and a
 cuBLAS dot + reduce). `use_gemv` says when the engine takes this path instead of cuBLAS: one
-row on a Triton device; on an H100 the kernel beat cuBLAS at every batch-1 shape of the 8B,
-V2-Lite and R1 models (benchmarks/sweep_gemv.py, docs/PERFORMANCE.md).
+row on a Triton device, where the kernel beat cuBLAS at every batch-1 shape measured
+(benchmarks/sweep_gemv.py, docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -33,6 +31,7 @@ import triton.language as tl
 from deepserve.ops.dense import linear as torch_linear, linear_pair as torch_linear_pair
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows
+from deepserve.ops.triton.launch_config import launch_settings
 
 
 @triton.jit
@@ -88,28 +87,13 @@ def _gemv_pair_kernel(x_ptr, w1_ptr, w2_ptr, y1_ptr, y2_ptr, N1, N2, K, w1_strid
                    EVEN_K, USE_PDL, PREFETCH, LINE, LINES)
 
 
-# launch settings merged over gemv_config's choice when set (for timing candidates:
-# benchmarks/sweep_gemv.py)
-GEMV_OVERRIDE: dict | None = None
-
-
 def gemv_config(n: int, k: int, device: torch.device) -> dict:
-    """BLOCK_N, BLOCK_K, num_warps of an [N, K] weight.
+    """BLOCK_N, BLOCK_K, num_warps of an [N, K] weight, from the launch table (configs/gemv/).
 
-    Picked on an H100 with benchmarks/sweep_gemv.py (2026-11-23): few rows per program and
-    long K steps (1024 columns: 4 warps x 32 lanes x 8 bf16 is one 16-byte load per lane per
-    row, twice), so thousands of small programs keep every SM's loads in flight; 8 warps
-    once the weight is large (>= 32M elements). Interpreted (numpy), cost is per operation:
-    few, large programs."""
-    if interpreting():
-        cfg = dict(BLOCK_N=32, BLOCK_K=64, num_warps=1)
-    else:
-        block_k = 1024 if k % 1024 == 0 or k > 4096 else 512
-        block_n = 1 if n <= 4096 else 2 if n <= 8192 else 4
-        cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if n * k >= (32 << 20) else 4)
-    if GEMV_OVERRIDE:
-        cfg.update(GEMV_OVERRIDE)
-    return cfg
+    Few rows per program and long K steps (16-byte loads per lane), so thousands of small
+    programs keep every SM's loads in flight; more warps once the weight is large. How each
+    chip's settings were measured: docs/PERFORMANCE.md (benchmarks/sweep_gemv.py)."""
+    return launch_settings("gemv", device, n=n, k=k, elements=n * k)
 
 
 def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor):
@@ -120,7 +104,7 @@ def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor)
     x1 = x.reshape(k)
     x1 = x1 if x1.stride(0) == 1 else x1.contiguous()
     weights = [w if w.stride(1) == 1 else w.contiguous() for w in weights]
-    cfg = dict(gemv_config(n_total, k, x.device))
+    cfg = gemv_config(n_total, k, x.device)
     num_warps = cfg.pop("num_warps")
     launch = pdl_launch(x.device, *weights)
     cfg.update(launch, LINES=min(next_pow2(triton.cdiv(k, launch["LINE"])), 64))

@@ -1,0 +1,130 @@
+"""Kernel launch settings as data: per-device JSON tables, as vLLM keeps its fused-MoE configs.
+
+`configs/<op>/default.json` holds the settings of a device nobody measured separately, and
+`configs/<op>/<NAME>.json` what a chip whose name contains NAME measured differently ("H200"
+applies to "NVIDIA H200" and "NVIDIA H200 NVL"); "interpreter" is the CPU interpreter
+(TRITON_INTERPRET=1), where numpy's cost is per operation: few, large programs. The sweep
+scripts in benchmarks/ write these files (`--write`); docs/PERFORMANCE.md keeps what was
+measured when.
+
+A table is a list of rules, each `{"if": {conditions}, "set": {settings}}`. Every rule whose
+conditions all hold updates the settings, in file order, so a narrower rule follows a broader
+one; a device's table is the default's rules followed by its own files' rules. A condition
+names a shape variable the op passes (`n`, `k`, `kernel`, `fp8`, ...): `"v": x` is equality,
+`"v_le"`, `"v_lt"`, `"v_ge"`, `"v_gt"` bounds, `"v_multiple_of"` and `"v_not_multiple_of"`
+divisibility.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from deepserve.ops.triton._common import device_name, interpreting
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+INTERPRETER = "interpreter"
+DEFAULT = "default"
+
+_TESTS = {
+    "le": lambda v, x: v <= x, "lt": lambda v, x: v < x, "ge": lambda v, x: v >= x, "gt": lambda v, x: v > x,
+    "multiple_of": lambda v, x: v % x == 0, "not_multiple_of": lambda v, x: v % x != 0,
+}
+
+# extra rules appended to an op's table while a sweep or a test tries settings (`trying`)
+_trials: dict[str, list[dict]] = {}
+
+
+def device_key(device: torch.device) -> str:
+    """Which tables apply: "interpreter" under TRITON_INTERPRET=1, else the device's name with
+    underscores for spaces ("NVIDIA_H200"; "" off CUDA: the default table alone)."""
+    return INTERPRETER if interpreting() else device_name(device).replace(" ", "_")
+
+
+def dumps(rules: list[dict]) -> str:
+    """A table as JSON, one rule a line."""
+    return "[\n" + ",\n".join(" " + json.dumps(rule) for rule in rules) + "\n]\n"
+
+
+def _holds(condition: str, expected, shape: dict) -> bool:
+    for suffix, test in _TESTS.items():
+        if condition.endswith("_" + suffix) and condition[:-len(suffix) - 1] in shape:
+            return test(shape[condition[:-len(suffix) - 1]], expected)
+    if condition not in shape:
+        raise KeyError(f"launch table condition {condition!r} names no shape variable of {sorted(shape)}")
+    return shape[condition] == expected
+
+
+def _read(path: Path) -> list[dict]:
+    rules = json.loads(path.read_text())
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and "set" in r for r in rules):
+        raise ValueError(f"{path}: a launch table is a list of {{'if': ..., 'set': ...}} rules")
+    return rules
+
+
+@functools.lru_cache(maxsize=None)
+def table(op: str, device: str) -> tuple[dict, ...]:
+    """The rules for `op` on the device named `device` (see device_key)."""
+    folder = CONFIG_DIR / op
+    if not (folder / f"{DEFAULT}.json").is_file():
+        raise FileNotFoundError(f"no launch table {folder / (DEFAULT + '.json')}")
+    rules = _read(folder / f"{DEFAULT}.json")
+    named = sorted((p for p in folder.glob("*.json") if p.stem != DEFAULT and p.stem in device), key=lambda p: len(p.stem))
+    for path in named:
+        rules += _read(path)
+    return tuple(rules)
+
+
+@functools.lru_cache(maxsize=8192)
+def _resolve(op: str, device: str, shape: tuple) -> tuple:
+    settings, vars_ = {}, dict(shape)
+    for rule in table(op, device) + tuple(_trials.get(op, ())):
+        if all(_holds(c, x, vars_) for c, x in rule.get("if", {}).items()):
+            settings.update(rule["set"])
+    return tuple(settings.items())
+
+
+def lookup(op: str, device: str, **shape) -> dict:
+    """The settings of `op` for these shape variables on the device named `device` (a key as
+    device_key gives), a new dict each call."""
+    return dict(_resolve(op, device, tuple(sorted(shape.items()))))
+
+
+def launch_settings(op: str, device: torch.device, **shape) -> dict:
+    """The settings of `op` for these shape variables on `device`."""
+    return lookup(op, device_key(device), **shape)
+
+
+@contextlib.contextmanager
+def trying(op: str, rules: list[dict]) -> Iterator[None]:
+    """Append `rules` to `op`'s table inside the block: how sweeps time candidate settings
+    and tests reach settings the tables do not pick on this machine."""
+    previous = _trials.get(op)
+    _trials[op] = list(previous or ()) + list(rules)
+    _resolve.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            _trials.pop(op, None)
+        else:
+            _trials[op] = previous
+        _resolve.cache_clear()
+
+
+def save_rules(op: str, device: str, rules: list[dict], folder: Optional[Path] = None) -> Path:
+    """Write `rules` into `op`'s table for the device named `device` (a sweep's result): each
+    replaces a rule with the same conditions there, or is appended. Returns the file."""
+    path = (folder or CONFIG_DIR) / op / f"{device.replace(' ', '_') or DEFAULT}.json"
+    current = _read(path) if path.is_file() else []
+    for rule in rules:
+        current = [r for r in current if r.get("if", {}) != rule.get("if", {})] + [rule]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(current))
+    table.cache_clear()
+    _resolve.cache_clear()
+    return path

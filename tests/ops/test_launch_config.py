@@ -1,0 +1,64 @@
+"""Kernel launch settings as data: the rule tables, device matching, trials and sweeps' writes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepserve.ops.triton import launch_config as lc
+
+
+def test_rules_apply_in_order_and_conditions_read_shapes():
+    # the GEMV table: 1 row per program up to 4096 outputs, 1024-wide K steps where K allows
+    assert lc.lookup("gemv", "", n=4096, k=4096, elements=4096 * 4096) == dict(BLOCK_N=1, BLOCK_K=1024, num_warps=4)
+    assert lc.lookup("gemv", "", n=6144, k=1536, elements=6144 * 1536) == dict(BLOCK_N=2, BLOCK_K=512, num_warps=4)
+    assert lc.lookup("gemv", "", n=128256, k=4096, elements=128256 * 4096)["num_warps"] == 8
+    # down_slots: a 128 K step only where I is a multiple of 128 and not of 256
+    assert lc.lookup("fused_moe_small", "", kernel="down_slots", fp8=False, inter=1408)["BLOCK_K"] == 128
+    assert lc.lookup("fused_moe_small", "", kernel="down_slots", fp8=False, inter=2048)["BLOCK_K"] == 256
+    # the sorted path by rows per expert: R1 at 8192 tokens (256 rows per expert), bf16 and fp8
+    bf16 = dict(fp8=False, per_expert=256.0, elem_bytes=2)
+    assert lc.lookup("fused_moe", "", kernel="gate_up", **bf16) == dict(
+        BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, PREQUANT=True)
+    assert lc.lookup("fused_moe", "", kernel="down", **bf16)["BLOCK_N"] == 256
+    fp8 = dict(fp8=True, per_expert=256.0, elem_bytes=1)
+    assert lc.lookup("fused_moe", "", kernel="gate_up", **fp8)["BLOCK_M"] == 64
+    assert lc.lookup("fused_moe", "", kernel="gate_up", fp8=True, per_expert=8.0, elem_bytes=1)["PREQUANT"] is False
+
+
+@pytest.mark.parametrize("name,h200", [("NVIDIA_H200", True), ("NVIDIA_H200_NVL", True),
+                                       ("NVIDIA_H100_80GB_HBM3", False), ("", False)])
+def test_device_tables_by_name(name, h200):
+    got = lc.lookup("fused_moe_small", name, kernel="down", fp8=True, inter=2048)
+    assert (got["BLOCK_N"], got["BLOCK_K"]) == ((16, 1024) if h200 else (8, 256))
+
+
+def test_trying_adds_rules_only_inside_the_block():
+    shape = dict(n=64, k=64, elements=64 * 64)
+    before = lc.lookup("gemv", "", **shape)
+    with lc.trying("gemv", [{"if": {"n_le": 64}, "set": {"num_warps": 2}}]):
+        assert lc.lookup("gemv", "", **shape) == dict(before, num_warps=2)
+        assert lc.lookup("gemv", "", n=65, k=64, elements=65 * 64)["num_warps"] == 4
+    assert lc.lookup("gemv", "", **shape) == before
+    with pytest.raises(KeyError, match="'m_le' names no shape variable"):
+        with lc.trying("gemv", [{"if": {"m_le": 1}, "set": {}}]):
+            lc.lookup("gemv", "", **shape)
+
+
+def test_save_rules_replaces_same_conditions(tmp_path):
+    (tmp_path / "gemv").mkdir()
+    (tmp_path / "gemv" / "default.json").write_text(lc.dumps([{"set": {"BLOCK_N": 1}}]))
+    rule = {"if": {"n": 8, "k": 64}, "set": {"BLOCK_N": 2}}
+    path = lc.save_rules("gemv", "NVIDIA H100", [rule], folder=tmp_path)
+    assert path == tmp_path / "gemv" / "NVIDIA_H100.json"
+    lc.save_rules("gemv", "NVIDIA H100", [dict(rule, set={"BLOCK_N": 4}), {"set": {"num_warps": 8}}], folder=tmp_path)
+    assert json.loads(path.read_text()) == [{"if": {"n": 8, "k": 64}, "set": {"BLOCK_N": 4}}, {"set": {"num_warps": 8}}]
+
+
+def test_shipped_tables_are_well_formed():
+    ops = sorted(p.name for p in lc.CONFIG_DIR.iterdir() if p.is_dir())
+    assert ops == ["fused_moe", "fused_moe_small", "gemv"]
+    for op in ops:
+        assert (lc.CONFIG_DIR / op / "default.json").is_file()
+        for path in (lc.CONFIG_DIR / op).glob("*.json"):
+            assert lc.dumps(json.loads(path.read_text())) == path.read_text(), path   # as sweeps write them
