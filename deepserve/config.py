@@ -162,6 +162,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     max_waiting_requests: Optional[int] = None
+    policy: str = "fcfs"
 
 
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "alltoall")
@@ -253,6 +254,9 @@ class EngineArgs:
     """Split long prompts over several steps, mixed with decode tokens."""
     max_waiting_requests: Optional[int] = None
     """Most requests queued before new ones are refused (server: 503); default unbounded."""
+    scheduling_policy: str = "fcfs"
+    """fcfs: requests run in arrival order; priority: by each request's priority (lower first, then
+    arrival), and preemption takes the lowest-priority running request (vLLM's policy)."""
     tensor_parallel_size: int = 1
     """Tensor-parallel ranks."""
     pipeline_parallel_size: int = 1
@@ -325,6 +329,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         check_data_parallel_nodes(self)
@@ -370,7 +376,8 @@ class EngineArgs:
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=max_model_len,
                                     enable_chunked_prefill=self.enable_chunked_prefill,
-                                    max_waiting_requests=self.max_waiting_requests)
+                                    max_waiting_requests=self.max_waiting_requests,
+                                    policy=self.scheduling_policy)
         cache = CacheConfig(block_size=self.block_size or default_block_size(hf),
                             gpu_memory_utilization=self.gpu_memory_utilization,
                             num_gpu_blocks_override=self.num_gpu_blocks_override,

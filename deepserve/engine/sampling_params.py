@@ -93,6 +93,8 @@ class SamplingParams:
     """Added to the logits of these token ids before sampling (OpenAI's logit_bias, -100..100)."""
     guided: Optional[GuidedDecoding] = None
     """Structured output: the tokens are constrained by a grammar."""
+    priority: int = 0
+    """With scheduling_policy priority: lower runs first (then arrival order), as in vLLM."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -50,7 +50,19 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.config.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.append(seq)
+
+    @staticmethod
+    def _priority_key(seq: Sequence) -> tuple[int, int]:
+        return seq.params.priority, seq.seq_id   # lower first, then arrival
+
+    def _insert_by_priority(self, seq: Sequence) -> None:
+        key = self._priority_key(seq)
+        at = next((i for i, s in enumerate(self.waiting) if self._priority_key(s) > key), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -60,7 +72,10 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.config.policy == "priority":
+            self._insert_by_priority(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
         budget = self.config.max_num_batched_tokens
@@ -74,7 +89,11 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
-                victim = self.running.pop()       # most recently admitted
+                if self.config.policy == "priority":  # the lowest priority not yet scheduled this step
+                    victim = max(self.running[i:], key=self._priority_key)
+                    self.running.remove(victim)
+                else:
+                    victim = self.running.pop()       # most recently admitted
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:

@@ -147,7 +147,8 @@ def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
                               api_key=api_key or None, reasoning_parser=reasoning_parser,
                               max_body_bytes=max_body_bytes, created=int(time.time()),
                               generation_defaults=defaults, tool_call_parser=tool_call_parser,
-                              enable_auto_tool_choice=enable_auto_tool_choice, max_logprobs=max_logprobs)
+                              enable_auto_tool_choice=enable_auto_tool_choice, max_logprobs=max_logprobs,
+                              scheduling_policy=engine_args.scheduling_policy)
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
     llm.listener = metrics

@@ -179,6 +179,7 @@ class _SamplingFields(_Strict):
             prompt_logprobs=self.prompt_logprobs,
             logit_bias=self.token_bias(),
             guided=self.guided(),
+            priority=self.priority,
         )
 
 

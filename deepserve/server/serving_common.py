@@ -40,6 +40,7 @@ class ServerSettings:
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
     max_logprobs: int = 20
+    scheduling_policy: str = "fcfs"
     extra: dict = field(default_factory=dict)
 
 
@@ -99,10 +100,6 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
     found = unsupported_field(req)
     if found is not None:
         raise APIError(400, found[1], param=found[0], code="unsupported_field")
-    if getattr(req, "priority", 0):
-        raise APIError(400, f"priority {req.priority} is not supported: requests are scheduled first come, "
-                            "first served (no --scheduling-policy priority)", param="priority",
-                       code="unsupported_field")
     return req
 
 
@@ -112,6 +109,9 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
         params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)
     except ValueError as exc:
         raise api_error_from(exc) from None
+    if req.priority and state.settings.scheduling_policy != "priority":
+        raise APIError(400, f"priority {req.priority} needs --scheduling-policy priority (this server schedules "
+                            "first come, first served)", param="priority", code="unsupported_field")
     limit = state.settings.max_logprobs
     for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
         if value is not None and value > limit:
