@@ -124,6 +124,9 @@ def default_block_size(hf_config: HFConfig) -> int:
     return 64 if hf_config.get("kv_lora_rank") else 16
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -133,7 +136,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"
     prefix_caching_salt: Optional[str] = None
+    kv_cache_dtype: str = "auto"
     num_blocks: int = 0  # decided by the model runner after profiling
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
 def check_data_parallel_nodes(args) -> None:
@@ -238,6 +246,9 @@ class EngineArgs:
     """Bytes for the KV cache pool (default on CPU: 1 GiB; on GPU: from gpu_memory_utilization)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical full-block prompt prefixes."""
+    kv_cache_dtype: str = "auto"
+    """KV cache storage: auto (the model dtype) | fp8 | fp8_e4m3 (float8 e4m3, scale 1.0 as vLLM
+    uses without calibrated scales: half the bytes, twice the tokens; the MLA latent cache too)."""
     swap_space: float = 4
     """vLLM's CPU swap space per GPU (GiB) for preempted sequences: accepted and unused, since
     preempted sequences are recomputed (as in vLLM V1)."""
@@ -336,6 +347,9 @@ class EngineArgs:
         check_data_parallel_nodes(self)
         if self.all2all_backend not in ALL2ALL_BACKENDS:
             raise ValueError(f"all2all_backend must be one of {ALL2ALL_BACKENDS}, got {self.all2all_backend!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.prefix_caching_hash_algo not in ("sha256", "xxhash"):
             raise ValueError("prefix_caching_hash_algo must be sha256 or xxhash, "
                              f"got {self.prefix_caching_hash_algo!r}")
@@ -384,7 +398,8 @@ class EngineArgs:
                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                             enable_prefix_caching=self.enable_prefix_caching,
                             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
-                            prefix_caching_salt=self.prefix_caching_salt)
+                            prefix_caching_salt=self.prefix_caching_salt,
+                            kv_cache_dtype=self.kv_cache_dtype)
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                   self.data_parallel_size, self.enable_expert_parallel,
                                   self.distributed_executor_backend, self.all2all_backend)

@@ -59,6 +59,8 @@ class ModelRunner:
         self.model = load_model(config.model, self.device, self.pctx)
         self.timings["load_s"] = time.perf_counter() - t0
         self.dtype = next(self.model.parameters()).dtype
+        # e4m3 KV (scale 1.0): written by the KV-write ops, read by the attention kernels
+        self.kv_dtype = torch.float8_e4m3fn if config.cache.fp8_kv else self.dtype
         self.block_size = config.cache.block_size
         # the attention layers this rank holds (a pipeline stage holds a range of them)
         self.kv_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")
@@ -88,18 +90,19 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
         logger.info("model %s on %s (%s, ops=%s, %.0f%% of op calls so far ran as Triton kernels): "
-                    "%d KV blocks of %d tokens; %s", config.model.architecture, self.device, self.dtype,
-                    ops.get_backend(), 100 * ops.triton_share(), self.num_blocks, self.block_size,
+                    "%d KV blocks of %d tokens (%d tokens in %s); %s", config.model.architecture, self.device,
+                    self.dtype, ops.get_backend(), 100 * ops.triton_share(), self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, str(self.kv_dtype).replace("torch.", ""),
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
 
     # ------------------------------------------------------------------ KV cache
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return sum(math.prod(s) * elem for m in self.kv_layers for s in m.kv_cache_shapes(self.block_size))
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         for m in self.kv_layers:
-            m.kv_cache = [torch.zeros(num_blocks, *s, dtype=self.dtype, device=self.device)
+            m.kv_cache = [torch.zeros(num_blocks, *s, dtype=self.kv_dtype, device=self.device)
                           for s in m.kv_cache_shapes(self.block_size)]
 
     def _max_useful_blocks(self) -> int:

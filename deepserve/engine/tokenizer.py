@@ -118,14 +118,36 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, context_ids: list[int] = (), skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in list(context_ids)[-self.CONTEXT:]:
-            self._stream.step(tokenizer.tok, int(token_id))
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(context_ids)[-self.CONTEXT:]
+        self._read = len(self.ids)          # ids up to here have been turned into text
+        self._restart(self.ids)
         self.text = ""
+
+    def _restart(self, window: list[int]) -> None:
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        for token_id in window:
+            try:
+                self._stream.step(self.tokenizer.tok, int(token_id))
+            except Exception:   # tokenizers raises its own exception type; the window only primes
+                self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly empty)."""
-        delta = self._stream.step(self.tokenizer.tok, int(token_id)) or ""
+        self.ids.append(int(token_id))
+        try:
+            delta = self._stream.step(self.tokenizer.tok, int(token_id)) or ""
+        except Exception:
+            # DecodeStream refuses some byte-fallback sequences ("Invalid prefix"): the text the
+            # tokens since the last output add to a short window before them, held back while it
+            # ends mid-character (the prefix/read-offset rule of HF's TextStreamer)
+            start = max(0, self._read - self.CONTEXT)
+            decode = functools.partial(self.tokenizer.decode, skip_special_tokens=self.skip_special_tokens)
+            before, now = decode(self.ids[start:self._read]), decode(self.ids[start:])
+            delta = "" if now.endswith("\ufffd") else now[len(before):]
+            self._restart(self.ids[-self.CONTEXT:])
+        if delta:
+            self._read = len(self.ids)
         self.text += delta
         return delta
 

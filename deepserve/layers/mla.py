@@ -89,7 +89,7 @@ class MLAAttention(nn.Module):
         num_blocks = (seq_lens + block_size - 1) // block_size                       # [Bp]
         tables = meta.block_tables[first:, :max_blocks].long()
         used = torch.arange(max_blocks, device=tables.device)[None, :] < num_blocks[:, None]
-        latent = pool[tables[used]]                                   # [Nb, bs, 1, C + rope]
+        latent = pool[tables[used]].to(q.dtype)                       # [Nb, bs, 1, C + rope] (fp8 KV upcast)
         # zero the slots past each sequence's end: stale pool data must not reach the GEMM
         seq_of_block = torch.arange(len(seq_lens), device=tables.device)[:, None].expand_as(used)[used]
         block_idx = torch.arange(max_blocks, device=tables.device)[None, :].expand_as(used)[used]

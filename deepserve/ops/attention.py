@@ -24,9 +24,17 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch
     Slots < 0 are padding (e.g. CUDA-graph filler rows) and are skipped."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache_dtype(key[valid], k_cache.dtype)
     if v_cache is not None and value is not None:
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache_dtype(value[valid], v_cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype; an e4m3 pool (scale 1.0) saturates at +-448 as the GPU's cvt does,
+    where a plain cast would turn out-of-range values into NaN."""
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-448.0, 448.0).to(dtype)
+    return x.to(dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -17,13 +17,23 @@ from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
+def to_pool(x, pool_ptr):
+    """x in the pool's element type; an e4m3 pool (scale 1.0) saturates at +-448 (the torch op's
+    rule), where the cast alone is not saturating on every backend."""
+    out_t = pool_ptr.dtype.element_ty
+    if out_t == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x.to(out_t)
+
+
+@triton.jit
 def _store_heads(src_ptr, dst_ptr, tok, blk, off, s_t, s_h, s_d, c_b, c_o, c_h, c_d, n_heads, dim,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < n_heads) & (d < dim)
     x = tl.load(src_ptr + tok * s_t + h * s_h + d * s_d, mask=mask)
-    tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, x.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, to_pool(x, dst_ptr), mask=mask)
 
 
 @triton.jit

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.ops.triton.kv_cache import to_pool
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           unit_last)
@@ -52,7 +53,6 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         dt = kv_ptr.dtype.element_ty
-        out_t = pool_ptr.dtype.element_ty
         dst = pool_ptr + (slot // block_size) * p_sb + (slot % block_size) * p_so
         row = kv_ptr + tok * kv_st
         c = tl.arange(0, BLOCK_C)
@@ -60,7 +60,7 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
         x = tl.load(row + c, mask=c_ok, other=0.0).to(tl.float32)
         normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(dt).to(tl.float32)
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        tl.store(dst + c, (w * normed).to(dt).to(out_t), mask=c_ok)
+        tl.store(dst + c, to_pool((w * normed).to(dt), pool_ptr), mask=c_ok)
         i = tl.arange(0, BLOCK_HALF)
         i_ok = i < half
         pos = tl.load(pos_ptr + tok).to(tl.int64)
@@ -69,8 +69,8 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
         d1, d2 = _rope_pair_offsets(i, half, IS_NEOX)
         x1 = tl.load(row + C + d1, mask=i_ok, other=0.0).to(tl.float32)
         x2 = tl.load(row + C + d2, mask=i_ok, other=0.0).to(tl.float32)
-        tl.store(dst + C + d1, (x1 * cos - x2 * sin).to(dt).to(out_t), mask=i_ok)
-        tl.store(dst + C + d2, (x2 * cos + x1 * sin).to(dt).to(out_t), mask=i_ok)
+        tl.store(dst + C + d1, to_pool((x1 * cos - x2 * sin).to(dt), pool_ptr), mask=i_ok)
+        tl.store(dst + C + d2, to_pool((x2 * cos + x1 * sin).to(dt), pool_ptr), mask=i_ok)
 
 
 @triton.jit
