@@ -41,7 +41,7 @@ from deepserve.distributed.parallel_state import destroy_distributed, init_distr
 from deepserve.engine.executor import (STOP, Stop, WorkerProcs, check_no_live_group, die_with_parent,
                                        dist_timeout_s, free_port, report_errors, start_timeout_s)
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
-from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.step_inputs import DPSync
 from deepserve.platforms import get_platform
 
@@ -78,10 +78,72 @@ class Work:
 
 
 @dataclass
+class CompletionDelta:
+    """What one sample gained in a step (its text, tokens and logprobs only grow)."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: Optional[list]
+    cumulative_logprob: Optional[float]
+    finish_reason: Optional[str]
+    stop_reason: Optional[object]
+
+
+@dataclass
+class OutputDelta:
+    """A request's output since the last one the core sent (the prompt stays at the front end)."""
+    request_id: str
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int
+    metrics: dict
+    prompt_logprobs: Optional[list] = None   # in the first delta only
+
+
+class DeltaWriter:
+    """Core side: cumulative RequestOutputs -> deltas, remembering what each request was sent."""
+
+    def __init__(self):
+        self.sent: dict[str, list[tuple[int, int, int]]] = {}   # (chars, tokens, logprobs) per sample
+
+    def __call__(self, out: RequestOutput) -> OutputDelta:
+        first = out.request_id not in self.sent
+        marks = self.sent.setdefault(out.request_id, [(0, 0, 0)] * len(out.outputs))
+        completions = []
+        for i, c in enumerate(out.outputs):
+            chars, toks, lps = marks[i]
+            completions.append(CompletionDelta(c.index, c.text[chars:], c.token_ids[toks:],
+                                               None if c.logprobs is None else c.logprobs[lps:],
+                                               c.cumulative_logprob, c.finish_reason, c.stop_reason))
+            marks[i] = (len(c.text), len(c.token_ids), len(c.logprobs or ()))
+        if out.finished:
+            del self.sent[out.request_id]
+        return OutputDelta(out.request_id, completions, out.finished, out.num_cached_tokens, out.metrics,
+                           out.prompt_logprobs if first else None)
+
+    def forget(self, request_id: str) -> None:
+        self.sent.pop(request_id, None)
+
+
+def apply_delta(prev: RequestOutput, d: OutputDelta) -> RequestOutput:
+    """Front end side: the next cumulative RequestOutput (fresh objects; `prev` is unchanged)."""
+    outs = []
+    for c, dc in zip(prev.outputs, d.completions):
+        outs.append(CompletionOutput(
+            index=c.index, text=c.text + dc.text, token_ids=c.token_ids + dc.token_ids,
+            cumulative_logprob=dc.cumulative_logprob,
+            logprobs=None if dc.logprobs is None else (c.logprobs or []) + dc.logprobs,
+            finish_reason=dc.finish_reason, stop_reason=dc.stop_reason))
+    return RequestOutput(prev.request_id, prev.prompt, prev.prompt_token_ids, outs, d.finished,
+                         num_cached_tokens=d.num_cached_tokens, metrics=d.metrics,
+                         prompt_logprobs=d.prompt_logprobs if d.prompt_logprobs is not None else prev.prompt_logprobs)
+
+
+@dataclass
 class CoreOutputs:
     """A core's outputs of one step, with its gauges after it."""
     dp_rank: int
-    outputs: list[RequestOutput]
+    outputs: list[OutputDelta]
     gauges: dict
     step_bytes: int = 0          # bytes this rank sent for the step (its peers' inputs + this message)
     error: Optional[str] = None  # a request the core refused, or a failed step
@@ -246,6 +308,7 @@ class EngineCore:
         self.inbox = _connect(self.ctx, zmq.PULL, addresses[0][dp_rank], bind=False)
         self.outbox = _connect(self.ctx, zmq.PUSH, addresses[1], bind=False)
         self.work: list[Work] = []
+        self.deltas = DeltaWriter()
         self.stopping = False
         self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: the front end learns the pool size
 
@@ -277,6 +340,7 @@ class EngineCore:
                 self._add(msg)
         elif isinstance(msg, AbortRequest):
             self.engine.abort_request(msg.request_id)
+            self.deltas.forget(msg.request_id)
         elif isinstance(msg, ScorePrompt):
             _, ids = self.engine.tokenize_prompt(msg.prompt)
             self.work.append(Work(len(ids), lambda: self._score(msg)))
@@ -368,7 +432,8 @@ class EngineCore:
                                    failed_requests=failed))
             return True
         if outputs:
-            self._send(CoreOutputs(self.dp_rank, outputs, self.gauges(), step_bytes=self.executor.sent_bytes))
+            self._send(CoreOutputs(self.dp_rank, [self.deltas(o) for o in outputs], self.gauges(),
+                                   step_bytes=self.executor.sent_bytes))
         return self.engine.stats["steps"] > steps
 
 
@@ -410,7 +475,7 @@ class DataParallelEngine(LLMEngine):
         self._rank_of: dict[str, int] = {}
         self._load = [0] * self.dp_size                  # unfinished sequences placed on each rank
         self._gauges: list[dict] = [{} for _ in range(self.dp_size)]
-        self._last: dict[str, RequestOutput] = {}
+        self._outs: dict[str, RequestOutput] = {}       # each unfinished request's latest output
         self._pending: list[CoreOutputs] = []          # read while waiting for something else
         self.step_bytes: list[int] = [0] * self.dp_size  # what each rank sent for its last step
 
@@ -464,6 +529,7 @@ class DataParallelEngine(LLMEngine):
     def _forget(self, request_id: str) -> None:
         rank = self._rank_of.pop(request_id, None)
         state = self.requests.pop(request_id, None)
+        self._outs.pop(request_id, None)
         if rank is not None and state is not None:
             self._load[rank] -= len(state.seqs)
 
@@ -473,14 +539,14 @@ class DataParallelEngine(LLMEngine):
             return None
         self._send(rank, AbortRequest(request_id))
         state = self.requests.get(request_id)
-        last = self._last.pop(request_id, None)
+        last = self._outs.get(request_id)
         self._forget(request_id)
-        if last is not None:
-            for c in last.outputs:
-                c.finish_reason = c.finish_reason or "abort"
-            last.finished = True
-            return last
-        return state.output() if state else None
+        if last is None:
+            return state.output() if state else None
+        for c in last.outputs:
+            c.finish_reason = c.finish_reason or "abort"
+        last.finished = True
+        return last
 
     def prompt_logits(self, prompt):
         """Scored by DP rank 0 (the others run dummy steps with expert parallel)."""
@@ -525,14 +591,16 @@ class DataParallelEngine(LLMEngine):
                 for rid in msg.failed_requests:
                     self._forget(rid)
                 raise RuntimeError(f"DP rank {msg.dp_rank}: {msg.error}")
-            for out in msg.outputs:
-                if out.request_id not in self.requests:
+            for delta in msg.outputs:
+                state = self.requests.get(delta.request_id)
+                if state is None:
                     continue  # aborted meanwhile
+                prev = self._outs.get(delta.request_id) or RequestOutput(
+                    state.request_id, state.prompt, state.prompt_ids,
+                    [CompletionOutput(i, "", []) for i in range(len(state.seqs))], False)
+                out = self._outs[delta.request_id] = apply_delta(prev, delta)
                 if out.finished:
-                    self._forget(out.request_id)
-                    self._last.pop(out.request_id, None)
-                else:
-                    self._last[out.request_id] = out
+                    self._forget(delta.request_id)
                 outputs.append(out)
         return outputs
 
