@@ -43,7 +43,8 @@ from deepserve.distributed.cluster import RunnerOptions
 logger = logging.getLogger("deepserve")
 
 SERVER_KEYS = ("host", "port", "api_key", "reasoning_parser", "enable_reasoning", "chat_template",
-               "max_body_bytes", "log_level")
+               "max_body_bytes", "log_level", "generation_config", "enable_auto_tool_choice", "tool_call_parser",
+               "max_logprobs")
 # vLLM options with no meaning in deepserve (logs are always on)
 IGNORED_KEYS = ("disable_log_stats", "disable_log_requests", "uvicorn_log_level", "disable_custom_all_reduce")
 

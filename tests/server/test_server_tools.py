@@ -201,3 +201,14 @@ def test_generation_config_defaults(tmp_path):
     assert req.sampling_params(None, None, defaults).temperature == 0.2
     with pytest.raises(FileNotFoundError):
         generation_defaults(str(tmp_path / "missing"), "/nonexistent")
+
+
+def test_yaml_deployment_takes_the_tool_options(tmp_path):
+    from deepserve.server.config_file import load_serve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine_args:\n  model: deepseek-r1\n  enable-auto-tool-choice: true\n"
+                    "  tool-call-parser: deepseek_v3\n  generation-config: vllm\n  max-logprobs: 5\n")
+    config = load_serve_config(str(path))
+    assert config.server == {"enable_auto_tool_choice": True, "tool_call_parser": "deepseek_v3",
+                             "generation_config": "vllm", "max_logprobs": 5}
