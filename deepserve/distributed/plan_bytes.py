@@ -22,9 +22,10 @@ the `meta` device):
   up to a whole block when a rank holds whole experts (FusedMoE.use_fp8); embeddings, lm_head,
   norms, biases, MLA's kv_b_proj and MTP's eh_proj keep the model dtype
   (layers/quantization.py), and the router is fp32 as MoEGate holds it.
-- 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight takes half a byte per value
-  plus a scale (and for awq / gptq a uint8 zero point) per row per 128 columns; routed experts
-  and the layers fp8 keeps in the model dtype stay in the model dtype.
+- 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight or routed expert matrix takes
+  half a byte per value plus a scale (and for awq / gptq a uint8 zero point) per row per 128
+  columns (layers/quantization_int4.py, moe_int4.py); the layers fp8 keeps in the model dtype
+  stay in the model dtype.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
@@ -72,7 +73,7 @@ class Tensor:
         if self.kind == "expert" and quantization == "fp8":
             scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK)
             return (n + 4 * scales) * self.count
-        if self.kind == "linear" and quantization in INT4_PLAN:
+        if self.kind in ("linear", "expert") and quantization in INT4_PLAN:
             group, zeros = INT4_PLAN[quantization]
             scales = self.rows * math.ceil(self.cols / group)
             return (n // 2 + scales * (dtype_bytes + zeros)) * self.count

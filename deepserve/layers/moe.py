@@ -84,6 +84,7 @@ class FusedMoE(nn.Module):
             self.local_intermediate = divide(intermediate_size, self.pctx.tp_size, "moe_intermediate_size")
             self.inter_start = self.pctx.tp_rank * self.local_intermediate
         self.stored_intermediate = self.local_intermediate    # padded up for fp8 (use_fp8)
+        self.quant = None      # a routed-expert method owning the weights (layers/moe_int4.py)
         e, i = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=params_dtype),
                                        requires_grad=False)
@@ -94,7 +95,7 @@ class FusedMoE(nn.Module):
 
     @property
     def fp8(self) -> bool:
-        return self.w13_weight.dtype == FP8_DTYPE
+        return getattr(self, "w13_weight", None) is not None and self.w13_weight.dtype == FP8_DTYPE
 
     def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
         """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before loading."""
@@ -141,16 +142,22 @@ class FusedMoE(nn.Module):
             yield self.w13_weight, (expert, "w3"), (full_i, d)
             yield self.w2_weight, (expert, "w2"), (d, full_i)
 
+    def local_index(self, expert: int, name: str) -> Optional[int]:
+        """This rank's index of global `expert` (checked against n_routed_experts for tensor
+        `name`), or None when another EP rank holds it."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"tensor {name}: expert {expert} outside [0, {self.num_experts}) (n_routed_experts)")
+        local = expert - self.first_expert
+        return local if 0 <= local < self.num_local_experts else None
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         """Copy one checkpoint expert tensor (a weight, or with fp8 experts its block scale_inv)
         into the stack. shard_id = (global expert, "w1"|"w3"|"w2"); experts another EP rank holds
         are skipped on purpose."""
         expert, part = shard_id
         name = getattr(param, "param_name", "?")
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"tensor {name}: expert {expert} outside [0, {self.num_experts}) (n_routed_experts)")
-        local = expert - self.first_expert
-        if not 0 <= local < self.num_local_experts:
+        local = self.local_index(expert, name)
+        if local is None:
             return
         full_i, d = self.intermediate_size, self.hidden_size
         expected = (d, full_i) if part == "w2" else (full_i, d)
@@ -225,10 +232,17 @@ class FusedMoE(nn.Module):
         if self.use_ep:
             # global ids -> this rank's local ids; others fall outside [0, E_local) and add zero
             topk_ids = topk_ids - self.first_expert
-        out = ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, **self.scales())
+        out = self.run_experts(x, topk_weights, topk_ids)
         if not self.reduce_results:
             return out
         return self.pctx.ep_all_reduce(out) if self.use_ep else self.pctx.tp_all_reduce(out)
+
+    def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on x (ids local to the rank): the 16-bit / fp8 fused op, or the op of
+        the expert method that owns the weights."""
+        if self.quant is not None:
+            return self.quant.apply(self, x, topk_weights, topk_ids)
+        return ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, **self.scales())
 
     def _dp_exchange(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      dp_num_tokens: Optional[list[int]]) -> torch.Tensor:
@@ -237,7 +251,7 @@ class FusedMoE(nn.Module):
         p = self.pctx
 
         def local_experts(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return ops.fused_moe(h, self.w13_weight, self.w2_weight, w, ids - self.first_expert, **self.scales())
+            return self.run_experts(h, w, ids - self.first_expert)
 
         if p.all2all_backend == "alltoall":
             return moe_exchange.alltoall(p, x, topk_weights, topk_ids, self.num_local_experts, local_experts)

@@ -28,6 +28,7 @@ from deepserve import ops
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
 from deepserve.layers.quantization import full_cols, full_rows, is_quantized_module
 from deepserve.ops.int4 import PACK
+from deepserve.layers.moe_int4 import int4_expert_module
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
 
 
@@ -125,8 +126,14 @@ def checkpoint_names(model: nn.Module, name: str) -> list[str]:
 
 
 def int4_module(spec: Int4Spec, module: str) -> bool:
-    """Whether checkpoint module `module` runs as a 4-bit layer (else it is dequantized at load)."""
+    """Whether checkpoint module `module` runs as a 4-bit Linear."""
     return is_quantized_module(module) and not spec.skipped(module)
+
+
+def int4_kept(spec: Int4Spec, module: str) -> bool:
+    """Whether checkpoint module `module` stays 4-bit (a Linear or a routed expert); the
+    loader dequantizes the others."""
+    return int4_module(spec, module) or int4_expert_module(spec, module)
 
 
 def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[object]]) -> list[str]:

@@ -38,7 +38,9 @@ from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from deepserve.models.llama import LlamaMLP
 from deepserve.models.weights import load_params
 
-_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scale_inv)?$")
+# an expert tensor: its weight, fp8 scale_inv, or 4-bit parts (AWQ / GPTQ, compressed-tensors)
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
+                        r"(weight|weight_scale_inv|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # top-level parts of an MTP layer that are not its transformer block
 MTP_OWN_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
@@ -90,7 +92,7 @@ class DeepseekMoE(nn.Module):
         unquantized 16-bit weights without bias in x's dtype. Decided at each call, because
         quantization swaps the linears' methods after the model is built."""
         p, mlp = self.experts.pctx, self.shared_experts
-        if mlp is None or p.tp_size != 1 or p.ep_size != 1 or self.experts.fp8:
+        if mlp is None or p.tp_size != 1 or p.ep_size != 1 or self.experts.fp8 or self.experts.quant is not None:
             return None
         weights = (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
         if any(w is None or w.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype for w in weights):
@@ -230,9 +232,9 @@ def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.
                 yield name, tensor
                 continue
             stacked, part = EXPERT_SHARDS[m[3]]
-            target = f"{m[1]}.{stacked}{m[4] or ''}"
+            target = f"{m[1]}.{stacked.split('_')[0]}_{m[4]}"        # w13_weight, w13_qweight, ...
             if target not in params:
-                what = "fp8 expert scales" if m[4] else "routed experts"
+                what = "routed experts" if m[4] == "weight" else f"expert {m[4]} tensors"
                 raise ValueError(f"checkpoint tensor {name} has no matching model parameter "
                                  f"(no {what} at {m[1]})")
             param = params[target]
@@ -250,9 +252,9 @@ def _check_every_expert(module: nn.Module, expert_parts: dict[str, set[tuple[int
     for target, seen in expert_parts.items():
         prefix, stacked = target.rsplit(".", 1)
         experts = module.get_submodule(prefix)
-        projections = [n for n, (s, _) in EXPERT_SHARDS.items() if stacked.startswith(s)]
+        which, suffix = stacked.split("_", 1)                       # "w13", "weight_scale_inv"
+        projections = [n for n, (s, _) in EXPERT_SHARDS.items() if s.split("_")[0] == which]
         for e in range(experts.num_experts):
             for proj in projections:
                 if (e, proj) not in seen:
-                    suffix = stacked[len(EXPERT_SHARDS[proj][0]):]
-                    raise ValueError(f"checkpoint lacks tensor {prefix}.{e}.{proj}.weight{suffix}")
+                    raise ValueError(f"checkpoint lacks tensor {prefix}.{e}.{proj}.{suffix}")

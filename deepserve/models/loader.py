@@ -30,7 +30,8 @@ from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range
 from deepserve.layers.moe import FusedMoE
 from deepserve.layers.quantization import (init_dummy_quantized, is_expert_tensor, is_quantized_tensor,
                                            quantize_linears)
-from deepserve.layers.quantization_int4 import int4_module, quantize_int4_linears
+from deepserve.layers.moe_int4 import quantize_int4_experts
+from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
 from deepserve.layers.quantization_modelslim import modelslim_module, quantize_modelslim_linears
 from deepserve.models.registry import get_model_class
 from deepserve.platforms import get_platform
@@ -170,6 +171,7 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
     block = fp8_block_size(cfg) or (128, 128)
     if method in INT4_METHODS:
         quantize_int4_linears(model, int4_spec(cfg))
+        quantize_int4_experts(model, int4_spec(cfg))
     elif method == modelslim.METHOD:
         quantize_modelslim_linears(model, modelslim.description(model_config.model))
     elif method is not None:
@@ -202,7 +204,7 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
         weights = iterate_checkpoint(model_config.model)
         if method in INT4_METHODS:
             spec = int4_spec(cfg)
-            weights = int4_stream(weights, spec, functools.partial(int4_module, spec), dtype)
+            weights = int4_stream(weights, spec, functools.partial(int4_kept, spec), dtype)
         elif method == modelslim.METHOD:
             desc = modelslim.description(model_config.model)
             weights = modelslim.modelslim_stream(weights, desc, functools.partial(modelslim_module, desc), dtype)
