@@ -115,17 +115,46 @@ def base_url_of(args: argparse.Namespace) -> str:
     return args.base_url or f"http://{args.host}:{args.port}"
 
 
-def resolve_model(args: argparse.Namespace) -> str:
-    """`--model`, or when it is not given the first model the server lists at /v1/models."""
-    if args.model:
-        return args.model
+def served_models(args: argparse.Namespace) -> list[str]:
+    """The model names the server lists at /v1/models."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
     try:
         resp = httpx.get(url, timeout=30.0, trust_env=False)
         resp.raise_for_status()
-        return resp.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"no --model given and {url} did not list a model ({exc})") from None
+        names = [m["id"] for m in resp.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{url} did not list the served models ({exc})") from None
+    if not names:
+        raise ValueError(f"{url} lists no model")
+    return names
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """`--model`, or when it is not given the first model the server lists at /v1/models."""
+    if args.model:
+        return args.model
+    try:
+        return served_models(args)[0]
+    except ValueError as exc:
+        raise ValueError(f"no --model given and {exc}") from None
+
+
+def request_model_name(args: argparse.Namespace, quiet: bool = False) -> str:
+    """The name requests carry: --served-model-name, else --model when the server serves it,
+    else the server's only model (the vllm-ascend guide benchmarks a server started with
+    `--served-model-name deepseek_r1` by its path, which vLLM would answer with 404s)."""
+    if args.served_model_name:
+        return args.served_model_name
+    try:
+        names = served_models(args)
+    except ValueError:
+        return args.model  # an unreachable server shows up as failed requests
+    if args.model in names or len(names) != 1:
+        return args.model
+    if not quiet:
+        print(f"bench serve: the server does not serve {args.model!r}; sending its only model {names[0]!r} "
+              "(--served-model-name chooses)", file=sys.stderr)
+    return names[0]
 
 
 def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list[str]]:
@@ -156,8 +185,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     goodput = parse_goodput(args.goodput)
     percentiles, metrics = parse_percentiles(args.metric_percentiles, args.percentile_metrics)
     chat = "chat" in args.endpoint
+    name = request_model_name(args, quiet)
     inputs = [RequestInput(prompt=r.prompt, prompt_len=r.prompt_len, output_len=r.expected_output_len,
-                           model=args.served_model_name or args.model, api_url=url, chat=chat,
+                           model=name, api_url=url, chat=chat,
                            ignore_eos=args.ignore_eos, temperature=args.temperature)
               for r in requests]
     if not quiet:

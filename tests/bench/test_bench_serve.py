@@ -142,3 +142,14 @@ def test_ignore_eos_and_served_model_name_are_sent(fake_server, bench_args):
         run_serve(bench_args(_argv(srv.url, "--ignore-eos", "--served-model-name", "other", n=1, out=3)))
         body = srv.stats()["requests"][0]
     assert body["ignore_eos"] is True and body["model"] == "other" and body["max_tokens"] == 3
+
+
+def test_path_not_served_falls_back_to_the_only_model(fake_server, bench_args, capsys):
+    """The vllm-ascend guide benches `--model path/DeepSeek-R1-W8A8` against a server started with
+    `--served-model-name deepseek_r1`: the server's only model is sent instead, and said so."""
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        argv = [("path/DeepSeek-R1-W8A8" if a == "fake-model" else a) for a in _argv(srv.url, n=1, out=2)]
+        res = run_serve(bench_args(argv))
+        assert srv.stats()["requests"][0]["model"] == "fake-model"
+    assert res["completed"] == 1 and res["model_id"] == "path/DeepSeek-R1-W8A8"
+    assert "does not serve 'path/DeepSeek-R1-W8A8'; sending its only model 'fake-model'" in capsys.readouterr().err
