@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--activation-reserve", default=None,
                    help="memory per GPU kept for activations, CUDA graphs and NCCL buffers "
                    "(default 4GiB for models of 20B parameters or more, else 2GiB)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
+                   help="KV cache storage as `serve --kv-cache-dtype` (fp8: one byte a value)")
     p.add_argument("--include-mtp", action="store_true",
                    help="also load the MTP module (DeepSeek-V3/R1 speculative drafting)")
     p.set_defaults(func=run)
@@ -84,7 +86,7 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
     lines = [f"model      {model} ({cfg.architecture}, {plan.params / 1e9:.2f}B parameters{mtp})",
              f"GPUs       {plan.gpus} x {_gib(plan.gpu_memory_bytes)} in {plan.nodes} node(s) "
              f"of {plan.gpus // plan.nodes}",
-             f"weights    {q}; KV cache {plan.dtype}",
+             f"weights    {q}; KV cache {plan.dtype if plan.kv_dtype_bytes > 1 else 'fp8 (e4m3)'}",
              f"usable     {_gib(plan.gpu_memory_bytes)} x {plan.gpu_memory_utilization:.2f} - "
              f"{_gib(plan.activation_reserve_bytes)} activation reserve = {_gib(plan.usable_bytes)} per GPU",
              f"max-model-len {plan.max_model_len:,}", ""]
@@ -103,7 +105,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
         if lay.pp > 1:
             ranges = ", ".join(f"{r.start}-{r.stop - 1}" for r in plan.stage_layers(cfg.num_hidden_layers))
             lines.append(f"  layers per stage    {ranges} (weights and KV above: the heaviest stage)")
-        lines += [f"  serve flags         {_flags(best)}", ""]
+        kv_flag = f" --kv-cache-dtype {plan.kv_cache_dtype}" if plan.kv_cache_dtype != "auto" else ""
+        lines += [f"  serve flags         {_flags(best)}{kv_flag}", ""]
     lines.append(f"  {'layout':<24} {'GiB/GPU':>8} {'KV GiB':>8} {'KV tokens':>13}  verdict")
     for c in sorted(plan.candidates, key=lambda c: (c is not best, not c.weight_bytes, -c.tokens,
                                                     c.layout.tp, c.layout.pp, c.layout.ep)):
@@ -118,6 +121,6 @@ def run(args) -> int:
         None if args.quantization == "none" else args.quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
-        include_mtp=args.include_mtp)
+        include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype)
     print(render_plan(plan, args.model, cfg))
     return 0 if plan.chosen else 1

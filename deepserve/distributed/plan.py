@@ -74,6 +74,11 @@ class Plan:
     mtp_params: int
     total_weight_bytes: int               # the whole model in this dtype / quantization
     suggestions: list[str] = field(default_factory=list)
+    kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8 / fp8_e4m3: one byte a value
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        return 1 if self.kv_cache_dtype in ("fp8", "fp8_e4m3") else DTYPE_BYTES[self.dtype]
 
     @property
     def usable_bytes(self) -> int:
@@ -122,7 +127,7 @@ def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
         cand.reason = problem
         return cand
     stages = weight_breakdown(cfg, lay, plan.dtype, plan.quantization, plan.include_mtp)
-    per_layer = kv_bytes_per_token_layer(cfg, lay.tp, DTYPE_BYTES[plan.dtype])
+    per_layer = kv_bytes_per_token_layer(cfg, lay.tp, plan.kv_dtype_bytes)
     tokens = []
     for s, groups in enumerate(stages):
         kv_mem = plan.usable_bytes - sum(groups.values())
@@ -146,7 +151,7 @@ def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
 def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quantization: Optional[str] = None,
                    dtype: str = "auto", max_model_len: Optional[int] = None,
                    gpu_memory_utilization: float = 0.9, activation_reserve_bytes: Optional[int] = None,
-                   include_mtp: bool = False, suggest: bool = True) -> Plan:
+                   include_mtp: bool = False, suggest: bool = True, kv_cache_dtype: str = "auto") -> Plan:
     """Every candidate layout with its verdict; `chosen` is None when none fits."""
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
@@ -163,7 +168,7 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
     plan = Plan(None, [], gpus, nodes, gpu_memory_bytes, resolve_dtype(cfg, dtype), quantization,
                 int(max_model_len or cfg.max_position_embeddings), gpu_memory_utilization,
                 default_activation_reserve(params) if activation_reserve_bytes is None else activation_reserve_bytes,
-                has_mtp, params, param_count(cfg, True) - params, 0)
+                has_mtp, params, param_count(cfg, True) - params, 0, kv_cache_dtype=kv_cache_dtype)
     plan.total_weight_bytes = weight_bytes_per_gpu(cfg, Layout(1, 1, 1), plan.dtype, quantization, has_mtp)
     if plan.max_model_len < 1:
         raise ValueError(f"max-model-len must be >= 1, got {plan.max_model_len}")

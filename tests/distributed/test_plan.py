@@ -224,6 +224,16 @@ def test_plan_counts_what_the_engine_allocates_for_r1(layout, mtp, quantization)
     assert planned == built
 
 
+def test_fp8_kv_cache_halves_kv_bytes_per_token_in_the_plan():
+    bf16 = evaluate_plans(r1(), 8, 141 * GiB, quantization="fp8", max_model_len=32768)
+    fp8 = evaluate_plans(r1(), 8, 141 * GiB, quantization="fp8", max_model_len=32768, kv_cache_dtype="fp8")
+    assert fp8.chosen.layout == bf16.chosen.layout
+    assert 2 * fp8.chosen.kv_bytes_per_token == bf16.chosen.kv_bytes_per_token == 61 * 576 * 2
+    assert fp8.chosen.tokens == 2 * bf16.chosen.tokens or abs(fp8.chosen.tokens - 2 * bf16.chosen.tokens) <= 8
+    out = run_cli("plan deepseek-r1 --gpus 8 --gpu-memory 141GiB --quantization fp8 --kv-cache-dtype fp8".split())[1]
+    assert "KV cache fp8 (e4m3)" in out and "--enable-expert-parallel --kv-cache-dtype fp8" in out
+
+
 def test_fp8_experts_pad_to_the_block_grid_in_plan_and_model():
     """V2-Lite's experts (I = 1408 = 11 blocks) whole on a rank, and an I that is not a
     multiple of 128 padded up, as FusedMoE.use_fp8 stores it."""
