@@ -1,0 +1,95 @@
+"""FP8 routed experts (FusedMoE.use_fp8): DeepSeek's e4m3 + per-128x128-block scale_inv kept as
+stored, sliced per rank under TP (whole blocks of the intermediate dim) and EP (whole experts),
+and the op over them equal to the 16-bit op over the exact dequantization."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve import ops
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.layers.moe import FusedMoE
+from deepserve.quant.fp8 import dequant_fp8_block, quant_fp8_block
+
+E, D, I = 4, 192, 256          # D: a partial last K block; I: two 128-row blocks
+
+
+def checkpoint(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in range(E):
+        for part, shape in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
+            out[e, part] = quant_fp8_block(torch.randn(shape, generator=g) * 0.05)
+    return out
+
+
+def load(moe: FusedMoE, ckpt) -> None:
+    for (e, part), (q, s) in ckpt.items():
+        weight = moe.w2_weight if part == "w2" else moe.w13_weight
+        scale = moe.w2_weight_scale_inv if part == "w2" else moe.w13_weight_scale_inv
+        moe.weight_loader(weight, q, (e, part))
+        moe.weight_loader(scale, s, (e, part))
+
+
+def build(pctx=None) -> FusedMoE:
+    moe = FusedMoE(E, D, I, torch.float32, pctx)
+    moe.use_fp8()
+    return moe
+
+
+def dequant(ckpt, e, part):
+    return dequant_fp8_block(*ckpt[e, part], out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_tp_rank_holds_its_blocks_of_the_intermediate_dim(tp_rank):
+    ckpt = checkpoint()
+    moe = build(ParallelContext(tp_rank=tp_rank, tp_size=2))
+    load(moe, ckpt)
+    rows = slice(tp_rank * 128, tp_rank * 128 + 128)
+    for e in range(E):
+        w13 = dequant_fp8_block(moe.w13_weight[e], moe.w13_weight_scale_inv[e], out_dtype=torch.float32)
+        assert torch.equal(w13[:128], dequant(ckpt, e, "w1")[rows])
+        assert torch.equal(w13[128:], dequant(ckpt, e, "w3")[rows])
+        w2 = dequant_fp8_block(moe.w2_weight[e], moe.w2_weight_scale_inv[e], out_dtype=torch.float32)
+        assert torch.equal(w2, dequant(ckpt, e, "w2")[:, rows])
+    assert moe.w13_weight.dtype == torch.float8_e4m3fn
+    assert tuple(moe.w13_weight_scale_inv.shape) == (E, 2, 2) and tuple(moe.w2_weight_scale_inv.shape) == (E, 2, 1)
+
+
+@pytest.mark.parametrize("ep_rank", [0, 1])
+def test_ep_rank_holds_whole_experts(ep_rank):
+    ckpt = checkpoint()
+    moe = build(ParallelContext(ep_rank=ep_rank, ep_size=2))
+    load(moe, ckpt)
+    for local in range(E // 2):
+        e = ep_rank * (E // 2) + local
+        w2 = dequant_fp8_block(moe.w2_weight[local], moe.w2_weight_scale_inv[local], out_dtype=torch.float32)
+        assert torch.equal(w2, dequant(ckpt, e, "w2"))
+
+
+def test_op_over_fp8_experts_equals_op_over_their_dequantization():
+    ckpt = checkpoint()
+    moe = build()
+    load(moe, ckpt)
+    w13 = torch.stack([torch.cat((dequant(ckpt, e, "w1"), dequant(ckpt, e, "w3"))) for e in range(E)])
+    w2 = torch.stack([dequant(ckpt, e, "w2") for e in range(E)])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, D, generator=g)
+    ids = torch.randint(0, E, (6, 2), generator=g, dtype=torch.int32)
+    w = torch.rand(6, 2, generator=g)
+    want = ops.resolve("fused_moe", "torch")[1](x, w13, w2, w, ids)
+    got = moe(x, w, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_scales_are_refused_naming_the_expert():
+    ckpt = checkpoint()
+    moe = build()
+    q, s = ckpt[2, "w3"]
+    with pytest.raises(ValueError, match=r"expert 2 w3: scale shape \(1, 2\)"):
+        moe.weight_loader(moe.w13_weight_scale_inv, s[:1], (2, "w3"))
+    with pytest.raises(ValueError, match="expert 2 w3: scale_inv has non-finite"):
+        moe.weight_loader(moe.w13_weight_scale_inv, torch.full_like(s, float("inf")), (2, "w3"))
+    with pytest.raises(ValueError, match="moe_intermediate_size 192 gives 96 rows per rank"):
+        FusedMoE(E, D, 192, torch.float32, ParallelContext(tp_rank=0, tp_size=2)).use_fp8()
