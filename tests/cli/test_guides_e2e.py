@@ -101,8 +101,8 @@ def test_mindspore_tp_pp_uneven_fp16(reference, tiny_r1, monkeypatch):
         stop_cleanly(server)
 
 
-def test_vllm_ascend_dp_ep_compilation_config(reference, tiny_r1, fp32_engine):
-    cmd = guide(reference, "vllm-ascend-w8a8.md")[0]
+def test_vllm_ascend_dp_ep_compilation_config_and_bench(reference, tiny_r1, fp32_engine, tmp_path):
+    cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
     argv = set_flags(set_model(cmd, str(tiny_r1)), {**ASCEND_PENDING, "--data-parallel-size": 2,
                                                     "--tensor-parallel-size": 1, "--max-model-len": 256,
                                                     "--max-num-batched-tokens": 256})
@@ -116,6 +116,14 @@ def test_vllm_ascend_dp_ep_compilation_config(reference, tiny_r1, fp32_engine):
         fields = {k: v for k, v in body.items() if k != "max_completion_tokens"}
         r = client(server).completions.create(**fields, extra_body={"max_completion_tokens": 50})
         assert (r.choices[0].text, r.usage.completion_tokens, r.model) == (expected, 50, "deepseek_r1")
+
+        # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
+        bench = set_flags(set_model(bench_serve, str(tiny_r1)), {"--random-input": 16, "--num-prompts": 3,
+                                                                 "--request-rate": 50, "--result-dir": str(tmp_path)})
+        assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
+        (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-*.json")
+        result = json.loads(saved.read_text())
+        assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
     finally:
         stop_cleanly(server)
 
