@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import time
 import weakref
 from typing import Optional, Union
@@ -86,9 +87,10 @@ def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
 
 class LLMEngine:
     def __new__(cls, args: EngineArgs, executor=None):
-        # data parallel over spawned processes: one engine core per DP rank behind a front end
-        if (cls is LLMEngine and executor is None and args.data_parallel_size > 1
-                and args.distributed_executor_backend != "ray"):
+        # data parallel over spawned processes (or DEEPSERVE_ENGINE_CORE_PROCESS=1): one engine
+        # core process per DP rank behind a front end in this process (engine/dp_engine.py)
+        apart = args.data_parallel_size > 1 or os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS") == "1"
+        if cls is LLMEngine and executor is None and apart and args.distributed_executor_backend != "ray":
             from deepserve.engine.dp_engine import DataParallelEngine
             return super().__new__(DataParallelEngine)
         return super().__new__(cls)
