@@ -28,6 +28,24 @@ from deepserve.ops.int4 import PACK
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
 
 
+def no_dummy_shards():
+    return iter(())
+
+
+@torch.no_grad()
+def fill_dummy_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    gen: torch.Generator, std: float) -> None:
+    """Random 4-bit weights of standard deviation about `std`: uniform nibbles around z = 8 (std
+    4.6), one scale std / 4.6 everywhere (random weights for speed tests, `--load-format dummy`)."""
+    if qweight.device.type == "meta":
+        return
+    bits = torch.randint(-2 ** 31, 2 ** 31, qweight.shape, generator=gen, dtype=torch.int64)
+    qweight.copy_(bits.to(torch.int32).to(qweight.device))
+    scales.fill_(std / 4.6)
+    if zeros is not None:
+        zeros.fill_(8)
+
+
 def int4_experts_supported(spec: Optional[Int4Spec]) -> bool:
     """Whether a checkpoint's 4-bit experts stay 4-bit (else they are dequantized at load)."""
     return spec is not None and not spec.act_order and spec.activations is None
@@ -68,6 +86,11 @@ class Int4Experts:
                 p.weight_loader = functools.partial(self.load, moe, role)
                 setattr(moe, f"{which}_{spec.names[role]}", p)
         moe.quant = self
+        moe.dummy_shards = no_dummy_shards     # no 16-bit expert tensors to draw: init_dummy fills them
+
+    def init_dummy(self, moe: nn.Module, gen: torch.Generator, std: float) -> None:
+        for which in ("w13", "w2"):
+            fill_dummy_int4(*(self.param(moe, which, r) for r in ("qweight", "scales", "qzeros")), gen, std)
 
     def param(self, moe: nn.Module, which: str, role: str) -> Optional[nn.Parameter]:
         name = self.spec.names.get(role)

@@ -245,6 +245,11 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0, std: float = 0.02) -> 
     """Random weights (std `std`) for the quantized layers, quantized layer by layer."""
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     for module in model.modules():
+        # methods with their own random fill (4-bit linears and experts: layers/quantization_int4.py)
+        method = getattr(module, "quant_method", None) or getattr(module, "quant", None)
+        if hasattr(method, "init_dummy"):
+            method.init_dummy(module, gen, std)
+            continue
         if isinstance(module, LinearBase) and not isinstance(module.quant_method, UnquantizedLinearMethod):
             if module.weight.device.type == "meta":
                 continue

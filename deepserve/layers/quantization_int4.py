@@ -28,7 +28,7 @@ from deepserve import ops
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
 from deepserve.layers.quantization import full_cols, full_rows, is_quantized_module
 from deepserve.ops.int4 import PACK
-from deepserve.layers.moe_int4 import int4_expert_module
+from deepserve.layers.moe_int4 import no_dummy_shards, fill_dummy_int4, int4_expert_module
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
 
 
@@ -66,6 +66,7 @@ class Int4LinearMethod:
             p.weight_loader = functools.partial(self.load, layer, role)
             setattr(layer, spec.names[role], p)
 
+        layer.dummy_shards = no_dummy_shards   # no 16-bit weight to draw: init_dummy fills the 4-bit one
         add("qweight", (n, k // PACK), torch.int32)
         add("scales", (n, groups), spec.scale_dtype, 1)
         if "qzeros" in spec.required():
@@ -110,6 +111,9 @@ class Int4LinearMethod:
             raise ValueError(f"tensor {name}: the stacked projections of one layer have different g_idx")
         param.data.copy_(local)
         param.seen = True
+
+    def init_dummy(self, layer: LinearBase, gen: torch.Generator, std: float) -> None:
+        fill_dummy_int4(*(self.param(layer, r) for r in ("qweight", "scales", "qzeros")), gen, std)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, s, z, g = (self.param(layer, r) for r in ("qweight", "scales", "qzeros", "g_idx"))

@@ -37,7 +37,7 @@ from deepserve.models.registry import get_model_class
 from deepserve.platforms import get_platform
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
 from deepserve.quant import modelslim
-from deepserve.quant.int4 import int4_spec, int4_stream
+from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -170,8 +170,9 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         model = cls(cfg, dtype=dtype, pctx=pctx, **model_kwargs)
     block = fp8_block_size(cfg) or (128, 128)
     if method in INT4_METHODS:
-        quantize_int4_linears(model, int4_spec(cfg))
-        quantize_int4_experts(model, int4_spec(cfg))
+        spec = int4_spec_for(cfg, model_config.quantization)
+        quantize_int4_linears(model, spec)
+        quantize_int4_experts(model, spec)
     elif method == modelslim.METHOD:
         quantize_modelslim_linears(model, modelslim.description(model_config.model))
     elif method is not None:
@@ -193,8 +194,11 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     cfg = model_config.hf_config
     dummy = model_config.load_format == "dummy"
     stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
+    if dummy and model_config.quantization in INT4_REQUESTS:     # random 4-bit weights
+        stored = int4_spec_for(cfg, model_config.quantization).method
     method = choose_quantization(model_config.quantization, stored, device)
     model = build_model(model_config, device, pctx, method)
+    model.quantization = method          # the start-up log counts the plan's bytes for it
     dtype = resolve_dtype(model_config, device)
     block = fp8_block_size(cfg) or (128, 128)
     if dummy:

@@ -138,6 +138,24 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype) -> Optional[Int4Spec]:
                     names=CT_NAMES)
 
 
+# `--quantization NAME --load-format dummy` on a config without quantization_config: random
+# 4-bit weights in groups of 128 (llm-compressor's and AutoAWQ's default group size)
+DUMMY_SPECS = {"awq": dict(fmt="awq", symmetric=False, names=AWQ_NAMES),
+               "gptq": dict(fmt="gptq", symmetric=True, zero_plus_one=True, names=GPTQ_NAMES),
+               "compressed-tensors": dict(fmt="compressed-tensors", symmetric=True, names=CT_NAMES)}
+
+
+def int4_spec_for(hf_config, requested: Optional[str] = None) -> Optional[Int4Spec]:
+    """The checkpoint's 4-bit format, else (random weights) the default of `--quantization
+    awq | gptq | compressed-tensors`, else None."""
+    spec = int4_spec(hf_config)
+    if spec is not None or requested not in DUMMY_SPECS:
+        return spec
+    scale_dtype = _DTYPES.get(str(hf_config.get("torch_dtype") or "bfloat16").replace("torch.", ""),
+                              torch.bfloat16)
+    return Int4Spec(group_size=128, act_order=False, scale_dtype=scale_dtype, **DUMMY_SPECS[requested])
+
+
 def int4_spec(hf_config) -> Optional[Int4Spec]:
     """The checkpoint's 4-bit format, or None when it is not a 4-bit checkpoint."""
     qc = hf_config.get("quantization_config") or {}

@@ -114,3 +114,34 @@ def test_r1_w4a16_plan_counts_what_the_engine_allocates_and_fits_8x80gib(layout)
     assert weight_bytes_per_gpu(cfg, lay, quantization="w4a16") == engine_param_bytes(cfg, lay, "w4a16")
     plan = choose_plan(HFConfig(R1), 8, 80 * 2 ** 30, quantization="w4a16")
     assert plan.chosen is not None and plan.chosen.layout == Layout(1, 1, 8, True)
+
+
+@pytest.mark.parametrize("arch,quantization", [("llama", "awq"), ("deepseek", "compressed-tensors")])
+def test_dummy_4bit_weights_for_speed_tests(tmp_path, arch, quantization):
+    """`--load-format dummy --quantization awq|gptq|compressed-tensors`: 4-bit layers and experts
+    with random weights of std ~0.02 (group 128 by default), the same for the same seed."""
+    from deepserve.ops.int4 import dequant_int4
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                       max_position_embeddings=256, tie_word_embeddings=False)
+        save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path / "ref")
+    else:
+        from tests.models.test_deepseek import r1_style, save_deepseek
+        save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+        cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+        cfg.update(hidden_size=128, moe_intermediate_size=128, intermediate_size=128, q_lora_rank=128, v_head_dim=32)
+        (tmp_path / "ref" / "config.json").write_text(json.dumps(cfg))
+    kw = dict(dtype="float32", tokenizer=TOKENIZER, load_format="dummy", quantization=quantization)
+    llm = LLM(model=str(tmp_path / "ref"), **kw)
+    model = llm.engine.runner.model
+    down = model.model.layers[0].mlp.down_proj
+    q, s, z = (getattr(down, down.quant_method.spec.names.get(r, "-"), None) for r in ("qweight", "scales", "qzeros"))
+    w = dequant_int4(q, s, z, None, down.quant_method.group_size)
+    assert q.dtype == torch.int32 and abs(w.std().item() - 0.02) < 0.002
+    if arch == "deepseek":
+        assert model.model.layers[2].mlp.experts.quant is not None
+    a = torch.cat(llm.prompt_logits(PROMPTS))
+    assert torch.isfinite(a).all()
+    b = torch.cat(LLM(model=str(tmp_path / "ref"), **kw).prompt_logits(PROMPTS))
+    assert torch.equal(a, b)
