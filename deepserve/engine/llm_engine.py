@@ -237,6 +237,7 @@ class LLMEngine:
             "kv_cache_usage": bm.usage(),
             "num_free_blocks": bm.num_free_blocks,
             "num_blocks": bm.num_blocks,
+            "kv_cache_capacity_tokens": bm.num_blocks * bm.block_size,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             **self.stats,

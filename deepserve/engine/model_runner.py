@@ -33,9 +33,33 @@ from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import StepInputs, StepMessage
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
+from deepserve.distributed.plan_bytes import Layout, weight_breakdown
 from deepserve.platforms import Platform
 
 logger = logging.getLogger("deepserve")
+
+
+def held_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds in memory (a tied weight once, meta ones not)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+def planned_weight_text(config: EngineConfig, pctx: ParallelContext, quantization: Optional[str],
+                        dtype: torch.dtype) -> str:
+    """What `deepserve plan` counts for this rank's weights, for the start-up log beside the
+    bytes the engine allocated."""
+    par = config.parallel
+    layout = Layout(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size,
+                    par.enable_expert_parallel)
+    try:
+        stages = weight_breakdown(config.model.hf_config, layout, str(dtype).replace("torch.", ""), quantization)
+    except (ValueError, KeyError) as exc:
+        return f"no plan arithmetic for it ({exc})"
+    return f"{_bytes(sum(stages[pctx.pp_rank].values()))} planned"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -58,6 +82,10 @@ class ModelRunner:
         self.pctx = pctx or ParallelContext()
         self.model = load_model(config.model, self.device, self.pctx)
         self.timings["load_s"] = time.perf_counter() - t0
+        self.weight_bytes = held_weight_bytes(self.model)
+        logger.info("weights on this rank: %s allocated, %s", _bytes(self.weight_bytes),
+                    planned_weight_text(config, self.pctx, getattr(self.model, "quantization", None),
+                                        next(self.model.parameters()).dtype))
         self.dtype = next(self.model.parameters()).dtype
         # e4m3 KV (scale 1.0): written by the KV-write ops, read by the attention kernels
         self.kv_dtype = torch.float8_e4m3fn if config.cache.fp8_kv else self.dtype

@@ -32,7 +32,9 @@ GAUGES = (("num_requests_running", "Requests in the running batch.", "num_reques
           ("num_requests_waiting", "Requests waiting to be scheduled.", "num_requests_waiting"),
           ("kv_cache_usage_perc", "Share of KV cache blocks in use (1 = full).", "kv_cache_usage"),
           ("num_free_kv_blocks", "KV cache blocks not held by any request.", "num_free_blocks"),
-          ("num_kv_blocks", "KV cache blocks in the pool.", "num_blocks"))
+          ("num_kv_blocks", "KV cache blocks in the pool.", "num_blocks"),
+          ("kv_cache_capacity_tokens", "Tokens the KV cache pool holds (blocks x block size; "
+           "twice as many with --kv-cache-dtype fp8).", "kv_cache_capacity_tokens"))
 COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
