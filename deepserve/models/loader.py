@@ -199,7 +199,6 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     method = choose_quantization(model_config.quantization, stored, device)
     model = build_model(model_config, device, pctx, method)
     model.quantization = method          # the start-up log counts the plan's bytes for it
-    model.quantization = method          # the start-up log counts the plan's bytes for it
     dtype = resolve_dtype(model_config, device)
     block = fp8_block_size(cfg) or (128, 128)
     if dummy:
