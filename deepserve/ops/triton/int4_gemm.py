@@ -134,11 +134,13 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K,
 
 
 def _block_k(k: int, group_size: int, has_gidx: bool, cap: int) -> tuple[int, bool]:
-    """(BLOCK_K, ONE_GROUP): the K step, and whether each step stays inside one group."""
+    """(BLOCK_K, ONE_GROUP): the K step, and whether each step stays inside one group. A step
+    shortened to a power-of-two group (>= 32) reads one scale per row instead of one per
+    element: groups of 128 take 128-wide steps rather than the cap."""
     bk = min(cap, next_pow2(k))
-    if not has_gidx and group_size % bk == 0:
-        return bk, True
-    return bk, False
+    if not has_gidx and group_size % bk and group_size >= 32 and group_size & (group_size - 1) == 0:
+        bk = group_size
+    return bk, not has_gidx and group_size % bk == 0
 
 
 def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
