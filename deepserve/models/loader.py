@@ -9,9 +9,14 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
+| AutoAWQ GEMM / GPTQ / compressed-tensors W4A16 | none / awq / gptq / compressed-tensors | 4-bit packed (layers/quantization_int4.py) |
+| compressed-tensors W4A8          | none / compressed-tensors | 4-bit weights, int8 per-token activations |
+| msModelSlim W8A8 (quant_model_description.json) | none / ascend | int8, static or dynamic activations (quantization_modelslim.py) |
 
+4-bit checkpoints are served only in their own format (no conversion at load).
 The MoE routed experts follow the linear method when it has an expert format (fp8: e4m3 with
-per-block scales, layers/moe.py); otherwise (w8a8-int8) they are dequantized at load. Layers
+per-block scales, layers/moe.py; W4A16: packed 4-bit, layers/moe_int4.py); otherwise (w8a8-int8,
+W4A8, act-order GPTQ, msModelSlim) they are dequantized at load. Layers
 outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate, kv_b_proj,
 MTP eh_proj) are dequantized at load to the model dtype.
 
