@@ -16,6 +16,7 @@ from tests.cli.conftest import SHARED
 from tests.cli.guides import commands, curl_bodies, exports, set_flags, set_model, to_deepserve, yaml_blocks
 from tests.server.conftest import launch
 
+pytestmark = pytest.mark.slow   # each starts a server of one or two ranks (seconds of imports)
 GREEDY = dict(temperature=0)
 # speculative decoding is issue 18 (docs/GUIDES.md); the tiny checkpoint is bf16, not msModelSlim's
 # W8A8 (--quantization ascend)
