@@ -62,3 +62,8 @@ def test_shipped_tables_are_well_formed():
         assert (lc.CONFIG_DIR / op / "default.json").is_file()
         for path in (lc.CONFIG_DIR / op).glob("*.json"):
             assert lc.dumps(json.loads(path.read_text())) == path.read_text(), path   # as sweeps write them
+
+
+def test_an_empty_table_is_written_as_an_empty_list(tmp_path):
+    path = lc.save_rules("gemv", "NVIDIA H100", [], folder=tmp_path)
+    assert path.read_text() == "[]\n" and lc._read(path) == []

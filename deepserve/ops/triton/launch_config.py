@@ -47,7 +47,7 @@ def device_key(device: torch.device) -> str:
 
 def dumps(rules: list[dict]) -> str:
     """A table as JSON, one rule a line."""
-    return "[\n" + ",\n".join(" " + json.dumps(rule) for rule in rules) + "\n]\n"
+    return "[\n" + ",\n".join(" " + json.dumps(rule) for rule in rules) + "\n]\n" if rules else "[]\n"
 
 
 def _holds(condition: str, expected, shape: dict) -> bool:
