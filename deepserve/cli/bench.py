@@ -32,6 +32,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder (tokenizer.json) to count tokens "
                    "with; default: --model when it is a folder.")
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
+    g.add_argument("--backend", default="openai", choices=["vllm", "openai", "openai-chat"],
+                   help="vLLM's request format names; --endpoint decides what is sent (default: openai).")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="Accepted (vLLM's flag for loading the tokenizer); tokenizer.json is read as data, "
+                        "no code from the model folder runs.")
     d = p.add_argument_group("dataset")
     d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
     d.add_argument("--dataset-path", default=None, help="sonnet.txt or ShareGPT JSON file.")

@@ -268,8 +268,8 @@ def test_compilation_config_errors_name_the_value(config, message):
 def test_spellings():
     assert normalize_argv(["--pipeline_parallel_size=2", "--served-model-name", "deepseek_r1", "-tp", "2"]) == \
         ["--pipeline-parallel-size=2", "--served-model-name", "deepseek_r1", "-tp", "2"]
-    ns = parse(shlex.split("bench serve --random-input 200 --random_output_len=7"))
-    assert (ns.random_input_len, ns.random_output_len) == (200, 7)
+    ns = parse(shlex.split("bench serve --random-input 200 --random_output_len=7 --backend vllm --trust-remote-code"))
+    assert (ns.random_input_len, ns.random_output_len, ns.backend, ns.trust_remote_code) == (200, 7, "vllm", True)
     ns = parse(shlex.split("serve M --served-model-name deepseek_r1 path/DeepSeek-R1-W8A8 -O 3"))
     assert (ns.served_model_name, ns.compilation_config) == ("deepseek_r1,path/DeepSeek-R1-W8A8", 3)
     ns = parse(shlex.split("serve -O '{\"cudagraph_mode\": \"NONE\"}' -dp 2"))
