@@ -46,7 +46,7 @@ class Int4Spec:
     act_order: bool               # g_idx maps input features to groups
     zero_plus_one: bool = False   # GPTQ v1: stored zero = z - 1
     activations: Optional[str] = None  # None (W4A16) | "int8-token" (W4A8)
-    skip: tuple[str, ...] = ()    # modules_to_not_convert (substrings) / ignore (names, "re:")
+    skip: tuple[str, ...] = ()    # modules_to_not_convert (substrings) / CT ignore (names, "re:")
     scale_dtype: torch.dtype = torch.float16
     names: dict = field(default_factory=dict)   # role -> checkpoint suffix
 
@@ -58,7 +58,7 @@ class Int4Spec:
 
     def skipped(self, module: str) -> bool:
         """Whether checkpoint module `module` is left unquantized by the checkpoint."""
-        if self.fmt == "awq":
+        if self.fmt in ("awq", "gptq"):
             return any(s in module for s in self.skip)
         for s in self.skip:
             if s.startswith("re:") and re.match(s[3:], module) or s == module:

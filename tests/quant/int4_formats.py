@@ -125,7 +125,7 @@ def quantization_config(fmt: str, group: int, sym: bool, act_order: bool, skip=(
                 "version": "gemm", "modules_to_not_convert": list(skip) or None}
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order,
-                "sym": sym, "checkpoint_format": "gptq"}
+                "sym": sym, "checkpoint_format": "gptq", "modules_to_not_convert": list(skip) or None}
     weights = {"num_bits": 4, "type": "int", "symmetric": sym, "dynamic": False,
                "strategy": "channel" if group == -1 else "group",
                "group_size": None if group == -1 else group, "actorder": "group" if act_order else None}
