@@ -12,7 +12,8 @@ pytest.importorskip("matplotlib")
 
 
 def test_sweep_writes_md_png_json(fake_server, bench_args, tmp_path):
-    with fake_server(ttft=0.01, itl=0.005) as srv:
+    # requests long enough (~0.35 s) that four start together on a loaded 2-core machine
+    with fake_server(ttft=0.2, itl=0.05) as srv:
         args = bench_args(["sweep", "--base-url", srv.url, "--model", "fake-model", "--tokenizer",
                            str(TOKENIZER), "--random-input-len", "16", "--random-output-len", "4",
                            "--num-prompts", "4", "--max-concurrency-list", "1", "4",
