@@ -10,10 +10,11 @@ unfinished sequences, then KV use) and merges the cores' outputs.
 Front end and cores talk over ZeroMQ (PUSH/PULL over ipc:// sockets, pickled messages): a
 request goes to one core; each core pushes its outputs and a few gauges after every step.
 With expert parallel the cores meet in the MoE collectives, so before every step they agree
-(one all-reduce MAX of a fixed 4-int vector, `DPSync`) on whether anyone has work, the
+(one all-reduce MAX of a fixed 5-int vector, `DPSync`) on whether anyone has work, the
 largest batch and the longest sequence; a core with nothing to do runs a one-token dummy
-step. What a rank sends per step (its step inputs to its own TP/PP peers, its outputs to the
-front end, the sync vector) does not grow with the number of DP ranks. Without expert
+step. What a rank sends per step (its step inputs to its own TP/PP peers, its output deltas
+to the front end, the sync vector) does not grow with the number of DP ranks
+(DEEPSERVE_COUNT_STEP_BYTES=1 counts it: `DataParallelEngine.step_bytes`). Without expert
 parallel the DP ranks are plain replicas and never synchronise.
 
 Idle cores with expert parallel poll their socket between sync rounds, backing off from 1
@@ -48,6 +49,10 @@ from deepserve.platforms import get_platform
 logger = logging.getLogger("deepserve")
 
 IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
+
+
+def _count_bytes() -> bool:
+    return os.environ.get("DEEPSERVE_COUNT_STEP_BYTES") == "1"
 
 
 # ---------------------------------------------------------------- messages
@@ -231,12 +236,13 @@ class DPRankExecutor:
 
     def __init__(self, runner_factory, group, src: int, peers: bool):
         self.group, self.src, self.peers = group, src, peers
-        self.sent_bytes = 0
+        self.sent_bytes, self.count = 0, _count_bytes()
         self.runner = runner_factory(self._publish)
 
     def _publish(self, msg) -> None:
         if self.peers:
-            self.sent_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            if self.count:
+                self.sent_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
             dist.broadcast_object_list([msg], src=self.src, group=self.group)
 
     def explain(self, exc: BaseException) -> str:
@@ -318,8 +324,8 @@ class EngineCore:
         return g
 
     def _send(self, msg: CoreOutputs) -> None:
-        # the byte count travels with the message it counts (within the few bytes of its own size)
-        msg.step_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        if self.executor.count:  # the count travels with the message it counts (give or take its own size)
+            msg.step_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
         self.outbox.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
 
     def _receive(self, timeout_s: Optional[float]) -> None:

@@ -101,6 +101,10 @@ class LLMEngine:
         self.args = args
         self.config = args.create_engine_config()
         self.async_scheduling = self.config.async_scheduling
+        if self.async_scheduling and executor is None and self.config.parallel.data_parallel_size > 1:
+            # (DP over Ray: one driver schedules every DP rank, and launches only synchronously)
+            raise ValueError("async_scheduling with data parallel runs on the multiprocessing backend "
+                             "(one engine core per DP rank), not on --distributed-executor-backend ray")
         self.platform = get_platform(args.device)
         self.tokenizer, eos = load_tokenizer(self.config)
         self.eos_token_ids = eos

@@ -110,7 +110,8 @@ def _decode_step_bytes(llm, dp_size):
     return engine.step_bytes
 
 
-def test_rank_traffic_per_decode_step_does_not_grow_with_dp(deepseek):
+def test_rank_traffic_per_decode_step_does_not_grow_with_dp(deepseek, monkeypatch):
+    monkeypatch.setenv("DEEPSERVE_COUNT_STEP_BYTES", "1")
     sizes = {}
     for dp in (2, 4):
         with LLM(deepseek, data_parallel_size=dp, enable_expert_parallel=True, **ENGINE) as llm:
