@@ -53,16 +53,17 @@ class DeepseekMTP(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, previous_hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids [T] (tokens t+1), previous_hidden [T, D] (main model output at t) -> [T, D]."""
+        """input_ids [T] (tokens t+1), previous_hidden [T, D] (the main model's output at t, or
+        this module's own output at t for drafts past the first) -> [T, D], before
+        shared_head.norm: drafting k > 1 tokens feeds it back as previous_hidden (as vLLM)."""
         e = self.enorm(self.embed_tokens(input_ids))
         h = self.hnorm(previous_hidden)
         x = self.eh_proj(torch.cat((e, h), dim=-1))                   # [T, D]
         x, residual = self.mtp_block(positions, x, None, meta)
-        x, _ = self.shared_head.norm(x, residual)
-        return x
+        return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.shared_head.head(hidden)
+        return self.shared_head.head(self.shared_head.norm(hidden))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load from a whole checkpoint: only `model.layers.{layer_idx}.*` is taken."""
