@@ -312,7 +312,9 @@ class EngineArgs:
     mixed steps run eagerly); torch.compile keys (level, mode, backend, ...) are accepted and
     unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
     ops: str = "auto"
-    """Operator backend: auto (triton on CUDA, torch elsewhere) | torch | triton | flaggems.
+    """Operator backend: auto (the platform's: triton on CUDA, torch on CPU, an out-of-tree
+    platform's own) | torch | triton | triton-all (triton with the dense GEMMs on Triton kernels
+    at every shape instead of cuBLAS where cuBLAS measured faster) | flaggems.
     Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
     speculative_config: Optional[dict] = None
     """JSON, e.g. '{"method": "mtp", "num_speculative_tokens": 1}'."""
@@ -358,8 +360,8 @@ class EngineArgs:
             self.ops = "flaggems"
         elif self.ops == "auto" and env_ops:
             self.ops = env_ops
-        if self.ops not in ("auto", "torch", "triton", "flaggems"):
-            raise ValueError(f"ops must be auto, torch, triton or flaggems, got {self.ops!r}")
+        if self.ops not in ("auto", "torch", "triton", "triton-all", "flaggems"):
+            raise ValueError(f"ops must be auto, torch, triton, triton-all or flaggems, got {self.ops!r}")
         if isinstance(self.hf_overrides, str):
             self.hf_overrides = json.loads(self.hf_overrides)
         if self.compilation_config is not None:

@@ -67,8 +67,11 @@ def test_ops_backend_from_flag_and_env(monkeypatch):
     assert EngineArgs(ops="triton").ops == "triton"  # the flag wins over the environment
     monkeypatch.setenv("USE_FLAGGEMS", "1")
     assert EngineArgs().ops == "flaggems"             # as FlagScale honours it
-    with pytest.raises(ValueError, match="ops must be auto, torch, triton or flaggems, got 'cuda'"):
+    with pytest.raises(ValueError, match="ops must be auto, torch, triton, triton-all or flaggems, got 'cuda'"):
         EngineArgs(ops="cuda")
+    monkeypatch.delenv("USE_FLAGGEMS")
+    monkeypatch.setenv("DEEPSERVE_OPS", "triton-all")
+    assert EngineArgs().ops == "triton-all"
 
 
 def test_flaggems_missing_is_a_clear_error():

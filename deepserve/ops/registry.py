@@ -10,15 +10,29 @@ import collections
 from typing import Callable
 
 BACKENDS = ("torch", "triton", "flaggems")
+TRITON_ALL = "triton-all"  # the triton backend with every shape on the Triton kernels (no cuBLAS)
 
 _impls: dict[str, dict[str, Callable]] = collections.defaultdict(dict)
-_active = {"backend": "torch"}
+_plugin_backends: set[str] = set()  # out-of-tree platforms' own backends (add_backend)
+_active = {"backend": "torch", "force_triton": False}
 call_counts: collections.Counter = collections.Counter()  # (op, backend) -> calls
 
 
+def known_backends() -> tuple[str, ...]:
+    return BACKENDS + tuple(sorted(_plugin_backends))
+
+
+def add_backend(name: str) -> None:
+    """An out-of-tree platform's ops backend: its kernels register under `name`; ops it lacks
+    run the torch reference."""
+    if name in BACKENDS or name == TRITON_ALL:
+        raise ValueError(f"ops backend {name!r} is built in")
+    _plugin_backends.add(name)
+
+
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown ops backend {backend!r}; known: {BACKENDS}")
+    if backend not in known_backends():
+        raise ValueError(f"unknown ops backend {backend!r}; known: {known_backends()}")
 
     def wrap(fn: Callable) -> Callable:
         _impls[op][backend] = fn
@@ -49,8 +63,11 @@ def dispatcher(op: str) -> Callable:
 
 
 def set_backend(name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"ops backend must be one of {BACKENDS}, got {name!r}")
+    """`triton-all` is the triton backend with `forcing_triton()` true."""
+    force = name == TRITON_ALL
+    name = "triton" if force else name
+    if name not in known_backends():
+        raise ValueError(f"ops backend must be one of {known_backends() + (TRITON_ALL,)}, got {name!r}")
     if name == "triton":
         import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels)
     if name == "flaggems":
@@ -60,10 +77,17 @@ def set_backend(name: str) -> None:
             raise RuntimeError("--ops flaggems needs FlagGems: pip install 'deepserve[flaggems]'") from None
         flag_gems.enable()
     _active["backend"] = name
+    _active["force_triton"] = force
 
 
 def get_backend() -> str:
     return _active["backend"]
+
+
+def forcing_triton() -> bool:
+    """Whether ops that choose between a Triton kernel and cuBLAS/torch per shape (the dense
+    GEMM) take the Triton kernel for every shape (`--ops triton-all`)."""
+    return _active["force_triton"]
 
 
 def op_table() -> dict[str, list[str]]:

@@ -2,7 +2,10 @@
 
 Built in: `cuda` and `cpu`, chosen automatically (CUDA when a device is visible). Out-of-tree
 chips (npu, maca, ...) register through the `deepserve.platforms` entry-point group: the
-entry point names a zero-argument callable returning a `Platform` subclass instance.
+entry point names a zero-argument callable returning a `Platform` subclass instance; the
+platform brings its device name, its ops backend (`default_ops`, kernels registered with
+`deepserve.ops.registry.add_backend` / `register`) and its torch.distributed backend
+(`dist_backend`). tests/platform_pkg is such a package, installed in CI.
 """
 from __future__ import annotations
 
@@ -37,11 +40,9 @@ def get_platform(name: str = "auto") -> Platform:
             if platform.is_available():
                 return platform
         return CudaPlatform() if CudaPlatform().is_available() else CpuPlatform()
-    if name in plugins:
-        return plugins[name]
-    if name not in _BUILTIN:
+    if name not in _BUILTIN and name not in plugins:
         raise ValueError(f"unknown device {name!r}; available: {', '.join(available_platforms())}")
-    platform = _BUILTIN[name]()
+    platform = plugins[name] if name in plugins else _BUILTIN[name]()
     if not platform.is_available():
         raise RuntimeError(f"device {name!r} requested but not available on this machine")
     return platform

@@ -1,0 +1,86 @@
+"""The out-of-tree test platform (tests/platform_pkg, installed in CI by .ci/run) found through
+the `deepserve.platforms` entry point: selected at start, its own ops and dist backends used,
+and the demo model's greedy text equal to the CPU platform's."""
+from __future__ import annotations
+
+import datetime
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deepserve.platforms as platforms
+from deepserve import LLM, SamplingParams, ops
+from tests.conftest import DEMO_MODEL
+
+if not any(ep.name == "testchip" for ep in entry_points(group="deepserve.platforms")):
+    pytest.skip("the test platform is not installed: pip install -e tests/platform_pkg", allow_module_level=True)
+
+PROMPTS = ["Once upon a time", "Lily and Ben went to the park. They"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+@pytest.fixture
+def chip_visible(monkeypatch):
+    monkeypatch.setenv("DEEPSERVE_TESTCHIP", "1")
+    monkeypatch.delenv("DEEPSERVE_OPS", raising=False)
+    monkeypatch.delenv("USE_FLAGGEMS", raising=False)
+    yield
+    ops.set_backend("torch")
+    ops.call_counts.clear()
+
+
+def _greedy(device: str):
+    ops.call_counts.clear()
+    llm = LLM(str(DEMO_MODEL), device=device, max_model_len=128)
+    texts = [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY)]
+    return llm, texts, dict(ops.call_counts)
+
+
+def test_entry_point_platform_is_discovered(monkeypatch):
+    import deepserve_testchip
+    assert "testchip" in platforms.available_platforms()
+    monkeypatch.delenv("DEEPSERVE_TESTCHIP", raising=False)
+    with pytest.raises(RuntimeError, match="device 'testchip' requested but not available"):
+        platforms.get_platform("testchip")
+    assert platforms.get_platform("auto").name != "testchip"      # only where its chip is visible
+    monkeypatch.setenv("DEEPSERVE_TESTCHIP", "1")
+    chip = platforms.get_platform("auto")
+    assert isinstance(chip, deepserve_testchip.TestChipPlatform)
+    assert (chip.name, chip.default_ops, chip.dist_backend) == ("testchip", "testchip", "testccl")
+
+
+def test_demo_model_on_the_test_platform_equals_cpu(chip_visible):
+    import deepserve_testchip
+    _, want, cpu_calls = _greedy("cpu")
+    assert all(backend == "torch" for _, backend in cpu_calls)
+    deepserve_testchip.calls["memory_info"] = 0
+    llm, got, chip_calls = _greedy("auto")                         # picked at start: the visible chip
+    assert llm.engine.platform.name == "testchip"
+    assert ops.get_backend() == "testchip"
+    assert got == want and all(len(t) > 20 for t in want)
+    # the chip's own kernels ran (norms, activation); ops it lacks ran the torch reference
+    assert chip_calls[("fused_add_rms_norm", "testchip")] > 0 and chip_calls[("silu_and_mul", "testchip")] > 0
+    assert ("fused_add_rms_norm", "torch") not in chip_calls and chip_calls[("linear", "torch")] > 0
+
+
+def test_the_platform_dist_backend_runs_collectives(chip_visible):
+    """What init_distributed does with platform.dist_backend, on one rank (the engine's TP=2 run
+    costs two spawned workers; the group is the same)."""
+    platform = platforms.get_platform("testchip")
+    assert dist.Backend.TESTCCL == platform.dist_backend
+    if dist.is_initialized():
+        pytest.skip("a process group is already live in this process")
+    dist.init_process_group(platform.dist_backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        assert dist.get_backend() == "testccl"
+        t = torch.tensor([1.0, 2.0])
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 2.0]
+        gathered = [torch.zeros(2)]
+        dist.all_gather(gathered, torch.tensor([3.0, 4.0]))
+        assert gathered[0].tolist() == [3.0, 4.0]
+    finally:
+        dist.destroy_process_group()
