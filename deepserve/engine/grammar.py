@@ -121,4 +121,7 @@ class BitmaskFiller:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """-inf, in place, where the host bitmask [N, ceil(V / 32)] has a 0 bit, on `rows` only."""
     bitmask = to_device_async(bitmask, torch.int32, logits.device)
-    _xgr().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+    # on a GPU the row list goes over pinned too: xgrammar would copy a list from pageable
+    # memory, which waits for the stream
+    indices = rows if logits.device.type == "cpu" else to_device_async(rows, torch.int32, logits.device)
+    _xgr().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=indices)

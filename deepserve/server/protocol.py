@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 # why some well-known fields are refused (the rest get a generic message)
 _WHY_NOT = {
     "functions": "use tools", "function_call": "use tool_choice",
-    "use_beam_search": "beam search is not implemented", "best_of": "only best_of == n is supported",
+    "use_beam_search": "beam search is not implemented",
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
     "allowed_token_ids": "use logit_bias", "bad_words": "use logit_bias",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
