@@ -46,17 +46,18 @@ def test_grammar_masks_constrained_rows_only():
 
     tok = Tokenizer(DEMO_MODEL)
     compiler = GrammarCompiler(tok, VOCAB, tok.eos_token_ids)
-    specs = [GuidedDecoding(regex="[ab]{3}"), GuidedDecoding(choice=["cat", "dog"])]
+    specs = [GuidedDecoding(regex="[ab]{3}"), GuidedDecoding(choice=["cat", "dog"]),
+             GuidedDecoding(grammar='root ::= "x" digit digit\ndigit ::= [0-9]')]
     for spec in specs:
         compiler.compile(spec)
     sampler = Sampler(tok.eos_token_ids, VOCAB)
     free, *constrained = seqs_for(SamplingParams(temperature=0), *(SamplingParams(temperature=1.0, seed=4, guided=g)
                                                                    for g in specs))
     torch.manual_seed(2)
-    texts = ["", ""]
-    done = [False, False]
+    texts = ["", "", ""]
+    done = [False, False, False]
     for _ in range(6):
-        logits = torch.randn(3, VOCAB)
+        logits = torch.randn(4, VOCAB)
         out = sampler(logits.clone(), [free, *constrained]).token_ids
         assert out[0] == logits[0].argmax().item()        # the free row is untouched
         free.token_ids.append(out[0])
@@ -67,6 +68,7 @@ def test_grammar_masks_constrained_rows_only():
                 texts[j] += "" if done[j] else tok.decode(seq.output_token_ids)[len(texts[j]):]
     assert all(done), texts
     assert len(texts[0]) == 3 and set(texts[0]) <= {"a", "b"} and texts[1] in ("cat", "dog"), texts
+    assert len(texts[2]) == 3 and texts[2][0] == "x" and texts[2][1:].isdigit(), texts
 
 
 def test_guided_spec_checks_and_pickles_without_its_compiled_grammar():
