@@ -1,19 +1,36 @@
-"""`deepserve ops`: list every operator with the backends that implement it.
+"""`deepserve ops`: list every operator with the backends that implement it and the one that
+runs under the chosen backend.
 
-    deepserve ops
+    deepserve ops [--ops auto|torch|triton|triton-all|flaggems] [--device auto|cpu|cuda|...]
 
 The torch reference exists for every op; `triton` marks a Triton kernel (imported here so
-its registrations show, which needs no GPU). `flaggems` runs the torch path with FlagGems
-patching aten underneath, so it is listed for every op when FlagGems is installed.
+its registrations show, which needs no GPU); an out-of-tree platform's own backend shows once
+its plugin is installed. `flaggems` runs the torch path with FlagGems patching aten underneath,
+so it is listed for every op when FlagGems is installed. The `runs` column resolves --ops (or
+DEEPSERVE_OPS / USE_FLAGGEMS; auto = the device platform's default) as the engine does: an op
+the backend lacks runs the torch reference.
 """
 from __future__ import annotations
 
 import importlib.util
 
+from deepserve.ops.registry import TRITON_ALL
+
+# ops that pick a kernel per shape under the triton backend, and how
+PER_SHAPE = {
+    "linear": "triton: one row -> Triton GEMV; more rows -> Triton GEMM or cuBLAS by the device's "
+              "configs/gemm table; triton-all -> Triton at every shape",
+    "linear_pair": "triton: one row -> one Triton GEMV launch; more rows -> as linear",
+}
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("ops", help="list operators and their backends (torch, triton, flaggems)",
+    p = subparsers.add_parser("ops", help="list operators, their backends (torch, triton, flaggems) and which runs",
                               description=__doc__)
+    p.add_argument("--ops", default=None,
+                   help="The backend to resolve: auto | torch | triton | triton-all | flaggems "
+                        "(default: DEEPSERVE_OPS, USE_FLAGGEMS=1, else auto).")
+    p.add_argument("--device", default="auto", help="Platform whose default backend `auto` means.")
     p.set_defaults(func=run)
 
 
@@ -33,12 +50,35 @@ def op_rows() -> tuple[list[tuple[str, list[str]]], str | None]:
     return rows, note
 
 
+def chosen_backend(ops: str | None, device: str) -> str:
+    """The backend name --ops resolves to, as EngineArgs and the model runner resolve it."""
+    from deepserve.config import EngineArgs
+    from deepserve.platforms import get_platform
+
+    chosen = EngineArgs(ops=ops or "auto", device=device).ops
+    return get_platform(device).default_ops if chosen == "auto" else chosen
+
+
+def runs(op: str, backend: str) -> str:
+    from deepserve.ops.registry import resolve
+
+    if backend == "flaggems":
+        return "torch (aten under FlagGems)"
+    return resolve(op, "triton" if backend == TRITON_ALL else backend)[0]
+
+
 def run(args) -> int:
+    backend = chosen_backend(args.ops, args.device)
     rows, note = op_rows()
     width = max(len(op) for op, _ in rows)
-    print(f"{'op':<{width}}  backends")
+    bwidth = max(len(", ".join(b)) for _, b in rows)
+    print(f"--ops {backend}")
+    print(f"{'op':<{width}}  {'backends':<{bwidth}}  runs")
     for op, backends in rows:
-        print(f"{op:<{width}}  {', '.join(backends)}")
+        print(f"{op:<{width}}  {', '.join(backends):<{bwidth}}  {runs(op, backend)}")
+    if backend in ("triton", TRITON_ALL):
+        for op, how in PER_SHAPE.items():
+            print(f"{op}: {how}")
     if note:
         print(note)
     return 0
