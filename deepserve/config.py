@@ -190,6 +190,75 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
 
 
+SPECULATIVE_METHODS = ("mtp", "ngram")
+# vLLM's other spellings of them
+_SPECULATIVE_ALIASES = {"deepseek_mtp": "mtp", "[ngram]": "ngram"}
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's --speculative-config JSON: draft k tokens per step, verify them in one target forward."""
+
+    method: Optional[str] = None
+    """mtp (DeepSeek-V3/R1's own multi-token-prediction layer; deepseek_mtp is the same) | ngram
+    (prompt lookup). Left out: mtp on a model with an MTP layer (as vLLM)."""
+    num_speculative_tokens: Optional[int] = None
+    """k, drafts per step (mtp: more than its layers reuse the last one); mtp default: the model's
+    num_nextn_predict_layers."""
+    prompt_lookup_min: Optional[int] = None
+    """ngram: the shortest suffix looked up (default: prompt_lookup_max, or 5 when neither is set)."""
+    prompt_lookup_max: Optional[int] = None
+    """ngram: the longest suffix looked up (default: prompt_lookup_min, or 5)."""
+
+    def __post_init__(self):
+        self.method = _SPECULATIVE_ALIASES.get(self.method, self.method)
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of mtp, deepseek_mtp, ngram, "
+                             f"got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"speculative_config {name} must be an integer >= 1, got {value!r}")
+        if self.method == "ngram":
+            if self.num_speculative_tokens is None:
+                raise ValueError("speculative_config method ngram needs num_speculative_tokens")
+            self.prompt_lookup_min = self.prompt_lookup_min or self.prompt_lookup_max or 5
+            self.prompt_lookup_max = self.prompt_lookup_max or self.prompt_lookup_min
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise ValueError(f"speculative_config prompt_lookup_min {self.prompt_lookup_min} exceeds "
+                                 f"prompt_lookup_max {self.prompt_lookup_max}")
+
+    @classmethod
+    def from_json(cls, value: Any) -> "SpeculativeConfig":
+        """From the flag's JSON text or its parsed object; unknown keys are named."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {value!r} ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"known keys: {', '.join(known)}")
+        return cls(**value)
+
+    def for_model(self, hf: HFConfig) -> "SpeculativeConfig":
+        """The method and k settled against the model: mtp needs its MTP layer."""
+        layers = int(hf.get("num_nextn_predict_layers") or 0)
+        method = self.method or ("mtp" if layers else None)
+        if method is None:
+            raise ValueError("speculative_config needs a method (mtp or ngram); this model has no MTP layer "
+                             "(num_nextn_predict_layers is 0) to default to")
+        if method == "mtp" and not layers:
+            raise ValueError(f"speculative_config method mtp needs a model with an MTP layer, but "
+                             f"{hf.get('architectures')} has num_nextn_predict_layers="
+                             f"{hf.get('num_nextn_predict_layers')!r}; use method ngram")
+        return dataclasses.replace(self, method=method, num_speculative_tokens=self.num_speculative_tokens or layers)
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig
@@ -201,6 +270,7 @@ class EngineConfig:
     enforce_eager: bool
     cuda_graph_sizes: list[int]
     async_scheduling: bool = False
+    speculative: Optional[SpeculativeConfig] = None
 
 
 # --------------------------------------------------------------------------- EngineArgs
@@ -317,7 +387,10 @@ class EngineArgs:
     at every shape instead of cuBLAS where cuBLAS measured faster) | flaggems.
     Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
     speculative_config: Optional[dict] = None
-    """JSON, e.g. '{"method": "mtp", "num_speculative_tokens": 1}'."""
+    """Speculative decoding, vLLM's JSON keys: method (mtp | deepseek_mtp | ngram),
+    num_speculative_tokens, prompt_lookup_min, prompt_lookup_max; e.g.
+    '{"method": "mtp", "num_speculative_tokens": 1}' or '{"method": "ngram",
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. Parsed and checked; not run yet."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -366,11 +439,15 @@ class EngineArgs:
             self.hf_overrides = json.loads(self.hf_overrides)
         if self.compilation_config is not None:
             apply_compilation_config(self, self.compilation_config)
-        if isinstance(self.speculative_config, str):
-            self.speculative_config = json.loads(self.speculative_config)
-        if self.speculative_config:
+        if isinstance(self.speculative_config, (str, dict)):
+            self.speculative_config = (SpeculativeConfig.from_json(self.speculative_config)
+                                       if self.speculative_config else None)
+        if self.speculative_config is not None:
+            spec = self.speculative_config.for_model(load_hf_config(self.model, self.hf_overrides))
+            # the values are checked above; the engine step does not run drafts yet
             raise ValueError(f"speculative decoding is not supported yet, got speculative_config="
-                             f"{self.speculative_config!r} (the MTP layer loads, see DeepseekMTP)")
+                             f"{dataclasses.asdict(spec)} (parsed and checked: the rejection sampler and the "
+                             f"n-gram and MTP proposers exist, the engine step does not call them yet)")
 
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)
@@ -408,6 +485,8 @@ class EngineArgs:
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
                             async_scheduling=self.async_scheduling,
+                            speculative=(self.speculative_config.for_model(hf)
+                                         if self.speculative_config is not None else None),
                             cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))
 
     # ----------------------------------------------------------------------- CLI
