@@ -70,3 +70,20 @@ def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k
     assert got.shape == want.shape == (m, n)
     # exact int32 group sums on both sides; only the fp32 rescaling order differs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (7168, 16384)])
+def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
+                            dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
+    got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
+    want = resolve("w4a8_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
+    got = resolve("w4a8_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
