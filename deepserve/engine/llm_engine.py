@@ -28,6 +28,7 @@ from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
+from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
 
 logger = logging.getLogger("deepserve")
@@ -244,6 +245,7 @@ class LLMEngine:
             "kv_cache_capacity_tokens": bm.num_blocks * bm.block_size,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            **call_totals(),  # this rank's op calls, all and as Triton kernels
             **self.stats,
         }
 

@@ -94,7 +94,14 @@ def op_table() -> dict[str, list[str]]:
     return {op: sorted(impls) for op, impls in sorted(_impls.items())}
 
 
+def call_totals() -> dict[str, int]:
+    """Op calls since start in this process, all and those that ran as Triton kernels (what
+    /metrics reports; summed over DP ranks the share stays a share)."""
+    return {"op_calls": sum(call_counts.values()),
+            "triton_op_calls": sum(n for (_, b), n in call_counts.items() if b == "triton")}
+
+
 def triton_share() -> float:
     """Share of op calls since start that ran as Triton kernels."""
-    total = sum(call_counts.values())
-    return sum(n for (_, b), n in call_counts.items() if b == "triton") / total if total else 0.0
+    totals = call_totals()
+    return totals["triton_op_calls"] / totals["op_calls"] if totals["op_calls"] else 0.0

@@ -1,7 +1,8 @@
 """Prometheus metrics at /metrics, through `prometheus_client`: gauges read from the engine
 snapshot at scrape time (running / waiting requests, KV cache usage, free blocks), counters
 (prompt and generation tokens, prefix-cache queries and hits, preemptions, finished requests
-by reason, error responses by status) and latency histograms (time to first token,
+by reason, error responses by status, operator calls and those run as Triton kernels, with
+their share as a gauge) and latency histograms (time to first token,
 inter-token latency, end-to-end latency) fed by AsyncLLM's request listener.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
@@ -39,7 +40,10 @@ COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cach
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens accepted.", "prompt_tokens"),
-            ("generation_tokens", "Tokens generated.", "generation_tokens"))
+            ("generation_tokens", "Tokens generated.", "generation_tokens"),
+            ("op_calls", "Operator calls (deepserve.ops) on the engine's first rank, summed over DP ranks.",
+             "op_calls"),
+            ("triton_op_calls", "Of those, the calls that ran as Triton kernels.", "triton_op_calls"))
 
 
 class _EngineCollector:
@@ -57,6 +61,9 @@ class _EngineCollector:
         queries, hits = snap.get("prefix_cache_queries", 0), snap.get("prefix_cache_hits", 0)
         yield self._family(GaugeMetricFamily, "prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                            hits / queries if queries else 0.0)
+        calls = snap.get("op_calls", 0)
+        yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of operator calls since start that "
+                           "ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
 
     def _family(self, kind, name: str, help_text: str, value: float) -> Metric:
         family = kind(PREFIX + name, help_text, labels=["model_name"])
