@@ -1,11 +1,12 @@
-"""From logits to next tokens: penalties, logit_bias, min_tokens, grammar bitmasks, logprobs,
-then `ops.sample`.
+"""From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, grammar
+bitmasks, logprobs, then `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
 whatever else is in the batch. Logprobs are those of the model's raw distribution (vLLM's
 default), taken before penalties, bias, grammar and temperature. A batch without
-logit_bias or structured-output rows does no extra work and no host-device sync for them.
+logit_bias, allowed_token_ids or structured-output rows does no extra work for them, and none
+of them needs a host-device sync.
 """
 from __future__ import annotations
 
@@ -73,6 +74,21 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     logits.index_put_((index[0], index[1]), to_device_async(vals, torch.float32, logits.device), accumulate=True)
 
 
+def apply_allowed_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """-inf outside each restricted row's allowed_token_ids (small copies, no sync)."""
+    rows, cols, restricted = [], [], []
+    for i, s in enumerate(seqs):
+        if s.params.allowed_token_ids:
+            restricted.append(i)
+            rows += [i] * len(s.params.allowed_token_ids)
+            cols += s.params.allowed_token_ids
+    index = to_device_async([rows, cols], torch.int64, logits.device)
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[index[0], index[1]] = True
+    keep[to_device_async([i for i in range(len(seqs)) if i not in restricted], torch.int64, logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], vocab_size: int):
         self.eos_token_ids = sorted(eos_token_ids)
@@ -126,6 +142,8 @@ class Sampler:
             logits = apply_penalties(logits, seqs)
         if any(s.params.logit_bias for s in seqs):
             apply_logit_bias(logits, seqs)
+        if any(s.params.allowed_token_ids for s in seqs):
+            logits = apply_allowed_tokens(logits, seqs)
         banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
         if banned:

@@ -93,6 +93,8 @@ class SamplingParams:
     """Added to the logits of these token ids before sampling (OpenAI's logit_bias, -100..100)."""
     guided: Optional[GuidedDecoding] = None
     """Structured output: the tokens are constrained by a grammar."""
+    allowed_token_ids: Optional[list[int]] = None
+    """Only these token ids may be sampled (vLLM's allowed_token_ids)."""
     priority: int = 0
     """With scheduling_policy priority: lower runs first (then arrival order), as in vLLM."""
 
@@ -135,6 +137,9 @@ class SamplingParams:
                                  f"{bad[0]}: {bad[1]}")
         else:
             self.logit_bias = None
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids
+                                                   or min(self.allowed_token_ids) < 0):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
 
     @property
     def greedy(self) -> bool:

@@ -33,7 +33,7 @@ _WHY_NOT = {
     "functions": "use tools", "function_call": "use tool_choice",
     "use_beam_search": "beam search is not implemented",
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
-    "allowed_token_ids": "use logit_bias", "bad_words": "use logit_bias",
+    "bad_words": "use logit_bias",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
 }
 
@@ -111,6 +111,8 @@ class _SamplingFields(_Strict):
     logit_bias: Optional[dict[str, float]] = None
     prompt_logprobs: Optional[int] = None
     priority: int = 0
+    allowed_token_ids: Optional[list[int]] = None
+    truncate_prompt_tokens: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
     guided_regex: Optional[str] = None
@@ -180,6 +182,7 @@ class _SamplingFields(_Strict):
             logit_bias=self.token_bias(),
             guided=self.guided(),
             priority=self.priority,
+            allowed_token_ids=self.allowed_token_ids,
         )
 
 
@@ -295,6 +298,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
+    request_id: Optional[str] = None
 
     def max_new_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -96,6 +96,8 @@ class _Prepared:
         self.prompt_text, self.prompt_ids = render_messages(
             state, req.messages, req.tools, req.add_generation_prompt, req.chat_template_kwargs,
             req.add_special_tokens)
+        if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
+            self.prompt_ids = self.prompt_ids[-req.truncate_prompt_tokens:]
         default_max = state.settings.generation_defaults.get("max_tokens")
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
@@ -111,7 +113,7 @@ class _Prepared:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
-        self.id = random_id("chatcmpl")
+        self.id = f"chatcmpl-{req.request_id}" if req.request_id else random_id("chatcmpl")
         self.created = now()
 
     def _tools(self, state: ServerState, req: ChatCompletionRequest) -> None:

@@ -118,10 +118,14 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
             raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown,
                            code="invalid_value")
-    bad = next((t for t in (params.logit_bias or {}) if t >= state.llm.vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",
-                       param="logit_bias", code="invalid_value")
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+        bad = next((t for t in ids if t >= state.llm.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"{name} token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",
+                           param=name, code="invalid_value")
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
+        raise APIError(400, f"truncate_prompt_tokens must be >= 1, got {req.truncate_prompt_tokens}",
+                       param="truncate_prompt_tokens", code="invalid_value")
     return params
 
 

@@ -98,6 +98,8 @@ class _Prepared:
                     raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
                                         f"[0, {state.llm.vocab_size})", param="prompt")
                 self.prompts.append({"prompt": None, "prompt_token_ids": list(p)})
+            if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
+                self.prompts[-1]["prompt_token_ids"] = self.prompts[-1]["prompt_token_ids"][-req.truncate_prompt_tokens:]
             state.check_length(len(self.prompts[-1]["prompt_token_ids"]), req.max_new_tokens())
         try:
             state.llm.check_can_accept()

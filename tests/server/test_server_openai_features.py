@@ -228,3 +228,21 @@ def test_streamed_echo_logprobs_and_max_logprobs(client, demo_server):
     expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT, logprobs=21), "logprobs")
     expect_400(lambda: client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "x"}],
                                                       logprobs=True, top_logprobs=21), "top_logprobs")
+
+
+def test_allowed_token_ids_truncation_and_request_id(client, demo_server):
+    allowed = tokenize(demo_server, " cat dog")[1:]
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=2,
+                                  logprobs=0, extra_body={"allowed_token_ids": allowed})
+    ids = tokenize(demo_server, PROMPT + r.choices[0].text)[len(tokenize(demo_server, PROMPT)):]
+    assert ids and set(ids) <= set(allowed)
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT,
+                                                 extra_body={"allowed_token_ids": [9999]}), "allowed_token_ids")
+    full = tokenize(demo_server, PROMPT)
+    cut = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=3, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 4})
+    ref = client.completions.create(model="stories260k", prompt=full[-4:], max_tokens=3, temperature=0)
+    assert cut.usage.prompt_tokens == 4 and cut.choices[0].text == ref.choices[0].text
+    r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=1, extra_body={"request_id": "abc"})
+    assert r.id == "chatcmpl-abc"
