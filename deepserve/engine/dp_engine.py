@@ -5,7 +5,8 @@ the first rank of each DP rank (its TP 0 / PP 0 rank) runs an `EngineCore` with 
 scheduler, KV pool, sampler and `LLMEngine` (tokenization checks, detokenization and stop
 handling for its requests); the other ranks of the DP rank run the steps their core
 publishes to them. The front end places each request on the least-loaded DP rank (fewest
-unfinished sequences, then KV use) and merges the cores' outputs.
+unfinished sequences, then KV use; a rank that recently got the same prompt prefix keeps it
+unless much busier: `RankPlacement`) and merges the cores' outputs.
 
 Front end and cores talk over ZeroMQ (PUSH/PULL over ipc:// sockets, pickled messages): a
 request goes to one core; each core pushes its outputs and a few gauges after every step.
@@ -30,6 +31,7 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
@@ -162,6 +164,45 @@ def _connect(ctx, kind, address: str, bind: bool):
     sock.setsockopt(zmq.LINGER, 0)
     (sock.bind if bind else sock.connect)(address)
     return sock
+
+
+# ---------------------------------------------------------------- placement
+class RankPlacement:
+    """Which DP rank a new request goes to: the least loaded (unfinished sequences, then KV
+    use, then the lowest rank), unless a rank was recently given a request with the same
+    prompt prefix (whole KV blocks) and is at most `slack` sequences busier than the least
+    loaded: it likely still holds that prefix in its cache. Prefixes are remembered by a
+    chained hash per block (placement only: a collision costs a cache miss, never a wrong
+    output), the most recent `remember` blocks."""
+
+    def __init__(self, dp_size: int, block_size: int, slack: int = 4, remember: int = 1 << 16):
+        self.load = [0] * dp_size
+        self.block_size, self.slack, self.remember = block_size, slack, remember
+        self._prefix: OrderedDict[int, int] = OrderedDict()   # chained block hash -> rank
+
+    def _chain(self, prompt_ids: list[int]) -> list[int]:
+        keys, key, bs = [], 0, self.block_size
+        for start in range(0, len(prompt_ids) - bs + 1, bs):
+            key = hash((key, tuple(prompt_ids[start:start + bs])))
+            keys.append(key)
+        return keys
+
+    def choose(self, prompt_ids: list[int], n: int, kv_usage: list[float]) -> int:
+        """Place a request of `n` sequences; returns its rank."""
+        least = min(range(len(self.load)), key=lambda r: (self.load[r], kv_usage[r], r))
+        keys = self._chain(prompt_ids)
+        holder = next((self._prefix[k] for k in reversed(keys) if k in self._prefix), None)
+        rank = holder if holder is not None and self.load[holder] <= self.load[least] + self.slack else least
+        for k in keys:
+            self._prefix[k] = rank
+            self._prefix.move_to_end(k)
+        while len(self._prefix) > self.remember:
+            self._prefix.popitem(last=False)
+        self.load[rank] += n
+        return rank
+
+    def finished(self, rank: int, n: int) -> None:
+        self.load[rank] -= n
 
 
 # ---------------------------------------------------------------- where ranks run
@@ -479,7 +520,7 @@ class DataParallelEngine(LLMEngine):
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         self.scheduler = _Placement(self)
         self._rank_of: dict[str, int] = {}
-        self._load = [0] * self.dp_size                  # unfinished sequences placed on each rank
+        self.placement = RankPlacement(self.dp_size, self.config.cache.block_size)
         self._gauges: list[dict] = [{} for _ in range(self.dp_size)]
         self._outs: dict[str, RequestOutput] = {}       # each unfinished request's latest output
         self._pending: list[CoreOutputs] = []          # read while waiting for something else
@@ -511,12 +552,10 @@ class DataParallelEngine(LLMEngine):
 
     # ------------------------------------------------------------------ requests
     def _place(self, seq) -> None:
-        rank = self._rank_of.get(seq.request_id)
-        if rank is None:
-            rank = min(range(self.dp_size), key=lambda r: (self._load[r], self._gauges[r].get("kv_cache_usage", 0), r))
-            self._rank_of[seq.request_id] = rank
-        self._load[rank] += 1
+        """Send a request to a DP rank once (with its first sequence; the core makes all n)."""
         if seq.index == 0:
+            kv = [g.get("kv_cache_usage", 0.0) for g in self._gauges]
+            rank = self._rank_of[seq.request_id] = self.placement.choose(seq.token_ids, seq.params.n, kv)
             params = seq.params
             if getattr(params, "guided", None) is not None and params.guided.compiled is not None:
                 import dataclasses  # the core compiles its own grammar (compiled ones do not pickle)
@@ -537,7 +576,7 @@ class DataParallelEngine(LLMEngine):
         state = self.requests.pop(request_id, None)
         self._outs.pop(request_id, None)
         if rank is not None and state is not None:
-            self._load[rank] -= len(state.seqs)
+            self.placement.finished(rank, len(state.seqs))
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         rank = self._rank_of.get(request_id)
