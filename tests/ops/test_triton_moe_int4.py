@@ -1,6 +1,7 @@
 """4-bit routed experts (W4A16 fused MoE): the torch op equals the 16-bit fused MoE holding the
 dequantized weights exactly; the Triton small-batch kernels match the torch op under the
-interpreter (zero points or symmetric, group or channel scales, ids of other EP ranks, bf16)."""
+interpreter, small-batch and sorted paths (zero points or symmetric, group or channel scales,
+ids of other EP ranks, bf16)."""
 from __future__ import annotations
 
 import pytest
@@ -42,15 +43,20 @@ def test_torch_op_equals_the_16bit_fused_moe_on_dequantized_weights():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("groups,zeros,dtype", [((32, 16), True, torch.float32), ((D, I), False, torch.float32),
-                                                ((16, 48), True, torch.bfloat16)])
-def test_small_batch_kernels_match_the_torch_op(triton_ops, cpu_only, groups, zeros, dtype):
+@pytest.mark.parametrize("path,groups,zeros,dtype", [
+    ("small", (32, 16), True, torch.float32), ("small", (16, 48), True, torch.bfloat16),
+    ("sorted", (D, I), False, torch.float32), ("sorted", (32, 16), True, torch.bfloat16)])
+def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, groups, zeros, dtype):
+    """The per-assignment GEMV kernels and the sorted grouped GEMMs (forced here by
+    setting the small-batch bound to 0) at 2 tokens."""
+    if path == "sorted":
+        monkeypatch.setattr(triton_ops.moe_int4, "SMALL_BATCH", 0)
     ops = _experts(groups, zeros, seed=3)
-    x = torch.randn(3, D).to(dtype)
-    wts, ids = _routing(3, 2, seed=4, foreign=True)
+    x = torch.randn(2, D).to(dtype)
+    wts, ids = _routing(2, 2, seed=4, foreign=True)
     want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
     got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
-    assert got.shape == want.shape == (3, D) and got.dtype == dtype
+    assert got.shape == want.shape == (2, D) and got.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:

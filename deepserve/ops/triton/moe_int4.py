@@ -13,8 +13,11 @@ and the k slots of each token are summed. Assignments to experts outside [0, E) 
 rank's) give zero rows. Rounding follows the reference: gate and up rounded to x's dtype
 before silu * up, h rounded to x's dtype before the down projection.
 
-Large batches (prefill) go to the torch op here: a sorted grouped GEMM over 4-bit experts,
-like the 16-bit and fp8 sorted paths of ops/triton/fused_moe.py, is not written yet.
+Larger batches take the sorted path: the assignments sorted by expert into BLOCK_M-row blocks
+(ops/triton/moe_align.py, as the 16-bit and fp8 fused MoE), then two grouped GEMMs whose
+programs each multiply one block's gathered rows by tiles of its expert's weight dequantized
+in registers (`tl.dot`): gate and up together with silu(gate) * up in the epilogue, then down;
+the k slots of each token are summed with their routing weights in fp32.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ import triton.language as tl
 from deepserve.ops.moe_int4 import check_moe_int4_operands
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import interpreting, next_pow2
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
 from deepserve.ops.triton.int4_gemm import _dequant_tile
+from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run
 
@@ -98,6 +102,106 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, E, I, D,
     tl.store(y_rows, y * tl.load(wts_ptr + a).to(tl.float32), mask=row_ok)
 
 
+@triton.jit
+def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, N,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's block: its expert (E past the last segment), assignment rows (n_assign is
+    padding) and their mask, the expert's weight / scale / zero pointers, the output columns."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = rows < n_assign
+    e = expert.to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (expert, tl.where(row_ok, rows, 0).to(tl.int64), row_ok, qw_ptr + e * stride_qe, s_ptr + e * stride_se,
+            z_ptr + e * stride_se, offs_n, offs_n < N)
+
+
+@triton.jit
+def _expert_tile_dot(a, acc, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP: tl.constexpr,
+                     HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+    """acc + a [BM, BK] @ W[offs_n, offs_k]^T, W dequantized and rounded to the activations' dtype."""
+    w = _dequant_tile(qw, s, z, qw, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn, GROUP, HAS_ZP, False,
+                      ONE_GROUP)
+    return tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
+
+
+@triton.jit
+def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, h_ptr, n_assign, E, I, D,
+                           top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ha,
+                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    expert, rows, row_ok, qw, s, z, offs_n, n_ok = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, I, BLOCK_M, BLOCK_N)
+    if expert < E:
+        x_rows = x_ptr + (rows // top_k) * stride_xt
+        dt = h_ptr.dtype.element_ty
+        gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < D
+            a = tl.load(x_rows[:, None] + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            gate = _expert_tile_dot(a, gate, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                    HAS_ZP, ONE_GROUP, DOT_DTYPE, dt)
+            up = _expert_tile_dot(a, up, qw, s, z, offs_n + I, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                  HAS_ZP, ONE_GROUP, DOT_DTYPE, dt)
+        gate = gate.to(dt).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        tl.store(h_ptr + rows[:, None] * stride_ha + offs_n[None, :], (silu * up.to(dt).to(tl.float32)).to(dt),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, n_assign, E, I, D,
+                        stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ya,
+                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    expert, rows, row_ok, qw, s, z, offs_n, n_ok = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, D, BLOCK_M, BLOCK_N)
+    if expert < E:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < I
+            a = tl.load(h_ptr + rows[:, None] * stride_ha + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc = _expert_tile_dot(a, acc, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                   HAS_ZP, ONE_GROUP, DOT_DTYPE, h_ptr.dtype.element_ty)
+        tl.store(y_ptr + rows[:, None] * stride_ya + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups):
+    num_tokens, top_k = topk_ids.shape
+    e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
+    n_assign = num_tokens * top_k
+    if interpreting():
+        bm, bn, cap, warps = 16, 16, 32, 1
+    else:
+        bm, bn, cap, warps = 64, 64, 64, 4
+    aligned = align_by_expert(topk_ids, e, bm)
+    h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
+    y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)       # rows of other EP ranks stay 0
+    common = dict(DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    bk = min(cap, next_pow2(d))
+    _sorted_gate_up_kernel[(aligned.num_blocks, triton.cdiv(i, bn))](
+        x, aligned.sorted_ids, aligned.block_expert, w13, w13_scales,
+        w13_zeros if w13_zeros is not None else w13_scales, h, n_assign, e, i, d, top_k, x.stride(0),
+        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1), h.stride(0),
+        GROUP=groups[0], HAS_ZP=w13_zeros is not None, ONE_GROUP=groups[0] % bk == 0, BLOCK_K=bk, **common)
+    bk = min(cap, next_pow2(i))
+    _sorted_down_kernel[(aligned.num_blocks, triton.cdiv(d, bn))](
+        h, aligned.sorted_ids, aligned.block_expert, w2, w2_scales, w2_zeros if w2_zeros is not None else w2_scales,
+        y, n_assign, e, i, d, h.stride(0), w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None, ONE_GROUP=groups[1] % bk == 0, BLOCK_K=bk,
+        **common)
+    weighted = y.float().view(num_tokens, top_k, d) * topk_weights.float()[..., None]
+    return weighted.sum(1).to(x.dtype)
+
+
 def _settings(k: int, group: int) -> tuple[int, int, bool, int]:
     """(BLOCK_N, BLOCK_K, ONE_GROUP, num_warps)."""
     if interpreting():
@@ -114,10 +218,12 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int]) -> torch.Tensor:
     args = (x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups)
     num_tokens, top_k = topk_ids.shape
-    if (not (x.is_cuda or interpreting()) or num_tokens * top_k > SMALL_BATCH or num_tokens == 0
+    if (not (x.is_cuda or interpreting()) or num_tokens == 0
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
         return fused_moe_int4_torch(*args)
     check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups)
+    if num_tokens * top_k > SMALL_BATCH:
+        return _sorted_path(x.contiguous(), *args[1:])
     e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
     x = x.contiguous()
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
