@@ -154,12 +154,22 @@ class BlockManager:
                 self.hash_of[block] = parent
 
     def free_seq(self, seq: Sequence) -> None:
-        # release in reverse so a sequence's tail blocks are evicted before its prefix
-        for b in reversed(seq.block_table):
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back `seq`'s blocks past those its first `num_tokens` tokens occupy (speculative
+        decoding: blocks allocated for drafts that were rejected; they hold no registered key)."""
+        keep = -(-num_tokens // self.block_size)
+        self._release(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
+    def _release(self, blocks: list[int]) -> None:
+        # in reverse so a sequence's tail blocks are evicted before its prefix
+        for b in reversed(blocks):
             self.ref_counts[b] -= 1
             assert self.ref_counts[b] >= 0, f"block {b} freed twice"
             if self.ref_counts[b] == 0:
                 self.free[b] = None
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0

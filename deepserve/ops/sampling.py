@@ -17,7 +17,16 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            min_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """logits [B, V] fp32; temperature/top_p/min_p [B] fp32; top_k [B] int (0 = off);
     noise [B, V] Exp(1) draws -> token ids [B] (int64)."""
-    greedy_ids = logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+
+
+def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                   min_p: torch.Tensor) -> torch.Tensor:
+    """The distribution `sample` draws from, [B, V], normalised (the rejection sampler of
+    speculative decoding needs it); rows with temperature 0 get the temperature-1 distribution
+    (their callers take the argmax)."""
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logits = logits / temp[:, None]
     vocab = logits.shape[-1]
@@ -34,5 +43,4 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     probs = logits.softmax(dim=-1)
     # min-p: drop tokens below min_p x the top probability (min_p = 0 drops nothing)
     probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-    sampled = (probs / noise).argmax(dim=-1)
-    return torch.where(temperature > 0, sampled, greedy_ids)
+    return probs / probs.sum(dim=-1, keepdim=True)

@@ -1,0 +1,160 @@
+"""Speculative decoding in the engine step: drafts per sequence, the verify step's flat inputs
+(k + 1 positions per drafting sequence beside ordinary prefill chunks and decodes), the
+rejection sampler over their logits, and the KV of rejected positions given back.
+
+One step of a sequence with drafts d_1..d_k (its last token t not yet in the cache):
+
+    inputs  t, d_1, ..., d_k  at positions L-1 .. L-1+k      (KV written for all of them)
+    logits  k + 1 rows -> rejection_sample -> d_1..d_a, then one recovered/bonus token
+    after   num_computed_tokens = L + a: the KV of the rejected d_{a+1}..d_k lies past it and is
+            overwritten later; whole blocks past it go back to the pool (`release_rejected`)
+
+Only full blocks of accepted tokens reach the prefix cache (the block manager registers up to
+num_computed_tokens), so the cache never holds a rejected token's KV.
+
+Requests whose sampling reads the host's token history (penalties, min_tokens, grammars) or
+that return logprobs get no drafts and decode as before: their per-position processing would
+depend on the drafts before each position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from deepserve.config import SpeculativeConfig
+from deepserve.engine.input_staging import to_device_async
+from deepserve.engine.ngram_proposer import NgramProposer
+from deepserve.engine.rejection_sampler import rejection_sample
+from deepserve.engine.sequence import Sequence
+from deepserve.engine.step_inputs import StepInputs
+from deepserve.ops.sampling import sampling_probs
+
+
+@dataclass
+class SpecStats:
+    """vLLM's spec_decode counters: drafts (sequences that drafted), draft tokens, accepted
+    tokens, and accepted tokens per draft position."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        if not num_draft:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_draft:
+            self.accepted_per_position += [0] * (num_draft - len(self.accepted_per_position))
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per drafting step: 1 + accepted drafts, on average (vLLM's log line)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
+def can_speculate(seq: Sequence) -> bool:
+    p = seq.params
+    return not (p.needs_host_history or p.logit_bias or getattr(p, "allowed_token_ids", None))
+
+
+def verify_inputs(seqs: list[Sequence], num_new: list[int], drafts: list[list[int]], block_size: int
+                  ) -> tuple[StepInputs, list[int]]:
+    """The flat batch of one step: each sequence's `num_new` tokens from num_computed_tokens,
+    then its drafts (blocks already allocated for them). One-token rows go first (the attention
+    and MLA kernels split the batch there). Returns (inputs, the sequence order used); a
+    sequence whose tokens reach its end gets logits rows for its last token and each draft."""
+    order = sorted(range(len(seqs)), key=lambda i: num_new[i] + len(drafts[i]) != 1)
+    ids, positions, q_lens, seq_lens, rows, tables = [], [], [], [], [], []
+    for i in order:
+        seq, n, d = seqs[i], num_new[i], drafts[i]
+        start = seq.num_computed_tokens
+        toks = seq.token_ids[start:start + n] + d
+        offset = len(ids)
+        ids += toks
+        positions.append(np.arange(start, start + len(toks)))
+        q_lens.append(len(toks))
+        seq_lens.append(start + len(toks))
+        if start + n == seq.num_tokens:
+            rows += range(offset + n - 1, offset + len(toks))
+        tables.append(seq.block_table)
+    pos = np.concatenate(positions)
+    width = max(len(t) for t in tables)
+    padded = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)
+    owner = np.repeat(np.arange(len(order)), q_lens)
+    slots = padded[owner, pos // block_size] * block_size + pos % block_size
+    inputs = StepInputs(ids=ids, positions=pos, slots=slots, q_lens=q_lens, seq_lens=seq_lens,
+                        tables=padded.tolist(), logits_rows=rows, num_decodes=sum(1 for q in q_lens if q == 1))
+    return inputs, order
+
+
+class SpecDecoder:
+    """Drafts and verification for one engine core (n-gram drafts; MTP drafts come from
+    engine/mtp_proposer.py once the runner hands out hidden states)."""
+
+    def __init__(self, spec: SpeculativeConfig, max_model_len: int):
+        if spec.method != "ngram":
+            raise ValueError(f"speculative method {spec.method!r} does not run in the engine step yet (ngram does)")
+        self.k = spec.num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, self.k, max_model_len)
+        self.stats = SpecStats()
+
+    def propose(self, seq: Sequence) -> list[int]:
+        """Drafts for `seq`'s next step, never more than its max_tokens and context leave room
+        for after the step's own token."""
+        if not can_speculate(seq):
+            return []
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+        return self.proposer.propose(seq.token_ids)[:max(0, room)]
+
+    @torch.inference_mode()
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
+        """logits [sum(len(d) + 1), V]: each sequence's rows in order -> the tokens each sequence
+        emits (its accepted drafts, then one more)."""
+        dev, vocab = logits.device, logits.shape[1]
+        logits = logits.float()
+        k = max(len(d) for d in drafts)
+        n = len(seqs)
+        counts = [len(d) + 1 for d in drafts]
+        # rows of the padded [S, k+1] layout that hold a logits row
+        seq_of = np.repeat(np.arange(n), counts)
+        col_of = np.concatenate([np.arange(c) for c in counts])
+        knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
+                                 for s in seqs], torch.float64, dev)
+        per_row = knobs[to_device_async(seq_of, torch.int64, dev)]                  # [rows, 4]
+        probs = sampling_probs(logits, per_row[:, 0].float(), per_row[:, 1].long(), per_row[:, 2].float(),
+                               per_row[:, 3].float())
+        # (greedy rows: their argmax is the logits' argmax)
+        greedy = to_device_async([s.params.greedy for s in seqs], torch.bool, dev)
+        target = probs.new_zeros(n, k + 1, vocab)
+        target[to_device_async(seq_of, torch.int64, dev), to_device_async(col_of, torch.int64, dev)] = probs
+        draft_ids = to_device_async([d + [0] * (k - len(d)) for d in drafts], torch.int64, dev).view(n, k)
+        uniform, noise = self._draws(seqs, k, vocab, dev)
+        out = rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
+                               greedy, uniform, noise).to_lists()
+        for d, toks in zip(drafts, out):
+            self.stats.record(len(d), len(toks) - 1)
+        return out
+
+    @staticmethod
+    def _draws(seqs: list[Sequence], k: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """U(0,1) [S, k] and Exp(1) [S, k+1, V]; a seeded request draws from its own generator."""
+        uniform = torch.rand(len(seqs), k, device=dev)
+        noise = torch.empty(len(seqs), k + 1, vocab, device=dev).exponential_(1)
+        for i, s in enumerate(seqs):
+            if s.generator is not None:
+                uniform[i] = torch.rand(k, generator=s.generator).to(dev)
+                noise[i] = torch.empty(k + 1, vocab).exponential_(1, generator=s.generator).to(dev)
+        return uniform, noise
+
+
+def release_rejected(block_manager, seq: Sequence) -> None:
+    """Give back the blocks past what `seq`'s computed tokens occupy (allocated for drafts
+    that were rejected)."""
+    block_manager.trim(seq, seq.num_computed_tokens)

@@ -1,0 +1,131 @@
+"""Speculative decoding steps (engine/spec_decode.py) on the real stories260k model, driven
+through the runner and block manager of an engine: n-gram drafts verified over k + 1
+positions per sequence in one flat batch give greedy output token for token equal to plain
+decoding (and accept drafts: the stories repeat), rejected positions' blocks go back to the
+pool, and sampled first tokens follow the target distribution."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepserve import LLM, SamplingParams
+from deepserve.config import SpeculativeConfig
+from deepserve.engine.sequence import Sequence
+from deepserve.engine.spec_decode import SpecDecoder, can_speculate, verify_inputs
+from deepserve.engine.step_inputs import StepMessage
+from deepserve.ops.sampling import sampling_probs
+
+NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=2, prompt_lookup_max=4)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(block_size=4, enable_prefix_caching=False)
+
+
+def speculative_generate(engine, prompts: list[list[int]], params: list[SamplingParams], spec=NGRAM):
+    """Every sequence advanced together: the first step prefills the prompts, later steps
+    verify each sequence's last token plus its n-gram drafts. Returns (output ids, stats)."""
+    runner, bm = engine.runner, engine.block_manager
+    decoder = SpecDecoder(spec, engine.max_model_len)
+    seqs = [Sequence(f"s{i}", 0, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    for s in seqs:
+        bm.allocate(s, 0)
+    live = list(seqs)
+    drafts = [[] for _ in live]
+    while live:
+        num_new = [s.num_tokens - s.num_computed_tokens for s in live]
+        for s, n, d in zip(live, num_new, drafts):
+            bm.append_slots(s, s.num_computed_tokens + n + len(d))
+        inputs, order = verify_inputs(live, num_new, drafts, bm.block_size)
+        logits = runner.run_step(StepMessage(inputs))
+        ordered = [live[i] for i in order]
+        emitted = decoder.verify(logits, ordered, [drafts[i] for i in order])
+        for i, toks in zip(order, emitted):
+            s = live[i]
+            s.num_computed_tokens += num_new[i] + len(toks) - 1
+            bm.trim(s, s.num_computed_tokens)
+            assert len(s.block_table) == -(-s.num_computed_tokens // bm.block_size)
+            for t in toks:
+                s.token_ids.append(t)
+                if s.num_output_tokens >= s.params.max_tokens or (
+                        t in engine.eos_token_ids and not s.params.ignore_eos):
+                    s.finish_reason = "done"
+                    break
+        for s in [s for s in live if s.finish_reason]:
+            bm.free_seq(s)
+        live = [s for s in live if not s.finish_reason]
+        drafts = [decoder.propose(s) for s in live]
+    return [s.output_token_ids for s in seqs], decoder.stats
+
+
+def story_prompts(llm):
+    tok = llm.get_tokenizer()
+    return [tok.encode(t) for t in ("Once upon a time", "Tom and Lily went to the park. Tom and Lily",
+                                    "The dog saw a big red ball. The dog")]
+
+
+def test_greedy_ngram_speculation_equals_plain_decoding(llm):
+    prompts = story_prompts(llm)
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (48, 40, 40)]
+    plain = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    engine = llm.engine
+    got, stats = speculative_generate(engine, prompts, params)
+    assert got == plain
+    # the stories repeat themselves: drafts are made and some accepted, never more than made
+    assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens <= stats.num_draft_tokens
+    assert stats.accepted_per_position[0] >= stats.accepted_per_position[-1]
+    assert sum(stats.accepted_per_position) == stats.num_accepted_tokens
+    assert stats.mean_acceptance_length > 1.0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_requests_that_read_history_get_no_drafts(llm):
+    prompts = story_prompts(llm)[:2]
+    params = [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=30, logprobs=2)]
+    assert not any(can_speculate(Sequence("x", 0, [1], p)) for p in params)
+    got, stats = speculative_generate(llm.engine, prompts, [SamplingParams(temperature=0, max_tokens=30)] * 2)
+    assert stats.num_drafts > 0
+    _, none = speculative_generate(llm.engine, prompts[:1], params[1:])
+    assert none.num_drafts == 0
+
+
+def test_sampled_first_tokens_follow_the_target(llm):
+    """A repetitive prompt's verify rows (last prompt token + 3 n-gram drafts), verified for
+    2000 sampled copies (temperature 0.8, top-p 0.95): the emitted first token's histogram
+    against the target distribution, by chi-square over the 8 likeliest tokens and the rest."""
+    engine = llm.engine
+    prompt = story_prompts(llm)[1]
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=10)
+    decoder = SpecDecoder(NGRAM, engine.max_model_len)
+    n = 2000
+    seq = Sequence("p", 0, prompt, params)
+    d = decoder.propose(seq)
+    assert len(d) == 3
+    bm = engine.block_manager
+    bm.allocate(seq, len(prompt) + len(d))
+    try:
+        inputs, _ = verify_inputs([seq], [len(prompt)], [d], bm.block_size)
+        logits = engine.runner.run_step(StepMessage(inputs))                   # [4, V]
+    finally:
+        bm.free_seq(seq)
+    # n copies of the sequence at this step, each verified with its own draws
+    torch.manual_seed(0)
+    copies = [Sequence(f"r{i}", 0, prompt, params) for i in range(n)]
+    first = torch.tensor([t[0] for t in decoder.verify(logits.repeat(n, 1), copies, [d] * n)])
+    target = sampling_probs(logits[:1].float(), torch.tensor([0.8]), torch.tensor([0]), torch.tensor([0.95]),
+                            torch.tensor([0.0]))[0]
+    top = target.topk(8).indices
+    observed = torch.stack([(first == t).sum() for t in top] + [(~torch.isin(first, top)).sum()]).float()
+    expected = torch.cat((target[top], (1 - target[top].sum()).view(1))) * n
+    keep = expected > 0
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    df = int(keep.sum()) - 1
+    a = 2.0 / (9.0 * df)
+    assert chi2 < df * (1.0 - a + 3.09 * math.sqrt(a)) ** 3      # the 0.999 quantile
+    # the first draft was accepted about as often as the target gives it
+    p_draft = float(target[d[0]])
+    assert abs(float((first == d[0]).float().mean()) - p_draft) < 4 * math.sqrt(p_draft * (1 - p_draft) / n) + 1e-3
