@@ -18,9 +18,8 @@ from tests.server.conftest import launch
 
 pytestmark = pytest.mark.slow   # each starts a server of one or two ranks (seconds of imports)
 GREEDY = dict(temperature=0)
-# speculative decoding is issue 18 (docs/GUIDES.md); the tiny checkpoint is bf16, not msModelSlim's
-# W8A8 (--quantization ascend)
-ASCEND_PENDING = {"--speculative-config": None, "--quantization": None}
+# speculative decoding is issue 18 (docs/GUIDES.md)
+ASCEND_PENDING = {"--speculative-config": None}
 
 
 def guide(reference, name):
@@ -102,15 +101,31 @@ def test_mindspore_tp_pp_uneven_fp16(reference, tiny_r1, monkeypatch):
         stop_cleanly(server)
 
 
-def test_vllm_ascend_dp_ep_compilation_config_and_bench(reference, tiny_r1, fp32_engine, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_r1_w8a8(tiny_r1, tmp_path_factory):
+    """The tiny R1 as vllm-ascend's DeepSeek-R1-W8A8 is stored: msModelSlim W8A8 (int8 weights,
+    quant_model_description.json)."""
+    from deepserve.quant import quantize_checkpoint
+    from tests.quant.test_modelslim import to_modelslim
+
+    root = tmp_path_factory.mktemp("w8a8")
+    quantize_checkpoint(tiny_r1, root / "ct", "w8a8-int8", progress=False)
+    return to_modelslim(root / "ct", root / "DeepSeek-R1-W8A8")
+
+
+def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, tmp_path):
     cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
-    argv = set_flags(set_model(cmd, str(tiny_r1)), {**ASCEND_PENDING, "--data-parallel-size": 2,
+    argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {**ASCEND_PENDING, "--data-parallel-size": 2,
                                                     "--tensor-parallel-size": 1, "--max-model-len": 256,
                                                     "--max-num-batched-tokens": 256})
     ((_, body),) = curl_bodies(reference / "vllm-ascend-w8a8.md")
     assert body == {"model": "deepseek_r1", "prompt": "The future of AI is", "max_completion_tokens": 50,
                     "temperature": 0}
-    expected = greedy_text(fp32_engine, body["prompt"], 50)
+    w8a8 = engine(tiny_r1_w8a8, quantization="ascend")
+    try:
+        expected = greedy_text(w8a8, body["prompt"], 50)
+    finally:
+        w8a8.engine.shutdown()
     server = launch(*argv[1:])
     try:
         # the openai client's completions.create has no max_completion_tokens: sent as written
@@ -119,10 +134,10 @@ def test_vllm_ascend_dp_ep_compilation_config_and_bench(reference, tiny_r1, fp32
         assert (r.choices[0].text, r.usage.completion_tokens, r.model) == (expected, 50, "deepseek_r1")
 
         # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
-        bench = set_flags(set_model(bench_serve, str(tiny_r1)), {"--random-input": 16, "--num-prompts": 3,
+        bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {"--random-input": 16, "--num-prompts": 3,
                                                                  "--request-rate": 50, "--result-dir": str(tmp_path)})
         assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
-        (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-*.json")
+        (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-W8A8-*.json")
         result = json.loads(saved.read_text())
         assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
     finally:
