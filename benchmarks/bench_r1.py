@@ -234,6 +234,7 @@ def case_experts(args, rows: list) -> None:
     save(rows, args, f"{tag}_memory_after_load", mem.after_load / GIB, "GiB", None,
          {"bytes": mem.after_load, "peak_during_load_bytes": mem.peak, "model_param_bytes": total_params,
           "allocated_engine_up_bytes": after, **kv_pool(llm), "startup": llm.engine.runner.timings})
+    kv_tokens_figure(rows, args, llm, tag)
     be.REPEATS = max(1, args.repeats)
     for b in batches:
         new = args.new_tokens if b == 1 else max(2, args.new_tokens // 2)
@@ -246,15 +247,20 @@ def case_experts(args, rows: list) -> None:
 
 
 # ----------------------------------------------------------------------------- KV cache
+def kv_tokens_figure(rows: list, args, llm: LLM, tag: str) -> None:
+    """KV tokens the engine's pool holds (num_blocks x block_size) and its bytes."""
+    pool = kv_pool(llm)
+    save(rows, args, f"{tag}_kv_{args.kv_cache_dtype}_tokens", pool["kv_tokens"], "tokens", None,
+         {**pool, "gpu_memory_utilization": args.gpu_memory_utilization,
+          "max_model_len": llm.engine.max_model_len, "kv_cache_dtype": args.kv_cache_dtype,
+          "bytes_per_block": llm.engine.runner.bytes_per_block()})
+
+
 def case_kvcache(args, rows: list) -> None:
     n_moe = moe_layers(args)
-    tag = f"{label(args, n_moe)}_kv_{args.kv_cache_dtype}"
     llm = LLM("deepseek-r1", max_model_len=args.max_model_len, max_num_seqs=256, cuda_graph_sizes=[1],
               **engine_kwargs(args, n_moe))
-    pool = kv_pool(llm)
-    save(rows, args, f"{tag}_tokens", pool["kv_tokens"], "tokens", None,
-         {**pool, "gpu_memory_utilization": args.gpu_memory_utilization, "max_model_len": args.max_model_len,
-          "kv_cache_dtype": args.kv_cache_dtype, "bytes_per_block": llm.engine.runner.bytes_per_block()})
+    kv_tokens_figure(rows, args, llm, label(args, n_moe))
     be.release(llm)
 
 
@@ -385,6 +391,14 @@ def case_table(args, rows: list) -> None:
                      "target": TARGETS["fp8_over_bf16_b1"] if batch == "1" else None}
             (Path(args.out_dir) / f"{PREFIX}{name}.json").write_text(json.dumps(entry, indent=2))
             found.append(entry)
+    for r in list(found):
+        fp8 = by_name.get(r["name"].replace("_kv_auto_tokens", "_kv_fp8_tokens"))
+        if r["name"].endswith("_kv_auto_tokens") and fp8 is not None:
+            name = r["name"].replace("_kv_auto_tokens", "_kv_fp8_over_auto_tokens")
+            entry = {**{k: fp8[k] for k in ("device", "date")}, "name": name, "value": fp8["value"] / r["value"],
+                     "unit": "x", "roofline_value": None, "ratio": None, "target": TARGETS["kv_tokens"]}
+            (Path(args.out_dir) / f"{PREFIX}{name}.json").write_text(json.dumps(entry, indent=2))
+            found.append(entry)
     print("\n| figure | value | of roofline | device |\n|---|---|---|---|")
     for r in found:
         print(fmt(r))
@@ -407,7 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256, help="tokens decoded at batch 1 (half at larger)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per decode figure (median)")
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: R1's 163840, so the KV pool is sized by memory alone")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (serve)")
     ap.add_argument("--serve-start-s", type=float, default=420)

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 16 figures on one GPU (benchmarks/bench_r1.py), each engine in its own process.
-#   benchmarks/gpu_issue16.sh experts TOKENIZER_FOLDER   # fp8 big cut, fp8 + bf16 on the compare cut, serve
-#   benchmarks/gpu_issue16.sh kv                         # MLA decode bf16 vs fp8 KV, KV tokens auto vs fp8
+#   benchmarks/gpu_issue16.sh all [TOKENIZER_FOLDER]  # fp8 big cut (with its KV tokens), MLA decode over
+#       bf16 / fp8 KV, fp8 + bf16 on the compare cut, KV tokens with an fp8 pool, serve (with a tokenizer)
+#   benchmarks/gpu_issue16.sh kv                      # MLA decode bf16 vs fp8 KV, KV tokens auto vs fp8
 # Serve needs the server's wheels in $WHL (default .whl: fastapi, starlette, uvicorn, pydantic,
 # pydantic_core, annotated_types, typing_inspection, typing_extensions). Logs and the result
 # JSONs are tarred into $OUT (logs.tgz, results.tgz); the table of figures is printed last.
@@ -21,24 +22,27 @@ step() {  # step NAME SECONDS ARGS...: bench_r1.py with at most SECONDS (less if
   echo "== $name rc $? $((SECONDS - t0)) s (limit $lim)"
   grep -E "^\| [a-z]" "$LOGS/$name.txt" | grep -v "^| figure"
 }
+# the engine takes --kv-cache-dtype (else the fp8-KV steps are skipped)
+python3 -c "from deepserve.config import EngineArgs; EngineArgs(kv_cache_dtype='fp8')" 2>/dev/null && KV=1 || KV=
 case "$1" in
-experts)
+experts|all)                            # in order of importance: a short budget drops the last
   step fp8_big 190 --case experts --weights fp8 --cut big
+  [ -n "$KV" ] && step kvattn 90 --case kvattn
   step fp8_compare 130 --case experts --weights fp8 --cut compare
   step bf16_compare 130 --case experts --weights bf16 --cut compare
+  [ -n "$KV" ] && step kv_fp8 120 --case kvcache --weights fp8 --cut big --kv-cache-dtype fp8
   if [ -n "$2" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "${WHL:-.whl}"/*.whl > "$LOGS/pip.txt" 2>&1 || echo "== wheels did not install (see logs/pip.txt)"
     PYTHONPATH=/tmp/site:$PWD step serve 240 --case serve --tokenizer "$2"
-    cp "$RES"/r1_serve_server.log "$LOGS/" 2>/dev/null
   fi
   ;;
 kv)
-  step kvattn 120 --case kvattn
-  step kv_auto 150 --case kvcache --kv-cache-dtype auto
-  step kv_fp8 150 --case kvcache --kv-cache-dtype fp8
+  step kvattn 90 --case kvattn
+  step kv_auto 150 --case kvcache --weights fp8 --cut big --kv-cache-dtype auto
+  step kv_fp8 150 --case kvcache --weights fp8 --cut big --kv-cache-dtype fp8
   ;;
-*) echo "usage: $0 experts TOKENIZER | kv"; exit 2 ;;
+*) echo "usage: $0 all [TOKENIZER] | kv"; exit 2 ;;
 esac
 python3 benchmarks/bench_r1.py --case table --device cpu --out-dir "$RES" > "$OUT/table.txt" 2>&1
 tar czf "$OUT/results.tgz" -C "$OUT" results && tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$RES" "$LOGS"

@@ -398,7 +398,8 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.quantization == "ascend":
-            self.quantization = ascend_quantization(self.model)
+            check_ascend_checkpoint(self.model)
+            self.quantization = None  # the checkpoint's own (msModelSlim) format
         if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
             raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq or compressed-tensors, "
                              f"got {self.quantization!r}")
@@ -544,14 +545,13 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
             args.enforce_eager = True
 
 
-def ascend_quantization(model: str) -> None:
+def check_ascend_checkpoint(model: str) -> None:
     """vllm-ascend's `--quantization ascend` names msModelSlim's format, which a checkpoint
     declares in quant_model_description*.json and which is loaded as stored; other checkpoints
     are refused, as vllm-ascend does."""
     if not list(Path(model).glob("quant_model_description*.json")):
         raise ValueError(f"--quantization ascend loads msModelSlim checkpoints (quant_model_description.json), "
                          f"and {model} has none; drop the flag to serve it as stored")
-    return None
 
 
 def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
