@@ -84,11 +84,15 @@ class BlockManager:
 
     # ---------------------------------------------------------------- prefix cache
     def _full_block_hashes(self, seq: Sequence, upto_tokens: int) -> list[bytes]:
-        hashes, parent = [], self.root_key
-        for i in range(upto_tokens // self.block_size):
-            parent = self.block_key(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
-            hashes.append(parent)
-        return hashes
+        """Keys of the full blocks among seq's first `upto_tokens` tokens. Each is computed once
+        and kept on the sequence (token ids only grow; a waiting sequence asks every step)."""
+        bs, keys = self.block_size, seq.prefix_keys
+        n_blocks = min(upto_tokens, len(seq.token_ids)) // bs      # (ids still on the device: not yet)
+        parent = keys[-1] if keys else self.root_key
+        for i in range(len(keys), n_blocks):
+            parent = self.block_key(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            keys.append(parent)
+        return keys[:n_blocks]
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`'s tokens (never all of them: the last token
@@ -144,14 +148,14 @@ class BlockManager:
         n_full = seq.num_computed_tokens // self.block_size
         if n_full <= len(seq.block_hashes):
             return
-        parent = seq.block_hashes[-1] if seq.block_hashes else self.root_key
-        for i in range(len(seq.block_hashes), n_full):
-            parent = self.block_key(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
-            seq.block_hashes.append(parent)
+        keys = self._full_block_hashes(seq, n_full * self.block_size)
+        for i in range(len(seq.block_hashes), len(keys)):
+            key = keys[i]
+            seq.block_hashes.append(key)
             block = seq.block_table[i]
-            if parent not in self.cached and self.hash_of[block] is None:
-                self.cached[parent] = block
-                self.hash_of[block] = parent
+            if key not in self.cached and self.hash_of[block] is None:
+                self.cached[key] = block
+                self.hash_of[block] = key
 
     def free_seq(self, seq: Sequence) -> None:
         self._release(seq.block_table)

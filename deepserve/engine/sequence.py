@@ -30,6 +30,7 @@ class Sequence:
         self.num_cached_tokens = 0                 # of those, prompt tokens found by prefix caching
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []        # prefix-cache keys of the full blocks registered so far
+        self.prefix_keys: list[bytes] = []         # keys of its full blocks, computed once (ids only grow)
         self.params = params
         self.status = SeqStatus.WAITING
         self.finish_reason: Optional[str] = None

@@ -141,3 +141,21 @@ def test_hash_algo_is_validated():
         EngineArgs(prefix_caching_hash_algo="builtin")
     cfg = EngineArgs(prefix_caching_hash_algo="xxhash", prefix_caching_salt="s").create_engine_config()
     assert cfg.cache.prefix_caching_hash_algo == "xxhash" and cfg.cache.prefix_caching_salt == "s"
+
+
+def test_keys_are_computed_once_per_sequence_and_only_for_complete_blocks():
+    bm = BlockManager(16, BS)
+    calls = []
+    key = bm.block_key
+    bm.block_key = lambda parent, tokens: calls.append(tokens) or key(parent, tokens)
+    waiting = seq(range(41))
+    for _ in range(3):                        # a waiting sequence is looked up every step
+        bm.match_prefix(waiting)
+    assert len(calls) == 10
+    prefill(bm, waiting)
+    assert len(calls) == 10 and waiting.block_hashes == waiting.prefix_keys[:10]
+    # async scheduling: ids still on the device are not hashed (no key for a partial block)
+    pending = seq(range(7))
+    pending.num_pending = 2                   # 9 tokens, 7 on the host
+    bm.match_prefix(pending)
+    assert [len(t) for t in calls[10:]] == [BS] and len(pending.prefix_keys) == 1
