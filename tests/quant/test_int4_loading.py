@@ -24,7 +24,7 @@ from deepserve.layers.linear import (ColumnParallelLinear, QKVParallelLinear, Re
 from deepserve.layers.quantization_int4 import Int4LinearMethod
 from deepserve.quant.int4 import int4_spec, int4_stream
 from tests.models.hf_reference import save_tiny
-from tests.quant.int4_formats import dequantize, format_tensors, quantization_config, quantize
+from tests.quant.int4_formats import dequantize, format_tensors, gptq_tensors, quantization_config, quantize
 
 FORMATS = [  # (format, group, symmetric, act order)
     ("awq", 32, False, False), ("awq", 128, False, False), ("awq", -1, False, False),
@@ -262,3 +262,18 @@ def test_stories260k_in_4bit_keeps_its_story(tmp_path):
     agree = (top1 == torch.tensor(story)).float().mean().item()
     print(f"stories260k 4-bit: top-1 agreement with fp32 over {len(story)} tokens {agree:.3f}")
     assert len(story) == 200 and agree >= 0.90
+
+
+def test_gptq_v2_zero_points_are_stored_as_is():
+    """GPTQModel's checkpoint_format gptq_v2 stores z itself (v1 stores z - 1): the same packed
+    integers read under each convention give the layer the zeros the packer meant."""
+    g = torch.Generator().manual_seed(8)
+    u, z, s, g_idx = quantize(torch.randn(32, 64, generator=g) * 0.05, 32, False)
+    x = torch.randn(3, 64, generator=g)
+    for v1 in (True, False):
+        qc = {**quantization_config("gptq", 32, False, False), "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+        spec = int4_spec({"quantization_config": qc, "torch_dtype": "float16"})
+        tensors = gptq_tensors(u, z, s, g_idx, v1=v1)
+        del tensors["g_idx"]
+        layer = _load(ReplicatedLinear(64, 32), spec, tensors)
+        assert torch.equal(layer(x), F.linear(x, dequantize(u, z, s, g_idx)))
