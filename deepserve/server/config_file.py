@@ -84,8 +84,8 @@ def _compose_defaults(data: Any, path: Path) -> Any:
             continue  # `_self_`
         for group, name in item.items():
             if group != "serve":
-                logger.warning("%s: ignoring defaults entry %s: %s (only serve is read)", path, group, name)
-                continue
+                raise ValueError(f"{path}: defaults entry {group}: {name} is not a serve config; deepserve "
+                                 "reads serve experiments (`- serve: NAME`)")
             part = path.parent / group / f"{name}.yaml"
             if not part.is_file():
                 raise FileNotFoundError(f"{path}: defaults names {group}: {name}, but {part} is not there")

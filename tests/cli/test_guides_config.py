@@ -241,6 +241,16 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
     assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
 
+    # a FlagScale experiment of another kind is refused, naming what it is
+    experiment = tmp_path / "examples" / "deepseek_r1" / "conf" / "config_deepseek_r1.yaml"
+    experiment.write_text(experiment.read_text().replace("- serve: deepseek_r1", "- train: deepseek_r1"))
+    with pytest.raises(ValueError, match="defaults entry train: deepseek_r1 is not a serve config"):
+        serve_config(cmd)
+    experiment.write_text(experiment.read_text().replace("- train: deepseek_r1", "- serve: deepseek_r1")
+                          .replace("type: serve", "type: train"))
+    with pytest.raises(ValueError, match="experiment.task.type is 'train'; deepserve runs serve experiments only"):
+        serve_config(cmd)
+
     # the metax guide's `flagscale serve <MODEL_NAME> <MODEL_CONFIG_YAML>`: the serve file alone
     usage = guide(reference, "flagos-metax.md")[1]
     assert usage == ["serve", "<MODEL_NAME>", "<MODEL_CONFIG_YAML>"]
