@@ -341,7 +341,7 @@ def test_cli_reports_and_errors():
 def test_docs_plan_md_is_what_the_command_prints():
     text = (REPO / "docs" / "PLAN.md").read_text()
     blocks = re.findall(r"```\n\$ deepserve (plan [^\n]*)\n(.*?)\n```", text, flags=re.S)
-    assert len(blocks) == 6
+    assert len(blocks) == 7
     for command, shown in blocks:
         _, out, _ = run_cli(command.split())
         assert out.rstrip("\n") == shown, command
