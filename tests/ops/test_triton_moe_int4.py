@@ -66,3 +66,46 @@ def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, gro
         # checks the arithmetic itself
         err = (got.float() - want.float()).abs().max()
         assert err <= 2 ** -4 * want.float().abs().max(), err
+
+
+def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops, cpu_only):
+    """A loaded 4-bit Linear and 4-bit FusedMoE run the Triton ops under --ops triton and give
+    the torch backend's result."""
+    from deepserve import ops
+    from deepserve.layers.linear import ColumnParallelLinear
+    from deepserve.layers.moe import FusedMoE
+    from deepserve.layers.moe_int4 import Int4Experts
+    from deepserve.layers.quantization_int4 import Int4LinearMethod
+    from deepserve.ops.registry import call_counts
+    from deepserve.quant.int4 import int4_spec
+    from tests.quant.int4_formats import format_tensors, quantization_config, quantize
+    spec = int4_spec({"quantization_config": quantization_config("awq", 32, False, False), "torch_dtype": "float16"})
+    g = torch.Generator().manual_seed(0)
+
+    def tensors(n, k):
+        return format_tensors("awq", *quantize(torch.randn(n, k, generator=g) * 0.05, 32, False), False, False)
+
+    linear = ColumnParallelLinear(64, 24)
+    linear.set_quant_method(Int4LinearMethod(spec))
+    for name, t in tensors(24, 64).items():
+        getattr(linear, name).weight_loader(getattr(linear, name), t)
+    moe = FusedMoE(4, 32, 32, reduce_results=False)
+    Int4Experts(spec).create(moe)
+    for e in range(4):
+        for part, n, k in (("w1", 32, 32), ("w3", 32, 32), ("w2", 32, 32)):
+            for name, t in tensors(n, k).items():
+                p = getattr(moe, f"{'w2' if part == 'w2' else 'w13'}_{name}")
+                p.weight_loader(p, t, (e, part))
+    x = torch.randn(1, 64, generator=g)
+    h = torch.randn(2, 32, generator=g)
+    wts, ids = torch.rand(2, 2, generator=g), torch.tensor([[0, 3], [2, 1]])
+    want = linear(x), moe(h, wts, ids)
+    ops.set_backend("triton")
+    try:
+        call_counts.clear()
+        got = linear(x), moe(h, wts, ids)
+        assert call_counts[("int4_linear", "triton")] == 1 and call_counts[("fused_moe_int4", "triton")] == 1
+    finally:
+        ops.set_backend("torch")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
