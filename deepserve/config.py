@@ -390,7 +390,8 @@ class EngineArgs:
     """Speculative decoding, vLLM's JSON keys: method (mtp | deepseek_mtp | ngram),
     num_speculative_tokens, prompt_lookup_min, prompt_lookup_max; e.g.
     '{"method": "mtp", "num_speculative_tokens": 1}' or '{"method": "ngram",
-    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. Parsed and checked; not run yet."""
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. ngram runs (synchronous steps, TP,
+    one DP rank); mtp is parsed and checked, not run yet."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -445,10 +446,10 @@ class EngineArgs:
                                        if self.speculative_config else None)
         if self.speculative_config is not None:
             spec = self.speculative_config.for_model(load_hf_config(self.model, self.hf_overrides))
-            # the values are checked above; the engine step does not run drafts yet
-            raise ValueError(f"speculative decoding is not supported yet, got speculative_config="
-                             f"{dataclasses.asdict(spec)} (parsed and checked: the rejection sampler and the "
-                             f"n-gram and MTP proposers exist, the engine step does not call them yet)")
+            missing = speculative_not_yet(self, spec)
+            if missing:
+                raise ValueError(f"speculative decoding is not supported yet {missing}, got speculative_config="
+                                 f"{dataclasses.asdict(spec)}")
 
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)
@@ -510,6 +511,19 @@ COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", 
                      "cudagraph_num_of_warmups", "cudagraph_copy_inputs", "debug_dump_path", "cache_dir",
                      "compile_cache_save_format", "use_inductor_graph_partition", "compile_mm_encoder",
                      "cudagraph_specialize_lora", "dynamic_shapes_config")
+
+
+def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional[str]:
+    """What of this speculative setup the engine cannot run yet (None: it runs): n-gram drafts
+    run in synchronous steps on one DP rank and one pipeline stage (any TP)."""
+    if spec.method == "mtp":
+        return ("with method mtp (its drafter, engine/mtp_proposer.py, exists; the engine step runs "
+                "n-gram drafts only)")
+    if args.async_scheduling:
+        return "with --async-scheduling"
+    if args.data_parallel_size > 1 or args.pipeline_parallel_size > 1:
+        return "with data or pipeline parallelism (TP only)"
+    return None
 
 
 def apply_compilation_config(args: "EngineArgs", config: Any) -> None:

@@ -27,6 +27,7 @@ from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
+from deepserve.engine.spec_decode import SpecDecoder, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
@@ -128,9 +129,19 @@ class LLMEngine:
             self.scheduler = DataParallelScheduler(self.config.scheduler, self.block_managers)
         self.requests: dict[str, RequestState] = {}
         self.max_model_len = self.config.model.max_model_len
+        pool_tokens = self.runner.num_blocks * cache.block_size
+        if pool_tokens < self.max_model_len:
+            # a sequence longer than the whole pool could never be scheduled again once it
+            # preempted itself: the context the engine serves is what the pool holds
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: serving contexts "
+                           "of at most %d tokens (give the KV cache more memory or lower --max-model-len)",
+                           pool_tokens, self.max_model_len, pool_tokens)
+            self.max_model_len = pool_tokens
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        # speculative decoding (n-gram drafts; engine/spec_decode.py), synchronous steps only
+        self.spec = SpecDecoder(self.config.speculative, self.max_model_len) if self.config.speculative else None
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -245,6 +256,7 @@ class LLMEngine:
             "kv_cache_capacity_tokens": bm.num_blocks * bm.block_size,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            **(self.spec.stats.counters() if self.spec is not None else {}),
             **call_totals(),  # this rank's op calls, all and as Triton kernels
             **self.stats,
         }
@@ -263,6 +275,8 @@ class LLMEngine:
 
     def _run_sync(self, batch) -> list[RequestOutput]:
         """Run one scheduled step and wait for its tokens."""
+        if self.spec is not None:
+            return run_speculative_step(self, batch)
         try:
             seqs, sampled = self.runner.execute(batch)
         except RuntimeError as exc:  # a collective broke: name the worker behind it

@@ -27,8 +27,9 @@ from deepserve.config import SpeculativeConfig
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.ngram_proposer import NgramProposer
 from deepserve.engine.rejection_sampler import rejection_sample
+from deepserve.engine.sampler import SamplerOutput
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.step_inputs import StepInputs
+from deepserve.engine.step_inputs import StepInputs, StepMessage
 from deepserve.ops.sampling import sampling_probs
 
 
@@ -51,6 +52,14 @@ class SpecStats:
             self.accepted_per_position += [0] * (num_draft - len(self.accepted_per_position))
         for j in range(num_accepted):
             self.accepted_per_position[j] += 1
+
+    def counters(self) -> dict:
+        """vLLM's metric names (spec_decode_num_accepted_tokens_per_pos as one key per position)."""
+        out = {"spec_decode_num_drafts": self.num_drafts, "spec_decode_num_draft_tokens": self.num_draft_tokens,
+               "spec_decode_num_accepted_tokens": self.num_accepted_tokens}
+        # one number per key, so DP front ends can sum the cores' gauges
+        out.update((f"spec_decode_num_accepted_tokens_per_pos_{j}", n) for j, n in enumerate(self.accepted_per_position))
+        return out
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -158,3 +167,63 @@ def release_rejected(block_manager, seq: Sequence) -> None:
     """Give back the blocks past what `seq`'s computed tokens occupy (allocated for drafts
     that were rejected)."""
     block_manager.trim(seq, seq.num_computed_tokens)
+
+
+def run_speculative_step(engine, batch) -> list:
+    """One synchronous engine step with drafts (LLMEngine with a SpecDecoder): each decode
+    sequence that can speculate gets its drafts and blocks for them (none when the pool is
+    short), one forward verifies all of them beside the step's prefill chunks, sequences with
+    drafts go through the rejection sampler and the others through the engine's sampler (their
+    penalties, logprobs and grammars as without speculation); then the computed counts advance
+    by the accepted tokens, the rejected drafts' blocks go back and full blocks are registered."""
+    runner, bm, decoder = engine.runner, engine.block_manager, engine.spec
+    seqs, num_new = batch.seqs, batch.num_new_tokens
+    drafts = []
+    for seq, n in zip(seqs, num_new):
+        d = decoder.propose(seq) if n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens else []
+        if d and bm.blocks_needed(seq, seq.num_tokens + len(d)) > bm.num_free_blocks:
+            d = []
+        if d:
+            bm.append_slots(seq, seq.num_tokens + len(d))
+        drafts.append(d)
+    inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
+    msg = StepMessage(inputs, runner.graph_size)
+    runner.publish(msg)
+    logits = runner.run_step(msg)
+    engine.stats["steps"] += 1
+    # logits rows, in `order`: len(d) + 1 per sequence that reaches its end
+    spec_rows, spec_seqs, plain_rows, plain_seqs, row = [], [], [], [], 0
+    for i in order:
+        seq = seqs[i]
+        if seq.num_computed_tokens + num_new[i] != seq.num_tokens:
+            continue
+        if drafts[i]:
+            spec_rows += range(row, row + len(drafts[i]) + 1)
+            spec_seqs.append(i)
+        else:
+            plain_rows.append(row)
+            plain_seqs.append(i)
+        row += len(drafts[i]) + 1
+    emitted: dict[int, list[int]] = {}
+    logprobs: dict[int, object] = {}
+    if spec_seqs:
+        out = decoder.verify(logits[spec_rows], [seqs[i] for i in spec_seqs], [drafts[i] for i in spec_seqs])
+        emitted.update(zip(spec_seqs, out))
+    if plain_seqs:
+        sampled = runner.sampler(logits[plain_rows], [seqs[i] for i in plain_seqs])
+        for i, tok, lp in zip(plain_seqs, sampled.token_ids, sampled.logprobs):
+            emitted[i], logprobs[i] = [tok], lp
+    flat_seqs, flat_tokens, flat_lps = [], [], []
+    for i, seq in enumerate(seqs):
+        toks = emitted.get(i, [])
+        seq.num_computed_tokens += num_new[i] + max(0, len(toks) - 1)
+        flat_seqs += [seq] * len(toks)
+        flat_tokens += toks
+        flat_lps += [logprobs.get(i)] + [None] * (len(toks) - 1) if toks else []
+    outputs = engine._postprocess(flat_seqs, SamplerOutput(flat_tokens, flat_lps))
+    for seq, d in zip(seqs, drafts):
+        if not seq.is_finished:
+            if d:
+                bm.trim(seq, seq.num_computed_tokens)
+            bm.register_full_blocks(seq)
+    return outputs

@@ -5,6 +5,7 @@ decoding (and accept drafts: the stories repeat), rejected positions' blocks go 
 pool, and sampled first tokens follow the target distribution."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -69,7 +70,7 @@ def story_prompts(llm):
 
 def test_greedy_ngram_speculation_equals_plain_decoding(llm):
     prompts = story_prompts(llm)
-    params = [SamplingParams(temperature=0, max_tokens=n) for n in (48, 40, 40)]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (32, 24, 24)]
     plain = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     engine = llm.engine
     got, stats = speculative_generate(engine, prompts, params)
@@ -84,10 +85,10 @@ def test_greedy_ngram_speculation_equals_plain_decoding(llm):
 
 def test_requests_that_read_history_get_no_drafts(llm):
     prompts = story_prompts(llm)[:2]
-    params = [SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3),
-              SamplingParams(temperature=0, max_tokens=30, logprobs=2)]
+    params = [SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=16, logprobs=2)]
     assert not any(can_speculate(Sequence("x", 0, [1], p)) for p in params)
-    got, stats = speculative_generate(llm.engine, prompts, [SamplingParams(temperature=0, max_tokens=30)] * 2)
+    got, stats = speculative_generate(llm.engine, prompts, [SamplingParams(temperature=0, max_tokens=32)] * 2)
     assert stats.num_drafts > 0
     _, none = speculative_generate(llm.engine, prompts[:1], params[1:])
     assert none.num_drafts == 0
@@ -129,3 +130,64 @@ def test_sampled_first_tokens_follow_the_target(llm):
     # the first draft was accepted about as often as the target gives it
     p_draft = float(target[d[0]])
     assert abs(float((first == d[0]).float().mean()) - p_draft) < 4 * math.sqrt(p_draft * (1 - p_draft) / n) + 1e-3
+
+
+# --------------------------------------------------------------------------- through LLMEngine.step
+@pytest.fixture(scope="module")
+def spec_llm():
+    return LLM(block_size=4, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
+
+
+def test_engine_greedy_with_ngram_equals_plain(llm, spec_llm):
+    prompts = [{"prompt_token_ids": p} for p in story_prompts(llm)] + ["Lily had a cat. Lily had"]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    plain = llm.generate(prompts, params)
+    spec = spec_llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
+    g = spec_llm.engine.gauges()
+    assert g["spec_decode_num_drafts"] > 0
+    assert 0 < g["spec_decode_num_accepted_tokens"] <= g["spec_decode_num_draft_tokens"]
+    assert g["spec_decode_num_accepted_tokens_per_pos_0"] >= g["spec_decode_num_accepted_tokens_per_pos_2"]
+    # fewer steps than tokens: accepted drafts are tokens without their own step
+    assert g["steps"] < g["generation_tokens"]
+    assert g["num_free_blocks"] == g["num_blocks"]
+
+
+def test_engine_stops_logprobs_and_n_as_without_speculation(llm, spec_llm):
+    prompt = "Tom and Lily went to the park. Tom and Lily"
+    cases = [SamplingParams(temperature=0, max_tokens=40, stop=["park"]),
+             SamplingParams(temperature=0, max_tokens=7),
+             SamplingParams(temperature=0, max_tokens=12, logprobs=2),          # decodes without drafts
+             SamplingParams(temperature=0, max_tokens=20, n=2, min_tokens=3)]
+    for params in cases:
+        want, got = llm.generate(prompt, params)[0], spec_llm.generate(prompt, params)[0]
+        for w, g in zip(want.outputs, got.outputs, strict=True):
+            assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == \
+                (w.token_ids, w.text, w.finish_reason, w.stop_reason), params
+            if params.logprobs:
+                assert [list(e) for e in g.logprobs] == [list(e) for e in w.logprobs]
+                assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-5)
+    assert len(spec_llm.generate(prompt, cases[1])[0].outputs[0].token_ids) == 7
+
+
+def test_engine_seeded_sampling_repeats(spec_llm):
+    prompt = "Tom and Lily went to the park. Tom and Lily"
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=30)
+    first = spec_llm.generate(prompt, params)[0].outputs[0].token_ids
+    assert spec_llm.generate(prompt, params)[0].outputs[0].token_ids == first
+    assert len(first) == 30
+
+
+def test_abort_mid_speculation_frees_every_block(spec_llm):
+    engine = spec_llm.engine
+    before = engine.gauges()["spec_decode_num_drafts"]
+    ids = [engine.add_request(None, "Lily had a cat. Lily had a cat. Lily", SamplingParams(temperature=0, max_tokens=200))
+           for _ in range(3)]
+    while engine.gauges()["spec_decode_num_drafts"] == before:
+        engine.step()
+    for rid in ids:
+        engine.abort_request(rid)
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

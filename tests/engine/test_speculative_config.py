@@ -56,14 +56,21 @@ def test_bad_input_is_named(value, message):
         SpeculativeConfig.from_json(value)
 
 
-def test_engine_args_check_then_refuse():
+def test_engine_args_check_then_refuse_what_does_not_run_yet():
     with pytest.raises(ValueError, match="method must be one of mtp, deepseek_mtp, ngram, got 'medusa'"):
         EngineArgs(model=DEMO_MODEL, speculative_config='{"method": "medusa", "num_speculative_tokens": 1}')
     with pytest.raises(ValueError, match="method mtp needs a model with an MTP layer"):
         EngineArgs(model=DEMO_MODEL, speculative_config={"method": "mtp", "num_speculative_tokens": 1})
-    with pytest.raises(ValueError, match="speculative decoding is not supported yet.*'method': 'ngram'.*"
-                                         "'prompt_lookup_min': 5"):
-        EngineArgs(model=DEMO_MODEL, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    ngram = {"method": "ngram", "num_speculative_tokens": 2}
+    spec = EngineArgs(model=DEMO_MODEL, speculative_config=json.dumps(ngram)).speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min) == ("ngram", 2, 5)
+    assert EngineArgs(model=DEMO_MODEL, speculative_config=ngram).create_engine_config().speculative == spec
+    with pytest.raises(ValueError, match="not supported yet with --async-scheduling.*'method': 'ngram'"):
+        EngineArgs(model=DEMO_MODEL, speculative_config=ngram, async_scheduling=True)
+    with pytest.raises(ValueError, match="not supported yet with data or pipeline parallelism"):
+        EngineArgs(model=DEMO_MODEL, speculative_config=ngram, data_parallel_size=2)
+    with pytest.raises(ValueError, match="not supported yet with method mtp.*'num_speculative_tokens': 3"):
+        EngineArgs(model="deepseek-r1", speculative_config={"method": "mtp", "num_speculative_tokens": 3})
     assert EngineArgs(model=DEMO_MODEL, speculative_config={}).speculative_config is None
 
 
