@@ -163,26 +163,34 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def tiny(request, tmp_path_factory):
-    cls, config = MODELS[request.param]
-    cfg = config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                 tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp(request.param) / "ref"
-    save_tiny(cls, cfg, path)
-    return request.param, path
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """arch -> a tiny fp32 checkpoint folder of that architecture, written on first use."""
+    folders = {}
+
+    def get(arch: str) -> Path:
+        if arch not in folders:
+            cls, config = MODELS[arch]
+            cfg = config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+            folders[arch] = tmp_path_factory.mktemp(arch) / "ref"
+            save_tiny(cls, cfg, folders[arch])
+        return folders[arch]
+    return get
 
 
-MODEL_CASES = [("awq", 32, False, False, ("layers.1.mlp.down_proj",)), ("gptq", 64, True, True, ()),
-               ("gptq", 32, False, False, ()), ("compressed-tensors", 32, True, False, ()),
-               ("compressed-tensors", -1, False, True, ("re:.*layers\\.0\\.self_attn\\.o_proj$",))]
+MODEL_CASES = [("llama", "awq", 32, False, False, ("layers.1.mlp.down_proj",)),
+               ("qwen2", "awq", 64, False, False, ()),
+               ("llama", "gptq", 64, True, True, ()), ("qwen2", "gptq", 32, False, False, ()),
+               ("llama", "compressed-tensors", 32, True, False, ()),
+               ("qwen2", "compressed-tensors", -1, False, True, ("re:.*layers\\.0\\.self_attn\\.o_proj$",))]
 
 
-@pytest.mark.parametrize("fmt,group,sym,act_order,skip", MODEL_CASES,
-                         ids=[f"{c[0]}-g{c[1]}" + ("-actorder" if c[3] else "") for c in MODEL_CASES])
-def test_model_logits_equal_the_dequantized_model(tiny, tmp_path, fmt, group, sym, act_order, skip):
-    name, ref = tiny
+@pytest.mark.parametrize("arch,fmt,group,sym,act_order,skip", MODEL_CASES,
+                         ids=[f"{c[0]}-{c[1]}-g{c[2]}" + ("-actorder" if c[4] else "") for c in MODEL_CASES])
+def test_model_logits_equal_the_dequantized_model(tiny_folders, tmp_path, arch, fmt, group, sym, act_order, skip):
+    ref = tiny_folders(arch)
     q, deq = _quantize_folder(ref, tmp_path, fmt, group, sym, act_order, skip)
     llm = LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER)
     model = llm.engine.runner.model
@@ -234,8 +242,9 @@ def test_w4a8_layer_is_int8_tokens_times_dequantized_weight(group):
     assert not torch.equal(layer(x), F.linear(x, w))     # the activations really were quantized
 
 
-def test_w4a8_model_tracks_the_dequantized_model(tiny, tmp_path):
-    _, ref = tiny
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_w4a8_model_tracks_the_dequantized_model(tiny_folders, tmp_path, arch):
+    ref = tiny_folders(arch)
     q, deq = _quantize_folder(ref, tmp_path, "compressed-tensors", 32, True, False, activations=True)
     got = torch.cat(LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
     want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
