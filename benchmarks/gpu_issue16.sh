@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 16 figures on one GPU (benchmarks/bench_r1.py), each engine in its own process.
-#   benchmarks/gpu_issue16.sh all [TOKENIZER_FOLDER]  # fp8 big cut (with its KV tokens), MLA decode over
-#       bf16 / fp8 KV, fp8 + bf16 on the compare cut, KV tokens with an fp8 pool, serve (with a tokenizer)
+#   benchmarks/gpu_issue16.sh all [TOKENIZER_FOLDER]  # fp8 + bf16 on the compare cut (with KV tokens),
+#       MLA decode over bf16 / fp8 KV, KV tokens with an fp8 pool, the 3 + 8 cut, serve (with a tokenizer)
 #   benchmarks/gpu_issue16.sh kv                      # MLA decode bf16 vs fp8 KV, KV tokens auto vs fp8
 # Serve needs the server's wheels in $WHL (default .whl: fastapi, starlette, uvicorn, pydantic,
 # pydantic_core, annotated_types, typing_inspection, typing_extensions). Logs and the result
@@ -26,11 +26,12 @@ step() {  # step NAME SECONDS ARGS...: bench_r1.py with at most SECONDS (less if
 python3 -c "from deepserve.config import EngineArgs; EngineArgs(kv_cache_dtype='fp8')" 2>/dev/null && KV=1 || KV=
 case "$1" in
 experts|all)                            # in order of importance: a short budget drops the last
-  step fp8_big 190 --case experts --weights fp8 --cut big
-  [ -n "$KV" ] && step kvattn 90 --case kvattn
+  # every target of the issue first, on the cut where bf16 fits too, then the 3 + 8 layer cut
   step fp8_compare 130 --case experts --weights fp8 --cut compare
   step bf16_compare 130 --case experts --weights bf16 --cut compare
-  [ -n "$KV" ] && step kv_fp8 120 --case kvcache --weights fp8 --cut big --kv-cache-dtype fp8
+  [ -n "$KV" ] && step kvattn 90 --case kvattn
+  [ -n "$KV" ] && step kv_fp8 120 --case kvcache --weights fp8 --cut compare --kv-cache-dtype fp8
+  step fp8_big 190 --case experts --weights fp8 --cut big
   if [ -n "$2" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "${WHL:-.whl}"/*.whl > "$LOGS/pip.txt" 2>&1 || echo "== wheels did not install (see logs/pip.txt)"
