@@ -36,12 +36,19 @@ def tiny_mla(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["demo", "mla", "mla-batch1"])
-def test_triton_greedy_equals_torch(which, tiny_mla):
-    """mla-batch1: one request, so every decode step is one row (the one-launch moe_gate)."""
+def test_triton_greedy_equals_torch(which, tiny_mla, monkeypatch):
+    """mla-batch1: one request, so every decode step is one row (the one-launch moe_gate).
+    demo and mla-batch1 run --ops triton-all: every several-row projection (prefill, the demo's
+    two-row decode) on the Triton GEMM instead of cuBLAS (the interpreter table's choice)."""
+    from deepserve.ops.triton import gemv
     model = DEMO_MODEL if which == "demo" else tiny_mla
     prompts = PROMPTS[1:] if which == "mla-batch1" else PROMPTS
+    backend = "triton" if which == "mla" else "triton-all"
+    gemm_rows, real_gemm = [], gemv.gemm
+    monkeypatch.setattr(gemv, "gemm", lambda x, *a: gemm_rows.append(x.numel() // x.shape[-1]) or real_gemm(x, *a))
     ops.call_counts.clear()
     expected, _ = _greedy(model, "torch", prompts)
-    got, share = _greedy(model, "triton", prompts)
+    got, share = _greedy(model, backend, prompts)
     assert got == expected
     assert share > 0.5  # most op calls really ran as Triton kernels
+    assert (len(gemm_rows) > 4 and min(gemm_rows) > 1) if backend == "triton-all" else not gemm_rows

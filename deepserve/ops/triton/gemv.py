@@ -28,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.dense import linear as torch_linear, linear_pair as torch_linear_pair
+from deepserve.ops.dense import linear as torch_linear
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows
+from deepserve.ops.triton.gemm import gemm, use_gemm
 from deepserve.ops.triton.launch_config import launch_settings
 
 
@@ -151,15 +152,19 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @register("linear", "triton")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x W^T + b in the weight's dtype: the GEMV kernel for a single row, cuBLAS otherwise."""
+    """y = x W^T + b in the weight's dtype: the GEMV kernel for a single row; several rows take
+    the Triton GEMM where the device's table or --ops triton-all says so (gemm.py), else cuBLAS."""
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
+    cfg = use_gemm(x, weight)
+    if cfg is not None:
+        return gemm(x, weight, bias, cfg)
     return torch_linear(x, weight, bias)
 
 
 @register("linear_pair", "triton")
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W1^T, x W2^T): one GEMV launch for a single row, two cuBLAS calls otherwise."""
+    """(x W1^T, x W2^T): one GEMV launch for a single row, two linears otherwise."""
     if use_gemv(x, w1) and w2.dtype == w1.dtype and w2.dim() == 2:
         return gemv_pair(x, w1, w2)
-    return torch_linear_pair(x, w1, w2)
+    return linear(x, w1), linear(x, w2)

@@ -27,6 +27,7 @@ from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.ops.triton.gemm import grouped_tile
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
 
 
@@ -50,14 +51,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_as, stride_bs,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped launch order: GROUP_M row-tiles share each column tile while it is in L2
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
