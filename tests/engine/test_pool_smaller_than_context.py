@@ -1,0 +1,20 @@
+"""A KV pool that holds fewer tokens than max_model_len: the engine serves contexts up to the
+pool's size, where a sequence that outgrew the whole pool preempted itself forever."""
+from __future__ import annotations
+
+import pytest
+
+from deepserve import LLM, SamplingParams
+from deepserve.engine.llm_engine import RequestError
+
+
+@pytest.mark.timeout(120)
+def test_context_is_capped_at_the_pool_and_a_long_request_finishes():
+    llm = LLM(num_gpu_blocks_override=4, block_size=16, enable_prefix_caching=False)
+    assert llm.engine.max_model_len == 64
+    prompt = llm.tokenizer.encode("Once upon a time")
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=64 - len(prompt), ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 64 - len(prompt)
+    with pytest.raises(RequestError, match="maximum context length is 64"):
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=100))
