@@ -27,6 +27,7 @@ from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
+from deepserve.engine.spec_decode import SpecDecoder, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
@@ -139,6 +140,8 @@ class LLMEngine:
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        # speculative decoding (n-gram drafts; engine/spec_decode.py), synchronous steps only
+        self.spec = SpecDecoder(self.config.speculative, self.max_model_len) if self.config.speculative else None
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -253,6 +256,7 @@ class LLMEngine:
             "kv_cache_capacity_tokens": bm.num_blocks * bm.block_size,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            **(self.spec.stats.counters() if self.spec is not None else {}),
             **call_totals(),  # this rank's op calls, all and as Triton kernels
             **self.stats,
         }
@@ -271,6 +275,8 @@ class LLMEngine:
 
     def _run_sync(self, batch) -> list[RequestOutput]:
         """Run one scheduled step and wait for its tokens."""
+        if self.spec is not None:
+            return run_speculative_step(self, batch)
         try:
             seqs, sampled = self.runner.execute(batch)
         except RuntimeError as exc:  # a collective broke: name the worker behind it
