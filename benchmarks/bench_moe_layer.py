@@ -100,7 +100,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes read + written per second by a copy of `nbytes`."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, iters=10)
+    ms = time_ms(lambda: dst.copy_(src), device, iters=10)  # noqa: F821 (deleted after the lambda runs)
     del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
@@ -164,7 +164,7 @@ def run_case(cfg, dtype_tag: str, batches: list[int], device: torch.device, band
         g = torch.Generator(device=device).manual_seed(args.seed + batch)
         x = torch.randn(batch, cfg.hidden_size, generator=g, device=device).to(torch.bfloat16)
         with torch.inference_mode():
-            step_ms, mode = graph_or_eager_ms(lambda: [moe_forward(layer, x) for layer in layers],
+            step_ms, mode = graph_or_eager_ms(lambda: [moe_forward(layer, x) for layer in layers],  # noqa: F821
                                               device, args.iters)
             nbytes = sum(step_bytes(layer, x) for layer in layers) / len(layers)
         layer_ms = step_ms / len(layers)

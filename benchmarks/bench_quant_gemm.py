@@ -55,7 +55,7 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
     flop = 2.0 * m * n * k
-    bf16_ms = graph_time_ms(lambda: torch.matmul(x, w.t()))
+    bf16_ms = graph_time_ms(lambda: torch.matmul(x, w.t()))  # noqa: F821
 
     wq, grid = quant_fp8_block(w)
     ws = grid.repeat_interleave(128, 0)[:n].contiguous()

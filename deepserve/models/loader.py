@@ -39,7 +39,6 @@ from deepserve.layers.moe_int4 import quantize_int4_experts
 from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
 from deepserve.layers.quantization_modelslim import modelslim_module, quantize_modelslim_linears
 from deepserve.models.registry import get_model_class
-from deepserve.platforms import get_platform
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
 from deepserve.quant import modelslim
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream

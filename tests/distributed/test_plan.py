@@ -23,8 +23,6 @@ from deepserve.config import ModelConfig
 from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM
 from deepserve.models.loader import build_model, stage_modules
 from deepserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
-from deepserve.quant.fp8 import block_scale_shape
-from deepserve.quant.policy import high_precision_reason
 
 REPO = Path(__file__).resolve().parents[2]
 
