@@ -23,8 +23,6 @@ def triton_kernel_names() -> set[str]:
     """Names of deepserve's Triton kernels (CUPTI reports a Triton kernel by its function name)."""
     names: set[str] = set()
     try:
-        from triton.runtime.jit import JITFunction
-
         import deepserve.ops.triton as pkg
     except ImportError as exc:
         say(f"  (no Triton kernel names: {exc})")
@@ -35,12 +33,21 @@ def triton_kernel_names() -> set[str]:
         except Exception as exc:  # noqa: BLE001 - one module failing to import must not stop the rest
             say(f"  (skipping {info.name}: {type(exc).__name__}: {exc})")
             continue
-        for obj in vars(mod).values():
-            for _ in range(4):  # Autotuner / Heuristics wrap the JITFunction in .fn
-                if isinstance(obj, JITFunction):
-                    names.add(obj.__name__)
-                    break
-                obj = getattr(obj, "fn", None)
+        names |= jit_function_names(mod)
+    return names
+
+
+def jit_function_names(mod) -> set[str]:
+    """Names of the Triton kernels a module defines or imports."""
+    from triton.runtime.jit import JITFunction
+
+    names = set()
+    for obj in list(vars(mod).values()):
+        for _ in range(4):  # Autotuner / Heuristics wrap the JITFunction in .fn
+            if isinstance(obj, JITFunction):
+                names.add(obj.__name__)
+                break
+            obj = getattr(obj, "fn", None)
     return names
 
 
