@@ -110,6 +110,7 @@ class ModelConfig:
     load_format: str = "auto"
     quantization: Optional[str] = None
     seed: int = 0
+    load_mtp: bool = False  # also the MTP layer (speculative decoding with method mtp)
 
     @property
     def architecture(self) -> str:
@@ -390,8 +391,8 @@ class EngineArgs:
     """Speculative decoding, vLLM's JSON keys: method (mtp | deepseek_mtp | ngram),
     num_speculative_tokens, prompt_lookup_min, prompt_lookup_max; e.g.
     '{"method": "mtp", "num_speculative_tokens": 1}' or '{"method": "ngram",
-    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. ngram runs (synchronous steps, TP,
-    one DP rank); mtp is parsed and checked, not run yet."""
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. Synchronous steps on one DP rank and
+    one pipeline stage: ngram with any TP, mtp in one process."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -462,9 +463,11 @@ class EngineArgs:
         # a folder without tokenizer.json serves token-id prompts only
         tokenizer = self.tokenizer or (self.model if (Path(self.model) / "tokenizer.json").is_file() else None)
         load_format = "dummy" if is_preset(self.model) else self.load_format
+        speculative = self.speculative_config.for_model(hf) if self.speculative_config is not None else None
         model = ModelConfig(model=self.model, hf_config=hf, dtype=self.dtype,
                             max_model_len=max_model_len, tokenizer=tokenizer,
-                            load_format=load_format, quantization=self.quantization, seed=self.seed)
+                            load_format=load_format, quantization=self.quantization, seed=self.seed,
+                            load_mtp=speculative is not None and speculative.method == "mtp")
         batched = self.max_num_batched_tokens or 8192
         if not self.enable_chunked_prefill:
             batched = max(batched, max_model_len)
@@ -487,8 +490,7 @@ class EngineArgs:
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, parallel=parallel,
                             device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
                             async_scheduling=self.async_scheduling,
-                            speculative=(self.speculative_config.for_model(hf)
-                                         if self.speculative_config is not None else None),
+                            speculative=speculative,
                             cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))
 
     # ----------------------------------------------------------------------- CLI
@@ -514,11 +516,10 @@ COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", 
 
 
 def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional[str]:
-    """What of this speculative setup the engine cannot run yet (None: it runs): n-gram drafts
-    run in synchronous steps on one DP rank and one pipeline stage (any TP)."""
-    if spec.method == "mtp":
-        return ("with method mtp (its drafter, engine/mtp_proposer.py, exists; the engine step runs "
-                "n-gram drafts only)")
+    """What of this speculative setup the engine cannot run yet (None: it runs): synchronous
+    steps on one DP rank and one pipeline stage; n-gram drafts with any TP, MTP in one process."""
+    if spec.method == "mtp" and args.tensor_parallel_size > 1:
+        return "with method mtp and tensor parallelism (mtp runs in one process so far)"
     if args.async_scheduling:
         return "with --async-scheduling"
     if args.data_parallel_size > 1 or args.pipeline_parallel_size > 1:

@@ -27,7 +27,7 @@ from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.spec_decode import SpecDecoder, run_speculative_step
+from deepserve.engine.spec_decode import make_spec_decoder, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
@@ -140,8 +140,8 @@ class LLMEngine:
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        # speculative decoding (n-gram drafts; engine/spec_decode.py), synchronous steps only
-        self.spec = SpecDecoder(self.config.speculative, self.max_model_len) if self.config.speculative else None
+        # speculative decoding (engine/spec_decode.py), synchronous steps only
+        self.spec = make_spec_decoder(self.config, self.runner)
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:

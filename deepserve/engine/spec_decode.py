@@ -18,13 +18,16 @@ depend on the drafts before each position.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
 from deepserve.config import SpeculativeConfig
 from deepserve.engine.input_staging import to_device_async
+from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.ngram_proposer import NgramProposer
 from deepserve.engine.rejection_sampler import rejection_sample
 from deepserve.engine.sampler import SamplerOutput
@@ -93,34 +96,46 @@ def verify_inputs(seqs: list[Sequence], num_new: list[int], drafts: list[list[in
             rows += range(offset + n - 1, offset + len(toks))
         tables.append(seq.block_table)
     pos = np.concatenate(positions)
-    width = max(len(t) for t in tables)
-    padded = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)
-    owner = np.repeat(np.arange(len(order)), q_lens)
-    slots = padded[owner, pos // block_size] * block_size + pos % block_size
+    padded, slots = tables_and_slots(tables, q_lens, pos, block_size)
     inputs = StepInputs(ids=ids, positions=pos, slots=slots, q_lens=q_lens, seq_lens=seq_lens,
-                        tables=padded.tolist(), logits_rows=rows, num_decodes=sum(1 for q in q_lens if q == 1))
+                        tables=padded.tolist(), logits_rows=rows, num_decodes=q_lens.count(1))
     return inputs, order
 
 
-class SpecDecoder:
-    """Drafts and verification for one engine core (n-gram drafts; MTP drafts come from
-    engine/mtp_proposer.py once the runner hands out hidden states)."""
+def tables_and_slots(tables: list[list[int]], q_lens: list[int], positions: np.ndarray, block_size: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables 0-padded to one width [S, W], and the KV slot of each flat token [T]."""
+    width = max(len(t) for t in tables)
+    padded = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64)
+    owner = np.repeat(np.arange(len(tables)), q_lens)
+    return padded, padded[owner, positions // block_size] * block_size + positions % block_size
 
-    def __init__(self, spec: SpeculativeConfig, max_model_len: int):
-        if spec.method != "ngram":
-            raise ValueError(f"speculative method {spec.method!r} does not run in the engine step yet (ngram does)")
-        self.k = spec.num_speculative_tokens
+
+class SpecDecoder:
+    """Drafts and verification for one engine core: n-gram drafts looked up at each step, or
+    MTP drafts made at the end of the previous step (engine/mtp_proposer.py) and kept here."""
+
+    def __init__(self, spec: SpeculativeConfig, max_model_len: int, mtp: Optional[MTPProposer] = None):
+        self.method, self.k = spec.method, spec.num_speculative_tokens
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, self.k, max_model_len)
+        if spec.method == "ngram":
+            self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, self.k, max_model_len)
+        elif mtp is None:
+            raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
+        self.mtp = mtp
+        self.pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # Sequence -> MTP drafts
         self.stats = SpecStats()
 
     def propose(self, seq: Sequence) -> list[int]:
         """Drafts for `seq`'s next step, never more than its max_tokens and context leave room
         for after the step's own token."""
+        drafts = self.pending.pop(seq, [])
         if not can_speculate(seq):
             return []
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-        return self.proposer.propose(seq.token_ids)[:max(0, room)]
+        if self.mtp is None:
+            drafts = self.proposer.propose(seq.token_ids)
+        return drafts[:max(0, room)]
 
     @torch.inference_mode()
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
@@ -169,6 +184,18 @@ def release_rejected(block_manager, seq: Sequence) -> None:
     block_manager.trim(seq, seq.num_computed_tokens)
 
 
+def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
+    """The engine's SpecDecoder for config.speculative (None without one); mtp drafts with the
+    model's first MTP layer, reused for every draft position."""
+    spec = config.speculative
+    if spec is None:
+        return None
+    mtp = None
+    if spec.method == "mtp":
+        mtp = MTPProposer(runner.model.mtp[0], spec.num_speculative_tokens, config.cache.block_size)
+    return SpecDecoder(spec, config.model.max_model_len, mtp)
+
+
 def run_speculative_step(engine, batch) -> list:
     """One synchronous engine step with drafts (LLMEngine with a SpecDecoder): each decode
     sequence that can speculate gets its drafts and blocks for them (none when the pool is
@@ -187,9 +214,16 @@ def run_speculative_step(engine, batch) -> list:
             bm.append_slots(seq, seq.num_tokens + len(d))
         drafts.append(d)
     inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
-    msg = StepMessage(inputs, runner.graph_size)
-    runner.publish(msg)
-    logits = runner.run_step(msg)
+    hidden = None
+    if decoder.mtp is None:
+        msg = StepMessage(inputs, runner.graph_size)
+        runner.publish(msg)
+        logits = runner.run_step(msg)
+    else:  # one process: the MTP module needs the hidden states of every row
+        with torch.inference_mode():
+            ids, positions, meta = runner.to_device(inputs)
+            hidden = runner.model(ids, positions, meta)
+            logits = runner.model.compute_logits(hidden[meta.logits_indices])
     engine.stats["steps"] += 1
     # logits rows, in `order`: len(d) + 1 per sequence that reaches its end
     spec_rows, spec_seqs, plain_rows, plain_seqs, row = [], [], [], [], 0
@@ -213,6 +247,9 @@ def run_speculative_step(engine, batch) -> list:
         sampled = runner.sampler(logits[plain_rows], [seqs[i] for i in plain_seqs])
         for i, tok, lp in zip(plain_seqs, sampled.token_ids, sampled.logprobs):
             emitted[i], logprobs[i] = [tok], lp
+    next_drafts = {}
+    if decoder.mtp is not None:
+        next_drafts = mtp_step(decoder.mtp, runner, bm, seqs, order, num_new, emitted, hidden, inputs)
     flat_seqs, flat_tokens, flat_lps = [], [], []
     for i, seq in enumerate(seqs):
         toks = emitted.get(i, [])
@@ -221,9 +258,56 @@ def run_speculative_step(engine, batch) -> list:
         flat_tokens += toks
         flat_lps += [logprobs.get(i)] + [None] * (len(toks) - 1) if toks else []
     outputs = engine._postprocess(flat_seqs, SamplerOutput(flat_tokens, flat_lps))
-    for seq, d in zip(seqs, drafts):
+    for i, (seq, d) in enumerate(zip(seqs, drafts)):
         if not seq.is_finished:
-            if d:
+            if d and decoder.mtp is None:    # (MTP: those blocks hold the next drafts' positions)
                 bm.trim(seq, seq.num_computed_tokens)
             bm.register_full_blocks(seq)
+            if i in next_drafts:
+                decoder.pending[seq] = next_drafts[i]
     return outputs
+
+
+def mtp_step(proposer: MTPProposer, runner, block_manager, seqs: list, order: list[int], num_new: list[int],
+             emitted: dict[int, list[int]], target_hidden: torch.Tensor, target_inputs) -> dict[int, list[int]]:
+    """After a verify step (engine/spec_decode.py), before the computed counts advance: the MTP
+    module over every position whose target KV the step keeps (each sequence's new tokens and
+    its accepted drafts), with the next token at each (the emitted tokens included), so its own
+    KV stays complete; sequences that sampled draft the next step's k tokens (blocks for the
+    k - 1 positions drafting reuses the module at are taken now; a sequence the pool cannot
+    give them to drafts nothing). Returns {index in seqs: drafts}."""
+    bm, k, bs = block_manager, proposer.k, block_manager.block_size
+    entries, offset = [], 0           # (seq index, first position, kept rows, first target row, next ids, drafts?)
+    for slot, i in enumerate(order):
+        seq, toks = seqs[i], emitted.get(i)
+        start = seq.num_computed_tokens
+        kept = num_new[i] + (len(toks) - 1 if toks else 0)
+        ext = seq.token_ids + (toks or [])
+        drafts = toks is not None and bm.blocks_needed(seq, start + kept + k - 1) <= bm.num_free_blocks
+        if drafts:
+            bm.append_slots(seq, start + kept + k - 1)
+        entries.append((i, start, kept, offset, ext[start + 1:start + kept + 1], drafts))
+        offset += target_inputs.q_lens[slot]
+    entries.sort(key=lambda e: e[2] != 1)           # one-token rows first, as the attention splits them
+    ids, positions, rows, logits_rows, tables = [], [], [], [], []
+    for i, start, kept, first, next_ids, drafts in entries:
+        ids += next_ids
+        positions.append(np.arange(start, start + kept))
+        rows += range(first, first + kept)
+        if drafts:
+            logits_rows.append(len(ids) - 1)
+        tables.append(seqs[i].block_table)
+    q_lens = [e[2] for e in entries]
+    pos = np.concatenate(positions)
+    padded, slots = tables_and_slots(tables, q_lens, pos, bs)
+    inputs = StepInputs(ids=ids, positions=pos, slots=slots, q_lens=q_lens, seq_lens=[e[1] + e[2] for e in entries],
+                        tables=padded.tolist(), logits_rows=logits_rows, num_decodes=q_lens.count(1))
+    ids_t, pos_t, meta = runner.to_device(inputs)
+    hidden = target_hidden[torch.tensor(rows, dtype=torch.int64, device=target_hidden.device)]
+    if not logits_rows:                             # nothing to draft: keep the module's KV complete
+        with torch.inference_mode():
+            proposer.mtp(ids_t, pos_t, hidden, meta)
+        return {}
+    draft_ids, _ = proposer.propose(hidden, ids_t, pos_t, meta)
+    drafting = [e[0] for e in entries if e[5]]
+    return dict(zip(drafting, draft_ids.tolist()))

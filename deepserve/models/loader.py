@@ -201,7 +201,7 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     if dummy and model_config.quantization in INT4_REQUESTS:     # random 4-bit weights
         stored = int4_spec_for(cfg, model_config.quantization).method
     method = choose_quantization(model_config.quantization, stored, device)
-    model = build_model(model_config, device, pctx, method)
+    model = build_model(model_config, device, pctx, method, **({"load_mtp": True} if model_config.load_mtp else {}))
     model.quantization = method          # the start-up log counts the plan's bytes for it
     dtype = resolve_dtype(model_config, device)
     block = fp8_block_size(cfg) or (128, 128)

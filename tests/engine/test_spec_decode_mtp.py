@@ -1,0 +1,88 @@
+"""MTP speculative decoding through LLMEngine.step on a tiny DeepSeek-V3 whose checkpoint
+carries an MTP layer as R1 saves it (model.layers.{N}.*: enorm, hnorm, eh_proj, embed_tokens,
+shared_head, one decoder layer): greedy output with k = 1 and k = 3 equals plain decoding
+token for token, every block is free afterwards. (Random MTP weights draft badly, so this shows
+exactness, not acceptance.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from deepserve import LLM, SamplingParams
+from tests.models.test_deepseek import r1_style, save_deepseek
+
+PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [7, 7, 123], [200, 11, 54, 9, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 31]]
+
+
+@pytest.fixture(scope="module")
+def r1_with_mtp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("r1_mtp_engine")
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), path)
+    main = load_file(str(path / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    # the MTP block: layer 3's tensors, perturbed; its own parts random
+    mtp = {name.replace("model.layers.3.", "model.layers.4."): t + 0.05 * torch.randn(t.shape, generator=gen)
+           for name, t in main.items() if name.startswith("model.layers.3.")}
+    d, v = 64, 256
+    for part, shape in {"embed_tokens.weight": (v, d), "eh_proj.weight": (d, 2 * d),
+                        "shared_head.head.weight": (v, d)}.items():
+        mtp[f"model.layers.4.{part}"] = 0.2 * torch.randn(shape, generator=gen)
+    for part in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        mtp[f"model.layers.4.{part}"] = 1.0 + 0.1 * torch.randn(d, generator=gen)
+    save_file(mtp, str(path / "model-mtp.safetensors"))
+    assert json.loads((path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(r1_with_mtp):
+    llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs, k):
+    llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4,
+              speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    assert llm.engine.runner.model.mtp is not None
+    got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=24))
+    assert [o.outputs[0].token_ids for o in got] == plain_outputs
+    g = llm.engine.gauges()
+    assert g["spec_decode_num_drafts"] > 0 and g["spec_decode_num_draft_tokens"] >= g["spec_decode_num_drafts"]
+    assert g["spec_decode_num_draft_tokens"] <= k * g["spec_decode_num_drafts"]
+    assert g["num_free_blocks"] == g["num_blocks"]
+
+
+def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp):
+    """The drafts the engine keeps after each step (its MTP KV built step by step over kept
+    positions, accepted drafts and emitted tokens) equal the drafts of the same module run once
+    over the whole sequence with the target's hidden states."""
+    from deepserve.engine.mtp_proposer import MTPProposer
+    from tests.models.paged_harness import allocate_kv_cache, build_meta
+
+    k = 2
+    llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4,
+              speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    engine = llm.engine
+    rid = engine.add_request(None, {"prompt_token_ids": PROMPTS[2]}, SamplingParams(temperature=0, max_tokens=12))
+    seq = engine.requests[rid].seqs[0]
+    snapshots = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        if not seq.is_finished:
+            snapshots.append((list(seq.token_ids), engine.spec.pending.get(seq)))
+    assert len(snapshots) >= 3 and all(d is not None and len(d) == k for _, d in snapshots)
+    model = engine.runner.model
+    for tokens, drafts in snapshots:
+        n = len(tokens) - 1
+        allocate_kv_cache(model, 16, 4)
+        meta, positions = build_meta([n], [n], 4, 16)
+        with torch.no_grad():
+            hidden = model(torch.tensor(tokens[:-1]), positions, meta)
+        want, _ = MTPProposer(model.mtp[0], k, 4).propose(hidden, torch.tensor(tokens[1:]), positions, meta)
+        assert want[0].tolist() == drafts, tokens
