@@ -16,7 +16,7 @@ prefilled, then --steps decode steps run under torch.profiler (CUDA graphs on un
 A JSON with every number goes to benchmarks/results/ops_share_<model>_<ops>_b<batch>.json.
 
 GPU:  python benchmarks/ops_share.py --model r1-distill-llama-8b --ops triton-all --batch 1 64
-      python benchmarks/ops_share.py --model deepseek-r1 --ops triton-all --batch 1 64 \\
+      python benchmarks/ops_share.py --model deepseek-r1 --quantization fp8 --ops triton-all --batch 1 64 \\
           --hf-overrides '{"num_hidden_layers": 5}'
 CPU smoke check (no GPU time, op calls only): --device cpu --tiny
 """
@@ -56,6 +56,8 @@ def measure(args, batch: int) -> dict:
     overrides.update(json.loads(args.hf_overrides or "{}"))
     if overrides:
         kw["hf_overrides"] = overrides
+    if args.quantization:
+        kw["quantization"] = args.quantization
     llm = LLM(args.model, **kw)
     engine = llm.engine
     vocab = engine.config.model.hf_config.vocab_size
@@ -94,6 +96,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--hf-overrides", default=None, help="JSON merged over config.json, e.g. a layer cut")
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 for R1's random weights in their served form")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
