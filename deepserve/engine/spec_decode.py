@@ -18,6 +18,8 @@ depend on the drafts before each position.
 """
 from __future__ import annotations
 
+import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,6 +36,8 @@ from deepserve.engine.sampler import SamplerOutput
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.step_inputs import StepInputs, StepMessage
 from deepserve.ops.sampling import sampling_probs
+
+logger = logging.getLogger("deepserve")
 
 
 @dataclass
@@ -125,6 +129,7 @@ class SpecDecoder:
         self.mtp = mtp
         self.pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # Sequence -> MTP drafts
         self.stats = SpecStats()
+        self.log_interval_s, self._logged_at = 10.0, time.monotonic()
 
     def propose(self, seq: Sequence) -> list[int]:
         """Drafts for `seq`'s next step, never more than its max_tokens and context leave room
@@ -164,7 +169,20 @@ class SpecDecoder:
                                greedy, uniform, noise).to_lists()
         for d, toks in zip(drafts, out):
             self.stats.record(len(d), len(toks) - 1)
+        self._maybe_log()
         return out
+
+    def _maybe_log(self) -> None:
+        """vLLM's periodic spec-decode line: mean acceptance length, accepted / drafted tokens."""
+        now = time.monotonic()
+        if now - self._logged_at < self.log_interval_s:
+            return
+        self._logged_at = now
+        st = self.stats
+        logger.info("speculative decoding (%s, k=%d): mean acceptance length %.2f, %d of %d draft tokens "
+                    "accepted (%.1f%%), accepted per position %s", self.method, self.k, st.mean_acceptance_length,
+                    st.num_accepted_tokens, st.num_draft_tokens,
+                    100.0 * st.num_accepted_tokens / max(1, st.num_draft_tokens), st.accepted_per_position)
 
     @staticmethod
     def _draws(seqs: list[Sequence], k: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

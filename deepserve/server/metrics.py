@@ -37,6 +37,11 @@ GAUGES = (("num_requests_running", "Requests in the running batch.", "num_reques
           ("kv_cache_capacity_tokens", "Tokens the KV cache pool holds (blocks x block size; "
            "twice as many with --kv-cache-dtype fp8).", "kv_cache_capacity_tokens"))
 COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+            ("spec_decode_num_drafts", "Speculative decoding: sequence steps that drafted.", "spec_decode_num_drafts"),
+            ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens proposed.",
+             "spec_decode_num_draft_tokens"),
+            ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+             "spec_decode_num_accepted_tokens"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens accepted.", "prompt_tokens"),
@@ -58,6 +63,15 @@ class _EngineCollector:
             yield self._family(GaugeMetricFamily, name, help_text, snap.get(key, 0))
         for name, help_text, key in COUNTERS:
             yield self._family(CounterMetricFamily, name, help_text, snap.get(key, 0))
+        per_pos = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in snap.items()
+                         if k.startswith("spec_decode_num_accepted_tokens_per_pos_"))
+        if per_pos:
+            family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                         "Speculative decoding: draft tokens accepted at each draft position.",
+                                         labels=["model_name", "position"])
+            for j, v in per_pos:
+                family.add_metric([self.model_name, str(j)], v)
+            yield family
         queries, hits = snap.get("prefix_cache_queries", 0), snap.get("prefix_cache_hits", 0)
         yield self._family(GaugeMetricFamily, "prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                            hits / queries if queries else 0.0)

@@ -6,6 +6,7 @@ pool, and sampled first tokens follow the target distribution."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -139,11 +140,14 @@ def spec_llm():
         {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
 
 
-def test_engine_greedy_with_ngram_equals_plain(llm, spec_llm):
+def test_engine_greedy_with_ngram_equals_plain(llm, spec_llm, caplog):
     prompts = [{"prompt_token_ids": p} for p in story_prompts(llm)] + ["Lily had a cat. Lily had"]
     params = SamplingParams(temperature=0, max_tokens=40)
     plain = llm.generate(prompts, params)
-    spec = spec_llm.generate(prompts, params)
+    spec_llm.engine.spec.log_interval_s = 0.0
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        spec = spec_llm.generate(prompts, params)
+    assert "mean acceptance length" in caplog.text
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
     g = spec_llm.engine.gauges()
@@ -191,3 +195,17 @@ def test_abort_mid_speculation_frees_every_block(spec_llm):
         engine.abort_request(rid)
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_tp2_ngram_equals_plain(llm):
+    """The verify step's inputs reach the TP peer like any step's (one forward, two ranks)."""
+    prompts = [{"prompt_token_ids": p} for p in story_prompts(llm)[1:]]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    tp = LLM(block_size=4, tensor_parallel_size=2, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
+    try:
+        assert [o.outputs[0].token_ids for o in tp.generate(prompts, params)] == plain
+        assert tp.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
+    finally:
+        tp.engine.shutdown()
