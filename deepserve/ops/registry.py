@@ -91,7 +91,9 @@ def forcing_triton() -> bool:
 
 
 def op_table() -> dict[str, list[str]]:
-    return {op: sorted(impls) for op, impls in sorted(_impls.items())}
+    """The backends of each op: the built-in ones first, then out-of-tree platforms' own."""
+    order = {b: i for i, b in enumerate(known_backends())}
+    return {op: sorted(impls, key=order.__getitem__) for op, impls in sorted(_impls.items())}
 
 
 def call_totals() -> dict[str, int]:

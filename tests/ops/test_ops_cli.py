@@ -35,7 +35,7 @@ def test_ops_command_lists_backends(triton_ops, capsys, no_ops_env):
     assert chosen == "triton"
     for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding", "write_kv_cache",
                "paged_attention", "moe_route", "fused_moe", "sample", "linear"):
-        assert rows[op][0][:2] == ["torch", "triton"], (op, rows[op])
+        assert rows[op][0][:2] == ["torch", "triton"], (op, rows[op])       # built-ins first
     for op, (backends, runs) in rows.items():
         # an op without a Triton kernel runs its torch reference
         assert runs == ("triton" if "triton" in backends else "torch"), (op, backends, runs)

@@ -29,7 +29,7 @@ def test_every_kernel_is_registered(triton_ops):
     table = op_table()
     for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
                "write_kv_cache", "paged_attention"):
-        assert table[op] == ["torch", "triton"], (op, table[op])
+        assert table[op][:2] == ["torch", "triton"], (op, table[op])   # then any installed platform's own
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
