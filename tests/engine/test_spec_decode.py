@@ -209,3 +209,20 @@ def test_tp2_ngram_equals_plain(llm):
         assert tp.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
     finally:
         tp.engine.shutdown()
+
+
+def test_ngram_through_preemption_equals_plain(llm):
+    """A pool too small for the batch: sequences are preempted and recomputed while others
+    verify drafts; outputs stay those of plain decoding and every block comes back."""
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(f"Tom had {w}. Tom had {w}. Tom")} for w in
+               ("a dog", "a cat", "a red ball", "a big box", "a toy", "a friend")]
+    params = SamplingParams(temperature=0, max_tokens=28)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    small = LLM(block_size=4, num_gpu_blocks_override=30, enable_prefix_caching=False, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}))
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, params)]
+    g = small.engine.gauges()
+    assert g["num_preemptions"] > 0 and g["spec_decode_num_accepted_tokens"] > 0
+    assert got == plain
+    assert g["num_free_blocks"] == g["num_blocks"]
