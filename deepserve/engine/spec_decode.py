@@ -217,15 +217,19 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
 def run_speculative_step(engine, batch) -> list:
     """One synchronous engine step with drafts (LLMEngine with a SpecDecoder): each decode
     sequence that can speculate gets its drafts and blocks for them (none when the pool is
-    short), one forward verifies all of them beside the step's prefill chunks, sequences with
+    short; fewer when the step's token budget runs out), one forward verifies all of them beside the step's prefill chunks, sequences with
     drafts go through the rejection sampler and the others through the engine's sampler (their
     penalties, logprobs and grammars as without speculation); then the computed counts advance
     by the accepted tokens, the rejected drafts' blocks go back and full blocks are registered."""
     runner, bm, decoder = engine.runner, engine.block_manager, engine.spec
     seqs, num_new = batch.seqs, batch.num_new_tokens
+    # drafts count against the step's token budget (max_num_batched_tokens)
+    budget = engine.config.scheduler.max_num_batched_tokens - sum(num_new)
     drafts = []
     for seq, n in zip(seqs, num_new):
         d = decoder.propose(seq) if n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens else []
+        d = d[:max(0, budget)]
+        budget -= len(d)
         if d and bm.blocks_needed(seq, seq.num_tokens + len(d)) > bm.num_free_blocks:
             d = []
         if d:

@@ -226,3 +226,22 @@ def test_ngram_through_preemption_equals_plain(llm):
     assert g["num_preemptions"] > 0 and g["spec_decode_num_accepted_tokens"] > 0
     assert got == plain
     assert g["num_free_blocks"] == g["num_blocks"]
+
+
+def test_drafts_stay_within_the_token_budget(llm):
+    """max_num_batched_tokens 6 with four decoding sequences: at most 2 draft tokens a step."""
+    prompts = [{"prompt_token_ids": p} for p in story_prompts(llm)] + ["Lily had a cat. Lily had"]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    tight = LLM(block_size=4, max_num_batched_tokens=6, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
+    engine = tight.engine
+    seen = []
+    real = engine.runner.run_step
+
+    def counting(msg, *a, **kw):
+        seen.append(msg.inputs.num_tokens)
+        return real(msg, *a, **kw)
+    engine.runner.run_step = counting
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == plain
+    assert max(seen) <= 6 and engine.gauges()["spec_decode_num_drafts"] > 0
