@@ -6,13 +6,17 @@ from __future__ import annotations
 import datetime
 from importlib.metadata import entry_points
 
+import httpx
+import openai
 import pytest
 import torch
 import torch.distributed as dist
 
 import deepserve.platforms as platforms
 from deepserve import LLM, SamplingParams, ops
+from deepserve.server.metrics import parse_metrics
 from tests.conftest import DEMO_MODEL
+from tests.server.conftest import launch
 
 if not any(ep.name == "testchip" for ep in entry_points(group="deepserve.platforms")):
     pytest.skip("the test platform is not installed: pip install -e tests/platform_pkg", allow_module_level=True)
@@ -38,6 +42,14 @@ def _greedy(device: str):
     return llm, texts, dict(ops.call_counts)
 
 
+@pytest.fixture(scope="module")
+def cpu_texts():
+    """The demo model's greedy texts on the built-in cpu platform, torch ops."""
+    _, texts, calls = _greedy("cpu")
+    assert all(backend == "torch" for _, backend in calls) and all(len(t) > 20 for t in texts)
+    return texts
+
+
 def test_entry_point_platform_is_discovered(monkeypatch):
     import deepserve_testchip
     assert "testchip" in platforms.available_platforms()
@@ -51,15 +63,11 @@ def test_entry_point_platform_is_discovered(monkeypatch):
     assert (chip.name, chip.default_ops, chip.dist_backend) == ("testchip", "testchip", "testccl")
 
 
-def test_demo_model_on_the_test_platform_equals_cpu(chip_visible):
-    import deepserve_testchip
-    _, want, cpu_calls = _greedy("cpu")
-    assert all(backend == "torch" for _, backend in cpu_calls)
-    deepserve_testchip.calls["memory_info"] = 0
+def test_demo_model_on_the_test_platform_equals_cpu(cpu_texts, chip_visible):
     llm, got, chip_calls = _greedy("auto")                         # picked at start: the visible chip
     assert llm.engine.platform.name == "testchip"
     assert ops.get_backend() == "testchip"
-    assert got == want and all(len(t) > 20 for t in want)
+    assert got == cpu_texts
     # the chip's own kernels ran (norms, activation); ops it lacks ran the torch reference
     assert chip_calls[("fused_add_rms_norm", "testchip")] > 0 and chip_calls[("silu_and_mul", "testchip")] > 0
     assert ("fused_add_rms_norm", "torch") not in chip_calls and chip_calls[("linear", "torch")] > 0
@@ -84,3 +92,19 @@ def test_the_platform_dist_backend_runs_collectives(chip_visible):
         assert gathered[0].tolist() == [3.0, 4.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_server_on_the_test_platform_serves_the_cpu_text(cpu_texts, chip_visible):
+    """`deepserve serve --device testchip`: the API's greedy completions equal the CPU platform's."""
+    server = launch("--model", str(DEMO_MODEL), "--device", "testchip", "--max-model-len", "128")
+    try:
+        client = openai.OpenAI(base_url=server.v1, api_key="none", max_retries=0, timeout=120)
+        got = [client.completions.create(model=client.models.list().data[0].id, prompt=p, max_tokens=24,
+                                         temperature=0).choices[0].text for p in PROMPTS]
+        metrics = parse_metrics(httpx.get(server.url + "/metrics", timeout=30).text)
+    finally:
+        server.stop()
+    assert got == cpu_texts
+    calls = {k: v for k, v in metrics.items() if k.startswith("deepserve:op_calls_total")}
+    assert len(calls) == 1 and next(iter(calls.values())) > 0       # the chip's ops ran, none as Triton
+    assert all(v == 0 for k, v in metrics.items() if k.startswith("deepserve:triton_op_calls_total"))
