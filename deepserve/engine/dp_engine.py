@@ -81,7 +81,7 @@ class Work:
     """Something a core runs in a sync round instead of a scheduled batch (it runs a forward,
     so with expert parallel the other cores must step with it)."""
     num_tokens: int
-    run: object                 # () -> None
+    run: object                 # () -> bool: whether a forward ran (False: refused before it)
 
 
 @dataclass
@@ -332,7 +332,7 @@ def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, t
                     break
                 runner.run_published(box[0])
         else:
-            tok, eos = load_tokenizer(config)
+            _, eos = load_tokenizer(config)
             executor = DPRankExecutor(
                 lambda publish: DriverRunner(config, platform, pctx, local_rank=local_rank, eos_token_ids=eos,
                                              publish=publish, own_dp_rank_only=True),
@@ -392,13 +392,15 @@ class EngineCore:
             _, ids = self.engine.tokenize_prompt(msg.prompt)
             self.work.append(Work(len(ids), lambda: self._score(msg)))
 
-    def _add(self, msg: AddRequest) -> None:
+    def _add(self, msg: AddRequest) -> bool:
         try:
             self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids, "prompt": msg.prompt},
                                     msg.params)
-        except ValueError as exc:
+            return True
+        except ValueError as exc:  # refused by its checks, before any forward
             self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc),
                                    failed_requests=[msg.request_id]))
+            return False
 
     def _has_work(self) -> bool:
         return bool(self.work) or self.engine.has_unfinished_requests()
@@ -445,17 +447,18 @@ class EngineCore:
                 continue
             idle = IDLE_POLL_S[0]
             self.runner.graph_size = self.runner.dp_graph_size(agreed.num_tokens, not agreed.mixed, agreed.longest)
-            if work:
-                work.run()
-            elif not (batch and self._step(batch)):
+            ran = work.run() if work else bool(batch) and self._step(batch)
+            if not ran:  # the other cores' MoE layers wait for this one
                 self.runner.run_dummy()
 
-    def _score(self, score: ScorePrompt) -> None:
+    def _score(self, score: ScorePrompt) -> bool:
         try:
             logits = self.engine.prompt_logits(score.prompt)
-            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits))
-        except ValueError as exc:
+        except ValueError as exc:  # refused before the forward (too long, no free blocks)
             self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)))
+            return False
+        self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits))
+        return True
 
     def _step(self, batch) -> bool:
         """Run one step (`batch`, or the engine's own schedule when None) and push its outputs;

@@ -19,6 +19,7 @@ from deepserve.config import SchedulerConfig
 from deepserve.distributed.parallel_state import rank_layout
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.dp_engine import DataParallelEngine
+from deepserve.engine.llm_engine import RequestError
 from deepserve.engine.scheduler import DataParallelScheduler, PooledBlocks
 from deepserve.engine.sequence import Sequence
 from tests.distributed.test_parallel_engine import tiny_deepseek
@@ -97,6 +98,10 @@ class TestDataParallelExpertParallel:
         logits = dp_ep.engine.prompt_logits(MIXED[2])
         assert logits.shape == reference["logits"].shape
         torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
+        # a prompt refused before its forward: the other core's round still completes
+        with pytest.raises(RequestError, match="longer than one step allows"):
+            dp_ep.engine.prompt_logits(MIXED[0])
+        assert _tokens(dp_ep, SINGLE) == reference["single"]
 
 
 def _decode_step_bytes(llm, dp_size):
