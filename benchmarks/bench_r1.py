@@ -268,6 +268,7 @@ def case_kvattn(args, rows: list) -> None:
     """MLA decode attention over a bf16 and an fp8 latent pool (sweep_mla_decode.py's case)."""
     from sweep_setup import bandwidth_and_timer, prepare
     prepare(args.device)
+    import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels: resolve would give torch's)
     from deepserve.ops.registry import resolve
     from tests.ops.paged_batch import make_paged_batch
 
