@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
+from deepserve.ops.moe import fused_moe as fused_moe_torch
+from deepserve.ops.triton.quant_gemm import fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
@@ -283,6 +285,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     two launches, a torch MLP added after the sorted path (it streams its weights once there)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2)
+    if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
+        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
