@@ -23,7 +23,21 @@ TOKENIZERS = SHARED / "tokenizers"
 DEMO_MODEL = REPO / "deepserve" / "assets" / "stories260k"
 
 
+# Test files that start servers or several engine processes per test: marked `slow` and left
+# out of the default run (pyproject addopts), so `python -m pytest -q` stays within minutes on a
+# 2-core machine; `python -m pytest -q -m slow` runs them.
+SLOW_FILES = {
+    "tests/cli/test_guides_e2e.py", "tests/engine/test_executor.py", "tests/engine/test_dp_multinode.py",
+    "tests/engine/test_engine_core.py", "tests/engine/test_async_scheduling.py",
+    "tests/distributed/test_dp_attention.py", "tests/server/test_server_openai_features.py",
+    "tests/server/test_server_tools.py", "tests/test_platform_pkg.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).resolve().relative_to(REPO).as_posix() in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
