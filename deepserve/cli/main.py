@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # (sub-command module, in the order `deepserve --help` lists them)
@@ -37,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FLAG_NAME = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def normalize_argv(argv: list[str]) -> list[str]:
     """`--flag_name[=value]` -> `--flag-name[=value]`, as vLLM's FlexibleArgumentParser does.
     Only the flag's name changes; values (`--served-model-name deepseek_r1`) stay as given."""
     out = []
     for arg in argv:
-        if arg.startswith("--") and len(arg) > 2:
-            name, sep, value = arg.partition("=")
+        name, sep, value = arg.partition("=")
+        # a flag token only: a value that starts with "--" (validate's `--b "--hf-overrides '{...}'"`)
+        # keeps its underscores
+        if _FLAG_NAME.fullmatch(name):
             arg = name.replace("_", "-") + sep + value
         out.append(arg)
     return out
