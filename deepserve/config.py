@@ -142,7 +142,7 @@ class CacheConfig:
 
     @property
     def fp8_kv(self) -> bool:
-        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
+        return self.kv_cache_dtype != "auto"      # every other KV_CACHE_DTYPES entry is e4m3
 
 
 def check_data_parallel_nodes(args) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepserve.config import load_hf_config
+from deepserve.config import KV_CACHE_DTYPES, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS
 
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--activation-reserve", default=None,
                    help="memory per GPU kept for activations, CUDA graphs and NCCL buffers "
                    "(default 4GiB for models of 20B parameters or more, else 2GiB)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="KV cache storage as `serve --kv-cache-dtype` (fp8: one byte a value)")
     p.add_argument("--include-mtp", action="store_true",
                    help="also load the MTP module (DeepSeek-V3/R1 speculative drafting)")

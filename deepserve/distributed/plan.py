@@ -78,7 +78,7 @@ class Plan:
 
     @property
     def kv_dtype_bytes(self) -> int:
-        return 1 if self.kv_cache_dtype in ("fp8", "fp8_e4m3") else DTYPE_BYTES[self.dtype]
+        return DTYPE_BYTES[self.dtype] if self.kv_cache_dtype == "auto" else 1
 
     @property
     def usable_bytes(self) -> int:
