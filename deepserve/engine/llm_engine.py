@@ -27,7 +27,7 @@ from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.spec_decode import make_spec_decoder, run_speculative_step
+from deepserve.engine.spec_decode import make_spec_decoder, needs_sync_step, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
@@ -140,7 +140,7 @@ class LLMEngine:
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
-        # speculative decoding (engine/spec_decode.py), synchronous steps only
+        # speculative decoding (engine/spec_decode.py): drafting steps run synchronously
         self.spec = make_spec_decoder(self.config, self.runner)
 
     # ------------------------------------------------------------------ requests
@@ -300,12 +300,14 @@ class LLMEngine:
         on the device. A sequence that the previous step's token finishes has been launched
         once more: that row's result is dropped (its blocks are freed; later steps that reuse
         them run after it on the same stream). Steps that need the host's token history
-        (logprobs, penalties, min_tokens) run synchronously, after the previous tokens land.
+        (logprobs, penalties, min_tokens) run synchronously, after the previous tokens land,
+        and so do speculative steps that draft (`needs_sync_step`: the next step's positions
+        depend on how many drafts this one accepts, and n-gram drafts read the last token).
         `batch`: already scheduled (a DP engine core schedules before the DP ranks agree)."""
         prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule() if batch is None else batch
         launched = None
-        if batch and all(self._async_ok(seq) for seq in batch.seqs):
+        if batch and all(self._async_ok(seq) for seq in batch.seqs) and not needs_sync_step(self.spec, batch):
             launched = self.runner.launch(batch, prev)
             self.stats["steps"] += 1
             for seq, n in zip(batch.seqs, batch.num_new_tokens):

@@ -79,6 +79,20 @@ def can_speculate(seq: Sequence) -> bool:
     return not (p.needs_host_history or p.logit_bias or getattr(p, "allowed_token_ids", None))
 
 
+def needs_sync_step(decoder: Optional["SpecDecoder"], batch) -> bool:
+    """Under async scheduling, whether this step runs synchronously through
+    `run_speculative_step` once the previous step's tokens are on the host: with mtp every
+    step (the module runs over each step's kept positions, so its KV stays whole, and drafts
+    with their hidden states); with ngram a step with a decode that may draft (its drafts
+    are looked up from its last token, and the next step's positions depend on how many are
+    accepted). Other steps launch ahead as without speculation."""
+    if decoder is None:
+        return False
+    if decoder.mtp is not None:
+        return True
+    return any(n == 1 and can_speculate(seq) for seq, n in zip(batch.seqs, batch.num_new_tokens))
+
+
 def verify_inputs(seqs: list[Sequence], num_new: list[int], drafts: list[list[int]], block_size: int
                   ) -> tuple[StepInputs, list[int]]:
     """The flat batch of one step: each sequence's `num_new` tokens from num_computed_tokens,

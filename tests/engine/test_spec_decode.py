@@ -245,3 +245,25 @@ def test_drafts_stay_within_the_token_budget(llm):
     engine.runner.run_step = counting
     assert [o.outputs[0].token_ids for o in tight.generate(prompts, params)] == plain
     assert max(seen) <= 6 and engine.gauges()["spec_decode_num_drafts"] > 0
+
+
+def test_async_scheduling_with_ngram_equals_plain(llm, monkeypatch):
+    """--async-scheduling with n-gram drafts: steps that draft run synchronously, the others
+    (the prefill, a request with logit_bias decoding alone) launch ahead; greedy tokens and
+    texts equal synchronous plain decoding, drafts are accepted, every block comes back."""
+    prompts = [{"prompt_token_ids": p} for p in story_prompts(llm)] + ["Lily had a cat. Lily had"]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (40, 12, 30)] + [
+        SamplingParams(temperature=0, max_tokens=60, logit_bias={5: -2.0})]
+    plain = llm.generate(prompts, params)
+    spec = LLM(block_size=4, async_scheduling=True, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
+    runner, calls = spec.engine.runner, []
+    real = runner.launch
+    monkeypatch.setattr(runner, "launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    got = spec.generate(prompts, params)
+    assert [(o.outputs[0].token_ids, o.outputs[0].text) for o in got] == \
+        [(o.outputs[0].token_ids, o.outputs[0].text) for o in plain]
+    g = spec.engine.gauges()
+    assert len(calls) > 10 and g["spec_decode_num_accepted_tokens"] > 0
+    assert g["steps"] < g["generation_tokens"]
+    assert g["num_free_blocks"] == g["num_blocks"]

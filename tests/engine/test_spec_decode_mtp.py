@@ -86,3 +86,13 @@ def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp):
             hidden = model(torch.tensor(tokens[:-1]), positions, meta)
         want, _ = MTPProposer(model.mtp[0], k, 4).propose(hidden, torch.tensor(tokens[1:]), positions, meta)
         assert want[0].tolist() == drafts, tokens
+
+
+def test_async_scheduling_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
+    llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4, async_scheduling=True,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    assert llm.engine.async_scheduling
+    got = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=24))
+    assert [o.outputs[0].token_ids for o in got] == plain_outputs
+    g = llm.engine.gauges()
+    assert g["spec_decode_num_drafts"] > 0 and g["num_free_blocks"] == g["num_blocks"]
