@@ -74,7 +74,8 @@ class LinearBase(nn.Module):
     def plain_weight(self) -> Optional[torch.Tensor]:
         """W when this layer's forward is exactly x W^T on this rank (unquantized, no bias,
         nothing gathered or reduced across ranks), so a caller may fuse it into another
-        kernel; else None. Asked per call: quantization swaps the method after the build."""
+        kernel; else None. Asked after loading (the callers' `process_weights_after_loading`):
+        quantization swaps the method after the build."""
         if not isinstance(self.quant_method, UnquantizedLinearMethod) or self.bias is not None \
                 or self.crosses_ranks():
             return None

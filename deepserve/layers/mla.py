@@ -68,10 +68,17 @@ class MLAAttention(nn.Module):
     def kv_cache_shapes(self, block_size: int) -> list[tuple[int, ...]]:
         return [(block_size, 1, self.kv_lora_rank + self.rope_dim)]
 
-    # ------------------------------------------------------------------ helpers
-    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def process_weights_after_loading(self) -> None:
+        """Decided once the weights are in place: whether the first q projection and
+        kv_a_proj_with_mqa run as one `ops.linear_pair` (both plain x W^T on this rank, so a
+        single row needs one launch), and W_UK / W_UV as views of kv_b_proj's weight."""
+        q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        self.q_kv_a_pair = (q_first.plain_weight() is not None
+                            and self.kv_a_proj_with_mqa.plain_weight() is not None)
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, :self.nope_dim], w[:, self.nope_dim:]         # [H, nope, C], [H, v, C]
+        self.w_uk, self.w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]    # [H, nope, C], [H, v, C]
+
+    # ------------------------------------------------------------------ helpers
 
     def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
         """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
@@ -110,10 +117,8 @@ class MLAAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, D] (decode tokens first, then prefill tokens) -> [T, D]."""
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        w_q, w_kv = q_first.plain_weight(), self.kv_a_proj_with_mqa.plain_weight()
-        if w_q is not None and w_kv is not None:
-            # both read x: one launch for a single row (ops.linear_pair)
-            q, kv_a = ops.linear_pair(x, w_q, w_kv)
+        if self.q_kv_a_pair:
+            q, kv_a = ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
         else:
             q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
         if self.q_lora_rank is not None:
@@ -121,7 +126,7 @@ class MLAAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.qk_head_dim)
         (pool,) = self.kv_cache
         rope = self.rotary_emb
-        (w_uk, w_uv), norm = self._w_uk_uv(), self.kv_a_layernorm
+        w_uk, w_uv, norm = self.w_uk, self.w_uv, self.kv_a_layernorm
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
             q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,

@@ -62,6 +62,23 @@ class MoEGate(nn.Module):
         return ops.linear(x, self.weight)      # fp32 weight: fp32 logits
 
 
+class UnquantizedExperts:
+    """16-bit experts: `ops.fused_moe` over the stacked w13 / w2."""
+
+    def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids)
+
+
+class Fp8Experts:
+    """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`)."""
+
+    def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
+                             w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv)
+
+
 class FusedMoE(nn.Module):
     """Routed SwiGLU experts with stacked weights: (x [T, D], weights [T, k], ids [T, k]) -> [T, D]."""
 
@@ -84,7 +101,10 @@ class FusedMoE(nn.Module):
             self.local_intermediate = divide(intermediate_size, self.pctx.tp_size, "moe_intermediate_size")
             self.inter_start = self.pctx.tp_rank * self.local_intermediate
         self.stored_intermediate = self.local_intermediate    # padded up for fp8 (use_fp8)
-        self.quant = None      # a routed-expert method owning the weights (layers/moe_int4.py)
+        # the method that owns the experts' storage format and runs them: 16-bit here, swapped
+        # for Fp8Experts (use_fp8) or Int4Experts (layers/moe_int4.py) before loading
+        self.quant = UnquantizedExperts()
+        self.fp8 = False
         e, i = self.num_local_experts, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=params_dtype),
                                        requires_grad=False)
@@ -92,10 +112,6 @@ class FusedMoE(nn.Module):
                                       requires_grad=False)
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
-
-    @property
-    def fp8(self) -> bool:
-        return getattr(self, "w13_weight", None) is not None and self.w13_weight.dtype == FP8_DTYPE
 
     def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
         """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before loading."""
@@ -127,12 +143,7 @@ class FusedMoE(nn.Module):
         self.w2_weight_scale_inv = param(e, kb_d, kb_i, dtype=torch.float32)
         for p in (self.w13_weight, self.w2_weight):
             p.quantize_on_load = True     # takes float tensors too (init_dummy_weights, --quantization)
-
-    def scales(self) -> dict:
-        """The fp8 keyword arguments of ops.fused_moe (none for 16-bit experts)."""
-        if not self.fp8:
-            return {}
-        return dict(w13_scale=self.w13_weight_scale_inv, w2_scale=self.w2_weight_scale_inv)
+        self.quant, self.fp8 = Fp8Experts(), True
 
     def dummy_shards(self):
         """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""
@@ -238,11 +249,8 @@ class FusedMoE(nn.Module):
         return self.pctx.ep_all_reduce(out) if self.use_ep else self.pctx.tp_all_reduce(out)
 
     def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """This rank's experts on x (ids local to the rank): the 16-bit / fp8 fused op, or the op of
-        the expert method that owns the weights."""
-        if self.quant is not None:
-            return self.quant.apply(self, x, topk_weights, topk_ids)
-        return ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, **self.scales())
+        """This rank's experts on x (ids local to the rank), run by the method that owns the weights."""
+        return self.quant.apply(self, x, topk_weights, topk_ids)
 
     def _dp_exchange(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      dp_num_tokens: Optional[list[int]]) -> torch.Tensor:

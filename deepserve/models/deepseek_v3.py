@@ -32,7 +32,7 @@ from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from deepserve.layers.mla import MLAAttention
-from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate
+from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate, UnquantizedExperts
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from deepserve.models.llama import LlamaMLP
@@ -84,28 +84,29 @@ class DeepseekMoE(nn.Module):
         n_shared = cfg.get("n_shared_experts") or 0
         self.shared_experts = (LlamaMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dtype, pctx,
                                         bool(cfg.get("mlp_bias", False))) if n_shared else None)
+        # whether the shared experts run inside the routed experts' op, decided after loading
+        self.shared_in_experts = False
 
-    def fusable_shared_weights(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(gate_up [2*Is, D], down [D, Is]) when the shared experts can run inside the routed
-        experts' op (one more expert of weight 1.0: at decode it saves three launches a layer):
-        one process (tp 1, ep 1, so no reduction between the routed and shared sums), and
-        unquantized 16-bit weights without bias in x's dtype. Decided at each call, because
-        quantization swaps the linears' methods after the model is built."""
+    def process_weights_after_loading(self) -> None:
+        """The shared experts run inside the routed experts' op (one more expert of weight 1.0:
+        at decode it saves three launches a layer) when that sums the same thing: one process
+        (tp 1, ep 1, so no reduction between the routed and shared sums), 16-bit routed experts,
+        and unquantized 16-bit shared weights without bias."""
         p, mlp = self.experts.pctx, self.shared_experts
-        if mlp is None or p.tp_size != 1 or p.ep_size != 1 or self.experts.fp8 or self.experts.quant is not None:
-            return None
-        weights = (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
-        if any(w is None or w.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype for w in weights):
-            return None
-        return weights
+        weights = (None,) if mlp is None else (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
+        self.shared_in_experts = (p.tp_size == 1 and p.ep_size == 1
+                                  and isinstance(self.experts.quant, UnquantizedExperts)
+                                  and all(w is not None and w.dtype in (torch.bfloat16, torch.float16)
+                                          for w in weights))
 
     def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
         # the gate and the shared experts see this DP rank's tokens only; with DP attention +
         # EP the routed experts exchange tokens across the DP group (layers/moe.py)
         weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
-        shared = self.fusable_shared_weights(x)
-        if shared is not None:
-            return self.experts(x, weights, ids, dp_num_tokens, shared_w13=shared[0], shared_w2=shared[1])
+        if self.shared_in_experts:
+            mlp = self.shared_experts
+            return self.experts(x, weights, ids, dp_num_tokens, shared_w13=mlp.gate_up_proj.weight,
+                                shared_w2=mlp.down_proj.weight)
         out = self.experts(x, weights, ids, dp_num_tokens)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

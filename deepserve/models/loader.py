@@ -21,7 +21,9 @@ outside the policy (layers/quantization.py: embeddings, LM head, norms, router g
 MTP eh_proj) are dequantized at load to the model dtype.
 
 The model is built on the meta device, given its quantized layouts, then materialised
-(`build_model`), so device memory only ever holds the tensors the engine serves from.
+(`build_model`), so device memory only ever holds the tensors the engine serves from. Once its
+weights are in place (loaded or random), `process_weights_after_loading` makes the fusion and
+quantization choices that forwards read as plain attributes.
 """
 from __future__ import annotations
 
@@ -193,6 +195,17 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
     return model
 
 
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """Run every module's `process_weights_after_loading` once its weights are in place
+    (loaded or random), children before parents: the fusion and quantization choices a forward
+    would otherwise re-check each call (fused projections, shared experts inside the routed
+    experts' op, MLA's W_UK / W_UV views) become plain attributes."""
+    for module in reversed(list(model.modules())):
+        hook = getattr(module, "process_weights_after_loading", None)
+        if hook is not None:
+            hook()
+
+
 @torch.no_grad()
 def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None):
     cfg = model_config.hf_config
@@ -232,4 +245,5 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
         if missing:
             raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {', '.join(missing[:5])}"
                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    process_weights_after_loading(model)
     return model.eval()

@@ -16,6 +16,7 @@ from deepserve.layers.moe import FusedMoE
 from deepserve.layers.rotary import RotaryEmbedding
 from deepserve.models.deepseek_mtp import DeepseekMTP
 from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM, routing_settings
+from deepserve.models.loader import process_weights_after_loading
 from deepserve.models.weights import iterate_checkpoint
 from tests.models.hf_reference import assert_close_rel, hf_greedy, hf_logits, load_ours, save_tiny
 from tests.models.paged_harness import allocate_kv_cache, build_meta, greedy_generate, prefill_logits
@@ -137,6 +138,7 @@ def test_absorbed_decode_equals_expanded_attention():
         with torch.no_grad():
             for p in attn.parameters():
                 p.copy_(torch.randn_like(p) * 0.3)
+        attn.process_weights_after_loading()
         outs = []
         for num_decodes in (1, 0):
             attn.kv_cache = [torch.zeros(8, 4, 1, 40)]
@@ -308,6 +310,7 @@ def test_mtp_layer_loads_into_its_own_module(mtp_checkpoint):
     model = DeepseekV3ForCausalLM(cfg, load_mtp=True)
     loaded = model.load_weights(iterate_checkpoint(path))
     assert loaded == {n for n, _ in model.named_parameters()}
+    process_weights_after_loading(model)
     assert len(model.model.layers) == 4 and len(model.mtp) == 1
     _check_mtp_values(model.mtp[0], tensors)
     # the main model is untouched by the MTP tensors
@@ -331,6 +334,7 @@ def _parallel_worker(rank, mode, port, path, out_dir):
         pctx = ParallelContext(**{f"{mode}_rank": rank, f"{mode}_size": 2})
         model = DeepseekV3ForCausalLM(cfg, pctx=pctx)
         model.load_weights(iterate_checkpoint(path))
+        process_weights_after_loading(model)
         torch.save(prefill_logits(model, PROMPTS), f"{out_dir}/{mode}{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from deepserve.config import HFConfig
 from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.models.deepseek_mtp import DeepseekMTP
+from deepserve.models.loader import process_weights_after_loading
 from tests.models.hf_reference import assert_close_rel
 from tests.models.paged_harness import allocate_kv_cache, build_meta
 from tests.models.test_deepseek import r1_style, save_deepseek
@@ -44,6 +45,7 @@ def mtp_pair(tmp_path_factory):
     config.update(num_hidden_layers=MTP_LAYER, first_k_dense_replace=2, num_nextn_predict_layers=1)
     ours = DeepseekMTP(HFConfig(config), layer_idx=MTP_LAYER)
     assert ours.load_weights(iter(tensors.items())) == {n for n, _ in ours.named_parameters()}
+    process_weights_after_loading(ours)
     return ours, {k.split(f"layers.{MTP_LAYER}.")[1]: t for k, t in tensors.items()}, ref
 
 

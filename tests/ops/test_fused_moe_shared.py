@@ -170,24 +170,27 @@ def tiny_moe_config(**overrides):
     return HFConfig(dict(raw, **overrides))
 
 
+def shared_in_experts(moe: DeepseekMoE) -> bool:
+    moe.process_weights_after_loading()
+    return moe.shared_in_experts
+
+
 def test_deepseek_moe_fuses_only_unquantized_16_bit_single_process():
-    x16 = torch.zeros(1, 32, dtype=torch.bfloat16)
-    moe = DeepseekMoE(tiny_moe_config(), torch.bfloat16, ParallelContext())
-    w13, w2 = moe.fusable_shared_weights(x16)
-    assert w13 is moe.shared_experts.gate_up_proj.weight and w2 is moe.shared_experts.down_proj.weight
-    assert tuple(w13.shape) == (64, 32) and tuple(w2.shape) == (32, 32)
-    assert DeepseekMoE(tiny_moe_config(), torch.float32, ParallelContext()).fusable_shared_weights(
-        x16.float()) is None
-    assert DeepseekMoE(tiny_moe_config(mlp_bias=True), torch.bfloat16, ParallelContext()
-                       ).fusable_shared_weights(x16) is None
-    assert DeepseekMoE(tiny_moe_config(n_shared_experts=0), torch.bfloat16, ParallelContext()
-                       ).fusable_shared_weights(x16) is None
+    assert shared_in_experts(DeepseekMoE(tiny_moe_config(), torch.bfloat16, ParallelContext()))
+    assert shared_in_experts(DeepseekMoE(tiny_moe_config(), torch.float16, ParallelContext()))
+    assert not shared_in_experts(DeepseekMoE(tiny_moe_config(), torch.float32, ParallelContext()))
+    assert not shared_in_experts(DeepseekMoE(tiny_moe_config(mlp_bias=True), torch.bfloat16, ParallelContext()))
+    assert not shared_in_experts(DeepseekMoE(tiny_moe_config(n_shared_experts=0), torch.bfloat16,
+                                             ParallelContext()))
     for pctx in (ParallelContext(tp_size=2), ParallelContext(ep_size=2)):
-        assert DeepseekMoE(tiny_moe_config(), torch.bfloat16, pctx).fusable_shared_weights(x16) is None
+        assert not shared_in_experts(DeepseekMoE(tiny_moe_config(), torch.bfloat16, pctx))
     for method in ("fp8", "w8a8-int8"):
         quantized = DeepseekMoE(tiny_moe_config(), torch.bfloat16, ParallelContext())
         quantized.shared_experts.down_proj.set_quant_method(make_method(method, (128, 128)))
-        assert quantized.fusable_shared_weights(x16) is None
+        assert not shared_in_experts(quantized)
+    fp8_experts = DeepseekMoE(tiny_moe_config(moe_intermediate_size=128), torch.bfloat16, ParallelContext())
+    fp8_experts.experts.use_fp8()
+    assert not shared_in_experts(fp8_experts)
 
 
 def test_fused_moe_layer_refuses_shared_weights_across_ranks():
@@ -216,7 +219,9 @@ def tiny_bf16(tmp_path_factory):
 def run_model(model, unfused: bool, monkeypatch):
     with monkeypatch.context() as m:
         if unfused:
-            m.setattr(DeepseekMoE, "fusable_shared_weights", lambda self, x: None)
+            for layer in model.model.layers:
+                if isinstance(layer.mlp, DeepseekMoE):
+                    m.setattr(layer.mlp, "shared_in_experts", False)
         # the two-token prompt routes T*k = 6 <= 8 assignments: the small path, as decode does
         logits = torch.cat([prefill_logits(model, PROMPTS), prefill_logits(model, [PROMPTS[0][:2]])])
         return logits, greedy_generate(model, PROMPTS, max_new=4)

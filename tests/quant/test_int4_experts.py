@@ -16,6 +16,7 @@ import transformers
 
 from deepserve import LLM
 from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.layers.moe_int4 import Int4Experts
 from tests.models.hf_reference import save_tiny
 from tests.quant.int4_formats import quantization_config
 from tests.quant.test_int4_loading import PROMPTS, TOKENIZER, _packed, _quantize_folder, _spec
@@ -56,7 +57,7 @@ def test_deepseek_with_4bit_experts_equals_the_dequantized_model(tmp_path, fmt, 
     q, deq = _quantize_folder(tmp_path / "ref", tmp_path, fmt, group, sym, act_order)
     llm = LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER)
     experts = llm.engine.runner.model.model.layers[2].mlp.experts
-    assert (experts.quant is not None) == (not act_order)
+    assert isinstance(experts.quant, Int4Experts) == (not act_order)
     if not act_order:
         packed = experts.w13_qweight if fmt != "compressed-tensors" else experts.w13_weight_packed
         assert packed.dtype == torch.int32 and packed.shape == (8, 64, 8)    # E, 2I, D/8
@@ -71,7 +72,6 @@ def test_int4_experts_split_over_tp_and_ep_ranks_sum_to_the_whole(fmt, group, sy
     """Two TP ranks (each a slice of I, down's groups sliced with it) or two EP ranks (whole
     experts) of 4-bit experts, their partial outputs summed, give the one-process experts."""
     from deepserve.layers.moe import FusedMoE
-    from deepserve.layers.moe_int4 import Int4Experts
     spec = _spec(fmt, group, sym, False)
     e, d, i = 4, 64, 64
     ckpt = {}
@@ -140,7 +140,7 @@ def test_dummy_4bit_weights_for_speed_tests(tmp_path, arch, quantization):
     w = dequant_int4(q, s, z, None, down.quant_method.group_size)
     assert q.dtype == torch.int32 and abs(w.std().item() - 0.02) < 0.002
     if arch == "deepseek":
-        assert model.model.layers[2].mlp.experts.quant is not None
+        assert isinstance(model.model.layers[2].mlp.experts.quant, Int4Experts)
     a = torch.cat(llm.prompt_logits(PROMPTS))
     assert torch.isfinite(a).all()
     b = torch.cat(LLM(model=str(tmp_path / "ref"), **kw).prompt_logits(PROMPTS))
