@@ -28,9 +28,10 @@ import torch.distributed as dist
 from deepserve import ops
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
-from deepserve.engine.input_staging import InputStaging
+from deepserve.engine.input_staging import InputStaging, to_device_async
+from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.pipeline import PipelineStage
-from deepserve.engine.step_inputs import StepInputs, StepMessage
+from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
 from deepserve.distributed.plan_bytes import Layout, weight_breakdown
@@ -98,6 +99,12 @@ class ModelRunner:
             self.kv_layers = [m for m in self.kv_layers if id(m) in held]
         self.vocab_size = config.model.hf_config.vocab_size
         self.pipeline = PipelineStage(self) if self.pctx.pp_size > 1 else None
+        # speculative decoding with mtp: the model's first MTP layer drafts on every rank (its
+        # layers sharded like the target's), from the hidden states a verify step keeps
+        spec = config.speculative
+        self.mtp = (MTPProposer(self.model.mtp[0], spec.num_speculative_tokens, self.block_size)
+                    if spec is not None and spec.method == "mtp" else None)
+        self.hidden: Optional[torch.Tensor] = None
 
         t0 = time.perf_counter()
         self.num_blocks = self._decide_num_blocks()
@@ -203,13 +210,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
-                       dp_num_tokens: Optional[list[int]] = None, graph_size: int = 0) -> Optional[torch.Tensor]:
+                       dp_num_tokens: Optional[list[int]] = None, graph_size: int = 0,
+                       keep_hidden: bool = False) -> Optional[torch.Tensor]:
         """Logits of the rows in meta.logits_indices (None on pipeline stages but the first).
         `dp_num_tokens`: every DP rank's token count this step (DP attention + EP; the model
         gathers them when not given); `graph_size`: the CUDA graph every DP rank replays this
-        step (0: eager), with DP + EP."""
+        step (0: eager), with DP + EP; `keep_hidden`: keep every row's hidden state in
+        `self.hidden` for the MTP step that follows."""
         if self.pipeline is not None:
             return self.pipeline.forward(input_ids, positions, meta, dp_num_tokens)
+        if keep_hidden:
+            extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
+            self.hidden = self.model(input_ids, positions, meta, **extra)
+            return self.model.compute_logits(self.hidden[meta.logits_indices])
         if self.graphs is not None and self.pctx.moe_dp_exchange:
             if graph_size:
                 return self.graphs.run(input_ids, positions, meta, graph_size)
@@ -235,7 +248,21 @@ class ModelRunner:
         if msg.device_ids:
             self.share_ids(ids)
         return self.forward_logits(ids, positions, meta, dp_num_tokens=msg.dp_num_tokens,
-                                   graph_size=msg.graph_size)
+                                   graph_size=msg.graph_size, keep_hidden=msg.keep_hidden)
+
+    @torch.inference_mode()
+    def run_mtp(self, msg: MTPStepMessage) -> Optional[torch.Tensor]:
+        """The MTP module over a verify step's kept positions, fed by the hidden states that
+        step kept -> draft ids [S, k] of the sequences that draft (None when none does: the
+        module runs once, writing its KV). Every rank runs it on its shard; the logits are
+        gathered over TP, so every rank drafts the same tokens."""
+        ids, positions, meta = self.to_device(msg.inputs)
+        rows = to_device_async(msg.target_rows, torch.int64, self.device)
+        hidden, self.hidden = self.hidden[rows], None
+        if not msg.inputs.logits_rows:
+            self.mtp.mtp(ids, positions, hidden, meta)
+            return None
+        return self.mtp.propose(hidden, ids, positions, meta)[0]
 
     def share_ids(self, ids: torch.Tensor) -> None:
         """The driver's input ids to its TP peers of the first pipeline stage (the stage that
@@ -253,6 +280,9 @@ class WorkerRunner(ModelRunner):
     @torch.inference_mode()
     def run_published(self, msg) -> None:
         from deepserve.engine.step_inputs import DPStepMessage
+        if isinstance(msg, MTPStepMessage):
+            self.run_mtp(msg)
+            return
         if not isinstance(msg, DPStepMessage):
             self.run_step(msg)
             return

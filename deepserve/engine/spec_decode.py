@@ -34,7 +34,7 @@ from deepserve.engine.ngram_proposer import NgramProposer
 from deepserve.engine.rejection_sampler import rejection_sample
 from deepserve.engine.sampler import SamplerOutput
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.step_inputs import StepInputs, StepMessage
+from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.ops.sampling import sampling_probs
 
 logger = logging.getLogger("deepserve")
@@ -222,10 +222,7 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
     spec = config.speculative
     if spec is None:
         return None
-    mtp = None
-    if spec.method == "mtp":
-        mtp = MTPProposer(runner.model.mtp[0], spec.num_speculative_tokens, config.cache.block_size)
-    return SpecDecoder(spec, config.model.max_model_len, mtp)
+    return SpecDecoder(spec, config.model.max_model_len, runner.mtp)
 
 
 def run_speculative_step(engine, batch) -> list:
@@ -250,16 +247,10 @@ def run_speculative_step(engine, batch) -> list:
             bm.append_slots(seq, seq.num_tokens + len(d))
         drafts.append(d)
     inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
-    hidden = None
-    if decoder.mtp is None:
-        msg = StepMessage(inputs, runner.graph_size)
-        runner.publish(msg)
-        logits = runner.run_step(msg)
-    else:  # one process: the MTP module needs the hidden states of every row
-        with torch.inference_mode():
-            ids, positions, meta = runner.to_device(inputs)
-            hidden = runner.model(ids, positions, meta)
-            logits = runner.model.compute_logits(hidden[meta.logits_indices])
+    # (mtp: every rank keeps the hidden states of every row for the MTP step)
+    msg = StepMessage(inputs, runner.graph_size, keep_hidden=decoder.mtp is not None)
+    runner.publish(msg)
+    logits = runner.run_step(msg)
     engine.stats["steps"] += 1
     # logits rows, in `order`: len(d) + 1 per sequence that reaches its end
     spec_rows, spec_seqs, plain_rows, plain_seqs, row = [], [], [], [], 0
@@ -285,7 +276,7 @@ def run_speculative_step(engine, batch) -> list:
             emitted[i], logprobs[i] = [tok], lp
     next_drafts = {}
     if decoder.mtp is not None:
-        next_drafts = mtp_step(decoder.mtp, runner, bm, seqs, order, num_new, emitted, hidden, inputs)
+        next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs)
     flat_seqs, flat_tokens, flat_lps = [], [], []
     for i, seq in enumerate(seqs):
         toks = emitted.get(i, [])
@@ -304,15 +295,15 @@ def run_speculative_step(engine, batch) -> list:
     return outputs
 
 
-def mtp_step(proposer: MTPProposer, runner, block_manager, seqs: list, order: list[int], num_new: list[int],
-             emitted: dict[int, list[int]], target_hidden: torch.Tensor, target_inputs) -> dict[int, list[int]]:
+def mtp_step(runner, block_manager, seqs: list, order: list[int], num_new: list[int],
+             emitted: dict[int, list[int]], target_inputs: StepInputs) -> dict[int, list[int]]:
     """After a verify step (engine/spec_decode.py), before the computed counts advance: the MTP
     module over every position whose target KV the step keeps (each sequence's new tokens and
     its accepted drafts), with the next token at each (the emitted tokens included), so its own
     KV stays complete; sequences that sampled draft the next step's k tokens (blocks for the
     k - 1 positions drafting reuses the module at are taken now; a sequence the pool cannot
     give them to drafts nothing). Returns {index in seqs: drafts}."""
-    bm, k, bs = block_manager, proposer.k, block_manager.block_size
+    bm, k, bs = block_manager, runner.mtp.k, block_manager.block_size
     entries, offset = [], 0           # (seq index, first position, kept rows, first target row, next ids, drafts?)
     for slot, i in enumerate(order):
         seq, toks = seqs[i], emitted.get(i)
@@ -338,12 +329,10 @@ def mtp_step(proposer: MTPProposer, runner, block_manager, seqs: list, order: li
     padded, slots = tables_and_slots(tables, q_lens, pos, bs)
     inputs = StepInputs(ids=ids, positions=pos, slots=slots, q_lens=q_lens, seq_lens=[e[1] + e[2] for e in entries],
                         tables=padded.tolist(), logits_rows=logits_rows, num_decodes=q_lens.count(1))
-    ids_t, pos_t, meta = runner.to_device(inputs)
-    hidden = target_hidden[torch.tensor(rows, dtype=torch.int64, device=target_hidden.device)]
-    if not logits_rows:                             # nothing to draft: keep the module's KV complete
-        with torch.inference_mode():
-            proposer.mtp(ids_t, pos_t, hidden, meta)
+    msg = MTPStepMessage(inputs, rows)
+    runner.publish(msg)
+    draft_ids = runner.run_mtp(msg)                 # (None: nothing to draft, the module's KV kept whole)
+    if draft_ids is None:
         return {}
-    draft_ids, _ = proposer.propose(hidden, ids_t, pos_t, meta)
     drafting = [e[0] for e in entries if e[5]]
     return dict(zip(drafting, draft_ids.tolist()))

@@ -96,6 +96,20 @@ class StepMessage:
     # async scheduling: some input ids are last step's samples, still on the driver's device;
     # the driver broadcasts the step's ids over its TP group before the forward
     device_ids: bool = False
+    # speculative decoding with mtp: every rank keeps the step's hidden states [T, D] for the
+    # MTP step that follows (`MTPStepMessage`)
+    keep_hidden: bool = False
+
+
+@dataclass
+class MTPStepMessage:
+    """The MTP module's forward after a verify step kept its hidden states (speculative
+    decoding with mtp, engine/spec_decode.py): its flat batch (`inputs.ids` the next token at
+    each kept position), the rows of the verify step's hidden states that feed it, and whether
+    any sequence drafts (`inputs.logits_rows`: each drafting sequence's last row): then the
+    module runs k times (engine/mtp_proposer.py), else once to write its KV."""
+    inputs: StepInputs
+    target_rows: list[int]
 
 
 @dataclass

@@ -96,3 +96,28 @@ def test_async_scheduling_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
     assert [o.outputs[0].token_ids for o in got] == plain_outputs
     g = llm.engine.gauges()
     assert g["spec_decode_num_drafts"] > 0 and g["num_free_blocks"] == g["num_blocks"]
+
+
+def test_tp2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
+    """TP=2 (gloo): the MTP layer is sharded like the target's (vocab-parallel embedding and
+    head, TP attention and experts); both ranks keep the verify step's hidden states and run
+    the MTP step their driver publishes, drafting the same tokens from gathered logits."""
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+    prompts, params = [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=24)
+
+    def drafts_seen(llm):
+        seen, real = [], llm.engine.spec.verify
+        llm.engine.spec.verify = lambda logits, seqs, drafts: (seen.append(drafts), real(logits, seqs, drafts))[1]
+        return seen
+    with LLM(model=r1_with_mtp, dtype="float32", block_size=4, speculative_config=spec) as one:
+        want = drafts_seen(one)
+        one.generate(prompts, params)
+    with LLM(model=r1_with_mtp, dtype="float32", block_size=4, tensor_parallel_size=2,
+             speculative_config=spec) as llm:
+        got_drafts = drafts_seen(llm)
+        got = llm.generate(prompts, params)
+        g = llm.engine.gauges()
+    assert [o.outputs[0].token_ids for o in got] == plain_outputs
+    # the same drafts, step by step, as the MTP layer drafts in one process
+    assert len(want) > 5 and got_drafts == want
+    assert g["num_free_blocks"] == g["num_blocks"]

@@ -68,10 +68,10 @@ def test_engine_args_check_then_refuse_what_does_not_run_yet():
     assert EngineArgs(model=DEMO_MODEL, speculative_config=ngram, async_scheduling=True).speculative_config == spec
     with pytest.raises(ValueError, match="not supported yet with data or pipeline parallelism"):
         EngineArgs(model=DEMO_MODEL, speculative_config=ngram, data_parallel_size=2)
-    with pytest.raises(ValueError, match="not supported yet with method mtp and tensor parallelism.*"
+    with pytest.raises(ValueError, match="not supported yet with data or pipeline parallelism.*"
                                          "'num_speculative_tokens': 3"):
         EngineArgs(model="deepseek-r1", speculative_config={"method": "mtp", "num_speculative_tokens": 3},
-                   tensor_parallel_size=2)
+                   pipeline_parallel_size=2)
     mtp = EngineArgs(model="deepseek-r1", speculative_config={"method": "mtp"}, hf_overrides={"num_hidden_layers": 2})
     config = mtp.create_engine_config()
     assert config.model.load_mtp and config.speculative.num_speculative_tokens == 1
