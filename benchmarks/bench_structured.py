@@ -15,7 +15,6 @@ Writes benchmarks/results/structured_<model>_b<batch>.json (or --out-dir) and pr
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

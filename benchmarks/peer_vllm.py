@@ -129,7 +129,6 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
     log_path = out / f"{args.preset_name}_{kind}_server.log"
     entry: dict = {"server_command": " ".join(cmd), "cases": {}}
     with open(log_path, "w") as log:
-        t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             entry["startup_s"] = wait_ready(f"http://127.0.0.1:{port}", proc, args.start_limit_s)
@@ -236,11 +235,16 @@ def main() -> None:
     result = {"preset": args.preset_name, "device": device_name(), "date": time.strftime("%Y-%m-%d"),
               "folder_config_vocab_size": json.loads((folder / "config.json").read_text())["vocab_size"],
               "vllm_tuned_flags": " ".join(VLLM_TUNED), "servers": {}}
+    saved = out / f"peer_{args.preset_name}.json"
+    if saved.exists():  # an earlier call measured other servers on this device: keep them
+        before = json.loads(saved.read_text())
+        if before.get("device") == result["device"]:
+            result["servers"] = before["servers"]
     for kind in args.servers.split(","):
         if kind not in ("deepserve", "vllm", "vllm-tuned"):
             p.error(f"unknown server {kind!r}; choices: deepserve, vllm, vllm-tuned")
         result["servers"][kind] = run_server(kind, folder, tokenizer, out, args)
-        (out / f"peer_{args.preset_name}.json").write_text(json.dumps(result, indent=1))
+        saved.write_text(json.dumps(result, indent=1))
     print(table([result]))
 
 

@@ -1,0 +1,46 @@
+#!/bin/bash
+# Issue 25 (vLLM beside deepserve) and issue 19 (structured-output overhead) on one GPU.
+# The vLLM 0.26.0 wheel comes in five pieces (../shared/scripts/peer-vllm-wheels.sh), each
+# carried by its own call to one warm machine and kept in /tmp/peer; then:
+#   benchmarks/gpu_peer.sh piece N           # carry .peerN: keep its piece in /tmp/peer
+#   benchmarks/gpu_peer.sh setup             # carry .peer6 .peerd: install vLLM + deps, unpack data
+#   benchmarks/gpu_peer.sh structured        # issue 19: bench_structured.py on the 8B preset
+#   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
+# .peerd holds data.tar.xz (tokenizers, ShareGPT first 500, the demo model from ../shared) and
+# wx/ (xgrammar + apache-tvm-ffi wheels for deepserve's structured outputs).
+set -u
+export PYTHONUNBUFFERED=1
+D=/tmp/d; SITE=/tmp/vsite; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+case "$1" in
+piece)
+  mkdir -p /tmp/peer && cp ".peer$2"/* /tmp/peer/ && ls -la /tmp/peer
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
+setup)
+  cat /tmp/peer/vllm.part* > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
+    /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl .peer6/*.whl .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -3
+  mkdir -p $D && tar -C $D -xJf .peerd/data.tar.xz && ls $D/*
+  PYTHONPATH=$SITE python3 -c "import vllm, xgrammar, fastapi, zmq; print('vllm', vllm.__version__)" 2>&1 | tail -2
+  python3 - <<'PY'
+import torch
+n = 1 << 30; a = torch.empty(n, dtype=torch.bfloat16, device="cuda"); b = torch.empty_like(a)
+for _ in range(3): b.copy_(a)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+torch.cuda.synchronize(); s.record()
+for _ in range(10): b.copy_(a)
+e.record(); torch.cuda.synchronize()
+print(f"copy bandwidth {2 * n * 2 / (s.elapsed_time(e) / 1e4) / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}")
+PY
+  ;;
+structured)
+  PYTHONPATH=$SITE:$PWD python3 benchmarks/bench_structured.py --tokenizer $D/tokenizers/deepseek-r1-distill-llama-8b \
+    --out-dir "$OUT/structured" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -15 ;;
+peer)
+  tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$2" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
+  PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$2" --tokenizer $tok --servers "$3" --cases "${4:-c1,c64,c256,sharegpt}" \
+    --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
+    --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po
+  cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
+  tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' . ;;
+*) echo "usage: $0 piece N | setup | structured | peer PRESET SERVERS [CASES]"; exit 2 ;;
+esac
