@@ -391,9 +391,9 @@ class EngineArgs:
     """Speculative decoding, vLLM's JSON keys: method (mtp | deepseek_mtp | ngram),
     num_speculative_tokens, prompt_lookup_min, prompt_lookup_max; e.g.
     '{"method": "mtp", "num_speculative_tokens": 1}' or '{"method": "ngram",
-    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. One DP rank and one pipeline stage,
-    any TP (mtp: the MTP layer sharded like the target's); with --async-scheduling the steps
-    that draft run synchronously."""
+    "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. Any TP (mtp: the MTP layer sharded
+    like the target's) and DP x EP (multiprocessing backend); one pipeline stage; with
+    --async-scheduling the steps that draft run synchronously."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -517,11 +517,14 @@ COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", 
 
 
 def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional[str]:
-    """What of this speculative setup the engine cannot run yet (None: it runs): one DP rank
-    and one pipeline stage, any TP (the MTP layer sharded like the target's); under
+    """What of this speculative setup the engine cannot run yet (None: it runs): one pipeline
+    stage, any TP (the MTP layer sharded like the target's), DP with one engine core per DP
+    rank (with EP every core runs the MTP layer k times a step); under
     --async-scheduling drafting steps run synchronously (engine/spec_decode.needs_sync_step)."""
-    if args.data_parallel_size > 1 or args.pipeline_parallel_size > 1:
-        return "with data or pipeline parallelism (TP only)"
+    if args.pipeline_parallel_size > 1:
+        return "with pipeline parallelism (TP and DP only)"
+    if args.data_parallel_size > 1 and args.distributed_executor_backend == "ray":
+        return "with data parallel over Ray (one engine core per DP rank on the mp backend only)"
     return None
 
 

@@ -28,7 +28,7 @@ DEMO_MODEL = REPO / "deepserve" / "assets" / "stories260k"
 # 2-core machine; `python -m pytest -q -m slow` runs them.
 SLOW_FILES = {
     "tests/cli/test_guides_e2e.py", "tests/engine/test_executor.py", "tests/engine/test_dp_multinode.py",
-    "tests/engine/test_engine_core.py", "tests/engine/test_async_scheduling.py",
+    "tests/engine/test_engine_core.py", "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
     "tests/distributed/test_dp_attention.py", "tests/server/test_server_openai_features.py",
     "tests/server/test_server_tools.py", "tests/test_platform_pkg.py",
 }

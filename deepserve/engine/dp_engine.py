@@ -434,7 +434,9 @@ class EngineCore:
                 mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
             elif batch:
                 inputs = self.runner.host_inputs(batch)
-                mine = DPSync(True, inputs.num_tokens, not inputs.decode_only, max(inputs.seq_lens), self.stopping)
+                # (verify steps of speculative decoding run eagerly)
+                mixed = not inputs.decode_only or self.engine.spec is not None
+                mine = DPSync(True, inputs.num_tokens, mixed, max(inputs.seq_lens), self.stopping)
             else:
                 mine = DPSync(False, 1, False, 1, self.stopping)
             v = torch.tensor(mine.to_list(), dtype=torch.int64)
@@ -450,6 +452,7 @@ class EngineCore:
             ran = work.run() if work else bool(batch) and self._step(batch)
             if not ran:  # the other cores' MoE layers wait for this one
                 self.runner.run_dummy()
+            self.runner.finish_mtp_round()
 
     def _score(self, score: ScorePrompt) -> bool:
         try:

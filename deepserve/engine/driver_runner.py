@@ -22,7 +22,7 @@ from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
-from deepserve.engine.step_inputs import DPStepMessage, StepInputs, StepMessage
+from deepserve.engine.step_inputs import DPStepMessage, MTPStepMessage, StepInputs, StepMessage
 from deepserve.platforms import Platform
 
 
@@ -74,6 +74,19 @@ class DriverRunner(ModelRunner):
     def run_dummy(self) -> None:
         """An idle DP rank's step: the MoE collectives need every rank (DP + EP)."""
         self._forward(StepMessage(StepInputs.dummy_step(), self.graph_size))
+
+    @torch.inference_mode()
+    def finish_mtp_round(self) -> None:
+        """DP attention + EP with mtp drafts: after this DP rank's step (or its dummy), dummy MTP
+        forwards until it ran k of them, as every DP rank does, since their MoE layers exchange
+        tokens in each (a step drafts with k forwards, one without drafts writes the module's
+        KV with one, an idle rank ran none)."""
+        if self.mtp is not None and self.pctx.moe_dp_exchange:
+            for _ in range(self.mtp.k - self.mtp_forwards):
+                msg = MTPStepMessage(StepInputs.dummy_step(), [])
+                self.publish(msg)
+                self.run_mtp(msg)
+        self.mtp_forwards = 0
 
     @torch.inference_mode()
     def all_logits(self, seq) -> torch.Tensor:

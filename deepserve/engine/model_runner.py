@@ -105,6 +105,7 @@ class ModelRunner:
         self.mtp = (MTPProposer(self.model.mtp[0], spec.num_speculative_tokens, self.block_size)
                     if spec is not None and spec.method == "mtp" else None)
         self.hidden: Optional[torch.Tensor] = None
+        self.mtp_forwards = 0   # MTP forwards since the last verify step (DP + EP: each DP rank runs k)
 
         t0 = time.perf_counter()
         self.num_blocks = self._decide_num_blocks()
@@ -220,6 +221,7 @@ class ModelRunner:
         if self.pipeline is not None:
             return self.pipeline.forward(input_ids, positions, meta, dp_num_tokens)
         if keep_hidden:
+            self.mtp_forwards = 0
             extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
             self.hidden = self.model(input_ids, positions, meta, **extra)
             return self.model.compute_logits(self.hidden[meta.logits_indices])
@@ -255,11 +257,18 @@ class ModelRunner:
         """The MTP module over a verify step's kept positions, fed by the hidden states that
         step kept -> draft ids [S, k] of the sequences that draft (None when none does: the
         module runs once, writing its KV). Every rank runs it on its shard; the logits are
-        gathered over TP, so every rank drafts the same tokens."""
+        gathered over TP, so every rank drafts the same tokens. A dummy step (an idle DP rank's,
+        DP + EP) runs the module once over one token that writes nothing."""
         ids, positions, meta = self.to_device(msg.inputs)
+        drafting = bool(msg.inputs.logits_rows) and not msg.inputs.dummy
+        self.mtp_forwards += self.mtp.k if drafting else 1
+        if msg.inputs.dummy:
+            self.mtp.mtp(ids, positions, torch.zeros(1, self.config.model.hf_config.hidden_size, dtype=self.dtype,
+                                                     device=self.device), meta)
+            return None
         rows = to_device_async(msg.target_rows, torch.int64, self.device)
         hidden, self.hidden = self.hidden[rows], None
-        if not msg.inputs.logits_rows:
+        if not drafting:
             self.mtp.mtp(ids, positions, hidden, meta)
             return None
         return self.mtp.propose(hidden, ids, positions, meta)[0]

@@ -42,6 +42,7 @@ class DeepseekMTP(nn.Module):
                  dtype: torch.dtype = torch.float32, pctx: Optional[ParallelContext] = None):
         super().__init__()
         pctx = pctx or single_process()
+        self.pctx = pctx
         self.layer_idx = layer_idx
         d = cfg.hidden_size
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, d, dtype, pctx)
@@ -55,11 +56,16 @@ class DeepseekMTP(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids [T] (tokens t+1), previous_hidden [T, D] (the main model's output at t, or
         this module's own output at t for drafts past the first) -> [T, D], before
-        shared_head.norm: drafting k > 1 tokens feeds it back as previous_hidden (as vLLM)."""
+        shared_head.norm: drafting k > 1 tokens feeds it back as previous_hidden (as vLLM).
+        With DP attention + EP its MoE layer exchanges tokens with the other DP ranks' MTP
+        forwards, so every DP rank runs as many of them per step (engine/spec_decode.py)."""
+        dp_num_tokens = None
+        if self.pctx.moe_dp_exchange:
+            dp_num_tokens = self.pctx.dp_token_counts(input_ids.shape[0], input_ids.device)
         e = self.enorm(self.embed_tokens(input_ids))
         h = self.hnorm(previous_hidden)
         x = self.eh_proj(torch.cat((e, h), dim=-1))                   # [T, D]
-        x, residual = self.mtp_block(positions, x, None, meta)
+        x, residual = self.mtp_block(positions, x, None, meta, dp_num_tokens)
         return x + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
