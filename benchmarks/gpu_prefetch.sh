@@ -1,20 +1,13 @@
 #!/bin/bash
-# Session 5 (weight prefetch into L2 before the PDL wait, the PDL launch signal before the
-# wait): GPU tests of ops and engine, the V2-Lite batch-1 graph replay with the signal after
-# the wait and with DEEPSERVE_PREFETCH=1 / 0, then the engine figures, each case in its own
-# process (decode figures: median of 5 timed runs).
+# GPU tests of ops and engine, the V2-Lite batch-1 graph replay, then the engine figures,
+# each case in its own process (decode figures: median of 5 timed runs).
 OUT=${OUT:-/tmp/gpu_prefetch}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 pip install -q --no-deps .whl/*.whl > /dev/null 2>&1
 [ -n "$SKIP_TESTS" ] || timeout 300 python -m pytest -q -m gpu tests/ops tests/engine > "$OUT/gpu_tests.txt" 2>&1; echo "== gpu tests rc $?"; tail -n 2 "$OUT/gpu_tests.txt"
-DEEPSERVE_PDL_TRIGGER_FIRST=0 timeout 150 python benchmarks/profile_decode.py --model deepseek-v2-lite --batch 1 --steps 60 --async-scheduling --out "$OUT/prof_tf.json" > "$OUT/prof_tf.txt" 2>&1
+timeout 150 python benchmarks/profile_decode.py --model deepseek-v2-lite --batch 1 --steps 60 --async-scheduling --out "$OUT/prof.json" > "$OUT/prof.txt" 2>&1
 python -c "
-import json; d=json.load(open('$OUT/prof_tf.json')); print('pdl signal after wait', 'graph', round(d['graph']['replay_ms'],4), 'step', round(d['steps_bare']['step']['median_ms'],4))"
-for p in 1 0; do
-  DEEPSERVE_PREFETCH=$p timeout 150 python benchmarks/profile_decode.py --model deepseek-v2-lite --batch 1 --steps 60 --async-scheduling --out "$OUT/prof_p$p.json" > "$OUT/prof_p$p.txt" 2>&1
-  python -c "
-import json; d=json.load(open('$OUT/prof_p$p.json')); print('prefetch=$p', 'graph', round(d['graph']['replay_ms'],4), 'step', round(d['steps_bare']['step']['median_ms'],4))"
-done
+import json; d=json.load(open('$OUT/prof.json')); print('graph', round(d['graph']['replay_ms'],4), 'step', round(d['steps_bare']['step']['median_ms'],4))"
 i=0
 for run in "v2lite --async-scheduling" "v2lite --async-scheduling" "v2lite --async-scheduling" "v2lite" "llama8b --async-scheduling" "llama8b"; do
   i=$((i + 1)); mkdir -p "$OUT/json/$i"

@@ -1,6 +1,6 @@
 """Launch-setting sweep of the split-KV decode attention kernel for MLA (issue 4), GQA as a guard.
 
-    python benchmarks/sweep_mla_decode.py [--quick]             # GPU; full grid < 120 s on an H100
+    python benchmarks/sweep_mla_decode.py [--quick] [--write]   # GPU; full grid < 120 s on an H100
     python benchmarks/sweep_mla_decode.py --device cpu --tiny   # the script's logic, interpreted
 
 Cases (bf16, every row a decode row at the same context): MLA with V2-Lite's 16 heads at
@@ -8,9 +8,13 @@ batch 64 (memory-bound) in 64-token pages and in 16-token pages (default setting
 128 heads at batch 4 and 64 (mostly compute-bound: 128 heads x 1088 MACs per cached token),
 and GQA 32/8 x 128 at batch 64, whose setting is already at ~98% of copy bandwidth and must
 not regress. Each candidate (BLOCK_H, BLOCK_N, warps, stages, programs per SM, and
-page_tile=False for the page-id-per-key form) is set through `attention.DECODE_OVERRIDE`,
-checked against the torch reference (a wrong one prints WRONG, not a speed), then timed as
-CUDA-graph replays like the engine runs decode. Bandwidth counts the cache bytes read once
+page_tile=False for the page-id-per-key form) is appended to the `attention_decode` launch
+table for the run (`launch_config.trying`), checked against the torch reference (a wrong one
+prints WRONG, not a speed), then timed as CUDA-graph replays like the engine runs decode.
+`--write` adds the fastest correct setting of each case marked `writes` (one per table key:
+MLA 16 heads in 64-token pages, R1's 128 heads at batch 64, GQA) to the running device's
+table (deepserve/ops/triton/configs/attention_decode/<device>.json, or under --config-dir),
+as a rule on the shape variables the kernel looks the table up by. Bandwidth counts the cache bytes read once
 (MLA: the 576-wide latent; GQA: K and V) against a 2 GiB device-to-device copy measured
 first (benchmarks/sweep_setup.py; with --device cpu a wall-clock logic check). A candidate
 that does not compile (shared memory, registers) prints one line and is skipped.
@@ -22,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -53,6 +58,13 @@ class Case:
     scale: float
     mla: bool
     grid: list[dict]
+    writes: bool = False       # its best setting goes into the table with --write
+
+    def rule_if(self) -> dict:
+        """The table conditions this case's shapes meet (decode_config's shape variables)."""
+        group = self.heads // self.kv_heads
+        return {"mla": self.head_dim + self.v_dim > 512, "heads": max(16, 1 << (group - 1).bit_length()),
+                "block_size": self.block_size}
 
     def cache_bytes(self) -> int:
         """Cache bytes a decode step must read: the shared latent once, or K and V."""
@@ -65,15 +77,14 @@ def settings(tiles, pps, **flags) -> list[dict]:
             for h, n, w, s in tiles for p in pps]
 
 
-# the 2026-11-23 kernel (a page id per key) beside the default
+# the kernel with a page id per key beside the default
 OLD_FORM = dict(page_tile=False)
 
 
 def make_cases(quick: bool, tiny: bool) -> list[Case]:
     batch64, batch4, ctx = (2, 2, 64) if tiny else (64, 4, 4096)
     q = quick or tiny
-    # programs per SM: 3 and 6 too, in case 4 left a partial wave (one-page tiles, H100,
-    # 2026-11-23: 64 keys x 4 warps at 4 programs per SM was best, 79.1%)
+    # programs per SM: 3 and 6 too, in case 4 left a partial wave
     mla16 = settings(MLA16_TILES[:4], (3, 4)) if q else settings(MLA16_TILES[:-1], (2, 3, 4, 5, 6, 8)) \
         + settings(MLA16_TILES[-1:], (4,))
     # the old form (a page id per key) at its best setting; 16-token pages: the default alone
@@ -84,11 +95,11 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
     mla128_b64 = settings(MLA128_TILES[:2], (1, 4)) if q else settings(MLA128_TILES[:5], (1, 2, 4))
     mla128_b64 += settings(MLA128_TILES[4:5], (1,), **OLD_FORM)
     gqa = [] if q else settings(GQA_TILES, (2,))
-    return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16),
+    return [Case("mla_h16_b64", 16, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla16, writes=True),
             Case("mla_h16_b64_bs16", 16, 1, 576, 512, batch64, ctx, 16, 0.072, True, mla16_bs16),
             Case("mla_h128_b4", 128, 1, 576, 512, batch4, ctx, 64, 0.072, True, mla128_b4),
-            Case("mla_h128_b64", 128, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla128_b64),
-            Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa)]
+            Case("mla_h128_b64", 128, 1, 576, 512, batch64, ctx, 64, 0.072, True, mla128_b64, writes=True),
+            Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa, writes=True)]
 
 
 def label(cfg: dict) -> str:
@@ -97,7 +108,9 @@ def label(cfg: dict) -> str:
             f"pps{cfg['programs_per_sm']}{flags}")
 
 
-def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
+def run_case(case: Case, device: str, timer, bw: float, rows: list) -> Optional[dict]:
+    """Time the default and every candidate of `case`; returns the fastest correct candidate
+    (None when the default is fastest or nothing else was correct)."""
     from deepserve.ops.registry import resolve
     from deepserve.ops.triton import attention
     from tests.ops.paged_batch import make_paged_batch
@@ -108,14 +121,14 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
     args = pb.args(case.scale)
     want = resolve("paged_attention", "torch")[1](*args).float()
     tri = resolve("paged_attention", "triton")[1]
-    big_head = case.head_dim + case.v_dim > 512
-    default = attention.decode_config(big_head, device != "cuda", case.heads // case.kv_heads, case.block_size,
-                                      torch.cuda.get_device_name() if device == "cuda" else "")
-    default.pop("page_tile")                 # the label shows only settings an override changes
+    rule = case.rule_if()
+    default = attention.decode_config(rule["mla"], case.heads // case.kv_heads, case.block_size,
+                                      attention.table_key(torch.device(device)))
+    default.pop("page_tile")                 # the label shows only settings a candidate changes
+    best = (float("inf"), None)
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)
-        attention.DECODE_OVERRIDE = cfg
-        try:
+        with attention.launch_config.trying("attention_decode", [{"set": cfg}] if cfg else []):
             try:
                 got = tri(*args)
             except Exception as exc:  # noqa: BLE001  (out of resources, compiler errors: report, go on)
@@ -128,12 +141,13 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> None:
                 rows.append((case.name, name, None, None, None))
                 continue
             ms = timer(lambda: tri(*args))
-        finally:
-            attention.DECODE_OVERRIDE = None
         rate = case.cache_bytes() / (ms * 1e-3)
         rows.append((case.name, name, ms * 1e3, rate / 1e9, rate / bw))
         print(f"{case.name:15s} {name:30s} {ms * 1e3:9.1f} us {rate / 1e9:8.1f} GB/s {rate / bw:6.1%} "
               f"(max err {err:.2g})", flush=True)
+        if ms < best[0]:
+            best = (ms, cfg)
+    return best[1]
 
 
 def print_table(rows: list) -> None:
@@ -162,16 +176,27 @@ def main() -> int:
                     help="cpu runs the kernels under TRITON_INTERPRET=1 (a logic check, not a timing)")
     ap.add_argument("--tiny", action="store_true", help="batch 2, context 64: for --device cpu")
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
+    ap.add_argument("--write", action="store_true",
+                    help="add each table case's fastest setting to the device's attention_decode launch table")
+    ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
     prepare(args.device)                     # before any kernel module is imported
     began = time.perf_counter()
     bw, timer = bandwidth_and_timer(args.device)
     only = [s for s in args.only.split(",") if s]
     rows: list = []
+    rules = []
     for case in make_cases(args.quick, args.tiny):
         if not only or any(s in case.name for s in only):
-            run_case(case, args.device, timer, bw, rows)
+            best = run_case(case, args.device, timer, bw, rows)
+            if case.writes and best is not None:
+                rules.append({"if": case.rule_if(), "set": best})
     print_table(rows)
+    if args.write:
+        from deepserve.ops.triton import launch_config
+        path = launch_config.save_rules("attention_decode", launch_config.device_key(torch.device(args.device)),
+                                        rules, Path(args.config_dir) if args.config_dir else None)
+        print(f"wrote {len(rules)} rules to {path}")
     print(f"\nsweep took {time.perf_counter() - began:.0f} s")
     return 0
 

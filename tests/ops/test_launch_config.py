@@ -57,7 +57,7 @@ def test_save_rules_replaces_same_conditions(tmp_path):
 
 def test_shipped_tables_are_well_formed():
     ops = sorted(p.name for p in lc.CONFIG_DIR.iterdir() if p.is_dir())
-    assert ops == ["fused_moe", "fused_moe_small", "gemm", "gemv"]
+    assert ops == ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv"]
     for op in ops:
         assert (lc.CONFIG_DIR / op / "default.json").is_file()
         for path in (lc.CONFIG_DIR / op).glob("*.json"):

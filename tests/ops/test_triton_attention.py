@@ -78,7 +78,7 @@ def test_decode_mla_shared_latent(triton_ops, cpu_only):
 @pytest.mark.parametrize("num_heads, block_h", [(24, 32), (128, 64)])
 def test_decode_mla_many_heads(triton_ops, cpu_only, num_heads, block_h):
     # R1-like head counts: 24 heads -> one 32-row group with 8 masked rows; 128 -> 2 groups of 64
-    assert triton_ops.attention.decode_config(True, True, num_heads, 16)["BLOCK_H"] == block_h
+    assert triton_ops.attention.decode_config(True, num_heads, 16, "interpreter")["BLOCK_H"] == block_h
     compare(make_paged_batch([1, 1], [30, 300], num_heads=num_heads, num_kv_heads=1, head_dim=48,
                              v_head_dim=32, mla=True))
 
@@ -87,45 +87,56 @@ def test_decode_tiles_follow_the_page_size(triton_ops, cpu_only):
     """MLA's 16 heads take 64-key tiles in 64-token pages (one page id per tile) and 32-key
     tiles that span pages in 16-token pages; a tile is one page's rows only if BLOCK_N divides it."""
     cfg = triton_ops.attention.decode_config
-    assert (cfg(True, False, 16, 64)["BLOCK_N"], cfg(True, False, 16, 64)["page_tile"]) == (64, True)
-    assert (cfg(True, False, 16, 16)["BLOCK_N"], cfg(True, False, 16, 16)["page_tile"]) == (32, False)
-    assert cfg(False, False, 4, 16)["page_tile"] is False          # GQA: 64 keys over 16-token pages
+    assert (cfg(True, 16, 64, "")["BLOCK_N"], cfg(True, 16, 64, "")["page_tile"]) == (64, True)
+    assert (cfg(True, 16, 16, "")["BLOCK_N"], cfg(True, 16, 16, "")["page_tile"]) == (32, False)
+    assert cfg(False, 4, 16, "")["page_tile"] is False          # GQA: 64 keys over 16-token pages
 
 
 def test_decode_warps_follow_the_device(triton_ops, cpu_only):
     """The 16-head MLA tile takes 8 warps on an H200 (faster memory, same compute), 4
     elsewhere; R1's 64-head tile and GQA do not change."""
     cfg = triton_ops.attention.decode_config
-    assert cfg(True, False, 16, 64, "NVIDIA H200")["num_warps"] == 8
-    assert cfg(True, False, 16, 64, "NVIDIA H100 80GB HBM3")["num_warps"] == 4
-    assert cfg(True, False, 128, 64, "NVIDIA H200") == cfg(True, False, 128, 64, "NVIDIA H100 80GB HBM3")
-    assert cfg(False, False, 4, 16, "NVIDIA H200") == cfg(False, False, 4, 16, "")
+    assert cfg(True, 16, 64, "NVIDIA_H200")["num_warps"] == 8
+    assert cfg(True, 16, 64, "NVIDIA_H100_80GB_HBM3")["num_warps"] == 4
+    assert cfg(True, 128, 64, "NVIDIA_H200") == cfg(True, 128, 64, "NVIDIA_H100_80GB_HBM3")
+    assert cfg(False, 4, 16, "NVIDIA_H200") == cfg(False, 4, 16, "")
 
 
 def test_decode_several_tiles_per_page(triton_ops, cpu_only):
     """16-key tiles (interpreted) in 64-token pages: tiles start mid-page, and graph-sized
     splits (max_seq_len 4096) start mid-page too."""
-    assert triton_ops.attention.decode_config(True, True, 16, 64)["page_tile"]
+    assert triton_ops.attention.decode_config(True, 16, 64, "interpreter")["page_tile"]
     pb = make_paged_batch([1, 1, 1], [5, 100, 300], num_heads=16, num_kv_heads=1, head_dim=48, v_head_dim=32,
                           block_size=64, mla=True)
     pb.max_seq_len = 4096
     compare(pb)
 
 
-def test_decode_override(triton_ops, cpu_only, monkeypatch):
+def test_decode_settings_from_a_trial_table(triton_ops, cpu_only):
+    """Settings the tables do not pick here (as a sweep tries them) run and stay exact; a
+    table with a bad BLOCK_H or an unknown key is refused by name."""
     attn = triton_ops.attention
+    trying = attn.launch_config.trying          # the module the kernel's host code reads
     pb = make_paged_batch([1, 1], [30, 300], num_heads=128, num_kv_heads=1, head_dim=48, v_head_dim=32,
                           mla=True)
-    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=16, BLOCK_N=32, programs_per_sm=1))
-    assert attn.decode_config(True, True, 128, 16)["BLOCK_H"] == 16
-    assert attn.num_decode_splits(2, 8, 300, pb.q.device, 1) == 1     # 16 programs >= 8 SMs
-    compare(pb)                                                         # 8 head groups, one split
-    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(BLOCK_H=24))
-    with pytest.raises(ValueError, match="BLOCK_H must be a power of two >= 16, got 24"):
-        compare(pb)
-    monkeypatch.setattr(attn, "DECODE_OVERRIDE", dict(block_n=32))
-    with pytest.raises(ValueError, match=r"unknown keys \['block_n'\]"):
-        compare(pb)
+    with trying("attention_decode", [{"set": dict(BLOCK_H=16, BLOCK_N=32, programs_per_sm=1)}]):
+        assert attn.decode_config(True, 128, 16, "interpreter")["BLOCK_H"] == 16
+        assert attn.num_decode_splits(2, 8, 300, pb.q.device, 1) == 1     # 16 programs >= 8 SMs
+        compare(pb)                                                         # 8 head groups, one split
+    with trying("attention_decode", [{"set": dict(BLOCK_H=24)}]):
+        with pytest.raises(ValueError, match="BLOCK_H must be a power of two >= 16, got 24"):
+            compare(pb)
+    with trying("attention_decode", [{"set": dict(block_n=32)}]):
+        with pytest.raises(ValueError, match=r"unknown keys \['block_n'\]"):
+            compare(pb)
+
+
+def test_prefill_tiles_follow_head_width_and_dtype(triton_ops):
+    cfg = triton_ops.attention.prefill_config
+    assert cfg(False, False, "NVIDIA_H100_80GB_HBM3") == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    assert cfg(True, False, "NVIDIA_H200") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    assert cfg(False, True, "") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+    assert cfg(True, True, "interpreter") == dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
 
 def test_decode_mla_stale_page_rows_stay_out(triton_ops, cpu_only):

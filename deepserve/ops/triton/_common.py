@@ -120,10 +120,9 @@ def dot_dtype(dtype: torch.dtype):
 # The signal comes before the wait: a kernel's dependent launches once every program of it
 # has started, even while it still waits on its own predecessor, so during a run of small
 # latency-bound kernels several are resident at once, each waiting on the one before, and
-# their weight prefetches start earlier. It cannot deadlock: a kernel launches only after all
-# programs of the one before are resident, and that one's progress needs nothing later. The
-# signal first measured faster than after the wait (docs/PERFORMANCE.md);
-# DEEPSERVE_PDL_TRIGGER_FIRST=0 restores the other order.
+# their weight prefetches start earlier (measured: docs/PERFORMANCE.md). It cannot deadlock:
+# a kernel launches only after all programs of the one before are resident, and that one's
+# progress needs nothing later.
 
 
 def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
@@ -134,23 +133,16 @@ def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
     kw = {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
     if weights:
         nbytes = sum(w.numel() * w.element_size() for w in weights)
-        kw.update(PREFETCH=on and _PREFETCH_ON and nbytes <= PREFETCH_MAX_BYTES,
+        kw.update(PREFETCH=on and nbytes <= PREFETCH_MAX_BYTES,
                   LINE=LINE_BYTES // weights[0].element_size())
     return kw
-
-
-_TRIGGER_FIRST = tl.constexpr(os.environ.get("DEEPSERVE_PDL_TRIGGER_FIRST", "1") != "0")
 
 
 @triton.jit
 def pdl_begin(USE_PDL: tl.constexpr):
     if USE_PDL:
-        if _TRIGGER_FIRST:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 # ---------------------------------------------------------------- weight prefetch into L2
@@ -160,10 +152,9 @@ def pdl_begin(USE_PDL: tl.constexpr):
 # earlier kernel: a kernel that streams weights first asks L2 for the lines it will read
 # (`prefetch.global.L2`, which keeps no registers and waits for nothing), then waits, and its
 # loads after the wait hit L2. `pdl_launch(device, *weights)` gives the PREFETCH and LINE
-# launch keywords: on with PDL for small weights (below), unless DEEPSERVE_PREFETCH=0.
+# launch keywords: on with PDL for small weights (below).
 
 LINE_BYTES = 128
-_PREFETCH_ON = os.environ.get("DEEPSERVE_PREFETCH", "1") != "0"
 
 
 # Small weights gain from the prefetch; large ones lose, since a bulk of prefetches queued

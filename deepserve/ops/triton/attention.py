@@ -13,65 +13,47 @@ import triton
 
 from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (device_name, dot_dtype, dot_precision, interpreting, next_pow2, pdl_launch,
-                                         sm_count)
+from deepserve.ops.triton import launch_config
+from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2, pdl_launch, sm_count
 from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
-# decode splits aim at this many programs per SM; MLA's wide tiles hide latency worse, so
-# it wants more of them in flight (H100, benchmarks/sweep_mla_decode.py times 2, 4 and 8)
-PROGRAMS_PER_SM = {False: 2, True: 4}
-# launch settings merged over decode_config's choice when set (keys as decode_config
-# returns them); benchmarks/sweep_mla_decode.py sets it to time candidate settings
-DECODE_OVERRIDE: dict | None = None
-_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
+DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 
 
-def decode_config(big_head: bool, small: bool, group: int, block_size: int, device: str = "") -> dict:
+def table_key(device: torch.device) -> str:
+    """Which launch tables apply: the device's own on CUDA; off CUDA the interpreter's small
+    tiles (numpy's cost is per operation, and no tensor-core shape constrains them)."""
+    return launch_config.device_key(device) if device.type == "cuda" else launch_config.INTERPRETER
+
+
+def decode_config(mla: bool, group: int, block_size: int, device: str) -> dict:
     """Tile and launch settings of the decode kernel for `group` query heads per KV head over
-    a cache of `block_size`-token pages on the GPU named `device` (DECODE_OVERRIDE replaces
-    keys). Measured on an H100 with benchmarks/sweep_mla_decode.py (2026-11-23,
-    docs/PERFORMANCE.md):
-    - GQA: 16 heads x 64 keys, 4 warps, 2 stages, 2 programs per SM (97.6% of copy bandwidth).
-    - MLA, 16 heads (V2-Lite), 64-token pages: 64 keys (one page per tile), 4 warps, 2
-      stages, 4 programs per SM (79.1%; 82% with 16-bit split partials); 16-token pages: 32
-      keys (64.7%).
-    - MLA, 64+ heads (R1's 128): 64 heads per program, so the latent is read twice, not 8
-      times; 32 keys, 8 warps, 3 stages, 1 program per SM (27% at batch 64, where it is
-      bound by the [64, 576] x [576, 32] products, not by memory).
-    On an H200 (2026-12-04, two sweeps on two machines) the 16-head MLA tile runs best with 8
-    warps: 74.6% / 75.0% of copy bandwidth against 68.4% / 69.6% with 4 (on the H100, 8 warps
-    gave 77.8-78.1% against 79.1%). Its memory is 1.4 times faster at the same compute, so
-    more warps to overlap each tile's products with the next tile's loads pay there."""
-    # every query head of a KV head in one program where possible, so the cache is read once
-    # per KV head: 16 rows is the smallest tensor-core M (GQA groups under 16 leave rows
-    # masked), 64 the most whose fp32 accumulator fits in registers at d = 512
-    block_h = min(max(16, triton.next_power_of_2(group)), 64)
-    if small:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)
-    elif big_head and block_h >= 64:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
-    elif big_head:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=64 if block_size % 64 == 0 else 32, num_warps=4, num_stages=2)
-        if "H200" in device and cfg["BLOCK_N"] == 64:
-            cfg["num_warps"] = 8
-    else:
-        cfg = dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
-    cfg.setdefault("programs_per_sm", PROGRAMS_PER_SM[big_head])
-    if DECODE_OVERRIDE:
-        unknown = set(DECODE_OVERRIDE) - _DECODE_KEYS
-        if unknown:
-            raise ValueError(f"DECODE_OVERRIDE has unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(_DECODE_KEYS)}")
-        cfg.update(DECODE_OVERRIDE)
-    # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size);
-    # an override may turn it off, not on
+    `block_size`-token pages, from the launch table (configs/attention_decode/) of the device
+    key `device` (`table_key`). BLOCK_H packs the query heads of a KV head into one tile so the
+    cache is read once per head group; how each chip's settings were measured:
+    docs/PERFORMANCE.md (benchmarks/sweep_mla_decode.py)."""
+    cfg = launch_config.lookup("attention_decode", device, mla=mla, heads=max(16, next_pow2(group)),
+                               block_size=block_size)
+    unknown = set(cfg) - DECODE_KEYS
+    if unknown:
+        raise ValueError(f"attention_decode launch table sets unknown keys {sorted(unknown)}; "
+                         f"known: {sorted(DECODE_KEYS)}")
+    # one page id per tile where tiles lie inside pages (BLOCK_N divides the page size); a
+    # table may turn it off, not on
     cfg["page_tile"] = cfg.get("page_tile", True) and block_size % cfg["BLOCK_N"] == 0
     if cfg["BLOCK_H"] < 16 or cfg["BLOCK_H"] & (cfg["BLOCK_H"] - 1):
         raise ValueError(f"decode BLOCK_H must be a power of two >= 16, got {cfg['BLOCK_H']}")
     return cfg
+
+
+def prefill_config(mla: bool, fp32: bool, device: str) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the varlen prefill kernel, from the launch
+    table (configs/attention_prefill/) of the device key `device`: MLA's wide heads and fp32
+    tiles take smaller tiles to fit shared memory (docs/PERFORMANCE.md)."""
+    return launch_config.lookup("attention_prefill", device, mla=mla, fp32=fp32)
 
 
 def _split_head_dim(d: int) -> tuple[int, int]:
@@ -128,19 +110,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qk_scale = float(scale) * LOG2E
     common = dict(BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, SHARED_KV=shared,
                   DOT_PRECISION=dot_precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype))
-    small = interpreting() or q.device.type != "cuda"
-    big_head = block_d + block_dpe + block_dv > 512
+    device = table_key(q.device)
+    big_head = block_d + block_dpe + block_dv > 512      # MLA's latent: 576-wide keys, 512-wide values
     if max_query_len == 1:
-        cfg = decode_config(big_head, small, group, k_cache.shape[1], device_name(q.device))
+        cfg = decode_config(big_head, group, k_cache.shape[1], device)
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
         page_tile = cfg.pop("page_tile")
         head_groups = triton.cdiv(group, block_h)
         programs = n_kv_heads * head_groups
         splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)
-        # each split's normalised output in the activation dtype, its log-sum-exp in fp32: for
-        # MLA at batch 64 / 4k context the fp32 round trip through the merge was 11% of the
-        # cache bytes, and 16-bit partials took the kernel from 79% to 82% of copy bandwidth
-        # (H100); the merged output moves by at most one more rounding of the dtype
+        # each split's normalised output in the activation dtype, its log-sum-exp in fp32: an
+        # fp32 round trip through the merge costs MLA a tenth of the cache bytes again
+        # (docs/PERFORMANCE.md); the merged output moves by at most one more rounding
         mid_o = torch.empty(batch, n_heads, splits, block_dv, dtype=q.dtype, device=q.device)
         mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
         _decode_split_kernel[(batch, programs, splits)](
@@ -153,15 +134,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
             BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
         return out
-    block_m = 16 if small else (64 if big_head else 128)
-    block_n = 16 if small else (32 if big_head else 64)
-    stages = 1 if small else 2
-    if q.element_size() > 2 and not small:  # fp32 tiles: half the rows, one stage (shared memory)
-        block_m, block_n, stages = min(block_m, 64), min(block_n, 32), 1
+    cfg = prefill_config(big_head, q.element_size() > 2, device)
+    block_m = cfg.pop("BLOCK_M")
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
         block_tables.stride(0), qk_scale, group, k_cache.shape[1], d - block_d, dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if small else 8, num_stages=stages,
-        **common)
+        BLOCK_M=block_m, **cfg, **common)
     return out

@@ -21,7 +21,7 @@ Here:
   chain of the other decode kernels (the cuBLAS batched GEMM it replaces is not).
 
 W_UK and W_UV (2 MiB each for V2-Lite) are asked into L2 before each kernel's PDL wait
-(`_common.prefetch_rows`): the V2-Lite batch-1 step went 47 us faster on an H100.
+(`_common.prefetch_rows`), where the predecessor leaves memory idle (docs/PERFORMANCE.md).
 
 Rope math is fp32 from the cache row, as the reference; neox pairs i with i + R/2,
 interleaved (DeepSeek's MLA rope) pairs 2i with 2i + 1.
