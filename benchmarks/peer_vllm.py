@@ -94,6 +94,8 @@ def server_command(kind: str, folder: Path, port: int, args) -> tuple[list[str],
         cmd += VLLM_TUNED
     cmd += args.vllm_args
     env["PYTHONPATH"] = os.pathsep.join(p for p in (args.vllm_path, env.get("PYTHONPATH")) if p)
+    # FlashInfer is not staged (vLLM's top-k/top-p sampler is its only user here; the bench is greedy)
+    env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     return cmd, env
 
 
