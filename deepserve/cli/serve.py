@@ -142,7 +142,7 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
-        from deepserve.engine.dp_engine import run_headless
+        from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
     from deepserve.server.api_server import run_server
 

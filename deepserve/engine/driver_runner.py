@@ -57,7 +57,7 @@ class DriverRunner(ModelRunner):
         self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
         # sends each step to the other ranks of this DP rank (multi-process executors)
         self.publish = publish or (lambda msg: None)
-        # a DP rank's own engine core (engine/dp_engine.py) rather than the driver of all DP ranks
+        # a DP rank's own engine core (engine/engine_core.py) rather than the driver of all DP ranks
         self.own_dp_rank_only = own_dp_rank_only
         # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the
         # engine core once the DP ranks have agreed on it

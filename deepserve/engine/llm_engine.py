@@ -98,7 +98,7 @@ class LLMEngine:
         return super().__new__(cls)
 
     def __init__(self, args: EngineArgs, executor=None):
-        """`executor`: given by a DP rank's engine core (engine/dp_engine.py); by default the
+        """`executor`: given by a DP rank's engine core (engine/engine_core.py); by default the
         executor for the configured layout is started here."""
         self.args = args
         self.config = args.create_engine_config()

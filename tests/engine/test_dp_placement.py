@@ -2,7 +2,7 @@
 then the lowest rank breaking ties; a request sharing whole prompt blocks with one placed
 recently follows it unless that rank is more than `slack` sequences busier; finished
 requests give their load back."""
-from deepserve.engine.dp_engine import RankPlacement
+from deepserve.engine.placement import RankPlacement
 
 IDLE = [0.0, 0.0, 0.0]
 

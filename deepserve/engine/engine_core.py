@@ -1,0 +1,337 @@
+"""The engine-core process of one DP rank (vLLM v1's EngineCoreProc, SGLang's Scheduler process).
+
+`start_ranks` starts every rank of the DP ranks this node runs. The first rank of each DP
+rank (its TP 0 / PP 0 rank) runs an `EngineCore`: an `LLMEngine` with its own scheduler, KV
+pool and sampler (tokenization checks, detokenization and stop handling for its requests),
+whose `DPRankExecutor` publishes each step to the DP rank's other ranks; those run the steps
+as workers. The core takes requests from the front end (engine/dp_engine.py) on a PULL
+socket and pushes its outputs and a few gauges after every step (engine/core_messages.py).
+
+With expert parallel the cores meet in the MoE collectives, so before every step they agree
+(one all-reduce MAX of a fixed 5-int vector, `DPSync`) on whether anyone has work, the
+largest batch and the longest sequence; a core with nothing to do runs a one-token dummy
+step. What a rank sends per step (its step inputs to its own TP/PP peers, its output deltas
+to the front end, the sync vector) does not grow with the number of DP ranks
+(DEEPSERVE_COUNT_STEP_BYTES=1 counts it: `DataParallelEngine.step_bytes`). Without expert
+parallel the DP ranks are plain replicas and never synchronise.
+
+Idle cores with expert parallel poll their socket between sync rounds, backing off from 1
+to 50 ms, so a request arriving at an idle server waits at most that long for its first step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from deepserve.config import EngineArgs
+from deepserve.distributed.parallel_state import destroy_distributed, init_distributed, rank_layout
+from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ScorePrompt, Work,
+                                            connect)
+from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
+                                       report_errors)
+from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
+from deepserve.engine.step_inputs import DPSync
+from deepserve.platforms import get_platform
+
+logger = logging.getLogger("deepserve")
+
+IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
+
+
+def _count_bytes() -> bool:
+    return os.environ.get("DEEPSERVE_COUNT_STEP_BYTES") == "1"
+
+
+# ---------------------------------------------------------------- where ranks run
+@dataclass
+class DPLayout:
+    """Which ranks this node runs, and where cores, front end and process group meet.
+
+    One node: ipc:// sockets in a private folder and a free loopback port. Several nodes
+    (vLLM's --data-parallel-address / --data-parallel-rpc-port): the front end's node listens
+    on rpc_port (outputs), rpc_port + 1 (the process group) and rpc_port + 2 + r (DP rank r's
+    requests); the other nodes (--headless) run their ranks and connect there."""
+    inboxes: list[str]
+    outbox: str
+    init_method: str
+    local_ranks: list[int]
+    run_dir: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "DPLayout":
+        dp, span = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
+        local = args.data_parallel_size_local or dp
+        start = args.data_parallel_start_rank
+        ranks = list(range(start * span, (start + local) * span))
+        if local == dp and not args.data_parallel_address:
+            run_dir = tempfile.mkdtemp(prefix="deepserve-dp-")
+            tag = uuid.uuid4().hex[:8]
+            return cls([f"ipc://{run_dir}/core{r}-{tag}" for r in range(dp)], f"ipc://{run_dir}/out-{tag}",
+                       f"tcp://127.0.0.1:{free_port()}", ranks, run_dir)
+        host, port = args.data_parallel_address or "127.0.0.1", args.data_parallel_rpc_port
+        return cls([f"tcp://{host}:{port + 2 + r}" for r in range(dp)], f"tcp://{host}:{port}",
+                   f"tcp://{host}:{port + 1}", ranks)
+
+    def cleanup(self) -> None:
+        if self.run_dir and os.path.isdir(self.run_dir):
+            for name in os.listdir(self.run_dir):
+                os.unlink(os.path.join(self.run_dir, name))
+            os.rmdir(self.run_dir)
+
+
+def start_ranks(args: EngineArgs, layout: DPLayout) -> WorkerProcs:
+    timeout = dist_timeout_s()
+    first = layout.local_ranks[0]
+    return WorkerProcs(_rank_main, lambda r: (r, r - first, args, layout.init_method, timeout,
+                                              (layout.inboxes, layout.outbox)),
+                       layout.local_ranks, label="rank")
+
+
+def run_headless(args: EngineArgs) -> int:
+    """A node that only runs engine cores (and their TP/PP peers) for the DP ranks from
+    --data-parallel-start-rank; returns when the front end stops them."""
+    layout = DPLayout.from_args(args)
+    procs = start_ranks(args, layout)
+    logger.info("headless: ranks %s for DP ranks %d..%d, front end at %s", layout.local_ranks,
+                args.data_parallel_start_rank, args.data_parallel_start_rank + len(layout.local_ranks) // (
+                    args.tensor_parallel_size * args.pipeline_parallel_size) - 1, layout.outbox)
+    try:
+        while any(p.is_alive() for p in procs.procs):
+            if procs.failure:
+                raise RuntimeError(procs.failure)
+            time.sleep(0.2)
+    finally:
+        procs.stop(graceful_s=5.0)
+    return 0
+
+
+# ---------------------------------------------------------------- rank processes
+class DPRankExecutor:
+    """The executor inside a core: this DP rank's driver runner, publishing to its peers."""
+
+    scheduled_dp_ranks = 1
+    failure: Optional[str] = None
+
+    def __init__(self, runner_factory, group, src: int, peers: bool):
+        self.group, self.src, self.peers = group, src, peers
+        self.sent_bytes, self.count = 0, _count_bytes()
+        self.runner = runner_factory(self._publish)
+
+    def _publish(self, msg) -> None:
+        if self.peers:
+            if self.count:
+                self.sent_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+            dist.broadcast_object_list([msg], src=self.src, group=self.group)
+
+    def explain(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _groups(dp_size: int, span: int, dp_rank: int):
+    """Per-DP-rank gloo groups (a core publishes steps to its peers) and the cores' group
+    (the per-step sync); created in the same order on every rank."""
+    local = None
+    for d in range(dp_size):
+        g = dist.new_group(list(range(d * span, (d + 1) * span)), backend="gloo")
+        if d == dp_rank:
+            local = g
+    cores = dist.new_group([d * span for d in range(dp_size)], backend="gloo")
+    return local, cores
+
+
+def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, timeout_s: float,
+               addresses: tuple[list[str], str], status=None) -> None:
+    die_with_parent()
+
+    def body():
+        from deepserve.engine.driver_runner import DriverRunner
+        from deepserve.engine.model_runner import WorkerRunner
+        config = args.create_engine_config()
+        platform = get_platform(args.device)
+        par = config.parallel
+        status.send(("joining",))
+        pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                                platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
+                                local_rank, par.data_parallel_size, par.all2all_backend)
+        span = par.tensor_parallel_size * par.pipeline_parallel_size
+        dp_rank, pp_rank, tp_rank = rank_layout(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
+        local, cores = _groups(par.data_parallel_size, span, dp_rank)
+        leader = dp_rank * span
+        if rank != leader:
+            runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
+            while True:
+                box = [None]
+                dist.broadcast_object_list(box, src=leader, group=local)
+                if isinstance(box[0], Stop):
+                    break
+                runner.run_published(box[0])
+        else:
+            _, eos = load_tokenizer(config)
+            executor = DPRankExecutor(
+                lambda publish: DriverRunner(config, platform, pctx, local_rank=local_rank, eos_token_ids=eos,
+                                             publish=publish, own_dp_rank_only=True),
+                local, leader, span > 1)
+            engine = LLMEngine(args, executor=executor)
+            EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses).run()
+        destroy_distributed()
+
+    report_errors(status, rank, body)
+
+
+class EngineCore:
+    """One DP rank's engine loop: take requests from the front end, step, push outputs."""
+
+    def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses):
+        import zmq
+        self.engine, self.executor, self.runner = engine, executor, engine.runner
+        self.dp_rank, self.sync_group = dp_rank, sync_group
+        self.ctx = zmq.Context()
+        self.inbox = connect(self.ctx, zmq.PULL, addresses[0][dp_rank], bind=False)
+        self.outbox = connect(self.ctx, zmq.PUSH, addresses[1], bind=False)
+        self.work: list[Work] = []
+        self.deltas = DeltaWriter()
+        self.stopping = False
+        self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: the front end learns the pool size
+
+    def gauges(self) -> dict:
+        g = self.engine.gauges()
+        g["load"] = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        return g
+
+    def _send(self, msg: CoreOutputs) -> None:
+        if self.executor.count:  # the count travels with the message it counts (give or take its own size)
+            msg.step_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        self.outbox.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+
+    def _receive(self, timeout_s: Optional[float]) -> None:
+        import zmq
+        wait_ms = None if timeout_s is None else int(timeout_s * 1000)
+        while self.inbox.poll(wait_ms, zmq.POLLIN):
+            self._apply(pickle.loads(self.inbox.recv()))
+            wait_ms = 0
+
+    def _apply(self, msg) -> None:
+        if isinstance(msg, Stop):
+            self.stopping = True
+        elif isinstance(msg, AddRequest):
+            if msg.params.prompt_logprobs is not None and self.sync_group is not None:
+                # scoring the prompt runs a forward: in a sync round, as other work
+                self.work.append(Work(len(msg.prompt_ids), lambda: self._add(msg)))
+            else:
+                self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            self.engine.abort_request(msg.request_id)
+            self.deltas.forget(msg.request_id)
+        elif isinstance(msg, ScorePrompt):
+            _, ids = self.engine.tokenize_prompt(msg.prompt)
+            self.work.append(Work(len(ids), lambda: self._score(msg)))
+
+    def _add(self, msg: AddRequest) -> bool:
+        try:
+            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids, "prompt": msg.prompt},
+                                    msg.params)
+            return True
+        except ValueError as exc:  # refused by its checks, before any forward
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc),
+                                   failed_requests=[msg.request_id]))
+            return False
+
+    def _has_work(self) -> bool:
+        return bool(self.work) or self.engine.has_unfinished_requests()
+
+    def run(self) -> None:
+        if self.sync_group is None:
+            self._run_alone()
+        else:
+            self._run_in_sync()
+        self.executor.runner.publish(STOP)
+        self.ctx.destroy(linger=0)
+
+    def _run_alone(self) -> None:
+        """Without expert parallel: a replica that steps whenever it has work."""
+        while not self.stopping:
+            self._receive(None if not self._has_work() else 0)
+            while self.work and not self.stopping:
+                self.work.pop(0).run()
+            if self.engine.has_unfinished_requests() and not self.stopping:
+                self._step(None)
+
+    def _run_in_sync(self) -> None:
+        """With expert parallel: every round, the cores agree whether anyone has work (and
+        the batch shape); a core without a batch then runs a dummy step."""
+        idle = IDLE_POLL_S[0]
+        while True:
+            self._receive(0 if self._has_work() else idle)
+            work = self.work.pop(0) if self.work else None
+            batch = None if work or self.stopping or not self._has_work() else self.engine.scheduler.schedule()
+            if work:
+                mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
+            elif batch:
+                inputs = self.runner.host_inputs(batch)
+                # (verify steps of speculative decoding run eagerly)
+                mixed = not inputs.decode_only or self.engine.spec is not None
+                mine = DPSync(True, inputs.num_tokens, mixed, max(inputs.seq_lens), self.stopping)
+            else:
+                mine = DPSync(False, 1, False, 1, self.stopping)
+            v = torch.tensor(mine.to_list(), dtype=torch.int64)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.sync_group)
+            agreed = DPSync.from_list(v.tolist())
+            if agreed.stop:
+                return
+            if not agreed.has_work:
+                idle = min(IDLE_POLL_S[1], idle * 2)
+                continue
+            idle = IDLE_POLL_S[0]
+            self.runner.graph_size = self.runner.dp_graph_size(agreed.num_tokens, not agreed.mixed, agreed.longest)
+            ran = work.run() if work else bool(batch) and self._step(batch)
+            if not ran:  # the other cores' MoE layers wait for this one
+                self.runner.run_dummy()
+            self.runner.finish_mtp_round()
+
+    def _score(self, score: ScorePrompt) -> bool:
+        try:
+            logits = self.engine.prompt_logits(score.prompt)
+        except ValueError as exc:  # refused before the forward (too long, no free blocks)
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)))
+            return False
+        self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits))
+        return True
+
+    def _step(self, batch) -> bool:
+        """Run one step (`batch`, or the engine's own schedule when None) and push its outputs;
+        False when no forward ran (under async scheduling, what the previous step's tokens
+        finished may leave nothing of `batch`)."""
+        self.executor.sent_bytes = 0
+        steps = self.engine.stats["steps"]
+        try:
+            if batch is None:
+                outputs = self.engine.step()
+            elif self.engine.async_scheduling:
+                outputs = self.engine._step_async(batch)
+            else:
+                outputs = self.engine._run_sync(batch)
+        except Exception as exc:  # a failing step fails its requests, not the core
+            logger.exception("DP rank %d: step failed", self.dp_rank)
+            failed = list(self.engine.requests)
+            for rid in failed:
+                self.engine.abort_request(rid)
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
+                                   failed_requests=failed))
+            return True
+        if outputs:
+            self._send(CoreOutputs(self.dp_rank, [self.deltas(o) for o in outputs], self.gauges(),
+                                   step_bytes=self.executor.sent_bytes))
+        return self.engine.stats["steps"] > steps
+
