@@ -18,14 +18,7 @@ import os
 import sys
 
 from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
-
-SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "reasoning_parser": None,
-                   "enable_reasoning": False, "chat_template": None, "max_body_bytes": 8 * 1024 * 1024,
-                   "log_level": "info"}
-
-# request-handling options of the API (vLLM's names)
-SERVER_DEFAULTS.update({"generation_config": "auto", "enable_auto_tool_choice": False, "tool_call_parser": None,
-                        "max_logprobs": 20})
+from deepserve.server.args import LOG_LEVELS, ServerArgs
 
 
 def register(subparsers) -> None:
@@ -37,32 +30,8 @@ def register(subparsers) -> None:
                         "(default: the demo model).")
     p.add_argument("serve_config", nargs="?", default=None, metavar="SERVE.yaml",
                    help="`flagscale serve NAME SERVE.yaml`'s form: NAME is a label, the YAML deploys.")
-    s = p.add_argument_group("server")
+    ServerArgs.add_cli_args(p.add_argument_group("server"))
     sup = argparse.SUPPRESS  # only flags actually given override the YAML file
-    s.add_argument("--host", default=sup, help="Address to listen on (default: 127.0.0.1).")
-    s.add_argument("--port", type=int, default=sup, help="Port (default: 8000; 0 picks a free one).")
-    s.add_argument("--api-key", default=sup, help="Require `Authorization: Bearer KEY` on /v1/*.")
-    s.add_argument("--reasoning-parser", default=sup, choices=["deepseek_r1"],
-                   help="Split <think> reasoning into reasoning_content (and reasoning).")
-    s.add_argument("--enable-reasoning", action="store_true", default=sup,
-                   help="vLLM <= 0.8's switch for --reasoning-parser: accepted (reasoning is split "
-                        "whenever a parser is given), an error without one.")
-    s.add_argument("--generation-config", default=sup, metavar="auto|vllm|FOLDER",
-                   help="Request defaults (temperature, top_p, top_k, min_p, repetition_penalty, "
-                        "max_new_tokens) from generation_config.json: auto reads the model folder's "
-                        "(R1: 0.6 / 0.95), vllm ignores it, or a folder holding one (default: auto).")
-    s.add_argument("--enable-auto-tool-choice", action="store_true", default=sup,
-                   help="Let the model decide to call tools (tool_choice auto); needs --tool-call-parser.")
-    s.add_argument("--tool-call-parser", default=sup, choices=["deepseek_v3", "deepseek_v31"],
-                   help="Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3).")
-    s.add_argument("--max-logprobs", type=int, default=sup,
-                   help="Most logprobs / top_logprobs / prompt_logprobs a request may ask for (default: 20).")
-    s.add_argument("--chat-template", default=sup,
-                   help="Chat template file (or Jinja text) replacing the tokenizer's.")
-    s.add_argument("--max-body-bytes", type=int, default=sup,
-                   help="Largest request body accepted; larger ones get 413 (default: 8 MiB).")
-    s.add_argument("--log-level", default=sup, choices=["debug", "info", "warning", "error"],
-                   help="Log level (default: info).")
     c = p.add_argument_group("cluster")
     c.add_argument("--hostfile", default=sup,
                    help="Hosts to deploy over (`ip slots=N type=gpu` lines): starts Ray on them over ssh.")
@@ -73,12 +42,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def resolve(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+def resolve(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict]:
     """(engine kwargs, server options, envs) from the YAML file (if any) and the flags."""
     return resolve_all(args)[:3]
 
 
-def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
+def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, object]:
     """resolve(), plus the cluster runner options (None without a hostfile)."""
     from deepserve.distributed.cluster import RunnerOptions
     from deepserve.server.config_file import ServeConfig, flagscale_experiment, is_config_file, load_serve_config
@@ -101,25 +70,25 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, dict, dict, object]:
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     engine = dict(config.engine_args)
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
-    server = dict(SERVER_DEFAULTS)
-    level = os.environ.get("VLLM_LOGGING_LEVEL", "").lower()  # the metax guide sets DEBUG
-    if level in ("debug", "info", "warning", "error"):
+    # defaults < VLLM_LOGGING_LEVEL (the metax guide sets DEBUG) < the YAML file < flags given
+    server: dict = {}
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "").lower()
+    if level in LOG_LEVELS:
         server["log_level"] = level
     server.update(config.server)
-    server.update({k: getattr(args, k) for k in SERVER_DEFAULTS if hasattr(args, k)})
+    server.update(ServerArgs.from_cli_args(args))
+    server_args = ServerArgs(**server)
     runner = config.runner
     if getattr(args, "hostfile", None):
         runner = runner or RunnerOptions()
         runner.hostfile = args.hostfile
     if runner is not None and not runner.hostfile:
         runner = None  # a FlagScale runner block without a hostfile: one machine, no Ray to start
-    return engine, server, config.envs, runner
+    return engine, server_args, config.envs, runner
 
 
 def run(args: argparse.Namespace) -> int:
     engine_kwargs, server, envs, runner = resolve_all(args)
-    if server["enable_reasoning"] and not server["reasoning_parser"]:
-        raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
     if runner is not None:
         from deepserve.distributed.cluster_serve import serve_on_cluster
@@ -128,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         EngineArgs(**engine_kwargs).create_engine_config()  # the flags and the model's config.json, checked
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
-        print("server: " + " ".join(f"{k}={v}" for k, v in sorted(server.items()) if k != "api_key"))
+        print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
+                                    if k != "api_key"))
         return 0
     from deepserve.distributed.cluster_serve import local_engine_args
     return _serve(local_engine_args(engine_kwargs), server)
 
 
-def _serve(engine_kwargs: dict, server: dict) -> int:
+def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     try:
         engine_args = EngineArgs(**engine_kwargs)
     except TypeError as exc:
@@ -146,9 +116,4 @@ def _serve(engine_kwargs: dict, server: dict) -> int:
         return run_headless(engine_args)
     from deepserve.server.api_server import run_server
 
-    return run_server(engine_args, host=server["host"], port=server["port"], log_level=server["log_level"],
-                      chat_template=server["chat_template"], reasoning_parser=server["reasoning_parser"],
-                      api_key=server["api_key"], max_body_bytes=int(server["max_body_bytes"]),
-                      generation_config=server["generation_config"], tool_call_parser=server["tool_call_parser"],
-                      enable_auto_tool_choice=bool(server["enable_auto_tool_choice"]),
-                      max_logprobs=int(server["max_logprobs"]))
+    return run_server(engine_args, server)

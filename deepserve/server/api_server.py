@@ -10,6 +10,7 @@ children are spawned). When the socket is bound the server prints one line with 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -23,15 +24,13 @@ from deepserve.config import DEMO_MODEL, EngineArgs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine
 from deepserve.server.app import build_app
+from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deepserve")
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 
 
 def served_names(args: EngineArgs) -> list[str]:
@@ -125,49 +124,39 @@ def generation_defaults(generation_config: str, model: str) -> dict:
     return defaults
 
 
-def build_state(engine_args: EngineArgs, chat_template: Optional[str] = None,
-                reasoning_parser: Optional[str] = None, api_key: Optional[str] = None,
-                max_body_bytes: int = 8 * 1024 * 1024, generation_config: str = "auto",
-                enable_auto_tool_choice: bool = False, tool_call_parser: Optional[str] = None,
-                max_logprobs: int = 20) -> ServerState:
-    if reasoning_parser is not None and reasoning_parser not in PARSERS:
-        raise ValueError(f"unknown --reasoning-parser {reasoning_parser!r}; choose from {', '.join(PARSERS)}")
-    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise ValueError(f"unknown --tool-call-parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}")
-    if max_logprobs < 0:
-        raise ValueError(f"max_logprobs must be >= 0, got {max_logprobs}")
-    if enable_auto_tool_choice and tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
-    defaults = generation_defaults(generation_config, str(engine_args.model))
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+def build_state(engine_args: EngineArgs, server: ServerArgs) -> ServerState:
+    if server.reasoning_parser is not None and server.reasoning_parser not in PARSERS:
+        raise ValueError(f"unknown --reasoning-parser {server.reasoning_parser!r}; choose from {', '.join(PARSERS)}")
+    if server.tool_call_parser is not None and server.tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"unknown --tool-call-parser {server.tool_call_parser!r}; choose from "
+                         f"{', '.join(TOOL_PARSERS)}")
+    defaults = generation_defaults(server.generation_config, str(engine_args.model))
     engine = LLMEngine(engine_args)
-    load_chat_template(engine, chat_template)
+    load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
-                              api_key=api_key or None, reasoning_parser=reasoning_parser,
-                              max_body_bytes=max_body_bytes, created=int(time.time()),
-                              generation_defaults=defaults, tool_call_parser=tool_call_parser,
-                              enable_auto_tool_choice=enable_auto_tool_choice, max_logprobs=max_logprobs,
-                              scheduling_policy=engine_args.scheduling_policy)
+                              api_key=server.api_key or None, reasoning_parser=server.reasoning_parser,
+                              max_body_bytes=int(server.max_body_bytes), created=int(time.time()),
+                              generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
+                              enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
+                              max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy)
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
     llm.listener = metrics
     return ServerState(llm=llm, settings=settings, metrics=metrics)
 
 
-def run_server(engine_args: EngineArgs, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-               log_level: str = "info", **state_kwargs) -> int:
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"port must be in [0, 65535], got {port}")
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, **options) -> int:
+    """Serve until interrupted: `server` (default ServerArgs()) with `options` replacing its fields."""
+    server = dataclasses.replace(server or ServerArgs(), **options)
+    logging.basicConfig(level=getattr(logging, server.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    state = build_state(engine_args, **state_kwargs)
+    state = build_state(engine_args, server)
     app = build_app(state)
-    config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=3, lifespan="on")
-    server = _Server(config, state)
-    server.run()
+    config = uvicorn.Config(app, host=server.host, port=int(server.port), log_level=server.log_level,
+                            access_log=False, timeout_graceful_shutdown=3, lifespan="on")
+    http = _Server(config, state)
+    http.run()
     state.llm.shutdown()
-    if getattr(server, "fatal", None):
+    if getattr(http, "fatal", None):
         return 1
-    return 0 if server.started else 1
+    return 0 if http.started else 1

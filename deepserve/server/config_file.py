@@ -11,7 +11,7 @@
         USE_FLAGGEMS: 1
 
 `engine_args` holds vLLM-named keys (EngineArgs fields) plus the server's own options
-(host, port, api_key, reasoning_parser, chat_template, ...); `envs` are exported before the
+(ServerArgs fields: host, port, api_key, reasoning_parser, chat_template, ...); `envs` are exported before the
 engine starts (a FlagScale experiment file's `experiment.envs` is read too). A `hostfile:`
 path (beside engine_args, at the top, or in a FlagScale `runner:` / `experiment.runner:` block
 with ssh_port, ssh_user, docker, ...) deploys over the listed hosts with Ray, see
@@ -39,12 +39,11 @@ from typing import Any, Optional
 
 from deepserve.config import EngineArgs
 from deepserve.distributed.cluster import RunnerOptions
+from deepserve.server.args import ServerArgs
 
 logger = logging.getLogger("deepserve")
 
-SERVER_KEYS = ("host", "port", "api_key", "reasoning_parser", "enable_reasoning", "chat_template",
-               "max_body_bytes", "log_level", "generation_config", "enable_auto_tool_choice", "tool_call_parser",
-               "max_logprobs")
+SERVER_KEYS = ServerArgs.keys()
 # vLLM options with no meaning in deepserve (logs are always on)
 IGNORED_KEYS = ("disable_log_stats", "disable_log_requests", "uvicorn_log_level", "disable_custom_all_reduce")
 

@@ -107,7 +107,7 @@ def test_mindspore_tp_pp_uneven(reference, r1_config, monkeypatch):
     assert (cfg.scheduler.max_model_len, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization) == \
         (32768, 16384, 0.8)
     assert [pp_layer_range(61, 2, r) for r in (0, 1)] == [range(0, 31), range(31, 61)]
-    assert server["host"] == "127.0.0.1"   # vllm-mindspore's default: no --host given
+    assert server.host == "127.0.0.1"   # vllm-mindspore's default: no --host given
 
 
 def test_bad_layer_partition_is_one_line(reference, r1_config, monkeypatch, capsys):
@@ -125,7 +125,7 @@ def test_vastai_serve_and_bench_lines(reference, r1_config):
     assert_flags_land(argv, args)
     assert (args.tensor_parallel_size, args.enforce_eager, args.trust_remote_code, args.max_model_len) == \
         (32, True, True, 32768)
-    assert (server["reasoning_parser"], server["enable_reasoning"], server["host"], server["port"]) == \
+    assert (server.reasoning_parser, server.enable_reasoning, server.host, server.port) == \
         ("deepseek_r1", True, "10.24.73.25", 8000)
 
     b = parse(set_model(bench_serve, r1_config))
@@ -168,7 +168,7 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
                     args.async_scheduling, args.seed, args.served_model_name) == (4, 4, True, True, 1024, "deepseek_r1")
             assert args.quantization is None          # msModelSlim's format, loaded as stored
             assert args.cuda_graph_sizes == [4, 16, 32, 48, 64] and not args.enforce_eager
-            assert (server["host"], server["port"]) == ("0.0.0.0", 8000)
+            assert (server.host, server.port) == ("0.0.0.0", 8000)
             if node:   # the two-node commands: node 0 serves DP ranks 0-1, node 1 (headless) 2-3
                 assert (args.data_parallel_size_local, args.data_parallel_address, args.data_parallel_rpc_port,
                         args.data_parallel_start_rank, args.headless) == \

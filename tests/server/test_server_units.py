@@ -117,7 +117,7 @@ def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
     args = parser.parse_args(["serve", str(path), "--max-model-len", "2048", "--host", "0.0.0.0"])
     engine, server, envs = resolve(args)
     assert engine == {"model": "deepseek-r1", "max_model_len": 2048, "tensor_parallel_size": 8}
-    assert (server["host"], server["port"], server["reasoning_parser"]) == ("0.0.0.0", 9010, "deepseek_r1")
+    assert (server.host, server.port, server.reasoning_parser) == ("0.0.0.0", 9010, "deepseek_r1")
     assert envs == {"USE_FLAGGEMS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine_args:\n  model: x\n  max_modle_len: 5\n")
@@ -127,7 +127,7 @@ def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
         resolve(parser.parse_args(["serve", str(tmp_path / "missing.yaml")]))
     model_args = parser.parse_args(["serve", "some/model", "--port", "1234"])
     engine, server, _ = resolve(model_args)
-    assert engine == {"model": "some/model"} and server["port"] == 1234 and server["host"] == "127.0.0.1"
+    assert engine == {"model": "some/model"} and server.port == 1234 and server.host == "127.0.0.1"
 
 
 def test_metrics_text():

@@ -1,0 +1,83 @@
+"""`ServerArgs`: the API server's options, one dataclass from which `deepserve serve`'s server
+flags (`--host`, `--port`, ... with vLLM's names), the keys a YAML deployment file may set
+beside the engine args (server/config_file.py), and their defaults all come.
+
+A field's docstring is its `--help` text; `choices` in a field's metadata limit its values on
+the command line and in a YAML file alike (`__post_init__` checks what argparse did not see),
+`metavar` names its value in `--help`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from deepserve.config import add_dataclass_args
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class ServerArgs:
+    """Options of the OpenAI-compatible HTTP server (the engine's are EngineArgs)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port (0 picks a free one)."""
+    api_key: Optional[str] = None
+    """Require `Authorization: Bearer KEY` on /v1/*."""
+    reasoning_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_r1",)})
+    """Split <think> reasoning into reasoning_content (and reasoning)."""
+    enable_reasoning: bool = False
+    """vLLM <= 0.8's switch for --reasoning-parser: accepted (reasoning is split whenever a parser
+    is given), an error without one."""
+    generation_config: str = field(default="auto", metadata={"metavar": "auto|vllm|FOLDER"})
+    """Request defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) from
+    generation_config.json: auto reads the model folder's (R1: 0.6 / 0.95), vllm ignores it, or a
+    folder holding one."""
+    enable_auto_tool_choice: bool = False
+    """Let the model decide to call tools (tool_choice auto); needs --tool-call-parser."""
+    tool_call_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_v3", "deepseek_v31")})
+    """Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3)."""
+    max_logprobs: int = 20
+    """Most logprobs / top_logprobs / prompt_logprobs a request may ask for."""
+    chat_template: Optional[str] = None
+    """Chat template file (or Jinja text) replacing the tokenizer's."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+    """Log level."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        if not 0 <= int(self.port) <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if int(self.max_logprobs) < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if int(self.max_body_bytes) < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.enable_reasoning and not self.reasoning_parser:
+            raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The option names: the YAML keys a deployment file may set beside the engine args."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--flag` per field; only flags actually given land in the namespace (so they
+        override a YAML file's values, and the file's override the defaults)."""
+        add_dataclass_args(parser, cls)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> dict:
+        """The options given on the command line, by name."""
+        return {name: getattr(args, name) for name in cls.keys() if hasattr(args, name)}

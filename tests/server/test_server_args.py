@@ -1,0 +1,75 @@
+"""ServerArgs: the server flags of `deepserve serve`, the YAML keys beside the engine args and
+their defaults come from its fields; every spelling the CLI took before still works."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from deepserve.cli.serve import register, resolve
+from deepserve.server.args import ServerArgs
+from deepserve.server.config_file import SERVER_KEYS
+
+# the server flags `deepserve serve` has always taken, with a value each accepts (None: a switch)
+FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--reasoning-parser": "deepseek_r1",
+         "--enable-reasoning": None, "--generation-config": "vllm", "--enable-auto-tool-choice": None,
+         "--tool-call-parser": "deepseek_v3", "--max-logprobs": "5", "--chat-template": "{{ x }}",
+         "--max-body-bytes": "1024", "--log-level": "debug"}
+GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_r1", enable_reasoning=True,
+             generation_config="vllm", enable_auto_tool_choice=True, tool_call_parser="deepseek_v3",
+             max_logprobs=5, chat_template="{{ x }}", max_body_bytes=1024, log_level="debug")
+
+
+@pytest.fixture
+def parser():
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    return p
+
+
+def test_defaults_are_vllms(parser, monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    _, server, _ = resolve(parser.parse_args(["serve", "some/model"]))
+    assert dataclasses.asdict(server) == dict(
+        host="127.0.0.1", port=8000, api_key=None, reasoning_parser=None, enable_reasoning=False,
+        generation_config="auto", enable_auto_tool_choice=False, tool_call_parser=None, max_logprobs=20,
+        chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info")
+
+
+def test_every_flag_and_yaml_key_is_a_field(parser, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    assert set(SERVER_KEYS) == {f.name for f in dataclasses.fields(ServerArgs)} == set(GIVEN)
+    argv = ["serve", "some/model"] + [w for flag, value in FLAGS.items() for w in (flag, value) if w is not None]
+    _, server, _ = resolve(parser.parse_args(argv))
+    assert dataclasses.asdict(server) == GIVEN
+    # the same options from a YAML file, beside the engine args
+    lines = "".join(f"  {k}: {str(v).lower() if isinstance(v, bool) else repr(v)}\n" for k, v in GIVEN.items())
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine_args:\n  model: some/model\n" + lines)
+    engine, server, _ = resolve(parser.parse_args(["serve", str(path)]))
+    assert engine == {"model": "some/model"} and dataclasses.asdict(server) == GIVEN
+    # a flag given overrides the file; the file overrides VLLM_LOGGING_LEVEL, which overrides the default
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    _, server, _ = resolve(parser.parse_args(["serve", str(path), "--port", "7"]))
+    assert (server.port, server.host, server.log_level) == (7, "0.0.0.0", "debug")
+    _, server, _ = resolve(parser.parse_args(["serve", "some/model"]))
+    assert server.log_level == "warning"
+
+
+def test_bad_values_are_refused_by_name(parser, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "m", "--log-level", "loud"])
+    assert "--log-level" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("engine_args:\n  model: m\n  tool_call_parser: hermes\n")
+    with pytest.raises(ValueError, match="--tool-call-parser must be one of deepseek_v3, deepseek_v31, got 'hermes'"):
+        resolve(parser.parse_args(["serve", str(path)]))
+    with pytest.raises(ValueError, match="--enable-reasoning needs --reasoning-parser"):
+        resolve(parser.parse_args(["serve", "m", "--enable-reasoning"]))
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        resolve(parser.parse_args(["serve", "m", "--enable-auto-tool-choice"]))
+    with pytest.raises(ValueError, match=r"port must be in \[0, 65535\], got 70000"):
+        resolve(parser.parse_args(["serve", "m", "--port", "70000"]))
+    with pytest.raises(ValueError, match="max_logprobs must be >= 0, got -1"):
+        ServerArgs(max_logprobs=-1)
