@@ -57,7 +57,7 @@ def test_save_rules_replaces_same_conditions(tmp_path):
 
 def test_shipped_tables_are_well_formed():
     ops = sorted(p.name for p in lc.CONFIG_DIR.iterdir() if p.is_dir())
-    assert ops == ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv"]
+    assert ops == ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "mla_prep"]
     for op in ops:
         assert (lc.CONFIG_DIR / op / "default.json").is_file()
         for path in (lc.CONFIG_DIR / op).glob("*.json"):
@@ -67,3 +67,17 @@ def test_shipped_tables_are_well_formed():
 def test_an_empty_table_is_written_as_an_empty_list(tmp_path):
     path = lc.save_rules("gemv", "NVIDIA H100", [], folder=tmp_path)
     assert path.read_text() == "[]\n" and lc._read(path) == []
+
+
+def test_attention_and_mla_tables():
+    # MLA decode: 16 heads take 64-key tiles in 64-token pages, 32-key ones in 16-token pages;
+    # 128 heads 64 per program; the H200 gives the 16-head tile 8 warps
+    mla16 = lc.lookup("attention_decode", "NVIDIA_H100_80GB_HBM3", mla=True, heads=16, block_size=64)
+    assert mla16 == dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=4)
+    assert lc.lookup("attention_decode", "", mla=True, heads=16, block_size=16)["BLOCK_N"] == 32
+    assert lc.lookup("attention_decode", "", mla=True, heads=128, block_size=64) == dict(
+        BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
+    assert lc.lookup("attention_decode", "NVIDIA_H200", mla=True, heads=16, block_size=64)["num_warps"] == 8
+    assert lc.lookup("attention_decode", "NVIDIA_H200", mla=False, heads=16, block_size=64)["num_warps"] == 4
+    assert lc.lookup("mla_prep", "", kernel="v_up") == dict(num_warps=4, BLOCK_C=128, BLOCK_T_MAX=64, BLOCK_V=32)
+    assert lc.lookup("mla_prep", "", kernel="kv_write") == dict(num_warps=4)

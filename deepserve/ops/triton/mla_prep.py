@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.triton.kv_cache import to_pool
+from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           unit_last)
@@ -208,9 +209,23 @@ def _q_absorb_checked(q: torch.Tensor, w_uk: torch.Tensor, cos_sin_cache: torch.
     return nope, c, width - nope
 
 
-def _q_absorb_tiles(n_tokens: int, nope: int, rot: int) -> dict:
-    return dict(BLOCK_T=min(64, max(16, next_pow2(n_tokens))), BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=128,
-                BLOCK_HALF=next_pow2(rot // 2))
+def launch(kernel: str, device: torch.device) -> dict:
+    """Launch settings of `kernel` (kv_write, q_absorb, v_up) from the launch table
+    (configs/mla_prep/): tiles of one 128-wide latent block, 4 warps (docs/PERFORMANCE.md)."""
+    return launch_settings("mla_prep", device, kernel=kernel)
+
+
+def _token_block(n_tokens: int, cfg: dict) -> int:
+    """Rows of tokens per program: at least one 16-row tensor-core tile, at most BLOCK_T_MAX."""
+    return min(cfg.pop("BLOCK_T_MAX"), max(16, next_pow2(n_tokens)))
+
+
+def _q_absorb_tiles(n_tokens: int, nope: int, rot: int, device: torch.device) -> tuple[dict, int]:
+    """(tile sizes, num_warps) of the q-absorb kernel body."""
+    cfg = launch("q_absorb", device)
+    num_warps = cfg.pop("num_warps")
+    return dict(BLOCK_T=_token_block(n_tokens, cfg), BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=cfg.pop("BLOCK_C"),
+                BLOCK_HALF=next_pow2(rot // 2)), num_warps
 
 
 @register("mla_kv_write", "triton")
@@ -224,8 +239,8 @@ def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: tor
     _kv_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
         pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
-        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2), num_warps=4,
-        **pdl_launch(kv_a.device))
+        IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2),
+        num_warps=launch("kv_write", kv_a.device)["num_warps"], **pdl_launch(kv_a.device))
 
 
 @register("mla_q_absorb", "triton")
@@ -238,13 +253,13 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
     if n_tokens == 0:
         return out
     cache = unit_last(cos_sin_cache)
-    tiles = _q_absorb_tiles(n_tokens, nope, rot)
+    tiles, num_warps = _q_absorb_tiles(n_tokens, nope, rot, q.device)
     grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), heads, triton.cdiv(c, tiles["BLOCK_C"]))
     _q_absorb_kernel[grid](
         q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0), w_uk.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **tiles,
-        num_warps=4, **pdl_launch(q.device, w_uk))
+        num_warps=num_warps, **pdl_launch(q.device, w_uk))
     return out
 
 
@@ -263,7 +278,7 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
     if n_tokens == 0:
         return out
     cache = unit_last(cos_sin_cache)
-    tiles = _q_absorb_tiles(n_tokens, nope, rot)
+    tiles, num_warps = _q_absorb_tiles(n_tokens, nope, rot, q.device)
     c_blocks = triton.cdiv(c, tiles["BLOCK_C"])
     grid = (n_tokens + triton.cdiv(n_tokens, tiles["BLOCK_T"]) * heads * c_blocks,)
     _decode_prep_kernel[grid](
@@ -271,7 +286,7 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
         float(eps), q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0),
         w_uk.stride(1), out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2, heads, c_blocks,
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_CW=next_pow2(c), **tiles, num_warps=4, **pdl_launch(q.device, w_uk))
+        BLOCK_CW=next_pow2(c), **tiles, num_warps=num_warps, **pdl_launch(q.device, w_uk))
     return out
 
 
@@ -286,12 +301,12 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n_tokens, heads, v_dim, dtype=out_lat.dtype, device=out_lat.device)
     if n_tokens == 0:
         return out
-    block_t = min(64, max(16, next_pow2(n_tokens)))
-    block_v = 32
+    cfg = launch("v_up", out_lat.device)
+    block_t, block_v = _token_block(n_tokens, cfg), cfg["BLOCK_V"]
     grid = (triton.cdiv(n_tokens, block_t), heads, triton.cdiv(v_dim, block_v))
     _v_up_kernel[grid](
         out_lat, out_lat.stride(0), out_lat.stride(1), w_uv, w_uv.stride(0), w_uv.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, c, v_dim,
         DOT_DTYPE=dot_dtype(out_lat.dtype), DOT_PRECISION=dot_precision(out_lat.dtype), BLOCK_T=block_t,
-        BLOCK_V=block_v, BLOCK_C=128, num_warps=4, **pdl_launch(out_lat.device, w_uv))
+        **cfg, **pdl_launch(out_lat.device, w_uv))
     return out
