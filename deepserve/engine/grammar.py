@@ -79,18 +79,28 @@ class GrammarCompiler:
 
 
 class GrammarState:
-    """One sequence's position in its grammar; inactive until `start_after_token` is seen."""
+    """One sequence's position in its grammar; inactive until `start_after_token` is seen.
+
+    Sampled tokens are queued by `accept` and fed to the matcher by `catch_up`, which the
+    bitmask filler calls at the next step, while the device runs that step's forward: the
+    matcher's work then stays off the path between one step's tokens and the next launch."""
 
     def __init__(self, spec: GuidedDecoding):
         self.matcher = _xgr().GrammarMatcher(spec.compiled)
         self.start_after = spec.start_after_token
         self.active = spec.start_after_token is None
+        self.pending: list[int] = []
 
     def accept(self, token: int) -> None:
-        if not self.active:
-            self.active = token == self.start_after
-        elif not self.matcher.is_terminated():
-            self.matcher.accept_token(token)
+        self.pending.append(token)
+
+    def catch_up(self) -> None:
+        for token in self.pending:
+            if not self.active:
+                self.active = token == self.start_after
+            elif not self.matcher.is_terminated():
+                self.matcher.accept_token(token)
+        self.pending.clear()
 
 
 class BitmaskFiller:
@@ -103,6 +113,8 @@ class BitmaskFiller:
     def __call__(self, logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
         """Mask, in place, the rows of `logits` [N, V] whose grammar is active. Rows without
         one are untouched and cost nothing; the bitmask goes to the device without a sync."""
+        for _, st in states:
+            st.catch_up()
         rows = [(i, st) for i, st in states if st.active and not st.matcher.is_terminated()]
         if not rows:
             return
