@@ -33,9 +33,11 @@ bytes read + written, bench_engine.copy_bandwidth):
   kvcache  KV tokens the pool holds (num_blocks x block_size) at --gpu-memory-utilization 0.9
            with --kv-cache-dtype auto or fp8, on the big fp8 cut.
   kvattn   the MLA decode kernel (ops paged_attention, Triton) at batch 64, 4k context, 16 heads
-           (R1 under TP8), 576-wide latent keys, 512-wide values in 64-token pages, as
-           benchmarks/sweep_mla_decode.py sets it up, with a bf16 and an fp8 e4m3 cache: the
-           cache bytes read once (fp8: 1 byte an element) / copy bandwidth, as CUDA-graph replays.
+           (R1 under TP8) and 128, 576-wide latent keys, 512-wide values in 64-token pages, as
+           benchmarks/sweep_mla_decode.py sets it up: a bf16 cache, and an e4m3 cache through
+           the split kernel (fp8_split) and the e4m3-product kernel (fp8_mma), in one process;
+           the cache bytes read once (fp8: 1 byte an element) / copy bandwidth, as CUDA-graph
+           replays, with the relative error against the torch op.
   serve    `deepserve serve deepseek-r1 --load-format dummy --quantization fp8 --hf-overrides
            {"num_hidden_layers": 3 + N}` and `deepserve bench serve` random 1024 in / 256 out
            (--ignore-eos: random weights would stop at a random EOS), concurrency 64, 256 prompts.
@@ -265,43 +267,46 @@ def case_kvcache(args, rows: list) -> None:
 
 
 def case_kvattn(args, rows: list) -> None:
-    """MLA decode attention over a bf16 and an fp8 latent pool (sweep_mla_decode.py's case)."""
+    """MLA decode attention (sweep_mla_decode.py's case) at each of --kvattn-heads, in one
+    process: a bf16 latent pool (split kernel), an e4m3 pool through the split kernel (16-bit
+    products over the widened tile, attention.MLA_FP8_MMA off) and through the e4m3-product
+    kernel (on). Each is checked against the torch op on the same pool: rel_error_vs_torch on q
+    itself, and for the e4m3-product kernel rel_error_vs_torch_q_e4m3 on q rounded as the
+    kernel rounds it (its own arithmetic, apart from q's rounding)."""
     from sweep_setup import bandwidth_and_timer, prepare
     prepare(args.device)
     import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels: resolve would give torch's)
+    import deepserve.ops.triton.attention as tri_attention
     from deepserve.ops.registry import resolve
     from tests.ops.paged_batch import make_paged_batch
+    from tests.ops.test_kv_fp8_ops import q_rounded_to_e4m3, rel_err
 
     bw, timer = bandwidth_and_timer(args.device)
     batch, ctx = (2, 128) if args.tiny else (64, 4096)
-    heads, width, v_width, block, scale = 16, 576, 512, 64, 0.072
+    width, v_width, block, scale = 576, 512, 64, 0.072
     tri, ref = resolve("paged_attention", "triton")[1], resolve("paged_attention", "torch")[1]
-    for kv in ("bf16", "fp8"):
-        pb = make_paged_batch([1] * batch, [ctx] * batch, heads, 1, width, v_width, block_size=block,
-                              dtype=torch.bfloat16, device=args.device, mla=True)
-        kwargs = {}
-        if kv == "fp8":
-            # e4m3 at scale 1.0 (the engine's --kv-cache-dtype fp8 pool); the MLA values stay a view
-            pool = pb.k_cache.to(torch.float8_e4m3fn)
-            pb.k_cache, pb.v_cache = pool, pool[..., :v_width]
-            kwargs = fp8_kv_kwargs(tri)
-        args_ = pb.args(scale)
-        want = ref(*args_, **kwargs).float()
-        got = tri(*args_, **kwargs).float()
-        err = float((got - want).norm() / want.norm())
-        ms = timer(lambda: tri(*args_, **kwargs))
-        read = batch * ctx * width * pb.k_cache.element_size()
-        save(rows, args, f"{'tiny_' if args.tiny else ''}mla_decode_{kv}kv_b{batch}_ctx{ctx}",
-             read / (ms * 1e-3), "B/s", bw,
-             {"us": ms * 1e3, "cache_bytes_read": read, "rel_error_vs_torch": err, "heads": heads,
-              "block_size": block, "kv_dtype": str(pb.k_cache.dtype), "target_ratio": TARGETS["kv_attn"]})
-
-
-def fp8_kv_kwargs(fn) -> dict:
-    """Scale keyword(s) of the paged_attention op for an fp8 cache: 1.0, or none if it takes none."""
-    import inspect
-    names = inspect.signature(fn).parameters
-    return {k: 1.0 for k in ("k_scale", "v_scale", "kv_scale") if k in names}
+    for heads in (int(h) for h in args.kvattn_heads.split(",")):
+        for variant in ("bf16", "fp8_split", "fp8_mma"):
+            pb = make_paged_batch([1] * batch, [ctx] * batch, heads, 1, width, v_width, block_size=block,
+                                  dtype=torch.bfloat16, device=args.device, mla=True)
+            if variant != "bf16":
+                # e4m3 at scale 1.0 (the engine's --kv-cache-dtype fp8 pool); the values stay a view
+                pool = pb.k_cache.to(torch.float8_e4m3fn)
+                pb.k_cache, pb.v_cache = pool, pool[..., :v_width]
+            tri_attention.MLA_FP8_MMA = variant == "fp8_mma"
+            args_ = pb.args(scale)
+            got = tri(*args_)
+            extras = {"rel_error_vs_torch": rel_err(got, ref(*args_))}
+            if variant == "fp8_mma":
+                q_args = (q_rounded_to_e4m3(pb.q),) + args_[1:]
+                extras["rel_error_vs_torch_q_e4m3"] = rel_err(got, ref(*q_args))
+            ms = timer(lambda: tri(*args_))
+            read = batch * ctx * width * pb.k_cache.element_size()
+            save(rows, args, f"{'tiny_' if args.tiny else ''}mla_decode_{variant}_h{heads}_b{batch}_ctx{ctx}",
+                 read / (ms * 1e-3), "B/s", bw,
+                 {"us": ms * 1e3, "cache_bytes_read": read, "heads": heads, "block_size": block,
+                  "kv_dtype": str(pb.k_cache.dtype), "target_ratio": TARGETS["kv_attn"], **extras})
+    tri_attention.MLA_FP8_MMA = True
 
 
 # ----------------------------------------------------------------------------- serve
@@ -427,6 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (serve)")
     ap.add_argument("--serve-start-s", type=float, default=420)
+    ap.add_argument("--kvattn-heads", default="16,128", help="query heads of the kvattn case (R1: 128, 16 under TP8)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="toy sizes (with --device cpu: a logic check)")
     ap.add_argument("--out-dir", default=str(be.RESULTS))

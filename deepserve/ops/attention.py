@@ -47,11 +47,13 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 @register("paged_attention", "torch")
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                    scale: float, max_query_len: int = 0, max_seq_len: int = 0) -> torch.Tensor:
+                    scale: float, max_query_len: int = 0, max_seq_len: int = 0,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
 
     Causal: query row i of a sequence with context c (cached before this step) sees keys
-    0 .. c + i. Heads are grouped (GQA/MQA) when the cache has fewer heads than q."""
+    0 .. c + i. Heads are grouped (GQA/MQA) when the cache has fewer heads than q. The pool
+    holds key / k_scale and value / v_scale (an fp8 pool's per-tensor scales; 1.0 otherwise)."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     out = q.new_empty(q.shape[0], num_heads, v_cache.shape[-1])
     starts = query_start_loc.tolist()
@@ -66,11 +68,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if num_kv_heads != num_heads:
             k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
             v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q_b.float(), k.float()) * scale
+        scores = torch.einsum("qhd,khd->hqk", q_b.float(), k.float() * k_scale) * scale
         context = seq_len - q_len
         q_pos = torch.arange(q_len, device=q.device)[:, None] + context
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         probs = scores.softmax(dim=-1)
-        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v.float() * v_scale).to(q.dtype)
     return out

@@ -1,7 +1,10 @@
-"""FP8 KV pools (float8 e4m3, scale 1.0; `--kv-cache-dtype fp8`) in the attention and KV-write
-ops: the Triton attention (prefill tiles and split-KV decode, GQA and MLA's latent pool) over an
-e4m3 pool equals the torch reference over the same pool; the writes round and saturate at +-448.
-CPU cases run interpreted."""
+"""FP8 KV pools (float8 e4m3; `--kv-cache-dtype fp8`) in the attention and KV-write ops: the
+Triton attention (prefill tiles and split-KV decode, GQA and MLA's latent pool) over an e4m3
+pool equals the torch reference over the same pool; the writes round and saturate at +-448.
+MLA decode over an e4m3 latent pool multiplies e4m3 q by the e4m3 latent: it equals the torch
+reference given q rounded the kernel's way (per head row, a power of two puts the largest
+|q| in [128, 256), then round to nearest e4m3), and stays within what that rounding allows of
+the reference on q itself. CPU cases run interpreted."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +16,23 @@ from deepserve.ops.registry import resolve
 from tests.ops.paged_batch import make_paged_batch
 
 FP8 = torch.float8_e4m3fn
+# e4m3 keeps 3 mantissa bits: rounding q moves each element by at most 2^-4 of its size, and
+# each logit by at most 2^-4 of sum |q_i k_i| * scale; over random q and k of these sizes the
+# output moves ~2.5% (relative norm). The bound below leaves room, and an error in the kernel
+# (a wrong scale, tile or head) gives O(1).
+Q_E4M3_REL_ERR = 0.06
+
+
+def q_rounded_to_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """q [T, H, D] as the MLA fp8 decode kernel multiplies it: each head row scaled by the power
+    of two that puts its largest |q| in [128, 256), rounded to e4m3 (ties to even), scaled back."""
+    amax = q.float().abs().amax(-1, keepdim=True)
+    mul = torch.where(amax > 0, torch.exp2(7 - torch.floor(torch.log2(amax))), torch.ones_like(amax))
+    return ((q.float() * mul).to(FP8).float() / mul).to(q.dtype)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def fp8_pool(pb):
@@ -30,14 +50,35 @@ def test_triton_attention_reads_an_fp8_pool_like_the_torch_reference(triton_ops,
     q_lens = [1, 1, 1] if case.endswith("decode") else [5, 20, 1]
     seqs = [5, 37, 40]
     pb = fp8_pool(make_paged_batch(q_lens, seqs, **kw))
-    want = resolve("paged_attention", "torch")[1](*pb.args(0.125))
     got = resolve("paged_attention", "triton")[1](*pb.args(0.125))
+    if case == "mla_decode":        # e4m3 q (module docstring)
+        assert rel_err(got, resolve("paged_attention", "torch")[1](*pb.args(0.125))) < Q_E4M3_REL_ERR
+        pb = dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q))
+    want = resolve("paged_attention", "torch")[1](*pb.args(0.125))
     rows = int(pb.query_start_loc[-1])
     torch.testing.assert_close(got[:rows], want[:rows], atol=1e-5, rtol=1e-5)
     # and the fp8 pool holds what a 16-bit pool would, to e4m3 rounding
     exact = resolve("paged_attention", "torch")[1](*make_paged_batch(q_lens, seqs, **kw).args(0.125))
     err = (got[:rows] - exact[:rows]).norm() / exact[:rows].norm()
     assert err < 0.05, err          # e4m3 keeps 3 mantissa bits: ~2-3% relative per value
+
+
+def test_mla_fp8_decode_kernel_against_the_split_kernel_and_q_rounding(triton_ops, cpu_only, monkeypatch):
+    """The e4m3-product kernel against the 16-bit-product split kernel over the same pool (the
+    switch the A/B benchmark flips): they differ by q's rounding alone. Several tiles and splits
+    per row, a row of one token and a scaled pool (k_scale = v_scale, as MLA's latent)."""
+    import deepserve.ops.triton.attention as tri_attention
+    kw = dict(num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True, block_size=16)
+    pb = fp8_pool(make_paged_batch([1, 1, 1, 1], [1, 64, 17, 300], **kw))
+    op = resolve("paged_attention", "triton")[1]
+    got = op(*pb.args(0.125), k_scale=0.5, v_scale=0.5)
+    monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
+    split_q = op(*pb.args(0.125), k_scale=0.5, v_scale=0.5)
+    split_rounded = op(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.125), k_scale=0.5, v_scale=0.5)
+    torch.testing.assert_close(got, split_rounded, atol=1e-5, rtol=1e-5)
+    assert 1e-3 < rel_err(got, split_q) < Q_E4M3_REL_ERR       # q's rounding shows, within its bound
+    want = resolve("paged_attention", "torch")[1](*pb.args(0.125), k_scale=0.5, v_scale=0.5)
+    assert rel_err(split_q, want) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -64,10 +105,31 @@ def test_gpu_attention_over_an_fp8_pool_at_r1_and_8b_shapes(case):
     q_lens = [1] * 8 if case.endswith("decode") else [300, 17, 1]
     seqs = [100, 900, 4000, 31, 2048, 1, 700, 1500] if case.endswith("decode") else [300, 1000, 77]
     pb = fp8_pool(make_paged_batch(q_lens, seqs, dtype=torch.bfloat16, device="cuda", **kw))
-    want = resolve("paged_attention", "torch")[1](*pb.args(0.07))
     got = resolve("paged_attention", "triton")[1](*pb.args(0.07))
+    if case == "mla_decode":        # e4m3 q (module docstring)
+        assert rel_err(got, resolve("paged_attention", "torch")[1](*pb.args(0.07))) < Q_E4M3_REL_ERR
+        pb = dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q))
+    want = resolve("paged_attention", "torch")[1](*pb.args(0.07))
     rows = int(pb.query_start_loc[-1])
     torch.testing.assert_close(got[:rows].float(), want[:rows].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])
+def test_gpu_mla_fp8_decode_at_r1_shapes(heads):
+    """R1's latent pool at 16 heads (TP8) and 128, batch 64 rows of 1 to 4k tokens, 64-token
+    pages, scaled (k_scale = v_scale): the e4m3-product kernel against the torch reference on
+    q rounded the kernel's way, and within q's rounding of the reference on q itself."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    seqs = torch.randint(1, 4097, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    pb = fp8_pool(make_paged_batch([1] * 64, seqs, heads, 1, 576, 512, block_size=64, dtype=torch.bfloat16,
+                                   device="cuda", mla=True))
+    got = resolve("paged_attention", "triton")[1](*pb.args(0.07), k_scale=0.25, v_scale=0.25)
+    ref = resolve("paged_attention", "torch")[1]
+    assert rel_err(got, ref(*pb.args(0.07), k_scale=0.25, v_scale=0.25)) < Q_E4M3_REL_ERR
+    want = ref(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.07), k_scale=0.25, v_scale=0.25)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

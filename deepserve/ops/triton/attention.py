@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
 from deepserve.ops.triton import launch_config
-from deepserve.ops.triton._common import dot_dtype, dot_precision, next_pow2, pdl_launch, sm_count
-from deepserve.ops.triton.attention_decode import LOG2E, _decode_reduce_kernel, _decode_split_kernel
+from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
+from deepserve.ops.triton.attention_decode import (LOG2E, _decode_reduce_kernel, _decode_split_kernel,
+                                                   _mla_decode_fp8_kernel)
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
 MAX_SPLITS = 64
 MIN_TOKENS_PER_SPLIT = 256
 DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
+# MLA decode over an e4m3 latent pool on an NVIDIA sm_90+ GPU runs _mla_decode_fp8_kernel (e4m3
+# warp-group MMAs); False sends it to the split kernel every other pool takes (A/B timing in
+# benchmarks/bench_r1.py --case kvattn)
+MLA_FP8_MMA = True
 
 
 def table_key(device: torch.device) -> str:
@@ -82,11 +88,13 @@ def num_decode_splits(batch: int, kv_programs: int, max_seq_len: int, device: to
 @register("paged_attention", "triton")
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                    scale: float, max_query_len: int = 0, max_seq_len: int = 0) -> torch.Tensor:
+                    scale: float, max_query_len: int = 0, max_seq_len: int = 0,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
 
     `max_query_len` / `max_seq_len` are host ints; when left at 0 they are read from the
-    device tensors (one sync), so callers on the hot path should pass them."""
+    device tensors (one sync), so callers on the hot path should pass them. `k_scale` /
+    `v_scale`: an fp8 pool holds key / value divided by them (deepserve.ops.attention)."""
     n_tokens, n_heads, d = q.shape
     n_kv_heads, dv = k_cache.shape[2], v_cache.shape[-1]
     if k_cache.shape[-1] != d or n_heads % n_kv_heads:
@@ -94,7 +102,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          f"match and heads must be a multiple of KV heads")
     if d < 16:  # below the smallest tensor-core tile: the torch reference serves (tiny models)
         return torch_paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                                     scale, max_query_len, max_seq_len)
+                                     scale, max_query_len, max_seq_len, k_scale, v_scale)
     out = q.new_empty(n_tokens, n_heads, dv)
     batch = seq_lens.shape[0]
     if n_tokens == 0 or batch == 0:
@@ -107,11 +115,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d, block_dpe = _split_head_dim(d)
     block_dv = next_pow2(dv)
     shared = _shares_kv(k_cache, v_cache, block_d)
-    qk_scale = float(scale) * LOG2E
+    qk_scale = float(scale) * float(k_scale) * LOG2E
     common = dict(BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, SHARED_KV=shared,
                   DOT_PRECISION=dot_precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype))
     device = table_key(q.device)
     big_head = block_d + block_dpe + block_dv > 512      # MLA's latent: 576-wide keys, 512-wide values
+    small = interpreting() or q.device.type != "cuda"
+    if max_query_len == 1 and _mla_fp8_mma(q, k_cache, shared, block_dpe, small):
+        return _mla_fp8_decode(q, k_cache, query_start_loc, seq_lens, block_tables, out, qk_scale,
+                               float(v_scale), max_seq_len, block_d, block_dpe, small)
     if max_query_len == 1:
         cfg = decode_config(big_head, group, k_cache.shape[1], device)
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
@@ -127,7 +139,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _decode_split_kernel[(batch, programs, splits)](
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-            qk_scale, n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
+            qk_scale, float(v_scale), n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
             BLOCK_H=block_h, PAGE_TILE=page_tile,
             **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
@@ -139,6 +151,48 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
-        block_tables.stride(0), qk_scale, group, k_cache.shape[1], d - block_d, dv,
+        block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - block_d, dv,
         BLOCK_M=block_m, **cfg, **common)
+    return out
+
+
+_MLA_FP8_BLOCK_N = {False: 64, True: 16}      # keys per tile on the GPU / interpreted
+
+
+def _mla_fp8_mma(q: torch.Tensor, k_cache: torch.Tensor, shared: bool, block_dpe: int, small: bool) -> bool:
+    """Decode takes _mla_fp8_decode: an MLA latent pool (one KV head, values a view of the keys,
+    a rope tail) in e4m3, pages a multiple of the key tile, on an sm_90+ GPU or interpreted."""
+    return (MLA_FP8_MMA and shared and k_cache.dtype == torch.float8_e4m3fn and k_cache.shape[2] == 1
+            and block_dpe > 0 and k_cache.shape[1] % _MLA_FP8_BLOCK_N[small] == 0
+            and (small or nvidia_sm90(q.device)))
+
+
+def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, qk_scale, v_scale,
+                    max_seq_len, block_d, block_dpe, small):
+    """MLA decode rows over an e4m3 latent pool with e4m3 x e4m3 QK^T products
+    (attention_decode._mla_decode_fp8_kernel), then the split merge. q is rounded to e4m3 per
+    head (a power-of-two scale per head row, so the error is e4m3's 2^-4 relative rounding of q);
+    P.V runs in fp16 over the exactly widened latent. Off the GPU (interpreter) the products
+    run in fp32 over the same rounded q."""
+    batch, n_heads = seq_lens.shape[0], q.shape[1]
+    block_size = kv_cache.shape[1]
+    # 16 heads (R1 under TP8): one program's [512, 16] fp32 output fits 4 warps' registers; 64
+    # heads (of R1's 128) need 8 warps for [512, 64] (4 spill ~2 KB a thread; sm_90 SASS)
+    block_h = 16 if small else min(max(16, triton.next_power_of_2(n_heads)), 64)
+    block_n = _MLA_FP8_BLOCK_N[small]
+    head_groups = triton.cdiv(n_heads, block_h)
+    splits = num_decode_splits(batch, head_groups, max_seq_len, q.device, 4)
+    mid_o = torch.empty(batch, n_heads, splits, block_d, dtype=q.dtype, device=q.device)
+    mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
+    wide = tl.float32 if small else None
+    _mla_decode_fp8_kernel[(batch, head_groups, splits)](
+        q, kv_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
+        *q.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), block_tables.stride(0),
+        qk_scale, v_scale, n_heads, block_size, q.shape[-1] - block_d, block_d, splits,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
+        QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
+        num_warps=8 if block_h >= 64 else 4, num_stages=1 if small else 3, **pdl_launch(q.device))
+    _decode_reduce_kernel[(batch, n_heads)](
+        mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
+        BLOCK_S=next_pow2(splits), BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
     return out

@@ -33,13 +33,61 @@ from deepserve.ops.triton._common import pdl_begin
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _pow2_to_range(amax, TOP_EXP: tl.constexpr):
+    """2^k per row with amax * 2^k in [2^TOP_EXP, 2^(TOP_EXP+1)) (1 for an all-zero row), built
+    from the exponent bits so that it is exact; k is clamped to fp32's normal exponents."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k_bits = tl.minimum(tl.maximum(127 + TOP_EXP + 127 - e, 1), 254)
+    return tl.where(amax > 0, (k_bits << 23).to(tl.float32, bitcast=True), 1.0)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x (fp32, |x| < 2^9) rounded to the nearest e4m3 value, ties to even, still in fp32: the
+    add-and-subtract of 1.5 * 2^23 ulps rounds at the ulp of x's binade (2^(e-3), 2^-9 for
+    subnormals). Exact where a cast might not be (Triton 3.6's interpreter drops the carry
+    of a mantissa that rounds up into the next binade: 31.26 -> 16)."""
+    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    ulp_e = tl.maximum(e - 127 - 3, -9)
+    magic = (((ulp_e + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (x + magic) - magic
+
+
+@triton.jit
+def _split_bounds(qsl_ptr, seq_lens_ptr, b, split, num_splits, BLOCK_N: tl.constexpr):
+    """(row b's first query row, this split's first key, its end): the context cut into
+    num_splits whole tiles of BLOCK_N keys."""
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    has_row = tl.load(qsl_ptr + b + 1) > q_start
+    seq_len = tl.where(has_row, tl.load(seq_lens_ptr + b), 0)
+    # the host sizes num_splits from max_seq_len (under CUDA graphs: the captured maximum);
+    # splits past a shorter row's end stay empty and store nothing. (A floor of 256 tokens
+    # per split here, to use fewer splits on short rows, cost parallelism at batch 1: the 8B
+    # decode kernel went from 161 to 374 us per step on an H100.)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return q_start, start, tl.minimum(start + split_len, seq_len)
+
+
+@triton.jit
+def _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads, split, num_splits):
+    """Store one split's log-sum-exp per head (-inf for an empty split); return the heads' rows
+    of the mid buffers ([B, H, num_splits, (DV)]) and the softmax sums to divide by."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+    mid_row = (b.to(tl.int64) * n_heads + heads) * num_splits + split
+    tl.store(mid_lse_ptr + mid_row, lse, mask=h_mask)
+    return mid_row, l_safe
+
+
 # num_splits varies with the batch size; specialising on it (== 1, divisible by 16) would only
 # compile more variants of the same code
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
         q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, bt_stride,
-        qk_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
+        qk_scale, v_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr, PAGE_TILE: tl.constexpr,
@@ -50,17 +98,7 @@ def _decode_split_kernel(
     hg = tl.program_id(1) % n_head_groups
     split = tl.program_id(2)
 
-    q_start = tl.load(qsl_ptr + b).to(tl.int64)
-    has_row = tl.load(qsl_ptr + b + 1) > q_start
-    seq_len = tl.load(seq_lens_ptr + b)
-    seq_len = tl.where(has_row, seq_len, 0)
-    # the host sizes num_splits from max_seq_len (under CUDA graphs: the captured maximum);
-    # splits past a shorter row's end stay empty and store nothing. (A floor of 256 tokens
-    # per split here, to use fewer splits on short rows, cost parallelism at batch 1: the 8B
-    # decode kernel went from 161 to 374 us per step on an H100.)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    q_start, start, end = _split_bounds(qsl_ptr, seq_lens_ptr, b, split, num_splits, BLOCK_N)
 
     h_in_group = hg * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = h_in_group < group
@@ -128,13 +166,9 @@ def _decode_split_kernel(
         m_i = m_new
 
     nonempty = end > start
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
-    # mid buffers are [B, H, num_splits, (DV)]
-    mid_row = (b.to(tl.int64) * n_heads + heads) * num_splits + split
-    tl.store(mid_lse_ptr + mid_row, lse, mask=h_mask)
+    mid_row, l_safe = _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads, split, num_splits)
     tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :],
-             (acc / l_safe[:, None]).to(mid_o_ptr.dtype.element_ty),
+             (acc * (v_scale / l_safe)[:, None]).to(mid_o_ptr.dtype.element_ty),
              mask=h_mask[:, None] & nonempty)
 
 
@@ -164,3 +198,67 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, 
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty),
              mask=(offs_dv < dv) & has_row)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _mla_decode_fp8_kernel(
+        q_ptr, kc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
+        q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, qk_scale, v_scale, n_heads, block_size, d_pe, dv,
+        num_splits, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
+        QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, USE_PDL: tl.constexpr):
+    """One split of MLA's absorbed decode over an e4m3 latent pool, with the tokens as the M
+    side of both products: S^T = K q^T ([N, D] x [D, H]) and O^T += V^T P^T ([DV, N] x [N, H]).
+    The latent tile is the A operand of the first, K-major as stored, so e4m3 x e4m3 warp-group
+    MMAs read it from shared memory as copied (no conversion), with BLOCK_N >= 64 rows even
+    for 16 heads (R1 under TP8), where the head-major form has M = 16 and falls back to
+    16-bit MMAs fed through registers. The page size is a multiple of BLOCK_N."""
+    pdl_begin(USE_PDL)
+    b = tl.program_id(0)
+    split = tl.program_id(2)
+    q_start, start, end = _split_bounds(qsl_ptr, seq_lens_ptr, b, split, num_splits, BLOCK_N)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                        # of the one latent head
+    h_mask = heads < n_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
+    pe_mask = offs_pe < BLOCK_D + d_pe
+    q_row = q_ptr + q_start * q_st + heads * q_sh                                     # [H]
+    q_t = tl.load(q_row[None, :] + offs_d[:, None] * q_sd, mask=h_mask[None, :], other=0.0).to(tl.float32)
+    q_pe_t = tl.load(q_row[None, :] + offs_pe[:, None] * q_sd, mask=h_mask[None, :] & pe_mask[:, None],
+                     other=0.0).to(tl.float32)                                        # [DPE, H]
+    amax = tl.maximum(tl.max(tl.abs(q_t), axis=0), tl.max(tl.abs(q_pe_t), axis=0))   # [H]
+    # e4m3 q per head: a power of two puts the head's largest |q| in [128, 256) (e4m3 tops
+    # out at 448), undone exactly on the logits
+    q_mul = _pow2_to_range(amax, 7)
+    q_t = _round_to_e4m3(q_t * q_mul[None, :]).to(QK_DTYPE)                            # [D, H]
+    q_pe_t = _round_to_e4m3(q_pe_t * q_mul[None, :]).to(QK_DTYPE)
+    col_scale = qk_scale / q_mul                                                      # [H], log2 units
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)                                    # O^T
+    bt_row = bt_ptr + b.to(tl.int64) * bt_stride
+    page_next = tl.load(bt_row + start // block_size, mask=start < end, other=0)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        blk = page_next.to(tl.int64)
+        page_next = tl.load(bt_row + (n0 + BLOCK_N) // block_size, mask=n0 + BLOCK_N < end, other=0)
+        row_off = blk * kc_b + (n0 % block_size + tl.arange(0, BLOCK_N)) * kc_o          # [N]
+        kv = tl.load(kc_ptr + row_off[:, None] + offs_d[None, :] * kc_d, mask=n_mask[:, None], other=0.0)
+        k_pe = tl.load(kc_ptr + row_off[:, None] + offs_pe[None, :] * kc_d,
+                       mask=n_mask[:, None] & pe_mask[None, :], other=0.0)           # [N, DPE]
+        s = tl.dot(kv.to(QK_DTYPE), q_t)                                              # [N, H]
+        s = tl.dot(k_pe.to(QK_DTYPE), q_pe_t, s)
+        s = tl.where(n_mask[:, None], s * col_scale[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])                                               # [N, H]
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv).to(PV_DTYPE), p.to(PV_DTYPE))  # [DV, H]
+        m_i = m_new
+
+    nonempty = end > start
+    mid_row, l_safe = _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads, split, num_splits)
+    tl.store(mid_o_ptr + mid_row[None, :] * BLOCK_D + offs_d[:, None],
+             (acc * (v_scale / l_safe)[None, :]).to(mid_o_ptr.dtype.element_ty),
+             mask=h_mask[None, :] & (offs_d[:, None] < dv) & nonempty)

@@ -17,7 +17,7 @@ import triton.language as tl
 def _prefill_kernel(
         q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, o_st, o_sh, bt_stride,
-        qk_scale, group, block_size, d_pe, dv,
+        qk_scale, v_scale, group, block_size, d_pe, dv,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
@@ -77,6 +77,6 @@ def _prefill_kernel(
                             mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
         tl.store(out_ptr + (q_start + offs_m)[:, None] * o_st + h * o_sh + offs_dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
