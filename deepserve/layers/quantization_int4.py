@@ -37,6 +37,8 @@ class Int4LinearMethod:
 
     def __init__(self, spec: Int4Spec):
         self.spec = spec
+        # the GEMM, chosen once from the checkpoint's activation scheme
+        self.gemm = ops.w4a8_linear if spec.activations == "int8-token" else ops.int4_linear
 
     def param(self, layer: LinearBase, role: str) -> Optional[nn.Parameter]:
         name = self.spec.names.get(role)
@@ -117,9 +119,7 @@ class Int4LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, s, z, g = (self.param(layer, r) for r in ("qweight", "scales", "qzeros", "g_idx"))
-        if self.spec.activations == "int8-token":
-            return ops.w4a8_linear(x, q, s, z, g, self.group_size, bias)
-        return ops.int4_linear(x, q, s, z, g, self.group_size, bias)
+        return self.gemm(x, q, s, z, g, self.group_size, bias)
 
 
 def checkpoint_names(model: nn.Module, name: str) -> list[str]:
