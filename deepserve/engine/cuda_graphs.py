@@ -8,6 +8,11 @@ length 1 over block 0: a harmless read). Prefill and mixed steps run eagerly.
 
 Capture needs ops without host syncs, so graphs are used only with the Triton backend.
 
+Verify steps of speculative decoding (each sequence's last token and its k drafts) replay the
+same graphs as decode rows, one row per token (engine/spec_decode.as_decode_rows), so the
+sizes count tokens, up to max_num_seqs * (k + 1); the graphs keep their hidden states too,
+which MTP drafting reads after the step.
+
 With DP attention + expert parallel the MoE layers exchange tokens between DP ranks inside
 the graph (all-gather / reduce-scatter of a fixed width), so every DP rank must replay a
 graph of the same size in the same step: the model runner picks it from all ranks' batches
@@ -31,7 +36,9 @@ class CudaGraphRunner:
         self.runner = runner
         self.model = runner.model
         sc = runner.config.scheduler
-        self.sizes = sorted(s for s in sizes if s <= sc.max_num_seqs) or [1]
+        spec = runner.config.speculative
+        rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+        self.sizes = sorted(s for s in sizes if s <= rows) or [1]
         self.enabled = ops.get_backend() == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pctx = runner.pctx
@@ -50,7 +57,8 @@ class CudaGraphRunner:
         self.tables = torch.zeros(self.max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.qsl = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(self.max_bs, dtype=torch.int64, device=dev)
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}     # logits [bs, V]
+        self.hidden: dict[int, torch.Tensor] = {}      # hidden states [bs, D]
         try:
             self._capture_all()
         except RuntimeError as exc:  # e.g. an op falls back to a path that syncs with the host
@@ -58,6 +66,7 @@ class CudaGraphRunner:
             self.enabled = False
             self.graphs.clear()
             self.outputs.clear()
+            self.hidden.clear()
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(self.qsl[:bs + 1], self.seq_lens[:bs], self.tables[:bs], self.slots[:bs],
@@ -73,14 +82,14 @@ class CudaGraphRunner:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs, meta)
+                self.hidden[bs], self.outputs[bs] = self._forward(bs, meta)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
-    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         extra = {"dp_num_tokens": [bs] * self.dp_size} if self.dp_size > 1 else {}
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta, **extra)
-        return self.model.compute_logits(hidden)
+        return hidden, self.model.compute_logits(hidden)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         n = meta.num_seqs
@@ -94,8 +103,10 @@ class CudaGraphRunner:
         """The captured size a decode batch of `num_seqs` rows runs at."""
         return next(s for s in self.sizes if s >= num_seqs)
 
-    def run(self, input_ids, positions, meta: AttentionMetadata, bs: int = 0) -> torch.Tensor:
-        """Replay the graph of size `bs` (default: the smallest that holds the batch)."""
+    def run(self, input_ids, positions, meta: AttentionMetadata, bs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of size `bs` (default: the smallest that holds the batch) -> (hidden
+        states [n, D] of every row, logits of the rows in meta.logits_indices), both views of
+        the graph's buffers, valid until its next replay."""
         n = input_ids.shape[0]
         bs = bs or self.size_for(n)
         self.input_ids[:n].copy_(input_ids)
@@ -109,4 +120,8 @@ class CudaGraphRunner:
             self.slots[n:bs].fill_(-1)
             self.tables[n:bs, 0].fill_(0)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        logits = self.outputs[bs][:n]
+        # (a one-token chunk that does not reach its sequence's end has no logits row)
+        if meta.logits_indices.shape[0] != n:
+            logits = logits[meta.logits_indices]
+        return self.hidden[bs][:n], logits

@@ -280,9 +280,9 @@ class EngineCore:
                 mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
             elif batch:
                 inputs = self.runner.host_inputs(batch)
-                # (verify steps of speculative decoding run eagerly)
-                mixed = not inputs.decode_only or self.engine.spec is not None
-                mine = DPSync(True, inputs.num_tokens, mixed, max(inputs.seq_lens), self.stopping)
+                # speculative decoding: up to k draft rows a decode (engine/spec_decode.as_decode_rows)
+                rows = inputs.num_tokens * (1 + (self.engine.spec.k if self.engine.spec is not None else 0))
+                mine = DPSync(True, rows, not inputs.decode_only, max(inputs.seq_lens), self.stopping)
             else:
                 mine = DPSync(False, 1, False, 1, self.stopping)
             v = torch.tensor(mine.to_list(), dtype=torch.int64)

@@ -220,19 +220,19 @@ class ModelRunner:
         `self.hidden` for the MTP step that follows."""
         if self.pipeline is not None:
             return self.pipeline.forward(input_ids, positions, meta, dp_num_tokens)
-        if keep_hidden:
-            self.mtp_forwards = 0
-            extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
-            self.hidden = self.model(input_ids, positions, meta, **extra)
-            return self.model.compute_logits(self.hidden[meta.logits_indices])
         if self.graphs is not None and self.pctx.moe_dp_exchange:
-            if graph_size:
-                return self.graphs.run(input_ids, positions, meta, graph_size)
-        elif self.graphs is not None and self.graphs.can_run(meta):
-            return self.graphs.run(input_ids, positions, meta)
-        extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
-        hidden = self.model(input_ids, positions, meta, **extra)
-        return self.model.compute_logits(hidden[meta.logits_indices])
+            replay = graph_size
+        else:
+            replay = self.graphs is not None and self.graphs.can_run(meta)
+        if replay:
+            hidden, logits = self.graphs.run(input_ids, positions, meta, graph_size)
+        else:
+            extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
+            hidden = self.model(input_ids, positions, meta, **extra)
+            logits = self.model.compute_logits(hidden[meta.logits_indices])
+        if keep_hidden:
+            self.hidden, self.mtp_forwards = hidden, 0
+        return logits
 
     def dp_graph_size(self, num_tokens: int, decode_only: bool, longest: int) -> int:
         """The CUDA graph size every DP rank replays this step (from the values all ranks

@@ -120,6 +120,20 @@ def verify_inputs(seqs: list[Sequence], num_new: list[int], drafts: list[list[in
     return inputs, order
 
 
+def as_decode_rows(inputs: StepInputs) -> StepInputs:
+    """The same step with every token as a one-token row of its own (its sequence's block
+    table, seq_len = its position + 1): each row attends over its sequence's positions up to
+    its own, as causal attention over the sequence's new tokens does, because every layer
+    writes the whole step's KV before any row attends. A verify step of decodes (each its
+    last token and k drafts) thus becomes a decode step of tokens = batch * (k + 1) rows,
+    which CUDA graphs replay. Logits rows stay the same flat rows."""
+    tables = np.repeat(np.asarray(inputs.tables, dtype=np.int64), inputs.q_lens, axis=0)
+    n = inputs.num_tokens
+    return StepInputs(ids=inputs.ids, positions=inputs.positions, slots=inputs.slots, q_lens=[1] * n,
+                      seq_lens=(inputs.positions + 1).tolist(), tables=tables.tolist(),
+                      logits_rows=inputs.logits_rows, num_decodes=n)
+
+
 def tables_and_slots(tables: list[list[int]], q_lens: list[int], positions: np.ndarray, block_size: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Block tables 0-padded to one width [S, W], and the KV slot of each flat token [T]."""
@@ -141,6 +155,9 @@ class SpecDecoder:
         elif mtp is None:
             raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
         self.mtp = mtp
+        # verify steps of decodes only run as one-token rows (`as_decode_rows`): set where the
+        # runner replays them as CUDA graphs
+        self.decode_rows = False
         self.pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # Sequence -> MTP drafts
         self.stats = SpecStats()
         self.log_interval_s, self._logged_at = 10.0, time.monotonic()
@@ -160,6 +177,35 @@ class SpecDecoder:
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
         """logits [sum(len(d) + 1), V]: each sequence's rows in order -> the tokens each sequence
         emits (its accepted drafts, then one more)."""
+        if all(s.params.greedy for s in seqs):
+            out = self._verify_greedy(logits, drafts)
+        else:
+            out = self._verify_sampled(logits, seqs, drafts)
+        for d, toks in zip(drafts, out):
+            self.stats.record(len(d), len(toks) - 1)
+        self._maybe_log()
+        return out
+
+    @staticmethod
+    def _verify_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
+        """Every sequence greedy: a draft is kept while it equals the logits' argmax at its
+        row, then the argmax at the first mismatch (or after the last draft) follows, as the
+        plain sampler's greedy token would. One [rows] argmax and one host copy instead of the
+        rejection sampler's sorted distributions and noise over the vocabulary."""
+        best = logits.argmax(dim=-1).tolist()
+        out, row = [], 0
+        for d in drafts:
+            a = 0
+            while a < len(d) and d[a] == best[row + a]:
+                a += 1
+            out.append(d[:a] + [best[row + a]])
+            row += len(d) + 1
+        return out
+
+    def _verify_sampled(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
+                        ) -> list[list[int]]:
+        """The rejection sampler over each row's sampling distribution (greedy rows among them
+        take its argmax)."""
         dev, vocab = logits.device, logits.shape[1]
         logits = logits.float()
         k = max(len(d) for d in drafts)
@@ -179,12 +225,8 @@ class SpecDecoder:
         target[to_device_async(seq_of, torch.int64, dev), to_device_async(col_of, torch.int64, dev)] = probs
         draft_ids = to_device_async([d + [0] * (k - len(d)) for d in drafts], torch.int64, dev).view(n, k)
         uniform, noise = self._draws(seqs, k, vocab, dev)
-        out = rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
-                               greedy, uniform, noise).to_lists()
-        for d, toks in zip(drafts, out):
-            self.stats.record(len(d), len(toks) - 1)
-        self._maybe_log()
-        return out
+        return rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
+                                greedy, uniform, noise).to_lists()
 
     def _maybe_log(self) -> None:
         """vLLM's periodic spec-decode line: mean acceptance length, accepted / drafted tokens."""
@@ -222,7 +264,9 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
     spec = config.speculative
     if spec is None:
         return None
-    return SpecDecoder(spec, config.model.max_model_len, runner.mtp)
+    decoder = SpecDecoder(spec, config.model.max_model_len, runner.mtp)
+    decoder.decode_rows = runner.graphs is not None and runner.graphs.enabled
+    return decoder
 
 
 def run_speculative_step(engine, batch) -> list:
@@ -247,8 +291,9 @@ def run_speculative_step(engine, batch) -> list:
             bm.append_slots(seq, seq.num_tokens + len(d))
         drafts.append(d)
     inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
+    forward = as_decode_rows(inputs) if decoder.decode_rows and all(n == 1 for n in num_new) else inputs
     # (mtp: every rank keeps the hidden states of every row for the MTP step)
-    msg = StepMessage(inputs, runner.graph_size, keep_hidden=decoder.mtp is not None)
+    msg = StepMessage(forward, runner.graph_size, keep_hidden=decoder.mtp is not None)
     runner.publish(msg)
     logits = runner.run_step(msg)
     engine.stats["steps"] += 1

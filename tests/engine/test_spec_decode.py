@@ -267,3 +267,21 @@ def test_async_scheduling_with_ngram_equals_plain(llm, monkeypatch):
     assert len(calls) > 10 and g["spec_decode_num_accepted_tokens"] > 0
     assert g["steps"] < g["generation_tokens"]
     assert g["num_free_blocks"] == g["num_blocks"]
+
+
+def test_greedy_verify_equals_the_rejection_sampler():
+    """All-greedy steps skip the rejection sampler: kept drafts and the token after them are
+    what its greedy rows give, for drafts of every length matching the argmax for a while."""
+    torch.manual_seed(0)
+    decoder = SpecDecoder(NGRAM, 512)
+    seqs = [Sequence(f"g{i}", 0, [1, 2], SamplingParams(temperature=0)) for i in range(6)]
+    lens = [3, 0, 1, 3, 2, 3]
+    logits = torch.randn(sum(n + 1 for n in lens), 50)
+    best = logits.argmax(dim=-1).tolist()
+    drafts, row = [], 0
+    for i, n in enumerate(lens):       # sequence i matches the argmax for its first i % 4 drafts
+        drafts.append([best[row + j] if j < i % 4 else (best[row + j] + 1) % 50 for j in range(n)])
+        row += n + 1
+    fast = decoder.verify(logits, seqs, drafts)
+    assert fast == decoder._verify_sampled(logits, seqs, drafts)
+    assert [len(t) - 1 for t in fast] == [0, 0, 1, 3, 0, 1]
