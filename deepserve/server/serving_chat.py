@@ -7,7 +7,7 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - tool calls: `tool_choice` auto (needs --enable-auto-tool-choice and --tool-call-parser: the
   parser turns the model's tool-call tokens into `tool_calls`, finish_reason `tool_calls`),
   required (the output is constrained to a JSON list of {name, parameters} of the given
-  tools) or a named function (the output is constrained to its parameters' schema), and
+  tools; streamed call by call, each call's arguments as they are generated) or a named function (the output is constrained to its parameters' schema), and
   none (tools only reach the template);
 - structured outputs (response_format, guided_*, structured_outputs); with a reasoning
   parser the grammar starts after `</think>`, so only the answer is constrained.
@@ -29,7 +29,7 @@ from deepserve.server.serving_common import (SSEResponse, ServerState, api_error
                                              merge_streams, parse_request, sampling_params, sse, stream_usage,
                                              until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
-from deepserve.server.tool_parsers import make_tool_parser, tool_call_id
+from deepserve.server.tool_parsers import RequiredCallsStream, make_tool_parser, tool_call_id
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -156,6 +156,7 @@ class _ContentSplitter:
         self.tools = make_tool_parser(tool_call_parser) if self.mode == "auto" else None
         self.max_calls = 1 if prep.parallel_tool_calls is False else None
         self.constrained = ""          # required / named: the JSON the grammar produced
+        self.required_stream = RequiredCallsStream() if self.mode == "required" else None
         self.named_sent = False
         self.id = tool_call_id()
 
@@ -185,11 +186,8 @@ class _ContentSplitter:
                 calls.append(call)
             content = ""
         elif self.mode == "required":
-            self.constrained += content
+            calls = self.required_stream.feed(content)
             content = ""
-            if final:  # the list is only known whole: its calls go out at the end
-                calls = [{"index": i, "id": c["id"], "type": "function", "function": c["function"]}
-                         for i, c in enumerate(self.required_calls())]
         return reasoning, content, calls
 
     def required_calls(self) -> list[dict]:

@@ -18,6 +18,7 @@ left as content (vLLM's behaviour for malformed calls).
 """
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Optional
 
@@ -152,3 +153,105 @@ class DeepSeekToolParser:
 
 def make_tool_parser(name: Optional[str]) -> Optional[DeepSeekToolParser]:
     return DeepSeekToolParser(name) if name is not None else None
+
+
+class RequiredCallsStream:
+    """`tool_choice: required` streamed: the grammar makes the output a JSON list
+    `[{"name": NAME, "parameters": {...}}, ...]`; each call's header goes out once its name
+    string is complete, then the raw text of its parameters value as it grows. Joined, a
+    call's argument deltas are the parameters' JSON text as generated (the whole response
+    re-serialises them: the same value, possibly other whitespace)."""
+
+    def __init__(self):
+        self.text = ""
+        self.pos = 0
+        self.depth = 0            # 1: inside the list, 2: inside a call's object
+        self.in_string = self.escaped = False
+        self.token = ""           # the string being read at depth 2 (a key or the name)
+        self.key: Optional[str] = None
+        self.expect = "key"       # at depth 2: "key", "colon", "value", "comma"
+        self.calls: list[dict] = []   # per call: name, id, sent (header out), args (raw), start
+        self.args_start: Optional[int] = None
+        self.args_sent = 0
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        out: list[dict] = []
+        while self.pos < len(self.text):
+            self._step(self.text[self.pos], out)
+            self.pos += 1
+        if self.args_start is not None:  # the parameters read so far, once the name is out
+            self._send_args(self.text[self.args_start:self.pos], out)
+        return out
+
+    def _send_args(self, raw: str, out: list[dict]) -> None:
+        call = self.calls[-1]
+        call["args"] = raw
+        if call["sent"] and len(raw) > self.args_sent:
+            out.append({"index": len(self.calls) - 1, "function": {"arguments": raw[self.args_sent:]}})
+            self.args_sent = len(raw)
+
+    def _header(self, out: list[dict]) -> None:
+        call = self.calls[-1]
+        if call["sent"] or call["name"] is None:
+            return
+        call["sent"] = True
+        out.append({"index": len(self.calls) - 1, "id": call["id"], "type": "function",
+                    "function": {"name": call["name"], "arguments": ""}})
+        self.args_sent = 0
+
+    def _step(self, ch: str, out: list[dict]) -> None:
+        if self.in_string:
+            if self.depth == 2 and self.args_start is None:
+                self.token += ch
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == '"':
+                self.in_string = False
+                if self.depth == 2 and self.args_start is None:
+                    self._string_done(out)
+            return
+        if self.depth == 2 and self.args_start is None and self.expect == "value" and self.key == "parameters" \
+                and not ch.isspace():
+            self.args_start = self.pos
+        if ch == '"':
+            self.in_string = True
+            if self.depth == 2 and self.args_start is None:
+                self.token = ch
+            return
+        if ch in "[{":
+            self.depth += 1
+            if self.depth == 2 and ch == "{":
+                self.calls.append({"name": None, "id": tool_call_id(), "sent": False, "args": ""})
+                self.key, self.expect = None, "key"
+        elif ch in "]}":
+            self.depth -= 1
+            if self.depth == 2 and self.args_start is not None:   # the parameters object closed
+                self._end_args(self.pos + 1, out)
+            elif self.depth == 1 and self.args_start is not None:  # a bare parameters value closed by }
+                self._end_args(self.pos, out)
+        elif ch == ":" and self.depth == 2 and self.args_start is None:
+            self.expect = "value"
+        elif ch == "," and self.depth == 2:
+            if self.args_start is not None:                        # a bare parameters value ended
+                self._end_args(self.pos, out)
+            self.key, self.expect = None, "key"
+
+    def _string_done(self, out: list[dict]) -> None:
+        value = json.loads(self.token)
+        if self.expect == "key":
+            self.key, self.expect = value, "colon"
+        elif self.expect == "value":
+            if self.key == "name":
+                self.calls[-1]["name"] = value
+                self._header(out)
+                if self.calls[-1]["args"]:     # parameters came first: send them now
+                    self._send_args(self.calls[-1]["args"], out)
+            self.expect = "comma"
+
+    def _end_args(self, end: int, out: list[dict]) -> None:
+        self._send_args(self.text[self.args_start:end].rstrip(), out)
+        self.args_start = None
+        self.expect = "comma"

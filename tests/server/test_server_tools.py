@@ -147,6 +147,25 @@ def test_required_tool_choice_calls_valid_tools(client, stream):
             validate_call(name, args)
 
 
+def test_required_tool_choice_streams_the_same_calls_argument_by_argument(client):
+    kwargs = dict(model="tiny-r1", messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=100,
+                  temperature=1.0, seed=1, parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    parts: dict = {}
+    for c in client.chat.completions.create(**kwargs, stream=True):
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = parts.setdefault(tc.index, {"name": "", "args": [], "id": None})
+            entry["name"] += tc.function.name or ""
+            entry["id"] = entry["id"] or tc.id
+            if tc.function.arguments:
+                entry["args"].append(tc.function.arguments)
+    streamed = [parts[i] for i in sorted(parts)]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole] == [
+        (p["name"], json.loads("".join(p["args"]))) for p in streamed]
+    assert all(p["id"] for p in streamed)
+    assert max(len(p["args"]) for p in streamed) > 1      # the arguments came in several chunks
+
+
 def test_structured_output_after_reasoning(client):
     schema = {"type": "object", "properties": {"answer": {"enum": ["sunny", "rainy"]}}, "required": ["answer"]}
     r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, max_tokens=40,

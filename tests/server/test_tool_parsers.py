@@ -10,7 +10,8 @@ import pytest
 from conftest import R1_TOKENIZER
 
 from deepserve.engine.tokenizer import Tokenizer
-from deepserve.server.tool_parsers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser
+from deepserve.server.tool_parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser,
+                                          RequiredCallsStream)
 
 CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
          ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
@@ -90,3 +91,42 @@ def test_no_or_malformed_calls_stay_content(text):
 def test_unknown_parser_name():
     with pytest.raises(ValueError, match="deepseek_v3"):
         DeepSeekToolParser("hermes")
+
+
+def required_streamed(text: str, chunk: int) -> list[dict]:
+    """(name, arguments text) per call index from RequiredCallsStream fed `chunk` chars at a time."""
+    stream, calls = RequiredCallsStream(), {}
+    for i in range(0, len(text), chunk):
+        for d in stream.feed(text[i:i + chunk]):
+            call = calls.setdefault(d["index"], {"name": None, "arguments": "", "headers": 0})
+            if "name" in d["function"]:
+                assert d["id"].startswith("chatcmpl-tool-") and d["type"] == "function"
+                call["name"] = d["function"]["name"]
+                call["headers"] += 1
+            call["arguments"] += d["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("text", [
+    '[{"name": "get_weather", "parameters": {"city": "Pa\\"ris }", "unit": "c", "n": [1, {"x": "]"}]}},'
+    ' {"name":"add","parameters":{"a":1,"b":2}}]',
+    '[ {"parameters": {"a": 3}, "name": "add"} ]',            # parameters before the name
+    '[{"name": "f", "parameters": "text, with } and ]"}, {"name": "g", "parameters": 5}]',
+])
+def test_required_calls_stream_call_by_call(text):
+    want = json.loads(text)
+    for chunk in (1, 2, 5, len(text)):
+        got = required_streamed(text, chunk)
+        assert [c["name"] for c in got] == [w["name"] for w in want]
+        assert [json.loads(c["arguments"]) for c in got] == [w["parameters"] for w in want]
+        assert all(c["headers"] == 1 for c in got)
+
+
+def test_required_calls_stream_sends_arguments_as_they_grow():
+    stream = RequiredCallsStream()
+    assert stream.feed('[{"name": "add", "par') == [
+        {"index": 0, "id": stream.calls[0]["id"], "type": "function", "function": {"name": "add", "arguments": ""}}]
+    assert stream.feed('ameters": {"a": 1') == [{"index": 0, "function": {"arguments": '{"a": 1'}}]
+    assert stream.feed(', "b"') == [{"index": 0, "function": {"arguments": ', "b"'}}]
+    # cut by max_tokens here: what was sent stays a prefix of the arguments, nothing breaks
+    assert stream.feed("") == []
