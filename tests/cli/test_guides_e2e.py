@@ -6,17 +6,21 @@ stops cleanly. The bench lines run against the same checkpoint."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import openai
 import pytest
 
 from deepserve import LLM, SamplingParams
 from deepserve.cli.main import main
-from tests.cli.conftest import SHARED
+from tests.cli.conftest import REPO, SHARED
 from tests.cli.guides import commands, curl_bodies, exports, set_flags, set_model, to_deepserve, yaml_blocks
-from tests.server.conftest import launch
+from tests.distributed.local_ray import local_ray_head
+from tests.engine.test_dp_multinode import free_ports
+from tests.server.conftest import launch, server_env
 
-pytestmark = pytest.mark.slow   # each starts a server of one or two ranks (seconds of imports)
+pytestmark = pytest.mark.slow   # each starts servers of one to four ranks (seconds of imports each)
 GREEDY = dict(temperature=0)
 # speculative decoding is issue 18 (docs/GUIDES.md)
 ASCEND_PENDING = {"--speculative-config": None}
@@ -77,28 +81,31 @@ def test_vastai_tp_serve_with_reasoning_and_bench_serve(reference, tiny_r1, fp32
         stop_cleanly(server)
 
 
-def test_mindspore_tp_pp_uneven_fp16(reference, tiny_r1, monkeypatch):
-    (cmd,) = guide(reference, "ascend-300i-duo-mindspore.md")
-    assert exports(reference / "ascend-300i-duo-mindspore.md")["VLLM_PP_LAYER_PARTITION"] == "31,30"
-    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "2,1")   # the same shape on 3 layers
-    # Ray's start alone takes longer than this test may (tests/distributed/test_ray.py runs Ray)
-    argv = set_flags(set_model(cmd, str(tiny_r1)), {"--tensor-parallel-size": 1, "--max-model-len": 256,
-                                                    "--max-num-batched-tokens": 256,
-                                                    "--distributed-executor-backend": "mp"})
-    ((endpoint, body),) = curl_bodies(reference / "ascend-300i-duo-mindspore.md")
+def test_mindspore_tp_pp_uneven_fp16_over_local_ray(reference, tiny_r1, monkeypatch):
+    doc = reference / "ascend-300i-duo-mindspore.md"
+    (cmd,) = guide(reference, doc.name)
+    assert exports(doc)["VLLM_PP_LAYER_PARTITION"] == "31,30"
+    # uneven as the guide's, on 3 layers; "2,1" would also be the default split (as "31,30" is of
+    # 61), "1,2" is not: a rank that missed the variable would run the wrong layers
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,2")
+    argv = set_flags(set_model(cmd, str(tiny_r1)), {"--tensor-parallel-size": 2, "--max-model-len": 256,
+                                                    "--max-num-batched-tokens": 256})
+    assert "--distributed-executor-backend=ray" in argv and "--pipeline_parallel_size=2" in argv
+    ((endpoint, body),) = curl_bodies(doc)
     assert endpoint == "/v1/completions" and body["model"] == "/home/ckpt/deepseek_r1_671b"
     body["model"] = str(tiny_r1)
-    fp16 = engine(tiny_r1, dtype="float16")
-    try:
-        expected = greedy_text(fp16, body["prompt"], body["max_tokens"])
-    finally:
-        fp16.engine.shutdown()
-    server = launch(*argv[1:])
-    try:
-        r = client(server).completions.create(**body)
-        assert r.choices[0].text == expected and r.usage.completion_tokens == 120
-    finally:
-        stop_cleanly(server)
+    # the guide's order: export, `ray start --head`, then serve (which joins that cluster)
+    with local_ray_head(server_env()) as head:
+        # the same layout in spawned processes: the same sums in the same order as over Ray
+        with engine(tiny_r1, dtype="float16", tensor_parallel_size=2, pipeline_parallel_size=2) as fp16:
+            expected = greedy_text(fp16, body["prompt"], body["max_tokens"])
+        server = launch(*argv[1:], timeout=300)
+        try:
+            r = client(server).completions.create(**body)
+            assert r.choices[0].text == expected and r.usage.completion_tokens == 120
+            assert len(head.actors("Worker")) == 3   # ranks 1-3 are actors of this cluster
+        finally:
+            stop_cleanly(server)
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +120,33 @@ def tiny_r1_w8a8(tiny_r1, tmp_path_factory):
     return to_modelslim(root / "ct", root / "DeepSeek-R1-W8A8")
 
 
-def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, tmp_path):
+@pytest.fixture(scope="module")
+def ascend_request(reference, tiny_r1_w8a8):
+    """The guide's curl body and what one in-process engine answers it with on the W8A8 checkpoint."""
+    ((_, body),) = curl_bodies(reference / "vllm-ascend-w8a8.md")
+    assert body == {"model": "deepseek_r1", "prompt": "The future of AI is", "max_completion_tokens": 50,
+                    "temperature": 0}
+    with engine(tiny_r1_w8a8, quantization="ascend") as w8a8:
+        return body, greedy_text(w8a8, body["prompt"], 50)
+
+
+def ask_ascend(server, body: dict):
+    """The guide's request; the openai client's completions.create has no max_completion_tokens,
+    so that field is sent as written in the body."""
+    fields = {k: v for k, v in body.items() if k != "max_completion_tokens"}
+    r = client(server).completions.create(**fields, extra_body={"max_completion_tokens": body["max_completion_tokens"]})
+    return r.choices[0].text, r.usage.completion_tokens, r.model
+
+
+def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, ascend_request, tmp_path):
     cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
     argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {**ASCEND_PENDING, "--data-parallel-size": 2,
                                                     "--tensor-parallel-size": 1, "--max-model-len": 256,
                                                     "--max-num-batched-tokens": 256})
-    ((_, body),) = curl_bodies(reference / "vllm-ascend-w8a8.md")
-    assert body == {"model": "deepseek_r1", "prompt": "The future of AI is", "max_completion_tokens": 50,
-                    "temperature": 0}
-    w8a8 = engine(tiny_r1_w8a8, quantization="ascend")
-    try:
-        expected = greedy_text(w8a8, body["prompt"], 50)
-    finally:
-        w8a8.engine.shutdown()
+    body, expected = ascend_request
     server = launch(*argv[1:])
     try:
-        # the openai client's completions.create has no max_completion_tokens: sent as written
-        fields = {k: v for k, v in body.items() if k != "max_completion_tokens"}
-        r = client(server).completions.create(**fields, extra_body={"max_completion_tokens": 50})
-        assert (r.choices[0].text, r.usage.completion_tokens, r.model) == (expected, 50, "deepseek_r1")
+        assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
 
         # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
         bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {"--random-input": 16, "--num-prompts": 3,
@@ -142,6 +157,37 @@ def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_
         assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
     finally:
         stop_cleanly(server)
+
+
+def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, ascend_request, tmp_path):
+    """Node 0 serves the API and DP rank 0; node 1 (`--headless`, start rank 1) runs DP rank 1;
+    both "nodes" are process trees on 127.0.0.1, as the guide's two scripts with the sizes halved."""
+    _, node0, node1, _ = guide(reference, "vllm-ascend-w8a8.md")
+    assert "--headless" in node1 and "--headless" not in node0
+    port = free_ports(4)   # the rpc port and the ones after it that the DP ranks take
+    scaled = {**ASCEND_PENDING, "--data-parallel-size": 2, "--data-parallel-size-local": 1,
+              "--data-parallel-start-rank": 1, "--data-parallel-address": "127.0.0.1",
+              "--data-parallel-rpc-port": port, "--tensor-parallel-size": 1, "--max-model-len": 256,
+              "--max-num-batched-tokens": 256}
+    node0, node1 = (set_flags(set_model(c, str(tiny_r1_w8a8)), scaled) for c in (node0, node1))
+    assert "--data-parallel-start-rank" not in node0 and node1[node1.index("--data-parallel-start-rank") + 1] == "1"
+    body, expected = ascend_request
+    log = tmp_path / "node1.log"
+    with log.open("w") as out:
+        headless = subprocess.Popen([sys.executable, "-m", "deepserve", *node1], env=server_env(), cwd=REPO,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        server = launch(*node0[1:], timeout=300)
+        try:
+            assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
+        finally:
+            stop_cleanly(server)
+        # node 0's shutdown stops node 1's engine cores
+        assert headless.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if headless.poll() is None:
+            headless.kill()
+            headless.wait()
 
 
 def test_flagos_yaml_answers_the_metax_request(reference, tiny_r1, tmp_path):

@@ -1,10 +1,13 @@
 """A local Ray cluster (loopback only) started by the test runs TP=2 to the outputs of TP=1."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed.local_ray import local_ray_head
 
 ray = pytest.importorskip("ray")
 
@@ -34,22 +37,13 @@ if __name__ == "__main__":
 
 def test_ray_tp2_matches_tp1(tmp_path):
     repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DEEPSERVE_HOST_IP="127.0.0.1",
+    env = dict(os.environ, DEEPSERVE_HOST_IP="127.0.0.1",
                PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-    head = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", "--port=0",
-                           "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    if head.returncode != 0:  # the machine cannot run Ray at all (not a deepserve failure)
-        pytest.skip(f"ray start failed here: {head.stderr.strip()[-300:]}")
-    address = next(line.split("'")[1] for line in head.stdout.splitlines() if "ray start --address=" in line)
-    try:
+    with local_ray_head(env, extra=["--node-ip-address=127.0.0.1"]) as head:
         (tmp_path / "run.py").write_text(SCRIPT)
-        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), address], capture_output=True,
+        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address], capture_output=True,
                              text=True, env=env, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        import json
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["ray"] == result["single"]
         assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -16,7 +16,7 @@ PROMPTS = [{"prompt_token_ids": [1, 40, 41, 26, 7]}, {"prompt_token_ids": [1]},
 ENGINE = dict(block_size=4, max_model_len=64)
 
 
-def _free_ports(n: int) -> int:
+def free_ports(n: int) -> int:
     """A base port with the n ports from it free (the front end's rpc port and those after)."""
     for _ in range(50):
         with socket.socket() as s:
@@ -42,7 +42,7 @@ def _free_ports(n: int) -> int:
 def test_headless_node_joins_a_dp2_engine():
     with LLM(str(DEMO_MODEL), **ENGINE) as one:
         reference = [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY)]
-    port = _free_ports(4)
+    port = free_ports(4)
     nodes = dict(data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="127.0.0.1",
                  data_parallel_rpc_port=port)
     headless = subprocess.Popen(
