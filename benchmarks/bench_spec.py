@@ -11,9 +11,10 @@ next one starts), merged into one JSON (--out, default benchmarks/results/spec.j
           5, as benchmarks/bench_r1.py), dummy weights, fp8 (--quantization fp8), with its MTP
           layer (--speculative-config mtp, k = 3, so CUDA graphs are captured up to 64 x 4
           tokens). Step costs: a plain decode step against a verify step with k = 1, 2, 3 drafts
-          at batch 1, 16, 64 over a 512-token context (`step_costs`); one MTP forward (the draft
-          cost, per draft token) and one R1 MoE decoder layer (the MTP block) on b and b(k+1)
-          rows captured in a CUDA graph, which extrapolate the cut to R1's 61 layers.
+          at batch 1, 16, 64 over a 512-token context (`step_costs`); one MTP forward as the
+          engine drafts (the draft cost, per draft token) and one R1 MoE decoder layer (the
+          MTP block) on b and b(k+1) rows captured in a CUDA graph, which extrapolate the cut
+          to R1's 61 layers.
   llama8b the r1-distill-llama-8b preset, dummy weights, bf16, with n-gram (k = 3): the same
           step costs; then n-gram acceptance and speedup (decode tok/s with and without drafts,
           greedy, the same engine) on ShareGPT first turns (../shared/datasets/serving) made
@@ -145,8 +146,9 @@ def step_costs(llm: LLM, batches, context: int, device: str, iters: int) -> dict
 
 
 def mtp_costs(llm: LLM, batches, context: int, device: str, iters: int) -> dict:
-    """One MTP forward with its logits at b decode rows (eager, as the engine drafts), and the
-    MTP block alone (one R1 MoE decoder layer) at b and b(k+1) rows in a CUDA graph."""
+    """One MTP forward with its logits at b decode rows, as the engine drafts (a replay of the
+    module's CUDA graph where captured), and the MTP block alone (one R1 MoE decoder layer)
+    at b and b(k+1) rows in a CUDA graph."""
     engine, runner = llm.engine, llm.engine.runner
     mtp = runner.mtp.mtp
     d = engine.config.model.hf_config.hidden_size
@@ -159,7 +161,7 @@ def mtp_costs(llm: LLM, batches, context: int, device: str, iters: int) -> dict:
 
         def draft():
             with torch.inference_mode():
-                mtp.compute_logits(mtp(ids, pos, hidden, meta))
+                runner.mtp.forward(ids, pos, hidden, meta)
         entry = {"mtp_forward_ms": median_ms(draft, device, iters), "layer_ms": {}}
         for k in (0,) + KS:
             s, dr = synthetic_seqs(llm, b, context, k)

@@ -11,7 +11,9 @@ Capture needs ops without host syncs, so graphs are used only with the Triton ba
 Verify steps of speculative decoding (each sequence's last token and its k drafts) replay the
 same graphs as decode rows, one row per token (engine/spec_decode.as_decode_rows), so the
 sizes count tokens, up to max_num_seqs * (k + 1); the graphs keep their hidden states too,
-which MTP drafting reads after the step.
+which MTP drafting reads after the step. The MTP module's own forwards (its rows after a
+step of decodes, and each later draft position) replay graphs of their own
+(`MTPGraphRunner`), with the previous hidden state as one more input buffer.
 
 With DP attention + expert parallel the MoE layers exchange tokens between DP ranks inside
 the graph (all-gather / reduce-scatter of a fixed width), so every DP rank must replay a
@@ -125,3 +127,27 @@ class CudaGraphRunner:
         if meta.logits_indices.shape[0] != n:
             logits = logits[meta.logits_indices]
         return self.hidden[bs][:n], logits
+
+
+class MTPGraphRunner(CudaGraphRunner):
+    """The MTP module's forwards over one-token rows as CUDA graphs (speculative decoding with
+    mtp, engine/mtp_proposer.py): inputs the next token ids, positions, the previous hidden
+    states [n, D] and decode metadata; outputs its hidden states and logits. Not under DP
+    attention + EP, where the module's MoE exchange would need the DP ranks to agree on sizes."""
+
+    def __init__(self, runner, sizes: list[int]):
+        self.mtp = runner.mtp.mtp
+        d = runner.config.model.hf_config.hidden_size
+        self.previous = torch.zeros(max(sizes), d, dtype=runner.dtype, device=runner.device)
+        super().__init__(runner, sizes)
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.mtp(self.input_ids[:bs], self.positions[:bs], self.previous[:bs], meta)
+        return hidden, self.mtp.compute_logits(hidden)
+
+    def run_mtp(self, input_ids, positions, previous: torch.Tensor, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [n, D], logits of meta.logits_indices), copies the next replay leaves alone."""
+        self.previous[:input_ids.shape[0]].copy_(previous)
+        hidden, logits = self.run(input_ids, positions, meta)
+        return hidden.clone(), logits.clone()

@@ -124,6 +124,9 @@ class ModelRunner:
             from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()
             self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
+            if self.mtp is not None and self.graphs.enabled and not self.pctx.moe_dp_exchange:
+                from deepserve.engine.cuda_graphs import MTPGraphRunner
+                self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
         logger.info("model %s on %s (%s, ops=%s, %.0f%% of op calls so far ran as Triton kernels): "
                     "%d KV blocks of %d tokens (%d tokens in %s); %s", config.model.architecture, self.device,

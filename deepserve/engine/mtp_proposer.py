@@ -41,6 +41,16 @@ class MTPProposer:
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
         self.mtp, self.k, self.block_size = mtp, k, block_size
+        self.graphs = None   # an MTPGraphRunner (engine/cuda_graphs.py) where graphs are captured
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, previous: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module over a flat batch -> (hidden [T, D], logits [len(meta.logits_indices), V]):
+        a CUDA-graph replay where the batch is one-token rows a graph holds, else eagerly."""
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run_mtp(ids, positions, previous, meta)
+        hidden = self.mtp(ids, positions, previous, meta)
+        return hidden, self.mtp.compute_logits(hidden[meta.logits_indices])
 
     @torch.inference_mode()
     def propose(self, target_hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
@@ -51,8 +61,9 @@ class MTPProposer:
         whose logits_indices are the rows of the sequences that draft (their last rows)
         -> (draft ids [S, k] int64, draft logits [S, k, V] fp32)."""
         rows = meta.logits_indices
-        hidden = self.mtp(next_ids, positions, target_hidden, meta)[rows]           # [S, D]
-        logits = [self.mtp.compute_logits(hidden).float()]
+        hidden, first = self.forward(next_ids, positions, target_hidden, meta)
+        hidden = hidden[rows]                                                       # [S, D]
+        logits = [first.float()]
         drafts = [logits[0].argmax(dim=-1)]
         if self.k > 1:
             ends = meta.query_start_loc[1:].to(torch.int64) - 1
@@ -61,7 +72,7 @@ class MTPProposer:
         for j in range(1, self.k):
             pos = last_pos + j
             step = decode_step_meta(meta, seq_index, pos, self.block_size, j)
-            hidden = self.mtp(drafts[-1], pos, hidden, step)
-            logits.append(self.mtp.compute_logits(hidden).float())
+            hidden, step_logits = self.forward(drafts[-1], pos, hidden, step)
+            logits.append(step_logits.float())
             drafts.append(logits[-1].argmax(dim=-1))
         return torch.stack(drafts, dim=1), torch.stack(logits, dim=1)

@@ -321,7 +321,8 @@ def run_speculative_step(engine, batch) -> list:
             emitted[i], logprobs[i] = [tok], lp
     next_drafts = {}
     if decoder.mtp is not None:
-        next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs)
+        next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs,
+                               decoder.decode_rows and all(n == 1 for n in num_new))
     flat_seqs, flat_tokens, flat_lps = [], [], []
     for i, seq in enumerate(seqs):
         toks = emitted.get(i, [])
@@ -341,13 +342,15 @@ def run_speculative_step(engine, batch) -> list:
 
 
 def mtp_step(runner, block_manager, seqs: list, order: list[int], num_new: list[int],
-             emitted: dict[int, list[int]], target_inputs: StepInputs) -> dict[int, list[int]]:
+             emitted: dict[int, list[int]], target_inputs: StepInputs, decode_rows: bool = False
+             ) -> dict[int, list[int]]:
     """After a verify step (engine/spec_decode.py), before the computed counts advance: the MTP
     module over every position whose target KV the step keeps (each sequence's new tokens and
     its accepted drafts), with the next token at each (the emitted tokens included), so its own
     KV stays complete; sequences that sampled draft the next step's k tokens (blocks for the
     k - 1 positions drafting reuses the module at are taken now; a sequence the pool cannot
-    give them to drafts nothing). Returns {index in seqs: drafts}."""
+    give them to drafts nothing). `decode_rows`: run the module over one-token rows
+    (`as_decode_rows`, which its CUDA graphs replay). Returns {index in seqs: drafts}."""
     bm, k, bs = block_manager, runner.mtp.k, block_manager.block_size
     entries, offset = [], 0           # (seq index, first position, kept rows, first target row, next ids, drafts?)
     for slot, i in enumerate(order):
@@ -374,7 +377,7 @@ def mtp_step(runner, block_manager, seqs: list, order: list[int], num_new: list[
     padded, slots = tables_and_slots(tables, q_lens, pos, bs)
     inputs = StepInputs(ids=ids, positions=pos, slots=slots, q_lens=q_lens, seq_lens=[e[1] + e[2] for e in entries],
                         tables=padded.tolist(), logits_rows=logits_rows, num_decodes=q_lens.count(1))
-    msg = MTPStepMessage(inputs, rows)
+    msg = MTPStepMessage(as_decode_rows(inputs) if decode_rows else inputs, rows)
     runner.publish(msg)
     draft_ids = runner.run_mtp(msg)                 # (None: nothing to draft, the module's KV kept whole)
     if draft_ids is None:

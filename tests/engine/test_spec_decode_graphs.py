@@ -132,14 +132,19 @@ def test_gpu_ngram_verify_steps_replay_graphs(monkeypatch):
         assert graphs is not None and graphs.enabled and graphs.sizes[-1] == 32
         assert llm.engine.spec.decode_rows
         rows = _replays(llm, monkeypatch)
+        mtp_graphs = llm.engine.runner.mtp.graphs
+        assert mtp_graphs is not None and mtp_graphs.enabled
+        mtp_rows, real = [], mtp_graphs.run_mtp
+        monkeypatch.setattr(mtp_graphs, "run_mtp", lambda ids, *a: (mtp_rows.append(ids.shape[0]), real(ids, *a))[1])
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
-        assert max(rows) > len(prompts) and llm.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
+        assert max(rows) > len(prompts) and mtp_rows and llm.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
 
 
 @pytest.mark.gpu
 def test_gpu_mtp_verify_steps_replay_graphs(r1_with_mtp, monkeypatch):  # noqa: F811
     """Tiny DeepSeek-V3 with its MTP layer on CUDA (fp32): verify steps replay decode graphs,
-    the MTP step reads the graph's hidden states, and greedy tokens equal plain decoding."""
+    the MTP step reads the graph's hidden states and replays graphs of its own, and greedy
+    tokens equal plain decoding."""
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=24)
     with LLM(model=r1_with_mtp, dtype="float32", block_size=16) as plain:
@@ -148,5 +153,9 @@ def test_gpu_mtp_verify_steps_replay_graphs(r1_with_mtp, monkeypatch):  # noqa: 
              speculative_config={"method": "mtp", "num_speculative_tokens": 1}) as llm:
         assert llm.engine.spec.decode_rows
         rows = _replays(llm, monkeypatch)
+        mtp_graphs = llm.engine.runner.mtp.graphs
+        assert mtp_graphs is not None and mtp_graphs.enabled
+        mtp_rows, real = [], mtp_graphs.run_mtp
+        monkeypatch.setattr(mtp_graphs, "run_mtp", lambda ids, *a: (mtp_rows.append(ids.shape[0]), real(ids, *a))[1])
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
-        assert max(rows) > len(prompts)
+        assert max(rows) > len(prompts) and mtp_rows

@@ -58,10 +58,12 @@ def test_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs, k):
     assert g["num_free_blocks"] == g["num_blocks"]
 
 
-def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp):
+@pytest.mark.parametrize("decode_rows", [False, True], ids=["flat", "decode-rows"])
+def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp, decode_rows):
     """The drafts the engine keeps after each step (its MTP KV built step by step over kept
     positions, accepted drafts and emitted tokens) equal the drafts of the same module run once
-    over the whole sequence with the target's hidden states."""
+    over the whole sequence with the target's hidden states; also when the verify step and the
+    module run as one-token rows (as where CUDA graphs replay them)."""
     from deepserve.engine.mtp_proposer import MTPProposer
     from tests.models.paged_harness import allocate_kv_cache, build_meta
 
@@ -69,6 +71,7 @@ def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp):
     llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4,
               speculative_config={"method": "mtp", "num_speculative_tokens": k})
     engine = llm.engine
+    engine.spec.decode_rows = decode_rows
     rid = engine.add_request(None, {"prompt_token_ids": PROMPTS[2]}, SamplingParams(temperature=0, max_tokens=12))
     seq = engine.requests[rid].seqs[0]
     snapshots = []
