@@ -318,8 +318,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical full-block prompt prefixes."""
     kv_cache_dtype: str = "auto"
-    """KV cache storage: auto (the model dtype) | fp8 | fp8_e4m3 (float8 e4m3, scale 1.0 as vLLM
-    uses without calibrated scales: half the bytes, twice the tokens; the MLA latent cache too)."""
+    """KV cache storage: auto (the model dtype) | fp8 | fp8_e4m3 (float8 e4m3: half the bytes,
+    twice the tokens; the MLA latent cache too). Scales per layer from the checkpoint's
+    `k_scale` / `v_scale` / `kv_scale` (vLLM's names; MLA's latent takes k_scale), 1.0 without."""
     swap_space: float = 4
     """vLLM's CPU swap space per GPU (GiB) for preempted sequences: accepted and unused, since
     preempted sequences are recomputed (as in vLLM V1)."""

@@ -88,7 +88,8 @@ class ModelRunner:
                     planned_weight_text(config, self.pctx, getattr(self.model, "quantization", None),
                                         next(self.model.parameters()).dtype))
         self.dtype = next(self.model.parameters()).dtype
-        # e4m3 KV (scale 1.0): written by the KV-write ops, read by the attention kernels
+        # e4m3 KV (the layers' checkpoint scales, 1.0 without): written by the KV-write ops, read
+        # by the attention kernels
         self.kv_dtype = torch.float8_e4m3fn if config.cache.fp8_kv else self.dtype
         self.block_size = config.cache.block_size
         # the attention layers this rank holds (a pipeline stage holds a range of them)

@@ -43,6 +43,15 @@ class Attention(nn.Module):
         self.v_head_dim = v_head_dim or head_dim
         self.scale = scale
         self.kv_cache: list[torch.Tensor] = []
+        # an fp8 pool holds key / k_scale and value / v_scale (the checkpoint's, 1.0 without)
+        self.k_scale = self.v_scale = 1.0
+
+    def set_kv_scale(self, name: str, value: float) -> None:
+        """A checkpoint's fp8 KV scale of this layer: k_scale, v_scale, or kv_scale for both."""
+        if name in ("k_scale", "kv_scale"):
+            self.k_scale = value
+        if name in ("v_scale", "kv_scale"):
+            self.v_scale = value
 
     def kv_cache_shapes(self, block_size: int) -> list[tuple[int, ...]]:
         return [(block_size, self.num_kv_heads, self.head_dim),
@@ -52,7 +61,10 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, H * Dv]."""
         k_cache, v_cache = self.kv_cache
-        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # the scales apply to e4m3 pools only (vLLM's rule); a 16-bit pool holds K/V as they are
+        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         out = ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len)
+                                  meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
+                                  k_scale=ks, v_scale=vs)
         return out.flatten(1)

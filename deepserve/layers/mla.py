@@ -21,6 +21,7 @@ kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -32,6 +33,8 @@ from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from deepserve.layers.norm import RMSNorm
 from deepserve.layers.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 # DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -64,6 +67,24 @@ class MLAAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, attention_bias, dt, pctx)
         self.rotary_emb = rotary_emb
         self.kv_cache: list[torch.Tensor] = []  # [pool [num_blocks, block_size, 1, kv_lora + rope]]
+        # an fp8 pool holds the latent / kv_scale: the checkpoint's k_scale (or kv_scale) of the
+        # layer, the one scale vLLM's MLA writes and reads its latent cache with (layer._k_scale)
+        self.kv_scale = 1.0
+        self.unused_v_scale: Optional[float] = None
+
+    def set_kv_scale(self, name: str, value: float) -> None:
+        """A checkpoint's fp8 KV scale of this layer (k_scale, v_scale or kv_scale). The latent is
+        one tensor: k_scale / kv_scale is its scale; a v_scale has nothing to scale (kept to warn
+        about when it differs)."""
+        if name == "v_scale":
+            self.unused_v_scale = value
+        else:
+            self.kv_scale = value
+
+    def pool_scale(self, pool: torch.Tensor) -> float:
+        """The latent's scale in `pool`: kv_scale for an e4m3 pool, 1.0 for a 16-bit one (as vLLM,
+        whose scales apply to fp8 caches only)."""
+        return self.kv_scale if pool.dtype == torch.float8_e4m3fn else 1.0
 
     def kv_cache_shapes(self, block_size: int) -> list[tuple[int, ...]]:
         return [(block_size, 1, self.kv_lora_rank + self.rope_dim)]
@@ -77,15 +98,19 @@ class MLAAttention(nn.Module):
                             and self.kv_a_proj_with_mqa.plain_weight() is not None)
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk, self.w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]    # [H, nope, C], [H, v, C]
+        if self.unused_v_scale is not None and self.unused_v_scale != self.kv_scale:
+            logger.warning("MLA layer: the checkpoint's v_scale %g is not used (the latent cache has one "
+                           "scale, k_scale %g, as in vLLM)", self.unused_v_scale, self.kv_scale)
 
     # ------------------------------------------------------------------ helpers
 
     def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
         """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
         -> [n, H, v]."""
+        s = self.pool_scale(pool)
         out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                       meta.query_start_loc[:n + 1], meta.seq_lens[:n],
-                                      meta.block_tables[:n], self.scale, 1, meta.max_seq_len)
+                                      meta.block_tables[:n], self.scale, 1, meta.max_seq_len, k_scale=s, v_scale=s)
         return ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
 
     def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
@@ -96,7 +121,9 @@ class MLAAttention(nn.Module):
         num_blocks = (seq_lens + block_size - 1) // block_size                       # [Bp]
         tables = meta.block_tables[first:, :max_blocks].long()
         used = torch.arange(max_blocks, device=tables.device)[None, :] < num_blocks[:, None]
-        latent = pool[tables[used]].to(q.dtype)                       # [Nb, bs, 1, C + rope] (fp8 KV upcast)
+        latent = pool[tables[used]]                                   # [Nb, bs, 1, C + rope]
+        s = self.pool_scale(pool)
+        latent = (latent.float() * s).to(q.dtype) if s != 1.0 else latent.to(q.dtype)   # fp8 KV upcast
         # zero the slots past each sequence's end: stale pool data must not reach the GEMM
         seq_of_block = torch.arange(len(seq_lens), device=tables.device)[:, None].expand_as(used)[used]
         block_idx = torch.arange(max_blocks, device=tables.device)[None, :].expand_as(used)[used]
@@ -130,10 +157,11 @@ class MLAAttention(nn.Module):
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
             q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
-                                        norm.weight, norm.eps, pool, meta.slot_mapping)   # [n, H, C + rope]
+                                        norm.weight, norm.eps, pool, meta.slot_mapping,
+                                        kv_scale=self.pool_scale(pool))                  # [n, H, C + rope]
             return self.o_proj(self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1))
         ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
-                         meta.slot_mapping)
+                         meta.slot_mapping, kv_scale=self.pool_scale(pool))
         out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
         if n_dec:
             q_abs = ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)

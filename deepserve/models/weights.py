@@ -11,6 +11,7 @@ to the model dtype; int8 as fp32(q) * s.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -114,20 +115,47 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
         raise ValueError(f"scale tensor {extra}{suffix} has no {qdtype} weight {extra} in the checkpoint")
 
 
+KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
+
+
+def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Apply `name` if it is one of vLLM's per-layer fp8 KV scales (`<attention>.k_scale`,
+    `.v_scale`, `.kv_scale`, the last one both; on the attention module or its `attn` child):
+    the layer's `set_kv_scale` takes the value. False for any other tensor."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in KV_SCALE_NAMES:
+        return False
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        raise ValueError(f"checkpoint tensor {name} has no attention layer at {prefix}") from None
+    target = module if hasattr(module, "set_kv_scale") else getattr(module, "attn", None)
+    if not hasattr(target, "set_kv_scale"):
+        raise ValueError(f"checkpoint tensor {name}: {prefix} is not an attention layer with a KV cache")
+    if tensor.numel() != 1:
+        raise ValueError(f"fp8 KV scale {name} must hold one value, got shape {tuple(tensor.shape)}")
+    value = float(tensor.float().reshape(()))
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"fp8 KV scale {name} must be finite and > 0, got {value}")
+    target.set_kv_scale(leaf, value)
+    return True
+
+
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 stacked_params: list[tuple[str, str, object]],
                 rename: Callable[[str], Optional[str]] = lambda n: n) -> set[str]:
     """Copy checkpoint tensors into `model`'s parameters through their weight loaders.
 
     `stacked_params` maps a checkpoint name part to (fused parameter part, shard id).
-    Returns the names of the parameters that received data."""
+    fp8 KV scales go to their attention layers (`load_kv_scale`). Returns the names of the
+    parameters that received data."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for pname, p in params.items():
         p.param_name = pname
     loaded: set[str] = set()
     for name, tensor in weights:
         name = rename(name)
-        if name is None:
+        if name is None or load_kv_scale(model, name, tensor):
             continue
         for part, fused, shard_id in stacked_params:
             if f".{part}." in name and name.replace(part, fused) in params:

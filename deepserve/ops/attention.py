@@ -18,20 +18,24 @@ from deepserve.ops.registry import register
 
 @register("write_kv_cache", "torch")
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
-    """Store key [T, Hk, D] (and value) at flat slots `block * block_size + offset`.
+                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
+    """Store key / k_scale [T, Hk, D] (and value / v_scale) at flat slots `block * block_size + offset`.
 
     Slots < 0 are padding (e.g. CUDA-graph filler rows) and are skipped."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache_dtype(key[valid], k_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache_dtype(key[valid], k_cache.dtype, k_scale)
     if v_cache is not None and value is not None:
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache_dtype(value[valid], v_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache_dtype(value[valid], v_cache.dtype, v_scale)
 
 
-def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in the pool's dtype; an e4m3 pool (scale 1.0) saturates at +-448 as the GPU's cvt does,
-    where a plain cast would turn out-of-range values into NaN."""
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x / scale in the pool's dtype (times fp32 1 / scale, as the kernels); an e4m3 pool
+    saturates at +-448 as the GPU's cvt does, where a plain cast would turn out-of-range values
+    into NaN. vLLM's fp8 KV: the checkpoint's k_scale / v_scale map the values into e4m3's range."""
+    if scale != 1.0:
+        x = x.float() * float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
     if dtype == torch.float8_e4m3fn:
         return x.float().clamp(-448.0, 448.0).to(dtype)
     return x.to(dtype)

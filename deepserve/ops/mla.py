@@ -26,13 +26,14 @@ from deepserve.ops.rotary import rope
 
 @register("mla_kv_write", "torch")
 def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
-                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] (pool [blocks, bs, 1, C + R])."""
+                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scale: float = 1.0) -> None:
+    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] / kv_scale (pool [blocks, bs, 1, C + R])."""
     c = norm_weight.shape[0]
     kv_c, k_pe = kv_a.split([c, kv_a.shape[-1] - c], dim=-1)
     latent = torch.cat((rms_norm(kv_c, norm_weight, eps),
                         rope(k_pe.unsqueeze(1), positions, cos_sin_cache, is_neox)[:, 0]), dim=-1)
-    write_kv_cache(latent.unsqueeze(1), None, pool, None, slot_mapping)
+    write_kv_cache(latent.unsqueeze(1), None, pool, None, slot_mapping, kv_scale)
 
 
 @register("mla_q_absorb", "torch")
@@ -55,7 +56,7 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
 @register("mla_decode_prep", "torch")
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                     is_neox: bool, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float, pool: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
     """mla_kv_write(kv_a, ...) then mla_q_absorb(q, ...) for the same tokens -> q_abs."""
-    mla_kv_write(kv_a, positions, cos_sin_cache, is_neox, norm_weight, eps, pool, slot_mapping)
+    mla_kv_write(kv_a, positions, cos_sin_cache, is_neox, norm_weight, eps, pool, slot_mapping, kv_scale)
     return mla_q_absorb(q, positions, cos_sin_cache, is_neox, w_uk)

@@ -1,5 +1,6 @@
-"""FP8 KV cache (`--kv-cache-dtype fp8`): pools stored in float8 e4m3 (scale 1.0), written by
-the KV-write ops and read by the attention kernels (op tests: tests/ops/test_kv_fp8_ops.py).
+"""FP8 KV cache (`--kv-cache-dtype fp8`): pools stored in float8 e4m3 (the checkpoint's per-layer
+scales, 1.0 without), written by the KV-write ops and read by the attention kernels (op tests:
+tests/ops/test_kv_fp8_ops.py).
 
 - models: a tiny DeepSeek-V3 (MLA latent cache) and stories260k (a trained Llama, GQA K/V) with fp8 KV against
   bf16-style (model dtype) KV: pool bytes, logit KL bounded, greedy agreement >= 90%;
@@ -60,3 +61,57 @@ def test_fp8_kv_cache_against_model_dtype_kv(models, model):
 def test_unknown_kv_cache_dtype_names_the_choices():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int4'"):
         EngineArgs(kv_cache_dtype="int4")
+
+
+def test_checkpoint_kv_scales_keep_a_small_latent_in_e4m3s_range(tmp_path):
+    """vLLM's per-layer fp8 KV scales in the checkpoint (`self_attn.k_scale`: MLA's latent cache
+    has the one scale, k_scale, as in vLLM). The tiny DeepSeek's latent is shrunk 128x (its
+    kv_a_layernorm weight and the rope rows of kv_a_proj_with_mqa; kv_b_proj grown to match), so
+    at scale 1.0 most latent values fall below e4m3's normal range (2^-6) and lose bits; with
+    k_scale = 1/128 the pool holds latent * 128 and the fp8-KV logits come closer to the
+    model-dtype-KV logits of the same weights."""
+    from safetensors.torch import load_file, save_file
+    small = 1 / 128
+    base, scaled = tmp_path / "base", tmp_path / "scaled"
+    ds = save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), base)
+    cfg = ds.config
+    with torch.no_grad():
+        ds.model.embed_tokens.weight.mul_(2.0)
+        for layer in ds.model.layers:
+            attn = layer.self_attn
+            attn.kv_a_layernorm.weight.mul_(small)
+            attn.kv_a_proj_with_mqa.weight[cfg.kv_lora_rank:].mul_(small)
+            attn.kv_b_proj.weight.div_(small)
+    ds.save_pretrained(base)
+    ds.save_pretrained(scaled)
+    tensors = load_file(scaled / "model.safetensors")
+    for i in range(cfg.num_hidden_layers):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(small)
+    save_file(tensors, scaled / "model.safetensors", metadata={"format": "pt"})
+
+    kw = dict(tokenizer=TOKENIZER, dtype="bfloat16", kv_cache_memory_bytes=1 << 22)
+    prompts = RANDOM_PROMPTS + [[9, 8, 7, 6, 5, 4, 3], [100, 101, 102, 250, 3, 3]]
+    ref = torch.cat(LLM(str(base), **kw).prompt_logits(prompts)).float()
+    kls = {}
+    for name, folder in (("scale 1.0", base), ("k_scale", scaled)):
+        llm = LLM(str(folder), **kw, kv_cache_dtype="fp8")
+        scales = {m.kv_scale for m in llm.engine.runner.kv_layers}
+        assert scales == ({small} if name == "k_scale" else {1.0}), scales
+        kls[name] = _compare(ref, torch.cat(llm.prompt_logits(prompts)).float())[1]
+    print(f"KL vs model-dtype KV: {kls}")
+    assert kls["k_scale"] < 0.5 * kls["scale 1.0"], kls
+
+
+@pytest.mark.parametrize("value, match", [(float("nan"), "must be finite and > 0, got nan"),
+                                          (-0.5, "must be finite and > 0, got -0.5"),
+                                          ([0.5, 0.5], r"must hold one value, got shape \(2,\)")])
+def test_bad_kv_scale_is_refused_naming_the_tensor(value, match):
+    from deepserve.layers.attention import Attention
+    from deepserve.models.weights import load_kv_scale
+    model = torch.nn.Module()
+    model.attn = Attention(2, 16, 1, 0.25)
+    name = "attn.k_scale"
+    with pytest.raises(ValueError, match=f"fp8 KV scale {name} {match}"):
+        load_kv_scale(model, name, torch.tensor(value))
+    assert load_kv_scale(model, "attn.kv_scale", torch.tensor(0.25)) and (model.attn.k_scale, model.attn.v_scale) == (0.25, 0.25)
+    assert not load_kv_scale(model, "attn.weight", torch.tensor(0.25))

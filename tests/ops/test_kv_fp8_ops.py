@@ -93,6 +93,39 @@ def test_kv_writes_round_and_saturate_into_an_fp8_pool(triton_ops, cpu_only, bac
     assert not flat[[0, 1, 3, 4, 6, 7]].any()          # padding slot -1 wrote nothing
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kv_writes_divide_by_the_scale(triton_ops, cpu_only, backend):
+    """write_kv_cache and mla_kv_write store x / scale (times fp32 1 / scale, saturating): a
+    small key keeps e4m3's 3 mantissa bits under its scale and loses them at 1.0; the Triton
+    writes equal the torch ones byte for byte."""
+    key = torch.tensor([[[0.01, -0.0031, 0.0007, -2.0]]]).repeat(2, 1, 1)      # [T=2, H=1, D=4]
+    slots = torch.tensor([1, 6])
+    pools = {s: torch.zeros(2, 4, 1, 4, dtype=FP8) for s in (1.0, 1 / 64)}
+    for s, pool in pools.items():
+        resolve("write_kv_cache", backend)[1](key, key, pool, pool, slots, k_scale=s, v_scale=s)
+    want = (key[0, 0] * 64).to(FP8).float().clamp(-448, 448) / 64
+    got = pools[1 / 64].view(-1, 4)[6].float() / 64
+    assert torch.equal(got, want) and float(pools[1 / 64].view(-1, 4)[6, 3]) == -128.0
+    err = {s: float(((p.view(-1, 4)[1].float() * s - key[0, 0]).abs() / key[0, 0].abs())[:3].max())
+           for s, p in pools.items()}
+    assert err[1 / 64] <= 2 ** -4 < err[1.0], err            # e4m3 rounding vs subnormal loss
+    if backend == "triton":
+        ref = torch.zeros_like(pools[1 / 64])
+        resolve("write_kv_cache", "torch")[1](key, key, ref, ref, slots, k_scale=1 / 64, v_scale=1 / 64)
+        assert torch.equal(ref.view(torch.uint8), pools[1 / 64].view(torch.uint8))
+        from tests.ops.test_triton_mla_prep import setup
+        positions, kv_a, q, w_uk, norm_w, cache = setup(3, 2, 16, 40, 8, False, torch.float32)
+        mla = [torch.zeros(4, 4, 1, 48, dtype=FP8) for _ in range(3)]
+        mla_slots = torch.tensor([2, -1, 9])
+        for b, pool in zip(("torch", "triton"), mla[:2]):
+            resolve("mla_kv_write", b)[1](kv_a * 0.01, positions, cache, False, norm_w * 0.01, 1e-6, pool,
+                                          mla_slots, kv_scale=0.01)
+        resolve("mla_decode_prep", "triton")[1](q, kv_a * 0.01, positions, cache, False, w_uk, norm_w * 0.01, 1e-6,
+                                                mla[2], mla_slots, kv_scale=0.01)
+        assert mla[0].view(torch.uint8).any()
+        assert all(torch.equal(mla[0].view(torch.uint8), m.view(torch.uint8)) for m in mla[1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["mla_decode", "mla_prefill", "gqa_decode", "gqa_prefill"])
 def test_gpu_attention_over_an_fp8_pool_at_r1_and_8b_shapes(case):

@@ -180,3 +180,15 @@ def prefetch_rows(row_ptrs, n_cols, LINE: tl.constexpr, LINES: tl.constexpr, PRE
         for c0 in range(0, n_cols, LINES * LINE):
             cols = tl.minimum(c0 + offs, n_cols - 1)       # past the end: the row's last line again
             prefetch_l2(row_ptrs[:, None] + cols[None, :])
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """x (fp32, |x| < 2^9) rounded to the nearest e4m3 value, ties to even, still in fp32: the
+    add-and-subtract of 1.5 * 2^23 ulps rounds at the ulp of x's binade (2^(e-3), 2^-9 for
+    subnormals). Exact where a cast might not be (Triton 3.6's interpreter drops the carry
+    of a mantissa that rounds up into the next binade: 31.26 -> 16)."""
+    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    ulp_e = tl.maximum(e - 127 - 3, -9)
+    magic = (((ulp_e + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (x + magic) - magic

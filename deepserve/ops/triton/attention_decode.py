@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import pdl_begin
+from deepserve.ops.triton._common import pdl_begin, round_to_e4m3
 
 LOG2E = 1.4426950408889634
 
@@ -40,18 +40,6 @@ def _pow2_to_range(amax, TOP_EXP: tl.constexpr):
     e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
     k_bits = tl.minimum(tl.maximum(127 + TOP_EXP + 127 - e, 1), 254)
     return tl.where(amax > 0, (k_bits << 23).to(tl.float32, bitcast=True), 1.0)
-
-
-@triton.jit
-def _round_to_e4m3(x):
-    """x (fp32, |x| < 2^9) rounded to the nearest e4m3 value, ties to even, still in fp32: the
-    add-and-subtract of 1.5 * 2^23 ulps rounds at the ulp of x's binade (2^(e-3), 2^-9 for
-    subnormals). Exact where a cast might not be (Triton 3.6's interpreter drops the carry
-    of a mantissa that rounds up into the next binade: 31.26 -> 16)."""
-    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    ulp_e = tl.maximum(e - 127 - 3, -9)
-    magic = (((ulp_e + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (x + magic) - magic
 
 
 @triton.jit
@@ -229,8 +217,8 @@ def _mla_decode_fp8_kernel(
     # e4m3 q per head: a power of two puts the head's largest |q| in [128, 256) (e4m3 tops
     # out at 448), undone exactly on the logits
     q_mul = _pow2_to_range(amax, 7)
-    q_t = _round_to_e4m3(q_t * q_mul[None, :]).to(QK_DTYPE)                            # [D, H]
-    q_pe_t = _round_to_e4m3(q_pe_t * q_mul[None, :]).to(QK_DTYPE)
+    q_t = round_to_e4m3(q_t * q_mul[None, :]).to(QK_DTYPE)                            # [D, H]
+    q_pe_t = round_to_e4m3(q_pe_t * q_mul[None, :]).to(QK_DTYPE)
     col_scale = qk_scale / q_mul                                                      # [H], log2 units
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)

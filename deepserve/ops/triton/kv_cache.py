@@ -13,34 +13,37 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, round_to_e4m3
 
 
 @triton.jit
-def to_pool(x, pool_ptr):
-    """x in the pool's element type; an e4m3 pool (scale 1.0) saturates at +-448 (the torch op's
-    rule), where the cast alone is not saturating on every backend."""
+def to_pool(x, pool_ptr, inv_scale):
+    """x / scale (times the host's fp32 1 / scale, as the torch op) in the pool's element type;
+    an e4m3 pool saturates at +-448 (the torch op's rule), where the cast alone is not
+    saturating on every backend."""
     out_t = pool_ptr.dtype.element_ty
+    x = x.to(tl.float32) * inv_scale
     if out_t == tl.float8e4nv:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        # rounded before the cast, which then is exact: the interpreter's cast drops carries
+        x = round_to_e4m3(tl.minimum(tl.maximum(x, -448.0), 448.0))
     return x.to(out_t)
 
 
 @triton.jit
-def _store_heads(src_ptr, dst_ptr, tok, blk, off, s_t, s_h, s_d, c_b, c_o, c_h, c_d, n_heads, dim,
+def _store_heads(src_ptr, dst_ptr, tok, blk, off, s_t, s_h, s_d, c_b, c_o, c_h, c_d, n_heads, dim, inv_scale,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < n_heads) & (d < dim)
     x = tl.load(src_ptr + tok * s_t + h * s_h + d * s_d, mask=mask)
-    tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, to_pool(x, dst_ptr), mask=mask)
+    tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, to_pool(x, dst_ptr, inv_scale), mask=mask)
 
 
 @triton.jit
 def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
                      k_st, k_sh, k_sd, v_st, v_sh, v_sd,
                      kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d,
-                     block_size, n_heads, k_dim, v_dim,
+                     block_size, n_heads, k_dim, v_dim, k_inv, v_inv,
                      HAS_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DK: tl.constexpr,
                      BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
@@ -50,16 +53,22 @@ def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
         blk = slot // block_size
         off = slot % block_size
         _store_heads(k_ptr, kc_ptr, tok, blk, off, k_st, k_sh, k_sd, kc_b, kc_o, kc_h, kc_d,
-                     n_heads, k_dim, BLOCK_H, BLOCK_DK)
+                     n_heads, k_dim, k_inv, BLOCK_H, BLOCK_DK)
         if HAS_V:
             _store_heads(v_ptr, vc_ptr, tok, blk, off, v_st, v_sh, v_sd, vc_b, vc_o, vc_h, vc_d,
-                         n_heads, v_dim, BLOCK_H, BLOCK_DV)
+                         n_heads, v_dim, v_inv, BLOCK_H, BLOCK_DV)
+
+
+def inverse_scale(scale: float) -> float:
+    """1 / scale in fp32, the factor both backends multiply by (a scale must be finite and > 0)."""
+    return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
 
 
 @register("write_kv_cache", "triton")
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
-    """Store key [T, Hk, D] (and value) at flat slots `block * block_size + offset`.
+                   v_cache: torch.Tensor | None, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
+    """Store key / k_scale [T, Hk, D] (and value / v_scale) at flat slots `block * block_size + offset`.
 
     Slots < 0 are padding (e.g. CUDA-graph filler rows) and are skipped."""
     n_tokens, n_heads, k_dim = key.shape
@@ -79,6 +88,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch
     _write_kv_kernel[(n_tokens,)](
         slot_mapping, key, value if has_v else key, k_cache, v_cache if has_v else k_cache,
         key.stride(0), key.stride(1), key.stride(2), *v_args, *k_cache.stride(), *vc_args,
-        k_cache.shape[1], n_heads, k_dim, v_dim,
+        k_cache.shape[1], n_heads, k_dim, v_dim, inverse_scale(k_scale), inverse_scale(v_scale),
         HAS_V=has_v, BLOCK_H=next_pow2(n_heads), BLOCK_DK=next_pow2(k_dim),
         BLOCK_DV=next_pow2(max(v_dim, 1)), num_warps=4, **pdl_launch(key.device))

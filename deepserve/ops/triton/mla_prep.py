@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton.kv_cache import to_pool
+from deepserve.ops.triton.kv_cache import inverse_scale, to_pool
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
@@ -48,8 +48,9 @@ def _rope_pair_offsets(i, half, IS_NEOX: tl.constexpr):
 
 @triton.jit
 def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
-                  block_size, eps, C, half, IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Token tok's cache row [rms_norm(c_kv) * w | rope(k_pe)] into its slot (none if < 0)."""
+                  block_size, eps, C, half, inv_scale, IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """Token tok's cache row [rms_norm(c_kv) * w | rope(k_pe)] / scale into its slot (none if < 0)."""
     tok = tok.to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
@@ -61,7 +62,7 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
         x = tl.load(row + c, mask=c_ok, other=0.0).to(tl.float32)
         normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(dt).to(tl.float32)
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        tl.store(dst + c, to_pool((w * normed).to(dt), pool_ptr), mask=c_ok)
+        tl.store(dst + c, to_pool((w * normed).to(dt), pool_ptr, inv_scale), mask=c_ok)
         i = tl.arange(0, BLOCK_HALF)
         i_ok = i < half
         pos = tl.load(pos_ptr + tok).to(tl.int64)
@@ -70,17 +71,17 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
         d1, d2 = _rope_pair_offsets(i, half, IS_NEOX)
         x1 = tl.load(row + C + d1, mask=i_ok, other=0.0).to(tl.float32)
         x2 = tl.load(row + C + d2, mask=i_ok, other=0.0).to(tl.float32)
-        tl.store(dst + C + d1, to_pool((x1 * cos - x2 * sin).to(dt), pool_ptr), mask=i_ok)
-        tl.store(dst + C + d2, to_pool((x2 * cos + x1 * sin).to(dt), pool_ptr), mask=i_ok)
+        tl.store(dst + C + d1, to_pool((x1 * cos - x2 * sin).to(dt), pool_ptr, inv_scale), mask=i_ok)
+        tl.store(dst + C + d2, to_pool((x2 * cos + x1 * sin).to(dt), pool_ptr, inv_scale), mask=i_ok)
 
 
 @triton.jit
 def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
-                     block_size, eps, C, half,
+                     block_size, eps, C, half, inv_scale,
                      IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     _kv_write_row(tl.program_id(0), kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
-                  block_size, eps, C, half, IS_NEOX, BLOCK_C, BLOCK_HALF)
+                  block_size, eps, C, half, inv_scale, IS_NEOX, BLOCK_C, BLOCK_HALF)
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_s
 @triton.jit
 def _decode_prep_kernel(kv_ptr, kv_st, slot_ptr, nw_ptr, pool_ptr, p_sb, p_so, block_size, eps,
                         q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
-                        T, NOPE, C, half, heads, c_blocks,
+                        T, NOPE, C, half, heads, c_blocks, inv_scale,
                         IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_CW: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
@@ -148,7 +149,7 @@ def _decode_prep_kernel(kv_ptr, kv_st, slot_ptr, nw_ptr, pool_ptr, p_sb, p_so, b
     if pid < T:
         pdl_begin(USE_PDL)
         _kv_write_row(pid, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, nw_ptr, pool_ptr, p_sb, p_so,
-                      block_size, eps, C, half, IS_NEOX, BLOCK_CW, BLOCK_HALF)
+                      block_size, eps, C, half, inv_scale, IS_NEOX, BLOCK_CW, BLOCK_HALF)
     else:
         r = pid - T
         _q_absorb_tile(r // (heads * c_blocks), (r // c_blocks) % heads, r % c_blocks, q_ptr, q_st, q_sh, pos_ptr,
@@ -230,15 +231,16 @@ def _q_absorb_tiles(n_tokens: int, nope: int, rot: int, device: torch.device) ->
 
 @register("mla_kv_write", "triton")
 def mla_kv_write(kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
-                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] (pool [blocks, bs, 1, C + R])."""
+                 norm_weight: torch.Tensor, eps: float, pool: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scale: float = 1.0) -> None:
+    """kv_a [T, C + R] -> pool[slot] = [rms_norm(c_kv) | rope(k_pe)] / kv_scale (pool [blocks, bs, 1, C + R])."""
     kv_a, c, rot = _kv_write_checked(kv_a, norm_weight, pool, cos_sin_cache)
     if kv_a.shape[0] == 0:
         return
     cache = unit_last(cos_sin_cache)
     _kv_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), positions, slot_mapping, cache, cache.stride(0), norm_weight, pool,
-        pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2,
+        pool.stride(0), pool.stride(1), pool.shape[1], float(eps), c, rot // 2, inverse_scale(kv_scale),
         IS_NEOX=bool(is_neox), BLOCK_C=next_pow2(c), BLOCK_HALF=next_pow2(rot // 2),
         num_warps=launch("kv_write", kv_a.device)["num_warps"], **pdl_launch(kv_a.device))
 
@@ -266,7 +268,7 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
 @register("mla_decode_prep", "triton")
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                     is_neox: bool, w_uk: torch.Tensor, norm_weight: torch.Tensor, eps: float, pool: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
     """mla_kv_write of kv_a and mla_q_absorb of q for the same T tokens, in one launch."""
     n_tokens, heads, _ = q.shape
     kv_a, c_kv, rot_kv = _kv_write_checked(kv_a, norm_weight, pool, cos_sin_cache)
@@ -285,6 +287,7 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
         kv_a, kv_a.stride(0), slot_mapping, norm_weight, pool, pool.stride(0), pool.stride(1), pool.shape[1],
         float(eps), q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0),
         w_uk.stride(1), out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2, heads, c_blocks,
+        inverse_scale(kv_scale),
         IS_NEOX=bool(is_neox), DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_CW=next_pow2(c), **tiles, num_warps=num_warps, **pdl_launch(q.device, w_uk))
     return out
