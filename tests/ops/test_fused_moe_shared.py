@@ -81,11 +81,15 @@ def test_reference_is_routed_plus_llama_mlp(torch_backend, dtype):
 
 # ---- Triton small path, interpreted --------------------------------------------------------
 
-@pytest.mark.parametrize("t", [1, 2])
 # Is > I, < I, = 2I, = I (the last two: the shared expert as slots of the down kernel's
-# all-slots step); 64: I a whole number of interpreted K steps
-@pytest.mark.parametrize("inter,s_inter", [(40, 88), (40, 24), (40, 80), (40, 40), (64, 128)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# all-slots step); 64: I a whole number of interpreted K steps. The kernels' code is the same
+# for both 16/32-bit dtypes: every shape in fp32, one in bf16.
+SHARED_SHAPES = [(40, 88), (40, 24), (40, 80), (40, 40), (64, 128)]
+
+
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("dtype,inter,s_inter", [(torch.float32, *shape) for shape in SHARED_SHAPES]
+                         + [(torch.bfloat16, 40, 88)])
 def test_small_path_with_shared_matches_reference(small, cpu_only, dtype, t, inter, s_inter):
     e = 8
     args, shared = shared_case(t, 72, inter, s_inter, e, 3, dtype, seed=t)   # D 72: partial K blocks
@@ -224,7 +228,7 @@ def run_model(model, unfused: bool, monkeypatch):
                     m.setattr(layer.mlp, "shared_in_experts", False)
         # the two-token prompt routes T*k = 6 <= 8 assignments: the small path, as decode does
         logits = torch.cat([prefill_logits(model, PROMPTS), prefill_logits(model, [PROMPTS[0][:2]])])
-        return logits, greedy_generate(model, PROMPTS, max_new=4)
+        return logits, greedy_generate(model, PROMPTS, max_new=2)      # a prefill and a decode step
 
 
 def test_model_torch_backend_unchanged(tiny_bf16, torch_backend, monkeypatch):

@@ -70,8 +70,9 @@ def small(triton_ops):
 
 # ---- CPU, interpreted, tiny ---------------------------------------------------------------
 
-@pytest.mark.parametrize("t,k", [(1, 2), (3, 2), (1, 6), (3, 6)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the kernels' code is the same for both 16/32-bit dtypes: every shape in fp32, one in bf16
+@pytest.mark.parametrize("dtype,t,k", [(torch.float32, 1, 2), (torch.float32, 3, 2), (torch.float32, 1, 6),
+                                       (torch.float32, 3, 6), (torch.bfloat16, 3, 2)])
 def test_small_path_matches_reference(small, cpu_only, dtype, t, k):
     e = 8
     args = with_remote_slots(moe_case(t, 96, 40, e, k, dtype)[0], e)
@@ -97,7 +98,7 @@ def test_small_path_all_slots_remote_is_zero(small, cpu_only):
     assert torch.equal(out, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("t,k", [(1, 2), (3, 6)])
+@pytest.mark.parametrize("t,k", [(1, 2), (2, 3)])
 def test_small_path_fp8_blocks(small, cpu_only, t, k):
     # D and I not multiples of 128: partial scale blocks, up rows I.. straddling a block edge
     e = 8

@@ -123,7 +123,8 @@ def test_fused_moe_fp8_prequantised_rows_equal_in_kernel_quantisation(triton_ops
     assert rel_err(outs[0], resolve("fused_moe", "torch")[1](*args, **kwargs)) < 0.15
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "fp8"], ids=str)
+# 16- and 32-bit weights take the same TMA code: fp32 stands for both
+@pytest.mark.parametrize("dtype", [torch.float32, "fp8"], ids=str)
 def test_fused_moe_tma_weight_tiles_equal_pointer_loads(triton_ops, cpu_only, dtype):
     """Expert weights read through TMA block descriptors (Hopper's path; here interpreted)
     give the outputs of pointer loads, with ragged column and K tiles (I 80 and D 64 against

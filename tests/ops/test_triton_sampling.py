@@ -1,7 +1,7 @@
 """The Triton sampling kernel against the torch reference (deepserve.ops.sampling.sample).
 
 Both get the same logits and the same Exp(1) noise, so they must return the same token ids:
-every combination of greedy / temperature, top-k (off, 1, small, V-1, > V), top-p (off, 0,
+every combination of greedy / a temperature, top-k (off, 1, small, V-1, > V), top-p (off, 0,
 mid, high) and min-p, on peaked, flat and partly masked (-inf) rows. CPU tests run the
 kernel interpreted with a small block so the per-row loop covers several blocks and a
 partial one; the `gpu` test runs it compiled at DeepSeek's vocab (129280) and batch 1..256.
@@ -63,7 +63,9 @@ def test_sample_is_registered(triton_ops):
 
 def test_every_filter_combination(small_blocks, cpu_only):
     vocab = 100                                                 # a full block of 64 + a partial one
-    combos = list(itertools.product([0.0, 0.7, 1.5], [0, 1, 7, vocab - 1, 500], [1.0, 0.95, 0.5, 0.0],
+    # one temperature besides greedy: the kernel divides by any temperature the same way, and
+    # test_many_random_rows draws temperatures over (0, 2)
+    combos = list(itertools.product([0.0, 1.5], [0, 1, 7, vocab - 1, 500], [1.0, 0.95, 0.5, 0.0],
                                     [0.0, 0.3]))
     temperature, top_k, top_p, min_p = (torch.tensor(c) for c in zip(*combos))
     logits, noise, _ = random_rows(len(combos), vocab, seed=1)
@@ -73,7 +75,7 @@ def test_every_filter_combination(small_blocks, cpu_only):
 
 
 def test_many_random_rows(small_blocks, cpu_only):
-    batch, vocab = 64, 100
+    batch, vocab = 32, 100
     logits, noise, g = random_rows(batch, vocab, seed=2)
     temperature = torch.rand(batch, generator=g) * 2
     temperature[::7] = 0.0
