@@ -1,4 +1,5 @@
-"""`deepserve convert`: checkpoint conversions (FP8 -> BF16, FP8 block / INT8 W8A8 quantization).
+"""`deepserve convert`: checkpoint conversions (FP8 -> BF16; FP8 block, INT8 W8A8 and 4-bit
+W4A16 / W4A8 quantization).
 
 Both sub-commands build DST as `DST.partial` and rename it when complete; re-running the same
 command after an interruption resumes, skipping shards already written and verified.
@@ -9,9 +10,20 @@ import argparse
 import sys
 
 from deepserve.quant.policy import HIGH_PRECISION_HELP
+from deepserve.quant.quantize_int4 import Int4Options
 
 _ATOMIC_HELP = ("The output is built in DST.partial and renamed to DST when complete; re-run "
                 "the same command to resume an interrupted conversion.")
+
+
+_D = Int4Options()
+INT4_DEFAULTS = {"fmt": _D.fmt, "algorithm": _D.algorithm, "group_size": _D.group_size, "asymmetric": not _D.symmetric,
+                 "act_order": _D.act_order, "ignore": list(_D.ignore), "calib_dataset": _D.calib_dataset,
+                 "calib_samples": _D.calib_samples, "calib_seq_len": _D.calib_seq_len, "damp": _D.damp}
+_INT4_FLAGS = {"--format": "fmt", "--algorithm": "algorithm", "--group-size": "group_size",
+               "--asymmetric": "asymmetric", "--act-order": "act_order", "--ignore": "ignore",
+               "--calib-dataset": "calib_dataset", "--calib-samples": "calib_samples",
+               "--calib-seq-len": "calib_seq_len", "--damp": "damp"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -40,15 +52,41 @@ def register(subparsers) -> None:
     fp8.set_defaults(func=_fp8_to_bf16)
 
     quant = sub.add_parser(
-        "quantize", help="BF16/FP16/FP32 to fp8-block or w8a8-int8",
+        "quantize", help="BF16/FP16/FP32 to fp8-block, w8a8-int8, w4a16 or w4a8",
         description="Quantize Linear weights. fp8-block: DeepSeek's FP8 format (e4m3 weight, fp32 "
                     "weight_scale_inv per 128x128 block, dynamic activations). w8a8-int8: "
                     "symmetric per-output-channel int8 weight + fp32 weight_scale [N,1], dynamic "
                     "per-token int8 activations, compressed-tensors format (loads in vLLM). "
+                    "w4a16 / w4a8: 4-bit weights in groups (routed experts included), written as "
+                    "compressed-tensors pack-quantized or AutoAWQ GEMM (--format awq, w4a16 only); "
+                    "w4a8 adds dynamic per-token int8 activations; quantized by GPTQ, layer by "
+                    "layer on calibration text (--calib-dataset), or round-to-nearest. "
                     + HIGH_PRECISION_HELP + " " + _ATOMIC_HELP)
     _add_common(quant)
-    quant.add_argument("--method", required=True, choices=["fp8-block", "w8a8-int8"],
-                       help="output format")
+    quant.add_argument("--method", required=True, metavar="METHOD",
+                       help="fp8-block, w8a8-int8, w4a16 or w4a8")
+    int4 = quant.add_argument_group("4-bit options (w4a16, w4a8)")
+    int4.add_argument("--format", default=INT4_DEFAULTS["fmt"], dest="fmt",
+                      help="compressed-tensors (pack-quantized; default) or awq (AutoAWQ GEMM)")
+    int4.add_argument("--algorithm", default=INT4_DEFAULTS["algorithm"],
+                      help="gptq (default: Hessian-corrected rounding on calibration activations) or rtn "
+                           "(round to nearest, no calibration)")
+    int4.add_argument("--group-size", type=int, default=INT4_DEFAULTS["group_size"],
+                      help="input features per scale (a multiple of 8 dividing every quantized layer's "
+                           "input features; -1: one scale per output channel); default %(default)s")
+    int4.add_argument("--asymmetric", action="store_true",
+                      help="zero points per group (default: symmetric, signed values -8..7)")
+    int4.add_argument("--act-order", action="store_true",
+                      help="GPTQ over input features by decreasing activation energy (desc_act; writes g_idx)")
+    int4.add_argument("--ignore", nargs="+", default=INT4_DEFAULTS["ignore"], metavar="MODULE",
+                      help="modules kept in high precision: names, or re:REGEX (compressed-tensors' syntax)")
+    int4.add_argument("--calib-dataset", metavar="FILE",
+                      help="calibration text for GPTQ: a .jsonl / .json (ShareGPT) / .txt file, e.g. from "
+                           "../shared/datasets")
+    int4.add_argument("--calib-samples", type=int, default=INT4_DEFAULTS["calib_samples"], help="calibration sequences (default %(default)s)")
+    int4.add_argument("--calib-seq-len", type=int, default=INT4_DEFAULTS["calib_seq_len"], help="tokens per calibration sequence (default %(default)s)")
+    int4.add_argument("--damp", type=float, default=INT4_DEFAULTS["damp"],
+                      help="GPTQ dampening, a fraction of the Hessian's mean diagonal (default %(default)s)")
     quant.set_defaults(func=_quantize)
 
     parser.set_defaults(func=lambda args: _no_conversion(parser))
@@ -73,6 +111,22 @@ def _fp8_to_bf16(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from deepserve.quant import quantize_checkpoint
-    return _report(quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
-                                       progress=not args.no_progress, device=args.device))
+    from deepserve.quant import INT4_METHODS, METHODS, quantize_checkpoint
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    int4, runner = None, None
+    if args.method in INT4_METHODS:
+        from deepserve.models.calibration import LayerRunner
+        int4 = Int4Options(method=args.method, fmt=args.fmt, algorithm=args.algorithm,
+                           group_size=args.group_size, symmetric=not args.asymmetric, act_order=args.act_order,
+                           ignore=tuple(args.ignore), calib_dataset=args.calib_dataset,
+                           calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, damp=args.damp)
+        runner = LayerRunner
+    else:
+        given = [flag for flag, attr in _INT4_FLAGS.items()
+                 if getattr(args, attr) != INT4_DEFAULTS[attr]]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to the 4-bit methods (w4a16, w4a8), not --method {args.method}")
+    rep = quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
+                              progress=not args.no_progress, device=args.device, int4=int4, runner=runner)
+    return _report(rep)

@@ -3,11 +3,13 @@
 Tensor functions (used by the engine's loader and by the converters):
 `dequant_fp8_block` / `quant_fp8_block` (DeepSeek's e4m3 + 128x128 fp32 `weight_scale_inv`),
 `quant_int8_per_channel` / `quant_int8_per_token` / `dequant_int8` (symmetric W8A8).
-Folder conversions (`deepserve convert`): `convert_fp8_to_bf16` and `quantize_checkpoint`,
+Folder conversions (`deepserve convert`): `convert_fp8_to_bf16` and `quantize_checkpoint`
+(fp8-block, w8a8-int8, and 4-bit w4a16 / w4a8 by round-to-nearest or GPTQ: quant/quantize_int4.py),
 resumable and atomic (see quant/pipeline.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -17,7 +19,11 @@ from deepserve.quant.fp8 import dequant_fp8_block, quant_fp8_block
 from deepserve.quant.fp8_to_bf16 import Fp8ToBf16
 from deepserve.quant.int8 import dequant_int8, quant_int8_per_channel, quant_int8_per_token
 from deepserve.quant.pipeline import ConversionReport, run_conversion
-from deepserve.quant.quantize import METHODS, Quantize
+from deepserve.quant.quantize import METHODS as _8BIT_METHODS
+from deepserve.quant.quantize import Quantize
+from deepserve.quant.quantize_int4 import INT4_METHODS, Int4Options, QuantizeInt4
+
+METHODS = _8BIT_METHODS + INT4_METHODS
 
 
 def resolve_device(device: str) -> str:
@@ -42,13 +48,21 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, overwrite: bool = Fals
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, overwrite: bool = False,
-                        progress: bool = True, device: str = "cpu") -> ConversionReport:
-    """High-precision checkpoint folder `src` -> `method` ("fp8-block" | "w8a8-int8") folder."""
-    conv = Quantize(method, device=resolve_device(device))
+                        progress: bool = True, device: str = "cpu", int4: Int4Options | None = None,
+                        runner=None) -> ConversionReport:
+    """High-precision checkpoint folder `src` -> `method` folder: "fp8-block" | "w8a8-int8", or
+    "w4a16" | "w4a8" with `int4` options (GPTQ needs `runner`, models/calibration.LayerRunner)."""
+    if method in INT4_METHODS:
+        conv = QuantizeInt4(dataclasses.replace(int4 or Int4Options(), method=method),
+                            device=resolve_device(device), runner=runner)
+    else:
+        if int4 is not None:
+            raise ValueError(f"4-bit options given for --method {method}")
+        conv = Quantize(method, device=resolve_device(device))
     return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
                           overwrite=overwrite, progress=progress)
 
 
-__all__ = ["METHODS", "ConversionReport", "convert_fp8_to_bf16", "dequant_fp8_block",
+__all__ = ["METHODS", "INT4_METHODS", "ConversionReport", "Int4Options", "convert_fp8_to_bf16", "dequant_fp8_block",
            "dequant_int8", "quant_fp8_block", "quant_int8_per_channel", "quant_int8_per_token",
            "quantize_checkpoint"]

@@ -145,14 +145,18 @@ DUMMY_SPECS = {"awq": dict(fmt="awq", symmetric=False, names=AWQ_NAMES),
                "compressed-tensors": dict(fmt="compressed-tensors", symmetric=True, names=CT_NAMES)}
 
 
+def scale_dtype_of(hf_config, default: str = "float16") -> torch.dtype:
+    """The dtype 4-bit scales are held in: the checkpoint's torch_dtype."""
+    return _DTYPES.get(str(hf_config.get("torch_dtype") or default).replace("torch.", ""), _DTYPES[default])
+
+
 def int4_spec_for(hf_config, requested: Optional[str] = None) -> Optional[Int4Spec]:
     """The checkpoint's 4-bit format, else (random weights) the default of `--quantization
     awq | gptq | compressed-tensors`, else None."""
     spec = int4_spec(hf_config)
     if spec is not None or requested not in DUMMY_SPECS:
         return spec
-    scale_dtype = _DTYPES.get(str(hf_config.get("torch_dtype") or "bfloat16").replace("torch.", ""),
-                              torch.bfloat16)
+    scale_dtype = scale_dtype_of(hf_config, "bfloat16")
     return Int4Spec(group_size=128, act_order=False, scale_dtype=scale_dtype, **DUMMY_SPECS[requested])
 
 
@@ -160,8 +164,7 @@ def int4_spec(hf_config) -> Optional[Int4Spec]:
     """The checkpoint's 4-bit format, or None when it is not a 4-bit checkpoint."""
     qc = hf_config.get("quantization_config") or {}
     method = qc.get("quant_method")
-    scale_dtype = _DTYPES.get(str(hf_config.get("torch_dtype") or "float16").replace("torch.", ""),
-                              torch.float16)
+    scale_dtype = scale_dtype_of(hf_config)
     if method == "awq":
         where = "quantization_config (awq)"
         _bits(qc.get("bits", qc.get("w_bit")), where)

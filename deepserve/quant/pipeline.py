@@ -65,6 +65,10 @@ class Converter:
         """config.json for the output folder."""
         raise NotImplementedError
 
+    def begin(self, partial: Path, done: set[str]) -> None:
+        """Called before the first shard is converted: `done` lists the shards already written
+        (and verified) in `partial` by an earlier run of the same job."""
+
 
 @dataclass
 class ConversionReport:
@@ -177,6 +181,7 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
     manifest["shards"] = dict(done)
     atomic_write_json(partial / MANIFEST_NAME, manifest)
 
+    conv.begin(partial, set(done))
     t0, written = time.perf_counter(), 0
     reader = TensorReader(ckpt)
     bar = tqdm(total=len(ckpt.shards), initial=len(done), unit="shard", desc=conv.task,

@@ -31,22 +31,24 @@ def fp8_block_config(block: tuple[int, int] = DEFAULT_BLOCK) -> dict:
             "weight_block_size": list(block)}
 
 
-def _quant_args(strategy: str, dynamic: bool, observer: str | None) -> dict:
-    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy,
-            "dynamic": dynamic, "group_size": None, "block_structure": None, "actorder": None,
+def quant_args(num_bits: int, strategy: str, dynamic: bool, observer: str | None, symmetric: bool = True,
+               group_size: int | None = None, actorder: str | None = None) -> dict:
+    """One compressed-tensors QuantizationArgs entry (weights or input activations)."""
+    return {"num_bits": num_bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+            "dynamic": dynamic, "group_size": group_size, "block_structure": None, "actorder": actorder,
             "observer": observer, "observer_kwargs": {}}
 
 
-def w8a8_int8_config(ignore: list[str]) -> dict:
-    """compressed-tensors quantization_config for int8 channel weights + dynamic token acts."""
+def compressed_tensors_config(fmt: str, weights: dict, input_activations: dict | None, ignore: list[str]) -> dict:
+    """A compressed-tensors quantization_config with one scheme for every Linear not in `ignore`."""
     return {
         "quant_method": "compressed-tensors",
-        "format": "int-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": _quant_args("channel", dynamic=False, observer="minmax"),
-            "input_activations": _quant_args("token", dynamic=True, observer=None),
+            "weights": weights,
+            "input_activations": input_activations,
             "output_activations": None,
         }},
         "ignore": ignore,
@@ -54,6 +56,35 @@ def w8a8_int8_config(ignore: list[str]) -> dict:
         "sparsity_config": {},
         "global_compression_ratio": None,
     }
+
+
+def w8a8_int8_config(ignore: list[str]) -> dict:
+    """compressed-tensors quantization_config for int8 channel weights + dynamic token acts."""
+    return compressed_tensors_config("int-quantized", quant_args(8, "channel", dynamic=False, observer="minmax"),
+                                     quant_args(8, "token", dynamic=True, observer=None), ignore)
+
+
+def check_high_precision_source(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint that is already quantized: quantize reads BF16/FP16/FP32 ones."""
+    qc = ckpt.config.get("quantization_config")
+    if qc:
+        raise ValueError(f"{ckpt.root} is already quantized (quant_method="
+                         f"{qc.get('quant_method')!r}); quantize reads a BF16/FP16/FP32 "
+                         f"checkpoint (use fp8-to-bf16 first for DeepSeek's FP8 release)")
+    for t in ckpt.tensors.values():
+        if t.dtype in _QUANTIZED_DTYPES:
+            raise ValueError(f"{ckpt.root} holds quantized tensor {t.name} ({t.dtype}); "
+                             f"quantize reads a BF16/FP16/FP32 checkpoint")
+
+
+def policy_ignore(ckpt: Checkpoint) -> set[str]:
+    """Linear layers the policy keeps in high precision, which compressed-tensors loaders must be
+    told about ("ignore"): lm_head and the router gates."""
+    ignore = {"lm_head"}
+    for t in ckpt.tensors.values():
+        if high_precision_reason(t.name, t.dtype, t.shape) in LINEAR_REASONS:
+            ignore.add(t.name[: -len(".weight")])
+    return ignore
 
 
 class Quantize(Converter):
@@ -66,23 +97,10 @@ class Quantize(Converter):
         self._ignore: list[str] = []
 
     def validate(self, ckpt: Checkpoint) -> None:
-        qc = ckpt.config.get("quantization_config")
-        if qc:
-            raise ValueError(f"{ckpt.root} is already quantized (quant_method="
-                             f"{qc.get('quant_method')!r}); quantize reads a BF16/FP16/FP32 "
-                             f"checkpoint (use fp8-to-bf16 first for DeepSeek's FP8 release)")
-        for t in ckpt.tensors.values():
-            if t.dtype in _QUANTIZED_DTYPES:
-                raise ValueError(f"{ckpt.root} holds quantized tensor {t.name} ({t.dtype}); "
-                                 f"quantize reads a BF16/FP16/FP32 checkpoint")
+        check_high_precision_source(ckpt)
         if not any(self._quantizes(t) for t in ckpt.tensors.values()):
             raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
-        # Linear layers that stay high precision must be named for compressed-tensors loaders.
-        ignore = {"lm_head"}
-        for t in ckpt.tensors.values():
-            if high_precision_reason(t.name, t.dtype, t.shape) in LINEAR_REASONS:
-                ignore.add(t.name[: -len(".weight")])
-        self._ignore = sorted(ignore)
+        self._ignore = sorted(policy_ignore(ckpt))
 
     @staticmethod
     def _quantizes(info: TensorInfo) -> bool:

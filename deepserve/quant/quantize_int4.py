@@ -1,0 +1,253 @@
+"""`deepserve convert quantize --method w4a16|w4a8`: a BF16/FP16/FP32 checkpoint to 4-bit weights.
+
+Output: compressed-tensors pack-quantized (default; W4A8 adds dynamic per-token int8
+activations) or AutoAWQ GEMM (`--format awq`, W4A16 only), in the layouts quant/int4_write.py
+writes and quant/int4.py loads. Quantized: every Linear weight the policy quantizes
+(quant/policy.py) and the routed experts, except modules named by `--ignore` (compressed-tensors
+"ignore" syntax: a module name, or `re:` and a regular expression).
+
+Algorithms (quant/gptq.py): `rtn` rounds each group to nearest; `gptq` quantizes each decoder
+layer with GPTQ's Hessian update on calibration activations, layer by layer
+(models/calibration.py runs the float layer over the samples to collect each Linear's
+H = X^T X, quantizes the layer, then runs it again with the quantized weights to make the next
+layer's inputs). Routed experts use the tokens routed to each of them (an expert that
+received none is rounded to nearest); down_proj's inputs are computed from the float gate/up.
+Linears outside the decoder layers (MTP layers) are rounded to nearest.
+
+A layer is quantized when the first of its tensors is asked for (shard by shard, in the
+order the pipeline writes them) and its results wait until their shard is written, so memory
+holds one layer's float weights and the layers between the last written shard and the current
+one. On resume the layers of shards already written are not re-quantized: their packed
+tensors are read back from the partial output, so the following layers are calibrated on
+exactly the weights the output holds.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from deepserve.ops.int4 import PACK, unpack_int4
+from deepserve.quant.calib_data import calibration_samples
+from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
+from deepserve.quant.gptq import DAMP, Int4Weight, gptq_quantize, rtn_quantize
+from deepserve.quant.int4 import (int4_spec, scale_dtype_of, scales_to_memory, weight_to_memory,
+                                  zeros_to_memory)
+from deepserve.quant.int4_write import FORMATS, quantization_config, tensor_specs, weight_tensors
+from deepserve.quant.pipeline import Converter, OutSpec
+from deepserve.quant.policy import high_precision_reason
+from deepserve.quant.quantize import check_high_precision_source, policy_ignore
+
+INT4_METHODS = ("w4a16", "w4a8")
+ALGORITHMS = ("gptq", "rtn")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# projections fused into one GEMM at load: quantized all or none
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    method: str = "w4a16"                 # w4a16 | w4a8 (int8 dynamic per-token activations)
+    fmt: str = "compressed-tensors"       # compressed-tensors | awq
+    algorithm: str = "gptq"               # gptq | rtn
+    group_size: int = 128                 # -1: one scale per output channel
+    symmetric: bool = True                # False: zero points (AWQ always stores them)
+    act_order: bool = False               # GPTQ desc_act: g_idx in the output
+    ignore: tuple[str, ...] = ()
+    calib_dataset: Optional[str] = None
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    damp: float = DAMP
+
+    def check(self) -> None:
+        if self.method not in INT4_METHODS:
+            raise ValueError(f"--method {self.method!r} is not a 4-bit method ({', '.join(INT4_METHODS)})")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % PACK):
+            raise ValueError(f"--group-size must be -1 or a positive multiple of {PACK}, got {self.group_size}")
+        if self.fmt == "awq" and self.method == "w4a8":
+            raise ValueError("--format awq holds W4A16 weights only; W4A8 is written as compressed-tensors")
+        if self.act_order and (self.algorithm != "gptq" or self.fmt == "awq"):
+            raise ValueError("--act-order needs --algorithm gptq and the compressed-tensors format")
+        if self.algorithm == "gptq" and not self.calib_dataset:
+            raise ValueError("--algorithm gptq needs --calib-dataset FILE (e.g. ../shared/datasets/serving/"
+                             "ShareGPT_V3_unfiltered_cleaned_split.first500.json), or use --algorithm rtn")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"--damp must lie in (0, 1), got {self.damp}")
+
+    @property
+    def task(self) -> str:
+        """Everything that changes the output: a resumed run must have asked for the same."""
+        algo = (f"gptq({self.calib_dataset}, {self.calib_samples}x{self.calib_seq_len}, damp {self.damp})"
+                if self.algorithm == "gptq" else "rtn")
+        return (f"quantize {self.method} {self.fmt} {algo} group {self.group_size} "
+                f"{'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''} "
+                f"ignore {sorted(self.ignore)}")
+
+
+def _ignored(patterns: tuple[str, ...], module: str) -> bool:
+    return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in patterns)
+
+
+class QuantizeInt4(Converter):
+    """`runner` builds the calibration layer runner (models/calibration.py's LayerRunner: given
+    the config, the embedding weight, the token samples and the device); GPTQ needs it."""
+
+    def __init__(self, opts: Int4Options, device: str = "cpu", runner: Optional[Callable] = None):
+        opts.check()
+        if opts.algorithm == "gptq" and runner is None:
+            raise ValueError("GPTQ needs a calibration layer runner (deepserve.models.calibration.LayerRunner)")
+        self.opts, self.device, self.make_runner = opts, torch.device(device), runner
+        self.task = opts.task
+        self._quant: set[str] = set()
+        self._ignore: list[str] = []
+        self._samples: list[torch.Tensor] = []
+        self._runner = None
+        self._pending: dict[str, Int4Weight] = {}
+        self._partial: Optional[Path] = None
+        self._done: set[str] = set()
+        self.rtn_fallback: list[str] = []     # GPTQ asked for, but no calibration input reached them
+
+    # ------------------------------------------------------------------ planning
+    def validate(self, ckpt: Checkpoint) -> None:
+        check_high_precision_source(ckpt)
+        o = self.opts
+        ignore = policy_ignore(ckpt)
+        for t in ckpt.tensors.values():
+            if high_precision_reason(t.name, t.dtype, t.shape) is not None:
+                continue
+            module = t.name[: -len(".weight")]
+            if _ignored(o.ignore, module):
+                ignore.add(module)
+                continue
+            n, k = t.shape
+            if k % PACK:
+                raise ValueError(f"tensor {t.name}: {k} input features do not pack into int32s of {PACK} "
+                                 f"4-bit values; keep it in high precision with --ignore {module}")
+            if o.group_size != -1 and k % o.group_size:
+                raise ValueError(f"tensor {t.name}: --group-size {o.group_size} does not divide its {k} input "
+                                 f"features; pick a group size that does, or --ignore {module}")
+            if o.fmt == "awq" and n % PACK:
+                raise ValueError(f"tensor {t.name}: AutoAWQ packs output features in eights, {n} is not a "
+                                 f"multiple of {PACK}; use the compressed-tensors format or --ignore {module}")
+            self._quant.add(t.name)
+        if not self._quant:
+            raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
+        for siblings in _SIBLINGS:
+            for name in self._quant | {i + ".weight" for i in ignore}:
+                for part in siblings:
+                    if f".{part}." not in name:
+                        continue
+                    group = {name.replace(f".{part}.", f".{p}.") for p in siblings}
+                    group &= set(ckpt.tensors)
+                    if len(group & self._quant) not in (0, len(group)):
+                        raise ValueError(f"{', '.join(sorted(g[:-7] for g in group))} run as one fused layer: "
+                                         f"--ignore all of them or none")
+        self._ignore = sorted(ignore)
+        self.scale_dtype = scale_dtype_of(ckpt.config)
+        if o.algorithm == "gptq":
+            eos = ckpt.config.get("eos_token_id")
+            self._samples = calibration_samples(Path(o.calib_dataset), ckpt.root, o.calib_samples,
+                                                o.calib_seq_len, eos[0] if isinstance(eos, list) else eos)
+
+    def begin(self, partial: Path, done: set[str]) -> None:
+        self._partial, self._done = partial, done
+
+    def outputs(self, ckpt: Checkpoint, info: TensorInfo) -> list[OutSpec]:
+        if info.name not in self._quant:
+            return [(info.name, info.dtype, info.shape)]
+        o = self.opts
+        return tensor_specs(o.fmt, info.name[: -len(".weight")], *info.shape, o.group_size, o.symmetric,
+                            o.act_order, self.scale_dtype)
+
+    def new_config(self, config: dict) -> dict:
+        config["quantization_config"] = self.quantization_config()
+        return config
+
+    def quantization_config(self) -> dict:
+        o = self.opts
+        return quantization_config(o.fmt, o.group_size, o.symmetric, o.act_order, o.method == "w4a8", self._ignore)
+
+    # ------------------------------------------------------------------ conversion
+    def convert(self, ckpt: Checkpoint, info: TensorInfo, reader: TensorReader) -> dict[str, torch.Tensor]:
+        if info.name not in self._quant:
+            return {info.name: reader.get(info.name)}
+        return weight_tensors(self.opts.fmt, info.name[: -len(".weight")], self._quantized(ckpt, info, reader))
+
+    def _rtn(self, w: torch.Tensor) -> Int4Weight:
+        o = self.opts
+        return rtn_quantize(w.to(self.device), o.group_size, o.symmetric, self.scale_dtype)
+
+    def _quantized(self, ckpt: Checkpoint, info: TensorInfo, reader: TensorReader) -> Int4Weight:
+        if self.opts.algorithm == "rtn":
+            return self._rtn(reader.get(info.name))
+        if self._runner is None:
+            self._runner = self.make_runner(ckpt.config, reader.get("model.embed_tokens.weight"),
+                                            self._samples, self.device)
+        layer = self._runner.layer_index(info.name)
+        if layer is None:
+            return self._rtn(reader.get(info.name))
+        while info.name not in self._pending:
+            if self._runner.next_layer > layer:
+                raise RuntimeError(f"{info.name} asked for twice")
+            self._calibrate_layer(ckpt, reader, self._runner.next_layer)
+        return self._pending.pop(info.name)
+
+    def _calibrate_layer(self, ckpt: Checkpoint, reader: TensorReader, i: int) -> None:
+        """GPTQ over layer i (or its stored result, on resume), then the runner moves past it."""
+        prefix = f"model.layers.{i}."
+        weights = {n: reader.get(n) for n in ckpt.tensors if n.startswith(prefix)}
+        todo = [n for n in weights if n in self._quant and ckpt.tensors[n].file not in self._done]
+        stats = self._runner.capture(i, weights) if todo else None
+        out = dict(weights)
+        for name in (n for n in weights if n in self._quant):
+            if name in todo:
+                q = self._gptq(name, weights, stats)
+                self._pending[name] = q
+            else:
+                q = self._written(ckpt, name)
+            out[name] = q.dequant(torch.float32)
+        self._runner.advance(i, out)
+
+    def _gptq(self, name: str, weights: dict[str, torch.Tensor], stats) -> Int4Weight:
+        o = self.opts
+        w = weights[name].to(self.device)
+        m = _EXPERT.match(name)
+        if m is None:
+            h = stats.hessians.get(name[: -len(".weight")])
+        else:
+            x = stats.expert_rows(m[1], int(m[2]))
+            if x.numel() and m[3] == "down_proj":
+                base = f"{m[1]}.{m[2]}"
+                gate, up = (weights[f"{base}.{p}.weight"].to(x.device, torch.float32) for p in ("gate_proj", "up_proj"))
+                x = F.silu(x @ gate.t()) * (x @ up.t())
+            h = x.t() @ x if x.numel() else None
+        if h is None or not bool(torch.diag(h).any()):
+            self.rtn_fallback.append(name)
+            return self._rtn(w)
+        return gptq_quantize(w, h.to(self.device), o.group_size, o.symmetric, self.scale_dtype,
+                             o.act_order, o.damp)
+
+    def _written(self, ckpt: Checkpoint, name: str) -> Int4Weight:
+        """The quantized weight a previous run wrote for `name` into the partial output."""
+        module = name[: -len(".weight")]
+        n, k = ckpt.tensors[name].shape
+        spec = int4_spec({"quantization_config": self.quantization_config(),
+                          "torch_dtype": ckpt.config.get("torch_dtype")})
+        g = k if spec.group_size == -1 else spec.group_size
+        with safe_open(str(self._partial / ckpt.tensors[name].file), framework="pt") as f:
+            part = {role: f.get_tensor(f"{module}.{suffix}") for role, suffix in spec.names.items()
+                    if f"{module}.{suffix}" in f.keys()}
+        qweight = weight_to_memory(spec, part["qweight"], n, k, module)
+        scales = scales_to_memory(spec, part["scales"], n, k // g, module)
+        zeros = zeros_to_memory(spec, part["qzeros"], n, k // g, module) if "qzeros" in part else None
+        g_idx = part["g_idx"].to(torch.int32) if "g_idx" in part else None
+        return Int4Weight(unpack_int4(qweight, 1), scales, zeros, g_idx, g)
