@@ -2,7 +2,7 @@
 themselves, parsed by deepserve's CLI into engine configs: sizes as the guides write them
 (TP=32, 61 layers, 32768 tokens) on DeepSeek-R1's own config.json, so each flag's value must
 land in the field of vLLM's meaning. Only the model path (and the guides' `$local_ip`) changes;
-speculative decoding (issue 18, docs/GUIDES.md) is taken out and its refusal checked apart."""
+the speculative config is checked apart (the MTP layer and k it lands as)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from deepserve.distributed.parallel_state import pp_layer_range
 from tests.cli.conftest import write_r1_config
 from tests.cli.guides import commands, exports, set_flags, set_model, to_deepserve, yaml_blocks
 
-# flags of other issues: speculative decoding (18)
+# checked in its own test
 PENDING = {"--speculative-config": None}
 NODE_IPS = {"--data-parallel-address": "127.0.0.1"}   # the guides' $local_ip / $node0_ip
 
@@ -186,17 +186,14 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
         ("random", 200, 200, 1.0, True, "./")
 
 
-def test_speculative_config_lands_or_is_refused_in_one_line(reference, r1_config, capsys):
-    """Until issue 18 runs drafts in the engine step the flag is refused in one line; then its
-    values must land as vLLM's (MTP, 3 tokens)."""
+def test_speculative_config_lands(reference, r1_config, capsys):
+    """The guide's MTP drafts (3 tokens) with its layout (DP4 x TP4 x EP, async scheduling)
+    land as vLLM's: R1's MTP layer loaded, k = 3."""
     argv = set_flags(set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config), {"--quantization": None})
-    code = main(argv + ["--dry-run"])
-    err = capsys.readouterr().err.strip()
-    if code == 2:
-        assert len(err.splitlines()) == 1 and "speculative decoding is not supported yet" in err
-    else:
-        spec = serve_config(argv)[0].create_engine_config().speculative
-        assert code == 0 and (spec.method, spec.num_speculative_tokens) in (("mtp", 3), ("deepseek_mtp", 3))
+    assert main(argv + ["--dry-run"]) == 0, capsys.readouterr().err
+    cfg = serve_config(argv)[0].create_engine_config()
+    assert (cfg.speculative.method, cfg.speculative.num_speculative_tokens, cfg.model.load_mtp) == ("mtp", 3, True)
+    assert (cfg.parallel.data_parallel_size, cfg.parallel.tensor_parallel_size, cfg.async_scheduling) == (4, 4, True)
 
 
 # --------------------------------------------------------------------------- FlagScale YAML
