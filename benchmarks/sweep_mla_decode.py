@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
-from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
+from sweep_setup import bandwidth_and_timer, prepare, try_setting  # noqa: E402
 
 # (BLOCK_H, BLOCK_N, num_warps, num_stages) tiles per case kind, most promising first; the
 # sm_90 builds of the MLA ones were checked offline for spills and shared memory (64 heads x
@@ -128,19 +128,12 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> Optional[
     best = (float("inf"), None)
     for cfg in [None] + case.grid:
         name = "default " + label(default) if cfg is None else label(cfg)
-        with attention.launch_config.trying("attention_decode", [{"set": cfg}] if cfg else []):
-            try:
-                got = tri(*args)
-            except Exception as exc:  # noqa: BLE001  (out of resources, compiler errors: report, go on)
-                print(f"{case.name:15s} {name:30s} failed to build or launch: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:120] if str(exc) else ''}", flush=True)
-                continue
-            err = (got.float() - want).abs().max().item()
-            if not torch.allclose(got.float(), want, atol=1e-2, rtol=1e-2):
-                print(f"{case.name:15s} {name:30s} WRONG: max abs error {err:.3g}", flush=True)
+        ms, err, why = try_setting("attention_decode", [{"set": cfg}] if cfg else [], lambda: tri(*args), want, timer)
+        if ms is None:
+            print(f"{case.name:15s} {name:30s} {why}", flush=True)
+            if why.startswith("WRONG"):
                 rows.append((case.name, name, None, None, None))
-                continue
-            ms = timer(lambda: tri(*args))
+            continue
         rate = case.cache_bytes() / (ms * 1e-3)
         rows.append((case.name, name, ms * 1e3, rate / 1e9, rate / bw))
         print(f"{case.name:15s} {name:30s} {ms * 1e3:9.1f} us {rate / 1e9:8.1f} GB/s {rate / bw:6.1%} "

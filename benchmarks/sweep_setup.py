@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -41,3 +41,21 @@ def bandwidth_and_timer(device: str) -> tuple[float, Callable]:
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (2 GiB, read + written)")
     return bw, graph_time_ms
+
+
+def try_setting(op: str, rules: list[dict], fn: Callable[[], torch.Tensor], want: torch.Tensor,
+                timer: Callable, tol: float = 1e-2) -> tuple[Optional[float], float, str]:
+    """Run `fn` with `rules` appended to `op`'s launch table: (ms per call, max abs error, "")
+    when its output matches `want` within `tol`, else (None, error, why): "WRONG" or the build
+    or launch failure (out of resources, compiler errors)."""
+    from deepserve.ops.triton import launch_config
+    with launch_config.trying(op, rules):
+        try:
+            got = fn()
+        except Exception as exc:  # noqa: BLE001  (report, let the sweep go on)
+            first = str(exc).splitlines()[0][:120] if str(exc) else ""
+            return None, float("nan"), f"failed to build or launch: {type(exc).__name__}: {first}"
+        err = (got.float() - want).abs().max().item()
+        if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+            return None, err, f"WRONG: max abs error {err:.3g}"
+        return timer(fn), err, ""
