@@ -10,7 +10,10 @@ One step of a sequence with drafts d_1..d_k (its last token t not yet in the cac
             overwritten later; whole blocks past it go back to the pool (`release_rejected`)
 
 Only full blocks of accepted tokens reach the prefix cache (the block manager registers up to
-num_computed_tokens), so the cache never holds a rejected token's KV.
+num_computed_tokens), so the cache never holds a rejected token's KV. (With mtp a cached
+block's MTP KV at its last position was written with the next token of the sequence that
+computed it; a sequence that reuses the block with another next token drafts from it all the
+same: its drafts may be accepted less, its output is unchanged, since verification is exact.)
 
 Requests whose sampling reads the host's token history (penalties, min_tokens, grammars) or
 that return logprobs get no drafts and decode as before: their per-position processing would
