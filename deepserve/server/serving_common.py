@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.llm_engine import RequestError
 from deepserve.engine.sampling_params import SamplingParams
+from deepserve.server.args import ServerArgs
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import unsupported_field, usage
@@ -32,14 +33,14 @@ class ServerSettings:
     model_path: str
     api_key: Optional[str] = None
     reasoning_parser: Optional[str] = None
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = ServerArgs.max_body_bytes
     retry_after_s: int = 1
     created: int = 0
     # the model's generation_config.json sampling defaults (--generation-config auto)
     generation_defaults: dict = field(default_factory=dict)
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
-    max_logprobs: int = 20
+    max_logprobs: int = ServerArgs.max_logprobs
     scheduling_policy: str = "fcfs"
     extra: dict = field(default_factory=dict)
 
