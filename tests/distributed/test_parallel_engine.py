@@ -41,6 +41,19 @@ def _outputs(model, **kw):
         llm.engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def single_process():
+    """A model's (folder, engine kwargs) -> its one-process outputs, each run once per module."""
+    seen = {}
+
+    def outputs(model, **kw):
+        key = (model, tuple(sorted(kw.items())))
+        if key not in seen:
+            seen[key] = _outputs(model, **kw)
+        return seen[key]
+    return outputs
+
+
 @pytest.mark.parametrize("name", ["llama", "deepseek"])
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
                                     {"tensor_parallel_size": 2, "enable_expert_parallel": True},
@@ -48,10 +61,10 @@ def _outputs(model, **kw):
                                     {"data_parallel_size": 2, "enable_expert_parallel": True},
                                     {"data_parallel_size": 2, "pipeline_parallel_size": 2}],
                          ids=["tp2", "pp2", "ep2", "dp2", "dp2-ep2", "dp2-pp2"])
-def test_layout_matches_single_process(models, name, layout):
+def test_layout_matches_single_process(models, single_process, name, layout):
     if name == "llama" and layout.get("enable_expert_parallel"):
         pytest.skip("a dense model has no experts")
-    assert _outputs(models[name], **layout) == _outputs(models[name])
+    assert _outputs(models[name], **layout) == single_process(models[name])
 
 
 def test_dead_worker_is_reported(models, monkeypatch):
@@ -87,7 +100,7 @@ def dummy_deepseek_config(tmp_path_factory):
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2},
                                     {"tensor_parallel_size": 2, "enable_expert_parallel": True}],
                          ids=["tp2", "ep2"])
-def test_dummy_weights_are_layout_independent(dummy_deepseek_config, layout):
+def test_dummy_weights_are_layout_independent(dummy_deepseek_config, single_process, layout):
     """Random weights are drawn per checkpoint tensor, so any layout serves the same model."""
     assert (_outputs(dummy_deepseek_config, load_format="dummy", **layout)
-            == _outputs(dummy_deepseek_config, load_format="dummy"))
+            == single_process(dummy_deepseek_config, load_format="dummy"))
