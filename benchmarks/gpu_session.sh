@@ -1,0 +1,33 @@
+#!/bin/bash
+# One GPU call for several issues' figures, most important first; a step that would not fit in
+# $BUDGET seconds (default 330) is skipped. Needs .peerd (xgrammar wheels, tokenizers: see
+# gpu_peer.sh) and, for the A/B of moved launch settings, .abold (the tree before the move:
+# `git archive 5f2acc2 deepserve benchmarks tests pyproject.toml | tar -x -C .abold`).
+#   issue 19  structured-output overhead at batch 64         (bench_structured.py)
+#   issue 22  attention / MLA kernels, tree before vs after the launch-settings move (bench_ops.py)
+#   issue 18  the CUDA-graph verify steps' GPU tests
+#   issue 16  MLA decode over bf16 / e4m3 pools, split vs e4m3-MMA kernel (bench_r1.py --case kvattn)
+#   issue 25  prefill / decode / mixed engine steps of the 8B at batch 64, with kernels (profile_mixed.py)
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
+mkdir -p /tmp/d && tar -C /tmp/d -xJf .peerd/data.tar.xz
+step() {  # step NAME SECONDS DIR COMMAND...: run COMMAND in DIR with at most SECONDS
+  local name=$1 lim=$2 dir=$3; shift 3
+  local left=$((BUDGET - SECONDS - 10))
+  [ "$left" -lt 40 ] && { echo "== $name skipped: ${left}s left"; return; }
+  [ "$lim" -gt "$left" ] && lim=$left
+  local t0=$SECONDS
+  (cd "$dir" && PYTHONPATH=/tmp/site:$PWD timeout "$lim" "$@") > "$OUT/$name.txt" 2>&1
+  echo "== $name rc $? $((SECONDS - t0)) s"
+}
+step structured 80 . python3 benchmarks/bench_structured.py --tokenizer /tmp/d/tokenizers/deepseek-r1-distill-llama-8b \
+  --batches 64 --repeats 3 --out-dir "$OUT/res"
+step ops_new 45 . python3 benchmarks/bench_ops.py --only decode_,prefill_ --no-torch --out-dir "$OUT/ops_new"
+step ops_old 45 .abold python3 benchmarks/bench_ops.py --only decode_,prefill_ --no-torch --out-dir "$OUT/ops_old"
+step spec_gpu_tests 70 . python3 -m pytest -q -x -m gpu tests/engine/test_spec_decode_graphs.py
+step kvattn 70 . python3 benchmarks/bench_r1.py --case kvattn --out-dir "$OUT/res"
+step mixed 100 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --out "$OUT/profile_mixed.json"
+cd "$OUT" && tar czf results.tgz res ops_new ops_old 2>/dev/null; rm -rf res ops_new ops_old
+for f in structured ops_new ops_old spec_gpu_tests kvattn mixed; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done

@@ -1,0 +1,180 @@
+"""Where the served throughput goes (issue 25): the three kinds of engine step a server runs
+under load, timed one by one on the same engine, and the kernels of the mixed one.
+
+    prefill   a step of prompt chunks only (--prefill-prompts prompts of --prompt-len tokens
+              waiting, nothing running): tokens/s and MFU against the bf16 matmul peak
+              measured in the same run (2 FLOPs per parameter per token)
+    decode    a decode-only step of --batch running sequences (the CUDA graph path)
+    mixed     the same --batch decodes plus one new prompt's prefill chunk in one step (what a
+              server runs each time a request arrives while others decode)
+
+Each is the median of --repeats steps, wall time of engine.step() with a device sync. Then
+torch.profiler over --profile mixed steps: the top kernels by GPU time, grouped (GEMM, attention,
+MoE, other Triton, torch elementwise), and GPU-busy time against the steps' wall time.
+
+GPU:  python benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64
+CPU:  python benchmarks/profile_mixed.py --model ../shared/models/stories260k --load-format auto \
+          --device cpu --batch 4 --prompt-len 64 --prefill-prompts 4 --repeats 2 --profile 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from bench_engine import device_name, matmul_peak, random_prompts, synchronize
+
+from deepserve import LLM, SamplingParams
+
+
+def timed_step(llm: LLM) -> tuple[float, int]:
+    """(seconds, tokens) of one engine step."""
+    eng = llm.engine
+    synchronize()
+    t0 = time.perf_counter()
+    eng.step()
+    synchronize()
+    return time.perf_counter() - t0, eng.stats.get("last_step_tokens", 0)
+
+
+def drain(llm: LLM) -> None:
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
+def group(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "gemv", "cutlass", "cublas", "sm90_xmma", "nvjet", "matmul")):
+        return "GEMM"
+    if any(k in n for k in ("attn", "attention", "mla", "flash", "paged", "decode_kernel", "prefill")):
+        return "attention"
+    if "moe" in n or "expert" in n:
+        return "MoE"
+    if "triton" in n or n.startswith("_"):
+        return "other Triton"
+    if "memcpy" in n or "memset" in n:
+        return "memcpy"
+    return "torch elementwise / other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="r1-distill-llama-8b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--prefill-prompts", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    kw = dict(load_format=args.load_format, max_model_len=args.prompt_len + 128, device=args.device,
+              max_num_seqs=max(args.batch + 8, args.prefill_prompts))
+    if args.device != "cpu":
+        kw["gpu_memory_utilization"] = 0.85
+    llm = LLM(args.model, **kw)
+    eng = llm.engine
+    eng.block_manager.enable_prefix_caching = False
+    vocab = eng.config.model.hf_config.vocab_size
+    params = sum(p.numel() for p in eng.runner.model.parameters())
+    budget = eng.config.scheduler.max_num_batched_tokens
+    res: dict = {"model": args.model, "device": device_name(), "date": time.strftime("%Y-%m-%d"),
+                 "batch": args.batch, "prompt_len": args.prompt_len, "max_num_batched_tokens": budget,
+                 "parameters": params}
+    peak = matmul_peak() if torch.cuda.is_available() else None
+    res["matmul_peak_flops"] = peak
+
+    # prefill-only steps
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(random_prompts(args.prefill_prompts, args.prompt_len, vocab, seed=1), one)   # warm-up
+    times, toks = [], []
+    for r in range(args.repeats):
+        for p in random_prompts(args.prefill_prompts, args.prompt_len, vocab, seed=2 + r):
+            eng.add_request(None, p, one)
+        dt, _ = timed_step(llm)
+        times.append(dt)
+        toks.append(min(budget, args.prefill_prompts * args.prompt_len))
+        drain(llm)
+    t = statistics.median(times)
+    res["prefill_step_s"] = t
+    res["prefill_tokens_per_step"] = toks[0]
+    res["prefill_tok_s"] = toks[0] / t
+    res["prefill_mfu"] = 2 * params * toks[0] / t / peak if peak else None
+
+    # decode-only and mixed steps over --batch running sequences
+    # long enough for every timed and profiled step below, short enough to drain quickly
+    long = SamplingParams(temperature=0, max_tokens=3 * args.repeats + 2 * args.profile + 12, ignore_eos=True)
+    for p in random_prompts(args.batch, args.prompt_len, vocab, seed=50):
+        eng.add_request(None, p, long)
+    while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
+        eng.step()
+    dec = [timed_step(llm)[0] for _ in range(args.repeats + 2)][2:]
+    res["decode_step_s"] = statistics.median(dec)
+    mixed = []
+    for r in range(args.repeats):
+        eng.add_request(None, random_prompts(1, args.prompt_len, vocab, seed=100 + r)[0], one)
+        mixed.append(timed_step(llm)[0])
+        eng.step()   # the new request's remaining chunk (if any) and its one token
+    res["mixed_step_s"] = statistics.median(mixed)
+    res["mixed_extra_s"] = res["mixed_step_s"] - res["decode_step_s"]
+    res["prefill_chunk_alone_s"] = res["prefill_step_s"] * args.prompt_len / toks[0]
+
+    # kernels of mixed steps
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            wall = 0.0
+            for r in range(args.profile):
+                eng.add_request(None, random_prompts(1, args.prompt_len, vocab, seed=200 + r)[0], one)
+                dt, _ = timed_step(llm)
+                wall += dt
+                eng.step()
+        per_kernel: dict = defaultdict(lambda: [0, 0.0])
+        for ev in prof.key_averages():
+            dev_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+            if torch.cuda.is_available() and dev_us <= 0:
+                continue
+            us = dev_us if torch.cuda.is_available() else ev.self_cpu_time_total
+            per_kernel[ev.key][0] += ev.count
+            per_kernel[ev.key][1] += us
+        busy = sum(v[1] for v in per_kernel.values())
+        groups: dict = defaultdict(float)
+        for k, (_, us) in per_kernel.items():
+            groups[group(k)] += us
+        res["profiled_wall_s_mixed_plus_next"] = wall
+        res["profiled_busy_us"] = busy
+        res["groups_us"] = dict(groups)
+        res["top_kernels"] = [(k, c, us) for k, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:args.top]]
+    drain(llm)
+    eng.shutdown()
+    out = args.out or f"profile_mixed_{args.model.rstrip('/').split('/')[-1]}_b{args.batch}.json"
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+    print(f"\n{res['model']} on {res['device']}, batch {args.batch}, prompts of {args.prompt_len}, "
+          f"max_num_batched_tokens {budget}")
+    print("| step | ms | note |\n| --- | ---: | --- |")
+    mfu = f", MFU {res['prefill_mfu']:.1%}" if res["prefill_mfu"] else ""
+    print(f"| prefill only ({toks[0]} tokens) | {1e3 * res['prefill_step_s']:.2f} | "
+          f"{res['prefill_tok_s']:.0f} tok/s{mfu} |")
+    print(f"| decode only (batch {args.batch}) | {1e3 * res['decode_step_s']:.2f} | |")
+    print(f"| mixed (batch {args.batch} + one {args.prompt_len}-token prompt) | {1e3 * res['mixed_step_s']:.2f} | "
+          f"extra {1e3 * res['mixed_extra_s']:.2f} ms vs that chunk's share of a prefill step "
+          f"{1e3 * res['prefill_chunk_alone_s']:.2f} ms |")
+    if args.profile:
+        print(f"\nkernels over {args.profile} mixed steps (+ the step after each): busy "
+              f"{res['profiled_busy_us'] / 1e3:.1f} ms of {res['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")
+        for g, us in sorted(res["groups_us"].items(), key=lambda kv: -kv[1]):
+            print(f"  {g:28s} {us / 1e3:8.2f} ms")
+        for k, c, us in res["top_kernels"]:
+            print(f"  {us / 1e3:8.2f} ms {c:5d}x  {k[:110]}")
+
+
+if __name__ == "__main__":
+    main()
