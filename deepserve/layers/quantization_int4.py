@@ -124,6 +124,7 @@ class Int4LinearMethod:
 
 def checkpoint_names(model: nn.Module, name: str) -> list[str]:
     """The checkpoint modules a model Linear is loaded from (q/k/v for qkv_proj, ...)."""
+    name = getattr(model, "checkpoint_module", lambda n: n)(name)   # the model may rename modules
     parts = [(part, fused) for part, fused, _ in getattr(model, "stacked_params", ())
              if name.endswith("." + fused)]
     return [name[: -len(fused)] + part for part, fused in parts] or [name]

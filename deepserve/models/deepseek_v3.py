@@ -42,6 +42,8 @@ from deepserve.models.weights import load_params
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
                         r"(weight|weight_scale_inv|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# a module of MTP layer i, as the model names it
+_MTP_MODULE_RE = re.compile(r"^mtp\.(\d+)\.(?:mtp_block\.)?(.+)$")
 # top-level parts of an MTP layer that are not its transformer block
 MTP_OWN_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
 
@@ -208,6 +210,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         rest = m[2]
         block = "" if rest.split(".")[0] in MTP_OWN_PARTS else "mtp_block."
         return f"mtp.{index}.{block}{rest}"
+
+    def checkpoint_module(self, name: str) -> str:
+        """The checkpoint's name for model module `name`: `_rename` backwards for the MTP
+        layers (`mtp.0.mtp_block.mlp.shared_experts.down_proj` is R1's
+        `model.layers.61.mlp.shared_experts.down_proj`), so a quantization described per
+        checkpoint module (msModelSlim's description, a 4-bit skip list) reaches them too."""
+        m = _MTP_MODULE_RE.match(name)
+        if m is None:
+            return name
+        return f"model.layers.{self.config.num_hidden_layers + int(m[1])}.{m[2]}"
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_deepseek_weights(self, weights, self.stacked_params, self._rename)

@@ -16,8 +16,6 @@ from deepserve.distributed.parallel_state import pp_layer_range
 from tests.cli.conftest import write_r1_config
 from tests.cli.guides import commands, exports, set_flags, set_model, to_deepserve, yaml_blocks
 
-# checked in its own test
-PENDING = {"--speculative-config": None}
 NODE_IPS = {"--data-parallel-address": "127.0.0.1"}   # the guides' $local_ip / $node0_ip
 
 
@@ -73,8 +71,8 @@ def flag_values(argv: list[str]) -> dict[str, object]:
 
 def assert_flags_land(argv, engine_args: EngineArgs):
     for name, value in flag_values(argv).items():
-        if name in ("model", "compilation_config", "quantization"):
-            continue  # checked apart: the path is replaced; these two are mapped
+        if name in ("model", "compilation_config", "quantization", "speculative_config"):
+            continue  # checked apart: the path is replaced; these three are mapped
         assert getattr(engine_args, name) == value, f"{name}: {getattr(engine_args, name)!r} != {value!r}"
 
 
@@ -161,7 +159,7 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
     (r1_dir := __import__("pathlib").Path(r1_config)).joinpath("quant_model_description.json").write_text("{}")
     try:
         for node, cmd in enumerate(guide(reference, "vllm-ascend-w8a8.md")[:3]):
-            argv = set_flags(set_model(cmd, r1_config), PENDING | NODE_IPS)
+            argv = set_flags(set_model(cmd, r1_config), NODE_IPS)
             args, server, _, _ = serve_config(argv)
             assert_flags_land(argv, args)
             assert (args.data_parallel_size, args.tensor_parallel_size, args.enable_expert_parallel,
@@ -176,10 +174,11 @@ def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
             cfg = args.create_engine_config()
             assert (cfg.scheduler.max_num_seqs, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization,
                     cfg.cuda_graph_sizes) == (16, 4096, 0.92, [4, 16, 32, 48, 64])
+            assert (cfg.speculative.method, cfg.speculative.num_speculative_tokens) == ("mtp", 3)
     finally:
         r1_dir.joinpath("quant_model_description.json").unlink()
     with pytest.raises(ValueError, match=r"--quantization ascend loads msModelSlim checkpoints .* has none"):
-        serve_config(set_flags(set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config), PENDING))
+        serve_config(set_model(guide(reference, "vllm-ascend-w8a8.md")[0], r1_config))
 
     b = parse(set_model(guide(reference, "vllm-ascend-w8a8.md")[3], r1_config))
     assert (b.dataset_name, b.random_input_len, b.num_prompts, b.request_rate, b.save_result, b.result_dir) == \

@@ -6,9 +6,11 @@ stops cleanly. The bench lines run against the same checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import httpx
 import openai
 import pytest
 
@@ -22,8 +24,6 @@ from tests.server.conftest import launch, server_env
 
 pytestmark = pytest.mark.slow   # each starts servers of one to four ranks (seconds of imports each)
 GREEDY = dict(temperature=0)
-# the tiny checkpoint carries no MTP layer (MTP at DP2 x EP2: tests/engine/test_spec_decode_dp.py)
-ASCEND_PENDING = {"--speculative-config": None}
 
 
 def guide(reference, name):
@@ -138,15 +138,22 @@ def ask_ascend(server, body: dict):
     return r.choices[0].text, r.usage.completion_tokens, r.model
 
 
+def draft_tokens(server) -> float:
+    """Draft tokens the server's engine cores proposed so far (vLLM's /metrics counter)."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return float(re.search(r"^vllm:spec_decode_num_draft_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
 def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, ascend_request, tmp_path):
     cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
-    argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {**ASCEND_PENDING, "--data-parallel-size": 2,
+    argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {"--data-parallel-size": 2,
                                                     "--tensor-parallel-size": 1, "--max-model-len": 256,
                                                     "--max-num-batched-tokens": 256})
     body, expected = ascend_request
     server = launch(*argv[1:])
     try:
         assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
+        assert draft_tokens(server) > 0   # the MTP layer drafted, verified to plain greedy's text
 
         # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
         bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {"--random-input": 16, "--num-prompts": 3,
@@ -165,7 +172,7 @@ def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, asc
     _, node0, node1, _ = guide(reference, "vllm-ascend-w8a8.md")
     assert "--headless" in node1 and "--headless" not in node0
     port = free_ports(4)   # the rpc port and the ones after it that the DP ranks take
-    scaled = {**ASCEND_PENDING, "--data-parallel-size": 2, "--data-parallel-size-local": 1,
+    scaled = {"--data-parallel-size": 2, "--data-parallel-size-local": 1,
               "--data-parallel-start-rank": 1, "--data-parallel-address": "127.0.0.1",
               "--data-parallel-rpc-port": port, "--tensor-parallel-size": 1, "--max-model-len": 256,
               "--max-num-batched-tokens": 256}
@@ -180,6 +187,7 @@ def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, asc
         server = launch(*node0[1:], timeout=300)
         try:
             assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
+            assert draft_tokens(server) > 0
         finally:
             stop_cleanly(server)
         # node 0's shutdown stops node 1's engine cores

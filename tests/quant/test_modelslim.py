@@ -8,6 +8,7 @@ are dequantized at load); a static W8A8 layer equals the test's own formula
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,9 +19,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from deepserve import LLM
+from deepserve.config import EngineArgs
 from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from deepserve.layers.quantization_modelslim import ModelSlimW8A8StaticMethod
+from deepserve.models.loader import load_model
 from deepserve.quant import quantize_checkpoint
 from tests.models.hf_reference import save_tiny
 from tests.models.test_deepseek import r1_style, save_deepseek
@@ -130,3 +133,27 @@ def test_nonzero_weight_offset_is_refused(tmp_path):
     stream = modelslim_stream([("m.weight_offset", torch.ones(4, 1))], desc, lambda m: True, torch.float32)
     with pytest.raises(ValueError, match="tensor m.weight_offset: nonzero weight offsets"):
         list(stream)
+
+
+def test_mtp_layer_is_int8_where_the_description_says(tmp_path):
+    """R1's MTP layer (model.layers.61, here 3) is named differently in the model (mtp.0.*): its
+    Linears still get the method the description gives their checkpoint modules, so the layer
+    loads exactly as from the compressed-tensors folder the checkpoint was made from."""
+    from tests.cli.conftest import R1_TOKENIZER, build_tiny_r1
+
+    if not R1_TOKENIZER.is_dir():
+        pytest.skip(f"{R1_TOKENIZER} not found (CI clones the repo beside shared/)")
+    quantize_checkpoint(build_tiny_r1(tmp_path / "r1"), tmp_path / "ct", "w8a8-int8", progress=False)
+    slim = to_modelslim(tmp_path / "ct", tmp_path / "slim")
+
+    def mtp_params(path, **kw):
+        config = EngineArgs(model=str(path), dtype="float32", **kw).create_engine_config().model
+        model = load_model(dataclasses.replace(config, load_mtp=True), torch.device("cpu"))
+        return dict(model.mtp.named_parameters())
+
+    got, want = mtp_params(slim, quantization="ascend"), mtp_params(tmp_path / "ct")
+    assert got.keys() == want.keys()
+    assert got["0.mtp_block.mlp.shared_experts.down_proj.weight"].dtype == torch.int8
+    assert got["0.mtp_block.self_attn.q_a_proj.weight"].dtype == torch.int8
+    for name, param in got.items():
+        assert torch.equal(param, want[name]), name
