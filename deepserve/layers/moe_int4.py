@@ -9,10 +9,13 @@ loading with shard id (expert, "w1" | "w3" | "w2"): each checkpoint tensor is co
 the in-memory layout (quant/int4.py), then this rank's part kept, as FusedMoE does for 16-bit
 experts: whole experts under EP; without EP the rank's slice of I (gate / up rows, down's
 input columns with their groups, which needs the slice to be whole groups; channel scales of
-down are kept whole). The experts then run `ops.fused_moe_int4` (FusedMoE.run_experts).
+down are kept whole). With activation reordering (GPTQ desc_act) each expert also keeps its
+g_idx (`w13_<g_idx name>` [E, D], shared by gate and up, which must agree; `w2_...` [E, I], this
+rank's slice of I) and down keeps every group's scales, as the 4-bit Linear does. The experts
+then run `ops.fused_moe_int4` (FusedMoE.run_experts).
 
-Experts with activation reordering (g_idx) or int8 activations (W4A8) are not served this
-way: the loader dequantizes them (models/loader.py).
+Experts with int8 activations (W4A8) are not served this way: the loader dequantizes them
+(models/loader.py).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def fill_dummy_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
 
 def int4_experts_supported(spec: Optional[Int4Spec]) -> bool:
     """Whether a checkpoint's 4-bit experts stay 4-bit (else they are dequantized at load)."""
-    return spec is not None and not spec.act_order and spec.activations is None
+    return spec is not None and spec.activations is None
 
 
 class Int4Experts:
@@ -66,21 +69,26 @@ class Int4Experts:
         if d % g13 or full_i % g2:
             raise ValueError(f"{where}: group size {spec.group_size} does not divide the input features "
                              f"{d} (gate/up) and {full_i} (down)")
-        split = i != full_i and g2 != full_i              # this rank's I slice cuts down's groups
+        # this rank's I slice cuts down's groups (with g_idx every rank keeps all of them)
+        split = i != full_i and g2 != full_i and not spec.act_order
         if i % PACK or moe.inter_start % PACK or (split and (i % g2 or moe.inter_start % g2)):
             raise ValueError(f"{where}: {i} intermediate features per rank are not a whole number of "
                              f"{max(PACK, g2 if split else PACK)}-wide groups; use a tensor-parallel size "
                              f"that keeps them whole, or expert parallel")
-        self.groups = (g13, i if g2 == full_i else g2)    # group widths on this rank
+        self.groups = (g13, i if g2 == full_i and not spec.act_order else g2)    # group widths on this rank
         self.split = split
         device = moe.w13_weight.device
         del moe.w13_weight, moe.w2_weight
         zeros = "qzeros" in spec.required()
         for which, rows, k in (("w13", 2 * i, d), ("w2", d, i)):
             n_groups = k // self.groups[0 if which == "w13" else 1]
+            if which == "w2" and spec.act_order:
+                n_groups = full_i // g2
             shapes = {"qweight": ((e, rows, k // PACK), torch.int32), "scales": ((e, rows, n_groups), spec.scale_dtype)}
             if zeros:
                 shapes["qzeros"] = ((e, rows, n_groups), torch.uint8)
+            if spec.act_order:
+                shapes["g_idx"] = ((e, k), torch.int32)
             for role, (shape, dtype) in shapes.items():
                 p = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
                 p.weight_loader = functools.partial(self.load, moe, role)
@@ -108,13 +116,16 @@ class Int4Experts:
         g = k if spec.group_size == -1 else spec.group_size
         where = f"{name} expert {expert} {part}"
         loaded = loaded.to(param.device)
+        i, start = moe.local_intermediate, moe.inter_start
+        if role == "g_idx":
+            self._load_g_idx(param, loaded, local, part, k, k // g, start, where)
+            return
         if role == "qweight":
             t = weight_to_memory(spec, loaded, n, k, where)
         elif role == "scales":
             t = scales_to_memory(spec, loaded, n, k // g, where)
         else:
             t = zeros_to_memory(spec, loaded, n, k // g, where)
-        i, start = moe.local_intermediate, moe.inter_start
         if part == "w2":                                  # this rank's input columns of down
             if role == "qweight":
                 t = t.narrow(1, start // PACK, i // PACK)
@@ -124,11 +135,33 @@ class Int4Experts:
         else:                                             # gate rows, then up rows
             param.data[local].narrow(0, 0 if part == "w1" else i, i).copy_(t.narrow(0, start, i))
 
+    def _load_g_idx(self, param: nn.Parameter, loaded: torch.Tensor, local: int, part: str, k: int, groups: int,
+                    start: int, where: str) -> None:
+        """One expert's g_idx [K]: gate's and up's must be the same (one GEMM reads both); down's
+        is cut to this rank's slice of I."""
+        if tuple(loaded.shape) != (k,) or loaded.is_floating_point():
+            raise ValueError(f"tensor {where}: g_idx {loaded.dtype} {tuple(loaded.shape)} does not match the "
+                             f"{k} input features")
+        if int(loaded.min()) < 0 or int(loaded.max()) >= groups:
+            raise ValueError(f"tensor {where}: g_idx values must lie in [0, {groups}), got "
+                             f"[{int(loaded.min())}, {int(loaded.max())}]")
+        loaded = loaded.to(torch.int32)
+        dst = param.data[local]
+        if part == "w2":
+            dst.copy_(loaded.narrow(0, start, dst.shape[0]))
+            return
+        seen = getattr(param, "seen", set())
+        if local in seen and not torch.equal(dst, loaded):
+            raise ValueError(f"tensor {where}: gate_proj and up_proj of one expert have different g_idx")
+        dst.copy_(loaded)
+        param.seen = seen | {local}
+
     def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
         w13 = [self.param(moe, "w13", r) for r in ("qweight", "scales", "qzeros")]
         w2 = [self.param(moe, "w2", r) for r in ("qweight", "scales", "qzeros")]
-        return ops.fused_moe_int4(x, *w13, *w2, topk_weights, topk_ids, self.groups)
+        return ops.fused_moe_int4(x, *w13, *w2, topk_weights, topk_ids, self.groups,
+                                  self.param(moe, "w13", "g_idx"), self.param(moe, "w2", "g_idx"))
 
 
 _EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")

@@ -40,7 +40,7 @@ from deepserve.models.weights import load_params
 
 # an expert tensor: its weight, fp8 scale_inv, or 4-bit parts (AWQ / GPTQ, compressed-tensors)
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
-                        r"(weight|weight_scale_inv|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point)$")
+                        r"(weight|weight_scale_inv|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point|g_idx|weight_g_idx)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # a module of MTP layer i, as the model names it
 _MTP_MODULE_RE = re.compile(r"^mtp\.(\d+)\.(?:mtp_block\.)?(.+)$")

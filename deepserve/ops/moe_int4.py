@@ -3,7 +3,11 @@
 Each expert's matrices are in the layout of ops/int4.py, stacked over experts:
 w13 int32 [E, 2I, D/8] (gate rows then up rows), w2 int32 [E, D, I/8], scales [E, rows, groups]
 and optional uint8 zero points of the same shape (None: symmetric, z = 8); `groups` gives the
-group width of each (w13 over D, w2 over I: one group of the whole row for channel scales). The function is the one ops.fused_moe computes:
+group width of each (w13 over D, w2 over I: one group of the whole row for channel scales).
+With activation reordering (GPTQ desc_act) `w13_g_idx` int32 [E, D] and `w2_g_idx` [E, I] map
+each input feature of each expert to its group (gate and up share one), and the scales hold
+every group of the row (under TP a rank's slice of I keeps all of down's groups). The function
+is the one ops.fused_moe computes:
 
     out[t] = sum_j topk_weights[t, j] * W2[e] (silu(G[e] x_t) * (U[e] x_t)),  e = topk_ids[t, j]
 
@@ -24,7 +28,7 @@ from deepserve.ops.registry import register
 
 
 def check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros,
-                            groups: tuple[int, int]) -> None:
+                            groups: tuple[int, int], w13_g_idx=None, w2_g_idx=None) -> None:
     e, two_i, dp = w13.shape
     d, i = x.shape[-1], w2.shape[2] * PACK
     if w13.dtype != torch.int32 or w2.dtype != torch.int32:
@@ -32,11 +36,17 @@ def check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zer
     if dp * PACK != d or tuple(w2.shape[:2]) != (e, d) or two_i != 2 * i:
         raise ValueError(f"fused_moe_int4: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit x with "
                          f"{d} features (w13 [E, 2I, D/8], w2 [E, D, I/8])")
-    for name, s, z, rows, k, g in (("w13", w13_scales, w13_zeros, two_i, d, groups[0]),
-                                   ("w2", w2_scales, w2_zeros, d, i, groups[1])):
-        if k % g:
+    for name, s, z, rows, k, g, g_idx in (("w13", w13_scales, w13_zeros, two_i, d, groups[0], w13_g_idx),
+                                          ("w2", w2_scales, w2_zeros, d, i, groups[1], w2_g_idx)):
+        if g_idx is not None:
+            if tuple(g_idx.shape) != (e, k) or g_idx.is_floating_point():
+                raise ValueError(f"fused_moe_int4: {name} g_idx {g_idx.dtype} {tuple(g_idx.shape)}, "
+                                 f"expected integers [{e}, {k}]")
+            want = (e, rows, s.shape[2])          # every group of the row
+        elif k % g:
             raise ValueError(f"fused_moe_int4: {name} group size {g} does not divide its {k} input features")
-        want = (e, rows, k // g)
+        else:
+            want = (e, rows, k // g)
         if tuple(s.shape) != want or (z is not None and tuple(z.shape) != want):
             raise ValueError(f"fused_moe_int4: {name} scales {tuple(s.shape)} / zeros "
                              f"{None if z is None else tuple(z.shape)}, expected {want}")
@@ -45,9 +55,10 @@ def check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zer
 @register("fused_moe_int4", "torch")
 def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: Optional[torch.Tensor],
                    w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: Optional[torch.Tensor],
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int]) -> torch.Tensor:
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int],
+                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D] -> [T, D] in x's dtype (layout and function in the module docstring)."""
-    check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups)
+    check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups, w13_g_idx, w2_g_idx)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()
@@ -57,8 +68,10 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
         rows = slots // top_k
         z13 = None if w13_zeros is None else w13_zeros[expert]
         z2 = None if w2_zeros is None else w2_zeros[expert]
-        w_gate_up = dequant_int4(w13[expert], w13_scales[expert], z13, None, groups[0], x.dtype)
-        w_down = dequant_int4(w2[expert], w2_scales[expert], z2, None, groups[1], x.dtype)
+        g13 = None if w13_g_idx is None else w13_g_idx[expert]
+        g2 = None if w2_g_idx is None else w2_g_idx[expert]
+        w_gate_up = dequant_int4(w13[expert], w13_scales[expert], z13, g13, groups[0], x.dtype)
+        w_down = dequant_int4(w2[expert], w2_scales[expert], z2, g2, groups[1], x.dtype)
         gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)        # [n, I] each
         y = F.linear(F.silu(gate) * up, w_down)                         # [n, D]
         out.index_add_(0, rows, y.float() * topk_weights.reshape(-1)[slots].float()[:, None])

@@ -109,3 +109,30 @@ def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops
         ops.set_backend("torch")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _g_idx(k: int, group: int, seed: int) -> torch.Tensor:
+    """[E, k]: each expert's input features in groups of `group` by a random order (act order)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.argsort(torch.randperm(k, generator=g)) // group for _ in range(E)]).int()
+
+
+@pytest.mark.parametrize("path", ["small", "sorted"])
+def test_act_order_experts(triton_ops, cpu_only, monkeypatch, path):
+    """Experts with g_idx (GPTQ desc_act): the torch op equals the 16-bit fused MoE on the
+    weights dequantized through g_idx, and both Triton paths match it."""
+    if path == "sorted":
+        monkeypatch.setattr(triton_ops.moe_int4, "SMALL_BATCH", 0)
+    groups = (16, 16)
+    w13, s13, z13, w2, s2, z2 = _experts(groups, True, seed=5)
+    g13, g2 = _g_idx(D, groups[0], 6), _g_idx(I, groups[1], 7)
+    x = torch.randn(3, D)
+    wts, ids = _routing(3, 2, seed=8, foreign=True)
+    want = resolve("fused_moe_int4", "torch")[1](x, w13, s13, z13, w2, s2, z2, wts, ids, groups, g13, g2)
+    d13 = torch.stack([dequant_int4(w13[e], s13[e], z13[e], g13[e], 16) for e in range(E)])
+    d2 = torch.stack([dequant_int4(w2[e], s2[e], z2[e], g2[e], 16) for e in range(E)])
+    assert torch.equal(want, resolve("fused_moe", "torch")[1](x, d13, d2, wts, ids))
+    plain = resolve("fused_moe_int4", "torch")[1](x, w13, s13, z13, w2, s2, z2, wts, ids, groups)
+    assert not torch.allclose(plain, want)                 # the reordering matters
+    got = resolve("fused_moe_int4", "triton")[1](x, w13, s13, z13, w2, s2, z2, wts, ids, groups, g13, g2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

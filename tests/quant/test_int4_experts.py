@@ -50,34 +50,36 @@ DEEPSEEK_CASES = [("awq", 16, False, False), ("gptq", 16, True, False), ("compre
                          ids=[f"{c[0]}-g{c[1]}" + ("-actorder" if c[3] else "") for c in DEEPSEEK_CASES])
 def test_deepseek_with_4bit_experts_equals_the_dequantized_model(tmp_path, fmt, group, sym, act_order):
     """Tiny DeepSeek-V3 with every Linear and routed expert 4-bit: experts stay packed in the
-    FusedMoE (act-order experts are dequantized at load), kv_b_proj is dequantized at load, and
+    FusedMoE (act-order ones with their g_idx), kv_b_proj is dequantized at load, and
     the logits equal those of the same model holding the dequantized fp32 weights."""
     from tests.models.test_deepseek import r1_style, save_deepseek
     save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
     q, deq = _quantize_folder(tmp_path / "ref", tmp_path, fmt, group, sym, act_order)
     llm = LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER)
     experts = llm.engine.runner.model.model.layers[2].mlp.experts
-    assert isinstance(experts.quant, Int4Experts) == (not act_order)
-    if not act_order:
-        packed = experts.w13_qweight if fmt != "compressed-tensors" else experts.w13_weight_packed
-        assert packed.dtype == torch.int32 and packed.shape == (8, 64, 8)    # E, 2I, D/8
+    assert isinstance(experts.quant, Int4Experts)
+    packed = experts.w13_qweight if fmt != "compressed-tensors" else experts.w13_weight_packed
+    assert packed.dtype == torch.int32 and packed.shape == (8, 64, 8)    # E, 2I, D/8
+    if act_order:
+        assert experts.w13_g_idx.shape == (8, 64) and experts.w2_g_idx.shape == (8, 32)   # E, D / E, I
     got = torch.cat(llm.prompt_logits(PROMPTS))
     want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
     assert torch.equal(got, want), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("fmt,group,sym", [("awq", 16, False), ("compressed-tensors", -1, True),
-                                           ("gptq", 32, True)])
-def test_int4_experts_split_over_tp_and_ep_ranks_sum_to_the_whole(fmt, group, sym):
-    """Two TP ranks (each a slice of I, down's groups sliced with it) or two EP ranks (whole
-    experts) of 4-bit experts, their partial outputs summed, give the one-process experts."""
+@pytest.mark.parametrize("fmt,group,sym,act_order", [("awq", 16, False, False), ("compressed-tensors", -1, True, False),
+                                                     ("gptq", 32, True, False), ("gptq", 16, False, True)])
+def test_int4_experts_split_over_tp_and_ep_ranks_sum_to_the_whole(fmt, group, sym, act_order):
+    """Two TP ranks (each a slice of I, down's groups sliced with it; with act order its g_idx
+    sliced and every group kept) or two EP ranks (whole experts) of 4-bit experts, their partial
+    outputs summed, give the one-process experts."""
     from deepserve.layers.moe import FusedMoE
-    spec = _spec(fmt, group, sym, False)
+    spec = _spec(fmt, group, sym, act_order)
     e, d, i = 4, 64, 64
     ckpt = {}
     for ex in range(e):
         for part, proj, (n, k) in (("w1", "gate_proj", (i, d)), ("w3", "up_proj", (i, d)), ("w2", "down_proj", (d, i))):
-            ckpt[(ex, part)] = _packed(fmt, group, sym, False, n, k, seed=100 * ex + len(part) + n)[0]
+            ckpt[(ex, part)] = _packed(fmt, group, sym, act_order, n, k, seed=100 * ex + len(part) + n)[0]
 
     def build(pctx):
         moe = FusedMoE(e, d, i, pctx=pctx, reduce_results=False)

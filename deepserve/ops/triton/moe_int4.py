@@ -18,6 +18,9 @@ Larger batches take the sorted path: the assignments sorted by expert into BLOCK
 programs each multiply one block's gathered rows by tiles of its expert's weight dequantized
 in registers (`tl.dot`): gate and up together with silu(gate) * up in the epilogue, then down;
 the k slots of each token are summed with their routing weights in fp32.
+
+With activation reordering (per-expert g_idx) every kernel reads each input feature's group
+from g_idx (HAS_GIDX) instead of k // GROUP.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment
 
 
 @triton.jit
-def _expert_rows_dot(v_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_qn, stride_sn,
-                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _expert_rows_dot(v_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, rows, row_ok, K, stride_qn, stride_sn,
+                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_N]: rows `rows` of one expert's dequantized [*, K] matrix times vector v [K]
     (the weight rounded to v's dtype first); rows where `row_ok` is false give 0."""
@@ -47,8 +50,8 @@ def _expert_rows_dot(v_ptr, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_qn, st
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, qw_ptr, rows, offs_k, row_ok, k_ok, stride_qn, stride_sn,
-                          GROUP, HAS_ZP, False, ONE_GROUP)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rows, offs_k, row_ok, k_ok, stride_qn, stride_sn,
+                          GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)
         v = tl.load(v_ptr + offs_k, mask=k_ok, other=0.0)
         acc += w.to(v_ptr.dtype.element_ty).to(tl.float32) * v.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
@@ -66,9 +69,9 @@ def _assignment(ids_ptr, E, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, h_ptr, E, I, D, top_k,
-                    stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ha,
-                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, D, top_k,
+                    stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
+                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     a, e, valid, rows, row_ok = _assignment(ids_ptr, E, I, BLOCK_N)
     h_rows = h_ptr + a.to(tl.int64) * stride_ha + rows
@@ -76,10 +79,11 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, h_ptr, E, I, D, top_k,
     qw = qw_ptr + e.to(tl.int64) * stride_qe
     s = s_ptr + e.to(tl.int64) * stride_se
     z = z_ptr + e.to(tl.int64) * stride_se
-    gate = _expert_rows_dot(x, qw, s, z, rows, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
-                            ONE_GROUP, BLOCK_N, BLOCK_K)
-    up = _expert_rows_dot(x, qw, s, z, rows + I, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
-                          ONE_GROUP, BLOCK_N, BLOCK_K)
+    g = g_ptr + e.to(tl.int64) * stride_ge
+    gate = _expert_rows_dot(x, qw, s, z, g, rows, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
+                            HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
+    up = _expert_rows_dot(x, qw, s, z, g, rows + I, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
+                          HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
     dt = h_ptr.dtype.element_ty
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
@@ -88,25 +92,25 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, h_ptr, E, I, D, top_k,
 
 
 @triton.jit
-def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, E, I, D,
-                 stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ya,
-                 GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, I, D,
+                 stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
+                 GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     a, e, valid, rows, row_ok = _assignment(ids_ptr, E, D, BLOCK_N)
     y_rows = y_ptr + a.to(tl.int64) * stride_ya + rows
     h = h_ptr + a.to(tl.int64) * stride_ha
     y = _expert_rows_dot(h, qw_ptr + e.to(tl.int64) * stride_qe, s_ptr + e.to(tl.int64) * stride_se,
-                         z_ptr + e.to(tl.int64) * stride_se, rows, row_ok & valid, I, stride_qn, stride_sn,
-                         GROUP, HAS_ZP, ONE_GROUP, BLOCK_N, BLOCK_K)
+                         z_ptr + e.to(tl.int64) * stride_se, g_ptr + e.to(tl.int64) * stride_ge, rows,
+                         row_ok & valid, I, stride_qn, stride_sn, GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
     y = y.to(h_ptr.dtype.element_ty).to(tl.float32)        # the reference's down output in x's dtype
     tl.store(y_rows, y * tl.load(wts_ptr + a).to(tl.float32), mask=row_ok)
 
 
 @triton.jit
-def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, N,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se,
+                  stride_ge, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's block: its expert (E past the last segment), assignment rows (n_assign is
-    padding) and their mask, the expert's weight / scale / zero pointers, the output columns."""
+    padding) and their mask, the expert's weight / scale / zero / g_idx pointers, the output columns."""
     pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -114,26 +118,28 @@ def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, 
     e = expert.to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     return (expert, tl.where(row_ok, rows, 0).to(tl.int64), row_ok, qw_ptr + e * stride_qe, s_ptr + e * stride_se,
-            z_ptr + e * stride_se, offs_n, offs_n < N)
+            z_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, offs_n < N)
 
 
 @triton.jit
-def _expert_tile_dot(a, acc, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP: tl.constexpr,
-                     HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+def _expert_tile_dot(a, acc, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP: tl.constexpr,
+                     HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                     X_DTYPE: tl.constexpr):
     """acc + a [BM, BK] @ W[offs_n, offs_k]^T, W dequantized and rounded to the activations' dtype."""
-    w = _dequant_tile(qw, s, z, qw, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn, GROUP, HAS_ZP, False,
+    w = _dequant_tile(qw, s, z, g, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn, GROUP, HAS_ZP, HAS_GIDX,
                       ONE_GROUP)
     return tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
 
 
 @triton.jit
-def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, h_ptr, n_assign, E, I, D,
-                           top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ha,
-                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, n_assign, E, I,
+                           D, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
+                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    expert, rows, row_ok, qw, s, z, offs_n, n_ok = _sorted_block(
-        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, I, BLOCK_M, BLOCK_N)
+    expert, rows, row_ok, qw, s, z, g, offs_n, n_ok = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se, stride_ge, I,
+        BLOCK_M, BLOCK_N)
     if expert < E:
         x_rows = x_ptr + (rows // top_k) * stride_xt
         dt = h_ptr.dtype.element_ty
@@ -143,10 +149,10 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < D
             a = tl.load(x_rows[:, None] + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            gate = _expert_tile_dot(a, gate, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                    HAS_ZP, ONE_GROUP, DOT_DTYPE, dt)
-            up = _expert_tile_dot(a, up, qw, s, z, offs_n + I, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                  HAS_ZP, ONE_GROUP, DOT_DTYPE, dt)
+            gate = _expert_tile_dot(a, gate, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                    HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, dt)
+            up = _expert_tile_dot(a, up, qw, s, z, g, offs_n + I, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                  HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, dt)
         gate = gate.to(dt).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
         tl.store(h_ptr + rows[:, None] * stride_ha + offs_n[None, :], (silu * up.to(dt).to(tl.float32)).to(dt),
@@ -154,13 +160,14 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
 
 
 @triton.jit
-def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, n_assign, E, I, D,
-                        stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ya,
-                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ONE_GROUP: tl.constexpr,
+def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E, I, D,
+                        stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
+                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    expert, rows, row_ok, qw, s, z, offs_n, n_ok = _sorted_block(
-        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, stride_qe, stride_se, D, BLOCK_M, BLOCK_N)
+    expert, rows, row_ok, qw, s, z, g, offs_n, n_ok = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se, stride_ge, D,
+        BLOCK_M, BLOCK_N)
     if expert < E:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, I, BLOCK_K):
@@ -168,13 +175,22 @@ def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_pt
             k_ok = offs_k < I
             a = tl.load(h_ptr + rows[:, None] * stride_ha + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            acc = _expert_tile_dot(a, acc, qw, s, z, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                   HAS_ZP, ONE_GROUP, DOT_DTYPE, h_ptr.dtype.element_ty)
+            acc = _expert_tile_dot(a, acc, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
+                                   HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, h_ptr.dtype.element_ty)
         tl.store(y_ptr + rows[:, None] * stride_ya + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups):
+def _gidx(g_idx: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(pointer operand, expert stride, HAS_GIDX) of an optional [E, K] g_idx."""
+    if g_idx is None:
+        return placeholder, 0, False
+    g_idx = g_idx.to(torch.int32).contiguous()
+    return g_idx, g_idx.stride(0), True
+
+
+def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
+                 w13_g_idx=None, w2_g_idx=None):
     num_tokens, top_k = topk_ids.shape
     e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
     n_assign = num_tokens * top_k
@@ -187,17 +203,20 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
     y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)       # rows of other EP ranks stay 0
     common = dict(DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     bk = min(cap, next_pow2(d))
+    g13, sg13, has13 = _gidx(w13_g_idx, w13)
     _sorted_gate_up_kernel[(aligned.num_blocks, triton.cdiv(i, bn))](
         x, aligned.sorted_ids, aligned.block_expert, w13, w13_scales,
-        w13_zeros if w13_zeros is not None else w13_scales, h, n_assign, e, i, d, top_k, x.stride(0),
-        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1), h.stride(0),
-        GROUP=groups[0], HAS_ZP=w13_zeros is not None, ONE_GROUP=groups[0] % bk == 0, BLOCK_K=bk, **common)
+        w13_zeros if w13_zeros is not None else w13_scales, g13, h, n_assign, e, i, d, top_k, x.stride(0),
+        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0),
+        GROUP=groups[0], HAS_ZP=w13_zeros is not None, HAS_GIDX=has13, ONE_GROUP=not has13 and groups[0] % bk == 0,
+        BLOCK_K=bk, **common)
     bk = min(cap, next_pow2(i))
+    g2, sg2, has2 = _gidx(w2_g_idx, w2)
     _sorted_down_kernel[(aligned.num_blocks, triton.cdiv(d, bn))](
         h, aligned.sorted_ids, aligned.block_expert, w2, w2_scales, w2_zeros if w2_zeros is not None else w2_scales,
-        y, n_assign, e, i, d, h.stride(0), w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
-        y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None, ONE_GROUP=groups[1] % bk == 0, BLOCK_K=bk,
-        **common)
+        g2, y, n_assign, e, i, d, h.stride(0), w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        sg2, y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None, HAS_GIDX=has2,
+        ONE_GROUP=not has2 and groups[1] % bk == 0, BLOCK_K=bk, **common)
     weighted = y.float().view(num_tokens, top_k, d) * topk_weights.float()[..., None]
     return weighted.sum(1).to(x.dtype)
 
@@ -215,15 +234,16 @@ def _settings(k: int, group: int) -> tuple[int, int, bool, int]:
 @register("fused_moe_int4", "triton")
 def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: Optional[torch.Tensor],
                    w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: Optional[torch.Tensor],
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int]) -> torch.Tensor:
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int],
+                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     args = (x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups)
     num_tokens, top_k = topk_ids.shape
     if (not (x.is_cuda or interpreting()) or num_tokens == 0
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
-        return fused_moe_int4_torch(*args)
-    check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups)
+        return fused_moe_int4_torch(*args, w13_g_idx, w2_g_idx)
+    check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups, w13_g_idx, w2_g_idx)
     if num_tokens * top_k > SMALL_BATCH:
-        return _sorted_path(x.contiguous(), *args[1:])
+        return _sorted_path(x.contiguous(), *args[1:], w13_g_idx, w2_g_idx)
     e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
     x = x.contiguous()
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
@@ -232,15 +252,17 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
     bn, bk, one, warps = _settings(d, groups[0])
     z13 = w13_zeros if w13_zeros is not None else w13_scales
+    g13, sg13, has13 = _gidx(w13_g_idx, w13)
     _gate_up_kernel[(n_assign, triton.cdiv(i, bn))](
-        x, ids, w13, w13_scales, z13, h, e, i, d, top_k, x.stride(0), w13.stride(0), w13.stride(1),
-        w13_scales.stride(0), w13_scales.stride(1), h.stride(0), GROUP=groups[0], HAS_ZP=w13_zeros is not None,
-        ONE_GROUP=one, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        x, ids, w13, w13_scales, z13, g13, h, e, i, d, top_k, x.stride(0), w13.stride(0), w13.stride(1),
+        w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0), GROUP=groups[0], HAS_ZP=w13_zeros is not None,
+        HAS_GIDX=has13, ONE_GROUP=one and not has13, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     y = torch.empty(n_assign, d, dtype=torch.float32, device=x.device)
     bn, bk, one, warps = _settings(i, groups[1])
     z2 = w2_zeros if w2_zeros is not None else w2_scales
+    g2, sg2, has2 = _gidx(w2_g_idx, w2)
     _down_kernel[(n_assign, triton.cdiv(d, bn))](
-        h, ids, wts, w2, w2_scales, z2, y, e, i, d, h.stride(0), w2.stride(0), w2.stride(1),
-        w2_scales.stride(0), w2_scales.stride(1), y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None,
-        ONE_GROUP=one, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        h, ids, wts, w2, w2_scales, z2, g2, y, e, i, d, h.stride(0), w2.stride(0), w2.stride(1),
+        w2_scales.stride(0), w2_scales.stride(1), sg2, y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None,
+        HAS_GIDX=has2, ONE_GROUP=one and not has2, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y.view(num_tokens, top_k, d).sum(1).to(x.dtype)
