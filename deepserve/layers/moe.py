@@ -66,17 +66,19 @@ class UnquantizedExperts:
     """16-bit experts: `ops.fused_moe` over the stacked w13 / w2."""
 
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids)
+              topk_ids: torch.Tensor, **shared) -> torch.Tensor:
+        """`shared`: the shared-expert weights ops.fused_moe adds (FusedMoE.forward)."""
+        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids, **shared)
 
 
 class Fp8Experts:
     """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`)."""
 
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, **shared) -> torch.Tensor:
+        """`shared`: the shared-expert weights (e4m3, with scales) ops.fused_moe adds."""
         return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
-                             w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv)
+                             w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv, **shared)
 
 
 class FusedMoE(nn.Module):
@@ -226,18 +228,21 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 dp_num_tokens: Optional[list[int]] = None, *, shared_w13: Optional[torch.Tensor] = None,
-                shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
+                shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`dp_num_tokens`: tokens of each DP rank this step (needed with DP attention + EP).
         `shared_w13` [2*Is, D] / `shared_w2` [D, Is]: shared experts computed in the same op and
-        added to every token (one process only: a reduced sum would count them once per rank)."""
+        added to every token (one process only: a reduced sum would count them once per rank);
+        e4m3 with their row-expanded block scales beside fp8 experts (ops.fused_moe)."""
         if shared_w13 is not None or shared_w2 is not None:
             if self.pctx.tp_size != 1 or self.pctx.ep_size != 1:
                 raise ValueError(f"shared experts fold into the routed experts only with tp_size 1 and "
                                  f"ep_size 1, got tp_size {self.pctx.tp_size}, ep_size {self.pctx.ep_size}")
-            if self.fp8:
-                raise ValueError("shared experts fold into the routed experts only with 16-bit expert weights")
-            return ops.fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
-                                 shared_w13=shared_w13, shared_w2=shared_w2)
+            if not isinstance(self.quant, (UnquantizedExperts, Fp8Experts)):
+                raise ValueError(f"shared experts fold into 16-bit or fp8 routed experts, not "
+                                 f"{type(self.quant).__name__}")
+            return self.quant.apply(self, x, topk_weights, topk_ids, shared_w13=shared_w13, shared_w2=shared_w2,
+                                    shared_w13_scale=shared_w13_scale, shared_w2_scale=shared_w2_scale)
         if self.use_ep and self.pctx.moe_dp_exchange:
             return self._dp_exchange(x, topk_weights, topk_ids, dp_num_tokens)
         if self.use_ep:

@@ -32,8 +32,9 @@ from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from deepserve.layers.mla import MLAAttention
-from deepserve.layers.moe import EXPERT_SHARDS, FusedMoE, MoEGate, UnquantizedExperts
+from deepserve.layers.moe import EXPERT_SHARDS, FP8_BLOCK, Fp8Experts, FusedMoE, MoEGate, UnquantizedExperts
 from deepserve.layers.norm import RMSNorm
+from deepserve.layers.quantization import Fp8BlockLinearMethod
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from deepserve.models.llama import LlamaMLP
 from deepserve.models.weights import load_params
@@ -70,6 +71,13 @@ def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
             and layer_idx % (cfg.get("moe_layer_freq") or 1) == 0)
 
 
+def _fp8_block_128(linear) -> bool:
+    """An e4m3 linear with DeepSeek's 128x128 block scales (row-expanded) and no bias."""
+    method = linear.quant_method
+    return (isinstance(method, Fp8BlockLinearMethod) and method.block == (FP8_BLOCK, FP8_BLOCK)
+            and linear.bias is None and linear.weight.dtype == torch.float8_e4m3fn)
+
+
 class DeepseekMoE(nn.Module):
     """Routed experts plus the shared experts beside them: x [T, D] -> [T, D]."""
 
@@ -86,29 +94,41 @@ class DeepseekMoE(nn.Module):
         n_shared = cfg.get("n_shared_experts") or 0
         self.shared_experts = (LlamaMLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, dtype, pctx,
                                         bool(cfg.get("mlp_bias", False))) if n_shared else None)
-        # whether the shared experts run inside the routed experts' op, decided after loading
+        # whether the shared experts run inside the routed experts' op, decided after loading,
+        # and the weights (with fp8 experts their scales) the op then takes
         self.shared_in_experts = False
+        self.shared_kwargs: dict = {}
 
     def process_weights_after_loading(self) -> None:
         """The shared experts run inside the routed experts' op (one more expert of weight 1.0:
         at decode it saves three launches a layer) when that sums the same thing: one process
-        (tp 1, ep 1, so no reduction between the routed and shared sums), 16-bit routed experts,
-        and unquantized 16-bit shared weights without bias."""
+        (tp 1, ep 1, so no reduction between the routed and shared sums), and either 16-bit
+        routed experts with unquantized 16-bit shared weights without bias, or fp8 routed
+        experts with block-fp8 shared weights (128x128 blocks, no bias)."""
         p, mlp = self.experts.pctx, self.shared_experts
-        weights = (None,) if mlp is None else (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
-        self.shared_in_experts = (p.tp_size == 1 and p.ep_size == 1
-                                  and isinstance(self.experts.quant, UnquantizedExperts)
-                                  and all(w is not None and w.dtype in (torch.bfloat16, torch.float16)
-                                          for w in weights))
+        one_process = p.tp_size == 1 and p.ep_size == 1 and mlp is not None
+        fp8 = isinstance(self.experts.quant, Fp8Experts)
+        if fp8:
+            self.shared_in_experts = one_process and all(_fp8_block_128(lin) for lin in (mlp.gate_up_proj,
+                                                                                         mlp.down_proj))
+        else:
+            weights = (None,) if mlp is None else (mlp.gate_up_proj.plain_weight(), mlp.down_proj.plain_weight())
+            self.shared_in_experts = (one_process and isinstance(self.experts.quant, UnquantizedExperts)
+                                      and all(w is not None and w.dtype in (torch.bfloat16, torch.float16)
+                                              for w in weights))
+        self.shared_kwargs = {}
+        if self.shared_in_experts:
+            up, down = mlp.gate_up_proj, mlp.down_proj
+            self.shared_kwargs = dict(shared_w13=up.weight, shared_w2=down.weight)
+            if fp8:
+                self.shared_kwargs.update(shared_w13_scale=up.weight_scale_inv, shared_w2_scale=down.weight_scale_inv)
 
     def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
         # the gate and the shared experts see this DP rank's tokens only; with DP attention +
         # EP the routed experts exchange tokens across the DP group (layers/moe.py)
         weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
         if self.shared_in_experts:
-            mlp = self.shared_experts
-            return self.experts(x, weights, ids, dp_num_tokens, shared_w13=mlp.gate_up_proj.weight,
-                                shared_w2=mlp.down_proj.weight)
+            return self.experts(x, weights, ids, dp_num_tokens, **self.shared_kwargs)
         out = self.experts(x, weights, ids, dp_num_tokens)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

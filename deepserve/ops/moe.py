@@ -25,7 +25,10 @@ expert). With `w13_scale`/`w2_scale` the weights are e4m3 with one fp32 scale_in
 expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
 (F.linear gate_up, silu(gate) * up in the activation dtype, F.linear down) and added to the
 routed sum rounded to the activation dtype, so the result is bit for bit the routed output
-plus the shared MLP's, the two-call contract the Triton kernels fuse (they round once).
+plus the shared MLP's, the two-call contract the Triton kernels fuse (they round once). Beside
+fp8 routed experts the shared weights are e4m3 too, with `shared_w13_scale` /
+`shared_w2_scale` in Fp8BlockLinear's layout (scale_inv per row and 128-column block, rows of a
+128-row block alike), dequantized here.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from deepserve.ops.registry import register
 _SCORING = ("softmax", "sigmoid")
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 FP8_BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 def check_route_methods(scoring_func: str, topk_method: str) -> None:
@@ -95,16 +99,24 @@ def _dequant(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: tor
     return (weight.float() * scale).to(dtype)
 
 
+def _dequant_rows(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A shared-expert weight [N, K] in `dtype`; e4m3 with scale_inv [N, ceil(K/128)] when given."""
+    if scale_inv is None:
+        return weight.to(dtype)
+    return (weight.float() * scale_inv.float().repeat_interleave(FP8_BLOCK, 1)[:, :weight.shape[1]]).to(dtype)
+
+
 @register("fused_moe", "torch")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
-              shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
+              shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j],
     plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given."""
-    check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2)
+    check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()                        # [T*k]
@@ -128,23 +140,35 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         start += count
     if shared_w13 is None:
         return out.to(x.dtype)
-    return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2)
+    return out.to(x.dtype) + shared_mlp(x, _dequant_rows(shared_w13, shared_w13_scale, x.dtype),
+                                        _dequant_rows(shared_w2, shared_w2_scale, x.dtype))
 
 
 def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optional[torch.Tensor],
-                         shared_w2: Optional[torch.Tensor]) -> None:
-    """Both shared-expert weights or neither, in x's dtype, [2*Is, D] and [D, Is] for x [T, D]."""
+                         shared_w2: Optional[torch.Tensor], shared_w13_scale: Optional[torch.Tensor] = None,
+                         shared_w2_scale: Optional[torch.Tensor] = None) -> None:
+    """Both shared-expert weights or neither, [2*Is, D] and [D, Is] for x [T, D]: in x's dtype
+    beside 16-bit routed experts, e4m3 with both scales ([N, ceil(K/128)]) beside fp8."""
     if shared_w13 is None and shared_w2 is None:
+        if shared_w13_scale is not None or shared_w2_scale is not None:
+            raise ValueError("fused_moe shared expert scales given without shared_w13 / shared_w2")
         return
     if shared_w13 is None or shared_w2 is None:
         given = "shared_w13" if shared_w2 is None else "shared_w2"
         raise ValueError(f"fused_moe shared experts need both shared_w13 and shared_w2, got only {given}")
-    if fp8_experts:
-        raise ValueError("fused_moe shared experts run with 16-bit expert weights only, got fp8 expert "
-                         "weights (w13_scale/w2_scale given)")
+    fp8_shared = shared_w13_scale is not None
+    if fp8_shared != (shared_w2_scale is not None):
+        raise ValueError("fp8 shared experts need both shared_w13_scale and shared_w2_scale")
+    if fp8_shared != fp8_experts:
+        raise ValueError(f"fused_moe shared experts must be stored like the routed ones: "
+                         f"{'fp8' if fp8_experts else '16-bit'} routed experts, "
+                         f"{'fp8' if fp8_shared else '16-bit'} shared weights")
+    # unquantized like the dense MLP they replace, or e4m3 like the routed experts
+    want = FP8_DTYPE if fp8_shared else x.dtype
     for name, w in (("shared_w13", shared_w13), ("shared_w2", shared_w2)):
-        if w.dtype != x.dtype:     # unquantized, like the dense MLP they replace
-            raise ValueError(f"fused_moe {name} must have the activations' dtype {x.dtype}, got {w.dtype}")
+        if w.dtype != want:
+            what = want if fp8_shared else f"the activations' dtype {want}"
+            raise ValueError(f"fused_moe {name} must have {what}, got {w.dtype}")
     hidden = x.shape[-1]
     two_inter = shared_w13.shape[0]
     if shared_w13.dim() != 2 or shared_w13.shape[1] != hidden or two_inter % 2 or not two_inter \
@@ -152,6 +176,13 @@ def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optiona
         raise ValueError(f"shared expert weights shared_w13 {tuple(shared_w13.shape)} / shared_w2 "
                          f"{tuple(shared_w2.shape)} do not fit x {tuple(x.shape)} (want [2*Is, {hidden}] "
                          f"and [{hidden}, Is])")
+    if fp8_shared:
+        for name, w, s in (("shared_w13_scale", shared_w13, shared_w13_scale),
+                           ("shared_w2_scale", shared_w2, shared_w2_scale)):
+            want_s = (w.shape[0], -(-w.shape[1] // FP8_BLOCK))
+            if tuple(s.shape) != want_s:
+                raise ValueError(f"fused_moe {name} {tuple(s.shape)} does not fit {tuple(w.shape)} "
+                                 f"(want {want_s}, one scale per row and {FP8_BLOCK}-column block)")
 
 
 def shared_mlp(x: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor) -> torch.Tensor:

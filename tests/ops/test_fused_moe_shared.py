@@ -139,6 +139,70 @@ def test_triton_fused_moe_adds_shared_on_both_paths(triton_ops, small, cpu_only,
         assert calls == ([True] if uses_small else [])
 
 
+# ---- fp8 experts with fp8 shared weights ---------------------------------------------------
+
+def fp8_shared_case(t, d, inter, s_inter, e, k, seed=0, device="cpu"):
+    """fp8 routed experts (moe_case) and e4m3 shared weights with their block scales, whose
+    magnitudes differ by 128x128 block (a scale of the wrong block is far off)."""
+    from deepserve.quant.fp8 import quant_fp8_block
+    from tests.ops.test_triton_fused_moe_small import block_gain
+    args, scales = moe_case(t, d, inter, e, k, torch.float32, fp8=True, seed=seed)
+    args = tuple(a.to(device) for a in with_remote_slots(args, e))
+    scales = {n: s.to(device) for n, s in scales.items()}
+    g = torch.Generator().manual_seed(seed + 7)
+    shared = {}
+    for name, shape in (("shared_w13", (2 * s_inter, d)), ("shared_w2", (d, s_inter))):
+        w = torch.randn(*shape, generator=g) * shape[1] ** -0.5 * block_gain((1, *shape), g)[0]
+        q, s = quant_fp8_block(w)
+        # Fp8BlockLinear's layout: the block scales repeated per row
+        shared[name], shared[name + "_scale"] = q.to(device), s.repeat_interleave(128, 0)[:shape[0]].to(device)
+    return args, scales, shared
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_small_path_with_fp8_shared_matches_reference(small, cpu_only, t):
+    """The shared expert in fp8 rides in the fp8 small path's two launches: the torch reference
+    (shared weights dequantized, then LlamaMLP's ops) to fp32 rounding; D 320 and Is 256 span
+    several scale blocks, I 128 != Is."""
+    args, scales, shared = fp8_shared_case(t, 320, 128, 256, 8, 3, seed=t)
+    want = reference(*args, **scales, **shared)
+    got = small.fused_moe_small(*args, **scales, **shared)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert rel_err(got, reference(*args, **scales)) > 0.1            # the shared expert adds something
+    # the shared scales are read per block: one block's scale changed moves the output
+    wrong = dict(shared, shared_w2_scale=shared["shared_w2_scale"].roll(1, dims=0))
+    assert rel_err(small.fused_moe_small(*args, **scales, **wrong), want) > 1e-2
+    from deepserve.quant.fp8 import dequant_fp8_block
+    plain = {n: dequant_fp8_block(shared[n], shared[n + "_scale"][::128], out_dtype=torch.float32)
+             for n in ("shared_w13", "shared_w2")}
+    torch.testing.assert_close(want, reference(*args, **scales) + llama_mlp(args[0], plain), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 4])
+def test_gpu_small_path_with_fp8_shared(small, t):
+    """R1's hidden size (7168) with Is 2048 (R1's shared expert) over 16 fp8 experts of I 256, bf16
+    activations: the fused shared expert against the torch reference, to bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    args, scales, shared = fp8_shared_case(t, 7168, 256, 2048, 16, 8, seed=t, device="cuda")
+    args = (args[0].bfloat16(),) + args[1:]
+    want = reference(*args, **scales, **shared)
+    got = small.fused_moe_small(*args, **scales, **shared)
+    assert rel_err(got, want) < 1e-2 and rel_err(got, reference(*args, **scales)) > 0.1
+
+
+def test_triton_fused_moe_fp8_shared_on_both_paths(triton_ops, cpu_only):
+    """The small path (T*k <= E) and the sorted path (W8A8 GEMMs, activations quantized per
+    128-group, as the dense fp8 layer) both add the fp8 shared expert."""
+    fused = resolve("fused_moe", "triton")[1]
+    for t, tol in ((2, 1e-5), (6, 0.1)):      # E 8, k 4: small at T 2; sorted at 6, e4m3 activations
+        args, scales, shared = fp8_shared_case(t, 128, 128, 128, 8, 4, seed=t)
+        want = reference(*args, **scales, **shared)
+        got = fused(*args, **scales, **shared)
+        assert rel_err(got, want) < tol and rel_err(got, reference(*args, **scales)) > 0.1
+
+
 # ---- argument checks ------------------------------------------------------------------------
 
 def fp8_case():
@@ -161,9 +225,16 @@ def test_bad_shared_arguments_raise(triton_ops, small, backend):
     with pytest.raises(ValueError, match="shared_w13 must have the activations' dtype torch.float32, "
                                          "got torch.bfloat16"):
         fn(*args, shared_w13=w13.bfloat16(), shared_w2=w2)
-    fp8_args, scales, fp8_shared = fp8_case()
-    with pytest.raises(ValueError, match="16-bit expert weights only, got fp8"):
-        fn(*fp8_args, **scales, **fp8_shared)
+    fp8_args, scales, plain_shared = fp8_case()
+    with pytest.raises(ValueError, match="fp8 routed experts, 16-bit shared weights"):
+        fn(*fp8_args, **scales, **plain_shared)
+    _, _, fp8_shared = fp8_shared_case(1, 128, 128, 128, 4, 2)
+    with pytest.raises(ValueError, match="16-bit routed experts, fp8 shared weights"):
+        fn(*args, **fp8_shared)
+    with pytest.raises(ValueError, match="need both shared_w13_scale and shared_w2_scale"):
+        fn(*fp8_args, **scales, **dict(fp8_shared, shared_w2_scale=None))
+    with pytest.raises(ValueError, match=r"shared_w2_scale \(1, 2\) does not fit \(128, 128\) \(want \(128, 1\)"):
+        fn(*fp8_args, **scales, **dict(fp8_shared, shared_w2_scale=torch.ones(1, 2)))
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -194,7 +265,38 @@ def test_deepseek_moe_fuses_only_unquantized_16_bit_single_process():
         assert not shared_in_experts(quantized)
     fp8_experts = DeepseekMoE(tiny_moe_config(moe_intermediate_size=128), torch.bfloat16, ParallelContext())
     fp8_experts.experts.use_fp8()
-    assert not shared_in_experts(fp8_experts)
+    assert not shared_in_experts(fp8_experts)     # 16-bit shared weights beside fp8 experts
+
+
+def fp8_moe(pctx=None, block=(128, 128)):
+    """A DeepseekMoE with fp8 routed experts and block-fp8 shared experts, random weights."""
+    from deepserve.models.weights import init_dummy_weights
+    from deepserve.layers.quantization import init_dummy_quantized
+    moe = DeepseekMoE(tiny_moe_config(hidden_size=256, moe_intermediate_size=128), torch.bfloat16,
+                      pctx or ParallelContext())
+    moe.experts.use_fp8()
+    for lin in (moe.shared_experts.gate_up_proj, moe.shared_experts.down_proj):
+        lin.set_quant_method(make_method("fp8", block))
+    init_dummy_weights(moe, seed=3)
+    init_dummy_quantized(moe, seed=3)
+    return moe
+
+
+def test_deepseek_moe_folds_fp8_shared_experts_beside_fp8_experts(torch_backend):
+    """fp8 routed experts and block-fp8 shared experts (one process) run as one fused_moe call,
+    whose shared term dequantizes the weights (W8A16) where the dense fp8 layer quantizes the
+    activations too (W8A8): the two forwards agree to that quantization."""
+    moe = fp8_moe()
+    assert shared_in_experts(moe) and moe.shared_kwargs["shared_w13"].dtype == torch.float8_e4m3fn
+    assert moe.shared_kwargs["shared_w2_scale"] is moe.shared_experts.down_proj.weight_scale_inv
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    fused = moe(x)
+    moe.shared_in_experts = False
+    dense = moe(x)
+    routed_only = moe.experts(x, *ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route))
+    assert rel_err(fused, dense) < 0.05 < rel_err(fused, routed_only), (rel_err(fused, dense),
+                                                                         rel_err(fused, routed_only))
+    assert not shared_in_experts(fp8_moe(ParallelContext(ep_size=2)))
 
 
 def test_fused_moe_layer_refuses_shared_weights_across_ranks():

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.moe import fused_moe as fused_moe_torch
-from deepserve.ops.triton.quant_gemm import fp8_kernels_usable
+from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
@@ -279,18 +279,25 @@ def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int, device: 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
-              shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
+              shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
     experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
-    two launches, a torch MLP added after the sorted path (it streams its weights once there)."""
+    two launches, a torch MLP added after the sorted path (it streams its weights once there;
+    fp8 shared weights: the block-fp8 linear the dense layer runs)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
-    check_shared_experts(x, fp8, shared_w13, shared_w2)
+    check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+    shared = dict(shared_w13=shared_w13, shared_w2=shared_w2, shared_w13_scale=shared_w13_scale,
+                  shared_w2_scale=shared_w2_scale)
     if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
-        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
-        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
-                               shared_w13=shared_w13, shared_w2=shared_w2)
+        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
+    if shared_w13 is not None and fp8:
+        out = fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+        act = silu_and_mul(fp8_block_linear(x, shared_w13, shared_w13_scale))
+        return out + fp8_block_linear(act, shared_w2, shared_w2_scale)
     if shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
         shared = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
         return fused_moe(x, w13, w2, topk_weights, topk_ids) + shared

@@ -23,8 +23,8 @@ is rare (see `fused_moe.use_small_path`).
 
 Shared experts (DeepSeek's `n_shared_experts`, one dense SwiGLU MLP every token uses with
 weight 1.0, intermediate size Is rather than I) ride in the same two launches when
-`shared_w13` [2*Is, D] / `shared_w2` [D, Is] are given (in the activation dtype: bf16 at
-serving; not beside fp8 experts):
+`shared_w13` [2*Is, D] / `shared_w2` [D, Is] are given (in the activation dtype beside 16-bit
+experts; beside fp8 experts e4m3 with Fp8BlockLinear's scales, one per row and 128 columns):
 - the gate_up grid grows to (T*k + T, cdiv(max(I, Is), BLOCK_N)); its last T programs compute
   token t's shared act, and column blocks past a program's own I (or Is) return at once;
 - act is one row per token, [T, k*I + Is]: the k routed acts back to back, then the shared
@@ -60,8 +60,10 @@ FP8_BLOCK = 128
 @triton.jit
 def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_sn, s_sk,
                OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+               FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, ROW_SCALES: tl.constexpr):
     """Add W[rows, k0:k0+BLOCK_K] times a[k0:k0+BLOCK_K]; w_rows [BLOCK_N, 1] points at the rows.
+    fp8 scales are one per SCALE_BLOCK x SCALE_BLOCK block, or with ROW_SCALES one per row and
+    SCALE_BLOCK columns (Fp8BlockLinear's layout, the shared expert's).
 
     16-bit weights accumulate elementwise into acc [BLOCK_N, BLOCK_K], reduced once at the
     end. fp8 weights go in SCALE_BLOCK-wide slices, one scale block per row each: a slice's
@@ -84,8 +86,8 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
             # a slice wholly past K (a step of several scale blocks at a ragged end) has no
             # scale column: its weights load as zeros, and its scale must not be read either
             s_ok = row_ok if EVEN_K else row_ok & (k0 + sub * SUB_K < k_len)
-            s = tl.load(s_ptr + (rows // SCALE_BLOCK) * s_sn + (k0 // SCALE_BLOCK + sub) * s_sk,
-                        mask=s_ok, other=0.0)
+            s_row = rows if ROW_SCALES else rows // SCALE_BLOCK
+            s = tl.load(s_ptr + s_row * s_sn + (k0 // SCALE_BLOCK + sub) * s_sk, mask=s_ok, other=0.0)
             acc_rows += tl.sum(w.to(tl.float32) * a, axis=1) * s
         else:
             acc += w.to(OUT_DTYPE).to(tl.float32) * a
@@ -95,7 +97,7 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
 @triton.jit
 def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs,
                   dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                  FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, ROW_SCALES: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """a_ptrs[:] = silu(gate) * up of rows offs_n: gate rows at g_rows, up rows `inter` further."""
     u_rows = g_rows + inter * w_sn                                       # up rows I + n
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)    # 16-bit weights, per element
@@ -104,9 +106,9 @@ def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn
     rows_u = tl.zeros([BLOCK_N], tl.float32)
     for k0 in tl.range(0, hidden, BLOCK_K, num_stages=LOOP_STAGES):
         acc_g, rows_g = _gemv_step(acc_g, rows_g, g_rows, x_row, k0, hidden, s_ptr, offs_n, n_ok,
-                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, ROW_SCALES)
         acc_u, rows_u = _gemv_step(acc_u, rows_u, u_rows, x_row, k0, hidden, s_ptr, offs_n + inter, n_ok,
-                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+                                   ws_sn, ws_sk, dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, ROW_SCALES)
     if not FP8:
         rows_g = tl.sum(acc_g, axis=1)
         rows_u = tl.sum(acc_u, axis=1)
@@ -118,8 +120,9 @@ def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn
 
 
 @triton.jit
-def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
-                          x_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, act_stride,
+def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_ptr,
+                          x_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk,
+                          act_stride,
                           inter, s_inter, hidden, n_experts, n_assign,
                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
@@ -141,7 +144,7 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
             g_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn     # gate rows n
             a_ptrs = act_ptr + tok.to(tl.int64) * act_stride + slot * inter + offs_n
             _swiglu_block(x_row, g_rows, ws_ptr + expert * ws_se, offs_n, n_ok, inter, hidden, w_sn,
-                          ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, LOOP_STAGES)
+                          ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, False, LOOP_STAGES)
     else:
         if HAS_SHARED:
             # the last T programs: token pid - T*k's shared expert, act columns [k*I, k*I + Is)
@@ -150,8 +153,9 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, act_ptr,
                 n_ok = offs_n < s_inter
                 g_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
                 a_ptrs = act_ptr + s_tok * act_stride + TOP_K * inter + offs_n
-                _swiglu_block(x_ptr + s_tok * x_stride, g_rows, ws_ptr, offs_n, n_ok, s_inter, hidden, sw_sn,
-                              0, 0, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, False, SCALE_BLOCK, LOOP_STAGES)
+                _swiglu_block(x_ptr + s_tok * x_stride, g_rows, sws_ptr, offs_n, n_ok, s_inter, hidden, sw_sn,
+                              sws_sn, sws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, True,
+                              LOOP_STAGES)
 
 
 @triton.jit
@@ -198,9 +202,9 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s
 
 
 @triton.jit
-def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
+def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, out_ptr,
                        act_stride, ids_s0, ids_s1, tw_s0, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn,
-                       out_stride, hidden, inter, s_inter, n_experts,
+                       sws_sn, sws_sk, out_stride, hidden, inter, s_inter, n_experts,
                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                        HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, SLOTS: tl.constexpr,
@@ -229,20 +233,22 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, out_ptr,
                 y = tl.zeros([BLOCK_N], tl.float32)
                 for k0 in range(0, inter, BLOCK_K):
                     acc, y = _gemv_step(acc, y, w_rows, a_row, k0, inter, s_ptr, offs_n, n_ok, ws_sn, ws_sk,
-                                        dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK)
+                                        dt, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, False)
                 if not FP8:
                     y = tl.sum(acc, axis=1)
                 y = y.to(dt).to(tl.float32)       # the reference's down output dtype
                 out += y * tl.load(tw_ptr + tok * tw_s0 + j * tw_s1).to(tl.float32)
         if HAS_SHARED:
-            # the shared expert, weight 1.0, into the same fp32 sum (16-bit weights only)
+            # the shared expert, weight 1.0, into the same fp32 sum (fp8 as the routed experts)
             w_rows = sw_ptr + offs_n.to(tl.int64)[:, None] * sw_sn
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
             y = tl.zeros([BLOCK_N], tl.float32)
             for k0 in range(0, s_inter, BLOCK_K):
-                acc, y = _gemv_step(acc, y, w_rows, act_row + TOP_K * inter, k0, s_inter, ws_ptr, offs_n, n_ok,
-                                    0, 0, dt, BLOCK_K, EVEN_KS, False, SCALE_BLOCK)
-            out += tl.sum(acc, axis=1).to(dt).to(tl.float32)    # the shared MLP's down output dtype
+                acc, y = _gemv_step(acc, y, w_rows, act_row + TOP_K * inter, k0, s_inter, sws_ptr, offs_n, n_ok,
+                                    sws_sn, sws_sk, dt, BLOCK_K, EVEN_KS, FP8, SCALE_BLOCK, True)
+            if not FP8:
+                y = tl.sum(acc, axis=1)
+            out += y.to(dt).to(tl.float32)    # the shared MLP's down output dtype
     tl.store(out_ptr + tok * out_stride + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -282,11 +288,13 @@ def moe_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: 
 def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
                     w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
-                    shared_w2: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
+                    shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches;
-    plus the shared experts shared_w13 [2*Is, D] (gate then up) / shared_w2 [D, Is] when given."""
+    plus the shared experts shared_w13 [2*Is, D] (gate then up) / shared_w2 [D, Is] when given
+    (e4m3 with shared_w13_scale / shared_w2_scale beside fp8 experts)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
-    check_shared_experts(x, fp8, shared_w13, shared_w2)
+    check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     has_shared = shared_w13 is not None
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
@@ -313,19 +321,23 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
+    shared_fp8 = has_shared and fp8
+    ss13 = shared_w13_scale if shared_fp8 else x        # (an unread pointer otherwise)
+    ss2 = shared_w2_scale if shared_fp8 else x
     common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
     n_assign = num_tokens * top_k
     gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
     _small_gate_up_kernel[gu_grid](
-        x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, act,
+        x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, ss13, act,
         x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
-        shared_w13.stride(0) if has_shared else 0, act.stride(0),
+        shared_w13.stride(0) if has_shared else 0, *(ss13.stride() if shared_fp8 else (0, 0)), act.stride(0),
         inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common,
         **pdl_launch(x.device))
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
-        act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, out,
+        act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, ss2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-        w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0, out.stride(0),
+        w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0,
+        *(ss2.stride() if shared_fp8 else (0, 0)), out.stride(0),
         hidden, inter, s_inter, num_experts, EVEN_K=inter % down_cfg["BLOCK_K"] == 0,
         EVEN_KS=s_inter % down_cfg["BLOCK_K"] == 0, SLOTS=slots, N_SHARED=n_shared, **down_cfg, **common,
         **pdl_launch(x.device))
