@@ -12,10 +12,8 @@ input columns with their groups, which needs the slice to be whole groups; chann
 down are kept whole). With activation reordering (GPTQ desc_act) each expert also keeps its
 g_idx (`w13_<g_idx name>` [E, D], shared by gate and up, which must agree; `w2_...` [E, I], this
 rank's slice of I) and down keeps every group's scales, as the 4-bit Linear does. The experts
-then run `ops.fused_moe_int4` (FusedMoE.run_experts).
-
-Experts with int8 activations (W4A8) are not served this way: the loader dequantizes them
-(models/loader.py).
+then run `ops.fused_moe_int4` (FusedMoE.run_experts); W4A8 experts (int8 per-token
+activations) with `act_int8`, the weights packed as for W4A16.
 """
 from __future__ import annotations
 
@@ -50,8 +48,8 @@ def fill_dummy_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
 
 
 def int4_experts_supported(spec: Optional[Int4Spec]) -> bool:
-    """Whether a checkpoint's 4-bit experts stay 4-bit (else they are dequantized at load)."""
-    return spec is not None and spec.activations is None
+    """Whether a checkpoint's 4-bit experts stay 4-bit (all W4A16 and W4A8 ones)."""
+    return spec is not None
 
 
 class Int4Experts:
@@ -161,7 +159,8 @@ class Int4Experts:
         w13 = [self.param(moe, "w13", r) for r in ("qweight", "scales", "qzeros")]
         w2 = [self.param(moe, "w2", r) for r in ("qweight", "scales", "qzeros")]
         return ops.fused_moe_int4(x, *w13, *w2, topk_weights, topk_ids, self.groups,
-                                  self.param(moe, "w13", "g_idx"), self.param(moe, "w2", "g_idx"))
+                                  self.param(moe, "w13", "g_idx"), self.param(moe, "w2", "g_idx"),
+                                  act_int8=self.spec.activations == "int8-token")
 
 
 _EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")

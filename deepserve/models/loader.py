@@ -15,8 +15,8 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 
 4-bit checkpoints are served only in their own format (no conversion at load).
 The MoE routed experts follow the linear method when it has an expert format (fp8: e4m3 with
-per-block scales, layers/moe.py; W4A16, act-order GPTQ included: packed 4-bit, layers/moe_int4.py);
-otherwise (w8a8-int8, W4A8, msModelSlim) they are dequantized at load. Layers
+per-block scales, layers/moe.py; W4A16 and W4A8, act-order GPTQ included: packed 4-bit,
+layers/moe_int4.py); otherwise (w8a8-int8, msModelSlim) they are dequantized at load. Layers
 outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate, kv_b_proj,
 MTP eh_proj) are dequantized at load to the model dtype.
 

@@ -15,6 +15,11 @@ with each expert's weight dequantized per call ((u - z) * s in fp32, rounded to 
 so on a device without the kernels 4-bit experts give exactly what the same experts holding
 the dequantized weights in x's dtype give. Ids outside [0, E) (experts of other EP ranks)
 contribute nothing. The Triton kernels (ops/triton/moe_int4.py) are tested against it.
+
+W4A8 experts (compressed-tensors int8 dynamic per-token activations, `act_int8`): each GEMM's
+input rows (x for gate/up, h per assignment for down) are quantized to int8 with one scale per
+row (amax / 127, as ops.w4a8_linear) and dequantized to x's dtype before the W4A16 product, so
+the weights stay packed; no int8 tensor-core MoE kernel exists yet.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from deepserve.ops.int4 import PACK, dequant_int4
+from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 
 
@@ -52,13 +58,22 @@ def check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zer
                              f"{None if z is None else tuple(z.shape)}, expected {want}")
 
 
+def int8_rows_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x quantized to int8 per row and back, in x's dtype (W4A8's activations)."""
+    q, scale = quant_int8_rows(x)
+    return (q.to(torch.float32) * scale).to(x.dtype)
+
+
 @register("fused_moe_int4", "torch")
 def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: Optional[torch.Tensor],
                    w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: Optional[torch.Tensor],
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int],
-                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None,
+                   act_int8: bool = False) -> torch.Tensor:
     """x [T, D] -> [T, D] in x's dtype (layout and function in the module docstring)."""
     check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups, w13_g_idx, w2_g_idx)
+    if act_int8:
+        x = int8_rows_roundtrip(x)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()
@@ -73,6 +88,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
         w_gate_up = dequant_int4(w13[expert], w13_scales[expert], z13, g13, groups[0], x.dtype)
         w_down = dequant_int4(w2[expert], w2_scales[expert], z2, g2, groups[1], x.dtype)
         gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)        # [n, I] each
-        y = F.linear(F.silu(gate) * up, w_down)                         # [n, D]
+        h = F.silu(gate) * up
+        y = F.linear(int8_rows_roundtrip(h) if act_int8 else h, w_down)   # [n, D]
         out.index_add_(0, rows, y.float() * topk_weights.reshape(-1)[slots].float()[:, None])
     return out.to(x.dtype)

@@ -136,3 +136,35 @@ def test_act_order_experts(triton_ops, cpu_only, monkeypatch, path):
     assert not torch.allclose(plain, want)                 # the reordering matters
     got = resolve("fused_moe_int4", "triton")[1](x, w13, s13, z13, w2, s2, z2, wts, ids, groups, g13, g2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _int8_rows(v: torch.Tensor) -> torch.Tensor:
+    s = v.double().abs().amax(-1, keepdim=True) / 127
+    return (torch.round(v.double() / s).clamp(-127, 127) * s).float()
+
+
+@pytest.mark.parametrize("path", ["small", "sorted"])
+def test_w4a8_experts_quantize_each_gemm_input_per_row(triton_ops, cpu_only, monkeypatch, path):
+    """act_int8 (W4A8 experts): x and each assignment's h rounded through int8 per row before
+    their products; the torch op equals that computed here per assignment, the Triton paths match."""
+    if path == "sorted":
+        monkeypatch.setattr(triton_ops.moe_int4, "SMALL_BATCH", 0)
+    groups = (32, 16)
+    ops = _experts(groups, True, seed=9)
+    w13, s13, z13, w2, s2, z2 = ops
+    x = torch.randn(3, D) * torch.tensor([[0.1], [1.0], [4.0]])
+    wts, ids = _routing(3, 2, seed=10, foreign=True)
+    want = torch.zeros(3, D)
+    for t in range(3):
+        for j in range(2):
+            e = int(ids[t, j])
+            if e >= E:
+                continue
+            gate, up = (_int8_rows(x[t:t + 1]) @ dequant_int4(w13[e], s13[e], z13[e], None, 32).t()).chunk(2, -1)
+            h = _int8_rows(torch.nn.functional.silu(gate) * up)
+            want[t] += wts[t, j] * (h @ dequant_int4(w2[e], s2[e], z2[e], None, 16).t())[0]
+    ref = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups, act_int8=True)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ref, resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups))
+    got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups, act_int8=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

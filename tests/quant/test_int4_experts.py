@@ -67,6 +67,24 @@ def test_deepseek_with_4bit_experts_equals_the_dequantized_model(tmp_path, fmt, 
     assert torch.equal(got, want), (got - want).abs().max()
 
 
+def test_deepseek_w4a8_experts_stay_packed(tmp_path):
+    """compressed-tensors W4A8 tiny DeepSeek-V3: routed experts packed with int8 per-token
+    activations (ops.fused_moe_int4 act_int8), the model tracking the same model holding the
+    dequantized weights with 16-bit activations (top-1 >= 95%, not equal: activations rounded)."""
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+    q, deq = _quantize_folder(tmp_path / "ref", tmp_path, "compressed-tensors", 16, True, False, activations=True)
+    llm = LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER)
+    experts = llm.engine.runner.model.model.layers[2].mlp.experts
+    assert isinstance(experts.quant, Int4Experts) and experts.w13_weight_packed.dtype == torch.int32
+    assert experts.quant.spec.activations == "int8-token"
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"DeepSeek W4A8 vs dequantized W4A16 weights: top-1 agreement {top1:.3f}")
+    assert top1 >= 0.95 and not torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fmt,group,sym,act_order", [("awq", 16, False, False), ("compressed-tensors", -1, True, False),
                                                      ("gptq", 32, True, False), ("gptq", 16, False, True)])
 def test_int4_experts_split_over_tp_and_ep_ranks_sum_to_the_whole(fmt, group, sym, act_order):

@@ -20,7 +20,8 @@ in registers (`tl.dot`): gate and up together with silu(gate) * up in the epilog
 the k slots of each token are summed with their routing weights in fp32.
 
 With activation reordering (per-expert g_idx) every kernel reads each input feature's group
-from g_idx (HAS_GIDX) instead of k // GROUP.
+from g_idx (HAS_GIDX) instead of k // GROUP. W4A8 (`act_int8`) rounds x and h through int8 per
+row between the launches (the torch op's definition).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.moe_int4 import check_moe_int4_operands
+from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
@@ -190,7 +191,7 @@ def _gidx(g_idx: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[tor
 
 
 def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
-                 w13_g_idx=None, w2_g_idx=None):
+                 w13_g_idx=None, w2_g_idx=None, act_int8=False):
     num_tokens, top_k = topk_ids.shape
     e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
     n_assign = num_tokens * top_k
@@ -210,6 +211,8 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
         w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0),
         GROUP=groups[0], HAS_ZP=w13_zeros is not None, HAS_GIDX=has13, ONE_GROUP=not has13 and groups[0] % bk == 0,
         BLOCK_K=bk, **common)
+    if act_int8:
+        h = int8_rows_roundtrip(h)
     bk = min(cap, next_pow2(i))
     g2, sg2, has2 = _gidx(w2_g_idx, w2)
     _sorted_down_kernel[(aligned.num_blocks, triton.cdiv(d, bn))](
@@ -235,15 +238,18 @@ def _settings(k: int, group: int) -> tuple[int, int, bool, int]:
 def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: Optional[torch.Tensor],
                    w2: torch.Tensor, w2_scales: torch.Tensor, w2_zeros: Optional[torch.Tensor],
                    topk_weights: torch.Tensor, topk_ids: torch.Tensor, groups: tuple[int, int],
-                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   w13_g_idx: Optional[torch.Tensor] = None, w2_g_idx: Optional[torch.Tensor] = None,
+                   act_int8: bool = False) -> torch.Tensor:
     args = (x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups)
     num_tokens, top_k = topk_ids.shape
     if (not (x.is_cuda or interpreting()) or num_tokens == 0
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
-        return fused_moe_int4_torch(*args, w13_g_idx, w2_g_idx)
+        return fused_moe_int4_torch(*args, w13_g_idx, w2_g_idx, act_int8)
     check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups, w13_g_idx, w2_g_idx)
+    if act_int8:          # W4A8: int8 per-token activations, emulated on the W4A16 kernels
+        x = int8_rows_roundtrip(x)
     if num_tokens * top_k > SMALL_BATCH:
-        return _sorted_path(x.contiguous(), *args[1:], w13_g_idx, w2_g_idx)
+        return _sorted_path(x.contiguous(), *args[1:], w13_g_idx, w2_g_idx, act_int8)
     e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
     x = x.contiguous()
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
@@ -257,6 +263,8 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
         x, ids, w13, w13_scales, z13, g13, h, e, i, d, top_k, x.stride(0), w13.stride(0), w13.stride(1),
         w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0), GROUP=groups[0], HAS_ZP=w13_zeros is not None,
         HAS_GIDX=has13, ONE_GROUP=one and not has13, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    if act_int8:
+        h = int8_rows_roundtrip(h)
     y = torch.empty(n_assign, d, dtype=torch.float32, device=x.device)
     bn, bk, one, warps = _settings(i, groups[1])
     z2 = w2_zeros if w2_zeros is not None else w2_scales
