@@ -115,3 +115,29 @@ def test_bad_kv_scale_is_refused_naming_the_tensor(value, match):
         load_kv_scale(model, name, torch.tensor(value))
     assert load_kv_scale(model, "attn.kv_scale", torch.tensor(0.25)) and (model.attn.k_scale, model.attn.v_scale) == (0.25, 0.25)
     assert not load_kv_scale(model, "attn.weight", torch.tensor(0.25))
+
+
+def test_gqa_checkpoint_scales_reach_each_layer(tmp_path):
+    """A Llama checkpoint's `self_attn.k_scale` / `v_scale` (vLLM's names, on the attention block
+    whose `attn` holds the cache) reach each layer's K and V scales; the older single
+    `kv_scale` sets both; a layer without any keeps 1.0. With them the fp8-KV logits of
+    stories260k stay within the scale-1.0 run's distance of the model-dtype KV (its K/V are
+    O(1), so these scales only shift which values fall under e4m3's normal range)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "stories"
+    shutil.copytree(STORIES, folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.25)
+    tensors["model.layers.1.self_attn.kv_scale"] = torch.tensor(2.0)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    kw = dict(tokenizer=TOKENIZER, dtype="bfloat16", kv_cache_memory_bytes=1 << 22)
+    llm = LLM(str(folder), **kw, kv_cache_dtype="fp8")
+    scales = [(m.k_scale, m.v_scale) for m in llm.engine.runner.kv_layers]
+    assert scales[:2] == [(0.5, 0.25), (2.0, 2.0)] and set(scales[2:]) <= {(1.0, 1.0)}, scales
+    prompts = [llm.tokenizer.encode(t) for t in STORY_TEXTS]
+    ref = torch.cat(LLM(str(STORIES), **kw).prompt_logits(prompts)).float()
+    unscaled = torch.cat(LLM(str(STORIES), **kw, kv_cache_dtype="fp8").prompt_logits(prompts)).float()
+    kl = _compare(ref, torch.cat(llm.prompt_logits(prompts)).float())[1]
+    assert kl < 2 * _compare(ref, unscaled)[1] + 1e-4, kl
