@@ -13,8 +13,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
 mkdir -p /tmp/d && tar -C /tmp/d -xJf .peerd/data.tar.xz
+STEPS=${STEPS:-structured ops_new ops_old spec_gpu_tests kvattn mixed}   # which steps, in this order of the script
 step() {  # step NAME SECONDS DIR COMMAND...: run COMMAND in DIR with at most SECONDS
   local name=$1 lim=$2 dir=$3; shift 3
+  [[ " $STEPS " == *" $name "* ]] || return
   local left=$((BUDGET - SECONDS - 10))
   [ "$left" -lt 40 ] && { echo "== $name skipped: ${left}s left"; return; }
   [ "$lim" -gt "$left" ] && lim=$left
@@ -29,5 +31,8 @@ step ops_old 45 .abold python3 benchmarks/bench_ops.py --only decode_,prefill_ -
 step spec_gpu_tests 70 . python3 -m pytest -q -x -m gpu tests/engine/test_spec_decode_graphs.py
 step kvattn 70 . python3 benchmarks/bench_r1.py --case kvattn --out-dir "$OUT/res"
 step mixed 100 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --out "$OUT/profile_mixed.json"
+# the same script over the tree before (.abold's deepserve first on the path)
+step mixed_old 100 .abold python3 ../benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 \
+  --profile 0 --out "$OUT/profile_mixed_old.json"
 cd "$OUT" && tar czf results.tgz res ops_new ops_old 2>/dev/null; rm -rf res ops_new ops_old
-for f in structured ops_new ops_old spec_gpu_tests kvattn mixed; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
+for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done

@@ -64,6 +64,18 @@ class Attention(nn.Module):
         # the scales apply to e4m3 pools only (vLLM's rule); a 16-bit pool holds K/V as they are
         ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
         ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
+        n_dec = meta.num_decodes
+        if 0 < n_dec < meta.num_seqs and meta.max_query_len > 1:
+            # a mixed step: the decode rows on the decode kernel (split over the context), the
+            # prompt chunks on the prefill kernel, whose query tiles a one-token row would waste
+            dec = ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
+                                      meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
+                                      meta.max_seq_len, k_scale=ks, v_scale=vs)
+            pre = ops.paged_attention(q[n_dec:], k_cache, v_cache,
+                                      meta.query_start_loc[n_dec:] - meta.query_start_loc[n_dec],
+                                      meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
+                                      meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs)
+            return torch.cat((dec, pre)).flatten(1)
         out = ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                   meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
                                   k_scale=ks, v_scale=vs)
