@@ -29,7 +29,7 @@ from deepserve.config import HFConfig
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.linear import LinearBase
 from deepserve.layers.quantization_int4 import checkpoint_names
-from deepserve.models.loader import _materialize
+from deepserve.models.loader import _materialize, process_weights_after_loading
 from deepserve.models.registry import get_model_class
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -131,6 +131,9 @@ class LayerRunner:
             for module in checkpoint_names(self.model, name):
                 stats.hessians[module] = h                  # one input: one Hessian for all
             m.quant_method = _Capture(m.quant_method, h)
+        # decided with the capturing methods in place: no Linear counts as plain, so none is
+        # fused into another op (MLA's q/kv_a pair, shared experts) and every input is seen
+        process_weights_after_loading(layer)
         hooks = []
         for name, m in layer.named_modules():
             if hasattr(m, "run_experts"):
@@ -151,6 +154,7 @@ class LayerRunner:
         if i != self.next_layer:
             raise RuntimeError(f"layer {i} advanced out of order (next is {self.next_layer})")
         layer = self._load(i, weights)
+        process_weights_after_loading(layer)
         self.hidden = self._run(layer)
         for m in layer.modules():
             if hasattr(m, "kv_cache_shapes"):
