@@ -160,8 +160,11 @@ def check_data_parallel_nodes(args) -> None:
     if not args.headless and start != 0:
         raise ValueError("the node that serves the API runs DP rank 0: --data-parallel-start-rank > 0 "
                          "needs --headless")
-    if args.api_server_count != 1:
-        raise ValueError(f"api_server_count {args.api_server_count}: one API server process is supported so far")
+    if args.api_server_count < 1:
+        raise ValueError(f"api_server_count must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and args.distributed_executor_backend == "ray":
+        raise ValueError("--api-server-count > 1 fronts engine-core processes, which the Ray backend does not run: "
+                         "use the default (mp) backend")
 
 
 @dataclass
@@ -364,11 +367,15 @@ class EngineArgs:
     and the process group meets (needed when DP ranks run on several nodes)."""
     data_parallel_rpc_port: int = 29550
     """Port for the engine cores of other nodes on --data-parallel-address; the next 1 + DP-size
-    ports are used too (the process group, one request queue per DP rank)."""
+    ports are used too (the process group, one request queue per DP rank), and with
+    --api-server-count N > 1 another 2 + DP-size for each of the N API servers."""
     headless: bool = False
     """Run only this node's engine cores (DP ranks from --data-parallel-start-rank), no API server."""
     api_server_count: int = 1
-    """API server processes in front of the engine cores (only 1 is supported so far)."""
+    """API server processes (`deepserve serve`) sharing the listening port in front of the same
+    engine cores, each doing HTTP, tokenization and streaming for its share of the requests;
+    above 1 the engine cores always run in processes of their own. Headless nodes take the API
+    node's value (their cores connect to every API server)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     async_scheduling: bool = False

@@ -29,6 +29,8 @@ from deepserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("deepserve")
 
+IDLE_GAUGES_S = 0.1   # an idle server's refresh of gauges that come from engine-core processes
+
 
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; the server answers 503 with Retry-After."""
@@ -180,12 +182,18 @@ class AsyncLLM:
         while True:
             with self._cond:
                 while not self._ops and not self._stop and not engine.has_unfinished_requests():
-                    self._cond.wait()
+                    if engine.gauges_change_when_idle:  # the cores' gauges, read every IDLE_GAUGES_S
+                        if not self._cond.wait(IDLE_GAUGES_S):
+                            break
+                    else:
+                        self._cond.wait()
                 ops = list(self._ops)
                 self._ops.clear()
                 stop = self._stop
             for kind, payload, fut in ops:
                 self._apply(kind, payload, fut)
+            if ops:  # what the adds and aborts changed counts at once (the queue limit reads it)
+                self._take_snapshot()
             if stop:
                 self._abort_all(EngineDeadError("the server is shutting down"))
                 self._take_snapshot()

@@ -22,6 +22,7 @@ class AddRequest:
     prompt_ids: list[int]
     prompt: Optional[str]
     params: object              # SamplingParams
+    client: int = 0             # which front end sent it: its outputs go back there
 
 
 @dataclass
@@ -32,6 +33,7 @@ class AbortRequest:
 @dataclass
 class ScorePrompt:
     prompt: object
+    client: int = 0
 
 
 @dataclass

@@ -49,12 +49,66 @@ class _Placement:
         pass
 
 
+class CoreLink:
+    """The executor of a front end attached to cores another process runs: it starts nothing,
+    and `failure` says why the cores can no longer serve (set by that process's watcher)."""
+
+    failure: Optional[str] = None
+
+    def explain(self, exc: BaseException) -> str:
+        return str(exc)
+
+    def shutdown(self) -> None:
+        pass
+
+
 class DataParallelEngine(LLMEngine):
     """The LLMEngine API over one engine core per DP rank (see the module docstring)."""
 
+    gauges_change_when_idle = True
+
     def __init__(self, args: EngineArgs, executor=None):
-        import zmq
+        """Start the cores and be their front end 0 (with --api-server-count N > 1 the
+        launcher, and the N API servers `attach` as front ends 1..N)."""
+        self._init_front_end(args, client=0)
+        check_no_live_group()
+        self.layout = layout = DPLayout.from_args(args)
+        self._bind(layout)
+        self.executor = start_ranks(args, layout)
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
+        try:
+            self.executor.wait_joining(start_timeout_s())
+            ready, deadline = set(), time.monotonic() + start_timeout_s()
+            while len(ready) < self.dp_size:  # the cores of other nodes too
+                msg = self._next(timeout_s=max(0.0, deadline - time.monotonic()))
+                if msg is None:
+                    raise RuntimeError(f"DP ranks {sorted(set(range(self.dp_size)) - ready)} did not report "
+                                       f"ready within {start_timeout_s():.0f} s (headless nodes started? "
+                                       f"--data-parallel-address {args.data_parallel_address})")
+                ready.add(msg.dp_rank)
+        except BaseException:
+            self._finalizer()
+            raise
+        self._init_pool()
+
+    @classmethod
+    def attach(cls, args: EngineArgs, layout: DPLayout, client: int, gauges: list[dict]) -> "DataParallelEngine":
+        """Front end `client` (>= 1) of cores that another process started and stops (the
+        launcher of --api-server-count N); `gauges`: the cores' gauges as that process last saw
+        them. Its executor is a `CoreLink`, whose `failure` that process's watcher sets."""
+        self = cls.__new__(cls, args)
+        self._init_front_end(args, client)
+        self.layout = layout
+        self._bind(layout)
+        self.executor = CoreLink()
+        self._gauges = [dict(g) for g in gauges]
+        self._finalizer = weakref.finalize(self, self._ctx.destroy, 0)
+        self._init_pool()
+        return self
+
+    def _init_front_end(self, args: EngineArgs, client: int) -> None:
         self.args = args
+        self.client = client
         self.config = args.create_engine_config()
         par = self.config.parallel
         self.async_scheduling = self.config.async_scheduling
@@ -72,27 +126,16 @@ class DataParallelEngine(LLMEngine):
         self._outs: dict[str, RequestOutput] = {}       # each unfinished request's latest output
         self._pending: list[CoreOutputs] = []          # read while waiting for something else
         self.step_bytes: list[int] = [0] * self.dp_size  # what each rank sent for its last step
+        self._unconfirmed = [0] * self.dp_size  # requests sent to each core since its last message
 
-        check_no_live_group()
-        layout = DPLayout.from_args(args)
+    def _bind(self, layout: DPLayout) -> None:
+        """This front end's sockets: its outputs, and one per DP rank for its requests."""
+        import zmq
         self._ctx = zmq.Context()
-        self._pull = connect(self._ctx, zmq.PULL, layout.outbox, bind=True)
-        self._push = [connect(self._ctx, zmq.PUSH, a, bind=True) for a in layout.inboxes]
-        self.executor = start_ranks(args, layout)
-        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
-        try:
-            self.executor.wait_joining(start_timeout_s())
-            ready, deadline = set(), time.monotonic() + start_timeout_s()
-            while len(ready) < self.dp_size:  # the cores of other nodes too
-                msg = self._next(timeout_s=max(0.0, deadline - time.monotonic()))
-                if msg is None:
-                    raise RuntimeError(f"DP ranks {sorted(set(range(self.dp_size)) - ready)} did not report "
-                                       f"ready within {start_timeout_s():.0f} s (headless nodes started? "
-                                       f"--data-parallel-address {args.data_parallel_address})")
-                ready.add(msg.dp_rank)
-        except BaseException:
-            self._finalizer()
-            raise
+        self._pull = connect(self._ctx, zmq.PULL, layout.outboxes[self.client], bind=True)
+        self._push = [connect(self._ctx, zmq.PUSH, a, bind=True) for a in layout.inboxes[self.client]]
+
+    def _init_pool(self) -> None:
         blocks = min(g["num_blocks"] for g in self._gauges)
         self.block_managers = [SimpleNamespace(num_blocks=blocks)]
         self.runner = SimpleNamespace(vocab_size=self.config.model.hf_config.vocab_size)
@@ -108,7 +151,9 @@ class DataParallelEngine(LLMEngine):
                 import dataclasses  # the core compiles its own grammar (compiled ones do not pickle)
                 params = dataclasses.replace(params, guided=dataclasses.replace(params.guided, compiled=None))
             state = self.requests.get(seq.request_id)
-            self._send(rank, AddRequest(seq.request_id, list(seq.token_ids), state.prompt if state else None, params))
+            self._unconfirmed[rank] += 1
+            self._send(rank, AddRequest(seq.request_id, list(seq.token_ids), state.prompt if state else None, params,
+                                         self.client))
 
     def prompt_logprobs(self, ids, k):
         return None  # the core that serves the request computes them
@@ -142,7 +187,7 @@ class DataParallelEngine(LLMEngine):
 
     def prompt_logits(self, prompt):
         """Scored by DP rank 0 (the others run dummy steps with expert parallel)."""
-        self._send(0, ScorePrompt(prompt))
+        self._send(0, ScorePrompt(prompt, self.client))
         while True:
             msg = self._next(timeout_s=None)
             if msg.logits is not None:
@@ -166,6 +211,7 @@ class DataParallelEngine(LLMEngine):
             if self._pull.poll(int(left * 1000), zmq.POLLIN):
                 msg: CoreOutputs = pickle.loads(self._pull.recv())
                 self._gauges[msg.dp_rank] = msg.gauges
+                self._unconfirmed[msg.dp_rank] = 0
                 self.step_bytes[msg.dp_rank] = msg.step_bytes
                 return msg
             if deadline is not None and time.monotonic() >= deadline:
@@ -197,10 +243,20 @@ class DataParallelEngine(LLMEngine):
         return outputs
 
     def gauges(self) -> dict:
+        """The cores' gauges summed, as their latest messages (read now, without waiting) gave
+        them; requests sent to a core since its last message count as waiting."""
+        try:
+            msg = self._next(timeout_s=0.0)
+            while msg is not None:  # kept for step(), which handles what they carry
+                self._pending.append(msg)
+                msg = self._next(timeout_s=0.0)
+        except RuntimeError:
+            pass  # a failed core: AsyncLLM.fatal_error reports it
         total = {}
         for g in self._gauges:
             for k, v in g.items():
                 total[k] = total.get(k, 0) + v
+        total["num_requests_waiting"] = total.get("num_requests_waiting", 0) + sum(self._unconfirmed)
         blocks = total.get("num_blocks", 0)
         total["kv_cache_usage"] = 1.0 - total.get("num_free_blocks", 0) / blocks if blocks else 0.0
         return total

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -45,6 +47,7 @@ from deepserve.platforms import get_platform
 logger = logging.getLogger("deepserve")
 
 IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
+GAUGES_EVERY_S = 0.25         # with several front ends: how stale the gauges of one without outputs get
 
 
 def _count_bytes() -> bool:
@@ -52,22 +55,33 @@ def _count_bytes() -> bool:
 
 
 # ---------------------------------------------------------------- where ranks run
+def front_ends(args: EngineArgs) -> int:
+    """How many front ends the cores serve: one, or with --api-server-count N > 1 the
+    launcher (front end 0: it starts and stops the cores) and the N API servers."""
+    return 1 if args.api_server_count == 1 else args.api_server_count + 1
+
+
 @dataclass
 class DPLayout:
-    """Which ranks this node runs, and where cores, front end and process group meet.
+    """Which ranks this node runs, and where cores, front ends and process group meet.
 
+    Every front end ("client": the API server, the `LLM`, or with --api-server-count N > 1
+    the launcher as client 0 and the N API servers as clients 1..N) binds one socket for the
+    cores' outputs and one per DP rank for its requests; every core connects to all of them.
     One node: ipc:// sockets in a private folder and a free loopback port. Several nodes
-    (vLLM's --data-parallel-address / --data-parallel-rpc-port): the front end's node listens
-    on rpc_port (outputs), rpc_port + 1 (the process group) and rpc_port + 2 + r (DP rank r's
-    requests); the other nodes (--headless) run their ranks and connect there."""
-    inboxes: list[str]
-    outbox: str
+    (vLLM's --data-parallel-address / --data-parallel-rpc-port): the front ends' node listens
+    on rpc_port + 1 (the process group) and, for client c from base = rpc_port + c * (dp + 2),
+    on base (outputs) and base + 2 + r (DP rank r's requests); the other nodes (--headless, given
+    the same client count) run their ranks and connect there."""
+    inboxes: list[list[str]]     # [client][dp rank]
+    outboxes: list[str]          # [client]
     init_method: str
     local_ranks: list[int]
     run_dir: Optional[str] = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "DPLayout":
+        clients = front_ends(args)
         dp, span = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
         local = args.data_parallel_size_local or dp
         start = args.data_parallel_start_rank
@@ -75,11 +89,13 @@ class DPLayout:
         if local == dp and not args.data_parallel_address:
             run_dir = tempfile.mkdtemp(prefix="deepserve-dp-")
             tag = uuid.uuid4().hex[:8]
-            return cls([f"ipc://{run_dir}/core{r}-{tag}" for r in range(dp)], f"ipc://{run_dir}/out-{tag}",
+            return cls([[f"ipc://{run_dir}/c{c}-core{r}-{tag}" for r in range(dp)] for c in range(clients)],
+                       [f"ipc://{run_dir}/c{c}-out-{tag}" for c in range(clients)],
                        f"tcp://127.0.0.1:{free_port()}", ranks, run_dir)
         host, port = args.data_parallel_address or "127.0.0.1", args.data_parallel_rpc_port
-        return cls([f"tcp://{host}:{port + 2 + r}" for r in range(dp)], f"tcp://{host}:{port}",
-                   f"tcp://{host}:{port + 1}", ranks)
+        bases = [port + c * (dp + 2) for c in range(clients)]
+        return cls([[f"tcp://{host}:{b + 2 + r}" for r in range(dp)] for b in bases],
+                   [f"tcp://{host}:{b}" for b in bases], f"tcp://{host}:{port + 1}", ranks)
 
     def cleanup(self) -> None:
         if self.run_dir and os.path.isdir(self.run_dir):
@@ -92,7 +108,7 @@ def start_ranks(args: EngineArgs, layout: DPLayout) -> WorkerProcs:
     timeout = dist_timeout_s()
     first = layout.local_ranks[0]
     return WorkerProcs(_rank_main, lambda r: (r, r - first, args, layout.init_method, timeout,
-                                              (layout.inboxes, layout.outbox)),
+                                              (layout.inboxes, layout.outboxes)),
                        layout.local_ranks, label="rank")
 
 
@@ -101,9 +117,9 @@ def run_headless(args: EngineArgs) -> int:
     --data-parallel-start-rank; returns when the front end stops them."""
     layout = DPLayout.from_args(args)
     procs = start_ranks(args, layout)
-    logger.info("headless: ranks %s for DP ranks %d..%d, front end at %s", layout.local_ranks,
+    logger.info("headless: ranks %s for DP ranks %d..%d, front ends at %s", layout.local_ranks,
                 args.data_parallel_start_rank, args.data_parallel_start_rank + len(layout.local_ranks) // (
-                    args.tensor_parallel_size * args.pipeline_parallel_size) - 1, layout.outbox)
+                    args.tensor_parallel_size * args.pipeline_parallel_size) - 1, ", ".join(layout.outboxes))
     try:
         while any(p.is_alive() for p in procs.procs):
             if procs.failure:
@@ -152,8 +168,9 @@ def _groups(dp_size: int, span: int, dp_rank: int):
 
 
 def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, timeout_s: float,
-               addresses: tuple[list[str], str], status=None) -> None:
+               addresses: tuple[list[list[str]], list[str]], status=None) -> None:
     die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops us
 
     def body():
         from deepserve.engine.driver_runner import DriverRunner
@@ -188,44 +205,85 @@ def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, t
         destroy_distributed()
 
     report_errors(status, rank, body)
+    # Stopped cleanly: sockets closed, process groups destroyed. Skip the interpreter's teardown
+    # (a full garbage collection over the model's objects, seconds on a busy host) so that a
+    # server's shutdown waits only for the step loop to end.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class EngineCore:
-    """One DP rank's engine loop: take requests from the front end, step, push outputs."""
+    """One DP rank's engine loop: take requests from the front ends, step, push each request's
+    outputs to the front end that sent it.
+
+    With several front ends (--api-server-count > 1) each one also gets the core's gauges
+    (running / waiting requests, KV use, token counters) at least every GAUGES_EVERY_S while
+    the core steps, and once more when it goes idle, so every API server's /metrics and
+    placement see the whole core, not only their own requests."""
 
     def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses):
         import zmq
         self.engine, self.executor, self.runner = engine, executor, engine.runner
         self.dp_rank, self.sync_group = dp_rank, sync_group
         self.ctx = zmq.Context()
-        self.inbox = connect(self.ctx, zmq.PULL, addresses[0][dp_rank], bind=False)
-        self.outbox = connect(self.ctx, zmq.PUSH, addresses[1], bind=False)
+        inboxes, outboxes = addresses
+        self.inbox = self.ctx.socket(zmq.PULL)   # fair-queued over every front end's requests
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        for client_inboxes in inboxes:
+            self.inbox.connect(client_inboxes[dp_rank])
+        self.outboxes = [connect(self.ctx, zmq.PUSH, a, bind=False) for a in outboxes]
+        self.client_of: dict[str, int] = {}       # request id -> the front end it came from
+        self.gauges_sent = [0.0] * len(outboxes)   # when each front end last heard from this core
         self.work: list[Work] = []
         self.deltas = DeltaWriter()
         self.stopping = False
-        self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: the front end learns the pool size
+        self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: front end 0 learns the pool size
 
     def gauges(self) -> dict:
         g = self.engine.gauges()
         g["load"] = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         return g
 
-    def _send(self, msg: CoreOutputs) -> None:
+    def _send(self, msg: CoreOutputs, client: int = 0) -> None:
         if self.executor.count:  # the count travels with the message it counts (give or take its own size)
             msg.step_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
-        self.outbox.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+        self.outboxes[client].send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), copy=False)
+        self.gauges_sent[client] = time.monotonic()
+
+    def _share_gauges(self, sent: set[int]) -> None:
+        """Several front ends: the gauges to those this step sent nothing, when theirs are
+        GAUGES_EVERY_S old or the core has just gone idle (one front end: every step's
+        outputs carry them)."""
+        if len(self.outboxes) == 1:
+            return
+        now, idle = time.monotonic(), not self._has_work()
+        stale = [c for c in range(len(self.outboxes))
+                 if c not in sent and (idle or now - self.gauges_sent[c] >= GAUGES_EVERY_S)]
+        if stale:
+            gauges = self.gauges()
+            for c in stale:
+                self._send(CoreOutputs(self.dp_rank, [], gauges), c)
 
     def _receive(self, timeout_s: Optional[float]) -> None:
         import zmq
         wait_ms = None if timeout_s is None else int(timeout_s * 1000)
+        aborted = False
         while self.inbox.poll(wait_ms, zmq.POLLIN):
-            self._apply(pickle.loads(self.inbox.recv()))
+            msg = pickle.loads(self.inbox.recv())
+            aborted |= isinstance(msg, AbortRequest)
+            self._apply(msg)
             wait_ms = 0
+        if aborted and not self._has_work():  # no step will carry the freed blocks: say so now
+            gauges = self.gauges()
+            for client in range(len(self.outboxes)):
+                self._send(CoreOutputs(self.dp_rank, [], gauges), client)
 
     def _apply(self, msg) -> None:
         if isinstance(msg, Stop):
             self.stopping = True
         elif isinstance(msg, AddRequest):
+            self.client_of[msg.request_id] = msg.client
             if msg.params.prompt_logprobs is not None and self.sync_group is not None:
                 # scoring the prompt runs a forward: in a sync round, as other work
                 self.work.append(Work(len(msg.prompt_ids), lambda: self._add(msg)))
@@ -234,6 +292,7 @@ class EngineCore:
         elif isinstance(msg, AbortRequest):
             self.engine.abort_request(msg.request_id)
             self.deltas.forget(msg.request_id)
+            self.client_of.pop(msg.request_id, None)
         elif isinstance(msg, ScorePrompt):
             _, ids = self.engine.tokenize_prompt(msg.prompt)
             self.work.append(Work(len(ids), lambda: self._score(msg)))
@@ -244,8 +303,9 @@ class EngineCore:
                                     msg.params)
             return True
         except ValueError as exc:  # refused by its checks, before any forward
+            self.client_of.pop(msg.request_id, None)
             self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc),
-                                   failed_requests=[msg.request_id]))
+                                   failed_requests=[msg.request_id]), msg.client)
             return False
 
     def _has_work(self) -> bool:
@@ -304,9 +364,9 @@ class EngineCore:
         try:
             logits = self.engine.prompt_logits(score.prompt)
         except ValueError as exc:  # refused before the forward (too long, no free blocks)
-            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)))
+            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)), score.client)
             return False
-        self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits))
+        self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits), score.client)
         return True
 
     def _step(self, batch) -> bool:
@@ -324,14 +384,23 @@ class EngineCore:
                 outputs = self.engine._run_sync(batch)
         except Exception as exc:  # a failing step fails its requests, not the core
             logger.exception("DP rank %d: step failed", self.dp_rank)
-            failed = list(self.engine.requests)
-            for rid in failed:
+            failed: dict[int, list[str]] = {}
+            for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)
-            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
-                                   failed_requests=failed))
+                self.deltas.forget(rid)
+                failed.setdefault(self.client_of.pop(rid, 0), []).append(rid)
+            for client, rids in failed.items():
+                self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
+                                       failed_requests=rids), client)
             return True
-        if outputs:
-            self._send(CoreOutputs(self.dp_rank, [self.deltas(o) for o in outputs], self.gauges(),
-                                   step_bytes=self.executor.sent_bytes))
+        by_client: dict[int, list] = {}
+        for o in outputs:
+            rid = o.request_id
+            client = self.client_of.pop(rid, 0) if o.finished else self.client_of.get(rid, 0)
+            by_client.setdefault(client, []).append(self.deltas(o))
+        gauges = self.gauges() if by_client else None
+        for client, deltas in by_client.items():
+            self._send(CoreOutputs(self.dp_rank, deltas, gauges, step_bytes=self.executor.sent_bytes), client)
+        self._share_gauges(set(by_client))
         return self.engine.stats["steps"] > steps
 

@@ -18,6 +18,8 @@ class LLM:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; see EngineArgs")
+        if kwargs.get("api_server_count", 1) != 1:
+            raise ValueError("api_server_count is an option of `deepserve serve`; the offline LLM has no API server")
         self.engine = LLMEngine(EngineArgs(**kwargs))
         self.tokenizer = self.engine.tokenizer
 

@@ -87,12 +87,27 @@ def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
     return tokenizer, eos
 
 
+def engine_core_apart(args: EngineArgs, default: bool) -> bool:
+    """Whether the engine core runs in a process of its own (one per DP rank) behind a front
+    end in this process (engine/dp_engine.py): always with data parallel or several API
+    servers, never on Ray (its driver schedules every rank), else as
+    DEEPSERVE_ENGINE_CORE_PROCESS says (1 / 0), and `default` when it is unset (the offline
+    LLM: in this process; `deepserve serve`: apart, as vLLM does)."""
+    if args.distributed_executor_backend == "ray":
+        return False
+    if args.data_parallel_size > 1 or args.api_server_count > 1:
+        return True
+    env = os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS")
+    return default if env is None else env == "1"
+
+
 class LLMEngine:
+    # whether gauges() changes while this engine has no unfinished request (true where they
+    # come from engine-core processes), so that an idle server re-reads them
+    gauges_change_when_idle = False
+
     def __new__(cls, args: EngineArgs, executor=None):
-        # data parallel over spawned processes (or DEEPSERVE_ENGINE_CORE_PROCESS=1): one engine
-        # core process per DP rank behind a front end in this process (engine/dp_engine.py)
-        apart = args.data_parallel_size > 1 or os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS") == "1"
-        if cls is LLMEngine and executor is None and apart and args.distributed_executor_backend != "ray":
+        if cls is LLMEngine and executor is None and engine_core_apart(args, default=False):
             from deepserve.engine.dp_engine import DataParallelEngine
             return super().__new__(DataParallelEngine)
         return super().__new__(cls)

@@ -1,11 +1,17 @@
 """Start the OpenAI-compatible server: build the engine, the app, and run uvicorn until
 SIGINT/SIGTERM.
 
+The engine core (scheduler, KV pool, sampler, detokenizer) runs in a process of its own, as
+in vLLM, so HTTP, JSON and streaming never hold the GIL that the step loop needs: this process
+is a front end that sends requests to it and rebuilds outputs from its per-step deltas over
+ZeroMQ (engine/dp_engine.py). DEEPSERVE_ENGINE_CORE_PROCESS=0 keeps the engine in a thread of
+this process instead; --distributed-executor-backend ray always does.
+
 On a signal, in-flight requests are ended at once with an error (streams get an error event
-and `[DONE]`), the listener closes, and the engine thread stops: the process exits within a
-few seconds and leaves nothing behind (the engine runs in a thread of this process, no
-children are spawned). When the socket is bound the server prints one line with its URL
-(`--port 0` picks a free port and the line tells which).
+and `[DONE]`), the listener closes, the engine thread stops and the engine-core processes
+with it: the process exits within a few seconds and leaves nothing behind. When the socket is
+bound the server prints one line with its URL (`--port 0` picks a free port and the line
+tells which). --api-server-count N > 1: server/api_servers.py.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import uvicorn
 
 from deepserve.config import DEMO_MODEL, EngineArgs
 from deepserve.engine.async_llm import AsyncLLM
-from deepserve.engine.llm_engine import LLMEngine
+from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
 from deepserve.server.app import build_app
 from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
@@ -62,17 +68,21 @@ def load_chat_template(engine: LLMEngine, template: Optional[str]) -> None:
 class _Server(uvicorn.Server):
     """uvicorn, plus a ready line with the bound URL and an engine drain on the first signal."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, on_ready=None):
         super().__init__(config)
         self.state = state
+        self.on_ready = on_ready
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.should_exit or not self.servers:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
-        names = ", ".join(self.state.settings.served_model_names)
-        print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        if self.on_ready is not None:  # one of several API servers: the launcher announces them
+            self.on_ready(f"http://{host}:{port}")
+        else:
+            names = ", ".join(self.state.settings.served_model_names)
+            print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         asyncio.get_running_loop().create_task(self._watch_engine())
 
     async def _watch_engine(self) -> None:
@@ -124,14 +134,20 @@ def generation_defaults(generation_config: str, model: str) -> dict:
     return defaults
 
 
-def build_state(engine_args: EngineArgs, server: ServerArgs) -> ServerState:
+def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LLMEngine] = None,
+                api_server: Optional[int] = None) -> ServerState:
+    """The server's state; `engine`: one already connected to its cores (API server number
+    `api_server` of several), else one is started from `engine_args`."""
     if server.reasoning_parser is not None and server.reasoning_parser not in PARSERS:
         raise ValueError(f"unknown --reasoning-parser {server.reasoning_parser!r}; choose from {', '.join(PARSERS)}")
     if server.tool_call_parser is not None and server.tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown --tool-call-parser {server.tool_call_parser!r}; choose from "
                          f"{', '.join(TOOL_PARSERS)}")
     defaults = generation_defaults(server.generation_config, str(engine_args.model))
-    engine = LLMEngine(engine_args)
+    if engine is None:
+        from deepserve.engine.dp_engine import DataParallelEngine
+        apart = engine_core_apart(engine_args, default=True)
+        engine = DataParallelEngine(engine_args) if apart else LLMEngine(engine_args)
     load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_key=server.api_key or None, reasoning_parser=server.reasoning_parser,
@@ -140,22 +156,36 @@ def build_state(engine_args: EngineArgs, server: ServerArgs) -> ServerState:
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy)
     llm = AsyncLLM(engine)
-    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot)
+    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server)
     llm.listener = metrics
     return ServerState(llm=llm, settings=settings, metrics=metrics)
 
 
 def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, **options) -> int:
-    """Serve until interrupted: `server` (default ServerArgs()) with `options` replacing its fields."""
+    """Serve until interrupted: `server` (default ServerArgs()) with `options` replacing its
+    fields; with --api-server-count N > 1, as N API server processes on one listening socket
+    (server/api_servers.py)."""
     server = dataclasses.replace(server or ServerArgs(), **options)
-    logging.basicConfig(level=getattr(logging, server.log_level.upper(), logging.INFO),
+    if engine_args.api_server_count > 1:
+        from deepserve.server.api_servers import run_api_servers
+        return run_api_servers(engine_args, server)
+    set_up_logging(server.log_level)
+    return serve_app(build_state(engine_args, server), server)
+
+
+def set_up_logging(log_level: str) -> None:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    state = build_state(engine_args, server)
+
+
+def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None) -> int:
+    """Run uvicorn on `state` until a signal or a dead engine; `sock`: an already bound
+    listening socket (shared by several API server processes), else server.host:port is bound."""
     app = build_app(state)
     config = uvicorn.Config(app, host=server.host, port=int(server.port), log_level=server.log_level,
                             access_log=False, timeout_graceful_shutdown=3, lifespan="on")
-    http = _Server(config, state)
-    http.run()
+    http = _Server(config, state, on_ready)
+    http.run(sockets=[sock] if sock is not None else None)
     state.llm.shutdown()
     if getattr(http, "fatal", None):
         return 1

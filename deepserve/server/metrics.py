@@ -8,9 +8,17 @@ inter-token latency, end-to-end latency) fed by AsyncLLM's request listener.
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
 prefix. Each server has its own registry (several servers can live in one process).
+
+With several API server processes (--api-server-count N > 1) the launcher sets
+PROMETHEUS_MULTIPROC_DIR before it starts them (vLLM does the same): each process writes its
+request counters and histograms to files there, and any process's /metrics sums them over all
+(prometheus_client's MultiProcessCollector), so a scrape that reaches either process counts
+every request. The engine's gauges and counters are the cores' own, which every API server
+receives, so they are reported once, not summed.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -102,25 +110,37 @@ class _Aliased:
 class ServerMetrics:
     """Collects request timings (as AsyncLLM's listener) and renders the exposition text."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
+    def __init__(self, model_name: str, snapshot: Callable[[], dict], api_server: Optional[int] = None):
+        """`api_server`: this process's index among several API servers; their requests are
+        then also counted per API server (`api_server_requests`)."""
         inner = CollectorRegistry(auto_describe=True)
         inner.register(_EngineCollector(model_name, snapshot))
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared_dir:  # the request metrics of every API server process, read from their files
+            from prometheus_client.multiprocess import MultiProcessCollector
+            MultiProcessCollector(inner, shared_dir)
+        own = None if shared_dir else inner   # (registered, they would show this process's alone too)
 
         def histogram(name: str, help_text: str, buckets: tuple[float, ...]):
             return Histogram(PREFIX + name, help_text, ["model_name"], buckets=buckets,
-                             registry=inner).labels(model_name)
+                             registry=own).labels(model_name)
 
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
         finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason.",
-                           ["model_name", "finished_reason"], registry=inner)
+                           ["model_name", "finished_reason"], registry=own)
         self.finished = lambda reason: finished.labels(model_name, reason)
         for reason in FINISH_REASONS:
             self.finished(reason)
         errors = Counter(PREFIX + "http_errors", "Error responses sent, by status.", ["model_name", "status"],
-                         registry=inner)
+                         registry=own)
         self.http_errors = lambda status: errors.labels(model_name, str(status))
+        self.served = None
+        if api_server is not None:
+            self.served = Counter(PREFIX + "api_server_requests", "Requests ended, by the API server process "
+                                  "that served them.", ["model_name", "api_server"],
+                                  registry=own).labels(model_name, str(api_server))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Aliased(inner))
         self._last_output: dict[str, float] = {}
@@ -142,6 +162,8 @@ class ServerMetrics:
         self._last_output.pop(request_id, None)
         self.e2e.observe(now - arrival)
         self.finished(reason or "abort").inc()
+        if self.served is not None:
+            self.served.inc()
 
     def record_error(self, status: int) -> None:
         self.http_errors(status).inc()

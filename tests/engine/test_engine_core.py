@@ -1,11 +1,9 @@
-"""The engine core in a process of its own (DEEPSERVE_ENGINE_CORE_PROCESS=1, always so for
-data parallel): the front end sends requests over ZeroMQ and rebuilds each request's output
-from the core's deltas. Outputs equal the in-process engine's (text, tokens, n > 1, stop
-strings, logprobs); behind the API server, killing the core turns /health to 503 and the
-server exits naming it."""
+"""The engine core in a process of its own (DEEPSERVE_ENGINE_CORE_PROCESS=1 for the offline LLM;
+always so for `deepserve serve` and data parallel): the front end sends requests over ZeroMQ
+and rebuilds each request's output from the core's deltas. Outputs equal the in-process
+engine's (text, tokens, n > 1, stop strings, logprobs); behind the API server (one, or two
+with --api-server-count 2), killing the core turns /health to 503 and the server exits naming it."""
 import os
-import signal
-import time
 
 import httpx
 
@@ -13,7 +11,7 @@ from deepserve import LLM, SamplingParams
 from deepserve.engine.dp_engine import DataParallelEngine
 from tests.conftest import DEMO_MODEL
 from tests.server.conftest import launch
-from tests.server.test_server_worker_death import _children
+from tests.server.test_server_worker_death import kill_and_see_it_named, spawned_children
 
 PARAMS = [SamplingParams(temperature=0, max_tokens=20, stop=[" Lily"]),
           SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2),
@@ -38,28 +36,32 @@ def test_core_process_outputs_equal_in_process(monkeypatch):
     assert any(c[2] == "stop" for o in want for c in o)
 
 
-def test_server_with_core_process_fails_health_when_the_core_dies(monkeypatch):
-    monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "1")
-    server = launch("--block-size", "4", timeout=180)
+def _first_completion(server) -> None:
+    r = httpx.post(server.v1 + "/completions", json={"model": "stories260k", "prompt": [1], "max_tokens": 12,
+                                                     "temperature": 0}, timeout=60)
+    assert r.json()["choices"][0]["text"].startswith("Once upon a time")
+
+
+def test_server_fails_health_when_the_core_dies():
+    server = launch("--block-size", "4", timeout=180)   # deepserve serve: the core apart by default
     try:
-        model = httpx.get(server.v1 + "/models").json()["data"][0]["id"]
-        r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": [1], "max_tokens": 12,
-                                                         "temperature": 0}, timeout=60)
-        assert r.json()["choices"][0]["text"].startswith("Once upon a time")
+        _first_completion(server)
         assert httpx.get(server.url + "/health").status_code == 200
-        cores = [p for p in _children(server.proc.pid)
-                 if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()]
+        cores = spawned_children(server)
         assert len(cores) == 1, cores                 # the one engine core (TP=1: no other rank)
-        os.kill(cores[0], signal.SIGKILL)
-        start, saw_503 = time.monotonic(), False
-        while server.proc.poll() is None and time.monotonic() - start < 30:
-            try:
-                saw_503 |= httpx.get(server.url + "/health", timeout=2).status_code == 503
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        assert server.proc.wait(timeout=30) == 1 and saw_503
-        log = "".join(server.lines)
-        assert "rank 0" in log and "exited with code -9" in log
+        kill_and_see_it_named(server, cores[0], "rank 0 (pid")
+    finally:
+        server.stop()
+
+
+def test_two_api_servers_fail_health_and_exit_when_the_core_dies():
+    server = launch("--api-server-count", "2", "--block-size", "4", timeout=240)
+    try:
+        _first_completion(server)
+        children = spawned_children(server)
+        assert len(children) == 3, children            # the engine core, then the two API servers
+        kill_and_see_it_named(server, children[0], "rank 0 (pid")
+        assert all(not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
+                   for p in children[1:])
     finally:
         server.stop()
