@@ -81,15 +81,15 @@ def rtn_quantize(w: torch.Tensor, group_size: int, sym: bool, scale_dtype: torch
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
+    """Upper Cholesky factors of (H + damp * mean(diag H) * I)^-1, for H [..., K, K]."""
     h = h.clone()
-    idx = torch.arange(h.shape[0], device=h.device)
-    h[idx, idx] += damp * torch.mean(torch.diag(h))
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag += damp * diag.mean(-1, keepdim=True)
     for attempt in range(5):      # a nearly singular H: raise the dampening until it factors
         lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
+        if not bool(info.any()):
             break
-        h[idx, idx] += damp * torch.mean(torch.diag(h)) * 10 ** attempt
+        diag += damp * diag.mean(-1, keepdim=True) * 10 ** attempt
     else:
         raise ValueError("GPTQ: the calibration Hessian is not positive definite even with dampening")
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
@@ -99,47 +99,66 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool, scale_dtype: torch.dtype,
                   act_order: bool = False, damp: float = DAMP, block: int = BLOCK) -> Int4Weight:
     """GPTQ of w [N, K] given the Hessian h [K, K] = sum of x x^T over calibration inputs x."""
-    n, k = w.shape
+    return gptq_quantize_batch(w[None], h[None], group_size, sym, scale_dtype, act_order, damp, block)[0]
+
+
+@torch.no_grad()
+def gptq_quantize_batch(w: torch.Tensor, h: torch.Tensor, group_size: int, sym: bool, scale_dtype: torch.dtype,
+                        act_order: bool = False, damp: float = DAMP, block: int = BLOCK) -> list[Int4Weight]:
+    """GPTQ of B independent matrices at once (the routed experts of one projection): w [B, N, K]
+    with Hessians h [B, K, K]; one column loop for all of them."""
+    b, n, k = w.shape
     g = _group_width(k, group_size)
-    if tuple(h.shape) != (k, k):
-        raise ValueError(f"GPTQ: Hessian {tuple(h.shape)} does not match a weight of {k} input features")
+    if tuple(h.shape) != (b, k, k):
+        raise ValueError(f"GPTQ: Hessian {tuple(h.shape)} does not match {b} weights of {k} input features")
     w = w.to(h.device, torch.float32).clone()
     h = h.float().clone()
-    dead = torch.diag(h) == 0                 # inputs never active in calibration: H row = e_k
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-    if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp)
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag[diag == 0] = 1.0                     # inputs never active in calibration: H row = e_k
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True)                     # [B, K]
+        w = torch.gather(w, 2, perm[:, None, :].expand(b, n, k))
+        h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(b, k, k)), 2, perm[:, None, :].expand(b, k, k))
+    hinv = _inverse_hessian_factor(h, damp)                                     # [B, K, K]
 
     groups = k // g
-    u = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(n, groups, device=w.device)
-    zeros = torch.empty(n, groups, device=w.device)
+    u = torch.empty(b, n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(b, n, groups, device=w.device)
+    zeros = torch.empty(b, n, groups, device=w.device)
+
+    def grid(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:        # [B, N, g] -> [B, N] each
+        s_, z_ = _grid(cols.reshape(b * n, -1), sym, scale_dtype)
+        return s_.view(b, n), z_.view(b, n)
+
     if g == k:                                 # channel strategy: one grid from the whole row
-        s, z = _grid(w, sym, scale_dtype)
-        scales[:, 0], zeros[:, 0] = s, z
+        s, z = grid(w)
+        scales[..., 0], zeros[..., 0] = s, z
     block = g * -(-block // g) if g < k else block   # blocks hold whole groups
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, :, i1:i2].clone()
         err = torch.zeros_like(w1)
         for j in range(i2 - i1):
             col = i1 + j
             if g < k and col % g == 0:         # the group's grid from its columns as updated so far
-                s, z = _grid(w1[:, j:j + g], sym, scale_dtype)
-                scales[:, col // g], zeros[:, col // g] = s, z
-            q = _round(w1[:, j], s, z)
-            u[:, col] = q.to(torch.uint8)
-            e = (w1[:, j] - (q - z) * s) / hinv[col, col]
-            w1[:, j:] -= e[:, None] * hinv[col, col:i2][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+                s, z = grid(w1[:, :, j:j + g])
+                scales[:, :, col // g], zeros[:, :, col // g] = s, z
+            q = _round(w1[:, :, j], s, z)
+            u[:, :, col] = q.to(torch.uint8)
+            d = hinv[:, col, col][:, None]                                       # [B, 1]
+            e = (w1[:, :, j] - (q - z) * s) / d
+            w1[:, :, j:] -= e[:, :, None] * hinv[:, None, col, col:i2]
+            err[:, :, j] = e
+        w[:, :, i2:] -= err @ hinv[:, i1:i2, i2:]
 
-    g_idx = None
-    if perm is not None:                       # back to the original feature order
-        inv = torch.argsort(perm)
-        u = u[:, inv]
-        g_idx = (inv // g).to(torch.int32)
-    return Int4Weight(u.contiguous(), scales.to(scale_dtype), None if sym else zeros.to(torch.uint8),
-                      g_idx, g)
+    out = []
+    for i in range(b):
+        ui, g_idx = u[i], None
+        if perm is not None:                   # back to the original feature order
+            inv = torch.argsort(perm[i])
+            ui = ui[:, inv]
+            g_idx = (inv // g).to(torch.int32)
+        out.append(Int4Weight(ui.contiguous(), scales[i].to(scale_dtype), None if sym else zeros[i].to(torch.uint8),
+                              g_idx, g))
+    return out

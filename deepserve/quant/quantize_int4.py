@@ -11,7 +11,8 @@ layer with GPTQ's Hessian update on calibration activations, layer by layer
 (models/calibration.py runs the float layer over the samples to collect each Linear's
 H = X^T X, quantizes the layer, then runs it again with the quantized weights to make the next
 layer's inputs). Routed experts use the tokens routed to each of them (an expert that
-received none is rounded to nearest); down_proj's inputs are computed from the float gate/up.
+received none is rounded to nearest); down_proj's inputs are computed from the float gate/up;
+the experts of one projection are quantized together, one column loop for a batch of them.
 Linears outside the decoder layers (MTP layers) are rounded to nearest.
 
 A layer is quantized when the first of its tensors is asked for (shard by shard, in the
@@ -35,7 +36,7 @@ from safetensors import safe_open
 from deepserve.ops.int4 import PACK, unpack_int4
 from deepserve.quant.calib_data import calibration_samples
 from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
-from deepserve.quant.gptq import DAMP, Int4Weight, gptq_quantize, rtn_quantize
+from deepserve.quant.gptq import DAMP, Int4Weight, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from deepserve.quant.int4 import (int4_spec, scale_dtype_of, scales_to_memory, weight_to_memory,
                                   zeros_to_memory)
 from deepserve.quant.int4_write import FORMATS, quantization_config, tensor_specs, weight_tensors
@@ -48,6 +49,8 @@ ALGORITHMS = ("gptq", "rtn")
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # projections fused into one GEMM at load: quantized all or none
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# memory for the Hessians of the routed experts GPTQ'd in one batch (R1 gate/up: 196 MiB each)
+_EXPERT_HESSIAN_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -207,34 +210,64 @@ class QuantizeInt4(Converter):
         weights = {n: reader.get(n) for n in ckpt.tensors if n.startswith(prefix)}
         todo = [n for n in weights if n in self._quant and ckpt.tensors[n].file not in self._done]
         stats = self._runner.capture(i, weights) if todo else None
+        experts: dict[tuple[str, str], list[str]] = {}      # (experts prefix, projection) -> names
+        for name in todo:
+            m = _EXPERT.match(name)
+            if m is None:
+                self._pending[name] = self._gptq(weights[name], stats.hessians.get(name[: -len(".weight")]), name)
+            else:
+                experts.setdefault((m[1], m[3]), []).append(name)
+        for names in experts.values():
+            self._gptq_experts(names, weights, stats)
         out = dict(weights)
         for name in (n for n in weights if n in self._quant):
-            if name in todo:
-                q = self._gptq(name, weights, stats)
-                self._pending[name] = q
-            else:
-                q = self._written(ckpt, name)
+            q = self._pending[name] if name in todo else self._written(ckpt, name)
             out[name] = q.dequant(torch.float32)
         self._runner.advance(i, out)
 
-    def _gptq(self, name: str, weights: dict[str, torch.Tensor], stats) -> Int4Weight:
+    def _gptq(self, w: torch.Tensor, h: Optional[torch.Tensor], name: str) -> Int4Weight:
         o = self.opts
-        w = weights[name].to(self.device)
-        m = _EXPERT.match(name)
-        if m is None:
-            h = stats.hessians.get(name[: -len(".weight")])
-        else:
-            x = stats.expert_rows(m[1], int(m[2]))
-            if x.numel() and m[3] == "down_proj":
-                base = f"{m[1]}.{m[2]}"
-                gate, up = (weights[f"{base}.{p}.weight"].to(x.device, torch.float32) for p in ("gate_proj", "up_proj"))
-                x = F.silu(x @ gate.t()) * (x @ up.t())
-            h = x.t() @ x if x.numel() else None
         if h is None or not bool(torch.diag(h).any()):
             self.rtn_fallback.append(name)
             return self._rtn(w)
-        return gptq_quantize(w, h.to(self.device), o.group_size, o.symmetric, self.scale_dtype,
+        return gptq_quantize(w.to(self.device), h.to(self.device), o.group_size, o.symmetric, self.scale_dtype,
                              o.act_order, o.damp)
+
+    def _expert_hessian(self, name: str, weights: dict[str, torch.Tensor], stats) -> Optional[torch.Tensor]:
+        """X^T X over the inputs routed to this expert's matrix: x for gate/up, silu(x G^T) * (x U^T)
+        (float weights) for down; None when no token was routed to it."""
+        m = _EXPERT.match(name)
+        x = stats.expert_rows(m[1], int(m[2]))
+        if not x.numel():
+            return None
+        if m[3] == "down_proj":
+            gate, up = (weights[f"{m[1]}.{m[2]}.{p}.weight"].to(x.device, torch.float32) for p in ("gate_proj", "up_proj"))
+            x = F.silu(x @ gate.t()) * (x @ up.t())
+        return x.t() @ x
+
+    def _gptq_experts(self, names: list[str], weights: dict[str, torch.Tensor], stats) -> None:
+        """One projection of a layer's routed experts, GPTQ'd together in chunks (one column loop
+        per chunk; the Hessians of a chunk take at most _EXPERT_HESSIAN_BYTES)."""
+        o = self.opts
+        ready = []
+        for name in names:
+            h = self._expert_hessian(name, weights, stats)
+            if h is None or not bool(torch.diag(h).any()):
+                self.rtn_fallback.append(name)
+                self._pending[name] = self._rtn(weights[name])
+            else:
+                ready.append((name, h.to(self.device)))
+        if not ready:
+            return
+        k = ready[0][1].shape[0]
+        chunk = max(1, _EXPERT_HESSIAN_BYTES // (k * k * 4))
+        for c in range(0, len(ready), chunk):
+            part = ready[c:c + chunk]
+            w = torch.stack([weights[n].to(self.device, torch.float32) for n, _ in part])
+            qs = gptq_quantize_batch(w, torch.stack([h for _, h in part]), o.group_size, o.symmetric,
+                                     self.scale_dtype, o.act_order, o.damp)
+            for (name, _), q in zip(part, qs):
+                self._pending[name] = q
 
     def _written(self, ckpt: Checkpoint, name: str) -> Int4Weight:
         """The quantized weight a previous run wrote for `name` into the partial output."""

@@ -30,7 +30,7 @@ from deepserve.models.calibration import LayerRunner
 from deepserve.quant import Int4Options, pipeline, quantize_checkpoint
 from deepserve.quant.calib_data import calibration_samples
 from deepserve.quant.checkpoint import open_checkpoint
-from deepserve.quant.gptq import gptq_quantize, rtn_quantize
+from deepserve.quant.gptq import gptq_quantize, gptq_quantize_batch, rtn_quantize
 from deepserve.quant.quantize_int4 import QuantizeInt4
 from tests.conftest import DEMO_MODEL
 
@@ -215,6 +215,15 @@ def test_gptq_on_identity_hessian_is_rtn_and_beats_it_on_correlated_inputs():
     assert ordered.g_idx[:4].tolist() == [0, 0, 0, 0] and sorted(torch.bincount(ordered.g_idx).tolist()) == [32] * 4
     print(f"output MSE: RTN {rtn:.3g}, GPTQ {err(plain):.3g}, GPTQ act-order {err(ordered):.3g}")
     assert err(plain) < 0.7 * rtn and err(ordered) < 0.7 * rtn
+    # experts of one projection in one batch: each as it would be alone
+    ws = torch.stack([w, w.flip(0), w * 2])
+    hs = torch.stack([h, torch.eye(128), h.flip(0).flip(1)])
+    for act_order in (False, True):
+        batch = gptq_quantize_batch(ws, hs, 32, False, torch.float16, act_order=act_order)
+        for wi, hi, q in zip(ws, hs, batch):
+            one = gptq_quantize(wi, hi, 32, False, torch.float16, act_order=act_order)
+            assert (q.u == one.u).float().mean() > 0.999 and (q.g_idx is None) == (not act_order)
+            torch.testing.assert_close(q.dequant(), one.dequant(), rtol=0, atol=2e-3)
 
 
 def test_w4a8_output_loads_and_serves(tmp_path, shared_dir, story):
