@@ -23,27 +23,60 @@ TOKENIZERS = SHARED / "tokenizers"
 DEMO_MODEL = REPO / "deepserve" / "assets" / "stories260k"
 
 
-# Test files that start servers or several engine processes per test: marked `slow` and left
-# out of the default run (pyproject addopts), so `python -m pytest -q` stays within minutes on a
-# 2-core machine; `python -m pytest -q -m slow` runs them.
+# Test files that take minutes of CPU each (several engine processes in every test): marked
+# `slow` and left out of the default run (pyproject addopts); `python -m pytest -q -m slow` runs them.
 SLOW_FILES = {
-    "tests/cli/test_guides_e2e.py", "tests/engine/test_executor.py", "tests/engine/test_dp_multinode.py",
-    "tests/engine/test_engine_core.py", "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
-    "tests/distributed/test_dp_attention.py", "tests/server/test_server_openai_features.py",
-    "tests/server/test_server_tools.py", "tests/test_platform_pkg.py",
+    "tests/cli/test_guides_e2e.py", "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
+    "tests/distributed/test_dp_attention.py",
 }
+# Test files that start servers or engine processes: collected first, so that under xdist
+# (`-n 2 --dist loadfile`, one file per worker at a time) the two workers end together instead of
+# one running the last of these alone.
+PROCESS_FILES = SLOW_FILES | {
+    "tests/distributed/test_parallel_engine.py", "tests/engine/test_executor.py", "tests/engine/test_dp_multinode.py",
+    "tests/engine/test_engine_core.py", "tests/server/test_server_openai_features.py",
+    "tests/server/test_server_tools.py", "tests/test_platform_pkg.py", "tests/distributed/test_ray.py",
+}
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        # xdist would reorder the files by their number of tests; keep the order set below
+        config.option.loadscopereorder = False
+
+
+def _repo_path(item) -> str:
+    return Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if Path(str(item.fspath)).resolve().relative_to(REPO).as_posix() in SLOW_FILES:
+        if _repo_path(item) in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: _repo_path(item) not in PROCESS_FILES)    # stable: files stay whole
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Tests that start a real local Ray cluster. ClusterLauncher's `ray stop` ends every Ray process
+# of the machine, so under xdist they take a lock in the run's temporary folder, one at a time.
+LOCAL_RAY_TESTS = {"test_ray_tp2_matches_tp1", "test_real_local_ray_start_wait_stop",
+                   "test_mindspore_tp_pp_uneven_fp16_over_local_ray"}
+
+
+@pytest.fixture(autouse=True)
+def _one_local_ray_cluster_at_a_time(request, tmp_path_factory):
+    if request.node.originalname not in LOCAL_RAY_TESTS:
+        yield
+        return
+    import fcntl
+    with open(tmp_path_factory.getbasetemp().parent / "local-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
