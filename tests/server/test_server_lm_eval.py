@@ -32,6 +32,12 @@ metric_list:
 """
 
 
+def local_tasks(folder):
+    """The task YAMLs of `folder` only: indexing lm-eval's own thousands of tasks costs ~25 s of CPU."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
 def finished_requests(url: str) -> float:
     values = parse_metrics(httpx.get(url + "/metrics").text)
     return sum(v for k, v in values.items() if k.startswith("deepserve:request_success_total"))
@@ -42,7 +48,6 @@ def finished_requests(url: str) -> float:
 def test_lm_eval_gsm8k_runs_to_the_end(demo_server, tmp_path, monkeypatch, model, endpoint):
     pytest.importorskip("tenacity")   # lm-eval's [api] extra
     lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
 
     data = SHARED / "datasets" / "gsm8k" / "test.jsonl"
     if not data.is_file():
@@ -55,7 +60,7 @@ def test_lm_eval_gsm8k_runs_to_the_end(demo_server, tmp_path, monkeypatch, model
         args += f",tokenizer_backend=huggingface,tokenizer={REPO / 'deepserve' / 'assets' / 'stories260k'}"
     before = finished_requests(demo_server.url)
     result = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["gsm8k_local"], limit=5,
-                                     task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                                     task_manager=local_tasks(tmp_path), log_samples=True,
                                      apply_chat_template=endpoint != "completions")
     assert result["results"]["gsm8k_local"]["sample_len"] == 5
     samples = result["samples"]["gsm8k_local"]
@@ -90,7 +95,6 @@ def test_lm_eval_multiple_choice_runs_on_echoed_logprobs(demo_server, tmp_path, 
     echoed prompt logprobs; the demo model knows its stories well enough to get all three."""
     pytest.importorskip("tenacity")
     lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager
 
     import json
     data = tmp_path / "mc.jsonl"
@@ -101,7 +105,7 @@ def test_lm_eval_multiple_choice_runs_on_echoed_logprobs(demo_server, tmp_path, 
     args = (f"model=stories260k,base_url={demo_server.v1}/completions,num_concurrent=2,max_retries=1,"
             f"tokenizer_backend=huggingface,tokenizer={REPO / 'deepserve' / 'assets' / 'stories260k'}")
     result = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["stories_mc"],
-                                     task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+                                     task_manager=local_tasks(tmp_path), log_samples=True)
     samples = result["samples"]["stories_mc"]
     assert len(samples) == 3
     for s in samples:
