@@ -14,11 +14,21 @@ import os
 import threading
 
 from deepserve.config import EngineConfig
-from deepserve.engine.executor import DriverExecutor, _worker_main, check_no_live_group, dist_timeout_s, free_port
+from deepserve.engine.executor import (DriverExecutor, _worker_main, check_no_live_group, dist_timeout_s, free_port,
+                                       start_timeout_s)
 from deepserve.distributed.parallel_state import destroy_distributed
 from deepserve.platforms import Platform
 
 logger = logging.getLogger("deepserve")
+
+# read by every rank itself (the pipeline split, the Triton launch toggles): the Ray workers get
+# the driver's values, unset ones as "" (the default), so every rank agrees with the driver
+# whatever the nodes exported before `ray start` (vLLM copies its environment to them too)
+RANK_ENV = ("VLLM_PP_LAYER_PARTITION", "DEEPSERVE_PDL", "DEEPSERVE_PDL_TRIGGER_FIRST", "DEEPSERVE_PREFETCH")
+
+
+def rank_env() -> dict[str, str]:
+    return {name: os.environ.get(name, "") for name in RANK_ENV}
 
 
 def _import_ray():
@@ -56,8 +66,16 @@ class RayExecutor(DriverExecutor):
                 # Ray shows each actor only its own GPU: it is device 0 here
                 _worker_main(rank, cfg, platform_name, init, timeout_s, local_rank=0)
 
-        self.actors = [Worker.options(name=None).remote() for _ in range(1, self.world_size)]
-        self.nodes = ray.get([a.node.remote() for a in self.actors])
+        env = {"env_vars": rank_env()}
+        self.actors = [Worker.options(name=None, runtime_env=env).remote() for _ in range(1, self.world_size)]
+        try:
+            self.nodes = ray.get([a.node.remote() for a in self.actors], timeout=start_timeout_s())
+        except ray.exceptions.GetTimeoutError:
+            for actor in self.actors:
+                ray.kill(actor)
+            need = f"1 CPU{' and 1 GPU' if gpu else ''} each"
+            raise RuntimeError(f"Ray placed fewer than {len(self.actors)} worker actors ({need}) within "
+                               f"{start_timeout_s():.0f} s; the cluster has {ray.cluster_resources()}") from None
         self.runs = [a.run.remote(r, config, platform.name, init_method, timeout)
                      for r, a in enumerate(self.actors, start=1)]
         self._ray = ray

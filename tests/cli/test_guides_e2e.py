@@ -1,8 +1,10 @@
-"""The guides' commands run end to end on a CPU, scaled down (world size <= 2, short lengths)
-on a tiny random DeepSeek-V3-shaped checkpoint with an MTP layer: each server starts, answers
-the guide's own request (the curl body as written, sent with the official `openai` client where
-the guide uses the model path as the name) with what the in-process engine gives for it, and
-stops cleanly. The bench lines run against the same checkpoint."""
+"""The guides' commands run end to end on a CPU, scaled down (world sizes 2, the MindSpore TP x
+PP line 4; short lengths) on a tiny random DeepSeek-V3-shaped checkpoint with an MTP layer: each
+server starts (the MindSpore line on a real local Ray cluster, the vllm-ascend lines with MTP
+speculation, one of them as two "nodes" on 127.0.0.1), answers the guide's own request (the curl
+body as written, sent with the official `openai` client where the guide uses the model path as
+the name) with what the in-process engine gives for it, and stops cleanly. The bench lines run
+against the same checkpoint."""
 from __future__ import annotations
 
 import json
@@ -94,8 +96,12 @@ def test_mindspore_tp_pp_uneven_fp16_over_local_ray(reference, tiny_r1, monkeypa
     ((endpoint, body),) = curl_bodies(doc)
     assert endpoint == "/v1/completions" and body["model"] == "/home/ckpt/deepseek_r1_671b"
     body["model"] = str(tiny_r1)
-    # the guide's order: export, `ray start --head`, then serve (which joins that cluster)
-    with local_ray_head(server_env()) as head:
+    # `ray start --head`, then serve, which joins that cluster (RAY_ADDRESS: not another cluster on
+    # the machine); the head is started without the guide's export: the partition reaches the
+    # Ray workers from the server's environment
+    head_env = {k: v for k, v in server_env().items() if k != "VLLM_PP_LAYER_PARTITION"}
+    with local_ray_head(head_env) as head:
+        monkeypatch.setenv("RAY_ADDRESS", head.address)
         # the same layout in spawned processes: the same sums in the same order as over Ray
         with engine(tiny_r1, dtype="float16", tensor_parallel_size=2, pipeline_parallel_size=2) as fp16:
             expected = greedy_text(fp16, body["prompt"], body["max_tokens"])
