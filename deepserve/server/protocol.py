@@ -3,9 +3,10 @@ extra sampling and structured-output fields) and the converters to SamplingParam
 
 Types are checked by pydantic (a string where a number belongs is a 400); value ranges are
 checked once, by SamplingParams, whose messages name the field and the value. Nothing is
-ignored silently: a field this server does not implement, known (OpenAI's `audio`, vLLM's
-`use_beam_search`, ...) or not, is a 400 naming it (`unsupported_field`); only a field sent
-as null or false, which asks for nothing, passes.
+ignored silently: a field OpenAI's or vLLM's API defines that this server does not implement
+(OpenAI's `audio`, vLLM's `use_beam_search`, ...) is a 400 naming it (`unsupported_field`); a
+field neither API defines is ignored with one warning line per request naming it
+(`ignored_fields`, vLLM's behaviour). A field sent as null or false asks for nothing and passes.
 """
 from __future__ import annotations
 
@@ -38,24 +39,43 @@ _WHY_NOT = {
 }
 
 
-def unsupported_field(model: BaseModel, path: str = "") -> Optional[tuple[str, str]]:
-    """(field path, message) of the first field sent that this server does not implement,
-    searching nested models; None when every field is implemented."""
+# request fields OpenAI's or vLLM's API defines that this server does not implement (those it
+# implements are declared on the models below, so they never reach this check)
+KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
+    "store", "metadata", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
+    "prompt_cache_key", "safety_identifier", "suffix", "input_audio", "image_url", "file", "refusal",
+    "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
+    "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
+    "structural_tag", "guided_json_object",
+}
+
+
+def _sent_extras(model: BaseModel, path: str = ""):
+    """(path, name) of each undeclared field sent with a value, nested models included."""
     for name, value in (model.model_extra or {}).items():
         if value is not None and value is not False:
-            where = f"{path}{name}"
-            why = _WHY_NOT.get(name, "")
-            return where, f"{where} is not supported by this server" + (f" ({why})" if why else "")
+            yield f"{path}{name}", name
     for name in type(model).model_fields:
         value = getattr(model, name)
         items = value if isinstance(value, list) else [value]
         for i, item in enumerate(items):
             if isinstance(item, BaseModel):
-                sub = f"{path}{name}[{i}]." if isinstance(value, list) else f"{path}{name}."
-                found = unsupported_field(item, sub)
-                if found:
-                    return found
+                yield from _sent_extras(item, f"{path}{name}[{i}]." if isinstance(value, list) else f"{path}{name}.")
+
+
+def unsupported_field(model: BaseModel) -> Optional[tuple[str, str]]:
+    """(field path, message) of the first field sent that OpenAI's or vLLM's API defines and this
+    server does not implement; None when there is none."""
+    for where, name in _sent_extras(model):
+        if name in KNOWN_UNSUPPORTED:
+            why = _WHY_NOT.get(name, "")
+            return where, f"{where} is not supported by this server" + (f" ({why})" if why else "")
     return None
+
+
+def ignored_fields(model: BaseModel) -> list[str]:
+    """Paths of the fields sent that neither API defines: the server ignores them (and says so)."""
+    return [where for where, name in _sent_extras(model) if name not in KNOWN_UNSUPPORTED]
 
 
 class JsonSchemaFormat(_Strict):

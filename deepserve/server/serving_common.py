@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Type, TypeVar
 
@@ -22,7 +23,9 @@ from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.args import ServerArgs
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
-from deepserve.server.protocol import unsupported_field, usage
+from deepserve.server.protocol import ignored_fields, unsupported_field, usage
+
+logger = logging.getLogger("deepserve")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -101,6 +104,10 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
     found = unsupported_field(req)
     if found is not None:
         raise APIError(400, found[1], param=found[0], code="unsupported_field")
+    ignored = ignored_fields(req)
+    if ignored:
+        logger.warning("request fields ignored (neither OpenAI's nor vLLM's API defines them): %s",
+                       ", ".join(ignored))
     return req
 
 

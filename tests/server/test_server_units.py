@@ -159,3 +159,16 @@ def test_metrics_text():
     for key, value in values.items():
         if key.startswith("deepserve:"):
             assert values["vllm:" + key[len("deepserve:"):]] == value, key
+
+def test_known_unsupported_fields_refused_unknown_ones_ignored_by_name():
+    from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest, ignored_fields, unsupported_field
+
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "use_beam_search": True, "x_new": 1})
+    assert unsupported_field(req)[0] == "use_beam_search" and "beam search" in unsupported_field(req)[1]
+    assert ignored_fields(req) == ["x_new"]
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "hi", "audio": {"id": "a"}, "mood": "calm"}], "store": False})
+    assert unsupported_field(chat)[0] == "messages[0].audio"       # store=False asks for nothing
+    assert ignored_fields(chat) == ["messages[0].mood"]
+    plain = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "top_k": 3})
+    assert unsupported_field(plain) is None and ignored_fields(plain) == []
