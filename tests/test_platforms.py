@@ -47,3 +47,25 @@ def test_out_of_tree_platform_registers(monkeypatch):
 def test_unknown_device_is_clear():
     with pytest.raises(ValueError, match="unknown device 'tpu'; available: cpu, cuda"):
         get_platform("tpu")
+
+
+class _BrokenEntryPoint:
+    name = "gone"
+
+    @staticmethod
+    def load():
+        raise ModuleNotFoundError("No module named 'gone_chip'")
+
+
+def test_a_broken_plugin_is_skipped_with_a_warning(monkeypatch, caplog):
+    platforms._plugins.cache_clear()
+    monkeypatch.setattr(platforms, "entry_points",
+                        lambda group: [_BrokenEntryPoint, _EntryPoint] if group == "deepserve.platforms" else [])
+    try:
+        with caplog.at_level("WARNING", logger="deepserve"):
+            assert platforms.available_platforms() == ["cpu", "cuda", "npu"]
+        assert "platform plugin gone not loaded (ModuleNotFoundError" in caplog.text
+        with pytest.raises(ValueError, match="unknown device 'gone'"):
+            get_platform("gone")
+    finally:
+        platforms._plugins.cache_clear()

@@ -10,18 +10,25 @@ platform brings its device name, its ops backend (`default_ops`, kernels registe
 from __future__ import annotations
 
 import functools
+import logging
 from importlib.metadata import entry_points
 
 from deepserve.platforms.interface import CpuPlatform, CudaPlatform, Platform
 
 _BUILTIN = {"cpu": CpuPlatform, "cuda": CudaPlatform}
+logger = logging.getLogger("deepserve")
 
 
 @functools.lru_cache(maxsize=None)
 def _plugins() -> dict[str, Platform]:
     found = {}
     for ep in entry_points(group="deepserve.platforms"):
-        platform = ep.load()()
+        try:
+            platform = ep.load()()
+        except Exception as exc:  # a broken or stale install must not take the built-in platforms down
+            logger.warning("platform plugin %s not loaded (%s: %s); its device is unavailable",
+                           ep.name, type(exc).__name__, exc)
+            continue
         if not isinstance(platform, Platform):
             raise TypeError(f"platform plugin {ep.name} returned {type(platform).__name__}, not a Platform")
         found[platform.name] = platform
