@@ -32,12 +32,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from deepserve.engine.executor import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "deepserve" / "assets" / "presets"
@@ -52,12 +53,6 @@ TINY = {"c1": 2, "c64": 4, "c256": 8, "sharegpt": 8}  # prompts per case with --
 VLLM_TUNED = ["--async-scheduling", "--max-num-batched-tokens", "16384"]
 KEEP = ("completed", "failed", "duration", "output_throughput", "total_token_throughput", "total_output_tokens",
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_folder(preset: str, tokenizer: Path, dest: Path, overrides: dict) -> Path:

@@ -30,14 +30,13 @@ from bench_engine import device_name, matmul_peak, random_prompts, synchronize
 from deepserve import LLM, SamplingParams
 
 
-def timed_step(llm: LLM) -> tuple[float, int]:
-    """(seconds, tokens) of one engine step."""
-    eng = llm.engine
+def timed_step(llm: LLM) -> float:
+    """Seconds of one engine step."""
     synchronize()
     t0 = time.perf_counter()
-    eng.step()
+    llm.engine.step()
     synchronize()
-    return time.perf_counter() - t0, eng.stats.get("last_step_tokens", 0)
+    return time.perf_counter() - t0
 
 
 def drain(llm: LLM) -> None:
@@ -92,19 +91,18 @@ def main() -> None:
     # prefill-only steps
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(random_prompts(args.prefill_prompts, args.prompt_len, vocab, seed=1), one)   # warm-up
-    times, toks = [], []
+    times = []
     for r in range(args.repeats):
         for p in random_prompts(args.prefill_prompts, args.prompt_len, vocab, seed=2 + r):
             eng.add_request(None, p, one)
-        dt, _ = timed_step(llm)
-        times.append(dt)
-        toks.append(min(budget, args.prefill_prompts * args.prompt_len))
+        times.append(timed_step(llm))
         drain(llm)
     t = statistics.median(times)
+    tokens = min(budget, args.prefill_prompts * args.prompt_len)   # the first step's prompt chunks
     res["prefill_step_s"] = t
-    res["prefill_tokens_per_step"] = toks[0]
-    res["prefill_tok_s"] = toks[0] / t
-    res["prefill_mfu"] = 2 * params * toks[0] / t / peak if peak else None
+    res["prefill_tokens_per_step"] = tokens
+    res["prefill_tok_s"] = tokens / t
+    res["prefill_mfu"] = 2 * params * tokens / t / peak if peak else None
 
     # decode-only and mixed steps over --batch running sequences
     # long enough for every timed and profiled step below, short enough to drain quickly
@@ -113,16 +111,16 @@ def main() -> None:
         eng.add_request(None, p, long)
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
         eng.step()
-    dec = [timed_step(llm)[0] for _ in range(args.repeats + 2)][2:]
+    dec = [timed_step(llm) for _ in range(args.repeats + 2)][2:]
     res["decode_step_s"] = statistics.median(dec)
     mixed = []
     for r in range(args.repeats):
         eng.add_request(None, random_prompts(1, args.prompt_len, vocab, seed=100 + r)[0], one)
-        mixed.append(timed_step(llm)[0])
+        mixed.append(timed_step(llm))
         eng.step()   # the new request's remaining chunk (if any) and its one token
     res["mixed_step_s"] = statistics.median(mixed)
     res["mixed_extra_s"] = res["mixed_step_s"] - res["decode_step_s"]
-    res["prefill_chunk_alone_s"] = res["prefill_step_s"] * args.prompt_len / toks[0]
+    res["prefill_chunk_alone_s"] = res["prefill_step_s"] * args.prompt_len / tokens
 
     # kernels of mixed steps
     if args.profile:
@@ -132,8 +130,7 @@ def main() -> None:
             wall = 0.0
             for r in range(args.profile):
                 eng.add_request(None, random_prompts(1, args.prompt_len, vocab, seed=200 + r)[0], one)
-                dt, _ = timed_step(llm)
-                wall += dt
+                wall += timed_step(llm)
                 eng.step()
         per_kernel: dict = defaultdict(lambda: [0, 0.0])
         for ev in prof.key_averages():
@@ -161,7 +158,7 @@ def main() -> None:
           f"max_num_batched_tokens {budget}")
     print("| step | ms | note |\n| --- | ---: | --- |")
     mfu = f", MFU {res['prefill_mfu']:.1%}" if res["prefill_mfu"] else ""
-    print(f"| prefill only ({toks[0]} tokens) | {1e3 * res['prefill_step_s']:.2f} | "
+    print(f"| prefill only ({tokens} tokens) | {1e3 * res['prefill_step_s']:.2f} | "
           f"{res['prefill_tok_s']:.0f} tok/s{mfu} |")
     print(f"| decode only (batch {args.batch}) | {1e3 * res['decode_step_s']:.2f} | |")
     print(f"| mixed (batch {args.batch} + one {args.prompt_len}-token prompt) | {1e3 * res['mixed_step_s']:.2f} | "

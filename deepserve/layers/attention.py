@@ -7,6 +7,7 @@ ordered decodes first: the first `num_decodes` sequences have exactly one new to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -28,6 +29,11 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    @cached_property
+    def prefill_query_start_loc(self) -> torch.Tensor:
+        """query_start_loc of the sequences after the decodes, from 0 (once per step, for every layer)."""
+        return self.query_start_loc[self.num_decodes:] - self.query_start_loc[self.num_decodes]
 
 
 class Attention(nn.Module):
@@ -71,8 +77,7 @@ class Attention(nn.Module):
             dec = ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
                                       meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
                                       meta.max_seq_len, k_scale=ks, v_scale=vs)
-            pre = ops.paged_attention(q[n_dec:], k_cache, v_cache,
-                                      meta.query_start_loc[n_dec:] - meta.query_start_loc[n_dec],
+            pre = ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
                                       meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
                                       meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs)
             return torch.cat((dec, pre)).flatten(1)

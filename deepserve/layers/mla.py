@@ -114,7 +114,8 @@ class MLAAttention(nn.Module):
         return ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
 
     def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
-        """Expanded attention of sequences first.. (their new tokens are q [Tp, H, qk]) -> [Tp, H, v]."""
+        """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
+        q [Tp, H, qk]) -> [Tp, H, v]."""
         block_size = pool.shape[1]
         seq_lens = meta.seq_lens[first:].long()
         max_blocks = -(-meta.max_seq_len // block_size)
@@ -135,8 +136,7 @@ class MLAAttention(nn.Module):
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
         new_tables = torch.zeros_like(tables)
         new_tables[used] = torch.arange(k.shape[0], device=tables.device)
-        qsl = meta.query_start_loc[first:] - meta.query_start_loc[first]
-        return ops.paged_attention(q, k, v.contiguous(), qsl, meta.seq_lens[first:],
+        return ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, meta.seq_lens[first:],
                                    new_tables.to(meta.block_tables.dtype), self.scale,
                                    meta.max_query_len, meta.max_seq_len)
 
