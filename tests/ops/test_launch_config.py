@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from deepserve.ops.triton import launch_config as lc
 
@@ -26,11 +28,75 @@ def test_rules_apply_in_order_and_conditions_read_shapes():
     assert lc.lookup("fused_moe", "", kernel="gate_up", fp8=True, per_expert=8.0, elem_bytes=1)["PREQUANT"] is False
 
 
-@pytest.mark.parametrize("name,h200", [("NVIDIA_H200", True), ("NVIDIA_H200_NVL", True),
-                                       ("NVIDIA_H100_80GB_HBM3", False), ("", False)])
-def test_device_tables_by_name(name, h200):
-    got = lc.lookup("fused_moe_small", name, kernel="down", fp8=True, inter=2048)
+GIB = 2**30
+# torch.cuda.get_device_properties of the devices the tables were measured on (total_memory as
+# CUDA reports it, a little under the nominal size)
+H100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                       total_memory=int(79.19 * GIB))
+H200 = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=int(139.8 * GIB))
+H200_NVL = SimpleNamespace(name="NVIDIA H200 NVL", major=9, minor=0, multi_processor_count=132,
+                           total_memory=int(139.8 * GIB))
+H100_PCIE = SimpleNamespace(name="NVIDIA H100 PCIe", major=9, minor=0, multi_processor_count=114,
+                            total_memory=int(79.19 * GIB))
+A100 = SimpleNamespace(name="NVIDIA A100-SXM4-80GB", major=8, minor=0, multi_processor_count=108,
+                       total_memory=int(79.15 * GIB))
+# the rules the tables keyed by device name gave a device named "...H200..." on top of the
+# default (configs/<op>/H200.json before the key became the device's properties)
+H200_NAMED_RULES = {
+    "attention_decode": [{"if": {"mla": True, "heads_lt": 64, "block_size_multiple_of": 64},
+                          "set": {"num_warps": 8}}],
+    "fused_moe_small": [
+        {"if": {"kernel": "gate_up", "fp8": True}, "set": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1}},
+        {"if": {"kernel": "down", "fp8": True}, "set": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1}}],
+}
+OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "mla_prep"]
+
+
+def test_device_keys_from_properties():
+    assert lc.properties_key(H100) == "sm90-132sm-80g"
+    assert lc.properties_key(H200) == lc.properties_key(H200_NVL) == "sm90-132sm-144g"
+    assert lc.properties_key(H100_PCIE) == "sm90-114sm-80g"
+    assert lc.properties_key(A100) == "sm80-108sm-80g"
+    assert lc.properties_key(H100, hip=True) == "gfx90-132sm-80g"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_hopper_tables_keep_the_settings_they_had_by_name(op):
+    """An H200 (SXM or NVL) gets the default's rules and what its named table held; the H100,
+    which had no table of its own, and unknown devices the default alone."""
+    default = lc.table(op, "")
+    assert lc.table(op, lc.properties_key(H200)) == default + tuple(H200_NAMED_RULES.get(op, ()))
+    assert lc.table(op, lc.properties_key(H200_NVL)) == lc.table(op, lc.properties_key(H200))
+    for props in (H100, H100_PCIE, A100):
+        assert lc.table(op, lc.properties_key(props)) == default
+
+
+@pytest.mark.parametrize("props,h200", [(H200, True), (H200_NVL, True), (H100, False), (A100, False), (None, False)])
+def test_launch_settings_follow_the_device_properties(props, h200, monkeypatch):
+    """launch_settings on a (fake) CUDA device reads its properties: the H200's fp8 down-kernel
+    rows, the default's elsewhere (None: a device without CUDA properties)."""
+    monkeypatch.setattr(lc, "interpreting", lambda: False)
+    monkeypatch.setattr(lc, "device_properties", lambda device: props)
+    got = lc.launch_settings("fused_moe_small", torch.device("cuda", 0), kernel="down", fp8=True, inter=2048)
     assert (got["BLOCK_N"], got["BLOCK_K"]) == ((16, 1024) if h200 else (8, 256))
+
+
+def test_a_table_applies_where_every_part_of_its_key_matches(tmp_path, monkeypatch):
+    (tmp_path / "gemv").mkdir()
+    for key, warps in (("default", 1), ("sm90", 2), ("sm90-132sm", 4), ("sm90-132sm-144g", 8), ("sm80", 16)):
+        (tmp_path / "gemv" / f"{key}.json").write_text(lc.dumps([{"set": {"num_warps": warps}}]))
+    monkeypatch.setattr(lc, "CONFIG_DIR", tmp_path)
+    lc.table.cache_clear()
+    lc._resolve.cache_clear()
+    try:
+        warps = {key: [r["set"]["num_warps"] for r in lc.table("gemv", key)]
+                 for key in ("sm90-132sm-144g", "sm90-132sm-80g", "sm90-114sm-80g", "sm89-128sm-32g", "")}
+    finally:
+        lc.table.cache_clear()
+        lc._resolve.cache_clear()
+    # broader keys first, so the narrowest table's rules win
+    assert warps == {"sm90-132sm-144g": [1, 2, 4, 8], "sm90-132sm-80g": [1, 2, 4], "sm90-114sm-80g": [1, 2],
+                     "sm89-128sm-32g": [1], "": [1]}
 
 
 def test_trying_adds_rules_only_inside_the_block():
@@ -49,15 +115,15 @@ def test_save_rules_replaces_same_conditions(tmp_path):
     (tmp_path / "gemv").mkdir()
     (tmp_path / "gemv" / "default.json").write_text(lc.dumps([{"set": {"BLOCK_N": 1}}]))
     rule = {"if": {"n": 8, "k": 64}, "set": {"BLOCK_N": 2}}
-    path = lc.save_rules("gemv", "NVIDIA H100", [rule], folder=tmp_path)
-    assert path == tmp_path / "gemv" / "NVIDIA_H100.json"
-    lc.save_rules("gemv", "NVIDIA H100", [dict(rule, set={"BLOCK_N": 4}), {"set": {"num_warps": 8}}], folder=tmp_path)
+    path = lc.save_rules("gemv", "sm90-132sm-80g", [rule], folder=tmp_path)
+    assert path == tmp_path / "gemv" / "sm90-132sm-80g.json"
+    lc.save_rules("gemv", "sm90-132sm-80g", [dict(rule, set={"BLOCK_N": 4}), {"set": {"num_warps": 8}}], folder=tmp_path)
     assert json.loads(path.read_text()) == [{"if": {"n": 8, "k": 64}, "set": {"BLOCK_N": 4}}, {"set": {"num_warps": 8}}]
 
 
 def test_shipped_tables_are_well_formed():
     ops = sorted(p.name for p in lc.CONFIG_DIR.iterdir() if p.is_dir())
-    assert ops == ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "mla_prep"]
+    assert ops == OPS
     for op in ops:
         assert (lc.CONFIG_DIR / op / "default.json").is_file()
         for path in (lc.CONFIG_DIR / op).glob("*.json"):
@@ -65,19 +131,19 @@ def test_shipped_tables_are_well_formed():
 
 
 def test_an_empty_table_is_written_as_an_empty_list(tmp_path):
-    path = lc.save_rules("gemv", "NVIDIA H100", [], folder=tmp_path)
+    path = lc.save_rules("gemv", "sm90-132sm-80g", [], folder=tmp_path)
     assert path.read_text() == "[]\n" and lc._read(path) == []
 
 
 def test_attention_and_mla_tables():
     # MLA decode: 16 heads take 64-key tiles in 64-token pages, 32-key ones in 16-token pages;
     # 128 heads 64 per program; the H200 gives the 16-head tile 8 warps
-    mla16 = lc.lookup("attention_decode", "NVIDIA_H100_80GB_HBM3", mla=True, heads=16, block_size=64)
+    mla16 = lc.lookup("attention_decode", lc.properties_key(H100), mla=True, heads=16, block_size=64)
     assert mla16 == dict(BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=4)
     assert lc.lookup("attention_decode", "", mla=True, heads=16, block_size=16)["BLOCK_N"] == 32
     assert lc.lookup("attention_decode", "", mla=True, heads=128, block_size=64) == dict(
         BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
-    assert lc.lookup("attention_decode", "NVIDIA_H200", mla=True, heads=16, block_size=64)["num_warps"] == 8
-    assert lc.lookup("attention_decode", "NVIDIA_H200", mla=False, heads=16, block_size=64)["num_warps"] == 4
+    assert lc.lookup("attention_decode", lc.properties_key(H200), mla=True, heads=16, block_size=64)["num_warps"] == 8
+    assert lc.lookup("attention_decode", lc.properties_key(H200), mla=False, heads=16, block_size=64)["num_warps"] == 4
     assert lc.lookup("mla_prep", "", kernel="v_up") == dict(num_warps=4, BLOCK_C=128, BLOCK_T_MAX=64, BLOCK_V=32)
     assert lc.lookup("mla_prep", "", kernel="kv_write") == dict(num_warps=4)

@@ -96,10 +96,10 @@ def test_decode_warps_follow_the_device(triton_ops, cpu_only):
     """The 16-head MLA tile takes 8 warps on an H200 (faster memory, same compute), 4
     elsewhere; R1's 64-head tile and GQA do not change."""
     cfg = triton_ops.attention.decode_config
-    assert cfg(True, 16, 64, "NVIDIA_H200")["num_warps"] == 8
-    assert cfg(True, 16, 64, "NVIDIA_H100_80GB_HBM3")["num_warps"] == 4
-    assert cfg(True, 128, 64, "NVIDIA_H200") == cfg(True, 128, 64, "NVIDIA_H100_80GB_HBM3")
-    assert cfg(False, 4, 16, "NVIDIA_H200") == cfg(False, 4, 16, "")
+    assert cfg(True, 16, 64, "sm90-132sm-144g")["num_warps"] == 8
+    assert cfg(True, 16, 64, "sm90-132sm-80g")["num_warps"] == 4
+    assert cfg(True, 128, 64, "sm90-132sm-144g") == cfg(True, 128, 64, "sm90-132sm-80g")
+    assert cfg(False, 4, 16, "sm90-132sm-144g") == cfg(False, 4, 16, "")
 
 
 def test_decode_several_tiles_per_page(triton_ops, cpu_only):
@@ -133,8 +133,8 @@ def test_decode_settings_from_a_trial_table(triton_ops, cpu_only):
 
 def test_prefill_tiles_follow_head_width_and_dtype(triton_ops):
     cfg = triton_ops.attention.prefill_config
-    assert cfg(False, False, "NVIDIA_H100_80GB_HBM3") == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
-    assert cfg(True, False, "NVIDIA_H200") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    assert cfg(False, False, "sm90-132sm-80g") == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    assert cfg(True, False, "sm90-132sm-144g") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     assert cfg(False, True, "") == dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
     assert cfg(True, True, "interpreter") == dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 

@@ -41,10 +41,10 @@ def sm_count(device: torch.device) -> int:
     return 8 if props is None else props.multi_processor_count
 
 
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name ("NVIDIA H200", ...), for settings tuned per chip; "" off CUDA."""
-    props = _cuda_properties(device)
-    return "" if props is None else props.name
+def device_properties(device: torch.device):
+    """The CUDA device's properties (compute capability, SMs, memory), for settings tuned per
+    chip (launch_config.device_key); None off CUDA."""
+    return _cuda_properties(device)
 
 
 def nvidia_sm90(device: torch.device) -> bool:

@@ -1,18 +1,22 @@
 """Kernel launch settings as data: per-device JSON tables, as vLLM keeps its fused-MoE configs.
 
-`configs/<op>/default.json` holds the settings of a device nobody measured separately, and
-`configs/<op>/<NAME>.json` what a chip whose name contains NAME measured differently ("H200"
-applies to "NVIDIA H200" and "NVIDIA H200 NVL"); "interpreter" is the CPU interpreter
-(TRITON_INTERPRET=1), where numpy's cost is per operation: few, large programs. The sweep
-scripts in benchmarks/ write these files (`--write`); docs/PERFORMANCE.md keeps what was
-measured when.
+A device is known by its properties, not its name: the key `sm90-132sm-144g` is compute
+capability 9.0 (`gfx..` on ROCm), 132 SMs and about 144 GiB of memory (total memory rounded to
+16 GiB: the H200; the 80 GB H100 is `sm90-132sm-80g`). `configs/<op>/default.json` holds the
+settings of a device nobody measured separately, and `configs/<op>/<KEY>.json` what devices
+measured differently: a table applies where every dash-separated part of its key is a part of
+the device's (`sm90.json` would apply to every sm90 device, `sm90-132sm-144g.json` to the
+H200s alone); "interpreter" is the CPU interpreter (TRITON_INTERPRET=1), where numpy's cost is
+per operation: few, large programs. The sweep scripts in benchmarks/ write these files
+(`--write`, under the measured device's full key); docs/PERFORMANCE.md keeps what was measured
+when.
 
 A table is a list of rules, each `{"if": {conditions}, "set": {settings}}`. Every rule whose
 conditions all hold updates the settings, in file order, so a narrower rule follows a broader
-one; a device's table is the default's rules followed by its own files' rules. A condition
-names a shape variable the op passes (`n`, `k`, `kernel`, `fp8`, ...): `"v": x` is equality,
-`"v_le"`, `"v_lt"`, `"v_ge"`, `"v_gt"` bounds, `"v_multiple_of"` and `"v_not_multiple_of"`
-divisibility.
+one; a device's table is the default's rules followed by its own files' rules (keys of fewer
+parts first). A condition names a shape variable the op passes (`n`, `k`, `kernel`, `fp8`,
+...): `"v": x` is equality, `"v_le"`, `"v_lt"`, `"v_ge"`, `"v_gt"` bounds, `"v_multiple_of"`
+and `"v_not_multiple_of"` divisibility.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from deepserve.ops.triton._common import device_name, interpreting
+from deepserve.ops.triton._common import device_properties, interpreting
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 INTERPRETER = "interpreter"
@@ -39,10 +43,29 @@ _TESTS = {
 _trials: dict[str, list[dict]] = {}
 
 
+MEMORY_CLASS_GIB = 16
+
+
+def properties_key(props, hip: Optional[bool] = None) -> str:
+    """The table key of a device with these properties (torch.cuda.get_device_properties, or
+    anything with major, minor, multi_processor_count and total_memory): "sm90-132sm-144g"."""
+    hip = torch.version.hip is not None if hip is None else hip
+    arch = f"{'gfx' if hip else 'sm'}{props.major}{props.minor}"
+    memory = int(props.total_memory / 2**30 / MEMORY_CLASS_GIB + 0.5) * MEMORY_CLASS_GIB
+    return f"{arch}-{props.multi_processor_count}sm-{memory}g"
+
+
 def device_key(device: torch.device) -> str:
-    """Which tables apply: "interpreter" under TRITON_INTERPRET=1, else the device's name with
-    underscores for spaces ("NVIDIA_H200"; "" off CUDA: the default table alone)."""
-    return INTERPRETER if interpreting() else device_name(device).replace(" ", "_")
+    """Which tables apply: "interpreter" under TRITON_INTERPRET=1, else the device's
+    properties_key ("" off CUDA: the default table alone)."""
+    if interpreting():
+        return INTERPRETER
+    props = device_properties(device)
+    return "" if props is None else properties_key(props)
+
+
+def _applies(table_key: str, device: str) -> bool:
+    return set(table_key.split("-")) <= set(device.split("-"))
 
 
 def dumps(rules: list[dict]) -> str:
@@ -68,12 +91,13 @@ def _read(path: Path) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def table(op: str, device: str) -> tuple[dict, ...]:
-    """The rules for `op` on the device named `device` (see device_key)."""
+    """The rules for `op` on the device of key `device` (see device_key)."""
     folder = CONFIG_DIR / op
     if not (folder / f"{DEFAULT}.json").is_file():
         raise FileNotFoundError(f"no launch table {folder / (DEFAULT + '.json')}")
     rules = _read(folder / f"{DEFAULT}.json")
-    named = sorted((p for p in folder.glob("*.json") if p.stem != DEFAULT and p.stem in device), key=lambda p: len(p.stem))
+    named = sorted((p for p in folder.glob("*.json") if p.stem != DEFAULT and _applies(p.stem, device)),
+                   key=lambda p: (len(p.stem.split("-")), p.stem))
     for path in named:
         rules += _read(path)
     return tuple(rules)
@@ -89,7 +113,7 @@ def _resolve(op: str, device: str, shape: tuple) -> tuple:
 
 
 def lookup(op: str, device: str, **shape) -> dict:
-    """The settings of `op` for these shape variables on the device named `device` (a key as
+    """The settings of `op` for these shape variables on the device of key `device` (as
     device_key gives), a new dict each call."""
     return dict(_resolve(op, device, tuple(sorted(shape.items()))))
 
@@ -117,7 +141,7 @@ def trying(op: str, rules: list[dict]) -> Iterator[None]:
 
 
 def save_rules(op: str, device: str, rules: list[dict], folder: Optional[Path] = None) -> Path:
-    """Write `rules` into `op`'s table for the device named `device` (a sweep's result): each
+    """Write `rules` into `op`'s table for the device of key `device` (a sweep's result): each
     replaces a rule with the same conditions there, or is appended. Returns the file."""
     path = (folder or CONFIG_DIR) / op / f"{device.replace(' ', '_') or DEFAULT}.json"
     current = _read(path) if path.is_file() else []
