@@ -5,7 +5,9 @@
 # `git archive 5f2acc2 deepserve benchmarks tests pyproject.toml | tar -x -C .abold`).
 #   issue 19  structured-output overhead at batch 64         (bench_structured.py)
 #   issue 22  attention / MLA kernels, tree before vs after the launch-settings move (bench_ops.py)
-#   issue 18  the CUDA-graph verify steps' GPU tests
+#   issue 18  the CUDA-graph verify steps' GPU tests; bench_spec.py (step costs, n-gram speedup, MTP projection)
+#   issue 21  4-bit kernels, decode and MoE against their rooflines (bench_int4.py)
+#   issue 16  the fp8 small-batch MoE launch settings on this device (sweep_moe_small.py --fp8 --write)
 #   issue 16  MLA decode over bf16 / e4m3 pools, split vs e4m3-MMA kernel (bench_r1.py --case kvattn)
 #   issue 25  prefill / decode / mixed engine steps of the 8B at batch 64, with kernels (profile_mixed.py)
 set -u
@@ -13,6 +15,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
 mkdir -p /tmp/d && tar -C /tmp/d -xJf .peerd/data.tar.xz
+[ -e ../shared ] || ln -s /tmp/d ../shared 2>/dev/null || true   # the scripts' ../shared (tokenizers, datasets)
 STEPS=${STEPS:-structured ops_new ops_old spec_gpu_tests kvattn mixed}   # which steps, in this order of the script
 step() {  # step NAME SECONDS DIR COMMAND...: run COMMAND in DIR with at most SECONDS
   local name=$1 lim=$2 dir=$3; shift 3
@@ -28,11 +31,16 @@ step structured 80 . python3 benchmarks/bench_structured.py --tokenizer /tmp/d/t
   --batches 64 --repeats 3 --out-dir "$OUT/res"
 step ops_new 45 . python3 benchmarks/bench_ops.py --only decode_,prefill_ --no-torch --out-dir "$OUT/ops_new"
 step ops_old 45 .abold python3 benchmarks/bench_ops.py --only decode_,prefill_ --no-torch --out-dir "$OUT/ops_old"
-step spec_gpu_tests 70 . python3 -m pytest -q -x -m gpu tests/engine/test_spec_decode_graphs.py
+step spec_gpu_tests 90 . python3 -m pytest -q -m gpu tests/engine/test_spec_decode_graphs.py -o log_cli=true \
+  --log-cli-level=WARNING
+step spec_bench 220 . python3 benchmarks/bench_spec.py --out "$OUT/res/spec.json"
+step int4 200 . python3 benchmarks/bench_int4.py
+step moe_small_fp8 150 . python3 benchmarks/sweep_moe_small.py --fp8 --write --config-dir "$OUT/moe_small_cfg"
 step kvattn 70 . python3 benchmarks/bench_r1.py --case kvattn --out-dir "$OUT/res"
 step mixed 100 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --out "$OUT/profile_mixed.json"
 # the same script over the tree before (.abold's deepserve first on the path)
 step mixed_old 100 .abold python3 ../benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 \
   --profile 0 --out "$OUT/profile_mixed_old.json"
-cd "$OUT" && tar czf results.tgz res ops_new ops_old 2>/dev/null; rm -rf res ops_new ops_old
+mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
+cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done

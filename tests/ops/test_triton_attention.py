@@ -35,6 +35,22 @@ def test_prefill_head_dim_not_power_of_two(triton_ops, cpu_only):
                              block_size=8))
 
 
+@pytest.mark.parametrize("head_dim", [8, 12])
+def test_heads_narrower_than_a_dot_tile(triton_ops, cpu_only, head_dim):
+    """Tiny models' heads (stories260k: 8) run in one masked 16-wide block, so CUDA graphs can
+    capture them: prefill chunks and decode rows alike."""
+    compare(make_paged_batch([5, 20, 1, 0], [5, 37, 50, 9], num_heads=4, num_kv_heads=2, head_dim=head_dim))
+    compare(make_paged_batch([1, 1, 1], [5, 37, 60], num_heads=4, num_kv_heads=2, head_dim=head_dim))
+
+
+def test_mla_rope_tail_narrower_than_a_dot_tile(triton_ops, cpu_only):
+    """A tiny MLA latent (32 + an 8-wide rope tail, padded to 16 and masked), prefill and decode."""
+    compare(make_paged_batch([3, 1, 1], [30, 40, 9], num_heads=4, num_kv_heads=1, head_dim=40, v_head_dim=32,
+                             block_size=8, mla=True))
+    compare(make_paged_batch([1, 1, 1], [30, 40, 9], num_heads=4, num_kv_heads=1, head_dim=40, v_head_dim=32,
+                             block_size=8, mla=True))
+
+
 def test_decode_splits_long_context(triton_ops, cpu_only):
     attn = triton_ops.attention
     assert attn.num_decode_splits(3, 1, 600, torch.device("cpu")) == 3    # really split
@@ -189,6 +205,16 @@ def test_decode_mla_gpu(triton_ops):
     compare(make_paged_batch([1] * 64, lens, num_heads=16, num_kv_heads=1, head_dim=576, v_head_dim=512,
                              block_size=64, dtype=torch.bfloat16, device="cuda", mla=True),
             atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_tiny_heads_gpu(triton_ops):
+    """Heads under tl.dot's 16-wide minimum compile on the GPU (masked main block / rope tail)."""
+    for hd, vd, kvh, mla in ((8, 8, 2, False), (40, 32, 1, True)):
+        compare(make_paged_batch([7, 1, 1], [30, 40, 90], num_heads=4, num_kv_heads=kvh, head_dim=hd,
+                                 v_head_dim=vd, block_size=16, device="cuda", mla=mla), atol=1e-4, rtol=1e-4)
+        compare(make_paged_batch([1, 1, 1], [30, 40, 90], num_heads=4, num_kv_heads=kvh, head_dim=hd,
+                                 v_head_dim=vd, block_size=16, device="cuda", mla=mla), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.attention import paged_attention as torch_paged_attention
 from deepserve.ops.registry import register
 from deepserve.ops.triton import launch_config
 from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
@@ -62,12 +61,19 @@ def prefill_config(mla: bool, fp32: bool, device: str) -> dict:
     return launch_config.lookup("attention_prefill", device, mla=mla, fp32=fp32)
 
 
+MIN_DOT_K = 16     # tl.dot's smallest reduction width
+
+
 def _split_head_dim(d: int) -> tuple[int, int]:
     """A non-power-of-two head dim as a power-of-two main block plus a padded tail block
-    (576 -> 512 + 64, 192 -> 128 + 64); the tail is 0 when d is a power of two."""
+    (576 -> 512 + 64, 192 -> 128 + 64); the tail is 0 when d is a power of two. Both blocks
+    are at least MIN_DOT_K wide: a head narrower than that is one masked block (HEAD_D in the
+    kernels), a narrow tail is masked by its own width."""
+    if d < MIN_DOT_K:
+        return MIN_DOT_K, 0
     main = 1 << (d.bit_length() - 1)
     tail = d - main
-    return main, (next_pow2(tail) if tail else 0)
+    return max(main, MIN_DOT_K), (max(next_pow2(tail), MIN_DOT_K) if tail else 0)
 
 
 def _shares_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_d: int) -> bool:
@@ -100,9 +106,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if k_cache.shape[-1] != d or n_heads % n_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head dim must "
                          f"match and heads must be a multiple of KV heads")
-    if d < 16:  # below the smallest tensor-core tile: the torch reference serves (tiny models)
-        return torch_paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                                     scale, max_query_len, max_seq_len, k_scale, v_scale)
     out = q.new_empty(n_tokens, n_heads, dv)
     batch = seq_lens.shape[0]
     if n_tokens == 0 or batch == 0:
@@ -113,10 +116,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_seq_len = int(seq_lens.max())
     group = n_heads // n_kv_heads
     block_d, block_dpe = _split_head_dim(d)
+    head_d = min(d, block_d)             # the main block's real width: block_d but for tiny heads
     block_dv = next_pow2(dv)
     shared = _shares_kv(k_cache, v_cache, block_d)
     qk_scale = float(scale) * float(k_scale) * LOG2E
-    common = dict(BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, SHARED_KV=shared,
+    common = dict(BLOCK_D=block_d, BLOCK_DPE=block_dpe, BLOCK_DV=block_dv, SHARED_KV=shared, HEAD_D=head_d,
                   DOT_PRECISION=dot_precision(q.dtype), DOT_DTYPE=dot_dtype(q.dtype))
     device = table_key(q.device)
     big_head = block_d + block_dpe + block_dv > 512      # MLA's latent: 576-wide keys, 512-wide values
@@ -139,7 +143,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _decode_split_kernel[(batch, programs, splits)](
             q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-            qk_scale, float(v_scale), n_heads, group, head_groups, k_cache.shape[1], d - block_d, dv, splits,
+            qk_scale, float(v_scale), n_heads, group, head_groups, k_cache.shape[1], d - head_d, dv, splits,
             BLOCK_H=block_h, PAGE_TILE=page_tile,
             **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
@@ -151,7 +155,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
-        block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - block_d, dv,
+        block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - head_d, dv,
         BLOCK_M=block_m, **cfg, **common)
     return out
 

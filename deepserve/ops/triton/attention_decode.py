@@ -78,7 +78,7 @@ def _decode_split_kernel(
         qk_scale, v_scale, n_heads, group, n_head_groups, block_size, d_pe, dv, num_splits,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, PAGE_TILE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PAGE_TILE: tl.constexpr, HEAD_D: tl.constexpr,
         USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     b = tl.program_id(0)
@@ -92,8 +92,9 @@ def _decode_split_kernel(
     h_mask = h_in_group < group
     heads = kvh * group + h_in_group
     offs_d = tl.arange(0, BLOCK_D)
+    # HEAD_D < BLOCK_D only for heads narrower than the smallest dot tile (tiny models)
     q = tl.load(q_ptr + q_start * q_st + heads[:, None] * q_sh + offs_d[None, :] * q_sd,
-                mask=h_mask[:, None], other=0.0).to(DOT_DTYPE)                   # [H, D]
+                mask=h_mask[:, None] & (offs_d < HEAD_D)[None, :], other=0.0).to(DOT_DTYPE)  # [H, D]
     if BLOCK_DPE > 0:
         offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
         pe_mask = offs_pe < BLOCK_D + d_pe
@@ -132,7 +133,7 @@ def _decode_split_kernel(
             qk = tl.dot(q, tl.trans(kv.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         else:
             k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
-                        mask=n_mask[None, :], other=0.0)                             # [D, N]
+                        mask=n_mask[None, :] & (offs_d < HEAD_D)[:, None], other=0.0)  # [D, N]
             qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         if BLOCK_DPE > 0:
             # token-major as well: the rope tail of the same rows, staged like the latent

@@ -20,7 +20,7 @@ def _prefill_kernel(
         qk_scale, v_scale, group, block_size, d_pe, dv,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_DTYPE: tl.constexpr):
+        DOT_DTYPE: tl.constexpr, HEAD_D: tl.constexpr):
     m_block = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -34,7 +34,10 @@ def _prefill_kernel(
         m_mask = offs_m < q_len
         offs_d = tl.arange(0, BLOCK_D)
         q_rows = q_ptr + (q_start + offs_m)[:, None] * q_st + h * q_sh
-        q = tl.load(q_rows + offs_d[None, :] * q_sd, mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+        # HEAD_D < BLOCK_D only for heads narrower than the smallest dot tile (tiny models):
+        # the columns past HEAD_D read as zeros
+        q = tl.load(q_rows + offs_d[None, :] * q_sd, mask=m_mask[:, None] & (offs_d < HEAD_D)[None, :],
+                    other=0.0).to(DOT_DTYPE)
         if BLOCK_DPE > 0:
             offs_pe = BLOCK_D + tl.arange(0, BLOCK_DPE)
             pe_mask = offs_pe < BLOCK_D + d_pe
@@ -55,7 +58,7 @@ def _prefill_kernel(
             blk = tl.load(bt_row + offs_n // block_size, mask=n_mask, other=0).to(tl.int64)
             row_off = blk * kc_b + (offs_n % block_size) * kc_o + kvh * kc_h
             k = tl.load(kc_ptr + row_off[None, :] + offs_d[:, None] * kc_d,
-                        mask=n_mask[None, :], other=0.0)                                # [D, N]
+                        mask=n_mask[None, :] & (offs_d < HEAD_D)[:, None], other=0.0)  # [D, N]
             qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if BLOCK_DPE > 0:
                 k_pe = tl.load(kc_ptr + row_off[None, :] + offs_pe[:, None] * kc_d,

@@ -106,8 +106,11 @@ def _load_a_tile(a_ptr, stride_am, M, K, k0, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr):
-    """acc (+ bias) -> y[offs_m, offs_n] in y's dtype."""
+def _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """acc (+ bias) -> this program's output tile of y, in y's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -130,7 +133,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K,
                           GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)                      # [BN, BK]
         w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)    # rounded to x's dtype, as the reference
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc)
-    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def _block_k(k: int, group_size: int, has_gidx: bool, cap: int) -> tuple[int, bool]:

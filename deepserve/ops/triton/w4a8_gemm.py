@@ -48,7 +48,7 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc *= tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def _block_k(group: int, k: int) -> Optional[int]:
