@@ -275,6 +275,8 @@ class EngineConfig:
     cuda_graph_sizes: list[int]
     async_scheduling: bool = False
     speculative: Optional[SpeculativeConfig] = None
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    piecewise_max_tokens: int = 512       # at most max_num_batched_tokens
 
 
 # --------------------------------------------------------------------------- EngineArgs
@@ -384,12 +386,21 @@ class EngineArgs:
     layout (TP, PP, DP, EP, Ray); steps with logprobs, penalties or min_tokens run synchronously."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    """Which steps replay CUDA graphs (vLLM's modes): FULL_DECODE_ONLY or FULL: decode-only steps
+    as whole graphs (--cuda-graph-sizes), other steps eagerly; PIECEWISE: every step of up to
+    --piecewise-max-tokens tokens as piecewise graphs (all but attention, which runs eagerly
+    between them); FULL_AND_PIECEWISE: decode-only steps as whole graphs, the others piecewise;
+    NONE: no graphs (--enforce-eager). Piecewise graphs need one pipeline stage and no DP
+    attention token exchange (those steps run eagerly)."""
+    piecewise_max_tokens: int = 512
+    """Largest step, in tokens, captured as piecewise CUDA graphs (capped by
+    --max-num-batched-tokens); larger steps run eagerly."""
     compilation_config: Optional[dict] = None
-    """vLLM's JSON, mapped onto the CUDA graphs deepserve captures (full graphs of decode steps):
-    cudagraph_capture_sizes sets --cuda-graph-sizes; cudagraph_mode NONE captures none,
-    FULL_DECODE_ONLY, FULL, PIECEWISE and FULL_AND_PIECEWISE capture decode steps (prefill and
-    mixed steps run eagerly); torch.compile keys (level, mode, backend, ...) are accepted and
-    unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
+    """vLLM's JSON, mapped onto the CUDA graphs deepserve captures: cudagraph_capture_sizes sets
+    --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
+    cudagraph_mode sets --cudagraph-mode; torch.compile keys (level, mode, backend, ...) are
+    accepted and unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
     ops: str = "auto"
     """Operator backend: auto (the platform's: triton on CUDA, torch on CPU, an out-of-tree
     platform's own) | torch | triton | triton-all (triton with the dense GEMMs on Triton kernels
@@ -451,6 +462,14 @@ class EngineArgs:
             self.hf_overrides = json.loads(self.hf_overrides)
         if self.compilation_config is not None:
             apply_compilation_config(self, self.compilation_config)
+        mode = str(self.cudagraph_mode).upper()
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {self.cudagraph_mode!r}")
+        self.cudagraph_mode = mode
+        if mode == "NONE":
+            self.enforce_eager = True
+        if self.piecewise_max_tokens < 1:
+            raise ValueError(f"piecewise_max_tokens must be >= 1, got {self.piecewise_max_tokens}")
         if isinstance(self.speculative_config, (str, dict)):
             self.speculative_config = (SpeculativeConfig.from_json(self.speculative_config)
                                        if self.speculative_config else None)
@@ -500,7 +519,9 @@ class EngineArgs:
                             device=self.device, ops=self.ops, enforce_eager=self.enforce_eager,
                             async_scheduling=self.async_scheduling,
                             speculative=speculative,
-                            cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes))
+                            cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes),
+                            cudagraph_mode=self.cudagraph_mode,
+                            piecewise_max_tokens=min(self.piecewise_max_tokens, batched))
 
     # ----------------------------------------------------------------------- CLI
     @classmethod
@@ -558,6 +579,7 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
     largest = config.get("max_cudagraph_capture_size", config.get("max_capture_size"))
     if largest is not None:
         args.cuda_graph_sizes = [n for n in args.cuda_graph_sizes if n <= int(largest)] or [int(largest)]
+        args.piecewise_max_tokens = min(args.piecewise_max_tokens, int(largest))
     mode = config.get("cudagraph_mode")
     if mode is None and config.get("use_cudagraph") is False:
         mode = "NONE"
@@ -565,8 +587,7 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
         mode = str(mode).upper()
         if mode not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {config['cudagraph_mode']!r}")
-        if mode == "NONE":
-            args.enforce_eager = True
+        args.cudagraph_mode = mode
 
 
 def check_ascend_checkpoint(model: str) -> None:

@@ -119,15 +119,20 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_blocks)
         self.staging = InputStaging(self.device)
         self.graphs = None
+        self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
         if (self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange
                 and self.pctx.pp_size == 1):  # pipeline stages run eagerly
-            from deepserve.engine.cuda_graphs import CudaGraphRunner
             t0 = time.perf_counter()
-            self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
-            if self.mtp is not None and self.graphs.enabled and not self.pctx.moe_dp_exchange:
-                from deepserve.engine.cuda_graphs import MTPGraphRunner
-                self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
+            if config.cudagraph_mode != "PIECEWISE":
+                from deepserve.engine.cuda_graphs import CudaGraphRunner
+                self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
+                if self.mtp is not None and self.graphs.enabled and not self.pctx.moe_dp_exchange:
+                    from deepserve.engine.cuda_graphs import MTPGraphRunner
+                    self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
+            if config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE") and not self.pctx.moe_dp_exchange:
+                from deepserve.engine.piecewise_graphs import capture_for
+                self.piecewise = capture_for(self.model, config.piecewise_max_tokens, self.device)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
         logger.info("model %s on %s (%s, ops=%s, %.0f%% of op calls so far ran as Triton kernels): "
                     "%d KV blocks of %d tokens (%d tokens in %s); %s", config.model.architecture, self.device,
@@ -230,6 +235,9 @@ class ModelRunner:
             replay = self.graphs is not None and self.graphs.can_run(meta)
         if replay:
             hidden, logits = self.graphs.run(input_ids, positions, meta, graph_size)
+        elif self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
+            hidden = self.piecewise.run(input_ids, positions, meta)
+            logits = self.model.compute_logits(hidden[meta.logits_indices])
         else:
             extra = {"dp_num_tokens": dp_num_tokens} if self.pctx.moe_dp_exchange else {}
             hidden = self.model(input_ids, positions, meta, **extra)

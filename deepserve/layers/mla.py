@@ -143,6 +143,11 @@ class MLAAttention(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x [T, D] (decode tokens first, then prefill tokens) -> [T, D]."""
+        return self.o_proj(self.attend(positions, self.project(x), meta))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> the attention's inputs: q [T, H, nope + rope] (not rotated) and
+        kv_a [T, C + rope] (the latent before its norm, k_pe before its rotation)."""
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         if self.q_kv_a_pair:
             q, kv_a = ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
@@ -150,7 +155,14 @@ class MLAAttention(nn.Module):
             q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
-        q = q.view(-1, self.num_heads, self.qk_head_dim)
+        return q.view(-1, self.num_heads, self.qk_head_dim), kv_a
+
+    def attend(self, positions: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata) -> torch.Tensor:
+        """`project`'s parts -> [T, H * v], o_proj's input: the latent's norm, rotation and cache
+        write, the absorbed decode and the expanded prefill. The part of a layer that piecewise
+        CUDA graphs leave eager (engine/piecewise_graphs.py), as vLLM's MLA attention op."""
+        q, kv_a = parts
         (pool,) = self.kv_cache
         rope = self.rotary_emb
         w_uk, w_uv, norm = self.w_uk, self.w_uv, self.kv_a_layernorm
@@ -159,10 +171,10 @@ class MLAAttention(nn.Module):
             q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
                                         norm.weight, norm.eps, pool, meta.slot_mapping,
                                         kv_scale=self.pool_scale(pool))                  # [n, H, C + rope]
-            return self.o_proj(self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1))
+            return self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1)
         ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
                          meta.slot_mapping, kv_scale=self.pool_scale(pool))
-        out = x.new_zeros(x.shape[0], self.num_heads, self.v_dim)
+        out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)
         if n_dec:
             q_abs = ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
             out[:n_dec] = self._decode(q_abs, w_uv, pool, meta, n_dec)
@@ -171,4 +183,4 @@ class MLAAttention(nn.Module):
             k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
             q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
             out[n_dec:] = self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec)
-        return self.o_proj(out.flatten(1))
+        return out.flatten(1)

@@ -154,15 +154,24 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata,
-                dp_num_tokens: Optional[list[int]] = None):
+    def before_attention(self, positions, x, residual: Optional[torch.Tensor]):
+        """The input norm (adding the residual) and MLA's inputs -> (parts, residual)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(x), residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor,
+                        dp_num_tokens: Optional[list[int]] = None):
+        """o_proj, the post-attention norm and the MLP or MoE -> (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return (self.mlp(x, dp_num_tokens) if self.is_moe else self.mlp(x)), residual
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata,
+                dp_num_tokens: Optional[list[int]] = None):
+        parts, residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attend(positions, parts, meta), residual, dp_num_tokens)
 
 
 class DeepseekV3ForCausalLM(nn.Module):

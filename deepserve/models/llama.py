@@ -48,12 +48,21 @@ class LlamaAttention(nn.Module):
                                           cfg.rope_scaling, is_neox_style=True)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
 
-    def forward(self, positions, x, meta: AttentionMetadata):
+    def project(self, positions, x) -> tuple[torch.Tensor, ...]:
+        """x [T, D] -> the attention's inputs: q [T, H, hd], k [T, Hk, hd] (both rotated), v [T, Hk, hd]."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta))
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+
+    def attend(self, positions, parts: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
+        """Paged attention over `project`'s parts -> [T, H * hd], o_proj's input. The part of a
+        layer that piecewise CUDA graphs leave eager (engine/piecewise_graphs.py)."""
+        return self.attn(*parts, meta)
+
+    def forward(self, positions, x, meta: AttentionMetadata):
+        return self.o_proj(self.attend(positions, self.project(positions, x), meta))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -66,14 +75,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype)
         self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, dtype, pctx, cfg.get("mlp_bias", False))
 
-    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+    def before_attention(self, positions, x, residual: Optional[torch.Tensor]):
+        """The input norm (adding the residual) and the attention's inputs -> (parts, residual)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.project(positions, x), residual
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        """o_proj, the post-attention norm and the MLP -> (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(x), residual
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        parts, residual = self.before_attention(positions, x, residual)
+        return self.after_attention(self.self_attn.attend(positions, parts, meta), residual)
 
 
 class LlamaForCausalLM(nn.Module):

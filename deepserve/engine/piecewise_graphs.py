@@ -1,0 +1,195 @@
+"""Piecewise CUDA graphs: steps of any kind (prompt chunks, decodes, both mixed) of up to
+`max_tokens` tokens replay graphs of everything but attention, which runs eagerly between
+them with the step's own metadata (vLLM's cudagraph_mode PIECEWISE; FULL_AND_PIECEWISE when
+decode-only steps replay whole graphs, engine/cuda_graphs.py).
+
+A decoder model is cut at each layer's attention (`before_attention` / `self_attn.attend` /
+`after_attention`, models/llama.py and models/deepseek_v3.py):
+
+    piece 0      embedding, layer 0's input norm and attention inputs (QKV + rope; MLA's q / kv_a)
+    piece i      layer i-1's o_proj, norm and MLP / MoE, then layer i's norm and attention inputs
+    piece L      layer L-1's o_proj, norm and MLP / MoE, then the final norm
+
+A piece reads and writes static buffers sized for `max_tokens` rows: token ids and positions,
+the residual stream, the attention's inputs (`parts`), its output, the final hidden states.
+Pieces are captured per padded token count (`capture_sizes`: vLLM's default list, at most 16
+rows of padding above 256); a step of n tokens runs the pieces of the smallest size N >= n.
+Rows n..N-1 carry whatever the buffers held (valid ids and positions, finite values): every
+op of a piece works row by row, so they never reach rows < n, and attention sees rows < n only.
+The pieces keep no output tensors of their own (what they hand on is copied into the static
+buffers), so all graphs share one memory pool and their scratch memory.
+
+Without `capture` the same pieces run as plain calls over the same buffers: the CPU tests
+check that path against the model's forward, and the GPU tests check the graphs against it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+
+from deepserve import ops
+from deepserve.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("deepserve")
+
+
+def capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts captured up to `max_tokens` (vLLM's default list): 1, 2, 4, multiples of 8
+    below 256, multiples of 16 from 256; `max_tokens` itself last."""
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, max_tokens + 1, 16))
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
+
+
+def splittable(model: torch.nn.Module) -> bool:
+    """Whether `model` can run as pieces: a decoder whose layers split at their attention."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return (layers is not None and len(layers) > 0 and hasattr(inner, "embed_tokens") and hasattr(inner, "norm")
+            and all(hasattr(m, "before_attention") and hasattr(m, "after_attention") for m in layers))
+
+
+class PiecewiseGraphs:
+    """The model's forward as pieces around eager attention, replayed from CUDA graphs when
+    captured. `run(ids, positions, meta)` -> hidden states [n, D], as `model(...)` returns."""
+
+    def __init__(self, model: torch.nn.Module, max_tokens: int, device: torch.device,
+                 sizes: Optional[list[int]] = None):
+        if max_tokens < 1:
+            raise ValueError(f"piecewise CUDA graphs need max_tokens >= 1, got {max_tokens}")
+        self.embed = model.model.embed_tokens
+        self.layers = list(model.model.layers)
+        self.norm = model.model.norm
+        self.device = device
+        self.sizes = sorted(sizes) if sizes else capture_sizes(max_tokens)
+        self.max_tokens = self.sizes[-1]
+        self.num_pieces = len(self.layers) + 1
+        self.input_ids = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
+        # residual, part0.., attn_out, hidden: [max_tokens, ...], made at their first write
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.num_parts = 0
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.replays = 0     # piece graphs replayed
+        self.steps = 0       # steps run through the pieces (captured or not)
+
+    # ------------------------------------------------------------------ pieces
+    def _put(self, name: str, value: torch.Tensor) -> None:
+        buf = self.buffers.get(name)
+        if buf is None:
+            buf = torch.zeros(self.max_tokens, *value.shape[1:], dtype=value.dtype, device=self.device)
+            self.buffers[name] = buf
+        buf[:value.shape[0]].copy_(value)
+
+    def piece(self, i: int, n: int) -> None:
+        """Piece i over the first n rows of the buffers."""
+        if i == 0:
+            x, residual = self.embed(self.input_ids[:n]), None
+        else:
+            x, residual = self.layers[i - 1].after_attention(self.buffers["attn_out"][:n],
+                                                             self.buffers["residual"][:n])
+        if i == len(self.layers):
+            self._put("hidden", self.norm(x, residual)[0])
+            return
+        parts, residual = self.layers[i].before_attention(self.positions[:n], x, residual)
+        self.num_parts = len(parts)
+        for j, part in enumerate(parts):
+            self._put(f"part{j}", part)
+        self._put("residual", residual)
+
+    def attend(self, i: int, n: int, meta: AttentionMetadata) -> None:
+        """Layer i's attention over the first n rows (the step's real tokens), eagerly."""
+        parts = tuple(self.buffers[f"part{j}"][:n] for j in range(self.num_parts))
+        self._put("attn_out", self.layers[i].self_attn.attend(self.positions[:n], parts, meta))
+
+    def _forward(self, size: int, n: int, meta: AttentionMetadata, run_piece: Callable[[int, int], None]) -> None:
+        for i in range(self.num_pieces):
+            run_piece(i, size)
+            if i < len(self.layers):
+                self.attend(i, n, meta)
+
+    # ------------------------------------------------------------------ steps
+    def size_for(self, num_tokens: int) -> int:
+        """The captured size a step of `num_tokens` tokens runs at."""
+        return next(s for s in self.sizes if s >= num_tokens)
+
+    def can_run(self, num_tokens: int) -> bool:
+        return num_tokens <= self.max_tokens
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [n, D] of every row: a view of a static buffer, valid until the next run."""
+        n = input_ids.shape[0]
+        size = self.size_for(n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        graphs = self.graphs.get(size)
+        self._forward(size, n, meta, self.piece if graphs is None else self._replay(graphs))
+        self.steps += 1
+        return self.buffers["hidden"][:n]
+
+    def _replay(self, graphs: list[torch.cuda.CUDAGraph]) -> Callable[[int, int], None]:
+        def replay(i: int, size: int) -> None:
+            graphs[i].replay()
+            self.replays += 1
+        return replay
+
+    # ------------------------------------------------------------------ capture
+    def dummy_meta(self, n: int) -> AttentionMetadata:
+        """n one-token rows that write nothing (slot -1) and read one slot of block 0."""
+        dev = self.device
+        return AttentionMetadata(
+            query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.ones(n, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(n, 1, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+            logits_indices=torch.arange(n, dtype=torch.int64, device=dev), max_query_len=1, max_seq_len=1,
+            num_decodes=n)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size's pieces (largest first), each after one eager run of that size
+        (kernels compiled, buffers made). Pieces keep no tensors alive, so one pool serves all."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for size in reversed(self.sizes):
+            meta = self.dummy_meta(size)
+            self._forward(size, size, meta, self.piece)
+            torch.cuda.synchronize(self.device)
+            graphs = []
+            for i in range(self.num_pieces):
+                graph = torch.cuda.CUDAGraph()
+                # torch.cuda.graph() would also run gc.collect() for each of the many pieces
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    graph.capture_begin(pool=pool)
+                    try:
+                        self.piece(i, size)
+                    finally:
+                        graph.capture_end()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graphs.append(graph)
+            self.graphs[size] = graphs
+        torch.cuda.synchronize(self.device)
+
+
+def capture_for(model: torch.nn.Module, max_tokens: int, device: torch.device) -> Optional[PiecewiseGraphs]:
+    """The model's piecewise graphs, captured (None, with the reason logged, where they cannot
+    be: the ops backend syncs with the host, the model does not split, or capture fails)."""
+    if ops.get_backend() != "triton":
+        logger.info("piecewise CUDA graphs off: ops backend %s syncs with the host", ops.get_backend())
+        return None
+    if not splittable(model):
+        logger.info("piecewise CUDA graphs off: %s does not split at its attention", type(model).__name__)
+        return None
+    pieces = PiecewiseGraphs(model, max_tokens, device)
+    t0 = time.perf_counter()
+    try:
+        pieces.capture()
+    except RuntimeError as exc:  # e.g. an op falls back to a path that syncs with the host
+        logger.warning("piecewise CUDA graph capture failed, running those steps eagerly: %s", exc)
+        return None
+    logger.info("piecewise CUDA graphs: %d sizes up to %d tokens, %d pieces each, captured in %.1f s",
+                len(pieces.sizes), pieces.max_tokens, pieces.num_pieces, time.perf_counter() - t0)
+    return pieces
