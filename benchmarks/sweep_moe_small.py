@@ -84,9 +84,14 @@ def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]
     g = torch.Generator(device=dev).manual_seed(0)
     layers = LAYERS if dev == "cuda" else 1
 
+    def fp8_experts(rows: int, cols: int) -> torch.Tensor:   # one expert at a time: no fp32 copy of all
+        w = torch.empty(e, rows, cols, device=dev, dtype=torch.float8_e4m3fn)
+        for i in range(e):
+            w[i] = (torch.randn(rows, cols, generator=g, device=dev) * 0.5).to(torch.float8_e4m3fn)
+        return w
+
     def layer():
-        w13 = (torch.randn(e, 2 * inter, d, generator=g, device=dev) * 0.5).to(torch.float8_e4m3fn)
-        w2 = (torch.randn(e, d, inter, generator=g, device=dev) * 0.5).to(torch.float8_e4m3fn)
+        w13, w2 = fp8_experts(2 * inter, d), fp8_experts(d, inter)
         s13 = torch.rand(e, 2 * inter // 128, d // 128, generator=g, device=dev) / 64 + 0.005
         s2 = torch.rand(e, d // 128, inter // 128, generator=g, device=dev) / 64 + 0.005
         return w13, w2, s13, s2
