@@ -7,6 +7,10 @@ under load, timed one by one on the same engine, and the kernels of the mixed on
     decode    a decode-only step of --batch running sequences (the CUDA graph path)
     mixed     the same --batch decodes plus one new prompt's prefill chunk in one step (what a
               server runs each time a request arrives while others decode)
+    piecewise mixed steps of --batch decodes plus a prompt of each of --mixed-lens tokens, with
+              and without piecewise CUDA graphs (engine/piecewise_graphs.py): the engine runs
+              cudagraph_mode FULL_AND_PIECEWISE up to --piecewise-max-tokens and the runner's
+              pieces are switched off for the eager steps, alternating step by step
 
 Each is the median of --repeats steps, wall time of engine.step() with a device sync. Then
 torch.profiler over --profile mixed steps: the top kernels by GPU time, grouped (GEMM, attention,
@@ -14,7 +18,10 @@ MoE, other Triton, torch elementwise), and GPU-busy time against the steps' wall
 
 GPU:  python benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64
 CPU:  python benchmarks/profile_mixed.py --model ../shared/models/stories260k --load-format auto \
-          --device cpu --batch 4 --prompt-len 64 --prefill-prompts 4 --repeats 2 --profile 1
+          --device cpu --batch 4 --prompt-len 64 --prefill-prompts 4 --repeats 2 --profile 1 \
+          --mixed-lens 8,28 --piecewise-max-tokens 32
+(the CPU captures no graphs: there the "piecewise" steps run the pieces as plain calls, which
+checks the script, not the speed)
 """
 from __future__ import annotations
 
@@ -59,6 +66,39 @@ def group(name: str) -> str:
     return "torch elementwise / other"
 
 
+def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: int, vocab: int) -> dict:
+    """Mixed steps (the running decodes + one new prompt of each length) with the runner's
+    piecewise graphs and without them, alternating; each the median of `repeats`."""
+    eng = llm.engine
+    runner = eng.runner
+    pieces = runner.piecewise
+    kind = "captured"
+    if pieces is None:
+        if torch.cuda.is_available():
+            raise SystemExit("no piecewise graphs were captured (see the log): nothing to compare")
+        from deepserve.engine.piecewise_graphs import PiecewiseGraphs
+        pieces = PiecewiseGraphs(runner.model, eng.config.piecewise_max_tokens, runner.device)
+        kind = "uncaptured, CPU"
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    rows = []
+    for length in prompt_lens:
+        times: dict = {"eager": [], "piecewise": []}
+        for r in range(repeats):
+            for mode in ("eager", "piecewise"):
+                runner.piecewise = pieces if mode == "piecewise" else None
+                eng.add_request(None, random_prompts(1, length, vocab, seed=300 + r)[0], one)
+                times[mode].append(timed_step(llm))
+                eng.step()
+        tokens = batch + length
+        if tokens > pieces.max_tokens:
+            print(f"(a step of {tokens} tokens is over the piecewise limit {pieces.max_tokens}: both runs eager)")
+        rows.append({"prompt_len": length, "tokens": tokens, "eager_s": statistics.median(times["eager"]),
+                     "piecewise_s": statistics.median(times["piecewise"]), "runs": times})
+    runner.piecewise = pieces if kind == "captured" else None
+    return {"kind": kind, "max_tokens": pieces.max_tokens, "sizes": len(pieces.sizes),
+            "capture_s": runner.timings.get("cuda_graph_s", 0.0), "replays": pieces.replays, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="r1-distill-llama-8b")
@@ -71,9 +111,15 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--mixed-lens", default="64,192,448",
+                    help="prompt lengths of the piecewise / eager mixed steps ('' skips them)")
+    ap.add_argument("--piecewise-max-tokens", type=int, default=512)
     args = ap.parse_args()
+    mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
     kw = dict(load_format=args.load_format, max_model_len=args.prompt_len + 128, device=args.device,
-              max_num_seqs=max(args.batch + 8, args.prefill_prompts))
+              max_num_seqs=max(args.batch + 8, args.prefill_prompts),
+              cudagraph_mode="FULL_AND_PIECEWISE" if mixed_lens else "FULL_DECODE_ONLY",
+              piecewise_max_tokens=args.piecewise_max_tokens)
     if args.device != "cpu":
         kw["gpu_memory_utilization"] = 0.85
     llm = LLM(args.model, **kw)
@@ -106,7 +152,8 @@ def main() -> None:
 
     # decode-only and mixed steps over --batch running sequences
     # long enough for every timed and profiled step below, short enough to drain quickly
-    long = SamplingParams(temperature=0, max_tokens=3 * args.repeats + 2 * args.profile + 12, ignore_eos=True)
+    steps = 3 * args.repeats + 2 * args.profile + 4 * args.repeats * len(mixed_lens) + 12
+    long = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     for p in random_prompts(args.batch, args.prompt_len, vocab, seed=50):
         eng.add_request(None, p, long)
     while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
@@ -121,6 +168,8 @@ def main() -> None:
     res["mixed_step_s"] = statistics.median(mixed)
     res["mixed_extra_s"] = res["mixed_step_s"] - res["decode_step_s"]
     res["prefill_chunk_alone_s"] = res["prefill_step_s"] * args.prompt_len / tokens
+    if mixed_lens:
+        res["piecewise"] = piecewise_vs_eager(llm, args.batch, mixed_lens, args.repeats, vocab)
 
     # kernels of mixed steps
     if args.profile:
@@ -164,6 +213,14 @@ def main() -> None:
     print(f"| mixed (batch {args.batch} + one {args.prompt_len}-token prompt) | {1e3 * res['mixed_step_s']:.2f} | "
           f"extra {1e3 * res['mixed_extra_s']:.2f} ms vs that chunk's share of a prefill step "
           f"{1e3 * res['prefill_chunk_alone_s']:.2f} ms |")
+    if mixed_lens:
+        pw = res["piecewise"]
+        print(f"\nmixed steps with and without piecewise CUDA graphs ({pw['kind']}, up to {pw['max_tokens']} "
+              f"tokens, {pw['sizes']} sizes captured in {pw['capture_s']:.1f} s with the decode graphs)")
+        print("| step tokens (decodes + prompt) | eager ms | piecewise ms | speed-up |\n| --- | ---: | ---: | ---: |")
+        for row in pw["rows"]:
+            print(f"| {row['tokens']} ({args.batch} + {row['prompt_len']}) | {1e3 * row['eager_s']:.2f} | "
+                  f"{1e3 * row['piecewise_s']:.2f} | {row['eager_s'] / row['piecewise_s']:.2f}x |")
     if args.profile:
         print(f"\nkernels over {args.profile} mixed steps (+ the step after each): busy "
               f"{res['profiled_busy_us'] / 1e3:.1f} ms of {res['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")
