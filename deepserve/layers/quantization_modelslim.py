@@ -7,6 +7,10 @@ quantizer: `input_scale` / `input_offset` (one per layer, replicated on every ra
 layer rank 0 adds it, the others hold zeros, so the all-reduce adds it once). The float bias
 of a static layer is folded into `quant_bias` by msModelSlim, so the layer does not add it
 again (as vllm-ascend's npu_quant_matmul path).
+
+Routed experts stored "W8A8_DYNAMIC" (the DeepSeek-R1-W8A8 release's) stay int8 and run the
+int8 fused MoE (layers/moe_int8.py); static "W8A8" experts (one activation quantizer per
+expert matrix, which vllm-ascend folds into one per layer) are dequantized at load.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 
 from deepserve import ops
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
+from deepserve.layers.moe_int8 import int8_experts, is_routed_expert
 from deepserve.layers.quantization import Int8W8A8LinearMethod, is_quantized_module
 from deepserve.layers.quantization_int4 import set_methods
 from deepserve.quant.modelslim import module_type
@@ -79,6 +84,15 @@ def quantize_modelslim_linears(model: nn.Module, desc: dict) -> list[str]:
     return set_methods(model, choose)
 
 
+def quantize_modelslim_experts(model: nn.Module, desc: dict) -> list[str]:
+    """Int8 routed experts (layers/moe_int8.py) where the description stores them "W8A8_DYNAMIC";
+    returns their names. Experts of another type are dequantized at load."""
+    return int8_experts(model, lambda module: module_type(desc, module) == "W8A8_DYNAMIC")
+
+
 def modelslim_module(desc: dict, module: str) -> bool:
-    """Whether checkpoint module `module` runs as an int8 layer (else it is dequantized at load)."""
+    """Whether checkpoint module `module` runs as an int8 layer or int8 expert (else it is
+    dequantized at load)."""
+    if is_routed_expert(module):
+        return module_type(desc, module) == "W8A8_DYNAMIC"
     return is_quantized_module(module) and module_type(desc, module) != "FLOAT"

@@ -14,9 +14,10 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | msModelSlim W8A8 (quant_model_description.json) | none / ascend | int8, static or dynamic activations (quantization_modelslim.py) |
 
 4-bit checkpoints are served only in their own format (no conversion at load).
-The MoE routed experts follow the linear method when it has an expert format (fp8: e4m3 with
-per-block scales, layers/moe.py; W4A16 and W4A8, act-order GPTQ included: packed 4-bit,
-layers/moe_int4.py); otherwise (w8a8-int8, msModelSlim) they are dequantized at load. Layers
+The MoE routed experts follow the linear method (fp8: e4m3 with per-block scales, layers/moe.py;
+W4A16 and W4A8, act-order GPTQ included: packed 4-bit, layers/moe_int4.py; w8a8-int8 and
+msModelSlim "W8A8_DYNAMIC": int8 with per-row scales and per-token int8 activations,
+layers/moe_int8.py); msModelSlim's static "W8A8" experts are dequantized at load. Layers
 outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate, kv_b_proj,
 MTP eh_proj) are dequantized at load to the model dtype.
 
@@ -38,8 +39,10 @@ from deepserve.layers.moe import FusedMoE
 from deepserve.layers.quantization import (init_dummy_quantized, is_expert_tensor, is_quantized_tensor,
                                            quantize_linears)
 from deepserve.layers.moe_int4 import quantize_int4_experts
+from deepserve.layers.moe_int8 import int8_experts
 from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
-from deepserve.layers.quantization_modelslim import modelslim_module, quantize_modelslim_linears
+from deepserve.layers.quantization_modelslim import (modelslim_module, quantize_modelslim_experts,
+                                                     quantize_modelslim_linears)
 from deepserve.models.registry import get_model_class
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
 from deepserve.quant import modelslim
@@ -151,7 +154,9 @@ def _materialize(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def quantize_experts(model, method: str, block: tuple[int, int]) -> list[str]:
-    """Routed experts stored in the linear method's format where one exists (fp8); returns their names."""
+    """Routed experts stored in the linear method's format (fp8, w8a8-int8); returns their names."""
+    if method == "w8a8-int8":
+        return int8_experts(model)
     names = []
     if method == "fp8":
         for name, module in model.named_modules():
@@ -180,7 +185,9 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         quantize_int4_linears(model, spec)
         quantize_int4_experts(model, spec)
     elif method == modelslim.METHOD:
-        quantize_modelslim_linears(model, modelslim.description(model_config.model))
+        desc = modelslim.description(model_config.model)
+        quantize_modelslim_linears(model, desc)
+        quantize_modelslim_experts(model, desc)
     elif method is not None:
         quantize_linears(model, method, block)
         quantize_experts(model, method, block)
@@ -233,10 +240,8 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             # stored quantized tensors go as they are to the layers that run the same method
             if method != stored:
                 keep = lambda name: False  # noqa: E731
-            elif stored == "fp8":
+            else:   # fp8 and int8 experts stay as stored too
                 keep = lambda name: is_quantized_tensor(name) or is_expert_tensor(name)  # noqa: E731
-            else:
-                keep = is_quantized_tensor
             weights = dequantize_stream(weights, stored, block, dtype, keep)
         loaded = model.load_weights(weights)
         params = dict(model.named_parameters())

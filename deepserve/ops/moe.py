@@ -90,6 +90,16 @@ def moe_route(router_logits: torch.Tensor, e_score_correction_bias: Optional[tor
     return topk_weights, topk_ids.to(torch.int32)
 
 
+def expert_batches(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
+    """For each expert in [0, E) some (token, slot) assignment picks, in expert order:
+    (expert, the assignments' token rows [n], their routing weights [n] in fp32)."""
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()
+    for expert in torch.unique(flat_ids[(flat_ids >= 0) & (flat_ids < num_experts)]).tolist():
+        slots = (flat_ids == expert).nonzero().flatten()
+        yield expert, slots // top_k, topk_weights.reshape(-1)[slots].float()
+
+
 def _dequant(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """One expert's weight [N, K] in `dtype`; e4m3 with per-128x128 scale_inv when given."""
     if scale_inv is None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from deepserve.ops.int4 import PACK, dequant_int4
+from deepserve.ops.moe import expert_batches
 from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 
@@ -74,13 +75,8 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     check_moe_int4_operands(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, groups, w13_g_idx, w2_g_idx)
     if act_int8:
         x = int8_rows_roundtrip(x)
-    num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
-    flat_ids = topk_ids.reshape(-1).long()
-    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-    for expert in torch.unique(flat_ids[(flat_ids >= 0) & (flat_ids < num_experts)]).tolist():
-        slots = (flat_ids == expert).nonzero().flatten()                # assignments to this expert
-        rows = slots // top_k
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for expert, rows, weights in expert_batches(topk_ids, topk_weights, w13.shape[0]):
         z13 = None if w13_zeros is None else w13_zeros[expert]
         z2 = None if w2_zeros is None else w2_zeros[expert]
         g13 = None if w13_g_idx is None else w13_g_idx[expert]
@@ -90,5 +86,5 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
         gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)        # [n, I] each
         h = F.silu(gate) * up
         y = F.linear(int8_rows_roundtrip(h) if act_int8 else h, w_down)   # [n, D]
-        out.index_add_(0, rows, y.float() * topk_weights.reshape(-1)[slots].float()[:, None])
+        out.index_add_(0, rows, y.float() * weights[:, None])
     return out.to(x.dtype)

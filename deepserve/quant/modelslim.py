@@ -16,8 +16,9 @@ The folder holds `quant_model_description*.json`: one entry per checkpoint tenso
 "W8A8_DYNAMIC" modules run exactly as compressed-tensors W8A8 int8 (per-token dynamic int8
 activations, layers/quantization.py's Int8W8A8LinearMethod); "W8A8" modules run the static
 quantizer (layers/quantization_modelslim.py, ops.int8_static_linear) as vllm-ascend's
-`npu_quant_matmul` does: y = (x_q W^T + quant_bias) * deq_scale. Modules that feed no int8
-layer (routed experts, kv_b_proj) are dequantized at load: W = (q - offset) * scale.
+`npu_quant_matmul` does: y = (x_q W^T + quant_bias) * deq_scale. "W8A8_DYNAMIC" routed experts
+stay int8 (layers/moe_int8.py). Modules that feed no int8 layer (kv_b_proj, static "W8A8"
+experts) are dequantized at load: W = (q - offset) * scale.
 """
 from __future__ import annotations
 
