@@ -19,7 +19,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -108,6 +110,15 @@ class _Server(uvicorn.Server):
         if isinstance(captured, list):
             captured.clear()
 
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # a second signal during the drain (Ctrl-C pressed twice; `timeout -s INT` signals
+            # both the process and its group) makes uvicorn stop waiting for connections and
+            # skip the app's lifespan shutdown too, whose task asyncio then cancels with a
+            # CancelledError traceback: run it anyway (it stops the engine, within seconds)
+            await self.lifespan.shutdown()
+
 
 # generation_config.json keys that become request defaults (vLLM's --generation-config auto)
 GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -186,7 +197,15 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None) 
                             access_log=False, timeout_graceful_shutdown=3, lifespan="on")
     http = _Server(config, state, on_ready)
     http.run(sockets=[sock] if sock is not None else None)
-    state.llm.shutdown()
+    # uvicorn restored the handlers from before it ran (KeyboardInterrupt for SIGINT): a late
+    # Ctrl-C must not cut the engine's stop short with a traceback
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        state.llm.shutdown()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     if getattr(http, "fatal", None):
         return 1
     return 0 if http.started else 1

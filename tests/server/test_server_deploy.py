@@ -1,5 +1,6 @@
 """One-command deployments: a FlagScale-style YAML file with CLI overrides, a full queue
-answered with 503 + Retry-After, and SIGTERM under load ending the process cleanly."""
+answered with 503 + Retry-After, SIGTERM under load and Ctrl-C (once or twice) ending the
+process cleanly."""
 from __future__ import annotations
 
 import os
@@ -90,6 +91,15 @@ def _session_members(sid: int) -> list[int]:
     return members
 
 
+def _no_member_left(sid: int) -> None:
+    """No child process left behind (multiprocessing's resource tracker, which the engine core's
+    spawn started, ends on its own once the server has gone: give it a moment)."""
+    deadline = time.monotonic() + 5
+    while _session_members(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _session_members(sid) == []
+
+
 def test_sigterm_under_load_exits_cleanly():
     server = launch("--num-gpu-blocks-override", "512")
     outcomes: list[str] = []
@@ -124,9 +134,29 @@ def test_sigterm_under_load_exits_cleanly():
     assert code == 0
     assert elapsed < 5, f"took {elapsed:.1f} s to exit"
     assert len(outcomes) == 8 and all(o in ("error", "closed") for o in outcomes), outcomes
-    # no child process left behind (multiprocessing's resource tracker, which the engine core's
-    # spawn started, ends on its own once the server has gone: give it a moment)
-    deadline = time.monotonic() + 5
-    while _session_members(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _session_members(pid) == []
+    _no_member_left(pid)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_exits_cleanly(presses):
+    """Ctrl-C reaches the whole process group (the API server and its engine-core process).
+    Pressed twice (or `timeout -s INT`, which signals the process and then its group), the
+    second one lands while uvicorn drains, which made it skip the app's shutdown and print a
+    lifespan CancelledError traceback."""
+    server = launch()
+    r = httpx.post(server.v1 + "/completions", json={"prompt": "Once upon a time", "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200
+    before = len(server.lines)
+    t0 = time.monotonic()
+    for i in range(presses):
+        if i:
+            time.sleep(0.05)
+        os.killpg(server.proc.pid, signal.SIGINT)
+    code = server.proc.wait(timeout=30)
+    elapsed = time.monotonic() - t0
+    time.sleep(0.2)  # the output reader thread catches up
+    after = "".join(server.lines[before:])
+    assert code == 0, after
+    assert "Traceback" not in after and "CancelledError" not in after, after
+    assert elapsed < 10, f"took {elapsed:.1f} s to exit"
+    _no_member_left(server.proc.pid)
