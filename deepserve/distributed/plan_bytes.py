@@ -25,13 +25,18 @@ the `meta` device):
 - 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight or routed expert matrix takes
   half a byte per value plus a scale (and for awq / gptq a uint8 zero point) per row per 128
   columns (layers/quantization_int4.py, moe_int4.py); the layers fp8 keeps in the model dtype
-  stay in the model dtype.
+  stay in the model dtype. With activation reordering (`act_order`: GPTQ desc_act,
+  compressed-tensors actorder "group") each 4-bit Linear also holds an int32 g_idx over its
+  rank's input features (one for a fused q/k/v or gate/up), each routed expert one over D for
+  gate and up and one over its I slice for down, and a row-parallel slice (o_proj, down_proj,
+  the experts' down under TP) keeps the scales of every group of the whole row.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -56,17 +61,20 @@ GROUPS = ("attention", "mlp", "experts", "shared_experts", "router", "embedding"
 class Tensor:
     """One parameter as a rank holds it: `count` copies of a [rows, cols] matrix.
     kind: "linear" (quantized under fp8), "expert" (a routed expert's matrix: quantized with
-    block scales under fp8), "high" (model dtype always), "fp32"."""
+    block scales under fp8), "high" (model dtype always), "fp32", "int32" (a 4-bit layer's
+    g_idx). 4-bit scales cover `group_cols` input features when set (a row-parallel slice
+    under act order keeps every group of the whole row), else `cols`."""
 
     group: str
     rows: int
     cols: int = 1
     kind: str = "linear"
     count: int = 1
+    group_cols: int = 0
 
     def nbytes(self, dtype_bytes: int, quantization: Optional[str]) -> int:
         n = self.rows * self.cols
-        if self.kind == "fp32":
+        if self.kind in ("fp32", "int32"):
             return 4 * n * self.count
         if self.kind == "linear" and quantization == "fp8":
             return (n + 4 * self.rows * math.ceil(self.cols / FP8_BLOCK)) * self.count
@@ -75,7 +83,7 @@ class Tensor:
             return (n + 4 * scales) * self.count
         if self.kind in ("linear", "expert") and quantization in INT4_PLAN:
             group, zeros = INT4_PLAN[quantization]
-            scales = self.rows * math.ceil(self.cols / group)
+            scales = self.rows * math.ceil((self.group_cols or self.cols) / group)
             return (n // 2 + scales * (dtype_bytes + zeros)) * self.count
         return dtype_bytes * n * self.count
 
@@ -95,6 +103,26 @@ class Layout:
         return f"TP={self.tp} PP={self.pp} DP={self.dp} EP={self.ep_size if self.ep else 'off'}"
 
 
+def act_order(cfg, quantization: Optional[str]) -> bool:
+    """Whether a 4-bit plan's checkpoint (its config.json) reorders activations, as
+    quant/int4.py reads it: GPTQ `desc_act`, compressed-tensors weights `actorder` "group" /
+    "dynamic"."""
+    if quantization not in INT4_PLAN:
+        return False
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "gptq":
+        return bool(qc.get("desc_act", False))
+    if qc.get("quant_method") == "compressed-tensors":
+        groups = (qc.get("config_groups") or {}).values()
+        return any((g.get("weights") or {}).get("actorder") in ("group", "dynamic") for g in groups)
+    return False
+
+
+def _g_idx(group: str, *inputs: int, act: bool, count: int = 1) -> list[Tensor]:
+    """The int32 g_idx of 4-bit layers (or experts) reading `inputs` features each, under act order."""
+    return [Tensor(group, k, kind="int32", count=count) for k in inputs] if act else []
+
+
 # --------------------------------------------------------------------------- model tensors
 def architecture(cfg) -> str:
     arch = cfg.architecture
@@ -110,13 +138,14 @@ def is_moe_layer(cfg, layer: int) -> bool:
             and layer % (cfg.get("moe_layer_freq") or 1) == 0)
 
 
-def _mlp(group: str, d: int, inter: int, tp: int, bias: bool) -> list[Tensor]:
+def _mlp(group: str, d: int, inter: int, tp: int, bias: bool, act: bool = False) -> list[Tensor]:
     local = inter // tp
-    out = [Tensor(group, local, d), Tensor(group, local, d), Tensor(group, d, local)]
+    out = [Tensor(group, local, d), Tensor(group, local, d),
+           Tensor(group, d, local, group_cols=inter if act else 0)] + _g_idx(group, d, local, act=act)
     return out + ([Tensor(group, 2 * local, kind="high"), Tensor(group, d, kind="high")] if bias else [])
 
 
-def _gqa_attention(cfg, tp: int) -> list[Tensor]:
+def _gqa_attention(cfg, tp: int, act: bool = False) -> list[Tensor]:
     d, h = cfg.hidden_size, cfg.num_attention_heads
     kv = cfg.get("num_key_value_heads") or h
     hd = cfg.get("head_dim") or d // h
@@ -124,7 +153,8 @@ def _gqa_attention(cfg, tp: int) -> list[Tensor]:
     bias = bool(cfg.get("attention_bias", False))
     qkv_bias = bias or cfg.architecture == "Qwen2ForCausalLM"
     out = [Tensor("attention", q, d), Tensor("attention", kv_local, d), Tensor("attention", kv_local, d),
-           Tensor("attention", d, h * hd // tp)]
+           Tensor("attention", d, h * hd // tp, group_cols=h * hd if act else 0)]
+    out += _g_idx("attention", d, h * hd // tp, act=act)        # fused q/k/v, o_proj
     if qkv_bias:
         out.append(Tensor("attention", q + 2 * kv_local, kind="high"))
     if bias and cfg.architecture != "Qwen2ForCausalLM":
@@ -132,7 +162,7 @@ def _gqa_attention(cfg, tp: int) -> list[Tensor]:
     return out
 
 
-def _mla_attention(cfg, tp: int) -> list[Tensor]:
+def _mla_attention(cfg, tp: int, act: bool = False) -> list[Tensor]:
     d, h = cfg.hidden_size, cfg.num_attention_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     q_lora, kv_lora = cfg.get("q_lora_rank"), cfg.kv_lora_rank
@@ -146,13 +176,16 @@ def _mla_attention(cfg, tp: int) -> list[Tensor]:
         out += [Tensor("attention", q_lora, kind="high")] if bias else []
     out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, d), Tensor("norms", kv_lora, kind="high"),
             Tensor("attention", h * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, kv_lora, kind="high"),
-            Tensor("attention", d, h * cfg.v_head_dim // tp)]
+            Tensor("attention", d, h * cfg.v_head_dim // tp, group_cols=h * cfg.v_head_dim if act else 0)]
+    # q_proj or q_a + q_b, kv_a, o_proj (kv_b_proj stays in the model dtype)
+    q_inputs = (d,) if q_lora is None else (d, q_lora)
+    out += _g_idx("attention", *q_inputs, d, h * cfg.v_head_dim // tp, act=act)
     if bias:
         out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, kind="high"), Tensor("attention", d, kind="high")]
     return out
 
 
-def _moe(cfg, layout: Layout, quantization: Optional[str]) -> list[Tensor]:
+def _moe(cfg, layout: Layout, quantization: Optional[str], act: bool = False) -> list[Tensor]:
     d, e, inter = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     v3 = cfg.get("model_type") == "deepseek_v3"
     out = [Tensor("router", e, d, kind="fp32")]
@@ -165,10 +198,11 @@ def _moe(cfg, layout: Layout, quantization: Optional[str]) -> list[Tensor]:
     if quantization == "fp8" and local == inter:
         local = math.ceil(inter / FP8_BLOCK) * FP8_BLOCK   # whole experts: padded to the block grid
     out += [Tensor("experts", local, d, "expert", n), Tensor("experts", local, d, "expert", n),
-            Tensor("experts", d, local, "expert", n)]
+            Tensor("experts", d, local, "expert", n, group_cols=inter if act else 0)]
+    out += _g_idx("experts", d, local, act=act, count=n)       # gate and up share one; down
     shared = cfg.get("n_shared_experts") or 0
     if shared:
-        out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)))
+        out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)), act)
     return out
 
 
@@ -176,11 +210,12 @@ def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] =
     """What one rank of `layout` holds of decoder layer `layer`."""
     d = cfg.hidden_size
     mla = architecture(cfg) in MLA_ARCHS
-    out = _mla_attention(cfg, layout.tp) if mla else _gqa_attention(cfg, layout.tp)
+    act = act_order(cfg, quantization)
+    out = _mla_attention(cfg, layout.tp, act) if mla else _gqa_attention(cfg, layout.tp, act)
     out += [Tensor("norms", d, kind="high"), Tensor("norms", d, kind="high")]
     if mla and is_moe_layer(cfg, layer):
-        return out + _moe(cfg, layout, quantization)
-    return out + _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)))
+        return out + _moe(cfg, layout, quantization, act)
+    return out + _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)), act)
 
 
 def vocab_rows(cfg, tp: int) -> int:
@@ -194,7 +229,7 @@ def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None) -> list
     out = []
     for i in range(int(cfg.get("num_nextn_predict_layers") or 0)):
         block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout, quantization)
-        out += [Tensor("mtp", t.rows, t.cols, t.kind, t.count) for t in block]
+        out += [dataclasses.replace(t, group="mtp") for t in block]
         out += [Tensor("mtp", rows, d, kind="high"), Tensor("mtp", d, kind="high"), Tensor("mtp", d, kind="high"),
                 Tensor("mtp", d, 2 * d, kind="high"), Tensor("mtp", d, kind="high"),
                 Tensor("mtp", rows, d, kind="high")]

@@ -23,20 +23,24 @@ from tests.quant.test_int4_loading import PROMPTS, TOKENIZER, _packed, _quantize
 
 
 # ---------------------------------------------------------------------------- plan bytes
-@pytest.mark.parametrize("fmt,plan_name,sym", [("compressed-tensors", "w4a16", True), ("awq", "awq", False),
-                                               ("gptq", "gptq", True)])
-def test_plan_counts_the_bytes_a_4bit_model_allocates(tmp_path, fmt, plan_name, sym):
+@pytest.mark.parametrize("fmt,plan_name,sym,act_order", [
+    ("compressed-tensors", "w4a16", True, False), ("awq", "awq", False, False), ("gptq", "gptq", True, False),
+    ("gptq", "gptq", True, True), ("compressed-tensors", "w4a16", True, True)])
+def test_plan_counts_the_bytes_a_4bit_model_allocates(tmp_path, fmt, plan_name, sym, act_order):
     """`deepserve plan --quantization w4a16|awq|gptq` (groups of 128) counts exactly the
-    parameter bytes of the loaded bf16 model (packed weights, fp16 scales, uint8 zeros)."""
+    parameter bytes of the loaded bf16 model (packed weights, fp16 scales, uint8 zeros; with
+    act order the g_idx of every 4-bit layer, fused q/k/v and gate/up sharing one)."""
     from deepserve.config import HFConfig
     from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                                    max_position_embeddings=256, tie_word_embeddings=False)
     save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path / "ref")
-    q, _ = _quantize_folder(tmp_path / "ref", tmp_path, fmt, 128, sym, False)
+    q, _ = _quantize_folder(tmp_path / "ref", tmp_path, fmt, 128, sym, act_order)
     model = LLM(model=str(q), dtype="bfloat16", tokenizer=TOKENIZER).engine.runner.model
     allocated = sum(p.numel() * p.element_size() for p in model.parameters())
+    g_idx = sum(p.numel() * 4 for n, p in model.named_parameters() if n.endswith("g_idx"))
+    assert bool(g_idx) == act_order
     hf = HFConfig(json.loads((q / "config.json").read_text()))
     assert weight_bytes_per_gpu(hf, Layout(1, 1, 1), "bfloat16", plan_name) == allocated
 
@@ -118,6 +122,25 @@ def test_int4_experts_split_over_tp_and_ep_ranks_sum_to_the_whole(fmt, group, sy
     torch.testing.assert_close(tp[0] + tp[1], whole, rtol=1e-5, atol=1e-5)
     ep = [build(ParallelContext(ep_rank=r, ep_size=2))(x, wts, ids) for r in range(2)]
     torch.testing.assert_close(ep[0] + ep[1], whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,layout,mtp", [("gptq", "tp8", True), ("gptq", "dp8-ep8", False),
+                                            ("gptq", "tp2-pp4", False), ("compressed-tensors", "tp8", False)])
+def test_r1_act_order_plan_counts_the_g_idx_the_engine_allocates(fmt, layout, mtp):
+    """R1 as a GPTQ desc_act (or compressed-tensors actorder "group") checkpoint, built as the
+    engine builds it on the meta device: `deepserve plan` counts every g_idx (per 4-bit Linear,
+    per expert: one for gate and up, one for down) and the whole-row scales that row-parallel
+    slices keep, exactly; the g_idx are counted (the plan grows over the same model without act order)."""
+    from deepserve.config import HFConfig
+    from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
+    from tests.distributed.test_plan import R1, engine_param_bytes
+    plan_name = "gptq" if fmt == "gptq" else "w4a16"
+    cfg = HFConfig({**R1, "quantization_config": quantization_config(fmt, 128, True, True)})
+    lay = {"tp8": Layout(8, 1, 1), "dp8-ep8": Layout(1, 1, 8, True), "tp2-pp4": Layout(2, 4, 1)}[layout]
+    planned = weight_bytes_per_gpu(cfg, lay, quantization=plan_name, include_mtp=mtp)
+    assert planned == engine_param_bytes(cfg, lay, plan_name, mtp)
+    plain = HFConfig({**R1, "quantization_config": quantization_config(fmt, 128, True, False)})
+    assert planned > weight_bytes_per_gpu(plain, lay, quantization=plan_name, include_mtp=mtp)
 
 
 @pytest.mark.parametrize("layout", ["tp8", "dp8-ep8"])
