@@ -1,12 +1,14 @@
 """Kernel tables from torch.profiler: which kernels a step launches, how long each takes, grouped
 into Triton (deepserve's own kernels, found by name), cuBLAS GEMV/GEMM, torch elementwise /
-reduce / other, memcpy and memset. Used by benchmarks/profile_decode.py."""
+reduce / other, memcpy and memset (the capture and grouping are deepserve/ops/profile.py's,
+what --ops-profile runs), and the GPU's busy / idle timeline. Used by benchmarks/profile_decode.py
+and benchmarks/ops_share.py."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
-from collections import defaultdict
+
+from deepserve.ops.profile import (aggregate, jit_function_names, kernel_group, profile_records,  # noqa: F401
+                                   short_name, triton_kernel_names)
 
 
 def say(msg: str) -> None:
@@ -17,103 +19,6 @@ def sync(cuda: bool) -> None:
     if cuda:
         import torch
         torch.cuda.synchronize()
-
-
-def triton_kernel_names() -> set[str]:
-    """Names of deepserve's Triton kernels (CUPTI reports a Triton kernel by its function name)."""
-    names: set[str] = set()
-    try:
-        import deepserve.ops.triton as pkg
-    except ImportError as exc:
-        say(f"  (no Triton kernel names: {exc})")
-        return names
-    for info in pkgutil.iter_modules(pkg.__path__):
-        try:
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        except Exception as exc:  # noqa: BLE001 - one module failing to import must not stop the rest
-            say(f"  (skipping {info.name}: {type(exc).__name__}: {exc})")
-            continue
-        names |= jit_function_names(mod)
-    return names
-
-
-def jit_function_names(mod) -> set[str]:
-    """Names of the Triton kernels a module defines or imports."""
-    from triton.runtime.jit import JITFunction
-
-    names = set()
-    for obj in list(vars(mod).values()):
-        for _ in range(4):  # Autotuner / Heuristics wrap the JITFunction in .fn
-            if isinstance(obj, JITFunction):
-                names.add(obj.__name__)
-                break
-            obj = getattr(obj, "fn", None)
-    return names
-
-
-def kernel_group(name: str, triton_names: set[str]) -> str:
-    low = name.lower()
-    if "memcpy" in low:
-        return "memcpy"
-    if "memset" in low:
-        return "memset"
-    if name in triton_names or name.startswith("triton_"):
-        return "triton"
-    if "gemv" in low:
-        return "cublas gemv"
-    if any(s in low for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
-        return "cublas gemm"
-    if "flash" in low:
-        return "flash attn"
-    if "at::native" in name or name.startswith("aten::"):
-        if "reduce" in low:
-            return "torch reduce"
-        if "elementwise" in low:
-            return "torch elementwise"
-        return "torch other"
-    return "other"
-
-
-def short_name(name: str) -> str:
-    if "at::native" in name:
-        parts = re.findall(r"at::native::(?:\(anonymous namespace\)::)?(\w+)", name)
-        if parts:
-            return "/".join(dict.fromkeys(parts[:3]))
-    return name if len(name) <= 90 else name[:87] + "..."
-
-
-def aggregate(records: list[tuple[str, float]], steps: int, triton_names: set[str], top: int) -> dict:
-    """records: (name, µs) of every kernel (or CPU op) over `steps` steps."""
-    by: dict[str, list] = {}
-    groups: dict[str, float] = defaultdict(float)
-    for name, us in records:
-        e = by.setdefault(name, [0, 0.0])
-        e[0] += 1
-        e[1] += us
-        groups[kernel_group(name, triton_names)] += us
-    total = sum(us for _, us in records)
-    rows = [{"name": short_name(n), "full_name": n, "group": kernel_group(n, triton_names),
-             "count_per_step": c / steps, "us_per_step": t / steps, "pct": 100 * t / total if total else 0.0}
-            for n, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])]
-    launches = sum(1 for n, _ in records if kernel_group(n, triton_names) not in ("memcpy", "memset"))
-    return {"steps": steps, "launches_per_step": launches / steps, "kernel_us_per_step": total / steps,
-            "distinct": len(rows), "groups_us_per_step": {g: t / steps for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": rows[:top]}
-
-
-def profile_records(fn, steps: int, cuda: bool) -> list[tuple[str, float]]:
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            fn()
-        sync(cuda)
-    if cuda:  # device-side records only: kernels, memcpy, memset (not cudaLaunchKernel & co.)
-        return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-                if str(e.device_type).endswith("CUDA") and not re.match(r"cuda[A-Z]", e.name)]
-    # CPU: self time of each op (no double counting of nested ops)
-    return [(e.name, e.self_cpu_time_total) for e in prof.events()
-            if e.self_cpu_time_total > 0 and not e.name.startswith("ProfilerStep")]
 
 
 def print_kernels(title: str, agg: dict) -> None:

@@ -9,9 +9,10 @@ prefilled, then --steps decode steps run under torch.profiler (CUDA graphs on un
   calls  op calls in the profiled steps by (op, backend) (deepserve.ops.call_counts) and the
          share that ran as Triton kernels (what /metrics' deepserve:triton_op_call_share says
          since start);
-  time   GPU kernel time per step grouped as benchmarks/kernel_table.py groups it (triton =
-         deepserve's own Triton kernels, found by name, plus flag_gems' with --ops flaggems;
-         cublas; torch; memcpy/memset) and the Triton share of kernel time; the top kernels.
+  time   GPU kernel time per step by kind and group as deepserve/ops/profile.py (what the
+         engine's --ops-profile runs) attributes it (triton = deepserve's own Triton kernels,
+         FlagGems' and any other live Triton kernel, found by name; blas = cuBLAS / cuDNN;
+         torch; memcpy/memset) and the Triton share of kernel time; the top kernels.
 
 A JSON with every number goes to benchmarks/results/ops_share_<model>_<ops>_b<batch>.json.
 
@@ -32,20 +33,15 @@ import torch
 
 # kernel_table sits beside this file; the repo root makes deepserve importable uninstalled
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from kernel_table import aggregate, jit_function_names, print_kernels, profile_records, triton_kernel_names
+from kernel_table import print_kernels
 
 from deepserve import LLM, SamplingParams, ops
+from deepserve.ops.profile import OpsProfiler, aggregate
 from deepserve.ops.registry import call_totals
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1000}
-
-
-def flag_gems_kernel_names() -> set[str]:
-    """Names of the Triton kernels flag_gems has loaded (it patches aten with them)."""
-    return set().union(*(jit_function_names(mod) for name, mod in list(sys.modules.items())
-                         if name.startswith("flag_gems")))
 
 
 def measure(args, batch: int) -> dict:
@@ -70,11 +66,13 @@ def measure(args, batch: int) -> dict:
         engine.step()
     ops.call_counts.clear()
     cuda = engine.platform.device().type == "cuda"
-    records = profile_records(engine.step, args.steps, cuda)
+    profiler = OpsProfiler(cuda)
+    with profiler.profiling(lambda: args.steps):
+        for _ in range(args.steps):
+            engine.step()
     calls = {f"{op}/{backend}": n for (op, backend), n in sorted(ops.call_counts.items())}
     totals = call_totals()
-    names = triton_kernel_names() | (flag_gems_kernel_names() if args.ops == "flaggems" else set())
-    agg = aggregate(records, args.steps, names, top=args.top)
+    agg = aggregate(profiler.last_records, args.steps, profiler.report.triton_names, top=args.top)
     kernel_us = agg["kernel_us_per_step"]
     result = {
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -82,7 +80,7 @@ def measure(args, batch: int) -> dict:
         "cuda_graphs": cuda and not args.enforce_eager,
         "op_calls": calls, "triton_op_call_share": totals["triton_op_calls"] / max(totals["op_calls"], 1),
         "kernels": agg,
-        "triton_time_share": agg["groups_us_per_step"].get("triton", 0.0) / kernel_us if cuda and kernel_us else None,
+        "triton_time_share": agg["kind_shares"]["triton"] if cuda and kernel_us else None,
     }
     engine.shutdown()
     return result
@@ -111,6 +109,7 @@ def main():
               f"of op calls as Triton kernels" + (f", {100 * share:.1f}% of GPU kernel time" if share is not None else ""))
         print("  op calls: " + ", ".join(f"{k} {v}" for k, v in r["op_calls"].items()))
         print_kernels("kernels" if share is not None else "CPU ops", r["kernels"])
+        print("  by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["kernels"]["kind_shares"].items()))
         name = f"ops_share_{args.model.replace('/', '_')}_{args.ops}_b{batch}{'_tiny' if args.tiny else ''}.json"
         (RESULTS / name).write_text(json.dumps(r, indent=1))
 

@@ -406,6 +406,12 @@ class EngineArgs:
     platform's own) | torch | triton | triton-all (triton with the dense GEMMs on Triton kernels
     at every shape instead of cuBLAS where cuBLAS measured faster) | flaggems.
     Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
+    ops_profile: bool = False
+    """Profile where kernel time goes (deepserve/ops/profile.py): a short generation at start-up,
+    then 8 steps in every 1024, under torch.profiler; the start-up log and each window's log
+    line give the share of kernel time in Triton kernels, BLAS libraries (cuBLAS, cuDNN),
+    other torch kernels and copies, and /metrics deepserve:ops_time_share{kind=...}. On the
+    CPU, op CPU time stands for kernel time (interpreted Triton kernels: their launches')."""
     speculative_config: Optional[dict] = None
     """Speculative decoding, vLLM's JSON keys: method (mtp | deepseek_mtp | ngram),
     num_speculative_tokens, prompt_lookup_min, prompt_lookup_max; e.g.

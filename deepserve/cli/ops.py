@@ -31,6 +31,13 @@ def register(subparsers) -> None:
                    help="The backend to resolve: auto | torch | triton | triton-all | flaggems "
                         "(default: DEEPSERVE_OPS, USE_FLAGGEMS=1, else auto).")
     p.add_argument("--device", default="auto", help="Platform whose default backend `auto` means.")
+    p.add_argument("--profile", metavar="MODEL", default=None,
+                   help="Instead of the table: start MODEL (a folder or a preset, random weights) with "
+                        "--ops-profile and print where its start-up generation's kernel time went.")
+    p.add_argument("--hf-overrides", default=None, help="With --profile: JSON merged over config.json, "
+                   "e.g. '{\"num_hidden_layers\": 2}'.")
+    p.add_argument("--max-model-len", type=int, default=None, help="With --profile: the engine's max_model_len.")
+    p.add_argument("--top", type=int, default=15, help="With --profile: kernels listed.")
     p.set_defaults(func=run)
 
 
@@ -69,6 +76,8 @@ def runs(op: str, backend: str) -> str:
 
 def run(args) -> int:
     backend = chosen_backend(args.ops, args.device)
+    if args.profile:
+        return profile_model(args, backend)
     rows, note = op_rows()
     width = max(len(op) for op, _ in rows)
     bwidth = max(len(", ".join(b)) for _, b in rows)
@@ -81,4 +90,25 @@ def run(args) -> int:
             print(f"{op}: {how}")
     if note:
         print(note)
+    return 0
+
+
+def profile_model(args, backend: str) -> int:
+    """`deepserve ops --profile MODEL`: the engine's start-up --ops-profile report as a table."""
+    import json
+
+    from deepserve import LLM
+    from deepserve.ops.registry import triton_share
+
+    overrides = json.loads(args.hf_overrides) if args.hf_overrides else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--hf-overrides must be a JSON object, got {args.hf_overrides!r}")
+    llm = LLM(args.profile, ops=backend, device=args.device, ops_profile=True, hf_overrides=overrides,
+              max_model_len=args.max_model_len, load_format="dummy")
+    try:
+        print(f"--ops {backend}, {args.profile} on {llm.engine.runner.device}: "
+              f"{100 * triton_share():.1f}% of op calls ran as Triton kernels")
+        print(llm.engine.ops_profiler.report.table(args.top))
+    finally:
+        llm.shutdown()
     return 0

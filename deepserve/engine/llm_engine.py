@@ -11,6 +11,7 @@ step is a `DataParallelBatch` (one batch per DP rank) that the runner runs on ev
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -29,6 +30,7 @@ from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler,
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.spec_decode import make_spec_decoder, needs_sync_step, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
+from deepserve.ops.profile import OpsProfiler
 from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
 
@@ -157,6 +159,42 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         # speculative decoding (engine/spec_decode.py): drafting steps run synchronously
         self.spec = make_spec_decoder(self.config, self.runner)
+        self.ops_profiler: Optional[OpsProfiler] = None
+        if args.ops_profile:
+            self.ops_profiler = self._profile_ops_at_start()
+
+    def _profile_ops_at_start(self) -> OpsProfiler:
+        """--ops-profile: a short greedy generation of random prompts (prefill, then decode
+        steps as served: CUDA graphs, async scheduling, speculative decoding as configured) under
+        the profiler, logged; the counters it moved are put back. With data parallel the cores
+        step together, so only the serving windows are profiled."""
+        profiler = OpsProfiler(self.platform.device().type == "cuda")
+        if self.config.parallel.data_parallel_size > 1:
+            return profiler
+        import torch
+
+        sched = self.config.scheduler
+        n, prompt_len = min(sched.max_num_seqs, 4), max(1, min(32, self.max_model_len // 4))
+        new_tokens = max(1, min(8, self.max_model_len - prompt_len - 1))
+        g = torch.Generator().manual_seed(0)
+        saved = copy.deepcopy((self.stats, [(bm.prefix_queries, bm.prefix_hits) for bm in self.block_managers],
+                               self.scheduler.num_preemptions, getattr(self.spec, "stats", None)))
+        with profiler.profiling(lambda: self.stats["steps"] - saved[0]["steps"]):
+            params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+            for _ in range(n):
+                ids = torch.randint(0, self.runner.vocab_size, (prompt_len,), generator=g).tolist()
+                self.add_request(None, {"prompt_token_ids": ids}, params)
+            while self.has_unfinished_requests():
+                self.step()
+        self.stats.update(saved[0])
+        self.scheduler.num_preemptions = saved[2]
+        for bm, (queries, hits) in zip(self.block_managers, saved[1]):
+            bm.prefix_queries, bm.prefix_hits = queries, hits
+        if self.spec is not None:
+            self.spec.stats = saved[3]
+        logger.info("%s", profiler.report.summary(f"start-up: {n} x {prompt_len}-token prompts, "
+                                                  f"{new_tokens} tokens each"))
+        return profiler
 
     # ------------------------------------------------------------------ requests
     def tokenize_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
@@ -273,12 +311,15 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_hits,
             **(self.spec.stats.counters() if self.spec is not None else {}),
             **call_totals(),  # this rank's op calls, all and as Triton kernels
+            **(self.ops_profiler.gauges() if self.ops_profiler is not None else {}),
             **self.stats,
         }
 
     def shutdown(self) -> None:
         """Stop worker processes and free the process groups (multi-process layouts); another
         engine can start in this process afterwards."""
+        if getattr(self, "ops_profiler", None) is not None:
+            self.ops_profiler.close()
         self._finalizer()
 
     # ------------------------------------------------------------------ the step
@@ -290,6 +331,8 @@ class LLMEngine:
 
     def _run_sync(self, batch) -> list[RequestOutput]:
         """Run one scheduled step and wait for its tokens."""
+        if self.ops_profiler is not None:
+            self.ops_profiler.tick(self.stats["steps"])
         if self.spec is not None:
             return run_speculative_step(self, batch)
         try:
@@ -319,6 +362,8 @@ class LLMEngine:
         and so do speculative steps that draft (`needs_sync_step`: the next step's positions
         depend on how many drafts this one accepts, and n-gram drafts read the last token).
         `batch`: already scheduled (a DP engine core schedules before the DP ranks agree)."""
+        if self.ops_profiler is not None:
+            self.ops_profiler.tick(self.stats["steps"])
         prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule() if batch is None else batch
         launched = None

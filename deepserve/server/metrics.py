@@ -2,7 +2,8 @@
 snapshot at scrape time (running / waiting requests, KV cache usage, free blocks), counters
 (prompt and generation tokens, prefix-cache queries and hits, preemptions, finished requests
 by reason, error responses by status, operator calls and those run as Triton kernels, with
-their share as a gauge) and latency histograms (time to first token,
+their share as a gauge; with --ops-profile the share of profiled kernel time by kind,
+deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}) and latency histograms (time to first token,
 inter-token latency, end-to-end latency) fed by AsyncLLM's request listener.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
@@ -24,6 +25,8 @@ from typing import Callable, Iterator, Optional
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from deepserve.ops.profile import KINDS as OPS_TIME_KINDS
 
 PREFIX = "deepserve:"
 ALIAS = "vllm:"
@@ -86,6 +89,22 @@ class _EngineCollector:
         calls = snap.get("op_calls", 0)
         yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of operator calls since start that "
                            "ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
+        yield from self._ops_time(snap)
+
+    def _ops_time(self, snap: dict) -> Iterator[Metric]:
+        """--ops-profile: the share of profiled kernel time per kind (deepserve/ops/profile.py)."""
+        spent = {k: snap[f"ops_time_us_{k}"] for k in OPS_TIME_KINDS if f"ops_time_us_{k}" in snap}
+        if not spent:
+            return
+        total = sum(spent.values())
+        share = GaugeMetricFamily(PREFIX + "ops_time_share", "--ops-profile: share of the profiled steps' kernel "
+                                  "time (CPU: op time) by kind: triton, blas (cuBLAS/cuDNN), torch, memcpy.",
+                                  labels=["model_name", "kind"])
+        for kind, us in spent.items():
+            share.add_metric([self.model_name, kind], us / total if total else 0.0)
+        yield share
+        yield self._family(CounterMetricFamily, "ops_profiled_steps", "--ops-profile: engine steps profiled "
+                           "(start-up generation and windows).", snap.get("ops_profiled_steps", 0))
 
     def _family(self, kind, name: str, help_text: str, value: float) -> Metric:
         family = kind(PREFIX + name, help_text, labels=["model_name"])

@@ -1,0 +1,167 @@
+"""--ops-profile (deepserve/ops/profile.py): the kernel time of profiled steps attributed to
+triton / blas / torch / memcpy. Each attribution is checked against a reference computed here
+from the same profiler events by another route: on the CPU, every event's self time goes to
+the Triton launch range above it (walking up its parents) or else to its own op; on CUDA,
+device records are summed by name against the set of Triton kernel names."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepserve import LLM, SamplingParams
+from deepserve.ops import profile
+from deepserve.server.metrics import ServerMetrics, parse_metrics
+from tests.conftest import DEMO_MODEL
+
+BLAS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv"}
+
+
+def reference_kinds_cpu(events) -> dict[str, float]:
+    """µs per kind: each event's self time to the nearest Triton launch range above it (or
+    itself), else blas for the BLAS matmuls, else torch; other user ranges hold no op time."""
+    out = dict.fromkeys(profile.KINDS, 0.0)
+    for e in events:
+        node = e
+        while node is not None and not node.name.startswith("triton::"):
+            node = node.cpu_parent
+        if node is not None:
+            out["triton"] += e.self_cpu_time_total
+        elif not e.is_user_annotation:
+            out["blas" if e.name in BLAS else "torch"] += e.self_cpu_time_total
+    return out
+
+
+def assert_kinds_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for kind in want:  # one sum of self times against sums of inclusive times: rounding only
+        assert got[kind] == pytest.approx(want[kind], rel=1e-9, abs=1e-6), kind
+
+
+def test_kernel_kinds_of_cuda_kernel_names():
+    """Names as CUPTI reports them on an H100 (benchmarks/profile_decode.py output)."""
+    names = {"_rms_norm_kernel"}
+    cases = {
+        "_rms_norm_kernel": "triton",
+        "triton_poi_fused_add_0": "triton",
+        "nvjet_tst_128x64_64x8_1x2_h_bz_coopB_NNT": "blas",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)": "blas",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4, false>(...)": "blas",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "blas",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "blas",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, ...>(...)": "torch",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, ...> >(...)": "torch",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >(...)": "torch",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "torch",
+        "Memcpy DtoD (Device -> Device)": "memcpy",
+        "Memset (Device)": "memcpy",
+    }
+    assert {n: profile.kernel_kind(n, names) for n in cases} == cases
+
+
+def test_cpu_triton_launch_counts_as_triton():
+    """An interpreted Triton kernel counts as its launch's whole CPU time, once per launch;
+    the aten ops around it keep their own kinds."""
+    pytest.importorskip("triton")
+    from deepserve.ops.triton import norm
+
+    x, w = torch.randn(4, 64), torch.randn(64)
+    with profile.capture(cuda=False) as prof:
+        norm.rms_norm(x, w, 1e-6)
+        norm.rms_norm(x, w, 1e-6)
+        y = torch.mm(x, x.T) + 1
+    report = profile.OpsTimeReport()
+    report.add(profile.cpu_records(prof.events()), steps=1)
+    kernel = profile.TRITON_RANGE + profile.kernel_name(norm._rms_norm_kernel)
+    assert report.kernels[kernel][0] == 2  # two launches
+    assert report.kernels["aten::mm"][0] == 1 and y.shape == (4, 4)
+    kinds = report.kinds_us()
+    assert_kinds_equal(kinds, reference_kinds_cpu(prof.events()))
+    assert kinds["triton"] > 0 and kinds["blas"] > 0 and kinds["torch"] > 0
+    assert sum(report.shares().values()) == pytest.approx(1.0)
+
+
+def test_engine_ops_profile_startup_windows_and_metrics(monkeypatch):
+    """The demo model with ops_profile: the start-up report and a serving window, each equal
+    to the reference of its own capture's events, summed since start; /metrics shares."""
+    monkeypatch.setattr(profile, "FIRST_WINDOW_STEP", 2)
+    monkeypatch.setattr(profile, "WINDOW_STEPS", 3)
+    llm = LLM(str(DEMO_MODEL), ops="torch", max_model_len=64, ops_profile=True)
+    try:
+        prof = llm.engine.ops_profiler
+        start = dict(prof.report.kinds_us())
+        assert prof.report.steps >= 8  # a prefill and 7 decode steps at least
+        assert_kinds_equal(start, reference_kinds_cpu(prof.last_profile.events()))
+        assert start["blas"] > 0 and start["torch"] > 0 and start["triton"] == 0
+        assert llm.engine.gauges()["generation_tokens"] == 0  # the start-up generation is not counted
+
+        startup_profile, startup_steps = prof.last_profile, prof.report.steps
+        # 8 steps (a prefill, 7 decodes): the window opens before step 2 and closes before step 5
+        llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert prof.last_profile is not startup_profile and prof.report.steps == startup_steps + 3
+        window = reference_kinds_cpu(prof.last_profile.events())
+        assert_kinds_equal(prof.report.kinds_us(), {k: start[k] + window[k] for k in start})
+
+        values = parse_metrics(ServerMetrics("demo", llm.engine.gauges).render())
+        shares = {k: values[f'deepserve:ops_time_share{{model_name="demo",kind="{k}"}}'] for k in profile.KINDS}
+        assert shares == pytest.approx(prof.report.shares()) and sum(shares.values()) == pytest.approx(1.0)
+        assert values[f'vllm:ops_time_share{{model_name="demo",kind="blas"}}'] == shares["blas"]
+        assert values['deepserve:ops_profiled_steps_total{model_name="demo"}'] == prof.report.steps
+    finally:
+        llm.shutdown()
+
+
+def test_no_ops_profile_no_metric():
+    values = parse_metrics(ServerMetrics("demo", lambda: {"op_calls": 3}).render())
+    assert not any("ops_time_share" in k for k in values)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_profile_attributes_kernel_time():
+    """CUDA: the start-up capture's kernel time by kind equals the device records summed here
+    by name; with --ops triton-all the Triton kernels take time and cuBLAS none."""
+    llm = LLM(str(DEMO_MODEL), ops="triton-all", max_model_len=64, ops_profile=True, device="cuda")
+    try:
+        prof = llm.engine.ops_profiler
+        names = prof.report.triton_names
+        want = dict.fromkeys(profile.KINDS, 0.0)
+        for e in prof.last_profile.events():
+            if str(e.device_type).endswith("CUDA") and not e.name.startswith("cuda"):
+                low = e.name.lower()
+                kind = ("memcpy" if "memcpy" in low or "memset" in low else "triton" if e.name in names
+                        else "blas" if any(s in low for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma")) else "torch")
+                want[kind] += e.time_range.elapsed_us()
+        assert_kinds_equal(prof.report.kinds_us(), want)
+        assert want["triton"] > 0 and want["blas"] == 0
+    finally:
+        llm.shutdown()
+
+
+def test_ops_cli_profile_table(capsys):
+    """`deepserve ops --profile MODEL`: the kinds' shares (summing to 100%) and the top kernels;
+    a bad --hf-overrides is a one-line error."""
+    from deepserve.cli.main import main
+
+    assert main(["ops", "--profile", str(DEMO_MODEL), "--ops", "torch", "--max-model-len", "64", "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("--ops torch") and "steps profiled" in lines[1]
+    shares = {ln.split()[0]: float(ln.split()[2].rstrip("%")) for ln in lines[3:3 + len(profile.KINDS)]}
+    assert set(shares) == set(profile.KINDS) and sum(shares.values()) == pytest.approx(100, abs=0.3)
+    kernels = lines[4 + len(profile.KINDS):]
+    assert len(kernels) == 3 and all(ln.split()[1] in profile.KINDS for ln in kernels)
+    assert main(["ops", "--profile", str(DEMO_MODEL), "--hf-overrides", "[2]"]) == 2
+    assert capsys.readouterr().err.strip() == "deepserve ops: error: --hf-overrides must be a JSON object, got '[2]'"
+
+
+def test_ops_profile_flag_and_yaml_key(tmp_path):
+    import argparse
+
+    from deepserve.config import EngineArgs
+    from deepserve.server.config_file import load_serve_config
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli_args(parser.parse_args(["--ops-profile"])).ops_profile is True
+    assert EngineArgs.from_cli_args(parser.parse_args([])).ops_profile is False
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine_args:\n  model: demo\n  ops-profile: true\n")
+    assert load_serve_config(path).engine_args["ops_profile"] is True
