@@ -38,6 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import random_checkpoint
 from deepserve.engine.executor import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,6 +205,9 @@ def main() -> None:
     p.add_argument("--vllm-path", default="", help="PYTHONPATH entry holding vllm (e.g. /tmp/vsite)")
     p.add_argument("--deps-path", default="", help="PYTHONPATH entry with deepserve's server wheels")
     p.add_argument("--load-format", default="dummy")
+    p.add_argument("--random-weights", action="store_true",
+                   help="write one random bf16 checkpoint into the folder (random_checkpoint.py) and serve it "
+                        "with --load-format auto from both servers: the same weights, so the same MoE routing")
     p.add_argument("--hf-overrides", default="{}", help="JSON merged into the folder's config.json")
     p.add_argument("--deepserve-args", default="", help="extra deepserve serve flags (one string)")
     p.add_argument("--vllm-args", default="", help="extra flags for both vLLM servers (one string)")
@@ -229,9 +233,16 @@ def main() -> None:
     (out / "raw").mkdir(parents=True, exist_ok=True)
     tokenizer = Path(args.tokenizer)
     folder = model_folder(args.preset, tokenizer, out / f"model-{args.preset_name}", json.loads(args.hf_overrides))
+    if args.random_weights:
+        if not (folder / "model.safetensors.index.json").exists():
+            t0 = time.time()
+            nbytes = random_checkpoint.write(folder, "cuda" if device_name() != "cpu" else "cpu")
+            print(f"== random checkpoint: {nbytes / 1e9:.1f} GB in {time.time() - t0:.0f} s", flush=True)
+        args.load_format = "auto"
     result = {"preset": args.preset_name, "device": device_name(), "date": time.strftime("%Y-%m-%d"),
               "folder_config_vocab_size": json.loads((folder / "config.json").read_text())["vocab_size"],
-              "vllm_tuned_flags": " ".join(VLLM_TUNED), "servers": {}}
+              "vllm_tuned_flags": " ".join(VLLM_TUNED), "weights": "random checkpoint (random_checkpoint.py)"
+              if args.random_weights else f"--load-format {args.load_format}", "servers": {}}
     saved = out / f"peer_{args.preset_name}.json"
     if saved.exists():  # an earlier call measured other servers on this device: keep them
         before = json.loads(saved.read_text())
