@@ -116,7 +116,10 @@ def main() -> None:
     ap.add_argument("--piecewise-max-tokens", type=int, default=512)
     args = ap.parse_args()
     mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
-    kw = dict(load_format=args.load_format, max_model_len=args.prompt_len + 128, device=args.device,
+    # decode steps the running sequences last: the timed, profiled and piecewise/eager steps
+    steps = 3 * args.repeats + 2 * args.profile + 4 * args.repeats * len(mixed_lens) + 12
+    kw = dict(load_format=args.load_format, max_model_len=max([args.prompt_len] + mixed_lens) + steps + 16,
+              device=args.device,
               max_num_seqs=max(args.batch + 8, args.prefill_prompts),
               cudagraph_mode="FULL_AND_PIECEWISE" if mixed_lens else "FULL_DECODE_ONLY",
               piecewise_max_tokens=args.piecewise_max_tokens)
@@ -150,9 +153,7 @@ def main() -> None:
     res["prefill_tok_s"] = tokens / t
     res["prefill_mfu"] = 2 * params * tokens / t / peak if peak else None
 
-    # decode-only and mixed steps over --batch running sequences
-    # long enough for every timed and profiled step below, short enough to drain quickly
-    steps = 3 * args.repeats + 2 * args.profile + 4 * args.repeats * len(mixed_lens) + 12
+    # decode-only and mixed steps over --batch running sequences, long enough for every step below
     long = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
     for p in random_prompts(args.batch, args.prompt_len, vocab, seed=50):
         eng.add_request(None, p, long)
