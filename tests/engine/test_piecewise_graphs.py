@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from deepserve import LLM, SamplingParams
+from deepserve.cli.main import build_parser, normalize_argv
 from deepserve.config import EngineArgs
 from deepserve.engine.piecewise_graphs import PiecewiseGraphs, capture_sizes, splittable
 from tests.conftest import DEMO_MODEL
@@ -169,6 +170,12 @@ def test_cudagraph_mode_settings(kwargs, mode, eager, max_tokens):
     args = EngineArgs(**kwargs)
     config = args.create_engine_config()
     assert (config.cudagraph_mode, config.enforce_eager, config.piecewise_max_tokens) == (mode, eager, max_tokens)
+
+
+def test_cudagraph_mode_flags():
+    args = build_parser().parse_args(normalize_argv(
+        ["serve", "m", "--cudagraph-mode", "FULL_AND_PIECEWISE", "--piecewise-max-tokens", "256"]))
+    assert (args.cudagraph_mode, args.piecewise_max_tokens) == ("FULL_AND_PIECEWISE", 256)
 
 
 @pytest.mark.parametrize("kwargs, message", [
