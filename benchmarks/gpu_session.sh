@@ -12,7 +12,7 @@
 #   issue 25  prefill / decode / mixed engine steps of the 8B at batch 64, with kernels (profile_mixed.py)
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT/res"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
 mkdir -p /tmp/d && tar -C /tmp/d -xJf .peerd/data.tar.xz
 [ -e ../shared ] || ln -s /tmp/d ../shared 2>/dev/null || true   # the scripts' ../shared (tokenizers, datasets)
@@ -46,6 +46,20 @@ step mixed 100 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b
 # the same script over the tree before (.abold's deepserve first on the path)
 step mixed_old 100 .abold python3 ../benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 \
   --profile 0 --out "$OUT/profile_mixed_old.json"
+#   issue 25  piecewise CUDA graphs: GPU tests and the mixed-step figure (profile_mixed.py)
+step piecewise_tests 100 . python3 -m pytest -q -m gpu tests/engine/test_piecewise_graphs.py tests/ops/test_profile.py
+step piecewise_fig 200 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --profile 0 \
+  --mixed-lens 64,192,448,1024 --piecewise-max-tokens 1152 --out "$OUT/res/profile_mixed_piecewise.json"
+#   issue 24  the Triton GEMM against cuBLAS (tests, sweep into the device table), op-call and GPU-time shares
+step gemm_tests 60 . python3 -m pytest -q -m gpu tests/ops/test_triton_gemm.py tests/ops/test_triton_gemv.py
+step gemm_sweep 120 . python3 benchmarks/sweep_gemm.py --models llama8b r1 v2lite --out "$OUT/res/sweep_gemm.json" --write
+cp -r deepserve/ops/triton/configs/gemm "$OUT/gemm_cfg" 2>/dev/null
+step share_8b_all 60 . python3 benchmarks/ops_share.py --model r1-distill-llama-8b --ops triton-all --batch 1 64
+step share_8b 60 . python3 benchmarks/ops_share.py --model r1-distill-llama-8b --ops triton --batch 1 64
+step share_r1_all 80 . python3 benchmarks/ops_share.py --model deepseek-r1 --quantization fp8 --ops triton-all \
+  --batch 1 64 --hf-overrides '{"num_hidden_layers": 5}'
+step share_r1 80 . python3 benchmarks/ops_share.py --model deepseek-r1 --quantization fp8 --ops triton \
+  --batch 1 64 --hf-overrides '{"num_hidden_layers": 5}'
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
-cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg
+cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
