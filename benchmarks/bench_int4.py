@@ -16,6 +16,11 @@ device copy for bytes, an 8192^3 bf16 matmul for FLOPs):
 3. MoE: R1's routed experts of one EP8 rank (32 experts, D 7168, I 2048, top-8), W4A16 fused MoE
    at batch 1 (against the bytes of the experts touched) and at 256 rows per expert (against
    the bf16 matmul rate: 6 D I FLOPs per assignment), beside the bf16 fused MoE.
+4. MoE int8 (`--part moe8`): the same experts as msModelSlim W8A8_DYNAMIC / compressed-tensors
+   W8A8 int8 store them (int8, fp32 per-row scales) through the int8 fused MoE (per-token int8
+   activations, int8 tensor-core dots), at batch 1 (GEMV path, against the bytes of the experts
+   touched), 16 tokens and 256 rows per expert (sorted path, against the bf16 matmul rate),
+   beside the bf16 fused MoE.
 
 Each kernel is checked against its torch reference first (WRONG is printed and the figure
 skipped). The summary table at the end lists every issue-21 figure with its target; each
@@ -43,6 +48,8 @@ GROUP = 128
 # the issue's targets: (figure, minimum ratio)
 TARGETS = {"gemv_8b": 0.80, "decode_8b_speedup": 1.8, "moe_b1": 0.75, "moe_256_per_expert": 0.40,
            "w4a8_m1024_speedup": 1.0}
+R1_EP8_EXPERTS = (32, 7168, 2048, 8)      # experts on one EP8 rank, D, I, top-k
+TINY_EXPERTS = (4, 128, 128, 2)
 
 
 def int4_weight(n: int, k: int, dev: str):
@@ -107,7 +114,7 @@ def bench_dense(dev: str, tiny: bool, timer, bw: float, rows: list) -> None:
 def bench_moe(dev: str, tiny: bool, timer, bw: float, peak: float, rows: list) -> None:
     """R1 routed experts of one EP8 rank: W4A16 fused MoE vs the bf16 one."""
     from deepserve.ops.registry import resolve
-    e, d, i, top_k = (32, 7168, 2048, 8) if not tiny else (4, 128, 128, 2)
+    e, d, i, top_k = TINY_EXPERTS if tiny else R1_EP8_EXPERTS
     w13 = torch.randint(-2 ** 31, 2 ** 31, (e, 2 * i, d // 8), dtype=torch.int64, device=dev).to(torch.int32)
     w2 = torch.randint(-2 ** 31, 2 ** 31, (e, d, i // 8), dtype=torch.int64, device=dev).to(torch.int32)
     s13 = torch.full((e, 2 * i, d // GROUP), 0.02 / 4.6, dtype=torch.bfloat16, device=dev)
@@ -120,11 +127,7 @@ def bench_moe(dev: str, tiny: bool, timer, bw: float, peak: float, rows: list) -
     print("|---|---:|---:|---:|---:|")
     per_expert = 256 if not tiny else 8
     for tokens in (1, per_expert * e // top_k):
-        x = torch.randn(tokens, d, device=dev, dtype=torch.bfloat16)
-        # 256 rows per expert: every expert gets exactly tokens * top_k / e assignments
-        ids = (torch.stack([torch.randperm(e, device=dev)[:top_k] for _ in range(tokens)]) if tokens == 1 else
-               (torch.arange(tokens * top_k, device=dev) % e).view(tokens, top_k)).int()
-        wts = torch.rand(tokens, top_k, device=dev)
+        x, wts, ids = moe_batch(tokens, d, e, top_k, dev)
         args = (x, w13, s13, None, w2, s2, None, wts, ids, (GROUP, GROUP))
         if not close(tri(*args), ref(*args)):
             print(f"MoE tokens {tokens}: W4A16 WRONG")
@@ -144,6 +147,50 @@ def bench_moe(dev: str, tiny: bool, timer, bw: float, peak: float, rows: list) -
                     "rows_per_expert": tokens * top_k // e})
             roof = f"{flops / (us4 * 1e-6) / peak:.0%} of bf16 matmul"
         print(f"| experts | {tokens} | {us16:.1f} | {us4:.1f} | {roof} |", flush=True)
+
+
+def moe_batch(tokens: int, d: int, e: int, top_k: int, dev: str):
+    """(x, routing weights, ids) of `tokens` tokens: distinct random experts per token for a
+    single token, else every expert exactly tokens * top_k / e assignments."""
+    x = torch.randn(tokens, d, device=dev, dtype=torch.bfloat16)
+    ids = (torch.stack([torch.randperm(e, device=dev)[:top_k] for _ in range(tokens)]) if tokens == 1 else
+           (torch.arange(tokens * top_k, device=dev) % e).view(tokens, top_k)).int()
+    return x, torch.rand(tokens, top_k, device=dev), ids
+
+
+def bench_moe_int8(dev: str, tiny: bool, timer, bw: float, peak: float, rows: list) -> None:
+    """R1 routed experts of one EP8 rank: int8 (W8A8) fused MoE vs the bf16 one."""
+    from deepserve.ops.registry import resolve
+    e, d, i, top_k = TINY_EXPERTS if tiny else R1_EP8_EXPERTS
+    w13 = torch.randint(-127, 128, (e, 2 * i, d), dtype=torch.int8, device=dev)
+    w2 = torch.randint(-127, 128, (e, d, i), dtype=torch.int8, device=dev)
+    s13 = torch.full((e, 2 * i, 1), 0.02 / 73, device=dev)      # values of std ~0.02
+    s2 = torch.full((e, d, 1), 0.02 / 73, device=dev)
+    b13 = torch.randn(e, 2 * i, d, device=dev, dtype=torch.bfloat16) * 0.02
+    b2 = torch.randn(e, d, i, device=dev, dtype=torch.bfloat16) * 0.02
+    tri, ref = resolve("fused_moe_int8", "triton")[1], resolve("fused_moe_int8", "torch")[1]
+    fused = resolve("fused_moe", "triton")[1]
+    expert_bytes = 3 * d * i + 4 * (2 * i + d)
+    print("\n| MoE int8 (R1, one EP8 rank) | tokens | bf16 fused us | int8 us | int8 vs its roofline |")
+    print("|---|---:|---:|---:|---:|")
+    per_expert = 256 if not tiny else 8
+    for tokens in (1, 16 if not tiny else 4, per_expert * e // top_k):
+        x, wts, ids = moe_batch(tokens, d, e, top_k, dev)
+        args = (x, w13, s13, w2, s2, wts, ids)
+        if not close(tri(*args), ref(*args)):
+            print(f"MoE int8 tokens {tokens}: WRONG")
+            continue
+        us8 = timer(lambda: tri(*args)) * 1e3
+        us16 = timer(lambda: fused(x, b13, b2, wts, ids)) * 1e3
+        touched = len(torch.unique(ids))
+        nbytes = touched * expert_bytes
+        flops = tokens * top_k * 6 * d * i
+        figure(rows, f"moe_int8_t{tokens}_bytes", nbytes / (us8 * 1e-6), "B/s", bw,
+               {"us": us8, "bf16_us": us16, "experts_touched": touched})
+        figure(rows, f"moe_int8_t{tokens}_flops", flops / (us8 * 1e-6), "FLOP/s", peak,
+               {"us": us8, "bf16_us": us16, "rows_per_expert": tokens * top_k / e})
+        print(f"| experts int8 | {tokens} | {us16:.1f} | {us8:.1f} | {nbytes / (us8 * 1e-6) / bw:.0%} of bytes, "
+              f"{flops / (us8 * 1e-6) / peak:.0%} of bf16 matmul, {us16 / us8:.2f}x bf16 |", flush=True)
 
 
 def bench_decode(dev: str, tiny: bool, bw: float, rows: list, repeats: int) -> None:
@@ -179,7 +226,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 64 and a 2-layer model (for --device cpu)")
-    ap.add_argument("--part", nargs="+", default=["dense", "decode", "moe"], choices=["dense", "decode", "moe"])
+    ap.add_argument("--part", nargs="+", default=["dense", "decode", "moe", "moe8"],
+                    choices=["dense", "decode", "moe", "moe8"])
     ap.add_argument("--repeats", type=int, default=3, help="timed decode runs, reported as their median")
     args = ap.parse_args()
     prepare(args.device)
@@ -198,7 +246,8 @@ def main() -> int:
     rows: list = []
     parts = {"dense": lambda: bench_dense(dev, args.tiny, timer, bw, rows),
              "decode": lambda: bench_decode(dev, args.tiny, bw, rows, args.repeats),
-             "moe": lambda: bench_moe(dev, args.tiny, timer, bw, peak, rows)}
+             "moe": lambda: bench_moe(dev, args.tiny, timer, bw, peak, rows),
+             "moe8": lambda: bench_moe_int8(dev, args.tiny, timer, bw, peak, rows)}
     failed = []
     for part in args.part:
         if dev == "cuda":

@@ -141,3 +141,26 @@ def test_int8_experts_dispatch_to_the_kernels_under_the_triton_backend(triton_op
     finally:
         ops.set_backend("torch")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
+def test_gpu_kernels_match_the_torch_op_at_r1_shapes(triton_ops, tokens):
+    """Compiled kernels at R1's D 7168 and I 2048 (16 experts, top-8, bf16): the GEMV path at 1
+    token, the sorted int8 tensor-core path at 3, 64 and 300 (its three tile sizes), against the
+    torch op (int32 torch._int_mm per expert) to bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    e, d, i, k = 16, 7168, 2048, 8
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    w13 = torch.randint(-127, 128, (e, 2 * i, d), generator=g, device="cuda").to(torch.int8)
+    w2 = torch.randint(-127, 128, (e, d, i), generator=g, device="cuda").to(torch.int8)
+    s13 = torch.rand(e, 2 * i, 1, generator=g, device="cuda") * 4e-4 + 1e-4
+    s2 = torch.rand(e, d, 1, generator=g, device="cuda") * 4e-4 + 1e-4
+    x = torch.randn(tokens, d, generator=g, device="cuda").bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g, device="cuda")[:k] for _ in range(tokens)]).int()
+    ids[0, 0] = -1                               # padding / another EP rank's expert
+    wts = torch.rand(tokens, k, generator=g, device="cuda")
+    want = resolve("fused_moe_int8", "torch")[1](x, w13, s13, w2, s2, wts, ids).float()
+    got = resolve("fused_moe_int8", "triton")[1](x, w13, s13, w2, s2, wts, ids).float()
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max(), (got - want).abs().max()
