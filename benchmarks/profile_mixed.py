@@ -9,8 +9,9 @@ under load, timed one by one on the same engine, and the kernels of the mixed on
               server runs each time a request arrives while others decode)
     piecewise mixed steps of --batch decodes plus a prompt of each of --mixed-lens tokens, with
               and without piecewise CUDA graphs (engine/piecewise_graphs.py): the engine runs
-              cudagraph_mode FULL_AND_PIECEWISE up to --piecewise-max-tokens and the runner's
-              pieces are switched off for the eager steps, alternating step by step
+              cudagraph_mode FULL_AND_PIECEWISE up to --piecewise-max-tokens; its pieces (which
+              copy what they hand on into static buffers), a second capture whose pieces hand
+              on their own outputs (copy_outputs=False) and none, alternating step by step
 
 Each is the median of --repeats steps, wall time of engine.step() with a device sync. Then
 torch.profiler over --profile mixed steps: the top kernels by GPU time, grouped (GEMM, attention,
@@ -67,36 +68,48 @@ def group(name: str) -> str:
 
 
 def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: int, vocab: int) -> dict:
-    """Mixed steps (the running decodes + one new prompt of each length) with the runner's
-    piecewise graphs and without them, alternating; each the median of `repeats`."""
+    """Mixed steps (the running decodes + one new prompt of each length) eagerly, with the
+    runner's piecewise graphs (outputs copied into static buffers) and with a second capture
+    whose pieces hand on their own outputs (copy_outputs=False), alternating step by step;
+    each the median of `repeats`."""
+    from deepserve.engine.piecewise_graphs import PiecewiseGraphs, capture_for
     eng = llm.engine
     runner = eng.runner
-    pieces = runner.piecewise
-    kind = "captured"
-    if pieces is None:
-        if torch.cuda.is_available():
-            raise SystemExit("no piecewise graphs were captured (see the log): nothing to compare")
-        from deepserve.engine.piecewise_graphs import PiecewiseGraphs
-        pieces = PiecewiseGraphs(runner.model, eng.config.piecewise_max_tokens, runner.device)
+    limit = eng.config.piecewise_max_tokens
+    copied = runner.piecewise
+    if copied is None and torch.cuda.is_available():
+        raise SystemExit("no piecewise graphs were captured (see the log): nothing to compare")
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        aliased = capture_for(runner.model, limit, runner.device, copy_outputs=False)
+        if aliased is None:
+            raise SystemExit("the copy_outputs=False capture failed (see the log)")
+        kind = "captured"
+    else:
+        copied = PiecewiseGraphs(runner.model, limit, runner.device)
+        aliased = PiecewiseGraphs(runner.model, limit, runner.device, copy_outputs=False)
         kind = "uncaptured, CPU"
+    alias_capture_s = time.perf_counter() - t0
+    variants = {"eager": None, "piecewise": copied, "piecewise_alias": aliased}
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     rows = []
     for length in prompt_lens:
-        times: dict = {"eager": [], "piecewise": []}
+        times: dict = {mode: [] for mode in variants}
         for r in range(repeats):
-            for mode in ("eager", "piecewise"):
-                runner.piecewise = pieces if mode == "piecewise" else None
+            for mode, pieces in variants.items():
+                runner.piecewise = pieces
                 eng.add_request(None, random_prompts(1, length, vocab, seed=300 + r)[0], one)
                 times[mode].append(timed_step(llm))
                 eng.step()
         tokens = batch + length
-        if tokens > pieces.max_tokens:
-            print(f"(a step of {tokens} tokens is over the piecewise limit {pieces.max_tokens}: both runs eager)")
-        rows.append({"prompt_len": length, "tokens": tokens, "eager_s": statistics.median(times["eager"]),
-                     "piecewise_s": statistics.median(times["piecewise"]), "runs": times})
-    runner.piecewise = pieces if kind == "captured" else None
-    return {"kind": kind, "max_tokens": pieces.max_tokens, "sizes": len(pieces.sizes),
-            "capture_s": runner.timings.get("cuda_graph_s", 0.0), "replays": pieces.replays, "rows": rows}
+        if tokens > limit:
+            print(f"(a step of {tokens} tokens is over the piecewise limit {limit}: every run eager)")
+        rows.append({"prompt_len": length, "tokens": tokens, "runs": times,
+                     **{f"{mode}_s": statistics.median(t) for mode, t in times.items()}})
+    runner.piecewise = copied if kind == "captured" else None
+    return {"kind": kind, "max_tokens": limit, "sizes": len(aliased.sizes),
+            "capture_s": runner.timings.get("cuda_graph_s", 0.0), "alias_capture_s": alias_capture_s,
+            "rows": rows}
 
 
 def main() -> None:
@@ -117,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
     mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
     # decode steps the running sequences last: the timed, profiled and piecewise/eager steps
-    steps = 3 * args.repeats + 2 * args.profile + 4 * args.repeats * len(mixed_lens) + 12
+    steps = 3 * args.repeats + 2 * args.profile + 6 * args.repeats * len(mixed_lens) + 12
     kw = dict(load_format=args.load_format, max_model_len=max([args.prompt_len] + mixed_lens) + steps + 16,
               device=args.device,
               max_num_seqs=max(args.batch + 8, args.prefill_prompts),
@@ -217,11 +230,15 @@ def main() -> None:
     if mixed_lens:
         pw = res["piecewise"]
         print(f"\nmixed steps with and without piecewise CUDA graphs ({pw['kind']}, up to {pw['max_tokens']} "
-              f"tokens, {pw['sizes']} sizes captured in {pw['capture_s']:.1f} s with the decode graphs)")
-        print("| step tokens (decodes + prompt) | eager ms | piecewise ms | speed-up |\n| --- | ---: | ---: | ---: |")
+              f"tokens, {pw['sizes']} sizes; with the decode graphs {pw['capture_s']:.1f} s, the aliased "
+              f"capture {pw['alias_capture_s']:.1f} s)")
+        print("| step tokens (decodes + prompt) | eager ms | piecewise ms (copies) | piecewise ms (aliases) | "
+              "speed-up |\n| --- | ---: | ---: | ---: | ---: |")
         for row in pw["rows"]:
+            best = min(row["piecewise_s"], row["piecewise_alias_s"])
             print(f"| {row['tokens']} ({args.batch} + {row['prompt_len']}) | {1e3 * row['eager_s']:.2f} | "
-                  f"{1e3 * row['piecewise_s']:.2f} | {row['eager_s'] / row['piecewise_s']:.2f}x |")
+                  f"{1e3 * row['piecewise_s']:.2f} | {1e3 * row['piecewise_alias_s']:.2f} | "
+                  f"{row['eager_s'] / best:.2f}x |")
     if args.profile:
         print(f"\nkernels over {args.profile} mixed steps (+ the step after each): busy "
               f"{res['profiled_busy_us'] / 1e3:.1f} ms of {res['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")

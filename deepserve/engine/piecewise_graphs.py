@@ -10,16 +10,24 @@ A decoder model is cut at each layer's attention (`before_attention` / `self_att
     piece i      layer i-1's o_proj, norm and MLP / MoE, then layer i's norm and attention inputs
     piece L      layer L-1's o_proj, norm and MLP / MoE, then the final norm
 
-A piece reads and writes static buffers sized for `max_tokens` rows: token ids and positions,
-the residual stream, the attention's inputs (`parts`), its output, the final hidden states.
 Pieces are captured per padded token count (`capture_sizes`: vLLM's default list, at most 16
 rows of padding above 256); a step of n tokens runs the pieces of the smallest size N >= n.
+Token ids, positions and the attention's output live in static buffers of `max_tokens` rows.
 Rows n..N-1 carry whatever the buffers held (valid ids and positions, finite values): every
 op of a piece works row by row, so they never reach rows < n, and attention sees rows < n only.
-The pieces keep no output tensors of their own (what they hand on is copied into the static
-buffers), so all graphs share one memory pool and their scratch memory.
 
-Without `capture` the same pieces run as plain calls over the same buffers: the CPU tests
+What a piece hands on (the residual stream, the attention's inputs `parts`, the final hidden
+states) is held one of two ways, both with all graphs in one memory pool:
+
+- `copy_outputs=True` (the engine's): copied into static buffers too, so no graph keeps a
+  tensor of its own; four copies a layer inside the graphs.
+- `copy_outputs=False` (vLLM's way): each piece's own output tensors, kept after capture as
+  `alias`es that do not hold their memory. The pool then gives that memory to the pieces
+  captured later, which is safe because pieces replay in the order they were captured, each
+  step from its first piece: an output is captured while the pieces that read it are captured
+  (it is alive then), and once the next piece has replayed nothing reads it again.
+
+Uncaptured (the CPU), the same pieces run as plain calls over the same buffers: the CPU tests
 check that path against the model's forward, and the GPU tests check the graphs against it.
 """
 from __future__ import annotations
@@ -51,12 +59,38 @@ def splittable(model: torch.nn.Module) -> bool:
             and all(hasattr(m, "before_attention") and hasattr(m, "after_attention") for m in layers))
 
 
+class _DeviceMemory:
+    """`nbytes` of device memory at `ptr`, described by the CUDA array interface and not owned."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3}
+
+
+def span_elements(t: torch.Tensor) -> int:
+    """Elements from t's first to its last, strides included."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def restride(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bytes `raw` (uint8, from `like`'s first element) seen with `like`'s dtype, shape and strides."""
+    return raw.view(like.dtype).as_strided(like.shape, like.stride())
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over t's memory that does not keep it allocated (vLLM's weak_ref_tensor)."""
+    with torch.cuda.device(t.device):  # (the interface's memory is taken to be the current device's)
+        raw = torch.as_tensor(_DeviceMemory(t.data_ptr(), span_elements(t) * t.element_size()), device=t.device)
+    assert raw.data_ptr() == t.data_ptr(), "alias copied the memory instead of viewing it"
+    return restride(raw, t)
+
+
 class PiecewiseGraphs:
     """The model's forward as pieces around eager attention, replayed from CUDA graphs when
     captured. `run(ids, positions, meta)` -> hidden states [n, D], as `model(...)` returns."""
 
     def __init__(self, model: torch.nn.Module, max_tokens: int, device: torch.device,
-                 sizes: Optional[list[int]] = None):
+                 sizes: Optional[list[int]] = None, copy_outputs: bool = True):
         if max_tokens < 1:
             raise ValueError(f"piecewise CUDA graphs need max_tokens >= 1, got {max_tokens}")
         self.embed = model.model.embed_tokens
@@ -68,8 +102,12 @@ class PiecewiseGraphs:
         self.num_pieces = len(self.layers) + 1
         self.input_ids = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
-        # residual, part0.., attn_out, hidden: [max_tokens, ...], made at their first write
+        # attn_out (and with copy_outputs residual, part0.., hidden): [max_tokens, ...], made at
+        # their first write
         self.buffers: dict[str, torch.Tensor] = {}
+        self.copy_outputs = copy_outputs
+        # without copy_outputs: size -> each piece's outputs by name (captured: aliases)
+        self.held: dict[int, list[dict[str, torch.Tensor]]] = {}
         self.num_parts = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.replays = 0     # piece graphs replayed
@@ -83,32 +121,41 @@ class PiecewiseGraphs:
             self.buffers[name] = buf
         buf[:value.shape[0]].copy_(value)
 
-    def piece(self, i: int, n: int) -> None:
-        """Piece i over the first n rows of the buffers."""
-        if i == 0:
-            x, residual = self.embed(self.input_ids[:n]), None
+    def _keep(self, size: int, i: int, outputs: dict[str, torch.Tensor]) -> None:
+        if self.copy_outputs:
+            for name, value in outputs.items():
+                self._put(name, value)
         else:
-            x, residual = self.layers[i - 1].after_attention(self.buffers["attn_out"][:n],
-                                                             self.buffers["residual"][:n])
-        if i == len(self.layers):
-            self._put("hidden", self.norm(x, residual)[0])
-            return
-        parts, residual = self.layers[i].before_attention(self.positions[:n], x, residual)
-        self.num_parts = len(parts)
-        for j, part in enumerate(parts):
-            self._put(f"part{j}", part)
-        self._put("residual", residual)
+            self.held.setdefault(size, [{} for _ in range(self.num_pieces)])[i] = outputs
 
-    def attend(self, i: int, n: int, meta: AttentionMetadata) -> None:
+    def output(self, size: int, i: int, name: str) -> torch.Tensor:
+        """Output `name` of piece i at `size` rows."""
+        return self.buffers[name][:size] if self.copy_outputs else self.held[size][i][name]
+
+    def piece(self, i: int, size: int) -> None:
+        """Piece i over the first `size` rows."""
+        if i == 0:
+            x, residual = self.embed(self.input_ids[:size]), None
+        else:
+            x, residual = self.layers[i - 1].after_attention(self.buffers["attn_out"][:size],
+                                                             self.output(size, i - 1, "residual"))
+        if i == len(self.layers):
+            self._keep(size, i, {"hidden": self.norm(x, residual)[0]})
+            return
+        parts, residual = self.layers[i].before_attention(self.positions[:size], x, residual)
+        self.num_parts = len(parts)
+        self._keep(size, i, {"residual": residual, **{f"part{j}": part for j, part in enumerate(parts)}})
+
+    def attend(self, i: int, size: int, n: int, meta: AttentionMetadata) -> None:
         """Layer i's attention over the first n rows (the step's real tokens), eagerly."""
-        parts = tuple(self.buffers[f"part{j}"][:n] for j in range(self.num_parts))
+        parts = tuple(self.output(size, i, f"part{j}")[:n] for j in range(self.num_parts))
         self._put("attn_out", self.layers[i].self_attn.attend(self.positions[:n], parts, meta))
 
     def _forward(self, size: int, n: int, meta: AttentionMetadata, run_piece: Callable[[int, int], None]) -> None:
         for i in range(self.num_pieces):
             run_piece(i, size)
             if i < len(self.layers):
-                self.attend(i, n, meta)
+                self.attend(i, size, n, meta)
 
     # ------------------------------------------------------------------ steps
     def size_for(self, num_tokens: int) -> int:
@@ -127,7 +174,7 @@ class PiecewiseGraphs:
         graphs = self.graphs.get(size)
         self._forward(size, n, meta, self.piece if graphs is None else self._replay(graphs))
         self.steps += 1
-        return self.buffers["hidden"][:n]
+        return self.output(size, len(self.layers), "hidden")[:n]
 
     def _replay(self, graphs: list[torch.cuda.CUDAGraph]) -> Callable[[int, int], None]:
         def replay(i: int, size: int) -> None:
@@ -149,8 +196,9 @@ class PiecewiseGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size's pieces (largest first), each after one eager run of that size
-        (kernels compiled, buffers made). Pieces keep no tensors alive, so one pool serves all."""
+        """Capture every size's pieces (largest first) into one pool, each size after one eager
+        run of it (kernels compiled, buffers made). Without copy_outputs, piece i's outputs stay
+        alive while piece i + 1 (which reads its residual) is captured, then become aliases."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):
@@ -170,11 +218,21 @@ class PiecewiseGraphs:
                         graph.capture_end()
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graphs.append(graph)
+                if not self.copy_outputs and i > 0:
+                    self._release(size, i - 1)
+            if not self.copy_outputs:
+                self._release(size, self.num_pieces - 1)
             self.graphs[size] = graphs
         torch.cuda.synchronize(self.device)
 
+    def _release(self, size: int, i: int) -> None:
+        """Piece i's outputs as aliases: their memory goes back to the pool for later pieces."""
+        held = self.held[size]
+        held[i] = {name: alias(t) for name, t in held[i].items()}
 
-def capture_for(model: torch.nn.Module, max_tokens: int, device: torch.device) -> Optional[PiecewiseGraphs]:
+
+def capture_for(model: torch.nn.Module, max_tokens: int, device: torch.device,
+                copy_outputs: bool = True) -> Optional[PiecewiseGraphs]:
     """The model's piecewise graphs, captured (None, with the reason logged, where they cannot
     be: the ops backend syncs with the host, the model does not split, or capture fails)."""
     if ops.get_backend() != "triton":
@@ -183,7 +241,7 @@ def capture_for(model: torch.nn.Module, max_tokens: int, device: torch.device) -
     if not splittable(model):
         logger.info("piecewise CUDA graphs off: %s does not split at its attention", type(model).__name__)
         return None
-    pieces = PiecewiseGraphs(model, max_tokens, device)
+    pieces = PiecewiseGraphs(model, max_tokens, device, copy_outputs=copy_outputs)
     t0 = time.perf_counter()
     try:
         pieces.capture()

@@ -16,7 +16,8 @@ import torch
 from deepserve import LLM, SamplingParams
 from deepserve.cli.main import build_parser, normalize_argv
 from deepserve.config import EngineArgs
-from deepserve.engine.piecewise_graphs import PiecewiseGraphs, capture_sizes, splittable
+from deepserve.engine.piecewise_graphs import (PiecewiseGraphs, alias, capture_for, capture_sizes, restride, span_elements,
+                                               splittable)
 from tests.conftest import DEMO_MODEL
 from tests.models.hf_reference import load_ours
 from tests.models.paged_harness import allocate_kv_cache, build_meta
@@ -89,26 +90,29 @@ def compare_steps(model, vocab: int, pieces: PiecewiseGraphs, tol: float = 1e-5)
     return padded
 
 
-def cpu_pieces(model) -> PiecewiseGraphs:
+def cpu_pieces(model, copy_outputs: bool) -> PiecewiseGraphs:
     allocate_kv_cache(model, BLOCKS_PER_SEQ * 4, BLOCK)
-    return PiecewiseGraphs(model, max(SIZES), torch.device("cpu"), sizes=SIZES)
+    return PiecewiseGraphs(model, max(SIZES), torch.device("cpu"), sizes=SIZES, copy_outputs=copy_outputs)
 
 
-def test_pieces_equal_the_forward_llama():
+@pytest.mark.parametrize("copy_outputs", [True, False])
+def test_pieces_equal_the_forward_llama(copy_outputs):
     model = load_ours(DEMO_MODEL)
     assert splittable(model)
-    pieces = cpu_pieces(model)
+    pieces = cpu_pieces(model, copy_outputs)
     assert compare_steps(model, model.config.vocab_size, pieces) == [32, 16, 8]
     assert pieces.steps == len(STEPS) and pieces.replays == 0    # nothing captured on the CPU
 
 
-def test_pieces_equal_the_forward_deepseek_v3(tiny_v3):
+@pytest.mark.parametrize("copy_outputs", [True, False])
+def test_pieces_equal_the_forward_deepseek_v3(tiny_v3, copy_outputs):
     model = load_ours(tiny_v3, load_format="dummy")
     assert splittable(model) and any(layer.is_moe for layer in model.model.layers)
-    assert compare_steps(model, TINY_V3["vocab_size"], cpu_pieces(model)) == [32, 16, 8]
+    assert compare_steps(model, TINY_V3["vocab_size"], cpu_pieces(model, copy_outputs)) == [32, 16, 8]
 
 
-def test_padding_rows_do_not_reach_the_real_rows():
+@pytest.mark.parametrize("copy_outputs", [True, False])
+def test_padding_rows_do_not_reach_the_real_rows(copy_outputs):
     """A step padded to 32 rows whose padding holds huge values gives the unpadded result."""
     model = load_ours(DEMO_MODEL)
     allocate_kv_cache(model, BLOCKS_PER_SEQ * 4, BLOCK)
@@ -117,12 +121,29 @@ def test_padding_rows_do_not_reach_the_real_rows():
     ids = torch.arange(12) % model.config.vocab_size
     with torch.no_grad():
         want = model(ids, positions, meta)
-        pieces = PiecewiseGraphs(model, 32, torch.device("cpu"), sizes=[32])
+        pieces = PiecewiseGraphs(model, 32, torch.device("cpu"), sizes=[32], copy_outputs=copy_outputs)
         pieces.run(ids, positions, meta)
-        for name in ("residual", "attn_out", "part0", "part1", "part2"):
-            pieces.buffers[name][12:] = 1e4
+        pieces.input_ids[12:] = model.config.vocab_size - 1
+        pieces.positions[12:] = 200
+        for buf in pieces.buffers.values():
+            buf[12:] = 1e4
+        assert set(pieces.buffers) == ({"attn_out", "residual", "part0", "part1", "part2", "hidden"}
+                                       if copy_outputs else {"attn_out"})
         got = pieces.run(ids, positions, meta)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_restride_sees_the_bytes_as_the_tensor(dtype):
+    """`alias`'s view of raw bytes (here over CPU memory): v of a fused qkv, strided, with an offset."""
+    qkv = torch.randn(5, 24).to(dtype)
+    v = qkv[:, 16:].view(5, 2, 4)
+    assert span_elements(v) == 4 * 24 + 8 and span_elements(qkv[:0]) == 0
+    nbytes = span_elements(v) * v.element_size()
+    raw = torch.empty(0, dtype=torch.uint8).set_(v.untyped_storage(), v.storage_offset() * v.element_size(),
+                                                 (nbytes,), (1,))
+    seen = restride(raw, v)
+    assert seen.data_ptr() == v.data_ptr() and seen.stride() == v.stride() and torch.equal(seen, v)
 
 
 def test_capture_sizes():
@@ -195,15 +216,20 @@ def piecewise_llm(model: str, **kwargs) -> LLM:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("copy_outputs", [True, False])
 @pytest.mark.parametrize("which", ["llama", "deepseek_v3"])
-def test_gpu_captured_pieces_equal_the_eager_forward(which, tiny_v3):
-    """The runner's captured pieces replay prompt, mixed and decode steps (27, 11, 4 tokens ->
-    sizes 32, 16, 4) with the eager forward's hidden states and KV, one replay per piece."""
+def test_gpu_captured_pieces_equal_the_eager_forward(which, copy_outputs, tiny_v3):
+    """Captured pieces (the runner's, which copy their outputs; or aliased outputs, captured
+    here) replay prompt, mixed and decode steps (27, 11, 4 tokens -> sizes 32, 16, 4) with the
+    eager forward's hidden states and KV, one replay per piece."""
     llm = piecewise_llm(str(DEMO_MODEL) if which == "llama" else str(tiny_v3),
                         **({} if which == "llama" else {"load_format": "dummy"}))
     runner = llm.engine.runner
     pieces = runner.piecewise
     assert pieces is not None, "piecewise capture failed or was skipped: see the log's warning"
+    if not copy_outputs:
+        pieces = capture_for(runner.model, 64, runner.device, copy_outputs=False)
+        assert pieces is not None and not pieces.buffers.keys() - {"attn_out"}
     assert sorted(pieces.graphs) == capture_sizes(64) and all(len(g) == pieces.num_pieces
                                                                for g in pieces.graphs.values())
     replays, steps = pieces.replays, pieces.steps
@@ -238,3 +264,15 @@ def test_gpu_engine_with_piecewise_graphs_equals_eager():
                     outputs[int(out.request_id)] = out.outputs[0].token_ids
         assert [outputs[i] for i in range(len(prompts))] == want
         assert pieces.steps >= len(prompts) and pieces.replays == pieces.steps * pieces.num_pieces
+
+
+@pytest.mark.gpu
+def test_gpu_alias_does_not_hold_memory():
+    base = torch.randn(1000, 64, device="cuda").to(torch.bfloat16)
+    t = base[3:, 8:24].view(997, 2, 8)
+    a = alias(t)
+    assert (a.data_ptr(), a.shape, a.stride(), a.dtype) == (t.data_ptr(), t.shape, t.stride(), t.dtype)
+    assert torch.equal(a, t)
+    held = torch.cuda.memory_allocated()
+    del base, t
+    assert torch.cuda.memory_allocated() <= held - 1000 * 64 * 2
