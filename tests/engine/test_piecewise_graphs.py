@@ -209,10 +209,11 @@ def test_cudagraph_mode_errors_name_the_value(kwargs, message):
 
 
 # --------------------------------------------------------------------------- on a CUDA device
-def piecewise_llm(model: str, **kwargs) -> LLM:
-    """An engine on CUDA with Triton ops, decode graphs and piecewise graphs up to 64 tokens."""
+def piecewise_llm(model: str, mode: str = "FULL_AND_PIECEWISE", **kwargs) -> LLM:
+    """An engine on CUDA with Triton ops and piecewise graphs up to 64 tokens (FULL_AND_PIECEWISE:
+    and decode graphs)."""
     return LLM(model=model, dtype="float32", block_size=16, ops="triton", num_gpu_blocks_override=64,
-               compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}, piecewise_max_tokens=64, **kwargs)
+               compilation_config={"cudagraph_mode": mode}, piecewise_max_tokens=64, **kwargs)
 
 
 @pytest.mark.gpu
@@ -241,16 +242,18 @@ def test_gpu_captured_pieces_equal_the_eager_forward(which, copy_outputs, tiny_v
 
 
 @pytest.mark.gpu
-def test_gpu_engine_with_piecewise_graphs_equals_eager():
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "PIECEWISE"])
+def test_gpu_engine_with_piecewise_graphs_equals_eager(mode):
     """Greedy tokens of an engine replaying piecewise graphs for its prompt and mixed steps
-    (prompts arrive while others decode) equal an eager engine's."""
+    (prompts arrive while others decode; with PIECEWISE its decode steps too) equal an eager
+    engine's."""
     prompts = ["Once upon a time", "The dog saw a big red ball and", "Lily", "Tom and Lily went to the park"]
     params = SamplingParams(temperature=0, max_tokens=32)
     with LLM(dtype="float32", block_size=16, enforce_eager=True) as plain:
         want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
-    with piecewise_llm(str(DEMO_MODEL)) as llm:
+    with piecewise_llm(str(DEMO_MODEL), mode) as llm:
         eng, pieces = llm.engine, llm.engine.runner.piecewise
-        assert pieces is not None
+        assert pieces is not None and (eng.runner.graphs is None) == (mode == "PIECEWISE")
         outputs = {}
         for i, p in enumerate(prompts):   # each prompt joins the running ones: mixed steps
             eng.add_request(str(i), p, params)
@@ -264,6 +267,8 @@ def test_gpu_engine_with_piecewise_graphs_equals_eager():
                     outputs[int(out.request_id)] = out.outputs[0].token_ids
         assert [outputs[i] for i in range(len(prompts))] == want
         assert pieces.steps >= len(prompts) and pieces.replays == pieces.steps * pieces.num_pieces
+        if mode == "PIECEWISE":   # the decode steps too: at least one a generated token
+            assert pieces.steps >= params.max_tokens
 
 
 @pytest.mark.gpu
