@@ -2,9 +2,10 @@
 over the same padded static buffers, with eager attention between them: that equals the
 model's forward (hidden states and the KV written) on stories260k and a tiny DeepSeek-V3
 (MLA + MoE) over prompt-only, mixed and decode-only steps, whose padding rows hold stale data
-of larger earlier steps; the engine steps through them (greedy text equals the plain
-engine's); cudagraph_mode maps onto the settings. The `gpu` tests capture the pieces and
-compare their replay with the eager step."""
+of larger earlier steps, both with outputs copied into buffers and handed on as they are; the
+engine steps through them (greedy text equals the plain engine's); cudagraph_mode maps onto
+the settings. The `gpu` tests capture the pieces (both ways) and compare their replay with the
+eager forward and an eager engine, and check that an alias holds no memory."""
 from __future__ import annotations
 
 import dataclasses
