@@ -6,6 +6,10 @@
 """
 __version__ = "0.1.0"
 
+from deepserve.log import configure_from_env  # noqa: E402
+
+configure_from_env()
+
 from deepserve.config import EngineArgs  # noqa: E402
 from deepserve.engine.llm import LLM  # noqa: E402
 from deepserve.engine.outputs import CompletionOutput, RequestOutput  # noqa: E402

@@ -226,6 +226,7 @@ class OpsTimeReport:
     steps: int = 0
     kernels: dict[str, list] = field(default_factory=dict)
     triton_names: set[str] = field(default_factory=set)
+    cpu: bool = False  # op CPU time standing for kernel time
 
     def add(self, records: list[tuple[str, float]], steps: int) -> None:
         self.steps += steps
@@ -261,7 +262,7 @@ class OpsTimeReport:
 
     def summary(self, what: str, top: int = 5) -> str:
         shares = self.shares()
-        unit = "kernel time" if not any(n.startswith("aten::") for n in self.kernels) else "op CPU time"
+        unit = "op CPU time" if self.cpu else "kernel time"
         head = (f"ops profile ({what}, {self.steps} steps, {self.total_us / max(self.steps, 1):.0f} µs/step of "
                 f"{unit}): " + ", ".join(f"{k} {100 * shares[k]:.1f}%" for k in KINDS))
         return head + "; top: " + ", ".join(f"{r['name'][:48]} ({r['kind']}) {100 * r['share']:.1f}%"
@@ -306,7 +307,7 @@ class OpsProfiler:
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.report = OpsTimeReport(triton_names=triton_kernel_names())
+        self.report = OpsTimeReport(triton_names=triton_kernel_names(), cpu=not cuda)
         self.last_profile: Optional[torch.profiler.profile] = None
         self.last_records: list[tuple[str, float]] = []
         self._checked: set[str] = set()  # unknown kernel names already looked up among live Triton kernels

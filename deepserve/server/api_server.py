@@ -31,6 +31,8 @@ import uvicorn
 from deepserve.config import DEMO_MODEL, EngineArgs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
+from deepserve.log import FORMAT as LOG_FORMAT
+from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
 from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
@@ -181,12 +183,13 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, **o
         from deepserve.server.api_servers import run_api_servers
         return run_api_servers(engine_args, server)
     set_up_logging(server.log_level)
-    return serve_app(build_state(engine_args, server), server)
+    with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
+        state = build_state(engine_args, server)
+    return serve_app(state, server)
 
 
 def set_up_logging(log_level: str) -> None:
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
 
 def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None) -> int:
