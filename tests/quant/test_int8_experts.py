@@ -149,3 +149,28 @@ def test_experts_of_one_layer_with_different_types_are_refused(tmp_path):
     desc["layers.0.experts.1.down_proj.weight"] = "W8A8"
     with pytest.raises(ValueError, match="layers.0.experts.1.down_proj is not"):
         quantize_modelslim_experts(moe, desc)
+
+
+def test_static_w8a8_experts_are_dequantized_at_load(tmp_path):
+    """Experts the description stores as static "W8A8" (one activation quantizer per matrix) are
+    not run as int8: they load as (q - offset) * scale in the model dtype, their activation
+    quantizers dropped, while the layers beside them stay int8."""
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+    quantize_checkpoint(tmp_path / "ref", tmp_path / "ct", "w8a8-int8", progress=False)
+    slim = to_modelslim(tmp_path / "ct", tmp_path / "slim")
+    desc_file = slim / "quant_model_description.json"
+    desc = json.loads(desc_file.read_text())
+    desc.update({n: "W8A8" for n in desc if ".experts." in n})
+    desc_file.write_text(json.dumps(desc))
+    shard = next(slim.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    for n in [n for n in tensors if ".experts." in n and n.endswith(".weight") and tensors[n].dtype == torch.int8]:
+        m = n[: -len(".weight")]
+        tensors[m + ".input_scale"], tensors[m + ".input_offset"] = torch.tensor([0.02]), torch.tensor([0.0])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    model = LLM(model=str(slim), dtype="float32", tokenizer=TOKENIZER).engine.runner.model
+    experts = model.model.layers[3].mlp.experts
+    assert not isinstance(experts.quant, Int8Experts) and experts.w2_weight.dtype == torch.float32
+    m = "model.layers.3.mlp.experts.5.down_proj"
+    torch.testing.assert_close(experts.w2_weight[5], tensors[m + ".weight"].float() * tensors[m + ".weight_scale"])
+    assert model.model.layers[3].self_attn.o_proj.weight.dtype == torch.int8
