@@ -95,16 +95,20 @@ def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: in
     rows = []
     for length in prompt_lens:
         times: dict = {mode: [] for mode in variants}
+        decodes = []   # running sequences beside each timed prompt (the batch must not shrink)
         for r in range(repeats):
             for mode, pieces in variants.items():
                 runner.piecewise = pieces
+                decodes.append(len(eng.scheduler.running))
                 eng.add_request(None, random_prompts(1, length, vocab, seed=300 + r)[0], one)
                 times[mode].append(timed_step(llm))
                 eng.step()
         tokens = batch + length
         if tokens > limit:
             print(f"(a step of {tokens} tokens is over the piecewise limit {limit}: every run eager)")
-        rows.append({"prompt_len": length, "tokens": tokens, "runs": times,
+        if min(decodes) < batch:
+            print(f"(warning: only {min(decodes)} of {batch} sequences were still decoding)")
+        rows.append({"prompt_len": length, "tokens": tokens, "runs": times, "decodes": decodes,
                      **{f"{mode}_s": statistics.median(t) for mode, t in times.items()}})
     runner.piecewise = copied if kind == "captured" else None
     return {"kind": kind, "max_tokens": limit, "sizes": len(aliased.sizes),
@@ -130,7 +134,9 @@ def main() -> None:
     args = ap.parse_args()
     mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
     # decode steps the running sequences last: the timed, profiled and piecewise/eager steps
-    steps = 3 * args.repeats + 2 * args.profile + 6 * args.repeats * len(mixed_lens) + 12
+    # (the decode and mixed rows take 3 * repeats + 2, the profile 2 a step, the piecewise rows 6
+    # a repeat; sequences prefilled first also decode during the later prefill steps: the margin)
+    steps = 3 * args.repeats + 2 * args.profile + 6 * args.repeats * len(mixed_lens) + 64
     kw = dict(load_format=args.load_format, max_model_len=max([args.prompt_len] + mixed_lens) + steps + 16,
               device=args.device,
               max_num_seqs=max(args.batch + 8, args.prefill_prompts),
