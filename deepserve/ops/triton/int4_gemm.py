@@ -3,24 +3,33 @@ registers: `qweight` int32 [N, K/8] (input features packed, nibble i of column c
 8c + i), scales [N, S], optional uint8 zeros [N, S] (else 8), optional g_idx [K] (layout:
 ops/int4.py, whose torch op is the oracle these kernels are tested against).
 
-Two kernels:
+Unpacking. Each int32 word is loaded once (16-byte loads of whole words along K) and split
+into its eight nibbles without a shift or an int-to-float conversion per nibble: nibble q of
+the low half-word masked in place and OR-ed into the mantissa of 2^23 reads, as fp32, exactly
+2^23 + 16^q u (one LOP3), so (that - 2^23 - 16^q z) = 16^q (u - z) exactly (one FADD); the
+high half-word is shifted down once per word and treated the same way (`_nibble_quads`). A
+K slice of C words is thus two [rows, C, 4] tiles, "lo" holding features 8c + q and "hi"
+features 8c + 4 + q; the activations are read in the same order and the 16^q of each lane is
+undone on the activation side (x * 16^-q, exact) or on the scale (s * 16^-q, exact).
 
-1. `_int4_gemv_kernel` (one to `GEMV_ROWS` rows, decode): split-K. Program (n, s, m) reads
-   BLOCK_N weight rows over the s-th K slice, unpacks the nibbles, applies (u - z) * s in fp32
-   and accumulates w * x elementwise (no tensor cores: a matrix-vector product is bound by
-   the weight read); the SPLIT_K partial sums land in an fp32 buffer that one reduction adds.
-   Splitting K gives a small layer (few output rows) enough programs to keep every SM
-   reading: at batch 1 the time is the packed weight's bytes over the bandwidth.
-2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes a
-   [BLOCK_K, BLOCK_N] weight tile to the activations' dtype and feeds `tl.dot`.
+Kernels:
 
-Each int32 is fetched once per nibble lane (addresses k // 8, shift 4 * (k % 8)); the
-repeated addresses are served by one cache line, so DRAM traffic is the packed bytes. When
-a K tile lies inside one group and there is no g_idx, the scale and zero are read once per
-row of the tile instead of per element (`ONE_GROUP`).
+1. `_int4_gemv_kernel` (one to `GEMV_ROWS` rows, decode): program (m, n) streams BLOCK_N
+   weight rows over K (optionally the s-th of SPLIT_K K slices: then fp32 partial sums that
+   one reduction adds), multiplies the unpacked lanes by x and sums each scale group's lanes
+   before scaling the group sum by its row's scale (`ROW_SCALE`: a K slice inside one group
+   reads one scale and zero per row; with g_idx or groups that straddle a slice, per lane).
+   No tensor cores: a matrix-vector product is bound by the packed weight read. The grid
+   runs the rows of one weight block back to back, so 2-4 rows read it from L2.
+2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes the
+   lo and hi [BLOCK_N, BLOCK_K/2] tiles ((u - z) * s in fp32, rounded to the activations'
+   dtype, exactly the torch reference's weight) and feeds each to `tl.dot` with the
+   activation columns of the same features.
 
-Rounding: the weight is dequantized in fp32 and rounded once to the activations' dtype, as
-the torch reference does; only the fp32 summation order differs.
+Rounding: the GEMM rounds each dequantized weight to the activations' dtype as the reference
+does; the GEMV scales each group's fp32 sum instead of rounding every weight (the fp8
+small-batch MoE does the same), which moves bf16 results by about one bf16 rounding.
+Launch settings: configs/int4/ (benchmarks/sweep_int4.py).
 """
 from __future__ import annotations
 
@@ -33,62 +42,160 @@ import triton.language as tl
 from deepserve.ops.int4 import PACK, check_int4_operands
 from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, dot_dtype, interpreting, next_pow2, sm_count
+from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+                                          prefetch_rows)
+from deepserve.ops.triton.launch_config import launch_settings
 
-GEMV_ROWS = 4   # up to this many rows take the split-K GEMV
+GEMV_ROWS = 4   # up to this many rows take the GEMV
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn,
-                  GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                  ONE_GROUP: tl.constexpr):
-    """fp32 [len(offs_n), len(offs_k)] weight tile W[n, k] = (u - z) * s."""
-    mask = n_ok[:, None] & k_ok[None, :]
-    packed = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (offs_k // 8)[None, :],
-                     mask=mask, other=0)
-    u = ((packed >> ((offs_k % 8) * 4)[None, :]) & 0xF).to(tl.float32)
-    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
-    z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
-    if ONE_GROUP:      # the whole K tile lies in one group: one scale (and zero) per row
-        g = tl.min(offs_k, axis=0) // GROUP
-        s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+def _pow16(q, SIGN: tl.constexpr):
+    """16^(SIGN * q) as an exact fp32 (q an int32 tensor, SIGN +1 or -1), built from its bits."""
+    return ((127 + SIGN * 4 * q) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibble_quads(packed):
+    """int32 words [R, C] -> (lo, hi) fp32 [R, C, 4]: lo[r, c, q] = 2^23 + 16^q * nibble q of the
+    word (feature 8c + q), hi the same for nibble 4 + q (feature 8c + 4 + q)."""
+    mask = (15 << (4 * tl.arange(0, 4)))[None, None, :]
+    lo = ((packed[:, :, None] & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+    hi = (((packed >> 16)[:, :, None] & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                  HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """Scales and zero offsets of the K slice of words offs_c [C] (features 8c .. 8c + 7), rows at
+    s_rows / z_rows [BN]: (s_lo, s_hi, off_lo, off_hi), off = 2^23 + 16^q z, so lo - off =
+    16^q (u - z). ROW_SCALE (the slice inside one group): s [BN, 1, 1] for both halves;
+    otherwise each lane's group (g_idx, or feature // GROUP): [BN, C, 4]."""
+    q = tl.arange(0, 4)
+    p16 = _pow16(q, 1)[None, None, :]
+    if ROW_SCALE:
+        g = (8 * tl.min(offs_c, axis=0)) // GROUP
+        ok = n_ok & (tl.max(c_ok.to(tl.int32), axis=0) > 0)        # (a slice wholly past the end: none)
+        s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None, None]
         if HAS_ZP:
-            z = tl.load(z_rows + g, mask=n_ok, other=8).to(tl.float32)[:, None]
+            z = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None, None]
         else:
-            z = 8.0
+            z = tl.full([1, 1, 1], 8.0, tl.float32)
+        off = 8388608.0 + z * p16
+        return s, s, off, off
     else:
+        f_lo = 8 * offs_c[:, None] + q[None, :]                     # [C, 4]
         if HAS_GIDX:
-            g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
+            g_lo = tl.load(g_ptr + f_lo, mask=c_ok[:, None], other=0)
+            g_hi = tl.load(g_ptr + f_lo + 4, mask=c_ok[:, None], other=0)
         else:
-            g = offs_k // GROUP
-        s = tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0).to(tl.float32)
+            g_lo = f_lo // GROUP
+            g_hi = (f_lo + 4) // GROUP
+        mask = n_ok[:, None, None] & c_ok[None, :, None]
+        s_lo = tl.load(s_rows[:, None, None] + g_lo[None], mask=mask, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_rows[:, None, None] + g_hi[None], mask=mask, other=0.0).to(tl.float32)
         if HAS_ZP:
-            z = tl.load(z_rows[:, None] + g[None, :], mask=mask, other=8).to(tl.float32)
+            z_lo = tl.load(z_rows[:, None, None] + g_lo[None], mask=mask, other=8).to(tl.float32)
+            z_hi = tl.load(z_rows[:, None, None] + g_hi[None], mask=mask, other=8).to(tl.float32)
         else:
-            z = 8.0
-    return (u - z) * s
+            z_lo = tl.full([1, 1, 1], 8.0, tl.float32)
+            z_hi = z_lo
+        return s_lo, s_hi, 8388608.0 + z_lo * p16, 8388608.0 + z_hi * p16
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, part_ptr, N, K, k_per_split,
-                      stride_xm, stride_qn, stride_sn, stride_ps, stride_pm,
+def _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN: tl.constexpr):
+    """Packed words [BN, C] of the rows at qw_rows [BN] (0 outside the masks)."""
+    if EVEN:
+        return tl.load(qw_rows[:, None] + offs_c[None, :], mask=n_ok[:, None], other=0)
+    return tl.load(qw_rows[:, None] + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
+
+
+@triton.jit
+def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, GROUP: tl.constexpr,
+                  HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr):
+    """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
+    / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
+    .. 8 c_end); rows where n_ok is false give garbage. Steps of STEPS slices of SUB_C words;
+    EVEN: every slice lies inside [c_start, c_end). X_DTYPE: the reference's weight dtype, used
+    where scales vary per lane (there every dequantized weight is rounded to it as the reference
+    does; ROW_SCALE sums each group's lanes and scales the sum)."""
+    q = tl.arange(0, 4)
+    inv16 = _pow16(q, -1)[None, :]
+    acc = tl.zeros([BLOCK_N, SUB_C], tl.float32)
+    for c0 in range(c_start, c_end, SUB_C * STEPS):
+        for sub in tl.static_range(STEPS):
+            offs_c = c0 + sub * SUB_C + tl.arange(0, SUB_C)
+            c_ok = offs_c < c_end
+            lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
+            f_lo = 8 * offs_c[:, None] + q[None, :]
+            if EVEN:
+                x_lo = tl.load(x_ptr + f_lo).to(tl.float32)
+                x_hi = tl.load(x_ptr + f_lo + 4).to(tl.float32)
+            else:
+                x_lo = tl.load(x_ptr + f_lo, mask=c_ok[:, None], other=0.0).to(tl.float32)
+                x_hi = tl.load(x_ptr + f_lo + 4, mask=c_ok[:, None], other=0.0).to(tl.float32)
+            s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP, HAS_ZP,
+                                                       HAS_GIDX, ROW_SCALE)
+            if ROW_SCALE:
+                t = (lo - off_lo) * (x_lo * inv16)[None] + (hi - off_hi) * (x_hi * inv16)[None]
+                acc += tl.sum(t, axis=2) * tl.reshape(s_lo, [BLOCK_N, 1])
+            else:
+                w_lo = ((lo - off_lo) * (s_lo * inv16[None])).to(X_DTYPE).to(tl.float32)
+                w_hi = ((hi - off_hi) * (s_hi * inv16[None])).to(X_DTYPE).to(tl.float32)
+                acc += tl.sum(w_lo * x_lo[None] + w_hi * x_hi[None], axis=2)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, kw_per_split,
+                      stride_xm, stride_qn, stride_sn, stride_ys, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                      ONE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn,
-                          GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)
-        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok, other=0.0)
-        # round the weight to x's dtype first, as the reference does, then multiply in fp32
-        acc += w.to(x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(part_ptr + split * stride_ps + m * stride_pm + offs_n, tl.sum(acc, axis=1), mask=n_ok)
+                      ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                      USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+    """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
+    (x's dtype) without split-K, else the fp32 partial sums."""
+    m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows < N
+    qw_rows = qw_ptr + rows.to(tl.int64) * stride_qn
+    c_start = split * kw_per_split
+    c_end = tl.minimum(c_start + kw_per_split, KW)
+    prefetch_rows(qw_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_qn + c_start, c_end - c_start, LINE,
+                  LINES, PREFETCH)
+    pdl_begin(USE_PDL)
+    y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + rows.to(tl.int64) * stride_sn,
+                      z_ptr + rows.to(tl.int64) * stride_sn, g_ptr, n_ok, c_start, c_end, GROUP, HAS_ZP, HAS_GIDX,
+                      ROW_SCALE, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, offs_c, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SUB_C: tl.constexpr, DTYPE: tl.constexpr):
+    """The weight tile of words offs_c as (lo, hi) [BLOCK_N, 4 SUB_C] in DTYPE, each (u - z) * s in
+    fp32 rounded once (the reference's weight): lo column 4j + q is feature 8(offs_c[j]) + q, hi
+    column 4j + q feature 8(offs_c[j]) + 4 + q (`half_features`)."""
+    lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
+    s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX,
+                                               ROW_SCALE)
+    inv16 = _pow16(tl.arange(0, 4), -1)[None, None, :]
+    w_lo = ((lo - off_lo) * (s_lo * inv16)).to(DTYPE)
+    w_hi = ((hi - off_hi) * (s_hi * inv16)).to(DTYPE)
+    return tl.reshape(w_lo, [BLOCK_N, 4 * SUB_C]), tl.reshape(w_hi, [BLOCK_N, 4 * SUB_C])
+
+
+@triton.jit
+def half_features(c0, SUB_C: tl.constexpr):
+    """Features [4 SUB_C] of the lo columns of the words c0 ... c0 + SUB_C (the hi ones are 4 further)."""
+    j = tl.arange(0, 4 * SUB_C)
+    return 8 * c0 + 8 * (j // 4) + j % 4
 
 
 @triton.jit
@@ -119,73 +226,82 @@ def _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOC
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K,
+def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW,
                       stride_xm, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                      ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    SUB_C: tl.constexpr = BLOCK_K // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    qw_rows = qw_ptr + offs_n.to(tl.int64) * stride_qn
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
+    dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x, offs_m, offs_n, offs_k, m_ok, k_ok = _load_a_tile(x_ptr, stride_xm, M, K, k0, BLOCK_M, BLOCK_N,
-                                                             BLOCK_K)
-        n_ok = offs_n < N
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn,
-                          GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)                      # [BN, BK]
-        w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)    # rounded to x's dtype, as the reference
-        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc)
-    _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+    for c0 in range(0, KW, SUB_C):
+        offs_c = c0 + tl.arange(0, SUB_C)
+        c_ok = offs_c < KW
+        w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, offs_c, c_ok, GROUP, HAS_ZP, HAS_GIDX,
+                                    ROW_SCALE, EVEN, BLOCK_N, SUB_C, dt)
+        f = half_features(c0, SUB_C)
+        a_mask = m_ok[:, None] & (f < 8 * KW)[None, :]
+        a_lo = tl.load(x_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
+        a_hi = tl.load(x_rows[:, None] + f[None, :] + 4, mask=a_mask, other=0.0)
+        acc = tl.dot(a_lo.to(DOT_DTYPE), tl.trans(w_lo.to(DOT_DTYPE)), acc)
+        acc = tl.dot(a_hi.to(DOT_DTYPE), tl.trans(w_hi.to(DOT_DTYPE)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _block_k(k: int, group_size: int, has_gidx: bool, cap: int) -> tuple[int, bool]:
-    """(BLOCK_K, ONE_GROUP): the K step, and whether each step stays inside one group. A step
-    shortened to a power-of-two group (>= 32) reads one scale per row instead of one per
-    element: groups of 128 take 128-wide steps rather than the cap."""
-    bk = min(cap, next_pow2(k))
-    if not has_gidx and group_size % bk and group_size >= 32 and group_size & (group_size - 1) == 0:
-        bk = group_size
-    return bk, not has_gidx and group_size % bk == 0
+def slice_words(k: int, group_size: int, has_gidx: bool, words: int) -> tuple[int, bool]:
+    """(SUB_C, ROW_SCALE): the packed words of one K slice (at most `words`, a power of two), and
+    whether every slice lies inside one group (one scale per row). A power-of-two group (>= 32
+    features) narrower than the slice shortens the slice to the group."""
+    sub = min(words, next_pow2(k // PACK))
+    if not has_gidx and group_size >= 32 and group_size & (group_size - 1) == 0 and group_size < PACK * sub:
+        sub = group_size // PACK
+    return sub, not has_gidx and group_size % (PACK * sub) == 0
 
 
-def gemv_config(m: int, n: int, k: int, device: torch.device) -> dict:
-    """BLOCK_N, BLOCK_K, SPLIT_K, num_warps for the split-K GEMV: enough programs for ~4 per
-    SM (interpreted: few large programs, and two K splits so the split path is exercised)."""
-    if interpreting():
-        return dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, num_warps=1)
-    block_n, block_k = 8, 256
-    blocks = triton.cdiv(n, block_n) * m
-    split = max(1, min(triton.cdiv(4 * sm_count(device), blocks), triton.cdiv(k, block_k), 16))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=4)
-
-
-def gemm_config(m: int, n: int) -> dict:
-    if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=1)
-    if m <= 32:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4)
-    if m <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8)
+def int4_settings(kernel: str, m: int, n: int, k: int, device: torch.device) -> dict:
+    """Launch settings of `kernel` ("gemv", "gemm", or the MoE's "moe_gate_up", "moe_down",
+    "moe_sorted") for an [m, k] x [n, k]^T product, from the launch table (configs/int4/;
+    benchmarks/sweep_int4.py measures them)."""
+    return launch_settings("int4", device, kernel=kernel, m=m, n=n, k=k)
 
 
 def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x2 [M <= GEMV_ROWS, K] -> [M, N] in x's dtype, split-K."""
+    """x2 [M <= GEMV_ROWS, K] -> [M, N] in x's dtype (split-K where the table says so)."""
     m, k = x2.shape
-    n = qweight.shape[0]
-    cfg = gemv_config(m, n, k, x2.device)
-    bk, one_group = _block_k(k, group_size, g_idx is not None, cfg["BLOCK_K"])
-    split = cfg["SPLIT_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk        # whole K steps per split
-    split = triton.cdiv(k, k_per_split)
-    parts = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, m)
-    _int4_gemv_kernel[grid](
+    n, kw = qweight.shape
+    cfg = int4_settings("gemv", m, n, k, x2.device)
+    sub, row_scale = slice_words(k, group_size, g_idx is not None, cfg["SUB_C"])
+    steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
+    split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
+    kw_per_split = triton.cdiv(triton.cdiv(kw, split), sub * steps) * sub * steps      # whole steps per split
+    split = triton.cdiv(kw, kw_per_split)
+    if split > 1:
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    else:
+        y = torch.empty(1, m, n, dtype=x2.dtype, device=x2.device)
+    launch = pdl_launch(x2.device, qweight)
+    launch["LINES"] = min(next_pow2(triton.cdiv(kw_per_split, launch["LINE"])), 64)
+    _int4_gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        parts, n, k, k_per_split, x2.stride(0), qweight.stride(0), scales.stride(0),
-        parts.stride(0), parts.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
-        HAS_GIDX=g_idx is not None, ONE_GROUP=one_group, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
-        num_warps=cfg["num_warps"])
-    y = parts.sum(0) if split > 1 else parts[0]
+        bias if bias is not None else scales, y, n, kw, kw_per_split, x2.stride(0), qweight.stride(0),
+        scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
+        HAS_GIDX=g_idx is not None, ROW_SCALE=row_scale, HAS_BIAS=bias is not None and split == 1,
+        EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
+        STEPS=steps, num_warps=cfg["num_warps"], num_stages=1, **launch)
+    if split == 1:
+        return y[0]
+    y = y.sum(0)
     if bias is not None:
         y = y + bias.float()
     return y.to(x2.dtype)
@@ -194,17 +310,20 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
 def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
     m, k = x2.shape
-    n = qweight.shape[0]
-    cfg = gemm_config(m, n)
-    bk, one_group = _block_k(k, group_size, g_idx is not None, cfg["BLOCK_K"])
+    n, kw = qweight.shape
+    cfg = int4_settings("gemm", m, n, k, x2.device)
+    sub, row_scale = slice_words(k, group_size, g_idx is not None, cfg["BLOCK_K"] // PACK)
+    sub = max(sub, 4)                     # each half of a step feeds tl.dot at least 16 columns
+    row_scale = row_scale and group_size % (PACK * sub) == 0
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _int4_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else y, y, m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0),
+        bias if bias is not None else y, y, m, n, kw, x2.stride(0), qweight.stride(0), scales.stride(0),
         y.stride(0), GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=g_idx is not None,
-        ONE_GROUP=one_group, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x2.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=bk, num_warps=cfg["num_warps"])
+        ROW_SCALE=row_scale, HAS_BIAS=bias is not None, EVEN=kw % sub == 0, DOT_DTYPE=dot_dtype(x2.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=PACK * sub, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y
 
 

@@ -34,126 +34,126 @@ import triton.language as tl
 from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
-from deepserve.ops.triton.int4_gemm import _dequant_tile
+from deepserve.ops.int4 import PACK
+from deepserve.ops.triton._common import dot_dtype, interpreting
+from deepserve.ops.triton.int4_gemm import dequant_halves, half_features, int4_rows_dot, int4_settings, slice_words
 from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run
 
 
 @triton.jit
-def _expert_rows_dot(v_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, rows, row_ok, K, stride_qn, stride_sn,
-                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: rows `rows` of one expert's dequantized [*, K] matrix times vector v [K]
-    (the weight rounded to v's dtype first); rows where `row_ok` is false give 0."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rows, offs_k, row_ok, k_ok, stride_qn, stride_sn,
-                          GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP)
-        v = tl.load(v_ptr + offs_k, mask=k_ok, other=0.0)
-        acc += w.to(v_ptr.dtype.element_ty).to(tl.float32) * v.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _assignment(ids_ptr, E, N, BLOCK_N: tl.constexpr):
-    """This program's assignment a, its expert (0 when another EP rank holds it), whether the
-    expert is here (else nothing is read and zeros are written), its output rows and their mask."""
+def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW, top_k,
+                    stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
+                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
+    """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n."""
     a, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + a)
     valid = (e >= 0) & (e < E)
+    e = tl.where(valid, e, 0).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return a, tl.where(valid, e, 0), valid, rows, rows < N
-
-
-@triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, D, top_k,
-                    stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
-                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    a, e, valid, rows, row_ok = _assignment(ids_ptr, E, I, BLOCK_N)
-    h_rows = h_ptr + a.to(tl.int64) * stride_ha + rows
+    row_ok = rows < I
+    n_ok = row_ok & valid
     x = x_ptr + (a // top_k).to(tl.int64) * stride_xt
-    qw = qw_ptr + e.to(tl.int64) * stride_qe
-    s = s_ptr + e.to(tl.int64) * stride_se
-    z = z_ptr + e.to(tl.int64) * stride_se
-    g = g_ptr + e.to(tl.int64) * stride_ge
-    gate = _expert_rows_dot(x, qw, s, z, g, rows, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
-                            HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
-    up = _expert_rows_dot(x, qw, s, z, g, rows + I, row_ok & valid, D, stride_qn, stride_sn, GROUP, HAS_ZP,
-                          HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
     dt = h_ptr.dtype.element_ty
+    g_rows = rows.to(tl.int64)                          # gate rows n; up rows I + n
+    u_rows = g_rows + I
+    qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
+    gate = int4_rows_dot(qw + g_rows * stride_qn, x, s + g_rows * stride_sn, z + g_rows * stride_sn,
+                         g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N, SUB_C,
+                         STEPS, dt)
+    up = int4_rows_dot(qw + u_rows * stride_qn, x, s + u_rows * stride_sn, z + u_rows * stride_sn,
+                       g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N, SUB_C,
+                       STEPS, dt)
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    tl.store(h_rows, (silu * up).to(dt), mask=row_ok)
+    tl.store(h_ptr + a.to(tl.int64) * stride_ha + rows, tl.where(valid, silu * up, 0.0).to(dt), mask=row_ok)
 
 
 @triton.jit
-def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, I, D,
-                 stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
-                 GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    a, e, valid, rows, row_ok = _assignment(ids_ptr, E, D, BLOCK_N)
-    y_rows = y_ptr + a.to(tl.int64) * stride_ya + rows
-    h = h_ptr + a.to(tl.int64) * stride_ha
-    y = _expert_rows_dot(h, qw_ptr + e.to(tl.int64) * stride_qe, s_ptr + e.to(tl.int64) * stride_se,
-                         z_ptr + e.to(tl.int64) * stride_se, g_ptr + e.to(tl.int64) * stride_ge, rows,
-                         row_ok & valid, I, stride_qn, stride_sn, GROUP, HAS_ZP, HAS_GIDX, ONE_GROUP, BLOCK_N, BLOCK_K)
-    y = y.to(h_ptr.dtype.element_ty).to(tl.float32)        # the reference's down output in x's dtype
-    tl.store(y_rows, y * tl.load(wts_ptr + a).to(tl.float32), mask=row_ok)
+def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, D, IW,
+                 stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
+                 TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
+                 ROW_SCALE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
+                 STEPS: tl.constexpr):
+    """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
+    product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
+    t, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < D
+    r = rows.to(tl.int64)
+    dt = h_ptr.dtype.element_ty
+    out = tl.zeros([BLOCK_N], tl.float32)
+    for j in tl.static_range(TOP_K):
+        a = t * TOP_K + j
+        e = tl.load(ids_ptr + a)
+        if (e >= 0) & (e < E):
+            ex = e.to(tl.int64)
+            y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
+                              s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
+                              g_ptr + ex * stride_ge, row_ok, 0, IW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N,
+                              SUB_C, STEPS, dt)
+            out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
+    tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se,
-                  stride_ge, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_qn,
+                  stride_se, stride_sn, stride_ge, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's block: its expert (E past the last segment), assignment rows (n_assign is
-    padding) and their mask, the expert's weight / scale / zero / g_idx pointers, the output columns."""
+    padding) and their mask, its output columns and their mask, and the pointers of those
+    columns' packed rows, scale / zero rows and the expert's g_idx."""
     pid_m = tl.program_id(0)
     expert = tl.load(block_expert_ptr + pid_m)
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < n_assign
     e = expert.to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return (expert, tl.where(row_ok, rows, 0).to(tl.int64), row_ok, qw_ptr + e * stride_qe, s_ptr + e * stride_se,
-            z_ptr + e * stride_se, g_ptr + e * stride_ge, offs_n, offs_n < N)
+    n = offs_n.to(tl.int64)
+    return (expert, tl.where(row_ok, rows, 0).to(tl.int64), row_ok, offs_n, offs_n < N,
+            qw_ptr + e * stride_qe + n * stride_qn, s_ptr + e * stride_se + n * stride_sn,
+            z_ptr + e * stride_se + n * stride_sn, g_ptr + e * stride_ge)
 
 
 @triton.jit
-def _expert_tile_dot(a, acc, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP: tl.constexpr,
-                     HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     X_DTYPE: tl.constexpr):
-    """acc + a [BM, BK] @ W[offs_n, offs_k]^T, W dequantized and rounded to the activations' dtype."""
-    w = _dequant_tile(qw, s, z, g, offs_n, offs_k, n_ok, k_ok, stride_qn, stride_sn, GROUP, HAS_ZP, HAS_GIDX,
-                      ONE_GROUP)
-    return tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(X_DTYPE).to(DOT_DTYPE)), acc)
+def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
+    """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype)."""
+    offs_c = c0 + tl.arange(0, SUB_C)
+    w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g, n_ok, offs_c, offs_c < KW, GROUP, HAS_ZP, HAS_GIDX,
+                                ROW_SCALE, EVEN, BLOCK_N, SUB_C, a_rows.dtype.element_ty)
+    f = half_features(c0, SUB_C)
+    a_mask = row_ok[:, None] & (f < 8 * KW)[None, :]
+    a_lo = tl.load(a_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
+    a_hi = tl.load(a_rows[:, None] + f[None, :] + 4, mask=a_mask, other=0.0)
+    acc = tl.dot(a_lo.to(DOT_DTYPE), tl.trans(w_lo.to(DOT_DTYPE)), acc)
+    return tl.dot(a_hi.to(DOT_DTYPE), tl.trans(w_hi.to(DOT_DTYPE)), acc)
 
 
 @triton.jit
 def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, n_assign, E, I,
-                           D, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
-                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DW, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
+                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                           EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    expert, rows, row_ok, qw, s, z, g, offs_n, n_ok = _sorted_block(
-        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se, stride_ge, I,
-        BLOCK_M, BLOCK_N)
+    SUB_C: tl.constexpr = BLOCK_K // 8
+    expert, rows, row_ok, offs_n, n_ok, qw, s, z, g = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_qn, stride_se,
+        stride_sn, stride_ge, I, BLOCK_M, BLOCK_N)
     if expert < E:
         x_rows = x_ptr + (rows // top_k) * stride_xt
         dt = h_ptr.dtype.element_ty
+        up_qw, up_s, up_z = qw + I * stride_qn, s + I * stride_sn, z + I * stride_sn        # up rows I + n
         gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < D
-            a = tl.load(x_rows[:, None] + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            gate = _expert_tile_dot(a, gate, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                    HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, dt)
-            up = _expert_tile_dot(a, up, qw, s, z, g, offs_n + I, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                  HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, dt)
+        for c0 in range(0, DW, SUB_C):
+            gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE,
+                             EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+            up = _tile_dot(x_rows, row_ok, up, up_qw, up_s, up_z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX,
+                           ROW_SCALE, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
         gate = gate.to(dt).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
         tl.store(h_ptr + rows[:, None] * stride_ha + offs_n[None, :], (silu * up.to(dt).to(tl.float32)).to(dt),
@@ -161,23 +161,20 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
 
 
 @triton.jit
-def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E, I, D,
+def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E, D, IW,
                         stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
-                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                        EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    expert, rows, row_ok, qw, s, z, g, offs_n, n_ok = _sorted_block(
-        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_se, stride_ge, D,
-        BLOCK_M, BLOCK_N)
+    SUB_C: tl.constexpr = BLOCK_K // 8
+    expert, rows, row_ok, offs_n, n_ok, qw, s, z, g = _sorted_block(
+        sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_qn, stride_se,
+        stride_sn, stride_ge, D, BLOCK_M, BLOCK_N)
     if expert < E:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < I
-            a = tl.load(h_ptr + rows[:, None] * stride_ha + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            acc = _expert_tile_dot(a, acc, qw, s, z, g, offs_n, n_ok, offs_k, k_ok, stride_qn, stride_sn, GROUP,
-                                   HAS_ZP, HAS_GIDX, ONE_GROUP, DOT_DTYPE, h_ptr.dtype.element_ty)
+        for c0 in range(0, IW, SUB_C):
+            acc = _tile_dot(h_ptr + rows * stride_ha, row_ok, acc, qw, s, z, g, n_ok, c0, IW, GROUP, HAS_ZP,
+                            HAS_GIDX, ROW_SCALE, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
         tl.store(y_ptr + rows[:, None] * stride_ya + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
 
@@ -190,48 +187,49 @@ def _gidx(g_idx: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[tor
     return g_idx, g_idx.stride(0), True
 
 
+def _matrix(w, scales, zeros, g_idx, group: int, words: int) -> dict:
+    """One stacked matrix's launch operands and its K-slice constants (SUB_C, ROW_SCALE, EVEN)."""
+    g, sg, has_g = _gidx(g_idx, w)
+    kw = w.shape[2]
+    sub, row_scale = slice_words(kw * PACK, group, has_g, words)
+    return dict(ptrs=(w, scales, zeros if zeros is not None else scales, g),
+                strides=(w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), sg),
+                sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, ROW_SCALE=row_scale))
+
+
 def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
                  w13_g_idx=None, w2_g_idx=None, act_int8=False):
     num_tokens, top_k = topk_ids.shape
-    e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
+    e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * PACK
     n_assign = num_tokens * top_k
-    if interpreting():
-        bm, bn, cap, warps = 16, 16, 32, 1
-    else:
-        bm, bn, cap, warps = 64, 64, 64, 4
+    cfg = int4_settings("moe_sorted", n_assign // max(e, 1), 2 * i, d, x.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     aligned = align_by_expert(topk_ids, e, bm)
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
     y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)       # rows of other EP ranks stay 0
-    common = dict(DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-    bk = min(cap, next_pow2(d))
-    g13, sg13, has13 = _gidx(w13_g_idx, w13)
-    _sorted_gate_up_kernel[(aligned.num_blocks, triton.cdiv(i, bn))](
-        x, aligned.sorted_ids, aligned.block_expert, w13, w13_scales,
-        w13_zeros if w13_zeros is not None else w13_scales, g13, h, n_assign, e, i, d, top_k, x.stride(0),
-        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0),
-        GROUP=groups[0], HAS_ZP=w13_zeros is not None, HAS_GIDX=has13, ONE_GROUP=not has13 and groups[0] % bk == 0,
-        BLOCK_K=bk, **common)
-    if act_int8:
-        h = int8_rows_roundtrip(h)
-    bk = min(cap, next_pow2(i))
-    g2, sg2, has2 = _gidx(w2_g_idx, w2)
-    _sorted_down_kernel[(aligned.num_blocks, triton.cdiv(d, bn))](
-        h, aligned.sorted_ids, aligned.block_expert, w2, w2_scales, w2_zeros if w2_zeros is not None else w2_scales,
-        g2, y, n_assign, e, i, d, h.stride(0), w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
-        sg2, y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None, HAS_GIDX=has2,
-        ONE_GROUP=not has2 and groups[1] % bk == 0, BLOCK_K=bk, **common)
+    common = dict(DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    for name, (w, s, z, g_idx, group, k_out, a_in, out) in {
+            "gate_up": (w13, w13_scales, w13_zeros, w13_g_idx, groups[0], i, x, h),
+            "down": (w2, w2_scales, w2_zeros, w2_g_idx, groups[1], d, h, y)}.items():
+        mat = _matrix(w, s, z, g_idx, group, cfg["BLOCK_K"] // PACK)
+        sub = max(mat["sub"], 4)                   # each half of a step feeds tl.dot at least 16 columns
+        mat["consts"]["ROW_SCALE"] = mat["consts"]["ROW_SCALE"] and group % (PACK * sub) == 0
+        kw = w.shape[2]
+        grid = (aligned.num_blocks, triton.cdiv(k_out, bn))
+        if name == "gate_up":
+            _sorted_gate_up_kernel[grid](
+                a_in, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, i, kw, top_k,
+                a_in.stride(0), *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub,
+                **mat["consts"], **common)
+            if act_int8:
+                h = int8_rows_roundtrip(h)
+        else:
+            _sorted_down_kernel[grid](
+                h, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, d, kw, h.stride(0),
+                *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub, **mat["consts"], **common)
     weighted = y.float().view(num_tokens, top_k, d) * topk_weights.float()[..., None]
     return weighted.sum(1).to(x.dtype)
-
-
-def _settings(k: int, group: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_N, BLOCK_K, ONE_GROUP, num_warps)."""
-    if interpreting():
-        block_n, cap, warps = 16, 32, 1
-    else:
-        block_n, cap, warps = 16, 256, 4
-    bk = min(cap, next_pow2(k))
-    return block_n, bk, group % bk == 0, warps
 
 
 @register("fused_moe_int4", "triton")
@@ -250,27 +248,27 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
         x = int8_rows_roundtrip(x)
     if num_tokens * top_k > SMALL_BATCH:
         return _sorted_path(x.contiguous(), *args[1:], w13_g_idx, w2_g_idx, act_int8)
-    e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * 8
+    e, d, i = w13.shape[0], x.shape[1], w2.shape[2] * PACK
     x = x.contiguous()
     ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     n_assign = ids.numel()
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
-    bn, bk, one, warps = _settings(d, groups[0])
-    z13 = w13_zeros if w13_zeros is not None else w13_scales
-    g13, sg13, has13 = _gidx(w13_g_idx, w13)
-    _gate_up_kernel[(n_assign, triton.cdiv(i, bn))](
-        x, ids, w13, w13_scales, z13, g13, h, e, i, d, top_k, x.stride(0), w13.stride(0), w13.stride(1),
-        w13_scales.stride(0), w13_scales.stride(1), sg13, h.stride(0), GROUP=groups[0], HAS_ZP=w13_zeros is not None,
-        HAS_GIDX=has13, ONE_GROUP=one and not has13, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    cfg = int4_settings("moe_gate_up", num_tokens, 2 * i, d, x.device)
+    mat = _matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg["SUB_C"])
+    steps = max(1, min(cfg["STEPS"], triton.cdiv(d // PACK, mat["sub"])))
+    _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
+        x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, x.stride(0), *mat["strides"], h.stride(0),
+        EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
+        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
     if act_int8:
         h = int8_rows_roundtrip(h)
-    y = torch.empty(n_assign, d, dtype=torch.float32, device=x.device)
-    bn, bk, one, warps = _settings(i, groups[1])
-    z2 = w2_zeros if w2_zeros is not None else w2_scales
-    g2, sg2, has2 = _gidx(w2_g_idx, w2)
-    _down_kernel[(n_assign, triton.cdiv(d, bn))](
-        h, ids, wts, w2, w2_scales, z2, g2, y, e, i, d, h.stride(0), w2.stride(0), w2.stride(1),
-        w2_scales.stride(0), w2_scales.stride(1), sg2, y.stride(0), GROUP=groups[1], HAS_ZP=w2_zeros is not None,
-        HAS_GIDX=has2, ONE_GROUP=one and not has2, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-    return y.view(num_tokens, top_k, d).sum(1).to(x.dtype)
+    y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
+    cfg = int4_settings("moe_down", num_tokens, d, i, x.device)
+    mat = _matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg["SUB_C"])
+    steps = max(1, min(cfg["STEPS"], triton.cdiv(i // PACK, mat["sub"])))
+    _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
+        h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
+        EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
+        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
+    return y

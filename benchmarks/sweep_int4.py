@@ -1,0 +1,186 @@
+"""Launch settings of the W4A16 kernels (ops/triton/int4_gemm.py, ops/triton/moe_int4.py).
+
+    python benchmarks/sweep_int4.py --write                 # GPU (about 2 minutes on an H100)
+    python benchmarks/sweep_int4.py --device cpu --tiny     # the script's logic, interpreted
+
+Cases, as benchmarks/bench_int4.py measures them (compressed-tensors W4A16: symmetric, groups
+of 128, bf16):
+- "gemv": the batch-1 projections of r1-distill-llama-8b (qkv, o_proj, gate_up, down) and of
+  R1 (q_b, o_proj), one row;
+- "gemm": the 8b qkv shape at 1024 rows;
+- "moe_gate_up" / "moe_down": R1's routed experts of one EP8 rank (32 experts, D 7168, I 2048,
+  top-8) at batch 1, the small-batch kernels (the other kernel at its setting);
+- "moe_sorted": the same experts at 1024 tokens (256 rows per expert), the sorted path.
+Each candidate (tried through `launch_config.trying`) is checked against the default
+setting's output, then timed as CUDA-graph replays over enough weight copies (>= 256 MB) that
+the weights come from HBM. Bytes figures count the packed weights and scales read once, over a
+2 GiB device copy measured first; the sorted MoE counts 6 D I FLOPs per assignment. `--write`
+adds each case's best setting (where it beats the default) to the running device's table
+(deepserve/ops/triton/configs/int4/<device>.json), as a rule for exactly that shape.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+from sweep_setup import bandwidth_and_timer, prepare  # noqa: E402
+
+GROUP = 128
+GEMV_SHAPES = [("8b", "qkv", 6144, 4096), ("8b", "o_proj", 4096, 4096), ("8b", "gate_up", 28672, 4096),
+               ("8b", "down", 4096, 14336), ("r1", "q_b", 24576, 1536), ("r1", "o_proj", 7168, 16384)]
+MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
+GEMV_GRID = [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4) for w in (1, 2, 4)]
+GRIDS = {
+    "gemv": GEMV_GRID,
+    "moe_gate_up": [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4)
+                    for w in (2, 4)],
+    "moe_down": [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4) for w in (2, 4)],
+    "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+             for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
+    "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+                   for m, n, w in ((128, 128, 8), (64, 128, 4), (128, 64, 4)) for k in (64, 128) for st in (2, 3)],
+}
+
+
+def packed(n: int, k: int, dev: str, copies: int, gen: torch.Generator):
+    """`copies` random symmetric W4A16 matrices [n, k]: (qweight int32 [n, k/8], bf16 scales)."""
+    return [(torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=gen, device=dev, dtype=torch.int64)
+             .to(torch.int32), (torch.rand(n, k // GROUP, generator=gen, device=dev) * 0.004 + 0.002).bfloat16())
+            for _ in range(copies)]
+
+
+def packed_bytes(n: int, k: int) -> int:
+    return n * k // 2 + n * (k // GROUP) * 2
+
+
+def sweep(kernel: str, cond: dict, grid: list[dict], run, timer, show, tol_rel: float = 2e-2):
+    """Time the default and each candidate of `kernel` (a rule `cond` -> setting appended to the
+    table); a candidate whose output differs from the default's is reported WRONG and skipped.
+    Returns (default us, best us, best setting or None)."""
+    from deepserve.ops.triton.launch_config import trying
+    want = run()[0].float()
+    base = timer(run)
+    print(f"  {kernel} {cond}: default {show(base)}", flush=True)
+    best = (base, None)
+    for cfg in grid:
+        label = " ".join(f"{k}={v}" for k, v in cfg.items())
+        with trying("int4", [{"if": {"kernel": kernel, **cond}, "set": cfg}]):
+            try:
+                got = run()[0].float()
+                if not torch.allclose(got, want, rtol=tol_rel, atol=tol_rel * want.abs().max().item()):
+                    print(f"    {label}: WRONG ({(got - want).abs().max().item():.3g})")
+                    continue
+                us = timer(run)
+            except Exception as exc:  # noqa: BLE001  (resources, compiler errors: report, go on)
+                print(f"    {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
+                continue
+        print(f"    {label}: {show(us)}", flush=True)
+        if us < best[0]:
+            best = (us, cfg)
+    return base, best[0], best[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="small shapes, two candidates a kernel (for --device cpu)")
+    ap.add_argument("--kernels", default="gemv,moe_gate_up,moe_down,moe_sorted,gemm")
+    ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
+    ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
+    args = ap.parse_args()
+    prepare(args.device)
+    import deepserve.ops.triton  # noqa: F401  (registers the kernels)
+    from deepserve.ops.registry import resolve
+    from deepserve.ops.triton import launch_config
+
+    dev, tiny = args.device, args.tiny
+    bw, graph_time_ms = bandwidth_and_timer(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    kernels = [k for k in args.kernels.split(",") if k]
+    grids = {k: (g[:2] if tiny else g) for k, g in GRIDS.items()}
+    summary, rules = [], []
+
+    def record(kernel, case, cond, result, show):
+        base, best, cfg = result
+        summary.append((kernel, case, show(base), show(best), " ".join(f"{k}={v}" for k, v in (cfg or {}).items())
+                        or "default"))
+        if cfg is not None:
+            rules.append({"if": {"kernel": kernel, **cond}, "set": cfg})
+
+    linear = resolve("int4_linear", "triton")[1]
+    for kernel, rows in (("gemv", 1), ("gemm", 1024)):
+        if kernel not in kernels:
+            continue
+        for model, proj, n, k in GEMV_SHAPES if kernel == "gemv" else GEMV_SHAPES[:1]:
+            if tiny:
+                n, k = max(n // 128, 16), max(k // 32 // GROUP * GROUP, GROUP)
+                rows = min(rows, 32)
+            copies = 1 if dev == "cpu" else max(1, min(64, (256 << 20) // packed_bytes(n, k)))
+            ws = packed(n, k, dev, copies, gen)
+            x = torch.randn(rows, k, generator=gen, device=dev).bfloat16()
+
+            def run(ws=ws, x=x):
+                return [linear(x, q, s, None, None, GROUP) for q, s in ws]
+
+            def timer(fn, copies=copies):
+                return graph_time_ms(fn, reps=1) * 1e3 / copies
+
+            nb, flops = packed_bytes(n, k), 2 * rows * n * k
+            show = ((lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)") if kernel == "gemv" else
+                    (lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"))
+            cond = {"m": rows, "n": n, "k": k}
+            record(kernel, f"{model} {proj} {n}x{k} rows {rows}", cond,
+                   sweep(kernel, cond, grids[kernel], run, timer, show), show)
+
+    e, d, i, top_k = MOE if not tiny else (4, 256, 128, 2)
+    moe_kernels = [k for k in ("moe_gate_up", "moe_down", "moe_sorted") if k in kernels]
+    if moe_kernels:
+        moe = resolve("fused_moe_int4", "triton")[1]
+        layers = 2 if dev == "cuda" else 1        # >= 2 x 235 MB of experts per timed call: from HBM
+        experts = [(packed(2 * i, d, dev, e, gen), packed(d, i, dev, e, gen)) for _ in range(layers)]
+        stacked = [(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]),
+                    torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])) for w13, w2 in experts]
+        del experts
+        for kernel in moe_kernels:
+            tokens = 1 if kernel != "moe_sorted" else (256 if not tiny else 8) * e // top_k
+            x = torch.randn(tokens, d, generator=gen, device=dev).bfloat16()
+            ids = ([torch.randperm(e, generator=gen, device=dev)[:top_k][None].int() for _ in range(layers)]
+                   if tokens == 1 else
+                   [(torch.arange(tokens * top_k, device=dev) % e).view(tokens, top_k).int()] * layers)
+            wts = torch.rand(tokens, top_k, generator=gen, device=dev)
+
+            def run(x=x, ids=ids, wts=wts):
+                return [moe(x, w13, s13, None, w2, s2, None, wts, r, (GROUP, GROUP))
+                        for (w13, s13, w2, s2), r in zip(stacked, ids)]
+
+            def timer(fn):
+                return graph_time_ms(fn, reps=1) * 1e3 / layers
+
+            if tokens == 1:
+                nb = top_k * (packed_bytes(2 * i, d) + packed_bytes(d, i))
+                show = lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)"  # noqa: E731
+                cond = {"m": 1, "n": 2 * i if kernel == "moe_gate_up" else d, "k": d if kernel == "moe_gate_up" else i}
+            else:
+                flops = tokens * top_k * 6 * d * i
+                show = lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"  # noqa: E731
+                cond = {"m": tokens * top_k // e, "n": 2 * i, "k": d}
+            record(kernel, f"R1 EP8 rank, {tokens} tokens", cond, sweep(kernel, cond, grids[kernel], run, timer, show),
+                   show)
+
+    print("\n| kernel | case | default | best | best setting |\n|---|---|---:|---:|---|")
+    for row in summary:
+        print("| " + " | ".join(row) + " |")
+    if args.write:
+        path = launch_config.save_rules("int4", launch_config.device_key(torch.device(dev)), rules,
+                                        Path(args.config_dir) if args.config_dir else None)
+        print(f"wrote {len(rules)} rules to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
