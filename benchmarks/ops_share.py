@@ -6,9 +6,9 @@ a model, e.g. R1 to 3 dense + 2 MoE layers); --batch requests with a --prompt-le
 prefilled, then --steps decode steps run under torch.profiler (CUDA graphs on unless
 --enforce-eager; CUPTI reports the kernels a graph replay runs). Reported:
 
-  calls  op calls in the profiled steps by (op, backend) (deepserve.ops.call_counts) and the
-         share that ran as Triton kernels (what /metrics' deepserve:triton_op_call_share says
-         since start);
+  calls  op calls since the engine started (prefill, CUDA-graph capture, eager steps: a graph
+         replay calls no op) by (op, backend) (deepserve.ops.call_counts) and the share that ran
+         as Triton kernels (what /metrics' deepserve:triton_op_call_share says);
   time   GPU kernel time per step by kind and group as deepserve/ops/profile.py (what the
          engine's --ops-profile runs) attributes it (triton = deepserve's own Triton kernels,
          FlagGems' and any other live Triton kernel, found by name; blas = cuBLAS / cuDNN;
@@ -46,7 +46,7 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "n
 
 def measure(args, batch: int) -> dict:
     kw = dict(load_format="dummy", device=args.device, ops=args.ops, seed=0, enforce_eager=args.enforce_eager,
-              max_model_len=args.prompt_len + args.steps + 16, max_num_seqs=max(batch, 1),
+              max_model_len=args.prompt_len + args.steps + 32, max_num_seqs=max(batch, 1),
               gpu_memory_utilization=args.gpu_memory_utilization)
     overrides = dict(TINY) if args.tiny else {}
     overrides.update(json.loads(args.hf_overrides or "{}"))
@@ -54,22 +54,27 @@ def measure(args, batch: int) -> dict:
         kw["hf_overrides"] = overrides
     if args.quantization:
         kw["quantization"] = args.quantization
+    ops.call_counts.clear()
     llm = LLM(args.model, **kw)
     engine = llm.engine
     vocab = engine.config.model.hf_config.vocab_size
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 16, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(None, {"prompt_token_ids": torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist()},
                            params)
-    for _ in range(4 + batch):  # prefill (one or more steps) and a few warm decode steps
+    # prefill (one or more steps), then a few warm decode steps
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
         engine.step()
-    ops.call_counts.clear()
+    for _ in range(4):
+        engine.step()
     cuda = engine.platform.device().type == "cuda"
     profiler = OpsProfiler(cuda)
     with profiler.profiling(lambda: args.steps):
         for _ in range(args.steps):
             engine.step()
+    # op calls since start (prefill, the graphs' capture, eager steps): graph replays call no op
     calls = {f"{op}/{backend}": n for (op, backend), n in sorted(ops.call_counts.items())}
     totals = call_totals()
     agg = aggregate(profiler.last_records, args.steps, profiler.report.triton_names, top=args.top)
