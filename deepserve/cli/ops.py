@@ -106,9 +106,13 @@ def profile_model(args, backend: str) -> int:
     llm = LLM(args.profile, ops=backend, device=args.device, ops_profile=True, hf_overrides=overrides,
               max_model_len=args.max_model_len, load_format="dummy")
     try:
+        profiler = getattr(llm.engine, "ops_profiler", None)
+        if profiler is None:  # a front end: the engine core logs its report in its own process
+            raise RuntimeError("the engine core ran in a process of its own (DEEPSERVE_ENGINE_CORE_PROCESS=1 or "
+                               "data parallel): its --ops-profile report is in its log, not here; unset it")
         print(f"--ops {backend}, {args.profile} on {llm.engine.runner.device}: "
               f"{100 * triton_share():.1f}% of op calls ran as Triton kernels")
-        print(llm.engine.ops_profiler.report.table(args.top))
+        print(profiler.report.table(args.top))
     finally:
         llm.shutdown()
     return 0
