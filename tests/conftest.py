@@ -26,17 +26,19 @@ DEMO_MODEL = REPO / "deepserve" / "assets" / "stories260k"
 # Test files that take minutes of CPU each (several engine processes in every test): marked
 # `slow` and left out of the default run (pyproject addopts); `python -m pytest -q -m slow` runs them.
 SLOW_FILES = {
-    "tests/cli/test_guides_e2e.py", "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
+    "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
     "tests/distributed/test_dp_attention.py",
 }
-# Test files that start servers or engine processes: collected first, so that under xdist
-# (`-n 2 --dist loadfile`, one file per worker at a time) the two workers end together instead of
-# one running the last of these alone.
-PROCESS_FILES = SLOW_FILES | {
-    "tests/distributed/test_parallel_engine.py", "tests/engine/test_executor.py", "tests/engine/test_dp_multinode.py",
-    "tests/engine/test_engine_core.py", "tests/server/test_server_openai_features.py",
-    "tests/server/test_server_tools.py", "tests/test_platform_pkg.py", "tests/distributed/test_ray.py",
-}
+# Test files that start servers or engine processes, the costliest first: collected before the
+# others, so that under xdist (`-n 2 --dist loadfile`, files handed to whichever worker is free)
+# the long ones start at once and the two workers end together instead of one running the last
+# of these alone.
+PROCESS_FILES = (
+    "tests/distributed/test_parallel_engine.py", "tests/cli/test_guides_e2e.py", "tests/cli/test_guides_e2e_ascend.py",
+    "tests/engine/test_engine_core.py", "tests/server/test_server_tools.py", "tests/engine/test_executor.py",
+    "tests/distributed/test_ray.py", "tests/engine/test_dp_multinode.py", "tests/server/test_server_openai_features.py",
+    "tests/test_platform_pkg.py", *sorted(SLOW_FILES),
+)
 
 
 def pytest_configure(config):
@@ -53,7 +55,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _repo_path(item) in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: _repo_path(item) not in PROCESS_FILES)    # stable: files stay whole
+    order = {path: n for n, path in enumerate(PROCESS_FILES)}
+    items.sort(key=lambda item: order.get(_repo_path(item), len(order)))    # stable: files stay whole
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

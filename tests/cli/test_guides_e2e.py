@@ -1,46 +1,21 @@
 """The guides' commands run end to end on a CPU, scaled down (world sizes 2, the MindSpore TP x
 PP line 4; short lengths) on a tiny random DeepSeek-V3-shaped checkpoint with an MTP layer: each
-server starts (the MindSpore line on a real local Ray cluster, the vllm-ascend lines with MTP
-speculation, one of them as two "nodes" on 127.0.0.1), answers the guide's own request (the curl
-body as written, sent with the official `openai` client where the guide uses the model path as
-the name) with what the in-process engine gives for it, and stops cleanly. The bench lines run
-against the same checkpoint."""
+server starts (the MindSpore line on a real local Ray cluster), answers the guide's own request
+(the curl body as written, sent with the official `openai` client where the guide uses the model
+path as the name) with what the in-process engine gives for it, and stops cleanly. The bench
+lines run against the same checkpoint. The vllm-ascend lines: test_guides_e2e_ascend.py."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 
-import httpx
-import openai
 import pytest
 
-from deepserve import LLM, SamplingParams
 from deepserve.cli.main import main
-from tests.cli.conftest import REPO, SHARED
-from tests.cli.guides import commands, curl_bodies, exports, set_flags, set_model, to_deepserve, yaml_blocks
+from tests.cli.conftest import SHARED
+from tests.cli.guide_runs import GREEDY, client, engine, greedy_text, guide, stop_cleanly
+from tests.cli.guides import curl_bodies, exports, set_flags, set_model, yaml_blocks
 from tests.distributed.local_ray import local_ray_head
-from tests.engine.test_dp_multinode import free_ports
 from tests.server.conftest import launch, server_env
-
-pytestmark = pytest.mark.slow   # each starts servers of one to four ranks (seconds of imports each)
-GREEDY = dict(temperature=0)
-
-
-def guide(reference, name):
-    return [to_deepserve(c) for c in commands(reference / name)]
-
-
-def engine(model, **kw) -> LLM:
-    """The in-process engine, one process, that the servers' answers are compared with."""
-    return LLM(str(model), max_model_len=256, max_num_batched_tokens=256, **kw)
-
-
-def greedy_text(llm: LLM, prompt, max_tokens: int) -> str:
-    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
-    out = llm.chat(prompt, params) if isinstance(prompt, list) else llm.generate(prompt, params)
-    return out[0].outputs[0].text
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +23,6 @@ def fp32_engine(tiny_r1):
     llm = engine(tiny_r1)
     yield llm
     llm.engine.shutdown()
-
-
-def stop_cleanly(server):
-    assert server.stop(timeout=30) == 0, "".join(server.lines)[-2000:]
-
-
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
 
 
 def test_vastai_tp_serve_with_reasoning_and_bench_serve(reference, tiny_r1, fp32_engine, tmp_path):
@@ -112,96 +79,6 @@ def test_mindspore_tp_pp_uneven_fp16_over_local_ray(reference, tiny_r1, monkeypa
             assert len(head.actors("Worker")) == 3   # ranks 1-3 are actors of this cluster
         finally:
             stop_cleanly(server)
-
-
-@pytest.fixture(scope="module")
-def tiny_r1_w8a8(tiny_r1, tmp_path_factory):
-    """The tiny R1 as vllm-ascend's DeepSeek-R1-W8A8 is stored: msModelSlim W8A8 (int8 weights,
-    quant_model_description.json)."""
-    from deepserve.quant import quantize_checkpoint
-    from tests.quant.test_modelslim import to_modelslim
-
-    root = tmp_path_factory.mktemp("w8a8")
-    quantize_checkpoint(tiny_r1, root / "ct", "w8a8-int8", progress=False)
-    return to_modelslim(root / "ct", root / "DeepSeek-R1-W8A8")
-
-
-@pytest.fixture(scope="module")
-def ascend_request(reference, tiny_r1_w8a8):
-    """The guide's curl body and what one in-process engine answers it with on the W8A8 checkpoint."""
-    ((_, body),) = curl_bodies(reference / "vllm-ascend-w8a8.md")
-    assert body == {"model": "deepseek_r1", "prompt": "The future of AI is", "max_completion_tokens": 50,
-                    "temperature": 0}
-    with engine(tiny_r1_w8a8, quantization="ascend") as w8a8:
-        return body, greedy_text(w8a8, body["prompt"], 50)
-
-
-def ask_ascend(server, body: dict):
-    """The guide's request; the openai client's completions.create has no max_completion_tokens,
-    so that field is sent as written in the body."""
-    fields = {k: v for k, v in body.items() if k != "max_completion_tokens"}
-    r = client(server).completions.create(**fields, extra_body={"max_completion_tokens": body["max_completion_tokens"]})
-    return r.choices[0].text, r.usage.completion_tokens, r.model
-
-
-def draft_tokens(server) -> float:
-    """Draft tokens the server's engine cores proposed so far (vLLM's /metrics counter)."""
-    text = httpx.get(server.url + "/metrics", timeout=30).text
-    return float(re.search(r"^vllm:spec_decode_num_draft_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
-
-
-def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, ascend_request, tmp_path):
-    cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
-    argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {"--data-parallel-size": 2,
-                                                    "--tensor-parallel-size": 1, "--max-model-len": 256,
-                                                    "--max-num-batched-tokens": 256})
-    body, expected = ascend_request
-    server = launch(*argv[1:])
-    try:
-        assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
-        assert draft_tokens(server) > 0   # the MTP layer drafted, verified to plain greedy's text
-
-        # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
-        bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {"--random-input": 16, "--num-prompts": 3,
-                                                                 "--request-rate": 50, "--result-dir": str(tmp_path)})
-        assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
-        (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-W8A8-*.json")
-        result = json.loads(saved.read_text())
-        assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
-    finally:
-        stop_cleanly(server)
-
-
-def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, ascend_request, tmp_path):
-    """Node 0 serves the API and DP rank 0; node 1 (`--headless`, start rank 1) runs DP rank 1;
-    both "nodes" are process trees on 127.0.0.1, as the guide's two scripts with the sizes halved."""
-    _, node0, node1, _ = guide(reference, "vllm-ascend-w8a8.md")
-    assert "--headless" in node1 and "--headless" not in node0
-    port = free_ports(4)   # the rpc port and the ones after it that the DP ranks take
-    scaled = {"--data-parallel-size": 2, "--data-parallel-size-local": 1,
-              "--data-parallel-start-rank": 1, "--data-parallel-address": "127.0.0.1",
-              "--data-parallel-rpc-port": port, "--tensor-parallel-size": 1, "--max-model-len": 256,
-              "--max-num-batched-tokens": 256}
-    node0, node1 = (set_flags(set_model(c, str(tiny_r1_w8a8)), scaled) for c in (node0, node1))
-    assert "--data-parallel-start-rank" not in node0 and node1[node1.index("--data-parallel-start-rank") + 1] == "1"
-    body, expected = ascend_request
-    log = tmp_path / "node1.log"
-    with log.open("w") as out:
-        headless = subprocess.Popen([sys.executable, "-m", "deepserve", *node1], env=server_env(), cwd=REPO,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        server = launch(*node0[1:], timeout=300)
-        try:
-            assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
-            assert draft_tokens(server) > 0
-        finally:
-            stop_cleanly(server)
-        # node 0's shutdown stops node 1's engine cores
-        assert headless.wait(timeout=60) == 0, log.read_text()[-3000:]
-    finally:
-        if headless.poll() is None:
-            headless.kill()
-            headless.wait()
 
 
 def test_flagos_yaml_answers_the_metax_request(reference, tiny_r1, tmp_path):
