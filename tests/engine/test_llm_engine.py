@@ -15,7 +15,7 @@ def llm():
     return LLM(block_size=4)
 
 
-def _prompts(llm, n=32):
+def _prompts(llm, n=12):
     tok = llm.get_tokenizer()
     words = "the little dog saw a big red ball and ran to the park with his friend Tom".split()
     return [{"prompt_token_ids": tok.encode(" ".join(words[: 1 + (i * 7) % len(words)]))} for i in range(n)]
@@ -26,12 +26,10 @@ def test_stories260k_known_greedy_text(llm):
     assert out.outputs[0].text.startswith(KNOWN)
 
 
-def test_batch_with_preemption_equals_alone():
-    prompts = None
-    alone = LLM(block_size=4)
-    prompts = _prompts(alone)
-    expected = [alone.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
-    # 40 blocks of 4 tokens cannot hold 32 sequences of ~40 tokens: preemption must happen
+def test_batch_with_preemption_equals_alone(llm):
+    prompts = _prompts(llm)
+    expected = [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
+    # 40 blocks of 4 tokens cannot hold 12 sequences of ~20-40 tokens: preemption must happen
     small = LLM(block_size=4, num_gpu_blocks_override=40, enable_prefix_caching=False)
     got = [o.outputs[0].token_ids for o in small.generate(prompts, GREEDY)]
     engine = small.engine
