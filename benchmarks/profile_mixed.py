@@ -116,6 +116,45 @@ def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: in
             "rows": rows}
 
 
+def profile_steps(llm: LLM, count: int, length: int, vocab: int, top: int) -> dict:
+    """torch.profiler over `count` mixed steps (the running decodes + one prompt of `length`
+    tokens) and the step after each: kernel time by kernel and by group, against the mixed
+    steps' wall time (GPU-busy far below wall: the host bounds the step)."""
+    from torch.profiler import ProfilerActivity, profile
+    eng = llm.engine
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        wall = 0.0
+        for r in range(count):
+            eng.add_request(None, random_prompts(1, length, vocab, seed=200 + r)[0], one)
+            wall += timed_step(llm)
+            eng.step()
+    per_kernel: dict = defaultdict(lambda: [0, 0.0])
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if torch.cuda.is_available() and dev_us <= 0:
+            continue
+        us = dev_us if torch.cuda.is_available() else ev.self_cpu_time_total
+        per_kernel[ev.key][0] += ev.count
+        per_kernel[ev.key][1] += us
+    groups: dict = defaultdict(float)
+    for k, (_, us) in per_kernel.items():
+        groups[group(k)] += us
+    return {"profiled_wall_s_mixed_plus_next": wall, "profiled_busy_us": sum(v[1] for v in per_kernel.values()),
+            "groups_us": dict(groups),
+            "top_kernels": [(k, c, us) for k, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]]}
+
+
+def print_profile(title: str, prof: dict) -> None:
+    print(f"\n{title}: busy {prof['profiled_busy_us'] / 1e3:.1f} ms of "
+          f"{prof['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")
+    for g, us in sorted(prof["groups_us"].items(), key=lambda kv: -kv[1]):
+        print(f"  {g:28s} {us / 1e3:8.2f} ms")
+    for k, c, us in prof["top_kernels"]:
+        print(f"  {us / 1e3:8.2f} ms {c:5d}x  {k[:110]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="r1-distill-llama-8b")
@@ -131,13 +170,18 @@ def main() -> None:
     ap.add_argument("--mixed-lens", default="64,192,448",
                     help="prompt lengths of the piecewise / eager mixed steps ('' skips them)")
     ap.add_argument("--piecewise-max-tokens", type=int, default=512)
+    ap.add_argument("--profile-len", type=int, default=0,
+                    help="prompt length of the profiled mixed steps (default --prompt-len)")
+    ap.add_argument("--profile-eager", action="store_true",
+                    help="profile the same mixed steps again with the piecewise graphs off")
     args = ap.parse_args()
     mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
     # decode steps the running sequences last: the timed, profiled and piecewise/eager steps
     # (the decode and mixed rows take 3 * repeats + 2, the profile 2 a step, the piecewise rows 6
     # a repeat; sequences prefilled first also decode during the later prefill steps: the margin)
-    steps = 3 * args.repeats + 2 * args.profile + 6 * args.repeats * len(mixed_lens) + 64
-    kw = dict(load_format=args.load_format, max_model_len=max([args.prompt_len] + mixed_lens) + steps + 16,
+    steps = 3 * args.repeats + 2 * args.profile * (1 + args.profile_eager) + 6 * args.repeats * len(mixed_lens) + 64
+    longest = max([args.prompt_len, args.profile_len] + mixed_lens)
+    kw = dict(load_format=args.load_format, max_model_len=longest + steps + 16,
               device=args.device,
               max_num_seqs=max(args.batch + 8, args.prefill_prompts),
               cudagraph_mode="FULL_AND_PIECEWISE" if mixed_lens else "FULL_DECODE_ONLY",
@@ -193,30 +237,13 @@ def main() -> None:
 
     # kernels of mixed steps
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=acts) as prof:
-            wall = 0.0
-            for r in range(args.profile):
-                eng.add_request(None, random_prompts(1, args.prompt_len, vocab, seed=200 + r)[0], one)
-                wall += timed_step(llm)
-                eng.step()
-        per_kernel: dict = defaultdict(lambda: [0, 0.0])
-        for ev in prof.key_averages():
-            dev_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
-            if torch.cuda.is_available() and dev_us <= 0:
-                continue
-            us = dev_us if torch.cuda.is_available() else ev.self_cpu_time_total
-            per_kernel[ev.key][0] += ev.count
-            per_kernel[ev.key][1] += us
-        busy = sum(v[1] for v in per_kernel.values())
-        groups: dict = defaultdict(float)
-        for k, (_, us) in per_kernel.items():
-            groups[group(k)] += us
-        res["profiled_wall_s_mixed_plus_next"] = wall
-        res["profiled_busy_us"] = busy
-        res["groups_us"] = dict(groups)
-        res["top_kernels"] = [(k, c, us) for k, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:args.top]]
+        length = args.profile_len or args.prompt_len
+        res["profile_prompt_len"] = length
+        res.update(profile_steps(llm, args.profile, length, vocab, args.top))
+        if args.profile_eager and eng.runner.piecewise is not None:
+            pieces, eng.runner.piecewise = eng.runner.piecewise, None
+            res["eager"] = profile_steps(llm, args.profile, length, vocab, args.top)
+            eng.runner.piecewise = pieces
     drain(llm)
     eng.shutdown()
     out = args.out or f"profile_mixed_{args.model.rstrip('/').split('/')[-1]}_b{args.batch}.json"
@@ -246,12 +273,10 @@ def main() -> None:
                   f"{1e3 * row['piecewise_s']:.2f} | {1e3 * row['piecewise_alias_s']:.2f} | "
                   f"{row['eager_s'] / best:.2f}x |")
     if args.profile:
-        print(f"\nkernels over {args.profile} mixed steps (+ the step after each): busy "
-              f"{res['profiled_busy_us'] / 1e3:.1f} ms of {res['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")
-        for g, us in sorted(res["groups_us"].items(), key=lambda kv: -kv[1]):
-            print(f"  {g:28s} {us / 1e3:8.2f} ms")
-        for k, c, us in res["top_kernels"]:
-            print(f"  {us / 1e3:8.2f} ms {c:5d}x  {k[:110]}")
+        what = f"kernels over {args.profile} mixed steps of {res['profile_prompt_len']}-token prompts (+ the step after each)"
+        print_profile(what, res)
+        if "eager" in res:
+            print_profile(what + ", piecewise graphs off", res["eager"])
 
 
 if __name__ == "__main__":
