@@ -28,9 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
                    "(equally); TP stays inside a node")
-    p.add_argument("--quantization", choices=["fp8", "w4a16", "awq", "gptq", "none"], default="none",
+    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "awq", "gptq", "none"], default="none",
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
-                   "DeepSeek-V3/R1 checkpoints ship; w4a16 / awq / gptq: 4-bit Linear weights in "
+                   "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
+                   "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / awq / gptq: 4-bit Linear weights in "
                    "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -79,6 +80,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
     q = plan.dtype
     if plan.quantization == "fp8":
         q = f"fp8 (128x128 blocks) Linear weights, the rest {plan.dtype}"
+    elif plan.quantization == "w8a8-int8":
+        q = f"int8 (per-row scales) Linear weights and routed experts, the rest {plan.dtype}"
     elif plan.quantization:
         q = f"{plan.quantization} 4-bit (groups of 128) Linear weights, the rest {plan.dtype}"
     mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"

@@ -30,6 +30,9 @@ the `meta` device):
   rank's input features (one for a fused q/k/v or gate/up), each routed expert one over D for
   gate and up and one over its I slice for down, and a row-parallel slice (o_proj, down_proj,
   the experts' down under TP) keeps the scales of every group of the whole row.
+- int8 (w8a8-int8: compressed-tensors W8A8 int8, msModelSlim W8A8_DYNAMIC): the layers fp8
+  quantizes and every routed expert matrix take 1 byte per value plus one fp32 scale per output
+  row (layers/quantization.py's Int8W8A8LinearMethod, layers/moe_int8.py); the rest as fp8.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
@@ -51,6 +54,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # plan name -> (group size, zero points): compressed-tensors W4A16 (llm-compressor's default
 # recipe, symmetric), AutoAWQ (asymmetric), GPTQ (its qzeros are always stored)
 INT4_PLAN = {"w4a16": (128, False), "awq": (128, True), "gptq": (128, True)}
+INT8_PLAN = "w8a8-int8"
 MLA_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 GQA_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # groups of the weight breakdown, in the order they are printed
@@ -81,6 +85,8 @@ class Tensor:
         if self.kind == "expert" and quantization == "fp8":
             scales = math.ceil(self.rows / FP8_BLOCK) * math.ceil(self.cols / FP8_BLOCK)
             return (n + 4 * scales) * self.count
+        if self.kind in ("linear", "expert") and quantization == INT8_PLAN:
+            return (n + 4 * self.rows) * self.count
         if self.kind in ("linear", "expert") and quantization in INT4_PLAN:
             group, zeros = INT4_PLAN[quantization]
             scales = self.rows * math.ceil((self.group_cols or self.cols) / group)

@@ -209,13 +209,13 @@ def engine_param_bytes(cfg, layout: Layout, quantization, include_mtp: bool = Fa
     return best
 
 
-@pytest.mark.parametrize("quantization", [None, "fp8"])
+@pytest.mark.parametrize("quantization", [None, "fp8", "w8a8-int8"])
 @pytest.mark.parametrize("layout,mtp", [(Layout(8, 1, 1), True), (Layout(1, 1, 8, True), True),
                                         (Layout(2, 4, 1), False), (Layout(8, 1, 1, True), False)])
 def test_plan_counts_what_the_engine_allocates_for_r1(layout, mtp, quantization):
     """`deepserve plan`'s per-GPU weight bytes equal the parameters of R1 built as the engine
-    builds it, in bf16 and fp8, under TP8, DP8 x EP8, TP2 x PP4 and TP8 x EP8 (to 1%; exact
-    today)."""
+    builds it, in bf16, fp8 and w8a8-int8 (int8 experts), under TP8, DP8 x EP8, TP2 x PP4 and
+    TP8 x EP8 (to 1%; exact today)."""
     planned = weight_bytes_per_gpu(r1(), layout, quantization=quantization, include_mtp=mtp)
     built = engine_param_bytes(r1(), layout, quantization, mtp)
     assert abs(planned - built) <= 0.01 * built, (planned, built)
@@ -328,6 +328,10 @@ def test_cli_reports_and_errors():
     assert rc == 0
     assert "chosen     TP=1 PP=1 DP=8 EP=8" in out
     assert "--tensor-parallel-size 1 --pipeline-parallel-size 1 --data-parallel-size 8 --enable-expert-parallel" in out
+    rc, out, _ = run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB", "--quantization",
+                          "w8a8-int8"])
+    assert rc == 0 and "weights    int8 (per-row scales) Linear weights and routed experts, the rest bfloat16" in out
+    assert "chosen     TP=1 PP=1 DP=8 EP=8" in out
     rc, out, _ = run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])
     assert rc == 1 and "NO LAYOUT FITS" in out and "--quantization fp8 on the same 8 GPUs" in out
     rc, _, err = run_cli(["plan", "deepseek-r1", "--gpus", "12", "--nodes", "5", "--gpu-memory", "80GiB"])
