@@ -313,6 +313,7 @@ class OpsProfiler:
         self._checked: set[str] = set()  # unknown kernel names already looked up among live Triton kernels
         self._window: Optional[contextlib.ExitStack] = None
         self._window_start = self._window_steps = self._last_tick = 0
+        self._failed = False  # a window could not start: no more windows
 
     @contextlib.contextmanager
     def profiling(self, steps: Callable[[], int]) -> Iterator[None]:
@@ -339,10 +340,14 @@ class OpsProfiler:
                 self.close(step - self._window_start)
                 logger.info("%s", self.report.summary(f"every capture since start, the latest ending at step {step}"))
             return
-        if FIRST_WINDOW_STEP <= step % EVERY_STEPS < FIRST_WINDOW_STEP + WINDOW_STEPS:
+        if not self._failed and FIRST_WINDOW_STEP <= step % EVERY_STEPS < FIRST_WINDOW_STEP + WINDOW_STEPS:
             self._window_start = step
             self._window = contextlib.ExitStack()
-            self._window.enter_context(self.profiling(lambda: self._window_steps))
+            try:
+                self._window.enter_context(self.profiling(lambda: self._window_steps))
+            except RuntimeError as exc:  # e.g. another profiler is running: serving goes on unprofiled
+                self._window, self._failed = None, True
+                logger.warning("--ops-profile: no more step windows profiled: %s", exc)
 
     def close(self, steps: Optional[int] = None) -> None:
         """End an open window; `steps`: how many it ran (default: up to the last tick's step)."""

@@ -171,3 +171,19 @@ def test_ops_profile_flag_and_yaml_key(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text("engine_args:\n  model: demo\n  ops-profile: true\n")
     assert load_serve_config(path).engine_args["ops_profile"] is True
+
+
+def test_window_that_cannot_start_leaves_steps_running(monkeypatch, caplog):
+    """A profiler already running (torch allows one): the step goes on, a warning says so,
+    and no later window tries again."""
+    prof = profile.OpsProfiler(cuda=False)
+    tries = []
+
+    def busy(cuda):
+        tries.append(cuda)
+        raise RuntimeError("Profiler is already enabled on this thread")
+    monkeypatch.setattr(profile, "capture", busy)
+    for step in range(2 * profile.EVERY_STEPS):
+        prof.tick(step)
+    assert tries == [False] and prof.report.steps == 0
+    assert "no more step windows profiled: Profiler is already enabled" in caplog.text
