@@ -4,7 +4,9 @@ A decode step of a small batch is dominated by kernel launch overhead; replaying
 captured at a fixed batch size removes it. Graphs are captured at `--cuda-graph-sizes`
 (largest first, sharing one memory pool); a batch of n decodes runs the graph of the
 smallest captured size >= n, its extra rows padded (slot -1: nothing written; sequence
-length 1 over block 0: a harmless read). Prefill and mixed steps run eagerly.
+length 1 over block 0: a harmless read). Prefill and mixed steps run eagerly, or with
+cudagraph_mode FULL_AND_PIECEWISE as piecewise graphs around eager attention
+(engine/piecewise_graphs.py); cudagraph_mode PIECEWISE captures no whole graphs at all.
 
 Capture needs ops without host syncs, so graphs are used only with the Triton backend.
 

@@ -12,7 +12,9 @@ batch; on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
 With DP attention + expert parallel, decode steps run as CUDA graphs when every DP rank's
 batch is decode-only: all ranks replay the graph sized for the largest one (`graph_size`,
 agreed before the step), as the MoE exchange inside needs equal shapes (not with
-`--all2all-backend alltoall`, whose per-step split sizes cannot be captured).
+`--all2all-backend alltoall`, whose per-step split sizes cannot be captured); their other
+steps run eagerly, since piecewise graphs (cudagraph_mode PIECEWISE / FULL_AND_PIECEWISE,
+engine/piecewise_graphs.py) would need the DP ranks to agree on their size too.
 """
 from __future__ import annotations
 
