@@ -163,8 +163,10 @@ def check_data_parallel_nodes(args) -> None:
     if args.api_server_count < 1:
         raise ValueError(f"api_server_count must be >= 1, got {args.api_server_count}")
     if args.api_server_count > 1 and args.distributed_executor_backend == "ray":
-        raise ValueError("--api-server-count > 1 fronts engine-core processes, which the Ray backend does not run: "
-                         "use the default (mp) backend")
+        raise ValueError("--api-server-count > 1 runs on the default (mp) backend, not on the Ray backend")
+    if args.distributed_executor_backend == "ray" and (local is not None and local < dp or args.headless):
+        raise ValueError("with --distributed-executor-backend ray, Ray places every DP rank on the cluster's nodes: "
+                         "drop --data-parallel-size-local / --headless (they start DP ranks per node without Ray)")
 
 
 @dataclass

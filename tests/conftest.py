@@ -67,7 +67,8 @@ def pytest_collection_modifyitems(config, items):
 
 # Tests that start a real local Ray cluster. ClusterLauncher's `ray stop` ends every Ray process
 # of the machine, so under xdist they take a lock in the run's temporary folder, one at a time.
-LOCAL_RAY_TESTS = {"test_ray_tp2_matches_tp1", "test_real_local_ray_start_wait_stop",
+LOCAL_RAY_TESTS = {"test_ray_tp2_matches_tp1", "test_ray_dp2_engine_cores_match_spawned_dp2",
+                   "test_real_local_ray_start_wait_stop",
                    "test_mindspore_tp_pp_uneven_fp16_over_local_ray"}
 
 

@@ -1,13 +1,15 @@
 """Data-parallel ranks as engines (DP attention, vLLM v1 / SGLang style): the front end.
 
 `DataParallelEngine` keeps no model. It starts every rank as a process (engine/engine_core.py:
-one engine core per DP rank, with its TP/PP peers), places each request on the least-loaded
-DP rank (fewest unfinished sequences, then KV use; a rank that recently got the same prompt
-prefix keeps it unless much busier: engine/placement.py) and merges the cores' outputs. With
-one DP rank (DEEPSERVE_ENGINE_CORE_PROCESS=1) it is the engine core in its own process.
+one engine core per DP rank, with its TP/PP peers; with --distributed-executor-backend ray
+every rank is a Ray actor instead, engine/ray_executor.RayRanks), places each request on the
+least-loaded DP rank (fewest unfinished sequences, then KV use; a rank that recently got the
+same prompt prefix keeps it unless much busier: engine/placement.py) and merges the cores'
+outputs. With one DP rank (DEEPSERVE_ENGINE_CORE_PROCESS=1) it is the engine core in its own
+process.
 
 Front end and cores talk over ZeroMQ (PUSH/PULL over ipc:// sockets on one node, tcp:// across
-nodes; pickled dataclasses, engine/core_messages.py): a request goes to one core; each core
+nodes or over Ray; pickled dataclasses, engine/core_messages.py): a request goes to one core; each core
 pushes its outputs and a few gauges after every step.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Optional
 from deepserve.config import EngineArgs
 from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, apply_delta, connect
 from deepserve.engine.engine_core import DPLayout, start_ranks
-from deepserve.engine.executor import STOP, WorkerProcs, check_no_live_group, start_timeout_s
+from deepserve.engine.executor import STOP, check_no_live_group, start_timeout_s
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.placement import RankPlacement
@@ -72,9 +74,20 @@ class DataParallelEngine(LLMEngine):
         launcher, and the N API servers `attach` as front ends 1..N)."""
         self._init_front_end(args, client=0)
         check_no_live_group()
-        self.layout = layout = DPLayout.from_args(args)
-        self._bind(layout)
-        self.executor = start_ranks(args, layout)
+        if args.distributed_executor_backend == "ray":
+            from deepserve.engine.ray_executor import RayRanks
+            ranks = RayRanks(args)  # placed, not started: the front end listens first
+            try:
+                self.layout = layout = DPLayout.on_host(args, ranks.front_end_ip, ranks.init_method)
+                self._bind(layout)
+            except BaseException:
+                ranks.stop(graceful_s=0.0)
+                raise
+            self.executor = ranks.start(args, layout)
+        else:
+            self.layout = layout = DPLayout.from_args(args)
+            self._bind(layout)
+            self.executor = start_ranks(args, layout)
         self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
         try:
             self.executor.wait_joining(start_timeout_s())
@@ -137,7 +150,7 @@ class DataParallelEngine(LLMEngine):
 
     def _init_pool(self) -> None:
         blocks = min(g["num_blocks"] for g in self._gauges)
-        self.block_managers = [SimpleNamespace(num_blocks=blocks)]
+        self.block_manager = SimpleNamespace(num_blocks=blocks)  # the smallest core's pool (add_request's check)
         self.runner = SimpleNamespace(vocab_size=self.config.model.hf_config.vocab_size)
 
     # ------------------------------------------------------------------ requests
@@ -265,7 +278,8 @@ class DataParallelEngine(LLMEngine):
         self._finalizer()
 
 
-def _shutdown(workers: WorkerProcs, pushes, ctx, layout: DPLayout) -> None:
+def _shutdown(workers, pushes, ctx, layout: DPLayout) -> None:
+    """Tell the cores to stop, then end their ranks (`WorkerProcs` or `RayRanks`)."""
     workers.closing = True
     for sock in pushes:
         try:

@@ -2,27 +2,22 @@
 
 It flattens a `ScheduledBatch` into `StepInputs`, publishes them to the other ranks of its
 DP rank (a no-op in one process), runs its own forward and samples. `launch` starts a step
-without waiting for its tokens (async scheduling); `all_logits` scores one prompt.
-
-With the driver-sampled DP layout (a `DataParallelBatch`: one driver schedules every DP
-rank), the driver publishes every rank's inputs at once, a DP rank with nothing to do runs a
-one-token dummy batch (MoE layers are collective), and the first TP rank of every other DP
-rank sends its sampled rows' logits to the driver, which samples all rows in one call.
+without waiting for its tokens (async scheduling); `all_logits` scores one prompt. With data
+parallel each DP rank's engine core has a driver of its own (engine/engine_core.py).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.sampler import Sampler, SamplerOutput
-from deepserve.engine.scheduler import DataParallelBatch, ScheduledBatch
-from deepserve.engine.step_inputs import DPStepMessage, MTPStepMessage, StepInputs, StepMessage
+from deepserve.engine.scheduler import ScheduledBatch
+from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.platforms import Platform
 
 
@@ -52,13 +47,11 @@ class InFlight:
 class DriverRunner(ModelRunner):
     def __init__(self, config: EngineConfig, platform: Platform, pctx: Optional[ParallelContext] = None,
                  local_rank: int = 0, eos_token_ids: set[int] = frozenset(),
-                 publish: Optional[Callable[[object], None]] = None, own_dp_rank_only: bool = False):
+                 publish: Optional[Callable[[object], None]] = None):
         super().__init__(config, platform, pctx, local_rank)
         self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
         # sends each step to the other ranks of this DP rank (multi-process executors)
         self.publish = publish or (lambda msg: None)
-        # a DP rank's own engine core (engine/engine_core.py) rather than the driver of all DP ranks
-        self.own_dp_rank_only = own_dp_rank_only
         # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the
         # engine core once the DP ranks have agreed on it
         self.graph_size = 0
@@ -93,16 +86,11 @@ class DriverRunner(ModelRunner):
         """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
         host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
         host.logits_rows = list(range(seq.num_tokens))
-        if self.pctx.dp_size > 1 and not self.own_dp_rank_only:  # DP rank 0 scores it; the others idle
-            hosts = [host] + [StepInputs.dummy_step()] * (self.pctx.dp_size - 1)
-            return self._dp_forward(hosts)[0].cpu()
         return self._forward(StepMessage(host))[:, :self.vocab_size].float().cpu()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SamplerOutput]:
         """Run one step; returns (sequences that got a token, their sampled tokens)."""
-        if isinstance(batch, DataParallelBatch):
-            return self._execute_dp(batch)
         logits = self._forward(StepMessage(self.host_inputs(batch), self.graph_size))
         sampling_seqs = batch.sampling_seqs()
         if not sampling_seqs:
@@ -137,39 +125,3 @@ class DriverRunner(ModelRunner):
         if not seqs:
             return InFlight([], None)
         return InFlight(seqs, self.sampler.sample_ids(logits, seqs))
-
-    # ------------------------------------------------------------------ data parallel
-    def _logits_source(self, dp_rank: int) -> int:
-        """Global rank that sends DP rank `dp_rank`'s logits: its first TP rank (see rank_layout)."""
-        return dp_rank * self.pctx.tp_size * self.pctx.pp_size
-
-    def _dp_forward(self, hosts: list[StepInputs]) -> list[Optional[torch.Tensor]]:
-        """Run one step on every DP rank; fp32 logits [rows, V] of each (None: no rows)."""
-        longest = max(max(h.seq_lens) for h in hosts)
-        graph = self.dp_graph_size(max(h.num_tokens for h in hosts), all(h.decode_only for h in hosts), longest)
-        msg = DPStepMessage(hosts, graph)
-        self.publish(msg)
-        own = self.run_step(msg.for_rank(self.pctx.dp_rank))
-        out: list[Optional[torch.Tensor]] = []
-        for r, h in enumerate(hosts):
-            if h.dummy or not h.logits_rows:
-                out.append(None)
-            elif r == self.pctx.dp_rank:
-                out.append(own[:, :self.vocab_size].float())
-            else:
-                buf = torch.empty(len(h.logits_rows), self.vocab_size, dtype=torch.float32, device=self.device)
-                dist.recv(buf, src=self._logits_source(r))
-                out.append(buf)
-        return out
-
-    def _execute_dp(self, batch: DataParallelBatch) -> tuple[list, SamplerOutput]:
-        hosts = [self.host_inputs(b) if b else StepInputs.dummy_step() for b in batch.batches]
-        seqs, rows = [], []
-        for b, logits in zip(batch.batches, self._dp_forward(hosts)):
-            sampling = b.sampling_seqs()
-            if sampling:
-                seqs += sampling
-                rows.append(logits)
-        if not seqs:
-            return [], SamplerOutput([], [])
-        return seqs, self.sampler(torch.cat(rows), seqs)

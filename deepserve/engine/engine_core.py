@@ -1,6 +1,7 @@
 """The engine-core process of one DP rank (vLLM v1's EngineCoreProc, SGLang's Scheduler process).
 
-`start_ranks` starts every rank of the DP ranks this node runs. The first rank of each DP
+`start_ranks` starts every rank of the DP ranks this node runs as processes (over Ray, every
+rank is an actor that Ray places: engine/ray_executor.RayRanks). The first rank of each DP
 rank (its TP 0 / PP 0 rank) runs an `EngineCore`: an `LLMEngine` with its own scheduler, KV
 pool and sampler (tokenization checks, detokenization and stop handling for its requests),
 whose `DPRankExecutor` publishes each step to the DP rank's other ranks; those run the steps
@@ -39,7 +40,7 @@ from deepserve.distributed.parallel_state import destroy_distributed, init_distr
 from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ScorePrompt, Work,
                                             connect)
 from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
-                                       report_errors)
+                                       free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
 from deepserve.engine.step_inputs import DPSync
 from deepserve.platforms import get_platform
@@ -97,6 +98,15 @@ class DPLayout:
         return cls([[f"tcp://{host}:{b + 2 + r}" for r in range(dp)] for b in bases],
                    [f"tcp://{host}:{b}" for b in bases], f"tcp://{host}:{port + 1}", ranks)
 
+    @classmethod
+    def on_host(cls, args: EngineArgs, host: str, init_method: str) -> "DPLayout":
+        """Every rank placed by Ray, on any node: the front ends listen on free tcp ports of
+        `host`, this node's cluster address; the process group meets at `init_method`."""
+        clients, dp = front_ends(args), args.data_parallel_size
+        ports = iter(free_ports(clients * (dp + 1), host))
+        return cls([[f"tcp://{host}:{next(ports)}" for _ in range(dp)] for _ in range(clients)],
+                   [f"tcp://{host}:{next(ports)}" for _ in range(clients)], init_method, [])
+
     def cleanup(self) -> None:
         if self.run_dir and os.path.isdir(self.run_dir):
             for name in os.listdir(self.run_dir):
@@ -134,7 +144,6 @@ def run_headless(args: EngineArgs) -> int:
 class DPRankExecutor:
     """The executor inside a core: this DP rank's driver runner, publishing to its peers."""
 
-    scheduled_dp_ranks = 1
     failure: Optional[str] = None
 
     def __init__(self, runner_factory, group, src: int, peers: bool):
@@ -167,44 +176,51 @@ def _groups(dp_size: int, span: int, dp_rank: int):
     return local, cores
 
 
+def run_rank(rank: int, local_rank: int, args: EngineArgs, init_method: str, timeout_s: float,
+             addresses: tuple[list[list[str]], list[str]], status=None) -> None:
+    """Global rank `rank` of a data-parallel engine until the front end stops it: join the
+    process group, then run its DP rank's engine core (the DP rank's first rank) or the steps
+    that core publishes (its TP/PP peers). `status` (a pipe, spawned processes only) hears
+    when the rank is about to join the group."""
+    from deepserve.engine.driver_runner import DriverRunner
+    from deepserve.engine.model_runner import WorkerRunner
+    config = args.create_engine_config()
+    platform = get_platform(args.device)
+    par = config.parallel
+    if status is not None:
+        status.send(("joining",))
+    pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
+                            platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
+                            local_rank, par.data_parallel_size, par.all2all_backend)
+    span = par.tensor_parallel_size * par.pipeline_parallel_size
+    dp_rank, pp_rank, tp_rank = rank_layout(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
+    local, cores = _groups(par.data_parallel_size, span, dp_rank)
+    leader = dp_rank * span
+    if rank != leader:
+        runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=leader, group=local)
+            if isinstance(box[0], Stop):
+                break
+            runner.run_published(box[0])
+    else:
+        _, eos = load_tokenizer(config)
+        executor = DPRankExecutor(
+            lambda publish: DriverRunner(config, platform, pctx, local_rank=local_rank, eos_token_ids=eos,
+                                         publish=publish),
+            local, leader, span > 1)
+        engine = LLMEngine(args, executor=executor)
+        EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses).run()
+    destroy_distributed()
+
+
 def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, timeout_s: float,
                addresses: tuple[list[list[str]], list[str]], status=None) -> None:
+    """A spawned rank process (`start_ranks`)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops us
-
-    def body():
-        from deepserve.engine.driver_runner import DriverRunner
-        from deepserve.engine.model_runner import WorkerRunner
-        config = args.create_engine_config()
-        platform = get_platform(args.device)
-        par = config.parallel
-        status.send(("joining",))
-        pctx = init_distributed(rank, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
-                                platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
-                                local_rank, par.data_parallel_size, par.all2all_backend)
-        span = par.tensor_parallel_size * par.pipeline_parallel_size
-        dp_rank, pp_rank, tp_rank = rank_layout(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
-        local, cores = _groups(par.data_parallel_size, span, dp_rank)
-        leader = dp_rank * span
-        if rank != leader:
-            runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
-            while True:
-                box = [None]
-                dist.broadcast_object_list(box, src=leader, group=local)
-                if isinstance(box[0], Stop):
-                    break
-                runner.run_published(box[0])
-        else:
-            _, eos = load_tokenizer(config)
-            executor = DPRankExecutor(
-                lambda publish: DriverRunner(config, platform, pctx, local_rank=local_rank, eos_token_ids=eos,
-                                             publish=publish, own_dp_rank_only=True),
-                local, leader, span > 1)
-            engine = LLMEngine(args, executor=executor)
-            EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses).run()
-        destroy_distributed()
-
-    report_errors(status, rank, body)
+    report_errors(status, rank, lambda: run_rank(rank, local_rank, args, init_method, timeout_s, addresses, status))
     # Stopped cleanly: sockets closed, process groups destroyed. Skip the interpreter's teardown
     # (a full garbage collection over the model's objects, seconds on a busy host) so that a
     # server's shutdown waits only for the step loop to end.

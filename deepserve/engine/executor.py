@@ -51,10 +51,20 @@ def start_timeout_s() -> float:
     return float(os.environ.get("DEEPSERVE_WORKER_START_TIMEOUT", "300"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free on `host` now (held open together, so that they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
 
 
 def check_no_live_group() -> None:
@@ -322,7 +332,12 @@ class MultiprocExecutor(DriverExecutor):
 
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):
+    """The executor of one DP rank's ranks (data parallel runs one engine core per DP rank,
+    each with an executor of its own: engine/dp_engine.py)."""
     par = config.parallel
+    if par.data_parallel_size > 1:
+        raise ValueError(f"data_parallel_size {par.data_parallel_size}: data parallel runs one engine core per DP "
+                         "rank behind engine/dp_engine.DataParallelEngine, not one executor")
     if par.world_size == 1:
         return UniExecutor(config, platform, eos_token_ids)
     if par.distributed_executor_backend == "ray":

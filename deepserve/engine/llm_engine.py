@@ -6,8 +6,8 @@
 
 The engine owns tokenization, detokenization and stop handling; the scheduler owns the
 block manager; the runner owns the model, KV pool and sampler. With data_parallel_size > 1
-there is one block manager + scheduler per DP rank behind a `DataParallelScheduler`, whose
-step is a `DataParallelBatch` (one batch per DP rank) that the runner runs on every rank.
+each DP rank runs one of these as its engine core (engine/engine_core.py) behind a front end
+(engine/dp_engine.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from deepserve.engine.executor import make_executor
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
-from deepserve.engine.scheduler import DataParallelBatch, DataParallelScheduler, PooledBlocks, ScheduledBatch, Scheduler
+from deepserve.engine.scheduler import ScheduledBatch, Scheduler
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.spec_decode import make_spec_decoder, needs_sync_step, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
@@ -92,13 +92,13 @@ def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
 def engine_core_apart(args: EngineArgs, default: bool) -> bool:
     """Whether the engine core runs in a process of its own (one per DP rank) behind a front
     end in this process (engine/dp_engine.py): always with data parallel or several API
-    servers, never on Ray (its driver schedules every rank), else as
-    DEEPSERVE_ENGINE_CORE_PROCESS says (1 / 0), and `default` when it is unset (the offline
-    LLM: in this process; `deepserve serve`: apart, as vLLM does)."""
-    if args.distributed_executor_backend == "ray":
-        return False
+    servers; with one DP rank on Ray never (its driver, rank 0, stays in this process); else
+    as DEEPSERVE_ENGINE_CORE_PROCESS says (1 / 0), and `default` when it is unset (the
+    offline LLM: in this process; `deepserve serve`: apart, as vLLM does)."""
     if args.data_parallel_size > 1 or args.api_server_count > 1:
         return True
+    if args.distributed_executor_backend == "ray":
+        return False
     env = os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS")
     return default if env is None else env == "1"
 
@@ -120,10 +120,6 @@ class LLMEngine:
         self.args = args
         self.config = args.create_engine_config()
         self.async_scheduling = self.config.async_scheduling
-        if self.async_scheduling and executor is None and self.config.parallel.data_parallel_size > 1:
-            # (DP over Ray: one driver schedules every DP rank, and launches only synchronously)
-            raise ValueError("async_scheduling with data parallel runs on the multiprocessing backend "
-                             "(one engine core per DP rank), not on --distributed-executor-backend ray")
         self.platform = get_platform(args.device)
         self.tokenizer, eos = load_tokenizer(self.config)
         self.eos_token_ids = eos
@@ -132,18 +128,10 @@ class LLMEngine:
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
         self.runner = self.executor.runner  # the driver's runner (rank 0)
         cache = self.config.cache
-        dp = getattr(self.executor, "scheduled_dp_ranks", self.config.parallel.data_parallel_size)
-        # one KV pool per DP rank, all of the size every rank agreed on
-        salt = prefix_salt(cache.prefix_caching_salt)
-        self.block_managers = [BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
-                                            cache.prefix_caching_hash_algo, salt)
-                               for _ in range(dp)]
-        if dp == 1:
-            self.block_manager = self.block_managers[0]
-            self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
-        else:
-            self.block_manager = PooledBlocks(self.block_managers)
-            self.scheduler = DataParallelScheduler(self.config.scheduler, self.block_managers)
+        # of the size every rank agreed on (the smallest pool that fits on each)
+        self.block_manager = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                          cache.prefix_caching_hash_algo, prefix_salt(cache.prefix_caching_salt))
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.requests: dict[str, RequestState] = {}
         self.max_model_len = self.config.model.max_model_len
         pool_tokens = self.runner.num_blocks * cache.block_size
@@ -227,7 +215,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
                                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}")
-        capacity = self.block_managers[0].num_blocks * self.config.cache.block_size  # one DP rank's pool
+        capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
         bad = next((t for t in (params.logit_bias or {}) if t >= vocab), None)
@@ -265,7 +253,7 @@ class LLMEngine:
         if len(ids) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
             raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
-        bm = self.block_managers[0]  # with DP, the driver's own DP rank scores it
+        bm = self.block_manager
         if not bm.can_allocate(seq, len(ids)):
             raise RequestError("not enough free KV blocks to score the prompt now")
         bm.allocate(seq, len(ids))  # no prefix hits: every position is computed
@@ -340,14 +328,9 @@ class LLMEngine:
         except RuntimeError as exc:  # a collective broke: name the worker behind it
             raise RuntimeError(self.executor.explain(exc)) from exc
         self.stats["steps"] += 1
-        if isinstance(batch, DataParallelBatch):
-            parts = list(zip(batch.batches, batch.block_managers))
-        else:
-            parts = [(batch, self.block_manager)]
-        for sub, bm in parts:
-            for seq, n in zip(sub.seqs, sub.num_new_tokens):
-                seq.num_computed_tokens += n
-                bm.register_full_blocks(seq)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
         return self._postprocess(seqs, sampled)
 
     # ------------------------------------------------------------------ async scheduling

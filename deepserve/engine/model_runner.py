@@ -296,20 +296,11 @@ class ModelRunner:
 
 
 class WorkerRunner(ModelRunner):
-    """A rank other than its DP rank's driver: runs each step its driver publishes. With the
-    driver-sampled DP layout, the first TP rank of a DP rank sends its rows' logits to the
-    driver (point-to-point)."""
+    """A rank other than its DP rank's driver: runs each step its driver publishes."""
 
     @torch.inference_mode()
     def run_published(self, msg) -> None:
-        from deepserve.engine.step_inputs import DPStepMessage
         if isinstance(msg, MTPStepMessage):
             self.run_mtp(msg)
-            return
-        if not isinstance(msg, DPStepMessage):
+        else:
             self.run_step(msg)
-            return
-        own = msg.all_inputs[self.pctx.dp_rank]
-        logits = self.run_step(msg.for_rank(self.pctx.dp_rank))
-        if self.pctx.tp_rank == 0 and self.pctx.pp_rank == 0 and not own.dummy and own.logits_rows:
-            dist.send(logits[:, :self.vocab_size].float().contiguous(), dst=0)

@@ -112,17 +112,6 @@ class MTPStepMessage:
     target_rows: list[int]
 
 
-@dataclass
-class DPStepMessage:
-    """A driver's step for every DP rank at once (the driver schedules and samples for all
-    of them): each rank runs `all_inputs[dp_rank]`."""
-    all_inputs: list[StepInputs]
-    graph_size: int = 0
-
-    def for_rank(self, dp_rank: int) -> StepMessage:
-        return StepMessage(self.all_inputs[dp_rank], self.graph_size, [h.num_tokens for h in self.all_inputs])
-
-
 @dataclass(frozen=True)
 class Stop:
     """Tells a worker to leave its step loop."""

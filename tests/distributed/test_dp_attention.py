@@ -4,8 +4,7 @@ Each DP rank is an engine core of its own (scheduler, KV pool, sampler); MoE lay
 tokens across the DP group and an idle core runs dummy steps. Greedy outputs (and seeded
 samples, and prompt logits) must equal one process's, with chunked prefill, a DP rank left
 idle and every block free afterwards; what a rank sends per decode step is the same at DP2
-and DP4. The pure-Python parts (the driver-sampled DP scheduler the Ray executor uses, rank
-layout) are checked without processes. Plain DP=2 on the dense Llama is in
+and DP4. The rank layout is checked without processes. Plain DP=2 on the dense Llama is in
 test_parallel_engine.py's layout table."""
 import os
 import signal
@@ -15,13 +14,9 @@ import pytest
 import torch
 
 from deepserve import LLM, SamplingParams
-from deepserve.config import SchedulerConfig
 from deepserve.distributed.parallel_state import rank_layout
-from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.dp_engine import DataParallelEngine
 from deepserve.engine.llm_engine import RequestError
-from deepserve.engine.scheduler import DataParallelScheduler, PooledBlocks
-from deepserve.engine.sequence import Sequence
 from tests.distributed.test_parallel_engine import tiny_deepseek
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -165,42 +160,3 @@ def test_rank_layout():
     # tp=2, pp=2: rank = dp*4 + pp*2 + tp
     assert [rank_layout(r, 2, 2) for r in (0, 1, 2, 5, 7)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1)]
     assert [rank_layout(r, 1, 1) for r in range(3)] == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
-
-
-def _seq(rid, index=0, n=5):
-    return Sequence(rid, index, list(range(1, n + 1)), SamplingParams(max_tokens=4))
-
-
-def test_dp_scheduler_least_loaded_and_siblings_follow():
-    pools = [BlockManager(16, 4), BlockManager(16, 4)]
-    sched = DataParallelScheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32),
-                                  pools)
-    a0, a1, b, c = _seq("a", 0), _seq("a", 1), _seq("b"), _seq("c")
-    for s in (a0, a1, b, c):
-        sched.add(s)
-    # "a" (2 seqs) on rank 0; "b" then goes to the emptier rank 1, and "c" too (1 < 2)
-    assert [sched.rank_of(s) for s in (a0, a1, b, c)] == [0, 0, 1, 1]
-    step = sched.schedule()
-    assert [[s.request_id for s in part.seqs] for part in step.batches] == [["a", "a"], ["b", "c"]]
-    assert step.total_tokens == 20
-    for s in (a0, a1):
-        sched.finish(s, "stop")
-    assert [bm.num_free_blocks for bm in pools] == [16, 12]
-    d = _seq("d")
-    sched.add(d)
-    assert sched.rank_of(d) == 0
-    assert len(sched.running) == 2 and [s.request_id for s in sched.waiting] == ["d"]
-    view = PooledBlocks(pools)
-    assert (view.num_blocks, view.num_free_blocks, view.usage()) == (32, 28, 4 / 32)
-    with pytest.raises(ValueError, match="never added"):
-        sched.finish(_seq("x"), "abort")
-
-
-def test_dp_batch_with_one_idle_rank_is_truthy():
-    pools = [BlockManager(8, 4), BlockManager(8, 4)]
-    sched = DataParallelScheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=32),
-                                  pools)
-    assert not sched.schedule()
-    sched.add(_seq("only"))
-    step = sched.schedule()
-    assert step and bool(step.batches[0]) and not step.batches[1]

@@ -1,4 +1,5 @@
-"""A local Ray cluster (loopback only) started by the test runs TP=2 to the outputs of TP=1."""
+"""A local Ray cluster (loopback only) started by the test runs TP=2 to the outputs of TP=1, and
+data parallel (each DP rank an engine core in a Ray actor) to the outputs of spawned DP ranks."""
 import json
 import os
 import subprocess
@@ -47,3 +48,61 @@ def test_ray_tp2_matches_tp1(tmp_path):
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["ray"] == result["single"]
         assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
+
+
+DP_SCRIPT = r"""
+import json, sys
+import ray
+from deepserve import LLM, SamplingParams
+
+def run(model, **kw):
+    llm = LLM(model, block_size=4, max_model_len=128, max_num_batched_tokens=16, data_parallel_size=2, **kw)
+    try:
+        prompts = [{"prompt_token_ids": list(range(3, 40))}, {"prompt_token_ids": [1]},
+                   {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11]}, {"prompt_token_ids": [5, 6]}]
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        engine = llm.engine
+        return {"tokens": tokens, "executor": type(engine.executor).__name__,
+                "nodes": getattr(engine.executor, "nodes", None),
+                "pools": [(g["num_free_blocks"], g["num_blocks"], g["prefix_cache_queries"]) for g in engine._gauges]}
+    finally:
+        llm.shutdown()
+
+def main():
+    ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1")
+    model = sys.argv[2]
+    out = {"mp_ep": run(model, enable_expert_parallel=True),
+           "ray_ep": run(model, enable_expert_parallel=True, distributed_executor_backend="ray"),
+           "ray": run(model, distributed_executor_backend="ray")}
+    print(json.dumps(out))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
+    """DP2 x EP2 and plain DP2 on a tiny DeepSeek-V3, every rank a Ray actor running its DP
+    rank's engine core: the greedy tokens of spawned-process DP2 x EP2 (chunked prefill, both
+    ranks busy), both ranks served, every block back in its pool after."""
+    from tests.distributed.test_parallel_engine import tiny_deepseek
+    model = tiny_deepseek(tmp_path / "dsv3")
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, DEEPSERVE_HOST_IP="127.0.0.1",
+               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    with local_ray_head(env, extra=["--node-ip-address=127.0.0.1"]) as head:
+        (tmp_path / "run.py").write_text(DP_SCRIPT)
+        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address, str(model)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert not head.actors("_RankActor")   # shut down: no actor left
+    ref = result["mp_ep"]
+    assert ref["executor"] == "WorkerProcs"
+    for name in ("ray_ep", "ray"):
+        got = result[name]
+        assert got["executor"] == "RayRanks" and len(got["nodes"]) == 2, got
+        assert got["tokens"] == ref["tokens"], name
+        for free, total, queries in got["pools"]:
+            assert free == total and queries > 0, (name, got["pools"])

@@ -97,3 +97,8 @@ def test_api_server_count_is_checked_and_moves_the_core_out(monkeypatch):
     monkeypatch.delenv("DEEPSERVE_ENGINE_CORE_PROCESS")
     assert engine_core_apart(EngineArgs(), default=True) and not engine_core_apart(EngineArgs(), default=False)
     assert not engine_core_apart(EngineArgs(distributed_executor_backend="ray"), default=True)
+    # DP over Ray: each DP rank's engine core in a Ray actor, behind a front end here
+    assert engine_core_apart(EngineArgs(data_parallel_size=2, distributed_executor_backend="ray"), default=False)
+    with pytest.raises(ValueError, match="Ray places every DP rank"):
+        EngineArgs(data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="10.0.0.1",
+                   distributed_executor_backend="ray")
