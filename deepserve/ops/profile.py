@@ -55,14 +55,15 @@ FIRST_WINDOW_STEP = 16  # ... at this step of each period (past the first steps'
 # ----------------------------------------------------------------------------- kernel names
 def kernel_name(obj) -> Optional[str]:
     """The function name of a Triton kernel object (JITFunction, the interpreter's
-    InterpretedFunction, or an Autotuner / Heuristics wrapping one), None for anything else."""
+    InterpretedFunction, or any KernelInterface wrapping one in .fn), None for anything else.
+    CUPTI reports a compiled Triton kernel under this name."""
     try:
         from triton.runtime.jit import KernelInterface
     except ImportError:
         return None
     if not issubclass(type(obj), KernelInterface):  # (type(): no proxy's __class__ is asked)
         return None
-    for _ in range(4):  # Autotuner / Heuristics wrap the kernel in .fn
+    for _ in range(8):  # Autotuner / Heuristics (FlagGems: LibEntry / LibTuner too) wrap the kernel in .fn
         inner = getattr(obj, "fn", None)
         if not issubclass(type(inner), KernelInterface):
             return getattr(inner, "__name__", None)

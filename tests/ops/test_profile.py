@@ -187,3 +187,56 @@ def test_window_that_cannot_start_leaves_steps_running(monkeypatch, caplog):
         prof.tick(step)
     assert tries == [False] and prof.report.steps == 0
     assert "no more step windows profiled: Profiler is already enabled" in caplog.text
+
+
+def test_kernel_names_through_wrappers_and_live_kernels():
+    """A kernel wrapped by autotune / heuristics is named by its function; one made at run
+    time outside deepserve (as FlagGems generates its pointwise kernels) is found alive."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({}, num_warps=1)], key=["n"])
+    @triton.heuristics({"EVEN": lambda args: args["n"] % 2 == 0})
+    @triton.jit
+    def _made_at_run_time_kernel(x_ptr, n, EVEN: tl.constexpr):
+        pass
+
+    assert profile.kernel_name(_made_at_run_time_kernel) == "_made_at_run_time_kernel"
+    assert profile.kernel_name(_made_at_run_time_kernel.fn) == "_made_at_run_time_kernel"
+    assert profile.kernel_name(torch.nn.Linear(2, 2)) is None and profile.kernel_name("x") is None
+    assert "_made_at_run_time_kernel" in profile.live_triton_kernel_names()
+    assert "_made_at_run_time_kernel" not in profile.triton_kernel_names()
+    assert "_rms_norm_kernel" in profile.triton_kernel_names()
+
+
+class _FakeDeviceEvent:
+    """What device_records reads of a CUDA profiler event."""
+
+    device_type = "DeviceType.CUDA"
+
+    def __init__(self, name, us):
+        self.name, self.us = name, us
+        self.time_range = self
+
+    def elapsed_us(self):
+        return self.us
+
+
+def test_unknown_kernel_found_among_live_triton_kernels():
+    """A CUDA capture naming a kernel deepserve does not define (FlagGems' generated ones): the
+    live Triton kernels are looked up once, and it counts as triton; cuBLAS and aten stay apart."""
+    triton = pytest.importorskip("triton")
+
+    @triton.jit
+    def _generated_elsewhere_kernel(x_ptr):
+        pass
+
+    events = [_FakeDeviceEvent("_generated_elsewhere_kernel", 5.0), _FakeDeviceEvent("nvjet_tst_64x8_NNT", 3.0),
+              _FakeDeviceEvent("void at::native::vectorized_elementwise_kernel<4>", 2.0),
+              _FakeDeviceEvent("cudaLaunchKernel", 7.0), _FakeDeviceEvent("Memcpy HtoD (Pinned -> Device)", 1.0)]
+    prof = profile.OpsProfiler(cuda=True)
+    assert "_generated_elsewhere_kernel" not in prof.report.triton_names
+    prof._record(type("P", (), {"events": lambda self: events})(), steps=1)
+    assert prof.report.kinds_us() == {"triton": 5.0, "blas": 3.0, "torch": 2.0, "memcpy": 1.0}
+    assert prof.gauges() == {"ops_time_us_triton": 5.0, "ops_time_us_blas": 3.0, "ops_time_us_torch": 2.0,
+                             "ops_time_us_memcpy": 1.0, "ops_profiled_steps": 1}
