@@ -34,7 +34,7 @@ GROUP = 128
 GEMV_SHAPES = [("8b", "qkv", 6144, 4096), ("8b", "o_proj", 4096, 4096), ("8b", "gate_up", 28672, 4096),
                ("8b", "down", 4096, 14336), ("r1", "q_b", 24576, 1536), ("r1", "o_proj", 7168, 16384)]
 MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
-GEMV_GRID = [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4) for w in (1, 2, 4)]
+GEMV_GRID = [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (8, 16, 32) for s in (2, 4) for w in (1, 2, 4)]
 GRIDS = {
     "gemv": GEMV_GRID,
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4)
@@ -89,7 +89,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="small shapes, two candidates a kernel (for --device cpu)")
-    ap.add_argument("--kernels", default="gemv,moe_gate_up,moe_down,moe_sorted,gemm")
+    ap.add_argument("--kernels", default="gemv,moe_gate_up,moe_down,moe_sorted",
+                    help="which kernels to sweep (also: gemm, the 1024-row dense GEMM)")
     ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
@@ -116,7 +117,7 @@ def main() -> int:
     for kernel, rows in (("gemv", 1), ("gemm", 1024)):
         if kernel not in kernels:
             continue
-        for model, proj, n, k in GEMV_SHAPES if kernel == "gemv" else GEMV_SHAPES[:1]:
+        for model, proj, n, k in (GEMV_SHAPES if kernel == "gemv" else GEMV_SHAPES[:1])[:2 if tiny else None]:
             if tiny:
                 n, k = max(n // 128, 16), max(k // 32 // GROUP * GROUP, GROUP)
                 rows = min(rows, 32)
@@ -137,7 +138,7 @@ def main() -> int:
             record(kernel, f"{model} {proj} {n}x{k} rows {rows}", cond,
                    sweep(kernel, cond, grids[kernel], run, timer, show), show)
 
-    e, d, i, top_k = MOE if not tiny else (4, 256, 128, 2)
+    e, d, i, top_k = MOE if not tiny else (4, 128, 128, 2)
     moe_kernels = [k for k in ("moe_gate_up", "moe_down", "moe_sorted") if k in kernels]
     if moe_kernels:
         moe = resolve("fused_moe_int4", "triton")[1]
@@ -147,7 +148,7 @@ def main() -> int:
                     torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])) for w13, w2 in experts]
         del experts
         for kernel in moe_kernels:
-            tokens = 1 if kernel != "moe_sorted" else (256 if not tiny else 8) * e // top_k
+            tokens = 1 if kernel != "moe_sorted" else (256 if not tiny else 4) * e // top_k
             x = torch.randn(tokens, d, generator=gen, device=dev).bfloat16()
             ids = ([torch.randperm(e, generator=gen, device=dev)[:top_k][None].int() for _ in range(layers)]
                    if tokens == 1 else

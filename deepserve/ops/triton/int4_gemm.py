@@ -16,8 +16,8 @@ Kernels:
 
 1. `_int4_gemv_kernel` (one to `GEMV_ROWS` rows, decode): program (m, n) streams BLOCK_N
    weight rows over K (optionally the s-th of SPLIT_K K slices: then fp32 partial sums that
-   one reduction adds), multiplies the unpacked lanes by x and sums each scale group's lanes
-   before scaling the group sum by its row's scale (`ROW_SCALE`: a K slice inside one group
+   one reduction adds), multiplies the unpacked lanes by x and by their row's scale into a
+   per-lane fp32 accumulator reduced once at the end (`ROW_SCALE`: a K slice inside one group
    reads one scale and zero per row; with g_idx or groups that straddle a slice, per lane).
    No tensor cores: a matrix-vector product is bound by the packed weight read. The grid
    runs the rows of one weight block back to back, so 2-4 rows read it from L2.
@@ -27,8 +27,9 @@ Kernels:
    activation columns of the same features.
 
 Rounding: the GEMM rounds each dequantized weight to the activations' dtype as the reference
-does; the GEMV scales each group's fp32 sum instead of rounding every weight (the fp8
-small-batch MoE does the same), which moves bf16 results by about one bf16 rounding.
+does; with ROW_SCALE the GEMV multiplies each lane's fp32 product by its scale instead of
+rounding every weight (the fp8 small-batch MoE does the same), which moves bf16 results by
+about one bf16 rounding.
 Launch settings: configs/int4/ (benchmarks/sweep_int4.py).
 """
 from __future__ import annotations
@@ -66,17 +67,19 @@ def _nibble_quads(packed):
 
 
 @triton.jit
-def _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+def _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                   HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """Scales and zero offsets of the K slice of words offs_c [C] (features 8c .. 8c + 7), rows at
+    """Scales and zero offsets of the K slice of words offs_c = c0 + [0, C) (features 8c .. 8c + 7), rows at
     s_rows / z_rows [BN]: (s_lo, s_hi, off_lo, off_hi), off = 2^23 + 16^q z, so lo - off =
     16^q (u - z). ROW_SCALE (the slice inside one group): s [BN, 1, 1] for both halves;
-    otherwise each lane's group (g_idx, or feature // GROUP): [BN, C, 4]."""
+    otherwise each lane's group (g_idx, or feature // GROUP): [BN, C, 4]. The slice's group
+    comes from the scalar c0, not from a reduction over offs_c (that would synchronize the warps
+    every slice)."""
     q = tl.arange(0, 4)
     p16 = _pow16(q, 1)[None, None, :]
     if ROW_SCALE:
-        g = (8 * tl.min(offs_c, axis=0)) // GROUP
-        ok = n_ok & (tl.max(c_ok.to(tl.int32), axis=0) > 0)        # (a slice wholly past the end: none)
+        g = (8 * c0) // GROUP
+        ok = n_ok & (c0 < c_end)                # (a slice wholly past the end reads no scale)
         s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None, None]
         if HAS_ZP:
             z = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None, None]
@@ -121,13 +124,14 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, G
     .. 8 c_end); rows where n_ok is false give garbage. Steps of STEPS slices of SUB_C words;
     EVEN: every slice lies inside [c_start, c_end). X_DTYPE: the reference's weight dtype, used
     where scales vary per lane (there every dequantized weight is rounded to it as the reference
-    does; ROW_SCALE sums each group's lanes and scales the sum)."""
+    does; with ROW_SCALE each lane's product is scaled in fp32, unrounded)."""
     q = tl.arange(0, 4)
     inv16 = _pow16(q, -1)[None, :]
-    acc = tl.zeros([BLOCK_N, SUB_C], tl.float32)
-    for c0 in range(c_start, c_end, SUB_C * STEPS):
+    acc = tl.zeros([BLOCK_N, SUB_C, 4], tl.float32)
+    for c_step in range(c_start, c_end, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
-            offs_c = c0 + sub * SUB_C + tl.arange(0, SUB_C)
+            c0 = c_step + sub * SUB_C
+            offs_c = c0 + tl.arange(0, SUB_C)
             c_ok = offs_c < c_end
             lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
             f_lo = 8 * offs_c[:, None] + q[None, :]
@@ -137,16 +141,16 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, G
             else:
                 x_lo = tl.load(x_ptr + f_lo, mask=c_ok[:, None], other=0.0).to(tl.float32)
                 x_hi = tl.load(x_ptr + f_lo + 4, mask=c_ok[:, None], other=0.0).to(tl.float32)
-            s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP, HAS_ZP,
-                                                       HAS_GIDX, ROW_SCALE)
+            s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP,
+                                                       HAS_ZP, HAS_GIDX, ROW_SCALE)
             if ROW_SCALE:
                 t = (lo - off_lo) * (x_lo * inv16)[None] + (hi - off_hi) * (x_hi * inv16)[None]
-                acc += tl.sum(t, axis=2) * tl.reshape(s_lo, [BLOCK_N, 1])
+                acc += t * s_lo
             else:
                 w_lo = ((lo - off_lo) * (s_lo * inv16[None])).to(X_DTYPE).to(tl.float32)
                 w_hi = ((hi - off_hi) * (s_hi * inv16[None])).to(X_DTYPE).to(tl.float32)
-                acc += tl.sum(w_lo * x_lo[None] + w_hi * x_hi[None], axis=2)
-    return tl.sum(acc, axis=1)
+                acc += w_lo * x_lo[None] + w_hi * x_hi[None]
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
@@ -176,15 +180,17 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
 
 
 @triton.jit
-def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, offs_c, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                    HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                    SUB_C: tl.constexpr, DTYPE: tl.constexpr):
-    """The weight tile of words offs_c as (lo, hi) [BLOCK_N, 4 SUB_C] in DTYPE, each (u - z) * s in
-    fp32 rounded once (the reference's weight): lo column 4j + q is feature 8(offs_c[j]) + q, hi
-    column 4j + q feature 8(offs_c[j]) + 4 + q (`half_features`)."""
+    """The weight tile of words c0 ... c0 + SUB_C (those below c_end) as (lo, hi) [BLOCK_N, 4 SUB_C] in
+    DTYPE, each (u - z) * s in fp32 rounded once (the reference's weight): lo column 4j + q is
+    feature 8(c0 + j) + q, hi column 4j + q feature 8(c0 + j) + 4 + q (`half_features`)."""
+    offs_c = c0 + tl.arange(0, SUB_C)
+    c_ok = offs_c < c_end
     lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
-    s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, offs_c, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX,
-                                               ROW_SCALE)
+    s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP, HAS_ZP,
+                                               HAS_GIDX, ROW_SCALE)
     inv16 = _pow16(tl.arange(0, 4), -1)[None, None, :]
     w_lo = ((lo - off_lo) * (s_lo * inv16)).to(DTYPE)
     w_hi = ((hi - off_hi) * (s_hi * inv16)).to(DTYPE)
@@ -242,9 +248,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c0 in range(0, KW, SUB_C):
-        offs_c = c0 + tl.arange(0, SUB_C)
-        c_ok = offs_c < KW
-        w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, offs_c, c_ok, GROUP, HAS_ZP, HAS_GIDX,
+        w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
                                     ROW_SCALE, EVEN, BLOCK_N, SUB_C, dt)
         f = half_features(c0, SUB_C)
         a_mask = m_ok[:, None] & (f < 8 * KW)[None, :]

@@ -122,8 +122,7 @@ def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GRO
               HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr,
               DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
     """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype)."""
-    offs_c = c0 + tl.arange(0, SUB_C)
-    w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g, n_ok, offs_c, offs_c < KW, GROUP, HAS_ZP, HAS_GIDX,
+    w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
                                 ROW_SCALE, EVEN, BLOCK_N, SUB_C, a_rows.dtype.element_ty)
     f = half_features(c0, SUB_C)
     a_mask = row_ok[:, None] & (f < 8 * KW)[None, :]
