@@ -5,16 +5,18 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .flaggems flag_gems==5.0.2 sqlalchemy==2.0.48 greenlet
 # (flag_gems pins sqlalchemy 2.0.48; it also pins numpy 1.26.4 and packaging 26.0, and runs on the
-# image's numpy and packaging.) Two calls of at most 10 minutes each:
-#   benchmarks/gpu_flaggems.sh ops        # which aten ops FlagGems takes (its registration list vs the
-#                                         # ops the steps run, benchmarks/flaggems_ops.py) on the
+# image's numpy and packaging.) Three calls of at most 10 minutes each, most important first:
+#   benchmarks/gpu_flaggems.sh ops        # the gpu test of --ops-profile; which aten ops FlagGems takes
+#                                         # (its registration list vs the ops the steps run and the
+#                                         # kernels each launched, benchmarks/flaggems_ops.py) on the
 #                                         # r1-distill-llama-8b preset cut to 2 layers and deepseek-v2-lite
-#                                         # cut to 3 (1 dense + 2 MoE); the --ops-profile kernel-time
-#                                         # shares under torch / triton / flaggems; the gpu test of
-#                                         # --ops-profile; ops_share.py --ops flaggems at batch 1 and 64
+#                                         # cut to 3 (1 dense + 2 MoE); the 8B cut's --ops-profile shares
 #   benchmarks/gpu_flaggems.sh validate   # deepserve validate --ops torch vs --ops flaggems on both cuts
-# Logs and JSONs land in $OUT (default /tmp/gpu_flaggems); a summary is printed last. A step
-# that would not fit in $BUDGET seconds (default 560) is skipped.
+#   benchmarks/gpu_flaggems.sh speed      # --ops-profile shares under triton / torch beside flaggems,
+#                                         # ops_share.py --ops flaggems at batch 1 and 64 (CUDA graphs),
+#                                         # decode tok/s with USE_FLAGGEMS=1 (bench_engine.py --case llama8b)
+# Each step's log lands in $OUT (default /tmp/gpu_flaggems), the JSONs in $OUT/results.tgz; the
+# logs' ends are printed last. A step that would not fit in $BUDGET seconds (default 560) is skipped.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_flaggems}; BUDGET=${BUDGET:-560}; mkdir -p "$OUT"
@@ -38,19 +40,23 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND with at most SECONDS (less if 
   echo "== $name rc $? $((SECONDS - t0)) s (limit $lim)"
   STEPS+=("$name")
 }
+profile() {  # profile NAME SECONDS MODEL OVERRIDES OPS: deepserve ops --profile (--ops-profile's start-up report)
+  step "$1" "$2" python3 -m deepserve.cli.main ops --profile "$3" --hf-overrides "$4" --ops "$5" --max-model-len 512 --top 20
+}
 case "${1:-}" in
 ops)
   step gpu_test 90 python3 -m pytest -q -m gpu tests/ops/test_profile.py
-  step ops_llama 120 python3 benchmarks/flaggems_ops.py "${LLAMA[@]}" --out "$OUT/flaggems_ops_llama.json"
-  step ops_v2lite 150 python3 benchmarks/flaggems_ops.py "${V2LITE[@]}" --out "$OUT/flaggems_ops_v2lite.json"
-  for ops in flaggems triton torch; do
-    step "profile_llama_$ops" 70 python3 -m deepserve.cli.main ops --profile r1-distill-llama-8b --ops $ops \
-      --hf-overrides '{"num_hidden_layers": 2}' --max-model-len 512 --top 20
-  done
-  step profile_v2lite_flaggems 90 python3 -m deepserve.cli.main ops --profile deepseek-v2-lite --ops flaggems \
-    --hf-overrides '{"num_hidden_layers": 3}' --max-model-len 512 --top 20
+  step ops_llama 150 python3 benchmarks/flaggems_ops.py "${LLAMA[@]}" --out "$OUT/flaggems_ops_llama.json"
+  step ops_v2lite 180 python3 benchmarks/flaggems_ops.py "${V2LITE[@]}" --out "$OUT/flaggems_ops_v2lite.json"
+  profile profile_llama_flaggems 90 r1-distill-llama-8b '{"num_hidden_layers": 2}' flaggems
+  ;;
+speed)
+  profile profile_llama_triton 70 r1-distill-llama-8b '{"num_hidden_layers": 2}' triton
+  profile profile_llama_torch 70 r1-distill-llama-8b '{"num_hidden_layers": 2}' torch
   step ops_share_llama 150 python3 benchmarks/ops_share.py "${LLAMA[@]}" --ops flaggems --batch 1 64
   cp benchmarks/results/ops_share_*flaggems*.json "$OUT/" 2>/dev/null
+  step tok_s_llama 220 env USE_FLAGGEMS=1 python3 benchmarks/bench_engine.py --case llama8b --repeats 3
+  mkdir -p "$OUT/engine_flaggems" && cp benchmarks/results/engine_llama8b*.json "$OUT/engine_flaggems/" 2>/dev/null
   ;;
 validate)
   # token-id prompts (no tokenizer needed): 8 x 64 ids inside both presets' vocabularies
@@ -69,8 +75,9 @@ with open('$OUT/prompts.jsonl', 'w') as f:
   done
   ;;
 *)
-  echo "usage: benchmarks/gpu_flaggems.sh ops|validate   (carry .flaggems)"; exit 2 ;;
+  echo "usage: benchmarks/gpu_flaggems.sh ops|validate|speed   (carry .flaggems)"; exit 2 ;;
 esac
+(cd "$OUT" && tar czf results.tgz --remove-files $(ls -d *.json *.jsonl engine_flaggems 2>/dev/null) 2>/dev/null)
 for name in "${STEPS[@]}"; do
   echo "==== $name"; grep -v -E "^(INFO|DEBUG)|USDT|^WARNING" "$OUT/$name.txt" | tail -30
 done
