@@ -165,8 +165,9 @@ class LLMEngine:
         n, prompt_len = min(sched.max_num_seqs, 4), max(1, min(32, self.max_model_len // 4))
         new_tokens = max(1, min(8, self.max_model_len - prompt_len - 1))
         g = torch.Generator().manual_seed(0)
-        saved = copy.deepcopy((self.stats, [(bm.prefix_queries, bm.prefix_hits) for bm in self.block_managers],
-                               self.scheduler.num_preemptions, getattr(self.spec, "stats", None)))
+        bm = self.block_manager
+        saved = copy.deepcopy((self.stats, (bm.prefix_queries, bm.prefix_hits), self.scheduler.num_preemptions,
+                               getattr(self.spec, "stats", None)))
         with profiler.profiling(lambda: self.stats["steps"] - saved[0]["steps"]):
             params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
             for _ in range(n):
@@ -176,8 +177,7 @@ class LLMEngine:
                 self.step()
         self.stats.update(saved[0])
         self.scheduler.num_preemptions = saved[2]
-        for bm, (queries, hits) in zip(self.block_managers, saved[1]):
-            bm.prefix_queries, bm.prefix_hits = queries, hits
+        bm.prefix_queries, bm.prefix_hits = saved[1]
         if self.spec is not None:
             self.spec.stats = saved[3]
         logger.info("%s", profiler.report.summary(f"start-up: {n} x {prompt_len}-token prompts, "
