@@ -104,7 +104,8 @@ class FusedMoE(nn.Module):
             self.inter_start = self.pctx.tp_rank * self.local_intermediate
         self.stored_intermediate = self.local_intermediate    # padded up for fp8 (use_fp8)
         # the method that owns the experts' storage format and runs them: 16-bit here, swapped
-        # for Fp8Experts (use_fp8) or Int4Experts (layers/moe_int4.py) before loading
+        # for Fp8Experts (use_fp8), Int4Experts (layers/moe_int4.py) or Int8Experts
+        # (layers/moe_int8.py) before loading
         self.quant = UnquantizedExperts()
         self.fp8 = False
         e, i = self.num_local_experts, self.local_intermediate
