@@ -34,7 +34,8 @@ SLOW_FILES = {
 # the long ones start at once and the two workers end together instead of one running the last
 # of these alone.
 PROCESS_FILES = (
-    "tests/distributed/test_parallel_engine.py", "tests/cli/test_guides_e2e.py", "tests/cli/test_guides_e2e_ascend.py",
+    "tests/distributed/test_parallel_engine.py", "tests/distributed/test_pipeline_micro_batches.py",
+    "tests/cli/test_guides_e2e.py", "tests/cli/test_guides_e2e_ascend.py",
     "tests/engine/test_engine_core.py", "tests/server/test_server_tools.py", "tests/engine/test_executor.py",
     "tests/distributed/test_ray.py", "tests/engine/test_dp_multinode.py", "tests/server/test_server_openai_features.py",
     "tests/test_platform_pkg.py", *sorted(SLOW_FILES),

@@ -112,6 +112,18 @@ class CudaGraphRunner:
         states [n, D] of every row, logits of the rows in meta.logits_indices), both views of
         the graph's buffers, valid until its next replay."""
         n = input_ids.shape[0]
+        bs = self.load(input_ids, positions, meta, bs)
+        self.graphs[bs].replay()
+        logits = self.outputs[bs][:n]
+        # (a one-token chunk that does not reach its sequence's end has no logits row)
+        if meta.logits_indices.shape[0] != n:
+            logits = logits[meta.logits_indices]
+        return self.hidden[bs][:n], logits
+
+    def load(self, input_ids, positions, meta: AttentionMetadata, bs: int = 0) -> int:
+        """Copy a decode batch into the graphs' input buffers, padding up to the captured size
+        `bs` (default: the smallest that holds it); returns that size."""
+        n = input_ids.shape[0]
         bs = bs or self.size_for(n)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
@@ -123,12 +135,7 @@ class CudaGraphRunner:
             self.seq_lens[n:bs].fill_(1)
             self.slots[n:bs].fill_(-1)
             self.tables[n:bs, 0].fill_(0)
-        self.graphs[bs].replay()
-        logits = self.outputs[bs][:n]
-        # (a one-token chunk that does not reach its sequence's end has no logits row)
-        if meta.logits_indices.shape[0] != n:
-            logits = logits[meta.logits_indices]
-        return self.hidden[bs][:n], logits
+        return bs
 
 
 class MTPGraphRunner(CudaGraphRunner):

@@ -4,6 +4,10 @@ It flattens a `ScheduledBatch` into `StepInputs`, publishes them to the other ra
 DP rank (a no-op in one process), runs its own forward and samples. `launch` starts a step
 without waiting for its tokens (async scheduling); `all_logits` scores one prompt. With data
 parallel each DP rank's engine core has a driver of its own (engine/engine_core.py).
+
+With pipeline parallel, `launch_micro_batch` starts a step through the stages without
+waiting for its logits and `finish_micro_batch` samples them, so several micro-batches are
+in flight at once (engine/micro_batches.py).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.model_runner import ModelRunner
+from deepserve.engine.pipeline import PendingLogits
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import ScheduledBatch
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
@@ -42,6 +47,14 @@ class InFlight:
         if self._done is not None:
             self._done.synchronize()
         return self._host.tolist()
+
+
+class MicroBatch:
+    """A pipeline micro-batch on its way through the stages: the scheduled batch, the
+    sequences that sample a token from it, and their logits to come."""
+
+    def __init__(self, batch: ScheduledBatch, seqs: list, logits: PendingLogits):
+        self.batch, self.seqs, self.logits = batch, seqs, logits
 
 
 class DriverRunner(ModelRunner):
@@ -125,3 +138,21 @@ class DriverRunner(ModelRunner):
         if not seqs:
             return InFlight([], None)
         return InFlight(seqs, self.sampler.sample_ids(logits, seqs))
+
+    # ------------------------------------------------------------------ pipeline micro-batches
+    @torch.inference_mode()
+    def launch_micro_batch(self, batch: ScheduledBatch) -> MicroBatch:
+        """Publish one step, run the first stage's layers, send the hidden states on and post
+        the receive of its logits; returns without waiting for the other stages."""
+        msg = StepMessage(self.host_inputs(batch), self.graph_size)
+        self.publish(msg)
+        ids, positions, meta = self.to_device(msg.inputs)
+        return MicroBatch(batch, batch.sampling_seqs(), self.pipeline.start(ids, positions, meta))
+
+    @torch.inference_mode()
+    def finish_micro_batch(self, mb: MicroBatch) -> tuple[list, SamplerOutput]:
+        """Wait for a launched micro-batch's logits and sample: (sequences, their tokens)."""
+        logits = mb.logits.wait()
+        if not mb.seqs:
+            return [], SamplerOutput([], [])
+        return mb.seqs, self.sampler(logits, mb.seqs)

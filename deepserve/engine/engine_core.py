@@ -42,6 +42,7 @@ from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutput
 from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
+from deepserve.engine.step_channel import StepChannel
 from deepserve.engine.step_inputs import DPSync
 from deepserve.platforms import get_platform
 
@@ -147,15 +148,20 @@ class DPRankExecutor:
     failure: Optional[str] = None
 
     def __init__(self, runner_factory, group, src: int, peers: bool):
-        self.group, self.src, self.peers = group, src, peers
+        self.channel = StepChannel(group, src) if peers else None
         self.sent_bytes, self.count = 0, _count_bytes()
         self.runner = runner_factory(self._publish)
 
     def _publish(self, msg) -> None:
-        if self.peers:
-            if self.count:
-                self.sent_bytes += len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
-            dist.broadcast_object_list([msg], src=self.src, group=self.group)
+        if self.channel is None:
+            return
+        if isinstance(msg, Stop):  # the pipeline's last logits in, then every peer gets the stop
+            self.runner.finish_sends()
+        n = self.channel.send(msg)
+        if self.count:
+            self.sent_bytes += n
+        if isinstance(msg, Stop):
+            self.channel.flush()
 
     def explain(self, exc: BaseException) -> str:
         return str(exc)
@@ -198,12 +204,10 @@ def run_rank(rank: int, local_rank: int, args: EngineArgs, init_method: str, tim
     leader = dp_rank * span
     if rank != leader:
         runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=leader, group=local)
-            if isinstance(box[0], Stop):
-                break
-            runner.run_published(box[0])
+        channel = StepChannel(local, leader)
+        while not isinstance(msg := channel.recv(), Stop):
+            runner.run_published(msg)
+        runner.finish_sends()
     else:
         _, eos = load_tokenizer(config)
         executor = DPRankExecutor(

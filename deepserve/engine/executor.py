@@ -2,9 +2,9 @@
 starts and supervises one worker process per extra rank on this node.
 
 The driver (rank 0, inside the engine's process) schedules and samples; every step it
-broadcasts the step's inputs (a typed `StepMessage`, engine/step_inputs.py) over a gloo
-group, and each rank runs the same forward on its shard (TP collectives inside the model,
-PP send/recv between stages). Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`,
+sends the step's inputs (a typed `StepMessage`, engine/step_inputs.py) to every other rank
+over a gloo group without waiting for them (engine/step_channel.py), and each rank runs the
+same forward on its shard (TP collectives inside the model, PP send/recv between stages). Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`,
 seconds), so a stuck peer becomes an error instead of a silent hang.
 
 Workers are spawned (not forked: a CPU parent that already ran OpenMP kernels hangs a forked
@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.engine.step_channel import StepChannel
 from deepserve.engine.step_inputs import STOP, Stop
 from deepserve.platforms import Platform, get_platform
 
@@ -134,13 +135,10 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
                                 platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
                                 lr, par.data_parallel_size, par.all2all_backend)
         runner = WorkerRunner(config, platform, pctx, local_rank=lr)
-        group = control_group()
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0, group=group)
-            if isinstance(box[0], Stop):
-                break
-            runner.run_published(box[0])
+        channel = StepChannel(control_group(), 0)
+        while not isinstance(msg := channel.recv(), Stop):
+            runner.run_published(msg)
+        runner.finish_sends()
         destroy_distributed()
 
     report_errors(status, rank, body)
@@ -261,21 +259,23 @@ class DriverExecutor:
         pctx = init_distributed(0, par.world_size, par.tensor_parallel_size, par.pipeline_parallel_size,
                                 platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
                                 dp_size=par.data_parallel_size, all2all_backend=par.all2all_backend)
-        self.group = control_group()
+        self.channel = StepChannel(control_group(), 0)
         self.runner = DriverRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids,
                                    publish=self._publish)
 
     def _publish(self, msg) -> None:
         if self.failure:
             raise RuntimeError(self.failure)
-        dist.broadcast_object_list([msg], src=0, group=self.group)
+        self.channel.send(msg)
 
     def _tell_workers_to_stop(self) -> bool:
         """Send the stop message (unless a worker already died); False if it could not be sent."""
-        if self.failure is not None or getattr(self, "group", None) is None:
+        if self.failure is not None or getattr(self, "runner", None) is None:
             return False
         try:
-            dist.broadcast_object_list([STOP], src=0, group=self.group)
+            self.runner.finish_sends()   # the pipeline's last logits in, then every worker gets the stop
+            self.channel.send(STOP)
+            self.channel.flush()
             return True
         except RuntimeError as exc:
             logger.warning("could not tell workers to stop: %s", exc)

@@ -5,7 +5,9 @@
     outputs = self._postprocess(batch, seqs, sampled)
 
 The engine owns tokenization, detokenization and stop handling; the scheduler owns the
-block manager; the runner owns the model, KV pool and sampler. With data_parallel_size > 1
+block manager; the runner owns the model, KV pool and sampler. With pipeline_parallel_size
+P > 1 a step launches one micro-batch and finishes the oldest once P are in flight
+(engine/micro_batches.py). With data_parallel_size > 1
 each DP rank runs one of these as its engine core (engine/engine_core.py) behind a front end
 (engine/dp_engine.py).
 """
@@ -23,6 +25,7 @@ from typing import Optional, Union
 from deepserve.config import EngineArgs
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
+from deepserve.engine.micro_batches import MicroBatchPipeline
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
@@ -147,6 +150,13 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         # speculative decoding (engine/spec_decode.py): drafting steps run synchronously
         self.spec = make_spec_decoder(self.config, self.runner)
+        # pipeline parallel: up to one micro-batch in flight per stage. Not with DP x EP, whose
+        # cores agree on each step and run it (with its MoE exchange) in lockstep.
+        par = self.config.parallel
+        pp = par.pipeline_parallel_size
+        self.micro_batches = (MicroBatchPipeline(pp, self.config.scheduler.max_num_seqs)
+                              if pp > 1 and not self.runner.pctx.moe_dp_exchange
+                              and self.spec is None else None)
         self.ops_profiler: Optional[OpsProfiler] = None
         if args.ops_profile:
             self.ops_profiler = self._profile_ops_at_start()
@@ -282,7 +292,9 @@ class LLMEngine:
         return self._grammar_compiler
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests not finished, or pipeline micro-batches still to finish (those of aborted
+        requests, whose steps drain them)."""
+        return bool(self.requests) or bool(self.micro_batches)
 
     def gauges(self) -> dict:
         """What the server reports: requests running / waiting, KV use, prefix-cache counters."""
@@ -312,6 +324,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        if self.micro_batches is not None:
+            try:
+                return self.micro_batches.step(self)
+            except RuntimeError as exc:  # a collective broke: name the worker behind it
+                raise RuntimeError(self.executor.explain(exc)) from exc
         if self.async_scheduling:
             return self._step_async()
         batch = self.scheduler.schedule()

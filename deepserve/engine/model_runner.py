@@ -123,8 +123,16 @@ class ModelRunner:
         self.graphs = None
         self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
-        if (self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange
-                and self.pctx.pp_size == 1):  # pipeline stages run eagerly
+        if (self.device.type == "cuda" and not config.enforce_eager and self.pctx.pp_size > 1
+                and not self.pctx.moe_dp_exchange and config.cudagraph_mode != "PIECEWISE"):
+            # each pipeline stage replays whole graphs of its own part for decode steps (DP x EP x
+            # PP, and piecewise graphs, run eagerly)
+            from deepserve.engine.pipeline_graphs import StageGraphRunner
+            t0 = time.perf_counter()
+            self.graphs = StageGraphRunner(self, config.cuda_graph_sizes)
+            self.timings["cuda_graph_s"] = time.perf_counter() - t0
+        elif (self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange
+                and self.pctx.pp_size == 1):
             t0 = time.perf_counter()
             if config.cudagraph_mode != "PIECEWISE":
                 from deepserve.engine.cuda_graphs import CudaGraphRunner
@@ -224,7 +232,8 @@ class ModelRunner:
     def forward_logits(self, input_ids, positions, meta: AttentionMetadata,
                        dp_num_tokens: Optional[list[int]] = None, graph_size: int = 0,
                        keep_hidden: bool = False) -> Optional[torch.Tensor]:
-        """Logits of the rows in meta.logits_indices (None on pipeline stages but the first).
+        """Logits of the rows in meta.logits_indices (with pipeline parallel: on the first
+        stage's first TP rank; None on the other ranks).
         `dp_num_tokens`: every DP rank's token count this step (DP attention + EP; the model
         gathers them when not given); `graph_size`: the CUDA graph every DP rank replays this
         step (0: eager), with DP + EP; `keep_hidden`: keep every row's hidden state in
@@ -286,6 +295,12 @@ class ModelRunner:
             self.mtp.mtp(ids, positions, hidden, meta)
             return None
         return self.mtp.propose(hidden, ids, positions, meta)[0]
+
+    def finish_sends(self) -> None:
+        """Wait for this rank's pipeline sends and receives still in progress (before the
+        process group goes)."""
+        if self.pipeline is not None:
+            self.pipeline.finish()
 
     def share_ids(self, ids: torch.Tensor) -> None:
         """The driver's input ids to its TP peers of the first pipeline stage (the stage that

@@ -6,11 +6,17 @@ next prompt chunk; then waiting sequences are admitted, their cached prefix bloc
 When the pool runs out of blocks the most recently admitted running sequence is preempted:
 its blocks are freed and it goes back to the front of the queue to be recomputed later
 (its generated tokens are kept and recomputed as prompt).
+
+With pipeline micro-batches (engine/micro_batches.py) a sequence in a batch still on its way
+through the stages (`Sequence.in_flight`) is neither scheduled nor preempted, and
+`schedule(max_seqs=...)` caps a micro-batch's sequences so that the running ones spread over
+the micro-batches.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Optional
 
 from deepserve.config import SchedulerConfig
 from deepserve.engine.block_manager import BlockManager
@@ -77,23 +83,35 @@ class Scheduler:
         else:
             self.waiting.appendleft(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def _victim(self, first: int) -> Sequence:
+        """The running sequence to preempt, from index `first` on (those before it are
+        scheduled this step) and never one in flight: the lowest priority, or the most
+        recently admitted."""
+        candidates = [s for s in self.running[first:] if not s.in_flight]
+        if self.config.policy == "priority":
+            return max(candidates, key=self._priority_key)
+        return candidates[-1]
+
+    def schedule(self, max_seqs: Optional[int] = None) -> ScheduledBatch:
+        """The next step's batch; `max_seqs`: at most this many sequences (a pipeline
+        micro-batch's share)."""
         budget = self.config.max_num_batched_tokens
+        max_seqs = self.config.max_num_seqs if max_seqs is None else max_seqs
         chosen: list[tuple[Sequence, int]] = []
         preempted = False
         bm = self.block_manager
 
         # 1. running sequences: next decode token or next prefill chunk
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(chosen) < max_seqs:
             seq = self.running[i]
+            if seq.in_flight:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
-                if self.config.policy == "priority":  # the lowest priority not yet scheduled this step
-                    victim = max(self.running[i:], key=self._priority_key)
-                    self.running.remove(victim)
-                else:
-                    victim = self.running.pop()       # most recently admitted
+                victim = self._victim(i)
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -107,7 +125,7 @@ class Scheduler:
             break  # `seq` itself was preempted: nothing later can fit either
 
         # 2. waiting sequences, unless this step already had to preempt
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and not preempted and len(chosen) < max_seqs
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             hits = bm.match_prefix(seq)

@@ -27,6 +27,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0               # tokens whose KV is in the cache
         self.num_pending = 0                       # sampled on the device, not yet in token_ids (async)
+        self.in_flight = False                     # in a pipeline micro-batch not finished yet
         self.num_cached_tokens = 0                 # of those, prompt tokens found by prefix caching
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []        # prefix-cache keys of the full blocks registered so far

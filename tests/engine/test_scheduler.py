@@ -121,3 +121,46 @@ def test_abort_frees_blocks_at_once_in_any_state():
     assert not sched.has_unfinished()
     assert running.finish_reason == "abort" and running.is_finished and waiting.is_finished
     assert step(sched) == []
+
+
+def _launch(sched: Scheduler, max_seqs=None):
+    """What the micro-batch pipeline does at launch: advance the computed counts and mark the
+    batch's sequences in flight (their tokens come back later)."""
+    batch = sched.schedule(max_seqs=max_seqs)
+    for s, n in zip(batch.seqs, batch.num_new_tokens):
+        s.num_computed_tokens += n
+        s.in_flight = True
+    return batch
+
+
+def test_sequences_in_flight_are_not_scheduled_again():
+    sched = make(max_tokens=64)
+    seqs = [seq(3, r, start=10 * i) for i, r in enumerate("abcd")]
+    for s in seqs:
+        sched.add(s)
+    first = _launch(sched, max_seqs=2)
+    second = _launch(sched, max_seqs=2)
+    assert [s.request_id for s in first.seqs] == ["a", "b"]
+    assert [s.request_id for s in second.seqs] == ["c", "d"]
+    assert not _launch(sched, max_seqs=2)                  # everything is in flight
+    for s in first.seqs:                                    # the first micro-batch's tokens come back
+        s.token_ids.append(1000)
+        s.in_flight = False
+    third = sched.schedule(max_seqs=2)
+    assert [(s.request_id, n) for s, n in zip(third.seqs, third.num_new_tokens)] == [("a", 1), ("b", 1)]
+
+
+def test_preemption_never_takes_a_sequence_in_flight():
+    sched = make(num_blocks=4, max_tokens=64)
+    a, b = seq(8, "a"), seq(8, "b", start=100)              # 2 blocks each: the pool is full
+    sched.add(a)
+    sched.add(b)
+    _launch(sched, max_seqs=1)                              # a
+    _launch(sched, max_seqs=1)                              # b, admitted last, still in flight
+    a.token_ids.append(1000)
+    a.in_flight = False
+    # a's decode needs a third block; the most recently admitted (b) is in flight, so a
+    # preempts itself and nothing is scheduled
+    assert not sched.schedule()
+    assert a.status == SeqStatus.WAITING and a.block_table == [] and b.status == SeqStatus.RUNNING
+    assert b.block_table and sched.num_preemptions == 1

@@ -1,0 +1,99 @@
+"""Pipeline parallel with micro-batches in flight (PP=2 over gloo, spawned processes): the
+engine keeps two micro-batches of disjoint sequences on their way through the stages at
+once, and gives one process's outputs: greedy on stories260k and a tiny DeepSeek-V3 (MLA +
+MoE), and on stories260k sampling parameters that read the token history (penalties,
+logprobs), seeded sampling with n=2, stop strings and preemption by recompute in a small
+pool; an abort while its sequences are in flight frees their blocks, and every block comes
+back."""
+import pytest
+
+from deepserve import LLM, SamplingParams
+from tests.conftest import DEMO_MODEL
+from tests.distributed.test_parallel_engine import tiny_deepseek
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [1] + list(range(3, 3 + 5 * i))} for i in range(6)]
+
+
+@pytest.fixture
+def model(request, tmp_path_factory):
+    if request.param == "deepseek":
+        return str(tiny_deepseek(tmp_path_factory.mktemp("dsv3")))
+    return str(DEMO_MODEL)
+
+
+def _run(model, prompts, params, **kw):
+    """(token ids, text, finish reason, logprob ids) of every completion, and the engine's
+    most micro-batches in flight at once (None with one stage)."""
+    llm = LLM(model, block_size=4, max_model_len=128, **kw)
+    try:
+        outs = llm.generate(prompts, params)
+        engine = llm.engine
+        bm = engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        assert not any(s.in_flight for s in engine.scheduler.running)
+        pipe = engine.micro_batches
+        return ([[(c.token_ids, c.text, c.finish_reason, [sorted(d) for d in c.logprobs or []])
+                  for c in o.outputs] for o in outs],
+                pipe.most_in_flight if pipe is not None else None, engine.scheduler.num_preemptions)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("model", ["llama", "deepseek"], indirect=True)
+def test_micro_batches_in_flight_give_one_process_greedy(model):
+    want, _, _ = _run(model, PROMPTS, GREEDY)
+    got, most, _ = _run(model, PROMPTS, GREEDY, pipeline_parallel_size=2)
+    assert most == 2            # both stages had a micro-batch at once
+    assert got == want
+
+
+def _params(i: int) -> SamplingParams:
+    kinds = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=14, repetition_penalty=1.3, logprobs=2),
+             SamplingParams(temperature=0.8, seed=i, max_tokens=16, n=2),
+             SamplingParams(temperature=0, max_tokens=30, stop=[" ball", "."])]
+    return kinds[i % len(kinds)]
+
+
+def test_sampling_preemption_and_abort_with_micro_batches_in_flight():
+    words = "the little dog saw a big red ball and ran to the park with his friend Tom".split()
+    greedy20 = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=128)
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(" ".join(words[: 1 + (i * 5) % len(words)]))} for i in range(12)]
+    alone = {f"r{i}": llm.generate(prompts[i + 4], greedy20)[0].outputs[0].token_ids for i in (0, 2, 3)}
+    llm.shutdown()
+    params = [_params(i) for i in range(len(prompts))]
+    # 40 blocks of 4 tokens cannot hold 12 requests (15 sequences) of up to ~45 tokens
+    small = {"num_gpu_blocks_override": 40, "enable_prefix_caching": False}
+    want, _, _ = _run(str(DEMO_MODEL), prompts, params, **small)
+    got, most, preemptions = _run(str(DEMO_MODEL), prompts, params, pipeline_parallel_size=2, **small)
+    assert most == 2 and preemptions > 0
+    assert got == want
+    assert any(c[2] == "stop" for o in want for c in o)
+
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=128, pipeline_parallel_size=2)
+    try:
+        engine = llm.engine
+        for i in range(4):
+            engine.add_request(f"r{i}", prompts[i + 4], greedy20)
+        aborted = engine.requests["r1"].seqs[0]
+        for _ in range(8):                             # until r1 is in flight beside another micro-batch
+            engine.step()
+            if aborted.in_flight and engine.micro_batches.most_in_flight == 2:
+                break
+        assert aborted.in_flight and not aborted.is_finished
+        engine.abort_request("r1")                     # its blocks go now; its micro-batch still runs
+        assert aborted.block_table == [] and aborted.is_finished
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.request_id != "r1"
+                done[out.request_id] = out.outputs[0].token_ids
+        assert not engine.micro_batches.in_flight and not aborted.in_flight
+        assert done == alone
+        bm = engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.shutdown()
