@@ -5,8 +5,8 @@
 
 Cases, as benchmarks/bench_int4.py measures them (compressed-tensors W4A16: symmetric, groups
 of 128, bf16):
-- "gemv": the batch-1 projections of r1-distill-llama-8b (qkv, o_proj, gate_up, down) and of
-  R1 (q_b, o_proj), one row;
+- "gemv": the batch-1 projections of r1-distill-llama-8b (qkv, o_proj, gate_up, down), one row
+  (`--r1` adds R1's q_b and o_proj);
 - "gemm": the 8b qkv shape at 1024 rows;
 - "moe_gate_up" / "moe_down": R1's routed experts of one EP8 rank (32 experts, D 7168, I 2048,
   top-8) at batch 1, the small-batch kernels (the other kernel at its setting);
@@ -16,7 +16,8 @@ setting's output, then timed as CUDA-graph replays over enough weight copies (>=
 the weights come from HBM. Bytes figures count the packed weights and scales read once, over a
 2 GiB device copy measured first; the sorted MoE counts 6 D I FLOPs per assignment. `--write`
 adds each case's best setting (where it beats the default) to the running device's table
-(deepserve/ops/triton/configs/int4/<device>.json), as a rule for exactly that shape.
+(deepserve/ops/triton/configs/int4/<device>.json) as soon as the case is measured, as a rule
+for exactly that shape.
 """
 from __future__ import annotations
 
@@ -34,16 +35,27 @@ GROUP = 128
 GEMV_SHAPES = [("8b", "qkv", 6144, 4096), ("8b", "o_proj", 4096, 4096), ("8b", "gate_up", 28672, 4096),
                ("8b", "down", 4096, 14336), ("r1", "q_b", 24576, 1536), ("r1", "o_proj", 7168, 16384)]
 MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
-GEMV_GRID = [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (8, 16, 32) for s in (2, 4) for w in (1, 2, 4)]
+# GEMV: rows x (slice words x slices per step) x warps x K splits. Slices of 16 words are one
+# 128-wide group (one scale a row); wider ones read a scale a word.
+GEMV_GRID = ([dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w, SPLIT_K=k)
+              for n, s, w, k in ((16, 4, 2, 1), (16, 8, 2, 1), (8, 8, 1, 1), (32, 4, 4, 1), (16, 8, 2, 2), (16, 8, 2, 4))]
+             + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k)
+                for n, c, w, k in ((4, 64, 2, 1), (8, 64, 4, 1), (8, 128, 4, 1), (16, 64, 4, 1), (8, 64, 4, 2),
+                                   (4, 128, 4, 4))])
 GRIDS = {
     "gemv": GEMV_GRID,
-    "moe_gate_up": [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4)
-                    for w in (2, 4)],
-    "moe_down": [dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w) for n in (4, 8, 16) for s in (2, 4) for w in (2, 4)],
+    "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
+                    for n, c, s, w in ((16, 16, 4, 2), (16, 16, 8, 2), (8, 16, 8, 1), (32, 16, 4, 4), (8, 64, 1, 2),
+                                       (16, 64, 1, 4), (16, 128, 1, 4), (8, 128, 2, 4))],
+    "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
+                 for n, c, s, w in ((4, 16, 4, 1), (8, 16, 4, 2), (4, 16, 8, 2), (16, 16, 4, 4), (4, 64, 1, 2),
+                                    (8, 64, 1, 4), (4, 128, 1, 4), (8, 128, 1, 4))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-                   for m, n, w in ((128, 128, 8), (64, 128, 4), (128, 64, 4)) for k in (64, 128) for st in (2, 3)],
+                   for m, n, k, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 4, 2), (128, 128, 64, 8, 3),
+                                          (64, 128, 64, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 3),
+                                          (128, 64, 128, 4, 3), (64, 256, 128, 8, 3))],
 }
 
 
@@ -91,6 +103,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="small shapes, two candidates a kernel (for --device cpu)")
     ap.add_argument("--kernels", default="gemv,moe_gate_up,moe_down,moe_sorted",
                     help="which kernels to sweep (also: gemm, the 1024-row dense GEMM)")
+    ap.add_argument("--r1", action="store_true", help="also R1's dense projections (q_b, o_proj) in the GEMV sweep")
     ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
@@ -112,12 +125,17 @@ def main() -> int:
                         or "default"))
         if cfg is not None:
             rules.append({"if": {"kernel": kernel, **cond}, "set": cfg})
+            if args.write:            # as each case finishes, so a run cut short keeps what it measured
+                path = launch_config.save_rules("int4", launch_config.device_key(torch.device(dev)), rules[-1:],
+                                                Path(args.config_dir) if args.config_dir else None)
+                print(f"  wrote {rules[-1]} to {path}", flush=True)
 
     linear = resolve("int4_linear", "triton")[1]
     for kernel, rows in (("gemv", 1), ("gemm", 1024)):
         if kernel not in kernels:
             continue
-        for model, proj, n, k in (GEMV_SHAPES if kernel == "gemv" else GEMV_SHAPES[:1])[:2 if tiny else None]:
+        shapes = [sh for sh in GEMV_SHAPES if args.r1 or sh[0] == "8b"] if kernel == "gemv" else GEMV_SHAPES[:1]
+        for model, proj, n, k in shapes[:2 if tiny else None]:
             if tiny:
                 n, k = max(n // 128, 16), max(k // 32 // GROUP * GROUP, GROUP)
                 rows = min(rows, 32)
@@ -177,9 +195,7 @@ def main() -> int:
     for row in summary:
         print("| " + " | ".join(row) + " |")
     if args.write:
-        path = launch_config.save_rules("int4", launch_config.device_key(torch.device(dev)), rules,
-                                        Path(args.config_dir) if args.config_dir else None)
-        print(f"wrote {len(rules)} rules to {path}")
+        print(f"wrote {len(rules)} rules")
     return 0
 
 

@@ -89,11 +89,13 @@ def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("split,zeros,group", [(1, True, 32), (1, False, 64), (3, True, 32)])
-def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, group):
+@pytest.mark.parametrize("split,zeros,group,words", [(1, True, 32, 4), (1, False, 64, 4), (3, True, 32, 4),
+                                                     (1, True, 32, 8), (2, False, 24, 8)])
+def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, group, words):
     """The GEMV without split-K (output, bias and rounding written by the kernel) and with three
-    K splits (fp32 partial sums, the last split ragged), one scale per row and slice (ROW_SCALE),
-    nibbles 0 and 15 at every lane position: the torch op's result within fp32 summation order."""
+    K splits (fp32 partial sums, the last split ragged), one scale per row and slice or (slices
+    wider than the group) per word, nibbles 0 and 15 at every lane position: the torch op's
+    result within fp32 summation order."""
     from deepserve.ops.triton.launch_config import trying
     n, k = 24, 192
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=split + group)
@@ -103,15 +105,15 @@ def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, gr
     x = torch.randn(1, k, generator=g)
     bias = torch.randn(n, generator=g)
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, z, None, group, bias)
-    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"SPLIT_K": split, "SUB_C": 4, "STEPS": 1}}]):
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"SPLIT_K": split, "SUB_C": words, "STEPS": 1}}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_nibble_lanes_and_slice_words():
     """The lane order the kernels rely on (lo lane q of word c = feature 8c + q, hi = 8c + 4 + q)
-    is ops.int4's packing order, and slice_words keeps slices inside power-of-two groups."""
-    from deepserve.ops.triton.int4_gemm import slice_words
+    is ops.int4's packing order; slice_words' scale reads per K slice (row, word or lane)."""
+    from deepserve.ops.triton.int4_gemm import LANE, ROW, WORD, slice_words
     u = torch.arange(16).repeat(3)[None, :]                  # features 0..47, nibble = feature % 16
     word = pack_int4(u, 1)[0]
     for c in range(6):
@@ -119,7 +121,9 @@ def test_nibble_lanes_and_slice_words():
         for q in range(4):
             assert (w >> (4 * q)) & 15 == (8 * c + q) % 16
             assert (w >> (16 + 4 * q)) & 15 == (8 * c + 4 + q) % 16
-    assert slice_words(4096, 128, False, 32) == (16, True)        # 256-wide slices cut to the group
-    assert slice_words(4096, 4096, False, 32) == (32, True)       # channel scales: one group
-    assert slice_words(200, 40, False, 32) == (32, False)         # groups straddle slices: per lane
-    assert slice_words(4096, 128, True, 16) == (16, False)        # g_idx: per lane
+    assert slice_words(4096, 128, False, 16) == (16, ROW)         # 128-wide slices in 128-wide groups
+    assert slice_words(4096, 4096, False, 64) == (64, ROW)        # channel scales: one group
+    assert slice_words(4096, 128, False, 64) == (64, WORD)        # 4 groups a slice: one scale a word
+    assert slice_words(200, 40, False, 32) == (32, WORD)          # groups straddle slices, whole words
+    assert slice_words(96, 12, False, 4) == (4, LANE)             # groups split words
+    assert slice_words(4096, 128, True, 16) == (16, LANE)         # g_idx: per lane

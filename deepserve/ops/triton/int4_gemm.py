@@ -17,8 +17,9 @@ Kernels:
 1. `_int4_gemv_kernel` (one to `GEMV_ROWS` rows, decode): program (m, n) streams BLOCK_N
    weight rows over K (optionally the s-th of SPLIT_K K slices: then fp32 partial sums that
    one reduction adds), multiplies the unpacked lanes by x and by their row's scale into a
-   per-lane fp32 accumulator reduced once at the end (`ROW_SCALE`: a K slice inside one group
-   reads one scale and zero per row; with g_idx or groups that straddle a slice, per lane).
+   per-lane fp32 accumulator reduced once at the end. Scales (`SCALES`): a K slice inside one
+   group reads one scale and zero per row (ROW); a longer slice one per row and word (WORD:
+   groups are whole words); g_idx, per lane (LANE).
    No tensor cores: a matrix-vector product is bound by the packed weight read. The grid
    runs the rows of one weight block back to back, so 2-4 rows read it from L2.
 2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes the
@@ -27,7 +28,7 @@ Kernels:
    activation columns of the same features.
 
 Rounding: the GEMM rounds each dequantized weight to the activations' dtype as the reference
-does; with ROW_SCALE the GEMV multiplies each lane's fp32 product by its scale instead of
+does; with ROW or WORD scales the GEMV multiplies each lane's fp32 product by its scale instead of
 rounding every weight (the fp8 small-batch MoE does the same), which moves bf16 results by
 about one bf16 rounding.
 Launch settings: configs/int4/ (benchmarks/sweep_int4.py).
@@ -68,21 +69,32 @@ def _nibble_quads(packed):
 
 @triton.jit
 def _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                  HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr):
+                  HAS_GIDX: tl.constexpr, SCALES: tl.constexpr):
     """Scales and zero offsets of the K slice of words offs_c = c0 + [0, C) (features 8c .. 8c + 7), rows at
     s_rows / z_rows [BN]: (s_lo, s_hi, off_lo, off_hi), off = 2^23 + 16^q z, so lo - off =
-    16^q (u - z). ROW_SCALE (the slice inside one group): s [BN, 1, 1] for both halves;
-    otherwise each lane's group (g_idx, or feature // GROUP): [BN, C, 4]. The slice's group
+    16^q (u - z). SCALES == ROW (the slice inside one group): s [BN, 1, 1] for both halves; WORD
+    (GROUP a multiple of 8): each word's group, [BN, C, 1]; LANE: each lane's group (g_idx, or
+    feature // GROUP): [BN, C, 4]. A ROW slice's group
     comes from the scalar c0, not from a reduction over offs_c (that would synchronize the warps
     every slice)."""
     q = tl.arange(0, 4)
     p16 = _pow16(q, 1)[None, None, :]
-    if ROW_SCALE:
+    if SCALES == 1:              # ROW
         g = (8 * c0) // GROUP
         ok = n_ok & (c0 < c_end)                # (a slice wholly past the end reads no scale)
         s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None, None]
         if HAS_ZP:
             z = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None, None]
+        else:
+            z = tl.full([1, 1, 1], 8.0, tl.float32)
+        off = 8388608.0 + z * p16
+        return s, s, off, off
+    elif SCALES == 2:            # WORD
+        g = (8 * offs_c) // GROUP
+        mask = n_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_ZP:
+            z = tl.load(z_rows[:, None] + g[None, :], mask=mask, other=8).to(tl.float32)[:, :, None]
         else:
             z = tl.full([1, 1, 1], 8.0, tl.float32)
         off = 8388608.0 + z * p16
@@ -117,14 +129,14 @@ def _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN: tl.constexpr):
 
 @triton.jit
 def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, GROUP: tl.constexpr,
-                  HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr,
+                  HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr,
                   BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
     .. 8 c_end); rows where n_ok is false give garbage. Steps of STEPS slices of SUB_C words;
     EVEN: every slice lies inside [c_start, c_end). X_DTYPE: the reference's weight dtype, used
     where scales vary per lane (there every dequantized weight is rounded to it as the reference
-    does; with ROW_SCALE each lane's product is scaled in fp32, unrounded)."""
+    does; with ROW and WORD scales each lane's product is scaled in fp32, unrounded)."""
     q = tl.arange(0, 4)
     inv16 = _pow16(q, -1)[None, :]
     acc = tl.zeros([BLOCK_N, SUB_C, 4], tl.float32)
@@ -142,8 +154,8 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, G
                 x_lo = tl.load(x_ptr + f_lo, mask=c_ok[:, None], other=0.0).to(tl.float32)
                 x_hi = tl.load(x_ptr + f_lo + 4, mask=c_ok[:, None], other=0.0).to(tl.float32)
             s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP,
-                                                       HAS_ZP, HAS_GIDX, ROW_SCALE)
-            if ROW_SCALE:
+                                                       HAS_ZP, HAS_GIDX, SCALES)
+            if SCALES != 0:
                 t = (lo - off_lo) * (x_lo * inv16)[None] + (hi - off_hi) * (x_hi * inv16)[None]
                 acc += t * s_lo
             else:
@@ -157,7 +169,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, G
 def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, kw_per_split,
                       stride_xm, stride_qn, stride_sn, stride_ys, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                      ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                      SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
@@ -173,7 +185,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
     pdl_begin(USE_PDL)
     y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + rows.to(tl.int64) * stride_sn,
                       z_ptr + rows.to(tl.int64) * stride_sn, g_ptr, n_ok, c_start, c_end, GROUP, HAS_ZP, HAS_GIDX,
-                      ROW_SCALE, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
+                      SCALES, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -181,7 +193,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
 
 @triton.jit
 def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                   HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                    SUB_C: tl.constexpr, DTYPE: tl.constexpr):
     """The weight tile of words c0 ... c0 + SUB_C (those below c_end) as (lo, hi) [BLOCK_N, 4 SUB_C] in
     DTYPE, each (u - z) * s in fp32 rounded once (the reference's weight): lo column 4j + q is
@@ -190,7 +202,7 @@ def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, GROUP: tl.co
     c_ok = offs_c < c_end
     lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
     s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP, HAS_ZP,
-                                               HAS_GIDX, ROW_SCALE)
+                                               HAS_GIDX, SCALES)
     inv16 = _pow16(tl.arange(0, 4), -1)[None, None, :]
     w_lo = ((lo - off_lo) * (s_lo * inv16)).to(DTYPE)
     w_hi = ((hi - off_hi) * (s_hi * inv16)).to(DTYPE)
@@ -235,7 +247,7 @@ def _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOC
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW,
                       stride_xm, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                      ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -249,7 +261,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c0 in range(0, KW, SUB_C):
         w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
-                                    ROW_SCALE, EVEN, BLOCK_N, SUB_C, dt)
+                                    SCALES, EVEN, BLOCK_N, SUB_C, dt)
         f = half_features(c0, SUB_C)
         a_mask = m_ok[:, None] & (f < 8 * KW)[None, :]
         a_lo = tl.load(x_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
@@ -262,14 +274,19 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def slice_words(k: int, group_size: int, has_gidx: bool, words: int) -> tuple[int, bool]:
-    """(SUB_C, ROW_SCALE): the packed words of one K slice (at most `words`, a power of two), and
-    whether every slice lies inside one group (one scale per row). A power-of-two group (>= 32
-    features) narrower than the slice shortens the slice to the group."""
+LANE, ROW, WORD = 0, 1, 2     # how a K slice reads its scales (the kernels' SCALES)
+
+
+def slice_words(k: int, group_size: int, has_gidx: bool, words: int) -> tuple[int, int]:
+    """(SUB_C, SCALES): the packed words of one K slice (`words`, a power of two, at most K's
+    words rounded up to one), and how it reads scales: ROW where every slice lies inside one
+    group, else WORD where groups are whole words, else (or with g_idx) LANE."""
     sub = min(words, next_pow2(k // PACK))
-    if not has_gidx and group_size >= 32 and group_size & (group_size - 1) == 0 and group_size < PACK * sub:
-        sub = group_size // PACK
-    return sub, not has_gidx and group_size % (PACK * sub) == 0
+    if has_gidx:
+        return sub, LANE
+    if group_size % (PACK * sub) == 0:
+        return sub, ROW
+    return sub, WORD if group_size % PACK == 0 else LANE
 
 
 def int4_settings(kernel: str, m: int, n: int, k: int, device: torch.device) -> dict:
@@ -285,7 +302,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemv", m, n, k, x2.device)
-    sub, row_scale = slice_words(k, group_size, g_idx is not None, cfg["SUB_C"])
+    sub, mode = slice_words(k, group_size, g_idx is not None, cfg["SUB_C"])
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), sub * steps) * sub * steps      # whole steps per split
@@ -300,7 +317,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else scales, y, n, kw, kw_per_split, x2.stride(0), qweight.stride(0),
         scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
-        HAS_GIDX=g_idx is not None, ROW_SCALE=row_scale, HAS_BIAS=bias is not None and split == 1,
+        HAS_GIDX=g_idx is not None, SCALES=mode, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
         STEPS=steps, num_warps=cfg["num_warps"], num_stages=1, **launch)
     if split == 1:
@@ -316,16 +333,16 @@ def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemm", m, n, k, x2.device)
-    sub, row_scale = slice_words(k, group_size, g_idx is not None, cfg["BLOCK_K"] // PACK)
-    sub = max(sub, 4)                     # each half of a step feeds tl.dot at least 16 columns
-    row_scale = row_scale and group_size % (PACK * sub) == 0
+    sub, mode = slice_words(k, group_size, g_idx is not None, cfg["BLOCK_K"] // PACK)
+    if sub < 4:                           # each half of a step feeds tl.dot at least 16 columns
+        sub, mode = slice_words(max(k, 32), group_size, g_idx is not None, 4)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _int4_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else y, y, m, n, kw, x2.stride(0), qweight.stride(0), scales.stride(0),
         y.stride(0), GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=g_idx is not None,
-        ROW_SCALE=row_scale, HAS_BIAS=bias is not None, EVEN=kw % sub == 0, DOT_DTYPE=dot_dtype(x2.dtype),
+        SCALES=mode, HAS_BIAS=bias is not None, EVEN=kw % sub == 0, DOT_DTYPE=dot_dtype(x2.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=PACK * sub, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return y

@@ -3,21 +3,25 @@
 
 At decode a step routes a few tokens to top-k experts each; every (token, slot) assignment
 is a pair of matrix-vector products on one expert, so the time is the packed weights' bytes.
-Two launches, each program one assignment and BLOCK_N output rows:
+Two launches, the matrix-vector products of ops/triton/int4_gemm.py (`int4_rows_dot`: each
+packed word loaded once, nibbles unpacked in registers) on BLOCK_N rows per program:
 
-1. `_gate_up_kernel`: h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n] for the gate and up rows n of
-   expert e = topk_ids[a], both read in the same program (gate rows, then the up rows I below);
-2. `_down_kernel`: y[a, n] = topk_weight[a] * (W2[e] h[a])[n] in fp32,
+1. `_gate_up_kernel`, program (assignment a, row block): h[a, n] = silu(G[e] x_t)[n] *
+   (U[e] x_t)[n] for the gate and up rows n of expert e = topk_ids[a] (gate rows, then the up
+   rows I below);
+2. `_down_kernel`, program (token t, row block): y[t, n] = sum over t's k slots j of
+   topk_weight[t, j] * (W2[e_j] h[t k + j])[n], the sum in fp32 registers (no [T k, D] buffer).
 
-and the k slots of each token are summed. Assignments to experts outside [0, E) (another EP
-rank's) give zero rows. Rounding follows the reference: gate and up rounded to x's dtype
-before silu * up, h rounded to x's dtype before the down projection.
+Assignments to experts outside [0, E) (another EP rank's) add nothing. Rounding follows the
+reference: gate and up rounded to x's dtype before silu * up, h rounded to x's dtype before
+the down projection, each slot's down output rounded before its weight.
 
 Larger batches take the sorted path: the assignments sorted by expert into BLOCK_M-row blocks
 (ops/triton/moe_align.py, as the 16-bit and fp8 fused MoE), then two grouped GEMMs whose
 programs each multiply one block's gathered rows by tiles of its expert's weight dequantized
-in registers (`tl.dot`): gate and up together with silu(gate) * up in the epilogue, then down;
-the k slots of each token are summed with their routing weights in fp32.
+in registers (`tl.dot`): gate and up together with silu(gate) * up in the epilogue, then down,
+whose epilogue writes each assignment's output times its routing weight in fp32; the k slots
+of each token are then summed.
 
 With activation reordering (per-expert g_idx) every kernel reads each input feature's group
 from g_idx (HAS_GIDX) instead of k // GROUP. W4A8 (`act_int8`) rounds x and h through int8 per
@@ -45,7 +49,7 @@ SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment
 @triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW, top_k,
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
-                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
     """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n."""
     a, pid_n = tl.program_id(0), tl.program_id(1)
@@ -61,10 +65,10 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
     u_rows = g_rows + I
     qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
     gate = int4_rows_dot(qw + g_rows * stride_qn, x, s + g_rows * stride_sn, z + g_rows * stride_sn,
-                         g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N, SUB_C,
+                         g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N, SUB_C,
                          STEPS, dt)
     up = int4_rows_dot(qw + u_rows * stride_qn, x, s + u_rows * stride_sn, z + u_rows * stride_sn,
-                       g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N, SUB_C,
+                       g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N, SUB_C,
                        STEPS, dt)
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
@@ -76,7 +80,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
 def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, D, IW,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                 ROW_SCALE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
+                 SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
                  STEPS: tl.constexpr):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
@@ -93,7 +97,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
             ex = e.to(tl.int64)
             y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
                               s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
-                              g_ptr + ex * stride_ge, row_ok, 0, IW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE, EVEN, BLOCK_N,
+                              g_ptr + ex * stride_ge, row_ok, 0, IW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N,
                               SUB_C, STEPS, dt)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -119,11 +123,11 @@ def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, 
 
 @triton.jit
 def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP: tl.constexpr,
-              HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr, EVEN: tl.constexpr,
+              HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr,
               DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
     """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype)."""
     w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
-                                ROW_SCALE, EVEN, BLOCK_N, SUB_C, a_rows.dtype.element_ty)
+                                SCALES, EVEN, BLOCK_N, SUB_C, a_rows.dtype.element_ty)
     f = half_features(c0, SUB_C)
     a_mask = row_ok[:, None] & (f < 8 * KW)[None, :]
     a_lo = tl.load(a_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
@@ -135,7 +139,7 @@ def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GRO
 @triton.jit
 def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, n_assign, E, I,
                            DW, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
-                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                           GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                            EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
@@ -149,10 +153,10 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
         gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, DW, SUB_C):
-            gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX, ROW_SCALE,
+            gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES,
                              EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
             up = _tile_dot(x_rows, row_ok, up, up_qw, up_s, up_z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX,
-                           ROW_SCALE, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+                           SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
         gate = gate.to(dt).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
         tl.store(h_ptr + rows[:, None] * stride_ha + offs_n[None, :], (silu * up.to(dt).to(tl.float32)).to(dt),
@@ -160,9 +164,10 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
 
 
 @triton.jit
-def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E, D, IW,
+def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E,
+                        D, IW,
                         stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
-                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, ROW_SCALE: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                         EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
@@ -173,9 +178,11 @@ def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_pt
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, IW, SUB_C):
             acc = _tile_dot(h_ptr + rows * stride_ha, row_ok, acc, qw, s, z, g, n_ok, c0, IW, GROUP, HAS_ZP,
-                            HAS_GIDX, ROW_SCALE, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
-        tl.store(y_ptr + rows[:, None] * stride_ya + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+                            HAS_GIDX, SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+        # fp32 y[a] = routing weight * (the product rounded to h's dtype, the reference's output)
+        wt = tl.load(wts_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
+        tl.store(y_ptr + rows[:, None] * stride_ya + offs_n[None, :], y, mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _gidx(g_idx: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -186,14 +193,15 @@ def _gidx(g_idx: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[tor
     return g_idx, g_idx.stride(0), True
 
 
-def _matrix(w, scales, zeros, g_idx, group: int, words: int) -> dict:
-    """One stacked matrix's launch operands and its K-slice constants (SUB_C, ROW_SCALE, EVEN)."""
+def _matrix(w, scales, zeros, g_idx, group: int, words: int, min_k: int = 0) -> dict:
+    """One stacked matrix's launch operands and its K-slice constants (SUB_C, SCALES): slices of
+    `words` words (fewer where K has fewer, as if K were at least min_k)."""
     g, sg, has_g = _gidx(g_idx, w)
     kw = w.shape[2]
-    sub, row_scale = slice_words(kw * PACK, group, has_g, words)
+    sub, mode = slice_words(max(kw * PACK, min_k), group, has_g, words)
     return dict(ptrs=(w, scales, zeros if zeros is not None else scales, g),
                 strides=(w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), sg),
-                sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, ROW_SCALE=row_scale))
+                sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SCALES=mode))
 
 
 def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
@@ -205,15 +213,17 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     aligned = align_by_expert(topk_ids, e, bm)
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
-    y = torch.zeros(n_assign, d, dtype=x.dtype, device=x.device)       # rows of other EP ranks stay 0
+    y = torch.zeros(n_assign, d, dtype=torch.float32, device=x.device)  # rows of other EP ranks stay 0
+    wts = topk_weights.reshape(-1).contiguous()
     common = dict(DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
     for name, (w, s, z, g_idx, group, k_out, a_in, out) in {
             "gate_up": (w13, w13_scales, w13_zeros, w13_g_idx, groups[0], i, x, h),
             "down": (w2, w2_scales, w2_zeros, w2_g_idx, groups[1], d, h, y)}.items():
         mat = _matrix(w, s, z, g_idx, group, cfg["BLOCK_K"] // PACK)
-        sub = max(mat["sub"], 4)                   # each half of a step feeds tl.dot at least 16 columns
-        mat["consts"]["ROW_SCALE"] = mat["consts"]["ROW_SCALE"] and group % (PACK * sub) == 0
+        if mat["sub"] < 4:                         # each half of a step feeds tl.dot at least 16 columns
+            mat = _matrix(w, s, z, g_idx, group, 4, min_k=32)
+        sub = mat["sub"]
         kw = w.shape[2]
         grid = (aligned.num_blocks, triton.cdiv(k_out, bn))
         if name == "gate_up":
@@ -225,10 +235,9 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
                 h = int8_rows_roundtrip(h)
         else:
             _sorted_down_kernel[grid](
-                h, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, d, kw, h.stride(0),
+                h, aligned.sorted_ids, aligned.block_expert, wts, *mat["ptrs"], out, n_assign, e, d, kw, h.stride(0),
                 *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub, **mat["consts"], **common)
-    weighted = y.float().view(num_tokens, top_k, d) * topk_weights.float()[..., None]
-    return weighted.sum(1).to(x.dtype)
+    return y.view(num_tokens, top_k, d).sum(1).to(x.dtype)
 
 
 @register("fused_moe_int4", "triton")
