@@ -176,8 +176,16 @@ def _sorted_gate_up_kernel(xq_ptr, xs_ptr, sorted_ptr, block_expert_ptr, w_ptr, 
         tok = rows // TOP_K
         a_rows = xq_ptr + tok[:, None] * stride_xq
         g_cols = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
-        acc_g = _tile_dot_int8(a_rows, g_cols, row_ok, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc_u = _tile_dot_int8(a_rows, g_cols + I * stride_wn, row_ok, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K)
+        u_cols = g_cols + I * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        for k0 in range(0, D, BLOCK_K):          # one gathered activation tile for gate and up
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < D
+            a = tl.load(a_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            acc_g += tl.dot(a, tl.load(g_cols + offs_k[:, None], mask=w_ok, other=0), out_dtype=tl.int32)
+            acc_u += tl.dot(a, tl.load(u_cols + offs_k[:, None], mask=w_ok, other=0), out_dtype=tl.int32)
         s = ws_ptr + expert * stride_se
         sg = tl.load(s + offs_n, mask=n_ok, other=0.0)
         su = tl.load(s + I + offs_n, mask=n_ok, other=0.0)
