@@ -556,12 +556,10 @@ COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", 
 def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional[str]:
     """What of this speculative setup the engine cannot run yet (None: it runs): one pipeline
     stage, any TP (the MTP layer sharded like the target's), DP with one engine core per DP
-    rank (with EP every core runs the MTP layer k times a step); under
+    rank, spawned or Ray actors (with EP every core runs the MTP layer k times a step); under
     --async-scheduling drafting steps run synchronously (engine/spec_decode.needs_sync_step)."""
     if args.pipeline_parallel_size > 1:
         return "with pipeline parallelism (TP and DP only)"
-    if args.data_parallel_size > 1 and args.distributed_executor_backend == "ray":
-        return "with data parallel over Ray (one engine core per DP rank on the mp backend only)"
     return None
 
 

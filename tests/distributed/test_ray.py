@@ -55,6 +55,9 @@ import json, sys
 import ray
 from deepserve import LLM, SamplingParams
 
+# one-token lookups: the first prompt holds 37 distinct ids, so its outputs find matches and draft
+NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
+
 def run(model, **kw):
     llm = LLM(model, block_size=4, max_model_len=128, max_num_batched_tokens=16, data_parallel_size=2, **kw)
     try:
@@ -65,7 +68,8 @@ def run(model, **kw):
         engine = llm.engine
         return {"tokens": tokens, "executor": type(engine.executor).__name__,
                 "nodes": getattr(engine.executor, "nodes", None),
-                "pools": [(g["num_free_blocks"], g["num_blocks"], g["prefix_cache_queries"]) for g in engine._gauges]}
+                "pools": [(g["num_free_blocks"], g["num_blocks"], g["prefix_cache_queries"]) for g in engine._gauges],
+                "drafts": engine.gauges().get("spec_decode_num_drafts")}
     finally:
         llm.shutdown()
 
@@ -73,7 +77,8 @@ def main():
     ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1")
     model = sys.argv[2]
     out = {"mp_ep": run(model, enable_expert_parallel=True),
-           "ray_ep": run(model, enable_expert_parallel=True, distributed_executor_backend="ray"),
+           "ray_ep": run(model, enable_expert_parallel=True, distributed_executor_backend="ray",
+                         speculative_config=NGRAM),
            "ray": run(model, distributed_executor_backend="ray")}
     print(json.dumps(out))
 
@@ -83,9 +88,10 @@ if __name__ == "__main__":
 
 
 def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
-    """DP2 x EP2 and plain DP2 on a tiny DeepSeek-V3, every rank a Ray actor running its DP
-    rank's engine core: the greedy tokens of spawned-process DP2 x EP2 (chunked prefill, both
-    ranks busy), both ranks served, every block back in its pool after."""
+    """DP2 x EP2 (with n-gram speculative decoding) and plain DP2 on a tiny DeepSeek-V3, every
+    rank a Ray actor running its DP rank's engine core: the greedy tokens of spawned-process
+    DP2 x EP2 (chunked prefill, both ranks busy), both ranks served, every block back in its
+    pool after."""
     from tests.distributed.test_parallel_engine import tiny_deepseek
     model = tiny_deepseek(tmp_path / "dsv3")
     repo = str(Path(__file__).resolve().parents[2])
@@ -106,3 +112,4 @@ def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
         assert got["tokens"] == ref["tokens"], name
         for free, total, queries in got["pools"]:
             assert free == total and queries > 0, (name, got["pools"])
+    assert result["ray_ep"]["drafts"] > 0 and result["ray"]["drafts"] is None
