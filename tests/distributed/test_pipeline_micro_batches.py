@@ -6,6 +6,7 @@ logprobs), seeded sampling with n=2, stop strings and preemption by recompute in
 pool; an abort while its sequences are in flight frees their blocks, and every block comes
 back."""
 import pytest
+import torch
 
 from deepserve import LLM, SamplingParams
 from tests.conftest import DEMO_MODEL
@@ -95,5 +96,24 @@ def test_sampling_preemption_and_abort_with_micro_batches_in_flight():
         assert done == alone
         bm = engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_pp2_stage_graphs_give_one_gpu_greedy():
+    """Two GPUs over NCCL (fp32): each stage replays its decode graphs, two micro-batches are in
+    flight, and greedy tokens equal one GPU running eagerly."""
+    want, _, _ = _run(str(DEMO_MODEL), PROMPTS, GREEDY, dtype="float32", enforce_eager=True)
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=128, dtype="float32", pipeline_parallel_size=2)
+    try:
+        graphs = llm.engine.runner.graphs
+        assert graphs is not None and graphs.enabled and graphs.first and not graphs.last
+        replays, real = [], graphs.run_stage
+        graphs.run_stage = lambda *a, **k: (replays.append(1), real(*a, **k))[1]
+        got = [[(c.token_ids, c.text, c.finish_reason, []) for c in o.outputs] for o in llm.generate(PROMPTS, GREEDY)]
+        assert replays and llm.engine.micro_batches.most_in_flight == 2
+        assert got == want
     finally:
         llm.shutdown()
