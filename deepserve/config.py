@@ -556,12 +556,14 @@ COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", 
 
 
 def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional[str]:
-    """What of this speculative setup the engine cannot run yet (None: it runs): one pipeline
-    stage, any TP (the MTP layer sharded like the target's), DP with one engine core per DP
-    rank, spawned or Ray actors (with EP every core runs the MTP layer k times a step); under
+    """What of this speculative setup the engine cannot run yet (None: it runs): any TP (the MTP
+    layer sharded like the target's), DP with one engine core per DP rank, spawned or Ray actors
+    (with EP every core runs the MTP layer k times a step), and n-gram drafts over pipeline
+    stages (verify steps go through the stages one at a time, no micro-batches in flight); under
     --async-scheduling drafting steps run synchronously (engine/spec_decode.needs_sync_step)."""
-    if args.pipeline_parallel_size > 1:
-        return "with pipeline parallelism (TP and DP only)"
+    if args.pipeline_parallel_size > 1 and spec.method != "ngram":
+        return ("with pipeline parallelism for method mtp (the MTP layer and the hidden states it "
+                "drafts from are not placed on a stage yet; method ngram runs with it)")
     return None
 
 

@@ -4,7 +4,7 @@ once, and gives one process's outputs: greedy on stories260k and a tiny DeepSeek
 MoE), and on stories260k sampling parameters that read the token history (penalties,
 logprobs), seeded sampling with n=2, stop strings and preemption by recompute in a small
 pool; an abort while its sequences are in flight frees their blocks, and every block comes
-back."""
+back. n-gram speculative decoding over the stages equals plain decoding."""
 import pytest
 import torch
 
@@ -98,6 +98,25 @@ def test_sampling_preemption_and_abort_with_micro_batches_in_flight():
         assert bm.num_free_blocks == bm.num_blocks
     finally:
         llm.shutdown()
+
+
+def test_pp2_ngram_speculation_equals_plain():
+    """n-gram drafts over two stages: the verify step (each sequence's last token and its
+    drafts) goes through the stages like any step, drafts are accepted, and greedy tokens
+    equal plain decoding in one process."""
+    stories = ["Once upon a time", "Tom and Lily went to the park. Tom and Lily", "The dog saw a big red ball. The dog"]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    with LLM(str(DEMO_MODEL), block_size=4, max_model_len=128) as plain:
+        prompts = [{"prompt_token_ids": plain.get_tokenizer().encode(t)} for t in stories]
+        want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    with LLM(str(DEMO_MODEL), block_size=4, max_model_len=128, pipeline_parallel_size=2,
+             speculative_config=ngram) as llm:
+        assert llm.engine.micro_batches is None and llm.engine.spec is not None
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
 
 
 @pytest.mark.gpu

@@ -69,7 +69,8 @@ def test_engine_args_check_then_refuse_what_does_not_run_yet():
     assert EngineArgs(model=DEMO_MODEL, speculative_config=ngram, data_parallel_size=2).speculative_config == spec
     assert EngineArgs(model=DEMO_MODEL, speculative_config=ngram, data_parallel_size=2,
                       distributed_executor_backend="ray").speculative_config == spec
-    with pytest.raises(ValueError, match="not supported yet with pipeline parallelism.*"
+    assert EngineArgs(model=DEMO_MODEL, speculative_config=ngram, pipeline_parallel_size=2).speculative_config == spec
+    with pytest.raises(ValueError, match="not supported yet with pipeline parallelism for method mtp.*"
                                          "'num_speculative_tokens': 3"):
         EngineArgs(model="deepseek-r1", speculative_config={"method": "mtp", "num_speculative_tokens": 3},
                    pipeline_parallel_size=2)
