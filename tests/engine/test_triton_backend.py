@@ -8,7 +8,7 @@ from tests.conftest import DEMO_MODEL
 from tests.models.hf_reference import save_tiny
 
 pytest.importorskip("triton")
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)   # the prefill, then 4 decode steps
 PROMPTS = [{"prompt_token_ids": [1]}, {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11, 12, 13]}]
 
 
