@@ -142,10 +142,14 @@ def stage_modules(model, pctx: ParallelContext) -> list:
 
 
 def _materialize(module: torch.nn.Module, device: torch.device) -> None:
-    """Give a meta-built module real (uninitialised) storage on `device`. `to_empty` swaps in
-    new Parameter objects: the attributes set on the old ones (weight loaders, flags) move over."""
+    """Give a meta-built module real (uninitialised) storage on `device`: what `to_empty` does,
+    with `torch.empty` for contiguous tensors (the same layout) instead of its `empty_like`,
+    which for a meta tensor runs torch's Python reference and imports sympy (about a second of
+    every engine process's start). New Parameter objects are swapped in: the attributes set on
+    the old ones (weight loaders, flags) move over."""
     attrs = {n: dict(p.__dict__) for n, p in module.named_parameters()}
-    module.to_empty(device=device)
+    module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_contiguous()
+                  else torch.empty_like(t, device=device))
     for n, p in module.named_parameters():
         p.__dict__.update(attrs.get(n, {}))
     for sub in module.modules():
