@@ -234,7 +234,7 @@ def main() -> None:
     tokenizer = Path(args.tokenizer)
     folder = model_folder(args.preset, tokenizer, out / f"model-{args.preset_name}", json.loads(args.hf_overrides))
     if args.random_weights:
-        if not (folder / "model.safetensors.index.json").exists():
+        if not random_checkpoint.matches(folder):    # none yet, real weights, or written for another config
             t0 = time.time()
             nbytes = random_checkpoint.write(folder, "cuda" if device_name() != "cpu" else "cpu")
             print(f"== random checkpoint: {nbytes / 1e9:.1f} GB in {time.time() - t0:.0f} s", flush=True)

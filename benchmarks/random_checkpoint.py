@@ -6,12 +6,15 @@ MoE model's routing and so its speed.
 
 FOLDER holds the config.json (Llama, Qwen2, DeepSeek V2/V3 architectures); the weights are
 written beside it as model-0000N-of-0000M.safetensors plus model.safetensors.index.json, with
-the tensor names and shapes the Hub checkpoints use. Matrices are N(0, 0.02^2), norm weights 1,
-biases and DeepSeek-V3's routing correction bias 0. MTP layers are not written.
+the tensor names and shapes the Hub checkpoints use (Llama's `attention_bias` and `mlp_bias`
+biases included). Matrices are N(0, 0.02^2), norm weights 1, biases and DeepSeek-V3's routing
+correction bias 0. MTP layers are not written. The index records a hash of the config.json it
+was written for (`matches`), so a folder whose config changed since is written again.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,10 +30,18 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     if not cfg.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (v, d)
 
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+
     def mlp(prefix: str, inter: int) -> None:
         shapes[f"{prefix}.gate_proj.weight"] = (inter, d)
         shapes[f"{prefix}.up_proj.weight"] = (inter, d)
         shapes[f"{prefix}.down_proj.weight"] = (d, inter)
+        if mlp_bias:
+            shapes.update({f"{prefix}.gate_proj.bias": (inter,), f"{prefix}.up_proj.bias": (inter,),
+                           f"{prefix}.down_proj.bias": (d,)})
+
+    if arch.startswith("Deepseek") and (cfg.get("attention_bias") or mlp_bias):
+        raise ValueError(f"{arch}: attention_bias / mlp_bias checkpoints are not written here")
 
     for i in range(n_layers):
         p = f"model.layers.{i}"
@@ -71,9 +82,11 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
             shapes[f"{a}.k_proj.weight"] = (kvh * hd, d)
             shapes[f"{a}.v_proj.weight"] = (kvh * hd, d)
             shapes[f"{a}.o_proj.weight"] = (d, h * hd)
-            if arch.startswith("Qwen2"):
-                for n, rows in (("q", h * hd), ("k", kvh * hd), ("v", kvh * hd)):
-                    shapes[f"{a}.{n}_proj.bias"] = (rows,)
+            # Qwen2: q / k / v biases always; Llama's attention_bias: q / k / v and o
+            biased = (("q", h * hd), ("k", kvh * hd), ("v", kvh * hd)) if arch.startswith("Qwen2") else (
+                (("q", h * hd), ("k", kvh * hd), ("v", kvh * hd), ("o", d)) if cfg.get("attention_bias") else ())
+            for n, rows in biased:
+                shapes[f"{a}.{n}_proj.bias"] = (rows,)
             mlp(f"{p}.mlp", cfg["intermediate_size"])
     return shapes
 
@@ -84,6 +97,19 @@ def fill(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -
     if name.endswith("bias"):
         return torch.zeros(shape, dtype=torch.bfloat16)
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
+
+
+def config_hash(folder: Path) -> str:
+    return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+
+
+def matches(folder: Path) -> bool:
+    """Whether the folder holds a random checkpoint written for its current config.json."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return False
+    meta = json.loads(index.read_text()).get("metadata", {})
+    return meta.get("random_config_sha256") == config_hash(folder)
 
 
 def write(folder: Path, device: str = "cpu", shard_bytes: float = 5e9, seed: int = 0) -> int:
@@ -109,8 +135,11 @@ def write(folder: Path, device: str = "cpu", shard_bytes: float = 5e9, seed: int
         tmp.rename(folder / fname)
         total += sum(t.numel() * 2 for t in tensors.values())
         weight_map.update({n: fname for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    index = {"metadata": {"total_size": total, "random_config_sha256": config_hash(folder)},
+             "weight_map": weight_map}
+    tmp = folder / "model.safetensors.index.json.partial"
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.rename(folder / "model.safetensors.index.json")
     return total
 
 

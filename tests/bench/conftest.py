@@ -1,8 +1,9 @@
 """Fixtures for the bench tests: the fake OpenAI endpoint (fake_openai.py) in a subprocess,
-and the bench sub-command parser."""
+the bench sub-command parser, and benchmarks/ scripts imported as modules."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "deepseek-r1-distill-llama-8b"
 SERVING = SHARED / "datasets" / "serving"
 FAKE_SERVER = Path(__file__).resolve().parent / "fake_openai.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 # result JSON fields that tools written for `vllm bench serve` read
 EXPECTED_KEYS = {"date", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
                  "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
@@ -66,3 +68,11 @@ def parse_bench(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture
 def bench_args():
     return parse_bench
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

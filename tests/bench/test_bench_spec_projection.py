@@ -1,19 +1,15 @@
 """benchmarks/bench_spec.py's projection of MTP speedup from measured step costs (issue 18),
 on hand-computed numbers: tokens per step 1 + a + ... + a^k, speedup = E x plain / (verify +
 k x draft), R1's 56 extra MoE layers added at the plain and the verify row counts."""
-import importlib.util
 
 import pytest
 
-from tests.conftest import REPO
+from tests.bench.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_spec", REPO / "benchmarks" / "bench_spec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("bench_spec")
 
 
 def test_tokens_per_step(bench):
