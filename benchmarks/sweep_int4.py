@@ -4,7 +4,7 @@
     python benchmarks/sweep_int4.py --device cpu --tiny     # the script's logic, interpreted
 
 Cases, as benchmarks/bench_int4.py measures them (compressed-tensors W4A16: symmetric, groups
-of 128, bf16):
+of 128, bf16), the MoE ones first:
 - "gemv": the batch-1 projections of r1-distill-llama-8b (qkv, o_proj, gate_up, down), one row
   (`--r1` adds R1's q_b and o_proj);
 - "gemm": the 8b qkv shape at 1024 rows;
@@ -130,6 +130,41 @@ def main() -> int:
                                                 Path(args.config_dir) if args.config_dir else None)
                 print(f"  wrote {rules[-1]} to {path}", flush=True)
 
+    e, d, i, top_k = MOE if not tiny else (4, 128, 128, 2)
+    moe_kernels = [k for k in ("moe_gate_up", "moe_down", "moe_sorted") if k in kernels]
+    if moe_kernels:
+        moe = resolve("fused_moe_int4", "triton")[1]
+        layers = 2 if dev == "cuda" else 1        # >= 2 x 235 MB of experts per timed call: from HBM
+        experts = [(packed(2 * i, d, dev, e, gen), packed(d, i, dev, e, gen)) for _ in range(layers)]
+        stacked = [(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]),
+                    torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])) for w13, w2 in experts]
+        del experts
+        for kernel in moe_kernels:
+            tokens = 1 if kernel != "moe_sorted" else (256 if not tiny else 32) * e // top_k
+            x = torch.randn(tokens, d, generator=gen, device=dev).bfloat16()
+            ids = ([torch.randperm(e, generator=gen, device=dev)[:top_k][None].int() for _ in range(layers)]
+                   if tokens == 1 else
+                   [(torch.arange(tokens * top_k, device=dev) % e).view(tokens, top_k).int()] * layers)
+            wts = torch.rand(tokens, top_k, generator=gen, device=dev)
+
+            def run(x=x, ids=ids, wts=wts):
+                return [moe(x, w13, s13, None, w2, s2, None, wts, r, (GROUP, GROUP))
+                        for (w13, s13, w2, s2), r in zip(stacked, ids)]
+
+            def timer(fn):
+                return graph_time_ms(fn, reps=1) * 1e3 / layers
+
+            if tokens == 1:
+                nb = top_k * (packed_bytes(2 * i, d) + packed_bytes(d, i))
+                show = lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)"  # noqa: E731
+                cond = {"m": 1, "n": 2 * i if kernel == "moe_gate_up" else d, "k": d if kernel == "moe_gate_up" else i}
+            else:
+                flops = tokens * top_k * 6 * d * i
+                show = lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"  # noqa: E731
+                cond = {"m": tokens * top_k // e, "n": 2 * i, "k": d}
+            record(kernel, f"R1 EP8 rank, {tokens} tokens", cond, sweep(kernel, cond, grids[kernel], run, timer, show),
+                   show)
+
     linear = resolve("int4_linear", "triton")[1]
     for kernel, rows in (("gemv", 1), ("gemm", 1024)):
         if kernel not in kernels:
@@ -155,41 +190,6 @@ def main() -> int:
             cond = {"m": rows, "n": n, "k": k}
             record(kernel, f"{model} {proj} {n}x{k} rows {rows}", cond,
                    sweep(kernel, cond, grids[kernel], run, timer, show), show)
-
-    e, d, i, top_k = MOE if not tiny else (4, 128, 128, 2)
-    moe_kernels = [k for k in ("moe_gate_up", "moe_down", "moe_sorted") if k in kernels]
-    if moe_kernels:
-        moe = resolve("fused_moe_int4", "triton")[1]
-        layers = 2 if dev == "cuda" else 1        # >= 2 x 235 MB of experts per timed call: from HBM
-        experts = [(packed(2 * i, d, dev, e, gen), packed(d, i, dev, e, gen)) for _ in range(layers)]
-        stacked = [(torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13]),
-                    torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])) for w13, w2 in experts]
-        del experts
-        for kernel in moe_kernels:
-            tokens = 1 if kernel != "moe_sorted" else (256 if not tiny else 4) * e // top_k
-            x = torch.randn(tokens, d, generator=gen, device=dev).bfloat16()
-            ids = ([torch.randperm(e, generator=gen, device=dev)[:top_k][None].int() for _ in range(layers)]
-                   if tokens == 1 else
-                   [(torch.arange(tokens * top_k, device=dev) % e).view(tokens, top_k).int()] * layers)
-            wts = torch.rand(tokens, top_k, generator=gen, device=dev)
-
-            def run(x=x, ids=ids, wts=wts):
-                return [moe(x, w13, s13, None, w2, s2, None, wts, r, (GROUP, GROUP))
-                        for (w13, s13, w2, s2), r in zip(stacked, ids)]
-
-            def timer(fn):
-                return graph_time_ms(fn, reps=1) * 1e3 / layers
-
-            if tokens == 1:
-                nb = top_k * (packed_bytes(2 * i, d) + packed_bytes(d, i))
-                show = lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)"  # noqa: E731
-                cond = {"m": 1, "n": 2 * i if kernel == "moe_gate_up" else d, "k": d if kernel == "moe_gate_up" else i}
-            else:
-                flops = tokens * top_k * 6 * d * i
-                show = lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"  # noqa: E731
-                cond = {"m": tokens * top_k // e, "n": 2 * i, "k": d}
-            record(kernel, f"R1 EP8 rank, {tokens} tokens", cond, sweep(kernel, cond, grids[kernel], run, timer, show),
-                   show)
 
     print("\n| kernel | case | default | best | best setting |\n|---|---|---:|---:|---|")
     for row in summary:
