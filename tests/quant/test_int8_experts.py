@@ -133,8 +133,10 @@ def test_int8_experts_split_over_tp_and_ep_ranks_sum_to_the_whole():
     torch.testing.assert_close(ep[0](x, wts, ids) + ep[1](x, wts, ids), out, rtol=1e-6, atol=1e-6)
     # float checkpoint tensors are quantized at load with the converter's rule
     floats = _build(ckpt, e, d, i, ParallelContext(), float_weights=True)
-    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
-        torch.testing.assert_close(getattr(floats, name), getattr(whole, name), rtol=1e-6, atol=1)
+    for name in ("w13_weight", "w2_weight"):      # q * s quantized again: within one step of q
+        torch.testing.assert_close(getattr(floats, name), getattr(whole, name), rtol=0, atol=1)
+    for name in ("w13_weight_scale", "w2_weight_scale"):
+        torch.testing.assert_close(getattr(floats, name), getattr(whole, name), rtol=1e-6, atol=0)
 
 
 def test_experts_of_one_layer_with_different_types_are_refused(tmp_path):
