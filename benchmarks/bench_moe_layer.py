@@ -12,7 +12,7 @@ num_hidden_layers=5, first_k_dense_replace=3); its two MoE layers are built dire
 `DeepseekMoE` modules with random ("dummy") weights, and a step runs both, one after the
 other, so no layer's weights are still in L2 when it runs: the time per layer is half a step.
 fp8 quantizes the routed experts to e4m3 with 128x128 block scales (deepserve.quant.fp8,
-DeepSeek's recipe) passed as w13_scale/w2_scale to ops.fused_moe; the gate (fp32) and the
+DeepSeek's recipe) passed as w13_scale/w2_scale to the table's fused_moe; the gate (fp32) and the
 shared expert stay as they are in the checkpoint's layout here (bf16).
 
 Roofline: the bytes a step must read (gate weight, the weights and scales of every expert
@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from deepserve import ops  # noqa: E402
+from deepserve.ops import OpTable, bind  # noqa: E402
 from deepserve.config import load_hf_config  # noqa: E402
 from deepserve.distributed.parallel_state import single_process  # noqa: E402
 from deepserve.models.deepseek_v3 import DeepseekMoE, is_moe_layer  # noqa: E402
@@ -105,8 +105,9 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def build_layers(cfg, dtype_tag: str, device: torch.device, seed: int) -> list[dict]:
-    """The cut model's MoE layers with random weights; fp8 adds e4m3 experts + block scales."""
+def build_layers(cfg, dtype_tag: str, device: torch.device, seed: int, table: OpTable) -> list[dict]:
+    """The cut model's MoE layers with random weights, running `table`'s ops; fp8 adds e4m3
+    experts + block scales."""
     torch.manual_seed(seed)
     d, inter = cfg.hidden_size, cfg.moe_intermediate_size
     layers = []
@@ -115,6 +116,7 @@ def build_layers(cfg, dtype_tag: str, device: torch.device, seed: int) -> list[d
             continue
         with torch.device(device):
             moe = DeepseekMoE(cfg, torch.bfloat16, single_process())
+        bind(moe, table)
         moe.gate.weight.data.normal_(0, d ** -0.5)
         if moe.gate.e_score_correction_bias is not None:
             moe.gate.e_score_correction_bias.data.normal_(0, 0.01)
@@ -137,17 +139,17 @@ def build_layers(cfg, dtype_tag: str, device: torch.device, seed: int) -> list[d
 
 
 def moe_forward(layer: dict, x: torch.Tensor) -> torch.Tensor:
-    """DeepseekMoE.forward with the experts' scales passed through to ops.fused_moe."""
+    """DeepseekMoE.forward with the experts' scales passed through to the table's fused_moe."""
     moe = layer["moe"]
-    weights, ids = ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
-    out = ops.fused_moe(x, layer["w13"], layer["w2"], weights, ids, **layer["scales"])
+    weights, ids = moe.ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
+    out = moe.ops.fused_moe(x, layer["w13"], layer["w2"], weights, ids, **layer["scales"])
     return out + moe.shared_experts(x)
 
 
 def step_bytes(layer: dict, x: torch.Tensor) -> int:
     """Weight bytes one forward of `layer` over x must read: gate, touched experts, shared."""
     moe = layer["moe"]
-    _, ids = ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
+    _, ids = moe.ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
     hit = torch.unique(ids).tolist()
     per_expert = sum(t[0].numel() * t.element_size() for t in
                      [layer["w13"], layer["w2"], *layer["scales"].values()])
@@ -158,7 +160,7 @@ def step_bytes(layer: dict, x: torch.Tensor) -> int:
 
 def run_case(cfg, dtype_tag: str, batches: list[int], device: torch.device, bandwidth: float,
              args: argparse.Namespace, device_name: str, command: str) -> list[dict]:
-    layers = build_layers(cfg, dtype_tag, device, args.seed)
+    layers = build_layers(cfg, dtype_tag, device, args.seed, args.table)
     results = []
     for batch in batches:
         g = torch.Generator(device=device).manual_seed(args.seed + batch)
@@ -176,7 +178,7 @@ def run_case(cfg, dtype_tag: str, batches: list[int], device: torch.device, band
                "roofline_value": round(roofline_ms, 5), "ratio": round(layer_ms / roofline_ms, 4),
                "fraction_of_roofline": round(roofline_ms / layer_ms, 4),
                "active_weight_bytes": int(nbytes), "copy_bandwidth_gbs": round(bandwidth / 1e9, 2),
-               "ops_backend": ops.get_backend(), "timing": mode, "moe_layers_per_step": len(layers)}
+               "ops_backend": args.table.name, "timing": mode, "moe_layers_per_step": len(layers)}
         print(f"{res['name']:<28} {layer_ms:9.4f} ms/layer  roofline {roofline_ms:9.4f} ms "
               f"({nbytes / 1e6:8.1f} MB)  {res['fraction_of_roofline']:.1%} of roofline  [{mode}]")
         results.append(res)
@@ -215,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available (use --device cpu --tiny)")
-    ops.set_backend(args.ops or ("triton" if device.type == "cuda" else "torch"))
+    args.table = OpTable(args.ops or ("triton" if device.type == "cuda" else "torch"))
     cfg = load_hf_config("deepseek-r1", {**CUT, **(TINY if args.tiny else {})})
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     command = "python benchmarks/bench_moe_layer.py " + " ".join(sys.argv[1:] if argv is None else argv)
     bandwidth = copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (64 << 20))
     print(f"{device_name}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
-          f"ops backend {ops.get_backend()}")
+          f"ops backend {args.table.name}")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tag in args.dtypes.split(","):

@@ -67,7 +67,7 @@ import bench_engine as be  # noqa: E402
 from bench_moe_layer import graph_or_eager_ms  # noqa: E402
 from sweep_fused_moe import kernel_times  # noqa: E402
 
-from deepserve import LLM, ops  # noqa: E402
+from deepserve import LLM  # noqa: E402
 import deepserve.engine.model_runner as model_runner  # noqa: E402
 
 GIB = 1 << 30
@@ -177,7 +177,7 @@ def moe_read_bytes(moe, x: torch.Tensor) -> dict:
     """Weight bytes one DeepseekMoE forward over x reads: the experts its routing picks (each
     expert's slice of every stacked parameter: weights and block scales), the whole shared
     expert and the gate (fp32 weight + correction bias)."""
-    _, ids = ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
+    _, ids = moe.ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route)
     picked = int(torch.unique(ids).numel())
     per_expert = nbytes(p[0] for p in moe.experts.parameters())
     gate = nbytes(moe.gate.parameters())

@@ -6,9 +6,10 @@ a model, e.g. R1 to 3 dense + 2 MoE layers); --batch requests with a --prompt-le
 prefilled, then --steps decode steps run under torch.profiler (CUDA graphs on unless
 --enforce-eager; CUPTI reports the kernels a graph replay runs). Reported:
 
-  calls  op calls since the engine started (prefill, CUDA-graph capture, eager steps: a graph
-         replay calls no op) by (op, backend) (deepserve.ops.call_counts) and the share that ran
-         as Triton kernels (what /metrics' deepserve:triton_op_call_share says);
+  calls  op calls since the engine started (its start-up step, prefill, CUDA-graph capture, eager
+         steps: a graph replay calls no op; this script sets DEEPSERVE_OPS_COUNT=1 so the engine's
+         op table counts every call) by (op, backend) and the share that ran as Triton kernels
+         (what /metrics' deepserve:triton_op_call_share then says);
   time   GPU kernel time per step by kind and group as deepserve/ops/profile.py (what the
          engine's --ops-profile runs) attributes it (triton = deepserve's own Triton kernels,
          FlagGems' and any other live Triton kernel, found by name; blas = cuBLAS / cuDNN;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +37,8 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from kernel_table import print_kernels
 
-from deepserve import LLM, SamplingParams, ops
+from deepserve import LLM, SamplingParams
 from deepserve.ops.profile import OpsProfiler, aggregate
-from deepserve.ops.registry import call_totals
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -54,7 +55,6 @@ def measure(args, batch: int) -> dict:
         kw["hf_overrides"] = overrides
     if args.quantization:
         kw["quantization"] = args.quantization
-    ops.call_counts.clear()
     llm = LLM(args.model, **kw)
     engine = llm.engine
     vocab = engine.config.model.hf_config.vocab_size
@@ -69,14 +69,15 @@ def measure(args, batch: int) -> dict:
         engine.step()
     for _ in range(4):
         engine.step()
+    table = engine.runner.ops
     cuda = engine.platform.device().type == "cuda"
     profiler = OpsProfiler(cuda)
     with profiler.profiling(lambda: args.steps):
         for _ in range(args.steps):
             engine.step()
     # op calls since start (prefill, the graphs' capture, eager steps): graph replays call no op
-    calls = {f"{op}/{backend}": n for (op, backend), n in sorted(ops.call_counts.items())}
-    totals = call_totals()
+    calls = {f"{op}/{backend}": n for (op, backend), n in sorted(table.counts.items())}
+    totals = table.call_totals()
     agg = aggregate(profiler.last_records, args.steps, profiler.report.triton_names, top=args.top)
     kernel_us = agg["kernel_us_per_step"]
     result = {
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer 256-wide model of the preset (smoke check)")
     args = ap.parse_args()
+    os.environ["DEEPSERVE_OPS_COUNT"] = "1"     # the engines' op tables count every call since start
     RESULTS.mkdir(exist_ok=True)
     for batch in args.batch:
         r = measure(args, batch)

@@ -81,7 +81,7 @@ def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: in
         raise SystemExit("no piecewise graphs were captured (see the log): nothing to compare")
     t0 = time.perf_counter()
     if torch.cuda.is_available():
-        aliased = capture_for(runner.model, limit, runner.device, copy_outputs=False)
+        aliased = capture_for(runner.model, runner.ops, limit, runner.device, copy_outputs=False)
         if aliased is None:
             raise SystemExit("the copy_outputs=False capture failed (see the log)")
         kind = "captured"

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import deepserve.platforms as platforms
-from deepserve import LLM, SamplingParams, ops
+from deepserve import LLM, SamplingParams
 from deepserve.server.metrics import parse_metrics
 from tests.conftest import DEMO_MODEL
 from tests.server.conftest import launch
@@ -30,16 +30,13 @@ def chip_visible(monkeypatch):
     monkeypatch.setenv("DEEPSERVE_TESTCHIP", "1")
     monkeypatch.delenv("DEEPSERVE_OPS", raising=False)
     monkeypatch.delenv("USE_FLAGGEMS", raising=False)
-    yield
-    ops.set_backend("torch")
-    ops.call_counts.clear()
 
 
 def _greedy(device: str):
-    ops.call_counts.clear()
+    """The engine, its greedy texts and the op calls of its start-up step."""
     llm = LLM(str(DEMO_MODEL), device=device, max_model_len=128)
     texts = [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY)]
-    return llm, texts, dict(ops.call_counts)
+    return llm, texts, dict(llm.engine.runner.ops.counts)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def test_entry_point_platform_is_discovered(monkeypatch):
 def test_demo_model_on_the_test_platform_equals_cpu(cpu_texts, chip_visible):
     llm, got, chip_calls = _greedy("auto")                         # picked at start: the visible chip
     assert llm.engine.platform.name == "testchip"
-    assert ops.get_backend() == "testchip"
+    assert llm.engine.runner.ops.name == "testchip"
     assert got == cpu_texts
     # the chip's own kernels ran (norms, activation); ops it lacks ran the torch reference
     assert chip_calls[("fused_add_rms_norm", "testchip")] > 0 and chip_calls[("silu_and_mul", "testchip")] > 0

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 def op_rows() -> tuple[list[tuple[str, list[str]]], str | None]:
     """(op, backends) per op, and a note when the Triton kernels could not be loaded."""
-    from deepserve.ops.registry import op_table
+    from deepserve.ops.registry import op_backends
 
     note = None
     try:
@@ -52,7 +52,7 @@ def op_rows() -> tuple[list[tuple[str, list[str]]], str | None]:
         note = f"triton kernels unavailable: {exc}"
     has_flaggems = importlib.util.find_spec("flag_gems") is not None
     rows = []
-    for op, backends in op_table().items():
+    for op, backends in op_backends().items():
         rows.append((op, backends + (["flaggems"] if has_flaggems and "flaggems" not in backends else [])))
     return rows, note
 
@@ -98,7 +98,6 @@ def profile_model(args, backend: str) -> int:
     import json
 
     from deepserve import LLM
-    from deepserve.ops.registry import triton_share
 
     overrides = json.loads(args.hf_overrides) if args.hf_overrides else {}
     if not isinstance(overrides, dict):
@@ -111,7 +110,7 @@ def profile_model(args, backend: str) -> int:
             raise RuntimeError("the engine core ran in a process of its own (DEEPSERVE_ENGINE_CORE_PROCESS=1 or "
                                "data parallel): its --ops-profile report is in its log, not here; unset it")
         print(f"--ops {backend}, {args.profile} on {llm.engine.runner.device}: "
-              f"{100 * triton_share():.1f}% of op calls ran as Triton kernels")
+              f"{100 * llm.engine.runner.ops.triton_share():.1f}% of a counted step's op calls ran as Triton kernels")
         print(profiler.report.table(args.top))
     finally:
         llm.shutdown()

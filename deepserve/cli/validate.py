@@ -5,8 +5,11 @@
         [--max-abs-diff X] [--max-kl Y] [--output report.json]
 
 Setup A is the common engine flags plus --a's flags, setup B the common flags plus --b's
-(e.g. `--dtype bfloat16` vs `--quantization fp8`, `--tensor-parallel-size 1` vs `2`). Each
-runs in its own process, one after the other, so both may use the whole device. The report
+(e.g. `--dtype bfloat16` vs `--quantization fp8`, `--tensor-parallel-size 1` vs `2`). They
+run one after the other in this process (each engine has its own op table), so both may use
+the whole device; each runs in a process of its own with --concurrent (both at once),
+--setup-timeout (a process can be stopped), --isolate, or when a setup runs FlagGems (it
+patches aten for the whole process). The report
 gives top-1 agreement, "in top5" (each side's top-1 among the other's five largest logits),
 max |d logit| and mean KL(A||B) per prompt and over all positions.
 
@@ -58,7 +61,11 @@ def register(subparsers) -> None:
     v.add_argument("--setup-timeout", type=float, default=None,
                    help="Seconds one setup may take to load and score (default: no limit).")
     v.add_argument("--concurrent", action="store_true",
-                   help="Run both setups at once (when the device holds both); default: one after the other.")
+                   help="Run both setups at once, a process each (when the device holds both); default: one "
+                        "after the other.")
+    v.add_argument("--isolate", action="store_true",
+                   help="Run each setup in a process of its own (default: in this process unless --concurrent, "
+                        "--setup-timeout or FlagGems needs processes).")
     v.add_argument("--output", default=None, help="Write the full report as JSON here.")
     e = p.add_argument_group("common engine flags (vLLM names), shared by both setups")
     EngineArgs.add_cli_args(e)
@@ -112,8 +119,8 @@ def format_table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepserve.engine.validate import (Thresholds, check, compare_runs, load_prompts,
-                                           run_setups, summarize)
+    from deepserve.engine.validate import (Thresholds, check, compare_runs, load_prompts, process_reason,
+                                           run_in_process, run_setups, summarize)
 
     limits = Thresholds(args.max_top1_mismatch, args.max_abs_diff, args.max_kl)
     if args.setup_timeout is not None and args.setup_timeout <= 0:
@@ -121,9 +128,13 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.num_prompts)
     common = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
     setups = {name: setup_kwargs(name, common, flags) for name, flags in (("A", args.setup_a), ("B", args.setup_b))}
-    with tempfile.TemporaryDirectory(prefix="deepserve-validate-") as tmp:
-        results = run_setups({name: kwargs for name, (kwargs, _) in setups.items()}, prompts,
-                             Path(tmp), args.concurrent, args.setup_timeout)
+    engine_args = {name: kwargs for name, (kwargs, _) in setups.items()}
+    processes = process_reason(engine_args, args.concurrent, args.setup_timeout, args.isolate)
+    if processes is None:
+        results = run_in_process(engine_args, prompts)
+    else:
+        with tempfile.TemporaryDirectory(prefix="deepserve-validate-") as tmp:
+            results = run_setups(engine_args, prompts, Path(tmp), args.concurrent, args.setup_timeout)
     rows = compare_runs(results["A"], results["B"], prompts)
     summary = summarize(rows)
     failures = check(summary, limits)
@@ -133,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                           "score_seconds": results[name]["score_seconds"],
                           "truncated_prompts": results[name]["truncated"]}
                    for name, (kwargs, argv) in setups.items()},
+        "setup_processes": processes,     # why each setup had a process of its own (None: this one)
         "thresholds": dataclasses.asdict(limits), "summary": summary, "prompts": rows,
         "passed": not failures, "failures": failures,
     }

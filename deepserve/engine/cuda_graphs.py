@@ -29,7 +29,6 @@ import math
 
 import torch
 
-from deepserve import ops
 from deepserve.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("deepserve")
@@ -43,12 +42,12 @@ class CudaGraphRunner:
         spec = runner.config.speculative
         rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
         self.sizes = sorted(s for s in sizes if s <= rows) or [1]
-        self.enabled = ops.get_backend() == "triton"
+        self.enabled = runner.ops.backend == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pctx = runner.pctx
         self.dp_size = pctx.dp_size if pctx.moe_dp_exchange else 1
         if not self.enabled:
-            logger.info("CUDA graphs off: ops backend %s syncs with the host", ops.get_backend())
+            logger.info("CUDA graphs off: ops backend %s syncs with the host", runner.ops.name)
             return
         dev = runner.device
         self.max_bs = self.sizes[-1]

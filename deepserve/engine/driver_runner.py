@@ -62,7 +62,7 @@ class DriverRunner(ModelRunner):
                  local_rank: int = 0, eos_token_ids: set[int] = frozenset(),
                  publish: Optional[Callable[[object], None]] = None):
         super().__init__(config, platform, pctx, local_rank)
-        self.sampler = Sampler(set(eos_token_ids), self.vocab_size)
+        self.sampler = Sampler(set(eos_token_ids), self.vocab_size, self.ops)
         # sends each step to the other ranks of this DP rank (multi-process executors)
         self.publish = publish or (lambda msg: None)
         # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the

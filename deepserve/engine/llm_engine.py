@@ -34,7 +34,6 @@ from deepserve.engine.sequence import Sequence
 from deepserve.engine.spec_decode import make_spec_decoder, needs_sync_step, run_speculative_step
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.ops.profile import OpsProfiler
-from deepserve.ops.registry import call_totals
 from deepserve.platforms import get_platform
 
 logger = logging.getLogger("deepserve")
@@ -310,7 +309,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             **(self.spec.stats.counters() if self.spec is not None else {}),
-            **call_totals(),  # this rank's op calls, all and as Triton kernels
+            **self.runner.ops.call_totals(),  # this rank's counted op calls, all and as Triton kernels
             **(self.ops_profiler.gauges() if self.ops_profiler is not None else {}),
             **self.stats,
         }

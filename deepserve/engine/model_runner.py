@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from deepserve import ops
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
 from deepserve.engine.input_staging import InputStaging, to_device_async
@@ -36,6 +35,7 @@ from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
+from deepserve.ops import OpTable
 from deepserve.distributed.plan_bytes import Layout, weight_breakdown
 from deepserve.platforms import Platform
 
@@ -76,14 +76,14 @@ class ModelRunner:
         self.config = config
         self.platform = platform
         self.device = platform.device(local_rank)
-        backend = platform.default_ops if config.ops == "auto" else config.ops
-        ops.set_backend(backend)
+        # this model's op functions, resolved once (DESIGN invariant 6)
+        self.ops = OpTable(platform.default_ops if config.ops == "auto" else config.ops)
         self.timings: dict[str, float] = {}
         torch.manual_seed(config.model.seed)
 
         t0 = time.perf_counter()
         self.pctx = pctx or ParallelContext()
-        self.model = load_model(config.model, self.device, self.pctx)
+        self.model = load_model(config.model, self.device, self.pctx, self.ops)
         self.timings["load_s"] = time.perf_counter() - t0
         self.weight_bytes = held_weight_bytes(self.model)
         logger.info("weights on this rank: %s allocated, %s", _bytes(self.weight_bytes),
@@ -122,6 +122,7 @@ class ModelRunner:
         self.staging = InputStaging(self.device)
         self.graphs = None
         self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
+        self._count_op_calls()
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
         if (self.device.type == "cuda" and not config.enforce_eager and self.pctx.pp_size > 1
                 and not self.pctx.moe_dp_exchange and config.cudagraph_mode != "PIECEWISE"):
@@ -142,11 +143,11 @@ class ModelRunner:
                     self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
             if config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE") and not self.pctx.moe_dp_exchange:
                 from deepserve.engine.piecewise_graphs import capture_for
-                self.piecewise = capture_for(self.model, config.piecewise_max_tokens, self.device)
+                self.piecewise = capture_for(self.model, self.ops, config.piecewise_max_tokens, self.device)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
-        logger.info("model %s on %s (%s, ops=%s, %.0f%% of op calls so far ran as Triton kernels): "
+        logger.info("model %s on %s (%s, ops=%s, %.0f%% of a counted step's op calls ran as Triton kernels): "
                     "%d KV blocks of %d tokens (%d tokens in %s); %s", config.model.architecture, self.device,
-                    self.dtype, ops.get_backend(), 100 * ops.triton_share(), self.num_blocks, self.block_size,
+                    self.dtype, self.ops.name, 100 * self.ops.triton_share(), self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, str(self.kv_dtype).replace("torch.", ""),
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
 
@@ -212,6 +213,21 @@ class ModelRunner:
         free, total = self.platform.memory_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_by_others))
+
+    @torch.inference_mode()
+    def _count_op_calls(self) -> None:
+        """One step counted through the op table (`ops.call_totals`: the start-up log and
+        /metrics): a decode row and a 3-token prompt chunk, the two paths of a mixed step. It
+        writes no cache slot; every rank runs it (TP, PP and the MoE exchange need them all)."""
+        chunk = min(3, self.config.scheduler.max_model_len)
+        seq_lens = [min(2, chunk), chunk]
+        table = [b % self.num_blocks for b in range(math.ceil(chunk / self.block_size))]
+        positions = np.concatenate([np.arange(seq_lens[0] - 1, seq_lens[0]), np.arange(chunk)])
+        inputs = StepInputs(ids=[0] * (1 + chunk), positions=positions, slots=np.full(1 + chunk, -1),
+                            q_lens=[1, chunk], seq_lens=seq_lens, tables=[table, table],
+                            logits_rows=[0, chunk], num_decodes=1)
+        with self.ops.counting():
+            self.forward_logits(*self.to_device(inputs))
 
     # ------------------------------------------------------------------ one forward
     def to_device(self, h: StepInputs):

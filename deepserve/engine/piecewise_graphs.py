@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from deepserve import ops
+from deepserve.ops import OpTable
 from deepserve.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("deepserve")
@@ -231,12 +231,12 @@ class PiecewiseGraphs:
         held[i] = {name: alias(t) for name, t in held[i].items()}
 
 
-def capture_for(model: torch.nn.Module, max_tokens: int, device: torch.device,
+def capture_for(model: torch.nn.Module, ops: OpTable, max_tokens: int, device: torch.device,
                 copy_outputs: bool = True) -> Optional[PiecewiseGraphs]:
     """The model's piecewise graphs, captured (None, with the reason logged, where they cannot
-    be: the ops backend syncs with the host, the model does not split, or capture fails)."""
-    if ops.get_backend() != "triton":
-        logger.info("piecewise CUDA graphs off: ops backend %s syncs with the host", ops.get_backend())
+    be: its op table's backend syncs with the host, the model does not split, or capture fails)."""
+    if ops.backend != "triton":
+        logger.info("piecewise CUDA graphs off: ops backend %s syncs with the host", ops.name)
         return None
     if not splittable(model):
         logger.info("piecewise CUDA graphs off: %s does not split at its attention", type(model).__name__)

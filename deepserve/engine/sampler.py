@@ -1,5 +1,5 @@
 """From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, grammar
-bitmasks, logprobs, then `ops.sample`.
+bitmasks, logprobs, then the model's `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.sequence import Sequence
 
@@ -90,9 +90,10 @@ def apply_allowed_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Te
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int], vocab_size: int):
+    def __init__(self, eos_token_ids: set[int], vocab_size: int, ops: OpTable = REFERENCE_OPS):
         self.eos_token_ids = sorted(eos_token_ids)
         self.vocab_size = vocab_size
+        self.ops = ops
         # each structured-output sequence's grammar state, dropped with the sequence
         self._grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fill_bitmask = None
@@ -167,4 +168,4 @@ class Sampler:
             if s.generator is not None:  # seeded: the request's own stream
                 noise[i] = to_device_async(torch.empty(logits.shape[1]).exponential_(1, generator=s.generator),
                                            torch.float32, dev)
-        return ops.sample(logits, temperature, top_k, top_p, min_p, noise)
+        return self.ops.sample(logits, temperature, top_k, top_p, min_p, noise)

@@ -1,14 +1,16 @@
 """Logit-level consistency of two engine setups on the same prompts (`deepserve validate`).
 
 A setup is a set of engine arguments (e.g. `ops=torch` vs `ops=triton`, bf16 vs fp8,
-`tensor_parallel_size` 1 vs 2). Each runs in its own subprocess, because the operator
-backend and the distributed state are process-global:
+`tensor_parallel_size` 1 vs 2). Each builds its engine and scores every prompt position with
+`LLM.prompt_logits`. The two run in this process one after the other (each engine resolves
+its own op table), unless something needs a process per setup (`process_reason`): running
+both at once (--concurrent), stopping one that overruns (--setup-timeout), FlagGems (it
+patches aten for the whole process), or asking for it (--isolate). A setup process
 
     python -m deepserve.engine.validate --worker SPEC.json
 
-reads the engine arguments and prompts from SPEC.json, scores every prompt position with
-`LLM.prompt_logits` and writes the logits with `torch.save`. The parent then compares the
-two sets position by position:
+reads the engine arguments and prompts from SPEC.json and writes the logits with
+`torch.save`. The two sets are then compared position by position:
 
 - top-1 agreement: the share of positions whose argmax is the same in A and B;
 - max |d logit|: the largest absolute logit difference anywhere;
@@ -196,7 +198,76 @@ def check(summary: dict[str, Any], limits: Thresholds) -> list[str]:
     return failures
 
 
-# --------------------------------------------------------------------------- subprocesses
+# --------------------------------------------------------------------------- running the setups
+def score_setup(engine_args: dict, prompts: list[Prompt]) -> dict:
+    """Build the engine of one setup, score the prompts (each cut to what one step takes) and
+    shut the engine down: token ids, logits (fp32, CPU), timings, how many prompts were cut."""
+    from deepserve import LLM
+
+    start = time.perf_counter()
+    with LLM(**engine_args) as llm:             # shut down on the way out, failed or not
+        load_s = time.perf_counter() - start
+        engine = llm.engine
+        limit = min(engine.max_model_len, engine.config.scheduler.max_num_batched_tokens)
+        token_ids, truncated = [], 0
+        for prompt in prompts:
+            ids = engine.tokenize_prompt(prompt)[1]
+            if not ids:
+                raise ValueError(f"prompt {prompt_label(prompt)!r} has no tokens")
+            truncated += len(ids) > limit
+            token_ids.append(ids[:limit])
+        start = time.perf_counter()
+        logits = [t.float().cpu().contiguous() for t in llm.prompt_logits([{"prompt_token_ids": ids}
+                                                                          for ids in token_ids])]
+        score_s = time.perf_counter() - start
+    return {"token_ids": token_ids, "logits": logits, "load_seconds": load_s, "score_seconds": score_s,
+            "truncated": truncated}
+
+
+def release_device_memory() -> None:
+    """Free what a finished engine left: its model and CUDA graphs sit in reference cycles."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def process_reason(setups: dict[str, dict], concurrent: bool, timeout: Optional[float],
+                   isolate: bool = False) -> Optional[str]:
+    """Why the setups must run in processes of their own, or None (both run in this one)."""
+    if isolate:
+        return "--isolate asks for it"
+    if concurrent:
+        return "--concurrent runs the setups at once"
+    if timeout is not None:
+        return "--setup-timeout stops a setup that overruns, which only a process allows"
+    from deepserve.config import EngineArgs
+    from deepserve.platforms import get_platform
+    for name, kwargs in setups.items():
+        args = EngineArgs(**kwargs)
+        ops = get_platform(args.device).default_ops if args.ops == "auto" else args.ops
+        if ops == "flaggems":
+            return f"setup {name} runs FlagGems, which patches aten for the whole process"
+    return None
+
+
+def run_in_process(setups: dict[str, dict], prompts: list[Prompt]) -> dict[str, dict]:
+    """Results of each named setup, built and scored in this process one after the other; a
+    setup that fails is a ValueError naming it, in one line."""
+    results = {}
+    for name, kwargs in setups.items():
+        try:
+            results[name] = score_setup(kwargs, prompts)
+            release_device_memory()       # the next setup may use the whole device
+        except Exception as exc:  # noqa: BLE001  (any failure is the setup's, reported as one line)
+            if os.environ.get("DEEPSERVE_DEBUG"):
+                raise
+            raise ValueError(f"setup {name} failed: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
+    return results
+
+
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 
 
@@ -262,8 +333,9 @@ class SetupProcess:
 
 def run_setups(setups: dict[str, dict], prompts: list[Prompt], workdir: Path,
                concurrent: bool = False, timeout: Optional[float] = None) -> dict[str, dict]:
-    """Results of each named setup; one process after the other (each may then use the
-    whole device), or all at once when `concurrent`. `timeout` bounds each setup."""
+    """Results of each named setup, each in a process of its own: one process after the other
+    (each may then use the whole device), or all at once when `concurrent`. `timeout` bounds
+    each setup."""
     results: dict[str, dict] = {}
     started: list[SetupProcess] = []
     try:
@@ -287,26 +359,8 @@ def _worker(spec_path: str) -> int:
     """Subprocess side: build the engine, score the prompts, save the logits."""
     import torch
 
-    from deepserve import LLM
-
     spec = json.loads(Path(spec_path).read_text())
-    start = time.perf_counter()
-    llm = LLM(**spec["engine_args"])
-    load_s = time.perf_counter() - start
-    engine = llm.engine
-    limit = min(engine.max_model_len, engine.config.scheduler.max_num_batched_tokens)
-    token_ids, truncated = [], 0
-    for prompt in spec["prompts"]:
-        ids = engine.tokenize_prompt(prompt)[1]
-        if not ids:
-            raise ValueError(f"prompt {prompt_label(prompt)!r} has no tokens")
-        truncated += len(ids) > limit
-        token_ids.append(ids[:limit])
-    start = time.perf_counter()
-    logits = llm.prompt_logits([{"prompt_token_ids": ids} for ids in token_ids])
-    result = {"token_ids": token_ids, "logits": [t.float().cpu().contiguous() for t in logits],
-              "load_seconds": load_s, "score_seconds": time.perf_counter() - start,
-              "truncated": truncated}
+    result = score_setup(spec["engine_args"], spec["prompts"])
     out = Path(spec["output"])
     tmp = out.with_suffix(".tmp")
     torch.save(result, tmp)

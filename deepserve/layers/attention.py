@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 
 
 @dataclass
@@ -42,6 +42,8 @@ class Attention(nn.Module):
     The model runner allocates the pool from `kv_cache_shapes` and sets `self.kv_cache`
     to [k_cache, v_cache], each [num_blocks, block_size, num_kv_heads, dim]."""
 
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
                  v_head_dim: int | None = None):
         super().__init__()
@@ -69,19 +71,19 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache
         # the scales apply to e4m3 pools only (vLLM's rule); a 16-bit pool holds K/V as they are
         ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
-        ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         n_dec = meta.num_decodes
         if 0 < n_dec < meta.num_seqs and meta.max_query_len > 1:
             # a mixed step: the decode rows on the decode kernel (split over the context), the
             # prompt chunks on the prefill kernel, whose query tiles a one-token row would waste
-            dec = ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
-                                      meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
-                                      meta.max_seq_len, k_scale=ks, v_scale=vs)
-            pre = ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
-                                      meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
-                                      meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs)
+            dec = self.ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
+                                           meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
+                                           meta.max_seq_len, k_scale=ks, v_scale=vs)
+            pre = self.ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
+                                           meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
+                                           meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs)
             return torch.cat((dec, pre)).flatten(1)
-        out = ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
-                                  k_scale=ks, v_scale=vs)
+        out = self.ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                       meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
+                                       k_scale=ks, v_scale=vs)
         return out.flatten(1)

@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, single_process
 
 
 class VocabParallelEmbedding(nn.Module):
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype = torch.float32,
                  pctx: Optional[ParallelContext] = None):
         super().__init__()
@@ -53,6 +55,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits = hidden @ W^T over the vocab; may share its weight with the embedding."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(hidden, self.weight)
+        logits = self.ops.linear(hidden, self.weight)
         logits = self.pctx.tp_all_gather(logits)
         return logits[:, :self.vocab_size]

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 
 
@@ -32,7 +32,7 @@ def check_shape(name: str, param: torch.Tensor, loaded: torch.Tensor) -> None:
 
 
 class UnquantizedLinearMethod:
-    """Weight in the model dtype, y = ops.linear(x, W, b)."""
+    """Weight in the model dtype, y = layer.ops.linear(x, W, b)."""
 
     def create_weights(self, layer: "LinearBase", params_dtype: torch.dtype,
                        device: Optional[torch.device] = None) -> None:
@@ -42,10 +42,12 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: "LinearBase", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.linear(x, layer.weight, bias)
+        return layer.ops.linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, in_features: int, out_features: int, bias: bool, params_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -41,6 +41,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLAAttention(nn.Module):
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
                  rotary_emb: RotaryEmbedding, scale: float, attention_bias: bool = False,
@@ -108,10 +110,10 @@ class MLAAttention(nn.Module):
         """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
         -> [n, H, v]."""
         s = self.pool_scale(pool)
-        out_lat = ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
-                                      meta.query_start_loc[:n + 1], meta.seq_lens[:n],
-                                      meta.block_tables[:n], self.scale, 1, meta.max_seq_len, k_scale=s, v_scale=s)
-        return ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
+        out_lat = self.ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
+                                           meta.query_start_loc[:n + 1], meta.seq_lens[:n],
+                                           meta.block_tables[:n], self.scale, 1, meta.max_seq_len, k_scale=s, v_scale=s)
+        return self.ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
 
     def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
         """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
@@ -136,9 +138,9 @@ class MLAAttention(nn.Module):
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
         new_tables = torch.zeros_like(tables)
         new_tables[used] = torch.arange(k.shape[0], device=tables.device)
-        return ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, meta.seq_lens[first:],
-                                   new_tables.to(meta.block_tables.dtype), self.scale,
-                                   meta.max_query_len, meta.max_seq_len)
+        return self.ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, meta.seq_lens[first:],
+                                        new_tables.to(meta.block_tables.dtype), self.scale,
+                                        meta.max_query_len, meta.max_seq_len)
 
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -150,7 +152,7 @@ class MLAAttention(nn.Module):
         kv_a [T, C + rope] (the latent before its norm, k_pe before its rotation)."""
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         if self.q_kv_a_pair:
-            q, kv_a = ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
+            q, kv_a = self.ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
         else:
             q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
         if self.q_lora_rank is not None:
@@ -168,15 +170,15 @@ class MLAAttention(nn.Module):
         w_uk, w_uv, norm = self.w_uk, self.w_uv, self.kv_a_layernorm
         n_dec = meta.num_decodes
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
-            q_abs = ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
-                                        norm.weight, norm.eps, pool, meta.slot_mapping,
-                                        kv_scale=self.pool_scale(pool))                  # [n, H, C + rope]
+            q_abs = self.ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
+                                             norm.weight, norm.eps, pool, meta.slot_mapping,
+                                             kv_scale=self.pool_scale(pool))                  # [n, H, C + rope]
             return self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1)
-        ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
-                         meta.slot_mapping, kv_scale=self.pool_scale(pool))
+        self.ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
+                              meta.slot_mapping, kv_scale=self.pool_scale(pool))
         out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)
         if n_dec:
-            q_abs = ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
+            q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
             out[:n_dec] = self._decode(q_abs, w_uv, pool, meta, n_dec)
         if n_dec < meta.num_seqs:
             q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)

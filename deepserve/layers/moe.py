@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers import moe_exchange
 from deepserve.quant.fp8 import FP8_DTYPE, quant_fp8_block
@@ -48,6 +48,8 @@ SCALE_SUFFIX = "_scale_inv"
 class MoEGate(nn.Module):
     """Router logits in fp32: x [T, D] -> [T, E]."""
 
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, hidden_size: int, num_experts: int, with_correction_bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=torch.float32),
@@ -59,7 +61,7 @@ class MoEGate(nn.Module):
             self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight)      # fp32 weight: fp32 logits
+        return self.ops.linear(x, self.weight)      # fp32 weight: fp32 logits
 
 
 class UnquantizedExperts:
@@ -68,7 +70,7 @@ class UnquantizedExperts:
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, **shared) -> torch.Tensor:
         """`shared`: the shared-expert weights ops.fused_moe adds (FusedMoE.forward)."""
-        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids, **shared)
+        return moe.ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids, **shared)
 
 
 class Fp8Experts:
@@ -77,12 +79,14 @@ class Fp8Experts:
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, **shared) -> torch.Tensor:
         """`shared`: the shared-expert weights (e4m3, with scales) ops.fused_moe adds."""
-        return ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
-                             w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv, **shared)
+        return moe.ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
+                                 w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv, **shared)
 
 
 class FusedMoE(nn.Module):
     """Routed SwiGLU experts with stacked weights: (x [T, D], weights [T, k], ids [T, k]) -> [T, D]."""
+
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  params_dtype: torch.dtype = torch.float32, pctx: Optional[ParallelContext] = None,

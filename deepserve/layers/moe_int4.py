@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
 from deepserve.ops.int4 import PACK
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
 
@@ -158,9 +157,9 @@ class Int4Experts:
               topk_ids: torch.Tensor) -> torch.Tensor:
         w13 = [self.param(moe, "w13", r) for r in ("qweight", "scales", "qzeros")]
         w2 = [self.param(moe, "w2", r) for r in ("qweight", "scales", "qzeros")]
-        return ops.fused_moe_int4(x, *w13, *w2, topk_weights, topk_ids, self.groups,
-                                  self.param(moe, "w13", "g_idx"), self.param(moe, "w2", "g_idx"),
-                                  act_int8=self.spec.activations == "int8-token")
+        return moe.ops.fused_moe_int4(x, *w13, *w2, topk_weights, topk_ids, self.groups,
+                                      self.param(moe, "w13", "g_idx"), self.param(moe, "w2", "g_idx"),
+                                      act_int8=self.spec.activations == "int8-token")
 
 
 _EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")

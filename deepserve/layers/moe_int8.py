@@ -22,7 +22,6 @@ import re
 import torch
 from torch import nn
 
-from deepserve import ops
 from deepserve.quant.int8 import quant_int8_per_channel
 
 
@@ -88,8 +87,8 @@ class Int8Experts:
 
     def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-        return ops.fused_moe_int8(x, moe.w13_weight, moe.w13_weight_scale, moe.w2_weight, moe.w2_weight_scale,
-                                  topk_weights, topk_ids)
+        return moe.ops.fused_moe_int8(x, moe.w13_weight, moe.w13_weight_scale, moe.w2_weight, moe.w2_weight_scale,
+                                      topk_weights, topk_ids)
 
 
 _EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")

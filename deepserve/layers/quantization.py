@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops.quant import FP8_GROUP
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
                                      RowParallelLinear, UnquantizedLinearMethod, check_shape)
 from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quant_fp8_block
@@ -143,9 +143,9 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
     scale_name = "weight_scale_inv"
 
     def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK):
-        if tuple(block)[1] != ops.quant.FP8_GROUP:
+        if tuple(block)[1] != FP8_GROUP:
             raise ValueError(f"fp8 weight_block_size {list(block)}: the K block must be "
-                             f"{ops.quant.FP8_GROUP} (the activation group size)")
+                             f"{FP8_GROUP} (the activation group size)")
         self.block = tuple(block)
 
     def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
@@ -187,7 +187,7 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
         layer.weight_scale_inv.data.copy_(scale.repeat_interleave(self.block[0], 0)[:n])
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, bias)
+        return layer.ops.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, bias)
 
 
 class Int8W8A8LinearMethod(_QuantizedLinearMethod):
@@ -217,7 +217,7 @@ class Int8W8A8LinearMethod(_QuantizedLinearMethod):
             layer.weight_loader(param, loaded, shard_id)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
+        return layer.ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
 def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK):

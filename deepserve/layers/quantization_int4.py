@@ -24,7 +24,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from deepserve import ops
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
 from deepserve.layers.quantization import full_cols, full_rows, is_quantized_module
 from deepserve.ops.int4 import PACK
@@ -37,8 +36,8 @@ class Int4LinearMethod:
 
     def __init__(self, spec: Int4Spec):
         self.spec = spec
-        # the GEMM, chosen once from the checkpoint's activation scheme
-        self.gemm = ops.w4a8_linear if spec.activations == "int8-token" else ops.int4_linear
+        # the GEMM's op, chosen once from the checkpoint's activation scheme
+        self.gemm = "w4a8_linear" if spec.activations == "int8-token" else "int4_linear"
 
     def param(self, layer: LinearBase, role: str) -> Optional[nn.Parameter]:
         name = self.spec.names.get(role)
@@ -119,7 +118,7 @@ class Int4LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, s, z, g = (self.param(layer, r) for r in ("qweight", "scales", "qzeros", "g_idx"))
-        return self.gemm(x, q, s, z, g, self.group_size, bias)
+        return getattr(layer.ops, self.gemm)(x, q, s, z, g, self.group_size, bias)
 
 
 def checkpoint_names(model: nn.Module, name: str) -> list[str]:

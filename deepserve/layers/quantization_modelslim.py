@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
 from deepserve.layers.moe_int8 import int8_experts, is_routed_expert
 from deepserve.layers.quantization import Int8W8A8LinearMethod, is_quantized_module
@@ -68,8 +67,8 @@ class ModelSlimW8A8StaticMethod(Int8W8A8LinearMethod):
         param.seen = True
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.int8_static_linear(x, layer.weight, layer.weight_scale, layer.input_scale,
-                                      layer.input_offset, layer.quant_bias)
+        return layer.ops.int8_static_linear(x, layer.weight, layer.weight_scale, layer.input_scale,
+                                            layer.input_offset, layer.quant_bias)
 
 
 def quantize_modelslim_linears(model: nn.Module, desc: dict) -> list[str]:

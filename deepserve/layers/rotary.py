@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -83,6 +83,8 @@ def _yarn_inv_freq(dim: int, base: float, s: dict, max_position: int) -> tuple[t
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to the first `rotary_dim` dims of q and k."""
 
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, rotary_dim: int, max_position: int, base: float,
                  rope_scaling: Optional[dict] = None, is_neox_style: bool = True):
         super().__init__()
@@ -122,8 +124,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, Hk, D]; rotates q[..., :rotary_dim] and k[..., :rotary_dim]."""
         if self.rotary_dim == q.shape[-1]:
-            return ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox_style)
+            return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox_style)
         rd = self.rotary_dim
-        q_rot, k_rot = ops.rotary_embedding(positions, q[..., :rd], k[..., :rd], self.cos_sin_cache,
+        q_rot, k_rot = self.ops.rotary_embedding(positions, q[..., :rd], k[..., :rd], self.cos_sin_cache,
                                             self.is_neox_style)
         return torch.cat((q_rot, q[..., rd:]), -1), torch.cat((k_rot, k[..., rd:]), -1)

@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.config import HFConfig
 from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.attention import AttentionMetadata
@@ -81,6 +81,8 @@ def _fp8_block_128(linear) -> bool:
 class DeepseekMoE(nn.Module):
     """Routed experts plus the shared experts beside them: x [T, D] -> [T, D]."""
 
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, cfg: HFConfig, dtype: torch.dtype, pctx: ParallelContext):
         super().__init__()
         self.route = routing_settings(cfg)
@@ -126,7 +128,7 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor, dp_num_tokens: Optional[list[int]] = None) -> torch.Tensor:
         # the gate and the shared experts see this DP rank's tokens only; with DP attention +
         # EP the routed experts exchange tokens across the DP group (layers/moe.py)
-        weights, ids = ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
+        weights, ids = self.ops.moe_route(self.gate(x), self.gate.e_score_correction_bias, **self.route)
         if self.shared_in_experts:
             return self.experts(x, weights, ids, dp_num_tokens, **self.shared_kwargs)
         out = self.experts(x, weights, ids, dp_num_tokens)

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.config import HFConfig
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers.attention import Attention, AttentionMetadata
@@ -21,6 +21,8 @@ from deepserve.models.weights import load_params
 
 
 class LlamaMLP(nn.Module):
+    ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
+
     def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype, pctx: ParallelContext,
                  bias: bool = False):
         super().__init__()
@@ -28,7 +30,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, bias, dtype, pctx)
 
     def forward(self, x):
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):

@@ -45,6 +45,7 @@ from deepserve.layers.quantization_modelslim import (modelslim_module, quantize_
                                                      quantize_modelslim_linears)
 from deepserve.models.registry import get_model_class
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
+from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
 
@@ -218,7 +219,10 @@ def process_weights_after_loading(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None):
+def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None,
+               ops: OpTable | None = None):
+    """The model, its weights loaded and processed; its layers run `ops` (default: the torch
+    reference)."""
     cfg = model_config.hf_config
     dummy = model_config.load_format == "dummy"
     stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
@@ -255,4 +259,6 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {', '.join(missing[:5])}"
                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     process_weights_after_loading(model)
+    if ops is not None:
+        bind(model, ops)
     return model.eval()

@@ -1,21 +1,30 @@
-"""Operator registry: one name per op, implementations per backend, one backend chosen at start.
+"""Operator registry: one name per op, implementations per backend, and the `OpTable` each model
+resolves from them once, at start.
 
-`deepserve.ops.<name>(...)` dispatches to the active backend's implementation, falling back
-to the torch reference when a backend lacks the op. Calls are counted per backend so the
-engine can report which share of op calls ran as Triton kernels.
+Backends register their kernels here (`register(op, backend)`); an `OpTable` built from a
+backend name holds, for every op, the function that runs it (the backend's own, else the torch
+reference) and is handed to the model's layers (`bind`), so two engines of one process can run
+different backends. Tables count op calls only while counting (`OpTable.counting`, or every
+call with DEEPSERVE_OPS_COUNT=1): the engine counts one start-up step to report which share of
+op calls runs as Triton kernels, and a production call goes straight to its kernel.
 """
 from __future__ import annotations
 
 import collections
-from typing import Callable
+import contextlib
+import functools
+import os
+from typing import Callable, Iterator
 
 BACKENDS = ("torch", "triton", "flaggems")
 TRITON_ALL = "triton-all"  # the triton backend with every shape on the Triton kernels (no cuBLAS)
 
 _impls: dict[str, dict[str, Callable]] = collections.defaultdict(dict)
 _plugin_backends: set[str] = set()  # out-of-tree platforms' own backends (add_backend)
-_active = {"backend": "torch", "force_triton": False}
-call_counts: collections.Counter = collections.Counter()  # (op, backend) -> calls
+# (op, backend) whose function chooses between a Triton kernel and cuBLAS/torch per shape and
+# takes `force_triton` (a triton-all table passes True)
+_per_shape: set[tuple[str, str]] = set()
+_flaggems_enabled = False
 
 
 def known_backends() -> tuple[str, ...]:
@@ -30,20 +39,23 @@ def add_backend(name: str) -> None:
     _plugin_backends.add(name)
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+def register(op: str, backend: str, per_shape: bool = False) -> Callable[[Callable], Callable]:
+    """Register `op`'s implementation under `backend`. `per_shape`: the function picks a Triton
+    kernel or cuBLAS per shape and takes a `force_triton` keyword (True under triton-all)."""
     if backend not in known_backends():
         raise ValueError(f"unknown ops backend {backend!r}; known: {known_backends()}")
 
     def wrap(fn: Callable) -> Callable:
         _impls[op][backend] = fn
+        if per_shape:
+            _per_shape.add((op, backend))
         return fn
 
     return wrap
 
 
-def resolve(op: str, backend: str | None = None) -> tuple[str, Callable]:
-    """The (backend, function) that runs `op` under `backend` (default: the active one)."""
-    backend = backend or _active["backend"]
+def resolve(op: str, backend: str) -> tuple[str, Callable]:
+    """The (backend, function) that runs `op` under `backend`."""
     impls = _impls[op]
     if backend in impls:
         return backend, impls[backend]
@@ -51,59 +63,101 @@ def resolve(op: str, backend: str | None = None) -> tuple[str, Callable]:
     return "torch", impls["torch"]
 
 
-def dispatcher(op: str) -> Callable:
-    def call(*args, **kwargs):
-        backend, fn = resolve(op)
-        call_counts[(op, backend)] += 1
-        return fn(*args, **kwargs)
-
-    call.__name__ = op
-    call.__qualname__ = op
-    return call
-
-
-def set_backend(name: str) -> None:
-    """`triton-all` is the triton backend with `forcing_triton()` true."""
-    force = name == TRITON_ALL
-    name = "triton" if force else name
-    if name not in known_backends():
-        raise ValueError(f"ops backend must be one of {known_backends() + (TRITON_ALL,)}, got {name!r}")
-    if name == "triton":
-        import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels)
-    if name == "flaggems":
-        try:
-            import flag_gems
-        except ImportError:
-            raise RuntimeError("--ops flaggems needs FlagGems: pip install 'deepserve[flaggems]'") from None
-        flag_gems.enable()
-    _active["backend"] = name
-    _active["force_triton"] = force
-
-
-def get_backend() -> str:
-    return _active["backend"]
-
-
-def forcing_triton() -> bool:
-    """Whether ops that choose between a Triton kernel and cuBLAS/torch per shape (the dense
-    GEMM) take the Triton kernel for every shape (`--ops triton-all`)."""
-    return _active["force_triton"]
-
-
-def op_table() -> dict[str, list[str]]:
+def op_backends() -> dict[str, list[str]]:
     """The backends of each op: the built-in ones first, then out-of-tree platforms' own."""
     order = {b: i for i, b in enumerate(known_backends())}
     return {op: sorted(impls, key=order.__getitem__) for op, impls in sorted(_impls.items())}
 
 
-def call_totals() -> dict[str, int]:
-    """Op calls since start in this process, all and those that ran as Triton kernels (what
-    /metrics reports; summed over DP ranks the share stays a share)."""
-    return {"op_calls": sum(call_counts.values()),
-            "triton_op_calls": sum(n for (_, b), n in call_counts.items() if b == "triton")}
+def _load_backend(name: str) -> None:
+    """Import what backend `name` needs: the Triton kernels register on import; FlagGems patches
+    aten for the whole process (its design), once."""
+    global _flaggems_enabled
+    if name == "triton":
+        import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels)
+    if name == "flaggems" and not _flaggems_enabled:
+        try:
+            import flag_gems
+        except ImportError:
+            raise RuntimeError("--ops flaggems needs FlagGems: pip install 'deepserve[flaggems]'") from None
+        flag_gems.enable()
+        _flaggems_enabled = True
 
 
-def triton_share() -> float:
-    """Share of op calls since start that ran as Triton kernels."""
-    totals = call_totals()
-    return totals["triton_op_calls"] / totals["op_calls"] if totals["op_calls"] else 0.0
+def counting_from_env() -> bool:
+    return os.environ.get("DEEPSERVE_OPS_COUNT", "0").lower() in ("1", "true")
+
+
+class OpTable:
+    """The op functions one model runs, resolved once from a backend name: `table.rms_norm(...)`
+    is the backend's kernel (or the torch reference where the backend has none).
+
+    `name` is the backend asked for (`torch`, `triton`, `triton-all`, `flaggems` or an
+    out-of-tree platform's); `backend` the one that registers the kernels (`triton` for
+    `triton-all`); `force_triton` whether ops that choose a Triton kernel or cuBLAS per shape
+    take the kernel at every shape; `runs` which backend runs each op. `counts` holds
+    (op, backend) -> calls made while counting."""
+
+    def __init__(self, name: str = "torch", count: bool | None = None):
+        force = name == TRITON_ALL
+        backend = "triton" if force else name
+        if backend not in known_backends():
+            raise ValueError(f"ops backend must be one of {known_backends() + (TRITON_ALL,)}, got {name!r}")
+        _load_backend(backend)
+        self.name, self.backend, self.force_triton = name, backend, force
+        self._fns: dict[str, Callable] = {}
+        self.runs: dict[str, str] = {}
+        for op in sorted(_impls):
+            ran, fn = resolve(op, backend)
+            if force and (op, ran) in _per_shape:
+                fn = functools.partial(fn, force_triton=True)
+            self._fns[op], self.runs[op] = fn, ran
+        self.counts: collections.Counter = collections.Counter()
+        self.always_counting = counting_from_env() if count is None else count
+        self._bind(self.always_counting)
+
+    def __repr__(self) -> str:
+        return f"OpTable({self.name!r})"
+
+    def _bind(self, counted: bool) -> None:
+        for op, fn in self._fns.items():
+            setattr(self, op, self._counted(op, fn) if counted else fn)
+
+    def _counted(self, op: str, fn: Callable) -> Callable:
+        key, counts = (op, self.runs[op]), self.counts
+
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = op
+        return call
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[collections.Counter]:
+        """Count this table's op calls inside the block (into `counts`, which it yields)."""
+        if self.always_counting:
+            yield self.counts
+            return
+        self._bind(True)
+        try:
+            yield self.counts
+        finally:
+            self._bind(False)
+
+    def call_totals(self) -> dict[str, int]:
+        """Op calls counted, all and those that ran as Triton kernels (what /metrics reports;
+        summed over DP ranks the share stays a share)."""
+        return {"op_calls": sum(self.counts.values()),
+                "triton_op_calls": sum(n for (_, b), n in self.counts.items() if b == "triton")}
+
+    def triton_share(self) -> float:
+        """Share of the counted op calls that ran as Triton kernels."""
+        totals = self.call_totals()
+        return totals["triton_op_calls"] / totals["op_calls"] if totals["op_calls"] else 0.0
+
+
+def bind(module, table: OpTable) -> None:
+    """Give `module` and every module below it `table` as their `ops`."""
+    for m in module.modules():
+        m.ops = table

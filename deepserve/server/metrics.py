@@ -57,8 +57,8 @@ COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cach
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens accepted.", "prompt_tokens"),
             ("generation_tokens", "Tokens generated.", "generation_tokens"),
-            ("op_calls", "Operator calls (deepserve.ops) on the engine's first rank, summed over DP ranks.",
-             "op_calls"),
+            ("op_calls", "Operator calls counted on the engine's first rank (its start-up step; every call "
+             "with DEEPSERVE_OPS_COUNT=1), summed over DP ranks.", "op_calls"),
             ("triton_op_calls", "Of those, the calls that ran as Triton kernels.", "triton_op_calls"))
 
 
@@ -87,8 +87,8 @@ class _EngineCollector:
         yield self._family(GaugeMetricFamily, "prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
                            hits / queries if queries else 0.0)
         calls = snap.get("op_calls", 0)
-        yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of operator calls since start that "
-                           "ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
+        yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of the counted operator calls "
+                           "that ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
         yield from self._ops_time(snap)
 
     def _ops_time(self, snap: dict) -> Iterator[Metric]:

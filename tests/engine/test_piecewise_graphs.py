@@ -230,7 +230,7 @@ def test_gpu_captured_pieces_equal_the_eager_forward(which, copy_outputs, tiny_v
     pieces = runner.piecewise
     assert pieces is not None, "piecewise capture failed or was skipped: see the log's warning"
     if not copy_outputs:
-        pieces = capture_for(runner.model, 64, runner.device, copy_outputs=False)
+        pieces = capture_for(runner.model, runner.ops, 64, runner.device, copy_outputs=False)
         assert pieces is not None and not pieces.buffers.keys() - {"attn_out"}
     assert sorted(pieces.graphs) == capture_sizes(64) and all(len(g) == pieces.num_pieces
                                                                for g in pieces.graphs.values())

@@ -1,7 +1,8 @@
 """`deepserve validate`: the comparison metrics on hand-made logits, prompt files and flag
-handling in-process; then whole runs on the stories260k demo model, each setup in its own
-process: identical setups pass with zero difference, a perturbed one is caught (exit 1),
-a setup that cannot start is one line naming it (exit 2)."""
+handling; then whole runs on the stories260k demo model, in this process (torch vs triton-all
+side by side) or a process per setup (--concurrent): identical setups pass with zero
+difference, a perturbed one is caught (exit 1), a setup that cannot start is one line naming
+it (exit 2)."""
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from deepserve.cli.validate import setup_kwargs
 from deepserve.config import DEMO_MODEL
 from deepserve.engine.validate import (DEFAULT_PROMPTS, SetupProcess, Thresholds, check, compare_prompt,
                                        compare_runs, display_width, failure_reason, load_prompts,
-                                       prompt_label, summarize)
+                                       process_reason, prompt_label, summarize)
 
 LN3 = math.log(3.0)
 
@@ -167,6 +168,7 @@ def test_identical_setups_pass_with_zero_difference(tmp_path, capsys):
     assert s["top1_agreement"] == 1.0 and s["max_abs_diff"] < 1e-6 and s["mean_kl"] < 1e-9
     assert report["passed"] and report["failures"] == []
     assert report["setups"]["A"]["engine_args"]["ops"] == "torch"
+    assert report["setup_processes"] == "--concurrent runs the setups at once"
     assert all(r["first_mismatch"] is None for r in report["prompts"])
     assert capsys.readouterr().out.strip().endswith("PASS")
 
@@ -199,6 +201,37 @@ def test_setup_that_cannot_start_is_one_line(tmp_path, capsys):
     assert code == 2 and report is None
     assert len(err.splitlines()) == 1
     assert "setup A" in err and str(broken) in err and "safetensors" in err   # named before any worker starts
+
+
+def test_setups_run_in_this_process_each_on_its_own_ops(tmp_path, capsys, monkeypatch):
+    """Nothing asks for processes: both engines are built here, one after the other, torch and
+    triton-all (kernels interpreted on CPU hosts), and give the same logits to fp32 rounding."""
+    pytest.importorskip("triton")
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a setup process was started")
+    monkeypatch.setattr("deepserve.engine.validate.SetupProcess", no_process)
+    code, report = _validate(tmp_path, "--num-prompts", "1", "--a", "--ops torch", "--b", "--ops triton-all",
+                             "--max-abs-diff", "1e-3", "--max-kl", "1e-6")
+    assert code == 0, capsys.readouterr()
+    assert report["setup_processes"] is None
+    assert report["setups"]["B"]["engine_args"]["ops"] == "triton-all"
+    assert report["summary"]["tokens"] > 10 and report["summary"]["top1_agreement"] == 1.0
+
+
+def test_what_needs_a_process_per_setup(monkeypatch):
+    monkeypatch.delenv("USE_FLAGGEMS", raising=False)
+    monkeypatch.delenv("DEEPSERVE_OPS", raising=False)
+    plain = {"model": str(DEMO_MODEL), "device": "cpu"}
+    setups = {"A": dict(plain, ops="torch"), "B": dict(plain, ops="triton")}
+    assert process_reason(setups, concurrent=False, timeout=None) is None
+    assert process_reason(setups, concurrent=True, timeout=None) == "--concurrent runs the setups at once"
+    assert process_reason(setups, False, 10.0).startswith("--setup-timeout stops a setup")
+    assert process_reason(setups, False, None, isolate=True) == "--isolate asks for it"
+    flaggems = {"A": dict(plain, ops="torch"), "B": dict(plain, ops="flaggems")}
+    assert process_reason(flaggems, False, None) == "setup B runs FlagGems, which patches aten for the whole process"
+    monkeypatch.setenv("USE_FLAGGEMS", "1")                  # what --ops auto becomes
+    assert process_reason({"A": plain}, False, None).startswith("setup A runs FlagGems")
 
 
 def test_setup_past_its_timeout_is_stopped(tmp_path, capsys):

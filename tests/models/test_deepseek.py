@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS
 from deepserve.config import HFConfig, load_hf_config
 from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.layers.mla import MLAAttention
@@ -174,7 +174,7 @@ def test_moe_route_matches_transformers_router(make_config, router_cls):
     logits, ref_w, ref_ids = router(x)
     bias = getattr(router, "e_score_correction_bias", None)
     settings = routing_settings(HFConfig(config.to_dict()))
-    w, ids = ops.moe_route(logits, bias, **settings)
+    w, ids = REFERENCE_OPS.moe_route(logits, bias, **settings)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     ref_order, order = ref_ids.argsort(-1), ids.long().argsort(-1)
     assert torch.equal(ids.long().gather(1, order), ref_ids.gather(1, ref_order))
@@ -184,7 +184,7 @@ def test_moe_route_matches_transformers_router(make_config, router_cls):
 def test_noaux_tc_groups_rank_by_top2_sum_and_weights_skip_bias():
     logits = torch.tensor([[0.0, 0.0, 3.0, -3.0, 1.0, 1.0, -5.0, -5.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0])
-    w, ids = ops.moe_route(logits, bias, top_k=2, scoring_func="sigmoid", topk_method="noaux_tc",
+    w, ids = REFERENCE_OPS.moe_route(logits, bias, top_k=2, scoring_func="sigmoid", topk_method="noaux_tc",
                            n_group=4, topk_group=1, norm_topk_prob=False, routed_scaling_factor=2.0)
     # group sums (biased): g0 1.0, g1 ~1.0, g2 1.46, g3 ~2.01 -> group 3; weights unbiased
     assert sorted(ids[0].tolist()) == [6, 7]
@@ -203,7 +203,7 @@ def test_fused_moe_matches_transformers_experts():
     ids[:, 1] = (ids[:, 0] + 1 + torch.randint(0, 7, (40,))) % 8   # distinct experts per token
     w = torch.rand(40, 2)
     expected = experts(x, ids, w)
-    got = ops.fused_moe(x, experts.gate_up_proj.data, experts.down_proj.data, w, ids.int())
+    got = REFERENCE_OPS.fused_moe(x, experts.gate_up_proj.data, experts.down_proj.data, w, ids.int())
     assert_close_rel(got, expected, rtol=1e-5)
 
 
@@ -227,10 +227,10 @@ def test_fused_moe_fp8_block_scales_dequantized():
     x, ids, w = torch.randn(9, 200), torch.randint(0, 4, (9, 2)).int(), torch.rand(9, 2)
     deq13 = q13.float() * s13.repeat_interleave(128, 1)[:, :320].repeat_interleave(128, 2)[:, :, :200]
     deq2 = q2.float() * s2.repeat_interleave(128, 1)[:, :200].repeat_interleave(128, 2)[:, :, :160]
-    expected = ops.fused_moe(x, deq13, deq2, w, ids)
-    got = ops.fused_moe(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2)
+    expected = REFERENCE_OPS.fused_moe(x, deq13, deq2, w, ids)
+    got = REFERENCE_OPS.fused_moe(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2)
     assert_close_rel(got, expected, rtol=1e-5)
-    assert_close_rel(got, ops.fused_moe(x, w13, w2, w, ids), rtol=0.1)   # fp8 stays close
+    assert_close_rel(got, REFERENCE_OPS.fused_moe(x, w13, w2, w, ids), rtol=0.1)   # fp8 stays close
 
 
 @pytest.mark.parametrize("split", ["ep", "tp"])
@@ -250,8 +250,9 @@ def test_expert_and_tensor_parallel_shards_sum_to_the_whole(split):
         return moe
 
     x = torch.randn(20, d)
-    weights, ids = ops.moe_route(torch.randn(20, e), None, top_k=2, scoring_func="softmax", topk_method="greedy",
-                                 n_group=None, topk_group=None, norm_topk_prob=False, routed_scaling_factor=1.0)
+    weights, ids = REFERENCE_OPS.moe_route(torch.randn(20, e), None, top_k=2, scoring_func="softmax",
+                                           topk_method="greedy", n_group=None, topk_group=None,
+                                           norm_topk_prob=False, routed_scaling_factor=1.0)
     whole = build(ParallelContext())(x, weights, ids)
     kw = (lambda r: dict(ep_rank=r, ep_size=2)) if split == "ep" else (lambda r: dict(tp_rank=r, tp_size=2))
     parts = [build(ParallelContext(**kw(r))) for r in range(2)]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from deepserve import ops
+from deepserve.ops import REFERENCE_OPS
 from deepserve.config import EngineArgs, HFConfig
 from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.layers.moe import FusedMoE
@@ -56,14 +56,6 @@ def llama_mlp(x, shared):
 
 
 @pytest.fixture
-def torch_backend():
-    previous = ops.get_backend()
-    ops.set_backend("torch")
-    yield
-    ops.set_backend(previous)
-
-
-@pytest.fixture
 def small(triton_ops):
     return importlib.import_module("deepserve.ops.triton.fused_moe_small")
 
@@ -71,7 +63,7 @@ def small(triton_ops):
 # ---- torch reference ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_is_routed_plus_llama_mlp(torch_backend, dtype):
+def test_reference_is_routed_plus_llama_mlp(dtype):
     args, shared = shared_case(3, 48, 24, 40, 8, 2, dtype)
     want = reference(*args) + llama_mlp(args[0], shared)
     got = reference(*args, **shared)
@@ -282,7 +274,7 @@ def fp8_moe(pctx=None, block=(128, 128)):
     return moe
 
 
-def test_deepseek_moe_folds_fp8_shared_experts_beside_fp8_experts(torch_backend):
+def test_deepseek_moe_folds_fp8_shared_experts_beside_fp8_experts():
     """fp8 routed experts and block-fp8 shared experts (one process) run as one fused_moe call,
     whose shared term dequantizes the weights (W8A16) where the dense fp8 layer quantizes the
     activations too (W8A8): the two forwards agree to that quantization."""
@@ -293,7 +285,7 @@ def test_deepseek_moe_folds_fp8_shared_experts_beside_fp8_experts(torch_backend)
     fused = moe(x)
     moe.shared_in_experts = False
     dense = moe(x)
-    routed_only = moe.experts(x, *ops.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route))
+    routed_only = moe.experts(x, *REFERENCE_OPS.moe_route(moe.gate(x), moe.gate.e_score_correction_bias, **moe.route))
     assert rel_err(fused, dense) < 0.05 < rel_err(fused, routed_only), (rel_err(fused, dense),
                                                                          rel_err(fused, routed_only))
     assert not shared_in_experts(fp8_moe(ParallelContext(ep_size=2)))
@@ -333,7 +325,7 @@ def run_model(model, unfused: bool, monkeypatch):
         return logits, greedy_generate(model, PROMPTS, max_new=2)      # a prefill and a decode step
 
 
-def test_model_torch_backend_unchanged(tiny_bf16, torch_backend, monkeypatch):
+def test_model_torch_backend_unchanged(tiny_bf16, monkeypatch):
     fused_calls = []
     shared_mlp = importlib.import_module("deepserve.ops.moe").shared_mlp
     monkeypatch.setattr("deepserve.ops.moe.shared_mlp", lambda *a: fused_calls.append(1) or shared_mlp(*a))
@@ -344,14 +336,14 @@ def test_model_torch_backend_unchanged(tiny_bf16, torch_backend, monkeypatch):
     assert tokens == want_tokens
 
 
-def test_model_triton_fused_moe_unchanged(tiny_bf16, triton_ops, torch_backend, cpu_only, monkeypatch):
+def test_model_triton_fused_moe_unchanged(tiny_bf16, triton_ops, cpu_only, monkeypatch):
     """The Triton fused_moe in the model, other ops on torch (interpreting all of them costs
     ~30 s): prefill runs the sorted path plus the torch shared MLP, decode the small kernels."""
     calls = []
     small_fn = importlib.import_module("deepserve.ops.triton.fused_moe_small").fused_moe_small
     monkeypatch.setattr(triton_ops.fused_moe, "fused_moe_small",
                         lambda *a, **kw: calls.append(kw.get("shared_w13") is not None) or small_fn(*a, **kw))
-    monkeypatch.setattr(ops, "fused_moe", resolve("fused_moe", "triton")[1])
+    monkeypatch.setattr(REFERENCE_OPS, "fused_moe", resolve("fused_moe", "triton")[1])   # the model's table
     logits, tokens = run_model(tiny_bf16, False, monkeypatch)
     assert calls and all(calls), "decode steps did not run the shared experts in the small kernels"
     want_logits, want_tokens = run_model(tiny_bf16, True, monkeypatch)

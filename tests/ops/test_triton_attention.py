@@ -231,12 +231,14 @@ def test_attention_layer_splits_a_mixed_step(triton_ops, cpu_only, monkeypatch):
     """A step of decode rows and prompt chunks: the layer sends the decode rows to the decode
     kernel (max_query_len 1) and the chunks to the prefill kernel, and their outputs together
     equal the torch op over the whole batch."""
-    from deepserve import ops
     from deepserve.layers.attention import Attention, AttentionMetadata
+    from deepserve.ops import OpTable, bind
 
     pb = make_paged_batch([1, 1, 1, 6, 19], [40, 9, 70, 6, 30], num_heads=4, num_kv_heads=2, head_dim=32)
     want = resolve("paged_attention", "torch")[1](*pb.args(0.125))
     layer = Attention(4, 32, 2, 0.125)
+    table = OpTable("torch", count=False)
+    bind(layer, table)
     layer.kv_cache = [pb.k_cache, pb.v_cache]
     meta = AttentionMetadata(pb.query_start_loc, pb.seq_lens, pb.block_tables,
                              slot_mapping=torch.full((pb.q.shape[0],), -1, dtype=torch.long),
@@ -244,8 +246,8 @@ def test_attention_layer_splits_a_mixed_step(triton_ops, cpu_only, monkeypatch):
                              max_seq_len=pb.max_seq_len, num_decodes=3)
     seen = []
     triton_op = resolve("paged_attention", "triton")[1]
-    monkeypatch.setattr(ops, "paged_attention", lambda *a, **kw: seen.append((a[0].shape[0], a[7])) or triton_op(*a, **kw))
-    monkeypatch.setattr(ops, "write_kv_cache", lambda *a, **kw: None)   # the pool already holds K/V
+    monkeypatch.setattr(table, "paged_attention", lambda *a, **kw: seen.append((a[0].shape[0], a[7])) or triton_op(*a, **kw))
+    monkeypatch.setattr(table, "write_kv_cache", lambda *a, **kw: None)   # the pool already holds K/V
     got = layer(pb.q, None, None, meta).view_as(want)
     assert seen == [(3, 1), (25, 19)]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepserve import ops
-from deepserve.ops.registry import call_counts, resolve
+from deepserve.ops import OpTable, resolve
 from deepserve.ops.triton.launch_config import trying
 
 SMALL_TILES = [{"set": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}}]
@@ -20,14 +19,8 @@ FORCE = [{"set": {"backend": "triton"}}]
 
 @pytest.fixture
 def triton_all(triton_ops):
-    ops.set_backend("triton-all")
-    yield
-    ops.set_backend("torch")
-    call_counts.clear()
-
-
-def both(*args):
-    return resolve("linear", "torch")[1](*args), resolve("linear", "triton")[1](*args)
+    """The op table of --ops triton-all, counting its calls."""
+    return OpTable("triton-all", count=True)
 
 
 @pytest.mark.parametrize("m,n,k,dtype,w_dtype,bias", [
@@ -41,8 +34,10 @@ def test_gemm_rows(triton_all, cpu_only, m, n, k, dtype, w_dtype, bias):
     w = (torch.randn(n, k, generator=g) * 0.1).to(w_dtype)
     b = torch.randn(n, generator=g).to(w_dtype) if bias else None
     with trying("gemm", SMALL_TILES):                 # several tiles along M, N and K, masked edges
-        assert use_gemm(x, w) is not None               # linear() takes the kernel
-        want, got = both(x.view(m, 1, k), w, b)         # leading dims kept
+        assert use_gemm(x, w, force_triton=True) is not None   # linear() takes the kernel
+        want = resolve("linear", "torch")[1](x.view(m, 1, k), w, b)
+        got = triton_all.linear(x.view(m, 1, k), w, b)  # leading dims kept
+    assert triton_all.counts[("linear", "triton")] == 1
     assert got.shape == want.shape == (m, 1, n) and got.dtype == w_dtype
     if w_dtype == torch.float32:                        # exact fp32 products (no TF32)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -51,24 +46,27 @@ def test_gemm_rows(triton_all, cpu_only, m, n, k, dtype, w_dtype, bias):
                                    rtol=2 ** -7 if w_dtype == torch.bfloat16 else 1e-3)
 
 
-def test_table_picks_cublas_unless_forced(triton_ops, cpu_only):
+def test_table_picks_cublas_unless_forced(triton_ops, cpu_only, monkeypatch):
     """The default tables keep cuBLAS (nothing measured the kernel faster); a device rule or
     triton-all takes the kernel."""
     from deepserve.ops.triton.gemm import use_gemm
+    from deepserve.ops.triton import gemv
     x, w = torch.randn(4, 64).bfloat16(), torch.randn(32, 64).bfloat16()
-    ops.set_backend("triton")
-    try:
-        assert use_gemm(x, w) is None
-        want = resolve("linear", "torch")[1](x, w)
-        assert torch.equal(resolve("linear", "triton")[1](x, w), want)
-        with trying("gemm", [{"if": {"m_ge": 4}, "set": {"backend": "triton"}}]):
-            assert use_gemm(x, w)["backend"] == "triton"
-            assert use_gemm(x[:3], w) is None           # the rule's shape condition
-        ops.set_backend("triton-all")
-        assert use_gemm(x, w) is not None and use_gemm(x[:3], w) is not None
-        assert use_gemm(x.to(torch.int8), w) is None    # not a float product
-    finally:
-        ops.set_backend("torch")
+    assert use_gemm(x, w) is None
+    want = resolve("linear", "torch")[1](x, w)
+    assert torch.equal(OpTable("triton").linear(x, w), want)
+    with trying("gemm", [{"if": {"m_ge": 4}, "set": {"backend": "triton"}}]):
+        assert use_gemm(x, w)["backend"] == "triton"
+        assert use_gemm(x[:3], w) is None           # the rule's shape condition
+    assert use_gemm(x, w, force_triton=True) is not None and use_gemm(x[:3], w, force_triton=True) is not None
+    assert use_gemm(x.to(torch.int8), w, force_triton=True) is None    # not a float product
+    # the triton-all table's linear forces the kernel, the triton table's does not
+    rows, real = [], gemv.gemm
+    monkeypatch.setattr(gemv, "gemm", lambda *a: rows.append(a[0].shape[0]) or real(*a))
+    OpTable("triton").linear(x, w)
+    assert rows == []
+    OpTable("triton-all").linear(x, w)
+    assert rows == [4]
 
 
 def test_linear_pair_rows_take_the_gemm(triton_all, cpu_only):
@@ -76,9 +74,8 @@ def test_linear_pair_rows_take_the_gemm(triton_all, cpu_only):
     x = torch.randn(6, 64, generator=g).bfloat16()
     w1, w2 = (torch.randn(37, 64, generator=g) * 0.1).bfloat16(), (torch.randn(9, 64, generator=g) * 0.1).bfloat16()
     want = resolve("linear_pair", "torch")[1](x, w1, w2)
-    call_counts.clear()
-    got = ops.linear_pair(x, w1, w2)
-    assert call_counts[("linear_pair", "triton")] == 1
+    got = triton_all.linear_pair(x, w1, w2)
+    assert triton_all.counts[("linear_pair", "triton")] == 1 and triton_all.counts[("linear", "triton")] == 0
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_.float(), w_.float(), atol=1e-2, rtol=2 ** -7)
 

@@ -71,12 +71,11 @@ def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, gro
 def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops, cpu_only):
     """A loaded 4-bit Linear and 4-bit FusedMoE run the Triton ops under --ops triton and give
     the torch backend's result."""
-    from deepserve import ops
+    from deepserve.ops import OpTable, bind
     from deepserve.layers.linear import ColumnParallelLinear
     from deepserve.layers.moe import FusedMoE
     from deepserve.layers.moe_int4 import Int4Experts
     from deepserve.layers.quantization_int4 import Int4LinearMethod
-    from deepserve.ops.registry import call_counts
     from deepserve.quant.int4 import int4_spec
     from tests.quant.int4_formats import format_tensors, quantization_config, quantize
     spec = int4_spec({"quantization_config": quantization_config("awq", 32, False, False), "torch_dtype": "float16"})
@@ -100,13 +99,11 @@ def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops
     h = torch.randn(2, 32, generator=g)
     wts, ids = torch.rand(2, 2, generator=g), torch.tensor([[0, 3], [2, 1]])
     want = linear(x), moe(h, wts, ids)
-    ops.set_backend("triton")
-    try:
-        call_counts.clear()
-        got = linear(x), moe(h, wts, ids)
-        assert call_counts[("int4_linear", "triton")] == 1 and call_counts[("fused_moe_int4", "triton")] == 1
-    finally:
-        ops.set_backend("torch")
+    table = OpTable("triton", count=True)
+    for module in (linear, moe):
+        bind(module, table)
+    got = linear(x), moe(h, wts, ids)
+    assert table.counts[("int4_linear", "triton")] == 1 and table.counts[("fused_moe_int4", "triton")] == 1
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -116,10 +116,9 @@ def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, tok
 def test_int8_experts_dispatch_to_the_kernels_under_the_triton_backend(triton_ops, cpu_only):
     """A FusedMoE holding int8 experts runs the Triton op under --ops triton and gives the
     torch backend's result."""
-    from deepserve import ops
     from deepserve.layers.moe import FusedMoE
     from deepserve.layers.moe_int8 import Int8Experts
-    from deepserve.ops.registry import call_counts
+    from deepserve.ops import OpTable, bind
     w13, s13, w2, s2 = _experts(seed=5)
     moe = FusedMoE(E, D, I, reduce_results=False)
     Int8Experts().create(moe)
@@ -133,13 +132,10 @@ def test_int8_experts_dispatch_to_the_kernels_under_the_triton_backend(triton_op
     x = torch.randn(2, D)
     wts, ids = _routing(2, 2, seed=6)
     want = moe(x, wts, ids)
-    ops.set_backend("triton")
-    try:
-        call_counts.clear()
-        got = moe(x, wts, ids)
-        assert call_counts[("fused_moe_int8", "triton")] == 1
-    finally:
-        ops.set_backend("torch")
+    table = OpTable("triton", count=True)
+    bind(moe, table)
+    got = moe(x, wts, ids)
+    assert table.counts[("fused_moe_int8", "triton")] == 1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 

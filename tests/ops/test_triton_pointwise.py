@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepserve.ops.registry import op_table, resolve
+from deepserve.ops.registry import op_backends, resolve
 
 BF16_ULP = 2.0 ** -7
 
@@ -26,7 +26,7 @@ def assert_close_ulp(got: torch.Tensor, want: torch.Tensor, ulps: float = 1.0):
 
 
 def test_every_kernel_is_registered(triton_ops):
-    table = op_table()
+    table = op_backends()
     for op in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
                "write_kv_cache", "paged_attention"):
         assert table[op][:2] == ["torch", "triton"], (op, table[op])   # then any installed platform's own

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from deepserve.ops.quant import quant_fp8_per_token_group
-from deepserve.ops.registry import op_table
+from deepserve.ops.registry import op_backends
 from deepserve.quant.fp8 import quant_fp8_block
 
 
 def test_fp8_kernel_registered(triton_ops):
-    assert op_table()["fp8_block_linear"] == ["torch", "triton"]
+    assert op_backends()["fp8_block_linear"] == ["torch", "triton"]
 
 
 def test_fp8_gemm_kernel_equals_dequantized_matmul(triton_ops, cpu_only):

@@ -14,7 +14,7 @@ import itertools
 import pytest
 import torch
 
-from deepserve.ops.registry import op_table, resolve
+from deepserve.ops.registry import op_backends, resolve
 
 R1_VOCAB = 129280
 
@@ -58,7 +58,7 @@ def assert_same_ids(logits, temperature, top_k, top_p, min_p, noise):
 
 
 def test_sample_is_registered(triton_ops):
-    assert op_table()["sample"] == ["torch", "triton"]
+    assert op_backends()["sample"] == ["torch", "triton"]
 
 
 def test_every_filter_combination(small_blocks, cpu_only):

@@ -1,48 +1,46 @@
-"""/metrics reports the operator calls the engine made and the share that ran as Triton kernels
-(deepserve:triton_op_call_share, vllm: alias too), from the engine's own call counts."""
+"""/metrics reports the operator calls the engine counted and the share that ran as Triton kernels
+(deepserve:triton_op_call_share, vllm: alias too), from the engine's own op table: its start-up
+step, and every call with DEEPSERVE_OPS_COUNT=1."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from deepserve import LLM, SamplingParams, ops
+from deepserve import LLM, SamplingParams
+from deepserve.ops import OpTable, bind
 from deepserve.server.metrics import ServerMetrics, parse_metrics
 from tests.conftest import DEMO_MODEL
 
 LAB = 'model_name="demo"'
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
 
 
-@pytest.fixture
-def clean_counts():
-    ops.call_counts.clear()
-    yield
-    ops.set_backend("torch")
-    ops.call_counts.clear()
-
-
-def test_metrics_share_of_triton_op_calls(clean_counts):
+def test_metrics_share_of_triton_op_calls(monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.delenv("DEEPSERVE_OPS_COUNT", raising=False)
     llm = LLM(str(DEMO_MODEL), ops="torch", max_model_len=64)
-    llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=4))
+    runner = llm.engine.runner
+    counted = sum(runner.ops.counts.values())                     # the start-up step
+    assert counted > 0
+    llm.generate(["Once upon a time"], GREEDY)
+    assert sum(runner.ops.counts.values()) == counted             # served steps count nothing
     metrics = ServerMetrics("demo", llm.engine.gauges)
     values = parse_metrics(metrics.render())
-    torch_calls = sum(ops.call_counts.values())
-    assert torch_calls > 0
-    assert values[f"deepserve:op_calls_total{{{LAB}}}"] == torch_calls
+    assert values[f"deepserve:op_calls_total{{{LAB}}}"] == counted
     assert values[f"deepserve:triton_op_calls_total{{{LAB}}}"] == 0
     assert values[f"deepserve:triton_op_call_share{{{LAB}}}"] == 0.0
 
-    # three real Triton kernel calls (interpreted on CPU hosts) through the dispatcher
-    ops.set_backend("triton")
-    x, w = torch.randn(2, 32), torch.ones(32)
-    for _ in range(3):
-        torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    # the same model on a counting triton table (kernels interpreted on CPU hosts): /metrics
+    # reads whatever table the engine's runner holds
+    table = runner.ops = OpTable("triton", count=True)
+    bind(runner.model, table)
+    llm.generate(["Once upon a time"], GREEDY)
     values = parse_metrics(metrics.render())
-    assert ops.call_counts[("rms_norm", "triton")] == 3
-    assert values[f"deepserve:op_calls_total{{{LAB}}}"] == torch_calls + 3
-    assert values[f"deepserve:triton_op_calls_total{{{LAB}}}"] == 3
+    totals = table.call_totals()
+    assert totals["op_calls"] > counted and totals["triton_op_calls"] > totals["op_calls"] / 2
+    assert values[f"deepserve:op_calls_total{{{LAB}}}"] == totals["op_calls"]
+    assert values[f"deepserve:triton_op_calls_total{{{LAB}}}"] == totals["triton_op_calls"]
     share = values[f"deepserve:triton_op_call_share{{{LAB}}}"]
-    assert share == pytest.approx(3 / (torch_calls + 3)) == pytest.approx(ops.triton_share())
+    assert share == pytest.approx(table.triton_share())
     assert values[f"vllm:triton_op_call_share{{{LAB}}}"] == share
 
 

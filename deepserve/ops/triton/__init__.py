@@ -1,6 +1,6 @@
 """Triton implementations of the hot ops; importing this package registers them.
 
-`ops.set_backend("triton")` imports it. Each module registers its kernels under the same op
+An `OpTable("triton")` (`--ops triton`) imports it. Each module registers its kernels under the same op
 names and signatures as the torch references in `deepserve.ops`, which they are tested
 against (tests/ops). Under TRITON_INTERPRET=1 the same kernels run on the CPU via numpy.
 """

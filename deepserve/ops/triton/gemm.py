@@ -6,7 +6,7 @@ with a Triton backend needs no vendor BLAS. On NVIDIA GPUs cuBLAS is the bar: wh
 runs a shape is data, the `backend` setting ("triton" or "cublas") of the device's launch table
 (configs/gemm/: the default table says cuBLAS everywhere, since no device has measured the
 kernel faster yet; a sweep writes a device's rules). `--ops triton-all` (DEEPSERVE_OPS=triton-all)
-takes the Triton kernel at every shape (registry.forcing_triton).
+takes the Triton kernel at every shape (its op table passes `force_triton`).
 
 The kernel is the classic tiled GEMM (Triton's matmul tutorial): a [BLOCK_M, BLOCK_N] output
 tile per program, programs ordered in groups of GROUP_M row tiles so neighbouring programs
@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.registry import forcing_triton
 from deepserve.ops.triton._common import as_rows, dot_dtype, dot_precision, interpreting
 from deepserve.ops.triton.launch_config import launch_settings
 
@@ -98,13 +97,13 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     return out.reshape(*x.shape[:-1], n)
 
 
-def use_gemm(x: torch.Tensor, weight: torch.Tensor) -> Optional[dict]:
+def use_gemm(x: torch.Tensor, weight: torch.Tensor, force_triton: bool = False) -> Optional[dict]:
     """The launch settings when linear() takes the Triton GEMM for this product (floats on a
-    Triton device, and the device's table picks Triton for the shape or --ops triton-all
-    forces it), else None (cuBLAS)."""
+    Triton device, and the device's table picks Triton for the shape or `force_triton`, as
+    --ops triton-all sets it), else None (cuBLAS)."""
     if not (weight.dim() == 2 and weight.dtype in FLOAT_DTYPES and x.dtype in FLOAT_DTYPES
             and (x.is_cuda or interpreting())):
         return None
     n, k = weight.shape
     cfg = gemm_config(x.numel() // max(k, 1), n, k, x.device)
-    return cfg if forcing_triton() or cfg["backend"] == "triton" else None
+    return cfg if force_triton or cfg["backend"] == "triton" else None

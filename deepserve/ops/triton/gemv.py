@@ -150,21 +150,24 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in FLOAT_DTYPES and (x.is_cuda or interpreting()))
 
 
-@register("linear", "triton")
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+@register("linear", "triton", per_shape=True)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           force_triton: bool = False) -> torch.Tensor:
     """y = x W^T + b in the weight's dtype: the GEMV kernel for a single row; several rows take
-    the Triton GEMM where the device's table or --ops triton-all says so (gemm.py), else cuBLAS."""
+    the Triton GEMM where the device's table or `force_triton` (--ops triton-all) says so
+    (gemm.py), else cuBLAS."""
     if use_gemv(x, weight):
         return gemv(x, weight, bias)
-    cfg = use_gemm(x, weight)
+    cfg = use_gemm(x, weight, force_triton)
     if cfg is not None:
         return gemm(x, weight, bias, cfg)
     return torch_linear(x, weight, bias)
 
 
-@register("linear_pair", "triton")
-def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@register("linear_pair", "triton", per_shape=True)
+def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                force_triton: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W1^T, x W2^T): one GEMV launch for a single row, two linears otherwise."""
     if use_gemv(x, w1) and w2.dtype == w1.dtype and w2.dim() == 2:
         return gemv_pair(x, w1, w2)
-    return linear(x, w1), linear(x, w2)
+    return linear(x, w1, force_triton=force_triton), linear(x, w2, force_triton=force_triton)

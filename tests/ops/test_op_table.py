@@ -1,0 +1,87 @@
+"""The op table a model runner resolves once from --ops: each op's function under the backend
+(the torch reference where the backend has none), no counting on production calls, counting
+inside `counting()` or everywhere with DEEPSERVE_OPS_COUNT=1, and --ops triton-all forcing the
+per-shape ops onto their Triton kernels."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from deepserve.ops import registry
+from deepserve.ops.registry import OpTable, bind, resolve
+
+
+def test_a_table_holds_the_registered_functions_themselves():
+    table = OpTable("torch", count=False)
+    for op in registry.op_backends():
+        assert getattr(table, op) is resolve(op, "torch")[1] and table.runs[op] == "torch"
+    x, w = torch.randn(2, 8), torch.ones(8)
+    table.rms_norm(x, w, 1e-6)
+    assert not table.counts                                        # production calls count nothing
+
+
+def test_counting_counts_inside_the_block_only():
+    table = OpTable("torch", count=False)
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with table.counting() as counts:
+        for _ in range(3):
+            out = table.rms_norm(x, w, 1e-6)
+        table.silu_and_mul(torch.randn(2, 8))
+    torch.testing.assert_close(out, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert counts == {("rms_norm", "torch"): 3, ("silu_and_mul", "torch"): 1} and counts is table.counts
+    table.rms_norm(x, w, 1e-6)
+    assert table.counts[("rms_norm", "torch")] == 3 and table.rms_norm is resolve("rms_norm", "torch")[1]
+    assert table.call_totals() == {"op_calls": 4, "triton_op_calls": 0} and table.triton_share() == 0.0
+
+
+def test_debug_env_counts_every_call(monkeypatch):
+    monkeypatch.setenv("DEEPSERVE_OPS_COUNT", "1")
+    table = OpTable("torch")
+    table.silu_and_mul(torch.randn(2, 8))
+    with table.counting():
+        table.silu_and_mul(torch.randn(2, 8))
+    table.silu_and_mul(torch.randn(2, 8))
+    assert table.counts == {("silu_and_mul", "torch"): 3}
+    monkeypatch.setenv("DEEPSERVE_OPS_COUNT", "0")
+    assert not OpTable("torch").always_counting
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match=r"ops backend must be one of \('torch', 'triton', 'flaggems'.*got 'cuda'"):
+        OpTable("cuda")
+
+
+def test_triton_tables(triton_ops):
+    plain, forced = OpTable("triton", count=False), OpTable("triton-all", count=False)
+    assert (plain.backend, plain.force_triton, forced.backend, forced.force_triton) == ("triton", False, "triton", True)
+    assert plain.linear is resolve("linear", "triton")[1]
+    assert forced.linear.func is plain.linear and forced.linear.keywords == {"force_triton": True}
+    assert forced.linear_pair.keywords == {"force_triton": True}
+    assert forced.rms_norm is plain.rms_norm                        # one kernel at every shape: nothing to force
+    with forced.counting():
+        forced.rms_norm(torch.randn(2, 32), torch.ones(32), 1e-6)
+    assert forced.call_totals() == {"op_calls": 1, "triton_op_calls": 1} and forced.triton_share() == 1.0
+
+
+def test_a_platform_backend_takes_its_own_kernels_and_the_reference_elsewhere(monkeypatch):
+    monkeypatch.setattr(registry, "_impls", collections.defaultdict(dict, {k: dict(v) for k, v in registry._impls.items()}))
+    monkeypatch.setattr(registry, "_plugin_backends", set(registry._plugin_backends))
+    registry.add_backend("fakechip")
+    doubled = registry.register("silu_and_mul", "fakechip")(lambda x: 2 * resolve("silu_and_mul", "torch")[1](x))
+    table = OpTable("fakechip", count=False)
+    assert table.silu_and_mul is doubled and table.runs["silu_and_mul"] == "fakechip"
+    assert table.rms_norm is resolve("rms_norm", "torch")[1] and table.runs["rms_norm"] == "torch"
+
+
+def test_bind_gives_every_module_the_table():
+    from deepserve.layers.norm import RMSNorm
+    from deepserve.ops import REFERENCE_OPS
+    model = torch.nn.Sequential(RMSNorm(8), torch.nn.Sequential(RMSNorm(8)))
+    assert model[0].ops is REFERENCE_OPS                            # outside a model runner: the reference
+    table = OpTable("torch", count=True)
+    bind(model, table)
+    assert all(m.ops is table for m in model.modules())
+    model[1][0](torch.randn(2, 8))
+    assert table.counts == {("rms_norm", "torch"): 1} and not REFERENCE_OPS.counts
