@@ -25,6 +25,8 @@ _plugin_backends: set[str] = set()  # out-of-tree platforms' own backends (add_b
 # takes `force_triton` (a triton-all table passes True)
 _per_shape: set[tuple[str, str]] = set()
 _flaggems_enabled = False
+# what an OpTable holds beside its ops: no op may take these names
+_TABLE_FIELDS = frozenset(("name", "backend", "force_triton", "runs", "counts", "always_counting"))
 
 
 def known_backends() -> tuple[str, ...]:
@@ -44,6 +46,8 @@ def register(op: str, backend: str, per_shape: bool = False) -> Callable[[Callab
     kernel or cuBLAS per shape and takes a `force_triton` keyword (True under triton-all)."""
     if backend not in known_backends():
         raise ValueError(f"unknown ops backend {backend!r}; known: {known_backends()}")
+    if op.startswith("_") or op in _TABLE_FIELDS or hasattr(OpTable, op):
+        raise ValueError(f"op name {op!r} is taken by the op table itself")
 
     def wrap(fn: Callable) -> Callable:
         _impls[op][backend] = fn

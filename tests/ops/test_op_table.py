@@ -48,6 +48,12 @@ def test_debug_env_counts_every_call(monkeypatch):
     assert not OpTable("torch").always_counting
 
 
+def test_an_op_cannot_shadow_the_table():
+    for name in ("counts", "counting", "_fns"):
+        with pytest.raises(ValueError, match=f"op name '{name}' is taken by the op table itself"):
+            registry.register(name, "torch")
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match=r"ops backend must be one of \('torch', 'triton', 'flaggems'.*got 'cuda'"):
         OpTable("cuda")
