@@ -18,10 +18,6 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from deepserve.evals.client import SamplingSettings, api_root
-from deepserve.evals.report import (compare, compare_markdown, load_result, markdown_table,
-                                    write_result)
-from deepserve.evals.runner import EvalOptions, run_eval
 from deepserve.evals.tasks import DEFAULT_TASKS, TASKS, parse_tasks
 
 DATA_LAYOUT = ("--data-path holds one folder per task: gsm8k/test.jsonl, math500/test.jsonl, "
@@ -80,12 +76,20 @@ def register(subparsers) -> None:
 
 
 def default_output(base_url: str, model: str) -> Path:
+    from deepserve.evals.client import api_root
+
     host = urlparse(api_root(base_url)).netloc
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{host}").strip("_")
     return Path("eval-results") / f"{name}.json"
 
 
 def run_handler(args) -> int:
+    # the HTTP client and the runner are imported here, not when every `deepserve` command
+    # builds its parser (a server process has no use for them)
+    from deepserve.evals.client import SamplingSettings
+    from deepserve.evals.report import markdown_table, write_result
+    from deepserve.evals.runner import EvalOptions, run_eval
+
     missing = [flag for flag, value in (("--base-url", args.base_url), ("--model", args.model),
                                          ("--data-path", args.data_path)) if not value]
     if missing:
@@ -118,6 +122,8 @@ def run_handler(args) -> int:
 
 
 def compare_handler(args) -> int:
+    from deepserve.evals.report import compare, compare_markdown, load_result
+
     paths = [str(p) for p in args.results]
     results = [load_result(p) for p in paths]
     comparison = compare(results, paths, alpha=args.alpha)

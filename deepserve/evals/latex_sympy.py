@@ -7,17 +7,26 @@ script it answers JSON lines on stdin ([a, b]) with JSON lines on stdout (true /
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
 from tokenize import TokenError
 
-import sympy
-from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application,
-                                        parse_expr, standard_transformations)
-
 MAX_SYMPY_LEN = 300  # longer strings are not worth (or safe) to hand to sympy
-_TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
+
+
+@functools.cache
+def _sympy():
+    """sympy, its expression parser and the parser's transformations, imported on first use:
+    the eval's own process imports this module for `braced` alone (through extract.py, which
+    every `deepserve` command's parser loads), and the worker child imports sympy before it
+    says it is ready, so no comparison's time limit pays for the import."""
+    import sympy
+    from sympy.parsing import sympy_parser as parser
+
+    transforms = parser.standard_transformations + (parser.implicit_multiplication_application, parser.convert_xor)
+    return sympy, parser.parse_expr, transforms
 
 
 def braced(text: str, start: int) -> tuple[str, int] | None:
@@ -66,6 +75,7 @@ def latex_to_sympy(s: str):
     """Parse a normalized LaTeX answer into a sympy expression; None when it is not one."""
     if len(s) > MAX_SYMPY_LEN or not s:
         return None
+    sympy, parse_expr, transforms = _sympy()
     try:
         s = _latex_commands_to_py(s)
         if "\\" in s or "=" in s or "<" in s or ">" in s:
@@ -74,7 +84,7 @@ def latex_to_sympy(s: str):
         names.update({"pi": sympy.pi, "oo": sympy.oo, "sqrt": sympy.sqrt, "E": sympy.E,
                       "log": sympy.log, "ln": sympy.log, "sin": sympy.sin, "cos": sympy.cos,
                       "tan": sympy.tan, "i": sympy.I})
-        return parse_expr(s, local_dict=names, transformations=_TRANSFORMS, evaluate=True)
+        return parse_expr(s, local_dict=names, transformations=transforms, evaluate=True)
     except (ValueError, TypeError, SyntaxError, AttributeError, ZeroDivisionError,
             OverflowError, RecursionError, NotImplementedError, sympy.SympifyError, TokenError):
         return None
@@ -107,6 +117,7 @@ def sympy_equal(a: str, b: str) -> bool:
     ea, eb = latex_to_sympy(a), latex_to_sympy(b)
     if ea is None or eb is None:
         return False
+    sympy = _sympy()[0]
     try:
         if ea.free_symbols or eb.free_symbols:
             return sympy.simplify(ea - eb) == 0
@@ -118,7 +129,9 @@ def sympy_equal(a: str, b: str) -> bool:
 
 
 def serve() -> None:
-    """The worker loop: "ready", then one answer line per request line, until stdin closes."""
+    """The worker loop: "ready" (once sympy is imported), then one answer line per request
+    line, until stdin closes."""
+    _sympy()
     print("ready", flush=True)
     for line in sys.stdin:
         a, b = json.loads(line)
