@@ -150,7 +150,8 @@ class RayRanks:
         self.failure: Optional[str] = None
         self.closing = False
         self.runs: list = []
-        dp, span = args.data_parallel_size, args.tensor_parallel_size * args.pipeline_parallel_size
+        dp = args.data_parallel_size
+        span = self.span = args.tensor_parallel_size * args.pipeline_parallel_size
         gpu = get_platform(args.device).device_type == "cuda"
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
         # a DP rank's TP/PP ranks on one node (their collectives are the per-layer ones)
@@ -190,9 +191,12 @@ class RayRanks:
                     self._ray.get(done[0])
                     why = "returned early"
                 except Exception as exc:  # noqa: BLE001 - any actor death is reported, not raised here
-                    cause = getattr(exc, "cause", None) or exc
-                    why = f"failed: {type(cause).__name__}: {cause}"
-                self.failure = f"{self.label} {rank} (a Ray actor on node {self.nodes[rank]}) {why}"
+                    # an error the rank raised (Ray wraps it, `cause`), else the actor's process died
+                    cause = getattr(exc, "cause", None)
+                    why = (f"failed: {type(cause).__name__}: {cause}" if isinstance(cause, Exception)
+                           else f"died: {type(exc).__name__}")
+                self.failure = (f"{self.label} {rank} (DP rank {rank // self.span}, a Ray actor on node "
+                                f"{self.nodes[rank]}) {why}")
                 logger.error(self.failure)
 
     def wait_joining(self, timeout_s: float) -> None:

@@ -51,14 +51,14 @@ def test_ray_tp2_matches_tp1(tmp_path):
 
 
 DP_SCRIPT = r"""
-import json, sys
+import json, os, sys, time
 import ray
 from deepserve import LLM, SamplingParams
 
 # one-token lookups: the first prompt holds 37 distinct ids, so its outputs find matches and draft
 NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
 
-def run(model, **kw):
+def run(model, kill=False, **kw):
     llm = LLM(model, block_size=4, max_model_len=128, max_num_batched_tokens=16, data_parallel_size=2, **kw)
     try:
         prompts = [{"prompt_token_ids": list(range(3, 40))}, {"prompt_token_ids": [1]},
@@ -66,10 +66,21 @@ def run(model, **kw):
         sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
         engine = llm.engine
-        return {"tokens": tokens, "executor": type(engine.executor).__name__,
-                "nodes": getattr(engine.executor, "nodes", None),
-                "pools": [(g["num_free_blocks"], g["num_blocks"], g["prefix_cache_queries"]) for g in engine._gauges],
-                "drafts": engine.gauges().get("spec_decode_num_drafts")}
+        out = {"tokens": tokens, "executor": type(engine.executor).__name__,
+               "nodes": getattr(engine.executor, "nodes", None),
+               "pools": [(g["num_free_blocks"], g["num_blocks"], g["prefix_cache_queries"]) for g in engine._gauges],
+               "drafts": engine.gauges().get("spec_decode_num_drafts")}
+        if kill:  # DP rank 1's core dies: the front end fails naming it
+            ray.kill(engine.executor.actors[1])
+            deadline = time.monotonic() + 30
+            while engine.executor.failure is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            try:
+                llm.generate(prompts[:1], sp)
+                out["after_kill"] = "served"
+            except RuntimeError as exc:
+                out["after_kill"] = str(exc)
+        return out
     finally:
         llm.shutdown()
 
@@ -79,8 +90,9 @@ def main():
     out = {"mp_ep": run(model, enable_expert_parallel=True),
            "ray_ep": run(model, enable_expert_parallel=True, distributed_executor_backend="ray",
                          speculative_config=NGRAM),
-           "ray": run(model, distributed_executor_backend="ray")}
-    print(json.dumps(out))
+           "ray": run(model, kill=True, distributed_executor_backend="ray")}
+    print(json.dumps(out), flush=True)
+    os._exit(0)  # every engine is shut down; the head goes with the test (skips seconds of teardown)
 
 if __name__ == "__main__":
     main()
@@ -91,7 +103,7 @@ def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
     """DP2 x EP2 (with n-gram speculative decoding) and plain DP2 on a tiny DeepSeek-V3, every
     rank a Ray actor running its DP rank's engine core: the greedy tokens of spawned-process
     DP2 x EP2 (chunked prefill, both ranks busy), both ranks served, every block back in its
-    pool after."""
+    pool after; a core's actor killed fails the front end naming its rank."""
     from tests.distributed.test_parallel_engine import tiny_deepseek
     model = tiny_deepseek(tmp_path / "dsv3")
     repo = str(Path(__file__).resolve().parents[2])
@@ -113,3 +125,5 @@ def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
         for free, total, queries in got["pools"]:
             assert free == total and queries > 0, (name, got["pools"])
     assert result["ray_ep"]["drafts"] > 0 and result["ray"]["drafts"] is None
+    killed = result["ray"]["after_kill"]
+    assert killed.startswith("rank 1 (DP rank 1, a Ray actor on node ") and " died: " in killed, killed
