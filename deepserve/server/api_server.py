@@ -114,11 +114,12 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         await super().shutdown(sockets)
-        if self.force_exit:
+        if self.force_exit and not self.lifespan.shutdown_event.is_set():
             # a second signal during the drain (Ctrl-C pressed twice; `timeout -s INT` signals
             # both the process and its group) makes uvicorn stop waiting for connections and
             # skip the app's lifespan shutdown too, whose task asyncio then cancels with a
-            # CancelledError traceback: run it anyway (it stops the engine, within seconds)
+            # CancelledError traceback: run it anyway (it stops the engine, within seconds).
+            # A signal that comes while uvicorn runs it finds it done here.
             await self.lifespan.shutdown()
 
 

@@ -160,3 +160,41 @@ def test_ctrl_c_exits_cleanly(presses):
     assert "Traceback" not in after and "CancelledError" not in after, after
     assert elapsed < 10, f"took {elapsed:.1f} s to exit"
     _no_member_left(server.proc.pid)
+
+
+@pytest.mark.parametrize("second_signal", ["during_drain", "during_app_shutdown"])
+def test_lifespan_shutdown_runs_once(monkeypatch, second_signal):
+    """The app's lifespan shutdown (which stops the engine) runs exactly once: by deepserve
+    when a second Ctrl-C during the drain made uvicorn skip it, by uvicorn when the signal
+    came while uvicorn was running it."""
+    import asyncio
+
+    import uvicorn
+
+    from deepserve.server.api_server import _Server
+
+    class Lifespan:
+        def __init__(self):
+            self.shutdown_event, self.runs = asyncio.Event(), 0
+
+        async def shutdown(self):
+            self.runs += 1
+            if second_signal == "during_app_shutdown":
+                server.force_exit = True
+            self.shutdown_event.set()
+
+    async def uvicorn_shutdown(self, sockets=None):      # uvicorn's ending, connections aside
+        if second_signal == "during_drain":
+            self.force_exit = True
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    async def run():
+        server.lifespan = Lifespan()
+        await server.shutdown()
+        return server.lifespan.runs
+
+    monkeypatch.setattr(uvicorn.Server, "shutdown", uvicorn_shutdown)
+    server = object.__new__(_Server)
+    server.force_exit = False
+    assert asyncio.run(run()) == 1
