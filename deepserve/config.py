@@ -597,6 +597,10 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
         mode = str(mode).upper()
         if mode not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {config['cudagraph_mode']!r}")
+        flag = str(args.cudagraph_mode).upper()
+        if flag not in (mode, EngineArgs.cudagraph_mode):   # --cudagraph-mode given too, saying otherwise
+            raise ValueError(f"--cudagraph-mode {args.cudagraph_mode} and compilation_config's cudagraph_mode "
+                             f"{mode} disagree: give one of them")
         args.cudagraph_mode = mode
 
 
