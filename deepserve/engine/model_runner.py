@@ -145,6 +145,12 @@ class ModelRunner:
                 from deepserve.engine.piecewise_graphs import capture_for
                 self.piecewise = capture_for(self.model, self.ops, config.piecewise_max_tokens, self.device)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
+        if (self.device.type == "cuda" and not config.enforce_eager
+                and config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")):
+            from deepserve.engine.piecewise_graphs import layout_reason
+            reason = layout_reason(self.pctx.pp_size, self.pctx.moe_dp_exchange)
+            if reason:
+                logger.info("piecewise CUDA graphs off: %s; prefill and mixed steps run eagerly", reason)
         logger.info("model %s on %s (%s, ops=%s, %.0f%% of a counted step's op calls ran as Triton kernels): "
                     "%d KV blocks of %d tokens (%d tokens in %s); %s", config.model.architecture, self.device,
                     self.dtype, self.ops.name, 100 * self.ops.triton_share(), self.num_blocks, self.block_size,

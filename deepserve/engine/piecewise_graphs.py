@@ -51,6 +51,16 @@ def capture_sizes(max_tokens: int) -> list[int]:
     return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
+def layout_reason(pp_size: int, moe_dp_exchange: bool) -> Optional[str]:
+    """Why a parallel layout runs no piecewise graphs (None where it can): the model runner
+    builds them for one pipeline stage without the DP ranks' MoE token exchange."""
+    if pp_size > 1:
+        return f"{pp_size} pipeline stages (pieces need the whole model in one stage)"
+    if moe_dp_exchange:
+        return "DP attention + EP (every DP rank would have to replay the same padded size)"
+    return None
+
+
 def splittable(model: torch.nn.Module) -> bool:
     """Whether `model` can run as pieces: a decoder whose layers split at their attention."""
     inner = getattr(model, "model", None)

@@ -17,8 +17,8 @@ import torch
 from deepserve import LLM, SamplingParams
 from deepserve.cli.main import build_parser, normalize_argv
 from deepserve.config import EngineArgs
-from deepserve.engine.piecewise_graphs import (PiecewiseGraphs, alias, capture_for, capture_sizes, restride, span_elements,
-                                               splittable)
+from deepserve.engine.piecewise_graphs import (PiecewiseGraphs, alias, capture_for, capture_sizes, layout_reason, restride,
+                                               span_elements, splittable)
 from tests.conftest import DEMO_MODEL
 from tests.models.hf_reference import load_ours
 from tests.models.paged_harness import allocate_kv_cache, build_meta
@@ -207,6 +207,14 @@ def test_cudagraph_mode_flags():
 def test_cudagraph_mode_errors_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineArgs(**kwargs)
+
+
+def test_layouts_without_pieces_say_why():
+    """The runner logs this reason where a piecewise cudagraph_mode meets a layout it does not
+    cover, instead of running those steps eagerly without a word."""
+    assert layout_reason(1, False) is None
+    assert "2 pipeline stages" in layout_reason(2, False)
+    assert "DP attention + EP" in layout_reason(1, True)
 
 
 # --------------------------------------------------------------------------- on a CUDA device
