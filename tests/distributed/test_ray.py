@@ -90,7 +90,7 @@ def main():
     out = {"mp_ep": run(model, enable_expert_parallel=True),
            "ray_ep": run(model, enable_expert_parallel=True, distributed_executor_backend="ray",
                          speculative_config=NGRAM),
-           "ray": run(model, kill=True, distributed_executor_backend="ray")}
+           "ray": run(model, kill=True, distributed_executor_backend="ray", async_scheduling=True)}
     print(json.dumps(out), flush=True)
     os._exit(0)  # every engine is shut down; the head goes with the test (skips seconds of teardown)
 
@@ -100,10 +100,11 @@ if __name__ == "__main__":
 
 
 def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
-    """DP2 x EP2 (with n-gram speculative decoding) and plain DP2 on a tiny DeepSeek-V3, every
-    rank a Ray actor running its DP rank's engine core: the greedy tokens of spawned-process
-    DP2 x EP2 (chunked prefill, both ranks busy), both ranks served, every block back in its
-    pool after; a core's actor killed fails the front end naming its rank."""
+    """DP2 x EP2 (with n-gram speculative decoding) and plain DP2 (with async scheduling) on a
+    tiny DeepSeek-V3, every rank a Ray actor running its DP rank's engine core: the greedy
+    tokens of spawned-process DP2 x EP2 (chunked prefill, both ranks busy), both ranks served,
+    every block back in its pool after; a core's actor killed fails the front end naming its
+    rank."""
     from tests.distributed.test_parallel_engine import tiny_deepseek
     model = tiny_deepseek(tmp_path / "dsv3")
     repo = str(Path(__file__).resolve().parents[2])
