@@ -6,7 +6,8 @@ steps, each kernel's time attributed to one kind:
           kernel by its function name), plus Inductor's `triton_*` kernels;
   blas    vendor libraries: cuBLAS / cuBLASLt GEMM and GEMV, CUTLASS, cuDNN on the GPU; the
           BLAS-backed aten matmuls (mm, addmm, bmm, ...) on the CPU;
-  torch   every other aten kernel (elementwise, reductions, indexing, torch's own attention);
+  torch   every other aten kernel (elementwise, reductions, indexing, torch's own attention)
+          and the collectives (NCCL kernels, gloo / c10d ops: group "comm");
   memcpy  copies and memsets.
 
 On CUDA the profiler records device activity only: the kernels' own GPU time, CUDA-graph
@@ -123,6 +124,8 @@ def kernel_group(name: str, triton_names: set[str]) -> str:
         return "cublas gemm"
     if "flash" in low:
         return "flash attn"
+    if low.startswith(("nccl", "gloo:", "c10d::")):
+        return "comm"             # collectives (kind torch); never a Triton kernel to look up
     if "at::native" in name or name.startswith("aten::"):
         if "reduce" in low:
             return "torch reduce"

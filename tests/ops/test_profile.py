@@ -243,3 +243,21 @@ def test_unknown_kernel_found_among_live_triton_kernels():
     assert prof.report.kinds_us() == {"triton": 5.0, "blas": 3.0, "torch": 2.0, "memcpy": 1.0}
     assert prof.gauges() == {"ops_time_us_triton": 5.0, "ops_time_us_blas": 3.0, "ops_time_us_torch": 2.0,
                              "ops_time_us_memcpy": 1.0, "ops_profiled_steps": 1}
+
+
+def test_collectives_are_comm_and_not_looked_up_among_live_kernels(monkeypatch):
+    """NCCL kernels and gloo / c10d ops form the group "comm" (kind torch): a window naming only
+    them besides known kernels does not walk the process's objects for Triton kernels."""
+    names = ["ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "gloo:all_reduce",
+             "c10d::allreduce_"]
+    assert {profile.kernel_group(n, set()) for n in names} == {"comm"}
+    assert {profile.kernel_kind(n, set()) for n in names} == {"torch"}
+
+    def no_lookup():
+        raise AssertionError("live Triton kernels looked up for a collective")
+
+    monkeypatch.setattr(profile, "live_triton_kernel_names", no_lookup)
+    prof = profile.OpsProfiler(cuda=True)
+    events = [_FakeDeviceEvent(names[0], 4.0), _FakeDeviceEvent("nvjet_tst_64x8_NNT", 3.0)]
+    prof._record(type("P", (), {"events": lambda self: events})(), steps=1)
+    assert prof.report.kinds_us() == {"triton": 0.0, "blas": 3.0, "torch": 4.0, "memcpy": 0.0}
