@@ -386,8 +386,8 @@ class EngineArgs:
     """Schedule and launch step n+1 before step n's tokens reach the host (their ids are taken
     on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. Every
     layout (TP, PP, DP, EP, Ray); steps with logprobs, penalties or min_tokens run synchronously.
-    With pipeline parallel (except DP x EP x PP) the engine keeps one micro-batch in flight per
-    stage instead, which overlaps the host work with the stages' work as well."""
+    With pipeline parallel the engine keeps one micro-batch in flight per stage instead, which
+    overlaps the host work with the stages' work as well."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
     cudagraph_mode: str = "FULL_DECODE_ONLY"

@@ -50,10 +50,10 @@ class InFlight:
 
 
 class MicroBatch:
-    """A pipeline micro-batch on its way through the stages: the scheduled batch, the
-    sequences that sample a token from it, and their logits to come."""
+    """A pipeline micro-batch on its way through the stages: the scheduled batch (None: a
+    dummy), the sequences that sample a token from it, and their logits to come."""
 
-    def __init__(self, batch: ScheduledBatch, seqs: list, logits: PendingLogits):
+    def __init__(self, batch: Optional[ScheduledBatch], seqs: list, logits: PendingLogits):
         self.batch, self.seqs, self.logits = batch, seqs, logits
 
 
@@ -141,13 +141,14 @@ class DriverRunner(ModelRunner):
 
     # ------------------------------------------------------------------ pipeline micro-batches
     @torch.inference_mode()
-    def launch_micro_batch(self, batch: ScheduledBatch) -> MicroBatch:
-        """Publish one step, run the first stage's layers, send the hidden states on and post
-        the receive of its logits; returns without waiting for the other stages."""
-        msg = StepMessage(self.host_inputs(batch), self.graph_size)
+    def launch_micro_batch(self, batch: Optional[ScheduledBatch]) -> MicroBatch:
+        """Publish one step (a one-token dummy without `batch`), run the first stage's layers,
+        send the hidden states on and post the receive of its logits; returns without waiting
+        for the other stages."""
+        msg = StepMessage(self.host_inputs(batch) if batch else StepInputs.dummy_step(), self.graph_size)
         self.publish(msg)
         ids, positions, meta = self.to_device(msg.inputs)
-        return MicroBatch(batch, batch.sampling_seqs(), self.pipeline.start(ids, positions, meta))
+        return MicroBatch(batch, batch.sampling_seqs() if batch else [], self.pipeline.start(ids, positions, meta))
 
     @torch.inference_mode()
     def finish_micro_batch(self, mb: MicroBatch) -> tuple[list, SamplerOutput]:

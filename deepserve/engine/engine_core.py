@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -350,12 +350,20 @@ class EngineCore:
 
     def _run_in_sync(self) -> None:
         """With expert parallel: every round, the cores agree whether anyone has work (and
-        the batch shape); a core without a batch then runs a dummy step."""
+        the batch shape); a core without a batch then runs a dummy step. With pipeline
+        parallel each round launches one micro-batch per core (a dummy without one) and a core
+        finishes its oldest when its pipeline is full or it has nothing new to launch
+        (engine/micro_batches.py)."""
         idle = IDLE_POLL_S[0]
+        pipe = self.engine.micro_batches
         while True:
             self._receive(0 if self._has_work() else idle)
+            if pipe is not None and pipe.full():
+                self._step(None, lambda: pipe.finish_oldest(self.engine))
             work = self.work.pop(0) if self.work else None
-            batch = None if work or self.stopping or not self._has_work() else self.engine.scheduler.schedule()
+            batch = None
+            if not (work or self.stopping or not self._has_work()):
+                batch = pipe.schedule(self.engine) if pipe is not None else self.engine.scheduler.schedule()
             if work:
                 mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
             elif batch:
@@ -370,11 +378,16 @@ class EngineCore:
             agreed = DPSync.from_list(v.tolist())
             if agreed.stop:
                 return
+            if pipe is not None and not batch and pipe:   # nothing new of its own: drain what is in flight
+                self._step(None, lambda: pipe.finish_oldest(self.engine))
             if not agreed.has_work:
                 idle = min(IDLE_POLL_S[1], idle * 2)
                 continue
             idle = IDLE_POLL_S[0]
             self.runner.graph_size = self.runner.dp_graph_size(agreed.num_tokens, not agreed.mixed, agreed.longest)
+            if pipe is not None and not work:
+                self._step(None, lambda: pipe.launch(self.engine, batch))
+                continue
             ran = work.run() if work else bool(batch) and self._step(batch)
             if not ran:  # the other cores' MoE layers wait for this one
                 self.runner.run_dummy()
@@ -389,14 +402,17 @@ class EngineCore:
         self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits), score.client)
         return True
 
-    def _step(self, batch) -> bool:
-        """Run one step (`batch`, or the engine's own schedule when None) and push its outputs;
-        False when no forward ran (under async scheduling, what the previous step's tokens
-        finished may leave nothing of `batch`)."""
+    def _step(self, batch, run: Optional[Callable[[], list]] = None) -> bool:
+        """Run one step (`batch`, the engine's own schedule when None, or what `run` does: a
+        pipeline micro-batch's launch or finish) and push its outputs; False when no forward
+        ran (under async scheduling, what the previous step's tokens finished may leave
+        nothing of `batch`)."""
         self.executor.sent_bytes = 0
         steps = self.engine.stats["steps"]
         try:
-            if batch is None:
+            if run is not None:
+                outputs = run()
+            elif batch is None:
                 outputs = self.engine.step()
             elif self.engine.async_scheduling:
                 outputs = self.engine._step_async(batch)

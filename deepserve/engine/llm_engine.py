@@ -149,13 +149,11 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         # speculative decoding (engine/spec_decode.py): drafting steps run synchronously
         self.spec = make_spec_decoder(self.config, self.runner)
-        # pipeline parallel: up to one micro-batch in flight per stage. Not with DP x EP, whose
-        # cores agree on each step and run it (with its MoE exchange) in lockstep.
-        par = self.config.parallel
-        pp = par.pipeline_parallel_size
+        # pipeline parallel: up to one micro-batch in flight per stage (with DP x EP the engine
+        # core launches them in rounds with the other cores)
+        pp = self.config.parallel.pipeline_parallel_size
         self.micro_batches = (MicroBatchPipeline(pp, self.config.scheduler.max_num_seqs)
-                              if pp > 1 and not self.runner.pctx.moe_dp_exchange
-                              and self.spec is None else None)
+                              if pp > 1 and self.spec is None else None)
         self.ops_profiler: Optional[OpsProfiler] = None
         if args.ops_profile:
             self.ops_profiler = self._profile_ops_at_start()
@@ -309,6 +307,8 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             **(self.spec.stats.counters() if self.spec is not None else {}),
+            **({"pp_most_micro_batches_in_flight": self.micro_batches.most_in_flight}
+               if self.micro_batches is not None else {}),
             **self.runner.ops.call_totals(),  # this rank's counted op calls, all and as Triton kernels
             **(self.ops_profiler.gauges() if self.ops_profiler is not None else {}),
             **self.stats,

@@ -14,13 +14,20 @@ in flight is not scheduled again (its next input is the token still to be sample
 preempted (its blocks are being written); an abort frees its blocks at once: a later
 micro-batch that reuses them runs after this one at every stage. The sampler sees each
 sequence's full token history, so every sampling parameter works as in synchronous steps.
+
+With DP x EP the engine cores step in rounds (engine/engine_core.py): every round each core
+launches one micro-batch, a dummy when it has none, since the stages' MoE layers exchange
+tokens between the DP ranks' k-th micro-batches; finishing one is local to a core (it only
+waits for logits already on their way).
 """
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Optional
 
 from deepserve.engine.driver_runner import MicroBatch
+from deepserve.engine.scheduler import ScheduledBatch
 
 
 class MicroBatchPipeline:
@@ -31,33 +38,52 @@ class MicroBatchPipeline:
         self.most_in_flight = 0   # the most micro-batches that were in flight at once
 
     def __bool__(self) -> bool:
-        return bool(self.in_flight)
+        """Whether a micro-batch of sequences (not a dummy) is in flight."""
+        return any(mb.batch is not None for mb in self.in_flight)
+
+    def full(self) -> bool:
+        return len(self.in_flight) >= self.depth
 
     def share(self, scheduler) -> int:
         """How many sequences one micro-batch takes now."""
         live = len(scheduler.running) + len(scheduler.waiting)
         return max(1, math.ceil(min(live, self.max_num_seqs) / self.depth))
 
-    def step(self, engine) -> list:
-        """Launch the next micro-batch if there is one and room for it; when the pipeline is
-        full or nothing more can start, finish the oldest: its RequestOutputs."""
-        batch = None
-        if len(self.in_flight) < self.depth:
-            batch = engine.scheduler.schedule(max_seqs=self.share(engine.scheduler))
+    def schedule(self, engine) -> Optional[ScheduledBatch]:
+        """The next micro-batch (empty: nothing to launch), None while the pipeline is full."""
+        if self.full():
+            return None
+        return engine.scheduler.schedule(max_seqs=self.share(engine.scheduler))
+
+    def launch(self, engine, batch: Optional[ScheduledBatch]) -> list:
+        """Start `batch` through the stages; without one a dummy micro-batch (DP x EP: every
+        DP rank launches one per round, as their MoE layers meet in each). Returns no outputs."""
+        self.in_flight.append(engine.runner.launch_micro_batch(batch or None))
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
         if batch:
-            self.in_flight.append(engine.runner.launch_micro_batch(batch))
-            self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
             engine.stats["steps"] += 1
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n
                 seq.in_flight = True
                 engine.block_manager.register_full_blocks(seq)
-            if len(self.in_flight) < self.depth:
-                return []
-        if not self.in_flight:
-            return []
+        return []
+
+    def finish_oldest(self, engine) -> list:
+        """Wait for the oldest micro-batch's logits, sample; its RequestOutputs."""
         mb = self.in_flight.popleft()
         seqs, sampled = engine.runner.finish_micro_batch(mb)
+        if mb.batch is None:
+            return []
         for seq in mb.batch.seqs:
             seq.in_flight = False
         return engine._postprocess(seqs, sampled)
+
+    def step(self, engine) -> list:
+        """Launch the next micro-batch if there is one and room for it; when the pipeline is
+        full or nothing more can start, finish the oldest: its RequestOutputs."""
+        batch = self.schedule(engine)
+        if batch:
+            self.launch(engine, batch)
+            if not self.full():
+                return []
+        return self.finish_oldest(engine) if self.in_flight else []

@@ -100,6 +100,23 @@ def test_sampling_preemption_and_abort_with_micro_batches_in_flight():
         llm.shutdown()
 
 
+def test_dp2_ep_pp2_micro_batches_in_rounds_give_one_process_greedy(tmp_path):
+    """DP2 x EP x PP2 (four ranks, two engine cores): the cores launch a micro-batch each per
+    round (a dummy when one has none) and keep two in flight each; greedy equals one process."""
+    model = str(tiny_deepseek(tmp_path / "dsv3"))
+    want, _, _ = _run(model, PROMPTS, GREEDY)
+    llm = LLM(model, block_size=4, max_model_len=128, data_parallel_size=2, enable_expert_parallel=True,
+              pipeline_parallel_size=2)
+    try:
+        got = [[(c.token_ids, c.text, c.finish_reason, []) for c in o.outputs] for o in llm.generate(PROMPTS, GREEDY)]
+        gauges = llm.engine.gauges()
+        assert gauges["pp_most_micro_batches_in_flight"] == 2 * 2     # summed over the two cores
+        assert gauges["num_free_blocks"] == gauges["num_blocks"]
+        assert got == want
+    finally:
+        llm.shutdown()
+
+
 def test_pp2_ngram_speculation_equals_plain():
     """n-gram drafts over two stages: the verify step (each sequence's last token and its
     drafts) goes through the stages like any step, drafts are accepted, and greedy tokens
