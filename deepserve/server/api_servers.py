@@ -38,6 +38,7 @@ from deepserve.config import EngineArgs
 from deepserve.engine.dp_engine import DataParallelEngine
 from deepserve.engine.engine_core import DPLayout
 from deepserve.engine.executor import die_with_parent
+from deepserve.log import for_spawned_processes
 from deepserve.server.api_server import build_state, serve_app, served_names, set_up_logging
 from deepserve.server.args import ServerArgs
 
@@ -107,7 +108,8 @@ def run_api_servers(engine_args: EngineArgs, server: ServerArgs) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     failure = None
     try:
-        cores = DataParallelEngine(engine_args)
+        with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
+            cores = DataParallelEngine(engine_args)
         ctx = mp.get_context("spawn")
         for i in range(1, count + 1):
             here, there = ctx.Pipe()

@@ -102,3 +102,24 @@ def test_api_server_count_is_checked_and_moves_the_core_out(monkeypatch):
     with pytest.raises(ValueError, match="Ray places every DP rank"):
         EngineArgs(data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="10.0.0.1",
                    distributed_executor_backend="ray")
+
+
+def test_engine_cores_behind_several_api_servers_log_at_the_server_level(monkeypatch):
+    """The engine cores that --api-server-count N starts get DEEPSERVE_LOG_LEVEL (deepserve/log.py)
+    as under one API server, so their start-up lines (weights, KV pool, --ops-profile) show."""
+    from deepserve.log import ENV
+    from deepserve.server import api_servers
+    from deepserve.server.args import ServerArgs
+
+    seen = {}
+
+    class Cores:
+        def __init__(self, args):
+            seen["level"] = os.environ.get(ENV)
+            raise RuntimeError("cores not started in this test")
+
+    monkeypatch.setattr(api_servers, "DataParallelEngine", Cores)
+    monkeypatch.delenv(ENV, raising=False)
+    with pytest.raises(RuntimeError, match="cores not started"):
+        api_servers.run_api_servers(EngineArgs(api_server_count=2), ServerArgs(port=0, log_level="debug"))
+    assert seen == {"level": "debug"} and ENV not in os.environ
