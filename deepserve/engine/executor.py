@@ -4,8 +4,9 @@ starts and supervises one worker process per extra rank on this node.
 The driver (rank 0, inside the engine's process) schedules and samples; every step it
 sends the step's inputs (a typed `StepMessage`, engine/step_inputs.py) to every other rank
 over a gloo group without waiting for them (engine/step_channel.py), and each rank runs the
-same forward on its shard (TP collectives inside the model, PP send/recv between stages). Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`,
-seconds), so a stuck peer becomes an error instead of a silent hang.
+same forward on its shard (TP collectives inside the model, PP send/recv between stages).
+Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`, seconds), so a stuck peer becomes an
+error instead of a silent hang.
 
 Workers are spawned (not forked: a CPU parent that already ran OpenMP kernels hangs a forked
 child's first parallel op). `WorkerProcs` supervises them: each reports over a pipe when it
