@@ -1,4 +1,4 @@
-"""Where op time goes (`--ops-profile`, issue 24): torch.profiler over representative engine
+"""Where op time goes (`--ops-profile`): torch.profiler over representative engine
 steps, each kernel's time attributed to one kind:
 
   triton  Triton kernels: deepserve's own (deepserve/ops/triton), FlagGems' and any other
