@@ -58,6 +58,8 @@ class MicroBatchPipeline:
     def launch(self, engine, batch: Optional[ScheduledBatch]) -> list:
         """Start `batch` through the stages; without one a dummy micro-batch (DP x EP: every
         DP rank launches one per round, as their MoE layers meet in each). Returns no outputs."""
+        if batch and engine.ops_profiler is not None:   # --ops-profile windows count these steps
+            engine.ops_profiler.tick(engine.stats["steps"])
         self.in_flight.append(engine.runner.launch_micro_batch(batch or None))
         self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
         if batch:
