@@ -19,6 +19,7 @@ from deepserve.engine.cuda_graphs import CudaGraphRunner
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.spec_decode import as_decode_rows, verify_inputs
 from deepserve.engine.step_inputs import StepMessage
+from deepserve.ops import OpTable
 from tests.engine.test_spec_decode_mtp import PROMPTS, plain_outputs, r1_with_mtp  # noqa: F401 (fixtures)
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
@@ -104,7 +105,8 @@ def test_graph_sizes_count_verify_tokens(k, sizes):
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=k) if k else None
     runner = SimpleNamespace(config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=4, max_model_len=64),
                                                     speculative=spec),
-                             model=None, pctx=SimpleNamespace(moe_dp_exchange=False, dp_size=1))
+                             model=None, pctx=SimpleNamespace(moe_dp_exchange=False, dp_size=1),
+                             ops=OpTable("torch"))
     graphs = CudaGraphRunner(runner, [1, 2, 4, 8, 16, 32, 64])   # the torch backend: sizes, no capture
     assert graphs.sizes == sizes and not graphs.enabled
 

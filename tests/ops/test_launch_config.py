@@ -49,7 +49,7 @@ H200_NAMED_RULES = {
         {"if": {"kernel": "gate_up", "fp8": True}, "set": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1}},
         {"if": {"kernel": "down", "fp8": True}, "set": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1}}],
 }
-OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "mla_prep"]
+OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "int4", "mla_prep"]
 
 
 def test_device_keys_from_properties():
@@ -62,23 +62,29 @@ def test_device_keys_from_properties():
 
 @pytest.mark.parametrize("op", OPS)
 def test_hopper_tables_keep_the_settings_they_had_by_name(op):
-    """An H200 (SXM or NVL) gets the default's rules and what its named table held; the H100,
-    which had no table of its own, and unknown devices the default alone."""
+    """An H200 (SXM or NVL) gets the default's rules and what its named table held; the H100 SXM
+    the default's and its own measured table's (sm90-132sm-80g.json, written by a sweep); the
+    H100 PCIe, the A100 and unknown devices the default alone."""
     default = lc.table(op, "")
     assert lc.table(op, lc.properties_key(H200)) == default + tuple(H200_NAMED_RULES.get(op, ()))
     assert lc.table(op, lc.properties_key(H200_NVL)) == lc.table(op, lc.properties_key(H200))
-    for props in (H100, H100_PCIE, A100):
+    h100_file = lc.CONFIG_DIR / op / "sm90-132sm-80g.json"
+    h100_rules = tuple(json.loads(h100_file.read_text())) if h100_file.is_file() else ()
+    assert lc.table(op, lc.properties_key(H100)) == default + h100_rules
+    for props in (H100_PCIE, A100):
         assert lc.table(op, lc.properties_key(props)) == default
 
 
-@pytest.mark.parametrize("props,h200", [(H200, True), (H200_NVL, True), (H100, False), (A100, False), (None, False)])
-def test_launch_settings_follow_the_device_properties(props, h200, monkeypatch):
-    """launch_settings on a (fake) CUDA device reads its properties: the H200's fp8 down-kernel
-    rows, the default's elsewhere (None: a device without CUDA properties)."""
+@pytest.mark.parametrize("props,swept", [(H200, True), (H200_NVL, True), (H100, True), (H100_PCIE, False),
+                                         (A100, False), (None, False)])
+def test_launch_settings_follow_the_device_properties(props, swept, monkeypatch):
+    """launch_settings on a (fake) CUDA device reads its properties: the fp8 down-kernel rows
+    the H200 and H100 SXM sweeps wrote, the default's elsewhere (None: a device without CUDA
+    properties)."""
     monkeypatch.setattr(lc, "interpreting", lambda: False)
     monkeypatch.setattr(lc, "device_properties", lambda device: props)
     got = lc.launch_settings("fused_moe_small", torch.device("cuda", 0), kernel="down", fp8=True, inter=2048)
-    assert (got["BLOCK_N"], got["BLOCK_K"]) == ((16, 1024) if h200 else (8, 256))
+    assert (got["BLOCK_N"], got["BLOCK_K"]) == ((16, 1024) if swept else (8, 256))
 
 
 def test_a_table_applies_where_every_part_of_its_key_matches(tmp_path, monkeypatch):

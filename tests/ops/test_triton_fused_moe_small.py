@@ -144,21 +144,23 @@ def test_small_path_rejects_mismatched_routing(small, cpu_only):
 
 
 def test_fp8_settings_follow_the_device():
-    """fp8 steps cover whole 128-wide scale blocks; on an H200 both kernels take wider steps
-    (more bytes in flight), elsewhere the H100's settings; 16-bit settings do not change.
+    """fp8 steps cover whole 128-wide scale blocks; on the swept Hopper tables (H200 and H100
+    SXM: sweep_moe_small.py --fp8) both kernels take wider steps (more bytes in flight), the
+    default's elsewhere; 16-bit settings do not change on the H200.
     (The compiled kernels' settings: interpreted ones take one small setting everywhere.)"""
     from deepserve.ops.triton.launch_config import lookup
 
     def settings(device, kernel, fp8):
         return lookup("fused_moe_small", device, kernel=kernel, fp8=fp8, inter=2048)
 
-    h200 = {k: settings("NVIDIA_H200", k, True) for k in ("gate_up", "down")}
-    h100 = {k: settings("NVIDIA_H100_80GB_HBM3", k, True) for k in ("gate_up", "down")}
-    assert (h200["gate_up"]["BLOCK_N"], h200["gate_up"]["BLOCK_K"]) == (32, 256)
-    assert (h200["down"]["BLOCK_N"], h200["down"]["BLOCK_K"]) == (16, 1024)
-    assert (h100["gate_up"]["BLOCK_N"], h100["gate_up"]["BLOCK_K"]) == (16, 128)
-    assert all(cfg["BLOCK_K"] % 128 == 0 for cfg in (*h200.values(), *h100.values()))
-    assert settings("NVIDIA_H200", "gate_up", False) == settings("", "gate_up", False)
+    for key in ("sm90-132sm-144g", "sm90-132sm-80g"):          # H200, H100 SXM
+        swept = {k: settings(key, k, True) for k in ("gate_up", "down")}
+        assert (swept["gate_up"]["BLOCK_N"], swept["gate_up"]["BLOCK_K"]) == (32, 256), key
+        assert (swept["down"]["BLOCK_N"], swept["down"]["BLOCK_K"]) == (16, 1024), key
+    other = {k: settings("sm90-114sm-80g", k, True) for k in ("gate_up", "down")}   # H100 PCIe: default
+    assert (other["gate_up"]["BLOCK_N"], other["gate_up"]["BLOCK_K"]) == (16, 128)
+    assert all(cfg["BLOCK_K"] % 128 == 0 for cfg in (*swept.values(), *other.values()))
+    assert settings("sm90-132sm-144g", "gate_up", False) == settings("", "gate_up", False)
     assert settings("interpreter", "down", True)["BLOCK_N"] == 32
 
 
