@@ -29,11 +29,11 @@ from deepserve.platforms import Platform, get_platform
 
 logger = logging.getLogger("deepserve")
 
-# read by every rank itself (the pipeline split, the Triton launch toggle, the ops backend and
-# op counting, counting the bytes a rank sends, the log level): the Ray actors get the driver's
+# read by every rank itself (the pipeline split, the Triton launch toggle, op counting,
+# counting the bytes a rank sends, the log level): the Ray actors get the driver's
 # values, unset ones as "" (the default), so every rank agrees with the driver whatever the
 # nodes exported before `ray start` (vLLM copies its environment to them too)
-RANK_ENV = ("VLLM_PP_LAYER_PARTITION", "DEEPSERVE_PDL", "DEEPSERVE_OPS", "DEEPSERVE_OPS_COUNT",
+RANK_ENV = ("VLLM_PP_LAYER_PARTITION", "DEEPSERVE_PDL", "DEEPSERVE_OPS_COUNT",
             "DEEPSERVE_COUNT_STEP_BYTES", "DEEPSERVE_LOG_LEVEL")
 
 
