@@ -35,6 +35,12 @@ step spec_gpu_tests 90 . python3 -m pytest -q -m gpu tests/engine/test_spec_deco
   tests/ops/test_triton_attention.py::test_tiny_heads_gpu -o log_cli=true \
   --log-cli-level=WARNING
 step spec_bench 220 . python3 benchmarks/bench_spec.py --out "$OUT/res/spec.json"
+#   issue 25  the host's time in eager and piecewise 128-token mixed steps (cProfile), with their kernels
+step mixed_host 150 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --mixed-lens 64 \
+  --profile 3 --profile-len 64 --profile-eager --host-profile 3 --top 25 --out "$OUT/res/profile_mixed_128.json"
+#   issue 21  the W4A16 launch settings swept into this device's table, then the 4-bit kernels timed with it
+step int4_sweep 130 . python3 benchmarks/sweep_int4.py --write
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 step int4 200 . python3 benchmarks/bench_int4.py
 # the sweep writes the package's own table, so the R1 figures after it run with the new settings
 step moe_small_fp8 150 . python3 benchmarks/sweep_moe_small.py --fp8 --write
@@ -60,6 +66,9 @@ step share_r1_all 80 . python3 benchmarks/ops_share.py --model deepseek-r1 --qua
   --batch 1 64 --hf-overrides '{"num_hidden_layers": 5}'
 step share_r1 80 . python3 benchmarks/ops_share.py --model deepseek-r1 --quantization fp8 --ops triton \
   --batch 1 64 --hf-overrides '{"num_hidden_layers": 5}'
+#   issue 24  decode tok/s of the 8B, default ops against every op in Triton (--ops triton-all)
+step engine_8b 100 . python3 benchmarks/bench_engine.py --case llama8b --repeats 3
+step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_engine.py --case llama8b --repeats 3
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
 cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done

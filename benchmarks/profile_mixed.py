@@ -146,6 +146,39 @@ def profile_steps(llm: LLM, count: int, length: int, vocab: int, top: int) -> di
             "top_kernels": [(k, c, us) for k, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
+def host_profile(llm: LLM, count: int, length: int, vocab: int, top: int) -> dict:
+    """cProfile over `count` mixed steps (as profile_steps runs them): the host's Python time
+    by function, to find what bounds an eager step whose GPU-busy time is far below its wall."""
+    import cProfile
+    import pstats
+    eng = llm.engine
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prof = cProfile.Profile()
+    wall = 0.0
+    for r in range(count):
+        eng.add_request(None, random_prompts(1, length, vocab, seed=400 + r)[0], one)
+        prof.enable()
+        wall += timed_step(llm)
+        prof.disable()
+        eng.step()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (_, calls, tottime, cumtime, _) in stats.stats.items():
+        rows.append((f"{file.split('site-packages/')[-1].split('/work/')[-1]}:{line}:{func}", calls, tottime, cumtime))
+    return {"wall_s": wall, "steps": count,
+            "by_tottime": sorted(rows, key=lambda r: -r[2])[:top],
+            "by_cumtime": sorted(rows, key=lambda r: -r[3])[:top]}
+
+
+def print_host_profile(title: str, prof: dict) -> None:
+    print(f"\n{title}: {prof['wall_s'] / prof['steps'] * 1e3:.1f} ms a step (under cProfile)")
+    for key in ("by_tottime", "by_cumtime"):
+        print(f"  {key}: ms a step, calls a step")
+        for name, calls, tot, cum in prof[key]:
+            ms = (tot if key == "by_tottime" else cum) / prof["steps"] * 1e3
+            print(f"  {ms:8.2f} {calls // prof['steps']:6d}  {name[-100:]}")
+
+
 def print_profile(title: str, prof: dict) -> None:
     print(f"\n{title}: busy {prof['profiled_busy_us'] / 1e3:.1f} ms of "
           f"{prof['profiled_wall_s_mixed_plus_next'] * 1e3:.1f} ms wall")
@@ -174,12 +207,14 @@ def main() -> None:
                     help="prompt length of the profiled mixed steps (default --prompt-len)")
     ap.add_argument("--profile-eager", action="store_true",
                     help="profile the same mixed steps again with the piecewise graphs off")
+    ap.add_argument("--host-profile", type=int, default=0,
+                    help="cProfile the host over this many mixed steps, eager and (if captured) piecewise")
     args = ap.parse_args()
     mixed_lens = [int(n) for n in args.mixed_lens.split(",") if n]
     # decode steps the running sequences last: the timed, profiled and piecewise/eager steps
     # (the decode and mixed rows take 3 * repeats + 2, the profile 2 a step, the piecewise rows 6
     # a repeat; sequences prefilled first also decode during the later prefill steps: the margin)
-    steps = 3 * args.repeats + 2 * args.profile * (1 + args.profile_eager) + 6 * args.repeats * len(mixed_lens) + 64
+    steps = 3 * args.repeats + 2 * args.profile * (1 + args.profile_eager) + 4 * args.host_profile + 6 * args.repeats * len(mixed_lens) + 64
     longest = max([args.prompt_len, args.profile_len] + mixed_lens)
     kw = dict(load_format=args.load_format, max_model_len=longest + steps + 16,
               device=args.device,
@@ -244,6 +279,14 @@ def main() -> None:
             pieces, eng.runner.piecewise = eng.runner.piecewise, None
             res["eager"] = profile_steps(llm, args.profile, length, vocab, args.top)
             eng.runner.piecewise = pieces
+    if args.host_profile:
+        length = args.profile_len or args.prompt_len
+        pieces = eng.runner.piecewise
+        eng.runner.piecewise = None
+        res["host_eager"] = host_profile(llm, args.host_profile, length, vocab, args.top)
+        if pieces is not None:
+            eng.runner.piecewise = pieces
+            res["host_piecewise"] = host_profile(llm, args.host_profile, length, vocab, args.top)
     drain(llm)
     eng.shutdown()
     out = args.out or f"profile_mixed_{args.model.rstrip('/').split('/')[-1]}_b{args.batch}.json"
@@ -277,6 +320,9 @@ def main() -> None:
         print_profile(what, res)
         if "eager" in res:
             print_profile(what + ", piecewise graphs off", res["eager"])
+    for key in ("host_eager", "host_piecewise"):
+        if key in res:
+            print_host_profile(f"host time by function, mixed steps, {key[5:]}", res[key])
 
 
 if __name__ == "__main__":
