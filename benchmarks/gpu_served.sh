@@ -1,0 +1,33 @@
+#!/bin/bash
+# deepserve's served figures on one GPU without vLLM (issues 25 and 17): the same
+# `deepserve bench serve` cases as peer_vllm.py, one server per engine variant, back to back,
+# then served vs offline (served_vs_offline.sh). Carry .svo (the server's wheels) and .peerd
+# (tokenizers, ShareGPT first 500: see gpu_peer.sh).
+#   benchmarks/gpu_served.sh variants [PRESET] [CASES]    # VARIANTS="label=flags|label=flags"
+#   benchmarks/gpu_served.sh svo                          # served_vs_offline.sh (SVO_ENGINE_ARGS)
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; D=/tmp/d; mkdir -p "$OUT" $D
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .svo/*.whl 2>&1 | grep -v WARN | tail -2
+tar -C $D -xJf .peerd/data.tar.xz
+[ -e ../shared ] || ln -s $D ../shared 2>/dev/null || true
+case "$1" in
+variants)
+  preset=${2:-r1-distill-llama-8b}
+  tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$preset" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
+  IFS='|' read -ra variants <<< "${VARIANTS:-sync=|async=--async-scheduling|async_pw=--async-scheduling --cudagraph-mode FULL_AND_PIECEWISE}"
+  for v in "${variants[@]}"; do
+    label=${v%%=*}; flags=${v#*=}
+    echo "== $label: $flags"
+    PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$preset" --tokenizer "$tok" --servers deepserve \
+      --cases "${3:-c64,c256}" --deps-path /tmp/site --out-dir "/tmp/po_$label" \
+      --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
+      --deepserve-args "$flags" ${PEER_ARGS:-} 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -12
+    mkdir -p "$OUT/$label" && cp /tmp/po_$label/peer_*.json "$OUT/$label/" 2>/dev/null
+    tar czf "$OUT/logs_$label.tgz" -C /tmp/po_$label --exclude='model-*' . 2>/dev/null
+  done ;;
+svo)
+  OUT="$OUT/svo" PYTHONPATH=/tmp/site TOKENIZER=$D/tokenizers/deepseek-r1-distill-llama-8b \
+    ENGINE_ARGS="--load-format dummy ${SVO_ENGINE_ARGS:-}" bash benchmarks/served_vs_offline.sh ;;
+*) echo "usage: $0 variants [PRESET] [CASES] | svo"; exit 2 ;;
+esac
