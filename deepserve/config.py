@@ -275,7 +275,7 @@ class EngineConfig:
     ops: str
     enforce_eager: bool
     cuda_graph_sizes: list[int]
-    async_scheduling: bool = False
+    async_scheduling: Optional[bool] = None      # as given; the engine settles None (async_scheduling_plan)
     speculative: Optional[SpeculativeConfig] = None
     cudagraph_mode: str = "FULL_DECODE_ONLY"
     piecewise_max_tokens: int = 512       # at most max_num_batched_tokens
@@ -382,12 +382,15 @@ class EngineArgs:
     node's value (their cores connect to every API server)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
-    async_scheduling: bool = False
+    async_scheduling: Optional[bool] = None
     """Schedule and launch step n+1 before step n's tokens reach the host (their ids are taken
-    on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. Every
-    layout (TP, PP, DP, EP, Ray); steps with logprobs, penalties or min_tokens run synchronously.
-    With pipeline parallel the engine keeps one micro-batch in flight per stage instead, which
-    overlaps the host work with the stages' work as well."""
+    on the device), overlapping host work with the GPU, as vLLM's --async-scheduling. Default
+    (neither flag): on wherever it overlaps anything, off with an INFO line naming why on the
+    CPU (a step's work runs as it is launched), with speculative decoding (its drafting steps
+    need the previous tokens on the host) and with pipeline parallel (one micro-batch in flight
+    per stage instead). --async-scheduling forces it on: every layout (TP, PP, DP, EP, Ray);
+    steps with logprobs, penalties, min_tokens, structured output or drafts run synchronously,
+    and pipeline parallel keeps its micro-batches. --no-async-scheduling forces it off."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
     cudagraph_mode: str = "FULL_DECODE_ONLY"
@@ -448,6 +451,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):
+            raise ValueError(f"async_scheduling must be true, false or unset (auto), got {self.async_scheduling!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni"):
@@ -565,6 +570,33 @@ def speculative_not_yet(args: "EngineArgs", spec: SpeculativeConfig) -> Optional
         return ("with pipeline parallelism for method mtp (the MTP layer and the hidden states it "
                 "drafts from are not placed on a stage yet; method ngram runs with it)")
     return None
+
+
+def async_scheduling_plan(config: EngineConfig, device_type: str) -> tuple[bool, str]:
+    """Whether the engine schedules steps ahead (async scheduling), and the INFO line that says
+    so. Unset (None) means on wherever it overlaps anything, as vLLM's default: off on a host
+    device (vLLM's CPU platform too), with speculative decoding (vLLM turns it off for its
+    host-side n-gram drafter; here every drafting step needs the previous tokens on the host,
+    and with mtp every step drafts) and with pipeline stages (the micro-batches in flight are
+    the overlap there). A value the user gave is kept."""
+    spec, pp = config.speculative, config.parallel.pipeline_parallel_size
+    if config.async_scheduling is False:
+        return False, "async scheduling off (--no-async-scheduling)"
+    if config.async_scheduling:
+        if pp > 1 and spec is None:
+            return True, ("async scheduling: with pipeline parallel the engine keeps one micro-batch in flight "
+                          "per stage instead of launching steps ahead")
+        return True, "async scheduling on (--async-scheduling)"
+    if device_type == "cpu":
+        why = "on the CPU a step's work runs as it is launched, leaving nothing to overlap"
+    elif spec is not None:
+        why = (f"speculative decoding ({spec.method}) runs its drafting steps synchronously, since they need the "
+               "previous step's tokens on the host")
+    elif pp > 1:
+        why = "pipeline parallel keeps one micro-batch in flight per stage instead"
+    else:
+        return True, "async scheduling on (the default; --no-async-scheduling turns it off)"
+    return False, f"async scheduling off: {why} (--async-scheduling forces it on)"
 
 
 def apply_compilation_config(args: "EngineArgs", config: Any) -> None:

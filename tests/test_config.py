@@ -1,5 +1,6 @@
 """EngineArgs: CLI flags generated from the fields, with vLLM's names and docstrings."""
 import argparse
+import re
 
 import pytest
 
@@ -82,3 +83,30 @@ def test_flaggems_missing_is_a_clear_error():
         pytest.skip("flag_gems is installed here")
     with pytest.raises(RuntimeError, match=r"--ops flaggems needs FlagGems: pip install 'deepserve\[flaggems\]'"):
         OpTable("flaggems")
+
+
+def test_async_scheduling_flags_force_it_and_unset_is_auto():
+    assert _parse([]).async_scheduling is None
+    assert _parse(["--async-scheduling"]).async_scheduling is True
+    assert _parse(["--no-async-scheduling"]).async_scheduling is False
+    with pytest.raises(ValueError, match="async_scheduling must be true, false or unset .*got 'yes'"):
+        EngineArgs(async_scheduling="yes")
+
+
+@pytest.mark.parametrize("flags, device, on, why", [
+    ([], "cuda", True, "on \\(the default"),
+    ([], "npu", True, "on \\(the default"),
+    ([], "cpu", False, "off: on the CPU"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "cuda", False,
+     "off: speculative decoding \\(ngram\\)"),
+    (["--pipeline-parallel-size", "2"], "cuda", False, "off: pipeline parallel keeps one micro-batch"),
+    (["--async-scheduling"], "cpu", True, "on \\(--async-scheduling\\)"),
+    (["--async-scheduling", "--pipeline-parallel-size", "2"], "cuda", True, "one micro-batch in flight per stage"),
+    (["--no-async-scheduling"], "cuda", False, "off \\(--no-async-scheduling\\)"),
+])
+def test_async_scheduling_plan(flags, device, on, why):
+    """Unset: on where steps can overlap (vLLM's default), off naming why; a flag given wins."""
+    from deepserve.config import async_scheduling_plan
+    got, line = async_scheduling_plan(_parse(flags).create_engine_config(), device)
+    assert got is on
+    assert re.search(why, line), line

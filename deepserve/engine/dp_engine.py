@@ -22,7 +22,7 @@ import weakref
 from types import SimpleNamespace
 from typing import Optional
 
-from deepserve.config import EngineArgs
+from deepserve.config import EngineArgs, async_scheduling_plan
 from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, apply_delta, connect
 from deepserve.engine.engine_core import DPLayout, start_ranks
 from deepserve.engine.executor import STOP, check_no_live_group, start_timeout_s
@@ -124,8 +124,10 @@ class DataParallelEngine(LLMEngine):
         self.client = client
         self.config = args.create_engine_config()
         par = self.config.parallel
-        self.async_scheduling = self.config.async_scheduling
         self.platform = get_platform(args.device)
+        self.async_scheduling, note = async_scheduling_plan(self.config, self.platform.device_type)
+        if client == 0:  # the other API servers' front ends attach to the same cores
+            logger.info("%s", note)
         self.tokenizer, self.eos_token_ids = load_tokenizer(self.config)
         self.dp_size = par.data_parallel_size
         self.requests: dict[str, RequestState] = {}

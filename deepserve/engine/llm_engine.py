@@ -22,7 +22,7 @@ import time
 import weakref
 from typing import Optional, Union
 
-from deepserve.config import EngineArgs
+from deepserve.config import EngineArgs, async_scheduling_plan
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
 from deepserve.engine.micro_batches import MicroBatchPipeline
@@ -121,8 +121,10 @@ class LLMEngine:
         executor for the configured layout is started here."""
         self.args = args
         self.config = args.create_engine_config()
-        self.async_scheduling = self.config.async_scheduling
         self.platform = get_platform(args.device)
+        self.async_scheduling, note = async_scheduling_plan(self.config, self.platform.device_type)
+        if executor is None:  # a DP rank's core: its front end said it
+            logger.info("%s", note)
         self.tokenizer, eos = load_tokenizer(self.config)
         self.eos_token_ids = eos
         self.executor = executor or make_executor(self.config, self.platform, eos)

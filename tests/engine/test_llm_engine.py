@@ -119,3 +119,39 @@ def test_bad_requests_are_clear_errors(llm):
     # the engine still serves afterwards, with every block free
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY)[0].outputs[0].text.startswith("Once")
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_default_schedules_ahead_on_a_device_and_matches(llm, monkeypatch, caplog):
+    """async_scheduling unset: off on the CPU (one INFO line says why); where the plan turns it
+    on (a GPU) greedy text, seeded samples, stop strings, n=2 and max_tokens equal the
+    synchronous engine's, and an abort with a step in flight frees every block."""
+    import logging
+
+    import deepserve.engine.llm_engine as llm_engine
+    assert not llm.engine.async_scheduling
+    real = llm_engine.async_scheduling_plan
+    monkeypatch.setattr(llm_engine, "async_scheduling_plan", lambda config, device: real(config, "cuda"))
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        ahead = LLM(block_size=4)
+    assert ahead.engine.async_scheduling
+    assert "async scheduling on (the default" in caplog.text
+    prompts = _prompts(llm, 6)
+    params = [SamplingParams(temperature=0, max_tokens=5 + 3 * i) if i % 3 == 0 else
+              SamplingParams(temperature=0.9, seed=i, max_tokens=12, n=2) if i % 3 == 1 else
+              SamplingParams(temperature=0, max_tokens=40, stop=[" ball", "."]) for i in range(len(prompts))]
+
+    def texts(engine_llm):
+        return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs]
+                for o in engine_llm.generate(prompts, params)]
+    assert texts(ahead) == texts(llm)
+    engine = ahead.engine
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._inflight is not None
+    engine.abort_request("r1")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()                                   # reads the dropped rows of the last launch
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
