@@ -19,9 +19,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,6 +36,7 @@ from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.serving_common import ServerSettings, ServerState
+from deepserve.server.stopping import stop_interruptibly
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deepserve")
@@ -201,15 +200,7 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None) 
                             access_log=False, timeout_graceful_shutdown=3, lifespan="on")
     http = _Server(config, state, on_ready)
     http.run(sockets=[sock] if sock is not None else None)
-    # uvicorn restored the handlers from before it ran (KeyboardInterrupt for SIGINT): a late
-    # Ctrl-C must not cut the engine's stop short with a traceback
-    main = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        state.llm.shutdown()
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+    stop_interruptibly(state.llm.shutdown)  # done by the app's lifespan unless uvicorn failed to start
     if getattr(http, "fatal", None):
         return 1
     return 0 if http.started else 1

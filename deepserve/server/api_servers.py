@@ -41,6 +41,7 @@ from deepserve.engine.executor import die_with_parent
 from deepserve.log import for_spawned_processes
 from deepserve.server.api_server import build_state, serve_app, served_names, set_up_logging
 from deepserve.server.args import ServerArgs
+from deepserve.server.stopping import stop_interruptibly
 
 logger = logging.getLogger("deepserve")
 
@@ -123,11 +124,11 @@ def run_api_servers(engine_args: EngineArgs, server: ServerArgs) -> int:
     except _Stop:
         pass
     finally:
-        for s in previous:  # a second Ctrl-C or SIGTERM must not cut the shutdown short
-            signal.signal(s, signal.SIG_IGN)
-        _stop_servers(servers, conns, failure)
-        if cores is not None:
-            cores.shutdown()
+        def stop() -> None:
+            _stop_servers(servers, conns, failure)
+            if cores is not None:
+                cores.shutdown()
+        stop_interruptibly(stop)
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)

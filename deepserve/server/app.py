@@ -22,6 +22,7 @@ from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
 from deepserve.server.serving_common import ServerState, parse_request
 from deepserve.server.serving_completions import create_completion
+from deepserve.server.stopping import stop_interruptibly
 
 logger = logging.getLogger("deepserve")
 
@@ -52,7 +53,7 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
-            state.llm.shutdown()
+            stop_interruptibly(state.llm.shutdown)
 
     app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
     app.state.deepserve = state
