@@ -15,7 +15,7 @@ case "$1" in
 variants)
   preset=${2:-r1-distill-llama-8b}
   tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$preset" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
-  IFS='|' read -ra variants <<< "${VARIANTS:-sync=|async=--async-scheduling|async_pw=--async-scheduling --cudagraph-mode FULL_AND_PIECEWISE}"
+  IFS='|' read -ra variants <<< "${VARIANTS:-sync=--no-async-scheduling|async=|async_pw=--cudagraph-mode FULL_AND_PIECEWISE}"
   for v in "${variants[@]}"; do
     label=${v%%=*}; flags=${v#*=}
     echo "== $label: $flags"
