@@ -1,7 +1,9 @@
-"""Launch-setting sweep of the split-KV decode attention kernel for MLA (issue 4), GQA as a guard.
+"""Launch-setting sweep of the split-KV decode attention kernel for MLA (issue 4), GQA as a guard,
+and with --fp8 of the e4m3-MMA MLA decode kernel over an fp8 latent pool (issue 16).
 
     python benchmarks/sweep_mla_decode.py [--quick] [--write]   # GPU; full grid < 120 s on an H100
-    python benchmarks/sweep_mla_decode.py --device cpu --tiny   # the script's logic, interpreted
+    python benchmarks/sweep_mla_decode.py --fp8 [--quick] [--write] [--budget S]
+    python benchmarks/sweep_mla_decode.py --device cpu --tiny [--fp8]   # the script's logic, interpreted
 
 Cases (bf16, every row a decode row at the same context): MLA with V2-Lite's 16 heads at
 batch 64 (memory-bound) in 64-token pages and in 16-token pages (default settings only), R1's
@@ -18,10 +20,23 @@ as a rule on the shape variables the kernel looks the table up by. Bandwidth cou
 (MLA: the 576-wide latent; GQA: K and V) against a 2 GiB device-to-device copy measured
 first (benchmarks/sweep_setup.py; with --device cpu a wall-clock logic check). A candidate
 that does not compile (shared memory, registers) prints one line and is skipped.
+
+--fp8: R1's latent pool in e4m3 (576-wide keys, the first 512 the values, 64-token pages) at
+16 heads (R1 under TP8) and 128 (one rank), batch 1, 64 and 256 at 4k context and batch 64 at
+32k, every row at the full context. Candidates (BLOCK_H, BLOCK_N, warps, stages, maxnreg, and
+the split count's programs_per_sm and min_split) are appended to the `mla_decode_fp8` table;
+one whose split count and tile repeat a timed one is not timed again. Each is checked against
+the torch op on q rounded to e4m3 the kernel's way (rows 0, 1 and the last two; every row
+holds the same context), then timed as CUDA-graph replays; bandwidth counts the pool's bytes
+read once (one a value). Every case writes its fastest correct setting with --write, as a
+rule over a batch / context range of its own (FP8_SHAPES; the ranges are disjoint, so the
+rules' order does not matter), right after the case: a run cut short (--budget, or a SIGTERM
+from `timeout`) keeps what it measured, the case it was in included.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -102,6 +117,146 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
             Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa, writes=True)]
 
 
+# --fp8 tiles (BLOCK_H, BLOCK_N, warps, stages, maxnreg: 0 for none) per head count, the
+# default first, then by promise. From the sm_90 builds (Triton 3.6, compiled offline): 16 x 64
+# at 4 warps and 3 stages takes 255 registers and 89 KB of shared memory (2 programs an SM);
+# at 2 stages 52 KB, where a 128-register cap lets 4 programs share an SM; 8 warps split the
+# [512, 16] output over two warp groups (1 program an SM at 255 registers). 128 heads: 64 a
+# program spills at 8 warps, 32 a program does not (4 head groups read each latent tile, the
+# later ones mostly from L2).
+FP8_TILES = {16: [(16, 64, 4, 3, 0), (16, 64, 4, 2, 128), (16, 64, 8, 3, 0), (16, 64, 4, 4, 0),
+                  (16, 64, 4, 2, 0), (16, 64, 8, 2, 0)],
+             128: [(32, 64, 8, 3, 0), (16, 64, 4, 3, 0), (64, 64, 8, 3, 0), (16, 64, 4, 2, 128),
+                   (32, 64, 8, 2, 0), (16, 64, 8, 3, 0)]}
+# (heads, batch, context, the table conditions its best setting is written under)
+FP8_SHAPES = [(16, 1, 4096, {"heads": 16, "batch_lt": 8}),
+              (16, 64, 4096, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_lt": 16384}),
+              (16, 256, 4096, {"heads": 16, "batch_ge": 128}),
+              (16, 64, 32768, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_ge": 16384}),
+              (128, 1, 4096, {"heads": 128, "batch_lt": 8}),
+              (128, 64, 4096, {"heads": 128, "batch_ge": 8, "batch_lt": 128, "ctx_lt": 16384}),
+              (128, 256, 4096, {"heads": 128, "batch_ge": 128}),
+              (128, 64, 32768, {"heads": 128, "batch_ge": 8, "batch_lt": 128, "ctx_ge": 16384})]
+FP8_WIDTH, FP8_V_WIDTH, FP8_PAGE, FP8_SCALE = 576, 512, 64, 0.072
+
+
+@dataclass
+class Fp8Case:
+    name: str
+    heads: int
+    batch: int
+    ctx: int
+    when: dict
+    grid: list[dict]
+
+    def cache_bytes(self) -> int:
+        return self.batch * self.ctx * FP8_WIDTH
+
+
+def fp8_settings(tiles, pps, min_split=(256,)) -> list[dict]:
+    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, maxnreg=r, programs_per_sm=p, min_split=m)
+            for h, n, w, s, r in tiles for p in pps for m in min_split]
+
+
+def make_fp8_cases(quick: bool, tiny: bool) -> list[Fp8Case]:
+    cases = []
+    for heads, batch, ctx, when in FP8_SHAPES:
+        tiles = FP8_TILES[heads][:3] if quick else FP8_TILES[heads]
+        if batch == 1:          # 1-2 programs per split at most: the split floor decides
+            grid = fp8_settings(tiles[:2], (4,), (64, 128, 256))
+        elif batch == 256 or ctx > 4096:
+            grid = fp8_settings(tiles, (1, 2, 4) if not quick else (2, 4))
+        else:
+            grid = fp8_settings(tiles, (2, 4) if quick else (1, 2, 3, 4, 6, 8))
+        if tiny:                # interpreted: the logic only, at toy sizes
+            batch, ctx, grid = {1: 1, 64: 2, 256: 3}[batch], 128 if ctx > 4096 else 64, grid[:2]
+        cases.append(Fp8Case(f"fp8_h{heads}_b{batch}_ctx{ctx}", heads, batch, ctx, when, grid))
+    return cases
+
+
+def fp8_batch(case: Fp8Case, device: str):
+    """Every row at the full context over a shuffled e4m3 pool, built on `device` (the CPU
+    builder of tests/ops/paged_batch is minutes at 32k context)."""
+    from tests.ops.paged_batch import PagedBatch
+    g = torch.Generator(device=device).manual_seed(0)
+    pages = -(-case.ctx // FP8_PAGE)
+    n_blocks = case.batch * pages + 3
+    tables = torch.randperm(n_blocks, generator=g, device=device)[:case.batch * pages]
+    pool = torch.randn(n_blocks, FP8_PAGE, 1, FP8_WIDTH, generator=g, device=device, dtype=torch.bfloat16)
+    pool = pool.to(torch.float8_e4m3fn)
+    q = torch.randn(case.batch, case.heads, FP8_WIDTH, generator=g, device=device, dtype=torch.bfloat16)
+    return PagedBatch(q, pool, pool[..., :FP8_V_WIDTH], torch.arange(case.batch + 1, dtype=torch.int32, device=device),
+                      torch.full((case.batch,), case.ctx, dtype=torch.int32, device=device),
+                      tables.view(case.batch, pages).to(torch.int32), 1, case.ctx)
+
+
+def fp8_label(cfg: dict) -> str:
+    return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
+            f"r{cfg.get('maxnreg', 0)} pps{cfg['programs_per_sm']} min{cfg['min_split']}")
+
+
+def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_of_time, best: dict) -> None:
+    """Time the table's setting and every candidate of `case`, keeping the fastest correct one
+    (its full settings, the table's own included) in best["set"] as it goes, so that a cut run
+    still has it."""
+    from deepserve.ops.registry import resolve
+    from deepserve.ops.triton import attention, launch_config
+    from tests.ops.test_kv_fp8_ops import q_rounded_to_e4m3
+
+    pb = fp8_batch(case, device)
+    args = pb.args(FP8_SCALE)
+    check = sorted({0, 1, case.batch - 2, case.batch - 1} & set(range(case.batch)))
+    idx = torch.tensor(check, device=device)
+    sub = (q_rounded_to_e4m3(pb.q[idx]), pb.k_cache, pb.v_cache,
+           torch.arange(len(check) + 1, dtype=torch.int32, device=device), pb.seq_lens[idx], pb.block_tables[idx],
+           FP8_SCALE, 1, case.ctx)
+    want = resolve("paged_attention", "torch")[1](*sub).float()
+    tri = resolve("paged_attention", "triton")[1]
+    dev = torch.device(device)
+    default = attention.mla_fp8_decode_config(case.heads, case.batch, case.ctx, FP8_PAGE, attention.table_key(dev))
+    seen = set()
+    for cfg in [None] + case.grid:
+        if out_of_time():
+            print(f"{case.name}: out of time, {len(seen)} settings timed", flush=True)
+            break
+        full = dict(default, **(cfg or {}))
+        name = ("default " if cfg is None else "") + fp8_label(full)
+        tile = tuple(full[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg"))
+        splits = attention.fp8_decode_splits(case.batch, -(-case.heads // full["BLOCK_H"]), case.ctx,
+                                             full["BLOCK_N"], attention.sm_count(dev), full["programs_per_sm"],
+                                             full["min_split"])
+        if (tile, splits) in seen:
+            continue
+        seen.add((tile, splits))
+        with launch_config.trying("mla_decode_fp8", [{"set": cfg}] if cfg else []):
+            try:
+                got = tri(*args)[check].float()
+            except Exception as exc:  # noqa: BLE001  (report, let the sweep go on)
+                print(f"{case.name:22s} {name:40s} failed to build or launch: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:120] if str(exc) else ''}", flush=True)
+                continue
+            err = float((got - want).norm() / want.norm())
+            if not torch.allclose(got, want, atol=2e-2, rtol=2e-2):
+                print(f"{case.name:22s} {name:40s} WRONG: relative error {err:.3g}", flush=True)
+                rows.append((case.name, name, None, None, None))
+                continue
+            ms = timer(lambda: tri(*args))
+        rate = case.cache_bytes() / (ms * 1e-3)
+        rows.append((case.name, name + f" x{splits}", ms * 1e3, rate / 1e9, rate / bw))
+        print(f"{case.name:22s} {name:40s} x{splits:<3d} {ms * 1e3:9.1f} us {rate / 1e9:8.1f} GB/s {rate / bw:6.1%} "
+              f"(rel err {err:.2g})", flush=True)
+        if ms < best.get("ms", float("inf")):
+            best.update(ms=ms, set=full)
+
+
+class Cut(Exception):
+    """SIGTERM (`timeout`) during a sweep: stop, keep and write what was measured."""
+
+
+def _cut(signum, frame):
+    raise Cut()
+
+
 def label(cfg: dict) -> str:
     flags = "".join(f" no-{k}" for k in ("page_tile",) if cfg.get(k) is False)
     return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
@@ -144,22 +299,23 @@ def run_case(case: Case, device: str, timer, bw: float, rows: list) -> Optional[
 
 
 def print_table(rows: list) -> None:
-    print(f"\n{'case':15s} {'settings':30s} {'us':>9s} {'GB/s':>8s} {'% copy':>7s}")
+    w = max([15, 30] + [len(r[0]) for r in rows]), max([30] + [len(r[1]) for r in rows])
+    print(f"\n{'case':{w[0]}s} {'settings':{w[1]}s} {'us':>9s} {'GB/s':>8s} {'% copy':>7s}")
     for case, name, us, gbs, frac in rows:
         if us is None:
-            print(f"{case:15s} {name:30s} {'WRONG':>9s}")
+            print(f"{case:{w[0]}s} {name:{w[1]}s} {'WRONG':>9s}")
         else:
-            print(f"{case:15s} {name:30s} {us:9.1f} {gbs:8.1f} {frac:7.1%}")
+            print(f"{case:{w[0]}s} {name:{w[1]}s} {us:9.1f} {gbs:8.1f} {frac:7.1%}")
     print("\nbest per case:")
     for case in dict.fromkeys(r[0] for r in rows):
         timed = [r for r in rows if r[0] == case and r[2] is not None]
         if not timed:
-            print(f"{case:15s} no candidate was correct")
+            print(f"{case:{w[0]}s} no candidate was correct")
             continue
         best = min(timed, key=lambda r: r[2])
         default = next((r for r in timed if r[1].startswith("default")), None)
         vs = f", default {default[2]:.1f} us ({default[4]:.1%})" if default else ""
-        print(f"{case:15s} {best[1]:30s} {best[2]:9.1f} us {best[4]:7.1%}{vs}")
+        print(f"{case:{w[0]}s} {best[1]:{w[1]}s} {best[2]:9.1f} us {best[4]:7.1%}{vs}")
 
 
 def main() -> int:
@@ -172,12 +328,18 @@ def main() -> int:
     ap.add_argument("--write", action="store_true",
                     help="add each table case's fastest setting to the device's attention_decode launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
+    ap.add_argument("--fp8", action="store_true",
+                    help="sweep the e4m3-MMA kernel over an fp8 latent pool (table mla_decode_fp8) instead")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds: start no candidate after this (0: no limit); what was measured is kept")
     args = ap.parse_args()
     prepare(args.device)                     # before any kernel module is imported
     began = time.perf_counter()
     bw, timer = bandwidth_and_timer(args.device)
     only = [s for s in args.only.split(",") if s]
     rows: list = []
+    if args.fp8:
+        return sweep_fp8(args, only, began, bw, timer, rows)
     rules = []
     for case in make_cases(args.quick, args.tiny):
         if not only or any(s in case.name for s in only):
@@ -191,6 +353,40 @@ def main() -> int:
                                         rules, Path(args.config_dir) if args.config_dir else None)
         print(f"wrote {len(rules)} rules to {path}")
     print(f"\nsweep took {time.perf_counter() - began:.0f} s")
+    return 0
+
+
+def sweep_fp8(args, only: list, began: float, bw: float, timer, rows: list) -> int:
+    from deepserve.ops.triton import launch_config
+    key = launch_config.device_key(torch.device(args.device))
+    folder = Path(args.config_dir) if args.config_dir else None
+    signal.signal(signal.SIGTERM, _cut)
+    out_of_time = lambda: bool(args.budget) and time.perf_counter() - began > args.budget  # noqa: E731
+    written = 0
+    try:
+        for case in make_fp8_cases(args.quick, args.tiny):
+            if only and not any(s in case.name for s in only):
+                continue
+            best: dict = {}
+            try:
+                run_fp8_case(case, args.device, timer, bw, rows, out_of_time, best)
+            except Cut:
+                print(f"{case.name}: cut by SIGTERM", flush=True)
+                raise
+            finally:
+                # the case's best so far, also when cut inside it
+                if args.write and "set" in best:
+                    path = launch_config.save_rules("mla_decode_fp8", key, [{"if": case.when, "set": best["set"]}],
+                                                    folder)
+                    written += 1
+                    print(f"wrote {case.name}'s best to {path}", flush=True)
+            if out_of_time():
+                break
+    except Cut:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print_table(rows)
+    print(f"\n{written} rules written; sweep took {time.perf_counter() - began:.0f} s")
     return 0
 
 

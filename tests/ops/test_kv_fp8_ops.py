@@ -81,6 +81,43 @@ def test_mla_fp8_decode_kernel_against_the_split_kernel_and_q_rounding(triton_op
     assert rel_err(split_q, want) < 1e-5
 
 
+def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only, monkeypatch):
+    """A launch table that cuts the context into 16-key splits (more than the merge loads at
+    once, rows ending long before the last split) gives the split kernel's result over the
+    rounded q; the table's settings reach the kernel (a wrong BLOCK_H is refused)."""
+    import deepserve.ops.triton.attention as tri_attention
+    from deepserve.ops.triton.launch_config import trying
+    kw = dict(num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True, block_size=16)
+    pb = fp8_pool(make_paged_batch([1, 1, 1], [1, 300, 40], **kw))
+    op = resolve("paged_attention", "triton")[1]
+    with trying("mla_decode_fp8", [{"set": {"programs_per_sm": 64, "min_split": 16}}]):
+        assert tri_attention.fp8_decode_splits(3, 1, 300, 16, tri_attention.sm_count(pb.q.device), 64, 16) == 19
+        got = op(*pb.args(0.125))
+        with trying("mla_decode_fp8", [{"set": {"BLOCK_H": 24}}]):
+            with pytest.raises(ValueError, match="BLOCK_H must be a power of two"):
+                op(*pb.args(0.125))
+    monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
+    want = op(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.125))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,ctx,pps,min_split,splits", [
+    (64, 4096, 4, 256, 8),      # 528 programs an SM's worth / 64 rows: 8 splits of 512 keys
+    (64, 4096, 2, 256, 4),      # 264 / 64 = 4.1: 4 splits in one wave, not 5 in 1.2 waves
+    (256, 4096, 4, 256, 2),
+    (1, 4096, 4, 256, 16),      # the floor of keys a split bounds batch 1
+    (1, 4096, 4, 64, 64),       # ... and MAX_SPLITS
+    (64, 4000, 4, 256, 8),      # 500 keys a split round up to 512: still no empty split
+    (64, 4096, 1, 256, 2),
+    (300, 100, 1, 256, 1)])
+def test_fp8_decode_split_count(batch, ctx, pps, min_split, splits):
+    from deepserve.ops.triton.attention import fp8_decode_splits
+    got = fp8_decode_splits(batch, 1, ctx, 64, 132, pps, min_split)
+    assert got == splits
+    split_len = -(-(-(-ctx // got)) // 64) * 64       # the kernel's: whole 64-key tiles
+    assert (got - 1) * split_len < ctx <= got * split_len          # the last split is not empty
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_kv_writes_round_and_saturate_into_an_fp8_pool(triton_ops, cpu_only, backend):
     key = torch.tensor([[[1.0, -3.3, 500.0, -1000.0]]]).repeat(3, 1, 1)     # [T=3, H=1, D=4]

@@ -49,7 +49,8 @@ H200_NAMED_RULES = {
         {"if": {"kernel": "gate_up", "fp8": True}, "set": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1}},
         {"if": {"kernel": "down", "fp8": True}, "set": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1}}],
 }
-OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "int4", "mla_prep"]
+OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "int4",
+       "mla_decode_fp8", "mla_prep"]
 
 
 def test_device_keys_from_properties():
@@ -151,5 +152,12 @@ def test_attention_and_mla_tables():
         BLOCK_H=64, BLOCK_N=32, num_warps=8, num_stages=3, programs_per_sm=1)
     assert lc.lookup("attention_decode", lc.properties_key(H200), mla=True, heads=16, block_size=64)["num_warps"] == 8
     assert lc.lookup("attention_decode", lc.properties_key(H200), mla=False, heads=16, block_size=64)["num_warps"] == 4
+    # the fp8-pool MLA decode (e4m3 MMAs): 16 heads a program at 4 warps, 32 at 8 warps from 32
+    # heads on (64 a program spills at 8 warps; sm_90 SASS); the interpreter's 16-key tiles
+    fp8 = dict(batch=64, ctx=4096, block_size=64)
+    assert lc.lookup("mla_decode_fp8", "", heads=16, **fp8) == dict(
+        BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=3, programs_per_sm=4, min_split=256, maxnreg=0)
+    assert lc.lookup("mla_decode_fp8", "", heads=128, **fp8)["BLOCK_H"] == 32
+    assert lc.lookup("mla_decode_fp8", "interpreter", heads=16, **fp8)["BLOCK_N"] == 16
     assert lc.lookup("mla_prep", "", kernel="v_up") == dict(num_warps=4, BLOCK_C=128, BLOCK_T_MAX=64, BLOCK_V=32)
     assert lc.lookup("mla_prep", "", kernel="kv_write") == dict(num_warps=4)

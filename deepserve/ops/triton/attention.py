@@ -16,7 +16,7 @@ from deepserve.ops.registry import register
 from deepserve.ops.triton import launch_config
 from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
 from deepserve.ops.triton.attention_decode import (LOG2E, _decode_reduce_kernel, _decode_split_kernel,
-                                                   _mla_decode_fp8_kernel)
+                                                   _merge_splits_kernel, _mla_decode_fp8_kernel)
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
 MAX_SPLITS = 64
@@ -125,9 +125,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     device = table_key(q.device)
     big_head = block_d + block_dpe + block_dv > 512      # MLA's latent: 576-wide keys, 512-wide values
     small = interpreting() or q.device.type != "cuda"
-    if max_query_len == 1 and _mla_fp8_mma(q, k_cache, shared, block_dpe, small):
-        return _mla_fp8_decode(q, k_cache, query_start_loc, seq_lens, block_tables, out, qk_scale,
-                               float(v_scale), max_seq_len, block_d, block_dpe, small)
+    if max_query_len == 1 and _mla_fp8_pool(q, k_cache, shared, block_dpe, small):
+        cfg = mla_fp8_decode_config(n_heads, batch, max_seq_len, k_cache.shape[1], device)
+        if k_cache.shape[1] % cfg["BLOCK_N"] == 0:
+            return _mla_fp8_decode(q, k_cache, query_start_loc, seq_lens, block_tables, out, qk_scale,
+                                   float(v_scale), max_seq_len, block_d, block_dpe, small, cfg)
     if max_query_len == 1:
         cfg = decode_config(big_head, group, k_cache.shape[1], device)
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
@@ -160,43 +162,82 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-_MLA_FP8_BLOCK_N = {False: 64, True: 16}      # keys per tile on the GPU / interpreted
+# splits a merge program loads at once (_merge_splits_kernel): 16 x 512 values over 4 warps
+MERGE_CHUNK = 16
+FP8_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split",
+                             "maxnreg"))
 
 
-def _mla_fp8_mma(q: torch.Tensor, k_cache: torch.Tensor, shared: bool, block_dpe: int, small: bool) -> bool:
-    """Decode takes _mla_fp8_decode: an MLA latent pool (one KV head, values a view of the keys,
-    a rope tail) in e4m3, pages a multiple of the key tile, on an sm_90+ GPU or interpreted."""
+def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: int, device: str) -> dict:
+    """Launch settings of _mla_decode_fp8_kernel for `heads` query heads over one latent head,
+    from the launch table (configs/mla_decode_fp8/) of the device key `device` (`table_key`):
+    BLOCK_H heads and BLOCK_N keys a program tile, num_warps, num_stages, maxnreg (a cap on
+    registers a thread, 0 for none), and the split count's inputs (programs_per_sm, min_split:
+    the fewest keys a split takes; `fp8_decode_splits`).
+    The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len; under
+    CUDA graphs the captured maximum) and block_size. How each chip's settings were measured:
+    docs/PERFORMANCE.md (benchmarks/sweep_mla_decode.py --fp8)."""
+    cfg = launch_config.lookup("mla_decode_fp8", device, heads=max(16, next_pow2(heads)), batch=batch,
+                               ctx=max_seq_len, block_size=block_size)
+    unknown = set(cfg) - FP8_DECODE_KEYS
+    if unknown or len(cfg) != len(FP8_DECODE_KEYS):
+        raise ValueError(f"mla_decode_fp8 launch table sets {sorted(cfg)}; it must set exactly "
+                         f"{sorted(FP8_DECODE_KEYS)}")
+    for key in ("BLOCK_H", "BLOCK_N"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"mla_decode_fp8 {key} must be a power of two >= 16, got {cfg[key]}")
+    return cfg
+
+
+def fp8_decode_splits(batch: int, head_groups: int, max_seq_len: int, block_n: int, sms: int,
+                      programs_per_sm: int, min_split: int) -> int:
+    """Splits of the context for _mla_decode_fp8_kernel on `sms` SMs: at most `programs_per_sm`
+    programs an SM (rounded down, so a wave that fits the SMs is not cut into a full wave and a
+    sliver), none under `min_split` keys, at most MAX_SPLITS; then as few as cover max_seq_len
+    in the split length the kernel derives (whole BLOCK_N tiles), so the longest row has no
+    empty split."""
+    want = programs_per_sm * sms // max(batch * head_groups, 1)
+    splits = max(1, min(want, triton.cdiv(max(max_seq_len, 1), max(min_split, block_n)), MAX_SPLITS))
+    split_len = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
+    return triton.cdiv(max(max_seq_len, 1), split_len)
+
+
+def _maxnreg(cfg: dict) -> dict:
+    """The launch keyword capping registers a thread, where the table sets a cap."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}
+
+
+def _mla_fp8_pool(q: torch.Tensor, k_cache: torch.Tensor, shared: bool, block_dpe: int, small: bool) -> bool:
+    """An MLA latent pool (one KV head, values a view of the keys, a rope tail) in e4m3, on an
+    sm_90+ GPU or interpreted: decode takes _mla_fp8_decode where the page size is a multiple
+    of its key tile."""
     return (MLA_FP8_MMA and shared and k_cache.dtype == torch.float8_e4m3fn and k_cache.shape[2] == 1
-            and block_dpe > 0 and k_cache.shape[1] % _MLA_FP8_BLOCK_N[small] == 0
-            and (small or nvidia_sm90(q.device)))
+            and block_dpe > 0 and (small or nvidia_sm90(q.device)))
 
 
 def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, qk_scale, v_scale,
-                    max_seq_len, block_d, block_dpe, small):
+                    max_seq_len, block_d, block_dpe, small, cfg):
     """MLA decode rows over an e4m3 latent pool with e4m3 x e4m3 QK^T products
     (attention_decode._mla_decode_fp8_kernel), then the split merge. q is rounded to e4m3 per
     head (a power-of-two scale per head row, so the error is e4m3's 2^-4 relative rounding of q);
     P.V runs in fp16 over the exactly widened latent. Off the GPU (interpreter) the products
-    run in fp32 over the same rounded q."""
+    run in fp32 over the same rounded q. `cfg`: mla_fp8_decode_config's settings."""
     batch, n_heads = seq_lens.shape[0], q.shape[1]
-    block_size = kv_cache.shape[1]
-    # 16 heads (R1 under TP8): one program's [512, 16] fp32 output fits 4 warps' registers; 64
-    # heads (of R1's 128) need 8 warps for [512, 64] (4 spill ~2 KB a thread; sm_90 SASS)
-    block_h = 16 if small else min(max(16, triton.next_power_of_2(n_heads)), 64)
-    block_n = _MLA_FP8_BLOCK_N[small]
+    block_h, block_n = cfg["BLOCK_H"], cfg["BLOCK_N"]
     head_groups = triton.cdiv(n_heads, block_h)
-    splits = num_decode_splits(batch, head_groups, max_seq_len, q.device, 4)
+    splits = fp8_decode_splits(batch, head_groups, max_seq_len, block_n, sm_count(q.device),
+                               cfg["programs_per_sm"], cfg["min_split"])
     mid_o = torch.empty(batch, n_heads, splits, block_d, dtype=q.dtype, device=q.device)
     mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     wide = tl.float32 if small else None
     _mla_decode_fp8_kernel[(batch, head_groups, splits)](
         q, kv_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
         *q.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), block_tables.stride(0),
-        qk_scale, v_scale, n_heads, block_size, q.shape[-1] - block_d, block_d, splits,
+        qk_scale, v_scale, n_heads, kv_cache.shape[1], q.shape[-1] - block_d, block_d, splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
-        num_warps=8 if block_h >= 64 else 4, num_stages=1 if small else 3, **pdl_launch(q.device))
-    _decode_reduce_kernel[(batch, n_heads)](
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg), **pdl_launch(q.device))
+    _merge_splits_kernel[(batch, n_heads)](
         mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
-        BLOCK_S=next_pow2(splits), BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
+        CHUNK_S=min(next_pow2(splits), MERGE_CHUNK), BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
     return out
