@@ -5,7 +5,9 @@ The activations are quantized per token (ops.quant.quant_int8_rows, symmetric, a
 each K step of the kernel lies inside one weight group, so the step's product of int8
 activations and the weight's signed 4-bit values (u - z, widened to int8 in registers) is one
 int8 `tl.dot` with an exact int32 result, rescaled by the group's scale per output column and
-summed in fp32; the token's scale multiplies the row at the end. Weights whose groups are
+summed in fp32; the token's scale multiplies the row at the end. The packed weight tile is read
+as [BLOCK_N, BLOCK_K / 8] words, contiguous along K in each row, and unpacked by the thread
+that loaded each word (`_unpack_tile`). Weights whose groups are
 narrower than the smallest K step (16), or reordered by g_idx, go to the torch op.
 """
 from __future__ import annotations
@@ -24,30 +26,24 @@ from deepserve.ops.triton._common import as_rows, interpreting
 
 
 @triton.jit
-def _load_a_tile(a_ptr, stride_am, M, K, k0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """This program's output tile (rows offs_m, columns offs_n, masks) and the activation tile
-    [BLOCK_M, BLOCK_K] at K offset k0 with its K offsets and mask."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    m_ok, k_ok = offs_m < M, offs_k < K
-    a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
-                mask=m_ok[:, None] & k_ok[None, :], other=0)
-    return a, offs_m, offs_n, offs_k, m_ok, k_ok
+def _signed_lanes(p, z, i: tl.constexpr):
+    """Lane i of every packed word p [BN, C] (feature 8c + i) minus its zero point z [BN, 1]: int32 in -15 .. 15."""
+    return ((p >> (4 * i)) & 0xF) - z
 
 
 @triton.jit
-def _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """acc (+ bias) -> this program's output tile of y, in y's dtype."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+def _unpack_tile(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed words [BN, BK / 8] -> int8 [BN, BK] of u - z in feature order. Each join adds an
+    axis of two lanes held by the same thread, so the eight lanes of a word stay in the
+    registers of the thread that loaded it and the reshape only renames them."""
+    # tl.join appends its axis last, which the reshape makes the fastest: the first joins
+    # pair lanes 4 apart (bit 2 of the lane), the last pairs even and odd lanes (bit 0)
+    l04 = tl.join(_signed_lanes(p, z, 0), _signed_lanes(p, z, 4))
+    l26 = tl.join(_signed_lanes(p, z, 2), _signed_lanes(p, z, 6))
+    l15 = tl.join(_signed_lanes(p, z, 1), _signed_lanes(p, z, 5))
+    l37 = tl.join(_signed_lanes(p, z, 3), _signed_lanes(p, z, 7))
+    lanes = tl.join(tl.join(l04, l26), tl.join(l15, l37))        # [BN, C, 2, 2, 2]: lane 4a + 2b + c
+    return tl.reshape(lanes, [BLOCK_N, BLOCK_K]).to(tl.int8)
 
 
 @triton.jit
@@ -55,26 +51,36 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
                       stride_am, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a, offs_m, offs_n, offs_k, m_ok, k_ok = _load_a_tile(a_ptr, stride_am, M, K, k0, BLOCK_M, BLOCK_N,
-                                                             BLOCK_K)                  # int8 [BM, BK]
-        n_ok = offs_n < N
-        packed = tl.load(qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (offs_k // 8)[:, None],
-                         mask=k_ok[:, None] & n_ok[None, :], other=0)                   # [BK, BN]
-        u = (packed >> ((offs_k % 8) * 4)[:, None]) & 0xF
-        g = k0 // GROUP
-        if HAS_ZP:
-            z = tl.load(z_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=8).to(tl.int32)
-        else:
-            z = tl.full([BLOCK_N], 8, tl.int32)
-        w = tl.where(k_ok[:, None], u - z[None, :], 0).to(tl.int8)                     # [BK, BN]
-        s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * s[None, :]
+    """y = (a_q @ (u - z)^T per group * s) * a_scale (+ b). K is a multiple of BLOCK_K and every
+    K step lies inside one group. The weight tile is read as [BLOCK_N, BLOCK_K / 8] packed words
+    (each row's words contiguous: whole 32-byte sectors, every word once) and unpacked in
+    registers; its int8 dot with the activations is exact in int32 and scaled by the group's
+    scale once per output column and step."""
+    C: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc *= tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    _store_tile(acc, y_ptr, b_ptr, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None], other=0)      # int8 [BM, BK]
+        p = tl.load(w_rows + k0 // 8 + tl.arange(0, C)[None, :], mask=n_ok[:, None], other=0)       # [BN, C]
+        g = k0 // GROUP
+        if HAS_ZP:
+            z = tl.load(z_rows + g, mask=n_ok, other=8).to(tl.int32)[:, None]
+        else:
+            z = tl.full([1, 1], 8, tl.int32)
+        w = _unpack_tile(p, z, BLOCK_N, BLOCK_K)                                                    # [BN, BK]
+        s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32) * s[None, :]
+    acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _block_k(group: int, k: int) -> Optional[int]:
