@@ -29,8 +29,9 @@ async def drain(llm: AsyncLLM, prompt: str, params: SamplingParams, rid: str):
     return last
 
 
-def test_generate_abort_and_failed_step(make_llm):
-    llm = make_llm()
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_generate_abort_and_failed_step(make_llm, async_scheduling):
+    llm = make_llm(async_scheduling=async_scheduling)
 
     async def main():
         llm.start()
@@ -50,16 +51,17 @@ def test_generate_abort_and_failed_step(make_llm):
         assert llm.snapshot["num_free_blocks"] == llm.snapshot["num_blocks"]
         assert not llm.engine.requests
         # a step that raises fails its request, and the next one is served normally
-        real = llm.engine.runner.execute
+        runs = "launch" if async_scheduling else "execute"     # how the engine runs a step
+        real = getattr(llm.engine.runner, runs)
         calls = {"n": 0}
 
-        def flaky(batch):
+        def flaky(*args):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("device lost")
-            return real(batch)
+            return real(*args)
 
-        llm.engine.runner.execute = flaky
+        setattr(llm.engine.runner, runs, flaky)
         with pytest.raises(EngineStepError, match="device lost"):
             await drain(llm, "Once upon a time", greedy, "c")
         assert (await drain(llm, "Once upon a time", greedy, "d")).outputs[0].text == GREEDY_8
