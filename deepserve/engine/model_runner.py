@@ -6,7 +6,8 @@ stage's send/recv lives in engine/pipeline.py.
 
 The pool is one preallocated tensor per cache of each attention layer, sized at start: on
 GPU from free memory x gpu_memory_utilization after a profiling forward at the largest
-batch; on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
+batch, less an estimate of what the CUDA graphs captured after it will hold (their memory is
+logged after capture beside the estimate, engine/graph_memory.py); on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
 `max_num_seqs` full-length sequences could use.
 
 With DP attention + expert parallel, decode steps run as CUDA graphs when every DP rank's
@@ -29,8 +30,10 @@ import torch.distributed as dist
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
+from deepserve.engine.graph_memory import GraphPlan, estimate_graph_bytes, graph_plan, graphs_line, kv_budget
 from deepserve.engine.input_staging import InputStaging, to_device_async
 from deepserve.engine.mtp_proposer import MTPProposer
+from deepserve.engine.piecewise_graphs import splittable
 from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.layers.attention import AttentionMetadata
@@ -110,6 +113,11 @@ class ModelRunner:
         self.hidden: Optional[torch.Tensor] = None
         self.mtp_forwards = 0   # MTP forwards since the last verify step (DP + EP: each DP rank runs k)
 
+        # the CUDA graphs this rank captures after the pool: an estimate of their memory is kept
+        # out of it (engine/graph_memory.py)
+        self.graph_plan = graph_plan(config, self.device.type, self.ops.backend, self.pctx.pp_size,
+                                     self.pctx.moe_dp_exchange, splittable(self.model))
+        self.graph_estimate: Optional[int] = None   # bytes kept from the pool (None: the user sized it)
         t0 = time.perf_counter()
         self.num_blocks = self._decide_num_blocks()
         if config.parallel.world_size > 1:  # (not dist.is_initialized(): another engine may hold a group)
@@ -124,6 +132,7 @@ class ModelRunner:
         self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
         self._count_op_calls()
         dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
+        reserved_before = self._reserved_after_empty_cache()
         if (self.device.type == "cuda" and not config.enforce_eager and self.pctx.pp_size > 1
                 and not self.pctx.moe_dp_exchange and config.cudagraph_mode != "PIECEWISE"):
             # each pipeline stage replays whole graphs of its own part for decode steps (DP x EP x
@@ -145,6 +154,10 @@ class ModelRunner:
                 from deepserve.engine.piecewise_graphs import capture_for
                 self.piecewise = capture_for(self.model, self.ops, config.piecewise_max_tokens, self.device)
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
+        captured = self._captured_graphs()
+        if captured.num_sizes:
+            taken = self._reserved_after_empty_cache() - reserved_before
+            logger.info("%s", graphs_line(captured, self.timings["cuda_graph_s"], taken, self.graph_estimate))
         if (self.device.type == "cuda" and not config.enforce_eager
                 and config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")):
             from deepserve.engine.piecewise_graphs import layout_reason
@@ -161,6 +174,23 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return sum(math.prod(s) * elem for m in self.kv_layers for s in m.kv_cache_shapes(self.block_size))
+
+    def _captured_graphs(self) -> GraphPlan:
+        """The sizes actually captured (a capture that failed leaves its steps eager)."""
+        whole = self.graphs is not None and self.graphs.enabled
+        mtp = self.mtp.graphs if self.mtp is not None else None
+        return GraphPlan(sorted(self.graphs.graphs) if whole else [],
+                         sorted(mtp.graphs) if mtp is not None and mtp.enabled else [],
+                         list(self.piecewise.sizes) if self.piecewise is not None else [])
+
+    def _reserved_after_empty_cache(self) -> int:
+        """Device memory this process's allocator holds once its unused cache is released
+        (graph pools stay held: what the graphs take is the change of this over capture)."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         for m in self.kv_layers:
@@ -199,6 +229,7 @@ class ModelRunner:
         blocks_per_seq = math.ceil(seq_len / self.block_size)
         self._allocate_kv_cache(n_seqs * blocks_per_seq)
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         ids = torch.zeros(n_seqs * seq_len, dtype=torch.long, device=self.device)
         starts = torch.arange(n_seqs + 1, dtype=torch.int32, device=self.device) * seq_len
         tables = torch.arange(n_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(n_seqs, -1)
@@ -216,9 +247,13 @@ class ModelRunner:
         for m in self.kv_layers:
             m.kv_cache = []
         torch.cuda.empty_cache()
+        hf = self.config.model.hf_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.graph_estimate = estimate_graph_bytes(self.graph_plan, peak - before, n_seqs * seq_len,
+                                                   (self.vocab_size + int(hf.hidden_size)) * elem)
         free, total = self.platform.memory_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.config.cache.gpu_memory_utilization - peak - max(0, used_by_others))
+        return kv_budget(total, self.config.cache.gpu_memory_utilization, peak, free,
+                         torch.cuda.memory_reserved(self.device), self.graph_estimate)
 
     @torch.inference_mode()
     def _count_op_calls(self) -> None:
