@@ -586,6 +586,10 @@ def async_scheduling_plan(config: EngineConfig, device_type: str) -> tuple[bool,
         if pp > 1 and spec is None:
             return True, ("async scheduling: with pipeline parallel the engine keeps one micro-batch in flight "
                           "per stage instead of launching steps ahead")
+        if spec is not None:
+            steps = "every step, since each drafts" if spec.method == "mtp" else "the steps that draft"
+            return True, (f"async scheduling on (--async-scheduling); speculative decoding ({spec.method}) "
+                          f"runs {steps} synchronously")
         return True, "async scheduling on (--async-scheduling)"
     if device_type == "cpu":
         why = "on the CPU a step's work runs as it is launched, leaving nothing to overlap"

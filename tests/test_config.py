@@ -100,7 +100,9 @@ def test_async_scheduling_flags_force_it_and_unset_is_auto():
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "cuda", False,
      "off: speculative decoding \\(ngram\\)"),
     (["--pipeline-parallel-size", "2"], "cuda", False, "off: pipeline parallel keeps one micro-batch"),
-    (["--async-scheduling"], "cpu", True, "on \\(--async-scheduling\\)"),
+    (["--async-scheduling"], "cpu", True, "on \\(--async-scheduling\\)$"),
+    (["--async-scheduling", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "cuda",
+     True, "on \\(--async-scheduling\\); speculative decoding \\(ngram\\) runs the steps that draft synchronously"),
     (["--async-scheduling", "--pipeline-parallel-size", "2"], "cuda", True, "one micro-batch in flight per stage"),
     (["--no-async-scheduling"], "cuda", False, "off \\(--no-async-scheduling\\)"),
 ])
