@@ -30,7 +30,8 @@ def _texts(llm, prompts, params):
 
 
 def _both(**engine):
-    sync, asyn = LLM(block_size=4, **engine), LLM(block_size=4, async_scheduling=True, **engine)
+    sync = LLM(block_size=4, async_scheduling=False, **engine)   # (the default is on where steps overlap)
+    asyn = LLM(block_size=4, async_scheduling=True, **engine)
     assert asyn.engine.async_scheduling and not sync.engine.async_scheduling
     return sync, asyn
 
@@ -130,7 +131,7 @@ def tiny_models(tmp_path_factory):
 def test_async_on_every_layout_equals_one_synchronous_process(tiny_models, name, layout):
     """Chunked prefill, greedy and seeded rows: async scheduling over several processes gives
     one synchronous process's tokens (TP peers get the device-side ids from the driver)."""
-    with LLM(tiny_models[name], **LAYOUT_ENGINE) as ref:
+    with LLM(tiny_models[name], async_scheduling=False, **LAYOUT_ENGINE) as ref:
         want = [o.outputs[0].token_ids for o in ref.generate(ASYNC_PROMPTS, ASYNC_PARAMS)]
     with LLM(tiny_models[name], async_scheduling=True, **layout, **LAYOUT_ENGINE) as llm:
         assert llm.engine.async_scheduling

@@ -122,14 +122,15 @@ def test_bad_requests_are_clear_errors(llm):
 
 
 def test_default_schedules_ahead_on_a_device_and_matches(llm, monkeypatch, caplog):
-    """async_scheduling unset: off on the CPU (one INFO line says why); where the plan turns it
-    on (a GPU) greedy text, seeded samples, stop strings, n=2 and max_tokens equal the
-    synchronous engine's, and an abort with a step in flight frees every block."""
+    """async_scheduling unset: off on the CPU, on on a GPU. Where the plan turns it on, greedy
+    text, seeded samples, stop strings, n=2 and max_tokens equal the synchronous engine's, and
+    an abort with a step in flight frees every block."""
     import logging
 
     import deepserve.engine.llm_engine as llm_engine
-    assert not llm.engine.async_scheduling
     real = llm_engine.async_scheduling_plan
+    assert llm.engine.async_scheduling is (llm.engine.platform.device_type != "cpu")
+    sync = LLM(block_size=4, async_scheduling=False) if llm.engine.async_scheduling else llm
     monkeypatch.setattr(llm_engine, "async_scheduling_plan", lambda config, device: real(config, "cuda"))
     with caplog.at_level(logging.INFO, logger="deepserve"):
         ahead = LLM(block_size=4)
@@ -143,7 +144,7 @@ def test_default_schedules_ahead_on_a_device_and_matches(llm, monkeypatch, caplo
     def texts(engine_llm):
         return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs]
                 for o in engine_llm.generate(prompts, params)]
-    assert texts(ahead) == texts(llm)
+    assert texts(ahead) == texts(sync)
     engine = ahead.engine
     for i, p in enumerate(prompts[:3]):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
