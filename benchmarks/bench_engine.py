@@ -198,8 +198,9 @@ def main():
                     help=f"timed runs of each decode figure, reported as their median (default {REPEATS})")
     args = ap.parse_args()
     REPEATS = max(1, args.repeats)
-    if args.async_scheduling:
-        EXTRA["async_scheduling"] = True
+    # synchronous unless asked: the engine's own default (async on a GPU) would change what the
+    # unsuffixed result names have always measured
+    EXTRA["async_scheduling"] = bool(args.async_scheduling)
     bw, peak = copy_bandwidth(), matmul_peak()
     print(f"roofline: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     rows: list = []
