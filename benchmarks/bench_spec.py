@@ -258,7 +258,10 @@ def self_repeating_sharegpt(n: int, prompt_tokens: int) -> list[dict]:
 # ----------------------------------------------------------------------------- parts
 def engine_kwargs(args, **kw) -> dict:
     kw = {"max_model_len": args.max_model_len, **kw}
-    kw.update(device=args.device, seed=0, enable_prefix_caching=False, max_num_seqs=max(args.batches))
+    # synchronous steps: speculative engines run them (async_scheduling_plan), and the plain
+    # engines they are compared with must too
+    kw.update(device=args.device, seed=0, enable_prefix_caching=False, max_num_seqs=max(args.batches),
+              async_scheduling=False)
     if args.device == "cuda":
         kw["gpu_memory_utilization"] = args.gpu_memory_utilization
     return kw

@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     kw = dict(load_format=args.load_format, max_model_len=args.prompt_len + args.new_tokens + 16,
-              max_num_seqs=max(args.batches), device=args.device, tokenizer=args.tokenizer)
+              max_num_seqs=max(args.batches), device=args.device, tokenizer=args.tokenizer,
+              async_scheduling=False)   # structured-output steps run synchronously: the free runs too
     if args.device != "cpu":
         kw["gpu_memory_utilization"] = 0.85
     llm = LLM(args.model, **kw)

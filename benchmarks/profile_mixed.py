@@ -220,7 +220,8 @@ def main() -> None:
               device=args.device,
               max_num_seqs=max(args.batch + 8, args.prefill_prompts),
               cudagraph_mode="FULL_AND_PIECEWISE" if mixed_lens else "FULL_DECODE_ONLY",
-              piecewise_max_tokens=args.piecewise_max_tokens)
+              piecewise_max_tokens=args.piecewise_max_tokens,
+              async_scheduling=False)   # each timed engine.step() is one whole step
     if args.device != "cpu":
         kw["gpu_memory_utilization"] = 0.85
     llm = LLM(args.model, **kw)
