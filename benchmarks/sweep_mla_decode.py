@@ -23,8 +23,8 @@ that does not compile (shared memory, registers) prints one line and is skipped.
 
 --fp8: R1's latent pool in e4m3 (576-wide keys, the first 512 the values, 64-token pages) at
 16 heads (R1 under TP8) and 128 (one rank), batch 1, 64 and 256 at 4k context and batch 64 at
-32k, every row at the full context. Candidates (BLOCK_H, BLOCK_N, warps, stages, maxnreg, and
-the split count's programs_per_sm and min_split) are appended to the `mla_decode_fp8` table;
+32k, every row at the full context. Candidates (BLOCK_H, BLOCK_N, warps, stages, maxnreg,
+dv_run, and the split count's programs_per_sm and min_split) are appended to the `mla_decode_fp8` table;
 one whose split count and tile repeat a timed one is not timed again. Each is checked against
 the torch op on q rounded to e4m3 the kernel's way (rows 0, 1 and the last two; every row
 holds the same context), then timed as CUDA-graph replays; bandwidth counts the pool's bytes
@@ -117,25 +117,29 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
             Case("gqa_h32kv8_b64", 32, 8, 128, 128, batch64, ctx, 16, 0.088, False, gqa, writes=True)]
 
 
-# --fp8 tiles (BLOCK_H, BLOCK_N, warps, stages, maxnreg: 0 for none) per head count, the
-# default first, then by promise. From the sm_90 builds (Triton 3.6, compiled offline): 16 x 64
-# at 4 warps and 3 stages takes 255 registers and 89 KB of shared memory (2 programs an SM);
-# at 2 stages 52 KB, where a 128-register cap lets 4 programs share an SM; 8 warps split the
-# [512, 16] output over two warp groups (1 program an SM at 255 registers). 128 heads: 64 a
-# program spills at 8 warps, 32 a program does not (4 head groups read each latent tile, the
-# later ones mostly from L2).
-FP8_TILES = {16: [(16, 64, 4, 3, 0), (16, 64, 4, 2, 128), (16, 64, 8, 3, 0), (16, 64, 4, 4, 0),
-                  (16, 64, 4, 2, 0), (16, 64, 8, 2, 0)],
-             128: [(32, 64, 8, 3, 0), (16, 64, 4, 3, 0), (64, 64, 8, 3, 0), (16, 64, 4, 2, 128),
-                   (32, 64, 8, 2, 0), (16, 64, 8, 3, 0)]}
-# (heads, batch, context, the table conditions its best setting is written under)
-FP8_SHAPES = [(16, 1, 4096, {"heads": 16, "batch_lt": 8}),
-              (16, 64, 4096, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_lt": 16384}),
-              (16, 256, 4096, {"heads": 16, "batch_ge": 128}),
-              (16, 64, 32768, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_ge": 16384}),
-              (128, 1, 4096, {"heads": 128, "batch_lt": 8}),
+# --fp8 tiles (BLOCK_H, BLOCK_N, warps, stages, maxnreg: 0 for none, dv_run) per head count,
+# the default first, then by promise. From the sm_90 builds (Triton 3.6, compiled offline;
+# registers a thread, bytes spilled, shared memory): 16 x 64 at 4 warps and 3 stages 255, none,
+# 89 KB (2 programs an SM), V^T read by 256 LDS.U8 a thread a tile; dv_run 2 and 4 read it by
+# 128 LDS.U16 / 64 LDS.32 (more PRMT), no spills; dv_run 16 spills 772 B. At 2 stages 255, 36
+# B, 52 KB (one buffer; a 128-register cap spills 836 B, 168 648 B); at 4 stages 126 KB (1
+# program); 8 warps split the [512, 16] output over two warp groups, each computing the whole S
+# tile (1 program an SM). 128 heads: 64 a program spills 636 B at 8 warps, 32 a program none (4
+# head groups read each latent tile, the later ones mostly from L2); 16 warps spill 216-1,640 B
+# and compute S four times.
+FP8_TILES = {16: [(16, 64, 4, 3, 0, 1), (16, 64, 4, 3, 0, 4), (16, 64, 4, 3, 0, 2), (16, 64, 8, 3, 0, 1),
+                  (16, 64, 4, 2, 0, 4), (16, 64, 8, 3, 0, 4), (16, 64, 4, 4, 0, 1)],
+             128: [(32, 64, 8, 3, 0, 1), (32, 64, 8, 3, 0, 4), (16, 64, 4, 3, 0, 4), (16, 64, 4, 3, 0, 1),
+                   (64, 64, 8, 3, 0, 1), (32, 64, 8, 2, 0, 4)]}
+# (heads, batch, context, the table conditions its best setting is written under), the issue's
+# target first: a run cut short has swept the shapes that matter most
+FP8_SHAPES = [(16, 64, 4096, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_lt": 16384}),
               (128, 64, 4096, {"heads": 128, "batch_ge": 8, "batch_lt": 128, "ctx_lt": 16384}),
+              (16, 256, 4096, {"heads": 16, "batch_ge": 128}),
+              (16, 1, 4096, {"heads": 16, "batch_lt": 8}),
               (128, 256, 4096, {"heads": 128, "batch_ge": 128}),
+              (128, 1, 4096, {"heads": 128, "batch_lt": 8}),
+              (16, 64, 32768, {"heads": 16, "batch_ge": 8, "batch_lt": 128, "ctx_ge": 16384}),
               (128, 64, 32768, {"heads": 128, "batch_ge": 8, "batch_lt": 128, "ctx_ge": 16384})]
 FP8_WIDTH, FP8_V_WIDTH, FP8_PAGE, FP8_SCALE = 576, 512, 64, 0.072
 
@@ -154,8 +158,8 @@ class Fp8Case:
 
 
 def fp8_settings(tiles, pps, min_split=(256,)) -> list[dict]:
-    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, maxnreg=r, programs_per_sm=p, min_split=m)
-            for h, n, w, s, r in tiles for p in pps for m in min_split]
+    return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, maxnreg=r, dv_run=d, programs_per_sm=p,
+                 min_split=m) for h, n, w, s, r, d in tiles for p in pps for m in min_split]
 
 
 def make_fp8_cases(quick: bool, tiny: bool) -> list[Fp8Case]:
@@ -167,7 +171,7 @@ def make_fp8_cases(quick: bool, tiny: bool) -> list[Fp8Case]:
         elif batch == 256 or ctx > 4096:
             grid = fp8_settings(tiles, (1, 2, 4) if not quick else (2, 4))
         else:
-            grid = fp8_settings(tiles, (2, 4) if quick else (1, 2, 3, 4, 6, 8))
+            grid = fp8_settings(tiles, (1, 2, 3, 4) if quick else (1, 2, 3, 4, 6, 8))
         if tiny:                # interpreted: the logic only, at toy sizes
             batch, ctx, grid = {1: 1, 64: 2, 256: 3}[batch], 128 if ctx > 4096 else 64, grid[:2]
         cases.append(Fp8Case(f"fp8_h{heads}_b{batch}_ctx{ctx}", heads, batch, ctx, when, grid))
@@ -192,7 +196,7 @@ def fp8_batch(case: Fp8Case, device: str):
 
 def fp8_label(cfg: dict) -> str:
     return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
-            f"r{cfg.get('maxnreg', 0)} pps{cfg['programs_per_sm']} min{cfg['min_split']}")
+            f"r{cfg['maxnreg']} dv{cfg['dv_run']} pps{cfg['programs_per_sm']} min{cfg['min_split']}")
 
 
 def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_of_time, best: dict) -> None:
@@ -221,7 +225,7 @@ def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_o
             break
         full = dict(default, **(cfg or {}))
         name = ("default " if cfg is None else "") + fp8_label(full)
-        tile = tuple(full[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg"))
+        tile = tuple(full[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "dv_run"))
         splits = attention.fp8_decode_splits(case.batch, -(-case.heads // full["BLOCK_H"]), case.ctx,
                                              full["BLOCK_N"], attention.sm_count(dev), full["programs_per_sm"],
                                              full["min_split"])
@@ -249,8 +253,10 @@ def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_o
             best.update(ms=ms, set=full)
 
 
-class Cut(Exception):
-    """SIGTERM (`timeout`) during a sweep: stop, keep and write what was measured."""
+class Cut(BaseException):
+    """SIGTERM (`timeout`) during a sweep: stop, keep and write what was measured. Not an
+    Exception, so that the handlers of a failed build or launch (ours, the interpreter's) do
+    not take it for one."""
 
 
 def _cut(signum, frame):

@@ -165,15 +165,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # splits a merge program loads at once (_merge_splits_kernel): 16 x 512 values over 4 warps
 MERGE_CHUNK = 16
 FP8_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split",
-                             "maxnreg"))
+                             "maxnreg", "dv_run"))
 
 
 def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: int, device: str) -> dict:
     """Launch settings of _mla_decode_fp8_kernel for `heads` query heads over one latent head,
     from the launch table (configs/mla_decode_fp8/) of the device key `device` (`table_key`):
     BLOCK_H heads and BLOCK_N keys a program tile, num_warps, num_stages, maxnreg (a cap on
-    registers a thread, 0 for none), and the split count's inputs (programs_per_sm, min_split:
-    the fewest keys a split takes; `fp8_decode_splits`).
+    registers a thread, 0 for none), dv_run (1, 2, 4 or 16: the latent dims a thread reads at
+    once for the P.V product, the kernel's DV_RUN; where BLOCK_D is no multiple of 32 * dv_run,
+    1), and the split count's inputs (programs_per_sm, min_split: the fewest keys a split takes;
+    `fp8_decode_splits`).
     The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len; under
     CUDA graphs the captured maximum) and block_size. How each chip's settings were measured:
     docs/PERFORMANCE.md (benchmarks/sweep_mla_decode.py --fp8)."""
@@ -186,6 +188,8 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
     for key in ("BLOCK_H", "BLOCK_N"):
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"mla_decode_fp8 {key} must be a power of two >= 16, got {cfg[key]}")
+    if cfg["dv_run"] not in (1, 2, 4, 16):
+        raise ValueError(f"mla_decode_fp8 dv_run must be 1, 2, 4 or 16, got {cfg['dv_run']}")
     return cfg
 
 
@@ -236,6 +240,7 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
         qk_scale, v_scale, n_heads, kv_cache.shape[1], q.shape[-1] - block_d, block_d, splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
+        DV_RUN=cfg["dv_run"] if block_d % (32 * cfg["dv_run"]) == 0 else 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg), **pdl_launch(q.device))
     _merge_splits_kernel[(batch, n_heads)](
         mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
