@@ -35,21 +35,22 @@ GROUP = 128
 GEMV_SHAPES = [("8b", "qkv", 6144, 4096), ("8b", "o_proj", 4096, 4096), ("8b", "gate_up", 28672, 4096),
                ("8b", "down", 4096, 14336), ("r1", "q_b", 24576, 1536), ("r1", "o_proj", 7168, 16384)]
 MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
-# GEMV: rows x (slice words x slices per step) x warps x K splits. Slices of 16 words are one
-# 128-wide group (one scale a row); wider ones read a scale a word.
-GEMV_GRID = ([dict(BLOCK_N=n, SUB_C=16, STEPS=s, num_warps=w, SPLIT_K=k)
-              for n, s, w, k in ((16, 4, 2, 1), (16, 8, 2, 1), (8, 8, 1, 1), (32, 4, 4, 1), (16, 8, 2, 2), (16, 8, 2, 4))]
-             + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k)
-                for n, c, w, k in ((4, 64, 2, 1), (8, 64, 4, 1), (8, 128, 4, 1), (16, 64, 4, 1), (8, 64, 4, 2),
-                                   (4, 128, 4, 4))])
+# GEMV / small-batch MoE (`int4_rows_dot`): a slice is SUB_C words along the threads (one word a
+# thread and row: SUB_C = 32 x num_warps, or a multiple of it), BLOCK_N rows in each thread's
+# registers (the gate_up kernel holds 2 BLOCK_N: gate and up rows), STEPS slices unrolled a
+# loop step, SPLIT_K programs along K.
+GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
+             for n, c, s, w, k in ((8, 128, 2, 4, 1), (8, 128, 1, 4, 1), (16, 128, 1, 4, 1), (16, 128, 2, 4, 1),
+                                   (4, 128, 2, 4, 1), (4, 128, 4, 4, 1), (8, 256, 1, 8, 1), (16, 256, 1, 8, 1),
+                                   (8, 64, 2, 2, 1), (16, 64, 2, 2, 1), (8, 128, 2, 4, 2), (16, 128, 1, 4, 2))]
 GRIDS = {
     "gemv": GEMV_GRID,
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
-                    for n, c, s, w in ((16, 16, 4, 2), (16, 16, 8, 2), (8, 16, 8, 1), (32, 16, 4, 4), (8, 64, 1, 2),
-                                       (16, 64, 1, 4), (16, 128, 1, 4), (8, 128, 2, 4))],
+                    for n, c, s, w in ((8, 128, 1, 4), (4, 128, 1, 4), (16, 128, 1, 4), (8, 256, 1, 8), (4, 256, 1, 8),
+                                       (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))],
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
-                 for n, c, s, w in ((4, 16, 4, 1), (8, 16, 4, 2), (4, 16, 8, 2), (16, 16, 4, 4), (4, 64, 1, 2),
-                                    (8, 64, 1, 4), (4, 128, 1, 4), (8, 128, 1, 4))],
+                 for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
+                                    (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)

@@ -90,12 +90,16 @@ def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
 
 
 @pytest.mark.parametrize("split,zeros,group,words", [(1, True, 32, 4), (1, False, 64, 4), (3, True, 32, 4),
-                                                     (1, True, 32, 8), (2, False, 24, 8)])
+                                                     (1, True, 32, 8), (2, False, 24, 8), (1, True, 64, 16),
+                                                     (2, True, 48, 2), (1, False, 192, 32)])
 def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, group, words):
-    """The GEMV without split-K (output, bias and rounding written by the kernel) and with three
-    K splits (fp32 partial sums, the last split ragged), one scale per row and slice or (slices
-    wider than the group) per word, nibbles 0 and 15 at every lane position: the torch op's
-    result within fp32 summation order."""
+    """The GEMV without split-K (output, bias and rounding written by the kernel) and with two or
+    three K splits (fp32 partial sums, the last split ragged); slices inside one group, spanning
+    several (groups of 3, 4, 6, 8 words), wider than K's 24 words (masked words) and of the
+    minimum two words; 24 rows, so the second block of 16 repeats its last row for the rows past
+    N; zero points (subtracted as z times x summed over each word) and symmetric (8 folded into
+    the lanes); nibbles 0 and 15 at every lane position: the torch op's result within fp32
+    summation order."""
     from deepserve.ops.triton.launch_config import trying
     n, k = 24, 192
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=split + group)

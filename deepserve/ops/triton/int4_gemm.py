@@ -3,34 +3,32 @@ registers: `qweight` int32 [N, K/8] (input features packed, nibble i of column c
 8c + i), scales [N, S], optional uint8 zeros [N, S] (else 8), optional g_idx [K] (layout:
 ops/int4.py, whose torch op is the oracle these kernels are tested against).
 
-Unpacking. Each int32 word is loaded once (16-byte loads of whole words along K) and split
-into its eight nibbles without a shift or an int-to-float conversion per nibble: nibble q of
-the low half-word masked in place and OR-ed into the mantissa of 2^23 reads, as fp32, exactly
-2^23 + 16^q u (one LOP3), so (that - 2^23 - 16^q z) = 16^q (u - z) exactly (one FADD); the
-high half-word is shifted down once per word and treated the same way (`_nibble_quads`). A
-K slice of C words is thus two [rows, C, 4] tiles, "lo" holding features 8c + q and "hi"
-features 8c + 4 + q; the activations are read in the same order and the 16^q of each lane is
-undone on the activation side (x * 16^-q, exact) or on the scale (s * 16^-q, exact).
+Unpacking (`_lane`, `_nibble_quads`): nibble q of a word, masked in place and OR-ed into the
+mantissa of 2^23, reads as fp32 exactly 2^23 + 16^(q % 4) u (one LOP3; lanes 4-7 come from the
+word shifted down 16 bits once); no shift or int-to-float conversion per nibble.
 
 Kernels:
 
 1. `_int4_gemv_kernel` (one to `GEMV_ROWS` rows, decode): program (m, n) streams BLOCK_N
    weight rows over K (optionally the s-th of SPLIT_K K slices: then fp32 partial sums that
-   one reduction adds), multiplies the unpacked lanes by x and by their row's scale into a
-   per-lane fp32 accumulator reduced once at the end. Scales (`SCALES`): a K slice inside one
-   group reads one scale and zero per row (ROW); a longer slice one per row and word (WORD:
-   groups are whole words); g_idx, per lane (LANE).
-   No tensor cores: a matrix-vector product is bound by the packed weight read. The grid
-   runs the rows of one weight block back to back, so 2-4 rows read it from L2.
+   one reduction adds) through `int4_rows_dot`: [SUB_C, BLOCK_N] tiles of words, the words
+   along the threads (a warp reads 32 consecutive words of a row, whole lines) and the rows in
+   each thread's registers; each lane is its own 2-D tensor and x's lane q (x[8c + q]) a vector
+   in the same thread order, so the lane products are elementwise (no layout conversion in the
+   loop; sm_90 SASS of the 16-row setting: about 4.8 instructions a nibble, no barriers or
+   shared memory before the final reduction). Per word and row: the 8 lanes' (u - z) x, times
+   the group's scale into an fp32 accumulator reduced once at the end; per nibble one LOP3 and
+   two FFMAs (u - z exact, times x). No tensor cores: a matrix-vector product is bound by the
+   packed weight read.
 2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes the
    lo and hi [BLOCK_N, BLOCK_K/2] tiles ((u - z) * s in fp32, rounded to the activations'
    dtype, exactly the torch reference's weight) and feeds each to `tl.dot` with the
    activation columns of the same features.
 
 Rounding: the GEMM rounds each dequantized weight to the activations' dtype as the reference
-does; with ROW or WORD scales the GEMV multiplies each lane's fp32 product by its scale instead of
-rounding every weight (the fp8 small-batch MoE does the same), which moves bf16 results by
-about one bf16 rounding.
+does; with groups of whole words the GEMV multiplies each word's fp32 sum by its scale instead
+of rounding every weight (the fp8 small-batch MoE does the same), which moves bf16 results by
+about one bf16 rounding; with g_idx or groups that split words it rounds every weight.
 Launch settings: configs/int4/ (benchmarks/sweep_int4.py).
 """
 from __future__ import annotations
@@ -127,49 +125,101 @@ def _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN: tl.constexpr):
     return tl.load(qw_rows[:, None] + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
 
 
+MAGIC = 0x4B000000        # the bits of 2^23 (fp32): OR-ed onto a nibble field, the float is 2^23 + field
+
+
 @triton.jit
-def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, n_ok, c_start, c_end, GROUP: tl.constexpr,
-                  HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr):
+def _lane(src, magic, q: tl.constexpr, ZERO: tl.constexpr):
+    """Lane q (feature 8c + q) of the words [C, R] as the exact fp32 u - ZERO; src is the word
+    for q < 4, the word shifted down 16 bits for q >= 4. (field | 2^23 bits) reads 2^23 + 16^(q % 4) u,
+    one LOP3 with `magic` in a register (a runtime argument, so it is not an immediate beside the
+    mask); times 16^-(q % 4) minus (2^23 16^-(q % 4) + ZERO), both exact, is one FFMA."""
+    p: tl.constexpr = 4 * (q % 4)
+    field = ((src & (15 << p)) | magic).to(tl.float32, bitcast=True)
+    return field * (1.0 / (1 << p)) - (8388608.0 / (1 << p) + ZERO)
+
+
+@triton.jit
+def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, GROUP: tl.constexpr,
+                  HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
-    .. 8 c_end); rows where n_ok is false give garbage. Steps of STEPS slices of SUB_C words;
-    EVEN: every slice lies inside [c_start, c_end). X_DTYPE: the reference's weight dtype, used
-    where scales vary per lane (there every dequantized weight is rounded to it as the reference
-    does; with ROW and WORD scales each lane's product is scaled in fp32, unrounded)."""
-    q = tl.arange(0, 4)
-    inv16 = _pow16(q, -1)[None, :]
-    acc = tl.zeros([BLOCK_N, SUB_C, 4], tl.float32)
+    .. 8 c_end). Every row pointer must be in bounds (callers repeat the last row for rows past
+    the end, and do not store those): the loads carry no row masks. Steps of STEPS slices of SUB_C words;
+    EVEN: every slice lies inside [c_start, c_end); magic: MAGIC.
+
+    A slice is a [SUB_C, BLOCK_N] tile of words, words along the threads (one word per thread
+    and row, a warp reading 32 consecutive words of a row: whole 128-byte lines) and the
+    BLOCK_N rows in each thread's registers. Each lane q of the words is its own 2-D tensor
+    (shift and mask, no reshape or join), and x's lane q, x[8c + q], is loaded as a [SUB_C]
+    vector in the same thread order, so every product is elementwise in registers; one load of
+    x serves BLOCK_N rows. Word order: the words are visited as c ^ 1 (neighbour pairs swapped),
+    which keeps the warp on the same lines but stops the compiler from widening the weight
+    load to 4 words a thread, which would no longer match x's lanes.
+
+    Scales and zeros (groups of whole words, no g_idx): each word's (u - z) x summed over its 8
+    lanes, with symmetric weights z = 8 folded into the lanes' FFMA and zero points as
+    z * (x summed over the word), not per lane; then times its group's scale, once per word and
+    row, into an fp32 [SUB_C, BLOCK_N] accumulator reduced once at the end. With g_idx or groups
+    that split words, every lane reads its own group's scale and zero and the dequantized weight
+    is rounded to X_DTYPE as the reference's."""
+    perm = tl.arange(0, SUB_C) ^ 1
+    acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
     for c_step in range(c_start, c_end, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
-            c0 = c_step + sub * SUB_C
-            offs_c = c0 + tl.arange(0, SUB_C)
+            offs_c = c_step + sub * SUB_C + perm
             c_ok = offs_c < c_end
-            lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
-            f_lo = 8 * offs_c[:, None] + q[None, :]
             if EVEN:
-                x_lo = tl.load(x_ptr + f_lo).to(tl.float32)
-                x_hi = tl.load(x_ptr + f_lo + 4).to(tl.float32)
+                w = tl.load(qw_rows[None, :] + offs_c[:, None])                                          # [C, BN]
             else:
-                x_lo = tl.load(x_ptr + f_lo, mask=c_ok[:, None], other=0.0).to(tl.float32)
-                x_hi = tl.load(x_ptr + f_lo + 4, mask=c_ok[:, None], other=0.0).to(tl.float32)
-            s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP,
-                                                       HAS_ZP, HAS_GIDX, SCALES)
-            if SCALES != 0:
-                t = (lo - off_lo) * (x_lo * inv16)[None] + (hi - off_hi) * (x_hi * inv16)[None]
-                acc += t * s_lo
+                w = tl.load(qw_rows[None, :] + offs_c[:, None], mask=c_ok[:, None], other=0)
+            hi = w >> 16
+            if HAS_GIDX or GROUP % 8 != 0:
+                for q in tl.static_range(8):
+                    f = 8 * offs_c + q
+                    x = tl.load(x_ptr + f, mask=c_ok, other=0.0).to(tl.float32)
+                    if HAS_GIDX:
+                        grp = tl.load(g_ptr + f, mask=c_ok, other=0)
+                    else:
+                        grp = f // GROUP
+                    s = tl.load(s_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=0.0).to(tl.float32)
+                    if HAS_ZP:
+                        z = tl.load(z_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=8).to(tl.float32)
+                    else:
+                        z = 8.0
+                    u = _lane(w if q < 4 else hi, magic, q, 0.0)
+                    acc += ((u - z) * s).to(X_DTYPE).to(tl.float32) * x[:, None]
             else:
-                w_lo = ((lo - off_lo) * (s_lo * inv16[None])).to(X_DTYPE).to(tl.float32)
-                w_hi = ((hi - off_hi) * (s_hi * inv16[None])).to(X_DTYPE).to(tl.float32)
-                acc += w_lo * x_lo[None] + w_hi * x_hi[None]
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+                t = tl.zeros([SUB_C, BLOCK_N], tl.float32)
+                xs = tl.zeros([SUB_C], tl.float32)
+                for q in tl.static_range(8):
+                    if EVEN:
+                        x = tl.load(x_ptr + 8 * offs_c + q).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptr + 8 * offs_c + q, mask=c_ok, other=0.0).to(tl.float32)
+                    if HAS_ZP:
+                        t += _lane(w if q < 4 else hi, magic, q, 0.0) * x[:, None]
+                        xs += x
+                    else:
+                        t += _lane(w if q < 4 else hi, magic, q, 8.0) * x[:, None]
+                grp = (8 * offs_c) // GROUP
+                if EVEN:
+                    s = tl.load(s_rows[None, :] + grp[:, None]).to(tl.float32)
+                else:
+                    s = tl.load(s_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    z = tl.load(z_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=8).to(tl.float32)
+                    t -= z * xs[:, None]
+                acc += t * s
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, kw_per_split,
+def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, kw_per_split, magic,
                       stride_xm, stride_qn, stride_sn, stride_ys, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                      SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
@@ -177,15 +227,15 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows < N
-    qw_rows = qw_ptr + rows.to(tl.int64) * stride_qn
+    r = tl.minimum(rows, N - 1).to(tl.int64)          # rows past N read the last row's words, not stored
+    qw_rows = qw_ptr + r * stride_qn
     c_start = split * kw_per_split
     c_end = tl.minimum(c_start + kw_per_split, KW)
-    prefetch_rows(qw_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_qn + c_start, c_end - c_start, LINE,
-                  LINES, PREFETCH)
+    prefetch_rows(qw_rows + c_start, c_end - c_start, LINE, LINES, PREFETCH)
     pdl_begin(USE_PDL)
-    y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + rows.to(tl.int64) * stride_sn,
-                      z_ptr + rows.to(tl.int64) * stride_sn, g_ptr, n_ok, c_start, c_end, GROUP, HAS_ZP, HAS_GIDX,
-                      SCALES, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
+    y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + r * stride_sn, z_ptr + r * stride_sn, g_ptr,
+                      c_start, c_end, magic, GROUP, HAS_ZP,
+                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -275,7 +325,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemv", m, n, k, x2.device)
-    sub, mode = slice_words(k, group_size, g_idx is not None, cfg["SUB_C"])
+    sub = max(2, min(cfg["SUB_C"], next_pow2(kw)))         # (words visited in swapped pairs)
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), sub * steps) * sub * steps      # whole steps per split
@@ -288,9 +338,9 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     launch["LINES"] = min(next_pow2(triton.cdiv(kw_per_split, launch["LINE"])), 64)
     _int4_gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else scales, y, n, kw, kw_per_split, x2.stride(0), qweight.stride(0),
+        bias if bias is not None else scales, y, n, kw, kw_per_split, MAGIC, x2.stride(0), qweight.stride(0),
         scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
-        HAS_GIDX=g_idx is not None, SCALES=mode, HAS_BIAS=bias is not None and split == 1,
+        HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
         STEPS=steps, num_warps=cfg["num_warps"], num_stages=1, **launch)
     if split == 1:

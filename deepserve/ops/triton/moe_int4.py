@@ -8,7 +8,7 @@ packed word loaded once, nibbles unpacked in registers) on BLOCK_N rows per prog
 
 1. `_gate_up_kernel`, program (assignment a, row block): h[a, n] = silu(G[e] x_t)[n] *
    (U[e] x_t)[n] for the gate and up rows n of expert e = topk_ids[a] (gate rows, then the up
-   rows I below);
+   rows I below), the block's gate and up rows in one tile, so x is read once for both;
 2. `_down_kernel`, program (token t, row block): y[t, n] = sum over t's k slots j of
    topk_weight[t, j] * (W2[e_j] h[t k + j])[n], the sum in fp32 registers (no [T k, D] buffer).
 
@@ -39,55 +39,54 @@ from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
-from deepserve.ops.triton._common import dot_dtype, interpreting
-from deepserve.ops.triton.int4_gemm import dequant_halves, half_features, int4_rows_dot, int4_settings, slice_words
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
+from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_halves, half_features, int4_rows_dot, int4_settings,
+                                             slice_words)
 from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW, top_k,
+def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW, top_k, magic,
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
-                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
-    """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n."""
+    """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n:
+    the gate and up rows of the block in one tile of 2 BLOCK_N rows (gate row n, then up row
+    I + n), so each word of x is read once for both."""
     a, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + a)
     valid = (e >= 0) & (e < E)
     e = tl.where(valid, e, 0).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < I
-    n_ok = row_ok & valid
+    j = tl.arange(0, 2 * BLOCK_N)
+    pair_rows = tl.minimum(pid_n * BLOCK_N + j // 2, I - 1)     # (rows past I: not stored)
+    w_rows = (pair_rows + (j % 2) * I).to(tl.int64)
     x = x_ptr + (a // top_k).to(tl.int64) * stride_xt
     dt = h_ptr.dtype.element_ty
-    g_rows = rows.to(tl.int64)                          # gate rows n; up rows I + n
-    u_rows = g_rows + I
     qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
-    gate = int4_rows_dot(qw + g_rows * stride_qn, x, s + g_rows * stride_sn, z + g_rows * stride_sn,
-                         g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N, SUB_C,
-                         STEPS, dt)
-    up = int4_rows_dot(qw + u_rows * stride_qn, x, s + u_rows * stride_sn, z + u_rows * stride_sn,
-                       g_ptr + e * stride_ge, n_ok, 0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N, SUB_C,
-                       STEPS, dt)
+    y = int4_rows_dot(qw + w_rows * stride_qn, x, s + w_rows * stride_sn, z + w_rows * stride_sn,
+                      g_ptr + e * stride_ge, 0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, 2 * BLOCK_N, SUB_C,
+                      STEPS, dt)
+    gate, up = tl.split(tl.reshape(y, [BLOCK_N, 2]))
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-    tl.store(h_ptr + a.to(tl.int64) * stride_ha + rows, tl.where(valid, silu * up, 0.0).to(dt), mask=row_ok)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + a.to(tl.int64) * stride_ha + rows, tl.where(valid, silu * up, 0.0).to(dt), mask=rows < I)
 
 
 @triton.jit
-def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, D, IW,
+def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, D, IW, magic,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                 SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
-                 STEPS: tl.constexpr):
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
     t, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < D
-    r = rows.to(tl.int64)
+    r = tl.minimum(rows, D - 1).to(tl.int64)          # (rows past D: not stored)
     dt = h_ptr.dtype.element_ty
     out = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(TOP_K):
@@ -97,7 +96,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
             ex = e.to(tl.int64)
             y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
                               s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
-                              g_ptr + ex * stride_ge, row_ok, 0, IW, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N,
+                              g_ptr + ex * stride_ge, 0, IW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, BLOCK_N,
                               SUB_C, STEPS, dt)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -204,6 +203,16 @@ def _matrix(w, scales, zeros, g_idx, group: int, words: int, min_k: int = 0) -> 
                 sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SCALES=mode))
 
 
+def _gemv_matrix(w, scales, zeros, g_idx, group: int, words: int) -> dict:
+    """One stacked matrix's operands for the matrix-vector kernels (`int4_rows_dot`): slices of
+    `words` words (at least 2, at most K's words rounded up to a power of two)."""
+    g, sg, has_g = _gidx(g_idx, w)
+    return dict(ptrs=(w, scales, zeros if zeros is not None else scales, g),
+                strides=(w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), sg),
+                sub=max(2, min(words, next_pow2(w.shape[2]))),
+                consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g))
+
+
 def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
                  w13_g_idx=None, w2_g_idx=None, act_int8=False):
     num_tokens, top_k = topk_ids.shape
@@ -263,20 +272,20 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     n_assign = ids.numel()
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
     cfg = int4_settings("moe_gate_up", num_tokens, 2 * i, d, x.device)
-    mat = _matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg["SUB_C"])
+    mat = _gemv_matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg["SUB_C"])
     steps = max(1, min(cfg["STEPS"], triton.cdiv(d // PACK, mat["sub"])))
     _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
-        x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, x.stride(0), *mat["strides"], h.stride(0),
+        x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
         EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
         num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
     if act_int8:
         h = int8_rows_roundtrip(h)
     y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     cfg = int4_settings("moe_down", num_tokens, d, i, x.device)
-    mat = _matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg["SUB_C"])
+    mat = _gemv_matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg["SUB_C"])
     steps = max(1, min(cfg["STEPS"], triton.cdiv(i // PACK, mat["sub"])))
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
-        h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
+        h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
         num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
     return y
