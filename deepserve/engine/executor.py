@@ -8,8 +8,12 @@ same forward on its shard (TP collectives inside the model, PP send/recv between
 Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`, seconds), so a stuck peer becomes an
 error instead of a silent hang.
 
-Workers are spawned (not forked: a CPU parent that already ran OpenMP kernels hangs a forked
-child's first parallel op). `WorkerProcs` supervises them: each reports over a pipe when it
+Workers start from a fork server (`process_context`): a fresh interpreter that imports torch
+and the engine modules once, then forks each worker, so a worker does not pay the seconds of
+that import again; the engine's own process is never forked (a CPU parent that already ran
+OpenMP kernels hangs a forked child's first parallel op). Each worker takes the environment
+the engine's process has when it starts the worker, and, as with spawn, re-imports the main
+module. `WorkerProcs` supervises them: each reports over a pipe when it
 is about to join the process group and any start-up error, and a monitor thread turns an
 exit or an error into `failure`, naming the rank. The driver joins the group only once
 every worker has reported, so a worker that dies at start-up (including one that re-ran an
@@ -41,7 +45,28 @@ from deepserve.platforms import Platform, get_platform
 logger = logging.getLogger("deepserve")
 
 GUARD_HINT = ('a script that starts a multi-process engine must guard its entry point with '
-              '`if __name__ == "__main__":` (workers are spawned and re-import the main module)')
+              '`if __name__ == "__main__":` (every worker process re-imports the main module)')
+
+# What the fork server imports before it forks workers: what every worker imports, nothing
+# that touches a GPU at import (a process forked after CUDA is initialised cannot use it).
+FORK_SERVER_PRELOAD = ["deepserve.engine.engine_core", "deepserve.engine.model_runner"]
+
+
+def process_context():
+    """The multiprocessing context that engine worker and engine-core processes start from."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # read when this process starts its fork server
+    return ctx
+
+
+def _in_environment(environ: dict, target: Callable, *args) -> None:
+    """A started process: take `environ` (the starting process's environment, where the fork
+    server holds its own from when it started), then run `target`."""
+    os.environ.clear()
+    os.environ.update(environ)
+    from deepserve.log import configure_from_env
+    configure_from_env()
+    target(*args)
 
 
 def dist_timeout_s() -> float:
@@ -146,11 +171,11 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
 
 
 class WorkerProcs:
-    """Spawned worker processes, each with a status pipe, and a monitor thread that sets
+    """Worker processes (from `process_context`), each with a status pipe, and a monitor thread that sets
     `failure` (naming the rank, its pid and its error or exit code) when one ends early."""
 
     def __init__(self, target, args_of: Callable[[int], tuple], ranks: list[int], label: str = "worker rank"):
-        ctx = mp.get_context("spawn")
+        ctx = process_context()
         self.label = label
         self.ranks = ranks
         self.failure: Optional[str] = None
@@ -158,7 +183,8 @@ class WorkerProcs:
         self.procs, self.pipes, self.errors, self.joining = [], [], {}, set()
         for r in ranks:
             here, there = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=target, name=f"deepserve-rank{r}", daemon=True, args=(*args_of(r), there))
+            p = ctx.Process(target=_in_environment, name=f"deepserve-rank{r}", daemon=True,
+                            args=(dict(os.environ), target, *args_of(r), there))
             p.start()
             there.close()
             self.procs.append(p)

@@ -21,10 +21,16 @@ def _started(pid: int) -> int:
 
 
 def spawned_children(server) -> list[int]:
-    """The server's spawned python children, oldest first (multiprocessing's resource tracker
-    left out)."""
-    return sorted((p for p in _children(server.proc.pid)
-                   if "resource_tracker" not in open(f"/proc/{p}/cmdline").read()), key=_started)
+    """The processes the server started, oldest first: its python children, where its fork
+    server stands for the processes forked from it (multiprocessing's resource tracker left out)."""
+    found = []
+    for p in _children(server.proc.pid):
+        cmdline = open(f"/proc/{p}/cmdline").read()
+        if "multiprocessing.forkserver" in cmdline:
+            found += _children(p)
+        elif "resource_tracker" not in cmdline:
+            found.append(p)
+    return sorted(found, key=_started)
 
 
 def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0) -> None:
