@@ -203,16 +203,20 @@ def test_gpu_attention_over_an_fp8_pool_at_r1_and_8b_shapes(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [16, 128])
-def test_gpu_mla_fp8_decode_at_r1_shapes(heads):
+@pytest.mark.parametrize("settings", [{}, {"dv_run": 4}, {"dv_run": 2, "BLOCK_H": 16, "num_warps": 4}])
+def test_gpu_mla_fp8_decode_at_r1_shapes(heads, settings):
     """R1's latent pool at 16 heads (TP8) and 128, batch 64 rows of 1 to 4k tokens, 64-token
-    pages, scaled (k_scale = v_scale): the e4m3-product kernel against the torch reference on
-    q rounded the kernel's way, and within q's rounding of the reference on q itself."""
+    pages, scaled (k_scale = v_scale): the e4m3-product kernel (the device's table, and the
+    permuted P.V operand the sweep tries) against the torch reference on q rounded the
+    kernel's way, and within q's rounding of the reference on q itself."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from deepserve.ops.triton.launch_config import trying
     seqs = torch.randint(1, 4097, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     pb = fp8_pool(make_paged_batch([1] * 64, seqs, heads, 1, 576, 512, block_size=64, dtype=torch.bfloat16,
                                    device="cuda", mla=True))
-    got = resolve("paged_attention", "triton")[1](*pb.args(0.07), k_scale=0.25, v_scale=0.25)
+    with trying("mla_decode_fp8", [{"set": settings}] if settings else []):
+        got = resolve("paged_attention", "triton")[1](*pb.args(0.07), k_scale=0.25, v_scale=0.25)
     ref = resolve("paged_attention", "torch")[1]
     assert rel_err(got, ref(*pb.args(0.07), k_scale=0.25, v_scale=0.25)) < Q_E4M3_REL_ERR
     want = ref(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.07), k_scale=0.25, v_scale=0.25)
