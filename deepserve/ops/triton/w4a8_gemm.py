@@ -60,14 +60,20 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    w_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    # block pointers: a [BM, BK] and packed [BN, BK / 8] tiles stepped along K without per-element
+    # pointer tensors held across the loop (those spilled to local memory on sm_90)
+    a_blk = tl.make_block_ptr(a_ptr, (M, K), (stride_am, 1), (tl.program_id(0) * BLOCK_M, 0), (BLOCK_M, BLOCK_K),
+                              (1, 0))
+    p_blk = tl.make_block_ptr(qw_ptr, (N, K // 8), (stride_qn, 1), (tl.program_id(1) * BLOCK_N, 0), (BLOCK_N, C),
+                              (1, 0))
     s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
     z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None], other=0)      # int8 [BM, BK]
-        p = tl.load(w_rows + k0 // 8 + tl.arange(0, C)[None, :], mask=n_ok[:, None], other=0)       # [BN, C]
+        a = tl.load(a_blk, boundary_check=(0,), padding_option="zero")                              # int8 [BM, BK]
+        p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
+        a_blk = tl.advance(a_blk, (0, BLOCK_K))
+        p_blk = tl.advance(p_blk, (0, C))
         g = k0 // GROUP
         if HAS_ZP:
             z = tl.load(z_rows + g, mask=n_ok, other=8).to(tl.int32)[:, None]
@@ -107,8 +113,8 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     xq, xs = quant_int8_rows(x2)
     if interpreting():
         bm, bn, warps = 16, 32, 1
-    else:
-        bm, bn, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 128 else (128, 128, 8)
+    else:   # sm_90 compiles of 128 x 128 / 8 warps spilled ~130 registers a thread; 64 x 128 / 4 none
+        bm, bn, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 128 else (64, 128, 4)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
                             zeros.contiguous() if zeros is not None else scales, bias if bias is not None else y,
