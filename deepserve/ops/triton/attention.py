@@ -176,8 +176,8 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
     once for the P.V product, the kernel's DV_RUN; where BLOCK_D is no multiple of 32 * dv_run,
     1), and the split count's inputs (programs_per_sm, min_split: the fewest keys a split takes;
     `fp8_decode_splits`).
-    The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len; under
-    CUDA graphs the captured maximum) and block_size. How each chip's settings were measured:
+    The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len: under
+    CUDA graphs the captured maximum, max_model_len, whatever the rows hold) and block_size. How each chip's settings were measured:
     docs/PERFORMANCE.md (benchmarks/sweep_mla_decode.py --fp8)."""
     cfg = launch_config.lookup("mla_decode_fp8", device, heads=max(16, next_pow2(heads)), batch=batch,
                                ctx=max_seq_len, block_size=block_size)
