@@ -59,7 +59,7 @@ def test_int4_kernel_leading_dims_and_empty_batch(triton_ops, cpu_only):
 
 
 @pytest.mark.parametrize("m,n,k,group,zeros", [(1, 40, 64, 32, True), (20, 37, 128, 128, False),
-                                               (5, 24, 96, 16, True)])
+                                               (5, 24, 96, 32, True), (3, 16, 192, 64, False)])
 def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros):
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=m + n)
     g = torch.Generator().manual_seed(m)
@@ -131,3 +131,33 @@ def test_nibble_lanes_and_slice_words():
     assert slice_words(200, 40, False, 32) == (32, WORD)          # groups straddle slices, whole words
     assert slice_words(96, 12, False, 4) == (4, LANE)             # groups split words
     assert slice_words(4096, 128, True, 16) == (16, LANE)         # g_idx: per lane
+
+
+def test_w4a8_unpack_asm_byte_arithmetic():
+    """The W4A8 kernel's PTX unpack (w4a8_gemm._UNPACK_ASM, run only on a GPU), replayed in
+    Python instruction by instruction (prmt: byte i of the result is byte selector[i] of the
+    pair {b, a}, a's bytes first), gives u - z as int8 for every nibble at every lane position
+    and every zero point; the interpreter runs the join-based unpack instead."""
+    from deepserve.ops.triton.w4a8_gemm import _UNPACK_ASM
+    asm = _UNPACK_ASM.value
+    assert all(c in asm for c in ("shl.b32 t, $5, 2", "0x0F0F", "0x5140", "add.u32 t, t, $9", "0x80808080"))
+
+    def prmt(a, b, sel):
+        pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+        return sum(pool[(sel >> (4 * i)) & 0x7] << (8 * i) for i in range(4))
+
+    def unpack(word, lane0, z):
+        t = (word & 0xFFFFFFFF) >> ((lane0 << 2) & 31)
+        e = t & 0x0F0F
+        o = (t >> 4) & 0x0F0F
+        t = prmt(e, o, 0x5140)
+        t = (t + (128 - z) * 0x01010101) & 0xFFFFFFFF
+        r = t ^ 0x80808080
+        return [((r >> (8 * i)) & 0xFF) - 256 * (((r >> (8 * i)) & 0xFF) >= 128) for i in range(4)]
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(64):
+        nib = torch.randint(0, 16, (8,), generator=g).tolist()
+        word = sum(n << (4 * i) for i, n in enumerate(nib))
+        for z in range(16):
+            assert unpack(word, 0, z) + unpack(word, 4, z) == [n - z for n in nib]

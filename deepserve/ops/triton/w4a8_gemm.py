@@ -8,7 +8,11 @@ int8 `tl.dot` with an exact int32 result, rescaled by the group's scale per outp
 summed in fp32; the token's scale multiplies the row at the end. The packed weight tile is read
 as [BLOCK_N, BLOCK_K / 8] words, contiguous along K in each row, and unpacked by the thread
 that loaded each word (`_unpack_tile`). Weights whose groups are
-narrower than the smallest K step (16), or reordered by g_idx, go to the torch op.
+narrower than the smallest K step (32), or reordered by g_idx, go to the torch op.
+
+Unpacking on a GPU is one PTX sequence per four lanes of a word (`_UNPACK_ASM`: seven
+instructions for four int8 values in one register); the interpreter, which runs no PTX, takes the
+join-based `_unpack_tile`, the same values.
 """
 from __future__ import annotations
 
@@ -46,10 +50,44 @@ def _unpack_tile(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.reshape(lanes, [BLOCK_N, BLOCK_K]).to(tl.int8)
 
 
+# One asm instance turns a word's lanes 4h .. 4h + 3 (h from the first lane's index) into four
+# int8 (u - z) packed in one register: the half-word's nibbles 0 and 2, and (shifted down 4) 1 and
+# 3, masked into bytes 0 and 1, interleaved by PRMT, then u + 128 - z per byte (no carry: at most
+# 143) and bit 7 flipped, which is u - z mod 256. Seven instructions per four nibbles.
+_UNPACK_ASM = tl.constexpr("""{
+.reg .b32 t, e, o;
+shl.b32 t, $5, 2;
+shr.u32 t, $1, t;
+and.b32 e, t, 0x0F0F;
+shr.u32 o, t, 4;
+and.b32 o, o, 0x0F0F;
+prmt.b32 t, e, o, 0x5140;
+add.u32 t, t, $9;
+xor.b32 $0, t, 0x80808080;
+}""")
+
+
+_UNPACK_CONSTRAINTS = tl.constexpr("=r," + ",".join(["r"] * 12))
+
+
+@triton.jit
+def _unpack_tile_asm(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_unpack_tile` by PTX: each word repeated over its 8 lanes (joins: in the loading thread),
+    every four lanes one `_UNPACK_ASM` instance given the word, the lane index and
+    (128 - z) in every byte."""
+    pp = tl.join(p, p)
+    pp = tl.join(pp, pp)
+    words = tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+    lane = (tl.arange(0, BLOCK_K) % 8)[None, :] + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+    zc = (128 - z) * 0x01010101 + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+    return tl.inline_asm_elementwise(_UNPACK_ASM, _UNPACK_CONSTRAINTS, [words, lane, zc], dtype=tl.int8,
+                                     is_pure=True, pack=4)
+
+
 @triton.jit
 def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
                       stride_am, stride_qn, stride_sn, stride_ym,
-                      GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y = (a_q @ (u - z)^T per group * s) * a_scale (+ b). K is a multiple of BLOCK_K and every
     K step lies inside one group. The weight tile is read as [BLOCK_N, BLOCK_K / 8] packed words
@@ -79,7 +117,10 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
             z = tl.load(z_rows + g, mask=n_ok, other=8).to(tl.int32)[:, None]
         else:
             z = tl.full([1, 1], 8, tl.int32)
-        w = _unpack_tile(p, z, BLOCK_N, BLOCK_K)                                                    # [BN, BK]
+        if ASM:
+            w = _unpack_tile_asm(p, z, BLOCK_N, BLOCK_K)                                            # [BN, BK]
+        else:
+            w = _unpack_tile(p, z, BLOCK_N, BLOCK_K)
         s = tl.load(s_rows + g, mask=n_ok, other=0.0).to(tl.float32)
         acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32).to(tl.float32) * s[None, :]
     acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
@@ -90,9 +131,9 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
 
 
 def _block_k(group: int, k: int) -> Optional[int]:
-    """The largest K step (16..128) inside one group, or None."""
-    for bk in (128, 64, 32, 16):
-        if group % bk == 0 and (bk <= k or bk == 16):
+    """The largest K step (32..128) inside one group, or None (an int8 dot on sm_90 takes K >= 32)."""
+    for bk in (128, 64, 32):
+        if group % bk == 0 and (bk <= k or bk == 32):
             return bk
     return None
 
@@ -113,12 +154,13 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     xq, xs = quant_int8_rows(x2)
     if interpreting():
         bm, bn, warps = 16, 32, 1
-    else:   # sm_90 compiles of 128 x 128 / 8 warps spilled ~130 registers a thread; 64 x 128 / 4 none
-        bm, bn, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 128 else (64, 128, 4)
+    else:   # sm_90 compiles: 128 x 128 / 8 warps spills ~130 registers a thread; 64 x 256 / 8 warps
+        # unpacks each weight tile for 64 rows with ~6.4 instructions a nibble a thread, no spill in the loop
+        bm, bn, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 128 else (64, 256, 8)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
                             zeros.contiguous() if zeros is not None else scales, bias if bias is not None else y,
                             y, m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                            GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+                            GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, ASM=not interpreting(),
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y.reshape(*lead, n)
