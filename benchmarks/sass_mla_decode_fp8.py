@@ -40,7 +40,7 @@ def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg:
     ints = dict(q_st=heads * 576, q_sh=576, q_sd=1, kc_b=64 * 576, kc_o=576, kc_d=1, bt_stride=64, n_heads=heads,
                 block_size=64, d_pe=64, dv=512, num_splits=8)
     consts = dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512, BLOCK_DPE=64, QK_DTYPE=tl.float8e4nv,
-                  PV_DTYPE=tl.float16, DV_RUN=dv_run, USE_PDL=True)
+                  PV_DTYPE=tl.float16, DV_RUN=dv_run, DV_WG=max(1, warps // 4), USE_PDL=True)
     ptrs = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32",
                 mid_o_ptr="*bf16", mid_lse_ptr="*fp32")
     sig, attrs = {}, {}

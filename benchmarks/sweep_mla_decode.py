@@ -126,7 +126,7 @@ def make_cases(quick: bool, tiny: bool) -> list[Case]:
 # program); 8 warps split the [512, 16] output over two warp groups, each computing the whole S
 # tile (1 program an SM). 128 heads: 64 a program spills 636 B at 8 warps, 32 a program none (4
 # head groups read each latent tile, the later ones mostly from L2; V^T by 128 LDS.U8 a thread,
-# 64 LDS.U16 with dv_run 2 or 4); 16 warps spill 216-1,640 B and compute S four times.
+# 32 LDS.32 with dv_run 4); 16 warps spill 216-1,640 B and compute S four times.
 # benchmarks/sass_mla_decode_fp8.py prints these for any setting.
 FP8_TILES = {16: [(16, 64, 4, 3, 0, 1), (16, 64, 4, 3, 0, 4), (16, 64, 4, 3, 0, 2), (16, 64, 8, 3, 0, 1),
                   (16, 64, 4, 2, 0, 4), (16, 64, 8, 3, 0, 4), (16, 64, 4, 4, 0, 1)],

@@ -101,17 +101,18 @@ def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dv_run", [2, 4, 16])
-def test_mla_fp8_decode_with_the_latent_dims_permuted_for_the_pv_product(triton_ops, cpu_only, monkeypatch, dv_run):
+@pytest.mark.parametrize("dv_run,warps", [(2, 4), (4, 4), (16, 4), (2, 8), (4, 8)])
+def test_mla_fp8_decode_with_the_latent_dims_permuted_for_the_pv_product(triton_ops, cpu_only, monkeypatch, dv_run,
+                                                                        warps):
     """dv_run > 1 feeds the P.V product the latent dims in another order (rows of V^T a thread
-    reads at once adjacent) and stores each output row at its dim: R1's 576 / 512 latent, the
-    same output as the split kernel over the rounded q."""
+    reads at once adjacent, for one or two warp groups) and stores each output row at its dim:
+    R1's 576 / 512 latent, the same output as the split kernel over the rounded q."""
     import deepserve.ops.triton.attention as tri_attention
     from deepserve.ops.triton.launch_config import trying
     kw = dict(num_heads=2, num_kv_heads=1, head_dim=576, v_head_dim=512, mla=True, block_size=16)
     pb = fp8_pool(make_paged_batch([1, 1], [20, 33], **kw))
     op = resolve("paged_attention", "triton")[1]
-    with trying("mla_decode_fp8", [{"set": {"dv_run": dv_run}}]):
+    with trying("mla_decode_fp8", [{"set": {"dv_run": dv_run, "num_warps": warps}}]):
         got = op(*pb.args(0.05))
     monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
     want = op(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.05))

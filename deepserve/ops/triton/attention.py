@@ -173,9 +173,9 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
     from the launch table (configs/mla_decode_fp8/) of the device key `device` (`table_key`):
     BLOCK_H heads and BLOCK_N keys a program tile, num_warps, num_stages, maxnreg (a cap on
     registers a thread, 0 for none), dv_run (1, 2, 4 or 16: the latent dims a thread reads at
-    once for the P.V product, the kernel's DV_RUN; where BLOCK_D is no multiple of 32 * dv_run,
-    1), and the split count's inputs (programs_per_sm, min_split: the fewest keys a split takes;
-    `fp8_decode_splits`).
+    once for the P.V product, the kernel's DV_RUN; 1 where BLOCK_D is no multiple of
+    32 * dv_run * num_warps / 4), and the split count's inputs (programs_per_sm, min_split: the
+    fewest keys a split takes; `fp8_decode_splits`).
     The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len: under
     CUDA graphs the captured maximum, max_model_len, whatever the rows hold) and block_size. How each chip's settings were measured:
     docs/PERFORMANCE.md (benchmarks/sweep_mla_decode.py --fp8)."""
@@ -234,13 +234,14 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
     mid_o = torch.empty(batch, n_heads, splits, block_d, dtype=q.dtype, device=q.device)
     mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     wide = tl.float32 if small else None
+    dv_wg = max(1, cfg["num_warps"] // 4)        # warp groups sharing the P.V product's rows
     _mla_decode_fp8_kernel[(batch, head_groups, splits)](
         q, kv_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
         *q.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), block_tables.stride(0),
         qk_scale, v_scale, n_heads, kv_cache.shape[1], q.shape[-1] - block_d, block_d, splits,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
-        DV_RUN=cfg["dv_run"] if block_d % (32 * cfg["dv_run"]) == 0 else 1,
+        DV_RUN=cfg["dv_run"] if block_d % (32 * cfg["dv_run"] * dv_wg) == 0 else 1, DV_WG=dv_wg,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg), **pdl_launch(q.device))
     _merge_splits_kernel[(batch, n_heads)](
         mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,

@@ -43,18 +43,20 @@ def _pow2_to_range(amax, TOP_EXP: tl.constexpr):
 
 
 @triton.jit
-def _dv_order(r, JL: tl.constexpr):
+def _dv_order(r, JL: tl.constexpr, WG: tl.constexpr):
     """The latent dim that row r of the permuted V^T holds (_mla_decode_fp8_kernel's DV_RUN =
-    2 * JL). Hopper's 16-bit A fragment at 4 warps gives the thread of warp w and lane
-    4 * i + c rows 16w + i + 8h (h = 0, 1) of each 64-row MMA tile j. With
-    r = ((j * 4 + w) * 2 + h) * 8 + i and j = jj * JL + jl, row r takes dim
-    (((jj * 4 + w) * 8 + i) * JL + jl) * 2 + h: the thread's rows of JL consecutive tiles are
-    2 * JL consecutive dims."""
+    2 * JL, over WG warp groups). Hopper's 16-bit A fragment gives 64-row MMA tile j to warp
+    group g = j % WG, and in it the thread of warp w and lane 4 * i + c rows 16w + i + 8h
+    (h = 0, 1). With r = ((j * 4 + w) * 2 + h) * 8 + i, j = (jj * JL + jl) * WG + g, row r
+    takes dim ((((jj * WG + g) * 4 + w) * 8 + i) * JL + jl) * 2 + h: the thread's rows of JL
+    of its warp group's tiles are 2 * JL consecutive dims."""
     i = r % 8
     h = (r // 8) % 2
     w = (r // 16) % 4
     j = r // 64
-    return ((((j // JL) * 4 + w) * 8 + i) * JL + j % JL) * 2 + h
+    g = j % WG
+    jq = j // WG
+    return (((((jq // JL) * WG + g) * 4 + w) * 8 + i) * JL + jq % JL) * 2 + h
 
 
 @triton.jit
@@ -249,7 +251,8 @@ def _mla_decode_fp8_kernel(
         q_ptr, kc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, qk_scale, v_scale, n_heads, block_size, d_pe, dv,
         num_splits, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
-        QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, DV_RUN: tl.constexpr, USE_PDL: tl.constexpr):
+        QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, DV_RUN: tl.constexpr,
+        DV_WG: tl.constexpr, USE_PDL: tl.constexpr):
     """One split of MLA's absorbed decode over an e4m3 latent pool, with the tokens as the M
     side of both products: S^T = K q^T ([N, D] x [D, H]) and O^T += V^T P^T ([DV, N] x [N, H]).
     The latent tile is the A operand of the first, K-major as stored, so e4m3 x e4m3 warp-group
@@ -262,8 +265,8 @@ def _mla_decode_fp8_kernel(
     (576 bytes) apart. With the dims in their stored order a thread's rows are 8 bytes apart
     in a row and sm_90 reads them one byte at a time (256 LDS.U8 a thread a 64-key tile at 16
     heads and 4 warps, a third of the loop's instructions). DV_RUN = 2, 4 or 16 (BLOCK_D a
-    multiple of 32 * DV_RUN) feeds the product the dims in the order _dv_order gives, so that
-    a thread reads DV_RUN adjacent bytes at once, and stores each output row at its dim: the
+    multiple of 32 * DV_RUN * DV_WG) feeds the product the dims in the order _dv_order gives
+    for DV_WG warp groups (num_warps / 4), so that a thread reads DV_RUN adjacent bytes at once, and stores each output row at its dim: the
     sum over tokens is the same, only which row computes which dim changes. 1: stored order."""
     pdl_begin(USE_PDL)
     b = tl.program_id(0)
@@ -311,14 +314,14 @@ def _mla_decode_fp8_kernel(
             # the latent's dims in _dv_order's order: a thread's rows of V^T (its A fragment)
             # are DV_RUN consecutive bytes of a token's row
             JL: tl.constexpr = DV_RUN // 2
-            kv = tl.reshape(tl.permute(tl.reshape(kv, [BLOCK_N, BLOCK_D // (64 * JL), 4, 8, JL, 2]),
-                                       (0, 1, 4, 2, 5, 3)), [BLOCK_N, BLOCK_D])
+            kv = tl.reshape(tl.permute(tl.reshape(kv, [BLOCK_N, BLOCK_D // (64 * JL * DV_WG), DV_WG, 4, 8, JL, 2]),
+                                       (0, 1, 5, 2, 3, 6, 4)), [BLOCK_N, BLOCK_D])
         acc = acc * alpha[None, :] + tl.dot(tl.trans(kv).to(PV_DTYPE), p.to(PV_DTYPE))  # [DV, H]
         m_i = m_new
 
     nonempty = end > start
     mid_row, l_safe = _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads, split, num_splits)
-    out_d = _dv_order(offs_d, DV_RUN // 2) if DV_RUN > 1 else offs_d                    # acc row -> latent dim
+    out_d = _dv_order(offs_d, DV_RUN // 2, DV_WG) if DV_RUN > 1 else offs_d             # acc row -> latent dim
     tl.store(mid_o_ptr + mid_row[None, :] * BLOCK_D + out_d[:, None],
              (acc * (v_scale / l_safe)[None, :]).to(mid_o_ptr.dtype.element_ty),
              mask=h_mask[None, :] & (out_d[:, None] < dv) & nonempty)
