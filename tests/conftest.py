@@ -17,6 +17,48 @@ if not torch.cuda.is_available():
     # decorated, so set it before any test imports deepserve.ops.triton
     os.environ["TRITON_INTERPRET"] = "1"
 
+
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter swaps triton.language's builtins for interpreted ones when a kernel
+    launches (undone when it returns), and again, without undoing, on every call of a
+    @triton.jit helper inside the kernel: an `inspect.getmembers` of each language module per
+    call, a fifth of an interpreted engine step. A helper call inside a launch that already
+    swapped the same language modules skips it; the interpreted operations are the same."""
+    try:
+        from triton.runtime import interpreter
+        import triton.language as tl
+    except ImportError:
+        return
+    original, grid_call = getattr(interpreter, "_patch_lang", None), interpreter.GridExecutor.__call__
+    if original is None or getattr(original, "_deepserve_once", False):
+        return
+    launches: list[set] = []   # per running launch: the language modules it swapped
+
+    def langs(fn) -> set:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    def patch_lang(fn):
+        if launches and langs(fn) <= launches[-1]:
+            return interpreter._LangPatchScope()
+        if launches:
+            launches[-1] |= langs(fn)
+        return original(fn)
+
+    def call(self, *args, **kwargs):
+        launches.append(set())    # filled by the launch's own swap, which comes first
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    patch_lang._deepserve_once = True
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_language_once_per_launch()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TOKENIZERS = SHARED / "tokenizers"
