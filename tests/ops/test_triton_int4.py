@@ -73,7 +73,7 @@ def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 3, 64, 1024])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (7168, 16384)])
 def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
     g = torch.Generator(device="cuda").manual_seed(n + k + m)

@@ -165,3 +165,25 @@ def test_w4a8_experts_quantize_each_gemm_input_per_row(triton_ops, cpu_only, mon
     assert not torch.allclose(ref, resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups))
     got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups, act_int8=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zeros", [False, True])
+def test_small_batch_kernels_gpu_r1_shapes(triton_ops, zeros):
+    """The compiled small-batch kernels at one EP8 rank of R1 (32 experts, D 7168, I 2048, top-8,
+    groups of 128), one token: the torch op's result within bf16 rounding."""
+    e, d, i, g = 32, 7168, 2048, 128
+    gen = torch.Generator(device="cuda").manual_seed(zeros)
+    ops = []
+    for rows, k in ((2 * i, d), (d, i)):
+        ops += [torch.randint(-2 ** 31, 2 ** 31, (e, rows, k // 8), generator=gen, device="cuda",
+                              dtype=torch.int64).to(torch.int32),
+                (torch.rand(e, rows, k // g, generator=gen, device="cuda") * 0.004 + 0.002).bfloat16(),
+                torch.randint(0, 16, (e, rows, k // g), generator=gen, device="cuda").to(torch.uint8) if zeros
+                else None]
+    x = torch.randn(1, d, generator=gen, device="cuda").bfloat16()
+    ids = torch.randperm(e, generator=gen, device="cuda")[:8][None].int()
+    wts = torch.rand(1, 8, generator=gen, device="cuda")
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, (g, g)).float()
+    got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, (g, g)).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())
