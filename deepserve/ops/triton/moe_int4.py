@@ -39,7 +39,7 @@ from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2
+from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
 from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_halves, half_features, int4_rows_dot, int4_settings,
                                              slice_words)
 from deepserve.ops.triton.moe_align import align_by_expert
@@ -51,10 +51,12 @@ SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment
 def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW, top_k, magic,
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
+                    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                    USE_PDL: tl.constexpr):
     """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n:
     the gate and up rows of the block in one tile of 2 BLOCK_N rows (gate row n, then up row
     I + n), so each word of x is read once for both."""
+    pdl_begin(USE_PDL)
     a, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + a)
     valid = (e >= 0) & (e < E)
@@ -80,9 +82,11 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
 def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E, D, IW, magic,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
-                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr):
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
+    pdl_begin(USE_PDL)
     t, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < D
@@ -277,7 +281,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
         x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
         EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
+        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
     if act_int8:
         h = int8_rows_roundtrip(h)
     y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
@@ -287,5 +291,5 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"])
+        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
     return y
