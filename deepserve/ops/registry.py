@@ -73,6 +73,12 @@ def op_backends() -> dict[str, list[str]]:
     return {op: sorted(impls, key=order.__getitem__) for op, impls in sorted(_impls.items())}
 
 
+# aten ops left to torch under --ops flaggems: FlagGems 5.0.2's Hopper `mul` treats two tensors
+# of the same rank as the same shape (no broadcasting), so rms_norm's x [T, H] * rsqrt [T, 1]
+# reads out of bounds (an illegal memory access on an H100; docs/PERFORMANCE.md "Portability")
+FLAGGEMS_EXCLUDED = ["mul"]
+
+
 def _load_backend(name: str) -> None:
     """Import what backend `name` needs: the Triton kernels register on import; FlagGems patches
     aten for the whole process (its design), once."""
@@ -84,7 +90,7 @@ def _load_backend(name: str) -> None:
             import flag_gems
         except ImportError:
             raise RuntimeError("--ops flaggems needs FlagGems: pip install 'deepserve[flaggems]'") from None
-        flag_gems.enable()
+        flag_gems.enable(unused=FLAGGEMS_EXCLUDED)
         _flaggems_enabled = True
 
 
