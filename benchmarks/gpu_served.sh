@@ -22,7 +22,7 @@ variants)
     PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$preset" --tokenizer "$tok" --servers deepserve \
       --cases "${3:-c64,c256}" --deps-path /tmp/site --out-dir "/tmp/po_$label" \
       --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
-      --deepserve-args "$flags" ${PEER_ARGS:-} 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -12
+      --deepserve-args="$flags" ${PEER_ARGS:-} 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -12
     mkdir -p "$OUT/$label" && cp /tmp/po_$label/peer_*.json "$OUT/$label/" 2>/dev/null
     tar czf "$OUT/logs_$label.tgz" -C /tmp/po_$label --exclude='model-*' . 2>/dev/null
   done ;;

@@ -277,7 +277,7 @@ class EngineConfig:
     cuda_graph_sizes: list[int]
     async_scheduling: Optional[bool] = None      # as given; the engine settles None (async_scheduling_plan)
     speculative: Optional[SpeculativeConfig] = None
-    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    cudagraph_mode: str = "FULL_AND_PIECEWISE"
     piecewise_max_tokens: int = 512       # at most max_num_batched_tokens
 
 
@@ -393,12 +393,13 @@ class EngineArgs:
     and pipeline parallel keeps its micro-batches. --no-async-scheduling forces it off."""
     cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Decode batch sizes captured as CUDA graphs."""
-    cudagraph_mode: str = "FULL_DECODE_ONLY"
-    """Which steps replay CUDA graphs (vLLM's modes): FULL_DECODE_ONLY or FULL: decode-only steps
-    as whole graphs (--cuda-graph-sizes), other steps eagerly; PIECEWISE: every step of up to
-    --piecewise-max-tokens tokens as piecewise graphs (all but attention, which runs eagerly
-    between them); FULL_AND_PIECEWISE: decode-only steps as whole graphs, the others piecewise;
-    NONE: no graphs (--enforce-eager). Piecewise graphs need one pipeline stage and no DP
+    cudagraph_mode: str = "FULL_AND_PIECEWISE"
+    """Which steps replay CUDA graphs (vLLM's modes): FULL_AND_PIECEWISE (the default, as
+    vLLM's): decode-only steps as whole graphs (--cuda-graph-sizes), prefill and mixed steps of
+    up to --piecewise-max-tokens tokens as piecewise graphs (all but attention, which runs
+    eagerly between them), larger steps eagerly; FULL_DECODE_ONLY or FULL: decode-only steps as
+    whole graphs, other steps eagerly; PIECEWISE: every step of up to --piecewise-max-tokens
+    tokens as piecewise graphs; NONE: no graphs (--enforce-eager). Piecewise graphs need one pipeline stage and no DP
     attention token exchange (those steps run eagerly)."""
     piecewise_max_tokens: int = 512
     """Largest step, in tokens, captured as piecewise CUDA graphs (capped by

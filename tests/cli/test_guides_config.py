@@ -276,17 +276,17 @@ def test_compilation_config_errors_name_the_value(config, message):
         apply_compilation_config(EngineArgs(), config)
 
 
-@pytest.mark.parametrize("config, agree", [({"cudagraph_mode": "full_and_piecewise"}, True),
+@pytest.mark.parametrize("config, agree", [({"cudagraph_mode": "full_decode_only"}, True),
                                            ({"cudagraph_mode": "PIECEWISE"}, False), ({"use_cudagraph": False}, False)])
 def test_compilation_config_and_cudagraph_mode_flag_must_agree(config, agree):
     """Both given: the same mode is taken, different ones are refused (not one silently kept)."""
     if agree:
-        assert EngineArgs(cudagraph_mode="FULL_AND_PIECEWISE", compilation_config=config).cudagraph_mode == \
-            "FULL_AND_PIECEWISE"
+        assert EngineArgs(cudagraph_mode="FULL_DECODE_ONLY", compilation_config=config).cudagraph_mode == \
+            "FULL_DECODE_ONLY"
         return
-    with pytest.raises(ValueError, match="--cudagraph-mode FULL_AND_PIECEWISE and compilation_config's "
+    with pytest.raises(ValueError, match="--cudagraph-mode FULL_DECODE_ONLY and compilation_config's "
                                          "cudagraph_mode .* disagree"):
-        EngineArgs(cudagraph_mode="FULL_AND_PIECEWISE", compilation_config=config)
+        EngineArgs(cudagraph_mode="FULL_DECODE_ONLY", compilation_config=config)
 
 
 def test_spellings():

@@ -180,7 +180,8 @@ def test_engine_steps_through_the_pieces():
 
 
 @pytest.mark.parametrize("kwargs, mode, eager, max_tokens", [
-    ({}, "FULL_DECODE_ONLY", False, 512),
+    ({}, "FULL_AND_PIECEWISE", False, 512),
+    ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "FULL_DECODE_ONLY", False, 512),
     ({"compilation_config": {"cudagraph_mode": "piecewise"}}, "PIECEWISE", False, 512),
     ({"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE", "max_cudagraph_capture_size": 128}},
      "FULL_AND_PIECEWISE", False, 128),
