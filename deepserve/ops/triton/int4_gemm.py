@@ -3,7 +3,7 @@ registers: `qweight` int32 [N, K/8] (input features packed, nibble i of column c
 8c + i), scales [N, S], optional uint8 zeros [N, S] (else 8), optional g_idx [K] (layout:
 ops/int4.py, whose torch op is the oracle these kernels are tested against).
 
-Unpacking (`_lane`, `_nibble_quads`): nibble q of a word, masked in place and OR-ed into the
+Unpacking (`_lane`): nibble q of a word, masked in place and OR-ed into the
 mantissa of 2^23, reads as fp32 exactly 2^23 + 16^(q % 4) u (one LOP3; lanes 4-7 come from the
 word shifted down 16 bits once); no shift or int-to-float conversion per nibble.
 
@@ -20,10 +20,11 @@ Kernels:
    the group's scale into an fp32 accumulator reduced once at the end; per nibble one LOP3 and
    two FFMAs (u - z exact, times x). No tensor cores: a matrix-vector product is bound by the
    packed weight read.
-2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes the
-   lo and hi [BLOCK_N, BLOCK_K/2] tiles ((u - z) * s in fp32, rounded to the activations'
-   dtype, exactly the torch reference's weight) and feeds each to `tl.dot` with the
-   activation columns of the same features.
+2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes a
+   [BLOCK_N, BLOCK_K] weight tile in feature order (`dequant_tile`: (u - z) * s in fp32,
+   rounded to the activations' dtype, exactly the torch reference's weight; the lanes joined
+   in the loading threads' registers) and feeds it to one `tl.dot` with the contiguous
+   activation tile.
 
 Rounding: the GEMM rounds each dequantized weight to the activations' dtype as the reference
 does; with groups of whole words the GEMV multiplies each word's fp32 sum by its scale instead
@@ -47,74 +48,6 @@ from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next
 from deepserve.ops.triton.launch_config import launch_settings
 
 GEMV_ROWS = 4   # up to this many rows take the GEMV
-
-
-@triton.jit
-def _pow16(q, SIGN: tl.constexpr):
-    """16^(SIGN * q) as an exact fp32 (q an int32 tensor, SIGN +1 or -1), built from its bits."""
-    return ((127 + SIGN * 4 * q) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _nibble_quads(packed):
-    """int32 words [R, C] -> (lo, hi) fp32 [R, C, 4]: lo[r, c, q] = 2^23 + 16^q * nibble q of the
-    word (feature 8c + q), hi the same for nibble 4 + q (feature 8c + 4 + q)."""
-    mask = (15 << (4 * tl.arange(0, 4)))[None, None, :]
-    lo = ((packed[:, :, None] & mask) | 0x4B000000).to(tl.float32, bitcast=True)
-    hi = (((packed >> 16)[:, :, None] & mask) | 0x4B000000).to(tl.float32, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
-def _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                  HAS_GIDX: tl.constexpr, SCALES: tl.constexpr):
-    """Scales and zero offsets of the K slice of words offs_c = c0 + [0, C) (features 8c .. 8c + 7), rows at
-    s_rows / z_rows [BN]: (s_lo, s_hi, off_lo, off_hi), off = 2^23 + 16^q z, so lo - off =
-    16^q (u - z). SCALES == ROW (the slice inside one group): s [BN, 1, 1] for both halves; WORD
-    (GROUP a multiple of 8): each word's group, [BN, C, 1]; LANE: each lane's group (g_idx, or
-    feature // GROUP): [BN, C, 4]. A ROW slice's group
-    comes from the scalar c0, not from a reduction over offs_c (that would synchronize the warps
-    every slice)."""
-    q = tl.arange(0, 4)
-    p16 = _pow16(q, 1)[None, None, :]
-    if SCALES == 1:              # ROW
-        g = (8 * c0) // GROUP
-        ok = n_ok & (c0 < c_end)                # (a slice wholly past the end reads no scale)
-        s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None, None]
-        if HAS_ZP:
-            z = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None, None]
-        else:
-            z = tl.full([1, 1, 1], 8.0, tl.float32)
-        off = 8388608.0 + z * p16
-        return s, s, off, off
-    elif SCALES == 2:            # WORD
-        g = (8 * offs_c) // GROUP
-        mask = n_ok[:, None] & c_ok[None, :]
-        s = tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0).to(tl.float32)[:, :, None]
-        if HAS_ZP:
-            z = tl.load(z_rows[:, None] + g[None, :], mask=mask, other=8).to(tl.float32)[:, :, None]
-        else:
-            z = tl.full([1, 1, 1], 8.0, tl.float32)
-        off = 8388608.0 + z * p16
-        return s, s, off, off
-    else:
-        f_lo = 8 * offs_c[:, None] + q[None, :]                     # [C, 4]
-        if HAS_GIDX:
-            g_lo = tl.load(g_ptr + f_lo, mask=c_ok[:, None], other=0)
-            g_hi = tl.load(g_ptr + f_lo + 4, mask=c_ok[:, None], other=0)
-        else:
-            g_lo = f_lo // GROUP
-            g_hi = (f_lo + 4) // GROUP
-        mask = n_ok[:, None, None] & c_ok[None, :, None]
-        s_lo = tl.load(s_rows[:, None, None] + g_lo[None], mask=mask, other=0.0).to(tl.float32)
-        s_hi = tl.load(s_rows[:, None, None] + g_hi[None], mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z_lo = tl.load(z_rows[:, None, None] + g_lo[None], mask=mask, other=8).to(tl.float32)
-            z_hi = tl.load(z_rows[:, None, None] + g_hi[None], mask=mask, other=8).to(tl.float32)
-        else:
-            z_lo = tl.full([1, 1, 1], 8.0, tl.float32)
-            z_hi = z_lo
-        return s_lo, s_hi, 8388608.0 + z_lo * p16, 8388608.0 + z_hi * p16
 
 
 @triton.jit
@@ -242,32 +175,83 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
 
 
 @triton.jit
-def dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-                   HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SUB_C: tl.constexpr, DTYPE: tl.constexpr):
-    """The weight tile of words c0 ... c0 + SUB_C (those below c_end) as (lo, hi) [BLOCK_N, 4 SUB_C] in
-    DTYPE, each (u - z) * s in fp32 rounded once (the reference's weight): lo column 4j + q is
-    feature 8(c0 + j) + q, hi column 4j + q feature 8(c0 + j) + 4 + q (`half_features`)."""
+def _lane_weight(src, magic, q: tl.constexpr, s, zs, HAS_ZP: tl.constexpr, DTYPE: tl.constexpr):
+    """Lane q of the words [BN, C] dequantized, (u - z) * s in fp32 rounded once to DTYPE (the
+    reference's weight); s and zs = z * s broadcast against [BN, C]. Symmetric: (u - 8) from the
+    lane's FFMA, times s; zero points: u * s - z * s in one FFMA, exact as (u - z) * s is (both
+    products fit fp32's mantissa)."""
+    if HAS_ZP:
+        return (_lane(src, magic, q, 0.0) * s - zs).to(DTYPE)
+    return (_lane(src, magic, q, 8.0) * s).to(DTYPE)
+
+
+@triton.jit
+def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                 HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SUB_C: tl.constexpr, DTYPE: tl.constexpr):
+    """The weight tile of words c0 ... c0 + SUB_C (those below c_end) as [BLOCK_N, 8 SUB_C] in
+    DTYPE, column j = feature 8 c0 + j, each (u - z) * s in fp32 rounded once (the reference's
+    weight). Each lane is unpacked as its own [BLOCK_N, SUB_C] tensor in the layout the words
+    were loaded in, and tl.join (which adds an axis held by one thread) interleaves the eight
+    lanes, so the tile stays in the loading threads' registers and the activations are read as
+    one contiguous [rows, 8 SUB_C] tile. Scales (SCALES): ROW, one per row (the slice inside one
+    group); WORD, one per row and word; LANE, one per row and feature (g_idx, or groups that
+    split words)."""
     offs_c = c0 + tl.arange(0, SUB_C)
     c_ok = offs_c < c_end
-    lo, hi = _nibble_quads(_load_words(qw_rows, offs_c, n_ok, c_ok, EVEN))
-    s_lo, s_hi, off_lo, off_hi = _slice_params(s_rows, z_rows, g_ptr, c0, c_end, offs_c, n_ok, c_ok, GROUP, HAS_ZP,
-                                               HAS_GIDX, SCALES)
-    inv16 = _pow16(tl.arange(0, 4), -1)[None, None, :]
-    w_lo = ((lo - off_lo) * (s_lo * inv16)).to(DTYPE)
-    w_hi = ((hi - off_hi) * (s_hi * inv16)).to(DTYPE)
-    return tl.reshape(w_lo, [BLOCK_N, 4 * SUB_C]), tl.reshape(w_hi, [BLOCK_N, 4 * SUB_C])
+    w = _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN)
+    hi = w >> 16
+    if SCALES == 0:              # LANE
+        return _join_lanes(
+            _lane_weight_grouped(w, magic, 0, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(w, magic, 1, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(w, magic, 2, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(w, magic, 3, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(hi, magic, 4, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(hi, magic, 5, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(hi, magic, 6, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            _lane_weight_grouped(hi, magic, 7, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP, HAS_ZP, HAS_GIDX, DTYPE),
+            BLOCK_N, SUB_C)
+    if SCALES == 1:              # ROW
+        g = (8 * c0) // GROUP
+        ok = n_ok & (c0 < c_end)                # (a slice wholly past the end reads no scale)
+        s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None]
+        zs = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None] * s if HAS_ZP else 0.0
+    else:                        # WORD
+        g = (8 * offs_c) // GROUP
+        mask = n_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        zs = tl.load(z_rows[:, None] + g[None, :], mask=mask, other=8).to(tl.float32) * s if HAS_ZP else 0.0
+    return _join_lanes(_lane_weight(w, magic, 0, s, zs, HAS_ZP, DTYPE), _lane_weight(w, magic, 1, s, zs, HAS_ZP, DTYPE),
+                       _lane_weight(w, magic, 2, s, zs, HAS_ZP, DTYPE), _lane_weight(w, magic, 3, s, zs, HAS_ZP, DTYPE),
+                       _lane_weight(hi, magic, 4, s, zs, HAS_ZP, DTYPE), _lane_weight(hi, magic, 5, s, zs, HAS_ZP, DTYPE),
+                       _lane_weight(hi, magic, 6, s, zs, HAS_ZP, DTYPE), _lane_weight(hi, magic, 7, s, zs, HAS_ZP, DTYPE),
+                       BLOCK_N, SUB_C)
 
 
 @triton.jit
-def half_features(c0, SUB_C: tl.constexpr):
-    """Features [4 SUB_C] of the lo columns of the words c0 ... c0 + SUB_C (the hi ones are 4 further)."""
-    j = tl.arange(0, 4 * SUB_C)
-    return 8 * c0 + 8 * (j // 4) + j % 4
+def _join_lanes(l0, l1, l2, l3, l4, l5, l6, l7, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
+    """Lanes [BN, C] each -> [BN, 8 C], column 8c + q = lane q of word c. tl.join appends its axis
+    last, which the reshape makes the fastest: the first joins pair lanes 4 apart (bit 2 of the
+    lane), the last pairs even and odd lanes (bit 0)."""
+    lanes = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)), tl.join(tl.join(l1, l5), tl.join(l3, l7)))
+    return tl.reshape(lanes, [BLOCK_N, 8 * SUB_C])
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW,
+def _lane_weight_grouped(src, magic, q: tl.constexpr, offs_c, s_rows, z_rows, g_ptr, n_ok, c_ok, GROUP: tl.constexpr,
+                         HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, DTYPE: tl.constexpr):
+    """`_lane_weight` with lane q's own group per word (feature 8c + q: g_idx, or // GROUP)."""
+    f = 8 * offs_c + q
+    g = tl.load(g_ptr + f, mask=c_ok, other=0) if HAS_GIDX else f // GROUP
+    mask = n_ok[:, None] & c_ok[None, :]
+    s = tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    zs = tl.load(z_rows[:, None] + g[None, :], mask=mask, other=8).to(tl.float32) * s if HAS_ZP else 0.0
+    return _lane_weight(src, magic, q, s, zs, HAS_ZP, DTYPE)
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW, magic,
                       stride_xm, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -283,14 +267,11 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c0 in range(0, KW, SUB_C):
-        w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
-                                    SCALES, EVEN, BLOCK_N, SUB_C, dt)
-        f = half_features(c0, SUB_C)
-        a_mask = m_ok[:, None] & (f < 8 * KW)[None, :]
-        a_lo = tl.load(x_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
-        a_hi = tl.load(x_rows[:, None] + f[None, :] + 4, mask=a_mask, other=0.0)
-        acc = tl.dot(a_lo.to(DOT_DTYPE), tl.trans(w_lo.to(DOT_DTYPE)), acc)
-        acc = tl.dot(a_hi.to(DOT_DTYPE), tl.trans(w_hi.to(DOT_DTYPE)), acc)
+        w = dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, KW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN,
+                         BLOCK_N, SUB_C, dt)
+        f = 8 * c0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows[:, None] + f[None, :], mask=m_ok[:, None] & (f < 8 * KW)[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -357,13 +338,13 @@ def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     n, kw = qweight.shape
     cfg = int4_settings("gemm", m, n, k, x2.device)
     sub, mode = slice_words(k, group_size, g_idx is not None, cfg["BLOCK_K"] // PACK)
-    if sub < 4:                           # each half of a step feeds tl.dot at least 16 columns
+    if sub < 4:                           # a step feeds tl.dot at least 32 columns
         sub, mode = slice_words(max(k, 32), group_size, g_idx is not None, 4)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _int4_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else y, y, m, n, kw, x2.stride(0), qweight.stride(0), scales.stride(0),
+        bias if bias is not None else y, y, m, n, kw, MAGIC, x2.stride(0), qweight.stride(0), scales.stride(0),
         y.stride(0), GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=g_idx is not None,
         SCALES=mode, HAS_BIAS=bias is not None, EVEN=kw % sub == 0, DOT_DTYPE=dot_dtype(x2.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=PACK * sub, num_warps=cfg["num_warps"],

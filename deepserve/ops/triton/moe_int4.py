@@ -40,8 +40,7 @@ from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
-from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_halves, half_features, int4_rows_dot, int4_settings,
-                                             slice_words)
+from deepserve.ops.triton.int4_gemm import MAGIC, dequant_tile, int4_rows_dot, int4_settings, slice_words
 from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run
@@ -125,23 +124,20 @@ def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, 
 
 
 @triton.jit
-def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP: tl.constexpr,
+def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, magic, GROUP: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr,
               DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
     """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype)."""
-    w_lo, w_hi = dequant_halves(qw_rows, s_rows, z_rows, g, n_ok, c0, KW, GROUP, HAS_ZP, HAS_GIDX,
-                                SCALES, EVEN, BLOCK_N, SUB_C, a_rows.dtype.element_ty)
-    f = half_features(c0, SUB_C)
-    a_mask = row_ok[:, None] & (f < 8 * KW)[None, :]
-    a_lo = tl.load(a_rows[:, None] + f[None, :], mask=a_mask, other=0.0)
-    a_hi = tl.load(a_rows[:, None] + f[None, :] + 4, mask=a_mask, other=0.0)
-    acc = tl.dot(a_lo.to(DOT_DTYPE), tl.trans(w_lo.to(DOT_DTYPE)), acc)
-    return tl.dot(a_hi.to(DOT_DTYPE), tl.trans(w_hi.to(DOT_DTYPE)), acc)
+    w = dequant_tile(qw_rows, s_rows, z_rows, g, n_ok, c0, KW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N,
+                     SUB_C, a_rows.dtype.element_ty)
+    f = 8 * c0 + tl.arange(0, 8 * SUB_C)
+    a = tl.load(a_rows[:, None] + f[None, :], mask=row_ok[:, None] & (f < 8 * KW)[None, :], other=0.0)
+    return tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
 
 
 @triton.jit
 def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, n_assign, E, I,
-                           DW, top_k, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
+                           DW, top_k, magic, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                            GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                            EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
@@ -156,9 +152,9 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
         gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, DW, SUB_C):
-            gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX, SCALES,
+            gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES,
                              EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
-            up = _tile_dot(x_rows, row_ok, up, up_qw, up_s, up_z, g, n_ok, c0, DW, GROUP, HAS_ZP, HAS_GIDX,
+            up = _tile_dot(x_rows, row_ok, up, up_qw, up_s, up_z, g, n_ok, c0, DW, magic, GROUP, HAS_ZP, HAS_GIDX,
                            SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
         gate = gate.to(dt).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
@@ -168,7 +164,7 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
 
 @triton.jit
 def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, n_assign, E,
-                        D, IW,
+                        D, IW, magic,
                         stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
                         GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                         EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -180,7 +176,7 @@ def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, wts_ptr, qw_ptr, s_
     if expert < E:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, IW, SUB_C):
-            acc = _tile_dot(h_ptr + rows * stride_ha, row_ok, acc, qw, s, z, g, n_ok, c0, IW, GROUP, HAS_ZP,
+            acc = _tile_dot(h_ptr + rows * stride_ha, row_ok, acc, qw, s, z, g, n_ok, c0, IW, magic, GROUP, HAS_ZP,
                             HAS_GIDX, SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
         # fp32 y[a] = routing weight * (the product rounded to h's dtype, the reference's output)
         wt = tl.load(wts_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -234,21 +230,21 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
             "gate_up": (w13, w13_scales, w13_zeros, w13_g_idx, groups[0], i, x, h),
             "down": (w2, w2_scales, w2_zeros, w2_g_idx, groups[1], d, h, y)}.items():
         mat = _matrix(w, s, z, g_idx, group, cfg["BLOCK_K"] // PACK)
-        if mat["sub"] < 4:                         # each half of a step feeds tl.dot at least 16 columns
+        if mat["sub"] < 4:                         # a step feeds tl.dot at least 32 columns
             mat = _matrix(w, s, z, g_idx, group, 4, min_k=32)
         sub = mat["sub"]
         kw = w.shape[2]
         grid = (aligned.num_blocks, triton.cdiv(k_out, bn))
         if name == "gate_up":
             _sorted_gate_up_kernel[grid](
-                a_in, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, i, kw, top_k,
+                a_in, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, i, kw, top_k, MAGIC,
                 a_in.stride(0), *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub,
                 **mat["consts"], **common)
             if act_int8:
                 h = int8_rows_roundtrip(h)
         else:
             _sorted_down_kernel[grid](
-                h, aligned.sorted_ids, aligned.block_expert, wts, *mat["ptrs"], out, n_assign, e, d, kw, h.stride(0),
+                h, aligned.sorted_ids, aligned.block_expert, wts, *mat["ptrs"], out, n_assign, e, d, kw, MAGIC, h.stride(0),
                 *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub, **mat["consts"], **common)
     return y.view(num_tokens, top_k, d).sum(1).to(x.dtype)
 
