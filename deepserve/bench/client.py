@@ -83,6 +83,20 @@ def _chunk_text(data: dict, chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
+async def sse_lines(resp: httpx.Response):
+    """The stream's lines, split at b"\\n" only. SSE ends lines with CR / LF, while httpx's
+    aiter_lines() also splits text at U+0085, U+2028 and U+2029, which a server may send
+    unescaped inside a JSON string (valid JSON; model output can hold them)."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if buf:
+        yield buf.decode("utf-8", "replace")
+
+
 async def send_request(client: httpx.AsyncClient, req: RequestInput) -> RequestOutput:
     """Send `req` streaming and time it; failures come back in the output, not as exceptions."""
     out = RequestOutput(prompt_len=req.prompt_len)
@@ -98,7 +112,7 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput) -> RequestO
                 body = (await resp.aread()).decode("utf-8", "replace")
                 out.error = f"HTTP {resp.status_code}: {body[:300]}"
                 return out
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 line = line.strip()
                 if not line.startswith("data:"):
                     continue  # blank separators and SSE comments

@@ -211,11 +211,21 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+# characters Python's str.splitlines() (and so httpx's aiter_lines) breaks lines at that JSON
+# leaves unescaped: a client splitting the stream that way would cut a data line in two
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def sse_data(event: dict) -> str:
+    """One SSE data frame holding `event` as JSON on a single line for any line splitter."""
+    return f"data: {json.dumps(event, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
+
+
 async def sse(events: AsyncIterator[dict], state: ServerState) -> AsyncIterator[str]:
     """Frame dict events as SSE; an error mid-stream becomes an error event, then [DONE]."""
     try:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            yield sse_data(event)
     except Exception as exc:  # the status line is gone: report in-band
         err = api_error_from(exc, state.settings.retry_after_s)
         state.metrics.record_error(err.status)
