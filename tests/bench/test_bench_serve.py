@@ -118,9 +118,11 @@ def test_request_rate_spreads_arrivals(fake_server, bench_args, tmp_path):
     assert res["completed"] == 8 and res["request_rate"] == 20.0
     files = list(tmp_path.glob("openai-20qps-fake-model-*.json"))
     assert len(files) == 1 and EXPECTED_KEYS <= set(json.loads(files[0].read_text()))
-    # the server sees the requests on the seeded Poisson schedule (7 gaps, 50 ms on average)
+    # the server sees the requests on the seeded Poisson schedule (7 gaps, 50 ms on average):
+    # never ahead of it, and behind it only by what a loaded host adds (sent all at once, or
+    # on a doubled schedule, fails)
     expected = sum(arrival_gaps(8, 20.0, 1.0, seed=0))
-    assert arrivals[-1] - arrivals[0] == pytest.approx(expected, rel=0.2, abs=0.03)
+    assert expected - 0.03 <= arrivals[-1] - arrivals[0] <= 1.5 * expected + 0.05
 
 
 def test_goodput_excludes_slow_requests(fake_server, bench_args):
