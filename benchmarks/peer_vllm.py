@@ -1,8 +1,9 @@
 """deepserve beside vLLM on the same GPU: the same preset, dummy weights, the same bench runs.
 
 Each server serves a folder holding the preset's config.json and a tokenizer; every server is
-measured by the same `deepserve bench serve` runs (same seed, so the same prompts), then stopped
-before the next one starts. Cases:
+measured by the same `deepserve bench serve` runs, then stopped before the next one starts. Each
+case has its own seed (the same for every server), so no case repeats another's prompts, which
+both servers' prefix caches would otherwise serve without a prefill. Cases:
 
     c1        random 1024 in / 256 out at concurrency 1
     c64       random 1024 in / 256 out at concurrency 64
@@ -44,11 +45,11 @@ from deepserve.engine.executor import free_port
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "deepserve" / "assets" / "presets"
 SERVED_NAME = "peer"
-CASES = {  # name: (dataset args, concurrency, prompts)
-    "c1": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 1, 6),
-    "c64": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 64, 128),
-    "c256": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 256, 256),
-    "sharegpt": (["--dataset-name", "sharegpt"], 256, 500),
+CASES = {  # name: (dataset args, concurrency, prompts, seed)
+    "c1": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 1, 6, 1),
+    "c64": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 64, 128, 64),
+    "c256": (["--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "256"], 256, 256, 256),
+    "sharegpt": (["--dataset-name", "sharegpt"], 256, 500, 0),
 }
 TINY = {"c1": 2, "c64": 4, "c256": 8, "sharegpt": 8}  # prompts per case with --tiny
 VLLM_TUNED = ["--async-scheduling", "--max-num-batched-tokens", "16384"]
@@ -132,7 +133,7 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
             entry["startup_s"] = wait_ready(f"http://127.0.0.1:{port}", proc, args.start_limit_s)
             print(f"== {kind}: ready in {entry['startup_s']:.1f} s", flush=True)
             for case in args.cases:
-                ds, conc, n = CASES[case]
+                ds, conc, n, seed = CASES[case]
                 n = TINY[case] if args.tiny else n
                 if args.tiny and case != "sharegpt":
                     ds = ds[:2] + ["--random-input-len", "32", "--random-output-len", "8"]
@@ -141,7 +142,7 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
                 name = f"{args.preset_name}_{kind}_{case}.json"
                 bench = [sys.executable, "-m", "deepserve", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
                          "--model", SERVED_NAME, "--tokenizer", str(tokenizer), *ds, "--num-prompts", str(n),
-                         "--max-concurrency", str(conc), "--ignore-eos", "--seed", "0", "--disable-tqdm",
+                         "--max-concurrency", str(conc), "--ignore-eos", "--seed", str(seed), "--disable-tqdm",
                          "--save-result", "--result-dir", str(out / "raw"), "--result-filename", name]
                 t1 = time.time()
                 r = subprocess.run(bench, capture_output=True, text=True,
