@@ -59,9 +59,24 @@ def process_context():
     return ctx
 
 
+def _release_fork_server() -> None:
+    """In a process forked from the fork server: close the copy of the starting process's
+    keep-alive pipe end that multiprocessing hands every such process. The fork server exits
+    when the last copy closes, and this process (its child) dies with it (die_with_parent), so
+    the starting process's end must be the only one: with copies held here, a starting process
+    that is killed would leave the fork server and every process forked from it behind."""
+    from multiprocessing import forkserver
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None and getattr(server, "_forkserver_pid", None) is None:   # inherited, not our own server's
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def _in_environment(environ: dict, target: Callable, *args) -> None:
-    """A started process: take `environ` (the starting process's environment, where the fork
-    server holds its own from when it started), then run `target`."""
+    """A started process: let go of the fork server, take `environ` (the starting process's
+    environment, where the fork server holds its own from when it started), then run `target`."""
+    _release_fork_server()
     os.environ.clear()
     os.environ.update(environ)
     from deepserve.log import configure_from_env

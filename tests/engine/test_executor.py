@@ -69,6 +69,27 @@ def test_worker_start_failure_names_rank_and_error():
     assert time.monotonic() - start < 30
 
 
+def _joins_then_waits(status):
+    status.send(("joining",))
+    time.sleep(60)
+
+
+def test_workers_leave_the_fork_server_to_the_engines_process():
+    """Workers are forked from a fork server that ends when the engine's process has gone (its
+    keep-alive pipe closes), and the workers die with it: so no worker may hold a copy of the
+    engine process's end of that pipe (one would keep the fork server, and every worker, alive
+    after the engine's process is killed)."""
+    from multiprocessing import forkserver
+    workers = WorkerProcs(_joins_then_waits, lambda r: (), [1, 2])
+    try:
+        workers.wait_joining(60)
+        ours = os.fstat(forkserver._forkserver._forkserver_alive_fd)
+        held = [os.stat(f"/proc/{p.pid}/fd/{fd}") for p in workers.procs for fd in os.listdir(f"/proc/{p.pid}/fd")]
+        assert len(held) > 3 and (ours.st_dev, ours.st_ino) not in {(s.st_dev, s.st_ino) for s in held}
+    finally:
+        workers.stop(graceful_s=0)
+
+
 UNGUARDED = textwrap.dedent("""
     from deepserve import LLM
     llm = LLM({model!r}, tensor_parallel_size=2, block_size=4, max_model_len=64)
