@@ -72,23 +72,24 @@ SLOW_FILES = {
     "tests/distributed/test_dp_attention.py",
 }
 # The longest test files (servers, engine processes, local Ray clusters, the Triton interpreter),
-# the costliest first (wall seconds measured on 2 shared cores): collected before the others, so
-# that under xdist (`-n 2 --dist loadfile`: each worker takes two files, then the next file
-# whenever it finishes one) the long ones start at once and the two workers end together. The
-# first and third go to the same worker, one after the other: the guides' and test_ray's local
-# Ray clusters (a lock lets one run at a time, see below) do not leave a worker waiting, and
-# test_cluster's comes after both.
+# the costliest first by wall measured on 2 shared cores: collected before the others, so that
+# under xdist (`-n 2 --dist loadfile`: each worker takes two files, then the next file whenever
+# it finishes one) the long ones start at once and the two workers end together. The local-Ray
+# tests take a lock (below), so the files holding them are spaced out: the guides' runs early in
+# the first file; test_ray.py, the longest, comes seventh, which a worker reaches only after
+# finishing two of the files before it (by then the guides' Ray test is over); test_cluster's
+# comes after test_ray.py has ended.
 PROCESS_FILES = (
-    "tests/cli/test_guides_e2e.py", "tests/server/test_server_deploy.py", "tests/distributed/test_ray.py",
-    "tests/engine/test_triton_backend.py", "tests/cli/test_guides_e2e_ascend.py", "tests/ops/test_triton_attention.py",
-    "tests/engine/test_engine_core.py", "tests/ops/test_fused_moe_shared.py", "tests/server/test_server_r1.py",
-    "tests/server/test_server_tools.py", "tests/ops/test_triton_moe.py", "tests/engine/test_validate.py",
-    "tests/distributed/test_plan.py", "tests/distributed/test_cluster.py", "tests/server/test_server_openai_features.py",
-    "tests/server/test_api_servers.py", "tests/ops/test_triton_fused_moe_small.py",
-    "tests/distributed/test_parallel_engine.py", "tests/quant/test_convert_int4.py", "tests/engine/test_dp_multinode.py",
-    "tests/server/test_server_lm_eval.py", "tests/engine/test_llm_engine.py", "tests/engine/test_spec_decode.py",
-    "tests/distributed/test_pipeline_micro_batches.py", "tests/ops/test_triton_sampling.py",
-    "tests/evals/test_eval_run.py", "tests/test_platform_pkg.py", "tests/engine/test_executor.py",
+    "tests/cli/test_guides_e2e.py", "tests/server/test_server_deploy.py", "tests/engine/test_triton_backend.py",
+    "tests/cli/test_guides_e2e_ascend.py", "tests/ops/test_fused_moe_shared.py", "tests/engine/test_validate.py",
+    "tests/distributed/test_ray.py", "tests/engine/test_engine_core.py", "tests/server/test_server_tools.py",
+    "tests/ops/test_triton_attention.py", "tests/server/test_server_r1.py", "tests/ops/test_triton_moe.py",
+    "tests/evals/test_eval_run.py", "tests/server/test_server_openai_features.py", "tests/server/test_api_servers.py",
+    "tests/distributed/test_plan.py", "tests/distributed/test_parallel_engine.py", "tests/distributed/test_cluster.py",
+    "tests/ops/test_profile.py", "tests/quant/test_convert_int4.py", "tests/distributed/test_pipeline_micro_batches.py",
+    "tests/engine/test_llm_engine.py", "tests/ops/test_triton_fused_moe_small.py", "tests/ops/test_triton_int4.py",
+    "tests/bench/test_bench_deepserve.py", "tests/engine/test_executor.py", "tests/engine/test_spec_decode.py",
+    "tests/engine/test_dp_multinode.py", "tests/test_platform_pkg.py",
     *sorted(SLOW_FILES),
 )
 
