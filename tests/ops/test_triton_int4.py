@@ -161,3 +161,17 @@ def test_w4a8_unpack_asm_byte_arithmetic():
         word = sum(n << (4 * i) for i, n in enumerate(nib))
         for z in range(16):
             assert unpack(word, 0, z) + unpack(word, 4, z) == [n - z for n in nib]
+
+
+def test_w4a8_ptx_unpack_only_on_nvidia(monkeypatch):
+    """The PTX unpack is chosen on an NVIDIA build only: a ROCm build of torch (its GPUs also
+    report device type "cuda") and the interpreter take the join-based unpack."""
+    import deepserve.ops.triton.w4a8_gemm as w4a8
+    monkeypatch.setattr(w4a8, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert w4a8.unpack_by_ptx()
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    assert not w4a8.unpack_by_ptx()
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(w4a8, "interpreting", lambda: True)
+    assert not w4a8.unpack_by_ptx()

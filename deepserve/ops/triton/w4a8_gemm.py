@@ -10,9 +10,9 @@ as [BLOCK_N, BLOCK_K / 8] words, contiguous along K in each row, and unpacked by
 that loaded each word (`_unpack_tile`). Weights whose groups are
 narrower than the smallest K step (32), or reordered by g_idx, go to the torch op.
 
-Unpacking on a GPU is one PTX sequence per four lanes of a word (`_UNPACK_ASM`: seven
-instructions for four int8 values in one register); the interpreter, which runs no PTX, takes the
-join-based `_unpack_tile`, the same values.
+Unpacking on an NVIDIA GPU is one PTX sequence per four lanes of a word (`_UNPACK_ASM`: seven
+instructions for four int8 values in one register); the interpreter and ROCm, which run no PTX,
+take the join-based `_unpack_tile`, the same values (`unpack_by_ptx`).
 """
 from __future__ import annotations
 
@@ -130,6 +130,12 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+def unpack_by_ptx() -> bool:
+    """Whether the kernel unpacks with `_UNPACK_ASM`: PTX compiles for NVIDIA GPUs only (ROCm
+    builds of torch also report device type "cuda"; the interpreter runs no assembly)."""
+    return not interpreting() and torch.version.hip is None
+
+
 def _block_k(group: int, k: int) -> Optional[int]:
     """The largest K step (32..128) inside one group, or None (an int8 dot on sm_90 takes K >= 32)."""
     for bk in (128, 64, 32):
@@ -161,6 +167,6 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
                             zeros.contiguous() if zeros is not None else scales, bias if bias is not None else y,
                             y, m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-                            GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, ASM=not interpreting(),
+                            GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, ASM=unpack_by_ptx(),
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y.reshape(*lead, n)
