@@ -19,7 +19,8 @@ DECODE_64 = [1, 2, 4, 8, 16, 32, 64]      # the default sizes up to max_num_seqs
 
 
 @pytest.mark.parametrize("kw, device, backend, pp, exchange, want", [
-    ({}, "cuda", "triton", 1, False, (DECODE_64, [], [])),
+    ({}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(512))),     # FULL_AND_PIECEWISE
+    ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "cuda", "triton", 1, False, (DECODE_64, [], [])),
     ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(512))),
     ({"cudagraph_mode": "PIECEWISE", "piecewise_max_tokens": 64}, "cuda", "triton", 1, False,
      ([], [], capture_sizes(64))),
@@ -40,7 +41,8 @@ def test_plan_with_mtp_drafts_counts_their_rows_and_graphs():
                      speculative_config={"method": "mtp", "num_speculative_tokens": 1}).create_engine_config()
     plan = graph_plan(cfg, "cuda", "triton", 1, False, splittable=True)
     assert plan.decode_sizes == plan.mtp_sizes == [1, 2, 4, 8, 16, 32]      # rows: 16 x (1 + 1)
-    assert plan.num_sizes == 12
+    assert plan.piecewise_sizes == capture_sizes(cfg.piecewise_max_tokens)  # the default mode's prefill graphs
+    assert plan.num_sizes == 12 + len(plan.piecewise_sizes)
 
 
 def test_estimate_and_budget_arithmetic():
