@@ -34,14 +34,20 @@ from deepserve.layers.attention import AttentionMetadata
 logger = logging.getLogger("deepserve")
 
 
+def decode_graph_sizes(config, sizes: list[int]) -> list[int]:
+    """The decode graph sizes captured of `sizes` (--cuda-graph-sizes): those up to the most
+    rows a decode step has (max_num_seqs, times 1 + the drafts with speculative decoding),
+    ascending; [1] where none is."""
+    spec = config.speculative
+    rows = config.scheduler.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+    return sorted(s for s in sizes if s <= rows) or [1]
+
+
 class CudaGraphRunner:
     def __init__(self, runner, sizes: list[int]):
         self.runner = runner
         self.model = runner.model
-        sc = runner.config.scheduler
-        spec = runner.config.speculative
-        rows = sc.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
-        self.sizes = sorted(s for s in sizes if s <= rows) or [1]
+        self.sizes = decode_graph_sizes(runner.config, sizes)
         self.enabled = runner.ops.backend == "triton"
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pctx = runner.pctx
@@ -51,7 +57,7 @@ class CudaGraphRunner:
             return
         dev = runner.device
         self.max_bs = self.sizes[-1]
-        self.max_len = sc.max_model_len
+        self.max_len = runner.config.scheduler.max_model_len
         self.max_blocks = math.ceil(self.max_len / runner.block_size)
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Optional
 
 from deepserve.config import EngineConfig
+from deepserve.engine.cuda_graphs import decode_graph_sizes
 from deepserve.engine.piecewise_graphs import capture_sizes
 
 
@@ -48,8 +49,7 @@ def graph_plan(config: EngineConfig, device_type: str, ops_backend: str, pp_size
     if device_type != "cuda" or config.enforce_eager or ops_backend != "triton":
         return plan
     spec = config.speculative
-    rows = config.scheduler.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
-    sizes = sorted(s for s in config.cuda_graph_sizes if s <= rows) or [1]
+    sizes = decode_graph_sizes(config, config.cuda_graph_sizes)
     whole = config.cudagraph_mode != "PIECEWISE"
     if pp_size > 1:
         if whole and not moe_dp_exchange:
