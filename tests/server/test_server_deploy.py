@@ -86,14 +86,15 @@ def _session_members(sid: int) -> list[int]:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == sid:   # field 6 of stat: session id
+            if int(fields[3]) == sid and fields[0] != "Z":   # session id (field 6 of stat), not a zombie
                 members.append(int(entry))
     return members
 
 
 def _no_member_left(sid: int) -> None:
-    """No child process left behind (multiprocessing's resource tracker, which the engine core's
-    spawn started, ends on its own once the server has gone: give it a moment)."""
+    """No child process left behind (multiprocessing's resource tracker and fork server, which
+    started the engine core, end on their own once the server has gone: give them a moment). A
+    zombie has ended; it waits only for whoever adopted it (init, or a subreaper) to reap it."""
     deadline = time.monotonic() + 5
     while _session_members(sid) and time.monotonic() < deadline:
         time.sleep(0.1)
