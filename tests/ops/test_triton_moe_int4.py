@@ -161,10 +161,11 @@ def test_w4a8_experts_quantize_each_gemm_input_per_row(triton_ops, cpu_only, mon
             h = _int8_rows(torch.nn.functional.silu(gate) * up)
             want[t] += wts[t, j] * (h @ dequant_int4(w2[e], s2[e], z2[e], None, 16).t())[0]
     ref = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups, act_int8=True)
-    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    # fp32 sums in two orders (outputs up to ~34; the int8 rounding itself moves them by ~0.4)
+    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ref, resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups))
     got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups, act_int8=True)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
