@@ -400,8 +400,7 @@ class EngineArgs:
     eagerly between them), larger steps eagerly; FULL_DECODE_ONLY or FULL: decode-only steps as
     whole graphs, other steps eagerly; PIECEWISE: every step of up to --piecewise-max-tokens
     tokens as piecewise graphs; NONE: no graphs (--enforce-eager). Piecewise graphs need one
-    pipeline stage and no DP
-    attention token exchange (those steps run eagerly)."""
+    pipeline stage and no DP attention token exchange (those steps run eagerly)."""
     piecewise_max_tokens: int = 512
     """Largest step, in tokens, captured as piecewise CUDA graphs (capped by
     --max-num-batched-tokens); larger steps run eagerly."""
