@@ -13,7 +13,14 @@ by default from 0.26), the engine reserves an estimate before it sizes the pool,
 capture logs what the graphs took beside it. vLLM measures its estimate with a capture on a
 small scratch cache; here it is arithmetic on the profiling forward: that forward's
 activation bytes per token times the token count of the largest graph of each pool, plus
-the outputs the decode graphs keep.
+the outputs the decode graphs keep (logits and hidden states on the last pipeline stage, the
+(hidden, residual) pair it sends on elsewhere).
+
+What the estimate kept and the graphs did not take goes back to the pool when it is worth a
+second capture (`unused_estimate`): the runner reallocates the pool bigger and captures the
+whole decode graphs again over it (they hold its addresses; piecewise graphs leave attention
+eager and keep theirs). A planned capture that failed gives all of it back, with nothing to
+capture again.
 """
 from __future__ import annotations
 
@@ -28,11 +35,13 @@ from deepserve.engine.piecewise_graphs import capture_sizes
 @dataclasses.dataclass
 class GraphPlan:
     """The graphs a rank will capture: sizes (rows) of the whole decode graphs, of the MTP
-    module's graphs, and of the piecewise graphs; empty where none."""
+    module's graphs, and of the piecewise graphs, empty where none; `last_stage`: whether the
+    rank is on the last (or only) pipeline stage, whose decode graphs end in logits."""
 
     decode_sizes: list[int] = dataclasses.field(default_factory=list)
     mtp_sizes: list[int] = dataclasses.field(default_factory=list)
     piecewise_sizes: list[int] = dataclasses.field(default_factory=list)
+    last_stage: bool = True
 
     @property
     def num_sizes(self) -> int:
@@ -40,12 +49,13 @@ class GraphPlan:
 
 
 def graph_plan(config: EngineConfig, device_type: str, ops_backend: str, pp_size: int,
-               moe_dp_exchange: bool, splittable: bool) -> GraphPlan:
+               moe_dp_exchange: bool, splittable: bool, pp_rank: int = 0) -> GraphPlan:
     """What ModelRunner.__init__ captures on this layout (engine/model_runner.py: whole decode
     graphs per stage with pipeline parallel, none with the alltoall MoE exchange, piecewise
     graphs on one stage without the DP exchange; cuda_graphs.py / piecewise_graphs.py: only
-    with the Triton backend, the piecewise ones only for a model that splits at attention)."""
-    plan = GraphPlan()
+    with the Triton backend, the piecewise ones only for a model that splits at attention),
+    on pipeline stage `pp_rank` of `pp_size`."""
+    plan = GraphPlan(last_stage=pp_rank == pp_size - 1)
     if device_type != "cuda" or config.enforce_eager or ops_backend != "triton":
         return plan
     spec = config.speculative
@@ -81,6 +91,35 @@ def estimate_graph_bytes(plan: GraphPlan, activation_bytes: int, profiled_tokens
     return int(total)
 
 
+def kept_row_bytes(plan: GraphPlan, vocab_size: int, hidden_size: int, elem: int) -> int:
+    """Bytes a whole decode graph of `plan` keeps per row: on the last (or only) pipeline
+    stage its hidden states and logits, elsewhere the (hidden, residual) pair [2, D] the stage
+    sends on (engine/pipeline_graphs.py), in the model dtype (`elem` bytes)."""
+    return (vocab_size + hidden_size) * elem if plan.last_stage else 2 * hidden_size * elem
+
+
+# Below these the unused part of the estimate stays unused: a second capture of the decode
+# graphs costs start-up seconds, worth it only for a sizable share of the pool.
+GIVE_BACK_MIN_BYTES = 256 * 2**20
+GIVE_BACK_MIN_SHARE = 0.25
+
+
+def unused_estimate(estimate: int, taken: int) -> int:
+    """The part of the graphs' `estimate` they did not take (`taken`: measured over capture;
+    0 where capture failed) when it is over GIVE_BACK_MIN_SHARE of the estimate and over
+    GIVE_BACK_MIN_BYTES; else 0."""
+    unused = estimate - max(0, taken)
+    if unused <= GIVE_BACK_MIN_BYTES or unused <= GIVE_BACK_MIN_SHARE * estimate:
+        return 0
+    return unused
+
+
+def grown_blocks(num_blocks: int, unused: int, bytes_per_block: int, max_blocks: int) -> int:
+    """The pool's block count with `unused` bytes added, never above `max_blocks` (what
+    max_num_seqs full-length sequences can use) nor below `num_blocks`."""
+    return max(num_blocks, min(num_blocks + unused // bytes_per_block, max_blocks))
+
+
 def kv_budget(total: int, utilization: float, peak: int, free: int, reserved: int, graphs: int) -> int:
     """Bytes the KV pool may take: the device's `total` x `utilization`, less the profiled
     `peak` allocation (weights and activations), what other processes and non-torch memory
@@ -99,3 +138,13 @@ def graphs_line(plan: GraphPlan, seconds: float, taken: int, estimate: Optional[
     if estimate is None:
         return line + " (KV pool sized by --num-gpu-blocks-override / --kv-cache-memory-bytes)"
     return line + f"; {estimate / 2**30:.2f} GiB was estimated and kept from the KV pool"
+
+
+def grown_line(old_blocks: int, new_blocks: int, estimate: int, taken: int, recapture_s: Optional[float]) -> str:
+    """The start-up log line after the pool grew by the unused part of the estimate
+    (`recapture_s`: how long the decode graphs took to capture again; None: none to capture)."""
+    line = (f"KV pool grown from {old_blocks} to {new_blocks} blocks: the CUDA graphs took "
+            f"{max(0, taken) / 2**30:.2f} GiB of the {estimate / 2**30:.2f} GiB estimate kept from it")
+    if recapture_s is None:
+        return line
+    return line + f"; decode graphs captured again over the bigger pool in {recapture_s:.1f} s"

@@ -7,8 +7,9 @@ stage's send/recv lives in engine/pipeline.py.
 The pool is one preallocated tensor per cache of each attention layer, sized at start: on
 GPU from free memory x gpu_memory_utilization after a profiling forward at the largest
 batch, less an estimate of what the CUDA graphs captured after it will hold (their memory is
-logged after capture beside the estimate, engine/graph_memory.py); on CPU from `kv_cache_memory_bytes` (default 1 GiB), never beyond what
-`max_num_seqs` full-length sequences could use.
+logged after capture beside the estimate, and a sizable part they did not take goes back to
+the pool, engine/graph_memory.py); on CPU from `kv_cache_memory_bytes` (default 1 GiB), never
+beyond what `max_num_seqs` full-length sequences could use.
 
 With DP attention + expert parallel, decode steps run as CUDA graphs when every DP rank's
 batch is decode-only: all ranks replay the graph sized for the largest one (`graph_size`,
@@ -19,6 +20,7 @@ engine/piecewise_graphs.py) would need the DP ranks to agree on their size too.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -30,7 +32,8 @@ import torch.distributed as dist
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
-from deepserve.engine.graph_memory import GraphPlan, estimate_graph_bytes, graph_plan, graphs_line, kv_budget
+from deepserve.engine.graph_memory import (GraphPlan, estimate_graph_bytes, graph_plan, graphs_line, grown_blocks,
+                                           grown_line, kept_row_bytes, kv_budget, unused_estimate)
 from deepserve.engine.input_staging import InputStaging, to_device_async
 from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.piecewise_graphs import splittable
@@ -116,48 +119,26 @@ class ModelRunner:
         # the CUDA graphs this rank captures after the pool: an estimate of their memory is kept
         # out of it (engine/graph_memory.py)
         self.graph_plan = graph_plan(config, self.device.type, self.ops.backend, self.pctx.pp_size,
-                                     self.pctx.moe_dp_exchange, splittable(self.model))
+                                     self.pctx.moe_dp_exchange, splittable(self.model), self.pctx.pp_rank)
         self.graph_estimate: Optional[int] = None   # bytes kept from the pool (None: the user sized it)
         t0 = time.perf_counter()
-        self.num_blocks = self._decide_num_blocks()
-        if config.parallel.world_size > 1:  # (not dist.is_initialized(): another engine may hold a group)
-            # every rank must agree on the pool size: the smallest wins
-            n = torch.tensor([self.num_blocks], dtype=torch.int64)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=control_group())
-            self.num_blocks = int(n.item())
+        self.num_blocks = self._min_over_ranks(self._decide_num_blocks())   # every rank's pool the same size
         self.timings["profile_s"] = time.perf_counter() - t0
         self._allocate_kv_cache(self.num_blocks)
         self.staging = InputStaging(self.device)
         self.graphs = None
         self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
         self._count_op_calls()
-        dynamic_exchange = self.pctx.moe_dp_exchange and self.pctx.all2all_backend == "alltoall"
         reserved_before = self._reserved_after_empty_cache()
-        if (self.device.type == "cuda" and not config.enforce_eager and self.pctx.pp_size > 1
-                and not self.pctx.moe_dp_exchange and config.cudagraph_mode != "PIECEWISE"):
-            # each pipeline stage replays whole graphs of its own part for decode steps (DP x EP x
-            # PP, and piecewise graphs, run eagerly)
-            from deepserve.engine.pipeline_graphs import StageGraphRunner
-            t0 = time.perf_counter()
-            self.graphs = StageGraphRunner(self, config.cuda_graph_sizes)
-            self.timings["cuda_graph_s"] = time.perf_counter() - t0
-        elif (self.device.type == "cuda" and not config.enforce_eager and not dynamic_exchange
-                and self.pctx.pp_size == 1):
-            t0 = time.perf_counter()
-            if config.cudagraph_mode != "PIECEWISE":
-                from deepserve.engine.cuda_graphs import CudaGraphRunner
-                self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
-                if self.mtp is not None and self.graphs.enabled and not self.pctx.moe_dp_exchange:
-                    from deepserve.engine.cuda_graphs import MTPGraphRunner
-                    self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
-            if config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE") and not self.pctx.moe_dp_exchange:
-                from deepserve.engine.piecewise_graphs import capture_for
-                self.piecewise = capture_for(self.model, self.ops, config.piecewise_max_tokens, self.device)
+        t0 = time.perf_counter()
+        if self._capture_whole_graphs() | self._capture_piecewise_graphs():
             self.timings["cuda_graph_s"] = time.perf_counter() - t0
         captured = self._captured_graphs()
+        taken = self._reserved_after_empty_cache() - reserved_before
         if captured.num_sizes:
-            taken = self._reserved_after_empty_cache() - reserved_before
             logger.info("%s", graphs_line(captured, self.timings["cuda_graph_s"], taken, self.graph_estimate))
+        if self.graph_estimate is not None:
+            self._give_back_unused_estimate(taken)
         if (self.device.type == "cuda" and not config.enforce_eager
                 and config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")):
             from deepserve.engine.piecewise_graphs import layout_reason
@@ -170,10 +151,40 @@ class ModelRunner:
                     self.num_blocks * self.block_size, str(self.kv_dtype).replace("torch.", ""),
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
 
-    # ------------------------------------------------------------------ KV cache
-    def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.kv_dtype).element_size()
-        return sum(math.prod(s) * elem for m in self.kv_layers for s in m.kv_cache_shapes(self.block_size))
+    # ------------------------------------------------------------------ CUDA graphs
+    def _capture_whole_graphs(self) -> bool:
+        """Capture the whole decode graphs this layout runs (engine/graph_memory.graph_plan says
+        which) over the current pool; False where it runs none."""
+        config, p = self.config, self.pctx
+        if self.device.type != "cuda" or config.enforce_eager or config.cudagraph_mode == "PIECEWISE":
+            return False
+        if p.pp_size > 1:
+            if p.moe_dp_exchange:
+                return False
+            # each pipeline stage replays whole graphs of its own part for decode steps (DP x EP x
+            # PP, and piecewise graphs, run eagerly)
+            from deepserve.engine.pipeline_graphs import StageGraphRunner
+            self.graphs = StageGraphRunner(self, config.cuda_graph_sizes)
+            return True
+        if p.moe_dp_exchange and p.all2all_backend == "alltoall":
+            return False
+        from deepserve.engine.cuda_graphs import CudaGraphRunner
+        self.graphs = CudaGraphRunner(self, config.cuda_graph_sizes)
+        if self.mtp is not None and self.graphs.enabled and not p.moe_dp_exchange:
+            from deepserve.engine.cuda_graphs import MTPGraphRunner
+            self.mtp.graphs = MTPGraphRunner(self, config.cuda_graph_sizes)
+        return True
+
+    def _capture_piecewise_graphs(self) -> bool:
+        """Capture the piecewise graphs of prefill and mixed steps where this layout runs them;
+        False where it does not."""
+        config, p = self.config, self.pctx
+        if (self.device.type != "cuda" or config.enforce_eager or p.pp_size > 1 or p.moe_dp_exchange
+                or config.cudagraph_mode not in ("PIECEWISE", "FULL_AND_PIECEWISE")):
+            return False
+        from deepserve.engine.piecewise_graphs import capture_for
+        self.piecewise = capture_for(self.model, self.ops, config.piecewise_max_tokens, self.device)
+        return True
 
     def _captured_graphs(self) -> GraphPlan:
         """The sizes actually captured (a capture that failed leaves its steps eager)."""
@@ -181,7 +192,55 @@ class ModelRunner:
         mtp = self.mtp.graphs if self.mtp is not None else None
         return GraphPlan(sorted(self.graphs.graphs) if whole else [],
                          sorted(mtp.graphs) if mtp is not None and mtp.enabled else [],
-                         list(self.piecewise.sizes) if self.piecewise is not None else [])
+                         list(self.piecewise.sizes) if self.piecewise is not None else [],
+                         self.graph_plan.last_stage)
+
+    def _give_back_unused_estimate(self, taken: int) -> None:
+        """Grow the pool by the part of the graph estimate the graphs did not take (`taken`:
+        their measured bytes), where big enough (graph_memory.unused_estimate) and more blocks
+        are of use. The pool is allocated anew, bigger, and the whole decode graphs, which hold
+        its addresses, are captured again over it. Every rank grows by the same number of
+        blocks, and only where all captured the same kinds of whole graphs (a capture again
+        runs the collectives inside them on every rank)."""
+        unused = unused_estimate(self.graph_estimate, taken)
+        blocks = grown_blocks(self.num_blocks, unused, self.bytes_per_block(), self._max_useful_blocks())
+        mtp = self.mtp.graphs if self.mtp is not None else None
+        kinds = (int(self.graphs is not None and self.graphs.enabled)
+                 + 2 * int(mtp is not None and mtp.enabled))
+        blocks, low_kinds, neg_high_kinds = self._min_over_ranks(blocks, kinds, -kinds)
+        if blocks <= self.num_blocks or low_kinds != -neg_high_kinds:
+            return
+        if kinds:   # drop the graphs over the old pool (with their memory pools) before it goes
+            self.graphs = None
+            if self.mtp is not None:
+                self.mtp.graphs = None
+        for m in self.kv_layers:
+            m.kv_cache = []
+        gc.collect()
+        self._reserved_after_empty_cache()
+        old, self.num_blocks = self.num_blocks, blocks
+        self._allocate_kv_cache(blocks)
+        seconds = None
+        if kinds:
+            t0 = time.perf_counter()
+            self._capture_whole_graphs()
+            seconds = time.perf_counter() - t0
+            self.timings["cuda_graph_s"] = self.timings.get("cuda_graph_s", 0.0) + seconds
+        logger.info("%s", grown_line(old, blocks, self.graph_estimate, taken, seconds))
+
+    def _min_over_ranks(self, *values: int):
+        """The smallest of each value over every rank of the engine (all ranks call it
+        together); the value itself with one rank. One value -> an int, several -> a tuple."""
+        if self.config.parallel.world_size > 1:   # (not dist.is_initialized(): another engine may hold a group)
+            t = torch.tensor(values, dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=control_group())
+            values = tuple(int(v) for v in t.tolist())
+        return values[0] if len(values) == 1 else tuple(values)
+
+    # ------------------------------------------------------------------ KV cache
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return sum(math.prod(s) * elem for m in self.kv_layers for s in m.kv_cache_shapes(self.block_size))
 
     def _reserved_after_empty_cache(self) -> int:
         """Device memory this process's allocator holds once its unused cache is released
@@ -250,7 +309,8 @@ class ModelRunner:
         hf = self.config.model.hf_config
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.graph_estimate = estimate_graph_bytes(self.graph_plan, peak - before, n_seqs * seq_len,
-                                                   (self.vocab_size + int(hf.hidden_size)) * elem)
+                                                   kept_row_bytes(self.graph_plan, self.vocab_size,
+                                                                  int(hf.hidden_size), elem))
         free, total = self.platform.memory_info(self.device)
         return kv_budget(total, self.config.cache.gpu_memory_utilization, peak, free,
                          torch.cuda.memory_reserved(self.device), self.graph_estimate)
