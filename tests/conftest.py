@@ -7,6 +7,10 @@ from pathlib import Path
 # Tiny models: extra threads only add contention (and CI has 2 cores shared with the servers
 # and worker processes the tests start, which inherit this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One fork server for all the multi-process engines a test process starts one after another
+# (each would otherwise begin a new one, importing torch again): tests/engine/test_fork_server.py
+# unsets it to check that the last engine's shutdown stops it.
+os.environ.setdefault("DEEPSERVE_KEEP_FORK_SERVER", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -11,7 +11,9 @@ error instead of a silent hang.
 Workers start from a fork server (`process_context`): a fresh interpreter that imports torch
 and the engine modules once, then forks each worker, so a worker does not pay the seconds of
 that import again; the engine's own process is never forked (a CPU parent that already ran
-OpenMP kernels hangs a forked child's first parallel op). Each worker takes the environment
+OpenMP kernels hangs a forked child's first parallel op); it lives while an engine of the
+process has workers, and the last one's `shutdown()` stops it (`stop_fork_server`;
+DEEPSERVE_KEEP_FORK_SERVER=1 keeps it for the next engine). Each worker takes the environment
 the engine's process has when it starts the worker, and, as with spawn, re-imports the main
 module. `WorkerProcs` supervises them: each reports over a pipe when it
 is about to join the process group and any start-up error, and a monitor thread turns an
@@ -57,6 +59,57 @@ def process_context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # read when this process starts its fork server
     return ctx
+
+
+# `WorkerProcs` of this process not stopped yet; the lock also orders their starts against
+# stopping the fork server (a start in flight would hand it a closed keep-alive pipe end)
+_fork_server_users = [0]
+_fork_server_lock = threading.RLock()
+
+
+def keep_fork_server() -> bool:
+    """DEEPSERVE_KEEP_FORK_SERVER=1: leave the fork server running when the last engine stops,
+    for the next engine of this process (which then skips its torch import)."""
+    return os.environ.get("DEEPSERVE_KEEP_FORK_SERVER", "0") == "1"
+
+
+def stop_fork_server(wait_s: float = 5.0) -> bool:
+    """Stop the fork server this process started (multiprocessing's, one per process; the next
+    `process_context` start begins a new one); False where there is none or it is not as
+    expected. Python has no public call for it: this does what its own `ForkServer._stop` does
+    (close the keep-alive pipe end, whose EOF ends the server, and forget it) through the
+    same private fields, but waits at most `wait_s` for the exit, since a process forked from
+    the server that kept a copy of that pipe end would keep it running."""
+    from multiprocessing import forkserver, util
+    server = getattr(forkserver, "_forkserver", None)
+    fields = ("_lock", "_forkserver_pid", "_forkserver_alive_fd", "_forkserver_address")
+    if not all(hasattr(server, f) for f in fields):
+        return False
+    with server._lock:
+        pid, fd, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+        if pid is None or fd is None:
+            return False
+        os.close(fd)
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+        if hasattr(server, "_forkserver_authkey"):   # (Pythons whose server checks a key: a new one gets its own)
+            server._forkserver_authkey = None
+    if isinstance(address, str) and not getattr(util, "is_abstract_socket_namespace", lambda a: True)(address):
+        try:
+            os.unlink(address)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+        except ChildProcessError:   # reaped elsewhere
+            return True
+        if time.monotonic() > deadline:
+            logger.warning("the fork server (pid %d) did not exit within %.0f s of the last engine's shutdown; "
+                           "it ends with this process", pid, wait_s)
+            return False
+        time.sleep(0.01)
 
 
 def _release_fork_server() -> None:
@@ -196,14 +249,21 @@ class WorkerProcs:
         self.failure: Optional[str] = None
         self.closing = False
         self.procs, self.pipes, self.errors, self.joining = [], [], {}, set()
-        for r in ranks:
-            here, there = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_in_environment, name=f"deepserve-rank{r}", daemon=True,
-                            args=(dict(os.environ), target, *args_of(r), there))
-            p.start()
-            there.close()
-            self.procs.append(p)
-            self.pipes.append(here)
+        with _fork_server_lock:
+            _fork_server_users[0] += 1
+            self._uses_fork_server = True
+            try:
+                for r in ranks:
+                    here, there = ctx.Pipe(duplex=False)
+                    p = ctx.Process(target=_in_environment, name=f"deepserve-rank{r}", daemon=True,
+                                    args=(dict(os.environ), target, *args_of(r), there))
+                    p.start()
+                    there.close()
+                    self.procs.append(p)
+                    self.pipes.append(here)
+            except BaseException:
+                self.stop(graceful_s=0.0)
+                raise
         self._host = socket.gethostname()
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="deepserve-worker-monitor")
         self._monitor.start()
@@ -249,6 +309,10 @@ class WorkerProcs:
             time.sleep(0.02)
 
     def stop(self, graceful_s: float = 10.0) -> None:
+        """End the workers (killed after `graceful_s`); the last `WorkerProcs` of the process
+        to stop also stops the fork server, where this process has no other child process
+        left (one started from it would lose its exit status) and DEEPSERVE_KEEP_FORK_SERVER
+        is not set."""
         self.closing = True
         deadline = time.monotonic() + graceful_s
         for p in self.procs:
@@ -258,6 +322,13 @@ class WorkerProcs:
                 p.join(timeout=5)
         for pipe in self.pipes:
             pipe.close()
+        with _fork_server_lock:
+            if not self._uses_fork_server:
+                return
+            self._uses_fork_server = False
+            _fork_server_users[0] -= 1
+            if _fork_server_users[0] == 0 and not keep_fork_server() and not mp.active_children():
+                stop_fork_server()
 
 
 def run_watched(start: Callable[[], None], failed: Callable[[], Optional[str]],

@@ -25,7 +25,10 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop this engine's worker processes and free its process groups and ports (also
-        done when the LLM is deleted); a new LLM with any layout can start afterwards."""
+        done when the LLM is deleted); a new LLM with any layout can start afterwards. The
+        last live engine of the process also stops the fork server its workers started from
+        (DEEPSERVE_KEEP_FORK_SERVER=1 keeps it for the next engine, which then skips its torch
+        import); multiprocessing's own resource tracker process stays, as after any spawn."""
         self.engine.shutdown()
 
     def __enter__(self) -> "LLM":
