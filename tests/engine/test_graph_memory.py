@@ -237,3 +237,36 @@ def test_gpu_graph_memory_logged_beside_the_estimate(caplog):
         assert len(out[0].outputs[0].token_ids) == 4      # an eager step beyond the graphs still fits
     finally:
         llm.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_pool_grown_after_capture_decodes_as_before(monkeypatch, caplog):
+    """On a CUDA device, with the estimate 2 GiB above the arithmetic's: after capture the pool
+    grows by what the graphs did not take of it, the decode graphs are captured again over the
+    new pool, and greedy decodes (replaying those graphs, which read the KV the prompts wrote
+    into the new pool) give the tokens of an engine sized by the plain estimate."""
+    from deepserve.engine import model_runner
+    # 256 sequences of 64k tokens could use more than half the device: the budget, not that,
+    # sizes the pool
+    kw = dict(hf_overrides={"num_hidden_layers": 2}, max_model_len=65536, gpu_memory_utilization=0.5)
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 1000 + 10 for j in range(40 + 9 * i)]} for i in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM("r1-distill-llama-8b", **kw) as llm:
+        reference = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        plain_blocks = llm.engine.runner.num_blocks
+    estimate = model_runner.estimate_graph_bytes
+    monkeypatch.setattr(model_runner, "estimate_graph_bytes", lambda *args: estimate(*args) + 2 * GIB)
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        llm = LLM("r1-distill-llama-8b", **kw)
+    with llm:
+        runner = llm.engine.runner
+        m = re.search(r"KV pool grown from (\d+) to (\d+) blocks: the CUDA graphs took ([\d.]+) GiB of the "
+                      r"([\d.]+) GiB estimate kept from it; decode graphs captured again", caplog.text)
+        assert m, caplog.text
+        old, new, taken, kept = int(m.group(1)), int(m.group(2)), float(m.group(3)), float(m.group(4))
+        print(f"pool {old} -> {new} blocks (plain estimate: {plain_blocks}); graphs took {taken:.2f} of {kept:.2f} GiB")
+        assert new == runner.num_blocks == llm.engine.block_manager.num_blocks
+        assert (new - old) * runner.bytes_per_block() / GIB == pytest.approx(kept - taken, abs=0.02)
+        assert new >= plain_blocks - (0.02 * GIB) // runner.bytes_per_block()
+        assert runner.graphs is not None and runner.graphs.enabled
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == reference
