@@ -11,8 +11,8 @@ error instead of a silent hang.
 Workers start from a fork server (`process_context`): a fresh interpreter that imports torch
 and the engine modules once, then forks each worker, so a worker does not pay the seconds of
 that import again; the engine's own process is never forked (a CPU parent that already ran
-OpenMP kernels hangs a forked child's first parallel op); it lives while an engine of the
-process has workers, and the last one's `shutdown()` stops it (`stop_fork_server`;
+OpenMP kernels hangs a forked child's first parallel op). The fork server lives while an
+engine of the process has workers: the last one's `shutdown()` stops it (`stop_fork_server`;
 DEEPSERVE_KEEP_FORK_SERVER=1 keeps it for the next engine). Each worker takes the environment
 the engine's process has when it starts the worker, and, as with spawn, re-imports the main
 module. `WorkerProcs` supervises them: each reports over a pipe when it
