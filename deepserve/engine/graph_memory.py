@@ -20,7 +20,7 @@ What the estimate kept and the graphs did not take goes back to the pool when it
 second capture (`unused_estimate`): the runner reallocates the pool bigger and captures the
 whole decode graphs again over it (they hold its addresses; piecewise graphs leave attention
 eager and keep theirs). A planned capture that failed gives all of it back, with nothing to
-capture again.
+capture again. Graphs that took much more than the estimate get a warning (`overrun_warning`).
 """
 from __future__ import annotations
 
@@ -112,6 +112,17 @@ def unused_estimate(estimate: int, taken: int) -> int:
     if unused <= GIVE_BACK_MIN_BYTES or unused <= GIVE_BACK_MIN_SHARE * estimate:
         return 0
     return unused
+
+
+def overrun_warning(estimate: int, taken: int) -> Optional[str]:
+    """A warning where the graphs took more than the estimate kept for them by the same margins
+    (the eager steps then have less than the profiled peak left), else None."""
+    over = taken - estimate
+    if over <= GIVE_BACK_MIN_BYTES or over <= GIVE_BACK_MIN_SHARE * estimate:
+        return None
+    return (f"the CUDA graphs took {taken / 2**30:.2f} GiB, {over / 2**30:.2f} GiB more than the "
+            f"{estimate / 2**30:.2f} GiB estimate kept from the KV pool: eager steps may run out of device "
+            f"memory; lower --gpu-memory-utilization or --max-num-batched-tokens")
 
 
 def grown_blocks(num_blocks: int, unused: int, bytes_per_block: int, max_blocks: int) -> int:

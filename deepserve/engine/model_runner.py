@@ -33,7 +33,8 @@ import torch.distributed as dist
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext, control_group
 from deepserve.engine.graph_memory import (GraphPlan, estimate_graph_bytes, graph_plan, graphs_line, grown_blocks,
-                                           grown_line, kept_row_bytes, kv_budget, unused_estimate)
+                                           grown_line, kept_row_bytes, kv_budget, overrun_warning,
+                                           unused_estimate)
 from deepserve.engine.input_staging import InputStaging, to_device_async
 from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.piecewise_graphs import splittable
@@ -138,6 +139,8 @@ class ModelRunner:
         if captured.num_sizes:
             logger.info("%s", graphs_line(captured, self.timings["cuda_graph_s"], taken, self.graph_estimate))
         if self.graph_estimate is not None:
+            if (overrun := overrun_warning(self.graph_estimate, taken)) is not None:
+                logger.warning("%s", overrun)
             self._give_back_unused_estimate(taken)
         if (self.device.type == "cuda" and not config.enforce_eager
                 and config.cudagraph_mode in ("PIECEWISE", "FULL_AND_PIECEWISE")):

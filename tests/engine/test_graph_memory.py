@@ -12,7 +12,8 @@ from deepserve import LLM, SamplingParams
 from deepserve.config import EngineArgs
 from deepserve.engine import graph_memory
 from deepserve.engine.graph_memory import (GraphPlan, estimate_graph_bytes, graph_plan, graphs_line, grown_blocks,
-                                           grown_line, kept_row_bytes, kv_budget, unused_estimate)
+                                           grown_line, kept_row_bytes, kv_budget, overrun_warning,
+                                           unused_estimate)
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.piecewise_graphs import capture_sizes
 from tests.conftest import DEMO_MODEL
@@ -105,6 +106,15 @@ def test_only_the_last_pipeline_stage_keeps_logits_rows():
 ])
 def test_unused_estimate_thresholds(estimate, taken, want):
     assert unused_estimate(estimate, taken) == want
+
+
+def test_overrun_warning_where_the_graphs_took_much_more():
+    assert overrun_warning(GIB, GIB + 200 * MIB) is None            # not over 256 MiB
+    assert overrun_warning(4 * GIB, 4 * GIB + 512 * MIB) is None    # not over a quarter
+    assert overrun_warning(GIB, GIB) is None and overrun_warning(GIB, 0) is None
+    assert overrun_warning(GIB, 2 * GIB) == (
+        "the CUDA graphs took 2.00 GiB, 1.00 GiB more than the 1.00 GiB estimate kept from the KV pool: eager "
+        "steps may run out of device memory; lower --gpu-memory-utilization or --max-num-batched-tokens")
 
 
 def test_grown_blocks_within_what_the_sequences_can_use():
@@ -214,6 +224,17 @@ def test_small_unused_estimate_leaves_the_pool(monkeypatch, caplog):
     assert runner.num_blocks == 20 and len(captures) == 1
     assert captures[0].pool_ptrs == [m.kv_cache[0].data_ptr() for m in runner.kv_layers]
     assert "KV pool grown" not in caplog.text
+
+
+def test_graphs_over_the_estimate_warn(monkeypatch, caplog):
+    """Graphs that took 9 blocks' bytes where 2 were kept for them: a warning, the pool as sized."""
+    kv_bytes = _pool_bytes(20)
+    _fake_gpu_start(monkeypatch, estimate_blocks=2, taken_blocks=9)
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        llm = LLM(str(DEMO_MODEL), kv_cache_memory_bytes=kv_bytes, **ENGINE)
+    assert llm.engine.runner.num_blocks == 20
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "more than the" in r.getMessage()]
+    assert len(warned) == 1 and "eager steps may run out of device memory" in warned[0].getMessage()
 
 
 @pytest.mark.gpu
