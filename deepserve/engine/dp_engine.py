@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from deepserve.config import EngineArgs, async_scheduling_plan
-from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, apply_delta, connect
+from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, connect, read_outputs
 from deepserve.engine.engine_core import DPLayout, start_ranks
 from deepserve.engine.executor import STOP, check_no_live_group, start_timeout_s
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
@@ -225,7 +225,8 @@ class DataParallelEngine(LLMEngine):
             left = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
             if self._pull.poll(int(left * 1000), zmq.POLLIN):
                 msg: CoreOutputs = pickle.loads(self._pull.recv())
-                self._gauges[msg.dp_rank] = msg.gauges
+                if msg.gauges is not None:
+                    self._gauges[msg.dp_rank] = msg.gauges
                 self._unconfirmed[msg.dp_rank] = 0
                 self.step_bytes[msg.dp_rank] = msg.step_bytes
                 return msg
@@ -244,18 +245,19 @@ class DataParallelEngine(LLMEngine):
                 for rid in msg.failed_requests:
                     self._forget(rid)
                 raise RuntimeError(f"DP rank {msg.dp_rank}: {msg.error}")
-            for delta in msg.outputs:
-                state = self.requests.get(delta.request_id)
-                if state is None:
-                    continue  # aborted meanwhile
-                prev = self._outs.get(delta.request_id) or RequestOutput(
-                    state.request_id, state.prompt, state.prompt_ids,
-                    [CompletionOutput(i, "", []) for i in range(len(state.seqs))], False)
-                out = self._outs[delta.request_id] = apply_delta(prev, delta)
+            for out in read_outputs(msg, self._outs, self._start_output):
                 if out.finished:
-                    self._forget(delta.request_id)
+                    self._forget(out.request_id)
                 outputs.append(out)
         return outputs
+
+    def _start_output(self, request_id: str) -> Optional[RequestOutput]:
+        """A tracked request's output before any token (None: aborted meanwhile)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        return RequestOutput(state.request_id, state.prompt, state.prompt_ids,
+                             [CompletionOutput(i, "", []) for i in range(len(state.seqs))], False)
 
     def gauges(self) -> dict:
         """The cores' gauges summed, as their latest messages (read now, without waiting) gave

@@ -233,6 +233,10 @@ def _rank_main(rank: int, local_rank: int, args: EngineArgs, init_method: str, t
     os._exit(0)
 
 
+def _state_itself(state):
+    return state
+
+
 class EngineCore:
     """One DP rank's engine loop: take requests from the front ends, step, push each request's
     outputs to the front end that sent it.
@@ -257,8 +261,9 @@ class EngineCore:
         self.gauges_sent = [0.0] * len(outboxes)   # when each front end last heard from this core
         self.work: list[Work] = []
         self.deltas = DeltaWriter()
+        engine.output_of = _state_itself  # a step returns the requests it touched; self.deltas reads them
         self.stopping = False
-        self._send(CoreOutputs(dp_rank, [], self.gauges()))  # ready: front end 0 learns the pool size
+        self._send(CoreOutputs(dp_rank, self.gauges()))  # ready: front end 0 learns the pool size
 
     def gauges(self) -> dict:
         g = self.engine.gauges()
@@ -283,7 +288,7 @@ class EngineCore:
         if stale:
             gauges = self.gauges()
             for c in stale:
-                self._send(CoreOutputs(self.dp_rank, [], gauges), c)
+                self._send(CoreOutputs(self.dp_rank, gauges), c)
 
     def _receive(self, timeout_s: Optional[float]) -> None:
         import zmq
@@ -297,7 +302,7 @@ class EngineCore:
         if aborted and not self._has_work():  # no step will carry the freed blocks: say so now
             gauges = self.gauges()
             for client in range(len(self.outboxes)):
-                self._send(CoreOutputs(self.dp_rank, [], gauges), client)
+                self._send(CoreOutputs(self.dp_rank, gauges), client)
 
     def _apply(self, msg) -> None:
         if isinstance(msg, Stop):
@@ -324,8 +329,8 @@ class EngineCore:
             return True
         except ValueError as exc:  # refused by its checks, before any forward
             self.client_of.pop(msg.request_id, None)
-            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc),
-                                   failed_requests=[msg.request_id]), msg.client)
+            self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc), failed_requests=[msg.request_id]),
+                       msg.client)
             return False
 
     def _has_work(self) -> bool:
@@ -397,9 +402,9 @@ class EngineCore:
         try:
             logits = self.engine.prompt_logits(score.prompt)
         except ValueError as exc:  # refused before the forward (too long, no free blocks)
-            self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=str(exc)), score.client)
+            self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc)), score.client)
             return False
-        self._send(CoreOutputs(self.dp_rank, [], self.gauges(), logits=logits), score.client)
+        self._send(CoreOutputs(self.dp_rank, self.gauges(), logits=logits), score.client)
         return True
 
     def _step(self, batch, run: Optional[Callable[[], list]] = None) -> bool:
@@ -426,17 +431,26 @@ class EngineCore:
                 self.deltas.forget(rid)
                 failed.setdefault(self.client_of.pop(rid, 0), []).append(rid)
             for client, rids in failed.items():
-                self._send(CoreOutputs(self.dp_rank, [], self.gauges(), error=f"{type(exc).__name__}: {exc}",
+                self._send(CoreOutputs(self.dp_rank, self.gauges(), error=f"{type(exc).__name__}: {exc}",
                                        failed_requests=rids), client)
             return True
-        by_client: dict[int, list] = {}
-        for o in outputs:
-            rid = o.request_id
-            client = self.client_of.pop(rid, 0) if o.finished else self.client_of.get(rid, 0)
-            by_client.setdefault(client, []).append(self.deltas(o))
+        states = dict.fromkeys(outputs)  # RequestStates (output_of), once each
+        if len(self.outboxes) == 1:
+            for state in states:
+                if state.finished:
+                    self.client_of.pop(state.request_id, None)
+            by_client = {0: states} if states else {}
+        else:
+            by_client = {}
+            for state in states:
+                rid = state.request_id
+                client = self.client_of.pop(rid, 0) if state.finished else self.client_of.get(rid, 0)
+                by_client.setdefault(client, []).append(state)
         gauges = self.gauges() if by_client else None
-        for client, deltas in by_client.items():
-            self._send(CoreOutputs(self.dp_rank, deltas, gauges, step_bytes=self.executor.sent_bytes), client)
+        for client, touched in by_client.items():
+            msg = CoreOutputs(self.dp_rank, gauges, step_bytes=self.executor.sent_bytes)
+            self.deltas.write(msg, touched)
+            self._send(msg, client)
         self._share_gauges(set(by_client))
         return self.engine.stats["steps"] > steps
 

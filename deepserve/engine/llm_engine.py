@@ -64,13 +64,19 @@ class RequestState:
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
+    def visible_text(self, i: int) -> str:
+        """Sample i's text so far, less the characters a stop string may still claim (never
+        show a stop string's start)."""
+        text = self.texts[i]
+        if self.hold and not self.seqs[i].is_finished:
+            return text[:max(0, len(text) - self.hold)]
+        return text
+
     def output(self) -> RequestOutput:
         outs = []
-        for seq, text in zip(self.seqs, self.texts):
-            if not seq.is_finished and self.hold:
-                text = text[:max(0, len(text) - self.hold)]  # never show a stop string's start
+        for i, seq in enumerate(self.seqs):
             outs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,  # a fresh slice
+                index=seq.index, text=self.visible_text(i), token_ids=seq.output_token_ids,  # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob if self.params.logprobs is not None else None,
                 logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
@@ -109,6 +115,10 @@ class LLMEngine:
     # whether gauges() changes while this engine has no unfinished request (true where they
     # come from engine-core processes), so that an idle server re-reads them
     gauges_change_when_idle = False
+    # what a step returns for each request it touched: its cumulative RequestOutput, or (an
+    # engine core, which sends only what each request gained: engine/core_messages.py) the
+    # RequestState itself
+    output_of = staticmethod(RequestState.output)
 
     def __new__(cls, args: EngineArgs, executor=None):
         if cls is LLMEngine and executor is None and engine_core_apart(args, default=False):
@@ -421,7 +431,7 @@ class LLMEngine:
             touched[seq.request_id] = state
         outputs = []
         for rid, state in touched.items():
-            outputs.append(state.output())
+            outputs.append(self.output_of(state))
             if state.finished:
                 del self.requests[rid]
         return outputs

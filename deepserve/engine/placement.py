@@ -26,6 +26,9 @@ class RankPlacement:
 
     def choose(self, prompt_ids: list[int], n: int, kv_usage: list[float]) -> int:
         """Place a request of `n` sequences; returns its rank."""
+        if len(self.load) == 1:  # one engine core: nothing to choose, no prefix to remember
+            self.load[0] += n
+            return 0
         least = min(range(len(self.load)), key=lambda r: (self.load[r], kv_usage[r], r))
         keys = self._chain(prompt_ids)
         holder = next((self._prefix[k] for k in reversed(keys) if k in self._prefix), None)

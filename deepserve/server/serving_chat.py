@@ -25,9 +25,9 @@ from deepserve.engine.sampling_params import GuidedDecoding
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, now, random_id, usage
 from deepserve.server.reasoning import THINK_END, make_parser
-from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
-                                             merge_streams, parse_request, sampling_params, sse, stream_usage,
-                                             until_disconnect)
+from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
+                                             compile_grammar, merge_streams, parse_request, sampling_params, sse,
+                                             stream_usage, until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
 from deepserve.server.tool_parsers import RequiredCallsStream, make_tool_parser, tool_call_id
 
@@ -260,17 +260,17 @@ async def _collect(prep: _Prepared, state: ServerState) -> RequestOutput:
     return final
 
 
-async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepared) -> AsyncIterator[dict]:
+async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepared) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = prep.params.n
     generated = [0] * n
 
-    def chunk(choices: list[dict], final: bool = False) -> dict:
-        body = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created,
-                "model": prep.model, "choices": choices}
+    frame = ChunkFrames(id=prep.id, object="chat.completion.chunk", created=prep.created, model=prep.model)
+
+    def chunk(choices: list[dict], final: bool = False, **extra) -> str:
         if include_usage:
-            body["usage"] = stream_usage(req, len(prep.prompt_ids), sum(generated), final)
-        return body
+            return frame(choices=choices, usage=stream_usage(req, len(prep.prompt_ids), sum(generated), final), **extra)
+        return frame(choices=choices, **extra)
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(n)])
@@ -307,10 +307,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepare
                           "stop_reason": out.stop_reason}
                 choices.append(choice)
         if choices:
-            body = chunk(choices)
-            if first and req.prompt_logprobs is not None:
-                body["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}
             first = False
-            yield body
+            yield chunk(choices, **extra)
     if include_usage:
         yield chunk([], final=True)

@@ -216,16 +216,36 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+def _one_line(text: str) -> str:
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:  # rare: three scans cost far less than translate
+        return text.translate(_LINE_BREAKS)
+    return text
+
+
 def sse_data(event: dict) -> str:
     """One SSE data frame holding `event` as JSON on a single line for any line splitter."""
-    return f"data: {json.dumps(event, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
+    return f"data: {_one_line(json.dumps(event, ensure_ascii=False))}\n\n"
 
 
-async def sse(events: AsyncIterator[dict], state: ServerState) -> AsyncIterator[str]:
-    """Frame dict events as SSE; an error mid-stream becomes an error event, then [DONE]."""
+class ChunkFrames:
+    """The SSE frames of one stream's chunks, which all open with the same fields (`head`: id,
+    object, created, model): those are encoded once, and each frame encodes only the rest of
+    its chunk, the bytes `sse_data({**head, **rest})` gives (json.dumps' default separators)."""
+
+    def __init__(self, **head):
+        self.prefix = f"data: {_one_line(json.dumps(head, ensure_ascii=False))[:-1]}, "
+
+    def __call__(self, **rest) -> str:
+        """The frame of the chunk {**head, **rest} (`rest`: at least one field)."""
+        return f"{self.prefix}{_one_line(json.dumps(rest, ensure_ascii=False))[1:]}\n\n"
+
+
+async def sse(events: AsyncIterator, state: ServerState) -> AsyncIterator[str]:
+    """Frame dict events as SSE (a str event is a frame already: `ChunkFrames`); an error
+    mid-stream becomes an error event, then [DONE]."""
     try:
         async for event in events:
-            yield sse_data(event)
+            yield event if isinstance(event, str) else sse_data(event)
     except Exception as exc:  # the status line is gone: report in-band
         err = api_error_from(exc, state.settings.retry_after_s)
         state.metrics.record_error(err.status)

@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, now, random_id, usage
-from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
-                                             merge_streams, parse_request, sampling_params, sse, stream_usage,
-                                             until_disconnect)
+from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
+                                             compile_grammar, merge_streams, parse_request, sampling_params, sse,
+                                             stream_usage, until_disconnect)
 
 
 def _legacy_entry(entry: dict, tid: int, top_k: int) -> dict:
@@ -166,7 +166,7 @@ async def _collect(prep: _Prepared, state: ServerState) -> dict[int, RequestOutp
     return finals
 
 
-async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -> AsyncIterator[dict]:
+async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
@@ -175,12 +175,12 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     generated: dict[int, int] = {}
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
 
-    def chunk(choices: list[dict], final: bool = False) -> dict:
-        body = {"id": prep.id, "object": "text_completion", "created": prep.created,
-                "model": prep.model, "choices": choices}
+    frame = ChunkFrames(id=prep.id, object="text_completion", created=prep.created, model=prep.model)
+
+    def chunk(choices: list[dict], final: bool = False) -> str:
         if include_usage:
-            body["usage"] = stream_usage(req, prompt_tokens, sum(generated.values()), final)
-        return body
+            return frame(choices=choices, usage=stream_usage(req, prompt_tokens, sum(generated.values()), final))
+        return frame(choices=choices)
 
     async for i, res in merge_streams(prep.streams(state)):
         choices = []
