@@ -10,9 +10,16 @@ from deepserve.log import configure_from_env  # noqa: E402
 
 configure_from_env()
 
-from deepserve.config import EngineArgs  # noqa: E402
-from deepserve.engine.llm import LLM  # noqa: E402
-from deepserve.engine.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from deepserve.engine.sampling_params import SamplingParams  # noqa: E402
+_EXPORTS = {"LLM": "deepserve.engine.llm", "SamplingParams": "deepserve.engine.sampling_params",
+            "EngineArgs": "deepserve.config", "RequestOutput": "deepserve.engine.outputs",
+            "CompletionOutput": "deepserve.engine.outputs"}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deepserve' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

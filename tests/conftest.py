@@ -1,6 +1,7 @@
 """Shared fixtures: paths to ../shared assets, the demo model, and gpu skipping."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -123,10 +124,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Tests that start a real local Ray cluster. ClusterLauncher's `ray stop` ends every Ray process
-# of the machine, so under xdist they take a lock in the run's temporary folder, one at a time.
-LOCAL_RAY_TESTS = {"test_ray_tp2_matches_tp1", "test_ray_dp2_engine_cores_match_spawned_dp2",
-                   "test_real_local_ray_start_wait_stop",
-                   "test_mindspore_tp_pp_uneven_fp16_over_local_ray"}
+# of the machine, so under xdist they take a lock in the run's temporary folder, one at a time
+# (test_ray.py's tests share one cluster, whose fixture holds the lock).
+LOCAL_RAY_TESTS = {"test_real_local_ray_start_wait_stop", "test_mindspore_tp_pp_uneven_fp16_over_local_ray"}
+
+
+@contextlib.contextmanager
+def local_ray_lock(tmp_path_factory):
+    """Held while a test (or a module's fixture) has a local Ray cluster running."""
+    import fcntl
+    with open(tmp_path_factory.getbasetemp().parent / "local-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -134,9 +143,7 @@ def _one_local_ray_cluster_at_a_time(request, tmp_path_factory):
     if request.node.originalname not in LOCAL_RAY_TESTS:
         yield
         return
-    import fcntl
-    with open(tmp_path_factory.getbasetemp().parent / "local-ray.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with local_ray_lock(tmp_path_factory):
         yield
 
 

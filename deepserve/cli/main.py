@@ -23,11 +23,14 @@ class UserError(Exception):
     """An error in what the user asked for: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every sub-command's parser, or only `command`'s (one of COMMANDS): a command then imports
+    only its own module's dependencies (`deepserve eval` and `deepserve bench` talk HTTP, and
+    never import torch)."""
     parser = argparse.ArgumentParser(prog="deepserve", description="Serve, convert, benchmark and "
                                      "evaluate DeepSeek-R1 and its distilled models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in [command] if command in COMMANDS else COMMANDS:
         try:
             module = importlib.import_module(f"deepserve.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -56,8 +59,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -1,5 +1,5 @@
-"""A local Ray cluster (loopback only) started by the test runs TP=2 to the outputs of TP=1, and
-data parallel (each DP rank an engine core in a Ray actor) to the outputs of spawned DP ranks."""
+"""A local Ray cluster (loopback only) started for this module runs TP=2 to the outputs of TP=1,
+and data parallel (each DP rank an engine core in a Ray actor) to the outputs of spawned DP ranks."""
 import json
 import os
 import subprocess
@@ -8,12 +8,27 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import local_ray_lock
 from tests.distributed.local_ray import local_ray_head
 
 ray = pytest.importorskip("ray")
 
 # The head is started on 127.0.0.1 and the driver joins it there (DEEPSERVE_HOST_IP); Ray still
 # names the node by the machine's interface address in its node table.
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    repo = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, DEEPSERVE_HOST_IP="127.0.0.1",
+                PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+
+
+@pytest.fixture(scope="module")
+def head(ray_env, tmp_path_factory):
+    """One head for the module's drivers (each test's script is a driver of its own)."""
+    with local_ray_lock(tmp_path_factory), local_ray_head(ray_env, extra=["--node-ip-address=127.0.0.1"]) as head:
+        yield head
 
 SCRIPT = r"""
 import json, sys
@@ -36,18 +51,14 @@ if __name__ == "__main__":
 """
 
 
-def test_ray_tp2_matches_tp1(tmp_path):
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, DEEPSERVE_HOST_IP="127.0.0.1",
-               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-    with local_ray_head(env, extra=["--node-ip-address=127.0.0.1"]) as head:
-        (tmp_path / "run.py").write_text(SCRIPT)
-        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address], capture_output=True,
-                             text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        assert result["ray"] == result["single"]
-        assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
+def test_ray_tp2_matches_tp1(head, ray_env, tmp_path):
+    (tmp_path / "run.py").write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address], capture_output=True,
+                         text=True, env=ray_env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ray"] == result["single"]
+    assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
 
 
 DP_SCRIPT = r"""
@@ -99,7 +110,7 @@ if __name__ == "__main__":
 """
 
 
-def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
+def test_ray_dp2_engine_cores_match_spawned_dp2(head, ray_env, tmp_path):
     """DP2 x EP2 (with n-gram speculative decoding) and plain DP2 (with async scheduling) on a
     tiny DeepSeek-V3, every rank a Ray actor running its DP rank's engine core: the greedy
     tokens of spawned-process DP2 x EP2 (chunked prefill, both ranks busy), both ranks served,
@@ -107,16 +118,12 @@ def test_ray_dp2_engine_cores_match_spawned_dp2(tmp_path):
     rank."""
     from tests.distributed.test_parallel_engine import tiny_deepseek
     model = tiny_deepseek(tmp_path / "dsv3")
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, DEEPSERVE_HOST_IP="127.0.0.1",
-               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-    with local_ray_head(env, extra=["--node-ip-address=127.0.0.1"]) as head:
-        (tmp_path / "run.py").write_text(DP_SCRIPT)
-        out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address, str(model)],
-                             capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        assert not head.actors("_RankActor")   # shut down: no actor left
+    (tmp_path / "run.py").write_text(DP_SCRIPT)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), head.address, str(model)],
+                         capture_output=True, text=True, env=ray_env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not head.actors("_RankActor")   # shut down: no actor left
     ref = result["mp_ep"]
     assert ref["executor"] == "WorkerProcs"
     for name in ("ray_ep", "ray"):
