@@ -3,7 +3,9 @@ engine cores, as vLLM's multi-API-server mode.
 
 The launcher (the `deepserve serve` process) binds the listening socket, starts the engine
 cores (engine/engine_core.py; it is their front end 0, which only sees them ready and stops
-them) and spawns N API server processes that inherit the socket: the kernel hands each new
+them) and starts N API server processes that inherit the socket, forked from the fork server
+that started the cores (engine/executor.py: torch and the engine modules already imported, so
+each API server imports only the HTTP side). The kernel hands each new
 connection to whichever process accepts it first, so a busy process takes fewer. Each API
 server is a whole OpenAI server (HTTP, tokenization, streaming, its own requests' placement
 over the DP ranks) whose engine is a `DataParallelEngine` attached to the cores as front end
@@ -32,12 +34,10 @@ import threading
 import time
 from typing import Optional
 
-import torch.multiprocessing as mp
-
 from deepserve.config import EngineArgs
 from deepserve.engine.dp_engine import DataParallelEngine
 from deepserve.engine.engine_core import DPLayout
-from deepserve.engine.executor import die_with_parent
+from deepserve.engine.executor import _in_environment, die_with_parent, process_context
 from deepserve.log import for_spawned_processes
 from deepserve.server.api_server import build_state, serve_app, served_names, set_up_logging
 from deepserve.server.args import ServerArgs
@@ -111,11 +111,12 @@ def run_api_servers(engine_args: EngineArgs, server: ServerArgs) -> int:
     try:
         with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
             cores = DataParallelEngine(engine_args)
-        ctx = mp.get_context("spawn")
+        ctx = process_context()
         for i in range(1, count + 1):
             here, there = ctx.Pipe()
-            p = ctx.Process(target=_api_server_main, name=f"deepserve-api-server{i}", daemon=True,
-                            args=(i, sock, engine_args, server, cores.layout, cores._gauges, there))
+            p = ctx.Process(target=_in_environment, name=f"deepserve-api-server{i}", daemon=True,
+                            args=(dict(os.environ), _api_server_main, i, sock, engine_args, server, cores.layout,
+                                  cores._gauges, there))
             p.start()
             there.close()
             servers.append(p)
