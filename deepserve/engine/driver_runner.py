@@ -11,6 +11,8 @@ in flight at once (engine/micro_batches.py).
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +25,10 @@ from deepserve.engine.pipeline import PendingLogits
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import ScheduledBatch
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
+from deepserve.engine.warm_up import WATCH, step_inputs, warm_up_steps
 from deepserve.platforms import Platform
+
+logger = logging.getLogger("deepserve")
 
 
 class InFlight:
@@ -68,6 +73,40 @@ class DriverRunner(ModelRunner):
         # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the
         # engine core once the DP ranks have agreed on it
         self.graph_size = 0
+        if self.device.type == "cuda" and not self.pctx.moe_dp_exchange:
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run `warm_up_steps` (engine/warm_up.py) through every rank, writing no cache slot,
+        and sample from the first one's logits, so that the Triton kernels of the steps a
+        server meets compile before it serves. (DP + EP ranks skip it: their MoE layers would
+        need every DP rank to step with them.)"""
+        sc = self.config.scheduler
+        steps = warm_up_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
+                              self.config.piecewise_max_tokens if self.piecewise is not None else 0)
+        t0, before = time.perf_counter(), WATCH.compiles
+        sampled = False
+        for step in steps:
+            logits = self._forward(StepMessage(step_inputs(step, self.block_size, self.num_blocks), self.graph_size))
+            if logits is not None and not sampled:
+                self._warm_sampler(logits)
+                sampled = True
+        torch.cuda.synchronize(self.device)
+        self.timings["warm_up_s"] = time.perf_counter() - t0
+        WATCH.serving = True
+        logger.info("warm-up: %d steps (up to %d tokens) in %.1f s; %d Triton kernel compiles, %d during it",
+                    len(steps), max(s.decodes + sum(s.prompts) for s in steps), self.timings["warm_up_s"],
+                    WATCH.compiles, WATCH.compiles - before)
+
+    def _warm_sampler(self, logits: torch.Tensor) -> None:
+        """The sampling kernel over these rows (temperature, top-k, top-p and min-p on), as the
+        sampler calls it."""
+        rows = logits.float()[:, :self.vocab_size]
+        n, dev = rows.shape[0], rows.device
+        self.ops.sample(rows, torch.full((n,), 0.8, device=dev), torch.full((n,), 20, dtype=torch.long, device=dev),
+                        torch.full((n,), 0.9, device=dev), torch.full((n,), 0.05, device=dev),
+                        torch.empty_like(rows).exponential_(1))
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
         return StepInputs.from_batch(batch, self.block_size)

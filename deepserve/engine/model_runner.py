@@ -40,6 +40,7 @@ from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.piecewise_graphs import splittable
 from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
+from deepserve.engine.warm_up import WATCH
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
 from deepserve.ops import OpTable
@@ -87,6 +88,8 @@ class ModelRunner:
         self.ops = OpTable(platform.default_ops if config.ops == "auto" else config.ops)
         self.timings: dict[str, float] = {}
         torch.manual_seed(config.model.seed)
+        if self.device.type == "cuda":
+            WATCH.install()    # counts Triton's compiles; logs those after the warm-up (engine/warm_up.py)
 
         t0 = time.perf_counter()
         self.pctx = pctx or ParallelContext()
