@@ -1,8 +1,9 @@
 """The vllm-ascend W8A8 guide's lines end to end on a CPU, scaled down (DP 2 x EP, TP 1, short
-lengths) on the tiny R1 checkpoint stored as msModelSlim W8A8 with an MTP layer: the DP x EP
-serve line with MTP speculation and its compilation config, then its bench line; and the
-two-"node" lines (a `--headless` second process tree on 127.0.0.1). Each answers the guide's
-curl body with what the in-process engine gives for it and stops cleanly."""
+lengths) on the tiny R1 checkpoint stored as msModelSlim W8A8 with an MTP layer: the two-"node"
+serve lines (a `--headless` second process tree on 127.0.0.1), DP x EP with MTP speculation and
+the guide's compilation config, answer the guide's curl body with what the in-process engine
+gives for it, take the guide's bench line and stop cleanly. The single-node serve line is node
+0's line without the multi-node flags (checked), so that run serves it too."""
 from __future__ import annotations
 
 import json
@@ -57,32 +58,20 @@ def draft_tokens(server) -> float:
     return float(re.search(r"^vllm:spec_decode_num_draft_tokens_total\{[^}]*\} (\S+)$", text, re.M).group(1))
 
 
-def test_vllm_ascend_dp_ep_w8a8_compilation_config_and_bench(reference, tiny_r1_w8a8, ascend_request, tmp_path):
-    cmd, _, _, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
-    argv = set_flags(set_model(cmd, str(tiny_r1_w8a8)), {"--data-parallel-size": 2,
-                                                    "--tensor-parallel-size": 1, "--max-model-len": 256,
-                                                    "--max-num-batched-tokens": 256})
-    body, expected = ascend_request
-    server = launch(*argv[1:])
-    try:
-        assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
-        assert draft_tokens(server) > 0   # the MTP layer drafted, verified to plain greedy's text
-
-        # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
-        bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {"--random-input": 16, "--num-prompts": 3,
-                                                                 "--request-rate": 50, "--result-dir": str(tmp_path)})
-        assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
-        (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-W8A8-*.json")
-        result = json.loads(saved.read_text())
-        assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
-    finally:
-        stop_cleanly(server)
+def test_vllm_ascend_single_node_line_is_node0_without_the_node_flags(reference):
+    cmd, node0, _, _ = guide(reference, "vllm-ascend-w8a8.md")
+    rest = list(node0)
+    for flag in ("--data-parallel-size-local", "--data-parallel-address", "--data-parallel-rpc-port"):
+        at = rest.index(flag)
+        del rest[at:at + 2]   # the flag and its value
+    assert rest == cmd
 
 
-def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, ascend_request, tmp_path):
+def test_vllm_ascend_two_nodes_headless_on_loopback_and_bench(reference, tiny_r1_w8a8, ascend_request, tmp_path):
     """Node 0 serves the API and DP rank 0; node 1 (`--headless`, start rank 1) runs DP rank 1;
-    both "nodes" are process trees on 127.0.0.1, as the guide's two scripts with the sizes halved."""
-    _, node0, node1, _ = guide(reference, "vllm-ascend-w8a8.md")
+    both "nodes" are process trees on 127.0.0.1, as the guide's two scripts with the sizes halved.
+    The guide's `vllm bench serve` line then runs against node 0."""
+    _, node0, node1, bench_serve = guide(reference, "vllm-ascend-w8a8.md")
     assert "--headless" in node1 and "--headless" not in node0
     port = free_ports(4)   # the rpc port and the ones after it that the DP ranks take
     scaled = {"--data-parallel-size": 2, "--data-parallel-size-local": 1,
@@ -100,7 +89,15 @@ def test_vllm_ascend_two_nodes_headless_on_loopback(reference, tiny_r1_w8a8, asc
         server = launch(*node0[1:], timeout=300)
         try:
             assert ask_ascend(server, body) == (expected, 50, "deepseek_r1")
-            assert draft_tokens(server) > 0
+            assert draft_tokens(server) > 0   # the MTP layer drafted, verified to plain greedy's text
+
+            # `vllm bench serve --model path/DeepSeek-R1-W8A8 ...` against the deepseek_r1 server
+            bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {
+                "--random-input": 16, "--num-prompts": 3, "--request-rate": 50, "--result-dir": str(tmp_path)})
+            assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
+            (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-W8A8-*.json")
+            result = json.loads(saved.read_text())
+            assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
         finally:
             stop_cleanly(server)
         # node 0's shutdown stops node 1's engine cores
