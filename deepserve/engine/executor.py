@@ -49,9 +49,11 @@ logger = logging.getLogger("deepserve")
 GUARD_HINT = ('a script that starts a multi-process engine must guard its entry point with '
               '`if __name__ == "__main__":` (every worker process re-imports the main module)')
 
-# What the fork server imports before it forks workers: what every worker imports, nothing
-# that touches a GPU at import (a process forked after CUDA is initialised cannot use it).
-FORK_SERVER_PRELOAD = ["deepserve.engine.engine_core", "deepserve.engine.model_runner"]
+# What the fork server imports before it forks workers: its SIGTERM disposition
+# (engine/fork_server_signals.py), then what every worker imports, nothing that touches a GPU
+# at import (a process forked after CUDA is initialised cannot use it).
+FORK_SERVER_PRELOAD = ["deepserve.engine.fork_server_signals", "deepserve.engine.engine_core",
+                       "deepserve.engine.model_runner"]
 
 
 def process_context():

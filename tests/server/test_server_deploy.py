@@ -138,6 +138,22 @@ def test_sigterm_under_load_exits_cleanly():
     _no_member_left(pid)
 
 
+def test_sigterm_to_the_process_group_stops_the_engine_gracefully():
+    """`kill -- -PGID` (a systemd stop, a benchmark script's stop) also reaches the fork server
+    and the engine-core process: they ignore it, and the front end's stop ends them, with no
+    engine process reported lost."""
+    server = launch("--log-level", "info")
+    r = httpx.post(server.v1 + "/completions", json={"prompt": "Once upon a time", "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200
+    pid = server.proc.pid
+    os.killpg(pid, signal.SIGTERM)
+    code = server.proc.wait(timeout=30)
+    log = "".join(server.lines)
+    assert code == 0, log[-2000:]
+    assert "exited with code" not in log and " ERROR " not in log, log[-2000:]
+    _no_member_left(pid)
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_exits_cleanly(presses):
     """Ctrl-C reaches the whole process group (the API server and its engine-core process).
