@@ -120,8 +120,7 @@ def test_fork_server_preload_calls_no_cuda_at_import(tmp_path):
     (tmp_path / "cuda_at_import.py").write_text("import torch\nDEVICES = torch.cuda.device_count()\n")
     code = NO_CUDA_AT_IMPORT + "import cuda_at_import\n"
     proc = _run(code, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    assert "imported ['deepserve.engine.engine_core', 'deepserve.engine.model_runner']" in proc.stdout, \
-        proc.stderr[-3000:]
+    assert "'deepserve.engine.engine_core', 'deepserve.engine.model_runner']" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "AssertionError: torch.cuda.device_count called while importing the fork server's preload")
