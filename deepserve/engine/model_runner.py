@@ -348,7 +348,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             query_start_loc=qsl_t, seq_lens=seq_lens, block_tables=tables_t.view(tables.shape),
             slot_mapping=slots, logits_indices=rows, max_query_len=max(h.q_lens),
-            max_seq_len=int(max(h.seq_lens)), num_decodes=h.num_decodes)
+            max_seq_len=int(max(h.seq_lens)), num_decodes=h.num_decodes, seq_lens_host=h.seq_lens)
         return ids, positions, meta
 
     @torch.inference_mode()

@@ -6,8 +6,9 @@ ordered decodes first: the first `num_decodes` sequences have exactly one new to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,11 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     num_decodes: int = 0            # leading sequences with one new token each
+    # seq_lens on the host (the runner's copy, so layers that size buffers by the lengths need
+    # no device sync); None: read from the device once per step (`host_seq_lens`)
+    seq_lens_host: Optional[Sequence[int]] = None
+    # what layers derive from the metadata once per step and share across layers, by key
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -34,6 +40,15 @@ class AttentionMetadata:
     def prefill_query_start_loc(self) -> torch.Tensor:
         """query_start_loc of the sequences after the decodes, from 0 (once per step, for every layer)."""
         return self.query_start_loc[self.num_decodes:] - self.query_start_loc[self.num_decodes]
+
+    @cached_property
+    def host_seq_lens(self) -> list[int]:
+        """seq_lens as host ints: `seq_lens_host` where the builder gave it, else a device read
+        (a sync: metadata built off the serving path, e.g. tests and calibration)."""
+        lens = self.seq_lens.tolist() if self.seq_lens_host is None else [int(n) for n in self.seq_lens_host]
+        if len(lens) != self.num_seqs:
+            raise ValueError(f"seq_lens_host has {len(lens)} entries for {self.num_seqs} sequences")
+        return lens
 
 
 class Attention(nn.Module):

@@ -22,6 +22,7 @@ kv_lora_rank + rope dims per cached token instead of H * (nope + rope + v).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,6 +39,40 @@ logger = logging.getLogger(__name__)
 
 # DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not config.rms_norm_eps
 LATENT_NORM_EPS = 1e-6
+
+
+@dataclass
+class PrefillGather:
+    """Where the latent of the prefill sequences lies, as the expanded attention reads it: their
+    used pool blocks gathered one sequence after another into a buffer of Nb blocks."""
+    blocks: torch.Tensor    # [Nb] int64: the pool block of each gathered block
+    tables: torch.Tensor    # [Bp, W] int32: each sequence's blocks in the gathered buffer (W: the longest's)
+    stale: torch.Tensor     # [Nb, bs] bool: slots past their sequence's end
+
+
+def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> PrefillGather:
+    """The gather of sequences first.. of `meta`, made once per step and block size and shared by
+    every MLA layer (meta.derived). Sizes come from the host's sequence lengths and every index
+    is built on the device (repeat_interleave told its output size), so nothing waits for the
+    device; the buffer holds the used blocks only, not Bp x the longest sequence's."""
+    key = ("mla_prefill_gather", first, block_size)
+    if key in meta.derived:
+        return meta.derived[key]
+    per_seq = [-(-n // block_size) for n in meta.host_seq_lens[first:]]
+    total, width = sum(per_seq), max(per_seq)
+    dev = meta.block_tables.device
+    seq_lens = meta.seq_lens[first:].long()                                       # [Bp]
+    counts = (seq_lens + block_size - 1) // block_size
+    seq_of = torch.repeat_interleave(counts, output_size=total)                   # [Nb] sequence of each block
+    starts = counts.cumsum(0) - counts
+    block_idx = torch.arange(total, device=dev) - starts[seq_of]                  # [Nb] its index in the sequence
+    blocks = meta.block_tables[first:].long()[seq_of, block_idx]
+    tables = torch.zeros(len(per_seq), width, dtype=meta.block_tables.dtype, device=dev)
+    tables[seq_of, block_idx] = torch.arange(total, dtype=tables.dtype, device=dev)
+    pos = block_idx[:, None] * block_size + torch.arange(block_size, device=dev)  # [Nb, bs]
+    gather = PrefillGather(blocks, tables, pos >= seq_lens[seq_of][:, None])
+    meta.derived[key] = gather
+    return gather
 
 
 class MLAAttention(nn.Module):
@@ -118,29 +153,18 @@ class MLAAttention(nn.Module):
     def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
         """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
         q [Tp, H, qk]) -> [Tp, H, v]."""
-        block_size = pool.shape[1]
-        seq_lens = meta.seq_lens[first:].long()
-        max_blocks = -(-meta.max_seq_len // block_size)
-        num_blocks = (seq_lens + block_size - 1) // block_size                       # [Bp]
-        tables = meta.block_tables[first:, :max_blocks].long()
-        used = torch.arange(max_blocks, device=tables.device)[None, :] < num_blocks[:, None]
-        latent = pool[tables[used]]                                   # [Nb, bs, 1, C + rope]
+        g = prefill_gather(meta, first, pool.shape[1])
+        latent = pool.index_select(0, g.blocks)                       # [Nb, bs, 1, C + rope]
         s = self.pool_scale(pool)
         latent = (latent.float() * s).to(q.dtype) if s != 1.0 else latent.to(q.dtype)   # fp8 KV upcast
         # zero the slots past each sequence's end: stale pool data must not reach the GEMM
-        seq_of_block = torch.arange(len(seq_lens), device=tables.device)[:, None].expand_as(used)[used]
-        block_idx = torch.arange(max_blocks, device=tables.device)[None, :].expand_as(used)[used]
-        pos = block_idx[:, None] * block_size + torch.arange(block_size, device=tables.device)
-        latent = latent.masked_fill((pos >= seq_lens[seq_of_block][:, None])[..., None, None], 0.0)
+        latent = latent.masked_fill(g.stale[..., None, None], 0.0)
         kv_c, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(kv_c).view(*kv_c.shape[:2], self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v]
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        new_tables = torch.zeros_like(tables)
-        new_tables[used] = torch.arange(k.shape[0], device=tables.device)
         return self.ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, meta.seq_lens[first:],
-                                        new_tables.to(meta.block_tables.dtype), self.scale,
-                                        meta.max_query_len, meta.max_seq_len)
+                                        g.tables, self.scale, meta.max_query_len, meta.max_seq_len)
 
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

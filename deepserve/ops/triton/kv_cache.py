@@ -8,6 +8,7 @@ happens in the store, so an fp8 pool needs no separate conversion pass.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -60,8 +61,10 @@ def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
 
 
 def inverse_scale(scale: float) -> float:
-    """1 / scale in fp32, the factor both backends multiply by (a scale must be finite and > 0)."""
-    return float(torch.tensor(1.0 / float(scale), dtype=torch.float32))
+    """1 / scale in fp32, the factor both backends multiply by (a scale must be finite and > 0).
+    Rounded on the host by numpy (the same round-to-nearest as a float32 tensor's): no tensor
+    is made and read back on every layer's call."""
+    return float(np.float32(1.0 / float(scale)))
 
 
 @register("write_kv_cache", "triton")
