@@ -23,6 +23,11 @@ from deepserve.engine.step_inputs import StepInputs
 logger = logging.getLogger("deepserve")
 
 
+# eager sizes above this run only at max_num_batched_tokens itself: the launch tables' size
+# keys end below it, and each such step of a large model costs seconds
+LARGEST_POWER = 16384
+
+
 @dataclass(frozen=True)
 class WarmUpStep:
     decodes: int             # one-token decode rows first
@@ -33,13 +38,14 @@ def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_
     """Steps whose token count, sequence count, decode count and longest chunk each take the
     values 1, a multiple of 16 and neither, at small sizes (graph and piecewise steps, whose
     attention runs eagerly between the pieces) and at each power of two above the piecewise
-    limit up to `max_tokens` (eager steps, where size-keyed launch tables change tiles)."""
+    limit up to `max_tokens` (eager steps, where size-keyed launch tables change tiles; up to
+    LARGEST_POWER, then `max_tokens` itself)."""
     steps = [WarmUpStep(0, (1,)), WarmUpStep(0, (16,)), WarmUpStep(0, (17,)), WarmUpStep(1, (15,)),
              WarmUpStep(3, (16, 13)), WarmUpStep(16, (16,)), WarmUpStep(15, (17,)), WarmUpStep(17, (31,)),
              WarmUpStep(3, ())]
     max_tokens = min(max_tokens, max_seqs * max_model_len)    # the most one step can hold
     sizes, p = [], 1
-    while p <= max_tokens:
+    while p <= min(max_tokens, LARGEST_POWER):
         if p > piecewise_max:
             sizes.append(p)
         p *= 2

@@ -36,7 +36,8 @@ def test_steps_cover_every_integer_class_and_each_eager_power_of_two():
     assert len(steps) == len(set(steps))
 
 
-@pytest.mark.parametrize("limits", [(64, 4, 32, 0), (8192, 8, 300, 512), (100, 1, 100, 16), (6000, 256, 8192, 512)])
+@pytest.mark.parametrize("limits", [(64, 4, 32, 0), (8192, 8, 300, 512), (100, 1, 100, 16), (6000, 256, 8192, 512),
+                                    (131072, 256, 131072, 512)])
 def test_steps_keep_within_the_limits(limits):
     max_tokens, max_seqs, max_model_len, piecewise_max = limits
     steps = warm_up_steps(max_tokens, max_seqs, max_model_len, piecewise_max)
@@ -48,6 +49,8 @@ def test_steps_keep_within_the_limits(limits):
     largest = min(max_tokens, max_seqs * max_model_len)
     if largest > piecewise_max:
         assert largest == max(_shape(s)["tokens"] for s in steps)
+    big = sorted(_shape(s)["tokens"] for s in steps if _shape(s)["tokens"] > 16384)
+    assert big in ([], [largest - 2, largest])          # past 16,384 tokens: max_num_batched_tokens alone
 
 
 def test_warm_up_steps_write_no_cache_slot_and_sample_in_the_vocabulary():
