@@ -5,6 +5,7 @@
 # (tokenizers, ShareGPT first 500: see gpu_peer.sh).
 #   benchmarks/gpu_served.sh variants [PRESET] [CASES]    # VARIANTS="label=flags|label=flags"
 #   benchmarks/gpu_served.sh svo                          # served_vs_offline.sh (SVO_ENGINE_ARGS)
+#   benchmarks/gpu_served.sh hop                          # ttft_hop.py: the core apart vs in-process at c1
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; D=/tmp/d; mkdir -p "$OUT" $D
@@ -29,5 +30,13 @@ variants)
 svo)
   OUT="$OUT/svo" PYTHONPATH=/tmp/site TOKENIZER=$D/tokenizers/deepseek-r1-distill-llama-8b \
     ENGINE_ARGS="--load-format dummy ${SVO_ENGINE_ARGS:-}" bash benchmarks/served_vs_offline.sh ;;
-*) echo "usage: $0 variants [PRESET] [CASES] | svo"; exit 2 ;;
+hop)  # what the engine core's own process adds to TTFT at concurrency 1 (benchmarks/ttft_hop.py)
+  tok=$D/tokenizers/deepseek-r1-distill-llama-8b
+  PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_hop.py --engine --model r1-distill-llama-8b --tokenizer "$tok" \
+    --engine-kwargs '{"load_format": "dummy", "gpu_memory_utilization": 0.4}' --prompt-len 1024 \
+    --requests "${HOP_REQUESTS:-64}" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tee "$OUT/ttft_hop_engine.txt" | tail -6
+  PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_hop.py --model r1-distill-llama-8b --tokenizer "$tok" \
+    --engine-args "--load-format dummy --gpu-memory-utilization 0.4" --prompt-len 1024 \
+    --requests "${HOP_REQUESTS:-64}" 2>&1 | tee "$OUT/ttft_hop_http.txt" | tail -5 ;;
+*) echo "usage: $0 variants [PRESET] [CASES] | svo | hop"; exit 2 ;;
 esac

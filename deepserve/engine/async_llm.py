@@ -120,6 +120,7 @@ class AsyncLLM:
         with self._cond:
             self._ops.append((kind, payload, fut))
             self._cond.notify()
+        self.engine.wake()  # a step waiting for engine-core outputs returns to apply it
         return fut
 
     def num_waiting_requests(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import pickle
 import time
 import weakref
@@ -68,6 +69,7 @@ class DataParallelEngine(LLMEngine):
     """The LLMEngine API over one engine core per DP rank (see the module docstring)."""
 
     gauges_change_when_idle = True
+    detokenizes = False  # the cores detokenize
 
     def __init__(self, args: EngineArgs, executor=None):
         """Start the cores and be their front end 0 (with --api-server-count N > 1 the
@@ -142,6 +144,12 @@ class DataParallelEngine(LLMEngine):
         self._pending: list[CoreOutputs] = []          # read while waiting for something else
         self.step_bytes: list[int] = [0] * self.dp_size  # what each rank sent for its last step
         self._unconfirmed = [0] * self.dp_size  # requests sent to each core since its last message
+        # wake(): a pipe that ends step()'s wait for outputs, so a request or abort submitted
+        # meanwhile goes to its core at once instead of after the core's next message
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     def _bind(self, layout: DPLayout) -> None:
         """This front end's sockets: its outputs, and one per DP rank for its requests."""
@@ -215,15 +223,41 @@ class DataParallelEngine(LLMEngine):
         return bool(self.requests)
 
     # ------------------------------------------------------------------ outputs
-    def _next(self, timeout_s: Optional[float]) -> Optional[CoreOutputs]:
-        """The next message from any core; None when none came within `timeout_s`."""
+    def wake(self) -> None:
+        """End a step() waiting for outputs now (thread-safe; AsyncLLM calls it with each
+        request or abort it queues for the engine thread)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of wakes already
+            pass
+
+    def _woken(self, timeout_ms: int) -> bool:
+        """Wait up to `timeout_ms` for a core's message or a wake(); True for a wake (consumed)."""
+        import zmq
+        readable = zmq.select([self._pull, self._wake_r], [], [], timeout_ms / 1000)[0]
+        if self._pull in readable:
+            return False
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            return True
+        return False
+
+    def _next(self, timeout_s: Optional[float], wakeable: bool = False) -> Optional[CoreOutputs]:
+        """The next message from any core; None when none came within `timeout_s` (or, when
+        `wakeable`, as soon as wake() is called)."""
         import zmq
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self.executor.failure:
                 raise RuntimeError(self.executor.failure)
             left = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
-            if self._pull.poll(int(left * 1000), zmq.POLLIN):
+            if wakeable and self._woken(int(left * 1000)):
+                return None
+            if self._pull.poll(0 if wakeable else int(left * 1000), zmq.POLLIN):
                 msg: CoreOutputs = pickle.loads(self._pull.recv())
                 if msg.gauges is not None:
                     self._gauges[msg.dp_rank] = msg.gauges
@@ -235,7 +269,7 @@ class DataParallelEngine(LLMEngine):
 
     def step(self) -> list[RequestOutput]:
         msgs, self._pending = self._pending, []
-        first = self._next(timeout_s=0.0 if msgs else 0.05)
+        first = self._next(timeout_s=0.0 if msgs else 0.05, wakeable=True)
         while first is not None:
             msgs.append(first)
             first = self._next(timeout_s=0.0)
@@ -280,6 +314,11 @@ class DataParallelEngine(LLMEngine):
 
     def shutdown(self) -> None:
         self._finalizer()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _shutdown(workers, pushes, ctx, layout: DPLayout) -> None:

@@ -119,6 +119,8 @@ class LLMEngine:
     # engine core, which sends only what each request gained: engine/core_messages.py) the
     # RequestState itself
     output_of = staticmethod(RequestState.output)
+    # whether this engine turns tokens into text (a front end of engine-core processes does not)
+    detokenizes = True
 
     def __new__(cls, args: EngineArgs, executor=None):
         if cls is LLMEngine and executor is None and engine_core_apart(args, default=False):
@@ -227,7 +229,7 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.runner.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        bad = next((t for t in ids if not 0 <= t < vocab), None) if min(ids) < 0 or max(ids) >= vocab else None
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         max_tokens = params.max_tokens
@@ -246,7 +248,7 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         prompt_logprobs = self.prompt_logprobs(ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
         seqs = [Sequence(request_id, i, ids, params) for i in range(params.n)]
-        state = RequestState(request_id, text, ids, params, seqs, self.tokenizer)
+        state = RequestState(request_id, text, ids, params, seqs, self.tokenizer if self.detokenizes else None)
         state.prompt_logprobs = prompt_logprobs
         self.requests[request_id] = state
         for seq in seqs:
@@ -299,6 +301,10 @@ class LLMEngine:
                 raise RequestError("structured outputs need a model with a tokenizer")
             self._grammar_compiler = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         return self._grammar_compiler
+
+    def wake(self) -> None:
+        """End a step's wait for outputs from other processes (a front end of engine cores:
+        engine/dp_engine.py); this engine's steps never wait on anyone."""
 
     def has_unfinished_requests(self) -> bool:
         """Requests not finished, or pipeline micro-batches still to finish (those of aborted

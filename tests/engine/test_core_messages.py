@@ -1,11 +1,16 @@
 """An engine core's per-step output messages (engine/core_messages.py): the front end rebuilds
 from them, step by step, exactly the RequestOutput the in-process engine gives (text held back
 for stop strings, n > 1, logprobs, prompt logprobs, finish and stop reasons, metrics), through
-a pickle round trip as over ZeroMQ; one request's rows go to the client that sent it."""
+a pickle round trip as over ZeroMQ. A front end's wait for outputs ends at once on wake()
+(a request or abort to send), and a core's message waiting is never lost to a wake."""
 import pickle
+import threading
+import time
 
 from deepserve.config import EngineArgs
 from deepserve.engine.core_messages import CoreOutputs, DeltaWriter, read_outputs
+from deepserve.engine.dp_engine import CoreLink, DataParallelEngine
+from deepserve.engine.engine_core import DPLayout
 from deepserve.engine.llm_engine import LLMEngine, RequestState
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
@@ -62,3 +67,39 @@ class _Finished(RequestState):
         self.request_id, self.seqs, self.texts, self.hold = "x", [_Seq()], ["hi"], 0
         self.params, self.prompt_logprobs = SamplingParams(), None
         self.arrival, self.first_token_time = 1.0, 2.0
+
+
+def _front_end(tmp_path):
+    """A front end (engine/dp_engine.py) bound to its sockets, with no core behind them."""
+    args = EngineArgs(model=str(DEMO_MODEL))
+    engine = DataParallelEngine.__new__(DataParallelEngine, args)
+    engine._init_front_end(args, client=0)
+    engine._bind(DPLayout([[f"ipc://{tmp_path}/in"]], [f"ipc://{tmp_path}/out"], "", []))
+    engine.executor = CoreLink()
+    return engine
+
+
+def test_wake_ends_a_step_s_wait_for_outputs_and_loses_no_message(tmp_path):
+    import zmq
+
+    engine = _front_end(tmp_path)
+    core = engine._ctx.socket(zmq.PUSH)
+    core.connect(f"ipc://{tmp_path}/out")
+    try:
+        threading.Timer(0.2, engine.wake).start()
+        t = time.monotonic()
+        assert engine._next(timeout_s=30, wakeable=True) is None and time.monotonic() - t < 10
+        engine.wake()  # only a wakeable wait takes it: the others wait out their time
+        t = time.monotonic()
+        assert engine._next(timeout_s=0.3) is None and time.monotonic() - t >= 0.3
+        core.send(pickle.dumps(CoreOutputs(0, {"num_blocks": 7})))
+        assert engine._pull.poll(30_000)
+        msg = engine._next(timeout_s=30, wakeable=True)   # a message waiting comes before the wake
+        assert msg is not None and engine._gauges[0] == {"num_blocks": 7}
+        t = time.monotonic()
+        assert engine._next(timeout_s=30, wakeable=True) is None and time.monotonic() - t < 10
+        t = time.monotonic()
+        assert engine.step() == [] and time.monotonic() - t >= 0.05   # no wake left: step waits its 50 ms
+    finally:
+        core.close(0)
+        engine._ctx.destroy(0)
