@@ -30,10 +30,12 @@ class SamplerOutput:
 
 def _padded(rows: list[list[int]], fill: int, device) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+    return to_device_async([r + [fill] * (width - len(r)) for r in rows], torch.int64, device)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (over prompt and output), frequency and presence penalties (over the output),
+    from three small host-to-device copies (no sync)."""
     n, vocab = logits.shape
     dev = logits.device
     # counts of generated tokens per row; column `vocab` swallows the padding
@@ -43,9 +45,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     seen = counts > 0
     prompt_ids = _padded([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab, dev)
     seen_prompt = torch.zeros(n, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, prompt_ids, True)[:, :vocab]
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev)[:, None]
-    pres = torch.tensor([s.params.presence_penalty for s in seqs], device=dev)[:, None]
-    freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev)[:, None]
+    knobs = to_device_async([[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty]
+                             for s in seqs], torch.float32, dev)
+    rep, pres, freq = knobs[:, 0:1], knobs[:, 1:2], knobs[:, 2:3]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen | seen_prompt, penalised, logits)
     return logits - freq * counts - pres * seen.float()
@@ -148,8 +150,8 @@ class Sampler:
         banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
         if banned:
-            rows, cols = zip(*banned)
-            logits[list(rows), list(cols)] = float("-inf")
+            index = to_device_async(list(zip(*banned)), torch.int64, dev)
+            logits[index[0], index[1]] = float("-inf")
         if grammars:
             if self._fill_bitmask is None:
                 from deepserve.engine.grammar import BitmaskFiller

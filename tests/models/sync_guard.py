@@ -9,6 +9,11 @@ Two levels catch them:
   _local_scalar_dense, boolean-mask index / index_put, repeat_interleave without output_size,
   bincount, equal, is_nonzero) (a TorchDispatchMode).
 
+With `host_copies`, also host data put on the device by a synchronous copy: torch.tensor /
+as_tensor given a device, and indexing with Python lists (torch copies them over before the
+op). On the CPU every tensor is a host tensor, so this is opt-in, for code (the sampler) whose
+host-built tensors must go through engine/input_staging.to_device_async.
+
 Triton kernel launches are not looked into: a compiled launch queues the kernel and returns,
 where the CPU interpreter's copies to numpy would read as syncs.
 """
@@ -41,10 +46,21 @@ def aten_sync(func, args, kwargs) -> bool:
     return False
 
 
+def host_copy(func, args, kwargs) -> bool:
+    """Whether the torch call copies host data onto `device` synchronously (see `host_copies`)."""
+    if func in (torch.tensor, torch.as_tensor):
+        return kwargs.get("device") is not None
+    if getattr(func, "__name__", "") in ("__getitem__", "__setitem__") and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(isinstance(i, list) for i in index)
+    return False
+
+
 class SyncRecorder:
     """`with recorder.watch(): ...` collects (what, where) of every sync-inducing call inside."""
 
-    def __init__(self):
+    def __init__(self, host_copies: bool = False):
+        self.host_copies = host_copies
         self.syncs: list[tuple[str, str]] = []
         self._in_kernel = 0
 
@@ -61,9 +77,13 @@ class SyncRecorder:
 
         class Functions(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
-                if getattr(func, "__name__", "") in SYNC_METHODS:
-                    rec._record(f"Tensor.{func.__name__}")
-                return func(*args, **(kwargs or {}))
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                if name in SYNC_METHODS:
+                    rec._record(f"Tensor.{name}")
+                elif rec.host_copies and host_copy(func, args, kwargs):
+                    rec._record(f"host copy: {name}")
+                return func(*args, **kwargs)
 
         class Aten(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
