@@ -1,8 +1,10 @@
 """The model forward of a serving step never makes the host wait for the device: a mixed step
 (decode rows plus a prompt chunk whose context partly comes from the prefix cache) of a tiny
-DeepSeek-V3 (MLA + MoE on the sorted grouped-GEMM path) and of the demo Llama, through the
-engine with the Triton ops (interpreted on the CPU), under tests/models/sync_guard.py's
+DeepSeek-V3 (MLA + MoE on the sorted grouped-GEMM path) through the engine, and of the demo
+Llama, with the Triton ops (interpreted on the CPU), under tests/models/sync_guard.py's
 recorder. Only the forward is watched: the engine reads the sampled tokens back after it."""
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,10 @@ import transformers
 from deepserve import LLM, SamplingParams
 from deepserve.ops.triton.fused_moe import use_small_path
 from tests.conftest import DEMO_MODEL
-from tests.models.hf_reference import save_tiny
+from deepserve.ops import OpTable
+from deepserve.ops.registry import bind
+from tests.models.hf_reference import load_ours, save_tiny
+from tests.models.paged_harness import allocate_kv_cache, build_meta
 from tests.models.sync_guard import SyncRecorder, aten_sync
 from tests.models.test_deepseek import r1_style
 
@@ -56,13 +61,32 @@ def _mixed_step_syncs(model_path) -> tuple[list, list]:
     return recorder.syncs, shapes
 
 
-@pytest.mark.parametrize("which", ["deepseek_v3", "llama"])
-def test_mixed_step_forward_has_no_host_sync(which, tiny_v3):
-    syncs, shapes = _mixed_step_syncs(tiny_v3 if which == "deepseek_v3" else DEMO_MODEL)
-    assert shapes == [([1, 1, 5], [10, 4, 13])]     # two decodes + a chunk over 8 cached tokens
-    if which == "deepseek_v3":
-        assert not use_small_path(7, 2, 8)          # the MoE layer ran the sorted path (align_by_expert)
+def _assert_none(syncs: list) -> None:
     assert not syncs, "host syncs in the forward:\n" + "\n".join(f"{what}  at {where}" for what, where in syncs)
+
+
+def test_deepseek_v3_mixed_step_forward_has_no_host_sync(tiny_v3):
+    syncs, shapes = _mixed_step_syncs(tiny_v3)
+    assert shapes == [([1, 1, 5], [10, 4, 13])]     # two decodes + a chunk over 8 cached tokens
+    assert not use_small_path(7, 2, 8)              # the MoE layer ran the sorted path (align_by_expert)
+    _assert_none(syncs)
+
+
+def test_llama_mixed_step_forward_has_no_host_sync():
+    """The demo Llama's forward alone (its attention is the Triton paged kernels' and the cache
+    write's), metadata as the runner gives it: host lengths beside the device's."""
+    model = load_ours(DEMO_MODEL)
+    bind(model, OpTable("triton"))
+    allocate_kv_cache(model, 16, 4)
+    recorder = SyncRecorder()
+    with torch.no_grad():
+        for step, (q_lens, seq_lens) in enumerate([([9, 3], [9, 3]), ([1, 1, 5], [10, 4, 13])]):
+            meta, positions = build_meta(q_lens, seq_lens, 4, 4)
+            meta.seq_lens_host = seq_lens
+            ids = torch.arange(sum(q_lens)) % 200
+            with recorder.watch() if step else contextlib.nullcontext():
+                model(ids, positions, meta)
+    _assert_none(recorder.syncs)
 
 
 def test_recorder_sees_each_kind_of_sync():
