@@ -33,10 +33,10 @@ svo)
 hop)  # what the engine core's own process adds to TTFT at concurrency 1 (benchmarks/ttft_hop.py)
   tok=$D/tokenizers/deepseek-r1-distill-llama-8b
   PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_hop.py --engine --model r1-distill-llama-8b --tokenizer "$tok" \
-    --engine-kwargs '{"load_format": "dummy", "gpu_memory_utilization": 0.4}' --prompt-len 1024 \
+    --engine-kwargs '{"load_format": "dummy", "kv_cache_memory_bytes": 8589934592}' --prompt-len 1024 --max-tokens 1 \
     --requests "${HOP_REQUESTS:-64}" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tee "$OUT/ttft_hop_engine.txt" | tail -6
   PYTHONPATH=$PWD:/tmp/site python3 benchmarks/ttft_hop.py --model r1-distill-llama-8b --tokenizer "$tok" \
-    --engine-args "--load-format dummy --gpu-memory-utilization 0.4" --prompt-len 1024 \
+    --engine-args "--load-format dummy --kv-cache-memory-bytes 8589934592" --prompt-len 1024 \
     --requests "${HOP_REQUESTS:-64}" 2>&1 | tee "$OUT/ttft_hop_http.txt" | tail -5 ;;
 *) echo "usage: $0 variants [PRESET] [CASES] | svo | hop"; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ own arrival and first-token times: API -> engine, the engine's step, engine -> A
     python benchmarks/ttft_hop.py --requests 200                       # the demo model on CPU
     python benchmarks/ttft_hop.py --model r1-distill-llama-8b --engine-args "--load-format dummy" \
         --tokenizer ../shared/tokenizers/deepseek-r1-distill-llama-8b --prompt-len 1024 --requests 64
-    python benchmarks/ttft_hop.py --engine --requests 200             # the hops alone
+    python benchmarks/ttft_hop.py --engine --requests 200 --max-tokens 1   # the hops alone
 """
 from __future__ import annotations
 
