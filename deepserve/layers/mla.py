@@ -48,6 +48,7 @@ class PrefillGather:
     blocks: torch.Tensor    # [Nb] int64: the pool block of each gathered block
     tables: torch.Tensor    # [Bp, W] int32: each sequence's blocks in the gathered buffer (W: the longest's)
     stale: torch.Tensor     # [Nb, bs] bool: slots past their sequence's end
+    seq_lens: torch.Tensor  # [Bp] int32: the sequences' lengths (meta.seq_lens[first:])
 
 
 def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> PrefillGather:
@@ -70,7 +71,7 @@ def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> Pref
     tables = torch.zeros(len(per_seq), width, dtype=meta.block_tables.dtype, device=dev)
     tables[seq_of, block_idx] = torch.arange(total, dtype=tables.dtype, device=dev)
     pos = block_idx[:, None] * block_size + torch.arange(block_size, device=dev)  # [Nb, bs]
-    gather = PrefillGather(blocks, tables, pos >= seq_lens[seq_of][:, None])
+    gather = PrefillGather(blocks, tables, pos >= seq_lens[seq_of][:, None], meta.seq_lens[first:])
     meta.derived[key] = gather
     return gather
 
@@ -163,8 +164,8 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(kv_c).view(*kv_c.shape[:2], self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v]
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        return self.ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, meta.seq_lens[first:],
-                                        g.tables, self.scale, meta.max_query_len, meta.max_seq_len)
+        return self.ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, g.seq_lens, g.tables,
+                                        self.scale, meta.max_query_len, meta.max_seq_len)
 
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -200,13 +201,13 @@ class MLAAttention(nn.Module):
             return self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1)
         self.ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
                               meta.slot_mapping, kv_scale=self.pool_scale(pool))
-        out = q.new_zeros(q.shape[0], self.num_heads, self.v_dim)
+        # the decode rows' output, then the prompt chunks' (the rows after them), joined once
+        parts = []
         if n_dec:
             q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
-            out[:n_dec] = self._decode(q_abs, w_uv, pool, meta, n_dec)
-        if n_dec < meta.num_seqs:
-            q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
-            k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
-            q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
-            out[n_dec:] = self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec)
-        return out.flatten(1)
+            parts.append(self._decode(q_abs, w_uv, pool, meta, n_dec))
+        q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
+        k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
+        q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
+        parts.append(self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec))
+        return (torch.cat(parts) if n_dec else parts[0]).flatten(1)
