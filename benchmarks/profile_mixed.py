@@ -15,7 +15,8 @@ under load, timed one by one on the same engine, and the kernels of the mixed on
 
 Each is the median of --repeats steps, wall time of engine.step() with a device sync. Then
 torch.profiler over --profile mixed steps: the top kernels by GPU time, grouped (GEMM, attention,
-MoE, other Triton, torch elementwise), and GPU-busy time against the steps' wall time.
+MoE, other Triton, torch elementwise), GPU-busy time against the steps' wall time, and the
+host events that wait for the device (nonzero, .item(), stream syncs; SYNC_EVENTS).
 
 GPU:  python benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64
 CPU:  python benchmarks/profile_mixed.py --model ../shared/models/stories260k --load-format auto \
@@ -116,6 +117,12 @@ def piecewise_vs_eager(llm: LLM, batch: int, prompt_lens: list[int], repeats: in
             "rows": rows}
 
 
+# host-side events that wait for the device (or come with such a wait): counted in the profile
+SYNC_EVENTS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::_unique2",
+               "aten::unique_consecutive", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+               "cudaMemcpy")
+
+
 def profile_steps(llm: LLM, count: int, length: int, vocab: int, top: int) -> dict:
     """torch.profiler over `count` mixed steps (the running decodes + one prompt of `length`
     tokens) and the step after each: kernel time by kernel and by group, against the mixed
@@ -141,7 +148,8 @@ def profile_steps(llm: LLM, count: int, length: int, vocab: int, top: int) -> di
     groups: dict = defaultdict(float)
     for k, (_, us) in per_kernel.items():
         groups[group(k)] += us
-    return {"profiled_wall_s_mixed_plus_next": wall, "profiled_busy_us": sum(v[1] for v in per_kernel.values()),
+    syncs = {ev.key: ev.count for ev in prof.key_averages() if ev.key in SYNC_EVENTS}
+    return {"profiled_wall_s_mixed_plus_next": wall, "sync_events": syncs, "profiled_busy_us": sum(v[1] for v in per_kernel.values()),
             "groups_us": dict(groups),
             "top_kernels": [(k, c, us) for k, (c, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:top]]}
 
@@ -186,6 +194,8 @@ def print_profile(title: str, prof: dict) -> None:
         print(f"  {g:28s} {us / 1e3:8.2f} ms")
     for k, c, us in prof["top_kernels"]:
         print(f"  {us / 1e3:8.2f} ms {c:5d}x  {k[:110]}")
+    syncs = ", ".join(f"{k} {c}x" for k, c in sorted(prof.get("sync_events", {}).items())) or "none"
+    print(f"  host events that wait for the device: {syncs}")
 
 
 def main() -> None:
