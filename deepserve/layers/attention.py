@@ -30,7 +30,7 @@ class AttentionMetadata:
     # no device sync); None: read from the device once per step (`host_seq_lens`)
     seq_lens_host: Optional[Sequence[int]] = None
     # what layers derive from the metadata once per step and share across layers, by key
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
