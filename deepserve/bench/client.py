@@ -7,6 +7,10 @@ count comes from the server's `usage` (asked for with `stream_options.include_us
 only when the server gives none from tokenizing the generated text. A request that fails
 (HTTP error, broken stream, no text) is returned with `success=False` and its error, never
 raised, so the caller can count it.
+
+Requests go out on the bench's own HTTP/1.1 client (http1.py: a fraction of httpx's CPU per
+streamed token, so that the client does not cap what it measures at high concurrency) or on
+httpx (https URLs, or DEEPSERVE_BENCH_CLIENT=httpx); both give the same outputs and error strings.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import httpx
+
+from deepserve.bench.http1 import HTTPError
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
@@ -83,47 +89,87 @@ def _chunk_text(data: dict, chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
-async def sse_lines(resp: httpx.Response):
-    """The stream's lines, split at b"\\n" only. SSE ends lines with CR / LF, while httpx's
-    aiter_lines() also splits text at U+0085, U+2028 and U+2029, which a server may send
-    unescaped inside a JSON string (valid JSON; model output can hold them)."""
+class _HttpxStream:
+    """An httpx streaming response seen as the bench's HTTP/1.1 client's `Response`: `status_code`,
+    `read()`, and `chunks()` stamped with the time each chunk reaches the reader."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict):
+        self._cm = client.stream("POST", url, content=body, headers=headers)
+
+    async def __aenter__(self) -> "_HttpxStream":
+        self._resp = await self._cm.__aenter__()
+        self.status_code = self._resp.status_code
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._cm.__aexit__(*exc)
+
+    async def read(self) -> bytes:
+        return await self._resp.aread()
+
+    async def chunks(self):
+        async for chunk in self._resp.aiter_bytes():
+            yield time.perf_counter(), chunk
+
+
+async def sse_lines(chunks):
+    """(read time, line) of a stream of (read time, bytes), lines split at b"\\n" only. SSE ends
+    lines with CR / LF, while httpx's aiter_lines() also splits text at U+0085, U+2028 and
+    U+2029, which a server may send unescaped inside a JSON string (valid JSON; model output can
+    hold them). Lines stay bytes: "data:" and "[DONE]" are ASCII, and only a data line's JSON is
+    decoded."""
     buf = b""
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
+    async for now, chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        if b"\n" not in chunk:
+            continue
         *lines, buf = buf.split(b"\n")
         for line in lines:
-            yield line.decode("utf-8", "replace")
+            yield now, line
     if buf:
-        yield buf.decode("utf-8", "replace")
+        yield time.perf_counter(), buf
 
 
-async def send_request(client: httpx.AsyncClient, req: RequestInput) -> RequestOutput:
-    """Send `req` streaming and time it; failures come back in the output, not as exceptions."""
+async def open_stream(client, url: str, body: bytes, headers: dict):
+    """POST `body` to `url` on either client: the bench's HTTP/1.1 one, or httpx (https)."""
+    if isinstance(client, httpx.AsyncClient):
+        return _HttpxStream(client, url, body, headers)
+    return await client.request("POST", url, body, headers)
+
+
+ERRORS = (HTTPError, httpx.HTTPError, OSError, asyncio.TimeoutError, ValueError, KeyError, TypeError)
+
+
+async def send_request(client, req: RequestInput) -> RequestOutput:
+    """Send `req` streaming on `client` (an `Http1Client` or an httpx.AsyncClient) and time it;
+    failures come back in the output, not as exceptions. A chunk's time is when the client read
+    it from the socket (the HTTP/1.1 client stamps each read as it arrives; httpx when its
+    iterator hands the chunk over)."""
     out = RequestOutput(prompt_len=req.prompt_len)
     headers = {"Content-Type": "application/json"}
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    body = json.dumps(build_payload(req)).encode()
     pieces: list[str] = []
     start = out.start_time = time.perf_counter()
     last = start
     try:
-        async with client.stream("POST", req.api_url, json=build_payload(req), headers=headers) as resp:
+        async with await open_stream(client, req.api_url, body, headers) as resp:
             if resp.status_code != 200:
-                body = (await resp.aread()).decode("utf-8", "replace")
-                out.error = f"HTTP {resp.status_code}: {body[:300]}"
+                text = (await resp.read()).decode("utf-8", "replace")
+                out.error = f"HTTP {resp.status_code}: {text[:300]}"
                 return out
-            async for line in sse_lines(resp):
+            async for now, line in sse_lines(resp.chunks()):
                 line = line.strip()
-                if not line.startswith("data:"):
+                if not line.startswith(b"data:"):
                     continue  # blank separators and SSE comments
-                body = line[len("data:"):].strip()
-                if body == "[DONE]":
+                data = line[5:].strip()
+                if data == b"[DONE]":
                     break
-                data = json.loads(body)
+                data = json.loads(data.decode("utf-8", "replace"))
                 if "error" in data and not data.get("choices"):
                     out.error = f"error in stream: {json.dumps(data['error'])[:300]}"
                     return out
-                now = time.perf_counter()
                 text = _chunk_text(data, req.chat)
                 if text:
                     if not pieces:
@@ -135,7 +181,7 @@ async def send_request(client: httpx.AsyncClient, req: RequestInput) -> RequestO
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     out.output_tokens = int(usage["completion_tokens"])
-    except (httpx.HTTPError, OSError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
+    except ERRORS as exc:
         out.error = f"{type(exc).__name__}: {exc}"
         return out
     out.generated_text = "".join(pieces)

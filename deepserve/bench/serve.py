@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from datetime import datetime
@@ -23,6 +24,7 @@ import httpx
 import numpy as np
 
 from deepserve.bench.client import RequestInput, RequestOutput, api_url, send_request
+from deepserve.bench.http1 import HTTPError, Http1Client
 from deepserve.bench.datasets import SampleRequest, sample_requests
 from deepserve.bench.metrics import METRICS, compute_metrics, format_summary, parse_goodput
 from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
@@ -43,14 +45,32 @@ def arrival_gaps(n: int, request_rate: float, burstiness: float, seed: int) -> l
     return gaps.tolist()
 
 
-async def _warm_up(client: httpx.AsyncClient, url: str) -> None:
-    """One untimed GET /v1/models first: httpx/anyio import their networking lazily on the first
-    request (tens of ms), which would otherwise land in the first request's TTFT."""
+async def _warm_up(client, url: str) -> None:
+    """One untimed GET /v1/models first: it opens a connection, and httpx/anyio import their
+    networking lazily on the first request (tens of ms), which would otherwise land in the first
+    request's TTFT."""
     models = url[: url.index("/v1/") + len("/v1/")] + "models"
     try:
         await client.get(models)
-    except httpx.HTTPError:
+    except (httpx.HTTPError, HTTPError):
         pass  # an unreachable server shows up as failed requests in the run itself
+
+
+CLIENTS = ("auto", "httpx")
+
+
+def open_client(url: str, timeout_s: float):
+    """The client for `url`'s requests: the bench's own HTTP/1.1 client for http (a fraction of
+    httpx's CPU per streamed token), httpx for https or when DEEPSERVE_BENCH_CLIENT=httpx (to
+    compare the two)."""
+    choice = os.environ.get("DEEPSERVE_BENCH_CLIENT", "auto")
+    if choice not in CLIENTS:
+        raise ValueError(f"DEEPSERVE_BENCH_CLIENT must be one of {', '.join(CLIENTS)}, got {choice!r}")
+    if url.startswith("http://") and choice == "auto":
+        return Http1Client(timeout_s)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # trust_env=False: a proxy from the environment must not sit between bench and server.
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False)
 
 
 async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burstiness: float,
@@ -62,9 +82,7 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     gaps = arrival_gaps(len(inputs), request_rate, burstiness, seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    # trust_env=False: a proxy from the environment must not sit between bench and server.
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False) as client:
+    async with open_client(inputs[0].api_url if inputs else "http://", timeout_s) as client:
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def limited(req: RequestInput) -> RequestOutput:

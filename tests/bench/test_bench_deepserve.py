@@ -78,3 +78,49 @@ def test_limited_runs_save_json(server_url, bench_args, tmp_path, traffic):
         assert saved["max_concurrency"] == 2 and res["max_concurrent_requests"] <= 2
     else:
         assert saved["request_rate"] == 8.0 and saved["burstiness"] == 0.5
+
+
+def _send_all(inputs, kind: str, monkeypatch):
+    """send_request for each input, 4 at a time, on the client `kind` (auto: the bench's
+    HTTP/1.1 one); also how many connections the HTTP/1.1 client opened."""
+    import asyncio
+
+    from deepserve.bench.client import send_request
+    from deepserve.bench.http1 import Http1Client
+    from deepserve.bench.serve import open_client
+
+    monkeypatch.setenv("DEEPSERVE_BENCH_CLIENT", kind)
+
+    async def go():
+        async with open_client(inputs[0].api_url, 30.0) as client:
+            outs = []
+            for i in range(0, len(inputs), 4):
+                outs += await asyncio.gather(*(send_request(client, r) for r in inputs[i:i + 4]))
+            return outs, len(client._all) if isinstance(client, Http1Client) else None
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_http1_client_matches_httpx(server_url, endpoint, monkeypatch):
+    """The bench's HTTP/1.1 client against the real server (chunked SSE): the same texts, token
+    counts and frame counts as httpx, the same error strings for a 400 (an error JSON with a
+    Content-Length body) and an unknown model (404), over 4 keep-alive connections for 12
+    requests 4 at a time."""
+    from deepserve.bench.client import RequestInput, api_url
+
+    url = api_url(server_url, endpoint)
+    prompts = ["Once upon a time", "The cat sat", "Lily and Ben went", "One day a bird"] * 2
+
+    def req(prompt, output_len=8, model="stories260k"):
+        return RequestInput(prompt=prompt, prompt_len=0, output_len=output_len, model=model, api_url=url,
+                            chat="chat" in endpoint, ignore_eos=True)
+    inputs = [req(p, 8 + i) for i, p in enumerate(prompts)] + [req("x", -1), req("x", 4, "no-such-model")] * 2
+    mine, connections = _send_all(inputs, "auto", monkeypatch)
+    theirs, _ = _send_all(inputs, "httpx", monkeypatch)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        assert (a.success, a.generated_text, a.output_tokens, len(a.itl), a.error) == \
+            (b.success, b.generated_text, b.output_tokens, len(b.itl), b.error), i
+    assert all(o.success and o.output_tokens == 8 + i and o.ttft > 0 for i, o in enumerate(mine[:8]))
+    assert all(o.generated_text for o in mine[:8])
+    assert [o.error[:8] for o in mine[8:]] == ["HTTP 400", "HTTP 404"] * 2
+    assert connections == 4
