@@ -25,7 +25,7 @@ from deepserve.engine.pipeline import PendingLogits
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import ScheduledBatch
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
-from deepserve.engine.warm_up import WATCH, step_inputs, warm_up_steps
+from deepserve.engine.warm_up import WATCH, step_inputs, warm_up_steps, warm_up_wanted
 from deepserve.platforms import Platform
 
 logger = logging.getLogger("deepserve")
@@ -73,15 +73,16 @@ class DriverRunner(ModelRunner):
         # the CUDA graph size every DP rank replays in the next step (DP + EP), set by the
         # engine core once the DP ranks have agreed on it
         self.graph_size = 0
-        if self.device.type == "cuda" and not self.pctx.moe_dp_exchange:
+        if warm_up_wanted(self.device.type):
             self.warm_up()
 
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Run `warm_up_steps` (engine/warm_up.py) through every rank, writing no cache slot,
         and sample from the first one's logits, so that the Triton kernels of the steps a
-        server meets compile before it serves. (DP + EP ranks skip it: their MoE layers would
-        need every DP rank to step with them.)"""
+        server meets compile before it serves. With DP attention + EP every DP rank's driver runs
+        the same steps in the same order (their engine configs are the same), so the MoE
+        exchanges inside them meet; each step runs eagerly (graph_size 0)."""
         sc = self.config.scheduler
         steps = warm_up_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
                               self.config.piecewise_max_tokens if self.piecewise is not None else 0)
@@ -92,7 +93,8 @@ class DriverRunner(ModelRunner):
             if logits is not None and not sampled:
                 self._warm_sampler(logits)
                 sampled = True
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.timings["warm_up_s"] = time.perf_counter() - t0
         WATCH.serving = True
         logger.info("warm-up: %d steps (up to %d tokens) in %.1f s; %d Triton kernel compiles, %d during it",

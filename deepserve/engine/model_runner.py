@@ -40,7 +40,7 @@ from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.piecewise_graphs import splittable
 from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
-from deepserve.engine.warm_up import WATCH
+from deepserve.engine.warm_up import WATCH, profile_inputs
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
 from deepserve.ops import OpTable
@@ -126,10 +126,10 @@ class ModelRunner:
                                      self.pctx.moe_dp_exchange, splittable(self.model), self.pctx.pp_rank)
         self.graph_estimate: Optional[int] = None   # bytes kept from the pool (None: the user sized it)
         t0 = time.perf_counter()
+        self.staging = InputStaging(self.device)
         self.num_blocks = self._min_over_ranks(self._decide_num_blocks())   # every rank's pool the same size
         self.timings["profile_s"] = time.perf_counter() - t0
         self._allocate_kv_cache(self.num_blocks)
-        self.staging = InputStaging(self.device)
         self.graphs = None
         self.piecewise = None   # a PiecewiseGraphs (engine/piecewise_graphs.py) for the other steps
         self._count_op_calls()
@@ -287,22 +287,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_free_memory(self) -> int:
         """Run the largest batch once on a scratch cache; the KV pool gets what is left."""
-        sc = self.config.scheduler
-        tokens = min(sc.max_num_batched_tokens, sc.max_num_seqs * sc.max_model_len)
-        seq_len = min(sc.max_model_len, tokens)
-        n_seqs = max(1, tokens // seq_len)
-        blocks_per_seq = math.ceil(seq_len / self.block_size)
-        self._allocate_kv_cache(n_seqs * blocks_per_seq)
+        sc, spec = self.config.scheduler, self.config.speculative
+        drafts = spec.num_speculative_tokens if spec is not None else 0
+        inputs, scratch_blocks = profile_inputs(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
+                                                self.block_size, sc.max_num_seqs * (1 + drafts))
+        self._allocate_kv_cache(scratch_blocks)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        ids = torch.zeros(n_seqs * seq_len, dtype=torch.long, device=self.device)
-        starts = torch.arange(n_seqs + 1, dtype=torch.int32, device=self.device) * seq_len
-        tables = torch.arange(n_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(n_seqs, -1)
-        slots = torch.cat([torch.arange(seq_len, device=self.device) + b * blocks_per_seq * self.block_size
-                           for b in range(n_seqs)])
-        meta = AttentionMetadata(starts, torch.full((n_seqs,), seq_len, dtype=torch.int32, device=self.device),
-                                 tables, slots, (starts[1:] - 1).long(), seq_len, seq_len, 0)
-        positions = torch.arange(seq_len, device=self.device).repeat(n_seqs)
+        ids, positions, meta = self.to_device(inputs)
         if self.pctx.pp_size > 1:  # every stage profiles at once, through the pipeline
             self.pipeline.forward(ids, positions, meta)
         else:
@@ -314,7 +306,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         hf = self.config.model.hf_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        self.graph_estimate = estimate_graph_bytes(self.graph_plan, peak - before, n_seqs * seq_len,
+        self.graph_estimate = estimate_graph_bytes(self.graph_plan, peak - before, len(inputs.ids),
                                                    kept_row_bytes(self.graph_plan, self.vocab_size,
                                                                   int(hf.hidden_size), elem))
         free, total = self.platform.memory_info(self.device)

@@ -13,6 +13,7 @@ warm-up missed shows in the server log.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -64,10 +65,40 @@ def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_
     return list(dict.fromkeys(out))
 
 
+def warm_up_wanted(device_type: str) -> bool:
+    """Whether the driver warms up at start: on CUDA unless DEEPSERVE_WARM_UP=0; DEEPSERVE_WARM_UP=1
+    runs it on any device (its steps through every rank of a layout, on a CPU too)."""
+    value = os.environ.get("DEEPSERVE_WARM_UP", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"DEEPSERVE_WARM_UP must be 0 or 1, got {value!r}")
+    return value == "1" if value else device_type == "cuda"
+
+
 def _chunks(tokens: int, longest: int) -> tuple:
     """`tokens` as prompt chunks of at most `longest` tokens."""
     full, rest = divmod(tokens, longest)
     return (longest,) * full + ((rest,) if rest else ())
+
+
+def profile_inputs(max_tokens: int, max_seqs: int, max_model_len: int, block_size: int,
+                   logits_rows: int) -> tuple[StepInputs, int]:
+    """The profile run's step, which sizes the activations every later step may use: the most
+    tokens one step holds (`max_tokens`, at most `max_seqs` full-length sequences), as prompts
+    of at most `max_model_len` tokens from position 0 (so no warm-up or served step has more),
+    each in blocks of its own of a scratch pool, and `logits_rows` logits rows (as many as a
+    step may sample: max_num_seqs, times 1 + k drafts with speculative decoding). Returns the
+    inputs and the scratch pool's block count."""
+    lens = _chunks(min(max_tokens, max_seqs * max_model_len), max_model_len)
+    per_seq = [-(-n // block_size) for n in lens]
+    first = np.cumsum([0] + per_seq[:-1])
+    width = max(per_seq)
+    tables = [[int(f) + min(b, p - 1) for b in range(width)] for f, p in zip(first, per_seq)]
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lens])
+    slots = np.concatenate([f * block_size + np.arange(n, dtype=np.int64) for f, n in zip(first, lens)])
+    tokens = len(positions)
+    rows = np.arange(tokens - min(tokens, max(logits_rows, len(lens))), tokens)
+    return StepInputs(ids=[0] * tokens, positions=positions, slots=slots, q_lens=list(lens), seq_lens=list(lens),
+                      tables=tables, logits_rows=rows.tolist(), num_decodes=0), sum(per_seq)
 
 
 def step_inputs(step: WarmUpStep, block_size: int, num_blocks: int) -> StepInputs:

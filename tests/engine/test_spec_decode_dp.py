@@ -14,7 +14,9 @@ def _per_rank(engine, key):
     return [g[key] for g in engine._gauges]
 
 
-def test_dp2_ep2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs):  # noqa: F811
+def test_dp2_ep2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs, monkeypatch):  # noqa: F811
+    # the start-up warm-up as on a GPU: both cores run its steps together (their MoE layers meet)
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=24)
     # 8-token steps chunk the 15-token prompt; 12 blocks of 4 per DP rank cannot hold the two

@@ -9,7 +9,7 @@ import torch
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.step_inputs import StepMessage
-from deepserve.engine.warm_up import CompileWatch, WarmUpStep, step_inputs, warm_up_steps
+from deepserve.engine.warm_up import CompileWatch, WarmUpStep, profile_inputs, step_inputs, warm_up_steps, warm_up_wanted
 from tests.conftest import DEMO_MODEL
 
 
@@ -71,6 +71,72 @@ def test_warm_up_steps_write_no_cache_slot_and_sample_in_the_vocabulary():
     # the prefix cache still serves the earlier prompt's blocks: its text is unchanged
     again = llm.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0]
     assert again.token_ids == reference.token_ids
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_warm_up_through_every_rank_keeps_greedy_outputs(monkeypatch, layout):
+    """DEEPSERVE_WARM_UP=1 runs the start-up warm-up on a CPU: its steps go through the worker
+    ranks (TP peers, the second pipeline stage) without a hang, and greedy text after it equals
+    an engine's without it."""
+    kw = dict(block_size=4, max_model_len=64, max_num_batched_tokens=96, max_num_seqs=8)
+    prompts, params = ["Once upon a time", "The little dog"], SamplingParams(temperature=0, max_tokens=12)
+    reference = [o.outputs[0].token_ids for o in LLM(str(DEMO_MODEL), **kw).generate(prompts, params)]
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
+    with LLM(str(DEMO_MODEL), **kw, **layout) as llm:
+        assert llm.engine.runner.timings["warm_up_s"] > 0
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == reference
+
+
+def test_warm_up_wanted_on_cuda_unless_told(monkeypatch):
+    monkeypatch.delenv("DEEPSERVE_WARM_UP", raising=False)
+    assert warm_up_wanted("cuda") and not warm_up_wanted("cpu")
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "0")
+    assert not warm_up_wanted("cuda")
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
+    assert warm_up_wanted("cpu")
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "yes")
+    with pytest.raises(ValueError, match="DEEPSERVE_WARM_UP must be 0 or 1, got 'yes'"):
+        warm_up_wanted("cuda")
+
+
+@pytest.mark.parametrize("limits", [(96, 8, 40, 4), (8192, 256, 3000, 16), (100, 1, 100, 16), (64, 4, 8, 4),
+                                    (50, 3, 1000, 4)])
+def test_profile_step_holds_the_largest_step(limits):
+    """The profile run's step holds max_num_batched_tokens tokens (no more than max_num_seqs
+    full sequences), at least as many as any warm-up step, and as many logits rows as asked;
+    each sequence's slots lie in blocks of its own of the scratch pool, as its table says."""
+    max_tokens, max_seqs, max_model_len, block_size = limits
+    inputs, blocks = profile_inputs(max_tokens, max_seqs, max_model_len, block_size, logits_rows=max_seqs * 3)
+    tokens = len(inputs.ids)
+    assert tokens == min(max_tokens, max_seqs * max_model_len) == sum(inputs.q_lens) == len(inputs.slots)
+    assert len(inputs.q_lens) <= max_seqs and max(inputs.q_lens) <= max_model_len
+    assert all(s.decodes + sum(s.prompts) <= tokens for s in warm_up_steps(max_tokens, max_seqs, max_model_len, 0))
+    assert len(inputs.logits_rows) == min(tokens, max_seqs * 3) and max(inputs.logits_rows) < tokens
+    assert sorted(inputs.slots.tolist()) == sorted(set(inputs.slots.tolist())) and max(inputs.slots) < blocks * block_size
+    offset = 0
+    for n, table in zip(inputs.q_lens, inputs.tables):
+        pos = inputs.positions[offset:offset + n]
+        want = [table[p // block_size] * block_size + p % block_size for p in pos.tolist()]
+        assert inputs.slots[offset:offset + n].tolist() == want and pos.tolist() == list(range(n))
+        offset += n
+
+
+def test_profile_run_forwards_max_num_batched_tokens(monkeypatch):
+    """The GPU profile run (faked allocator counters on the CPU) forwards every token of
+    max_num_batched_tokens, also where max_model_len does not divide it (96 = 40 + 40 + 16)."""
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=40, max_num_batched_tokens=96, max_num_seqs=8)
+    runner = llm.engine.runner
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: 0)
+    monkeypatch.setattr(runner.platform, "memory_info", lambda device: (2**34, 2**34))
+    seen = []
+    forward = runner.model.forward
+    monkeypatch.setattr(runner.model, "forward", lambda ids, pos, meta, **kw: seen.append(
+        (ids.shape[0], meta.host_seq_lens, meta.logits_indices.shape[0])) or forward(ids, pos, meta, **kw))
+    assert runner._profile_free_memory() > 0
+    assert seen == [(96, [40, 40, 16], 8)]
 
 
 def test_sampler_warm_up_draws_tokens_of_the_vocabulary():
