@@ -308,13 +308,14 @@ class Response:
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         conn = self._conn
-        if exc_type is None and conn.state != DONE and conn.exc is None and conn.keep_alive:
-            # the reader stopped at [DONE]: the body's last chunk is normally on its way
-            try:
+        try:
+            if exc_type is None and conn.state != DONE and conn.exc is None and conn.keep_alive:
+                # the reader stopped at [DONE]: the body's last chunk is normally on its way
                 await asyncio.wait_for(conn.drain(), DRAIN_S)
-            except (HTTPError, asyncio.TimeoutError):
-                pass
-        self._client._release(self._key, conn)
+        except (HTTPError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._client._release(self._key, conn)
 
 
 class Http1Client:
