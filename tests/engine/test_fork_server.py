@@ -24,14 +24,24 @@ def _children() -> dict[int, str]:
     """This process's child processes (every thread's) -> their command lines."""
     out = {}
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            for pid in f.read().split():
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        out[int(pid)] = c.read().replace(b"\0", b" ").decode(errors="replace")
-                except FileNotFoundError:
-                    pass
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = f.read().split()
+        except FileNotFoundError:   # the thread ended meanwhile
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    out[int(pid)] = c.read().replace(b"\0", b" ").decode(errors="replace")
+            except FileNotFoundError:
+                pass
     return out
+
+
+def _left_behind(before: dict[int, str]) -> dict[int, str]:
+    """Children that were not there `before` (the session's servers and helpers that earlier
+    tests of this worker process started are), the resource tracker left out."""
+    return {pid: cmd for pid, cmd in _not_resource_tracker(_children()).items() if pid not in before}
 
 
 def _not_resource_tracker(children: dict[int, str]) -> dict[int, str]:
@@ -68,18 +78,20 @@ def test_last_engine_shutdown_stops_the_fork_server(monkeypatch):
     monkeypatch.delenv("DEEPSERVE_KEEP_FORK_SERVER", raising=False)
     gc.collect()   # engines of earlier tests that nobody holds any more
     assert executor._fork_server_users[0] == 0, "an engine of an earlier test is still live"
+    kept = forkserver._forkserver._forkserver_pid    # an earlier test's, if it kept one
+    before = {pid: cmd for pid, cmd in _children().items() if pid != kept}
     llm = LLM(str(DEMO_MODEL), **ENGINE)
     server = forkserver._forkserver._forkserver_pid
     assert "multiprocessing.forkserver" in _children()[server]
     tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     llm.shutdown()
-    assert _not_resource_tracker(_children()) == {}
+    assert _left_behind(before) == {}
     assert not os.path.exists(f"/proc/{server}")
 
     with LLM(str(DEMO_MODEL), **ENGINE) as again:     # a new fork server
         assert forkserver._forkserver._forkserver_pid not in (None, server)
         assert [o.outputs[0].token_ids for o in again.generate(PROMPTS, GREEDY)] == tokens
-    assert _not_resource_tracker(_children()) == {}
+    assert _left_behind(before) == {}
 
 
 # Every torch.cuda call that initialises CUDA or its driver (is_available and device_count
