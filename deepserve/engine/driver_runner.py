@@ -89,7 +89,8 @@ class DriverRunner(ModelRunner):
         t0, before = time.perf_counter(), WATCH.compiles
         sampled = False
         for step in steps:
-            logits = self._forward(StepMessage(step_inputs(step, self.block_size, self.num_blocks), self.graph_size))
+            logits = self._forward(StepMessage(step_inputs(step, self.block_size, self.num_blocks), self.graph_size,
+                                                 warm_up=True))
             if logits is not None and not sampled:
                 self._warm_sampler(logits)
                 sampled = True

@@ -428,8 +428,14 @@ class ModelRunner:
 class WorkerRunner(ModelRunner):
     """A rank other than its DP rank's driver: runs each step its driver publishes."""
 
+    warmed_up = False   # a warm-up step came: the compile watch logs from the first step after them
+
     @torch.inference_mode()
     def run_published(self, msg) -> None:
+        if isinstance(msg, StepMessage) and msg.warm_up:
+            self.warmed_up = True
+        elif self.warmed_up:
+            WATCH.serving = True
         if isinstance(msg, MTPStepMessage):
             self.run_mtp(msg)
         else:

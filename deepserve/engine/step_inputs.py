@@ -99,6 +99,9 @@ class StepMessage:
     # speculative decoding with mtp: every rank keeps the step's hidden states [T, D] for the
     # MTP step that follows (`MTPStepMessage`)
     keep_hidden: bool = False
+    # a start-up warm-up step (engine/warm_up.py): a worker's compile watch logs the compiles of
+    # the steps after the last of them
+    warm_up: bool = False
 
 
 @dataclass

@@ -87,6 +87,27 @@ def test_warm_up_through_every_rank_keeps_greedy_outputs(monkeypatch, layout):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == reference
 
 
+def test_worker_compile_watch_serves_after_the_warm_up(monkeypatch):
+    """A worker rank's compile watch starts logging at the first step after the warm-up's
+    steps (as the driver's does once its warm-up ends), not during them."""
+    from deepserve.config import EngineArgs
+    from deepserve.engine.model_runner import WorkerRunner
+    from deepserve.engine import model_runner
+    from deepserve.platforms import get_platform
+    watch = CompileWatch()
+    monkeypatch.setattr(model_runner, "WATCH", watch)
+    config = EngineArgs(model=str(DEMO_MODEL), block_size=4, max_model_len=64).create_engine_config()
+    runner = WorkerRunner(config, get_platform("cpu"))
+    steps = warm_up_steps(32, 4, 64, 0)[:2]
+    runner.run_published(StepMessage(step_inputs(steps[0], runner.block_size, runner.num_blocks)))
+    assert not watch.serving                                   # no warm-up: nothing to end
+    for step in steps:
+        runner.run_published(StepMessage(step_inputs(step, runner.block_size, runner.num_blocks), warm_up=True))
+        assert not watch.serving
+    runner.run_published(StepMessage(step_inputs(steps[0], runner.block_size, runner.num_blocks)))
+    assert watch.serving
+
+
 def test_warm_up_wanted_on_cuda_unless_told(monkeypatch):
     monkeypatch.delenv("DEEPSERVE_WARM_UP", raising=False)
     assert warm_up_wanted("cuda") and not warm_up_wanted("cpu")
