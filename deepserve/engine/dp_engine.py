@@ -26,7 +26,7 @@ from typing import Optional
 from deepserve.config import EngineArgs, async_scheduling_plan
 from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, connect, read_outputs
 from deepserve.engine.engine_core import DPLayout, start_ranks
-from deepserve.engine.executor import STOP, check_no_live_group, start_timeout_s
+from deepserve.engine.executor import STOP, check_no_live_group, ready_timeout_s, start_timeout_s
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.placement import RankPlacement
@@ -93,13 +93,14 @@ class DataParallelEngine(LLMEngine):
         self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
         try:
             self.executor.wait_joining(start_timeout_s())
-            ready, deadline = set(), time.monotonic() + start_timeout_s()
+            ready, deadline = set(), time.monotonic() + ready_timeout_s()
             while len(ready) < self.dp_size:  # the cores of other nodes too
                 msg = self._next(timeout_s=max(0.0, deadline - time.monotonic()))
                 if msg is None:
                     raise RuntimeError(f"DP ranks {sorted(set(range(self.dp_size)) - ready)} did not report "
-                                       f"ready within {start_timeout_s():.0f} s (headless nodes started? "
-                                       f"--data-parallel-address {args.data_parallel_address})")
+                                       f"ready within {ready_timeout_s():.0f} s (DEEPSERVE_ENGINE_READY_TIMEOUT; "
+                                       f"headless nodes started? --data-parallel-address "
+                                       f"{args.data_parallel_address})")
                 ready.add(msg.dp_rank)
         except BaseException:
             self._finalizer()

@@ -148,6 +148,13 @@ def start_timeout_s() -> float:
     return float(os.environ.get("DEEPSERVE_WORKER_START_TIMEOUT", "300"))
 
 
+def ready_timeout_s() -> float:
+    """How long an engine core may take from joining to ready: loading the weights, the
+    profile run, CUDA-graph capture and the warm-up (vLLM's engine-ready wait is 600 s too).
+    A rank that dies meanwhile fails the start at once; this bounds a silent hang."""
+    return float(os.environ.get("DEEPSERVE_ENGINE_READY_TIMEOUT", "600"))
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """`n` distinct ports free on `host` now (held open together, so that they differ)."""
     socks = [socket.socket() for _ in range(n)]

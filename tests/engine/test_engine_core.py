@@ -6,6 +6,7 @@ with --api-server-count 2), killing the core turns /health to 503 and the server
 import os
 
 import httpx
+import pytest
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.dp_engine import DataParallelEngine
@@ -65,3 +66,12 @@ def test_two_api_servers_fail_health_and_exit_when_the_core_dies():
                    for p in children[1:])
     finally:
         server.stop()
+
+
+def test_core_not_ready_in_time_names_the_variable(monkeypatch):
+    """A core that has joined but is not ready within DEEPSERVE_ENGINE_READY_TIMEOUT fails the
+    start, naming the variable (loading, profiling, graphs and the warm-up share that window)."""
+    monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "1")
+    monkeypatch.setenv("DEEPSERVE_ENGINE_READY_TIMEOUT", "0.05")
+    with pytest.raises(RuntimeError, match=r"did not report ready within 0 s \(DEEPSERVE_ENGINE_READY_TIMEOUT"):
+        LLM(str(DEMO_MODEL))
