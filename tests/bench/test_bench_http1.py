@@ -223,3 +223,21 @@ def test_split_url():
     assert split_url("http://h") == ("h", 80, "/")
     with pytest.raises(ValueError, match="https://h/v1"):
         split_url("https://h/v1")
+
+
+def test_open_client_choice(monkeypatch):
+    from deepserve.bench.serve import open_client
+
+    async def kinds():
+        out = []
+        for url in ("http://h/v1/completions", "https://h/v1/completions"):
+            async with open_client(url, 1.0) as client:
+                out.append(type(client).__name__)
+        return out
+    monkeypatch.delenv("DEEPSERVE_BENCH_CLIENT", raising=False)
+    assert asyncio.run(kinds()) == ["Http1Client", "AsyncClient"]
+    monkeypatch.setenv("DEEPSERVE_BENCH_CLIENT", "httpx")
+    assert asyncio.run(kinds()) == ["AsyncClient", "AsyncClient"]
+    monkeypatch.setenv("DEEPSERVE_BENCH_CLIENT", "aiohttp")
+    with pytest.raises(ValueError, match="DEEPSERVE_BENCH_CLIENT must be one of auto, httpx, got 'aiohttp'"):
+        open_client("http://h/v1/completions", 1.0)
