@@ -86,7 +86,7 @@ class DriverRunner(ModelRunner):
         sc = self.config.scheduler
         steps = warm_up_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
                               self.config.piecewise_max_tokens if self.piecewise is not None else 0)
-        t0, before = time.perf_counter(), WATCH.compiles
+        t0, before, compiling = time.perf_counter(), WATCH.compiles, WATCH.seconds
         sampled = False
         for step in steps:
             logits = self._forward(StepMessage(step_inputs(step, self.block_size, self.num_blocks), self.graph_size,
@@ -98,18 +98,13 @@ class DriverRunner(ModelRunner):
             torch.cuda.synchronize(self.device)
         self.timings["warm_up_s"] = time.perf_counter() - t0
         WATCH.serving = True
-        logger.info("warm-up: %d steps (up to %d tokens) in %.1f s; %d Triton kernel compiles, %d during it",
-                    len(steps), max(s.decodes + sum(s.prompts) for s in steps), self.timings["warm_up_s"],
-                    WATCH.compiles, WATCH.compiles - before)
+        logger.info("warm-up: %d steps (up to %d tokens) in %.1f s; %d Triton kernel compiles, %d during it "
+                    "(%.1f s)", len(steps), max(s.decodes + sum(s.prompts) for s in steps),
+                    self.timings["warm_up_s"], WATCH.compiles, WATCH.compiles - before, WATCH.seconds - compiling)
 
     def _warm_sampler(self, logits: torch.Tensor) -> None:
-        """The sampling kernel over these rows (temperature, top-k, top-p and min-p on), as the
-        sampler calls it."""
-        rows = logits.float()[:, :self.vocab_size]
-        n, dev = rows.shape[0], rows.device
-        self.ops.sample(rows, torch.full((n,), 0.8, device=dev), torch.full((n,), 20, dtype=torch.long, device=dev),
-                        torch.full((n,), 0.9, device=dev), torch.full((n,), 0.05, device=dev),
-                        torch.empty_like(rows).exponential_(1))
+        """The sampling kernel over these rows, as a request's sampled step runs it."""
+        self.sampler.warm_up(logits)
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
         return StepInputs.from_batch(batch, self.block_size)

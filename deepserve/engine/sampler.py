@@ -160,14 +160,26 @@ class Sampler:
             self._fill_bitmask(logits, grammars)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(dim=-1)
+        return self._draw(logits, [[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
+                                   for s in seqs], [s.generator for s in seqs])
+
+    def _draw(self, logits: torch.Tensor, knob_rows: list, generators: list) -> torch.Tensor:
+        """The sampled id of each row from its [temperature, top_k, top_p, min_p] and its
+        generator (None: the device's stream)."""
+        dev = logits.device
         # one copy for the four per-row settings (top_k < 2^24 is exact in fp64), without a sync
-        knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
-                                 for s in seqs], torch.float64, dev)
+        knobs = to_device_async(knob_rows, torch.float64, dev)
         temperature, top_p, min_p = (knobs[:, j].float() for j in (0, 2, 3))
         top_k = knobs[:, 1].long()
         noise = torch.empty_like(logits).exponential_(1)
-        for i, s in enumerate(seqs):
-            if s.generator is not None:  # seeded: the request's own stream
-                noise[i] = to_device_async(torch.empty(logits.shape[1]).exponential_(1, generator=s.generator),
+        for i, g in enumerate(generators):
+            if g is not None:  # seeded: the request's own stream
+                noise[i] = to_device_async(torch.empty(logits.shape[1]).exponential_(1, generator=g),
                                            torch.float32, dev)
         return self.ops.sample(logits, temperature, top_k, top_p, min_p, noise)
+
+    def warm_up(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample these rows with temperature, top-k, top-p and min-p all on, as a request's
+        sampled step does (engine/warm_up.py: its kernel compiles at start)."""
+        rows = logits.float()[:, :self.vocab_size]
+        return self._draw(rows, [[0.8, 20, 0.9, 0.05]] * rows.shape[0], [None] * rows.shape[0])
