@@ -229,8 +229,8 @@ class LLMEngine:
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.runner.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None) if min(ids) < 0 or max(ids) >= vocab else None
-        if bad is not None:
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
             raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         max_tokens = params.max_tokens
         if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
