@@ -18,8 +18,10 @@ piece)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
 setup)
   cat /tmp/peer/vllm.part* > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+  # wx/ repeats some of .peer6's wheels (pydantic & co.); pip refuses a distribution given twice
+  extra=(); for w in .peerd/wx/*.whl; do [ -e ".peer6/$(basename "$w")" ] || extra+=("$w"); done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
-    /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl .peer6/*.whl .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -3
+    /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl .peer6/*.whl "${extra[@]}" 2>&1 | grep -v WARN | tail -3
   mkdir -p $D && tar -C $D -xJf .peerd/data.tar.xz && ls $D/*
   PYTHONPATH=$SITE python3 -c "import vllm, xgrammar, fastapi, zmq; print('vllm', vllm.__version__)" 2>&1 | tail -2
   python3 - <<'PY'
