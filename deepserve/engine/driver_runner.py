@@ -25,7 +25,8 @@ from deepserve.engine.pipeline import PendingLogits
 from deepserve.engine.sampler import Sampler, SamplerOutput
 from deepserve.engine.scheduler import ScheduledBatch
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
-from deepserve.engine.warm_up import WATCH, step_inputs, warm_up_steps, warm_up_wanted
+from deepserve.engine.spec_decode import as_decode_rows
+from deepserve.engine.warm_up import WATCH, mtp_inputs, profile_sampling, step_inputs, warm_up_steps, warm_up_wanted
 from deepserve.platforms import Platform
 
 logger = logging.getLogger("deepserve")
@@ -80,27 +81,46 @@ class DriverRunner(ModelRunner):
     def warm_up(self) -> None:
         """Run `warm_up_steps` (engine/warm_up.py) through every rank, writing no cache slot,
         and sample from the first one's logits, so that the Triton kernels of the steps a
-        server meets compile before it serves. With DP attention + EP every DP rank's driver runs
-        the same steps in the same order (their engine configs are the same), so the MoE
-        exchanges inside them meet; each step runs eagerly (graph_size 0)."""
-        sc = self.config.scheduler
+        server meets compile before it serves. With speculative decoding its verify steps run
+        as served ones do (decode-only ones as one-token rows where CUDA graphs replay them,
+        engine/spec_decode.py), and with mtp the MTP module's forwards follow every step. With
+        DP attention + EP every DP rank's driver runs the same steps in the same order (their
+        engine configs are the same), so the MoE exchanges inside them meet; each step runs
+        eagerly (graph_size 0)."""
+        sc, spec = self.config.scheduler, self.config.speculative
         steps = warm_up_steps(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
-                              self.config.piecewise_max_tokens if self.piecewise is not None else 0)
+                              self.config.piecewise_max_tokens if self.piecewise is not None else 0,
+                              spec.num_speculative_tokens if spec is not None else 0)
+        decode_rows = spec is not None and self.graphs is not None and self.graphs.enabled
         t0, before, compiling = time.perf_counter(), WATCH.compiles, WATCH.seconds
         sampled = False
         for step in steps:
-            logits = self._forward(StepMessage(step_inputs(step, self.block_size, self.num_blocks), self.graph_size,
-                                                 warm_up=True))
+            inputs = step_inputs(step, self.block_size, self.num_blocks)
+            as_rows = as_decode_rows if decode_rows and not step.prompts else (lambda x: x)
+            logits = self._forward(StepMessage(as_rows(inputs), self.graph_size, keep_hidden=self.mtp is not None,
+                                               warm_up=True))
+            if self.mtp is not None:
+                after = mtp_inputs(inputs, self.mtp.k, self.block_size, self.num_blocks, sc.max_model_len)
+                msg = MTPStepMessage(as_rows(after), list(range(inputs.num_tokens)), warm_up=True)
+                self.publish(msg)
+                self.run_mtp(msg)
             if logits is not None and not sampled:
                 self._warm_sampler(logits)
                 sampled = True
+        self.hidden, self.mtp_forwards = None, 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings["warm_up_s"] = time.perf_counter() - t0
         WATCH.serving = True
         logger.info("warm-up: %d steps (up to %d tokens) in %.1f s; %d Triton kernel compiles, %d during it "
-                    "(%.1f s)", len(steps), max(s.decodes + sum(s.prompts) for s in steps),
+                    "(%.1f s)", len(steps), max(s.num_tokens for s in steps),
                     self.timings["warm_up_s"], WATCH.compiles, WATCH.compiles - before, WATCH.seconds - compiling)
+
+    def _profile_sampling(self, logits: Optional[torch.Tensor], drafts: int) -> None:
+        """The profile run's sampling (engine/warm_up.profile_sampling) on the rank that samples."""
+        if logits is not None:
+            profile_sampling(Sampler(set(), self.vocab_size, self.ops), logits[:, :self.vocab_size],
+                             self.config.scheduler.max_num_seqs, drafts)
 
     def _warm_sampler(self, logits: torch.Tensor) -> None:
         """The sampling kernel over these rows, as a request's sampled step runs it."""

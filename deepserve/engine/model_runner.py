@@ -6,10 +6,11 @@ stage's send/recv lives in engine/pipeline.py.
 
 The pool is one preallocated tensor per cache of each attention layer, sized at start: on
 GPU from free memory x gpu_memory_utilization after a profiling forward at the largest
-batch, less an estimate of what the CUDA graphs captured after it will hold (their memory is
-logged after capture beside the estimate, and a sizable part they did not take goes back to
-the pool, engine/graph_memory.py); on CPU from `kv_cache_memory_bytes` (default 1 GiB), never
-beyond what `max_num_seqs` full-length sequences could use.
+batch and the sampling of its logits, less an estimate of what the CUDA graphs captured
+after it will hold (their memory is logged after capture beside the estimate, and a sizable
+part they did not take goes back to the pool, engine/graph_memory.py); on CPU from
+`kv_cache_memory_bytes` (default 1 GiB), never beyond what `max_num_seqs` full-length
+sequences could use.
 
 With DP attention + expert parallel, decode steps run as CUDA graphs when every DP rank's
 batch is decode-only: all ranks replay the graph sized for the largest one (`graph_size`,
@@ -286,7 +287,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_free_memory(self) -> int:
-        """Run the largest batch once on a scratch cache; the KV pool gets what is left."""
+        """Run the largest batch once on a scratch cache and sample from its logits (the
+        sampler's temporaries over max_num_seqs x (1 + k) rows of the vocabulary can outgrow
+        the activations); the KV pool gets what is left."""
         sc, spec = self.config.scheduler, self.config.speculative
         drafts = spec.num_speculative_tokens if spec is not None else 0
         inputs, scratch_blocks = profile_inputs(sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len,
@@ -296,9 +299,15 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device)
         ids, positions, meta = self.to_device(inputs)
         if self.pctx.pp_size > 1:  # every stage profiles at once, through the pipeline
-            self.pipeline.forward(ids, positions, meta)
+            logits = self.pipeline.forward(ids, positions, meta)
         else:
-            self.model.compute_logits(self.model(ids, positions, meta)[meta.logits_indices])
+            logits = self.model.compute_logits(self.model(ids, positions, meta)[meta.logits_indices])
+        torch.cuda.synchronize(self.device)
+        forward_peak = torch.cuda.max_memory_allocated(self.device)
+        # sampling from these logits after the forward: its [rows, vocab] temporaries join the
+        # peak the pool is sized by (not the activations the graph estimate scales)
+        self._profile_sampling(logits, drafts)
+        del logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for m in self.kv_layers:
@@ -306,12 +315,16 @@ class ModelRunner:
         torch.cuda.empty_cache()
         hf = self.config.model.hf_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        self.graph_estimate = estimate_graph_bytes(self.graph_plan, peak - before, len(inputs.ids),
+        self.graph_estimate = estimate_graph_bytes(self.graph_plan, forward_peak - before, len(inputs.ids),
                                                    kept_row_bytes(self.graph_plan, self.vocab_size,
                                                                   int(hf.hidden_size), elem))
         free, total = self.platform.memory_info(self.device)
         return kv_budget(total, self.config.cache.gpu_memory_utilization, peak, free,
                          torch.cuda.memory_reserved(self.device), self.graph_estimate)
+
+    def _profile_sampling(self, logits: Optional[torch.Tensor], drafts: int) -> None:
+        """Sample from the profile run's logits as the heaviest served step may (the driver's
+        job: `DriverRunner`); a worker rank samples nothing."""
 
     @torch.inference_mode()
     def _count_op_calls(self) -> None:
@@ -409,7 +422,7 @@ class ModelRunner:
         if not drafting:
             self.mtp.mtp(ids, positions, hidden, meta)
             return None
-        return self.mtp.propose(hidden, ids, positions, meta)[0]
+        return self.mtp.propose(hidden, ids, positions, meta, write_kv=not msg.warm_up)[0]
 
     def finish_sends(self) -> None:
         """Wait for this rank's pipeline sends and receives still in progress (before the
@@ -432,7 +445,7 @@ class WorkerRunner(ModelRunner):
 
     @torch.inference_mode()
     def run_published(self, msg) -> None:
-        if isinstance(msg, StepMessage) and msg.warm_up:
+        if isinstance(msg, (StepMessage, MTPStepMessage)) and msg.warm_up:
             self.warmed_up = True
         elif self.warmed_up:
             WATCH.serving = True

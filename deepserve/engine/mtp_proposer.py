@@ -21,12 +21,16 @@ from deepserve.layers.attention import AttentionMetadata
 
 
 def decode_step_meta(meta: AttentionMetadata, seq_index: torch.Tensor, positions: torch.Tensor,
-                     block_size: int, extra_len: int) -> AttentionMetadata:
+                     block_size: int, extra_len: int, write_kv: bool = True) -> AttentionMetadata:
     """Metadata of one decode token per drafting sequence at `positions` [S], in the block
-    tables of `meta` (rows `seq_index`); `extra_len` bounds how far past meta.max_seq_len."""
+    tables of `meta` (rows `seq_index`); `extra_len` bounds how far past meta.max_seq_len;
+    `write_kv` False: the tokens' KV goes to no cache slot (the start-up warm-up)."""
     tables = meta.block_tables.index_select(0, seq_index)                       # [S, W]
-    blocks = tables.gather(1, (positions // block_size)[:, None].to(torch.int64))[:, 0]
-    slots = blocks.to(torch.int64) * block_size + positions % block_size
+    if write_kv:
+        blocks = tables.gather(1, (positions // block_size)[:, None].to(torch.int64))[:, 0]
+        slots = blocks.to(torch.int64) * block_size + positions % block_size
+    else:
+        slots = torch.full_like(positions, -1, dtype=torch.int64)
     n = positions.shape[0]
     rows = torch.arange(n + 1, dtype=torch.int32, device=positions.device)
     return AttentionMetadata(query_start_loc=rows, seq_lens=(positions + 1).to(torch.int32), block_tables=tables,
@@ -54,11 +58,12 @@ class MTPProposer:
 
     @torch.inference_mode()
     def propose(self, target_hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+                meta: AttentionMetadata, write_kv: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """target_hidden [T, D] (the target's output over the step's flat batch), next_ids [T]
         (each row's following token: the input ids shifted by one within each sequence, the
         sampled token at a sequence's last row), positions [T], meta: the target step's metadata,
-        whose logits_indices are the rows of the sequences that draft (their last rows)
+        whose logits_indices are the rows of the sequences that draft (their last rows);
+        write_kv False: the forwards after the first write no KV either (the warm-up's)
         -> (draft ids [S, k] int64, draft logits [S, k, V] fp32)."""
         rows = meta.logits_indices
         hidden, first = self.forward(next_ids, positions, target_hidden, meta)
@@ -71,7 +76,7 @@ class MTPProposer:
             last_pos = positions[rows]
         for j in range(1, self.k):
             pos = last_pos + j
-            step = decode_step_meta(meta, seq_index, pos, self.block_size, j)
+            step = decode_step_meta(meta, seq_index, pos, self.block_size, j, write_kv)
             hidden, step_logits = self.forward(drafts[-1], pos, hidden, step)
             logits.append(step_logits.float())
             drafts.append(logits[-1].argmax(dim=-1))

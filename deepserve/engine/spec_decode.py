@@ -183,7 +183,7 @@ class SpecDecoder:
         if all(s.params.greedy for s in seqs):
             out = self._verify_greedy(logits, drafts)
         else:
-            out = self._verify_sampled(logits, seqs, drafts)
+            out = verify_sampled(logits, seqs, drafts)
         for d, toks in zip(drafts, out):
             self.stats.record(len(d), len(toks) - 1)
         self._maybe_log()
@@ -205,32 +205,6 @@ class SpecDecoder:
             row += len(d) + 1
         return out
 
-    def _verify_sampled(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]
-                        ) -> list[list[int]]:
-        """The rejection sampler over each row's sampling distribution (greedy rows among them
-        take its argmax)."""
-        dev, vocab = logits.device, logits.shape[1]
-        logits = logits.float()
-        k = max(len(d) for d in drafts)
-        n = len(seqs)
-        counts = [len(d) + 1 for d in drafts]
-        # rows of the padded [S, k+1] layout that hold a logits row
-        seq_of = np.repeat(np.arange(n), counts)
-        col_of = np.concatenate([np.arange(c) for c in counts])
-        knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
-                                 for s in seqs], torch.float64, dev)
-        per_row = knobs[to_device_async(seq_of, torch.int64, dev)]                  # [rows, 4]
-        probs = sampling_probs(logits, per_row[:, 0].float(), per_row[:, 1].long(), per_row[:, 2].float(),
-                               per_row[:, 3].float())
-        # (greedy rows: their argmax is the logits' argmax)
-        greedy = to_device_async([s.params.greedy for s in seqs], torch.bool, dev)
-        target = probs.new_zeros(n, k + 1, vocab)
-        target[to_device_async(seq_of, torch.int64, dev), to_device_async(col_of, torch.int64, dev)] = probs
-        draft_ids = to_device_async([d + [0] * (k - len(d)) for d in drafts], torch.int64, dev).view(n, k)
-        uniform, noise = self._draws(seqs, k, vocab, dev)
-        return rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
-                                greedy, uniform, noise).to_lists()
-
     def _maybe_log(self) -> None:
         """vLLM's periodic spec-decode line: mean acceptance length, accepted / drafted tokens."""
         now = time.monotonic()
@@ -243,16 +217,43 @@ class SpecDecoder:
                     st.num_accepted_tokens, st.num_draft_tokens,
                     100.0 * st.num_accepted_tokens / max(1, st.num_draft_tokens), st.accepted_per_position)
 
-    @staticmethod
-    def _draws(seqs: list[Sequence], k: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-        """U(0,1) [S, k] and Exp(1) [S, k+1, V]; a seeded request draws from its own generator."""
-        uniform = torch.rand(len(seqs), k, device=dev)
-        noise = torch.empty(len(seqs), k + 1, vocab, device=dev).exponential_(1)
-        for i, s in enumerate(seqs):
-            if s.generator is not None:
-                uniform[i] = torch.rand(k, generator=s.generator).to(dev)
-                noise[i] = torch.empty(k + 1, vocab).exponential_(1, generator=s.generator).to(dev)
-        return uniform, noise
+
+def verify_sampled(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
+    """The rejection sampler over each row's sampling distribution (greedy rows among them
+    take its argmax): logits [sum(len(d) + 1), V], each sequence's rows in order -> the
+    tokens each sequence emits."""
+    dev, vocab = logits.device, logits.shape[1]
+    logits = logits.float()
+    k = max(len(d) for d in drafts)
+    n = len(seqs)
+    counts = [len(d) + 1 for d in drafts]
+    # rows of the padded [S, k+1] layout that hold a logits row
+    seq_of = np.repeat(np.arange(n), counts)
+    col_of = np.concatenate([np.arange(c) for c in counts])
+    knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
+                             for s in seqs], torch.float64, dev)
+    per_row = knobs[to_device_async(seq_of, torch.int64, dev)]                  # [rows, 4]
+    probs = sampling_probs(logits, per_row[:, 0].float(), per_row[:, 1].long(), per_row[:, 2].float(),
+                           per_row[:, 3].float())
+    # (greedy rows: their argmax is the logits' argmax)
+    greedy = to_device_async([s.params.greedy for s in seqs], torch.bool, dev)
+    target = probs.new_zeros(n, k + 1, vocab)
+    target[to_device_async(seq_of, torch.int64, dev), to_device_async(col_of, torch.int64, dev)] = probs
+    draft_ids = to_device_async([d + [0] * (k - len(d)) for d in drafts], torch.int64, dev).view(n, k)
+    uniform, noise = _draws(seqs, k, vocab, dev)
+    return rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
+                            greedy, uniform, noise).to_lists()
+
+
+def _draws(seqs: list[Sequence], k: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """U(0,1) [S, k] and Exp(1) [S, k+1, V]; a seeded request draws from its own generator."""
+    uniform = torch.rand(len(seqs), k, device=dev)
+    noise = torch.empty(len(seqs), k + 1, vocab, device=dev).exponential_(1)
+    for i, s in enumerate(seqs):
+        if s.generator is not None:
+            uniform[i] = torch.rand(k, generator=s.generator).to(dev)
+            noise[i] = torch.empty(k + 1, vocab).exponential_(1, generator=s.generator).to(dev)
+    return uniform, noise
 
 
 def release_rejected(block_manager, seq: Sequence) -> None:

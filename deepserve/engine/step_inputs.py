@@ -113,6 +113,8 @@ class MTPStepMessage:
     module runs k times (engine/mtp_proposer.py), else once to write its KV."""
     inputs: StepInputs
     target_rows: list[int]
+    # a start-up warm-up step: the draft forwards after the first write no cache slot either
+    warm_up: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,17 @@ would compile inside a user's request, 1-2 s on an H100 per new kernel. `warm_up
 lists steps whose sizes cover each class; the driver runs them at start with no cache
 writes. `CompileWatch` logs every compile after that, naming the kernel, so a shape the
 warm-up missed shows in the server log.
+
+With speculative decoding the steps also include verify steps (each sequence's last token
+and its k drafts after some context), and with mtp every step is followed by the MTP
+module's forwards over its rows (the k draft forwards included), as a served step is. The
+sampler's own Triton kernel (ops.sample) is launched the same way whatever the request's
+settings (penalties, logit_bias, min_tokens, logprobs and allowed_token_ids are torch ops
+before it; its integer arguments are the vocabulary and the row strides, the row count only
+its grid), and the rejection sampler is torch alone: one sampled draw warms them.
+
+The profile run's step (`profile_inputs`) and its sampling (`profile_sampling`) live here
+too: they size the activations and the sampler's temporaries every later step may use.
 """
 from __future__ import annotations
 
@@ -18,7 +29,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.sequence import Sequence
+from deepserve.engine.spec_decode import verify_sampled
 from deepserve.engine.step_inputs import StepInputs
 
 logger = logging.getLogger("deepserve")
@@ -31,19 +46,31 @@ LARGEST_POWER = 16384
 
 @dataclass(frozen=True)
 class WarmUpStep:
-    decodes: int             # one-token decode rows first
+    decodes: int             # decode sequences first: one token each, or 1 + drafts (verify)
     prompts: tuple           # then prompt chunks, each from position 0
+    drafts: int = 0          # speculative decoding: each decode sequence's drafts after its token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.decodes * (1 + self.drafts) + sum(self.prompts)
 
 
-def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_max: int) -> list[WarmUpStep]:
+def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_max: int,
+                  drafts: int = 0) -> list[WarmUpStep]:
     """Steps whose token count, sequence count, decode count and longest chunk each take the
     values 1, a multiple of 16 and neither, at small sizes (graph and piecewise steps, whose
     attention runs eagerly between the pieces) and at each power of two above the piecewise
     limit up to `max_tokens` (eager steps, where size-keyed launch tables change tiles; up to
-    LARGEST_POWER, then `max_tokens` itself)."""
-    steps = [WarmUpStep(0, (1,)), WarmUpStep(0, (16,)), WarmUpStep(0, (17,)), WarmUpStep(1, (15,)),
+    LARGEST_POWER, then `max_tokens` itself). With `drafts` (speculative decoding's k) the
+    small steps with decodes come again as verify steps: each decode sequence its last token
+    and k drafts, alone or beside the prompt chunks."""
+    small = [WarmUpStep(0, (1,)), WarmUpStep(0, (16,)), WarmUpStep(0, (17,)), WarmUpStep(1, (15,)),
              WarmUpStep(3, (16, 13)), WarmUpStep(16, (16,)), WarmUpStep(15, (17,)), WarmUpStep(17, (31,)),
              WarmUpStep(3, ())]
+    steps = list(small)
+    if drafts:
+        steps += [WarmUpStep(s.decodes, s.prompts, drafts) for s in small + [WarmUpStep(1, ()), WarmUpStep(16, ())]
+                  if s.decodes]
     max_tokens = min(max_tokens, max_seqs * max_model_len)    # the most one step can hold
     sizes, p = [], 1
     while p <= min(max_tokens, LARGEST_POWER):
@@ -57,11 +84,12 @@ def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_
         steps.append(WarmUpStep(17, _chunks(t - 19, max_model_len)))    # T = t - 2: not a multiple of 16
     out = []
     for s in steps:
-        d = min(s.decodes, max(0, max_seqs - len(s.prompts)), max_tokens)
-        prompts = tuple(n for n in s.prompts if 0 < n <= max_model_len)
-        tokens = d + sum(prompts)
-        if 0 < tokens <= max_tokens and d + len(prompts) <= max_seqs:
-            out.append(WarmUpStep(d, prompts))
+        if s.drafts and s.drafts + 2 > max_model_len:    # a verify sequence: context, token, drafts
+            continue
+        d = min(s.decodes, max(0, max_seqs - len(s.prompts)), max_tokens // (1 + s.drafts))
+        step = WarmUpStep(d, tuple(n for n in s.prompts if 0 < n <= max_model_len), s.drafts if d else 0)
+        if 0 < step.num_tokens <= max_tokens and d + len(step.prompts) <= max_seqs:
+            out.append(step)
     return list(dict.fromkeys(out))
 
 
@@ -102,18 +130,58 @@ def profile_inputs(max_tokens: int, max_seqs: int, max_model_len: int, block_siz
 
 
 def step_inputs(step: WarmUpStep, block_size: int, num_blocks: int) -> StepInputs:
-    """A warm-up step as the runner's inputs: no cache slot written, every row's logits kept
-    (each decode reads a two-token context; block ids wrap around the pool)."""
-    q_lens = [1] * step.decodes + list(step.prompts)
-    seq_lens = [2] * step.decodes + list(step.prompts)
+    """A warm-up step as the runner's inputs: no cache slot written, the logits of each
+    sequence's last row kept, and of every row of a verify sequence (each decode sequence
+    follows a one-token context; block ids wrap around the pool)."""
+    per_decode = 1 + step.drafts
+    q_lens = [per_decode] * step.decodes + list(step.prompts)
+    seq_lens = [1 + per_decode] * step.decodes + list(step.prompts)
     width = max(-(-n // block_size) for n in seq_lens)
     tables = [[b % num_blocks for b in range(width)] for _ in seq_lens]
-    positions = np.concatenate([np.full(step.decodes, 1, dtype=np.int64)]
+    positions = np.concatenate([np.tile(np.arange(1, 1 + per_decode, dtype=np.int64), step.decodes)]
                                + [np.arange(n, dtype=np.int64) for n in step.prompts])
-    rows = np.cumsum(q_lens) - 1
+    decode_rows = step.decodes * per_decode
+    rows = list(range(decode_rows)) + (decode_rows + np.cumsum(step.prompts) - 1).tolist()
     return StepInputs(ids=[0] * len(positions), positions=positions, slots=np.full(len(positions), -1),
-                      q_lens=q_lens, seq_lens=seq_lens, tables=tables, logits_rows=rows.tolist(),
-                      num_decodes=step.decodes)
+                      q_lens=q_lens, seq_lens=seq_lens, tables=tables, logits_rows=rows,
+                      num_decodes=step.decodes if not step.drafts else 0)
+
+
+def mtp_inputs(target: StepInputs, k: int, block_size: int, num_blocks: int, max_model_len: int) -> StepInputs:
+    """The MTP module's step after the warm-up step `target`: its rows fed by all of that
+    step's hidden states (as after a step whose drafts were all accepted), each sequence
+    drafting its k tokens from its last row where max_model_len leaves room for them, its
+    table wide enough for the k - 1 positions drafting reuses the module at; no cache slot
+    written."""
+    drafts = [n + k - 1 <= max_model_len for n in target.seq_lens]
+    width = max(-(-(n + (k - 1) * d) // block_size) for n, d in zip(target.seq_lens, drafts))
+    ends = np.cumsum(target.q_lens) - 1
+    return StepInputs(ids=[0] * target.num_tokens, positions=target.positions, slots=target.slots,
+                      q_lens=target.q_lens, seq_lens=target.seq_lens,
+                      tables=[[b % num_blocks for b in range(width)] for _ in target.q_lens],
+                      logits_rows=[int(e) for e, d in zip(ends, drafts) if d], num_decodes=target.num_decodes)
+
+
+@torch.inference_mode()
+def profile_sampling(sampler, logits: torch.Tensor, max_seqs: int, drafts: int) -> None:
+    """Sample from the profile run's logits [rows, V] as the heaviest served step may, so that
+    the measured peak holds the sampler's [rows, V] temporaries (fp32 logits, logprobs,
+    penalty counts and masks, allowed-token masks, noise, the torch path's sorts): `sampler`
+    (the engine's Sampler) over `max_seqs` rows with every setting that allocates them (a
+    step samples one row a sequence), then with speculative decoding (`drafts` = k) the
+    rejection sampler over the rows of rows // (k + 1) sequences of k drafts each."""
+    rows, vocab = logits.shape
+    sampled = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)
+    # every setting that allocates [rows, V] temporaries in the sampler (20: --max-logprobs' default)
+    full = SamplingParams(**sampled, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
+                          logprobs=min(20, vocab), min_tokens=1, max_tokens=2, logit_bias={0: 1.0},
+                          allowed_token_ids=[0])
+    n = min(rows, max_seqs)
+    sampler(logits[:n], [Sequence("profile", i, [0], full) for i in range(n)])
+    m = rows // (drafts + 1) if drafts else 0
+    if m:   # (what a sequence with drafts may ask for: penalties, logprobs, bias, allowed ids draft nothing)
+        verify_sampled(logits[:m * (drafts + 1)], [Sequence("profile", i, [0], SamplingParams(**sampled))
+                                                   for i in range(m)], [[0] * drafts] * m)
 
 
 class CompileWatch:

@@ -15,7 +15,7 @@ import torch
 from deepserve import LLM, SamplingParams
 from deepserve.config import SpeculativeConfig
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.spec_decode import SpecDecoder, can_speculate, verify_inputs
+from deepserve.engine.spec_decode import SpecDecoder, can_speculate, verify_inputs, verify_sampled
 from deepserve.engine.step_inputs import StepMessage
 from deepserve.ops.sampling import sampling_probs
 
@@ -283,5 +283,5 @@ def test_greedy_verify_equals_the_rejection_sampler():
         drafts.append([best[row + j] if j < i % 4 else (best[row + j] + 1) % 50 for j in range(n)])
         row += n + 1
     fast = decoder.verify(logits, seqs, drafts)
-    assert fast == decoder._verify_sampled(logits, seqs, drafts)
+    assert fast == verify_sampled(logits, seqs, drafts)
     assert [len(t) - 1 for t in fast] == [0, 0, 1, 3, 0, 1]

@@ -124,3 +124,39 @@ def test_tp2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
     # the same drafts, step by step, as the MTP layer drafts in one process
     assert len(want) > 5 and got_drafts == want
     assert g["num_free_blocks"] == g["num_blocks"]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mtp_warm_up_drafts_writes_nothing_and_keeps_greedy_outputs(r1_with_mtp, monkeypatch, k):
+    """With mtp the warm-up runs the MTP module after every step, its k draft forwards
+    included; greedy tokens with the warm-up (DEEPSERVE_WARM_UP=1) equal those without it
+    (=0), and running it again on the serving engine leaves every pool (the module's too) and
+    the prefix cache as they were."""
+    from deepserve.engine.step_inputs import MTPStepMessage, StepMessage
+    from tests.engine.test_warm_up import serves_again, warm_up_again
+    kw = dict(model=r1_with_mtp, dtype="float32", block_size=4, max_model_len=64, max_num_batched_tokens=64,
+              max_num_seqs=8, speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "0")
+    reference = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
+    llm = LLM(**kw)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == reference
+    mtp = llm.engine.runner.mtp
+    forwards = []
+    forward = mtp.forward
+    monkeypatch.setattr(mtp, "forward", lambda ids, *a: forwards.append(ids.shape[0]) or forward(ids, *a))
+    published = warm_up_again(llm)
+    warm_forwards = list(forwards)
+    serves_again(llm, prompts, params, reference)
+    steps = [m for m in published if isinstance(m, StepMessage)]
+    mtp_steps = [m for m in published if isinstance(m, MTPStepMessage)]
+    assert len(mtp_steps) == len(steps) > 10 and all(m.warm_up and m.keep_hidden for m in steps)
+    assert all(m.warm_up for m in mtp_steps)
+    assert [m.target_rows for m in mtp_steps] == [list(range(m.inputs.num_tokens)) for m in steps]
+    assert any(q == 1 + k for m in steps for q in m.inputs.q_lens)                # verify steps
+    # a drafting MTP step: one forward over the step's rows, then k - 1 over its drafting rows
+    want = [n for m in mtp_steps if m.inputs.logits_rows
+            for n in [m.inputs.num_tokens] + [len(m.inputs.logits_rows)] * (k - 1)]
+    assert len(want) > 10 * k and warm_forwards == want

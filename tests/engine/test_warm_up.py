@@ -3,9 +3,12 @@ KV pool, and the compile watch that logs what it missed."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.step_inputs import StepMessage
@@ -18,8 +21,8 @@ def _class(n: int) -> str:
 
 
 def _shape(s: WarmUpStep) -> dict:
-    return {"tokens": s.decodes + sum(s.prompts), "seqs": s.decodes + len(s.prompts),
-            "longest": max((1,) * bool(s.decodes) + s.prompts)}
+    return {"tokens": s.decodes * (1 + s.drafts) + sum(s.prompts), "seqs": s.decodes + len(s.prompts),
+            "longest": max((1 + s.drafts,) * bool(s.decodes) + s.prompts)}
 
 
 def test_steps_cover_every_integer_class_and_each_eager_power_of_two():
@@ -36,21 +39,69 @@ def test_steps_cover_every_integer_class_and_each_eager_power_of_two():
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.parametrize("drafts", [0, 1, 3])
 @pytest.mark.parametrize("limits", [(64, 4, 32, 0), (8192, 8, 300, 512), (100, 1, 100, 16), (6000, 256, 8192, 512),
-                                    (131072, 256, 131072, 512)])
-def test_steps_keep_within_the_limits(limits):
+                                    (131072, 256, 131072, 512), (8, 8, 4, 0)])
+def test_steps_keep_within_the_limits(limits, drafts):
     max_tokens, max_seqs, max_model_len, piecewise_max = limits
-    steps = warm_up_steps(max_tokens, max_seqs, max_model_len, piecewise_max)
+    steps = warm_up_steps(max_tokens, max_seqs, max_model_len, piecewise_max, drafts)
     assert steps
     for s in steps:
         sh = _shape(s)
         assert 0 < sh["tokens"] <= max_tokens and sh["seqs"] <= max_seqs
+        assert s.num_tokens == sh["tokens"] and s.drafts in ((0, drafts) if s.decodes else (0,))
         assert all(0 < n <= max_model_len for n in s.prompts)
+        assert not s.drafts or s.drafts + 2 <= max_model_len      # context, last token, drafts
     largest = min(max_tokens, max_seqs * max_model_len)
     if largest > piecewise_max:
         assert largest == max(_shape(s)["tokens"] for s in steps)
     big = sorted(_shape(s)["tokens"] for s in steps if _shape(s)["tokens"] > 16384)
     assert big in ([], [largest - 2, largest])          # past 16,384 tokens: max_num_batched_tokens alone
+
+
+def test_verify_steps_cover_every_integer_class_alone_and_beside_prompts():
+    """With k drafts the steps hold verify sequences (last token + k drafts each) whose count
+    takes the values 1, a multiple of 16 and neither, alone and beside prompt chunks; the
+    steps without drafts are the same as without speculative decoding."""
+    plain = warm_up_steps(max_tokens=8192, max_seqs=256, max_model_len=2048, piecewise_max=512)
+    steps = warm_up_steps(max_tokens=8192, max_seqs=256, max_model_len=2048, piecewise_max=512, drafts=2)
+    assert [s for s in steps if not s.drafts] == plain and not any(s.drafts for s in plain)
+    verify = [s for s in steps if s.drafts]
+    assert {s.drafts for s in verify} == {2}
+    assert {_class(s.decodes) for s in verify if not s.prompts} == {"one", "x16", "other"}
+    assert {_class(s.decodes) for s in verify if s.prompts} == {"one", "x16", "other"}
+    assert max(s.num_tokens for s in verify) <= 17 * 3 + 31          # small steps only: start-up stays short
+
+
+@pytest.mark.parametrize("step", [WarmUpStep(3, (), 2), WarmUpStep(1, (15,), 1), WarmUpStep(2, (5, 3), 3),
+                                  WarmUpStep(4, (9,), 0)])
+def test_verify_step_inputs_are_those_of_a_served_verify_step(step):
+    """A warm-up verify step's inputs equal spec_decode.verify_inputs' for sequences at those
+    lengths (each decode sequence one context token, its last token and its drafts; each
+    prompt from position 0) in the same block tables, but for the slots: none is written."""
+    from deepserve.engine.sequence import Sequence
+    from deepserve.engine.spec_decode import verify_inputs
+    block_size, num_blocks = 4, 5
+    seqs, num_new, drafts = [], [], []
+    for i in range(step.decodes):
+        seq = Sequence("d", i, [7, 8], SamplingParams(temperature=0))
+        seq.num_computed_tokens = 1
+        seqs.append(seq)
+        num_new.append(1)
+        drafts.append([0] * step.drafts)
+    for n in step.prompts:
+        seqs.append(Sequence("p", 0, [7] * n, SamplingParams(temperature=0)))
+        num_new.append(n)
+        drafts.append([])
+    got = step_inputs(step, block_size, num_blocks)
+    for seq, table in zip(seqs, got.tables):   # (the warm-up's tables: every sequence as wide as the longest)
+        seq.block_table = table
+    want, order = verify_inputs(seqs, num_new, drafts, block_size)
+    assert order == list(range(len(seqs)))
+    for name in ("q_lens", "seq_lens", "logits_rows", "num_decodes"):
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.positions.tolist() == want.positions.tolist() and len(got.ids) == len(want.ids)
+    assert got.slots.tolist() == [-1] * len(got.ids) and min(want.slots) >= 0
 
 
 def test_warm_up_steps_write_no_cache_slot_and_sample_in_the_vocabulary():
@@ -71,6 +122,63 @@ def test_warm_up_steps_write_no_cache_slot_and_sample_in_the_vocabulary():
     # the prefix cache still serves the earlier prompt's blocks: its text is unchanged
     again = llm.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0]
     assert again.token_ids == reference.token_ids
+
+
+def _pools(runner) -> list[torch.Tensor]:
+    return [t.clone() for m in runner.kv_layers for t in m.kv_cache]
+
+
+def _cache_state(engine) -> tuple:
+    bm = engine.block_manager
+    return list(bm.ref_counts), list(bm.hash_of), dict(bm.cached), list(bm.free), bm.prefix_queries, bm.prefix_hits
+
+
+def warm_up_again(llm) -> list:
+    """Run the driver's whole warm-up again on a serving engine: the KV pools (every layer's,
+    the MTP module's too), the block manager and its prefix cache stay byte for byte as they
+    were. Returns the messages the warm-up published to the other ranks."""
+    engine, runner = llm.engine, llm.engine.runner
+    pools, state = _pools(runner), _cache_state(engine)
+    published = []
+    publish = runner.publish
+    runner.publish = lambda msg: published.append(msg) or publish(msg)
+    try:
+        runner.warm_up()
+    finally:
+        runner.publish = publish
+    assert all(torch.equal(a, b) for a, b in zip(pools, _pools(runner)))
+    assert _cache_state(engine) == state
+    return published
+
+
+def serves_again(llm, prompts, params, reference) -> None:
+    """The prompts' greedy tokens are still `reference`, from prefix-cache hits."""
+    hits = llm.engine.gauges()["prefix_cache_hits"]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == reference
+    assert llm.engine.gauges()["prefix_cache_hits"] > hits
+
+
+def test_ngram_warm_up_runs_verify_steps_writes_nothing_and_keeps_greedy_outputs(monkeypatch):
+    """With n-gram drafts (k = 2) the warm-up also runs verify steps (three rows a decode
+    sequence); greedy text with the warm-up (DEEPSERVE_WARM_UP=1) equals the text without it
+    (=0), and running it again on the serving engine leaves pools and prefix cache as they were."""
+    kw = dict(block_size=4, max_model_len=64, max_num_batched_tokens=96, max_num_seqs=8,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1})
+    prompts = ["Once upon a time, there was a little girl. The little girl", "The little dog saw the little dog"]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "0")
+    plain = LLM(str(DEMO_MODEL), **kw)
+    reference = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert "warm_up_s" not in plain.engine.runner.timings and plain.engine.gauges()["spec_decode_num_drafts"] > 0
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
+    llm = LLM(str(DEMO_MODEL), **kw)
+    assert llm.engine.runner.timings["warm_up_s"] > 0
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == reference
+    published = warm_up_again(llm)
+    serves_again(llm, prompts, params, reference)
+    shapes = [(m.inputs.num_tokens, tuple(m.inputs.q_lens)) for m in published]
+    assert (9, (3, 3, 3)) in shapes and (3 + 15, (3, 15)) in shapes        # verify alone, beside a prompt
+    assert all(m.warm_up for m in published)
 
 
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
@@ -175,6 +283,46 @@ def test_sampler_warm_up_draws_tokens_of_the_vocabulary():
     assert ids.shape == (3,) and bool(((ids >= 0) & (ids < runner.vocab_size)).all())
 
 
+def _launch_key(logits, temperature, top_k, top_p, min_p, noise) -> tuple:
+    """What Triton specialises the sampling kernel's launch on (ops/triton/sampling.py): each
+    tensor's dtype and 16-byte alignment, and the value class (1, a multiple of 16, other) of
+    its integer arguments, the vocabulary and the rows' strides (of contiguous rows)."""
+    tensors = (logits, noise, temperature, top_k, top_p, min_p)
+    ints = (logits.shape[1], logits.stride(0) if logits.stride(-1) == 1 else logits.shape[1],
+            noise.stride(0) if noise.stride(-1) == 1 else noise.shape[1])
+    return (tuple((t.dtype, t.data_ptr() % 16 == 0, t.dim()) for t in tensors)
+            + tuple((v == 1, v % 16 == 0) for v in ints))
+
+
+def test_sampling_kernel_launch_is_the_warm_ups_for_every_request_setting():
+    """The warm-up samples once (engine/warm_up.py): every sampled request setting (penalties,
+    logit_bias, min_tokens, logprobs, allowed_token_ids, a seed, greedy rows beside) and row
+    count reaches ops.sample with the launch key of the warm-up's draw, so none compiles a
+    kernel of its own."""
+    from deepserve.engine.sequence import Sequence
+    llm = LLM(str(DEMO_MODEL))
+    runner = llm.engine.runner
+    keys = []
+    sample = runner.ops.sample
+    runner.ops.sample = lambda *a: keys.append(_launch_key(*a)) or sample(*a)
+    settings = [{}, {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2},
+                {"logit_bias": {3: 5.0}}, {"min_tokens": 4, "stop_token_ids": [7]}, {"logprobs": 3},
+                {"allowed_token_ids": [1, 2, 3]}, {"seed": 11}, {"top_k": 0, "top_p": 1.0}]
+    try:
+        runner._warm_sampler(torch.randn(1, runner.vocab_size))
+        for rows in (1, 16, 17):
+            for kw in settings:
+                seqs = [Sequence("r", i, [5, 6], SamplingParams(temperature=0.7 if i % 3 else 0.0,
+                                                                **{"top_k": 9, **kw})) for i in range(rows)]
+                seqs[-1].params = SamplingParams(temperature=0.7, **kw)
+                ids = runner.sampler(torch.randn(rows, runner.vocab_size), seqs).token_ids
+                assert len(ids) == rows and all(0 <= t < runner.vocab_size for t in ids)
+                runner.sampler.sample_ids(torch.randn(rows, runner.vocab_size), seqs)
+    finally:
+        runner.ops.sample = sample
+    assert len(keys) == 1 + 2 * 3 * len(settings) and set(keys) == {keys[0]}
+
+
 class _Fn:
     module, name = "deepserve.ops.triton.norm", "_rms_norm_kernel"
 
@@ -208,3 +356,66 @@ def test_compile_watch_chains_the_hooks_already_set():
         assert seen == [("start", 7), ("done", 7)] and watch.compiles == 1
     finally:
         rt.jit_cache_hook, rt.jit_post_compile_hook = saved
+
+
+class _AllocatedBytes(TorchDispatchMode):
+    """The CPU stand-in for torch.cuda's memory_allocated / max_memory_allocated: bytes of the
+    storages that ops under this mode allocated (an output sharing no input's storage) and
+    that are still alive, and their peak since `reset`."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def reset(self, *args) -> None:
+        self.peak = self.live
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._alive.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in inputs and key not in self._alive:
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self._alive[key] = weakref.ref(storage, lambda _, key=key, n=nbytes: self._freed(key, n))
+        return out
+
+
+@pytest.mark.parametrize("spec", [None, {"method": "ngram", "num_speculative_tokens": 2}], ids=["plain", "ngram-k2"])
+def test_profile_peak_holds_the_samplers_rows_times_vocab(monkeypatch, spec):
+    """The profile run's measured peak (the allocator's counters, here counted on the CPU),
+    which the KV budget is what is left after, holds the sampler's temporaries: it grows by
+    several fp32 [rows, vocab] tensors per logits row (max_num_seqs x (1 + k) rows; the plain
+    sampler over max_num_seqs of them, the rejection sampler over all), where the forward
+    alone adds one (the logits) to a peak its activations set."""
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=64, max_num_batched_tokens=64, max_num_seqs=8,
+              speculative_config=spec)
+    runner = llm.engine.runner
+    counter = _AllocatedBytes()
+    for name, fn in (("reset_peak_memory_stats", counter.reset), ("synchronize", lambda *a: None),
+                     ("empty_cache", lambda *a: None), ("memory_allocated", lambda *a: counter.live),
+                     ("max_memory_allocated", lambda *a: counter.peak), ("memory_reserved", lambda *a: 0)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(runner.platform, "memory_info", lambda device: (2**34, 2**34))
+    k = spec["num_speculative_tokens"] if spec else 0
+    rows, peaks = [], []
+    for max_seqs in ((32, 64) if not spec else (11, 21)):
+        monkeypatch.setattr(runner.config.scheduler, "max_num_seqs", max_seqs)
+        with counter:
+            budget = runner._profile_free_memory()
+        assert budget == int(2**34 * runner.config.cache.gpu_memory_utilization) - counter.peak - runner.graph_estimate
+        rows.append(min(64, max_seqs * (1 + k)))
+        peaks.append(counter.peak)
+    fp32_row = runner.vocab_size * 4
+    # the torch sampler keeps about ten [rows, V] fp32 tensors alive at once; four is a floor
+    assert peaks[1] - peaks[0] >= 4 * (rows[1] - rows[0]) * fp32_row, (rows, peaks)
