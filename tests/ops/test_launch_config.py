@@ -128,6 +128,21 @@ def test_save_rules_replaces_same_conditions(tmp_path):
     assert json.loads(path.read_text()) == [{"if": {"n": 8, "k": 64}, "set": {"BLOCK_N": 4}}, {"set": {"num_warps": 8}}]
 
 
+def test_range_conditions_share_the_axis_between_points():
+    conds = lc.range_conditions("per_expert", [1.5, 6.0, 24.0], below=48)
+    # geometric means 3 and 12 between neighbours; the last range stops short of 48
+    assert conds == [{"per_expert_le": 3.0}, {"per_expert_gt": 3.0, "per_expert_le": 12.0},
+                     {"per_expert_gt": 12.0, "per_expert_lt": 48}]
+    owner = lambda v: [i for i, c in enumerate(conds) if all(lc._holds(k, x, {"per_expert": v}) for k, x in c.items())]
+    assert [owner(v) for v in (0.5, 3.0, 3.01, 12.0, 47.9, 48.0, 300.0)] == [[0], [0], [1], [1], [2], [], []]
+    assert lc.range_conditions("n", [2, 8]) == [{"n_le": 4.0}, {"n_gt": 4.0}]
+    # a mean that rounds onto a point keeps its digits
+    assert lc.range_conditions("n", [1.0, 1.0001])[0]["n_le"] == pytest.approx(1.00005)
+    for points, below in (([], None), ([4.0, 2.0], None), ([0.0, 1.0], None), ([2.0, 2.0], None), ([64.0], 48)):
+        with pytest.raises(ValueError, match="range_conditions"):
+            lc.range_conditions("n", points, below)
+
+
 def test_shipped_tables_are_well_formed():
     ops = sorted(p.name for p in lc.CONFIG_DIR.iterdir() if p.is_dir())
     assert ops == OPS

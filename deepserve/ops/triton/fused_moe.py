@@ -259,8 +259,10 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens * top_k <= max(8, num_experts // 2)
 
 
-def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int, device: torch.device) -> tuple[dict, dict]:
-    """Each kernel's launch settings from the table (configs/fused_moe/), by rows per expert:
+def sorted_tiles(n_assign: int, num_experts: int, inter: int, fp8: bool, elem_bytes: int,
+                 device: torch.device) -> tuple[dict, dict]:
+    """Each kernel's launch settings from the table (configs/fused_moe/), by rows per expert
+    (`per_expert`; a table may also name the experts' intermediate size `inter`):
     BLOCK_M (taken from gate_up's), PREQUANT (fp8: quantise activation rows once beforehand),
     BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; W_TMA, where a table sets it, forces the
     weights' TMA tiles on or off.
@@ -270,7 +272,7 @@ def _tiles(n_assign: int, num_experts: int, fp8: bool, elem_bytes: int, device: 
     weights take twice the shared memory per stage: half the K tile and at most 2 stages keep
     the tiles under Hopper's 227 KB. How each setting was measured: docs/PERFORMANCE.md
     (benchmarks/sweep_fused_moe.py)."""
-    shape = dict(fp8=fp8, per_expert=n_assign / max(num_experts, 1), elem_bytes=elem_bytes)
+    shape = dict(fp8=fp8, per_expert=n_assign / max(num_experts, 1), elem_bytes=elem_bytes, inter=inter)
     return (launch_settings("fused_moe", device, kernel="gate_up", **shape),
             launch_settings("fused_moe", device, kernel="down", **shape))
 
@@ -305,7 +307,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if num_tokens == 0:
         return out
     n_assign = num_tokens * top_k
-    gu, dn = _tiles(n_assign, num_experts, fp8, w13.element_size(), x.device)
+    gu, dn = sorted_tiles(n_assign, num_experts, inter, fp8, w13.element_size(), x.device)
     block_m, prequant, tma = gu.pop("BLOCK_M"), gu.pop("PREQUANT"), gu.pop("W_TMA", None)
     for key in ("BLOCK_M", "PREQUANT", "W_TMA"):
         dn.pop(key, None)

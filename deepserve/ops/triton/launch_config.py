@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -138,6 +139,30 @@ def trying(op: str, rules: list[dict]) -> Iterator[None]:
         else:
             _trials[op] = previous
         _resolve.cache_clear()
+
+
+def range_conditions(var: str, points: list[float], below: Optional[float] = None) -> list[dict]:
+    """Conditions on shape variable `var` that share its axis among measured points (positive,
+    ascending): point i holds from the geometric mean with point i-1 (exclusive) to the one with
+    point i+1 (inclusive); the first from the axis' start, the last up to `below` (exclusive; no
+    bound when None). How a sweep measured at a few sizes writes rules for the sizes between."""
+    if not points or points[0] <= 0 or any(a >= b for a, b in zip(points, points[1:])):
+        raise ValueError(f"range_conditions needs positive ascending points, got {points}")
+    if below is not None and points[-1] >= below:
+        raise ValueError(f"range_conditions: point {points[-1]} is not below {below}")
+    bounds = []
+    for a, b in zip(points, points[1:]):
+        mid = math.sqrt(a * b)
+        bounds.append(round(mid, 3) if a < round(mid, 3) < b else mid)   # short in the JSON where it can be
+    conditions = []
+    for i in range(len(points)):
+        cond = {f"{var}_gt": bounds[i - 1]} if i else {}
+        if i < len(bounds):
+            cond[f"{var}_le"] = bounds[i]
+        elif below is not None:
+            cond[f"{var}_lt"] = below
+        conditions.append(cond)
+    return conditions
 
 
 def save_rules(op: str, device: str, rules: list[dict], folder: Optional[Path] = None) -> Path:
