@@ -22,6 +22,7 @@ def test_vllm_tiles_translate_to_our_kernels():
     # files' entries for M=64; at 128 its default turns to 64-row blocks
     tiles = sweep.vllm_tiles("v2lite", "bf16", 64, 64)
     assert tiles == {"vLLM default": (16, 32, 64, 1, 4, 3), "vLLM E=64,N=1408 B200": (16, 64, 128, 1, 4, 2),
+                     "vLLM fork E=64,N=1408 H100": (16, 128, 128, 1, 8, 4),
                      "vLLM E=64,N=1280 H200": (16, 128, 128, 1, 8, 3)}
     assert sweep.vllm_tiles("v2lite", "bf16", 128, 64)["vLLM default"][:4] == (64, 64, 32, 8)
     assert sweep.vllm_tiles("r1", "fp8", 100, 256)["vLLM E=256,N=256 H200 fp8 (R1 at TP8)"] == (16, 128, 128, 16, 4, 3)
