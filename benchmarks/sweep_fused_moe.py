@@ -168,6 +168,15 @@ def kernel_times(run, reps: int = 3) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def show_kernels(run, overrides, prefix: str = "") -> None:
+    """Print the per-kernel times (the top six, ms per call) of `run` under each (name, override)."""
+    from deepserve.ops.triton.launch_config import trying
+    for name, over in overrides:
+        with trying("fused_moe", as_rules(over)):
+            parts = ", ".join(f"{kname[:28]} {ms:.3f}" for kname, ms in kernel_times(run)[:6])
+        print(f"  {prefix}{name} kernels (ms): {parts}", flush=True)
+
+
 def expert_weights(dtype: str, e: int, d: int, inter: int, dev: str, g: torch.Generator) -> tuple[tuple, dict]:
     """Random experts ((w13 [E, 2I, D], w2 [E, D, I]), fused_moe's scale keywords) in `dtype`:
     bf16 at unit output variance, or those cast to e4m3 with unit block scales."""
@@ -292,10 +301,7 @@ def sweep_compute(args, dev: str, d: int, inter: int, e: int, k: int, tokens: in
             print(f"  {over}: {ms:.2f} ms, {rate(ms):.1%}", flush=True)
         best = min((r for r in rows if r[0] == dtype), key=lambda r: r[2])
         if dev == "cuda":
-            for name, over in (("default", None), ("best", best[1])):
-                with launch_config.trying("fused_moe", as_rules(over)):
-                    parts = ", ".join(f"{kname[:28]} {ms:.3f}" for kname, ms in kernel_times(run)[:6])
-                print(f"  {dtype} {name} kernels (ms): {parts}", flush=True)
+            show_kernels(run, (("default", None), ("best", best[1])), f"{dtype} ")
         args_w = kw = None                  # this dtype's experts freed before the next's are made
     print("\nbest per dtype:")
     written = []
@@ -420,6 +426,8 @@ def sweep_decode(args, dev: str, d: int, inter: int, e: int, k: int, tokens_list
             gain = base / best_ms - 1
             print(f"  table {base:.3f} ms ({pct(base):.1%} of copy), best {best_ms:.3f} ms ({pct(best_ms):.1%}): "
                   f"{label(best)}; {tried} tried, {skipped} skipped for the budget", flush=True)
+            if args.kernels:
+                show_kernels(run, (("table", None), ("best", best)) if best else (("table", None),))
             whole = None
             if best is not None and gain >= args.min_gain:
                 with launch_config.trying("fused_moe", as_rules(best)):
@@ -458,6 +466,8 @@ def main() -> int:
                     "candidate starts (default 100 on cuda, none on cpu; 0: none)")
     ap.add_argument("--min-gain", type=float, default=None, help="--decode: write a token count's best where it "
                     "beats the table by this fraction (default 0.02)")
+    ap.add_argument("--kernels", action="store_true", help="--decode: each token count's per-kernel times "
+                    "(torch.profiler), the table's and the best's, after its sweep")
     ap.add_argument("--write", action="store_true", help="add the best candidates to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()
@@ -472,8 +482,10 @@ def main() -> int:
         raise SystemExit(f"sweep_fused_moe.py: --dtypes takes bf16 and fp8, got {','.join(sorted(bad))}")
     if args.decode and args.quick:
         raise SystemExit("sweep_fused_moe.py: --quick is the compute sweep's; --decode stops at --budget")
-    if not args.decode and (args.budget is not None or args.min_gain is not None):
-        raise SystemExit("sweep_fused_moe.py: --budget and --min-gain are --decode's")
+    if not args.decode and (args.budget is not None or args.min_gain is not None or args.kernels):
+        raise SystemExit("sweep_fused_moe.py: --budget, --min-gain and --kernels are --decode's")
+    if args.kernels and args.device != "cuda":
+        raise SystemExit("sweep_fused_moe.py: --kernels reads CUDA kernel times (torch.profiler): --device cuda")
     if args.decode:
         args.budget = (100.0 if args.device == "cuda" else 0.0) if args.budget is None else args.budget
         args.min_gain = 0.02 if args.min_gain is None else args.min_gain
