@@ -63,15 +63,20 @@ def test_device_keys_from_properties():
 
 @pytest.mark.parametrize("op", OPS)
 def test_hopper_tables_keep_the_settings_they_had_by_name(op):
-    """An H200 (SXM or NVL) gets the default's rules and what its named table held; the H100 SXM
-    the default's and its own measured table's (sm90-132sm-80g.json, written by a sweep); the
-    H100 PCIe, the A100 and unknown devices the default alone."""
+    """An H200 (SXM or NVL) gets the default's rules and its own table's (sm90-132sm-144g.json),
+    which starts with what its named table held (sweeps' --write appends); the H100 SXM the
+    default's and its own measured table's (sm90-132sm-80g.json, written by a sweep); the H100
+    PCIe, the A100 and unknown devices the default alone."""
     default = lc.table(op, "")
-    assert lc.table(op, lc.properties_key(H200)) == default + tuple(H200_NAMED_RULES.get(op, ()))
+    measured = {}
+    for key in ("sm90-132sm-144g", "sm90-132sm-80g"):
+        path = lc.CONFIG_DIR / op / f"{key}.json"
+        measured[key] = tuple(json.loads(path.read_text())) if path.is_file() else ()
+    named = tuple(H200_NAMED_RULES.get(op, ()))
+    assert measured["sm90-132sm-144g"][:len(named)] == named
+    assert lc.table(op, lc.properties_key(H200)) == default + measured["sm90-132sm-144g"]
     assert lc.table(op, lc.properties_key(H200_NVL)) == lc.table(op, lc.properties_key(H200))
-    h100_file = lc.CONFIG_DIR / op / "sm90-132sm-80g.json"
-    h100_rules = tuple(json.loads(h100_file.read_text())) if h100_file.is_file() else ()
-    assert lc.table(op, lc.properties_key(H100)) == default + h100_rules
+    assert lc.table(op, lc.properties_key(H100)) == default + measured["sm90-132sm-80g"]
     for props in (H100_PCIE, A100):
         assert lc.table(op, lc.properties_key(props)) == default
 
