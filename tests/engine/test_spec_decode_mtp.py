@@ -101,10 +101,11 @@ def test_async_scheduling_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
     assert g["spec_decode_num_drafts"] > 0 and g["num_free_blocks"] == g["num_blocks"]
 
 
-def test_tp2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
+def test_tp2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs, monkeypatch):
     """TP=2 (gloo): the MTP layer is sharded like the target's (vocab-parallel embedding and
     head, TP attention and experts); both ranks keep the verify step's hidden states and run
-    the MTP step their driver publishes, drafting the same tokens from gathered logits."""
+    the MTP step their driver publishes, drafting the same tokens from gathered logits; also
+    after the start-up warm-up (as on a GPU), whose verify and MTP steps both ranks run."""
     spec = {"method": "mtp", "num_speculative_tokens": 2}
     prompts, params = [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=24)
 
@@ -112,11 +113,14 @@ def test_tp2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
         seen, real = [], llm.engine.spec.verify
         llm.engine.spec.verify = lambda logits, seqs, drafts: (seen.append(drafts), real(logits, seqs, drafts))[1]
         return seen
-    with LLM(model=r1_with_mtp, dtype="float32", block_size=4, speculative_config=spec) as one:
+    small = dict(max_model_len=64, max_num_batched_tokens=64)    # (a short warm-up)
+    with LLM(model=r1_with_mtp, dtype="float32", block_size=4, speculative_config=spec, **small) as one:
         want = drafts_seen(one)
         one.generate(prompts, params)
+    monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
     with LLM(model=r1_with_mtp, dtype="float32", block_size=4, tensor_parallel_size=2,
-             speculative_config=spec) as llm:
+             speculative_config=spec, **small) as llm:
+        assert llm.engine.runner.timings["warm_up_s"] > 0
         got_drafts = drafts_seen(llm)
         got = llm.generate(prompts, params)
         g = llm.engine.gauges()
@@ -160,3 +164,30 @@ def test_mtp_warm_up_drafts_writes_nothing_and_keeps_greedy_outputs(r1_with_mtp,
     want = [n for m in mtp_steps if m.inputs.logits_rows
             for n in [m.inputs.num_tokens] + [len(m.inputs.logits_rows)] * (k - 1)]
     assert len(want) > 10 * k and warm_forwards == want
+
+
+def test_mtp_warm_up_as_decode_rows_writes_nothing(r1_with_mtp, monkeypatch):
+    """Where CUDA graphs would replay verify steps (here: a graph runner that never replays),
+    the warm-up runs its decode-only verify steps, and the MTP steps after them, as one-token
+    rows (spec_decode.as_decode_rows) as served steps run; no slot written, greedy tokens kept."""
+    import types
+    from deepserve.engine.step_inputs import MTPStepMessage, StepMessage
+    from tests.engine.test_warm_up import serves_again, warm_up_again
+    llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4, max_model_len=64, max_num_batched_tokens=64,
+              max_num_seqs=8, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    monkeypatch.setattr(llm.engine.runner, "graphs", types.SimpleNamespace(enabled=True, can_run=lambda meta: False))
+    published = warm_up_again(llm)
+    serves_again(llm, prompts, params, reference)
+    pairs = list(zip([m for m in published if isinstance(m, StepMessage)],
+                     [m for m in published if isinstance(m, MTPStepMessage)]))
+    # verify steps alone (a sequence: its token at position 1, drafts at 2 and 3) as one-token rows
+    verify = [(s, a) for s, a in pairs if s.inputs.positions.tolist()[:3] == [1, 2, 3]
+              and s.inputs.q_lens == [1] * s.inputs.num_tokens]
+    assert sorted(s.inputs.num_tokens for s, _ in verify) == [3, 9, 24]      # 1, 3, 16 -> max_num_seqs 8
+    for step, after in verify:
+        n = step.inputs.num_tokens
+        # the MTP step too, drafting from each sequence's last row
+        assert after.inputs.q_lens == [1] * n and after.inputs.logits_rows == list(range(2, n, 3))

@@ -181,11 +181,14 @@ def test_ngram_warm_up_runs_verify_steps_writes_nothing_and_keeps_greedy_outputs
     assert all(m.warm_up for m in published)
 
 
-@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                    {"pipeline_parallel_size": 2,
+                                     "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}],
+                         ids=["tp2", "pp2", "pp2-ngram"])
 def test_warm_up_through_every_rank_keeps_greedy_outputs(monkeypatch, layout):
     """DEEPSERVE_WARM_UP=1 runs the start-up warm-up on a CPU: its steps go through the worker
-    ranks (TP peers, the second pipeline stage) without a hang, and greedy text after it equals
-    an engine's without it."""
+    ranks (TP peers, the second pipeline stage; verify steps with n-gram drafts) without a
+    hang, and greedy text after it equals an engine's without it."""
     kw = dict(block_size=4, max_model_len=64, max_num_batched_tokens=96, max_num_seqs=8)
     prompts, params = ["Once upon a time", "The little dog"], SamplingParams(temperature=0, max_tokens=12)
     reference = [o.outputs[0].token_ids for o in LLM(str(DEMO_MODEL), **kw).generate(prompts, params)]
