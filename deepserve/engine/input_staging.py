@@ -9,6 +9,10 @@ buffer and copied once, asynchronously; the device tensors are views of that one
 Two buffers alternate, each guarded by an event recorded after its copy, so a buffer is
 never rewritten while a copy from it may still be queued (a worker rank can run ahead of
 its GPU). On the CPU the packed tensor is cloned instead (the model reads it in the step).
+
+Every array starts on a 16-byte boundary of its buffer (segments padded): Triton specializes
+each pointer argument on its 16-byte alignment, so a view at an offset set by the preceding
+arrays' lengths (token and sequence counts) would compile a kernel again for each class.
 """
 from __future__ import annotations
 
@@ -18,6 +22,18 @@ import numpy as np
 import torch
 
 _DTYPES = ((torch.int64, np.int64), (torch.int32, np.int32))
+ALIGN_BYTES = 16
+
+
+def aligned_offsets(sizes: Sequence[int], itemsize: int) -> tuple[list[int], int]:
+    """Start offsets (in elements) of arrays of `sizes` packed one after another, each
+    starting on an ALIGN_BYTES boundary, and the packed length."""
+    step = max(1, ALIGN_BYTES // itemsize)
+    offsets, n = [], 0
+    for size in sizes:
+        offsets.append(n)
+        n += -(-size // step) * step
+    return offsets, n
 
 
 class InputStaging:
@@ -44,13 +60,13 @@ class InputStaging:
         views = []
         for (dtype, np_dtype), parts in zip(_DTYPES, (i64, i32)):
             arrays = [np.asarray(p, dtype=np_dtype).reshape(-1) for p in parts]
-            sizes = [a.shape[0] for a in arrays]
-            n = sum(sizes)
+            offsets, n = aligned_offsets([a.shape[0] for a in arrays], np.dtype(np_dtype).itemsize)
             host = self._buffer(slot, dtype, n)[:n]
-            if n:
-                np.concatenate(arrays, out=host.numpy())
+            flat = host.numpy()
+            for a, o in zip(arrays, offsets):
+                flat[o:o + a.shape[0]] = a
             packed = host.to(self.device, non_blocking=True) if self.cuda else host.clone()
-            views.append(list(torch.split(packed, sizes)))
+            views.append([packed[o:o + a.shape[0]] for a, o in zip(arrays, offsets)])
         if self.cuda:
             self._done[slot] = torch.cuda.Event()
             self._done[slot].record()
