@@ -315,6 +315,7 @@ class DataParallelEngine(LLMEngine):
 
     def shutdown(self) -> None:
         self._finalizer()
+        self.shut_down = True
 
 
 def _close_fds(*fds: int) -> None:

@@ -121,6 +121,8 @@ class LLMEngine:
     output_of = staticmethod(RequestState.output)
     # whether this engine turns tokens into text (a front end of engine-core processes does not)
     detokenizes = True
+    # set by shutdown(): the driver's model and KV pool are freed, no request is taken after
+    shut_down = False
 
     def __new__(cls, args: EngineArgs, executor=None):
         if cls is LLMEngine and executor is None and engine_core_apart(args, default=False):
@@ -221,6 +223,8 @@ class LLMEngine:
 
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Optional[SamplingParams] = None) -> str:
+        if self.shut_down:
+            raise RuntimeError("this engine was shut down (its model and KV cache are freed); start a new one")
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -338,6 +342,7 @@ class LLMEngine:
         if getattr(self, "ops_profiler", None) is not None:
             self.ops_profiler.close()
         self._finalizer()
+        self.shut_down = True
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

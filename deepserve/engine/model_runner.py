@@ -202,6 +202,22 @@ class ModelRunner:
                          list(self.piecewise.sizes) if self.piecewise is not None else [],
                          self.graph_plan.last_stage)
 
+    def release(self) -> None:
+        """Free this rank's device memory at shutdown: CUDA graphs (with their memory pools),
+        the KV pool, the model's weights, the staging buffers. The runner runs no step after."""
+        self.graphs = self.piecewise = self.pipeline = None
+        if self.mtp is not None:
+            self.mtp.graphs = None
+        self.mtp = None
+        for m in self.kv_layers:
+            m.kv_cache = []
+        self.kv_layers = []
+        self.model = None
+        self.staging = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _give_back_unused_estimate(self, taken: int) -> None:
         """Grow the pool by the part of the graph estimate the graphs did not take (`taken`:
         their measured bytes), where big enough (graph_memory.unused_estimate) and more blocks

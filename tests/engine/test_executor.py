@@ -24,6 +24,23 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
+@pytest.mark.parametrize("layout", [{}, {"tensor_parallel_size": 2}])
+def test_shutdown_frees_weights_and_kv_while_the_llm_is_still_held(layout):
+    """shutdown() (and leaving `with LLM(...) as llm:`) frees the driver's weights, KV pool and
+    graphs although `llm` still names the engine (on a GPU the next LLM's memory profile would
+    otherwise count them as its own); a request after it is a clear error."""
+    import gc
+    import weakref
+    with LLM(str(DEMO_MODEL), **ENGINE, **layout) as llm:
+        runner = llm.engine.runner
+        held = [weakref.ref(next(runner.model.parameters())), weakref.ref(runner.kv_layers[0].kv_cache[0])]
+        assert _tokens(llm)
+    gc.collect()
+    assert [r() for r in held] == [None, None]
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(PROMPTS, GREEDY)
+
+
 def test_engines_one_after_another_in_one_process():
     reference = _tokens(LLM(str(DEMO_MODEL), **ENGINE))
     tp = LLM(str(DEMO_MODEL), tensor_parallel_size=2, **ENGINE)
