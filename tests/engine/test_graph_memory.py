@@ -203,7 +203,8 @@ def test_unused_estimate_grows_the_pool_and_decode_graphs_are_captured_again(mon
     if capture_ok:
         assert [c.pool_blocks[0] for c in captures] == [20, grown]
         assert runner.graphs is captures[-1]
-        assert captures[0].pool_ptrs != [m.kv_cache[0].data_ptr() for m in runner.kv_layers]
+        # the second capture ran over the pool as it is now (the old one's addresses may be reused)
+        assert captures[-1].pool_ptrs == [m.kv_cache[0].data_ptr() for m in runner.kv_layers]
         assert "KV pool grown from 20 to 27 blocks" in caplog.text
         assert "decode graphs captured again over the bigger pool" in caplog.text
     else:

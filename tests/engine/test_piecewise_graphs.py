@@ -152,6 +152,10 @@ def test_capture_sizes():
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-3:] == [480, 496, 512]
     assert all(b - a <= 16 for a, b in zip(sizes[3:], sizes[4:]))
     assert capture_sizes(100)[-2:] == [96, 100] and capture_sizes(1) == [1]
+    # above 512, every 64 tokens: 2,048 takes 24 sizes more than 512, not 96
+    big = capture_sizes(2048)
+    assert big[:len(sizes)] == sizes and big[len(sizes):] == list(range(576, 2049, 64))
+    assert capture_sizes(600)[-3:] == [512, 576, 600]
     pieces = PiecewiseGraphs(load_ours(DEMO_MODEL), 100, torch.device("cpu"))
     assert [pieces.size_for(n) for n in (1, 3, 9, 97, 100)] == [1, 4, 16, 100, 100]
     assert pieces.can_run(100) and not pieces.can_run(101)
