@@ -43,7 +43,7 @@ peer)
   tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$2" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
   PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$2" --tokenizer $tok --servers "$3" --cases "${4:-c1,c64,c256,sharegpt}" \
     --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
-    --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po ${PEER_ARGS:-} ${DS_ARGS:+--deepserve-args "$DS_ARGS"}
+    --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po ${PEER_ARGS:-} ${DS_ARGS:+"--deepserve-args=$DS_ARGS"}
   cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
   tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' . ;;
 *) echo "usage: $0 piece N | setup | structured | peer PRESET SERVERS [CASES]"; exit 2 ;;
