@@ -90,14 +90,16 @@ class Attention(nn.Module):
         n_dec = meta.num_decodes
         if 0 < n_dec < meta.num_seqs and meta.max_query_len > 1:
             # a mixed step: the decode rows on the decode kernel (split over the context), the
-            # prompt chunks on the prefill kernel, whose query tiles a one-token row would waste
-            dec = self.ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
-                                           meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
-                                           meta.max_seq_len, k_scale=ks, v_scale=vs)
-            pre = self.ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
-                                           meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
-                                           meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs)
-            return torch.cat((dec, pre)).flatten(1)
+            # prompt chunks on the prefill kernel, whose query tiles a one-token row would waste;
+            # both write their rows of one output
+            out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+            self.ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
+                                     meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
+                                     meta.max_seq_len, k_scale=ks, v_scale=vs, out=out[:n_dec])
+            self.ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
+                                     meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
+                                     meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs, out=out[n_dec:])
+            return out.flatten(1)
         out = self.ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                        meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
                                        k_scale=ks, v_scale=vs)

@@ -134,6 +134,9 @@ class MLAAttention(nn.Module):
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         self.q_kv_a_pair = (q_first.plain_weight() is not None
                             and self.kv_a_proj_with_mqa.plain_weight() is not None)
+        # a plain GEMM computes each row from that row alone: stale rows of the prefill's gathered
+        # latent then stay in rows the attention never reads
+        self.kv_b_rowwise = self.kv_b_proj.plain_weight() is not None
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk, self.w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]    # [H, nope, C], [H, v, C]
         if self.unused_v_scale is not None and self.unused_v_scale != self.kv_scale:
@@ -142,30 +145,34 @@ class MLAAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int) -> torch.Tensor:
+    def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
-        -> [n, H, v]."""
+        -> [n, H, v] (into `out` when given)."""
         s = self.pool_scale(pool)
         out_lat = self.ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
                                            meta.query_start_loc[:n + 1], meta.seq_lens[:n],
                                            meta.block_tables[:n], self.scale, 1, meta.max_seq_len, k_scale=s, v_scale=s)
-        return self.ops.mla_v_up(out_lat, w_uv)                            # [n, H, v]
+        return self.ops.mla_v_up(out_lat, w_uv, out=out)                   # [n, H, v]
 
-    def _prefill(self, q, pool, meta: AttentionMetadata, first: int) -> torch.Tensor:
+    def _prefill(self, q, pool, meta: AttentionMetadata, first: int, out: torch.Tensor) -> None:
         """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
-        q [Tp, H, qk]) -> [Tp, H, v]."""
+        q [Tp, H, qk]) into out [Tp, H, v]."""
         g = prefill_gather(meta, first, pool.shape[1])
         latent = pool.index_select(0, g.blocks)                       # [Nb, bs, 1, C + rope]
         s = self.pool_scale(pool)
-        latent = (latent.float() * s).to(q.dtype) if s != 1.0 else latent.to(q.dtype)   # fp8 KV upcast
-        # zero the slots past each sequence's end: stale pool data must not reach the GEMM
-        latent = latent.masked_fill(g.stale[..., None, None], 0.0)
+        # fp8 KV: e4m3 -> 16 bits is exact and the product rounds once, as it would in fp32
+        latent = latent.to(q.dtype) * s if s != 1.0 else latent.to(q.dtype)
+        if not self.kv_b_rowwise:
+            # zero the slots past each sequence's end: stale pool data must not reach a GEMM that
+            # mixes rows (the attention never reads those slots' keys and values)
+            latent = latent.masked_fill(g.stale[..., None, None], 0.0)
         kv_c, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(kv_c).view(*kv_c.shape[:2], self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v] (strided)
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        return self.ops.paged_attention(q, k, v.contiguous(), meta.prefill_query_start_loc, g.seq_lens, g.tables,
-                                        self.scale, meta.max_query_len, meta.max_seq_len)
+        self.ops.paged_attention(q, k, v, meta.prefill_query_start_loc, g.seq_lens, g.tables, self.scale,
+                                 meta.max_query_len, meta.max_seq_len, out=out)
 
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -201,13 +208,13 @@ class MLAAttention(nn.Module):
             return self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1)
         self.ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
                               meta.slot_mapping, kv_scale=self.pool_scale(pool))
-        # the decode rows' output, then the prompt chunks' (the rows after them), joined once
-        parts = []
+        # the decode rows' output, then the prompt chunks' (the rows after them), written in place
+        out = q.new_empty(q.shape[0], self.num_heads, self.v_dim)            # [T, H, v]
         if n_dec:
             q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
-            parts.append(self._decode(q_abs, w_uv, pool, meta, n_dec))
+            self._decode(q_abs, w_uv, pool, meta, n_dec, out=out[:n_dec])
         q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
         k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
         q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
-        parts.append(self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec))
-        return (torch.cat(parts) if n_dec else parts[0]).flatten(1)
+        self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec, out[n_dec:])
+        return out.flatten(1)

@@ -16,6 +16,18 @@ import torch
 from deepserve.ops.registry import register
 
 
+def output_rows(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An op's output [T, ...]: `out` when the caller gives one (a slice of a larger buffer, so a
+    layer writes several ops' rows without joining them after), checked, else a new tensor."""
+    if out is None:
+        return like.new_empty(shape)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device \
+            or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} does not fit the op's output "
+                         f"{tuple(shape)} {like.dtype} on {like.device} (unit last stride needed)")
+    return out
+
+
 @register("write_kv_cache", "torch")
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor | None, k_cache: torch.Tensor,
                    v_cache: torch.Tensor | None, slot_mapping: torch.Tensor, k_scale: float = 1.0,
@@ -52,14 +64,15 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_query_len: int = 0, max_seq_len: int = 0,
-                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
+                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv] (written
+    into `out` when given).
 
     Causal: query row i of a sequence with context c (cached before this step) sees keys
     0 .. c + i. Heads are grouped (GQA/MQA) when the cache has fewer heads than q. The pool
     holds key / k_scale and value / v_scale (an fp8 pool's per-tensor scales; 1.0 otherwise)."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    out = q.new_empty(q.shape[0], num_heads, v_cache.shape[-1])
+    out = output_rows(out, (q.shape[0], num_heads, v_cache.shape[-1]), q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for b, seq_len in enumerate(lens):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from deepserve.ops.attention import write_kv_cache
+from deepserve.ops.attention import output_rows, write_kv_cache
 from deepserve.ops.norm import rms_norm
 from deepserve.ops.registry import register
 from deepserve.ops.rotary import rope
@@ -47,10 +47,11 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
 
 
 @register("mla_v_up", "torch")
-def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V]: the absorbed attention's output, per head,
-    back from the latent to the value space."""
-    return torch.einsum("thc,hvc->thv", out_lat, w_uv)
+    back from the latent to the value space (written into `out` when given)."""
+    y = torch.einsum("thc,hvc->thv", out_lat, w_uv)
+    return y if out is None else output_rows(out, tuple(y.shape), y).copy_(y)
 
 
 @register("mla_decode_prep", "torch")

@@ -131,6 +131,21 @@ def test_triton_fused_moe_adds_shared_on_both_paths(triton_ops, small, cpu_only,
         assert calls == ([True] if uses_small else [])
 
 
+def test_sorted_path_adds_shared_rows_in_the_slot_sum_as_torch_adds(triton_ops, cpu_only):
+    """The sorted path's slot sum adds the shared MLP's rows after rounding its own sum, so the
+    op is, bit for bit (fp32: the interpreter's conversions are exact there), the routed experts
+    alone plus the shared MLP's ops (cuBLAS GEMMs around the Triton SiLU-and-mul) added by torch."""
+    fused = resolve("fused_moe", "triton")[1]
+    silu_and_mul = resolve("silu_and_mul", "triton")[1]
+    args, shared = shared_case(6, 64, 32, 48, 8, 4, torch.float32, seed=11)   # E=8, k=4: sorted at T=6
+    x = args[0]
+    mlp = torch.nn.functional.linear(silu_and_mul(torch.nn.functional.linear(x, shared["shared_w13"])),
+                                     shared["shared_w2"])
+    routed = fused(*args)
+    assert torch.equal(fused(*args, **shared), routed + mlp)
+    assert not torch.equal(routed + mlp, routed)
+
+
 # ---- fp8 experts with fp8 shared weights ---------------------------------------------------
 
 def fp8_shared_case(t, d, inter, s_inter, e, k, seed=0, device="cpu"):

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.ops.attention import output_rows
 from deepserve.ops.registry import register
 from deepserve.ops.triton import launch_config
 from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
@@ -95,8 +96,9 @@ def num_decode_splits(batch: int, kv_programs: int, max_seq_len: int, device: to
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_query_len: int = 0, max_seq_len: int = 0,
-                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv].
+                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv] (written
+    into `out` when given).
 
     `max_query_len` / `max_seq_len` are host ints; when left at 0 they are read from the
     device tensors (one sync), so callers on the hot path should pass them. `k_scale` /
@@ -106,7 +108,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if k_cache.shape[-1] != d or n_heads % n_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head dim must "
                          f"match and heads must be a multiple of KV heads")
-    out = q.new_empty(n_tokens, n_heads, dv)
+    out = output_rows(out, (n_tokens, n_heads, dv), q)
     batch = seq_lens.shape[0]
     if n_tokens == 0 or batch == 0:
         return out

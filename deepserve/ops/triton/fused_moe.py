@@ -214,10 +214,11 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_
 
 
 @triton.jit
-def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, out_ptr, hidden, n_experts,
-                      TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, add_ptr, out_ptr, hidden, n_experts,
+                      TOP_K: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr):
     """out[t] = sum over the token's k slots j routed to a local expert of w[t, j] * y[t*k + j],
-    in fp32 (the reference's index_add of weighted rows)."""
+    in fp32 (the reference's index_add of weighted rows); with ADD, plus add[t] (the shared
+    experts' rows) after the sum's rounding to out's dtype, as torch's `out + add` rounds."""
     tok = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < hidden
@@ -227,7 +228,11 @@ def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, out_ptr, hidden, n_experts,
         local = (e >= 0) & (e < n_experts)
         w = tl.load(topk_w_ptr + tok * TOP_K + j)
         acc += w * tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=mask & local, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tok * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if ADD:
+        add = tl.load(add_ptr + tok * hidden + offs, mask=mask, other=0.0)
+        out = (out.to(tl.float32) + add.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tok * hidden + offs, out, mask=mask)
 
 
 def _tma_weights(w: torch.Tensor) -> bool:
@@ -285,8 +290,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
     experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
-    two launches, a torch MLP added after the sorted path (it streams its weights once there;
-    fp8 shared weights: the block-fp8 linear the dense layer runs)."""
+    two launches; beside the sorted path an MLP of their own (it streams its weights once
+    there; fp8 shared weights: the block-fp8 linear the dense layer runs) whose rows the slot
+    sum adds."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     shared = dict(shared_w13=shared_w13, shared_w2=shared_w2, shared_w13_scale=shared_w13_scale,
@@ -296,13 +302,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts):
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
+    add = None
     if shared_w13 is not None and fp8:
-        out = fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
         act = silu_and_mul(fp8_block_linear(x, shared_w13, shared_w13_scale))
-        return out + fp8_block_linear(act, shared_w2, shared_w2_scale)
-    if shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
-        shared = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
-        return fused_moe(x, w13, w2, topk_weights, topk_ids) + shared
+        add = fp8_block_linear(act, shared_w2, shared_w2_scale)
+    elif shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
+        add = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
+    return _fused_moe_sorted(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add)
+
+
+def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
+                      add: Optional[torch.Tensor]) -> torch.Tensor:
+    """`fused_moe` over tokens sorted by expert (grouped GEMMs), plus `add` [T, D] (the shared
+    experts' output) in the slot sum when given."""
+    num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
+    top_k = topk_ids.shape[1]
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
@@ -339,6 +354,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         n_assign, hidden, inter, num_experts, num_m, A_FP8=prequant, W_TMA=tma, **dn)
     block = min(next_pow2(hidden), 1024)
     _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        y, topk_ids.contiguous(), topk_weights.reshape(-1).float().contiguous(), out, hidden, num_experts,
-        TOP_K=top_k, BLOCK=block, num_warps=4)
+        y, topk_ids.contiguous(), topk_weights.reshape(-1).float().contiguous(),
+        out if add is None else add.contiguous(), out, hidden, num_experts,
+        TOP_K=top_k, BLOCK=block, ADD=add is not None, num_warps=4)
     return out

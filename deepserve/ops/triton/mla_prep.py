@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deepserve.ops.attention import output_rows
 from deepserve.ops.triton.kv_cache import inverse_scale, to_pool
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.registry import register
@@ -294,14 +295,15 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
 
 
 @register("mla_v_up", "triton")
-def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V] = per head out_lat W_UV^T (tensor cores)."""
+def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out_lat [T, H, C], w_uv [H, V, C] -> [T, H, V] = per head out_lat W_UV^T (tensor cores),
+    written into `out` when given."""
     n_tokens, heads, c = out_lat.shape
     v_dim = w_uv.shape[1]
     if w_uv.shape[0] != heads or w_uv.shape[2] != c or w_uv.stride(-1) != 1 or out_lat.stride(-1) != 1:
         raise ValueError(f"w_uv {tuple(w_uv.shape)} does not fit out_lat {tuple(out_lat.shape)} "
                          f"(unit last strides needed)")
-    out = torch.empty(n_tokens, heads, v_dim, dtype=out_lat.dtype, device=out_lat.device)
+    out = output_rows(out, (n_tokens, heads, v_dim), out_lat)
     if n_tokens == 0:
         return out
     cfg = launch("v_up", out_lat.device)

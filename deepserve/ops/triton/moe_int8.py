@@ -243,8 +243,8 @@ def _sorted_path(xq, xs, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, d
     out = torch.empty(num_tokens, d, dtype=dtype, device=xq.device)
     block = min(next_pow2(d), 1024)
     _sum_slots_kernel[(num_tokens, triton.cdiv(d, block))](
-        y, topk_ids.to(torch.int32).contiguous(), topk_weights.reshape(-1).float().contiguous(), out, d, e,
-        TOP_K=top_k, BLOCK=block, num_warps=4)
+        y, topk_ids.to(torch.int32).contiguous(), topk_weights.reshape(-1).float().contiguous(), out, out, d, e,
+        TOP_K=top_k, BLOCK=block, ADD=False, num_warps=4)
     return out
 
 
