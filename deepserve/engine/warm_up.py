@@ -66,7 +66,7 @@ def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_
     and k drafts, alone or beside the prompt chunks."""
     small = [WarmUpStep(0, (1,)), WarmUpStep(0, (16,)), WarmUpStep(0, (17,)), WarmUpStep(1, (15,)),
              WarmUpStep(3, (16, 13)), WarmUpStep(16, (16,)), WarmUpStep(15, (17,)), WarmUpStep(17, (31,)),
-             WarmUpStep(3, ())]
+             WarmUpStep(3, ()), WarmUpStep(1, ())]
     steps = list(small)
     if drafts:
         steps += [WarmUpStep(s.decodes, s.prompts, drafts) for s in small + [WarmUpStep(1, ()), WarmUpStep(16, ())]
@@ -193,6 +193,7 @@ class CompileWatch:
         self.seconds = 0.0
         self.serving = False
         self._started: dict = {}
+        self._keys: dict[str, list[str]] = {}     # kernel name -> keys compiled, in order
         self._installed = False
 
     def install(self) -> bool:
@@ -222,17 +223,72 @@ class CompileWatch:
         self._started[(_name(fn), str(key))] = time.perf_counter()
 
     def finished(self, fn, key, text: str = "") -> None:
-        t0 = self._started.pop((_name(fn), str(key)), None)
+        name, key = _name(fn), str(key)
+        t0 = self._started.pop((name, key), None)
         took = time.perf_counter() - t0 if t0 is not None else 0.0
         self.compiles += 1
         self.seconds += took
+        before = self._keys.setdefault(name, [])
         if self.serving:
             logger.info("Triton compiled %s while serving (%.0f ms): a shape the start-up warm-up did not "
-                        "run; %s", _name(fn), 1e3 * took, text[:300])
+                        "run; %s", name, 1e3 * took, nearest_key_diff(_param_names(fn), key, before))
+        before.append(key)
 
 
 def _name(fn) -> str:
     return f"{getattr(fn, 'module', '?')}.{getattr(fn, 'name', fn)}"
+
+
+def _param_names(fn) -> list[str]:
+    """The kernel's parameter names, in its signature's order (Triton's JitFunctionInfo)."""
+    return [p.name for p in getattr(getattr(fn, "jit_function", None), "params", ())]
+
+
+def split_key(key: str) -> tuple[list[str], str]:
+    """A Triton 3.x cache key, str(specialization list) + str(options), as the text of each
+    parameter's (type, class) entry, in the kernel's parameter order, and the options' text."""
+    items, depth, start, i = [], 0, 1, 0
+    while i < len(key):
+        c = key[i]
+        if c in "'\"" and depth:
+            i = key.find(c, i + 1) if key.find(c, i + 1) > 0 else len(key)
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                if key[start:i].strip():
+                    items.append(key[start:i].strip())
+                return items, key[i + 1:]
+        elif c == "," and depth == 1:
+            items.append(key[start:i].strip())
+            start = i + 1
+        i += 1
+    return [key], ""
+
+
+def nearest_key_diff(names: list[str], key: str, before: list[str]) -> str:
+    """Which parameters' specialization classes differ between `key` and the one of `before`
+    (keys compiled earlier for the same kernel) that differs in the fewest: "name: before ->
+    now" for each, the options too when they differ."""
+    if not before:
+        return "the kernel's first compile"
+    items, options = split_key(key)
+    best = None
+    for other in before:
+        o_items, o_options = split_key(other)
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(o_items, items)) if a != b]
+        if len(o_items) != len(items):
+            diff.append((-1, f"{len(o_items)} parameters", f"{len(items)}"))
+        if o_options != options:
+            diff.append((-2, o_options, options))
+        if best is None or len(diff) < len(best):
+            best = diff
+    parts = []
+    for i, a, b in best:
+        label = names[i] if 0 <= i < len(names) else ("options" if i == -2 else "signature" if i == -1 else f"#{i}")
+        parts.append(f"{label}: {a} -> {b}")
+    return f"differs from the nearest of {len(before)} earlier keys in " + ("; ".join(parts) or "nothing")
 
 
 # Triton's JIT hooks are per process, so is their watch: the runners install it on a GPU

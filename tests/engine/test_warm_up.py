@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.step_inputs import StepMessage
-from deepserve.engine.warm_up import CompileWatch, WarmUpStep, profile_inputs, step_inputs, warm_up_steps, warm_up_wanted
+from deepserve.engine.warm_up import (CompileWatch, WarmUpStep, nearest_key_diff, profile_inputs, split_key, step_inputs,
+                                      warm_up_steps, warm_up_wanted)
 from tests.conftest import DEMO_MODEL
 
 
@@ -326,22 +327,51 @@ def test_sampling_kernel_launch_is_the_warm_ups_for_every_request_setting():
     assert len(keys) == 1 + 2 * 3 * len(settings) and set(keys) == {keys[0]}
 
 
+class _Params:
+    params = [type("P", (), {"name": n})() for n in ("x_ptr", "w_ptr", "n_rows", "eps", "BLOCK")]
+
+
 class _Fn:
     module, name = "deepserve.ops.triton.norm", "_rms_norm_kernel"
+    jit_function = _Params()
+
+
+# keys as Triton 3.6 writes them: str(specialization) + str(options)
+KEY_A = "[('*fp16', 'D'), ('*fp16', 'D'), ('i32', 'D'), ('fp32', None), ('constexpr', 64)]{'num_warps': 4}"
+KEY_B = "[('*fp16', ''), ('*fp16', 'D'), ('i32', ''), ('fp32', None), ('constexpr', 64)]{'num_warps': 4}"
+KEY_C = "[('*fp16', 'D'), ('*fp16', 'D'), ('constexpr', 1), ('fp32', None), ('constexpr', 64)]{'num_warps': 8}"
 
 
 def test_compile_watch_logs_compiles_only_once_serving(caplog):
     watch = CompileWatch()
-    watch.started(_Fn(), ("key", 1))
-    watch.finished(_Fn(), ("key", 1), "_rms_norm_kernel[num_warps=4]")
+    watch.started(_Fn(), KEY_A)
+    watch.finished(_Fn(), KEY_A)
     assert watch.compiles == 1
     watch.serving = True
     with caplog.at_level(logging.INFO, logger="deepserve"):
-        watch.started(_Fn(), ("key", 2))
-        watch.finished(_Fn(), ("key", 2), "_rms_norm_kernel[num_warps=8]")
+        watch.started(_Fn(), KEY_C)
+        watch.finished(_Fn(), KEY_C)
     assert watch.compiles == 2 and watch.seconds >= 0
     (line,) = [r.getMessage() for r in caplog.records if "while serving" in r.getMessage()]
-    assert "deepserve.ops.triton.norm._rms_norm_kernel" in line and "num_warps=8" in line
+    assert "deepserve.ops.triton.norm._rms_norm_kernel" in line
+    assert "n_rows: ('i32', 'D') -> ('constexpr', 1)" in line and "num_warps': 4} -> {'num_warps': 8}" in line
+
+
+def test_key_diff_names_the_parameters_whose_class_changed():
+    names = [p.name for p in _Params.params]
+    assert split_key(KEY_A) == (["('*fp16', 'D')", "('*fp16', 'D')", "('i32', 'D')", "('fp32', None)",
+                                 "('constexpr', 64)"], "{'num_warps': 4}")
+    # the nearest earlier key: KEY_A differs from KEY_B in two parameters, from KEY_C in two and the options
+    assert nearest_key_diff(names, KEY_B, [KEY_C, KEY_A]) == (
+        "differs from the nearest of 2 earlier keys in x_ptr: ('*fp16', 'D') -> ('*fp16', ''); "
+        "n_rows: ('i32', 'D') -> ('i32', '')")
+    assert nearest_key_diff(names, KEY_A, []) == "the kernel's first compile"
+    assert nearest_key_diff(names, KEY_A, [KEY_A]).endswith("in nothing")
+    # constexpr strings (callables' hashes, dtype names) may hold commas and brackets
+    odd = "[('constexpr', 'a,(b]'), ('*i32', 'D')]{}"
+    assert split_key(odd) == (["('constexpr', 'a,(b]')", "('*i32', 'D')"], "{}")
+    assert nearest_key_diff(["F", "p"], odd, ["[('constexpr', 'a,(b]'), ('*i32', '')]{}"]).endswith(
+        "p: ('*i32', '') -> ('*i32', 'D')")
 
 
 def test_compile_watch_chains_the_hooks_already_set():

@@ -21,6 +21,8 @@ from deepserve.ops.triton.attention_decode import (LOG2E, _decode_reduce_kernel,
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
 
 MAX_SPLITS = 64
+# the merge's lse tile: every split count at once (masked), one compile for any context length
+REDUCE_SPLITS = next_pow2(MAX_SPLITS)
 MIN_TOKENS_PER_SPLIT = 256
 DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "page_tile"))
 # MLA decode over an e4m3 latent pool on an NVIDIA sm_90+ GPU runs _mla_decode_fp8_kernel (e4m3
@@ -152,7 +154,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             **cfg, **common, **pdl_launch(q.device))
         _decode_reduce_kernel[(batch, n_heads)](
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
-            BLOCK_S=next_pow2(splits), BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
+            BLOCK_S=REDUCE_SPLITS, BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
         return out
     cfg = prefill_config(big_head, q.element_size() > 2, device)
     block_m = cfg.pop("BLOCK_M")
@@ -247,5 +249,5 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg), **pdl_launch(q.device))
     _merge_splits_kernel[(batch, n_heads)](
         mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
-        CHUNK_S=min(next_pow2(splits), MERGE_CHUNK), BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
+        CHUNK_S=MERGE_CHUNK, BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
     return out

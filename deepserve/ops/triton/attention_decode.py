@@ -33,6 +33,12 @@ from deepserve.ops.triton._common import pdl_begin, round_to_e4m3
 LOG2E = 1.4426950408889634
 
 
+# a step's per-sequence arrays (query starts, sequence lengths, block tables), read by scalar
+# loads: kernels take no alignment class of them, since a view's offset follows the step's
+# decode rows
+SEQ_ARRAYS = ["qsl_ptr", "seq_lens_ptr", "bt_ptr"]
+
+
 @triton.jit
 def _pow2_to_range(amax, TOP_EXP: tl.constexpr):
     """2^k per row with amax * 2^k in [2^TOP_EXP, 2^(TOP_EXP+1)) (1 for an all-zero row), built
@@ -86,9 +92,12 @@ def _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads,
     return mid_row, l_safe
 
 
-# num_splits varies with the batch size; specialising on it (== 1, divisible by 16) would only
-# compile more variants of the same code
-@triton.jit(do_not_specialize=["num_splits"])
+# num_splits varies with the batch size and bt_stride (the block tables' width) with the longest
+# context of the step; specialising on them (== 1, divisible by 16) would only compile more
+# variants of the same code while serving (each is a scalar in an address or a loop bound);
+# nor on the alignment of the per-sequence arrays, read by scalar loads, whose views start
+# where the step's decode rows end
+@triton.jit(do_not_specialize=["num_splits", "bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
 def _decode_split_kernel(
         q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, bt_stride,
@@ -246,7 +255,7 @@ def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=dv_mask & has_row)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
 def _mla_decode_fp8_kernel(
         q_ptr, kc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, qk_scale, v_scale, n_heads, block_size, d_pe, dv,

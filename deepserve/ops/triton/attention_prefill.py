@@ -12,8 +12,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from deepserve.ops.triton.attention_decode import SEQ_ARRAYS
 
-@triton.jit
+
+# bt_stride (the block tables' width) follows the step's longest context: not specialised on,
+# so a new width class compiles nothing while serving (it only scales a row's address); nor
+# the alignment of the per-sequence arrays (SEQ_ARRAYS: scalar loads of views that start
+# after the step's decode rows)
+@triton.jit(do_not_specialize=["bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
 def _prefill_kernel(
         q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
         q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, o_st, o_sh, bt_stride,
