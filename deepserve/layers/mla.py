@@ -213,8 +213,10 @@ class MLAAttention(nn.Module):
         if n_dec:
             q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
             self._decode(q_abs, w_uv, pool, meta, n_dec, out=out[:n_dec])
-        q_nope, q_pe = q[n_dec:].split([self.nope_dim, self.rope_dim], dim=-1)
-        k_pe = kv_a[n_dec:, None, self.kv_lora_rank:]       # its rotation is unused: the cache has it
-        q_pe, _ = rope(positions[n_dec:], q_pe, k_pe)
-        self._prefill(torch.cat((q_nope, q_pe), dim=-1), pool, meta, n_dec, out[n_dec:])
+        # the prompt rows' q_pe rotated where it lies (their k_pe's rotation is in the cache),
+        # so q[n_dec:] is the prefill attention's query as it stands
+        q_pre = q[n_dec:]
+        self.ops.rotary_embedding(positions[n_dec:], q_pre[..., self.nope_dim:], None, rope.cos_sin_cache,
+                                  rope.is_neox_style, inplace=True)
+        self._prefill(q_pre, pool, meta, n_dec, out[n_dec:])
         return out.flatten(1)

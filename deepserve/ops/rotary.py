@@ -6,6 +6,8 @@ rotary dims; interleaved (GPT-J) style rotates adjacent pairs.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deepserve.ops.registry import register
@@ -36,9 +38,17 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 
 
 @register("rotary_embedding", "torch")
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, H, rot_dim], k [T, Hk, rot_dim] -> rotated copies (computed in fp32)."""
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor],
+                     cos_sin_cache: torch.Tensor, is_neox: bool,
+                     inplace: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """q [T, H, rot_dim], k [T, Hk, rot_dim] (None: q only) -> rotated copies (computed in fp32),
+    or with `inplace` q and k themselves, rotated (e.g. the rope part of a wider row, in place)."""
     cos, sin = _cos_sin(cos_sin_cache, positions)     # gathered once for both
-    return (_rotate(q.float(), cos, sin, is_neox).to(q.dtype),
-            _rotate(k.float(), cos, sin, is_neox).to(k.dtype))
+    q_rot = _rotate(q.float(), cos, sin, is_neox).to(q.dtype)
+    k_rot = None if k is None else _rotate(k.float(), cos, sin, is_neox).to(k.dtype)
+    if not inplace:
+        return q_rot, k_rot
+    q.copy_(q_rot)
+    if k is not None:
+        k.copy_(k_rot)
+    return q, k

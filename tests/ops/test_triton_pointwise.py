@@ -93,6 +93,31 @@ def test_rotary_embedding_strided(triton_ops, cpu_only, is_neox):
     assert not torch.allclose(gq, q)                          # it did rotate
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("with_k", [True, False])
+def test_rotary_embedding_in_place(triton_ops, cpu_only, backend, with_k):
+    """inplace: the rope slice of a wider row rotated where it lies (the rest of the row, and
+    with k None any other tensor, untouched), the values the copying op returns."""
+    g = torch.Generator().manual_seed(8)
+    t, rot = 6, 16
+    q_full = torch.randn(t, 4, 24 + rot, generator=g)
+    k = torch.randn(t, 1, rot, generator=g)
+    positions = torch.tensor([0, 3, 5, 9, 31, 2])
+    cache = torch.randn(32, rot, generator=g)
+    want_q, want_k = resolve("rotary_embedding", "torch")[1](positions, q_full[..., 24:], k, cache, False)
+    q_before, k_before = q_full.clone(), k.clone()
+    got_q, got_k = resolve("rotary_embedding", backend)[1](positions, q_full[..., 24:], k if with_k else None,
+                                                           cache, False, inplace=True)
+    assert got_q.data_ptr() == q_full[..., 24:].data_ptr()
+    torch.testing.assert_close(q_full[..., 24:], want_q, rtol=1e-6, atol=1e-6)
+    assert torch.equal(q_full[..., :24], q_before[..., :24]) and not torch.allclose(q_full, q_before)
+    if with_k:
+        assert got_k is k
+        torch.testing.assert_close(k, want_k, rtol=1e-6, atol=1e-6)
+    else:
+        assert got_k is None and torch.equal(k, k_before)
+
+
 def test_rotary_embedding_bf16(triton_ops, cpu_only):
     g = torch.Generator().manual_seed(6)
     q = torch.randn(5, 4, 32, generator=g).bfloat16()
