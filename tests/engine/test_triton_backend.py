@@ -3,11 +3,10 @@ engine (kernels interpreted on CPU hosts: tests/conftest.py sets TRITON_INTERPRE
 of different backends live side by side in one process, each through its own op table."""
 import pytest
 import torch
-import transformers
 
 from deepserve import LLM, SamplingParams
 from tests.conftest import DEMO_MODEL
-from tests.models.hf_reference import save_tiny
+from tests.models.hf_reference import save_tiny_mla_moe
 
 pytest.importorskip("triton")
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)   # the prefill, then 4 decode steps
@@ -22,14 +21,7 @@ def _greedy(model, backend, prompts=PROMPTS):
 
 @pytest.fixture(scope="module")
 def tiny_mla(tmp_path_factory):
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=128, eos_token_id=None)
-    path = tmp_path_factory.mktemp("mla")
-    save_tiny(transformers.DeepseekV3ForCausalLM, cfg, path)
-    return path
+    return save_tiny_mla_moe(tmp_path_factory.mktemp("mla"), max_position_embeddings=128)
 
 
 @pytest.mark.parametrize("which", ["demo", "mla", "mla-batch1"])

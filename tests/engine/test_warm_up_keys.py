@@ -37,17 +37,8 @@ ENGINE = dict(ops="triton", block_size=16, max_model_len=320, max_num_seqs=48, m
 
 @pytest.fixture(scope="module")
 def tiny_v3(tmp_path_factory):
-    import transformers
-
-    from tests.models.hf_reference import save_tiny
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, max_position_embeddings=512, eos_token_id=None)
-    path = tmp_path_factory.mktemp("v3")
-    save_tiny(transformers.DeepseekV3ForCausalLM, cfg, path)
-    return path
+    from tests.models.hf_reference import save_tiny_mla_moe
+    return save_tiny_mla_moe(tmp_path_factory.mktemp("v3"), max_position_embeddings=512)
 
 
 def request_mix(vocab: int) -> list[tuple[list[dict], SamplingParams]]:

@@ -22,6 +22,19 @@ def save_tiny(model_cls, config, path: Path, seed: int = 0):
     return model
 
 
+def save_tiny_mla_moe(path: Path, **overrides) -> Path:
+    """A tiny DeepSeek-V3 checkpoint (MLA, a dense layer then an MoE one of 4 experts in 2
+    groups, a shared expert) in `path`; `overrides`: more config fields."""
+    import transformers
+    cfg = transformers.DeepseekV3Config(**{
+        **dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+               qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+               n_group=2, topk_group=1, first_k_dense_replace=1, eos_token_id=None), **overrides})
+    save_tiny(transformers.DeepseekV3ForCausalLM, cfg, path)
+    return path
+
+
 def load_ours(path: Path, **kwargs):
     cfg = EngineArgs(model=str(path), dtype="float32", **kwargs).create_engine_config()
     return load_model(cfg.model, torch.device("cpu"))
