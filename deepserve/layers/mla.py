@@ -170,9 +170,9 @@ class MLAAttention(nn.Module):
         kv_c, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(kv_c).view(*kv_c.shape[:2], self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)   # [Nb, bs, H, nope], [.., v] (strided)
-        k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
-        self.ops.paged_attention(q, k, v, meta.prefill_query_start_loc, g.seq_lens, g.tables, self.scale,
-                                 meta.max_query_len, meta.max_seq_len, out=out)
+        # keys [k_nope | k_pe]: the rope part one for every head, passed apart (no per-head copy)
+        self.ops.paged_attention(q, k_nope, v, meta.prefill_query_start_loc, g.seq_lens, g.tables, self.scale,
+                                 meta.max_query_len, meta.max_seq_len, out=out, k_pe=k_pe)
 
     # ------------------------------------------------------------------ forward
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

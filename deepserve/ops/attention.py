@@ -64,14 +64,18 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_query_len: int = 0, max_seq_len: int = 0,
-                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None,
+                    k_pe: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv] (written
-    into `out` when given).
+    into `out` when given). `k_pe` [blocks, bs, Hk or 1, R]: the keys' last R dims kept apart
+    (MLA's rope part, one for every head), each key row being [k_cache row | k_pe row].
 
     Causal: query row i of a sequence with context c (cached before this step) sees keys
     0 .. c + i. Heads are grouped (GQA/MQA) when the cache has fewer heads than q. The pool
     holds key / k_scale and value / v_scale (an fp8 pool's per-tensor scales; 1.0 otherwise)."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    if k_pe is not None:
+        k_cache = torch.cat((k_cache, k_pe.expand(*k_cache.shape[:3], k_pe.shape[-1])), dim=-1)
     out = output_rows(out, (q.shape[0], num_heads, v_cache.shape[-1]), q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()

@@ -98,18 +98,27 @@ def num_decode_splits(batch: int, kv_programs: int, max_seq_len: int, device: to
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     scale: float, max_query_len: int = 0, max_seq_len: int = 0,
-                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None,
+                    k_pe: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] over the cached keys/values (new tokens already written) -> [T, H, Dv] (written
-    into `out` when given).
+    into `out` when given). `k_pe` [blocks, bs, Hk or 1, R]: the keys' last R dims kept apart
+    (MLA's prefill: the rope part, one for every head), read by the prefill kernel where it lies
+    when k_cache's width is the main block of the head dim (_split_head_dim), else joined first.
 
     `max_query_len` / `max_seq_len` are host ints; when left at 0 they are read from the
     device tensors (one sync), so callers on the hot path should pass them. `k_scale` /
     `v_scale`: an fp8 pool holds key / value divided by them (deepserve.ops.attention)."""
     n_tokens, n_heads, d = q.shape
     n_kv_heads, dv = k_cache.shape[2], v_cache.shape[-1]
-    if k_cache.shape[-1] != d or n_heads % n_kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}: head dim must "
+    k_width = k_cache.shape[-1] + (0 if k_pe is None else k_pe.shape[-1])
+    if k_width != d or n_heads % n_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}"
+                         f"{'' if k_pe is None else f' + k_pe {tuple(k_pe.shape)}'}: head dim must "
                          f"match and heads must be a multiple of KV heads")
+    if k_pe is not None and (k_pe.dim() != 4 or k_pe.shape[:2] != k_cache.shape[:2]
+                             or k_pe.shape[2] not in (1, n_kv_heads)):
+        raise ValueError(f"k_pe {tuple(k_pe.shape)} does not fit k_cache {tuple(k_cache.shape)} "
+                         f"(want [blocks, block_size, 1 or {n_kv_heads}, R])")
     out = output_rows(out, (n_tokens, n_heads, dv), q)
     batch = seq_lens.shape[0]
     if n_tokens == 0 or batch == 0:
@@ -120,6 +129,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_seq_len = int(seq_lens.max())
     group = n_heads // n_kv_heads
     block_d, block_dpe = _split_head_dim(d)
+    if k_pe is not None:
+        k_pe = k_pe.expand(*k_cache.shape[:3], k_pe.shape[-1])
+        if max_query_len == 1 or k_cache.shape[-1] != block_d:   # the decode kernels, or another split
+            k_cache, k_pe = torch.cat((k_cache, k_pe), dim=-1), None
     head_d = min(d, block_d)             # the main block's real width: block_d but for tiny heads
     block_dv = next_pow2(dv)
     shared = _shares_kv(k_cache, v_cache, block_d)
@@ -158,9 +171,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     cfg = prefill_config(big_head, q.element_size() > 2, device)
     block_m = cfg.pop("BLOCK_M")
+    # the keys' dims past the main block: k_pe where given, else the rest of k_cache's rows
+    kp = k_cache[..., head_d:] if k_pe is None else k_pe
     _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
+        q, k_cache, kp, v_cache, query_start_loc, seq_lens, block_tables, out,
+        *q.stride(), *k_cache.stride(), *kp.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
         block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - head_d, dv,
         BLOCK_M=block_m, **cfg, **common)
     return out

@@ -21,8 +21,9 @@ from deepserve.ops.triton.attention_decode import SEQ_ARRAYS
 # after the step's decode rows)
 @triton.jit(do_not_specialize=["bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
 def _prefill_kernel(
-        q_ptr, kc_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
-        q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d, o_st, o_sh, bt_stride,
+        q_ptr, kc_ptr, kp_ptr, vc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, out_ptr,
+        q_st, q_sh, q_sd, kc_b, kc_o, kc_h, kc_d, kp_b, kp_o, kp_h, kp_d, vc_b, vc_o, vc_h, vc_d, o_st, o_sh,
+        bt_stride,
         qk_scale, v_scale, group, block_size, d_pe, dv,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         BLOCK_DV: tl.constexpr, SHARED_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -67,7 +68,9 @@ def _prefill_kernel(
                         mask=n_mask[None, :] & (offs_d < HEAD_D)[:, None], other=0.0)  # [D, N]
             qk = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if BLOCK_DPE > 0:
-                k_pe = tl.load(kc_ptr + row_off[None, :] + offs_pe[:, None] * kc_d,
+                # the keys' dims past the main block: the rest of the k rows, or MLA's shared k_pe
+                pe_off = blk * kp_b + (offs_n % block_size) * kp_o + kvh * kp_h
+                k_pe = tl.load(kp_ptr + pe_off[None, :] + (offs_pe - BLOCK_D)[:, None] * kp_d,
                                mask=n_mask[None, :] & pe_mask[:, None], other=0.0)
                 qk += tl.dot(q_pe, k_pe.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             causal = offs_n[None, :] <= (context + offs_m)[:, None]
