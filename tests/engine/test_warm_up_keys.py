@@ -20,14 +20,27 @@ if torch.cuda.is_available():
 from deepserve.engine.warm_up import nearest_key_diff  # noqa: E402
 from tests.engine.launch_keys import record_launch_keys  # noqa: E402
 
-# kernels whose outputs steer the host (sampled ids, MoE routing and the expert blocks sorted
-# from it) run interpreted; the others only have their launch keys taken, which depend on
+# kernels whose outputs steer the host or index memory (sampled ids, the expert blocks sorted
+# from a routing) run interpreted, the router has a stand-in; the others only have their launch keys taken, which depend on
 # shapes, strides, alignments and host integers, not on the values they would compute
-EXECUTED = ("sampling", "moe_route", "moe_align")
+EXECUTED = ("sampling", "moe_align")
 
 
 def executed(name: str) -> bool:
     return any(f".{m}." in name for m in EXECUTED)
+
+
+def route_round_robin(logits, bias, weights, ids, *_):
+    """Stands in for the interpreted router (one program a token, most of the test's time):
+    token t's k experts are t, t + 1, ... (mod E), equal weights; the MoE kernels' launches
+    read no routing value on the host, so their keys are those of any routing."""
+    t, k = ids.shape
+    e = logits.shape[1]
+    ids.copy_((torch.arange(t)[:, None] + torch.arange(k)[None, :]) % e)
+    weights.fill_(1.0 / k)
+
+
+STAND_INS = {"deepserve.ops.triton.moe_route._moe_route_kernel": route_round_robin}
 
 BATCHES = (1, 2, 3, 6, 16, 17, 40)
 PROMPT_LENS = (1, 2, 5, 18, 34, 47, 100, 130, 254, 300)
@@ -63,14 +76,13 @@ def request_mix(vocab: int) -> list[tuple[list[dict], SamplingParams]]:
     return mix
 
 
-# deepseek_v3: ~130 s of CPU (its host-side MoE and MLA steps over 300-token prompts), marked slow
-@pytest.mark.parametrize("model", ["llama", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["llama", "deepseek_v3"])
 def test_serving_launches_only_kernels_the_warm_up_compiled(model, tiny_v3, monkeypatch):
     monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
     path = DEMO_MODEL if model == "llama" else tiny_v3
-    with record_launch_keys(executed) as warm:
+    with record_launch_keys(executed, STAND_INS) as warm:
         llm = LLM(str(path), **ENGINE)
-    with record_launch_keys(executed) as served:
+    with record_launch_keys(executed, STAND_INS) as served:
         for prompts, params in request_mix(llm.engine.runner.vocab_size):
             outs = llm.generate(prompts, params)
             assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in outs)
