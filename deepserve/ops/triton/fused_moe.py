@@ -114,7 +114,9 @@ def _weight_tile(ptrs, mask, desc, expert, n0, k0, BLOCK_N: tl.constexpr, BLOCK_
         return tl.load(ptrs, mask=mask, other=0.0)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["n_assign", "num_m"])
 def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
                     x_stride, xs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
                     n_assign, inter, hidden, n_experts, num_m,
@@ -171,7 +173,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
         tl.store(o_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["n_assign", "num_m"])
 def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_ptr, out_ptr,
                  h_stride, hs_stride, w_se, w_sn, w_sk, ws_se, ws_sn, ws_sk, out_stride,
                  n_assign, hidden, inter, n_experts, num_m,

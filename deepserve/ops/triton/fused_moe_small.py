@@ -119,7 +119,9 @@ def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn
     tl.store(a_ptrs, act.to(dt), mask=n_ok)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["n_assign"])
 def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_ptr,
                           x_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk,
                           act_stride,

@@ -40,7 +40,9 @@ def _store_heads(src_ptr, dst_ptr, tok, blk, off, s_t, s_h, s_d, c_b, c_o, c_h, 
     tl.store(dst_ptr + blk * c_b + off * c_o + h * c_h + d * c_d, to_pool(x, dst_ptr, inv_scale), mask=mask)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
 def _write_kv_kernel(slot_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,
                      k_st, k_sh, k_sd, v_st, v_sh, v_sd,
                      kc_b, kc_o, kc_h, kc_d, vc_b, vc_o, vc_h, vc_d,

@@ -76,7 +76,9 @@ def _kv_write_row(tok, kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, p
         tl.store(dst + C + d2, to_pool((x2 * cos + x1 * sin).to(dt), pool_ptr, inv_scale), mask=i_ok)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _kv_write_kernel(kv_ptr, kv_st, pos_ptr, slot_ptr, cs_ptr, cs_st, w_ptr, pool_ptr, p_sb, p_so,
                      block_size, eps, C, half, inv_scale,
                      IS_NEOX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
@@ -125,7 +127,9 @@ def _q_absorb_tile(t_block, head, block_c, q_ptr, q_st, q_sh, pos_ptr, cs_ptr, c
         tl.store(out_rows + C + d2[None, :], (x2 * cos + x1 * sin).to(dt), mask=ok)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["T"], do_not_specialize_on_alignment=["pos_ptr"])
 def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
                      T, NOPE, C, half,
                      IS_NEOX: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -136,7 +140,9 @@ def _q_absorb_kernel(q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_s
                    BLOCK_T, BLOCK_D, BLOCK_C, BLOCK_HALF, USE_PDL, PREFETCH, LINE)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["T"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _decode_prep_kernel(kv_ptr, kv_st, slot_ptr, nw_ptr, pool_ptr, p_sb, p_so, block_size, eps,
                         q_ptr, q_st, q_sh, pos_ptr, cs_ptr, cs_st, w_ptr, w_sh, w_sd, out_ptr, o_st, o_sh,
                         T, NOPE, C, half, heads, c_blocks, inv_scale,
@@ -158,7 +164,9 @@ def _decode_prep_kernel(kv_ptr, kv_st, slot_ptr, nw_ptr, pool_ptr, p_sb, p_so, b
                        DOT_PRECISION, BLOCK_T, BLOCK_D, BLOCK_C, BLOCK_HALF, USE_PDL, PREFETCH, LINE)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize=["T"])
 def _v_up_kernel(lat_ptr, l_st, l_sh, w_ptr, w_sh, w_sv, out_ptr, o_st, o_sh, T, C, V,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,

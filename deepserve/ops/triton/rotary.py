@@ -43,7 +43,9 @@ def _rotate_heads(src_ptr, dst_ptr, tok, s_t, s_h, s_d, o_t, o_h, o_d, n_heads, 
     tl.store(dst + d2 * o_d, o2.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# the step's token counts and views of its inputs (positions, slots) vary from step to step:
+# no class of them (scalars in masks and bounds, scalar loads), one compile for every step
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, q_out_ptr, k_out_ptr,
                    q_st, q_sh, q_sd, k_st, k_sh, k_sd, qo_t, qo_h, qo_d, ko_t, ko_h, ko_d,
                    cache_stride, n_q_heads, n_k_heads, half,
