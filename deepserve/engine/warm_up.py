@@ -7,8 +7,16 @@ captures cover the largest prefill and the captured sizes; the rest (a one-promp
 prefill chunks beside decodes, eager steps over the piecewise limit, the sampling kernel)
 would compile inside a user's request, 1-2 s on an H100 per new kernel. `warm_up_steps`
 lists steps whose sizes cover each class; the driver runs them at start with no cache
-writes. `CompileWatch` logs every compile after that, naming the kernel, so a shape the
-warm-up missed shows in the server log.
+writes. `CompileWatch` logs every compile after that, naming the kernel and the parameters
+whose classes differ from the nearest key compiled before (`nearest_key_diff`), so a shape
+the warm-up missed shows in the server log with its cause.
+
+What varies between served steps beyond these classes is kept out of the keys rather than
+warmed: step inputs start 16-byte aligned (engine/input_staging.py), and kernels take no
+class of per-step scalars used only in masks, bounds and addresses (block-table width, token
+and split counts) nor of the alignment of the per-step arrays they read by scalar loads
+(do_not_specialize / do_not_specialize_on_alignment); tests/engine/test_warm_up_keys.py
+checks every launch key of a served request mix against the warm-up's.
 
 With speculative decoding the steps also include verify steps (each sequence's last token
 and its k drafts after some context), and with mtp every step is followed by the MTP
@@ -186,7 +194,8 @@ def profile_sampling(sampler, logits: torch.Tensor, max_seqs: int, drafts: int) 
 
 class CompileWatch:
     """Counts Triton's kernel compiles in this process through its JIT hooks (chained to any
-    hook already set); once `serving` is set, logs each compile with the kernel's name."""
+    hook already set); once `serving` is set, logs each compile with the kernel's name and
+    how its key differs from the nearest one compiled before for that kernel."""
 
     def __init__(self):
         self.compiles = 0

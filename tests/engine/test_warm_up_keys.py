@@ -76,16 +76,21 @@ def request_mix(vocab: int) -> list[tuple[list[dict], SamplingParams]]:
     return mix
 
 
-@pytest.mark.parametrize("model", ["llama", "deepseek_v3"])
-def test_serving_launches_only_kernels_the_warm_up_compiled(model, tiny_v3, monkeypatch):
+@pytest.mark.parametrize("model,ops", [("llama", "triton"), ("deepseek_v3", "triton"), ("llama", "triton-all"),
+                                       ("deepseek_v3", "triton-all")])
+def test_serving_launches_only_kernels_the_warm_up_compiled(model, ops, tiny_v3, monkeypatch):
+    """triton-all: the several-row projections on the Triton GEMM too."""
     monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
     path = DEMO_MODEL if model == "llama" else tiny_v3
     with record_launch_keys(executed, STAND_INS) as warm:
-        llm = LLM(str(path), **ENGINE)
+        llm = LLM(str(path), **{**ENGINE, "ops": ops})
     with record_launch_keys(executed, STAND_INS) as served:
         for prompts, params in request_mix(llm.engine.runner.vocab_size):
             outs = llm.generate(prompts, params)
             assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in outs)
+    kernels = {name.rsplit(".", 2)[1] for name in served}
+    assert {"attention_prefill", "attention_decode", "rotary" if model == "llama" else "mla_prep", "sampling"} <= kernels
+    assert model == "llama" or {"moe_route", "moe_align"} <= kernels, kernels
     missed = [f"{name}: {nearest_key_diff(served.params[name], key, sorted(warm.get(name, ())))}"
               for name, keys in sorted(served.items()) for key in sorted(keys - warm.get(name, set()))]
     assert not missed, "\n".join(missed)
