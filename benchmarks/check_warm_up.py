@@ -17,7 +17,8 @@ pool's blocks), then a request mix that walks the serving paths: batches of 1, 3
 beside decodes), each batch greedy, sampled (top-k / top-p / min-p), with penalties,
 logit_bias, min_tokens, logprobs, allowed_token_ids and a seed, on text that repeats (n-gram
 drafts find it); and every Triton kernel compiled while serving, by name (what the warm-up
-missed: the log's "Triton compiled ... while serving" lines, counted).
+missed: the log's "Triton compiled ... while serving" lines, counted, and each one's cause:
+the parameters whose specialization classes differ from the nearest key compiled before).
 """
 from __future__ import annotations
 
@@ -115,8 +116,11 @@ def main() -> None:
             llm.generate(batch, params)
             served[name] += b
     serve_s = time.perf_counter() - t0
-    missed = Counter(line.split(" while serving")[0].removeprefix("Triton compiled ")
-                     for line in lines if "while serving" in line)
+    serving_lines = [line for line in lines if "while serving" in line]
+    missed = Counter(line.split(" while serving")[0].removeprefix("Triton compiled ") for line in serving_lines)
+    # each compile's cause: the parameters whose classes differ from the nearest earlier key
+    causes = sorted({f"{line.split(' while serving')[0].removeprefix('Triton compiled ')}: {line.split('; ', 1)[-1]}"
+                     for line in serving_lines})
     gauges = llm.engine.gauges()
     print(json.dumps({
         "model": args.model or "demo", "device": str(runner.device), "speculative": kw.get("speculative_config"),
@@ -125,7 +129,7 @@ def main() -> None:
         "timings": {k: round(v, 3) for k, v in runner.timings.items()},
         "warm_up_line": next((line for line in lines if line.startswith("warm-up:")), None),
         "compiles_at_start": warm_compiles, "compiles_while_serving": WATCH.compiles - warm_compiles,
-        "missed_kernels": dict(missed), "kv_blocks": runner.num_blocks, "profile_sampling": profile or None,
+        "missed_kernels": dict(missed), "missed_causes": causes, "kv_blocks": runner.num_blocks, "profile_sampling": profile or None,
         "served_sequences": dict(served), "serve_s": round(serve_s, 2),
         "spec_decode_num_drafts": gauges.get("spec_decode_num_drafts"),
     }))
