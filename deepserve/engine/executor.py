@@ -219,7 +219,7 @@ class UniExecutor:
         return str(exc)
 
     def shutdown(self) -> None:
-        self.runner.release()
+        pass
 
 
 def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_method: str,
@@ -451,7 +451,6 @@ class MultiprocExecutor(DriverExecutor):
         self.workers.stop()
         if not stopped:
             destroy_distributed(timeout_s=5.0)
-        self.runner.release()
 
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):

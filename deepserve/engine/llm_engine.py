@@ -342,6 +342,10 @@ class LLMEngine:
         if getattr(self, "ops_profiler", None) is not None:
             self.ops_profiler.close()
         self._finalizer()
+        # the driver's weights, KV pool and graphs go now, though this engine may still be
+        # referenced (a later engine in the process then has the memory); an engine dropped
+        # without shutdown() frees them with its last reference
+        self.runner.release()
         self.shut_down = True
 
     # ------------------------------------------------------------------ the step

@@ -131,7 +131,6 @@ class RayExecutor(DriverExecutor):
                 logger.warning("ray workers did not stop cleanly: %s", exc)
         for actor in self.actors:
             self._ray.kill(actor)
-        self.runner.release()
 
 
 class RayRanks:

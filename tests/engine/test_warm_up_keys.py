@@ -76,8 +76,11 @@ def request_mix(vocab: int) -> list[tuple[list[dict], SamplingParams]]:
     return mix
 
 
-@pytest.mark.parametrize("model,ops", [("llama", "triton"), ("deepseek_v3", "triton"), ("llama", "triton-all"),
-                                       ("deepseek_v3", "triton-all")])
+# by default the Triton GEMM's keys on the Llama and MLA + MoE's on the DeepSeek; the other two
+# pairs run the same kernels at other shapes (slow: `-m slow`)
+@pytest.mark.parametrize("model,ops", [("llama", "triton-all"), ("deepseek_v3", "triton"),
+                                       pytest.param("llama", "triton", marks=pytest.mark.slow),
+                                       pytest.param("deepseek_v3", "triton-all", marks=pytest.mark.slow)])
 def test_serving_launches_only_kernels_the_warm_up_compiled(model, ops, tiny_v3, monkeypatch):
     """triton-all: the several-row projections on the Triton GEMM too."""
     monkeypatch.setenv("DEEPSERVE_WARM_UP", "1")
