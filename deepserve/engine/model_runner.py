@@ -205,18 +205,26 @@ class ModelRunner:
     def release(self) -> None:
         """Free this rank's device memory at shutdown: CUDA graphs (with their memory pools),
         the KV pool, the model's weights, the staging buffers. The runner runs no step after."""
-        self.graphs = self.piecewise = self.pipeline = None
-        if self.mtp is not None:
-            self.mtp.graphs = None
+        self.piecewise = self.pipeline = None
+        self._drop_pool(graphs=True)
         self.mtp = None
-        for m in self.kv_layers:
-            m.kv_cache = []
         self.kv_layers = []
         self.model = None
         self.staging = None
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._reserved_after_empty_cache()
+
+    def _drop_pool(self, graphs: bool) -> None:
+        """Free the KV pool and, with `graphs`, the whole decode graphs that hold its addresses
+        (with their memory pools), and give the freed memory back to the device."""
+        if graphs:
+            self.graphs = None
+            if self.mtp is not None:
+                self.mtp.graphs = None
+        for m in self.kv_layers:
+            m.kv_cache = []
+        gc.collect()
+        self._reserved_after_empty_cache()
 
     def _give_back_unused_estimate(self, taken: int) -> None:
         """Grow the pool by the part of the graph estimate the graphs did not take (`taken`:
@@ -233,14 +241,7 @@ class ModelRunner:
         blocks, low_kinds, neg_high_kinds = self._min_over_ranks(blocks, kinds, -kinds)
         if blocks <= self.num_blocks or low_kinds != -neg_high_kinds:
             return
-        if kinds:   # drop the graphs over the old pool (with their memory pools) before it goes
-            self.graphs = None
-            if self.mtp is not None:
-                self.mtp.graphs = None
-        for m in self.kv_layers:
-            m.kv_cache = []
-        gc.collect()
-        self._reserved_after_empty_cache()
+        self._drop_pool(graphs=bool(kinds))   # the graphs over the old pool go before it
         old, self.num_blocks = self.num_blocks, blocks
         self._allocate_kv_cache(blocks)
         seconds = None

@@ -216,7 +216,6 @@ class MLAAttention(nn.Module):
         # the prompt rows' q_pe rotated where it lies (their k_pe's rotation is in the cache),
         # so q[n_dec:] is the prefill attention's query as it stands
         q_pre = q[n_dec:]
-        self.ops.rotary_embedding(positions[n_dec:], q_pre[..., self.nope_dim:], None, rope.cos_sin_cache,
-                                  rope.is_neox_style, inplace=True)
+        rope.rotate_(positions[n_dec:], q_pre[..., self.nope_dim:])
         self._prefill(q_pre, pool, meta, n_dec, out[n_dec:])
         return out.flatten(1)
