@@ -27,6 +27,14 @@ step() {  # step NAME SECONDS DIR COMMAND...: run COMMAND in DIR with at most SE
   (cd "$dir" && PYTHONPATH=/tmp/site:$PWD timeout "$lim" "$@") > "$OUT/$name.txt" 2>&1
   echo "== $name rc $? $((SECONDS - t0)) s"
 }
+#   the kernels changed since their last GPU run, against their torch references; the warm-up's coverage
+step kern_tests 170 . python3 -m pytest -q -m gpu tests/ops/test_triton_attention.py tests/ops/test_triton_pointwise.py \
+  tests/ops/test_fused_moe_shared.py tests/ops/test_triton_mla_prep.py tests/ops/test_triton_moe.py \
+  tests/engine/test_graph_memory.py
+step warm_v2 130 . python3 benchmarks/check_warm_up.py --model deepseek-v2-lite --load-format dummy
+#   issue 25  V2-Lite's 1,088-token mixed steps, eager and as piecewise graphs (limit 2048)
+step mixed_v2_pw 200 . python3 benchmarks/profile_mixed.py --model deepseek-v2-lite --batch 64 --mixed-lens 1024 \
+  --piecewise-max-tokens 2048 --profile 0 --out "$OUT/res/profile_mixed_v2lite_pw2048.json"
 step structured 80 . python3 benchmarks/bench_structured.py --tokenizer /tmp/d/tokenizers/deepseek-r1-distill-llama-8b \
   --batches 64 --repeats 3 --out-dir "$OUT/res"
 step ops_new 45 . python3 benchmarks/bench_ops.py --only decode_,prefill_ --no-torch --out-dir "$OUT/ops_new"
