@@ -65,8 +65,9 @@ step piecewise_tests 100 . python3 -m pytest -q -m gpu tests/engine/test_piecewi
 step piecewise_fig 200 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --profile 0 \
   --mixed-lens 64,192,448,1024 --piecewise-max-tokens 1152 --out "$OUT/res/profile_mixed_piecewise.json"
 #   issue 24  the Triton GEMM against cuBLAS (tests, sweep into the device table), op-call and GPU-time shares
-step gemm_tests 60 . python3 -m pytest -q -m gpu tests/ops/test_triton_gemm.py tests/ops/test_triton_gemv.py
-step gemm_sweep 120 . python3 benchmarks/sweep_gemm.py --models llama8b r1 v2lite --out "$OUT/res/sweep_gemm.json" --write
+#   (the sweep writes a rule per swept shape and bucket, decode's buckets first, each bucket as it is done)
+step gemm_tests 90 . python3 -m pytest -q -m gpu tests/ops/test_triton_gemm.py tests/ops/test_triton_gemv.py
+step gemm_sweep 150 . python3 benchmarks/sweep_gemm.py --models llama8b --out "$OUT/res/sweep_gemm.json" --write
 cp -r deepserve/ops/triton/configs/gemm "$OUT/gemm_cfg" 2>/dev/null
 step share_8b_all 60 . python3 benchmarks/ops_share.py --model r1-distill-llama-8b --ops triton-all --batch 1 64
 step share_8b 60 . python3 benchmarks/ops_share.py --model r1-distill-llama-8b --ops triton --batch 1 64
@@ -77,6 +78,8 @@ step share_r1 80 . python3 benchmarks/ops_share.py --model deepseek-r1 --quantiz
 #   issue 24  decode tok/s of the 8B, default ops against every op in Triton (--ops triton-all)
 step engine_8b 100 . python3 benchmarks/bench_engine.py --case llama8b --repeats 3
 step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_engine.py --case llama8b --repeats 3
+step gemm_sweep_more 200 . python3 benchmarks/sweep_gemm.py --models r1 v2lite --out "$OUT/res/sweep_gemm_more.json" --write
+mkdir -p "$OUT/gemm_cfg" && cp deepserve/ops/triton/configs/gemm/*.json "$OUT/gemm_cfg/" 2>/dev/null
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
 cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
