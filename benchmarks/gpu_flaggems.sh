@@ -12,6 +12,7 @@
 #                                         # r1-distill-llama-8b preset cut to 2 layers and deepseek-v2-lite
 #                                         # cut to 3 (1 dense + 2 MoE); the 8B cut's --ops-profile shares
 #   benchmarks/gpu_flaggems.sh validate   # deepserve validate --ops torch vs --ops flaggems on both cuts
+#   benchmarks/gpu_flaggems.sh vspeed     # validate on the 8B cut, then its tok/s with USE_FLAGGEMS=1 (one call)
 #   benchmarks/gpu_flaggems.sh speed      # --ops-profile shares under triton / torch beside flaggems,
 #                                         # ops_share.py --ops flaggems at batch 1 and 64 (CUDA graphs),
 #                                         # decode tok/s with USE_FLAGGEMS=1 (bench_engine.py --case llama8b)
@@ -58,7 +59,7 @@ speed)
   step tok_s_llama 220 env USE_FLAGGEMS=1 python3 benchmarks/bench_engine.py --case llama8b --repeats 3
   mkdir -p "$OUT/engine_flaggems" && cp benchmarks/results/engine_llama8b*.json "$OUT/engine_flaggems/" 2>/dev/null
   ;;
-validate)
+validate|vspeed)
   # token-id prompts (no tokenizer needed): 8 x 64 ids inside both presets' vocabularies
   python3 -c "
 import json, random
@@ -67,15 +68,20 @@ with open('$OUT/prompts.jsonl', 'w') as f:
     for _ in range(8):
         f.write(json.dumps({'prompt_token_ids': [random.randrange(1000, 30000) for _ in range(64)]}) + '\n')"
   # random weights give near-flat distributions: bf16 rounding flips near ties (see deepserve validate --help)
-  for cut in llama v2lite; do
+  cuts="llama v2lite"; [ "$1" = vspeed ] && cuts=llama
+  for cut in $cuts; do
     if [ $cut = llama ]; then args=("${LLAMA[@]}"); else args=("${V2LITE[@]}"); fi
     step "validate_$cut" 270 python3 -m deepserve.cli.main validate "${args[@]}" --max-model-len 512 \
       --prompts "$OUT/prompts.jsonl" --a "--ops torch" --b "--ops flaggems" \
       --max-top1-mismatch 0.05 --max-kl 1e-2 --output "$OUT/validate_$cut.json"
   done
+  if [ "$1" = vspeed ]; then  # one call: the 8B cut's validation, then its decode tok/s with FlagGems on
+    step tok_s_llama 220 env USE_FLAGGEMS=1 python3 benchmarks/bench_engine.py --case llama8b --repeats 3
+    mkdir -p "$OUT/engine_flaggems" && cp benchmarks/results/engine_llama8b*.json "$OUT/engine_flaggems/" 2>/dev/null
+  fi
   ;;
 *)
-  echo "usage: benchmarks/gpu_flaggems.sh ops|validate|speed   (carry .flaggems)"; exit 2 ;;
+  echo "usage: benchmarks/gpu_flaggems.sh ops|validate|vspeed|speed   (carry .flaggems)"; exit 2 ;;
 esac
 (cd "$OUT" && tar czf results.tgz --remove-files $(ls -d *.json *.jsonl engine_flaggems 2>/dev/null) 2>/dev/null)
 for name in "${STEPS[@]}"; do
