@@ -73,10 +73,14 @@ def op_backends() -> dict[str, list[str]]:
     return {op: sorted(impls, key=order.__getitem__) for op, impls in sorted(_impls.items())}
 
 
-# aten ops left to torch under --ops flaggems: FlagGems 5.0.2's Hopper `mul` treats two tensors
-# of the same rank as the same shape (no broadcasting), so rms_norm's x [T, H] * rsqrt [T, 1]
-# reads out of bounds (an illegal memory access on an H100; docs/PERFORMANCE.md "Portability")
-FLAGGEMS_EXCLUDED = ["mul"]
+# FlagGems functions left to torch under --ops flaggems (FlagGems matches them by function name):
+# - `mul`: FlagGems 5.0.2's Hopper `mul` treats two tensors of the same rank as the same shape
+#   (no broadcasting), so rms_norm's x [T, H] * rsqrt [T, 1] reads out of bounds (an illegal
+#   memory access on an H100; docs/PERFORMANCE.md "Portability");
+# - the random draws: FlagGems' own ignore the torch.Generator passed in, so dummy weights and
+#   per-request seeds would not follow their seeds (and would differ from every other backend's).
+FLAGGEMS_EXCLUDED = ["mul", "exponential_", "multinomial", "normal_", "normal_tensor_tensor", "normal_tensor_float",
+                     "normal_float_tensor", "rand", "rand_like", "randn", "randn_like", "randperm", "uniform_"]
 
 
 def _load_backend(name: str) -> None:

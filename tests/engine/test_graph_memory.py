@@ -289,6 +289,10 @@ def test_gpu_pool_grown_after_capture_decodes_as_before(monkeypatch, caplog):
         print(f"pool {old} -> {new} blocks (plain estimate: {plain_blocks}); graphs took {taken:.2f} of {kept:.2f} GiB")
         assert new == runner.num_blocks == llm.engine.block_manager.num_blocks
         assert (new - old) * runner.bytes_per_block() / GIB == pytest.approx(kept - taken, abs=0.02)
-        assert new >= plain_blocks - (0.02 * GIB) // runner.bytes_per_block()
+        # the plain engine's pool was sized by the estimate (kept - 2 GiB), the grown one by what the
+        # graphs took: they differ by the estimate's error, not more (0.05 GiB: the log's rounding and
+        # the allocator's state after the first engine)
+        expected = plain_blocks + ((kept - 2) - taken) * GIB / runner.bytes_per_block()
+        assert abs(new - expected) * runner.bytes_per_block() <= 0.05 * GIB, (new, expected)
         assert runner.graphs is not None and runner.graphs.enabled
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == reference

@@ -199,6 +199,16 @@ def test_cudagraph_mode_settings(kwargs, mode, eager, max_tokens):
     assert (config.cudagraph_mode, config.enforce_eager, config.piecewise_max_tokens) == (mode, eager, max_tokens)
 
 
+@pytest.mark.parametrize("model, kwargs, max_tokens", [
+    ("deepseek-v2-lite", {}, 2048),                       # routed experts: host-bound eager steps
+    ("deepseek-v2-lite", {"piecewise_max_tokens": 512}, 512),
+    ("r1-distill-llama-8b", {}, 512),
+    ("deepseek-v2-lite", {"compilation_config": {"max_cudagraph_capture_size": 1024}}, 1024),
+])
+def test_piecewise_max_tokens_default_by_model(model, kwargs, max_tokens):
+    assert EngineArgs(model=model, **kwargs).create_engine_config().piecewise_max_tokens == max_tokens
+
+
 def test_cudagraph_mode_flags():
     args = build_parser().parse_args(normalize_argv(
         ["serve", "m", "--cudagraph-mode", "FULL_AND_PIECEWISE", "--piecewise-max-tokens", "256"]))

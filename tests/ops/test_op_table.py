@@ -91,3 +91,22 @@ def test_bind_gives_every_module_the_table():
     assert all(m.ops is table for m in model.modules())
     model[1][0](torch.randn(2, 8))
     assert table.counts == {("rms_norm", "torch"): 1} and not REFERENCE_OPS.counts
+
+
+@pytest.mark.gpu
+def test_flaggems_leaves_seeded_draws_to_torch():
+    """Under --ops flaggems a seeded draw gives torch's values (dummy weights and per-request
+    seeds follow their generators as on every other backend); FlagGems' own random ops ignore the
+    generator passed in, so enabling them changed every dummy weight."""
+    pytest.importorskip("flag_gems")
+
+    def draw():
+        gen = torch.Generator(device="cuda").manual_seed(123)
+        return (torch.randn(4096, generator=gen, device="cuda"),
+                torch.empty(4096, device="cuda").uniform_(generator=gen),
+                torch.empty(4096, device="cuda").exponential_(generator=gen))
+
+    before = draw()
+    registry._load_backend("flaggems")
+    for a, b in zip(before, draw()):
+        assert torch.equal(a, b)

@@ -174,7 +174,7 @@ def test_small_batch_kernels_gpu_r1_shapes(triton_ops, zeros):
     """The compiled small-batch kernels at one EP8 rank of R1 (32 experts, D 7168, I 2048, top-8,
     groups of 128), one token: the torch op's result within bf16 rounding."""
     e, d, i, g = 32, 7168, 2048, 128
-    gen = torch.Generator(device="cuda").manual_seed(zeros)
+    gen = torch.Generator(device="cuda").manual_seed(int(zeros))
     ops = []
     for rows, k in ((2 * i, d), (d, i)):
         ops += [torch.randint(-2 ** 31, 2 ** 31, (e, rows, k // 8), generator=gen, device="cuda",
