@@ -27,6 +27,12 @@ step() {  # step NAME SECONDS DIR COMMAND...: run COMMAND in DIR with at most SE
   (cd "$dir" && PYTHONPATH=/tmp/site:$PWD timeout "$lim" "$@") > "$OUT/$name.txt" 2>&1
   echo "== $name rc $? $((SECONDS - t0)) s"
 }
+#   issue 22  the GEMV / small-batch MoE / sorted MoE settings' move into tables (e4c7526): the trees just
+#             before and after it (carry .abmvold .abmvnew: `git archive e4c7526^` / `e4c7526`), same call
+step mv_engine_old 150 .abmvold python3 benchmarks/bench_engine.py --case llama8b v2lite --repeats 3
+step mv_engine_new 150 .abmvnew python3 benchmarks/bench_engine.py --case llama8b v2lite --repeats 3
+step mv_ops_old 60 .abmvold python3 benchmarks/bench_ops.py --only fused_moe --no-torch --out-dir "$OUT/mv_ops_old"
+step mv_ops_new 60 .abmvnew python3 benchmarks/bench_ops.py --only fused_moe --no-torch --out-dir "$OUT/mv_ops_new"
 #   the kernels changed since their last GPU run, against their torch references; the warm-up's coverage
 step kern_tests 170 . python3 -m pytest -q -m gpu tests/ops/test_triton_attention.py tests/ops/test_triton_pointwise.py \
   tests/ops/test_fused_moe_shared.py tests/ops/test_triton_mla_prep.py tests/ops/test_triton_moe.py \
@@ -81,5 +87,5 @@ step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_e
 step gemm_sweep_more 200 . python3 benchmarks/sweep_gemm.py --models r1 v2lite --out "$OUT/res/sweep_gemm_more.json" --write
 mkdir -p "$OUT/gemm_cfg" && cp deepserve/ops/triton/configs/gemm/*.json "$OUT/gemm_cfg/" 2>/dev/null
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
-cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg
+cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg mv_old mv_new mv_ops_old mv_ops_new 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg mv_old mv_new mv_ops_old mv_ops_new
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
