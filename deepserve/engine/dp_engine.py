@@ -103,6 +103,9 @@ class DataParallelEngine(LLMEngine):
                                        f"{args.data_parallel_address})")
                 ready.add(msg.dp_rank)
         except BaseException:
+            # a core still starting has not connected its inbox, so it cannot hear the STOP of
+            # the shutdown: end the ranks now rather than after the shutdown's grace period
+            self.executor.stop(graceful_s=0.0)
             self._finalizer()
             raise
         self._init_pool()
