@@ -614,6 +614,20 @@ def default_piecewise_max_tokens(hf: dict) -> int:
     return 2048 if experts else 512
 
 
+def engine_core_apart(args: EngineArgs, default: bool) -> bool:
+    """Whether the engine core runs in a process of its own (one per DP rank) behind a front
+    end in this process (engine/dp_engine.py): always with data parallel or several API
+    servers; with one DP rank on Ray never (its driver, rank 0, stays in this process); else
+    as DEEPSERVE_ENGINE_CORE_PROCESS says (1 / 0), and `default` when it is unset (the
+    offline LLM: in this process; `deepserve serve`: apart, as vLLM does)."""
+    if args.data_parallel_size > 1 or args.api_server_count > 1:
+        return True
+    if args.distributed_executor_backend == "ray":
+        return False
+    env = os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS")
+    return default if env is None else env == "1"
+
+
 def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
     """Map vLLM's --compilation-config onto `cuda_graph_sizes` / `enforce_eager` (see the field)."""
     if isinstance(config, str):

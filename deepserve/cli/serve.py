@@ -111,6 +111,9 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         raise ValueError(f"bad engine argument: {exc}") from None
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
+    from deepserve.engine.fork_server import start_early, starts_early
+    if starts_early(engine_args):
+        start_early()   # its imports of torch and the engine run beside the server's own below
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)

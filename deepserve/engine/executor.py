@@ -10,8 +10,9 @@ error instead of a silent hang.
 
 Workers start from a fork server (`process_context`): a fresh interpreter that imports torch
 and the engine modules once, then forks each worker, so a worker does not pay the seconds of
-that import again; the engine's own process is never forked (a CPU parent that already ran
-OpenMP kernels hangs a forked child's first parallel op). The fork server lives while an
+that import again (`deepserve serve` starts it before its own imports, engine/fork_server.py,
+so that the two run side by side); the engine's own process is never forked (a CPU parent
+that already ran OpenMP kernels hangs a forked child's first parallel op). The fork server lives while an
 engine of the process has workers: the last one's `shutdown()` stops it (`stop_fork_server`;
 DEEPSERVE_KEEP_FORK_SERVER=1 keeps it for the next engine). Each worker takes the environment
 the engine's process has when it starts the worker, and, as with spawn, re-imports the main
@@ -40,6 +41,7 @@ import torch.multiprocessing as mp
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
+from deepserve.engine.fork_server import FORK_SERVER_PRELOAD
 from deepserve.engine.step_channel import StepChannel
 from deepserve.engine.step_inputs import STOP, Stop
 from deepserve.platforms import Platform, get_platform
@@ -48,12 +50,6 @@ logger = logging.getLogger("deepserve")
 
 GUARD_HINT = ('a script that starts a multi-process engine must guard its entry point with '
               '`if __name__ == "__main__":` (every worker process re-imports the main module)')
-
-# What the fork server imports before it forks workers: its SIGTERM disposition
-# (engine/fork_server_signals.py), then what every worker imports, nothing that touches a GPU
-# at import (a process forked after CUDA is initialised cannot use it).
-FORK_SERVER_PRELOAD = ["deepserve.engine.fork_server_signals", "deepserve.engine.engine_core",
-                       "deepserve.engine.model_runner"]
 
 
 def process_context():

@@ -17,12 +17,11 @@ import copy
 import dataclasses
 import itertools
 import logging
-import os
 import time
 import weakref
 from typing import Optional, Union
 
-from deepserve.config import EngineArgs, async_scheduling_plan
+from deepserve.config import EngineArgs, async_scheduling_plan, engine_core_apart
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
 from deepserve.engine.micro_batches import MicroBatchPipeline
@@ -95,20 +94,6 @@ def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
     if not eos and cfg_eos is not None:
         eos = set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
     return tokenizer, eos
-
-
-def engine_core_apart(args: EngineArgs, default: bool) -> bool:
-    """Whether the engine core runs in a process of its own (one per DP rank) behind a front
-    end in this process (engine/dp_engine.py): always with data parallel or several API
-    servers; with one DP rank on Ray never (its driver, rank 0, stays in this process); else
-    as DEEPSERVE_ENGINE_CORE_PROCESS says (1 / 0), and `default` when it is unset (the
-    offline LLM: in this process; `deepserve serve`: apart, as vLLM does)."""
-    if args.data_parallel_size > 1 or args.api_server_count > 1:
-        return True
-    if args.distributed_executor_backend == "ray":
-        return False
-    env = os.environ.get("DEEPSERVE_ENGINE_CORE_PROCESS")
-    return default if env is None else env == "1"
 
 
 class LLMEngine:

@@ -160,3 +160,18 @@ def test_gpu_fork_server_preload_leaves_cuda_to_forked_processes():
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "forked child used CUDA" in proc.stdout
+
+
+def test_serve_starts_the_fork_server_early_only_where_it_will_use_it(monkeypatch):
+    """`deepserve serve` starts the fork server before its own imports where an engine core or
+    worker of this node will fork from it, and the environment it imports under is final."""
+    from deepserve.config import EngineArgs
+    from deepserve.engine.fork_server import starts_early
+    monkeypatch.delenv("DEEPSERVE_ENGINE_CORE_PROCESS", raising=False)
+    assert starts_early(EngineArgs())                                        # the core apart: serve's default
+    assert starts_early(EngineArgs(data_parallel_size=2))
+    assert not starts_early(EngineArgs(distributed_executor_backend="ray", tensor_parallel_size=2))
+    assert not starts_early(EngineArgs(api_server_count=2))                  # its launcher sets the env first
+    monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "0")
+    assert not starts_early(EngineArgs())                                    # one process: nothing to fork
+    assert starts_early(EngineArgs(tensor_parallel_size=2))                  # its workers

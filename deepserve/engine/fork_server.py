@@ -1,0 +1,36 @@
+"""The fork server that engine-core, worker and API server processes start from (see
+engine/executor.py `process_context`): what it imports, and `start_early`, which starts it
+before the caller's own imports. Imports nothing beyond the standard library, so that a
+command can start it before it imports torch."""
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing import forkserver
+
+from deepserve.config import EngineArgs, engine_core_apart
+
+# What the fork server imports before it forks workers: its SIGTERM disposition
+# (engine/fork_server_signals.py), then what every worker imports, nothing that touches a GPU
+# at import (a process forked after CUDA is initialised cannot use it).
+FORK_SERVER_PRELOAD = ["deepserve.engine.fork_server_signals", "deepserve.engine.engine_core",
+                       "deepserve.engine.model_runner"]
+
+
+def start_early() -> None:
+    """Start this process's fork server now, without waiting for it: its imports (torch and the
+    engine modules, seconds of CPU) then run beside this process's own until the first engine
+    process is started from it. Call it once the environment that engine processes inherit at
+    import is final (their start re-applies the rest, see executor._in_environment)."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
+    forkserver.ensure_running()
+
+
+def starts_early(args: EngineArgs) -> bool:
+    """Whether `deepserve serve` with `args` may start the fork server before its own imports:
+    it will start processes of this node from it (an engine core apart, its default, or TP / PP
+    workers; not where Ray places them), and the environment is final already (not with several
+    API servers: their launcher sets PROMETHEUS_MULTIPROC_DIR, which prometheus_client reads at
+    import, before it starts them)."""
+    if args.distributed_executor_backend == "ray" or args.api_server_count > 1:
+        return False
+    return engine_core_apart(args, default=True) or args.tensor_parallel_size * args.pipeline_parallel_size > 1
