@@ -143,6 +143,7 @@ def test_kill_and_resume_equals_uninterrupted(items, datasets_dir, tmp_path):
                                           proc.stderr.read().decode()[-2000:])
         assert not out.exists()
         time.sleep(0.3)  # let requests sent just before the kill reach the server
+        srv.delay = 0.0    # the slow replies only had to let the kill land mid-run
         calls_before = srv.calls
         assert main(argv(srv.url, out)) == 0      # the same command again
         # Exactly the samples missing from the cache were asked again (those in flight at the
