@@ -79,9 +79,61 @@ def _skip_discarded_overflow_checks() -> None:
     builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
+def _cache_interpreter_type_lookups() -> None:
+    """Two of the interpreter's per-operation costs that depend on the types alone: the numpy
+    dtype of a Triton type (`_get_np_dtype` builds its table of 17 numpy dtypes on every call)
+    and the display name of a tuple type (formatted whenever a tensor's shape tuple is made,
+    read only when printed). The table is built once; the name when first read."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.language import core
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    lookup = getattr(interpreter, "_get_np_dtype", None)
+    if lookup is not None and not getattr(lookup, "_deepserve_cached", False):
+        names = ("int1", "float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                 "int64", "uint64", "bfloat16", "float8e5", "float8e5b16", "float8e4nv", "float8e4b8", "float8e4b15")
+        if all(hasattr(tl, n) for n in names):
+            table = {getattr(tl, n): lookup(getattr(tl, n)) for n in names}
+            pointer = np.dtype(np.uint64)
+
+            def np_dtype(tt_dtype):
+                if isinstance(tt_dtype, tl.pointer_type):
+                    return pointer
+                if isinstance(tt_dtype, tl.block_type):
+                    if isinstance(tt_dtype.element_ty, tl.pointer_type):
+                        return pointer
+                    return table[tt_dtype.element_ty]
+                return table[tt_dtype]
+
+            np_dtype._deepserve_cached = True
+            interpreter._get_np_dtype = np_dtype
+    tuple_type = getattr(core, "tuple_type", None)
+    init = getattr(tuple_type, "__init__", None)
+    if init is None or getattr(init, "_deepserve_lazy", False) or "name" in vars(tuple_type):
+        return
+    probe = tuple_type([tl.int32], ["x"])
+    if vars(probe) != {"types": [tl.int32], "fields": ["x"], "name": "[x:int32]"}:
+        return   # another Triton's tuple_type: left as it is
+
+    def lazy_init(self, types, fields=None):
+        self.types = types
+        self.fields = fields or [''] * len(types)
+
+    def name(self):
+        return '[' + ','.join([f"{k}:{v}" for k, v in zip(self.fields, self.types)]) + ']'
+
+    lazy_init._deepserve_lazy = True
+    tuple_type.__init__ = lazy_init
+    tuple_type.name = property(name)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_language_once_per_launch()
     _skip_discarded_overflow_checks()
+    _cache_interpreter_type_lookups()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
