@@ -128,6 +128,39 @@ def _cache_interpreter_type_lookups() -> None:
     lazy_init._deepserve_lazy = True
     tuple_type.__init__ = lazy_init
     tuple_type.name = property(name)
+    _share_block_types(core)
+
+
+def _share_block_types(core) -> None:
+    """Every interpreted operation makes the block type of its result (a shape tuple, its
+    checks and its name, a fifth of an interpreted step): a block type of an element type
+    and shape already made takes that one's fields (nothing changes a block type once made)."""
+    block_type = getattr(core, "block_type", None)
+    init = getattr(block_type, "__init__", None)
+    if init is None or getattr(init, "_deepserve_shared", False):
+        return
+    if set(vars(block_type(core.float32, [2, 4]))) != {"element_ty", "shape", "numel", "name"}:
+        return   # another Triton's block_type: left as it is
+    made: dict = {}
+
+    def type_key(ty):   # pointer types compare by these fields and do not hash
+        if isinstance(ty, core.pointer_type):
+            return "pointer", type_key(ty.element_ty), ty.address_space, ty.const
+        return ty
+
+    def shared_init(self, element_ty, shape):
+        if isinstance(shape, (list, core.tuple)):
+            key = (type_key(element_ty), tuple(core._unwrap_shape(shape)))
+            first = made.get(key)
+            if first is not None:
+                self.__dict__.update(first.__dict__)
+                return
+        init(self, element_ty, shape)
+        if isinstance(shape, (list, core.tuple)):
+            made[key] = self
+
+    shared_init._deepserve_shared = True
+    block_type.__init__ = shared_init
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
