@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def _share_block_types(core) -> None:
 
     def shared_init(self, element_ty, shape):
         if isinstance(shape, (list, core.tuple)):
-            key = (type_key(element_ty), tuple(core._unwrap_shape(shape)))
+            dims = shape.values if isinstance(shape, core.tuple) else shape
+            key = (type_key(element_ty), tuple(d.value if isinstance(d, core.constexpr) else d for d in dims))
             first = made.get(key)
             if first is not None:
                 self.__dict__.update(first.__dict__)
@@ -161,6 +163,32 @@ def _share_block_types(core) -> None:
 
     shared_init._deepserve_shared = True
     block_type.__init__ = shared_init
+    _share_tensor_shapes(core)
+
+
+def _share_tensor_shapes(core) -> None:
+    """Likewise each interpreted value's shape (a tuple of constexprs) and element count: made
+    once per shape, shared by the values of that shape (neither is changed once made)."""
+    tensor = core.tensor
+    init = tensor.__init__
+    if getattr(init, "_deepserve_shared", False):
+        return
+    probe = tensor(None, core.block_type(core.float32, [2, 4]))
+    if set(vars(probe)) != {"handle", "shape", "numel", "type", "dtype"}:
+        return   # another Triton's tensor: left as it is
+    shapes: dict = {}
+
+    def shared_init(self, handle, type):
+        self.handle, self.type, self.dtype = handle, type, type.scalar
+        dims = type.shape if type.is_block() else ()
+        key = tuple(dims.values if isinstance(dims, core.tuple) else dims)
+        made = shapes.get(key)
+        if made is None:
+            made = shapes[key] = (core.constexpr(math.prod(key)), core.tuple([core.constexpr(d) for d in key]))
+        self.numel, self.shape = made
+
+    shared_init._deepserve_shared = True
+    tensor.__init__ = shared_init
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
