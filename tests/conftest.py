@@ -202,12 +202,6 @@ TOKENIZERS = SHARED / "tokenizers"
 DEMO_MODEL = REPO / "deepserve" / "assets" / "stories260k"
 
 
-# Test files that take minutes of CPU each (several engine processes in every test): marked
-# `slow` and left out of the default run (pyproject addopts); `python -m pytest -q -m slow` runs them.
-SLOW_FILES = {
-    "tests/engine/test_async_scheduling.py", "tests/engine/test_spec_decode_dp.py",
-    "tests/distributed/test_dp_attention.py",
-}
 # The longest test files (servers, engine processes, local Ray clusters, the Triton interpreter),
 # the costliest first by wall measured on 2 shared cores: collected before the others, so that
 # under xdist (`-n 2 --dist loadfile`: each worker takes two files, then the next file whenever
@@ -219,15 +213,15 @@ SLOW_FILES = {
 PROCESS_FILES = (
     "tests/cli/test_guides_e2e.py", "tests/server/test_server_deploy.py", "tests/engine/test_triton_backend.py",
     "tests/cli/test_guides_e2e_ascend.py", "tests/ops/test_fused_moe_shared.py", "tests/engine/test_validate.py",
-    "tests/distributed/test_ray.py", "tests/engine/test_engine_core.py", "tests/server/test_server_tools.py",
-    "tests/ops/test_triton_attention.py", "tests/server/test_server_r1.py", "tests/ops/test_triton_moe.py",
-    "tests/evals/test_eval_run.py", "tests/server/test_server_openai_features.py", "tests/server/test_api_servers.py",
-    "tests/distributed/test_plan.py", "tests/distributed/test_parallel_engine.py", "tests/distributed/test_cluster.py",
-    "tests/ops/test_profile.py", "tests/quant/test_convert_int4.py", "tests/distributed/test_pipeline_micro_batches.py",
+    "tests/distributed/test_ray.py", "tests/engine/test_engine_core.py", "tests/engine/test_async_scheduling.py",
+    "tests/server/test_server_tools.py", "tests/ops/test_triton_attention.py", "tests/server/test_server_r1.py",
+    "tests/ops/test_triton_moe.py", "tests/evals/test_eval_run.py", "tests/server/test_server_openai_features.py",
+    "tests/server/test_api_servers.py", "tests/distributed/test_plan.py", "tests/distributed/test_parallel_engine.py",
+    "tests/distributed/test_cluster.py", "tests/ops/test_profile.py", "tests/quant/test_convert_int4.py",
+    "tests/distributed/test_dp_attention.py", "tests/distributed/test_pipeline_micro_batches.py",
     "tests/engine/test_llm_engine.py", "tests/ops/test_triton_fused_moe_small.py", "tests/ops/test_triton_int4.py",
     "tests/bench/test_bench_deepserve.py", "tests/engine/test_executor.py", "tests/engine/test_spec_decode.py",
-    "tests/engine/test_dp_multinode.py", "tests/test_platform_pkg.py",
-    *sorted(SLOW_FILES),
+    "tests/engine/test_spec_decode_dp.py", "tests/engine/test_dp_multinode.py", "tests/test_platform_pkg.py",
 )
 
 
@@ -242,9 +236,6 @@ def _repo_path(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _repo_path(item) in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
     order = {path: n for n, path in enumerate(PROCESS_FILES)}
     items.sort(key=lambda item: order.get(_repo_path(item), len(order)))    # stable: files stay whole
     if torch.cuda.is_available():

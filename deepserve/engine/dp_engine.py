@@ -43,7 +43,7 @@ class _Placement:
     waiting: list = []
 
     def __init__(self, engine: "DataParallelEngine"):
-        self.engine = engine
+        self.engine = weakref.proxy(engine)   # no cycle: `del llm` shuts the engine down at once
 
     def add(self, seq) -> None:
         self.engine._place(seq)
@@ -90,7 +90,7 @@ class DataParallelEngine(LLMEngine):
             self.layout = layout = DPLayout.from_args(args)
             self._bind(layout)
             self.executor = start_ranks(args, layout)
-        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._push, self._ctx, layout)
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._pull, self._push, self._ctx, layout)
         try:
             self.executor.wait_joining(start_timeout_s())
             ready, deadline = set(), time.monotonic() + ready_timeout_s()
@@ -121,7 +121,7 @@ class DataParallelEngine(LLMEngine):
         self._bind(layout)
         self.executor = CoreLink()
         self._gauges = [dict(g) for g in gauges]
-        self._finalizer = weakref.finalize(self, self._ctx.destroy, 0)
+        self._finalizer = weakref.finalize(self, _close_sockets, self._pull, self._push, self._ctx)
         self._init_pool()
         return self
 
@@ -326,7 +326,17 @@ def _close_fds(*fds: int) -> None:
         os.close(fd)
 
 
-def _shutdown(workers, pushes, ctx, layout: DPLayout) -> None:
+def _close_sockets(pull, pushes, ctx) -> None:
+    """Close the front end's sockets, then their context. The finalizers take the sockets
+    themselves: an engine collected as garbage may have its sockets collected with it, and
+    the context's own (weak) list of them is cleared before this runs, so `ctx.destroy`
+    alone would leave them open and wait for them forever."""
+    for sock in (pull, *pushes):
+        sock.close(linger=0)
+    ctx.destroy(linger=0)
+
+
+def _shutdown(workers, pull, pushes, ctx, layout: DPLayout) -> None:
     """Tell the cores to stop, then end their ranks (`WorkerProcs` or `RayRanks`)."""
     workers.closing = True
     for sock in pushes:
@@ -335,5 +345,5 @@ def _shutdown(workers, pushes, ctx, layout: DPLayout) -> None:
         except Exception:  # noqa: BLE001 - a core that is gone cannot be told
             pass
     workers.stop()
-    ctx.destroy(linger=0)
+    _close_sockets(pull, pushes, ctx)
     layout.cleanup()

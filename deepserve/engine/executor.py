@@ -447,6 +447,7 @@ class MultiprocExecutor(DriverExecutor):
         self.workers.stop()
         if not stopped:
             destroy_distributed(timeout_s=5.0)
+        self.channel = None   # its group holds the rendezvous store, which listens while referenced
 
 
 def make_executor(config: EngineConfig, platform: Platform, eos_token_ids: set[int]):

@@ -21,6 +21,7 @@ engine/piecewise_graphs.py) would need the DP ranks to agree on their size too.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -204,13 +205,16 @@ class ModelRunner:
 
     def release(self) -> None:
         """Free this rank's device memory at shutdown: CUDA graphs (with their memory pools),
-        the KV pool, the model's weights, the staging buffers. The runner runs no step after."""
+        the KV pool, the model's weights, the staging buffers; and let go of the process
+        groups (each holds the rendezvous store, whose listening port stays open while any
+        group is referenced). The runner runs no step after."""
         self.piecewise = self.pipeline = None
         self._drop_pool(graphs=True)
         self.mtp = None
         self.kv_layers = []
         self.model = None
         self.staging = None
+        self.pctx = dataclasses.replace(self.pctx, tp_group=None, ep_group=None, dp_group=None)
         gc.collect()
         self._reserved_after_empty_cache()
 

@@ -124,6 +124,7 @@ class RayExecutor(DriverExecutor):
         self._closing = True
         stopped = self._tell_workers_to_stop()
         destroy_distributed(timeout_s=20.0 if stopped else 5.0)  # together with the workers' own
+        self.channel = None   # its group holds the rendezvous store, which listens while referenced
         if stopped:
             try:
                 self._ray.get(self.runs, timeout=30)

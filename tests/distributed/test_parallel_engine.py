@@ -1,14 +1,20 @@
 """Multi-process layouts on CPU (gloo): TP=2, PP=2, EP=2, DP=2 (plain) and DP=2 x EP=2
-(data-parallel attention) give the greedy outputs of TP=1,
-and a worker that dies is reported by rank, host and exit code instead of hanging."""
+(data-parallel attention) give the greedy outputs of TP=1 (synchronous scheduling, the CPU's
+default; tests/engine/test_async_scheduling.py runs them async), the driver sends its workers
+typed step messages, and a worker that dies is reported by rank, host and exit code instead
+of hanging."""
+import dataclasses
 import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import transformers
 
 from deepserve import LLM, SamplingParams
+from deepserve.engine.step_channel import StepChannel
+from deepserve.engine.step_inputs import StepInputs, StepMessage, Stop
 from tests.models.hf_reference import save_tiny
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -65,6 +71,28 @@ def test_layout_matches_single_process(models, single_process, name, layout):
     if name == "llama" and layout.get("enable_expert_parallel"):
         pytest.skip("a dense model has no experts")
     assert _outputs(models[name], **layout) == single_process(models[name])
+
+
+def _plain_values(value) -> bool:
+    """Whether `value` holds only dataclasses, numbers, arrays and lists of those (no dict)."""
+    if dataclasses.is_dataclass(value):
+        return all(_plain_values(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return all(_plain_values(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, np.ndarray))
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_driver_sends_typed_step_messages(models, single_process, monkeypatch, layout):
+    """What the driver sends its workers each step is a StepMessage dataclass around a
+    StepInputs (then a Stop), never a dict of strings."""
+    sent, send = [], StepChannel.send
+    monkeypatch.setattr(StepChannel, "send", lambda self, msg: (sent.append(msg), send(self, msg))[1])
+    assert _outputs(models["llama"], **layout) == single_process(models["llama"])
+    steps = [m for m in sent if isinstance(m, StepMessage)]
+    assert len(steps) >= GREEDY.max_tokens and isinstance(sent[-1], Stop)   # a step per token at least
+    assert len(steps) == len(sent) - 1 and all(isinstance(m.inputs, StepInputs) for m in steps)
+    assert all(_plain_values(m) for m in steps)
 
 
 def test_dead_worker_is_reported(models, monkeypatch):

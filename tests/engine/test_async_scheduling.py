@@ -1,13 +1,16 @@
 """Async scheduling (step n+1 launched before step n's tokens reach the host) gives exactly the
 outputs of the synchronous engine on stories260k: greedy and seeded sampling, n > 1, stop
-strings and EOS (a finished sequence's extra row is dropped), max_tokens, chunked prefill,
-preemption, prefix caching, steps that must run synchronously (logprobs, penalties,
+strings and stop token ids (a finished sequence's extra row is dropped), max_tokens, chunked
+prefill, preemption, prefix caching, steps that must run synchronously (logprobs, penalties,
 min_tokens) mixed in, and an abort while a step is in flight; every block comes back. Over
-several processes (TP2, PP2, DP2 x EP2) async gives one synchronous process's tokens."""
+several processes (TP2, PP2, DP2 x EP2, TP2 x DP2 x EP, DP2 x PP2 x EP) async gives one
+synchronous process's tokens; with pipeline stages the engine keeps micro-batches in flight
+instead of launching steps ahead (the same with or without async scheduling)."""
 import pytest
 
 from deepserve import LLM, SamplingParams
 
+COMMA = 432
 WORDS = "the little dog saw a big red ball and ran to the park with his friend Tom".split()
 
 
@@ -20,13 +23,16 @@ def _params(i: int) -> SamplingParams:
     kinds = [SamplingParams(temperature=0, max_tokens=3 + i % 17),
              SamplingParams(temperature=0.8, seed=i, max_tokens=20, n=2),
              SamplingParams(temperature=0, max_tokens=40, stop=[" ball", "."]),
-             SamplingParams(temperature=0, max_tokens=60),                      # ends at EOS
+             # a token-id stop, as EOS ends a sequence (stories260k's EOS comes only after ~200
+             # tokens): 432 is ",", which greedy outputs here reach after 5 to 40 tokens
+             SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[COMMA]),
              SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=100 + i, max_tokens=15)]
     return kinds[i % len(kinds)]
 
 
 def _texts(llm, prompts, params):
-    return [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in llm.generate(prompts, params)]
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs]
+            for o in llm.generate(prompts, params)]
 
 
 def _both(**engine):
@@ -47,11 +53,12 @@ def _all_free(llm):
                          ids=["plain", "chunked-prefill", "preemption"])
 def test_async_equals_sync(engine):
     sync, asyn = _both(**engine)
-    prompts = _prompts(sync, 24)
+    prompts = _prompts(sync, 12)
     params = [_params(i) for i in range(len(prompts))]
     want = _texts(sync, prompts, params)
     assert _texts(asyn, prompts, params) == want
-    assert any(c[2] == "stop" for o in want for c in o)           # stops happened
+    stops = {c[3] for o in want for c in o if c[2] == "stop"}
+    assert COMMA in stops and stops & {" ball", "."}              # both kinds of stop happened
     if "num_gpu_blocks_override" in engine:
         assert asyn.engine.scheduler.num_preemptions > 0
     _all_free(asyn)
@@ -127,13 +134,22 @@ def tiny_models(tmp_path_factory):
 @pytest.mark.parametrize("name,layout", [
     ("llama", {"tensor_parallel_size": 2}),
     ("llama", {"pipeline_parallel_size": 2}),
-    ("deepseek", {"data_parallel_size": 2, "enable_expert_parallel": True})], ids=["tp2", "pp2", "dp2-ep2"])
+    ("deepseek", {"data_parallel_size": 2, "enable_expert_parallel": True}),
+    ("deepseek", {"tensor_parallel_size": 2, "data_parallel_size": 2, "enable_expert_parallel": True}),
+    ("deepseek", {"data_parallel_size": 2, "pipeline_parallel_size": 2, "enable_expert_parallel": True})],
+    ids=["tp2", "pp2", "dp2-ep2", "tp2-dp2-ep", "dp2-pp2-ep"])
 def test_async_on_every_layout_equals_one_synchronous_process(tiny_models, name, layout):
     """Chunked prefill, greedy and seeded rows: async scheduling over several processes gives
-    one synchronous process's tokens (TP peers get the device-side ids from the driver)."""
+    one synchronous process's tokens (TP peers get the device-side ids from the driver). With
+    pipeline stages it is accepted and every engine (each DP rank's core) keeps one
+    micro-batch in flight per stage."""
     with LLM(tiny_models[name], async_scheduling=False, **LAYOUT_ENGINE) as ref:
         want = [o.outputs[0].token_ids for o in ref.generate(ASYNC_PROMPTS, ASYNC_PARAMS)]
     with LLM(tiny_models[name], async_scheduling=True, **layout, **LAYOUT_ENGINE) as llm:
         assert llm.engine.async_scheduling
         got = [o.outputs[0].token_ids for o in llm.generate(ASYNC_PROMPTS, ASYNC_PARAMS)]
+        gauges = llm.engine.gauges()
     assert got == want
+    pp, dp = layout.get("pipeline_parallel_size", 1), layout.get("data_parallel_size", 1)
+    # summed over the DP ranks' cores; absent without stages
+    assert gauges.get("pp_most_micro_batches_in_flight") == (pp * dp if pp > 1 else None)

@@ -1,19 +1,25 @@
 """Engines come and go cleanly: several LLMs with different layouts one after another in one
-process (shutdown(), `del` and `with` each free the process group and the workers); a worker
-that fails at start-up fails the start in seconds naming its rank and error; a script
-without a `__main__` guard fails at once naming the guard."""
+process (shutdown(), `del` and `with` each free the process group, the workers and the
+ports); a worker or engine core that fails at start-up fails the start in seconds naming its
+rank and error; a script without a `__main__` guard fails at once naming the guard."""
+import gc
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import torch.distributed as dist
 
 from deepserve import LLM, SamplingParams
+from deepserve.engine import engine_core, executor
 from deepserve.engine.executor import WorkerProcs
 from tests.conftest import DEMO_MODEL, REPO
+from tests.engine.test_dp_multinode import free_ports
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [1, 40, 41, 26, 7]}, {"prompt_token_ids": [1]}]
@@ -58,7 +64,68 @@ def test_engines_one_after_another_in_one_process():
     with LLM(str(DEMO_MODEL), data_parallel_size=2, **ENGINE) as dp:
         assert _tokens(dp) == reference
     assert not dist.is_initialized()
+
+    tp_pp = LLM(str(DEMO_MODEL), tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
+    assert _tokens(tp_pp) == reference
+    workers = list(tp_pp.engine.executor.procs)
+    assert len(workers) == 3
+    tp_pp.shutdown()
+    assert not dist.is_initialized() and not any(p.is_alive() for p in workers)
     assert _tokens(LLM(str(DEMO_MODEL), **ENGINE)) == reference
+
+
+def _listening(port: int) -> bool:
+    """Whether some socket still listens on 127.0.0.1:`port` (connections closed on our side,
+    in TIME_WAIT, do not count: a new server binds with SO_REUSEADDR as these do)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_shutdown_and_del_free_the_ports(monkeypatch):
+    """The ports an engine listens on (the process group's store; a DP front end's ZeroMQ
+    sockets, ipc:// files on one node, tcp:// at --data-parallel-rpc-port) are free once it
+    is shut down or dropped, even by the garbage collector (an LLM in a reference cycle): a
+    second engine on the same fixed ports starts and serves."""
+    picked = []
+
+    def recording_free_port(host="127.0.0.1"):
+        picked.append(executor.free_ports(1, host)[0])
+        return picked[-1]
+    monkeypatch.setattr(executor, "free_port", recording_free_port)
+    monkeypatch.setattr(engine_core, "free_port", recording_free_port)
+    reference = _tokens(LLM(str(DEMO_MODEL), **ENGINE))
+
+    tp = LLM(str(DEMO_MODEL), tensor_parallel_size=2, **ENGINE)
+    assert _tokens(tp) == reference and len(picked) == 1 and _listening(picked[0])
+    tp.shutdown()             # `tp` still names the engine
+    assert not _listening(picked[0])
+
+    dp = LLM(str(DEMO_MODEL), data_parallel_size=2, **ENGINE)
+    run_dir = dp.engine.layout.run_dir
+    assert _tokens(dp) == reference and len(picked) == 2 and _listening(picked[1]) and os.listdir(run_dir)
+    del dp
+    assert not _listening(picked[1]) and not os.path.exists(run_dir)
+
+    port = free_ports(4)      # rpc port + 1: the process group; the others: the front end's sockets
+    nodes = dict(data_parallel_size=2, data_parallel_address="127.0.0.1", data_parallel_rpc_port=port)
+    with LLM(str(DEMO_MODEL), **nodes, **ENGINE) as dp:
+        assert dp.engine.layout.init_method == f"tcp://127.0.0.1:{port + 1}"
+        assert _tokens(dp) == reference
+    assert not any(_listening(p) for p in range(port, port + 4))
+    dp = LLM(str(DEMO_MODEL), **nodes, **ENGINE)
+    assert _tokens(dp) == reference
+    dp.cycle = dp
+    del dp
+    collect = threading.Thread(target=gc.collect, daemon=True)
+    collect.start()
+    collect.join(30)
+    assert not collect.is_alive(), "collecting a dropped DP engine hangs"
+    assert not any(_listening(p) for p in range(port, port + 4))
 
 
 def _fails_after_joining(rank, status):
@@ -105,6 +172,23 @@ def test_workers_leave_the_fork_server_to_the_engines_process():
         assert len(held) > 3 and (ours.st_dev, ours.st_ino) not in {(s.st_dev, s.st_ino) for s in held}
     finally:
         workers.stop(graceful_s=0)
+
+
+def test_core_failing_at_start_fails_the_start_naming_rank_and_error(tmp_path):
+    """A checkpoint that lacks a tensor: the DP engine cores fail loading it, and the start
+    fails in seconds with a rank's error (not after the ready timeout)."""
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(DEMO_MODEL, broken)
+    weights = load_file(DEMO_MODEL / "model.safetensors")
+    del weights["model.layers.3.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^rank [01] \(pid \d+\) on host .* failed: ValueError: checkpoint "
+                                           r".* lacks tensor\(s\) for: model\.layers\.3\.mlp\.down_proj\.weight$"):
+        LLM(str(broken), data_parallel_size=2, **ENGINE)
+    assert time.monotonic() - start < 30
+    assert not dist.is_initialized()
 
 
 UNGUARDED = textwrap.dedent("""
