@@ -101,13 +101,11 @@ def _cache_interpreter_type_lookups() -> None:
             pointer = np.dtype(np.uint64)
 
             def np_dtype(tt_dtype):
-                if isinstance(tt_dtype, tl.pointer_type):
+                scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+                if isinstance(scalar, tl.pointer_type):
                     return pointer
-                if isinstance(tt_dtype, tl.block_type):
-                    if isinstance(tt_dtype.element_ty, tl.pointer_type):
-                        return pointer
-                    return table[tt_dtype.element_ty]
-                return table[tt_dtype]
+                found = table.get(scalar)
+                return found if found is not None else lookup(tt_dtype)   # a type not in the table
 
             np_dtype._deepserve_cached = True
             interpreter._get_np_dtype = np_dtype
