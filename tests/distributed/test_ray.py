@@ -1,5 +1,6 @@
-"""A local Ray cluster (loopback only) started for this module runs TP=2 to the outputs of TP=1,
-and data parallel (each DP rank an engine core in a Ray actor) to the outputs of spawned DP ranks."""
+"""A local Ray cluster (loopback only) started for this module runs TP=2 (async scheduling) to
+the outputs of TP=1 (synchronous), and data parallel (each DP rank an engine core in a Ray
+actor) to the outputs of spawned DP ranks."""
 import json
 import os
 import subprocess
@@ -40,11 +41,11 @@ def main():
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": [1]}, {"prompt_token_ids": [1, 40, 41, 26, 7]}]
     single = [o.outputs[0].token_ids for o in LLM(block_size=4).generate(prompts, sp)]
-    llm = LLM(block_size=4, tensor_parallel_size=2, distributed_executor_backend="ray")
+    llm = LLM(block_size=4, tensor_parallel_size=2, distributed_executor_backend="ray", async_scheduling=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
-    nodes = llm.engine.executor.nodes
+    nodes, ahead = llm.engine.executor.nodes, llm.engine.async_scheduling
     llm.engine.shutdown()
-    print(json.dumps({"single": single, "ray": got, "nodes": nodes}))
+    print(json.dumps({"single": single, "ray": got, "nodes": nodes, "async": ahead}))
 
 if __name__ == "__main__":
     main()
@@ -57,7 +58,7 @@ def test_ray_tp2_matches_tp1(head, ray_env, tmp_path):
                          text=True, env=ray_env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["ray"] == result["single"]
+    assert result["ray"] == result["single"] and result["async"]   # async over Ray, as one synchronous process
     assert len(result["nodes"]) == 1  # the one local node (Ray names it by its interface address)
 
 
