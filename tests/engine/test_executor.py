@@ -1,7 +1,9 @@
 """Engines come and go cleanly: several LLMs with different layouts one after another in one
 process (shutdown(), `del` and `with` each free the process group, the workers and the
 ports); a worker or engine core that fails at start-up fails the start in seconds naming its
-rank and error; a script without a `__main__` guard fails at once naming the guard."""
+rank and error; a script without a `__main__` guard fails at once naming the guard. The
+multi-process executors live in deepserve/engine, and deepserve/distributed imports nothing
+from there."""
 import gc
 import os
 import shutil
@@ -208,3 +210,19 @@ def test_unguarded_script_fails_at_once_naming_the_guard(tmp_path):
     assert 'if __name__ == "__main__":' in proc.stderr.splitlines()[-1]
     assert "worker rank 1" in proc.stderr.splitlines()[-1]
     assert time.monotonic() - start < 60
+
+
+def test_distributed_imports_nothing_from_engine():
+    import ast
+    found = []
+    for path in sorted((REPO / "deepserve" / "distributed").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else
+                     # relative: `from ..engine import x` (level 2) or `from .. import engine`
+                     [f"deepserve.{node.module or ''}"] + [f"deepserve.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.level == 2 else [])
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n == "deepserve.engine" or n.startswith("deepserve.engine.")]
+    assert found == []
+    assert all((REPO / "deepserve" / "engine" / f).exists() for f in ("executor.py", "ray_executor.py", "engine_core.py"))
