@@ -610,8 +610,7 @@ def async_scheduling_plan(config: EngineConfig, device_type: str) -> tuple[bool,
 
 def default_piecewise_max_tokens(hf: dict) -> int:
     """--piecewise-max-tokens when not given: 2048 where the model has routed experts, else 512."""
-    experts = hf.get("n_routed_experts") or hf.get("num_experts") or hf.get("num_local_experts")
-    return 2048 if experts else 512
+    return 2048 if hf.get("n_routed_experts") else 512
 
 
 def engine_core_apart(args: EngineArgs, default: bool) -> bool:

@@ -8,7 +8,7 @@ same forward on its shard (TP collectives inside the model, PP send/recv between
 Collectives carry a timeout (`DEEPSERVE_DIST_TIMEOUT`, seconds), so a stuck peer becomes an
 error instead of a silent hang.
 
-Workers start from a fork server (`process_context`): a fresh interpreter that imports torch
+Workers start from a fork server (`fork_server.process_context`): a fresh interpreter that imports torch
 and the engine modules once, then forks each worker, so a worker does not pay the seconds of
 that import again (`deepserve serve` starts it before its own imports, engine/fork_server.py,
 so that the two run side by side); the engine's own process is never forked (a CPU parent
@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
-from deepserve.engine.fork_server import FORK_SERVER_PRELOAD
+from deepserve.engine.fork_server import process_context
 from deepserve.engine.step_channel import StepChannel
 from deepserve.engine.step_inputs import STOP, Stop
 from deepserve.platforms import Platform, get_platform
@@ -50,13 +50,6 @@ logger = logging.getLogger("deepserve")
 
 GUARD_HINT = ('a script that starts a multi-process engine must guard its entry point with '
               '`if __name__ == "__main__":` (every worker process re-imports the main module)')
-
-
-def process_context():
-    """The multiprocessing context that engine worker and engine-core processes start from."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # read when this process starts its fork server
-    return ctx
 
 
 # `WorkerProcs` of this process not stopped yet; the lock also orders their starts against

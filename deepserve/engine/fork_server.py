@@ -16,12 +16,21 @@ FORK_SERVER_PRELOAD = ["deepserve.engine.fork_server_signals", "deepserve.engine
                        "deepserve.engine.model_runner"]
 
 
+def process_context():
+    """The multiprocessing context that engine worker, engine-core and API server processes
+    start from (torch.multiprocessing's is this same context, with tensor sharing registered
+    once torch.multiprocessing is imported, as executor.py does)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)  # read when this process starts its fork server
+    return ctx
+
+
 def start_early() -> None:
     """Start this process's fork server now, without waiting for it: its imports (torch and the
     engine modules, seconds of CPU) then run beside this process's own until the first engine
     process is started from it. Call it once the environment that engine processes inherit at
     import is final (their start re-applies the rest, see executor._in_environment)."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)
+    process_context()
     forkserver.ensure_running()
 
 

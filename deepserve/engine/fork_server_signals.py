@@ -1,4 +1,4 @@
-"""Imported by the engine's fork server alone (first in executor.FORK_SERVER_PRELOAD): the fork
+"""Imported by the engine's fork server alone (first in fork_server.FORK_SERVER_PRELOAD): the fork
 server, and every engine-core and worker process it forks, ignore SIGTERM.
 
 A SIGTERM sent to a server's whole process group (`kill -- -PGID`, a systemd stop, a benchmark

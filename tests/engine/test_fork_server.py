@@ -1,4 +1,4 @@
-"""The fork server that engine workers start from (engine/executor.py process_context): the
+"""The fork server that engine workers start from (engine/fork_server.py process_context): the
 last engine's shutdown stops it, leaving no child process behind, and a later engine starts
 a new one; and what it imports before forking initialises no CUDA (a process forked after
 CUDA is initialised cannot use it)."""
@@ -99,7 +99,7 @@ def test_last_engine_shutdown_stops_the_fork_server(monkeypatch):
 # server's preload is imported.
 NO_CUDA_AT_IMPORT = textwrap.dedent("""
     import torch
-    from deepserve.engine.executor import FORK_SERVER_PRELOAD
+    from deepserve.engine.fork_server import FORK_SERVER_PRELOAD
 
     def trap(name):
         def call(*args, **kwargs):
@@ -144,7 +144,7 @@ def test_gpu_fork_server_preload_leaves_cuda_to_forked_processes():
     after it (as the fork server forks workers) allocates on the device."""
     code = textwrap.dedent("""
         import importlib, os, torch
-        from deepserve.engine.executor import FORK_SERVER_PRELOAD
+        from deepserve.engine.fork_server import FORK_SERVER_PRELOAD
         for module in FORK_SERVER_PRELOAD:
             importlib.import_module(module)
         assert not torch.cuda.is_initialized(), "CUDA initialised by the fork server's preload"
