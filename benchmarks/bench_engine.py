@@ -148,8 +148,8 @@ def record(rows: list, name: str, value: float, unit: str, roof: float, extra: d
 
 
 def case_llama8b(rows, bw, peak):
-    llm = LLM("r1-distill-llama-8b", load_format="dummy", dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=256, gpu_memory_utilization=0.85, **EXTRA)
+    llm = LLM("r1-distill-llama-8b", **{**dict(load_format="dummy", dtype="bfloat16", max_model_len=2048,
+                                               max_num_seqs=256, gpu_memory_utilization=0.85), **EXTRA})
     timings = llm.engine.runner.timings
     wb = weight_bytes(llm.engine.runner.model, active=False)
     rate, runs = decode_rate(llm, 1, 128, 256)
@@ -160,8 +160,9 @@ def case_llama8b(rows, bw, peak):
 
 
 def case_v2lite(rows, bw, peak):
-    llm = LLM("deepseek-v2-lite", load_format="dummy", dtype="bfloat16", max_model_len=9000,
-              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.85, **EXTRA)
+    llm = LLM("deepseek-v2-lite", **{**dict(load_format="dummy", dtype="bfloat16", max_model_len=9000,
+                                            max_num_seqs=256, max_num_batched_tokens=8192,
+                                            gpu_memory_utilization=0.85), **EXTRA})
     model = llm.engine.runner.model
     active = weight_bytes(model, active=True)
     rate, runs = decode_rate(llm, 1, 128, 256)
@@ -196,11 +197,15 @@ def main():
                     help="engines with async scheduling; results named *_async")
     ap.add_argument("--repeats", type=int, default=REPEATS,
                     help=f"timed runs of each decode figure, reported as their median (default {REPEATS})")
+    ap.add_argument("--engine-args", type=json.loads, default={},
+                    help="JSON of engine options every case adds, e.g. "
+                         "'{\"cuda_graph_sizes\": [1, 64], \"cudagraph_mode\": \"FULL_DECODE_ONLY\"}'")
     args = ap.parse_args()
     REPEATS = max(1, args.repeats)
     # synchronous unless asked: the engine's own default (async on a GPU) would change what the
     # unsuffixed result names have always measured
     EXTRA["async_scheduling"] = bool(args.async_scheduling)
+    EXTRA.update(args.engine_args)
     bw, peak = copy_bandwidth(), matmul_peak()
     print(f"roofline: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     rows: list = []

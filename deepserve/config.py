@@ -415,8 +415,9 @@ class EngineArgs:
     ops: str = "auto"
     """Operator backend: auto (the platform's: triton on CUDA, torch on CPU, an out-of-tree
     platform's own) | torch | triton | triton-all (triton with the dense GEMMs on Triton kernels
-    at every shape instead of cuBLAS where cuBLAS measured faster) | flaggems.
-    Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
+    at every shape instead of cuBLAS where cuBLAS measured faster) | flaggems (deepserve's Triton
+    kernels, FlagGems' in place of the aten ops beneath them: the GEMMs triton gives cuBLAS,
+    embeddings, elementwise ops). Env DEEPSERVE_OPS sets it too; USE_FLAGGEMS=1 means flaggems."""
     ops_profile: bool = False
     """Profile where kernel time goes (deepserve/ops/profile.py): a short generation at start-up,
     then 8 steps in every 1024, under torch.profiler; the start-up log and each window's log

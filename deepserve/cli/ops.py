@@ -19,7 +19,8 @@ from deepserve.ops.registry import TRITON_ALL
 # ops that pick a kernel per shape under the triton backend, and how
 PER_SHAPE = {
     "linear": "triton: one row -> Triton GEMV; more rows -> Triton GEMM or cuBLAS by the device's "
-              "configs/gemm table; triton-all -> Triton at every shape",
+              "configs/gemm table (flaggems: FlagGems' GEMM in cuBLAS's place); triton-all -> Triton "
+              "at every shape",
     "linear_pair": "triton: one row -> one Triton GEMV launch; more rows -> as linear",
 }
 
@@ -69,9 +70,10 @@ def chosen_backend(ops: str | None, device: str) -> str:
 def runs(op: str, backend: str) -> str:
     from deepserve.ops.registry import resolve
 
-    if backend == "flaggems":
+    ran = resolve(op, "triton" if backend == TRITON_ALL else backend)[0]
+    if backend == "flaggems" and ran == "torch":
         return "torch (aten under FlagGems)"
-    return resolve(op, "triton" if backend == TRITON_ALL else backend)[0]
+    return ran
 
 
 def run(args) -> int:
@@ -85,7 +87,7 @@ def run(args) -> int:
     print(f"{'op':<{width}}  {'backends':<{bwidth}}  runs")
     for op, backends in rows:
         print(f"{op:<{width}}  {', '.join(backends):<{bwidth}}  {runs(op, backend)}")
-    if backend in ("triton", TRITON_ALL):
+    if backend in ("triton", TRITON_ALL, "flaggems"):
         for op, how in PER_SHAPE.items():
             print(f"{op}: {how}")
     if note:

@@ -30,6 +30,7 @@ import math
 import torch
 
 from deepserve.layers.attention import AttentionMetadata
+from deepserve.ops.registry import replays_graphs
 
 logger = logging.getLogger("deepserve")
 
@@ -48,7 +49,7 @@ class CudaGraphRunner:
         self.runner = runner
         self.model = runner.model
         self.sizes = decode_graph_sizes(runner.config, sizes)
-        self.enabled = runner.ops.backend == "triton"
+        self.enabled = replays_graphs(runner.ops.backend)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pctx = runner.pctx
         self.dp_size = pctx.dp_size if pctx.moe_dp_exchange else 1

@@ -30,6 +30,7 @@ from typing import Optional
 from deepserve.config import EngineConfig
 from deepserve.engine.cuda_graphs import decode_graph_sizes
 from deepserve.engine.piecewise_graphs import capture_sizes
+from deepserve.ops.registry import replays_graphs
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def graph_plan(config: EngineConfig, device_type: str, ops_backend: str, pp_size
     with the Triton backend, the piecewise ones only for a model that splits at attention),
     on pipeline stage `pp_rank` of `pp_size`."""
     plan = GraphPlan(last_stage=pp_rank == pp_size - 1)
-    if device_type != "cuda" or config.enforce_eager or ops_backend != "triton":
+    if device_type != "cuda" or config.enforce_eager or not replays_graphs(ops_backend):
         return plan
     spec = config.speculative
     sizes = decode_graph_sizes(config, config.cuda_graph_sizes)

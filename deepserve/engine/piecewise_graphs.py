@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from deepserve.ops import OpTable
+from deepserve.ops.registry import replays_graphs
 from deepserve.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("deepserve")
@@ -248,7 +249,7 @@ def capture_for(model: torch.nn.Module, ops: OpTable, max_tokens: int, device: t
                 copy_outputs: bool = True) -> Optional[PiecewiseGraphs]:
     """The model's piecewise graphs, captured (None, with the reason logged, where they cannot
     be: its op table's backend syncs with the host, the model does not split, or capture fails)."""
-    if ops.backend != "triton":
+    if not replays_graphs(ops.backend):
         logger.info("piecewise CUDA graphs off: ops backend %s syncs with the host", ops.name)
         return None
     if not splittable(model):

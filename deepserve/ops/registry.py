@@ -18,6 +18,10 @@ from typing import Callable, Iterator
 
 BACKENDS = ("torch", "triton", "flaggems")
 TRITON_ALL = "triton-all"  # the triton backend with every shape on the Triton kernels (no cuBLAS)
+# where a backend without its own kernel for an op looks next, before the torch reference:
+# flaggems runs deepserve's Triton kernels, and FlagGems takes the aten ops beneath them and
+# beneath the torch reference (the GEMMs given to cuBLAS, embeddings, elementwise ops)
+_FALLBACK = {"flaggems": ("triton",)}
 
 _impls: dict[str, dict[str, Callable]] = collections.defaultdict(dict)
 _plugin_backends: set[str] = set()  # out-of-tree platforms' own backends (add_backend)
@@ -61,10 +65,16 @@ def register(op: str, backend: str, per_shape: bool = False) -> Callable[[Callab
 def resolve(op: str, backend: str) -> tuple[str, Callable]:
     """The (backend, function) that runs `op` under `backend`."""
     impls = _impls[op]
-    if backend in impls:
-        return backend, impls[backend]
-    # flaggems runs the torch path (flag_gems patches aten underneath)
+    for name in (backend,) + _FALLBACK.get(backend, ()):
+        if name in impls:
+            return name, impls[name]
     return "torch", impls["torch"]
+
+
+def replays_graphs(backend: str) -> bool:
+    """Whether a model on `backend` can be captured as CUDA graphs: its kernels never wait on
+    the host (the torch reference does: data-dependent shapes, .item())."""
+    return backend in ("triton", "flaggems")
 
 
 def op_backends() -> dict[str, list[str]]:
@@ -87,7 +97,7 @@ def _load_backend(name: str) -> None:
     """Import what backend `name` needs: the Triton kernels register on import; FlagGems patches
     aten for the whole process (its design), once."""
     global _flaggems_enabled
-    if name == "triton":
+    if name in ("triton", "flaggems"):
         import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels)
     if name == "flaggems" and not _flaggems_enabled:
         try:

@@ -38,6 +38,7 @@ DECODE_64 = [1, 2, 4, 8, 16, 32, 64]      # the default sizes up to max_num_seqs
     ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, True, (DECODE_64, [], [])),    # DP x EP
     ({"all2all_backend": "alltoall"}, "cuda", "triton", 1, True, ([], [], [])),
     ({}, "cuda", "torch", 1, False, ([], [], [])),                  # host syncs: no capture
+    ({}, "cuda", "flaggems", 1, False, (DECODE_64, [], capture_sizes(512))),  # Triton kernels + FlagGems
     ({"enforce_eager": True}, "cuda", "triton", 1, False, ([], [], [])),
     ({}, "cpu", "torch", 1, False, ([], [], [])),
 ])
