@@ -145,6 +145,9 @@ def record(rows: list, name: str, value: float, unit: str, roof: float, extra: d
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{prefix}{name}.json").write_text(json.dumps(entry, indent=2))
     rows.append(entry)
+    # as it comes too: a run cut short by its time limit still shows what it measured
+    print(f"{name}: {value:.4g} {unit} ({entry['ratio']:.2%} of {roof:.4g})" if roof else f"{name}: {value:.4g} {unit}",
+          flush=True)
 
 
 def case_llama8b(rows, bw, peak):

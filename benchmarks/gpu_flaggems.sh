@@ -13,6 +13,9 @@
 #                                         # cut to 3 (1 dense + 2 MoE); the 8B cut's --ops-profile shares
 #   benchmarks/gpu_flaggems.sh validate   # deepserve validate --ops torch vs --ops flaggems on both cuts
 #   benchmarks/gpu_flaggems.sh vspeed     # validate on the 8B cut, then its tok/s with USE_FLAGGEMS=1 (one call)
+#   benchmarks/gpu_flaggems.sh tok        # decode tok/s at batch 1 and 64, default then USE_FLAGGEMS=1,
+#                                         # both with decode graphs of sizes 1 and 64 only (each captured
+#                                         # size has FlagGems autotune its GEMMs cold), about 6 minutes
 #   benchmarks/gpu_flaggems.sh speed      # --ops-profile shares under triton / torch beside flaggems,
 #                                         # ops_share.py --ops flaggems at batch 1 and 64 (CUDA graphs),
 #                                         # decode tok/s with USE_FLAGGEMS=1 (bench_engine.py --case llama8b)
@@ -59,6 +62,12 @@ speed)
   step tok_s_llama 220 env USE_FLAGGEMS=1 python3 benchmarks/bench_engine.py --case llama8b --repeats 3
   mkdir -p "$OUT/engine_flaggems" && cp benchmarks/results/engine_llama8b*.json "$OUT/engine_flaggems/" 2>/dev/null
   ;;
+tok)
+  EA='{"cuda_graph_sizes": [1, 64], "cudagraph_mode": "FULL_DECODE_ONLY", "max_num_seqs": 64}'
+  step tok_s_default 90 python3 benchmarks/bench_engine.py --case llama8b --repeats 3 --engine-args "$EA"
+  step tok_s_flaggems 450 env USE_FLAGGEMS=1 DEEPSERVE_LOG_LEVEL=info python3 -W ignore \
+    benchmarks/bench_engine.py --case llama8b --repeats 1 --engine-args "$EA"
+  ;;
 validate|vspeed)
   # token-id prompts (no tokenizer needed): 8 x 64 ids inside both presets' vocabularies
   python3 -c "
@@ -82,7 +91,7 @@ with open('$OUT/prompts.jsonl', 'w') as f:
   fi
   ;;
 *)
-  echo "usage: benchmarks/gpu_flaggems.sh ops|validate|vspeed|speed   (carry .flaggems)"; exit 2 ;;
+  echo "usage: benchmarks/gpu_flaggems.sh ops|validate|vspeed|tok|speed   (carry .flaggems)"; exit 2 ;;
 esac
 (cd "$OUT" && tar czf results.tgz --remove-files $(ls -d *.json *.jsonl engine_flaggems 2>/dev/null) 2>/dev/null)
 for name in "${STEPS[@]}"; do
