@@ -119,3 +119,36 @@ print([torch.equal(a, b) for a, b in zip(before, draw())])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[True, True, True]", out.stdout
+
+
+def test_flaggems_runs_the_triton_kernels_and_replays_graphs(triton_ops):
+    """--ops flaggems is deepserve's Triton kernels with FlagGems beneath them (as vLLM with
+    FlagGems): every op resolves as under triton, and its models are captured as CUDA graphs."""
+    for op in registry.op_backends():
+        assert resolve(op, "flaggems") == resolve(op, "triton"), op
+    assert registry.replays_graphs("flaggems") and registry.replays_graphs("triton")
+    assert not registry.replays_graphs("torch")
+
+
+@pytest.mark.gpu
+def test_flaggems_decodes_with_graphs_as_triton_does():
+    """On the GPU with flag_gems installed: the demo model's greedy text under --ops flaggems, its
+    decode replaying CUDA graphs, equals --ops triton's. In a process of its own (FlagGems patches
+    aten for the whole process)."""
+    pytest.importorskip("flag_gems")
+    script = """
+from deepserve import LLM, SamplingParams
+DEMO_MODEL = "deepserve/assets/stories260k"
+greedy = SamplingParams(temperature=0, max_tokens=48)
+texts = {}
+for ops in ("triton", "flaggems"):
+    llm = LLM(str(DEMO_MODEL), ops=ops, cuda_graph_sizes=[1, 2])
+    assert llm.engine.runner.graphs.enabled, ops
+    texts[ops] = [o.outputs[0].text for o in llm.generate(["Once upon a time", "The little dog"], greedy)]
+    llm.shutdown()
+print(texts["triton"] == texts["flaggems"], texts["flaggems"][0][:40])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         cwd=str(registry.__file__).rsplit("/deepserve/", 1)[0])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("True"), out.stdout
