@@ -119,7 +119,7 @@ def synthetic_seqs(llm: LLM, batch: int, context: int, k: int, seed: int = 0):
 def step_costs(llm: LLM, batches, context: int, device: str, iters: int) -> dict:
     """{batch: {k: {forward_ms, sample_ms, step_ms, rows}}} with k = 0 the plain decode step."""
     engine, runner = llm.engine, llm.engine.runner
-    decoder = SpecDecoder(engine.config.speculative, engine.max_model_len, runner.mtp)
+    decoder = SpecDecoder(engine.config.speculative, engine.max_model_len)
     graphs = runner.graphs is not None and runner.graphs.enabled
     out = {}
     for b in batches:

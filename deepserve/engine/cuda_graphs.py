@@ -46,7 +46,6 @@ def decode_graph_sizes(config, sizes: list[int]) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, runner, sizes: list[int]):
-        self.runner = runner
         self.model = runner.model
         self.sizes = decode_graph_sizes(runner.config, sizes)
         self.enabled = replays_graphs(runner.ops.backend)

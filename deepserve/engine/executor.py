@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from typing import Callable, Optional
 
 import torch.distributed as dist
@@ -371,8 +372,12 @@ class DriverExecutor:
                                 platform.dist_backend, init_method, timeout, par.enable_expert_parallel,
                                 dp_size=par.data_parallel_size, all2all_backend=par.all2all_backend)
         self.channel = StepChannel(control_group(), 0)
+        # the runner publishes through this executor, which holds the runner: a weak method, so
+        # that the pair is no reference cycle (it would keep the driver's weights and KV pool after
+        # the engine is dropped until a garbage-collector pass)
+        publish = weakref.WeakMethod(self._publish)
         self.runner = DriverRunner(config, platform, pctx, local_rank=0, eos_token_ids=eos_token_ids,
-                                   publish=self._publish)
+                                   publish=lambda msg: publish()(msg))
 
     def _publish(self, msg) -> None:
         if self.failure:

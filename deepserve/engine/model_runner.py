@@ -213,6 +213,7 @@ class ModelRunner:
         self.mtp = None
         self.kv_layers = []
         self.model = None
+        self.hidden = None
         self.staging = None
         self.pctx = dataclasses.replace(self.pctx, tp_group=None, ep_group=None, dp_group=None)
         gc.collect()

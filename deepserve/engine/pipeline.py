@@ -13,6 +13,7 @@ there.
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Optional
 
@@ -37,7 +38,10 @@ class PendingLogits:
 
 class PipelineStage:
     def __init__(self, runner):
-        self.runner = runner
+        # the runner owns its stage: a weak reference back, so that the two are no reference
+        # cycle, which would keep the weights and KV pool after the runner is dropped until a
+        # garbage-collector pass
+        self.runner = weakref.proxy(runner)
         p = runner.pctx
         self.first, self.last = p.pp_rank == 0, p.pp_rank == p.pp_size - 1
         base = p.dp_rank * p.tp_size * p.pp_size

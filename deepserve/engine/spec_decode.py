@@ -32,7 +32,6 @@ import torch
 
 from deepserve.config import SpeculativeConfig
 from deepserve.engine.input_staging import to_device_async
-from deepserve.engine.mtp_proposer import MTPProposer
 from deepserve.engine.ngram_proposer import NgramProposer
 from deepserve.engine.rejection_sampler import rejection_sample
 from deepserve.engine.sampler import SamplerOutput
@@ -91,7 +90,7 @@ def needs_sync_step(decoder: Optional["SpecDecoder"], batch) -> bool:
     accepted). Other steps launch ahead as without speculation."""
     if decoder is None:
         return False
-    if decoder.mtp is not None:
+    if decoder.mtp:
         return True
     return any(n == 1 and can_speculate(seq) for seq, n in zip(batch.seqs, batch.num_new_tokens))
 
@@ -150,14 +149,14 @@ class SpecDecoder:
     """Drafts and verification for one engine core: n-gram drafts looked up at each step, or
     MTP drafts made at the end of the previous step (engine/mtp_proposer.py) and kept here."""
 
-    def __init__(self, spec: SpeculativeConfig, max_model_len: int, mtp: Optional[MTPProposer] = None):
+    def __init__(self, spec: SpeculativeConfig, max_model_len: int):
         self.method, self.k = spec.method, spec.num_speculative_tokens
         self.max_model_len = max_model_len
-        if spec.method == "ngram":
+        # with mtp the runner's MTP module drafts (DriverRunner.run_mtp); the decoder keeps no
+        # reference to it, so the module's weights go with the runner's release
+        self.mtp = spec.method == "mtp"
+        if not self.mtp:
             self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, self.k, max_model_len)
-        elif mtp is None:
-            raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
-        self.mtp = mtp
         # verify steps of decodes only run as one-token rows (`as_decode_rows`): set where the
         # runner replays them as CUDA graphs
         self.decode_rows = False
@@ -172,7 +171,7 @@ class SpecDecoder:
         if not can_speculate(seq):
             return []
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-        if self.mtp is None:
+        if not self.mtp:
             drafts = self.proposer.propose(seq.token_ids)
         return drafts[:max(0, room)]
 
@@ -268,7 +267,9 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
     spec = config.speculative
     if spec is None:
         return None
-    decoder = SpecDecoder(spec, config.model.max_model_len, runner.mtp)
+    if spec.method == "mtp" and runner.mtp is None:
+        raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
+    decoder = SpecDecoder(spec, config.model.max_model_len)
     decoder.decode_rows = runner.graphs is not None and runner.graphs.enabled
     return decoder
 
@@ -297,7 +298,7 @@ def run_speculative_step(engine, batch) -> list:
     inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
     forward = as_decode_rows(inputs) if decoder.decode_rows and all(n == 1 for n in num_new) else inputs
     # (mtp: every rank keeps the hidden states of every row for the MTP step)
-    msg = StepMessage(forward, runner.graph_size, keep_hidden=decoder.mtp is not None)
+    msg = StepMessage(forward, runner.graph_size, keep_hidden=decoder.mtp)
     runner.publish(msg)
     logits = runner.run_step(msg)
     engine.stats["steps"] += 1
@@ -324,7 +325,7 @@ def run_speculative_step(engine, batch) -> list:
         for i, tok, lp in zip(plain_seqs, sampled.token_ids, sampled.logprobs):
             emitted[i], logprobs[i] = [tok], lp
     next_drafts = {}
-    if decoder.mtp is not None:
+    if decoder.mtp:
         next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs,
                                decoder.decode_rows and all(n == 1 for n in num_new))
     flat_seqs, flat_tokens, flat_lps = [], [], []
@@ -337,7 +338,7 @@ def run_speculative_step(engine, batch) -> list:
     outputs = engine._postprocess(flat_seqs, SamplerOutput(flat_tokens, flat_lps))
     for i, (seq, d) in enumerate(zip(seqs, drafts)):
         if not seq.is_finished:
-            if d and decoder.mtp is None:    # (MTP: those blocks hold the next drafts' positions)
+            if d and not decoder.mtp:    # (MTP: those blocks hold the next drafts' positions)
                 bm.trim(seq, seq.num_computed_tokens)
             bm.register_full_blocks(seq)
             if i in next_drafts:

@@ -218,6 +218,15 @@ def process_weights_after_loading(model: torch.nn.Module) -> None:
             hook()
 
 
+def drop_weight_loaders(model: torch.nn.Module) -> None:
+    """Remove the load-time `weight_loader` of every parameter. Each is bound to the layer that
+    holds the parameter (a method or a partial over the layer): a reference cycle that would keep
+    every weight in memory after the model is dropped, until a garbage-collector pass, which in a
+    long-running process may come after the next engine has run out of device memory."""
+    for p in model.parameters():
+        p.__dict__.pop("weight_loader", None)
+
+
 @torch.no_grad()
 def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelContext | None = None,
                ops: OpTable | None = None):
@@ -259,6 +268,7 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {', '.join(missing[:5])}"
                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     process_weights_after_loading(model)
+    drop_weight_loaders(model)
     if ops is not None:
         bind(model, ops)
     return model.eval()

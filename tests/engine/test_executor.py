@@ -1,10 +1,12 @@
 """Engines come and go cleanly: several LLMs with different layouts one after another in one
 process (shutdown(), `del` and `with` each free the process group, the workers and the
-ports); a worker or engine core that fails at start-up fails the start in seconds naming its
+ports; the driver's weights and KV pool are freed by shutdown() and by dropping the LLM,
+without waiting for a garbage-collector pass); a worker or engine core that fails at start-up fails the start in seconds naming its
 rank and error; a script without a `__main__` guard fails at once naming the guard. The
 multi-process executors live in deepserve/engine, and deepserve/distributed imports nothing
 from there."""
 import gc
+import json
 import os
 import shutil
 import socket
@@ -22,6 +24,7 @@ from deepserve.engine import engine_core, executor
 from deepserve.engine.executor import WorkerProcs
 from tests.conftest import DEMO_MODEL, REPO
 from tests.engine.test_dp_multinode import free_ports
+from tests.engine.test_piecewise_graphs import TINY_V3
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [1, 40, 41, 26, 7]}, {"prompt_token_ids": [1]}]
@@ -32,21 +35,66 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("layout", [{}, {"tensor_parallel_size": 2}])
-def test_shutdown_frees_weights_and_kv_while_the_llm_is_still_held(layout):
+@pytest.fixture(scope="module")
+def tiny_mtp(tmp_path_factory):
+    """A DeepSeek-V3 MoE config with an MTP layer (random weights: load_format dummy)."""
+    path = tmp_path_factory.mktemp("v3_mtp")
+    (path / "config.json").write_text(json.dumps({**TINY_V3, "num_nextn_predict_layers": 1}))
+    return str(path)
+
+
+MTP = dict(load_format="dummy", speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+
+
+def _device_memory(runner) -> list:
+    """A weak reference to the memory of each weight, buffer and KV pool tensor of `runner`:
+    expired once nothing holds that memory (any tensor viewing it, from Python or C++)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    tensors = [*runner.model.parameters(), *runner.model.buffers(), *(t for m in runner.kv_layers for t in m.kv_cache)]
+    return [StorageWeakRef(t.untyped_storage()) for t in tensors]
+
+
+def _held(memory: list) -> int:
+    return sum(not ref.expired() for ref in memory)
+
+
+@pytest.mark.parametrize("model,layout", [("demo", {}), ("demo", {"tensor_parallel_size": 2}), ("mtp", MTP)],
+                         ids=["one-process", "tp2", "moe-mtp"])
+def test_shutdown_frees_weights_and_kv_while_the_llm_is_still_held(tiny_mtp, model, layout):
     """shutdown() (and leaving `with LLM(...) as llm:`) frees the driver's weights, KV pool and
     graphs although `llm` still names the engine (on a GPU the next LLM's memory profile would
-    otherwise count them as its own); a request after it is a clear error."""
-    import gc
-    import weakref
-    with LLM(str(DEMO_MODEL), **ENGINE, **layout) as llm:
-        runner = llm.engine.runner
-        held = [weakref.ref(next(runner.model.parameters())), weakref.ref(runner.kv_layers[0].kv_cache[0])]
+    otherwise count them as its own), the MTP module's too; a request after it is a clear
+    error."""
+    with LLM(tiny_mtp if model == "mtp" else str(DEMO_MODEL), **ENGINE, **layout) as llm:
+        memory = _device_memory(llm.engine.runner)
         assert _tokens(llm)
     gc.collect()
-    assert [r() for r in held] == [None, None]
+    assert len(memory) > 20 and _held(memory) == 0
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate(PROMPTS, GREEDY)
+
+
+@pytest.mark.parametrize("model,layout", [
+    ("demo", {"async_scheduling": False}), ("demo", {"async_scheduling": True}),
+    ("mtp", {**MTP, "async_scheduling": True}),
+    ("demo", {"tensor_parallel_size": 2}), ("demo", {"pipeline_parallel_size": 2})],
+    ids=["sync", "async", "moe-mtp-async", "tp2", "pp2"])
+def test_dropping_the_llm_frees_weights_and_kv_at_once(tiny_mtp, model, layout):
+    """`del llm` without shutdown() frees the driver's weights and KV pool at once, not at the
+    garbage collector's next pass, which in a long-running process may come after the next
+    engine ran out of device memory: nothing of the engine is in a reference cycle (a weight
+    loader bound to its layer, the runner and its CUDA graphs, pipeline stage or executor)."""
+    llm = LLM(tiny_mtp if model == "mtp" else str(DEMO_MODEL), **ENGINE, **layout)
+    memory = _device_memory(llm.engine.runner)
+    assert _tokens(llm)
+    gc.collect()
+    gc.disable()
+    try:
+        del llm
+        held = _held(memory)
+    finally:
+        gc.enable()
+    assert len(memory) > 20 and held == 0
 
 
 def test_engines_one_after_another_in_one_process():
@@ -226,3 +274,46 @@ def test_distributed_imports_nothing_from_engine():
                       if n == "deepserve.engine" or n.startswith("deepserve.engine.")]
     assert found == []
     assert all((REPO / "deepserve" / "engine" / f).exists() for f in ("executor.py", "ray_executor.py", "engine_core.py"))
+
+
+@pytest.mark.gpu
+def test_gpu_engines_in_a_row_give_their_device_memory_back():
+    """On a CUDA device, as served (whole decode graphs, piecewise graphs, the warm-up, async
+    scheduling): an 8B-wide Llama cut (2 layers) at gpu_memory_utilization 0.85 takes most of
+    the device and, dropped by `del` with no garbage-collector pass, gives it all back; then a
+    V2-Lite cut (MLA, MoE) at 0.85 starts, serves and gives its memory back at shutdown() while
+    still named. Left behind: under 256 MiB (cuBLAS workspaces), against GiBs of weights and
+    tens of GiB of KV pool."""
+    import torch
+
+    def allocated() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    torch.cuda.empty_cache()
+    base, total = allocated(), torch.cuda.get_device_properties(0).total_memory
+    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (5, 300)]   # a decode graph, a piecewise step
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    engine = dict(hf_overrides={"num_hidden_layers": 2}, max_num_seqs=256, max_num_batched_tokens=2048,
+                  gpu_memory_utilization=0.85)
+
+    llm = LLM("r1-distill-llama-8b", max_model_len=131072, **engine)
+    runner = llm.engine.runner
+    assert llm.engine.async_scheduling and runner.graphs.enabled and runner.piecewise is not None
+    del runner
+    assert allocated() - base > total / 2
+    assert [len(o.outputs[0].token_ids) for o in llm.generate(prompts, params)] == [16, 16]
+    gc.collect()
+    gc.disable()
+    try:
+        del llm
+        left = allocated() - base
+    finally:
+        gc.enable()
+    assert left < 256 * 2**20, f"{left / 2**30:.2f} GiB still allocated after the LLM was dropped"
+
+    with LLM("deepseek-v2-lite", max_model_len=163840, **engine) as llm:
+        assert allocated() - base > total / 2
+        assert [len(o.outputs[0].token_ids) for o in llm.generate(prompts, params)] == [16, 16]
+    left = allocated() - base
+    assert left < 256 * 2**20, f"{left / 2**30:.2f} GiB still allocated after shutdown()"
