@@ -63,13 +63,20 @@ def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
 QUANT_FORMATS = {"fp8": (FP8_DTYPE, "_scale_inv"), "w8a8-int8": (torch.int8, "_scale")}
 
 
-def _dequantize(fmt: str, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+def _dequantize(fmt: str, name: str, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
                 out_dtype: torch.dtype) -> torch.Tensor:
-    if fmt == "fp8":
-        # through bf16, as `deepserve convert fp8-to-bf16` writes it, so a model served from
-        # the FP8 folder sees exactly the weights of the converted BF16 folder
-        return dequant_fp8_block(weight, scale, block, torch.bfloat16).to(out_dtype)
-    return dequant_int8(weight, scale.reshape(-1, 1).float(), out_dtype)
+    """`name` is the weight's checkpoint name: a bad scale is refused naming its tensor."""
+    scale_name = name + QUANT_FORMATS[fmt][1]
+    try:
+        if fmt == "fp8":
+            # through bf16, as `deepserve convert fp8-to-bf16` writes it, so a model served from
+            # the FP8 folder sees exactly the weights of the converted BF16 folder
+            return dequant_fp8_block(weight, scale, block, torch.bfloat16).to(out_dtype)
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError("weight_scale has non-finite values")
+        return dequant_int8(weight, scale.reshape(-1, 1).float(), out_dtype)
+    except ValueError as exc:
+        raise ValueError(f"tensor {scale_name}: {exc}") from None
 
 
 def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, block: tuple[int, int],
@@ -91,7 +98,7 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
                 kept_s.add(base)
                 yield name, t
             elif base in pending_w:
-                yield base, _dequantize(fmt, pending_w.pop(base), t, block, out_dtype)
+                yield base, _dequantize(fmt, base, pending_w.pop(base), t, block, out_dtype)
             else:
                 pending_s[base] = t
         elif t.dtype == qdtype:
@@ -99,7 +106,7 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
                 kept_w.add(name)
                 yield name, t
             elif name in pending_s:
-                yield name, _dequantize(fmt, t, pending_s.pop(name), block, out_dtype)
+                yield name, _dequantize(fmt, name, t, pending_s.pop(name), block, out_dtype)
             else:
                 pending_w[name] = t
         else:

@@ -71,6 +71,10 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
                          f"{tuple(weight.shape)} with block {tuple(block)}: expected {expected}")
+    # a NaN, infinite, zero or negative block scale would turn the block's weights into
+    # NaN / inf / zeros silently; the loaders of fp8 layers refuse them the same way
+    if not bool(torch.isfinite(scale_inv).all()) or not bool((scale_inv > 0).all()):
+        raise ValueError("scale_inv has non-finite or non-positive values")
     n, k = weight.shape
     weight = weight.contiguous()
     s_cols = _column_scale(scale_inv.to(device=weight.device, dtype=torch.float32), k, block[1])

@@ -75,8 +75,11 @@ class Fp8ToBf16(Converter):
             return {info.name: x}
         scale = reader.get(info.name + SCALE_SUFFIX)
         # Same bits on any device (quant/fp8.py), so the device is only a matter of speed.
-        y = dequant_fp8_block(x.to(self.device), scale.to(self.device),
-                              _block_size(ckpt.config), self.out_dtype)
+        try:
+            y = dequant_fp8_block(x.to(self.device), scale.to(self.device),
+                                  _block_size(ckpt.config), self.out_dtype)
+        except ValueError as exc:
+            raise ValueError(f"tensor {info.name + SCALE_SUFFIX}: {exc}") from None
         return {info.name: y.cpu()}
 
     def new_config(self, config: dict) -> dict:

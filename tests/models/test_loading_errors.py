@@ -110,6 +110,25 @@ def test_fp8_checkpoint_stays_fp8_and_bad_scales_are_named(tiny, tmp_path):
         load_ours(tiny)
 
 
+@pytest.mark.parametrize("bad, why", [(float("inf"), "non-finite or non-positive"), (0.0, "non-finite or non-positive"),
+                                      ("shape", r"scale_inv shape \(2, 1\) does not match")])
+def test_fp8_scales_of_layers_dequantized_at_load_are_checked(tmp_path, bad, why):
+    """A DeepSeek FP8 checkpoint's kv_b_proj (dequantized at load: the absorbed MLA reads it in
+    the model dtype) with an infinite, zero or mis-shaped block scale is refused naming the
+    tensor, as the fp8 layers refuse theirs (an inf scale would make the layer's weights inf)."""
+    from deepserve.quant import quantize_checkpoint
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8-block", progress=False)
+    name = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    (shard,) = (tmp_path / "fp8").glob("*.safetensors")
+    t = load_file(shard)
+    t[name] = torch.ones(2, 1) if bad == "shape" else torch.full_like(t[name], bad)
+    save_file(t, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^tensor {name}: .*{why}"):
+        load_ours(tmp_path / "fp8")
+
+
 def test_engine_args_validation_names_value():
     with pytest.raises(ValueError, match="block_size must be a power of two >= 1, got 12"):
         EngineArgs(block_size=12)

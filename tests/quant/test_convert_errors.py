@@ -52,6 +52,23 @@ def test_missing_scale_names_the_tensor(fp8_ckpt, tmp_path, capsys):
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1.0])
+def test_non_finite_or_negative_scale_names_the_tensor(fp8_ckpt, tmp_path, capsys, bad):
+    """A NaN or negative block scale would write NaN / sign-flipped bf16 weights: refused
+    naming the scale tensor."""
+    index = json.loads((fp8_ckpt / "model.safetensors.index.json").read_text())
+    shard = fp8_ckpt / index["weight_map"][Q_A + "_scale_inv"]
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[Q_A + "_scale_inv"][0, 0] = bad
+    save_file(tensors, str(shard))
+    assert main(["convert", "fp8-to-bf16", str(fp8_ckpt), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"deepserve convert: error: tensor {Q_A}_scale_inv: scale_inv has non-finite or "
+                   "non-positive values\n"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_refuses_quantized_source(fp8_ckpt, tmp_path, capsys):
     dst = tmp_path / "out"
     _fails(capsys, ["quantize", str(fp8_ckpt), str(dst), "--method", "w8a8-int8"], dst,
