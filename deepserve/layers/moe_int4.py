@@ -175,6 +175,9 @@ def quantize_int4_experts(model: nn.Module, spec: Int4Spec) -> list[str]:
     names = []
     for name, module in model.named_modules():
         if hasattr(module, "run_experts") and int4_expert_module(spec, f"{name}.0.gate_proj"):
-            Int4Experts(spec).create(module)
+            try:
+                Int4Experts(spec).create(module)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
             names.append(name)
     return names

@@ -148,7 +148,10 @@ def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[ob
         if isinstance(module, LinearBase) and is_quantized_module(name):
             method = choose(name, checkpoint_names(model, name))
             if method is not None:
-                module.set_quant_method(method)
+                try:
+                    module.set_quant_method(method)
+                except ValueError as exc:       # the shape checks know no module name
+                    raise ValueError(f"{', '.join(checkpoint_names(model, name))}: {exc}") from None
                 names.append(name)
     return names
 

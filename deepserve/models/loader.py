@@ -74,8 +74,10 @@ def _check_w8a8_int8(qc: dict) -> None:
     dynamic per-token int8 activations (what `deepserve convert quantize` writes)."""
     groups = qc.get("config_groups") or {}
     if qc.get("format") not in (None, "int-quantized") or not groups:
-        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with config_groups "
-                         f"{sorted(groups)} is not supported; deepserve serves int-quantized W8A8 int8")
+        bits = sorted({str((g.get("weights") or {}).get("num_bits")) for g in groups.values()})
+        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with {'/'.join(bits) or 'no'}-bit "
+                         f"weights (config_groups {sorted(groups)}) is not supported; deepserve serves "
+                         f"4-bit pack-quantized and 8-bit int-quantized (W8A8 int8)")
     for gname, g in groups.items():
         w, a = g.get("weights") or {}, g.get("input_activations") or {}
         got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("symmetric"),

@@ -225,6 +225,34 @@ def test_bad_4bit_checkpoints_fail_naming_the_tensor_and_value():
         RowParallelLinear(192, 64, pctx=_tp(0)).set_quant_method(Int4LinearMethod(_spec("awq", 64, False, False)))
 
 
+def test_bad_group_size_in_a_checkpoint_names_its_modules(tiny_folders, tmp_path):
+    """A 4-bit checkpoint whose group size does not divide a layer's input features is refused
+    naming the checkpoint modules of that layer (q/k/v fused into one), and 4-bit experts
+    naming their FusedMoE; 8-bit pack-quantized weights name their bit width."""
+    from deepserve.layers.moe import FusedMoE
+    from deepserve.layers.moe_int4 import quantize_int4_experts
+    from tests.models.hf_reference import load_ours
+    q, _ = _quantize_folder(tiny_folders("llama"), tmp_path, "compressed-tensors", 32, True, False)
+    cfg = json.loads((q / "config.json").read_text())
+    weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights["group_size"] = 48
+    (q / "config.json").write_text(json.dumps(cfg))
+    layer = "model.layers.0.self_attn"
+    with pytest.raises(ValueError, match=rf"^{layer}.q_proj, {layer}.k_proj, {layer}.v_proj: .*group size 48 "
+                                         r"does not divide the 128 input features$"):
+        load_ours(q)
+    weights["group_size"], weights["num_bits"] = 32, 8
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"^compressed-tensors format 'pack-quantized' with 8-bit weights "):
+        load_ours(q)
+    model = torch.nn.Module()
+    model.mlp = torch.nn.Module()
+    model.mlp.experts = FusedMoE(4, 64, 40)
+    with pytest.raises(ValueError, match=r"^mlp.experts: .*group size 16 does not divide the input features 64 "
+                                         r"\(gate/up\) and 40 \(down\)$"):
+        quantize_int4_experts(model, _spec("compressed-tensors", 16, True, False))
+
+
 # ---------------------------------------------------------------------------- W4A8
 @pytest.mark.parametrize("group", [32, -1])
 def test_w4a8_layer_is_int8_tokens_times_dequantized_weight(group):
