@@ -212,7 +212,12 @@ def scales_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, groups: int, name:
     if tuple(t.shape) != want or not t.is_floating_point():
         raise ValueError(f"tensor {name}: scales {t.dtype} {tuple(t.shape)} do not match the model's "
                          f"{n} outputs x {groups} groups ({spec.fmt} stores {want})")
-    return (t if spec.fmt == "compressed-tensors" else t.t()).to(spec.scale_dtype).contiguous()
+    out = (t if spec.fmt == "compressed-tensors" else t.t()).to(spec.scale_dtype).contiguous()
+    # a NaN / inf scale (or one past the scale dtype's range) would make its group's outputs
+    # NaN and the text empty without a word
+    if out.device.type != "meta" and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"tensor {name}: scales have non-finite values (in {spec.scale_dtype})")
+    return out
 
 
 def zeros_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, groups: int, name: str) -> torch.Tensor:

@@ -225,6 +225,27 @@ def test_bad_4bit_checkpoints_fail_naming_the_tensor_and_value():
         RowParallelLinear(192, 64, pctx=_tp(0)).set_quant_method(Int4LinearMethod(_spec("awq", 64, False, False)))
 
 
+def test_non_finite_4bit_scales_are_refused_naming_the_tensor():
+    """A NaN scale, or one past float16's range (the _spec's scale dtype), in a 4-bit Linear or
+    expert would turn its group's outputs into NaN: refused naming the tensor."""
+    from deepserve.layers.moe import FusedMoE
+    from deepserve.layers.moe_int4 import Int4Experts
+    for fmt, bad in (("awq", float("nan")), ("gptq", 1e6)):
+        tensors, _ = _packed(fmt, 32, True, False, 32, 128, seed=1)
+        tensors["scales"] = tensors["scales"].float()
+        tensors["scales"][1, 2] = bad
+        with pytest.raises(ValueError, match=r"^tensor scales: scales have non-finite values \(in torch.float16\)$"):
+            _load(ReplicatedLinear(128, 32), _spec(fmt, 32, True, False), tensors)
+    spec = _spec("compressed-tensors", 32, True, False)
+    moe = FusedMoE(2, 64, 64)
+    Int4Experts(spec).create(moe)
+    tensors, _ = _packed("compressed-tensors", 32, True, False, 64, 64, seed=2)
+    tensors["weight_scale"][0, 0] = float("inf")
+    moe.w13_weight_scale.param_name = "model.layers.1.mlp.experts.w13_weight_scale"
+    with pytest.raises(ValueError, match=r"experts.w13_weight_scale.*scales have non-finite values"):
+        moe.w13_weight_scale.weight_loader(moe.w13_weight_scale, tensors["weight_scale"], (1, "w1"))
+
+
 def test_bad_group_size_in_a_checkpoint_names_its_modules(tiny_folders, tmp_path):
     """A 4-bit checkpoint whose group size does not divide a layer's input features is refused
     naming the checkpoint modules of that layer (q/k/v fused into one), and 4-bit experts
