@@ -24,9 +24,10 @@ def random_id(prefix: str) -> str:
 
 
 class _Strict(BaseModel):
-    """Strict types (no "0.5" for a number); fields not declared are kept for `unsupported_field`."""
+    """Strict types (no "0.5" for a number, no NaN or Infinity, which JSON parsers accept); fields
+    not declared are kept for `unsupported_field`."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 # why some well-known fields are refused (the rest get a generic message)

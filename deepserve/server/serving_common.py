@@ -113,6 +113,9 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
 
 def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
     """The request's SamplingParams over the model's defaults; 400 naming a bad field."""
+    if req.stream_options is not None and not req.stream:  # vLLM refuses it too
+        raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options",
+                       code="invalid_value")
     try:
         params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)
     except ValueError as exc:

@@ -42,6 +42,8 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, 99999]}, "prompt", ("99999",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
     ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
+    ({"seed": 2**64}, "seed", (str(2**64),)),                  # beyond int64 (vLLM's bound)
+    ({"stream_options": {"include_usage": True}}, "stream_options", ("stream",)),   # without stream
 ]
 
 
@@ -56,6 +58,15 @@ def test_long_prompt_names_both_numbers(http):
     err = check_error(http.post("/v1/completions", json={**GOOD, "prompt": [5] * 520, "max_tokens": 1}),
                       400, "max_tokens")
     assert "512" in err["message"] and "520" in err["message"]
+
+
+# JSON parsers take NaN and Infinity (and 1e999 overflows to it): no sampling value may be one
+@pytest.mark.parametrize("field,literal", [("temperature", "NaN"), ("temperature", "1e999"),
+                                           ("presence_penalty", "-Infinity"), ("logit_bias", '{"5": NaN}')])
+def test_non_finite_numbers_are_400(http, field, literal):
+    body = b'{"model": "stories260k", "prompt": "Once", "max_tokens": 2, "%s": %s}' % (field.encode(), literal.encode())
+    check_error(http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"}),
+                400, field, ("finite",))
 
 
 BAD_CHAT = [
