@@ -20,7 +20,7 @@ from deepserve import __version__
 from deepserve.server.errors import APIError, error_body, error_response
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
-from deepserve.server.serving_common import ServerState, parse_request
+from deepserve.server.serving_common import ClientDisconnected, ServerState, parse_request
 from deepserve.server.serving_completions import create_completion
 from deepserve.server.stopping import stop_interruptibly
 
@@ -65,6 +65,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, exc: APIError):
         state.metrics.record_error(exc.status)
         return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)   # nginx's "client closed request": never sent, only logged
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -279,19 +279,32 @@ class SSEResponse(StreamingResponse):
             tg.cancel_scope.cancel()
 
 
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request went away before its answer: there is no one to
+    answer (the app ends the request without logging an error)."""
+
+
 async def until_disconnect(request: Request, coro) -> object:
-    """Run `coro` (a non-streamed generation); cancel it if the client disconnects first."""
+    """Run `coro` (a non-streamed generation); cancel it if the client disconnects first
+    (cancelling aborts its engine requests) and raise ClientDisconnected."""
     task = asyncio.ensure_future(coro)
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                gone = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()

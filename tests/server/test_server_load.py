@@ -92,10 +92,21 @@ def test_non_streamed_client_timeout_aborts(demo_server):
     def aborted() -> float:
         return parse_metrics(httpx.get(demo_server.url + "/metrics").text).get(key, 0.0)
 
-    before = aborted()
+    before, logged = aborted(), len(demo_server.lines)
     body = {"model": "stories260k", "prompt": "One day", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(demo_server.url + "/v1/completions", json=body, timeout=0.5,
                    headers={"Authorization": f"Bearer {API_KEY}"})
     wait_for(lambda: idle(demo_server.url), timeout=10)
     assert aborted() == before + 1
+    chat = {"model": "stories260k", "messages": [{"role": "user", "content": "One day"}], "max_tokens": 480,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(demo_server.url + "/v1/chat/completions", json=chat, timeout=0.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    wait_for(lambda: idle(demo_server.url), timeout=10)
+    assert aborted() == before + 2
+    time.sleep(0.2)
+    # a client leaving is no server error: no traceback in the log
+    assert not any("Traceback" in line or "Exception" in line for line in demo_server.lines[logged:]), \
+        "".join(demo_server.lines[logged:])[-2000:]
