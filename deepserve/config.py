@@ -480,6 +480,8 @@ class EngineArgs:
             raise ValueError(f"ops must be auto, torch, triton, triton-all or flaggems, got {self.ops!r}")
         if isinstance(self.hf_overrides, str):
             self.hf_overrides = json.loads(self.hf_overrides)
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides must be a JSON object, got {self.hf_overrides!r}")
         if self.compilation_config is not None:
             apply_compilation_config(self, self.compilation_config)
         mode = str(self.cudagraph_mode).upper()
@@ -490,9 +492,11 @@ class EngineArgs:
             self.enforce_eager = True
         if self.piecewise_max_tokens is not None and self.piecewise_max_tokens < 1:
             raise ValueError(f"piecewise_max_tokens must be >= 1, got {self.piecewise_max_tokens}")
-        if isinstance(self.speculative_config, (str, dict)):
-            self.speculative_config = (SpeculativeConfig.from_json(self.speculative_config)
-                                       if self.speculative_config else None)
+        if isinstance(self.speculative_config, (str, dict)) and not self.speculative_config:
+            self.speculative_config = None       # "" or {}: no speculative decoding
+        elif self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            # any other JSON value (a list, a number) is refused by from_json, naming it
+            self.speculative_config = SpeculativeConfig.from_json(self.speculative_config)
         if self.speculative_config is not None:
             spec = self.speculative_config.for_model(load_hf_config(self.model, self.hf_overrides))
             missing = speculative_not_yet(self, spec)

@@ -81,8 +81,12 @@ def test_engine_args_check_then_refuse_what_does_not_run_yet():
 
 
 def test_cli_errors_in_one_line(capsys):
-    for spec, text in ((json.dumps({"method": "mtp", "num_speculative_tokens": 0}), "got 0"),
-                       (json.dumps({"method": "mtp", "num_speculative_tokens": 1}), "needs a model with an MTP layer")):
-        assert main(["generate", "--model", DEMO_MODEL, "--speculative-config", spec, "--prompt", "Once"]) == 2
+    for flags, text in ((["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": 0})], "got 0"),
+                        (["--speculative-config", "[1, 2]"], "speculative_config must be a JSON object, got [1, 2]"),
+                        (["--speculative-config", "3"], "speculative_config must be a JSON object, got 3"),
+                        (["--hf-overrides", "[1]"], "hf_overrides must be a JSON object, got [1]"),
+                        (["--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": 1})],
+                         "needs a model with an MTP layer")):
+        assert main(["generate", "--model", DEMO_MODEL, *flags, "--prompt", "Once"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text in err, err
