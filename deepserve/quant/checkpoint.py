@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 _DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16,
@@ -88,9 +87,9 @@ def open_checkpoint(src: Path) -> Checkpoint:
             raise ValueError(f"{index_path} is not a safetensors index ({exc!r})") from None
         metadata = dict(index.get("metadata") or {})
         shards = sorted(set(expected.values()))
-    elif (src / SINGLE_NAME).is_file():
-        shards = [SINGLE_NAME]
     else:
+        # every shard, as the engine's loader reads a folder without an index (models/weights.py):
+        # a converted folder holds what the source serves (an MTP layer in its own shard too)
         shards = sorted(p.name for p in src.glob("*.safetensors"))
         if not shards:
             raise FileNotFoundError(f"no *.safetensors weights in {src}")

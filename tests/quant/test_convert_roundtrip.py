@@ -127,3 +127,24 @@ def test_overwrite_replaces_destination(bf16_ckpt, tmp_path, capsys):
     assert not (dst / "stale.txt").exists()
     assert (dst / "model-00002-of-00002.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "out"]
+
+
+def test_folder_without_index_converts_every_shard(bf16_ckpt, tmp_path):
+    """Without an index the engine loads every *.safetensors file (an MTP layer may sit in a
+    shard of its own beside model.safetensors): the converter converts them all, not only
+    model.safetensors."""
+    (bf16_ckpt / "model.safetensors.index.json").unlink()
+    (bf16_ckpt / "model-00001-of-00002.safetensors").rename(bf16_ckpt / "model.safetensors")
+    (bf16_ckpt / "model-00002-of-00002.safetensors").rename(bf16_ckpt / "model-mtp.safetensors")
+    source = {}
+    for shard in bf16_ckpt.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            source.update({n: f.get_slice(n).get_dtype() for n in f.keys()})
+    dst = tmp_path / "out"
+    quantize_checkpoint(bf16_ckpt, dst, "fp8-block", progress=False)
+    out = {}
+    for shard in dst.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({n: f.get_slice(n).get_dtype() for n in f.keys()})
+    assert set(source) == {n for n in out if not n.endswith(SCALE)}
+    assert out["model.layers.1.mlp.experts.2.down_proj.weight"] == "F8_E4M3"       # from the second file
