@@ -174,7 +174,8 @@ def test_identical_setups_pass_with_zero_difference(tmp_path, capsys):
 
 
 def test_perturbed_setup_is_caught(tmp_path, capsys):
-    code, report = _validate(tmp_path, "--ops", "torch", "--a", "", "--concurrent",
+    # both setups in this process (test_identical_setups_pass_with_zero_difference runs them apart)
+    code, report = _validate(tmp_path, "--ops", "torch", "--a", "",
                              "--b", "--hf-overrides '{\"rms_norm_eps\": 0.5}'", "--max-kl", "0.01")
     out = capsys.readouterr().out
     assert code == 1
@@ -183,6 +184,7 @@ def test_perturbed_setup_is_caught(tmp_path, capsys):
     assert not report["passed"]
     assert report["failures"][0].startswith("top-1 mismatch") and report["failures"][1].startswith("mean KL")
     assert report["setups"]["B"]["engine_args"]["hf_overrides"] == {"rms_norm_eps": 0.5}
+    assert report["setup_processes"] is None
     assert "FAIL: top-1 mismatch" in out
 
 
@@ -211,12 +213,15 @@ def test_setups_run_in_this_process_each_on_its_own_ops(tmp_path, capsys, monkey
     def no_process(*args, **kwargs):
         raise AssertionError("a setup process was started")
     monkeypatch.setattr("deepserve.engine.validate.SetupProcess", no_process)
-    code, report = _validate(tmp_path, "--num-prompts", "1", "--a", "--ops torch", "--b", "--ops triton-all",
+    prompts = tmp_path / "prompts.txt"   # 16 tokens: the interpreted kernels cost grows with the length
+    prompts.write_text("Once upon a time, there was a little girl named Lily.\n")
+    code, report = _validate(tmp_path, "--prompts", str(prompts), "--a", "--ops torch", "--b", "--ops triton-all",
                              "--max-abs-diff", "1e-3", "--max-kl", "1e-6")
     assert code == 0, capsys.readouterr()
     assert report["setup_processes"] is None
     assert report["setups"]["B"]["engine_args"]["ops"] == "triton-all"
-    assert report["summary"]["tokens"] > 10 and report["summary"]["top1_agreement"] == 1.0
+    assert report["summary"]["prompts"] == 1 and report["summary"]["tokens"] > 10
+    assert report["summary"]["top1_agreement"] == 1.0
 
 
 def test_what_needs_a_process_per_setup(monkeypatch):
