@@ -91,6 +91,26 @@ def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp, decode_rows):
         assert want[0].tolist() == drafts, tokens
 
 
+def test_fp8_checkpoint_keeps_the_mtp_layers_experts_in_fp8(r1_with_mtp, tmp_path):
+    """The checkpoint in DeepSeek's FP8 format (`convert quantize --method fp8-block`, the MTP
+    layer in its own shard): the MTP block's routed experts and linears stay e4m3 with their
+    block scales, and greedy output with MTP k = 2 equals plain decoding of the same folder."""
+    from deepserve.quant import quantize_checkpoint
+    fp8 = tmp_path / "fp8"
+    quantize_checkpoint(r1_with_mtp, fp8, "fp8-block", progress=False)
+    prompts, params = [{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(temperature=0, max_tokens=24)
+    plain = [o.outputs[0].token_ids for o in LLM(model=str(fp8), dtype="float32", block_size=4).generate(prompts, params)]
+    llm = LLM(model=str(fp8), dtype="float32", block_size=4, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    block = llm.engine.runner.model.mtp[0].mtp_block
+    experts = block.mlp.experts
+    assert experts.w13_weight.dtype == experts.w2_weight.dtype == torch.float8_e4m3fn
+    assert experts.w13_weight_scale_inv.dtype == torch.float32
+    assert block.self_attn.o_proj.weight.dtype == block.mlp.shared_experts.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == plain
+    g = llm.engine.gauges()
+    assert g["spec_decode_num_drafts"] > 0 and g["num_free_blocks"] == g["num_blocks"]
+
+
 def test_async_scheduling_with_mtp_equals_plain(r1_with_mtp, plain_outputs):
     llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4, async_scheduling=True,
               speculative_config={"method": "mtp", "num_speculative_tokens": 2})
