@@ -23,7 +23,7 @@ from collections import deque
 from typing import AsyncIterator, Optional, Protocol
 
 from deepserve.config import EngineArgs
-from deepserve.engine.llm_engine import LLMEngine, PromptType
+from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 
@@ -140,6 +140,8 @@ class AsyncLLM:
         """Yield cumulative RequestOutputs for one request until it finishes. Leaving the
         loop early (client gone, task cancelled) aborts the request and frees its blocks."""
         self.check_can_accept()
+        if request_id in self._queues:  # its outputs would go to one of the two, the other waiting forever
+            raise RequestError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         arrival = time.monotonic()

@@ -140,6 +140,7 @@ class _SamplingFields(_Strict):
     guided_choice: Optional[list[str]] = None
     guided_grammar: Optional[str] = None
     structured_outputs: Optional[StructuredOutputs] = None
+    request_id: Optional[str] = None   # the response's id ends with it (vLLM's)
 
     def guided(self) -> Optional[GuidedDecoding]:
         """The structured-output request, from whichever field carries it (one at most)."""
@@ -319,7 +320,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
-    request_id: Optional[str] = None
 
     def max_new_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

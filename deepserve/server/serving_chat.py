@@ -114,6 +114,9 @@ class _Prepared:
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
         self.id = f"chatcmpl-{req.request_id}" if req.request_id else random_id("chatcmpl")
+        # the engine's id is unique even when clients reuse a request_id (at once, or in a retry
+        # of a request they left, whose last outputs may still be on their way)
+        self.engine_id = random_id(self.id) if req.request_id else self.id
         self.created = now()
 
     def _tools(self, state: ServerState, req: ChatCompletionRequest) -> None:
@@ -144,7 +147,7 @@ class _Prepared:
 
     def stream(self, state: ServerState) -> AsyncIterator[RequestOutput]:
         prompt = {"prompt": self.prompt_text, "prompt_token_ids": self.prompt_ids}
-        return state.llm.generate(prompt, self.params, self.id)
+        return state.llm.generate(prompt, self.params, self.engine_id)
 
 
 class _ContentSplitter:

@@ -105,7 +105,8 @@ class _Prepared:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
-        self.id = random_id("cmpl")
+        self.id = f"cmpl-{req.request_id}" if req.request_id else random_id("cmpl")
+        self.engine_id = random_id(self.id) if req.request_id else self.id   # unique, as chat's
         self.created = now()
         self.n = req.n
 
@@ -120,7 +121,7 @@ class _Prepared:
         return state.tokenizer.decode(p["prompt_token_ids"]) if state.tokenizer else ""
 
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
-        return [state.llm.generate(p, self.params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)]
+        return [state.llm.generate(p, self.params, f"{self.engine_id}-{i}") for i, p in enumerate(self.prompts)]
 
 
 async def create_completion(request: Request, state: ServerState):

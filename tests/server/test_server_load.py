@@ -110,3 +110,34 @@ def test_non_streamed_client_timeout_aborts(demo_server):
     # a client leaving is no server error: no traceback in the log
     assert not any("Traceback" in line or "Exception" in line for line in demo_server.lines[logged:]), \
         "".join(demo_server.lines[logged:])[-2000:]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_reused_request_id(demo_server, endpoint):
+    """Clients may send the same request_id at once, or retry a request they left with its id:
+    each answer is the solo greedy text (not a hang, nor the left request's late tokens)."""
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    if endpoint == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "One day"}]}
+        text_of = lambda r: r["choices"][0]["message"]["content"]   # noqa: E731
+    else:
+        path, body = "/v1/completions", {"prompt": "One day"}
+        text_of = lambda r: r["choices"][0]["text"]   # noqa: E731
+    body = {**body, "model": "stories260k", "max_tokens": 30, "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=demo_server.url, headers=headers, timeout=30) as c:
+        solo = text_of(c.post(path, json=body).json())
+        rid = f"retry-{endpoint}"
+        with pytest.raises(httpx.ReadTimeout):   # left while generating
+            c.post(path, json={**body, "request_id": rid, "max_tokens": 480, "ignore_eos": True}, timeout=0.3)
+        time.sleep(0.3)
+        again = c.post(path, json={**body, "request_id": rid}).json()
+        assert text_of(again) == solo and again["usage"]["completion_tokens"] == 30
+        assert again["id"].endswith(rid)
+
+    async def together():
+        async with httpx.AsyncClient(base_url=demo_server.url, headers=headers, timeout=30) as c:
+            return await asyncio.gather(*(c.post(path, json={**body, "request_id": "same"}) for _ in range(4)))
+    for r in asyncio.run(together()):
+        assert r.status_code == 200 and text_of(r.json()) == solo
+    wait_for(lambda: idle(demo_server.url), timeout=10)

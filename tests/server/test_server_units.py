@@ -22,11 +22,15 @@ def make_llm():
     return make
 
 
-async def drain(llm: AsyncLLM, prompt: str, params: SamplingParams, rid: str):
+async def last_of(outputs):
     last = None
-    async for out in llm.generate(prompt, params, rid):
+    async for out in outputs:
         last = out
     return last
+
+
+async def drain(llm: AsyncLLM, prompt: str, params: SamplingParams, rid: str):
+    return await last_of(llm.generate(prompt, params, rid))
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -66,6 +70,13 @@ def test_generate_abort_and_failed_step(make_llm, async_scheduling):
             await drain(llm, "Once upon a time", greedy, "c")
         assert (await drain(llm, "Once upon a time", greedy, "d")).outputs[0].text == GREEDY_8
         assert llm.num_step_errors == 1 and llm.snapshot["num_free_blocks"] == 64
+        # an id in flight is refused, and the request holding it is served as usual (it hung)
+        first = llm.generate("Once upon a time", greedy, "dup")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            await drain(llm, "One day", greedy, "dup")
+        out = await asyncio.wait_for(last_of(first), 10)
+        assert out.finished and out.outputs[0].text == GREEDY_8
         # too-long prompts are refused with both numbers
         with pytest.raises(ValueError, match="512.*600|600.*512"):
             await drain(llm, "x", SamplingParams(max_tokens=600), "e")
