@@ -22,8 +22,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
-    """Run one request, writing text deltas to `out` as they come; returns the whole text."""
+def stream_reply(engine, prompt_ids: list[int], params, out=None) -> str:
+    """Run one request, writing text deltas to `out` (sys.stdout as it is when called) as they
+    come; returns the whole text."""
+    out = sys.stdout if out is None else out
     request_id = engine.add_request(None, {"prompt_token_ids": prompt_ids}, params)
     shown = 0
     text = ""
