@@ -95,15 +95,36 @@ class Tokenizer:
         return self.tok.id_to_token(token_id) or ""
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **extra):
-        """Render `messages` with the model's chat template (like transformers')."""
+                            tokenize: bool = False, continue_final_message: bool = False, **extra):
+        """Render `messages` with the model's chat template (like transformers').
+        `continue_final_message`: the text ends right after the last message's content (what
+        the template writes after it, end-of-turn tokens included, is cut), so the model goes
+        on with that message: an assistant prefill."""
         if not self.chat_template:
             raise ValueError(f"the tokenizer in {self.folder} has no chat_template; pass --chat-template")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: one "
+                             "continues the last message, the other opens a new one")
         text = _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+        if continue_final_message:
+            final = messages[-1].get("content") or ""
+            if not isinstance(final, str):  # content parts
+                final = "".join(part.get("text") or "" for part in final)
+            text = _cut_after_final_message(text, final)
         # the template writes the BOS itself
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """`text` up to the end of the last occurrence of `final` (or of `final` stripped: templates
+    often strip a message's content)."""
+    for wanted in (final, final.strip()):
+        if wanted and wanted in text:
+            return text[:text.rindex(wanted) + len(wanted)]
+    raise ValueError("continue_final_message: the last message's content does not appear in the chat "
+                     "as the template renders it (is it empty, or does the template rewrite it?)")
 
 
 class TextStream:

@@ -120,7 +120,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
             _, ids = render_messages(state, req.messages, req.tools, req.add_generation_prompt,
-                                     req.chat_template_kwargs)
+                                     req.chat_template_kwargs, continue_final_message=req.continue_final_message)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         body = {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids}

@@ -37,6 +37,9 @@ _WHY_NOT = {
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
     "bad_words": "use logit_bias",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
+    "chat_template": "a request may not bring its own template (vLLM's default too): the server's "
+                     "--chat-template or the model's applies",
+    "cache_salt": "the prefix cache has one salt, --prefix-caching-salt or a random one per server start",
 }
 
 
@@ -47,7 +50,7 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "prompt_cache_key", "safety_identifier", "suffix", "input_audio", "image_url", "file", "refusal",
     "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
     "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
-    "structural_tag", "guided_json_object",
+    "structural_tag", "guided_json_object", "prompt_embeds",
 }
 
 
@@ -141,6 +144,10 @@ class _SamplingFields(_Strict):
     guided_grammar: Optional[str] = None
     structured_outputs: Optional[StructuredOutputs] = None
     request_id: Optional[str] = None   # the response's id ends with it (vLLM's)
+    best_of: Optional[int] = None      # only = n (no extra samples to rank)
+    # vLLM's: a space between special tokens in the text. Its fast-tokenizer detokenizer (the
+    # only kind deepserve has) writes none either way, nor does deepserve's.
+    spaces_between_special_tokens: bool = True
 
     def guided(self) -> Optional[GuidedDecoding]:
         """The structured-output request, from whichever field carries it (one at most)."""
@@ -218,7 +225,6 @@ class CompletionRequest(_SamplingFields):
     logprobs: Optional[int] = None
     echo: bool = False
     suffix: Optional[str] = None
-    best_of: Optional[int] = None
     add_special_tokens: bool = True
 
     def max_new_tokens(self) -> Optional[int]:
@@ -314,8 +320,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False   # the last (assistant) message is a prefill to continue
+    echo: bool = False                     # the reply starts with the last message, if it is the reply's role
+    include_reasoning: bool = True         # False: no reasoning_content in the reply
     add_special_tokens: bool = False
-    chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
@@ -343,6 +351,7 @@ class TokenizeRequest(_Strict):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 

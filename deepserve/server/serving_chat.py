@@ -10,7 +10,11 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   tools; streamed call by call, each call's arguments as they are generated) or a named function (the output is constrained to its parameters' schema), and
   none (tools only reach the template);
 - structured outputs (response_format, guided_*, structured_outputs); with a reasoning
-  parser the grammar starts after `</think>`, so only the answer is constrained.
+  parser the grammar starts after `</think>`, so only the answer is constrained;
+- vLLM's extras: `continue_final_message` (an assistant prefill continued, with
+  add_generation_prompt false), `echo` (the reply opens with the last message when it is an
+  assistant's, or with add_generation_prompt false) and `include_reasoning` false (no
+  reasoning fields).
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int) -> di
 
 
 def render_messages(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
-                    template_kwargs: Optional[dict] = None,
-                    add_special_tokens: bool = False) -> tuple[str, list[int]]:
+                    template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
     """The prompt text and ids, as transformers' apply_chat_template renders them."""
     tok = state.tokenizer
     if tok is None:
@@ -60,7 +64,8 @@ def render_messages(state: ServerState, messages, tools=None, add_generation_pro
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     try:
         text = tok.apply_chat_template([m.template_dict() for m in messages],
-                                       add_generation_prompt=add_generation_prompt, **extra)
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, **extra)
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
     return text, tok.encode(text, add_special_tokens=add_special_tokens)
@@ -95,7 +100,12 @@ class _Prepared:
         self.params = sampling_params(state, req, max_tokens, self.top_k)
         self.prompt_text, self.prompt_ids = render_messages(
             state, req.messages, req.tools, req.add_generation_prompt, req.chat_template_kwargs,
-            req.add_special_tokens)
+            req.add_special_tokens, req.continue_final_message)
+        # vLLM's echo: the reply opens with the last message when that is the reply's role
+        last = req.messages[-1]
+        echoed = req.echo and (last.role == "assistant" or not req.add_generation_prompt)
+        self.echo_text = last.text() if echoed else ""
+        self.include_reasoning = req.include_reasoning
         if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
             self.prompt_ids = self.prompt_ids[-req.truncate_prompt_tokens:]
         default_max = state.settings.generation_defaults.get("max_tokens")
@@ -236,8 +246,10 @@ async def create_chat_completion(request: Request, state: ServerState):
     for out in final.outputs:
         splitter = _ContentSplitter(prep, state.settings.tool_call_parser)
         reasoning, content, calls = splitter.whole(out.text)
+        if prep.echo_text:
+            content = prep.echo_text + (content or "")
         message: dict = {"role": "assistant", "content": content if (content or not calls) else None}
-        if prep.parser_name is not None:
+        if prep.parser_name is not None and prep.include_reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         if prep.tool_mode is not None:
             message["tool_calls"] = calls
@@ -275,7 +287,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepare
             return frame(choices=choices, usage=stream_usage(req, len(prep.prompt_ids), sum(generated), final), **extra)
         return frame(choices=choices, **extra)
 
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
                   "finish_reason": None} for i in range(n)])
     splitters = [_ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
@@ -291,7 +303,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepare
             final = out.finish_reason is not None
             reasoning, content, calls = splitters[i].feed(out.text[sent_text[i]:], final)
             delta: dict = {}
-            if reasoning:
+            if reasoning and prep.include_reasoning:
                 delta.update(reasoning_content=reasoning, reasoning=reasoning)
             if content:
                 delta["content"] = content

@@ -72,8 +72,6 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
 class _Prepared:
     def __init__(self, state: ServerState, req: CompletionRequest):
         self.model = state.check_model(req.model)
-        if req.best_of not in (None, 1, req.n):
-            raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         try:

@@ -62,6 +62,9 @@ def test_unimplemented_fields_are_refused(client):
     expect_400(lambda: client.chat.completions.create(
         model="stories260k", messages=[{"role": "user", "content": "hi", "audio": {"id": "x"}}]), "messages[0].audio")
     expect_400(lambda: client.completions.create(**base, extra_body={"priority": 3}), "priority")
+    chat = dict(model="stories260k", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    for field, value in (("chat_template", "{{ messages }}"), ("cache_salt", "s3cret"), ("best_of", 3)):
+        expect_400(lambda: client.chat.completions.create(**chat, extra_body={field: value}), field)
     # null / false asks for nothing, and the fields vLLM clients send are implemented
     r = client.completions.create(**base, user="u1", extra_body={"use_beam_search": False, "functions": None,
                                                                  "top_k": 5, "min_p": 0.05, "priority": 0})

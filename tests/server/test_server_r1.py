@@ -62,6 +62,49 @@ def test_completions_endpoint_keeps_raw_text(client, r1_server):
     assert r.choices[0].text == f"{REASONING}</think>\n\n{ANSWER}"
 
 
+def test_include_reasoning_false_drops_it(client):
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
+                                       extra_body={"include_reasoning": False})
+    msg = r.choices[0].message
+    assert msg.content == ANSWER and getattr(msg, "reasoning_content", None) is None
+    chunks = list(client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0, stream=True,
+                                                 extra_body={"include_reasoning": False}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ANSWER
+    assert not any(getattr(d, "reasoning_content", None) or getattr(d, "reasoning", None) for d in deltas)
+
+
+PREFILL = "Okay, the user asks"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_continue_final_message_and_echo(client, r1_server, stream):
+    """An assistant prefill is continued (its end-of-turn token cut as transformers does), and
+    echo opens the reply with it."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import R1_TOKENIZER
+    messages = MESSAGES + [{"role": "assistant", "content": PREFILL}]
+    cont = {"add_generation_prompt": False, "continue_final_message": True}
+    ours = httpx.post(r1_server.url + "/tokenize", json={"messages": messages, **cont}).json()["tokens"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(R1_TOKENIZER))
+    theirs = tok.apply_chat_template(messages, continue_final_message=True, tokenize=True)
+    assert ours == list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+    full = f"{REASONING}</think>\n\n{ANSWER}"
+    for echo in (False, True):
+        kw = dict(model="tiny-r1", messages=messages, temperature=0, extra_body={**cont, "echo": echo})
+        if stream:
+            deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+            text = "".join((getattr(d, "reasoning_content", None) or "") + (d.content or "") for d in deltas)
+        else:
+            msg = client.chat.completions.create(**kw).choices[0].message
+            text = (getattr(msg, "reasoning_content", None) or "") + (msg.content or "")
+        # the reasoning parser may or may not split the continued text; either way it is all there
+        assert text.replace("</think>", "") == (PREFILL if echo else "") + full[len(PREFILL):].replace("</think>", "")
+    both = httpx.post(r1_server.v1 + "/chat/completions", json={"model": "tiny-r1", "messages": messages,
+                                                                  "continue_final_message": True})
+    assert both.status_code == 400 and "add_generation_prompt" in both.json()["error"]["message"]
+
+
 TINY_V3 = {"num_hidden_layers": 2, "first_k_dense_replace": 1, "hidden_size": 64, "intermediate_size": 128,
            "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2,
            "topk_group": 1, "num_attention_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32,
