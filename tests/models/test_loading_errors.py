@@ -136,3 +136,47 @@ def test_engine_args_validation_names_value():
         EngineArgs(gpu_memory_utilization=1.5)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         EngineArgs(model="no-such-model").create_engine_config()
+
+
+@pytest.mark.parametrize("quantization", [None, "w8a8-int8"])
+def test_loading_streams_shard_by_shard(tmp_path, monkeypatch, quantization):
+    """A tiny DeepSeek FP8 checkpoint in 6 shards, served as stored (fp8) and as int8 (each fp8
+    tensor dequantized at load, then quantized): while shard i is read, of the tensors read
+    from shard i - 2 or earlier at most one is alive outside the model's parameters (load_params' loop variable, the last tensor it took, while
+    a layer's experts stream past it): host memory holds about two shards beside the model."""
+    import weakref
+
+    from deepserve.models import loader
+    from deepserve.quant import quantize_checkpoint
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8-block", progress=False)
+    # six shards of consecutive names, as a real index groups a layer's tensors
+    folder, tensors = tmp_path / "fp8", load_file(tmp_path / "fp8" / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names, weight_map = sorted(tensors), {}
+    for i in range(6):
+        part = {k: tensors[k] for k in names[i * len(names) // 6:(i + 1) * len(names) // 6]}
+        save_file(part, folder / f"model-{i + 1:05d}-of-00006.safetensors", metadata={"format": "pt"})
+        weight_map.update({k: f"model-{i + 1:05d}-of-00006.safetensors" for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    del tensors, part
+    shard_of = {name: int(f.split("-")[1]) for name, f in weight_map.items()}
+    read = {}                                   # name -> weakref of the tensor read
+    held = []               # per tensor read: those of shard i - 2 or earlier alive then, not parameters
+    built = []
+
+    def tracking(folder):
+        for name, t in real(folder):
+            owned = {p.untyped_storage().data_ptr() for p in built[0].parameters()}
+            # (no strong reference to an old tensor outlives this line)
+            held.append([n for n, ref in read.items() if shard_of[n] <= shard_of[name] - 2
+                         and ref() is not None and ref().untyped_storage().data_ptr() not in owned])
+            read[name] = weakref.ref(t)
+            yield name, t
+    real, build = loader.iterate_checkpoint, loader.build_model
+    monkeypatch.setattr(loader, "iterate_checkpoint", tracking)
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    load_ours(tmp_path / "fp8", **({"quantization": quantization} if quantization else {}))
+    assert set(read) == set(weight_map) and max(shard_of.values()) == 6
+    assert max(map(len, held)) <= 1, max(held, key=len)
