@@ -27,10 +27,24 @@ def _legacy_entry(entry: dict, tid: int, top_k: int) -> dict:
     return {lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank <= top_k or t == tid}
 
 
-def echo_logprobs(res: RequestOutput, top_k: int, decode) -> dict:
-    """The legacy logprobs object of the prompt (echo): the first token has no logprob."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    offset = 0
+def text_offsets(text: str, tokens: list[str], cursor: int = 0, slack: int = 4) -> tuple[list[int], int]:
+    """Where each token starts in `text` (searched from `cursor`), and the cursor after them. A
+    token the text does not hold there (a BOS the tokenizer added, a lone byte of a multi-byte
+    character, tokens past a stop string) takes no room; up to `slack` characters may come
+    before a token (a SentencePiece word whose leading space its own decoding drops)."""
+    offsets = []
+    for token in tokens:
+        pos = text.find(token, cursor, cursor + len(token) + slack) if token else -1
+        if pos >= 0:
+            cursor = pos + len(token)
+        offsets.append(pos if pos >= 0 else cursor)
+    return offsets, cursor
+
+
+def echo_logprobs(res: RequestOutput, top_k: int, decode, prompt_text: str) -> dict:
+    """The legacy logprobs object of the prompt (echo): the first token has no logprob; text
+    offsets point into `prompt_text`, where the generated tokens' offsets go on from."""
+    tokens, token_logprobs, top_logprobs = [], [], []
     for tid, entry in zip(res.prompt_token_ids, res.prompt_logprobs or []):
         if entry is None:
             text, lp, top = decode(tid), None, None
@@ -39,10 +53,8 @@ def echo_logprobs(res: RequestOutput, top_k: int, decode) -> dict:
         tokens.append(text)
         token_logprobs.append(lp)
         top_logprobs.append(top)
-        offsets.append(offset)
-        offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+            "text_offset": text_offsets(prompt_text, tokens)[0]}
 
 
 def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
@@ -54,19 +66,20 @@ def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
                                     for t, lp in e.items()} for e in res.prompt_logprobs]
 
 
-def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
-                        text_offset: int) -> dict:
-    """OpenAI's legacy logprobs object for tokens [start, end) of one sample."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, base: int,
+                        cursor: int) -> tuple[dict, int]:
+    """OpenAI's legacy logprobs object for tokens [start, end) of one sample, with their
+    offsets in the choice's text (`base` characters of echoed prompt, then the sample's text,
+    searched from `cursor` in the sample's text); and the cursor after them."""
+    tokens, token_logprobs, top_logprobs = [], [], []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
         tokens.append(chosen.decoded_token)
         token_logprobs.append(chosen.logprob)
         top_logprobs.append(_legacy_entry(entry, tid, top_k))
-        offsets.append(text_offset)
-        text_offset += len(chosen.decoded_token)
+    offsets, cursor = text_offsets(out.text, tokens, cursor)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+            "text_offset": [base + o for o in offsets]}, cursor
 
 
 class _Prepared:
@@ -108,9 +121,9 @@ class _Prepared:
         self.created = now()
         self.n = req.n
 
-    def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int) -> dict:
+    def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int, i: int) -> dict:
         decode = (lambda t: state.tokenizer.decode([t], False)) if state.tokenizer else str
-        return echo_logprobs(res, top_k, decode)
+        return echo_logprobs(res, top_k, decode, self.prompt_text(state, i))
 
     def prompt_text(self, state: ServerState, i: int) -> str:
         p = self.prompts[i]
@@ -137,9 +150,9 @@ async def create_completion(request: Request, state: ServerState):
             completion_tokens += len(out.token_ids)
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix))
+                logprobs, _ = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix), 0)
                 if prep.echo_logprobs:
-                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs), logprobs)
+                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             choice = {"index": i * prep.n + out.index, "text": prefix + out.text,
                       "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
             if req.prompt_logprobs is not None:
@@ -169,7 +182,8 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
-    offsets: dict[int, int] = {}
+    cursors: dict[int, int] = {}        # where the next token's text is searched from in out.text
+    echoed: dict[int, int] = {}         # characters of echoed prompt
     finished: set[int] = set()
     generated: dict[int, int] = {}
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
@@ -192,15 +206,15 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             if first:  # first chunk of this choice: the echoed prompt
                 sent_text[idx], sent_tokens[idx] = 0, 0
                 text = prep.prompt_text(state, i) if req.echo else ""
-                offsets[idx] = len(text)
+                echoed[idx], cursors[idx] = len(text), 0
             text += out.text[sent_text[idx]:]
             n_tok = len(out.token_ids)
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs, offsets[idx])
-                offsets[idx] += sum(len(t) for t in logprobs["tokens"])
+                logprobs, cursors[idx] = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs,
+                                                             echoed[idx], cursors[idx])
                 if first and prep.echo_logprobs:
-                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs), logprobs)
+                    logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
                 continue
             sent_text[idx], sent_tokens[idx] = len(out.text), n_tok

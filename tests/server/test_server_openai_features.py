@@ -235,6 +235,27 @@ def test_streamed_echo_logprobs_and_max_logprobs(client, demo_server):
                                                       logprobs=True, top_logprobs=21), "top_logprobs")
 
 
+def check_text_offsets(text: str, lp, absent: set) -> None:
+    """Each token's text_offset points at it in the choice's text (tokens the text does not
+    hold, like an added BOS, take no room), in order, streamed or not."""
+    assert lp.text_offset == sorted(lp.text_offset) and len(lp.text_offset) == len(lp.tokens)
+    for token, offset in zip(lp.tokens, lp.text_offset):
+        assert token in absent or text.startswith(token, offset), (token, offset, text)
+
+
+def test_echo_text_offsets_point_into_the_text(client):
+    kwargs = dict(model="stories260k", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs).choices[0]
+    assert whole.logprobs.tokens[0] == "<s>" and whole.text.startswith(PROMPT)
+    check_text_offsets(whole.text, whole.logprobs, {"<s>"})
+    offsets, text = [], ""
+    for c in client.completions.create(**kwargs, stream=True):
+        if c.choices:
+            text += c.choices[0].text
+            offsets += c.choices[0].logprobs.text_offset
+    assert text == whole.text and offsets == whole.logprobs.text_offset
+
+
 def test_allowed_token_ids_truncation_and_request_id(client, demo_server):
     allowed = tokenize(demo_server, " cat dog")[1:]
     r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=2,

@@ -62,6 +62,17 @@ def test_completions_endpoint_keeps_raw_text(client, r1_server):
     assert r.choices[0].text == f"{REASONING}</think>\n\n{ANSWER}"
 
 
+def test_echoed_bos_takes_no_room(client, r1_server):
+    from test_server_openai_features import check_text_offsets
+    ids = httpx.post(r1_server.url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    r = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=6, temperature=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    bos = "<｜begin▁of▁sentence｜>"       # special: decoding the echoed prompt drops it
+    assert choice.logprobs.tokens[0] == bos and bos not in choice.text
+    check_text_offsets(choice.text, choice.logprobs, {bos})
+    assert choice.text.endswith("<｜Assistant｜><think>\nOkay, the user asks for")
+
+
 def test_include_reasoning_false_drops_it(client):
     r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
                                        extra_body={"include_reasoning": False})
