@@ -138,21 +138,26 @@ def _quantize_folder(ref: Path, dst: Path, fmt, group, sym, act_order, skip=(), 
         for suffix, packed in format_tensors(fmt, u, z, s, g_idx, sym, act_order).items():
             q_out[f"{module}.{suffix}"] = packed
         f_out[name] = dequantize(u, z, s, g_idx)
-    out = []
     qc = quantization_config(fmt, group, sym, act_order, skip=skip, activations=activations)
-    for folder, ts, qc in ((dst / fmt, q_out, qc),
-                           (dst / "dequantized", f_out, None)):
-        folder.mkdir(parents=True)
-        for f in ref.iterdir():
-            if f.name != "model.safetensors":
-                shutil.copy(f, folder / f.name)
-        save_file(ts, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        cfg = json.loads((folder / "config.json").read_text())
-        if qc:
-            cfg["quantization_config"], cfg["torch_dtype"] = qc, "float16"
-        (folder / "config.json").write_text(json.dumps(cfg))
-        out.append(folder)
-    return out[0], out[1]
+    return (write_variant(ref, dst / fmt, q_out, qc, torch_dtype="float16"),
+            write_variant(ref, dst / "dequantized", f_out, None))
+
+
+def write_variant(ref: Path, folder: Path, tensors: dict, qc, torch_dtype=None) -> Path:
+    """`folder`: the checkpoint `ref` with `tensors` as its weights and `qc` (if any) as its
+    quantization_config."""
+    folder.mkdir(parents=True)
+    for f in ref.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, folder / f.name)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    if qc:
+        cfg["quantization_config"] = qc
+        if torch_dtype:
+            cfg["torch_dtype"] = torch_dtype
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
 
 
 TOKENIZER = str(Path(__file__).resolve().parents[2] / "deepserve" / "assets" / "stories260k")

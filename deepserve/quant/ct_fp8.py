@@ -1,0 +1,118 @@
+"""compressed-tensors `float-quantized` FP8 checkpoints (llm-compressor's FP8_DYNAMIC and
+FP8_BLOCK schemes, e.g. RedHatAI's R1-Distill *-FP8-dynamic) served by the DeepSeek fp8 path.
+
+Such a checkpoint stores each quantized Linear as an e4m3 `weight` [N, K] with a fp32
+`weight_scale`: one value for the tensor (strategy "tensor"), one per output row ("channel",
+[N, 1]) or one per 128x128 block ("block", [ceil(N/128), ceil(K/128)]: DeepSeek's own grid).
+Every strategy is a special case of the row-expanded block scales the fp8 Linear holds
+([N, ceil(K/128)]): "channel" and "tensor" load as blocks of (1, 128) with every block of a row
+holding that row's scale, so the weights stay e4m3 and run through the same fp8 GEMM.
+Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
+checkpoint's per-token scheme) or none; static activation scales are refused.
+Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from deepserve.quant.fp8 import FP8_DTYPE
+
+STRATEGIES = ("tensor", "channel", "block")
+
+
+@dataclass(frozen=True)
+class CtFp8Scheme:
+    strategy: str
+    block: tuple[int, int]          # the scale block the fp8 layers are built with
+
+
+def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
+    """The FP8 scheme of a compressed-tensors quantization_config, None when its weights are
+    not 8-bit floats; one that deepserve cannot serve is refused naming the field."""
+    groups = qc.get("config_groups") or {}
+    weights = {n: g.get("weights") or {} for n, g in groups.items()}
+    if qc.get("quant_method") != "compressed-tensors" or not any(w.get("type") == "float" for w in weights.values()):
+        return None
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one FP8 scheme "
+                         f"per checkpoint")
+    (name, group), = groups.items()
+    w, a = weights[name], group.get("input_activations")
+    where = f"compressed-tensors group {name}"
+    if (w.get("num_bits"), w.get("type")) != (8, "float"):
+        raise ValueError(f"{where}: {w.get('num_bits')}-bit {w.get('type')} weights are not supported; FP8 "
+                         f"weights are 8-bit float")
+    if qc.get("format") not in ("float-quantized", "naive-quantized", None):
+        raise ValueError(f"{where}: format {qc.get('format')!r} with FP8 weights is not supported "
+                         f"(float-quantized)")
+    strategy = w.get("strategy")
+    if strategy not in STRATEGIES or not w.get("symmetric", True) or w.get("dynamic"):
+        raise ValueError(f"{where}: FP8 weights with strategy {strategy!r} (symmetric={w.get('symmetric')}, "
+                         f"dynamic={w.get('dynamic')}) are not supported; deepserve serves static symmetric "
+                         f"{', '.join(STRATEGIES)} scales")
+    if a and (a.get("num_bits"), a.get("type"), a.get("dynamic")) != (8, "float", True):
+        raise ValueError(f"{where}: activations {a.get('num_bits')}-bit {a.get('type')} "
+                         f"(dynamic={a.get('dynamic')}) are not supported; FP8 weights run with dynamic fp8 "
+                         f"activations")
+    if strategy == "block":
+        block = tuple(w.get("block_structure") or ())
+        if len(block) != 2 or block[1] != 128:
+            raise ValueError(f"{where}: block_structure {w.get('block_structure')!r} is not supported; "
+                             f"the K block must be 128 (the activation group)")
+        return CtFp8Scheme(strategy, block)
+    return CtFp8Scheme(strategy, (1, 128))
+
+
+def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:
+    """A checkpoint `weight_scale` -> DeepSeek's `weight_scale_inv` grid of `scheme.block`."""
+    n, k = weight_shape
+    grid = (math.ceil(n / scheme.block[0]), math.ceil(k / scheme.block[1]))
+    scale = scale.to(torch.float32)
+    if scheme.strategy == "tensor":
+        if scale.numel() != 1:
+            raise ValueError(f"tensor {name}: a 'tensor' strategy scale holds one value, got shape "
+                             f"{tuple(scale.shape)}")
+        return scale.reshape(1, 1).expand(grid).contiguous()
+    if scheme.strategy == "channel":
+        if tuple(scale.shape) not in ((n, 1), (n,)):
+            raise ValueError(f"tensor {name}: a 'channel' strategy scale of a [{n}, {k}] weight is [{n}, 1], "
+                             f"got {tuple(scale.shape)}")
+        return scale.reshape(n, 1).expand(grid).contiguous()
+    return scale                        # block: DeepSeek's grid already (checked by the layer)
+
+
+def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Scheme
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors in DeepSeek's fp8 naming: each `<m>.weight_scale` becomes
+    `<m>.weight_scale_inv` on the block grid of `scheme.block`, once its e4m3 weight's shape is
+    known (only scales and shapes wait: a weight passes at once)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    pending: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, t in weights:
+        if name.endswith(".weight_scale"):
+            base = name[: -len("_scale")]
+            if base in shapes:
+                yield base + "_scale_inv", _scale_inv(t, shapes.pop(base), scheme, name)
+            else:
+                pending[base] = (name, t)
+        elif name.endswith(".input_scale"):
+            raise ValueError(f"tensor {name}: static activation scales are not supported (dynamic only)")
+        elif name.endswith(".weight") and t.dtype == FP8_DTYPE:
+            yield name, t
+            if name in pending:
+                scale_name, scale = pending.pop(name)
+                yield name + "_scale_inv", _scale_inv(scale, tuple(t.shape), scheme, scale_name)
+            else:
+                shapes[name] = tuple(t.shape)
+        else:
+            yield name, t
+    if pending:
+        extra = sorted(pending)[0]
+        raise ValueError(f"scale tensor {extra}_scale has no {FP8_DTYPE} weight {extra} in the checkpoint")
+    if shapes:
+        missing = sorted(shapes)[0]
+        raise ValueError(f"fp8 tensor {missing} has no {missing}_scale in the checkpoint")

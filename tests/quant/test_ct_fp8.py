@@ -1,0 +1,130 @@
+"""compressed-tensors `float-quantized` FP8 checkpoints (tensor, channel and block strategies,
+dynamic activations): a tiny Llama written by the format's rule (e4m3 weight, fp32
+`weight_scale`, w = fp32(q) * s) keeps its weights in e4m3 and gives exactly the logits of the
+same e4m3 values written in DeepSeek's fp8 format with the equivalent block scales, and follows
+the model holding the dequantized weights; bad checkpoints fail with one line naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from deepserve import LLM
+from tests.models.hf_reference import save_tiny
+from tests.quant.test_int4_loading import PROMPTS, TOKENIZER, write_variant
+
+FP8 = torch.float8_e4m3fn
+
+
+def _ct_config(strategy: str, activations: bool = True) -> dict:
+    w = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+         "block_structure": [128, 128] if strategy == "block" else None}
+    a = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w,
+                                          "input_activations": a if activations else None}},
+            "ignore": ["lm_head"]}
+
+
+def _quantize(w: torch.Tensor, strategy: str):
+    """w [N, K] -> (e4m3 q, the checkpoint's scale, the scale on every element [N, K])."""
+    n, k = w.shape
+    if strategy == "tensor":
+        s = (w.abs().amax() / 448).reshape(1)
+        full = s.expand(n, k)
+    elif strategy == "channel":
+        s = w.abs().amax(1, keepdim=True) / 448                        # [N, 1]
+        full = s.expand(n, k)
+    else:
+        s = torch.empty(math.ceil(n / 128), math.ceil(k / 128))
+        for i in range(s.shape[0]):
+            for j in range(s.shape[1]):
+                s[i, j] = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().amax() / 448
+        full = s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return (w / full).to(FP8), s.float(), full
+
+
+def _folders(ref, root, strategy):
+    """The compressed-tensors folder, the same e4m3 values in DeepSeek's fp8 format (its scale
+    blocks: 128x128 for "block", else 1x128 rows repeating the scale), and the dequantized one."""
+    tensors = load_file(str(ref / "model.safetensors"))
+    ct, ds, deq = {}, {}, {}
+    for name, w in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+            ct[name] = ds[name] = deq[name] = w
+            continue
+        q, s, full = _quantize(w, strategy)
+        ct[name], ct[name + "_scale"] = q, s
+        kb = math.ceil(w.shape[1] / 128)
+        ds[name] = q
+        ds[name + "_scale_inv"] = s if strategy == "block" else full[:, ::128][:, :kb].contiguous()
+        deq[name] = q.float() * full
+    deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128] if strategy == "block" else [1, 128]}
+    return {"ct": write_variant(ref, root / "ct", ct, _ct_config(strategy)),
+            "deepseek": write_variant(ref, root / "deepseek", ds, deepseek),
+            "deq": write_variant(ref, root / "deq", deq, None)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("ctfp8") / "ref"
+    save_tiny(transformers.LlamaForCausalLM, cfg, path)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
+def test_ct_fp8_equals_the_same_values_in_deepseek_format(tiny, tmp_path, strategy):
+    folders = _folders(tiny, tmp_path, strategy)
+    llm = LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER)
+    layer = llm.engine.runner.model.model.layers[1].mlp.down_proj
+    assert layer.weight.dtype == FP8 and layer.weight.shape == (256, 384)
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(folders["deepseek"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want), (got - want).abs().max()
+    # and it is the model of the dequantized weights, up to the fp8 activations (the random
+    # model's near-tied logits make top-1 agreement a poor measure here: KL instead)
+    ref = torch.cat(LLM(model=str(folders["deq"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    plain = torch.cat(LLM(model=str(tiny), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    kl_plain = torch.nn.functional.kl_div(plain.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                          reduction="batchmean").item()
+    assert kl < 1e-3 and kl < kl_plain, (kl, kl_plain)
+
+
+def test_bad_ct_fp8_checkpoints_fail_naming_the_tensor(tiny, tmp_path):
+    folders = _folders(tiny, tmp_path, "channel")
+    folder = folders["ct"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def fails(ts, match, qc=None):
+        save_file(ts, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["quantization_config"] = qc or _ct_config("channel")
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=match):
+            LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+
+    fails({**tensors, name + "_scale": torch.ones(3, 1)},
+          rf"^tensor {name}_scale: a 'channel' strategy scale of a \[384, 256\] weight is \[384, 1\], got \(3, 1\)$")
+    fails({k: v for k, v in tensors.items() if k != name + "_scale"}, rf"^fp8 tensor {name} has no {name}_scale")
+    fails({**tensors, name + "_scale": torch.full((384, 1), float("nan"))},
+          r"^tensor model.layers.0.mlp.gate_up_proj.weight_scale_inv: scale_inv has non-finite")
+    fails({**tensors, "model.layers.0.mlp.up_proj.input_scale": torch.ones(1)},
+          r"^tensor model.layers.0.mlp.up_proj.input_scale: static activation scales are not supported")
+    static = _ct_config("channel")
+    static["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    fails(tensors, r"activations 8-bit float \(dynamic=False\) are not supported", static)
+    mixed = _ct_config("channel")
+    mixed["config_groups"]["group_1"] = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"}}
+    fails(tensors, r"config_groups \['group_0', 'group_1'\]: deepserve serves one FP8 scheme", mixed)
