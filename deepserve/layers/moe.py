@@ -124,7 +124,8 @@ class FusedMoE(nn.Module):
         """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before loading."""
         if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
             raise ValueError(f"fp8 experts need {FP8_BLOCK}x{FP8_BLOCK} scale blocks (the fused-MoE "
-                             f"kernels' grid), got weight_block_size {list(block)}")
+                             f"kernels' grid), got {block[0]}x{block[1]} (weight_block_size, or 1x128 for a "
+                             f"compressed-tensors FP8 'channel' strategy)")
         e, i, d = self.num_local_experts, self.local_intermediate, self.hidden_size
         if i % FP8_BLOCK and self.inter_start == 0 and i == self.intermediate_size:
             # whole experts on this rank: pad I with zero rows/columns to the block grid, so the

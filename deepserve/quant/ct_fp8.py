@@ -5,8 +5,10 @@ Such a checkpoint stores each quantized Linear as an e4m3 `weight` [N, K] with a
 `weight_scale`: one value for the tensor (strategy "tensor"), one per output row ("channel",
 [N, 1]) or one per 128x128 block ("block", [ceil(N/128), ceil(K/128)]: DeepSeek's own grid).
 Every strategy is a special case of the row-expanded block scales the fp8 Linear holds
-([N, ceil(K/128)]): "channel" and "tensor" load as blocks of (1, 128) with every block of a row
-holding that row's scale, so the weights stay e4m3 and run through the same fp8 GEMM.
+([N, ceil(K/128)]): "channel" loads as blocks of (1, 128), every block of a row holding that
+row's scale, and "tensor" as 128x128 blocks all holding the one scale, so the weights stay e4m3
+and run through the same fp8 GEMM. Routed experts need 128x128 blocks (the fused-MoE kernels'
+grid): "tensor" and "block" checkpoints load them, "channel" ones are refused.
 Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
 checkpoint's per-token scheme) or none; static activation scales are refused.
 Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`.
@@ -64,7 +66,9 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
             raise ValueError(f"{where}: block_structure {w.get('block_structure')!r} is not supported; "
                              f"the K block must be 128 (the activation group)")
         return CtFp8Scheme(strategy, block)
-    return CtFp8Scheme(strategy, (1, 128))
+    # one scale a row ("channel") needs row-high blocks; one for the tensor fills any grid, so
+    # DeepSeek's (the only one the fused-MoE kernels read: routed experts load too)
+    return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128))
 
 
 def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:

@@ -62,10 +62,11 @@ def _folders(ref, root, strategy):
         ct[name], ct[name + "_scale"] = q, s
         kb = math.ceil(w.shape[1] / 128)
         ds[name] = q
-        ds[name + "_scale_inv"] = s if strategy == "block" else full[:, ::128][:, :kb].contiguous()
+        ds[name + "_scale_inv"] = {"block": s, "tensor": full[::128, ::128].contiguous(),
+                                   "channel": full[:, ::128][:, :kb].contiguous()}[strategy]
         deq[name] = q.float() * full
     deepseek = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128] if strategy == "block" else [1, 128]}
+                "weight_block_size": [1, 128] if strategy == "channel" else [128, 128]}
     return {"ct": write_variant(ref, root / "ct", ct, _ct_config(strategy)),
             "deepseek": write_variant(ref, root / "deepseek", ds, deepseek),
             "deq": write_variant(ref, root / "deq", deq, None)}
@@ -99,6 +100,26 @@ def test_ct_fp8_equals_the_same_values_in_deepseek_format(tiny, tmp_path, strate
     kl_plain = torch.nn.functional.kl_div(plain.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                           reduction="batchmean").item()
     assert kl < 1e-3 and kl < kl_plain, (kl, kl_plain)
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "block", "channel"])
+def test_ct_fp8_deepseek_routed_experts(tmp_path, strategy):
+    """A tiny DeepSeek-V3 with every Linear and routed expert FP8: "tensor" and "block" keep the
+    experts e4m3 on the fused-MoE kernels' 128x128 grid, with exactly the logits of the same
+    values in DeepSeek's format; "channel" experts are refused saying why."""
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+    folders = _folders(tmp_path / "ref", tmp_path, strategy)
+    if strategy == "channel":
+        with pytest.raises(ValueError, match=r"fp8 experts need 128x128 scale blocks .* got 1x128 .*'channel'"):
+            LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER)
+        return
+    llm = LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER)
+    experts = llm.engine.runner.model.model.layers[2].mlp.experts
+    assert experts.w13_weight.dtype == experts.w2_weight.dtype == FP8
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(folders["deepseek"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want), (got - want).abs().max()
 
 
 def test_bad_ct_fp8_checkpoints_fail_naming_the_tensor(tiny, tmp_path):
