@@ -5,9 +5,9 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.engine.fork_server import process_context
 from deepserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from deepserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
@@ -52,7 +52,7 @@ def _worker(rank, port, queue):
 
 def test_tp2_mlp_equals_unsharded():
     expected = _build(ParallelContext())
-    ctx = mp.get_context("spawn")
+    ctx = process_context()   # the engines' fork server: torch is imported there already
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
