@@ -5,15 +5,15 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from deepserve.cli.main import main
+from deepserve.engine.fork_server import process_context
 from deepserve.quant import convert_fp8_to_bf16, quantize_checkpoint
 from deepserve.quant.pipeline import MANIFEST_NAME
 
-REPO = Path(__file__).resolve().parents[2]
 FIRST = "model-00001-of-00002.safetensors"
 
 
@@ -21,12 +21,17 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+def _convert_slowly(argv: list[str]) -> None:
+    """`deepserve convert ARGV`, sleeping after each shard (pipeline.py's test hook)."""
+    os.environ["DEEPSERVE_CONVERT_TEST_SLEEP_S"] = "60"
+    sys.exit(main(["convert", *argv, "--no-progress"]))
+
+
 def _kill_after_first_shard(args: list[str], dst: Path) -> Path:
-    """Run `deepserve convert ARGS` in a subprocess; SIGKILL it once shard 1 is recorded."""
-    env = {**os.environ, "DEEPSERVE_CONVERT_TEST_SLEEP_S": "60",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "deepserve", "convert", *args, "--no-progress"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Run `deepserve convert ARGS` in a process of its own, forked from the engines' fork
+    server (torch imported there already); SIGKILL it once shard 1 is recorded."""
+    proc = process_context().Process(target=_convert_slowly, args=(args,))
+    proc.start()
     partial = dst.with_name(dst.name + ".partial")
     manifest = partial / MANIFEST_NAME
     deadline = time.monotonic() + 60
@@ -34,14 +39,14 @@ def _kill_after_first_shard(args: list[str], dst: Path) -> Path:
         while True:
             if manifest.is_file() and FIRST in json.loads(manifest.read_text())["shards"]:
                 break
-            assert proc.poll() is None, proc.communicate()
+            assert proc.is_alive(), f"converter exited with code {proc.exitcode}"
             assert time.monotonic() < deadline, "converter did not finish its first shard"
             time.sleep(0.05)
         assert not dst.exists()  # mid-run: nothing under the final name
     finally:
         proc.kill()  # SIGKILL; a no-op if it already exited (then the asserts above failed)
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+        proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
     assert not dst.exists()
     assert (partial / FIRST).is_file() and not (partial / "config.json").exists()
     return partial
