@@ -10,8 +10,9 @@ fits, 1 when none does (the report then names what would fit).
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
-from deepserve.config import KV_CACHE_DTYPES, load_hf_config
+from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS
 
@@ -28,11 +29,12 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
                    "(equally); TP stays inside a node")
-    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "awq", "gptq", "none"], default="none",
+    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "awq", "gptq", "none"], default=None,
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
                    "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / awq / gptq: 4-bit Linear weights in "
-                   "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype")
+                   "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype. Default: "
+                   "a model folder's stored format (what `serve` loads from it), a preset's none (random weights)")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence each replica must hold (default: max_position_embeddings)")
@@ -117,11 +119,38 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
     return "\n".join(lines)
 
 
+# a checkpoint's stored format (models/loader.checkpoint_quantization) -> the plan that counts it
+_STORED_PLAN = {"fp8": "fp8", "w8a8-int8": "w8a8-int8", "awq": "awq", "gptq": "gptq", "w4a16": "w4a16",
+                "w4a8-int8": "w4a16"}
+
+
+def stored_quantization(model: str, cfg) -> Optional[str]:
+    """The plan quantization of a model folder as `serve` loads it (its quantization_config);
+    None for a preset (random weights load in the model dtype) or a high-precision folder."""
+    if is_preset(model) or not cfg.get("quantization_config"):
+        return None
+    from deepserve.models.loader import INT4_METHODS, checkpoint_quantization
+    from deepserve.quant.int4 import int4_spec
+    stored = checkpoint_quantization(cfg)
+    if stored is None:
+        return None
+    if stored not in _STORED_PLAN:
+        raise ValueError(f"{model} stores {stored!r} weights, which deepserve plan does not count; "
+                         f"pass --quantization to plan it as one of {', '.join(sorted(set(_STORED_PLAN)))}")
+    spec = int4_spec(cfg) if stored in INT4_METHODS else None
+    if spec is not None and (spec.group_size != 128 or (spec.fmt == "compressed-tensors" and not spec.symmetric)):
+        raise ValueError(f"{model} stores {stored} weights in groups of {spec.group_size} "
+                         f"(symmetric={spec.symmetric}); deepserve plan counts 4-bit groups of 128 "
+                         f"(compressed-tensors symmetric, AutoAWQ / GPTQ with zero points): pass --quantization")
+    return _STORED_PLAN[stored]
+
+
 def run(args) -> int:
     cfg = load_hf_config(args.model)
+    quantization = stored_quantization(args.model, cfg) if args.quantization is None else args.quantization
     plan = evaluate_plans(
         cfg, args.gpus, parse_size(args.gpu_memory), args.nodes,
-        None if args.quantization == "none" else args.quantization, dtype=args.dtype,
+        None if quantization == "none" else quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
         include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype)

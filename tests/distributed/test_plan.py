@@ -347,3 +347,28 @@ def test_docs_plan_md_is_what_the_command_prints():
     for command, shown in blocks:
         _, out, _ = run_cli(command.split())
         assert out.rstrip("\n") == shown, command
+
+
+def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
+    """Without --quantization a model folder is planned as `serve` loads it: a DeepSeek FP8
+    folder in fp8 (it printed bf16 bytes), exactly as with --quantization fp8; a preset stays
+    in the model dtype (random weights); a 4-bit folder the plan cannot count is refused."""
+    import json
+
+    import transformers
+
+    from deepserve.quant import quantize_checkpoint
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8-block", progress=False)
+    args = ["plan", str(tmp_path / "fp8"), "--gpus", "1", "--gpu-memory", "80GiB"]
+    rc, out, _ = run_cli(args)
+    assert rc == 0 and "weights    fp8 (128x128 blocks) Linear weights" in out
+    assert out == run_cli(args + ["--quantization", "fp8"])[1] != run_cli(args + ["--quantization", "none"])[1]
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                  "version": "gemm"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_cli(args)
+    assert rc == 2 and "stores awq weights in groups of 32" in err and "pass --quantization" in err
+    assert "weights    bfloat16;" in run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])[1]
