@@ -127,7 +127,13 @@ _STORED_PLAN = {"fp8": "fp8", "w8a8-int8": "w8a8-int8", "awq": "awq", "gptq": "g
 def stored_quantization(model: str, cfg) -> Optional[str]:
     """The plan quantization of a model folder as `serve` loads it (its quantization_config);
     None for a preset (random weights load in the model dtype) or a high-precision folder."""
-    if is_preset(model) or not cfg.get("quantization_config"):
+    if is_preset(model):
+        return None
+    from deepserve.quant import modelslim
+    if modelslim.stored_format(model):
+        raise ValueError(f"{model} is an msModelSlim W8A8 folder, which deepserve plan does not count as "
+                         f"stored; pass --quantization w8a8-int8 (int8 weights with per-row scales)")
+    if not cfg.get("quantization_config"):
         return None
     from deepserve.models.loader import INT4_METHODS, checkpoint_quantization
     from deepserve.quant.int4 import int4_spec

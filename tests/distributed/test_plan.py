@@ -352,7 +352,8 @@ def test_docs_plan_md_is_what_the_command_prints():
 def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     """Without --quantization a model folder is planned as `serve` loads it: a DeepSeek FP8
     folder in fp8 (it printed bf16 bytes), exactly as with --quantization fp8; a preset stays
-    in the model dtype (random weights); a 4-bit folder the plan cannot count is refused."""
+    in the model dtype (random weights); a 4-bit folder the plan cannot count, or an msModelSlim
+    one, is refused naming the flag to pass."""
     import json
 
     import transformers
@@ -372,3 +373,9 @@ def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     rc, _, err = run_cli(args)
     assert rc == 2 and "stores awq weights in groups of 32" in err and "pass --quantization" in err
     assert "weights    bfloat16;" in run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])[1]
+    cfg.pop("quantization_config")                     # msModelSlim: the description file says it
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "fp8" / "quant_model_description.json").write_text(json.dumps({"model_quant_type": "W8A8"}))
+    rc, _, err = run_cli(args)
+    assert rc == 2 and "msModelSlim W8A8 folder" in err and "--quantization w8a8-int8" in err
+    assert run_cli(args + ["--quantization", "w8a8-int8"])[0] == 0
