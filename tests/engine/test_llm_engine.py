@@ -93,6 +93,14 @@ def test_max_tokens_min_tokens_ignore_eos_and_stop_token(llm):
     assert stop_tok not in out.token_ids[:7]
     long = llm.generate(p, SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))[0].outputs[0]
     assert len(long.token_ids) == 300
+    # the demo model never picks EOS by itself: biased towards it, greedy stops at once unless
+    # ignore_eos, which samples it and goes on
+    eos = min(llm.engine.eos_token_ids)
+    forced = dict(temperature=0, max_tokens=9, logit_bias={eos: 100.0})
+    out = llm.generate(p, SamplingParams(**forced))[0].outputs[0]
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
+    out = llm.generate(p, SamplingParams(**forced, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == [eos] * 9 and out.finish_reason == "length"
 
 
 def test_penalties_and_logprobs(llm):
