@@ -238,7 +238,12 @@ class AsyncLLM:
         self._deliver([(rid, error) for rid in ids])
 
     def _fail_step(self, exc: Exception) -> None:
-        ids = {s.request_id for s in self.engine.scheduler.running} or set(self.engine.requests)
+        named = getattr(exc, "request_ids", None)   # engine cores name the requests they failed
+        if named is not None:
+            ids = set(named)
+            self._deliver([(o.request_id, o) for o in exc.outputs])
+        else:
+            ids = {s.request_id for s in self.engine.scheduler.running} or set(self.engine.requests)
         for rid in ids:
             self.engine.abort_request(rid)
         err = EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")

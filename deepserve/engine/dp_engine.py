@@ -52,6 +52,15 @@ class _Placement:
         pass
 
 
+class CoreStepError(RuntimeError):
+    """Engine cores failed requests (a step that raised, or a request a core refused): those
+    requests are gone; `outputs` are the other requests' outputs read in the same step()."""
+
+    def __init__(self, message: str, request_ids: list[str], outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.request_ids, self.outputs = request_ids, outputs
+
+
 class CoreLink:
     """The executor of a front end attached to cores another process runs: it starts nothing,
     and `failure` says why the cores can no longer serve (set by that process's watcher)."""
@@ -277,16 +286,20 @@ class DataParallelEngine(LLMEngine):
         while first is not None:
             msgs.append(first)
             first = self._next(timeout_s=0.0)
-        outputs = []
+        outputs, failed, errors = [], [], []
         for msg in msgs:
             if msg.error and msg.failed_requests:
                 for rid in msg.failed_requests:
                     self._forget(rid)
-                raise RuntimeError(f"DP rank {msg.dp_rank}: {msg.error}")
+                failed += msg.failed_requests
+                errors.append(f"DP rank {msg.dp_rank}: {msg.error}")
+                continue
             for out in read_outputs(msg, self._outs, self._start_output):
                 if out.finished:
                     self._forget(out.request_id)
                 outputs.append(out)
+        if failed:  # after reading every message: the other requests' outputs are not lost
+            raise CoreStepError("; ".join(errors), failed, outputs)
         return outputs
 
     def _start_output(self, request_id: str) -> Optional[RequestOutput]:

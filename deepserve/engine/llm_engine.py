@@ -228,9 +228,11 @@ class LLMEngine:
         capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
-        bad = next((t for t in (params.logit_bias or {}) if t >= vocab), None)
-        if bad is not None:
-            raise RequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
+        for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
+                            ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = next((t for t in given if t >= vocab), None)
+            if bad is not None:
+                raise RequestError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})")
         if params.guided is not None and params.guided.compiled is None:
             self.grammar_compiler().compile(params.guided)
         if params.max_tokens is None:

@@ -121,6 +121,8 @@ class SamplingParams:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.stop_token_ids and min(self.stop_token_ids) < 0:
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:

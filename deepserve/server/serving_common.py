@@ -131,7 +131,8 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
             raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown,
                            code="invalid_value")
-    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
+                      ("stop_token_ids", params.stop_token_ids)):
         bad = next((t for t in ids if t >= state.llm.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"{name} token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",

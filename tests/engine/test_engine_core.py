@@ -75,3 +75,36 @@ def test_core_not_ready_in_time_names_the_variable(monkeypatch):
     monkeypatch.setenv("DEEPSERVE_ENGINE_READY_TIMEOUT", "0.05")
     with pytest.raises(RuntimeError, match=r"did not report ready within 0 s \(DEEPSERVE_ENGINE_READY_TIMEOUT"):
         LLM(str(DEMO_MODEL))
+
+
+def test_a_request_the_core_fails_gets_the_error():
+    """A step that raises in the engine core fails its requests at the front end with the
+    error (they hung: the front end forgot them before AsyncLLM looked for them), and the
+    next request is served."""
+    import asyncio
+
+    from deepserve.config import EngineArgs
+    from deepserve.engine.async_llm import AsyncLLM, EngineStepError
+
+    engine = DataParallelEngine(EngineArgs(model=str(DEMO_MODEL), num_gpu_blocks_override=64))
+    engine.runner.vocab_size = 10**6   # the front end lets id 727 through; the core's step fails on it
+    llm = AsyncLLM(engine)
+
+    async def last(prompt, params, rid):
+        out = None
+        async for out in llm.generate(prompt, params, rid):
+            pass
+        return out
+
+    async def main():
+        llm.start()
+        bad = SamplingParams(max_tokens=8, min_tokens=4, stop_token_ids=[727])   # min_tokens masks it: IndexError
+        with pytest.raises(EngineStepError, match="727"):
+            await asyncio.wait_for(last("Once upon a time", bad, "bad"), 30)
+        good = await asyncio.wait_for(last("Once upon a time", SamplingParams(max_tokens=8, temperature=0), "ok"), 30)
+        assert good.outputs[0].text == ", there was a little girl"
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.shutdown()

@@ -42,6 +42,8 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, 99999]}, "prompt", ("99999",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
     ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
+    ({"stop_token_ids": [512], "min_tokens": 2}, "stop_token_ids", ("512",)),   # failed the step
+    ({"stop_token_ids": [-1]}, "stop_token_ids", ("-1",)),
     ({"seed": 2**64}, "seed", (str(2**64),)),                  # beyond int64 (vLLM's bound)
     ({"stream_options": {"include_usage": True}}, "stream_options", ("stream",)),   # without stream
 ]
