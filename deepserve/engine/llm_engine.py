@@ -458,7 +458,9 @@ class LLMEngine:
             before = len(state.texts[idx])
             state.texts[idx] += detok.add(token)
             text = state.texts[idx]
-            for stop in p.stop:
+            # as vLLM: stop strings count from the token after min_tokens on (in its text and the
+            # stop string's length before it), as EOS and stop_token_ids do
+            for stop in (p.stop if seq.num_output_tokens > p.min_tokens else ()):
                 pos = text.find(stop, max(0, before - len(stop) + 1))
                 if pos >= 0:
                     state.texts[idx] = text[:pos + len(stop)] if p.include_stop_str_in_output else text[:pos]

@@ -75,6 +75,11 @@ def test_stop_strings_cut_and_n2(llm):
     kept = llm.generate(p, SamplingParams(temperature=0, max_tokens=60, stop=["Lily"],
                                           include_stop_str_in_output=True))[0].outputs[0]
     assert kept.text.endswith("named Lily")
+    six = llm.generate(p, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
+    full = llm.generate(p, SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].text
+    late = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, stop=["a"], min_tokens=6))[0].outputs[0]
+    # a stop string counts only in text after min_tokens tokens (it stopped at once, in "upon a")
+    assert "a" in six and late.text == full[:full.index("a", len(six))] and late.stop_reason == "a"
     two = llm.generate(p, SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=3))[0]
     assert [c.index for c in two.outputs] == [0, 1] and all(len(c.token_ids) == 16 for c in two.outputs)
     assert two.outputs[0].token_ids != two.outputs[1].token_ids
