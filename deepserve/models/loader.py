@@ -103,6 +103,10 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
     method = qc.get("quant_method")
     if method is None:
         return None
+    if method == "fp8" and qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(f"quantization_config activation_scheme {qc.get('activation_scheme')!r} (fp8 input "
+                         f"scales per layer) is not supported; deepserve serves fp8 weights with dynamic "
+                         f"activations")
     if method == "fp8" or ct_fp8_scheme(qc) is not None:
         return "fp8"
     spec = int4_spec(hf_config)
