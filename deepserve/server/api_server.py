@@ -167,7 +167,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               max_body_bytes=int(server.max_body_bytes), created=int(time.time()),
                               generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
-                              max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy)
+                              max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
+                              cors=server.cors())
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server)
     llm.listener = metrics

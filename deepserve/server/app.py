@@ -13,6 +13,7 @@ import hmac
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -60,6 +61,8 @@ def build_app(state: ServerState) -> FastAPI:
     if state.settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key,
                            on_reject=state.metrics.record_error)
+    if state.settings.cors:  # outermost: preflights and refusals carry the CORS headers too (vLLM's defaults)
+        app.add_middleware(CORSMiddleware, **state.settings.cors)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

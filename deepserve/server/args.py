@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
 
@@ -49,6 +50,14 @@ class ServerArgs:
     """Largest request body accepted; larger ones get 413."""
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
     """Log level."""
+    allowed_origins: Union[str, list] = '["*"]'
+    """Origins a browser may call the API from (CORS), a JSON list as vLLM's."""
+    allow_credentials: bool = False
+    """CORS: let browsers send credentials (cookies, Authorization) cross-origin."""
+    allowed_methods: Union[str, list] = '["*"]'
+    """CORS: HTTP methods allowed cross-origin, a JSON list."""
+    allowed_headers: Union[str, list] = '["*"]'
+    """CORS: request headers allowed cross-origin, a JSON list."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -65,6 +74,21 @@ class ServerArgs:
             raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
+        self.cors()
+
+    def cors(self) -> dict:
+        """Starlette CORSMiddleware's arguments; ValueError naming a flag that is no JSON list of strings."""
+        out: dict = {"allow_credentials": bool(self.allow_credentials)}
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            try:
+                items = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError:
+                items = None
+            if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+                raise ValueError(f"--{name.replace('_', '-')} must be a JSON list of strings, got {value!r}")
+            out[name.replace("allowed_", "allow_")] = items
+        return out
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     max_logprobs: int = ServerArgs.max_logprobs
     scheduling_policy: str = "fcfs"
+    cors: dict = field(default_factory=dict)   # CORSMiddleware's arguments (ServerArgs.cors)
     extra: dict = field(default_factory=dict)
 
 

@@ -15,10 +15,13 @@ from deepserve.server.config_file import SERVER_KEYS
 FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--reasoning-parser": "deepseek_r1",
          "--enable-reasoning": None, "--generation-config": "vllm", "--enable-auto-tool-choice": None,
          "--tool-call-parser": "deepseek_v3", "--max-logprobs": "5", "--chat-template": "{{ x }}",
-         "--max-body-bytes": "1024", "--log-level": "debug"}
+         "--max-body-bytes": "1024", "--log-level": "debug", "--allowed-origins": '["https://ui.example"]',
+         "--allow-credentials": None, "--allowed-methods": '["GET", "POST"]', "--allowed-headers": '["Authorization"]'}
 GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, tool_call_parser="deepseek_v3",
-             max_logprobs=5, chat_template="{{ x }}", max_body_bytes=1024, log_level="debug")
+             max_logprobs=5, chat_template="{{ x }}", max_body_bytes=1024, log_level="debug",
+             allowed_origins='["https://ui.example"]', allow_credentials=True, allowed_methods='["GET", "POST"]',
+             allowed_headers='["Authorization"]')
 
 
 @pytest.fixture
@@ -34,7 +37,8 @@ def test_defaults_are_vllms(parser, monkeypatch):
     assert dataclasses.asdict(server) == dict(
         host="127.0.0.1", port=8000, api_key=None, reasoning_parser=None, enable_reasoning=False,
         generation_config="auto", enable_auto_tool_choice=False, tool_call_parser=None, max_logprobs=20,
-        chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info")
+        chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info", allowed_origins='["*"]',
+        allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]')
 
 
 def test_every_flag_and_yaml_key_is_a_field(parser, tmp_path, monkeypatch):
@@ -73,3 +77,6 @@ def test_bad_values_are_refused_by_name(parser, tmp_path, capsys):
         resolve(parser.parse_args(["serve", "m", "--port", "70000"]))
     with pytest.raises(ValueError, match="max_logprobs must be >= 0, got -1"):
         ServerArgs(max_logprobs=-1)
+    with pytest.raises(ValueError, match="--allowed-origins must be a JSON list of strings, got 'https://a'"):
+        resolve(parser.parse_args(["serve", "m", "--allowed-origins", "https://a"]))
+    assert ServerArgs(allowed_origins=["https://a"]).cors()["allow_origins"] == ["https://a"]   # a YAML list

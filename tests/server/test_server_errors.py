@@ -103,6 +103,20 @@ def test_auth_401(demo_server):
     assert httpx.get(demo_server.url + "/health").status_code == 200
 
 
+def test_cors_preflight_and_headers(demo_server):
+    """Browsers may call the API from any origin by default (vLLM's --allowed-origins '["*"]'):
+    the preflight is answered, and even a refusal carries the header the page needs to read it."""
+    url = demo_server.url + "/v1/chat/completions"
+    pre = httpx.options(url, headers={"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                                      "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    refused = httpx.post(url, json=CHAT, headers={"Origin": "https://ui.example"})   # no key
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+    ok = httpx.post(url, json=CHAT, headers={"Origin": "https://ui.example", "Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "*"
+
+
 def test_unknown_model_404(http):
     err = check_error(http.post("/v1/completions", json={**GOOD, "model": "gpt-4"}), 404, "model",
                       ("gpt-4",))
