@@ -60,6 +60,13 @@ def render_messages(state: ServerState, messages, tools=None, add_generation_pro
     if tok is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
     extra = dict(template_kwargs or {})
+    # as vLLM: chat_template_kwargs override the request's own template switches
+    add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
+    continue_final_message = extra.pop("continue_final_message", continue_final_message)
+    taken = sorted(set(extra) & {"messages", "bos_token", "eos_token", "tokenize"})
+    if taken:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)} (the server renders them)",
+                       param="chat_template_kwargs")
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     try:

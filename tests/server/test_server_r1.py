@@ -73,6 +73,17 @@ def test_echoed_bos_takes_no_room(client, r1_server):
     assert choice.text.endswith("<｜Assistant｜><think>\nOkay, the user asks for")
 
 
+def test_chat_template_kwargs_override_the_switches(r1_server):
+    def tokens(**body):
+        r = httpx.post(r1_server.url + "/tokenize", json={"messages": MESSAGES, **body})
+        return r.status_code, r.json()
+    plain = tokens(add_generation_prompt=False)
+    assert plain[0] == 200 and plain[1]["tokens"][-1] != 201                # no "<think>\n" opened
+    assert tokens(chat_template_kwargs={"add_generation_prompt": False}) == plain
+    status, body = tokens(chat_template_kwargs={"messages": []})
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+
+
 def test_include_reasoning_false_drops_it(client):
     r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
                                        extra_body={"include_reasoning": False})
