@@ -174,6 +174,9 @@ class DataParallelEngine(LLMEngine):
     def _init_pool(self) -> None:
         blocks = min(g["num_blocks"] for g in self._gauges)
         self.block_manager = SimpleNamespace(num_blocks=blocks)  # the smallest core's pool (add_request's check)
+        # a core serves contexts of at most what its pool holds (LLMEngine): so does the front end,
+        # whose checks (and the API's /v1/models) must refuse what the cores would
+        self.max_model_len = min(self.max_model_len, blocks * self.config.cache.block_size)
         self.runner = SimpleNamespace(vocab_size=self.config.model.hf_config.vocab_size)
 
     # ------------------------------------------------------------------ requests
