@@ -24,9 +24,10 @@ PARSERS = ("deepseek_r1",)
 
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
-    """True when the rendered prompt ends inside an open <think> block."""
-    tail = prompt_text.rstrip()
-    return tail.endswith(THINK_START)
+    """True when the rendered prompt ends inside an open <think> block: the template opened it
+    (R1's generation prompt ends with it), or an assistant prefill continued with
+    continue_final_message is part-way through its reasoning."""
+    return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
 
 
 def _held_suffix(text: str, tag: str) -> int:

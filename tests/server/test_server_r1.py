@@ -122,6 +122,10 @@ def test_continue_final_message_and_echo(client, r1_server, stream):
             text = (getattr(msg, "reasoning_content", None) or "") + (msg.content or "")
         # the reasoning parser may or may not split the continued text; either way it is all there
         assert text.replace("</think>", "") == (PREFILL if echo else "") + full[len(PREFILL):].replace("</think>", "")
+    # a prefill inside <think>: the rest of the reasoning, then the answer, split as usual
+    thinking = MESSAGES + [{"role": "assistant", "content": "<think>\n" + PREFILL}]
+    msg = client.chat.completions.create(model="tiny-r1", messages=thinking, temperature=0, extra_body=cont).choices[0].message
+    assert (msg.reasoning_content, msg.content) == (REASONING[len(PREFILL):], ANSWER)
     both = httpx.post(r1_server.v1 + "/chat/completions", json={"model": "tiny-r1", "messages": messages,
                                                                   "continue_final_message": True})
     assert both.status_code == 400 and "add_generation_prompt" in both.json()["error"]["message"]

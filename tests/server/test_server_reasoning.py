@@ -71,6 +71,8 @@ def test_held_tag_prefix_is_not_leaked_early():
 def test_prompt_detection_and_factory():
     assert prompt_opens_reasoning("<｜Assistant｜><think>\n")
     assert not prompt_opens_reasoning("<｜Assistant｜>")
+    assert prompt_opens_reasoning("<｜Assistant｜><think>\nLet me see")          # a prefill part-way through
+    assert not prompt_opens_reasoning("<think>\nx</think>\n\nThe answer")
     assert make_parser(None, "x") is None
     assert make_parser("deepseek_r1", "...<think>\n").state == "reasoning"
     assert make_parser("deepseek_r1", "...").state == "start"
