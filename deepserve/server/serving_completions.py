@@ -185,6 +185,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     cursors: dict[int, int] = {}        # where the next token's text is searched from in out.text
     echoed: dict[int, int] = {}         # characters of echoed prompt
     finished: set[int] = set()
+    prompt_logprobs_sent: set[int] = set()
     generated: dict[int, int] = {}
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
 
@@ -223,8 +224,9 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
                 finished.add(idx)
             choice = {"index": idx, "text": text, "logprobs": logprobs,
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-            if first and req.prompt_logprobs is not None:
+            if req.prompt_logprobs is not None and idx not in prompt_logprobs_sent:  # with its first chunk sent
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+                prompt_logprobs_sent.add(idx)
             choices.append(choice)
         if choices:
             yield chunk(choices)

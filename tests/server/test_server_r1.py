@@ -3,6 +3,8 @@ opens `<think>\\n` in the prompt) on a model whose greedy output is a fixed scri
 `</think>` in the middle; streamed and non-streamed responses must split it the same way."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -82,6 +84,18 @@ def test_chat_template_kwargs_override_the_switches(r1_server):
     assert tokens(chat_template_kwargs={"add_generation_prompt": False}) == plain
     status, body = tokens(chat_template_kwargs={"messages": []})
     assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
+
+
+def test_streamed_prompt_logprobs_when_the_first_tokens_print_nothing(r1_server):
+    """The model answers this prompt with BOS tokens (special: no text): the stream's only chunk
+    still carries prompt_logprobs (they went with a first chunk that was never sent)."""
+    body = {"model": "tiny-r1", "prompt": "What is 2+2?", "max_tokens": 3, "temperature": 0, "prompt_logprobs": 1}
+    whole = httpx.post(r1_server.v1 + "/completions", json=body).json()["choices"][0]
+    assert whole["text"] == "" and len(whole["prompt_logprobs"]) == 8
+    with httpx.stream("POST", r1_server.v1 + "/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    sent = [c["choices"][0]["prompt_logprobs"] for c in chunks if "prompt_logprobs" in c["choices"][0]]
+    assert sent == [whole["prompt_logprobs"]]
 
 
 def test_include_reasoning_false_drops_it(client):
