@@ -121,6 +121,13 @@ def build_app(state: ServerState) -> FastAPI:
         tok = _tokenizer(state)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:  # the chat fields would be ignored: refused by name
+            chat_only = {"tools": req.tools, "chat_template_kwargs": req.chat_template_kwargs,
+                         "continue_final_message": req.continue_final_message or None,
+                         "add_generation_prompt": None if req.add_generation_prompt else False}
+            given = next((name for name, value in chat_only.items() if value is not None), None)
+            if given is not None:
+                raise APIError(400, f"{given} goes with messages, not prompt", param=given)
         if req.messages is not None:
             _, ids = render_messages(state, req.messages, req.tools, req.add_generation_prompt,
                                      req.chat_template_kwargs, continue_final_message=req.continue_final_message)

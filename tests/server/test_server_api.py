@@ -143,3 +143,6 @@ def test_models_health_version_detokenize(client, http):
                                        "return_token_strs": True}).json()
     assert tok["tokens"] == [403, 407, 261, 378] and tok["count"] == 4 and tok["max_model_len"] == 512
     assert tok["token_strs"][0] == "▁Once"
+    for field, value in (("continue_final_message", True), ("add_generation_prompt", False), ("tools", [])):
+        r = http.post("/tokenize", json={"prompt": PROMPT, field: value})   # chat-only: was ignored
+        assert r.status_code == 400 and r.json()["error"]["param"] == field
