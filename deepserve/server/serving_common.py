@@ -117,7 +117,7 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     if req.stream_options is not None and not req.stream:  # vLLM refuses it too
         raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options",
                        code="invalid_value")
-    if req.best_of not in (None, 1, req.n):
+    if req.best_of not in (None, req.n):  # under n: vLLM refuses it too; over n: no ranking of extra samples
         raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
     try:
         params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)

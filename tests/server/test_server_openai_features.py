@@ -65,6 +65,8 @@ def test_unimplemented_fields_are_refused(client):
     chat = dict(model="stories260k", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     for field, value in (("chat_template", "{{ messages }}"), ("cache_salt", "s3cret"), ("best_of", 3)):
         expect_400(lambda: client.chat.completions.create(**chat, extra_body={field: value}), field)
+    expect_400(lambda: client.completions.create(**base, n=2, best_of=1), "best_of")   # fewer than n
+    assert len(client.completions.create(**base, n=2, best_of=2).choices) == 2
     # null / false asks for nothing, and the fields vLLM clients send are implemented
     r = client.completions.create(**base, user="u1", extra_body={"use_beam_search": False, "functions": None,
                                                                  "top_k": 5, "min_p": 0.05, "priority": 0})
