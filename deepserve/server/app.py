@@ -147,7 +147,7 @@ def build_app(state: ServerState) -> FastAPI:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})",
                            param="tokens")
-        return {"prompt": tok.decode(req.tokens)}
+        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}  # as vLLM: a round trip keeps BOS
 
     return app
 

@@ -8,7 +8,8 @@ import asyncio
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from tokenizers import Tokenizer
+from conftest import API_KEY, REPO
 
 PROMPT = "Once upon a time"
 # stories260k's greedy continuation (as llama2.c documents it for this model)
@@ -139,6 +140,11 @@ def test_models_health_version_detokenize(client, http):
     from deepserve import __version__
     assert http.get("/version").json() == {"version": __version__}
     assert http.post("/detokenize", json={"tokens": [403, 407, 261, 378]}).json() == {"prompt": PROMPT}
+    # special tokens stay (vLLM's): /tokenize's BOS comes back from /detokenize
+    ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    reference = Tokenizer.from_file(str(REPO / "deepserve" / "assets" / "stories260k" / "tokenizer.json")).decode(ids, skip_special_tokens=False)
+    assert ids[0] == 1 and reference.startswith("<s>")
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == reference
     tok = http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False,
                                        "return_token_strs": True}).json()
     assert tok["tokens"] == [403, 407, 261, 378] and tok["count"] == 4 and tok["max_model_len"] == 512
