@@ -36,7 +36,7 @@ from torch import nn
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers import moe_exchange
-from deepserve.quant.fp8 import FP8_DTYPE, quant_fp8_block
+from deepserve.quant.fp8 import FP8_DTYPE, quant_fp8_block, valid_scales
 
 # checkpoint projection name -> (stacked parameter, which part of it)
 EXPERT_SHARDS = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
@@ -220,7 +220,7 @@ class FusedMoE(nn.Module):
                              f"not match a {weight_shape[0]}x{weight_shape[1]} weight in {FP8_BLOCK}x"
                              f"{FP8_BLOCK} blocks {grid}")
         loaded = loaded.to(param.device, torch.float32)
-        if not bool(torch.isfinite(loaded).all()) or not bool((loaded > 0).all()):
+        if not valid_scales(loaded):
             raise ValueError(f"tensor {name} expert {expert} {part}: scale_inv has non-finite or "
                              f"non-positive values")
         # this rank's blocks of I (whole blocks: use_fp8 checked or padded)

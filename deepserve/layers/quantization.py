@@ -39,7 +39,7 @@ from torch import nn
 from deepserve.ops.quant import FP8_GROUP
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
                                      RowParallelLinear, UnquantizedLinearMethod, check_shape)
-from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quant_fp8_block
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quant_fp8_block, valid_scales
 from deepserve.quant.int8 import quant_int8_per_channel
 from deepserve.quant.policy import high_precision_reason
 
@@ -172,7 +172,7 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
             raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale shape {tuple(loaded.shape)} "
                              f"does not match a {rows}x{cols} weight in {bn}x{bk} blocks {grid}")
         loaded = loaded.to(param.device, torch.float32)
-        if not bool(torch.isfinite(loaded).all()) or not bool((loaded > 0).all()):
+        if not valid_scales(loaded):
             raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale_inv has non-finite or "
                              f"non-positive values")
         expanded = loaded.repeat_interleave(bn, 0)[:rows]                   # [rows, Kb]

@@ -54,6 +54,12 @@ def _column_scale(scale: torch.Tensor, k: int, bk: int) -> torch.Tensor:
     return scale.repeat_interleave(bk, dim=1)[:, :k]
 
 
+def valid_scales(scale_inv: torch.Tensor) -> bool:
+    """Whether every block scale is finite and positive: a NaN, infinite, zero or negative one
+    would turn its block's weights into NaN / inf / zeros silently (checked at load only)."""
+    return bool(torch.isfinite(scale_inv).all()) and bool((scale_inv > 0).all())
+
+
 def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
                       block: tuple[int, int] = DEFAULT_BLOCK,
                       out_dtype: torch.dtype = torch.bfloat16,
@@ -71,9 +77,7 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
                          f"{tuple(weight.shape)} with block {tuple(block)}: expected {expected}")
-    # a NaN, infinite, zero or negative block scale would turn the block's weights into
-    # NaN / inf / zeros silently; the loaders of fp8 layers refuse them the same way
-    if not bool(torch.isfinite(scale_inv).all()) or not bool((scale_inv > 0).all()):
+    if not valid_scales(scale_inv):
         raise ValueError("scale_inv has non-finite or non-positive values")
     n, k = weight.shape
     weight = weight.contiguous()

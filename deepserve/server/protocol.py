@@ -23,6 +23,17 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def response_ids(prefix: str, request_id: Optional[str]) -> tuple[str, str]:
+    """(the response's id, the engine request's id). A client's request_id names the response
+    (vLLM's); the engine's id stays unique when clients reuse one (at once, or in a retry of a
+    request they left, whose last outputs may still be on their way)."""
+    if not request_id:
+        rid = random_id(prefix)
+        return rid, rid
+    rid = f"{prefix}-{request_id}"
+    return rid, random_id(rid)
+
+
 class _Strict(BaseModel):
     """Strict types (no "0.5" for a number, no NaN or Infinity, which JSON parsers accept); fields
     not declared are kept for `unsupported_field`."""

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, now, random_id, usage
+from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, now, response_ids, usage
 from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
@@ -130,10 +130,7 @@ class _Prepared:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
-        self.id = f"chatcmpl-{req.request_id}" if req.request_id else random_id("chatcmpl")
-        # the engine's id is unique even when clients reuse a request_id (at once, or in a retry
-        # of a request they left, whose last outputs may still be on their way)
-        self.engine_id = random_id(self.id) if req.request_id else self.id
+        self.id, self.engine_id = response_ids("chatcmpl", req.request_id)
         self.created = now()
 
     def _tools(self, state: ServerState, req: ChatCompletionRequest) -> None:

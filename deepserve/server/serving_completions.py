@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import CompletionRequest, now, random_id, usage
+from deepserve.server.protocol import CompletionRequest, now, response_ids, usage
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
                                              stream_usage, until_disconnect)
@@ -116,8 +116,7 @@ class _Prepared:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
-        self.id = f"cmpl-{req.request_id}" if req.request_id else random_id("cmpl")
-        self.engine_id = random_id(self.id) if req.request_id else self.id   # unique, as chat's
+        self.id, self.engine_id = response_ids("cmpl", req.request_id)
         self.created = now()
         self.n = req.n
 
