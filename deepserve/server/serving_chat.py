@@ -52,10 +52,18 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int) -> di
     return {"content": content}
 
 
-def render_messages(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
-                    template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
-                    continue_final_message: bool = False) -> tuple[str, list[int]]:
-    """The prompt text and ids, as transformers' apply_chat_template renders them."""
+async def render_messages(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
+                          template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
+                          continue_final_message: bool = False) -> tuple[str, list[int]]:
+    """The prompt text and ids, as transformers' apply_chat_template renders and encodes them
+    (the encoding off the event loop)."""
+    text = render_text(state, messages, tools, add_generation_prompt, template_kwargs, continue_final_message)
+    return text, (await state.encode([text], add_special_tokens))[0]
+
+
+def render_text(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
+                template_kwargs: Optional[dict] = None, continue_final_message: bool = False) -> str:
+    """The prompt text, as transformers' apply_chat_template renders it."""
     tok = state.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
@@ -75,7 +83,7 @@ def render_messages(state: ServerState, messages, tools=None, add_generation_pro
                                        continue_final_message=continue_final_message, **extra)
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return text, tok.encode(text, add_special_tokens=add_special_tokens)
+    return text
 
 
 def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:
@@ -105,9 +113,14 @@ class _Prepared:
         except ValueError as exc:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
-        self.prompt_text, self.prompt_ids = render_messages(
-            state, req.messages, req.tools, req.add_generation_prompt, req.chat_template_kwargs,
-            req.add_special_tokens, req.continue_final_message)
+        self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
+                                       req.chat_template_kwargs, req.continue_final_message)
+
+    async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "_Prepared":
+        """Encodes the rendered prompt (off the event loop), then checks its length, the tools
+        and whether the engine takes the request."""
+        self.prompt_ids = (await state.encode([self.prompt_text], req.add_special_tokens))[0]
+        max_tokens = req.max_new_tokens()
         # vLLM's echo: the reply opens with the last message when that is the reply's role
         last = req.messages[-1]
         echoed = req.echo and (last.role == "assistant" or not req.add_generation_prompt)
@@ -132,6 +145,7 @@ class _Prepared:
             raise api_error_from(exc, state.settings.retry_after_s) from None
         self.id, self.engine_id = response_ids("chatcmpl", req.request_id)
         self.created = now()
+        return self
 
     def _tools(self, state: ServerState, req: ChatCompletionRequest) -> None:
         """How the output becomes tool calls: self.tool_mode is None (plain content), "auto"
@@ -241,7 +255,7 @@ def _finish_reason(out: CompletionOutput, mode: Optional[str], called: bool) -> 
 
 async def create_chat_completion(request: Request, state: ServerState):
     req = await parse_request(request, ChatCompletionRequest, state.settings.max_body_bytes)
-    prep = _Prepared(state, req)
+    prep = await _Prepared(state, req).tokenize(state, req)
     await compile_grammar(state, prep.params)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))

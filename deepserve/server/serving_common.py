@@ -21,6 +21,7 @@ from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepErro
 from deepserve.engine.llm_engine import RequestError
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.args import ServerArgs
+from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
@@ -54,10 +55,17 @@ class ServerState:
     llm: AsyncLLM
     settings: ServerSettings
     metrics: ServerMetrics
+    _encoder: Optional[BatchEncoder] = field(default=None, init=False, repr=False)
 
     @property
     def tokenizer(self):
         return self.llm.tokenizer
+
+    async def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """The prompts' token ids, encoded off the event loop (server/batch_encoder.py)."""
+        if self._encoder is None:
+            self._encoder = BatchEncoder(self.tokenizer)
+        return await self._encoder.encode(texts, add_special_tokens)
 
     @property
     def model_name(self) -> str:

@@ -95,30 +95,38 @@ class _Prepared:
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
             self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
-        tok = state.tokenizer
         self.prompts: list[dict] = []
         for p in prompts:
             if isinstance(p, str):
-                if tok is None:
+                if state.tokenizer is None:
                     raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-                ids = tok.encode(p, add_special_tokens=req.add_special_tokens)
-                self.prompts.append({"prompt": p, "prompt_token_ids": ids})
+                self.prompts.append({"prompt": p, "prompt_token_ids": None})   # encoded by tokenize()
             else:
                 bad = next((t for t in p if not 0 <= t < state.llm.vocab_size), None)
                 if bad is not None:
                     raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
                                         f"[0, {state.llm.vocab_size})", param="prompt")
                 self.prompts.append({"prompt": None, "prompt_token_ids": list(p)})
+        self.id, self.engine_id = response_ids("cmpl", req.request_id)
+        self.created = now()
+        self.n = req.n
+
+    async def tokenize(self, state: ServerState, req: CompletionRequest) -> "_Prepared":
+        """Encodes the text prompts (off the event loop), then checks each prompt's length and
+        whether the engine takes the request."""
+        texts = [p for p in self.prompts if p["prompt_token_ids"] is None]
+        if texts:
+            for p, ids in zip(texts, await state.encode([p["prompt"] for p in texts], req.add_special_tokens)):
+                p["prompt_token_ids"] = ids
+        for p in self.prompts:
             if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
-                self.prompts[-1]["prompt_token_ids"] = self.prompts[-1]["prompt_token_ids"][-req.truncate_prompt_tokens:]
-            state.check_length(len(self.prompts[-1]["prompt_token_ids"]), req.max_new_tokens())
+                p["prompt_token_ids"] = p["prompt_token_ids"][-req.truncate_prompt_tokens:]
+            state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens())
         try:
             state.llm.check_can_accept()
         except Exception as exc:
             raise api_error_from(exc, state.settings.retry_after_s) from None
-        self.id, self.engine_id = response_ids("cmpl", req.request_id)
-        self.created = now()
-        self.n = req.n
+        return self
 
     def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int, i: int) -> dict:
         decode = (lambda t: state.tokenizer.decode([t], False)) if state.tokenizer else str
@@ -136,7 +144,7 @@ class _Prepared:
 
 async def create_completion(request: Request, state: ServerState):
     req = await parse_request(request, CompletionRequest, state.settings.max_body_bytes)
-    prep = _Prepared(state, req)
+    prep = await _Prepared(state, req).tokenize(state, req)
     await compile_grammar(state, prep.params)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
