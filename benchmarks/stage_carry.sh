@@ -1,0 +1,34 @@
+#!/bin/bash
+# Stage the git-ignored folders the GPU scripts carry to the device machine (which has no network
+# and no ../shared), from the repo root on this machine:
+#   benchmarks/stage_carry.sh peerd      # .peerd: data.tar.xz (tokenizers, ShareGPT first 500,
+#                                        # the demo model) and wx/ (xgrammar + apache-tvm-ffi)
+#   benchmarks/stage_carry.sh flaggems   # .flaggems: flag_gems 5.0.2 and what it needs beyond the image
+#   benchmarks/stage_carry.sh vllm       # .peer1 ... .peer6: vLLM 0.26.0 in pieces (../shared/scripts)
+# The GPU image runs Python 3.12 on x86_64; wheels are fetched for that, binary only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" -d "$@"; }
+mkdir -p .git/info
+for d in '/.peer*/' '/.flaggems/'; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+case "${1:-}" in
+peerd)
+  rm -rf .peerd && mkdir -p .peerd/wx
+  tmp=$(mktemp -d); mkdir -p "$tmp/datasets/serving" "$tmp/models"
+  cp -r "$SHARED/tokenizers" "$tmp/"
+  cp "$SHARED/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json" "$tmp/datasets/serving/"
+  cp -r "$SHARED/models/stories260k" "$tmp/models/"
+  tar -C "$tmp" -cJf .peerd/data.tar.xz tokenizers datasets models
+  get .peerd/wx xgrammar apache-tvm-ffi
+  du -sh .peerd ;;
+flaggems)
+  rm -rf .flaggems && mkdir -p .flaggems
+  get .flaggems flag_gems==5.0.2 sqlalchemy==2.0.48 greenlet
+  ls .flaggems ;;
+vllm)
+  bash "$SHARED/scripts/peer-vllm-wheels.sh"
+  du -sh .peer[1-6] ;;
+*) echo "usage: $0 peerd|flaggems|vllm"; exit 2 ;;
+esac
