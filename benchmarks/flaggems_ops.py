@@ -1,7 +1,7 @@
 """Which aten ops FlagGems takes in deepserve's steps (issue 24 item 3).
 
-`--ops flaggems` runs deepserve's torch path with FlagGems registered under aten
-(flag_gems.enable()). This script builds the engine with random weights, runs --batch prompts
+`--ops flaggems` runs deepserve's Triton kernels for its ops with FlagGems registered under the
+aten ops beneath them (flag_gems.enable()). This script builds the engine with random weights, runs --batch prompts
 of --prompt-len tokens for --steps tokens eagerly (so every step dispatches its aten ops)
 under torch.profiler (CPU and CUDA activity), and reports:
 
@@ -80,8 +80,12 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/flaggems_ops_<model>_<ops>.json)")
     args = ap.parse_args()
     overrides = json.loads(args.hf_overrides or "{}")
+    # a token budget of one step's prompts: few step sizes at start, each of which has FlagGems
+    # autotune its GEMM cold
+    max_len = args.prompt_len + args.steps + 8
     llm = LLM(args.model, ops=args.ops, device=args.device, load_format="dummy", enforce_eager=True, seed=0,
-              hf_overrides=overrides, max_model_len=args.prompt_len + args.steps + 8, max_num_seqs=args.batch)
+              hf_overrides=overrides, max_model_len=max_len, max_num_seqs=args.batch,
+              max_num_batched_tokens=max(max_len, args.batch * args.prompt_len))
     engine = llm.engine
     cuda = engine.platform.device().type == "cuda"
     registered = registered_ops(args.ops)
