@@ -10,7 +10,11 @@ of 128, bf16), the MoE ones first:
 - "gemm": the 8b qkv shape at 1024 rows;
 - "moe_gate_up" / "moe_down": R1's routed experts of one EP8 rank (32 experts, D 7168, I 2048,
   top-8) at batch 1, the small-batch kernels (the other kernel at its setting);
-- "moe_sorted": the same experts at 1024 tokens (256 rows per expert), the sorted path.
+- "moe_sorted": the same experts at 1024 tokens (256 rows per expert), the sorted path;
+- "w4a8": the W4A8 GEMM (ops/triton/w4a8_gemm.py, int8 activations) at 1024 rows on the 8b
+  shapes and R1's q_b / o_proj (written as rules for every M over 128 at that shape): tiles
+  small enough for two or three programs an SM, whose MMA then overlaps another's unpack and
+  rescale (registers and shared memory of each: benchmarks/sass_w4a8.py).
 Each candidate (tried through `launch_config.trying`) is checked against the default
 setting's output, then timed as CUDA-graph replays over enough weight copies (>= 256 MB) that
 the weights come from HBM. Bytes figures count the packed weights and scales read once, over a
@@ -53,6 +57,9 @@ GRIDS = {
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
+    "w4a8": [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+             for m, n, w, st in ((64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3),
+                                 (128, 64, 4, 3), (64, 128, 8, 3), (64, 256, 8, 4))],
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                    for m, n, k, w, st in ((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
                                           (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),
@@ -103,7 +110,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="small shapes, two candidates a kernel (for --device cpu)")
     ap.add_argument("--kernels", default="gemv,moe_gate_up,moe_down,moe_sorted",
-                    help="which kernels to sweep (also: gemm, the 1024-row dense GEMM)")
+                    help="which kernels to sweep (also: gemm, the 1024-row dense GEMM; w4a8, the W4A8 GEMM)")
     ap.add_argument("--r1", action="store_true", help="also R1's dense projections (q_b, o_proj) in the GEMV sweep")
     ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
@@ -166,11 +173,12 @@ def main() -> int:
             record(kernel, f"R1 EP8 rank, {tokens} tokens", cond, sweep(kernel, cond, grids[kernel], run, timer, show),
                    show)
 
-    linear = resolve("int4_linear", "triton")[1]
-    for kernel, rows in (("gemv", 1), ("gemm", 1024)):
+    for kernel, rows in (("gemv", 1), ("gemm", 1024), ("w4a8", 1024)):
         if kernel not in kernels:
             continue
-        shapes = [sh for sh in GEMV_SHAPES if args.r1 or sh[0] == "8b"] if kernel == "gemv" else GEMV_SHAPES[:1]
+        linear = resolve("w4a8_linear" if kernel == "w4a8" else "int4_linear", "triton")[1]
+        shapes = ([sh for sh in GEMV_SHAPES if args.r1 or sh[0] == "8b"] if kernel == "gemv" else
+                  GEMV_SHAPES if kernel == "w4a8" else GEMV_SHAPES[:1])
         for model, proj, n, k in shapes[:2 if tiny else None]:
             if tiny:
                 n, k = max(n // 128, 16), max(k // 32 // GROUP * GROUP, GROUP)
@@ -188,7 +196,7 @@ def main() -> int:
             nb, flops = packed_bytes(n, k), 2 * rows * n * k
             show = ((lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)") if kernel == "gemv" else
                     (lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"))
-            cond = {"m": rows, "n": n, "k": k}
+            cond = {"m_gt": 128, "n": n, "k": k} if kernel == "w4a8" and rows > 128 else {"m": rows, "n": n, "k": k}
             record(kernel, f"{model} {proj} {n}x{k} rows {rows}", cond,
                    sweep(kernel, cond, grids[kernel], run, timer, show), show)
 

@@ -27,6 +27,7 @@ from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.ops.triton.launch_config import launch_settings
 
 
 @triton.jit
@@ -158,15 +159,16 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if m == 0:
         return y.reshape(*lead, n)
     xq, xs = quant_int8_rows(x2)
-    if interpreting():
-        bm, bn, warps = 16, 32, 1
-    else:   # sm_90 compiles: 128 x 128 / 8 warps spills ~130 registers a thread; 64 x 256 / 8 warps
-        # unpacks each weight tile for 64 rows with ~6.4 instructions a nibble a thread, no spill in the loop
-        bm, bn, warps = (16, 64, 4) if m <= 16 else (64, 64, 4) if m <= 128 else (64, 256, 8)
+    # tiles from the launch table (configs/int4/, kernel "w4a8"; benchmarks/sweep_int4.py --kernels
+    # w4a8 measures them; benchmarks/sass_w4a8.py shows each tile's registers, shared memory and loop)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1} if interpreting() else \
+        launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
                             zeros.contiguous() if zeros is not None else scales, bias if bias is not None else y,
                             y, m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
                             GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, ASM=unpack_by_ptx(),
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"],
+                            num_stages=cfg.get("num_stages", 3))
     return y.reshape(*lead, n)
