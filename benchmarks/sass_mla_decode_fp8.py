@@ -107,6 +107,19 @@ def counts(instructions: list[str]) -> collections.Counter:
     return ops
 
 
+def report(kernel, label: str, classes=CLASSES, sass_path: str = "") -> None:
+    """Print a compiled kernel's registers, spills, shared memory and its loop's instructions by
+    class after `label`; write its SASS to `sass_path` if given."""
+    regs, spill = resources(kernel.asm["ptx"])
+    sass = disassemble(kernel.asm["cubin"])
+    loop = loop_body(sass)
+    ops = counts(loop)
+    print(f"{label}: {regs} registers, {spill} B spilled, {kernel.metadata.shared} B shared; loop {len(loop)} "
+          "instructions: " + ", ".join(f"{c} {ops[c]}" for c in classes if ops[c]), flush=True)
+    if sass_path:
+        Path(sass_path).write_text(sass)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tile", action="append", default=[],
@@ -125,16 +138,8 @@ def main() -> int:
     for block_h, block_n, warps, stages in tiles:
         heads = args.heads or (16 if block_h <= 16 else 128)
         kernel = compile_kernel(block_h, block_n, warps, stages, args.maxnreg, args.dv_run, heads)
-        regs, spill = resources(kernel.asm["ptx"])
-        sass = disassemble(kernel.asm["cubin"])
-        loop = loop_body(sass)
-        ops = counts(loop)
-        print(f"BLOCK_H {block_h} BLOCK_N {block_n} warps {warps} stages {stages} maxnreg {args.maxnreg} "
-              f"dv_run {args.dv_run} heads {heads}: {regs} registers, {spill} B spilled, "
-              f"{kernel.metadata.shared} B shared; loop {len(loop)} instructions: "
-              + ", ".join(f"{c} {ops[c]}" for c in CLASSES if ops[c]), flush=True)
-        if args.sass:
-            Path(args.sass).write_text(sass)
+        report(kernel, f"BLOCK_H {block_h} BLOCK_N {block_n} warps {warps} stages {stages} maxnreg {args.maxnreg} "
+                       f"dv_run {args.dv_run} heads {heads}", sass_path=args.sass)
     return 0
 
 

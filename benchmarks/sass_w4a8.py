@@ -14,12 +14,11 @@ group's scale; the counts show what that rescale and the unpack cost beside it.
 from __future__ import annotations
 
 import argparse
-import collections
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from sass_mla_decode_fp8 import counts, disassemble, loop_body, resources  # noqa: E402
+from sass_mla_decode_fp8 import report  # noqa: E402
 
 CLASSES = ("IGMMA", "IMMA", "I2F", "I2FP", "FADD", "FFMA", "FMUL", "IADD3", "LOP3", "PRMT", "SHF", "STS", "LDS",
            "LDGSTS", "LDG", "BAR", "MOV", "WARPGROUP", "STL", "LDL")
@@ -57,15 +56,7 @@ def main() -> int:
         block_m, block_n, warps = tile[:3]
         stages = tile[3] if len(tile) > 3 else 3
         kernel = compile_kernel(block_m, block_n, warps, stages)
-        regs, spill = resources(kernel.asm["ptx"])
-        sass = disassemble(kernel.asm["cubin"])
-        loop = loop_body(sass)
-        ops: collections.Counter = counts(loop)
-        print(f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}: {regs} registers, {spill} B "
-              f"spilled, {kernel.metadata.shared} B shared; loop {len(loop)} instructions: "
-              + ", ".join(f"{c} {ops[c]}" for c in CLASSES if ops[c]), flush=True)
-        if args.sass:
-            Path(args.sass).write_text(sass)
+        report(kernel, f"BLOCK_M {block_m} BLOCK_N {block_n} warps {warps} stages {stages}", CLASSES, args.sass)
     return 0
 
 
