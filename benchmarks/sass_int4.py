@@ -1,0 +1,94 @@
+"""The 4-bit kernels compiled for sm_90 without a GPU: registers, spills, shared memory and the
+instructions of the main loop by class, per launch setting.
+
+    python benchmarks/sass_int4.py w4a8                       # W4A8 GEMM, the table's M > 128 tile
+    python benchmarks/sass_int4.py w4a8 --tile 64,64,4 --sass loop.sass
+    python benchmarks/sass_int4.py gemv                       # W4A16 GEMV, the default setting
+    python benchmarks/sass_int4.py gemv --tile 8,128,2,4      # BLOCK_N,SUB_C,STEPS,warps
+
+Triton compiles for `GPUTarget("cuda", 90, 32)` with what a launch at the 8B's shapes gets
+(symmetric weights in groups of 128; unit strides constant, other ints and every pointer
+divisible by 16); ptxas -v gives registers and spills, nvdisasm the SASS
+(benchmarks/sass_mla_decode_fp8.py's helpers).
+
+- w4a8 (w4a8_gemm._w4a8_gemm_kernel): per loop trip one int8 warp-group MMA chain (IGMMA) of
+  BLOCK_M x BLOCK_N x 128 and the rescale of its int32 result by the group's scale, beside the
+  PTX unpack of the weight tile.
+- gemv (int4_gemm._int4_gemv_kernel): per loop trip STEPS slices of SUB_C packed words of
+  BLOCK_N rows, i.e. 8 x SUB_C x STEPS x BLOCK_N nibbles over 32 x warps threads; the script
+  prints the loop's instructions a nibble a thread, which against the H100's issue rate bounds
+  the kernel (docs/PERFORMANCE.md, "4-bit weights").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from sass_mla_decode_fp8 import counts, loop_body, disassemble, report  # noqa: E402
+
+CLASSES = ("IGMMA", "I2FP", "FADD", "FFMA", "FMUL", "IADD3", "LOP3", "PRMT", "SHF", "IMAD", "LEA", "STS", "LDS",
+           "LDGSTS", "LDG", "BAR", "MOV", "SHFL", "WARPGROUP", "STL", "LDL")
+
+
+def _compile(fn, consts: dict, ptrs: dict, warps: int, stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = fn.arg_names
+    sig, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptrs.get(name, "i32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3):
+    from deepserve.ops.triton import w4a8_gemm as w
+    consts = dict(GROUP=128, HAS_ZP=False, HAS_BIAS=False, ASM=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
+    ptrs = dict(a_ptr="*i8", as_ptr="*fp32", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16",
+                y_ptr="*bf16")
+    return _compile(w._w4a8_gemm_kernel, consts, ptrs, warps, stages)
+
+
+def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int):
+    from deepserve.ops.triton import int4_gemm as g
+    consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
+                  SUB_C=sub_c, STEPS=steps, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, stride_ys=1)
+    ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
+                y_ptr="*bf16")
+    consts.pop("stride_ys")
+    return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kernel", choices=["w4a8", "gemv"])
+    ap.add_argument("--tile", action="append", default=[],
+                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; gemv: BLOCK_N,SUB_C,STEPS,warps (repeatable)")
+    ap.add_argument("--sass", default="", help="write the last build's SASS here")
+    args = ap.parse_args()
+    tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
+    if args.kernel == "w4a8":
+        for tile in tiles or [(64, 256, 8)]:
+            report(compile_w4a8(*tile), "BLOCK_M {} BLOCK_N {} warps {}".format(*tile[:3])
+                   + (f" stages {tile[3]}" if len(tile) > 3 else ""), CLASSES, args.sass)
+        return 0
+    for block_n, sub_c, steps, warps in tiles or [(8, 128, 2, 4)]:
+        kernel = compile_gemv(block_n, sub_c, steps, warps)
+        label = f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps}"
+        report(kernel, label, CLASSES, args.sass)
+        loop = loop_body(disassemble(kernel.asm["cubin"]))
+        nibbles = 8 * sub_c * steps * block_n / (32 * warps)
+        print(f"  {len(loop)} instructions a loop trip for {nibbles:.0f} nibbles a thread: "
+              f"{len(loop) / nibbles:.2f} a nibble ({sum(counts(loop).values()) - len(loop)} sub-counted)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
