@@ -14,7 +14,7 @@ of 128, bf16), the MoE ones first:
 - "w4a8": the W4A8 GEMM (ops/triton/w4a8_gemm.py, int8 activations) at 1024 rows on the 8b
   shapes and R1's q_b / o_proj (written as rules for every M over 128 at that shape): tiles
   small enough for two or three programs an SM, whose MMA then overlaps another's unpack and
-  rescale (registers and shared memory of each: benchmarks/sass_w4a8.py).
+  rescale (registers and shared memory of each: benchmarks/sass_int4.py w4a8).
 Each candidate (tried through `launch_config.trying`) is checked against the default
 setting's output, then timed as CUDA-graph replays over enough weight copies (>= 256 MB) that
 the weights come from HBM. Bytes figures count the packed weights and scales read once, over a
