@@ -56,6 +56,14 @@ step mixed_host 150 . python3 benchmarks/profile_mixed.py --model r1-distill-lla
 step int4_sweep 130 . python3 benchmarks/sweep_int4.py --write
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 step int4 200 . python3 benchmarks/bench_int4.py
+#   issue 21  the GEMV's K splits and the W4A8 tiles first (neither swept on the current kernels), then
+#   the 8B decode W4A16 against bf16 and the dense kernels with the new table
+step int4_sweep_gemv 200 . python3 benchmarks/sweep_int4.py --write --kernels gemv,w4a8
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+step int4_decode 240 . python3 benchmarks/bench_int4.py --part decode dense
+#   issue 16  the sorted fused MoE at R1's decode sizes (32-512 tokens) into this device's table
+step moe_sweep_r1 120 . python3 benchmarks/sweep_fused_moe.py --decode --shape r1 --write
+mkdir -p "$OUT/fused_moe_cfg" && cp deepserve/ops/triton/configs/fused_moe/*.json "$OUT/fused_moe_cfg/" 2>/dev/null
 # the sweep writes the package's own table, so the R1 figures after it run with the new settings
 step moe_small_fp8 150 . python3 benchmarks/sweep_moe_small.py --fp8 --write
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
@@ -87,5 +95,6 @@ step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_e
 step gemm_sweep_more 200 . python3 benchmarks/sweep_gemm.py --models r1 v2lite --out "$OUT/res/sweep_gemm_more.json" --write
 mkdir -p "$OUT/gemm_cfg" && cp deepserve/ops/triton/configs/gemm/*.json "$OUT/gemm_cfg/" 2>/dev/null
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
-cd "$OUT" && tar czf results.tgz res ops_new ops_old moe_small_cfg gemm_cfg mv_old mv_new mv_ops_old mv_ops_new 2>/dev/null; rm -rf res ops_new ops_old moe_small_cfg gemm_cfg mv_old mv_new mv_ops_old mv_ops_new
+keep="res ops_new ops_old moe_small_cfg gemm_cfg int4_cfg fused_moe_cfg mv_old mv_new mv_ops_old mv_ops_new"
+cd "$OUT" && tar czf results.tgz $keep 2>/dev/null; rm -rf $keep
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
