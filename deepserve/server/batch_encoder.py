@@ -44,14 +44,25 @@ class BatchEncoder:
         job = loop.run_in_executor(self._pool, self._encode, batch)
         job.add_done_callback(lambda done: self._finish(loop, batch, done))
 
-    def _encode(self, batch: list) -> list[list[int]]:
-        """In the worker thread: one encode_batch call per add_special_tokens value."""
+    def _encode(self, batch: list) -> list:
+        """In the worker thread: one encode_batch call per add_special_tokens value; if a batch
+        fails, its texts one by one, so that only the text at fault gets the error."""
         ids: list = [None] * len(batch)
         for special in (True, False):
             picked = [i for i, item in enumerate(batch) if item[1] is special]
-            if picked:
-                for i, one in zip(picked, self.tokenizer.encode_batch([batch[i][0] for i in picked], special)):
-                    ids[i] = one
+            if not picked:
+                continue
+            try:
+                encoded = self.tokenizer.encode_batch([batch[i][0] for i in picked], special)
+            except Exception:  # noqa: BLE001  (told apart below, text by text)
+                encoded = []
+                for i in picked:
+                    try:
+                        encoded.append(self.tokenizer.encode_batch([batch[i][0]], special)[0])
+                    except Exception as exc:  # noqa: BLE001  (handed to that text's request)
+                        encoded.append(exc)
+            for i, one in zip(picked, encoded):
+                ids[i] = one
         return ids
 
     def _finish(self, loop: asyncio.AbstractEventLoop, batch: list, job: asyncio.Future) -> None:
@@ -59,10 +70,11 @@ class BatchEncoder:
         for i, (_, _, future) in enumerate(batch):
             if future.done():
                 continue
-            if error is not None:
-                future.set_exception(error)
+            result = error if error is not None else job.result()[i]
+            if isinstance(result, BaseException):
+                future.set_exception(result)
             else:
-                future.set_result(job.result()[i])
+                future.set_result(result)
         self._start(loop)
 
     def close(self) -> None:

@@ -109,3 +109,28 @@ def test_a_cancelled_request_leaves_the_others_their_ids(r1_tokenizer):
     assert isinstance(results[2], asyncio.CancelledError)
     assert [r[0] for i, r in enumerate(results) if i != 2] == [r1_tokenizer.encode(t) for i, t in enumerate(texts) if i != 2]
     assert again == [r1_tokenizer.encode(texts[0])]
+
+
+class FailingOn:
+    """A tokenizer that fails on one text (in a batch or alone)."""
+
+    def __init__(self, tok, bad: str):
+        self.tok, self.bad = tok, bad
+
+    def encode_batch(self, texts, add_special_tokens=True):
+        if self.bad in texts:
+            raise ValueError(f"cannot encode {self.bad!r}")
+        return self.tok.encode_batch(texts, add_special_tokens)
+
+
+def test_a_text_that_fails_fails_only_its_own_request():
+    tok = load_tokenizer(str(DEMO_MODEL))
+    encoder = BatchEncoder(FailingOn(tok, "bad"))
+    texts = ["Once upon a time", "bad", "The little dog"]
+
+    async def main():
+        return await asyncio.gather(*(encoder.encode([t]) for t in texts), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], ValueError) and "bad" in str(results[1])
+    assert [results[0][0], results[2][0]] == [tok.encode(texts[0]), tok.encode(texts[2])]
