@@ -72,9 +72,11 @@ def warm_up_steps(max_tokens: int, max_seqs: int, max_model_len: int, piecewise_
     LARGEST_POWER, then `max_tokens` itself). With `drafts` (speculative decoding's k) the
     small steps with decodes come again as verify steps: each decode sequence its last token
     and k drafts, alone or beside the prompt chunks."""
+    # decode counts 1-16, 17-32 and over 32 beside prompts: the MLA q-absorb / v-up tiles of a
+    # mixed step's eager attention are sized by its decodes (16, 32 or 64 rows, mla_prep._token_block)
     small = [WarmUpStep(0, (1,)), WarmUpStep(0, (16,)), WarmUpStep(0, (17,)), WarmUpStep(1, (15,)),
              WarmUpStep(3, (16, 13)), WarmUpStep(16, (16,)), WarmUpStep(15, (17,)), WarmUpStep(17, (31,)),
-             WarmUpStep(3, ()), WarmUpStep(1, ())]
+             WarmUpStep(33, (15,)), WarmUpStep(3, ()), WarmUpStep(1, ())]
     steps = list(small)
     if drafts:
         steps += [WarmUpStep(s.decodes, s.prompts, drafts) for s in small + [WarmUpStep(1, ()), WarmUpStep(16, ())]

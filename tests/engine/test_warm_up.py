@@ -40,6 +40,27 @@ def test_steps_cover_every_integer_class_and_each_eager_power_of_two():
     assert len(steps) == len(set(steps))
 
 
+def test_mixed_steps_cover_each_token_tile_of_the_mla_prep_kernels():
+    """A mixed step's eager MLA attention sizes the q-absorb / v-up token tile by its decodes
+    (GPU table: 16 to 64 rows): some warm-up step beside prompts, within the piecewise limit,
+    has each tile that decode counts up to max_num_seqs give (V2-Lite compiled the 64-row
+    q-absorb at its first burst of 33+ decodes before)."""
+    import json
+    from pathlib import Path
+
+    from deepserve.ops.triton import mla_prep
+    table = json.loads((Path(mla_prep.__file__).with_name("configs") / "mla_prep" / "default.json").read_text())
+    cap = next(r["set"]["BLOCK_T_MAX"] for r in table if r.get("if", {}).get("kernel") == "q_absorb")
+
+    def tile(n: int) -> int:
+        return mla_prep._token_block(n, {"BLOCK_T_MAX": cap})
+
+    for max_seqs, piecewise_max in ((256, 512), (256, 2048), (48, 96), (20, 64)):
+        steps = warm_up_steps(max_tokens=8192, max_seqs=max_seqs, max_model_len=2048, piecewise_max=piecewise_max)
+        warmed = {tile(s.decodes) for s in steps if s.decodes and s.prompts and s.num_tokens <= piecewise_max}
+        assert warmed == {tile(n) for n in range(1, max_seqs)}, (max_seqs, warmed)
+
+
 @pytest.mark.parametrize("drafts", [0, 1, 3])
 @pytest.mark.parametrize("limits", [(64, 4, 32, 0), (8192, 8, 300, 512), (100, 1, 100, 16), (6000, 256, 8192, 512),
                                     (131072, 256, 131072, 512), (8, 8, 4, 0)])
@@ -71,7 +92,7 @@ def test_verify_steps_cover_every_integer_class_alone_and_beside_prompts():
     assert {s.drafts for s in verify} == {2}
     assert {_class(s.decodes) for s in verify if not s.prompts} == {"one", "x16", "other"}
     assert {_class(s.decodes) for s in verify if s.prompts} == {"one", "x16", "other"}
-    assert max(s.num_tokens for s in verify) <= 17 * 3 + 31          # small steps only: start-up stays short
+    assert max(s.num_tokens for s in verify) <= 33 * 3 + 15          # small steps only: start-up stays short
 
 
 @pytest.mark.parametrize("step", [WarmUpStep(3, (), 2), WarmUpStep(1, (15,), 1), WarmUpStep(2, (5, 3), 3),
