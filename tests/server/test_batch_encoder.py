@@ -9,7 +9,7 @@ import time
 import pytest
 
 from deepserve.engine.tokenizer import load_tokenizer
-from deepserve.server.batch_encoder import BatchEncoder
+from deepserve.server.batch_encoder import INLINE_CHARS, BatchEncoder
 from tests.conftest import DEMO_MODEL, TOKENIZERS
 
 
@@ -36,11 +36,13 @@ def _texts(tok, n: int, length: int, seed: int = 0) -> list[str]:
     return [tok.decode([rng.randrange(1000, 100000) for _ in range(length)]) for _ in range(n)]
 
 
+@pytest.mark.parametrize("repeat", [1, 40])
 @pytest.mark.parametrize("special", [True, False])
-def test_ids_equal_encode_with_and_without_bos(special):
-    """The demo tokenizer adds BOS: encode_batch gives encode's ids, BOS included or not."""
+def test_ids_equal_encode_with_and_without_bos(special, repeat):
+    """The demo tokenizer adds BOS: encode_batch gives encode's ids, BOS included or not, on the
+    loop (short texts) and in the worker thread (long ones)."""
     tok = load_tokenizer(str(DEMO_MODEL))
-    texts = ["Once upon a time", "", "The little dog ran.", "  two  spaces"]
+    texts = [t * repeat for t in ("Once upon a time", "", "The little dog ran.", "  two  spaces")]
     assert tok.add_bos_token
     ids = asyncio.run(BatchEncoder(tok).encode(texts, special))
     assert ids == [tok.encode(t, add_special_tokens=special) for t in texts]
@@ -50,7 +52,8 @@ def test_ids_equal_encode_with_and_without_bos(special):
 def test_concurrent_requests_share_batches_and_keep_their_own_ids(r1_tokenizer):
     """40 handlers asking at once, half with special tokens: each gets its own text's ids, in
     a few encode_batch calls rather than 40."""
-    texts = _texts(r1_tokenizer, 40, 64)
+    texts = _texts(r1_tokenizer, 40, 128)
+    assert min(map(len, texts)) > INLINE_CHARS
     counting = CountingTokenizer(r1_tokenizer)
     encoder = BatchEncoder(counting)
 
@@ -125,12 +128,26 @@ class FailingOn:
 
 def test_a_text_that_fails_fails_only_its_own_request():
     tok = load_tokenizer(str(DEMO_MODEL))
-    encoder = BatchEncoder(FailingOn(tok, "bad"))
-    texts = ["Once upon a time", "bad", "The little dog"]
+    encoder = BatchEncoder(FailingOn(tok, "bad" * 100))
+    texts = ["Once upon a time " * 20, "bad" * 100, "The little dog " * 20]
 
     async def main():
         return await asyncio.gather(*(encoder.encode([t]) for t in texts), return_exceptions=True)
 
     results = asyncio.run(main())
-    assert isinstance(results[1], ValueError) and "bad" in str(results[1])
+    assert isinstance(results[1], ValueError) and "badbad" in str(results[1])
     assert [results[0][0], results[2][0]] == [tok.encode(texts[0]), tok.encode(texts[2])]
+
+
+def test_a_short_text_at_low_load_is_encoded_on_the_loop():
+    """Nothing queued or in flight and a short text: no batch call in the worker thread (the
+    ids are the same either way)."""
+    tok = load_tokenizer(str(DEMO_MODEL))
+    counting = CountingTokenizer(tok)
+    encoder = BatchEncoder(counting)
+    encoder._pool.shutdown()            # a hop to the worker thread would fail now
+
+    async def main():
+        return await encoder.encode(["Once upon a time"], True)
+
+    assert asyncio.run(main()) == [tok.encode("Once upon a time")] and counting.batches == [1]
