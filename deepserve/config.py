@@ -508,6 +508,8 @@ class EngineArgs:
         hf = load_hf_config(self.model, self.hf_overrides)
         model_len_limit = int(hf.get("max_position_embeddings", 2048))
         pp_layer_partition(int(hf.get("num_hidden_layers", 1)), self.pipeline_parallel_size)  # checked early
+        check_parallel_sizes(hf, self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
+                             self.enable_expert_parallel)
         max_model_len = self.max_model_len or model_len_limit
         if self.max_model_len and self.max_model_len > model_len_limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -673,6 +675,8 @@ def check_ascend_checkpoint(model: str) -> None:
     """vllm-ascend's `--quantization ascend` names msModelSlim's format, which a checkpoint
     declares in quant_model_description*.json and which is loaded as stored; other checkpoints
     are refused, as vllm-ascend does."""
+    if not Path(model).is_dir():
+        load_hf_config(model)   # a model that is not there (a hub id): that error, with how to fetch it
     if not list(Path(model).glob("quant_model_description*.json")):
         raise ValueError(f"--quantization ascend loads msModelSlim checkpoints (quant_model_description.json), "
                          f"and {model} has none; drop the flag to serve it as stored")
@@ -692,6 +696,34 @@ def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
         raise ValueError(f"VLLM_PP_LAYER_PARTITION={text} must give {pp_size} stages of >= 1 layer adding up to "
                          f"the model's {num_layers} layers")
     return parts
+
+
+def check_parallel_sizes(hf: HFConfig, tp: int, pp: int, dp: int, expert_parallel: bool) -> None:
+    """The sizes the layers split over the ranks, checked before any rank starts (as vLLM's
+    verify_with_parallel_config does): otherwise every rank fails alike while building the model."""
+    def need(name: str, value: Any, parts: int, over: str) -> None:
+        if value and int(value) % parts:
+            raise ValueError(f"{name} = {value} is not divisible by {over} = {parts}")
+
+    need("num_attention_heads", hf.get("num_attention_heads"), tp, "tensor_parallel_size")
+    kv_heads = hf.get("num_key_value_heads")
+    if kv_heads and hf.get("kv_lora_rank") is None:   # GQA: fewer KV heads than ranks are replicated
+        if kv_heads >= tp:
+            need("num_key_value_heads", kv_heads, tp, "tensor_parallel_size")
+        elif tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size = {tp} is not a multiple of num_key_value_heads = {kv_heads}")
+    need("intermediate_size", hf.get("intermediate_size"), tp, "tensor_parallel_size")
+    if hf.get("n_routed_experts"):
+        if not expert_parallel:
+            need("moe_intermediate_size", hf.get("moe_intermediate_size"), tp, "tensor_parallel_size")
+        elif dp > 1:
+            need("n_routed_experts", hf.get("n_routed_experts"), tp * dp,
+                 "the expert-parallel size (tensor_parallel_size x data_parallel_size)")
+        else:
+            need("n_routed_experts", hf.get("n_routed_experts"), tp, "the expert-parallel size (tensor_parallel_size)")
+    layers = int(hf.get("num_hidden_layers", 1))
+    if pp > layers:
+        raise ValueError(f"pipeline_parallel_size {pp} exceeds the model's {layers} layers (num_hidden_layers)")
 
 
 # --------------------------------------------------------------------------- CLI generation

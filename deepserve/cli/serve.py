@@ -111,6 +111,8 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         raise ValueError(f"bad engine argument: {exc}") from None
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
+    engine_args.create_engine_config()   # the layout against the model's config.json, before any process starts
+    check_ops_backend(engine_args)
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
@@ -120,3 +122,19 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     from deepserve.server.api_server import run_server
 
     return run_server(engine_args, server)
+
+
+def check_ops_backend(engine_args: EngineArgs) -> None:
+    """What a Triton backend (`--ops triton | triton-all | flaggems`, `USE_FLAGGEMS=1`) needs,
+    checked before any rank starts: one line here instead of every rank's traceback at load."""
+    import importlib.util
+
+    if engine_args.ops == "flaggems" and importlib.util.find_spec("flag_gems") is None:
+        raise ValueError("--ops flaggems (or USE_FLAGGEMS=1) needs FlagGems: pip install 'deepserve[flaggems]', "
+                         "or unset USE_FLAGGEMS for the platform's own kernels")
+    if engine_args.ops in ("triton", "triton-all", "flaggems") and os.environ.get("TRITON_INTERPRET") != "1":
+        from deepserve.platforms import get_platform
+
+        if get_platform(engine_args.device).name == "cpu":
+            raise ValueError(f"--ops {engine_args.ops} runs Triton kernels, which need a GPU (this machine serves "
+                             "on the CPU); use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")

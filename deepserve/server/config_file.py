@@ -26,7 +26,10 @@ its `defaults:` list names the serve file (`- serve: deepseek_r1` -> serve/deeps
 it); `experiment.task.type` must be serve; `experiment.envs` are exported, and so are the
 `export K=V` parts of `experiment.cmds.before_start`, which FlagScale runs in the shell that starts
 the server (the whole line runs on every host before `ray start` when there is a hostfile).
-`exp_dir`, `deploy`, `action` and `hydra` only steer FlagScale's own launcher and are not read.
+`experiment.deploy.port` is the server's port (FlagScale sets engine_args.port from it);
+`deploy.prefill_decode_disaggregation` is refused (deepserve serves prefill and decode in one
+engine); `exp_dir`, deploy's other keys (`use_fs_serve`: FlagScale's own launcher or `vllm
+serve`, both one server here), `action` and `hydra` only steer FlagScale's own launcher.
 """
 from __future__ import annotations
 
@@ -136,6 +139,19 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
     return data, envs
 
 
+def _deploy(data: Any, path: Path) -> dict[str, Any]:
+    """Server options from a FlagScale experiment's `deploy:` block (FlagScale's port overrides
+    the serve entry's engine_args.port)."""
+    experiment = (data.get("experiment") or {}) if isinstance(data, dict) else {}
+    deploy = experiment.get("deploy") or {}
+    if not isinstance(deploy, dict):
+        raise ValueError(f"{path}: experiment.deploy must be a mapping, got {deploy!r}")
+    if deploy.get("prefill_decode_disaggregation"):
+        raise ValueError(f"{path}: experiment.deploy.prefill_decode_disaggregation is not supported: deepserve "
+                         "serves prefill and decode in one engine (remove the key, or set it to false)")
+    return {"port": deploy["port"]} if deploy.get("port") is not None else {}
+
+
 def _runner(data: Any, entry: dict, path: Path) -> Optional[RunnerOptions]:
     """Runner options from FlagScale's places: experiment.runner (+ experiment.cmds.before_start),
     a top-level runner: or hostfile:, and the serve entry's own runner: or hostfile:."""
@@ -197,6 +213,7 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     for key in SERVER_KEYS:  # server options may also sit at the entry's top level
         if key in entry:
             config.server.setdefault(key, entry[key])
+    config.server.update(_deploy(data, path))
     name = config.engine_args.get("served_model_name")
     if isinstance(name, list):
         config.engine_args["served_model_name"] = ",".join(str(n) for n in name)

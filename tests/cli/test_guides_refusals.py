@@ -1,0 +1,118 @@
+"""What a user copying the guides' commands meets when the machine or the model cannot run them
+as written: one line naming what is needed, before any rank starts (no rank tracebacks, no
+silent wait), and the FlagScale experiment's `deploy:` block honoured or refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepserve.cli.main import main
+from deepserve.config import DEMO_MODEL, EngineArgs
+from tests.cli.test_guides_config import flagscale_checkout, serve_config
+
+TINY = {"num_attention_heads": 4, "n_routed_experts": 8, "num_hidden_layers": 3}
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """`deepserve serve` stops where it would start the engine: a check that has not failed by
+    then failed to run."""
+    def started(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
+    monkeypatch.setattr("deepserve.server.api_server.run_server", started)
+    monkeypatch.setattr("deepserve.engine.engine_core.run_headless", started)
+    for name in ("USE_FLAGGEMS", "DEEPSERVE_OPS", "TRITON_INTERPRET", "VLLM_PP_LAYER_PARTITION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-tp", "32"], "num_attention_heads = 4 is not divisible by tensor_parallel_size = 32"),  # the vastai TP=32 line
+    (["-pp", "4", "-tp", "1"], "pipeline_parallel_size 4 exceeds the model's 3 layers"),
+    (["-dp", "3", "--enable-expert-parallel"], "n_routed_experts = 8 is not divisible by the expert-parallel size"),
+    (["-tp", "4", "--hf-overrides", json.dumps({"moe_intermediate_size": 6})],
+     "moe_intermediate_size = 6 is not divisible by tensor_parallel_size = 4"),
+])
+def test_layouts_the_model_cannot_split_fail_in_one_line(capsys, no_server, flags, message):
+    """As vLLM's config check: before the fix every rank built the model and failed alike (31
+    tracebacks for TP=32), or a stage without layers died in a collective."""
+    overrides = dict(TINY)
+    if "--hf-overrides" in flags:
+        i = flags.index("--hf-overrides")
+        overrides.update(json.loads(flags[i + 1]))
+        flags = flags[:i] + flags[i + 2:]
+    argv = ["serve", "deepseek-r1", "--hf-overrides", json.dumps(overrides)] + flags
+    assert message in one_line_error(capsys, argv)
+    # the same check in the engine config every entry point builds (LLM, bench, serve --dry-run)
+    engine_args = serve_config(argv)[0]
+    with pytest.raises(ValueError, match=message):
+        engine_args.create_engine_config()
+
+
+def test_gqa_kv_heads_must_split_or_replicate_evenly():
+    base = dict(model="r1-distill-llama-8b", hf_overrides={"num_hidden_layers": 1})   # 32 heads, 8 KV heads
+    for tp in (1, 2, 8, 16, 32):   # 8 KV heads split over <= 8 ranks, replicated over 16 or 32
+        EngineArgs(**base, tensor_parallel_size=tp).create_engine_config()
+    with pytest.raises(ValueError, match="num_key_value_heads = 6 is not divisible by tensor_parallel_size = 4"):
+        EngineArgs(model="r1-distill-llama-8b", tensor_parallel_size=4,
+                   hf_overrides={"num_key_value_heads": 6, "num_attention_heads": 24}).create_engine_config()
+
+
+def test_flaggems_without_flag_gems_is_one_line(capsys, no_server, monkeypatch):
+    """The FlagOS YAML exports USE_FLAGGEMS=1: without FlagGems installed every rank failed at
+    load with a traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flag_gems" else real(name, *a))
+    monkeypatch.setenv("USE_FLAGGEMS", "1")
+    err = one_line_error(capsys, ["serve", DEMO_MODEL, "--port", "0"])
+    assert "needs FlagGems: pip install 'deepserve[flaggems]'" in err
+
+
+def test_triton_ops_on_a_cpu_is_one_line(capsys, no_server):
+    """Triton without a GPU driver failed in the rank with Triton's "0 active drivers"."""
+    err = one_line_error(capsys, ["serve", DEMO_MODEL, "--device", "cpu", "--ops", "triton", "--port", "0"])
+    assert "--ops triton runs Triton kernels, which need a GPU" in err and "TRITON_INTERPRET=1" in err
+
+
+def test_ascend_quantization_of_a_hub_id_says_to_download_it(capsys, no_server, tmp_path, monkeypatch):
+    """The vllm-ascend line serves `vllm-ascend/DeepSeek-R1-W8A8` (VLLM_USE_MODELSCOPE=True): the
+    error says to fetch it, not to drop --quantization ascend."""
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["serve", "vllm-ascend/DeepSeek-R1-W8A8", "--quantization", "ascend",
+                                  "--served-model-name", "deepseek_r1"])
+    assert "neither a folder nor a preset" in err and "modelscope download --model ID" in err
+    assert "drop the flag" not in err
+
+
+def test_flagscale_deploy_port_is_the_server_port(reference, tmp_path, monkeypatch):
+    """FlagScale's experiment.deploy.port (the metax guide's "set ... server port") overrides the
+    serve entry's engine_args.port; a flag given on the command line overrides both."""
+    model = tmp_path / "DeepSeek-R1"
+    model.mkdir()
+    conf = flagscale_checkout(tmp_path, reference, str(model))
+    experiment = conf / "config_deepseek_r1.yaml"
+    text = experiment.read_text()
+    assert "  deploy:\n    use_fs_serve: false\n" in text
+    experiment.write_text(text.replace("    use_fs_serve: false\n", "    use_fs_serve: false\n    port: 9010\n"))
+    serve = conf / "serve" / "deepseek_r1.yaml"
+    serve.write_text(serve.read_text() + "    port: 8001\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    assert serve_config(["serve", "deepseek_r1"])[1].port == 9010
+    assert serve_config(["serve", "deepseek_r1", "--port", "9020"])[1].port == 9020
+
+    experiment.write_text(experiment.read_text().replace("    port: 9010\n", "    prefill_decode_disaggregation: true\n"))
+    with pytest.raises(ValueError, match="prefill_decode_disaggregation is not supported"):
+        serve_config(["serve", "deepseek_r1"])
