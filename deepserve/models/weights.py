@@ -154,12 +154,15 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     """Copy checkpoint tensors into `model`'s parameters through their weight loaders.
 
     `stacked_params` maps a checkpoint name part to (fused parameter part, shard id).
-    fp8 KV scales go to their attention layers (`load_kv_scale`). Returns the names of the
+    fp8 KV scales go to their attention layers (`load_kv_scale`). A fused parameter must get
+    every one of its parts (q, k and v; gate and up): one the checkpoint lacks would leave that
+    slice uninitialised, so it is refused naming the missing tensor. Returns the names of the
     parameters that received data."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for pname, p in params.items():
         p.param_name = pname
     loaded: set[str] = set()
+    parts_seen: dict[str, tuple[str, set]] = {}     # fused parameter -> (fused name part, shard ids)
     for name, tensor in weights:
         name = rename(name)
         if name is None or load_kv_scale(model, name, tensor):
@@ -186,7 +189,15 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             loader(param, tensor)
         else:
             loader(param, tensor, shard_id)
+            parts_seen.setdefault(target, (fused, set()))[1].add(shard_id)
         loaded.add(target)
+    for target, (fused, got) in parts_seen.items():
+        if getattr(params[target], "filled", False):
+            continue    # scales a quantizing loader made from a part's float weight count too
+        for part, f, shard_id in stacked_params:
+            if f == fused and shard_id not in got:
+                raise ValueError(f"checkpoint lacks tensor {target.replace(fused, part)} "
+                                 f"(the other parts of {target} are there)")
     return loaded
 
 

@@ -8,6 +8,7 @@ dequantized fp32 weights; bad checkpoints fail with one line naming the tensor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -340,3 +341,20 @@ def test_gptq_v2_zero_points_are_stored_as_is():
         del tensors["g_idx"]
         layer = _load(ReplicatedLinear(64, 32), spec, tensors)
         assert torch.equal(layer(x), F.linear(x, dequantize(u, z, s, g_idx)))
+
+
+@pytest.mark.parametrize("fmt,dropped", [(None, "model.layers.0.self_attn.q_proj.weight"),
+                                         ("awq", "model.layers.1.mlp.up_proj.qzeros"),
+                                         ("compressed-tensors", "model.layers.0.self_attn.v_proj.weight_scale")])
+def test_a_missing_part_of_a_fused_parameter_is_named(tiny_folders, tmp_path, fmt, dropped):
+    """q/k/v and gate/up load into one fused parameter each: a checkpoint lacking one part
+    (here q_proj's weight, up_proj's zero points, v_proj's scales) is refused naming that
+    tensor, not loaded with the slice left uninitialised."""
+    from tests.models.hf_reference import load_ours
+    ref = tiny_folders("llama")
+    folder = ref if fmt is None else _quantize_folder(ref, tmp_path, fmt, 32, False, False)[0]
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors[dropped]
+    broken = write_variant(folder, tmp_path / "broken", tensors, None)
+    with pytest.raises(ValueError, match=rf"^checkpoint lacks tensor {re.escape(dropped)} \(the other parts of "):
+        load_ours(broken)
