@@ -50,6 +50,7 @@ from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream
 from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
+from deepserve.quant.qconfig_fields import check_fields
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,6 +104,7 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
     method = qc.get("quant_method")
     if method is None:
         return None
+    check_fields(qc)
     if method == "fp8" and qc.get("activation_scheme", "dynamic") != "dynamic":
         raise ValueError(f"quantization_config activation_scheme {qc.get('activation_scheme')!r} (fp8 input "
                          f"scales per layer) is not supported; deepserve serves fp8 weights with dynamic "

@@ -358,3 +358,32 @@ def test_a_missing_part_of_a_fused_parameter_is_named(tiny_folders, tmp_path, fm
     broken = write_variant(folder, tmp_path / "broken", tensors, None)
     with pytest.raises(ValueError, match=rf"^checkpoint lacks tensor {re.escape(dropped)} \(the other parts of "):
         load_ours(broken)
+
+
+def test_unknown_quantization_config_fields_are_refused_naming_them():
+    """A quantization_config field the format does not define (or GPTQModel's per-module
+    `dynamic` overrides, a compressed-tensors transform) could change what the integers mean:
+    refused naming it. Fields that only record how the checkpoint was made still load."""
+    from deepserve.models.loader import checkpoint_quantization
+
+    def stored(qc):
+        return checkpoint_quantization({"quantization_config": qc, "torch_dtype": "float16"})
+    for fmt in ("awq", "gptq", "compressed-tensors"):
+        qc = quantization_config(fmt, 32, fmt != "awq", False)
+        with pytest.raises(ValueError, match=rf"^quantization_config \({fmt}\): unknown field\(s\) 'frobnicate'"):
+            stored({**qc, "frobnicate": 1})
+    ct = quantization_config("compressed-tensors", 32, True, False)
+    ct["config_groups"]["group_0"]["weights"]["zero_scale"] = 2.0
+    with pytest.raises(ValueError, match=r"^compressed-tensors group group_0 weights: unknown field\(s\) 'zero_scale'"):
+        stored(ct)
+    with pytest.raises(ValueError, match=r"^quantization_config \(gptq\): dynamic .* is not supported"):
+        stored({**quantization_config("gptq", 32, True, False), "dynamic": {"-:.*mlp.*": {}}})
+    with pytest.raises(ValueError, match=r"^quantization_config \(compressed-tensors\): transform_config"):
+        stored({**quantization_config("compressed-tensors", 32, True, False), "transform_config": {"x": 1}})
+    # as AutoGPTQ / transformers / llm-compressor / AutoAWQ write them
+    assert stored({**quantization_config("gptq", 32, True, False), "damp_percent": 0.01, "true_sequential": True,
+                   "static_groups": False, "model_file_base_name": "model", "dynamic": None}) == "gptq"
+    assert stored({**quantization_config("awq", 32, False, False), "do_fuse": False, "backend": "autoawq"}) == "awq"
+    ct = quantization_config("compressed-tensors", 32, True, False)
+    ct["config_groups"]["group_0"]["weights"].update(observer="minmax", observer_kwargs={}, block_structure=None)
+    assert stored({**ct, "sparsity_config": {}, "quantization_status": "compressed", "version": "0.9"}) == "w4a16"

@@ -1,0 +1,71 @@
+"""The fields a checkpoint's `quantization_config` may carry, per `quant_method`.
+
+A field deepserve does not know might change what the stored integers mean (a per-module
+override, a transform applied before quantization, a kernel-specific layout), so a config with
+one is refused naming it rather than loaded as if it were absent. The lists hold what the
+formats' writers put in config.json: AutoAWQ and transformers' AwqConfig; AutoGPTQ's
+quantize_config, transformers' GPTQConfig and GPTQModel; compressed-tensors' QuantizationConfig,
+QuantizationScheme and QuantizationArgs (as llm-compressor saves them); DeepSeek's and vLLM's
+fp8 config. Fields that only record how the checkpoint was made (dataset, dampening, observer)
+are accepted; fields known to change the weights are accepted only at their neutral value.
+"""
+from __future__ import annotations
+
+_AWQ = {"quant_method", "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version",
+        "modules_to_not_convert", "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse",
+        "exllama_config"}
+_GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "damp_percent",
+         "damp_auto_increment", "static_groups", "true_sequential", "model_name_or_path",
+         "model_file_base_name", "modules_to_not_convert", "tokenizer", "dataset", "use_cuda_fp16",
+         "model_seqlen", "block_name_to_quantize", "module_name_preceding_first_block", "batch_size",
+         "pad_token_id", "use_exllama", "disable_exllama", "max_input_length", "exllama_config",
+         "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "is_marlin_format",
+         "lm_head", "dynamic", "pack_dtype", "format", "mse", "v2", "v2_alpha", "hyb_act", "adapter",
+         "rotation", "quantize_config"}
+_FP8 = {"quant_method", "activation_scheme", "fmt", "weight_block_size", "ignored_layers",
+        "modules_to_not_convert"}
+_CT = {"quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
+       "sparsity_config", "global_compression_ratio", "version", "transform_config", "provider"}
+_CT_SCHEME = {"targets", "weights", "input_activations", "output_activations", "format"}
+_CT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic",
+            "actorder", "observer", "observer_kwargs", "scale_dtype", "zp_dtype"}
+KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
+# field -> the neutral values deepserve serves (anything else changes the weights' meaning)
+_NEUTRAL = {"gptq": {"dynamic": (None, {}), "lm_head": (None, False), "is_marlin_format": (None, False),
+                     "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2")},
+            "compressed-tensors": {"transform_config": (None, {})}}
+
+
+def _unknown(where: str, got: dict, known: set) -> None:
+    extra = sorted(set(got) - known)
+    if extra:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, extra))}; deepserve does not "
+                         f"know what they do to the weights, so it does not load them")
+
+
+def check_fields(qc: dict) -> None:
+    """Refuse a quantization_config with a field its quant_method does not define, or a known
+    field at a value that changes the weights and that deepserve does not implement."""
+    method = qc.get("quant_method")
+    if method not in KNOWN:
+        return          # refused by the caller, naming the method
+    where = f"quantization_config ({method})"
+    _unknown(where, qc, KNOWN[method])
+    for name, neutral in _NEUTRAL.get(method, {}).items():
+        if qc.get(name) not in neutral:
+            raise ValueError(f"{where}: {name} {qc[name]!r} is not supported")
+    if method != "compressed-tensors":
+        return
+    sparsity = qc.get("sparsity_config") or {}
+    if sparsity.get("format", "dense") != "dense":
+        raise ValueError(f"{where}: sparsity_config format {sparsity['format']!r} is not supported (dense only)")
+    for gname, group in (qc.get("config_groups") or {}).items():
+        gwhere = f"compressed-tensors group {gname}"
+        _unknown(gwhere, group, _CT_SCHEME)
+        if group.get("output_activations"):
+            raise ValueError(f"{gwhere}: output_activations quantization is not supported")
+        for part in ("weights", "input_activations"):
+            if group.get(part):
+                _unknown(f"{gwhere} {part}", group[part], _CT_ARGS)
+    if qc.get("kv_cache_scheme"):
+        _unknown(f"{where} kv_cache_scheme", qc["kv_cache_scheme"], _CT_ARGS)
