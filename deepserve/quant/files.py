@@ -43,9 +43,18 @@ def atomic_write_json(path: Path, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = tmp_path(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the shard the mode
+    # of the side files beside it, so a server running as another user can read it
+    os.chmod(tmp, _umask_mode())
     _fsync_and_replace(tmp, path)
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -83,3 +84,17 @@ def test_resume_redoes_corrupted_shard_and_drops_temporaries(bf16_ckpt, tmp_path
     fresh = tmp_path / "fresh"
     convert_fp8_to_bf16(fp8, fresh, progress=False)
     assert _digests(dst) == _digests(fresh)
+
+
+def test_written_shards_are_readable_like_the_side_files(bf16_ckpt, tmp_path):
+    """Weight shards get the same permissions as the config and tokenizer files written beside
+    them (the process umask), not safetensors' private 0600."""
+    old = os.umask(0o022)
+    try:
+        dst = tmp_path / "fp8"
+        quantize_checkpoint(bf16_ckpt, dst, "fp8-block", progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dst.iterdir()}
+    assert modes["config.json"] == 0o644
+    assert {m for n, m in modes.items() if n.endswith(".safetensors")} == {0o644}, modes
