@@ -32,6 +32,8 @@ def _record_text(rec) -> str | None:
 
 def read_texts(path: Path) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--calib-dataset {path} is a folder; name one of its .jsonl / .json / .txt files")
     if not path.is_file():
         raise FileNotFoundError(f"--calib-dataset {path} does not exist")
     suffix = path.suffix.lower()

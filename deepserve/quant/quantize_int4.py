@@ -100,6 +100,15 @@ def _ignored(patterns: tuple[str, ...], module: str) -> bool:
     return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in patterns)
 
 
+def _ignore_suggestion(modules: list[str]) -> str:
+    """The --ignore argument that keeps `modules` in high precision: the one name, or a regex
+    with the layer (and expert) indices left open."""
+    if len(modules) == 1:
+        return modules[0]
+    patterns = sorted({re.sub(r"\\.\d+\\.", lambda m: r"\.\d+\.", re.escape(m)) for m in modules})
+    return f"'re:{patterns[0]}$'" if len(patterns) == 1 else f"'re:({'|'.join(patterns)})$'"
+
+
 class QuantizeInt4(Converter):
     """`runner` builds the calibration layer runner (models/calibration.py's LayerRunner: given
     the config, the embedding weight, the token samples and the device); GPTQ needs it."""
@@ -124,6 +133,7 @@ class QuantizeInt4(Converter):
         check_high_precision_source(ckpt)
         o = self.opts
         ignore = policy_ignore(ckpt)
+        unfit: dict[str, list[tuple[str, int]]] = {}     # reason -> (tensor, size) it cannot quantize
         for t in ckpt.tensors.values():
             if high_precision_reason(t.name, t.dtype, t.shape) is not None:
                 continue
@@ -133,15 +143,24 @@ class QuantizeInt4(Converter):
                 continue
             n, k = t.shape
             if k % PACK:
-                raise ValueError(f"tensor {t.name}: {k} input features do not pack into int32s of {PACK} "
-                                 f"4-bit values; keep it in high precision with --ignore {module}")
-            if o.group_size != -1 and k % o.group_size:
-                raise ValueError(f"tensor {t.name}: --group-size {o.group_size} does not divide its {k} input "
-                                 f"features; pick a group size that does, or --ignore {module}")
-            if o.fmt == "awq" and n % PACK:
-                raise ValueError(f"tensor {t.name}: AutoAWQ packs output features in eights, {n} is not a "
-                                 f"multiple of {PACK}; use the compressed-tensors format or --ignore {module}")
-            self._quant.add(t.name)
+                unfit.setdefault("pack", []).append((t.name, k))
+            elif o.group_size != -1 and k % o.group_size:
+                unfit.setdefault("group", []).append((t.name, k))
+            elif o.fmt == "awq" and n % PACK:
+                unfit.setdefault("awq", []).append((t.name, n))
+            else:
+                self._quant.add(t.name)
+        for why, found in unfit.items():
+            name, size = found[0]
+            ignore_flag = _ignore_suggestion([f[0][: -len(".weight")] for f in found])
+            if why == "pack":
+                raise ValueError(f"tensor {name}: {size} input features do not pack into int32s of {PACK} "
+                                 f"4-bit values; keep it in high precision with --ignore {ignore_flag}")
+            if why == "group":
+                raise ValueError(f"tensor {name}: --group-size {o.group_size} does not divide its {size} input "
+                                 f"features; pick a group size that does, or --ignore {ignore_flag}")
+            raise ValueError(f"tensor {name}: AutoAWQ packs output features in eights, {size} is not a "
+                             f"multiple of {PACK}; use the compressed-tensors format or --ignore {ignore_flag}")
         if not self._quant:
             raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
         for siblings in _SIBLINGS:
@@ -157,6 +176,10 @@ class QuantizeInt4(Converter):
         self._ignore = sorted(ignore)
         self.scale_dtype = scale_dtype_of(ckpt.config)
         if o.algorithm == "gptq":
+            max_pos = ckpt.config.get("max_position_embeddings")
+            if max_pos and o.calib_seq_len > max_pos:
+                raise ValueError(f"--calib-seq-len {o.calib_seq_len} exceeds the model's max_position_embeddings "
+                                 f"{max_pos}")
             eos = ckpt.config.get("eos_token_id")
             self._samples = calibration_samples(Path(o.calib_dataset), ckpt.root, o.calib_samples,
                                                 o.calib_seq_len, eos[0] if isinstance(eos, list) else eos)

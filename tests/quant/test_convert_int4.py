@@ -340,7 +340,13 @@ def test_bad_input_is_one_line(tmp_path, capsys, shared_dir):
     _fails(capsys, ["--method", "w4a16", "--group-size", "20", *rtn], dst, "--group-size must be -1 or a positive "
            "multiple of 8, got 20")
     _fails(capsys, ["--method", "w4a16", *rtn, "--group-size", "32"], dst,
-           "tensor model.layers.0.mlp.down_proj.weight: 172 input features do not pack", "--ignore")
+           "tensor model.layers.0.mlp.down_proj.weight: 172 input features do not pack",
+           "--ignore 're:model\\.layers\\.\\d+\\.mlp\\.down_proj$'")   # every layer's, not layer 0's
+    gptq = ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0]]
+    _fails(capsys, [*gptq, "--calib-dataset", str(shared_dir / "datasets/gsm8k/test.jsonl"),
+                    "--calib-seq-len", "100000"], dst, "--calib-seq-len 100000 exceeds the model's "
+           "max_position_embeddings 512")
+    _fails(capsys, [*gptq, "--calib-dataset", str(shared_dir / "datasets/gsm8k")], dst, "gsm8k is a folder")
     _fails(capsys, ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0]], dst,
            "--algorithm gptq needs --calib-dataset FILE")
     _fails(capsys, ["--method", "w4a8", "--format", "awq", *rtn], dst, "--format awq holds W4A16 weights only")
