@@ -11,8 +11,9 @@ front end (engine/dp_engine.py) talks to the cores over ZeroMQ on tcp ports of i
 
 The driver joins an existing Ray cluster (`ray start --head` / `ray start --address`, or
 RAY_ADDRESS); without one it starts a local Ray instance. An actor that dies makes `failure`
-name its rank and node; actors Ray cannot place fail the start after
-DEEPSERVE_WORKER_START_TIMEOUT naming the cluster's resources.
+name its rank and node; a cluster with fewer CPUs (GPUs) in all than the actors take fails the
+start at once, and actors Ray cannot place otherwise (no node with room for a DP rank's group)
+after DEEPSERVE_WORKER_START_TIMEOUT, naming the cluster's resources.
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def node_ip(ray) -> str:
     return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
 
 
+def check_room(ray, actors: int, gpu: bool) -> None:
+    """Fail at once (as vLLM does) when the whole cluster has fewer CPUs, or GPUs, than the
+    actors take: waiting start_timeout_s for room that no node offers only delays the error."""
+    total = ray.cluster_resources()
+    short = [f"{int(total.get(kind, 0))} {kind}" for kind in (("CPU", "GPU") if gpu else ("CPU",))
+             if total.get(kind, 0) < actors]
+    if short:
+        more = ("add nodes (`ray start --address HEAD:PORT` on each)" if gpu else
+                "start Ray with more logical CPUs (`ray start --head --num-cpus N`: a CPU rank needs no core of "
+                "its own)")
+        raise RuntimeError(f"{actors} Ray actors take 1 CPU{' and 1 GPU' if gpu else ''} each, and the Ray cluster "
+                           f"has {' and '.join(short)} in all: {more}, or run fewer ranks")
+
+
 def _unplaced(ray, what: str, gpu: bool) -> RuntimeError:
     need = f"1 CPU{' and 1 GPU' if gpu else ''} each"
     return RuntimeError(f"Ray placed fewer than {what} ({need}) within {start_timeout_s():.0f} s; "
@@ -74,11 +89,12 @@ class RayExecutor(DriverExecutor):
         check_no_live_group()
         ray = _join_ray()
         self.world_size = config.parallel.world_size
+        gpu = platform.device_type == "cuda"
+        check_room(ray, self.world_size - 1, gpu)    # rank 0 is this process
         # where the process group meets: this node's cluster address (DEEPSERVE_HOST_IP overrides)
         ip = os.environ.get("DEEPSERVE_HOST_IP") or node_ip(ray)
         init_method = f"tcp://{ip}:{free_port()}"
         timeout = dist_timeout_s()
-        gpu = platform.device_type == "cuda"
 
         @ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)
         class Worker:
@@ -154,6 +170,7 @@ class RayRanks:
         dp = args.data_parallel_size
         span = self.span = args.tensor_parallel_size * args.pipeline_parallel_size
         gpu = get_platform(args.device).device_type == "cuda"
+        check_room(ray, dp * span, gpu)
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
         # a DP rank's TP/PP ranks on one node (their collectives are the per-layer ones)
         self.groups = [placement_group([bundle] * span, strategy="STRICT_PACK") for _ in range(dp)]

@@ -116,3 +116,31 @@ def test_flagscale_deploy_port_is_the_server_port(reference, tmp_path, monkeypat
     experiment.write_text(experiment.read_text().replace("    port: 9010\n", "    prefill_decode_disaggregation: true\n"))
     with pytest.raises(ValueError, match="prefill_decode_disaggregation is not supported"):
         serve_config(["serve", "deepseek_r1"])
+
+
+class _SmallCluster:
+    """What the Ray executors ask a cluster before placing anything: a 2-CPU machine's local Ray."""
+
+    def cluster_resources(self):
+        return {"CPU": 2.0, "memory": 1e10, "node:__internal_head__": 1.0}
+
+
+@pytest.mark.parametrize("layout, actors", [(dict(tensor_parallel_size=2, pipeline_parallel_size=2), 3),
+                                            (dict(tensor_parallel_size=2, data_parallel_size=2), 4)])
+def test_ray_cluster_without_room_fails_at_once(monkeypatch, layout, actors):
+    """The metax / MindSpore lines (`--distributed-executor-backend ray`) on a cluster with fewer
+    CPUs (GPUs) than ranks: one line at once naming what is needed, not a silent wait of
+    DEEPSERVE_WORKER_START_TIMEOUT (300 s) for room no node offers."""
+    pytest.importorskip("ray")
+    from deepserve.engine import ray_executor
+    from deepserve.platforms import get_platform
+
+    monkeypatch.setattr(ray_executor, "_join_ray", lambda: _SmallCluster())
+    args = EngineArgs(model=DEMO_MODEL, device="cpu", distributed_executor_backend="ray", **layout)
+    message = f"{actors} Ray actors take 1 CPU each, and the Ray cluster has 2 CPU in all"
+    with pytest.raises(RuntimeError, match=message) as err:
+        if args.data_parallel_size > 1:
+            ray_executor.RayRanks(args)
+        else:
+            ray_executor.RayExecutor(args.create_engine_config(), get_platform("cpu"), set())
+    assert "ray start --head --num-cpus N" in str(err.value)
