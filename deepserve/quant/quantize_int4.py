@@ -183,6 +183,12 @@ class QuantizeInt4(Converter):
             eos = ckpt.config.get("eos_token_id")
             self._samples = calibration_samples(Path(o.calib_dataset), ckpt.root, o.calib_samples,
                                                 o.calib_seq_len, eos[0] if isinstance(eos, list) else eos)
+            vocab = ckpt.config.get("vocab_size")
+            top = max(int(sample.max()) for sample in self._samples)
+            if vocab and top >= vocab:
+                raise ValueError(f"{ckpt.root / 'tokenizer.json'} gives token id {top} on the calibration text, "
+                                 f"outside the model's vocab_size {vocab}: the tokenizer does not belong to "
+                                 f"this model")
 
     def begin(self, partial: Path, done: set[str]) -> None:
         self._partial, self._done = partial, done

@@ -357,3 +357,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, shared_dir):
     _fails(capsys, ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0], "--calib-dataset",
                     str(shared_dir / "datasets/gsm8k/test.jsonl"), "--calib-samples", "100000"], dst,
            "fewer than --calib-samples 100000 x --calib-seq-len 512")
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_line(tmp_path, capsys, shared_dir):
+    """GPTQ calibration tokenizes with the checkpoint's tokenizer.json: one whose ids run past
+    the model's vocab_size (here R1-Distill-Qwen's beside the 512-token demo model) is named,
+    not an IndexError from the embedding."""
+    src = tmp_path / "mixed"
+    shutil.copytree(DEMO_MODEL, src)
+    shutil.copy(shared_dir / "tokenizers/deepseek-r1-distill-qwen-7b/tokenizer.json", src / "tokenizer.json")
+    dst = tmp_path / "out"
+    argv = ["convert", "quantize", str(src), str(dst), "--method", "w4a16", "--group-size", "32",
+            "--ignore", NO_DOWN[0], "--calib-dataset", str(shared_dir / "datasets/gsm8k/test.jsonl"),
+            "--calib-samples", "2", "--calib-seq-len", "32", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outside the model's vocab_size 512" in err, err
+    assert not dst.exists() and not dst.with_name("out.partial").exists()
