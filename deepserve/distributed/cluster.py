@@ -155,6 +155,26 @@ class RunnerOptions:
         return out
 
 
+# --------------------------------------------------------------------------- Ray client
+def ray_token_auth_as_started(address: Optional[str]) -> None:
+    """Before joining the Ray cluster at `address` (host:port): a cluster that `ray start` began
+    where a token exists (~/.ray/auth_token, which Ray writes the first time a process starts a
+    local instance, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) has token authentication on, and Ray
+    sends the token to a cluster it finds by itself on this machine but never to one named by
+    address, which then refuses the client over and over ("Authentication token is missing").
+    When the address is this machine's, the token `ray start` read here is the cluster's: Ray's
+    own check for a local cluster runs. A RAY_AUTH_MODE set by the user is left as it is."""
+    host = (address or "").split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if not host or host not in local_addresses():
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:   # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 # --------------------------------------------------------------------------- local host
 def local_addresses() -> set[str]:
     """This machine's names and interface addresses, read locally (no packet is sent)."""
@@ -345,6 +365,7 @@ class ClusterLauncher:
     def _default_resources(self) -> dict:
         import ray
         if not ray.is_initialized():
+            ray_token_auth_as_started(self.address)
             ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
             self._trap_sigterm()  # Ray's core worker just put its own (fatal) SIGTERM handler in
         return ray.cluster_resources()

@@ -25,6 +25,7 @@ from typing import Optional
 from deepserve.config import EngineArgs, EngineConfig
 from deepserve.engine.executor import (DriverExecutor, _worker_main, check_no_live_group, dist_timeout_s, free_port,
                                        start_timeout_s)
+from deepserve.distributed.cluster import ray_token_auth_as_started
 from deepserve.distributed.parallel_state import destroy_distributed
 from deepserve.platforms import Platform, get_platform
 
@@ -53,6 +54,7 @@ def _import_ray():
 def _join_ray():
     ray = _import_ray()
     if not ray.is_initialized():
+        ray_token_auth_as_started(os.environ.get("RAY_ADDRESS"))
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
     return ray

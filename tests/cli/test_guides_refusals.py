@@ -144,3 +144,29 @@ def test_ray_cluster_without_room_fails_at_once(monkeypatch, layout, actors):
         else:
             ray_executor.RayExecutor(args.create_engine_config(), get_platform("cpu"), set())
     assert "ray start --head --num-cpus N" in str(err.value)
+
+
+@pytest.mark.parametrize("address, follows", [("127.0.0.1:6333", True), ("10.255.0.9:6379", False), (None, False)])
+def test_ray_client_follows_the_local_heads_token(monkeypatch, address, follows):
+    """`ray start --head` (the MindSpore guide) turns token authentication on where
+    ~/.ray/auth_token exists, which Ray writes the first time any process starts a local
+    instance; Ray then sends the token to a cluster it finds by itself, never to one named by
+    RAY_ADDRESS (the FlagScale hostfile flow sets it), which refused the server over and over.
+    For a head on this machine the client now runs Ray's own local-cluster check; a remote
+    address, or none (Ray decides), is left to Ray."""
+    pytest.importorskip("ray")
+    import ray
+    from ray._private.authentication import authentication_token_setup as auth
+
+    from deepserve.engine import ray_executor
+
+    calls = []
+    monkeypatch.setattr(auth, "maybe_enable_token_auth_if_token_available", lambda **kw: calls.append("check"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw["address"])))
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_executor._join_ray()
+    assert calls == (["check"] if follows else []) + [("init", address)]
