@@ -24,7 +24,8 @@ the `meta` device):
   (layers/quantization.py), and the router is fp32 as MoEGate holds it.
 - 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight or routed expert matrix takes
   half a byte per value plus a scale (and for awq / gptq a uint8 zero point) per row per 128
-  columns (layers/quantization_int4.py, moe_int4.py); the layers fp8 keeps in the model dtype
+  columns (layers/quantization_int4.py, moe_int4.py), or per the group size (and zero points)
+  of a model folder's quantization_config in that format (`int4_layout`); the layers fp8 keeps in the model dtype
   stay in the model dtype. With activation reordering (`act_order`: GPTQ desc_act,
   compressed-tensors actorder "group") each 4-bit Linear also holds an int32 g_idx over its
   rank's input features (one for a fused q/k/v or gate/up), each routed expert one over D for
@@ -53,7 +54,10 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # as the model dtype here) and, for formats storing zero points, one uint8 per scale.
 # plan name -> (group size, zero points): compressed-tensors W4A16 (llm-compressor's default
 # recipe, symmetric), AutoAWQ (asymmetric), GPTQ (its qzeros are always stored)
-INT4_PLAN = {"w4a16": (128, False), "awq": (128, True), "gptq": (128, True)}
+INT4_PLAN = {"w4a16": (128, False), "awq": (128, True), "gptq": (128, True), "w4a8-int8": (128, False)}
+# the quant_method of the checkpoints each 4-bit plan name counts (w4a8-int8: the engine's name
+# for compressed-tensors W4A8, whose weights take the bytes of W4A16)
+_INT4_METHOD = {"w4a16": "compressed-tensors", "w4a8-int8": "compressed-tensors", "awq": "awq", "gptq": "gptq"}
 INT8_PLAN = "w8a8-int8"
 MLA_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 GQA_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -76,7 +80,10 @@ class Tensor:
     count: int = 1
     group_cols: int = 0
 
-    def nbytes(self, dtype_bytes: int, quantization: Optional[str]) -> int:
+    def nbytes(self, dtype_bytes: int, quantization: Optional[str],
+               int4: Optional[tuple[int, bool]] = None) -> int:
+        """Bytes of the tensor; `int4`: a 4-bit plan's (group size, zero points), INT4_PLAN's
+        by default."""
         n = self.rows * self.cols
         if self.kind in ("fp32", "int32"):
             return 4 * n * self.count
@@ -88,8 +95,9 @@ class Tensor:
         if self.kind in ("linear", "expert") and quantization == INT8_PLAN:
             return (n + 4 * self.rows) * self.count
         if self.kind in ("linear", "expert") and quantization in INT4_PLAN:
-            group, zeros = INT4_PLAN[quantization]
-            scales = self.rows * math.ceil((self.group_cols or self.cols) / group)
+            group, zeros = int4 or INT4_PLAN[quantization]
+            cols = self.group_cols or self.cols
+            scales = self.rows * math.ceil(cols / (cols if group == -1 else group))
             return (n // 2 + scales * (dtype_bytes + zeros)) * self.count
         return dtype_bytes * n * self.count
 
@@ -107,6 +115,28 @@ class Layout:
 
     def __str__(self) -> str:
         return f"TP={self.tp} PP={self.pp} DP={self.dp} EP={self.ep_size if self.ep else 'off'}"
+
+
+def int4_layout(cfg, quantization: Optional[str]) -> Optional[tuple[int, bool]]:
+    """(group size, zero points) of a 4-bit plan: a model folder's own, read from its
+    quantization_config as quant/int4.py reads it (-1: one scale per row), when the folder is
+    of the plan's format; else INT4_PLAN's defaults. None for other plans."""
+    if quantization not in INT4_PLAN:
+        return None
+    qc = cfg.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method != _INT4_METHOD[quantization]:
+        return INT4_PLAN[quantization]
+    if method in ("awq", "gptq"):
+        group = qc.get("group_size", qc.get("q_group_size"))
+        return (-1 if group in (None, -1) else int(group)), True
+    weights = [(g.get("weights") or {}) for g in (qc.get("config_groups") or {}).values()]
+    weights = [w for w in weights if w.get("num_bits") == 4]
+    if not weights:
+        return INT4_PLAN[quantization]
+    w = weights[0]
+    group = w.get("group_size") if w.get("strategy") == "group" else -1
+    return (-1 if group in (None, -1) else int(group)), not w.get("symmetric", True)
 
 
 def act_order(cfg, quantization: Optional[str]) -> bool:
@@ -273,11 +303,12 @@ def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization:
                      include_mtp: bool = False) -> list[dict[str, int]]:
     """Bytes per GPU by group (GROUPS), one dict per PP stage."""
     dtype_bytes = DTYPE_BYTES[dtype]
+    int4 = int4_layout(cfg, quantization)
     stages = []
     for stage in range(layout.pp):
         groups = dict.fromkeys(GROUPS, 0)
         for t in stage_tensors(cfg, layout, stage, include_mtp, quantization):
-            groups[t.group] += t.nbytes(dtype_bytes, quantization)
+            groups[t.group] += t.nbytes(dtype_bytes, quantization, int4)
         stages.append(groups)
     return stages
 

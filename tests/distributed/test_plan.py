@@ -352,8 +352,8 @@ def test_docs_plan_md_is_what_the_command_prints():
 def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     """Without --quantization a model folder is planned as `serve` loads it: a DeepSeek FP8
     folder in fp8 (it printed bf16 bytes), exactly as with --quantization fp8; a preset stays
-    in the model dtype (random weights); a 4-bit folder the plan cannot count, or an msModelSlim
-    one, is refused naming the flag to pass."""
+    in the model dtype (random weights); a 4-bit folder in its own group size; one that keeps
+    Linear layers in high precision, or an msModelSlim one, is refused naming the flag to pass."""
     import json
 
     import transformers
@@ -370,8 +370,12 @@ def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                   "version": "gemm"}
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
+    rc, out, _ = run_cli(args)
+    assert rc == 0 and "weights    awq 4-bit (groups of 32) Linear weights" in out   # the folder's group size
+    cfg["quantization_config"]["modules_to_not_convert"] = ["o_proj"]
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
     rc, _, err = run_cli(args)
-    assert rc == 2 and "stores awq weights in groups of 32" in err and "pass --quantization" in err
+    assert rc == 2 and "keeps model.layers.0.self_attn.o_proj" in err and "--quantization none" in err
     assert "weights    bfloat16;" in run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])[1]
     cfg.pop("quantization_config")                     # msModelSlim: the description file says it
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))

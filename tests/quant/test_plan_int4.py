@@ -1,0 +1,65 @@
+"""`deepserve plan` of 4-bit model folders as `deepserve convert quantize` writes them: the
+per-GPU weight bytes equal the parameters of the model the engine builds from the folder (on
+the meta device, this rank's slices), whatever the group size, zero points or format; a folder
+that keeps Linear layers in high precision, which the plan would count in 4-bit, is refused."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepserve.cli.main import main
+from deepserve.cli.plan import stored_quantization
+from deepserve.config import EngineArgs, load_hf_config
+from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
+from deepserve.models.loader import build_model, checkpoint_quantization
+from deepserve.quant import Int4Options, quantize_checkpoint
+from tests.models.hf_reference import save_tiny_mla_moe
+
+CASES = [("compressed-tensors", 16, True), ("compressed-tensors", 32, False), ("compressed-tensors", -1, True),
+         ("awq", 16, False)]
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> Path:
+    # every quantized input dimension, whole or halved by TP 2, holds whole groups of 32
+    return save_tiny_mla_moe(tmp_path_factory.mktemp("ds") / "ref", intermediate_size=128,
+                             moe_intermediate_size=64, num_attention_heads=4, num_key_value_heads=4)
+
+
+def _built_bytes(folder: Path, layout: Layout) -> int:
+    mc = EngineArgs(model=str(folder), dtype="float32").create_engine_config().model
+    method = checkpoint_quantization(mc.hf_config)
+    pctx = ParallelContext(tp_size=layout.tp, dp_size=layout.dp, ep_size=layout.ep_size)
+    model = build_model(mc, torch.device("meta"), pctx, method)
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
+def test_plan_of_a_converted_4bit_folder_is_what_the_engine_allocates(deepseek, tmp_path, fmt, group, sym):
+    out = tmp_path / "q"
+    quantize_checkpoint(deepseek, out, "w4a16", progress=False, int4=Int4Options(
+        method="w4a16", fmt=fmt, algorithm="rtn", group_size=group, symmetric=sym))
+    cfg = load_hf_config(str(out))
+    quantization = stored_quantization(str(out), cfg)
+    for layout in (Layout(1, 1, 1), Layout(2, 1, 1), Layout(2, 1, 1, True), Layout(1, 1, 2, True)):
+        planned = weight_bytes_per_gpu(cfg, layout, "float32", quantization)
+        assert planned == _built_bytes(out, layout), layout
+    rc_out = io.StringIO()
+    with contextlib.redirect_stdout(rc_out):
+        assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    groups = "one scale per row" if group == -1 else f"groups of {group}"
+    assert f"4-bit ({groups}) Linear weights" in rc_out.getvalue()
+
+
+def test_a_folder_with_linears_left_in_high_precision_is_refused(deepseek, tmp_path, capsys):
+    out = tmp_path / "q"
+    quantize_checkpoint(deepseek, out, "w4a16", progress=False, int4=Int4Options(
+        method="w4a16", algorithm="rtn", group_size=16, ignore=("re:.*shared_experts.*",)))
+    assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "keeps model.layers.1.mlp.shared_experts.gate_proj" in err and "--quantization none" in err, err
