@@ -122,6 +122,9 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
 
 
 INT4_METHODS = ("awq", "gptq", "w4a16", "w4a8-int8")
+_FORMAT_NAMES = {"awq": "AutoAWQ", "gptq": "GPTQ", "w4a16": "compressed-tensors W4A16",
+                 "w4a8-int8": "compressed-tensors W4A8", "compressed-tensors": "compressed-tensors 4-bit",
+                 "fp8": "fp8", "w8a8-int8": "W8A8 int8", modelslim.METHOD: "msModelSlim W8A8"}
 AS_STORED = INT4_METHODS + (modelslim.METHOD,)   # served only in the checkpoint's own format
 # --quantization names (vLLM's) that ask for a 4-bit checkpoint's own method
 INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a16", "w4a8-int8")}
@@ -134,8 +137,12 @@ def choose_quantization(requested: Optional[str], stored: Optional[str], device:
     checkpoints run as stored (`--quantization awq|gptq|compressed-tensors` only names them)."""
     if stored in AS_STORED or requested in INT4_REQUESTS:
         if requested is not None and stored not in INT4_REQUESTS.get(requested, ()):
-            raise ValueError(f"--quantization {requested} cannot serve a {stored or 'high-precision'} "
-                             f"checkpoint: 4-bit weights are served in their stored format")
+            if stored is None:
+                raise ValueError(f"--quantization {requested} loads {_FORMAT_NAMES[requested]} checkpoints and "
+                                 f"this one is high precision (add --load-format dummy for random 4-bit weights, "
+                                 f"or make one with deepserve convert quantize)")
+            raise ValueError(f"--quantization {requested} cannot serve this {_FORMAT_NAMES[stored]} checkpoint: "
+                             f"it is served in its stored format (leave --quantization out)")
         return stored
     if requested is not None:
         return requested

@@ -387,3 +387,20 @@ def test_unknown_quantization_config_fields_are_refused_naming_them():
     ct = quantization_config("compressed-tensors", 32, True, False)
     ct["config_groups"]["group_0"]["weights"].update(observer="minmax", observer_kwargs={}, block_structure=None)
     assert stored({**ct, "sparsity_config": {}, "quantization_status": "compressed", "version": "0.9"}) == "w4a16"
+
+
+def test_a_quantization_flag_that_conflicts_with_the_checkpoint_names_both():
+    """`--quantization` naming another format than the checkpoint's says which format the
+    checkpoint is in (was "cannot serve a w4a16 / a awq checkpoint"); on a high-precision
+    checkpoint a 4-bit name says how to get 4-bit weights."""
+    from deepserve.models.loader import choose_quantization
+    cpu = torch.device("cpu")
+    assert choose_quantization("compressed-tensors", "w4a8-int8", cpu) == "w4a8-int8"
+    with pytest.raises(ValueError, match=r"^--quantization awq cannot serve this compressed-tensors W4A16 "
+                                         r"checkpoint: .*leave --quantization out"):
+        choose_quantization("awq", "w4a16", cpu)
+    with pytest.raises(ValueError, match=r"^--quantization compressed-tensors cannot serve this AutoAWQ checkpoint"):
+        choose_quantization("compressed-tensors", "awq", cpu)
+    with pytest.raises(ValueError, match=r"^--quantization gptq loads GPTQ checkpoints and this one is high "
+                                         r"precision \(add --load-format dummy"):
+        choose_quantization("gptq", None, cpu)
