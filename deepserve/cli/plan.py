@@ -187,5 +187,9 @@ def run(args) -> int:
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
         include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype)
+    if plan.usable_bytes <= 0:
+        raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "
+                         f"leaves nothing past the {_gib(plan.activation_reserve_bytes)} activation reserve; "
+                         f"pass a smaller --activation-reserve")
     print(render_plan(plan, args.model, cfg))
     return 0 if plan.chosen else 1

@@ -63,3 +63,12 @@ def test_a_folder_with_linears_left_in_high_precision_is_refused(deepseek, tmp_p
     assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 2
     err = capsys.readouterr().err
     assert "keeps model.layers.1.mlp.shared_experts.gate_proj" in err and "--quantization none" in err, err
+
+
+def test_a_gpu_smaller_than_the_activation_reserve_is_one_line(deepseek, capsys):
+    """1 GiB x 0.9 less the 2 GiB reserve of a small model: said so (it printed '2 x -1.1 = -2
+    GiB usable' and judged every layout against it)."""
+    assert main(["plan", str(deepseek), "--gpus", "2", "--gpu-memory", "1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leaves nothing past the 2.0 GiB activation reserve" in err, err
+    assert main(["plan", str(deepseek), "--gpus", "2", "--gpu-memory", "1GiB", "--activation-reserve", "100MiB"]) == 0
