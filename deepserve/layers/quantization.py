@@ -152,9 +152,11 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
                        device: Optional[torch.device] = None) -> None:
         n, k = layer.out_features, layer.in_features
         if isinstance(layer, RowParallelLinear) and layer.pctx.tp_size > 1 and k % self.block[1]:
+            full, bk = layer.full_in_features, self.block[1]
+            fix = (f"use a tensor-parallel size that divides {full // bk}" if full % bk == 0 and full >= 2 * bk
+                   else f"its {full} input features allow no split: use --tensor-parallel-size 1")
             raise ValueError(f"fp8: row-parallel layer with {k} local input features per rank is not "
-                             f"a multiple of the {self.block[1]}-wide scale block; use a tensor-parallel "
-                             f"size that divides {layer.full_in_features // self.block[1]}")
+                             f"a multiple of the {bk}-wide scale block; {fix}")
         layer.weight = nn.Parameter(torch.empty(n, k, dtype=FP8_DTYPE, device=device), requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(
             torch.ones(n, math.ceil(k / self.block[1]), dtype=torch.float32, device=device),

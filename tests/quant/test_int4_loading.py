@@ -404,3 +404,13 @@ def test_a_quantization_flag_that_conflicts_with_the_checkpoint_names_both():
     with pytest.raises(ValueError, match=r"^--quantization gptq loads GPTQ checkpoints and this one is high "
                                          r"precision \(add --load-format dummy"):
         choose_quantization("gptq", None, cpu)
+
+
+def test_an_fp8_row_parallel_layer_too_narrow_to_split_says_tp_1():
+    """fp8 scale blocks are 128 wide: a row-parallel layer of 64 input features has no TP split
+    that keeps whole blocks (the message asked for 'a tensor-parallel size that divides 0')."""
+    from deepserve.layers.quantization import Fp8BlockLinearMethod
+    with pytest.raises(ValueError, match=r"its 64 input features allow no split: use --tensor-parallel-size 1$"):
+        RowParallelLinear(64, 32, pctx=_tp(0)).set_quant_method(Fp8BlockLinearMethod())
+    with pytest.raises(ValueError, match=r"use a tensor-parallel size that divides 3$"):
+        RowParallelLinear(384, 32, pctx=_tp(0, 4)).set_quant_method(Fp8BlockLinearMethod())
