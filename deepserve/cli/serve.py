@@ -116,6 +116,8 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
+    if not engine_args.headless:
+        check_listen(server.host, server.port)
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
@@ -138,3 +140,24 @@ def check_ops_backend(engine_args: EngineArgs) -> None:
         if get_platform(engine_args.device).name == "cpu":
             raise ValueError(f"--ops {engine_args.ops} runs Triton kernels, which need a GPU (this machine serves "
                              "on the CPU); use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
+
+
+def check_listen(host: str, port: int) -> None:
+    """The server's address, tried before the model loads (as vLLM binds it first): a port in use
+    or an address of another machine (`--host 10.24.73.25` copied from a guide) is one line now,
+    not uvicorn's error after minutes of loading."""
+    import socket
+
+    if not port:
+        return   # 0: a free port, picked when the server starts
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror} (--host, --port)") from None

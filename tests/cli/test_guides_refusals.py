@@ -170,3 +170,17 @@ def test_ray_client_follows_the_local_heads_token(monkeypatch, address, follows)
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_executor._join_ray()
     assert calls == (["check"] if follows else []) + [("init", address)]
+
+
+def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(capsys, no_server):
+    """The vastai line's `--host 10.24.73.25 --port 8000` on another machine, or a port a server
+    already holds: uvicorn failed after the whole model had loaded (minutes for R1), with exit
+    code 3 and its own log line."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = one_line_error(capsys, ["serve", DEMO_MODEL, "--host", "127.0.0.1", "--port", str(port)])
+    assert err.startswith(f"deepserve serve: error: cannot listen on 127.0.0.1:{port}: ") and "(--host, --port)" in err
