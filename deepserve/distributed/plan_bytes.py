@@ -302,6 +302,9 @@ def stage_tensors(cfg, layout: Layout, stage: int, include_mtp: bool = False,
 def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization: Optional[str] = None,
                      include_mtp: bool = False) -> list[dict[str, int]]:
     """Bytes per GPU by group (GROUPS), one dict per PP stage."""
+    if quantization not in (None, "fp8", INT8_PLAN, *INT4_PLAN):
+        # counting its weights in the model dtype would be a wrong figure, not an estimate
+        raise ValueError(f"quantization {quantization!r} has no plan arithmetic")
     dtype_bytes = DTYPE_BYTES[dtype]
     int4 = int4_layout(cfg, quantization)
     stages = []

@@ -72,3 +72,15 @@ def test_a_gpu_smaller_than_the_activation_reserve_is_one_line(deepseek, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "leaves nothing past the 2.0 GiB activation reserve" in err, err
     assert main(["plan", str(deepseek), "--gpus", "2", "--gpu-memory", "1GiB", "--activation-reserve", "100MiB"]) == 0
+
+
+def test_a_quantization_without_plan_arithmetic_is_not_counted_as_16_bit(deepseek):
+    """The serve start-up log prints the plan's bytes for the engine's linear method: an
+    msModelSlim folder's ('msmodelslim-w8a8') has no arithmetic and is said to have none (its
+    weights were counted in the model dtype, 3x the allocation); W4A8 counts as W4A16."""
+    from deepserve.distributed.plan_bytes import weight_breakdown
+    cfg = load_hf_config(str(deepseek))
+    with pytest.raises(ValueError, match="'msmodelslim-w8a8' has no plan arithmetic"):
+        weight_breakdown(cfg, Layout(1, 1, 1), "float32", "msmodelslim-w8a8")
+    assert weight_breakdown(cfg, Layout(1, 1, 1), "float32", "w4a8-int8") == weight_breakdown(
+        cfg, Layout(1, 1, 1), "float32", "w4a16")
