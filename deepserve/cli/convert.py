@@ -33,8 +33,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto",
-                   help="where the math runs: auto (cuda if available), cpu, cuda, cuda:N; "
-                        "the output is bit-identical on every device")
+                   help="where the math runs: auto (cuda if available), cpu, cuda, cuda:N; rounding "
+                        "alone (fp8-to-bf16, fp8-block, w8a8-int8, --algorithm rtn) writes the same bytes "
+                        "on every device, GPTQ follows the device's arithmetic in its calibration "
+                        "forwards and Hessians")
 
 
 def register(subparsers) -> None:

@@ -111,3 +111,13 @@ def test_bad_device(bf16_ckpt, tmp_path, capsys):
                     "--device", "tpu:x"], dst,
            "--device must be auto, cpu, cuda or cuda:N, got 'tpu:x'")
     assert not dst.exists()
+
+
+def test_device_help_does_not_promise_identical_gptq_output(capsys):
+    """GPTQ runs the calibration forwards and its Hessian updates on --device, whose summation
+    order differs between CPU and GPU: the help promises identical bytes for rounding only."""
+    with pytest.raises(SystemExit):
+        main(["convert", "quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "GPTQ follows the device's arithmetic" in text
+    assert "the output is bit-identical on every device" not in text
