@@ -87,9 +87,23 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     return engine, server_args, config.envs, runner
 
 
+# the vLLM variables deepserve reads (docs/GUIDES.md); vLLM too warns about the VLLM_* it does not know
+READ_VLLM_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_PP_LAYER_PARTITION")
+# vLLM-MindSpore's (the 300I Duo guide): its model YAML, whose settings deepserve takes from config.json
+MINDSPORE_ENV = ("vLLM_MODEL_BACKEND", "MINDFORMERS_MODEL_CONFIG")
+
+
+def unread_env() -> list[str]:
+    """The guides' vLLM / vLLM-MindSpore variables set here that deepserve does not read."""
+    return sorted(k for k in os.environ if (k.startswith("VLLM_") and k not in READ_VLLM_ENV) or k in MINDSPORE_ENV)
+
+
 def run(args: argparse.Namespace) -> int:
     engine_kwargs, server, envs, runner = resolve_all(args)
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
+    if unread_env():
+        print(f"deepserve: not read, no effect: {', '.join(unread_env())} (model settings come from config.json, "
+              "the layout from the flags)", file=sys.stderr)
     if runner is not None:
         from deepserve.distributed.cluster_serve import serve_on_cluster
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),

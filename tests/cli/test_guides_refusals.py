@@ -4,6 +4,7 @@ silent wait), and the FlagScale experiment's `deploy:` block honoured or refused
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -184,3 +185,21 @@ def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(capsys, no_
         port = taken.getsockname()[1]
         err = one_line_error(capsys, ["serve", DEMO_MODEL, "--host", "127.0.0.1", "--port", str(port)])
     assert err.startswith(f"deepserve serve: error: cannot listen on 127.0.0.1:{port}: ") and "(--host, --port)" in err
+
+
+def test_guide_variables_with_no_effect_are_named(capsys, no_server, monkeypatch):
+    """The vllm-ascend scripts export VLLM_ASCEND_BALANCE_SCHEDULING and VLLM_USE_MODELSCOPE, the
+    MindSpore one MINDFORMERS_MODEL_CONFIG (its model YAML): none changes what deepserve does, and
+    serve says so (vLLM, too, warns about VLLM_* variables it does not know); the ones it reads
+    are not named."""
+    for name in [k for k in os.environ if k.startswith("VLLM_")]:
+        monkeypatch.delenv(name)
+    for name, value in {"VLLM_ASCEND_BALANCE_SCHEDULING": "1", "VLLM_USE_MODELSCOPE": "True",
+                        "MINDFORMERS_MODEL_CONFIG": "/workspace/predict_deepseek_r1_671b_300iduo.yaml",
+                        "VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_PP_LAYER_PARTITION": "31,30"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(AssertionError, match="the server was started"):
+        main(["serve", DEMO_MODEL, "--port", "0"])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "no effect" in x]
+    assert line.startswith("deepserve: not read, no effect: MINDFORMERS_MODEL_CONFIG, VLLM_ASCEND_BALANCE_SCHEDULING, "
+                           "VLLM_USE_MODELSCOPE (")
