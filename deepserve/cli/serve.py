@@ -98,7 +98,27 @@ def unread_env() -> list[str]:
     return sorted(k for k in os.environ if (k.startswith("VLLM_") and k not in READ_VLLM_ENV) or k in MINDSPORE_ENV)
 
 
+def check_model_name(name: str) -> None:
+    """A plain name that is no folder, preset or FlagScale experiment (`flagscale serve deepseek_r1`
+    run outside the checkout): the error names the three places looked at and a near preset."""
+    import difflib
+
+    from deepserve.config import is_preset, list_presets
+
+    if "/" in name or os.path.exists(name) or is_preset(name):
+        return   # a folder, a hub id (its own error), or a preset
+    near = difflib.get_close_matches(name.replace("_", "-"), list_presets(), n=1)
+    raise ValueError(f"{name!r} is no model folder, no preset{f' (did you mean {near[0]!r}?)' if near else ''} and no "
+                     f"FlagScale experiment (examples/{name}/conf/config_{name}.yaml under {os.getcwd()}, where "
+                     f"`flagscale serve {name}` looks in a FlagScale checkout)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from deepserve.server.config_file import flagscale_experiment, is_config_file
+
+    name = args.model_or_config
+    if name and not getattr(args, "serve_config", None) and not is_config_file(name) and not flagscale_experiment(name):
+        check_model_name(name)
     engine_kwargs, server, envs, runner = resolve_all(args)
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
     if unread_env():

@@ -203,3 +203,13 @@ def test_guide_variables_with_no_effect_are_named(capsys, no_server, monkeypatch
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "no effect" in x]
     assert line.startswith("deepserve: not read, no effect: MINDFORMERS_MODEL_CONFIG, VLLM_ASCEND_BALANCE_SCHEDULING, "
                            "VLLM_USE_MODELSCOPE (")
+
+
+def test_flagscale_name_outside_the_checkout_says_where_it_looked(capsys, no_server, tmp_path, monkeypatch):
+    """`flagscale serve deepseek_r1` (the FlagOS guides) typed where there is no FlagScale
+    checkout: the error names the experiment file looked for and the preset meant, not only
+    "neither a folder nor a preset"."""
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["serve", "deepseek_r1"])
+    assert "(did you mean 'deepseek-r1'?)" in err
+    assert f"examples/deepseek_r1/conf/config_deepseek_r1.yaml under {tmp_path}" in err
