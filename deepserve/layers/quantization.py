@@ -125,6 +125,8 @@ class _QuantizedLinearMethod:
     def _load_scale_marked(self, layer, param, loaded, shard_id=None):
         self.load_scale(layer, param, loaded, shard_id)
         param.filled = True  # the loader's completeness check counts online-made scales too
+        # ... and, of a fused layer's scale, the parts (q / k / v, gate / up) made here
+        param.filled_shards = getattr(param, "filled_shards", frozenset()) | {shard_id}
 
     def quantize_local(self, layer: LinearBase, w: torch.Tensor) -> None:
         """Fill this rank's parameters from a local float weight (random weights)."""

@@ -192,8 +192,7 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             parts_seen.setdefault(target, (fused, set()))[1].add(shard_id)
         loaded.add(target)
     for target, (fused, got) in parts_seen.items():
-        if getattr(params[target], "filled", False):
-            continue    # scales a quantizing loader made from a part's float weight count too
+        got = got | getattr(params[target], "filled_shards", frozenset())   # scales made at load
         for part, f, shard_id in stacked_params:
             if f == fused and shard_id not in got:
                 raise ValueError(f"checkpoint lacks tensor {target.replace(fused, part)} "

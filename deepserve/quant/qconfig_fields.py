@@ -33,7 +33,8 @@ KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
 # field -> the neutral values deepserve serves (anything else changes the weights' meaning)
 _NEUTRAL = {"gptq": {"dynamic": (None, {}), "lm_head": (None, False), "is_marlin_format": (None, False),
                      "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2")},
-            "compressed-tensors": {"transform_config": (None, {})}}
+            "compressed-tensors": {"transform_config": (None, {})},
+            "fp8": {"fmt": (None, "e4m3")}}
 
 
 def _unknown(where: str, got: dict, known: set) -> None:

@@ -345,14 +345,21 @@ def test_gptq_v2_zero_points_are_stored_as_is():
 
 @pytest.mark.parametrize("fmt,dropped", [(None, "model.layers.0.self_attn.q_proj.weight"),
                                          ("awq", "model.layers.1.mlp.up_proj.qzeros"),
-                                         ("compressed-tensors", "model.layers.0.self_attn.v_proj.weight_scale")])
+                                         ("compressed-tensors", "model.layers.0.self_attn.v_proj.weight_scale"),
+                                         ("msmodelslim", "model.layers.0.self_attn.q_proj.weight_scale")])
 def test_a_missing_part_of_a_fused_parameter_is_named(tiny_folders, tmp_path, fmt, dropped):
     """q/k/v and gate/up load into one fused parameter each: a checkpoint lacking one part
-    (here q_proj's weight, up_proj's zero points, v_proj's scales) is refused naming that
-    tensor, not loaded with the slice left uninitialised."""
+    (here q_proj's weight, up_proj's zero points, v_proj's 4-bit or q_proj's msModelSlim int8 scales) is
+    refused naming that tensor, not loaded with the slice left uninitialised (or at scale 1)."""
+    from deepserve.quant import quantize_checkpoint
     from tests.models.hf_reference import load_ours
     ref = tiny_folders("llama")
-    folder = ref if fmt is None else _quantize_folder(ref, tmp_path, fmt, 32, False, False)[0]
+    if fmt == "msmodelslim":
+        from tests.quant.test_modelslim import to_modelslim
+        quantize_checkpoint(ref, tmp_path / "int8", "w8a8-int8", progress=False)
+        folder = to_modelslim(tmp_path / "int8", tmp_path / "modelslim")
+    else:
+        folder = ref if fmt is None else _quantize_folder(ref, tmp_path, fmt, 32, False, False)[0]
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors[dropped]
     broken = write_variant(folder, tmp_path / "broken", tensors, None)
@@ -378,6 +385,8 @@ def test_unknown_quantization_config_fields_are_refused_naming_them():
         stored(ct)
     with pytest.raises(ValueError, match=r"^quantization_config \(gptq\): dynamic .* is not supported"):
         stored({**quantization_config("gptq", 32, True, False), "dynamic": {"-:.*mlp.*": {}}})
+    with pytest.raises(ValueError, match=r"^quantization_config \(fp8\): fmt 'e5m2' is not supported"):
+        stored({"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
     with pytest.raises(ValueError, match=r"^quantization_config \(compressed-tensors\): transform_config"):
         stored({**quantization_config("compressed-tensors", 32, True, False), "transform_config": {"x": 1}})
     # as AutoGPTQ / transformers / llm-compressor / AutoAWQ write them
