@@ -125,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"deepserve: not read, no effect: {', '.join(unread_env())} (model settings come from config.json, "
               "the layout from the flags)", file=sys.stderr)
     if runner is not None:
+        from deepserve.config import is_preset
         from deepserve.distributed.cluster_serve import serve_on_cluster
+
+        model = str(engine_kwargs.get("model", ""))
+        if os.path.isdir(model) or is_preset(model):
+            # the flags against the model's config.json before Ray starts on every host (the
+            # parallel sizes the cluster picks when none are given are checked by the engine)
+            EngineArgs(**engine_kwargs).create_engine_config()
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
                                 dry_run=getattr(args, "dry_run", False))
     if getattr(args, "dry_run", False):

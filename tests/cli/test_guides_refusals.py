@@ -213,3 +213,23 @@ def test_flagscale_name_outside_the_checkout_says_where_it_looked(capsys, no_ser
     err = one_line_error(capsys, ["serve", "deepseek_r1"])
     assert "(did you mean 'deepseek-r1'?)" in err
     assert f"examples/deepseek_r1/conf/config_deepseek_r1.yaml under {tmp_path}" in err
+
+
+def test_hostfile_dry_run_checks_the_engine_args_against_the_model(reference, tmp_path, monkeypatch, capsys):
+    """The FlagOS YAML with its hostfile: a max_model_len past the model's was planned as fine
+    (and failed only once Ray ran on all four hosts); now the dry run, and the run before it starts
+    Ray anywhere, check it as the one-machine path does."""
+    from tests.cli.conftest import write_r1_config
+
+    model = str(write_r1_config(tmp_path / "DeepSeek-R1"))
+    conf = flagscale_checkout(tmp_path, reference, model)
+    serve = conf / "serve" / "deepseek_r1.yaml"
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    assert main(["serve", "deepseek_r1", "--dry-run"]) == 0          # the guide's sizes fit R1
+    capsys.readouterr()
+    serve.write_text(serve.read_text().replace("max_model_len: 32768", "max_model_len: 200000"))
+    err = one_line_error(capsys, ["serve", "deepseek_r1", "--dry-run"])
+    assert "max_model_len 200000 exceeds the model's max_position_embeddings 163840" in err
