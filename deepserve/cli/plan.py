@@ -29,10 +29,10 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
                    "(equally); TP stays inside a node")
-    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "awq", "gptq", "none"], default=None,
+    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "none"], default=None,
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
-                   "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / awq / gptq: 4-bit Linear weights in "
+                   "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / w4a8 / awq / gptq: 4-bit Linear weights in "
                    "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype. Default: "
                    "a model folder's stored format (what `serve` loads from it), a preset's none (random weights)")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
@@ -181,6 +181,7 @@ def _int4_linear_modules(cfg) -> list[str]:
 def run(args) -> int:
     cfg = load_hf_config(args.model)
     quantization = stored_quantization(args.model, cfg) if args.quantization is None else args.quantization
+    quantization = "w4a16" if quantization == "w4a8" else quantization     # the same weight bytes
     plan = evaluate_plans(
         cfg, args.gpus, parse_size(args.gpu_memory), args.nodes,
         None if quantization == "none" else quantization, dtype=args.dtype,

@@ -84,3 +84,13 @@ def test_a_quantization_without_plan_arithmetic_is_not_counted_as_16_bit(deepsee
         weight_breakdown(cfg, Layout(1, 1, 1), "float32", "msmodelslim-w8a8")
     assert weight_breakdown(cfg, Layout(1, 1, 1), "float32", "w4a8-int8") == weight_breakdown(
         cfg, Layout(1, 1, 1), "float32", "w4a16")
+
+
+def test_w4a8_is_planned_as_its_w4a16_weights(capsys):
+    """`convert quantize --method w4a8` writes the weights W4A16 does: `plan --quantization
+    w4a8` (a name the user has from convert) prints the same figures."""
+    args = ["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "24GiB", "--quantization"]
+    assert main(args + ["w4a8"]) == 0
+    w4a8 = capsys.readouterr().out
+    assert main(args + ["w4a16"]) == 0
+    assert w4a8 == capsys.readouterr().out and "4-bit (groups of 128)" in w4a8
