@@ -158,7 +158,12 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
     if not engine_args.headless:
-        check_listen(server.host, server.port)
+        check_listen(server.host, server.port)   # 0: a free port, picked when the server starts
+        local = engine_args.data_parallel_size_local
+        if engine_args.data_parallel_address and local and local < engine_args.data_parallel_size:
+            # node 0 of multi-node data parallel: the other nodes' engine cores reach it there
+            check_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
+                         "where the other nodes' DP ranks connect")
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
@@ -183,22 +188,22 @@ def check_ops_backend(engine_args: EngineArgs) -> None:
                              "on the CPU); use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
 
 
-def check_listen(host: str, port: int) -> None:
-    """The server's address, tried before the model loads (as vLLM binds it first): a port in use
-    or an address of another machine (`--host 10.24.73.25` copied from a guide) is one line now,
-    not uvicorn's error after minutes of loading."""
+def check_listen(host: str, port: int, what: str = "--host / --port") -> None:
+    """An address `serve` listens on, tried before the model loads (as vLLM binds first): a port in
+    use or an address of another machine (`--host 10.24.73.25` copied from a guide, an unfilled
+    `--data-parallel-address $local_ip`) is one line now, not an error after minutes of loading.
+    Port 0 tries the address alone."""
     import socket
 
-    if not port:
-        return   # 0: a free port, picked when the server starts
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ValueError(f"--host {host!r} does not resolve: {exc.strerror}") from None
+        raise ValueError(f"cannot listen on {host!r} ({what}): it does not resolve ({exc.strerror})") from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
         try:
             sock.bind(address)
         except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror} (--host, --port)") from None
+            where = f"{host}:{port}" if port else host
+            raise ValueError(f"cannot listen on {where} ({what}): {exc.strerror}") from None
