@@ -150,6 +150,15 @@ class QuantizeInt4(Converter):
                 unfit.setdefault("awq", []).append((t.name, n))
             else:
                 self._quant.add(t.name)
+        # a name that matches nothing is a typo that would quietly quantize what it meant to keep
+        # (lm_head, in every recipe, is absent from tied-embedding models and kept anyway)
+        modules = [t.name[: -len(".weight")] for t in ckpt.tensors.values()
+                   if t.name.endswith(".weight") and len(t.shape) == 2] + ["lm_head"]
+        for pattern in o.ignore:
+            if not any(_ignored((pattern,), m) for m in modules):
+                raise ValueError(f"--ignore {pattern} matches no module of {ckpt.root} (names like "
+                                 f"{sorted(self._quant)[0][: -len('.weight')] if self._quant else modules[0]}, "
+                                 f"or re:REGEX)")
         for why, found in unfit.items():
             name, size = found[0]
             ignore_flag = _ignore_suggestion([f[0][: -len(".weight")] for f in found])

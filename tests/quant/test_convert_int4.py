@@ -347,6 +347,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, shared_dir):
                     "--calib-seq-len", "100000"], dst, "--calib-seq-len 100000 exceeds the model's "
            "max_position_embeddings 512")
     _fails(capsys, [*gptq, "--calib-dataset", str(shared_dir / "datasets/gsm8k")], dst, "gsm8k is a folder")
+    _fails(capsys, [*gptq, "model.layers.0.mlp.dwn_proj", *rtn], dst,      # a typo: would quantize down_proj
+           "--ignore model.layers.0.mlp.dwn_proj matches no module of")
     _fails(capsys, ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0]], dst,
            "--algorithm gptq needs --calib-dataset FILE")
     _fails(capsys, ["--method", "w4a8", "--format", "awq", *rtn], dst, "--format awq holds W4A16 weights only")
