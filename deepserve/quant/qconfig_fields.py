@@ -21,7 +21,9 @@ _GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_fo
          "pad_token_id", "use_exllama", "disable_exllama", "max_input_length", "exllama_config",
          "cache_block_outputs", "modules_in_block_to_quantize", "meta", "backend", "is_marlin_format",
          "lm_head", "dynamic", "pack_dtype", "format", "mse", "v2", "v2_alpha", "hyb_act", "adapter",
-         "rotation", "quantize_config"}
+         "rotation", "quantize_config", "act_group_aware", "pack_impl", "gptaq", "gptaq_alpha",
+         "gptaq_memory_device", "foem", "scale_search", "offload_to_disk", "offload_to_disk_path", "fail_safe",
+         "failsafe", "fallback", "gc_mode", "shard_strategy", "wait_for_submodule_finalizers"}
 _FP8 = {"quant_method", "activation_scheme", "fmt", "weight_block_size", "ignored_layers",
         "modules_to_not_convert"}
 _CT = {"quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",

@@ -392,6 +392,8 @@ def test_unknown_quantization_config_fields_are_refused_naming_them():
     # as AutoGPTQ / transformers / llm-compressor / AutoAWQ write them
     assert stored({**quantization_config("gptq", 32, True, False), "damp_percent": 0.01, "true_sequential": True,
                    "static_groups": False, "model_file_base_name": "model", "dynamic": None}) == "gptq"
+    assert stored({**quantization_config("gptq", 32, True, False), "lm_head": False, "pack_dtype": "int32",
+                   "act_group_aware": True, "mse": 0.0, "meta": {"quantizer": ["gptqmodel:4.2.0"]}}) == "gptq"
     assert stored({**quantization_config("awq", 32, False, False), "do_fuse": False, "backend": "autoawq"}) == "awq"
     ct = quantization_config("compressed-tensors", 32, True, False)
     ct["config_groups"]["group_0"]["weights"].update(observer="minmax", observer_kwargs={}, block_structure=None)
