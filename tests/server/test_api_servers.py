@@ -59,23 +59,34 @@ def test_two_api_servers_answer_like_one_engine_and_share_the_requests():
     server = launch("--api-server-count", "2", "--block-size", "4", timeout=240)
     try:
         assert "2 API server processes" in "".join(server.lines)
-        got = asyncio.run(_complete_all(server.v1, "stories260k"))
-        assert got == [want[i % len(PROMPTS)] for i in range(NUM_REQUESTS)]
+
+        def served(m) -> list:
+            return [m.get(f'deepserve:api_server_requests_total{{model_name="stories260k",api_server="{i}"}}', 0)
+                    for i in (1, 2)]
+
+        # the kernel hands the shared socket's connections to whichever API server accepts first:
+        # on a loaded machine one burst can go to one of them, so bursts go on (at most 4) until
+        # both have served
+        sent = 0
+        for _ in range(4):
+            got = asyncio.run(_complete_all(server.v1, "stories260k"))
+            assert got == [want[i % len(PROMPTS)] for i in range(NUM_REQUESTS)]
+            sent += NUM_REQUESTS
+            if all(n > 0 for n in served(parse_metrics(httpx.get(server.url + "/metrics").text))):
+                break
         # the core's counters reach an API server with its own requests' outputs and, once the core
         # goes idle, every API server (engine_core.EngineCore): the other one may read its last step
         # a moment after the last response
         tokens = 'deepserve:generation_tokens_total{model_name="stories260k"}'
         deadline = time.monotonic() + 5
-        while (any(parse_metrics(httpx.get(server.url + "/metrics").text)[tokens] != NUM_REQUESTS * MAX_TOKENS
+        while (any(parse_metrics(httpx.get(server.url + "/metrics").text)[tokens] != sent * MAX_TOKENS
                    for _ in range(4)) and time.monotonic() < deadline):
             time.sleep(0.05)
         for _ in range(4):  # whichever API server answers, the request metrics cover both
             m = parse_metrics(httpx.get(server.url + "/metrics").text)
-            served = [m.get(f'deepserve:api_server_requests_total{{model_name="stories260k",api_server="{i}"}}', 0)
-                      for i in (1, 2)]
-            assert all(n > 0 for n in served) and sum(served) == NUM_REQUESTS, served
-            assert m['vllm:request_success_total{model_name="stories260k",finished_reason="length"}'] == NUM_REQUESTS
-            assert m['deepserve:generation_tokens_total{model_name="stories260k"}'] == NUM_REQUESTS * MAX_TOKENS
+            assert all(n > 0 for n in served(m)) and sum(served(m)) == sent, served(m)
+            assert m['vllm:request_success_total{model_name="stories260k",finished_reason="length"}'] == sent
+            assert m['deepserve:generation_tokens_total{model_name="stories260k"}'] == sent * MAX_TOKENS
             assert m['deepserve:num_requests_running{model_name="stories260k"}'] == 0
             assert httpx.get(server.url + "/health").status_code == 200
         procs = _descendants(server.proc.pid)
