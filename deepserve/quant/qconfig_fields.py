@@ -1,8 +1,10 @@
 """The fields a checkpoint's `quantization_config` may carry, per `quant_method`.
 
-A field deepserve does not know might change what the stored integers mean (a per-module
-override, a transform applied before quantization, a kernel-specific layout), so a config with
-one is refused naming it rather than loaded as if it were absent. The lists hold what the
+Fields known to change what the stored integers mean (a per-module override, a transform
+applied before quantization, a kernel-specific layout, sparsity) are refused naming them unless
+at their neutral value. A field deepserve does not know is logged as a warning naming it and the
+checkpoint loads (writers add bookkeeping fields with each release; vLLM loads such checkpoints
+too): the warning says where to look if the output is wrong. The lists hold what the
 formats' writers put in config.json: AutoAWQ and transformers' AwqConfig; AutoGPTQ's
 quantize_config, transformers' GPTQConfig and GPTQModel; compressed-tensors' QuantizationConfig,
 QuantizationScheme and QuantizationArgs (as llm-compressor saves them); DeepSeek's and vLLM's
@@ -10,6 +12,10 @@ fp8 config. Fields that only record how the checkpoint was made (dataset, dampen
 are accepted; fields known to change the weights are accepted only at their neutral value.
 """
 from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("deepserve")
 
 _AWQ = {"quant_method", "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version",
         "modules_to_not_convert", "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse",
@@ -42,8 +48,8 @@ _NEUTRAL = {"gptq": {"dynamic": (None, {}), "lm_head": (None, False), "is_marlin
 def _unknown(where: str, got: dict, known: set) -> None:
     extra = sorted(set(got) - known)
     if extra:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, extra))}; deepserve does not "
-                         f"know what they do to the weights, so it does not load them")
+        logger.warning("%s: unknown field(s) %s, loaded as if absent; if the output looks wrong, "
+                       "this field may change what the weights mean", where, ", ".join(map(repr, extra)))
 
 
 def check_fields(qc: dict) -> None:
