@@ -102,10 +102,12 @@ def _send_all(inputs, kind: str, monkeypatch):
 
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_http1_client_matches_httpx(server_url, endpoint, monkeypatch):
-    """The bench's HTTP/1.1 client against the real server (chunked SSE): the same texts, token
-    counts and frame counts as httpx, the same error strings for a 400 (an error JSON with a
-    Content-Length body) and an unknown model (404), over 4 keep-alive connections for 12
-    requests 4 at a time."""
+    """The bench's HTTP/1.1 client against the real server (chunked SSE): the same texts and
+    token counts as httpx, the same error strings for a 400 (an error JSON with a Content-Length
+    body) and an unknown model (404), over 4 keep-alive connections for 12 requests 4 at a time.
+    Frame counts are not compared between the two runs: a server whose stream falls behind the
+    engine puts two tokens in one frame, which a loaded machine does in one run and not the
+    other; each client's are checked against the tokens instead."""
     from deepserve.bench.client import RequestInput, api_url
 
     url = api_url(server_url, endpoint)
@@ -118,8 +120,10 @@ def test_http1_client_matches_httpx(server_url, endpoint, monkeypatch):
     mine, connections = _send_all(inputs, "auto", monkeypatch)
     theirs, _ = _send_all(inputs, "httpx", monkeypatch)
     for i, (a, b) in enumerate(zip(mine, theirs)):
-        assert (a.success, a.generated_text, a.output_tokens, len(a.itl), a.error) == \
-            (b.success, b.generated_text, b.output_tokens, len(b.itl), b.error), i
+        assert (a.success, a.generated_text, a.output_tokens, a.error) == \
+            (b.success, b.generated_text, b.output_tokens, b.error), i
+        for o in (a, b):    # a gap between each two text frames, at most one frame a token
+            assert not o.success or len(o.itl) <= o.output_tokens - 1, (i, len(o.itl), o.output_tokens)
     assert all(o.success and o.output_tokens == 8 + i and o.ttft > 0 for i, o in enumerate(mine[:8]))
     assert all(o.generated_text for o in mine[:8])
     assert [o.error[:8] for o in mine[8:]] == ["HTTP 400", "HTTP 404"] * 2
