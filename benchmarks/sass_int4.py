@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from sass_mla_decode_fp8 import counts, loop_body, disassemble, report  # noqa: E402
+from sass_mla_decode_fp8 import counts, report  # noqa: E402
 
 CLASSES = ("IGMMA", "I2FP", "FADD", "FFMA", "FMUL", "IADD3", "LOP3", "PRMT", "SHF", "IMAD", "LEA", "STS", "LDS",
            "LDGSTS", "LDG", "BAR", "MOV", "SHFL", "WARPGROUP", "STL", "LDL")
@@ -59,10 +59,9 @@ def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3):
 def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int):
     from deepserve.ops.triton import int4_gemm as g
     consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
-                  SUB_C=sub_c, STEPS=steps, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, stride_ys=1)
+                  SUB_C=sub_c, STEPS=steps, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64)
     ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
                 y_ptr="*bf16")
-    consts.pop("stride_ys")
     return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
 
 
@@ -80,10 +79,8 @@ def main() -> int:
                    + (f" stages {tile[3]}" if len(tile) > 3 else ""), CLASSES, args.sass)
         return 0
     for block_n, sub_c, steps, warps in tiles or [(8, 128, 2, 4)]:
-        kernel = compile_gemv(block_n, sub_c, steps, warps)
-        label = f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps}"
-        report(kernel, label, CLASSES, args.sass)
-        loop = loop_body(disassemble(kernel.asm["cubin"]))
+        loop = report(compile_gemv(block_n, sub_c, steps, warps),
+                      f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps}", CLASSES, args.sass)
         nibbles = 8 * sub_c * steps * block_n / (32 * warps)
         print(f"  {len(loop)} instructions a loop trip for {nibbles:.0f} nibbles a thread: "
               f"{len(loop) / nibbles:.2f} a nibble ({sum(counts(loop).values()) - len(loop)} sub-counted)")

@@ -107,9 +107,9 @@ def counts(instructions: list[str]) -> collections.Counter:
     return ops
 
 
-def report(kernel, label: str, classes=CLASSES, sass_path: str = "") -> None:
+def report(kernel, label: str, classes=CLASSES, sass_path: str = "") -> list[str]:
     """Print a compiled kernel's registers, spills, shared memory and its loop's instructions by
-    class after `label`; write its SASS to `sass_path` if given."""
+    class after `label`; write its SASS to `sass_path` if given. Returns the loop's instructions."""
     regs, spill = resources(kernel.asm["ptx"])
     sass = disassemble(kernel.asm["cubin"])
     loop = loop_body(sass)
@@ -118,6 +118,7 @@ def report(kernel, label: str, classes=CLASSES, sass_path: str = "") -> None:
           "instructions: " + ", ".join(f"{c} {ops[c]}" for c in classes if ops[c]), flush=True)
     if sass_path:
         Path(sass_path).write_text(sass)
+    return loop
 
 
 def main() -> int:

@@ -121,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
         check_model_name(name)
     engine_kwargs, server, envs, runner = resolve_all(args)
     os.environ.update(envs)  # before the engine reads DEEPSERVE_OPS / USE_FLAGGEMS
-    if unread_env():
-        print(f"deepserve: not read, no effect: {', '.join(unread_env())} (model settings come from config.json, "
+    unread = unread_env()
+    if unread:
+        print(f"deepserve: not read, no effect: {', '.join(unread)} (model settings come from config.json, "
               "the layout from the flags)", file=sys.stderr)
     if runner is not None:
         from deepserve.config import is_preset

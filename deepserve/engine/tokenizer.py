@@ -68,18 +68,19 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id] + ids
-        return ids
+        return self._with_bos(self.tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text, in one call of the Rust tokenizer, which releases the GIL and
         spreads the texts over the cores (a single `encode` holds the GIL throughout)."""
-        encoded = self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        bos = add_special_tokens and self.add_bos_token
-        return [[self.bos_token_id] + e.ids if bos and (not e.ids or e.ids[0] != self.bos_token_id) else e.ids
-                for e in encoded]
+        return [self._with_bos(e.ids, add_special_tokens)
+                for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        """The tokenizer's ids with the BOS tokenizer_config asks for, when its template did not add it."""
+        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
+            return [self.bos_token_id] + ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

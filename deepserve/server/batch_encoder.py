@@ -83,6 +83,3 @@ class BatchEncoder:
             else:
                 future.set_result(result)
         self._start(loop)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)

@@ -161,8 +161,7 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     xq, xs = quant_int8_rows(x2)
     # tiles from the launch table (configs/int4/, kernel "w4a8"; benchmarks/sweep_int4.py --kernels
     # w4a8 measures them; benchmarks/sass_int4.py w4a8 shows each tile's registers, shared memory and loop)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 1, "num_stages": 1} if interpreting() else \
-        launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k)
+    cfg = launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
