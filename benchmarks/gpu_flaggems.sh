@@ -49,9 +49,9 @@ profile() {  # profile NAME SECONDS MODEL OVERRIDES OPS: deepserve ops --profile
 }
 case "${1:-}" in
 ops)
-  step gpu_test 90 python3 -m pytest -q -m gpu tests/ops/test_profile.py
   step ops_llama 300 python3 benchmarks/flaggems_ops.py "${LLAMA[@]}" --out "$OUT/flaggems_ops_llama.json"
   step ops_v2lite 180 python3 benchmarks/flaggems_ops.py "${V2LITE[@]}" --out "$OUT/flaggems_ops_v2lite.json"
+  step gpu_test 90 python3 -m pytest -q -m gpu tests/ops/test_profile.py
   profile profile_llama_flaggems 90 r1-distill-llama-8b '{"num_hidden_layers": 2}' flaggems
   ;;
 speed)

@@ -8,6 +8,7 @@
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
 #                                      (PEER_ARGS: more peer_vllm.py flags, e.g. --random-weights;
 #                                       DS_ARGS: deepserve serve's extra flags, one string)
+#   VARIANTS="a=FLAGS|b=FLAGS" benchmarks/gpu_peer.sh variants PRESET [CASES]   # deepserve alone, per variant
 # .peerd holds data.tar.xz (tokenizers, ShareGPT first 500, the demo model from ../shared) and
 # wx/ (xgrammar + apache-tvm-ffi wheels for deepserve's structured outputs).
 set -u
@@ -46,5 +47,19 @@ peer)
     --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po ${PEER_ARGS:-} ${DS_ARGS:+"--deepserve-args=$DS_ARGS"}
   cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
   tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' . ;;
-*) echo "usage: $0 piece N | setup | structured | peer PRESET SERVERS [CASES]"; exit 2 ;;
+variants)  # deepserve alone, one server per variant: VARIANTS="label=flags|label=flags" (after setup)
+  tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$2" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
+  IFS='|' read -ra variants <<< "$VARIANTS"
+  for v in "${variants[@]}"; do
+    label=${v%%=*}; flags=${v#*=}
+    echo "== $label: $flags"
+    mkdir -p "/tmp/pv_$label"   # the peer run's random checkpoint, when there is one, serves every variant
+    [ -d "/tmp/po/model-$2" ] && ln -sfn "/tmp/po/model-$2" "/tmp/pv_$label/model-$2"
+    PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$2" --tokenizer $tok --servers deepserve --cases "${3:-c256,sharegpt}" \
+      --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
+      --deps-path $SITE --out-dir "/tmp/pv_$label" ${PEER_ARGS:-} --deepserve-args="$flags" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -8
+    mkdir -p "$OUT/$label" && cp /tmp/pv_$label/peer_*.json "$OUT/$label/" 2>/dev/null
+    tar czf "$OUT/logs_$label.tgz" -C /tmp/pv_$label --exclude='model-*' . 2>/dev/null
+  done ;;
+*) echo "usage: $0 piece N | setup | structured | peer PRESET SERVERS [CASES] | variants PRESET [CASES]"; exit 2 ;;
 esac
