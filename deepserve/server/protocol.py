@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
 
@@ -57,7 +57,7 @@ _WHY_NOT = {
 # request fields OpenAI's or vLLM's API defines that this server does not implement (those it
 # implements are declared on the models below, so they never reach this check)
 KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
-    "store", "metadata", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
+    "store", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
     "prompt_cache_key", "safety_identifier", "suffix", "input_audio", "image_url", "file", "refusal",
     "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
     "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
@@ -339,12 +339,16 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
+    # OpenAI's labels of a stored completion, checked as OpenAI checks them; this server stores
+    # nothing (store is refused), so they change nothing, as on OpenAI without store (vLLM takes them too)
+    metadata: Optional[dict[Annotated[str, StringConstraints(max_length=64)],
+                            Annotated[str, StringConstraints(max_length=512)]]] = Field(default=None, max_length=16)
 
     def max_new_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def num_logprobs(self) -> Optional[int]:
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 asks for nothing (OpenAI's default, vLLM's too)
             raise ValueError("top_logprobs needs logprobs=true")
         if not self.logprobs:
             return None

@@ -269,7 +269,7 @@ async def create_chat_completion(request: Request, state: ServerState):
         message: dict = {"role": "assistant", "content": content if (content or not calls) else None}
         if prep.parser_name is not None and prep.include_reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
-        if prep.tool_mode is not None:
+        if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
             message["tool_calls"] = calls
         logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k) if prep.top_k is not None else None
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,

@@ -5,8 +5,10 @@ chunk when `stream_options.include_usage` is set (on every chunk with
 `continuous_usage_stats`), then `data: [DONE]`.
 
 `echo` with `logprobs` returns the prompt tokens' logprobs first (the first token's is None),
-then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. vLLM's
-`prompt_logprobs` puts vLLM's per-position dicts in each choice.
+then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. `echo` with
+`max_tokens` 0 returns the prompt alone (its logprobs with `logprobs`), finish_reason "length"
+and no completion tokens, as OpenAI's legacy API and vLLM do (the engine samples one token,
+which is dropped). vLLM's `prompt_logprobs` puts vLLM's per-position dicts in each choice.
 """
 from __future__ import annotations
 
@@ -91,7 +93,9 @@ class _Prepared:
             prompts = req.prompts()
         except ValueError as exc:
             raise api_error_from(exc) from None
-        self.params = sampling_params(state, req, req.max_new_tokens(), req.logprobs)
+        # echo with max_tokens 0: the prompt alone (the one token the engine samples is dropped)
+        self.echo_only = req.echo and req.max_new_tokens() == 0
+        self.params = sampling_params(state, req, 1 if self.echo_only else req.max_new_tokens(), req.logprobs)
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
             self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
@@ -138,6 +142,16 @@ class _Prepared:
             return p["prompt"]
         return state.tokenizer.decode(p["prompt_token_ids"]) if state.tokenizer else ""
 
+    def echo_only_choice(self, state: ServerState, req: CompletionRequest, res: RequestOutput, i: int,
+                         out: CompletionOutput) -> dict:
+        """The choice of an echo request with max_tokens 0: the prompt, its logprobs, no generated token."""
+        logprobs = self.echo_logprobs_of(state, res, req.logprobs, i) if self.echo_logprobs else None
+        choice = {"index": i * self.n + out.index, "text": self.prompt_text(state, i), "logprobs": logprobs,
+                  "finish_reason": "length", "stop_reason": None}
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+        return choice
+
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
         return [state.llm.generate(p, self.params, f"{self.engine_id}-{i}") for i, p in enumerate(self.prompts)]
 
@@ -154,6 +168,9 @@ async def create_completion(request: Request, state: ServerState):
         res = finals[i]
         prefix = prep.prompt_text(state, i) if req.echo else ""
         for out in res.outputs:
+            if prep.echo_only:
+                choices.append(prep.echo_only_choice(state, req, res, i, out))
+                continue
             completion_tokens += len(out.token_ids)
             logprobs = None
             if req.logprobs is not None:
@@ -207,7 +224,11 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
         choices = []
         for out in res.outputs:
             idx = i * prep.n + out.index
-            if idx in finished:
+            if idx in finished or (prep.echo_only and out.finish_reason is None):
+                continue
+            if prep.echo_only:  # one chunk per choice, once its prompt logprobs are all in
+                finished.add(idx)
+                choices.append(prep.echo_only_choice(state, req, res, i, out))
                 continue
             text = ""
             first = idx not in sent_text

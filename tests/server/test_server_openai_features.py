@@ -1,6 +1,7 @@
 """The API features agents and evaluation harnesses use, with the official `openai` client
 against `deepserve serve` on the demo model: unsupported fields refused, logit_bias, echo +
-logprobs and prompt_logprobs against transformers' log_softmax (fp32), chat top_logprobs,
+logprobs and prompt_logprobs against transformers' log_softmax (fp32), echo with max_tokens 0,
+chat top_logprobs (top_logprobs 0 without logprobs asks for nothing), chat metadata,
 continuous usage stats, structured outputs (JSON schema, choice, regex) that must parse and
 validate, and the demo model's own chat template."""
 from __future__ import annotations
@@ -274,3 +275,44 @@ def test_allowed_token_ids_truncation_and_request_id(client, demo_server):
     r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=1, extra_body={"request_id": "abc"})
     assert r.id == "chatcmpl-abc"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_is_the_prompt_alone(client, stream):
+    """OpenAI's legacy scoring call (vLLM takes it too): echo with max_tokens 0 answers each prompt
+    with its logprobs, finish_reason length and no completion tokens."""
+    kwargs = dict(model="stories260k", prompt=[PROMPT, "The cat"], echo=True, logprobs=1, temperature=0)
+    one = client.completions.create(**kwargs, max_tokens=1)   # the prompt, then one token
+    if not stream:
+        r = client.completions.create(**kwargs, max_tokens=0)
+        choices, usage = r.choices, r.usage
+    else:
+        chunks = list(client.completions.create(**kwargs, max_tokens=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        choices = sorted((c.choices[0] for c in chunks if c.choices), key=lambda c: c.index)
+        assert len(choices) == 2   # one chunk per choice
+        usage = chunks[-1].usage
+    assert [c.text for c in choices] == [PROMPT, "The cat"]
+    assert [c.finish_reason for c in choices] == ["length", "length"]
+    assert usage.completion_tokens == 0 and usage.prompt_tokens == one.usage.prompt_tokens
+    for got, want in zip(choices, one.choices):
+        assert got.logprobs.tokens == want.logprobs.tokens[:-1]
+        assert got.logprobs.text_offset == want.logprobs.text_offset[:-1]
+        assert got.logprobs.token_logprobs[0] is None
+        assert got.logprobs.token_logprobs[1:] == pytest.approx(want.logprobs.token_logprobs[1:-1], abs=1e-4)
+    expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=0), "max_tokens")
+
+
+def test_top_logprobs_0_without_logprobs_and_metadata(client):
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    r = client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2, top_logprobs=0)
+    assert r.choices[0].logprobs is None
+    expect_400(lambda: client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2,
+                                                      top_logprobs=1), "top_logprobs")
+    # metadata labels a stored completion on OpenAI; nothing is stored here, so it is only checked
+    r = client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2, metadata={"run": "qa"})
+    assert r.choices[0].message.content
+    expect_400(lambda: client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2,
+                                                      metadata={str(i): "x" for i in range(17)}), "metadata")
+    expect_400(lambda: client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2,
+                                                      metadata={"k": "v" * 513}), "metadata")

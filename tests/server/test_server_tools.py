@@ -231,3 +231,10 @@ def test_yaml_deployment_takes_the_tool_options(tmp_path):
     config = load_serve_config(str(path))
     assert config.server == {"enable_auto_tool_choice": True, "tool_call_parser": "deepseek_v3",
                              "generation_config": "vllm", "max_logprobs": 5}
+
+
+def test_no_call_leaves_tool_calls_out(client):
+    """Cut inside the reasoning, an auto tool choice has no call: the message has no tool_calls
+    field (OpenAI and vLLM send none), not an empty list."""
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, tools=TOOLS, max_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
