@@ -278,7 +278,7 @@ class EngineConfig:
     async_scheduling: Optional[bool] = None      # as given; the engine settles None (async_scheduling_plan)
     speculative: Optional[SpeculativeConfig] = None
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
-    piecewise_max_tokens: int = 512       # at most max_num_batched_tokens
+    piecewise_max_tokens: int = 2048      # at most max_num_batched_tokens
 
 
 # --------------------------------------------------------------------------- EngineArgs
@@ -616,8 +616,11 @@ def async_scheduling_plan(config: EngineConfig, device_type: str) -> tuple[bool,
 
 
 def default_piecewise_max_tokens(hf: dict) -> int:
-    """--piecewise-max-tokens when not given: 2048 where the model has routed experts, else 512."""
-    return 2048 if hf.get("n_routed_experts") else 512
+    """--piecewise-max-tokens when not given: 2048. A mixed step holds every running decode
+    (up to max_num_seqs, 256) beside its prompt tokens, and an eager step's host work (hundreds
+    of launches) outlasts its GPU work up to about that size, dense or MoE
+    (docs/PERFORMANCE.md, piecewise graphs)."""
+    return 2048
 
 
 def engine_core_apart(args: EngineArgs, default: bool) -> bool:

@@ -184,14 +184,14 @@ def test_engine_steps_through_the_pieces():
 
 
 @pytest.mark.parametrize("kwargs, mode, eager, max_tokens", [
-    ({}, "FULL_AND_PIECEWISE", False, 512),
-    ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "FULL_DECODE_ONLY", False, 512),
-    ({"compilation_config": {"cudagraph_mode": "piecewise"}}, "PIECEWISE", False, 512),
+    ({}, "FULL_AND_PIECEWISE", False, 2048),
+    ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "FULL_DECODE_ONLY", False, 2048),
+    ({"compilation_config": {"cudagraph_mode": "piecewise"}}, "PIECEWISE", False, 2048),
     ({"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE", "max_cudagraph_capture_size": 128}},
      "FULL_AND_PIECEWISE", False, 128),
     ({"cudagraph_mode": "full_and_piecewise", "piecewise_max_tokens": 2048, "max_num_batched_tokens": 1024},
      "FULL_AND_PIECEWISE", False, 1024),
-    ({"compilation_config": {"cudagraph_mode": "NONE"}}, "NONE", True, 512),
+    ({"compilation_config": {"cudagraph_mode": "NONE"}}, "NONE", True, 2048),
 ])
 def test_cudagraph_mode_settings(kwargs, mode, eager, max_tokens):
     args = EngineArgs(**kwargs)
@@ -200,9 +200,10 @@ def test_cudagraph_mode_settings(kwargs, mode, eager, max_tokens):
 
 
 @pytest.mark.parametrize("model, kwargs, max_tokens", [
-    ("deepseek-v2-lite", {}, 2048),                       # routed experts: host-bound eager steps
+    ("deepseek-v2-lite", {}, 2048),
     ("deepseek-v2-lite", {"piecewise_max_tokens": 512}, 512),
-    ("r1-distill-llama-8b", {}, 512),
+    ("r1-distill-llama-8b", {}, 2048),
+    ("r1-distill-llama-8b", {"max_num_batched_tokens": 1024}, 1024),
     ("deepseek-v2-lite", {"compilation_config": {"max_cudagraph_capture_size": 1024}}, 1024),
 ])
 def test_piecewise_max_tokens_default_by_model(model, kwargs, max_tokens):
