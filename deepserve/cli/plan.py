@@ -15,6 +15,7 @@ from typing import Optional
 from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS, int4_layout
+from deepserve.quant.ignore import checkpoint_ignore
 
 _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
                 "shared_experts": "shared experts", "router": "router", "embedding": "embedding",
@@ -88,6 +89,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
         group, _ = int4_layout(cfg, plan.quantization)
         groups = "one scale per row" if group == -1 else f"groups of {group}"
         q = f"{plan.quantization} 4-bit ({groups}) Linear weights, the rest {plan.dtype}"
+    if plan.quantization and checkpoint_ignore(cfg):
+        q += " (with the modules its quantization_config leaves unquantized)"
     mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"
            if plan.mtp_params else "")
     lines = [f"model      {model} ({cfg.architecture}, {plan.params / 1e9:.2f}B parameters{mtp})",
@@ -137,45 +140,14 @@ def stored_quantization(model: str, cfg) -> Optional[str]:
                          f"stored; pass --quantization w8a8-int8 (int8 weights with per-row scales)")
     if not cfg.get("quantization_config"):
         return None
-    from deepserve.models.loader import INT4_METHODS, checkpoint_quantization
-    from deepserve.quant.int4 import int4_spec
+    from deepserve.models.loader import checkpoint_quantization
     stored = checkpoint_quantization(cfg)
     if stored is None:
         return None
     if stored not in _STORED_PLAN:
         raise ValueError(f"{model} stores {stored!r} weights, which deepserve plan does not count; "
                          f"pass --quantization to plan it as one of {', '.join(sorted(set(_STORED_PLAN)))}")
-    spec = int4_spec(cfg) if stored in INT4_METHODS else None
-    if spec is not None:
-        kept = [m for m in _int4_linear_modules(cfg) if spec.skipped(m)]
-        if kept:
-            raise ValueError(f"{model} keeps {', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''} in high "
-                             f"precision ({len(kept)} module(s)), which deepserve plan counts in 4-bit; pass "
-                             f"--quantization none for an upper bound")
     return _STORED_PLAN[stored]
-
-
-def _int4_linear_modules(cfg) -> list[str]:
-    """The checkpoint names of the Linear modules a 4-bit plan counts in 4-bit (routed experts:
-    expert 0 stands for all; lm_head, the router and MLA's kv_b_proj are counted high anyway)."""
-    from deepserve.distributed.plan_bytes import MLA_ARCHS, is_moe_layer
-    mla = cfg.architecture in MLA_ARCHS
-    if mla:
-        attn = ["q_proj"] if cfg.get("q_lora_rank") is None else ["q_a_proj", "q_b_proj"]
-        attn += ["kv_a_proj_with_mqa", "o_proj"]
-    else:
-        attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    mlp = ["gate_proj", "up_proj", "down_proj"]
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        out += [f"model.layers.{i}.self_attn.{a}" for a in attn]
-        if mla and is_moe_layer(cfg, i):
-            out += [f"model.layers.{i}.mlp.experts.0.{m}" for m in mlp]
-            if cfg.get("n_shared_experts"):
-                out += [f"model.layers.{i}.mlp.shared_experts.{m}" for m in mlp]
-        else:
-            out += [f"model.layers.{i}.mlp.{m}" for m in mlp]
-    return out
 
 
 def run(args) -> int:

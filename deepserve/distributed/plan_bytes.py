@@ -34,6 +34,10 @@ the `meta` device):
 - int8 (w8a8-int8: compressed-tensors W8A8 int8, msModelSlim W8A8_DYNAMIC): the layers fp8
   quantizes and every routed expert matrix take 1 byte per value plus one fp32 scale per output
   row (layers/quantization.py's Int8W8A8LinearMethod, layers/moe_int8.py); the rest as fp8.
+- Modules a checkpoint's quantization_config leaves unquantized (quant/ignore.py: fp8
+  `ignored_layers`, compressed-tensors `ignore`, AWQ / GPTQ `modules_to_not_convert`, GPTQ
+  `dynamic` "-:" entries) keep the model dtype under any quantization and hold no g_idx, as the
+  engine builds them; routed experts so left are not padded to the fp8 block grid.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from deepserve.distributed.parallel_state import pp_layer_range
+from deepserve.quant.ignore import Ignore, checkpoint_ignore
 
 FP8_BLOCK = 128
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -71,7 +76,9 @@ class Tensor:
     kind: "linear" (quantized under fp8), "expert" (a routed expert's matrix: quantized with
     block scales under fp8), "high" (model dtype always), "fp32", "int32" (a 4-bit layer's
     g_idx). 4-bit scales cover `group_cols` input features when set (a row-parallel slice
-    under act order keeps every group of the whole row), else `cols`."""
+    under act order keeps every group of the whole row), else `cols`. `module`: the checkpoint
+    module a quantized kind belongs to (expert 0's for routed experts), which the checkpoint
+    may leave unquantized (quant/ignore.py)."""
 
     group: str
     rows: int
@@ -79,6 +86,7 @@ class Tensor:
     kind: str = "linear"
     count: int = 1
     group_cols: int = 0
+    module: str = ""
 
     def nbytes(self, dtype_bytes: int, quantization: Optional[str],
                int4: Optional[tuple[int, bool]] = None) -> int:
@@ -154,9 +162,10 @@ def act_order(cfg, quantization: Optional[str]) -> bool:
     return False
 
 
-def _g_idx(group: str, *inputs: int, act: bool, count: int = 1) -> list[Tensor]:
-    """The int32 g_idx of 4-bit layers (or experts) reading `inputs` features each, under act order."""
-    return [Tensor(group, k, kind="int32", count=count) for k in inputs] if act else []
+def _g_idx(group: str, *inputs: tuple[str, int], act: bool, count: int = 1) -> list[Tensor]:
+    """The int32 g_idx of 4-bit layers (or experts), (checkpoint module, input features) each,
+    under act order."""
+    return [Tensor(group, k, kind="int32", count=count, module=m) for m, k in inputs] if act else []
 
 
 # --------------------------------------------------------------------------- model tensors
@@ -174,23 +183,27 @@ def is_moe_layer(cfg, layer: int) -> bool:
             and layer % (cfg.get("moe_layer_freq") or 1) == 0)
 
 
-def _mlp(group: str, d: int, inter: int, tp: int, bias: bool, act: bool = False) -> list[Tensor]:
+def _mlp(group: str, d: int, inter: int, tp: int, bias: bool, prefix: str, act: bool = False) -> list[Tensor]:
     local = inter // tp
-    out = [Tensor(group, local, d), Tensor(group, local, d),
-           Tensor(group, d, local, group_cols=inter if act else 0)] + _g_idx(group, d, local, act=act)
+    gate, up, down = (f"{prefix}.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    out = [Tensor(group, local, d, module=gate), Tensor(group, local, d, module=up),
+           Tensor(group, d, local, group_cols=inter if act else 0, module=down)]
+    out += _g_idx(group, (gate, d), (down, local), act=act)
     return out + ([Tensor(group, 2 * local, kind="high"), Tensor(group, d, kind="high")] if bias else [])
 
 
-def _gqa_attention(cfg, tp: int, act: bool = False) -> list[Tensor]:
+def _gqa_attention(cfg, tp: int, prefix: str, act: bool = False) -> list[Tensor]:
     d, h = cfg.hidden_size, cfg.num_attention_heads
     kv = cfg.get("num_key_value_heads") or h
     hd = cfg.get("head_dim") or d // h
     q, kv_local = h * hd // tp, max(kv, tp) * hd // tp   # KV heads replicated when TP > kv heads
     bias = bool(cfg.get("attention_bias", False))
     qkv_bias = bias or cfg.architecture == "Qwen2ForCausalLM"
-    out = [Tensor("attention", q, d), Tensor("attention", kv_local, d), Tensor("attention", kv_local, d),
-           Tensor("attention", d, h * hd // tp, group_cols=h * hd if act else 0)]
-    out += _g_idx("attention", d, h * hd // tp, act=act)        # fused q/k/v, o_proj
+    name = {p: f"{prefix}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    out = [Tensor("attention", q, d, module=name["q_proj"]), Tensor("attention", kv_local, d, module=name["k_proj"]),
+           Tensor("attention", kv_local, d, module=name["v_proj"]),
+           Tensor("attention", d, h * hd // tp, group_cols=h * hd if act else 0, module=name["o_proj"])]
+    out += _g_idx("attention", (name["q_proj"], d), (name["o_proj"], h * hd // tp), act=act)   # fused q/k/v, o
     if qkv_bias:
         out.append(Tensor("attention", q + 2 * kv_local, kind="high"))
     if bias and cfg.architecture != "Qwen2ForCausalLM":
@@ -198,30 +211,35 @@ def _gqa_attention(cfg, tp: int, act: bool = False) -> list[Tensor]:
     return out
 
 
-def _mla_attention(cfg, tp: int, act: bool = False) -> list[Tensor]:
+def _mla_attention(cfg, tp: int, prefix: str, act: bool = False) -> list[Tensor]:
     d, h = cfg.hidden_size, cfg.num_attention_heads
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     q_lora, kv_lora = cfg.get("q_lora_rank"), cfg.kv_lora_rank
     bias = bool(cfg.get("attention_bias", False))
+    name = {p: f"{prefix}.self_attn.{p}" for p in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")}
     out = []
     if q_lora is None:
-        out.append(Tensor("attention", h * qk // tp, d))
+        out.append(Tensor("attention", h * qk // tp, d, module=name["q_proj"]))
+        q_inputs = [(name["q_proj"], d)]
     else:  # q_a (replicated) -> q_a_layernorm -> q_b (column-parallel over heads)
-        out += [Tensor("attention", q_lora, d), Tensor("norms", q_lora, kind="high"),
-                Tensor("attention", h * qk // tp, q_lora)]
+        out += [Tensor("attention", q_lora, d, module=name["q_a_proj"]), Tensor("norms", q_lora, kind="high"),
+                Tensor("attention", h * qk // tp, q_lora, module=name["q_b_proj"])]
         out += [Tensor("attention", q_lora, kind="high")] if bias else []
-    out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, d), Tensor("norms", kv_lora, kind="high"),
+        q_inputs = [(name["q_a_proj"], d), (name["q_b_proj"], q_lora)]
+    out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, d, module=name["kv_a_proj_with_mqa"]),
+            Tensor("norms", kv_lora, kind="high"),
             Tensor("attention", h * (cfg.qk_nope_head_dim + cfg.v_head_dim) // tp, kv_lora, kind="high"),
-            Tensor("attention", d, h * cfg.v_head_dim // tp, group_cols=h * cfg.v_head_dim if act else 0)]
+            Tensor("attention", d, h * cfg.v_head_dim // tp, group_cols=h * cfg.v_head_dim if act else 0,
+                   module=name["o_proj"])]
     # q_proj or q_a + q_b, kv_a, o_proj (kv_b_proj stays in the model dtype)
-    q_inputs = (d,) if q_lora is None else (d, q_lora)
-    out += _g_idx("attention", *q_inputs, d, h * cfg.v_head_dim // tp, act=act)
+    out += _g_idx("attention", *q_inputs, (name["kv_a_proj_with_mqa"], d),
+                  (name["o_proj"], h * cfg.v_head_dim // tp), act=act)
     if bias:
         out += [Tensor("attention", kv_lora + cfg.qk_rope_head_dim, kind="high"), Tensor("attention", d, kind="high")]
     return out
 
 
-def _moe(cfg, layout: Layout, quantization: Optional[str], act: bool = False) -> list[Tensor]:
+def _moe(cfg, layout: Layout, quantization: Optional[str], prefix: str, act: bool = False) -> list[Tensor]:
     d, e, inter = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     v3 = cfg.get("model_type") == "deepseek_v3"
     out = [Tensor("router", e, d, kind="fp32")]
@@ -233,25 +251,47 @@ def _moe(cfg, layout: Layout, quantization: Optional[str], act: bool = False) ->
         n, local = e, inter // layout.tp
     if quantization == "fp8" and local == inter:
         local = math.ceil(inter / FP8_BLOCK) * FP8_BLOCK   # whole experts: padded to the block grid
-    out += [Tensor("experts", local, d, "expert", n), Tensor("experts", local, d, "expert", n),
-            Tensor("experts", d, local, "expert", n, group_cols=inter if act else 0)]
-    out += _g_idx("experts", d, local, act=act, count=n)       # gate and up share one; down
+    gate, up, down = (f"{prefix}.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    out += [Tensor("experts", local, d, "expert", n, module=gate), Tensor("experts", local, d, "expert", n, module=up),
+            Tensor("experts", d, local, "expert", n, group_cols=inter if act else 0, module=down)]
+    out += _g_idx("experts", (gate, d), (down, local), act=act, count=n)       # gate and up share one; down
     shared = cfg.get("n_shared_experts") or 0
     if shared:
-        out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)), act)
+        out += _mlp("shared_experts", d, inter * shared, layout.tp, bool(cfg.get("mlp_bias", False)),
+                    f"{prefix}.mlp.shared_experts", act)
     return out
 
 
 def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] = None) -> list[Tensor]:
     """What one rank of `layout` holds of decoder layer `layer`."""
-    d = cfg.hidden_size
+    d, prefix = cfg.hidden_size, f"model.layers.{layer}"
     mla = architecture(cfg) in MLA_ARCHS
     act = act_order(cfg, quantization)
-    out = _mla_attention(cfg, layout.tp, act) if mla else _gqa_attention(cfg, layout.tp, act)
+    ignore = checkpoint_ignore(cfg) if quantization else Ignore()
+    out = _mla_attention(cfg, layout.tp, prefix, act) if mla else _gqa_attention(cfg, layout.tp, prefix, act)
     out += [Tensor("norms", d, kind="high"), Tensor("norms", d, kind="high")]
     if mla and is_moe_layer(cfg, layer):
-        return out + _moe(cfg, layout, quantization, act)
-    return out + _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)), act)
+        # experts the checkpoint leaves unquantized are not padded to the fp8 block grid either
+        out += _moe(cfg, layout, None if ignore(f"{prefix}.mlp.experts.0.gate_proj") else quantization, prefix, act)
+    else:
+        out += _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)), f"{prefix}.mlp",
+                    act)
+    return _keep_ignored(out, ignore)
+
+
+def _keep_ignored(tensors: list[Tensor], ignore: Ignore) -> list[Tensor]:
+    """`tensors` with the quantized kinds of the modules the checkpoint leaves unquantized in the
+    model dtype, and without their 4-bit g_idx."""
+    if not ignore:
+        return tensors
+    out = []
+    for t in tensors:
+        if t.module and ignore(t.module) and t.kind != "high":
+            if t.kind == "int32":
+                continue
+            t = dataclasses.replace(t, kind="high", group_cols=0)
+        out.append(t)
+    return out
 
 
 def vocab_rows(cfg, tp: int) -> int:

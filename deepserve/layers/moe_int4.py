@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from deepserve.layers.quantization import experts_quantized
 from deepserve.ops.int4 import PACK
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
 
@@ -174,7 +175,8 @@ def quantize_int4_experts(model: nn.Module, spec: Int4Spec) -> list[str]:
     """Give every FusedMoE whose experts the checkpoint stores 4-bit the Int4Experts method."""
     names = []
     for name, module in model.named_modules():
-        if hasattr(module, "run_experts") and int4_expert_module(spec, f"{name}.0.gate_proj"):
+        if hasattr(module, "run_experts") and experts_quantized(model, name, module,
+                                                                functools.partial(int4_expert_module, spec)):
             try:
                 Int4Experts(spec).create(module)
             except ValueError as exc:

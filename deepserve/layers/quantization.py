@@ -23,15 +23,18 @@ full checkpoint tensor, so `--quantization fp8` on a BF16 folder gives the same 
 Which layers stay in the model dtype: the policy of quant/policy.py (embeddings, LM head,
 norms, router gate), plus `kv_b_proj`, whose weight MLA's absorbed decode reads directly
 (as vLLM does, it is dequantized at load; docs/PERFORMANCE.md measures what fp8 would save),
-and MTP's `eh_proj`, which DeepSeek's release keeps in BF16. MoE routed experts are not
-Linear layers: FusedMoE keeps them in fp8 itself (layers/moe.py, models/loader.py).
+and MTP's `eh_proj`, which DeepSeek's release keeps in BF16; and the modules a checkpoint's
+quantization_config leaves unquantized (quant/ignore.py: fp8 `ignored_layers`, compressed-tensors
+`ignore`, ...; `parts_quantized` refuses a fused layer whose parts disagree). MoE routed experts
+are not Linear layers: FusedMoE keeps them in fp8 itself (layers/moe.py, models/loader.py), all of
+a layer's or none (`experts_quantized`).
 """
 from __future__ import annotations
 
 import functools
 import math
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -48,6 +51,7 @@ METHODS = ("fp8", "w8a8-int8")
 KEEP_HIGH_PRECISION = ("kv_b_proj", "eh_proj")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 _SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_quantized_module(module_name: str) -> bool:
@@ -64,12 +68,17 @@ def is_expert_tensor(name: str) -> bool:
     return bool(_EXPERT.search(f".{name}")) and name.endswith(_SUFFIXES)
 
 
-def is_quantized_tensor(name: str) -> bool:
-    """Whether checkpoint tensor `name` (a weight or its scale) feeds a quantized Linear."""
+def tensor_module(name: str) -> str:
+    """The module of checkpoint tensor `name` (a weight or its scale)."""
     for suffix in _SUFFIXES:
         if name.endswith(suffix):
-            return is_quantized_module(name[: -len(suffix)])
-    return False
+            return name[: -len(suffix)]
+    return name
+
+
+def is_quantized_tensor(name: str) -> bool:
+    """Whether checkpoint tensor `name` (a weight or its scale) feeds a quantized Linear."""
+    return name.endswith(_SUFFIXES) and is_quantized_module(tensor_module(name))
 
 
 def _index(layer: LinearBase, shard_id) -> int:
@@ -232,16 +241,66 @@ def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK):
     raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {name!r}")
 
 
-def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK) -> list[str]:
-    """Give every Linear that `is_quantized_module` accepts the `method`; returns their names."""
+def checkpoint_names(model: nn.Module, name: str) -> list[str]:
+    """The checkpoint modules a model Linear is loaded from (q/k/v for qkv_proj, ...)."""
+    name = getattr(model, "checkpoint_module", lambda n: n)(name)   # the model may rename modules
+    parts = [(part, fused) for part, fused, _ in getattr(model, "stacked_params", ())
+             if name.endswith("." + fused)]
+    return [name[: -len(fused)] + part for part, fused in parts] or [name]
+
+
+def _one_choice(kinds: dict[str, bool], what: str) -> bool:
+    """The one value of `kinds` (checkpoint module -> quantized); parts that disagree are refused."""
+    if len(set(kinds.values())) > 1:
+        yes = [m for m, k in kinds.items() if k]
+        no = [m for m, k in kinds.items() if not k]
+        raise ValueError(f"{what}: {', '.join(no[:3])}{' ...' if len(no) > 3 else ''} "
+                         f"{'is' if len(no) == 1 else 'are'} left unquantized by the checkpoint but "
+                         f"{', '.join(yes[:3])}{' ...' if len(yes) > 3 else ''} "
+                         f"{'is' if len(yes) == 1 else 'are'} not; they share one weight, so all or none")
+    return next(iter(kinds.values()))
+
+
+def parts_quantized(name: str, sources: list[str], quantized: Callable[[str], bool]) -> bool:
+    """Whether the model Linear `name`, loaded from checkpoint modules `sources` (q/k/v for
+    qkv_proj), runs quantized: all its parts are, or none is."""
+    return _one_choice({s: bool(quantized(s)) for s in sources}, f"{', '.join(sources)} are fused into {name}"
+                       if len(sources) > 1 else name)
+
+
+def experts_quantized(model: nn.Module, name: str, moe: nn.Module, quantized: Callable[[str], bool]) -> bool:
+    """Whether the routed experts of the FusedMoE `name` run quantized: `quantized(checkpoint
+    module)` holds for every expert matrix, or for none (they share one stacked tensor)."""
+    prefix = getattr(model, "checkpoint_module", lambda n: n)(name)
+    kinds = {f"{prefix}.{e}.{p}": bool(quantized(f"{prefix}.{e}.{p}"))
+             for e in range(moe.num_experts) for p in EXPERT_PROJECTIONS}
+    return _one_choice(kinds, f"routed experts of {prefix}")
+
+
+def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[object]]) -> list[str]:
+    """For every Linear the policy quantizes, `choose(name, checkpoint modules)` gives its
+    method (None: it stays in the model dtype); returns the names of those given one."""
     names = []
     for name, module in model.named_modules():
         if isinstance(module, LinearBase) and is_quantized_module(name):
-            module.set_quant_method(make_method(method, block))
-            names.append(name)
-    if not names:
-        raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
+            method = choose(name, checkpoint_names(model, name))
+            if method is not None:
+                try:
+                    module.set_quant_method(method)
+                except ValueError as exc:       # the shape checks know no module name
+                    raise ValueError(f"{', '.join(checkpoint_names(model, name))}: {exc}") from None
+                names.append(name)
     return names
+
+
+def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK,
+                     ignore: Callable[[str], bool] = lambda module: False) -> list[str]:
+    """Give every Linear that `is_quantized_module` accepts, and whose checkpoint modules
+    `ignore` does not name (quant/ignore.py), the `method`; returns their names."""
+    if not any(isinstance(m, LinearBase) and is_quantized_module(n) for n, m in model.named_modules()):
+        raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
+    return set_methods(model, lambda name, sources: make_method(method, block) if parts_quantized(
+        name, sources, lambda s: not ignore(s)) else None)
 
 
 @torch.no_grad()

@@ -19,13 +19,13 @@ The GEMM is `ops.int4_linear` (W4A16) or `ops.w4a8_linear` (int8 per-token activ
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
-from deepserve.layers.quantization import full_cols, full_rows, is_quantized_module
+from deepserve.layers.quantization import full_cols, full_rows, is_quantized_module, parts_quantized, set_methods
 from deepserve.ops.int4 import PACK
 from deepserve.layers.moe_int4 import no_dummy_shards, fill_dummy_int4, int4_expert_module
 from deepserve.quant.int4 import Int4Spec, scales_to_memory, weight_to_memory, zeros_to_memory
@@ -121,14 +121,6 @@ class Int4LinearMethod:
         return getattr(layer.ops, self.gemm)(x, q, s, z, g, self.group_size, bias)
 
 
-def checkpoint_names(model: nn.Module, name: str) -> list[str]:
-    """The checkpoint modules a model Linear is loaded from (q/k/v for qkv_proj, ...)."""
-    name = getattr(model, "checkpoint_module", lambda n: n)(name)   # the model may rename modules
-    parts = [(part, fused) for part, fused, _ in getattr(model, "stacked_params", ())
-             if name.endswith("." + fused)]
-    return [name[: -len(fused)] + part for part, fused in parts] or [name]
-
-
 def int4_module(spec: Int4Spec, module: str) -> bool:
     """Whether checkpoint module `module` runs as a 4-bit Linear."""
     return is_quantized_module(module) and not spec.skipped(module)
@@ -140,28 +132,7 @@ def int4_kept(spec: Int4Spec, module: str) -> bool:
     return int4_module(spec, module) or int4_expert_module(spec, module)
 
 
-def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[object]]) -> list[str]:
-    """For every Linear the policy quantizes, `choose(name, checkpoint modules)` gives its
-    method (None: it stays in the model dtype); returns the names of those given one."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, LinearBase) and is_quantized_module(name):
-            method = choose(name, checkpoint_names(model, name))
-            if method is not None:
-                try:
-                    module.set_quant_method(method)
-                except ValueError as exc:       # the shape checks know no module name
-                    raise ValueError(f"{', '.join(checkpoint_names(model, name))}: {exc}") from None
-                names.append(name)
-    return names
-
-
 def quantize_int4_linears(model: nn.Module, spec: Int4Spec) -> list[str]:
     """Give every Linear whose checkpoint modules are 4-bit the int4 method; returns their names."""
-    def choose(name, sources):
-        quantized = [int4_module(spec, s) for s in sources]
-        if any(quantized) != all(quantized):
-            raise ValueError(f"{spec.method} checkpoint: {', '.join(sources)} are fused into {name} but "
-                             f"only some of them are quantized")
-        return Int4LinearMethod(spec) if all(quantized) else None
-    return set_methods(model, choose)
+    return set_methods(model, lambda name, sources: Int4LinearMethod(spec) if parts_quantized(
+        name, sources, functools.partial(int4_module, spec)) else None)

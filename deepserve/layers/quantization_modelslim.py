@@ -22,8 +22,7 @@ from torch import nn
 
 from deepserve.layers.linear import LinearBase, RowParallelLinear, check_shape
 from deepserve.layers.moe_int8 import int8_experts, is_routed_expert
-from deepserve.layers.quantization import Int8W8A8LinearMethod, is_quantized_module
-from deepserve.layers.quantization_int4 import set_methods
+from deepserve.layers.quantization import Int8W8A8LinearMethod, is_quantized_module, set_methods
 from deepserve.quant.modelslim import module_type
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from deepserve.config import HFConfig
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.linear import LinearBase
-from deepserve.layers.quantization_int4 import checkpoint_names
+from deepserve.layers.quantization import checkpoint_names
 from deepserve.models.loader import _materialize, process_weights_after_loading
 from deepserve.models.registry import get_model_class
 

@@ -20,7 +20,8 @@ W4A16 and W4A8, act-order GPTQ included: packed 4-bit, layers/moe_int4.py; w8a8-
 msModelSlim "W8A8_DYNAMIC": int8 with per-row scales and per-token int8 activations,
 layers/moe_int8.py); msModelSlim's static "W8A8" experts are dequantized at load. Layers
 outside the policy (layers/quantization.py: embeddings, LM head, norms, router gate, kv_b_proj,
-MTP eh_proj) are dequantized at load to the model dtype.
+MTP eh_proj) are dequantized at load to the model dtype, as are the modules the checkpoint's
+quantization_config says it left unquantized (quant/ignore.py), whatever the method run.
 
 The model is built on the meta device, given its quantized layouts, then materialised
 (`build_model`), so device memory only ever holds the tensors the engine serves from. Once its
@@ -37,8 +38,8 @@ import torch
 from deepserve.config import ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
 from deepserve.layers.moe import FusedMoE
-from deepserve.layers.quantization import (init_dummy_quantized, is_expert_tensor, is_quantized_tensor,
-                                           quantize_linears)
+from deepserve.layers.quantization import (experts_quantized, init_dummy_quantized, is_expert_tensor,
+                                           is_quantized_tensor, quantize_linears, tensor_module)
 from deepserve.layers.moe_int4 import quantize_int4_experts
 from deepserve.layers.moe_int8 import int8_experts
 from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
@@ -49,6 +50,7 @@ from deepserve.models.weights import dequantize_stream, init_dummy_weights, iter
 from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream
 from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
+from deepserve.quant.ignore import Ignore, checkpoint_ignore
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
 from deepserve.quant.qconfig_fields import check_fields
 
@@ -179,14 +181,15 @@ def _materialize(module: torch.nn.Module, device: torch.device) -> None:
             sub.rebuild_buffers()
 
 
-def quantize_experts(model, method: str, block: tuple[int, int]) -> list[str]:
-    """Routed experts stored in the linear method's format (fp8, w8a8-int8); returns their names."""
+def quantize_experts(model, method: str, block: tuple[int, int], ignore: Ignore = Ignore()) -> list[str]:
+    """Routed experts stored in the linear method's format (fp8, w8a8-int8), but for the layers
+    whose experts the checkpoint leaves unquantized (`ignore`); returns their names."""
     if method == "w8a8-int8":
-        return int8_experts(model)
+        return int8_experts(model, (lambda module: not ignore(module)) if ignore else None)
     names = []
     if method == "fp8":
         for name, module in model.named_modules():
-            if isinstance(module, FusedMoE):
+            if isinstance(module, FusedMoE) and experts_quantized(model, name, module, lambda m: not ignore(m)):
                 module.use_fp8(block)
                 names.append(name)
     return names
@@ -215,8 +218,9 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         quantize_modelslim_linears(model, desc)
         quantize_modelslim_experts(model, desc)
     elif method is not None:
-        quantize_linears(model, method, block)
-        quantize_experts(model, method, block)
+        ignore = checkpoint_ignore(cfg)
+        quantize_linears(model, method, block, ignore)
+        quantize_experts(model, method, block, ignore)
     if pctx.pp_size > 1:
         model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
     if torch.device(device).type == "meta":
@@ -278,11 +282,15 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             ct = ct_fp8_scheme(cfg.get("quantization_config") or {})
             if ct is not None:      # compressed-tensors FP8: DeepSeek's names and scale grid
                 weights = ct_fp8_stream(weights, ct)
-            # stored quantized tensors go as they are to the layers that run the same method
+            # stored quantized tensors go as they are to the layers that run the same method (fp8
+            # and int8 experts too); those of modules the checkpoint says it left unquantized are
+            # dequantized for their 16-bit layers
+            ignore = checkpoint_ignore(cfg)
             if method != stored:
                 keep = lambda name: False  # noqa: E731
-            else:   # fp8 and int8 experts stay as stored too
-                keep = lambda name: is_quantized_tensor(name) or is_expert_tensor(name)  # noqa: E731
+            else:
+                keep = lambda name: ((is_quantized_tensor(name) or is_expert_tensor(name))  # noqa: E731
+                                     and not ignore(tensor_module(name)))
             weights = dequantize_stream(weights, stored, block, dtype, keep)
         loaded = model.load_weights(weights)
         params = dict(model.named_parameters())

@@ -24,13 +24,13 @@ GPTQ v1 (`checkpoint_format` "gptq", AutoGPTQ's default) stores each zero point 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 from deepserve.ops.int4 import PACK, SEQUENTIAL, dequant_int4, pack_int4, unpack_int4
+from deepserve.quant.ignore import Ignore, checkpoint_ignore
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # AWQ: nibble i holds column AWQ_ORDER[i] of its 8
 FORMATS = ("awq", "gptq", "compressed-tensors")
@@ -46,7 +46,7 @@ class Int4Spec:
     act_order: bool               # g_idx maps input features to groups
     zero_plus_one: bool = False   # GPTQ v1: stored zero = z - 1
     activations: Optional[str] = None  # None (W4A16) | "int8-token" (W4A8)
-    skip: tuple[str, ...] = ()    # modules_to_not_convert (substrings) / CT ignore (names, "re:")
+    ignore: Ignore = Ignore()     # the modules the checkpoint leaves unquantized (quant/ignore.py)
     scale_dtype: torch.dtype = torch.float16
     names: dict = field(default_factory=dict)   # role -> checkpoint suffix
 
@@ -58,12 +58,7 @@ class Int4Spec:
 
     def skipped(self, module: str) -> bool:
         """Whether checkpoint module `module` is left unquantized by the checkpoint."""
-        if self.fmt in ("awq", "gptq"):
-            return any(s in module for s in self.skip)
-        for s in self.skip:
-            if s.startswith("re:") and re.match(s[3:], module) or s == module:
-                return True
-        return False
+        return self.ignore(module)
 
     def role(self, name: str) -> Optional[tuple[str, str]]:
         """(module, role) when checkpoint tensor `name` is part of a 4-bit weight, else None."""
@@ -103,7 +98,7 @@ def _group(value, where: str) -> int:
     return g
 
 
-def _ct_spec(qc: dict, scale_dtype: torch.dtype) -> Optional[Int4Spec]:
+def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int4Spec]:
     groups = qc.get("config_groups") or {}
     weights = [(n, g.get("weights") or {}, g.get("input_activations")) for n, g in groups.items()]
     if not weights or all((w.get("num_bits") == 8) for _, w, _ in weights):
@@ -134,7 +129,7 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype) -> Optional[Int4Spec]:
         raise ValueError(f"{where}: actorder {actorder!r} is not supported")
     return Int4Spec("compressed-tensors", _group(w.get("group_size") if strategy == "group" else -1, where),
                     symmetric=bool(w.get("symmetric", True)), act_order=actorder in ("group", "dynamic"),
-                    activations=act, skip=tuple(qc.get("ignore") or ()), scale_dtype=scale_dtype,
+                    activations=act, ignore=ignore, scale_dtype=scale_dtype,
                     names=CT_NAMES)
 
 
@@ -175,7 +170,7 @@ def int4_spec(hf_config) -> Optional[Int4Spec]:
             raise ValueError(f"{where}: AutoAWQ version {version!r} is not supported (gemm only)")
         return Int4Spec("awq", _group(qc.get("group_size", qc.get("q_group_size")), where),
                         symmetric=False, act_order=False,
-                        skip=tuple(qc.get("modules_to_not_convert") or ()), scale_dtype=scale_dtype,
+                        ignore=checkpoint_ignore(hf_config), scale_dtype=scale_dtype,
                         names=AWQ_NAMES)
     if method == "gptq":
         where = "quantization_config (gptq)"
@@ -185,10 +180,10 @@ def int4_spec(hf_config) -> Optional[Int4Spec]:
             raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
         return Int4Spec("gptq", _group(qc.get("group_size"), where), symmetric=bool(qc.get("sym", True)),
                         act_order=bool(qc.get("desc_act", False)), zero_plus_one=fmt == "gptq",
-                        skip=tuple(qc.get("modules_to_not_convert") or ()), scale_dtype=scale_dtype,
+                        ignore=checkpoint_ignore(hf_config), scale_dtype=scale_dtype,
                         names=GPTQ_NAMES)
     if method == "compressed-tensors":
-        return _ct_spec(qc, scale_dtype)
+        return _ct_spec(qc, scale_dtype, checkpoint_ignore(hf_config))
     return None
 
 

@@ -1,7 +1,8 @@
 """The fields a checkpoint's `quantization_config` may carry, per `quant_method`.
 
-Fields known to change what the stored integers mean (a per-module override, a transform
-applied before quantization, a kernel-specific layout, sparsity) are refused naming them unless
+Fields known to change what the stored integers mean (a transform applied before quantization,
+a kernel-specific layout, sparsity; GPTQModel's per-module `dynamic` overrides of bits or group
+size, which quant/ignore.py refuses while reading its "-:" entries) are refused naming them unless
 at their neutral value. A field deepserve does not know is logged as a warning naming it and the
 checkpoint loads (writers add bookkeeping fields with each release; vLLM loads such checkpoints
 too): the warning says where to look if the output is wrong. The lists hold what the
@@ -39,7 +40,7 @@ _CT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_st
             "actorder", "observer", "observer_kwargs", "scale_dtype", "zp_dtype"}
 KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
 # field -> the neutral values deepserve serves (anything else changes the weights' meaning)
-_NEUTRAL = {"gptq": {"dynamic": (None, {}), "lm_head": (None, False), "is_marlin_format": (None, False),
+_NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False),
                      "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2")},
             "compressed-tensors": {"transform_config": (None, {})},
             "fp8": {"fmt": (None, "e4m3")}}

@@ -222,6 +222,43 @@ def test_plan_counts_what_the_engine_allocates_for_r1(layout, mtp, quantization)
     assert planned == built
 
 
+# modules a quantized R1 checkpoint leaves in 16-bit, in each format's own field and syntax: a
+# parent module (the dense MLP of layer 0), one projection, all routed experts of a layer, an MTP
+# module and a regex (compressed-tensors)
+_FP8_IGNORED = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+                "ignored_layers": ["model.layers.0.mlp", "model.layers.5.self_attn.q_a_proj",
+                                   "model.layers.4.mlp.experts", "model.layers.61.mlp.shared_experts"]}
+
+
+def _ct_ignored(bits: int) -> dict:
+    from tests.quant.int4_formats import quantization_config
+    qc = quantization_config("compressed-tensors", 128, True, False) if bits == 4 else {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                  "dynamic": True}}}}
+    return {**qc, "ignore": ["lm_head", "re:model\\.layers\\.[0-2]\\.mlp\\..*", "model.layers.5.self_attn.o_proj",
+                             "re:.*layers\\.4\\.mlp\\.experts\\..*", "model.layers.61.self_attn.kv_a_proj_with_mqa"]}
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "w8a8-int8", "w4a16"])
+@pytest.mark.parametrize("layout,mtp", [(Layout(8, 1, 1), True), (Layout(2, 4, 1), False), (Layout(1, 1, 8, True), True)])
+def test_plan_counts_modules_the_checkpoint_leaves_unquantized_at_16_bits(layout, mtp, quantization):
+    """An R1 checkpoint whose quantization_config leaves modules unquantized (DeepSeek fp8
+    `ignored_layers`, compressed-tensors `ignore` with `re:` entries): the plan counts them in
+    bf16, as the engine builds them (they were counted at 1 or 0.5 bytes a value), to 1% and exact."""
+    qc = _FP8_IGNORED if quantization == "fp8" else _ct_ignored(4 if quantization == "w4a16" else 8)
+    cfg = HFConfig({**R1, "quantization_config": qc})
+    planned = weight_bytes_per_gpu(cfg, layout, quantization=quantization, include_mtp=mtp)
+    built = engine_param_bytes(cfg, layout, quantization, mtp)
+    assert abs(planned - built) <= 0.01 * built, (planned, built)
+    assert planned == built
+    def total(c):
+        return sum(sum(s.values()) for s in weight_breakdown(c, layout, quantization=quantization, include_mtp=mtp))
+    assert total(cfg) > total(r1())
+
+
 def test_fp8_kv_cache_halves_kv_bytes_per_token_in_the_plan():
     bf16 = evaluate_plans(r1(), 8, 141 * GiB, quantization="fp8", max_model_len=32768)
     fp8 = evaluate_plans(r1(), 8, 141 * GiB, quantization="fp8", max_model_len=32768, kv_cache_dtype="fp8")
@@ -352,8 +389,8 @@ def test_docs_plan_md_is_what_the_command_prints():
 def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     """Without --quantization a model folder is planned as `serve` loads it: a DeepSeek FP8
     folder in fp8 (it printed bf16 bytes), exactly as with --quantization fp8; a preset stays
-    in the model dtype (random weights); a 4-bit folder in its own group size; one that keeps
-    Linear layers in high precision, or an msModelSlim one, is refused naming the flag to pass."""
+    in the model dtype (random weights); a 4-bit folder in its own group size, the Linear layers it
+    keeps in high precision counted so; an msModelSlim one is refused naming the flag to pass."""
     import json
 
     import transformers
@@ -374,8 +411,9 @@ def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     assert rc == 0 and "weights    awq 4-bit (groups of 32) Linear weights" in out   # the folder's group size
     cfg["quantization_config"]["modules_to_not_convert"] = ["o_proj"]
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
-    rc, _, err = run_cli(args)
-    assert rc == 2 and "keeps model.layers.0.self_attn.o_proj" in err and "--quantization none" in err
+    rc, kept, _ = run_cli(args)
+    assert rc == 0 and "Linear weights, the rest float32 (with the modules its quantization_config leaves " \
+                       "unquantized)" in kept and kept != out    # o_proj counted in bf16
     assert "weights    bfloat16;" in run_cli(["plan", "deepseek-r1", "--gpus", "8", "--gpu-memory", "141GiB"])[1]
     cfg.pop("quantization_config")                     # msModelSlim: the description file says it
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))

@@ -371,7 +371,7 @@ def test_a_missing_part_of_a_fused_parameter_is_named(tiny_folders, tmp_path, fm
 
 def test_unknown_quantization_config_fields_are_named_and_meaningful_ones_refused(caplog):
     """A quantization_config field the format does not define loads with a warning naming it;
-    fields known to change what the integers mean (GPTQModel's per-module `dynamic` overrides, a
+    fields known to change what the integers mean (GPTQModel's per-module `dynamic` overrides of bits or groups, a
     compressed-tensors transform, fp8 other than e4m3) are refused naming them. Fields that only
     record how the checkpoint was made load without a word."""
     from deepserve.models.loader import checkpoint_quantization
@@ -390,8 +390,9 @@ def test_unknown_quantization_config_fields_are_named_and_meaningful_ones_refuse
         caplog.clear()
         stored(ct)
     assert "compressed-tensors group group_0 weights: unknown field(s) 'zero_scale'" in caplog.text
-    with pytest.raises(ValueError, match=r"^quantization_config \(gptq\): dynamic .* is not supported"):
-        stored({**quantization_config("gptq", 32, True, False), "dynamic": {"-:.*mlp.*": {}}})
+    with pytest.raises(ValueError, match=r"^quantization_config \(gptq\): dynamic '.\*mlp.\*': .* deepserve does not"):
+        stored({**quantization_config("gptq", 32, True, False), "dynamic": {".*mlp.*": {"bits": 8}}})
+    assert stored({**quantization_config("gptq", 32, True, False), "dynamic": {"-:.*mlp.*": {}}}) == "gptq"
     with pytest.raises(ValueError, match=r"^quantization_config \(fp8\): fmt 'e5m2' is not supported"):
         stored({"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
     with pytest.raises(ValueError, match=r"^quantization_config \(compressed-tensors\): transform_config"):

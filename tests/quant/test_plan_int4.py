@@ -1,7 +1,7 @@
 """`deepserve plan` of 4-bit model folders as `deepserve convert quantize` writes them: the
 per-GPU weight bytes equal the parameters of the model the engine builds from the folder (on
 the meta device, this rank's slices), whatever the group size, zero points or format; a folder
-that keeps Linear layers in high precision, which the plan would count in 4-bit, is refused."""
+that keeps Linear layers in high precision is counted with them in the model dtype."""
 from __future__ import annotations
 
 import contextlib
@@ -56,13 +56,20 @@ def test_plan_of_a_converted_4bit_folder_is_what_the_engine_allocates(deepseek, 
     assert f"4-bit ({groups}) Linear weights" in rc_out.getvalue()
 
 
-def test_a_folder_with_linears_left_in_high_precision_is_refused(deepseek, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "awq"])
+def test_a_folder_with_linears_left_in_high_precision_counts_them_in_its_dtype(deepseek, tmp_path, capsys, fmt):
+    """`convert quantize --ignore` leaves modules unquantized (compressed-tensors `ignore`, AWQ
+    `modules_to_not_convert`): the plan counts them in the model dtype, exactly as the engine
+    allocates them (it refused such folders)."""
     out = tmp_path / "q"
     quantize_checkpoint(deepseek, out, "w4a16", progress=False, int4=Int4Options(
-        method="w4a16", algorithm="rtn", group_size=16, ignore=("re:.*shared_experts.*",)))
-    assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 2
-    err = capsys.readouterr().err
-    assert "keeps model.layers.1.mlp.shared_experts.gate_proj" in err and "--quantization none" in err, err
+        method="w4a16", fmt=fmt, algorithm="rtn", group_size=16, ignore=("re:.*shared_experts.*",)))
+    cfg = load_hf_config(str(out))
+    quantization = stored_quantization(str(out), cfg)
+    for layout in (Layout(1, 1, 1), Layout(2, 1, 1), Layout(1, 1, 2, True)):
+        assert weight_bytes_per_gpu(cfg, layout, "float32", quantization) == _built_bytes(out, layout), layout
+    assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    assert "with the modules its quantization_config leaves unquantized" in capsys.readouterr().out
 
 
 def test_a_gpu_smaller_than_the_activation_reserve_is_one_line(deepseek, capsys):

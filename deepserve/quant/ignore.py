@@ -1,0 +1,87 @@
+"""The modules a quantized checkpoint leaves in 16-bit, read from its quantization_config.
+
+Each format names them its own way (the matching rules are vLLM's):
+
+| format                         | field                              | an entry matches module m when        |
+|--------------------------------|------------------------------------|---------------------------------------|
+| DeepSeek / vLLM fp8            | `ignored_layers`                   | it is m or a parent of m (`a.b` covers `a.b.c`) |
+| Hugging Face fp8               | `modules_to_not_convert`           | it is a substring of m                |
+| compressed-tensors             | `ignore`                           | it is m or a parent, or `re:` + a regex that `re.match`es m |
+| AutoAWQ, GPTQ                  | `modules_to_not_convert`           | it is a substring of m                |
+| GPTQModel                      | `dynamic` keys `-:regex`           | the regex `re.match`es m              |
+
+Names are the checkpoint's (Hugging Face) module names. A model layer that fuses several
+checkpoint modules (q/k/v into qkv_proj, gate/up into gate_up_proj) is left in 16-bit when all
+its parts are and quantized when none is; a checkpoint whose parts disagree is refused naming
+them (vLLM does the same). The routed experts of one MoE layer share one tensor: all of them or
+none (layers/quantization.py, `experts_ignored`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """Which checkpoint modules stay unquantized; `ignore(module)` tells."""
+
+    names: tuple[str, ...] = ()        # a module, a parent module, or "re:" + a regex
+    substrings: tuple[str, ...] = ()   # any module whose name contains one
+
+    def __call__(self, module: str) -> bool:
+        if any(s in module for s in self.substrings):
+            return True
+        for entry in self.names:
+            if entry.startswith("re:"):
+                if re.match(entry[3:], module):
+                    return True
+            elif module == entry or module.startswith(entry + "."):
+                return True
+        return False
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.substrings)
+
+
+def _entries(qc: dict, field: str) -> tuple[str, ...]:
+    value = qc.get(field) or ()
+    if isinstance(value, str):
+        value = (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"quantization_config {field} must be a list of module names, got {value!r}")
+    return tuple(value)
+
+
+def _gptq_dynamic(qc: dict) -> tuple[str, ...]:
+    """GPTQModel's per-module overrides: `-:regex` keys leave the modules they match unquantized
+    (kept, as "re:" entries); `+:regex` (or bare) keys with overrides would quantize those modules
+    differently, which deepserve does not serve."""
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"quantization_config (gptq): dynamic must map module regexes to overrides, "
+                         f"got {dynamic!r}")
+    out = []
+    for key, override in dynamic.items():
+        if key.startswith("-:"):
+            out.append("re:" + key[2:])
+        elif override:
+            raise ValueError(f"quantization_config (gptq): dynamic {key!r}: {override!r} quantizes those "
+                             f"modules with other settings, which deepserve does not serve (only '-:' "
+                             f"entries, which leave modules unquantized)")
+    return tuple(out)
+
+
+def checkpoint_ignore(hf_config) -> Ignore:
+    """The modules `hf_config`'s quantization_config leaves unquantized (none without one)."""
+    qc = hf_config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return Ignore(_entries(qc, "ignored_layers"), _entries(qc, "modules_to_not_convert"))
+    if method == "compressed-tensors":
+        return Ignore(_entries(qc, "ignore"))
+    if method == "awq":
+        return Ignore(substrings=_entries(qc, "modules_to_not_convert"))
+    if method == "gptq":
+        return Ignore(_gptq_dynamic(qc), _entries(qc, "modules_to_not_convert"))
+    return Ignore()
