@@ -55,8 +55,8 @@ from deepserve.quant.ignore import Ignore, checkpoint_ignore
 FP8_BLOCK = 128
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # 4-bit Linear weights as layers/quantization_int4.py allocates them: the packed int32 weight
-# [N, K/8] (half a byte per value), one scale per output row per group (checkpoint dtype, taken
-# as the model dtype here) and, for formats storing zero points, one uint8 per scale.
+# [N, K/8] (half a byte per value), one scale per output row per group (in the checkpoint's
+# torch_dtype: int4_scale_bytes) and, for formats storing zero points, one uint8 per scale.
 # plan name -> (group size, zero points): compressed-tensors W4A16 (llm-compressor's default
 # recipe, symmetric), AutoAWQ (asymmetric), GPTQ (its qzeros are always stored)
 INT4_PLAN = {"w4a16": (128, False), "awq": (128, True), "gptq": (128, True), "w4a8-int8": (128, False)}
@@ -89,9 +89,9 @@ class Tensor:
     module: str = ""
 
     def nbytes(self, dtype_bytes: int, quantization: Optional[str],
-               int4: Optional[tuple[int, bool]] = None) -> int:
+               int4: Optional[tuple[int, bool]] = None, scale_bytes: int = 0) -> int:
         """Bytes of the tensor; `int4`: a 4-bit plan's (group size, zero points), INT4_PLAN's
-        by default."""
+        by default; `scale_bytes`: of one 4-bit scale (default: the model dtype's)."""
         n = self.rows * self.cols
         if self.kind in ("fp32", "int32"):
             return 4 * n * self.count
@@ -106,7 +106,7 @@ class Tensor:
             group, zeros = int4 or INT4_PLAN[quantization]
             cols = self.group_cols or self.cols
             scales = self.rows * math.ceil(cols / (cols if group == -1 else group))
-            return (n // 2 + scales * (dtype_bytes + zeros)) * self.count
+            return (n // 2 + scales * ((scale_bytes or dtype_bytes) + zeros)) * self.count
         return dtype_bytes * n * self.count
 
 
@@ -145,6 +145,12 @@ def int4_layout(cfg, quantization: Optional[str]) -> Optional[tuple[int, bool]]:
     w = weights[0]
     group = w.get("group_size") if w.get("strategy") == "group" else -1
     return (-1 if group in (None, -1) else int(group)), not w.get("symmetric", True)
+
+
+def int4_scale_bytes(cfg) -> int:
+    """Bytes of one 4-bit scale: the layers hold scales in the checkpoint's torch_dtype, whatever
+    the model dtype (quant/int4.py `scale_dtype_of`): 4 for a float32 checkpoint, else 2."""
+    return 4 if str(cfg.get("torch_dtype") or "").replace("torch.", "") == "float32" else 2
 
 
 def act_order(cfg, quantization: Optional[str]) -> bool:
@@ -347,11 +353,12 @@ def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization:
         raise ValueError(f"quantization {quantization!r} has no plan arithmetic")
     dtype_bytes = DTYPE_BYTES[dtype]
     int4 = int4_layout(cfg, quantization)
+    scale_bytes = int4_scale_bytes(cfg)
     stages = []
     for stage in range(layout.pp):
         groups = dict.fromkeys(GROUPS, 0)
         for t in stage_tensors(cfg, layout, stage, include_mtp, quantization):
-            groups[t.group] += t.nbytes(dtype_bytes, quantization, int4)
+            groups[t.group] += t.nbytes(dtype_bytes, quantization, int4, scale_bytes)
         stages.append(groups)
     return stages
 

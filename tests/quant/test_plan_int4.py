@@ -31,8 +31,8 @@ def deepseek(tmp_path_factory) -> Path:
                              moe_intermediate_size=64, num_attention_heads=4, num_key_value_heads=4)
 
 
-def _built_bytes(folder: Path, layout: Layout) -> int:
-    mc = EngineArgs(model=str(folder), dtype="float32").create_engine_config().model
+def _built_bytes(folder: Path, layout: Layout, dtype: str = "float32") -> int:
+    mc = EngineArgs(model=str(folder), dtype=dtype).create_engine_config().model
     method = checkpoint_quantization(mc.hf_config)
     pctx = ParallelContext(tp_size=layout.tp, dp_size=layout.dp, ep_size=layout.ep_size)
     model = build_model(mc, torch.device("meta"), pctx, method)
@@ -49,6 +49,10 @@ def test_plan_of_a_converted_4bit_folder_is_what_the_engine_allocates(deepseek, 
     for layout in (Layout(1, 1, 1), Layout(2, 1, 1), Layout(2, 1, 1, True), Layout(1, 1, 2, True)):
         planned = weight_bytes_per_gpu(cfg, layout, "float32", quantization)
         assert planned == _built_bytes(out, layout), layout
+    # served in bf16, the layers still hold the scales in the checkpoint's float32 (they were
+    # planned at 2 bytes)
+    assert weight_bytes_per_gpu(cfg, Layout(2, 1, 1), "bfloat16", quantization) == \
+        _built_bytes(out, Layout(2, 1, 1), "bfloat16")
     rc_out = io.StringIO()
     with contextlib.redirect_stdout(rc_out):
         assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
