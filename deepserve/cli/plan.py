@@ -14,7 +14,7 @@ from typing import Optional
 
 from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
-from deepserve.distributed.plan_bytes import GROUPS, int4_layout
+from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
 from deepserve.quant.ignore import checkpoint_ignore
 
 _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
@@ -89,7 +89,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
         group, _ = int4_layout(cfg, plan.quantization)
         groups = "one scale per row" if group == -1 else f"groups of {group}"
         q = f"{plan.quantization} 4-bit ({groups}) Linear weights, the rest {plan.dtype}"
-    if plan.quantization and checkpoint_ignore(cfg):
+    ignore = checkpoint_ignore(cfg) if plan.quantization else None
+    if ignore and any(t.module and ignore(t.module) for t in stage_tensors(cfg, Layout(1, 1, 1), 0, True)):
         q += " (with the modules its quantization_config leaves unquantized)"
     mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"
            if plan.mtp_params else "")

@@ -58,6 +58,7 @@ def test_plan_of_a_converted_4bit_folder_is_what_the_engine_allocates(deepseek, 
         assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
     groups = "one scale per row" if group == -1 else f"groups of {group}"
     assert f"4-bit ({groups}) Linear weights" in rc_out.getvalue()
+    assert "leaves unquantized" not in rc_out.getvalue()      # its ignore list names lm_head alone
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "awq"])
