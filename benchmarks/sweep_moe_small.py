@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_moe_small.py            # GPU
     python benchmarks/sweep_moe_small.py --device cpu --tiny   # the script's logic, interpreted
-    python benchmarks/sweep_moe_small.py --fp8      # R1's routed experts with fp8 block weights
+    python benchmarks/sweep_moe_small.py --fp8      # R1 with fp8 block weights (routed + shared)
 
 Cases (bf16, one token): V2-Lite (D 2048, I 1408, 64 experts, top-6, shared Is 2816) and R1
 (D 7168, I 2048, 256 experts, top-8, shared Is 2048). Each candidate setting of one kernel
@@ -32,13 +32,16 @@ STAGES = [dict(LOOP_STAGES=s) for s in (2, 3)]
 # the down kernel with every slot in one step (both cases' shared experts are whole pieces of I)
 DOWN_SLOTS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8)]
 LAYERS = 2          # each call reads >= 138 MB, well over the 50 MB L2; R1 x 4 did not fit in 80 GB
-# R1 with fp8 block weights (`--fp8`; no shared expert: the small path fuses only 16-bit ones):
-# gate_up and down rows x K step (whole 128-wide scale blocks) x warps, then K-loop depths
+# R1 with fp8 block weights (`--fp8`; its fp8 shared expert rides in the same launches, as in the
+# model): gate_up and down rows x K step (whole 128-wide scale blocks) x warps, then K-loop
+# depths; then the down kernel with every slot in one step (16 slots: 8 routed + 1 shared, padded)
 FP8_GRIDS = {
     "gate_up": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (4, 8)]
     + [dict(LOOP_STAGES=s) for s in (2, 4)],
     "down": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
     + [dict(LOOP_STAGES=s) for s in (2, 3)],
+    "down_slots": [dict(ALL_SLOTS=True, BLOCK_N=n, BLOCK_K=k, num_warps=w)
+                   for n in (1, 2, 4, 8) for k in (128, 256, 512) for w in (4, 8)],
 }
 
 
@@ -77,7 +80,7 @@ def write_best(rules: list[dict], dev: str, config_dir: str | None) -> None:
 
 
 def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]:
-    """R1's routed experts in fp8 at batch 1: each kernel's candidates against the default."""
+    """R1's routed and shared experts in fp8 at batch 1: each kernel's candidates against the default."""
     d, inter, e, k, _ = CASES["r1"]
     if tiny:
         d, inter, e = 512, 256, 16
@@ -94,17 +97,21 @@ def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]
         w13, w2 = fp8_experts(2 * inter, d), fp8_experts(d, inter)
         s13 = torch.rand(e, 2 * inter // 128, d // 128, generator=g, device=dev) / 64 + 0.005
         s2 = torch.rand(e, d // 128, inter // 128, generator=g, device=dev) / 64 + 0.005
-        return w13, w2, s13, s2
+        # the shared expert (Is = I) in Fp8BlockLinear's layout: one scale per row and 128 columns
+        shared = dict(shared_w13=fp8_experts(2 * inter, d)[0], shared_w2=fp8_experts(d, inter)[0],
+                      shared_w13_scale=torch.rand(2 * inter, d // 128, generator=g, device=dev) / 64 + 0.005,
+                      shared_w2_scale=torch.rand(d, inter // 128, generator=g, device=dev) / 64 + 0.005)
+        return w13, w2, s13, s2, shared
 
     ws = [layer() for _ in range(layers)]
     x = torch.randn(1, d, generator=g, device=dev, dtype=torch.bfloat16)
     routes = [torch.randperm(e, generator=g, device=dev)[:k][None].to(torch.int32) for _ in range(layers)]
     tw = torch.softmax(torch.randn(1, k, generator=g, device=dev), -1)
-    nbytes = k * 3 * inter * d                      # one byte a weight (scales: 1/16384 of that)
+    nbytes = (k + 1) * 3 * inter * d                # one byte a weight (scales: 1/16384 of that)
 
     def run_all():
-        return [fms.fused_moe_small(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2)
-                for (w13, w2, s13, s2), ids in zip(ws, routes)]
+        return [fms.fused_moe_small(x, w13, w2, tw, ids, w13_scale=s13, w2_scale=s2, **shared)
+                for (w13, w2, s13, s2, shared), ids in zip(ws, routes)]
 
     want = run_all()[0].float()
     base_us = graph_time_ms(run_all, reps=1) / layers * 1e3

@@ -185,6 +185,30 @@ def test_small_path_with_fp8_shared_matches_reference(small, cpu_only, t):
     torch.testing.assert_close(want, reference(*args, **scales) + llama_mlp(args[0], plain), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("s_inter", [0, 256])
+def test_fp8_down_kernel_all_slots_step_matches_reference(small, cpu_only, s_inter):
+    """fp8 weights in the down kernel's all-slots step (the launch table's ALL_SLOTS): each
+    128-wide slice of every slot scaled by its own block, the shared expert's (Is = 2 I: two
+    pieces) by its row scales; the same result as the reference and as the slot-by-slot loop,
+    and a wrong block's scale moves it. D 320 spans several row blocks; a K step of two
+    scale blocks."""
+    from deepserve.ops.triton.launch_config import trying
+    args, scales, shared = fp8_shared_case(2, 320, 128, 256, 8, 3, seed=4)
+    shared = shared if s_inter else {}
+    want = reference(*args, **scales, **shared)
+    steps = [{"if": {"kernel": "down_slots"}, "set": {"ALL_SLOTS": True, "BLOCK_K": 256}}]
+    with trying("fused_moe_small", steps):
+        got = small.fused_moe_small(*args, **scales, **shared)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        wrong = dict(scales, w2_scale=scales["w2_scale"].roll(1, dims=1))
+        assert rel_err(small.fused_moe_small(*args, **wrong, **shared), want) > 1e-2
+        if s_inter:
+            wrong = dict(shared, shared_w2_scale=shared["shared_w2_scale"].roll(1, dims=1))
+            assert rel_err(small.fused_moe_small(*args, **scales, **wrong), want) > 1e-2
+    with trying("fused_moe_small", [{"if": {"kernel": "down_slots"}, "set": {"ALL_SLOTS": False}}]):
+        torch.testing.assert_close(small.fused_moe_small(*args, **scales, **shared), got, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 4])
 def test_gpu_small_path_with_fp8_shared(small, t):

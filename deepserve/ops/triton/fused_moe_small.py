@@ -10,10 +10,12 @@ its expert's weights itself:
   act[p, n] = silu(gate) * up. No tensor cores: a [BLOCK_N, BLOCK_K] tile times one
   activation row, fp32 accumulation, reduced once at the end.
 - `_small_down_kernel`, grid (T, cdiv(D, BLOCK_N)): program (t, n) multiplies act by the
-  down rows n of every slot's expert, a [slots, BLOCK_N, BLOCK_K] tile per step (one slot
-  after another for fp8 weights, or a shared expert whose size is not a multiple of I), and
-  sums the weighted results in fp32; the sum over slots lives in registers, so no [T*k, D]
-  buffer and no third kernel. Slots pad to a power of two (R1: 8 routed + 1 shared -> 16).
+  down rows n of every slot's expert, a [slots, BLOCK_N, BLOCK_K] tile per step where the
+  launch table says so (`down_slots` ALL_SLOTS; not for a shared expert whose size is not a
+  multiple of I, nor fp8 weights whose I is not a multiple of the scale block), else one slot
+  after another, and sums the weighted results in fp32; the sum over slots lives in registers,
+  so no [T*k, D] buffer and no third kernel. Slots pad to a power of two (R1: 8 routed + 1
+  shared -> 16).
 
 Two launches for the whole MoE, all grids fixed by host sizes (CUDA-graph safe). Slots
 whose expert id lies outside [0, E) (another expert-parallel rank's experts, -1 padding)
@@ -161,9 +163,10 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_pt
 
 
 @triton.jit
-def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s1, tw_s1, w_se, w_sn, sw_sn,
-                    inter, n_experts, dt: tl.constexpr, TOP_K: tl.constexpr, N_SHARED: tl.constexpr,
-                    SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+def _down_all_slots(act_row, ids_row, tw_row, w_ptr, ws_ptr, sw_ptr, sws_ptr, offs_n, n_ok, ids_s1, tw_s1,
+                    w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk, inter, n_experts, dt: tl.constexpr,
+                    TOP_K: tl.constexpr, N_SHARED: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                     LOOP_STAGES: tl.constexpr):
     """The token's down rows offs_n over all its slots at once: [SLOTS, BLOCK_N, BLOCK_K] tiles.
 
@@ -172,7 +175,12 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s
     act starts at act_row + s * inter. One step loads one K block of every slot: SLOTS times
     the bytes in flight of a loop over slots, which left the kernel latency-bound at batch 1.
     Rounding as the per-slot loop: each routed output rounded before its weight, the shared
-    pieces summed in fp32 and rounded once."""
+    pieces summed in fp32 and rounded once.
+
+    fp8 weights (I a multiple of SCALE_BLOCK): each SCALE_BLOCK-wide slice of a step is summed
+    over K, then times its block's scale, [SLOTS, BLOCK_N] scales a slice: the routed experts'
+    one per 128 x 128 block (ws_ptr, strides ws_se / ws_sn / ws_sk), the shared expert's one
+    per row and 128 columns (sws_ptr, Fp8BlockLinear's layout), as `_gemv_step` scales them."""
     offs_s = tl.arange(0, SLOTS)
     routed = offs_s < TOP_K
     shared = (offs_s >= TOP_K) & (offs_s < TOP_K + N_SHARED)
@@ -183,19 +191,39 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, sw_ptr, offs_n, n_ok, ids_s
     w_rows = tl.where(routed[:, None, None], w_ptr + expert[:, None, None] * w_se + rows * w_sn,
                       sw_ptr + rows * sw_sn + (offs_s - TOP_K)[:, None, None] * inter)  # [S, N, 1]
     a_rows = act_row + offs_s[:, None] * inter                                          # [S, 1]
-    acc = tl.zeros([SLOTS, BLOCK_N, BLOCK_K], tl.float32)
+    SUB_K: tl.constexpr = SCALE_BLOCK if FP8 else BLOCK_K
+    acc = tl.zeros([SLOTS, BLOCK_N, BLOCK_K], tl.float32)   # 16-bit weights, per element
+    y = tl.zeros([SLOTS, BLOCK_N], tl.float32)              # fp8 weights, scaled slice sums
+    if FP8:
+        # a slot's scale row for each of its rows; the K block's column is added per slice
+        n2 = offs_n.to(tl.int64)[None, :]
+        s_rows = tl.where(routed[:, None], ws_ptr + expert[:, None] * ws_se + (n2 // SCALE_BLOCK) * ws_sn,
+                          sws_ptr + n2 * sws_sn + ((offs_s - TOP_K) * (inter // SCALE_BLOCK))[:, None] * sws_sk)
+        s_ok = use[:, None] & n_ok[None, :]
     for k0 in tl.range(0, inter, BLOCK_K, num_stages=LOOP_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            a = tl.load(a_rows + offs_k[None, :], mask=use[:, None], other=0.0)
-            w = tl.load(w_rows + offs_k[None, None, :], mask=use[:, None, None] & n_ok[None, :, None], other=0.0)
-        else:
-            k_ok = offs_k < inter
-            a = tl.load(a_rows + offs_k[None, :], mask=use[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + offs_k[None, None, :],
-                        mask=use[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :], other=0.0)
-        acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]
-    y = tl.sum(acc, axis=2)                                                             # [S, N]
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            offs_k = k0 + sub * SUB_K + tl.arange(0, SUB_K)
+            if EVEN_K:
+                a = tl.load(a_rows + offs_k[None, :], mask=use[:, None], other=0.0)
+                w = tl.load(w_rows + offs_k[None, None, :], mask=use[:, None, None] & n_ok[None, :, None],
+                            other=0.0)
+            else:
+                k_ok = offs_k < inter
+                a = tl.load(a_rows + offs_k[None, :], mask=use[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_rows + offs_k[None, None, :],
+                            mask=use[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :], other=0.0)
+            if FP8:
+                kb = k0 // SCALE_BLOCK + sub
+                if EVEN_K:
+                    s = tl.load(s_rows + kb * tl.where(routed, ws_sk, sws_sk)[:, None], mask=s_ok, other=0.0)
+                else:
+                    s = tl.load(s_rows + kb * tl.where(routed, ws_sk, sws_sk)[:, None],
+                                mask=s_ok & (kb * SCALE_BLOCK < inter), other=0.0)
+                y += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2) * s
+            else:
+                acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]
+    if not FP8:
+        y = tl.sum(acc, axis=2)                                                         # [S, N]
     tw = tl.load(tw_row + offs_s * tw_s1, mask=routed & use, other=0.0).to(tl.float32)
     out = tl.sum(tl.where(routed[:, None], y.to(dt).to(tl.float32) * tw[:, None], 0.0), axis=0)
     if N_SHARED > 0:
@@ -211,8 +239,8 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr,
                        EVEN_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                        HAS_SHARED: tl.constexpr, EVEN_KS: tl.constexpr, SLOTS: tl.constexpr,
                        N_SHARED: tl.constexpr, LOOP_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    """SLOTS > 0: every slot in one [SLOTS, BLOCK_N, BLOCK_K] step (`_down_all_slots`; 16-bit
-    weights, shared experts only as N_SHARED whole pieces of I); else one slot after another."""
+    """SLOTS > 0: every slot in one [SLOTS, BLOCK_N, BLOCK_K] step (`_down_all_slots`; shared
+    experts only as N_SHARED whole pieces of I); else one slot after another."""
     pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     dt = act_ptr.dtype.element_ty
@@ -220,9 +248,10 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr,
     n_ok = offs_n < hidden
     act_row = act_ptr + tok * act_stride
     if SLOTS > 0:
-        out = _down_all_slots(act_row, ids_ptr + tok * ids_s0, tw_ptr + tok * tw_s0, w_ptr, sw_ptr, offs_n, n_ok,
-                              ids_s1, tw_s1, w_se, w_sn, sw_sn, inter, n_experts, dt, TOP_K, N_SHARED, SLOTS,
-                              BLOCK_N, BLOCK_K, EVEN_K, LOOP_STAGES)
+        out = _down_all_slots(act_row, ids_ptr + tok * ids_s0, tw_ptr + tok * tw_s0, w_ptr, ws_ptr, sw_ptr, sws_ptr,
+                              offs_n, n_ok, ids_s1, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk,
+                              inter, n_experts, dt, TOP_K, N_SHARED, SLOTS, BLOCK_N, BLOCK_K, EVEN_K, FP8,
+                              SCALE_BLOCK, LOOP_STAGES)
     else:
         out = tl.zeros([BLOCK_N], tl.float32)
         for j in tl.static_range(TOP_K):
@@ -257,7 +286,7 @@ def _small_down_kernel(act_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr,
 def small_config(kernel: str, fp8: bool, inter: int, device: torch.device) -> dict:
     """BLOCK_N, BLOCK_K, num_warps, num_stages and LOOP_STAGES of `kernel` ("gate_up", "down",
     or "down_slots": the down kernel with every slot in one step, for an intermediate size
-    `inter`; 16-bit weights only; its ALL_SLOTS says whether to take it) from the launch table
+    `inter`; its ALL_SLOTS says whether to take it) from the launch table
     (configs/fused_moe_small/).
 
     Each program streams BLOCK_N whole weight rows along K (16-byte loads per lane); fp8 steps
@@ -311,11 +340,13 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     if has_shared:
         shared_w13, shared_w2 = unit_last(shared_w13), unit_last(shared_w2)
         s_inter = shared_w2.shape[1]
-    # the down kernel takes every slot in one step unless fp8 weights (scaled per block) or a
-    # shared expert that is not whole pieces of I ask for the slot-by-slot loop
+    # the down kernel takes every slot in one step where its table says so (ALL_SLOTS), unless a
+    # shared expert that is not whole pieces of I, or fp8 scale blocks that straddle I, ask for
+    # the slot-by-slot loop
     n_shared = s_inter // inter if has_shared else 0
     slots_cfg = small_config("down_slots", fp8, inter, x.device)
-    all_slots = slots_cfg.pop("ALL_SLOTS") and not fp8 and n_shared * inter == s_inter
+    all_slots = (slots_cfg.pop("ALL_SLOTS") and n_shared * inter == s_inter
+                 and not (fp8 and inter % FP8_BLOCK))
     slots = next_pow2(top_k + n_shared) if all_slots else 0
     gu_cfg = small_config("gate_up", fp8, inter, x.device)
     down_cfg = slots_cfg if slots else small_config("down", fp8, inter, x.device)
@@ -325,7 +356,7 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     s2 = w2_scale.stride() if fp8 else (0, 0, 0)
     shared_fp8 = has_shared and fp8
     ss13 = shared_w13_scale if shared_fp8 else x        # (an unread pointer otherwise)
-    ss2 = shared_w2_scale if shared_fp8 else x
+    ss2 = shared_w2_scale if shared_fp8 else (w2_scale if fp8 else x)   # one element type for both scale pointers
     common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
     n_assign = num_tokens * top_k
     gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
