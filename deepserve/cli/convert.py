@@ -128,7 +128,8 @@ def _quantize(args: argparse.Namespace) -> int:
         given = [flag for flag, attr in _INT4_FLAGS.items()
                  if getattr(args, attr) != INT4_DEFAULTS[attr]]
         if given:
-            raise ValueError(f"{', '.join(given)} apply to the 4-bit methods (w4a16, w4a8), not --method {args.method}")
+            raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the 4-bit methods "
+                             f"(w4a16, w4a8), not --method {args.method}")
     rep = quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
                               progress=not args.no_progress, device=args.device, int4=int4, runner=runner)
     return _report(rep)

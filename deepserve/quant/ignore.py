@@ -29,6 +29,14 @@ class Ignore:
     names: tuple[str, ...] = ()        # a module, a parent module, or "re:" + a regex
     substrings: tuple[str, ...] = ()   # any module whose name contains one
 
+    def __post_init__(self):
+        for entry in self.names:
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as exc:
+                    raise ValueError(f"{entry!r} is not a valid regular expression ({exc})") from None
+
     def __call__(self, module: str) -> bool:
         if any(s in module for s in self.substrings):
             return True
@@ -49,7 +57,7 @@ def _entries(qc: dict, field: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
     if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"quantization_config {field} must be a list of module names, got {value!r}")
+        raise ValueError(f"{field} must be a list of module names, got {value!r}")
     return tuple(value)
 
 
@@ -59,22 +67,28 @@ def _gptq_dynamic(qc: dict) -> tuple[str, ...]:
     differently, which deepserve does not serve."""
     dynamic = qc.get("dynamic") or {}
     if not isinstance(dynamic, dict):
-        raise ValueError(f"quantization_config (gptq): dynamic must map module regexes to overrides, "
-                         f"got {dynamic!r}")
+        raise ValueError(f"dynamic must map module regexes to overrides, got {dynamic!r}")
     out = []
     for key, override in dynamic.items():
         if key.startswith("-:"):
             out.append("re:" + key[2:])
         elif override:
-            raise ValueError(f"quantization_config (gptq): dynamic {key!r}: {override!r} quantizes those "
-                             f"modules with other settings, which deepserve does not serve (only '-:' "
-                             f"entries, which leave modules unquantized)")
+            raise ValueError(f"dynamic {key!r}: {override!r} quantizes those modules with other settings, "
+                             f"which deepserve does not serve (only '-:' entries, which leave modules "
+                             f"unquantized)")
     return tuple(out)
 
 
 def checkpoint_ignore(hf_config) -> Ignore:
     """The modules `hf_config`'s quantization_config leaves unquantized (none without one)."""
     qc = hf_config.get("quantization_config") or {}
+    try:
+        return _read(qc)
+    except ValueError as exc:
+        raise ValueError(f"quantization_config ({qc.get('quant_method')}): {exc}") from None
+
+
+def _read(qc: dict) -> Ignore:
     method = qc.get("quant_method")
     if method == "fp8":
         return Ignore(_entries(qc, "ignored_layers"), _entries(qc, "modules_to_not_convert"))

@@ -4,7 +4,8 @@ Output: compressed-tensors pack-quantized (default; W4A8 adds dynamic per-token 
 activations) or AutoAWQ GEMM (`--format awq`, W4A16 only), in the layouts quant/int4_write.py
 writes and quant/int4.py loads. Quantized: every Linear weight the policy quantizes
 (quant/policy.py) and the routed experts, except modules named by `--ignore` (compressed-tensors
-"ignore" syntax: a module name, or `re:` and a regular expression).
+"ignore" syntax, quant/ignore.py: a module name or a parent module's, or `re:` and a regular
+expression).
 
 Algorithms (quant/gptq.py): `rtn` rounds each group to nearest; `gptq` quantizes each decoder
 layer with GPTQ's Hessian update on calibration activations, layer by layer
@@ -36,6 +37,7 @@ from safetensors import safe_open
 from deepserve.ops.int4 import PACK, unpack_int4
 from deepserve.quant.calib_data import calibration_samples
 from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
+from deepserve.quant.ignore import Ignore
 from deepserve.quant.gptq import DAMP, Int4Weight, gptq_quantize, gptq_quantize_batch, rtn_quantize
 from deepserve.quant.int4 import (int4_spec, scale_dtype_of, scales_to_memory, weight_to_memory,
                                   zeros_to_memory)
@@ -76,6 +78,10 @@ class Int4Options:
             raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % PACK):
             raise ValueError(f"--group-size must be -1 or a positive multiple of {PACK}, got {self.group_size}")
+        try:
+            Ignore(tuple(self.ignore))
+        except ValueError as exc:
+            raise ValueError(f"--ignore {exc}") from None
         if self.fmt == "awq" and self.method == "w4a8":
             raise ValueError("--format awq holds W4A16 weights only; W4A8 is written as compressed-tensors")
         if self.act_order and (self.algorithm != "gptq" or self.fmt == "awq"):
@@ -94,10 +100,6 @@ class Int4Options:
         return (f"quantize {self.method} {self.fmt} {algo} group {self.group_size} "
                 f"{'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''} "
                 f"ignore {sorted(self.ignore)}")
-
-
-def _ignored(patterns: tuple[str, ...], module: str) -> bool:
-    return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in patterns)
 
 
 def _ignore_suggestion(modules: list[str]) -> str:
@@ -132,13 +134,13 @@ class QuantizeInt4(Converter):
     def validate(self, ckpt: Checkpoint) -> None:
         check_high_precision_source(ckpt)
         o = self.opts
-        ignore = policy_ignore(ckpt)
+        ignore, skip = policy_ignore(ckpt), Ignore(o.ignore)
         unfit: dict[str, list[tuple[str, int]]] = {}     # reason -> (tensor, size) it cannot quantize
         for t in ckpt.tensors.values():
             if high_precision_reason(t.name, t.dtype, t.shape) is not None:
                 continue
             module = t.name[: -len(".weight")]
-            if _ignored(o.ignore, module):
+            if skip(module):
                 ignore.add(module)
                 continue
             n, k = t.shape
@@ -155,7 +157,7 @@ class QuantizeInt4(Converter):
         modules = [t.name[: -len(".weight")] for t in ckpt.tensors.values()
                    if t.name.endswith(".weight") and len(t.shape) == 2] + ["lm_head"]
         for pattern in o.ignore:
-            if not any(_ignored((pattern,), m) for m in modules):
+            if not any(Ignore((pattern,))(m) for m in modules):
                 raise ValueError(f"--ignore {pattern} matches no module of {ckpt.root} (names like "
                                  f"{sorted(self._quant)[0][: -len('.weight')] if self._quant else modules[0]}, "
                                  f"or re:REGEX)")

@@ -355,7 +355,9 @@ def test_bad_input_is_one_line(tmp_path, capsys, shared_dir):
     _fails(capsys, ["--method", "w4a16", "--format", "gguf", *rtn], dst, "--format must be one of")
     _fails(capsys, ["--method", "w4a16", *rtn, "--group-size", "32", "--ignore", NO_DOWN[0],
                     "model.layers.1.self_attn.q_proj"], dst, "run as one fused layer")
-    _fails(capsys, ["--method", "fp8-block", "--group-size", "32"], dst, "--group-size apply to the 4-bit methods")
+    _fails(capsys, ["--method", "fp8-block", "--group-size", "32"], dst, "--group-size applies to the 4-bit methods")
+    _fails(capsys, ["--method", "w4a16", *rtn, "--ignore", "re:["], dst,      # was a re.error traceback
+           "--ignore 're:[' is not a valid regular expression (unterminated character set")
     _fails(capsys, ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0], "--calib-dataset",
                     str(shared_dir / "datasets/gsm8k/test.jsonl"), "--calib-samples", "100000"], dst,
            "fewer than --calib-samples 100000 x --calib-seq-len 512")

@@ -166,8 +166,12 @@ def test_matching_rules():
     awq = checkpoint_ignore({"quantization_config": {"quant_method": "awq", "modules_to_not_convert": ["visual"]}})
     assert awq("model.visual.proj") and not awq("model.layers.0.mlp.up_proj")
     assert not checkpoint_ignore({}) and checkpoint_ignore({}) == Ignore()
-    with pytest.raises(ValueError, match="ignored_layers must be a list of module names"):
+    with pytest.raises(ValueError, match=r"^quantization_config \(fp8\): ignored_layers must be a list of module"):
         checkpoint_ignore({"quantization_config": {"quant_method": "fp8", "ignored_layers": [3]}})
+    # a bad regex is one line naming it (it was a re.error traceback at load)
+    with pytest.raises(ValueError, match=r"^quantization_config \(compressed-tensors\): 're:\(' is not a valid "
+                                         r"regular expression \(missing \), unterminated subpattern"):
+        checkpoint_ignore({"quantization_config": {"quant_method": "compressed-tensors", "ignore": ["re:("]}})
 
 
 def test_fused_parts_that_disagree_are_refused_naming_them(ref, tmp_path):
