@@ -66,6 +66,11 @@ step moe_sweep_r1 120 . python3 benchmarks/sweep_fused_moe.py --decode --shape r
 mkdir -p "$OUT/fused_moe_cfg" && cp deepserve/ops/triton/configs/fused_moe/*.json "$OUT/fused_moe_cfg/" 2>/dev/null
 # the sweep writes the package's own table, so the R1 figures after it run with the new settings
 step moe_small_fp8 150 . python3 benchmarks/sweep_moe_small.py --fp8 --write
+#   issue 16  the fp8 down kernel with every slot in one step (R1's routed + shared experts), swept into
+#   this device's table, then the small path's GPU tests with that table
+step moe_small_fp8_slots 160 . python3 benchmarks/sweep_moe_small.py --fp8 --kernels down_slots --write
+step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fused_moe_small.py \
+  tests/ops/test_fused_moe_shared.py
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
 step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights fp8 --cut compare
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare

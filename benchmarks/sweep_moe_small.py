@@ -79,7 +79,7 @@ def write_best(rules: list[dict], dev: str, config_dir: str | None) -> None:
     print(f"wrote {len(rules)} rules to {path}")
 
 
-def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]:
+def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool, kernels: list[str]) -> list[dict]:
     """R1's routed and shared experts in fp8 at batch 1: each kernel's candidates against the default."""
     d, inter, e, k, _ = CASES["r1"]
     if tiny:
@@ -118,7 +118,7 @@ def sweep_fp8(fms, dev: str, bw: float, graph_time_ms, tiny: bool) -> list[dict]
     pct = lambda t: f"{t:.1f} us ({nbytes / (t * 1e-6) / bw:.0%} of copy)"  # noqa: E731
     print(f"r1 fp8: default {pct(base_us)}, {nbytes / 1e6:.0f} MB", flush=True)
     rows = []
-    for kernel, grid in FP8_GRIDS.items():
+    for kernel, grid in ((k, FP8_GRIDS[k]) for k in kernels):
         best = best_setting(kernel, grid if dev == "cuda" else grid[:2], run_all, want,
                             lambda: graph_time_ms(run_all, reps=1) / layers * 1e3, pct, base_us,
                             2e-2 * want.abs().max().item())
@@ -133,7 +133,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 16 (for --device cpu)")
-    ap.add_argument("--kernels", default="gate_up,down_slots", help="which kernels' settings to vary")
+    ap.add_argument("--kernels", default=None,
+                    help="which kernels' settings to vary (default gate_up,down_slots; with --fp8 gate_up,down,down_slots)")
     ap.add_argument("--fp8", action="store_true", help="R1 with fp8 block weights instead (FP8_GRIDS)")
     ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
@@ -144,7 +145,11 @@ def main() -> int:
     dev = args.device
     bw, graph_time_ms = bandwidth_and_timer(dev)
     if args.fp8:
-        rules = sweep_fp8(fms, dev, bw, graph_time_ms, args.tiny)
+        kernels = (args.kernels or ",".join(FP8_GRIDS)).split(",")
+        unknown = sorted(set(kernels) - set(FP8_GRIDS))
+        if unknown:
+            ap.error(f"--fp8 --kernels: unknown {unknown}; choices: {', '.join(FP8_GRIDS)}")
+        rules = sweep_fp8(fms, dev, bw, graph_time_ms, args.tiny, kernels)
         if args.write:
             write_best(rules, dev, args.config_dir)
         return 0
@@ -177,7 +182,7 @@ def main() -> int:
         print(f"  down slot by slot: {loop_us:.1f} us ({nbytes / (loop_us * 1e-6) / bw:.0%}){'' if ok else ' WRONG'}")
         summary.append((name, "down slot by slot", base_us, (loop_us, "slot-by-slot loop", None)))
         grids = {"gate_up": GATE_UP, "down_slots": DOWN_SLOTS, "gate_up_stages": STAGES, "down_slots_stages": STAGES}
-        for grid_name, grid in ((k, grids[k]) for k in args.kernels.split(",") if k):
+        for grid_name, grid in ((k, grids[k]) for k in (args.kernels or "gate_up,down_slots").split(",") if k):
             kernel = grid_name.removesuffix("_stages")
             best = best_setting(kernel, grid if dev == "cuda" else grid[:2], run_all, want,
                                 lambda: graph_time_ms(run_all, reps=1) / layers * 1e3,
