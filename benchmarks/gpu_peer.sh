@@ -4,6 +4,7 @@
 # carried by its own call to one warm machine and kept in /tmp/peer; then:
 #   benchmarks/gpu_peer.sh piece N           # carry .peerN: keep its piece in /tmp/peer
 #   benchmarks/gpu_peer.sh setup             # carry .peer6 .peerd: install vLLM + deps, unpack data
+#   benchmarks/gpu_peer.sh setup_ds          # the same without vLLM (no pieces): for `variants` alone
 #   benchmarks/gpu_peer.sh structured        # issue 19: bench_structured.py on the 8B preset
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
 #                                      (PEER_ARGS: more peer_vllm.py flags, e.g. --random-weights;
@@ -18,14 +19,18 @@ case "$1" in
 piece)
   mkdir -p /tmp/peer && cp ".peer$2"/* /tmp/peer/ && ls -la /tmp/peer
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
-setup)
-  cat /tmp/peer/vllm.part* > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+setup|setup_ds)   # setup_ds: the server's dependencies without vLLM (deepserve alone: `variants`)
+  vllm=()
+  if [ "$1" = setup ]; then
+    cat /tmp/peer/vllm.part* > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+    vllm=(/tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl)
+  fi
   # wx/ repeats some of .peer6's wheels (pydantic & co.); pip refuses a distribution given twice
   extra=(); for w in .peerd/wx/*.whl; do [ -e ".peer6/$(basename "$w")" ] || extra+=("$w"); done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
-    /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl .peer6/*.whl "${extra[@]}" 2>&1 | grep -v WARN | tail -3
+    "${vllm[@]}" .peer6/*.whl "${extra[@]}" 2>&1 | grep -v WARN | tail -3
   mkdir -p $D && tar -C $D -xJf .peerd/data.tar.xz && ls $D/*
-  PYTHONPATH=$SITE python3 -c "import vllm, xgrammar, fastapi, zmq; print('vllm', vllm.__version__)" 2>&1 | tail -2
+  [ "$1" = setup ] && PYTHONPATH=$SITE python3 -c "import vllm, xgrammar, fastapi, zmq; print('vllm', vllm.__version__)" 2>&1 | tail -2
   python3 - <<'PY'
 import torch
 n = 1 << 30; a = torch.empty(n, dtype=torch.bfloat16, device="cuda"); b = torch.empty_like(a)
@@ -61,5 +66,5 @@ variants)  # deepserve alone, one server per variant: VARIANTS="label=flags|labe
     mkdir -p "$OUT/$label" && cp /tmp/pv_$label/peer_*.json "$OUT/$label/" 2>/dev/null
     tar czf "$OUT/logs_$label.tgz" -C /tmp/pv_$label --exclude='model-*' . 2>/dev/null
   done ;;
-*) echo "usage: $0 piece N | setup | structured | peer PRESET SERVERS [CASES] | variants PRESET [CASES]"; exit 2 ;;
+*) echo "usage: $0 piece N | setup | setup_ds | structured | peer PRESET SERVERS [CASES] | variants PRESET [CASES]"; exit 2 ;;
 esac
