@@ -21,7 +21,7 @@ INT4_DEFAULTS = {"fmt": _D.fmt, "algorithm": _D.algorithm, "group_size": _D.grou
                  "act_order": _D.act_order, "ignore": list(_D.ignore), "calib_dataset": _D.calib_dataset,
                  "calib_samples": _D.calib_samples, "calib_seq_len": _D.calib_seq_len, "damp": _D.damp}
 _INT4_FLAGS = {"--format": "fmt", "--algorithm": "algorithm", "--group-size": "group_size",
-               "--asymmetric": "asymmetric", "--act-order": "act_order", "--ignore": "ignore",
+               "--asymmetric": "asymmetric", "--act-order": "act_order",
                "--calib-dataset": "calib_dataset", "--calib-samples": "calib_samples",
                "--calib-seq-len": "calib_seq_len", "--damp": "damp"}
 
@@ -67,6 +67,10 @@ def register(subparsers) -> None:
     _add_common(quant)
     quant.add_argument("--method", required=True, metavar="METHOD",
                        help="fp8-block, w8a8-int8, w4a16 or w4a8")
+    quant.add_argument("--ignore", nargs="+", default=INT4_DEFAULTS["ignore"], metavar="MODULE",
+                       help="modules kept in high precision, listed in the output's quantization_config "
+                            "(fp8 ignored_layers, compressed-tensors ignore, AWQ modules_to_not_convert): "
+                            "names (a parent module keeps all of its), or re:REGEX")
     int4 = quant.add_argument_group("4-bit options (w4a16, w4a8)")
     int4.add_argument("--format", default=INT4_DEFAULTS["fmt"], dest="fmt",
                       help="compressed-tensors (pack-quantized; default) or awq (AutoAWQ GEMM)")
@@ -80,8 +84,6 @@ def register(subparsers) -> None:
                       help="zero points per group (default: symmetric, signed values -8..7)")
     int4.add_argument("--act-order", action="store_true",
                       help="GPTQ over input features by decreasing activation energy (desc_act; writes g_idx)")
-    int4.add_argument("--ignore", nargs="+", default=INT4_DEFAULTS["ignore"], metavar="MODULE",
-                      help="modules kept in high precision: names, or re:REGEX (compressed-tensors' syntax)")
     int4.add_argument("--calib-dataset", metavar="FILE",
                       help="calibration text for GPTQ: a .jsonl / .json (ShareGPT) / .txt file, e.g. from "
                            "../shared/datasets")
@@ -116,14 +118,14 @@ def _quantize(args: argparse.Namespace) -> int:
     from deepserve.quant import INT4_METHODS, METHODS, quantize_checkpoint
     if args.method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
-    int4, runner = None, None
+    int4, runner, ignore = None, None, tuple(args.ignore)
     if args.method in INT4_METHODS:
         from deepserve.models.calibration import LayerRunner
         int4 = Int4Options(method=args.method, fmt=args.fmt, algorithm=args.algorithm,
                            group_size=args.group_size, symmetric=not args.asymmetric, act_order=args.act_order,
-                           ignore=tuple(args.ignore), calib_dataset=args.calib_dataset,
+                           ignore=ignore, calib_dataset=args.calib_dataset,
                            calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, damp=args.damp)
-        runner = LayerRunner
+        runner, ignore = LayerRunner, ()
     else:
         given = [flag for flag, attr in _INT4_FLAGS.items()
                  if getattr(args, attr) != INT4_DEFAULTS[attr]]
@@ -131,5 +133,6 @@ def _quantize(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the 4-bit methods "
                              f"(w4a16, w4a8), not --method {args.method}")
     rep = quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
-                              progress=not args.no_progress, device=args.device, int4=int4, runner=runner)
+                              progress=not args.no_progress, device=args.device, int4=int4, runner=runner,
+                              ignore=ignore)
     return _report(rep)

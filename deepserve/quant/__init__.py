@@ -49,16 +49,19 @@ def convert_fp8_to_bf16(src: str | Path, dst: str | Path, overwrite: bool = Fals
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, overwrite: bool = False,
                         progress: bool = True, device: str = "cpu", int4: Int4Options | None = None,
-                        runner=None) -> ConversionReport:
-    """High-precision checkpoint folder `src` -> `method` folder: "fp8-block" | "w8a8-int8", or
-    "w4a16" | "w4a8" with `int4` options (GPTQ needs `runner`, models/calibration.LayerRunner)."""
+                        runner=None, ignore: tuple[str, ...] = ()) -> ConversionReport:
+    """High-precision checkpoint folder `src` -> `method` folder: "fp8-block" | "w8a8-int8" (the
+    modules `ignore` names kept in high precision), or "w4a16" | "w4a8" with `int4` options (their
+    own `ignore`; GPTQ needs `runner`, models/calibration.LayerRunner)."""
     if method in INT4_METHODS:
+        if ignore:
+            raise ValueError("pass a 4-bit method's ignore list in its Int4Options")
         conv = QuantizeInt4(dataclasses.replace(int4 or Int4Options(), method=method),
                             device=resolve_device(device), runner=runner)
     else:
         if int4 is not None:
             raise ValueError(f"4-bit options given for --method {method}")
-        conv = Quantize(method, device=resolve_device(device))
+        conv = Quantize(method, device=resolve_device(device), ignore=tuple(ignore))
     return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
                           overwrite=overwrite, progress=progress)
 

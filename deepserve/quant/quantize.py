@@ -9,20 +9,30 @@ Two output formats, both loadable beyond deepserve:
   dynamic per-token int8 activations, described in the `compressed-tensors` format
   (quant_method "compressed-tensors", format "int-quantized") that vLLM loads.
 
-Which tensors stay in high precision is decided in quant/policy.py.
+Which tensors stay in high precision is decided in quant/policy.py, plus the modules named by
+`--ignore` (quant/ignore.py's syntax: a module, a parent module, or `re:` and a regex), which the
+output's quantization_config lists (fp8 `ignored_layers`, compressed-tensors `ignore`) so that
+loaders keep them in 16-bit.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
 from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
 from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, quant_fp8_block
+from deepserve.quant.ignore import Ignore
 from deepserve.quant.int8 import quant_int8_per_channel
 from deepserve.quant.pipeline import Converter, OutSpec
 from deepserve.quant.policy import LINEAR_REASONS, high_precision_reason
 
 METHODS = ("fp8-block", "w8a8-int8")
 _QUANTIZED_DTYPES = {FP8_DTYPE, torch.float8_e5m2, torch.int8, torch.uint8}
+# projections fused into one GEMM at load, and the routed experts of one MoE layer (one stacked
+# tensor): quantized all or none
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 
 def fp8_block_config(block: tuple[int, int] = DEFAULT_BLOCK) -> dict:
@@ -87,24 +97,64 @@ def policy_ignore(ckpt: Checkpoint) -> set[str]:
     return ignore
 
 
+def check_ignore(ckpt: Checkpoint, patterns: tuple[str, ...], quantized: set[str], ignored: set[str]) -> None:
+    """`--ignore patterns` against the checkpoint, given the Linear modules it leaves `quantized`
+    and `ignored`: each pattern names some module (a typo would quietly quantize what it meant to
+    keep; lm_head, in every recipe, is absent from tied-embedding models and kept anyway), and
+    none splits a fused layer or the routed experts of one MoE layer."""
+    modules = [t.name[: -len(".weight")] for t in ckpt.tensors.values()
+               if t.name.endswith(".weight") and len(t.shape) == 2] + ["lm_head"]
+    for pattern in patterns:
+        if not any(Ignore((pattern,))(m) for m in modules):
+            raise ValueError(f"--ignore {pattern} matches no module of {ckpt.root} (names like "
+                             f"{sorted(quantized)[0] if quantized else modules[0]}, or re:REGEX)")
+    layers: dict[str, set[bool]] = {}
+    for name in quantized | ignored:
+        m = _EXPERT.match(name)
+        if m is not None:
+            layers.setdefault(m[1], set()).add(name in quantized)
+    for layer, kinds in sorted(layers.items()):
+        if len(kinds) > 1:
+            raise ValueError(f"the routed experts of {layer} are one stacked tensor at load: --ignore all of "
+                             f"them ({layer}) or none")
+    for siblings in _SIBLINGS:
+        for name in quantized | ignored:
+            for part in siblings:
+                if f".{part}." not in name + ".":
+                    continue
+                group = {(name + ".").replace(f".{part}.", f".{p}.")[:-1] for p in siblings} & (quantized | ignored)
+                if len(group & quantized) not in (0, len(group)):
+                    raise ValueError(f"{', '.join(sorted(group))} run as one fused layer: --ignore all of them "
+                                     f"or none")
+
+
 class Quantize(Converter):
-    def __init__(self, method: str, device: str = "cpu"):
+    def __init__(self, method: str, device: str = "cpu", ignore: tuple[str, ...] = ()):
         if method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        self.method = method
+        try:
+            self.skip = Ignore(tuple(ignore))
+        except ValueError as exc:
+            raise ValueError(f"--ignore {exc}") from None
+        self.method, self.patterns = method, tuple(ignore)
         self.device = torch.device(device)
-        self.task = f"quantize {method}"
+        self.task = f"quantize {method}" + (f" ignore {sorted(ignore)}" if ignore else "")
         self._ignore: list[str] = []
+        self._ignored: set[str] = set()      # Linear modules the policy quantizes and --ignore keeps
 
     def validate(self, ckpt: Checkpoint) -> None:
         check_high_precision_source(ckpt)
+        linear = {t.name[: -len(".weight")] for t in ckpt.tensors.values()
+                  if high_precision_reason(t.name, t.dtype, t.shape) is None}
+        self._ignored = {m for m in linear if self.skip(m)}
+        check_ignore(ckpt, self.patterns, linear - self._ignored, self._ignored)
         if not any(self._quantizes(t) for t in ckpt.tensors.values()):
             raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
-        self._ignore = sorted(policy_ignore(ckpt))
+        self._ignore = sorted(policy_ignore(ckpt) | self._ignored)
 
-    @staticmethod
-    def _quantizes(info: TensorInfo) -> bool:
-        return high_precision_reason(info.name, info.dtype, info.shape) is None
+    def _quantizes(self, info: TensorInfo) -> bool:
+        return (high_precision_reason(info.name, info.dtype, info.shape) is None
+                and info.name[: -len(".weight")] not in self._ignored)
 
     def outputs(self, ckpt: Checkpoint, info: TensorInfo) -> list[OutSpec]:
         if not self._quantizes(info):
@@ -130,6 +180,8 @@ class Quantize(Converter):
     def new_config(self, config: dict) -> dict:
         if self.method == "fp8-block":
             config["quantization_config"] = fp8_block_config()
+            if self._ignored:
+                config["quantization_config"]["ignored_layers"] = sorted(self._ignored)
         else:
             config["quantization_config"] = w8a8_int8_config(self._ignore)
         return config

@@ -44,13 +44,11 @@ from deepserve.quant.int4 import (int4_spec, scale_dtype_of, scales_to_memory, w
 from deepserve.quant.int4_write import FORMATS, quantization_config, tensor_specs, weight_tensors
 from deepserve.quant.pipeline import Converter, OutSpec
 from deepserve.quant.policy import high_precision_reason
-from deepserve.quant.quantize import check_high_precision_source, policy_ignore
+from deepserve.quant.quantize import check_high_precision_source, check_ignore, policy_ignore
 
 INT4_METHODS = ("w4a16", "w4a8")
 ALGORITHMS = ("gptq", "rtn")
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-# projections fused into one GEMM at load: quantized all or none
-_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # memory for the Hessians of the routed experts GPTQ'd in one batch (R1 gate/up: 196 MiB each)
 _EXPERT_HESSIAN_BYTES = 4 << 30
 
@@ -152,15 +150,7 @@ class QuantizeInt4(Converter):
                 unfit.setdefault("awq", []).append((t.name, n))
             else:
                 self._quant.add(t.name)
-        # a name that matches nothing is a typo that would quietly quantize what it meant to keep
-        # (lm_head, in every recipe, is absent from tied-embedding models and kept anyway)
-        modules = [t.name[: -len(".weight")] for t in ckpt.tensors.values()
-                   if t.name.endswith(".weight") and len(t.shape) == 2] + ["lm_head"]
-        for pattern in o.ignore:
-            if not any(Ignore((pattern,))(m) for m in modules):
-                raise ValueError(f"--ignore {pattern} matches no module of {ckpt.root} (names like "
-                                 f"{sorted(self._quant)[0][: -len('.weight')] if self._quant else modules[0]}, "
-                                 f"or re:REGEX)")
+        check_ignore(ckpt, o.ignore, {n[: -len(".weight")] for n in self._quant}, ignore - policy_ignore(ckpt))
         for why, found in unfit.items():
             name, size = found[0]
             ignore_flag = _ignore_suggestion([f[0][: -len(".weight")] for f in found])
@@ -174,16 +164,6 @@ class QuantizeInt4(Converter):
                              f"multiple of {PACK}; use the compressed-tensors format or --ignore {ignore_flag}")
         if not self._quant:
             raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
-        for siblings in _SIBLINGS:
-            for name in self._quant | {i + ".weight" for i in ignore}:
-                for part in siblings:
-                    if f".{part}." not in name:
-                        continue
-                    group = {name.replace(f".{part}.", f".{p}.") for p in siblings}
-                    group &= set(ckpt.tensors)
-                    if len(group & self._quant) not in (0, len(group)):
-                        raise ValueError(f"{', '.join(sorted(g[:-7] for g in group))} run as one fused layer: "
-                                         f"--ignore all of them or none")
         self._ignore = sorted(ignore)
         self.scale_dtype = scale_dtype_of(ckpt.config)
         if o.algorithm == "gptq":

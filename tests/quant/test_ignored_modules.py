@@ -7,6 +7,7 @@ every other layer is quantized (its bytes checked). Fused layers whose parts dis
 layers whose experts disagree, are refused naming them."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -231,3 +232,37 @@ def test_the_start_up_log_plans_the_bytes_allocated(ref, tmp_path, fmt):
     assert model.get_submodule("model.layers.0.mlp.down_proj").weight.dtype == torch.bfloat16
     planned = planned_weight_text(config, single_process(), model.quantization, torch.bfloat16)
     assert planned == f"{_bytes(held_weight_bytes(model))} planned"
+
+
+@pytest.mark.parametrize("method", ["fp8-block", "w8a8-int8"])
+def test_convert_quantize_ignore_keeps_modules_for_the_8_bit_methods_too(ref, tmp_path, method):
+    """`convert quantize --method fp8-block|w8a8-int8 --ignore ...` (it was refused: 4-bit only)
+    writes the named modules in 16-bit and lists them (fp8 `ignored_layers`, compressed-tensors
+    `ignore`), and the engine loads them so."""
+    from deepserve.cli.main import main
+    src = _write(ref, tmp_path / "bf16", lambda name, w: {name: w}, None)
+    out = tmp_path / "q"
+    assert main(["convert", "quantize", str(src), str(out), "--method", method, "--no-progress", "--ignore",
+                 "model.layers.0.mlp.down_proj", "re:.*layers\\.1\\.self_attn\\.[qkv]_proj$"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    listed = sorted(m for parts in IGNORED.values() for m in parts)
+    assert (qc["ignored_layers"] if method == "fp8-block" else qc["ignore"]) == (
+        listed if method == "fp8-block" else ["lm_head", *listed])
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    _check(_load(out), ref, FP8 if method == "fp8-block" else torch.int8,
+           (lambda k: math.ceil(k / 128)) if method == "fp8-block" else (lambda k: 1))
+
+
+def test_convert_ignore_refuses_splitting_fused_layers_or_one_layers_experts(moe, tmp_path, capsys):
+    from deepserve.cli.main import main
+    for method, extra in (("fp8-block", []), ("w4a16", ["--algorithm", "rtn", "--group-size", "16"])):
+        for ignore, want in (("model.layers.1.mlp.experts.1.gate_proj", "the routed experts of "
+                              "model.layers.1.mlp.experts are one stacked tensor at load"),
+                             ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj "
+                              "run as one fused layer")):
+            dst = tmp_path / f"{method}-{ignore}"
+            assert main(["convert", "quantize", str(moe), str(dst), "--method", method, *extra, "--no-progress",
+                         "--ignore", ignore]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and want in err, err
