@@ -216,20 +216,25 @@ class AsyncLLM:
                 self._deliver([(o.request_id, o) for o in outputs])
 
     def _apply(self, kind: str, payload, fut: concurrent.futures.Future) -> None:
+        # False: the caller stopped waiting (its client left, cancelling the future). The op
+        # applies all the same: the abort its generate() queued after an add finds the request.
+        waiting = fut.set_running_or_notify_cancel()
         try:
             if kind == "add":
                 request_id, prompt, params = payload
-                fut.set_result(self.engine.add_request(request_id, prompt, params))
+                result = self.engine.add_request(request_id, prompt, params)
             elif kind == "abort":
-                self.engine.abort_request(payload)
-                fut.set_result(None)
+                result = self.engine.abort_request(payload)
             elif kind == "abort_all":
-                self._abort_all(payload)
-                fut.set_result(None)
+                result = self._abort_all(payload)
             else:
                 raise AssertionError(f"unknown engine op {kind!r}")
         except Exception as exc:  # handed back to the awaiting request (e.g. too-long prompt)
-            fut.set_exception(exc)
+            if waiting:
+                fut.set_exception(exc)
+            return
+        if waiting:
+            fut.set_result(result)
 
     def _abort_all(self, error: BaseException) -> None:
         ids = list(self.engine.requests)

@@ -117,6 +117,34 @@ def test_queue_limit(make_llm):
     asyncio.run(main())
 
 
+def test_request_cancelled_before_its_add_is_applied(make_llm):
+    """A client that leaves while its request's add still waits for the engine thread (a
+    timeout under load) cancels the add's future: the engine thread goes on serving (it died
+    on the cancelled future, and every later request waited forever) and the request is
+    aborted, its blocks free."""
+    llm = make_llm()
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def main():
+        llm.start()
+        with llm._cond:   # the engine thread cannot take the add until the client has left
+            gone = asyncio.ensure_future(drain(llm, "One day", long, "gone"))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert [kind for kind, _, _ in llm._ops] == ["add"]
+            gone.cancel()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert gone.cancelled() and [kind for kind, _, _ in llm._ops] == ["add", "abort"]
+        out = await asyncio.wait_for(drain(llm, "Once upon a time", SamplingParams(max_tokens=8, temperature=0),
+                                           "next"), 30)
+        assert out.outputs[0].text == GREEDY_8 and llm.is_running
+        assert not llm.engine.requests and llm.snapshot["num_free_blocks"] == 64
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
 def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
     from deepserve.cli.serve import register, resolve
 
