@@ -300,7 +300,7 @@ class ChatMessage(_Strict):
             if part.type != "text":
                 raise ValueError(f"content part type {part.type!r} is not supported (text only)")
             parts.append(part.text or "")
-        return "".join(parts)
+        return "\n".join(parts)   # vLLM's join for templates that take string content
 
 
 class FunctionDef(_Strict):

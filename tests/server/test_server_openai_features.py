@@ -316,3 +316,16 @@ def test_top_logprobs_0_without_logprobs_and_metadata(client):
                                                       metadata={str(i): "x" for i in range(17)}), "metadata")
     expect_400(lambda: client.chat.completions.create(model="stories260k", messages=messages, max_tokens=2,
                                                       metadata={"k": "v" * 513}), "metadata")
+
+
+def test_text_parts_join_with_newlines(client, demo_server):
+    """A message's text parts reach the template joined by newlines, as vLLM joins them for
+    templates that take string content (the prompt was the parts run together)."""
+    def prompt_ids(content):
+        r = httpx.post(demo_server.url + "/tokenize", json={"messages": [{"role": "user", "content": content}]},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        return r.json()["tokens"]
+    parts = [{"type": "text", "text": "Once upon a time"}, {"type": "text", "text": "there was a cat"}]
+    assert prompt_ids(parts) == prompt_ids("Once upon a time\nthere was a cat")
+    r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": parts}], max_tokens=1)
+    assert r.usage.prompt_tokens == len(prompt_ids("Once upon a time\nthere was a cat"))
