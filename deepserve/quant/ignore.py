@@ -1,12 +1,14 @@
 """The modules a quantized checkpoint leaves in 16-bit, read from its quantization_config.
 
-Each format names them its own way (the matching rules are vLLM's):
+Each format names them its own way (vLLM's matching rules; a parent module's name also covers
+its modules):
 
 | format                         | field                              | an entry matches module m when        |
 |--------------------------------|------------------------------------|---------------------------------------|
 | DeepSeek / vLLM fp8            | `ignored_layers`                   | it is m or a parent of m (`a.b` covers `a.b.c`) |
 | Hugging Face fp8               | `modules_to_not_convert`           | it is a substring of m                |
 | compressed-tensors             | `ignore`                           | it is m or a parent, or `re:` + a regex that `re.match`es m |
+| compressed-tensors             | `config_groups.*.targets`          | no target matches m ("Linear": every Linear; else as `ignore`) |
 | AutoAWQ, GPTQ                  | `modules_to_not_convert`           | it is a substring of m                |
 | GPTQModel                      | `dynamic` keys `-:regex`           | the regex `re.match`es m              |
 
@@ -14,7 +16,7 @@ Names are the checkpoint's (Hugging Face) module names. A model layer that fuses
 checkpoint modules (q/k/v into qkv_proj, gate/up into gate_up_proj) is left in 16-bit when all
 its parts are and quantized when none is; a checkpoint whose parts disagree is refused naming
 them (vLLM does the same). The routed experts of one MoE layer share one tensor: all of them or
-none (layers/quantization.py, `experts_ignored`).
+none (layers/quantization.py, `experts_quantized`).
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ class Ignore:
 
     names: tuple[str, ...] = ()        # a module, a parent module, or "re:" + a regex
     substrings: tuple[str, ...] = ()   # any module whose name contains one
+    targets: tuple[str, ...] = ("Linear",)   # the modules quantized (names as `names`), "Linear": all
 
     def __post_init__(self):
-        for entry in self.names:
+        for entry in self.names + self.targets:
             if entry.startswith("re:"):
                 try:
                     re.compile(entry[3:])
@@ -38,18 +41,23 @@ class Ignore:
                     raise ValueError(f"{entry!r} is not a valid regular expression ({exc})") from None
 
     def __call__(self, module: str) -> bool:
-        if any(s in module for s in self.substrings):
+        if any(s in module for s in self.substrings) or _named(self.names, module):
             return True
-        for entry in self.names:
-            if entry.startswith("re:"):
-                if re.match(entry[3:], module):
-                    return True
-            elif module == entry or module.startswith(entry + "."):
-                return True
-        return False
+        return "Linear" not in self.targets and not _named(self.targets, module)
 
     def __bool__(self) -> bool:
-        return bool(self.names or self.substrings)
+        return bool(self.names or self.substrings or "Linear" not in self.targets)
+
+
+def _named(entries: tuple[str, ...], module: str) -> bool:
+    """Whether one of `entries` (a module, a parent module, or "re:" + a regex) names `module`."""
+    for entry in entries:
+        if entry.startswith("re:"):
+            if re.match(entry[3:], module):
+                return True
+        elif module == entry or module.startswith(entry + "."):
+            return True
+    return False
 
 
 def _entries(qc: dict, field: str) -> tuple[str, ...]:
@@ -93,7 +101,8 @@ def _read(qc: dict) -> Ignore:
     if method == "fp8":
         return Ignore(_entries(qc, "ignored_layers"), _entries(qc, "modules_to_not_convert"))
     if method == "compressed-tensors":
-        return Ignore(_entries(qc, "ignore"))
+        targets = [t for group in (qc.get("config_groups") or {}).values() for t in _entries(group, "targets")]
+        return Ignore(_entries(qc, "ignore"), targets=tuple(targets) or ("Linear",))
     if method == "awq":
         return Ignore(substrings=_entries(qc, "modules_to_not_convert"))
     if method == "gptq":

@@ -113,12 +113,12 @@ def _int8(name, w):
     return {name: q, name + "_scale": s}
 
 
-def _ct(bits_type: str, ignore: list[str]) -> dict:
+def _ct(bits_type: str, ignore: list[str], targets=("Linear",)) -> dict:
     w = {"num_bits": 8, "type": bits_type, "symmetric": True, "strategy": "channel", "dynamic": False}
     a = {"num_bits": 8, "type": bits_type, "symmetric": True, "strategy": "token", "dynamic": True}
     return {"quant_method": "compressed-tensors", "quantization_status": "compressed",
             "format": "int-quantized" if bits_type == "int" else "float-quantized",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "input_activations": a}},
+            "config_groups": {"group_0": {"targets": list(targets), "weights": w, "input_activations": a}},
             "ignore": ["lm_head", *ignore]}
 
 
@@ -127,6 +127,17 @@ CT_IGNORE = ["model.layers.0.mlp.down_proj", "re:.*layers\\.1\\.self_attn\\.[qkv
 
 def test_compressed_tensors_w8a8_ignore_names_and_regexes_stay_bf16(ref, tmp_path):
     model = _load(_write(ref, tmp_path / "int8", _int8, _ct("int", CT_IGNORE)))
+    _check(model, ref, torch.int8, lambda k: 1)
+
+
+TARGETS = ["re:.*layers\\.0\\.self_attn\\.", "re:.*layers\\.0\\.mlp\\.(gate|up)_proj$",
+           "re:.*layers\\.1\\.self_attn\\.o_proj$", "re:.*layers\\.1\\.mlp\\."]
+
+
+def test_compressed_tensors_targets_leave_the_modules_they_miss_bf16(ref, tmp_path):
+    """A compressed-tensors scheme quantizes only the modules its `targets` name (here regexes
+    that miss IGNORED); the others were quantized at load."""
+    model = _load(_write(ref, tmp_path / "int8", _int8, _ct("int", [], TARGETS)))
     _check(model, ref, torch.int8, lambda k: 1)
 
 
@@ -219,14 +230,15 @@ def test_fp8_experts_of_an_ignored_moe_layer_stay_bf16_and_a_split_layer_is_refu
         _load(_moe_fp8(moe, tmp_path / "one", ["model.layers.1.mlp.experts.1.gate_proj"]))
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "w8a8-int8"])
+@pytest.mark.parametrize("fmt", ["fp8", "w8a8-int8", "targets"])
 def test_the_start_up_log_plans_the_bytes_allocated(ref, tmp_path, fmt):
     """The engine's start-up line `weights on this rank: X allocated, Y planned`: X == Y, the
     ignored modules allocated and planned in bf16."""
     from deepserve.distributed.parallel_state import single_process
     from deepserve.engine.model_runner import _bytes, held_weight_bytes, planned_weight_text
     folder = (_write(ref, tmp_path / "fp8", _fp8, FP8_QC) if fmt == "fp8"
-              else _write(ref, tmp_path / "int8", _int8, _ct("int", CT_IGNORE)))
+              else _write(ref, tmp_path / "int8", _int8, _ct("int", CT_IGNORE) if fmt == "w8a8-int8"
+                          else _ct("int", [], TARGETS)))
     config = EngineArgs(model=str(folder), dtype="bfloat16").create_engine_config()
     model = load_model(config.model, torch.device("cpu"))
     assert model.get_submodule("model.layers.0.mlp.down_proj").weight.dtype == torch.bfloat16
