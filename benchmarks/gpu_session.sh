@@ -61,6 +61,10 @@ step int4 200 . python3 benchmarks/bench_int4.py
 step int4_sweep_gemv 200 . python3 benchmarks/sweep_int4.py --write --kernels gemv,w4a8
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 step int4_decode 240 . python3 benchmarks/bench_int4.py --part decode dense
+#   the same without the W4A8 tiles (the GEMV's settings alone, then the figures)
+step int4_sweep_gemv_only 150 . python3 benchmarks/sweep_int4.py --write --kernels gemv
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+step int4_decode_after 240 . python3 benchmarks/bench_int4.py --part decode dense
 #   issue 16  the sorted fused MoE at R1's decode sizes (32-512 tokens) into this device's table
 step moe_sweep_r1 120 . python3 benchmarks/sweep_fused_moe.py --decode --shape r1 --write
 mkdir -p "$OUT/fused_moe_cfg" && cp deepserve/ops/triton/configs/fused_moe/*.json "$OUT/fused_moe_cfg/" 2>/dev/null

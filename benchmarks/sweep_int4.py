@@ -46,7 +46,11 @@ MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
 GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
              for n, c, s, w, k in ((8, 128, 2, 4, 1), (8, 128, 1, 4, 1), (16, 128, 1, 4, 1), (16, 128, 2, 4, 1),
                                    (4, 128, 2, 4, 1), (4, 128, 4, 4, 1), (8, 256, 1, 8, 1), (16, 256, 1, 8, 1),
-                                   (8, 64, 2, 2, 1), (16, 64, 2, 2, 1), (8, 128, 2, 4, 2), (16, 128, 1, 4, 2))]
+                                   (8, 64, 2, 2, 1), (16, 64, 2, 2, 1), (8, 128, 2, 4, 2), (16, 128, 1, 4, 2),
+                                   # more programs for the shapes with few rows (o_proj, qkv, down: 512-768
+                                   # programs of 8 rows against gate_up's 3,584)
+                                   (8, 128, 1, 4, 4), (4, 128, 2, 4, 2), (8, 64, 2, 2, 2), (8, 64, 2, 2, 4),
+                                   (4, 64, 2, 2, 2))]
 GRIDS = {
     "gemv": GEMV_GRID,
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
