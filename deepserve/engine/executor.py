@@ -186,7 +186,9 @@ def die_with_parent() -> None:
 
 
 def report_errors(status, rank: int, body: Callable[[], None]) -> None:
-    """Run a worker's `body`; an exception goes to the parent over `status` before the exit."""
+    """Run a worker's `body`; an exception goes to the parent over `status` before the exit. A
+    ValueError (bad input: a checkpoint or a flag, named in its message) is that one line, which
+    the parent prints; anything else also prints its traceback here."""
     try:
         body()
     except BaseException as exc:
@@ -195,7 +197,8 @@ def report_errors(status, rank: int, body: Callable[[], None]) -> None:
                 status.send(("error", f"{type(exc).__name__}: {exc}"))
             except OSError:
                 pass
-        traceback.print_exc()
+        if not isinstance(exc, ValueError) or status is None:
+            traceback.print_exc()
         sys.exit(1)
 
 

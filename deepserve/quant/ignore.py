@@ -71,8 +71,8 @@ def _entries(qc: dict, field: str) -> tuple[str, ...]:
 
 def _gptq_dynamic(qc: dict) -> tuple[str, ...]:
     """GPTQModel's per-module overrides: `-:regex` keys leave the modules they match unquantized
-    (kept, as "re:" entries); `+:regex` (or bare) keys with overrides would quantize those modules
-    differently, which deepserve does not serve."""
+    (kept, as "re:" entries); `+:regex` (or bare) keys whose overrides differ from the config's
+    own values would quantize those modules differently, which deepserve does not serve."""
     dynamic = qc.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise ValueError(f"dynamic must map module regexes to overrides, got {dynamic!r}")
@@ -80,7 +80,7 @@ def _gptq_dynamic(qc: dict) -> tuple[str, ...]:
     for key, override in dynamic.items():
         if key.startswith("-:"):
             out.append("re:" + key[2:])
-        elif override:
+        elif any(qc.get(k) != v for k, v in (override or {}).items()):
             raise ValueError(f"dynamic {key!r}: {override!r} quantizes those modules with other settings, "
                              f"which deepserve does not serve (only '-:' entries, which leave modules "
                              f"unquantized)")

@@ -317,3 +317,28 @@ def test_gpu_engines_in_a_row_give_their_device_memory_back():
         assert [len(o.outputs[0].token_ids) for o in llm.generate(prompts, params)] == [16, 16]
     left = allocated() - base
     assert left < 256 * 2**20, f"{left / 2**30:.2f} GiB still allocated after shutdown()"
+
+
+class _Status:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+@pytest.mark.parametrize("exc, traceback_printed", [(ValueError("checkpoint x lacks tensor y"), False),
+                                                    (OSError("shard truncated"), True)])
+def test_a_worker_prints_a_traceback_for_a_fault_not_for_bad_input(capsys, exc, traceback_printed):
+    """A rank's ValueError (a bad checkpoint or flag, e.g. a quantized layer split by its ignore
+    list) reaches `deepserve serve` as its one error line, without the worker's traceback above
+    it; other failures keep theirs."""
+    from deepserve.engine.executor import report_errors
+
+    def body():
+        raise exc
+    status = _Status()
+    with pytest.raises(SystemExit):
+        report_errors(status, 0, body)
+    assert status.sent == [("error", f"{type(exc).__name__}: {exc}")]
+    assert ("Traceback" in capsys.readouterr().err) == traceback_printed

@@ -164,6 +164,8 @@ def test_gptq_dynamic_negative_entries_stay_bf16_and_overrides_are_refused(ref, 
     assert all(model.get_submodule(n).qweight.dtype == torch.int32 for n in QUANTIZED)
     with pytest.raises(ValueError, match=r"^quantization_config \(gptq\): dynamic '\+:.*down_proj': \{'bits': 8\}"):
         checkpoint_ignore({"quantization_config": {**qc, "dynamic": {"+:.*down_proj": {"bits": 8}}}})
+    same = {"+:.*down_proj": {"bits": 4, "group_size": 64}, ".*up_proj": {}}     # the config's own values
+    assert not checkpoint_ignore({"quantization_config": {**qc, "dynamic": same}})
 
 
 def test_matching_rules():
