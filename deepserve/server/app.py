@@ -130,9 +130,10 @@ def build_app(state: ServerState) -> FastAPI:
                 raise APIError(400, f"{given} goes with messages, not prompt", param=given)
         if req.messages is not None:
             _, ids = await render_messages(state, req.messages, req.tools, req.add_generation_prompt,
-                                           req.chat_template_kwargs, continue_final_message=req.continue_final_message)
+                                           req.chat_template_kwargs, add_special_tokens=bool(req.add_special_tokens),
+                                           continue_final_message=req.continue_final_message)
         else:
-            ids = (await state.encode([req.prompt], req.add_special_tokens))[0]
+            ids = (await state.encode([req.prompt], req.add_special_tokens is not False))[0]
         body = {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = [tok.id_to_token(i) for i in ids]

@@ -364,7 +364,7 @@ class TokenizeRequest(_Strict):
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[Tool]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    add_special_tokens: bool = True
+    add_special_tokens: Optional[bool] = None   # vLLM's defaults: true for a prompt, false for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False

@@ -213,3 +213,32 @@ def test_known_unsupported_fields_refused_unknown_ones_ignored_by_name():
     assert ignored_fields(chat) == ["messages[0].mood"]
     plain = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "top_k": 3})
     assert unsupported_field(plain) is None and ignored_fields(plain) == []
+
+
+def test_tokenize_messages_add_special_tokens():
+    """/tokenize of messages takes add_special_tokens (vLLM's default there: false) as a chat
+    request does: with a template that writes no BOS, true adds the tokenizer's (it was ignored)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.tokenizer import Tokenizer
+    from deepserve.server.app import build_app
+    from deepserve.server.serving_common import ServerSettings, ServerState
+
+    tok = Tokenizer(DEMO_MODEL, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    llm = SimpleNamespace(tokenizer=tok, max_model_len=512)   # /tokenize needs no engine
+    state = ServerState(llm=llm, settings=ServerSettings(served_model_names=["m"], model_path="m"),
+                        metrics=ServerMetrics("m", dict))
+    client = TestClient(build_app(state))   # outside `with`: the lifespan (engine start) does not run
+
+    def tokens(**body) -> list[int]:
+        r = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Once upon a time"}], **body})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+    plain = tok.encode("Once upon a time", add_special_tokens=False)
+    assert tokens() == plain and tokens(add_special_tokens=False) == plain
+    assert tokens(add_special_tokens=True) == [tok.bos_token_id] + plain
+    r = client.post("/tokenize", json={"prompt": "Once upon a time"})   # a prompt's default: true
+    assert r.json()["tokens"] == [tok.bos_token_id] + plain
