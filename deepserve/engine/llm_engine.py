@@ -454,7 +454,11 @@ class LLMEngine:
         p = seq.params
         idx = seq.index
         detok = state.detoks[idx]
-        if detok is not None:
+        eos = token in self.eos_token_ids and not p.ignore_eos
+        stop_token = seq.num_output_tokens >= p.min_tokens and (eos or token in p.stop_token_ids)
+        # as vLLM: the text leaves out the EOS or stop token that ends it (its id and logprob stay)
+        # unless include_stop_str_in_output
+        if detok is not None and (p.include_stop_str_in_output or not stop_token):
             before = len(state.texts[idx])
             state.texts[idx] += detok.add(token)
             text = state.texts[idx]
@@ -467,13 +471,10 @@ class LLMEngine:
                     seq.stop_reason = stop
                     self.scheduler.finish(seq, "stop")
                     return
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in self.eos_token_ids and not p.ignore_eos:
-                self.scheduler.finish(seq, "stop")
-                return
-            if token in p.stop_token_ids:
+        if stop_token:
+            if not eos:   # vLLM's stop_reason: the stop token's id, None for EOS
                 seq.stop_reason = token
-                self.scheduler.finish(seq, "stop")
-                return
+            self.scheduler.finish(seq, "stop")
+            return
         if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self.scheduler.finish(seq, "length")

@@ -329,3 +329,26 @@ def test_text_parts_join_with_newlines(client, demo_server):
     assert prompt_ids(parts) == prompt_ids("Once upon a time\nthere was a cat")
     r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": parts}], max_tokens=1)
     assert r.usage.prompt_tokens == len(prompt_ids("Once upon a time\nthere was a cat"))
+
+
+def test_the_stop_token_is_counted_not_written(client, demo_server):
+    """As vLLM: the token that ends a completion (one of stop_token_ids, or EOS with
+    skip_special_tokens false) counts as a completion token and is its stop_reason, but its
+    text is left out unless include_stop_str_in_output (it was written)."""
+    head, whole = tokenize(demo_server, "Once upon"), tokenize(demo_server, "Once upon a")
+    assert whole[:len(head)] == head and len(whole) == len(head) + 1
+    base = dict(model="stories260k", prompt="Once upon", temperature=0, max_tokens=8)
+    r = client.completions.create(**base, extra_body={"stop_token_ids": [whole[-1]]})
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    assert r.choices[0].model_extra["stop_reason"] == whole[-1]
+    kept = client.completions.create(**base, extra_body={"stop_token_ids": [whole[-1]],
+                                                         "include_stop_str_in_output": True})
+    assert kept.choices[0].text == " a"
+    eos = {"logit_bias": {"2": 100}, "skip_special_tokens": False}   # the demo model's EOS, forced
+    r = client.completions.create(**base, extra_body=eos)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    kept = client.completions.create(**base, extra_body={**eos, "include_stop_str_in_output": True})
+    assert kept.choices[0].text == "</s>"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        **base, stream=True, extra_body={"stop_token_ids": [whole[-1]]}) if c.choices)
+    assert streamed == ""
