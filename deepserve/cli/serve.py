@@ -181,12 +181,10 @@ def check_ops_backend(engine_args: EngineArgs) -> None:
     if engine_args.ops == "flaggems" and importlib.util.find_spec("flag_gems") is None:
         raise ValueError("--ops flaggems (or USE_FLAGGEMS=1) needs FlagGems: pip install 'deepserve[flaggems]', "
                          "or unset USE_FLAGGEMS for the platform's own kernels")
-    if engine_args.ops in ("triton", "triton-all", "flaggems") and os.environ.get("TRITON_INTERPRET") != "1":
-        from deepserve.platforms import get_platform
+    from deepserve.ops.registry import check_backend_runs_on
+    from deepserve.platforms import get_platform
 
-        if get_platform(engine_args.device).name == "cpu":
-            raise ValueError(f"--ops {engine_args.ops} runs Triton kernels, which need a GPU (this machine serves "
-                             "on the CPU); use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
+    check_backend_runs_on(get_platform(engine_args.device).name, engine_args.ops)
 
 
 def check_listen(host: str, port: int, what: str = "--host / --port") -> None:

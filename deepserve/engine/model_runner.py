@@ -46,6 +46,7 @@ from deepserve.engine.warm_up import WATCH, profile_inputs
 from deepserve.layers.attention import AttentionMetadata
 from deepserve.models.loader import load_model
 from deepserve.ops import OpTable
+from deepserve.ops.registry import check_backend_runs_on
 from deepserve.distributed.plan_bytes import Layout, weight_breakdown
 from deepserve.platforms import Platform
 
@@ -87,6 +88,7 @@ class ModelRunner:
         self.platform = platform
         self.device = platform.device(local_rank)
         # this model's op functions, resolved once (DESIGN invariant 6)
+        check_backend_runs_on(platform.name, config.ops)
         self.ops = OpTable(platform.default_ops if config.ops == "auto" else config.ops)
         self.timings: dict[str, float] = {}
         torch.manual_seed(config.model.seed)

@@ -93,6 +93,15 @@ FLAGGEMS_EXCLUDED = ["mul", "exponential_", "multinomial", "normal_", "normal_te
                      "normal_float_tensor", "rand", "rand_like", "randn", "randn_like", "randperm", "uniform_"]
 
 
+def check_backend_runs_on(platform_name: str, ops: str) -> None:
+    """A Triton backend (`triton`, `triton-all`, `flaggems`) on the CPU platform needs Triton's
+    interpreter (TRITON_INTERPRET=1); without it one line names the way out, instead of Triton's
+    "0 active drivers" from the first kernel launch."""
+    if platform_name == "cpu" and ops in ("triton", TRITON_ALL, "flaggems") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--ops {ops} runs Triton kernels, which need a GPU (this machine runs on the CPU); "
+                         "use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
+
+
 def _load_backend(name: str) -> None:
     """Import what backend `name` needs: the Triton kernels register on import; FlagGems patches
     aten for the whole process (its design), once."""

@@ -242,3 +242,19 @@ def test_node0_data_parallel_address_must_be_its_own(capsys, no_server):
              "--enable-expert-parallel", "--port", "0"]
     err = one_line_error(capsys, ["serve", DEMO_MODEL, "--data-parallel-address", "203.0.113.254"] + flags)
     assert err.startswith("deepserve serve: error: cannot listen on 203.0.113.254 (--data-parallel-address: this node's")
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", DEMO_MODEL, "--prompt", "Once", "--max-tokens", "2", "--ops", "triton-all"],
+    ["bench", "latency", "--model", DEMO_MODEL, "--ops", "flaggems", "--input-len", "4", "--output-len", "2"],
+])
+def test_triton_ops_on_a_cpu_is_one_line_offline(capsys, monkeypatch, argv):
+    """The offline commands build the engine in this process: the same one line from the model
+    runner, not Triton's "0 active drivers" at the first launch."""
+    import importlib.util
+
+    real = importlib.util.find_spec       # (flaggems: as if installed, so the CPU check is the one seen)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flag_gems" else real(name, *a))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    err = one_line_error(capsys, argv)
+    assert f"--ops {argv[argv.index('--ops') + 1]} runs Triton kernels, which need a GPU" in err

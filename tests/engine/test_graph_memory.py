@@ -29,16 +29,16 @@ DECODE_64 = [1, 2, 4, 8, 16, 32, 64]      # the default sizes up to max_num_seqs
 
 
 @pytest.mark.parametrize("kw, device, backend, pp, exchange, want", [
-    ({}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(512))),     # FULL_AND_PIECEWISE
+    ({}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(2048))),     # FULL_AND_PIECEWISE
     ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "cuda", "triton", 1, False, (DECODE_64, [], [])),
-    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(512))),
+    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(2048))),
     ({"cudagraph_mode": "PIECEWISE", "piecewise_max_tokens": 64}, "cuda", "triton", 1, False,
      ([], [], capture_sizes(64))),
     ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 2, False, (DECODE_64, [], [])),   # per stage
     ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, True, (DECODE_64, [], [])),    # DP x EP
     ({"all2all_backend": "alltoall"}, "cuda", "triton", 1, True, ([], [], [])),
     ({}, "cuda", "torch", 1, False, ([], [], [])),                  # host syncs: no capture
-    ({}, "cuda", "flaggems", 1, False, (DECODE_64, [], capture_sizes(512))),  # Triton kernels + FlagGems
+    ({}, "cuda", "flaggems", 1, False, (DECODE_64, [], capture_sizes(2048))),  # Triton kernels + FlagGems
     ({"enforce_eager": True}, "cuda", "triton", 1, False, ([], [], [])),
     ({}, "cpu", "torch", 1, False, ([], [], [])),
 ])
