@@ -35,8 +35,8 @@ the `meta` device):
   quantizes and every routed expert matrix take 1 byte per value plus one fp32 scale per output
   row (layers/quantization.py's Int8W8A8LinearMethod, layers/moe_int8.py); the rest as fp8.
 - Modules a checkpoint's quantization_config leaves unquantized (quant/ignore.py: fp8
-  `ignored_layers`, compressed-tensors `ignore`, AWQ / GPTQ `modules_to_not_convert`, GPTQ
-  `dynamic` "-:" entries) keep the model dtype under any quantization and hold no g_idx, as the
+  `ignored_layers`, compressed-tensors `ignore` and `targets`, AWQ / GPTQ
+  `modules_to_not_convert`, GPTQ `modules_in_block_to_quantize` and `dynamic` "-:" entries) keep the model dtype under any quantization and hold no g_idx, as the
   engine builds them; routed experts so left are not padded to the fp8 block grid.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for

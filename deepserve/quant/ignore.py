@@ -10,6 +10,7 @@ its modules):
 | compressed-tensors             | `ignore`                           | it is m or a parent, or `re:` + a regex that `re.match`es m |
 | compressed-tensors             | `config_groups.*.targets`          | no target matches m ("Linear": every Linear; else as `ignore`) |
 | AutoAWQ, GPTQ                  | `modules_to_not_convert`           | it is a substring of m                |
+| GPTQ (transformers)            | `modules_in_block_to_quantize`     | none of its entries is a substring of m |
 | GPTQModel                      | `dynamic` keys `-:regex`           | the regex `re.match`es m              |
 
 Names are the checkpoint's (Hugging Face) module names. A model layer that fuses several
@@ -106,5 +107,12 @@ def _read(qc: dict) -> Ignore:
     if method == "awq":
         return Ignore(substrings=_entries(qc, "modules_to_not_convert"))
     if method == "gptq":
-        return Ignore(_gptq_dynamic(qc), _entries(qc, "modules_to_not_convert"))
+        # the modules quantized in each block, as substrings of module names
+        blocks = [e for group in (qc.get("modules_in_block_to_quantize") or ())
+                  for e in ((group,) if isinstance(group, str) else group)]
+        if not all(isinstance(e, str) for e in blocks):
+            raise ValueError(f"modules_in_block_to_quantize must list module names, got "
+                             f"{qc.get('modules_in_block_to_quantize')!r}")
+        return Ignore(_gptq_dynamic(qc), _entries(qc, "modules_to_not_convert"),
+                      tuple("re:.*" + re.escape(e) for e in blocks) or ("Linear",))
     return Ignore()

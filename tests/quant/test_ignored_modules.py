@@ -168,6 +168,31 @@ def test_gptq_dynamic_negative_entries_stay_bf16_and_overrides_are_refused(ref, 
     assert not checkpoint_ignore({"quantization_config": {**qc, "dynamic": same}})
 
 
+def test_gptq_modules_in_block_to_quantize_leaves_the_others_bf16(ref, tmp_path):
+    """transformers' GPTQConfig `modules_in_block_to_quantize`: only the listed projections of
+    each block are quantized (here attention and gate/up; down_proj stays bf16, as planned)."""
+    from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
+    from deepserve.engine.model_runner import held_weight_bytes
+    blocks = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"]]
+    qc = {**quantization_config("gptq", 64, True, False), "modules_in_block_to_quantize": blocks}
+    out = {}
+    for name, w in ref["tensors"].items():
+        if name.endswith("proj.weight") and "down_proj" not in name:
+            u, z, s, g_idx = quantize(w.float(), 64, True)
+            out.update({f"{name[:-len('.weight')]}.{k}": v for k, v in gptq_tensors(u, z, s.half(), g_idx).items()})
+        else:
+            out[name] = w
+    folder = write_variant(ref["folder"], tmp_path / "gptq", out, qc, torch_dtype="bfloat16")
+    model = _load(folder)
+    for i in (0, 1):
+        down = model.get_submodule(f"model.layers.{i}.mlp.down_proj")
+        assert torch.equal(down.weight, ref["tensors"][f"model.layers.{i}.mlp.down_proj.weight"])
+        assert model.get_submodule(f"model.layers.{i}.mlp.gate_up_proj").qweight.dtype == torch.int32
+    cfg = EngineArgs(model=str(folder), dtype="bfloat16").create_engine_config().model.hf_config
+    assert weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "gptq") == held_weight_bytes(model)
+
+
 def test_matching_rules():
     """vLLM's: a name covers the module and its children (not a longer sibling), `re:` matches
     from the start, AWQ / GPTQ / Hugging Face fp8 modules_to_not_convert are substrings."""
