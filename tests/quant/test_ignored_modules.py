@@ -23,7 +23,7 @@ from deepserve.quant.fp8 import quant_fp8_block
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 from deepserve.quant.int8 import quant_int8_per_channel
 from tests.models.hf_reference import save_tiny, save_tiny_mla_moe
-from tests.quant.int4_formats import gptq_tensors, quantization_config, quantize
+from tests.quant.int4_formats import awq_tensors, gptq_tensors, quantization_config, quantize
 from tests.quant.test_int4_loading import write_variant
 
 FP8 = torch.float8_e4m3fn
@@ -69,9 +69,8 @@ def _load(folder: Path, **kw):
     return load_model(mc, torch.device("cpu"))
 
 
-def _check(model, ref, weight_dtype, scale_cols):
-    """IGNORED layers: bf16, the checkpoint's weight, the plain Linear's output; QUANTIZED ones:
-    `weight_dtype` weight + fp32 scale of `scale_cols(K)` columns, nothing else."""
+def _check_ignored(model, ref):
+    """IGNORED layers: bf16, the checkpoint's weight, the plain Linear's output."""
     x = torch.randn(3, 384, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     for name, parts in IGNORED.items():
         layer = model.get_submodule(name)
@@ -79,6 +78,12 @@ def _check(model, ref, weight_dtype, scale_cols):
         w = torch.cat([ref["tensors"][p + ".weight"] for p in parts])
         assert torch.equal(layer.weight, w), name
         assert torch.equal(layer(x[:, : w.shape[1]]), F.linear(x[:, : w.shape[1]], w)), name
+
+
+def _check(model, ref, weight_dtype, scale_cols):
+    """`_check_ignored`; QUANTIZED layers: `weight_dtype` weight + fp32 scale of `scale_cols(K)`
+    columns, nothing else."""
+    _check_ignored(model, ref)
     for name in QUANTIZED:
         layer = model.get_submodule(name)
         n, k = layer.weight.shape
@@ -191,6 +196,24 @@ def test_gptq_modules_in_block_to_quantize_leaves_the_others_bf16(ref, tmp_path)
         assert model.get_submodule(f"model.layers.{i}.mlp.gate_up_proj").qweight.dtype == torch.int32
     cfg = EngineArgs(model=str(folder), dtype="bfloat16").create_engine_config().model.hf_config
     assert weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "gptq") == held_weight_bytes(model)
+
+
+def test_awq_modules_to_not_convert_stay_bf16(ref, tmp_path):
+    """AutoAWQ `modules_to_not_convert` (substrings of module names): those stay bf16; the others
+    hold the packed weight, bf16 scales and uint8 zero points of their groups of 64."""
+    def awq(name, w):
+        u, z, s, _ = quantize(w.float(), 64, False)
+        return {f"{name[:-len('.weight')]}.{k}": v for k, v in awq_tensors(u, z, s.to(torch.bfloat16)).items()}
+    qc = {**quantization_config("awq", 64, False, False),
+          "modules_to_not_convert": ["layers.0.mlp.down_proj", "layers.1.self_attn.q_", "layers.1.self_attn.k_",
+                                     "layers.1.self_attn.v_"]}
+    model = _load(_write(ref, tmp_path / "awq", awq, qc))
+    _check_ignored(model, ref)
+    for name in QUANTIZED:
+        layer = model.get_submodule(name)
+        n, k = layer.qweight.shape[0], layer.qweight.shape[1] * 8
+        held = sum(p.numel() * p.element_size() for p in layer.parameters())
+        assert layer.qweight.dtype == torch.int32 and held == n * k // 2 + n * (k // 64) * (2 + 1), name
 
 
 def test_matching_rules():
