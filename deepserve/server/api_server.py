@@ -170,7 +170,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               cors=server.cors())
     llm = AsyncLLM(engine)
-    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server)
+    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len)
     llm.listener = metrics
     return ServerState(llm=llm, settings=settings, metrics=metrics)
 

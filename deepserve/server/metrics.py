@@ -3,8 +3,10 @@ snapshot at scrape time (running / waiting requests, KV cache usage, free blocks
 (prompt and generation tokens, prefix-cache queries and hits, preemptions, finished requests
 by reason, error responses by status, operator calls and those run as Triton kernels, with
 their share as a gauge; with --ops-profile the share of profiled kernel time by kind,
-deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}) and latency histograms (time to first token,
-inter-token latency, end-to-end latency) fed by AsyncLLM's request listener.
+deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histograms (time to first token,
+inter-token latency, end-to-end latency) and each ended request's prompt and generated tokens
+(vLLM's request_prompt_tokens / request_generation_tokens, which its Grafana dashboard draws),
+fed by AsyncLLM's request listener.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
@@ -38,6 +40,17 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 FINISH_REASONS = ("stop", "length", "abort")   # present from the start, at 0
+
+
+def token_buckets(max_model_len: int) -> tuple[int, ...]:
+    """vLLM's buckets of per-request token counts: 1, 2, 5, 10, 20, 50, ... up to max_model_len."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return tuple(buckets)
+            buckets.append(m * scale)
+        scale *= 10
 
 # (name, help, snapshot key) of the values the engine keeps itself
 GAUGES = (("num_requests_running", "Requests in the running batch.", "num_requests_running"),
@@ -129,9 +142,11 @@ class _Aliased:
 class ServerMetrics:
     """Collects request timings (as AsyncLLM's listener) and renders the exposition text."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict], api_server: Optional[int] = None):
+    def __init__(self, model_name: str, snapshot: Callable[[], dict], api_server: Optional[int] = None,
+                 max_model_len: int = 1 << 17):
         """`api_server`: this process's index among several API servers; their requests are
-        then also counted per API server (`api_server_requests`)."""
+        then also counted per API server (`api_server_requests`). `max_model_len`: the top of
+        the token-count histograms' buckets."""
         inner = CollectorRegistry(auto_describe=True)
         inner.register(_EngineCollector(model_name, snapshot))
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -147,6 +162,10 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of each ended request.",
+                                       token_buckets(max_model_len))
+        self.generation_tokens = histogram("request_generation_tokens", "Tokens generated for each ended request "
+                                           "(all its samples).", token_buckets(max_model_len))
         finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason.",
                            ["model_name", "finished_reason"], registry=own)
         self.finished = lambda reason: finished.labels(model_name, reason)
@@ -180,6 +199,8 @@ class ServerMetrics:
                   generation_tokens: int, reason: Optional[str]) -> None:
         self._last_output.pop(request_id, None)
         self.e2e.observe(now - arrival)
+        self.prompt_tokens.observe(prompt_tokens)
+        self.generation_tokens.observe(generation_tokens)
         self.finished(reason or "abort").inc()
         if self.served is not None:
             self.served.inc()

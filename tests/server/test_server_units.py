@@ -10,7 +10,7 @@ import pytest
 from deepserve.config import EngineArgs
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.server.metrics import ServerMetrics, parse_metrics
+from deepserve.server.metrics import ServerMetrics, parse_metrics, token_buckets
 
 GREEDY_8 = ", there was a little girl"
 
@@ -193,6 +193,11 @@ def test_metrics_text():
     assert values[f'deepserve:request_success_total{{{lab},finished_reason="stop"}}'] == 1
     assert values[f'deepserve:request_success_total{{{lab},finished_reason="length"}}'] == 0
     assert values[f'deepserve:http_errors_total{{{lab},status="400"}}'] == 1
+    # vLLM's per-request token counts (its dashboard's prompt / generation length panels)
+    assert values[f'deepserve:request_prompt_tokens_bucket{{{lab},le="2.0"}}'] == 0
+    assert values[f'deepserve:request_prompt_tokens_bucket{{{lab},le="5.0"}}'] == 1
+    assert values[f"deepserve:request_generation_tokens_sum{{{lab}}}"] == 4
+    assert token_buckets(512)[:4] == (1, 2, 5, 10) and token_buckets(512)[-1] == 500
     # every series is there under vLLM's name too
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["vllm:time_to_first_token_seconds"].type == "histogram"
