@@ -5,7 +5,9 @@ its own asyncio.Queue, fed from that thread with `loop.call_soon_threadsafe`.
 Only the engine thread touches the engine. Adds and aborts are queued and applied between
 steps (in order, so an abort that follows an add always finds it); an abort frees the
 request's KV blocks before the next step. A step that raises fails the requests it held
-and the loop goes on serving the others. Gauges the server reports (running / waiting
+and the loop goes on serving the others; an error anywhere else ends the thread and fails
+every request, those in flight and those still to come (EngineDeadError), rather than leave
+them waiting. Gauges the server reports (running / waiting
 requests, KV usage, prefix-cache counters) are copied into `self.snapshot` by the engine
 thread after each round, so readers never race the scheduler's containers.
 
@@ -71,6 +73,7 @@ class AsyncLLM:
         self._thread: Optional[threading.Thread] = None
         self.snapshot: dict = {}
         self.num_step_errors = 0
+        self._thread_error: Optional[str] = None   # why the engine thread ended unexpectedly
         self._take_snapshot()
 
     @classmethod
@@ -118,6 +121,9 @@ class AsyncLLM:
     def _submit(self, kind: str, payload) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
+            if self._thread_error is not None:   # no thread will apply it
+                fut.set_exception(EngineDeadError(self._thread_error))
+                return fut
             self._ops.append((kind, payload, fut))
             self._cond.notify()
         self.engine.wake()  # a step waiting for engine-core outputs returns to apply it
@@ -130,7 +136,7 @@ class AsyncLLM:
     def check_can_accept(self) -> None:
         """Raise EngineDeadError / QueueFullError when a new request would be refused."""
         if not self._accepting or self._thread is None:
-            raise EngineDeadError("the engine is not running")
+            raise EngineDeadError(self._thread_error or "the engine is not running")
         limit = self.max_waiting_requests
         if limit is not None and self.num_waiting_requests() >= limit:
             raise QueueFullError(f"the server queue is full ({limit} requests waiting); retry later")
@@ -181,6 +187,35 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:
+            # a bug past the step's own error handling: without the thread nothing would ever
+            # answer the requests in flight or those still to come, so all of them fail instead
+            logger.exception("the engine thread failed; failing every request")
+            self._fail_forever(f"the engine thread failed: {type(exc).__name__}: {exc}")
+
+    def _fail_forever(self, reason: str) -> None:
+        with self._cond:
+            self._thread_error = reason
+            self._accepting = False
+            ops = list(self._ops)
+            self._ops.clear()
+        for _, _, fut in ops:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(EngineDeadError(reason))
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._fail_all_queues, EngineDeadError(reason))
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _fail_all_queues(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             with self._cond:

@@ -145,6 +145,30 @@ def test_request_cancelled_before_its_add_is_applied(make_llm):
     asyncio.run(main())
 
 
+def test_engine_thread_failure_fails_every_request(make_llm):
+    """An error past the step's own handling ends the engine thread: the request in flight and
+    every later one get EngineDeadError naming it (503 on the API), not a wait without end."""
+    llm = make_llm()
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def main():
+        llm.start()
+        gen = llm.generate("One day", long, "a")
+        await gen.__anext__()
+
+        def broken():
+            raise RuntimeError("gauges gone")
+        llm._take_snapshot = broken
+        with pytest.raises(EngineDeadError, match="gauges gone"):
+            await asyncio.wait_for(last_of(gen), 30)
+        with pytest.raises(EngineDeadError, match="gauges gone"):
+            await asyncio.wait_for(drain(llm, "Once", SamplingParams(max_tokens=2), "b"), 30)
+        assert not llm.is_running
+        llm.shutdown()
+
+    asyncio.run(main())
+
+
 def test_yaml_file_and_cli_override(tmp_path, monkeypatch):
     from deepserve.cli.serve import register, resolve
 
