@@ -4,7 +4,7 @@ app's lifespan.
 
     POST /v1/completions      POST /v1/chat/completions     GET /v1/models
     GET  /health              GET  /version                 GET /metrics
-    POST /tokenize            POST /detokenize
+    POST /tokenize            POST /detokenize              GET|POST /ping (/health)
 """
 from __future__ import annotations
 
@@ -105,6 +105,10 @@ def build_app(state: ServerState) -> FastAPI:
         if not state.llm.is_running:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping():   # vLLM's (SageMaker's health check): /health
+        return await health()
 
     @app.get("/version")
     async def version():

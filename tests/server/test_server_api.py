@@ -137,6 +137,7 @@ def test_async_client_concurrent(demo_server):
 def test_models_health_version_detokenize(client, http):
     assert [m.id for m in client.models.list().data] == ["stories260k"]
     assert http.get("/health").status_code == 200
+    assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200   # vLLM's
     from deepserve import __version__
     assert http.get("/version").json() == {"version": __version__}
     assert http.post("/detokenize", json={"tokens": [403, 407, 261, 378]}).json() == {"prompt": PROMPT}
