@@ -92,7 +92,7 @@ class AsyncLLM:
     @property
     def is_running(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and not self._stop
-                and self.fatal_error is None)
+                and self._thread_error is None and self.fatal_error is None)
 
     @property
     def fatal_error(self) -> Optional[str]:
