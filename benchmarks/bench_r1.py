@@ -301,6 +301,9 @@ def case_kvattn(args, rows: list) -> None:
                 q_args = (q_rounded_to_e4m3(pb.q),) + args_[1:]
                 extras["rel_error_vs_torch_q_e4m3"] = rel_err(got, ref(*q_args))
             ms = timer(lambda: tri(*args_))
+            if args.device == "cuda":
+                # the decode kernel's splits apart from their merge (eager, so launch gaps are not in it)
+                extras["kernel_us"] = {k[:90]: round(t * 1e3, 2) for k, t in kernel_times(lambda: tri(*args_), reps=5)}
             read = batch * ctx * width * pb.k_cache.element_size()
             save(rows, args, f"{'tiny_' if args.tiny else ''}mla_decode_{variant}_h{heads}_b{batch}_ctx{ctx}",
                  read / (ms * 1e-3), "B/s", bw,

@@ -52,20 +52,32 @@ def aten_parent(e):
 
 
 def op_table(events, triton_names: set[str]) -> dict[str, dict]:
-    """aten op -> calls and its launched kernels' µs by kind (and by kernel name)."""
+    """aten op -> calls and its launched kernels' µs by kind (and by kernel name). Kernels the
+    profiler links to no CPU event (Triton's launches from Python: deepserve's own kernels go
+    through the driver API beneath no aten op) are counted under "(outside aten)" from the GPU's
+    own kernel events, so the kinds' totals hold every kernel that ran."""
     ops: dict[str, dict] = defaultdict(lambda: {"calls": 0, "us": dict.fromkeys(KINDS, 0.0), "kernels": {}})
+    on_gpu: dict[str, float] = defaultdict(float)      # kernel name -> µs, every kernel event
+    linked: dict[str, float] = defaultdict(float)      # the part reached through a CPU event
     for e in events:
         if str(e.device_type).endswith("CUDA"):
+            on_gpu[e.name] += e.duration
             continue
         if e.name.startswith("aten::"):
             ops[e.name[6:]]["calls"] += 1
         owner = aten_parent(e)
         for k in e.kernels:
-            name = owner.name[6:] if owner is not None else "(outside aten)"
-            entry = ops[name]
-            entry["us"][kernel_kind(k.name, triton_names)] += k.duration
-            entry["kernels"][k.name] = entry["kernels"].get(k.name, 0.0) + k.duration
+            linked[k.name] += k.duration
+            add_kernel(ops[owner.name[6:] if owner is not None else "(outside aten)"], k.name, k.duration, triton_names)
+    for name, us in on_gpu.items():
+        if us - linked[name] > 1e-3:
+            add_kernel(ops["(outside aten)"], name, us - linked[name], triton_names)
     return dict(ops)
+
+
+def add_kernel(entry: dict, name: str, us: float, triton_names: set[str]) -> None:
+    entry["us"][kernel_kind(name, triton_names)] += us
+    entry["kernels"][name] = entry["kernels"].get(name, 0.0) + us
 
 
 def main() -> int:
