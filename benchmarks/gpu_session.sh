@@ -65,6 +65,11 @@ step int4_decode 240 . python3 benchmarks/bench_int4.py --part decode dense
 step int4_sweep_gemv_only 150 . python3 benchmarks/sweep_int4.py --write --kernels gemv
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 step int4_decode_after 240 . python3 benchmarks/bench_int4.py --part decode dense
+#   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)
+step profile_w4a16 150 . python3 benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1 \
+  --quantization compressed-tensors --out "$OUT/res/profile_8b_w4a16_b1.json"
+step profile_bf16 150 . python3 benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1 \
+  --out "$OUT/res/profile_8b_bf16_b1.json"
 #   issue 16  the sorted fused MoE at R1's decode sizes (32-512 tokens) into this device's table
 step moe_sweep_r1 120 . python3 benchmarks/sweep_fused_moe.py --decode --shape r1 --write
 mkdir -p "$OUT/fused_moe_cfg" && cp deepserve/ops/triton/configs/fused_moe/*.json "$OUT/fused_moe_cfg/" 2>/dev/null

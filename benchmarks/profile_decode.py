@@ -29,6 +29,7 @@ and the breakdown is of CPU ops.
 
 GPU:  python benchmarks/profile_decode.py --model deepseek-v2-lite --batch 1
       python benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1
+      python benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1 --quantization compressed-tensors
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def build(args) -> LLM:
                   kv_cache_memory_bytes=64 << 20)
     else:
         kw.update(ENGINE_ARGS.get(args.model, ENGINE_ARGS["r1-distill-llama-8b"]), dtype="bfloat16")
+    if args.quantization:
+        kw["quantization"] = args.quantization
     return LLM(args.model, async_scheduling=args.async_scheduling, **kw)
 
 
@@ -244,6 +247,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a tiny config of the preset (smoke check)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine with async scheduling (parts 1, 2, 4)")
+    ap.add_argument("--quantization", default=None,
+                    help="as the engine's flag, with dummy weights: e.g. compressed-tensors (W4A16, groups of 128), fp8")
     ap.add_argument("--out", default=None, help="JSON path (default results/profile_<model>_b<batch>.json)")
     args = ap.parse_args()
     if args.batch < 1 or args.steps < 1:
@@ -251,8 +256,8 @@ def main() -> int:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU; use --device cpu --tiny for a smoke check")
-    stem = (f"profile_{args.model}{'_tiny' if args.tiny else ''}_b{args.batch}"
-            f"{'_async' if args.async_scheduling else ''}")
+    stem = (f"profile_{args.model}{'_tiny' if args.tiny else ''}{'_' + args.quantization if args.quantization else ''}"
+            f"_b{args.batch}{'_async' if args.async_scheduling else ''}")
     out_path = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     report: dict = {"model": args.model, "batch": args.batch, "tiny": args.tiny, "date": datetime.date.today().isoformat(),
                     "device": torch.cuda.get_device_name() if cuda else "cpu",
