@@ -403,10 +403,9 @@ class EngineArgs:
     pipeline stage and no DP attention token exchange (those steps run eagerly)."""
     piecewise_max_tokens: Optional[int] = None
     """Largest step, in tokens, captured as piecewise CUDA graphs (capped by
-    --max-num-batched-tokens); larger steps run eagerly. Default: 2048 for models with routed
-    experts (their eager steps are bound by the host's launches: V2-Lite's 1,088-token mixed step
-    takes 1.7x longer eagerly), 512 otherwise (vLLM's largest capture); with vLLM's
-    max_cudagraph_capture_size, that size."""
+    --max-num-batched-tokens); larger steps run eagerly. Default: 2048 (eager steps of that size
+    are bound by the host's launches: a mixed step beside 256 decodes passes 512 tokens with a
+    short prompt); with vLLM's max_cudagraph_capture_size, that size."""
     compilation_config: Optional[dict] = None
     """vLLM's JSON, mapped onto the CUDA graphs deepserve captures: cudagraph_capture_sizes sets
     --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
