@@ -35,7 +35,8 @@ def register(subparsers) -> None:
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
                    "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / w4a8 / awq / gptq: 4-bit Linear weights in "
                    "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype. Default: "
-                   "a model folder's stored format (what `serve` loads from it), a preset's none (random weights)")
+                   "a model folder's stored format (what `serve` loads from it), a preset's none (random weights). "
+                   "A quantized folder takes only what `serve --quantization` runs it with")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence each replica must hold (default: max_position_embeddings)")
@@ -88,7 +89,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
     elif plan.quantization:
         group, _ = int4_layout(cfg, plan.quantization)
         groups = "one scale per row" if group == -1 else f"groups of {group}"
-        q = f"{plan.quantization} 4-bit ({groups}) Linear weights, the rest {plan.dtype}"
+        name = _INT4_NAMES.get(plan.quantization, plan.quantization)
+        q = f"{name} 4-bit ({groups}) Linear weights, the rest {plan.dtype}"
     ignore = checkpoint_ignore(cfg) if plan.quantization else None
     if ignore and any(t.module and ignore(t.module) for t in stage_tensors(cfg, Layout(1, 1, 1), 0, True)):
         q += " (with the modules its quantization_config leaves unquantized)"
@@ -125,39 +127,41 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
     return "\n".join(lines)
 
 
-# a checkpoint's stored format (models/loader.checkpoint_quantization) -> the plan that counts it
-_STORED_PLAN = {"fp8": "fp8", "w8a8-int8": "w8a8-int8", "awq": "awq", "gptq": "gptq", "w4a16": "w4a16",
-                "w4a8-int8": "w4a16"}
+# the `serve --quantization` that runs each plan name's weights (none: no flag, as stored)
+_SERVE_FLAG = {"w4a16": "compressed-tensors", "w4a8-int8": "compressed-tensors", "none": None}
+# the scheme names the report gives 4-bit plans
+_INT4_NAMES = {"w4a8-int8": "w4a8"}
 
 
-def stored_quantization(model: str, cfg) -> Optional[str]:
-    """The plan quantization of a model folder as `serve` loads it (its quantization_config);
-    None for a preset (random weights load in the model dtype) or a high-precision folder."""
+def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optional[str]:
+    """The plan quantization of MODEL under `--quantization requested` (None: not given): for a
+    model folder with a quantization_config, what `serve` runs it with, refused with serve's own
+    error where serve refuses the flag; a high-precision folder or a preset takes any (the
+    weights a conversion would write, random weights), none or nothing meaning the model dtype."""
+    requested = "w4a8-int8" if requested == "w4a8" else requested   # the engine's name
     if is_preset(model):
-        return None
+        return None if requested == "none" else requested
     from deepserve.quant import modelslim
     if modelslim.stored_format(model):
-        raise ValueError(f"{model} is an msModelSlim W8A8 folder, which deepserve plan does not count as "
-                         f"stored; pass --quantization w8a8-int8 (int8 weights with per-row scales)")
+        if requested != "w8a8-int8":
+            raise ValueError(f"{model} is an msModelSlim W8A8 folder, which deepserve plan does not count as "
+                             f"stored; pass --quantization w8a8-int8 (int8 weights with per-row scales)")
+        return requested
     if not cfg.get("quantization_config"):
-        return None
-    from deepserve.models.loader import checkpoint_quantization
-    stored = checkpoint_quantization(cfg)
-    if stored is None:
-        return None
-    if stored not in _STORED_PLAN:
-        raise ValueError(f"{model} stores {stored!r} weights, which deepserve plan does not count; "
-                         f"pass --quantization to plan it as one of {', '.join(sorted(set(_STORED_PLAN)))}")
-    return _STORED_PLAN[stored]
+        return None if requested == "none" else requested
+    from deepserve.models.loader import linear_method
+    stored, method = linear_method(model, cfg, _SERVE_FLAG.get(requested, requested))
+    if requested == "none":
+        raise ValueError(f"--quantization none plans every weight in the model dtype, and serve runs this folder's "
+                         f"weights as stored ({stored}); leave --quantization out")
+    return method   # the engine's names are the plan's (evaluate_plans refuses one without arithmetic)
 
 
 def run(args) -> int:
     cfg = load_hf_config(args.model)
-    quantization = stored_quantization(args.model, cfg) if args.quantization is None else args.quantization
-    quantization = "w4a16" if quantization == "w4a8" else quantization     # the same weight bytes
+    quantization = plan_quantization(args.model, cfg, args.quantization)
     plan = evaluate_plans(
-        cfg, args.gpus, parse_size(args.gpu_memory), args.nodes,
-        None if quantization == "none" else quantization, dtype=args.dtype,
+        cfg, args.gpus, parse_size(args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
         include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype)

@@ -133,11 +133,11 @@ def run(args: argparse.Namespace) -> int:
         if os.path.isdir(model) or is_preset(model):
             # the flags against the model's config.json before Ray starts on every host (the
             # parallel sizes the cluster picks when none are given are checked by the engine)
-            EngineArgs(**engine_kwargs).create_engine_config()
+            check_model(EngineArgs(**engine_kwargs))
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
                                 dry_run=getattr(args, "dry_run", False))
     if getattr(args, "dry_run", False):
-        EngineArgs(**engine_kwargs).create_engine_config()  # the flags and the model's config.json, checked
+        check_model(EngineArgs(**engine_kwargs))
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
                                     if k != "api_key"))
@@ -153,11 +153,12 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         raise ValueError(f"bad engine argument: {exc}") from None
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
-    engine_args.create_engine_config()   # the layout against the model's config.json, before any process starts
+    config = engine_args.create_engine_config()   # the layout against config.json, before any process starts
     check_ops_backend(engine_args)
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
+    check_quantization(config)
     if not engine_args.headless:
         check_listen(server.host, server.port)   # 0: a free port, picked when the server starts
         local = engine_args.data_parallel_size_local
@@ -171,6 +172,22 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     from deepserve.server.api_server import run_server
 
     return run_server(engine_args, server)
+
+
+def check_model(engine_args: EngineArgs) -> None:
+    """The flags against the model, as the engine would check them at load: its layout against
+    config.json, its --quantization against the quantization_config."""
+    check_quantization(engine_args.create_engine_config())
+
+
+def check_quantization(config) -> None:
+    """--quantization against the model's quantization_config (a format deepserve does not load,
+    one it serves only as stored), one line before any engine process starts instead of a rank's
+    failure after it (`deepserve plan` makes the same check)."""
+    from deepserve.models.loader import linear_method
+
+    model = config.model
+    linear_method(model.model, model.hf_config, model.quantization, model.load_format)
 
 
 def check_ops_backend(engine_args: EngineArgs) -> None:

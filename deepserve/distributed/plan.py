@@ -32,7 +32,7 @@ from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Layout, ar
                                               weight_bytes_per_gpu)
 
 GiB = 1 << 30
-QUANTIZATIONS = (None, "fp8", "w8a8-int8", "w4a16", "awq", "gptq")
+QUANTIZATIONS = (None, "fp8", "w8a8-int8", "w4a16", "w4a8-int8", "awq", "gptq")
 
 
 # --------------------------------------------------------------------------- candidates
@@ -157,7 +157,7 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} has no plan arithmetic; use fp8, w8a8-int8, w4a16, "
-                         f"awq, gptq or none")
+                         f"w4a8-int8, awq, gptq or none")
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     if gpu_memory_bytes <= 0:

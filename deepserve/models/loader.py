@@ -132,7 +132,7 @@ AS_STORED = INT4_METHODS + (modelslim.METHOD,)   # served only in the checkpoint
 INT4_REQUESTS = {"awq": ("awq",), "gptq": ("gptq",), "compressed-tensors": ("w4a16", "w4a8-int8")}
 
 
-def choose_quantization(requested: Optional[str], stored: Optional[str], device: torch.device) -> Optional[str]:
+def choose_quantization(requested: Optional[str], stored: Optional[str]) -> Optional[str]:
     """The linear method to run (see the table in the module docstring): the stored format
     unless another is asked for. Quantized weights stay quantized on every device (DESIGN
     invariant 9); where no kernel for the format exists the ops dequantize per call. 4-bit
@@ -149,6 +149,21 @@ def choose_quantization(requested: Optional[str], stored: Optional[str], device:
     if requested is not None:
         return requested
     return stored
+
+
+def linear_method(model: str, hf_config, requested: Optional[str],
+                  load_format: str = "auto") -> tuple[Optional[str], Optional[str]]:
+    """(the checkpoint's stored format, the linear method the engine runs it with) for `model`
+    (its folder and config.json) under `--quantization requested`: the check `serve` makes before
+    any process starts and `deepserve plan` makes of a folder, a ValueError for a
+    quantization_config deepserve does not load or a --quantization it cannot serve the folder
+    with. Random weights (`--load-format dummy`) store nothing, but 4-bit ones in the format asked
+    for."""
+    if load_format == "dummy":
+        stored = int4_spec_for(hf_config, requested).method if requested in INT4_REQUESTS else None
+    else:
+        stored = checkpoint_quantization(hf_config) or modelslim.stored_format(model)
+    return stored, choose_quantization(requested, stored)
 
 
 def stage_modules(model, pctx: ParallelContext) -> list:
@@ -259,10 +274,7 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
     reference)."""
     cfg = model_config.hf_config
     dummy = model_config.load_format == "dummy"
-    stored = None if dummy else checkpoint_quantization(cfg) or modelslim.stored_format(model_config.model)
-    if dummy and model_config.quantization in INT4_REQUESTS:     # random 4-bit weights
-        stored = int4_spec_for(cfg, model_config.quantization).method
-    method = choose_quantization(model_config.quantization, stored, device)
+    stored, method = linear_method(model_config.model, cfg, model_config.quantization, model_config.load_format)
     model = build_model(model_config, device, pctx, method, **({"load_mtp": True} if model_config.load_mtp else {}))
     model.quantization = method          # the start-up log counts the plan's bytes for it
     dtype = resolve_dtype(model_config, device)

@@ -413,16 +413,15 @@ def test_a_quantization_flag_that_conflicts_with_the_checkpoint_names_both():
     checkpoint is in (was "cannot serve a w4a16 / a awq checkpoint"); on a high-precision
     checkpoint a 4-bit name says how to get 4-bit weights."""
     from deepserve.models.loader import choose_quantization
-    cpu = torch.device("cpu")
-    assert choose_quantization("compressed-tensors", "w4a8-int8", cpu) == "w4a8-int8"
+    assert choose_quantization("compressed-tensors", "w4a8-int8") == "w4a8-int8"
     with pytest.raises(ValueError, match=r"^--quantization awq cannot serve this compressed-tensors W4A16 "
                                          r"checkpoint: .*leave --quantization out"):
-        choose_quantization("awq", "w4a16", cpu)
+        choose_quantization("awq", "w4a16")
     with pytest.raises(ValueError, match=r"^--quantization compressed-tensors cannot serve this AutoAWQ checkpoint"):
-        choose_quantization("compressed-tensors", "awq", cpu)
+        choose_quantization("compressed-tensors", "awq")
     with pytest.raises(ValueError, match=r"^--quantization gptq loads GPTQ checkpoints and this one is high "
                                          r"precision \(add --load-format dummy"):
-        choose_quantization("gptq", None, cpu)
+        choose_quantization("gptq", None)
 
 
 def test_an_fp8_row_parallel_layer_too_narrow_to_split_says_tp_1():

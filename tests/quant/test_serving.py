@@ -319,12 +319,11 @@ def test_int8_op_accumulates_exactly():
 
 # ----------------------------------------------------------------------------- selection / errors
 def test_quantization_choice():
-    cpu = torch.device("cpu")
-    assert choose_quantization(None, "fp8", cpu) == "fp8"         # stays fp8: dequantized per call
-    assert choose_quantization("fp8", "fp8", cpu) == "fp8"
-    assert choose_quantization(None, "w8a8-int8", cpu) == "w8a8-int8"
-    assert choose_quantization("fp8", None, cpu) == "fp8"
-    assert choose_quantization(None, None, cpu) is None
+    assert choose_quantization(None, "fp8") == "fp8"         # stays fp8: dequantized per call
+    assert choose_quantization("fp8", "fp8") == "fp8"
+    assert choose_quantization(None, "w8a8-int8") == "w8a8-int8"
+    assert choose_quantization("fp8", None) == "fp8"
+    assert choose_quantization(None, None) is None
 
 
 def test_int8_checkpoint_errors_name_the_problem(llama, tmp_path):
