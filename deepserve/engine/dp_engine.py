@@ -117,6 +117,7 @@ class DataParallelEngine(LLMEngine):
             self.executor.stop(graceful_s=0.0)
             self._finalizer()
             raise
+        self.executor.started()
         self._init_pool()
 
     @classmethod

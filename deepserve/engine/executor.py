@@ -242,7 +242,9 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
 
 class WorkerProcs:
     """Worker processes (from `process_context`), each with a status pipe, and a monitor thread that sets
-    `failure` (naming the rank, its pid and its error or exit code) when one ends early."""
+    `failure` (naming the rank, its pid and its error or exit code) when one ends early. It logs the
+    failure only once the owner has called `started()`: until then the owner waits for the workers and
+    raises the failure itself (`deepserve serve` prints it once, as its one-line error)."""
 
     def __init__(self, target, args_of: Callable[[int], tuple], ranks: list[int], label: str = "worker rank"):
         ctx = process_context()
@@ -250,6 +252,7 @@ class WorkerProcs:
         self.ranks = ranks
         self.failure: Optional[str] = None
         self.closing = False
+        self.starting = True
         self.procs, self.pipes, self.errors, self.joining = [], [], {}, set()
         with _fork_server_lock:
             _fork_server_users[0] += 1
@@ -289,7 +292,12 @@ class WorkerProcs:
                 if p.exitcode is not None and not self.closing and self.failure is None:
                     self._read(i)
                     self.failure = self._describe(r, p)
-                    logger.error(self.failure)
+                    if not self.starting:
+                        logger.error(self.failure)
+
+    def started(self) -> None:
+        """The workers are up: a failure from now on is logged when the monitor sees it."""
+        self.starting = False
 
     def _describe(self, rank: int, p) -> str:
         where = f"{self.label} {rank} (pid {p.pid}) on host {self._host}"
@@ -425,6 +433,7 @@ class MultiprocExecutor(DriverExecutor):
         except BaseException:
             self._abort_start()
             raise
+        self.workers.started()
 
     @property
     def failure(self) -> Optional[str]:

@@ -155,7 +155,7 @@ class RayExecutor(DriverExecutor):
 class RayRanks:
     """Every rank of a data-parallel engine as a Ray actor (see the module docstring). For the
     front end it stands where `WorkerProcs` stands for spawned ranks: `failure`, `closing`,
-    `wait_joining`, `stop`. Placed at construction (`front_end_ip` and `init_method` are then
+    `wait_joining`, `started`, `stop`. Placed at construction (`front_end_ip` and `init_method` are then
     known, for the front end's DPLayout); `start(layout)` runs them."""
 
     label = "rank"
@@ -168,6 +168,7 @@ class RayRanks:
         self._remove_group = remove_placement_group
         self.failure: Optional[str] = None
         self.closing = False
+        self.starting = True      # as WorkerProcs': the front end raises a failure at start, logged after it
         self.runs: list = []
         dp = args.data_parallel_size
         span = self.span = args.tensor_parallel_size * args.pipeline_parallel_size
@@ -217,7 +218,11 @@ class RayRanks:
                            else f"died: {type(exc).__name__}")
                 self.failure = (f"{self.label} {rank} (DP rank {rank // self.span}, a Ray actor on node "
                                 f"{self.nodes[rank]}) {why}")
-                logger.error(self.failure)
+                if not self.starting:
+                    logger.error(self.failure)
+
+    def started(self) -> None:
+        self.starting = False
 
     def wait_joining(self, timeout_s: float) -> None:
         """Placed at construction: only a failure since then to report."""
