@@ -18,14 +18,22 @@ def _local_gpu_memory() -> int:
 
 
 def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int):
-    """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes."""
-    from deepserve.config import EngineArgs, load_hf_config
+    """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes: the
+    weights counted in the format the engine will hold them in (a folder's stored one unless
+    --quantization asks for another)."""
+    from deepserve.config import EngineArgs, is_preset, load_hf_config
     from deepserve.distributed.plan import choose_plan
+    from deepserve.models.loader import linear_method
+    from deepserve.quant import modelslim
 
-    hf = load_hf_config(kwargs.get("model", EngineArgs.model), kwargs.get("hf_overrides"))
-    quant = kwargs.get("quantization")
-    # int8 weights take the same byte per parameter as fp8 in the plan's arithmetic
-    return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=None if quant is None else "fp8",
+    model = str(kwargs.get("model", EngineArgs.model))
+    hf = load_hf_config(model, kwargs.get("hf_overrides"))
+    requested = kwargs.get("quantization")
+    load_format = "dummy" if is_preset(model) else kwargs.get("load_format", "auto")
+    _, method = linear_method(model, hf, None if requested == "ascend" else requested, load_format)
+    # msModelSlim's int8 weights with per-row scales: counted as W8A8 int8's
+    quantization = "w8a8-int8" if method == modelslim.METHOD else method
+    return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=quantization,
                        dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
                        gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
 
