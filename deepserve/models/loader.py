@@ -143,6 +143,9 @@ def choose_quantization(requested: Optional[str], stored: Optional[str]) -> Opti
                 raise ValueError(f"--quantization {requested} loads {_FORMAT_NAMES[requested]} checkpoints and "
                                  f"this one is high precision (add --load-format dummy for random 4-bit weights, "
                                  f"or make one with deepserve convert quantize)")
+            if stored not in AS_STORED:   # fp8 / int8 weights: requantized at load to fp8 or int8 only
+                raise ValueError(f"--quantization {requested} loads {_FORMAT_NAMES[requested]} checkpoints and this "
+                                 f"one is {_FORMAT_NAMES[stored]} (leave --quantization out, or pass fp8 or w8a8-int8)")
             raise ValueError(f"--quantization {requested} cannot serve this {_FORMAT_NAMES[stored]} checkpoint: "
                              f"it is served in its stored format (leave --quantization out)")
         return stored

@@ -76,7 +76,10 @@ def test_the_plan_refuses_what_serve_refuses_with_serves_line(folders, capsys, n
     serve_quant = ["--quantization", SERVE_FLAG.get(flag, flag)] if flag else []
     served = _error(capsys, ["serve", str(folders[folder]), *serve_quant])
     assert planned == served
-    assert ("3-bit weights are not supported" if folder == "broken" else f"cannot serve this") in planned
+    expected = {"broken": "3-bit weights are not supported",
+                "fp8": "--quantization gptq loads GPTQ checkpoints and this one is fp8 (leave --quantization out, "
+                       "or pass fp8 or w8a8-int8)"}
+    assert expected.get(folder, "cannot serve this") in planned
 
 
 def test_none_on_a_quantized_folder_is_refused(folders, capsys):

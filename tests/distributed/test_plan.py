@@ -437,5 +437,5 @@ def test_serves_automatic_plan_counts_a_folders_stored_weights(tmp_path):
     assert plan.quantization == "fp8"
     expected = choose_plan(load_hf_config(str(folder)), 16, 80 * GiB, nodes=2, quantization="fp8", max_model_len=8192)
     assert plan.parallel_args() == expected.parallel_args()
-    with pytest.raises(ValueError, match="cannot serve this fp8 checkpoint"):
+    with pytest.raises(ValueError, match="loads AutoAWQ checkpoints and this one is fp8"):
         auto_plan({"model": str(folder), "quantization": "awq"}, 16, 80 * GiB, 2)
