@@ -505,14 +505,10 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)
-        model_len_limit = int(hf.get("max_position_embeddings", 2048))
         pp_layer_partition(int(hf.get("num_hidden_layers", 1)), self.pipeline_parallel_size)  # checked early
         check_parallel_sizes(hf, self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size,
                              self.enable_expert_parallel)
-        max_model_len = self.max_model_len or model_len_limit
-        if self.max_model_len and self.max_model_len > model_len_limit:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {model_len_limit}")
+        max_model_len = resolve_max_model_len(hf, self.max_model_len)
         # a folder without tokenizer.json serves token-id prompts only
         tokenizer = self.tokenizer or (self.model if (Path(self.model) / "tokenizer.json").is_file() else None)
         load_format = "dummy" if is_preset(self.model) else self.load_format
@@ -671,6 +667,19 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
             raise ValueError(f"--cudagraph-mode {args.cudagraph_mode} and compilation_config's cudagraph_mode "
                              f"{mode} disagree: give one of them")
         args.cudagraph_mode = mode
+
+
+def resolve_max_model_len(hf_config: HFConfig, max_model_len: Optional[int]) -> int:
+    """--max-model-len against the model (`serve` and `deepserve plan` alike): at most its
+    max_position_embeddings, which is the default."""
+    limit = int(hf_config.get("max_position_embeddings", 2048))
+    if max_model_len is None:
+        return limit
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+    if max_model_len > limit:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
+    return max_model_len
 
 
 def check_ascend_checkpoint(model: str) -> None:

@@ -160,6 +160,9 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
 def run(args) -> int:
     cfg = load_hf_config(args.model)
     quantization = plan_quantization(args.model, cfg, args.quantization)
+    if args.include_mtp and not cfg.get("num_nextn_predict_layers"):
+        raise ValueError(f"--include-mtp needs a model with an MTP layer, but {cfg.get('architectures')} has "
+                         f"num_nextn_predict_layers={cfg.get('num_nextn_predict_layers')!r}")
     plan = evaluate_plans(
         cfg, args.gpus, parse_size(args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,

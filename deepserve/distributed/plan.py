@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from deepserve.config import resolve_max_model_len
 from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Layout, architecture,
                                               kv_bytes_per_token_layer, param_count, stage_kv_layers,
                                               stage_layers, structural_problem, weight_breakdown,
@@ -166,12 +167,10 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
     params = param_count(cfg)
     has_mtp = include_mtp and bool(cfg.get("num_nextn_predict_layers"))
     plan = Plan(None, [], gpus, nodes, gpu_memory_bytes, resolve_dtype(cfg, dtype), quantization,
-                int(max_model_len or cfg.max_position_embeddings), gpu_memory_utilization,
+                resolve_max_model_len(cfg, max_model_len), gpu_memory_utilization,
                 default_activation_reserve(params) if activation_reserve_bytes is None else activation_reserve_bytes,
                 has_mtp, params, param_count(cfg, True) - params, 0, kv_cache_dtype=kv_cache_dtype)
     plan.total_weight_bytes = weight_bytes_per_gpu(cfg, Layout(1, 1, 1), plan.dtype, quantization, has_mtp)
-    if plan.max_model_len < 1:
-        raise ValueError(f"max-model-len must be >= 1, got {plan.max_model_len}")
     per_node = gpus // nodes
     moe = architecture(cfg) in MLA_ARCHS and bool(cfg.get("n_routed_experts"))
     for tp in _powers_of_two(gpus):

@@ -103,3 +103,19 @@ def test_the_plan_names_the_scheme_serve_runs(folders, capsys, folder, flag, sch
     weights = capsys.readouterr().out.splitlines()[2]
     assert weights.startswith(f"weights    {scheme} ") and "w4a16" not in weights.replace(scheme, ""), weights
 
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-model-len", "100000"], "max_model_len 100000 exceeds the model's max_position_embeddings 256"),
+    (["--max-model-len", "0"], "max_model_len must be >= 1, got 0"),
+])
+def test_the_plan_refuses_a_max_model_len_serve_refuses(folders, capsys, no_server, flags, message):
+    """A plan for a context the model cannot take (or 0, which planned the default) was printed."""
+    assert _error(capsys, _plan(folders["bf16"], *flags)) == message
+    assert _error(capsys, ["serve", str(folders["bf16"]), *flags]) == message
+
+
+def test_include_mtp_on_a_model_without_mtp_is_refused(folders, capsys):
+    """It was ignored without a word."""
+    err = _error(capsys, _plan(folders["bf16"], "--include-mtp"))
+    assert err == "--include-mtp needs a model with an MTP layer, but ['LlamaForCausalLM'] has num_nextn_predict_layers=None"
