@@ -75,13 +75,23 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object of a model config")
+    return data
+
+
 def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
     """Read `model`/config.json, or the preset named `model` (e.g. "deepseek-r1")."""
     path = Path(model)
     if (path / "config.json").is_file():
-        data = json.loads((path / "config.json").read_text())
+        data = _read_json(path / "config.json")
     elif (PRESET_DIR / f"{model}.json").is_file():
-        data = json.loads((PRESET_DIR / f"{model}.json").read_text())
+        data = _read_json(PRESET_DIR / f"{model}.json")
     elif path.exists():
         raise FileNotFoundError(f"{path / 'config.json'} not found: not a Hugging Face model folder")
     else:

@@ -119,3 +119,13 @@ def test_include_mtp_on_a_model_without_mtp_is_refused(folders, capsys):
     """It was ignored without a word."""
     err = _error(capsys, _plan(folders["bf16"], "--include-mtp"))
     assert err == "--include-mtp needs a model with an MTP layer, but ['LlamaForCausalLM'] has num_nextn_predict_layers=None"
+
+
+@pytest.mark.parametrize("text,message", [('{"architectures": ["LlamaForCausalLM"], ', "is not valid JSON: Expecting"),
+                                          ("[1, 2]", "holds a JSON list, not the object of a model config")])
+def test_a_config_json_that_does_not_parse_is_named(tmp_path, capsys, no_server, text, message):
+    """The error was json's own ("Expecting property name ...: line 2 column 1"), naming no file."""
+    (tmp_path / "config.json").write_text(text)
+    for argv in (_plan(tmp_path), ["serve", str(tmp_path)]):
+        err = _error(capsys, argv)
+        assert err.startswith(f"{tmp_path / 'config.json'} ") and message in err, err
