@@ -56,10 +56,10 @@ def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3):
     return _compile(w._w4a8_gemm_kernel, consts, ptrs, warps, stages)
 
 
-def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int):
+def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1):
     from deepserve.ops.triton import int4_gemm as g
     consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
-                  SUB_C=sub_c, STEPS=steps, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64)
+                  SUB_C=sub_c, STEPS=steps, DEQ=deq, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64)
     ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
                 y_ptr="*bf16")
     return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
@@ -69,7 +69,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", choices=["w4a8", "gemv"])
     ap.add_argument("--tile", action="append", default=[],
-                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; gemv: BLOCK_N,SUB_C,STEPS,warps (repeatable)")
+                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; gemv: BLOCK_N,SUB_C,STEPS,warps[,DEQ] (repeatable)")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
@@ -78,9 +78,11 @@ def main() -> int:
             report(compile_w4a8(*tile), "BLOCK_M {} BLOCK_N {} warps {}".format(*tile[:3])
                    + (f" stages {tile[3]}" if len(tile) > 3 else ""), CLASSES, args.sass)
         return 0
-    for block_n, sub_c, steps, warps in tiles or [(8, 128, 2, 4)]:
-        loop = report(compile_gemv(block_n, sub_c, steps, warps),
-                      f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps}", CLASSES, args.sass)
+    for tile in tiles or [(8, 128, 2, 4)]:
+        block_n, sub_c, steps, warps = tile[:4]
+        deq = tile[4] if len(tile) > 4 else 1
+        loop = report(compile_gemv(block_n, sub_c, steps, warps, deq),
+                      f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps} DEQ {deq}", CLASSES, args.sass)
         nibbles = 8 * sub_c * steps * block_n / (32 * warps)
         print(f"  {len(loop)} instructions a loop trip for {nibbles:.0f} nibbles a thread: "
               f"{len(loop) / nibbles:.2f} a nibble ({sum(counts(loop).values()) - len(loop)} sub-counted)")

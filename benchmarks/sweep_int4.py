@@ -51,14 +51,20 @@ GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
                                    # programs of 8 rows against gate_up's 3,584)
                                    (8, 128, 1, 4, 4), (4, 128, 2, 4, 2), (8, 64, 2, 2, 2), (8, 64, 2, 2, 4),
                                    (4, 64, 2, 2, 2))]
+# the lane-pair unpacking (DEQ 2: 4.26 instructions a nibble at 8 rows, 3.94 at 16 x 2 steps, against
+# 4.77 / 4.51: benchmarks/sass_int4.py) at the settings that led the last sweep
+GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=1, DEQ=2)
+              for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (16, 128, 1, 4), (8, 256, 1, 8))]
 GRIDS = {
     "gemv": GEMV_GRID,
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                     for n, c, s, w in ((8, 128, 1, 4), (4, 128, 1, 4), (16, 128, 1, 4), (8, 256, 1, 8), (4, 256, 1, 8),
-                                       (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))],
+                                       (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))]
+                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, DEQ=2) for n in (4, 8)],
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                  for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
-                                    (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))],
+                                    (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
+                + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
     "w4a8": [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)

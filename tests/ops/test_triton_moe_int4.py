@@ -68,6 +68,21 @@ def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, gro
         assert err <= 2 ** -4 * want.float().abs().max(), err
 
 
+@pytest.mark.parametrize("groups,zeros", [((32, 16), True), ((16, 48), False)])
+def test_small_kernels_with_paired_lanes(triton_ops, cpu_only, groups, zeros):
+    """The per-assignment kernels with DEQ 2 (lane pairs read with their offsets, taken out once
+    a word): the torch op's result within the offsets' fp32 rounding, as DEQ 1's."""
+    from deepserve.ops.triton.launch_config import trying
+    ops = _experts(groups, zeros, seed=5)
+    x = torch.randn(2, D)
+    wts, ids = _routing(2, 2, seed=6, foreign=True)
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
+    rules = [{"if": {"kernel": k}, "set": {"DEQ": 2}} for k in ("moe_gate_up", "moe_down")]
+    with trying("int4", rules):
+        got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops, cpu_only):
     """A loaded 4-bit Linear and 4-bit FusedMoE run the Triton ops under --ops triton and give
     the torch backend's result."""

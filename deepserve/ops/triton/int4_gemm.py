@@ -73,9 +73,33 @@ def _lane(src, magic, q: tl.constexpr, ZERO: tl.constexpr):
 
 
 @triton.jit
+def _word_scales(s_rows, z_rows, offs_c, c_ok, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, EVEN: tl.constexpr):
+    """The scales (and zero points, 8 without) [C, R] of the words offs_c of the rows at s_rows /
+    z_rows, groups of whole words."""
+    grp = (8 * offs_c) // GROUP
+    if EVEN:
+        s = tl.load(s_rows[None, :] + grp[:, None]).to(tl.float32)
+    else:
+        s = tl.load(s_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=0.0).to(tl.float32)
+    z = 8.0
+    if HAS_ZP:
+        z = tl.load(z_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=8).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _pair_fields(src, magic):
+    """DEQ 2: the two nibbles at bits 15-18 and 19-22 of `src` as fp32 2^23 + 2^15 u and
+    2^23 + 2^19 u (one LOP3 each: the field OR-ed into the mantissa of 2^23, no conversion)."""
+    lo = ((src & 0x78000) | magic).to(tl.float32, bitcast=True)
+    hi = ((src & 0x780000) | magic).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, GROUP: tl.constexpr,
                   HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr):
+                  SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr, DEQ: tl.constexpr):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
     .. 8 c_end). Every row pointer must be in bounds (callers repeat the last row for rows past
@@ -96,7 +120,16 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     z * (x summed over the word), not per lane; then times its group's scale, once per word and
     row, into an fp32 [SUB_C, BLOCK_N] accumulator reduced once at the end. With g_idx or groups
     that split words, every lane reads its own group's scale and zero and the dequantized weight
-    is rounded to X_DTYPE as the reference's."""
+    is rounded to X_DTYPE as the reference's.
+
+    DEQ (a launch setting) picks the unpacking of groups of whole words: 1, each lane as the
+    exact u - z (`_lane`: LOP3 + FFMA) times x (FFMA), 3 instructions a nibble; 2, the lanes in
+    pairs shifted to bits 15-18 / 19-22 (one SHF a pair) and read as 2^23 + 2^15 u / 2^23 +
+    2^19 u (`_pair_fields`: one LOP3 each), multiplied by x and x / 16 (one FFMA each), the
+    offsets 2^23 x + 2^19 x (and z x) taken out once a word from a per-column sum of x that
+    every row shares: 2.5 a nibble plus that sum. The offsets are at most 2^8 times the
+    nibbles' terms, so fp32 keeps the products to about 2^-16 relative; the sum is
+    2^15 times the dot, undone once at the end."""
     perm = tl.arange(0, SUB_C) ^ 1
     acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
     for c_step in range(c_start, c_end, SUB_C * STEPS):
@@ -123,6 +156,36 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                         z = 8.0
                     u = _lane(w if q < 4 else hi, magic, q, 0.0)
                     acc += ((u - z) * s).to(X_DTYPE).to(tl.float32) * x[:, None]
+            elif DEQ == 2:
+                t = tl.zeros([SUB_C, BLOCK_N], tl.float32)
+                off = tl.zeros([SUB_C], tl.float32)        # the offsets' sum (and 2^15 z x when symmetric)
+                xs = tl.zeros([SUB_C], tl.float32)
+                for j in tl.static_range(4):
+                    # lanes 2j, 2j + 1 (bits 8j .. 8j + 7) moved to bits 15-22
+                    if j < 2:
+                        src = w << (15 - 8 * j)
+                    else:
+                        src = w >> (8 * j - 15)
+                    if EVEN:
+                        x_lo = tl.load(x_ptr + 8 * offs_c + 2 * j).to(tl.float32)
+                        x_hi = tl.load(x_ptr + 8 * offs_c + 2 * j + 1).to(tl.float32)
+                    else:
+                        x_lo = tl.load(x_ptr + 8 * offs_c + 2 * j, mask=c_ok, other=0.0).to(tl.float32)
+                        x_hi = tl.load(x_ptr + 8 * offs_c + 2 * j + 1, mask=c_ok, other=0.0).to(tl.float32)
+                    f_lo, f_hi = _pair_fields(src, magic)
+                    x_hi16 = x_hi * 0.0625
+                    t += f_lo * x_lo[:, None]           # one FFMA a nibble
+                    t += f_hi * x_hi16[:, None]
+                    if HAS_ZP:
+                        off += (x_lo + x_hi16) * 8388608.0
+                        xs += x_lo + x_hi
+                    else:
+                        off += x_lo * (8388608.0 + 8.0 * 32768.0) + x_hi * (524288.0 + 8.0 * 32768.0)
+                t -= off[:, None]
+                s, z = _word_scales(s_rows, z_rows, offs_c, c_ok, GROUP, HAS_ZP, EVEN)
+                if HAS_ZP:
+                    t -= (z * 32768.0) * xs[:, None]
+                acc += t * s
             else:
                 t = tl.zeros([SUB_C, BLOCK_N], tl.float32)
                 xs = tl.zeros([SUB_C], tl.float32)
@@ -136,15 +199,12 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                         xs += x
                     else:
                         t += _lane(w if q < 4 else hi, magic, q, 8.0) * x[:, None]
-                grp = (8 * offs_c) // GROUP
-                if EVEN:
-                    s = tl.load(s_rows[None, :] + grp[:, None]).to(tl.float32)
-                else:
-                    s = tl.load(s_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=0.0).to(tl.float32)
+                s, z = _word_scales(s_rows, z_rows, offs_c, c_ok, GROUP, HAS_ZP, EVEN)
                 if HAS_ZP:
-                    z = tl.load(z_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=8).to(tl.float32)
                     t -= z * xs[:, None]
                 acc += t * s
+    if DEQ == 2 and not (HAS_GIDX or GROUP % 8 != 0):
+        return tl.sum(acc, axis=0) * (1.0 / 32768.0)
     return tl.sum(acc, axis=0)
 
 
@@ -153,7 +213,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
                       stride_xm, stride_qn, stride_sn, stride_ys, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                      BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, DEQ: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
     (x's dtype) without split-K, else the fp32 partial sums."""
@@ -168,7 +228,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
     pdl_begin(USE_PDL)
     y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + r * stride_sn, z_ptr + r * stride_sn, g_ptr,
                       c_start, c_end, magic, GROUP, HAS_ZP,
-                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty)
+                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -323,7 +383,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
         HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
-        STEPS=steps, num_warps=cfg["num_warps"], num_stages=1, **launch)
+        STEPS=steps, DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **launch)
     if split == 1:
         return y[0]
     y = y.sum(0)

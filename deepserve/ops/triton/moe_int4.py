@@ -51,7 +51,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    DEQ: tl.constexpr, USE_PDL: tl.constexpr):
     """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n:
     the gate and up rows of the block in one tile of 2 BLOCK_N rows (gate row n, then up row
     I + n), so each word of x is read once for both."""
@@ -68,7 +68,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
     qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
     y = int4_rows_dot(qw + w_rows * stride_qn, x, s + w_rows * stride_sn, z + w_rows * stride_sn,
                       g_ptr + e * stride_ge, 0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, 2 * BLOCK_N, SUB_C,
-                      STEPS, dt)
+                      STEPS, dt, DEQ)
     gate, up = tl.split(tl.reshape(y, [BLOCK_N, 2]))
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
@@ -82,7 +82,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                  EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 DEQ: tl.constexpr, USE_PDL: tl.constexpr):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
     pdl_begin(USE_PDL)
@@ -100,7 +100,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
             y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
                               s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
                               g_ptr + ex * stride_ge, 0, IW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, BLOCK_N,
-                              SUB_C, STEPS, dt)
+                              SUB_C, STEPS, dt, DEQ)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -277,7 +277,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
         x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
         EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
+        DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
     if act_int8:
         h = int8_rows_roundtrip(h)
     y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
@@ -287,5 +287,5 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
+        DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
     return y
