@@ -392,6 +392,35 @@ def stage_kv_layers(cfg, layout: Layout, stage: int, include_mtp: bool) -> int:
     return n
 
 
+INT4_PACK = 8   # 4-bit values per int32 (ops/int4.py PACK)
+
+
+def int4_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
+    """Why a 4-bit plan's layers cannot be built under `layout`, as the engine's 4-bit layers refuse
+    them (layers/quantization_int4.py, moe_int4.py): a group size that does not divide a layer's
+    input features, a rank's slice of them that is not whole int32 words or (without act order)
+    not whole groups. None when they can."""
+    if quantization not in INT4_PLAN:
+        return None
+    group, _ = int4_layout(cfg, quantization)
+    act = act_order(cfg, quantization)
+    one = Layout(1, 1, 1)
+    for layer in range(cfg.num_hidden_layers):
+        whole, local = layer_tensors(cfg, layer, one, quantization), layer_tensors(cfg, layer, layout, quantization)
+        for full, t in zip(whole, local):
+            if t.kind not in ("linear", "expert"):
+                continue
+            g = full.cols if group == -1 else group
+            name = t.module.replace(".experts.0.", ".experts.*.") if t.kind == "expert" else t.module
+            if full.cols % g:
+                return f"4-bit group size {g} does not divide the {full.cols} input features of {name}"
+            if t.cols % INT4_PACK:
+                return f"{name}: {t.cols} input features per GPU are not whole int32s of {INT4_PACK} 4-bit values"
+            if not act and g != full.cols and t.cols % g:
+                return f"{name}: {t.cols} input features per GPU are not whole {g}-wide 4-bit groups"
+    return None
+
+
 def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
     """Why the layout cannot be built at all (divisibility), or None."""
     tp, h = layout.tp, cfg.num_attention_heads
@@ -417,4 +446,4 @@ def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Opti
             return f"{name} {size} not divisible by TP {tp}"
         if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK:
             return f"{name} / TP = {size // tp} is not a multiple of the fp8 block {FP8_BLOCK}"
-    return None
+    return int4_problem(cfg, layout, quantization)

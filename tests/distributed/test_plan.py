@@ -405,11 +405,11 @@ def test_a_quantized_folder_is_planned_in_its_stored_format(tmp_path):
     assert rc == 0 and "weights    fp8 (128x128 blocks) Linear weights" in out
     assert out == run_cli(args + ["--quantization", "fp8"])[1] != run_cli(args + ["--quantization", "none"])[1]
     cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                                  "version": "gemm"}
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True,
+                                  "version": "gemm"}     # 16: divides every input (q_lora_rank 48)
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
     rc, out, _ = run_cli(args)
-    assert rc == 0 and "weights    awq 4-bit (groups of 32) Linear weights" in out   # the folder's group size
+    assert rc == 0 and "weights    awq 4-bit (groups of 16) Linear weights" in out   # the folder's group size
     cfg["quantization_config"]["modules_to_not_convert"] = ["o_proj"]
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(cfg))
     rc, kept, _ = run_cli(args)

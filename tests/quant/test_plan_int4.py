@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,48 @@ def test_w4a8_is_planned_as_its_w4a16_weights(capsys):
     w4a16 = capsys.readouterr().out.splitlines()
     assert w4a8[2].startswith("weights    w4a8 4-bit (groups of 128)") and w4a16[2].startswith("weights    w4a16 4-bit")
     assert w4a8[:2] + w4a8[3:] == w4a16[:2] + w4a16[3:]
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 256,
+         "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
+         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+         "tie_word_embeddings": False}
+MLA_MOE = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 256,
+           "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 192, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 128, "kv_lora_rank": 64,
+           "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16, "n_routed_experts": 8,
+           "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+           "first_k_dense_replace": 1, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+           "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+SPLITS = [(LLAMA, "compressed-tensors", 64, False), (LLAMA, "gptq", 128, True), (LLAMA, "awq", 128, False), (LLAMA, "awq", 512, False),
+          (MLA_MOE, "compressed-tensors", 64, False), (MLA_MOE, "compressed-tensors", 32, False)]
+
+
+@pytest.mark.parametrize("config,fmt,group,act", SPLITS,
+                         ids=[f"{c['model_type']}-{f}-g{g}{'-act' if a else ''}" for c, f, g, a in SPLITS])
+def test_the_plan_refuses_the_4bit_layouts_the_engine_cannot_build(tmp_path, config, fmt, group, act):
+    """A layout whose TP slices cut 4-bit groups (or a group wider than a layer's input) was
+    planned, and the engine refused it at load (`plan r1-distill-qwen-14b --quantization awq
+    --gpus 8` listed TP=8, whose down_proj slices are 13.5 groups)."""
+    from deepserve.distributed.plan_bytes import structural_problem
+    from tests.quant.int4_formats import quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, quantization_config=quantization_config(
+        fmt, group, fmt != "awq", act))))
+    cfg = load_hf_config(str(tmp_path))
+    quantization = plan_quantization(str(tmp_path), cfg)
+    seen = set()
+    for tp, dp, ep in [(1, 1, False), (2, 1, False), (4, 1, False), (8, 1, False), (2, 2, True), (4, 2, True)]:
+        layout = Layout(tp, 1, dp, ep)
+        if ep and not config.get("n_routed_experts"):
+            continue
+        problem = structural_problem(cfg, layout, quantization)
+        try:
+            built = _built_bytes(tmp_path, layout, "bfloat16")
+        except ValueError as exc:
+            assert problem, f"{layout}: the plan takes a layout the engine refuses: {exc}"
+            seen.add("refused")
+            continue
+        assert problem is None, f"{layout}: the plan refuses a layout the engine builds: {problem}"
+        assert weight_bytes_per_gpu(cfg, layout, "bfloat16", quantization) == built
+        seen.add("built")
+    assert seen == ({"refused"} if group > 384 else {"built"} if act else {"refused", "built"}), seen
