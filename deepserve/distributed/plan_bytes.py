@@ -395,14 +395,15 @@ def stage_kv_layers(cfg, layout: Layout, stage: int, include_mtp: bool) -> int:
 INT4_PACK = 8   # 4-bit values per int32 (ops/int4.py PACK)
 
 
-def int4_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
-    """Why a 4-bit plan's layers cannot be built under `layout`, as the engine's 4-bit layers refuse
-    them (layers/quantization_int4.py, moe_int4.py): a group size that does not divide a layer's
-    input features, a rank's slice of them that is not whole int32 words or (without act order)
-    not whole groups. None when they can."""
-    if quantization not in INT4_PLAN:
+def split_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
+    """Why a quantized plan's layers cannot be split as `layout` splits them, as the engine's
+    quantized layers refuse them: fp8 row-parallel slices that are not whole 128-wide blocks
+    (layers/quantization.py); a 4-bit group size that does not divide a layer's input features,
+    or slices that are not whole int32 words or, without act order, not whole groups
+    (layers/quantization_int4.py, moe_int4.py). None when they can."""
+    if quantization not in INT4_PLAN and quantization != "fp8":
         return None
-    group, _ = int4_layout(cfg, quantization)
+    group, _ = int4_layout(cfg, quantization) or (0, False)
     act = act_order(cfg, quantization)
     one = Layout(1, 1, 1)
     for layer in range(cfg.num_hidden_layers):
@@ -410,8 +411,12 @@ def int4_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[s
         for full, t in zip(whole, local):
             if t.kind not in ("linear", "expert"):
                 continue
-            g = full.cols if group == -1 else group
             name = t.module.replace(".experts.0.", ".experts.*.") if t.kind == "expert" else t.module
+            if quantization == "fp8":
+                if t.kind == "linear" and t.cols != full.cols and t.cols % FP8_BLOCK:
+                    return f"{name}: {t.cols} input features per GPU are not whole fp8 blocks of {FP8_BLOCK}"
+                continue
+            g = full.cols if group == -1 else group
             if full.cols % g:
                 return f"4-bit group size {g} does not divide the {full.cols} input features of {name}"
             if t.cols % INT4_PACK:
@@ -446,4 +451,4 @@ def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Opti
             return f"{name} {size} not divisible by TP {tp}"
         if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK:
             return f"{name} / TP = {size // tp} is not a multiple of the fp8 block {FP8_BLOCK}"
-    return int4_problem(cfg, layout, quantization)
+    return split_problem(cfg, layout, quantization)

@@ -122,20 +122,26 @@ MLA_MOE = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v
            "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
            "first_k_dense_replace": 1, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
            "torch_dtype": "bfloat16", "tie_word_embeddings": False}
-SPLITS = [(LLAMA, "compressed-tensors", 64, False), (LLAMA, "gptq", 128, True), (LLAMA, "awq", 128, False), (LLAMA, "awq", 512, False),
-          (MLA_MOE, "compressed-tensors", 64, False), (MLA_MOE, "compressed-tensors", 32, False)]
+FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+SPLITS = [(LLAMA, "compressed-tensors", 64, False), (LLAMA, "gptq", 128, True), (LLAMA, "awq", 128, False),
+          (LLAMA, "awq", 512, False), (MLA_MOE, "compressed-tensors", 64, False),
+          (MLA_MOE, "compressed-tensors", 32, False),
+          # fp8: o_proj slices of 64 at TP 4 (Llama) / TP 2 (MLA, 4 heads) cut the 128-wide blocks
+          (dict(LLAMA, intermediate_size=512), "fp8", 128, False),
+          (dict(MLA_MOE, moe_intermediate_size=256, num_attention_heads=4), "fp8", 128, False)]
 
 
 @pytest.mark.parametrize("config,fmt,group,act", SPLITS,
                          ids=[f"{c['model_type']}-{f}-g{g}{'-act' if a else ''}" for c, f, g, a in SPLITS])
-def test_the_plan_refuses_the_4bit_layouts_the_engine_cannot_build(tmp_path, config, fmt, group, act):
-    """A layout whose TP slices cut 4-bit groups (or a group wider than a layer's input) was
-    planned, and the engine refused it at load (`plan r1-distill-qwen-14b --quantization awq
-    --gpus 8` listed TP=8, whose down_proj slices are 13.5 groups)."""
+def test_the_plan_refuses_the_quantized_layouts_the_engine_cannot_build(tmp_path, config, fmt, group, act):
+    """A layout whose TP slices cut 4-bit groups (or a group wider than a layer's input) or fp8
+    blocks was planned, and the engine refused it at load (`plan r1-distill-qwen-14b
+    --quantization awq --gpus 8` listed TP=8, whose down_proj slices are 13.5 groups; fp8 was
+    checked on the MLP's and experts' intermediate sizes only, not on o_proj's heads)."""
     from deepserve.distributed.plan_bytes import structural_problem
     from tests.quant.int4_formats import quantization_config
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, quantization_config=quantization_config(
-        fmt, group, fmt != "awq", act))))
+    qc = FP8 if fmt == "fp8" else quantization_config(fmt, group, fmt != "awq", act)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, quantization_config=qc)))
     cfg = load_hf_config(str(tmp_path))
     quantization = plan_quantization(str(tmp_path), cfg)
     seen = set()
