@@ -30,11 +30,12 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
                    "(equally); TP stays inside a node")
-    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "none"], default=None,
+    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "compressed-tensors", "none"], default=None,
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
                    "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / w4a8 / awq / gptq: 4-bit Linear weights in "
-                   "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); none: every weight in --dtype. Default: "
+                   "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); compressed-tensors: as `serve` takes it, a "
+                   "folder's own W4A16 or W4A8, else w4a16; none: every weight in --dtype. Default: "
                    "a model folder's stored format (what `serve` loads from it), a preset's none (random weights). "
                    "A quantized folder takes only what `serve --quantization` runs it with")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
@@ -129,6 +130,8 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
 
 # the `serve --quantization` that runs each plan name's weights (none: no flag, as stored)
 _SERVE_FLAG = {"w4a16": "compressed-tensors", "w4a8-int8": "compressed-tensors", "none": None}
+# the plan of a --quantization for weights no folder stores (a preset's, a conversion's)
+_UNSTORED = {"none": None, "compressed-tensors": "w4a16"}
 # the scheme names the report gives 4-bit plans
 _INT4_NAMES = {"w4a8-int8": "w4a8"}
 
@@ -140,7 +143,7 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
     weights a conversion would write, random weights), none or nothing meaning the model dtype."""
     requested = "w4a8-int8" if requested == "w4a8" else requested   # the engine's name
     if is_preset(model):
-        return None if requested == "none" else requested
+        return _UNSTORED.get(requested, requested)
     from deepserve.quant import modelslim
     if modelslim.stored_format(model):
         if requested != "w8a8-int8":
@@ -148,7 +151,7 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
                              f"stored; pass --quantization w8a8-int8 (int8 weights with per-row scales)")
         return requested
     if not cfg.get("quantization_config"):
-        return None if requested == "none" else requested
+        return _UNSTORED.get(requested, requested)
     from deepserve.models.loader import linear_method
     stored, method = linear_method(model, cfg, _SERVE_FLAG.get(requested, requested))
     if requested == "none":

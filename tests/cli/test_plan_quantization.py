@@ -63,7 +63,7 @@ def _plan(folder: Path, *flags: str) -> list[str]:
     return ["plan", str(folder), "--gpus", "1", "--gpu-memory", "80GiB", *flags]
 
 
-CONFLICTS = [("awq", "fp8"), ("w4a16", "fp8"), ("w4a8", "w8a8-int8"), ("gptq", "awq"), ("awq", "w4a16"),
+CONFLICTS = [("awq", "fp8"), ("awq", "compressed-tensors"), ("w4a16", "fp8"), ("w4a8", "w8a8-int8"), ("gptq", "awq"), ("awq", "w4a16"),
              ("fp8", "gptq"), ("broken", None)]
 
 
@@ -92,6 +92,8 @@ def test_none_on_a_quantized_folder_is_refused(folders, capsys):
 @pytest.mark.parametrize("folder,flag,scheme", [
     ("w4a8", None, "w4a8 4-bit (groups of 32)"),
     ("w4a8", "w4a16", "w4a8 4-bit (groups of 32)"),          # serve's compressed-tensors runs it as W4A8
+    ("w4a8", "compressed-tensors", "w4a8 4-bit (groups of 32)"),   # serve's own flag name
+    ("bf16", "compressed-tensors", "w4a16 4-bit (groups of 128)"),
     ("w4a16", None, "w4a16 4-bit (groups of 32)"),
     ("fp8", "w8a8-int8", "int8 (per-row scales)"),           # serve requantizes fp8 weights at load
     ("bf16", "awq", "awq 4-bit (groups of 128)"),            # what a conversion would write
