@@ -304,9 +304,14 @@ class ModelRunner:
             budget = self._profile_free_memory()
         blocks = min(budget // per_block, self._max_useful_blocks())
         if blocks < 1:
-            raise RuntimeError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, "
-                               f"{per_block} bytes per block): lower --max-num-batched-tokens or raise "
-                               f"--gpu-memory-utilization")
+            if cache.kv_cache_memory_bytes:
+                how = "raise --kv-cache-memory-bytes"
+            elif self.device.type == "cpu":
+                how = "give --kv-cache-memory-bytes"
+            else:
+                how = "lower --max-num-batched-tokens or raise --gpu-memory-utilization"
+            raise ValueError(f"no room for one KV block ({budget / 2**20:.2f} MiB for the KV cache, "
+                             f"{per_block / 2**20:.2f} MiB a block of {self.block_size} tokens): {how}")
         return int(blocks)
 
     @torch.inference_mode()

@@ -258,3 +258,11 @@ def test_triton_ops_on_a_cpu_is_one_line_offline(capsys, monkeypatch, argv):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     err = one_line_error(capsys, argv)
     assert f"--ops {argv[argv.index('--ops') + 1]} runs Triton kernels, which need a GPU" in err
+
+
+def test_a_kv_budget_under_one_block_is_one_line(capsys):
+    """--kv-cache-memory-bytes under one block's bytes: one line naming the flag to raise (was a
+    RuntimeError advising --gpu-memory-utilization, a traceback from each rank)."""
+    err = one_line_error(capsys, ["generate", "--model", DEMO_MODEL, "--prompt", "Once", "--max-tokens", "2",
+                                  "--kv-cache-memory-bytes", "1000"])
+    assert "no room for one KV block" in err and "raise --kv-cache-memory-bytes" in err
