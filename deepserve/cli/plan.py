@@ -160,6 +160,22 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
     return method   # the engine's names are the plan's (evaluate_plans refuses one without arithmetic)
 
 
+def weights_format(kwargs: dict) -> Optional[str]:
+    """The plan's name of the format the engine holds these engine kwargs' weights in: a folder's
+    stored one unless --quantization asks for another (refused as serve refuses it), msModelSlim's
+    int8 weights with per-row scales counted as W8A8 int8's (`serve`'s automatic plan)."""
+    from deepserve.config import EngineArgs
+    from deepserve.models.loader import linear_method
+    from deepserve.quant import modelslim
+
+    model = str(kwargs.get("model", EngineArgs.model))
+    hf = load_hf_config(model, kwargs.get("hf_overrides"))
+    requested = kwargs.get("quantization")
+    load_format = "dummy" if is_preset(model) else kwargs.get("load_format", "auto")
+    _, method = linear_method(model, hf, None if requested == "ascend" else requested, load_format)
+    return "w8a8-int8" if method == modelslim.METHOD else method
+
+
 def run(args) -> int:
     cfg = load_hf_config(args.model)
     quantization = plan_quantization(args.model, cfg, args.quantization)

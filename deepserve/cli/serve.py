@@ -17,6 +17,7 @@ import dataclasses
 import os
 import sys
 
+from deepserve.cli import plan as plan_cli
 from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
 from deepserve.server.args import LOG_LEVELS, ServerArgs
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             # parallel sizes the cluster picks when none are given are checked by the engine)
             check_model(EngineArgs(**engine_kwargs))
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
-                                dry_run=getattr(args, "dry_run", False))
+                                dry_run=getattr(args, "dry_run", False), weights_format=plan_cli.weights_format)
     if getattr(args, "dry_run", False):
         check_model(EngineArgs(**engine_kwargs))
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                                     if k != "api_key"))
         return 0
     from deepserve.distributed.cluster_serve import local_engine_args
-    return _serve(local_engine_args(engine_kwargs), server)
+    return _serve(local_engine_args(engine_kwargs, weights_format=plan_cli.weights_format), server)
 
 
 def _serve(engine_kwargs: dict, server: ServerArgs) -> int:

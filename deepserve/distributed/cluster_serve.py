@@ -17,28 +17,27 @@ def _local_gpu_memory() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int):
+# engine kwargs -> the plan's name of the format the engine holds the weights in (cli/plan.py's
+# weights_format, which reads a folder's quantization_config; this layer reads no checkpoint)
+WeightsFormat = Callable[[dict], Optional[str]]
+
+
+def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int, weights_format: Optional[WeightsFormat] = None):
     """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes: the
-    weights counted in the format the engine will hold them in (a folder's stored one unless
-    --quantization asks for another)."""
-    from deepserve.config import EngineArgs, is_preset, load_hf_config
+    weights counted in the format `weights_format` gives (the engine's, for a folder its stored
+    one unless --quantization asks for another; without it, --quantization as given)."""
+    from deepserve.config import EngineArgs, load_hf_config
     from deepserve.distributed.plan import choose_plan
-    from deepserve.models.loader import linear_method
-    from deepserve.quant import modelslim
 
     model = str(kwargs.get("model", EngineArgs.model))
     hf = load_hf_config(model, kwargs.get("hf_overrides"))
-    requested = kwargs.get("quantization")
-    load_format = "dummy" if is_preset(model) else kwargs.get("load_format", "auto")
-    _, method = linear_method(model, hf, None if requested == "ascend" else requested, load_format)
-    # msModelSlim's int8 weights with per-row scales: counted as W8A8 int8's
-    quantization = "w8a8-int8" if method == modelslim.METHOD else method
+    quantization = weights_format(kwargs) if weights_format else kwargs.get("quantization")
     return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=quantization,
                        dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
                        gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
 
 
-def local_engine_args(engine_kwargs: dict, out=print) -> dict:
+def local_engine_args(engine_kwargs: dict, out=print, weights_format: Optional[WeightsFormat] = None) -> dict:
     """One machine with several GPUs and no parallel sizes given: use the automatic plan
     (the guides' "automated deployment optimization"). One GPU or none: unchanged."""
     import torch
@@ -48,13 +47,14 @@ def local_engine_args(engine_kwargs: dict, out=print) -> dict:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus < 2:
         return engine_kwargs
-    plan = auto_plan(engine_kwargs, gpus, _local_gpu_memory(), nodes=1)
+    plan = auto_plan(engine_kwargs, gpus, _local_gpu_memory(), nodes=1, weights_format=weights_format)
     out(f"deepserve: plan for {gpus} GPUs: " + " ".join(f"{k}={v}" for k, v in plan.parallel_args().items()))
     return dict(engine_kwargs, **plan.parallel_args())
 
 
 def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
-                        gpu_memory_fn: Optional[Callable[[], int]] = None) -> tuple[dict, Optional[object]]:
+                        gpu_memory_fn: Optional[Callable[[], int]] = None,
+                        weights_format: Optional[WeightsFormat] = None) -> tuple[dict, Optional[object]]:
     """Engine kwargs for serving on the cluster: Ray backend, and the automatic plan's sizes
     when none were given. Returns (kwargs, the Plan or None)."""
 
@@ -74,7 +74,7 @@ def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
         if total < 1 or total % gpu_hosts:
             raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
                              f"{[h.gpus for h in launcher.hosts]}: give the parallel sizes")
-        plan = auto_plan(kwargs, total, memory, gpu_hosts)
+        plan = auto_plan(kwargs, total, memory, gpu_hosts, weights_format)
         kwargs.update(plan.parallel_args())
     world = (int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
              * int(kwargs.get("data_parallel_size", 1)))
@@ -86,7 +86,8 @@ def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
 def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, serve: Callable[[dict], int],
                      dry_run: bool = False, out: Callable[[str], None] = print,
                      launcher: Optional[ClusterLauncher] = None,
-                     gpu_memory_fn: Optional[Callable[[], int]] = None) -> int:
+                     gpu_memory_fn: Optional[Callable[[], int]] = None,
+                     weights_format: Optional[WeightsFormat] = None) -> int:
     """Start Ray on the hostfile's hosts, wait for the GPUs, serve, stop Ray on exit.
     With dry_run, print the commands host by host (and the plan when it can be chosen) instead."""
     if launcher is None:
@@ -94,7 +95,7 @@ def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, se
     if dry_run:
         out(launcher.describe())
         if options.gpu_memory or any(k in engine_kwargs for k in PARALLEL_KEYS):
-            kwargs, _ = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+            kwargs, _ = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn, weights_format)
         else:
             kwargs = dict(engine_kwargs, distributed_executor_backend="ray")
             out("\nparallel sizes: chosen by `deepserve plan` once the GPUs' memory is known "
@@ -107,9 +108,9 @@ def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, se
                          f"{launcher.head.address} (the server's rank 0 runs beside the Ray head); this "
                          f"machine's addresses: {', '.join(sorted(launcher.local))}")
     if any(k in engine_kwargs for k in PARALLEL_KEYS):  # fail on bad sizes before touching any host
-        cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn, weights_format)
     with launcher:
-        kwargs, plan = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn)
+        kwargs, plan = cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn, weights_format)
         if plan is not None:
             out(f"deepserve: plan for {launcher.total_gpus} GPUs: " +
                 " ".join(f"{k}={v}" for k, v in plan.parallel_args().items()))

@@ -428,14 +428,15 @@ def test_serves_automatic_plan_counts_a_folders_stored_weights(tmp_path):
     """`serve` without parallel sizes (a hostfile, or several local GPUs) plans with the format
     the engine holds the weights in: an fp8 R1 folder was planned in bf16 (1.3 TB), and no
     layout of 2 nodes of 8 x 80 GiB "fit" the checkpoint the guides serve on them."""
+    from deepserve.cli.plan import weights_format
     from deepserve.distributed.cluster_serve import auto_plan
     folder = tmp_path / "r1"
     folder.mkdir()
     fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     (folder / "config.json").write_text(json.dumps(dict(R1, quantization_config=fp8)))
-    plan = auto_plan({"model": str(folder), "max_model_len": 8192}, 16, 80 * GiB, 2)
+    plan = auto_plan({"model": str(folder), "max_model_len": 8192}, 16, 80 * GiB, 2, weights_format)
     assert plan.quantization == "fp8"
     expected = choose_plan(load_hf_config(str(folder)), 16, 80 * GiB, nodes=2, quantization="fp8", max_model_len=8192)
     assert plan.parallel_args() == expected.parallel_args()
     with pytest.raises(ValueError, match="loads AutoAWQ checkpoints and this one is fp8"):
-        auto_plan({"model": str(folder), "quantization": "awq"}, 16, 80 * GiB, 2)
+        auto_plan({"model": str(folder), "quantization": "awq"}, 16, 80 * GiB, 2, weights_format)
