@@ -145,12 +145,37 @@ def ready_timeout_s() -> float:
     return float(os.environ.get("DEEPSERVE_ENGINE_READY_TIMEOUT", "600"))
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host` now (held open together, so that they differ)."""
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux's ip_local_port_range)."""
     try:
-        for s in socks:
-            s.bind((host, 0))
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports free on `host` now (held open together, so that they differ). They
+    are drawn below the kernel's ephemeral range, so the outgoing connections of other processes
+    cannot take one between now and its listener's bind (a port the kernel picks with bind(0)
+    comes from that range); where none is free there, the kernel's pick."""
+    import random
+
+    low, socks = _ephemeral_low(), []
+    try:
+        rng = random.Random()
+        for attempt in range(64 * n + 8):
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, rng.randrange(10000, low) if low > 11000 and attempt < 64 * n else 0))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        if len(socks) < n:
+            raise OSError(f"no {n} free ports on {host}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

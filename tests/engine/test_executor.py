@@ -342,3 +342,17 @@ def test_a_worker_prints_a_traceback_for_a_fault_not_for_bad_input(capsys, exc, 
         report_errors(status, 0, body)
     assert status.sent == [("error", f"{type(exc).__name__}: {exc}")]
     assert ("Traceback" in capsys.readouterr().err) == traceback_printed
+
+
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """The rendezvous ports are drawn below the kernel's range for outgoing connections, so
+    another process's client socket cannot take one before its listener binds (the EADDRINUSE
+    a DP test met once under CI's parallel workers); distinct and free when returned."""
+    low = executor._ephemeral_low()
+    ports = executor.free_ports(6)
+    assert len(set(ports)) == 6
+    if low > 11000:
+        assert all(10000 <= p < low for p in ports)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
