@@ -53,18 +53,6 @@ peer)
   cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
   tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' . ;;
 variants)  # deepserve alone, one server per variant: VARIANTS="label=flags|label=flags" (after setup)
-  tok=$D/tokenizers/deepseek-r1-distill-llama-8b; [ "$2" = deepseek-v2-lite ] && tok=$D/tokenizers/deepseek-r1
-  IFS='|' read -ra variants <<< "$VARIANTS"
-  for v in "${variants[@]}"; do
-    label=${v%%=*}; flags=${v#*=}
-    echo "== $label: $flags"
-    mkdir -p "/tmp/pv_$label"   # the peer run's random checkpoint, when there is one, serves every variant
-    [ -d "/tmp/po/model-$2" ] && ln -sfn "/tmp/po/model-$2" "/tmp/pv_$label/model-$2"
-    PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$2" --tokenizer $tok --servers deepserve --cases "${3:-c256,sharegpt}" \
-      --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
-      --deps-path $SITE --out-dir "/tmp/pv_$label" ${PEER_ARGS:-} --deepserve-args="$flags" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -8
-    mkdir -p "$OUT/$label" && cp /tmp/pv_$label/peer_*.json "$OUT/$label/" 2>/dev/null
-    tar czf "$OUT/logs_$label.tgz" -C /tmp/pv_$label --exclude='model-*' . 2>/dev/null
-  done ;;
+  DEPS=$SITE OUT=$OUT bash benchmarks/gpu_served.sh variants "$2" "${3:-c256,sharegpt}" ;;
 *) echo "usage: $0 piece N | setup | setup_ds | structured | peer PRESET SERVERS [CASES] | variants PRESET [CASES]"; exit 2 ;;
 esac

@@ -8,9 +8,10 @@
 #   benchmarks/gpu_served.sh hop                          # ttft_hop.py: the core apart vs in-process at c1
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; D=/tmp/d; mkdir -p "$OUT" $D
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .svo/*.whl 2>&1 | grep -v WARN | tail -2
-tar -C $D -xJf .peerd/data.tar.xz
+# DEPS: where the server's wheels are installed (gpu_peer.sh's setup puts them in /tmp/vsite)
+OUT=${OUT:-/tmp/out}; D=/tmp/d; DEPS=${DEPS:-/tmp/site}; mkdir -p "$OUT" $D
+[ -d .svo ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$DEPS" .svo/*.whl 2>&1 | grep -v WARN | tail -2
+[ -e .peerd/data.tar.xz ] && tar -C $D -xJf .peerd/data.tar.xz
 [ -e ../shared ] || ln -s $D ../shared 2>/dev/null || true
 case "$1" in
 variants)
@@ -20,8 +21,10 @@ variants)
   for v in "${variants[@]}"; do
     label=${v%%=*}; flags=${v#*=}
     echo "== $label: $flags"
+    mkdir -p "/tmp/po_$label"   # a peer run's random checkpoint (gpu_peer.sh peer), when there is one, serves every variant
+    [ -d "/tmp/po/model-$preset" ] && ln -sfn "/tmp/po/model-$preset" "/tmp/po_$label/model-$preset"
     PYTHONPATH=$PWD python3 benchmarks/peer_vllm.py "$preset" --tokenizer "$tok" --servers deepserve \
-      --cases "${3:-c64,c256}" --deps-path /tmp/site --out-dir "/tmp/po_$label" \
+      --cases "${3:-c64,c256}" --deps-path "$DEPS" --out-dir "/tmp/po_$label" \
       --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
       --deepserve-args="$flags" ${PEER_ARGS:-} 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -12
     mkdir -p "$OUT/$label" && cp /tmp/po_$label/peer_*.json "$OUT/$label/" 2>/dev/null

@@ -163,13 +163,12 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
     low, socks = _ephemeral_low(), []
     try:
-        rng = random.Random()
         for attempt in range(64 * n + 8):
             if len(socks) == n:
                 break
             s = socket.socket()
             try:
-                s.bind((host, rng.randrange(10000, low) if low > 11000 and attempt < 64 * n else 0))
+                s.bind((host, random.randrange(10000, low) if low > 11000 and attempt < 64 * n else 0))
             except OSError:
                 s.close()
                 continue

@@ -97,7 +97,10 @@ def check_backend_runs_on(platform_name: str, ops: str) -> None:
     """A Triton backend (`triton`, `triton-all`, `flaggems`) on the CPU platform needs Triton's
     interpreter (TRITON_INTERPRET=1); without it one line names the way out, instead of Triton's
     "0 active drivers" from the first kernel launch."""
-    if platform_name == "cpu" and ops in ("triton", TRITON_ALL, "flaggems") and os.environ.get("TRITON_INTERPRET") != "1":
+    if platform_name != "cpu" or ops not in ("triton", TRITON_ALL, "flaggems"):
+        return
+    from deepserve.ops.triton._common import interpreting
+    if not interpreting():
         raise ValueError(f"--ops {ops} runs Triton kernels, which need a GPU (this machine runs on the CPU); "
                          "use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
 

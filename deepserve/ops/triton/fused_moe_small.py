@@ -199,6 +199,7 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, ws_ptr, sw_ptr, sws_ptr, of
         n2 = offs_n.to(tl.int64)[None, :]
         s_rows = tl.where(routed[:, None], ws_ptr + expert[:, None] * ws_se + (n2 // SCALE_BLOCK) * ws_sn,
                           sws_ptr + n2 * sws_sn + ((offs_s - TOP_K) * (inter // SCALE_BLOCK))[:, None] * sws_sk)
+        s_sk = tl.where(routed, ws_sk, sws_sk)[:, None]     # a K block's step in each slot's scales
         s_ok = use[:, None] & n_ok[None, :]
     for k0 in tl.range(0, inter, BLOCK_K, num_stages=LOOP_STAGES):
         for sub in tl.static_range(BLOCK_K // SUB_K):
@@ -215,10 +216,9 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, ws_ptr, sw_ptr, sws_ptr, of
             if FP8:
                 kb = k0 // SCALE_BLOCK + sub
                 if EVEN_K:
-                    s = tl.load(s_rows + kb * tl.where(routed, ws_sk, sws_sk)[:, None], mask=s_ok, other=0.0)
+                    s = tl.load(s_rows + kb * s_sk, mask=s_ok, other=0.0)
                 else:
-                    s = tl.load(s_rows + kb * tl.where(routed, ws_sk, sws_sk)[:, None],
-                                mask=s_ok & (kb * SCALE_BLOCK < inter), other=0.0)
+                    s = tl.load(s_rows + kb * s_sk, mask=s_ok & (kb * SCALE_BLOCK < inter), other=0.0)
                 y += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2) * s
             else:
                 acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]

@@ -130,6 +130,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     every row shares: 2.5 a nibble plus that sum. The offsets are at most 2^8 times the
     nibbles' terms, so fp32 keeps the products to about 2^-16 relative; the sum is
     2^15 times the dot, undone once at the end."""
+    LANE_WISE: tl.constexpr = HAS_GIDX or GROUP % 8 != 0    # a scale and zero point a lane, not a word
     perm = tl.arange(0, SUB_C) ^ 1
     acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
     for c_step in range(c_start, c_end, SUB_C * STEPS):
@@ -141,7 +142,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
             else:
                 w = tl.load(qw_rows[None, :] + offs_c[:, None], mask=c_ok[:, None], other=0)
             hi = w >> 16
-            if HAS_GIDX or GROUP % 8 != 0:
+            if LANE_WISE:
                 for q in tl.static_range(8):
                     f = 8 * offs_c + q
                     x = tl.load(x_ptr + f, mask=c_ok, other=0.0).to(tl.float32)
@@ -203,7 +204,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                 if HAS_ZP:
                     t -= z * xs[:, None]
                 acc += t * s
-    if DEQ == 2 and not (HAS_GIDX or GROUP % 8 != 0):
+    if DEQ == 2 and not LANE_WISE:
         return tl.sum(acc, axis=0) * (1.0 / 32768.0)
     return tl.sum(acc, axis=0)
 
