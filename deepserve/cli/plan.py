@@ -15,7 +15,7 @@ from typing import Optional
 from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
-from deepserve.quant.ignore import checkpoint_ignore
+from deepserve.quant.ignore import Ignore, checkpoint_ignore
 
 _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
                 "shared_experts": "shared experts", "router": "router", "embedding": "embedding",
@@ -92,7 +92,7 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
         groups = "one scale per row" if group == -1 else f"groups of {group}"
         name = _INT4_NAMES.get(plan.quantization, plan.quantization)
         q = f"{name} 4-bit ({groups}) Linear weights, the rest {plan.dtype}"
-    ignore = checkpoint_ignore(cfg) if plan.quantization else None
+    ignore = plan.ignored if plan.quantization else None
     if ignore and any(t.module and ignore(t.module) for t in stage_tensors(cfg, Layout(1, 1, 1), 0, True)):
         q += " (with the modules its quantization_config leaves unquantized)"
     mtp = (f" + {plan.mtp_params / 1e9:.1f}B MTP {'loaded' if plan.include_mtp else 'not loaded'}"
@@ -160,10 +160,11 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
     return method   # the engine's names are the plan's (evaluate_plans refuses one without arithmetic)
 
 
-def weights_format(kwargs: dict) -> Optional[str]:
+def weights_format(kwargs: dict) -> tuple[Optional[str], Ignore]:
     """The plan's name of the format the engine holds these engine kwargs' weights in: a folder's
     stored one unless --quantization asks for another (refused as serve refuses it), msModelSlim's
-    int8 weights with per-row scales counted as W8A8 int8's (`serve`'s automatic plan)."""
+    int8 weights with per-row scales counted as W8A8 int8's; and the modules its quantization_config
+    leaves unquantized (`serve`'s automatic plan)."""
     from deepserve.config import EngineArgs
     from deepserve.models.loader import linear_method
     from deepserve.quant import modelslim
@@ -173,7 +174,7 @@ def weights_format(kwargs: dict) -> Optional[str]:
     requested = kwargs.get("quantization")
     load_format = "dummy" if is_preset(model) else kwargs.get("load_format", "auto")
     _, method = linear_method(model, hf, None if requested == "ascend" else requested, load_format)
-    return "w8a8-int8" if method == modelslim.METHOD else method
+    return ("w8a8-int8" if method == modelslim.METHOD else method), checkpoint_ignore(hf)
 
 
 def run(args) -> int:
@@ -186,7 +187,7 @@ def run(args) -> int:
         cfg, args.gpus, parse_size(args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
-        include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype)
+        include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
     if plan.usable_bytes <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "
                          f"leaves nothing past the {_gib(plan.activation_reserve_bytes)} activation reserve; "

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 from deepserve.distributed.cluster import PARALLEL_KEYS, ClusterLauncher, RunnerOptions, parse_hostfile
 from deepserve.distributed.plan import parse_size
+from deepserve.distributed.plan_bytes import Ignored
 
 
 def _local_gpu_memory() -> int:
@@ -17,22 +18,24 @@ def _local_gpu_memory() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-# engine kwargs -> the plan's name of the format the engine holds the weights in (cli/plan.py's
-# weights_format, which reads a folder's quantization_config; this layer reads no checkpoint)
-WeightsFormat = Callable[[dict], Optional[str]]
+# engine kwargs -> the plan's name of the format the engine holds the weights in and the modules
+# the checkpoint leaves unquantized (cli/plan.py's weights_format, which reads a folder's
+# quantization_config; this layer reads no checkpoint)
+WeightsFormat = Callable[[dict], tuple[Optional[str], Ignored]]
 
 
 def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int, weights_format: Optional[WeightsFormat] = None):
     """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes: the
     weights counted in the format `weights_format` gives (the engine's, for a folder its stored
-    one unless --quantization asks for another; without it, --quantization as given)."""
+    one unless --quantization asks for another, its unquantized modules in the model dtype;
+    without it, --quantization as given, every module quantized)."""
     from deepserve.config import EngineArgs, load_hf_config
     from deepserve.distributed.plan import choose_plan
 
     model = str(kwargs.get("model", EngineArgs.model))
     hf = load_hf_config(model, kwargs.get("hf_overrides"))
-    quantization = weights_format(kwargs) if weights_format else kwargs.get("quantization")
-    return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=quantization,
+    quantization, ignored = weights_format(kwargs) if weights_format else (kwargs.get("quantization"), None)
+    return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=quantization, ignored=ignored,
                        dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
                        gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
 

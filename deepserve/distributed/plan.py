@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from deepserve.config import resolve_max_model_len
-from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Layout, architecture,
+from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Ignored, Layout, architecture,
                                               kv_bytes_per_token_layer, param_count, stage_kv_layers,
                                               stage_layers, structural_problem, weight_breakdown,
                                               weight_bytes_per_gpu)
@@ -76,6 +76,7 @@ class Plan:
     total_weight_bytes: int               # the whole model in this dtype / quantization
     suggestions: list[str] = field(default_factory=list)
     kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8 / fp8_e4m3: one byte a value
+    ignored: Ignored = field(default=None, repr=False, compare=False)   # modules the checkpoint leaves unquantized
 
     @property
     def kv_dtype_bytes(self) -> int:
@@ -123,11 +124,11 @@ def _powers_of_two(n: int) -> list[int]:
 
 def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
     cand = Candidate(lay)
-    problem = structural_problem(cfg, lay, plan.quantization)
+    problem = structural_problem(cfg, lay, plan.quantization, plan.ignored)
     if problem:
         cand.reason = problem
         return cand
-    stages = weight_breakdown(cfg, lay, plan.dtype, plan.quantization, plan.include_mtp)
+    stages = weight_breakdown(cfg, lay, plan.dtype, plan.quantization, plan.include_mtp, plan.ignored)
     per_layer = kv_bytes_per_token_layer(cfg, lay.tp, plan.kv_dtype_bytes)
     tokens = []
     for s, groups in enumerate(stages):
@@ -152,8 +153,10 @@ def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
 def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quantization: Optional[str] = None,
                    dtype: str = "auto", max_model_len: Optional[int] = None,
                    gpu_memory_utilization: float = 0.9, activation_reserve_bytes: Optional[int] = None,
-                   include_mtp: bool = False, suggest: bool = True, kv_cache_dtype: str = "auto") -> Plan:
-    """Every candidate layout with its verdict; `chosen` is None when none fits."""
+                   include_mtp: bool = False, suggest: bool = True, kv_cache_dtype: str = "auto",
+                   ignored: Ignored = None) -> Plan:
+    """Every candidate layout with its verdict; `chosen` is None when none fits. `ignored`: the
+    modules the checkpoint leaves unquantized (quant/ignore.py's checkpoint_ignore; None: none)."""
     if gpus < 1 or nodes < 1 or gpus % nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
     if quantization not in QUANTIZATIONS:
@@ -169,8 +172,8 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
     plan = Plan(None, [], gpus, nodes, gpu_memory_bytes, resolve_dtype(cfg, dtype), quantization,
                 resolve_max_model_len(cfg, max_model_len), gpu_memory_utilization,
                 default_activation_reserve(params) if activation_reserve_bytes is None else activation_reserve_bytes,
-                has_mtp, params, param_count(cfg, True) - params, 0, kv_cache_dtype=kv_cache_dtype)
-    plan.total_weight_bytes = weight_bytes_per_gpu(cfg, Layout(1, 1, 1), plan.dtype, quantization, has_mtp)
+                has_mtp, params, param_count(cfg, True) - params, 0, kv_cache_dtype=kv_cache_dtype, ignored=ignored)
+    plan.total_weight_bytes = weight_bytes_per_gpu(cfg, Layout(1, 1, 1), plan.dtype, quantization, has_mtp, ignored)
     per_node = gpus // nodes
     moe = architecture(cfg) in MLA_ARCHS and bool(cfg.get("n_routed_experts"))
     for tp in _powers_of_two(gpus):
@@ -220,7 +223,8 @@ def _suggestions(cfg, plan: Plan) -> list[str]:
     """What would fit: fp8 on the same GPUs, or 2x / 4x / 8x as many nodes of the same GPUs."""
     kw = dict(dtype=plan.dtype, max_model_len=plan.max_model_len,
               gpu_memory_utilization=plan.gpu_memory_utilization,
-              activation_reserve_bytes=plan.activation_reserve_bytes, include_mtp=plan.include_mtp, suggest=False)
+              activation_reserve_bytes=plan.activation_reserve_bytes, include_mtp=plan.include_mtp, suggest=False,
+              ignored=plan.ignored)
     out = []
     if plan.quantization is None:
         other = evaluate_plans(cfg, plan.gpus, plan.gpu_memory_bytes, plan.nodes, "fp8", **kw)
@@ -243,7 +247,7 @@ def choose_plan(hf_config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, qua
                 **kwargs) -> Plan:
     """The plan `serve` uses when no parallel sizes are given; ValueError (naming what would
     fit) when no layout fits. kwargs: dtype, max_model_len, gpu_memory_utilization,
-    activation_reserve_bytes, include_mtp."""
+    activation_reserve_bytes, include_mtp, ignored (evaluate_plans)."""
     plan = evaluate_plans(hf_config, gpus, gpu_memory_bytes, nodes, quantization, **kwargs)
     if plan.chosen is None:
         raise ValueError(plan.no_fit_message())

@@ -34,10 +34,11 @@ the `meta` device):
 - int8 (w8a8-int8: compressed-tensors W8A8 int8, msModelSlim W8A8_DYNAMIC): the layers fp8
   quantizes and every routed expert matrix take 1 byte per value plus one fp32 scale per output
   row (layers/quantization.py's Int8W8A8LinearMethod, layers/moe_int8.py); the rest as fp8.
-- Modules a checkpoint's quantization_config leaves unquantized (quant/ignore.py: fp8
-  `ignored_layers`, compressed-tensors `ignore` and `targets`, AWQ / GPTQ
-  `modules_to_not_convert`, GPTQ `modules_in_block_to_quantize` and `dynamic` "-:" entries) keep the model dtype under any quantization and hold no g_idx, as the
-  engine builds them; routed experts so left are not padded to the fp8 block grid.
+- Modules a checkpoint's quantization_config leaves unquantized keep the model dtype under any
+  quantization and hold no g_idx, as the engine builds them; routed experts so left are not
+  padded to the fp8 block grid. Which modules those are is the caller's `ignored` predicate
+  (quant/ignore.py's `checkpoint_ignore`: fp8 `ignored_layers`, compressed-tensors `ignore` and
+  `targets`, AWQ / GPTQ `modules_to_not_convert`, ...): this layer reads no quantization code.
 - KV per token per GPU: MLA caches kv_lora_rank + qk_rope_head_dim values per layer (576
   for R1), the same on every TP rank of a DP group; GQA caches K and V for
   max(1, kv_heads / TP) heads per layer.
@@ -47,10 +48,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from deepserve.distributed.parallel_state import pp_layer_range
-from deepserve.quant.ignore import Ignore, checkpoint_ignore
+
+# checkpoint module name -> whether the checkpoint leaves it unquantized (None: none is)
+Ignored = Optional[Callable[[str], bool]]
 
 FP8_BLOCK = 128
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -78,7 +81,7 @@ class Tensor:
     g_idx). 4-bit scales cover `group_cols` input features when set (a row-parallel slice
     under act order keeps every group of the whole row), else `cols`. `module`: the checkpoint
     module a quantized kind belongs to (expert 0's for routed experts), which the checkpoint
-    may leave unquantized (quant/ignore.py)."""
+    may leave unquantized (`Ignored`)."""
 
     group: str
     rows: int
@@ -268,24 +271,27 @@ def _moe(cfg, layout: Layout, quantization: Optional[str], prefix: str, act: boo
     return out
 
 
-def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] = None) -> list[Tensor]:
-    """What one rank of `layout` holds of decoder layer `layer`."""
+def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] = None,
+                  ignored: Ignored = None) -> list[Tensor]:
+    """What one rank of `layout` holds of decoder layer `layer`, the modules `ignored` names
+    unquantized."""
     d, prefix = cfg.hidden_size, f"model.layers.{layer}"
     mla = architecture(cfg) in MLA_ARCHS
     act = act_order(cfg, quantization)
-    ignore = checkpoint_ignore(cfg) if quantization else Ignore()
+    ignore = ignored if quantization else None
     out = _mla_attention(cfg, layout.tp, prefix, act) if mla else _gqa_attention(cfg, layout.tp, prefix, act)
     out += [Tensor("norms", d, kind="high"), Tensor("norms", d, kind="high")]
     if mla and is_moe_layer(cfg, layer):
         # experts the checkpoint leaves unquantized are not padded to the fp8 block grid either
-        out += _moe(cfg, layout, None if ignore(f"{prefix}.mlp.experts.0.gate_proj") else quantization, prefix, act)
+        experts_kept = ignore and ignore(f"{prefix}.mlp.experts.0.gate_proj")
+        out += _moe(cfg, layout, None if experts_kept else quantization, prefix, act)
     else:
         out += _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)), f"{prefix}.mlp",
                     act)
     return _keep_ignored(out, ignore)
 
 
-def _keep_ignored(tensors: list[Tensor], ignore: Ignore) -> list[Tensor]:
+def _keep_ignored(tensors: list[Tensor], ignore: Ignored) -> list[Tensor]:
     """`tensors` with the quantized kinds of the modules the checkpoint leaves unquantized in the
     model dtype, and without their 4-bit g_idx."""
     if not ignore:
@@ -304,13 +310,13 @@ def vocab_rows(cfg, tp: int) -> int:
     return -(-cfg.vocab_size // tp)   # padded so every rank holds the same slice
 
 
-def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None) -> list[Tensor]:
+def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None, ignored: Ignored = None) -> list[Tensor]:
     """DeepSeek MTP modules (models/deepseek_mtp.py): own embedding, enorm/hnorm, eh_proj
     [D, 2D], one MoE decoder layer, shared_head norm + head."""
     d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
     out = []
     for i in range(int(cfg.get("num_nextn_predict_layers") or 0)):
-        block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout, quantization)
+        block = layer_tensors(cfg, cfg.num_hidden_layers + i, layout, quantization, ignored)
         out += [dataclasses.replace(t, group="mtp") for t in block]
         out += [Tensor("mtp", rows, d, kind="high"), Tensor("mtp", d, kind="high"), Tensor("mtp", d, kind="high"),
                 Tensor("mtp", d, 2 * d, kind="high"), Tensor("mtp", d, kind="high"),
@@ -327,27 +333,28 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
 
 
 def stage_tensors(cfg, layout: Layout, stage: int, include_mtp: bool = False,
-                  quantization: Optional[str] = None) -> list[Tensor]:
+                  quantization: Optional[str] = None, ignored: Ignored = None) -> list[Tensor]:
     """Every tensor one rank of PP stage `stage` holds."""
     d, rows = cfg.hidden_size, vocab_rows(cfg, layout.tp)
     out = []
     if stage == 0:
         out.append(Tensor("embedding", rows, d, kind="high"))
     for layer in stage_layers(cfg.num_hidden_layers, layout.pp)[stage]:
-        out += layer_tensors(cfg, layer, layout, quantization)
+        out += layer_tensors(cfg, layer, layout, quantization, ignored)
     if stage == layout.pp - 1:
         out.append(Tensor("norms", d, kind="high"))
         # a tied head shares the embedding's storage only when both sit on the same stage
         if not cfg.get("tie_word_embeddings", False) or layout.pp > 1:
             out.append(Tensor("lm_head", rows, d, kind="high"))
         if include_mtp:
-            out += mtp_tensors(cfg, layout, quantization)
+            out += mtp_tensors(cfg, layout, quantization, ignored)
     return out
 
 
 def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization: Optional[str] = None,
-                     include_mtp: bool = False) -> list[dict[str, int]]:
-    """Bytes per GPU by group (GROUPS), one dict per PP stage."""
+                     include_mtp: bool = False, ignored: Ignored = None) -> list[dict[str, int]]:
+    """Bytes per GPU by group (GROUPS), one dict per PP stage; the modules `ignored` names (the
+    checkpoint leaves them unquantized) in the model dtype."""
     if quantization not in (None, "fp8", INT8_PLAN, *INT4_PLAN):
         # counting its weights in the model dtype would be a wrong figure, not an estimate
         raise ValueError(f"quantization {quantization!r} has no plan arithmetic")
@@ -357,16 +364,16 @@ def weight_breakdown(cfg, layout: Layout, dtype: str = "bfloat16", quantization:
     stages = []
     for stage in range(layout.pp):
         groups = dict.fromkeys(GROUPS, 0)
-        for t in stage_tensors(cfg, layout, stage, include_mtp, quantization):
+        for t in stage_tensors(cfg, layout, stage, include_mtp, quantization, ignored):
             groups[t.group] += t.nbytes(dtype_bytes, quantization, int4, scale_bytes)
         stages.append(groups)
     return stages
 
 
 def weight_bytes_per_gpu(cfg, layout: Layout, dtype: str = "bfloat16", quantization: Optional[str] = None,
-                         include_mtp: bool = False) -> int:
+                         include_mtp: bool = False, ignored: Ignored = None) -> int:
     """Weight bytes on the most loaded GPU (the heaviest PP stage)."""
-    return max(sum(s.values()) for s in weight_breakdown(cfg, layout, dtype, quantization, include_mtp))
+    return max(sum(s.values()) for s in weight_breakdown(cfg, layout, dtype, quantization, include_mtp, ignored))
 
 
 def param_count(cfg, include_mtp: bool = False) -> int:
@@ -395,7 +402,7 @@ def stage_kv_layers(cfg, layout: Layout, stage: int, include_mtp: bool) -> int:
 INT4_PACK = 8   # 4-bit values per int32 (ops/int4.py PACK)
 
 
-def split_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
+def split_problem(cfg, layout: Layout, quantization: Optional[str], ignored: Ignored = None) -> Optional[str]:
     """Why a quantized plan's layers cannot be split as `layout` splits them, as the engine's
     quantized layers refuse them: fp8 row-parallel slices that are not whole 128-wide blocks
     (layers/quantization.py); a 4-bit group size that does not divide a layer's input features,
@@ -407,7 +414,8 @@ def split_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[
     act = act_order(cfg, quantization)
     one = Layout(1, 1, 1)
     for layer in range(cfg.num_hidden_layers):
-        whole, local = layer_tensors(cfg, layer, one, quantization), layer_tensors(cfg, layer, layout, quantization)
+        whole = layer_tensors(cfg, layer, one, quantization, ignored)
+        local = layer_tensors(cfg, layer, layout, quantization, ignored)
         for full, t in zip(whole, local):
             if t.kind not in ("linear", "expert"):
                 continue
@@ -426,7 +434,7 @@ def split_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[
     return None
 
 
-def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Optional[str]:
+def structural_problem(cfg, layout: Layout, quantization: Optional[str], ignored: Ignored = None) -> Optional[str]:
     """Why the layout cannot be built at all (divisibility), or None."""
     tp, h = layout.tp, cfg.num_attention_heads
     if h % tp:
@@ -451,4 +459,4 @@ def structural_problem(cfg, layout: Layout, quantization: Optional[str]) -> Opti
             return f"{name} {size} not divisible by TP {tp}"
         if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK:
             return f"{name} / TP = {size // tp} is not a multiple of the fp8 block {FP8_BLOCK}"
-    return split_problem(cfg, layout, quantization)
+    return split_problem(cfg, layout, quantization, ignored)

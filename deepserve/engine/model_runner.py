@@ -49,6 +49,7 @@ from deepserve.ops import OpTable
 from deepserve.ops.registry import check_backend_runs_on
 from deepserve.distributed.plan_bytes import Layout, weight_breakdown
 from deepserve.platforms import Platform
+from deepserve.quant.ignore import checkpoint_ignore
 
 logger = logging.getLogger("deepserve")
 
@@ -66,7 +67,9 @@ def planned_weight_text(config: EngineConfig, pctx: ParallelContext, quantizatio
     layout = Layout(par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size,
                     par.enable_expert_parallel)
     try:
-        stages = weight_breakdown(config.model.hf_config, layout, str(dtype).replace("torch.", ""), quantization)
+        hf = config.model.hf_config
+        stages = weight_breakdown(hf, layout, str(dtype).replace("torch.", ""), quantization,
+                                  ignored=checkpoint_ignore(hf))
     except (ValueError, KeyError) as exc:
         return f"no plan arithmetic for it ({exc})"
     return f"{_bytes(sum(stages[pctx.pp_rank].values()))} planned"

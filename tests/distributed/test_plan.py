@@ -24,6 +24,7 @@ from deepserve.config import ModelConfig
 from deepserve.models.deepseek_v3 import DeepseekV3ForCausalLM
 from deepserve.models.loader import build_model, stage_modules
 from deepserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from deepserve.quant.ignore import checkpoint_ignore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,16 +249,19 @@ def _ct_ignored(bits: int) -> dict:
 def test_plan_counts_modules_the_checkpoint_leaves_unquantized_at_16_bits(layout, mtp, quantization):
     """An R1 checkpoint whose quantization_config leaves modules unquantized (DeepSeek fp8
     `ignored_layers`, compressed-tensors `ignore` with `re:` entries): the plan counts them in
-    bf16, as the engine builds them (they were counted at 1 or 0.5 bytes a value), to 1% and exact."""
+    bf16, as the engine builds them (they were counted at 1 or 0.5 bytes a value), to 1% and exact.
+    The caller names them (quant/ignore.py's checkpoint_ignore); by default none is."""
     qc = _FP8_IGNORED if quantization == "fp8" else _ct_ignored(4 if quantization == "w4a16" else 8)
     cfg = HFConfig({**R1, "quantization_config": qc})
-    planned = weight_bytes_per_gpu(cfg, layout, quantization=quantization, include_mtp=mtp)
+    planned = weight_bytes_per_gpu(cfg, layout, quantization=quantization, include_mtp=mtp,
+                                   ignored=checkpoint_ignore(cfg))
     built = engine_param_bytes(cfg, layout, quantization, mtp)
     assert abs(planned - built) <= 0.01 * built, (planned, built)
     assert planned == built
-    def total(c):
-        return sum(sum(s.values()) for s in weight_breakdown(c, layout, quantization=quantization, include_mtp=mtp))
-    assert total(cfg) > total(r1())
+    def total(c, ignored=None):
+        return sum(sum(s.values()) for s in weight_breakdown(c, layout, quantization=quantization, include_mtp=mtp,
+                                                             ignored=ignored))
+    assert total(cfg, checkpoint_ignore(cfg)) > total(r1()) == total(cfg)
 
 
 def test_fp8_kv_cache_halves_kv_bytes_per_token_in_the_plan():
@@ -440,3 +444,18 @@ def test_serves_automatic_plan_counts_a_folders_stored_weights(tmp_path):
     assert plan.parallel_args() == expected.parallel_args()
     with pytest.raises(ValueError, match="loads AutoAWQ checkpoints and this one is fp8"):
         auto_plan({"model": str(folder), "quantization": "awq"}, 16, 80 * GiB, 2, weights_format)
+
+
+def test_serves_automatic_plan_counts_the_modules_a_folder_leaves_unquantized(tmp_path):
+    """cli/plan.py's weights_format gives the automatic plan the folder's unquantized modules too
+    (distributed/ reads no quantization_config itself): counted in bf16, as `deepserve plan` does."""
+    from deepserve.cli.plan import weights_format
+    from deepserve.distributed.cluster_serve import auto_plan
+    folder = tmp_path / "r1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(R1, quantization_config=_FP8_IGNORED)))
+    plan = auto_plan({"model": str(folder), "max_model_len": 8192}, 16, 80 * GiB, 2, weights_format)
+    cfg = load_hf_config(str(folder))
+    assert plan.total_weight_bytes == weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "fp8",
+                                                           ignored=checkpoint_ignore(cfg))
+    assert plan.total_weight_bytes > weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "fp8")

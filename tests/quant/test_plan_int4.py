@@ -19,6 +19,7 @@ from deepserve.distributed.parallel_state import ParallelContext
 from deepserve.distributed.plan_bytes import Layout, weight_bytes_per_gpu
 from deepserve.models.loader import build_model, checkpoint_quantization
 from deepserve.quant import Int4Options, quantize_checkpoint
+from deepserve.quant.ignore import checkpoint_ignore
 from tests.models.hf_reference import save_tiny_mla_moe
 
 CASES = [("compressed-tensors", 16, True), ("compressed-tensors", 32, False), ("compressed-tensors", -1, True),
@@ -73,7 +74,8 @@ def test_a_folder_with_linears_left_in_high_precision_counts_them_in_its_dtype(d
     cfg = load_hf_config(str(out))
     quantization = plan_quantization(str(out), cfg)
     for layout in (Layout(1, 1, 1), Layout(2, 1, 1), Layout(1, 1, 2, True)):
-        assert weight_bytes_per_gpu(cfg, layout, "float32", quantization) == _built_bytes(out, layout), layout
+        planned = weight_bytes_per_gpu(cfg, layout, "float32", quantization, ignored=checkpoint_ignore(cfg))
+        assert planned == _built_bytes(out, layout), layout
     assert main(["plan", str(out), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
     assert "with the modules its quantization_config leaves unquantized" in capsys.readouterr().out
 
