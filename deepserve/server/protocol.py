@@ -336,7 +336,7 @@ class ChatCompletionRequest(_SamplingFields):
     include_reasoning: bool = True         # False: no reasoning_content in the reply
     add_special_tokens: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    tools: Optional[list[Tool]] = None
+    tools: Optional[list[Tool]] = Field(default=None, min_length=1)   # OpenAI refuses an empty list too
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     # OpenAI's labels of a stored completion, checked as OpenAI checks them; this server stores

@@ -73,6 +73,7 @@ def test_non_finite_numbers_are_400(http, field, literal):
 
 BAD_CHAT = [
     ({"messages": []}, "messages"),
+    ({"tools": []}, "tools"),                        # OpenAI's 400 too (it was taken as no tools)
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"max_completion_tokens": -1}, "max_tokens"),
     ({"top_logprobs": 3}, "top_logprobs"),          # top_logprobs without logprobs
