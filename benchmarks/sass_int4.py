@@ -3,6 +3,7 @@ instructions of the main loop by class, per launch setting.
 
     python benchmarks/sass_int4.py w4a8                       # W4A8 GEMM, the table's M > 128 tile
     python benchmarks/sass_int4.py w4a8 --tile 64,64,4 --sass loop.sass
+    python benchmarks/sass_int4.py w4a8-swap --tile 128,128,8  # the swapped-operand W4A8 kernel
     python benchmarks/sass_int4.py gemv                       # W4A16 GEMV, the default setting
     python benchmarks/sass_int4.py gemv --tile 8,128,2,4      # BLOCK_N,SUB_C,STEPS,warps
 
@@ -14,6 +15,9 @@ divisible by 16); ptxas -v gives registers and spills, nvdisasm the SASS
 - w4a8 (w4a8_gemm._w4a8_gemm_kernel): per loop trip one int8 warp-group MMA chain (IGMMA) of
   BLOCK_M x BLOCK_N x 128 and the rescale of its int32 result by the group's scale, beside the
   PTX unpack of the weight tile.
+- w4a8-swap (w4a8_gemm._w4a8_nt_kernel, symmetric weights): the same product as y^T, the
+  weights unpacked (parity order, one LOP3 a register) as the MMA's register operand, the int32
+  result converted by offset (IADD3 + FADD) instead of I2FP.
 - gemv (int4_gemm._int4_gemv_kernel): per loop trip STEPS slices of SUB_C packed words of
   BLOCK_N rows, i.e. 8 x SUB_C x STEPS x BLOCK_N nibbles over 32 x warps threads; the script
   prints the loop's instructions a nibble a thread, which against the H100's issue rate bounds
@@ -48,12 +52,13 @@ def _compile(fn, consts: dict, ptrs: dict, warps: int, stages: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3):
+def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3, overlap: int = 0, swap_ab: bool = False):
     from deepserve.ops.triton import w4a8_gemm as w
-    consts = dict(GROUP=128, HAS_ZP=False, HAS_BIAS=False, ASM=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
-    ptrs = dict(a_ptr="*i8", as_ptr="*fp32", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16",
-                y_ptr="*bf16")
-    return _compile(w._w4a8_gemm_kernel, consts, ptrs, warps, stages)
+    consts = dict(GROUP=128, HAS_BIAS=False, ASM=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
+    ptrs = dict(a_ptr="*i8", as_ptr="*fp32", qw_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")
+    if swap_ab:
+        return _compile(w._w4a8_nt_kernel, dict(consts, OVERLAP=overlap), ptrs, warps, stages)
+    return _compile(w._w4a8_gemm_kernel, dict(consts, HAS_ZP=False), dict(ptrs, z_ptr="*bf16"), warps, stages)
 
 
 def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1):
@@ -67,15 +72,15 @@ def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kernel", choices=["w4a8", "gemv"])
+    ap.add_argument("kernel", choices=["w4a8", "w4a8-swap", "gemv"])
     ap.add_argument("--tile", action="append", default=[],
-                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; gemv: BLOCK_N,SUB_C,STEPS,warps[,DEQ] (repeatable)")
+                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; w4a8-swap: the same [,OVERLAP]; gemv: BLOCK_N,SUB_C,STEPS,warps[,DEQ] (repeatable)")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
-    if args.kernel == "w4a8":
+    if args.kernel.startswith("w4a8"):
         for tile in tiles or [(64, 256, 8)]:
-            report(compile_w4a8(*tile), "BLOCK_M {} BLOCK_N {} warps {}".format(*tile[:3])
+            report(compile_w4a8(*tile, swap_ab=args.kernel == "w4a8-swap"), "BLOCK_M {} BLOCK_N {} warps {}".format(*tile[:3])
                    + (f" stages {tile[3]}" if len(tile) > 3 else ""), CLASSES, args.sass)
         return 0
     for tile in tiles or [(8, 128, 2, 4)]:

@@ -12,9 +12,11 @@ of 128, bf16), the MoE ones first:
   top-8) at batch 1, the small-batch kernels (the other kernel at its setting);
 - "moe_sorted": the same experts at 1024 tokens (256 rows per expert), the sorted path;
 - "w4a8": the W4A8 GEMM (ops/triton/w4a8_gemm.py, int8 activations) at 1024 rows on the 8b
-  shapes and R1's q_b / o_proj (written as rules for every M over 128 at that shape): tiles
-  small enough for two or three programs an SM, whose MMA then overlaps another's unpack and
-  rescale (registers and shared memory of each: benchmarks/sass_int4.py w4a8).
+  shapes and R1's q_b / o_proj (written as rules for every M over 128 at that shape): the
+  weights-second kernel (SWAP_AB 0) at three tiles and the weights-first kernel (SWAP_AB 1,
+  OVERLAP 0/1) at tiles small enough for two or three programs an SM, whose MMA then overlaps
+  another's unpack and rescale (registers and shared memory of each: benchmarks/sass_int4.py
+  w4a8 / w4a8-swap).
 Each candidate (tried through `launch_config.trying`) is checked against the default
 setting's output, then timed as CUDA-graph replays over enough weight copies (>= 256 MB) that
 the weights come from HBM. Bytes figures count the packed weights and scales read once, over a
@@ -67,9 +69,12 @@ GRIDS = {
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
-    "w4a8": [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
-             for m, n, w, st in ((64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3),
-                                 (128, 64, 4, 3), (64, 128, 8, 3), (64, 256, 8, 4))],
+    "w4a8": [dict(SWAP_AB=0, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+             for m, n, w, st in ((64, 256, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3))]
+            + [dict(SWAP_AB=1, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, OVERLAP=o)
+               for m, n, w, st, o in ((128, 64, 4, 3, 0), (128, 64, 4, 3, 1), (128, 64, 4, 4, 0), (128, 64, 4, 4, 1),
+                                      (128, 128, 8, 3, 0), (128, 128, 8, 3, 1), (256, 64, 8, 3, 0), (64, 64, 4, 3, 0),
+                                      (64, 64, 4, 4, 1), (64, 128, 4, 3, 0))],
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                    for m, n, k, w, st in ((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
                                           (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),

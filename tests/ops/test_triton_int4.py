@@ -58,18 +58,53 @@ def test_int4_kernel_leading_dims_and_empty_batch(triton_ops, cpu_only):
     assert empty.shape == (0, 16)
 
 
+@pytest.mark.parametrize("setting", [{"SWAP_AB": 0}, {"SWAP_AB": 1, "OVERLAP": 0}, {"SWAP_AB": 1, "OVERLAP": 1}])
 @pytest.mark.parametrize("m,n,k,group,zeros", [(1, 40, 64, 32, True), (20, 37, 128, 128, False),
-                                               (5, 24, 96, 32, True), (3, 16, 192, 64, False)])
-def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros):
+                                               (5, 24, 96, 32, True), (3, 16, 192, 64, False),
+                                               (17, 40, 256, 64, False)])
+def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros, setting):
+    """Both W4A8 kernels (weights as the dot's second operand; symmetric weights also as its first,
+    unpacked in parity order against parity-ordered activations, rescaled in the same step or
+    the next) against the torch op: rows and columns past a tile's edge, several K steps, bias;
+    nibbles 0 and 15 in the first two rows. Zero points always take the first kernel."""
+    from deepserve.ops.triton.launch_config import trying
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=m + n)
+    qweight[0], qweight[1] = 0, -1
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g) * 3
-    bias = torch.randn(n, generator=g) if zeros else None
+    bias = torch.randn(n, generator=g) if zeros or m > 10 else None
     want = resolve("w4a8_linear", "torch")[1](x, qweight, scales, z, None, group, bias)
-    got = resolve("w4a8_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
+    with trying("int4", [{"if": {"kernel": "w4a8"}, "set": setting}]):
+        got = resolve("w4a8_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
     assert got.shape == want.shape == (m, n)
     # exact int32 group sums on both sides; only the fp32 rescaling order differs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_w4a8_parity_asm_and_quant_lane_order(triton_ops, cpu_only):
+    """The weights-first kernel's PTX unpack (w4a8_gemm._PARITY_ASM, GPU only), replayed in Python,
+    gives 16 (u - 8) of nibbles 0, 2, 4, 6 (shift 4) and 1, 3, 5, 7 (shift 0) for every nibble
+    value; the activations' parity order (quant_rows_int8(parity_lanes=True)) is the same
+    permutation of each 8 columns, with the same values and scales as the plain order."""
+    from deepserve.ops.triton.moe_int8 import quant_rows_int8
+    from deepserve.ops.triton.w4a8_gemm import _PARITY_ASM
+    asm = _PARITY_ASM.value
+    assert all(c in asm for c in ("shl.b32 t, $1, $5", "0xF0F0F0F0", "0x80808080"))
+
+    def unpack(word, shift):
+        r = ((((word & 0xFFFFFFFF) << shift) & 0xFFFFFFFF) & 0xF0F0F0F0) ^ 0x80808080
+        return [((r >> (8 * i)) & 0xFF) - 256 * (((r >> (8 * i)) & 0xFF) >= 128) for i in range(4)]
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(64):
+        nib = torch.randint(0, 16, (8,), generator=g).tolist()
+        word = sum(n << (4 * i) for i, n in enumerate(nib))
+        assert unpack(word, 4) + unpack(word, 0) == [16 * (nib[2 * j + h] - 8) for h in (0, 1) for j in range(4)]
+    x = torch.randn(3, 40, generator=g)
+    q, s = quant_rows_int8(x)
+    qp, sp = quant_rows_int8(x, parity_lanes=True)
+    assert torch.equal(s, sp)
+    assert torch.equal(qp, q.view(3, 5, 4, 2).transpose(2, 3).reshape(3, 40))
 
 
 @pytest.mark.gpu

@@ -44,9 +44,11 @@ _ROUND_MAGIC = 12582912.0      # 1.5 * 2^23: adding and subtracting it rounds |v
 
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr, QMAX: tl.constexpr,
-                       MAGIC: tl.constexpr):
+                       MAGIC: tl.constexpr, PARITY_LANES: tl.constexpr):
     """Row r of x [R, K] -> int8 q[r] and its fp32 scale s[r] = max(amax, 1e-12) / QMAX, as
-    ops.quant.quant_int8_rows: divisions rounded to nearest, values rounded half to even."""
+    ops.quant.quant_int8_rows: divisions rounded to nearest, values rounded half to even.
+    PARITY_LANES writes each 8-column group's even columns first: column 8c + 2j + h lands at
+    8c + 4h + j (the lane order of w4a8_gemm's parity unpack; K a multiple of 8)."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -60,19 +62,24 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.con
         v = tl.div_rn(x, scale)
         v = (v + MAGIC) - MAGIC
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        tl.store(q_ptr + row * stride_q + offs, v.to(tl.int8), mask=offs < K)
+        if PARITY_LANES:
+            dst = (offs & -8) | ((offs & 1) << 2) | ((offs >> 1) & 3)
+        else:
+            dst = offs
+        tl.store(q_ptr + row * stride_q + dst, v.to(tl.int8), mask=offs < K)
     tl.store(s_ptr + row, scale)
 
 
-def quant_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] -> (int8 [R, K], fp32 scale [R]), one symmetric scale per row."""
+def quant_rows_int8(x: torch.Tensor, parity_lanes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] -> (int8 [R, K], fp32 scale [R]), one symmetric scale per row; parity_lanes:
+    the columns of each 8-column group reordered even ones first (`_quant_rows_kernel`)."""
     rows, k = x.shape
     q = torch.empty(rows, k, dtype=torch.int8, device=x.device)
     s = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block = min(next_pow2(k), 128 if interpreting() else 2048)
         _quant_rows_kernel[(rows,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, QMAX=INT8_MAX,
-                                    MAGIC=_ROUND_MAGIC, num_warps=4)
+                                    MAGIC=_ROUND_MAGIC, PARITY_LANES=parity_lanes, num_warps=4)
     return q, s
 
 

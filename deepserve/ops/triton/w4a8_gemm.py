@@ -1,18 +1,24 @@
-"""W4A8 linear (4-bit weights, dynamic per-token int8 activations) as a Triton GEMM on int8
+"""W4A8 linear (4-bit weights, dynamic per-token int8 activations) as Triton GEMMs on int8
 tensor cores; oracle: ops.int4.w4a8_linear.
 
-The activations are quantized per token (ops.quant.quant_int8_rows, symmetric, amax / 127);
-each K step of the kernel lies inside one weight group, so the step's product of int8
-activations and the weight's signed 4-bit values (u - z, widened to int8 in registers) is one
-int8 `tl.dot` with an exact int32 result, rescaled by the group's scale per output column and
-summed in fp32; the token's scale multiplies the row at the end. The packed weight tile is read
-as [BLOCK_N, BLOCK_K / 8] words, contiguous along K in each row, and unpacked by the thread
-that loaded each word (`_unpack_tile`). Weights whose groups are
-narrower than the smallest K step (32), or reordered by g_idx, go to the torch op.
+The activations are quantized per token (moe_int8.quant_rows_int8: ops.quant.quant_int8_rows'
+values, symmetric, amax / 127); each K step of a kernel lies inside one weight group, so the
+step's product of int8 activations and the weight's signed 4-bit values (widened to int8 in
+registers) is one int8 `tl.dot` with an exact int32 result, rescaled by the group's scale and
+summed in fp32; the token's scale multiplies the row at the end. Weights whose groups are
+narrower than the smallest K step (32), or reordered by g_idx, go to the torch op. Two kernels,
+chosen by the launch table's SWAP_AB:
 
-Unpacking on an NVIDIA GPU is one PTX sequence per four lanes of a word (`_UNPACK_ASM`: seven
-instructions for four int8 values in one register); the interpreter and ROCm, which run no PTX,
-take the join-based `_unpack_tile`, the same values (`unpack_by_ptx`).
+- `_w4a8_nt_kernel` (symmetric weights): y^T = W a^T, the unpacked weight tile the MMA's first
+  operand, so a thread's share of the result spans few output rows and each step's group scales
+  are a few loads. Unpacking is one LOP3 per four lanes (`_PARITY_ASM`, values 16 (u - 8),
+  nibbles in parity order with the activations written in the same order), and the int32
+  product becomes fp32 by an offset (`_MAGIC_I`) instead of the conversion instruction.
+- `_w4a8_gemm_kernel` (any weights, zero points included): y = a W^T, the packed words unpacked
+  to u - z by the thread that loaded them (`_UNPACK_ASM`, seven instructions for four lanes).
+
+The interpreter and ROCm, which run no PTX, take join-based unpacks with the same values
+(`unpack_by_ptx`).
 """
 from __future__ import annotations
 
@@ -24,10 +30,10 @@ import triton.language as tl
 
 from deepserve.ops.int4 import check_int4_operands
 from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
-from deepserve.ops.quant import quant_int8_rows
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import as_rows, interpreting
 from deepserve.ops.triton.launch_config import launch_settings
+from deepserve.ops.triton.moe_int8 import quant_rows_int8
 
 
 @triton.jit
@@ -86,6 +92,20 @@ def _unpack_tile_asm(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn, stride_sn, pid_m, pid_n,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile (pid_m, pid_n)'s row and column indices, block pointers to its activations [BM, BK]
+    and packed words [BN, BK / 8] at K = 0 (stepped along K without per-element pointer tensors
+    held across the loop, which spilled on sm_90) and its rows' scale pointers."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_blk = tl.make_block_ptr(a_ptr, (M, K), (stride_am, 1), (pid_m * BLOCK_M, 0), (BLOCK_M, BLOCK_K), (1, 0))
+    p_blk = tl.make_block_ptr(qw_ptr, (N, K // 8), (stride_qn, 1), (pid_n * BLOCK_N, 0), (BLOCK_N, BLOCK_K // 8),
+                              (1, 0))
+    return offs_m, offs_n, a_blk, p_blk, s_ptr + offs_n.to(tl.int64) * stride_sn
+
+
+@triton.jit
 def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
                       stride_am, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
@@ -96,16 +116,10 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
     registers; its int8 dot with the activations is exact in int32 and scaled by the group's
     scale once per output column and step."""
     C: tl.constexpr = BLOCK_K // 8
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, a_blk, p_blk, s_rows = _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn,
+                                                          stride_sn, tl.program_id(0), tl.program_id(1),
+                                                          BLOCK_M, BLOCK_N, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
-    # block pointers: a [BM, BK] and packed [BN, BK / 8] tiles stepped along K without per-element
-    # pointer tensors held across the loop (those spilled to local memory on sm_90)
-    a_blk = tl.make_block_ptr(a_ptr, (M, K), (stride_am, 1), (tl.program_id(0) * BLOCK_M, 0), (BLOCK_M, BLOCK_K),
-                              (1, 0))
-    p_blk = tl.make_block_ptr(qw_ptr, (N, K // 8), (stride_qn, 1), (tl.program_id(1) * BLOCK_N, 0), (BLOCK_N, C),
-                              (1, 0))
-    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
     z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -129,6 +143,94 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+# The parity unpack: a word's odd nibbles already sit in the high halves of its four bytes and
+# its even nibbles move there with one shift, so (t & 0xF0F0F0F0) ^ 0x80808080 is four int8 of
+# 16 (u - 8) in one LOP3 (`_PARITY_ASM`; the shift is 4 for the even half, 0 for the odd). The
+# lanes come out even nibbles first (position 4h + j of a word holds feature 8c + 2j + h), so the
+# activations are written in that order too (moe_int8.quant_rows_int8(parity_lanes=True)), and
+# the dot is 16 times the true one: every product |127 x 128| and a 128-wide sum stay below
+# 2^22, which the int32 -> fp32 conversion by offset (`_MAGIC_I`) needs.
+_PARITY_ASM = tl.constexpr("""{
+.reg .b32 t;
+shl.b32 t, $1, $5;
+and.b32 t, t, 0xF0F0F0F0;
+xor.b32 $0, t, 0x80808080;
+}""")
+
+_PARITY_CONSTRAINTS = tl.constexpr("=r," + ",".join(["r"] * 8))
+
+# int32 d with |d| < 2^22 read as fp32 after adding the bits of 1.5 x 2^23 is 1.5 x 2^23 + d
+# exactly; subtracting 1.5 x 2^23 leaves d: an integer add and a float add, where the
+# conversion instruction (I2F) runs at an eighth of the FP32 rate on sm_90.
+_MAGIC_I = tl.constexpr(0x4B400000)
+_MAGIC_F = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _parity_lane(p, i: tl.constexpr):
+    """16 (u - 8) of nibble i of every packed word p [BN, C], int32 in -128 .. 112."""
+    return (((p >> (4 * i)) & 0xF) - 8) * 16
+
+
+@triton.jit
+def _unpack_parity_tile(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """Packed words [BN, BK / 8] -> int8 [BN, BK] of 16 (u - 8), each word's lanes in parity order
+    (position 4h + j = nibble 2j + h). By PTX (`_PARITY_ASM`, four lanes a register) or by joins,
+    whose first axis is the slowest: h, then the two bits of j."""
+    if ASM:
+        pp = tl.join(p, p)
+        pp = tl.join(pp, pp)
+        words = tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+        shift = 4 - (tl.arange(0, BLOCK_K) % 8)[None, :] + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
+        return tl.inline_asm_elementwise(_PARITY_ASM, _PARITY_CONSTRAINTS, [words, shift], dtype=tl.int8,
+                                         is_pure=True, pack=4)
+    n04 = tl.join(tl.join(_parity_lane(p, 0), _parity_lane(p, 1)), tl.join(_parity_lane(p, 4), _parity_lane(p, 5)))
+    n26 = tl.join(tl.join(_parity_lane(p, 2), _parity_lane(p, 3)), tl.join(_parity_lane(p, 6), _parity_lane(p, 7)))
+    return tl.reshape(tl.join(n04, n26), [BLOCK_N, BLOCK_K]).to(tl.int8)
+
+
+@triton.jit
+def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
+                    stride_am, stride_qn, stride_sn, stride_ym,
+                    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, OVERLAP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Symmetric weights, y^T tile by tile: acc [BN, BM] += (w16 [BN, BK] @ a^T [BK, BM]) * s[:, None]
+    per K step (one group), w16 = 16 (u - 8) unpacked in registers as the dot's first operand
+    and the parity-ordered int8 activations as its second; a thread's rows of the result are
+    few, so each step's group scales are a few loads. The int32 dot becomes fp32 by offset
+    (`_MAGIC_I`), the 1/16 joins the token's scale at the end. OVERLAP rescales each step's
+    product in the next step, after its MMA is issued (registers for a second int32 tile)."""
+    C: tl.constexpr = BLOCK_K // 8
+    offs_m, offs_n, a_blk, p_blk, s_rows = _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn,
+                                                          stride_sn, tl.program_id(1), tl.program_id(0),
+                                                          BLOCK_M, BLOCK_N, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
+    s_prev = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_blk, boundary_check=(0,), padding_option="zero")                              # int8 [BM, BK]
+        p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
+        a_blk = tl.advance(a_blk, (0, BLOCK_K))
+        p_blk = tl.advance(p_blk, (0, C))
+        w = _unpack_parity_tile(p, BLOCK_N, BLOCK_K, ASM)                                           # [BN, BK]
+        d = tl.dot(w, tl.trans(a), out_dtype=tl.int32)                                              # [BN, BM]
+        s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        if OVERLAP:
+            # rescale the previous step's product while this step's MMA runs
+            acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
+            d_prev, s_prev = d, s
+        else:
+            acc += ((d + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s[:, None]
+    if OVERLAP:
+        acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
+    acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[None, :] * 0.0625
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
 
 
 def unpack_by_ptx() -> bool:
@@ -158,16 +260,25 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    xq, xs = quant_int8_rows(x2)
     # tiles from the launch table (configs/int4/, kernel "w4a8"; benchmarks/sweep_int4.py --kernels
     # w4a8 measures them; benchmarks/sass_int4.py w4a8 shows each tile's registers, shared memory and loop)
     cfg = launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    b = bias if bias is not None else y
+    if zeros is None and cfg.get("SWAP_AB", 0):
+        xq, xs = quant_rows_int8(x2, parity_lanes=True)
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+        _w4a8_nt_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(), b, y, m, n, k, xq.stride(0),
+                              qweight.stride(0), scales.stride(0), y.stride(0), GROUP=group_size,
+                              HAS_BIAS=bias is not None, ASM=unpack_by_ptx(), OVERLAP=cfg.get("OVERLAP", 0),
+                              **common)
+        return y.reshape(*lead, n)
+    xq, xs = quant_rows_int8(x2)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _w4a8_gemm_kernel[grid](xq, xs.reshape(-1).contiguous(), qweight.contiguous(), scales.contiguous(),
-                            zeros.contiguous() if zeros is not None else scales, bias if bias is not None else y,
+    _w4a8_gemm_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(),
+                            zeros.contiguous() if zeros is not None else scales, b,
                             y, m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
                             GROUP=group_size, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None, ASM=unpack_by_ptx(),
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"],
-                            num_stages=cfg.get("num_stages", 3))
+                            **common)
     return y.reshape(*lead, n)
