@@ -65,6 +65,16 @@ step int4_decode 240 . python3 benchmarks/bench_int4.py --part decode dense
 step int4_sweep_gemv_only 150 . python3 benchmarks/sweep_int4.py --write --kernels gemv
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 step int4_decode_after 240 . python3 benchmarks/bench_int4.py --part decode dense
+#   issue 21  the weights-first W4A8 kernel: GPU tests at model shapes, its tiles swept against the
+#   weights-second kernel at 1,024 rows, then the dense kernels' figures with that table
+step w4a8_tests 150 . python3 -m pytest -q -m gpu tests/ops/test_triton_int4.py
+step int4_sweep_w4a8 200 . python3 benchmarks/sweep_int4.py --write --kernels w4a8
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+step int4_dense 150 . python3 benchmarks/bench_int4.py --part dense
+#   issue 21  the GEMV's and small-batch MoE's DEQ 2 candidates swept, then the 8B decode and the MoE figures
+step int4_sweep_deq 220 . python3 benchmarks/sweep_int4.py --write --kernels gemv,moe_gate_up,moe_down
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+step int4_decode_moe 260 . python3 benchmarks/bench_int4.py --part decode moe
 #   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)
 step profile_w4a16 150 . python3 benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1 \
   --quantization compressed-tensors --out "$OUT/res/profile_8b_w4a16_b1.json"
