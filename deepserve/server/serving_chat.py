@@ -11,6 +11,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   none (tools only reach the template);
 - structured outputs (response_format, guided_*, structured_outputs); with a reasoning
   parser the grammar starts after `</think>`, so only the answer is constrained;
+- a `developer` message (OpenAI's name for the instructions) goes to a template that knows no
+  developer role as a `system` one;
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false) and `include_reasoning` false (no
@@ -77,8 +79,15 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
                        param="chat_template_kwargs")
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+    turns = [m.template_dict() for m in messages]
+    if "developer" not in (tok.chat_template or ""):
+        # OpenAI's developer messages are the system instructions (its newer name for them); a
+        # template that knows no developer role (R1's, Qwen2.5's) would drop them without a word
+        for turn in turns:
+            if turn["role"] == "developer":
+                turn["role"] = "system"
     try:
-        text = tok.apply_chat_template([m.template_dict() for m in messages],
+        text = tok.apply_chat_template(turns,
                                        add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message, **extra)
     except (ValueError, TypeError) as exc:

@@ -86,6 +86,17 @@ def test_chat_template_kwargs_override_the_switches(r1_server):
     assert status == 400 and body["error"]["param"] == "chat_template_kwargs"
 
 
+def test_developer_message_is_the_system_prompt(r1_server):
+    """R1's template renders system turns only: a developer message (OpenAI's name for the
+    instructions) goes in as one, rather than vanishing from the prompt."""
+    def tokens(*messages):
+        return httpx.post(r1_server.url + "/tokenize", json={"messages": list(messages)}).json()["tokens"]
+    user = MESSAGES[1]
+    with_system = tokens({"role": "system", "content": "Be brief."}, user)
+    assert len(with_system) > len(tokens(user))
+    assert tokens({"role": "developer", "content": "Be brief."}, user) == with_system
+
+
 def test_streamed_prompt_logprobs_when_the_first_tokens_print_nothing(r1_server):
     """The model answers this prompt with BOS tokens (special: no text): the stream's only chunk
     still carries prompt_logprobs (they went with a first chunk that was never sent)."""
