@@ -20,7 +20,6 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 """
 from __future__ import annotations
 
-import json
 from typing import AsyncIterator, Optional
 
 from fastapi import Request
@@ -35,7 +34,7 @@ from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerSta
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
                                              stream_usage, until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
-from deepserve.server.tool_parsers import RequiredCallsStream, make_tool_parser, tool_call_id
+from deepserve.server.tool_parsers import RequiredCallsStream, make_tool_parser, required_calls, tool_call_id
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -195,7 +194,6 @@ class _ContentSplitter:
         self.mode, self.name = prep.tool_mode, prep.tool_name
         self.tools = make_tool_parser(tool_call_parser) if self.mode == "auto" else None
         self.max_calls = 1 if prep.parallel_tool_calls is False else None
-        self.constrained = ""          # required / named: the JSON the grammar produced
         self.required_stream = RequiredCallsStream() if self.mode == "required" else None
         self.named_sent = False
         self.id = tool_call_id()
@@ -216,7 +214,6 @@ class _ContentSplitter:
                 content, calls = content + c2, calls + calls2
             calls = [c for c in calls if self.max_calls is None or c["index"] < self.max_calls]
         elif self.mode == "named":
-            self.constrained += content
             if content or (final and not self.named_sent):
                 call: dict = {"index": 0, "function": {"arguments": content}}
                 if not self.named_sent:
@@ -230,15 +227,6 @@ class _ContentSplitter:
             content = ""
         return reasoning, content, calls
 
-    def required_calls(self) -> list[dict]:
-        try:
-            items = json.loads(self.constrained)
-        except json.JSONDecodeError:  # cut by max_tokens
-            return []
-        return [{"id": tool_call_id(), "type": "function",
-                 "function": {"name": it["name"], "arguments": json.dumps(it["parameters"], ensure_ascii=False)}}
-                for it in items]
-
     def whole(self, text: str) -> tuple[Optional[str], Optional[str], list[dict]]:
         """(reasoning, content, tool_calls) of a finished sample."""
         reasoning, content = None, text
@@ -251,8 +239,7 @@ class _ContentSplitter:
             return reasoning, None, [{"id": self.id, "type": "function",
                                       "function": {"name": self.name, "arguments": content or ""}}]
         if self.mode == "required":
-            self.constrained = content or ""
-            return reasoning, None, self.required_calls()
+            return reasoning, None, required_calls(content or "")
         return reasoning, content, []
 
 

@@ -155,6 +155,28 @@ def make_tool_parser(name: Optional[str]) -> Optional[DeepSeekToolParser]:
     return DeepSeekToolParser(name) if name is not None else None
 
 
+def required_calls(text: str) -> list[dict]:
+    """`tool_choice: required`'s whole output -> OpenAI `tool_calls`: the grammar makes it a JSON
+    list `[{"name": NAME, "parameters": {...}}, ...]`. A list that max_tokens cut short gives
+    its complete calls, the ones RequiredCallsStream has sent whole by then."""
+    decoder, calls = json.JSONDecoder(), []
+    pos = text.find("[") + 1
+    while pos > 0:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # the cut call, or the list's end
+            break
+        calls.append({"id": tool_call_id(), "type": "function",
+                      "function": {"name": item["name"],
+                                   "arguments": json.dumps(item["parameters"], ensure_ascii=False)}})
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        pos = pos + 1 if text[pos:pos + 1] == "," else 0
+    return calls
+
+
 class RequiredCallsStream:
     """`tool_choice: required` streamed: the grammar makes the output a JSON list
     `[{"name": NAME, "parameters": {...}}, ...]`; each call's header goes out once its name

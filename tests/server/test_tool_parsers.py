@@ -11,7 +11,7 @@ from conftest import R1_TOKENIZER
 
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.tool_parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser,
-                                          RequiredCallsStream)
+                                          RequiredCallsStream, required_calls)
 
 CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
          ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
@@ -130,3 +130,16 @@ def test_required_calls_stream_sends_arguments_as_they_grow():
     assert stream.feed(', "b"') == [{"index": 0, "function": {"arguments": ', "b"'}}]
     # cut by max_tokens here: what was sent stays a prefix of the arguments, nothing breaks
     assert stream.feed("") == []
+
+
+@pytest.mark.parametrize("cut", [0, 40, 56, 57, 60, 98, 99, None])
+def test_required_calls_whole_keeps_the_calls_complete_before_a_cut(cut):
+    """A list cut by max_tokens: the whole response has the complete calls, which are the
+    calls the stream had sent whole by then (it had none at all)."""
+    first, second = '{"name": "get_weather", "parameters": {"city": "Paris"}}', '{"name": "add", "parameters": {"a": 1}}'
+    text = f"[{first} , {second}]"[:cut]
+    whole = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in required_calls(text)]
+    complete = [json.loads(it) for it, end in ((first, 57), (second, 99)) if len(text) >= end]
+    assert whole == [(it["name"], it["parameters"]) for it in complete]
+    streamed = required_streamed(text, 3)
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed[:len(whole)]] == whole
