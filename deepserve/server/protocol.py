@@ -160,6 +160,10 @@ class _SamplingFields(_Strict):
     # only kind deepserve has) writes none either way, nor does deepserve's.
     spaces_between_special_tokens: bool = True
 
+    def max_tokens_field(self) -> str:
+        """The field the output length came from, for errors to name what the client sent."""
+        return "max_completion_tokens" if getattr(self, "max_completion_tokens", None) is not None else "max_tokens"
+
     def guided(self) -> Optional[GuidedDecoding]:
         """The structured-output request, from whichever field carries it (one at most)."""
         specs = []

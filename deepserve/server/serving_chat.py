@@ -139,7 +139,7 @@ class _Prepared:
         default_max = state.settings.generation_defaults.get("max_tokens")
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
-        state.check_length(len(self.prompt_ids), max_tokens, what="messages")
+        state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field())
         self.parser_name = state.settings.reasoning_parser
         self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)

@@ -78,14 +78,16 @@ class ServerState:
                            code="model_not_found")
         return name or self.model_name
 
-    def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt") -> None:
+    def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt",
+                     field: str = "max_tokens") -> None:
+        """`field`: the request field `max_tokens` came from."""
         limit = self.llm.max_model_len
         if prompt_tokens >= limit or prompt_tokens + (max_tokens or 0) > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
                                 f"you requested {prompt_tokens + (max_tokens or 0)} tokens "
                                 f"({prompt_tokens} in the {what}, {max_tokens or 0} for the "
-                                f"completion (max_tokens)). Please reduce the length.",
-                           param="max_tokens" if max_tokens else what, code="context_length_exceeded")
+                                f"completion ({field})). Please reduce the length.",
+                           param=field if max_tokens else what, code="context_length_exceeded")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -130,7 +132,10 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     try:
         params = req.sampling_params(max_tokens, logprobs, state.settings.generation_defaults)
     except ValueError as exc:
-        raise api_error_from(exc) from None
+        err, field = api_error_from(exc), req.max_tokens_field()
+        if err.param == "max_tokens" and field != "max_tokens":  # name the field sent
+            err.param, err.message = field, err.message.replace("max_tokens", field, 1)
+        raise err from None
     if req.priority and state.settings.scheduling_policy != "priority":
         raise APIError(400, f"priority {req.priority} needs --scheduling-policy priority (this server schedules "
                             "first come, first served)", param="priority", code="unsupported_field")

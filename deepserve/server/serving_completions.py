@@ -125,7 +125,7 @@ class _Prepared:
         for p in self.prompts:
             if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
                 p["prompt_token_ids"] = p["prompt_token_ids"][-req.truncate_prompt_tokens:]
-            state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens())
+            state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens(), field=req.max_tokens_field())
         try:
             state.llm.check_can_accept()
         except Exception as exc:

@@ -62,6 +62,14 @@ def test_long_prompt_names_both_numbers(http):
     assert "512" in err["message"] and "520" in err["message"]
 
 
+def test_long_request_names_max_completion_tokens_when_sent(http):
+    err = check_error(http.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 600}),
+                      400, "max_completion_tokens", ("(max_completion_tokens)",))
+    assert "512" in err["message"]
+    check_error(http.post("/v1/completions", json={**GOOD, "max_tokens": None, "max_completion_tokens": 600}),
+                400, "max_completion_tokens")
+
+
 # JSON parsers take NaN and Infinity (and 1e999 overflows to it): no sampling value may be one
 @pytest.mark.parametrize("field,literal", [("temperature", "NaN"), ("temperature", "1e999"),
                                            ("presence_penalty", "-Infinity"), ("logit_bias", '{"5": NaN}')])
@@ -75,7 +83,7 @@ BAD_CHAT = [
     ({"messages": []}, "messages"),
     ({"tools": []}, "tools"),                        # OpenAI's 400 too (it was taken as no tools)
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ({"max_completion_tokens": -1}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),   # the field sent is the one named
     ({"top_logprobs": 3}, "top_logprobs"),          # top_logprobs without logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
