@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
 
 from deepserve.cli import plan as plan_cli
@@ -160,19 +161,28 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
     check_quantization(config)
-    if not engine_args.headless:
-        check_listen(server.host, server.port)   # 0: a free port, picked when the server starts
-        local = engine_args.data_parallel_size_local
-        if engine_args.data_parallel_address and local and local < engine_args.data_parallel_size:
-            # node 0 of multi-node data parallel: the other nodes' engine cores reach it there
-            check_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
-                         "where the other nodes' DP ranks connect")
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
-    from deepserve.server.api_server import run_server
+    # the API's address, held from here (as vLLM binds it before the engine starts): a port in
+    # use is this line before the model loads, and nothing can take it during the load; several
+    # API servers' launcher binds its own before the engine cores start
+    sock = bind_listen(server.host, server.port)
+    if engine_args.api_server_count > 1:
+        sock.close()
+        sock = None
+    try:
+        local = engine_args.data_parallel_size_local
+        if engine_args.data_parallel_address and local and local < engine_args.data_parallel_size:
+            # node 0 of multi-node data parallel: the other nodes' engine cores reach it there
+            bind_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
+                        "where the other nodes' DP ranks connect").close()
+        from deepserve.server.api_server import run_server
 
-    return run_server(engine_args, server)
+        return run_server(engine_args, server, sock=sock)
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def check_model(engine_args: EngineArgs) -> None:
@@ -205,22 +215,26 @@ def check_ops_backend(engine_args: EngineArgs) -> None:
     check_backend_runs_on(get_platform(engine_args.device).name, engine_args.ops)
 
 
-def check_listen(host: str, port: int, what: str = "--host / --port") -> None:
-    """An address `serve` listens on, tried before the model loads (as vLLM binds first): a port in
-    use or an address of another machine (`--host 10.24.73.25` copied from a guide, an unfilled
-    `--data-parallel-address $local_ip`) is one line now, not an error after minutes of loading.
-    Port 0 tries the address alone."""
-    import socket
-
+def bind_listen(host: str, port: int, what: str = "--host / --port") -> socket.socket:
+    """A socket bound to an address `serve` listens on, before the model loads (as vLLM binds
+    first): a port in use or an address of another machine (`--host 10.24.73.25` copied from a
+    guide, an unfilled `--data-parallel-address $local_ip`) is one line, not an error after
+    minutes of loading. Not listening yet: until the server accepts, a client is refused, not
+    left waiting. Held without SO_REUSEADDR, so that no other server (which would set it) binds
+    the port meanwhile; the server sets it again before it listens. Port 0: a free port of the
+    address."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ValueError(f"cannot listen on {host!r} ({what}): it does not resolve ({exc.strerror})") from None
     family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            where = f"{host}:{port}" if port else host
-            raise ValueError(f"cannot listen on {where} ({what}): {exc.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in (host or "") else host
+        raise ValueError(f"cannot listen on {f'{shown}:{port}' if port else host} ({what}): {exc.strerror}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    return sock

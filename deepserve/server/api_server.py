@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 import sys
 import time
 from pathlib import Path
@@ -175,9 +176,10 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     return ServerState(llm=llm, settings=settings, metrics=metrics)
 
 
-def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, **options) -> int:
+def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, sock=None, **options) -> int:
     """Serve until interrupted: `server` (default ServerArgs()) with `options` replacing its
-    fields; with --api-server-count N > 1, as N API server processes on one listening socket
+    fields, on `sock` where given (bound to its address before the engine starts); with
+    --api-server-count N > 1, as N API server processes on one listening socket
     (server/api_servers.py)."""
     server = dataclasses.replace(server or ServerArgs(), **options)
     if engine_args.api_server_count > 1:
@@ -186,7 +188,9 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, **o
     set_up_logging(server.log_level)
     with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
         state = build_state(engine_args, server)
-    return serve_app(state, server)
+    if sock is not None:   # held exclusively during the load; listening past old connections' TIME_WAIT needs it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return serve_app(state, server, sock=sock)
 
 
 def set_up_logging(log_level: str) -> None:

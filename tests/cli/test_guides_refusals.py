@@ -187,6 +187,46 @@ def test_an_address_it_cannot_listen_on_fails_before_the_model_loads(capsys, no_
     assert err.startswith(f"deepserve serve: error: cannot listen on 127.0.0.1:{port} (--host / --port): ")
 
 
+def test_the_port_is_held_while_the_model_loads(monkeypatch):
+    """A port free when serve started but taken during the load (another server started
+    meanwhile: http.server and uvicorn bind with SO_REUSEADDR) failed after the load, with
+    uvicorn's line and exit code 3: the address is bound before the load, no other server can
+    bind it until the server listens on that same socket, and it is free again after."""
+    import socket
+
+    from deepserve.cli import serve
+    from deepserve.server import api_server
+
+    seen = {}
+    bind_listen = serve.bind_listen
+
+    def bound(*args):
+        sock = bind_listen(*args)
+        seen["port"] = sock.getsockname()[1]
+        return sock
+
+    def build_state(engine_args, server):   # where the model loads
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="in use"):
+                other.bind(("127.0.0.1", seen["port"]))
+        return "state"
+
+    def serve_app(state, server, sock=None):
+        seen["served"] = sock.getsockname()[1], bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+        return 0
+
+    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
+    monkeypatch.setattr(api_server, "build_state", build_state)
+    monkeypatch.setattr(api_server, "serve_app", serve_app)
+    monkeypatch.setattr(serve, "bind_listen", bound)
+    assert main(["serve", DEMO_MODEL, "--host", "127.0.0.1", "--port", "0"]) == 0
+    # served on the socket bound before the load, which takes its port past old connections' TIME_WAIT
+    assert seen["served"] == (seen["port"], True)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", seen["port"]))
+
+
 def test_guide_variables_with_no_effect_are_named(capsys, no_server, monkeypatch):
     """The vllm-ascend scripts export VLLM_ASCEND_BALANCE_SCHEDULING and VLLM_USE_MODELSCOPE, the
     MindSpore one MINDFORMERS_MODEL_CONFIG (its model YAML): none changes what deepserve does, and
