@@ -254,6 +254,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt must not be empty")
         if all(isinstance(x, int) for x in p):
             return [list(p)]
+        if any(x == [] for x in p):
+            raise ValueError("prompt must not hold an empty token-id list")
         return list(p)
 
 

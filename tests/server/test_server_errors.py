@@ -40,6 +40,7 @@ BAD_COMPLETIONS = [
     ({"stop": 5}, "stop", ()),
     ({"prompt": {"text": "x"}}, "prompt", ("prompt must be",)),
     ({"prompt": [1, 99999]}, "prompt", ("99999",)),
+    ({"prompt": [[1, 5], []]}, "prompt", ("empty",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
     ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
     ({"stop_token_ids": [512], "min_tokens": 2}, "stop_token_ids", ("512",)),   # failed the step
