@@ -13,6 +13,7 @@ import hmac
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -77,6 +78,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         state.metrics.record_error(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:  # /v1/embeddings, /v1/responses, a typo: say what is served
+            served = [f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
+            message += f"; this server answers {', '.join(served)}"
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
 
     @app.exception_handler(Exception)

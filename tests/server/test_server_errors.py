@@ -133,6 +133,9 @@ def test_unknown_model_404(http):
     assert err["code"] == "model_not_found"
     check_error(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "model")
     check_error(http.get("/v1/nothing-here"), 404)
+    # an endpoint of OpenAI's this server lacks: the answer says which ones it has
+    check_error(http.post("/v1/embeddings", json={"model": "stories260k", "input": "x"}), 404, None,
+                ("POST /v1/embeddings", "POST /v1/chat/completions"))
 
 
 def test_oversized_body_413(http):
