@@ -6,7 +6,9 @@ checked once, by SamplingParams, whose messages name the field and the value. No
 ignored silently: a field OpenAI's or vLLM's API defines that this server does not implement
 (OpenAI's `audio`, vLLM's `use_beam_search`, ...) is a 400 naming it (`unsupported_field`); a
 field neither API defines is ignored with one warning line per request naming it
-(`ignored_fields`, vLLM's behaviour). A field sent as null or false asks for nothing and passes.
+(`ignored_fields`, vLLM's behaviour). A field sent as null or false asks for nothing and passes,
+as does a value asking for what the server does anyway (`modalities` ["text"], `service_tier`
+auto or default).
 """
 from __future__ import annotations
 
@@ -58,17 +60,21 @@ _WHY_NOT = {
 # implements are declared on the models below, so they never reach this check)
 KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "store", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
-    "prompt_cache_key", "safety_identifier", "suffix", "input_audio", "image_url", "file", "refusal",
+    "prompt_cache_key", "suffix", "input_audio", "image_url", "file", "refusal",
     "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
     "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
     "structural_tag", "guided_json_object", "prompt_embeds",
 }
 
 
+# values of those fields that ask for what this server does anyway: accepted
+_SATISFIED = {"modalities": (["text"],), "service_tier": ("auto", "default")}
+
+
 def _sent_extras(model: BaseModel, path: str = ""):
     """(path, name) of each undeclared field sent with a value, nested models included."""
     for name, value in (model.model_extra or {}).items():
-        if value is not None and value is not False:
+        if value is not None and value is not False and value not in _SATISFIED.get(name, ()):
             yield f"{path}{name}", name
     for name in type(model).model_fields:
         value = getattr(model, name)
@@ -134,6 +140,7 @@ class _SamplingFields(_Strict):
     frequency_penalty: float = 0.0
     seed: Optional[int] = None
     user: Optional[str] = None
+    safety_identifier: Optional[str] = None   # OpenAI's successor of `user`: a label, as user is
     # vLLM extras
     top_k: Optional[int] = None
     min_p: Optional[float] = None

@@ -242,6 +242,14 @@ def test_known_unsupported_fields_refused_unknown_ones_ignored_by_name():
     assert ignored_fields(chat) == ["messages[0].mood"]
     plain = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "top_k": 3})
     assert unsupported_field(plain) is None and ignored_fields(plain) == []
+    # values asking for what the server does anyway pass; others are refused
+    for field, value in (("modalities", ["text"]), ("service_tier", "auto"), ("service_tier", "default"),
+                         ("safety_identifier", "user-7")):
+        chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], field: value})
+        assert unsupported_field(chat) is None and ignored_fields(chat) == [], field
+    for field, value in (("modalities", ["text", "audio"]), ("service_tier", "flex")):
+        chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], field: value})
+        assert unsupported_field(chat)[0] == field
 
 
 def test_tokenize_messages_add_special_tokens():
