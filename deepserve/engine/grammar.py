@@ -12,6 +12,7 @@ tokens), so a model cannot pad its answer with endless blanks.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import torch
 
@@ -73,7 +74,9 @@ class GrammarCompiler:
                 compiled = compiler.compile_grammar(spec.grammar)
         except RuntimeError as exc:  # xgrammar reports bad schemas / grammars as RuntimeError
             kind = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(spec, k))
-            raise ValueError(f"the {kind} structured-output spec does not compile: {exc}") from None
+            # its message opens with a log prefix, "[15:59:11] /project/cpp/regex_converter.cc:94: "
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
+            raise ValueError(f"the {kind} structured-output spec does not compile: {reason}") from None
         spec.compiled = compiled
         return compiled
 

@@ -173,6 +173,17 @@ class _SamplingFields(_Strict):
 
     def guided(self) -> Optional[GuidedDecoding]:
         """The structured-output request, from whichever field carries it (one at most)."""
+        specs = self._guided_specs()
+        if len(specs) > 1:
+            raise ValueError(f"structured_outputs: give one of {', '.join(n for n, _ in specs)}, not several")
+        return specs[0][1] if specs else None
+
+    def guided_field(self) -> Optional[str]:
+        """The field carrying the structured-output request (a spec that does not compile names it)."""
+        specs = self._guided_specs()
+        return specs[0][0] if specs else None
+
+    def _guided_specs(self) -> list[tuple[str, GuidedDecoding]]:
         specs = []
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
@@ -189,9 +200,7 @@ class _SamplingFields(_Strict):
         if so is not None:
             specs.append(("structured_outputs", GuidedDecoding(json=so.json_, regex=so.regex, choice=so.choice,
                                                                grammar=so.grammar, json_object=bool(so.json_object))))
-        if len(specs) > 1:
-            raise ValueError(f"structured_outputs: give one of {', '.join(n for n, _ in specs)}, not several")
-        return specs[0][1] if specs else None
+        return specs
 
     def token_bias(self) -> Optional[dict[int, float]]:
         if not self.logit_bias:

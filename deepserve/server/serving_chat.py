@@ -160,6 +160,7 @@ class _Prepared:
         (the tool-call parser), "required" or "named" (constrained JSON)."""
         choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
         self.tool_mode, self.tool_name = None, None
+        self.guided_field = req.guided_field()   # the field a grammar comes from
         if choice == "none":
             return
         if not req.tools:
@@ -175,6 +176,7 @@ class _Prepared:
             raise APIError(400, "tool_choice required / named cannot be combined with a structured output "
                                 "field", param="tool_choice")
         self.params.guided = GuidedDecoding(json=_tool_schema(req, choice))
+        self.guided_field = "tools"
         self.tool_mode = "named" if isinstance(choice, NamedToolChoice) else "required"
         self.tool_name = choice.function.name if self.tool_mode == "named" else None
 
@@ -252,7 +254,7 @@ def _finish_reason(out: CompletionOutput, mode: Optional[str], called: bool) -> 
 async def create_chat_completion(request: Request, state: ServerState):
     req = await parse_request(request, ChatCompletionRequest, state.settings.max_body_bytes)
     prep = await _Prepared(state, req).tokenize(state, req)
-    await compile_grammar(state, prep.params)
+    await compile_grammar(state, prep.params, prep.guided_field)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
     final: RequestOutput = await until_disconnect(request, _collect(prep, state))

@@ -157,16 +157,17 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     return params
 
 
-async def compile_grammar(state: ServerState, params: SamplingParams) -> None:
+async def compile_grammar(state: ServerState, params: SamplingParams, field: Optional[str]) -> None:
     """Compile a structured-output request's grammar in a worker thread (the engine thread
-    would otherwise stall every running request while it compiles); 400 for a bad spec."""
+    would otherwise stall every running request while it compiles); 400 for a bad spec,
+    naming `field`, the request field it came from."""
     engine = getattr(state.llm, "engine", None)
     if params.guided is None or params.guided.compiled is not None or engine is None:
         return
     try:
         await asyncio.to_thread(lambda: engine.grammar_compiler().compile(params.guided))
     except ValueError as exc:
-        raise APIError(400, str(exc), param="response_format", code="invalid_value") from None
+        raise APIError(400, str(exc), param=field, code="invalid_value") from None
 
 
 def stream_usage(req, prompt_tokens: int, completion_tokens: int, final: bool) -> Optional[dict]:

@@ -159,7 +159,7 @@ class _Prepared:
 async def create_completion(request: Request, state: ServerState):
     req = await parse_request(request, CompletionRequest, state.settings.max_body_bytes)
     prep = await _Prepared(state, req).tokenize(state, req)
-    await compile_grammar(state, prep.params)
+    await compile_grammar(state, prep.params, req.guided_field())
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
     finals: dict[int, RequestOutput] = await until_disconnect(request, _collect(prep, state))

@@ -181,10 +181,18 @@ def test_choice_regex_and_json_object(client):
                "structured_outputs")
 
 
-def test_bad_schema_is_a_400(client):
+def test_bad_schema_is_a_400_naming_its_field(client):
     expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT,
                                                  extra_body={"guided_json": {"type": "object", "minProperties": "x"}}),
-               "response_format")
+               "guided_json")
+    msg = expect_400(lambda: client.completions.create(model="stories260k", prompt=PROMPT,
+                                                       extra_body={"guided_regex": "(["}), "guided_regex")
+    assert msg.startswith("the regex structured-output spec does not compile: ") and ".cc:" not in msg, msg
+    chat = dict(model="stories260k", messages=[{"role": "user", "content": PROMPT}], max_tokens=4)
+    expect_400(lambda: client.chat.completions.create(**chat, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}), "response_format")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}]
+    expect_400(lambda: client.chat.completions.create(**chat, tools=tools, tool_choice="required"), "tools")
 
 
 # --------------------------------------------------------------------------- demo chat template
