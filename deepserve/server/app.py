@@ -2,7 +2,7 @@
 routes and unexpected failures included), and the engine thread's start and stop in the
 app's lifespan.
 
-    POST /v1/completions      POST /v1/chat/completions     GET /v1/models
+    POST /v1/completions      POST /v1/chat/completions     GET /v1/models, /v1/models/{model}
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
 """
@@ -97,12 +97,17 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",
+                "root": state.settings.model_path, "parent": None, "max_model_len": state.llm.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        data = [{"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",
-                 "root": state.settings.model_path, "parent": None,
-                 "max_model_len": state.llm.max_model_len} for name in state.settings.served_model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in state.settings.served_model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):   # OpenAI's models.retrieve
+        return model_card(state.check_model(name))
 
     @app.get("/health")
     async def health():
