@@ -169,6 +169,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
+                              max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors())
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len)

@@ -45,6 +45,9 @@ class ServerSettings:
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
     max_logprobs: int = ServerArgs.max_logprobs
+    # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
+    # unbounded n would have one request build millions of sequences (memory without end)
+    max_n: int = 128
     scheduling_policy: str = "fcfs"
     cors: dict = field(default_factory=dict)   # CORSMiddleware's arguments (ServerArgs.cors)
     extra: dict = field(default_factory=dict)
@@ -127,6 +130,9 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     if req.stream_options is not None and not req.stream:  # vLLM refuses it too
         raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options",
                        code="invalid_value")
+    if req.n > state.settings.max_n:
+        raise APIError(400, f"n must be <= {state.settings.max_n} (the server's --max-num-seqs, at least OpenAI's "
+                            f"limit of 128), got {req.n}", param="n", code="invalid_value")
     if req.best_of not in (None, req.n):  # under n: vLLM refuses it too; over n: no ranking of extra samples
         raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
     try:

@@ -35,6 +35,7 @@ BAD_COMPLETIONS = [
     ({"top_p": 0.0}, "top_p", ("top_p",)),
     ({"top_p": 1.5}, "top_p", ("1.5",)),
     ({"n": 0}, "n", ("n must be >= 1",)),
+    ({"n": 257}, "n", ("n must be <= 256", "max-num-seqs")),   # unbounded: n=10**8 ate memory without end
     ({"n": "two"}, "n", ("two",)),
     ({"temperature": "hot"}, "temperature", ("hot",)),
     ({"stop": 5}, "stop", ()),
