@@ -241,11 +241,12 @@ class AsyncLLM:
                 try:
                     outputs = engine.step()
                 except Exception as exc:  # a failing step must not kill the server
-                    self.num_step_errors += 1
-                    logger.exception("engine step failed; failing the requests in it")
-                    self._fail_step(exc)
-                    if self.fatal_error:  # a dead worker: nothing more can run
+                    if self.fatal_error:  # a dead rank, which the owner names: nothing more can run
                         self._abort_all(EngineDeadError(self.fatal_error))
+                    else:
+                        self.num_step_errors += 1
+                        logger.exception("engine step failed; failing the requests in it")
+                        self._fail_step(exc)
             self._take_snapshot()
             if outputs:
                 self._deliver([(o.request_id, o) for o in outputs])

@@ -214,7 +214,8 @@ class DataParallelEngine(LLMEngine):
         rank = self._rank_of.get(request_id)
         if rank is None:
             return None
-        self._send(rank, AbortRequest(request_id))
+        if not self.executor.failure:   # else a rank died: the cores are stopped, the request only forgotten
+            self._send(rank, AbortRequest(request_id))
         state = self.requests.get(request_id)
         last = self._outs.get(request_id)
         self._forget(request_id)

@@ -42,7 +42,7 @@ from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutput
 from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
-from deepserve.engine.step_channel import StepChannel
+from deepserve.engine.step_channel import PeerLost, StepChannel
 from deepserve.engine.step_inputs import DPSync
 from deepserve.platforms import get_platform
 
@@ -342,7 +342,10 @@ class EngineCore:
             self._run_alone()
         else:
             self._run_in_sync()
-        self.executor.runner.publish(STOP)
+        try:
+            self.executor.runner.publish(STOP)
+        except RuntimeError as exc:   # a peer rank died, which the front end (watching every rank) names
+            logger.debug("the stop did not reach every peer rank: %s", exc)
         self.ctx.destroy(linger=0)
 
     def _run_alone(self) -> None:
@@ -380,7 +383,10 @@ class EngineCore:
             else:
                 mine = DPSync(False, 1, False, 1, self.stopping)
             v = torch.tensor(mine.to_list(), dtype=torch.int64)
-            dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.sync_group)
+            try:
+                dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.sync_group)
+            except RuntimeError as exc:
+                raise PeerLost(f"the DP cores' per-step agreement failed: {exc}") from None
             agreed = DPSync.from_list(v.tolist())
             if agreed.stop:
                 return

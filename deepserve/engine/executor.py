@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
 from deepserve.engine.fork_server import process_context
-from deepserve.engine.step_channel import StepChannel
+from deepserve.engine.step_channel import PeerLost, StepChannel
 from deepserve.engine.step_inputs import STOP, Stop
 from deepserve.platforms import Platform, get_platform
 
@@ -212,7 +212,8 @@ def die_with_parent() -> None:
 def report_errors(status, rank: int, body: Callable[[], None]) -> None:
     """Run a worker's `body`; an exception goes to the parent over `status` before the exit. A
     ValueError (bad input: a checkpoint or a flag, named in its message) is that one line, which
-    the parent prints; anything else also prints its traceback here."""
+    the parent prints, and so is PeerLost (another rank died: the parent names it); anything
+    else also prints its traceback here."""
     try:
         body()
     except BaseException as exc:
@@ -221,7 +222,7 @@ def report_errors(status, rank: int, body: Callable[[], None]) -> None:
                 status.send(("error", f"{type(exc).__name__}: {exc}"))
             except OSError:
                 pass
-        if not isinstance(exc, ValueError) or status is None:
+        if not isinstance(exc, (ValueError, PeerLost)) or status is None:
             traceback.print_exc()
         sys.exit(1)
 
@@ -268,7 +269,10 @@ class WorkerProcs:
     """Worker processes (from `process_context`), each with a status pipe, and a monitor thread that sets
     `failure` (naming the rank, its pid and its error or exit code) when one ends early. It logs the
     failure only once the owner has called `started()`: until then the owner waits for the workers and
-    raises the failure itself (`deepserve serve` prints it once, as its one-line error)."""
+    raises the failure itself (`deepserve serve` prints it once, as its one-line error). An owner that
+    names a later failure itself too (the API server) sets `log_failure` False."""
+
+    log_failure = True
 
     def __init__(self, target, args_of: Callable[[int], tuple], ranks: list[int], label: str = "worker rank"):
         ctx = process_context()
@@ -311,13 +315,19 @@ class WorkerProcs:
     def _watch(self) -> None:
         while not self.closing and self.failure is None:
             multiprocessing.connection.wait(self.pipes + [p.sentinel for p in self.procs], timeout=0.2)
-            for i, (r, p) in enumerate(zip(self.ranks, self.procs)):
-                self._read(i)
-                if p.exitcode is not None and not self.closing and self.failure is None:
-                    self._read(i)
-                    self.failure = self._describe(r, p)
-                    if not self.starting:
-                        logger.error(self.failure)
+            ended = [i for i, p in enumerate(self.procs) if p.exitcode is not None]
+            for i in range(len(self.procs)):
+                self._read(i)   # after the exit codes: an ended rank's last message is in
+            if ended and not self.closing and self.failure is None:
+                i = self._first_failed(ended)
+                self.failure = self._describe(self.ranks[i], self.procs[i])
+                if not self.starting and self.log_failure:
+                    logger.error(self.failure)
+
+    def _first_failed(self, ended: list[int]) -> int:
+        """Of the ranks that ended (indices), the one to name: the first that did not only lose
+        another rank (PeerLost, raised once the rank that died is gone)."""
+        return min(ended, key=lambda i: self.errors.get(self.ranks[i], "").startswith(PeerLost.__name__ + ":"))
 
     def started(self) -> None:
         """The workers are up: a failure from now on is logged when the monitor sees it."""
@@ -398,6 +408,7 @@ class DriverExecutor:
 
     _closing = False
     failure: Optional[str] = None
+    log_failure = True     # as WorkerProcs'
 
     def _start_driver(self, config: EngineConfig, platform: Platform, eos_token_ids: set[int],
                       init_method: str, timeout: float) -> None:
@@ -462,6 +473,14 @@ class MultiprocExecutor(DriverExecutor):
     @property
     def failure(self) -> Optional[str]:
         return self.workers.failure
+
+    @property
+    def log_failure(self) -> bool:
+        return self.workers.log_failure
+
+    @log_failure.setter
+    def log_failure(self, value: bool) -> None:
+        self.workers.log_failure = value
 
     def _abort_start(self) -> None:
         self._closing = True

@@ -133,7 +133,8 @@ class RayExecutor(DriverExecutor):
                 except Exception as exc:  # noqa: BLE001 - any actor death is reported, not raised here
                     why = f"died: {type(exc).__name__}"
                 self.failure = f"worker rank {rank} on node {self.nodes[rank - 1]} {why}"
-                logger.error(self.failure)
+                if self.log_failure:
+                    logger.error(self.failure)
                 return
 
     def shutdown(self) -> None:
@@ -159,6 +160,7 @@ class RayRanks:
     known, for the front end's DPLayout); `start(layout)` runs them."""
 
     label = "rank"
+    log_failure = True
 
     def __init__(self, args: EngineArgs):
         check_no_live_group()
@@ -218,7 +220,7 @@ class RayRanks:
                            else f"died: {type(exc).__name__}")
                 self.failure = (f"{self.label} {rank} (DP rank {rank // self.span}, a Ray actor on node "
                                 f"{self.nodes[rank]}) {why}")
-                if not self.starting:
+                if not self.starting and self.log_failure:
                     logger.error(self.failure)
 
     def started(self) -> None:

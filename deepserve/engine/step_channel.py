@@ -24,6 +24,12 @@ HEADER_TAG, PAYLOAD_TAG = 1 << 20, (1 << 20) + 1
 MAX_PENDING = 64   # messages whose sends may still be in progress before `send` waits for the oldest
 
 
+class PeerLost(RuntimeError):
+    """A rank's receive from, or collective with, other ranks failed: one of them died (or went
+    silent past the timeout). The rank that died is what the ranks' owner reports, so the ranks
+    that lost it say only this, in one line (executor.report_errors)."""
+
+
 class StepChannel:
     def __init__(self, group, src: int):
         """`group`: a gloo group holding `src` (the driver's global rank) and its peers."""
@@ -58,9 +64,13 @@ class StepChannel:
                 w.wait()
 
     def recv(self):
-        """A peer's next message from the driver (blocks until it comes)."""
+        """A peer's next message from the driver (blocks until it comes); PeerLost when the
+        driver's end fails."""
         header = torch.empty(1, dtype=torch.int64)
-        dist.recv(header, src=self.src, group=self.group, tag=HEADER_TAG)
-        payload = torch.empty(int(header.item()), dtype=torch.uint8)
-        dist.recv(payload, src=self.src, group=self.group, tag=PAYLOAD_TAG)
+        try:
+            dist.recv(header, src=self.src, group=self.group, tag=HEADER_TAG)
+            payload = torch.empty(int(header.item()), dtype=torch.uint8)
+            dist.recv(payload, src=self.src, group=self.group, tag=PAYLOAD_TAG)
+        except RuntimeError as exc:
+            raise PeerLost(f"no step from rank {self.src}, which drives this rank: {exc}") from None
         return pickle.loads(payload.numpy().tobytes())

@@ -94,7 +94,8 @@ class _Server(uvicorn.Server):
         while not self.should_exit:
             reason = self.state.llm.fatal_error
             if reason:
-                print(f"deepserve serve: error: {reason}; shutting down", file=sys.stderr, flush=True)
+                if self.on_ready is None:   # else one of several API servers, whose launcher names it
+                    print(f"deepserve serve: error: {reason}; shutting down", file=sys.stderr, flush=True)
                 self.fatal = reason
                 await asyncio.sleep(1.0)  # let /health report 503 to anyone polling
                 self.state.llm.begin_shutdown(reason)
@@ -162,6 +163,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
         from deepserve.engine.dp_engine import DataParallelEngine
         apart = engine_core_apart(engine_args, default=True)
         engine = DataParallelEngine(engine_args) if apart else LLMEngine(engine_args)
+    engine.executor.log_failure = False   # a dead rank is named once, by _Server._watch_engine (or the launcher)
     load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_key=server.api_key or None, reasoning_parser=server.reasoning_parser,

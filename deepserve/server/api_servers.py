@@ -112,6 +112,7 @@ def run_api_servers(engine_args: EngineArgs, server: ServerArgs) -> int:
     try:
         with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
             cores = DataParallelEngine(engine_args)
+        cores.executor.log_failure = False   # _supervise returns a dead core's failure, printed below
         ctx = process_context()
         for i in range(1, count + 1):
             here, there = ctx.Pipe()

@@ -50,7 +50,7 @@ def test_server_fails_health_when_the_core_dies():
         assert httpx.get(server.url + "/health").status_code == 200
         cores = spawned_children(server)
         assert len(cores) == 1, cores                 # the one engine core (TP=1: no other rank)
-        kill_and_see_it_named(server, cores[0], "rank 0 (pid")
+        kill_and_see_it_named(server, cores[0], "rank 0 (pid", in_flight=True)
     finally:
         server.stop()
 
@@ -61,7 +61,7 @@ def test_two_api_servers_fail_health_and_exit_when_the_core_dies():
         _first_completion(server)
         children = spawned_children(server)
         assert len(children) == 3, children            # the engine core, then the two API servers
-        kill_and_see_it_named(server, children[0], "rank 0 (pid")
+        kill_and_see_it_named(server, children[0], "rank 0 (pid", in_flight=True)
         assert all(not os.path.exists(f"/proc/{p}") or open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"
                    for p in children[1:])
     finally:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from deepserve import LLM, SamplingParams
 from deepserve.engine import engine_core, executor
 from deepserve.engine.executor import WorkerProcs
+from deepserve.engine.step_channel import PeerLost
 from tests.conftest import DEMO_MODEL, REPO
 from tests.engine.test_dp_multinode import free_ports
 from tests.engine.test_piecewise_graphs import TINY_V3
@@ -343,11 +344,13 @@ class _Status:
 
 
 @pytest.mark.parametrize("exc, traceback_printed", [(ValueError("checkpoint x lacks tensor y"), False),
-                                                    (OSError("shard truncated"), True)])
+                                                    (OSError("shard truncated"), True),
+                                                    (PeerLost("no step from rank 0: closed by peer"), False)])
 def test_a_worker_prints_a_traceback_for_a_fault_not_for_bad_input(capsys, exc, traceback_printed):
     """A rank's ValueError (a bad checkpoint or flag, e.g. a quantized layer split by its ignore
     list) reaches `deepserve serve` as its one error line, without the worker's traceback above
-    it; other failures keep theirs."""
+    it, and so does a rank's loss of another (which the server names: a killed rank printed its
+    error, then its peers' tracebacks); other failures keep theirs."""
     from deepserve.engine.executor import report_errors
 
     def body():
@@ -357,6 +360,19 @@ def test_a_worker_prints_a_traceback_for_a_fault_not_for_bad_input(capsys, exc, 
         report_errors(status, 0, body)
     assert status.sent == [("error", f"{type(exc).__name__}: {exc}")]
     assert ("Traceback" in capsys.readouterr().err) == traceback_printed
+
+
+def test_the_monitor_names_the_rank_that_died_not_one_that_lost_it():
+    """DP cores under expert parallel (or a core's TP peers) fail their collective once a rank
+    is killed, and exit too: the one named is the killed rank, whatever the ranks' order."""
+    procs = WorkerProcs.__new__(WorkerProcs)
+    procs.ranks = [0, 1]
+    procs.errors = {0: "PeerLost: the DP cores' per-step agreement failed: closed by peer"}
+    assert procs._first_failed([0, 1]) == 1
+    procs.errors = {1: "PeerLost: no step from rank 0, which drives this rank"}
+    assert procs._first_failed([0, 1]) == 0
+    procs.errors = {0: "PeerLost: x", 1: "PeerLost: y"}   # only losers seen: the first of them
+    assert procs._first_failed([0, 1]) == 0
 
 
 def test_free_ports_come_from_below_the_ephemeral_range():

@@ -3,9 +3,11 @@ the server exits with a message naming the rank, within the bound."""
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
+import pytest
 
 from tests.server.conftest import launch
 
@@ -33,9 +35,43 @@ def spawned_children(server) -> list[int]:
     return sorted(found, key=_started)
 
 
-def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0) -> None:
-    """SIGKILL `pid`: /health turns 503, the server exits 1 within `limit_s` and its log names
-    `name` and the signal."""
+def settled_output(server, quiet_s: float = 0.5, limit_s: float = 10.0) -> str:
+    """The server's output once nothing more has come for `quiet_s` (its reader thread may lag
+    the exit)."""
+    seen, since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - start < limit_s:
+        if len(server.lines) != seen:
+            seen, since = len(server.lines), time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.05)
+    return "".join(server.lines)
+
+
+def _stream_started(server) -> list:
+    """A long streamed completion, in a thread, once its first chunk has come; the list gets
+    the stream's last event."""
+    model = httpx.get(server.v1 + "/models").json()["data"][0]["id"]
+    started, last = threading.Event(), []
+
+    def run() -> None:
+        body = {"model": model, "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+                    last[:] = [line]
+        started.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert started.wait(60)
+    return last
+
+
+def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0, in_flight: bool = False) -> None:
+    """SIGKILL `pid` (`in_flight`: while a request streams): /health turns 503, the server exits 1
+    within `limit_s`, its log names `name` and the signal, and the request ends with that error."""
+    last = _stream_started(server) if in_flight else None
     os.kill(pid, signal.SIGKILL)
     start, saw_503 = time.monotonic(), False
     while server.proc.poll() is None and time.monotonic() - start < limit_s:
@@ -46,12 +82,18 @@ def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0) ->
         time.sleep(0.1)
     assert server.proc.wait(timeout=limit_s) == 1
     assert time.monotonic() - start < limit_s
-    log = "".join(server.lines)
+    log = settled_output(server)
     assert name in log and "exited with code -9" in log
+    # said once, in serve's one line: no log line of the monitor that saw it, no line of each API
+    # server, no traceback of a rank that lost the killed one
+    assert log.count("exited with code -9") == 1 and "Traceback" not in log, log[-3000:]
     assert saw_503
+    if in_flight:
+        assert name in last[0] and '"code": "engine_unavailable"' in last[0], last
 
 
-def test_dead_worker_fails_health_and_exits():
+@pytest.mark.parametrize("rank", [1, 0])   # 0: the engine core, whose TP peer then loses its driver
+def test_dead_worker_fails_health_and_exits(rank):
     server = launch("--tensor-parallel-size", "2", "--block-size", "4", timeout=180)
     try:
         model = httpx.get(server.v1 + "/models").json()["data"][0]["id"]
@@ -61,6 +103,6 @@ def test_dead_worker_fails_health_and_exits():
         assert httpx.get(server.url + "/health").status_code == 200
         ranks = spawned_children(server)   # rank 0 too: the engine core runs apart from the API server
         assert len(ranks) == 2, ranks
-        kill_and_see_it_named(server, ranks[-1], "rank 1 (pid")   # rank 1 started last
+        kill_and_see_it_named(server, ranks[rank], f"rank {rank} (pid")   # in the order they started
     finally:
         server.stop()
