@@ -124,6 +124,26 @@ def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", [{"MMA": 1, "MMA_BLOCK_N": 64, "MMA_WARPS": 4},
+                                     {"MMA": 1, "MMA_BLOCK_N": 256, "MMA_WARPS": 8}])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (200, 4096)])
+def test_int4_gemv_mma_gpu_model_shapes(triton_ops, m, n, k, setting):
+    """The GEMV's tensor-core path compiled (PTX unpack, bf16x2 scale) at model shapes."""
+    from deepserve.ops.triton.launch_config import trying
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
+                            dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    bias = torch.randn(n, generator=g, device="cuda").bfloat16()
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128, bias).float()
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
+        got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128, bias).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("deq", [1, 2])
 @pytest.mark.parametrize("split,zeros,group,words", [(1, True, 32, 4), (1, False, 64, 4), (3, True, 32, 4),
                                                      (1, True, 32, 8), (2, False, 24, 8), (1, True, 64, 16),
@@ -215,3 +235,53 @@ def test_w4a8_ptx_unpack_only_on_nvidia(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(w4a8, "interpreting", lambda: True)
     assert not w4a8.unpack_by_ptx()
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 128), (3, 40, 384, 64), (2, 70, 256, 256), (4, 16, 128, 128)])
+def test_int4_gemv_mma_path_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group):
+    """The GEMV's tensor-core path (launch setting MMA 1, int4_mma.py): bf16 weights (u - 8) * s
+    unpacked in pair order against pair-ordered activations, rows padded to 16, ragged last tile,
+    bias, nibbles 0 and 15: the torch op's output within bf16 rounding (same weights, fp32 sums
+    in another order). Zero points, g_idx and fp32 activations keep the CUDA-core GEMV."""
+    from deepserve.ops.triton import int4_mma
+    from deepserve.ops.triton.launch_config import trying
+    qweight, scales, _, _ = _operands(n, k, group, False, False, seed=n + k)
+    qweight[0], qweight[1] = 0, -1
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    scales = scales.bfloat16()
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, group, bias).float()
+    calls = []
+    real = int4_mma.int4_mma
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"MMA": 1, "MMA_BLOCK_N": 32}}]), \
+            pytest.MonkeyPatch.context() as mp:
+        import deepserve.ops.triton.int4_gemm as gemm
+        mp.setattr(gemm, "int4_mma", lambda *a: calls.append(1) or real(*a))
+        got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, group, bias).float()
+        assert calls, "the MMA path did not run"
+        assert int4_mma.mma_block_k(x.float(), None, None, group) is None
+    # bf16 outputs (the reference rounds the product and adds the bias in bf16): two ulps
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())
+
+
+def test_int4_mma_pair_asm_values():
+    """The MMA path's PTX unpack (int4_mma._PAIR_ASM, GPU only), replayed in Python: lanes q and
+    q + 4 of a word as the bf16 pair (u - 8) for every nibble value (shift 4q, mask, OR with bf16
+    128's bits, minus bf16 136)."""
+    import struct
+
+    from deepserve.ops.triton.int4_mma import _PAIR_ASM, BF16_128_PAIR
+    asm = _PAIR_ASM.value
+    assert all(c in asm for c in ("shr.u32 t, $1, $3", "0x000F000F", "0xEA", "0x43084308", "sub.rn.bf16x2"))
+
+    def bf16(bits):
+        return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+    g = torch.Generator().manual_seed(9)
+    for _ in range(64):
+        nib = torch.randint(0, 16, (8,), generator=g).tolist()
+        word = sum(n << (4 * i) for i, n in enumerate(nib))
+        for q in range(4):
+            t = (word >> (4 * q)) & 0x000F000F | BF16_128_PAIR      # lop3 0xEA: (a & b) | c
+            assert [bf16(t) - 136.0, bf16(t >> 16) - 136.0] == [nib[q] - 8, nib[q + 4] - 8]

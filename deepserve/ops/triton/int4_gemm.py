@@ -45,7 +45,9 @@ from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows)
+from deepserve.ops.triton.int4_mma import int4_mma, mma_block_k
 from deepserve.ops.triton.launch_config import launch_settings
+from deepserve.ops.triton.w4a8_gemm import unpack_by_ptx
 
 GEMV_ROWS = 4   # up to this many rows take the GEMV
 
@@ -367,6 +369,10 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemv", m, n, k, x2.device)
+    if cfg.get("MMA", 0):
+        bk = mma_block_k(x2, zeros, g_idx, group_size)
+        if bk is not None:
+            return int4_mma(x2, qweight, scales, group_size, bias, bk, cfg, unpack_by_ptx())
     sub = max(2, min(cfg["SUB_C"], next_pow2(kw)))         # (words visited in swapped pairs)
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
