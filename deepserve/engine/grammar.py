@@ -70,10 +70,13 @@ class GrammarCompiler:
                 compiled = compiler.compile_regex(spec.regex)
             elif spec.choice is not None:
                 compiled = compiler.compile_grammar(choice_grammar(spec.choice))
+            elif spec.structural_tag is not None:
+                compiled = compiler.compile_structural_tag(spec.structural_tag)
             else:
                 compiled = compiler.compile_grammar(spec.grammar)
         except RuntimeError as exc:  # xgrammar reports bad schemas / grammars as RuntimeError
-            kind = next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(spec, k))
+            kind = next(k for k in ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
+                        if getattr(spec, k))
             # its message opens with a log prefix, "[15:59:11] /project/cpp/regex_converter.cc:94: "
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
             raise ValueError(f"the {kind} structured-output spec does not compile: {reason}") from None

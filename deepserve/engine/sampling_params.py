@@ -21,17 +21,20 @@ class GuidedDecoding:
     """An EBNF (GBNF) grammar the output must follow."""
     json_object: bool = False
     """Any JSON object (response_format json_object)."""
+    structural_tag: Optional[str] = None
+    """An xgrammar structural tag (JSON text): free text whose tagged parts are constrained, e.g.
+    tool calls whose arguments follow their schemas (strict tools under tool_choice auto)."""
     start_after_token: Optional[int] = None
     """Leave the output free until this token is generated (a reasoning model's </think>)."""
     compiled: Any = field(default=None, repr=False, compare=False)
     """The compiled grammar (engine/grammar.py), set before the request runs."""
 
     def __post_init__(self):
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError(f"structured output needs exactly one of json, regex, choice, grammar, "
-                             f"json_object; got {', '.join(given) or 'none'}")
+                             f"json_object, structural_tag; got {', '.join(given) or 'none'}")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"guided_choice must be a non-empty list of strings, got {self.choice!r}")
         if isinstance(self.json, str):
@@ -47,7 +50,8 @@ class GuidedDecoding:
     def key(self) -> tuple:
         """What identifies the compiled grammar (cache key)."""
         schema = self.json if isinstance(self.json, str) or self.json is None else json.dumps(self.json, sort_keys=True)
-        return (schema, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object)
+        return (schema, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object,
+                self.structural_tag)
 
 
 @dataclass

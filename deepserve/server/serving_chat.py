@@ -5,7 +5,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - with --reasoning-parser the R1 split into `reasoning_content` (and `reasoning`, the newer
   name) and `content`, the same way streamed and not;
 - tool calls: `tool_choice` auto (needs --enable-auto-tool-choice and --tool-call-parser: the
-  parser turns the model's tool-call tokens into `tool_calls`, finish_reason `tool_calls`),
+  parser turns the model's tool-call tokens into `tool_calls`, finish_reason `tool_calls`; the
+  calls of tools marked `strict` are held to their schemas by a structural-tag grammar),
   required (the output is constrained to a JSON list of {name, parameters} of the given
   tools; streamed call by call, each call's arguments as they are generated) or a named function (the output is constrained to its parameters' schema), and
   none (tools only reach the template);
@@ -34,7 +35,8 @@ from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerSta
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
                                              stream_usage, until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
-from deepserve.server.tool_parsers import RequiredCallsStream, make_tool_parser, required_calls, tool_call_id
+from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, strict_calls_tag,
+                                          tool_call_id)
 
 
 def _entry(text: str, logprob: float) -> dict:
@@ -171,6 +173,11 @@ class _Prepared:
                 raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                     "to be set", param="tool_choice")
             self.tool_mode = "auto"
+            tag = None if self.params.guided is not None else strict_calls_tag(
+                state.settings.tool_call_parser, req.tools, req.parallel_tool_calls is not False)
+            if tag is not None:
+                self.params.guided = GuidedDecoding(structural_tag=tag)
+                self.guided_field = "tools"
             return
         if self.params.guided is not None:
             raise APIError(400, "tool_choice required / named cannot be combined with a structured output "

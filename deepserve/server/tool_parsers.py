@@ -155,6 +155,33 @@ def make_tool_parser(name: Optional[str]) -> Optional[DeepSeekToolParser]:
     return DeepSeekToolParser(name) if name is not None else None
 
 
+def strict_calls_tag(variant: str, tools: list, parallel: bool = True) -> Optional[str]:
+    """`tool_choice: auto` with strict function tools (OpenAI's `strict: true`): an xgrammar
+    structural tag that leaves the text free until the model opens its calls block, then
+    holds each call to the `variant` format (R1's fenced JSON or V3.1's bare JSON) with a
+    given tool's name and its arguments to that tool's parameters schema (any JSON object for
+    a tool that is not strict); one call at most when `parallel` is false. None when no tool
+    is strict: the output stays unconstrained, as before."""
+    if not any(t.function.strict for t in tools):
+        return None
+    calls = []
+    for t in tools:
+        schema = (t.function.parameters or {"type": "object"}) if t.function.strict else {"type": "object"}
+        if variant == "deepseek_v31":
+            begin, end = f"{CALL_BEGIN}{t.function.name}{SEP}", CALL_END
+        else:
+            begin, end = f"{CALL_BEGIN}function{SEP}{t.function.name}\n```json\n", "\n```" + CALL_END
+        # a bound on blank runs keeps a model from padding the arguments without end
+        calls.append({"type": "tag", "begin": begin, "end": end,
+                      "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 16}})
+    block = {"type": "tag", "begin": CALLS_BEGIN, "end": CALLS_END,
+             "content": {"type": "tags_with_separator", "tags": calls, "separator": "" if variant == "deepseek_v31"
+                         else "\n", "at_least_one": True, "stop_after_first": not parallel}}
+    return json.dumps({"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [CALLS_BEGIN], "tags": [block],
+        "at_least_one": False, "stop_after_first": False}}, ensure_ascii=False)
+
+
 def required_calls(text: str) -> list[dict]:
     """`tool_choice: required`'s whole output -> OpenAI `tool_calls`: the grammar makes it a JSON
     list `[{"name": NAME, "parameters": {...}}, ...]`. A list that max_tokens cut short gives

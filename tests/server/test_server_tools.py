@@ -123,6 +123,21 @@ def test_named_tool_choice_follows_the_schema(client, stream):
     validate_call(name, args)
 
 
+def test_auto_tool_choice_holds_a_strict_tool_to_its_schema(client):
+    """The script's call leaves out `unit`, which get_weather requires: with strict: true (the
+    OpenAI Agents SDK's default) the grammar makes the arguments fit the schema, as OpenAI does;
+    without it they stay as the model wrote them."""
+    strict = [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS]
+    kwargs = dict(model="tiny-r1", messages=MESSAGES, max_tokens=120)
+    loose = client.chat.completions.create(tools=TOOLS, **kwargs).choices[0].message.tool_calls[0]
+    assert json.loads(loose.function.arguments) == {"city": "Paris"}
+    r = client.chat.completions.create(tools=strict, **kwargs)
+    assert r.choices[0].message.reasoning_content == REASONING      # the grammar starts after </think>
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    validate_call(call.function.name, call.function.arguments)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_choice_calls_valid_tools(client, stream):
     for seed in range(2):

@@ -11,7 +11,7 @@ from conftest import R1_TOKENIZER
 
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.tool_parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser,
-                                          RequiredCallsStream, required_calls)
+                                          RequiredCallsStream, required_calls, strict_calls_tag)
 
 CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
          ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
@@ -143,3 +143,49 @@ def test_required_calls_whole_keeps_the_calls_complete_before_a_cut(cut):
     assert whole == [(it["name"], it["parameters"]) for it in complete]
     streamed = required_streamed(text, 3)
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed[:len(whole)]] == whole
+
+
+STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]   # not strict
+
+
+def strict_matcher(variant: str, tools=STRICT_TOOLS, parallel: bool = True):
+    """`accepts(text)`: whether the strict-tools grammar takes `text`'s R1 tokens, then EOS."""
+    xgr = pytest.importorskip("xgrammar")
+    from deepserve.engine.grammar import GrammarCompiler
+    from deepserve.engine.sampling_params import GuidedDecoding
+    from deepserve.server.protocol import Tool
+
+    tok = Tokenizer(R1_TOKENIZER)
+    tag = strict_calls_tag(variant, [Tool.model_validate(t) for t in tools], parallel)
+    compiled = GrammarCompiler(tok, 129280, tok.eos_token_ids).compile(GuidedDecoding(structural_tag=tag))
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled)
+        ids = tok.encode(text, add_special_tokens=False) + sorted(tok.eos_token_ids)[:1]
+        return all(matcher.accept_token(t) for t in ids)
+    return accepts
+
+
+def test_strict_tools_hold_the_calls_to_their_schemas_in_r1_format():
+    """tool_choice auto with a strict tool: text stays free, a call's arguments must fit its
+    tool's schema (a tool that is not strict takes any object); R1's own rendering of calls passes."""
+    accepts = strict_matcher("deepseek_v3")
+    assert accepts(r1_calls_text(CALLS, "Let me check that for you."))           # R1's template writes these
+    assert accepts("No call: just an answer, with { braces } and ``` fences.")
+    assert not accepts(r1_calls_text([("get_weather", {"city": "Paris"})]))      # unit missing
+    assert not accepts(r1_calls_text([("get_weather", {"city": "Paris", "unit": "kelvin"})]))
+    assert not accepts(r1_calls_text([("unknown_tool", {"city": "Paris"})]))
+    assert not strict_matcher("deepseek_v3", parallel=False)(r1_calls_text(CALLS))   # one call at most
+
+
+def test_strict_tools_in_v31_format_and_none_without_strict():
+    call = CALLS_BEGIN + CALL_BEGIN + "get_weather" + SEP + '{"city": "Paris", "unit": "%s"}' + CALL_END + CALLS_END
+    accepts = strict_matcher("deepseek_v31")
+    assert accepts(call % "celsius") and not accepts(call % "kelvin")
+    assert DeepSeekToolParser("deepseek_v31").parse(call % "celsius")[1][0]["function"]["name"] == "get_weather"
+    from deepserve.server.protocol import Tool
+    loose = [Tool.model_validate({**t, "function": {**t["function"], "strict": False}}) for t in STRICT_TOOLS]
+    assert strict_calls_tag("deepseek_v31", loose) is None     # no strict tool: no grammar, as before
