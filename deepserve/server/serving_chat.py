@@ -6,7 +6,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   name) and `content`, the same way streamed and not;
 - tool calls: `tool_choice` auto (needs --enable-auto-tool-choice and --tool-call-parser: the
   parser turns the model's tool-call tokens into `tool_calls`, finish_reason `tool_calls`; the
-  calls of tools marked `strict` are held to their schemas by a structural-tag grammar),
+  calls of tools marked `strict` are held to their schemas by a structural-tag grammar, and
+  with response_format the output is the formatted answer or tool calls),
   required (the output is constrained to a JSON list of {name, parameters} of the given
   tools; streamed call by call, each call's arguments as they are generated) or a named function (the output is constrained to its parameters' schema), and
   none (tools only reach the template);
@@ -35,7 +36,7 @@ from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerSta
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
                                              stream_usage, until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
-from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, strict_calls_tag,
+from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, tool_calls_tag,
                                           tool_call_id)
 
 
@@ -173,11 +174,15 @@ class _Prepared:
                 raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                     "to be set", param="tool_choice")
             self.tool_mode = "auto"
-            tag = None if self.params.guided is not None else strict_calls_tag(
-                state.settings.tool_call_parser, req.tools, req.parallel_tool_calls is not False)
-            if tag is not None:
-                self.params.guided = GuidedDecoding(structural_tag=tag)
-                self.guided_field = "tools"
+            rf = req.response_format
+            answer = (rf.json_schema.schema_ if rf.type == "json_schema" else {"type": "object"}) \
+                if rf is not None and rf.type != "text" else None
+            if self.params.guided is None or answer is not None:   # not with vLLM's guided_* fields
+                tag = tool_calls_tag(state.settings.tool_call_parser, req.tools, req.parallel_tool_calls is not False,
+                                     answer)
+                if tag is not None:
+                    self.params.guided = GuidedDecoding(structural_tag=tag)
+                    self.guided_field = "tools" if answer is None else "response_format"
             return
         if self.params.guided is not None:
             raise APIError(400, "tool_choice required / named cannot be combined with a structured output "

@@ -155,14 +155,16 @@ def make_tool_parser(name: Optional[str]) -> Optional[DeepSeekToolParser]:
     return DeepSeekToolParser(name) if name is not None else None
 
 
-def strict_calls_tag(variant: str, tools: list, parallel: bool = True) -> Optional[str]:
-    """`tool_choice: auto` with strict function tools (OpenAI's `strict: true`): an xgrammar
-    structural tag that leaves the text free until the model opens its calls block, then
-    holds each call to the `variant` format (R1's fenced JSON or V3.1's bare JSON) with a
-    given tool's name and its arguments to that tool's parameters schema (any JSON object for
-    a tool that is not strict); one call at most when `parallel` is false. None when no tool
-    is strict: the output stays unconstrained, as before."""
-    if not any(t.function.strict for t in tools):
+def tool_calls_tag(variant: str, tools: list, parallel: bool = True, answer: Optional[dict] = None) -> Optional[str]:
+    """`tool_choice: auto`'s grammar, an xgrammar structural tag in the `variant` format (R1's
+    fenced JSON or V3.1's bare JSON), or None when nothing needs constraining. Once the model
+    opens its calls block, each call names one of the tools and its arguments fit that tool's
+    parameters schema if it is marked strict (OpenAI's `strict: true`), else any JSON object;
+    one call at most when `parallel` is false. Around the calls the text is free; with `answer`
+    (response_format's schema) the output is either that JSON answer or text and the calls, so a
+    structured answer does not shut the tools out. None (no grammar, as before) when no tool is
+    strict and there is no answer format."""
+    if answer is None and not any(t.function.strict for t in tools):
         return None
     calls = []
     for t in tools:
@@ -177,9 +179,13 @@ def strict_calls_tag(variant: str, tools: list, parallel: bool = True) -> Option
     block = {"type": "tag", "begin": CALLS_BEGIN, "end": CALLS_END,
              "content": {"type": "tags_with_separator", "tags": calls, "separator": "" if variant == "deepseek_v31"
                          else "\n", "at_least_one": True, "stop_after_first": not parallel}}
-    return json.dumps({"type": "structural_tag", "format": {
-        "type": "triggered_tags", "triggers": [CALLS_BEGIN], "tags": [block],
-        "at_least_one": False, "stop_after_first": False}}, ensure_ascii=False)
+    if answer is None:   # text with calls blocks anywhere (none at all included)
+        fmt = {"type": "triggered_tags", "triggers": [CALLS_BEGIN], "tags": [block], "at_least_one": False,
+               "stop_after_first": False}
+    else:                # the answer, or text then one calls block
+        fmt = {"type": "or", "elements": [{"type": "json_schema", "json_schema": answer, "max_whitespace_cnt": 16},
+                                          {"type": "sequence", "elements": [{"type": "any_text"}, block]}]}
+    return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
 
 
 def required_calls(text: str) -> list[dict]:

@@ -139,6 +139,29 @@ def test_auto_tool_choice_holds_a_strict_tool_to_its_schema(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_response_format_leaves_the_tools_callable(client, stream):
+    """With tools (auto) and response_format the output is the formatted answer or tool calls, as
+    on OpenAI (the OpenAI Agents SDK sends both for an agent with an output type): the JSON
+    grammar used to hold the whole output, so no tool could ever be called."""
+    kwargs = dict(model="tiny-r1", messages=MESSAGES, tools=TOOLS, max_tokens=120, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}})
+    if not stream:
+        r = client.chat.completions.create(**kwargs)
+        calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+        calls = [(c.function.name, c.function.arguments) for c in calls or []]
+    else:
+        parts, finish = {}, None
+        for c in client.chat.completions.create(**kwargs, stream=True):
+            for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+                name, args = parts.get(tc.index, ("", ""))
+                parts[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+            finish = (c.choices[0].finish_reason if c.choices else None) or finish
+        calls = [parts[i] for i in sorted(parts)]
+    assert [(name, json.loads(args)) for name, args in calls] == [("get_weather", {"city": "Paris"})]
+    assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_choice_calls_valid_tools(client, stream):
     for seed in range(2):
         kwargs = dict(model="tiny-r1", messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=100,

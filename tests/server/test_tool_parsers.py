@@ -11,7 +11,7 @@ from conftest import R1_TOKENIZER
 
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.tool_parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, DeepSeekToolParser,
-                                          RequiredCallsStream, required_calls, strict_calls_tag)
+                                          RequiredCallsStream, required_calls, tool_calls_tag)
 
 CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
          ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
@@ -151,7 +151,7 @@ STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict
     {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]   # not strict
 
 
-def strict_matcher(variant: str, tools=STRICT_TOOLS, parallel: bool = True):
+def strict_matcher(variant: str, tools=STRICT_TOOLS, parallel: bool = True, answer=None):
     """`accepts(text)`: whether the strict-tools grammar takes `text`'s R1 tokens, then EOS."""
     xgr = pytest.importorskip("xgrammar")
     from deepserve.engine.grammar import GrammarCompiler
@@ -159,7 +159,7 @@ def strict_matcher(variant: str, tools=STRICT_TOOLS, parallel: bool = True):
     from deepserve.server.protocol import Tool
 
     tok = Tokenizer(R1_TOKENIZER)
-    tag = strict_calls_tag(variant, [Tool.model_validate(t) for t in tools], parallel)
+    tag = tool_calls_tag(variant, [Tool.model_validate(t) for t in tools], parallel, answer)
     compiled = GrammarCompiler(tok, 129280, tok.eos_token_ids).compile(GuidedDecoding(structural_tag=tag))
 
     def accepts(text: str) -> bool:
@@ -188,4 +188,13 @@ def test_strict_tools_in_v31_format_and_none_without_strict():
     assert DeepSeekToolParser("deepseek_v31").parse(call % "celsius")[1][0]["function"]["name"] == "get_weather"
     from deepserve.server.protocol import Tool
     loose = [Tool.model_validate({**t, "function": {**t["function"], "strict": False}}) for t in STRICT_TOOLS]
-    assert strict_calls_tag("deepseek_v31", loose) is None     # no strict tool: no grammar, as before
+    assert tool_calls_tag("deepseek_v31", loose) is None     # no strict tool: no grammar, as before
+
+
+def test_answer_format_or_calls():
+    """With response_format's schema the output is that JSON, or text and a calls block."""
+    accepts = strict_matcher("deepseek_v3", answer={"type": "object", "properties": {"n": {"type": "integer"}},
+                                                     "required": ["n"]})
+    assert accepts('{"n": 4}') and not accepts('{"m": 4}') and not accepts("The answer is 4.")
+    assert accepts(r1_calls_text(CALLS, "Let me check that for you."))
+    assert not accepts(r1_calls_text([("get_weather", {"city": "Paris"})]))   # get_weather is strict
