@@ -184,9 +184,12 @@ class _Prepared:
                     self.params.guided = GuidedDecoding(structural_tag=tag)
                     self.guided_field = "tools" if answer is None else "response_format"
             return
-        if self.params.guided is not None:
-            raise APIError(400, "tool_choice required / named cannot be combined with a structured output "
-                                "field", param="tool_choice")
+        # response_format shapes an answer, and a turn that must call tools has none (OpenAI takes
+        # both: an agent with an output type that forces a tool); vLLM's guided_* fields would be
+        # overridden, so they are refused
+        if self.params.guided is not None and self.guided_field != "response_format":
+            raise APIError(400, f"tool_choice required / named cannot be combined with {self.guided_field}",
+                           param="tool_choice")
         self.params.guided = GuidedDecoding(json=_tool_schema(req, choice))
         self.guided_field = "tools"
         self.tool_mode = "named" if isinstance(choice, NamedToolChoice) else "required"

@@ -161,6 +161,20 @@ def test_response_format_leaves_the_tools_callable(client, stream):
     assert finish == "tool_calls"
 
 
+def test_forced_tool_choice_with_response_format(client):
+    """A turn that must call a tool has no answer for response_format to shape: the calls come
+    (OpenAI takes both; this was a 400). vLLM's guided_* fields would be overridden: refused."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                       response_format=fmt, max_tokens=100, parallel_tool_calls=False)
+    [call] = r.choices[0].message.tool_calls
+    validate_call(call.function.name, call.function.arguments)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny-r1", messages=MESSAGES, tools=TOOLS, max_tokens=10,
+                                       tool_choice="required", extra_body={"guided_regex": "a+"})
+    assert info.value.body["param"] == "tool_choice" and "guided_regex" in info.value.body["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_tool_choice_calls_valid_tools(client, stream):
     for seed in range(2):
