@@ -28,6 +28,7 @@ from deepserve.config import EngineArgs
 from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.step_channel import lost_a_peer
 
 logger = logging.getLogger("deepserve")
 
@@ -241,7 +242,10 @@ class AsyncLLM:
                 try:
                     outputs = engine.step()
                 except Exception as exc:  # a failing step must not kill the server
+                    if self.fatal_error is None and lost_a_peer(exc):
+                        self._await_fatal_error()   # its peers can notice a dead rank before the monitor
                     if self.fatal_error:  # a dead rank, which the owner names: nothing more can run
+                        self._fail_step(exc, EngineDeadError(self.fatal_error))
                         self._abort_all(EngineDeadError(self.fatal_error))
                     else:
                         self.num_step_errors += 1
@@ -250,6 +254,11 @@ class AsyncLLM:
             self._take_snapshot()
             if outputs:
                 self._deliver([(o.request_id, o) for o in outputs])
+
+    def _await_fatal_error(self, limit_s: float = 3.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while self.fatal_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _apply(self, kind: str, payload, fut: concurrent.futures.Future) -> None:
         # False: the caller stopped waiting (its client left, cancelling the future). The op
@@ -278,7 +287,8 @@ class AsyncLLM:
             self.engine.abort_request(rid)
         self._deliver([(rid, error) for rid in ids])
 
-    def _fail_step(self, exc: Exception) -> None:
+    def _fail_step(self, exc: Exception, error: Optional[BaseException] = None) -> None:
+        """End the requests of the step that raised `exc` with `error` (default: the step's)."""
         named = getattr(exc, "request_ids", None)   # engine cores name the requests they failed
         if named is not None:
             ids = set(named)
@@ -287,7 +297,7 @@ class AsyncLLM:
             ids = {s.request_id for s in self.engine.scheduler.running} or set(self.engine.requests)
         for rid in ids:
             self.engine.abort_request(rid)
-        err = EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
+        err = error or EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
         self._deliver([(rid, err) for rid in ids])
 
     def _deliver(self, items: list) -> None:

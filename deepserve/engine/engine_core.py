@@ -42,7 +42,7 @@ from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutput
 from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
-from deepserve.engine.step_channel import PeerLost, StepChannel
+from deepserve.engine.step_channel import PeerLost, StepChannel, lost_a_peer
 from deepserve.engine.step_inputs import DPSync
 from deepserve.platforms import get_platform
 
@@ -431,7 +431,10 @@ class EngineCore:
             else:
                 outputs = self.engine._run_sync(batch)
         except Exception as exc:  # a failing step fails its requests, not the core
-            logger.exception("DP rank %d: step failed", self.dp_rank)
+            if lost_a_peer(exc):   # a peer rank died: the front end names it
+                logger.debug("DP rank %d: step failed: %s", self.dp_rank, exc)
+            else:
+                logger.exception("DP rank %d: step failed", self.dp_rank)
             failed: dict[int, list[str]] = {}
             for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)

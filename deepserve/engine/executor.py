@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
 from deepserve.engine.fork_server import process_context
-from deepserve.engine.step_channel import PeerLost, StepChannel
+from deepserve.engine.step_channel import PeerLost, StepChannel, lost_a_peer
 from deepserve.engine.step_inputs import STOP, Stop
 from deepserve.platforms import Platform, get_platform
 
@@ -212,17 +212,18 @@ def die_with_parent() -> None:
 def report_errors(status, rank: int, body: Callable[[], None]) -> None:
     """Run a worker's `body`; an exception goes to the parent over `status` before the exit. A
     ValueError (bad input: a checkpoint or a flag, named in its message) is that one line, which
-    the parent prints, and so is PeerLost (another rank died: the parent names it); anything
-    else also prints its traceback here."""
+    the parent prints, and so is the loss of another rank (PeerLost: the parent names the rank that
+    died); anything else also prints its traceback here."""
     try:
         body()
     except BaseException as exc:
+        lost = lost_a_peer(exc)
         if status is not None:
             try:
-                status.send(("error", f"{type(exc).__name__}: {exc}"))
+                status.send(("error", f"{PeerLost.__name__ if lost else type(exc).__name__}: {exc}"))
             except OSError:
                 pass
-        if not isinstance(exc, (ValueError, PeerLost)) or status is None:
+        if not (isinstance(exc, ValueError) or lost) or status is None:
             traceback.print_exc()
         sys.exit(1)
 

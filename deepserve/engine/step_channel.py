@@ -30,6 +30,20 @@ class PeerLost(RuntimeError):
     that lost it say only this, in one line (executor.report_errors)."""
 
 
+# what gloo says when the other end's process has gone (a collective of a model's step)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether `exc`, or an error that caused it, is a rank's loss of another: PeerLost, or a
+    collective that found the other end's process gone."""
+    while exc is not None:
+        if isinstance(exc, PeerLost) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_GONE)):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 class StepChannel:
     def __init__(self, group, src: int):
         """`group`: a gloo group holding `src` (the driver's global rank) and its peers."""

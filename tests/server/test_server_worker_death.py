@@ -103,6 +103,7 @@ def test_dead_worker_fails_health_and_exits(rank):
         assert httpx.get(server.url + "/health").status_code == 200
         ranks = spawned_children(server)   # rank 0 too: the engine core runs apart from the API server
         assert len(ranks) == 2, ranks
-        kill_and_see_it_named(server, ranks[rank], f"rank {rank} (pid")   # in the order they started
+        # in the order they started; mid-step, so that the other rank's collective fails too
+        kill_and_see_it_named(server, ranks[rank], f"rank {rank} (pid", in_flight=True)
     finally:
         server.stop()
