@@ -1,6 +1,6 @@
 """POST /v1/completions: one engine request per prompt (string, list of strings, token ids or
 lists of token ids), each with n samples; choices are numbered prompt * n + sample as
-OpenAI does. Streams as SSE with per-choice text deltas, optional logprobs, a final usage
+OpenAI does (at most 16 x the n limit in all: SAMPLES_PER_N). Streams as SSE with per-choice text deltas, optional logprobs, a final usage
 chunk when `stream_options.include_usage` is set (on every chunk with
 `continuous_usage_stats`), then `data: [DONE]`.
 
@@ -23,6 +23,10 @@ from deepserve.server.protocol import CompletionRequest, now, response_ids, usag
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
                                              stream_usage, until_disconnect)
+
+
+# samples (prompts x n) one completions request may ask for, in units of the n limit (4096 by default)
+SAMPLES_PER_N = 16
 
 
 def _legacy_entry(entry: dict, tid: int, top_k: int) -> dict:
@@ -93,6 +97,11 @@ class _Prepared:
             prompts = req.prompts()
         except ValueError as exc:
             raise api_error_from(exc) from None
+        samples, limit = len(prompts) * req.n, SAMPLES_PER_N * state.settings.max_n
+        if samples > limit:  # each costs the server kilobytes before any step: 8 MB of [1] prompts were 16 GB
+            raise APIError(400, f"this request asks for {samples} samples ({len(prompts)} prompts x n={req.n}); at "
+                                f"most {limit} go in one request: send the prompts in several", param="prompt",
+                           code="invalid_value")
         # echo with max_tokens 0: the prompt alone (the one token the engine samples is dropped)
         self.echo_only = req.echo and req.max_new_tokens() == 0
         self.params = sampling_params(state, req, 1 if self.echo_only else req.max_new_tokens(), req.logprobs)

@@ -42,6 +42,8 @@ BAD_COMPLETIONS = [
     ({"prompt": {"text": "x"}}, "prompt", ("prompt must be",)),
     ({"prompt": [1, 99999]}, "prompt", ("99999",)),
     ({"prompt": [[1, 5], []]}, "prompt", ("empty",)),
+    ({"prompt": [[1]] * 4097}, "prompt", ("4097 samples", "at most 4096")),   # memory per sample, before any step
+    ({"prompt": [[1]] * 20, "n": 250}, "prompt", ("5000 samples",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
     ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
     ({"stop_token_ids": [512], "min_tokens": 2}, "stop_token_ids", ("512",)),   # failed the step
