@@ -51,6 +51,14 @@ def sse_error(exc: APIError) -> str:
     return f"data: {json.dumps(exc.body())}\n\n"
 
 
+# the shapes a union-typed field takes, for its error message
+_UNIONS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "tool_choice": '"none", "auto", "required" or {"type": "function", "function": {"name": NAME}}',
+    "stop": "a string or a list of strings",
+}
+
+
 def from_validation_error(exc: ValidationError) -> APIError:
     """A pydantic error as a 400 naming the first bad field (or malformed JSON)."""
     first = exc.errors()[0]
@@ -58,11 +66,11 @@ def from_validation_error(exc: ValidationError) -> APIError:
         return APIError(400, f"malformed JSON body: {first['msg']}", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
     param = loc[0] if loc else None
-    if param == "prompt":  # a union: pydantic's per-member message would mislead
-        return APIError(400, "prompt must be a string, a list of strings, a list of token ids or a "
-                             "list of token-id lists", param="prompt", code="invalid_value")
-    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     given = first.get("input")
+    if param in _UNIONS:  # pydantic's message names one member of the union: it would mislead
+        return APIError(400, f"{param} must be {_UNIONS[param]}, got {json.dumps(given)[:200]}", param=param,
+                        code="invalid_value")
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     shown = json.dumps(given)[:100] if given is not None and not isinstance(given, dict) else None
     message = f"{where}: {first['msg']}" + (f", got {shown}" if shown is not None else "")
     return APIError(400, message, param=param, code="invalid_value")

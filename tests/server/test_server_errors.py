@@ -38,7 +38,7 @@ BAD_COMPLETIONS = [
     ({"n": 257}, "n", ("n must be <= 256", "max-num-seqs")),   # unbounded: n=10**8 ate memory without end
     ({"n": "two"}, "n", ("two",)),
     ({"temperature": "hot"}, "temperature", ("hot",)),
-    ({"stop": 5}, "stop", ()),
+    ({"stop": 5}, "stop", ("stop must be a string or a list of strings, got 5",)),
     ({"prompt": {"text": "x"}}, "prompt", ("prompt must be",)),
     ({"prompt": [1, 99999]}, "prompt", ("99999",)),
     ({"prompt": [[1, 5], []]}, "prompt", ("empty",)),
@@ -97,6 +97,14 @@ BAD_CHAT = [
 @pytest.mark.parametrize("change,param", BAD_CHAT)
 def test_bad_chat_values_are_400(http, change, param):
     check_error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param)
+
+
+def test_a_union_field_names_every_shape_it_takes(http):
+    """OpenAI's newer allowed_tools choice is not implemented: the message says what is (it named
+    only the strings, as if an object could not be given)."""
+    choice = {"type": "allowed_tools", "mode": "auto", "tools": []}
+    check_error(http.post("/v1/chat/completions", json={**CHAT, "tool_choice": choice}), 400, "tool_choice",
+                ('"required" or {"type": "function", "function": {"name": NAME}}', "allowed_tools"))
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
