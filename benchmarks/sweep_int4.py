@@ -57,9 +57,9 @@ GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
 # 4.77 / 4.51: benchmarks/sass_int4.py) at the settings that led the last sweep
 GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=1, DEQ=2)
               for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (16, 128, 1, 4), (8, 256, 1, 8))]
-# the tensor-core path (ops/triton/int4_mma.py: about 3 instructions a nibble against 4.5-4.8;
-# 2.5-5x slower than the CUDA-core kernel on an H100 at every 8B shape, docs/PERFORMANCE.md)
-GEMV_GRID += [dict(MMA=1, MMA_BLOCK_N=n, MMA_WARPS=w, MMA_STAGES=3) for n, w in ((64, 4), (128, 8))]
+# the tensor-core path (ops/triton/int4_mma.py: about 3 instructions a nibble against 4.5-4.8)
+GEMV_GRID += [dict(MMA=1, MMA_BLOCK_N=n, MMA_WARPS=w, MMA_STAGES=st)
+              for n, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 8, 4), (256, 8, 3))]
 GRIDS = {
     "gemv": GEMV_GRID,
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
@@ -77,9 +77,7 @@ GRIDS = {
             + [dict(SWAP_AB=1, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, OVERLAP=o)
                for m, n, w, st, o in ((128, 64, 4, 3, 0), (128, 64, 4, 3, 1), (128, 64, 4, 4, 0), (128, 64, 4, 4, 1),
                                       (128, 128, 8, 3, 0), (128, 128, 8, 3, 1), (256, 64, 8, 3, 0), (64, 64, 4, 3, 0),
-                                      (64, 64, 4, 4, 1), (64, 128, 4, 3, 0))]
-            # the offset's integer add folded into the MMA's initial accumulator (a move an element)
-            + [dict(SWAP_AB=1, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=st, OVERLAP=0, ADD_ASM=0) for st in (3, 4)],
+                                      (64, 64, 4, 4, 1), (64, 128, 4, 3, 0))],
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                    for m, n, k, w, st in ((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
                                           (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),

@@ -169,20 +169,6 @@ _MAGIC_F = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _int_to_float(d, ASM: tl.constexpr):
-    """int32 d (|d| < 2^22) as fp32 by offset. On NVIDIA the integer add is PTX the compiler
-    cannot see through: folded into the MMA's initial accumulator it costs a move an element
-    on the FMA pipe every K step, where an IADD3 runs on the integer pipe beside the FADD and
-    FFMA that follow (the MMA then starts from zero, for free)."""
-    if ASM:
-        d = tl.inline_asm_elementwise("add.s32 $0, $1, 0x4B400000;", "=r,r", [d], dtype=tl.int32, is_pure=True,
-                                      pack=1)
-    else:
-        d = d + _MAGIC_I
-    return d.to(tl.float32, bitcast=True) - _MAGIC_F
-
-
-@triton.jit
 def _parity_lane(p, i: tl.constexpr):
     """16 (u - 8) of nibble i of every packed word p [BN, C], int32 in -128 .. 112."""
     return (((p >> (4 * i)) & 0xF) - 8) * 16
@@ -209,7 +195,6 @@ def _unpack_parity_tile(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
 def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
                     stride_am, stride_qn, stride_sn, stride_ym,
                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, OVERLAP: tl.constexpr,
-                    ADD_ASM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric weights, y^T tile by tile: acc [BN, BM] += (w16 [BN, BK] @ a^T [BK, BM]) * s[:, None]
     per K step (one group), w16 = 16 (u - 8) unpacked in registers as the dot's first operand
@@ -235,12 +220,12 @@ def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
         if OVERLAP:
             # rescale the previous step's product while this step's MMA runs
-            acc += _int_to_float(d_prev, ASM and ADD_ASM) * s_prev[:, None]
+            acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
             d_prev, s_prev = d, s
         else:
-            acc += _int_to_float(d, ASM and ADD_ASM) * s[:, None]
+            acc += ((d + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s[:, None]
     if OVERLAP:
-        acc += _int_to_float(d_prev, ASM and ADD_ASM) * s_prev[:, None]
+        acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
     acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[None, :] * 0.0625
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -287,7 +272,6 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         _w4a8_nt_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(), b, y, m, n, k, xq.stride(0),
                               qweight.stride(0), scales.stride(0), y.stride(0), GROUP=group_size,
                               HAS_BIAS=bias is not None, ASM=unpack_by_ptx(), OVERLAP=cfg.get("OVERLAP", 0),
-                              ADD_ASM=cfg.get("ADD_ASM", 1),
                               **common)
         return y.reshape(*lead, n)
     xq, xs = quant_rows_int8(x2)
