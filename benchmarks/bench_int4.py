@@ -78,7 +78,8 @@ def bench_dense(dev: str, tiny: bool, timer, bw: float, rows: list) -> None:
     from deepserve.ops.registry import resolve
     int4_tri, int4_ref = resolve("int4_linear", "triton")[1], resolve("int4_linear", "torch")[1]
     w4a8_tri, w4a8_ref = resolve("w4a8_linear", "triton")[1], resolve("w4a8_linear", "torch")[1]
-    print("| shape | N x K | rows | bf16 cuBLAS us | W4A16 us | W4A16 % of packed-bytes roofline | speedup | W4A8 us |")
+    print("| shape | N x K | rows | bf16 cuBLAS us | W4A16 us | W4A16 % of packed-bytes roofline | speedup | W4A8 us "
+          "(groups of 128 / channel scales) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model, proj, n, k in SHAPES:
         if tiny:
@@ -107,6 +108,15 @@ def bench_dense(dev: str, tiny: bool, timer, bw: float, rows: list) -> None:
                            {"target": TARGETS["w4a8_m1024_speedup"], "us": us8, "bf16_us": us16})
                 else:
                     w4a8 = "WRONG"
+                # channel scales (compressed-tensors' "channel" strategy: one group spans K)
+                chs = [(q_, s_[:, :1].contiguous()) for q_, s_ in qs]
+                if close(w4a8_tri(x, q, chs[0][1], None, None, k), w4a8_ref(x, q, chs[0][1], None, None, k)):
+                    us8c = timer(lambda: [w4a8_tri(x, q_, s_, None, None, k) for q_, s_ in chs]) * 1e3 / copies
+                    w4a8 += f" / channel {us8c:.1f}"
+                    figure(rows, f"w4a8ch_m{m}_speedup_{model}_{proj}", us16 / us8c, "x vs bf16", 1.0,
+                           {"target": TARGETS["w4a8_m1024_speedup"], "us": us8c, "bf16_us": us16})
+                else:
+                    w4a8 += " / channel WRONG"
             print(f"| {model} {proj} | {n}x{k} | {m} | {us16:.1f} | {us4:.1f} | {roof:.0%} | {us16 / us4:.2f}x | {w4a8} |",
                   flush=True)
 

@@ -57,7 +57,7 @@ def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3, overla
     consts = dict(GROUP=128, HAS_BIAS=False, ASM=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128)
     ptrs = dict(a_ptr="*i8", as_ptr="*fp32", qw_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")
     if swap_ab:
-        return _compile(w._w4a8_nt_kernel, dict(consts, OVERLAP=overlap), ptrs, warps, stages)
+        return _compile(w._w4a8_nt_kernel, dict(consts, OVERLAP=overlap, ONE_GROUP=False), ptrs, warps, stages)
     return _compile(w._w4a8_gemm_kernel, dict(consts, HAS_ZP=False), dict(ptrs, z_ptr="*bf16"), warps, stages)
 
 

@@ -61,12 +61,13 @@ def test_int4_kernel_leading_dims_and_empty_batch(triton_ops, cpu_only):
 @pytest.mark.parametrize("setting", [{"SWAP_AB": 0}, {"SWAP_AB": 1, "OVERLAP": 0}, {"SWAP_AB": 1, "OVERLAP": 1}])
 @pytest.mark.parametrize("m,n,k,group,zeros", [(1, 40, 64, 32, True), (20, 37, 128, 128, False),
                                                (5, 24, 96, 32, True), (3, 16, 192, 64, False),
-                                               (17, 40, 256, 64, False)])
+                                               (17, 40, 256, 64, False), (18, 40, 256, 256, False)])
 def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros, setting):
     """Both W4A8 kernels (weights as the dot's second operand; symmetric weights also as its first,
     unpacked in parity order against parity-ordered activations, rescaled in the same step or
     the next) against the torch op: rows and columns past a tile's edge, several K steps, bias;
-    nibbles 0 and 15 in the first two rows. Zero points always take the first kernel."""
+    nibbles 0 and 15 in the first two rows; one group over K (channel scales: one int32 sum
+    over K, rescaled once). Zero points always take the first kernel."""
     from deepserve.ops.triton.launch_config import trying
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=m + n)
     qweight[0], qweight[1] = 0, -1

@@ -195,13 +195,14 @@ def _unpack_parity_tile(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
 def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
                     stride_am, stride_qn, stride_sn, stride_ym,
                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, OVERLAP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Symmetric weights, y^T tile by tile: acc [BN, BM] += (w16 [BN, BK] @ a^T [BK, BM]) * s[:, None]
     per K step (one group), w16 = 16 (u - 8) unpacked in registers as the dot's first operand
     and the parity-ordered int8 activations as its second; a thread's rows of the result are
     few, so each step's group scales are a few loads. The int32 dot becomes fp32 by offset
     (`_MAGIC_I`), the 1/16 joins the token's scale at the end. OVERLAP rescales each step's
-    product in the next step, after its MMA is issued (registers for a second int32 tile)."""
+    product in the next step, after its MMA is issued (registers for a second int32 tile).
+    ONE_GROUP (a group spans K: channel scales): one int32 accumulator over K, one rescale."""
     C: tl.constexpr = BLOCK_K // 8
     offs_m, offs_n, a_blk, p_blk, s_rows = _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn,
                                                           stride_sn, tl.program_id(1), tl.program_id(0),
@@ -216,15 +217,22 @@ def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         a_blk = tl.advance(a_blk, (0, BLOCK_K))
         p_blk = tl.advance(p_blk, (0, C))
         w = _unpack_parity_tile(p, BLOCK_N, BLOCK_K, ASM)                                           # [BN, BK]
-        d = tl.dot(w, tl.trans(a), out_dtype=tl.int32)                                              # [BN, BM]
-        s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        if OVERLAP:
-            # rescale the previous step's product while this step's MMA runs
-            acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
-            d_prev, s_prev = d, s
+        if ONE_GROUP:
+            # one scale a row (channel scales): the int32 sum runs over all of K, exact
+            # (|16 (u - 8) a| <= 16,256 a product: K up to 2^17), and is rescaled once
+            d_prev = tl.dot(w, tl.trans(a), d_prev, out_dtype=tl.int32)
         else:
-            acc += ((d + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s[:, None]
-    if OVERLAP:
+            d = tl.dot(w, tl.trans(a), out_dtype=tl.int32)                                          # [BN, BM]
+            s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+            if OVERLAP:
+                # rescale the previous step's product while this step's MMA runs
+                acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
+                d_prev, s_prev = d, s
+            else:
+                acc += ((d + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s[:, None]
+    if ONE_GROUP:
+        acc = d_prev.to(tl.float32) * tl.load(s_rows, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    elif OVERLAP:
         acc += ((d_prev + _MAGIC_I).to(tl.float32, bitcast=True) - _MAGIC_F) * s_prev[:, None]
     acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[None, :] * 0.0625
     if HAS_BIAS:
@@ -272,6 +280,7 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         _w4a8_nt_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(), b, y, m, n, k, xq.stride(0),
                               qweight.stride(0), scales.stride(0), y.stride(0), GROUP=group_size,
                               HAS_BIAS=bias is not None, ASM=unpack_by_ptx(), OVERLAP=cfg.get("OVERLAP", 0),
+                              ONE_GROUP=group_size >= k,
                               **common)
         return y.reshape(*lead, n)
     xq, xs = quant_rows_int8(x2)
