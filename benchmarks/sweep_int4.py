@@ -214,7 +214,8 @@ def main() -> int:
             nb, flops = packed_bytes(n, k), 2 * rows * n * k
             show = ((lambda us, nb=nb: f"{us:.1f} us ({nb / (us * 1e-6) / bw:.0%} of copy)") if kernel == "gemv" else
                     (lambda us, f=flops: f"{us:.1f} us ({f / (us * 1e-6) / 1e12:.0f} TFLOP/s)"))
-            cond = {"m_gt": 128, "n": n, "k": k} if kernel == "w4a8" and rows > 128 else {"m": rows, "n": n, "k": k}
+            cond = ({"m_gt": 128, "n": n, "k": k, "groups": k // GROUP} if kernel == "w4a8" and rows > 128 else
+                    {"m": rows, "n": n, "k": k})
             record(kernel, f"{model} {proj} {n}x{k} rows {rows}", cond,
                    sweep(kernel, cond, grids[kernel], run, timer, show), show)
 

@@ -270,7 +270,7 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         return y.reshape(*lead, n)
     # tiles from the launch table (configs/int4/, kernel "w4a8"; benchmarks/sweep_int4.py --kernels
     # w4a8 measures them; benchmarks/sass_int4.py w4a8 shows each tile's registers, shared memory and loop)
-    cfg = launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k)
+    cfg = launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k, groups=k // group_size)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     b = bias if bias is not None else y
