@@ -28,7 +28,8 @@ CLASSES = ("LDGSTS", "QGMMA", "HGMMA", "LDS", "LDS.U8", "LDS.U16", "LDS.64", "LD
            "STL", "LDL", "SHFL", "MUFU", "BAR")
 
 
-def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg: int, dv_run: int, heads: int):
+def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg: int, dv_run: int, heads: int,
+                   fused_merge: bool = False):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -38,11 +39,12 @@ def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg:
     fn = ad._mla_decode_fp8_kernel
     names = fn.arg_names
     ints = dict(q_st=heads * 576, q_sh=576, q_sd=1, kc_b=64 * 576, kc_o=576, kc_d=1, bt_stride=64, n_heads=heads,
-                block_size=64, d_pe=64, dv=512, num_splits=8)
+                block_size=64, d_pe=64, dv=512, num_splits=8, o_st=heads * 512, o_sh=512)
     consts = dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512, BLOCK_DPE=64, QK_DTYPE=tl.float8e4nv,
-                  PV_DTYPE=tl.float16, DV_RUN=dv_run, DV_WG=max(1, warps // 4), USE_PDL=True)
+                  PV_DTYPE=tl.float16, DV_RUN=dv_run, DV_WG=max(1, warps // 4), FUSED_MERGE=fused_merge,
+                  USE_PDL=True)
     ptrs = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32",
-                mid_o_ptr="*bf16", mid_lse_ptr="*fp32")
+                mid_o_ptr="*bf16", mid_lse_ptr="*fp32", out_ptr="*bf16", count_ptr="*i32")
     sig, attrs = {}, {}
     for i, name in enumerate(names):
         if name in consts or (ints.get(name) == 1):
@@ -128,6 +130,7 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=0, help="query heads (default: 16, or 128 for BLOCK_H > 16)")
     ap.add_argument("--dv-run", type=int, default=1)
     ap.add_argument("--maxnreg", type=int, default=0)
+    ap.add_argument("--fused-merge", action="store_true", help="the row's last split merges (setting fused_merge)")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
@@ -138,9 +141,9 @@ def main() -> int:
             tiles.append((cfg["BLOCK_H"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]))
     for block_h, block_n, warps, stages in tiles:
         heads = args.heads or (16 if block_h <= 16 else 128)
-        kernel = compile_kernel(block_h, block_n, warps, stages, args.maxnreg, args.dv_run, heads)
+        kernel = compile_kernel(block_h, block_n, warps, stages, args.maxnreg, args.dv_run, heads, args.fused_merge)
         report(kernel, f"BLOCK_H {block_h} BLOCK_N {block_n} warps {warps} stages {stages} maxnreg {args.maxnreg} "
-                       f"dv_run {args.dv_run} heads {heads}", sass_path=args.sass)
+                       f"dv_run {args.dv_run} heads {heads} fused_merge {int(args.fused_merge)}", sass_path=args.sass)
     return 0
 
 

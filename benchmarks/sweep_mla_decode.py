@@ -160,9 +160,10 @@ class Fp8Case:
         return self.batch * self.ctx * FP8_WIDTH
 
 
-def fp8_settings(tiles, pps, min_split=(256,)) -> list[dict]:
+def fp8_settings(tiles, pps, min_split=(256,), fused=(0,)) -> list[dict]:
     return [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s, maxnreg=r, dv_run=d, programs_per_sm=p,
-                 min_split=m) for h, n, w, s, r, d in tiles for p in pps for m in min_split]
+                 min_split=m, fused_merge=f) for h, n, w, s, r, d in tiles for p in pps for m in min_split
+            for f in fused]
 
 
 def make_fp8_cases(quick: bool, tiny: bool) -> list[Fp8Case]:
@@ -173,8 +174,8 @@ def make_fp8_cases(quick: bool, tiny: bool) -> list[Fp8Case]:
             grid = fp8_settings(tiles[:2], (4,), (64, 128, 256))
         elif batch == 256 or ctx > 4096:
             grid = fp8_settings(tiles, (1, 2, 4) if not quick else (2, 4))
-        else:
-            grid = fp8_settings(tiles, (1, 2, 3, 4) if quick else (1, 2, 3, 4, 6, 8))
+        else:                   # several splits a row: the merge by the last split (fused_merge) too
+            grid = fp8_settings(tiles, (1, 2, 3, 4) if quick else (1, 2, 3, 4, 6, 8), fused=(0, 1))
         if tiny:                # interpreted: the logic only, at toy sizes
             batch, ctx, grid = {1: 1, 64: 2, 256: 3}[batch], 128 if ctx > 4096 else 64, grid[:2]
         cases.append(Fp8Case(f"fp8_h{heads}_b{batch}_ctx{ctx}", heads, batch, ctx, when, grid))
@@ -199,7 +200,8 @@ def fp8_batch(case: Fp8Case, device: str):
 
 def fp8_label(cfg: dict) -> str:
     return (f"h{cfg['BLOCK_H']} n{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']} "
-            f"r{cfg['maxnreg']} dv{cfg['dv_run']} pps{cfg['programs_per_sm']} min{cfg['min_split']}")
+            f"r{cfg['maxnreg']} dv{cfg['dv_run']} pps{cfg['programs_per_sm']} min{cfg['min_split']}"
+            f"{' fused' if cfg.get('fused_merge') else ''}")
 
 
 def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_of_time, best: dict) -> None:

@@ -184,7 +184,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # splits a merge program loads at once (_merge_splits_kernel): 16 x 512 values over 4 warps
 MERGE_CHUNK = 16
 FP8_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split",
-                             "maxnreg", "dv_run"))
+                             "maxnreg", "dv_run", "fused_merge"))
 
 
 def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: int, device: str) -> dict:
@@ -252,17 +252,23 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
                                cfg["programs_per_sm"], cfg["min_split"])
     mid_o = torch.empty(batch, n_heads, splits, block_d, dtype=q.dtype, device=q.device)
     mid_lse = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
+    # fused_merge: each row's last split merges (a counter a row and head group, zeroed here)
+    # instead of a second launch
+    fused = bool(cfg["fused_merge"])
+    counts = torch.zeros(batch * head_groups if fused else 1, dtype=torch.int32, device=q.device)
     wide = tl.float32 if small else None
     dv_wg = max(1, cfg["num_warps"] // 4)        # warp groups sharing the P.V product's rows
     _mla_decode_fp8_kernel[(batch, head_groups, splits)](
-        q, kv_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse,
+        q, kv_cache, query_start_loc, seq_lens, block_tables, mid_o, mid_lse, out, counts,
         *q.stride(), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), block_tables.stride(0),
-        qk_scale, v_scale, n_heads, kv_cache.shape[1], q.shape[-1] - block_d, block_d, splits,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
+        out.stride(0), out.stride(1), qk_scale, v_scale, n_heads, kv_cache.shape[1], q.shape[-1] - block_d, block_d,
+        splits, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
         DV_RUN=cfg["dv_run"] if block_d % (32 * cfg["dv_run"] * dv_wg) == 0 else 1, DV_WG=dv_wg,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg), **pdl_launch(q.device))
-    _merge_splits_kernel[(batch, n_heads)](
-        mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
-        CHUNK_S=MERGE_CHUNK, BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
+        FUSED_MERGE=fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg),
+        **pdl_launch(q.device))
+    if not fused:
+        _merge_splits_kernel[(batch, n_heads)](
+            mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, block_d, splits,
+            CHUNK_S=MERGE_CHUNK, BLOCK_DV=block_d, num_warps=4, **pdl_launch(q.device))
     return out

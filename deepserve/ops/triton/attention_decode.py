@@ -255,13 +255,44 @@ def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=dv_mask & has_row)
 
 
+@triton.jit
+def _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, qsl_ptr, o_st, o_sh, b, heads, h_mask, n_heads, dv, num_splits,
+                 BLOCK_D: tl.constexpr):
+    """Row b's splits merged for `heads` ([H]) as _merge_splits_kernel does, one split at a time
+    with an online maximum, read past the L1 cache (other programs wrote them during this
+    kernel); written to the row's output."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < dv
+    rows = (b.to(tl.int64) * n_heads + heads) * num_splits                           # [H]
+    m = tl.full(heads.shape, float("-inf"), tl.float32)
+    total = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros([heads.shape[0], BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        lse = tl.load(mid_lse_ptr + rows + split, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(mid_o_ptr + (rows + split)[:, None] * BLOCK_D + offs_d[None, :],
+                       mask=h_mask[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # every split so far empty
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)                                  # 0 for an empty split (lse -inf)
+        # an empty split stored no output: its rows are whatever the buffer held, not zero
+        acc = acc * alpha[:, None] + tl.where(lse[:, None] > float("-inf"), w[:, None] * part, 0.0)
+        total = total * alpha + w
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    q_start = tl.load(qsl_ptr + b).to(tl.int64)
+    has_row = tl.load(qsl_ptr + b + 1) > q_start
+    tl.store(out_ptr + q_start * o_st + heads[:, None] * o_sh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & d_ok[None, :] & has_row)
+
+
 @triton.jit(do_not_specialize=["num_splits", "bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
 def _mla_decode_fp8_kernel(
-        q_ptr, kc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr,
-        q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, qk_scale, v_scale, n_heads, block_size, d_pe, dv,
+        q_ptr, kc_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, mid_o_ptr, mid_lse_ptr, out_ptr, count_ptr,
+        q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, o_st, o_sh, qk_scale, v_scale, n_heads, block_size, d_pe, dv,
         num_splits, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, DV_RUN: tl.constexpr,
-        DV_WG: tl.constexpr, USE_PDL: tl.constexpr):
+        DV_WG: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr):
     """One split of MLA's absorbed decode over an e4m3 latent pool, with the tokens as the M
     side of both products: S^T = K q^T ([N, D] x [D, H]) and O^T += V^T P^T ([DV, N] x [N, H]).
     The latent tile is the A operand of the first, K-major as stored, so e4m3 x e4m3 warp-group
@@ -334,3 +365,12 @@ def _mla_decode_fp8_kernel(
     tl.store(mid_o_ptr + mid_row[None, :] * BLOCK_D + out_d[:, None],
              (acc * (v_scale / l_safe)[None, :]).to(mid_o_ptr.dtype.element_ty),
              mask=h_mask[None, :] & (out_d[:, None] < dv) & nonempty)
+    if FUSED_MERGE:
+        # the row's last split to finish merges them all: every thread's stores above come
+        # before the barrier, the counter's release publishes them at GPU scope, and the
+        # program that takes the count to num_splits acquires the others'
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + b * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+        if done == num_splits - 1:
+            _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, qsl_ptr, o_st, o_sh, b, heads, h_mask, n_heads, dv,
+                         num_splits, BLOCK_D)
