@@ -93,6 +93,9 @@ step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fus
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
 step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights fp8 --cut compare
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare
+#   issue 16  the fp8 MLA decode's settings with the merge by the last split (fused_merge) among them, then kvattn
+step mla_fp8_sweep 200 . python3 benchmarks/sweep_mla_decode.py --fp8 --write
+mkdir -p "$OUT/mla_fp8_cfg" && cp deepserve/ops/triton/configs/mla_decode_fp8/*.json "$OUT/mla_fp8_cfg/" 2>/dev/null
 step kvattn 70 . python3 benchmarks/bench_r1.py --case kvattn --out-dir "$OUT/res"
 step mixed 100 . python3 benchmarks/profile_mixed.py --model r1-distill-llama-8b --batch 64 --out "$OUT/profile_mixed.json"
 # the same script over the tree before (.abold's deepserve first on the path)
@@ -119,6 +122,6 @@ step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_e
 step gemm_sweep_more 200 . python3 benchmarks/sweep_gemm.py --models r1 v2lite --out "$OUT/res/sweep_gemm_more.json" --write
 mkdir -p "$OUT/gemm_cfg" && cp deepserve/ops/triton/configs/gemm/*.json "$OUT/gemm_cfg/" 2>/dev/null
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
-keep="res ops_new ops_old moe_small_cfg gemm_cfg int4_cfg fused_moe_cfg mv_old mv_new mv_ops_old mv_ops_new"
+keep="res ops_new ops_old mla_fp8_cfg moe_small_cfg gemm_cfg int4_cfg fused_moe_cfg mv_old mv_new mv_ops_old mv_ops_new"
 cd "$OUT" && tar czf results.tgz $keep 2>/dev/null; rm -rf $keep
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
