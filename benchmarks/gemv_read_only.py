@@ -1,0 +1,104 @@
+"""Is the W4A16 GEMV bound by its reads or by its arithmetic? The packed weights of the 8B's
+batch-1 projections read by a kernel with the GEMV's access pattern and no arithmetic beside
+the real GEMV (ops/triton/int4_gemm.py, the device's table), each as CUDA-graph replays over
+enough weight copies (>= 256 MB) that they come from HBM, against a 2 GiB device copy.
+
+    python benchmarks/gemv_read_only.py
+    TRITON_INTERPRET=1 python benchmarks/gemv_read_only.py --device cpu --tiny   # the logic
+
+The read-only kernel (`_read_words_kernel`) walks each program's BLOCK_N rows in steps of STEPS
+slices of SUB_C words, a word per thread and row as the GEMV's loads do (int4_rows_dot), and
+folds the words with XOR into one value a row so that no load is dead. If it reaches about
+copy bandwidth where the GEMV does not, the GEMV's arithmetic or its dependency chain holds
+it; if it stops where the GEMV does, the access pattern or the grid does.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from bench_ops import copy_bandwidth, graph_time_ms  # noqa: E402
+
+import deepserve.ops.triton._common  # noqa: E402,F401  (the interpreter's numpy patch, before @triton.jit)
+
+SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+TILES = [(8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8)]      # BLOCK_N, SUB_C, STEPS, warps
+
+
+@triton.jit
+def _read_words_kernel(qw_ptr, out_ptr, N, KW, stride_qn, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
+                       STEPS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.minimum(rows, N - 1).to(tl.int64)
+    qw_rows = qw_ptr + r * stride_qn
+    acc = tl.zeros([SUB_C, BLOCK_N], tl.int32)
+    for c0 in range(0, KW, SUB_C * STEPS):
+        for sub in tl.static_range(STEPS):
+            offs_c = c0 + sub * SUB_C + tl.arange(0, SUB_C)
+            acc ^= tl.load(qw_rows[None, :] + offs_c[:, None], mask=(offs_c < KW)[:, None], other=0)
+    tl.store(out_ptr + rows, tl.xor_sum(acc, axis=0), mask=rows < N)
+
+
+def read_words(qweight: torch.Tensor, out: torch.Tensor, tile: tuple) -> None:
+    block_n, sub_c, steps, warps = tile
+    n, kw = qweight.shape
+    _read_words_kernel[(triton.cdiv(n, block_n),)](qweight, out, n, kw, qweight.stride(0), BLOCK_N=block_n,
+                                                   SUB_C=sub_c, STEPS=steps, num_warps=warps)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="shapes / 64 (for --device cpu)")
+    args = ap.parse_args()
+    from deepserve.ops.registry import resolve
+    gemv = resolve("int4_linear", "triton")[1]
+    dev = args.device
+    bw = copy_bandwidth() if dev == "cuda" else float("nan")
+    if dev == "cuda":
+        print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s")
+    print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}" for t in TILES)
+          + " |")
+    print("|---|---|---:|" + "---:|" * len(TILES))
+    for name, n, k in SHAPES:
+        if args.tiny:
+            n, k = max(n // 64, 16), max(k // 64, 128)
+        nbytes = n * k // 2 + n * (k // 128) * 2           # packed words and bf16 scales
+        copies = 1 if dev == "cpu" else max(1, min(64, (256 << 20) // nbytes))
+        gen = torch.Generator(device=dev).manual_seed(n + k)
+        ws = [(torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=gen, device=dev, dtype=torch.int64)
+               .to(torch.int32), torch.full((n, k // 128), 0.004, dtype=torch.bfloat16, device=dev))
+              for _ in range(copies)]
+        x = torch.randn(1, k, generator=gen, device=dev).bfloat16()
+        out = torch.empty(n, dtype=torch.int32, device=dev)
+        want = torch.zeros(n, dtype=torch.int64, device=dev)
+        for w in ws[0][0].unbind(1):                        # the read-only kernel's fold, in torch
+            want ^= w.to(torch.int64) & 0xFFFFFFFF
+        cells = []
+        for tile in TILES:
+            read_words(ws[0][0], out, tile)
+            if not torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want):
+                cells.append("WRONG")
+                continue
+            if dev == "cpu":
+                cells.append("ok")
+                continue
+            us = graph_time_ms(lambda t=tile: [read_words(q, out, t) for q, _ in ws], reps=1) * 1e3 / copies
+            cells.append(f"{us:.1f} ({n * k // 2 / (us * 1e-6) / bw:.0%})")
+        if dev == "cuda":
+            us = graph_time_ms(lambda: [gemv(x, q, s, None, None, 128) for q, s in ws], reps=1) * 1e3 / copies
+            g = f"{us:.1f} ({nbytes / (us * 1e-6) / bw:.0%})"
+        else:
+            g = "-"
+        print(f"| {name} | {n}x{k} | {g} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
