@@ -28,28 +28,32 @@ from bench_ops import copy_bandwidth, graph_time_ms  # noqa: E402
 import deepserve.ops.triton._common  # noqa: E402,F401  (the interpreter's numpy patch, before @triton.jit)
 
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-TILES = [(8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8)]      # BLOCK_N, SUB_C, STEPS, warps
+# BLOCK_N, SUB_C, STEPS, warps, SWAP (the GEMV's word order)
+TILES = [(8, 128, 2, 4, 1), (4, 128, 2, 4, 1), (16, 128, 2, 4, 1), (8, 256, 1, 8, 1), (8, 128, 2, 4, 0), (8, 512, 1, 4, 0)]
 
 
 @triton.jit
 def _read_words_kernel(qw_ptr, out_ptr, N, KW, stride_qn, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
-                       STEPS: tl.constexpr):
+                       STEPS: tl.constexpr, SWAP: tl.constexpr):
+    """SWAP: neighbour words swapped as the GEMV visits them (one 4-byte load a word); without,
+    the compiler may widen a thread's adjacent words into 16-byte loads."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     qw_rows = qw_ptr + r * stride_qn
     acc = tl.zeros([SUB_C, BLOCK_N], tl.int32)
+    perm = tl.arange(0, SUB_C) ^ 1 if SWAP else tl.arange(0, SUB_C)
     for c0 in range(0, KW, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
-            offs_c = c0 + sub * SUB_C + tl.arange(0, SUB_C)
+            offs_c = c0 + sub * SUB_C + perm
             acc ^= tl.load(qw_rows[None, :] + offs_c[:, None], mask=(offs_c < KW)[:, None], other=0)
     tl.store(out_ptr + rows, tl.xor_sum(acc, axis=0), mask=rows < N)
 
 
 def read_words(qweight: torch.Tensor, out: torch.Tensor, tile: tuple) -> None:
-    block_n, sub_c, steps, warps = tile
+    block_n, sub_c, steps, warps, swap = tile
     n, kw = qweight.shape
     _read_words_kernel[(triton.cdiv(n, block_n),)](qweight, out, n, kw, qweight.stride(0), BLOCK_N=block_n,
-                                                   SUB_C=sub_c, STEPS=steps, num_warps=warps)
+                                                   SUB_C=sub_c, STEPS=steps, SWAP=swap, num_warps=warps)
 
 
 def main() -> int:
@@ -63,7 +67,7 @@ def main() -> int:
     bw = copy_bandwidth() if dev == "cuda" else float("nan")
     if dev == "cuda":
         print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s")
-    print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}" for t in TILES)
+    print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}{' swap' if t[4] else ''}" for t in TILES)
           + " |")
     print("|---|---|---:|" + "---:|" * len(TILES))
     for name, n, k in SHAPES:
