@@ -71,7 +71,10 @@ GRIDS = {
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-             for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)],
+             for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)]
+            # the bf16-pair dequantization (int4_gemm.dequant_tile PAIRS: no fp32 -> bf16 conversions)
+            + [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, num_warps=w, num_stages=3, PAIRS=1)
+               for m, n, w in ((128, 128, 8), (128, 64, 4))],
     "w4a8": [dict(SWAP_AB=0, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
              for m, n, w, st in ((64, 256, 8, 3), (64, 128, 4, 3), (64, 64, 4, 3))]
             + [dict(SWAP_AB=1, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, OVERLAP=o)
@@ -81,7 +84,9 @@ GRIDS = {
     "moe_sorted": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                    for m, n, k, w, st in ((128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
                                           (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4),
-                                          (64, 128, 128, 4, 3), (64, 256, 64, 8, 3))],
+                                          (64, 128, 128, 4, 3), (64, 256, 64, 8, 3))]
+                  + [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=3, PAIRS=1)
+                     for m, n, k, w in ((128, 64, 64, 8), (64, 128, 128, 4))],
 }
 
 

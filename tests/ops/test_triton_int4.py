@@ -286,3 +286,25 @@ def test_int4_mma_pair_asm_values():
         for q in range(4):
             t = (word >> (4 * q)) & 0x000F000F | BF16_128_PAIR      # lop3 0xEA: (a & b) | c
             assert [bf16(t) - 136.0, bf16(t >> 16) - 136.0] == [nib[q] - 8, nib[q + 4] - 8]
+
+
+@pytest.mark.parametrize("m,n,k,group", [(33, 48, 256, 128), (40, 40, 384, 64), (9, 70, 256, 256)])
+def test_int4_gemm_bf16_pairs_match_the_plain_tile(triton_ops, cpu_only, m, n, k, group):
+    """The GEMM's bf16-pair dequantization (launch setting PAIRS: lanes q and q + 4 as one bf16
+    pair, times the scale in bf16, activations read in pair order) against the same kernel's
+    fp32 dequantization: the same bf16 weights, only the fp32 sum's order differs (bf16 output:
+    an ulp); both within the torch op's rounding; nibbles 0 and 15."""
+    from deepserve.ops.triton.launch_config import trying
+    qweight, scales, _, _ = _operands(n, k, group, False, False, seed=n + m)
+    qweight[0], qweight[1] = 0, -1
+    scales = scales.bfloat16()
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    op = resolve("int4_linear", "triton")[1]
+    plain = op(x, qweight, scales, None, None, group, bias).float()
+    with trying("int4", [{"if": {"kernel": "gemm"}, "set": {"PAIRS": 1}}]):
+        pairs = op(x, qweight, scales, None, None, group, bias).float()
+    torch.testing.assert_close(pairs, plain, rtol=2 ** -7, atol=2 ** -7 * plain.abs().max().item())
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, group, bias).float()
+    assert (pairs - want).abs().max() <= 2 ** -4 * want.abs().max()

@@ -83,6 +83,23 @@ def test_small_kernels_with_paired_lanes(triton_ops, cpu_only, groups, zeros):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+def test_sorted_kernels_with_bf16_pairs(triton_ops, cpu_only, monkeypatch):
+    """The sorted grouped GEMMs with the bf16-pair dequantization (setting PAIRS, symmetric bf16
+    experts): the plain sorted kernels' result within an ulp of the bf16 output (same weights,
+    another fp32 sum order)."""
+    from deepserve.ops.triton.launch_config import trying
+    monkeypatch.setattr(triton_ops.moe_int4, "SMALL_BATCH", 0)
+    groups = (32, 16)
+    ops = _experts(groups, False, seed=7)
+    x = torch.randn(3, D).bfloat16()
+    wts, ids = _routing(3, 2, seed=8, foreign=True)
+    op = resolve("fused_moe_int4", "triton")[1]
+    plain = op(x, *ops, wts, ids, groups).float()
+    with trying("int4", [{"if": {"kernel": "moe_sorted"}, "set": {"PAIRS": 1}}]):
+        pairs = op(x, *ops, wts, ids, groups).float()
+    torch.testing.assert_close(pairs, plain, rtol=2 ** -6, atol=2 ** -6 * plain.abs().max().item())
+
+
 def test_4bit_layers_dispatch_to_the_kernels_under_the_triton_backend(triton_ops, cpu_only):
     """A loaded 4-bit Linear and 4-bit FusedMoE run the Triton ops under --ops triton and give
     the torch backend's result."""

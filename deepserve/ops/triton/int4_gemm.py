@@ -45,7 +45,7 @@ from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows)
-from deepserve.ops.triton.int4_mma import int4_mma, mma_block_k
+from deepserve.ops.triton.int4_mma import unpack_pairs, int4_mma, mma_block_k
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.w4a8_gemm import unpack_by_ptx
 
@@ -251,7 +251,7 @@ def _lane_weight(src, magic, q: tl.constexpr, s, zs, HAS_ZP: tl.constexpr, DTYPE
 @triton.jit
 def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
                  HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SUB_C: tl.constexpr, DTYPE: tl.constexpr):
+                 SUB_C: tl.constexpr, DTYPE: tl.constexpr, PAIRS: tl.constexpr = 0):
     """The weight tile of words c0 ... c0 + SUB_C (those below c_end) as [BLOCK_N, 8 SUB_C] in
     DTYPE, column j = feature 8 c0 + j, each (u - z) * s in fp32 rounded once (the reference's
     weight). Each lane is unpacked as its own [BLOCK_N, SUB_C] tensor in the layout the words
@@ -259,10 +259,26 @@ def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: 
     lanes, so the tile stays in the loading threads' registers and the activations are read as
     one contiguous [rows, 8 SUB_C] tile. Scales (SCALES): ROW, one per row (the slice inside one
     group); WORD, one per row and word; LANE, one per row and feature (g_idx, or groups that
-    split words)."""
+    split words).
+
+    PAIRS (symmetric bf16 weights, ROW scales; a launch setting): the tile in bf16 arithmetic,
+    each word's lanes q and q + 4 as one bf16 pair (int4_mma.unpack_pairs: shift, LOP3,
+    sub.bf16x2; 1 by PTX, 2 by joins), times the scale in bf16 (the same rounding once), no
+    fp32 -> bf16 conversions; the columns come in pair order (position 2q + h = feature
+    q + 4h of each word), so the caller reads its activations that way (`pair_order`)."""
     offs_c = c0 + tl.arange(0, SUB_C)
     c_ok = offs_c < c_end
     w = _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN)
+    if PAIRS:
+        ok = n_ok & (c0 < c_end)
+        s = tl.load(s_rows + (8 * c0) // GROUP, mask=ok, other=0.0)
+        # 0x43004300 (bf16 128, twice) derived from the runtime `magic` (0x4B000000), so that it
+        # reaches the PTX in a register beside the mask's immediate
+        pair_magic = ((magic >> 24) - 8) * 0x01000100
+        t = unpack_pairs(w, pair_magic, BLOCK_N, 8 * SUB_C, PAIRS == 1)
+        if PAIRS == 1:
+            return t * s[:, None]
+        return (t.to(tl.float32) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
     hi = w >> 16
     if SCALES == 0:              # LANE
         return _join_lanes(
@@ -293,6 +309,15 @@ def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: 
 
 
 @triton.jit
+def pair_order(a, ROWS: tl.constexpr, SUB_C: tl.constexpr, PAIRS: tl.constexpr):
+    """Activations [ROWS, 8 SUB_C] in feature order -> the columns of dequant_tile's tile: pair
+    order with PAIRS (feature q + 4h of each 8 at position 2q + h), else as they are."""
+    if PAIRS:
+        return tl.reshape(tl.permute(tl.reshape(a, [ROWS, SUB_C, 2, 4]), (0, 1, 3, 2)), [ROWS, 8 * SUB_C])
+    return a
+
+
+@triton.jit
 def _join_lanes(l0, l1, l2, l3, l4, l5, l6, l7, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
     """Lanes [BN, C] each -> [BN, 8 C], column 8c + q = lane q of word c. tl.join appends its axis
     last, which the reshape makes the fastest: the first joins pair lanes 4 apart (bit 2 of the
@@ -318,7 +343,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
                       stride_xm, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -331,9 +356,10 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, KW
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for c0 in range(0, KW, SUB_C):
         w = dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, KW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN,
-                         BLOCK_N, SUB_C, dt)
+                         BLOCK_N, SUB_C, dt, PAIRS)
         f = 8 * c0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows[:, None] + f[None, :], mask=m_ok[:, None] & (f < 8 * KW)[None, :], other=0.0)
+        a = pair_order(a, BLOCK_M, SUB_C, PAIRS)
         acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -415,8 +441,17 @@ def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         y.stride(0), GROUP=group_size, HAS_ZP=zeros is not None, HAS_GIDX=g_idx is not None,
         SCALES=mode, HAS_BIAS=bias is not None, EVEN=kw % sub == 0, DOT_DTYPE=dot_dtype(x2.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=PACK * sub, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=cfg["num_stages"], PAIRS=pairs_mode(cfg, x2.dtype, zeros is not None, mode))
     return y
+
+
+def pairs_mode(cfg: dict, dtype: torch.dtype, has_zp: bool, scales_mode: int) -> int:
+    """dequant_tile's PAIRS for a launch: 0 unless the table asks (setting PAIRS) and the
+    product allows (bf16 activations, symmetric weights, a scale a row a slice); then 1 where
+    the PTX unpack runs, 2 by joins."""
+    if not cfg.get("PAIRS", 0) or dtype != torch.bfloat16 or has_zp or scales_mode != ROW:
+        return 0
+    return 1 if unpack_by_ptx() else 2
 
 
 @register("int4_linear", "triton")

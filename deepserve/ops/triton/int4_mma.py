@@ -46,7 +46,7 @@ def _nibble(p, i: tl.constexpr):
 
 
 @triton.jit
-def _unpack_pairs(p, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+def unpack_pairs(p, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """Packed words [BN, BK / 8] -> bf16 [BN, BK] of u - 8, each word's lanes in pair order
     (position 2q + h = nibble q + 4h). By PTX (`_PAIR_ASM`, two lanes a register) or by joins,
     whose first axis is the slowest: bit 1 of q, bit 0 of q, then h."""
@@ -82,7 +82,7 @@ def _int4_mma_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
         p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
         p_blk = tl.advance(p_blk, (0, C))
         s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)
-        w = _unpack_pairs(p, magic, BLOCK_N, BLOCK_K, ASM)                                          # bf16 [BN, BK]
+        w = unpack_pairs(p, magic, BLOCK_N, BLOCK_K, ASM)                                          # bf16 [BN, BK]
         if ASM:     # one bf16x2 multiply a pair
             w = w * s[:, None]
         else:       # the same rounding, through fp32 (the interpreter multiplies bf16 wrongly)

@@ -40,7 +40,8 @@ from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
-from deepserve.ops.triton.int4_gemm import MAGIC, dequant_tile, int4_rows_dot, int4_settings, slice_words
+from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, int4_rows_dot, int4_settings, pair_order, pairs_mode,
+                                            slice_words)
 from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run
@@ -126,12 +127,14 @@ def _sorted_block(sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, 
 @triton.jit
 def _tile_dot(a_rows, row_ok, acc, qw_rows, s_rows, z_rows, g, n_ok, c0, KW, magic, GROUP: tl.constexpr,
               HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr, EVEN: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr):
-    """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype)."""
+              DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, PAIRS: tl.constexpr):
+    """acc + A[rows, words c0 ..] @ W[cols, words c0 ..]^T, W dequantized (rounded to A's dtype;
+    PAIRS: in bf16 pairs, the activations read in the tile's pair order)."""
     w = dequant_tile(qw_rows, s_rows, z_rows, g, n_ok, c0, KW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES, EVEN, BLOCK_N,
-                     SUB_C, a_rows.dtype.element_ty)
+                     SUB_C, a_rows.dtype.element_ty, PAIRS)
     f = 8 * c0 + tl.arange(0, 8 * SUB_C)
     a = tl.load(a_rows[:, None] + f[None, :], mask=row_ok[:, None] & (f < 8 * KW)[None, :], other=0.0)
+    a = pair_order(a, a_rows.shape[0], SUB_C, PAIRS)
     return tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
 
 
@@ -140,7 +143,7 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
                            DW, top_k, magic, stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                            GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                            EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
     expert, rows, row_ok, offs_n, n_ok, qw, s, z, g = _sorted_block(
         sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_qn, stride_se,
@@ -153,9 +156,9 @@ def _sorted_gate_up_kernel(x_ptr, sorted_ptr, block_expert_ptr, qw_ptr, s_ptr, z
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, DW, SUB_C):
             gate = _tile_dot(x_rows, row_ok, gate, qw, s, z, g, n_ok, c0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, SCALES,
-                             EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+                             EVEN, DOT_DTYPE, BLOCK_N, SUB_C, PAIRS)
             up = _tile_dot(x_rows, row_ok, up, up_qw, up_s, up_z, g, n_ok, c0, DW, magic, GROUP, HAS_ZP, HAS_GIDX,
-                           SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+                           SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C, PAIRS)
         gate = gate.to(dt).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
         tl.store(h_ptr + rows[:, None] * stride_ha + offs_n[None, :], (silu * up.to(dt).to(tl.float32)).to(dt),
@@ -168,7 +171,7 @@ def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, wts_ptr, qw_ptr, s_
                         stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ya,
                         GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, SCALES: tl.constexpr,
                         EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     SUB_C: tl.constexpr = BLOCK_K // 8
     expert, rows, row_ok, offs_n, n_ok, qw, s, z, g = _sorted_block(
         sorted_ptr, block_expert_ptr, n_assign, qw_ptr, s_ptr, z_ptr, g_ptr, stride_qe, stride_qn, stride_se,
@@ -177,7 +180,7 @@ def _sorted_down_kernel(h_ptr, sorted_ptr, block_expert_ptr, wts_ptr, qw_ptr, s_
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for c0 in range(0, IW, SUB_C):
             acc = _tile_dot(h_ptr + rows * stride_ha, row_ok, acc, qw, s, z, g, n_ok, c0, IW, magic, GROUP, HAS_ZP,
-                            HAS_GIDX, SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C)
+                            HAS_GIDX, SCALES, EVEN, DOT_DTYPE, BLOCK_N, SUB_C, PAIRS)
         # fp32 y[a] = routing weight * (the product rounded to h's dtype, the reference's output)
         wt = tl.load(wts_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
@@ -239,13 +242,14 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
             _sorted_gate_up_kernel[grid](
                 a_in, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, i, kw, top_k, MAGIC,
                 a_in.stride(0), *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub,
-                **mat["consts"], **common)
+                PAIRS=pairs_mode(cfg, a_in.dtype, z is not None, mat["consts"]["SCALES"]), **mat["consts"], **common)
             if act_int8:
                 h = int8_rows_roundtrip(h)
         else:
             _sorted_down_kernel[grid](
                 h, aligned.sorted_ids, aligned.block_expert, wts, *mat["ptrs"], out, n_assign, e, d, kw, MAGIC, h.stride(0),
-                *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub, **mat["consts"], **common)
+                *mat["strides"], out.stride(0), EVEN=kw % sub == 0, BLOCK_K=PACK * sub,
+                PAIRS=pairs_mode(cfg, h.dtype, z is not None, mat["consts"]["SCALES"]), **mat["consts"], **common)
     return y.view(num_tokens, top_k, d).sum(1).to(x.dtype)
 
 
