@@ -308,3 +308,21 @@ def test_int4_gemm_bf16_pairs_match_the_plain_tile(triton_ops, cpu_only, m, n, k
     torch.testing.assert_close(pairs, plain, rtol=2 ** -7, atol=2 ** -7 * plain.abs().max().item())
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, group, bias).float()
     assert (pairs - want).abs().max() <= 2 ** -4 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 1024])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
+def test_int4_gemm_bf16_pairs_gpu_model_shapes(triton_ops, m, n, k):
+    """The GEMM's bf16-pair dequantization compiled (PTX unpack, bf16x2 scale) at model shapes,
+    against the torch op."""
+    from deepserve.ops.triton.launch_config import trying
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
+                            dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
+    with trying("int4", [{"if": {"kernel": "gemm"}, "set": {"PAIRS": 1, "BLOCK_K": 64}}]):
+        got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
