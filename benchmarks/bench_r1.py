@@ -383,6 +383,11 @@ def fmt(r: dict) -> str:
     return f"| {r['name']} | {shown} | {ratio} | {r['device']} |"
 
 
+def derived(a: dict, b: dict) -> str:
+    """The command line of a ratio of two figures: both figures' commands."""
+    return f"{a.get('command', '?')} / {b.get('command', '?')}"
+
+
 def case_table(args, rows: list) -> None:
     """Every r1_*.json in --out-dir, and the fp8 / bf16 decode ratio on each cut with both."""
     found = [json.loads(p.read_text()) for p in sorted(Path(args.out_dir).glob(f"{PREFIX}*.json"))]
@@ -394,7 +399,7 @@ def case_table(args, rows: list) -> None:
         if fp8 is not None:
             batch = r["name"].rsplit("_b", 1)[1]
             name = r["name"].replace("bf16_", "fp8_over_bf16_", 1)
-            entry = {**{k: fp8[k] for k in ("device", "date")}, "name": name,
+            entry = {**{k: fp8[k] for k in ("device", "date")}, "name": name, "command": derived(fp8, r),
                      "value": fp8["value"] / r["value"], "unit": "x", "roofline_value": None, "ratio": None,
                      "fp8_tok_s": fp8["value"], "bf16_tok_s": r["value"],
                      "target": TARGETS["fp8_over_bf16_b1"] if batch == "1" else None}
@@ -404,8 +409,9 @@ def case_table(args, rows: list) -> None:
         fp8 = by_name.get(r["name"].replace("_kv_auto_tokens", "_kv_fp8_tokens"))
         if r["name"].endswith("_kv_auto_tokens") and fp8 is not None:
             name = r["name"].replace("_kv_auto_tokens", "_kv_fp8_over_auto_tokens")
-            entry = {**{k: fp8[k] for k in ("device", "date")}, "name": name, "value": fp8["value"] / r["value"],
-                     "unit": "x", "roofline_value": None, "ratio": None, "target": TARGETS["kv_tokens"]}
+            entry = {**{k: fp8[k] for k in ("device", "date")}, "name": name, "command": derived(fp8, r),
+                     "value": fp8["value"] / r["value"], "unit": "x", "roofline_value": None, "ratio": None,
+                     "target": TARGETS["kv_tokens"]}
             (Path(args.out_dir) / f"{PREFIX}{name}.json").write_text(json.dumps(entry, indent=2))
             found.append(entry)
     print("\n| figure | value | of roofline | device |\n|---|---|---|---|")
