@@ -108,15 +108,21 @@ def test_w4a8_parity_asm_and_quant_lane_order(triton_ops, cpu_only):
     assert torch.equal(qp, q.view(3, 5, 4, 2).transpose(2, 3).reshape(3, 40))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 64, 1024])
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (7168, 16384)])
-def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
+def _gpu_operands(m: int, n: int, k: int):
+    """A seeded CUDA generator and random packed words [n, k / 8], bf16 scales in groups of 128
+    and bf16 activations [m, k] (model-shape GPU tests)."""
     g = torch.Generator(device="cuda").manual_seed(n + k + m)
     qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
                             dtype=torch.int64).to(torch.int32)
     scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
-    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    return g, qweight, scales, torch.randn(m, k, generator=g, device="cuda").bfloat16()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 64, 1024])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (7168, 16384)])
+def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
+    g, qweight, scales, x = _gpu_operands(m, n, k)
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
     got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
@@ -133,11 +139,7 @@ def test_int4_kernels_gpu_model_shapes(triton_ops, m, n, k):
 def test_int4_gemv_mma_gpu_model_shapes(triton_ops, m, n, k, setting):
     """The GEMV's tensor-core path compiled (PTX unpack, bf16x2 scale) at model shapes."""
     from deepserve.ops.triton.launch_config import trying
-    g = torch.Generator(device="cuda").manual_seed(n + k + m)
-    qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
-                            dtype=torch.int64).to(torch.int32)
-    scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
-    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    g, qweight, scales, x = _gpu_operands(m, n, k)
     bias = torch.randn(n, generator=g, device="cuda").bfloat16()
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128, bias).float()
     with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
@@ -227,7 +229,7 @@ def test_w4a8_unpack_asm_byte_arithmetic():
 def test_w4a8_ptx_unpack_only_on_nvidia(monkeypatch):
     """The PTX unpack is chosen on an NVIDIA build only: a ROCm build of torch (its GPUs also
     report device type "cuda") and the interpreter take the join-based unpack."""
-    import deepserve.ops.triton.w4a8_gemm as w4a8
+    import deepserve.ops.triton._common as w4a8
     monkeypatch.setattr(w4a8, "interpreting", lambda: False)
     monkeypatch.setattr(torch.version, "hip", None)
     assert w4a8.unpack_by_ptx()
@@ -317,11 +319,7 @@ def test_int4_gemm_bf16_pairs_gpu_model_shapes(triton_ops, m, n, k):
     """The GEMM's bf16-pair dequantization compiled (PTX unpack, bf16x2 scale) at model shapes,
     against the torch op."""
     from deepserve.ops.triton.launch_config import trying
-    g = torch.Generator(device="cuda").manual_seed(n + k + m)
-    qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
-                            dtype=torch.int64).to(torch.int32)
-    scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
-    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    g, qweight, scales, x = _gpu_operands(m, n, k)
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
     with trying("int4", [{"if": {"kernel": "gemm"}, "set": {"PAIRS": 1, "BLOCK_K": 64}}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()

@@ -23,6 +23,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def unpack_by_ptx() -> bool:
+    """Whether the 4-bit kernels unpack with their inline PTX: it compiles for NVIDIA GPUs only
+    (ROCm builds of torch also report device type "cuda"; the interpreter runs no assembly),
+    elsewhere they take join-based unpacks with the same values."""
+    return not interpreting() and torch.version.hip is None
+
+
+@triton.jit
+def repeat_words(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed words [BN, BK / 8] -> [BN, BK], each word repeated over its 8 lanes by joins (an
+    axis held by the loading thread), so an inline-PTX unpack packing several lanes an
+    instance finds the word in the same thread as its lanes."""
+    pp = tl.join(p, p)
+    pp = tl.join(pp, pp)
+    return tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+
+
 @functools.lru_cache(maxsize=8)
 def _properties(device_index: int):
     return torch.cuda.get_device_properties(device_index)

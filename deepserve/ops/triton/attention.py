@@ -255,7 +255,7 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
     # fused_merge: each row's last split merges (a counter a row and head group, zeroed here)
     # instead of a second launch
     fused = bool(cfg["fused_merge"])
-    counts = torch.zeros(batch * head_groups if fused else 1, dtype=torch.int32, device=q.device)
+    counts = torch.zeros(batch * head_groups, dtype=torch.int32, device=q.device) if fused else mid_lse
     wide = tl.float32 if small else None
     dv_wg = max(1, cfg["num_warps"] // 4)        # warp groups sharing the P.V product's rows
     _mla_decode_fp8_kernel[(batch, head_groups, splits)](

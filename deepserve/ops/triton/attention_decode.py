@@ -222,6 +222,17 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, 
              mask=(offs_dv < dv) & has_row)
 
 
+@triton.jit
+def _merge_weights(m, lse_max, lse):
+    """One online step of a split merge in log2 units: the new running maximum (m and lse_max
+    its old value and the step's largest lse), the factor that rescales what was summed so
+    far, and each split's weight 2^(lse - max) (0 for an empty split, lse -inf). While every
+    split so far is empty the reference point is 0, not -inf (no NaN)."""
+    m_new = tl.maximum(m, lse_max)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2(m - m_ref), tl.exp2(lse - m_ref)
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n_heads, dv, num_splits,
                          CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr, USE_PDL: tl.constexpr):
@@ -243,14 +254,10 @@ def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n
         lse = tl.load(mid_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
         part = tl.load(mid_o_ptr + (base + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
                        mask=s_mask[:, None] & dv_mask[None, :], other=0.0).to(tl.float32)   # [S, DV]
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)     # every split so far empty
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(lse - m_ref)                                  # 0 for an empty split (lse -inf)
+        m, alpha, w = _merge_weights(m, tl.max(lse, axis=0), lse)
         # an empty split stored no output: its rows are whatever the buffer held, not zero
         acc = acc * alpha + tl.sum(tl.where(lse[:, None] > float("-inf"), w[:, None] * part, 0.0), axis=0)
         total = total * alpha + tl.sum(w, axis=0)
-        m = m_new
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=dv_mask & has_row)
 
@@ -271,14 +278,10 @@ def _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, qsl_ptr, o_st, o_sh, b, heads,
         lse = tl.load(mid_lse_ptr + rows + split, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
         part = tl.load(mid_o_ptr + (rows + split)[:, None] * BLOCK_D + offs_d[None, :],
                        mask=h_mask[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
-        m_new = tl.maximum(m, lse)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)      # every split so far empty
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(lse - m_ref)                                  # 0 for an empty split (lse -inf)
+        m, alpha, w = _merge_weights(m, lse, lse)
         # an empty split stored no output: its rows are whatever the buffer held, not zero
         acc = acc * alpha[:, None] + tl.where(lse[:, None] > float("-inf"), w[:, None] * part, 0.0)
         total = total * alpha + w
-        m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     q_start = tl.load(qsl_ptr + b).to(tl.int64)
     has_row = tl.load(qsl_ptr + b + 1) > q_start

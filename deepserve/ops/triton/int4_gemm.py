@@ -44,10 +44,9 @@ from deepserve.ops.int4 import PACK, check_int4_operands
 from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
-                                          prefetch_rows)
-from deepserve.ops.triton.int4_mma import unpack_pairs, int4_mma, mma_block_k
+                                          prefetch_rows, unpack_by_ptx)
+from deepserve.ops.triton.int4_mma import int4_mma, mma_block_k, pair_order, unpack_pairs
 from deepserve.ops.triton.launch_config import launch_settings
-from deepserve.ops.triton.w4a8_gemm import unpack_by_ptx
 
 GEMV_ROWS = 4   # up to this many rows take the GEMV
 
@@ -306,15 +305,6 @@ def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: 
                        _lane_weight(hi, magic, 4, s, zs, HAS_ZP, DTYPE), _lane_weight(hi, magic, 5, s, zs, HAS_ZP, DTYPE),
                        _lane_weight(hi, magic, 6, s, zs, HAS_ZP, DTYPE), _lane_weight(hi, magic, 7, s, zs, HAS_ZP, DTYPE),
                        BLOCK_N, SUB_C)
-
-
-@triton.jit
-def pair_order(a, ROWS: tl.constexpr, SUB_C: tl.constexpr, PAIRS: tl.constexpr):
-    """Activations [ROWS, 8 SUB_C] in feature order -> the columns of dequant_tile's tile: pair
-    order with PAIRS (feature q + 4h of each 8 at position 2q + h), else as they are."""
-    if PAIRS:
-        return tl.reshape(tl.permute(tl.reshape(a, [ROWS, SUB_C, 2, 4]), (0, 1, 3, 2)), [ROWS, 8 * SUB_C])
-    return a
 
 
 @triton.jit

@@ -11,7 +11,7 @@ products and their sums are the warp-group MMA's (rows padded to 16, fp32 accumu
 A word's lanes come out in pair order (position 2q + h holds feature 8c + q + 4h), and the
 activations are read in that order. Symmetric bf16 weights in groups of whole K steps only;
 everything else stays on the CUDA-core GEMV. The interpreter and ROCm take a join-based unpack
-with the same values (`w4a8_gemm.unpack_by_ptx`).
+with the same values (`_common.unpack_by_ptx`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import dot_dtype
+from deepserve.ops.triton._common import dot_dtype, repeat_words
 
 # q = 0: no shift; q = 1, 2, 3: the pair moved down 4q bits; 0x4300 is bf16 128, 0x4308 bf16 136
 # ($5: 0x43004300 from a runtime argument, so that the mask and the OR are one LOP3 with the
@@ -51,9 +51,7 @@ def unpack_pairs(p, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
     (position 2q + h = nibble q + 4h). By PTX (`_PAIR_ASM`, two lanes a register) or by joins,
     whose first axis is the slowest: bit 1 of q, bit 0 of q, then h."""
     if ASM:
-        pp = tl.join(p, p)
-        pp = tl.join(pp, pp)
-        words = tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+        words = repeat_words(p, BLOCK_N, BLOCK_K)
         shift = 4 * ((tl.arange(0, BLOCK_K) % 8) // 2)[None, :] + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
         mag = magic + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
         return tl.inline_asm_elementwise(_PAIR_ASM, _PAIR_CONSTRAINTS, [words, shift, mag], dtype=tl.bfloat16,
@@ -61,6 +59,15 @@ def unpack_pairs(p, magic, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
     lo = tl.join(tl.join(_nibble(p, 0), _nibble(p, 2)), tl.join(_nibble(p, 1), _nibble(p, 3)))
     hi = tl.join(tl.join(_nibble(p, 4), _nibble(p, 6)), tl.join(_nibble(p, 5), _nibble(p, 7)))
     return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K]).to(tl.float32).to(tl.bfloat16)
+
+
+@triton.jit
+def pair_order(a, ROWS: tl.constexpr, SUB_C: tl.constexpr, PAIRS: tl.constexpr):
+    """Activations [ROWS, 8 SUB_C] in feature order -> the columns of `unpack_pairs`' tile: pair
+    order with PAIRS (feature q + 4h of each 8 at position 2q + h), else as they are."""
+    if PAIRS:
+        return tl.reshape(tl.permute(tl.reshape(a, [ROWS, SUB_C, 2, 4]), (0, 1, 3, 2)), [ROWS, 8 * SUB_C])
+    return a
 
 
 @triton.jit
@@ -88,8 +95,7 @@ def _int4_mma_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, str
         else:       # the same rounding, through fp32 (the interpreter multiplies bf16 wrongly)
             w = (w.to(tl.float32) * s.to(tl.float32)[:, None]).to(tl.bfloat16)
         x = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)                                    # [BM, BK]
-        # pair order: each 8 columns' (h, q) becomes (q, h), feature q + 4h at position 2q + h
-        x = tl.reshape(tl.permute(tl.reshape(x, [BLOCK_M, C, 2, 4]), (0, 1, 3, 2)), [BLOCK_M, BLOCK_K])
+        x = pair_order(x, BLOCK_M, C, True)
         acc = tl.dot(w.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]

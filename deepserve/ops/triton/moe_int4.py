@@ -40,8 +40,8 @@ from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
-from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, int4_rows_dot, int4_settings, pair_order, pairs_mode,
-                                            slice_words)
+from deepserve.ops.triton.int4_gemm import MAGIC, dequant_tile, int4_rows_dot, int4_settings, pairs_mode, slice_words
+from deepserve.ops.triton.int4_mma import pair_order
 from deepserve.ops.triton.moe_align import align_by_expert
 
 SMALL_BATCH = 64   # assignments (tokens x top_k) up to which the per-assignment kernels run

@@ -18,7 +18,7 @@ chosen by the launch table's SWAP_AB:
   to u - z by the thread that loaded them (`_UNPACK_ASM`, seven instructions for four lanes).
 
 The interpreter and ROCm, which run no PTX, take join-based unpacks with the same values
-(`unpack_by_ptx`).
+(`_common.unpack_by_ptx`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import triton.language as tl
 from deepserve.ops.int4 import check_int4_operands
 from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.ops.triton._common import as_rows, interpreting, repeat_words, unpack_by_ptx
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_int8 import quant_rows_int8
 
@@ -82,9 +82,7 @@ def _unpack_tile_asm(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """`_unpack_tile` by PTX: each word repeated over its 8 lanes (joins: in the loading thread),
     every four lanes one `_UNPACK_ASM` instance given the word, the lane index and
     (128 - z) in every byte."""
-    pp = tl.join(p, p)
-    pp = tl.join(pp, pp)
-    words = tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+    words = repeat_words(p, BLOCK_N, BLOCK_K)
     lane = (tl.arange(0, BLOCK_K) % 8)[None, :] + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     zc = (128 - z) * 0x01010101 + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     return tl.inline_asm_elementwise(_UNPACK_ASM, _UNPACK_CONSTRAINTS, [words, lane, zc], dtype=tl.int8,
@@ -180,9 +178,7 @@ def _unpack_parity_tile(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
     (position 4h + j = nibble 2j + h). By PTX (`_PARITY_ASM`, four lanes a register) or by joins,
     whose first axis is the slowest: h, then the two bits of j."""
     if ASM:
-        pp = tl.join(p, p)
-        pp = tl.join(pp, pp)
-        words = tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
+        words = repeat_words(p, BLOCK_N, BLOCK_K)
         shift = 4 - (tl.arange(0, BLOCK_K) % 8)[None, :] + tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
         return tl.inline_asm_elementwise(_PARITY_ASM, _PARITY_CONSTRAINTS, [words, shift], dtype=tl.int8,
                                          is_pure=True, pack=4)
@@ -239,12 +235,6 @@ def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :])
-
-
-def unpack_by_ptx() -> bool:
-    """Whether the kernel unpacks with `_UNPACK_ASM`: PTX compiles for NVIDIA GPUs only (ROCm
-    builds of torch also report device type "cuda"; the interpreter runs no assembly)."""
-    return not interpreting() and torch.version.hip is None
 
 
 def _block_k(group: int, k: int) -> Optional[int]:
