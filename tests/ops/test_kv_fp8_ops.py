@@ -99,6 +99,9 @@ def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only,
         with trying("mla_decode_fp8", [{"set": {"BLOCK_H": 24}}]):
             with pytest.raises(ValueError, match="BLOCK_H must be a power of two"):
                 op(*pb.args(0.125))
+        with trying("mla_decode_fp8", [{"set": {"fused_merge": "yes"}}]):
+            with pytest.raises(ValueError, match="fused_merge must be 0 or 1, got 'yes'"):
+                op(*pb.args(0.125))
     monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
     want = op(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.125))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

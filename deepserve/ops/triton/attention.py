@@ -209,6 +209,8 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
             raise ValueError(f"mla_decode_fp8 {key} must be a power of two >= 16, got {cfg[key]}")
     if cfg["dv_run"] not in (1, 2, 4, 16):
         raise ValueError(f"mla_decode_fp8 dv_run must be 1, 2, 4 or 16, got {cfg['dv_run']}")
+    if cfg["fused_merge"] not in (0, 1):
+        raise ValueError(f"mla_decode_fp8 fused_merge must be 0 or 1, got {cfg['fused_merge']!r}")
     return cfg
 
 
