@@ -21,11 +21,13 @@ receives, so they are reported once, not summed.
 """
 from __future__ import annotations
 
+import glob
 import os
 from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from deepserve.ops.profile import KINDS as OPS_TIME_KINDS
@@ -139,6 +141,23 @@ class _Aliased:
             yield alias
 
 
+class _SharedFilesCollector(MultiProcessCollector):
+    """prometheus_client's collector over the API servers' metric files, skipping a file
+    another process has created but not yet sized (prometheus_client opens it empty, then
+    grows it): reading that one raises, so a scrape, or an API server registering its metrics
+    while another starts, would fail on it."""
+
+    def collect(self):
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.path.getsize(name) >= 8:   # the used-bytes header and its padding
+                    files.append(name)
+            except OSError:  # removed meanwhile (a stopped server's files)
+                pass
+        return self.merge(files, accumulate=True)
+
+
 class ServerMetrics:
     """Collects request timings (as AsyncLLM's listener) and renders the exposition text."""
 
@@ -151,8 +170,7 @@ class ServerMetrics:
         inner.register(_EngineCollector(model_name, snapshot))
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared_dir:  # the request metrics of every API server process, read from their files
-            from prometheus_client.multiprocess import MultiProcessCollector
-            MultiProcessCollector(inner, shared_dir)
+            _SharedFilesCollector(inner, shared_dir)
         own = None if shared_dir else inner   # (registered, they would show this process's alone too)
 
         def histogram(name: str, help_text: str, buckets: tuple[float, ...]):

@@ -279,3 +279,23 @@ def test_tokenize_messages_add_special_tokens():
     assert tokens(add_special_tokens=True) == [tok.bos_token_id] + plain
     r = client.post("/tokenize", json={"prompt": "Once upon a time"})   # a prompt's default: true
     assert r.json()["tokens"] == [tok.bos_token_id] + plain
+
+
+def test_shared_metric_files_skip_a_file_not_yet_sized(tmp_path):
+    """An API server registering its metrics (or a scrape) while another API server has just
+    created its metric file, still empty: the others' files are read, the empty one skipped."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from deepserve.server.metrics import _SharedFilesCollector
+
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    key = mmap_key("deepserve:request_success", "deepserve:request_success_total", ["model_name"], ["m"], "h")
+    written.write_value(key, 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").write_bytes(b"")     # opened by prometheus_client, not yet sized
+    registry = CollectorRegistry(auto_describe=True)
+    _SharedFilesCollector(registry, str(tmp_path))     # registering collects once
+    samples = [s for family in registry.collect() for s in family.samples]
+    assert [(s.name, s.labels, s.value) for s in samples] == [
+        ("deepserve:request_success_total", {"model_name": "m"}, 3.0)]
