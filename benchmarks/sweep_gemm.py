@@ -137,7 +137,8 @@ def sweep_bucket(x: torch.Tensor, ws: list[torch.Tensor], table_cfg: dict, sms: 
     run([dict(settings[name], SPLIT_K=s) for _, name in unsplit[:SPLIT_BASES]
          for s in split_ks(settings[name], m, n, k, sms)])
     best_ms, best_name = min((ms, name) for name, ms in times.items())
-    return best_ms, settings[best_name], times.get(table_name, float("nan")), times
+    best = {key: settings[best_name][key] for key in SETTING_KEYS}   # the table's own setting carries its backend
+    return best_ms, best, times.get(table_name, float("nan")), times
 
 
 def main(argv: Optional[list[str]] = None) -> int:

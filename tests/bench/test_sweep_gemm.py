@@ -92,3 +92,16 @@ def test_interpreted_sweep_writes_its_rules(tmp_path, capsys):
     assert rule["if"] == {"m_gt": 4, "m_le": 16, "n": 16, "k": 896}
     assert {k: rule["set"][k] for k in sweep.SETTING_KEYS} == row["triton_cfg"]
     assert "| 16x896 | 16 |" in capsys.readouterr().out
+
+
+def test_the_best_setting_is_tiles_only_when_the_tables_own_setting_wins(monkeypatch):
+    """The table's setting is timed first and carries a backend; when it is the fastest, the
+    best setting returned (the rule's tiles, the row's triton_cfg) is its tiles alone."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(sweep, "try_setting", lambda *a, **k: (next(clock), 0.0, ""))
+    clock = iter(range(1, 1000))     # each setting timed slower than the one before
+    x, w = torch.randn(16, 64, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16)
+    table_cfg = {"backend": "cublas", **sweep.setting(32, 64, 64, 1, 1)}
+    best_ms, best, table_ms, _ = sweep.sweep_bucket(x, [w], table_cfg, 2, None, limit=2)
+    assert best_ms == table_ms == 1
+    assert best == {key: table_cfg[key] for key in sweep.SETTING_KEYS}
