@@ -52,7 +52,7 @@ from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
-from deepserve.quant.qconfig_fields import check_fields
+from deepserve.quant.qconfig_fields import check_fields, quantization_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -102,7 +102,7 @@ def _check_w8a8_int8(qc: dict) -> None:
 def checkpoint_quantization(hf_config) -> Optional[str]:
     """The checkpoint's stored format: "fp8", "w8a8-int8", a 4-bit one ("awq", "gptq", "w4a16",
     "w4a8-int8": quant/int4.py) or None (high precision)."""
-    qc = hf_config.get("quantization_config") or {}
+    qc = quantization_config(hf_config)
     method = qc.get("quant_method")
     if method is None:
         return None
@@ -162,6 +162,7 @@ def linear_method(model: str, hf_config, requested: Optional[str],
     quantization_config deepserve does not load or a --quantization it cannot serve the folder
     with. Random weights (`--load-format dummy`) store nothing, but 4-bit ones in the format asked
     for."""
+    quantization_config(hf_config)
     if load_format == "dummy":
         stored = int4_spec_for(hf_config, requested).method if requested in INT4_REQUESTS else None
     else:

@@ -28,8 +28,13 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index} is not a safetensors index ({exc!r})") from None
+        if not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
         for name in files:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"shard {folder / name} listed in {index.name} is missing")
@@ -95,6 +100,10 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
         if name.endswith(suffix):
             base = name[: -len(suffix)]
             if keep(name):
+                # fp8 scales are checked by their layers; an int8 layer multiplies by its scale as
+                # stored, so a NaN / inf one would make its rows NaN without a word
+                if fmt == "w8a8-int8" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"tensor {name}: weight_scale has non-finite values")
                 kept_s.add(base)
                 yield name, t
             elif base in pending_w:

@@ -65,7 +65,7 @@ def _entries(qc: dict, field: str) -> tuple[str, ...]:
     value = qc.get(field) or ()
     if isinstance(value, str):
         value = (value,)
-    if not all(isinstance(v, str) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{field} must be a list of module names, got {value!r}")
     return tuple(value)
 
@@ -108,8 +108,9 @@ def _read(qc: dict) -> Ignore:
         return Ignore(substrings=_entries(qc, "modules_to_not_convert"))
     if method == "gptq":
         # the modules quantized in each block, as substrings of module names
-        blocks = [e for group in (qc.get("modules_in_block_to_quantize") or ())
-                  for e in ((group,) if isinstance(group, str) else group)]
+        groups = qc.get("modules_in_block_to_quantize") or ()
+        blocks = ([e for group in groups for e in ((group,) if isinstance(group, str) else group)]
+                  if isinstance(groups, (list, tuple)) and all(isinstance(g, (str, list)) for g in groups) else [None])
         if not all(isinstance(e, str) for e in blocks):
             raise ValueError(f"modules_in_block_to_quantize must list module names, got "
                              f"{qc.get('modules_in_block_to_quantize')!r}")

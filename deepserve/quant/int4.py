@@ -86,13 +86,16 @@ CT_NAMES = {"qweight": "weight_packed", "scales": "weight_scale", "qzeros": "wei
 
 
 def _bits(value, where: str) -> None:
-    if value != 4:
-        raise ValueError(f"{where}: {value}-bit weights are not supported; deepserve serves 4-bit "
+    if value != 4 or isinstance(value, bool):
+        what = f"{value}-bit weights are" if isinstance(value, int) else f"bits {value!r} is"
+        raise ValueError(f"{where}: {what} not supported; deepserve serves 4-bit "
                          f"AWQ / GPTQ / compressed-tensors and 8-bit W8A8")
 
 
 def _group(value, where: str) -> int:
-    g = -1 if value in (None, -1) else int(value)
+    if value not in (None, -1) and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: group_size {value!r} must be -1 or a positive multiple of {PACK}")
+    g = -1 if value in (None, -1) else value
     if g != -1 and (g <= 0 or g % PACK):
         raise ValueError(f"{where}: group_size {value} must be -1 or a positive multiple of {PACK}")
     return g
@@ -117,6 +120,9 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int
     strategy = w.get("strategy")
     if strategy not in ("group", "channel"):
         raise ValueError(f"{where}: weight strategy {strategy!r} is not supported (group or channel)")
+    if strategy == "group" and w.get("group_size") in (None, -1):
+        raise ValueError(f"{where}: weight strategy 'group' with group_size {w.get('group_size')!r}; "
+                         f"a group strategy needs a positive group_size")
     act = None
     if a:
         got = (a.get("num_bits"), a.get("type", "int"), a.get("strategy"), a.get("dynamic"))

@@ -73,6 +73,20 @@ def dequantize(parts: dict[str, torch.Tensor], module: str, out_dtype: torch.dty
     return (w * scale.reshape(-1, 1).to(torch.float32)).to(out_dtype)
 
 
+_FLOAT_PARTS = ("weight_scale", "weight_offset", "input_scale", "input_offset")
+
+
+def _check_values(name: str, part: str, t: torch.Tensor) -> None:
+    """A NaN / inf scale or offset would turn its rows (or the whole layer) into NaN without a
+    word; a static quantizer's input_scale divides the activations, so it must be > 0."""
+    if part not in _FLOAT_PARTS or t.device.type == "meta":
+        return
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"tensor {name}: {part} has non-finite values")
+    if part == "input_scale" and bool((t <= 0).any()):
+        raise ValueError(f"tensor {name}: input_scale must be > 0, got {t.reshape(-1)[0].item()}")
+
+
 def modelslim_stream(weights: Iterable[tuple[str, torch.Tensor]], desc: dict, keep: Callable[[str], bool],
                      out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors for the model. Quantized modules for which `keep(module)` holds
@@ -86,6 +100,7 @@ def modelslim_stream(weights: Iterable[tuple[str, torch.Tensor]], desc: dict, ke
             yield name, t
             continue
         module, part = found
+        _check_values(name, part, t)
         if keep(module):
             if part == "weight_offset":
                 if bool((t != 0).any()):

@@ -46,6 +46,15 @@ _NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False)
             "fp8": {"fmt": (None, "e4m3")}}
 
 
+def quantization_config(hf_config) -> dict:
+    """config.json's quantization_config ({} without one), refused unless it is an object."""
+    qc = hf_config.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise ValueError(f"config.json quantization_config must be an object with a quant_method, got "
+                         f"{type(qc).__name__} {str(qc)[:60]!r}")
+    return qc
+
+
 def _unknown(where: str, got: dict, known: set) -> None:
     extra = sorted(set(got) - known)
     if extra:

@@ -1,0 +1,112 @@
+"""Malformed quantized checkpoints as users meet them: a NaN / inf int8 scale, a
+quantization_config whose fields have the wrong JSON type, a broken safetensors index. Each is
+refused with one ValueError naming the tensor, field or file (the CLI prints it as one line),
+never loaded into NaN outputs and never a traceback of another exception type."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from deepserve.models.loader import linear_method
+from deepserve.models.weights import checkpoint_files
+from deepserve.quant import quantize_checkpoint
+from tests.models.hf_reference import load_ours, save_tiny
+from tests.quant.int4_formats import quantization_config
+from tests.quant.test_modelslim import to_modelslim
+
+CFG = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def int8_folders(tmp_path_factory):
+    """(compressed-tensors W8A8 int8 folder, the same weights as msModelSlim W8A8_DYNAMIC)."""
+    root = tmp_path_factory.mktemp("int8")
+    save_tiny(transformers.LlamaForCausalLM, CFG, root / "ref")
+    quantize_checkpoint(root / "ref", root / "ct", "w8a8-int8", progress=False)
+    return root / "ct", to_modelslim(root / "ct", root / "slim")
+
+
+def _poisoned(src, dst, tensor, value):
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor].view(-1)[1] = value
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("fmt,tensor,value,why", [
+    ("ct", "model.layers.0.mlp.down_proj.weight_scale", float("nan"), "weight_scale has non-finite values"),
+    ("ct", "model.layers.1.self_attn.k_proj.weight_scale", float("inf"), "weight_scale has non-finite values"),
+    ("slim", "model.layers.0.mlp.up_proj.weight_scale", float("nan"), "weight_scale has non-finite values"),
+    ("slim", "model.layers.1.self_attn.o_proj.weight_offset", float("inf"), "weight_offset has non-finite values"),
+])
+def test_non_finite_int8_scales_are_refused_naming_the_tensor(int8_folders, tmp_path, fmt, tensor, value, why):
+    """An int8 Linear multiplies by its stored per-row scale: a NaN or inf one made the whole
+    model's logits NaN and the generated text empty, without a word (4-bit and fp8 scales were
+    already checked)."""
+    folder = _poisoned(int8_folders[fmt == "slim"], tmp_path / "bad", tensor, value)
+    with pytest.raises(ValueError, match=rf"^tensor {tensor}: {why}$"):
+        load_ours(folder)
+
+
+def test_modelslim_static_input_scale_must_be_positive_and_finite():
+    from deepserve.quant.modelslim import modelslim_stream
+    for value, why in ((0.0, "input_scale must be > 0, got 0.0"), (float("nan"), "input_scale has non-finite")):
+        stream = modelslim_stream([("m.input_scale", torch.tensor([value]))], {"m.weight": "W8A8"},
+                                  lambda module: True, torch.float32)
+        with pytest.raises(ValueError, match=rf"^tensor m.input_scale: {why}"):
+            list(stream)
+
+
+def _method(qc):
+    return linear_method("no-folder", {"quantization_config": qc, "torch_dtype": "float16"}, None)
+
+
+@pytest.mark.parametrize("qc,error", [
+    ("gptq", r"^config.json quantization_config must be an object with a quant_method, got str 'gptq'$"),
+    (["awq"], r"^config.json quantization_config must be an object with a quant_method, got list"),
+    ({**quantization_config("awq", 32, False, False), "modules_to_not_convert": 5},
+     r"^quantization_config \(awq\): modules_to_not_convert must be a list of module names, got 5$"),
+    ({**quantization_config("gptq", 32, True, False), "modules_in_block_to_quantize": 3},
+     r"^quantization_config \(gptq\): modules_in_block_to_quantize must list module names, got 3$"),
+    ({**quantization_config("gptq", 32, True, False), "group_size": "abc"},
+     r"^quantization_config \(gptq\): group_size 'abc' must be -1 or a positive multiple of 8$"),
+    ({**quantization_config("gptq", 32, True, False), "bits": None},
+     r"^quantization_config \(gptq\): bits None is not supported; deepserve serves 4-bit "),
+    ({**quantization_config("gptq", 32, True, False), "bits": "4"},
+     r"^quantization_config \(gptq\): bits '4' is not supported"),
+])
+def test_malformed_quantization_config_is_one_error_naming_the_field(qc, error):
+    """Fields of the wrong JSON type raised AttributeError / TypeError tracebacks (a string
+    quantization_config, an int modules_to_not_convert) or errors naming no field ("invalid
+    literal for int()", "4-bit weights are not supported" for bits "4")."""
+    with pytest.raises(ValueError, match=error):
+        _method(qc)
+
+
+def test_a_group_strategy_without_a_group_size_is_named():
+    """compressed-tensors strategy "group" with group_size null loaded as one group per row and
+    failed later on the first scale's shape."""
+    qc = quantization_config("compressed-tensors", 32, True, False)
+    qc["config_groups"]["group_0"]["weights"]["group_size"] = None
+    with pytest.raises(ValueError, match=r"^compressed-tensors group group_0: weight strategy 'group' with "
+                                         r"group_size None; a group strategy needs a positive group_size$"):
+        _method(qc)
+
+
+@pytest.mark.parametrize("index,why", [('{"metadata": {}}', "KeyError('weight_map')"),
+                                        ("{not json", "JSONDecodeError"),
+                                        ('{"weight_map": {"a": 3}}', "weight_map must map tensor names")])
+def test_a_broken_safetensors_index_names_the_file(tmp_path, index, why):
+    """An index without weight_map failed with the bare message "'weight_map'", one that is not
+    JSON with the decoder's message and no file name."""
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json.*{re.escape(why)}"):
+        checkpoint_files(tmp_path)
