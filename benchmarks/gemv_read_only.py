@@ -10,12 +10,16 @@ The read-only kernel (`_read_words_kernel`) walks each program's BLOCK_N rows in
 slices of SUB_C words, a word per thread and row as the GEMV's loads do (int4_rows_dot), and
 folds the words with XOR into one value a row so that no load is dead. If it reaches about
 copy bandwidth where the GEMV does not, the GEMV's arithmetic or its dependency chain holds
-it; if it stops where the GEMV does, the access pattern or the grid does.
+it; if it stops where the GEMV does, the access pattern or the grid does. Three orders of the
+same bytes tell which part of the pattern: the GEMV's (4-byte loads, sm_90 SASS LDG.E), word
+order (the compiler's 16-byte loads, LDG.E.128) and each program's rows read as one linear
+stretch (16-byte loads, one DRAM stream a program: the layout a repacking at load would give).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -28,20 +32,38 @@ from bench_ops import copy_bandwidth, graph_time_ms  # noqa: E402
 import deepserve.ops.triton._common  # noqa: E402,F401  (the interpreter's numpy patch, before @triton.jit)
 
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-# BLOCK_N, SUB_C, STEPS, warps, SWAP (the GEMV's word order)
-TILES = [(8, 128, 2, 4, 1), (4, 128, 2, 4, 1), (16, 128, 2, 4, 1), (8, 256, 1, 8, 1), (8, 128, 2, 4, 0), (8, 512, 1, 4, 0)]
+# BLOCK_N, SUB_C, STEPS, warps, ORDER: 1 the GEMV's word order, 0 rows in parallel in word
+# order, 2 the program's rows as one linear stretch
+TILES = [(8, 128, 2, 4, 1), (4, 128, 2, 4, 1), (16, 128, 2, 4, 1), (8, 256, 1, 8, 1), (8, 128, 2, 4, 0), (8, 512, 1, 4, 0),
+         (8, 128, 2, 4, 2), (16, 128, 2, 4, 2)]
+ORDER_NAMES = {0: "", 1: " swap", 2: " linear"}
 
 
 @triton.jit
 def _read_words_kernel(qw_ptr, out_ptr, N, KW, stride_qn, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
-                       STEPS: tl.constexpr, SWAP: tl.constexpr):
-    """SWAP: neighbour words swapped as the GEMV visits them (one 4-byte load a word); without,
-    the compiler may widen a thread's adjacent words into 16-byte loads."""
+                       STEPS: tl.constexpr, ORDER: tl.constexpr):
+    """ORDER 1: neighbour words swapped as the GEMV visits them (one 4-byte load a word); 0: in
+    word order, where the compiler may widen a thread's adjacent words into 16-byte loads; both
+    read the BLOCK_N rows side by side, a slice of each a step, and fold a value a row. ORDER 2:
+    the program's BLOCK_N rows (contiguous in memory) read as one stretch, BLOCK_N x SUB_C
+    consecutive words a step (the bytes a program reads in a layout tiled for it), folded into
+    one value for the program, stored at out[program]."""
+    if ORDER == 2:
+        chunk: tl.constexpr = BLOCK_N * SUB_C
+        start = tl.program_id(0).to(tl.int64) * BLOCK_N * stride_qn
+        length = tl.minimum(BLOCK_N, N - tl.program_id(0) * BLOCK_N) * stride_qn
+        flat = tl.zeros([chunk], tl.int32)
+        for c0 in range(0, length, chunk * STEPS):
+            for sub in tl.static_range(STEPS):
+                offs = c0 + sub * chunk + tl.arange(0, chunk)
+                flat ^= tl.load(qw_ptr + start + offs, mask=offs < length, other=0)
+        tl.store(out_ptr + tl.program_id(0), tl.xor_sum(flat, axis=0))
+        return
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     qw_rows = qw_ptr + r * stride_qn
     acc = tl.zeros([SUB_C, BLOCK_N], tl.int32)
-    perm = tl.arange(0, SUB_C) ^ 1 if SWAP else tl.arange(0, SUB_C)
+    perm = tl.arange(0, SUB_C) ^ 1 if ORDER == 1 else tl.arange(0, SUB_C)
     for c0 in range(0, KW, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
             offs_c = c0 + sub * SUB_C + perm
@@ -50,24 +72,39 @@ def _read_words_kernel(qw_ptr, out_ptr, N, KW, stride_qn, BLOCK_N: tl.constexpr,
 
 
 def read_words(qweight: torch.Tensor, out: torch.Tensor, tile: tuple) -> None:
-    block_n, sub_c, steps, warps, swap = tile
+    block_n, sub_c, steps, warps, order = tile
     n, kw = qweight.shape
+    assert order != 2 or qweight.stride(0) == kw, "the linear order reads each program's rows as one stretch"
     _read_words_kernel[(triton.cdiv(n, block_n),)](qweight, out, n, kw, qweight.stride(0), BLOCK_N=block_n,
-                                                   SUB_C=sub_c, STEPS=steps, SWAP=swap, num_warps=warps)
+                                                   SUB_C=sub_c, STEPS=steps, ORDER=order, num_warps=warps)
 
 
-def main() -> int:
+def expected_fold(row_folds: torch.Tensor, tile: tuple) -> torch.Tensor:
+    """What the read-only kernel stores for this tile, from the xor of each row's words: the
+    rows' own, or (ORDER 2) one value for each program's BLOCK_N rows."""
+    if tile[4] != 2:
+        return row_folds
+    folds = []
+    for group in row_folds.split(tile[0]):
+        fold = torch.zeros((), dtype=row_folds.dtype, device=row_folds.device)
+        for row in group:
+            fold ^= row
+        folds.append(fold)
+    return torch.stack(folds)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="shapes / 64 (for --device cpu)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from deepserve.ops.registry import resolve
     gemv = resolve("int4_linear", "triton")[1]
     dev = args.device
     bw = copy_bandwidth() if dev == "cuda" else float("nan")
     if dev == "cuda":
         print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s")
-    print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}{' swap' if t[4] else ''}" for t in TILES)
+    print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}{ORDER_NAMES[t[4]]}" for t in TILES)
           + " |")
     print("|---|---|---:|" + "---:|" * len(TILES))
     for name, n, k in SHAPES:
@@ -87,7 +124,8 @@ def main() -> int:
         cells = []
         for tile in TILES:
             read_words(ws[0][0], out, tile)
-            if not torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want):
+            expect = expected_fold(want, tile)
+            if not torch.equal(out[:len(expect)].to(torch.int64) & 0xFFFFFFFF, expect):
                 cells.append("WRONG")
                 continue
             if dev == "cpu":

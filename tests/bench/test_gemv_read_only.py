@@ -1,0 +1,32 @@
+"""benchmarks/gemv_read_only.py under the interpreter: every read order folds exactly the words
+it must (the check the GPU run makes before timing a tile), and a fold that skips words fails it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import benchmark_module
+
+reads = benchmark_module("gemv_read_only")
+
+
+@pytest.mark.parametrize("tile", reads.TILES, ids=lambda t: "x".join(map(str, t)))
+def test_read_only_orders_fold_every_word(tile):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreted run is for CPU-only hosts")
+    n, kw = 3 * tile[0] + tile[0] // 2, 40       # a last program with fewer rows; words past SUB_C
+    words = torch.randint(-2 ** 31, 2 ** 31, (n, kw), generator=torch.Generator().manual_seed(n), dtype=torch.int64)
+    words = words.to(torch.int32)
+    row_folds = torch.zeros(n, dtype=torch.int64)
+    for column in words.unbind(1):
+        row_folds ^= column.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty(n, dtype=torch.int32)
+    reads.read_words(words, out, tile)
+    expect = reads.expected_fold(row_folds, tile)
+    assert len(expect) == (n if tile[4] != 2 else 4)
+    assert torch.equal(out[:len(expect)].to(torch.int64) & 0xFFFFFFFF, expect)
+    short = words.clone()
+    short[-1, -1] ^= 1                            # one bit of the last word: the fold must see it
+    reads.read_words(short, out, tile)
+    assert not torch.equal(out[:len(expect)].to(torch.int64) & 0xFFFFFFFF, expect)
