@@ -92,9 +92,18 @@ def _sweep(args) -> int:
     return 1 if all(r["completed"] == 0 for r in out["runs"]) else 0
 
 
+def _check_engine(args) -> None:
+    """The engine flags against the model before any rank starts, as `serve` checks them."""
+    from deepserve.cli.serve import check_model
+    from deepserve.config import EngineArgs
+
+    check_model(EngineArgs.from_cli_args(args))
+
+
 def _latency(args) -> int:
     from deepserve.bench.offline import run_latency
 
+    _check_engine(args)
     run_latency(args)
     return 0
 
@@ -102,6 +111,7 @@ def _latency(args) -> int:
 def _throughput(args) -> int:
     from deepserve.bench.offline import run_throughput
 
+    _check_engine(args)
     run_throughput(args)
     return 0
 

@@ -100,6 +100,18 @@ def unread_env() -> list[str]:
     return sorted(k for k in os.environ if (k.startswith("VLLM_") and k not in READ_VLLM_ENV) or k in MINDSPORE_ENV)
 
 
+# a spelling in the guides of a variable that nothing reads, and the name its reader reads (the
+# metax guide's env.sh exports GLOO_SOCKET_IF_NAME for torch's gloo)
+MISSPELLED_ENV = {"GLOO_SOCKET_IF_NAME": "GLOO_SOCKET_IFNAME"}
+
+
+def misspelled_env() -> list[str]:
+    """A note for each such spelling set here while the name read is not."""
+    return [f"deepserve: {wrong} is read by nothing; torch's gloo reads {right}, unset here, and picks an "
+            f"interface itself (export {right}={os.environ[wrong]})"
+            for wrong, right in MISSPELLED_ENV.items() if wrong in os.environ and right not in os.environ]
+
+
 def check_model_name(name: str) -> None:
     """A plain name that is no folder, preset or FlagScale experiment (`flagscale serve deepseek_r1`
     run outside the checkout): the error names the three places looked at and a near preset."""
@@ -127,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if unread:
         print(f"deepserve: not read, no effect: {', '.join(unread)} (model settings come from config.json, "
               "the layout from the flags)", file=sys.stderr)
+    for note in misspelled_env():
+        print(note, file=sys.stderr)
     if runner is not None:
         from deepserve.config import is_preset
         from deepserve.distributed.cluster_serve import serve_on_cluster
@@ -160,7 +174,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
-    check_quantization(config)
+    check_before_start(config)
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
@@ -188,17 +202,32 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
 def check_model(engine_args: EngineArgs) -> None:
     """The flags against the model, as the engine would check them at load: its layout against
     config.json, its --quantization against the quantization_config."""
-    check_quantization(engine_args.create_engine_config())
+    check_before_start(engine_args.create_engine_config())
 
 
-def check_quantization(config) -> None:
-    """--quantization against the model's quantization_config (a format deepserve does not load,
-    one it serves only as stored), one line before any engine process starts instead of a rank's
-    failure after it (`deepserve plan` makes the same check)."""
-    from deepserve.models.loader import linear_method
+def check_before_start(config) -> None:
+    """What every rank would find wrong as it loads, found once here before any process starts
+    (one line instead of each rank's failure after the start-up): --quantization against the
+    checkpoint, its weight files, and the model as the last rank builds it (its slices of every
+    layer, e.g. fp8 row-parallel layers whose input per rank is not whole 128-wide scale blocks:
+    R1 FP8 at --tensor-parallel-size 32). Built on the meta device: no memory, about a second
+    for R1."""
+    import torch
+
+    from deepserve.distributed.parallel_state import ParallelContext
+    from deepserve.models.loader import build_model, linear_method
+    from deepserve.models.weights import checkpoint_files
 
     model = config.model
-    linear_method(model.model, model.hf_config, model.quantization, model.load_format)
+    _, method = linear_method(model.model, model.hf_config, model.quantization, model.load_format)
+    if model.load_format != "dummy" and os.path.isdir(model.model):
+        checkpoint_files(model.model)   # none, or a shard the index lists missing: that error
+    par = config.parallel
+    tp, pp, dp = par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size
+    ep = (tp * dp if dp > 1 else tp) if par.enable_expert_parallel else 1
+    last = ParallelContext(tp_rank=tp - 1, tp_size=tp, pp_rank=pp - 1, pp_size=pp, dp_rank=dp - 1, dp_size=dp,
+                           ep_rank=ep - 1, ep_size=ep)
+    build_model(model, torch.device("meta"), last, method, **({"load_mtp": True} if model.load_mtp else {}))
 
 
 def check_ops_backend(engine_args: EngineArgs) -> None:

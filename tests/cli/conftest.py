@@ -57,12 +57,14 @@ def build_tiny_r1(folder: Path) -> Path:
 
 
 def write_r1_config(folder: Path) -> Path:
-    """DeepSeek-R1's own config.json alone (61 layers, 163840 positions): the guides' commands
-    parse into engine configs with their sizes as written."""
+    """DeepSeek-R1's own config.json (61 layers, 163840 positions, FP8 blocks) and an empty
+    weights file (what `serve` checks for before it starts; nothing here loads it): the guides'
+    commands parse and plan with their sizes as written."""
     from deepserve.config import PRESET_DIR
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(PRESET_DIR / "deepseek-r1.json", folder / "config.json")
+    (folder / "model.safetensors").touch()
     return folder
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from deepserve.cli.main import main
-from deepserve.config import DEMO_MODEL, EngineArgs
+from deepserve.config import DEMO_MODEL, TRUST_REMOTE_CODE_NOTE, EngineArgs
 from tests.cli.test_guides_config import flagscale_checkout, serve_config
 
 TINY = {"num_attention_heads": 4, "n_routed_experts": 8, "num_hidden_layers": 3}
@@ -30,8 +30,9 @@ def no_server(monkeypatch):
 
 
 def one_line_error(capsys, argv) -> str:
+    """The error line of a command that fails (the --trust-remote-code note aside)."""
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.replace(TRUST_REMOTE_CODE_NOTE + "\n", "").strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 
@@ -245,6 +246,24 @@ def test_guide_variables_with_no_effect_are_named(capsys, no_server, monkeypatch
                            "VLLM_USE_MODELSCOPE (")
 
 
+
+@pytest.mark.parametrize("also_right", [False, True])
+def test_the_metax_gloo_variable_spelling_is_named(capsys, no_server, monkeypatch, also_right):
+    """The metax guide's env.sh exports GLOO_SOCKET_IF_NAME, which nothing reads (torch's gloo reads
+    GLOO_SOCKET_IFNAME): gloo then picked an interface itself, without a word, on a multi-node
+    deployment where the guide says the interface matters."""
+    monkeypatch.setenv("GLOO_SOCKET_IF_NAME", "ens20np0")
+    if also_right:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ens20np0")
+    else:
+        monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    with pytest.raises(AssertionError, match="the server was started"):
+        main(["serve", DEMO_MODEL, "--port", "0"])
+    notes = [x for x in capsys.readouterr().err.splitlines() if "GLOO_SOCKET_IF_NAME" in x]
+    assert notes == ([] if also_right else [
+        "deepserve: GLOO_SOCKET_IF_NAME is read by nothing; torch's gloo reads GLOO_SOCKET_IFNAME, unset here, "
+        "and picks an interface itself (export GLOO_SOCKET_IFNAME=ens20np0)"])
+
 def test_flagscale_name_outside_the_checkout_says_where_it_looked(capsys, no_server, tmp_path, monkeypatch):
     """`flagscale serve deepseek_r1` (the FlagOS guides) typed where there is no FlagScale
     checkout: the error names the experiment file looked for and the preset meant, not only
@@ -306,3 +325,54 @@ def test_a_kv_budget_under_one_block_is_one_line(capsys):
     err = one_line_error(capsys, ["generate", "--model", DEMO_MODEL, "--prompt", "Once", "--max-tokens", "2",
                                   "--kv-cache-memory-bytes", "1000"])
     assert "no room for one KV block" in err and "raise --kv-cache-memory-bytes" in err
+
+
+@pytest.fixture
+def r1_fp8(tmp_path):
+    """DeepSeek-R1's config.json (the FP8 release: 128x128 weight blocks) and a weights file."""
+    from tests.cli.conftest import write_r1_config
+
+    return str(write_r1_config(tmp_path / "DeepSeek-R1"))
+
+
+def test_vastai_tp32_on_the_fp8_release_is_one_line_before_any_rank(reference, r1_fp8, capsys, no_server,
+                                                                     monkeypatch):
+    """The vastai lines (TP=32) on R1 as released: 18432 / 32 = 576 input features per rank of a
+    dense down projection is not whole 128-wide scale blocks. Every one of the 32 ranks started,
+    built its part of the model and failed alike (on a CPU, 32 processes of 21 GB each); `serve
+    --dry-run` passed it."""
+    from tests.cli.guide_runs import guide
+    from tests.cli.guides import set_flags, set_model
+
+    serve, _, throughput, latency = guide(reference, "vastai-vacc.md")
+    message = "fp8: row-parallel layer with 576 local input features per rank is not a multiple of the " \
+              "128-wide scale block; use a tensor-parallel size that divides 144"
+    serve = set_flags(set_model(serve, r1_fp8), {"--host": "127.0.0.1", "--port": 0})
+    for argv in (serve, serve + ["--dry-run"]):
+        assert message in one_line_error(capsys, argv)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the engine was started")
+    for cmd in (latency, throughput):
+        monkeypatch.setattr(f"deepserve.bench.offline.run_{cmd[1]}", started)
+        assert message in one_line_error(capsys, set_model(cmd, r1_fp8))
+    # a size that keeps whole blocks (18432 / 16 = 9 x 128; 2048 / 16 = 128 per expert) plans
+    assert main(set_flags(serve, {"--tensor-parallel-size": 16}) + ["--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("weights", ["none", "shard missing"])
+def test_a_folder_without_its_weights_is_one_line_before_any_rank(r1_fp8, capsys, no_server, weights):
+    """A config.json without weights (the wrong folder, a download cut short): each rank failed at
+    load with a FileNotFoundError traceback; `serve --dry-run` passed it."""
+    from pathlib import Path
+
+    folder = Path(r1_fp8)
+    (folder / "model.safetensors").unlink()
+    if weights == "shard missing":
+        (folder / "model-00001-of-00002.safetensors").touch()
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = ("no *.safetensors files in" if weights == "none" else
+               "model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing")
+    for extra in ([], ["--dry-run"]):
+        assert message in one_line_error(capsys, ["serve", r1_fp8, "-tp", "8", "--port", "0"] + extra)
