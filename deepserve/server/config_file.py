@@ -17,8 +17,12 @@ path (beside engine_args, at the top, or in a FlagScale `runner:` / `experiment.
 with ssh_port, ssh_user, docker, ...) deploys over the listed hosts with Ray, see
 deepserve/distributed/cluster.py; a relative path is read from the YAML's folder, else from
 the working directory. Flags given on
-the command line override the file. Unknown keys are errors that name the key, except a few
-vLLM options that mean nothing here, which are ignored with a warning.
+the command line override the file. Values take their field's type as FlagScale's flags would
+(`tensor_parallel_size: "8"` is 8; a switch must be true or false), `no_KEY: true` turns a switch
+off as `--no-KEY` does (FlagOS docs write `no_enable_prefix_caching: true`), and an entry's
+`engine_args_specific.vllm` block (FlagScale's args for that engine alone) applies over
+engine_args. Unknown keys are errors that name the key, except a few vLLM options that mean
+nothing here and FlagScale's `resources:`, which are ignored with a warning.
 
 A FlagScale experiment file (`flagscale serve deepseek_r1` reads
 examples/deepseek_r1/conf/config_deepseek_r1.yaml) is read as FlagScale's Hydra would compose it:
@@ -33,9 +37,9 @@ serve`, both one server here), `action` and `hydra` only steer FlagScale's own l
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +53,10 @@ logger = logging.getLogger("deepserve")
 SERVER_KEYS = ServerArgs.keys()
 # vLLM options with no meaning in deepserve (logs are always on)
 IGNORED_KEYS = ("disable_log_stats", "disable_log_requests", "uvicorn_log_level", "disable_custom_all_reduce")
+# a serve entry's keys besides its server options; FlagScale's `resources` (Ray Serve's GPUs and
+# replicas of a deployment) sizes nothing here: the parallel sizes do
+ENTRY_KEYS = ("serve_id", "engine", "engine_args", "engine_args_specific", "envs", "runner", "hostfile")
+IGNORED_ENTRY_KEYS = ("resources",)
 
 
 @dataclass
@@ -192,28 +200,82 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"{path}: not valid YAML: {exc}") from None
 
 
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """A YAML value as its field's type. FlagScale hands engine_args to `vllm serve` as flags, so a
+    number written as a string ("8") is that number there too; any other mismatch is an error
+    naming the key (a switch given as the string "false" would otherwise be true)."""
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where} needs a value")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if base in (int, float) and not isinstance(value, bool):
+        try:
+            number = base(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, int) or (base is float and isinstance(number, float)):
+            return number
+        raise ValueError(f"{where} must be {'an integer' if base is int else 'a number'}, got {value!r}")
+    if base is str and isinstance(value, bool):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return str(value) if base is str and isinstance(value, (int, float)) else value
+
+
+def _engine_args(entry: dict, path: Path) -> dict:
+    """The entry's engine_args, and over them FlagScale's `engine_args_specific.vllm` (the args
+    that FlagScale gives only that engine; deepserve's own block, `deepserve`, too)."""
+    merged = dict(entry["engine_args"])
+    specific = entry.get("engine_args_specific") or {}
+    if not isinstance(specific, dict):
+        raise ValueError(f"{path}: engine_args_specific must be a mapping, got {specific!r}")
+    for engine, block in specific.items():
+        if engine not in ("vllm", "deepserve"):
+            raise ValueError(f"{path}: engine_args_specific.{engine} is for an engine deepserve does not "
+                             "stand in for (vllm, deepserve)")
+        if not isinstance(block, dict):
+            raise ValueError(f"{path}: engine_args_specific.{engine} must be a mapping, got {block!r}")
+        merged.update(block)
+    return merged
+
+
 def load_serve_config(path: str | Path) -> ServeConfig:
     path = Path(path)
     data = _compose_defaults(_read_yaml(path), path)
     entry, envs = _pick_entry(data, path)
     runner = _runner(data, entry, path)
-    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    engine_hints, server_hints = typing.get_type_hints(EngineArgs), typing.get_type_hints(ServerArgs)
     config = ServeConfig(envs={str(k): str(v) for k, v in envs.items()}, runner=runner)
-    for key, value in entry["engine_args"].items():
+    for key, value in _engine_args(entry, path).items():
         key = str(key).replace("-", "_")
-        if key in fields:
-            config.engine_args[key] = value
+        where = f"{path}: engine_args.{key}"
+        if key.startswith("no_") and key[3:] in engine_hints and engine_hints[key[3:]] is bool:
+            # FlagScale's `no_enable_prefix_caching: true` -> vLLM's --no-enable-prefix-caching
+            key, value = key[3:], not _typed(value, bool, where)
+        if key in engine_hints:
+            config.engine_args[key] = _typed(value, engine_hints[key], where)
         elif key in SERVER_KEYS:
-            config.server[key] = value
+            config.server[key] = _typed(value, server_hints[key], where)
         elif key in IGNORED_KEYS:
             logger.warning("%s: ignoring engine_args.%s (no meaning in deepserve)", path, key)
         else:
             raise ValueError(f"{path}: unknown engine_args key {key!r}; known: EngineArgs fields "
                              f"(vLLM names) and {', '.join(SERVER_KEYS)}")
-    for key in SERVER_KEYS:  # server options may also sit at the entry's top level
-        if key in entry:
-            config.server.setdefault(key, entry[key])
-    config.server.update(_deploy(data, path))
+    for key, value in entry.items():
+        if key in SERVER_KEYS:  # server options may also sit at the entry's top level
+            config.server.setdefault(key, _typed(value, server_hints[key], f"{path}: {key}"))
+        elif key in IGNORED_ENTRY_KEYS:
+            logger.warning("%s: ignoring %s (no meaning in deepserve: the parallel sizes place the ranks)", path, key)
+        elif key not in ENTRY_KEYS:
+            raise ValueError(f"{path}: unknown serve entry key {key!r}; known: {', '.join(ENTRY_KEYS)}, "
+                             f"{', '.join(SERVER_KEYS)}")
+    config.server.update({k: _typed(v, server_hints[k], f"{path}: experiment.deploy.{k}")
+                          for k, v in _deploy(data, path).items()})
     name = config.engine_args.get("served_model_name")
     if isinstance(name, list):
         config.engine_args["served_model_name"] = ",".join(str(n) for n in name)

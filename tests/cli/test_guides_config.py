@@ -255,6 +255,56 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
         (r1_config, 8, 4, {}, None)
 
 
+
+def _serve_yaml(tmp_path, reference, r1_config, edit):
+    """The h100 guide's serve/deepseek_r1.yaml, edited by `edit` (a function of its text)."""
+    conf = flagscale_checkout(tmp_path, reference, r1_config)
+    path = conf / "serve" / "deepseek_r1.yaml"
+    path.write_text(edit(path.read_text()))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, values", [
+    # FlagScale turns engine_args into `vllm serve` flags: a number written as a string is that number
+    (lambda t: t.replace("tensor_parallel_size: 8", 'tensor_parallel_size: "8"')
+     .replace("gpu_memory_utilization: 0.9", 'gpu_memory_utilization: "0.9"'), {"tensor_parallel_size": 8}),
+    # FlagOS docs' `no_enable_prefix_caching: true` (-> --no-enable-prefix-caching)
+    (lambda t: t + "    no_enable_prefix_caching: true\n    no_enable_chunked_prefill: true\n",
+     {"enable_prefix_caching": False, "enable_chunked_prefill": False}),
+    # FlagScale's per-engine block: vllm's args over the common ones
+    (lambda t: t + "  engine_args_specific:\n    vllm:\n      tensor_parallel_size: 16\n      max_model_len: 4096\n",
+     {"tensor_parallel_size": 16, "max_model_len": 4096}),
+])
+def test_flagscale_serve_yaml_values(reference, r1_config, tmp_path, edit, values):
+    """Were: a traceback ("8": '<' between str and int), an unknown-key error, and (the
+    engine_args_specific block) ignored without a word, serving TP=8."""
+    args = serve_config(["serve", _serve_yaml(tmp_path, reference, r1_config, edit)])[0]
+    assert {k: getattr(args, k) for k in values} == values
+    assert args.gpu_memory_utilization == 0.9 and args.max_num_seqs == 256
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("enforce_eager: true", 'enforce_eager: "false"'),
+     "engine_args.enforce_eager must be true or false, got 'false'"),     # was: eager, "false" being truthy
+    (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32k"), "engine_args.max_model_len must be an integer, got '32k'"),
+    (lambda t: t.replace("max_num_seqs: 256", "max_num_seqs: 2.5e2"), "engine_args.max_num_seqs must be an integer, got '2.5e2'"),
+    (lambda t: t + "  model: /nfs/other\n", "unknown serve entry key 'model'"),            # was: ignored
+    (lambda t: t + "  engine_args_specific:\n    sglang:\n      tp_size: 8\n", "engine_args_specific.sglang is for an engine"),
+])
+def test_flagscale_serve_yaml_bad_values_are_one_line(reference, r1_config, tmp_path, capsys, edit, message):
+    path = _serve_yaml(tmp_path, reference, r1_config, edit)
+    assert main(["serve", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_flagscale_resources_are_named_as_ignored(reference, r1_config, tmp_path, caplog):
+    """FlagScale's `resources:` (Ray Serve's GPUs per replica) places nothing here: said, not dropped."""
+    path = _serve_yaml(tmp_path, reference, r1_config, lambda t: t + "  resources:\n    num_gpus: 8\n")
+    with caplog.at_level("WARNING", logger="deepserve"):
+        assert serve_config(["serve", path])[0].tensor_parallel_size == 8
+    assert "ignoring resources" in caplog.text
+
 # --------------------------------------------------------------------------- the mappings
 @pytest.mark.parametrize("config, sizes, eager", [
     ({"cudagraph_capture_sizes": [64, 4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}, [4, 16, 64], False),
