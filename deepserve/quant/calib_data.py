@@ -23,7 +23,7 @@ def _record_text(rec) -> str | None:
         return None
     turns = rec.get("conversations")
     if isinstance(turns, list):
-        return "\n".join(t.get("value", "") for t in turns if isinstance(t, dict)) or None
+        return "\n".join(t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)) or None
     for f in _FIELDS:
         if isinstance(rec.get(f), str):
             return rec[f]
@@ -41,7 +41,12 @@ def read_texts(path: Path) -> list[str]:
         if suffix == ".txt":
             texts = [path.read_text()]
         elif suffix == ".jsonl":
-            texts = [_record_text(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+            texts = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    texts.append(_record_text(json.loads(line)) if line.strip() else None)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"--calib-dataset {path} line {number} is not valid JSON: {exc}") from None
         elif suffix == ".json":
             data = json.loads(path.read_text())
             texts = [_record_text(r) for r in (data if isinstance(data, list) else [data])]

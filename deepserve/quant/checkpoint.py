@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from deepserve.quant.qconfig_fields import quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -75,6 +77,9 @@ def open_checkpoint(src: Path) -> Checkpoint:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    quantization_config(config)
 
     index_path = src / INDEX_NAME
     expected: dict[str, str] = {}
@@ -99,7 +104,11 @@ def open_checkpoint(src: Path) -> Checkpoint:
         path = src / shard
         if not path.is_file():
             raise FileNotFoundError(f"shard {path} listed in {INDEX_NAME} does not exist")
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as exc:    # e.g. a truncated download
+            raise ValueError(f"cannot read shard {path}: {exc}") from None
+        with f:
             for name in f.keys():
                 sl = f.get_slice(name)
                 if name in tensors:

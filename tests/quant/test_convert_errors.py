@@ -121,3 +121,36 @@ def test_device_help_does_not_promise_identical_gptq_output(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "GPTQ follows the device's arithmetic" in text
     assert "the output is bit-identical on every device" not in text
+
+
+def test_truncated_shard_and_malformed_config_are_one_line(bf16_ckpt, tmp_path, capsys):
+    """A shard cut short inside its data (an interrupted download: the header is whole) and a
+    config.json whose quantization_config is a string raised a SafetensorError / AttributeError
+    traceback; both are named before anything is written."""
+    dst = tmp_path / "out"
+    shard = bf16_ckpt / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "w8a8-int8"], dst,
+           f"cannot read shard {shard}: ", "file not fully covered")
+    shard.write_bytes(data)
+    config = json.loads((bf16_ckpt / "config.json").read_text())
+    (bf16_ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": "fp8"}))
+    for argv in (["quantize", "--method", "fp8-block"], ["fp8-to-bf16"]):
+        _fails(capsys, [argv[0], str(bf16_ckpt), str(dst), *argv[1:]], dst,
+               "config.json quantization_config must be an object with a quant_method, got str 'fp8'")
+    assert not dst.exists()
+
+
+def test_calibration_text_with_odd_records(tmp_path):
+    """ShareGPT turns whose value is not a string are skipped (a TypeError from str.join), and
+    a .jsonl line that is not JSON is named by its line number."""
+    from deepserve.quant.calib_data import read_texts
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps([{"conversations": [{"value": 5}, {"value": "hello"}]},
+                                {"conversations": [{"from": "human"}]}, {"text": "plain"}]))
+    assert read_texts(conv) == ["hello", "plain"]
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"text": "one"}\n\n{"text": "two"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 4 is not valid JSON: Expecting value"):
+        read_texts(lines)
