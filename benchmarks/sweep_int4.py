@@ -69,7 +69,11 @@ GRIDS = {
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                  for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
-                + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)],
+                + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)]
+                # every slot's words of a step in one tile (SLOTS; tiles whose sm_90 build keeps
+                # the [8 slots, words, rows] operands in registers without spilling)
+                + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=1, SLOTS=1)
+                   for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (2, 256, 1, 8), (1, 128, 2, 4))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)]
             # the bf16-pair dequantization (int4_gemm.dequant_tile PAIRS: no fp32 -> bf16 conversions)

@@ -83,6 +83,22 @@ def test_small_kernels_with_paired_lanes(triton_ops, cpu_only, groups, zeros):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("groups,zeros,setting", [
+    ((32, 16), True, {"SLOTS": 1}), ((16, 48), False, {"SLOTS": 1}),
+    ((32, 16), True, {"SLOTS": 1, "SUB_C": 2, "STEPS": 1})])     # slices ending inside K, then EVEN ones
+def test_small_down_kernel_with_all_slots_at_once(triton_ops, cpu_only, groups, zeros, setting):
+    """The down kernel loading every slot's words of a step in one tile (setting SLOTS): 3 slots
+    (a 4-slot tile, one slot masked) with an expert of another EP rank, against the torch op."""
+    from deepserve.ops.triton.launch_config import trying
+    ops = _experts(groups, zeros, seed=9)
+    x = torch.randn(2, D)
+    wts, ids = _routing(2, 3, seed=10, foreign=True)
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
+    with trying("int4", [{"if": {"kernel": "moe_down"}, "set": setting}]):
+        got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_sorted_kernels_with_bf16_pairs(triton_ops, cpu_only, monkeypatch):
     """The sorted grouped GEMMs with the bf16-pair dequantization (setting PAIRS, symmetric bf16
     experts): the plain sorted kernels' result within an ulp of the bf16 output (same weights,

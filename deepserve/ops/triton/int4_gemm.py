@@ -3,7 +3,7 @@ registers: `qweight` int32 [N, K/8] (input features packed, nibble i of column c
 8c + i), scales [N, S], optional uint8 zeros [N, S] (else 8), optional g_idx [K] (layout:
 ops/int4.py, whose torch op is the oracle these kernels are tested against).
 
-Unpacking (`_lane`): nibble q of a word, masked in place and OR-ed into the
+Unpacking (`lane_minus`): nibble q of a word, masked in place and OR-ed into the
 mantissa of 2^23, reads as fp32 exactly 2^23 + 16^(q % 4) u (one LOP3; lanes 4-7 come from the
 word shifted down 16 bits once); no shift or int-to-float conversion per nibble.
 
@@ -63,7 +63,7 @@ MAGIC = 0x4B000000        # the bits of 2^23 (fp32): OR-ed onto a nibble field, 
 
 
 @triton.jit
-def _lane(src, magic, q: tl.constexpr, ZERO: tl.constexpr):
+def lane_minus(src, magic, q: tl.constexpr, ZERO: tl.constexpr):
     """Lane q (feature 8c + q) of the words [C, R] as the exact fp32 u - ZERO; src is the word
     for q < 4, the word shifted down 16 bits for q >= 4. (field | 2^23 bits) reads 2^23 + 16^(q % 4) u,
     one LOP3 with `magic` in a register (a runtime argument, so it is not an immediate beside the
@@ -124,7 +124,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     is rounded to X_DTYPE as the reference's.
 
     DEQ (a launch setting) picks the unpacking of groups of whole words: 1, each lane as the
-    exact u - z (`_lane`: LOP3 + FFMA) times x (FFMA), 3 instructions a nibble; 2, the lanes in
+    exact u - z (`lane_minus`: LOP3 + FFMA) times x (FFMA), 3 instructions a nibble; 2, the lanes in
     pairs shifted to bits 15-18 / 19-22 (one SHF a pair) and read as 2^23 + 2^15 u / 2^23 +
     2^19 u (`_pair_fields`: one LOP3 each), multiplied by x and x / 16 (one FFMA each), the
     offsets 2^23 x + 2^19 x (and z x) taken out once a word from a per-column sum of x that
@@ -156,7 +156,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                         z = tl.load(z_rows[None, :] + grp[:, None], mask=c_ok[:, None], other=8).to(tl.float32)
                     else:
                         z = 8.0
-                    u = _lane(w if q < 4 else hi, magic, q, 0.0)
+                    u = lane_minus(w if q < 4 else hi, magic, q, 0.0)
                     acc += ((u - z) * s).to(X_DTYPE).to(tl.float32) * x[:, None]
             elif DEQ == 2:
                 t = tl.zeros([SUB_C, BLOCK_N], tl.float32)
@@ -197,10 +197,10 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                     else:
                         x = tl.load(x_ptr + 8 * offs_c + q, mask=c_ok, other=0.0).to(tl.float32)
                     if HAS_ZP:
-                        t += _lane(w if q < 4 else hi, magic, q, 0.0) * x[:, None]
+                        t += lane_minus(w if q < 4 else hi, magic, q, 0.0) * x[:, None]
                         xs += x
                     else:
-                        t += _lane(w if q < 4 else hi, magic, q, 8.0) * x[:, None]
+                        t += lane_minus(w if q < 4 else hi, magic, q, 8.0) * x[:, None]
                 s, z = _word_scales(s_rows, z_rows, offs_c, c_ok, GROUP, HAS_ZP, EVEN)
                 if HAS_ZP:
                     t -= z * xs[:, None]
@@ -243,8 +243,8 @@ def _lane_weight(src, magic, q: tl.constexpr, s, zs, HAS_ZP: tl.constexpr, DTYPE
     lane's FFMA, times s; zero points: u * s - z * s in one FFMA, exact as (u - z) * s is (both
     products fit fp32's mantissa)."""
     if HAS_ZP:
-        return (_lane(src, magic, q, 0.0) * s - zs).to(DTYPE)
-    return (_lane(src, magic, q, 8.0) * s).to(DTYPE)
+        return (lane_minus(src, magic, q, 0.0) * s - zs).to(DTYPE)
+    return (lane_minus(src, magic, q, 8.0) * s).to(DTYPE)
 
 
 @triton.jit

@@ -40,7 +40,8 @@ from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
 from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
-from deepserve.ops.triton.int4_gemm import MAGIC, dequant_tile, int4_rows_dot, int4_settings, pairs_mode, slice_words
+from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, int4_rows_dot, int4_settings, lane_minus,
+                                             pairs_mode, slice_words)
 from deepserve.ops.triton.int4_mma import pair_order
 from deepserve.ops.triton.moe_align import align_by_expert
 
@@ -83,15 +84,26 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                  EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                 DEQ: tl.constexpr, USE_PDL: tl.constexpr):
+                 DEQ: tl.constexpr, SLOTS: tl.constexpr, USE_PDL: tl.constexpr):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
-    product rounded to h's dtype first, as the reference), for BLOCK_N rows n."""
+    product rounded to h's dtype first, as the reference), for BLOCK_N rows n.
+
+    SLOTS (a launch setting; 0: off): the slots one after another, each a matrix-vector product
+    whose loads wait for the one before; else every slot's words of a step in one
+    [SLOTS, SUB_C, BLOCK_N] tile (SLOTS: TOP_K rounded up to a power of two), TOP_K times the
+    bytes in flight (`_all_slots_dot`; groups of whole words, DEQ 1's unpacking)."""
     pdl_begin(USE_PDL)
     t, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < D
     r = tl.minimum(rows, D - 1).to(tl.int64)          # (rows past D: not stored)
     dt = h_ptr.dtype.element_ty
+    if SLOTS > 0:
+        out = _all_slots_dot(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, magic, stride_ha, stride_qe,
+                             stride_qn, stride_se, stride_sn, TOP_K, GROUP, HAS_ZP, EVEN, BLOCK_N, SUB_C, STEPS,
+                             SLOTS, dt)
+        tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        return
     out = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(TOP_K):
         a = t * TOP_K + j
@@ -104,6 +116,57 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
                               SUB_C, STEPS, dt, DEQ)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _all_slots_dot(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, magic, stride_ha, stride_qe, stride_qn,
+                   stride_se, stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                   EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                   SLOTS: tl.constexpr, dt: tl.constexpr):
+    """fp32 [BLOCK_N]: sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[r], each
+    slot's product rounded to dt first, all slots at once: a step loads a [SLOTS, SUB_C,
+    BLOCK_N] tile of words (slots past TOP_K and assignments to other ranks' experts masked,
+    adding nothing), each slot's h lanes as [SLOTS, SUB_C] shared by its BLOCK_N rows. The
+    arithmetic of `int4_rows_dot` with DEQ 1 (words visited in swapped pairs, each lane the
+    exact u - z times h, times the word's scale once), on a slot axis."""
+    offs_s = tl.arange(0, SLOTS)
+    a = t * TOP_K + offs_s
+    e = tl.load(ids_ptr + a, mask=offs_s < TOP_K, other=-1)
+    use = (offs_s < TOP_K) & (e >= 0) & (e < E)
+    ex = tl.where(use, e, 0).to(tl.int64)
+    qw_rows = qw_ptr + ex[:, None] * stride_qe + r[None, :] * stride_qn          # [S, BN]
+    s_rows = s_ptr + ex[:, None] * stride_se + r[None, :] * stride_sn
+    z_rows = z_ptr + ex[:, None] * stride_se + r[None, :] * stride_sn
+    h_rows = h_ptr + tl.where(use, a, 0).to(tl.int64) * stride_ha                # [S]
+    perm = tl.arange(0, SUB_C) ^ 1
+    acc = tl.zeros([SLOTS, SUB_C, BLOCK_N], tl.float32)
+    for c_step in range(0, IW, SUB_C * STEPS):
+        for sub in tl.static_range(STEPS):
+            offs_c = c_step + sub * SUB_C + perm
+            if EVEN:
+                ok = use[:, None]                                                       # [S, C]
+            else:
+                ok = use[:, None] & (offs_c < IW)[None, :]
+            w = tl.load(qw_rows[:, None, :] + offs_c[None, :, None], mask=ok[:, :, None], other=0)
+            hi = w >> 16
+            tw = tl.zeros([SLOTS, SUB_C, BLOCK_N], tl.float32)
+            hs = tl.zeros([SLOTS, SUB_C], tl.float32)
+            for q in tl.static_range(8):
+                x = tl.load(h_rows[:, None] + 8 * offs_c[None, :] + q, mask=ok, other=0.0).to(tl.float32)
+                if HAS_ZP:
+                    tw += lane_minus(w if q < 4 else hi, magic, q, 0.0) * x[:, :, None]
+                    hs += x
+                else:
+                    tw += lane_minus(w if q < 4 else hi, magic, q, 8.0) * x[:, :, None]
+            grp = (8 * offs_c) // GROUP
+            sc = tl.load(s_rows[:, None, :] + grp[None, :, None], mask=ok[:, :, None], other=0.0).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_rows[:, None, :] + grp[None, :, None], mask=ok[:, :, None], other=8).to(tl.float32)
+                tw -= z * hs[:, :, None]
+            acc += tw * sc
+    y = tl.sum(acc, axis=1)                                                              # [S, BN]
+    wts = tl.load(wts_ptr + a, mask=use, other=0.0).to(tl.float32)
+    return tl.sum(y.to(dt).to(tl.float32) * wts[:, None], axis=0)
 
 
 @triton.jit
@@ -288,8 +351,11 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     cfg = int4_settings("moe_down", num_tokens, d, i, x.device)
     mat = _gemv_matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg["SUB_C"])
     steps = max(1, min(cfg["STEPS"], triton.cdiv(i // PACK, mat["sub"])))
+    whole_words = not mat["consts"]["HAS_GIDX"] and groups[1] % PACK == 0     # `_all_slots_dot`'s cases
+    slots = next_pow2(top_k) if cfg["SLOTS"] and whole_words else 0
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
+        DEQ=cfg["DEQ"], SLOTS=slots, num_warps=cfg["num_warps"], num_stages=1, **mat["consts"],
+        **pdl_launch(x.device))
     return y
