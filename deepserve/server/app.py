@@ -3,6 +3,7 @@ routes and unexpected failures included), and the engine thread's start and stop
 app's lifespan.
 
     POST /v1/completions      POST /v1/chat/completions     GET /v1/models, /v1/models/{model}
+    POST /v1/responses
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
 """
@@ -24,6 +25,7 @@ from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
 from deepserve.server.serving_common import ClientDisconnected, ServerState, parse_request
 from deepserve.server.serving_completions import create_completion
+from deepserve.server.serving_responses import create_response
 from deepserve.server.stopping import stop_interruptibly
 
 logger = logging.getLogger("deepserve")
@@ -78,7 +80,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         state.metrics.record_error(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 404:  # /v1/embeddings, /v1/responses, a typo: say what is served
+        if exc.status_code == 404:  # /v1/embeddings, a typo: say what is served
             served = [f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
             message += f"; this server answers {', '.join(served)}"
         return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
@@ -96,6 +98,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await create_response(request, state)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",

@@ -115,7 +115,7 @@ def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:
     return None
 
 
-class _Prepared:
+class PreparedChat:
     def __init__(self, state: ServerState, req: ChatCompletionRequest):
         self.model = state.check_model(req.model)
         max_tokens = req.max_new_tokens()
@@ -127,7 +127,7 @@ class _Prepared:
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
                                        req.chat_template_kwargs, req.continue_final_message)
 
-    async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "_Prepared":
+    async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":
         """Encodes the rendered prompt (off the event loop), then checks its length, the tools
         and whether the engine takes the request."""
         self.prompt_ids = (await state.encode([self.prompt_text], req.add_special_tokens))[0]
@@ -203,10 +203,10 @@ class _Prepared:
         return state.llm.generate(prompt, self.params, self.engine_id)
 
 
-class _ContentSplitter:
+class ContentSplitter:
     """One sample's text -> reasoning, content and tool-call deltas, streamed or whole."""
 
-    def __init__(self, prep: _Prepared, tool_call_parser: Optional[str]):
+    def __init__(self, prep: PreparedChat, tool_call_parser: Optional[str]):
         self.reasoning = prep.reasoning_parser()
         self.mode, self.name = prep.tool_mode, prep.tool_name
         self.tools = make_tool_parser(tool_call_parser) if self.mode == "auto" else None
@@ -268,14 +268,14 @@ def _finish_reason(out: CompletionOutput, mode: Optional[str], called: bool) -> 
 
 async def create_chat_completion(request: Request, state: ServerState):
     req = await parse_request(request, ChatCompletionRequest, state.settings.max_body_bytes)
-    prep = await _Prepared(state, req).tokenize(state, req)
+    prep = await PreparedChat(state, req).tokenize(state, req)
     await compile_grammar(state, prep.params, prep.guided_field)
     if req.stream:
         return SSEResponse(sse(_stream(state, req, prep), state))
-    final: RequestOutput = await until_disconnect(request, _collect(prep, state))
+    final: RequestOutput = await until_disconnect(request, collect_final(prep, state))
     choices = []
     for out in final.outputs:
-        splitter = _ContentSplitter(prep, state.settings.tool_call_parser)
+        splitter = ContentSplitter(prep, state.settings.tool_call_parser)
         reasoning, content, calls = splitter.whole(out.text)
         if prep.echo_text:
             content = prep.echo_text + (content or "")
@@ -296,7 +296,7 @@ async def create_chat_completion(request: Request, state: ServerState):
     return JSONResponse(body)
 
 
-async def _collect(prep: _Prepared, state: ServerState) -> RequestOutput:
+async def collect_final(prep: PreparedChat, state: ServerState) -> RequestOutput:
     final = None
     try:
         async for _, out in merge_streams([prep.stream(state)]):
@@ -306,7 +306,7 @@ async def _collect(prep: _Prepared, state: ServerState) -> RequestOutput:
     return final
 
 
-async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepared) -> AsyncIterator[str]:
+async def _stream(state: ServerState, req: ChatCompletionRequest, prep: PreparedChat) -> AsyncIterator[str]:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     n = prep.params.n
     generated = [0] * n
@@ -320,7 +320,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: _Prepare
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
                   "finish_reason": None} for i in range(n)])
-    splitters = [_ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
+    splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n
     done = [False] * n

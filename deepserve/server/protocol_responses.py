@@ -1,0 +1,297 @@
+"""The wire protocol of OpenAI's Responses API (`POST /v1/responses`): the request models, the
+fields this server refuses (`ResponsesRequest.refused`), and the translation of a request into
+the chat-completions request that serves it (`ResponsesRequest.chat_request`): input items to
+chat messages, flat function tools to chat tools, `text.format` to `response_format`.
+
+Input items: messages (role user / system / developer / assistant; content a string or a list
+of `input_text` / `output_text` parts), `function_call` and `function_call_output` items of
+earlier turns, and `reasoning` items (a previous response's output sent back: its text goes to
+the next assistant turn as `reasoning_content`, which R1's template drops, as it drops earlier
+turns' reasoning). An assistant message and the function calls after it are one chat turn.
+
+The server keeps no responses (vLLM's default): `store` true, `previous_response_id`,
+`background` true and `conversation` are refused; a client sends the whole conversation in
+`input`, as the Agents SDK does with store off.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, StringConstraints
+
+from deepserve.server.errors import APIError
+from deepserve.server.protocol import ChatCompletionRequest, _Strict
+
+# tool types of OpenAI's API other than function: hosted tools this server does not run
+HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "computer_use",
+                "code_interpreter", "image_generation", "mcp", "local_shell", "shell", "custom", "apply_patch")
+
+
+class ContentPart(_Strict):
+    type: str
+    text: Optional[str] = None
+    annotations: Optional[list[Any]] = None   # output_text parts of a previous response
+    logprobs: Optional[list[Any]] = None
+
+
+class InputItem(_Strict):
+    """One input item; `type` picks which fields apply (a message may leave `type` out)."""
+
+    type: Optional[str] = None
+    id: Optional[str] = None
+    status: Optional[str] = None
+    # message
+    role: Optional[str] = None
+    content: Optional[Union[str, list[ContentPart]]] = None
+    # function_call / function_call_output
+    call_id: Optional[str] = None
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+    output: Optional[Union[str, list[ContentPart]]] = None
+    # reasoning
+    summary: Optional[list[ContentPart]] = None
+    encrypted_content: Optional[str] = None
+
+
+class FunctionTool(_Strict):
+    """A tool in the Responses shape: name, description, parameters and strict at the top level."""
+
+    type: str
+    name: Optional[str] = None
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ToolChoiceObject(_Strict):
+    type: str
+    name: Optional[str] = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class TextConfig(_Strict):
+    format: Optional[TextFormat] = None
+    verbosity: Optional[str] = None
+
+
+class ReasoningConfig(_Strict):
+    effort: Optional[str] = None
+    summary: Optional[str] = None
+    generate_summary: Optional[str] = None
+
+
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: Optional[bool] = None
+
+
+class ResponsesRequest(_Strict):
+    model: Optional[str] = None
+    input: Union[str, list[InputItem]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: bool = False
+    stream_options: Optional[ResponsesStreamOptions] = None
+    tools: Optional[list[FunctionTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoiceObject]] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[TextConfig] = None
+    reasoning: Optional[ReasoningConfig] = None
+    # labels, checked as OpenAI checks them; returned with the response, nothing else
+    metadata: Optional[dict[Annotated[str, StringConstraints(max_length=64)],
+                            Annotated[str, StringConstraints(max_length=512)]]] = Field(default=None, max_length=16)
+    user: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    # OpenAI's fields this server answers only in their "off" setting (see refused())
+    store: Optional[bool] = None
+    background: Optional[bool] = None
+    previous_response_id: Optional[str] = None
+    conversation: Optional[Any] = None
+    prompt: Optional[Any] = None
+    include: Optional[list[str]] = None
+    top_logprobs: Optional[int] = None
+    truncation: Optional[str] = None
+    service_tier: Optional[str] = None
+    max_tool_calls: Optional[int] = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_retention: Optional[str] = None
+    # vLLM's extras (its Responses request takes these too), and chat's sampling extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logit_bias: Optional[dict[str, float]] = None
+    skip_special_tokens: bool = True
+    priority: int = 0
+    request_id: Optional[str] = None
+
+    def refused(self) -> Optional[tuple[str, str]]:
+        """(field, message) of the first field sent that this server does not implement."""
+        no_store = "this server keeps no responses; send the whole conversation in input"
+        checks = [
+            ("store", self.store, f"store true is not supported ({no_store})"),
+            ("previous_response_id", self.previous_response_id is not None,
+             f"previous_response_id is not supported ({no_store})"),
+            ("background", self.background, f"background true is not supported ({no_store})"),
+            ("conversation", self.conversation is not None, f"conversation is not supported ({no_store})"),
+            ("prompt", self.prompt is not None, "prompt (stored prompt templates) is not supported"),
+            ("include", bool(self.include),
+             f"include {self.include} is not supported (this server returns no extra output data)"),
+            ("top_logprobs", bool(self.top_logprobs), "top_logprobs is not supported"),
+            ("truncation", self.truncation not in (None, "disabled"),
+             f"truncation {self.truncation!r} is not supported (only \"disabled\": a prompt over the context "
+             "is refused)"),
+            ("service_tier", self.service_tier not in (None, "auto", "default"),
+             f"service_tier {self.service_tier!r} is not supported (auto or default)"),
+            ("max_tool_calls", self.max_tool_calls is not None, "max_tool_calls is not supported"),
+            ("prompt_cache_key", self.prompt_cache_key is not None,
+             "prompt_cache_key is not supported (the prefix cache needs no key)"),
+            ("prompt_cache_retention", self.prompt_cache_retention is not None,
+             "prompt_cache_retention is not supported"),
+            ("stream_options", self.stream_options is not None and not self.stream,
+             "stream_options is only for streamed requests (stream=true)"),
+            ("stream_options.include_obfuscation",
+             self.stream_options is not None and bool(self.stream_options.include_obfuscation),
+             "stream_options.include_obfuscation is not supported"),
+            ("reasoning.effort", self.reasoning is not None and self.reasoning.effort is not None,
+             "reasoning.effort is not supported (the model reasons as its chat template makes it)"),
+            ("reasoning.summary", self.reasoning is not None and (self.reasoning.summary or
+                                                                  self.reasoning.generate_summary) is not None,
+             "reasoning.summary is not supported (reasoning comes as reasoning_text, not summarised)"),
+            ("text.verbosity", self.text is not None and self.text.verbosity is not None,
+             "text.verbosity is not supported"),
+        ]
+        for name, sent, message in checks:
+            if sent:
+                return name, message
+        for i, tool in enumerate(self.tools or []):
+            if tool.type != "function":
+                what = "a hosted tool" if tool.type in HOSTED_TOOLS else "not a tool type this server knows"
+                return f"tools[{i}].type", (f"tool type {tool.type!r} is not supported ({what}; only "
+                                            "function tools, which the client runs)")
+            if not tool.name:
+                return f"tools[{i}].name", "a function tool needs a name"
+        choice = self.tool_choice
+        if isinstance(choice, ToolChoiceObject):
+            if choice.type != "function":
+                return "tool_choice", f"tool_choice type {choice.type!r} is not supported (function only)"
+            if not choice.name:
+                return "tool_choice.name", "tool_choice of type function needs a name"
+        return None
+
+    def chat_request(self) -> dict:
+        """The chat-completions request body that serves this request (validated by the caller
+        as a ChatFromResponses); a 400 naming the input item for a bad one."""
+        body: dict[str, Any] = {"model": self.model, "messages": chat_messages(self), "n": 1}
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                     "logit_bias", "parallel_tool_calls", "priority", "request_id", "user", "metadata"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
+        body.update(skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        body["stream"] = self.stream
+        if self.max_output_tokens is not None:
+            body["max_completion_tokens"] = self.max_output_tokens
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        choice = self.tool_choice
+        if choice is not None:
+            body["tool_choice"] = choice if isinstance(choice, str) else \
+                {"type": "function", "function": {"name": choice.name}}
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.schema_ is None:
+                raise APIError(400, "text.format json_schema needs a schema", param="text.format.schema",
+                               code="invalid_value")
+            schema = {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_, "strict": fmt.strict}
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {k: v for k, v in schema.items() if v is not None}}
+        return body
+
+
+class ChatFromResponses(ChatCompletionRequest):
+    """The chat request a Responses request becomes: errors about the output length name
+    max_output_tokens, the field the client sent."""
+
+    def max_tokens_field(self) -> str:
+        return "max_output_tokens"
+
+
+def _text(parts: Union[str, list[ContentPart], None], where: str) -> str:
+    """A content field's text: a string, or text parts joined by newlines (chat's join)."""
+    if parts is None or isinstance(parts, str):
+        return parts or ""
+    texts = []
+    for j, part in enumerate(parts):
+        if part.type not in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
+            raise APIError(400, f"{where}[{j}].type: content part type {part.type!r} is not supported (text only: "
+                                "input_text, output_text)", param=f"{where}[{j}].type", code="unsupported_field")
+        texts.append(part.text or "")
+    return "\n".join(texts)
+
+
+def chat_messages(req: ResponsesRequest) -> list[dict]:
+    """instructions + input as chat messages (see the module docstring)."""
+    messages: list[dict] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+        return messages
+    calls: dict[str, str] = {}   # call_id -> name of the function calls seen
+    reasoning: Optional[str] = None
+    for i, item in enumerate(req.input):
+        where = f"input[{i}]"
+        kind = item.type or "message"
+        if kind == "message":
+            if item.role not in ("user", "system", "developer", "assistant"):
+                raise APIError(400, f"{where}.role must be user, system, developer or assistant, got {item.role!r}",
+                               param=f"{where}.role", code="invalid_value")
+            message = {"role": item.role, "content": _text(item.content, f"{where}.content")}
+            if item.role == "assistant" and reasoning is not None:
+                message["reasoning_content"], reasoning = reasoning, None
+            messages.append(message)
+        elif kind == "function_call":
+            if not item.call_id or not item.name or item.arguments is None:
+                raise APIError(400, f"{where}: a function_call item needs call_id, name and arguments", param=where,
+                               code="invalid_value")
+            calls[item.call_id] = item.name
+            last = messages[-1] if messages else None
+            if last is None or last["role"] != "assistant":
+                last = {"role": "assistant", "content": None}
+                if reasoning is not None:
+                    last["reasoning_content"], reasoning = reasoning, None
+                messages.append(last)
+            last.setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}})
+        elif kind == "function_call_output":
+            if item.call_id not in calls:
+                raise APIError(400, f"{where}.call_id: no function_call item with call_id {item.call_id!r} comes "
+                                    "before this output (this server keeps no earlier responses: send the call too)",
+                               param=f"{where}.call_id", code="invalid_value")
+            messages.append({"role": "tool", "tool_call_id": item.call_id,
+                             "content": _text(item.output, f"{where}.output")})
+        elif kind == "reasoning":
+            if item.encrypted_content is not None:
+                raise APIError(400, f"{where}.encrypted_content: encrypted reasoning is not supported (this server "
+                                    "sends reasoning as text)", param=f"{where}.encrypted_content",
+                               code="unsupported_field")
+            reasoning = _text(item.content, f"{where}.content") if isinstance(item.content, list) else \
+                _text(item.summary, f"{where}.summary")
+        else:
+            raise APIError(400, f"{where}.type: input item type {kind!r} is not supported (message, function_call, "
+                                "function_call_output, reasoning)", param=f"{where}.type", code="unsupported_field")
+    return messages

@@ -1,0 +1,285 @@
+"""POST /v1/responses: OpenAI's Responses API on top of the chat path. The request becomes a chat
+request (server/protocol_responses.py), so the chat template, tool-call and reasoning parsers,
+structured outputs, sampling defaults and checks are chat's own (serving_chat.PreparedChat and
+ContentSplitter); this module shapes what comes out as Responses output items:
+
+- a `reasoning` item (the R1 `<think>` text as one `reasoning_text` part, as vLLM gives it) when
+  the server runs a reasoning parser,
+- a `message` item with one `output_text` part,
+- a `function_call` item per tool call (call_id, name, arguments as a JSON string),
+
+and `usage` with input/output tokens, reasoning tokens and cached prompt tokens. A response cut
+by max_output_tokens is `incomplete` (incomplete_details.reason max_output_tokens; its last
+item too). Streamed, the events are OpenAI's: response.created, response.in_progress, then per
+item output_item.added, content_part.added, the text / reasoning_text / function-call argument
+deltas, their done events, content_part.done, output_item.done, and last response.completed (or
+response.incomplete, as OpenAI sends for a cut response); each with its sequence_number and an
+SSE `event:` line. The streamed deltas join to the items of the non-streamed response.
+
+No response is stored (see protocol_responses): a client that leaves mid-request aborts it and
+its KV blocks are freed at once, as on the chat endpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.server.errors import APIError, from_validation_error
+from deepserve.server.protocol_responses import ChatFromResponses, ResponsesRequest
+from deepserve.server.reasoning import THINK_END, THINK_START
+from deepserve.server.serving_chat import ContentSplitter, PreparedChat, collect_final
+from deepserve.server.serving_common import (SSEResponse, ServerState, compile_grammar, merge_streams,
+                                             parse_request, sse, sse_data, until_disconnect)
+
+# the chat fields a Responses request sends under other names, for errors to name what was sent
+_RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
+
+
+def _renamed(err: APIError) -> APIError:
+    err.message = err.message.replace("in the messages", "in the input")
+    if err.param in _RENAMED:
+        err.message = err.message.replace(err.param, _RENAMED[err.param])
+        err.param = _RENAMED[err.param]
+    return err
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _call_id(chat_id: str) -> str:
+    """A chat tool-call id (chatcmpl-tool-HEX) as a Responses call_id (call_HEX)."""
+    return "call_" + chat_id.rsplit("-", 1)[-1]
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict:
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": text}],
+            "status": status}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+async def create_response(request: Request, state: ServerState):
+    req = await parse_request(request, ResponsesRequest, state.settings.max_body_bytes)
+    refused = req.refused()
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported_field")
+    try:
+        chat = ChatFromResponses.model_validate(req.chat_request())
+    except ValidationError as exc:
+        raise _renamed(from_validation_error(exc)) from None
+    try:
+        prep = await PreparedChat(state, chat).tokenize(state, chat)
+        await compile_grammar(state, prep.params, prep.guided_field)
+    except APIError as err:
+        raise _renamed(err) from None
+    response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
+    if req.stream:
+        return SSEResponse(_frames(_stream(state, req, prep, response_id), state))
+    final: RequestOutput = await until_disconnect(request, collect_final(prep, state))
+    out = final.outputs[0]
+    reasoning, content, calls = ContentSplitter(prep, state.settings.tool_call_parser).whole(out.text)
+    items = []
+    if reasoning:
+        items.append(reasoning_item(_new_id("rs"), reasoning, "completed"))
+    if content:
+        items.append(message_item(_new_id("msg"), content, "completed"))
+    for call in calls:
+        items.append(call_item(_new_id("fc"), _call_id(call["id"]), call["function"]["name"],
+                               call["function"]["arguments"], "completed"))
+    status = _status(out)
+    if items and status == "incomplete" and items[-1]["type"] != "function_call":   # calls here are whole
+        items[-1]["status"] = "incomplete"
+    return JSONResponse(_response(req, prep, response_id, status, items, _usage(state, prep, final)))
+
+
+def _status(out: CompletionOutput) -> str:
+    return "incomplete" if out.finish_reason == "length" else "completed"
+
+
+def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, status: str, output: list[dict],
+              usage: Optional[dict]) -> dict:
+    """The Response object, as OpenAI's API returns it."""
+    choice = req.tool_choice
+    if choice is None:
+        choice = "auto"
+    elif not isinstance(choice, str):
+        choice = {"type": "function", "name": choice.name}
+    fmt = req.text.format if req.text is not None else None
+    return {"id": response_id, "object": "response", "created_at": prep.created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": prep.model,
+            "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "background": False, "temperature": prep.params.temperature, "top_p": prep.params.top_p,
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+            "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",
+            "usage": usage, "user": req.user, "metadata": req.metadata or {}}
+
+
+def _reasoning_tokens(state: ServerState, prep: PreparedChat, token_ids: list[int]) -> int:
+    """The output tokens inside the <think> block (its tags not counted)."""
+    parser = prep.reasoning_parser()
+    if parser is None:
+        return 0
+    tok = state.tokenizer.tok
+    start_id, end_id = tok.token_to_id(THINK_START), tok.token_to_id(THINK_END)
+    first = 0
+    if parser.state != "reasoning":   # the output must open the block itself
+        if start_id is None or start_id not in token_ids:
+            return 0
+        first = token_ids.index(start_id) + 1
+    rest = token_ids[first:]
+    return rest.index(end_id) if end_id in rest else len(rest)
+
+
+def _usage(state: ServerState, prep: PreparedChat, final: RequestOutput) -> dict:
+    prompt, output = len(prep.prompt_ids), len(final.outputs[0].token_ids)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(state, prep, final.outputs[0].token_ids)},
+            "total_tokens": prompt + output}
+
+
+class _StreamedItems:
+    """A streamed response's output items, built from the chat splitter's deltas, and the events
+    that announce them. One item is open at a time; a delta of another kind closes it. A
+    message's trailing whitespace is held back: if a function call follows, it is dropped, as the
+    non-streamed response strips it."""
+
+    _PARTS = {"reasoning": {"type": "reasoning_text", "text": ""},
+              "message": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}
+    _DELTAS = {"reasoning": "response.reasoning_text.delta", "message": "response.output_text.delta",
+               "call": "response.function_call_arguments.delta"}
+
+    def __init__(self):
+        self.items: list[dict] = []           # the closed items
+        self.kind: Optional[str] = None       # the open item's: "reasoning", "message" or "call"
+        self.id, self.text, self.held = "", "", ""
+        self.call_id, self.name = "", ""
+
+    def _where(self) -> dict:
+        return {"item_id": self.id, "output_index": len(self.items)}
+
+    def _open(self, kind: str, **call) -> list[dict]:
+        events = self._close("completed")
+        self.kind, self.text = kind, ""
+        self.id = _new_id({"reasoning": "rs", "message": "msg", "call": "fc"}[kind])
+        if kind == "reasoning":
+            item = {"id": self.id, "type": "reasoning", "summary": [], "content": [], "status": "in_progress"}
+        elif kind == "message":
+            item = {"id": self.id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        else:
+            self.call_id, self.name = call["call_id"], call["name"]
+            item = call_item(self.id, self.call_id, self.name, "", "in_progress")
+        events.append({"type": "response.output_item.added", "output_index": len(self.items), "item": item})
+        if kind in self._PARTS:
+            events.append({"type": "response.content_part.added", **self._where(), "content_index": 0,
+                           "part": dict(self._PARTS[kind])})
+        return events
+
+    def _delta(self, kind: str, text: str, **call) -> list[dict]:
+        events = self._open(kind, **call) if self.kind != kind or call else []
+        if text:
+            self.text += text
+            event = {"type": self._DELTAS[kind], **self._where()}
+            if kind != "call":
+                event["content_index"] = 0
+            event["delta"] = text
+            if kind == "message":
+                event["logprobs"] = []
+            events.append(event)
+        return events
+
+    def _close(self, status: str) -> list[dict]:
+        if self.kind is None:
+            return []
+        where, text = self._where(), self.text
+        if self.kind == "reasoning":
+            item = reasoning_item(self.id, text, status)
+            events = [{"type": "response.reasoning_text.done", **where, "content_index": 0, "text": text},
+                      {"type": "response.content_part.done", **where, "content_index": 0, "part": item["content"][0]}]
+        elif self.kind == "message":
+            item = message_item(self.id, text, status)
+            events = [{"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []},
+                      {"type": "response.content_part.done", **where, "content_index": 0, "part": item["content"][0]}]
+        else:
+            item = call_item(self.id, self.call_id, self.name, text, status)
+            events = [{"type": "response.function_call_arguments.done", **where, "name": self.name, "arguments": text}]
+        events.append({"type": "response.output_item.done", "output_index": where["output_index"], "item": item})
+        self.items.append(item)
+        self.kind = None
+        return events
+
+    def feed(self, reasoning: str, content: str, calls: list[dict]) -> list[dict]:
+        events = self._delta("reasoning", reasoning) if reasoning else []
+        if content:
+            self.held += content
+            shown = self.held.rstrip()
+            if shown:
+                events += self._delta("message", shown)
+                self.held = self.held[len(shown):]
+        for call in calls:
+            fn = call["function"]
+            if "id" in call:   # a new call: its header, then its arguments as they grow
+                self.held = ""
+                events += self._delta("call", fn.get("arguments", ""), call_id=_call_id(call["id"]), name=fn["name"])
+            elif fn.get("arguments"):
+                events += self._delta("call", fn["arguments"])
+        return events
+
+    def finish(self, status: str) -> list[dict]:
+        events = self._delta("message", self.held) if self.held else []
+        self.held = ""
+        return events + self._close(status)
+
+
+async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
+                  response_id: str) -> AsyncIterator[str]:
+    numbers = itertools.count()
+
+    def frame(event: dict) -> str:
+        event["sequence_number"] = next(numbers)
+        return f"event: {event['type']}\n{sse_data(event)}"
+
+    started = _response(req, prep, response_id, "in_progress", [], None)
+    yield frame({"type": "response.created", "response": started})
+    yield frame({"type": "response.in_progress", "response": started})
+    splitter = ContentSplitter(prep, state.settings.tool_call_parser)
+    items = _StreamedItems()
+    sent, last = 0, None
+    async for _, res in merge_streams([prep.stream(state)]):
+        out, last = res.outputs[0], res
+        reasoning, content, calls = splitter.feed(out.text[sent:], out.finish_reason is not None)
+        sent = len(out.text)
+        for event in items.feed(reasoning, content, calls):
+            yield frame(event)
+    status = _status(last.outputs[0])
+    for event in items.finish(status):
+        yield frame(event)
+    body = _response(req, prep, response_id, status, items.items, _usage(state, prep, last))
+    yield frame({"type": f"response.{status}", "response": body})
+
+
+async def _frames(events: AsyncIterator[str], state: ServerState) -> AsyncIterator[str]:
+    """The SSE frames of a streamed response: chat's framing (an error mid-stream is an error
+    event the SDKs raise), without its closing `[DONE]`, which OpenAI's Responses streams lack."""
+    async with contextlib.aclosing(sse(events, state)) as frames:
+        async for text in frames:
+            if text != "data: [DONE]\n\n":
+                yield text

@@ -1,0 +1,176 @@
+"""POST /v1/responses with the official `openai` client: on the demo model, the text, usage and
+status of a response equal the chat endpoint's greedy answer to the same messages, streamed
+and not (the SDK's event order, sequence numbers, deltas joining to the final text); fields and
+items this server does not serve are refused with a 400 naming them; a client that leaves a
+stream frees its KV blocks at once. The reasoning / tool tests are in test_responses_tools.py.
+"""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, wait_for
+from test_server_load import idle, metrics
+
+from deepserve.server.metrics import parse_metrics
+
+MODEL = "stories260k"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def chat_text(client, messages: list[dict], **kwargs) -> tuple[str, object]:
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
+    return r.choices[0].message.content, r
+
+
+def test_text_equals_the_chat_answer(client):
+    r = client.responses.create(model=MODEL, instructions="Once upon", input="a time", max_output_tokens=12,
+                                temperature=0)
+    text, chat = chat_text(client, [{"role": "system", "content": "Once upon"}, {"role": "user", "content": "a time"}],
+                           max_tokens=12)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL
+    assert [o.type for o in r.output] == ["message"] and r.output_text == text and len(text) > 10
+    assert (r.status, r.incomplete_details.reason, r.output[0].status) == ("incomplete", "max_output_tokens",
+                                                                           "incomplete")
+    u = r.usage
+    assert (u.input_tokens, u.output_tokens, u.total_tokens) == (chat.usage.prompt_tokens, 12,
+                                                                 chat.usage.prompt_tokens + 12)
+    assert u.output_tokens_details.reasoning_tokens == 0 and u.input_tokens_details.cached_tokens >= 0
+    assert (r.instructions, r.max_output_tokens, r.temperature, r.tool_choice, r.tools) == ("Once upon", 12, 0.0,
+                                                                                             "auto", [])
+
+
+def test_input_items_become_chat_messages(client):
+    """A list of items: roles (developer included), text parts, an earlier assistant answer;
+    `stop` ends the response (completed), `metadata` and `user` come back."""
+    items = [{"role": "developer", "content": "Once upon a time"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "there was"},
+                                                             {"type": "input_text", "text": "a cat"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "named Tom", "annotations": []}]},
+             {"role": "user", "content": "One day"}]
+    r = client.responses.create(model=MODEL, input=items, max_output_tokens=30, temperature=0,
+                                metadata={"k": "v"}, user="u1", extra_body={"stop": ["."]})
+    text, _ = chat_text(client, [{"role": "developer", "content": "Once upon a time"},
+                                 {"role": "user", "content": "there was\na cat"},
+                                 {"role": "assistant", "content": "named Tom"},
+                                 {"role": "user", "content": "One day"}], max_tokens=30, stop=["."])
+    assert r.output_text == text and r.status == "completed" and r.incomplete_details is None
+    assert r.metadata == {"k": "v"} and r.user == "u1" and r.output[0].status == "completed"
+
+
+def test_stream_events_join_to_the_response(client):
+    kwargs = dict(model=MODEL, input="Once upon a time", max_output_tokens=30, temperature=0,
+                  extra_body={"stop": ["."]})
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(**kwargs, stream=True))
+    kinds = [e.type for e in events]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert kinds == (["response.created", "response.in_progress", "response.output_item.added",
+                      "response.content_part.added"] + ["response.output_text.delta"] * len(deltas)
+                     + ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                        "response.completed"])
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    text = "".join(d.delta for d in deltas)
+    item_id = events[2].item.id
+    assert len(deltas) > 2 and all(d.item_id == item_id and d.output_index == 0 for d in deltas)
+    assert text == events[-4].text == events[-2].item.content[0].text == whole.output_text
+    final = events[-1].response
+    assert final.output_text == text and final.status == "completed" and final.usage.output_tokens == \
+        whole.usage.output_tokens
+    with client.responses.stream(**kwargs) as stream:   # the SDK's helper accumulates the same
+        assert stream.get_final_response().output_text == text
+
+
+def test_cut_stream_ends_incomplete(client):
+    events = list(client.responses.create(model=MODEL, input="Once upon a time", max_output_tokens=5,
+                                          temperature=0, stream=True))
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert final.output[0].status == "incomplete" and final.usage.output_tokens == 5
+
+
+REFUSED = [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"store": True}, "store"),
+    ({"background": True}, "background"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
+    ({"max_tool_calls": 2}, "max_tool_calls"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type"),
+    ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "http://x"}]}, "tools[0].type"),
+    ({"tools": [{"type": "computer_use_preview", "display_width": 1, "display_height": 1,
+                 "environment": "linux"}]}, "tools[0].type"),
+    ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},
+     "input[0].content[0].type"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "5"}]}, "input[0].call_id"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xyz"}]},
+     "input[0].encrypted_content"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"max_output_tokens": 100000}, "max_output_tokens"),
+]
+
+
+@pytest.mark.parametrize("fields,param", REFUSED, ids=[p for _, p in REFUSED])
+def test_unsupported_fields_are_refused_by_name(demo_server, fields, param):
+    body = {"model": MODEL, "input": "hi", **fields}
+    r = httpx.post(demo_server.v1 + "/responses", json=body, headers=AUTH,
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "BadRequestError", err
+    assert param.split("[")[0].split(".")[0] in err["message"]
+
+
+def test_off_settings_and_the_sdk_refusal(client):
+    """Fields in their "off" setting ask for nothing and pass; the SDK raises on a refusal."""
+    r = client.responses.create(model=MODEL, input="Once", max_output_tokens=2, store=False, background=False,
+                                truncation="disabled", include=[], service_tier="auto", parallel_tool_calls=True)
+    assert r.status == "incomplete"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="Once", previous_response_id=r.id)
+    assert info.value.body["param"] == "previous_response_id"
+
+
+def test_dropped_stream_aborts_the_request(demo_server):
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    before = metrics(demo_server.url)["generation_tokens_total"]
+    body = {"model": MODEL, "input": "Once upon a time", "max_output_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", demo_server.v1 + "/responses", json=body, headers=AUTH, timeout=30) as r:
+        kinds = (line for line in r.iter_lines() if line.startswith("event: "))
+        assert [next(kinds) for _ in range(5)][-1] == "event: response.output_text.delta"
+        assert metrics(demo_server.url)["num_requests_running"] == 1
+    wait_for(lambda: idle(demo_server.url), timeout=20)   # no request left, every KV block free
+    generated = metrics(demo_server.url)["generation_tokens_total"] - before
+    time.sleep(0.5)
+    assert metrics(demo_server.url)["generation_tokens_total"] - before == generated < 500   # it stopped early
+
+
+def test_non_streamed_client_timeout_aborts(demo_server):
+    wait_for(lambda: idle(demo_server.url), timeout=20)
+    key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
+
+    def aborted() -> float:
+        return parse_metrics(httpx.get(demo_server.url + "/metrics").text).get(key, 0.0)
+
+    before = aborted()
+    body = {"model": MODEL, "input": "One day", "max_output_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(demo_server.v1 + "/responses", json=body, timeout=0.5, headers=AUTH)
+    wait_for(lambda: idle(demo_server.url), timeout=10)
+    assert aborted() == before + 1
