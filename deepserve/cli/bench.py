@@ -94,10 +94,12 @@ def _sweep(args) -> int:
 
 def _check_engine(args) -> None:
     """The engine flags against the model before any rank starts, as `serve` checks them."""
-    from deepserve.cli.serve import check_model
+    from deepserve.cli.serve import check_local_gpus, check_model
     from deepserve.config import EngineArgs
 
-    check_model(EngineArgs.from_cli_args(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    check_model(engine_args)
+    check_local_gpus(engine_args)
 
 
 def _latency(args) -> int:

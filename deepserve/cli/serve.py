@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
                                 dry_run=getattr(args, "dry_run", False), weights_format=plan_cli.weights_format)
     if getattr(args, "dry_run", False):
         check_model(EngineArgs(**engine_kwargs))
+        check_local_gpus(EngineArgs(**engine_kwargs))
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
                                     if k != "api_key"))
@@ -171,6 +172,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
     config = engine_args.create_engine_config()   # the layout against config.json, before any process starts
     check_ops_backend(engine_args)
+    check_local_gpus(engine_args)
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
@@ -228,6 +230,28 @@ def check_before_start(config) -> None:
     last = ParallelContext(tp_rank=tp - 1, tp_size=tp, pp_rank=pp - 1, pp_size=pp, dp_rank=dp - 1, dp_size=dp,
                            ep_rank=ep - 1, ep_size=ep)
     build_model(model, torch.device("meta"), last, method, **({"load_mtp": True} if model.load_mtp else {}))
+
+
+def check_local_gpus(engine_args: EngineArgs) -> None:
+    """The ranks this machine starts (TP x PP x its DP ranks; over Ray the cluster places them)
+    against its GPUs, as vLLM checks the world size: otherwise the ranks past the last GPU fail
+    in CUDA's "invalid device ordinal" after the others have started (the metax line's -pp 4
+    -tp 8 without `--distributed-executor-backend ray`, a FlagScale serve file without its
+    hostfile)."""
+    from deepserve.platforms import get_platform
+
+    if engine_args.distributed_executor_backend == "ray" or get_platform(engine_args.device).name != "cuda":
+        return
+    import torch
+
+    tp, pp = engine_args.tensor_parallel_size, engine_args.pipeline_parallel_size
+    dp = engine_args.data_parallel_size_local or engine_args.data_parallel_size
+    gpus = torch.cuda.device_count()
+    if tp * pp * dp > gpus:
+        raise ValueError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} x {dp} local data-parallel "
+                         f"rank(s) = {tp * pp * dp} GPUs on this machine, which has {gpus} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use --distributed-executor-backend ray "
+                         f"over several machines (`ray start` on each), or fewer ranks")
 
 
 def check_ops_backend(engine_args: EngineArgs) -> None:

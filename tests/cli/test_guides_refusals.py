@@ -376,3 +376,37 @@ def test_a_folder_without_its_weights_is_one_line_before_any_rank(r1_fp8, capsys
                "model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing")
     for extra in ([], ["--dry-run"]):
         assert message in one_line_error(capsys, ["serve", r1_fp8, "-tp", "8", "--port", "0"] + extra)
+
+
+
+def test_more_ranks_than_this_machines_gpus_is_one_line(reference, r1_fp8, capsys, no_server, monkeypatch):
+    """The metax line (-pp 4 -tp 8: 32 ranks) on one 8-GPU machine without its
+    `--distributed-executor-backend ray`: ranks 8-31 failed in CUDA's "invalid device ordinal"
+    after the first eight had started. Over Ray the cluster places the ranks: not checked here."""
+    import torch
+
+    from deepserve.platforms.interface import CudaPlatform
+    from tests.cli.guide_runs import guide
+    from tests.cli.guides import set_flags, set_model
+
+    monkeypatch.setattr("deepserve.platforms.get_platform", lambda name="auto": CudaPlatform())
+    monkeypatch.setattr("deepserve.ops.registry.check_backend_runs_on", lambda platform, ops: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    (_, _, metax) = guide(reference, "flagos-metax.md")
+    metax = set_model(metax, r1_fp8) + ["--port", "0"]
+    assert metax[metax.index("--distributed-executor-backend") + 1] == "ray"
+    local = set_flags(metax, {"--distributed-executor-backend": None})
+    message = ("tensor_parallel_size 8 x pipeline_parallel_size 4 x 1 local data-parallel rank(s) = 32 GPUs on this "
+               "machine, which has 8 (CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7): use --distributed-executor-backend ray")
+    for argv in (local, local + ["--dry-run"]):
+        assert message in one_line_error(capsys, argv)
+    monkeypatch.setattr("deepserve.bench.offline.run_latency", no_server_started)
+    assert message in one_line_error(capsys, ["bench", "latency", "--model", r1_fp8, "-tp", "8", "-pp", "4"])
+    assert main(set_flags(local, {"-tp": 4, "-pp": 2}) + ["--dry-run"]) == 0
+    with pytest.raises(AssertionError, match="the server was started"):
+        main(metax)   # over Ray: past the check
+
+
+def no_server_started(*args, **kwargs):
+    raise AssertionError("the engine was started")
