@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from deepserve.quant.fp8 import FP8_DTYPE
+from deepserve.quant.qconfig_fields import distinct_schemes
 
 STRATEGIES = ("tensor", "channel", "block")
 
@@ -35,7 +36,7 @@ class CtFp8Scheme:
 def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
     """The FP8 scheme of a compressed-tensors quantization_config, None when its weights are
     not 8-bit floats; one that deepserve cannot serve is refused naming the field."""
-    groups = qc.get("config_groups") or {}
+    groups = distinct_schemes(qc)
     weights = {n: g.get("weights") or {} for n, g in groups.items()}
     if qc.get("quant_method") != "compressed-tensors" or not any(w.get("type") == "float" for w in weights.values()):
         return None

@@ -31,6 +31,7 @@ import torch
 
 from deepserve.ops.int4 import PACK, SEQUENTIAL, dequant_int4, pack_int4, unpack_int4
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
+from deepserve.quant.qconfig_fields import distinct_schemes
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # AWQ: nibble i holds column AWQ_ORDER[i] of its 8
 FORMATS = ("awq", "gptq", "compressed-tensors")
@@ -102,17 +103,18 @@ def _group(value, where: str) -> int:
 
 
 def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int4Spec]:
-    groups = qc.get("config_groups") or {}
+    groups = distinct_schemes(qc)
     weights = [(n, g.get("weights") or {}, g.get("input_activations")) for n, g in groups.items()]
     if not weights or all((w.get("num_bits") == 8) for _, w, _ in weights):
         return None   # the int8 W8A8 scheme: models/loader.py
-    if qc.get("format") not in ("pack-quantized", "mixed-precision", None) and len(weights) == 1:
-        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with 4-bit weights is not "
-                         f"supported; deepserve serves pack-quantized")
     if len(weights) != 1:
         raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one "
                          f"4-bit scheme per checkpoint")
     gname, w, a = weights[0]
+    for fmt in (qc.get("format"), groups[gname].get("format")):
+        if fmt not in ("pack-quantized", "mixed-precision", None):
+            raise ValueError(f"compressed-tensors format {fmt!r} with 4-bit weights is not "
+                             f"supported; deepserve serves pack-quantized")
     where = f"compressed-tensors group {gname}"
     _bits(w.get("num_bits"), where)
     if w.get("type", "int") != "int":

@@ -14,6 +14,7 @@ are accepted; fields known to change the weights are accepted only at their neut
 """
 from __future__ import annotations
 
+import json
 import logging
 
 logger = logging.getLogger("deepserve")
@@ -53,6 +54,23 @@ def quantization_config(hf_config) -> dict:
         raise ValueError(f"config.json quantization_config must be an object with a quant_method, got "
                          f"{type(qc).__name__} {str(qc)[:60]!r}")
     return qc
+
+
+def distinct_schemes(qc: dict) -> dict[str, dict]:
+    """A compressed-tensors config's groups, one per distinct scheme (weights and input
+    activations): groups that differ only in their targets quantize their modules alike, so
+    they are one scheme (the modules each group targets: quant/ignore.py)."""
+    out: dict[str, dict] = {}
+    seen: set[str] = set()
+    for name, group in (qc.get("config_groups") or {}).items():
+        if not isinstance(group, dict):
+            raise ValueError(f"compressed-tensors group {name}: must be an object, got {group!r}")
+        key = json.dumps([group.get("weights"), group.get("input_activations"), group.get("format")],
+                         sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out[name] = group
+    return out
 
 
 def _unknown(where: str, got: dict, known: set) -> None:

@@ -432,3 +432,30 @@ def test_an_fp8_row_parallel_layer_too_narrow_to_split_says_tp_1():
         RowParallelLinear(64, 32, pctx=_tp(0)).set_quant_method(Fp8BlockLinearMethod())
     with pytest.raises(ValueError, match=r"use a tensor-parallel size that divides 3$"):
         RowParallelLinear(384, 32, pctx=_tp(0, 4)).set_quant_method(Fp8BlockLinearMethod())
+
+
+def test_config_groups_that_differ_only_in_targets_are_one_scheme(tiny_folders, tmp_path):
+    """llm-compressor writes one config group per targets list: two groups with the same 4-bit
+    scheme (here attention and MLP) were refused as "one 4-bit scheme per checkpoint"; they
+    load, each module quantized as its group says, and give the dequantized model's logits.
+    Groups whose schemes differ are still refused, naming them."""
+    from deepserve.quant.ct_fp8 import ct_fp8_scheme
+    q, deq = _quantize_folder(tiny_folders("llama"), tmp_path, "compressed-tensors", 32, True, False)
+    cfg = json.loads((q / "config.json").read_text())
+    groups = cfg["quantization_config"]["config_groups"]
+    scheme = groups.pop("group_0")
+    groups["attention"] = {**scheme, "targets": ["re:.*self_attn\\..*_proj$"]}
+    groups["mlp"] = {**scheme, "targets": ["re:.*mlp\\..*_proj$"]}
+    cfg["quantization_config"]["format"] = "mixed-precision"
+    (q / "config.json").write_text(json.dumps(cfg))
+    got = torch.cat(LLM(model=str(q), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want)
+    groups["mlp"] = {**scheme, "weights": {**scheme["weights"], "group_size": 64}}
+    with pytest.raises(ValueError, match=r"config_groups \['attention', 'mlp'\]: deepserve serves one 4-bit scheme"):
+        int4_spec(cfg)
+    fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+           "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}
+    qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
+          "config_groups": {"a": {**fp8, "targets": ["re:.*self_attn.*"]}, "b": {**fp8, "targets": ["re:.*mlp.*"]}}}
+    assert ct_fp8_scheme(qc).strategy == "channel"
