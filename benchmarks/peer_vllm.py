@@ -21,6 +21,13 @@ Servers:
         --vllm-path /tmp/vsite --out-dir OUT
     python benchmarks/peer_vllm.py --table OUT/peer_*.json        # the table of several runs
 
+--profile CASE:DELAY_S:STEPS starts every server with the same `--profiler-config` (vLLM's
+flag, which deepserve takes too: the torch profiler, traces in OUT/trace_<server>), calls
+`POST /start_profile` DELAY_S seconds into CASE's run, which then records STEPS engine steps,
+and `POST /stop_profile` after it; `python benchmarks/trace_steps.py OUT/trace_deepserve
+OUT/trace_vllm` then compares the steps. The profiled case's figures carry "profiled": true
+(the profiler slows the steps it records: not table figures).
+
 When the tokenizer holds more ids than the preset's vocabulary (deepseek-v2-lite with the R1
 tokenizer), the folder's vocab_size is raised to the tokenizer's, for both servers alike.
 Results: one JSON per preset (every case of every server, start-up time, commands) and a markdown
@@ -35,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -122,9 +130,33 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def profiler_config(trace_dir: Path, steps: int) -> str:
+    """The --profiler-config both servers get: torch traces of `steps` engine steps, no Python
+    stacks or host-side (front-end) trace."""
+    return json.dumps({"profiler": "torch", "torch_profiler_dir": str(trace_dir.resolve()),
+                       "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True,
+                       "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True,
+                       "max_iterations": steps})
+
+
+def post(url: str, timeout_s: float) -> str:
+    """POST with an empty body; the status, or why it failed."""
+    req = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return str(r.status)
+    except OSError as e:
+        return f"failed: {e}"
+
+
 def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dict:
     port = free_port()
     cmd, env = server_command(kind, folder, port, args)
+    if args.profile:
+        trace_dir = out / f"trace_{kind}"
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        trace_dir.mkdir(parents=True)
+        cmd += ["--profiler-config", profiler_config(trace_dir, args.profile[2])]
     log_path = out / f"{args.preset_name}_{kind}_server.log"
     entry: dict = {"server_command": " ".join(cmd), "cases": {}}
     with open(log_path, "w") as log:
@@ -145,15 +177,27 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
                          "--max-concurrency", str(conc), "--ignore-eos", "--seed", str(seed), "--disable-tqdm",
                          "--save-result", "--result-dir", str(out / "raw"), "--result-filename", name]
                 t1 = time.time()
+                profiled = bool(args.profile) and case == args.profile[0]
+                if profiled:
+                    starter = threading.Timer(args.profile[1], lambda: print(
+                        f"   start_profile: {post(f'http://127.0.0.1:{port}/start_profile', 60)}", flush=True))
+                    starter.start()
                 r = subprocess.run(bench, capture_output=True, text=True,
                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                        p for p in (str(REPO), args.deps_path, os.environ.get("PYTHONPATH")) if p)})
+                if profiled:
+                    starter.join()
+                    t2 = time.time()
+                    status = post(f"http://127.0.0.1:{port}/stop_profile", 600)
+                    print(f"   stop_profile: {status} ({time.time() - t2:.0f} s)", flush=True)
                 if r.returncode != 0:
                     print(r.stdout[-2000:], r.stderr[-2000:], flush=True)
                     entry["cases"][case] = {"error": (r.stderr or r.stdout)[-500:]}
                     continue
                 res = json.loads((out / "raw" / name).read_text())
                 entry["cases"][case] = {k: res[k] for k in KEEP if k in res} | {"concurrency": conc, "prompts": n}
+                if profiled:
+                    entry["cases"][case]["profiled"] = True
                 print(f"   {case}: {res['output_throughput']:.1f} out tok/s, TPOT p50 {res['median_tpot_ms']:.2f} ms "
                       f"({time.time() - t1:.0f} s)", flush=True)
         except RuntimeError as e:
@@ -174,7 +218,7 @@ def table(results: list[dict]) -> str:
         for case in CASES:
             for kind, entry in servers.items():
                 c = entry.get("cases", {}).get(case)
-                if not c or "error" in c:
+                if not c or "error" in c or c.get("profiled"):
                     continue
                 ratio = tpot = ""
                 d = ds.get(case)
@@ -214,6 +258,8 @@ def main() -> None:
     p.add_argument("--vllm-args", default="", help="extra flags for both vLLM servers (one string)")
     p.add_argument("--start-limit-s", type=float, default=420)
     p.add_argument("--tiny", action="store_true", help="2-8 prompts of 32 in / 8 out (a CPU check of the script)")
+    p.add_argument("--profile", default=None, metavar="CASE:DELAY_S:STEPS",
+                   help="torch-profile STEPS engine steps of CASE, from DELAY_S seconds into its run (see above)")
     p.add_argument("--table", nargs="*", help="print the table of these result JSONs and exit")
     args = p.parse_args()
     if args.table is not None:
@@ -227,6 +273,14 @@ def main() -> None:
         p.error(f"unknown case(s) {unknown}; choices: {', '.join(CASES)}")
     if "sharegpt" in args.cases and not args.sharegpt:
         p.error("the sharegpt case needs --sharegpt FILE")
+    if args.profile:
+        try:
+            case, delay, steps = args.profile.split(":")
+            args.profile = (case, float(delay), int(steps))
+        except ValueError:
+            p.error(f"--profile takes CASE:DELAY_S:STEPS, got {args.profile!r}")
+        if args.profile[0] not in args.cases:
+            p.error(f"--profile case {args.profile[0]!r} is not among --cases {','.join(args.cases)}")
     args.deepserve_args = args.deepserve_args.split()
     args.vllm_args = args.vllm_args.split()
     args.preset_name = Path(args.preset).name
