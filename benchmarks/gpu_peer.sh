@@ -8,7 +8,9 @@
 #   benchmarks/gpu_peer.sh structured        # issue 19: bench_structured.py on the 8B preset
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
 #                                      (PEER_ARGS: more peer_vllm.py flags, e.g. --random-weights;
-#                                       DS_ARGS: deepserve serve's extra flags, one string)
+#                                       DS_ARGS: deepserve serve's extra flags, one string;
+#                                       PEER_ARGS="--profile sharegpt:30:150": both servers' steps,
+#                                       benchmarks/trace_steps.py, into $OUT/steps_PRESET.json)
 #   VARIANTS="a=FLAGS|b=FLAGS" benchmarks/gpu_peer.sh variants PRESET [CASES]   # deepserve alone, per variant
 # .peerd holds data.tar.xz (tokenizers, ShareGPT first 500, the demo model from ../shared) and
 # wx/ (xgrammar + apache-tvm-ffi wheels for deepserve's structured outputs).
@@ -51,7 +53,13 @@ peer)
     --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
     --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po ${PEER_ARGS:-} ${DS_ARGS:+"--deepserve-args=$DS_ARGS"}
   cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
-  tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' . ;;
+  traces=(); labels=()    # PEER_ARGS="--profile CASE:DELAY_S:STEPS": the steps side by side, not the traces
+  for s in ${3//,/ }; do [ -d "/tmp/po/trace_$s" ] && traces+=("/tmp/po/trace_$s") && labels+=("$s"); done
+  if [ ${#traces[@]} -gt 0 ]; then
+    labels_csv=$(IFS=,; echo "${labels[*]}")
+    python3 benchmarks/trace_steps.py "${traces[@]}" --labels "$labels_csv" --json "$OUT/steps_$2.json"
+  fi
+  tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' --exclude='trace_*' . ;;
 variants)  # deepserve alone, one server per variant: VARIANTS="label=flags|label=flags" (after setup)
   DEPS=$SITE OUT=$OUT bash benchmarks/gpu_served.sh variants "$2" "${3:-c256,sharegpt}" ;;
 *) echo "usage: $0 piece N | setup | setup_ds | structured | peer PRESET SERVERS [CASES] | variants PRESET [CASES]"; exit 2 ;;
