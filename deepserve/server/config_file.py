@@ -24,6 +24,9 @@ off as `--no-KEY` does (FlagOS docs write `no_enable_prefix_caching: true`), and
 engine_args. Unknown keys are errors that name the key, except a few vLLM options that mean
 nothing here and FlagScale's `resources:`, which are ignored with a warning.
 
+FlagScale's older serve files (`model_args: {NAME: {model-tag: ..., action-args: [...]}}` with a
+`deploy:` block, as its deepseek_r1 example stood until mid 2025) are read as one serve entry.
+
 A FlagScale experiment file (`flagscale serve deepseek_r1` reads
 examples/deepseek_r1/conf/config_deepseek_r1.yaml) is read as FlagScale's Hydra would compose it:
 its `defaults:` list names the serve file (`- serve: deepseek_r1` -> serve/deepseek_r1.yaml beside
@@ -133,6 +136,8 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
         envs.update(exports_of(before) if isinstance(before, str) else {})
         envs.update(experiment.get("envs") or {})
         data = data["serve"]
+    if isinstance(data, dict) and "model_args" in data:
+        data = _model_args_entry(data, path)
     if isinstance(data, list):
         entries = [e for e in data if isinstance(e, dict) and "engine_args" in e]
         if len(entries) != 1:
@@ -145,6 +150,59 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: engine {engine!r} is not served by deepserve (use vllm or deepserve)")
     envs.update(data.get("envs") or {})
     return data, envs
+
+
+# an older FlagScale serve file's `deploy:` keys that only choose FlagScale's launcher
+LAUNCHER_KEYS = ("command_line_mode", "use_native_serve", "use_fs_serve")
+
+
+def _model_args_entry(serve: dict, path: Path) -> dict:
+    """An older FlagScale serve file (its deepseek_r1.yaml until mid 2025, which the metax guide's
+    pinned checkout has) as a serve entry:
+
+        model_args:
+          vllm_model:
+            model-tag: /models/deepseek_r1     # -> model
+            tensor-parallel-size: 8
+            port: 9010
+            action-args: [trust-remote-code, enable-chunked-prefill]   # switches set
+        deploy: {command_line_mode: true}      # FlagScale's launcher; service.port: the port
+    """
+    models = serve["model_args"]
+    if not isinstance(models, dict) or len(models) != 1:
+        raise ValueError(f"{path}: model_args must hold one model (deepserve serves one), got "
+                         f"{list(models) if isinstance(models, dict) else models!r}")
+    (name, args), = models.items()
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: model_args.{name} must be a mapping, got {args!r}")
+    engine_args = {}
+    for key, value in args.items():
+        key = str(key).replace("-", "_")
+        if key == "model_tag":
+            engine_args["model"] = value
+        elif key == "action_args":
+            if not isinstance(value, list):
+                raise ValueError(f"{path}: model_args.{name}.action_args must be a list of switches, got {value!r}")
+            engine_args.update({str(flag).lstrip("-").replace("-", "_"): True for flag in value})
+        else:
+            engine_args[key] = value
+    entry: dict = {"serve_id": name, "engine_args": engine_args}
+    deploy = serve.get("deploy") or {}
+    if not isinstance(deploy, dict):
+        raise ValueError(f"{path}: deploy must be a mapping, got {deploy!r}")
+    for key, value in deploy.items():
+        if key == "service" and isinstance(value, dict) and value.get("port") is not None:
+            entry["port"] = value["port"]
+        elif key == "models":
+            logger.warning("%s: ignoring deploy.models (Ray Serve's GPUs and replicas per model: the parallel "
+                           "sizes place the ranks here)", path)
+        elif key not in LAUNCHER_KEYS:
+            raise ValueError(f"{path}: unknown deploy key {key!r}; known: service.port, models, "
+                             f"{', '.join(LAUNCHER_KEYS)}")
+    for key in serve:
+        if key not in ("model_args", "deploy"):
+            raise ValueError(f"{path}: unknown key {key!r} beside model_args; known: model_args, deploy")
+    return entry
 
 
 def _deploy(data: Any, path: Path) -> dict[str, Any]:

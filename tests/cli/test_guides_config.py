@@ -305,6 +305,46 @@ def test_flagscale_resources_are_named_as_ignored(reference, r1_config, tmp_path
         assert serve_config(["serve", path])[0].tensor_parallel_size == 8
     assert "ignoring resources" in caplog.text
 
+
+OLD_SERVE_FILE = """model_args:
+  vllm_model:
+    model-tag: MODEL # path of weight of deepseek r1
+    tensor-parallel-size: 8
+    pipeline-parallel-size: 4
+    gpu-memory-utilization: 0.9
+    max-num-seqs: 256
+    port: 9010 # port to serve
+    action-args:
+      - trust-remote-code
+      - enable-chunked-prefill
+deploy:
+  command_line_mode: True
+  use_native_serve: False
+"""
+
+
+def test_flagscale_older_serve_file(reference, r1_config, tmp_path, monkeypatch, capsys):
+    """FlagScale's serve/deepseek_r1.yaml as it stood until mid 2025 (the metax guide builds a
+    pinned FlagScale commit): was "no 'engine_args:' mapping found"."""
+    conf = flagscale_checkout(tmp_path, reference, r1_config)
+    (conf / "serve" / "deepseek_r1.yaml").write_text(OLD_SERVE_FILE.replace("MODEL", r1_config))
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    for argv in (["serve", "deepseek_r1"], ["serve", "deepseek_r1", "examples/deepseek_r1/conf/serve/deepseek_r1.yaml"]):
+        args, server, _, _ = serve_config(argv)
+        assert (args.model, args.tensor_parallel_size, args.pipeline_parallel_size, args.gpu_memory_utilization,
+                args.max_num_seqs, args.trust_remote_code, args.enable_chunked_prefill, server.port) == \
+            (r1_config, 8, 4, 0.9, 256, True, True, 9010)
+
+    serve = conf / "serve" / "deepseek_r1.yaml"
+    for text, message in [(OLD_SERVE_FILE.replace("  vllm_model:", "  second:\n    model-tag: x\n  vllm_model:"),
+                           "model_args must hold one model (deepserve serves one), got ['second', 'vllm_model']"),
+                          (OLD_SERVE_FILE + "  replicas: 2\n", "unknown deploy key 'replicas'")]:
+        serve.write_text(text.replace("MODEL", r1_config))
+        assert main(["serve", "deepseek_r1", "examples/deepseek_r1/conf/serve/deepseek_r1.yaml", "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+
 # --------------------------------------------------------------------------- the mappings
 @pytest.mark.parametrize("config, sizes, eager", [
     ({"cudagraph_capture_sizes": [64, 4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}, [4, 16, 64], False),
