@@ -8,6 +8,7 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | fp8 (DeepSeek block)             | none / fp8     | fp8 (CPU and GPUs without fp8: dequantize-then-matmul per call) |
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
 | compressed-tensors FP8 (float-quantized: tensor, channel, block) | none / fp8 | fp8, as DeepSeek's with 1x128 or 128x128 scale blocks (quant/ct_fp8.py) |
+| fp8 without weight_block_size (AutoFP8: one weight_scale a tensor) | none / fp8 | fp8, as compressed-tensors' tensor strategy |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
 | AutoAWQ GEMM / GPTQ / compressed-tensors W4A16 | none / awq / gptq / compressed-tensors | 4-bit packed (layers/quantization_int4.py) |
@@ -47,7 +48,7 @@ from deepserve.layers.quantization_modelslim import (modelslim_module, quantize_
                                                      quantize_modelslim_linears)
 from deepserve.models.registry import get_model_class
 from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
-from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream
+from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream, fp8_scale_scheme
 from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
@@ -70,12 +71,12 @@ def resolve_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtyp
 def fp8_block_size(hf_config) -> tuple[int, int] | None:
     """The scale block of an fp8 checkpoint's Linear weights (DeepSeek's or compressed-tensors')."""
     q = hf_config.get("quantization_config") or {}
-    ct = ct_fp8_scheme(q)
+    ct = fp8_scale_scheme(q)
     if ct is not None:
         return ct.block
     if q.get("quant_method") != "fp8":
         return None
-    return tuple(q.get("weight_block_size") or (128, 128))
+    return tuple(q["weight_block_size"])
 
 
 def _check_w8a8_int8(qc: dict) -> None:
@@ -295,8 +296,8 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             desc = modelslim.description(model_config.model)
             weights = modelslim.modelslim_stream(weights, desc, functools.partial(modelslim_module, desc), dtype)
         elif stored is not None:
-            ct = ct_fp8_scheme(cfg.get("quantization_config") or {})
-            if ct is not None:      # compressed-tensors FP8: DeepSeek's names and scale grid
+            ct = fp8_scale_scheme(cfg.get("quantization_config") or {})
+            if ct is not None:      # compressed-tensors / per-tensor FP8: DeepSeek's names and scale grid
                 weights = ct_fp8_stream(weights, ct)
             # stored quantized tensors go as they are to the layers that run the same method (fp8
             # and int8 experts too); those of modules the checkpoint says it left unquantized are

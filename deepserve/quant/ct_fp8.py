@@ -11,7 +11,9 @@ and run through the same fp8 GEMM. Routed experts need 128x128 blocks (the fused
 grid): "tensor" and "block" checkpoints load them, "channel" ones are refused.
 Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
 checkpoint's per-token scheme) or none; static activation scales are refused.
-Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`.
+`quant_method` "fp8" checkpoints without `weight_block_size` (AutoFP8's, vLLM's Fp8Config) store
+the same per-tensor `weight_scale` and load as the "tensor" strategy.
+Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`, `Fp8Config`.
 """
 from __future__ import annotations
 
@@ -72,6 +74,16 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
     return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128))
 
 
+def fp8_scale_scheme(qc: dict) -> Optional[CtFp8Scheme]:
+    """The scheme whose `weight_scale` tensors the loader renames to DeepSeek's grid: a
+    compressed-tensors FP8 one, or `quant_method` "fp8" without `weight_block_size` (AutoFP8,
+    vLLM's Fp8Config: one `weight_scale` per tensor, as the "tensor" strategy); None for
+    DeepSeek's block format (`weight_scale_inv` as stored) and every other checkpoint."""
+    if qc.get("quant_method") == "fp8" and not qc.get("weight_block_size"):
+        return CtFp8Scheme("tensor", (128, 128))
+    return ct_fp8_scheme(qc)
+
+
 def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:
     """A checkpoint `weight_scale` -> DeepSeek's `weight_scale_inv` grid of `scheme.block`."""
     n, k = weight_shape
@@ -104,6 +116,10 @@ def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Sche
                 yield base + "_scale_inv", _scale_inv(t, shapes.pop(base), scheme, name)
             else:
                 pending[base] = (name, t)
+        elif name.endswith(".weight_scale_inv"):
+            raise ValueError(f"tensor {name}: a DeepSeek block scale, but the quantization_config names no "
+                             f"weight_block_size (fp8 without one stores a weight_scale per tensor); add "
+                             f"the checkpoint's block, e.g. \"weight_block_size\": [128, 128]")
         elif name.endswith(".input_scale"):
             raise ValueError(f"tensor {name}: static activation scales are not supported (dynamic only)")
         elif name.endswith(".weight") and t.dtype == FP8_DTYPE:

@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from deepserve import LLM
-from tests.models.hf_reference import save_tiny
+from tests.models.hf_reference import load_ours, save_tiny
 from tests.quant.test_int4_loading import PROMPTS, TOKENIZER, write_variant
 
 FP8 = torch.float8_e4m3fn
@@ -149,3 +149,26 @@ def test_bad_ct_fp8_checkpoints_fail_naming_the_tensor(tiny, tmp_path):
     mixed = _ct_config("channel")
     mixed["config_groups"]["group_1"] = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"}}
     fails(tensors, r"config_groups \['group_0', 'group_1'\]: deepserve serves one FP8 scheme", mixed)
+
+
+def test_per_tensor_fp8_without_weight_block_size_loads_as_the_tensor_strategy(tiny, tmp_path):
+    """`quant_method` "fp8" without `weight_block_size` (AutoFP8, vLLM's Fp8Config) stores one
+    scalar `weight_scale` per tensor: it loaded as DeepSeek's 128x128 blocks and failed with
+    "weight_scale has no matching model parameter". It serves the compressed-tensors "tensor"
+    checkpoint's logits; a block `weight_scale_inv` under such a config says what to add."""
+    folders = _folders(tiny, tmp_path, "tensor")
+    tensors = load_file(str(folders["ct"] / "model.safetensors"))
+    tensors = {n: t.reshape(()) if n.endswith("weight_scale") else t for n, t in tensors.items()}
+    autofp8 = write_variant(folders["ct"], tmp_path / "autofp8", tensors,
+                            {"quant_method": "fp8", "activation_scheme": "dynamic"})
+    llm = LLM(model=str(autofp8), dtype="float32", tokenizer=TOKENIZER)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == FP8
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want), (got - want).abs().max()
+    cfg = json.loads((folders["deepseek"] / "config.json").read_text())
+    del cfg["quantization_config"]["weight_block_size"]
+    (folders["deepseek"] / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"^tensor model\.layers\.\d\..*weight_scale_inv: a DeepSeek block scale, but "
+                                         r"the quantization_config names no weight_block_size"):
+        load_ours(folders["deepseek"])
