@@ -181,13 +181,16 @@ class ResponsesRequest(_Strict):
                 return f"tools[{i}].type", (f"tool type {tool.type!r} is not supported ({what}; only "
                                             "function tools, which the client runs)")
             if not tool.name:
-                return f"tools[{i}].name", "a function tool needs a name"
+                return f"tools[{i}].name", ("a function tool needs a name (the Responses API's tools are flat: "
+                                            '{"type": "function", "name": ..., "parameters": ...}, no "function" '
+                                            "object)")
         choice = self.tool_choice
         if isinstance(choice, ToolChoiceObject):
             if choice.type != "function":
                 return "tool_choice", f"tool_choice type {choice.type!r} is not supported (function only)"
             if not choice.name:
-                return "tool_choice.name", "tool_choice of type function needs a name"
+                return "tool_choice.name", ("tool_choice of type function needs a name (the Responses API's flat "
+                                            'shape: {"type": "function", "name": ...})')
         return None
 
     def chat_request(self) -> dict:

@@ -114,6 +114,8 @@ REFUSED = [
     ({"tools": [{"type": "computer_use_preview", "display_width": 1, "display_height": 1,
                  "environment": "linux"}]}, "tools[0].type"),
     ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name"),   # chat's shape
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice.name"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},
      "input[0].content[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
