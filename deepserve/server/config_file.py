@@ -25,7 +25,9 @@ engine_args. Unknown keys are errors that name the key, except a few vLLM option
 nothing here and FlagScale's `resources:`, which are ignored with a warning.
 
 FlagScale's older serve files (`model_args: {NAME: {model-tag: ..., action-args: [...]}}` with a
-`deploy:` block, as its deepseek_r1 example stood until mid 2025) are read as one serve entry.
+`deploy:` block, as its deepseek_r1 example stood until mid 2025) are read as one serve entry, and
+OmegaConf's `${oc.env:NAME[,default]}` and `${key.path}` are resolved as Hydra would
+(server/flagscale_files.py).
 
 A FlagScale experiment file (`flagscale serve deepseek_r1` reads
 examples/deepseek_r1/conf/config_deepseek_r1.yaml) is read as FlagScale's Hydra would compose it:
@@ -50,6 +52,7 @@ from typing import Any, Optional
 from deepserve.config import EngineArgs
 from deepserve.distributed.cluster import RunnerOptions
 from deepserve.server.args import ServerArgs
+from deepserve.server.flagscale_files import interpolate, model_args_entry, unresolved
 
 logger = logging.getLogger("deepserve")
 
@@ -137,7 +140,7 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
         envs.update(experiment.get("envs") or {})
         data = data["serve"]
     if isinstance(data, dict) and "model_args" in data:
-        data = _model_args_entry(data, path)
+        data = model_args_entry(data, path)
     if isinstance(data, list):
         entries = [e for e in data if isinstance(e, dict) and "engine_args" in e]
         if len(entries) != 1:
@@ -150,59 +153,6 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: engine {engine!r} is not served by deepserve (use vllm or deepserve)")
     envs.update(data.get("envs") or {})
     return data, envs
-
-
-# an older FlagScale serve file's `deploy:` keys that only choose FlagScale's launcher
-LAUNCHER_KEYS = ("command_line_mode", "use_native_serve", "use_fs_serve")
-
-
-def _model_args_entry(serve: dict, path: Path) -> dict:
-    """An older FlagScale serve file (its deepseek_r1.yaml until mid 2025, which the metax guide's
-    pinned checkout has) as a serve entry:
-
-        model_args:
-          vllm_model:
-            model-tag: /models/deepseek_r1     # -> model
-            tensor-parallel-size: 8
-            port: 9010
-            action-args: [trust-remote-code, enable-chunked-prefill]   # switches set
-        deploy: {command_line_mode: true}      # FlagScale's launcher; service.port: the port
-    """
-    models = serve["model_args"]
-    if not isinstance(models, dict) or len(models) != 1:
-        raise ValueError(f"{path}: model_args must hold one model (deepserve serves one), got "
-                         f"{list(models) if isinstance(models, dict) else models!r}")
-    (name, args), = models.items()
-    if not isinstance(args, dict):
-        raise ValueError(f"{path}: model_args.{name} must be a mapping, got {args!r}")
-    engine_args = {}
-    for key, value in args.items():
-        key = str(key).replace("-", "_")
-        if key == "model_tag":
-            engine_args["model"] = value
-        elif key == "action_args":
-            if not isinstance(value, list):
-                raise ValueError(f"{path}: model_args.{name}.action_args must be a list of switches, got {value!r}")
-            engine_args.update({str(flag).lstrip("-").replace("-", "_"): True for flag in value})
-        else:
-            engine_args[key] = value
-    entry: dict = {"serve_id": name, "engine_args": engine_args}
-    deploy = serve.get("deploy") or {}
-    if not isinstance(deploy, dict):
-        raise ValueError(f"{path}: deploy must be a mapping, got {deploy!r}")
-    for key, value in deploy.items():
-        if key == "service" and isinstance(value, dict) and value.get("port") is not None:
-            entry["port"] = value["port"]
-        elif key == "models":
-            logger.warning("%s: ignoring deploy.models (Ray Serve's GPUs and replicas per model: the parallel "
-                           "sizes place the ranks here)", path)
-        elif key not in LAUNCHER_KEYS:
-            raise ValueError(f"{path}: unknown deploy key {key!r}; known: service.port, models, "
-                             f"{', '.join(LAUNCHER_KEYS)}")
-    for key in serve:
-        if key not in ("model_args", "deploy"):
-            raise ValueError(f"{path}: unknown key {key!r} beside model_args; known: model_args, deploy")
-    return entry
 
 
 def _deploy(data: Any, path: Path) -> dict[str, Any]:
@@ -305,6 +255,7 @@ def _engine_args(entry: dict, path: Path) -> dict:
 def load_serve_config(path: str | Path) -> ServeConfig:
     path = Path(path)
     data = _compose_defaults(_read_yaml(path), path)
+    data = interpolate(data, data)
     entry, envs = _pick_entry(data, path)
     runner = _runner(data, entry, path)
     engine_hints, server_hints = typing.get_type_hints(EngineArgs), typing.get_type_hints(ServerArgs)
@@ -334,6 +285,12 @@ def load_serve_config(path: str | Path) -> ServeConfig:
                              f"{', '.join(SERVER_KEYS)}")
     config.server.update({k: _typed(v, server_hints[k], f"{path}: experiment.deploy.{k}")
                           for k, v in _deploy(data, path).items()})
+    for values in (config.engine_args, config.server, config.envs):
+        for key, value in values.items():
+            if unresolved(value):
+                raise ValueError(f"{path}: {key}: {value} does not resolve (an environment variable unset and no "
+                                 "default, or a key the file lacks; deepserve resolves ${oc.env:NAME[,default]} "
+                                 "and ${key.path})")
     name = config.engine_args.get("served_model_name")
     if isinstance(name, list):
         config.engine_args["served_model_name"] = ",".join(str(n) for n in name)

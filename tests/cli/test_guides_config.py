@@ -345,6 +345,48 @@ def test_flagscale_older_serve_file(reference, r1_config, tmp_path, monkeypatch,
         assert main(["serve", "deepseek_r1", "examples/deepseek_r1/conf/serve/deepseek_r1.yaml", "--dry-run"]) == 2
         assert message in capsys.readouterr().err
 
+
+def test_flagscale_interpolations(reference, r1_config, tmp_path, monkeypatch, capsys):
+    """FlagScale's YAML is OmegaConf's: FlagOS docs write `model: ${oc.env:MODEL_PATH}`; a key may
+    name another (`${experiment.exp_name}`, as the guide's exp_dir does). Were: the text itself
+    as the model path ("neither a folder nor a preset") and the port (a traceback)."""
+    conf = flagscale_checkout(tmp_path, reference, r1_config)
+    serve = conf / "serve" / "deepseek_r1.yaml"
+    serve.write_text(serve.read_text().replace(r1_config, "${oc.env:R1_PATH}")
+                     + "    port: ${oc.env:R1_PORT,9011}\n    served_model_name: ${experiment.exp_name}\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("R1_PATH", r1_config)
+    monkeypatch.delenv("R1_PORT", raising=False)
+    args, server, _, _ = serve_config(["serve", "deepseek_r1"])
+    assert (args.model, server.port, args.served_model_name) == (r1_config, 9011, "deepseek_r1")
+    monkeypatch.setenv("R1_PORT", "9012")
+    assert serve_config(["serve", "deepseek_r1"])[1].port == 9012
+
+    monkeypatch.delenv("R1_PATH")
+    assert main(["serve", "deepseek_r1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model: ${oc.env:R1_PATH} does not resolve" in err, err
+
+
+@pytest.mark.parametrize("text, value", [
+    ("${a.n}", 8),                                   # a whole value keeps the key's type
+    ("tp${a.n}-${oc.env:QA_X}", "tp8-x"),            # inside text: joined as text
+    ("${oc.env:QA_UNSET,fallback}", "fallback"),
+    ("${oc.env:QA_UNSET,null}", None),
+    ("${b}", 8),                                     # a key that is itself an interpolation
+    ("${now:%Y}/${HOME}", "${now:%Y}/${HOME}"),      # other resolvers, a shell's variable: as written
+    ("\\${a.n}", "\\${a.n}"),                       # escaped
+])
+def test_interpolate(monkeypatch, text, value):
+    from deepserve.server.flagscale_files import interpolate
+
+    monkeypatch.setenv("QA_X", "x")
+    monkeypatch.delenv("QA_UNSET", raising=False)
+    root = {"a": {"n": 8}, "b": "${a.n}", "v": text}
+    assert interpolate(root, root)["v"] == value
+
 # --------------------------------------------------------------------------- the mappings
 @pytest.mark.parametrize("config, sizes, eager", [
     ({"cudagraph_capture_sizes": [64, 4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}, [4, 16, 64], False),
