@@ -32,6 +32,7 @@ quantization choices that forwards read as plain attributes.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -47,7 +48,7 @@ from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
 from deepserve.layers.quantization_modelslim import (modelslim_module, quantize_modelslim_experts,
                                                      quantize_modelslim_linears)
 from deepserve.models.registry import get_model_class
-from deepserve.models.weights import dequantize_stream, init_dummy_weights, iterate_checkpoint
+from deepserve.models.weights import checkpoint_files, dequantize_stream, init_dummy_weights, iterate_checkpoint
 from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream, fp8_scale_scheme
 from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
@@ -168,7 +169,31 @@ def linear_method(model: str, hf_config, requested: Optional[str],
         stored = int4_spec_for(hf_config, requested).method if requested in INT4_REQUESTS else None
     else:
         stored = checkpoint_quantization(hf_config) or modelslim.stored_format(model)
+        if stored is None:
+            _check_no_side_quantize_config(model)
     return stored, choose_quantization(requested, stored)
+
+
+def _check_no_side_quantize_config(model: str) -> None:
+    """AutoGPTQ before its transformers integration kept the GPTQ settings in
+    quantize_config.json beside a config.json without quantization_config: a folder whose shards
+    hold packed `qweight` tensors and no quantization_config is refused naming the file (its
+    tensors would be refused one by one as unknown parameters)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(model) / "quantize_config.json"
+    if not path.is_file():
+        return
+    try:
+        for shard in checkpoint_files(model):
+            with safe_open(str(shard), framework="pt") as f:
+                packed = any(name.endswith(".qweight") for name in f.keys())
+            if packed:
+                break
+    except (OSError, ValueError, SafetensorError):
+        return      # the loader names what is wrong with the shards
+    if packed:
+        raise ValueError(f"{path} holds AutoGPTQ's settings but config.json has no quantization_config: "
+                         f"add them to config.json as \"quantization_config\" with \"quant_method\": \"gptq\"")
 
 
 def stage_modules(model, pctx: ParallelContext) -> list:

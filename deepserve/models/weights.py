@@ -163,7 +163,8 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     """Copy checkpoint tensors into `model`'s parameters through their weight loaders.
 
     `stacked_params` maps a checkpoint name part to (fused parameter part, shard id).
-    fp8 KV scales go to their attention layers (`load_kv_scale`). A fused parameter must get
+    fp8 KV scales go to their attention layers (`load_kv_scale`); an all-zero bias of a layer
+    that has none is skipped (AutoGPTQ writes one for every Linear). A fused parameter must get
     every one of its parts (q, k and v; gate and up): one the checkpoint lacks would leave that
     slice uninitialised, so it is refused naming the missing tensor. Returns the names of the
     parameters that received data."""
@@ -183,6 +184,8 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         else:
             target, shard_id = name, None
         if target not in params:
+            if name.endswith(".bias") and not bool(tensor.any()):
+                continue    # AutoGPTQ saves a zero bias for every quantized Linear: adding it is a no-op
             raise ValueError(f"checkpoint tensor {name} has no matching model parameter")
         param = params[target]
         if tensor.dtype in (FP8_DTYPE, torch.int8) and param.dtype != tensor.dtype:

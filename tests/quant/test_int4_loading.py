@@ -459,3 +459,34 @@ def test_config_groups_that_differ_only_in_targets_are_one_scheme(tiny_folders, 
     qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
           "config_groups": {"a": {**fp8, "targets": ["re:.*self_attn.*"]}, "b": {**fp8, "targets": ["re:.*mlp.*"]}}}
     assert ct_fp8_scheme(qc).strategy == "channel"
+
+
+def test_autogptq_zero_biases_and_side_quantize_config(tiny_folders, tmp_path):
+    """AutoGPTQ saves a zero `bias` for every quantized Linear, also of models without biases
+    (Llama): such a checkpoint was refused ("bias has no matching model parameter"); the zero
+    biases are skipped (a nonzero one is still refused). AutoGPTQ checkpoints from before its
+    transformers integration keep their settings in quantize_config.json only: refused naming
+    that file, not tensor by tensor; a 16-bit folder beside such a file loads."""
+    from tests.models.hf_reference import load_ours
+    q, deq = _quantize_folder(tiny_folders("llama"), tmp_path, "gptq", 32, True, False)
+    tensors = load_file(str(q / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        tensors[name[: -len("qweight")] + "bias"] = torch.zeros(tensors[name].shape[1], dtype=torch.float16)
+    biased = write_variant(q, tmp_path / "biased", tensors, None)
+    got = torch.cat(LLM(model=str(biased), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(deq), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want)
+    tensors["model.layers.1.mlp.up_proj.bias"][3] = 0.5
+    nonzero = write_variant(q, tmp_path / "nonzero", tensors, None)
+    with pytest.raises(ValueError, match=r"^checkpoint tensor model.layers.1.mlp.up_proj.bias has no matching"):
+        load_ours(nonzero)
+    cfg = json.loads((q / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    del qc["quant_method"]
+    (q / "config.json").write_text(json.dumps(cfg))
+    (q / "quantize_config.json").write_text(json.dumps(qc))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(q))}/quantize_config.json holds AutoGPTQ's settings but "
+                                         r"config.json has no quantization_config"):
+        load_ours(q)
+    shutil.copy(q / "quantize_config.json", deq / "quantize_config.json")
+    load_ours(deq)
