@@ -150,7 +150,9 @@ def _reasoning_tokens(state: ServerState, prep: PreparedChat, token_ids: list[in
 
 def _usage(state: ServerState, prep: PreparedChat, final: RequestOutput) -> dict:
     prompt, output = len(prep.prompt_ids), len(final.outputs[0].token_ids)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
+    # cache_write_tokens: OpenAI's paid cache writes; the prefix cache here is kept without them
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": final.num_cached_tokens, "cache_write_tokens": 0},
             "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(state, prep, final.outputs[0].token_ids)},
             "total_tokens": prompt + output}

@@ -13,10 +13,13 @@ import json
 
 import httpx
 import openai
+import pydantic
 import pytest
 from conftest import R1_TOKENIZER
 import test_server_tools as chat_tools
 from test_server_tools import REASONING, SCRIPT, validate_call
+
+from openai.types.responses import Response, ResponseStreamEvent
 
 from deepserve.server.tool_parsers import CALLS_BEGIN
 
@@ -140,3 +143,18 @@ def test_named_tool_choice_must_name_a_tool(client):
         client.responses.create(model="tiny-r1", input=INPUT, tools=TOOLS,
                                 tool_choice={"type": "function", "name": "nope"})
     assert info.value.body["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("extra", [{}, {"tool_choice": "none"}, {"max_output_tokens": 4}])
+def test_wire_json_validates_as_the_sdk_types(server, extra):
+    """The SDK builds its objects without validating: the JSON itself must fit its types (every
+    required field there), the response and each stream event, whose `event:` line names its type."""
+    body = {"model": "tiny-r1", "input": INPUT, "tools": TOOLS, **extra}
+    Response.model_validate(httpx.post(server.v1 + "/responses", json=body, timeout=60).json())
+    with httpx.stream("POST", server.v1 + "/responses", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    names, frames = lines[0::2], [json.loads(line[len("data: "):]) for line in lines[1::2]]
+    assert names == [f"event: {f['type']}" for f in frames] and len(frames) > 8
+    adapter = pydantic.TypeAdapter(ResponseStreamEvent)
+    for frame in frames:
+        adapter.validate_python(frame)
