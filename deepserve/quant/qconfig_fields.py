@@ -42,7 +42,8 @@ _CT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_st
 KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
 # field -> the neutral values deepserve serves (anything else changes the weights' meaning)
 _NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False),
-                     "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2")},
+                     "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2"),
+                     "pack_dtype": (None, "int32", "torch.int32")},
             "compressed-tensors": {"transform_config": (None, {})},
             "fp8": {"fmt": (None, "e4m3")}}
 

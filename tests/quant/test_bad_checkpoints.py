@@ -82,11 +82,15 @@ def _method(qc):
      r"^quantization_config \(gptq\): bits None is not supported; deepserve serves 4-bit "),
     ({**quantization_config("gptq", 32, True, False), "bits": "4"},
      r"^quantization_config \(gptq\): bits '4' is not supported"),
+    # GPTQModel packs into int8 / int16 / int64 words too: qweight [K / (16 / bits)...] of another dtype
+    ({**quantization_config("gptq", 32, True, False), "pack_dtype": "int16"},
+     r"^quantization_config \(gptq\): pack_dtype 'int16' is not supported$"),
 ])
 def test_malformed_quantization_config_is_one_error_naming_the_field(qc, error):
     """Fields of the wrong JSON type raised AttributeError / TypeError tracebacks (a string
     quantization_config, an int modules_to_not_convert) or errors naming no field ("invalid
-    literal for int()", "4-bit weights are not supported" for bits "4")."""
+    literal for int()", "4-bit weights are not supported" for bits "4"); a GPTQModel pack_dtype
+    other than int32 was refused only at the first packed weight's dtype."""
     with pytest.raises(ValueError, match=error):
         _method(qc)
 
