@@ -14,14 +14,15 @@ item too). Streamed, the events are OpenAI's: response.created, response.in_prog
 item output_item.added, content_part.added, the text / reasoning_text / function-call argument
 deltas, their done events, content_part.done, output_item.done, and last response.completed (or
 response.incomplete, as OpenAI sends for a cut response); each with its sequence_number and an
-SSE `event:` line. The streamed deltas join to the items of the non-streamed response.
+SSE `event:` line, and no closing `[DONE]` (OpenAI's Responses streams have none). The streamed
+deltas join to the items of the non-streamed response. An error after the stream began is
+OpenAI's `error` event, which also carries the `error` object the openai SDK raises.
 
 No response is stored (see protocol_responses): a client that leaves mid-request aborts it and
 its KV blocks are freed at once, as on the chat endpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import uuid
 from typing import AsyncIterator, Optional
@@ -36,7 +37,7 @@ from deepserve.server.protocol_responses import ChatFromResponses, ResponsesRequ
 from deepserve.server.reasoning import THINK_END, THINK_START
 from deepserve.server.serving_chat import ContentSplitter, PreparedChat, collect_final
 from deepserve.server.serving_common import (SSEResponse, ServerState, compile_grammar, merge_streams,
-                                             parse_request, sse, sse_data, until_disconnect)
+                                             api_error_from, parse_request, sse_data, until_disconnect)
 
 # the chat fields a Responses request sends under other names, for errors to name what was sent
 _RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
@@ -90,7 +91,7 @@ async def create_response(request: Request, state: ServerState):
         raise _renamed(err) from None
     response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
     if req.stream:
-        return SSEResponse(_frames(_stream(state, req, prep, response_id), state))
+        return SSEResponse(_stream(state, req, prep, response_id))
     final: RequestOutput = await until_disconnect(request, collect_final(prep, state))
     out = final.outputs[0]
     reasoning, content, calls = ContentSplitter(prep, state.settings.tool_call_parser).whole(out.text)
@@ -265,23 +266,23 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
     splitter = ContentSplitter(prep, state.settings.tool_call_parser)
     items = _StreamedItems()
     sent, last = 0, None
-    async for _, res in merge_streams([prep.stream(state)]):
-        out, last = res.outputs[0], res
-        reasoning, content, calls = splitter.feed(out.text[sent:], out.finish_reason is not None)
-        sent = len(out.text)
-        for event in items.feed(reasoning, content, calls):
-            yield frame(event)
+    try:
+        async for _, res in merge_streams([prep.stream(state)]):
+            out, last = res.outputs[0], res
+            reasoning, content, calls = splitter.feed(out.text[sent:], out.finish_reason is not None)
+            sent = len(out.text)
+            for event in items.feed(reasoning, content, calls):
+                yield frame(event)
+    except Exception as exc:   # the status line is gone: OpenAI's error event, with the error object the SDKs raise
+        err = api_error_from(exc, state.settings.retry_after_s)
+        state.metrics.record_error(err.status)
+        body = err.body()
+        yield frame({"type": "error", "code": str(body["error"]["code"]), "message": err.message, "param": err.param,
+                     **body})
+        return
     status = _status(last.outputs[0])
     for event in items.finish(status):
         yield frame(event)
     body = _response(req, prep, response_id, status, items.items, _usage(state, prep, last))
     yield frame({"type": f"response.{status}", "response": body})
 
-
-async def _frames(events: AsyncIterator[str], state: ServerState) -> AsyncIterator[str]:
-    """The SSE frames of a streamed response: chat's framing (an error mid-stream is an error
-    event the SDKs raise), without its closing `[DONE]`, which OpenAI's Responses streams lack."""
-    async with contextlib.aclosing(sse(events, state)) as frames:
-        async for text in frames:
-            if text != "data: [DONE]\n\n":
-                yield text

@@ -2,11 +2,14 @@
 status of a response equal the chat endpoint's greedy answer to the same messages, streamed
 and not (the SDK's event order, sequence numbers, deltas joining to the final text); fields and
 items this server does not serve are refused with a 400 naming them; a client that leaves a
-stream frees its KV blocks at once. The reasoning / tool tests are in test_responses_tools.py.
+stream frees its KV blocks at once; an engine error mid-stream is OpenAI's `error` event. The reasoning / tool tests are in test_responses_tools.py.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -14,7 +17,11 @@ import pytest
 from conftest import API_KEY, wait_for
 from test_server_load import idle, metrics
 
+from deepserve.engine.async_llm import EngineStepError
+from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.metrics import parse_metrics
+from deepserve.server.protocol_responses import ResponsesRequest
+from deepserve.server.serving_responses import _stream
 
 MODEL = "stories260k"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -176,3 +183,31 @@ def test_non_streamed_client_timeout_aborts(demo_server):
         httpx.post(demo_server.v1 + "/responses", json=body, timeout=0.5, headers=AUTH)
     wait_for(lambda: idle(demo_server.url), timeout=10)
     assert aborted() == before + 1
+
+
+def test_error_mid_stream_is_an_error_event():
+    """After the first event the status line is gone: a failing engine request ends the stream
+    with OpenAI's `error` event (numbered like the rest), which carries the `error` object the
+    SDK raises, and no `[DONE]`."""
+    async def failing(state):
+        yield RequestOutput("r", None, [1], [CompletionOutput(0, "Once", [5])], False)
+        raise EngineStepError("the step failed")
+
+    errors: list[int] = []
+    state = SimpleNamespace(settings=SimpleNamespace(tool_call_parser=None, retry_after_s=1),
+                            metrics=SimpleNamespace(record_error=errors.append))
+    prep = SimpleNamespace(created=0, model=MODEL, params=SimpleNamespace(temperature=1.0, top_p=1.0),
+                           stream=failing, reasoning_parser=lambda: None, tool_mode=None, tool_name=None,
+                           parallel_tool_calls=None)
+
+    async def frames() -> list[str]:
+        return [f async for f in _stream(state, ResponsesRequest(input="x"), prep, "resp_1")]
+
+    out = asyncio.run(frames())
+    events = [json.loads(f.split("data: ", 1)[1]) for f in out]
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.content_part.added", "response.output_text.delta", "error"]
+    assert out[-1].startswith("event: error\n") and not any("[DONE]" in f for f in out)
+    last = events[-1]
+    assert last["sequence_number"] == 5 and last["message"] == "the step failed" and last["code"] == "engine_error"
+    assert last["error"]["message"] == "the step failed" and errors == [500]
