@@ -22,11 +22,6 @@ from pydantic import Field, StringConstraints
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, _Strict
 
-# tool types of OpenAI's API other than function: hosted tools this server does not run
-HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "computer_use",
-                "code_interpreter", "image_generation", "mcp", "local_shell", "shell", "custom", "apply_patch")
-
-
 class ContentPart(_Strict):
     type: str
     text: Optional[str] = None
@@ -176,10 +171,9 @@ class ResponsesRequest(_Strict):
             if sent:
                 return name, message
         for i, tool in enumerate(self.tools or []):
-            if tool.type != "function":
-                what = "a hosted tool" if tool.type in HOSTED_TOOLS else "not a tool type this server knows"
-                return f"tools[{i}].type", (f"tool type {tool.type!r} is not supported ({what}; only "
-                                            "function tools, which the client runs)")
+            if tool.type != "function":   # web_search, file_search, mcp, computer use, custom, ...
+                return f"tools[{i}].type", (f"tool type {tool.type!r} is not supported (this server runs no "
+                                            "tools and takes no free-form ones: function tools only)")
             if not tool.name:
                 return f"tools[{i}].name", ("a function tool needs a name (the Responses API's tools are flat: "
                                             '{"type": "function", "name": ..., "parameters": ...}, no "function" '

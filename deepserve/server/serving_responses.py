@@ -36,8 +36,8 @@ from deepserve.server.errors import APIError, from_validation_error
 from deepserve.server.protocol_responses import ChatFromResponses, ResponsesRequest
 from deepserve.server.reasoning import THINK_END, THINK_START
 from deepserve.server.serving_chat import ContentSplitter, PreparedChat, collect_final
-from deepserve.server.serving_common import (SSEResponse, ServerState, compile_grammar, merge_streams,
-                                             api_error_from, parse_request, sse_data, until_disconnect)
+from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
+                                             merge_streams, parse_request, sse_data, until_disconnect)
 
 # the chat fields a Responses request sends under other names, for errors to name what was sent
 _RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
