@@ -94,12 +94,10 @@ def _sweep(args) -> int:
 
 def _check_engine(args) -> None:
     """The engine flags against the model before any rank starts, as `serve` checks them."""
-    from deepserve.cli.serve import check_local_gpus, check_model
+    from deepserve.cli.serve import check_in_process
     from deepserve.config import EngineArgs
 
-    engine_args = EngineArgs.from_cli_args(args)
-    check_model(engine_args)
-    check_local_gpus(engine_args)
+    check_in_process(EngineArgs.from_cli_args(args))
 
 
 def _latency(args) -> int:

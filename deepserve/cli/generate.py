@@ -34,9 +34,12 @@ def sampling_params_from_args(args: argparse.Namespace, **extra):
 
 
 def engine_from_args(args: argparse.Namespace):
+    from deepserve.cli.serve import check_in_process
     from deepserve.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineArgs.from_cli_args(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    check_in_process(engine_args)   # before any rank starts
+    return LLMEngine(engine_args)
 
 
 def register(subparsers) -> None:

@@ -207,6 +207,13 @@ def check_model(engine_args: EngineArgs) -> None:
     check_before_start(engine_args.create_engine_config())
 
 
+def check_in_process(engine_args: EngineArgs) -> None:
+    """The offline commands' check (generate, chat, bench latency / throughput): what `serve` checks
+    before any rank starts."""
+    check_model(engine_args)
+    check_local_gpus(engine_args)
+
+
 def check_before_start(config) -> None:
     """What every rank would find wrong as it loads, found once here before any process starts
     (one line instead of each rank's failure after the start-up): --quantization against the

@@ -361,7 +361,7 @@ def test_vastai_tp32_on_the_fp8_release_is_one_line_before_any_rank(reference, r
 
 
 @pytest.mark.parametrize("weights", ["none", "shard missing"])
-def test_a_folder_without_its_weights_is_one_line_before_any_rank(r1_fp8, capsys, no_server, weights):
+def test_a_folder_without_its_weights_is_one_line_before_any_rank(r1_fp8, capsys, no_server, monkeypatch, weights):
     """A config.json without weights (the wrong folder, a download cut short): each rank failed at
     load with a FileNotFoundError traceback; `serve --dry-run` passed it."""
     from pathlib import Path
@@ -376,6 +376,11 @@ def test_a_folder_without_its_weights_is_one_line_before_any_rank(r1_fp8, capsys
                "model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing")
     for extra in ([], ["--dry-run"]):
         assert message in one_line_error(capsys, ["serve", r1_fp8, "-tp", "8", "--port", "0"] + extra)
+    # the offline commands, the same check before their engine starts
+    monkeypatch.setattr("deepserve.engine.llm_engine.LLMEngine", no_server_started)
+    monkeypatch.setattr("deepserve.bench.offline.run_throughput", no_server_started)
+    for argv in (["generate", "--prompt", "Once"], ["chat"], ["bench", "throughput"]):
+        assert message in one_line_error(capsys, argv + ["--model", r1_fp8, "-tp", "8"])
 
 
 
