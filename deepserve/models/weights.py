@@ -49,6 +49,7 @@ def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
     """(name, tensor) for every tensor of every shard, one shard open at a time."""
     from safetensors import SafetensorError, safe_open
 
+    shard_of: dict[str, str] = {}     # a tensor in two shards (e.g. a stale copy beside new shards)
     for path in checkpoint_files(folder):
         try:
             f = safe_open(str(path), framework="pt")
@@ -56,6 +57,9 @@ def iterate_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]
         except (OSError, SafetensorError) as exc:
             raise ValueError(f"cannot read shard {path}: {exc}") from None
         for name in names:
+            if shard_of.setdefault(name, path.name) != path.name:
+                raise ValueError(f"tensor {name} appears in both {shard_of[name]} and {path.name} in {folder}: "
+                                 f"remove the stale shard")
             try:
                 tensor = f.get_tensor(name)
             except (OSError, SafetensorError) as exc:

@@ -82,7 +82,7 @@ def _method(qc):
      r"^quantization_config \(gptq\): bits None is not supported; deepserve serves 4-bit "),
     ({**quantization_config("gptq", 32, True, False), "bits": "4"},
      r"^quantization_config \(gptq\): bits '4' is not supported"),
-    # GPTQModel packs into int8 / int16 / int64 words too: qweight [K / (16 / bits)...] of another dtype
+    # GPTQModel also packs into int8 / int16 / int64 words: another qweight layout
     ({**quantization_config("gptq", 32, True, False), "pack_dtype": "int16"},
      r"^quantization_config \(gptq\): pack_dtype 'int16' is not supported$"),
 ])
@@ -114,3 +114,16 @@ def test_a_broken_safetensors_index_names_the_file(tmp_path, index, why):
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(ValueError, match=rf"model.safetensors.index.json.*{re.escape(why)}"):
         checkpoint_files(tmp_path)
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(int8_folders, tmp_path):
+    """A folder without an index loads every *.safetensors file: a stale consolidated copy beside
+    the shards loaded each tensor twice, the later file silently winning."""
+    folder = tmp_path / "m"
+    shutil.copytree(int8_folders[0], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight_scale"] = tensors["model.layers.0.mlp.down_proj.weight_scale"] * 2
+    save_file(tensors, str(folder / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"^tensor \S+ appears in both model-00001-of-00001.safetensors and "
+                                         r"model.safetensors in .*: remove the stale shard$"):
+        load_ours(folder)
