@@ -206,6 +206,22 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
 
 
+def json_config(cls: type, flag: str, value: Any):
+    """Dataclass `cls` from its flag's JSON text or parsed object; unknown keys are named."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{flag} is not valid JSON: {value!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {value!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"{flag} has unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+    return cls(**value)
+
+
 SPECULATIVE_METHODS = ("mtp", "ngram")
 # vLLM's other spellings of them
 _SPECULATIVE_ALIASES = {"deepseek_mtp": "mtp", "[ngram]": "ngram"}
@@ -246,20 +262,7 @@ class SpeculativeConfig:
 
     @classmethod
     def from_json(cls, value: Any) -> "SpeculativeConfig":
-        """From the flag's JSON text or its parsed object; unknown keys are named."""
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {value!r} ({exc.msg})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; "
-                             f"known keys: {', '.join(known)}")
-        return cls(**value)
+        return json_config(cls, "speculative_config", value)
 
     def for_model(self, hf: HFConfig) -> "SpeculativeConfig":
         """The method and k settled against the model: mtp needs its MTP layer."""
@@ -273,6 +276,88 @@ class SpeculativeConfig:
                              f"{hf.get('architectures')} has num_nextn_predict_layers="
                              f"{hf.get('num_nextn_predict_layers')!r}; use method ngram")
         return dataclasses.replace(self, method=method, num_speculative_tokens=self.num_speculative_tokens or layers)
+
+
+PROFILERS = ("torch", "cuda")
+
+
+@dataclass
+class ProfilerConfig:
+    """vLLM's --profiler-config JSON: what /start_profile .. /stop_profile (or `LLM.start_profile()`
+    .. `stop_profile()`) record in every rank that runs the model (engine/profiler.py)."""
+
+    profiler: Optional[str] = None
+    """torch (torch.profiler: a Chrome trace per rank in torch_profiler_dir) | cuda
+    (cudaProfilerStart/Stop around the range, for `nsys profile --capture-range=cudaProfilerApi`)."""
+    torch_profiler_dir: str = ""
+    """Where every rank writes its trace (torch; needed there, made absolute as vLLM does)."""
+    torch_profiler_with_stack: bool = True
+    """torch.profiler with_stack: Python stacks of the ops."""
+    torch_profiler_with_flops: bool = False
+    """torch.profiler with_flops."""
+    torch_profiler_use_gzip: bool = True
+    """Traces as .json.gz (else .json)."""
+    torch_profiler_dump_cuda_time_total: bool = True
+    """Write the ops' time table (self CUDA time; CPU time without a GPU) to profiler_out_{rank}.txt."""
+    torch_profiler_record_shapes: bool = False
+    """torch.profiler record_shapes."""
+    torch_profiler_with_memory: bool = False
+    """torch.profiler profile_memory."""
+    capture_torch_profiler: bool = False
+    """vLLM's trace of CUDA-graph capture: not supported (refused when true)."""
+    detailed_trace_annotation: bool = False
+    """Step annotations with vLLM's roofline terms (sk, sqsq, sqsk per phase) besides the counts."""
+    ignore_frontend: bool = False
+    """vLLM traces its API server process too unless this is true; deepserve traces only the
+    ranks that run the model, as with true."""
+    delay_iterations: int = 0
+    """Engine steps after start_profile before the profiler starts (as vLLM: the profiler starts
+    at the delay_iterations-th step, which it records)."""
+    max_iterations: int = 0
+    """Engine steps recorded before the profiler stops on its own (0: until stop_profile)."""
+    warmup_iterations: int = 0
+    """vLLM's torch.profiler schedule: not supported (refused when > 0)."""
+    active_iterations: int = 5
+    """vLLM's torch.profiler schedule's active steps; it applies only with warmup_iterations or
+    wait_iterations (not supported), as in vLLM."""
+    wait_iterations: int = 0
+    """vLLM's torch.profiler schedule: not supported (refused when > 0)."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), hints[f.name]
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"profiler_config {f.name} must be true or false, got {value!r}")
+            if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"profiler_config {f.name} must be an integer >= 0, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"profiler_config {f.name} must be a string, got {value!r}")
+        if self.profiler is not None and self.profiler not in PROFILERS:
+            raise ValueError(f"profiler_config profiler must be torch or cuda, got {self.profiler!r}")
+        if self.active_iterations < 1:
+            raise ValueError(f"profiler_config active_iterations must be >= 1, got {self.active_iterations}")
+        for name in ("warmup_iterations", "wait_iterations"):
+            if getattr(self, name):
+                raise ValueError(f"profiler_config {name} (a torch.profiler schedule) is not supported; "
+                                 "use delay_iterations and max_iterations")
+        if self.capture_torch_profiler:
+            raise ValueError("profiler_config capture_torch_profiler (a trace of CUDA-graph capture) is not "
+                             "supported")
+        if self.torch_profiler_dir and self.profiler != "torch":
+            raise ValueError(f"profiler_config torch_profiler_dir goes with profiler torch, got profiler "
+                             f"{self.profiler!r}")
+        if self.profiler == "torch":
+            if not self.torch_profiler_dir:
+                raise ValueError("profiler_config profiler torch needs torch_profiler_dir (where the traces go)")
+            if "://" in self.torch_profiler_dir:
+                raise ValueError(f"profiler_config torch_profiler_dir must be a local folder, got "
+                                 f"{self.torch_profiler_dir!r}")
+            self.torch_profiler_dir = os.path.abspath(os.path.expanduser(self.torch_profiler_dir))
+
+    @classmethod
+    def from_json(cls, value: Any) -> "ProfilerConfig":
+        return json_config(cls, "profiler_config", value)
 
 
 @dataclass
@@ -289,6 +374,7 @@ class EngineConfig:
     speculative: Optional[SpeculativeConfig] = None
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
     piecewise_max_tokens: int = 2048      # at most max_num_batched_tokens
+    profiler: Optional[ProfilerConfig] = None   # vLLM's profiler interface, when a profiler is set
 
 
 # --------------------------------------------------------------------------- EngineArgs
@@ -440,6 +526,14 @@ class EngineArgs:
     "num_speculative_tokens": 3, "prompt_lookup_max": 4}'. Any TP (mtp: the MTP layer sharded
     like the target's) and DP x EP (multiprocessing backend); one pipeline stage; with
     --async-scheduling the steps that draft run synchronously."""
+    profiler_config: Optional[dict] = None
+    """vLLM's profiler JSON, e.g. '{"profiler": "torch", "torch_profiler_dir": "/abs/dir"}' (or
+    --profiler-config.profiler torch --profiler-config.torch_profiler_dir /abs/dir): POST
+    /start_profile and /stop_profile (LLM.start_profile() / stop_profile()) then trace every rank
+    that runs the model, each step annotated as vLLM's execute_context_C(CT)_generation_G(GT).
+    Keys: profiler (torch | cuda), torch_profiler_dir, torch_profiler_with_stack / _with_flops /
+    _use_gzip / _dump_cuda_time_total / _record_shapes / _with_memory, detailed_trace_annotation,
+    ignore_frontend, delay_iterations, max_iterations."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -512,6 +606,8 @@ class EngineArgs:
             if missing:
                 raise ValueError(f"speculative decoding is not supported yet {missing}, got speculative_config="
                                  f"{dataclasses.asdict(spec)}")
+        if self.profiler_config is not None and not isinstance(self.profiler_config, ProfilerConfig):
+            self.profiler_config = ProfilerConfig.from_json(self.profiler_config)
 
     def create_engine_config(self) -> EngineConfig:
         hf = load_hf_config(self.model, self.hf_overrides)
@@ -553,7 +649,9 @@ class EngineArgs:
                             cuda_graph_sizes=sorted(int(s) for s in self.cuda_graph_sizes),
                             cudagraph_mode=self.cudagraph_mode,
                             piecewise_max_tokens=min(self.piecewise_max_tokens or default_piecewise_max_tokens(hf),
-                                                     batched))
+                                                     batched),
+                            profiler=self.profiler_config if self.profiler_config and self.profiler_config.profiler
+                            else None)
 
     # ----------------------------------------------------------------------- CLI
     @classmethod

@@ -6,12 +6,14 @@ printed as one line, never as a traceback.
 
 Flags are spelled as in vLLM, whose parser also takes underscores (`--pipeline_parallel_size=2`,
 as the vLLM-MindSpore guide writes it) and unique prefixes (`--random-input` for
-`--random-input-len`); `normalize_argv` turns the first into the second spelling.
+`--random-input-len`); `normalize_argv` turns the first into the second spelling, and vLLM's
+dotted keys of a JSON flag (`--profiler-config.profiler torch`) into the flag's JSON.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import sys
 
@@ -55,6 +57,42 @@ def normalize_argv(argv: list[str]) -> list[str]:
         if _FLAG_NAME.fullmatch(name):
             arg = name.replace("_", "-") + sep + value
         out.append(arg)
+    return _dotted_json(out)
+
+
+_DOTTED_FLAG = re.compile(r"(--[A-Za-z0-9][A-Za-z0-9_-]*)((?:\.[A-Za-z0-9_]+)+)")
+
+
+def _dotted_json(argv: list[str]) -> list[str]:
+    """vLLM's `--json-flag.key value` or `--json-flag.key=value` (`.a.b` nests): the keys of
+    each flag merged into one `--json-flag '{...}'` at the end, as vLLM's parser does; a value
+    is JSON where it parses as JSON (`false`, `3`), else the text."""
+    out: list[str] = []
+    merged: dict[str, dict] = {}
+    i = 0
+    while i < len(argv):
+        name, sep, value = argv[i].partition("=")
+        m = _DOTTED_FLAG.fullmatch(name)
+        if m is None or (not sep and i + 1 == len(argv)):   # argparse names a missing value
+            out.append(argv[i])
+            i += 1
+            continue
+        if not sep:
+            value = argv[i + 1]
+        i += 1 if sep else 2
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        node = merged.setdefault(m.group(1).replace("_", "-"), {})
+        *path, last = m.group(2)[1:].split(".")
+        for key in path:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[last] = value
+    for flag, obj in merged.items():
+        out += [flag, json.dumps(obj)]
     return out
 
 

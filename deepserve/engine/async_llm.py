@@ -186,6 +186,20 @@ class AsyncLLM:
         """Abort a request (thread-safe); its blocks are freed before the next step."""
         self._submit("abort", request_id)
 
+    # ------------------------------------------------------------------ profiler
+    @property
+    def profiler_config(self):
+        """--profiler-config when a profiler is set (the server then routes /start_profile and
+        /stop_profile), else None."""
+        return self.engine.config.profiler
+
+    async def start_profile(self, profile_prefix: Optional[str] = None) -> None:
+        await asyncio.wrap_future(self._submit("start_profile", profile_prefix))
+
+    async def stop_profile(self) -> None:
+        """Returns once every rank has written its trace."""
+        await asyncio.wrap_future(self._submit("stop_profile", None))
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:
@@ -272,6 +286,10 @@ class AsyncLLM:
                 result = self.engine.abort_request(payload)
             elif kind == "abort_all":
                 result = self._abort_all(payload)
+            elif kind == "start_profile":
+                result = self.engine.start_profile(payload)
+            elif kind == "stop_profile":
+                result = self.engine.stop_profile()
             else:
                 raise AssertionError(f"unknown engine op {kind!r}")
         except Exception as exc:  # handed back to the awaiting request (e.g. too-long prompt)

@@ -39,6 +39,15 @@ class ScorePrompt:
 
 
 @dataclass
+class ProfileRequest:
+    """start_profile (`start`) or stop_profile (engine/profiler.py); the core answers with a
+    CoreOutputs whose `profiled` is set once it is done."""
+    start: bool
+    prefix: Optional[str] = None
+    client: int = 0
+
+
+@dataclass
 class Work:
     """Something a core runs in a sync round instead of a scheduled batch (it runs a forward,
     so with expert parallel the other cores must step with it)."""
@@ -76,6 +85,7 @@ class CoreOutputs:
     error: Optional[str] = None  # a request the core refused, or a failed step
     failed_requests: list[str] = field(default_factory=list)
     logits: Optional[torch.Tensor] = None
+    profiled: bool = False       # a ProfileRequest is done (`error`: why it failed)
 
 
 class DeltaWriter:

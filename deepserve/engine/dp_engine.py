@@ -24,7 +24,8 @@ from types import SimpleNamespace
 from typing import Optional
 
 from deepserve.config import EngineArgs, async_scheduling_plan
-from deepserve.engine.core_messages import AbortRequest, AddRequest, CoreOutputs, ScorePrompt, connect, read_outputs
+from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, ProfileRequest, ScorePrompt, connect,
+                                            read_outputs)
 from deepserve.engine.engine_core import DPLayout, start_ranks
 from deepserve.engine.executor import STOP, check_no_live_group, ready_timeout_s, start_timeout_s
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
@@ -239,6 +240,29 @@ class DataParallelEngine(LLMEngine):
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def start_profile(self, profile_prefix: Optional[str] = None) -> None:
+        self._profile(ProfileRequest(True, profile_prefix, self.client))
+
+    def stop_profile(self) -> None:
+        self._profile(ProfileRequest(False, None, self.client))
+
+    def _profile(self, request: ProfileRequest) -> None:
+        """Every DP rank's core starts (stops) its profiler; returns once all are done."""
+        self._check_profiler()
+        for rank in range(self.dp_size):
+            self._send(rank, request)
+        done, errors = set(), []
+        while len(done) < self.dp_size:
+            msg = self._next(timeout_s=None)
+            if not msg.profiled:
+                self._pending.append(msg)   # for step()
+                continue
+            done.add(msg.dp_rank)
+            if msg.error:
+                errors.append(f"DP rank {msg.dp_rank}: {msg.error}")
+        if errors:
+            raise RuntimeError("; ".join(errors))
 
     # ------------------------------------------------------------------ outputs
     def wake(self) -> None:

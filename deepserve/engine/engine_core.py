@@ -37,13 +37,14 @@ import torch.distributed as dist
 
 from deepserve.config import EngineArgs
 from deepserve.distributed.parallel_state import destroy_distributed, init_distributed, rank_layout
-from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ScorePrompt, Work,
-                                            connect)
-from deepserve.engine.executor import (STOP, Stop, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
+from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ProfileRequest,
+                                            ScorePrompt, Work, connect)
+from deepserve.engine.executor import (STOP, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
+from deepserve.engine.profiler import run_worker_steps
 from deepserve.engine.step_channel import PeerLost, StepChannel, lost_a_peer
-from deepserve.engine.step_inputs import DPSync
+from deepserve.engine.step_inputs import DPSync, Stop
 from deepserve.platforms import get_platform
 
 logger = logging.getLogger("deepserve")
@@ -204,9 +205,7 @@ def run_rank(rank: int, local_rank: int, args: EngineArgs, init_method: str, tim
     leader = dp_rank * span
     if rank != leader:
         runner = WorkerRunner(config, platform, pctx, local_rank=local_rank)
-        channel = StepChannel(local, leader)
-        while not isinstance(msg := channel.recv(), Stop):
-            runner.run_published(msg)
+        run_worker_steps(runner, StepChannel(local, leader), config.profiler)
         runner.finish_sends()
     else:
         _, eos = load_tokenizer(config)
@@ -322,6 +321,21 @@ class EngineCore:
         elif isinstance(msg, ScorePrompt):
             _, ids = self.engine.tokenize_prompt(msg.prompt)
             self.work.append(Work(len(ids), lambda: self._score(msg)))
+        elif isinstance(msg, ProfileRequest):
+            self._profile(msg)
+
+    def _profile(self, msg: ProfileRequest) -> None:
+        """start_profile / stop_profile (a stop returns once this DP rank's traces are written);
+        the front end that asked hears when it is done."""
+        error = None
+        try:
+            if msg.start:
+                self.engine.start_profile(msg.prefix)
+            else:
+                self.engine.stop_profile()
+        except (OSError, RuntimeError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        self._send(CoreOutputs(self.dp_rank, self.gauges(), error=error, profiled=True), msg.client)
 
     def _add(self, msg: AddRequest) -> bool:
         try:
@@ -342,6 +356,11 @@ class EngineCore:
             self._run_alone()
         else:
             self._run_in_sync()
+        if self.engine.profiler is not None and self.engine.profiler.active:
+            try:   # stopped while profiling: the traces are written, as vLLM's shutdown does
+                self.engine.stop_profile()
+            except (OSError, RuntimeError) as exc:
+                logger.warning("profiler: the traces were not written at shutdown: %s", exc)
         try:
             self.executor.runner.publish(STOP)
         except RuntimeError as exc:   # a peer rank died, which the front end (watching every rank) names

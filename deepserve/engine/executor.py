@@ -43,8 +43,9 @@ import torch.multiprocessing as mp
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import control_group, destroy_distributed, init_distributed
 from deepserve.engine.fork_server import process_context
+from deepserve.engine.profiler import run_worker_steps
 from deepserve.engine.step_channel import PeerLost, StepChannel, lost_a_peer
-from deepserve.engine.step_inputs import STOP, Stop
+from deepserve.engine.step_inputs import STOP
 from deepserve.platforms import Platform, get_platform
 
 logger = logging.getLogger("deepserve")
@@ -257,9 +258,7 @@ def _worker_main(rank: int, config: EngineConfig, platform_name: str, init_metho
                                 platform.dist_backend, init_method, timeout_s, par.enable_expert_parallel,
                                 lr, par.data_parallel_size, par.all2all_backend)
         runner = WorkerRunner(config, platform, pctx, local_rank=lr)
-        channel = StepChannel(control_group(), 0)
-        while not isinstance(msg := channel.recv(), Stop):
-            runner.run_published(msg)
+        run_worker_steps(runner, StepChannel(control_group(), 0), config.profiler)
         runner.finish_sends()
         destroy_distributed()
 

@@ -37,6 +37,14 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    def start_profile(self, profile_prefix: Optional[str] = None) -> None:
+        """vLLM's: profile the steps from now on in every rank (needs profiler_config)."""
+        self.engine.start_profile(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """vLLM's: stop profiling; returns once every rank has written its trace."""
+        self.engine.stop_profile()
+
     def get_tokenizer(self):
         return self.tokenizer
 

@@ -13,6 +13,7 @@ each DP rank runs one of these as its engine core (engine/engine_core.py) behind
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -26,6 +27,7 @@ from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
 from deepserve.engine.micro_batches import MicroBatchPipeline
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from deepserve.engine.profiler import DriverProfiler, driver_profiler
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.sampler import SamplerOutput, top_logprobs
 from deepserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -108,6 +110,9 @@ class LLMEngine:
     detokenizes = True
     # set by shutdown(): the driver's model and KV pool are freed, no request is taken after
     shut_down = False
+    # --profiler-config: the driver's side of vLLM's profiler (engine/profiler.py; a front end
+    # of engine cores has none, its cores do)
+    profiler: Optional[DriverProfiler] = None
 
     def __new__(cls, args: EngineArgs, executor=None):
         if cls is LLMEngine and executor is None and engine_core_apart(args, default=False):
@@ -155,6 +160,7 @@ class LLMEngine:
         pp = self.config.parallel.pipeline_parallel_size
         self.micro_batches = (MicroBatchPipeline(pp, self.config.scheduler.max_num_seqs)
                               if pp > 1 and self.spec is None else None)
+        self.profiler = driver_profiler(self.config, self.runner, self.executor)
         self.ops_profiler: Optional[OpsProfiler] = None
         if args.ops_profile:
             self.ops_profiler = self._profile_ops_at_start()
@@ -323,11 +329,38 @@ class LLMEngine:
             **self.stats,
         }
 
+    # ------------------------------------------------------------------ profiler
+    def start_profile(self, profile_prefix: Optional[str] = None) -> None:
+        """vLLM's start_profile: record the steps from now on in every rank (--profiler-config)."""
+        self._check_profiler()
+        self.profiler.start(profile_prefix)
+
+    def stop_profile(self) -> None:
+        """vLLM's stop_profile: returns once every rank has written its trace."""
+        self._check_profiler()
+        self.profiler.stop()
+
+    def _check_profiler(self) -> None:
+        if self.config.profiler is None:
+            raise RuntimeError("profiling is not enabled: start the engine with profiler_config "
+                               "(--profiler-config '{\"profiler\": \"torch\", \"torch_profiler_dir\": \"/abs/dir\"}')")
+
+    def profile_step(self, batch: Optional[ScheduledBatch]):
+        """The profiler's range around one step's forward (vLLM's per-step annotation)."""
+        if self.profiler is None or not batch:
+            return contextlib.nullcontext()
+        return self.profiler.step(batch.seqs, batch.num_new_tokens)
+
     def shutdown(self) -> None:
         """Stop worker processes and free the process groups (multi-process layouts); another
         engine can start in this process afterwards."""
         if getattr(self, "ops_profiler", None) is not None:
             self.ops_profiler.close()
+        if self.profiler is not None and self.profiler.active and not self.executor.failure:
+            try:   # profiling still: the traces are written, as vLLM's shutdown does
+                self.profiler.stop()
+            except (OSError, RuntimeError) as exc:
+                logger.warning("profiler: the traces were not written at shutdown: %s", exc)
         self._finalizer()
         # the driver's weights, KV pool and graphs go now, though this engine may still be
         # referenced (a later engine in the process then has the memory); an engine dropped
@@ -351,12 +384,13 @@ class LLMEngine:
         """Run one scheduled step and wait for its tokens."""
         if self.ops_profiler is not None:
             self.ops_profiler.tick(self.stats["steps"])
-        if self.spec is not None:
-            return run_speculative_step(self, batch)
-        try:
-            seqs, sampled = self.runner.execute(batch)
-        except RuntimeError as exc:  # a collective broke: name the worker behind it
-            raise RuntimeError(self.executor.explain(exc)) from exc
+        with self.profile_step(batch):
+            if self.spec is not None:
+                return run_speculative_step(self, batch)
+            try:
+                seqs, sampled = self.runner.execute(batch)
+            except RuntimeError as exc:  # a collective broke: name the worker behind it
+                raise RuntimeError(self.executor.explain(exc)) from exc
         self.stats["steps"] += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -381,7 +415,8 @@ class LLMEngine:
         batch = self.scheduler.schedule() if batch is None else batch
         launched = None
         if batch and all(self._async_ok(seq) for seq in batch.seqs) and not needs_sync_step(self.spec, batch):
-            launched = self.runner.launch(batch, prev)
+            with self.profile_step(batch):
+                launched = self.runner.launch(batch, prev)
             self.stats["steps"] += 1
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n

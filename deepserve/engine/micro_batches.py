@@ -60,7 +60,8 @@ class MicroBatchPipeline:
         DP rank launches one per round, as their MoE layers meet in each). Returns no outputs."""
         if batch and engine.ops_profiler is not None:   # --ops-profile windows count these steps
             engine.ops_profiler.tick(engine.stats["steps"])
-        self.in_flight.append(engine.runner.launch_micro_batch(batch or None))
+        with engine.profile_step(batch):   # --profiler-config's per-step range
+            self.in_flight.append(engine.runner.launch_micro_batch(batch or None))
         self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
         if batch:
             engine.stats["steps"] += 1

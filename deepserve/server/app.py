@@ -6,6 +6,7 @@ app's lifespan.
     POST /v1/responses
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
+    POST /start_profile       POST /stop_profile            (with --profiler-config, as vLLM)
 """
 from __future__ import annotations
 
@@ -132,6 +133,20 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if getattr(state.llm, "profiler_config", None) is not None:   # vLLM routes them only then
+        logger.warning("profiler %s configured: POST /start_profile and /stop_profile are served; "
+                       "profiling is for development, not production", state.llm.profiler_config.profiler)
+
+        @app.post("/start_profile")
+        async def start_profile():
+            await state.llm.start_profile()
+            return Response(status_code=200)
+
+        @app.post("/stop_profile")
+        async def stop_profile():   # returns once every rank's trace is written
+            await state.llm.stop_profile()
+            return Response(status_code=200)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
