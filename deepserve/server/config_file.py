@@ -222,12 +222,12 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{where} must be true or false, got {value!r}")
-    if base in (int, float) and not isinstance(value, bool):
+    if base in (int, float):
         try:
             number = base(value) if isinstance(value, str) else value
         except ValueError:
             number = None
-        if isinstance(number, int) or (base is float and isinstance(number, float)):
+        if not isinstance(number, bool) and (isinstance(number, int) or (base is float and isinstance(number, float))):
             return number
         raise ValueError(f"{where} must be {'an integer' if base is int else 'a number'}, got {value!r}")
     if base is str and isinstance(value, bool):

@@ -288,6 +288,8 @@ def test_flagscale_serve_yaml_values(reference, r1_config, tmp_path, edit, value
      "engine_args.enforce_eager must be true or false, got 'false'"),     # was: eager, "false" being truthy
     (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32k"), "engine_args.max_model_len must be an integer, got '32k'"),
     (lambda t: t.replace("max_num_seqs: 256", "max_num_seqs: 2.5e2"), "engine_args.max_num_seqs must be an integer, got '2.5e2'"),
+    (lambda t: t.replace("tensor_parallel_size: 8", "tensor_parallel_size: true"),
+     "engine_args.tensor_parallel_size must be an integer, got True"),
     (lambda t: t + "  model: /nfs/other\n", "unknown serve entry key 'model'"),            # was: ignored
     (lambda t: t + "  engine_args_specific:\n    sglang:\n      tp_size: 8\n", "engine_args_specific.sglang is for an engine"),
 ])
