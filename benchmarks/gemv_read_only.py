@@ -37,6 +37,9 @@ SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096),
 TILES = [(8, 128, 2, 4, 1), (4, 128, 2, 4, 1), (16, 128, 2, 4, 1), (8, 256, 1, 8, 1), (8, 128, 2, 4, 0), (8, 512, 1, 4, 0),
          (8, 128, 2, 4, 2), (16, 128, 2, 4, 2)]
 ORDER_NAMES = {0: "", 1: " swap", 2: " linear"}
+# GEMV settings timed on the usual words and on tile_words' layout (TILED: 16-byte loads and one
+# linear stretch a program; 4-row blocks, where sm_90 needs no shared memory for it)
+TILED_SETTINGS = [dict(BLOCK_N=4, SUB_C=128, STEPS=2, num_warps=4, SPLIT_K=1, DEQ=d) for d in (1, 2)]
 
 
 @triton.jit
@@ -93,6 +96,32 @@ def expected_fold(row_folds: torch.Tensor, tile: tuple) -> torch.Tensor:
     return torch.stack(folds)
 
 
+def tiled_cells(x: torch.Tensor, ws: list, nbytes: int, bw: float, dev: str) -> list[str]:
+    """The GEMV at each of TILED_SETTINGS on the usual words, then on tile_words' layout of the
+    same words (checked equal to the first within fp32 order): time (% of copy), or ok on CPU."""
+    from deepserve.ops.triton.int4_gemm import gemv_slice_words, int4_gemv, tile_words
+    from deepserve.ops.triton.launch_config import trying
+    cells = []
+    for setting in TILED_SETTINGS:
+        with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
+            sub = gemv_slice_words(setting, ws[0][0].shape[1])
+            tiled = [tile_words(q, setting["BLOCK_N"], sub) for q, _ in ws]
+            plain = int4_gemv(x, ws[0][0], ws[0][1], None, None, 128, None).float()
+            got = int4_gemv(x, ws[0][0], ws[0][1], None, None, 128, None, tiled=tiled[0]).float()
+            if not torch.allclose(got, plain, rtol=1e-2, atol=1e-2 * plain.abs().max().item()):
+                cells += ["-", "WRONG"]
+                continue
+            if dev != "cuda":
+                cells += ["ok", "ok"]
+                continue
+            for words in (None, tiled):
+                us = graph_time_ms(lambda: [int4_gemv(x, q, s, None, None, 128, None,
+                                                      tiled=None if words is None else words[i])
+                                            for i, (q, s) in enumerate(ws)], reps=1) * 1e3 / len(ws)
+                cells.append(f"{us:.1f} ({nbytes / (us * 1e-6) / bw:.0%})")
+    return cells
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -104,9 +133,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     bw = copy_bandwidth() if dev == "cuda" else float("nan")
     if dev == "cuda":
         print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s")
+    tiled_names = [f"GEMV 4 rows DEQ {t['DEQ']}{kind}" for t in TILED_SETTINGS for kind in ("", " tiled")]
     print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}{ORDER_NAMES[t[4]]}" for t in TILES)
-          + " |")
-    print("|---|---|---:|" + "---:|" * len(TILES))
+          + " | " + " | ".join(tiled_names) + " |")
+    print("|---|---|---:|" + "---:|" * (len(TILES) + len(tiled_names)))
     for name, n, k in SHAPES:
         if args.tiny:
             n, k = max(n // 64, 16), max(k // 64, 128)
@@ -138,6 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             g = f"{us:.1f} ({nbytes / (us * 1e-6) / bw:.0%})"
         else:
             g = "-"
+        cells += tiled_cells(x, ws, nbytes, bw, dev)
         print(f"| {name} | {n}x{k} | {g} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -30,3 +30,16 @@ def test_read_only_orders_fold_every_word(tile):
     short[-1, -1] ^= 1                            # one bit of the last word: the fold must see it
     reads.read_words(short, out, tile)
     assert not torch.equal(out[:len(expect)].to(torch.int64) & 0xFFFFFFFF, expect)
+
+
+def test_tiled_gemv_cells_check_against_the_plain_gemv():
+    """The tiled GEMV columns: each setting's tiled words give the plain GEMV's output (ok on a
+    CPU host, where nothing is timed)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreted run is for CPU-only hosts")
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-2 ** 31, 2 ** 31, (12, 32), generator=gen, dtype=torch.int64).to(torch.int32)
+    s = torch.full((12, 2), 0.01, dtype=torch.bfloat16)
+    x = torch.randn(1, 256, generator=gen).bfloat16()
+    assert reads.tiled_cells(x, [(q, s)], q.numel() * 4, float("nan"), "cpu") == ["ok"] * 2 * len(reads.TILED_SETTINGS)

@@ -177,6 +177,40 @@ def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, gr
     print(f"deq {deq}: max abs error {(got - want).abs().max():.2e} of max |y| {want.abs().max():.2f}")
 
 
+def test_tile_words_layout():
+    """tile_words: row blocks, each its slices one after another, a word's rows adjacent; rows
+    and words past the matrix zero."""
+    from deepserve.ops.triton.int4_gemm import tile_words
+    w = torch.arange(5 * 6, dtype=torch.int32).view(5, 6) + 1
+    t = tile_words(w, 2, 4)                                  # 3 row blocks, 2 slices of 4 words
+    assert t.shape == (3, 2 * 4 * 2)
+    for r in range(6):
+        for c in range(8):
+            want = w[r, c].item() if r < 5 and c < 6 else 0
+            assert t[r // 2, ((c // 4) * 4 + c % 4) * 2 + r % 2].item() == want
+
+
+@pytest.mark.parametrize("setting", [{"BLOCK_N": 4, "SUB_C": 4, "STEPS": 2, "SPLIT_K": 1, "DEQ": 1},
+                                     {"BLOCK_N": 8, "SUB_C": 8, "STEPS": 1, "SPLIT_K": 2, "DEQ": 2},
+                                     {"BLOCK_N": 4, "SUB_C": 16, "STEPS": 1, "SPLIT_K": 1, "DEQ": 1}])
+@pytest.mark.parametrize("n,k,group,zeros,g_idx", [CASES[1], CASES[2], CASES[4]])
+def test_int4_gemv_reads_tiled_words(triton_ops, cpu_only, setting, n, k, group, zeros, g_idx):
+    """The GEMV over the words as tile_words lays them out (TILED): the torch op's result, with
+    ragged rows and K slices (masked), split-K, DEQ 2, per-element scales and g_idx; a layout
+    made for another setting is refused by shape."""
+    from deepserve.ops.triton.int4_gemm import gemv_slice_words, int4_gemv, tile_words
+    from deepserve.ops.triton.launch_config import trying
+    qweight, scales, z, gi = _operands(n, k, group, zeros, g_idx, seed=n + k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3))
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, z, gi, group, None)
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
+        sub = gemv_slice_words(setting, qweight.shape[1])
+        got = int4_gemv(x, qweight, scales, z, gi, group, None, tiled=tile_words(qweight, setting["BLOCK_N"], sub))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        with pytest.raises(ValueError, match="tiled words of shape"):
+            int4_gemv(x, qweight, scales, z, gi, group, None, tiled=tile_words(qweight, 2 * setting["BLOCK_N"], sub))
+
+
 def test_nibble_lanes_and_slice_words():
     """The lane order the kernels rely on (lo lane q of word c = feature 8c + q, hi = 8c + 4 + q)
     is ops.int4's packing order; slice_words' scale reads per K slice (row, word or lane)."""

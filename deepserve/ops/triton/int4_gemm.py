@@ -100,7 +100,8 @@ def _pair_fields(src, magic):
 @triton.jit
 def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, GROUP: tl.constexpr,
                   HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                  SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr, DEQ: tl.constexpr):
+                  SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr, DEQ: tl.constexpr,
+                  TILED: tl.constexpr = 0):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
     .. 8 c_end). Every row pointer must be in bounds (callers repeat the last row for rows past
@@ -130,15 +131,31 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     offsets 2^23 x + 2^19 x (and z x) taken out once a word from a per-column sum of x that
     every row shares: 2.5 a nibble plus that sum. The offsets are at most 2^8 times the
     nibbles' terms, so fp32 keeps the products to about 2^-16 relative; the sum is
-    2^15 times the dot, undone once at the end."""
+    2^15 times the dot, undone once at the end.
+
+    TILED (the weights repacked by `tile_words` for this BLOCK_N and SUB_C): qw_rows is the
+    scalar start of the program's row block, whose slices of SUB_C words lie one after another,
+    each word's BLOCK_N rows adjacent; a thread's words of a slice are then one contiguous run
+    (16-byte loads at 4 rows) and the program reads one linear stretch. Visited in order (no
+    swap: x's lanes follow the words' thread order either way)."""
     LANE_WISE: tl.constexpr = HAS_GIDX or GROUP % 8 != 0    # a scale and zero point a lane, not a word
-    perm = tl.arange(0, SUB_C) ^ 1
+    if TILED:
+        perm = tl.arange(0, SUB_C)
+    else:
+        perm = tl.arange(0, SUB_C) ^ 1
     acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
     for c_step in range(c_start, c_end, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
             offs_c = c_step + sub * SUB_C + perm
             c_ok = offs_c < c_end
-            if EVEN:
+            if TILED:       # rows padded to whole blocks by tile_words: no row masks
+                tiled_words = (qw_rows + (c_step + sub * SUB_C) * BLOCK_N + perm[:, None] * BLOCK_N
+                               + tl.arange(0, BLOCK_N)[None, :])                                         # [C, BN]
+                if EVEN:
+                    w = tl.load(tiled_words)
+                else:
+                    w = tl.load(tiled_words, mask=c_ok[:, None], other=0)
+            elif EVEN:
                 w = tl.load(qw_rows[None, :] + offs_c[:, None])                                          # [C, BN]
             else:
                 w = tl.load(qw_rows[None, :] + offs_c[:, None], mask=c_ok[:, None], other=0)
@@ -216,21 +233,26 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, DEQ: tl.constexpr,
-                      USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+                      USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
+                      TILED: tl.constexpr = 0):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
-    (x's dtype) without split-K, else the fp32 partial sums."""
+    (x's dtype) without split-K, else the fp32 partial sums. TILED: qw_ptr holds the words as
+    `tile_words` lays them out for this BLOCK_N and SUB_C (stride_qn: a row block's words)."""
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows < N
     r = tl.minimum(rows, N - 1).to(tl.int64)          # rows past N read the last row's words, not stored
-    qw_rows = qw_ptr + r * stride_qn
     c_start = split * kw_per_split
     c_end = tl.minimum(c_start + kw_per_split, KW)
-    prefetch_rows(qw_rows + c_start, c_end - c_start, LINE, LINES, PREFETCH)
+    if TILED:
+        qw_rows = qw_ptr + pid_n.to(tl.int64) * stride_qn
+    else:
+        qw_rows = qw_ptr + r * stride_qn
+        prefetch_rows(qw_rows + c_start, c_end - c_start, LINE, LINES, PREFETCH)
     pdl_begin(USE_PDL)
     y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + r * stride_sn, z_ptr + r * stride_sn, g_ptr,
                       c_start, c_end, magic, GROUP, HAS_ZP,
-                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ)
+                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -379,17 +401,43 @@ def int4_settings(kernel: str, m: int, n: int, k: int, device: torch.device) -> 
     return launch_settings("int4", device, kernel=kernel, m=m, n=n, k=k)
 
 
+def gemv_slice_words(cfg: dict, kw: int) -> int:
+    """The words of a K slice the GEMV takes for this setting and K (of `kw` words)."""
+    return max(2, min(cfg["SUB_C"], next_pow2(kw)))
+
+
+def tile_words(qweight: torch.Tensor, block_n: int, sub_c: int) -> torch.Tensor:
+    """The packed words [N, KW] relaid for the GEMV's TILED reads: row blocks of block_n, each
+    its slices of sub_c words one after another, a word's block_n rows adjacent (flat index
+    ((row block * slices + slice) * sub_c + word in slice) * block_n + row in block); rows and
+    words past the matrix are 0. Returns [row blocks, slices * sub_c * block_n]."""
+    n, kw = qweight.shape
+    blocks, slices = -(-n // block_n), -(-kw // sub_c)
+    padded = qweight.new_zeros(blocks * block_n, slices * sub_c)
+    padded[:n, :kw] = qweight
+    tiled = padded.view(blocks, block_n, slices, sub_c).permute(0, 2, 3, 1)   # [blocks, slices, sub_c, block_n]
+    return tiled.reshape(blocks, slices * sub_c * block_n).contiguous()
+
+
 def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x2 [M <= GEMV_ROWS, K] -> [M, N] in x's dtype (split-K where the table says so)."""
+              bias: Optional[torch.Tensor], tiled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2 [M <= GEMV_ROWS, K] -> [M, N] in x's dtype (split-K where the table says so).
+    `tiled`: the same words as `tile_words` lays them out for the table's BLOCK_N and slice
+    words here (the GEMV then reads each program's row block as one stretch)."""
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemv", m, n, k, x2.device)
-    if cfg.get("MMA", 0):
+    if tiled is not None:
+        sub = gemv_slice_words(cfg, kw)
+        want = (-(-n // cfg["BLOCK_N"]), -(-kw // sub) * sub * cfg["BLOCK_N"])
+        if tuple(tiled.shape) != want:
+            raise ValueError(f"int4_gemv: tiled words of shape {tuple(tiled.shape)}; the setting (BLOCK_N "
+                             f"{cfg['BLOCK_N']}, {sub} words a slice) needs {want}")
+    elif cfg.get("MMA", 0):
         bk = mma_block_k(x2, zeros, g_idx, group_size)
         if bk is not None:
             return int4_mma(x2, qweight, scales, group_size, bias, bk, cfg, unpack_by_ptx())
-    sub = max(2, min(cfg["SUB_C"], next_pow2(kw)))         # (words visited in swapped pairs)
+    sub = gemv_slice_words(cfg, kw)
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), sub * steps) * sub * steps      # whole steps per split
@@ -400,13 +448,15 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         y = torch.empty(1, m, n, dtype=x2.dtype, device=x2.device)
     launch = pdl_launch(x2.device, qweight)
     launch["LINES"] = min(next_pow2(triton.cdiv(kw_per_split, launch["LINE"])), 64)
+    words = qweight if tiled is None else tiled
     _int4_gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else scales, y, n, kw, kw_per_split, MAGIC, x2.stride(0), qweight.stride(0),
+        x2, words, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
+        bias if bias is not None else scales, y, n, kw, kw_per_split, MAGIC, x2.stride(0), words.stride(0),
         scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
         HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
-        STEPS=steps, DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **launch)
+        STEPS=steps, DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, TILED=int(tiled is not None),
+        **launch)
     if split == 1:
         return y[0]
     y = y.sum(0)
