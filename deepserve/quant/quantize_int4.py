@@ -93,11 +93,24 @@ class Int4Options:
     @property
     def task(self) -> str:
         """Everything that changes the output: a resumed run must have asked for the same."""
-        algo = (f"gptq({self.calib_dataset}, {self.calib_samples}x{self.calib_seq_len}, damp {self.damp})"
-                if self.algorithm == "gptq" else "rtn")
+        algo = (f"gptq({_dataset_id(self.calib_dataset)}, {self.calib_samples}x{self.calib_seq_len}, "
+                f"damp {self.damp})" if self.algorithm == "gptq" else "rtn")
         return (f"quantize {self.method} {self.fmt} {algo} group {self.group_size} "
                 f"{'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''} "
                 f"ignore {sorted(self.ignore)}")
+
+
+def _dataset_id(path: Optional[str]) -> str:
+    """The calibration file as a resumed run must find it again: its absolute path (the same
+    relative path from another directory is another file) and size (an edited file gives other
+    samples, so layers calibrated before and after the edit would sit in one output)."""
+    if path is None:
+        return "None"
+    p = Path(path)
+    try:
+        return f"{p.resolve()}, {p.stat().st_size} bytes"
+    except OSError:
+        return str(p)      # missing: calib_data names it
 
 
 def _ignore_suggestion(modules: list[str]) -> str:

@@ -154,3 +154,23 @@ def test_calibration_text_with_odd_records(tmp_path):
     lines.write_text('{"text": "one"}\n\n{"text": "two"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl line 4 is not valid JSON: Expecting value"):
         read_texts(lines)
+
+
+def test_a_resumed_gptq_run_must_read_the_same_calibration_file(tmp_path, monkeypatch):
+    """The resume key named the --calib-dataset path as typed: resumed from another directory
+    (the same relative path, another file) or after the file changed, an interrupted GPTQ run
+    went on with other samples and its output mixed layers calibrated on both."""
+    from deepserve.quant.quantize_int4 import Int4Options
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "calib.txt").write_text("once upon a time")
+    (tmp_path / "b" / "calib.txt").write_text("the quick brown fox jumps")
+
+    def task(cwd, dataset="calib.txt"):
+        monkeypatch.chdir(tmp_path / cwd)
+        return Int4Options(calib_dataset=dataset).task
+    assert task("a") == task("b", str(tmp_path / "a" / "calib.txt"))   # the same file
+    assert task("a") != task("b")
+    before = task("a")
+    (tmp_path / "a" / "calib.txt").write_text("once upon a time, there was")
+    assert task("a") != before
