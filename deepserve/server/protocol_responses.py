@@ -9,7 +9,8 @@ earlier turns, and `reasoning` items (a previous response's output sent back: it
 the next assistant turn as `reasoning_content`, which R1's template drops, as it drops earlier
 turns' reasoning). An assistant message and the function calls after it are one chat turn.
 
-The server keeps no responses (vLLM's default): `store` true, `previous_response_id`,
+`include` takes message.output_text.logprobs (with `top_logprobs`) only. The server keeps no
+responses (vLLM's default): `store` true, `previous_response_id`,
 `background` true and `conversation` are refused; a client sends the whole conversation in
 `input`, as the Agents SDK does with store off.
 """
@@ -21,6 +22,9 @@ from pydantic import Field, StringConstraints
 
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, _Strict
+
+# the one `include` value served: the answer's token logprobs (with top_logprobs alternatives)
+LOGPROBS = "message.output_text.logprobs"
 
 class ContentPart(_Strict):
     type: str
@@ -131,6 +135,10 @@ class ResponsesRequest(_Strict):
     priority: int = 0
     request_id: Optional[str] = None
 
+    def logprobs(self) -> Optional[int]:
+        """How many top logprobs each answer token carries (None: no logprobs asked for)."""
+        return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
+
     def refused(self) -> Optional[tuple[str, str]]:
         """(field, message) of the first field sent that this server does not implement."""
         no_store = "this server keeps no responses; send the whole conversation in input"
@@ -141,9 +149,10 @@ class ResponsesRequest(_Strict):
             ("background", self.background, f"background true is not supported ({no_store})"),
             ("conversation", self.conversation is not None, f"conversation is not supported ({no_store})"),
             ("prompt", self.prompt is not None, "prompt (stored prompt templates) is not supported"),
-            ("include", bool(self.include),
-             f"include {self.include} is not supported (this server returns no extra output data)"),
-            ("top_logprobs", bool(self.top_logprobs), "top_logprobs is not supported"),
+            ("include", bool(set(self.include or ()) - {LOGPROBS}),
+             f"include {sorted(set(self.include or ()) - {LOGPROBS})} is not supported (only {LOGPROBS!r})"),
+            ("top_logprobs", bool(self.top_logprobs) and self.logprobs() is None,
+             f"top_logprobs needs include [{LOGPROBS!r}]"),
             ("truncation", self.truncation not in (None, "disabled"),
              f"truncation {self.truncation!r} is not supported (only \"disabled\": a prompt over the context "
              "is refused)"),
@@ -199,6 +208,8 @@ class ResponsesRequest(_Strict):
         body["stream"] = self.stream
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
+        if self.logprobs() is not None:
+            body.update(logprobs=True, top_logprobs=self.logprobs())
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]

@@ -5,7 +5,9 @@ ContentSplitter); this module shapes what comes out as Responses output items:
 
 - a `reasoning` item (the R1 `<think>` text as one `reasoning_text` part, as vLLM gives it) when
   the server runs a reasoning parser,
-- a `message` item with one `output_text` part,
+- a `message` item with one `output_text` part (with include message.output_text.logprobs, its
+  tokens' logprobs: the answer's, after the reasoning, without the EOS that ended it; refused
+  with tool calls, whose text is no answer),
 - a `function_call` item per tool call (call_id, name, arguments as a JSON string),
 
 and `usage` with input/output tokens, reasoning tokens and cached prompt tokens. A response cut
@@ -33,9 +35,9 @@ from pydantic import ValidationError
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.errors import APIError, from_validation_error
-from deepserve.server.protocol_responses import ChatFromResponses, ResponsesRequest
+from deepserve.server.protocol_responses import LOGPROBS, ChatFromResponses, ResponsesRequest
 from deepserve.server.reasoning import THINK_END, THINK_START
-from deepserve.server.serving_chat import ContentSplitter, PreparedChat, collect_final
+from deepserve.server.serving_chat import ContentSplitter, PreparedChat, chat_logprobs, collect_final
 from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
                                              merge_streams, parse_request, sse_data, until_disconnect)
 
@@ -65,9 +67,9 @@ def reasoning_item(item_id: str, text: str, status: str) -> dict:
             "status": status}
 
 
-def message_item(item_id: str, text: str, status: str) -> dict:
+def message_item(item_id: str, text: str, status: str, logprobs: Optional[list[dict]] = None) -> dict:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -89,6 +91,9 @@ async def create_response(request: Request, state: ServerState):
         await compile_grammar(state, prep.params, prep.guided_field)
     except APIError as err:
         raise _renamed(err) from None
+    if prep.top_k is not None and prep.tool_mode is not None:
+        raise APIError(400, f"include {LOGPROBS!r} is not supported with tool calls (tool_choice none takes it)",
+                       param="include", code="unsupported_field")
     response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
     if req.stream:
         return SSEResponse(_stream(state, req, prep, response_id))
@@ -99,7 +104,8 @@ async def create_response(request: Request, state: ServerState):
     if reasoning:
         items.append(reasoning_item(_new_id("rs"), reasoning, "completed"))
     if content:
-        items.append(message_item(_new_id("msg"), content, "completed"))
+        logprobs = _answer_logprobs(state, prep, out, 0)
+        items.append(message_item(_new_id("msg"), content, "completed", logprobs))
     for call in calls:
         items.append(call_item(_new_id("fc"), _call_id(call["id"]), call["function"]["name"],
                                call["function"]["arguments"], "completed"))
@@ -130,32 +136,49 @@ def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, statu
             "background": False, "temperature": prep.params.temperature, "top_p": prep.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",
-            "usage": usage, "user": req.user, "metadata": req.metadata or {}}
+            "top_logprobs": req.top_logprobs, "usage": usage, "user": req.user, "metadata": req.metadata or {}}
 
 
-def _reasoning_tokens(state: ServerState, prep: PreparedChat, token_ids: list[int]) -> int:
-    """The output tokens inside the <think> block (its tags not counted)."""
+def _think_span(state: ServerState, prep: PreparedChat, token_ids: list[int]) -> Optional[tuple[int, int]]:
+    """[start, end) of the output tokens inside the <think> block (its tags not counted; end is
+    the length while the block is open); None when the output has no reasoning."""
     parser = prep.reasoning_parser()
     if parser is None:
-        return 0
+        return None
     tok = state.tokenizer.tok
     start_id, end_id = tok.token_to_id(THINK_START), tok.token_to_id(THINK_END)
     first = 0
     if parser.state != "reasoning":   # the output must open the block itself
         if start_id is None or start_id not in token_ids:
-            return 0
+            return None
         first = token_ids.index(start_id) + 1
     rest = token_ids[first:]
-    return rest.index(end_id) if end_id in rest else len(rest)
+    return first, first + (rest.index(end_id) if end_id in rest else len(rest))
+
+
+def _answer_logprobs(state: ServerState, prep: PreparedChat, out: CompletionOutput, sent: int) -> list[dict]:
+    """The logprobs of the answer's tokens from the `sent`-th on: after </think> and the blank
+    tokens the reasoning parser drops, all of them without reasoning, less the EOS or stop token
+    that ended the output, which its text leaves out ([] without logprobs)."""
+    if prep.top_k is None:
+        return []
+    ids, span = out.token_ids, _think_span(state, prep, out.token_ids)
+    end = len(ids) - 1 if out.finish_reason == "stop" and not isinstance(out.stop_reason, str) else len(ids)
+    start = 0 if span is None else span[1] + 1
+    while start < end and span is not None and not out.logprobs[start][ids[start]].decoded_token.strip():
+        start += 1
+    start = min(start + sent, end)
+    return chat_logprobs(out, start, end, prep.top_k)["content"]
 
 
 def _usage(state: ServerState, prep: PreparedChat, final: RequestOutput) -> dict:
     prompt, output = len(prep.prompt_ids), len(final.outputs[0].token_ids)
+    start, end = _think_span(state, prep, final.outputs[0].token_ids) or (0, 0)
     # cache_write_tokens: OpenAI's paid cache writes; the prefix cache here is kept without them
     return {"input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": final.num_cached_tokens, "cache_write_tokens": 0},
             "output_tokens": output,
-            "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(state, prep, final.outputs[0].token_ids)},
+            "output_tokens_details": {"reasoning_tokens": end - start},
             "total_tokens": prompt + output}
 
 
@@ -175,6 +198,8 @@ class _StreamedItems:
         self.kind: Optional[str] = None       # the open item's: "reasoning", "message" or "call"
         self.id, self.text, self.held = "", "", ""
         self.call_id, self.name = "", ""
+        self.logprobs: list[dict] = []        # the message's token logprobs: sent, and not yet sent
+        self.pending: list[dict] = []
 
     def _where(self) -> dict:
         return {"item_id": self.id, "output_index": len(self.items)}
@@ -204,8 +229,9 @@ class _StreamedItems:
             if kind != "call":
                 event["content_index"] = 0
             event["delta"] = text
-            if kind == "message":
-                event["logprobs"] = []
+            if kind == "message":   # the logprobs of the tokens generated since the last delta
+                event["logprobs"], self.pending = self.pending, []
+                self.logprobs += event["logprobs"]
             events.append(event)
         return events
 
@@ -218,8 +244,9 @@ class _StreamedItems:
             events = [{"type": "response.reasoning_text.done", **where, "content_index": 0, "text": text},
                       {"type": "response.content_part.done", **where, "content_index": 0, "part": item["content"][0]}]
         elif self.kind == "message":
-            item = message_item(self.id, text, status)
-            events = [{"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []},
+            item = message_item(self.id, text, status, self.logprobs + self.pending)
+            events = [{"type": "response.output_text.done", **where, "content_index": 0, "text": text,
+                       "logprobs": item["content"][0]["logprobs"]},
                       {"type": "response.content_part.done", **where, "content_index": 0, "part": item["content"][0]}]
         else:
             item = call_item(self.id, self.call_id, self.name, text, status)
@@ -229,7 +256,8 @@ class _StreamedItems:
         self.kind = None
         return events
 
-    def feed(self, reasoning: str, content: str, calls: list[dict]) -> list[dict]:
+    def feed(self, reasoning: str, content: str, calls: list[dict], logprobs: list[dict]) -> list[dict]:
+        self.pending += logprobs
         events = self._delta("reasoning", reasoning) if reasoning else []
         if content:
             self.held += content
@@ -265,13 +293,14 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
     yield frame({"type": "response.in_progress", "response": started})
     splitter = ContentSplitter(prep, state.settings.tool_call_parser)
     items = _StreamedItems()
-    sent, last = 0, None
+    sent, sent_logprobs, last = 0, 0, None
     try:
         async for _, res in merge_streams([prep.stream(state)]):
             out, last = res.outputs[0], res
             reasoning, content, calls = splitter.feed(out.text[sent:], out.finish_reason is not None)
-            sent = len(out.text)
-            for event in items.feed(reasoning, content, calls):
+            logprobs = _answer_logprobs(state, prep, out, sent_logprobs)
+            sent, sent_logprobs = len(out.text), sent_logprobs + len(logprobs)
+            for event in items.feed(reasoning, content, calls, logprobs):
                 yield frame(event)
     except Exception as exc:   # the status line is gone: OpenAI's error event, with the error object the SDKs raise
         err = api_error_from(exc, state.settings.retry_after_s)

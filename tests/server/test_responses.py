@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -110,8 +109,10 @@ REFUSED = [
     ({"store": True}, "store"),
     ({"background": True}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"include": ["message.output_text.logprobs", "file_search_call.results"]}, "include"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
     ({"truncation": "auto"}, "truncation"),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
     ({"max_tool_calls": 2}, "max_tool_calls"),
@@ -156,33 +157,31 @@ def test_off_settings_and_the_sdk_refusal(client):
     assert info.value.body["param"] == "previous_response_id"
 
 
+def aborted(url: str) -> float:
+    key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
+    return parse_metrics(httpx.get(url + "/metrics").text).get(key, 0.0)
+
+
 def test_dropped_stream_aborts_the_request(demo_server):
     wait_for(lambda: idle(demo_server.url), timeout=20)
-    before = metrics(demo_server.url)["generation_tokens_total"]
+    before, generated = aborted(demo_server.url), metrics(demo_server.url)["generation_tokens_total"]
     body = {"model": MODEL, "input": "Once upon a time", "max_output_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", demo_server.v1 + "/responses", json=body, headers=AUTH, timeout=30) as r:
         kinds = (line for line in r.iter_lines() if line.startswith("event: "))
         assert [next(kinds) for _ in range(5)][-1] == "event: response.output_text.delta"
-        assert metrics(demo_server.url)["num_requests_running"] == 1
     wait_for(lambda: idle(demo_server.url), timeout=20)   # no request left, every KV block free
-    generated = metrics(demo_server.url)["generation_tokens_total"] - before
-    time.sleep(0.5)
-    assert metrics(demo_server.url)["generation_tokens_total"] - before == generated < 500   # it stopped early
+    assert aborted(demo_server.url) == before + 1
+    assert metrics(demo_server.url)["generation_tokens_total"] - generated < 500
 
 
 def test_non_streamed_client_timeout_aborts(demo_server):
     wait_for(lambda: idle(demo_server.url), timeout=20)
-    key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
-
-    def aborted() -> float:
-        return parse_metrics(httpx.get(demo_server.url + "/metrics").text).get(key, 0.0)
-
-    before = aborted()
+    before = aborted(demo_server.url)
     body = {"model": MODEL, "input": "One day", "max_output_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(demo_server.v1 + "/responses", json=body, timeout=0.5, headers=AUTH)
     wait_for(lambda: idle(demo_server.url), timeout=10)
-    assert aborted() == before + 1
+    assert aborted(demo_server.url) == before + 1
 
 
 def test_error_mid_stream_is_an_error_event():
@@ -196,7 +195,7 @@ def test_error_mid_stream_is_an_error_event():
     errors: list[int] = []
     state = SimpleNamespace(settings=SimpleNamespace(tool_call_parser=None, retry_after_s=1),
                             metrics=SimpleNamespace(record_error=errors.append))
-    prep = SimpleNamespace(created=0, model=MODEL, params=SimpleNamespace(temperature=1.0, top_p=1.0),
+    prep = SimpleNamespace(created=0, model=MODEL, params=SimpleNamespace(temperature=1.0, top_p=1.0), top_k=None,
                            stream=failing, reasoning_parser=lambda: None, tool_mode=None, tool_name=None,
                            parallel_tool_calls=None)
 
@@ -211,3 +210,17 @@ def test_error_mid_stream_is_an_error_event():
     last = events[-1]
     assert last["sequence_number"] == 5 and last["message"] == "the step failed" and last["code"] == "engine_error"
     assert last["error"]["message"] == "the step failed" and errors == [500]
+
+
+def test_output_text_logprobs_count_the_tokens(client):
+    """include message.output_text.logprobs: one entry per token, with its top_logprobs (the
+    joined text is checked on a byte-level tokenizer, test_responses_tools.py)."""
+    kwargs = dict(model=MODEL, input="Once upon a time", max_output_tokens=10, temperature=0,
+                  include=["message.output_text.logprobs"], top_logprobs=2)
+    r = client.responses.create(**kwargs)
+    logprobs = r.output[0].content[0].logprobs
+    assert len(logprobs) == r.usage.output_tokens == 10 and r.top_logprobs == 2
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob == pytest.approx(lp.top_logprobs[0].logprob)
+               for lp in logprobs)   # greedy: the chosen token is the top one
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert sum(len(e.logprobs) for e in events if e.type == "response.output_text.delta") == 10

@@ -145,7 +145,28 @@ def test_named_tool_choice_must_name_a_tool(client):
     assert info.value.body["param"] == "tool_choice"
 
 
-@pytest.mark.parametrize("extra", [{}, {"tool_choice": "none"}, {"max_output_tokens": 4}])
+def test_logprobs_are_the_answers_tokens(client):
+    """After reasoning, the logprobs are the answer's tokens (after </think> and the blank line
+    the parser drops): joined they are the text, streamed delta by delta; with tool calls the
+    text is no answer, so logprobs are refused there."""
+    kwargs = dict(model="tiny-r1", input=INPUT, tools=TOOLS, tool_choice="none",
+                  include=["message.output_text.logprobs"], top_logprobs=1)
+    r = client.responses.create(**kwargs)
+    reasoning, message = r.output
+    [part] = message.content
+    assert "".join(lp.token for lp in part.logprobs) == part.text and part.text.startswith(CALLS_BEGIN)
+    assert r.usage.output_tokens > len(part.logprobs) > 5
+    events = list(client.responses.create(**kwargs, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert all("".join(lp.token for lp in d.logprobs) == d.delta for d in deltas) and len(deltas) > 1
+    assert not any(getattr(e, "logprobs", None) for e in events if e.type.startswith("response.reasoning"))
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**{**kwargs, "tool_choice": "auto"})
+    assert info.value.body["param"] == "include"
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_output_tokens": 4},
+                                   {"tool_choice": "none", "include": ["message.output_text.logprobs"]}])
 def test_wire_json_validates_as_the_sdk_types(server, extra):
     """The SDK builds its objects without validating: the JSON itself must fit its types (every
     required field there), the response and each stream event, whose `event:` line names its type."""
