@@ -89,6 +89,8 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     return engine, server_args, config.envs, runner
 
 
+SWAP_SPACE_NOTE = ("deepserve: --swap-space accepted; nothing is reserved: preempted sequences are recomputed, "
+                   "not swapped to host memory (as in vLLM V1)")
 # the vLLM variables deepserve reads (docs/GUIDES.md); vLLM too warns about the VLLM_* it does not know
 READ_VLLM_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_PP_LAYER_PARTITION")
 # vLLM-MindSpore's (the 300I Duo guide): its model YAML, whose settings deepserve takes from config.json
@@ -170,6 +172,8 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         raise ValueError(f"bad engine argument: {exc}") from None
     if engine_args.trust_remote_code:
         print(TRUST_REMOTE_CODE_NOTE, file=sys.stderr)
+    if "swap_space" in engine_kwargs:   # given (the metax line's --swap-space 16), not the default
+        print(SWAP_SPACE_NOTE, file=sys.stderr)
     config = engine_args.create_engine_config()   # the layout against config.json, before any process starts
     check_ops_backend(engine_args)
     check_local_gpus(engine_args)

@@ -30,9 +30,14 @@ def no_server(monkeypatch):
 
 
 def one_line_error(capsys, argv) -> str:
-    """The error line of a command that fails (the --trust-remote-code note aside)."""
+    """The error line of a command that fails (the notes on --trust-remote-code and --swap-space aside)."""
+    from deepserve.cli.serve import SWAP_SPACE_NOTE
+
     assert main(argv) == 2
-    err = capsys.readouterr().err.replace(TRUST_REMOTE_CODE_NOTE + "\n", "").strip()
+    err = capsys.readouterr().err
+    for note in (TRUST_REMOTE_CODE_NOTE, SWAP_SPACE_NOTE):
+        err = err.replace(note + "\n", "")
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 
@@ -415,3 +420,16 @@ def test_more_ranks_than_this_machines_gpus_is_one_line(reference, r1_fp8, capsy
 
 def no_server_started(*args, **kwargs):
     raise AssertionError("the engine was started")
+
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_metax_swap_space_is_named_as_unused(capsys, no_server, given):
+    """The metax line's --swap-space 16 reserves nothing (preemption recomputes, as vLLM V1): said in
+    one line where it is given, as --trust-remote-code is, not dropped without a word."""
+    from deepserve.cli.serve import SWAP_SPACE_NOTE
+
+    argv = ["serve", DEMO_MODEL, "--port", "0"] + (["--swap-space", "16"] if given else [])
+    with pytest.raises(AssertionError, match="the server was started"):
+        main(argv)
+    assert (SWAP_SPACE_NOTE in capsys.readouterr().err) == given
