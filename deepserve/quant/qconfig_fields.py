@@ -81,6 +81,12 @@ def _unknown(where: str, got: dict, known: set) -> None:
                        "this field may change what the weights mean", where, ", ".join(map(repr, extra)))
 
 
+def _object(where: str, name: str, value) -> None:
+    """A field that holds a JSON object (or is absent / null)."""
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{where}: {name} must be an object, got {str(value)[:60]!r}")
+
+
 def check_fields(qc: dict) -> None:
     """Refuse a quantization_config with a field its quant_method does not define, or a known
     field at a value that changes the weights and that deepserve does not implement."""
@@ -94,11 +100,16 @@ def check_fields(qc: dict) -> None:
             raise ValueError(f"{where}: {name} {qc[name]!r} is not supported")
     if method != "compressed-tensors":
         return
+    for name in ("sparsity_config", "config_groups", "kv_cache_scheme"):
+        _object(where, name, qc.get(name))
     sparsity = qc.get("sparsity_config") or {}
     if sparsity.get("format", "dense") != "dense":
         raise ValueError(f"{where}: sparsity_config format {sparsity['format']!r} is not supported (dense only)")
     for gname, group in (qc.get("config_groups") or {}).items():
         gwhere = f"compressed-tensors group {gname}"
+        _object(f"{where} config_groups", gname, group)
+        for part in ("weights", "input_activations", "output_activations"):
+            _object(gwhere, part, group.get(part))
         _unknown(gwhere, group, _CT_SCHEME)
         if group.get("output_activations"):
             raise ValueError(f"{gwhere}: output_activations quantization is not supported")

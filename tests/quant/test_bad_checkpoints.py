@@ -82,6 +82,11 @@ def _method(qc):
      r"^quantization_config \(gptq\): bits None is not supported; deepserve serves 4-bit "),
     ({**quantization_config("gptq", 32, True, False), "bits": "4"},
      r"^quantization_config \(gptq\): bits '4' is not supported"),
+    ({**quantization_config("compressed-tensors", 32, True, False), "config_groups": ["group_0"]},
+     r"^quantization_config \(compressed-tensors\): config_groups must be an object, got \"\['group_0'\]\"$"),
+    ({**quantization_config("compressed-tensors", 32, True, False),
+      "config_groups": {"group_0": {"targets": ["Linear"], "weights": "w4a16"}}},
+     r"^compressed-tensors group group_0: weights must be an object, got 'w4a16'$"),
     # GPTQModel also packs into int8 / int16 / int64 words: another qweight layout
     ({**quantization_config("gptq", 32, True, False), "pack_dtype": "int16"},
      r"^quantization_config \(gptq\): pack_dtype 'int16' is not supported$"),
