@@ -98,6 +98,11 @@ def check_fields(qc: dict) -> None:
     for name, neutral in _NEUTRAL.get(method, {}).items():
         if qc.get(name) not in neutral:
             raise ValueError(f"{where}: {name} {qc[name]!r} is not supported")
+    block = qc.get("weight_block_size") if method == "fp8" else None
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"{where}: weight_block_size must be two positive integers [rows, columns], "
+                         f"got {block!r}")
     if method != "compressed-tensors":
         return
     for name in ("sparsity_config", "config_groups", "kv_cache_scheme"):

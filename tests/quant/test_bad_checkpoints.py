@@ -87,6 +87,10 @@ def _method(qc):
     ({**quantization_config("compressed-tensors", 32, True, False),
       "config_groups": {"group_0": {"targets": ["Linear"], "weights": "w4a16"}}},
      r"^compressed-tensors group group_0: weights must be an object, got 'w4a16'$"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": 128},
+     r"^quantization_config \(fp8\): weight_block_size must be two positive integers \[rows, columns\], got 128$"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128]},
+     r"^quantization_config \(fp8\): weight_block_size must be two positive integers"),
     # GPTQModel also packs into int8 / int16 / int64 words: another qweight layout
     ({**quantization_config("gptq", 32, True, False), "pack_dtype": "int16"},
      r"^quantization_config \(gptq\): pack_dtype 'int16' is not supported$"),
