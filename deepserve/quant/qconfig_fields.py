@@ -54,6 +54,8 @@ def quantization_config(hf_config) -> dict:
     if not isinstance(qc, dict):
         raise ValueError(f"config.json quantization_config must be an object with a quant_method, got "
                          f"{type(qc).__name__} {str(qc)[:60]!r}")
+    if not isinstance(qc.get("quant_method", ""), str):
+        raise ValueError(f"config.json quantization_config.quant_method must be a string, got {qc['quant_method']!r}")
     return qc
 
 
@@ -112,7 +114,8 @@ def check_fields(qc: dict) -> None:
         raise ValueError(f"{where}: sparsity_config format {sparsity['format']!r} is not supported (dense only)")
     for gname, group in (qc.get("config_groups") or {}).items():
         gwhere = f"compressed-tensors group {gname}"
-        _object(f"{where} config_groups", gname, group)
+        if not isinstance(group, dict):
+            raise ValueError(f"{where}: config_groups {gname} must be an object, got {str(group)[:60]!r}")
         for part in ("weights", "input_activations", "output_activations"):
             _object(gwhere, part, group.get(part))
         _unknown(gwhere, group, _CT_SCHEME)

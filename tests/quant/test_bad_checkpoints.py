@@ -91,6 +91,9 @@ def _method(qc):
      r"^quantization_config \(fp8\): weight_block_size must be two positive integers \[rows, columns\], got 128$"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128]},
      r"^quantization_config \(fp8\): weight_block_size must be two positive integers"),
+    ({"quant_method": ["gptq"], "bits": 4}, r"^config.json quantization_config.quant_method must be a string, got \['gptq'\]$"),
+    ({**quantization_config("compressed-tensors", 32, True, False), "config_groups": {"group_0": None}},
+     r"^quantization_config \(compressed-tensors\): config_groups group_0 must be an object, got 'None'$"),
     # GPTQModel also packs into int8 / int16 / int64 words: another qweight layout
     ({**quantization_config("gptq", 32, True, False), "pack_dtype": "int16"},
      r"^quantization_config \(gptq\): pack_dtype 'int16' is not supported$"),
@@ -136,3 +139,48 @@ def test_a_tensor_in_two_shards_is_refused_naming_both(int8_folders, tmp_path):
     with pytest.raises(ValueError, match=r"^tensor \S+ appears in both model-00001-of-00001.safetensors and "
                                          r"model.safetensors in .*: remove the stale shard$"):
         load_ours(folder)
+
+
+_CONFIGS = {
+    "awq": quantization_config("awq", 32, False, False), "gptq": quantization_config("gptq", 32, True, True),
+    "compressed-tensors": quantization_config("compressed-tensors", 32, True, True, activations=True),
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+            "ignored_layers": ["lm_head"]},
+    "ct-fp8": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+               "config_groups": {"g": {"targets": ["Linear"],
+                                       "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                                       "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}},
+}
+
+
+def _field_paths(node: dict, prefix=()):
+    for key, value in node.items():
+        yield prefix + (key,)
+        if isinstance(value, dict):
+            yield from _field_paths(value, prefix + (key,))
+
+
+@pytest.mark.parametrize("fmt", sorted(_CONFIGS))
+def test_every_config_field_of_any_json_type_is_read_or_refused_by_name(fmt):
+    """Each field of a quantization_config (nested ones too) set to a value of every JSON type:
+    the config is read or refused with a ValueError, never another exception (a traceback)."""
+    import copy
+    from deepserve.models.loader import fp8_block_size
+    from deepserve.quant.ct_fp8 import fp8_scale_scheme
+    from deepserve.quant.ignore import checkpoint_ignore
+    from deepserve.quant.int4 import int4_spec
+    for path in _field_paths(_CONFIGS[fmt]):
+        for value in (0, -1, 2.5, "x", [], ["x"], [1], {}, {"x": 1}, None, True):
+            qc = copy.deepcopy(_CONFIGS[fmt])
+            node = qc
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            cfg = {"quantization_config": qc, "torch_dtype": "float16"}
+            try:
+                _method(qc)
+                fp8_block_size(cfg), int4_spec(cfg), checkpoint_ignore(cfg), fp8_scale_scheme(qc)
+            except ValueError:
+                pass
+            except Exception as exc:   # noqa: BLE001 - the point of the test
+                pytest.fail(f"{'.'.join(path)} = {value!r}: {type(exc).__name__}: {exc}")
