@@ -2,6 +2,7 @@
 the profiler's windows count (MicroBatchPipeline.launch ticks it), dummy rounds are not."""
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 from deepserve.engine.micro_batches import MicroBatchPipeline
@@ -18,7 +19,8 @@ class _Profiler:
 def _engine(profiler):
     runner = SimpleNamespace(launch_micro_batch=lambda batch: SimpleNamespace(batch=batch))
     return SimpleNamespace(runner=runner, ops_profiler=profiler, stats={"steps": 0},
-                           block_manager=SimpleNamespace(register_full_blocks=lambda seq: None))
+                           block_manager=SimpleNamespace(register_full_blocks=lambda seq: None),
+                           profile_step=lambda batch: contextlib.nullcontext())   # no --profiler-config
 
 
 def test_launching_micro_batches_ticks_the_ops_profiler():
