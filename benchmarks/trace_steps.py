@@ -63,7 +63,8 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 def steps_of(events: list[dict]) -> list[dict]:
     """The engine steps of one trace, in GPU order: composition, GPU start / span, kernels' busy
     time inside the span, and the period to the next step's GPU start (None for the last). A
-    trace without GPU ranges (a CPU run) gives its host ranges, kernels' busy time 0."""
+    trace without GPU ranges (a CPU run) gives its host ranges; busy time is None in a trace
+    without kernels."""
     cat = "gpu_user_annotation"
     if not any(ev.get("cat") == cat and STEP.match(ev.get("name", "")) for ev in events):
         cat = "user_annotation"
@@ -88,7 +89,7 @@ def steps_of(events: list[dict]) -> list[dict]:
         while j < len(kernels) and kernels[j][0] < hi:
             inside.append((max(kernels[j][0], lo), min(kernels[j][1], hi)))
             j += 1
-        step["busy_us"] = _union(inside)
+        step["busy_us"] = _union(inside) if kernels else None
         step["period_us"] = spans[i + 1]["start_us"] - lo if i + 1 < len(spans) else None
     return spans
 
@@ -120,9 +121,10 @@ def summarize(steps: list[dict]) -> dict[str, dict]:
                "mean_generation": statistics.fmean(s["generation"] for s in mine),
                "mean_context_tokens": statistics.fmean(s["context_tokens"] for s in mine),
                "span_ms": statistics.median(s["span_us"] for s in mine) / 1e3,
-               "busy_ms": statistics.median(s["busy_us"] for s in mine) / 1e3,
+               "busy_ms": (statistics.median(s["busy_us"] for s in mine) / 1e3
+                           if mine[0]["busy_us"] is not None else None),
                "period_ms": statistics.median(periods) / 1e3 if periods else None}
-        with_next = [s for s in mine if s["period_us"] is not None]
+        with_next = [s for s in mine if s["period_us"] is not None and s["busy_us"] is not None]
         row["idle_share"] = (1 - sum(s["busy_us"] for s in with_next) / sum(s["period_us"] for s in with_next)
                              if with_next else None)
         out[name] = row

@@ -77,4 +77,4 @@ def test_a_cpu_trace_gives_its_host_ranges():
            {"ph": "X", "cat": "user_annotation", "name": "execute_context_0(0)_generation_1(1)", "ts": 20, "dur": 3}]
     steps = steps_mod.steps_of(cpu)
     assert [(s["context_tokens"], s["generation"], s["span_us"], s["busy_us"], s["period_us"]) for s in steps] == [
-        (12, 0, 5.0, 0.0, 10.0), (0, 1, 3.0, 0.0, None)]
+        (12, 0, 5.0, None, 10.0), (0, 1, 3.0, None, None)]
