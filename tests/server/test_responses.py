@@ -88,6 +88,7 @@ def test_stream_events_join_to_the_response(client):
     item_id = events[2].item.id
     assert len(deltas) > 2 and all(d.item_id == item_id and d.output_index == 0 for d in deltas)
     assert text == events[-4].text == events[-2].item.content[0].text == whole.output_text
+    assert text == chat_text(client, [{"role": "user", "content": "Once upon a time"}], max_tokens=30, stop=["."])[0]
     final = events[-1].response
     assert final.output_text == text and final.status == "completed" and final.usage.output_tokens == \
         whole.usage.output_tokens
