@@ -100,6 +100,7 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
     pending_s: dict[str, torch.Tensor] = {}
     kept_w: set[str] = set()      # quantized weights passed through: each needs its scale too
     kept_s: set[str] = set()
+    float_w: dict[str, torch.dtype] = {}   # a scale beside one would replace the scale made at load
     for name, t in weights:
         if name.endswith(suffix):
             base = name[: -len(suffix)]
@@ -123,7 +124,13 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
             else:
                 pending_w[name] = t
         else:
+            if t.is_floating_point():
+                float_w[name] = t.dtype
             yield name, t
+    stray = sorted(kept_s & float_w.keys())
+    if stray:
+        raise ValueError(f"tensor {stray[0]}{suffix}: a {fmt} scale beside {stray[0]}, which is {float_w[stray[0]]}, "
+                         f"not {qdtype}: a quantized weight comes with its scale, a 16-bit one without")
     if kept_w - kept_s:
         missing = sorted(kept_w - kept_s)[0]
         raise ValueError(f"{fmt} tensor {missing} has no {missing}{suffix} in the checkpoint")

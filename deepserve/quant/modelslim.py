@@ -102,6 +102,9 @@ def modelslim_stream(weights: Iterable[tuple[str, torch.Tensor]], desc: dict, ke
         module, part = found
         _check_values(name, part, t)
         if keep(module):
+            if part == "weight" and t.dtype != torch.int8:
+                raise ValueError(f"tensor {name} is {t.dtype}, but quant_model_description says "
+                                 f"{module_type(desc, module)}: an int8 weight is expected")
             if part == "weight_offset":
                 if bool((t != 0).any()):
                     raise ValueError(f"tensor {name}: nonzero weight offsets (asymmetric int8 weights) "

@@ -56,6 +56,33 @@ def test_non_finite_int8_scales_are_refused_naming_the_tensor(int8_folders, tmp_
         load_ours(folder)
 
 
+@pytest.mark.parametrize("fmt", ["fp8-block", "w8a8-int8", "msmodelslim"])
+def test_a_16bit_weight_beside_a_scale_is_refused(int8_folders, tmp_path, fmt):
+    """A half-converted checkpoint (a weight cast back to 16 bits, its scale left behind): the
+    layer quantized the 16-bit weight at load, then the stale scale replaced the one it had
+    made, and the layer ran with wrong weights. Refused naming both tensors."""
+    from deepserve.quant.fp8 import dequant_fp8_block
+    weight = "model.layers.1.mlp.down_proj.weight"
+    if fmt == "fp8-block":
+        src = tmp_path / "fp8"
+        quantize_checkpoint(int8_folders[0].parent / "ref", src, "fp8-block", progress=False)
+        suffix = "_scale_inv"
+    else:
+        src, suffix = int8_folders[fmt == "msmodelslim"], "_scale"
+    folder = tmp_path / "bad"
+    shutil.copytree(src, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    scale = tensors[weight + suffix]
+    tensors[weight] = (dequant_fp8_block(tensors[weight], scale) if fmt == "fp8-block"
+                       else (tensors[weight].float() * scale.reshape(-1, 1)).bfloat16())
+    tensors[weight + suffix] = scale * 2
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    error = (rf"^tensor {weight} is torch.bfloat16, but quant_model_description says W8A8_DYNAMIC" if fmt == "msmodelslim"
+             else rf"^tensor {weight}{suffix}: a {fmt.split('-')[0]}\S* scale beside {weight}, which is torch.bfloat16")
+    with pytest.raises(ValueError, match=error):
+        load_ours(folder)
+
+
 def test_modelslim_static_input_scale_must_be_positive_and_finite():
     from deepserve.quant.modelslim import modelslim_stream
     for value, why in ((0.0, "input_scale must be > 0, got 0.0"), (float("nan"), "input_scale has non-finite")):
