@@ -232,15 +232,43 @@ def check_before_start(config) -> None:
     from deepserve.models.weights import checkpoint_files
 
     model = config.model
-    _, method = linear_method(model.model, model.hf_config, model.quantization, model.load_format)
+    stored, method = linear_method(model.model, model.hf_config, model.quantization, model.load_format)
     if model.load_format != "dummy" and os.path.isdir(model.model):
-        checkpoint_files(model.model)   # none, or a shard the index lists missing: that error
+        files = checkpoint_files(model.model)   # none, or a shard the index lists missing: that error
+        if stored == "fp8" and model.quantization is None and not stores_weight_scales(model.model, files):
+            print(f"deepserve: {model.model}/config.json declares fp8 weights (quantization_config), but the "
+                  "checkpoint holds no weight scales: its 16-bit weights are quantized to fp8 at load; remove "
+                  "quantization_config from config.json to serve them as stored (the FlagOS guides' BF16 step)",
+                  file=sys.stderr)
     par = config.parallel
     tp, pp, dp = par.tensor_parallel_size, par.pipeline_parallel_size, par.data_parallel_size
     ep = (tp * dp if dp > 1 else tp) if par.enable_expert_parallel else 1
     last = ParallelContext(tp_rank=tp - 1, tp_size=tp, pp_rank=pp - 1, pp_size=pp, dp_rank=dp - 1, dp_size=dp,
                            ep_rank=ep - 1, ep_size=ep)
     build_model(model, torch.device("meta"), last, method, **({"load_mtp": True} if model.load_mtp else {}))
+
+
+def stores_weight_scales(folder: str, files: list) -> bool:
+    """Whether a checkpoint holds fp8 weight scales (DeepSeek's `weight_scale_inv`, compressed-
+    tensors' `weight_scale`): read from its index, else from each shard's header (unreadable:
+    assumed so, the load reports it)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = list(json.load(f).get("weight_map", {}))
+    else:
+        names = []
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names += list(f.keys())
+            except (OSError, SafetensorError):
+                return True
+    return any(n.endswith((".weight_scale_inv", ".weight_scale")) for n in names)
 
 
 def check_local_gpus(engine_args: EngineArgs) -> None:

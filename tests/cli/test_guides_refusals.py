@@ -433,3 +433,27 @@ def test_metax_swap_space_is_named_as_unused(capsys, no_server, given):
     with pytest.raises(AssertionError, match="the server was started"):
         main(argv)
     assert (SWAP_SPACE_NOTE in capsys.readouterr().err) == given
+
+def test_bf16_weights_under_an_fp8_config_are_named(tiny_r1, tmp_path, capsys, no_server):
+    """The metax guide removes quantization_config from a BF16 release's config.json; left in (as
+    DeepSeek's fp8-to-bf16 script leaves it), the 16-bit weights were quantized to fp8 at load
+    without a word, and the answers changed. A checkpoint with its fp8 scales is not named."""
+    import shutil
+
+    bf16 = tmp_path / "DeepSeek-R1-BF16"
+    shutil.copytree(tiny_r1, bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
+    (bf16 / "config.json").write_text(json.dumps(config))
+    fp8 = tmp_path / "DeepSeek-R1-FP8"   # the FP8 release as its index lists it (shards not read)
+    fp8.mkdir()
+    shutil.copy(bf16 / "config.json", fp8 / "config.json")
+    (fp8 / "model-00001-of-00001.safetensors").touch()
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in
+                  ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight_scale_inv")}
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for folder, flags, named in [(bf16, [], True), (bf16, ["--quantization", "fp8"], False), (fp8, [], False)]:
+        assert main(["serve", str(folder), "--dry-run"] + flags) == 0
+        err = capsys.readouterr().err
+        assert ("declares fp8 weights (quantization_config), but the checkpoint holds no weight scales" in err) == named
