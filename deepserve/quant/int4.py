@@ -243,7 +243,7 @@ def dequant_checkpoint(spec: Int4Spec, parts: dict[str, torch.Tensor], module: s
     """One module's checkpoint tensors (role -> tensor) -> its float weight [N, K]."""
     q = parts["qweight"]
     if spec.fmt == "compressed-tensors":
-        n, k = (int(v) for v in parts["shape"].tolist())
+        n, k = (int(v) for v in parts["shape"].reshape(-1).tolist())
     elif spec.fmt == "awq":
         k, n = q.shape[0], q.shape[1] * PACK
     else:
@@ -291,13 +291,17 @@ def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, kee
             yield name, t
             continue
         module, role = found
+        if role == "shape" and t.numel() != 2:
+            raise ValueError(f"tensor {name}: weight_shape holds [rows, columns], got shape {tuple(t.shape)}")
+        if role == "g_idx" and (t.is_floating_point() or t.dtype == torch.bool):
+            raise ValueError(f"tensor {name}: g_idx must hold integer group indices, got {t.dtype}")
         if role == "g_idx" and not spec.act_order:
             _check_trivial_g_idx(spec, name, t)
             continue
         if keep(module):
             if role in ("shape", "qweight") and spec.fmt == "compressed-tensors":
                 seen = shapes.setdefault(module, [None, None])
-                seen[role == "qweight"] = t.tolist() if role == "shape" else list(t.shape)
+                seen[role == "qweight"] = t.reshape(-1).tolist() if role == "shape" else list(t.shape)
                 if None not in seen:
                     _check_shape(spec, module, *shapes.pop(module))
             if role != "shape":

@@ -211,3 +211,16 @@ def test_every_config_field_of_any_json_type_is_read_or_refused_by_name(fmt):
                 pass
             except Exception as exc:   # noqa: BLE001 - the point of the test
                 pytest.fail(f"{'.'.join(path)} = {value!r}: {type(exc).__name__}: {exc}")
+
+
+def test_malformed_4bit_side_tensors_are_named():
+    """A compressed-tensors weight_shape that is not two values (a TypeError from int(list)) and a
+    g_idx of booleans or floats (bools loaded as groups 0 / 1) are refused naming the tensor."""
+    from deepserve.quant.int4 import int4_spec, int4_stream
+    spec = int4_spec({"quantization_config": quantization_config("compressed-tensors", 32, True, True),
+                      "torch_dtype": "float16"})
+    for name, tensor, error in (("m.weight_shape", torch.tensor([[4, 64, 1]]), r"weight_shape holds \[rows, columns\]"),
+                                ("m.weight_g_idx", torch.ones(64, dtype=torch.bool), "g_idx must hold integer group indices")):
+        for keep in (True, False):
+            with pytest.raises(ValueError, match=rf"^tensor {name}: {error}"):
+                list(int4_stream([(name, tensor)], spec, lambda module: keep, torch.float32))
