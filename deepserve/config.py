@@ -308,8 +308,8 @@ class ProfilerConfig:
     detailed_trace_annotation: bool = False
     """Step annotations with vLLM's roofline terms (sk, sqsq, sqsk per phase) besides the counts."""
     ignore_frontend: bool = False
-    """vLLM traces its API server process too unless this is true; deepserve traces only the
-    ranks that run the model, as with true."""
+    """Leave out the API server process's CPU trace ({host}_{pid}.async_llm.*, torch profiler, with
+    the engine in processes of its own), as vLLM's AsyncLLM trace."""
     delay_iterations: int = 0
     """Engine steps after start_profile before the profiler starts (as vLLM: the profiler starts
     at the delay_iterations-th step, which it records)."""

@@ -99,10 +99,26 @@ def _write_json(path: Optional[str], result: dict) -> None:
         print(f"bench: result written to {path}", file=sys.stderr)
 
 
+def check_profile_flag(args) -> None:
+    """vLLM's --profile of bench latency / throughput needs the engine's --profiler-config."""
+    if getattr(args, "profile", False) and not (getattr(args, "profiler_config", None) or {}).get("profiler"):
+        raise ValueError("--profile needs --profiler-config, e.g. '{\"profiler\": \"torch\", "
+                         "\"torch_profiler_dir\": \"/abs/dir\"}'")
+
+
 def run_latency(args) -> dict:
+    check_profile_flag(args)
     llm, SamplingParams, vocab, seed = _load_engine(args)
     params = SamplingParams(max_tokens=args.output_len or 128, ignore_eos=True, temperature=0)
     prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
+    if args.profile:   # as vLLM: after the warm-up, one batch under the profiler, untimed
+        for _ in range(args.num_iters_warmup):
+            llm.generate(prompts, params)
+        print(f"Profiling one batch with the {llm.engine.config.profiler.profiler} profiler...", file=sys.stderr)
+        llm.start_profile()
+        llm.generate(prompts, params)
+        llm.stop_profile()
+        return {}
     result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,
                              progress=not args.disable_tqdm)
     print(f"Avg latency: {result['avg_latency']:.4f} seconds "
@@ -137,6 +153,7 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
 
 
 def run_throughput(args) -> dict:
+    check_profile_flag(args)
     llm, SamplingParams, vocab, seed = _load_engine(args)
     name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
     args.dataset_name = name
@@ -146,7 +163,11 @@ def run_throughput(args) -> dict:
     else:
         prompts, out_lens = dataset_prompts(args, seed)
         params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in out_lens]
+    if args.profile:   # as vLLM: the measured run is profiled
+        llm.start_profile()
     result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)
+    if args.profile:
+        llm.stop_profile()
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, "
           f"{result['tokens_per_second']:.2f} total tokens/s, "
           f"{result['output_tokens_per_second']:.2f} output tokens/s")

@@ -73,10 +73,22 @@ def open_client(url: str, timeout_s: float):
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False)
 
 
+async def post_profile(url: str, timeout_s: float) -> None:
+    """vLLM bench's --profile: POST the server's /start_profile or /stop_profile (`url`)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False) as http:
+        resp = await http.post(url)
+    if resp.status_code == 404:
+        raise ValueError(f"{url}: 404; --profile needs a server started with --profiler-config")
+    if resp.status_code != 200:
+        raise RuntimeError(f"POST {url}: {resp.status_code} {resp.text[:300]}")
+
+
 async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burstiness: float,
                        max_concurrency: Optional[int], seed: int, timeout_s: float,
-                       progress: bool = True, num_warmups: int = 0) -> tuple[list[RequestOutput], float]:
-    """Send `inputs` on the arrival schedule; returns their outputs (input order) and the wall time."""
+                       progress: bool = True, num_warmups: int = 0,
+                       profile_root: Optional[str] = None) -> tuple[list[RequestOutput], float]:
+    """Send `inputs` on the arrival schedule; returns their outputs (input order) and the wall time.
+    `profile_root`: the server's root URL, whose profiler records the run (after the warm-ups)."""
     from tqdm.auto import tqdm
 
     if max_concurrency is not None and max_concurrency < 1:
@@ -95,6 +107,8 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
             await _warm_up(client, inputs[0].api_url)
         if num_warmups > 0 and inputs:
             await asyncio.gather(*(limited(inputs[0]) for _ in range(num_warmups)))
+        if profile_root:
+            await post_profile(profile_root + "/start_profile", timeout_s)
         bar = tqdm(total=len(inputs), disable=not progress, desc="requests", file=sys.stderr)
 
         async def tracked(req: RequestInput) -> RequestOutput:
@@ -114,6 +128,8 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
         outputs = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
+        if profile_root:   # returns once the server's traces are written
+            await post_profile(profile_root + "/stop_profile", timeout_s)
     return list(outputs), duration
 
 
@@ -214,7 +230,8 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
               f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}", file=sys.stderr)
     outputs, duration = asyncio.run(run_requests(
         inputs, args.request_rate, args.burstiness, args.max_concurrency, args.seed,
-        args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups))
+        args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups,
+        profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None))
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "backend": backend_name(args.endpoint),

@@ -32,6 +32,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder (tokenizer.json) to count tokens "
                    "with; default: --model when it is a folder.")
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
+    g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
+                   "warm-ups) and /stop_profile after it; the server needs --profiler-config.")
     g.add_argument("--backend", default="openai", choices=["vllm", "openai", "openai-chat"],
                    help="vLLM's request format names; --endpoint decides what is sent (default: openai).")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -126,6 +128,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Tokens generated per request (default: 128; sharegpt: the dataset reply's length).")
     p.add_argument("--output-json", default=None, help="Write the result JSON here.")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="vLLM's: record the run with the engine's --profiler-config (latency: one batch after "
+                        "the warm-up, untimed; throughput: the measured run).")
 
 
 def register(subparsers) -> None:

@@ -27,6 +27,7 @@ from typing import AsyncIterator, Optional, Protocol
 from deepserve.config import EngineArgs
 from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.profiler import frontend_profiler
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.step_channel import lost_a_peer
 
@@ -75,6 +76,7 @@ class AsyncLLM:
         self.snapshot: dict = {}
         self.num_step_errors = 0
         self._thread_error: Optional[str] = None   # why the engine thread ended unexpectedly
+        self._frontend_profiler = frontend_profiler(engine)   # vLLM's AsyncLLM trace (not ignore_frontend)
         self._take_snapshot()
 
     @classmethod
@@ -195,10 +197,14 @@ class AsyncLLM:
 
     async def start_profile(self, profile_prefix: Optional[str] = None) -> None:
         await asyncio.wrap_future(self._submit("start_profile", profile_prefix))
+        if self._frontend_profiler is not None:
+            await asyncio.to_thread(self._frontend_profiler.begin, profile_prefix)
 
     async def stop_profile(self) -> None:
-        """Returns once every rank has written its trace."""
+        """Returns once every rank has written its trace (and this process its own)."""
         await asyncio.wrap_future(self._submit("stop_profile", None))
+        if self._frontend_profiler is not None:
+            await asyncio.to_thread(self._frontend_profiler.end)
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:

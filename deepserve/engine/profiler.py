@@ -19,8 +19,10 @@ with the roofline terms). A torch trace is Chrome JSON, `{dir}/{prefix_}dp{D}_pp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -85,6 +87,8 @@ class RankProfiler:
         self.prefix: Optional[str] = None
 
     def begin(self, prefix: Optional[str] = None) -> None:
+        if self.prof is not None:   # started already (a second start_profile)
+            return
         self.prefix = prefix
         c = self.config
         if c.profiler == "cuda":
@@ -166,7 +170,11 @@ class DriverProfiler:
             return
         self.active, self.steps, self.recorded, self.prefix = True, 0, 0, prefix
         if self.config.delay_iterations == 0:
-            self._begin()
+            try:
+                self._begin()
+            except BaseException:   # (a folder it cannot make) not started: a later start may be
+                self.active = False
+                raise
 
     def stop(self) -> None:
         if not self.active:   # harmless, as in vLLM
@@ -196,8 +204,8 @@ class DriverProfiler:
         return self.rank.annotate(name)
 
     def _begin(self) -> None:
+        self.rank.begin(self.prefix)   # first: a folder it cannot make starts no rank
         self.publish(ProfileControl(True, self.prefix))
-        self.rank.begin(self.prefix)
         self.running = True
 
     def _end(self) -> None:
@@ -218,8 +226,23 @@ def driver_profiler(config, runner, executor) -> Optional[DriverProfiler]:
     None without --profiler-config."""
     if config.profiler is None:
         return None
+    if config.profiler.profiler == "cuda" and runner.device.type != "cuda":
+        raise ValueError(f"profiler_config profiler cuda needs a CUDA device (this engine runs on "
+                         f"{runner.device.type}); use profiler torch")
     return DriverProfiler(config.profiler, rank_suffix(runner.pctx), runner.device.type == "cuda",
                           runner.publish, wait_for_peers(getattr(executor, "channel", None)))
+
+
+def frontend_profiler(engine) -> Optional[RankProfiler]:
+    """vLLM's trace of the API server process (AsyncLLM's CPU activity, torch profiler only, unless
+    ignore_frontend), for a front end of engine-core processes: an engine in this process traces
+    the process itself."""
+    config = engine.config.profiler
+    if config is None or config.profiler != "torch" or config.ignore_frontend or engine.profiler is not None:
+        return None
+    cpu_only = dataclasses.replace(config, torch_profiler_record_shapes=False, torch_profiler_with_memory=False,
+                                   torch_profiler_with_flops=False, torch_profiler_dump_cuda_time_total=False)
+    return RankProfiler(cpu_only, f"{socket.gethostname()}_{os.getpid()}.async_llm", cuda=False)
 
 
 def wait_for_peers(channel) -> Callable[[], None]:

@@ -176,3 +176,26 @@ def test_start_profile_without_config_is_refused():
             llm.start_profile()
     finally:
         llm.shutdown()
+
+
+def test_unwritable_dir_fails_the_start_only(tmp_path):
+    """A trace folder that cannot be made fails start_profile (the server's answer names it); the
+    engine serves on, and a stop after it is harmless."""
+    from deepserve import LLM
+    (tmp_path / "file").write_text("")
+    llm = LLM(profiler_config={"profiler": "torch", "torch_profiler_dir": str(tmp_path / "file" / "traces")})
+    try:
+        with pytest.raises(OSError):
+            llm.start_profile()
+        assert not llm.engine.profiler.active
+        llm.stop_profile()
+        assert llm.generate([{"prompt_token_ids": [5, 6]}], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA present: the cuda profiler applies")
+def test_cuda_profiler_needs_cuda():
+    from deepserve import LLM
+    with pytest.raises(ValueError, match="profiler cuda needs a CUDA device"):
+        LLM(profiler_config={"profiler": "cuda"})

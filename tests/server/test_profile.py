@@ -1,6 +1,6 @@
 """`deepserve serve --profiler-config`: vLLM's POST /start_profile and /stop_profile, traces of every
-rank (engine core and its TP peer) with vLLM's per-step annotations; the routes are absent
-without a profiler, as in vLLM."""
+rank (engine core and its TP peer) with vLLM's per-step annotations and of the API server process;
+the routes are absent without a profiler, as in vLLM."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import httpx
 
 from deepserve.server.metrics import ServerMetrics
+from deepserve.cli.main import main
+from deepserve.config import DEMO_MODEL
 from tests.engine.test_profiler import annotations
 from tests.server.conftest import launch
 
@@ -30,13 +32,25 @@ def test_profile_routes_trace_every_rank(tmp_path):
             r = http.post("/stop_profile")
             assert (r.status_code, r.content) == (200, b"")
             traces = annotations(tmp_path)
+        # vLLM bench serve's --profile, against the same server
+        assert main(["bench", "serve", "--profile", "--base-url", server.url, "--num-prompts", "2", "--random-input-len",
+                     "4", "--random-output-len", "2", "--max-concurrency", "1", "--ignore-eos", "--disable-tqdm",
+                     "--tokenizer", DEMO_MODEL]) == 0
+        bench_traces = {name: steps for name, steps in annotations(tmp_path).items() if name not in traces}
     finally:
         server.stop()
+    frontend = [name for name in traces if ".async_llm." in name]   # vLLM's AsyncLLM trace: the API server's
+    assert len(frontend) == 1 and traces.pop(frontend[0]) == []
     assert sorted(name.split(".")[0] for name in traces) == ["dp0_pp0_tp0_rank0", "dp0_pp0_tp1_rank1"]
     for steps in traces.values():
         assert steps == ["execute_context_1(6)_generation_0(0)", "execute_context_0(0)_generation_1(1)",
                          "execute_context_0(0)_generation_1(1)",
                          "execute_context_1(3)_generation_0(0)", "execute_context_0(0)_generation_1(1)"]
+    # the bench run: both ranks and the API server again; two requests of a prompt and a decode each
+    assert len(bench_traces) == 3, bench_traces
+    for name, steps in bench_traces.items():
+        if ".async_llm." not in name:
+            assert [s.split("(")[0] for s in steps] == ["execute_context_1", "execute_context_0"] * 2, steps
 
 
 def test_profile_routes_absent_without_profiler():
