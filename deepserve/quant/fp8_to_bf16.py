@@ -44,6 +44,13 @@ class Fp8ToBf16(Converter):
             raise ValueError(f"{ckpt.root} has no float8_e4m3fn weights (dtypes: "
                              f"{', '.join(found)}): not an FP8 checkpoint")
         block = _block_size(ckpt.config)
+        for t in ckpt.tensors.values():
+            weight = ckpt.tensors.get(t.name[: -len(SCALE_SUFFIX)]) if t.name.endswith(SCALE_SUFFIX) else None
+            if t.name.endswith(SCALE_SUFFIX) and (weight is None or weight.dtype != FP8_DTYPE):
+                # a half-converted folder: the scale would be copied beside a 16-bit weight
+                raise ValueError(f"scale tensor {t.name} has no float8_e4m3fn weight "
+                                 f"{t.name[: -len(SCALE_SUFFIX)]} (found "
+                                 f"{'none' if weight is None else str(weight.dtype).replace('torch.', '')})")
         for t in fp8:
             scale = ckpt.tensors.get(t.name + SCALE_SUFFIX)
             if scale is None:

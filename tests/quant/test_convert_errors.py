@@ -5,6 +5,7 @@ import json
 from collections import namedtuple
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -174,3 +175,18 @@ def test_a_resumed_gptq_run_must_read_the_same_calibration_file(tmp_path, monkey
     before = task("a")
     (tmp_path / "a" / "calib.txt").write_text("once upon a time, there was")
     assert task("a") != before
+
+
+def test_a_scale_beside_a_16bit_weight_is_named(fp8_ckpt, tmp_path, capsys):
+    """A half-converted FP8 folder (one weight already bf16, its scale_inv left): the scale was
+    copied into the BF16 output, which then failed to load ('no matching model parameter')."""
+    index = json.loads((fp8_ckpt / "model.safetensors.index.json").read_text())
+    shard = fp8_ckpt / index["weight_map"][Q_A]
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[Q_A] = tensors[Q_A].to(torch.bfloat16)
+    save_file(tensors, str(shard))
+    dst = tmp_path / "out"
+    _fails(capsys, ["fp8-to-bf16", str(fp8_ckpt), str(dst)], dst,
+           f"scale tensor {Q_A}_scale_inv has no float8_e4m3fn weight {Q_A} (found bfloat16)")
+    assert not dst.exists()
