@@ -94,6 +94,9 @@ def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
         data = _read_json(PRESET_DIR / f"{model}.json")
     elif path.exists():
         raise FileNotFoundError(f"{path / 'config.json'} not found: not a Hugging Face model folder")
+    elif path.is_absolute() or model.startswith(("./", "../")):
+        # a path (the guides' /nfs/deepseek_r1, /test/weights/DeepSeek-R1 left as written): no hub id
+        raise FileNotFoundError(f"model {model!r}: no such folder on this machine")
     else:
         hub = " (deepserve downloads nothing: fetch hub models first, e.g. `modelscope download --model ID " \
               "--local_dir DIR` or `huggingface-cli download ID --local-dir DIR`, and pass DIR)" if "/" in model else ""

@@ -100,6 +100,10 @@ def test_ascend_quantization_of_a_hub_id_says_to_download_it(capsys, no_server, 
                                   "--served-model-name", "deepseek_r1"])
     assert "neither a folder nor a preset" in err and "modelscope download --model ID" in err
     assert "drop the flag" not in err
+    # a path left as a guide writes it is a missing folder, not a hub id to download
+    for model in ("/nfs/deepseek_r1", "./DeepSeek-R1-W8A8"):
+        err = one_line_error(capsys, ["serve", model, "--dry-run"])
+        assert err.endswith(f"error: model '{model}': no such folder on this machine"), err
 
 
 def test_flagscale_deploy_port_is_the_server_port(reference, tmp_path, monkeypatch):
