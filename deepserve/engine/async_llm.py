@@ -197,14 +197,16 @@ class AsyncLLM:
 
     async def start_profile(self, profile_prefix: Optional[str] = None) -> None:
         await asyncio.wrap_future(self._submit("start_profile", profile_prefix))
-        if self._frontend_profiler is not None:
-            await asyncio.to_thread(self._frontend_profiler.begin, profile_prefix)
+        if self._frontend_profiler is not None:   # on the event loop's thread, as its stop
+            self._frontend_profiler.begin(profile_prefix)
 
     async def stop_profile(self) -> None:
         """Returns once every rank has written its trace (and this process its own)."""
         await asyncio.wrap_future(self._submit("stop_profile", None))
         if self._frontend_profiler is not None:
-            await asyncio.to_thread(self._frontend_profiler.end)
+            prof = self._frontend_profiler.stop()
+            if prof is not None:   # written off the event loop
+                await asyncio.to_thread(self._frontend_profiler.write, prof)
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:

@@ -106,16 +106,21 @@ class RankProfiler:
 
     def end(self) -> Optional[str]:
         """Stop; a torch trace (and its op table) is written before this returns: its path."""
+        prof = self.stop()
+        return self.write(prof) if prof is not None else None
+
+    def stop(self):
+        """Stop recording (in the thread that began it: torch.profiler's callbacks are that
+        thread's); the recorded profile, to `write`, where there is one."""
         if self.config.profiler == "cuda":
             torch.cuda.profiler.stop()
             return None
         prof, self.prof = self.prof, None
-        if prof is None:
-            return None
-        prof.stop()
-        return self._write(prof)
+        if prof is not None:
+            prof.stop()
+        return prof
 
-    def _write(self, prof) -> str:
+    def write(self, prof) -> str:
         c = self.config
         os.makedirs(c.torch_profiler_dir, exist_ok=True)
         name = f"{self.prefix}_{self.suffix}" if self.prefix else self.suffix
