@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import operator
 import time
 import weakref
 from typing import Optional, Union
@@ -288,7 +289,10 @@ class LLMEngine:
 
         logprobs = self.prompt_logits(ids).log_softmax(dim=-1)   # [L, V]: row i predicts token i + 1
         rows = top_logprobs(logprobs[:-1], torch.tensor(ids[1:]), k)
-        return [None] + [self._logprob_entry(t, lp) for t, lp in zip(ids[1:], rows)]
+        special = self.tokenizer.special_ids if self.tokenizer else frozenset()
+        text_before = [False] + list(itertools.accumulate((t not in special for t in ids[:-1]), operator.or_))
+        return [None] + [self._logprob_entry(t, lp, at_start=not text_before[i])
+                         for i, (t, lp) in enumerate(zip(ids[1:], rows), start=1)]
 
     def grammar_compiler(self):
         """The structured-output compiler for this model's tokenizer (built on first use)."""
@@ -473,12 +477,14 @@ class LLMEngine:
                 del self.requests[rid]
         return outputs
 
-    def _logprob_entry(self, token: int, lp) -> dict[int, Logprob]:
+    def _logprob_entry(self, token: int, lp, at_start: bool = False) -> dict[int, Logprob]:
+        """The logprob entry of one position; `at_start`: no text before it (the tokens'
+        texts as a text's first token decodes)."""
         chosen, rank, top = lp
-        decode = self.tokenizer.decode if self.tokenizer else (lambda ids, skip=False: str(ids[0]))
-        entry = {token: Logprob(chosen, rank, decode([token], False))}
+        text = (lambda t: self.tokenizer.token_text(t, at_start)) if self.tokenizer else str
+        entry = {token: Logprob(chosen, rank, text(token))}
         for r, (tid, val) in enumerate(top, start=1):
-            entry.setdefault(tid, Logprob(val, r, decode([tid], False)))
+            entry.setdefault(tid, Logprob(val, r, text(tid)))
         return entry
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:

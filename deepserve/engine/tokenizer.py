@@ -85,6 +85,40 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_text(self, token_id: int, at_start: bool = False) -> str:
+        """The text one token adds (a logprob entry's token): inside a text, decoded after an
+        ordinary token with that token's text taken off, so a SentencePiece word start keeps its
+        space; `at_start` (only special tokens before it), decoded alone, where that space is
+        dropped as the text's own decoding drops it."""
+        if at_start:
+            return self.decode([token_id], False)
+        text = self._token_texts.get(token_id)
+        if text is None:
+            lead = self._lead_text
+            pair = self.tok.decode([self._lead_id, int(token_id)], skip_special_tokens=False)
+            text = pair[len(lead):] if lead and pair.startswith(lead) else self.decode([token_id], False)
+            self._token_texts[token_id] = text
+        return text
+
+    @functools.cached_property
+    def _lead_id(self) -> int:
+        """An ordinary token that `token_text` decodes ahead of the token."""
+        ids = self.tok.encode("a", add_special_tokens=False).ids
+        return ids[-1] if ids else 0
+
+    @functools.cached_property
+    def _lead_text(self) -> str:
+        return self.tok.decode([self._lead_id], skip_special_tokens=False)
+
+    @functools.cached_property
+    def _token_texts(self) -> dict[int, str]:
+        return {}
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The ids of special tokens (BOS, EOS, chat markers): dropped from decoded text."""
+        return frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+
     def count(self, text: str) -> int:
         """Tokens of `text` as the model sees it inside a prompt (no special tokens added)."""
         return len(self.encode(text, add_special_tokens=False)) if text else 0

@@ -142,7 +142,7 @@ class _Prepared:
         return self
 
     def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int, i: int) -> dict:
-        decode = (lambda t: state.tokenizer.decode([t], False)) if state.tokenizer else str
+        decode = (lambda t: state.tokenizer.token_text(t, at_start=True)) if state.tokenizer else str  # the first
         return echo_logprobs(res, top_k, decode, self.prompt_text(state, i))
 
     def prompt_text(self, state: ServerState, i: int) -> str:
