@@ -3,6 +3,7 @@ rank (engine core and its TP peer) with vLLM's per-step annotations and of the A
 the routes are absent without a profiler, as in vLLM."""
 from __future__ import annotations
 
+import gzip
 import json
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from tests.server.conftest import launch
 def test_profile_routes_trace_every_rank(tmp_path):
     server = launch("-tp", "2", "--profiler-config",
                     json.dumps({"profiler": "torch", "torch_profiler_dir": str(tmp_path),
-                                "torch_profiler_with_stack": False, "torch_profiler_dump_cuda_time_total": False}))
+                                "torch_profiler_dump_cuda_time_total": False}))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             assert http.post("/stop_profile").status_code == 200   # nothing started: harmless
@@ -41,6 +42,9 @@ def test_profile_routes_trace_every_rank(tmp_path):
         server.stop()
     frontend = [name for name in traces if ".async_llm." in name]   # vLLM's AsyncLLM trace: the API server's
     assert len(frontend) == 1 and traces.pop(frontend[0]) == []
+    with gzip.open(tmp_path / frontend[0], "rt") as f:   # the requests' handling in the API server process
+        calls = {e["name"] for e in json.load(f)["traceEvents"] if e.get("cat") == "python_function"}
+    assert any("serving_completions.py" in name for name in calls), sorted(calls)[:20]
     assert sorted(name.split(".")[0] for name in traces) == ["dp0_pp0_tp0_rank0", "dp0_pp0_tp1_rank1"]
     for steps in traces.values():
         assert steps == ["execute_context_1(6)_generation_0(0)", "execute_context_0(0)_generation_1(1)",
