@@ -104,6 +104,8 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
     for name, t in weights:
         if name.endswith(suffix):
             base = name[: -len(suffix)]
+            if not t.is_floating_point():
+                raise ValueError(f"tensor {name}: a {fmt} scale must be floating point, got {t.dtype}")
             if keep(name):
                 # fp8 scales are checked by their layers; an int8 layer multiplies by its scale as
                 # stored, so a NaN / inf one would make its rows NaN without a word

@@ -242,6 +242,9 @@ def dequant_checkpoint(spec: Int4Spec, parts: dict[str, torch.Tensor], module: s
                        out_dtype: torch.dtype) -> torch.Tensor:
     """One module's checkpoint tensors (role -> tensor) -> its float weight [N, K]."""
     q = parts["qweight"]
+    if q.dim() != 2:
+        raise ValueError(f"tensor {module}.{spec.names['qweight']}: a packed 4-bit weight is 2-D, got shape "
+                         f"{tuple(q.shape)}")
     if spec.fmt == "compressed-tensors":
         n, k = (int(v) for v in parts["shape"].reshape(-1).tolist())
     elif spec.fmt == "awq":
@@ -256,6 +259,13 @@ def dequant_checkpoint(spec: Int4Spec, parts: dict[str, torch.Tensor], module: s
     zeros = (zeros_to_memory(spec, parts["qzeros"], n, k // g, f"{module}.{spec.names['qzeros']}")
              if "qzeros" in parts else None)
     g_idx = parts.get("g_idx") if spec.act_order else None
+    if g_idx is not None:
+        bad = (f"shape {tuple(g_idx.shape)}" if tuple(g_idx.shape) != (k,) else
+               f"values in [{int(g_idx.min())}, {int(g_idx.max())}]" if not 0 <= int(g_idx.min()) <= int(g_idx.max()) < k // g
+               else None)
+        if bad:
+            raise ValueError(f"tensor {module}.{spec.names['g_idx']}: g_idx of {bad} does not map the {k} input "
+                             f"features to {k // g} groups")
     return dequant_int4(qweight, scales, zeros, g_idx, g, out_dtype)
 
 

@@ -224,3 +224,28 @@ def test_malformed_4bit_side_tensors_are_named():
         for keep in (True, False):
             with pytest.raises(ValueError, match=rf"^tensor {name}: {error}"):
                 list(int4_stream([(name, tensor)], spec, lambda module: keep, torch.float32))
+
+
+def test_bad_parts_of_a_4bit_module_dequantized_at_load_are_named():
+    """Modules that no 4-bit layer takes (kv_b_proj, the router, act-order experts) are
+    dequantized at load: a 1-D qweight (an IndexError) or a g_idx of the wrong length (a
+    broadcasting RuntimeError) there are refused naming the tensor, as in a 4-bit layer. An
+    int8 / fp8 scale of an integer dtype (a zero scale once cast) likewise."""
+    from deepserve.models.weights import dequantize_stream
+    from deepserve.quant.int4 import int4_spec, int4_stream
+    from tests.quant.int4_formats import format_tensors, quantize
+    spec = int4_spec({"quantization_config": quantization_config("gptq", 16, True, True), "torch_dtype": "float16"})
+    u, z, s, g_idx = quantize(torch.randn(32, 64) * 0.05, 16, True, torch.randperm(64))
+    good = {f"m.{k}": v for k, v in format_tensors("gptq", u, z, s, g_idx, True, True).items()}
+    for name, tensor, error in (("m.qweight", good["m.qweight"].reshape(-1), r"a packed 4-bit weight is 2-D, got shape \(256,\)"),
+                                ("m.g_idx", good["m.g_idx"][:32], r"g_idx of shape \(32,\) does not map the 64 input"),
+                                ("m.g_idx", good["m.g_idx"] + 4, r"g_idx of values in \[4, 7\] does not map")):
+        with pytest.raises(ValueError, match=rf"^tensor {name}: {error}"):
+            list(int4_stream({**good, name: tensor}.items(), spec, lambda module: False, torch.float32))
+    assert list(int4_stream(good.items(), spec, lambda module: False, torch.float32))[0][0] == "m.weight"
+    for fmt, suffix, weight in (("w8a8-int8", "_scale", torch.zeros(4, 8, dtype=torch.int8)),
+                                ("fp8", "_scale_inv", torch.zeros(4, 8, dtype=torch.float8_e4m3fn))):
+        stream = dequantize_stream([("m.weight", weight), ("m.weight" + suffix, torch.ones(4, 1, dtype=torch.int8))],
+                                   fmt, (128, 128), torch.float32)
+        with pytest.raises(ValueError, match=rf"^tensor m.weight{suffix}: a {fmt} scale must be floating point"):
+            list(stream)
