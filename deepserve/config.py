@@ -319,12 +319,13 @@ class ProfilerConfig:
     max_iterations: int = 0
     """Engine steps recorded before the profiler stops on its own (0: until stop_profile)."""
     warmup_iterations: int = 0
-    """vLLM's torch.profiler schedule: not supported (refused when > 0)."""
+    """torch.profiler schedule (torch profiler; with wait_iterations > 0 too): steps the profiler
+    runs with its records discarded, before active_iterations recorded steps; the trace is written
+    when those end (vLLM's; the start takes the schedule's first step, as there)."""
     active_iterations: int = 5
-    """vLLM's torch.profiler schedule's active steps; it applies only with warmup_iterations or
-    wait_iterations (not supported), as in vLLM."""
+    """The schedule's recorded steps (only with warmup_iterations or wait_iterations)."""
     wait_iterations: int = 0
-    """vLLM's torch.profiler schedule: not supported (refused when > 0)."""
+    """The schedule's first steps, with the profiler off."""
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -340,10 +341,6 @@ class ProfilerConfig:
             raise ValueError(f"profiler_config profiler must be torch or cuda, got {self.profiler!r}")
         if self.active_iterations < 1:
             raise ValueError(f"profiler_config active_iterations must be >= 1, got {self.active_iterations}")
-        for name in ("warmup_iterations", "wait_iterations"):
-            if getattr(self, name):
-                raise ValueError(f"profiler_config {name} (a torch.profiler schedule) is not supported; "
-                                 "use delay_iterations and max_iterations")
         if self.capture_torch_profiler:
             raise ValueError("profiler_config capture_torch_profiler (a trace of CUDA-graph capture) is not "
                              "supported")
@@ -536,7 +533,8 @@ class EngineArgs:
     that runs the model, each step annotated as vLLM's execute_context_C(CT)_generation_G(GT).
     Keys: profiler (torch | cuda), torch_profiler_dir, torch_profiler_with_stack / _with_flops /
     _use_gzip / _dump_cuda_time_total / _record_shapes / _with_memory, detailed_trace_annotation,
-    ignore_frontend, delay_iterations, max_iterations."""
+    ignore_frontend, delay_iterations, max_iterations, wait_iterations / warmup_iterations /
+    active_iterations (a torch.profiler schedule)."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:

@@ -85,6 +85,10 @@ class RankProfiler:
         self.config, self.suffix, self.cuda = config, suffix, cuda
         self.prof: Optional[torch.profiler.profile] = None
         self.prefix: Optional[str] = None
+        # vLLM's torch.profiler schedule (wait / warmup / active steps, once): the profiler writes
+        # the trace itself when the active steps end (or at the stop, of what it recorded)
+        self.scheduled = config.profiler == "torch" and bool(config.wait_iterations or config.warmup_iterations)
+        self.uncounted = 0   # schedule: steps left that record nothing (vLLM's count)
 
     def begin(self, prefix: Optional[str] = None) -> None:
         if self.prof is not None:   # started already (a second start_profile)
@@ -98,11 +102,29 @@ class RankProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        schedule = None
+        if self.scheduled:
+            schedule = torch.profiler.schedule(wait=c.wait_iterations, warmup=c.warmup_iterations,
+                                               active=c.active_iterations, repeat=1)
+            # the start takes the schedule's first step
+            self.uncounted = max(c.wait_iterations + c.warmup_iterations - 1, 0)
         self.prof = torch.profiler.profile(activities=activities, record_shapes=c.torch_profiler_record_shapes,
                                            profile_memory=c.torch_profiler_with_memory,
                                            with_stack=c.torch_profiler_with_stack,
-                                           with_flops=c.torch_profiler_with_flops)
+                                           with_flops=c.torch_profiler_with_flops, schedule=schedule,
+                                           on_trace_ready=self.write if self.scheduled else None)
         self.prof.start()
+
+    def step(self) -> bool:
+        """An engine step begins: advance the schedule; whether the step counts as recorded
+        (vLLM's: not in the schedule's wait and warm-up steps)."""
+        if self.prof is None or not self.scheduled:
+            return True
+        self.prof.step()
+        if self.uncounted:
+            self.uncounted -= 1
+            return False
+        return True
 
     def end(self) -> Optional[str]:
         """Stop; a torch trace (and its op table) is written before this returns: its path."""
@@ -111,14 +133,15 @@ class RankProfiler:
 
     def stop(self):
         """Stop recording (in the thread that began it: torch.profiler's callbacks are that
-        thread's); the recorded profile, to `write`, where there is one."""
+        thread's); the recorded profile, to `write`, where there is one (with a schedule the
+        profiler writes its own)."""
         if self.config.profiler == "cuda":
             torch.cuda.profiler.stop()
             return None
         prof, self.prof = self.prof, None
         if prof is not None:
             prof.stop()
-        return prof
+        return None if self.scheduled else prof
 
     def write(self, prof) -> str:
         c = self.config
@@ -199,13 +222,14 @@ class DriverProfiler:
             self._begin()
         if not self.running:
             return contextlib.nullcontext()
-        self.recorded += 1
+        name = step_annotation(seqs, num_new_tokens, c.detailed_trace_annotation)
+        self.publish(ProfileStep(name))   # the peers advance their schedules with this one's
+        if self.rank.step():
+            self.recorded += 1
         if c.max_iterations and self.recorded > c.max_iterations:
             logger.info("profiler: %d steps recorded (max_iterations); stopping", c.max_iterations)
             self._end()
             return contextlib.nullcontext()
-        name = step_annotation(seqs, num_new_tokens, c.detailed_trace_annotation)
-        self.publish(ProfileStep(name))
         return self.rank.annotate(name)
 
     def _begin(self) -> None:
@@ -245,8 +269,10 @@ def frontend_profiler(engine) -> Optional[RankProfiler]:
     config = engine.config.profiler
     if config is None or config.profiler != "torch" or config.ignore_frontend or engine.profiler is not None:
         return None
+    # as vLLM's: CPU activity with stacks over the whole range (no engine steps here to schedule by)
     cpu_only = dataclasses.replace(config, torch_profiler_record_shapes=False, torch_profiler_with_memory=False,
-                                   torch_profiler_with_flops=False, torch_profiler_dump_cuda_time_total=False)
+                                   torch_profiler_with_flops=False, torch_profiler_dump_cuda_time_total=False,
+                                   wait_iterations=0, warmup_iterations=0)
     return RankProfiler(cpu_only, f"{socket.gethostname()}_{os.getpid()}.async_llm", cuda=False)
 
 
@@ -268,8 +294,10 @@ def run_worker_steps(runner, channel, config: Optional[ProfilerConfig]) -> None:
     name = None
     while not isinstance(msg := channel.recv(), Stop):
         if isinstance(msg, ProfileStep):
+            rank.step()
             name = msg.name
         elif isinstance(msg, ProfileControl):
+            name = None
             if msg.start:
                 rank.begin(msg.prefix)
             else:

@@ -51,8 +51,8 @@ def test_step_annotation_names_as_vllm():
     ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "max_iterations": "3"}, "max_iterations must be an integer"),
     ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "delay_iterations": -1}, "delay_iterations must be an integer >= 0"),
     ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "torch_profiler_use_gzip": "no"}, "torch_profiler_use_gzip must be true or false"),
-    ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "warmup_iterations": 2}, "warmup_iterations (a torch.profiler schedule) is not supported"),
-    ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "wait_iterations": 1}, "wait_iterations"),
+    ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "active_iterations": 0}, "active_iterations must be >= 1"),
+    ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "warmup_iterations": 1.5}, "warmup_iterations must be an integer"),
     ({"profiler": "torch", "torch_profiler_dir": "/tmp/x", "capture_torch_profiler": True}, "capture_torch_profiler"),
     ({"profiler": "torch", "torch_profiler_dir": "gs://bucket/x"}, "must be a local folder"),
     ([1], "must be a JSON object"),
@@ -166,6 +166,32 @@ def test_delay_and_max_iterations_bound_the_steps(tmp_path):
     assert steps == ["execute_1_context_0(sq0sk0sqsq0sqsk0)_generation_1(sq1sk8sqsq1sqsk8)",
                      "execute_1_context_0(sq0sk0sqsq0sqsk0)_generation_1(sq1sk9sqsq1sqsk9)"]
     assert not list(tmp_path.glob("profiler_out_*"))
+
+
+@pytest.mark.parametrize("wait, warmup, recorded", [
+    (0, 1, [1, 2]),   # the start takes the warm-up step: engine steps 1 and 2 are recorded
+    (1, 1, [2, 3]),   # step 1 warms up (not counted), steps 2 and 3 recorded
+])
+def test_schedule_records_its_active_steps(tmp_path, wait, warmup, recorded):
+    """vLLM's torch.profiler schedule: the trace holds the active_iterations steps after the wait
+    and warm-up ones and is written when they end, before stop_profile."""
+    from deepserve import LLM
+    llm = LLM(profiler_config={"profiler": "torch", "torch_profiler_dir": str(tmp_path), "wait_iterations": wait,
+                               "warmup_iterations": warmup, "active_iterations": 2, "detailed_trace_annotation": True,
+                               "torch_profiler_dump_cuda_time_total": False})
+    try:
+        llm.start_profile()
+        # 5 steps: the 7-token prompt's (1), then decodes over 8, 9, 10, 11 tokens (2-5)
+        llm.generate([{"prompt_token_ids": list(range(5, 12))}], SamplingParams(temperature=0, max_tokens=5,
+                                                                                   ignore_eos=True))
+        traces = annotations(tmp_path)
+        llm.stop_profile()
+    finally:
+        llm.shutdown()
+    assert annotations(tmp_path) == traces   # the stop writes nothing more
+    prefill = "execute_7_context_1(sq7sk7sqsq49sqsk49)_generation_0(sq0sk0sqsq0sqsk0)"
+    decodes = [f"execute_1_context_0(sq0sk0sqsq0sqsk0)_generation_1(sq1sk{n}sqsq1sqsk{n})" for n in (8, 9, 10, 11)]
+    assert list(traces.values()) == [[([prefill] + decodes)[i - 1] for i in recorded]]
 
 
 def test_start_profile_without_config_is_refused():
