@@ -6,7 +6,8 @@ The driver of each DP rank (the engine core, or the offline engine's own process
 vLLM's WorkerProfiler counts worker steps), starts and stops its own `RankProfiler` and tells
 the DP rank's other ranks (TP and PP peers) to do the same through the step channel
 (`ProfileControl`); before each profiled step it sends the step's annotation (`ProfileStep`),
-which those ranks put around the step they run next (`run_worker_steps`). A stop returns once
+which those ranks put around the step they run next (`run_worker_steps`), stepping their
+torch.profiler schedule (wait / warmup / active iterations) with the driver's. A stop returns once
 every rank has written its trace (each peer acknowledges on the channel's group).
 
 Each profiled step runs inside a torch.profiler record_function (an NVTX range with the cuda
@@ -47,7 +48,7 @@ class ProfileControl:
 
 @dataclass
 class ProfileStep:
-    """Driver -> its peers: the annotation of the step they run next."""
+    """Driver -> its peers: the annotation of the step they run next (a step of the schedule)."""
     name: str
 
 
