@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -868,6 +869,29 @@ def _json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {text!r} ({exc.msg})") from None
 
 
+HUMAN_READABLE = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+HUMAN_READABLE_FLAGS = ("max_model_len", "max_num_batched_tokens")
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's token counts as `32k` / `25.6k` (powers of 1000) or `32K` (1024, whole numbers),
+    or a plain integer."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)([kmgKMG])\s*", text)
+    if m is None:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or one like 32k / 32K, got {text!r}") from None
+    number, unit = m.groups()
+    if unit.isupper() and "." in number:
+        raise argparse.ArgumentTypeError(f"{text!r}: {unit} counts 1024s and takes a whole number (or use "
+                                         f"{unit.lower()} for 1000s)")
+    value = float(number) * HUMAN_READABLE[unit]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens")
+    return int(value)
+
+
 TRUST_REMOTE_CODE_NOTE = ("deepserve: --trust-remote-code accepted; no code from the checkpoint is executed "
                           "(config.json is read as data, the model classes are deepserve's own)")
 # vLLM's short spellings (`vllm serve MODEL -tp 8 -pp 4`, `-O3`)
@@ -906,6 +930,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kw["type"] = _json_arg
         elif base is list or typing.get_origin(base) is list:
             kw.update(type=int, nargs="+")
+        elif f.name in HUMAN_READABLE_FLAGS:
+            kw["type"] = human_readable_int
         elif base in (int, float):
             kw["type"] = base
         else:

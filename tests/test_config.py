@@ -112,3 +112,20 @@ def test_async_scheduling_plan(flags, device, on, why):
     got, line = async_scheduling_plan(_parse(flags).create_engine_config(), device)
     assert got is on
     assert re.search(why, line), line
+
+
+def test_token_counts_take_vllms_human_readable_form():
+    """--max-model-len / --max-num-batched-tokens as vLLM reads them: 32k = 32,000, 32K = 32,768,
+    25.6k = 25,600, plain integers; a fraction of K or of a token is refused."""
+    import argparse
+
+    from deepserve.config import EngineArgs
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = parser.parse_args(["--max-model-len", "32k", "--max-num-batched-tokens", "16K"])
+    assert (args.max_model_len, args.max_num_batched_tokens) == (32000, 16384)
+    assert parser.parse_args(["--max-model-len", "25.6k"]).max_model_len == 25600
+    assert parser.parse_args(["--max-model-len", "4096"]).max_model_len == 4096
+    for bad in ("1.5K", "32q", "0.0001k"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--max-model-len", bad])

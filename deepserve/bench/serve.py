@@ -135,7 +135,7 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
 
 def result_filename(args: argparse.Namespace) -> str:
     """vLLM's default name: {backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json."""
-    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g}"
+    rate = "inf" if math.isinf(args.request_rate) else str(float(args.request_rate))   # 20.0qps, as vLLM writes it
     conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
     model = Path(str(args.model)).name or "model"
     return f"{backend_name(args.endpoint)}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"

@@ -42,6 +42,7 @@ serve`, both one server here), `action` and `hydra` only steer FlagScale's own l
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import typing
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from deepserve.config import EngineArgs
+from deepserve.config import HUMAN_READABLE_FLAGS, EngineArgs, human_readable_int
 from deepserve.distributed.cluster import RunnerOptions
 from deepserve.server.args import ServerArgs
 from deepserve.server.flagscale_files import interpolate, model_args_entry, unresolved
@@ -267,7 +268,13 @@ def load_serve_config(path: str | Path) -> ServeConfig:
             # FlagScale's `no_enable_prefix_caching: true` -> vLLM's --no-enable-prefix-caching
             key, value = key[3:], not _typed(value, bool, where)
         if key in engine_hints:
-            config.engine_args[key] = _typed(value, engine_hints[key], where)
+            if key in HUMAN_READABLE_FLAGS and isinstance(value, str):   # `max_model_len: 32k`, as vLLM reads it
+                try:
+                    config.engine_args[key] = human_readable_int(value)
+                except argparse.ArgumentTypeError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
+            else:
+                config.engine_args[key] = _typed(value, engine_hints[key], where)
         elif key in SERVER_KEYS:
             config.server[key] = _typed(value, server_hints[key], where)
         elif key in IGNORED_KEYS:

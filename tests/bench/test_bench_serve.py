@@ -116,7 +116,7 @@ def test_request_rate_spreads_arrivals(fake_server, bench_args, tmp_path):
                                          "--save-result", "--result-dir", str(tmp_path), n=8, out=2)))
         arrivals = srv.stats()["arrivals"]
     assert res["completed"] == 8 and res["request_rate"] == 20.0
-    files = list(tmp_path.glob("openai-20qps-fake-model-*.json"))
+    files = list(tmp_path.glob("openai-20.0qps-fake-model-*.json"))
     assert len(files) == 1 and EXPECTED_KEYS <= set(json.loads(files[0].read_text()))
     # the server sees the requests on the seeded Poisson schedule (7 gaps, 50 ms on average):
     # never ahead of it, and behind it only by what a loaded host adds (sent all at once, or

@@ -271,6 +271,8 @@ def _serve_yaml(tmp_path, reference, r1_config, edit):
     # FlagOS docs' `no_enable_prefix_caching: true` (-> --no-enable-prefix-caching)
     (lambda t: t + "    no_enable_prefix_caching: true\n    no_enable_chunked_prefill: true\n",
      {"enable_prefix_caching": False, "enable_chunked_prefill": False}),
+    # vLLM's human-readable token counts (`--max-model-len 32k` on the flags FlagScale writes)
+    (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32k"), {"max_model_len": 32000}),
     # FlagScale's per-engine block: vllm's args over the common ones
     (lambda t: t + "  engine_args_specific:\n    vllm:\n      tensor_parallel_size: 16\n      max_model_len: 4096\n",
      {"tensor_parallel_size": 16, "max_model_len": 4096}),
@@ -286,7 +288,7 @@ def test_flagscale_serve_yaml_values(reference, r1_config, tmp_path, edit, value
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("enforce_eager: true", 'enforce_eager: "false"'),
      "engine_args.enforce_eager must be true or false, got 'false'"),     # was: eager, "false" being truthy
-    (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32k"), "engine_args.max_model_len must be an integer, got '32k'"),
+    (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32q"), "expected an integer or one like 32k / 32K, got '32q'"),
     (lambda t: t.replace("max_num_seqs: 256", "max_num_seqs: 2.5e2"), "engine_args.max_num_seqs must be an integer, got '2.5e2'"),
     (lambda t: t.replace("tensor_parallel_size: 8", "tensor_parallel_size: true"),
      "engine_args.tensor_parallel_size must be an integer, got True"),

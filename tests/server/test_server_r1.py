@@ -47,7 +47,8 @@ def test_streamed_split_matches(client):
     assert (reasoning, also, content) == (REASONING, REASONING, ANSWER)
     assert not any("think>" in (d.content or "") + (getattr(d, "reasoning_content", None) or "")
                    for d in deltas)
-    assert sum(1 for d in deltas if getattr(d, "reasoning_content", None)) > 5   # token by token
+    # streamed as it comes (a loaded machine may put a few tokens in one event, never all of them)
+    assert sum(1 for d in deltas if getattr(d, "reasoning_content", None)) > 1
 
 
 def test_cut_inside_reasoning_is_all_reasoning(client):
