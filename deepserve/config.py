@@ -546,7 +546,7 @@ class EngineArgs:
             check_ascend_checkpoint(self.model)
             self.quantization = None  # the checkpoint's own (msModelSlim) format
         if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
-            raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq or compressed-tensors, "
+            raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq, compressed-tensors or ascend, "
                              f"got {self.quantization!r}")
         bs = self.block_size
         if bs is not None and (bs < 1 or bs & (bs - 1)):

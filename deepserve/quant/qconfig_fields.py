@@ -124,5 +124,10 @@ def check_fields(qc: dict) -> None:
         for part in ("weights", "input_activations"):
             if group.get(part):
                 _unknown(f"{gwhere} {part}", group[part], _CT_ARGS)
-    if qc.get("kv_cache_scheme"):
-        _unknown(f"{where} kv_cache_scheme", qc["kv_cache_scheme"], _CT_ARGS)
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        _unknown(f"{where} kv_cache_scheme", kv, _CT_ARGS)
+        # the k_scale / v_scale it writes are per-tensor fp8 scales (--kv-cache-dtype fp8), as vLLM takes them
+        if (kv.get("type", "float"), kv.get("num_bits", 8), kv.get("strategy", "tensor")) != ("float", 8, "tensor"):
+            raise ValueError(f"{where}: kv_cache_scheme {kv.get('type')} {kv.get('num_bits')}-bit, strategy "
+                             f"{kv.get('strategy')!r} is not supported (fp8, one scale a tensor, only)")
