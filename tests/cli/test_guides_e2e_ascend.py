@@ -95,7 +95,7 @@ def test_vllm_ascend_two_nodes_headless_on_loopback_and_bench(reference, tiny_r1
             bench = set_flags(set_model(bench_serve, str(tiny_r1_w8a8)), {
                 "--random-input": 16, "--num-prompts": 3, "--request-rate": 50, "--result-dir": str(tmp_path)})
             assert main(bench + ["--random-output-len", "4", "--base-url", server.url, "--disable-tqdm"]) == 0
-            (saved,) = tmp_path.glob("openai-50qps-DeepSeek-R1-W8A8-*.json")
+            (saved,) = tmp_path.glob("openai-50.0qps-DeepSeek-R1-W8A8-*.json")
             result = json.loads(saved.read_text())
             assert (result["completed"], result["failed"], result["total_input_tokens"]) == (3, 0, 48)
         finally:
