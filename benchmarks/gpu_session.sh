@@ -79,6 +79,11 @@ mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/in
 step int4_decode_moe 260 . python3 benchmarks/bench_int4.py --part decode moe
 #   issue 21  the GEMV's packed reads alone (same access pattern, no arithmetic) beside the GEMV
 step gemv_read 180 . python3 benchmarks/gemv_read_only.py
+#   issue 21  the MoE down's all-slots tiles (SLOTS) and the bf16-pair GEMM / sorted MoE (PAIRS) swept
+step int4_sweep_next 260 . python3 benchmarks/sweep_int4.py --write --kernels moe_down,moe_sorted,gemm
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+#   issue 16  the fp8 KV kernels (the merge by the last split among them) at model sizes
+step fp8_kv_tests 120 . python3 -m pytest -q -m gpu tests/ops/test_kv_fp8_ops.py
 #   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)
 step profile_w4a16 150 . python3 benchmarks/profile_decode.py --model r1-distill-llama-8b --batch 1 \
   --quantization compressed-tensors --out "$OUT/res/profile_8b_w4a16_b1.json"
