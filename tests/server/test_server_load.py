@@ -95,14 +95,14 @@ def test_non_streamed_client_timeout_aborts(demo_server):
     before, logged = aborted(), len(demo_server.lines)
     body = {"model": "stories260k", "prompt": "One day", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(demo_server.url + "/v1/completions", json=body, timeout=0.5,
+        httpx.post(demo_server.url + "/v1/completions", json=body, timeout=0.2,   # 480 tokens take longer
                    headers={"Authorization": f"Bearer {API_KEY}"})
     wait_for(lambda: idle(demo_server.url), timeout=10)
     assert aborted() == before + 1
     chat = {"model": "stories260k", "messages": [{"role": "user", "content": "One day"}], "max_tokens": 480,
             "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(demo_server.url + "/v1/chat/completions", json=chat, timeout=0.5,
+        httpx.post(demo_server.url + "/v1/chat/completions", json=chat, timeout=0.2,
                    headers={"Authorization": f"Bearer {API_KEY}"})
     wait_for(lambda: idle(demo_server.url), timeout=10)
     assert aborted() == before + 2
