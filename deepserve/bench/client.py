@@ -38,6 +38,8 @@ class RequestInput:
     chat: bool
     ignore_eos: bool = False
     temperature: float = 0.0
+    extra_body: dict = field(default_factory=dict)  # sampling parameters and --extra-body, merged last
+    headers: dict = field(default_factory=dict)     # --header and x-request-id
 
 
 @dataclass
@@ -76,6 +78,7 @@ def build_payload(req: RequestInput) -> dict:
         payload["max_tokens"] = req.output_len
     if req.ignore_eos:
         payload["ignore_eos"] = True  # vLLM/SGLang extension; OpenAI itself ignores it
+    payload.update(req.extra_body)
     return payload
 
 
@@ -149,6 +152,7 @@ async def send_request(client, req: RequestInput) -> RequestOutput:
     headers = {"Content-Type": "application/json"}
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+    headers.update(req.headers)
     body = json.dumps(build_payload(req)).encode()
     pieces: list[str] = []
     start = out.start_time = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 
 from deepserve.engine.tokenizer import Tokenizer
 
-DATASET_NAMES = ("random", "sonnet", "sharegpt", "prefix-repetition")
+DATASET_NAMES = ("random", "sonnet", "sharegpt", "prefix_repetition", "prefix-repetition")
 SONNET_INSTRUCTION = "Pick as many lines as you can from these poem lines:\n"
 
 
@@ -173,11 +173,23 @@ def sample_prefix_repetition(tok: Tokenizer, num_requests: int, prefix_len: int,
     return requests
 
 
+def apply_length_flags(args) -> None:
+    """vLLM's general `--input-len` / `--output-len` set every dataset's own length flags."""
+    if getattr(args, "input_len", None) is not None:
+        args.random_input_len = args.sonnet_input_len = args.input_len
+    if getattr(args, "output_len", None) is not None:
+        args.random_output_len = args.sonnet_output_len = args.sharegpt_output_len = args.output_len
+        args.prefix_repetition_output_len = args.output_len
+
+
 def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
     """The request set named by `args.dataset_name`, built from the bench serve flags."""
-    name, n, seed = args.dataset_name, args.num_prompts, args.seed
+    apply_length_flags(args)
+    name, n, seed = args.dataset_name.replace("_", "-"), args.num_prompts, args.seed
     if n < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {n}")
+    if name in ("random", "prefix-repetition") and args.dataset_path:
+        raise ValueError(f"--dataset-name {args.dataset_name} takes no --dataset-path (sharegpt and sonnet read one)")
     if name == "random":
         return sample_random(tok, n, args.random_input_len, args.random_output_len,
                              args.random_range_ratio, args.random_prefix_len, seed)

@@ -66,6 +66,22 @@ def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
     return peak
 
 
+def peak_output_tokens_per_s(outputs: Sequence[RequestOutput]) -> float:
+    """Most text chunks (streamed tokens) received in one whole second of the run, counted in
+    one-second buckets from the first successful request's send (vLLM's max_output_tokens_per_s)."""
+    done = [o for o in outputs if o.success]
+    if not done:
+        return 0.0
+    t0 = min(o.start_time for o in done)
+    counts: dict[int, int] = {}
+    for o in done:
+        t = o.start_time + o.ttft
+        for gap in [0.0, *o.itl]:
+            t += gap
+            counts[int(t - t0)] = counts.get(int(t - t0), 0) + 1
+    return float(max(counts.values()))
+
+
 def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
                     count_tokens: Callable[[str], int], percentiles: Sequence[float] = (90, 95, 99),
                     goodput: Optional[dict[str, float]] = None) -> dict:
@@ -103,6 +119,7 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
         "request_goodput": good / duration if goodput else None,
         "output_throughput": total_output / duration,
         "total_token_throughput": (total_input + total_output) / duration,
+        "max_output_tokens_per_s": peak_output_tokens_per_s(outputs),
         "max_concurrent_requests": peak_concurrency(outputs),
     }
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
@@ -113,6 +130,7 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
         "ttfts": [o.ttft for o in outputs],
         "itls": [o.itl for o in outputs],
         "e2els": [o.latency for o in outputs],
+        "start_times": [o.start_time for o in outputs],
         "generated_texts": [o.generated_text for o in outputs],
         "errors": [o.error for o in outputs],
     })
@@ -141,6 +159,7 @@ def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
     if result.get("request_goodput") is not None:
         row("Request goodput (req/s):", result["request_goodput"], "{:<10.2f}")
     row("Output token throughput (tok/s):", result["output_throughput"], "{:<10.2f}")
+    row("Peak output token throughput (tok/s):", result["max_output_tokens_per_s"], "{:<10.2f}")
     row("Peak concurrent requests:", result["max_concurrent_requests"])
     row("Total Token throughput (tok/s):", result["total_token_throughput"], "{:<10.2f}")
     for name in metrics:

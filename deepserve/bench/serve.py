@@ -134,15 +134,68 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
 
 
 def result_filename(args: argparse.Namespace) -> str:
-    """vLLM's default name: {backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json."""
+    """vLLM's default name: {label or backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json."""
     rate = "inf" if math.isinf(args.request_rate) else str(float(args.request_rate))   # 20.0qps, as vLLM writes it
     conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
     model = Path(str(args.model)).name or "model"
-    return f"{backend_name(args.endpoint)}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    prefix = getattr(args, "label", None) or backend_name(args)
+    return f"{prefix}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
 
 
-def backend_name(endpoint: str) -> str:
-    return "openai-chat" if "chat" in endpoint else "openai"
+def backend_name(args: argparse.Namespace) -> str:
+    """--backend as given (vllm, openai-chat), else the format --endpoint implies."""
+    backend = getattr(args, "backend", "openai")
+    if backend != "openai":
+        return backend
+    return "openai-chat" if "chat" in args.endpoint else "openai"
+
+
+def key_values(items: Optional[Sequence[str]], flag: str) -> dict[str, str]:
+    """`["K=V", ...]` (--header, --metadata) as a dict."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+SAMPLING_FLAGS = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+
+
+def request_body_extras(args: argparse.Namespace) -> dict:
+    """The sampling flags given, then --extra-body over them (vLLM's order)."""
+    body = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    body.update(getattr(args, "extra_body", None) or {})
+    return body
+
+
+TOKENIZER_MODES = ("auto", "hf")
+
+
+def check_tokenizer_mode(mode: Optional[str]) -> None:
+    if mode not in (None, *TOKENIZER_MODES):
+        raise ValueError(f"--tokenizer-mode {mode} is not supported (tokenizer.json is read; "
+                         f"use {' or '.join(TOKENIZER_MODES)})")
+
+
+async def _ready_check(req: RequestInput, timeout_s: float) -> RequestOutput:
+    """vLLM's --ready-check-timeout-sec: send `req` until it succeeds or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with open_client(req.api_url, max(1.0, deadline - time.monotonic())) as client:
+            out = await send_request(client, req)
+        if out.success or time.monotonic() >= deadline:
+            return out
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def wait_until_ready(req: RequestInput, timeout_s: int) -> None:
+    out = asyncio.run(_ready_check(req, timeout_s))
+    if not out.success:
+        raise ValueError(f"the server did not answer a test request within --ready-check-timeout-sec "
+                         f"{timeout_s}: {out.error}")
 
 
 def base_url_of(args: argparse.Namespace) -> str:
@@ -212,18 +265,28 @@ def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list
 def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
               requests: Optional[list[SampleRequest]] = None, quiet: bool = False) -> dict:
     """One benchmark run; returns the result dict (saved when `args.save_result`)."""
+    check_tokenizer_mode(getattr(args, "tokenizer_mode", None))
     args.model = resolve_model(args)
     tok = tok or resolve_tokenizer(args.tokenizer, args.model)
     requests = requests if requests is not None else sample_requests(args, tok)
     url = api_url(base_url_of(args), args.endpoint)
     goodput = parse_goodput(args.goodput)
     percentiles, metrics = parse_percentiles(args.metric_percentiles, args.percentile_metrics)
+    metadata = key_values(getattr(args, "metadata", None), "--metadata")
+    headers = key_values(getattr(args, "header", None), "--header")
+    extras = request_body_extras(args)
     chat = "chat" in args.endpoint
     name = request_model_name(args, quiet)
+    # vLLM asks for the random set's lengths exactly: EOS is ignored there.
+    ignore_eos = args.ignore_eos or args.dataset_name == "random"
+    id_prefix = getattr(args, "request_id_prefix", None) or f"bench-{os.urandom(4).hex()}-"
     inputs = [RequestInput(prompt=r.prompt, prompt_len=r.prompt_len, output_len=r.expected_output_len,
-                           model=name, api_url=url, chat=chat,
-                           ignore_eos=args.ignore_eos, temperature=args.temperature)
-              for r in requests]
+                           model=name, api_url=url, chat=chat, ignore_eos=ignore_eos,
+                           temperature=args.temperature, extra_body=extras,
+                           headers={**headers, "x-request-id": f"{id_prefix}{i}"})
+              for i, r in enumerate(requests)]
+    if inputs and getattr(args, "ready_check_timeout_sec", 0) > 0:
+        wait_until_ready(inputs[0], args.ready_check_timeout_sec)
     if not quiet:
         rate = "inf" if math.isinf(args.request_rate) else args.request_rate
         print(f"bench serve: {len(inputs)} {args.dataset_name} requests to {url}, request rate {rate}, "
@@ -234,8 +297,8 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None))
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": backend_name(args.endpoint),
-        "endpoint_type": "openai-chat" if chat else "openai",
+        "backend": backend_name(args),
+        "endpoint_type": backend_name(args),
         "endpoint": args.endpoint,
         "base_url": base_url_of(args),
         "label": args.label,
@@ -243,6 +306,7 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         "tokenizer_id": tok.name,
         "dataset_name": args.dataset_name,
         "num_prompts": len(inputs),
+        **metadata,
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
@@ -257,10 +321,15 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         first = next(e for e in result["errors"] if e)
         print(f"bench serve: {result['failed']} of {len(inputs)} requests failed; first error: {first}",
               file=sys.stderr)
-    if args.save_result:
+    append = getattr(args, "append_result", False)
+    if args.save_result or append:
         path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+        if append:   # one JSON document a line, as vLLM appends them
+            with path.open("a") as f:
+                f.write(("\n" if f.tell() else "") + json.dumps(result))
+        else:
+            path.write_text(json.dumps(result, indent=2))
         result["result_path"] = str(path)
         if not quiet:
             print(f"bench serve: result written to {path}", file=sys.stderr)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from deepserve.bench.client import ENDPOINTS
 from deepserve.bench.datasets import DATASET_NAMES
@@ -16,6 +17,16 @@ def _rate(text: str) -> float:
     value = float(text)  # accepts "inf"
     if value <= 0:
         raise argparse.ArgumentTypeError(f"request rate must be > 0 (or inf), got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
 
 
@@ -31,11 +42,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "from --model.")
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder (tokenizer.json) to count tokens "
                    "with; default: --model when it is a folder.")
+    g.add_argument("--tokenizer-mode", default="auto", help="auto or hf (tokenizer.json); others are refused.")
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
     g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
                    "warm-ups) and /stop_profile after it; the server needs --profiler-config.")
     g.add_argument("--backend", default="openai", choices=["vllm", "openai", "openai-chat"],
                    help="vLLM's request format names; --endpoint decides what is sent (default: openai).")
+    g.add_argument("--header", nargs="*", default=None, metavar="KEY=VALUE", help="HTTP headers of every request.")
+    g.add_argument("--ready-check-timeout-sec", type=int, default=0,
+                   help="Seconds to retry a first test request until the server answers (0: no check).")
+    g.add_argument("--request-id-prefix", default=None,
+                   help="Each request's x-request-id header is this prefix + its index "
+                        "(default: bench-<random hex>-).")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="Accepted (vLLM's flag for loading the tokenizer); tokenizer.json is read as data, "
                         "no code from the model folder runs.")
@@ -44,6 +62,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--dataset-path", default=None, help="sonnet.txt or ShareGPT JSON file.")
     d.add_argument("--num-prompts", type=int, default=1000)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--input-len", type=int, default=None,
+                   help="Sets --random-input-len and --sonnet-input-len.")
+    d.add_argument("--output-len", type=int, default=None,
+                   help="Sets every dataset's output length (--random-output-len, --sonnet-output-len, ...).")
     d.add_argument("--random-input-len", type=int, default=1024)
     d.add_argument("--random-output-len", type=int, default=128)
     d.add_argument("--random-range-ratio", type=float, default=0.0,
@@ -64,8 +86,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--burstiness", type=float, default=1.0,
                    help="Gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular.")
     t.add_argument("--max-concurrency", type=int, default=None, help="Most requests in flight.")
-    t.add_argument("--ignore-eos", action="store_true", help="Ask the server to ignore EOS.")
-    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--ignore-eos", action="store_true",
+                   help="Ask the server to ignore EOS (always on for --dataset-name random, as in vLLM).")
+    t.add_argument("--temperature", type=float, default=0.0,
+                   help="Sent with every request (default 0, greedy; vLLM leaves it to the server).")
+    for flag, kind in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--frequency-penalty", float),
+                       ("--presence-penalty", float), ("--repetition-penalty", float)):
+        t.add_argument(flag, type=kind, default=None, help="Sampling parameter sent with every request.")
+    t.add_argument("--extra-body", type=_json_object, default=None,
+                   help="JSON object merged into every request body.")
     t.add_argument("--num-warmups", type=int, default=0, help="Untimed requests before the run.")
     r = p.add_argument_group("results")
     r.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
@@ -74,6 +103,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--metric-percentiles", default="90,95,99")
     r.add_argument("--save-result", action="store_true")
     r.add_argument("--save-detailed", action="store_true", help="Also save each generated text.")
+    r.add_argument("--append-result", action="store_true",
+                   help="Append the result to the result file as one JSON line.")
+    r.add_argument("--metadata", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="Extra key-value pairs stored in the result JSON.")
     r.add_argument("--result-dir", default=None)
     r.add_argument("--result-filename", default=None)
     r.add_argument("--label", default=None)

@@ -4,7 +4,7 @@
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
 not accumulate), then a usage chunk and `[DONE]`. Each chunk's text is " hello", one token
-of the Llama tokenizer. GET /_stats returns what it received (bodies, arrival times, most
+of the Llama tokenizer. GET /_stats returns what it received (bodies, headers, arrival times, most
 requests in flight). A plain asyncio HTTP/1.1 server, in its own process so that its timing
 does not share a GIL with the client under test.
 """
@@ -22,6 +22,7 @@ class FakeOpenAI:
         self.ttft, self.itl, self.status = ttft, itl, status
         self.usage, self.role_chunk = usage, role_chunk
         self.requests: list[dict] = []
+        self.headers: list[dict] = []   # each request's headers, names lower-cased
         self.in_flight = self.max_in_flight = 0
         self.arrivals: list[float] = []
 
@@ -38,13 +39,13 @@ class FakeOpenAI:
                 if not line:
                     break
                 method, path, _ = line.decode().split(" ", 2)
-                length = 0
+                headers = {}
                 while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
                     name, _, value = header.decode().partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value)
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", 0))
                 body = json.loads(await reader.readexactly(length)) if length else {}
-                await self._respond(method, path, body, writer)
+                await self._respond(method, path, body, writer, headers)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -61,14 +62,15 @@ class FakeOpenAI:
         writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         await writer.drain()
 
-    async def _respond(self, method, path, body, writer):
+    async def _respond(self, method, path, body, writer, headers):
         if method == "GET" and path == "/v1/models":
             return await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
         if method == "GET" and path == "/_stats":
-            return await self._send_json(writer, 200, {"requests": self.requests, "arrivals": self.arrivals,
+            return await self._send_json(writer, 200, {"requests": self.requests, "headers": self.headers, "arrivals": self.arrivals,
                                                        "max_in_flight": self.max_in_flight})
         self.arrivals.append(time.perf_counter())
         self.requests.append(body)
+        self.headers.append(headers)
         if self.status != 200:
             return await self._send_json(writer, self.status, {"error": {"message": "boom", "code": self.status}})
         chat = path.endswith("/chat/completions")

@@ -1,0 +1,105 @@
+"""`vllm bench serve` flags carried over: each is sent or stored as vLLM does, or refused by name."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import TOKENIZER
+from deepserve.bench.client import RequestOutput
+from deepserve.bench.metrics import compute_metrics, format_summary, peak_output_tokens_per_s
+from deepserve.bench.serve import run_serve
+
+
+def _argv(url, *extra):
+    return ["serve", "--base-url", url, "--model", "fake-model", "--tokenizer", str(TOKENIZER),
+            "--num-prompts", "3", "--disable-tqdm", *extra]
+
+
+def test_request_flags_reach_the_server(fake_server, bench_args, tmp_path):
+    # vLLM's spelling prefix_repetition, --output-len over the dataset's own flag, sampling flags,
+    # --extra-body over them, --header and the x-request-id prefix.
+    argv = _argv("", "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "8",
+                 "--prefix-repetition-suffix-len", "4", "--prefix-repetition-num-prefixes", "1",
+                 "--output-len", "3", "--top-p", "0.9", "--top-k", "5", "--repetition-penalty", "1.1",
+                 "--extra-body", '{"top_k": 7, "min_tokens": 2}', "--header", "X-Team=a=b",
+                 "--request-id-prefix", "run1-", "--ready-check-timeout-sec", "5")
+    with fake_server(ttft=0.01, itl=0.005) as srv:
+        argv[2] = srv.url
+        res = run_serve(bench_args(argv))
+        stats = srv.stats()
+    assert res["completed"] == 3 and res["dataset_name"] == "prefix_repetition"
+    bodies, headers = stats["requests"][-3:], stats["headers"][-3:]
+    assert len(stats["requests"]) == 4   # the ready check's test request, then the run
+    for body in bodies:
+        assert body["max_tokens"] == 3 and "ignore_eos" not in body
+        assert (body["top_p"], body["top_k"], body["repetition_penalty"], body["min_tokens"]) == (0.9, 7, 1.1, 2)
+        assert "min_p" not in body   # flags not given are not sent
+    assert all(h["x-team"] == "a=b" for h in headers)
+    assert sorted(h["x-request-id"] for h in headers) == ["run1-0", "run1-1", "run1-2"]
+
+
+def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_args, tmp_path):
+    argv = _argv("", "--random-input-len", "8", "--input-len", "6", "--output-len", "2", "--append-result",
+                 "--result-dir", str(tmp_path), "--label", "mylabel", "--metadata", "tp=8", "note=a b",
+                 "--backend", "vllm")
+    with fake_server(ttft=0.01, itl=0.005) as srv:
+        argv[2] = srv.url
+        run_serve(bench_args(argv))
+        run_serve(bench_args(argv))
+        bodies = srv.stats()["requests"]
+    assert all(b["ignore_eos"] is True and b["max_tokens"] == 2 for b in bodies)
+    (path,) = tmp_path.glob("mylabel-infqps-fake-model-*.json")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2   # one JSON document a line
+    for line in lines:
+        res = json.loads(line)
+        assert res["tp"] == "8" and res["note"] == "a b" and res["backend"] == res["endpoint_type"] == "vllm"
+        assert res["label"] == "mylabel" and set(res["input_lens"]) <= {5, 6, 7}
+        assert isinstance(res["max_output_tokens_per_s"], float) and len(res["start_times"]) == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset-name", "random", "--dataset-path", "x.json"], "--dataset-name random takes no --dataset-path"),
+    (["--tokenizer-mode", "mistral"], "--tokenizer-mode mistral is not supported"),
+    (["--header", "novalue"], "--header takes KEY=VALUE"),
+    (["--metadata", "=x"], "--metadata takes KEY=VALUE"),
+])
+def test_refused_by_name(fake_server, bench_args, extra, message):
+    with fake_server() as srv:
+        with pytest.raises(ValueError, match=message):
+            run_serve(bench_args(_argv(srv.url, *extra)))
+
+
+def test_ready_check_names_the_flag_when_nothing_answers(bench_args):
+    with pytest.raises(ValueError, match="--ready-check-timeout-sec 1"):
+        run_serve(bench_args(_argv("http://127.0.0.1:9", "--ready-check-timeout-sec", "1")))
+
+
+def test_extra_body_must_be_a_json_object(bench_args, capsys):
+    with pytest.raises(SystemExit):
+        bench_args(_argv("http://x", "--extra-body", "[1]"))
+    assert "--extra-body: must be a JSON object" in capsys.readouterr().err
+
+
+def test_peak_output_tokens_per_s_counts_chunks_in_one_second_buckets():
+    def out(start, ttft, itl):
+        return RequestOutput(success=True, start_time=start, ttft=ttft, itl=itl, latency=ttft + sum(itl),
+                             generated_text="x", output_tokens=len(itl) + 1)
+    outs = [out(10.0, 0.5, [0.1, 0.1]), out(10.2, 0.4, [0.2, 0.6]), RequestOutput(error="x")]
+    # tokens at 10.5, 10.6, 10.7 and 10.6, 10.8, 11.4: five in [10, 11), one in [11, 12)
+    assert peak_output_tokens_per_s(outs) == 5.0
+    res = compute_metrics(outs, 2.0, count_tokens=len)
+    text = format_summary({**res, "request_rate": "inf"})
+    assert "Peak output token throughput (tok/s):    5.00" in text
+    assert peak_output_tokens_per_s([RequestOutput(error="x")]) == 0.0
+
+
+def test_backend_and_label_name_the_result_file():
+    from deepserve.bench.serve import backend_name, result_filename
+    base = dict(request_rate=2.0, max_concurrency=None, model="m", endpoint="/v1/chat/completions", label=None)
+    assert backend_name(SimpleNamespace(**base, backend="openai")) == "openai-chat"
+    assert backend_name(SimpleNamespace(**base, backend="vllm")) == "vllm"
+    assert result_filename(SimpleNamespace(**base, backend="openai")).startswith("openai-chat-2.0qps-m-")
+    assert result_filename(SimpleNamespace(**{**base, "label": "L"}, backend="vllm")).startswith("L-2.0qps-m-")
