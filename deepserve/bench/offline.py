@@ -9,17 +9,20 @@ ids (so no tokenizer or dataset is involved), `ignore_eos` so every request prod
 - throughput: `--num-prompts` prompts submitted at once; requests/s and tokens/s over the
   wall time of the whole `generate` call, with output tokens counted from the results.
   `--dataset-name random` (the default without `--dataset-path`) builds random token ids of
-  `--input-len`; `sharegpt` and `sonnet` read `--dataset-path` as `bench serve` does and send
-  the prompts' token ids (model tokenizer, no special tokens added), `--output-len` replacing
-  the dataset's output lengths where given (vLLM's benchmark_throughput.py).
+  `--input-len` (`--random-range-ratio` / `--random-prefix-len` as in vLLM); `sharegpt` and
+  `sonnet` read `--dataset-path` as `bench serve` does and send the prompts' token ids (model tokenizer, no special tokens added), `--output-len` replacing
+  the dataset's output lengths where given (vLLM's benchmark_throughput.py). `--num-warmups` runs
+  that many requests of the same set (next seed) untimed first.
 
 The measuring functions take the `llm` object, so they run against anything with vLLM's
 `LLM.generate` API.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +39,30 @@ def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab_size, size=(num, input_len))
     return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def random_requests(num: int, input_len: int, output_len: int, vocab_size: int, seed: int,
+                    range_ratio: float = 0.0, prefix_len: int = 0) -> tuple[list[dict], list[int]]:
+    """vLLM's random set as token ids: `prefix_len` ids shared by every prompt, then input and
+    output lengths drawn uniformly in [len * (1 - r), len * (1 + r)] (`range_ratio` r in [0, 1))."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    if prefix_len < 0:
+        raise ValueError(f"--random-prefix-len must be >= 0, got {prefix_len}")
+    if range_ratio == 0.0 and prefix_len == 0:
+        return random_prompts(num, input_len, vocab_size, seed), [output_len] * num
+    if num < 1 or input_len < 1 or output_len < 1:
+        raise ValueError(f"need >= 1 prompt of >= 1 token in and out, got {num} prompts of "
+                         f"{input_len} / {output_len} tokens")
+    rng = np.random.default_rng(seed)
+
+    def lengths(n: int) -> np.ndarray:
+        return rng.integers(max(1, math.floor(n * (1 - range_ratio))), math.ceil(n * (1 + range_ratio)) + 1, num)
+
+    lens_in, lens_out = lengths(input_len), lengths(output_len)
+    prefix = rng.integers(0, vocab_size, prefix_len).tolist()
+    prompts = [{"prompt_token_ids": prefix + rng.integers(0, vocab_size, int(n)).tolist()} for n in lens_in]
+    return prompts, [int(n) for n in lens_out]
 
 
 def measure_latency(llm: Any, sampling_params: Any, prompts: list[dict], num_iters: int,
@@ -152,17 +179,31 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
             [r.expected_output_len for r in requests])
 
 
+def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -> tuple[list[dict], list]:
+    """`num` prompts of the chosen set and their sampling parameters (every output length exact)."""
+    if args.dataset_name == "random":
+        prompts, out_lens = random_requests(num, args.input_len, args.output_len or 128, vocab, seed,
+                                            args.random_range_ratio, args.random_prefix_len)
+    else:
+        prompts, out_lens = dataset_prompts(argparse.Namespace(**{**vars(args), "num_prompts": num}), seed)
+    if len(set(out_lens)) == 1:
+        return prompts, SamplingParams(max_tokens=out_lens[0], ignore_eos=True, temperature=0)
+    return prompts, [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in out_lens]
+
+
 def run_throughput(args) -> dict:
     check_profile_flag(args)
+    if args.backend != "vllm":
+        raise ValueError(f"--backend {args.backend} is not supported: the engine runs in-process (--backend vllm)")
+    if args.num_warmups < 0:
+        raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     llm, SamplingParams, vocab, seed = _load_engine(args)
-    name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
-    args.dataset_name = name
-    if name == "random":
-        prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed)
-        params = SamplingParams(max_tokens=args.output_len or 128, ignore_eos=True, temperature=0)
-    else:
-        prompts, out_lens = dataset_prompts(args, seed)
-        params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in out_lens]
+    args.dataset_name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
+    if args.num_warmups:   # vLLM's: the same set with the next seed, untimed
+        warm_prompts, warm_params = throughput_requests(args, args.num_warmups, seed + 1, vocab, SamplingParams)
+        print(f"Warming up with {len(warm_prompts)} requests...", file=sys.stderr)
+        llm.generate(warm_prompts, warm_params, use_tqdm=False)
+    prompts, params = throughput_requests(args, args.num_prompts, seed, vocab, SamplingParams)
     if args.profile:   # as vLLM: the measured run is profiled
         llm.start_profile()
     result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)
@@ -171,7 +212,7 @@ def run_throughput(args) -> dict:
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, "
           f"{result['tokens_per_second']:.2f} total tokens/s, "
           f"{result['output_tokens_per_second']:.2f} output tokens/s")
-    print(f"Total num prompt tokens: {result['total_prompt_tokens']}")
-    print(f"Total num output tokens: {result['total_output_tokens']}")
+    print(f"Total num prompt tokens:  {result['total_prompt_tokens']}")
+    print(f"Total num output tokens:  {result['total_output_tokens']}")
     _write_json(args.output_json, result)
     return result

@@ -196,4 +196,12 @@ def register(subparsers) -> None:
     throughput.add_argument("--dataset-path", default=None, help="ShareGPT JSON or sonnet.txt file.")
     throughput.add_argument("--prefix-len", type=int, default=None,
                             help="sonnet: tokens of shared prefix (default 200).")
+    throughput.add_argument("--random-range-ratio", type=float, default=0.0,
+                            help="random: input and output lengths drawn uniformly in [len*(1-r), len*(1+r)].")
+    throughput.add_argument("--random-prefix-len", type=int, default=0,
+                            help="random: token ids shared by every prompt, before its own.")
+    throughput.add_argument("--num-warmups", type=int, default=0,
+                            help="Untimed requests of the same set (next seed) before the run.")
+    throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],
+                            help="vLLM's: only vllm (the engine in-process) runs here; the others are refused.")
     throughput.set_defaults(func=_throughput)

@@ -103,3 +103,46 @@ def test_backend_and_label_name_the_result_file():
     assert backend_name(SimpleNamespace(**base, backend="vllm")) == "vllm"
     assert result_filename(SimpleNamespace(**base, backend="openai")).startswith("openai-chat-2.0qps-m-")
     assert result_filename(SimpleNamespace(**{**base, "label": "L"}, backend="vllm")).startswith("L-2.0qps-m-")
+
+
+class CountingLLM:
+    """vLLM's `LLM.generate` shape; records each call's prompts and returns max_tokens ids each."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        self.calls.append(prompts)
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[0] * p.max_tokens)]) for p in params]
+
+
+def test_throughput_takes_vllms_random_flags_and_warmups(bench_args, monkeypatch, capsys):
+    from deepserve.bench import offline
+
+    llm = CountingLLM()
+    monkeypatch.setattr(offline, "_load_engine", lambda args: (llm, SimpleNamespace, 1000, 0))
+    args = bench_args(["throughput", "--backend", "vllm", "--num-prompts", "20", "--random-input-len", "10",
+                       "--random-output-len", "8", "--random-range-ratio", "0.5", "--random-prefix-len", "4",
+                       "--num-warmups", "3", "--disable-tqdm"])
+    res = offline.run_throughput(args)
+    warm, run = llm.calls
+    assert len(warm) == 3 and len(run) == 20
+    ids = [p["prompt_token_ids"] for p in run]
+    assert all(9 <= len(i) <= 19 for i in ids) and len({len(i) for i in ids}) > 1
+    assert len({tuple(i[:4]) for i in ids}) == 1   # the shared prefix
+    assert 20 * 4 <= res["total_output_tokens"] <= 20 * 12 and res["total_prompt_tokens"] == sum(map(len, ids))
+    out = capsys.readouterr().out
+    assert f"Total num prompt tokens:  {res['total_prompt_tokens']}\n" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backend", "hf"], "--backend hf is not supported"),
+    (["--random-range-ratio", "1.5"], r"--random-range-ratio must be in \[0, 1\)"),
+])
+def test_throughput_refusals(bench_args, monkeypatch, argv, message):
+    from deepserve.bench import offline
+
+    monkeypatch.setattr(offline, "_load_engine", lambda args: (CountingLLM(), SimpleNamespace, 1000, 0))
+    with pytest.raises(ValueError, match=message):
+        offline.run_throughput(bench_args(["throughput", "--num-prompts", "2", "--disable-tqdm", *argv]))
