@@ -53,6 +53,11 @@ _WHY_NOT = {
     "chat_template": "a request may not bring its own template (vLLM's default too): the server's "
                      "--chat-template or the model's applies",
     "cache_salt": "the prefix cache has one salt, --prefix-caching-salt or a random one per server start",
+    "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
+    "logprob_token_ids": "use top_logprobs",
+    "media_io_kwargs": "text only",
+    "thinking_token_budget": "use max_tokens",
+    "reasoning_effort": "chat completions only: the chat template applies it",
 }
 
 
@@ -63,12 +68,13 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "prompt_cache_key", "suffix", "input_audio", "image_url", "file", "refusal",
     "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
     "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
-    "structural_tag", "guided_json_object", "prompt_embeds",
+    "structural_tag", "guided_json_object", "prompt_embeds", "return_token_offsets", "return_prompt_text",
+    "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
 }
 
 
 # values of those fields that ask for what this server does anyway: accepted
-_SATISFIED = {"modalities": (["text"],), "service_tier": ("auto", "default")}
+_SATISFIED = {"modalities": (["text"],), "service_tier": ("auto", "default"), "truncation_side": ("left",)}
 
 
 def _sent_extras(model: BaseModel, path: str = ""):
@@ -361,6 +367,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = Field(default=None, min_length=1)   # OpenAI refuses an empty list too
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
+    # vLLM's values; the chat template applies it (serving_chat.effort_kwargs)
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]] = None
     # OpenAI's labels of a stored completion, checked as OpenAI checks them; this server stores
     # nothing (store is refused), so they change nothing, as on OpenAI without store (vLLM takes them too)
     metadata: Optional[dict[Annotated[str, StringConstraints(max_length=64)],

@@ -18,11 +18,18 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false) and `include_reasoning` false (no
-  reasoning fields).
+  reasoning fields);
+- thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
+  enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
+  enable_thinking or thinking, are refused where the template reads none of them.
 """
 from __future__ import annotations
 
+import functools
 from typing import AsyncIterator, Optional
+
+import jinja2
+import jinja2.meta
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -34,7 +41,7 @@ from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, no
 from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
-                                             stream_usage, until_disconnect)
+                                             stream_usage, truncated_prompt, until_disconnect)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
 from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, tool_calls_tag,
                                           tool_call_id)
@@ -65,6 +72,32 @@ async def render_messages(state: ServerState, messages, tools=None, add_generati
     return text, (await state.encode([text], add_special_tokens))[0]
 
 
+# chat_template_kwargs that switch a model's thinking (Qwen3's, DeepSeek V3.1's)
+_THINKING_SWITCHES = ("enable_thinking", "thinking")
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset:
+    """The names a chat template reads from its context: the kwargs it can honour."""
+    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+
+
+def effort_kwargs(state: ServerState, req: ChatCompletionRequest) -> Optional[dict]:
+    """chat_template_kwargs with reasoning_effort as vLLM hands it to the template (the
+    request's own chat_template_kwargs win); 400 where the template reads neither key."""
+    if req.reasoning_effort is None:
+        return req.chat_template_kwargs
+    reads = template_variables(state.tokenizer.chat_template or "") if state.tokenizer else frozenset()
+    derived = {"reasoning_effort": req.reasoning_effort, "enable_thinking": req.reasoning_effort != "none"}
+    derived = {k: v for k, v in derived.items() if k in reads}
+    if not derived:
+        raise APIError(400, "reasoning_effort: this model's chat template reads neither reasoning_effort nor "
+                            "enable_thinking, so its reasoning cannot be set per request", param="reasoning_effort",
+                       code="unsupported_field")
+    return {**derived, **(req.chat_template_kwargs or {})}
+
+
 def render_text(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
                 template_kwargs: Optional[dict] = None, continue_final_message: bool = False) -> str:
     """The prompt text, as transformers' apply_chat_template renders it."""
@@ -79,6 +112,11 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
     if taken:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)} (the server renders them)",
                        param="chat_template_kwargs")
+    unread = [k for k in _THINKING_SWITCHES if k in extra and k not in template_variables(tok.chat_template or "")]
+    if unread:
+        raise APIError(400, f"chat_template_kwargs.{unread[0]}: this model's chat template does not read it, so "
+                            "its thinking cannot be switched per request", param="chat_template_kwargs",
+                       code="unsupported_field")
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     turns = [m.template_dict() for m in messages]
@@ -125,7 +163,7 @@ class PreparedChat:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
-                                       req.chat_template_kwargs, req.continue_final_message)
+                                       effort_kwargs(state, req), req.continue_final_message)
 
     async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":
         """Encodes the rendered prompt (off the event loop), then checks its length, the tools
@@ -137,8 +175,7 @@ class PreparedChat:
         echoed = req.echo and (last.role == "assistant" or not req.add_generation_prompt)
         self.echo_text = last.text() if echoed else ""
         self.include_reasoning = req.include_reasoning
-        if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
-            self.prompt_ids = self.prompt_ids[-req.truncate_prompt_tokens:]
+        self.prompt_ids = truncated_prompt(state, req, self.prompt_ids, max_tokens)
         default_max = state.settings.generation_defaults.get("max_tokens")
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))

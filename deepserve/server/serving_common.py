@@ -157,10 +157,21 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
         if bad is not None:
             raise APIError(400, f"{name} token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",
                            param=name, code="invalid_value")
-    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
-        raise APIError(400, f"truncate_prompt_tokens must be >= 1, got {req.truncate_prompt_tokens}",
-                       param="truncate_prompt_tokens", code="invalid_value")
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1 and req.truncate_prompt_tokens != -1:
+        raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as the context holds) or >= 1, got "
+                            f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens", code="invalid_value")
     return params
+
+
+def truncated_prompt(state: ServerState, req, ids: list[int], max_tokens: Optional[int]) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (vLLM's default side, "left"); -1 keeps
+    as many as the context holds beside max_tokens (at least one token for the reply)."""
+    keep = req.truncate_prompt_tokens
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max(state.llm.max_model_len - (max_tokens or 1), 1)
+    return ids[-keep:]
 
 
 async def compile_grammar(state: ServerState, params: SamplingParams, field: Optional[str]) -> None:

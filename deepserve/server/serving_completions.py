@@ -22,7 +22,7 @@ from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, now, response_ids, usage
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, merge_streams, parse_request, sampling_params, sse,
-                                             stream_usage, until_disconnect)
+                                             stream_usage, truncated_prompt, until_disconnect)
 
 
 # samples (prompts x n) one completions request may ask for, in units of the n limit (4096 by default)
@@ -132,8 +132,9 @@ class _Prepared:
             for p, ids in zip(texts, await state.encode([p["prompt"] for p in texts], req.add_special_tokens)):
                 p["prompt_token_ids"] = ids
         for p in self.prompts:
-            if req.truncate_prompt_tokens is not None:  # vLLM: keep the prompt's last k tokens
-                p["prompt_token_ids"] = p["prompt_token_ids"][-req.truncate_prompt_tokens:]
+            kept = truncated_prompt(state, req, p["prompt_token_ids"], req.max_new_tokens())
+            if len(kept) < len(p["prompt_token_ids"]):   # echo shows what the model saw (vLLM's)
+                p["prompt"], p["prompt_token_ids"] = None, kept
             state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens(), field=req.max_tokens_field())
         try:
             state.llm.check_can_accept()

@@ -1,0 +1,129 @@
+"""Every request field of vLLM 0.26's ChatCompletionRequest and CompletionRequest is either
+honoured with vLLM's meaning or refused with a 400 naming it, never taken and ignored."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import openai
+import pytest
+from conftest import API_KEY
+
+from deepserve.config import DEMO_MODEL
+from deepserve.engine.tokenizer import Tokenizer
+from deepserve.server.errors import APIError
+from deepserve.server.protocol import KNOWN_UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from deepserve.server.serving_chat import effort_kwargs, render_text
+
+# vLLM 0.26's request models, field by field (entrypoints/openai/{chat_completion,completion}/protocol.py)
+SHARED = ("model frequency_penalty logit_bias logprobs max_tokens n presence_penalty response_format seed stop "
+          "stream stream_options temperature top_p user use_beam_search top_k min_p repetition_penalty "
+          "length_penalty stop_token_ids include_stop_str_in_output ignore_eos min_tokens skip_special_tokens "
+          "spaces_between_special_tokens truncate_prompt_tokens truncation_side prompt_logprobs "
+          "logprob_token_ids allowed_token_ids bad_words add_special_tokens structured_outputs priority "
+          "request_id return_tokens_as_token_ids return_token_ids return_token_offsets cache_salt "
+          "kv_transfer_params ec_transfer_params vllm_xargs repetition_detection thinking_token_budget echo").split()
+VLLM_FIELDS = {
+    ChatCompletionRequest: SHARED + ("messages top_logprobs max_completion_tokens tools tool_choice reasoning_effort "
+                                     "include_reasoning parallel_tool_calls add_generation_prompt "
+                                     "continue_final_message documents chat_template chat_template_kwargs "
+                                     "media_io_kwargs mm_processor_kwargs return_prompt_text "
+                                     "return_assistant_tokens_mask").split(),
+    CompletionRequest: SHARED + "prompt suffix prompt_embeds".split(),
+}
+
+# a value asking for something of each field this server refuses
+REFUSED = {"truncation_side": "right", "logprob_token_ids": [5], "thinking_token_budget": 8,
+           "return_token_offsets": True, "ec_transfer_params": {"a": 1}, "repetition_detection": {"max_pattern_size": 4},
+           "media_io_kwargs": {"image": {}}, "return_prompt_text": True, "return_assistant_tokens_mask": True}
+
+
+@pytest.mark.parametrize("model", list(VLLM_FIELDS), ids=lambda m: m.__name__)
+def test_every_vllm_field_is_declared_or_refused(model):
+    unknown = [f for f in VLLM_FIELDS[model] if f not in model.model_fields and f not in KNOWN_UNSUPPORTED]
+    assert unknown == []
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def status_of(call) -> tuple[int, object]:
+    try:
+        call()
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.body.get("param")
+    return 200, None
+
+
+def test_refused_fields_are_400_naming_them(client):
+    chat = [{"role": "user", "content": "Hi"}]
+    for name, value in REFUSED.items():
+        extra = {name: value}
+        assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                           extra_body=extra)) == (400, name), name
+        assert status_of(lambda: client.chat.completions.create(model="stories260k", messages=chat, max_tokens=1,
+                                                                extra_body=extra)) == (400, name), name
+    # vLLM's default side, which this server's truncation keeps
+    r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1,
+                                  extra_body={"truncate_prompt_tokens": 2, "truncation_side": "left"})
+    assert r.usage.prompt_tokens == 2
+
+
+def test_truncate_prompt_tokens_minus_one_and_echo(client):
+    """-1 (vLLM's): the prompt's last tokens, as many as the context holds beside max_tokens;
+    echo shows the prompt the model saw."""
+    long = "Once upon a time, there was a little girl named Lily. " * 60   # > 512 tokens
+    r = client.completions.create(model="stories260k", prompt=long, max_tokens=4, temperature=0,
+                                  extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens == 512 - 4
+    r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=2, temperature=0,
+                                  echo=True, extra_body={"truncate_prompt_tokens": 2})
+    assert r.choices[0].text.startswith("a time") and r.usage.prompt_tokens == 2
+    assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                       extra_body={"truncate_prompt_tokens": 0})) \
+        == (400, "truncate_prompt_tokens")
+
+
+def test_thinking_switches_a_template_cannot_read_are_400(client):
+    chat = [{"role": "user", "content": "Hi"}]
+    for extra, param in (({"reasoning_effort": "none"}, "reasoning_effort"),
+                         ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+                         ({"chat_template_kwargs": {"thinking": True}}, "chat_template_kwargs")):
+        assert status_of(lambda: client.chat.completions.create(model="stories260k", messages=chat, max_tokens=1,
+                                                                extra_body=extra)) == (400, param), extra
+    assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                       extra_body={"reasoning_effort": "low"})) \
+        == (400, "reasoning_effort")
+
+
+QWEN3_LIKE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+              "{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}")
+EFFORT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %} effort={{ reasoning_effort }}"
+
+
+@pytest.mark.parametrize("template, extra, expected", [
+    (QWEN3_LIKE, {}, "Hi"),
+    (QWEN3_LIKE, {"reasoning_effort": "none"}, "Hi<think></think>"),
+    (QWEN3_LIKE, {"reasoning_effort": "low"}, "Hi"),
+    (QWEN3_LIKE, {"chat_template_kwargs": {"enable_thinking": False}}, "Hi<think></think>"),
+    # the request's own chat_template_kwargs win over what reasoning_effort implies (vLLM's)
+    (QWEN3_LIKE, {"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}, "Hi"),
+    (EFFORT_ONLY, {"reasoning_effort": "high"}, "Hi effort=high"),
+])
+def test_reasoning_effort_reaches_the_template(template, extra, expected):
+    state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=template))
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}], **extra})
+    assert render_text(state, req.messages, template_kwargs=effort_kwargs(state, req)) == expected
+
+
+def test_reasoning_effort_is_refused_where_the_template_reads_neither_key():
+    state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=EFFORT_ONLY.split(" effort")[0]))
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}],
+                                                "reasoning_effort": "low"})
+    with pytest.raises(APIError) as err:
+        effort_kwargs(state, req)
+    assert err.value.param == "reasoning_effort"
+    with pytest.raises(APIError) as err:
+        render_text(state, req.messages, template_kwargs={"enable_thinking": False})
+    assert err.value.param == "chat_template_kwargs" and "enable_thinking" in err.value.message
