@@ -112,7 +112,8 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
     if taken:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)} (the server renders them)",
                        param="chat_template_kwargs")
-    unread = [k for k in _THINKING_SWITCHES if k in extra and k not in template_variables(tok.chat_template or "")]
+    unread = [k for k in _THINKING_SWITCHES
+              if extra.get(k) is not None and k not in template_variables(tok.chat_template or "")]
     if unread:
         raise APIError(400, f"chat_template_kwargs.{unread[0]}: this model's chat template does not read it, so "
                             "its thinking cannot be switched per request", param="chat_template_kwargs",

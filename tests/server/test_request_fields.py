@@ -95,6 +95,10 @@ def test_thinking_switches_a_template_cannot_read_are_400(client):
     assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
                                                        extra_body={"reasoning_effort": "low"})) \
         == (400, "reasoning_effort")
+    # null asks for nothing
+    assert status_of(lambda: client.chat.completions.create(
+        model="stories260k", messages=chat, max_tokens=1,
+        extra_body={"reasoning_effort": None, "chat_template_kwargs": {"enable_thinking": None}})) == (200, None)
 
 
 QWEN3_LIKE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
