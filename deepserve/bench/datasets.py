@@ -10,7 +10,11 @@ so that numbers compare with `vllm bench serve` runs on the same flags:
   (`--sonnet-prefix-len` tokens) for prefix-cache tests; chat-formatted for /v1/completions.
 - sharegpt: first human turn of each conversation, output length of the first reply
   (or `--sharegpt-output-len`), pruned like vLLM (prompt < 1024, prompt + output < 2048).
-- prefix-repetition: `--prefix-repetition-num-prefixes` random prefixes, each shared by an
+- custom: a JSONL file of {"prompt": ..., "output_tokens": n (optional)} lines, shuffled
+  unless `--disable-shuffle`, chat-templated for /v1/completions unless `--skip-chat-template`,
+  each asking for `--custom-output-len` tokens (-1: the line's output_tokens); repeated at
+  random up to `--num-prompts` when the file has fewer lines.
+- prefix_repetition (or prefix-repetition): `--prefix-repetition-num-prefixes` random prefixes, each shared by an
   equal share of the requests, plus a random suffix per request.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 
 from deepserve.engine.tokenizer import Tokenizer
 
-DATASET_NAMES = ("random", "sonnet", "sharegpt", "prefix_repetition", "prefix-repetition")
+DATASET_NAMES = ("random", "sonnet", "sharegpt", "custom", "prefix_repetition", "prefix-repetition")
 SONNET_INSTRUCTION = "Pick as many lines as you can from these poem lines:\n"
 
 
@@ -150,6 +154,45 @@ def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
     return requests
 
 
+def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int, chat_format: bool,
+                  shuffle: bool, seed: int) -> list[SampleRequest]:
+    """vLLM's custom set (see the module docstring)."""
+    if not path.endswith(".jsonl"):
+        raise ValueError(f"--dataset-name custom reads a .jsonl file, got {path!r}")
+    items = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{i} is not JSON ({exc})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ValueError(f"{path}:{i} has no \"prompt\" string")
+        items.append(item)
+    if not items:
+        raise ValueError(f"custom dataset {path!r} has no line")
+    rnd = random.Random(seed)
+    if shuffle:
+        rnd.shuffle(items)
+    use_template = chat_format and tok.chat_template is not None
+    requests = []
+    for i, item in enumerate(items[:num_requests]):
+        out_len = output_len
+        if output_len is None or output_len == -1:
+            try:
+                out_len = int(item["output_tokens"])
+            except (KeyError, ValueError, TypeError):
+                raise ValueError(f"custom dataset {path!r}: an entry has no integer \"output_tokens\" "
+                                 "(needed when --custom-output-len is -1)") from None
+        prompt = item["prompt"]
+        if use_template:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        requests.append(SampleRequest(prompt, tok.count(prompt), out_len))
+    requests += rnd.choices(requests, k=num_requests - len(requests))   # vLLM's oversampling
+    return requests
+
+
 def sample_prefix_repetition(tok: Tokenizer, num_requests: int, prefix_len: int,
                              suffix_len: int, num_prefixes: int, output_len: int,
                              seed: int) -> list[SampleRequest]:
@@ -179,7 +222,7 @@ def apply_length_flags(args) -> None:
         args.random_input_len = args.sonnet_input_len = args.input_len
     if getattr(args, "output_len", None) is not None:
         args.random_output_len = args.sonnet_output_len = args.sharegpt_output_len = args.output_len
-        args.prefix_repetition_output_len = args.output_len
+        args.prefix_repetition_output_len = args.custom_output_len = args.output_len
 
 
 def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
@@ -193,7 +236,7 @@ def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
     if name == "random":
         return sample_random(tok, n, args.random_input_len, args.random_output_len,
                              args.random_range_ratio, args.random_prefix_len, seed)
-    if name in ("sonnet", "sharegpt") and not args.dataset_path:
+    if name in ("sonnet", "sharegpt", "custom") and not args.dataset_path:
         raise ValueError(f"--dataset-name {name} needs --dataset-path")
     if args.dataset_path and not Path(args.dataset_path).is_file():
         raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
@@ -202,6 +245,10 @@ def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
                              args.sonnet_output_len, chat_format="chat" not in args.endpoint, seed=seed)
     if name == "sharegpt":
         return sample_sharegpt(tok, args.dataset_path, n, args.sharegpt_output_len, seed)
+    if name == "custom":
+        return sample_custom(tok, args.dataset_path, n, args.custom_output_len,
+                             chat_format="chat" not in args.endpoint and not args.skip_chat_template,
+                             shuffle=not args.disable_shuffle, seed=seed)
     if name == "prefix-repetition":
         return sample_prefix_repetition(tok, n, args.prefix_repetition_prefix_len,
                                         args.prefix_repetition_suffix_len,

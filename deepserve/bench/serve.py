@@ -181,18 +181,22 @@ def check_tokenizer_mode(mode: Optional[str]) -> None:
 
 
 async def _ready_check(req: RequestInput, timeout_s: float) -> RequestOutput:
-    """vLLM's --ready-check-timeout-sec: send `req` until it succeeds or `timeout_s` passes."""
+    """vLLM's --ready-check-timeout-sec: send `req` until it succeeds, the server refuses it (4xx),
+    or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
         async with open_client(req.api_url, max(1.0, deadline - time.monotonic())) as client:
             out = await send_request(client, req)
-        if out.success or time.monotonic() >= deadline:
+        # A 4xx is the server's answer to the request itself: retrying cannot change it.
+        if out.success or out.error.startswith("HTTP 4") or time.monotonic() >= deadline:
             return out
         await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def wait_until_ready(req: RequestInput, timeout_s: int) -> None:
     out = asyncio.run(_ready_check(req, timeout_s))
+    if out.error.startswith("HTTP 4"):
+        raise ValueError(f"the server refused the --ready-check-timeout-sec test request: {out.error}")
     if not out.success:
         raise ValueError(f"the server did not answer a test request within --ready-check-timeout-sec "
                          f"{timeout_s}: {out.error}")

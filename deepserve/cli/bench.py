@@ -59,7 +59,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "no code from the model folder runs.")
     d = p.add_argument_group("dataset")
     d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
-    d.add_argument("--dataset-path", default=None, help="sonnet.txt or ShareGPT JSON file.")
+    d.add_argument("--dataset-path", default=None, help="sonnet.txt, ShareGPT JSON or custom JSONL file.")
     d.add_argument("--num-prompts", type=int, default=1000)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--input-len", type=int, default=None,
@@ -76,6 +76,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--sonnet-prefix-len", type=int, default=200)
     d.add_argument("--sharegpt-output-len", type=int, default=None,
                    help="Output length for every request (default: the dataset reply's length).")
+    d.add_argument("--custom-output-len", type=int, default=256,
+                   help="custom: output tokens per request (-1: each line's output_tokens).")
+    d.add_argument("--skip-chat-template", action="store_true",
+                   help="custom: send the prompts as they are (else chat-templated for /v1/completions).")
+    d.add_argument("--disable-shuffle", action="store_true", help="custom: keep the file's order.")
     d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
     d.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
     d.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)

@@ -146,3 +146,35 @@ def test_throughput_refusals(bench_args, monkeypatch, argv, message):
     monkeypatch.setattr(offline, "_load_engine", lambda args: (CountingLLM(), SimpleNamespace, 1000, 0))
     with pytest.raises(ValueError, match=message):
         offline.run_throughput(bench_args(["throughput", "--num-prompts", "2", "--disable-tqdm", *argv]))
+
+
+def test_custom_jsonl_dataset(bench_args, tmp_path):
+    from deepserve.bench.datasets import sample_requests
+    from deepserve.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(TOKENIZER))
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"prompt": "What is the capital of India?", "output_tokens": 10}\n\n'
+                    '{"prompt": "Name a prime.", "output_tokens": 3}\n')
+    base = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", "3"]
+    reqs = sample_requests(bench_args(_argv("http://x", *base, "--custom-output-len", "-1", "--skip-chat-template",
+                                            "--disable-shuffle")), tok)
+    assert [(r.prompt, r.expected_output_len) for r in reqs[:2]] == [("What is the capital of India?", 10),
+                                                                     ("Name a prime.", 3)]
+    assert len(reqs) == 3 and reqs[2] in reqs[:2] and reqs[0].prompt_len == tok.count(reqs[0].prompt)
+    templated = sample_requests(bench_args(_argv("http://x", *base, "--output-len", "7")), tok)
+    assert [r.expected_output_len for r in templated] == [7, 7, 7]
+    # chat-templated for /v1/completions
+    assert all(r.prompt not in ("Name a prime.", "What is the capital of India?") for r in templated)
+    path.write_text('{"prompt": "no length"}\n')
+    with pytest.raises(ValueError, match="output_tokens"):
+        sample_requests(bench_args(_argv("http://x", *base, "--custom-output-len", "-1")), tok)
+    with pytest.raises(ValueError, match="reads a .jsonl file"):
+        sample_requests(bench_args(_argv("http://x", "--dataset-name", "custom", "--dataset-path", __file__)), tok)
+
+
+def test_ready_check_stops_at_a_refusal(fake_server, bench_args):
+    with fake_server(status=400) as srv:
+        with pytest.raises(ValueError, match="refused the --ready-check-timeout-sec test request: HTTP 400"):
+            run_serve(bench_args(_argv(srv.url, "--ready-check-timeout-sec", "20")))
+        assert len(srv.stats()["requests"]) == 1
