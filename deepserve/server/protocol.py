@@ -6,9 +6,10 @@ checked once, by SamplingParams, whose messages name the field and the value. No
 ignored silently: a field OpenAI's or vLLM's API defines that this server does not implement
 (OpenAI's `audio`, vLLM's `use_beam_search`, ...) is a 400 naming it (`unsupported_field`); a
 field neither API defines is ignored with one warning line per request naming it
-(`ignored_fields`, vLLM's behaviour). A field sent as null or false asks for nothing and passes,
-as does a value asking for what the server does anyway (`modalities` ["text"], `service_tier`
-auto or default).
+(`ignored_fields`, vLLM's behaviour). A field sent as null, false or empty ("", [], {}) asks for
+nothing and passes, as does a value asking for what the server does anyway (`modalities`
+["text"], `service_tier` auto or default, vLLM's defaults `length_penalty` 1 and
+`truncation_side` left).
 """
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
 
 
 # values of those fields that ask for what this server does anyway: accepted
-_SATISFIED = {"modalities": (["text"],), "service_tier": ("auto", "default"), "truncation_side": ("left",)}
+_SATISFIED = {"modalities": (["text"],), "service_tier": ("auto", "default"), "truncation_side": ("left",),
+              "length_penalty": (1.0,)}
+_EMPTY = ("", [], {})
 
 
 def _sent_extras(model: BaseModel, path: str = ""):
     """(path, name) of each undeclared field sent with a value, nested models included."""
     for name, value in (model.model_extra or {}).items():
-        if value is not None and value is not False and value not in _SATISFIED.get(name, ()):
+        if value is not None and value is not False and value not in _EMPTY and value not in _SATISFIED.get(name, ()):
             yield f"{path}{name}", name
     for name in type(model).model_fields:
         value = getattr(model, name)

@@ -11,7 +11,7 @@ from conftest import API_KEY
 from deepserve.config import DEMO_MODEL
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import KNOWN_UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from deepserve.server.protocol import KNOWN_UNSUPPORTED, ChatCompletionRequest, CompletionRequest, unsupported_field
 from deepserve.server.serving_chat import effort_kwargs, render_text
 
 # vLLM 0.26's request models, field by field (entrypoints/openai/{chat_completion,completion}/protocol.py)
@@ -41,6 +41,18 @@ REFUSED = {"truncation_side": "right", "logprob_token_ids": [5], "thinking_token
 def test_every_vllm_field_is_declared_or_refused(model):
     unknown = [f for f in VLLM_FIELDS[model] if f not in model.model_fields and f not in KNOWN_UNSUPPORTED]
     assert unknown == []
+
+
+def test_values_asking_for_nothing_pass():
+    """vLLM's defaults and empty values (what a client sending every field of vLLM's model sends)."""
+    nothing = {"length_penalty": 1.0, "bad_words": [], "vllm_xargs": {}, "chat_template": "", "documents": [],
+               "repetition_detection": {}, "truncation_side": "left", "use_beam_search": False,
+               "return_token_ids": False, "logprob_token_ids": None}
+    req = CompletionRequest.model_validate({"prompt": "x", **nothing})
+    assert unsupported_field(req) is None
+    for name, value in (("length_penalty", 0.5), ("bad_words", ["x"]), ("vllm_xargs", {"a": 1})):
+        req = CompletionRequest.model_validate({"prompt": "x", name: value})
+        assert unsupported_field(req)[0] == name
 
 
 @pytest.fixture(scope="module")
