@@ -71,6 +71,8 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "return_tokens_as_token_ids", "return_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
     "structural_tag", "guided_json_object", "prompt_embeds", "return_token_offsets", "return_prompt_text",
     "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
+    # structured_outputs' options (vLLM's StructuredOutputsParams)
+    "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern",
 }
 
 

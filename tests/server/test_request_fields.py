@@ -53,6 +53,11 @@ def test_values_asking_for_nothing_pass():
     for name, value in (("length_penalty", 0.5), ("bad_words", ["x"]), ("vllm_xargs", {"a": 1})):
         req = CompletionRequest.model_validate({"prompt": "x", name: value})
         assert unsupported_field(req)[0] == name
+    so = {"json": {"type": "object"}, "disable_any_whitespace": True}
+    req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": so})
+    assert unsupported_field(req)[0] == "structured_outputs.disable_any_whitespace"
+    req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": {**so, "disable_any_whitespace": False}})
+    assert unsupported_field(req) is None
 
 
 @pytest.fixture(scope="module")
