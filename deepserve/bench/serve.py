@@ -30,19 +30,62 @@ from deepserve.bench.metrics import METRICS, compute_metrics, format_summary, pa
 from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
 
 
-def arrival_gaps(n: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
-    """Seconds to wait before sending each of `n` requests (the first is sent at once)."""
-    if request_rate <= 0:
+def arrival_gaps(n: int, request_rate, burstiness: float, seed: int) -> list[float]:
+    """Seconds to wait before sending each of `n` requests (the first is sent at once).
+    `request_rate`: one rate, or each request's own (a ramp-up)."""
+    rates = np.full(n, float(request_rate)) if np.isscalar(request_rate) else np.asarray(request_rate, float)
+    if (rates <= 0).any():
         raise ValueError(f"--request-rate must be > 0 (or inf), got {request_rate}")
     if burstiness <= 0:
         raise ValueError(f"--burstiness must be > 0, got {burstiness}")
-    if math.isinf(request_rate):
+    if np.isinf(rates).all():
         return [0.0] * n
     rng = np.random.default_rng(seed)
-    theta = 1.0 / (request_rate * burstiness)
-    gaps = rng.gamma(shape=burstiness, scale=theta, size=n)
+    if np.isscalar(request_rate):
+        gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n)
+    else:
+        gaps = rng.gamma(shape=burstiness, size=n) / (rates * burstiness)   # 0 where a rate is inf
     gaps[0] = 0.0
     return gaps.tolist()
+
+
+RAMP_UP_STRATEGIES = ("linear", "exponential")
+
+
+def ramp_up_rates(args: argparse.Namespace, n: int) -> Optional[list[float]]:
+    """vLLM's --ramp-up-strategy: request i of n is sent at a rate going from --ramp-up-start-rps
+    to --ramp-up-end-rps, linearly or geometrically in i (None without a ramp-up)."""
+    strategy = getattr(args, "ramp_up_strategy", None)
+    start, end = getattr(args, "ramp_up_start_rps", None), getattr(args, "ramp_up_end_rps", None)
+    if strategy is None:
+        if start is not None or end is not None:
+            raise ValueError("--ramp-up-start-rps / --ramp-up-end-rps need --ramp-up-strategy")
+        return None
+    if strategy not in RAMP_UP_STRATEGIES:
+        raise ValueError(f"--ramp-up-strategy takes {' or '.join(RAMP_UP_STRATEGIES)}, got {strategy!r}")
+    if start is None or end is None:
+        raise ValueError("--ramp-up-strategy needs --ramp-up-start-rps and --ramp-up-end-rps")
+    if not math.isinf(args.request_rate):
+        raise ValueError("--request-rate and --ramp-up-strategy both set the rate: give one")
+    if not 0 < start <= end:
+        raise ValueError(f"--ramp-up-start-rps must be > 0 and <= --ramp-up-end-rps, got {start} and {end}")
+    progress = np.arange(n) / max(n - 1, 1)
+    if strategy == "linear":
+        return (start + (end - start) * progress).tolist()
+    return (start * (end / start) ** progress).tolist()
+
+
+def rps_change_events(rates: Sequence[float], outputs: Sequence[RequestOutput]) -> list[dict]:
+    """vLLM's rps_change_events: each whole rate the ramp-up reaches, with the wall-clock time
+    (ISO) of the first request sent at it."""
+    wall_minus_perf = time.time() - time.perf_counter()
+    events, last = [], int(rates[0]) - 1 if rates else 0
+    for rate, out in zip(rates, outputs):
+        if int(rate) > last:
+            stamp = datetime.fromtimestamp(out.start_time + wall_minus_perf).isoformat()
+            events += [{"rps": r, "timestamp": stamp} for r in range(last + 1, int(rate) + 1)]
+            last = int(rate)
+    return events
 
 
 async def _warm_up(client, url: str) -> None:
@@ -83,11 +126,12 @@ async def post_profile(url: str, timeout_s: float) -> None:
         raise RuntimeError(f"POST {url}: {resp.status_code} {resp.text[:300]}")
 
 
-async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burstiness: float,
+async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness: float,
                        max_concurrency: Optional[int], seed: int, timeout_s: float,
                        progress: bool = True, num_warmups: int = 0,
                        profile_root: Optional[str] = None) -> tuple[list[RequestOutput], float]:
-    """Send `inputs` on the arrival schedule; returns their outputs (input order) and the wall time.
+    """Send `inputs` on the arrival schedule (`request_rate`: one rate or each request's); returns
+    their outputs (input order) and the wall time.
     `profile_root`: the server's root URL, whose profiler records the run (after the warm-ups)."""
     from tqdm.auto import tqdm
 
@@ -134,8 +178,11 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate: float, burs
 
 
 def result_filename(args: argparse.Namespace) -> str:
-    """vLLM's default name: {label or backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json."""
+    """vLLM's default name: {label or backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json, with
+    ramp-up-{strategy}-{start}qps-{end}qps for the rate under a ramp-up."""
     rate = "inf" if math.isinf(args.request_rate) else str(float(args.request_rate))   # 20.0qps, as vLLM writes it
+    if getattr(args, "ramp_up_strategy", None):
+        rate = f"ramp-up-{args.ramp_up_strategy}-{args.ramp_up_start_rps}qps-{args.ramp_up_end_rps}"
     conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
     model = Path(str(args.model)).name or "model"
     prefix = getattr(args, "label", None) or backend_name(args)
@@ -289,14 +336,17 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
                            temperature=args.temperature, extra_body=extras,
                            headers={**headers, "x-request-id": f"{id_prefix}{i}"})
               for i, r in enumerate(requests)]
+    ramp = ramp_up_rates(args, len(inputs))
     if inputs and getattr(args, "ready_check_timeout_sec", 0) > 0:
         wait_until_ready(inputs[0], args.ready_check_timeout_sec)
     if not quiet:
         rate = "inf" if math.isinf(args.request_rate) else args.request_rate
+        if ramp:
+            rate = f"{args.ramp_up_strategy} ramp-up {args.ramp_up_start_rps} -> {args.ramp_up_end_rps}"
         print(f"bench serve: {len(inputs)} {args.dataset_name} requests to {url}, request rate {rate}, "
               f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}", file=sys.stderr)
     outputs, duration = asyncio.run(run_requests(
-        inputs, args.request_rate, args.burstiness, args.max_concurrency, args.seed,
+        inputs, ramp or args.request_rate, args.burstiness, args.max_concurrency, args.seed,
         args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups,
         profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None))
     result = {
@@ -316,6 +366,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         "max_concurrency": args.max_concurrency,
         "goodput_slos_ms": goodput or None,
     }
+    if ramp:
+        result.update(ramp_up_strategy=args.ramp_up_strategy, ramp_up_start_rps=args.ramp_up_start_rps,
+                      ramp_up_end_rps=args.ramp_up_end_rps, rps_change_events=rps_change_events(ramp, outputs))
     result.update(compute_metrics(outputs, duration, tok.count, percentiles, goodput))
     if not args.save_detailed:
         result.pop("generated_texts")

@@ -90,6 +90,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Requests/s, Poisson arrivals (inf: all at once).")
     t.add_argument("--burstiness", type=float, default=1.0,
                    help="Gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular.")
+    t.add_argument("--ramp-up-strategy", default=None, choices=["linear", "exponential"],
+                   help="Request rate going from --ramp-up-start-rps to --ramp-up-end-rps over the run "
+                        "(replaces --request-rate).")
+    t.add_argument("--ramp-up-start-rps", type=int, default=None)
+    t.add_argument("--ramp-up-end-rps", type=int, default=None)
     t.add_argument("--max-concurrency", type=int, default=None, help="Most requests in flight.")
     t.add_argument("--ignore-eos", action="store_true",
                    help="Ask the server to ignore EOS (always on for --dataset-name random, as in vLLM).")

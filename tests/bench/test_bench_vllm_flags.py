@@ -178,3 +178,39 @@ def test_ready_check_stops_at_a_refusal(fake_server, bench_args):
         with pytest.raises(ValueError, match="refused the --ready-check-timeout-sec test request: HTTP 400"):
             run_serve(bench_args(_argv(srv.url, "--ready-check-timeout-sec", "20")))
         assert len(srv.stats()["requests"]) == 1
+
+
+def test_ramp_up_rates_and_gaps():
+    import numpy as np
+
+    from deepserve.bench.serve import arrival_gaps, ramp_up_rates
+
+    def ns(strategy, start, end, rate=float("inf")):
+        return SimpleNamespace(ramp_up_strategy=strategy, ramp_up_start_rps=start, ramp_up_end_rps=end,
+                               request_rate=rate)
+    assert ramp_up_rates(ns("linear", 2, 10), 5) == [2.0, 4.0, 6.0, 8.0, 10.0]
+    assert ramp_up_rates(ns("exponential", 1, 16), 5) == pytest.approx([1, 2, 4, 8, 16])
+    assert ramp_up_rates(ns(None, None, None), 5) is None
+    gaps = np.array(arrival_gaps(4001, ramp_up_rates(ns("linear", 1, 1000), 4001), 1.0, seed=0))
+    assert gaps[0] == 0.0 and gaps[1:400].mean() > 5 * gaps[-400:].mean()
+    for args, message in [(ns("linear", None, 5), "needs --ramp-up-start-rps and --ramp-up-end-rps"),
+                          (ns(None, 1, 5), "need --ramp-up-strategy"),
+                          (ns("linear", 5, 1), "must be > 0 and <= --ramp-up-end-rps"),
+                          (ns("linear", 0, 1), "must be > 0"),
+                          (ns("linear", 1, 5, rate=3.0), "--request-rate and --ramp-up-strategy")]:
+        with pytest.raises(ValueError, match=message):
+            ramp_up_rates(args, 5)
+
+
+def test_ramp_up_run_writes_vllms_fields(fake_server, bench_args, tmp_path):
+    argv = _argv("", "--random-input-len", "8", "--random-output-len", "2", "--ramp-up-strategy", "linear",
+                 "--ramp-up-start-rps", "50", "--ramp-up-end-rps", "53", "--save-result", "--result-dir", str(tmp_path))
+    argv[argv.index("--num-prompts") + 1] = "4"
+    with fake_server(ttft=0.01, itl=0.005) as srv:
+        argv[2] = srv.url
+        run_serve(bench_args(argv))
+    (path,) = tmp_path.glob("openai-ramp-up-linear-50qps-53qps-fake-model-*.json")
+    res = json.loads(path.read_text())
+    assert (res["ramp_up_strategy"], res["ramp_up_start_rps"], res["ramp_up_end_rps"]) == ("linear", 50, 53)
+    assert [e["rps"] for e in res["rps_change_events"]] == [50, 51, 52, 53]
+    assert res["completed"] == 4 and res["request_rate"] == "inf"
