@@ -73,6 +73,7 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
     # structured_outputs' options (vLLM's StructuredOutputsParams)
     "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern",
+    "include_obfuscation",   # OpenAI's stream_options: padding of stream events against side channels
 }
 
 

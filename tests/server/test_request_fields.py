@@ -58,6 +58,9 @@ def test_values_asking_for_nothing_pass():
     assert unsupported_field(req)[0] == "structured_outputs.disable_any_whitespace"
     req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": {**so, "disable_any_whitespace": False}})
     assert unsupported_field(req) is None
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stream": True,
+                                                "stream_options": {"include_obfuscation": True}})
+    assert unsupported_field(req)[0] == "stream_options.include_obfuscation"
 
 
 @pytest.fixture(scope="module")
