@@ -160,7 +160,7 @@ def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
         row("Request goodput (req/s):", result["request_goodput"], "{:<10.2f}")
     row("Output token throughput (tok/s):", result["output_throughput"], "{:<10.2f}")
     row("Peak output token throughput (tok/s):", result["max_output_tokens_per_s"], "{:<10.2f}")
-    row("Peak concurrent requests:", result["max_concurrent_requests"])
+    row("Peak concurrent requests:", result["max_concurrent_requests"], "{:<10.2f}")   # vLLM's format
     row("Total Token throughput (tok/s):", result["total_token_throughput"], "{:<10.2f}")
     for name in metrics:
         short, header = METRIC_HEADERS[name]

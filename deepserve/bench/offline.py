@@ -11,8 +11,9 @@ ids (so no tokenizer or dataset is involved), `ignore_eos` so every request prod
   `--dataset-name random` (the default without `--dataset-path`) builds random token ids of
   `--input-len` (`--random-range-ratio` / `--random-prefix-len` as in vLLM); `sharegpt` and
   `sonnet` read `--dataset-path` as `bench serve` does and send the prompts' token ids (model
-  tokenizer, no special tokens added), `--output-len` replacing the dataset's output lengths where given (vLLM's benchmark_throughput.py). `--num-warmups` runs
-  that many requests of the same set (next seed) untimed first.
+  tokenizer, no special tokens added), `--output-len` replacing the dataset's output lengths
+  where given (vLLM's benchmark_throughput.py). `--num-warmups` runs that many requests of the
+  same set (next seed) untimed first.
 
 The measuring functions take the `llm` object, so they run against anything with vLLM's
 `LLM.generate` API.

@@ -46,6 +46,10 @@ def arrival_gaps(n: int, request_rate, burstiness: float, seed: int) -> list[flo
     else:
         gaps = rng.gamma(shape=burstiness, size=n) / (rates * burstiness)   # 0 where a rate is inf
     gaps[0] = 0.0
+    if np.isscalar(request_rate) and n > 1:
+        # vLLM scales a fixed rate's schedule so that the last request goes out at n / rate: the
+        # offered rate does not drift with the seed.
+        gaps *= (n / request_rate) / gaps.sum()
     return gaps.tolist()
 
 

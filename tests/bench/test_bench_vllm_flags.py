@@ -214,3 +214,18 @@ def test_ramp_up_run_writes_vllms_fields(fake_server, bench_args, tmp_path):
     assert (res["ramp_up_strategy"], res["ramp_up_start_rps"], res["ramp_up_end_rps"]) == ("linear", 50, 53)
     assert [e["rps"] for e in res["rps_change_events"]] == [50, 51, 52, 53]
     assert res["completed"] == 4 and res["request_rate"] == "inf"
+
+
+@pytest.mark.parametrize("burstiness", [0.5, 1.0, 4.0])
+def test_fixed_rate_schedule_ends_at_n_over_rate_as_vllms(burstiness):
+    from deepserve.bench.serve import arrival_gaps
+
+    for seed in range(3):
+        gaps = arrival_gaps(50, 10.0, burstiness, seed)
+        assert gaps[0] == 0.0 and sum(gaps) == pytest.approx(5.0)
+
+
+def test_summary_prints_peak_concurrency_as_vllm():
+    res = compute_metrics([RequestOutput(success=True, ttft=0.1, latency=0.2, itl=[0.1], start_time=1.0,
+                                         generated_text="ab", output_tokens=2)], 1.0, count_tokens=len)
+    assert "Peak concurrent requests:                1.00      " in format_summary({**res, "request_rate": "inf"})
