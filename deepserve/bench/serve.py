@@ -194,11 +194,18 @@ def result_filename(args: argparse.Namespace) -> str:
 
 
 def backend_name(args: argparse.Namespace) -> str:
-    """--backend as given (vllm, openai-chat), else the format --endpoint implies."""
-    backend = getattr(args, "backend", "openai")
-    if backend != "openai":
-        return backend
-    return "openai-chat" if "chat" in args.endpoint else "openai"
+    """--backend as given, else the format --endpoint implies (openai, openai-chat)."""
+    return getattr(args, "backend", None) or ("openai-chat" if "chat" in args.endpoint else "openai")
+
+
+def check_backend(args: argparse.Namespace) -> None:
+    """vLLM's backends post to one endpoint each: openai and vllm to completions, openai-chat to
+    chat completions; a --backend that contradicts --endpoint is refused, as vLLM refuses it."""
+    backend = getattr(args, "backend", None)
+    wants = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
+    if backend and args.endpoint != wants:
+        raise ValueError(f"--backend {backend} sends to {wants}, but --endpoint is {args.endpoint} "
+                         f"(pass --endpoint {wants}, or leave --backend out)")
 
 
 def key_values(items: Optional[Sequence[str]], flag: str) -> dict[str, str]:
@@ -321,6 +328,7 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
               requests: Optional[list[SampleRequest]] = None, quiet: bool = False) -> dict:
     """One benchmark run; returns the result dict (saved when `args.save_result`)."""
     check_tokenizer_mode(getattr(args, "tokenizer_mode", None))
+    check_backend(args)
     args.model = resolve_model(args)
     tok = tok or resolve_tokenizer(args.tokenizer, args.model)
     requests = requests if requests is not None else sample_requests(args, tok)

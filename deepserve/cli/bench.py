@@ -46,8 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
     g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
                    "warm-ups) and /stop_profile after it; the server needs --profiler-config.")
-    g.add_argument("--backend", default="openai", choices=["vllm", "openai", "openai-chat"],
-                   help="vLLM's request format names; --endpoint decides what is sent (default: openai).")
+    g.add_argument("--backend", default=None, choices=["vllm", "openai", "openai-chat"],
+                   help="vLLM's request formats: openai and vllm post to /v1/completions, openai-chat to "
+                        "/v1/chat/completions (default: what --endpoint names).")
     g.add_argument("--header", nargs="*", default=None, metavar="KEY=VALUE", help="HTTP headers of every request.")
     g.add_argument("--ready-check-timeout-sec", type=int, default=0,
                    help="Seconds to retry a first test request until the server answers (0: no check).")

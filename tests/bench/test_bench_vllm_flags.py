@@ -97,12 +97,21 @@ def test_peak_output_tokens_per_s_counts_chunks_in_one_second_buckets():
 
 
 def test_backend_and_label_name_the_result_file():
-    from deepserve.bench.serve import backend_name, result_filename
+    from deepserve.bench.serve import backend_name, check_backend, result_filename
     base = dict(request_rate=2.0, max_concurrency=None, model="m", endpoint="/v1/chat/completions", label=None)
-    assert backend_name(SimpleNamespace(**base, backend="openai")) == "openai-chat"
-    assert backend_name(SimpleNamespace(**base, backend="vllm")) == "vllm"
-    assert result_filename(SimpleNamespace(**base, backend="openai")).startswith("openai-chat-2.0qps-m-")
-    assert result_filename(SimpleNamespace(**{**base, "label": "L"}, backend="vllm")).startswith("L-2.0qps-m-")
+    assert backend_name(SimpleNamespace(**base, backend=None)) == "openai-chat"
+    assert backend_name(SimpleNamespace(**base, backend="openai-chat")) == "openai-chat"
+    assert result_filename(SimpleNamespace(**base, backend=None)).startswith("openai-chat-2.0qps-m-")
+    comp = {**base, "endpoint": "/v1/completions", "label": "L"}
+    assert result_filename(SimpleNamespace(**comp, backend="vllm")).startswith("L-2.0qps-m-")
+    check_backend(SimpleNamespace(**comp, backend="vllm"))
+    check_backend(SimpleNamespace(**base, backend="openai-chat"))
+    # vLLM's backends post to one endpoint each: a contradiction is refused, not sent the other way
+    with pytest.raises(ValueError, match="--backend openai-chat sends to /v1/chat/completions, but --endpoint is "
+                                         "/v1/completions"):
+        check_backend(SimpleNamespace(**comp, backend="openai-chat"))
+    with pytest.raises(ValueError, match="--backend openai sends to /v1/completions"):
+        check_backend(SimpleNamespace(**base, backend="openai"))
 
 
 class CountingLLM:
