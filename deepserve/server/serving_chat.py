@@ -17,8 +17,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   developer role as a `system` one;
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
-  assistant's, or with add_generation_prompt false) and `include_reasoning` false (no
-  reasoning fields);
+  assistant's, or with add_generation_prompt false), `include_reasoning` false (no
+  reasoning fields) and `return_token_ids` (the prompt's and the reply's token ids);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
   enable_thinking or thinking, are refused where the template reads none of them.
@@ -326,11 +326,15 @@ async def create_chat_completion(request: Request, state: ServerState):
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
                         "stop_reason": out.stop_reason})
+        if req.return_token_ids:
+            choices[-1]["token_ids"] = list(out.token_ids)
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     body = {"id": prep.id, "object": "chat.completion", "created": prep.created, "model": prep.model,
             "choices": choices, "usage": usage(len(prep.prompt_ids), completion_tokens)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = vllm_prompt_logprobs(final)
+    if req.return_token_ids:
+        body["prompt_token_ids"] = prep.prompt_ids
     return JSONResponse(body)
 
 
@@ -357,10 +361,12 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
         return frame(choices=choices, **extra)
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
-                  "finish_reason": None} for i in range(n)])
+                  "finish_reason": None} for i in range(n)],
+                **({"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}))
     splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n
+    ids_sent = [0] * n   # tokens whose ids went out (return_token_ids): a held-back delta's go with the next
     done = [False] * n
     first = True
     async for _, res in merge_streams([prep.stream(state)]):
@@ -389,6 +395,9 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 choice = {"index": i, "delta": delta, "logprobs": logprobs,
                           "finish_reason": _finish_reason(out, prep.tool_mode, called[i]),
                           "stop_reason": out.stop_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = list(out.token_ids[ids_sent[i]:])
+                    ids_sent[i] = len(out.token_ids)
                 choices.append(choice)
         if choices:
             extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}

@@ -8,7 +8,9 @@ text deltas, optional logprobs, a final usage chunk when `stream_options.include
 then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. `echo` with
 `max_tokens` 0 returns the prompt alone (its logprobs with `logprobs`), finish_reason "length"
 and no completion tokens, as OpenAI's legacy API and vLLM do (the engine samples one token,
-which is dropped). vLLM's `prompt_logprobs` puts vLLM's per-position dicts in each choice.
+which is dropped). vLLM's `prompt_logprobs` puts vLLM's per-position dicts in each choice;
+its `return_token_ids` puts the prompt's and the sample's token ids there (`prompt_token_ids`
+with a choice's first chunk, `token_ids` of each chunk's new tokens).
 """
 from __future__ import annotations
 
@@ -160,6 +162,8 @@ class _Prepared:
                   "finish_reason": "length", "stop_reason": None}
         if req.prompt_logprobs is not None:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+        if req.return_token_ids:
+            choice.update(prompt_token_ids=self.prompts[i]["prompt_token_ids"], token_ids=[])
         return choice
 
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
@@ -191,6 +195,8 @@ async def create_completion(request: Request, state: ServerState):
                       "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            if req.return_token_ids:
+                choice.update(prompt_token_ids=prep.prompts[i]["prompt_token_ids"], token_ids=list(out.token_ids))
             choices.append(choice)
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
     return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
@@ -220,6 +226,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     echoed: dict[int, int] = {}         # characters of echoed prompt
     finished: set[int] = set()
     prompt_logprobs_sent: set[int] = set()
+    prompt_ids_sent: set[int] = set()
     generated: dict[int, int] = {}
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
 
@@ -256,12 +263,18 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
                 continue
+            tokens_before = sent_tokens[idx]
             sent_text[idx], sent_tokens[idx] = len(out.text), n_tok
             generated[idx] = n_tok
             if out.finish_reason is not None:
                 finished.add(idx)
             choice = {"index": idx, "text": text, "logprobs": logprobs,
                       "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            if req.return_token_ids:
+                if idx not in prompt_ids_sent:
+                    choice["prompt_token_ids"] = prep.prompts[i]["prompt_token_ids"]
+                    prompt_ids_sent.add(idx)
+                choice["token_ids"] = list(out.token_ids[tokens_before:n_tok])
             if req.prompt_logprobs is not None and idx not in prompt_logprobs_sent:  # with its first chunk sent
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
                 prompt_logprobs_sent.add(idx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 from conftest import API_KEY
@@ -151,3 +152,30 @@ def test_reasoning_effort_is_refused_where_the_template_reads_neither_key():
     with pytest.raises(APIError) as err:
         render_text(state, req.messages, template_kwargs={"enable_thinking": False})
     assert err.value.param == "chat_template_kwargs" and "enable_thinking" in err.value.message
+
+
+def test_return_token_ids(client, demo_server):
+    """vLLM's return_token_ids: the prompt's ids and each choice's, streamed chunk by chunk."""
+    prompt_ids = httpx.post(f"{demo_server.url}/tokenize", json={"prompt": "Once upon a time"},
+                            headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
+    kw = dict(model="stories260k", prompt="Once upon a time", max_tokens=5, temperature=0, n=2,
+              extra_body={"return_token_ids": True})
+    whole = client.completions.create(**kw).model_dump()["choices"]
+    assert [c["prompt_token_ids"] for c in whole] == [prompt_ids] * 2
+    assert all(len(c["token_ids"]) == 5 for c in whole)
+    streamed: dict = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.model_dump()["choices"]:
+            got = streamed.setdefault(c["index"], [c.get("prompt_token_ids"), []])
+            got[1] += c["token_ids"]
+    assert streamed == {c["index"]: [prompt_ids, c["token_ids"]] for c in whole}
+
+    kw = dict(model="stories260k", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=5,
+              temperature=0, extra_body={"return_token_ids": True})
+    r = client.chat.completions.create(**kw).model_dump()
+    assert r["prompt_token_ids"] == prompt_ids   # the demo template: BOS, then the text
+    ids = r["choices"][0]["token_ids"]
+    assert len(ids) == r["usage"]["completion_tokens"] == 5
+    chunks = [c.model_dump() for c in client.chat.completions.create(stream=True, **kw)]
+    assert chunks[0]["prompt_token_ids"] == prompt_ids
+    assert [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []] == ids
