@@ -106,7 +106,7 @@ async def _warm_up(client, url: str) -> None:
 CLIENTS = ("auto", "httpx")
 
 
-def open_client(url: str, timeout_s: float):
+def open_client(url: str, timeout_s: float, verify: bool = True):
     """The client for `url`'s requests: the bench's own HTTP/1.1 client for http (a fraction of
     httpx's CPU per streamed token), httpx for https or when DEEPSERVE_BENCH_CLIENT=httpx (to
     compare the two)."""
@@ -117,12 +117,12 @@ def open_client(url: str, timeout_s: float):
         return Http1Client(timeout_s)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     # trust_env=False: a proxy from the environment must not sit between bench and server.
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False)
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, trust_env=False, verify=verify)
 
 
-async def post_profile(url: str, timeout_s: float) -> None:
+async def post_profile(url: str, timeout_s: float, verify: bool = True) -> None:
     """vLLM bench's --profile: POST the server's /start_profile or /stop_profile (`url`)."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), trust_env=False, verify=verify) as http:
         resp = await http.post(url)
     if resp.status_code == 404:
         raise ValueError(f"{url}: 404; --profile needs a server started with --profiler-config")
@@ -133,16 +133,17 @@ async def post_profile(url: str, timeout_s: float) -> None:
 async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness: float,
                        max_concurrency: Optional[int], seed: int, timeout_s: float,
                        progress: bool = True, num_warmups: int = 0,
-                       profile_root: Optional[str] = None) -> tuple[list[RequestOutput], float]:
+                       profile_root: Optional[str] = None, verify: bool = True) -> tuple[list[RequestOutput], float]:
     """Send `inputs` on the arrival schedule (`request_rate`: one rate or each request's); returns
     their outputs (input order) and the wall time.
-    `profile_root`: the server's root URL, whose profiler records the run (after the warm-ups)."""
+    `profile_root`: the server's root URL, whose profiler records the run (after the warm-ups).
+    `verify`: check an https server's certificate (vLLM's --insecure turns it off)."""
     from tqdm.auto import tqdm
 
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
     gaps = arrival_gaps(len(inputs), request_rate, burstiness, seed)
-    async with open_client(inputs[0].api_url if inputs else "http://", timeout_s) as client:
+    async with open_client(inputs[0].api_url if inputs else "http://", timeout_s, verify) as client:
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def limited(req: RequestInput) -> RequestOutput:
@@ -156,7 +157,7 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness:
         if num_warmups > 0 and inputs:
             await asyncio.gather(*(limited(inputs[0]) for _ in range(num_warmups)))
         if profile_root:
-            await post_profile(profile_root + "/start_profile", timeout_s)
+            await post_profile(profile_root + "/start_profile", timeout_s, verify)
         bar = tqdm(total=len(inputs), disable=not progress, desc="requests", file=sys.stderr)
 
         async def tracked(req: RequestInput) -> RequestOutput:
@@ -177,7 +178,7 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness:
         duration = time.perf_counter() - start
         bar.close()
         if profile_root:   # returns once the server's traces are written
-            await post_profile(profile_root + "/stop_profile", timeout_s)
+            await post_profile(profile_root + "/stop_profile", timeout_s, verify)
     return list(outputs), duration
 
 
@@ -238,12 +239,12 @@ def check_tokenizer_mode(mode: Optional[str]) -> None:
                          f"use {' or '.join(TOKENIZER_MODES)})")
 
 
-async def _ready_check(req: RequestInput, timeout_s: float) -> RequestOutput:
+async def _ready_check(req: RequestInput, timeout_s: float, verify: bool) -> RequestOutput:
     """vLLM's --ready-check-timeout-sec: send `req` until it succeeds, the server refuses it (4xx),
     or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
-        async with open_client(req.api_url, max(1.0, deadline - time.monotonic())) as client:
+        async with open_client(req.api_url, max(1.0, deadline - time.monotonic()), verify) as client:
             out = await send_request(client, req)
         # A 4xx is the server's answer to the request itself: retrying cannot change it.
         if out.success or out.error.startswith("HTTP 4") or time.monotonic() >= deadline:
@@ -251,8 +252,8 @@ async def _ready_check(req: RequestInput, timeout_s: float) -> RequestOutput:
         await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def wait_until_ready(req: RequestInput, timeout_s: int) -> None:
-    out = asyncio.run(_ready_check(req, timeout_s))
+def wait_until_ready(req: RequestInput, timeout_s: int, verify: bool = True) -> None:
+    out = asyncio.run(_ready_check(req, timeout_s, verify))
     if out.error.startswith("HTTP 4"):
         raise ValueError(f"the server refused the --ready-check-timeout-sec test request: {out.error}")
     if not out.success:
@@ -268,7 +269,7 @@ def served_models(args: argparse.Namespace) -> list[str]:
     """The model names the server lists at /v1/models."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
     try:
-        resp = httpx.get(url, timeout=30.0, trust_env=False)
+        resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False))
         resp.raise_for_status()
         names = [m["id"] for m in resp.json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -349,8 +350,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
                            headers={**headers, "x-request-id": f"{id_prefix}{i}"})
               for i, r in enumerate(requests)]
     ramp = ramp_up_rates(args, len(inputs))
+    verify = not getattr(args, "insecure", False)
     if inputs and getattr(args, "ready_check_timeout_sec", 0) > 0:
-        wait_until_ready(inputs[0], args.ready_check_timeout_sec)
+        wait_until_ready(inputs[0], args.ready_check_timeout_sec, verify)
     if not quiet:
         rate = "inf" if math.isinf(args.request_rate) else args.request_rate
         if ramp:
@@ -360,7 +362,7 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     outputs, duration = asyncio.run(run_requests(
         inputs, ramp or args.request_rate, args.burstiness, args.max_concurrency, args.seed,
         args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups,
-        profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None))
+        profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None, verify=verify))
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "backend": backend_name(args),

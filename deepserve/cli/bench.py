@@ -43,6 +43,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder (tokenizer.json) to count tokens "
                    "with; default: --model when it is a folder.")
     g.add_argument("--tokenizer-mode", default="auto", help="auto or hf (tokenizer.json); others are refused.")
+    g.add_argument("--insecure", action="store_true", help="Do not check an https server's certificate.")
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
     g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
                    "warm-ups) and /stop_profile after it; the server needs --profiler-config.")

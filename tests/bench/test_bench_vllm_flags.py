@@ -238,3 +238,31 @@ def test_summary_prints_peak_concurrency_as_vllm():
     res = compute_metrics([RequestOutput(success=True, ttft=0.1, latency=0.2, itl=[0.1], start_time=1.0,
                                          generated_text="ab", output_tokens=2)], 1.0, count_tokens=len)
     assert "Peak concurrent requests:                1.00      " in format_summary({**res, "request_rate": "inf"})
+
+
+def test_insecure_turns_certificate_checks_off(bench_args, monkeypatch):
+    import httpx
+
+    from deepserve.bench import serve
+
+    seen = []
+
+    class Refused(Exception):
+        pass
+
+    class Client:
+        def __init__(self, **kwargs):
+            seen.append(("client", kwargs["verify"]))
+            raise Refused
+
+    def get(url, **kwargs):
+        seen.append(("get", kwargs["verify"]))
+        raise httpx.ConnectError("no server")
+
+    monkeypatch.setattr(serve.httpx, "AsyncClient", Client)
+    monkeypatch.setattr(serve.httpx, "get", get)
+    for argv, verify in (([], True), (["--insecure"], False)):
+        seen.clear()
+        with pytest.raises(Refused):
+            run_serve(bench_args(_argv("https://127.0.0.1:9", "--random-input-len", "4", *argv)))
+        assert seen == [("get", verify), ("client", verify)]
