@@ -12,8 +12,7 @@ so that numbers compare with `vllm bench serve` runs on the same flags:
   (or `--sharegpt-output-len`), pruned like vLLM (prompt < 1024, prompt + output < 2048).
 - custom: a JSONL file of {"prompt": ..., "output_tokens": n (optional)} lines, shuffled
   unless `--disable-shuffle`, chat-templated for /v1/completions unless `--skip-chat-template`,
-  each asking for `--custom-output-len` tokens (-1: the line's output_tokens); repeated at
-  random up to `--num-prompts` when the file has fewer lines.
+  each asking for `--custom-output-len` tokens (-1: the line's output_tokens).
 - prefix_repetition (or prefix-repetition): `--prefix-repetition-num-prefixes` random prefixes, each shared by an
   equal share of the requests, plus a random suffix per request.
 """
@@ -189,7 +188,6 @@ def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int,
         if use_template:
             prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
         requests.append(SampleRequest(prompt, tok.count(prompt), out_len))
-    requests += rnd.choices(requests, k=num_requests - len(requests))   # vLLM's oversampling
     return requests
 
 
@@ -226,7 +224,16 @@ def apply_length_flags(args) -> None:
 
 
 def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
-    """The request set named by `args.dataset_name`, built from the bench serve flags."""
+    """The request set named by `args.dataset_name`, built from the bench serve flags. A file
+    with fewer usable entries than --num-prompts is oversampled (entries repeated at random) up
+    to it, as vLLM does, unless --no-oversample."""
+    requests = _sample(args, tok)
+    if len(requests) < args.num_prompts and not getattr(args, "no_oversample", False):
+        requests += random.Random(args.seed).choices(requests, k=args.num_prompts - len(requests))
+    return requests
+
+
+def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
     apply_length_flags(args)
     name, n, seed = args.dataset_name.replace("_", "-"), args.num_prompts, args.seed
     if n < 1:

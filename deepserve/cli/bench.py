@@ -83,6 +83,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--skip-chat-template", action="store_true",
                    help="custom: send the prompts as they are (else chat-templated for /v1/completions).")
     d.add_argument("--disable-shuffle", action="store_true", help="custom: keep the file's order.")
+    d.add_argument("--no-oversample", action="store_true",
+                   help="sharegpt, custom: send only the file's usable entries, even fewer than --num-prompts.")
     d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
     d.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
     d.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)

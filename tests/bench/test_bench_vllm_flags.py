@@ -266,3 +266,17 @@ def test_insecure_turns_certificate_checks_off(bench_args, monkeypatch):
         with pytest.raises(Refused):
             run_serve(bench_args(_argv("https://127.0.0.1:9", "--random-input-len", "4", *argv)))
         assert seen == [("get", verify), ("client", verify)]
+
+
+def test_short_files_are_oversampled_unless_no_oversample(bench_args, tmp_path):
+    from deepserve.bench.datasets import sample_requests
+    from deepserve.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(TOKENIZER))
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Tell me a story about a cat."},
+                                                    {"from": "gpt", "value": "Once upon a time a cat sat."}]}]))
+    argv = _argv("http://x", "--dataset-name", "sharegpt", "--dataset-path", str(share))
+    reqs = sample_requests(bench_args(argv), tok)
+    assert len(reqs) == 3 and len({r.prompt for r in reqs}) == 1
+    assert len(sample_requests(bench_args([*argv, "--no-oversample"]), tok)) == 1
