@@ -68,7 +68,7 @@ KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "store", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
     "prompt_cache_key", "suffix", "input_audio", "image_url", "file", "refusal",
     "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
-    "return_tokens_as_token_ids", "kv_transfer_params", "vllm_xargs", "logits_processors",
+    "kv_transfer_params", "vllm_xargs", "logits_processors",
     "structural_tag", "guided_json_object", "prompt_embeds", "return_token_offsets", "return_prompt_text",
     "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
     # structured_outputs' options (vLLM's StructuredOutputsParams)
@@ -177,6 +177,7 @@ class _SamplingFields(_Strict):
     # vLLM's: the prompt's and each choice's token ids in the response (streamed: the prompt's
     # with the first chunk, each chunk's new tokens with it)
     return_token_ids: Optional[bool] = None
+    return_tokens_as_token_ids: Optional[bool] = None   # vLLM's: logprobs name tokens `token_id:N`
     best_of: Optional[int] = None      # only = n (no extra samples to rank)
     # vLLM's: a space between special tokens in the text. Its fast-tokenizer detokenizer (the
     # only kind deepserve has) writes none either way, nor does deepserve's.

@@ -18,7 +18,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false), `include_reasoning` false (no
-  reasoning fields) and `return_token_ids` (the prompt's and the reply's token ids);
+  reasoning fields), `return_token_ids` (the prompt's and the reply's token ids) and
+  `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
   enable_thinking or thinking, are refused where the template reads none of them.
@@ -47,18 +48,21 @@ from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser
                                           tool_call_id)
 
 
-def _entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _entry(text: str, logprob: float, name: Optional[str] = None) -> dict:
+    """One token's entry; `name` replaces the text as `token` (its bytes stay the text's)."""
+    return {"token": text if name is None else name, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int) -> dict:
-    """OpenAI's chat logprobs object for tokens [start, end) of one sample."""
+def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_ids: bool = False) -> dict:
+    """OpenAI's chat logprobs object for tokens [start, end) of one sample (`as_ids`: tokens
+    named `token_id:N`, vLLM's return_tokens_as_token_ids; `bytes` stay the token's text's)."""
     content = []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
-        top = sorted((lp for lp in entry.values() if lp.rank <= top_k), key=lambda lp: lp.rank)
-        item = _entry(chosen.decoded_token, chosen.logprob)
-        item["top_logprobs"] = [_entry(lp.decoded_token, lp.logprob) for lp in top]
+        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
+        item = _entry(chosen.decoded_token, chosen.logprob, f"token_id:{tid}" if as_ids else None)
+        item["top_logprobs"] = [_entry(lp.decoded_token, lp.logprob, f"token_id:{t}" if as_ids else None)
+                                for t, lp in top]
         content.append(item)
     return {"content": content}
 
@@ -322,7 +326,9 @@ async def create_chat_completion(request: Request, state: ServerState):
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
             message["tool_calls"] = calls
-        logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k) if prep.top_k is not None else None
+        logprobs = None
+        if prep.top_k is not None:
+            logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, bool(req.return_tokens_as_token_ids))
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
                         "stop_reason": out.stop_reason})
@@ -387,7 +393,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 called[i] = True
             logprobs = None
             if prep.top_k is not None and len(out.token_ids) > sent_tokens[i]:
-                logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k)
+                logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k,
+                                         bool(req.return_tokens_as_token_ids))
             sent_text[i], sent_tokens[i] = len(out.text), len(out.token_ids)
             generated[i] = len(out.token_ids)
             done[i] = final

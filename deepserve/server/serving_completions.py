@@ -31,8 +31,13 @@ from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerSta
 SAMPLES_PER_N = 16
 
 
-def _legacy_entry(entry: dict, tid: int, top_k: int) -> dict:
-    return {lp.decoded_token: lp.logprob for t, lp in entry.items() if lp.rank <= top_k or t == tid}
+def token_name(tid: int, text: str, as_ids: bool) -> str:
+    """A logprobs entry's token: its text, or `token_id:N` (vLLM's return_tokens_as_token_ids)."""
+    return f"token_id:{tid}" if as_ids else text
+
+
+def _legacy_entry(entry: dict, tid: int, top_k: int, as_ids: bool) -> dict:
+    return {token_name(t, lp.decoded_token, as_ids): lp.logprob for t, lp in entry.items() if lp.rank <= top_k or t == tid}
 
 
 def text_offsets(text: str, tokens: list[str], cursor: int = 0, slack: int = 4) -> tuple[list[int], int]:
@@ -49,7 +54,7 @@ def text_offsets(text: str, tokens: list[str], cursor: int = 0, slack: int = 4) 
     return offsets, cursor
 
 
-def echo_logprobs(res: RequestOutput, top_k: int, decode, prompt_text: str) -> dict:
+def echo_logprobs(res: RequestOutput, top_k: int, decode, prompt_text: str, as_ids: bool = False) -> dict:
     """The legacy logprobs object of the prompt (echo): the first token has no logprob; text
     offsets point into `prompt_text`, where the generated tokens' offsets go on from."""
     tokens, token_logprobs, top_logprobs = [], [], []
@@ -57,8 +62,8 @@ def echo_logprobs(res: RequestOutput, top_k: int, decode, prompt_text: str) -> d
         if entry is None:
             text, lp, top = decode(tid), None, None
         else:
-            text, lp, top = entry[tid].decoded_token, entry[tid].logprob, _legacy_entry(entry, tid, top_k)
-        tokens.append(text)
+            text, lp, top = entry[tid].decoded_token, entry[tid].logprob, _legacy_entry(entry, tid, top_k, as_ids)
+        tokens.append(token_name(tid, text, as_ids))
         token_logprobs.append(lp)
         top_logprobs.append(top)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -75,16 +80,16 @@ def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
 
 
 def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, base: int,
-                        cursor: int) -> tuple[dict, int]:
+                        cursor: int, as_ids: bool = False) -> tuple[dict, int]:
     """OpenAI's legacy logprobs object for tokens [start, end) of one sample, with their
     offsets in the choice's text (`base` characters of echoed prompt, then the sample's text,
     searched from `cursor` in the sample's text); and the cursor after them."""
     tokens, token_logprobs, top_logprobs = [], [], []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
-        tokens.append(chosen.decoded_token)
+        tokens.append(token_name(tid, chosen.decoded_token, as_ids))
         token_logprobs.append(chosen.logprob)
-        top_logprobs.append(_legacy_entry(entry, tid, top_k))
+        top_logprobs.append(_legacy_entry(entry, tid, top_k, as_ids))
     offsets, cursor = text_offsets(out.text, tokens, cursor)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": [base + o for o in offsets]}, cursor
@@ -93,6 +98,7 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
 class _Prepared:
     def __init__(self, state: ServerState, req: CompletionRequest):
         self.model = state.check_model(req.model)
+        self.as_ids = bool(req.return_tokens_as_token_ids)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         try:
@@ -146,7 +152,7 @@ class _Prepared:
 
     def echo_logprobs_of(self, state: ServerState, res: RequestOutput, top_k: int, i: int) -> dict:
         decode = (lambda t: state.tokenizer.token_text(t, at_start=True)) if state.tokenizer else str  # the first
-        return echo_logprobs(res, top_k, decode, self.prompt_text(state, i))
+        return echo_logprobs(res, top_k, decode, self.prompt_text(state, i), self.as_ids)
 
     def prompt_text(self, state: ServerState, i: int) -> str:
         p = self.prompts[i]
@@ -188,7 +194,8 @@ async def create_completion(request: Request, state: ServerState):
             completion_tokens += len(out.token_ids)
             logprobs = None
             if req.logprobs is not None:
-                logprobs, _ = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix), 0)
+                logprobs, _ = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix), 0,
+                                                  prep.as_ids)
                 if prep.echo_logprobs:
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             choice = {"index": i * prep.n + out.index, "text": prefix + out.text,
@@ -258,7 +265,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             logprobs = None
             if req.logprobs is not None:
                 logprobs, cursors[idx] = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs,
-                                                             echoed[idx], cursors[idx])
+                                                             echoed[idx], cursors[idx], prep.as_ids)
                 if first and prep.echo_logprobs:
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):

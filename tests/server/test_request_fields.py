@@ -179,3 +179,20 @@ def test_return_token_ids(client, demo_server):
     chunks = [c.model_dump() for c in client.chat.completions.create(stream=True, **kw)]
     assert chunks[0]["prompt_token_ids"] == prompt_ids
     assert [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []] == ids
+
+
+def test_return_tokens_as_token_ids(client):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token `token_id:N`."""
+    kw = dict(model="stories260k", prompt="Once upon a time", max_tokens=3, temperature=0, logprobs=1, echo=True,
+              extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    c = client.completions.create(**kw).choices[0].model_dump()
+    ids = c["prompt_token_ids"] + c["token_ids"]
+    assert c["logprobs"]["tokens"] == [f"token_id:{t}" for t in ids]
+    assert all(f"token_id:{t}" in top for t, top in zip(c["token_ids"], c["logprobs"]["top_logprobs"][-3:]))
+    r = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "Once"}],
+                                       max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    content = r.choices[0].logprobs.content
+    assert [e.token for e in content] == [f"token_id:{t}" for t in r.model_dump()["choices"][0]["token_ids"]]
+    assert all(len(e.top_logprobs) == 2 and all(t.token.startswith("token_id:") for t in e.top_logprobs)
+               for e in content)
