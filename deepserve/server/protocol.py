@@ -318,14 +318,18 @@ class ChatMessage(_Strict):
 
     def template_dict(self) -> dict:
         """The message as chat templates see it (transformers' shape): only the keys sent;
-        content None stays None beside tool calls (R1's template tests for it)."""
+        content None stays None beside tool calls (R1's template tests for it); a turn's
+        reasoning, sent under either name, under both (vLLM's, for either kind of template)."""
         msg: dict = {"role": self.role}
         msg["content"] = None if self.content is None and self.tool_calls else self.text()
         if self.tool_calls:
             msg["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
-        for key in ("name", "tool_call_id", "reasoning_content"):
+        for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 msg[key] = getattr(self, key)
+        reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if reasoning is not None:
+            msg["reasoning"] = msg["reasoning_content"] = reasoning
         return msg
 
     def text(self) -> str:

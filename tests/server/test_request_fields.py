@@ -196,3 +196,11 @@ def test_return_tokens_as_token_ids(client):
     assert [e.token for e in content] == [f"token_id:{t}" for t in r.model_dump()["choices"][0]["token_ids"]]
     assert all(len(e.top_logprobs) == 2 and all(t.token.startswith("token_id:") for t in e.top_logprobs)
                for e in content)
+
+
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content"])
+def test_an_earlier_turns_reasoning_reaches_the_template_under_either_name(key):
+    template = "{% for m in messages %}{{ m['reasoning_content'] }}|{{ m['reasoning'] }}|{{ m['content'] }}{% endfor %}"
+    state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=template))
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "assistant", "content": "4", key: "2+2"}]})
+    assert render_text(state, req.messages, add_generation_prompt=False) == "2+2|2+2|4"
