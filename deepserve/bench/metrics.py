@@ -137,6 +137,53 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
     return result
 
 
+def parse_spec_decode_counters(text: str) -> Optional[dict]:
+    """vLLM's speculative-decoding counters (vllm:spec_decode_*_total) from a /metrics page,
+    summed over their label sets: num_drafts, num_draft_tokens, num_accepted_tokens and
+    per_pos {position: accepted}; None when the page has none (no speculative decoding)."""
+    out: dict = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "per_pos": {}}
+    found = False
+    for line in text.splitlines():
+        if not line.startswith("vllm:spec_decode_"):
+            continue
+        name = line.split(" ", 1)[0].split("{", 1)[0]
+        if not name.endswith("_total"):
+            continue
+        try:
+            value = int(float(line.rsplit(" ", 1)[1]))
+        except (IndexError, ValueError):
+            continue
+        key = name[len("vllm:spec_decode_"):-len("_total")]
+        if key == "num_accepted_tokens_per_pos":
+            position = line.partition('position="')[2].partition('"')[0]
+            if position.isdigit():
+                out["per_pos"][int(position)] = out["per_pos"].get(int(position), 0) + value
+                found = True
+        elif key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            out[key] += value
+            found = True
+    return out if found else None
+
+
+def spec_decode_fields(before: Optional[dict], after: Optional[dict]) -> dict:
+    """vLLM's spec_decode_* result fields from the counters before and after the run (empty
+    when the server drafted nothing in between)."""
+    if before is None or after is None:
+        return {}
+    drafts = after["num_drafts"] - before["num_drafts"]
+    draft_tokens = after["num_draft_tokens"] - before["num_draft_tokens"]
+    accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+    if draft_tokens <= 0:
+        return {}
+    positions = sorted(set(before["per_pos"]) | set(after["per_pos"]))
+    per_pos = [(after["per_pos"].get(p, 0) - before["per_pos"].get(p, 0)) / drafts for p in positions] \
+        if drafts > 0 else []
+    return {"spec_decode_acceptance_rate": accepted / draft_tokens * 100.0,
+            "spec_decode_acceptance_length": 1.0 + accepted / drafts if drafts > 0 else 0.0,
+            "spec_decode_num_drafts": drafts, "spec_decode_draft_tokens": draft_tokens,
+            "spec_decode_accepted_tokens": accepted, "spec_decode_per_position_acceptance_rates": per_pos}
+
+
 def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
                    metrics: Sequence[str] = METRICS) -> str:
     """The result table `vllm bench serve` prints, as one string."""
@@ -171,5 +218,16 @@ def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
         for p in percentiles:
             key = percentile_key(p)
             row(f"{key.upper()} {short} (ms):", result[f"{key}_{name}_ms"], "{:<10.2f}")
+    if "spec_decode_acceptance_rate" in result:
+        rows.append("{s:{c}^{n}}".format(s="Speculative Decoding", n=50, c="-"))
+        row("Acceptance rate (%):", result["spec_decode_acceptance_rate"], "{:<10.2f}")
+        row("Acceptance length:", result["spec_decode_acceptance_length"], "{:<10.2f}")
+        row("Drafts:", result["spec_decode_num_drafts"])
+        row("Draft tokens:", result["spec_decode_draft_tokens"])
+        row("Accepted tokens:", result["spec_decode_accepted_tokens"])
+        if result["spec_decode_per_position_acceptance_rates"]:
+            rows.append("Per-position acceptance (%):")
+            for i, rate in enumerate(result["spec_decode_per_position_acceptance_rates"]):
+                row(f"  Position {i}:", rate * 100.0, "{:<10.2f}")
     rows.append("=" * 50)
     return "\n".join(rows)

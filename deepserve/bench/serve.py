@@ -18,7 +18,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import httpx
 import numpy as np
@@ -26,7 +26,8 @@ import numpy as np
 from deepserve.bench.client import RequestInput, RequestOutput, api_url, send_request
 from deepserve.bench.http1 import HTTPError, Http1Client
 from deepserve.bench.datasets import SampleRequest, sample_requests
-from deepserve.bench.metrics import METRICS, compute_metrics, format_summary, parse_goodput
+from deepserve.bench.metrics import (METRICS, compute_metrics, format_summary, parse_goodput,
+                                     parse_spec_decode_counters, spec_decode_fields)
 from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
 
 
@@ -133,11 +134,13 @@ async def post_profile(url: str, timeout_s: float, verify: bool = True) -> None:
 async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness: float,
                        max_concurrency: Optional[int], seed: int, timeout_s: float,
                        progress: bool = True, num_warmups: int = 0,
-                       profile_root: Optional[str] = None, verify: bool = True) -> tuple[list[RequestOutput], float]:
+                       profile_root: Optional[str] = None, verify: bool = True,
+                       on_start: Optional[Callable[[], None]] = None) -> tuple[list[RequestOutput], float]:
     """Send `inputs` on the arrival schedule (`request_rate`: one rate or each request's); returns
     their outputs (input order) and the wall time.
     `profile_root`: the server's root URL, whose profiler records the run (after the warm-ups).
-    `verify`: check an https server's certificate (vLLM's --insecure turns it off)."""
+    `verify`: check an https server's certificate (vLLM's --insecure turns it off). `on_start`:
+    called after the warm-ups, just before the timed run."""
     from tqdm.auto import tqdm
 
     if max_concurrency is not None and max_concurrency < 1:
@@ -156,6 +159,8 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness:
             await _warm_up(client, inputs[0].api_url)
         if num_warmups > 0 and inputs:
             await asyncio.gather(*(limited(inputs[0]) for _ in range(num_warmups)))
+        if on_start:
+            await asyncio.to_thread(on_start)
         if profile_root:
             await post_profile(profile_root + "/start_profile", timeout_s, verify)
         bar = tqdm(total=len(inputs), disable=not progress, desc="requests", file=sys.stderr)
@@ -265,6 +270,15 @@ def base_url_of(args: argparse.Namespace) -> str:
     return args.base_url or f"http://{args.host}:{args.port}"
 
 
+def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
+    """The server's vLLM spec_decode counters from `root`/metrics (None: none, or no /metrics)."""
+    try:
+        resp = httpx.get(root + "/metrics", timeout=30.0, trust_env=False, verify=verify)
+    except httpx.HTTPError:
+        return None
+    return parse_spec_decode_counters(resp.text) if resp.status_code == 200 else None
+
+
 def served_models(args: argparse.Namespace) -> list[str]:
     """The model names the server lists at /v1/models."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
@@ -359,10 +373,16 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
             rate = f"{args.ramp_up_strategy} ramp-up {args.ramp_up_start_rps} -> {args.ramp_up_end_rps}"
         print(f"bench serve: {len(inputs)} {args.dataset_name} requests to {url}, request rate {rate}, "
               f"burstiness {args.burstiness}, max concurrency {args.max_concurrency}", file=sys.stderr)
+    root = url[: -len(args.endpoint)]
+    counters = {}
+
+    def count_before() -> None:
+        counters["before"] = spec_decode_counters(root, verify)
+
     outputs, duration = asyncio.run(run_requests(
         inputs, ramp or args.request_rate, args.burstiness, args.max_concurrency, args.seed,
         args.request_timeout, progress=not args.disable_tqdm, num_warmups=args.num_warmups,
-        profile_root=url[: -len(args.endpoint)] if getattr(args, "profile", False) else None, verify=verify))
+        profile_root=root if getattr(args, "profile", False) else None, verify=verify, on_start=count_before))
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "backend": backend_name(args),
@@ -384,6 +404,8 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         result.update(ramp_up_strategy=args.ramp_up_strategy, ramp_up_start_rps=args.ramp_up_start_rps,
                       ramp_up_end_rps=args.ramp_up_end_rps, rps_change_events=rps_change_events(ramp, outputs))
     result.update(compute_metrics(outputs, duration, tok.count, percentiles, goodput))
+    # vLLM's: the acceptance of a speculating server over the run, from its /metrics counters
+    result.update(spec_decode_fields(counters.get("before"), spec_decode_counters(root, verify)))
     if not args.save_detailed:
         result.pop("generated_texts")
     if not quiet:

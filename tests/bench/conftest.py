@@ -29,9 +29,10 @@ EXPECTED_KEYS = {"date", "model_id", "tokenizer_id", "num_prompts", "request_rat
 class FakeServer:
     """`with FakeServer(ttft=0.1, itl=0.02) as srv:` runs fake_openai.py; srv.url, srv.stats()."""
 
-    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True):
+    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, spec_metrics=False):
         self.argv = [sys.executable, str(FAKE_SERVER), "--ttft", str(ttft), "--itl", str(itl),
-                     "--status", str(status)] + ([] if usage else ["--no-usage"])
+                     "--status", str(status)] + ([] if usage else ["--no-usage"]) + \
+            (["--spec-metrics"] if spec_metrics else [])
 
     def __enter__(self):
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)

@@ -1,6 +1,6 @@
 """A fake OpenAI streaming endpoint with known timing, run as its own process by the tests.
 
-`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage]` prints its port,
+`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics]` prints its port,
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
 not accumulate), then a usage chunk and `[DONE]`. Each chunk's text is " hello", one token
@@ -18,9 +18,9 @@ import time
 
 
 class FakeOpenAI:
-    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True):
+    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True, spec_metrics=False):
         self.ttft, self.itl, self.status = ttft, itl, status
-        self.usage, self.role_chunk = usage, role_chunk
+        self.usage, self.role_chunk, self.spec_metrics = usage, role_chunk, spec_metrics
         self.requests: list[dict] = []
         self.headers: list[dict] = []   # each request's headers, names lower-cased
         self.in_flight = self.max_in_flight = 0
@@ -57,6 +57,25 @@ class FakeOpenAI:
                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
         await writer.drain()
 
+    def _spec_metrics(self) -> str:
+        """vLLM's speculative-decoding counters, as if each request so far drafted twice, 2 tokens a
+        draft, with 3 of its 4 tokens accepted (2 at position 0, 1 at position 1)."""
+        n, label = len(self.requests), 'model_name="fake-model"'
+        return "".join([
+            "# TYPE vllm:spec_decode_num_drafts counter\n",
+            f"vllm:spec_decode_num_drafts_total{{{label}}} {2.0 * n}\n",
+            f"vllm:spec_decode_num_draft_tokens_total{{{label}}} {4.0 * n}\n",
+            f"vllm:spec_decode_num_accepted_tokens_total{{{label}}} {3.0 * n}\n",
+            f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="0"}} {2.0 * n}\n',
+            f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="1"}} {1.0 * n}\n',
+            f"vllm:spec_decode_num_drafts_created {{{label}}} 1.7e9\n"])
+
+    async def _send_text(self, writer, text):
+        data = text.encode()
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                     + data)
+        await writer.drain()
+
     async def _chunk(self, writer, obj):
         data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
         writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -65,6 +84,10 @@ class FakeOpenAI:
     async def _respond(self, method, path, body, writer, headers):
         if method == "GET" and path == "/v1/models":
             return await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
+        if method == "GET" and path == "/metrics":
+            if not self.spec_metrics:
+                return await self._send_json(writer, 404, {"detail": "Not Found"})
+            return await self._send_text(writer, self._spec_metrics())
         if method == "GET" and path == "/_stats":
             return await self._send_json(writer, 200, {"requests": self.requests, "headers": self.headers, "arrivals": self.arrivals,
                                                        "max_in_flight": self.max_in_flight})
@@ -101,8 +124,9 @@ def main(argv=None):
     p.add_argument("--itl", type=float, default=0.02)
     p.add_argument("--status", type=int, default=200)
     p.add_argument("--no-usage", action="store_true")
+    p.add_argument("--spec-metrics", action="store_true", help="serve vLLM's spec_decode counters at /metrics")
     a = p.parse_args(argv)
-    asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage).serve())
+    asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage, spec_metrics=a.spec_metrics).serve())
 
 
 if __name__ == "__main__":

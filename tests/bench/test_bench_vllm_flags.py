@@ -42,7 +42,8 @@ def test_request_flags_reach_the_server(fake_server, bench_args, tmp_path):
 
 def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_args, tmp_path):
     argv = _argv("", "--random-input-len", "8", "--input-len", "6", "--output-len", "2", "--append-result",
-                 "--result-dir", str(tmp_path), "--label", "mylabel", "--metadata", "tp=8", "note=a b",
+                 "--result-dir", str(tmp_path), "--result-filename", "runs.json", "--label", "mylabel",
+                 "--metadata", "tp=8", "note=a b",
                  "--backend", "vllm")
     with fake_server(ttft=0.01, itl=0.005) as srv:
         argv[2] = srv.url
@@ -50,8 +51,7 @@ def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_
         run_serve(bench_args(argv))
         bodies = srv.stats()["requests"]
     assert all(b["ignore_eos"] is True and b["max_tokens"] == 2 for b in bodies)
-    (path,) = tmp_path.glob("mylabel-infqps-fake-model-*.json")
-    lines = path.read_text().splitlines()
+    lines = (tmp_path / "runs.json").read_text().splitlines()
     assert len(lines) == 2   # one JSON document a line
     for line in lines:
         res = json.loads(line)
@@ -280,3 +280,22 @@ def test_short_files_are_oversampled_unless_no_oversample(bench_args, tmp_path):
     reqs = sample_requests(bench_args(argv), tok)
     assert len(reqs) == 3 and len({r.prompt for r in reqs}) == 1
     assert len(sample_requests(bench_args([*argv, "--no-oversample"]), tok)) == 1
+
+
+def test_spec_decode_acceptance_from_the_servers_counters(fake_server, bench_args, capsys):
+    # The fake server counts 2 drafts of 2 tokens per request received, 3 tokens accepted (2 at
+    # position 0, 1 at position 1): over the 3 timed requests (the warm-up is before the count).
+    argv = _argv("", "--random-input-len", "8", "--random-output-len", "2", "--num-warmups", "1")
+    with fake_server(ttft=0.01, itl=0.005, spec_metrics=True) as srv:
+        argv[2] = srv.url
+        res = run_serve(bench_args(argv))
+    assert (res["spec_decode_num_drafts"], res["spec_decode_draft_tokens"], res["spec_decode_accepted_tokens"]) == \
+        (6, 12, 9)
+    assert res["spec_decode_acceptance_rate"] == pytest.approx(75.0)
+    assert res["spec_decode_acceptance_length"] == pytest.approx(2.5)
+    assert res["spec_decode_per_position_acceptance_rates"] == pytest.approx([1.0, 0.5])
+    out = capsys.readouterr().out
+    assert "Acceptance rate (%):                     75.00" in out and "  Position 1:" in out
+    with fake_server(ttft=0.01, itl=0.005) as srv:   # no /metrics: no spec_decode fields
+        argv[2] = srv.url
+        assert not [k for k in run_serve(bench_args(argv)) if k.startswith("spec_decode")]
