@@ -67,7 +67,7 @@ _WHY_NOT = {
 KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "store", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
     "prompt_cache_key", "suffix", "input_audio", "image_url", "file", "refusal",
-    "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs", "documents",
+    "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs",
     "kv_transfer_params", "vllm_xargs", "logits_processors",
     "structural_tag", "guided_json_object", "prompt_embeds", "return_token_offsets", "return_prompt_text",
     "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
@@ -381,8 +381,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Tool]] = Field(default=None, min_length=1)   # OpenAI refuses an empty list too
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
-    # vLLM's values; the chat template applies it (serving_chat.effort_kwargs)
+    # vLLM's values; the chat template applies it, as documents (serving_chat.request_template_kwargs)
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]] = None
+    documents: Optional[list[dict[str, str]]] = None
     # OpenAI's labels of a stored completion, checked as OpenAI checks them; this server stores
     # nothing (store is refused), so they change nothing, as on OpenAI without store (vLLM takes them too)
     metadata: Optional[dict[Annotated[str, StringConstraints(max_length=64)],

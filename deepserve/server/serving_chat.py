@@ -22,7 +22,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
-  enable_thinking or thinking, are refused where the template reads none of them.
+  enable_thinking or thinking, are refused where the template reads none of them; so are
+  vLLM's `documents` (for RAG templates).
 """
 from __future__ import annotations
 
@@ -87,18 +88,26 @@ def template_variables(template: str) -> frozenset:
     return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
 
 
-def effort_kwargs(state: ServerState, req: ChatCompletionRequest) -> Optional[dict]:
-    """chat_template_kwargs with reasoning_effort as vLLM hands it to the template (the
-    request's own chat_template_kwargs win); 400 where the template reads neither key."""
-    if req.reasoning_effort is None:
+def request_template_kwargs(state: ServerState, req: ChatCompletionRequest) -> Optional[dict]:
+    """chat_template_kwargs with reasoning_effort and documents as vLLM hands them to the
+    template (the request's own chat_template_kwargs win); 400 where the template reads
+    none of a field's keys."""
+    if req.reasoning_effort is None and not req.documents:
         return req.chat_template_kwargs
     reads = template_variables(state.tokenizer.chat_template or "") if state.tokenizer else frozenset()
-    derived = {"reasoning_effort": req.reasoning_effort, "enable_thinking": req.reasoning_effort != "none"}
-    derived = {k: v for k, v in derived.items() if k in reads}
-    if not derived:
-        raise APIError(400, "reasoning_effort: this model's chat template reads neither reasoning_effort nor "
-                            "enable_thinking, so its reasoning cannot be set per request", param="reasoning_effort",
-                       code="unsupported_field")
+    derived: dict = {}
+    if req.reasoning_effort is not None:
+        effort = {"reasoning_effort": req.reasoning_effort, "enable_thinking": req.reasoning_effort != "none"}
+        derived = {k: v for k, v in effort.items() if k in reads}
+        if not derived:
+            raise APIError(400, "reasoning_effort: this model's chat template reads neither reasoning_effort nor "
+                                "enable_thinking, so its reasoning cannot be set per request",
+                           param="reasoning_effort", code="unsupported_field")
+    if req.documents:
+        if "documents" not in reads:
+            raise APIError(400, "documents: this model's chat template does not read documents", param="documents",
+                           code="unsupported_field")
+        derived["documents"] = req.documents
     return {**derived, **(req.chat_template_kwargs or {})}
 
 
@@ -168,7 +177,7 @@ class PreparedChat:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
-                                       effort_kwargs(state, req), req.continue_final_message)
+                                       request_template_kwargs(state, req), req.continue_final_message)
 
     async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":
         """Encodes the rendered prompt (off the event loop), then checks its length, the tools

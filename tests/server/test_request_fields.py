@@ -13,7 +13,7 @@ from deepserve.config import DEMO_MODEL
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import KNOWN_UNSUPPORTED, ChatCompletionRequest, CompletionRequest, unsupported_field
-from deepserve.server.serving_chat import effort_kwargs, render_text
+from deepserve.server.serving_chat import request_template_kwargs, render_text
 
 # vLLM 0.26's request models, field by field (entrypoints/openai/{chat_completion,completion}/protocol.py)
 SHARED = ("model frequency_penalty logit_bias logprobs max_tokens n presence_penalty response_format seed stop "
@@ -139,7 +139,7 @@ EFFORT_ONLY = "{% for m in messages %}{{ m['content'] }}{% endfor %} effort={{ r
 def test_reasoning_effort_reaches_the_template(template, extra, expected):
     state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=template))
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}], **extra})
-    assert render_text(state, req.messages, template_kwargs=effort_kwargs(state, req)) == expected
+    assert render_text(state, req.messages, template_kwargs=request_template_kwargs(state, req)) == expected
 
 
 def test_reasoning_effort_is_refused_where_the_template_reads_neither_key():
@@ -147,7 +147,7 @@ def test_reasoning_effort_is_refused_where_the_template_reads_neither_key():
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Hi"}],
                                                 "reasoning_effort": "low"})
     with pytest.raises(APIError) as err:
-        effort_kwargs(state, req)
+        request_template_kwargs(state, req)
     assert err.value.param == "reasoning_effort"
     with pytest.raises(APIError) as err:
         render_text(state, req.messages, template_kwargs={"enable_thinking": False})
@@ -204,3 +204,15 @@ def test_an_earlier_turns_reasoning_reaches_the_template_under_either_name(key):
     state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=template))
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "assistant", "content": "4", key: "2+2"}]})
     assert render_text(state, req.messages, add_generation_prompt=False) == "2+2|2+2|4"
+
+
+def test_documents_reach_a_template_that_reads_them():
+    rag = "{% for d in documents %}[{{ d['title'] }}: {{ d['text'] }}]{% endfor %}{{ messages[0]['content'] }}"
+    body = {"messages": [{"role": "user", "content": "Hi"}], "documents": [{"title": "a", "text": "b"}]}
+    req = ChatCompletionRequest.model_validate(body)
+    state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=rag))
+    assert render_text(state, req.messages, template_kwargs=request_template_kwargs(state, req)) == "[a: b]Hi"
+    state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template="{{ messages[0]['content'] }}"))
+    with pytest.raises(APIError) as err:
+        request_template_kwargs(state, req)
+    assert err.value.param == "documents"
