@@ -227,9 +227,14 @@ def sample_requests(args, tok: Tokenizer) -> list[SampleRequest]:
     """The request set named by `args.dataset_name`, built from the bench serve flags. A file
     with fewer usable entries than --num-prompts is oversampled (entries repeated at random) up
     to it, as vLLM does, unless --no-oversample."""
-    requests = _sample(args, tok)
+    return oversample(_sample(args, tok), args, args.seed)
+
+
+def oversample(requests: list[SampleRequest], args, seed: int) -> list[SampleRequest]:
+    """`requests` topped up to --num-prompts with random repeats of its entries (vLLM's
+    oversampling), unless --no-oversample."""
     if len(requests) < args.num_prompts and not getattr(args, "no_oversample", False):
-        requests += random.Random(args.seed).choices(requests, k=args.num_prompts - len(requests))
+        requests = requests + random.Random(seed).choices(requests, k=args.num_prompts - len(requests))
     return requests
 
 

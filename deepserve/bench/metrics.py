@@ -121,6 +121,7 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
         "total_token_throughput": (total_input + total_output) / duration,
         "max_output_tokens_per_s": peak_output_tokens_per_s(outputs),
         "max_concurrent_requests": peak_concurrency(outputs),
+        "rtfx": 0.0,   # vLLM's inverse real-time factor, which only audio requests have
     }
     for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
         result.update(_stats(name, values, percentiles))

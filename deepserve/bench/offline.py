@@ -159,7 +159,7 @@ def run_latency(args) -> dict:
 
 def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
     """(prompts as token ids, output length of each) from a sharegpt or sonnet file."""
-    from deepserve.bench.datasets import sample_sharegpt, sample_sonnet
+    from deepserve.bench.datasets import oversample, sample_sharegpt, sample_sonnet
     from deepserve.engine.tokenizer import resolve_tokenizer
 
     if not args.dataset_path:
@@ -171,7 +171,8 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
     engine_args = EngineArgs.from_cli_args(args)
     tok = resolve_tokenizer(engine_args.tokenizer, engine_args.model)
     if args.dataset_name == "sharegpt":
-        requests = sample_sharegpt(tok, args.dataset_path, args.num_prompts, args.output_len, seed)
+        requests = oversample(sample_sharegpt(tok, args.dataset_path, args.num_prompts, args.output_len, seed),
+                              args, seed)
     else:
         prefix = 200 if args.prefix_len is None else args.prefix_len   # vLLM's sonnet default
         requests = sample_sonnet(tok, args.dataset_path, args.num_prompts, args.input_len, prefix,

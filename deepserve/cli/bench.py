@@ -214,6 +214,8 @@ def register(subparsers) -> None:
                             help="random: input and output lengths drawn uniformly in [len*(1-r), len*(1+r)].")
     throughput.add_argument("--random-prefix-len", type=int, default=0,
                             help="random: token ids shared by every prompt, before its own.")
+    throughput.add_argument("--no-oversample", action="store_true",
+                            help="sharegpt: only the file's usable entries, even fewer than --num-prompts.")
     throughput.add_argument("--num-warmups", type=int, default=0,
                             help="Untimed requests of the same set (next seed) before the run.")
     throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],

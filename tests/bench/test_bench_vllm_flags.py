@@ -299,3 +299,20 @@ def test_spec_decode_acceptance_from_the_servers_counters(fake_server, bench_arg
     with fake_server(ttft=0.01, itl=0.005) as srv:   # no /metrics: no spec_decode fields
         argv[2] = srv.url
         assert not [k for k in run_serve(bench_args(argv)) if k.startswith("spec_decode")]
+
+
+def test_throughput_sharegpt_is_oversampled_unless_no_oversample(bench_args, tmp_path):
+    from deepserve.bench.offline import dataset_prompts
+
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Tell me a story about a cat."},
+                                                    {"from": "gpt", "value": "Once upon a time a cat sat."}]}]))
+    argv = ["throughput", "--dataset-name", "sharegpt", "--dataset-path", str(share), "--num-prompts", "4"]
+    prompts, out_lens = dataset_prompts(bench_args(argv), seed=0)
+    assert len(prompts) == len(out_lens) == 4 and len({tuple(p["prompt_token_ids"]) for p in prompts}) == 1
+    assert len(dataset_prompts(bench_args([*argv, "--no-oversample"]), seed=0)[0]) == 1
+
+
+def test_result_has_vllms_rtfx():
+    res = compute_metrics([RequestOutput(error="x")], 1.0, count_tokens=len)
+    assert res["rtfx"] == 0.0
