@@ -232,6 +232,9 @@ class _SamplingFields(_Strict):
         model's generation config (temperature, top_p, top_k, min_p, repetition_penalty),
         used where the request leaves a field out."""
         d = defaults or {}
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if "" in stop:   # vLLM's check: an empty string would end every reply at once
+            raise ValueError("stop cannot contain an empty string")
 
         def pick(name: str, fallback):
             value = getattr(self, name)
@@ -248,7 +251,7 @@ class _SamplingFields(_Strict):
             repetition_penalty=pick("repetition_penalty", 1.0),
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,

@@ -106,6 +106,13 @@ def test_truncate_prompt_tokens_minus_one_and_echo(client):
         == (400, "truncate_prompt_tokens")
 
 
+@pytest.mark.parametrize("stop", ["", ["a", ""]])
+def test_an_empty_stop_string_is_400(client, stop):
+    """vLLM's check (an empty string would end every reply at once), not dropped in silence."""
+    assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                       stop=stop)) == (400, "stop")
+
+
 def test_thinking_switches_a_template_cannot_read_are_400(client):
     chat = [{"role": "user", "content": "Hi"}]
     for extra, param in (({"reasoning_effort": "none"}, "reasoning_effort"),
