@@ -335,14 +335,21 @@ def test_serve_on_cluster_refusals_touch_no_host():
     assert runner.calls == []
 
 
+# the ports `ray start --head` gives its own components by default (GCS, client server, dashboard,
+# dashboard agent): an ephemeral port the OS hands out can be one of them
+RAY_FIXED_PORTS = (6379, 10001, 8265, 52365)
+
+
 def test_real_local_ray_start_wait_stop(monkeypatch):
     pytest.importorskip("ray")
     import ray
     import socket
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = 52365
+    while port in RAY_FIXED_PORTS:   # a free port Ray's head does not also take for a component of its own
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     cl = ClusterLauncher(parse_hostfile_text("127.0.0.1 slots=2 type=cpu\n"),
                          RunnerOptions(ray_port=port, wait_timeout_s=60), {"DEEPSERVE_PROBE": "7"})
     assert cl.head_is_local and cl.start_steps()[0].argv[-1] == (
