@@ -39,6 +39,7 @@ class Tokenizer:
                                     "pass --tokenizer FOLDER)")
         folder = self.folder = file.parent
         self.tok = HFTokenizer.from_file(str(file))
+        self._token_texts: dict[int, str] = {}    # token_text's answers, by id
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
@@ -109,10 +110,6 @@ class Tokenizer:
     @functools.cached_property
     def _lead_text(self) -> str:
         return self.tok.decode([self._lead_id], skip_special_tokens=False)
-
-    @functools.cached_property
-    def _token_texts(self) -> dict[int, str]:
-        return {}
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:

@@ -412,11 +412,17 @@ def tile_words(qweight: torch.Tensor, block_n: int, sub_c: int) -> torch.Tensor:
     ((row block * slices + slice) * sub_c + word in slice) * block_n + row in block); rows and
     words past the matrix are 0. Returns [row blocks, slices * sub_c * block_n]."""
     n, kw = qweight.shape
-    blocks, slices = -(-n // block_n), -(-kw // sub_c)
+    blocks, words = tiled_shape(n, kw, block_n, sub_c)
+    slices = words // (sub_c * block_n)
     padded = qweight.new_zeros(blocks * block_n, slices * sub_c)
     padded[:n, :kw] = qweight
     tiled = padded.view(blocks, block_n, slices, sub_c).permute(0, 2, 3, 1)   # [blocks, slices, sub_c, block_n]
-    return tiled.reshape(blocks, slices * sub_c * block_n).contiguous()
+    return tiled.reshape(blocks, words).contiguous()
+
+
+def tiled_shape(n: int, kw: int, block_n: int, sub_c: int) -> tuple[int, int]:
+    """[row blocks, words a block] of `tile_words`' layout of [n, kw] words."""
+    return -(-n // block_n), -(-kw // sub_c) * sub_c * block_n
 
 
 def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
@@ -427,9 +433,9 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     m, k = x2.shape
     n, kw = qweight.shape
     cfg = int4_settings("gemv", m, n, k, x2.device)
+    sub = gemv_slice_words(cfg, kw)
     if tiled is not None:
-        sub = gemv_slice_words(cfg, kw)
-        want = (-(-n // cfg["BLOCK_N"]), -(-kw // sub) * sub * cfg["BLOCK_N"])
+        want = tiled_shape(n, kw, cfg["BLOCK_N"], sub)
         if tuple(tiled.shape) != want:
             raise ValueError(f"int4_gemv: tiled words of shape {tuple(tiled.shape)}; the setting (BLOCK_N "
                              f"{cfg['BLOCK_N']}, {sub} words a slice) needs {want}")
@@ -437,7 +443,6 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         bk = mma_block_k(x2, zeros, g_idx, group_size)
         if bk is not None:
             return int4_mma(x2, qweight, scales, group_size, bias, bk, cfg, unpack_by_ptx())
-    sub = gemv_slice_words(cfg, kw)
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, sub * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), sub * steps) * sub * steps      # whole steps per split
