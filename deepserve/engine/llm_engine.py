@@ -236,10 +236,14 @@ class LLMEngine:
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
         for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
-                            ("allowed_token_ids", params.allowed_token_ids or [])):
+                            ("allowed_token_ids", params.allowed_token_ids or []),
+                            ("reasoning_token_ids", sum(params.reasoning_token_ids or (), ()))):
             bad = next((t for t in given if t >= vocab), None)
             if bad is not None:
                 raise RequestError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})")
+        if params.thinking_token_budget is not None and params.reasoning_token_ids is None:
+            raise RequestError("thinking_token_budget needs to know where reasoning starts and ends: serve with "
+                               "--reasoning-parser deepseek_r1, or give SamplingParams.reasoning_token_ids")
         if params.guided is not None and params.guided.compiled is None:
             self.grammar_compiler().compile(params.guided)
         if params.max_tokens is None:

@@ -1,5 +1,5 @@
 """From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, grammar
-bitmasks, logprobs, then the model's `ops.sample`.
+bitmasks, thinking budgets, logprobs, then the model's `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
@@ -19,6 +19,7 @@ import torch
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.sequence import Sequence
+from deepserve.engine.thinking_budget import force_reasoning_ends
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Sampler:
         # each structured-output sequence's grammar state, dropped with the sequence
         self._grammars: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._fill_bitmask = None
+        # each thinking_token_budget sequence's reasoning count, dropped with the sequence
+        self._budgets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()[:, :self.vocab_size]
@@ -138,8 +141,8 @@ class Sampler:
         return self._choose(logits.float()[:, :self.vocab_size], seqs)
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence], grammars: list = ()) -> torch.Tensor:
-        """Penalties, logit_bias, tokens banned by min_tokens, the grammars' bitmasks, then the
-        greedy or sampled id of each row."""
+        """Penalties, logit_bias, tokens banned by min_tokens, the grammars' bitmasks, the end of
+        reasoning where a thinking budget is spent, then the greedy or sampled id of each row."""
         dev = logits.device
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
@@ -158,6 +161,8 @@ class Sampler:
                 self._fill_bitmask = BitmaskFiller()
             logits = logits.contiguous()
             self._fill_bitmask(logits, grammars)
+        if any(s.params.thinking_token_budget is not None for s in seqs):
+            logits = force_reasoning_ends(logits, seqs, self._budgets)
         if all(s.params.greedy for s in seqs):
             return logits.argmax(dim=-1)
         return self._draw(logits, [[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]

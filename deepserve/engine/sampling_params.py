@@ -101,6 +101,11 @@ class SamplingParams:
     """Only these token ids may be sampled (vLLM's allowed_token_ids)."""
     priority: int = 0
     """With scheduling_policy priority: lower runs first (then arrival order), as in vLLM."""
+    thinking_token_budget: Optional[int] = None
+    """Most reasoning tokens before the end of reasoning is forced (engine/thinking_budget.py);
+    -1 or None: no limit. Needs reasoning_token_ids (the server sets them from --reasoning-parser)."""
+    reasoning_token_ids: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None
+    """(the token ids that open reasoning, those that close it), e.g. R1's `<think>`, `</think>`."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -148,6 +153,21 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (not self.allowed_token_ids
                                                    or min(self.allowed_token_ids) < 0):
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
+        self._check_thinking_budget()
+
+    def _check_thinking_budget(self) -> None:
+        """vLLM's rule: a non-negative integer, or -1 for no limit (kept as None)."""
+        budget = self.thinking_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < -1):
+            raise ValueError(f"thinking_token_budget must be a non-negative integer or -1 for unlimited, got {budget!r}")
+        if budget == -1:
+            self.thinking_token_budget = None
+        if self.reasoning_token_ids is not None:
+            start, end = (tuple(int(t) for t in ids) for ids in self.reasoning_token_ids)
+            if not start or not end:
+                raise ValueError(f"reasoning_token_ids must be two non-empty lists of token ids, got "
+                                 f"{self.reasoning_token_ids!r}")
+            self.reasoning_token_ids = (start, end)
 
     @property
     def greedy(self) -> bool:
@@ -161,6 +181,6 @@ class SamplingParams:
     @property
     def needs_host_history(self) -> bool:
         """Sampling reads the tokens generated so far on the host (penalties, min_tokens, the
-        grammar's state) or hands logprobs back: async scheduling runs such steps synchronously."""
+        grammar's state, the thinking budget's count) or hands logprobs back: async scheduling runs such steps synchronously."""
         return (self.logprobs is not None or self.has_penalties or self.min_tokens > 0
-                or self.guided is not None)
+                or self.guided is not None or self.thinking_token_budget is not None)

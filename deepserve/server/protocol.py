@@ -57,7 +57,7 @@ _WHY_NOT = {
     "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
     "logprob_token_ids": "use top_logprobs",
     "media_io_kwargs": "text only",
-    "thinking_token_budget": "use max_tokens",
+    "thinking_token_budget": "chat completions and completions only (vLLM's Responses API does not take it either)",
     "reasoning_effort": "chat completions only: the chat template applies it",
 }
 
@@ -182,6 +182,8 @@ class _SamplingFields(_Strict):
     # vLLM's: a space between special tokens in the text. Its fast-tokenizer detokenizer (the
     # only kind deepserve has) writes none either way, nor does deepserve's.
     spaces_between_special_tokens: bool = True
+    # vLLM's: most reasoning tokens before </think> is forced (-1: no limit); needs --reasoning-parser
+    thinking_token_budget: Optional[int] = None
 
     def max_tokens_field(self) -> str:
         """The field the output length came from, for errors to name what the client sent."""
@@ -262,6 +264,7 @@ class _SamplingFields(_Strict):
             guided=self.guided(),
             priority=self.priority,
             allowed_token_ids=self.allowed_token_ids,
+            thinking_token_budget=self.thinking_token_budget,
         )
 
 

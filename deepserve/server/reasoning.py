@@ -12,10 +12,15 @@ can be recognised, never leaked into either field:
 
 A prompt that already opened `<think>` starts in `reasoning`; an output that never closes
 it (cut by max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
+
+The parser's delimiters also bound what a request's thinking_token_budget counts
+(engine/thinking_budget.py): `budget_token_ids` gives the engine their token ids.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+from deepserve.server.errors import APIError
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -28,6 +33,19 @@ def prompt_opens_reasoning(prompt_text: str) -> bool:
     (R1's generation prompt ends with it), or an assistant prefill continued with
     continue_final_message is part-way through its reasoning."""
     return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
+
+
+def budget_token_ids(parser: Optional[str], tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids of the reasoning start, ids of its end) for a request's thinking_token_budget; a 400
+    naming the flag when the server has no reasoning parser (vLLM's rule)."""
+    if parser is None:
+        raise APIError(400, "thinking_token_budget needs a reasoning parser: start the server with "
+                            f"--reasoning-parser {PARSERS[0]}", param="thinking_token_budget", code="unsupported_field")
+    if tokenizer is None:
+        raise APIError(400, "thinking_token_budget needs the model's tokenizer to find its reasoning tokens",
+                       param="thinking_token_budget", code="unsupported_field")
+    return (tuple(tokenizer.encode(THINK_START, add_special_tokens=False)),
+            tuple(tokenizer.encode(THINK_END, add_special_tokens=False)))
 
 
 def _held_suffix(text: str, tag: str) -> int:

@@ -25,6 +25,7 @@ from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
+from deepserve.server.reasoning import budget_token_ids
 
 logger = logging.getLogger("deepserve")
 
@@ -160,6 +161,8 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1 and req.truncate_prompt_tokens != -1:
         raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as the context holds) or >= 1, got "
                             f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens", code="invalid_value")
+    if params.thinking_token_budget is not None:
+        params.reasoning_token_ids = budget_token_ids(state.settings.reasoning_parser, state.tokenizer)
     return params
 
 

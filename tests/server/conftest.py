@@ -8,11 +8,9 @@ of a chosen script), so reasoning-split tests are deterministic.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.chain_model import write_chain_model
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -102,8 +102,6 @@ ECHO_SCRIPT = "Okay, the user asks for a sum; adding them gives four.</think>\n\
 
 def build_echo_model(folder: Path, script: str = ECHO_SCRIPT) -> list[int]:
     """Write the model; returns the script's token ids (EOS follows the last)."""
-    import torch
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(R1_TOKENIZER / "tokenizer.json"))
@@ -113,37 +111,7 @@ def build_echo_model(folder: Path, script: str = ECHO_SCRIPT) -> list[int]:
     newline = tok.encode("\n", add_special_tokens=False).ids[-1]   # last prompt token after <think>\n
     chain = [newline] + ids + [eos]
     assert len(set(chain)) == len(chain)
-    vocab, hidden, inter, heads, head_dim = 129280, 64, 64, 4, 16
-    assert len(chain) - 1 <= hidden
-    embed = torch.zeros(vocab, hidden)
-    lm_head = torch.zeros(vocab, hidden)
-    for slot, (cur, nxt) in enumerate(zip(chain, chain[1:])):
-        embed[cur, slot] = 1.0
-        lm_head[nxt, slot] = 10.0
-    zeros = torch.zeros
-    tensors = {"model.embed_tokens.weight": embed, "lm_head.weight": lm_head,
-               "model.norm.weight": torch.ones(hidden),
-               "model.layers.0.input_layernorm.weight": torch.ones(hidden),
-               "model.layers.0.post_attention_layernorm.weight": torch.ones(hidden),
-               # zero output projections: the layer is the identity, logits follow the token
-               "model.layers.0.self_attn.q_proj.weight": torch.randn(heads * head_dim, hidden) * 0.02,
-               "model.layers.0.self_attn.k_proj.weight": torch.randn(heads * head_dim, hidden) * 0.02,
-               "model.layers.0.self_attn.v_proj.weight": torch.randn(heads * head_dim, hidden) * 0.02,
-               "model.layers.0.self_attn.o_proj.weight": zeros(hidden, heads * head_dim),
-               "model.layers.0.mlp.gate_proj.weight": torch.randn(inter, hidden) * 0.02,
-               "model.layers.0.mlp.up_proj.weight": torch.randn(inter, hidden) * 0.02,
-               "model.layers.0.mlp.down_proj.weight": zeros(hidden, inter)}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads,
-              "num_key_value_heads": heads, "head_dim": head_dim, "vocab_size": vocab,
-              "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 0,
-              "eos_token_id": eos, "torch_dtype": "float32"}
-    (folder / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(R1_TOKENIZER / name, folder / name)
+    write_chain_model(folder, dict(zip(chain, chain[1:])), R1_TOKENIZER, eos)
     return ids
 
 
@@ -154,6 +122,15 @@ def echo_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("echo-r1")
     build_echo_model(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def r1_server(echo_model):
+    """The echo model served as "tiny-r1" with the R1 reasoning parser."""
+    server = launch(str(echo_model), "--served-model-name", "tiny-r1", "--reasoning-parser", "deepseek_r1",
+                    "--num-gpu-blocks-override", "128")
+    yield server
+    server.stop()
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

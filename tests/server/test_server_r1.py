@@ -16,14 +16,6 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 @pytest.fixture(scope="module")
-def r1_server(echo_model):
-    server = launch(str(echo_model), "--served-model-name", "tiny-r1", "--reasoning-parser", "deepseek_r1",
-                    "--num-gpu-blocks-override", "128")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def client(r1_server):
     return openai.OpenAI(base_url=r1_server.v1, api_key="unused", max_retries=0, timeout=60)
 

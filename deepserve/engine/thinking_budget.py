@@ -1,0 +1,88 @@
+"""thinking_token_budget (vLLM's): after N reasoning tokens the end of reasoning is forced.
+
+Reasoning tokens are those after the last reasoning-start sequence (`<think>`) with no end
+sequence (`</think>`) after it, the prompt's included: R1's chat template ends the prompt with
+`<think>\\n`, so its newline is the first of them, and with budget N the model writes N - 1
+before the end. Once a section holds N tokens, the end sequence's tokens are forced one step
+each; then sampling is free again, and a later start opens a new section with a new budget.
+Same counting as vLLM 0.26's ThinkingBudgetStateHolder (v1/sample/thinking_budget_state.py).
+
+Each budgeted sequence keeps a small host-side state that reads its new tokens once; rows
+without a budget cost nothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from deepserve.engine.input_staging import to_device_async
+from deepserve.engine.sequence import Sequence
+
+
+def _last_index(ids: list[int], pattern: tuple[int, ...]) -> int:
+    """Start of the last occurrence of `pattern` in `ids`, -1 if none."""
+    n = len(pattern)
+    for i in range(len(ids) - n, -1, -1):
+        if tuple(ids[i:i + n]) == pattern:
+            return i
+    return -1
+
+
+def _ends_with(ids: list[int], upto: int, pattern: tuple[int, ...]) -> bool:
+    """Whether ids[:upto] ends with `pattern`."""
+    return upto >= len(pattern) and tuple(ids[upto - len(pattern):upto]) == pattern
+
+
+class ThinkingBudget:
+    """One sequence's reasoning count: open or not, its tokens so far, and where forcing began."""
+
+    def __init__(self, seq: Sequence):
+        self.start, self.end = seq.params.reasoning_token_ids
+        self.budget = seq.params.thinking_token_budget
+        prompt = seq.token_ids[:seq.num_prompt_tokens]
+        opened = _last_index(prompt, self.start)
+        self.open = opened > _last_index(prompt, self.end)
+        self.count = len(prompt) - opened - len(self.start) if self.open else 0
+        self.forced_from: Optional[int] = None   # index in token_ids of the first forced end token
+        self.seen = len(prompt)
+
+    def forced_token(self, ids: list[int]) -> Optional[int]:
+        """The token this sequence must take next (a token of the end sequence), or None."""
+        for i in range(self.seen, len(ids)):
+            if self.open:
+                if _ends_with(ids, i + 1, self.end):
+                    self.open, self.count, self.forced_from = False, 0, None
+                else:
+                    self.count += 1
+            elif _ends_with(ids, i + 1, self.start):
+                self.open, self.count = True, 0
+        self.seen = len(ids)
+        if not self.open or self.count < self.budget:
+            return None
+        if self.forced_from is None:
+            self.forced_from = len(ids)
+        k = len(ids) - self.forced_from
+        return self.end[k] if k < len(self.end) else None
+
+
+def force_reasoning_ends(logits: torch.Tensor, seqs: list[Sequence], states: dict) -> torch.Tensor:
+    """Rows whose budget is spent get -inf everywhere but their forced token (greedy and sampled
+    rows alike then take it). `states` keeps each budgeted sequence's ThinkingBudget."""
+    rows, tokens = [], []
+    for i, s in enumerate(seqs):
+        if s.params.thinking_token_budget is None:
+            continue
+        state = states.get(s)
+        if state is None:
+            state = states[s] = ThinkingBudget(s)
+        token = state.forced_token(s.token_ids)
+        if token is not None:
+            rows.append(i)
+            tokens.append(token)
+    if not rows:
+        return logits
+    index = to_device_async([rows, tokens], torch.int64, logits.device)
+    logits[index[0]] = float("-inf")
+    logits[index[0], index[1]] = 0.0   # finite even where a mask had put -inf
+    return logits

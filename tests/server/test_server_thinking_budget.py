@@ -1,0 +1,90 @@
+"""thinking_token_budget through `deepserve serve --reasoning-parser deepseek_r1` and the official
+openai client (extra_body, as with vLLM): on the echo model (the real R1 tokenizer and template;
+its greedy output is a fixed script with `</think>` in the middle) a budget of N ends the
+reasoning after the template's "\\n" and N - 1 script tokens (vLLM's count), and the answer follows."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import API_KEY, ECHO_SCRIPT, R1_TOKENIZER
+
+ANSWER = "The answer is 4"
+MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def client(r1_server):
+    return openai.OpenAI(base_url=r1_server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def script():
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(R1_TOKENIZER / "tokenizer.json"))
+    ids = tok.encode(ECHO_SCRIPT, add_special_tokens=False).ids
+    return tok, ids, ids.index(tok.token_to_id("</think>"))
+
+
+@pytest.mark.parametrize("budget", [1, 4, 9])
+def test_chat_reasoning_is_cut_at_the_budget(client, script, budget):
+    tok, ids, end = script
+    want = tok.decode(ids[:budget - 1])
+    r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
+                                       extra_body={"thinking_token_budget": budget})
+    msg = r.choices[0].message
+    assert (msg.reasoning_content or "", msg.content) == (want, ANSWER)
+    # reasoning, the forced </think>, then the script's answer and EOS
+    assert r.usage.completion_tokens == budget - 1 + len(ids) - end + 1
+    chunks = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0, stream=True,
+                                            extra_body={"thinking_token_budget": budget})
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+            "".join(d.content or "" for d in deltas)) == (want, ANSWER)
+
+
+def test_a_budget_past_the_reasoning_changes_nothing(client, script):
+    tok, ids, end = script
+    for budget in (end + 1, -1):
+        r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
+                                           extra_body={"thinking_token_budget": budget})
+        assert r.choices[0].message.reasoning_content == tok.decode(ids[:end])
+
+
+def test_completions_take_it_too(client, r1_server, script):
+    tok, ids, end = script
+    prompt = httpx.post(r1_server.url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    r = client.completions.create(model="tiny-r1", prompt=prompt, max_tokens=40, temperature=0,
+                                  extra_body={"thinking_token_budget": 3})
+    assert r.choices[0].text == tok.decode(ids[:2]) + "</think>\n\n" + ANSWER
+
+
+def status_of(call) -> tuple[int, object, str]:
+    try:
+        call()
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.body.get("param"), exc.body.get("message", "")
+    return 200, None, ""
+
+
+@pytest.mark.parametrize("bad", [-2, 1.5, True, "8"])
+def test_values_vllm_refuses_are_400(client, bad):
+    code, param, _ = status_of(lambda: client.chat.completions.create(
+        model="tiny-r1", messages=MESSAGES, extra_body={"thinking_token_budget": bad}))
+    assert (code, param) == (400, "thinking_token_budget")
+
+
+def test_responses_api_refuses_it_by_name(client):
+    code, param, message = status_of(lambda: client.responses.create(
+        model="tiny-r1", input="Hi", extra_body={"thinking_token_budget": 4}))
+    assert (code, param) == (400, "thinking_token_budget") and "chat completions and completions only" in message
+
+
+def test_without_a_reasoning_parser_it_is_400_naming_the_flag(demo_server):
+    client = openai.OpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0, timeout=60)
+    for call in (lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                   extra_body={"thinking_token_budget": 8}),
+                 lambda: client.chat.completions.create(model="stories260k", messages=MESSAGES, max_tokens=1,
+                                                        extra_body={"thinking_token_budget": 8})):
+        code, param, message = status_of(call)
+        assert (code, param) == (400, "thinking_token_budget") and "--reasoning-parser deepseek_r1" in message
