@@ -57,7 +57,7 @@ _WHY_NOT = {
     "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
     "logprob_token_ids": "use top_logprobs",
     "media_io_kwargs": "text only",
-    "thinking_token_budget": "chat completions and completions only (vLLM's Responses API does not take it either)",
+    "thinking_token_budget": "chat completions and completions only; vLLM's Responses API does not take it either",
     "reasoning_effort": "chat completions only: the chat template applies it",
 }
 
