@@ -35,7 +35,7 @@ from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
 from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
-from deepserve.server.reasoning import PARSERS
+from deepserve.server.reasoning import PARSERS, delimiter_token_ids, reasoning_delimiters
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.stopping import stop_interruptibly
 from deepserve.server.tool_parsers import TOOL_PARSERS
@@ -167,6 +167,9 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_key=server.api_key or None, reasoning_parser=server.reasoning_parser,
+                              reasoning_token_ids=delimiter_token_ids(
+                                  reasoning_delimiters(server.reasoning_parser, server.reasoning_config),
+                                  engine.tokenizer),
                               max_body_bytes=int(server.max_body_bytes), created=int(time.time()),
                               generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
+from deepserve.server.reasoning import reasoning_delimiters
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -31,6 +32,10 @@ class ServerArgs:
     """Require `Authorization: Bearer KEY` on /v1/*."""
     reasoning_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_r1",)})
     """Split <think> reasoning into reasoning_content (and reasoning)."""
+    reasoning_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
+    """vLLM's: where the reasoning that a request's thinking_token_budget counts starts and ends,
+    '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}' (or "reasoning_parser");
+    default: --reasoning-parser's tags."""
     enable_reasoning: bool = False
     """vLLM <= 0.8's switch for --reasoning-parser: accepted (reasoning is split whenever a parser
     is given), an error without one."""
@@ -70,6 +75,12 @@ class ServerArgs:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if isinstance(self.reasoning_config, str):   # a YAML file's JSON text
+            try:
+                self.reasoning_config = json.loads(self.reasoning_config)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--reasoning-config is not valid JSON: {exc}") from None
+        reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
         if self.enable_reasoning and not self.reasoning_parser:
             raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:

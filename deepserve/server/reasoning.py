@@ -13,14 +13,12 @@ can be recognised, never leaked into either field:
 A prompt that already opened `<think>` starts in `reasoning`; an output that never closes
 it (cut by max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
 
-The parser's delimiters also bound what a request's thinking_token_budget counts
-(engine/thinking_budget.py): `budget_token_ids` gives the engine their token ids.
+The parser's delimiters (or vLLM's --reasoning-config strings) also bound what a request's
+thinking_token_budget counts (engine/thinking_budget.py).
 """
 from __future__ import annotations
 
 from typing import Optional
-
-from deepserve.server.errors import APIError
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -35,17 +33,48 @@ def prompt_opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
 
 
-def budget_token_ids(parser: Optional[str], tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(ids of the reasoning start, ids of its end) for a request's thinking_token_budget; a 400
-    naming the flag when the server has no reasoning parser (vLLM's rule)."""
-    if parser is None:
-        raise APIError(400, "thinking_token_budget needs a reasoning parser: start the server with "
-                            f"--reasoning-parser {PARSERS[0]}", param="thinking_token_budget", code="unsupported_field")
-    if tokenizer is None:
-        raise APIError(400, "thinking_token_budget needs the model's tokenizer to find its reasoning tokens",
-                       param="thinking_token_budget", code="unsupported_field")
-    return (tuple(tokenizer.encode(THINK_START, add_special_tokens=False)),
-            tuple(tokenizer.encode(THINK_END, add_special_tokens=False)))
+# vLLM's --reasoning-config keys (its ReasoningConfig)
+REASONING_CONFIG_KEYS = ("reasoning_parser", "reasoning_start_str", "reasoning_end_str")
+
+
+def reasoning_delimiters(parser: Optional[str], config: Optional[dict]) -> Optional[tuple[str, str]]:
+    """(start, end) strings of the reasoning a request's thinking_token_budget counts, as vLLM's
+    ReasoningConfig settles them: --reasoning-config's strings, else the reasoning parser's
+    (--reasoning-parser, which wins over the config's reasoning_parser); None without either.
+    ValueError naming the flag for a config vLLM would not take."""
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"--reasoning-config must be a JSON object, got {config!r}")
+    config = config or {}
+    unknown = sorted(set(config) - set(REASONING_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--reasoning-config: unknown key(s) {unknown}; its keys are {', '.join(REASONING_CONFIG_KEYS)}")
+    bad = next((k for k, v in config.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"--reasoning-config {bad} must be a string, got {config[bad]!r}")
+    parser = parser or config.get("reasoning_parser") or None
+    if parser is not None and parser not in PARSERS:
+        raise ValueError(f"--reasoning-config reasoning_parser must be one of {', '.join(PARSERS)}, got {parser!r}")
+    default = (THINK_START, THINK_END) if parser is not None else ("", "")
+    start = config.get("reasoning_start_str") or default[0]
+    end = config.get("reasoning_end_str") or default[1]
+    if not start and not end:
+        return None
+    if not start or not end:
+        raise ValueError("--reasoning-config needs both reasoning_start_str and reasoning_end_str (or a "
+                         f"reasoning_parser: {', '.join(PARSERS)})")
+    return start, end
+
+
+def delimiter_token_ids(delimiters: Optional[tuple[str, str]], tokenizer
+                        ) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The token ids of (start, end), for SamplingParams.reasoning_token_ids; None without
+    delimiters or a tokenizer."""
+    if delimiters is None or tokenizer is None:
+        return None
+    ids = tuple(tuple(tokenizer.encode(text, add_special_tokens=False)) for text in delimiters)
+    if not ids[0] or not ids[1]:
+        raise ValueError(f"--reasoning-config: {delimiters!r} do not tokenize to any token")
+    return ids
 
 
 def _held_suffix(text: str, tag: str) -> int:

@@ -25,7 +25,6 @@ from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
-from deepserve.server.reasoning import budget_token_ids
 
 logger = logging.getLogger("deepserve")
 
@@ -38,6 +37,8 @@ class ServerSettings:
     model_path: str
     api_key: Optional[str] = None
     reasoning_parser: Optional[str] = None
+    # the token ids of the reasoning's start and end, which thinking_token_budget counts between
+    reasoning_token_ids: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None
     max_body_bytes: int = ServerArgs.max_body_bytes
     retry_after_s: int = 1
     created: int = 0
@@ -162,7 +163,11 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
         raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as the context holds) or >= 1, got "
                             f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens", code="invalid_value")
     if params.thinking_token_budget is not None:
-        params.reasoning_token_ids = budget_token_ids(state.settings.reasoning_parser, state.tokenizer)
+        if state.settings.reasoning_token_ids is None:   # vLLM's rule
+            raise APIError(400, "thinking_token_budget needs to know where reasoning starts and ends: start the "
+                                "server with --reasoning-parser deepseek_r1 (or --reasoning-config)",
+                           param="thinking_token_budget", code="unsupported_field")
+        params.reasoning_token_ids = state.settings.reasoning_token_ids
     return params
 
 

@@ -4,10 +4,14 @@ its greedy output is a fixed script with `</think>` in the middle) a budget of N
 reasoning after the template's "\\n" and N - 1 script tokens (vLLM's count), and the answer follows."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, ECHO_SCRIPT, R1_TOKENIZER
+from conftest import API_KEY, ECHO_SCRIPT, R1_TOKENIZER, launch
+
+from deepserve.server.reasoning import reasoning_delimiters
 
 ANSWER = "The answer is 4"
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
@@ -88,3 +92,36 @@ def test_without_a_reasoning_parser_it_is_400_naming_the_flag(demo_server):
                                                         extra_body={"thinking_token_budget": 8})):
         code, param, message = status_of(call)
         assert (code, param) == (400, "thinking_token_budget") and "--reasoning-parser deepseek_r1" in message
+
+
+def test_vllm_reasoning_config_alone_enables_it(echo_model, script):
+    """--reasoning-config's strings without a reasoning parser: budgets count, no split (vLLM's)."""
+    tok, ids, end = script
+    config = json.dumps({"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"})
+    server = launch(str(echo_model), "--served-model-name", "tiny-r1", "--reasoning-config", config,
+                    "--num-gpu-blocks-override", "64")
+    try:
+        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny-r1", messages=MESSAGES, temperature=0,
+                                           extra_body={"thinking_token_budget": 2})
+        assert r.choices[0].message.content == tok.decode(ids[:1]) + "</think>\n\n" + ANSWER
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("parser, config, want", [
+    ("deepseek_r1", None, ("<think>", "</think>")),
+    (None, None, None),
+    (None, {"reasoning_parser": "deepseek_r1"}, ("<think>", "</think>")),
+    ("deepseek_r1", {"reasoning_end_str": "</answer-start>"}, ("<think>", "</answer-start>")),
+    (None, {"reasoning_start_str": "<think>"}, "needs both"),
+    (None, {"reasoning_start": "<think>"}, "unknown key"),
+    (None, {"reasoning_parser": "qwen3"}, "must be one of deepseek_r1"),
+    (None, ["<think>"], "must be a JSON object"),
+])
+def test_reasoning_config_settles_as_vllms(parser, config, want):
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            reasoning_delimiters(parser, config)
+    else:
+        assert reasoning_delimiters(parser, config) == want
