@@ -8,10 +8,14 @@ from deepserve.config import EngineArgs
 from deepserve.engine.llm_engine import LLMEngine, PromptType
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, **kwargs):
+    def __init__(self, model: Optional[str] = None, reasoning_parser: Optional[str] = None,
+                 reasoning_config: Optional[dict] = None, **kwargs):
+        """`reasoning_parser` / `reasoning_config` (vLLM's): where reasoning starts and ends, for
+        requests with a thinking_token_budget."""
         if model is not None:
             kwargs["model"] = model
         known = {f.name for f in dataclasses.fields(EngineArgs)}
@@ -20,8 +24,10 @@ class LLM:
             raise TypeError(f"unknown engine argument(s) {unknown}; see EngineArgs")
         if kwargs.get("api_server_count", 1) != 1:
             raise ValueError("api_server_count is an option of `deepserve serve`; the offline LLM has no API server")
+        delimiters = reasoning_delimiters(reasoning_parser, reasoning_config)
         self.engine = LLMEngine(EngineArgs(**kwargs))
         self.tokenizer = self.engine.tokenizer
+        self.reasoning_token_ids = delimiter_token_ids(delimiters, self.tokenizer)
 
     def shutdown(self) -> None:
         """Stop this engine's worker processes and free its process groups and ports (also
@@ -58,8 +64,15 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        sampling_params = [self._with_reasoning_ids(sp) for sp in sampling_params]
         ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, sampling_params)]
         return self._run(ids, use_tqdm)
+
+    def _with_reasoning_ids(self, params: SamplingParams) -> SamplingParams:
+        if params.thinking_token_budget is None or params.reasoning_token_ids is not None \
+                or self.reasoning_token_ids is None:
+            return params
+        return dataclasses.replace(params, reasoning_token_ids=self.reasoning_token_ids)
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Optional[SamplingParams] = None, add_generation_prompt: bool = True,

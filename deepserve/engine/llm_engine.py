@@ -243,7 +243,8 @@ class LLMEngine:
                 raise RequestError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})")
         if params.thinking_token_budget is not None and params.reasoning_token_ids is None:
             raise RequestError("thinking_token_budget needs to know where reasoning starts and ends: serve with "
-                               "--reasoning-parser deepseek_r1, or give SamplingParams.reasoning_token_ids")
+                               "--reasoning-parser deepseek_r1 (offline: LLM(..., reasoning_parser=\"deepseek_r1\")), "
+                               "or give SamplingParams.reasoning_token_ids")
         if params.guided is not None and params.guided.compiled is None:
             self.grammar_compiler().compile(params.guided)
         if params.max_tokens is None:

@@ -7,7 +7,9 @@ before the end. Once a section holds N tokens, the end sequence's tokens are for
 each; then sampling is free again, and a later start opens a new section with a new budget.
 Same counting as vLLM 0.26's ThinkingBudgetStateHolder (v1/sample/thinking_budget_state.py).
 
-Each budgeted sequence keeps a small host-side state that reads its new tokens once; rows
+Where reasoning starts and ends comes from a reasoning parser's tags or vLLM's reasoning_config
+strings (`reasoning_delimiters`), as token ids in SamplingParams.reasoning_token_ids. Each
+budgeted sequence keeps a small host-side state that reads its new tokens once; rows
 without a budget cost nothing.
 """
 from __future__ import annotations
@@ -18,6 +20,52 @@ import torch
 
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.sequence import Sequence
+
+THINK_START, THINK_END = "<think>", "</think>"
+# each reasoning parser's tags (server/reasoning.py splits the text at the same ones)
+PARSER_TAGS = {"deepseek_r1": (THINK_START, THINK_END)}
+# vLLM's --reasoning-config keys (its ReasoningConfig)
+REASONING_CONFIG_KEYS = ("reasoning_parser", "reasoning_start_str", "reasoning_end_str")
+
+
+def reasoning_delimiters(parser: Optional[str], config: Optional[dict]) -> Optional[tuple[str, str]]:
+    """(start, end) strings of the reasoning a request's thinking_token_budget counts, as vLLM's
+    ReasoningConfig settles them: --reasoning-config's strings, else the reasoning parser's
+    (--reasoning-parser, which wins over the config's reasoning_parser); None without either.
+    ValueError naming the flag for a config vLLM would not take."""
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"--reasoning-config must be a JSON object, got {config!r}")
+    config = config or {}
+    unknown = sorted(set(config) - set(REASONING_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--reasoning-config: unknown key(s) {unknown}; its keys are {', '.join(REASONING_CONFIG_KEYS)}")
+    bad = next((k for k, v in config.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"--reasoning-config {bad} must be a string, got {config[bad]!r}")
+    parser = parser or config.get("reasoning_parser") or None
+    if parser is not None and parser not in PARSER_TAGS:
+        raise ValueError(f"--reasoning-config reasoning_parser must be one of {', '.join(PARSER_TAGS)}, got {parser!r}")
+    default = PARSER_TAGS[parser] if parser is not None else ("", "")
+    start = config.get("reasoning_start_str") or default[0]
+    end = config.get("reasoning_end_str") or default[1]
+    if not start and not end:
+        return None
+    if not start or not end:
+        raise ValueError("--reasoning-config needs both reasoning_start_str and reasoning_end_str (or a "
+                         f"reasoning_parser: {', '.join(PARSER_TAGS)})")
+    return start, end
+
+
+def delimiter_token_ids(delimiters: Optional[tuple[str, str]], tokenizer
+                        ) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The token ids of (start, end), for SamplingParams.reasoning_token_ids; None without
+    delimiters or a tokenizer."""
+    if delimiters is None or tokenizer is None:
+        return None
+    ids = tuple(tuple(tokenizer.encode(text, add_special_tokens=False)) for text in delimiters)
+    if not ids[0] or not ids[1]:
+        raise ValueError(f"--reasoning-config: {delimiters!r} do not tokenize to any token")
+    return ids
 
 
 def _last_index(ids: list[int], pattern: tuple[int, ...]) -> int:

@@ -35,7 +35,8 @@ from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
 from deepserve.server.args import ServerArgs
 from deepserve.server.metrics import ServerMetrics
-from deepserve.server.reasoning import PARSERS, delimiter_token_ids, reasoning_delimiters
+from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
+from deepserve.server.reasoning import PARSERS
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.stopping import stop_interruptibly
 from deepserve.server.tool_parsers import TOOL_PARSERS

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
-from deepserve.server.reasoning import reasoning_delimiters
+from deepserve.engine.thinking_budget import reasoning_delimiters
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

@@ -13,17 +13,16 @@ can be recognised, never leaked into either field:
 A prompt that already opened `<think>` starts in `reasoning`; an output that never closes
 it (cut by max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
 
-The parser's delimiters (or vLLM's --reasoning-config strings) also bound what a request's
-thinking_token_budget counts (engine/thinking_budget.py).
+The parser's tags (or vLLM's --reasoning-config strings) also bound what a request's
+thinking_token_budget counts (engine/thinking_budget.py, which settles them).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-THINK_START = "<think>"
-THINK_END = "</think>"
+from deepserve.engine.thinking_budget import PARSER_TAGS, THINK_END, THINK_START
 
-PARSERS = ("deepseek_r1",)
+PARSERS = tuple(PARSER_TAGS)
 
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
@@ -31,50 +30,6 @@ def prompt_opens_reasoning(prompt_text: str) -> bool:
     (R1's generation prompt ends with it), or an assistant prefill continued with
     continue_final_message is part-way through its reasoning."""
     return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
-
-
-# vLLM's --reasoning-config keys (its ReasoningConfig)
-REASONING_CONFIG_KEYS = ("reasoning_parser", "reasoning_start_str", "reasoning_end_str")
-
-
-def reasoning_delimiters(parser: Optional[str], config: Optional[dict]) -> Optional[tuple[str, str]]:
-    """(start, end) strings of the reasoning a request's thinking_token_budget counts, as vLLM's
-    ReasoningConfig settles them: --reasoning-config's strings, else the reasoning parser's
-    (--reasoning-parser, which wins over the config's reasoning_parser); None without either.
-    ValueError naming the flag for a config vLLM would not take."""
-    if config is not None and not isinstance(config, dict):
-        raise ValueError(f"--reasoning-config must be a JSON object, got {config!r}")
-    config = config or {}
-    unknown = sorted(set(config) - set(REASONING_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"--reasoning-config: unknown key(s) {unknown}; its keys are {', '.join(REASONING_CONFIG_KEYS)}")
-    bad = next((k for k, v in config.items() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise ValueError(f"--reasoning-config {bad} must be a string, got {config[bad]!r}")
-    parser = parser or config.get("reasoning_parser") or None
-    if parser is not None and parser not in PARSERS:
-        raise ValueError(f"--reasoning-config reasoning_parser must be one of {', '.join(PARSERS)}, got {parser!r}")
-    default = (THINK_START, THINK_END) if parser is not None else ("", "")
-    start = config.get("reasoning_start_str") or default[0]
-    end = config.get("reasoning_end_str") or default[1]
-    if not start and not end:
-        return None
-    if not start or not end:
-        raise ValueError("--reasoning-config needs both reasoning_start_str and reasoning_end_str (or a "
-                         f"reasoning_parser: {', '.join(PARSERS)})")
-    return start, end
-
-
-def delimiter_token_ids(delimiters: Optional[tuple[str, str]], tokenizer
-                        ) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The token ids of (start, end), for SamplingParams.reasoning_token_ids; None without
-    delimiters or a tokenizer."""
-    if delimiters is None or tokenizer is None:
-        return None
-    ids = tuple(tuple(tokenizer.encode(text, add_special_tokens=False)) for text in delimiters)
-    if not ids[0] or not ids[1]:
-        raise ValueError(f"--reasoning-config: {delimiters!r} do not tokenize to any token")
-    return ids
 
 
 def _held_suffix(text: str, tag: str) -> int:

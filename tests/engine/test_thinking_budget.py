@@ -89,6 +89,16 @@ def test_budget_values_vllm_refuses(bad):
         SamplingParams(thinking_token_budget=bad)
 
 
+def test_offline_llm_takes_vllms_reasoning_parser(llm):
+    folder = llm.engine.config.model.model
+    offline = LLM(str(folder), num_gpu_blocks_override=64, block_size=4, reasoning_parser="deepseek_r1")
+    assert offline.reasoning_token_ids == DELIMS
+    params = SamplingParams(temperature=0, max_tokens=24, thinking_token_budget=3)
+    assert tokens(offline, [CHAT], params) == [[A, A] + TAIL]
+    assert params.reasoning_token_ids is None          # the caller's params are left as given
+    offline.shutdown()
+
+
 def test_a_budget_without_reasoning_delimiters_is_refused(llm):
     with pytest.raises(RequestError, match="--reasoning-parser deepseek_r1"):
         llm.generate({"prompt_token_ids": CHAT}, SamplingParams(thinking_token_budget=4))

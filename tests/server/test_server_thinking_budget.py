@@ -11,7 +11,7 @@ import openai
 import pytest
 from conftest import API_KEY, ECHO_SCRIPT, R1_TOKENIZER, launch
 
-from deepserve.server.reasoning import reasoning_delimiters
+from deepserve.engine.thinking_budget import reasoning_delimiters
 
 ANSWER = "The answer is 4"
 MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
