@@ -11,6 +11,8 @@ import pytest
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.llm_engine import RequestError
+from deepserve.engine.sequence import Sequence
+from deepserve.engine.thinking_budget import ThinkingBudget
 from tests.chain_model import write_chain_model
 from tests.conftest import TOKENIZERS
 
@@ -104,3 +106,22 @@ def test_a_budget_without_reasoning_delimiters_is_refused(llm):
         llm.generate({"prompt_token_ids": CHAT}, SamplingParams(thinking_token_budget=4))
     with pytest.raises(ValueError, match="reasoning_token_ids must be two non-empty"):
         SamplingParams(thinking_token_budget=4, reasoning_token_ids=((), (END,)))
+
+
+def test_delimiters_of_several_tokens():
+    """Tags that tokenize to several tokens (a tokenizer without <think> as one token): the start
+    opens a section once whole, and the end's tokens are forced one step each."""
+    start, end = (7, 8), (5, 6)
+    seq = Sequence("r", 0, [1, 7, 8, 2], budget(3, reasoning_token_ids=(start, end)))
+    state = ThinkingBudget(seq)
+    for _ in range(10):
+        forced = state.forced_token(seq.token_ids)
+        seq.token_ids.append(forced if forced is not None else 9)
+    # 2 (prompt), 9, 9: three reasoning tokens, then 5, 6; free again
+    assert seq.output_token_ids == [9, 9, 5, 6] + [9] * 6
+    seq = Sequence("r", 0, [1, 2], budget(1, reasoning_token_ids=(start, end)))
+    state = ThinkingBudget(seq)
+    for tok in [7, 8, 9]:        # the model opens reasoning itself
+        assert state.forced_token(seq.token_ids) is None
+        seq.token_ids.append(tok)
+    assert [state.forced_token(seq.token_ids + [5][:k]) for k in (0, 1)] == [5, 6]
