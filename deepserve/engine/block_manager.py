@@ -9,7 +9,9 @@ out again: cached blocks are evicted least recently freed first.
 Keys are sha256 (or xxhash's 128-bit xxh3) digests, as in vLLM: with Python's `hash()` two
 different prefixes that collide would silently share KV, across requests and tenants. The
 first block's parent is a salt, by default random bytes drawn when the server starts, so keys
-cannot be predicted (and collisions not crafted) from outside.
+cannot be predicted (and collisions not crafted) from outside. A request's cache_salt (vLLM's)
+enters that parent too: requests with different salts never share a block, so one tenant
+cannot learn from cache hits what another's prompts were.
 """
 from __future__ import annotations
 
@@ -88,11 +90,22 @@ class BlockManager:
         and kept on the sequence (token ids only grow; a waiting sequence asks every step)."""
         bs, keys = self.block_size, seq.prefix_keys
         n_blocks = min(upto_tokens, len(seq.token_ids)) // bs      # (ids still on the device: not yet)
-        parent = keys[-1] if keys else self.root_key
+        if len(keys) >= n_blocks:
+            return keys[:n_blocks]
+        parent = keys[-1] if keys else self.chain_root(seq.cache_salt)
         for i in range(len(keys), n_blocks):
             parent = self.block_key(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
             keys.append(parent)
         return keys[:n_blocks]
+
+    def chain_root(self, cache_salt: Optional[str]) -> bytes:
+        """The parent key of a sequence's first block: the manager's salt, or with a request's
+        cache_salt a key over both. The salt's bytes go in as ids after -1, an id no token has,
+        so that key is never one of a block of tokens (whatever the salt's length), and no
+        block under one salt is ever matched by a sequence with another or with none."""
+        if cache_salt is None:
+            return self.root_key
+        return self.block_key(self.root_key, (-1, *cache_salt.encode()))
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`'s tokens (never all of them: the last token

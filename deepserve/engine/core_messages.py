@@ -25,6 +25,7 @@ class AddRequest:
     prompt: Optional[str]
     params: object              # SamplingParams
     client: int = 0             # which front end sent it: its outputs go back there
+    cache_salt: Optional[str] = None   # the request's prefix-cache salt (vLLM's cache_salt)
 
 
 @dataclass

@@ -186,7 +186,8 @@ class DataParallelEngine(LLMEngine):
         """Send a request to a DP rank once (with its first sequence; the core makes all n)."""
         if seq.index == 0:
             kv = [g.get("kv_cache_usage", 0.0) for g in self._gauges]
-            rank = self._rank_of[seq.request_id] = self.placement.choose(seq.token_ids, seq.params.n, kv)
+            rank = self._rank_of[seq.request_id] = self.placement.choose(seq.token_ids, seq.params.n, kv,
+                                                                         seq.cache_salt)
             params = seq.params
             if getattr(params, "guided", None) is not None and params.guided.compiled is not None:
                 import dataclasses  # the core compiles its own grammar (compiled ones do not pickle)
@@ -194,7 +195,7 @@ class DataParallelEngine(LLMEngine):
             state = self.requests.get(seq.request_id)
             self._unconfirmed[rank] += 1
             self._send(rank, AddRequest(seq.request_id, list(seq.token_ids), state.prompt if state else None, params,
-                                         self.client))
+                                         self.client, seq.cache_salt))
 
     def prompt_logprobs(self, ids, k):
         return None  # the core that serves the request computes them

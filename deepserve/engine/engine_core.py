@@ -339,8 +339,8 @@ class EngineCore:
 
     def _add(self, msg: AddRequest) -> bool:
         try:
-            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids, "prompt": msg.prompt},
-                                    msg.params)
+            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids, "prompt": msg.prompt,
+                                                     "cache_salt": msg.cache_salt}, msg.params)
             return True
         except ValueError as exc:  # refused by its checks, before any forward
             self.client_of.pop(msg.request_id, None)

@@ -224,6 +224,9 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise RequestError(f"cache_salt must be a non-empty string if given, got {cache_salt!r}")
         vocab = self.runner.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             bad = next(t for t in ids if not 0 <= t < vocab)
@@ -235,9 +238,16 @@ class LLMEngine:
         capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise RequestError("bad_words needs the model's tokenizer (this model has none)")
+            params.update_from_tokenizer(self.tokenizer)
         for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                             ("allowed_token_ids", params.allowed_token_ids or []),
-                            ("reasoning_token_ids", sum(params.reasoning_token_ids or (), ()))):
+                            ("reasoning_token_ids", sum(params.reasoning_token_ids or (), ())),
+                            ("bad_words", [t for w in params.bad_words_token_ids or () for t in w])):
             bad = next((t for t in given if t >= vocab), None)
             if bad is not None:
                 raise RequestError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})")
@@ -247,10 +257,8 @@ class LLMEngine:
                                "or give SamplingParams.reasoning_token_ids")
         if params.guided is not None and params.guided.compiled is None:
             self.grammar_compiler().compile(params.guided)
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         prompt_logprobs = self.prompt_logprobs(ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
-        seqs = [Sequence(request_id, i, ids, params) for i in range(params.n)]
+        seqs = [Sequence(request_id, i, ids, params, cache_salt) for i in range(params.n)]
         state = RequestState(request_id, text, ids, params, seqs, self.tokenizer if self.detokenizes else None)
         state.prompt_logprobs = prompt_logprobs
         self.requests[request_id] = state

@@ -1,12 +1,12 @@
-"""From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, grammar
-bitmasks, thinking budgets, logprobs, then the model's `ops.sample`.
+"""From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, bad_words,
+grammar bitmasks, thinking budgets, logprobs, then the model's `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
 whatever else is in the batch. Logprobs are those of the model's raw distribution (vLLM's
 default), taken before penalties, bias, grammar and temperature. A batch without
-logit_bias, allowed_token_ids or structured-output rows does no extra work for them, and none
-of them needs a host-device sync.
+logit_bias, allowed_token_ids, bad_words or structured-output rows does no extra work for them,
+and none of them needs a host-device sync.
 """
 from __future__ import annotations
 
@@ -92,6 +92,18 @@ def apply_allowed_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Te
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def bad_words_banned(seqs: list[Sequence]) -> list[tuple[int, int]]:
+    """(row, token id) of each token a row's bad_words ban at this step (vLLM's rule): a word's
+    last token, where the tokens generated so far end with the word's other tokens."""
+    banned = []
+    for i, s in enumerate(seqs):
+        for word in s.params.bad_words_token_ids or ():
+            k = len(word) - 1
+            if k == 0 or (k <= s.num_output_tokens and s.token_ids[-k:] == word[:-1]):
+                banned.append((i, word[-1]))
+    return banned
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], vocab_size: int, ops: OpTable = REFERENCE_OPS):
         self.eos_token_ids = sorted(eos_token_ids)
@@ -141,8 +153,9 @@ class Sampler:
         return self._choose(logits.float()[:, :self.vocab_size], seqs)
 
     def _choose(self, logits: torch.Tensor, seqs: list[Sequence], grammars: list = ()) -> torch.Tensor:
-        """Penalties, logit_bias, tokens banned by min_tokens, the grammars' bitmasks, the end of
-        reasoning where a thinking budget is spent, then the greedy or sampled id of each row."""
+        """Penalties, logit_bias, tokens banned by min_tokens and bad_words, the grammars'
+        bitmasks, the end of reasoning where a thinking budget is spent, then the greedy or
+        sampled id of each row."""
         dev = logits.device
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
@@ -152,6 +165,8 @@ class Sampler:
             logits = apply_allowed_tokens(logits, seqs)
         banned = [(i, tid) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
                   for tid in ([] if s.params.ignore_eos else self.eos_token_ids) + s.params.stop_token_ids]
+        if any(s.params.bad_words_token_ids for s in seqs):
+            banned += bad_words_banned(seqs)
         if banned:
             index = to_device_async(list(zip(*banned)), torch.int64, dev)
             logits[index[0], index[1]] = float("-inf")

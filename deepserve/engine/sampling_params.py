@@ -106,6 +106,10 @@ class SamplingParams:
     -1 or None: no limit. Needs reasoning_token_ids (the server sets them from --reasoning-parser)."""
     reasoning_token_ids: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None
     """(the token ids that open reasoning, those that close it), e.g. R1's `<think>`, `</think>`."""
+    bad_words: Optional[list[str]] = None
+    """Words never generated (vLLM's): a word's last token is banned wherever the tokens
+    generated so far end with its other tokens; each word counts with and without a leading space."""
+    _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -154,6 +158,7 @@ class SamplingParams:
                                                    or min(self.allowed_token_ids) < 0):
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
         self._check_thinking_budget()
+        self._check_bad_words()
 
     def _check_thinking_budget(self) -> None:
         """vLLM's rule: a non-negative integer, or -1 for no limit (kept as None)."""
@@ -169,6 +174,32 @@ class SamplingParams:
                                  f"{self.reasoning_token_ids!r}")
             self.reasoning_token_ids = (start, end)
 
+    def _check_bad_words(self) -> None:
+        if isinstance(self.bad_words, str) or not all(isinstance(w, str) for w in self.bad_words or ()):
+            raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+        self.bad_words = list(self.bad_words or [])
+        if "" in self.bad_words:
+            raise ValueError(f"bad_words cannot contain an empty string, got {self.bad_words!r}")
+
+    def update_from_tokenizer(self, tokenizer) -> None:
+        """Token ids of bad_words (vLLM's rule): each word stripped of leading spaces, then with one
+        space before it when that gives other tokens (a word inside a text) of the same number."""
+        ids: list[list[int]] = []
+        for word in self.bad_words or ():
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"bad_words: {word!r} has no tokens")
+            ids.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                ids.append(spaced)
+        self._bad_words_token_ids = ids or None
+
+    @property
+    def bad_words_token_ids(self) -> Optional[list[list[int]]]:
+        """bad_words as token ids, set by the engine when it takes the request."""
+        return self._bad_words_token_ids
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -181,6 +212,7 @@ class SamplingParams:
     @property
     def needs_host_history(self) -> bool:
         """Sampling reads the tokens generated so far on the host (penalties, min_tokens, the
-        grammar's state, the thinking budget's count) or hands logprobs back: async scheduling runs such steps synchronously."""
+        grammar's state, the thinking budget's count, bad_words) or hands logprobs back: async
+        scheduling runs such steps synchronously."""
         return (self.logprobs is not None or self.has_penalties or self.min_tokens > 0
-                or self.guided is not None or self.thinking_token_budget is not None)
+                or self.guided is not None or self.thinking_token_budget is not None or bool(self.bad_words))

@@ -19,7 +19,8 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 cache_salt: Optional[str] = None):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index                         # which of the request's n samples
@@ -32,6 +33,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []        # prefix-cache keys of the full blocks registered so far
         self.prefix_keys: list[bytes] = []         # keys of its full blocks, computed once (ids only grow)
+        self.cache_salt = cache_salt               # its request's: shares cached blocks only under the same salt
         self.params = params
         self.status = SeqStatus.WAITING
         self.finish_reason: Optional[str] = None

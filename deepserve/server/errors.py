@@ -80,7 +80,8 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_pen
                     "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens",
                     "logprobs", "top_logprobs", "prompt", "messages", "max_completion_tokens", "logit_bias",
                     "prompt_logprobs", "structured_outputs", "guided_json", "guided_choice", "response_format",
-                    "allowed_token_ids", "seed", "stop_token_ids", "stop", "thinking_token_budget")
+                    "allowed_token_ids", "seed", "stop_token_ids", "stop", "thinking_token_budget", "bad_words",
+                    "cache_salt")
 
 
 def from_value_error(exc: ValueError) -> APIError:

@@ -49,11 +49,10 @@ _WHY_NOT = {
     "functions": "use tools", "function_call": "use tool_choice",
     "use_beam_search": "beam search is not implemented",
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
-    "bad_words": "use logit_bias",
+    "bad_words": "chat completions and completions only: vLLM's Responses API has none",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
     "chat_template": "a request may not bring its own template (vLLM's default too): the server's "
                      "--chat-template or the model's applies",
-    "cache_salt": "the prefix cache has one salt, --prefix-caching-salt or a random one per server start",
     "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
     "logprob_token_ids": "use top_logprobs",
     "media_io_kwargs": "text only",
@@ -166,6 +165,10 @@ class _SamplingFields(_Strict):
     prompt_logprobs: Optional[int] = None
     priority: int = 0
     allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    # vLLM's: requests share prefix-cache blocks only with requests of the same salt (or, without
+    # one, with others without); vLLM refuses an empty salt
+    cache_salt: Optional[Annotated[str, StringConstraints(min_length=1)]] = None
     truncate_prompt_tokens: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
@@ -265,6 +268,7 @@ class _SamplingFields(_Strict):
             priority=self.priority,
             allowed_token_ids=self.allowed_token_ids,
             thinking_token_budget=self.thinking_token_budget,
+            bad_words=self.bad_words,
         )
 
 

@@ -134,6 +134,7 @@ class ResponsesRequest(_Strict):
     skip_special_tokens: bool = True
     priority: int = 0
     request_id: Optional[str] = None
+    cache_salt: Optional[Annotated[str, StringConstraints(min_length=1)]] = None
 
     def logprobs(self) -> Optional[int]:
         """How many top logprobs each answer token carries (None: no logprobs asked for)."""
@@ -201,7 +202,7 @@ class ResponsesRequest(_Strict):
         as a ChatFromResponses); a 400 naming the input item for a bad one."""
         body: dict[str, Any] = {"model": self.model, "messages": chat_messages(self), "n": 1}
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                     "logit_bias", "parallel_tool_calls", "priority", "request_id", "user", "metadata"):
+                     "logit_bias", "parallel_tool_calls", "priority", "request_id", "user", "metadata", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         body.update(skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)

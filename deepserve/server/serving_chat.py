@@ -176,6 +176,7 @@ class PreparedChat:
         except ValueError as exc:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
+        self.cache_salt = req.cache_salt
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
                                        request_template_kwargs(state, req), req.continue_final_message)
 
@@ -250,7 +251,7 @@ class PreparedChat:
         return make_parser(self.parser_name, self.prompt_text)
 
     def stream(self, state: ServerState) -> AsyncIterator[RequestOutput]:
-        prompt = {"prompt": self.prompt_text, "prompt_token_ids": self.prompt_ids}
+        prompt = {"prompt": self.prompt_text, "prompt_token_ids": self.prompt_ids, "cache_salt": self.cache_salt}
         return state.llm.generate(prompt, self.params, self.engine_id)
 
 

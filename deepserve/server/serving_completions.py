@@ -131,6 +131,7 @@ class _Prepared:
         self.id, self.engine_id = response_ids("cmpl", req.request_id)
         self.created = now()
         self.n = req.n
+        self.cache_salt = req.cache_salt
 
     async def tokenize(self, state: ServerState, req: CompletionRequest) -> "_Prepared":
         """Encodes the text prompts (off the event loop), then checks each prompt's length and
@@ -173,7 +174,8 @@ class _Prepared:
         return choice
 
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
-        return [state.llm.generate(p, self.params, f"{self.engine_id}-{i}") for i, p in enumerate(self.prompts)]
+        return [state.llm.generate({**p, "cache_salt": self.cache_salt}, self.params, f"{self.engine_id}-{i}")
+                for i, p in enumerate(self.prompts)]
 
 
 async def create_completion(request: Request, state: ServerState):
