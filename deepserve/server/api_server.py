@@ -176,7 +176,12 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
-                              cors=server.cors())
+                              cors=server.cors(),
+                              enable_prompt_tokens_details=bool(server.enable_prompt_tokens_details),
+                              enable_force_include_usage=bool(server.enable_force_include_usage),
+                              enable_server_load_tracking=bool(server.enable_server_load_tracking),
+                              prefix_cache_block_size=engine.config.cache.block_size
+                              if engine.config.cache.enable_prefix_caching else None)
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len)
     llm.listener = metrics

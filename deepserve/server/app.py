@@ -6,6 +6,7 @@ app's lifespan.
     POST /v1/responses
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
+    GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
     POST /start_profile       POST /stop_profile            (with --profiler-config, as vLLM)
 """
 from __future__ import annotations
@@ -30,6 +31,27 @@ from deepserve.server.serving_responses import create_response
 from deepserve.server.stopping import stop_interruptibly
 
 logger = logging.getLogger("deepserve")
+
+
+# the routes whose requests GET /load counts
+_LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses"))
+
+
+class LoadTrackingMiddleware:
+    """Pure ASGI: counts the generation requests in flight in `state.server_load`, each from
+    its start until its response (a stream included) has ended, as vLLM's load_aware_call."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in _LOADING_PATHS:
+            return await self.app(scope, receive, send)
+        self.state.server_load += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.server_load -= 1
 
 
 class APIKeyMiddleware:
@@ -62,6 +84,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
     app.state.deepserve = state
+    if state.settings.enable_server_load_tracking:   # inside the key check: refused requests are no load
+        app.add_middleware(LoadTrackingMiddleware, state=state)
     if state.settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key,
                            on_reject=state.metrics.record_error)
@@ -125,6 +149,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping():   # vLLM's (SageMaker's health check): /health
         return await health()
+
+    @app.get("/load")
+    async def load():
+        return {"server_load": state.server_load}
 
     @app.get("/version")
     async def version():

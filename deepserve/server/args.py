@@ -49,6 +49,15 @@ class ServerArgs:
     """Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3)."""
     max_logprobs: int = 20
     """Most logprobs / top_logprobs / prompt_logprobs a request may ask for."""
+    enable_prompt_tokens_details: bool = False
+    """vLLM's: chat completions' and completions' usage gives prompt_tokens_details.cached_tokens,
+    the prompt tokens found in the prefix cache (null without this flag, as vLLM)."""
+    enable_force_include_usage: bool = False
+    """vLLM's: every stream carries usage, on each chunk and in a last chunk, as if each request
+    sent stream_options include_usage and continuous_usage_stats."""
+    enable_server_load_tracking: bool = False
+    """vLLM's: GET /load counts the generation requests in flight ({"server_load": N}; 0 without
+    this flag), each API server process its own."""
     chat_template: Optional[str] = None
     """Chat template file (or Jinja text) replacing the tokenizer's."""
     max_body_bytes: int = 8 * 1024 * 1024

@@ -430,15 +430,22 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens).model_dump()
+    """A stream chunk's usage."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def final_usage(prompt_tokens: int, completion_tokens: int, details: Optional[dict], stream: bool) -> dict:
+    """A response's usage, with vLLM's prompt_tokens_details (None without
+    --enable-prompt-tokens-details): in a whole response always there (null without the
+    flag), in a stream's last chunk only with it and without its null fields, as vLLM sends them."""
+    out = usage(prompt_tokens, completion_tokens)
+    if not stream:
+        out["prompt_tokens_details"] = details
+    elif details is not None:
+        out["prompt_tokens_details"] = {k: v for k, v in details.items() if v is not None}
+    return out
 
 
 def now() -> int:

@@ -39,11 +39,12 @@ from fastapi.responses import JSONResponse
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, now, response_ids, usage
+from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
 from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, merge_streams, parse_request, sampling_params, sse,
-                                             stream_usage, truncated_prompt, until_disconnect)
+                                             compile_grammar, merge_streams, parse_request, prompt_tokens_details,
+                                             sampling_params, sse, stream_usage, truncated_prompt, until_disconnect,
+                                             usage_in_stream)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
 from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, tool_calls_tag,
                                           tool_call_id)
@@ -345,8 +346,9 @@ async def create_chat_completion(request: Request, state: ServerState):
         if req.return_token_ids:
             choices[-1]["token_ids"] = list(out.token_ids)
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+    details = prompt_tokens_details(state, final.num_cached_tokens, [len(prep.prompt_ids)])
     body = {"id": prep.id, "object": "chat.completion", "created": prep.created, "model": prep.model,
-            "choices": choices, "usage": usage(len(prep.prompt_ids), completion_tokens)}
+            "choices": choices, "usage": final_usage(len(prep.prompt_ids), completion_tokens, details, stream=False)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = vllm_prompt_logprobs(final)
     if req.return_token_ids:
@@ -365,15 +367,16 @@ async def collect_final(prep: PreparedChat, state: ServerState) -> RequestOutput
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, prep: PreparedChat) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = usage_in_stream(state, req)
     n = prep.params.n
     generated = [0] * n
+    cached = 0
 
     frame = ChunkFrames(id=prep.id, object="chat.completion.chunk", created=prep.created, model=prep.model)
 
-    def chunk(choices: list[dict], final: bool = False, **extra) -> str:
+    def chunk(choices: list[dict], **extra) -> str:
         if include_usage:
-            return frame(choices=choices, usage=stream_usage(req, len(prep.prompt_ids), sum(generated), final), **extra)
+            return frame(choices=choices, usage=stream_usage(continuous, len(prep.prompt_ids), sum(generated)), **extra)
         return frame(choices=choices, **extra)
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
@@ -386,6 +389,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
     done = [False] * n
     first = True
     async for _, res in merge_streams([prep.stream(state)]):
+        cached = res.num_cached_tokens
         choices = []
         for out in res.outputs:
             i = out.index
@@ -421,4 +425,5 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             first = False
             yield chunk(choices, **extra)
     if include_usage:
-        yield chunk([], final=True)
+        details = prompt_tokens_details(state, cached, [len(prep.prompt_ids)])
+        yield frame(choices=[], usage=final_usage(len(prep.prompt_ids), sum(generated), details, stream=True))

@@ -52,6 +52,12 @@ class ServerSettings:
     max_n: int = 128
     scheduling_policy: str = "fcfs"
     cors: dict = field(default_factory=dict)   # CORSMiddleware's arguments (ServerArgs.cors)
+    # vLLM's --enable-prompt-tokens-details, --enable-force-include-usage, --enable-server-load-tracking
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
+    enable_server_load_tracking: bool = False
+    # the prefix cache's block size (None: prefix caching is off), for created_cache_tokens
+    prefix_cache_block_size: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -60,6 +66,7 @@ class ServerState:
     llm: AsyncLLM
     settings: ServerSettings
     metrics: ServerMetrics
+    server_load: int = field(default=0, init=False)   # generation requests in flight (GET /load)
     _encoder: Optional[BatchEncoder] = field(default=None, init=False, repr=False)
 
     @property
@@ -195,13 +202,35 @@ async def compile_grammar(state: ServerState, params: SamplingParams, field: Opt
         raise APIError(400, str(exc), param=field, code="invalid_value") from None
 
 
-def stream_usage(req, prompt_tokens: int, completion_tokens: int, final: bool) -> Optional[dict]:
-    """The usage a stream chunk carries: on the last chunk with include_usage, on every chunk
-    with continuous_usage_stats too (None: leave it out)."""
+def usage_in_stream(state: ServerState, req) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage on every chunk): stream_options' include_usage
+    and continuous_usage_stats, both with --enable-force-include-usage (vLLM's rule)."""
+    if state.settings.enable_force_include_usage:
+        return True, True
     opts = req.stream_options
-    if opts is None or not opts.include_usage or not (final or opts.continuous_usage_stats):
+    if opts is None or not opts.include_usage:
+        return False, False
+    return True, bool(opts.continuous_usage_stats)
+
+
+def stream_usage(continuous: bool, prompt_tokens: int, completion_tokens: int) -> Optional[dict]:
+    """The usage a chunk before the last carries where the stream has usage (None: null)."""
+    return usage(prompt_tokens, completion_tokens) if continuous else None
+
+
+def prompt_tokens_details(state: ServerState, cached_tokens: int, prompt_lens: Optional[list[int]] = None
+                          ) -> Optional[dict]:
+    """vLLM's usage.prompt_tokens_details with --enable-prompt-tokens-details (None without):
+    cached_tokens, the prompt tokens found in the prefix cache; with `prompt_lens` (chat's, as
+    vLLM's) created_cache_tokens too, those the request wrote to it (its prompt's full blocks
+    less the ones it found)."""
+    if not state.settings.enable_prompt_tokens_details:
         return None
-    return usage(prompt_tokens, completion_tokens)
+    created = None
+    if prompt_lens is not None:
+        block = state.settings.prefix_cache_block_size
+        created = 0 if block is None else max(0, sum(n // block * block for n in prompt_lens) - cached_tokens)
+    return {"cached_tokens": cached_tokens, "created_cache_tokens": created, "multimodal_tokens": None}
 
 
 def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:

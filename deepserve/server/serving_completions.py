@@ -21,10 +21,11 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import CompletionRequest, now, response_ids, usage
+from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, merge_streams, parse_request, sampling_params, sse,
-                                             stream_usage, truncated_prompt, until_disconnect)
+                                             compile_grammar, merge_streams, parse_request, prompt_tokens_details,
+                                             sampling_params, sse, stream_usage, truncated_prompt, until_disconnect,
+                                             usage_in_stream)
 
 
 # samples (prompts x n) one completions request may ask for, in units of the n limit (4096 by default)
@@ -208,9 +209,10 @@ async def create_completion(request: Request, state: ServerState):
                 choice.update(prompt_token_ids=prep.prompts[i]["prompt_token_ids"], token_ids=list(out.token_ids))
             choices.append(choice)
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
+    details = prompt_tokens_details(state, sum(f.num_cached_tokens for f in finals.values()))
     return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
                          "model": prep.model, "choices": choices,
-                         "usage": usage(prompt_tokens, completion_tokens)})
+                         "usage": final_usage(prompt_tokens, completion_tokens, details, stream=False)})
 
 
 def _joined(first: dict, second: dict) -> dict:
@@ -228,7 +230,8 @@ async def _collect(prep: _Prepared, state: ServerState) -> dict[int, RequestOutp
 
 
 async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = usage_in_stream(state, req)
+    cached: dict[int, int] = {}        # prompt -> its prefix-cache hits
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     cursors: dict[int, int] = {}        # where the next token's text is searched from in out.text
@@ -241,12 +244,13 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
 
     frame = ChunkFrames(id=prep.id, object="text_completion", created=prep.created, model=prep.model)
 
-    def chunk(choices: list[dict], final: bool = False) -> str:
+    def chunk(choices: list[dict]) -> str:
         if include_usage:
-            return frame(choices=choices, usage=stream_usage(req, prompt_tokens, sum(generated.values()), final))
+            return frame(choices=choices, usage=stream_usage(continuous, prompt_tokens, sum(generated.values())))
         return frame(choices=choices)
 
     async for i, res in merge_streams(prep.streams(state)):
+        cached[i] = res.num_cached_tokens
         choices = []
         for out in res.outputs:
             idx = i * prep.n + out.index
@@ -291,4 +295,5 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
         if choices:
             yield chunk(choices)
     if include_usage:
-        yield chunk([], final=True)
+        details = prompt_tokens_details(state, sum(cached.values()))
+        yield frame(choices=[], usage=final_usage(prompt_tokens, sum(generated.values()), details, stream=True))
