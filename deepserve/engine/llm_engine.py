@@ -246,6 +246,7 @@ class LLMEngine:
             params.update_from_tokenizer(self.tokenizer)
         for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                             ("allowed_token_ids", params.allowed_token_ids or []),
+                            ("logprob_token_ids", params.logprob_token_ids or []),
                             ("reasoning_token_ids", sum(params.reasoning_token_ids or (), ())),
                             ("bad_words", [t for w in params.bad_words_token_ids or () for t in w])):
             bad = next((t for t in given if t >= vocab), None)
@@ -496,8 +497,8 @@ class LLMEngine:
         chosen, rank, top = lp
         text = (lambda t: self.tokenizer.token_text(t, at_start)) if self.tokenizer else str
         entry = {token: Logprob(chosen, rank, text(token))}
-        for r, (tid, val) in enumerate(top, start=1):
-            entry.setdefault(tid, Logprob(val, r, text(tid)))
+        for r, (tid, val, *own_rank) in enumerate(top, start=1):   # logprob_token_ids' come with their ranks
+            entry.setdefault(tid, Logprob(val, own_rank[0] if own_rank else r, text(tid)))
         return entry
 
     def _record_logprobs(self, seq: Sequence, token: int, lp) -> None:

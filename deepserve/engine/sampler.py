@@ -1,5 +1,6 @@
 """From logits to next tokens: penalties, logit_bias, allowed_token_ids, min_tokens, bad_words,
-grammar bitmasks, thinking budgets, logprobs, then the model's `ops.sample`.
+grammar bitmasks, thinking budgets, logprobs (the most likely tokens', or those of the ids a
+request names: vLLM's logprob_token_ids), then the model's `ops.sample`.
 
 All per-row settings become tensors once per step; nothing loops over tokens. Seeded
 requests draw their Exp(1) noise from their own generator, so a seed gives the same tokens
@@ -25,7 +26,8 @@ from deepserve.engine.thinking_budget import force_reasoning_ends
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    # per row: (sampled token logprob, its rank, [(token id, logprob), ...] top-k) or None
+    # per row: (sampled token logprob, its rank, [(token id, logprob), ...] top-k, or
+    # [(token id, logprob, rank), ...] of the row's logprob_token_ids) or None
     logprobs: list[Optional[tuple[float, int, list[tuple[int, float]]]]]
 
 
@@ -63,6 +65,19 @@ def top_logprobs(logprobs: torch.Tensor, chosen_ids: torch.Tensor, k: int
     ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
     top_vals, top_ids = top_vals[:, :k].tolist(), top_ids[:, :k].tolist()
     return [(c, r, list(zip(i, v))) for c, r, i, v in zip(chosen.tolist(), ranks.tolist(), top_ids, top_vals)]
+
+
+def listed_logprobs(logprobs: torch.Tensor, rows: list[int], token_ids: list[list[int]]
+                    ) -> list[list[tuple[int, float, int]]]:
+    """vLLM's logprob_token_ids: for each of `rows` of `logprobs` [N, V], (token id, logprob,
+    rank) of each id of its list, in the list's order."""
+    dev = logprobs.device
+    listed = logprobs[to_device_async(rows, torch.int64, dev)]   # [R, V]
+    ids = _padded(token_ids, 0, dev)                             # [R, W]
+    values = listed.gather(1, ids)                               # [R, W]
+    # one column at a time: a [R, V] comparison each, no larger than top_logprobs' own
+    ranks = torch.stack([(listed > values[:, j:j + 1]).sum(dim=-1) for j in range(ids.shape[1])], dim=1) + 1
+    return [list(zip(t, v, r)) for t, v, r in zip(token_ids, values.tolist(), ranks.tolist())]
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -128,10 +143,13 @@ class Sampler:
             st.accept(token_ids[i])
         logprobs: list = [None] * n
         if raw_logprobs is not None:
-            k = max(s.params.logprobs or 0 for s in seqs)
+            k = max((s.params.logprobs or 0 for s in seqs if s.params.logprob_token_ids is None), default=0)
+            listed = [i for i, s in enumerate(seqs) if s.params.logprob_token_ids is not None]
+            chosen = dict(zip(listed, listed_logprobs(raw_logprobs, listed, [seqs[i].params.logprob_token_ids
+                                                                              for i in listed]))) if listed else {}
             for i, (s, row) in enumerate(zip(seqs, top_logprobs(raw_logprobs, next_ids, k))):
                 if want_logprobs[i]:
-                    logprobs[i] = (row[0], row[1], row[2][:s.params.logprobs])
+                    logprobs[i] = (row[0], row[1], chosen[i] if i in chosen else row[2][:s.params.logprobs])
         return SamplerOutput(token_ids, logprobs)
 
     def _grammar_states(self, seqs: list[Sequence]) -> list:

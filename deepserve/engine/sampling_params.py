@@ -54,6 +54,10 @@ class GuidedDecoding:
                 self.structural_tag)
 
 
+# most token ids one request's logprob_token_ids may name (vLLM's MAX_LOGPROB_TOKEN_IDS)
+MAX_LOGPROB_TOKEN_IDS = 128
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -85,11 +89,15 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating after EOS."""
     logprobs: Optional[int] = None
-    """Return the log-probabilities of the sampled token and of this many most likely tokens."""
+    """Return the log-probabilities of the sampled token and of this many most likely tokens
+    (with logprob_token_ids: their number)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
     include_stop_str_in_output: bool = False
     """Keep the stop string that ended generation in the text."""
+    logprob_token_ids: Optional[list[int]] = None
+    """vLLM's: at each generated position return the log-probabilities of exactly these token
+    ids (at most 128), besides the sampled token's, in place of the most likely tokens."""
     prompt_logprobs: Optional[int] = None
     """Return the log-probability of every prompt token (the first has none) and of this many
     most likely tokens at each prompt position."""
@@ -146,6 +154,7 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        self._check_logprob_token_ids()
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
             bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not -100 <= b <= 100), None)
@@ -159,6 +168,26 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
         self._check_thinking_budget()
         self._check_bad_words()
+
+    def _check_logprob_token_ids(self) -> None:
+        """vLLM's rules (the vocabulary's end is the engine's check); logprobs becomes their
+        number, so everything that hands logprobs back hands these back."""
+        ids = self.logprob_token_ids
+        if not ids:   # [] asks for nothing, as in vLLM
+            self.logprob_token_ids = None
+            return
+        if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"logprob_token_ids must be a list of token ids, got {ids!r}")
+        self.logprob_token_ids = ids = list(ids)
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise ValueError(f"logprob_token_ids may hold at most {MAX_LOGPROB_TOKEN_IDS} token ids, got {len(ids)}")
+        if min(ids) < 0:
+            raise ValueError(f"logprob_token_ids must be token ids >= 0, got {min(ids)}")
+        if self.logprobs is not None and self.logprobs != len(ids):
+            raise ValueError(f"logprob_token_ids: when both logprobs and logprob_token_ids are set, logprobs must "
+                             f"equal len(logprob_token_ids); got logprobs={self.logprobs}, "
+                             f"len(logprob_token_ids)={len(ids)}")
+        self.logprobs = len(ids)
 
     def _check_thinking_budget(self) -> None:
         """vLLM's rule: a non-negative integer, or -1 for no limit (kept as None)."""

@@ -81,7 +81,7 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_pen
                     "logprobs", "top_logprobs", "prompt", "messages", "max_completion_tokens", "logit_bias",
                     "prompt_logprobs", "structured_outputs", "guided_json", "guided_choice", "response_format",
                     "allowed_token_ids", "seed", "stop_token_ids", "stop", "thinking_token_budget", "bad_words",
-                    "cache_salt")
+                    "cache_salt", "logprob_token_ids")
 
 
 def from_value_error(exc: ValueError) -> APIError:

@@ -54,7 +54,7 @@ _WHY_NOT = {
     "chat_template": "a request may not bring its own template (vLLM's default too): the server's "
                      "--chat-template or the model's applies",
     "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
-    "logprob_token_ids": "use top_logprobs",
+    "logprob_token_ids": "chat completions and completions only: vLLM's Responses API has none",
     "media_io_kwargs": "text only",
     "thinking_token_budget": "chat completions and completions only; vLLM's Responses API does not take it either",
     "reasoning_effort": "chat completions only: the chat template applies it",
@@ -163,6 +163,8 @@ class _SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[str, float]] = None
     prompt_logprobs: Optional[int] = None
+    # vLLM's: the logprobs of exactly these ids at each generated position (with logprobs)
+    logprob_token_ids: Optional[list[int]] = None
     priority: int = 0
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
@@ -259,7 +261,8 @@ class _SamplingFields(_Strict):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
+            logprobs=None if self.logprob_token_ids else logprobs,   # their number (vLLM's)
+            logprob_token_ids=self.logprob_token_ids,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             prompt_logprobs=self.prompt_logprobs,

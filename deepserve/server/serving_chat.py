@@ -55,13 +55,18 @@ def _entry(text: str, logprob: float, name: Optional[str] = None) -> dict:
     return {"token": text if name is None else name, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_ids: bool = False) -> dict:
+def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_ids: bool = False,
+                  listed: bool = False) -> dict:
     """OpenAI's chat logprobs object for tokens [start, end) of one sample (`as_ids`: tokens
-    named `token_id:N`, vLLM's return_tokens_as_token_ids; `bytes` stay the token's text's)."""
+    named `token_id:N`, vLLM's return_tokens_as_token_ids; `bytes` stay the token's text's;
+    `listed`: top_logprobs are the sampled token's and logprob_token_ids', in that order, as vLLM's)."""
     content = []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
-        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
+        if listed:
+            top = list(entry.items())
+        else:
+            top = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
         item = _entry(chosen.decoded_token, chosen.logprob, f"token_id:{tid}" if as_ids else None)
         item["top_logprobs"] = [_entry(lp.decoded_token, lp.logprob, f"token_id:{t}" if as_ids else None)
                                 for t, lp in top]
@@ -177,6 +182,7 @@ class PreparedChat:
         except ValueError as exc:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
+        self.listed = self.params.logprob_token_ids is not None
         self.cache_salt = req.cache_salt
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
                                        request_template_kwargs(state, req), req.continue_final_message)
@@ -339,7 +345,8 @@ async def create_chat_completion(request: Request, state: ServerState):
             message["tool_calls"] = calls
         logprobs = None
         if prep.top_k is not None:
-            logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, bool(req.return_tokens_as_token_ids))
+            logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, bool(req.return_tokens_as_token_ids),
+                                     prep.listed)
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
                         "stop_reason": out.stop_reason})
@@ -408,7 +415,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             logprobs = None
             if prep.top_k is not None and len(out.token_ids) > sent_tokens[i]:
                 logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k,
-                                         bool(req.return_tokens_as_token_ids))
+                                         bool(req.return_tokens_as_token_ids), prep.listed)
             sent_text[i], sent_tokens[i] = len(out.text), len(out.token_ids)
             generated[i] = len(out.token_ids)
             done[i] = final

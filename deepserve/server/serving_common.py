@@ -154,14 +154,19 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     if req.priority and state.settings.scheduling_policy != "priority":
         raise APIError(400, f"priority {req.priority} needs --scheduling-policy priority (this server schedules "
                             "first come, first served)", param="priority", code="unsupported_field")
+    if params.logprob_token_ids is not None and logprobs is None:   # vLLM's rule
+        raise APIError(400, "logprob_token_ids needs logprobs (true on chat completions, a number on completions)",
+                       param="logprob_token_ids", code="invalid_value")
     limit = state.settings.max_logprobs
-    for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+    # logprob_token_ids' number stands in logprobs; it has its own limit (SamplingParams'), as in vLLM
+    sample_logprobs = params.logprobs if params.logprob_token_ids is None else None
+    for name, value in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
         if value is not None and value > limit:
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
             raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown,
                            code="invalid_value")
     for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
-                      ("stop_token_ids", params.stop_token_ids)):
+                      ("stop_token_ids", params.stop_token_ids), ("logprob_token_ids", params.logprob_token_ids or [])):
         bad = next((t for t in ids if t >= state.llm.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"{name} token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",

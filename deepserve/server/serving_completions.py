@@ -37,8 +37,10 @@ def token_name(tid: int, text: str, as_ids: bool) -> str:
     return f"token_id:{tid}" if as_ids else text
 
 
-def _legacy_entry(entry: dict, tid: int, top_k: int, as_ids: bool) -> dict:
-    return {token_name(t, lp.decoded_token, as_ids): lp.logprob for t, lp in entry.items() if lp.rank <= top_k or t == tid}
+def _legacy_entry(entry: dict, tid: int, top_k: int, as_ids: bool, listed: bool = False) -> dict:
+    """`listed`: every entry, the sampled token's and then logprob_token_ids' (vLLM's)."""
+    return {token_name(t, lp.decoded_token, as_ids): lp.logprob for t, lp in entry.items()
+            if listed or lp.rank <= top_k or t == tid}
 
 
 def text_offsets(text: str, tokens: list[str], cursor: int = 0, slack: int = 4) -> tuple[list[int], int]:
@@ -81,16 +83,17 @@ def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
 
 
 def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, base: int,
-                        cursor: int, as_ids: bool = False) -> tuple[dict, int]:
+                        cursor: int, as_ids: bool = False, listed: bool = False) -> tuple[dict, int]:
     """OpenAI's legacy logprobs object for tokens [start, end) of one sample, with their
     offsets in the choice's text (`base` characters of echoed prompt, then the sample's text,
-    searched from `cursor` in the sample's text); and the cursor after them."""
+    searched from `cursor` in the sample's text); and the cursor after them. `listed`: the
+    request named logprob_token_ids."""
     tokens, token_logprobs, top_logprobs = [], [], []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
         tokens.append(token_name(tid, chosen.decoded_token, as_ids))
         token_logprobs.append(chosen.logprob)
-        top_logprobs.append(_legacy_entry(entry, tid, top_k, as_ids))
+        top_logprobs.append(_legacy_entry(entry, tid, top_k, as_ids, listed))
     offsets, cursor = text_offsets(out.text, tokens, cursor)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": [base + o for o in offsets]}, cursor
@@ -100,6 +103,7 @@ class _Prepared:
     def __init__(self, state: ServerState, req: CompletionRequest):
         self.model = state.check_model(req.model)
         self.as_ids = bool(req.return_tokens_as_token_ids)
+        self.listed = bool(req.logprob_token_ids)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         try:
@@ -113,6 +117,9 @@ class _Prepared:
                            code="invalid_value")
         # echo with max_tokens 0: the prompt alone (the one token the engine samples is dropped)
         self.echo_only = req.echo and req.max_new_tokens() == 0
+        if self.echo_only and req.logprob_token_ids:   # vLLM's rule
+            raise APIError(400, "logprob_token_ids is not supported with echo and max_tokens 0: no token is generated",
+                           param="logprob_token_ids", code="invalid_value")
         self.params = sampling_params(state, req, 1 if self.echo_only else req.max_new_tokens(), req.logprobs)
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
@@ -198,7 +205,7 @@ async def create_completion(request: Request, state: ServerState):
             logprobs = None
             if req.logprobs is not None:
                 logprobs, _ = completion_logprobs(out, 0, len(out.token_ids), req.logprobs, len(prefix), 0,
-                                                  prep.as_ids)
+                                                  prep.as_ids, prep.listed)
                 if prep.echo_logprobs:
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             choice = {"index": i * prep.n + out.index, "text": prefix + out.text,
@@ -271,7 +278,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             logprobs = None
             if req.logprobs is not None:
                 logprobs, cursors[idx] = completion_logprobs(out, sent_tokens[idx], n_tok, req.logprobs,
-                                                             echoed[idx], cursors[idx], prep.as_ids)
+                                                             echoed[idx], cursors[idx], prep.as_ids, prep.listed)
                 if first and prep.echo_logprobs:
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
