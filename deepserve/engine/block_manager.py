@@ -143,9 +143,11 @@ class BlockManager:
             self.ref_counts[b] += 1
             seq.block_table.append(b)
         seq.block_hashes = [self.hash_of[b] for b in hits]
-        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_preemptions == 0:   # a re-admission hits its own blocks: its usage keeps the first one's (vLLM's)
+            seq.num_cached_tokens = seq.num_computed_tokens
         self.prefix_queries += seq.num_tokens
-        self.prefix_hits += seq.num_cached_tokens
+        self.prefix_hits += seq.num_computed_tokens
         self.append_slots(seq, num_tokens)
 
     def append_slots(self, seq: Sequence, num_tokens: int) -> None:

@@ -159,3 +159,19 @@ def test_keys_are_computed_once_per_sequence_and_only_for_complete_blocks():
     pending.num_pending = 2                   # 9 tokens, 7 on the host
     bm.match_prefix(pending)
     assert [len(t) for t in calls[10:]] == [BS] and len(pending.prefix_keys) == 1
+
+
+def test_cached_tokens_are_the_first_admissions_hits():
+    """A sequence preempted and admitted again hits the blocks it computed itself; the prompt
+    tokens its usage reports as cached stay those of its first admission (vLLM's), never more
+    than the prompt."""
+    bm = BlockManager(16, BS)
+    prefill(bm, seq(range(9), "a"))
+    s = seq(list(range(9)) + [50, 51, 52, 53, 54, 55], "b")   # 9 prompt tokens shared, then 6 of its own
+    s.num_prompt_tokens = 9
+    prefill(bm, s)
+    assert s.num_cached_tokens == 8
+    bm.free_seq(s)                                         # preempted by recompute
+    s.num_preemptions += 1
+    assert len(prefill(bm, s)) == 3                       # now its own third block hits as well
+    assert s.num_cached_tokens == 8
