@@ -6,6 +6,8 @@ a whole response and absent from a stream without the flag, as vLLM sends them),
 --enable-server-load-tracking (GET /load counts the generation requests in flight)."""
 from __future__ import annotations
 
+import socket
+
 import httpx
 import openai
 import pytest
@@ -97,20 +99,27 @@ def test_force_include_usage_puts_usage_on_every_chunk(flagged, endpoint):
     assert [c.usage.completion_tokens for c in chunks[:-1]] == sorted(c.usage.completion_tokens for c in chunks[:-1])
 
 
+def _held_request(server) -> socket.socket:
+    """A completions request whose body never finishes arriving: in flight until the socket closes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{".encode())
+    return sock
+
+
 def test_load_counts_requests_in_flight(flagged, demo_server):
     def load(server) -> int:
         return httpx.get(server.url + "/load", timeout=10).json()["server_load"]
 
     assert load(flagged) == 0
-    stream = _client(flagged).completions.create(model="stories260k", prompt="(load) " + LONG, max_tokens=200,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
-    next(iter(stream))
-    assert load(flagged) == 1
-    stream.close()
+    held = [_held_request(flagged), _held_request(flagged)]
+    wait_for(lambda: load(flagged) == 2)
+    held.pop().close()
+    wait_for(lambda: load(flagged) == 1)
+    held.pop().close()
     wait_for(lambda: load(flagged) == 0)
     # without the flag /load is there and counts nothing (vLLM's)
-    other = _client(demo_server).completions.create(model="stories260k", prompt="(load) " + LONG, max_tokens=200,
-                                                    temperature=0, stream=True, extra_body={"ignore_eos": True})
-    next(iter(other))
+    sock = _held_request(demo_server)
     assert load(demo_server) == 0
-    other.close()
+    sock.close()
