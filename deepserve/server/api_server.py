@@ -33,7 +33,7 @@ from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
 from deepserve.log import FORMAT as LOG_FORMAT
 from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
-from deepserve.server.args import ServerArgs
+from deepserve.server.args import STORE_ENV, ServerArgs
 from deepserve.server.metrics import ServerMetrics
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 from deepserve.server.reasoning import PARSERS
@@ -180,6 +180,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_prompt_tokens_details=bool(server.enable_prompt_tokens_details),
                               enable_force_include_usage=bool(server.enable_force_include_usage),
                               enable_server_load_tracking=bool(server.enable_server_load_tracking),
+                              responses_store_size=server.responses_store_size(),
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)
     llm = AsyncLLM(engine)
@@ -194,6 +195,10 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, soc
     --api-server-count N > 1, as N API server processes on one listening socket
     (server/api_servers.py)."""
     server = dataclasses.replace(server or ServerArgs(), **options)
+    if engine_args.api_server_count > 1 and server.responses_store_size():
+        raise ValueError(f"the Responses API's store (--enable-responses-api-store, {STORE_ENV}=1) keeps responses "
+                         "in one API server process's memory: it needs --api-server-count 1, got "
+                         f"{engine_args.api_server_count}")
     if engine_args.api_server_count > 1:
         from deepserve.server.api_servers import run_api_servers
         return run_api_servers(engine_args, server)

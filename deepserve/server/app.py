@@ -3,7 +3,8 @@ routes and unexpected failures included), and the engine thread's start and stop
 app's lifespan.
 
     POST /v1/completions      POST /v1/chat/completions     GET /v1/models, /v1/models/{model}
-    POST /v1/responses
+    POST /v1/responses        GET  /v1/responses/{id}       POST /v1/responses/{id}/cancel
+                              (with the store: --enable-responses-api-store, as vLLM's)
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
     GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
@@ -27,7 +28,7 @@ from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
 from deepserve.server.serving_common import ClientDisconnected, ServerState, parse_request
 from deepserve.server.serving_completions import create_completion
-from deepserve.server.serving_responses import create_response
+from deepserve.server.serving_responses import cancel_response, create_response, retrieve_response
 from deepserve.server.stopping import stop_interruptibly
 
 logger = logging.getLogger("deepserve")
@@ -127,6 +128,14 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: Request):
         return await create_response(request, state)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve(response_id: str, request: Request):
+        return await retrieve_response(request, state, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel(response_id: str):
+        return await cancel_response(state, response_id)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",

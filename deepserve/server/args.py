@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -18,6 +19,7 @@ from deepserve.config import add_dataclass_args
 from deepserve.engine.thinking_budget import reasoning_delimiters
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
 
 
 @dataclass
@@ -58,6 +60,12 @@ class ServerArgs:
     enable_server_load_tracking: bool = False
     """vLLM's: GET /load counts the generation requests in flight ({"server_load": N}; 0 without
     this flag), each API server process its own."""
+    enable_responses_api_store: bool = False
+    """Keep /v1/responses responses in this process's memory (OpenAI's store: GET
+    /v1/responses/{id}, previous_response_id, background and cancel); vLLM's
+    VLLM_ENABLE_RESPONSES_API_STORE=1 does the same. Needs --api-server-count 1."""
+    responses_store_max_size: int = 1000
+    """Most responses the store keeps; past it the oldest finished one is dropped."""
     chat_template: Optional[str] = None
     """Chat template file (or Jinja text) replacing the tokenizer's."""
     max_body_bytes: int = 8 * 1024 * 1024
@@ -82,6 +90,8 @@ class ServerArgs:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if int(self.max_logprobs) < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if int(self.responses_store_max_size) < 1:
+            raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if isinstance(self.reasoning_config, str):   # a YAML file's JSON text
@@ -90,11 +100,20 @@ class ServerArgs:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"--reasoning-config is not valid JSON: {exc}") from None
         reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
+        self.responses_store_size()   # a bad VLLM_ENABLE_RESPONSES_API_STORE is an error before the model loads
         if self.enable_reasoning and not self.reasoning_parser:
             raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
         self.cors()
+
+    def responses_store_size(self) -> int:
+        """How many responses /v1/responses keeps (0: none), from --enable-responses-api-store
+        or vLLM's VLLM_ENABLE_RESPONSES_API_STORE (0 or 1)."""
+        env = os.environ.get(STORE_ENV, "0").strip() or "0"
+        if env not in ("0", "1"):
+            raise ValueError(f"{STORE_ENV} must be 0 or 1, got {env!r}")
+        return int(self.responses_store_max_size) if self.enable_responses_api_store or env == "1" else 0
 
     def cors(self) -> dict:
         """Starlette CORSMiddleware's arguments; ValueError naming a flag that is no JSON list of strings."""

@@ -9,17 +9,22 @@ earlier turns, and `reasoning` items (a previous response's output sent back: it
 the next assistant turn as `reasoning_content`, which R1's template drops, as it drops earlier
 turns' reasoning). An assistant message and the function calls after it are one chat turn.
 
-`include` takes message.output_text.logprobs (with `top_logprobs`) only. The server keeps no
-responses (vLLM's default): `store` true, `previous_response_id`,
-`background` true and `conversation` are refused; a client sends the whole conversation in
-`input`, as the Agents SDK does with store off.
+`include` takes message.output_text.logprobs (with `top_logprobs`) only. By default the server
+keeps no responses (vLLM's default): `store` true, `previous_response_id` and `background` true
+are refused (vLLM drops store true in silence; deepserve refuses what it does not do), and a
+client sends the whole conversation in `input`, as the Agents SDK does with store off. With the
+store on (--enable-responses-api-store or vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1; see
+server/responses_store.py) `store` defaults to true, as OpenAI's, `previous_response_id` puts the
+stored conversation before the input (`instructions` are not carried over), and `background`
+needs `store`. `conversation` (OpenAI's Conversations API) is refused either way.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 from pydantic import Field, StringConstraints
 
+from deepserve.server.args import STORE_ENV
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, _Strict
 
@@ -140,15 +145,27 @@ class ResponsesRequest(_Strict):
         """How many top logprobs each answer token carries (None: no logprobs asked for)."""
         return (self.top_logprobs or 0) if LOGPROBS in (self.include or ()) else None
 
-    def refused(self) -> Optional[tuple[str, str]]:
-        """(field, message) of the first field sent that this server does not implement."""
-        no_store = "this server keeps no responses; send the whole conversation in input"
+    def stored(self, store_on: bool) -> bool:
+        """Whether this response is kept: store defaults to true (OpenAI's) where the server keeps responses."""
+        return store_on and self.store is not False
+
+    def refused(self, store_on: bool = False) -> Optional[tuple[str, str]]:
+        """(field, message) of the first field sent that this server does not implement;
+        `store_on`: the server keeps responses (--enable-responses-api-store)."""
+        no_store = ("this server keeps no responses unless started with --enable-responses-api-store or "
+                    f"{STORE_ENV}=1; send the whole conversation in input")
         checks = [
-            ("store", self.store, f"store true is not supported ({no_store})"),
-            ("previous_response_id", self.previous_response_id is not None,
+            ("store", self.store and not store_on, f"store true is not supported ({no_store})"),
+            ("previous_response_id", self.previous_response_id is not None and not store_on,
              f"previous_response_id is not supported ({no_store})"),
-            ("background", self.background, f"background true is not supported ({no_store})"),
-            ("conversation", self.conversation is not None, f"conversation is not supported ({no_store})"),
+            ("background", self.background and not store_on, f"background true is not supported ({no_store})"),
+            ("background", self.background and not self.stored(store_on),
+             "background can only be used when store is true"),
+            ("background", self.background and self.stream,
+             "background with stream true is not supported (poll GET /v1/responses/{id})"),
+            ("conversation", self.conversation is not None,
+             "conversation (the Conversations API) is not supported; previous_response_id continues a stored "
+             "response where the server keeps them"),
             ("prompt", self.prompt is not None, "prompt (stored prompt templates) is not supported"),
             ("include", bool(set(self.include or ()) - {LOGPROBS}),
              f"include {sorted(set(self.include or ()) - {LOGPROBS})} is not supported (only {LOGPROBS!r})"),
@@ -197,10 +214,17 @@ class ResponsesRequest(_Strict):
                                             'shape: {"type": "function", "name": ...})')
         return None
 
-    def chat_request(self) -> dict:
+    def input_items(self) -> list[dict]:
+        """`input` as a list of items (a string is one user message)."""
+        if isinstance(self.input, str):
+            return [{"type": "message", "role": "user", "content": self.input}]
+        return [item.model_dump(exclude_none=True) for item in self.input]
+
+    def chat_request(self, history: Sequence[dict] = ()) -> dict:
         """The chat-completions request body that serves this request (validated by the caller
-        as a ChatFromResponses); a 400 naming the input item for a bad one."""
-        body: dict[str, Any] = {"model": self.model, "messages": chat_messages(self), "n": 1}
+        as a ChatFromResponses), `history` (a stored conversation's input items) before the
+        input; a 400 naming the input item for a bad one."""
+        body: dict[str, Any] = {"model": self.model, "messages": chat_messages(self, history), "n": 1}
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                      "logit_bias", "parallel_tool_calls", "priority", "request_id", "user", "metadata", "cache_salt"):
             if getattr(self, name) is not None:
@@ -252,18 +276,21 @@ def _text(parts: Union[str, list[ContentPart], None], where: str) -> str:
     return "\n".join(texts)
 
 
-def chat_messages(req: ResponsesRequest) -> list[dict]:
-    """instructions + input as chat messages (see the module docstring)."""
+def chat_messages(req: ResponsesRequest, history: Sequence[dict] = ()) -> list[dict]:
+    """instructions + history (a stored conversation's input items) + input as chat messages
+    (see the module docstring)."""
     messages: list[dict] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    if isinstance(req.input, str):
+    if isinstance(req.input, str) and not history:
         messages.append({"role": "user", "content": req.input})
         return messages
+    items = [InputItem.model_validate(item) for item in history]
+    items += [InputItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     calls: dict[str, str] = {}   # call_id -> name of the function calls seen
     reasoning: Optional[str] = None
-    for i, item in enumerate(req.input):
-        where = f"input[{i}]"
+    for i, item in enumerate(items, start=-len(history)):
+        where = f"input[{i}]" if i >= 0 else f"previous_response_id's input[{i + len(history)}]"
         kind = item.type or "message"
         if kind == "message":
             if item.role not in ("user", "system", "developer", "assistant"):
@@ -289,7 +316,8 @@ def chat_messages(req: ResponsesRequest) -> list[dict]:
         elif kind == "function_call_output":
             if item.call_id not in calls:
                 raise APIError(400, f"{where}.call_id: no function_call item with call_id {item.call_id!r} comes "
-                                    "before this output (this server keeps no earlier responses: send the call too)",
+                                    "before this output (send the call in input too, or continue its response with "
+                                    "previous_response_id where the server stores responses)",
                                param=f"{where}.call_id", code="invalid_value")
             messages.append({"role": "tool", "tool_call_id": item.call_id,
                              "content": _text(item.output, f"{where}.output")})

@@ -25,6 +25,7 @@ from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
+from deepserve.server.responses_store import ResponseStore
 
 logger = logging.getLogger("deepserve")
 
@@ -58,6 +59,8 @@ class ServerSettings:
     enable_server_load_tracking: bool = False
     # the prefix cache's block size (None: prefix caching is off), for created_cache_tokens
     prefix_cache_block_size: Optional[int] = None
+    # how many /v1/responses responses are kept (0: none; --enable-responses-api-store)
+    responses_store_size: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -67,7 +70,12 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     server_load: int = field(default=0, init=False)   # generation requests in flight (GET /load)
+    response_store: Optional[ResponseStore] = field(default=None, init=False)
     _encoder: Optional[BatchEncoder] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.settings.responses_store_size:
+            self.response_store = ResponseStore(self.settings.responses_store_size)
 
     @property
     def tokenizer(self):

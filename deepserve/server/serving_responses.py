@@ -20,12 +20,20 @@ SSE `event:` line, and no closing `[DONE]` (OpenAI's Responses streams have none
 deltas join to the items of the non-streamed response. An error after the stream began is
 OpenAI's `error` event, which also carries the `error` object the openai SDK raises.
 
-No response is stored (see protocol_responses): a client that leaves mid-request aborts it and
-its KV blocks are freed at once, as on the chat endpoint.
+A client that leaves mid-request aborts it and its KV blocks are freed at once, as on the chat
+endpoint. With the store on (server/responses_store.py) a response is kept once whole (streamed:
+after its last event; one whose client left is not kept); GET /v1/responses/{id} returns it. A
+background response is stored "queued" and answered at once, its generation goes on in a task
+(status in_progress, then completed / incomplete, or failed with its error), and POST
+/v1/responses/{id}/cancel cancels that task, which aborts the engine request. vLLM's GET
+?stream=true replays a background stream's events; deepserve refuses background streams, and
+so that parameter, by name.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import uuid
 from typing import AsyncIterator, Optional
 
@@ -34,12 +42,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.server.args import STORE_ENV
 from deepserve.server.errors import APIError, from_validation_error
 from deepserve.server.protocol_responses import LOGPROBS, ChatFromResponses, ResponsesRequest
 from deepserve.server.reasoning import THINK_END, THINK_START
+from deepserve.server.responses_store import ResponseStore, StoredResponse
 from deepserve.server.serving_chat import ContentSplitter, PreparedChat, chat_logprobs, collect_final
 from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
                                              merge_streams, parse_request, sse_data, until_disconnect)
+
+logger = logging.getLogger("deepserve")
 
 # the chat fields a Responses request sends under other names, for errors to name what was sent
 _RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
@@ -79,11 +91,13 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 async def create_response(request: Request, state: ServerState):
     req = await parse_request(request, ResponsesRequest, state.settings.max_body_bytes)
-    refused = req.refused()
+    store = state.response_store
+    refused = req.refused(store is not None)
     if refused is not None:
         raise APIError(400, refused[1], param=refused[0], code="unsupported_field")
+    history = _history(store, req.previous_response_id)
     try:
-        chat = ChatFromResponses.model_validate(req.chat_request())
+        chat = ChatFromResponses.model_validate(req.chat_request(history))
     except ValidationError as exc:
         raise _renamed(from_validation_error(exc)) from None
     try:
@@ -95,9 +109,43 @@ async def create_response(request: Request, state: ServerState):
         raise APIError(400, f"include {LOGPROBS!r} is not supported with tool calls (tool_choice none takes it)",
                        param="include", code="unsupported_field")
     response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
+    kept = StoredResponse({}, history + req.input_items()) if req.stored(store is not None) else None
+    if req.background:   # refused() let it through only with the store
+        kept.response = _response(req, prep, response_id, "queued", [], None, stored=True)
+        kept.task = asyncio.create_task(_run_background(state, req, prep, kept))
+        store.put(response_id, kept)
+        return JSONResponse(kept.response)
     if req.stream:
-        return SSEResponse(_stream(state, req, prep, response_id))
+        return SSEResponse(_stream(state, req, prep, response_id, kept))
     final: RequestOutput = await until_disconnect(request, collect_final(prep, state))
+    status, items = _output(state, prep, final)
+    body = _response(req, prep, response_id, status, items, _usage(state, prep, final), stored=kept is not None)
+    _keep(store, kept, body)
+    return JSONResponse(body)
+
+
+def _history(store: Optional[ResponseStore], previous_id: Optional[str]) -> list[dict]:
+    """The input items that previous_response_id continues ([] without one)."""
+    if previous_id is None:
+        return []
+    previous = store.get(previous_id)
+    if previous is None:
+        raise APIError(404, f"Response with id '{previous_id}' not found.", param="previous_response_id",
+                       code="not_found")
+    if previous.running:
+        raise APIError(400, f"previous response {previous_id} is still {previous.response['status']}: continue it "
+                            "once it has finished", param="previous_response_id", code="invalid_value")
+    return previous.conversation()
+
+
+def _keep(store: Optional[ResponseStore], kept: Optional[StoredResponse], body: dict) -> None:
+    if kept is not None:
+        kept.response = body
+        store.put(body["id"], kept)
+
+
+def _output(state: ServerState, prep: PreparedChat, final: RequestOutput) -> tuple[str, list[dict]]:
+    """A whole response's status and output items."""
     out = final.outputs[0]
     reasoning, content, calls = ContentSplitter(prep, state.settings.tool_call_parser).whole(out.text)
     items = []
@@ -112,7 +160,64 @@ async def create_response(request: Request, state: ServerState):
     status = _status(out)
     if items and status == "incomplete" and items[-1]["type"] != "function_call":   # calls here are whole
         items[-1]["status"] = "incomplete"
-    return JSONResponse(_response(req, prep, response_id, status, items, _usage(state, prep, final)))
+    return status, items
+
+
+async def _run_background(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
+                          kept: StoredResponse) -> None:
+    """A background response's generation; its stored response shows how far it got. Cancelling
+    this task (POST .../cancel) aborts the engine request."""
+    kept.response["status"] = "in_progress"
+    try:
+        final = await collect_final(prep, state)
+        status, items = _output(state, prep, final)
+        body = _response(req, prep, kept.response["id"], status, items, _usage(state, prep, final), stored=True)
+    except Exception as exc:   # no client waits for it: the stored response says what went wrong
+        err = api_error_from(exc, state.settings.retry_after_s)
+        if err.status >= 500:
+            logger.error("background response %s failed: %s", kept.response["id"], err.message)
+        state.metrics.record_error(err.status)
+        kept.response.update(status="failed", error={"code": str(err.body()["error"]["code"]), "message": err.message})
+        return
+    if kept.response["status"] == "in_progress":   # not cancelled meanwhile
+        kept.response = body
+
+
+async def retrieve_response(request: Request, state: ServerState, response_id: str) -> dict:
+    """GET /v1/responses/{id}: the stored response (a background one as far as it got)."""
+    unknown = sorted(set(request.query_params) - {"stream"})
+    if unknown:
+        raise APIError(400, f"query parameter {unknown[0]} is not supported (GET /v1/responses/{{id}} returns the "
+                            "whole stored response)", param=unknown[0], code="unsupported_field")
+    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+        raise APIError(400, "stream is not supported on GET /v1/responses/{id}: poll it until its status is no "
+                            "longer queued or in_progress", param="stream", code="unsupported_field")
+    return _stored(state, response_id).response
+
+
+async def cancel_response(state: ServerState, response_id: str) -> dict:
+    """POST /v1/responses/{id}/cancel: a running background response is cancelled, its engine
+    request aborted (its KV blocks freed); a finished one is returned as it is (OpenAI's)."""
+    kept = _stored(state, response_id)
+    if not kept.response["background"]:
+        raise APIError(400, f"response {response_id} was not created with background true: only background "
+                            "responses can be cancelled", param="response_id", code="invalid_value")
+    if kept.running:
+        kept.response["status"] = "cancelled"
+        kept.task.cancel()
+        await asyncio.wait([kept.task])   # the engine request is aborted when this returns
+    return kept.response
+
+
+def _stored(state: ServerState, response_id: str) -> StoredResponse:
+    if state.response_store is None:
+        raise APIError(404, f"Response with id '{response_id}' not found (this server keeps no responses unless "
+                            f"started with --enable-responses-api-store or {STORE_ENV}=1).", param="response_id",
+                       code="not_found")
+    kept = state.response_store.get(response_id)
+    if kept is None:
+        raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+    return kept
 
 
 def _status(out: CompletionOutput) -> str:
@@ -120,7 +225,7 @@ def _status(out: CompletionOutput) -> str:
 
 
 def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, status: str, output: list[dict],
-              usage: Optional[dict]) -> dict:
+              usage: Optional[dict], stored: bool = False) -> dict:
     """The Response object, as OpenAI's API returns it."""
     choice = req.tool_choice
     if choice is None:
@@ -132,8 +237,8 @@ def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, statu
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": prep.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
-            "background": False, "temperature": prep.params.temperature, "top_p": prep.params.top_p,
+            "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "store": stored, "background": bool(req.background), "temperature": prep.params.temperature, "top_p": prep.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",
             "top_logprobs": req.top_logprobs, "usage": usage, "user": req.user, "metadata": req.metadata or {}}
@@ -280,15 +385,15 @@ class _StreamedItems:
         return events + self._close(status)
 
 
-async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
-                  response_id: str) -> AsyncIterator[str]:
+async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat, response_id: str,
+                  kept: Optional[StoredResponse] = None) -> AsyncIterator[str]:
     numbers = itertools.count()
 
     def frame(event: dict) -> str:
         event["sequence_number"] = next(numbers)
         return f"event: {event['type']}\n{sse_data(event)}"
 
-    started = _response(req, prep, response_id, "in_progress", [], None)
+    started = _response(req, prep, response_id, "in_progress", [], None, stored=kept is not None)
     yield frame({"type": "response.created", "response": started})
     yield frame({"type": "response.in_progress", "response": started})
     splitter = ContentSplitter(prep, state.settings.tool_call_parser)
@@ -312,6 +417,7 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
     status = _status(last.outputs[0])
     for event in items.finish(status):
         yield frame(event)
-    body = _response(req, prep, response_id, status, items.items, _usage(state, prep, last))
+    body = _response(req, prep, response_id, status, items.items, _usage(state, prep, last), stored=kept is not None)
+    _keep(state.response_store, kept, body)
     yield frame({"type": f"response.{status}", "response": body})
 
