@@ -161,8 +161,6 @@ class ResponsesRequest(_Strict):
             ("background", self.background and not store_on, f"background true is not supported ({no_store})"),
             ("background", self.background and not self.stored(store_on),
              "background can only be used when store is true"),
-            ("background", self.background and self.stream,
-             "background with stream true is not supported (poll GET /v1/responses/{id})"),
             ("conversation", self.conversation is not None,
              "conversation (the Conversations API) is not supported; previous_response_id continues a stored "
              "response where the server keeps them"),

@@ -13,11 +13,42 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 logger = logging.getLogger("deepserve")
 
 RUNNING = ("queued", "in_progress")
+
+
+class EventLog:
+    """A background stream's SSE frames, kept for replay (vLLM's event store): the frame of
+    sequence number i is frames[i]; readers wait for more until the generation has ended."""
+
+    def __init__(self):
+        self.frames: list[str] = []
+        self.done = False
+        self._changed = asyncio.Event()
+
+    def add(self, frame: str) -> None:
+        self.frames.append(frame)
+        self._changed.set()
+
+    def close(self) -> None:
+        self.done = True
+        self._changed.set()
+
+    async def replay(self, start: int = 0) -> AsyncIterator[str]:
+        """The frames from sequence number `start` on, as they come, until the stream ends (its
+        last event, or a cancel, which sends none)."""
+        i = start
+        while True:
+            self._changed.clear()
+            while i < len(self.frames):
+                yield self.frames[i]
+                i += 1
+            if self.done:
+                return
+            await self._changed.wait()
 
 
 @dataclass
@@ -25,6 +56,7 @@ class StoredResponse:
     response: dict                       # the Response object as GET returns it
     items: list[dict]                    # its input items after the previous responses' (no instructions)
     task: Optional[asyncio.Task] = None  # a background response's generation
+    events: Optional[EventLog] = None    # a background stream's events
 
     @property
     def running(self) -> bool:

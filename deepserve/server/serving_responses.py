@@ -25,9 +25,10 @@ endpoint. With the store on (server/responses_store.py) a response is kept once 
 after its last event; one whose client left is not kept); GET /v1/responses/{id} returns it. A
 background response is stored "queued" and answered at once, its generation goes on in a task
 (status in_progress, then completed / incomplete, or failed with its error), and POST
-/v1/responses/{id}/cancel cancels that task, which aborts the engine request. vLLM's GET
-?stream=true replays a background stream's events; deepserve refuses background streams, and
-so that parameter, by name.
+/v1/responses/{id}/cancel cancels that task, which aborts the engine request. A background
+stream's events are kept as they come (vLLM's event store): the POST streams them, and a client
+that leaves it leaves the generation running; GET /v1/responses/{id}?stream=true&starting_after=N
+streams them again from sequence number N + 1.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from deepserve.server.args import STORE_ENV
 from deepserve.server.errors import APIError, from_validation_error
 from deepserve.server.protocol_responses import LOGPROBS, ChatFromResponses, ResponsesRequest
 from deepserve.server.reasoning import THINK_END, THINK_START
-from deepserve.server.responses_store import ResponseStore, StoredResponse
+from deepserve.server.responses_store import EventLog, ResponseStore, StoredResponse
 from deepserve.server.serving_chat import ContentSplitter, PreparedChat, chat_logprobs, collect_final
 from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
                                              merge_streams, parse_request, sse_data, until_disconnect)
@@ -112,9 +113,14 @@ async def create_response(request: Request, state: ServerState):
     kept = StoredResponse({}, history + req.input_items()) if req.stored(store is not None) else None
     if req.background:   # refused() let it through only with the store
         kept.response = _response(req, prep, response_id, "queued", [], None, stored=True)
-        kept.task = asyncio.create_task(_run_background(state, req, prep, kept))
+        if req.stream:
+            kept.events = EventLog()
+            kept.task = asyncio.create_task(_run_background_stream(state, req, prep, kept))
+        else:
+            kept.task = asyncio.create_task(_run_background(state, req, prep, kept))
         store.put(response_id, kept)
-        return JSONResponse(kept.response)
+        # a client that leaves this stream leaves the generation running: GET ?stream=true resumes it
+        return SSEResponse(kept.events.replay()) if req.stream else JSONResponse(kept.response)
     if req.stream:
         return SSEResponse(_stream(state, req, prep, response_id, kept))
     final: RequestOutput = await until_disconnect(request, collect_final(prep, state))
@@ -139,7 +145,7 @@ def _history(store: Optional[ResponseStore], previous_id: Optional[str]) -> list
 
 
 def _keep(store: Optional[ResponseStore], kept: Optional[StoredResponse], body: dict) -> None:
-    if kept is not None:
+    if kept is not None and kept.response.get("status") != "cancelled":
         kept.response = body
         store.put(body["id"], kept)
 
@@ -174,25 +180,60 @@ async def _run_background(state: ServerState, req: ResponsesRequest, prep: Prepa
         body = _response(req, prep, kept.response["id"], status, items, _usage(state, prep, final), stored=True)
     except Exception as exc:   # no client waits for it: the stored response says what went wrong
         err = api_error_from(exc, state.settings.retry_after_s)
-        if err.status >= 500:
-            logger.error("background response %s failed: %s", kept.response["id"], err.message)
         state.metrics.record_error(err.status)
-        kept.response.update(status="failed", error={"code": str(err.body()["error"]["code"]), "message": err.message})
+        _failed(kept, err)
         return
     if kept.response["status"] == "in_progress":   # not cancelled meanwhile
         kept.response = body
 
 
-async def retrieve_response(request: Request, state: ServerState, response_id: str) -> dict:
-    """GET /v1/responses/{id}: the stored response (a background one as far as it got)."""
-    unknown = sorted(set(request.query_params) - {"stream"})
+async def _run_background_stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
+                                 kept: StoredResponse) -> None:
+    """A background stream's generation: its events go to the response's event log, which the
+    POST's stream and GET ?stream=true replay."""
+    kept.response["status"] = "in_progress"
+    try:
+        async for frame in _stream(state, req, prep, kept.response["id"], kept):
+            kept.events.add(frame)
+    finally:
+        kept.events.close()
+
+
+def _failed(kept: StoredResponse, err: APIError) -> None:
+    if err.status >= 500:
+        logger.error("background response %s failed: %s", kept.response["id"], err.message)
+    kept.response.update(status="failed", error={"code": str(err.body()["error"]["code"]), "message": err.message})
+
+
+async def retrieve_response(request: Request, state: ServerState, response_id: str):
+    """GET /v1/responses/{id}: the stored response (a background one as far as it got); with
+    stream=true a background stream's events, from sequence number starting_after + 1 on (vLLM's)."""
+    query = request.query_params
+    unknown = sorted(set(query) - {"stream", "starting_after"})
     if unknown:
-        raise APIError(400, f"query parameter {unknown[0]} is not supported (GET /v1/responses/{{id}} returns the "
-                            "whole stored response)", param=unknown[0], code="unsupported_field")
-    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
-        raise APIError(400, "stream is not supported on GET /v1/responses/{id}: poll it until its status is no "
-                            "longer queued or in_progress", param="stream", code="unsupported_field")
-    return _stored(state, response_id).response
+        raise APIError(400, f"query parameter {unknown[0]} is not supported (stream and starting_after are)",
+                       param=unknown[0], code="unsupported_field")
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "false", "1", "0"):
+        raise APIError(400, f"stream must be true or false, got {query['stream']!r}", param="stream",
+                       code="invalid_value")
+    after = query.get("starting_after")
+    if after is not None and stream in ("false", "0"):
+        raise APIError(400, "starting_after goes with stream=true", param="starting_after", code="invalid_value")
+    try:
+        start = int(after) + 1 if after is not None else 0
+    except ValueError:
+        start = -1
+    if start < 0:
+        raise APIError(400, f"starting_after must be an integer >= -1, got {after!r}", param="starting_after",
+                       code="invalid_value")
+    kept = _stored(state, response_id)
+    if stream in ("false", "0"):
+        return kept.response
+    if kept.events is None:
+        raise APIError(400, f"response {response_id} was not created with background and stream true: it has no "
+                            "events to stream (GET it without stream)", param="stream", code="invalid_value")
+    return SSEResponse(kept.events.replay(start))
 
 
 async def cancel_response(state: ServerState, response_id: str) -> dict:
@@ -410,6 +451,8 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
     except Exception as exc:   # the status line is gone: OpenAI's error event, with the error object the SDKs raise
         err = api_error_from(exc, state.settings.retry_after_s)
         state.metrics.record_error(err.status)
+        if kept is not None and kept.events is not None:
+            _failed(kept, err)
         body = err.body()
         yield frame({"type": "error", "code": str(body["error"]["code"]), "message": err.message, "param": err.param,
                      **body})

@@ -22,7 +22,8 @@ from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.api_server import run_server
 from deepserve.server.args import STORE_ENV, ServerArgs
 from deepserve.server.metrics import parse_metrics
-from deepserve.server.protocol_responses import ResponsesRequest
+from deepserve.server.errors import APIError
+from deepserve.server.protocol_responses import ResponsesRequest, chat_messages
 from deepserve.server.responses_store import ResponseStore, StoredResponse
 from deepserve.server.serving_responses import _run_background
 
@@ -96,15 +97,16 @@ def test_unknown_ids_and_routes(client, store_server):
     url = f"{store_server.v1}/responses/{kept.id}"
     assert httpx.delete(url, headers=AUTH).status_code == 405            # vLLM serves no DELETE
     assert httpx.get(url + "/input_items", headers=AUTH).status_code == 404   # nor input_items
-    for query, param in (("stream=true", "stream"), ("starting_after=3", "starting_after")):
-        r = httpx.get(f"{url}?{query}", headers=AUTH)
+    for query, param in (("stream=true", "stream"), ("starting_after=3", "starting_after"),
+                         ("stream=true&starting_after=x", "starting_after"), ("include_obfuscation=true",
+                                                                               "include_obfuscation")):
+        r = httpx.get(f"{url}?{query}", headers=AUTH)   # no events kept for a response made without background
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert httpx.get(f"{url}?stream=false", headers=AUTH).json()["id"] == kept.id
     with pytest.raises(openai.BadRequestError) as info:   # only background responses are cancelled
         client.responses.cancel(kept.id)
     assert info.value.body["param"] == "response_id"
     for fields, param in (({"background": True, "store": False}, "background"),
-                          ({"background": True, "stream": True}, "background"),
                           ({"conversation": "conv_1"}, "conversation")):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model=MODEL, input="Once", **fields)
@@ -128,6 +130,27 @@ def test_background_polled_to_the_end(client):
     assert (follow.output_text, follow.usage.input_tokens) == chat(client, turns, 4)
 
 
+def test_background_stream_resumed(client):
+    """A background stream left after three events goes on; GET ?stream=true&starting_after=2
+    gives the rest, numbered on, and the deltas of both join to the stored response's text."""
+    solo = client.responses.create(model=MODEL, input="In the park", max_output_tokens=12, temperature=0,
+                                   store=False)
+    stream = client.responses.create(model=MODEL, input="In the park", max_output_tokens=12, temperature=0,
+                                     background=True, stream=True)
+    first = [next(iter(stream)) for _ in range(3)]
+    stream.close()
+    response_id = first[0].response.id
+    assert [e.sequence_number for e in first] == [0, 1, 2] and first[0].response.background
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert [e.sequence_number for e in rest] == list(range(3, 3 + len(rest)))
+    assert rest[-1].type == "response.incomplete"
+    deltas = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    kept = client.responses.retrieve(response_id)
+    assert deltas == kept.output_text == solo.output_text and kept.status == "incomplete"
+    again = list(client.responses.retrieve(response_id, stream=True))   # from the start, whole
+    assert [e.type for e in again[:3]] == [e.type for e in first] and len(again) == 3 + len(rest)
+
+
 def aborted(url: str) -> float:
     key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
     return parse_metrics(httpx.get(url + "/metrics").text).get(key, 0.0)
@@ -148,6 +171,23 @@ def test_background_cancel_aborts_the_engine_request(client, store_server):
     assert aborted(url) == before + 1
     assert metrics(url)["generation_tokens_total"] - generated < 480
     assert client.responses.retrieve(r.id).status == "cancelled"
+
+
+def test_background_stream_cancelled(client, store_server):
+    url = store_server.url
+    wait_for(lambda: idle(url), timeout=20)
+    before = aborted(url)
+    stream = client.responses.create(model=MODEL, input="Lily wanted", max_output_tokens=480, background=True,
+                                     stream=True, extra_body={"ignore_eos": True})
+    events = iter(stream)
+    response_id = next(events).response.id
+    assert [next(events).type for _ in range(4)][-1] == "response.output_text.delta"   # generating
+    assert client.responses.cancel(response_id).status == "cancelled"
+    rest = list(events)   # the stream ends, without a last response event
+    assert not any(e.type.startswith("response.") and hasattr(e, "response") for e in rest)
+    wait_for(lambda: idle(url), timeout=10)
+    assert aborted(url) == before + 1
+    assert client.responses.retrieve(response_id).status == "cancelled"
 
 
 def test_the_store_is_bounded(client):
@@ -201,6 +241,23 @@ def test_conversation_of_a_stored_response():
         {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "hm"}]},
         {"type": "message", "role": "assistant", "content": "Hi"},
         {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}]
+
+
+def test_a_tool_call_continued_by_id():
+    """A stored response's function call, continued with its output as the only new input: the
+    chat messages hold the call and its result; instructions are the new request's only."""
+    kept = StoredResponse({"status": "completed", "output": [
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "add", "arguments": '{"a": 2}',
+         "status": "completed"}]}, [{"type": "message", "role": "user", "content": "2 + 2?"}])
+    req = ResponsesRequest(input=[{"type": "function_call_output", "call_id": "call_1", "output": "4"}],
+                           instructions="Be brief", previous_response_id="resp_1")
+    assert chat_messages(req, kept.conversation()) == [
+        {"role": "system", "content": "Be brief"}, {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"}]
+    with pytest.raises(APIError, match=r"input\[0\].call_id"):   # without the history the call is unknown
+        chat_messages(req)
 
 
 def test_vllm_env_var_and_one_api_server(monkeypatch):
