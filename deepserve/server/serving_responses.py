@@ -200,8 +200,9 @@ async def _run_background_stream(state: ServerState, req: ResponsesRequest, prep
 
 
 def _failed(kept: StoredResponse, err: APIError) -> None:
-    if err.status >= 500:
-        logger.error("background response %s failed: %s", kept.response["id"], err.message)
+    if err.status >= 500:   # 503: the engine stopped (the server shutting down), no fault of this response
+        logger.log(logging.WARNING if err.status == 503 else logging.ERROR, "background response %s failed: %s",
+                   kept.response["id"], err.message)
     kept.response.update(status="failed", error={"code": str(err.body()["error"]["code"]), "message": err.message})
 
 

@@ -8,6 +8,7 @@ the store, the fields stay refused by name.
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 
 import httpx
@@ -17,7 +18,7 @@ from conftest import API_KEY, DEMO_TEMPLATE, launch, wait_for
 from test_server_load import idle, metrics
 
 from deepserve.config import EngineArgs
-from deepserve.engine.async_llm import EngineStepError
+from deepserve.engine.async_llm import EngineDeadError, EngineStepError
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.api_server import run_server
 from deepserve.server.args import STORE_ENV, ServerArgs
@@ -214,20 +215,26 @@ def test_store_drops_finished_before_running():
     asyncio.run(main())
 
 
-def test_a_failed_background_response_says_why():
-    """An engine error in a background generation: the stored response is failed with OpenAI's error object."""
+@pytest.mark.parametrize("error, status, code, level", [
+    (EngineStepError("the step failed"), 500, "engine_error", logging.ERROR),
+    (EngineDeadError("the server is shutting down"), 503, "engine_unavailable", logging.WARNING)])
+def test_a_failed_background_response_says_why(error, status, code, level, caplog):
+    """An engine error in a background generation: the stored response is failed with OpenAI's
+    error object, logged as an error unless the engine stopped (a server shutting down)."""
     async def failing(state):
         yield RequestOutput("r", None, [1], [CompletionOutput(0, "Once", [5])], False)
-        raise EngineStepError("the step failed")
+        raise error
 
     errors: list[int] = []
     state = SimpleNamespace(settings=SimpleNamespace(tool_call_parser=None, retry_after_s=1),
                             metrics=SimpleNamespace(record_error=errors.append))
     prep = SimpleNamespace(stream=failing)
     kept = StoredResponse({"id": "resp_1", "status": "queued", "output": []}, [])
-    asyncio.run(_run_background(state, ResponsesRequest(input="x", background=True), prep, kept))
-    assert kept.response["status"] == "failed" and errors == [500]
-    assert kept.response["error"] == {"code": "engine_error", "message": "the step failed"}
+    with caplog.at_level(logging.WARNING, logger="deepserve"):
+        asyncio.run(_run_background(state, ResponsesRequest(input="x", background=True), prep, kept))
+    assert kept.response["status"] == "failed" and errors == [status]
+    assert kept.response["error"] == {"code": code, "message": str(error)}
+    assert [r.levelno for r in caplog.records if "resp_1" in r.getMessage()] == [level]
 
 
 def test_conversation_of_a_stored_response():
