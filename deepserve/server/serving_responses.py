@@ -110,6 +110,11 @@ async def create_response(request: Request, state: ServerState):
         raise APIError(400, f"include {LOGPROBS!r} is not supported with tool calls (tool_choice none takes it)",
                        param="include", code="unsupported_field")
     response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
+    running = store.get(response_id) if store is not None else None
+    if running is not None and running.running:   # replacing it would leave its generation out of reach
+        raise APIError(400, f"request_id {req.request_id!r} names response {response_id}, which is still "
+                            f"{running.response['status']} in the background", param="request_id",
+                       code="invalid_value")
     kept = StoredResponse({}, history + req.input_items()) if req.stored(store is not None) else None
     if req.background:   # refused() let it through only with the store
         kept.response = _response(req, prep, response_id, "queued", [], None, stored=True)

@@ -162,11 +162,14 @@ def test_background_cancel_aborts_the_engine_request(client, store_server):
     wait_for(lambda: idle(url), timeout=20)
     before, generated = aborted(url), metrics(url)["generation_tokens_total"]
     r = client.responses.create(model=MODEL, input="Once upon a time", max_output_tokens=480, background=True,
-                                extra_body={"ignore_eos": True})
+                                extra_body={"ignore_eos": True, "request_id": "long-one"})
     wait_for(lambda: metrics(url)["num_requests_running"] == 1, timeout=20)
     with pytest.raises(openai.BadRequestError) as info:   # its output is not there yet
         client.responses.create(model=MODEL, input="x", previous_response_id=r.id)
     assert info.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as info:   # its id is taken while it runs
+        client.responses.create(model=MODEL, input="x", extra_body={"request_id": r.id[len("resp_"):]})
+    assert info.value.body["param"] == "request_id"
     assert client.responses.cancel(r.id).status == "cancelled"
     wait_for(lambda: idle(url), timeout=10)   # no request left, every KV block free
     assert aborted(url) == before + 1
