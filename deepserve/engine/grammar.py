@@ -32,6 +32,28 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(literal(c) for c in choices)
 
 
+def structural_tag_args(text: str) -> tuple:
+    """xgrammar's compile_structural_tag arguments for a structural tag's JSON text: the
+    legacy form {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (vLLM's
+    response_format form before xgrammar's own) as (tags, triggers), any other as itself."""
+    try:
+        tag = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(tag, dict) or "structures" not in tag:
+        return (text,)
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list):
+        raise ValueError("the legacy form needs lists structures and triggers")
+    xgr = _xgr()
+    try:
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                 for s in structures]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"each of structures needs begin, schema and end ({exc!r})") from None
+    return items, triggers
+
+
 class GrammarCompiler:
     """Compiles GuidedDecoding specs for one tokenizer and one logits width (thread-safe)."""
 
@@ -71,14 +93,18 @@ class GrammarCompiler:
             elif spec.choice is not None:
                 compiled = compiler.compile_grammar(choice_grammar(spec.choice))
             elif spec.structural_tag is not None:
-                compiled = compiler.compile_structural_tag(spec.structural_tag)
+                compiled = compiler.compile_structural_tag(*structural_tag_args(spec.structural_tag))
             else:
                 compiled = compiler.compile_grammar(spec.grammar)
-        except RuntimeError as exc:  # xgrammar reports bad schemas / grammars as RuntimeError
+        except (RuntimeError, TypeError, ValueError) as exc:
+            # xgrammar reports bad schemas / grammars as RuntimeError, a structural tag of the wrong
+            # shape as TypeError or pydantic's ValidationError (a ValueError)
             kind = next(k for k in ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
                         if getattr(spec, k))
-            # its message opens with a log prefix, "[15:59:11] /project/cpp/regex_converter.cc:94: "
+            # its message opens with a log prefix, "[15:59:11] /project/cpp/regex_converter.cc:94: ",
+            # and may go on with the failed check, "Check failed: (...) is false: "
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
+            reason = re.sub(r"^Check failed: \(.*?\) is false: ", "", reason)
             raise ValueError(f"the {kind} structured-output spec does not compile: {reason}") from None
         spec.compiled = compiled
         return compiled

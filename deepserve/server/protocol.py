@@ -13,6 +13,7 @@ nothing and passes, as does a value asking for what the server does anyway (`mod
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
@@ -58,6 +59,10 @@ _WHY_NOT = {
     "media_io_kwargs": "text only",
     "thinking_token_budget": "chat completions and completions only; vLLM's Responses API does not take it either",
     "reasoning_effort": "chat completions only: the chat template applies it",
+    "whitespace_pattern": "xgrammar, the grammar engine, takes no whitespace pattern: JSON is generated compact",
+    "guided_whitespace_pattern": "xgrammar, the grammar engine, takes no whitespace pattern: JSON is generated "
+                                 "compact",
+    "structural_tag": "give it as structured_outputs.structural_tag or response_format type structural_tag",
 }
 
 
@@ -117,9 +122,31 @@ class JsonSchemaFormat(_Strict):
     strict: Optional[bool] = None
 
 
+class StructuralTagItem(_Strict):
+    """One structure of the legacy structural_tag response_format: text opening with `begin`
+    (after a trigger), then JSON following `schema`, then `end`."""
+
+    begin: str
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    end: str
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: Optional[JsonSchemaFormat] = None
+    # structural_tag: xgrammar's structural tag in `format`, or vLLM's legacy structures + triggers
+    format: Optional[Any] = None
+    structures: Optional[list[StructuralTagItem]] = None
+    triggers: Optional[list[str]] = None
+
+    def structural_tag(self) -> str:
+        """The structural tag's JSON text (vLLM's: the response_format itself)."""
+        if self.format is not None:
+            return json.dumps({"type": "structural_tag", "format": self.format})
+        if self.structures is None or self.triggers is None:
+            raise ValueError("response_format structural_tag needs format (or structures and triggers)")
+        return json.dumps({"type": "structural_tag", "triggers": self.triggers,
+                           "structures": [s.model_dump(by_alias=True) for s in self.structures]})
 
 
 class StructuredOutputs(_Strict):
@@ -130,6 +157,11 @@ class StructuredOutputs(_Strict):
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None   # xgrammar's structural tag, JSON text
+    # what xgrammar does anyway: JSON compact (no whitespace between tokens), an object's keys
+    # only those its schema names where it says nothing of additionalProperties (strict mode)
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
 
 
 class StreamOptions(_Strict):
@@ -215,14 +247,17 @@ class _SamplingFields(_Strict):
             if rf.json_schema is None or rf.json_schema.schema_ is None:
                 raise ValueError("response_format json_schema needs json_schema.schema")
             specs.append(("response_format", GuidedDecoding(json=rf.json_schema.schema_)))
+        elif rf is not None and rf.type == "structural_tag":
+            specs.append(("response_format", GuidedDecoding(structural_tag=rf.structural_tag())))
         for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                            ("guided_grammar", "grammar")):
             if getattr(self, name) is not None:
                 specs.append((name, GuidedDecoding(**{kind: getattr(self, name)})))
         so = self.structured_outputs
         if so is not None:
-            specs.append(("structured_outputs", GuidedDecoding(json=so.json_, regex=so.regex, choice=so.choice,
-                                                               grammar=so.grammar, json_object=bool(so.json_object))))
+            specs.append(("structured_outputs", GuidedDecoding(
+                json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                json_object=bool(so.json_object), structural_tag=so.structural_tag)))
         return specs
 
     def token_bias(self) -> Optional[dict[int, float]]:

@@ -235,7 +235,7 @@ class PreparedChat:
             self.tool_mode = "auto"
             rf = req.response_format
             answer = (rf.json_schema.schema_ if rf.type == "json_schema" else {"type": "object"}) \
-                if rf is not None and rf.type != "text" else None
+                if rf is not None and rf.type in ("json_schema", "json_object") else None
             if self.params.guided is None or answer is not None:   # not with vLLM's guided_* fields
                 tag = tool_calls_tag(state.settings.tool_call_parser, req.tools, req.parallel_tool_calls is not False,
                                      answer)

@@ -54,10 +54,10 @@ def test_values_asking_for_nothing_pass():
     for name, value in (("length_penalty", 0.5), ("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1})):
         req = CompletionRequest.model_validate({"prompt": "x", name: value})
         assert unsupported_field(req)[0] == name
-    so = {"json": {"type": "object"}, "disable_any_whitespace": True}
+    so = {"json": {"type": "object"}, "whitespace_pattern": " "}
     req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": so})
-    assert unsupported_field(req)[0] == "structured_outputs.disable_any_whitespace"
-    req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": {**so, "disable_any_whitespace": False}})
+    assert unsupported_field(req)[0] == "structured_outputs.whitespace_pattern"
+    req = CompletionRequest.model_validate({"prompt": "x", "structured_outputs": {**so, "whitespace_pattern": None}})
     assert unsupported_field(req) is None
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "stream": True,
                                                 "stream_options": {"include_obfuscation": True}})
