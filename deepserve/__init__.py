@@ -12,7 +12,7 @@ configure_from_env()
 
 _EXPORTS = {"LLM": "deepserve.engine.llm", "SamplingParams": "deepserve.engine.sampling_params",
             "EngineArgs": "deepserve.config", "RequestOutput": "deepserve.engine.outputs",
-            "CompletionOutput": "deepserve.engine.outputs"}
+            "CompletionOutput": "deepserve.engine.outputs", "BeamSearchParams": "deepserve.engine.beam_search"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Optional, Sequence, Union
 
 from deepserve.config import EngineArgs
+from deepserve.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from deepserve.engine.llm_engine import LLMEngine, PromptType
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
@@ -67,6 +68,42 @@ class LLM:
         sampling_params = [self._with_reasoning_ids(sp) for sp in sampling_params]
         ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, sampling_params)]
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: each prompt's best params.beam_width hypotheses, best first
+        (engine/beam_search.py); a sequence's tokens and text hold the prompt's too, as vLLM's.
+        Searches stop at max_model_len. All prompts' beams run together, one token a step."""
+        if isinstance(prompts, (str, dict)):
+            raise TypeError("beam_search takes a list of prompts")
+        searches = []
+        for p in prompts:
+            ids = self.engine.tokenize_prompt(p)[1]
+            room = self.engine.max_model_len - len(ids)
+            if room < 1:
+                raise ValueError(f"the prompt has {len(ids)} tokens: no room for a token within max_model_len "
+                                 f"{self.engine.max_model_len}")
+            searches.append(BeamSearch(ids, dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),
+                                       self.engine.eos_token_ids))
+        while True:
+            live = [s for s in searches if not s.done]
+            if not live:
+                break
+            step = live[0].step_params()
+            rids = [[self.engine.add_request(None, {"prompt_token_ids": ids}, step) for ids in s.step_prompts()]
+                    for s in live]
+            outs = iter(self._run([r for ids in rids for r in ids], use_tqdm))
+            for s, ids in zip(live, rids):
+                s.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None
+                           for o in (next(outs) for _ in ids)])
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
+        results = []
+        for s in searches:
+            best = s.best()
+            for b in best:
+                b.text = decode(b.tokens)
+            results.append(BeamSearchOutput(best))
+        return results
 
     def _with_reasoning_ids(self, params: SamplingParams) -> SamplingParams:
         if params.thinking_token_budget is None or params.reasoning_token_ids is not None \

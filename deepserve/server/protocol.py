@@ -4,7 +4,7 @@ extra sampling and structured-output fields) and the converters to SamplingParam
 Types are checked by pydantic (a string where a number belongs is a 400); value ranges are
 checked once, by SamplingParams, whose messages name the field and the value. Nothing is
 ignored silently: a field OpenAI's or vLLM's API defines that this server does not implement
-(OpenAI's `audio`, vLLM's `use_beam_search`, ...) is a 400 naming it (`unsupported_field`); a
+(OpenAI's `audio`, vLLM's `mm_processor_kwargs`, ...) is a 400 naming it (`unsupported_field`); a
 field neither API defines is ignored with one warning line per request naming it
 (`ignored_fields`, vLLM's behaviour). A field sent as null, false or empty ("", [], {}) asks for
 nothing and passes, as does a value asking for what the server does anyway (`modalities`
@@ -48,7 +48,8 @@ class _Strict(BaseModel):
 # why some well-known fields are refused (the rest get a generic message)
 _WHY_NOT = {
     "functions": "use tools", "function_call": "use tool_choice",
-    "use_beam_search": "beam search is not implemented",
+    "use_beam_search": "chat completions and completions only: vLLM's Responses API has none",
+    "length_penalty": "chat completions and completions only: vLLM's Responses API has none",
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
     "bad_words": "chat completions and completions only: vLLM's Responses API has none",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
@@ -71,7 +72,7 @@ _WHY_NOT = {
 KNOWN_UNSUPPORTED = set(_WHY_NOT) | {
     "store", "service_tier", "reasoning_effort", "web_search_options", "verbosity",
     "prompt_cache_key", "suffix", "input_audio", "image_url", "file", "refusal",
-    "length_penalty", "guided_whitespace_pattern", "mm_processor_kwargs",
+    "guided_whitespace_pattern", "mm_processor_kwargs",
     "kv_transfer_params", "vllm_xargs", "logits_processors",
     "structural_tag", "guided_json_object", "prompt_embeds", "return_token_offsets", "return_prompt_text",
     "return_assistant_tokens_mask", "ec_transfer_params", "repetition_detection",
@@ -221,6 +222,10 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool = True
     # vLLM's: most reasoning tokens before </think> is forced (-1: no limit); needs --reasoning-parser
     thinking_token_budget: Optional[int] = None
+    # vLLM's beam search: n beams, scored by cumulative logprob / length ** length_penalty
+    # (server/beam.py refuses the fields it does not honour)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def max_tokens_field(self) -> str:
         """The field the output length came from, for errors to name what the client sent."""

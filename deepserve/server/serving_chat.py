@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding
+from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
 from deepserve.server.reasoning import THINK_END, make_parser
@@ -182,6 +183,7 @@ class PreparedChat:
         except ValueError as exc:
             raise api_error_from(exc) from None
         self.params = sampling_params(state, req, max_tokens, self.top_k)
+        check_length_penalty(req)
         self.listed = self.params.logprob_token_ids is not None
         self.cache_salt = req.cache_salt
         self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
@@ -205,6 +207,10 @@ class PreparedChat:
         self.parser_name = state.settings.reasoning_parser
         self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)
+        self.beams = None   # BeamSearchParams with use_beam_search (vLLM's)
+        if req.use_beam_search:
+            self.beams = beam_params(req, self.params, self.guided_field, len(self.prompt_ids),
+                                     state.llm.max_model_len, stream_refused=False)
         if (self.params.guided is not None and self.parser_name is not None
                 and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
             # the prompt opened <think>: the grammar holds from </think> on (vLLM's behaviour)
@@ -259,6 +265,8 @@ class PreparedChat:
 
     def stream(self, state: ServerState) -> AsyncIterator[RequestOutput]:
         prompt = {"prompt": self.prompt_text, "prompt_token_ids": self.prompt_ids, "cache_salt": self.cache_salt}
+        if self.beams is not None:
+            return beam_stream(state, prompt, self.beams, self.params, self.engine_id)
         return state.llm.generate(prompt, self.params, self.engine_id)
 
 

@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
@@ -121,6 +122,8 @@ class _Prepared:
             raise APIError(400, "logprob_token_ids is not supported with echo and max_tokens 0: no token is generated",
                            param="logprob_token_ids", code="invalid_value")
         self.params = sampling_params(state, req, 1 if self.echo_only else req.max_new_tokens(), req.logprobs)
+        check_length_penalty(req)
+        self.beams: list = []   # each prompt's BeamSearchParams with use_beam_search
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
             self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
@@ -153,6 +156,9 @@ class _Prepared:
             if len(kept) < len(p["prompt_token_ids"]):   # echo shows what the model saw (vLLM's)
                 p["prompt"], p["prompt_token_ids"] = None, kept
             state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens(), field=req.max_tokens_field())
+            if req.use_beam_search:
+                self.beams.append(beam_params(req, self.params, req.guided_field(), len(p["prompt_token_ids"]),
+                                              state.llm.max_model_len, stream_refused=True))
         try:
             state.llm.check_can_accept()
         except Exception as exc:
@@ -182,6 +188,9 @@ class _Prepared:
         return choice
 
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
+        if self.beams:
+            return [beam_stream(state, {**p, "cache_salt": self.cache_salt}, b, self.params, f"{self.engine_id}-{i}")
+                    for i, (p, b) in enumerate(zip(self.prompts, self.beams))]
         return [state.llm.generate({**p, "cache_salt": self.cache_salt}, self.params, f"{self.engine_id}-{i}")
                 for i, p in enumerate(self.prompts)]
 

@@ -1,0 +1,137 @@
+"""Beam search (engine/beam_search.py) against a reference search written over the model's own
+logits: a tiny random Llama with a 24-token vocabulary (so EOS comes up among the candidates)
+and the demo model; same best hypotheses and scores (ties allowed), length_penalty, ignore_eos,
+max_model_len, and every KV block free afterwards."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deepserve import LLM, BeamSearchParams
+from deepserve.engine.beam_search import BeamSearch, get_beam_search_score
+
+VOCAB, EOS = 24, 2
+
+
+def write_random_llama(folder, seed: int = 0, max_len: int = 64):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, heads, head_dim = 32, 64, 2, 16
+
+    def w(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale
+    t = {"model.embed_tokens.weight": w(VOCAB, hidden, scale=1.0), "lm_head.weight": w(VOCAB, hidden),
+         "model.norm.weight": torch.ones(hidden)}
+    p = "model.layers.0."
+    t.update({p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
+              p + "self_attn.q_proj.weight": w(heads * head_dim, hidden), p + "self_attn.k_proj.weight": w(heads * head_dim, hidden),
+              p + "self_attn.v_proj.weight": w(heads * head_dim, hidden), p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+              p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+              p + "mlp.down_proj.weight": w(hidden, inter)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads,
+              "num_key_value_heads": heads, "head_dim": head_dim, "vocab_size": VOCAB,
+              "max_position_embeddings": max_len, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": EOS, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def reference(llm: LLM, prompt: list[int], width: int, max_tokens: int, eos: set[int], length_penalty=1.0,
+              ignore_eos=False) -> list[tuple[list[int], float]]:
+    """vLLM's algorithm over full-vocabulary logprobs from prompt_logits: each beam's 2 * width
+    most likely tokens are candidates; EOS ends a hypothesis; the best `width` others go on;
+    finished and live ones ranked by cumulative logprob / length ** length_penalty."""
+    beams, done = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        cands = []
+        for tokens, score in beams:
+            logprobs = llm.prompt_logits([{"prompt_token_ids": tokens}])[0][-1].double().log_softmax(-1)
+            top = torch.topk(logprobs, 2 * width)
+            for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+                if tok in eos and not ignore_eos:
+                    done.append((tokens, score + lp))
+                else:
+                    cands.append((tokens + [tok], score + lp))
+        beams = sorted(cands, key=lambda c: -c[1])[:width]
+        if not beams:
+            break
+    ranked = sorted(done + beams, key=lambda b: -b[1] / len(b[0]) ** length_penalty)
+    return [(b[0][len(prompt):], b[1] / len(b[0]) ** length_penalty) for b in ranked[:width]]
+
+
+def assert_same(got, want, prompt_len: int, length_penalty: float, eos: set[int]):
+    assert len(got) == len(want)
+    scores = [get_beam_search_score(s.tokens, s.cum_logprob, eos, length_penalty) for s in got]
+    assert scores == sorted(scores, reverse=True)
+    for i, (seq, score, (ids, ref_score)) in enumerate(zip(got, scores, want)):
+        assert score == pytest.approx(ref_score, abs=1e-4)
+        tied = any(j != i and abs(w[1] - ref_score) < 1e-4 for j, w in enumerate(want))
+        if not tied:
+            assert seq.tokens[prompt_len:] == ids
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    llm = LLM(str(write_random_llama(tmp_path_factory.mktemp("beam") / "m")), num_gpu_blocks_override=64,
+              block_size=4, max_model_len=64)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("width,length_penalty,ignore_eos", [(1, 1.0, False), (3, 1.0, False), (4, 0.5, False),
+                                                             (3, 2.0, False), (3, 1.0, True)])
+def test_matches_reference_search(tiny, width, length_penalty, ignore_eos):
+    prompts = [[1, 5, 9], [1, 7], [1, 11, 3, 20, 8]]
+    params = BeamSearchParams(beam_width=width, max_tokens=8, length_penalty=length_penalty, ignore_eos=ignore_eos)
+    outs = tiny.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+    eos = {EOS}
+    stopped = 0
+    for p, out in zip(prompts, outs):
+        want = reference(tiny, p, width, 8, eos, length_penalty, ignore_eos)
+        assert_same(out.sequences, want, len(p), length_penalty, eos)
+        stopped += sum(s.finish_reason == "stop" for s in out.sequences)
+        assert all(s.tokens[:len(p)] == p for s in out.sequences)
+        if ignore_eos:
+            assert all(len(s.tokens) == len(p) + 8 for s in out.sequences)
+    bm = tiny.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not tiny.engine.requests
+    if length_penalty == 0.5:   # short hypotheses rank high: some end with EOS
+        assert stopped >= 3, "the test model should end some hypotheses with EOS"
+    if length_penalty == 2.0 or ignore_eos:
+        assert stopped == 0
+
+
+def test_stops_at_max_model_len(tiny):
+    prompt = list(range(3, 23)) * 3                     # 60 of max_model_len 64: room for 4 tokens
+    out = tiny.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=2, max_tokens=50,
+                                                                            ignore_eos=True))[0]
+    assert [len(s.tokens) for s in out.sequences] == [64, 64]
+    with pytest.raises(ValueError, match="max_model_len"):
+        tiny.beam_search([{"prompt_token_ids": list(range(3, 23)) * 4}], BeamSearchParams(beam_width=2, max_tokens=4))
+
+
+def test_demo_model_text():
+    with LLM(num_gpu_blocks_override=256) as llm:
+        out = llm.beam_search(["Once upon a time"], BeamSearchParams(beam_width=2, max_tokens=6))[0]
+        ids = llm.tokenizer.encode("Once upon a time")
+        want = reference(llm, ids, 2, 6, llm.engine.eos_token_ids)
+        assert_same(out.sequences, want, len(ids), 1.0, llm.engine.eos_token_ids)
+        assert out.sequences[0].text == llm.tokenizer.decode(out.sequences[0].tokens)
+        assert out.sequences[0].text.startswith("Once upon a time")
+
+
+def test_score_and_params():
+    assert get_beam_search_score([1, 2, 3, EOS], -3.0, {EOS}, 1.0) == pytest.approx(-1.0)
+    assert get_beam_search_score([1, 2, 3, 4], -4.0, {EOS}, 0.5) == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    search = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=4), {EOS})
+    search.advance([None])   # the engine ended the only beam without a token
+    assert search.done and search.best() == [] and not math.isnan(search.steps)
