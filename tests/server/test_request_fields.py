@@ -51,7 +51,7 @@ def test_values_asking_for_nothing_pass():
                "return_token_ids": False, "logprob_token_ids": None}
     req = CompletionRequest.model_validate({"prompt": "x", **nothing})
     assert unsupported_field(req) is None
-    for name, value in (("length_penalty", 0.5), ("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1})):
+    for name, value in (("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1})):
         req = CompletionRequest.model_validate({"prompt": "x", name: value})
         assert unsupported_field(req)[0] == name
     so = {"json": {"type": "object"}, "whitespace_pattern": " "}

@@ -54,8 +54,8 @@ def expect_400(fn, param: str) -> str:
 # --------------------------------------------------------------------------- no silent ignores
 def test_unimplemented_fields_are_refused(client):
     base = dict(model="stories260k", prompt=PROMPT, max_tokens=2)
-    msg = expect_400(lambda: client.completions.create(**base, extra_body={"use_beam_search": True}),
-                     "use_beam_search")
+    msg = expect_400(lambda: client.completions.create(**base, extra_body={"prediction": {"type": "content"}}),
+                     "prediction")
     assert "not supported" in msg
     expect_400(lambda: client.completions.create(**base, extra_body={"store": True}), "store")
     # a field neither OpenAI's nor vLLM's API defines is ignored (with a warning line), as vLLM does

@@ -233,8 +233,8 @@ def test_metrics_text():
 def test_known_unsupported_fields_refused_unknown_ones_ignored_by_name():
     from deepserve.server.protocol import ChatCompletionRequest, CompletionRequest, ignored_fields, unsupported_field
 
-    req = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "use_beam_search": True, "x_new": 1})
-    assert unsupported_field(req)[0] == "use_beam_search" and "beam search" in unsupported_field(req)[1]
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "prediction": {"a": 1}, "x_new": 1})
+    assert unsupported_field(req)[0] == "prediction" and "predicted outputs" in unsupported_field(req)[1]
     assert ignored_fields(req) == ["x_new"]
     chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [
         {"role": "user", "content": "hi", "audio": {"id": "a"}, "mood": "calm"}], "store": False})
