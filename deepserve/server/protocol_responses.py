@@ -26,7 +26,7 @@ from pydantic import Field, StringConstraints
 
 from deepserve.server.args import STORE_ENV
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, _Strict
+from deepserve.server.protocol import ChatCompletionRequest, StructuredOutputs, _Strict
 
 # the one `include` value served: the answer's token logprobs (with top_logprobs alternatives)
 LOGPROBS = "message.output_text.logprobs"
@@ -140,6 +140,7 @@ class ResponsesRequest(_Strict):
     priority: int = 0
     request_id: Optional[str] = None
     cache_salt: Optional[Annotated[str, StringConstraints(min_length=1)]] = None
+    structured_outputs: Optional[StructuredOutputs] = None   # vLLM's; not with text.format
 
     def logprobs(self) -> Optional[int]:
         """How many top logprobs each answer token carries (None: no logprobs asked for)."""
@@ -191,6 +192,8 @@ class ResponsesRequest(_Strict):
              "reasoning.summary is not supported (reasoning comes as reasoning_text, not summarised)"),
             ("text.verbosity", self.text is not None and self.text.verbosity is not None,
              "text.verbosity is not supported"),
+            ("structured_outputs", self.structured_outputs is not None and self.text is not None
+             and self.text.format is not None, "structured_outputs cannot be combined with text.format"),
         ]
         for name, sent, message in checks:
             if sent:
@@ -240,6 +243,8 @@ class ResponsesRequest(_Strict):
         if choice is not None:
             body["tool_choice"] = choice if isinstance(choice, str) else \
                 {"type": "function", "function": {"name": choice.name}}
+        if self.structured_outputs is not None:
+            body["structured_outputs"] = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         fmt = self.text.format if self.text is not None else None
         if fmt is not None and fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}

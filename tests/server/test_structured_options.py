@@ -153,3 +153,22 @@ def test_a_structural_tag_response_format_stays_with_auto_tools():
     prep._tools(state, req)
     assert json.loads(prep.params.guided.structural_tag)["format"] == FORMAT
     assert prep.tool_mode == "auto" and prep.guided_field == "response_format"
+
+
+def test_responses_take_structured_outputs(client):
+    """vLLM's Responses request takes structured_outputs, though not beside text.format."""
+    tag = json.dumps({"type": "structural_tag", "format": FORMAT})
+    r = client.responses.create(model="stories260k", input=PROMPT, max_output_tokens=40,
+                                extra_body={"structured_outputs": {"structural_tag": tag}})
+    m = re.fullmatch(r"<n>(.*)</n>", r.output_text, re.S)
+    assert m and set(json.loads(m.group(1))) == {"n", "pet"}, r.output_text
+    r = client.responses.create(model="stories260k", input=PROMPT, max_output_tokens=8,
+                                extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.output_text in ("yes", "no")
+    for extra, param in (({"structured_outputs": {"choice": ["yes"]}, "text": {"format": {"type": "text"}}},
+                          "structured_outputs"),
+                         ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " "}},
+                          "structured_outputs.whitespace_pattern")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="stories260k", input=PROMPT, max_output_tokens=8, extra_body=extra)
+        assert info.value.body["param"] == param, info.value.body
