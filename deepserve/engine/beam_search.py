@@ -88,11 +88,12 @@ class BeamSearch:
     def done(self) -> bool:
         return not self.beams or self.steps >= self.params.max_tokens
 
-    def step_params(self, logprobs: int = 0) -> SamplingParams:
+    def step_params(self, logprobs: int = 0, priority: int = 0) -> SamplingParams:
         """A step request's: greedy (its sampled token is the most likely, listed anyway), with
-        the 2 * beam_width candidates' logprobs, or `logprobs` (those the client asked for) if more."""
+        the 2 * beam_width candidates' logprobs, or `logprobs` (those the client asked for) if
+        more; `priority`: the client's request's."""
         return SamplingParams(max_tokens=1, temperature=0, logprobs=max(2 * self.params.beam_width, logprobs),
-                              ignore_eos=True, skip_special_tokens=False)
+                              ignore_eos=True, skip_special_tokens=False, priority=priority)
 
     def step_prompts(self) -> list[list[int]]:
         return [b.tokens for b in self.beams]
@@ -146,12 +147,13 @@ async def _one_step(llm, prompt: dict, params: SamplingParams, request_id: str) 
 
 
 async def beam_search(llm, prompt: dict, params: BeamSearchParams, request_id: str, eos_token_ids: Iterable[int],
-                      decode: Callable[[list[int]], str], logprobs: int = 0) -> AsyncIterator[RequestOutput]:
+                      decode: Callable[[list[int]], str], logprobs: int = 0,
+                      priority: int = 0) -> AsyncIterator[RequestOutput]:
     """Beam search through an AsyncLLM (`prompt`: prompt_token_ids, optional text and
     cache_salt); yields one finished RequestOutput. Cancelling it cancels the step in flight,
     whose requests are aborted and their blocks freed."""
     search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids)
-    step_params = search.step_params(logprobs)
+    step_params = search.step_params(logprobs, priority)
     salt = prompt.get("cache_salt")
     cached = 0
     while not search.done:

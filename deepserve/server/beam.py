@@ -63,4 +63,4 @@ def beam_stream(state, prompt: dict, bparams: BeamSearchParams, params: Sampling
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip) if tokenizer is not None else ""
     return beam_search(state.llm, prompt, bparams, request_id, state.llm.engine.eos_token_ids, decode,
-                       logprobs=params.logprobs or 0)
+                       logprobs=params.logprobs or 0, priority=params.priority)

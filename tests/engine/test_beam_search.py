@@ -4,6 +4,7 @@ and the demo model; same best hypotheses and scores (ties allowed), length_penal
 max_model_len, and every KV block free afterwards."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from deepserve import LLM, BeamSearchParams
-from deepserve.engine.beam_search import BeamSearch, get_beam_search_score
+from deepserve.engine.beam_search import BeamSearch, beam_search, get_beam_search_score
 
 VOCAB, EOS = 24, 2
 
@@ -135,3 +136,54 @@ def test_score_and_params():
     search = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=4), {EOS})
     search.advance([None])   # the engine ended the only beam without a token
     assert search.done and search.best() == [] and not math.isnan(search.steps)
+
+
+class FakeLLM:
+    """AsyncLLM's generate over a fixed next-token table; `hang_at`: the step whose requests
+    never answer. Records each request's params and which requests ended unfinished."""
+
+    def __init__(self, hang_at: int = 99):
+        self.hang_at, self.params, self.unfinished, self.started = hang_at, [], [], []
+
+    async def generate(self, prompt, params, request_id):
+        from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+        self.params.append(params)
+        self.started.append(request_id)
+        done = False
+        try:
+            if len(prompt["prompt_token_ids"]) - 2 >= self.hang_at:
+                await asyncio.Event().wait()
+            entry = {t: Logprob(-0.5 * r, r, str(t)) for r, t in enumerate((7, 8, 9, 10), start=1)}
+            done = True
+            yield RequestOutput(request_id, None, prompt["prompt_token_ids"],
+                                [CompletionOutput(0, "", [7], logprobs=[entry], finish_reason="length")], True)
+        finally:
+            if not done:
+                self.unfinished.append(request_id)
+
+
+def test_steps_carry_priority_and_logprobs():
+    llm = FakeLLM()
+
+    async def main():
+        return [o async for o in beam_search(llm, {"prompt_token_ids": [1, 2]}, BeamSearchParams(2, 3), "r", {EOS},
+                                             str, logprobs=6, priority=-3)]
+    outs = asyncio.run(main())
+    assert len(outs) == 1 and [o.token_ids for o in outs[0].outputs] == [[7, 7, 7], [7, 7, 8]]
+    assert {(p.priority, p.logprobs, p.max_tokens) for p in llm.params} == {(-3, 6, 1)}
+
+
+def test_cancelled_search_ends_its_step_requests():
+    llm = FakeLLM(hang_at=2)
+
+    async def main():
+        task = asyncio.ensure_future(beam_search(llm, {"prompt_token_ids": [1, 2]}, BeamSearchParams(3, 8), "r",
+                                                 {EOS}, str).__anext__())
+        while len(llm.started) < 1 + 3 + 3:   # steps 0 and 1 answered, step 2's three beams waiting
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+    asyncio.run(main())
+    assert sorted(llm.unfinished) == sorted(llm.started[4:]) and len(llm.unfinished) == 3
