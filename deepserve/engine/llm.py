@@ -72,8 +72,8 @@ class LLM:
     def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: each prompt's best params.beam_width hypotheses, best first
-        (engine/beam_search.py); a sequence's tokens and text hold the prompt's too, as vLLM's.
-        Searches stop at max_model_len. All prompts' beams run together, one token a step."""
+        (engine/beam_search.py); a sequence's tokens and text hold the prompt's too, and its
+        tokens the EOS that ended it, as vLLM's. Searches stop at max_model_len. All prompts' beams run together, one token a step."""
         if isinstance(prompts, (str, dict)):
             raise TypeError("beam_search takes a list of prompts")
         searches = []
@@ -83,7 +83,8 @@ class LLM:
             if room < 1:
                 raise ValueError(f"the prompt has {len(ids)} tokens: no room for a token within max_model_len "
                                  f"{self.engine.max_model_len}")
-            searches.append(BeamSearch(ids, dataclasses.replace(params, max_tokens=min(params.max_tokens, room)),
+            searches.append(BeamSearch(ids, dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
+                                                           include_stop_str_in_output=True),
                                        self.engine.eos_token_ids))
         while True:
             live = [s for s in searches if not s.done]

@@ -74,8 +74,8 @@ def assert_same(got, want, prompt_len: int, length_penalty: float, eos: set[int]
     for i, (seq, score, (ids, ref_score)) in enumerate(zip(got, scores, want)):
         assert score == pytest.approx(ref_score, abs=1e-4)
         tied = any(j != i and abs(w[1] - ref_score) < 1e-4 for j, w in enumerate(want))
-        if not tied:
-            assert seq.tokens[prompt_len:] == ids
+        if not tied:   # the reference keeps no EOS
+            assert seq.tokens[prompt_len:len(seq.tokens) - (seq.finish_reason == "stop")] == ids
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,7 @@ def test_matches_reference_search(tiny, width, length_penalty, ignore_eos):
         want = reference(tiny, p, width, 8, eos, length_penalty, ignore_eos)
         assert_same(out.sequences, want, len(p), length_penalty, eos)
         stopped += sum(s.finish_reason == "stop" for s in out.sequences)
+        assert all((s.tokens[-1] == EOS) == (s.finish_reason == "stop") for s in out.sequences)   # vLLM's offline
         assert all(s.tokens[:len(p)] == p for s in out.sequences)
         if ignore_eos:
             assert all(len(s.tokens) == len(p) + 8 for s in out.sequences)
@@ -107,6 +108,20 @@ def test_matches_reference_search(tiny, width, length_penalty, ignore_eos):
         assert stopped >= 3, "the test model should end some hypotheses with EOS"
     if length_penalty == 2.0 or ignore_eos:
         assert stopped == 0
+
+
+def test_eos_in_token_ids_only_with_include_stop_str(tiny):
+    prompt = [1, 5, 9]
+    for include in (False, True):
+        search = BeamSearch(prompt, BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.5,
+                                                     include_stop_str_in_output=include), {EOS})
+        while not search.done:
+            outs = tiny.generate([{"prompt_token_ids": ids} for ids in search.step_prompts()], search.step_params())
+            search.advance([o.outputs[0].logprobs[0] for o in outs])
+        res = search.request_output("r", None, lambda ids: " ".join(map(str, ids)))
+        stops = [o for o in res.outputs if o.finish_reason == "stop"]
+        assert stops and all(o.stop_reason == EOS and (o.token_ids[-1] == EOS) == include for o in stops)
+        assert all(str(EOS) not in o.text.split() for o in stops)
 
 
 def test_stops_at_max_model_len(tiny):
