@@ -81,11 +81,18 @@ def matmul_peak() -> float:
 def weight_bytes(model, active: bool, batch: int = 1) -> int:
     """Bytes of weights one decode step of `batch` tokens must read: all of them, or for MoE
     the experts the batch is expected to touch. With E experts and k per token, a batch of b
-    tokens routed uniformly touches E * (1 - (1 - k/E)^b) distinct experts per layer."""
+    tokens routed uniformly touches E * (1 - (1 - k/E)^b) distinct experts per layer. An
+    embedding table is read one row a token (the whole table only where the LM head shares
+    it); `active=False` (the bytes the model holds) counts every table whole."""
     cfg = model.config
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    tables = {id(m.weight) for m in model.modules()
+              if type(m).__name__.endswith("Embedding") and isinstance(getattr(m, "weight", None), torch.Tensor)}
     total = 0
     for name, p in model.named_parameters():
         b = p.numel() * p.element_size()
+        if active and id(p) in tables and p is not head:
+            b = min(b, batch * p.shape[-1] * p.element_size())
         if active and ".experts." in name and p.dim() == 3:
             e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
             b = b * (1 - (1 - k / e) ** batch)

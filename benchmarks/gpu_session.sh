@@ -82,6 +82,9 @@ step gemv_read 180 . python3 benchmarks/gemv_read_only.py
 #   issue 21  the MoE down's all-slots tiles (SLOTS) and the bf16-pair GEMM / sorted MoE (PAIRS) swept
 step int4_sweep_next 260 . python3 benchmarks/sweep_int4.py --write --kernels moe_down,moe_sorted,gemm
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
+#   issue 16  the fp8-pool MLA decode against the reference, one setting changed at a time (the R1-shape
+#             GPU test's case: which setting moves the 128-head, several-split output)
+step mla_fp8_diag 90 . python3 benchmarks/diag_mla_fp8.py
 #   issue 16  the fp8 KV kernels (the merge by the last split among them) at model sizes
 step fp8_kv_tests 120 . python3 -m pytest -q -m gpu tests/ops/test_kv_fp8_ops.py
 #   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)

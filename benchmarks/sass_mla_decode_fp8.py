@@ -29,7 +29,7 @@ CLASSES = ("LDGSTS", "QGMMA", "HGMMA", "LDS", "LDS.U8", "LDS.U16", "LDS.64", "LD
 
 
 def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg: int, dv_run: int, heads: int,
-                   fused_merge: bool = False):
+                   fused_merge: bool = False, qk_promote: int = 0):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -42,7 +42,7 @@ def compile_kernel(block_h: int, block_n: int, warps: int, stages: int, maxnreg:
                 block_size=64, d_pe=64, dv=512, num_splits=8, o_st=heads * 512, o_sh=512)
     consts = dict(BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=512, BLOCK_DPE=64, QK_DTYPE=tl.float8e4nv,
                   PV_DTYPE=tl.float16, DV_RUN=dv_run, DV_WG=max(1, warps // 4), FUSED_MERGE=fused_merge,
-                  USE_PDL=True)
+                  USE_PDL=True, QK_PROMOTE=qk_promote)
     ptrs = dict(q_ptr="*bf16", kc_ptr="*fp8e4nv", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32",
                 mid_o_ptr="*bf16", mid_lse_ptr="*fp32", out_ptr="*bf16", count_ptr="*i32")
     sig, attrs = {}, {}
@@ -131,6 +131,8 @@ def main() -> int:
     ap.add_argument("--dv-run", type=int, default=1)
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--fused-merge", action="store_true", help="the row's last split merges (setting fused_merge)")
+    ap.add_argument("--qk-promote", type=int, default=0,
+                    help="the QK product's sums moved into fp32 every N latent dims (setting qk_promote)")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
@@ -141,9 +143,10 @@ def main() -> int:
             tiles.append((cfg["BLOCK_H"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]))
     for block_h, block_n, warps, stages in tiles:
         heads = args.heads or (16 if block_h <= 16 else 128)
-        kernel = compile_kernel(block_h, block_n, warps, stages, args.maxnreg, args.dv_run, heads, args.fused_merge)
+        kernel = compile_kernel(block_h, block_n, warps, stages, args.maxnreg, args.dv_run, heads, args.fused_merge,
+                                args.qk_promote)
         report(kernel, f"BLOCK_H {block_h} BLOCK_N {block_n} warps {warps} stages {stages} maxnreg {args.maxnreg} "
-                       f"dv_run {args.dv_run} heads {heads} fused_merge {int(args.fused_merge)}", sass_path=args.sass)
+                       f"dv_run {args.dv_run} heads {heads} fused_merge {int(args.fused_merge)} qk_promote {args.qk_promote}", sass_path=args.sass)
     return 0
 
 

@@ -81,18 +81,20 @@ def test_mla_fp8_decode_kernel_against_the_split_kernel_and_q_rounding(triton_op
     assert rel_err(split_q, want) < 1e-5
 
 
-@pytest.mark.parametrize("fused_merge", [0, 1])
-def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only, monkeypatch, fused_merge):
+@pytest.mark.parametrize("fused_merge,qk_promote", [(0, 0), (1, 0), (0, 128)])
+def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only, monkeypatch, fused_merge,
+                                                           qk_promote):
     """A launch table that cuts the context into 16-key splits (more than the merge loads at
     once, rows ending long before the last split) gives the split kernel's result over the
-    rounded q, merged by the second launch or by each row's last split (fused_merge); the
-    table's settings reach the kernel (a wrong BLOCK_H is refused)."""
+    rounded q, merged by the second launch or by each row's last split (fused_merge), with the
+    QK product's sums promoted every 128 latent dims or not (qk_promote: the same sums off the
+    GPU); the table's settings reach the kernel (a wrong BLOCK_H or qk_promote is refused)."""
     import deepserve.ops.triton.attention as tri_attention
     from deepserve.ops.triton.launch_config import trying
     kw = dict(num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True, block_size=16)
     pb = fp8_pool(make_paged_batch([1, 1, 1], [1, 300, 40], **kw))
     op = resolve("paged_attention", "triton")[1]
-    setting = {"programs_per_sm": 64, "min_split": 16, "fused_merge": fused_merge}
+    setting = {"programs_per_sm": 64, "min_split": 16, "fused_merge": fused_merge, "qk_promote": qk_promote}
     with trying("mla_decode_fp8", [{"set": setting}]):
         assert tri_attention.fp8_decode_splits(3, 1, 300, 16, tri_attention.sm_count(pb.q.device), 64, 16) == 19
         got = op(*pb.args(0.125))
@@ -101,6 +103,9 @@ def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only,
                 op(*pb.args(0.125))
         with trying("mla_decode_fp8", [{"set": {"fused_merge": "yes"}}]):
             with pytest.raises(ValueError, match="fused_merge must be 0 or 1, got 'yes'"):
+                op(*pb.args(0.125))
+        with trying("mla_decode_fp8", [{"set": {"qk_promote": 32}}]):
+            with pytest.raises(ValueError, match="qk_promote must be 0, 64, 128 or 256, got 32"):
                 op(*pb.args(0.125))
     monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
     want = op(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.125))
@@ -211,7 +216,7 @@ def test_gpu_attention_over_an_fp8_pool_at_r1_and_8b_shapes(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("settings", [{}, {"dv_run": 4}, {"dv_run": 2, "BLOCK_H": 16, "num_warps": 4},
-                                      {"dv_run": 4, "fused_merge": 1}])
+                                      {"dv_run": 4, "fused_merge": 1}, {"qk_promote": 128}])
 def test_gpu_mla_fp8_decode_at_r1_shapes(heads, settings):
     """R1's latent pool at 16 heads (TP8) and 128, batch 64 rows of 1 to 4k tokens, 64-token
     pages, scaled (k_scale = v_scale): the e4m3-product kernel (the device's table, and the

@@ -177,7 +177,7 @@ def test_attention_and_mla_tables():
     fp8 = dict(batch=64, ctx=4096, block_size=64)
     assert lc.lookup("mla_decode_fp8", "", heads=16, **fp8) == dict(
         BLOCK_H=16, BLOCK_N=64, num_warps=4, num_stages=3, programs_per_sm=4, min_split=256, maxnreg=0, dv_run=1,
-        fused_merge=0)
+        fused_merge=0, qk_promote=0)
     assert lc.lookup("mla_decode_fp8", "", heads=128, **fp8)["BLOCK_H"] == 32
     assert lc.lookup("mla_decode_fp8", "interpreter", heads=16, **fp8)["BLOCK_N"] == 16
     assert lc.lookup("mla_prep", "", kernel="v_up") == dict(num_warps=4, BLOCK_C=128, BLOCK_T_MAX=64, BLOCK_V=32)

@@ -184,7 +184,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # splits a merge program loads at once (_merge_splits_kernel): 16 x 512 values over 4 warps
 MERGE_CHUNK = 16
 FP8_DECODE_KEYS = frozenset(("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "min_split",
-                             "maxnreg", "dv_run", "fused_merge"))
+                             "maxnreg", "dv_run", "fused_merge", "qk_promote"))
 
 
 def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: int, device: str) -> dict:
@@ -193,7 +193,9 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
     BLOCK_H heads and BLOCK_N keys a program tile, num_warps, num_stages, maxnreg (a cap on
     registers a thread, 0 for none), dv_run (1, 2, 4 or 16: the latent dims a thread reads at
     once for the P.V product, the kernel's DV_RUN; 1 where BLOCK_D is no multiple of
-    32 * dv_run * num_warps / 4), and the split count's inputs (programs_per_sm, min_split: the
+    32 * dv_run * num_warps / 4), qk_promote (the e4m3 QK^T product's partial sums moved into
+    fp32 every that many latent dims; 0: the whole product in sm_90's MMA accumulator, which
+    keeps fewer bits than fp32), and the split count's inputs (programs_per_sm, min_split: the
     fewest keys a split takes; `fp8_decode_splits`).
     The table's shape variables: heads (a power of two >= 16), batch, ctx (max_seq_len: under
     CUDA graphs the captured maximum, max_model_len, whatever the rows hold) and block_size. How each chip's settings were measured:
@@ -211,6 +213,8 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
         raise ValueError(f"mla_decode_fp8 dv_run must be 1, 2, 4 or 16, got {cfg['dv_run']}")
     if cfg["fused_merge"] not in (0, 1):
         raise ValueError(f"mla_decode_fp8 fused_merge must be 0 or 1, got {cfg['fused_merge']!r}")
+    if cfg["qk_promote"] not in (0, 64, 128, 256):
+        raise ValueError(f"mla_decode_fp8 qk_promote must be 0, 64, 128 or 256, got {cfg['qk_promote']!r}")
     return cfg
 
 
@@ -267,7 +271,7 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
         splits, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DPE=block_dpe,
         QK_DTYPE=wide or tl.float8e4nv, PV_DTYPE=wide or tl.float16,
         DV_RUN=cfg["dv_run"] if block_d % (32 * cfg["dv_run"] * dv_wg) == 0 else 1, DV_WG=dv_wg,
-        FUSED_MERGE=fused, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg),
+        FUSED_MERGE=fused, QK_PROMOTE=cfg["qk_promote"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_maxnreg(cfg),
         **pdl_launch(q.device))
     if not fused:
         _merge_splits_kernel[(batch, n_heads)](

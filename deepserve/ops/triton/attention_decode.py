@@ -295,7 +295,7 @@ def _mla_decode_fp8_kernel(
         q_st, q_sh, q_sd, kc_b, kc_o, kc_d, bt_stride, o_st, o_sh, qk_scale, v_scale, n_heads, block_size, d_pe, dv,
         num_splits, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DPE: tl.constexpr,
         QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr, DV_RUN: tl.constexpr,
-        DV_WG: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr):
+        DV_WG: tl.constexpr, FUSED_MERGE: tl.constexpr, USE_PDL: tl.constexpr, QK_PROMOTE: tl.constexpr = 0):
     """One split of MLA's absorbed decode over an e4m3 latent pool, with the tokens as the M
     side of both products: S^T = K q^T ([N, D] x [D, H]) and O^T += V^T P^T ([DV, N] x [N, H]).
     The latent tile is the A operand of the first, K-major as stored, so e4m3 x e4m3 warp-group
@@ -310,7 +310,10 @@ def _mla_decode_fp8_kernel(
     heads and 4 warps, a third of the loop's instructions). DV_RUN = 2, 4 or 16 (BLOCK_D a
     multiple of 32 * DV_RUN * DV_WG) feeds the product the dims in the order _dv_order gives
     for DV_WG warp groups (num_warps / 4), so that a thread reads DV_RUN adjacent bytes at once, and stores each output row at its dim: the
-    sum over tokens is the same, only which row computes which dim changes. 1: stored order."""
+    sum over tokens is the same, only which row computes which dim changes. 1: stored order.
+    QK_PROMOTE (0, or dims: 64, 128, 256): the e4m3 QK^T product's partial sums moved from the
+    MMA's accumulator into fp32 every QK_PROMOTE latent dims (Triton's max_num_imprecise_acc;
+    0 keeps Triton's sm_90 default, the whole product in the MMA's accumulator)."""
     pdl_begin(USE_PDL)
     b = tl.program_id(0)
     split = tl.program_id(2)
@@ -346,8 +349,15 @@ def _mla_decode_fp8_kernel(
         kv = tl.load(kc_ptr + row_off[:, None] + offs_d[None, :] * kc_d, mask=n_mask[:, None], other=0.0)
         k_pe = tl.load(kc_ptr + row_off[:, None] + offs_pe[None, :] * kc_d,
                        mask=n_mask[:, None] & pe_mask[None, :], other=0.0)           # [N, DPE]
-        s = tl.dot(kv.to(QK_DTYPE), q_t)                                              # [N, H]
-        s = tl.dot(k_pe.to(QK_DTYPE), q_pe_t, s)
+        if QK_PROMOTE:
+            # sm_90's e4m3 MMAs sum in a narrower accumulator than fp32 (Triton's default lets
+            # the whole 512-dim product run in it): promote every QK_PROMOTE dims into fp32,
+            # and add the rope part's product in fp32
+            s = tl.dot(kv.to(QK_DTYPE), q_t, max_num_imprecise_acc=QK_PROMOTE)        # [N, H]
+            s += tl.dot(k_pe.to(QK_DTYPE), q_pe_t)
+        else:
+            s = tl.dot(kv.to(QK_DTYPE), q_t)                                          # [N, H]
+            s = tl.dot(k_pe.to(QK_DTYPE), q_pe_t, s)
         s = tl.where(n_mask[:, None], s * col_scale[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)

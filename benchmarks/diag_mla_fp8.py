@@ -1,0 +1,67 @@
+"""Which part of the fp8-pool MLA decode (attention_decode._mla_decode_fp8_kernel) moves its
+output from the torch reference: the case of tests/ops/test_kv_fp8_ops.py's R1-shape GPU test
+(128 heads, 8 decode rows of 1 to 4,000 tokens, 64-token pages, an unscaled e4m3 pool), run
+with the device table's settings and with one setting changed at a time. Each line gives the
+largest |kernel - reference| of every row (the reference over q rounded the kernel's way) and
+how many elements fall outside the test's tolerance (2e-2 absolute + 2e-2 relative).
+
+    python benchmarks/diag_mla_fp8.py              # on a GPU
+    TRITON_INTERPRET=1 python benchmarks/diag_mla_fp8.py --device cpu --heads 32   # the logic only
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+VARIANTS = {                      # name: settings over the table's
+    "table": {},
+    "qk_promote 128": {"qk_promote": 128},
+    "qk_promote 64": {"qk_promote": 64},
+    "one split": {"programs_per_sm": 1, "min_split": 8192},
+    "dv_run 1": {"dv_run": 1},
+    "16 heads, 4 warps": {"BLOCK_H": 16, "num_warps": 4},
+    "16 heads, 4 warps, one split": {"BLOCK_H": 16, "num_warps": 4, "programs_per_sm": 1, "min_split": 8192},
+    "fused merge": {"fused_merge": 1},
+}
+SEQS = [100, 900, 4000, 31, 2048, 1, 700, 1500]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--heads", type=int, default=128)
+    args = ap.parse_args()
+    from deepserve.ops.registry import resolve
+    from deepserve.ops.triton import attention as tri_attention
+    from deepserve.ops.triton.launch_config import trying
+    from tests.ops.paged_batch import make_paged_batch
+    from tests.ops.test_kv_fp8_ops import fp8_pool, q_rounded_to_e4m3
+
+    torch.manual_seed(0)
+    pb = fp8_pool(make_paged_batch([1] * len(SEQS), SEQS, args.heads, 1, 576, 512, mla=True, block_size=64,
+                                   dtype=torch.bfloat16, device=args.device))
+    want = resolve("paged_attention", "torch")[1](*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.07)).float()
+    table = tri_attention.mla_fp8_decode_config(args.heads, len(SEQS), max(SEQS), 64, tri_attention.table_key(pb.q.device))
+    print(f"table settings: {table}")
+    print(f"rows' tokens: {SEQS}; |reference| mean per row: "
+          + " ".join(f"{v:.3f}" for v in want.abs().mean(dim=(1, 2)).tolist()))
+    op = resolve("paged_attention", "triton")[1]
+    print("| variant | outside tolerance | max abs error per row |\n|---|---:|---|")
+    for name, change in VARIANTS.items():
+        with trying("mla_decode_fp8", [{"set": {**table, **change}}]):
+            got = op(*pb.args(0.07)).float()
+        err = (got - want).abs()
+        bad = int((err > 2e-2 + 2e-2 * want.abs()).sum())
+        print(f"| {name} | {bad} | " + " ".join(f"{v:.4f}" for v in err.amax(dim=(1, 2)).tolist()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
