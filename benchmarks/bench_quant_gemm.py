@@ -7,7 +7,7 @@ CUDA-graph replays (how the engine runs decode):
 
 - bf16: torch.matmul(x, W^T) with bf16 x and W (cuBLAS);
 - fp8: the whole `fp8_block_linear` op (Triton per-token-group activation quant + our
-  block-scaled fp8 GEMM) and the GEMM kernel alone;
+  block-scaled fp8 GEMM), the GEMM kernel alone and, at one row, the CUDA-core GEMV alone;
 - int8: the whole `int8_linear` op (torch per-token quant, torch._int_mm, rescale) and
   torch._int_mm alone.
 
@@ -66,6 +66,8 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     runs = {
         "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
+        # one row: the CUDA-core GEMV the op takes when quant_gemm.ONE_ROW_GEMV is on
+        **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),

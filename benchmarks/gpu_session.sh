@@ -85,6 +85,8 @@ mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/in
 #   issue 16  the fp8-pool MLA decode against the reference, one setting changed at a time (the R1-shape
 #             GPU test's case: which setting moves the 128-head, several-split output)
 step mla_fp8_diag 90 . python3 benchmarks/diag_mla_fp8.py
+#   issue 16  R1's fp8 projections at one row: the op (tensor-core GEMM) beside the CUDA-core GEMV
+step fp8_gemv 120 . python3 benchmarks/bench_quant_gemm.py --m 1 --out-dir "$OUT/res"
 #   issue 16  the fp8 KV kernels (the merge by the last split among them) at model sizes
 step fp8_kv_tests 120 . python3 -m pytest -q -m gpu tests/ops/test_kv_fp8_ops.py
 #   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)

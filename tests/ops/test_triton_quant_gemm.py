@@ -18,16 +18,23 @@ def test_fp8_kernel_registered(triton_ops):
     assert op_backends()["fp8_block_linear"] == ["torch", "triton"]
 
 
+def _operands(m: int, n: int, k: int, seed: int):
+    """x [m, k], its e4m3 quantization (q, s), an e4m3 weight [n, k] with row-expanded block
+    scales, a bias, and the dequantized product plus bias (the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    wq, grid = quant_fp8_block(torch.randn(n, k, generator=g) * 0.05)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    q, s = quant_fp8_per_token_group(x)
+    bias = torch.randn(n, generator=g)
+    want = ((q.float() * s.repeat_interleave(128, 1)[:, :k])
+            @ (wq.float() * ws.repeat_interleave(128, 1)[:, :k]).t() + bias)
+    return x, q, s, wq, ws, bias, want
+
+
 def test_fp8_gemm_kernel_equals_dequantized_matmul(triton_ops, cpu_only):
     """Partial M/N tiles, K = 300 (a partial last 128-group), bias, fp32 and bf16 outputs."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 300, generator=g)
-    wq, grid = quant_fp8_block(torch.randn(72, 300, generator=g) * 0.05)
-    ws = grid.repeat_interleave(128, 0)[:72].contiguous()
-    q, s = quant_fp8_per_token_group(x)
-    bias = torch.randn(72, generator=g)
-    want = ((q.float() * s.repeat_interleave(128, 1)[:, :300])
-            @ (wq.float() * ws.repeat_interleave(128, 1)[:, :300]).t() + bias)
+    _, q, s, wq, ws, bias, want = _operands(20, 72, 300, 0)
     y = triton_ops.quant_gemm.fp8_gemm(q, s, wq, ws, torch.float32, bias)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     y16 = triton_ops.quant_gemm.fp8_gemm(q[:3], s[:3], wq, ws, torch.bfloat16)
@@ -47,3 +54,20 @@ def test_act_quant_kernel_scales_exact(triton_ops, cpu_only):
     safe = mantissa < 1.875
     assert safe.float().mean() > 0.8
     assert torch.equal(q.float()[safe], q_ref.float()[safe])
+
+
+def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkeypatch):
+    """The one-row GEMV: partial row blocks (N = 70), K = 700 (a partial last 128-group and a
+    partial step of 4 groups), bias, at two tiles; the op takes it for one row when switched on
+    and keeps the GEMM for more rows."""
+    qg = triton_ops.quant_gemm
+    x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 2)
+    for settings in ({}, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 2}):
+        y = qg.fp8_gemv(q, s, wq, ws, torch.float32, bias, settings)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append("gemv") or qg.fp8_gemm(*a))
+    monkeypatch.setattr(qg, "ONE_ROW_GEMV", True)
+    qg.fp8_block_linear(x, wq, ws)
+    qg.fp8_block_linear(torch.randn(2, 700), wq, ws)
+    assert calls == ["gemv"]

@@ -90,6 +90,55 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+@triton.jit
+def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_wn, stride_ws,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """One quantized row (e4m3 q [K], scales [Kb]) times BLOCK_N rows of the e4m3 weight: each
+    step reads GROUPS 128-wide groups of the rows, sums each group's exact e4m3 x e4m3 products
+    in fp32 and scales it by its activation and weight scales (the GEMM's per-group promotion,
+    on the CUDA cores: at one row a tensor-core tile would be mostly padding)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g0 in range(0, tl.cdiv(K, GROUP), GROUPS):
+        offs = g0 * GROUP + tl.arange(0, GROUPS * GROUP)
+        k_ok = offs < K
+        q = tl.load(q_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)         # [BN, G]
+        groups = g0 + tl.arange(0, GROUPS)
+        g_ok = groups * GROUP < K
+        a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
+        w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
+                      other=0.0)
+        acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# whether fp8_block_linear runs one row (batch-1 decode) through the GEMV instead of the
+# tensor-core GEMM: off until timed on a GPU (benchmarks/bench_quant_gemm.py times both)
+ONE_ROW_GEMV = False
+GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4)
+
+
+def fp8_gemv(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+             out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None, settings: Optional[dict] = None
+             ) -> torch.Tensor:
+    """e4m3 q [1, K] (scales [1, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [1, N] out_dtype,
+    the same sums as fp8_gemm's."""
+    k, n = q.shape[1], weight.shape[0]
+    cfg = {**GEMV_SETTINGS, **(settings or {})}
+    out = torch.empty((1, n), dtype=out_dtype, device=q.device)
+    _fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        q, a_scale, weight, w_scale, bias if bias is not None else out, out, n, k, weight.stride(0),
+        w_scale.stride(0), HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], GROUPS=cfg["GROUPS"],
+        GROUP=FP8_GROUP, num_warps=cfg["num_warps"])
+    return out
+
+
 def _tiles(m: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) by M: small tiles keep decode's few rows
     from wasting a 128-row MMA and give enough CTAs to fill the GPU; prefill uses 128x128."""
@@ -133,5 +182,6 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     lead = x.shape[:-1]
     x2 = as_rows(x)
     q, s = act_quant_fp8(x2)
-    y = fp8_gemm(q, s, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
+    gemv = fp8_gemv if ONE_ROW_GEMV and x2.shape[0] == 1 else fp8_gemm
+    y = gemv(q, s, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
