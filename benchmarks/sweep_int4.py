@@ -57,6 +57,12 @@ GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
 # 4.77 / 4.51: benchmarks/sass_int4.py) at the settings that led the last sweep
 GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=1, DEQ=2)
               for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (16, 128, 1, 4), (8, 256, 1, 8))]
+# each slice's words loaded one slice ahead (AHEAD; STEPS 1): the reads alone run at 88% of copy at
+# gate_up where the GEMV runs at 67% (benchmarks/gemv_read_only.py), so the arithmetic between
+# loads, not the access pattern, holds it
+GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k, DEQ=d, AHEAD=1)
+              for n, c, w, k, d in ((8, 128, 4, 1, 1), (4, 128, 4, 1, 1), (8, 128, 4, 1, 2), (4, 128, 4, 1, 2),
+                                    (8, 256, 8, 1, 1), (8, 128, 4, 2, 1), (4, 128, 4, 2, 2))]
 # the tensor-core path (ops/triton/int4_mma.py: about 3 instructions a nibble against 4.5-4.8;
 # 2.5-5x slower than the CUDA-core kernel on an H100 at every 8B shape, docs/PERFORMANCE.md)
 GEMV_GRID += [dict(MMA=1, MMA_BLOCK_N=n, MMA_WARPS=w, MMA_STAGES=3) for n, w in ((64, 4), (128, 8))]

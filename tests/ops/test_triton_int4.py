@@ -147,11 +147,11 @@ def test_int4_gemv_mma_gpu_model_shapes(triton_ops, m, n, k, setting):
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("deq", [1, 2])
+@pytest.mark.parametrize("deq,ahead", [(1, 0), (2, 0), (1, 1)])
 @pytest.mark.parametrize("split,zeros,group,words", [(1, True, 32, 4), (1, False, 64, 4), (3, True, 32, 4),
                                                      (1, True, 32, 8), (2, False, 24, 8), (1, True, 64, 16),
                                                      (2, True, 48, 2), (1, False, 192, 32)])
-def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, group, words, deq):
+def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, group, words, deq, ahead):
     """The GEMV without split-K (output, bias and rounding written by the kernel) and with two or
     three K splits (fp32 partial sums, the last split ragged); slices inside one group, spanning
     several (groups of 3, 4, 6, 8 words), wider than K's 24 words (masked words) and of the
@@ -159,7 +159,8 @@ def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, gr
     N; zero points (subtracted as z times x summed over each word) and symmetric (8 folded into
     the lanes); nibbles 0 and 15 at every lane position: the torch op's result within fp32
     summation order. DEQ 2 (lane pairs read with their 2^23 offsets, taken out once a word):
-    the same, within the offsets' fp32 rounding (about 2^-16 of the terms)."""
+    the same, within the offsets' fp32 rounding (about 2^-16 of the terms). AHEAD (each slice's
+    words loaded one slice ahead, the load past the split's end masked): the same."""
     from deepserve.ops.triton.launch_config import trying
     n, k = 24, 192
     qweight, scales, z, _ = _operands(n, k, group, zeros, False, seed=split + group)
@@ -169,7 +170,7 @@ def test_int4_gemv_split_and_direct_store(triton_ops, cpu_only, split, zeros, gr
     x = torch.randn(1, k, generator=g)
     bias = torch.randn(n, generator=g)
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, z, None, group, bias)
-    setting = {"SPLIT_K": split, "SUB_C": words, "STEPS": 1, "DEQ": deq}
+    setting = {"SPLIT_K": split, "SUB_C": words, "STEPS": 1, "DEQ": deq, "AHEAD": ahead}
     with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
     tol = 1e-5 if deq == 1 else 1e-4
@@ -192,7 +193,8 @@ def test_tile_words_layout():
 
 @pytest.mark.parametrize("setting", [{"BLOCK_N": 4, "SUB_C": 4, "STEPS": 2, "SPLIT_K": 1, "DEQ": 1},
                                      {"BLOCK_N": 8, "SUB_C": 8, "STEPS": 1, "SPLIT_K": 2, "DEQ": 2},
-                                     {"BLOCK_N": 4, "SUB_C": 16, "STEPS": 1, "SPLIT_K": 1, "DEQ": 1}])
+                                     {"BLOCK_N": 4, "SUB_C": 16, "STEPS": 1, "SPLIT_K": 1, "DEQ": 1},
+                                     {"BLOCK_N": 4, "SUB_C": 8, "STEPS": 1, "SPLIT_K": 2, "DEQ": 2, "AHEAD": 1}])
 @pytest.mark.parametrize("n,k,group,zeros,g_idx", [CASES[1], CASES[2], CASES[4]])
 def test_int4_gemv_reads_tiled_words(triton_ops, cpu_only, setting, n, k, group, zeros, g_idx):
     """The GEMV over the words as tile_words lays them out (TILED): the torch op's result, with

@@ -98,10 +98,25 @@ def _pair_fields(src, magic):
 
 
 @triton.jit
+def _slice_words(qw_rows, c0, perm, c_end, BLOCK_N: tl.constexpr, TILED: tl.constexpr, EVEN: tl.constexpr):
+    """The [SUB_C, BLOCK_N] words of the slice starting at word c0 (int4_rows_dot's order,
+    `perm`); words at or past c_end read 0 unless EVEN (the caller knows there are none)."""
+    offs_c = c0 + perm
+    c_ok = offs_c < c_end
+    if TILED:       # rows padded to whole blocks by tile_words: no row masks
+        words = qw_rows + c0 * BLOCK_N + perm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]     # [C, BN]
+    else:
+        words = qw_rows[None, :] + offs_c[:, None]                                                   # [C, BN]
+    if EVEN:
+        return tl.load(words)
+    return tl.load(words, mask=c_ok[:, None], other=0)
+
+
+@triton.jit
 def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, GROUP: tl.constexpr,
                   HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                   SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr, DEQ: tl.constexpr,
-                  TILED: tl.constexpr = 0):
+                  TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
     .. 8 c_end). Every row pointer must be in bounds (callers repeat the last row for rows past
@@ -137,28 +152,29 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     scalar start of the program's row block, whose slices of SUB_C words lie one after another,
     each word's BLOCK_N rows adjacent; a thread's words of a slice are then one contiguous run
     (16-byte loads at 4 rows) and the program reads one linear stretch. Visited in order (no
-    swap: x's lanes follow the words' thread order either way)."""
+    swap: x's lanes follow the words' thread order either way).
+
+    AHEAD (STEPS 1): each slice's words are loaded one slice ahead, so a slice's reads are in
+    flight while the one before is unpacked and multiplied (the load past the last slice is
+    masked off)."""
     LANE_WISE: tl.constexpr = HAS_GIDX or GROUP % 8 != 0    # a scale and zero point a lane, not a word
     if TILED:
         perm = tl.arange(0, SUB_C)
     else:
         perm = tl.arange(0, SUB_C) ^ 1
     acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
+    if AHEAD:
+        tl.static_assert(STEPS == 1, "AHEAD loads one slice ahead: STEPS must be 1")
+        w_next = _slice_words(qw_rows, c_start, perm, c_end, BLOCK_N, TILED, False)
     for c_step in range(c_start, c_end, SUB_C * STEPS):
         for sub in tl.static_range(STEPS):
             offs_c = c_step + sub * SUB_C + perm
             c_ok = offs_c < c_end
-            if TILED:       # rows padded to whole blocks by tile_words: no row masks
-                tiled_words = (qw_rows + (c_step + sub * SUB_C) * BLOCK_N + perm[:, None] * BLOCK_N
-                               + tl.arange(0, BLOCK_N)[None, :])                                         # [C, BN]
-                if EVEN:
-                    w = tl.load(tiled_words)
-                else:
-                    w = tl.load(tiled_words, mask=c_ok[:, None], other=0)
-            elif EVEN:
-                w = tl.load(qw_rows[None, :] + offs_c[:, None])                                          # [C, BN]
+            if AHEAD:       # this slice's words came with the last one; ask for the next slice's now
+                w = w_next
+                w_next = _slice_words(qw_rows, c_step + SUB_C, perm, c_end, BLOCK_N, TILED, False)
             else:
-                w = tl.load(qw_rows[None, :] + offs_c[:, None], mask=c_ok[:, None], other=0)
+                w = _slice_words(qw_rows, c_step + sub * SUB_C, perm, c_end, BLOCK_N, TILED, EVEN)
             hi = w >> 16
             if LANE_WISE:
                 for q in tl.static_range(8):
@@ -234,7 +250,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, DEQ: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                      TILED: tl.constexpr = 0):
+                      TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
     (x's dtype) without split-K, else the fp32 partial sums. TILED: qw_ptr holds the words as
     `tile_words` lays them out for this BLOCK_N and SUB_C (stride_qn: a row block's words)."""
@@ -252,7 +268,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
     pdl_begin(USE_PDL)
     y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + r * stride_sn, z_ptr + r * stride_sn, g_ptr,
                       c_start, c_end, magic, GROUP, HAS_ZP,
-                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED)
+                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED, AHEAD)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -461,7 +477,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (sub * steps) == 0 and kw_per_split % (sub * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
         STEPS=steps, DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, TILED=int(tiled is not None),
-        **launch)
+        AHEAD=int(cfg.get("AHEAD", 0) and steps == 1), **launch)
     if split == 1:
         return y[0]
     y = y.sum(0)
