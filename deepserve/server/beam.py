@@ -61,6 +61,13 @@ def beam_stream(state, prompt: dict, bparams: BeamSearchParams, params: Sampling
     skip = params.skip_special_tokens
 
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=skip) if tokenizer is not None else ""
+        # after the prompt's last tokens, as a request's streamed text: decoded alone, a
+        # SentencePiece hypothesis would lose its first token's leading space
+        if tokenizer is None:
+            return ""
+        stream = tokenizer.decode_stream(prompt["prompt_token_ids"], skip_special_tokens=skip)
+        for token_id in ids:
+            stream.add(token_id)
+        return stream.text
     return beam_search(state.llm, prompt, bparams, request_id, state.llm.engine.eos_token_ids, decode,
                        logprobs=params.logprobs or 0, priority=params.priority)

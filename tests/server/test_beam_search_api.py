@@ -54,6 +54,21 @@ def test_chat_beams_and_stream(client, demo_server):
     wait_for(lambda: idle(demo_server.url))
 
 
+def test_hypothesis_text_after_prompt(client, demo_server):
+    # the first beam token here is " a": its leading space is kept, as in a sampled request's text
+    base = dict(model="stories260k", prompt="Once upon", max_tokens=4)
+    greedy = client.completions.create(**base, temperature=0).choices[0].text
+    assert greedy.startswith(" ")
+    beam = client.completions.create(**base, n=1, extra_body={"use_beam_search": True})
+    assert beam.choices[0].text == greedy
+    echoed = client.completions.create(**base, n=1, echo=True, extra_body={"use_beam_search": True})
+    assert echoed.choices[0].text == "Once upon" + greedy
+    chat = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "Once upon"}],
+                                          max_tokens=4, n=1, extra_body={"use_beam_search": True})
+    assert chat.choices[0].message.content == greedy
+    wait_for(lambda: idle(demo_server.url))
+
+
 def test_refused_combinations(client):
     base = dict(model="stories260k", prompt=PROMPT, max_tokens=4, n=2, logprobs=1)
     for field, value in (("stop", ["."]), ("top_p", 0.5), ("presence_penalty", 0.5), ("stop_token_ids", [13]),
