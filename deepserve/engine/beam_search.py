@@ -16,6 +16,7 @@ when the search is cancelled (a client leaving).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Optional
 
@@ -125,7 +126,7 @@ class BeamSearch:
         return sorted(finished, key=key, reverse=True)[:self.params.beam_width]
 
     def request_output(self, request_id: str, prompt: Optional[str], decode: Callable[[list[int]], str],
-                       num_cached_tokens: int = 0) -> RequestOutput:
+                       num_cached_tokens: int = 0, prompt_logprobs: Optional[list] = None) -> RequestOutput:
         """The result as one finished RequestOutput with a choice per hypothesis, best first."""
         n = len(self.prompt_ids)
         outs = []
@@ -136,7 +137,7 @@ class BeamSearch:
                                          logprobs=b.logprobs, finish_reason=b.finish_reason or "length",
                                          stop_reason=b.stop_reason))
         return RequestOutput(request_id, prompt, self.prompt_ids, outs, finished=True,
-                             num_cached_tokens=num_cached_tokens)
+                             num_cached_tokens=num_cached_tokens, prompt_logprobs=prompt_logprobs)
 
 
 async def _one_step(llm, prompt: dict, params: SamplingParams, request_id: str) -> RequestOutput:
@@ -148,16 +149,19 @@ async def _one_step(llm, prompt: dict, params: SamplingParams, request_id: str) 
 
 async def beam_search(llm, prompt: dict, params: BeamSearchParams, request_id: str, eos_token_ids: Iterable[int],
                       decode: Callable[[list[int]], str], logprobs: int = 0,
-                      priority: int = 0) -> AsyncIterator[RequestOutput]:
+                      priority: int = 0, prompt_logprobs: Optional[int] = None) -> AsyncIterator[RequestOutput]:
     """Beam search through an AsyncLLM (`prompt`: prompt_token_ids, optional text and
-    cache_salt); yields one finished RequestOutput. Cancelling it cancels the step in flight,
-    whose requests are aborted and their blocks freed."""
+    cache_salt); yields one finished RequestOutput, with the prompt's logprobs when
+    `prompt_logprobs` asks (the first step, the prompt alone, computes them). Cancelling it
+    cancels the step in flight, whose requests are aborted and their blocks freed."""
     search = BeamSearch(prompt["prompt_token_ids"], params, eos_token_ids)
     step_params = search.step_params(logprobs, priority)
+    first_params = dataclasses.replace(step_params, prompt_logprobs=prompt_logprobs)
     salt = prompt.get("cache_salt")
-    cached = 0
+    cached, prompt_entries = 0, None
     while not search.done:
-        tasks = [asyncio.ensure_future(_one_step(llm, {"prompt_token_ids": ids, "cache_salt": salt}, step_params,
+        sp = first_params if search.steps == 0 else step_params
+        tasks = [asyncio.ensure_future(_one_step(llm, {"prompt_token_ids": ids, "cache_salt": salt}, sp,
                                                  f"{request_id}-s{search.steps}-b{i}"))
                  for i, ids in enumerate(search.step_prompts())]
         try:
@@ -166,6 +170,6 @@ async def beam_search(llm, prompt: dict, params: BeamSearchParams, request_id: s
             for t in tasks:
                 t.cancel()
         if search.steps == 0:
-            cached = outs[0].num_cached_tokens
+            cached, prompt_entries = outs[0].num_cached_tokens, outs[0].prompt_logprobs
         search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in outs])
-    yield search.request_output(request_id, prompt.get("prompt"), decode, cached)
+    yield search.request_output(request_id, prompt.get("prompt"), decode, cached, prompt_entries)

@@ -70,4 +70,5 @@ def beam_stream(state, prompt: dict, bparams: BeamSearchParams, params: Sampling
             stream.add(token_id)
         return stream.text
     return beam_search(state.llm, prompt, bparams, request_id, state.llm.engine.eos_token_ids, decode,
-                       logprobs=params.logprobs or 0, priority=params.priority)
+                       logprobs=params.logprobs or 0, priority=params.priority,
+                       prompt_logprobs=params.prompt_logprobs)

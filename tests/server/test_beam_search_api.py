@@ -69,6 +69,17 @@ def test_hypothesis_text_after_prompt(client, demo_server):
     wait_for(lambda: idle(demo_server.url))
 
 
+def test_echo_logprobs_hold_the_prompt(client, demo_server):
+    base = dict(model="stories260k", prompt="Once upon", max_tokens=3, echo=True, logprobs=1)
+    sampled = client.completions.create(**base, temperature=0).choices[0]
+    beam = client.completions.create(**base, n=1, extra_body={"use_beam_search": True}).choices[0]
+    assert beam.text == sampled.text
+    assert beam.logprobs.tokens == sampled.logprobs.tokens and beam.logprobs.text_offset == sampled.logprobs.text_offset
+    assert beam.logprobs.token_logprobs[0] is None
+    assert beam.logprobs.token_logprobs[1:] == pytest.approx(sampled.logprobs.token_logprobs[1:], abs=1e-4)
+    wait_for(lambda: idle(demo_server.url))
+
+
 def test_refused_combinations(client):
     base = dict(model="stories260k", prompt=PROMPT, max_tokens=4, n=2, logprobs=1)
     for field, value in (("stop", ["."]), ("top_p", 0.5), ("presence_penalty", 0.5), ("stop_token_ids", [13]),
