@@ -112,10 +112,14 @@ def bad_words_banned(seqs: list[Sequence]) -> list[tuple[int, int]]:
     last token, where the tokens generated so far end with the word's other tokens."""
     banned = []
     for i, s in enumerate(seqs):
-        for word in s.params.bad_words_token_ids or ():
-            k = len(word) - 1
-            if k == 0 or (k <= s.num_output_tokens and s.token_ids[-k:] == word[:-1]):
-                banned.append((i, word[-1]))
+        if not s.params.bad_words_token_ids:
+            continue
+        singles, by_prefix, lengths = s.params.bad_words_index()
+        banned += [(i, t) for t in singles]
+        for k in lengths:
+            if k > s.num_output_tokens:
+                break
+            banned += [(i, t) for t in by_prefix.get(tuple(s.token_ids[-k:]), ())]
     return banned
 
 

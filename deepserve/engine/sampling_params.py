@@ -118,6 +118,7 @@ class SamplingParams:
     """Words never generated (vLLM's): a word's last token is banned wherever the tokens
     generated so far end with its other tokens; each word counts with and without a leading space."""
     _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
+    _bad_words_index: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -223,11 +224,26 @@ class SamplingParams:
             if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
                 ids.append(spaced)
         self._bad_words_token_ids = ids or None
+        self._bad_words_index = None
 
     @property
     def bad_words_token_ids(self) -> Optional[list[list[int]]]:
         """bad_words as token ids, set by the engine when it takes the request."""
         return self._bad_words_token_ids
+
+    def bad_words_index(self) -> tuple[list[int], dict[tuple[int, ...], list[int]], list[int]]:
+        """bad_words_token_ids as a step reads them: the one-token words' ids, each longer word's
+        last token under its other tokens, and those prefixes' lengths. Built once, so a step
+        costs a lookup per prefix length, not a pass over thousands of words."""
+        if self._bad_words_index is None:
+            singles, by_prefix = [], {}
+            for word in self._bad_words_token_ids or ():
+                if len(word) == 1:
+                    singles.append(word[0])
+                else:
+                    by_prefix.setdefault(tuple(word[:-1]), []).append(word[-1])
+            self._bad_words_index = (singles, by_prefix, sorted({len(k) for k in by_prefix}))
+        return self._bad_words_index
 
     @property
     def greedy(self) -> bool:

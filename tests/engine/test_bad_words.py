@@ -12,7 +12,7 @@ import torch
 
 from deepserve import LLM, SamplingParams
 from deepserve.engine.dp_engine import DataParallelEngine
-from deepserve.engine.sampler import Sampler
+from deepserve.engine.sampler import Sampler, bad_words_banned
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.tokenizer import Tokenizer
 from tests.conftest import DEMO_MODEL
@@ -68,6 +68,22 @@ def test_bans_match_the_rule_written_out():
         want = logits.masked_fill(torch.stack(masks), float("-inf")).argmax(dim=-1).tolist()
         assert sampler(logits.clone(), seqs).token_ids == want
         assert any(m[t] for m, t in zip(masks, top)), "a trial where nothing is banned tests nothing"
+
+
+class _Unwalkable(list):
+    def __iter__(self):
+        raise AssertionError("a step walked the whole bad_words list")
+
+
+def test_a_step_looks_words_up_by_their_prefix():
+    # thousands of words (a long list of banned names) cost a step a lookup per prefix length
+    words = [[5], [7, 8], [9, 7, 8], [4, 9, 6]] + [[10 + i % 9, 11 + i % 7, 3] for i in range(5000)]
+    seq = _seq(words, [4, 9, 7])
+    assert sorted(t for _, t in bad_words_banned([seq])) == [5, 8, 8]
+    seq.params._bad_words_token_ids = _Unwalkable(seq.params._bad_words_token_ids)   # the next steps
+    assert sorted(t for _, t in bad_words_banned([seq])) == [5, 8, 8]
+    seq.token_ids.append(4)
+    assert sorted(t for _, t in bad_words_banned([seq])) == [5]
 
 
 def test_a_multi_token_word_bans_only_its_last_token_after_the_rest():
