@@ -158,6 +158,9 @@ class AsyncLLM:
         tokens_seen = 0
         out: Optional[RequestOutput] = None
         try:
+            if params.bad_words and params.bad_words_token_ids is None and self.tokenizer is not None:
+                # here, not on the engine thread between steps: thousands of words would hold every batch
+                await asyncio.get_running_loop().run_in_executor(None, params.update_from_tokenizer, self.tokenizer)
             await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
             while True:
                 item = await queue.get()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import itertools
 import logging
 import operator
@@ -238,12 +237,12 @@ class LLMEngine:
         capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
-        if params.bad_words:
+        if params.bad_words and params.bad_words_token_ids is None:   # AsyncLLM tokenizes them before
             if self.tokenizer is None:
                 raise RequestError("bad_words needs the model's tokenizer (this model has none)")
             params.update_from_tokenizer(self.tokenizer)
+        if params.max_tokens is None:
+            params = params.with_max_tokens(self.max_model_len - len(ids))
         for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                             ("allowed_token_ids", params.allowed_token_ids or []),
                             ("logprob_token_ids", params.logprob_token_ids or []),

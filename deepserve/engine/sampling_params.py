@@ -1,6 +1,8 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -230,6 +232,12 @@ class SamplingParams:
     def bad_words_token_ids(self) -> Optional[list[list[int]]]:
         """bad_words as token ids, set by the engine when it takes the request."""
         return self._bad_words_token_ids
+
+    def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
+        """A copy with another max_tokens, its bad_words' token ids kept."""
+        copy = dataclasses.replace(self, max_tokens=max_tokens)
+        copy._bad_words_token_ids = self._bad_words_token_ids
+        return copy
 
     def bad_words_index(self) -> tuple[list[int], dict[tuple[int, ...], list[int]], list[int]]:
         """bad_words_token_ids as a step reads them: the one-token words' ids, each longer word's

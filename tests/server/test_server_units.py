@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import threading
 
 import pytest
 
@@ -299,3 +300,27 @@ def test_shared_metric_files_skip_a_file_not_yet_sized(tmp_path):
     samples = [s for family in registry.collect() for s in family.samples]
     assert [(s.name, s.labels, s.value) for s in samples] == [
         ("deepserve:request_success_total", {"model_name": "m"}, 3.0)]
+
+
+def test_bad_words_are_tokenized_off_the_engine_thread(make_llm, monkeypatch):
+    # the engine thread runs every batch's steps: a long bad_words list tokenized there holds them all
+    llm = make_llm()
+    threads = []
+    encode = llm.tokenizer.encode
+
+    def recording(text, add_special_tokens=True):
+        if "girl" in text:
+            threads.append(threading.current_thread())
+        return encode(text, add_special_tokens)
+    monkeypatch.setattr(llm.tokenizer, "encode", recording)
+
+    async def main():
+        llm.start()
+        try:
+            params = SamplingParams(max_tokens=8, temperature=0, bad_words=["girl"])
+            out = await drain(llm, "Once upon a time", params, "a")
+            assert out.finished and "girl" not in out.outputs[0].text
+            assert threads and llm._thread not in threads
+        finally:
+            llm.shutdown()
+    asyncio.run(main())
