@@ -260,9 +260,13 @@ class _SamplingFields(_Strict):
                 specs.append((name, GuidedDecoding(**{kind: getattr(self, name)})))
         so = self.structured_outputs
         if so is not None:
-            specs.append(("structured_outputs", GuidedDecoding(
-                json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
-                json_object=bool(so.json_object), structural_tag=so.structural_tag)))
+            kinds = dict(json=so.json_, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                         structural_tag=so.structural_tag)
+            if so.json_object or any(v is not None for v in kinds.values()):
+                specs.append(("structured_outputs", GuidedDecoding(json_object=bool(so.json_object), **kinds)))
+            elif not specs:     # its options (disable_any_whitespace, ...) beside no constraint
+                raise ValueError("structured_outputs: give one of json, regex, choice, grammar, json_object, "
+                                 "structural_tag (its options alone constrain nothing)")
         return specs
 
     def token_bias(self) -> Optional[dict[int, float]]:

@@ -172,3 +172,18 @@ def test_responses_take_structured_outputs(client):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="stories260k", input=PROMPT, max_output_tokens=8, extra_body=extra)
         assert info.value.body["param"] == param, info.value.body
+
+
+def test_structured_outputs_options_beside_response_format(client):
+    """structured_outputs with only its options (no constraint of its own) beside response_format
+    json_object: the response_format's constraint applies (vLLM merges the two); the options alone
+    are a 400 that names structured_outputs."""
+    r = client.chat.completions.create(
+        model="stories260k", messages=[{"role": "user", "content": "Hi"}], max_tokens=30, seed=1,
+        response_format={"type": "json_object"}, extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    text = r.choices[0].message.content
+    assert text.lstrip().startswith("{"), text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=2,
+                                  extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    assert "structured_outputs" in info.value.body["message"], info.value.body
