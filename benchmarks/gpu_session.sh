@@ -106,6 +106,9 @@ step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fus
   tests/ops/test_fused_moe_shared.py
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
 step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights fp8 --cut compare
+#   the same with the one-row fp8 GEMV on (quant_gemm.ONE_ROW_GEMV through DEEPSERVE_FP8_GEMV=1)
+step r1_fp8_gemv 130 . env DEEPSERVE_FP8_GEMV=1 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemv" --case experts \
+  --weights fp8 --cut compare --batches 1
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare
 #   issue 16  the fp8 MLA decode's settings with the merge by the last split (fused_merge) among them, then kvattn
 step mla_fp8_sweep 200 . python3 benchmarks/sweep_mla_decode.py --fp8 --write

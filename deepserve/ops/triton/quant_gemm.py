@@ -16,6 +16,7 @@ tensor cores (compute capability < 8.9) and CPU tensors run the torch reference.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -119,8 +120,9 @@ def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_wn
 
 
 # whether fp8_block_linear runs one row (batch-1 decode) through the GEMV instead of the
-# tensor-core GEMM: off until timed on a GPU (benchmarks/bench_quant_gemm.py times both)
-ONE_ROW_GEMV = False
+# tensor-core GEMM: off until timed on a GPU (benchmarks/bench_quant_gemm.py times both);
+# DEEPSERVE_FP8_GEMV=1 turns it on for an A/B of whole decode steps
+ONE_ROW_GEMV = os.environ.get("DEEPSERVE_FP8_GEMV", "0") == "1"
 GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4)
 
 
