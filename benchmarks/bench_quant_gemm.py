@@ -41,11 +41,17 @@ def r1_shapes() -> list[tuple[str, int, int]]:
     heads, nope, rope, v = (c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
                             c["v_head_dim"])
     d, inter = c["hidden_size"], c["intermediate_size"]
-    return [("q_b_proj", heads * (nope + rope), c["q_lora_rank"]),
+    return [("q_a_proj", c["q_lora_rank"], d),
+            ("kv_a_proj", c["kv_lora_rank"] + rope, d),
+            ("q_b_proj", heads * (nope + rope), c["q_lora_rank"]),
             ("kv_b_proj", heads * (nope + v), c["kv_lora_rank"]),
             ("o_proj", d, heads * v),
             ("gate_up_proj", 2 * inter, d),
             ("down_proj", d, inter)]
+
+
+# one-row GEMV settings timed beside the default (BLOCK_N, GROUPS, num_warps)
+GEMV_CANDIDATES = [(2, 4, 4), (8, 4, 4), (8, 2, 4), (4, 2, 4), (4, 8, 4), (8, 4, 8), (16, 2, 8), (1, 8, 4)]
 
 
 def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float, meta: dict) -> list[dict]:
@@ -66,8 +72,12 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     runs = {
         "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
-        # one row: the CUDA-core GEMV the op takes when quant_gemm.ONE_ROW_GEMV is on
+        # one row: the CUDA-core GEMV the op takes when quant_gemm.ONE_ROW_GEMV is on, with its
+        # default settings and the candidates around them (rows a program, groups a step, warps)
         **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
+        **({f"fp8_gemv_n{bn}g{gr}w{nw}": (lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw):
+                                          qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16, settings=cfg), n * k)
+            for bn, gr, nw in GEMV_CANDIDATES} if m == 1 else {}),
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),
