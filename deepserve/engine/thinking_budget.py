@@ -42,6 +42,10 @@ def reasoning_delimiters(parser: Optional[str], config: Optional[dict]) -> Optio
     bad = next((k for k, v in config.items() if not isinstance(v, str)), None)
     if bad is not None:
         raise ValueError(f"--reasoning-config {bad} must be a string, got {config[bad]!r}")
+    empty = next((k for k in ("reasoning_start_str", "reasoning_end_str") if config.get(k) == ""), None)
+    if empty is not None:
+        raise ValueError(f"--reasoning-config {empty} must not be empty (leave the key out to use the "
+                         "reasoning parser's tag)")
     parser = parser or config.get("reasoning_parser") or None
     if parser is not None and parser not in PARSER_TAGS:
         raise ValueError(f"--reasoning-config reasoning_parser must be one of {', '.join(PARSER_TAGS)}, got {parser!r}")

@@ -118,6 +118,8 @@ def test_vllm_reasoning_config_alone_enables_it(echo_model, script):
     (None, {"reasoning_start": "<think>"}, "unknown key"),
     (None, {"reasoning_parser": "qwen3"}, "must be one of deepseek_r1"),
     (None, ["<think>"], "must be a JSON object"),
+    (None, {"reasoning_start_str": "", "reasoning_end_str": ""}, "reasoning_start_str must not be empty"),
+    ("deepseek_r1", {"reasoning_end_str": ""}, "reasoning_end_str must not be empty"),
 ])
 def test_reasoning_config_settles_as_vllms(parser, config, want):
     if isinstance(want, str):
