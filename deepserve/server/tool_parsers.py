@@ -13,8 +13,10 @@ DeepSeek-V3.1 (`deepseek_v31`): `<｜tool▁call▁begin｜>NAME<｜tool▁sep�
 One incremental state machine serves streamed and whole outputs alike (as the reasoning
 parser does): text before `<｜tool▁calls▁begin｜>` is content; each call's name is sent once
 its header is complete, then its arguments as they grow, holding back any tail that may be
-the start of the closing marker. An output whose calls block holds no complete call is
-left as content (vLLM's behaviour for malformed calls).
+the start of the closing marker. A call whose header is complete is a call, even if the
+output ends before its closing marker (cut by max_tokens): the stream has sent its name and
+arguments by then, so the whole response has it too, with the arguments as far as they got (as
+OpenAI's calls cut by length). A calls block with no complete header stays content.
 """
 from __future__ import annotations
 
@@ -126,19 +128,20 @@ class DeepSeekToolParser:
 
     def finish(self) -> tuple[str, list[dict]]:
         """Flush at the end of the output: held-back content, or a calls block with no
-        complete call, which is content after all."""
+        complete call header (nothing of it went out as a call), which is content after all."""
         if not self.in_calls:
             rest, self.sent = self.text[self.sent:], len(self.text)
             return rest, []
-        if not any(c.complete for c in self.calls):
+        if not any(c.name is not None for c in self.calls):
             self.calls = []
             return self.text[self.sent:], []
         return "", []
 
     def tool_calls(self) -> list[dict]:
-        """The complete calls as OpenAI's message.tool_calls."""
+        """The calls sent so far as OpenAI's message.tool_calls (a cut call's arguments as far
+        as they got)."""
         return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in self.calls if c.complete]
+                for c in self.calls if c.name is not None]
 
     def parse(self, text: str) -> tuple[Optional[str], list[dict]]:
         """A whole output: (content or None, tool_calls)."""
@@ -190,23 +193,23 @@ def tool_calls_tag(variant: str, tools: list, parallel: bool = True, answer: Opt
 
 def required_calls(text: str) -> list[dict]:
     """`tool_choice: required`'s whole output -> OpenAI `tool_calls`: the grammar makes it a JSON
-    list `[{"name": NAME, "parameters": {...}}, ...]`. A list that max_tokens cut short gives
-    its complete calls, the ones RequiredCallsStream has sent whole by then."""
-    decoder, calls = json.JSONDecoder(), []
-    pos = text.find("[") + 1
-    while pos > 0:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:  # the cut call, or the list's end
-            break
+    list `[{"name": NAME, "parameters": {...}}, ...]`. The calls RequiredCallsStream sends for
+    the same text: each complete call's parameters re-serialised, and a call that max_tokens cut
+    short after its name with its parameters' text as far as it got (the stream has sent those)."""
+    stream = RequiredCallsStream()
+    stream.feed(text)
+    calls = []
+    for call in stream.calls:
+        if not call["sent"]:
+            continue
+        arguments = call["args"]
+        if call["done"]:
+            try:
+                arguments = json.dumps(json.loads(arguments), ensure_ascii=False)
+            except json.JSONDecodeError:   # not held to the grammar (it always is when served)
+                pass
         calls.append({"id": tool_call_id(), "type": "function",
-                      "function": {"name": item["name"],
-                                   "arguments": json.dumps(item["parameters"], ensure_ascii=False)}})
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        pos = pos + 1 if text[pos:pos + 1] == "," else 0
+                      "function": {"name": call["name"], "arguments": arguments}})
     return calls
 
 
@@ -225,7 +228,7 @@ class RequiredCallsStream:
         self.token = ""           # the string being read at depth 2 (a key or the name)
         self.key: Optional[str] = None
         self.expect = "key"       # at depth 2: "key", "colon", "value", "comma"
-        self.calls: list[dict] = []   # per call: name, id, sent (header out), args (raw), start
+        self.calls: list[dict] = []   # per call: name, id, sent (header out), args (raw), done (args whole)
         self.args_start: Optional[int] = None
         self.args_sent = 0
 
@@ -279,7 +282,7 @@ class RequiredCallsStream:
         if ch in "[{":
             self.depth += 1
             if self.depth == 2 and ch == "{":
-                self.calls.append({"name": None, "id": tool_call_id(), "sent": False, "args": ""})
+                self.calls.append({"name": None, "id": tool_call_id(), "sent": False, "args": "", "done": False})
                 self.key, self.expect = None, "key"
         elif ch in "]}":
             self.depth -= 1
@@ -308,5 +311,6 @@ class RequiredCallsStream:
 
     def _end_args(self, end: int, out: list[dict]) -> None:
         self._send_args(self.text[self.args_start:end].rstrip(), out)
+        self.calls[-1]["done"] = True
         self.args_start = None
         self.expect = "comma"

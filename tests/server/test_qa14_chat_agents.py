@@ -1,0 +1,150 @@
+"""What an agent framework sees from /v1/chat/completions with the official `openai` client,
+on each real tokenizer and chat template (DeepSeek-R1, R1-Distill-Qwen, R1-Distill-Llama): tool
+calls cut short, reasoning hidden with include_reasoning false, logprobs beside tool calls.
+
+The app runs in this process over a scripted engine (`ScriptedLLM`): it writes a fixed text
+token by token through the real tokenizer and detokenizer, so the parsers see exactly what a
+model writing that text would give them, tool-call markers that the distilled models' tokenizers
+split into many tokens included (the chain model of conftest.py needs every token unique).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+
+import httpx
+import openai
+import pytest
+from conftest import SHARED
+
+from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from deepserve.engine.tokenizer import Tokenizer
+from deepserve.server.app import build_app
+from deepserve.server.metrics import ServerMetrics
+from deepserve.server.serving_common import ServerSettings, ServerState
+from deepserve.server.tool_parsers import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+
+TOKENIZERS = ["deepseek-r1", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b"]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def r1_call(name: str, arguments: str) -> str:
+    return CALL_BEGIN + "function" + SEP + name + "\n```json\n" + arguments + "\n```" + CALL_END
+
+
+class ScriptedLLM:
+    """AsyncLLM's interface over a fixed output: `script`'s tokens then EOS, one token a step,
+    cut at max_tokens (finish_reason "length"); each token's logprob entry lists it first."""
+
+    def __init__(self, tokenizer: Tokenizer, script: str):
+        self.tokenizer, self.script = tokenizer, script
+        self.max_model_len, self.vocab_size = 4096, tokenizer.vocab_size
+
+    def start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 0) -> None: ...
+
+    def check_can_accept(self) -> None: ...
+
+    async def generate(self, prompt, params, request_id):
+        tok = self.tokenizer
+        ids = (tok.encode(self.script, add_special_tokens=False) + [tok.eos_token_id])[:params.max_tokens]
+        texts = [tok.decode_stream(prompt["prompt_token_ids"], params.skip_special_tokens) for _ in range(params.n)]
+        for k, token in enumerate(ids):
+            last = k == len(ids) - 1
+            for text in texts:
+                if token not in tok.eos_token_ids:
+                    text.add(token)
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = [{t: Logprob(-0.5 * rank, rank, tok.token_text(t)) for rank, t in
+                             enumerate([ids[j], 100, 101][:params.logprobs + 1], start=1)} for j in range(k + 1)]
+            finish = ("stop" if token in tok.eos_token_ids else "length") if last else None
+            yield RequestOutput(request_id, prompt.get("prompt"), prompt["prompt_token_ids"],
+                                [CompletionOutput(i, text.text, ids[:k + 1], logprobs=logprobs, finish_reason=finish)
+                                 for i, text in enumerate(texts)], last)
+            await asyncio.sleep(0)
+
+
+@functools.lru_cache(maxsize=None)
+def load_tokenizer(name: str) -> Tokenizer:
+    folder = SHARED / "tokenizers" / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    return Tokenizer(folder)
+
+
+def serve(tokenizer: str, script: str) -> openai.AsyncOpenAI:
+    """The app over ScriptedLLM, served as "m" with --reasoning-parser deepseek_r1
+    --enable-auto-tool-choice --tool-call-parser deepseek_v3; an openai client bound to it."""
+    settings = ServerSettings(served_model_names=["m"], model_path=tokenizer, reasoning_parser="deepseek_r1",
+                              tool_call_parser="deepseek_v3", enable_auto_tool_choice=True)
+    state = ServerState(llm=ScriptedLLM(load_tokenizer(tokenizer), script), settings=settings,
+                        metrics=ServerMetrics("m", lambda: {}))
+    transport = httpx.ASGITransport(app=build_app(state))
+    return openai.AsyncOpenAI(base_url="http://app/v1", api_key="unused", max_retries=0,
+                              http_client=httpx.AsyncClient(transport=transport, base_url="http://app"))
+
+
+async def whole_and_streamed(client: openai.AsyncOpenAI, **kwargs):
+    """(the response's first choice, what the stream's chunks add up to: reasoning, content,
+    [(name, arguments)], finish_reason, logprob tokens)."""
+    whole = (await client.chat.completions.create(**kwargs)).choices[0]
+    reasoning, content, calls, finish, tokens = "", "", {}, None, []
+    async for chunk in await client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+            finish = choice.finish_reason or finish
+            tokens += [lp.token for lp in (choice.logprobs.content if choice.logprobs else [])]
+            for tc in delta.tool_calls or []:
+                call = calls.setdefault(tc.index, ["", ""])
+                call[0] += tc.function.name or ""
+                call[1] += tc.function.arguments or ""
+    return whole, (reasoning, content, [tuple(c) for _, c in sorted(calls.items())], finish, tokens)
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+@pytest.mark.parametrize("cut", ["in the arguments", "before the closing marker", "in the second call"])
+def test_call_cut_by_max_tokens_is_a_call_whole_and_streamed(tokenizer, cut):
+    """max_tokens ends the output inside a call: the stream has sent its name and arguments by
+    then, and the whole response has the same call (arguments as far as they got), finish
+    "length", as OpenAI's. (It used to come back as content holding the raw markers.)"""
+    script = ("Need the weather.</think>\n\n" + CALLS_BEGIN + r1_call("get_weather", '{"city": "Paris"}') + "\n"
+              + r1_call("add", '{"a": 1, "b": 2}') + CALLS_END)
+    end = {"in the arguments": script.index('Paris"}'), "before the closing marker": script.index("\n```<"),
+           "in the second call": script.index('2}')}[cut]
+    client = serve(tokenizer, script)
+    max_tokens = len(load_tokenizer(tokenizer).encode(script[:end], add_special_tokens=False))
+    whole, (reasoning, content, calls, finish, _) = asyncio.run(
+        whole_and_streamed(client, model="m", messages=MESSAGES, tools=TOOLS, max_tokens=max_tokens))
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+    assert got == calls and got and got[0][0] == "get_weather"
+    assert len(got) == (2 if cut == "in the second call" else 1)
+    assert '{"city": "Paris"}'.startswith(got[0][1]) and got[0][1].startswith('{"city": ')
+    if cut != "in the arguments":
+        assert got[0][1] == '{"city": "Paris"}'
+    assert whole.finish_reason == finish == "length"
+    assert whole.message.reasoning_content == reasoning == "Need the weather."
+    assert whole.message.content is None and content == ""
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_required_call_cut_by_max_tokens_whole_and_streamed(tokenizer):
+    script = 'Two calls.</think>\n\n[{"name": "get_weather", "parameters": {"city": "Paris"}}, ' \
+             '{"name": "add", "parameters": {"a": 1, "b": 2}}]'
+    client = serve(tokenizer, script)
+    max_tokens = len(load_tokenizer(tokenizer).encode(script[:script.index("2}")], add_special_tokens=False))
+    whole, (_, content, calls, finish, _) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=max_tokens))
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert [name for name, _ in got] == [name for name, _ in calls] == ["get_weather", "add"]
+    assert json.loads(got[0][1]) == json.loads(calls[0][1]) == {"city": "Paris"}
+    assert got[1][1] == calls[1][1] and calls[1][1].startswith('{"a": 1')   # as far as it got
+    assert whole.finish_reason == finish == "length" and content == ""
+
