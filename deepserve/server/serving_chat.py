@@ -18,7 +18,7 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false), `include_reasoning` false (no
-  reasoning fields), `return_token_ids` (the prompt's and the reply's token ids) and
+  reasoning fields; logprobs and return_token_ids, which would list its tokens, refused beside it), `return_token_ids` (the prompt's and the reply's token ids) and
   `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
@@ -205,6 +205,13 @@ class PreparedChat:
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
         state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field())
         self.parser_name = state.settings.reasoning_parser
+        if not req.include_reasoning and self.parser_name is not None:
+            # the reply's tokens, listed with their logprobs or ids, would show the reasoning it hides
+            shown = next((f for f, on in (("logprobs", self.top_k is not None),
+                                          ("return_token_ids", req.return_token_ids)) if on), None)
+            if shown is not None:
+                raise APIError(400, f"{shown} cannot be combined with include_reasoning false: the reply's tokens "
+                                    "would show the reasoning it hides", param=shown, code="unsupported_field")
         self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)
         self.beams = None   # BeamSearchParams with use_beam_search (vLLM's)

@@ -148,3 +148,43 @@ def test_required_call_cut_by_max_tokens_whole_and_streamed(tokenizer):
     assert got[1][1] == calls[1][1] and calls[1][1].startswith('{"a": 1')   # as far as it got
     assert whole.finish_reason == finish == "length" and content == ""
 
+
+@pytest.mark.parametrize("field", [{"logprobs": True}, {"logprobs": True, "top_logprobs": 2},
+                                   {"extra_body": {"return_token_ids": True}}])
+@pytest.mark.parametrize("stream", [False, True])
+def test_hidden_reasoning_is_not_shown_token_by_token(field, stream):
+    """include_reasoning false hides the reasoning; the reply's tokens (logprobs, token ids)
+    would list it, so asking for both is a 400 naming the field."""
+    client = serve("deepseek-r1", "The secret plan.</think>\n\nHello.")
+    field = dict(field)
+    extra = {**field.pop("extra_body", {}), "include_reasoning": False}
+
+    async def ask():
+        r = await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream, extra_body=extra,
+                                                 **field)
+        return [c async for c in r] if stream else r
+    with pytest.raises(openai.BadRequestError) as err:
+        asyncio.run(ask())
+    assert "include_reasoning" in err.value.message
+    assert err.value.body["param"] == ("return_token_ids" if "logprobs" not in field else "logprobs")
+    # without them the reasoning stays hidden and the answer comes
+    r = asyncio.run(client.chat.completions.create(model="m", messages=MESSAGES, extra_body={"include_reasoning": False}))
+    assert r.choices[0].message.content == "Hello." and "secret" not in r.model_dump_json()
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_logprobs_beside_reasoning_and_calls_agree_streamed_and_whole(tokenizer):
+    """One logprob entry per generated token, the same streamed and whole, spelling the whole
+    output (reasoning, the calls' markers, EOS) while the parsers split it."""
+    script = "Check.</think>\n\nOne moment." + CALLS_BEGIN + r1_call("get_weather", '{"city": "Paris"}') + CALLS_END
+    client = serve(tokenizer, script)
+    whole, (reasoning, content, calls, finish, tokens) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES, tools=TOOLS, logprobs=True, top_logprobs=2))
+    listed = [lp.token for lp in whole.logprobs.content]
+    assert listed == tokens and len(listed) == len(load_tokenizer(tokenizer).encode(script, False)) + 1
+    assert all(len(lp.top_logprobs) == 2 for lp in whole.logprobs.content)
+    if tokenizer == "deepseek-r1":   # its markers are single tokens, spelt whole
+        assert "".join(listed) == script + "<｜end▁of▁sentence｜>"
+    assert (reasoning, content, calls, finish) == ("Check.", "One moment.",
+                                                   [("get_weather", '{"city": "Paris"}')], "tool_calls")
+    assert whole.message.content == "One moment." and whole.finish_reason == "tool_calls"
