@@ -110,6 +110,8 @@ step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case exp
 step r1_fp8_gemv 130 . env DEEPSERVE_FP8_GEMV=1 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemv" --case experts \
   --weights fp8 --cut compare --batches 1
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare
+#   the most MoE layers fp8 fits (3 dense + 8 on an H200): per-layer bytes, the MoE layer in the model, decode
+step r1_fp8_big 170 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/big" --case experts --weights fp8 --cut big
 #   issue 16  the fp8 MLA decode's settings with the merge by the last split (fused_merge) among them, then kvattn
 step mla_fp8_sweep 200 . python3 benchmarks/sweep_mla_decode.py --fp8 --write
 mkdir -p "$OUT/mla_fp8_cfg" && cp deepserve/ops/triton/configs/mla_decode_fp8/*.json "$OUT/mla_fp8_cfg/" 2>/dev/null
