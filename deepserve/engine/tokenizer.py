@@ -57,7 +57,8 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if chat_template is not None:
-            template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
+            path = template_file(chat_template)
+            template = path.read_text() if path is not None else chat_template
         self.chat_template: Optional[str] = template
 
     @property
@@ -155,6 +156,16 @@ class Tokenizer:
             text = _cut_after_final_message(text, final)
         # the template writes the BOS itself
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def template_file(value: str) -> Optional[Path]:
+    """`value` as the path of a chat template file; None where it names none (it is the template's
+    text: vLLM's --chat-template takes either)."""
+    try:
+        path = Path(value)
+        return path if path.is_file() else None
+    except OSError:   # ENAMETOOLONG: a template longer than a file name can be
+        return None
 
 
 def _cut_after_final_message(text: str, final: str) -> str:

@@ -30,6 +30,7 @@ import uvicorn
 from deepserve.config import DEMO_MODEL, EngineArgs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
+from deepserve.engine.tokenizer import template_file
 from deepserve.log import FORMAT as LOG_FORMAT
 from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
@@ -62,8 +63,8 @@ def load_chat_template(engine: LLMEngine, template: Optional[str]) -> None:
         return
     if engine.tokenizer is None:
         raise ValueError("--chat-template needs a model with a tokenizer")
-    path = Path(template)
-    if path.is_file():
+    path = template_file(template)
+    if path is not None:
         template = path.read_text()
     elif "{" not in template:
         raise FileNotFoundError(f"chat template file {template} not found")

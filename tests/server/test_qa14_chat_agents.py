@@ -188,3 +188,33 @@ def test_logprobs_beside_reasoning_and_calls_agree_streamed_and_whole(tokenizer)
     assert (reasoning, content, calls, finish) == ("Check.", "One moment.",
                                                    [("get_weather", '{"city": "Paris"}')], "tool_calls")
     assert whole.message.content == "One moment." and whole.finish_reason == "tool_calls"
+
+
+# a template given inline (--chat-template takes a file or the text), longer than a file name
+# can be, that lists the tools in the system prompt and strips reasoning from past turns
+INLINE_TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}You can call these functions, writing <｜tool▁calls▁begin｜> first:"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ (m['content'] or '').split('</think>')[-1] }}"
+    "<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+
+
+def test_inline_chat_template_longer_than_a_file_name():
+    """--chat-template TEXT: a template longer than a file name may be (255 bytes) is the
+    template (asking the file system about it raised ENAMETOOLONG, and the server died at start)."""
+    from types import SimpleNamespace
+
+    from deepserve.server.api_server import load_chat_template
+
+    assert len(INLINE_TOOLS_TEMPLATE.encode()) > 255
+    folder = SHARED / "tokenizers" / "deepseek-r1"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    engine = SimpleNamespace(tokenizer=Tokenizer(folder))
+    load_chat_template(engine, INLINE_TOOLS_TEMPLATE)
+    tok = Tokenizer(folder, chat_template=INLINE_TOOLS_TEMPLATE)
+    for t in (engine.tokenizer, tok):
+        assert t.chat_template == INLINE_TOOLS_TEMPLATE
+        text = t.apply_chat_template(MESSAGES, tools=TOOLS)
+        assert '"name": "get_weather"' in text and text.endswith("<｜User｜>Weather in Paris?<｜Assistant｜><think>\n")
