@@ -147,13 +147,21 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
         for turn in turns:
             if turn["role"] == "developer":
                 turn["role"] = "system"
+    render = functools.partial(tok.apply_chat_template, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **extra)
     try:
-        text = tok.apply_chat_template(turns,
-                                       add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message, **extra)
+        try:
+            return render(turns)
+        except TypeError:
+            # a tool-call turn's content None (as sent; transformers' shape, which R1-Distill's
+            # templates test for) in a template that reads it as a string (vLLM's example tool
+            # templates, written for vLLM, which renders a missing content as ""): "" then
+            blank = [turn for turn in turns if turn["content"] is None]
+            if not blank:
+                raise
+            return render([{**turn, "content": ""} if turn["content"] is None else turn for turn in turns])
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return text
 
 
 def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:

@@ -10,8 +10,10 @@ split into many tokens included (the chain model of conftest.py needs every toke
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
+from typing import Optional
 
 import httpx
 import openai
@@ -43,6 +45,7 @@ class ScriptedLLM:
     def __init__(self, tokenizer: Tokenizer, script: str):
         self.tokenizer, self.script = tokenizer, script
         self.max_model_len, self.vocab_size = 4096, tokenizer.vocab_size
+        self.prompts: list[str] = []     # the rendered prompt of each request
 
     def start(self) -> None: ...
 
@@ -52,6 +55,7 @@ class ScriptedLLM:
 
     async def generate(self, prompt, params, request_id):
         tok = self.tokenizer
+        self.prompts.append(prompt["prompt"])
         ids = (tok.encode(self.script, add_special_tokens=False) + [tok.eos_token_id])[:params.max_tokens]
         texts = [tok.decode_stream(prompt["prompt_token_ids"], params.skip_special_tokens) for _ in range(params.n)]
         for k, token in enumerate(ids):
@@ -78,16 +82,21 @@ def load_tokenizer(name: str) -> Tokenizer:
     return Tokenizer(folder)
 
 
-def serve(tokenizer: str, script: str) -> openai.AsyncOpenAI:
-    """The app over ScriptedLLM, served as "m" with --reasoning-parser deepseek_r1
-    --enable-auto-tool-choice --tool-call-parser deepseek_v3; an openai client bound to it."""
+def serve(tokenizer: str, script: str, template: Optional[str] = None) -> openai.AsyncOpenAI:
+    """The app over ScriptedLLM (`client.engine`), served as "m" with --reasoning-parser
+    deepseek_r1 --enable-auto-tool-choice --tool-call-parser deepseek_v3 (and --chat-template
+    `template`); an openai client bound to it."""
+    tok = copy.copy(load_tokenizer(tokenizer))
+    tok.chat_template = template or tok.chat_template
     settings = ServerSettings(served_model_names=["m"], model_path=tokenizer, reasoning_parser="deepseek_r1",
                               tool_call_parser="deepseek_v3", enable_auto_tool_choice=True)
-    state = ServerState(llm=ScriptedLLM(load_tokenizer(tokenizer), script), settings=settings,
-                        metrics=ServerMetrics("m", lambda: {}))
+    engine = ScriptedLLM(tok, script)
+    state = ServerState(llm=engine, settings=settings, metrics=ServerMetrics("m", lambda: {}))
     transport = httpx.ASGITransport(app=build_app(state))
-    return openai.AsyncOpenAI(base_url="http://app/v1", api_key="unused", max_retries=0,
-                              http_client=httpx.AsyncClient(transport=transport, base_url="http://app"))
+    client = openai.AsyncOpenAI(base_url="http://app/v1", api_key="unused", max_retries=0,
+                                http_client=httpx.AsyncClient(transport=transport, base_url="http://app"))
+    client.engine = engine
+    return client
 
 
 async def whole_and_streamed(client: openai.AsyncOpenAI, **kwargs):
@@ -218,3 +227,38 @@ def test_inline_chat_template_longer_than_a_file_name():
         assert t.chat_template == INLINE_TOOLS_TEMPLATE
         text = t.apply_chat_template(MESSAGES, tools=TOOLS)
         assert '"name": "get_weather"' in text and text.endswith("<｜User｜>Weather in Paris?<｜Assistant｜><think>\n")
+
+
+# reads every assistant turn's content as a string, as vLLM's example tool templates do
+STRING_CONTENT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}{% for t in m['tool_calls'] or [] %}"
+    "[{{ t['function']['name'] }} {{ t['function']['arguments'] }}]{% endfor %}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_tool_results_turn_with_each_template(tokenizer):
+    """An agent's second turn: its first reply (tool calls, content None, as the client returns
+    it) and the tool results go back. The model's own template renders the calls (R1-Distill's
+    test `content is none`); a template that reads content as a string (vLLM's example tool
+    templates, written for vLLM, which sends "" for a missing content) gets "" rather than a 400."""
+    first = "<think>\nNeed the weather.</think>\n\n" + CALLS_BEGIN + r1_call("get_weather", '{"city": "Paris"}') + CALLS_END
+    for template in (None, STRING_CONTENT_TEMPLATE):
+        client = serve(tokenizer, first, template)
+        reply = asyncio.run(client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)).choices[0]
+        [call] = reply.message.tool_calls
+        history = MESSAGES + [reply.message.model_dump(exclude_none=True),
+                              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+        assert "content" not in history[1]
+        client.engine.script = "<think>\nSunny.</think>\n\nIt is sunny in Paris."   # neither prompt opened it
+        answer = asyncio.run(client.chat.completions.create(model="m", messages=history, tools=TOOLS)).choices[0]
+        assert (answer.message.reasoning_content, answer.message.content) == ("Sunny.", "It is sunny in Paris.")
+        prompt = client.engine.prompts[-1]
+        assert "sunny, 21 C" in prompt and "Need the weather." not in prompt
+        if template is None:
+            assert CALL_BEGIN + "function" + SEP + 'get_weather\n```json\n{"city": "Paris"}\n```' in prompt
+        else:
+            assert '<｜Assistant｜>[get_weather {"city": "Paris"}]<｜end▁of▁sentence｜>' in prompt
