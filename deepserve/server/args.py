@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
 from deepserve.engine.thinking_budget import reasoning_delimiters
+from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
@@ -47,8 +48,10 @@ class ServerArgs:
     folder holding one."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice auto); needs --tool-call-parser."""
-    tool_call_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_v3", "deepseek_v31")})
-    """Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3)."""
+    tool_call_parser: Optional[str] = field(default=None, metadata={"choices": TOOL_PARSERS})
+    """Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3; V3.1: deepseek_v31;
+    vLLM's hermes and llama3_json for R1-Distill-Qwen and -Llama, with a --chat-template that lists
+    the tools)."""
     max_logprobs: int = 20
     """Most logprobs / top_logprobs / prompt_logprobs a request may ask for."""
     enable_prompt_tokens_details: bool = False

@@ -32,7 +32,8 @@ CALL_BEGIN = "<｜tool▁call▁begin｜>"
 CALL_END = "<｜tool▁call▁end｜>"
 SEP = "<｜tool▁sep｜>"
 
-TOOL_PARSERS = ("deepseek_v3", "deepseek_v31")
+DEEPSEEK_PARSERS = ("deepseek_v3", "deepseek_v31")
+TOOL_PARSERS = DEEPSEEK_PARSERS + ("hermes", "llama3_json")   # the last two: tool_parsers_json.py
 
 
 def tool_call_id() -> str:
@@ -47,18 +48,66 @@ class _Call:
         self.complete = False
 
 
-class DeepSeekToolParser:
+class ToolCallParser:
     """feed(delta) -> (content delta, [tool-call delta]); finish() flushes. A tool-call delta
-    is OpenAI's streaming shape: {"index", "id"?, "type"?, "function": {"name"?, "arguments"}}."""
+    is OpenAI's streaming shape: {"index", "id"?, "type"?, "function": {"name"?, "arguments"}}.
+    A format's parser writes feed(); the flush, the calls and the whole-output parse are shared."""
 
-    def __init__(self, variant: str = "deepseek_v3"):
-        if variant not in TOOL_PARSERS:
-            raise ValueError(f"unknown tool call parser {variant!r}; choose from {', '.join(TOOL_PARSERS)}")
-        self.v31 = variant == "deepseek_v31"
+    def __init__(self):
         self.text = ""
-        self.sent = 0              # content chars sent (before the calls block)
+        self.sent = 0              # content chars sent (before the calls)
         self.calls: list[_Call] = []
         self.in_calls = False
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        raise NotImplementedError
+
+    def _content_before(self, delta: str, marker: str) -> str:
+        """Take `delta`; return the content it lets out: the text before `marker`, which opens
+        the calls (in_calls from then on), less a tail that may be the start of the marker."""
+        self.text += delta
+        if self.in_calls:
+            return ""
+        begin = self.text.find(marker)
+        self.in_calls = begin >= 0
+        upto = begin if self.in_calls else len(self.text) - _held_suffix(self.text, marker)
+        content, self.sent = self.text[self.sent:upto], max(self.sent, upto)
+        return content
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """Flush at the end of the output: held-back content, or calls of which no name went out
+        (nothing of them was sent as a call), which are content after all."""
+        if not self.in_calls:
+            rest, self.sent = self.text[self.sent:], len(self.text)
+            return rest, []
+        if not any(c.name is not None for c in self.calls):
+            self.calls = []
+            return self.text[self.sent:], []
+        return "", []
+
+    def tool_calls(self) -> list[dict]:
+        """The calls sent so far as OpenAI's message.tool_calls (a cut call's arguments as far
+        as they got)."""
+        return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.calls if c.name is not None]
+
+    def parse(self, text: str) -> tuple[Optional[str], list[dict]]:
+        """A whole output: (content or None, tool_calls)."""
+        c1, _ = self.feed(text)
+        c2, _ = self.finish()
+        content = c1 + c2
+        calls = self.tool_calls()
+        if calls:
+            content = content.rstrip()
+        return (content or None), calls
+
+
+class DeepSeekToolParser(ToolCallParser):
+    def __init__(self, variant: str = "deepseek_v3"):
+        if variant not in DEEPSEEK_PARSERS:
+            raise ValueError(f"unknown DeepSeek tool call parser {variant!r}; choose from {', '.join(DEEPSEEK_PARSERS)}")
+        super().__init__()
+        self.v31 = variant == "deepseek_v31"
 
     # the arguments of one call end with this
     @property
@@ -79,17 +128,8 @@ class DeepSeekToolParser:
         return rest[:opening].strip(), sep + len(SEP) + opening + len("\n```json\n")
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
-        self.text += delta
-        if not self.in_calls:
-            begin = self.text.find(CALLS_BEGIN)
-            if begin < 0:
-                upto = len(self.text) - _held_suffix(self.text, CALLS_BEGIN)
-                content, self.sent = self.text[self.sent:upto], max(self.sent, upto)
-                return content, []
-            self.in_calls = True
-            content, self.sent = self.text[self.sent:begin], begin
-            return content, self._calls_deltas()
-        return "", self._calls_deltas()
+        content = self._content_before(delta, CALLS_BEGIN)
+        return content, (self._calls_deltas() if self.in_calls else [])
 
     def _calls_deltas(self) -> list[dict]:
         block = self.text[self.sent + len(CALLS_BEGIN):]
@@ -126,41 +166,20 @@ class DeepSeekToolParser:
                 break
         return deltas
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """Flush at the end of the output: held-back content, or a calls block with no
-        complete call header (nothing of it went out as a call), which is content after all."""
-        if not self.in_calls:
-            rest, self.sent = self.text[self.sent:], len(self.text)
-            return rest, []
-        if not any(c.name is not None for c in self.calls):
-            self.calls = []
-            return self.text[self.sent:], []
-        return "", []
 
-    def tool_calls(self) -> list[dict]:
-        """The calls sent so far as OpenAI's message.tool_calls (a cut call's arguments as far
-        as they got)."""
-        return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in self.calls if c.name is not None]
-
-    def parse(self, text: str) -> tuple[Optional[str], list[dict]]:
-        """A whole output: (content or None, tool_calls)."""
-        c1, _ = self.feed(text)
-        c2, _ = self.finish()
-        content = c1 + c2
-        calls = self.tool_calls()
-        if calls:
-            content = content.rstrip()
-        return (content or None), calls
-
-
-def make_tool_parser(name: Optional[str]) -> Optional[DeepSeekToolParser]:
-    return DeepSeekToolParser(name) if name is not None else None
+def make_tool_parser(name: Optional[str]) -> Optional[ToolCallParser]:
+    """The --tool-call-parser's incremental parser (None without one)."""
+    if name is None:
+        return None
+    if name in DEEPSEEK_PARSERS:
+        return DeepSeekToolParser(name)
+    from deepserve.server.tool_parsers_json import json_tool_parser   # it builds on this module
+    return json_tool_parser(name)
 
 
 def tool_calls_tag(variant: str, tools: list, parallel: bool = True, answer: Optional[dict] = None) -> Optional[str]:
     """`tool_choice: auto`'s grammar, an xgrammar structural tag in the `variant` format (R1's
-    fenced JSON or V3.1's bare JSON), or None when nothing needs constraining. Once the model
+    fenced JSON, V3.1's bare JSON, hermes' or llama3_json's), or None when nothing needs constraining. Once the model
     opens its calls block, each call names one of the tools and its arguments fit that tool's
     parameters schema if it is marked strict (OpenAI's `strict: true`), else any JSON object;
     one call at most when `parallel` is false. Around the calls the text is free; with `answer`
@@ -169,6 +188,10 @@ def tool_calls_tag(variant: str, tools: list, parallel: bool = True, answer: Opt
     strict and there is no answer format."""
     if answer is None and not any(t.function.strict for t in tools):
         return None
+    if variant not in DEEPSEEK_PARSERS:
+        from deepserve.server.tool_parsers_json import json_calls_format
+        return json.dumps({"type": "structural_tag", "format": json_calls_format(variant, tools, parallel, answer)},
+                          ensure_ascii=False)
     calls = []
     for t in tools:
         schema = (t.function.parameters or {"type": "object"}) if t.function.strict else {"type": "object"}

@@ -82,14 +82,15 @@ def load_tokenizer(name: str) -> Tokenizer:
     return Tokenizer(folder)
 
 
-def serve(tokenizer: str, script: str, template: Optional[str] = None) -> openai.AsyncOpenAI:
+def serve(tokenizer: str, script: str, template: Optional[str] = None,
+          parser: str = "deepseek_v3") -> openai.AsyncOpenAI:
     """The app over ScriptedLLM (`client.engine`), served as "m" with --reasoning-parser
-    deepseek_r1 --enable-auto-tool-choice --tool-call-parser deepseek_v3 (and --chat-template
+    deepseek_r1 --enable-auto-tool-choice --tool-call-parser `parser` (and --chat-template
     `template`); an openai client bound to it."""
     tok = copy.copy(load_tokenizer(tokenizer))
     tok.chat_template = template or tok.chat_template
     settings = ServerSettings(served_model_names=["m"], model_path=tokenizer, reasoning_parser="deepseek_r1",
-                              tool_call_parser="deepseek_v3", enable_auto_tool_choice=True)
+                              tool_call_parser=parser, enable_auto_tool_choice=True)
     engine = ScriptedLLM(tok, script)
     state = ServerState(llm=engine, settings=settings, metrics=ServerMetrics("m", lambda: {}))
     transport = httpx.ASGITransport(app=build_app(state))
@@ -262,3 +263,22 @@ def test_tool_results_turn_with_each_template(tokenizer):
             assert CALL_BEGIN + "function" + SEP + 'get_weather\n```json\n{"city": "Paris"}\n```' in prompt
         else:
             assert '<｜Assistant｜>[get_weather {"city": "Paris"}]<｜end▁of▁sentence｜>' in prompt
+
+
+@pytest.mark.parametrize("tokenizer, parser, calls", [
+    ("deepseek-r1-distill-qwen-7b", "hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                                              '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'),
+    ("deepseek-r1-distill-llama-8b", "llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": '
+                                                    '"Paris"}}; {"name": "add", "parameters": {"a": 1}}')])
+def test_distilled_models_call_formats(tokenizer, parser, calls):
+    """--tool-call-parser hermes (R1-Distill-Qwen: Qwen2.5's <tool_call> tags) and llama3_json
+    (R1-Distill-Llama: Llama 3.1's JSON calls after <|python_tag|>, a special token the text
+    drops), as vLLM serves them: reasoning apart, calls streamed and whole alike."""
+    client = serve(tokenizer, "Need the weather.</think>\n\n" + calls, parser=parser)
+    whole, (reasoning, content, streamed, finish, _) = asyncio.run(
+        whole_and_streamed(client, model="m", messages=MESSAGES, tools=TOOLS))
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert got == streamed == [("get_weather", '{"city": "Paris"}'), ("add", '{"a": 1}')]
+    assert whole.finish_reason == finish == "tool_calls"
+    assert whole.message.reasoning_content == reasoning == "Need the weather."
+    assert whole.message.content is None and content == ""

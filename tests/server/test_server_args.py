@@ -75,8 +75,9 @@ def test_bad_values_are_refused_by_name(parser, tmp_path, capsys):
         parser.parse_args(["serve", "m", "--log-level", "loud"])
     assert "--log-level" in capsys.readouterr().err
     path = tmp_path / "bad.yaml"
-    path.write_text("engine_args:\n  model: m\n  tool_call_parser: hermes\n")
-    with pytest.raises(ValueError, match="--tool-call-parser must be one of deepseek_v3, deepseek_v31, got 'hermes'"):
+    path.write_text("engine_args:\n  model: m\n  tool_call_parser: pythonic\n")
+    with pytest.raises(ValueError, match="--tool-call-parser must be one of deepseek_v3, deepseek_v31, hermes, "
+                                         "llama3_json, got 'pythonic'"):
         resolve(parser.parse_args(["serve", str(path)]))
     with pytest.raises(ValueError, match="--enable-reasoning needs --reasoning-parser"):
         resolve(parser.parse_args(["serve", "m", "--enable-reasoning"]))
