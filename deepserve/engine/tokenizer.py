@@ -240,6 +240,34 @@ def resolve_tokenizer(tokenizer: Optional[str], model: Optional[str]) -> Tokeniz
                      "tokenizer.json; pass --tokenizer FOLDER")
 
 
+class JSONArguments(str):
+    """A tool call's arguments as a chat template sees them: their JSON text, which R1's and the
+    distills' templates join into the prompt, whose `tojson` is the value the text holds (as
+    transformers documents arguments, a dict, and vLLM renders them), not a JSON string of it."""
+
+    def __new__(cls, text: str, value):
+        obj = super().__new__(cls, text)
+        obj.value = value
+        return obj
+
+
+def _plain(x):
+    """`x` with JSONArguments replaced by their values."""
+    if isinstance(x, JSONArguments):
+        return x.value
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _tojson(x, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    """transformers' tojson filter."""
+    return json.dumps(_plain(x), indent=indent, ensure_ascii=ensure_ascii, separators=separators,
+                      sort_keys=sort_keys)
+
+
 def _raise_exception(message):
     raise ValueError(f"chat template error: {message}")
 
@@ -253,8 +281,7 @@ def _jinja_env():
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"],
                                         undefined=jinja2.Undefined)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env

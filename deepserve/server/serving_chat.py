@@ -28,6 +28,7 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 from __future__ import annotations
 
 import functools
+import json
 from typing import AsyncIterator, Optional
 
 import jinja2
@@ -38,6 +39,7 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding
+from deepserve.engine.tokenizer import JSONArguments
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
@@ -141,6 +143,9 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     turns = [m.template_dict() for m in messages]
+    for turn in turns:
+        for call in turn.get("tool_calls") or []:
+            call["function"]["arguments"] = _template_arguments(call["function"].get("arguments"))
     if "developer" not in (tok.chat_template or ""):
         # OpenAI's developer messages are the system instructions (its newer name for them); a
         # template that knows no developer role (R1's, Qwen2.5's) would drop them without a word
@@ -162,6 +167,15 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
             return render([{**turn, "content": ""} if turn["content"] is None else turn for turn in turns])
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
+
+
+def _template_arguments(text):
+    """A past tool call's arguments for the template: the JSON text, whose `tojson` is its value
+    (JSONArguments); text that is not JSON stays as sent."""
+    try:
+        return JSONArguments(text, json.loads(text)) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        return text
 
 
 def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:

@@ -230,12 +230,13 @@ def test_inline_chat_template_longer_than_a_file_name():
         assert '"name": "get_weather"' in text and text.endswith("<｜User｜>Weather in Paris?<｜Assistant｜><think>\n")
 
 
-# reads every assistant turn's content as a string, as vLLM's example tool templates do
+# reads every assistant turn's content as a string and writes a call's arguments with tojson, as
+# vLLM's example tool templates do (vLLM hands templates the arguments as a dict)
 STRING_CONTENT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}"
     "{% set c = c.split('</think>')[-1] %}{% endif %}<｜Assistant｜>{{ c }}{% for t in m['tool_calls'] or [] %}"
-    "[{{ t['function']['name'] }} {{ t['function']['arguments'] }}]{% endfor %}<｜end▁of▁sentence｜>"
+    "[{{ t['function']['name'] }} {{ t['function']['arguments'] | tojson }}]{% endfor %}<｜end▁of▁sentence｜>"
     "{% elif m['role'] == 'tool' %}<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
 
@@ -245,7 +246,8 @@ def test_tool_results_turn_with_each_template(tokenizer):
     """An agent's second turn: its first reply (tool calls, content None, as the client returns
     it) and the tool results go back. The model's own template renders the calls (R1-Distill's
     test `content is none`); a template that reads content as a string (vLLM's example tool
-    templates, written for vLLM, which sends "" for a missing content) gets "" rather than a 400."""
+    templates, written for vLLM, which sends "" for a missing content) gets "" rather than a 400,
+    and its `arguments | tojson` writes the arguments' JSON, not a JSON string holding it."""
     first = "<think>\nNeed the weather.</think>\n\n" + CALLS_BEGIN + r1_call("get_weather", '{"city": "Paris"}') + CALLS_END
     for template in (None, STRING_CONTENT_TEMPLATE):
         client = serve(tokenizer, first, template)
@@ -282,3 +284,16 @@ def test_distilled_models_call_formats(tokenizer, parser, calls):
     assert whole.finish_reason == finish == "tool_calls"
     assert whole.message.reasoning_content == reasoning == "Need the weather."
     assert whole.message.content is None and content == ""
+
+
+def test_past_calls_arguments_through_tojson_are_their_value():
+    """A template that writes whole turns with tojson writes a past call's arguments as the JSON
+    value (vLLM's rendering); text that is not JSON stays the string sent."""
+    client = serve("deepseek-r1", "Done.", "{% for m in messages %}{{ (m['tool_calls'] or []) | tojson }}\n{% endfor %}")
+    calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": [1, "é"]}'}},
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}}]
+    asyncio.run(client.chat.completions.create(model="m", messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}]))
+    prompt = client.engine.prompts[-1].splitlines()
+    assert json.loads(prompt[1]) == [{**calls[0], "function": {"name": "f", "arguments": {"x": [1, "é"]}}},
+                                     calls[1]]
