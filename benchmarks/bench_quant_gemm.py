@@ -50,8 +50,9 @@ def r1_shapes() -> list[tuple[str, int, int]]:
             ("down_proj", d, inter)]
 
 
-# one-row GEMV settings timed beside the default (BLOCK_N, GROUPS, num_warps)
-GEMV_CANDIDATES = [(2, 4, 4), (8, 4, 4), (8, 2, 4), (4, 2, 4), (4, 8, 4), (8, 4, 8), (16, 2, 8), (1, 8, 4)]
+# one-row GEMV settings timed beside the default (BLOCK_N, GROUPS, num_warps, SPLIT_K)
+GEMV_CANDIDATES = [(2, 4, 4, 1), (8, 4, 4, 1), (8, 2, 4, 1), (4, 8, 4, 1), (8, 4, 8, 1), (16, 2, 8, 1),
+                   (4, 4, 4, 4), (4, 2, 4, 8), (8, 4, 4, 4), (2, 4, 4, 4)]
 
 
 def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float, meta: dict) -> list[dict]:
@@ -75,9 +76,9 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
         # one row: the CUDA-core GEMV the op takes when quant_gemm.ONE_ROW_GEMV is on, with its
         # default settings and the candidates around them (rows a program, groups a step, warps)
         **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
-        **({f"fp8_gemv_n{bn}g{gr}w{nw}": (lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw):
-                                          qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16, settings=cfg), n * k)
-            for bn, gr, nw in GEMV_CANDIDATES} if m == 1 else {}),
+        **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}": (lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk):
+                                               qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16, settings=cfg), n * k)
+            for bn, gr, nw, sk in GEMV_CANDIDATES} if m == 1 else {}),
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),

@@ -58,11 +58,12 @@ def test_act_quant_kernel_scales_exact(triton_ops, cpu_only):
 
 def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkeypatch):
     """The one-row GEMV: partial row blocks (N = 70), K = 700 (a partial last 128-group and a
-    partial step of 4 groups), bias, at two tiles; the op takes it for one row when switched on
+    partial step of 4 groups), bias, at two tiles and split over K (fp32 partials summed after); the op takes it for one row when switched on
     and keeps the GEMM for more rows."""
     qg = triton_ops.quant_gemm
     x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 2)
-    for settings in ({}, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 2}):
+    for settings in ({}, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 2}, {"GROUPS": 1, "SPLIT_K": 3},
+                     {"BLOCK_N": 2, "GROUPS": 2, "SPLIT_K": 2}):
         y = qg.fp8_gemv(q, s, wq, ws, torch.float32, bias, settings)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     calls = []

@@ -92,53 +92,66 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, stride_wn, stride_ws,
+def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
     """One quantized row (e4m3 q [K], scales [Kb]) times BLOCK_N rows of the e4m3 weight: each
     step reads GROUPS 128-wide groups of the rows, sums each group's exact e4m3 x e4m3 products
     in fp32 and scales it by its activation and weight scales (the GEMM's per-group promotion,
-    on the CUDA cores: at one row a tensor-core tile would be mostly padding)."""
+    on the CUDA cores: at one row a tensor-core tile would be mostly padding). Program (i, s)
+    covers the s-th run of groups_per_split groups and writes its fp32 partial sums to row s of
+    y [splits, N] (one split: the output row itself)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for g0 in range(0, tl.cdiv(K, GROUP), GROUPS):
+    g_first = tl.program_id(1) * groups_per_split
+    g_end = tl.minimum(g_first + groups_per_split, tl.cdiv(K, GROUP))
+    for g0 in range(g_first, g_end, GROUPS):
         offs = g0 * GROUP + tl.arange(0, GROUPS * GROUP)
-        k_ok = offs < K
+        k_ok = (offs < g_end * GROUP) & (offs < K)
         q = tl.load(q_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)         # [BN, G]
         groups = g0 + tl.arange(0, GROUPS)
-        g_ok = groups * GROUP < K
+        g_ok = groups < g_end
         a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
         w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
                       other=0.0)
         acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + tl.program_id(1) * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 # whether fp8_block_linear runs one row (batch-1 decode) through the GEMV instead of the
 # tensor-core GEMM: off until timed on a GPU (benchmarks/bench_quant_gemm.py times both);
 # DEEPSERVE_FP8_GEMV=1 turns it on for an A/B of whole decode steps
 ONE_ROW_GEMV = os.environ.get("DEEPSERVE_FP8_GEMV", "0") == "1"
-GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4)
+GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4, SPLIT_K=1)
 
 
 def fp8_gemv(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None, settings: Optional[dict] = None
              ) -> torch.Tensor:
     """e4m3 q [1, K] (scales [1, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [1, N] out_dtype,
-    the same sums as fp8_gemm's."""
+    the same sums as fp8_gemm's. SPLIT_K > 1 splits K into that many runs of whole steps, summed
+    in fp32 after (more programs for a weight of few rows)."""
     k, n = q.shape[1], weight.shape[0]
     cfg = {**GEMV_SETTINGS, **(settings or {})}
-    out = torch.empty((1, n), dtype=out_dtype, device=q.device)
-    _fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        q, a_scale, weight, w_scale, bias if bias is not None else out, out, n, k, weight.stride(0),
-        w_scale.stride(0), HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], GROUPS=cfg["GROUPS"],
-        GROUP=FP8_GROUP, num_warps=cfg["num_warps"])
-    return out
+    kb = triton.cdiv(k, FP8_GROUP)
+    per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), cfg["GROUPS"]) * cfg["GROUPS"]
+    split = triton.cdiv(kb, per_split)
+    out = torch.empty((split, n), dtype=out_dtype if split == 1 else torch.float32, device=q.device)
+    _fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
+        q, a_scale, weight, w_scale, bias if bias is not None and split == 1 else out, out, n, k, per_split,
+        weight.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None and split == 1, BLOCK_N=cfg["BLOCK_N"],
+        GROUPS=cfg["GROUPS"], GROUP=FP8_GROUP, num_warps=cfg["num_warps"])
+    if split == 1:
+        return out
+    y = out.sum(0, keepdim=True)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
 
 
 def _tiles(m: int, n: int) -> tuple[int, int, int, int]:
