@@ -104,7 +104,6 @@ class _JsonCallsParser(ToolCallParser):
             if len(arguments) > len(call.arguments):
                 delta["function"]["arguments"] = arguments[len(call.arguments):]
                 call.arguments = arguments
-            call.complete = scan.end is not None
             if delta["function"]:
                 deltas.append(delta)
         return deltas
