@@ -10,8 +10,9 @@ can be recognised, never leaked into either field:
                -> anything else                        -> content (no reasoning at all)
     reasoning  -> "</think>"                           -> content (leading whitespace dropped)
 
-A prompt that already opened `<think>` starts in `reasoning`; an output that never closes
-it (cut by max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
+A prompt that already opened `<think>` starts in `reasoning` (a `<think>` the output opens
+with all the same is dropped, as vLLM drops it); an output that never closes it (cut by
+max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
 
 The parser's tags (or vLLM's --reasoning-config strings) also bound what a request's
 thinking_token_budget counts (engine/thinking_budget.py, which settles them).
@@ -64,7 +65,10 @@ class DeepSeekR1ReasoningParser:
             if self.state == "reasoning":
                 if not self.reasoning_started:
                     self.buf = self.buf.lstrip("\n")
-                    if not self.buf:
+                    if self.buf.startswith(THINK_START):   # opened again after the prompt did
+                        self.buf = self.buf[len(THINK_START):]
+                        continue
+                    if THINK_START.startswith(self.buf):    # nothing yet, or maybe that tag arriving
                         return reasoning, content
                     self.reasoning_started = True
                 end = self.buf.find(THINK_END)

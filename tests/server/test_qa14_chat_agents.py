@@ -297,3 +297,13 @@ def test_past_calls_arguments_through_tojson_are_their_value():
     prompt = client.engine.prompts[-1].splitlines()
     assert json.loads(prompt[1]) == [{**calls[0], "function": {"name": "f", "arguments": {"x": [1, "é"]}}},
                                      calls[1]]
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+def test_think_opened_again_after_the_template_opened_it(tokenizer):
+    """The templates end the prompt with <think>\\n; an output that opens <think> all the same
+    keeps the tag out of reasoning_content (vLLM drops it), streamed and whole."""
+    client = serve(tokenizer, "<think>\nTwo and two.</think>\n\nFour.")
+    whole, (reasoning, content, _, finish, _) = asyncio.run(whole_and_streamed(client, model="m", messages=MESSAGES))
+    assert (whole.message.reasoning_content, whole.message.content) == (reasoning, content) == ("Two and two.", "Four.")
+    assert client.engine.prompts[-1].endswith("<think>\n") and finish == "stop"
