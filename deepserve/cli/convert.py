@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from deepserve.quant.pipeline import PARTIAL_SUFFIX
 from deepserve.quant.policy import HIGH_PRECISION_HELP
 from deepserve.quant.quantize_int4 import Int4Options
 
@@ -101,6 +103,25 @@ def _no_conversion(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _run(convert, dst: str):
+    """`convert()`, with its file-system failures (permission, disk full) as one line and an
+    interrupt announced, each saying whether DST.partial holds work to resume."""
+    def resume() -> str:
+        partial = Path(dst + PARTIAL_SUFFIX)
+        return (f"what was written stays in {partial}: re-run the same command to resume"
+                if partial.is_dir() else "nothing was written")
+    try:
+        return convert()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise ValueError(f"{exc.strerror or exc}{where}; {resume()}") from None
+    except KeyboardInterrupt:
+        print(f"deepserve convert: interrupted; {resume()}", file=sys.stderr)
+        raise
+
+
 def _report(rep) -> int:
     print(f"wrote {rep.dst}: {rep.shards_converted} shard(s) converted, "
           f"{rep.shards_skipped} already done and verified, "
@@ -110,8 +131,8 @@ def _report(rep) -> int:
 
 def _fp8_to_bf16(args: argparse.Namespace) -> int:
     from deepserve.quant import convert_fp8_to_bf16
-    return _report(convert_fp8_to_bf16(args.src, args.dst, overwrite=args.overwrite,
-                                       progress=not args.no_progress, device=args.device))
+    return _report(_run(lambda: convert_fp8_to_bf16(args.src, args.dst, overwrite=args.overwrite,
+                                                    progress=not args.no_progress, device=args.device), args.dst))
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -132,7 +153,6 @@ def _quantize(args: argparse.Namespace) -> int:
         if given:
             raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the 4-bit methods "
                              f"(w4a16, w4a8), not --method {args.method}")
-    rep = quantize_checkpoint(args.src, args.dst, args.method, overwrite=args.overwrite,
-                              progress=not args.no_progress, device=args.device, int4=int4, runner=runner,
-                              ignore=ignore)
-    return _report(rep)
+    return _report(_run(lambda: quantize_checkpoint(
+        args.src, args.dst, args.method, overwrite=args.overwrite, progress=not args.no_progress,
+        device=args.device, int4=int4, runner=runner, ignore=ignore), args.dst))

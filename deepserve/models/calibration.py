@@ -89,6 +89,11 @@ class LayerRunner:
             self.hidden = [embed(ids.to(self.device)) for ids in samples]    # [L, D] each
         embed.to_empty(device="meta")
 
+    @staticmethod
+    def check(config: dict) -> None:
+        """Raise ValueError when `config`'s architecture has no model class to calibrate with."""
+        get_model_class(HFConfig(config).architecture)
+
     def layer_index(self, tensor_name: str) -> Optional[int]:
         """The decoder layer a checkpoint tensor belongs to (None: outside the calibrated layers)."""
         m = _LAYER.match(tensor_name)

@@ -118,10 +118,14 @@ def _load_manifest(partial: Path, job: dict, overwrite: bool) -> dict:
                 manifest = json.loads(path.read_text())
             except json.JSONDecodeError:
                 manifest = None
+            manifest = manifest if isinstance(manifest, dict) else None
         same = manifest is not None and all(manifest.get(k) == v for k, v in job.items())
         if same:
             return manifest
-        if any(partial.iterdir()) and not overwrite:
+        # a run that stopped before its first shard (a refused checkpoint, a kill) left only its
+        # manifest: nothing to protect, so any job may start afresh there
+        work = bool((manifest or {}).get("shards")) or any(p.name != MANIFEST_NAME for p in partial.iterdir())
+        if work and not overwrite:
             raise ValueError(f"{partial} holds an unfinished conversion of another source or "
                              f"task; remove it or pass --overwrite")
     return {**job, "shards": {}}

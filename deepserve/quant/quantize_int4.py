@@ -48,6 +48,7 @@ from deepserve.quant.quantize import check_high_precision_source, check_ignore, 
 
 INT4_METHODS = ("w4a16", "w4a8")
 ALGORITHMS = ("gptq", "rtn")
+_EMBED = "model.embed_tokens.weight"    # the calibration forward starts here
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # memory for the Hessians of the routed experts GPTQ'd in one batch (R1 gate/up: 196 MiB each)
 _EXPERT_HESSIAN_BYTES = 4 << 30
@@ -124,7 +125,8 @@ def _ignore_suggestion(modules: list[str]) -> str:
 
 class QuantizeInt4(Converter):
     """`runner` builds the calibration layer runner (models/calibration.py's LayerRunner: given
-    the config, the embedding weight, the token samples and the device); GPTQ needs it."""
+    the config, the embedding weight, the token samples and the device; its `check(config)`
+    refuses a model it cannot run); GPTQ needs it."""
 
     def __init__(self, opts: Int4Options, device: str = "cpu", runner: Optional[Callable] = None):
         opts.check()
@@ -180,6 +182,12 @@ class QuantizeInt4(Converter):
         self._ignore = sorted(ignore)
         self.scale_dtype = scale_dtype_of(ckpt.config)
         if o.algorithm == "gptq":
+            try:
+                self.make_runner.check(ckpt.config)    # before DST.partial exists, as every refusal
+            except ValueError as exc:
+                raise ValueError(f"GPTQ calibration runs the model: {exc} (--algorithm rtn needs no model)") from None
+            if _EMBED not in ckpt.tensors:
+                raise ValueError(f"GPTQ runs the model from its embedding, and {ckpt.root} has no {_EMBED}")
             max_pos = ckpt.config.get("max_position_embeddings")
             if max_pos and o.calib_seq_len > max_pos:
                 raise ValueError(f"--calib-seq-len {o.calib_seq_len} exceeds the model's max_position_embeddings "
@@ -226,7 +234,7 @@ class QuantizeInt4(Converter):
         if self.opts.algorithm == "rtn":
             return self._rtn(reader.get(info.name))
         if self._runner is None:
-            self._runner = self.make_runner(ckpt.config, reader.get("model.embed_tokens.weight"),
+            self._runner = self.make_runner(ckpt.config, reader.get(_EMBED),
                                             self._samples, self.device)
         layer = self._runner.layer_index(info.name)
         if layer is None:

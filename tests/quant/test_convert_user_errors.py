@@ -1,0 +1,120 @@
+"""`deepserve convert` as a user meets it when something outside the checkpoint goes wrong: a
+GPTQ run on a model it cannot calibrate is refused before anything is written, a run that left
+only its manifest behind does not block the next conversion into the same folder, and a full
+disk or a refused write is one line that says where the finished shards wait."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+from deepserve.cli.main import main
+from deepserve.models.calibration import LayerRunner
+from deepserve.quant import Int4Options, files, quantize_checkpoint
+from deepserve.quant.pipeline import MANIFEST_NAME
+from tests.conftest import DEMO_MODEL as STORIES
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepserve convert: error: "), err
+    return err
+
+
+def _stories_as(tmp_path, architecture: str):
+    src = tmp_path / "src"
+    shutil.copytree(STORIES, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(cfg, architectures=[architecture])))
+    return src
+
+
+def test_gptq_on_an_architecture_it_cannot_run_writes_nothing(tmp_path, capsys):
+    src, dst = _stories_as(tmp_path, "MistralForCausalLM"), tmp_path / "out"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a little dog. " * 40)
+    argv = ["convert", "quantize", str(src), str(dst), "--method", "w4a16", "--group-size", "32",
+            "--ignore", r"re:model\.layers\.\d+\.mlp\.down_proj$", "--calib-dataset", str(calib),
+            "--calib-samples", "2", "--calib-seq-len", "32", "--no-progress"]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "'MistralForCausalLM'" in err and "--algorithm rtn" in err, err
+    assert not dst.exists() and not dst.with_name("out.partial").exists()
+
+
+def test_a_partial_with_only_a_manifest_does_not_block_another_conversion(tmp_path, capsys):
+    """A run killed (or refused) before its first shard leaves DST.partial with its manifest and
+    no shard: a later conversion of another kind into DST starts afresh there."""
+    dst = tmp_path / "out"
+    partial = dst.with_name("out.partial")
+    partial.mkdir()
+    (partial / MANIFEST_NAME).write_text(json.dumps(
+        {"version": 1, "task": "quantize w4a16 gptq(...)", "source": "/elsewhere", "source_shards": {},
+         "shards": {}}))
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert not partial.exists()
+
+
+def test_a_partial_holding_another_jobs_shards_is_still_protected(tmp_path, capsys):
+    dst = tmp_path / "out"
+    quantize_checkpoint(STORIES, dst, "w4a16", progress=False,
+                        int4=Int4Options(algorithm="rtn", group_size=32,
+                                         ignore=(r"re:model\.layers\.\d+\.mlp\.down_proj$",)),
+                        runner=LayerRunner)
+    partial = dst.with_name("out.partial")
+    dst.rename(partial)
+    (partial / MANIFEST_NAME).write_text(json.dumps(
+        {"version": 1, "task": "another", "source": "/elsewhere", "source_shards": {},
+         "shards": {"model.safetensors": {"size": 1, "sha256": "0"}}}))
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 2
+    assert "holds an unfinished conversion" in _one_line_error(capsys)
+    assert (partial / "model.safetensors").is_file()
+
+
+def test_disk_full_is_one_line_naming_the_file_and_the_partial(tmp_path, capsys, monkeypatch):
+    dst = tmp_path / "out"
+
+    def full_disk(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(files, "save_file", full_disk)
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "w8a8-int8", "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "No space left on device" in err and ".model.safetensors.tmp" in err, err
+    assert "out.partial: re-run the same command to resume" in err, err
+    assert not dst.exists()
+
+
+def test_a_refused_folder_creation_says_nothing_was_written(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self.name == "out.partial":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    dst = tmp_path / "out"
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 2
+    err = _one_line_error(capsys)
+    assert "Permission denied" in err and "out.partial; nothing was written" in err, err
+
+
+def test_an_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first shard: exit 130 and a line saying the work waits in DST.partial."""
+    dst = tmp_path / "out"
+    real = files.atomic_save_safetensors
+
+    def interrupted(path, tensors):
+        real(path, tensors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("deepserve.quant.pipeline.atomic_save_safetensors", interrupted)
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"deepserve convert: interrupted; what was written stays in {dst}.partial: re-run the same " \
+                  "command to resume\n", err
+    assert not dst.exists() and dst.with_name("out.partial").is_dir()
