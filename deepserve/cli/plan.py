@@ -10,6 +10,7 @@ fits, 1 when none does (the report then names what would fit).
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Optional
 
 from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
@@ -17,6 +18,7 @@ from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, par
 from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 
+_BLOCK = 16    # a --max-model-len the plan suggests is whole KV blocks of the default size
 _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed experts",
                 "shared_experts": "shared experts", "router": "router", "embedding": "embedding",
                 "lm_head": "lm_head", "norms": "norms", "mtp": "MTP"}
@@ -80,6 +82,22 @@ def _candidate_row(c: Candidate, verdict: str) -> str:
     return f"  {lay:<24} {nums}  {verdict}"
 
 
+def _no_fit(plan: Plan) -> str:
+    """Why nothing fits: the refusals themselves when no layout could even be counted (a group
+    size, a head count), else the memory story, plus the longest --max-model-len these GPUs hold."""
+    counted = [c for c in plan.candidates if c.weight_bytes]
+    if not counted:
+        reasons = list(dict.fromkeys(c.reason for c in plan.candidates if c.reason))
+        return f"no layout of {plan.gpus} GPU{'s' if plan.gpus > 1 else ''} can hold this model: " + "; ".join(reasons)
+    msg = plan.no_fit_message()
+    short = max(counted, key=lambda c: c.tokens_per_replica)
+    longest = short.tokens_per_replica // _BLOCK * _BLOCK
+    if longest > 0:
+        msg += (f"; or these GPUs with --max-model-len {longest} or less ({short.layout}: its KV cache "
+                f"holds {short.tokens_per_replica:,} tokens per replica)")
+    return msg
+
+
 def render_plan(plan: Plan, model: str, cfg) -> str:
     """The report `deepserve plan` prints."""
     q = plan.dtype
@@ -106,7 +124,7 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
              f"max-model-len {plan.max_model_len:,}", ""]
     best = plan.chosen
     if best is None:
-        lines += ["NO LAYOUT FITS: " + plan.no_fit_message(), ""]
+        lines += ["NO LAYOUT FITS: " + _no_fit(plan), ""]
     else:
         lay = best.layout
         kind = ("data-parallel attention, experts over TP x DP" if lay.ep and lay.dp > 1 else
@@ -177,6 +195,15 @@ def weights_format(kwargs: dict) -> tuple[Optional[str], Ignore]:
     return ("w8a8-int8" if method == modelslim.METHOD else method), checkpoint_ignore(hf)
 
 
+def _size(flag: str, text: str) -> int:
+    """parse_size of a memory flag, refusing a bare number: parse_size counts it in bytes, and
+    `--gpu-memory 80` means 80 GiB to whoever types it."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*", text)
+    if m and float(m[1]) > 0:     # 0 is refused by parse_size as not positive
+        raise ValueError(f"{flag} {m[1]} has no unit; write e.g. {m[1]}GiB or {m[1]}GB")
+    return parse_size(text)
+
+
 def run(args) -> int:
     cfg = load_hf_config(args.model)
     quantization = plan_quantization(args.model, cfg, args.quantization)
@@ -184,9 +211,9 @@ def run(args) -> int:
         raise ValueError(f"--include-mtp needs a model with an MTP layer, but {cfg.get('architectures')} has "
                          f"num_nextn_predict_layers={cfg.get('num_nextn_predict_layers')!r}")
     plan = evaluate_plans(
-        cfg, args.gpus, parse_size(args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
+        cfg, args.gpus, _size("--gpu-memory", args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-        activation_reserve_bytes=None if args.activation_reserve is None else parse_size(args.activation_reserve),
+        activation_reserve_bytes=None if args.activation_reserve is None else _size("--activation-reserve", args.activation_reserve),
         include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
     if plan.usable_bytes <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "

@@ -1,0 +1,57 @@
+"""`deepserve plan` answers a user's odd inputs with the reason: a memory size without a unit (one
+line), every layout refused before memory is counted, and a model whose weights fit but whose KV
+cache does not hold max-model-len (the longest --max-model-len that does is named)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from deepserve.cli.main import main
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 128,
+         "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
+
+
+def _error(capsys, argv) -> str:
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepserve plan: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--gpu-memory", "80"], "--gpu-memory 80 has no unit; write e.g. 80GiB or 80GB"),
+    (["--gpu-memory", "80GiB", "--activation-reserve", "2"], "--activation-reserve 2 has no unit"),
+])
+def test_a_memory_size_without_unit_is_refused(capsys, flags, named):
+    assert named in _error(capsys, ["r1-distill-qwen-7b", "--gpus", "1", *flags])
+
+
+def test_a_memory_size_with_unit_still_plans(capsys):
+    assert main(["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "80 GiB",
+                 "--activation-reserve", "2GiB"]) == 0
+    assert "80.0 GiB x 0.90 - 2.0 GiB activation reserve" in capsys.readouterr().out
+
+
+def test_every_layout_refused_before_counting_names_the_refusal(tmp_path, capsys):
+    """A 4-bit plan for a model whose 64 input features no group of 128 divides: the headline is
+    that reason, not a memory comparison."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, hidden_size=64)))
+    assert main(["plan", str(tmp_path), "--gpus", "2", "--gpu-memory", "80GiB", "--quantization", "w4a16"]) == 1
+    headline = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("NO LAYOUT FITS"))
+    assert "group size 128 does not divide the 64 input features" in headline, headline
+    assert "weights alone" not in headline, headline
+
+
+def test_kv_short_of_max_model_len_names_the_longest_that_fits(capsys):
+    argv = ["plan", "r1-distill-llama-8b", "--gpus", "1", "--gpu-memory", "16GiB", "--quantization", "fp8",
+            "--kv-cache-dtype", "fp8"]
+    assert main(argv) == 1
+    headline = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("NO LAYOUT FITS"))
+    longest = int(re.search(r"--max-model-len (\d+) or less", headline)[1])
+    assert main([*argv, "--max-model-len", str(longest)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--max-model-len", str(longest + 10_000)]) == 1
