@@ -37,7 +37,7 @@ from deepserve.layers.norm import RMSNorm
 from deepserve.layers.quantization import Fp8BlockLinearMethod
 from deepserve.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from deepserve.models.llama import LlamaMLP
-from deepserve.models.weights import load_params
+from deepserve.models.weights import load_params, named_as_checkpoint
 
 # an expert tensor: its weight, fp8 scale_inv, or 4-bit parts (AWQ / GPTQ, compressed-tensors)
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
@@ -282,7 +282,8 @@ def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.
                 raise ValueError(f"checkpoint tensor {name} has no matching model parameter "
                                  f"(no {what} at {m[1]})")
             param = params[target]
-            param.weight_loader(param, tensor, (int(m[2]), part))
+            with named_as_checkpoint(target, name):
+                param.weight_loader(param, tensor, (int(m[2]), part))
             experts_loaded.add(target)
             expert_parts.setdefault(target, set()).add((int(m[2]), m[3]))
 

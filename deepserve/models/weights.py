@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -170,6 +172,17 @@ def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     return True
 
 
+@contextmanager
+def named_as_checkpoint(target: str, name: str):
+    """A weight loader's ValueError names the fused parameter it fills (`qkv_proj.weight[0]`,
+    `experts.w13_weight_scale_inv expert 3 w3`), which the checkpoint does not hold: restate it
+    with the checkpoint tensor `name` a user can find."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(re.sub(re.escape(target) + r"(\[[^\]]*\]| expert \d+ w[123])?", name, str(exc))) from None
+
+
 def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 stacked_params: list[tuple[str, str, object]],
                 rename: Callable[[str], Optional[str]] = lambda n: n) -> set[str]:
@@ -186,8 +199,8 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         p.param_name = pname
     loaded: set[str] = set()
     parts_seen: dict[str, tuple[str, set]] = {}     # fused parameter -> (fused name part, shard ids)
-    for name, tensor in weights:
-        name = rename(name)
+    for stored, tensor in weights:
+        name = rename(stored)
         if name is None or load_kv_scale(model, name, tensor):
             continue
         for part, fused, shard_id in stacked_params:
@@ -213,7 +226,8 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         elif shard_id is None:
             loader(param, tensor)
         else:
-            loader(param, tensor, shard_id)
+            with named_as_checkpoint(target, stored):
+                loader(param, tensor, shard_id)
             parts_seen.setdefault(target, (fused, set()))[1].add(shard_id)
         loaded.add(target)
     for target, (fused, got) in parts_seen.items():

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from deepserve.quant.fp8 import FP8_DTYPE
+from deepserve.quant.fp8 import FP8_DTYPE, valid_scales
 from deepserve.quant.qconfig_fields import distinct_schemes
 
 STRATEGIES = ("tensor", "channel", "block")
@@ -89,6 +89,8 @@ def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8
     n, k = weight_shape
     grid = (math.ceil(n / scheme.block[0]), math.ceil(k / scheme.block[1]))
     scale = scale.to(torch.float32)
+    if scale.device.type != "meta" and not valid_scales(scale):    # named here: the layer sees only the grid
+        raise ValueError(f"tensor {name}: weight_scale has non-finite or non-positive values")
     if scheme.strategy == "tensor":
         if scale.numel() != 1:
             raise ValueError(f"tensor {name}: a 'tensor' strategy scale holds one value, got shape "

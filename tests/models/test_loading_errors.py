@@ -102,7 +102,7 @@ def test_fp8_checkpoint_stays_fp8_and_bad_scales_are_named(tiny, tmp_path):
     for bad, why in ((torch.tensor([[0.5, 0.5]]), "scale shape"), (torch.tensor([[float("nan")]]), "non-finite")):
         t[name + "_scale_inv"] = bad
         save_file(t, tiny / "model.safetensors")
-        with pytest.raises(ValueError, match=rf"gate_up_proj\.weight_scale_inv.*{why}"):
+        with pytest.raises(ValueError, match=rf"^tensor {name}_scale_inv: .*{why}"):
             load_ours(tiny)
     del t[name + "_scale_inv"]
     save_file(t, tiny / "model.safetensors")
