@@ -11,6 +11,7 @@ import torch
 
 from deepserve.ops.quant import quant_fp8_per_token_group
 from deepserve.ops.registry import op_backends
+from deepserve.ops.triton.launch_config import trying
 from deepserve.quant.fp8 import quant_fp8_block
 
 
@@ -58,8 +59,9 @@ def test_act_quant_kernel_scales_exact(triton_ops, cpu_only):
 
 def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkeypatch):
     """The one-row GEMV: partial row blocks (N = 70), K = 700 (a partial last 128-group and a
-    partial step of 4 groups), bias, at two tiles and split over K (fp32 partials summed after); the op takes it for one row when switched on
-    and keeps the GEMM for more rows."""
+    partial step of 4 groups), bias, at two tiles and split over K (fp32 partials summed after);
+    the op takes it for one row where the launch table (or DEEPSERVE_FP8_GEMV) says so, with
+    the table's settings, and keeps the GEMM for more rows."""
     qg = triton_ops.quant_gemm
     x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 2)
     for settings in ({}, {"BLOCK_N": 8, "GROUPS": 2, "num_warps": 2}, {"GROUPS": 1, "SPLIT_K": 3},
@@ -67,8 +69,18 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
         y = qg.fp8_gemv(q, s, wq, ws, torch.float32, bias, settings)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     calls = []
-    monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append("gemv") or qg.fp8_gemm(*a))
-    monkeypatch.setattr(qg, "ONE_ROW_GEMV", True)
-    qg.fp8_block_linear(x, wq, ws)
-    qg.fp8_block_linear(torch.randn(2, 700), wq, ws)
-    assert calls == ["gemv"]
+    monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append(("gemv", a[-1])) or qg.fp8_gemm(*a[:-1]))
+    monkeypatch.delenv(qg.FP8_GEMV_ENV, raising=False)
+    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2}
+    with trying("fp8_gemv", [{"if": {"n": 70, "k": 700}, "set": rule}]):
+        qg.fp8_block_linear(x, wq, ws)                           # one row: the table's GEMV settings
+        qg.fp8_block_linear(torch.randn(2, 700), wq, ws)         # two: the GEMM
+        monkeypatch.setenv(qg.FP8_GEMV_ENV, "0")
+        qg.fp8_block_linear(x, wq, ws)                           # switched off by the environment
+    with trying("fp8_gemv", [{"set": {"use": 0}}]):
+        monkeypatch.setenv(qg.FP8_GEMV_ENV, "1")
+        qg.fp8_block_linear(x, wq, ws)                           # switched on by the environment
+        monkeypatch.delenv(qg.FP8_GEMV_ENV)
+        qg.fp8_block_linear(x, wq, ws)                           # the table's GEMM
+    assert calls == [("gemv", {k: rule[k] for k in qg.GEMV_KEYS}),
+                     ("gemv", {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1})]

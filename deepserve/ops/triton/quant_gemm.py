@@ -29,6 +29,7 @@ from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import as_rows, interpreting
 from deepserve.ops.triton.gemm import grouped_tile
+from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
 
 
@@ -123,11 +124,23 @@ def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
     tl.store(y_ptr + tl.program_id(1) * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-# whether fp8_block_linear runs one row (batch-1 decode) through the GEMV instead of the
-# tensor-core GEMM: off until timed on a GPU (benchmarks/bench_quant_gemm.py times both);
-# DEEPSERVE_FP8_GEMV=1 turns it on for an A/B of whole decode steps
-ONE_ROW_GEMV = os.environ.get("DEEPSERVE_FP8_GEMV", "0") == "1"
+# fp8_block_linear runs one row (batch-1 decode) through the GEMV where the launch table
+# (configs/fp8_gemv/) sets `use` for the weight's shape, else the tensor-core GEMM; the rest
+# of a rule is the GEMV's settings (docs/PERFORMANCE.md: benchmarks/bench_quant_gemm.py --m 1
+# times both). DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
+FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
+GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K")
 GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4, SPLIT_K=1)
+
+
+def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
+    """The GEMV's settings for one row times an [n, k] fp8 weight on `device`, None where the
+    GEMM serves one row better."""
+    cfg = launch_settings("fp8_gemv", device, n=n, k=k)
+    use = os.environ.get(FP8_GEMV_ENV)
+    if not (int(use) if use in ("0", "1") else cfg.get("use", 0)):
+        return None
+    return {key: cfg[key] for key in GEMV_KEYS}
 
 
 def fp8_gemv(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -197,6 +210,10 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     lead = x.shape[:-1]
     x2 = as_rows(x)
     q, s = act_quant_fp8(x2)
-    gemv = fp8_gemv if ONE_ROW_GEMV and x2.shape[0] == 1 else fp8_gemm
-    y = gemv(q, s, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
+    weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
+    one_row = gemv_settings(*weight.shape, x.device) if x2.shape[0] == 1 else None
+    if one_row is not None:
+        y = fp8_gemv(q, s, weight, weight_scale, x.dtype, bias, one_row)
+    else:
+        y = fp8_gemm(q, s, weight, weight_scale, x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
