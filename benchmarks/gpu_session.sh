@@ -109,6 +109,9 @@ step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case exp
 #   the same with the one-row fp8 GEMV off (DEEPSERVE_FP8_GEMV=0: the tensor-core GEMM for every fp8 projection)
 step r1_fp8_gemm 130 . env DEEPSERVE_FP8_GEMV=0 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemm" --case experts \
   --weights fp8 --cut compare --batches 1
+#   and on (DEEPSERVE_FP8_GEMV=1: the GEMV for every fp8 projection at one row, on a device whose table has no rule)
+step r1_fp8_gemv 130 . env DEEPSERVE_FP8_GEMV=1 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemv" --case experts \
+  --weights fp8 --cut compare --batches 1
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare
 #   the most MoE layers fp8 fits (3 dense + 8 on an H200): per-layer bytes, the MoE layer in the model, decode
 step r1_fp8_big 170 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/big" --case experts --weights fp8 --cut big

@@ -49,7 +49,7 @@ H200_NAMED_RULES = {
         {"if": {"kernel": "gate_up", "fp8": True}, "set": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1}},
         {"if": {"kernel": "down", "fp8": True}, "set": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1}}],
 }
-OPS = ["attention_decode", "attention_prefill", "fused_moe", "fused_moe_small", "gemm", "gemv", "int4",
+OPS = ["attention_decode", "attention_prefill", "fp8_gemv", "fused_moe", "fused_moe_small", "gemm", "gemv", "int4",
        "mla_decode_fp8", "mla_prep"]
 
 
