@@ -300,9 +300,12 @@ class EngineCore:
             self._apply(msg)
             wait_ms = 0
         if aborted and not self._has_work():  # no step will carry the freed blocks: say so now
-            gauges = self.gauges()
-            for client in range(len(self.outboxes)):
-                self._send(CoreOutputs(self.dp_rank, gauges), client)
+            self._gauges_to_all()
+
+    def _gauges_to_all(self) -> None:
+        gauges = self.gauges()
+        for client in range(len(self.outboxes)):
+            self._send(CoreOutputs(self.dp_rank, gauges), client)
 
     def _apply(self, msg) -> None:
         if isinstance(msg, Stop):
@@ -480,6 +483,11 @@ class EngineCore:
             msg = CoreOutputs(self.dp_rank, gauges, step_bytes=self.executor.sent_bytes)
             self.deltas.write(msg, touched)
             self._send(msg, client)
-        self._share_gauges(set(by_client))
+        if not by_client and not self._has_work():
+            # the step drained the micro-batches of aborted requests: it output nothing, and the
+            # core now waits without stepping, so only this message tells that it is idle
+            self._gauges_to_all()
+        else:
+            self._share_gauges(set(by_client))
         return self.engine.stats["steps"] > steps
 
