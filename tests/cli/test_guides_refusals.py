@@ -461,3 +461,26 @@ def test_bf16_weights_under_an_fp8_config_are_named(tiny_r1, tmp_path, capsys, n
         assert main(["serve", str(folder), "--dry-run"] + flags) == 0
         err = capsys.readouterr().err
         assert ("declares fp8 weights (quantization_config), but the checkpoint holds no weight scales" in err) == named
+
+
+def test_flagos_experiment_on_one_machine_dry_run_checks_the_ops_backend(reference, r1_fp8, tmp_path, capsys,
+                                                                         no_server, monkeypatch):
+    """The h100 experiment exports USE_FLAGGEMS=1 in its before_start; served on one machine (no
+    hostfile) where FlagGems cannot run, `serve` refuses it in one line, and `serve --dry-run`
+    said nothing and exited 0."""
+    import importlib.util
+
+    from tests.cli.test_guides_config import flagscale_checkout
+
+    conf = flagscale_checkout(tmp_path, reference, r1_fp8)
+    experiment = conf / "config_deepseek_r1.yaml"
+    text = experiment.read_text()
+    assert "export USE_FLAGGEMS=1" in text
+    experiment.write_text(text.replace("hostfile: examples/deepseek_r1/conf/hostfile.txt", "hostfile: null"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")   # `serve` exports the file's envs: restored after the test
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flag_gems" else real(name, *a))
+    for argv in (["serve", "deepseek_r1", "--port", "0"], ["serve", "deepseek_r1", "--dry-run"]):
+        assert "--ops flaggems (or USE_FLAGGEMS=1) needs FlagGems" in one_line_error(capsys, argv)
