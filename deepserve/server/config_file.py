@@ -128,6 +128,13 @@ def exports_of(command: str) -> dict[str, str]:
     return out
 
 
+def _is_mindformers_config(data: Any) -> bool:
+    """MindFormers' model YAML (the 300I Duo guide's predict_*.yaml): `model: {model_config: ...}`
+    beside its run_mode / parallel_config."""
+    return (isinstance(data, dict) and isinstance(data.get("model"), dict) and "model_config" in data["model"]
+            and ("run_mode" in data or "parallel_config" in data))
+
+
 def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
     """The serve entry holding engine_args, and the envs found around it."""
     envs: dict = {}
@@ -148,6 +155,10 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
             raise ValueError(f"{path}: expected one serve entry with engine_args, found {len(entries)}")
         data = entries[0]
     if not isinstance(data, dict) or not isinstance(data.get("engine_args"), dict):
+        if _is_mindformers_config(data):
+            raise ValueError(f"{path} is a MindFormers model config (vLLM-MindSpore's MINDFORMERS_MODEL_CONFIG), "
+                             "not a serve file: deepserve reads the model's settings from its config.json; serve "
+                             "the model folder with the layout as flags (`deepserve serve MODEL -tp 8 -pp 2 ...`)")
         raise ValueError(f"{path}: no 'engine_args:' mapping found (see `deepserve serve --help`)")
     engine = data.get("engine")
     if engine not in (None, "vllm", "deepserve"):

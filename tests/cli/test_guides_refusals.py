@@ -484,3 +484,17 @@ def test_flagos_experiment_on_one_machine_dry_run_checks_the_ops_backend(referen
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flag_gems" else real(name, *a))
     for argv in (["serve", "deepseek_r1", "--port", "0"], ["serve", "deepseek_r1", "--dry-run"]):
         assert "--ops flaggems (or USE_FLAGGEMS=1) needs FlagGems" in one_line_error(capsys, argv)
+
+
+def test_the_mindformers_model_yaml_given_to_serve_names_what_it_is(reference, tmp_path, capsys, no_server):
+    """The 300I Duo guide's MindFormers YAML (MINDFORMERS_MODEL_CONFIG) passed to `serve`, alone
+    or after the model: it said only "no 'engine_args:' mapping found"."""
+    text = (reference / "ascend-300i-duo-mindspore.md").read_text()
+    # the block runs to the guide's last fence (its chat template holds a ```json of its own)
+    block = text[text.index("```yaml\n") + len("```yaml\n"):text.rindex("```")]
+    assert "model_config:" in block and "run_mode: 'predict'" in block
+    path = tmp_path / "predict_deepseek_r1_671b_300iduo.yaml"
+    path.write_text(block)
+    for argv in (["serve", str(path)], ["serve", DEMO_MODEL, str(path)]):
+        err = one_line_error(capsys, argv + ["--dry-run"])
+        assert "is a MindFormers model config (vLLM-MindSpore's MINDFORMERS_MODEL_CONFIG)" in err
