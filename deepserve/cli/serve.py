@@ -184,6 +184,8 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         start_early()   # its imports of torch and the engine run beside the server's own below
     check_before_start(config)
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
+        check_resolves(engine_args.data_parallel_address, "--data-parallel-address: node 0's address, where this "
+                       "node's DP ranks connect")
         from deepserve.engine.engine_core import run_headless
         return run_headless(engine_args)
     # the API's address, held from here (as vLLM binds it before the engine starts): a port in
@@ -307,6 +309,16 @@ def check_ops_backend(engine_args: EngineArgs) -> None:
     from deepserve.platforms import get_platform
 
     check_backend_runs_on(get_platform(engine_args.device).name, engine_args.ops)
+
+
+def check_resolves(host: str, what: str) -> None:
+    """An address this node connects to: a name that does not resolve (the guide's node0_ip="xxxx"
+    left unfilled) is one line, not torch's c10d retrying it every few seconds for ever. One that
+    resolves is waited for (node 0 may start later)."""
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot reach {host!r} ({what}): it does not resolve ({exc.strerror})") from None
 
 
 def bind_listen(host: str, port: int, what: str = "--host / --port") -> socket.socket:

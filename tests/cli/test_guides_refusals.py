@@ -498,3 +498,21 @@ def test_the_mindformers_model_yaml_given_to_serve_names_what_it_is(reference, t
     for argv in (["serve", str(path)], ["serve", DEMO_MODEL, str(path)]):
         err = one_line_error(capsys, argv + ["--dry-run"])
         assert "is a MindFormers model config (vLLM-MindSpore's MINDFORMERS_MODEL_CONFIG)" in err
+
+
+def test_headless_node_with_an_unfilled_node0_address_is_one_line(reference, capsys, no_server, monkeypatch):
+    """The vllm-ascend node-1 script run as pasted (node0_ip="xxxx"): the headless node's DP
+    ranks retried c10d's connection to 'xxxx' every few seconds for ever, saying only torch's
+    warning. Node 0's own line already refused its unfilled $local_ip in one line."""
+    from tests.cli.guide_runs import guide
+    from tests.cli.guides import set_flags, set_model
+
+    _, _, node1, _ = guide(reference, "vllm-ascend-w8a8.md")
+    assert node1[node1.index("--data-parallel-address") + 1] == "$node0_ip"
+    node1 = set_flags(set_model(node1, "deepseek-r1"), {
+        "--data-parallel-address": "xxxx", "--data-parallel-size": 2, "--data-parallel-size-local": 1,
+        "--data-parallel-start-rank": 1, "--tensor-parallel-size": 1, "--quantization": None,
+        "--speculative-config": None})
+    node1 += ["--load-format", "dummy", "--hf-overrides", json.dumps(TINY), "--port", "0"]
+    err = one_line_error(capsys, node1)
+    assert "cannot reach 'xxxx' (--data-parallel-address: node 0's address" in err and "does not resolve" in err
