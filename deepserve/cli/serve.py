@@ -187,7 +187,12 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         check_resolves(engine_args.data_parallel_address, "--data-parallel-address: node 0's address, where this "
                        "node's DP ranks connect")
         from deepserve.engine.engine_core import run_headless
-        return run_headless(engine_args)
+        from deepserve.log import for_spawned_processes
+        from deepserve.server.api_server import set_up_logging
+
+        set_up_logging(server.log_level)   # this node's lines (its ranks, their load) as node 0 shows its own
+        with for_spawned_processes(server.log_level):
+            return run_headless(engine_args)
     # the API's address, held from here (as vLLM binds it before the engine starts): a port in
     # use is this line before the model loads, and nothing can take it during the load; several
     # API servers' launcher binds its own before the engine cores start

@@ -516,3 +516,22 @@ def test_headless_node_with_an_unfilled_node0_address_is_one_line(reference, cap
     node1 += ["--load-format", "dummy", "--hf-overrides", json.dumps(TINY), "--port", "0"]
     err = one_line_error(capsys, node1)
     assert "cannot reach 'xxxx' (--data-parallel-address: node 0's address" in err and "does not resolve" in err
+
+
+def test_headless_node_logs_at_the_servers_level(capsys, no_server, monkeypatch):
+    """The vllm-ascend node-1 line (`--headless`): its process set up no logging, so it showed
+    no line of its own (its ranks, or waiting for node 0) and its engine cores none of theirs,
+    while node 0 showed both."""
+    seen = {}
+    monkeypatch.setattr("deepserve.server.api_server.set_up_logging", lambda level: seen.setdefault("level", level))
+    monkeypatch.delenv("DEEPSERVE_LOG_LEVEL", raising=False)
+
+    def run_headless(args):
+        seen["cores"] = os.environ.get("DEEPSERVE_LOG_LEVEL")   # what the engine cores it starts read
+        return 0
+    monkeypatch.setattr("deepserve.engine.engine_core.run_headless", run_headless)
+    argv = ["serve", "deepseek-r1", "--load-format", "dummy", "--hf-overrides", json.dumps(TINY), "--headless",
+            "--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1",
+            "--data-parallel-address", "127.0.0.1", "--port", "0"]
+    assert main(argv + ["--log-level", "debug"]) == 0
+    assert seen == {"level": "debug", "cores": "debug"}
