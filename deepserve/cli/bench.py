@@ -127,17 +127,33 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--disable-tqdm", action="store_true")
 
 
+def _unreachable(exc) -> str:
+    """One line for a request of the bench's own (not a measured one, whose errors are counted)
+    that could not reach the server: the --profile POSTs, with --ready-check-timeout-sec 0."""
+    return f"{exc.request.method} {exc.request.url}: {exc or type(exc).__name__} (is the server up there?)"
+
+
 def _serve(args) -> int:
+    import httpx
+
     from deepserve.bench.serve import run_serve
 
-    result = run_serve(args)
+    try:
+        result = run_serve(args)
+    except httpx.TransportError as exc:
+        raise RuntimeError(_unreachable(exc)) from None
     return 1 if result["completed"] == 0 else 0
 
 
 def _sweep(args) -> int:
+    import httpx
+
     from deepserve.bench.sweep import run_sweep
 
-    out = run_sweep(args)
+    try:
+        out = run_sweep(args)
+    except httpx.TransportError as exc:
+        raise RuntimeError(_unreachable(exc)) from None
     return 1 if all(r["completed"] == 0 for r in out["runs"]) else 0
 
 

@@ -1,0 +1,28 @@
+"""`deepserve bench serve / sweep`: a request of the bench's own that cannot reach the server
+(vLLM's --profile POSTs, sent before the measured requests) is one line, not httpx's traceback;
+the measured requests' errors are counted in the result instead."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from deepserve.cli.main import main
+from tests.cli.conftest import REPO
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["sweep", "--max-concurrency-list", "1"]])
+def test_profile_post_to_an_unreachable_server_is_one_line(capsys, command):
+    port = closed_port()
+    argv = ["bench", *command, "--model", str(REPO / "deepserve/assets/stories260k"), "--num-prompts", "1",
+            "--port", str(port), "--ready-check-timeout-sec", "0", "--profile", "--disable-tqdm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"deepserve bench: error: POST http://127.0.0.1:{port}/start_profile: All connection attempts "
+                   "failed (is the server up there?)")
