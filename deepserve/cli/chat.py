@@ -44,12 +44,15 @@ def stream_reply(engine, prompt_ids: list[int], params, out=None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepserve.server.api_server import load_chat_template
+    from deepserve.server.api_server import read_chat_template
 
+    # a --chat-template path that is no file fails before the model loads
+    template = read_chat_template(args.chat_template) if args.chat_template else None
     engine = engine_from_args(args)
     if engine.tokenizer is None:
         raise ValueError(f"model {args.model if hasattr(args, 'model') else ''} has no tokenizer to chat with")
-    load_chat_template(engine, args.chat_template)
+    if template is not None:
+        engine.tokenizer.chat_template = template
     if not engine.tokenizer.chat_template:
         raise ValueError("this model has no chat template; pass --chat-template FILE")
     params = sampling_params_from_args(args)

@@ -155,10 +155,13 @@ def run(args: argparse.Namespace) -> int:
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
                                 dry_run=getattr(args, "dry_run", False), weights_format=plan_cli.weights_format)
     if getattr(args, "dry_run", False):   # what `serve` checks before any rank starts
+        from deepserve.server.api_server import check_server_args
+
         engine_args = EngineArgs(**engine_kwargs)
         check_model(engine_args)
         check_ops_backend(engine_args)
         check_local_gpus(engine_args)
+        check_server_args(engine_args, server)
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
                                     if k != "api_key"))

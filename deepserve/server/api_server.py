@@ -57,18 +57,33 @@ def served_names(args: EngineArgs) -> list[str]:
     return [str(args.model)]
 
 
+def read_chat_template(template: str) -> str:
+    """--chat-template: a file's text, or the template text itself."""
+    path = template_file(template)
+    if path is not None:
+        return path.read_text()
+    if "{" not in template:
+        raise FileNotFoundError(f"chat template file {template} not found")
+    return template
+
+
 def load_chat_template(engine: LLMEngine, template: Optional[str]) -> None:
-    """--chat-template: a file, or the template text itself."""
     if template is None:
         return
     if engine.tokenizer is None:
         raise ValueError("--chat-template needs a model with a tokenizer")
-    path = template_file(template)
-    if path is not None:
-        template = path.read_text()
-    elif "{" not in template:
-        raise FileNotFoundError(f"chat template file {template} not found")
-    engine.tokenizer.chat_template = template
+    engine.tokenizer.chat_template = read_chat_template(template)
+
+
+def check_server_args(engine_args: EngineArgs, server: ServerArgs) -> None:
+    """What the server's options need that is known before the engine starts (a --chat-template
+    path that is no file fails here, not after the model has loaded)."""
+    if engine_args.api_server_count > 1 and server.responses_store_size():
+        raise ValueError(f"the Responses API's store (--enable-responses-api-store, {STORE_ENV}=1) keeps responses "
+                         "in one API server process's memory: it needs --api-server-count 1, got "
+                         f"{engine_args.api_server_count}")
+    if server.chat_template is not None:
+        read_chat_template(server.chat_template)
 
 
 class _Server(uvicorn.Server):
@@ -196,10 +211,7 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, soc
     --api-server-count N > 1, as N API server processes on one listening socket
     (server/api_servers.py)."""
     server = dataclasses.replace(server or ServerArgs(), **options)
-    if engine_args.api_server_count > 1 and server.responses_store_size():
-        raise ValueError(f"the Responses API's store (--enable-responses-api-store, {STORE_ENV}=1) keeps responses "
-                         "in one API server process's memory: it needs --api-server-count 1, got "
-                         f"{engine_args.api_server_count}")
+    check_server_args(engine_args, server)
     if engine_args.api_server_count > 1:
         from deepserve.server.api_servers import run_api_servers
         return run_api_servers(engine_args, server)
