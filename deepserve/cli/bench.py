@@ -129,7 +129,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def _unreachable(exc) -> str:
     """One line for a request of the bench's own (not a measured one, whose errors are counted)
-    that could not reach the server: the --profile POSTs, with --ready-check-timeout-sec 0."""
+    that could not reach the server: the --profile POSTs (no ready check before them by default)."""
     return f"{exc.request.method} {exc.request.url}: {exc or type(exc).__name__} (is the server up there?)"
 
 
