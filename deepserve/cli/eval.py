@@ -32,7 +32,8 @@ def register(subparsers) -> None:
         description=__doc__ + "\n" + DATA_LAYOUT,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", help="server root or its /v1, e.g. http://localhost:8000")
-    p.add_argument("--model", help="served model name sent in each request")
+    p.add_argument("--model", help="served model name sent in each request (default: the server's model, "
+                   "when /v1/models lists one)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated, from: {', '.join(TASKS)} (default: %(default)s)")
     p.add_argument("--data-path", type=Path, help="root folder of the datasets (see above)")
@@ -83,6 +84,17 @@ def default_output(base_url: str, model: str) -> Path:
     return Path("eval-results") / f"{name}.json"
 
 
+def served_model(base_url: str) -> str:
+    """The model to evaluate when --model is not given: the server's only one, as /v1/models lists it."""
+    from deepserve.bench.serve import served_models
+
+    names = served_models(argparse.Namespace(base_url=base_url))
+    if len(names) > 1:
+        raise ValueError(f"the server serves {', '.join(names)}: choose one with --model")
+    print(f"eval: model {names[0]!r} (the server's; --model chooses)", file=sys.stderr)
+    return names[0]
+
+
 def run_handler(args) -> int:
     # the HTTP client and the runner are imported here, not when every `deepserve` command
     # builds its parser (a server process has no use for them)
@@ -90,11 +102,11 @@ def run_handler(args) -> int:
     from deepserve.evals.report import markdown_table, write_result
     from deepserve.evals.runner import EvalOptions, run_eval
 
-    missing = [flag for flag, value in (("--base-url", args.base_url), ("--model", args.model),
-                                         ("--data-path", args.data_path)) if not value]
+    missing = [flag for flag, value in (("--base-url", args.base_url), ("--data-path", args.data_path)) if not value]
     if missing:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
                          "(or use `deepserve eval compare A.json B.json`)")
+    args.model = args.model or served_model(args.base_url)
     settings = SamplingSettings(model=args.model, temperature=args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     output = args.output or default_output(args.base_url, args.model)
