@@ -7,7 +7,8 @@ printed as one line, never as a traceback.
 Flags are spelled as in vLLM, whose parser also takes underscores (`--pipeline_parallel_size=2`,
 as the vLLM-MindSpore guide writes it) and unique prefixes (`--random-input` for
 `--random-input-len`); `normalize_argv` turns the first into the second spelling, and vLLM's
-dotted keys of a JSON flag (`--profiler-config.profiler torch`) into the flag's JSON.
+dotted keys of a JSON flag (`--profiler-config.profiler torch`, `-O.cudagraph_mode FULL`) into
+the flag's JSON.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
     Only the flag's name changes; values (`--served-model-name deepseek_r1`) stay as given."""
     out = []
     for arg in argv:
+        if arg.startswith("-O."):   # vLLM's dotted -O: `-O.cudagraph_mode=FULL_DECODE_ONLY`
+            arg = "--compilation-config" + arg[2:]
         name, sep, value = arg.partition("=")
         # a flag token only: a value that starts with "--" (validate's `--b "--hf-overrides '{...}'"`)
         # keeps its underscores
