@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from deepserve.config import EngineArgs, async_scheduling_plan
+from deepserve.distributed.peer_watch import RemoteCores
 from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, ProfileRequest, ScorePrompt, connect,
                                             read_outputs)
 from deepserve.engine.engine_core import DPLayout, start_ranks
@@ -80,6 +81,7 @@ class DataParallelEngine(LLMEngine):
 
     gauges_change_when_idle = True
     detokenizes = False  # the cores detokenize
+    _remote: Optional[RemoteCores] = None   # the DP ranks of headless nodes, watched through their sockets
 
     def __init__(self, args: EngineArgs, executor=None):
         """Start the cores and be their front end 0 (with --api-server-count N > 1 the
@@ -99,8 +101,10 @@ class DataParallelEngine(LLMEngine):
         else:
             self.layout = layout = DPLayout.from_args(args)
             self._bind(layout)
+            self._remote = self._watch_other_nodes(layout)
             self.executor = start_ranks(args, layout)
-        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._pull, self._push, self._ctx, layout)
+        self._finalizer = weakref.finalize(self, _shutdown, self.executor, self._pull, self._push, self._ctx, layout,
+                                           self._remote)
         try:
             self.executor.wait_joining(start_timeout_s())
             ready, deadline = set(), time.monotonic() + ready_timeout_s()
@@ -173,6 +177,14 @@ class DataParallelEngine(LLMEngine):
         self._pull = connect(self._ctx, zmq.PULL, layout.outboxes[self.client], bind=True)
         self._push = [connect(self._ctx, zmq.PUSH, a, bind=True) for a in layout.inboxes[self.client]]
 
+    def _watch_other_nodes(self, layout: DPLayout) -> Optional[RemoteCores]:
+        """The DP ranks that headless nodes run, which no process monitor of this node sees."""
+        span = self.config.parallel.tensor_parallel_size * self.config.parallel.pipeline_parallel_size
+        remote = sorted(set(range(self.dp_size)) - {r // span for r in layout.local_ranks})
+        if not remote:
+            return None
+        return RemoteCores({r: self._push[r] for r in remote}, {r: layout.inboxes[self.client][r] for r in remote})
+
     def _init_pool(self) -> None:
         blocks = min(g["num_blocks"] for g in self._gauges)
         self.block_manager = SimpleNamespace(num_blocks=blocks)  # the smallest core's pool (add_request's check)
@@ -201,9 +213,25 @@ class DataParallelEngine(LLMEngine):
         return None  # the core that serves the request computes them
 
     def _send(self, rank: int, msg) -> None:
+        """A PUSH socket whose core has gone holds the message until one connects again, so
+        wait for room only while no rank is known to have failed."""
+        import zmq
+        data, sock = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), self._push[rank]
+        while True:
+            self._check_ranks()
+            try:
+                sock.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                sock.poll(200, zmq.POLLOUT)
+
+    def _check_ranks(self) -> None:
+        """Raise when a rank has failed (a local one: its process monitor says so; one of a
+        headless node: its socket's connection ended)."""
+        if self._remote is not None and not self.executor.failure and not self.executor.closing:
+            self.executor.failure = self._remote.lost()
         if self.executor.failure:
             raise RuntimeError(self.executor.failure)
-        self._push[rank].send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _forget(self, request_id: str) -> None:
         rank = self._rank_of.pop(request_id, None)
@@ -217,7 +245,10 @@ class DataParallelEngine(LLMEngine):
         if rank is None:
             return None
         if not self.executor.failure:   # else a rank died: the cores are stopped, the request only forgotten
-            self._send(rank, AbortRequest(request_id))
+            try:
+                self._send(rank, AbortRequest(request_id))
+            except RuntimeError:   # a rank found dead now, which the executor's failure names
+                pass
         state = self.requests.get(request_id)
         last = self._outs.get(request_id)
         self._forget(request_id)
@@ -295,8 +326,7 @@ class DataParallelEngine(LLMEngine):
         import zmq
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            if self.executor.failure:
-                raise RuntimeError(self.executor.failure)
+            self._check_ranks()
             left = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
             if wakeable and self._woken(int(left * 1000)):
                 return None
@@ -379,7 +409,7 @@ def _close_sockets(pull, pushes, ctx) -> None:
     ctx.destroy(linger=0)
 
 
-def _shutdown(workers, pull, pushes, ctx, layout: DPLayout) -> None:
+def _shutdown(workers, pull, pushes, ctx, layout: DPLayout, remote: Optional[RemoteCores] = None) -> None:
     """Tell the cores to stop, then end their ranks (`WorkerProcs` or `RayRanks`)."""
     workers.closing = True
     for sock in pushes:
@@ -388,5 +418,7 @@ def _shutdown(workers, pull, pushes, ctx, layout: DPLayout) -> None:
         except Exception:  # noqa: BLE001 - a core that is gone cannot be told
             pass
     workers.stop()
+    if remote is not None:
+        remote.close()
     _close_sockets(pull, pushes, ctx)
     layout.cleanup()

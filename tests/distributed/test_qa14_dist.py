@@ -1,9 +1,16 @@
 """Parallel layouts behind an engine core process, as `deepserve serve` runs them: what the
-front end hears after a client goes away while the request's pipeline micro-batch is in flight."""
+front end hears after a client goes away while the request's pipeline micro-batch is in flight,
+and after a headless node's DP rank goes away (its requests fail naming it; none waits forever)."""
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 from deepserve import LLM, SamplingParams
-from tests.conftest import DEMO_MODEL
+from tests.conftest import DEMO_MODEL, REPO
+from tests.engine.test_dp_multinode import free_ports
 
 
 def test_pp2_abort_in_flight_reports_every_block_free(monkeypatch):
@@ -25,3 +32,91 @@ def test_pp2_abort_in_flight_reports_every_block_free(monkeypatch):
         gauges = engine.gauges()
         assert gauges["num_free_blocks"] == gauges["num_blocks"]
         assert gauges["num_requests_running"] == 0
+
+
+PEER = """
+import sys, time, zmq
+sock = zmq.Context().socket(zmq.PULL)
+sock.connect(sys.argv[1])
+print("connected", flush=True)
+time.sleep(600)
+"""
+
+
+def _wait_lost(watch, limit_s: float):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        why = watch.lost()
+        if why:
+            return why
+        time.sleep(0.05)
+    return None
+
+
+def test_remote_core_that_goes_away_is_named():
+    """The front end's socket of a remote DP rank reports the peer's end (a process killed:
+    its kernel closes the connection); a peer still connected is not reported."""
+    import zmq
+
+    from deepserve.distributed.peer_watch import RemoteCores
+    ctx = zmq.Context()
+    socks = {r: ctx.socket(zmq.PUSH) for r in (1, 2)}
+    addrs = {}
+    for r, sock in socks.items():
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind("tcp://127.0.0.1:*")
+        addrs[r] = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    watch = RemoteCores(socks, addrs)
+    peers = {r: subprocess.Popen([sys.executable, "-c", PEER, addrs[r]], stdout=subprocess.PIPE, text=True)
+             for r in socks}
+    try:
+        for p in peers.values():
+            assert p.stdout.readline().strip() == "connected"
+        assert _wait_lost(watch, 1.0) is None
+        peers[2].kill()
+        peers[2].wait()
+        why = _wait_lost(watch, 20.0)
+        assert why is not None and why.startswith("DP rank 2 ") and addrs[2] in why
+        assert _wait_lost(watch, 0.5) is None                    # rank 1 is still there
+    finally:
+        for p in peers.values():
+            p.kill()
+            p.wait()
+        watch.close()
+        for sock in socks.values():
+            sock.close()
+        ctx.term()
+
+
+def test_killed_headless_node_fails_requests_instead_of_hanging():
+    """A headless node killed after joining: requests get an error naming the DP rank, where
+    they waited forever for outputs of a core that was gone."""
+    port = free_ports(4)
+    headless = subprocess.Popen(
+        [sys.executable, "-m", "deepserve", "serve", str(DEMO_MODEL), "--headless", "--data-parallel-size", "2",
+         "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1", "--data-parallel-address",
+         "127.0.0.1", "--data-parallel-rpc-port", str(port), "--block-size", "4", "--max-model-len", "64"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        with LLM(str(DEMO_MODEL), data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="127.0.0.1",
+                 data_parallel_rpc_port=port, block_size=4, max_model_len=64) as llm:
+            os.killpg(headless.pid, signal.SIGKILL)   # the node: its API-less process and its core
+            headless.wait()
+            result = {}
+
+            def generate():
+                try:
+                    llm.generate([{"prompt_token_ids": [1, 2 + i]} for i in range(4)],
+                                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+                except RuntimeError as exc:
+                    result["error"] = str(exc)
+            thread = threading.Thread(target=generate, daemon=True)
+            thread.start()
+            thread.join(60)
+            assert not thread.is_alive(), "requests on the dead node's DP rank never finished"
+            assert "DP rank 1" in result.get("error", ""), result
+    finally:
+        if headless.poll() is None:
+            os.killpg(headless.pid, signal.SIGKILL)
+            headless.wait()
