@@ -535,3 +535,10 @@ def test_headless_node_logs_at_the_servers_level(capsys, no_server, monkeypatch)
             "--data-parallel-address", "127.0.0.1", "--port", "0"]
     assert main(argv + ["--log-level", "debug"]) == 0
     assert seen == {"level": "debug", "cores": "debug"}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_swap_space_is_refused(capsys, no_server, value):
+    """The metax line's --swap-space (GiB, unused here) with a value vLLM refuses: it passed."""
+    err = one_line_error(capsys, ["serve", DEMO_MODEL, "--swap-space", value, "--dry-run"])
+    assert err == f"deepserve serve: error: swap_space must be >= 0 (GiB), got {float(value)}"
