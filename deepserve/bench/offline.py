@@ -2,7 +2,8 @@
 
 Both follow vLLM's `benchmark_latency.py` / `benchmark_throughput.py`: random prompt token
 ids (so no tokenizer or dataset is involved), `ignore_eos` so every request produces exactly
-`--output-len` tokens, greedy sampling.
+`--output-len` tokens, greedy sampling (throughput's `--n` > 1: that many sequences a
+prompt, sampled at temperature 1 and top-p 1 as vLLM's are, each counted).
 
 - latency: one batch of `--batch-size` prompts, timed end to end `--num-iters` times after
   `--num-iters-warmup` untimed runs; reports the mean and percentiles (seconds).
@@ -94,7 +95,7 @@ def measure_throughput(llm: Any, sampling_params: Any, prompts: list[dict], prog
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    output_tokens = sum(len(seq.token_ids) for o in outputs for seq in o.outputs)
     return {"elapsed_time": elapsed, "num_requests": len(prompts),
             "total_num_tokens": prompt_tokens + output_tokens,
             "total_prompt_tokens": prompt_tokens, "total_output_tokens": output_tokens,
@@ -182,15 +183,18 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
 
 
 def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -> tuple[list[dict], list]:
-    """`num` prompts of the chosen set and their sampling parameters (every output length exact)."""
+    """`num` prompts of the chosen set and their sampling parameters (every output length exact;
+    `args.n` sequences a prompt, greedy for one, temperature 1 for several as vLLM samples them)."""
+    n = getattr(args, "n", 1)
+    sampling = dict(temperature=0) if n == 1 else dict(n=n, temperature=1.0, top_p=1.0)
     if args.dataset_name == "random":
         prompts, out_lens = random_requests(num, args.input_len, args.output_len or 128, vocab, seed,
                                             args.random_range_ratio, args.random_prefix_len)
     else:
         prompts, out_lens = dataset_prompts(argparse.Namespace(**{**vars(args), "num_prompts": num}), seed)
     if len(set(out_lens)) == 1:
-        return prompts, SamplingParams(max_tokens=out_lens[0], ignore_eos=True, temperature=0)
-    return prompts, [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in out_lens]
+        return prompts, SamplingParams(max_tokens=out_lens[0], ignore_eos=True, **sampling)
+    return prompts, [SamplingParams(max_tokens=tokens, ignore_eos=True, **sampling) for tokens in out_lens]
 
 
 def run_throughput(args) -> dict:
@@ -199,6 +203,8 @@ def run_throughput(args) -> dict:
         raise ValueError(f"--backend {args.backend} is not supported: the engine runs in-process (--backend vllm)")
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     llm, SamplingParams, vocab, seed = _load_engine(args)
     args.dataset_name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
     if args.num_warmups:   # vLLM's: the same set with the next seed, untimed

@@ -232,6 +232,8 @@ def register(subparsers) -> None:
                             help="random: token ids shared by every prompt, before its own.")
     throughput.add_argument("--no-oversample", action="store_true",
                             help="sharegpt: only the file's usable entries, even fewer than --num-prompts.")
+    throughput.add_argument("--n", type=int, default=1,
+                            help="Generated sequences a prompt (vLLM's; above 1 they sample at temperature 1).")
     throughput.add_argument("--num-warmups", type=int, default=0,
                             help="Untimed requests of the same set (next seed) before the run.")
     throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],

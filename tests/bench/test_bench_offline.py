@@ -71,3 +71,10 @@ def test_real_engine_latency_and_throughput(bench_args, tmp_path, capsys):
     assert res["total_output_tokens"] == 15 and res["total_prompt_tokens"] == 24
     out = capsys.readouterr().out
     assert "Avg latency:" in out and "Throughput:" in out
+    # vLLM's --n: that many sampled sequences a prompt, every one counted
+    assert _throughput(bench_args(["throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "5",
+                                   "--n", "2", "--output-json", str(thr), "--disable-tqdm"])) == 0
+    res = json.loads(thr.read_text())
+    assert res["total_output_tokens"] == 30 and res["total_prompt_tokens"] == 24 and res["num_requests"] == 3
+    with pytest.raises(ValueError, match="--n must be >= 1"):
+        _throughput(bench_args(["throughput", "--num-prompts", "1", "--n", "0", "--disable-tqdm"]))
