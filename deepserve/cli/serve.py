@@ -209,12 +209,26 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
             # node 0 of multi-node data parallel: the other nodes' engine cores reach it there
             bind_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
                         "where the other nodes' DP ranks connect").close()
+            check_rpc_ports(engine_args)
         from deepserve.server.api_server import run_server
 
         return run_server(engine_args, server, sock=sock)
     finally:
         if sock is not None:
             sock.close()
+
+
+def check_rpc_ports(engine_args: EngineArgs) -> None:
+    """The ports from --data-parallel-rpc-port that node 0 listens on for the other nodes (each
+    front end's outputs and its requests to each DP rank, the process group's store): one in use
+    (another server, or this one's --port) is one line, not a traceback after the load."""
+    from deepserve.engine.engine_core import front_ends
+    first = engine_args.data_parallel_rpc_port
+    last = first + front_ends(engine_args) * (engine_args.data_parallel_size + 2) - 1
+    for port in range(first, last + 1):
+        bind_listen(engine_args.data_parallel_address, port,
+                    f"--data-parallel-rpc-port {first}: this node listens on ports {first}-{last} "
+                    f"for the DP ranks").close()
 
 
 def check_model(engine_args: EngineArgs) -> None:

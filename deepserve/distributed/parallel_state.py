@@ -158,8 +158,13 @@ def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, bac
         # NCCL binds communicators to the current device: one GPU per local rank
         import torch
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as exc:   # the store's host never answered: a one-line error
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"rank {rank} could not join the process group at {init_method} within "
+                         f"{timeout_s:.0f} s (DEEPSERVE_DIST_TIMEOUT): {reason}") from None
     dp_rank, pp_rank, tp_rank = rank_layout(rank, tp_size, pp_size)
     span = tp_size * pp_size
     tp_group = None

@@ -133,10 +133,18 @@ def run_headless(args: EngineArgs) -> int:
                 args.data_parallel_start_rank, args.data_parallel_start_rank + len(layout.local_ranks) // (
                     args.tensor_parallel_size * args.pipeline_parallel_size) - 1, ", ".join(layout.outboxes))
     try:
-        while any(p.is_alive() for p in procs.procs):
-            if procs.failure:
-                raise RuntimeError(procs.failure)
+        # ranks the front end stops exit 0; one that exits otherwise ends the node
+        while any(p.is_alive() for p in procs.procs) and not any(p.exitcode for p in procs.procs):
             time.sleep(0.2)
+        failed = [(r, p) for r, p in zip(procs.ranks, procs.procs) if p.exitcode]
+        if failed:
+            rank, proc = failed[0]
+            deadline = time.monotonic() + 1.0   # its error, if it sent one, is read by the monitor thread
+            while rank not in procs.errors and time.monotonic() < deadline:
+                time.sleep(0.05)
+            why = f"failed: {procs.errors[rank]}" if rank in procs.errors else f"exited with code {proc.exitcode}"
+            raise RuntimeError(f"rank {rank} (pid {proc.pid}) {why} (the front end's node: --data-parallel-address "
+                               f"{args.data_parallel_address} --data-parallel-rpc-port {args.data_parallel_rpc_port})")
     finally:
         procs.stop(graceful_s=5.0)
     return 0

@@ -120,3 +120,35 @@ def test_killed_headless_node_fails_requests_instead_of_hanging():
         if headless.poll() is None:
             os.killpg(headless.pid, signal.SIGKILL)
             headless.wait()
+
+
+def _serve(*flags: str, env: dict = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepserve", "serve", str(DEMO_MODEL), "--block-size", "4",
+                           "--max-model-len", "64", "-dp", "2", "--data-parallel-size-local", "1",
+                           "--data-parallel-address", "127.0.0.1", *flags],
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_rpc_port_range_in_use_is_one_line():
+    """Node 0 listens on --data-parallel-rpc-port and the ports after it: one of them in use
+    (here the API's own --port) is a one-line error naming the flag, before the engine starts."""
+    port = free_ports(6)
+    out = _serve("--port", str(port + 2), "--data-parallel-rpc-port", str(port))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-2000:]
+    assert f"127.0.0.1:{port + 2}" in lines[0] and f"--data-parallel-rpc-port {port}" in lines[0]
+
+
+def test_headless_node_without_a_front_end_fails_in_one_line():
+    """No front end at the address within the join timeout: the node exits non-zero, its last
+    line naming the address flags and the timeout's variable, no Python traceback."""
+    port = free_ports(4)
+    out = _serve("--headless", "--data-parallel-start-rank", "1", "--data-parallel-rpc-port", str(port),
+                 env={"DEEPSERVE_DIST_TIMEOUT": "2"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("deepserve serve: error: "), out.stderr[-2000:]
+    assert "DEEPSERVE_DIST_TIMEOUT" in last and f"--data-parallel-rpc-port {port}" in last, last
+    assert "Traceback" not in out.stderr
