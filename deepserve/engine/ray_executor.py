@@ -10,7 +10,8 @@ steps it publishes, all of a DP rank's actors packed on one node by a placement 
 front end (engine/dp_engine.py) talks to the cores over ZeroMQ on tcp ports of its node.
 
 The driver joins an existing Ray cluster (`ray start --head` / `ray start --address`, or
-RAY_ADDRESS); without one it starts a local Ray instance. An actor that dies makes `failure`
+RAY_ADDRESS), refused at once when it does not answer (`check_cluster_answers`); without one it
+starts a local Ray instance. An actor that dies makes `failure`
 name its rank and node; a cluster with fewer CPUs (GPUs) in all than the actors take fails the
 start at once, and actors Ray cannot place otherwise (no node with room for a DP rank's group)
 after DEEPSERVE_WORKER_START_TIMEOUT, naming the cluster's resources.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import Optional
 
@@ -51,9 +53,46 @@ def _import_ray():
     return ray
 
 
+def _cluster_to_join() -> Optional[tuple[str, str]]:
+    """(host:port, where it came from) of the Ray cluster ray.init will join: RAY_ADDRESS, or
+    with none (or "auto") the one `ray start` last left in Ray's address file on this machine;
+    None where ray.init starts a cluster of its own."""
+    address = os.environ.get("RAY_ADDRESS") or "auto"
+    if address == "local":
+        return None
+    if address != "auto":
+        return address.split("://", 1)[-1], "RAY_ADDRESS"
+    try:
+        from ray._private.utils import get_ray_address_file, read_ray_address
+        address, where = read_ray_address(), get_ray_address_file(None)
+    except (ImportError, AttributeError):      # another Ray layout: leave it to ray.init
+        return None
+    return (address, f"{where}, left by `ray start`") if address else None
+
+
+def check_cluster_answers(timeout_s: float = 5.0) -> None:
+    """A Ray cluster that ray.init would join but that does not answer (its head stopped without
+    `ray stop`, or RAY_ADDRESS names a wrong port) is one line; ray.init would retry its GCS
+    without end."""
+    found = _cluster_to_join()
+    if found is None:
+        return
+    address, where = found
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RuntimeError(f"the Ray cluster at {address} ({where}) does not answer ({exc.strerror or exc}): "
+                           "start it (`ray start --head`), clear a stale one (`ray stop`), or set RAY_ADDRESS "
+                           "to a running cluster") from None
+
+
 def _join_ray():
     ray = _import_ray()
     if not ray.is_initialized():
+        check_cluster_answers()
         ray_token_auth_as_started(os.environ.get("RAY_ADDRESS"))
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)

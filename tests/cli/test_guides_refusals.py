@@ -175,6 +175,7 @@ def test_ray_client_follows_the_local_heads_token(monkeypatch, address, follows)
     monkeypatch.setattr(auth, "maybe_enable_token_auth_if_token_available", lambda **kw: calls.append("check"))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw["address"])))
+    monkeypatch.setattr(ray_executor, "check_cluster_answers", lambda: None)   # no cluster runs here
     if address:
         monkeypatch.setenv("RAY_ADDRESS", address)
     else:
