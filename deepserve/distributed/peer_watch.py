@@ -7,7 +7,8 @@ its node's kernel closes the connection; when the node or the network goes away,
 heartbeats (ZMTP 3.1 PING/PONG, answered by the peer's I/O thread even while its Python thread
 runs a long step) stop coming back. Either way the socket's monitor reports a disconnect, which
 names the DP rank, so the front end fails its requests instead of waiting for outputs that
-never come.
+never come. The other way round, a headless node's core watches its connection to the front end
+that started it the same way, and ends (its node with it) when that front end is gone.
 """
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ from typing import Optional
 
 HEARTBEAT_IVL_MS = 1000       # a PING every second on each remote core's connection
 HEARTBEAT_TIMEOUT_MS = 15000  # no traffic back for this long: the connection is dropped
+
+
+def watch(sock):
+    """Heartbeats on `sock`'s connections from now on, and a monitor socket that receives one
+    message each time one of them ends."""
+    import zmq
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
 
 class RemoteCores:
@@ -25,14 +35,10 @@ class RemoteCores:
     own thread, so the monitor sockets need no locking."""
 
     def __init__(self, sockets: dict[int, object], addresses: dict[int, str]):
-        import zmq
         self.addresses = addresses
         self._watched = []
         for rank, sock in sockets.items():
-            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self._watched.append((rank, sock, monitor))
+            self._watched.append((rank, sock, watch(sock)))
 
     def lost(self) -> Optional[str]:
         """Why a remote DP rank can no longer serve (its connection ended), or None."""

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from deepserve.config import EngineArgs
 from deepserve.distributed.parallel_state import destroy_distributed, init_distributed, rank_layout
+from deepserve.distributed.peer_watch import watch
 from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ProfileRequest,
                                             ScorePrompt, Work, connect)
 from deepserve.engine.executor import (STOP, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
@@ -50,6 +51,7 @@ from deepserve.platforms import get_platform
 logger = logging.getLogger("deepserve")
 
 IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
+FRONT_END_STOP_WAIT_S = 1.0   # after the front end's connection ends: how long its stop may still take
 GAUGES_EVERY_S = 0.25         # with several front ends: how stale the gauges of one without outputs get
 
 
@@ -222,7 +224,8 @@ def run_rank(rank: int, local_rank: int, args: EngineArgs, init_method: str, tim
                                          publish=publish),
             local, leader, span > 1)
         engine = LLMEngine(args, executor=executor)
-        EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses).run()
+        EngineCore(engine, executor, dp_rank, cores if pctx.moe_dp_exchange else None, addresses,
+                   watch_front_end=args.headless).run()
     destroy_distributed()
 
 
@@ -253,17 +256,32 @@ class EngineCore:
     the core steps, and once more when it goes idle, so every API server's /metrics and
     placement see the whole core, not only their own requests."""
 
-    def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses):
+    def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses,
+                 watch_front_end: bool = False):
+        """`watch_front_end`: this core runs on a headless node, where no process ends it when
+        the front end's node goes away; it watches its connection to front end 0 instead."""
         import zmq
         self.engine, self.executor, self.runner = engine, executor, engine.runner
         self.dp_rank, self.sync_group = dp_rank, sync_group
         self.ctx = zmq.Context()
         inboxes, outboxes = addresses
+        self.outbox_addresses = outboxes
         self.inbox = self.ctx.socket(zmq.PULL)   # fair-queued over every front end's requests
         self.inbox.setsockopt(zmq.LINGER, 0)
         for client_inboxes in inboxes:
             self.inbox.connect(client_inboxes[dp_rank])
-        self.outboxes = [connect(self.ctx, zmq.PUSH, a, bind=False) for a in outboxes]
+        self.poller = zmq.Poller()
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.front_end = None   # front end 0's disconnects (a monitor socket), when watched
+        if watch_front_end:
+            first = self.ctx.socket(zmq.PUSH)
+            first.setsockopt(zmq.LINGER, 0)
+            self.front_end = watch(first)   # before it connects: heartbeats apply to new connections
+            first.connect(outboxes[0])
+            self.poller.register(self.front_end, zmq.POLLIN)
+        else:
+            first = connect(self.ctx, zmq.PUSH, outboxes[0], bind=False)
+        self.outboxes = [first] + [connect(self.ctx, zmq.PUSH, a, bind=False) for a in outboxes[1:]]
         self.client_of: dict[str, int] = {}       # request id -> the front end it came from
         self.gauges_sent = [0.0] * len(outboxes)   # when each front end last heard from this core
         self.work: list[Work] = []
@@ -299,16 +317,32 @@ class EngineCore:
                 self._send(CoreOutputs(self.dp_rank, gauges), c)
 
     def _receive(self, timeout_s: Optional[float]) -> None:
-        import zmq
         wait_ms = None if timeout_s is None else int(timeout_s * 1000)
         aborted = False
-        while self.inbox.poll(wait_ms, zmq.POLLIN):
+        while True:
+            ready = dict(self.poller.poll(wait_ms))
+            if self.front_end in ready:
+                self._front_end_gone()
+            if self.inbox not in ready:
+                break
             msg = pickle.loads(self.inbox.recv())
             aborted |= isinstance(msg, AbortRequest)
             self._apply(msg)
             wait_ms = 0
         if aborted and not self._has_work():  # no step will carry the freed blocks: say so now
             self._gauges_to_all()
+
+    def _front_end_gone(self) -> None:
+        """Front end 0's connection ended: a stop it sent just before closing may still be on
+        the way; without one, its node is gone and this core ends."""
+        import zmq
+        self.poller.unregister(self.front_end)
+        deadline = time.monotonic() + FRONT_END_STOP_WAIT_S
+        while not self.stopping and self.inbox.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            self._apply(pickle.loads(self.inbox.recv()))
+        if not self.stopping:
+            raise PeerLost(f"DP rank {self.dp_rank}: the front end at {self.outbox_addresses[0]} went away "
+                           f"(its process or its node ended)")
 
     def _gauges_to_all(self) -> None:
         gauges = self.gauges()

@@ -152,3 +152,43 @@ def test_headless_node_without_a_front_end_fails_in_one_line():
     assert last.startswith("deepserve serve: error: "), out.stderr[-2000:]
     assert "DEEPSERVE_DIST_TIMEOUT" in last and f"--data-parallel-rpc-port {port}" in last, last
     assert "Traceback" not in out.stderr
+
+
+FRONT_END = r"""
+import sys
+from deepserve import LLM, SamplingParams
+
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], data_parallel_size=2, data_parallel_size_local=1, data_parallel_address="127.0.0.1",
+              data_parallel_rpc_port=int(sys.argv[2]), block_size=4, max_model_len=64)
+    llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=2))
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_headless_node_ends_when_the_front_end_is_killed(tmp_path):
+    """Node 0 killed (no stop sent): the headless node's core sees its connection end and the
+    node exits non-zero in one line, where it stayed up for ever."""
+    port = free_ports(4)
+    (tmp_path / "front.py").write_text(FRONT_END)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    headless = subprocess.Popen(
+        [sys.executable, "-m", "deepserve", "serve", str(DEMO_MODEL), "--headless", "--data-parallel-size", "2",
+         "--data-parallel-size-local", "1", "--data-parallel-start-rank", "1", "--data-parallel-address",
+         "127.0.0.1", "--data-parallel-rpc-port", str(port), "--block-size", "4", "--max-model-len", "64"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    front = subprocess.Popen([sys.executable, str(tmp_path / "front.py"), str(DEMO_MODEL), str(port)], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert front.stdout.readline().strip() == "ready"
+        os.killpg(front.pid, signal.SIGKILL)   # its core and the fork server with it
+        front.wait()
+        assert headless.wait(timeout=60) == 2
+        last = headless.stderr.read().strip().splitlines()[-1]
+        assert "the front end at" in last and "went away" in last and "Traceback" not in last, last
+    finally:
+        for proc in (front, headless):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
