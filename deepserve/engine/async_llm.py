@@ -138,8 +138,8 @@ class AsyncLLM:
 
     def check_can_accept(self) -> None:
         """Raise EngineDeadError / QueueFullError when a new request would be refused."""
-        if not self._accepting or self._thread is None:
-            raise EngineDeadError(self._thread_error or "the engine is not running")
+        if not self._accepting or self._thread is None or self.fatal_error:
+            raise EngineDeadError(self._thread_error or self.fatal_error or "the engine is not running")
         limit = self.max_waiting_requests
         if limit is not None and self.num_waiting_requests() >= limit:
             raise QueueFullError(f"the server queue is full ({limit} requests waiting); retry later")
@@ -304,8 +304,8 @@ class AsyncLLM:
             else:
                 raise AssertionError(f"unknown engine op {kind!r}")
         except Exception as exc:  # handed back to the awaiting request (e.g. too-long prompt)
-            if waiting:
-                fut.set_exception(exc)
+            if waiting:   # a rank that died: the engine is gone, which the error says (a 503)
+                fut.set_exception(EngineDeadError(self.fatal_error) if self.fatal_error else exc)
             return
         if waiting:
             fut.set_result(result)

@@ -192,3 +192,36 @@ def test_headless_node_ends_when_the_front_end_is_killed(tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_requests_after_a_rank_died_get_the_engine_dead_error():
+    """Between a rank's death and the server's exit, a new request is refused as the engine's
+    death (a 503 naming the rank), not as the RuntimeError of the send to the dead rank (a 500)."""
+    import asyncio
+
+    import pytest
+
+    from deepserve.config import EngineArgs
+    from deepserve.engine.async_llm import AsyncLLM, EngineDeadError
+    from deepserve.engine.llm_engine import LLMEngine
+    engine = LLMEngine(EngineArgs(model=str(DEMO_MODEL), block_size=4, max_model_len=64))
+    dead = "rank 1 (pid 4242) on host vm exited with code -9"
+
+    def send_to_dead_rank(*args, **kwargs):
+        engine.executor.failure = dead   # the process monitor saw it while the add was sent
+        raise RuntimeError(dead)
+
+    async def run(params):
+        llm = AsyncLLM(engine)
+        llm.start()
+        try:
+            async for _ in llm.generate({"prompt_token_ids": [1, 2]}, params, "r"):
+                pass
+        finally:
+            llm.shutdown()
+
+    engine.add_request = send_to_dead_rank
+    with pytest.raises(EngineDeadError, match="exited with code -9"):
+        asyncio.run(run(SamplingParams(max_tokens=2)))
+    with pytest.raises(EngineDeadError, match="exited with code -9"):   # the failure known before the add
+        asyncio.run(run(SamplingParams(max_tokens=2)))
