@@ -52,7 +52,7 @@ PROCESS_FILES = (
     "tests/distributed/test_dp_attention.py", "tests/distributed/test_pipeline_micro_batches.py",
     "tests/engine/test_llm_engine.py", "tests/ops/test_triton_fused_moe_small.py", "tests/ops/test_triton_int4.py",
     "tests/bench/test_bench_deepserve.py", "tests/engine/test_executor.py", "tests/engine/test_spec_decode.py",
-    "tests/engine/test_spec_decode_dp.py", "tests/engine/test_dp_multinode.py", "tests/test_platform_pkg.py",
+    "tests/engine/test_spec_decode_dp.py", "tests/engine/test_dp_multinode.py", "tests/distributed/test_qa14_dist.py", "tests/test_platform_pkg.py",
 )
 
 
