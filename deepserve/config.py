@@ -163,10 +163,12 @@ def check_data_parallel_nodes(args) -> None:
     """The multi-node data-parallel flags describe a part of the DP ranks on one node."""
     dp, local, start = args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_start_rank
     if local is not None and not 1 <= local <= dp:
-        raise ValueError(f"data_parallel_size_local must be in [1, data_parallel_size={dp}], got {local}")
+        raise ValueError(f"--data-parallel-size-local (data_parallel_size_local) must be in [1, "
+                         f"--data-parallel-size {dp}], got {local}")
     if not 0 <= start < dp or start + (local or dp) > dp:
-        raise ValueError(f"data_parallel_start_rank {start} + data_parallel_size_local {local or dp} "
-                         f"exceeds data_parallel_size {dp}")
+        raise ValueError(f"--data-parallel-start-rank {start} + --data-parallel-size-local {local or dp} "
+                         f"exceeds --data-parallel-size {dp} (data_parallel_start_rank, data_parallel_size_local, "
+                         "data_parallel_size)")
     if (local or dp) < dp and not args.data_parallel_address:
         raise ValueError("DP ranks on several nodes need --data-parallel-address (the API server's node)")
     if args.headless and start == 0:
@@ -175,7 +177,7 @@ def check_data_parallel_nodes(args) -> None:
         raise ValueError("the node that serves the API runs DP rank 0: --data-parallel-start-rank > 0 "
                          "needs --headless")
     if args.api_server_count < 1:
-        raise ValueError(f"api_server_count must be >= 1, got {args.api_server_count}")
+        raise ValueError(f"--api-server-count (api_server_count) must be >= 1, got {args.api_server_count}")
     if args.api_server_count > 1 and args.distributed_executor_backend == "ray":
         raise ValueError("--api-server-count > 1 runs on the default (mp) backend, not on the Ray backend")
     if args.distributed_executor_backend == "ray" and (local is not None and local < dp or args.headless):

@@ -104,7 +104,7 @@ def test_two_api_servers_answer_like_one_engine_and_share_the_requests():
 
 
 def test_api_server_count_is_checked_and_moves_the_core_out(monkeypatch):
-    with pytest.raises(ValueError, match="api_server_count must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"--api-server-count \(api_server_count\) must be >= 1, got 0"):
         EngineArgs(api_server_count=0)
     with pytest.raises(ValueError, match="Ray backend"):
         EngineArgs(api_server_count=2, distributed_executor_backend="ray")
