@@ -93,6 +93,9 @@ def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
         data = _read_json(path / "config.json")
     elif (PRESET_DIR / f"{model}.json").is_file():
         data = _read_json(PRESET_DIR / f"{model}.json")
+    elif path.is_file():
+        raise FileNotFoundError(f"model {model!r} is a file: give the model's folder"
+                                + (f" ({path.parent})" if path.name == "config.json" else ""))
     elif path.exists():
         raise FileNotFoundError(f"{path / 'config.json'} not found: not a Hugging Face model folder")
     elif path.is_absolute() or model.startswith(("./", "../")):
