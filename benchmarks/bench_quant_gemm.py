@@ -74,7 +74,7 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
         "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
         # one row: the CUDA-core GEMV the op takes where configs/fp8_gemv/ sets `use`, with its
-        # default settings and the candidates around them (rows a program, groups a step, warps)
+        # launch table's settings for the shape and the candidates around them (rows a program, groups a step, warps)
         **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
         **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}": (lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk):
                                                qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16, settings=cfg), n * k)

@@ -1,10 +1,8 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 from __future__ import annotations
 
-import dataclasses
-
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
 
@@ -235,7 +233,7 @@ class SamplingParams:
 
     def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
         """A copy with another max_tokens, its bad_words' token ids kept."""
-        copy = dataclasses.replace(self, max_tokens=max_tokens)
+        copy = replace(self, max_tokens=max_tokens)
         copy._bad_words_token_ids = self._bad_words_token_ids
         return copy
 

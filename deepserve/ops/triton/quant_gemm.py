@@ -130,7 +130,6 @@ def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
 # times both). DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
 FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
 GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K")
-GEMV_SETTINGS = dict(BLOCK_N=4, GROUPS=4, num_warps=4, SPLIT_K=1)
 
 
 def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
@@ -148,9 +147,9 @@ def fp8_gemv(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_sca
              ) -> torch.Tensor:
     """e4m3 q [1, K] (scales [1, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [1, N] out_dtype,
     the same sums as fp8_gemm's. SPLIT_K > 1 splits K into that many runs of whole steps, summed
-    in fp32 after (more programs for a weight of few rows)."""
+    in fp32 after (more programs for a weight of few rows). `settings` over the launch table's."""
     k, n = q.shape[1], weight.shape[0]
-    cfg = {**GEMV_SETTINGS, **(settings or {})}
+    cfg = {**launch_settings("fp8_gemv", q.device, n=n, k=k), **(settings or {})}
     kb = triton.cdiv(k, FP8_GROUP)
     per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), cfg["GROUPS"]) * cfg["GROUPS"]
     split = triton.cdiv(kb, per_split)
