@@ -50,9 +50,10 @@ def r1_shapes() -> list[tuple[str, int, int]]:
             ("down_proj", d, inter)]
 
 
-# one-row GEMV settings timed beside the default (BLOCK_N, GROUPS, num_warps, SPLIT_K)
-GEMV_CANDIDATES = [(2, 4, 4, 1), (8, 4, 4, 1), (8, 2, 4, 1), (4, 8, 4, 1), (8, 4, 8, 1), (16, 2, 8, 1),
-                   (4, 4, 4, 4), (4, 2, 4, 8), (8, 4, 4, 4), (2, 4, 4, 4)]
+# one-row GEMV settings timed beside the default (BLOCK_N, GROUPS, num_warps, SPLIT_K, STAGES): the
+# earlier sweeps' winners at each K-loop pipelining depth
+GEMV_CANDIDATES = [(4, 8, 4, 1, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 3), (4, 4, 4, 1, 2), (4, 4, 4, 1, 3),
+                   (4, 4, 4, 4, 1), (4, 4, 4, 4, 2), (8, 4, 8, 1, 2), (8, 4, 4, 1, 3), (2, 8, 4, 1, 2)]
 
 
 def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float, meta: dict) -> list[dict]:
@@ -75,10 +76,13 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
         # one row: the CUDA-core GEMV the op takes where configs/fp8_gemv/ sets `use`, with its
         # launch table's settings for the shape and the candidates around them (rows a program, groups a step, warps)
-        **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
-        **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}": (lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk):
-                                               qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16, settings=cfg), n * k)
-            for bn, gr, nw, sk in GEMV_CANDIDATES} if m == 1 else {}),
+        # (quantized beforehand, and quantizing the bf16 row itself as the op's one-row path does)
+        **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k),
+            "fp8_gemv_fused": (lambda: qg.fp8_gemv(x, None, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
+        **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": (
+            lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st):
+            qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg), n * k)
+            for bn, gr, nw, sk, st in GEMV_CANDIDATES} if m == 1 else {}),
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),

@@ -27,7 +27,8 @@ from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
 from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
-from deepserve.ops.triton._common import as_rows, interpreting
+from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+                                          round_to_e4m3)
 from deepserve.ops.triton.gemm import grouped_tile
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
@@ -93,29 +94,45 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+                     QUANT_X: tl.constexpr, QMAX: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """One quantized row (e4m3 q [K], scales [Kb]) times BLOCK_N rows of the e4m3 weight: each
     step reads GROUPS 128-wide groups of the rows, sums each group's exact e4m3 x e4m3 products
     in fp32 and scales it by its activation and weight scales (the GEMM's per-group promotion,
     on the CUDA cores: at one row a tensor-core tile would be mostly padding). Program (i, s)
     covers the s-th run of groups_per_split groups and writes its fp32 partial sums to row s of
-    y [splits, N] (one split: the output row itself)."""
+    y [splits, N] (one split: the output row itself).
+
+    QUANT_X: x_ptr is the unquantized row and as_ptr unused; each step quantizes its groups as
+    _act_quant_kernel does (the same scales and e4m3 values), so one row needs no second launch.
+    The weight rows depend on no earlier kernel: with PDL they are asked into L2 before the wait
+    (PREFETCH, small weights only); STAGES is the K loop's software-pipelining depth."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N], tl.float32)
     g_first = tl.program_id(1) * groups_per_split
     g_end = tl.minimum(g_first + groups_per_split, tl.cdiv(K, GROUP))
-    for g0 in range(g_first, g_end, GROUPS):
+    prefetch_rows(w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_wn + g_first * GROUP,
+                  tl.minimum(g_end * GROUP, K) - g_first * GROUP, LINE, LINES, PREFETCH)
+    pdl_begin(USE_PDL)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g0 in tl.range(g_first, g_end, GROUPS, num_stages=STAGES):
         offs = g0 * GROUP + tl.arange(0, GROUPS * GROUP)
         k_ok = (offs < g_end * GROUP) & (offs < K)
-        q = tl.load(q_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)         # [BN, G]
         groups = g0 + tl.arange(0, GROUPS)
         g_ok = groups < g_end
-        a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
+        if QUANT_X:
+            x = tl.reshape(tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32), [GROUPS, GROUP])
+            a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)            # [G]
+            q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, a_s[:, None]), -QMAX), QMAX))
+            q = tl.reshape(q, [GROUPS * GROUP])
+        else:
+            q = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+            a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
+        w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)         # [BN, G]
         w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
                       other=0.0)
         acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
@@ -129,7 +146,7 @@ def _fp8_gemv_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
 # of a rule is the GEMV's settings (docs/PERFORMANCE.md: benchmarks/bench_quant_gemm.py --m 1
 # times both). DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
 FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
-GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K")
+GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES")
 
 
 def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
@@ -142,22 +159,27 @@ def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
     return {key: cfg[key] for key in GEMV_KEYS}
 
 
-def fp8_gemv(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+def fp8_gemv(q: torch.Tensor, a_scale: Optional[torch.Tensor], weight: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None, settings: Optional[dict] = None
              ) -> torch.Tensor:
     """e4m3 q [1, K] (scales [1, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [1, N] out_dtype,
-    the same sums as fp8_gemm's. SPLIT_K > 1 splits K into that many runs of whole steps, summed
-    in fp32 after (more programs for a weight of few rows). `settings` over the launch table's."""
+    the same sums as fp8_gemm's. a_scale None: q is the unquantized row [1, K] (unit stride),
+    quantized inside the kernel as act_quant_fp8 would. SPLIT_K > 1 splits K into that many runs
+    of whole steps, summed in fp32 after (more programs for a weight of few rows). `settings`
+    over the launch table's."""
     k, n = q.shape[1], weight.shape[0]
     cfg = {**launch_settings("fp8_gemv", q.device, n=n, k=k), **(settings or {})}
     kb = triton.cdiv(k, FP8_GROUP)
     per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), cfg["GROUPS"]) * cfg["GROUPS"]
     split = triton.cdiv(kb, per_split)
     out = torch.empty((split, n), dtype=out_dtype if split == 1 else torch.float32, device=q.device)
+    launch = pdl_launch(q.device, weight)
+    launch.update(LINES=min(next_pow2(triton.cdiv(per_split * FP8_GROUP, launch["LINE"])), 64))
     _fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        q, a_scale, weight, w_scale, bias if bias is not None and split == 1 else out, out, n, k, per_split,
-        weight.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None and split == 1, BLOCK_N=cfg["BLOCK_N"],
-        GROUPS=cfg["GROUPS"], GROUP=FP8_GROUP, num_warps=cfg["num_warps"])
+        q, a_scale if a_scale is not None else q, weight, w_scale, bias if bias is not None and split == 1 else out,
+        out, n, k, per_split, weight.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None and split == 1,
+        BLOCK_N=cfg["BLOCK_N"], GROUPS=cfg["GROUPS"], GROUP=FP8_GROUP, QUANT_X=a_scale is None, QMAX=FP8_MAX,
+        STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **launch)
     if split == 1:
         return out
     y = out.sum(0, keepdim=True)
@@ -208,11 +230,11 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     check_fp8_operands(x, weight, weight_scale)
     lead = x.shape[:-1]
     x2 = as_rows(x)
-    q, s = act_quant_fp8(x2)
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     one_row = gemv_settings(*weight.shape, x.device) if x2.shape[0] == 1 else None
-    if one_row is not None:
-        y = fp8_gemv(q, s, weight, weight_scale, x.dtype, bias, one_row)
+    if one_row is not None:          # the row quantized inside the GEMV: one launch
+        y = fp8_gemv(x2, None, weight, weight_scale, x.dtype, bias, one_row)
     else:
+        q, s = act_quant_fp8(x2)
         y = fp8_gemm(q, s, weight, weight_scale, x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
