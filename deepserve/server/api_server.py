@@ -196,6 +196,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_prompt_tokens_details=bool(server.enable_prompt_tokens_details),
                               enable_force_include_usage=bool(server.enable_force_include_usage),
                               enable_server_load_tracking=bool(server.enable_server_load_tracking),
+                              enable_tokenizer_info_endpoint=bool(server.enable_tokenizer_info_endpoint),
                               responses_store_size=server.responses_store_size(),
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)

@@ -7,6 +7,7 @@ app's lifespan.
                               (with the store: --enable-responses-api-store, as vLLM's)
     GET  /health              GET  /version                 GET /metrics
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
+    GET  /tokenizer_info      (vLLM's: the tokenizer's configuration, with --enable-tokenizer-info-endpoint)
     GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
     POST /start_profile       POST /stop_profile            (with --profiler-config, as vLLM)
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
@@ -221,7 +225,42 @@ def build_app(state: ServerState) -> FastAPI:
                            param="tokens")
         return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}  # as vLLM: a round trip keeps BOS
 
+    if state.settings.enable_tokenizer_info_endpoint:   # vLLM routes it only then
+        @app.get("/tokenizer_info")
+        async def get_tokenizer_info():
+            return tokenizer_info(_tokenizer(state))
+
     return app
+
+
+def _plain(value: Any) -> Any:
+    """A tokenizer_config.json value with each AddedToken object ({"__type": "AddedToken",
+    "content": ...}) as its text, as vLLM's JSON of transformers' init_kwargs gives it."""
+    if isinstance(value, dict):
+        if value.get("__type") == "AddedToken":
+            return value.get("content")
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tokenizer_info(tok) -> dict:
+    """GET /tokenizer_info (vLLM's): tokenizer_config.json's fields but file paths, special tokens
+    as text, `tokenizer_class`, and the chat template this server renders. lm-eval's remote
+    tokenizer needs `eos_token`, so one the config leaves out is the tokenizer's own."""
+    path = Path(tok.folder) / "tokenizer_config.json"
+    info = _plain(json.loads(path.read_text())) if path.is_file() else {}
+    for key in ("vocab_file", "merges_file", "chat_template"):
+        info.pop(key, None)
+    info.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    if info.get("bos_token") is None and tok.bos_token_id is not None:
+        info["bos_token"] = tok.id_to_token(tok.bos_token_id)
+    if info.get("eos_token") is None and tok.eos_token_id is not None:
+        info["eos_token"] = tok.id_to_token(tok.eos_token_id)
+    if tok.chat_template:
+        info["chat_template"] = tok.chat_template
+    return info
 
 
 def _tokenizer(state: ServerState):

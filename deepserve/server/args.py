@@ -63,6 +63,10 @@ class ServerArgs:
     enable_server_load_tracking: bool = False
     """vLLM's: GET /load counts the generation requests in flight ({"server_load": N}; 0 without
     this flag), each API server process its own."""
+    enable_tokenizer_info_endpoint: bool = False
+    """vLLM's: GET /tokenizer_info answers the tokenizer's configuration (tokenizer_config.json's
+    fields, special tokens as their text, the chat template served), which lm-evaluation-harness's
+    remote tokenizer reads; it shows the chat template to anyone who can reach the server."""
     enable_responses_api_store: bool = False
     """Keep /v1/responses responses in this process's memory (OpenAI's store: GET
     /v1/responses/{id}, previous_response_id, background and cancel); vLLM's

@@ -57,6 +57,7 @@ class ServerSettings:
     enable_prompt_tokens_details: bool = False
     enable_force_include_usage: bool = False
     enable_server_load_tracking: bool = False
+    enable_tokenizer_info_endpoint: bool = False   # vLLM's: GET /tokenizer_info is served
     # the prefix cache's block size (None: prefix caching is off), for created_cache_tokens
     prefix_cache_block_size: Optional[int] = None
     # how many /v1/responses responses are kept (0: none; --enable-responses-api-store)

@@ -86,10 +86,10 @@ def launch(*flags: str, timeout: float = 120.0, cwd: Path = REPO) -> ServerProce
 
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory):
-    """The demo model with an API key and a simple chat template."""
+    """The demo model with an API key, a simple chat template and GET /tokenizer_info."""
     template = tmp_path_factory.mktemp("tmpl") / "demo.jinja"
     template.write_text(DEMO_TEMPLATE)
-    server = launch("--api-key", API_KEY, "--chat-template", str(template),
+    server = launch("--api-key", API_KEY, "--chat-template", str(template), "--enable-tokenizer-info-endpoint",
                     "--num-gpu-blocks-override", "2048", "--max-body-bytes", str(1 << 20))
     yield server
     server.stop()

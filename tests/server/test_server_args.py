@@ -19,7 +19,8 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--reasoning-p
          "--allow-credentials": None, "--allowed-methods": '["GET", "POST"]', "--allowed-headers": '["Authorization"]',
          "--reasoning-config": '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}',
          "--enable-prompt-tokens-details": None, "--enable-force-include-usage": None,
-         "--enable-server-load-tracking": None, "--enable-responses-api-store": None,
+         "--enable-server-load-tracking": None, "--enable-tokenizer-info-endpoint": None,
+         "--enable-responses-api-store": None,
          "--responses-store-max-size": "5"}
 GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, tool_call_parser="deepseek_v3",
@@ -28,7 +29,7 @@ GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_
              allowed_headers='["Authorization"]',
              reasoning_config={"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"},
              enable_prompt_tokens_details=True, enable_force_include_usage=True, enable_server_load_tracking=True,
-             enable_responses_api_store=True, responses_store_max_size=5)
+             enable_tokenizer_info_endpoint=True, enable_responses_api_store=True, responses_store_max_size=5)
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_defaults_are_vllms(parser, monkeypatch):
         chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info", allowed_origins='["*"]',
         allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]', reasoning_config=None,
         enable_prompt_tokens_details=False, enable_force_include_usage=False, enable_server_load_tracking=False,
-        enable_responses_api_store=False, responses_store_max_size=1000)
+        enable_tokenizer_info_endpoint=False, enable_responses_api_store=False, responses_store_max_size=1000)
 
 
 def test_every_flag_and_yaml_key_is_a_field(parser, tmp_path, monkeypatch):

@@ -32,6 +32,9 @@ metric_list:
 """
 
 
+DEMO_TOKENIZER = REPO / "deepserve" / "assets" / "stories260k"
+
+
 def local_tasks(folder):
     """The task YAMLs of `folder` only: indexing lm-eval's own thousands of tasks costs ~25 s of CPU."""
     from lm_eval.tasks import TaskManager
@@ -57,7 +60,7 @@ def test_lm_eval_gsm8k_runs_to_the_end(demo_server, tmp_path, monkeypatch, model
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     args = f"model=stories260k,base_url={demo_server.v1}/{endpoint},num_concurrent=4,max_retries=1"
     if endpoint == "completions":
-        args += f",tokenizer_backend=huggingface,tokenizer={REPO / 'deepserve' / 'assets' / 'stories260k'}"
+        args += f",tokenizer_backend=huggingface,tokenizer={DEMO_TOKENIZER}"
     before = finished_requests(demo_server.url)
     result = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["gsm8k_local"], limit=5,
                                      task_manager=local_tasks(tmp_path), log_samples=True,
@@ -90,25 +93,46 @@ MC_DOCS = [{"context": "Once upon a time, there was a little", "choices": [" gir
            {"context": "Lily wanted to play with her", "choices": [" friend", " spoon", " cloud"], "label": 0}]
 
 
+def run_mc(server, folder, model_args: str) -> list:
+    """lm-eval's multiple-choice run of MC_DOCS through local-completions: each sample's scores."""
+    import json
+    lm_eval = pytest.importorskip("lm_eval")
+    folder.mkdir(exist_ok=True)
+    data = folder / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (folder / "stories_mc.yaml").write_text(MC_TASK.format(data=data))
+    args = f"model=stories260k,base_url={server.v1}/completions,num_concurrent=2,max_retries=1,{model_args}"
+    result = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["stories_mc"],
+                                     task_manager=local_tasks(folder), log_samples=True)
+    assert result["results"]["stories_mc"]["acc,none"] == 1.0
+    return result["samples"]["stories_mc"]
+
+
 def test_lm_eval_multiple_choice_runs_on_echoed_logprobs(demo_server, tmp_path, monkeypatch):
     """A loglikelihood task (multiple choice from a local file): every choice is scored from the
     echoed prompt logprobs; the demo model knows its stories well enough to get all three."""
     pytest.importorskip("tenacity")
-    lm_eval = pytest.importorskip("lm_eval")
-
-    import json
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    (tmp_path / "stories_mc.yaml").write_text(MC_TASK.format(data=data))
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    args = (f"model=stories260k,base_url={demo_server.v1}/completions,num_concurrent=2,max_retries=1,"
-            f"tokenizer_backend=huggingface,tokenizer={REPO / 'deepserve' / 'assets' / 'stories260k'}")
-    result = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["stories_mc"],
-                                     task_manager=local_tasks(tmp_path), log_samples=True)
-    samples = result["samples"]["stories_mc"]
+    samples = run_mc(demo_server, tmp_path, f"tokenizer_backend=huggingface,tokenizer={DEMO_TOKENIZER}")
     assert len(samples) == 3
     for s in samples:
         scores = [r[0][0] for r in s["resps"]]
         assert len(scores) == len(s["doc"]["choices"]) and all(v < 0 for v in scores)
-    assert result["results"]["stories_mc"]["acc,none"] == 1.0
+
+
+def test_lm_eval_remote_tokenizer_is_the_servers(demo_server, tmp_path, monkeypatch):
+    """With --enable-tokenizer-info-endpoint lm-eval needs no tokenizer of its own: its auto
+    backend finds /tokenizer_info and /tokenize (vLLM's) and takes the remote tokenizer, whose
+    token ids give the scores the model's tokenizer folder gives."""
+    pytest.importorskip("tenacity")
+    from lm_eval.utils import check_remote_tokenizer_support
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert check_remote_tokenizer_support(f"{demo_server.v1}/completions")
+    remote = run_mc(demo_server, tmp_path / "remote", "tokenizer_backend=remote")
+    local = run_mc(demo_server, tmp_path / "local", f"tokenizer_backend=huggingface,tokenizer={DEMO_TOKENIZER}")
+    for r, h in zip(remote, local):
+        assert r["arguments"] == h["arguments"]
+        assert [x[0][0] for x in r["resps"]] == pytest.approx([x[0][0] for x in h["resps"]], abs=1e-4)
