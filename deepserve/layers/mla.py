@@ -134,6 +134,7 @@ class MLAAttention(nn.Module):
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         self.q_kv_a_pair = (q_first.plain_weight() is not None
                             and self.kv_a_proj_with_mqa.plain_weight() is not None)
+        self.q_kv_a_fp8 = self._join_fp8_q_kv_a() if self.q_lora_rank is not None else None
         # a plain GEMM computes each row from that row alone: stale rows of the prefill's gathered
         # latent then stay in rows the attention never reads
         self.kv_b_rowwise = self.kv_b_proj.plain_weight() is not None
@@ -142,6 +143,24 @@ class MLAAttention(nn.Module):
         if self.unused_v_scale is not None and self.unused_v_scale != self.kv_scale:
             logger.warning("MLA layer: the checkpoint's v_scale %g is not used (the latent cache has one "
                            "scale, k_scale %g, as in vLLM)", self.unused_v_scale, self.kv_scale)
+
+    def _join_fp8_q_kv_a(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """q_a_proj and kv_a_proj_with_mqa both block-fp8 and bias-free: their weights and
+        row-expanded scales stacked into one [q_lora + C + rope, D] pair, each layer's
+        parameters left as views of it (no memory added), so that one fp8 linear, one launch at
+        a single row, computes both; each output row is computed as before."""
+        from deepserve.layers.quantization import Fp8BlockLinearMethod
+        pair = (self.q_a_proj, self.kv_a_proj_with_mqa)
+        if not all(isinstance(m.quant_method, Fp8BlockLinearMethod) and m.bias is None for m in pair) \
+                or pair[0].quant_method.block != pair[1].quant_method.block:
+            return None
+        joined = []
+        for name in ("weight", "weight_scale_inv"):
+            both = torch.cat([getattr(m, name).data for m in pair])
+            rows = pair[0].out_features
+            getattr(pair[0], name).data, getattr(pair[1], name).data = both[:rows], both[rows:]
+            joined.append(both)
+        return joined[0], joined[1]
 
     # ------------------------------------------------------------------ helpers
 
@@ -185,6 +204,9 @@ class MLAAttention(nn.Module):
         q_first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         if self.q_kv_a_pair:
             q, kv_a = self.ops.linear_pair(x, q_first.weight, self.kv_a_proj_with_mqa.weight)
+        elif self.q_kv_a_fp8 is not None:
+            y = self.ops.fp8_block_linear(x, *self.q_kv_a_fp8)              # [T, q_lora + C + rope]
+            q, kv_a = y.split([self.q_lora_rank, y.shape[-1] - self.q_lora_rank], dim=-1)
         else:
             q, kv_a = q_first(x), self.kv_a_proj_with_mqa(x)                # kv_a [T, C + rope]
         if self.q_lora_rank is not None:
