@@ -113,6 +113,9 @@ step moe_small_fp8_slots 160 . python3 benchmarks/sweep_moe_small.py --fp8 --ker
 step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fused_moe_small.py \
   tests/ops/test_fused_moe_shared.py
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
+#   issue 16  batch 1 alone on the compare cut (the one-row fp8 GEMV quantizing its row, q_a / kv_a stacked)
+step r1_fp8_b1 110 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/b1" --case experts --weights fp8 --cut compare \
+  --batches 1
 step r1_fp8 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights fp8 --cut compare
 #   the same with the one-row fp8 GEMV off (DEEPSERVE_FP8_GEMV=0: the tensor-core GEMM for every fp8 projection)
 step r1_fp8_gemm 130 . env DEEPSERVE_FP8_GEMV=0 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemm" --case experts \
