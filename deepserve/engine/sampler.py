@@ -123,6 +123,21 @@ def bad_words_banned(seqs: list[Sequence]) -> list[tuple[int, int]]:
     return banned
 
 
+def exp_noise(logits: torch.Tensor, generators: list, states: Optional[list] = None) -> torch.Tensor:
+    """Exp(1) draws [N, V] for the exponential race over logits [N, V]: a row with a generator
+    (a seeded request's) takes the next V draws of it, the others the device's stream.
+    `states`: gets each row's generator state after its draw (None for a row without one), so
+    a caller that uses fewer rows than it drew for can put a generator back."""
+    dev, vocab = logits.device, logits.shape[1]
+    noise = torch.empty_like(logits).exponential_(1)
+    for i, g in enumerate(generators):
+        if g is not None:  # seeded: the request's own stream
+            noise[i] = to_device_async(torch.empty(vocab).exponential_(1, generator=g), torch.float32, dev)
+        if states is not None:
+            states.append(g.get_state() if g is not None else None)
+    return noise
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], vocab_size: int, ops: OpTable = REFERENCE_OPS):
         self.eos_token_ids = sorted(eos_token_ids)
@@ -208,16 +223,15 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, knob_rows: list, generators: list) -> torch.Tensor:
         """The sampled id of each row from its [temperature, top_k, top_p, min_p] and its
         generator (None: the device's stream)."""
-        dev = logits.device
+        return self.race(logits, knob_rows, exp_noise(logits, generators))
+
+    def race(self, logits: torch.Tensor, knob_rows: list, noise: torch.Tensor) -> torch.Tensor:
+        """The model's `ops.sample` over rows of logits [N, V] with their [temperature, top_k,
+        top_p, min_p] and Exp(1) noise [N, V]: the token each row draws."""
         # one copy for the four per-row settings (top_k < 2^24 is exact in fp64), without a sync
-        knobs = to_device_async(knob_rows, torch.float64, dev)
+        knobs = to_device_async(knob_rows, torch.float64, logits.device)
         temperature, top_p, min_p = (knobs[:, j].float() for j in (0, 2, 3))
         top_k = knobs[:, 1].long()
-        noise = torch.empty_like(logits).exponential_(1)
-        for i, g in enumerate(generators):
-            if g is not None:  # seeded: the request's own stream
-                noise[i] = to_device_async(torch.empty(logits.shape[1]).exponential_(1, generator=g),
-                                           torch.float32, dev)
         return self.ops.sample(logits, temperature, top_k, top_p, min_p, noise)
 
     def warm_up(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,23 @@
 """Speculative decoding in the engine step: drafts per sequence, the verify step's flat inputs
 (k + 1 positions per drafting sequence beside ordinary prefill chunks and decodes), the
-rejection sampler over their logits, and the KV of rejected positions given back.
+verification of their logits, and the KV of rejected positions given back.
 
 One step of a sequence with drafts d_1..d_k (its last token t not yet in the cache):
 
     inputs  t, d_1, ..., d_k  at positions L-1 .. L-1+k      (KV written for all of them)
-    logits  k + 1 rows -> rejection_sample -> d_1..d_a, then one recovered/bonus token
+    logits  k + 1 rows -> a token sampled at each -> d_1..d_a kept while they equal it,
+            then the sampled token at the first mismatch (or after d_k)
     after   num_computed_tokens = L + a: the KV of the rejected d_{a+1}..d_k lies past it and is
             overwritten later; whole blocks past it go back to the pool (`release_rejected`)
+
+Drafts here are deterministic (n-gram lookup, MTP's argmax): the draft distribution is
+one-hot, and for it sampling the target and keeping the draft while it is the sampled token
+is the rejection sampler exactly (Leviathan et al. 2023, algorithm 1): d is kept with
+probability p(d) = min(1, p(d) / q(d)), and a rejected position's token follows p without d,
+renormalised, which is normalize(max(0, p - q)). Each row is sampled as the plain sampler
+samples one (the same op, one Exp(1) draw a row), and a seeded sequence's generator ends as
+after the draws of the tokens it emits: its tokens are those it gets without speculation, and
+do not depend on how many drafts it was given (the pool or the step's budget may cut them).
 
 Only full blocks of accepted tokens reach the prefix cache (the block manager registers up to
 num_computed_tokens), so the cache never holds a rejected token's KV. (With mtp a cached
@@ -31,13 +41,10 @@ import numpy as np
 import torch
 
 from deepserve.config import SpeculativeConfig
-from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.ngram_proposer import NgramProposer
-from deepserve.engine.rejection_sampler import rejection_sample
-from deepserve.engine.sampler import SamplerOutput
+from deepserve.engine.sampler import Sampler, SamplerOutput, exp_noise
 from deepserve.engine.sequence import Sequence
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
-from deepserve.ops.sampling import sampling_probs
 
 logger = logging.getLogger("deepserve")
 
@@ -160,6 +167,8 @@ class SpecDecoder:
         # verify steps of decodes only run as one-token rows (`as_decode_rows`): set where the
         # runner replays them as CUDA graphs
         self.decode_rows = False
+        # the runner's sampler (its sampling op and vocabulary) samples the verified rows
+        self.sampler: Optional[Sampler] = None
         self.pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # Sequence -> MTP drafts
         self.stats = SpecStats()
         self.log_interval_s, self._logged_at = 10.0, time.monotonic()
@@ -180,28 +189,13 @@ class SpecDecoder:
         """logits [sum(len(d) + 1), V]: each sequence's rows in order -> the tokens each sequence
         emits (its accepted drafts, then one more)."""
         if all(s.params.greedy for s in seqs):
-            out = self._verify_greedy(logits, drafts)
+            # one [rows] argmax and one host copy; no settings or noise over the vocabulary
+            out = keep_matching(logits.argmax(dim=-1).tolist(), drafts)
         else:
-            out = verify_sampled(logits, seqs, drafts)
+            out = verify_sampled(logits, seqs, drafts, self.sampler)
         for d, toks in zip(drafts, out):
             self.stats.record(len(d), len(toks) - 1)
         self._maybe_log()
-        return out
-
-    @staticmethod
-    def _verify_greedy(logits: torch.Tensor, drafts: list[list[int]]) -> list[list[int]]:
-        """Every sequence greedy: a draft is kept while it equals the logits' argmax at its
-        row, then the argmax at the first mismatch (or after the last draft) follows, as the
-        plain sampler's greedy token would. One [rows] argmax and one host copy instead of the
-        rejection sampler's sorted distributions and noise over the vocabulary."""
-        best = logits.argmax(dim=-1).tolist()
-        out, row = [], 0
-        for d in drafts:
-            a = 0
-            while a < len(d) and d[a] == best[row + a]:
-                a += 1
-            out.append(d[:a] + [best[row + a]])
-            row += len(d) + 1
         return out
 
     def _maybe_log(self) -> None:
@@ -217,42 +211,45 @@ class SpecDecoder:
                     100.0 * st.num_accepted_tokens / max(1, st.num_draft_tokens), st.accepted_per_position)
 
 
-def verify_sampled(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
-    """The rejection sampler over each row's sampling distribution (greedy rows among them
-    take its argmax): logits [sum(len(d) + 1), V], each sequence's rows in order -> the
-    tokens each sequence emits."""
-    dev, vocab = logits.device, logits.shape[1]
-    logits = logits.float()
-    k = max(len(d) for d in drafts)
-    n = len(seqs)
+def keep_matching(sampled: list[int], drafts: list[list[int]]) -> list[list[int]]:
+    """`sampled`: the token of each verified row, each sequence's len(d) + 1 rows in order ->
+    each sequence's drafts while they equal the token sampled at their row, then the token
+    sampled at the first mismatch (or after the last draft)."""
+    out, row = [], 0
+    for d in drafts:
+        a = 0
+        while a < len(d) and d[a] == sampled[row + a]:
+            a += 1
+        out.append(d[:a] + [sampled[row + a]])
+        row += len(d) + 1
+    return out
+
+
+def verify_sampled(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+                   sampler: Optional[Sampler] = None) -> list[list[int]]:
+    """Each sequence's len(d) + 1 rows of logits sampled as `sampler` (default: the reference
+    op over the whole row) samples a step's rows, its drafts kept while they equal the sampled
+    tokens (the module docstring says why this is the rejection sampler for one-hot drafts);
+    a seeded sequence's row j takes the j-th draw of its generator, which is then put back to
+    where the draws of its emitted tokens leave it. Returns the tokens each sequence emits."""
+    if sampler is None:
+        sampler = Sampler(set(), logits.shape[1])
+    rows = logits.float()[:, :sampler.vocab_size]
     counts = [len(d) + 1 for d in drafts]
-    # rows of the padded [S, k+1] layout that hold a logits row
-    seq_of = np.repeat(np.arange(n), counts)
-    col_of = np.concatenate([np.arange(c) for c in counts])
-    knobs = to_device_async([[s.params.temperature, s.params.top_k, s.params.top_p, s.params.min_p]
-                             for s in seqs], torch.float64, dev)
-    per_row = knobs[to_device_async(seq_of, torch.int64, dev)]                  # [rows, 4]
-    probs = sampling_probs(logits, per_row[:, 0].float(), per_row[:, 1].long(), per_row[:, 2].float(),
-                           per_row[:, 3].float())
-    # (greedy rows: their argmax is the logits' argmax)
-    greedy = to_device_async([s.params.greedy for s in seqs], torch.bool, dev)
-    target = probs.new_zeros(n, k + 1, vocab)
-    target[to_device_async(seq_of, torch.int64, dev), to_device_async(col_of, torch.int64, dev)] = probs
-    draft_ids = to_device_async([d + [0] * (k - len(d)) for d in drafts], torch.int64, dev).view(n, k)
-    uniform, noise = _draws(seqs, k, vocab, dev)
-    return rejection_sample(target, draft_ids, to_device_async([len(d) for d in drafts], torch.int64, dev),
-                            greedy, uniform, noise).to_lists()
-
-
-def _draws(seqs: list[Sequence], k: int, vocab: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """U(0,1) [S, k] and Exp(1) [S, k+1, V]; a seeded request draws from its own generator."""
-    uniform = torch.rand(len(seqs), k, device=dev)
-    noise = torch.empty(len(seqs), k + 1, vocab, device=dev).exponential_(1)
-    for i, s in enumerate(seqs):
+    knob_rows, generators = [], []
+    for s, c in zip(seqs, counts):
+        p = s.params
+        knob_rows += [[p.temperature, p.top_k, p.top_p, p.min_p]] * c
+        generators += [s.generator] * c
+    states: list = []
+    sampled = sampler.race(rows, knob_rows, exp_noise(rows, generators, states)).tolist()
+    out = keep_matching(sampled, drafts)
+    first = 0
+    for s, c, toks in zip(seqs, counts, out):
         if s.generator is not None:
-            uniform[i] = torch.rand(k, generator=s.generator).to(dev)
-            noise[i] = torch.empty(k + 1, vocab).exponential_(1, generator=s.generator).to(dev)
-    return uniform, noise
+            s.generator.set_state(states[first + len(toks) - 1])
+        first += c
+    return out
 
 
 def release_rejected(block_manager, seq: Sequence) -> None:
@@ -271,6 +268,7 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
         raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
     decoder = SpecDecoder(spec, config.model.max_model_len)
     decoder.decode_rows = runner.graphs is not None and runner.graphs.enabled
+    decoder.sampler = runner.sampler
     return decoder
 
 
@@ -278,7 +276,7 @@ def run_speculative_step(engine, batch) -> list:
     """One synchronous engine step with drafts (LLMEngine with a SpecDecoder): each decode
     sequence that can speculate gets its drafts and blocks for them (none when the pool is
     short; fewer when the step's token budget runs out), one forward verifies all of them beside the step's prefill chunks, sequences with
-    drafts go through the rejection sampler and the others through the engine's sampler (their
+    drafts are verified (`SpecDecoder.verify`) and the others through the engine's sampler (their
     penalties, logprobs and grammars as without speculation); then the computed counts advance
     by the accepted tokens, the rejected drafts' blocks go back and full blocks are registered."""
     runner, bm, decoder = engine.runner, engine.block_manager, engine.spec

@@ -24,7 +24,8 @@ module's forwards over its rows (the k draft forwards included), as a served ste
 sampler's own Triton kernel (ops.sample) is launched the same way whatever the request's
 settings (penalties, logit_bias, min_tokens, logprobs and allowed_token_ids are torch ops
 before it; its integer arguments are the vocabulary and the row strides, the row count only
-its grid), and the rejection sampler is torch alone: one sampled draw warms them.
+its grid), and speculative verification samples its rows with the same op: one sampled
+draw warms them.
 
 The profile run's step (`profile_inputs`) and its sampling (`profile_sampling`) live here
 too: they size the activations and the sampler's temporaries every later step may use.
@@ -179,7 +180,7 @@ def profile_sampling(sampler, logits: torch.Tensor, max_seqs: int, drafts: int) 
     penalty counts and masks, allowed-token masks, noise, the torch path's sorts): `sampler`
     (the engine's Sampler) over `max_seqs` rows with every setting that allocates them (a
     step samples one row a sequence), then with speculative decoding (`drafts` = k) the
-    rejection sampler over the rows of rows // (k + 1) sequences of k drafts each."""
+    verification of rows // (k + 1) sequences of k drafts each (every row sampled)."""
     rows, vocab = logits.shape
     sampled = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)
     # every setting that allocates [rows, V] temporaries in the sampler (20: --max-logprobs' default)
@@ -191,7 +192,7 @@ def profile_sampling(sampler, logits: torch.Tensor, max_seqs: int, drafts: int) 
     m = rows // (drafts + 1) if drafts else 0
     if m:   # (what a sequence with drafts may ask for: penalties, logprobs, bias, allowed ids draft nothing)
         verify_sampled(logits[:m * (drafts + 1)], [Sequence("profile", i, [0], SamplingParams(**sampled))
-                                                   for i in range(m)], [[0] * drafts] * m)
+                                                   for i in range(m)], [[0] * drafts] * m, sampler)
 
 
 class CompileWatch:
