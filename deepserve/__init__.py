@@ -10,9 +10,12 @@ from deepserve.log import configure_from_env  # noqa: E402
 
 configure_from_env()
 
+# vLLM's top-level names (`from vllm import ...`) that deepserve has
 _EXPORTS = {"LLM": "deepserve.engine.llm", "SamplingParams": "deepserve.engine.sampling_params",
             "EngineArgs": "deepserve.config", "RequestOutput": "deepserve.engine.outputs",
-            "CompletionOutput": "deepserve.engine.outputs", "BeamSearchParams": "deepserve.engine.beam_search"}
+            "CompletionOutput": "deepserve.engine.outputs", "BeamSearchParams": "deepserve.engine.beam_search",
+            "LLMEngine": "deepserve.engine.llm_engine", "PromptType": "deepserve.inputs",
+            "TextPrompt": "deepserve.inputs", "TokensPrompt": "deepserve.inputs"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -1,12 +1,21 @@
-"""The offline API, as in vLLM: `LLM(model, **engine_args).generate(prompts, params)`."""
+"""The offline API, as in vLLM: `LLM(model, **engine_args).generate(prompts, params)`.
+
+As vLLM 0.26's LLM: a prompt is a string, token ids, or a TextPrompt / TokensPrompt dict; a
+prompt of max_model_len tokens or more is refused, and a request whose prompt + max_tokens
+passes max_model_len stops there with finish_reason "length" (the API server refuses it).
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from deepserve.config import EngineArgs
 from deepserve.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
-from deepserve.engine.llm_engine import LLMEngine, PromptType
+from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
+from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check_vllm_only_args, drop_text,
+                                         generation_defaults, refuse_unsupported, template_text, template_turn,
+                                         truncate_prompt)
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
@@ -14,21 +23,53 @@ from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_deli
 
 class LLM:
     def __init__(self, model: Optional[str] = None, reasoning_parser: Optional[str] = None,
-                 reasoning_config: Optional[dict] = None, **kwargs):
+                 reasoning_config: Optional[dict] = None, chat_template: Optional[str] = None,
+                 generation_config: str = "auto", override_generation_config: Optional[dict] = None,
+                 max_logprobs: int = 20, **kwargs):
         """`reasoning_parser` / `reasoning_config` (vLLM's): where reasoning starts and ends, for
-        requests with a thinking_token_budget."""
+        requests with a thinking_token_budget. `chat_template`: a template (or its file) for
+        chat() in place of the tokenizer's. `generation_config` (vLLM's): the default
+        SamplingParams come from the model folder's generation_config.json ("auto"), from none
+        ("vllm"), or from that file in the folder given; `override_generation_config` overrides
+        its keys. `max_logprobs` (vLLM's, -1 for no limit): most logprobs / prompt_logprobs a
+        request may ask for."""
         if model is not None:
             kwargs["model"] = model
+        check_vllm_only_args(kwargs)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; see EngineArgs")
         if kwargs.get("api_server_count", 1) != 1:
             raise ValueError("api_server_count is an option of `deepserve serve`; the offline LLM has no API server")
+        if not isinstance(max_logprobs, int) or max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no limit) or >= 0, got {max_logprobs!r}")
+        self.max_logprobs = max_logprobs
         delimiters = reasoning_delimiters(reasoning_parser, reasoning_config)
-        self.engine = LLMEngine(EngineArgs(**kwargs))
+        args = EngineArgs(**kwargs)
+        self.default_sampling_params = generation_defaults(generation_config, str(args.model),
+                                                            override_generation_config)
+        self.engine = LLMEngine(args)
         self.tokenizer = self.engine.tokenizer
+        self.chat_template = chat_template
+        if chat_template is not None and self.tokenizer is not None:
+            self._chat_tokenizer(chat_template)   # a template path that is no file fails now
         self.reasoning_token_ids = delimiter_token_ids(delimiters, self.tokenizer)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
+        """vLLM's: an LLM of these engine arguments."""
+        return cls(**vars(engine_args))
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine."""
+        return self.engine
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what generate() and chat() use without sampling_params (the model's
+        generation_config.json sampling settings, or SamplingParams())."""
+        return SamplingParams(**self.default_sampling_params)
 
     def shutdown(self) -> None:
         """Stop this engine's worker processes and free its process groups and ports (also
@@ -57,35 +98,134 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: Union[bool, Callable] = False, lora_request=None, priority: Optional[list[int]] = None,
+                 tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None
+                 ) -> list[RequestOutput]:
+        """vLLM's LLM.generate: one RequestOutput per prompt, in order. `use_tqdm`: a progress
+        bar (or a tqdm-like callable that makes one); `priority`: one per prompt (with
+        scheduling_policy "priority"); `tokenization_kwargs`: truncate_prompt_tokens (the
+        prompt's last N tokens; -1: max_model_len), add_special_tokens, truncation_side."""
+        refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
-        sampling_params = [self._with_reasoning_ids(sp) for sp in sampling_params]
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, sampling_params)]
-        return self._run(ids, use_tqdm)
+            raise ValueError(f"The lengths of prompts ({len(prompts)}) and params ({len(sampling_params)}) "
+                             f"must be the same.")
+        if priority is not None:
+            if len(priority) != len(prompts):
+                raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority ({len(priority)}) "
+                                 f"must be the same.")
+            if any(priority) and self.engine.config.scheduler.policy != "priority":
+                raise ValueError(f"Got priority {next(p for p in priority if p)} but priority scheduling is not "
+                                 f"enabled (LLM(..., scheduling_policy=\"priority\"))")
+            sampling_params = [dataclasses.replace(sp, priority=p) if p != sp.priority else sp
+                               for sp, p in zip(sampling_params, priority)]
+        requests = [self._request(p, self._with_reasoning_ids(sp), tokenization_kwargs)
+                    for p, sp in zip(prompts, sampling_params)]
+        ids = []
+        try:
+            for prompt, sp in requests:
+                ids.append(self.engine.add_request(None, prompt, sp))
+        except BaseException:
+            for rid in ids:   # a bad prompt among good ones: none of them stays queued
+                self.engine.abort_request(rid)
+            raise
+        outputs = self._run(ids, use_tqdm)
+        for out, (_, sp) in zip(outputs, requests):
+            if not sp.detokenize:
+                drop_text(out)
+        return outputs
 
-    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    def _request(self, prompt: PromptType, params: SamplingParams,
+                 tokenization_kwargs: Optional[dict]) -> tuple[dict, SamplingParams]:
+        """The prompt as token ids (tokenized and truncated as asked) and its params, whose
+        max_tokens stops the request at max_model_len as vLLM's engine does."""
+        if isinstance(prompt, dict):
+            extra = sorted(k for k in set(prompt) - PROMPT_KEYS if prompt[k] is not None)   # None asks nothing
+            if extra:
+                raise RequestError(f"prompt field(s) {extra} are not supported (a prompt dict takes "
+                                   f"{', '.join(sorted(PROMPT_KEYS))})")
+        kw = dict(tokenization_kwargs or {})
+        extra = sorted(set(kw) - TOKENIZATION_KWARGS)
+        if extra:
+            raise RequestError(f"tokenization_kwargs {extra} are not supported; it takes "
+                               f"{', '.join(sorted(TOKENIZATION_KWARGS))}")
+        text, ids = self.engine.tokenize_prompt(prompt)
+        given_ids = isinstance(prompt, dict) and "prompt_token_ids" in prompt or not isinstance(prompt, (str, dict))
+        if not kw.get("add_special_tokens", True) and not given_ids:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = truncate_prompt(ids, kw.get("truncate_prompt_tokens"), kw.get("truncation_side", "left"),
+                        self.engine.max_model_len)
+        self._check_logprobs(params)
+        limit = self.engine.max_model_len
+        if len(ids) > limit:
+            raise RequestError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length "
+                               f"of {limit}. Make sure that `max_model_len` is no smaller than the number of text "
+                               f"tokens.")
+        if ids and len(ids) == limit:
+            raise RequestError(f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens "
+                               f"(at least 1) is longer than the maximum model length of {limit}.")
+        room = limit - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        request = {"prompt_token_ids": ids, "prompt": text}
+        if isinstance(prompt, dict) and "cache_salt" in prompt:
+            request["cache_salt"] = prompt["cache_salt"]
+        return request, params
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """vLLM's max_logprobs rule (logprob_token_ids have their own limit)."""
+        if self.max_logprobs == -1:
+            return
+        asked = [("sample logprobs", None if params.logprob_token_ids else params.logprobs),
+                 ("prompt logprobs", params.prompt_logprobs)]
+        for what, k in asked:
+            if k is not None and k > self.max_logprobs:
+                raise RequestError(f"Requested {what} of {k}, which is greater than max allowed: {self.max_logprobs} "
+                                   f"(LLM(..., max_logprobs=N))")
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, lora_request=None,
+                    use_tqdm: bool = False, concurrency_limit: Optional[int] = None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: each prompt's best params.beam_width hypotheses, best first
         (engine/beam_search.py); a sequence's tokens and text hold the prompt's too, and its
-        tokens the EOS that ended it, as vLLM's. Searches stop at max_model_len. All prompts' beams run together, one token a step."""
+        tokens the EOS that ended it, as vLLM's. Searches stop at max_model_len. The beams of
+        `concurrency_limit` prompts (default: all) run together, one token a step."""
+        refuse_unsupported(lora_request=lora_request)
         if isinstance(prompts, (str, dict)):
             raise TypeError("beam_search takes a list of prompts")
+        if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(
+                concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or >= 1, got {concurrency_limit!r}")
         searches = []
         for p in prompts:
             ids = self.engine.tokenize_prompt(p)[1]
             room = self.engine.max_model_len - len(ids)
             if room < 1:
-                raise ValueError(f"the prompt has {len(ids)} tokens: no room for a token within max_model_len "
-                                 f"{self.engine.max_model_len}")
+                raise RequestError(f"the prompt has {len(ids)} tokens: no room for a token within max_model_len "
+                                   f"{self.engine.max_model_len}")
             searches.append(BeamSearch(ids, dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
                                                            include_stop_str_in_output=True),
                                        self.engine.eos_token_ids))
+        limit = concurrency_limit or max(1, len(searches))
+        for start in range(0, len(searches), limit):
+            self._beam_steps(searches[start:start + limit], use_tqdm)
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
+        results = []
+        for s in searches:
+            best = s.best()
+            for b in best:
+                b.text = decode(b.tokens)
+            results.append(BeamSearchOutput(best))
+        return results
+
+    def _beam_steps(self, searches: list[BeamSearch], use_tqdm) -> None:
+        """Run these searches to their end, one token a step for all their beams."""
         while True:
             live = [s for s in searches if not s.done]
             if not live:
@@ -97,14 +237,6 @@ class LLM:
             for s, ids in zip(live, rids):
                 s.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None
                            for o in (next(outs) for _ in ids)])
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
-        results = []
-        for s in searches:
-            best = s.best()
-            for b in best:
-                b.text = decode(b.tokens)
-            results.append(BeamSearchOutput(best))
-        return results
 
     def _with_reasoning_ids(self, params: SamplingParams) -> SamplingParams:
         if params.thinking_token_budget is None or params.reasoning_token_ids is not None \
@@ -112,22 +244,58 @@ class LLM:
             return params
         return dataclasses.replace(params, reasoning_token_ids=self.reasoning_token_ids)
 
-    def chat(self, messages: Union[list[dict], list[list[dict]]],
-             sampling_params: Optional[SamplingParams] = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate replies to one conversation (a list of {"role", "content"}) or several,
-        rendered with the model's own chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt, tokenize=True)}
-                   for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+    def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: Union[bool, Callable] = False, lora_request=None, chat_template: Optional[str] = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: Optional[list[dict]] = None,
+             chat_template_kwargs: Optional[dict] = None, tokenization_kwargs: Optional[dict] = None,
+             mm_processor_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """vLLM's LLM.chat: replies to one conversation (a list of {"role", "content"}) or
+        several, rendered with `chat_template` (a template or its file), else LLM(chat_template=),
+        else the tokenizer's. `continue_final_message`: the last message is a prefill that the
+        reply continues; `tools` and `chat_template_kwargs` go to the template."""
+        refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(f"chat_template_content_format must be auto, string or openai, got "
+                             f"{chat_template_content_format!r}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot chat")
+        if isinstance(messages, dict) or not messages:
+            raise ValueError("messages must be a conversation (a list of message dicts) or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        template = chat_template if chat_template is not None else self.chat_template
+        tokenizer = self._chat_tokenizer(template) if template is not None else self.tokenizer
+        if not tokenizer.chat_template:
+            raise ValueError(f"the tokenizer in {tokenizer.folder} has no chat template: pass chat_template= to "
+                             f"LLM(...) or to chat() (a template or its file)")
+        extra = dict(chat_template_kwargs or {})
+        add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
+        continue_final_message = extra.pop("continue_final_message", continue_final_message)
+        if tools is not None:
+            extra["tools"] = tools
+        prompts = []
+        for conversation in conversations:
+            turns = [template_turn(m, chat_template_content_format) for m in conversation]
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt, tokenize=False,
+                                                 continue_final_message=continue_final_message, **extra)
+            prompts.append(text)
+        kw = {"add_special_tokens": False, **(tokenization_kwargs or {})}   # the template writes the BOS
+        return self.generate(prompts, sampling_params, use_tqdm, tokenization_kwargs=kw)
+
+    def _chat_tokenizer(self, template: str):
+        """The tokenizer rendering `template` (a template's text or its file) instead of its own."""
+        tokenizer = copy.copy(self.tokenizer)
+        tokenizer.chat_template = template_text(template)
+        return tokenizer
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
-            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(request_ids), desc="Processed prompts",
+                                                              dynamic_ncols=True)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

@@ -7,9 +7,12 @@ from typing import Optional
 
 @dataclass
 class Logprob:
+    """vLLM's: a token's log-probability, its rank in the vocabulary (1 = most likely) and its
+    text (None with detokenize=False)."""
+
     logprob: float
-    rank: int
-    decoded_token: str
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
 
 
 @dataclass
@@ -21,6 +24,7 @@ class CompletionOutput:
     logprobs: Optional[list[dict[int, Logprob]]] = None
     finish_reason: Optional[str] = None   # "stop" | "length" | "abort" | None while running
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
+    lora_request: None = None             # vLLM's; no LoRA adapters are served
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -37,3 +41,4 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     # with SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    lora_request: None = None   # vLLM's; no LoRA adapters are served

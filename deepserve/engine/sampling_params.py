@@ -1,9 +1,21 @@
 """SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import dataclass, field, replace
+import math
+from copy import deepcopy
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, Optional, Union
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's: what each RequestOutput of a request holds. The offline LLM hands back only
+    the final one whatever is asked (as vLLM's LLM does); the API server streams deltas."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -24,6 +36,13 @@ class GuidedDecoding:
     structural_tag: Optional[str] = None
     """An xgrammar structural tag (JSON text): free text whose tagged parts are constrained, e.g.
     tool calls whose arguments follow their schemas (strict tools under tool_choice auto)."""
+    disable_any_whitespace: bool = False
+    """vLLM's; either value is served: the JSON grammars here are always compact (no whitespace
+    between tokens)."""
+    disable_additional_properties: bool = False
+    """vLLM's; either value is served: a JSON schema's objects take only the properties it lists."""
+    whitespace_pattern: Optional[str] = None
+    """vLLM's (outlines'); refused: xgrammar has no whitespace pattern."""
     start_after_token: Optional[int] = None
     """Leave the output free until this token is generated (a reasoning model's </think>)."""
     compiled: Any = field(default=None, repr=False, compare=False)
@@ -35,6 +54,9 @@ class GuidedDecoding:
         if len(given) != 1:
             raise ValueError(f"structured output needs exactly one of json, regex, choice, grammar, "
                              f"json_object, structural_tag; got {', '.join(given) or 'none'}")
+        if self.whitespace_pattern is not None:
+            raise ValueError("structured outputs: whitespace_pattern is not supported (xgrammar has none; its JSON "
+                             "is compact)")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"guided_choice must be a non-empty list of strings, got {self.choice!r}")
         if isinstance(self.json, str):
@@ -53,6 +75,9 @@ class GuidedDecoding:
         return (schema, self.regex, tuple(self.choice) if self.choice else None, self.grammar, self.json_object,
                 self.structural_tag)
 
+
+# vLLM's name for it (vllm.sampling_params.StructuredOutputsParams)
+StructuredOutputsParams = GuidedDecoding
 
 # most token ids one request's logprob_token_ids may name (vLLM's MAX_LOGPROB_TOKEN_IDS)
 MAX_LOGPROB_TOKEN_IDS = 128
@@ -117,10 +142,37 @@ class SamplingParams:
     bad_words: Optional[list[str]] = None
     """Words never generated (vLLM's): a word's last token is banned wherever the tokens
     generated so far end with its other tokens; each word counts with and without a leading space."""
+    detokenize: bool = True
+    """vLLM's: False leaves text "" and logprob entries' decoded_token None (the offline LLM's
+    outputs); stop strings need it."""
+    spaces_between_special_tokens: bool = True
+    """vLLM's; False (with skip_special_tokens False) is refused: special tokens decode as the
+    tokenizer writes them."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """vLLM's; the offline LLM returns each request's final output whatever it says."""
+    extra_args: Optional[dict[str, Any]] = None
+    """vLLM's: free-form data kept with the request (no built-in sampling reads it)."""
+    flat_logprobs: bool = False
+    """vLLM's FlatLogprobs container; True is refused (logprobs are a list of dicts)."""
+    skip_clone: bool = False
+    """vLLM's copy-avoidance switch; the engine never changes a caller's SamplingParams."""
+    repetition_detection: Optional[Any] = None
+    """vLLM's repetition stop; refused (not implemented)."""
+    structured_outputs: InitVar[Optional[GuidedDecoding]] = None
+    """vLLM's name for `guided` (StructuredOutputsParams), used where `guided` is not given;
+    reading it reads `guided`."""
     _bad_words_token_ids: Optional[list[list[int]]] = field(default=None, init=False, repr=False, compare=False)
     _bad_words_index: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self, structured_outputs: Optional[GuidedDecoding] = None):
+        if self.guided is None:   # `guided` wins: dataclasses.replace(p, guided=...) passes the old one here
+            self.guided = structured_outputs
+        if self.seed == -1:   # vLLM's "no seed"
+            self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):   # vLLM's: True asks for 1
+            if getattr(self, name) is True:
+                setattr(self, name, 1)
+        self._check_vllm_switches()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -131,6 +183,8 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature <= 2.0:   # vLLM's range (nan fails it too)
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -141,7 +195,7 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.stop_token_ids and min(self.stop_token_ids) < 0:
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
@@ -169,6 +223,20 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
         self._check_thinking_budget()
         self._check_bad_words()
+
+    def _check_vllm_switches(self) -> None:
+        """vLLM's fields without a sampling effect here: the values served, or a refusal."""
+        if self.flat_logprobs:
+            raise ValueError("flat_logprobs=True is not supported: logprobs come as a list of {token_id: Logprob}")
+        if self.repetition_detection is not None:
+            raise ValueError("repetition_detection is not supported")
+        if not self.spaces_between_special_tokens and not self.skip_special_tokens:
+            raise ValueError("spaces_between_special_tokens=False is not supported: special tokens decode as the "
+                             "tokenizer writes them")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings are only supported when detokenize is True")
 
     def _check_logprob_token_ids(self) -> None:
         """vLLM's rules (the vocabulary's end is the engine's check); logprobs becomes their
@@ -231,6 +299,10 @@ class SamplingParams:
         """bad_words as token ids, set by the engine when it takes the request."""
         return self._bad_words_token_ids
 
+    def clone(self) -> "SamplingParams":
+        """vLLM's: a deep copy (without a compiled grammar: the engine compiles it when it takes the copy)."""
+        return deepcopy(self)
+
     def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
         """A copy with another max_tokens, its bad_words' token ids kept."""
         copy = replace(self, max_tokens=max_tokens)
@@ -267,3 +339,7 @@ class SamplingParams:
         scheduling runs such steps synchronously."""
         return (self.logprobs is not None or self.has_penalties or self.min_tokens > 0
                 or self.guided is not None or self.thinking_token_budget is not None or bool(self.bad_words))
+
+
+# read as vLLM's SamplingParams.structured_outputs (the InitVar above only names the argument)
+SamplingParams.structured_outputs = property(lambda self: self.guided, doc="vLLM's name for `guided`.")

@@ -112,11 +112,15 @@ def test_a_request_the_core_fails_gets_the_error():
 
 def test_front_end_serves_the_contexts_the_pool_holds(monkeypatch):
     """A KV pool of 64 tokens caps the core's contexts at 64: the front end refuses a request
-    past that itself, naming 64 (it took it, and the core refused it as an engine error)."""
+    past that itself, naming 64 (it took it, and the core refused it as an engine error); the
+    offline LLM stops such a request at 64 tokens, as vLLM's."""
     monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "1")
     with LLM(str(DEMO_MODEL), num_gpu_blocks_override=4, block_size=16) as llm:
         assert llm.engine.max_model_len == 64
         with pytest.raises(ValueError, match="maximum context length is 64"):
-            llm.generate("Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))
+            llm.engine.add_request(None, "Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))
+        capped = llm.generate("Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))[0]
+        assert len(capped.prompt_token_ids) + len(capped.outputs[0].token_ids) == 64
+        assert capped.outputs[0].finish_reason == "length"
         out = llm.generate("Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True, temperature=0))
         assert len(out[0].outputs[0].token_ids) == 50

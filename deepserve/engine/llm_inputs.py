@@ -1,0 +1,121 @@
+"""What the offline LLM takes as vLLM's LLM does: constructor arguments without an engine field,
+prompt dicts and tokenization_kwargs, chat messages as templates read them, and the default
+SamplingParams from generation_config.json (vLLM's get_diff_sampling_param)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.tokenizer import JSONArguments, template_file
+
+logger = logging.getLogger("deepserve")
+
+# vLLM LLM(...) arguments without an engine field here: the values deepserve serves (any value
+# where the set is empty); other values are refused by name
+_VLLM_ONLY_ARGS: dict[str, tuple] = {
+    "disable_log_stats": (), "disable_custom_all_reduce": (), "tokenizer_mode": ("auto", "hf"),
+    "revision": (None,), "tokenizer_revision": (None,), "code_revision": (None,), "cpu_offload_gb": (0,),
+    "skip_tokenizer_init": (False,), "enable_lora": (False,), "hf_token": (None, False),
+    "allowed_local_media_path": ("",), "mm_processor_kwargs": (None, {}), "logits_processors": (None, []),
+    "runner": ("auto", "generate"), "convert": ("auto", "none"), "enable_prompt_embeds": (False,),
+}
+# generation_config.json keys that become the default SamplingParams (max_new_tokens: max_tokens)
+_GENERATION_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+# TextPrompt / TokensPrompt keys served (others, vLLM's multi_modal_data among them, are refused)
+PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt"}
+TOKENIZATION_KWARGS = {"truncate_prompt_tokens", "add_special_tokens", "truncation_side"}
+
+
+def check_vllm_only_args(kwargs: dict) -> None:
+    """Take out vLLM's LLM arguments that have no engine field here: their neutral values pass,
+    other values are refused by name."""
+    for name in [k for k in kwargs if k in _VLLM_ONLY_ARGS]:
+        value, served = kwargs.pop(name), _VLLM_ONLY_ARGS[name]
+        if served and value not in served:
+            raise ValueError(f"{name}={value!r} is not supported (deepserve serves "
+                             f"{' or '.join(repr(v) for v in served)})")
+
+
+def refuse_unsupported(**given) -> None:
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"{name} is not supported (no LoRA adapters or multi-modal inputs)")
+
+
+def generation_defaults(setting: str, model: str, overrides: Optional[dict]) -> dict:
+    """SamplingParams keyword arguments from generation_config.json, as vLLM's
+    get_diff_sampling_param reads them (`setting`: "auto", "vllm" or a folder)."""
+    config: dict = {}
+    if setting != "vllm":
+        path = Path(model if setting == "auto" else setting) / "generation_config.json"
+        if path.is_file():
+            config = json.loads(path.read_text())
+        elif setting != "auto":
+            raise FileNotFoundError(f"generation_config={setting!r}: {path} not found")
+    config.update(overrides or {})
+    found = {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    if found and setting != "vllm":
+        logger.info("default sampling params from the generation config: %s (generation_config=\"vllm\" "
+                    "ignores them)", found)
+    return found
+
+
+def truncate_prompt(ids: list[int], keep: Optional[int], side: str, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last (side "left") or first `keep` tokens;
+    -1 keeps max_model_len."""
+    if keep is None:
+        return ids
+    if side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be left or right, got {side!r}")
+    if keep == -1:
+        keep = max_model_len
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or >= 1, got {keep!r}")
+    return ids[-keep:] if side == "left" else ids[:keep]
+
+
+def template_text(template: str) -> str:
+    path = template_file(template)
+    return path.read_text() if path is not None else template
+
+
+def template_turn(message: dict, content_format: str) -> dict:
+    """A message as chat templates read it (vLLM's rendering): text parts joined into one string
+    (format "auto" / "string"); a tool call's JSON arguments are their text to templates that
+    join them into the prompt (R1's) and their value to `tojson` (JSONArguments)."""
+    turn = dict(message)
+    content = turn.get("content")
+    if isinstance(content, list) and content_format != "openai":
+        other = [part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content
+                 if not (isinstance(part, dict) and part.get("type") == "text")]
+        if other:
+            raise ValueError(f"message content parts {other} are not supported (text parts only)")
+        turn["content"] = "\n".join(part["text"] for part in content)
+    if turn.get("tool_calls"):
+        calls = []
+        for call in turn["tool_calls"]:
+            function = dict(call.get("function") or {})
+            text = function.get("arguments")
+            if isinstance(text, str):
+                try:
+                    function["arguments"] = JSONArguments(text, json.loads(text))
+                except json.JSONDecodeError:
+                    pass   # left as written: the template prints it
+            calls.append({**call, "function": function})
+        turn["tool_calls"] = calls
+    return turn
+
+
+def drop_text(output: RequestOutput) -> None:
+    """detokenize=False: vLLM's outputs then carry token ids only."""
+    entries = [e for c in output.outputs for e in c.logprobs or ()] + [e for e in output.prompt_logprobs or () if e]
+    for completion in output.outputs:
+        completion.text = ""
+    for entry in entries:
+        for lp in entry.values():
+            lp.decoded_token = None

@@ -1,0 +1,181 @@
+"""The offline API as vLLM 0.26 users write it: `from deepserve import LLM, SamplingParams` and
+scripts in the style of vLLM's examples, on the demo model (stories260k)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from deepserve import LLM, SamplingParams
+from deepserve.config import DEMO_MODEL
+from deepserve.engine.llm_engine import RequestError
+from tests.server.conftest import DEMO_TEMPLATE
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+# writes "A:" where a reply starts, and the tools' names
+TEMPLATE = ("{{ bos_token }}{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(max_model_len=64, disable_log_stats=True, tokenizer_mode="auto", revision=None,
+             chat_template=DEMO_TEMPLATE) as llm:
+        yield llm
+
+
+def test_vllm_names_import():
+    from deepserve import LLMEngine, PromptType, TextPrompt, TokensPrompt  # noqa: F401
+    from deepserve.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: F401
+    from deepserve.sampling_params import BeamSearchParams, RequestOutputKind, StructuredOutputsParams  # noqa: F401
+
+    assert Logprob(-0.5) == Logprob(logprob=-0.5, rank=None, decoded_token=None)
+    assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
+
+
+def test_a_request_past_max_model_len_stops_there(llm):
+    """vLLM's engine stops a request at max_model_len with finish_reason "length" (offline it
+    is not refused); a prompt of max_model_len tokens or more is refused."""
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=100, min_tokens=80,
+                                                          ignore_eos=True))[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+    assert out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match=r"prompt \(length 64\) plus the number of requested output tokens"):
+        llm.generate({"prompt_token_ids": [5] * 64}, GREEDY)
+    with pytest.raises(ValueError, match=r"prompt \(length 70\) is longer than the maximum model length of 64"):
+        llm.generate({"prompt_token_ids": [5] * 70}, GREEDY)
+
+
+def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate(["Once upon a time", {"prompt_token_ids": [1, 9999]}], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompt_forms_and_generate_keywords(llm):
+    from deepserve import TextPrompt, TokensPrompt
+
+    ids = llm.get_tokenizer().encode("Once upon a time")
+    want = llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
+    assert [o.outputs[0].text for o in llm.generate([TextPrompt(prompt="Once upon a time"),
+                                                     TokensPrompt(prompt_token_ids=ids)], GREEDY)] == [want] * 2
+    truncated = llm.generate("Once upon a time", GREEDY, tokenization_kwargs={"truncate_prompt_tokens": 2})[0]
+    assert truncated.prompt_token_ids == ids[-2:]
+    plain = llm.generate("Once", GREEDY, tokenization_kwargs={"add_special_tokens": False})[0]
+    assert plain.prompt_token_ids == llm.get_tokenizer().encode("Once", add_special_tokens=False) != ids[:2]
+    with pytest.raises(ValueError, match="multi_modal_data"):
+        llm.generate({"prompt": "Once", "multi_modal_data": {"image": None}}, GREEDY)
+    with pytest.raises(ValueError, match="lora_request is not supported"):
+        llm.generate("Once", GREEDY, lora_request=object())
+    with pytest.raises(ValueError, match=r"lengths of prompts \(2\) and priority \(1\)"):
+        llm.generate(["a", "b"], GREEDY, priority=[0])
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        llm.generate(["a", "b"], GREEDY, priority=[1, 0])
+    with pytest.raises(ValueError, match="sample logprobs of 21, which is greater than max allowed: 20"):
+        llm.generate("Once", SamplingParams(logprobs=21))
+    bars = []
+
+    def bar(**kw):
+        from tqdm import tqdm
+        bars.append(kw)
+        return tqdm(disable=True, **kw)
+    llm.generate(["a", "b"], GREEDY, use_tqdm=bar)
+    assert bars and bars[0]["total"] == 2
+
+
+def test_sampling_params_vllm_fields(llm):
+    from deepserve.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    out = llm.generate("Once upon a time", SamplingParams(
+        max_tokens=8, seed=0, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])))[0]
+    assert out.outputs[0].text in ("yes", "no")
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=True, detokenize=False, extra_args={"k": 1},
+                            output_kind=RequestOutputKind.DELTA, seed=-1, spaces_between_special_tokens=True)
+    assert (params.logprobs, params.seed, params.extra_args) == (1, None, {"k": 1})
+    quiet, loud = (llm.generate("Once upon a time", p)[0].outputs[0]
+                   for p in (params, SamplingParams(temperature=0, max_tokens=4, logprobs=1)))
+    assert quiet.token_ids == loud.token_ids and loud.text and quiet.text == ""
+    assert {lp.decoded_token for entry in quiet.logprobs for lp in entry.values()} == {None}
+    for bad, message in ((dict(stop=["x"], detokenize=False), "stop strings are only supported when detokenize"),
+                         (dict(flat_logprobs=True), "flat_logprobs"), (dict(temperature=2.5), r"\[0, 2\]")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="whitespace_pattern is not supported"):
+        StructuredOutputsParams(regex="a", whitespace_pattern=" ")
+
+
+def test_default_sampling_params_come_from_the_generation_config(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95,
+                                                              "max_new_tokens": 5}))
+    with LLM(str(model)) as llm:
+        assert llm.llm_engine is llm.engine
+        params = llm.get_default_sampling_params()
+        assert (params.temperature, params.top_p, params.max_tokens) == (0.6, 0.95, 5)
+        assert len(llm.generate("Once", SamplingParams(ignore_eos=True, max_tokens=7))[0].outputs[0].token_ids) == 7
+        assert len(llm.generate("Once upon a time")[0].outputs[0].token_ids) <= 5
+    with pytest.raises(ValueError, match="cpu_offload_gb=4 is not supported"):
+        LLM(str(model), cpu_offload_gb=4)
+    with pytest.raises(ValueError, match="tokenizer_mode='slow' is not supported"):
+        LLM(str(model), tokenizer_mode="slow")
+    with LLM(str(model), generation_config="vllm") as llm:
+        assert llm.get_default_sampling_params() == SamplingParams()
+
+
+def test_chat_takes_vllms_arguments(llm):
+    user = [{"role": "user", "content": "Once upon a time"}]
+    one = llm.chat(user, GREEDY)[0]
+    assert one.prompt == "<s>Once upon a time" and one.outputs[0].text
+    both = llm.chat([user, [{"role": "user", "content": [{"type": "text", "text": "Once upon a time"}]}]], GREEDY)
+    assert [o.outputs[0].text for o in both] == [one.outputs[0].text] * 2
+    # vLLM's third positional argument is use_tqdm, not add_generation_prompt
+    assert llm.chat(user, GREEDY, False, chat_template=TEMPLATE)[0].prompt == "<s>Once upon a time A:"
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    assert llm.chat(user, GREEDY, chat_template=TEMPLATE, tools=tools,
+                    chat_template_kwargs={"add_generation_prompt": False})[0].prompt == "<s>[weather]Once upon a time"
+    prefill = user + [{"role": "assistant", "content": ", there"}]
+    cont = llm.chat(prefill, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
+    assert cont.prompt == "<s>Once upon a time, there"
+    with pytest.raises(ValueError, match="image_url"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], GREEDY)
+
+
+def test_chat_hands_tool_call_arguments_to_the_template_as_vllm(llm):
+    """A past tool call's JSON arguments are an object to `tojson` (vLLM parses them) and their
+    text where a template joins them into the prompt (R1's)."""
+    turns = [{"role": "user", "content": "Once"},
+             {"role": "assistant", "content": None,
+              "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]
+    template = ("{{ bos_token }}{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                "{{ c.function.arguments | tojson }}|{{ '' + c.function.arguments }}{% endfor %}{% endfor %}")
+    assert llm.chat(turns, GREEDY, chat_template=template)[0].prompt == '<s>{"a": 1}|{"a": 1}'
+
+
+def test_beam_search_takes_vllms_arguments(llm):
+    from deepserve import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=2, max_tokens=3)
+    prompts = ["Once upon a time", {"prompt": "Lily"}]
+    together = llm.beam_search(prompts, params)
+    assert [[b.tokens for b in o.sequences] for o in llm.beam_search(prompts, params, concurrency_limit=1)] == \
+        [[b.tokens for b in o.sequences] for o in together]
+    with pytest.raises(ValueError, match="lora_request is not supported"):
+        llm.beam_search(prompts, params, object())
+
+
+def test_from_engine_args_and_a_cli_parser_as_vllms_example():
+    """vLLM's examples/offline_inference/basic/generate.py: EngineArgs' flags on a parser, then
+    LLM(**vars(args)) or LLM.from_engine_args."""
+    import argparse
+
+    from deepserve import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = vars(parser.parse_args(["--max-model-len", "48", "--max-num-seqs", "2"]))
+    with LLM(**args) as llm:
+        assert llm.llm_engine.max_model_len == 48
+    with LLM.from_engine_args(EngineArgs(max_model_len=40)) as llm:
+        assert llm.llm_engine.max_model_len == 40
