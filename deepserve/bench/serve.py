@@ -280,10 +280,14 @@ def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
 
 
 def served_models(args: argparse.Namespace) -> list[str]:
-    """The model names the server lists at /v1/models."""
+    """The model names the server lists at /v1/models (with `args.api_key`, where there is one,
+    as a bearer token: a server started with --api-key answers /v1/* only with it)."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
+    key = getattr(args, "api_key", None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False))
+        resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
+                         headers=headers)
         resp.raise_for_status()
         names = [m["id"] for m in resp.json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:

@@ -84,11 +84,11 @@ def default_output(base_url: str, model: str) -> Path:
     return Path("eval-results") / f"{name}.json"
 
 
-def served_model(base_url: str) -> str:
+def served_model(base_url: str, api_key: str | None) -> str:
     """The model to evaluate when --model is not given: the server's only one, as /v1/models lists it."""
     from deepserve.bench.serve import served_models
 
-    names = served_models(argparse.Namespace(base_url=base_url))
+    names = served_models(argparse.Namespace(base_url=base_url, api_key=api_key))
     if len(names) > 1:
         raise ValueError(f"the server serves {', '.join(names)}: choose one with --model")
     print(f"eval: model {names[0]!r} (the server's; --model chooses)", file=sys.stderr)
@@ -106,7 +106,7 @@ def run_handler(args) -> int:
     if missing:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
                          "(or use `deepserve eval compare A.json B.json`)")
-    args.model = args.model or served_model(args.base_url)
+    args.model = args.model or served_model(args.base_url, args.api_key)
     settings = SamplingSettings(model=args.model, temperature=args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     output = args.output or default_output(args.base_url, args.model)

@@ -99,6 +99,19 @@ def test_num_samples_and_cache_reuse(items, datasets_dir, tmp_path):
     assert result["tasks"]["aime24"]["items"]["60"]["scores"] == [1.0, 1.0, 1.0]
 
 
+def test_api_key_server_model_found_and_evaluated(items, datasets_dir, tmp_path, capsys):
+    """The README's line (no --model) against a server with an API key: --api-key goes with the
+    /v1/models lookup too (it was sent only with the questions: the lookup got a 401)."""
+    with FakeOpenAI(items, mode="gold", api_key="sk-eval") as srv:
+        argv = ["eval", "--base-url", srv.url, "--api-key", "sk-eval", "--tasks", "gsm8k",
+                "--data-path", str(datasets_dir), "--limit", "1", "--no-progress",
+                "--output", str(tmp_path / "key.json")]
+        assert main(argv) == 0
+    assert "eval: model 'fake-r1' (the server's" in capsys.readouterr().err
+    assert srv.answered == 1 and srv.requests[0]["model"] == "fake-r1"
+    assert json.loads((tmp_path / "key.json").read_text())["tasks"]["gsm8k"]["score"] == 100.0
+
+
 def test_permanent_error_stops_with_one_line(items, datasets_dir, tmp_path, capsys):
     with FakeOpenAI(items, mode="gold") as srv:
         argv = ["eval", "--base-url", srv.url + "/nope", "--model", "m", "--tasks", "gsm8k",
