@@ -26,6 +26,9 @@ DEMO_MODEL = str(PACKAGE_DIR / "assets" / "stories260k")
 PRESET_DIR = PACKAGE_DIR / "assets" / "presets"
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+# vLLM's other names for them (--dtype half, LLM(dtype=torch.bfloat16))
+_DTYPE_ALIASES = {"half": "float16", "float": "float32", "torch.float16": "float16", "torch.float32": "float32",
+                  "torch.bfloat16": "bfloat16"}
 
 
 # --------------------------------------------------------------------------- HF config.json
@@ -398,7 +401,7 @@ class EngineArgs:
     reported. Default: the model argument as given (vLLM)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (the checkpoint's, bf16 for fp8 checkpoints, fp32 on CPU
-    for fp16/bf16 checkpoints), float32, float16 or bfloat16."""
+    for fp16/bf16 checkpoints), float32 (float), float16 (half) or bfloat16."""
     max_model_len: Optional[int] = None
     """Longest prompt + output in tokens; default: the model's max_position_embeddings."""
     load_format: str = "auto"
@@ -543,6 +546,7 @@ class EngineArgs:
     active_iterations (a torch.profiler schedule)."""
 
     def __post_init__(self):
+        self.dtype = _DTYPE_ALIASES.get(str(self.dtype), self.dtype)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
