@@ -172,7 +172,7 @@ class LLM:
             raise RequestError(f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens "
                                f"(at least 1) is longer than the maximum model length of {limit}.")
         room = limit - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
+        if params.max_tokens is None or params.max_tokens > room:   # None: up to max_model_len
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         request = {"prompt_token_ids": ids, "prompt": text}
         if isinstance(prompt, dict) and "cache_salt" in prompt:

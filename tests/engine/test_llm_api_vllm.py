@@ -41,6 +41,8 @@ def test_a_request_past_max_model_len_stops_there(llm):
                                                           ignore_eos=True))[0]
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
     assert out.outputs[0].finish_reason == "length"
+    out = llm.generate("Once", SamplingParams(max_tokens=None, min_tokens=100, ignore_eos=True))[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
     with pytest.raises(ValueError, match=r"prompt \(length 64\) plus the number of requested output tokens"):
         llm.generate({"prompt_token_ids": [5] * 64}, GREEDY)
     with pytest.raises(ValueError, match=r"prompt \(length 70\) is longer than the maximum model length of 64"):
