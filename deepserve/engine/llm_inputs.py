@@ -80,8 +80,14 @@ def truncate_prompt(ids: list[int], keep: Optional[int], side: str, max_model_le
 
 
 def template_text(template: str) -> str:
-    path = template_file(template)
-    return path.read_text() if path is not None else template
+    """A chat template given as its file or its text (vLLM's rule: text without "{", "}" or a
+    newline names a file, which must exist)."""
+    path = template_file(str(template))
+    if path is not None:
+        return path.read_text()
+    if not any(c in str(template) for c in "{}\n"):
+        raise ValueError(f"chat_template {template!r} looks like a file path, but there is no such file")
+    return template
 
 
 def template_turn(message: dict, content_format: str) -> dict:

@@ -140,6 +140,8 @@ def test_chat_takes_vllms_arguments(llm):
     prefill = user + [{"role": "assistant", "content": ", there"}]
     cont = llm.chat(prefill, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
     assert cont.prompt == "<s>Once upon a time, there"
+    with pytest.raises(ValueError, match="looks like a file path"):
+        llm.chat(user, GREEDY, chat_template="templates/missing.jinja")
     with pytest.raises(ValueError, match="image_url"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], GREEDY)
 
