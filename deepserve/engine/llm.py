@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence, Union
 
 from deepserve.config import EngineArgs
@@ -275,11 +276,18 @@ class LLM:
         if tools is not None:
             extra["tools"] = tools
         prompts = []
+        render = functools.partial(tokenizer.apply_chat_template, add_generation_prompt=add_generation_prompt,
+                                   tokenize=False, continue_final_message=continue_final_message, **extra)
         for conversation in conversations:
             turns = [template_turn(m, chat_template_content_format) for m in conversation]
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt, tokenize=False,
-                                                 continue_final_message=continue_final_message, **extra)
-            prompts.append(text)
+            try:
+                prompts.append(render(turns))
+            except TypeError:
+                # a tool-call turn's content None (transformers' shape, which R1-Distill's templates
+                # test for) in a template that joins it as a string: "" then, as vLLM renders it
+                if not any(t.get("content", "") is None for t in turns):
+                    raise
+                prompts.append(render([{**t, "content": ""} if t.get("content", "") is None else t for t in turns]))
         kw = {"add_special_tokens": False, **(tokenization_kwargs or {})}   # the template writes the BOS
         return self.generate(prompts, sampling_params, use_tqdm, tokenization_kwargs=kw)
 

@@ -155,6 +155,9 @@ def test_chat_hands_tool_call_arguments_to_the_template_as_vllm(llm):
     template = ("{{ bos_token }}{% for m in messages %}{% for c in m.tool_calls or [] %}"
                 "{{ c.function.arguments | tojson }}|{{ '' + c.function.arguments }}{% endfor %}{% endfor %}")
     assert llm.chat(turns, GREEDY, chat_template=template)[0].prompt == '<s>{"a": 1}|{"a": 1}'
+    # a template that joins every turn's content: the tool-call turn's None is "" to it
+    joined = "{{ bos_token }}{% for m in messages %}{{ m['content'] + '|' }}{% endfor %}"
+    assert llm.chat(turns, GREEDY, chat_template=joined)[0].prompt == "<s>Once||"
 
 
 def test_beam_search_takes_vllms_arguments(llm):
