@@ -21,7 +21,15 @@ _VLLM_ONLY_ARGS: dict[str, tuple] = {
     "skip_tokenizer_init": (False,), "enable_lora": (False,), "hf_token": (None, False),
     "allowed_local_media_path": ("",), "mm_processor_kwargs": (None, {}), "logits_processors": (None, []),
     "runner": ("auto", "generate"), "convert": ("auto", "none"), "enable_prompt_embeds": (False,),
+    "attention_config": (None, {}), "kv_transfer_config": (None,), "worker_cls": ("auto",),
+    "limit_mm_per_prompt": (None, {}), "pooler_config": (None,), "quantization_config": (None, {}),
+    "enable_return_routed_experts": (False,), "enable_sleep_mode": (False,), "logprobs_mode": ("raw_logprobs",),
 }
+# vLLM's structured_outputs_config keys and the values served (xgrammar; its JSON is always compact)
+_STRUCTURED_OUTPUTS_CONFIG = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (),
+                              "disable_additional_properties": (), "disable_fallback": (), "reasoning_parser": ("",)}
+# vLLM's top-level aliases of speculative_config keys
+_SPEC_ALIASES = {"spec_method": "method", "spec_model": "model", "spec_tokens": "num_speculative_tokens"}
 # generation_config.json keys that become the default SamplingParams (max_new_tokens: max_tokens)
 _GENERATION_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 # TextPrompt / TokensPrompt keys served (others, vLLM's multi_modal_data among them, are refused)
@@ -33,10 +41,27 @@ def check_vllm_only_args(kwargs: dict) -> None:
     """Take out vLLM's LLM arguments that have no engine field here: their neutral values pass,
     other values are refused by name."""
     for name in [k for k in kwargs if k in _VLLM_ONLY_ARGS]:
-        value, served = kwargs.pop(name), _VLLM_ONLY_ARGS[name]
-        if served and value not in served:
-            raise ValueError(f"{name}={value!r} is not supported (deepserve serves "
-                             f"{' or '.join(repr(v) for v in served)})")
+        _check_served(name, kwargs.pop(name), _VLLM_ONLY_ARGS[name])
+    for key, value in (kwargs.pop("structured_outputs_config", None) or {}).items():
+        if key not in _STRUCTURED_OUTPUTS_CONFIG:
+            raise ValueError(f"structured_outputs_config.{key} is not supported (it takes "
+                             f"{', '.join(_STRUCTURED_OUTPUTS_CONFIG)})")
+        _check_served(f"structured_outputs_config.{key}", value, _STRUCTURED_OUTPUTS_CONFIG[key])
+    aliases = {_SPEC_ALIASES[k]: kwargs.pop(k) for k in list(kwargs) if k in _SPEC_ALIASES}
+    aliases = {k: v for k, v in aliases.items() if v is not None}
+    if aliases:
+        spec = kwargs.get("speculative_config") or {}
+        spec = dict(json.loads(spec) if isinstance(spec, str) else spec)
+        clash = sorted(k for k, v in aliases.items() if k in spec and spec[k] != v)
+        if clash:
+            raise ValueError(f"speculative_config {clash} and their spec_* aliases disagree")
+        kwargs["speculative_config"] = {**spec, **aliases}
+
+
+def _check_served(name: str, value, served: tuple) -> None:
+    if served and value not in served:
+        raise ValueError(f"{name}={value!r} is not supported (deepserve serves "
+                         f"{' or '.join(repr(v) for v in served)})")
 
 
 def refuse_unsupported(**given) -> None:

@@ -197,3 +197,17 @@ def test_dtype_takes_vllms_names():
         ["float16", "float32", "bfloat16", "float32"]
     with LLM(dtype=torch.float32, max_model_len=32) as llm:
         assert llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
+
+
+def test_vllm_config_arguments_are_taken_or_refused_by_name():
+    with LLM(max_model_len=32, spec_method="ngram", spec_tokens=2, logprobs_mode="raw_logprobs",
+             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}) as llm:
+        assert llm.engine.config.speculative is not None
+        assert llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
+    for bad, message in ((dict(structured_outputs_config={"backend": "outlines"}), "backend='outlines'"),
+                         (dict(attention_config={"backend": "FLASHINFER"}), "attention_config="),
+                         (dict(logprobs_mode="processed_logprobs"), "logprobs_mode='processed_logprobs'"),
+                         (dict(spec_tokens=3, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+                          "disagree")):
+        with pytest.raises(ValueError, match=message):
+            LLM(**bad)
