@@ -270,9 +270,12 @@ class LLM:
         if not tokenizer.chat_template:
             raise ValueError(f"the tokenizer in {tokenizer.folder} has no chat template: pass chat_template= to "
                              f"LLM(...) or to chat() (a template or its file)")
-        extra = dict(chat_template_kwargs or {})
-        add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
-        continue_final_message = extra.pop("continue_final_message", continue_final_message)
+        # as vLLM's offline chat: the arguments win over chat_template_kwargs' same keys (tools where given)
+        extra = {k: v for k, v in (chat_template_kwargs or {}).items()
+                 if k not in ("add_generation_prompt", "continue_final_message", "tokenize")}
+        taken = sorted(set(extra) & {"messages", "bos_token", "eos_token"})
+        if taken:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)} (chat() renders them)")
         if tools is not None:
             extra["tools"] = tools
         prompts = []

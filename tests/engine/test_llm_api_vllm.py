@@ -136,7 +136,13 @@ def test_chat_takes_vllms_arguments(llm):
     assert llm.chat(user, GREEDY, False, chat_template=TEMPLATE)[0].prompt == "<s>Once upon a time A:"
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     assert llm.chat(user, GREEDY, chat_template=TEMPLATE, tools=tools,
-                    chat_template_kwargs={"add_generation_prompt": False})[0].prompt == "<s>[weather]Once upon a time"
+                    add_generation_prompt=False)[0].prompt == "<s>[weather]Once upon a time"
+    # as vLLM's offline chat: chat_template_kwargs give what the arguments leave unset
+    kwargs = {"tools": tools, "add_generation_prompt": False}
+    assert llm.chat(user, GREEDY, chat_template=TEMPLATE, chat_template_kwargs=kwargs)[0].prompt == \
+        "<s>[weather]Once upon a time A:"
+    with pytest.raises(ValueError, match="cannot set bos_token"):
+        llm.chat(user, GREEDY, chat_template_kwargs={"bos_token": "x"})
     prefill = user + [{"role": "assistant", "content": ", there"}]
     cont = llm.chat(prefill, GREEDY, add_generation_prompt=False, continue_final_message=True)[0]
     assert cont.prompt == "<s>Once upon a time, there"
