@@ -279,9 +279,10 @@ def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
     return parse_spec_decode_counters(resp.text) if resp.status_code == 200 else None
 
 
-def served_models(args: argparse.Namespace) -> list[str]:
-    """The model names the server lists at /v1/models (with `args.api_key`, where there is one,
-    as a bearer token: a server started with --api-key answers /v1/* only with it)."""
+def model_cards(args: argparse.Namespace) -> list[dict]:
+    """The model cards the server lists at /v1/models (each with its "id"; vLLM's and ours with
+    "max_model_len"), asked with `args.api_key`, where there is one, as a bearer token (a server
+    started with --api-key answers /v1/* only with it)."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
     key = getattr(args, "api_key", None)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -289,12 +290,17 @@ def served_models(args: argparse.Namespace) -> list[str]:
         resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
                          headers=headers)
         resp.raise_for_status()
-        names = [m["id"] for m in resp.json()["data"]]
+        cards = [dict(m, id=m["id"]) for m in resp.json()["data"]]
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{url} did not list the served models ({exc})") from None
-    if not names:
+    if not cards:
         raise ValueError(f"{url} lists no model")
-    return names
+    return cards
+
+
+def served_models(args: argparse.Namespace) -> list[str]:
+    """The model names the server lists at /v1/models."""
+    return [card["id"] for card in model_cards(args)]
 
 
 def resolve_model(args: argparse.Namespace) -> str:

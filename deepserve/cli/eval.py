@@ -5,8 +5,10 @@
     deepserve eval compare official.json ours.json
 
 Defaults follow DeepSeek-R1's published evaluation (temperature 0.6, top-p 0.95, 32768
-generated tokens, pass@1 over --num-samples). Rerunning an interrupted command resumes
-from its reply cache (`<output>.cache.jsonl`).
+generated tokens, pass@1 over --num-samples); against a server whose context (the
+max_model_len its /v1/models lists) is no larger than 32768 tokens no max_tokens is sent, so
+each reply may use what its prompt leaves. Rerunning an interrupted command resumes from its
+reply cache (`<output>.cache.jsonl`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from deepserve.evals.tasks import DEFAULT_TASKS, TASKS, parse_tasks
+
+R1_MAX_TOKENS = 32768   # generated tokens a reply may take in DeepSeek-R1's published evaluation
 
 DATA_LAYOUT = ("--data-path holds one folder per task: gsm8k/test.jsonl, math500/test.jsonl, "
                "aime/test.jsonl (aime24), aime/aime_2025.jsonl (aime25), "
@@ -43,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-concurrency", type=int, default=32, help="requests in flight (32)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=32768, help="generated tokens per reply")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"generated tokens per reply (default {R1_MAX_TOKENS}; none sent where the server's "
+                        "context is no larger: each reply may use what its prompt leaves)")
     p.add_argument("--seed", type=int, default=None,
                    help="base seed sent to the server (seed + sample index per request)")
     p.add_argument("--output", type=Path, default=None,
@@ -95,6 +101,25 @@ def served_model(base_url: str, api_key: str | None) -> str:
     return names[0]
 
 
+def reply_budget(base_url: str, api_key: str | None, model: str) -> int | None:
+    """--max-tokens' default: R1's 32768, or None (no max_tokens sent) where the server lists
+    `model` with a context of at most that many tokens, which no prompt would leave room for
+    (every request was a 400)."""
+    from deepserve.bench.serve import model_cards
+
+    try:
+        cards = model_cards(argparse.Namespace(base_url=base_url, api_key=api_key))
+    except ValueError:   # no /v1/models (not every OpenAI-compatible server has one)
+        return R1_MAX_TOKENS
+    context = next((card.get("max_model_len") for card in cards if card["id"] == model), None)
+    if not isinstance(context, int) or context > R1_MAX_TOKENS:
+        return R1_MAX_TOKENS
+    print(f"eval: the server's context is {context} tokens, no more than the {R1_MAX_TOKENS} generated "
+          "tokens R1's evaluation allows: no max_tokens is sent, each reply may use what its prompt leaves "
+          "(--max-tokens sets one)", file=sys.stderr)
+    return None
+
+
 def run_handler(args) -> int:
     # the HTTP client and the runner are imported here, not when every `deepserve` command
     # builds its parser (a server process has no use for them)
@@ -107,6 +132,8 @@ def run_handler(args) -> int:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
                          "(or use `deepserve eval compare A.json B.json`)")
     args.model = args.model or served_model(args.base_url, args.api_key)
+    if args.max_tokens is None:
+        args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)
     settings = SamplingSettings(model=args.model, temperature=args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     output = args.output or default_output(args.base_url, args.model)
@@ -123,8 +150,9 @@ def run_handler(args) -> int:
     print(markdown_table(result), end="")
     for name, task in result["tasks"].items():
         if task["n_truncated"]:
+            limit = "the server's context" if args.max_tokens is None else f"--max-tokens {args.max_tokens}"
             print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
-                  f"--max-tokens {args.max_tokens} and were scored as given", file=sys.stderr)
+                  f"{limit} and were scored as given", file=sys.stderr)
         if task.get("n_timeouts"):
             print(f"note: {name}: {task['n_timeouts']} of {task['n_samples']} answers ran out of "
                   f"--math-timeout {args.math_timeout:g} s and were scored wrong", file=sys.stderr)

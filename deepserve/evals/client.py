@@ -24,7 +24,7 @@ class SamplingSettings:
     model: str
     temperature: float = 0.6
     top_p: float = 0.95
-    max_tokens: int = 32768
+    max_tokens: int | None = 32768   # None: not sent (the server's context bounds a reply)
     seed: int | None = None
 
     def __post_init__(self):
@@ -34,7 +34,7 @@ class SamplingSettings:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
@@ -84,7 +84,9 @@ class ChatClient:
     async def chat(self, messages: list[dict], settings: SamplingSettings) -> dict:
         """One completion: {content, reasoning_content, finish_reason, usage}."""
         body = {"model": settings.model, "messages": messages, "temperature": settings.temperature,
-                "top_p": settings.top_p, "max_tokens": settings.max_tokens, "stream": False}
+                "top_p": settings.top_p, "stream": False}
+        if settings.max_tokens is not None:
+            body["max_tokens"] = settings.max_tokens
         if settings.seed is not None:
             body["seed"] = settings.seed
         last_error = ""

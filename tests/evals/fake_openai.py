@@ -11,8 +11,9 @@ right or wrong according to `mode`:
 and, independently, `fail_rate` of calls fail transiently: 503, 429, or a dropped
 connection. `split_reasoning` puts the thinking in `reasoning_content` as vLLM's
 deepseek_r1 reasoning parser does. `delay` slows every reply (for kill-and-resume tests).
-GET /v1/models lists one model, "fake-r1"; with `api_key` every /v1 route wants it as a bearer
-token (401 otherwise), as a server started with --api-key.
+GET /v1/models lists one model, "fake-r1" (with `max_model_len` where given, as vLLM's card);
+with `api_key` every /v1 route wants it as a bearer token (401 otherwise), as a server started
+with --api-key.
 """
 from __future__ import annotations
 
@@ -66,12 +67,12 @@ class FakeOpenAI:
 
     def __init__(self, items_by_task: dict[str, list[Item]], mode: str = "gold",
                  fail_rate: float = 0.0, split_reasoning: bool = False, delay: float = 0.0,
-                 seed: int = 0, api_key: str | None = None):
+                 seed: int = 0, api_key: str | None = None, max_model_len: int | None = None):
         if mode not in ("gold", "wrong", "mixed"):
             raise ValueError(f"mode must be gold, wrong or mixed, got {mode!r}")
         self.items = [(task, item) for task, items in items_by_task.items() for item in items]
         self.mode, self.fail_rate, self.split, self.delay = mode, fail_rate, split_reasoning, delay
-        self.api_key = api_key
+        self.api_key, self.max_model_len = api_key, max_model_len
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.calls = self.failures = self.answered = 0
@@ -143,7 +144,10 @@ class FakeOpenAI:
                 if self.path != "/v1/models":
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
-                self._send(200, {"object": "list", "data": [{"id": "fake-r1", "object": "model"}]})
+                card = {"id": "fake-r1", "object": "model"}
+                if fake.max_model_len is not None:
+                    card["max_model_len"] = fake.max_model_len
+                self._send(200, {"object": "list", "data": [card]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -112,6 +112,21 @@ def test_api_key_server_model_found_and_evaluated(items, datasets_dir, tmp_path,
     assert json.loads((tmp_path / "key.json").read_text())["tasks"]["gsm8k"]["score"] == 100.0
 
 
+@pytest.mark.parametrize("context,given,sent", [(32768, None, None), (4096, None, None), (4096, "100", 100),
+                                                (40000, None, 32768), (None, None, 32768)])
+def test_max_tokens_default_fits_the_servers_context(items, datasets_dir, tmp_path, capsys, context, given, sent):
+    """R1's 32768 generated tokens, unless the server's context (its /v1/models max_model_len)
+    is no larger: then no max_tokens goes out and a reply takes what its prompt leaves (each
+    request was a 400 before, 32768 + the prompt being over the context); --max-tokens as given."""
+    with FakeOpenAI(items, mode="gold", max_model_len=context) as srv:
+        argv = ["eval", "--base-url", srv.url, "--tasks", "gsm8k", "--data-path", str(datasets_dir),
+                "--limit", "1", "--no-progress", "--output", str(tmp_path / "ctx.json")]
+        assert main(argv + (["--max-tokens", given] if given else [])) == 0
+    assert srv.requests[0].get("max_tokens") == sent and srv.answered == 1
+    assert ("no max_tokens is sent" in capsys.readouterr().err) == (sent is None)
+    assert json.loads((tmp_path / "ctx.json").read_text())["settings"]["max_tokens"] == sent
+
+
 def test_permanent_error_stops_with_one_line(items, datasets_dir, tmp_path, capsys):
     with FakeOpenAI(items, mode="gold") as srv:
         argv = ["eval", "--base-url", srv.url + "/nope", "--model", "m", "--tasks", "gsm8k",
