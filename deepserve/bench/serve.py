@@ -290,7 +290,9 @@ def model_cards(args: argparse.Namespace) -> list[dict]:
         resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
                          headers=headers)
         resp.raise_for_status()
-        cards = [dict(m, id=m["id"]) for m in resp.json()["data"]]
+        cards = resp.json()["data"]
+        if not all("id" in card for card in cards):
+            raise KeyError("id")
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{url} did not list the served models ({exc})") from None
     if not cards:
