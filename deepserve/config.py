@@ -547,6 +547,8 @@ class EngineArgs:
 
     def __post_init__(self):
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), self.dtype)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):

@@ -194,13 +194,15 @@ def test_from_engine_args_and_a_cli_parser_as_vllms_example():
         assert llm.llm_engine.max_model_len == 40
 
 
-def test_dtype_takes_vllms_names():
+def test_dtype_takes_vllms_names_and_seed_is_an_integer():
     import torch
 
     from deepserve import EngineArgs
 
     assert [EngineArgs(dtype=d).dtype for d in ("half", "float", torch.bfloat16, torch.float32)] == \
         ["float16", "float32", "bfloat16", "float32"]
+    with pytest.raises(ValueError, match="seed must be an integer, got None"):
+        EngineArgs(seed=None)
     with LLM(dtype=torch.float32, max_model_len=32) as llm:
         assert llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
 
