@@ -51,6 +51,9 @@ class LLM:
         self.default_sampling_params = generation_defaults(generation_config, str(args.model),
                                                             override_generation_config)
         self.engine = LLMEngine(args)
+        self._queued: list[str] = []                    # enqueue()'s requests, not yet waited for
+        self._finished: dict[str, RequestOutput] = {}   # the outputs of those that finished
+        self._no_text: set[str] = set()                 # requests with detokenize=False
         self.tokenizer = self.engine.tokenizer
         self.chat_template = chat_template
         if chat_template is not None and self.tokenizer is not None:
@@ -106,6 +109,17 @@ class LLM:
         bar (or a tqdm-like callable that makes one); `priority`: one per prompt (with
         scheduling_policy "priority"); `tokenization_kwargs`: truncate_prompt_tokens (the
         prompt's last N tokens; -1: max_model_len), add_special_tokens, truncation_side."""
+        ids = self.enqueue(prompts, sampling_params, lora_request, priority, tokenization_kwargs=tokenization_kwargs,
+                           mm_processor_kwargs=mm_processor_kwargs, _queue=False)
+        return self._run(ids, use_tqdm)
+
+    def enqueue(self, prompts: Union[PromptType, Sequence[PromptType]],
+                sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, lora_request=None,
+                priority: Optional[list[int]] = None, use_tqdm: Union[bool, Callable] = False,
+                tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None,
+                _queue: bool = True) -> list[str]:
+        """vLLM's: add the requests (as generate() takes them) without running them; their
+        request ids. wait_for_completion() runs them."""
         refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
@@ -133,15 +147,22 @@ class LLM:
         try:
             for prompt, sp in requests:
                 ids.append(self.engine.add_request(None, prompt, sp))
+                if not sp.detokenize:
+                    self._no_text.add(ids[-1])
         except BaseException:
             for rid in ids:   # a bad prompt among good ones: none of them stays queued
                 self.engine.abort_request(rid)
+                self._no_text.discard(rid)
             raise
-        outputs = self._run(ids, use_tqdm)
-        for out, (_, sp) in zip(outputs, requests):
-            if not sp.detokenize:
-                drop_text(out)
-        return outputs
+        if _queue:
+            self._queued += ids
+        return ids
+
+    def wait_for_completion(self, output_type=None, *, use_tqdm: Union[bool, Callable] = False
+                            ) -> list[RequestOutput]:
+        """vLLM's: run the requests enqueue() added; their outputs, in the order they were added."""
+        ids, self._queued = self._queued, []
+        return self._run(ids, use_tqdm)
 
     def _request(self, prompt: PromptType, params: SamplingParams,
                  tokenization_kwargs: Optional[dict]) -> tuple[dict, SamplingParams]:
@@ -301,7 +322,9 @@ class LLM:
         return tokenizer
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
+        """Step the engine until these requests are done; their outputs, in order. Requests that
+        enqueue() added finish too; their outputs wait for wait_for_completion()."""
+        done, self._finished = self._finished, {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -321,7 +344,12 @@ class LLM:
         finally:
             if bar:
                 bar.close()
-        return [done[rid] for rid in request_ids]
+        for rid in set(done) & self._no_text:
+            drop_text(done[rid])
+            self._no_text.discard(rid)
+        outputs = [done.pop(rid) for rid in request_ids]
+        self._finished = done
+        return outputs
 
     def prompt_logits(self, prompts: Sequence[PromptType]) -> list:
         """Full-vocabulary logits at every prompt position (fp32 CPU tensors [len, V]), for

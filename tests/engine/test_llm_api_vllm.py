@@ -219,3 +219,16 @@ def test_vllm_config_arguments_are_taken_or_refused_by_name():
                           "disagree")):
         with pytest.raises(ValueError, match=message):
             LLM(**bad)
+
+
+def test_enqueue_then_wait_for_completion(llm):
+    want = [o.outputs[0].text for o in llm.generate(["Once upon a time", "Lily"], GREEDY)]
+    ids = llm.enqueue(["Once upon a time", "Lily"], [GREEDY, SamplingParams(temperature=0, max_tokens=4,
+                                                                             detokenize=False)])
+    assert len(ids) == 2
+    # a generate() meanwhile runs the queued requests too, and returns only its own
+    assert llm.generate("Once upon a time", GREEDY)[0].outputs[0].text == want[0]
+    outs = llm.wait_for_completion()
+    assert [o.request_id for o in outs] == ids
+    assert [o.outputs[0].text for o in outs] == [want[0], ""] and outs[1].outputs[0].token_ids
+    assert llm.wait_for_completion() == []
