@@ -26,8 +26,8 @@ next one starts), merged into one JSON (--out, default benchmarks/results/spec.j
 
 A step's cost is its forward (`ModelRunner.run_step`, inputs staged from the host as the engine
 does; verify steps as the engine runs them: one-token rows replaying the decode graphs where
-graphs are captured) plus its sampling (greedy: the sampler for a plain step, the rejection
-sampler for a verify step), median of --iters after a warm-up, synchronized.
+graphs are captured) plus its sampling (greedy: the sampler for a plain step, the verification
+of a verify step's rows), median of --iters after a warm-up, synchronized.
 
 Projection (MTP; random weights cannot show its acceptance, so acceptance a is given): with
 a per-position acceptance a, a step emits E = 1 + a + ... + a^k tokens and costs
@@ -120,6 +120,7 @@ def step_costs(llm: LLM, batches, context: int, device: str, iters: int) -> dict
     """{batch: {k: {forward_ms, sample_ms, step_ms, rows}}} with k = 0 the plain decode step."""
     engine, runner = llm.engine, llm.engine.runner
     decoder = SpecDecoder(engine.config.speculative, engine.max_model_len)
+    decoder.sampler = runner.sampler                   # verification samples with the engine's op
     graphs = runner.graphs is not None and runner.graphs.enabled
     out = {}
     for b in batches:
