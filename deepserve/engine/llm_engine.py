@@ -286,8 +286,11 @@ class LLMEngine:
             raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
         bm = self.block_manager
-        if not bm.can_allocate(seq, len(ids)):
-            raise RequestError("not enough free KV blocks to score the prompt now")
+        # running sequences make room as for a step (recomputed later): what else runs must not
+        # decide whether a prompt can be scored
+        if not self.scheduler.make_room(bm.blocks_needed(seq, len(ids))):
+            raise RequestError("not enough free KV blocks to score the prompt now (the sequences "
+                               "holding them are in flight)")
         bm.allocate(seq, len(ids))  # no prefix hits: every position is computed
         seq.num_computed_tokens = 0
         try:

@@ -92,6 +92,18 @@ class Scheduler:
             return max(candidates, key=self._priority_key)
         return candidates[-1]
 
+    def make_room(self, num_blocks: int) -> bool:
+        """Preempt running sequences, as a step short of blocks does (`_victim`: never one in
+        flight), until `num_blocks` blocks are free (work outside the schedule that needs the
+        pool, such as scoring a prompt, then waits on no one); whether they are."""
+        while self.block_manager.num_free_blocks < num_blocks:
+            if all(s.in_flight for s in self.running):
+                return False
+            victim = self._victim(0)
+            self.running.remove(victim)
+            self._preempt(victim)
+        return True
+
     def schedule(self, max_seqs: Optional[int] = None) -> ScheduledBatch:
         """The next step's batch; `max_seqs`: at most this many sequences (a pipeline
         micro-batch's share)."""
