@@ -282,8 +282,11 @@ class LLMEngine:
         """Logits [len, V] at every position of one prompt, computed through the paged cache
         (prefill in one chunk; the blocks are freed afterwards)."""
         _, ids = self.tokenize_prompt(prompt)
-        if len(ids) > min(self.max_model_len, self.config.scheduler.max_num_batched_tokens):
-            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows")
+        step = self.config.scheduler.max_num_batched_tokens
+        if len(ids) > min(self.max_model_len, step):
+            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows: prompt logprobs "
+                               f"and scores compute a prompt in one step of at most --max-num-batched-tokens "
+                               f"{step} tokens and --max-model-len {self.max_model_len}")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
         bm = self.block_manager
         # running sequences make room as for a step (recomputed later): what else runs must not

@@ -64,3 +64,11 @@ def test_make_room_preempts_the_newest_and_never_one_in_flight():
     assert not sched.make_room(6)                     # a goes too; b is in flight
     assert a.status == SeqStatus.WAITING and b.status == SeqStatus.RUNNING and b.block_table
     assert sched.block_manager.num_free_blocks == 4 and sched.num_preemptions == 2
+
+
+def test_a_prompt_longer_than_a_step_is_refused_naming_the_flag():
+    llm = LLM(block_size=4, max_num_batched_tokens=8, max_model_len=64)
+    with pytest.raises(ValueError, match="longer than one step allows: .* --max-num-batched-tokens 8 "):
+        llm.generate(SCORED + " " + SCORED, SCORE)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert not llm.engine.has_unfinished_requests()
