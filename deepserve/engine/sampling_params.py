@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import numbers
 from copy import deepcopy
 from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, Optional, Union
@@ -173,6 +174,7 @@ class SamplingParams:
             if getattr(self, name) is True:
                 setattr(self, name, 1)
         self._check_vllm_switches()
+        self._check_integers()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -223,6 +225,21 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
         self._check_thinking_budget()
         self._check_bad_words()
+
+    def _check_integers(self) -> None:
+        """Counts and ids must be integers (a float failed deep in the sampler, or was truncated)."""
+        def integer(value) -> bool:   # numpy's integers too
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs", "priority"):
+            value = getattr(self, name)
+            if value is not None:
+                if not integer(value):
+                    raise ValueError(f"{name} must be an integer, got {value!r}")
+                setattr(self, name, int(value))
+        ids = self.stop_token_ids or []
+        if isinstance(ids, (str, bytes)) or not all(integer(t) for t in ids):
+            raise ValueError(f"stop_token_ids must contain only integers, got {ids!r}")
 
     def _check_vllm_switches(self) -> None:
         """vLLM's fields without a sampling effect here: the values served, or a refusal."""

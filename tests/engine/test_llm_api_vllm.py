@@ -103,6 +103,11 @@ def test_sampling_params_vllm_fields(llm):
                          (dict(flat_logprobs=True), "flat_logprobs"), (dict(temperature=2.5), r"\[0, 2\]")):
         with pytest.raises(ValueError, match=message):
             SamplingParams(**bad)
+    for bad, message in ((dict(n=2.0), "n must be an integer, got 2.0"), (dict(top_k=3.5), "top_k must be an integer"),
+                         (dict(logprobs=1.5), "logprobs must be an integer"), (dict(seed=1.5), "seed must be an integer"),
+                         (dict(stop_token_ids=["a"]), "stop_token_ids must contain only integers")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
     with pytest.raises(ValueError, match="whitespace_pattern is not supported"):
         StructuredOutputsParams(regex="a", whitespace_pattern=" ")
 
