@@ -10,9 +10,10 @@ import pytest
 from deepserve import LLM, SamplingParams
 from deepserve.config import DEMO_MODEL
 from deepserve.engine.llm_engine import RequestError
-from tests.server.conftest import DEMO_TEMPLATE
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
+# the demo model ships no chat template: BOS, then the turns' text
+DEMO_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
 # writes "A:" where a reply starts, and the tools' names
 TEMPLATE = ("{{ bos_token }}{% for t in tools or [] %}[{{ t['function']['name'] }}]{% endfor %}"
             "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}")
