@@ -24,9 +24,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
 def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                    min_p: torch.Tensor) -> torch.Tensor:
-    """The distribution `sample` draws from, [B, V], normalised (the rejection sampler of
-    speculative decoding needs it); rows with temperature 0 get the temperature-1 distribution
-    (their callers take the argmax)."""
+    """The distribution `sample` draws from, [B, V], normalised; rows with temperature 0 get the
+    temperature-1 distribution (their callers take the argmax)."""
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logits = logits / temp[:, None]
     vocab = logits.shape[-1]
