@@ -113,6 +113,8 @@ step moe_small_fp8_slots 160 . python3 benchmarks/sweep_moe_small.py --fp8 --ker
 step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fused_moe_small.py \
   tests/ops/test_fused_moe_shared.py
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
+#   issue 16  the fp8 linear op (one row: the GEMV quantizing its row) against the torch reference
+step fp8_op_tests 60 . python3 -m pytest -q -m gpu tests/quant/test_serving.py -k fp8_kernel
 #   issue 16  batch 1 alone on the compare cut (the one-row fp8 GEMV quantizing its row, q_a / kv_a stacked)
 step r1_fp8_b1 110 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/b1" --case experts --weights fp8 --cut compare \
   --batches 1
