@@ -273,8 +273,10 @@ class AsyncLLM:
                         self._fail_step(exc, EngineDeadError(self.fatal_error))
                         self._abort_all(EngineDeadError(self.fatal_error))
                     else:
-                        self.num_step_errors += 1
-                        logger.exception("engine step failed; failing the requests in it")
+                        refused = getattr(exc, "refused", None)   # engine cores' checks refused them
+                        if not refused or set(exc.request_ids) - set(refused):
+                            self.num_step_errors += 1
+                            logger.exception("engine step failed; failing the requests in it")
                         self._fail_step(exc)
             self._take_snapshot()
             if outputs:
@@ -327,7 +329,8 @@ class AsyncLLM:
         for rid in ids:
             self.engine.abort_request(rid)
         err = error or EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
-        self._deliver([(rid, err) for rid in ids])
+        refused = {} if error is not None else getattr(exc, "refused", {})   # a core's checks: bad input
+        self._deliver([(rid, RequestError(refused[rid]) if rid in refused else err) for rid in ids])
 
     def _deliver(self, items: list) -> None:
         loop = self._loop

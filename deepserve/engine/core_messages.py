@@ -85,6 +85,7 @@ class CoreOutputs:
     step_bytes: int = 0          # bytes this rank sent for the step (its peers' inputs + this message)
     error: Optional[str] = None  # a request the core refused, or a failed step
     failed_requests: list[str] = field(default_factory=list)
+    refused: bool = False        # the core refused `failed_requests` before any forward (bad input)
     logits: Optional[torch.Tensor] = None
     profiled: bool = False       # a ProfileRequest is done (`error`: why it failed)
 

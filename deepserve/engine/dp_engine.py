@@ -56,11 +56,13 @@ class _Placement:
 
 class CoreStepError(RuntimeError):
     """Engine cores failed requests (a step that raised, or a request a core refused): those
-    requests are gone; `outputs` are the other requests' outputs read in the same step()."""
+    requests are gone; `outputs` are the other requests' outputs read in the same step();
+    `refused` maps each refused request to the core's message (bad input, not a failed step)."""
 
-    def __init__(self, message: str, request_ids: list[str], outputs: list[RequestOutput]):
+    def __init__(self, message: str, request_ids: list[str], outputs: list[RequestOutput],
+                 refused: Optional[dict[str, str]] = None):
         super().__init__(message)
-        self.request_ids, self.outputs = request_ids, outputs
+        self.request_ids, self.outputs, self.refused = request_ids, outputs, refused or {}
 
 
 class CoreLink:
@@ -346,11 +348,13 @@ class DataParallelEngine(LLMEngine):
         while first is not None:
             msgs.append(first)
             first = self._next(timeout_s=0.0)
-        outputs, failed, errors = [], [], []
+        outputs, failed, errors, refused = [], [], [], {}
         for msg in msgs:
             if msg.error and msg.failed_requests:
                 for rid in msg.failed_requests:
                     self._forget(rid)
+                    if msg.refused:
+                        refused[rid] = msg.error
                 failed += msg.failed_requests
                 errors.append(f"DP rank {msg.dp_rank}: {msg.error}")
                 continue
@@ -359,7 +363,7 @@ class DataParallelEngine(LLMEngine):
                     self._forget(out.request_id)
                 outputs.append(out)
         if failed:  # after reading every message: the other requests' outputs are not lost
-            raise CoreStepError("; ".join(errors), failed, outputs)
+            raise CoreStepError("; ".join(errors), failed, outputs, refused)
         return outputs
 
     def _start_output(self, request_id: str) -> Optional[RequestOutput]:

@@ -389,7 +389,8 @@ class EngineCore:
             return True
         except ValueError as exc:  # refused by its checks, before any forward
             self.client_of.pop(msg.request_id, None)
-            self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc), failed_requests=[msg.request_id]),
+            self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc), failed_requests=[msg.request_id],
+                                   refused=True),
                        msg.client)
             return False
 

@@ -77,17 +77,20 @@ def test_core_not_ready_in_time_names_the_variable(monkeypatch):
         LLM(str(DEMO_MODEL))
 
 
-def test_a_request_the_core_fails_gets_the_error():
-    """A step that raises in the engine core fails its requests at the front end with the
-    error (they hung: the front end forgot them before AsyncLLM looked for them), and the
-    next request is served."""
+def test_a_request_the_core_refuses_gets_a_request_error():
+    """A request the engine core refuses before any forward (its own checks) fails at the
+    front end with the core's message as a RequestError, which the API answers 400 (it hung
+    once, then was a failed step's 500); the request running beside it and the next one are
+    served."""
     import asyncio
 
     from deepserve.config import EngineArgs
-    from deepserve.engine.async_llm import AsyncLLM, EngineStepError
+    from deepserve.engine.async_llm import AsyncLLM
+    from deepserve.engine.llm_engine import RequestError
+    from deepserve.server.serving_common import api_error_from
 
     engine = DataParallelEngine(EngineArgs(model=str(DEMO_MODEL), num_gpu_blocks_override=64))
-    engine.runner.vocab_size = 10**6   # the front end lets id 727 through; the core's step fails on it
+    engine.runner.vocab_size = 10**6   # the front end lets id 727 through; the core's checks refuse it
     llm = AsyncLLM(engine)
 
     async def last(prompt, params, rid):
@@ -98,11 +101,19 @@ def test_a_request_the_core_fails_gets_the_error():
 
     async def main():
         llm.start()
-        bad = SamplingParams(max_tokens=8, min_tokens=4, stop_token_ids=[727])   # min_tokens masks it: IndexError
-        with pytest.raises(EngineStepError, match="727"):
+        greedy = SamplingParams(max_tokens=8, temperature=0)
+        beside = asyncio.ensure_future(last("Once upon a time", greedy, "beside"))
+        bad = SamplingParams(max_tokens=8, min_tokens=4, stop_token_ids=[727])
+        with pytest.raises(RequestError, match="stop_token_ids token id 727 is outside the vocabulary") as refused:
             await asyncio.wait_for(last("Once upon a time", bad, "bad"), 30)
-        good = await asyncio.wait_for(last("Once upon a time", SamplingParams(max_tokens=8, temperature=0), "ok"), 30)
+        error = api_error_from(refused.value)
+        assert (error.status, error.body()["error"]["type"]) == (400, "BadRequestError")
+        with pytest.raises(RequestError, match="prompt token id 727 is outside the vocabulary"):
+            await asyncio.wait_for(last({"prompt_token_ids": [1, 727]}, greedy, "bad2"), 30)
+        assert (await asyncio.wait_for(beside, 30)).outputs[0].text == ", there was a little girl"
+        good = await asyncio.wait_for(last("Once upon a time", greedy, "ok"), 30)
         assert good.outputs[0].text == ", there was a little girl"
+        assert llm.num_step_errors == 0
 
     try:
         asyncio.run(main())
