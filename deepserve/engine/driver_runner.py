@@ -152,10 +152,11 @@ class DriverRunner(ModelRunner):
         self.mtp_forwards = 0
 
     @torch.inference_mode()
-    def all_logits(self, seq) -> torch.Tensor:
-        """Logits at every position of `seq`'s tokens (one prefill), fp32 on the CPU."""
-        host = self.host_inputs(ScheduledBatch([seq], [seq.num_tokens], 0))
-        host.logits_rows = list(range(seq.num_tokens))
+    def all_logits(self, seq, num_tokens: int) -> torch.Tensor:
+        """Logits [num_tokens, V] at the next `num_tokens` positions of `seq` after its computed
+        ones (a prefill chunk, reading the KV earlier chunks wrote), fp32 on the CPU."""
+        host = self.host_inputs(ScheduledBatch([seq], [num_tokens], 0))
+        host.logits_rows = list(range(num_tokens))
         return self._forward(StepMessage(host))[:, :self.vocab_size].float().cpu()
 
     @torch.inference_mode()

@@ -280,13 +280,29 @@ class LLMEngine:
 
     def prompt_logits(self, prompt: PromptType):
         """Logits [len, V] at every position of one prompt, computed through the paged cache
-        (prefill in one chunk; the blocks are freed afterwards)."""
+        (a prefill in chunks of at most --max-num-batched-tokens; the blocks are freed afterwards)."""
         _, ids = self.tokenize_prompt(prompt)
+        import torch
+
+        with contextlib.closing(self.score_chunks(ids)) as chunks:
+            return torch.cat(list(chunks))
+
+    def score_chunks(self, ids: list[int]):
+        """Yield the logits [n, V] (fp32, CPU) of one prompt's positions a prefill chunk at a
+        time, as a request's chunked prefill: each chunk of at most --max-num-batched-tokens
+        reads the KV the earlier ones wrote to the paged cache; the blocks are freed at the end
+        (or when the generator is closed)."""
         step = self.config.scheduler.max_num_batched_tokens
-        if len(ids) > min(self.max_model_len, step):
-            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows: prompt logprobs "
-                               f"and scores compute a prompt in one step of at most --max-num-batched-tokens "
-                               f"{step} tokens and --max-model-len {self.max_model_len}")
+        if len(ids) > self.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens is longer than --max-model-len {self.max_model_len}: "
+                               f"prompt logprobs and scores need the whole prompt in the context")
+        pctx = getattr(self.runner, "pctx", None)
+        if len(ids) > step and pctx is not None and pctx.moe_dp_exchange:
+            # the DP ranks' MoE layers meet once per sync round, and scoring runs in one round
+            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows: with "
+                               f"--data-parallel-size {pctx.dp_size} and --enable-expert-parallel, prompt "
+                               f"logprobs and scores compute a prompt in one step of at most "
+                               f"--max-num-batched-tokens {step} tokens")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
         bm = self.block_manager
         # running sequences make room as for a step (recomputed later): what else runs must not
@@ -297,17 +313,26 @@ class LLMEngine:
         bm.allocate(seq, len(ids))  # no prefix hits: every position is computed
         seq.num_computed_tokens = 0
         try:
-            return self.runner.all_logits(seq)
+            while seq.num_computed_tokens < len(ids):
+                n = min(step, len(ids) - seq.num_computed_tokens)
+                logits = self.runner.all_logits(seq, n)
+                seq.num_computed_tokens += n
+                yield logits
         finally:
             bm.free_seq(seq)
 
     def prompt_logprobs(self, ids: list[int], k: int) -> list[Optional[dict[int, Logprob]]]:
         """vLLM's prompt_logprobs: None for the first token, then each token's logprob (and the
-        k most likely) given the tokens before it, from one extra prefill of the prompt."""
+        k most likely) given the tokens before it, from one extra (chunked) prefill of the
+        prompt; only those k of each chunk's rows are kept."""
         import torch
 
-        logprobs = self.prompt_logits(ids).log_softmax(dim=-1)   # [L, V]: row i predicts token i + 1
-        rows = top_logprobs(logprobs[:-1], torch.tensor(ids[1:]), k)
+        rows, start = [], 0
+        with contextlib.closing(self.score_chunks(ids)) as chunks:
+            for logits in chunks:   # row i of the chunk predicts token start + i + 1
+                targets = ids[start + 1:start + 1 + len(logits)]
+                rows += top_logprobs(logits[:len(targets)].log_softmax(dim=-1), torch.tensor(targets), k)
+                start += len(logits)
         special = self.tokenizer.special_ids if self.tokenizer else frozenset()
         text_before = [False] + list(itertools.accumulate((t not in special for t in ids[:-1]), operator.or_))
         return [None] + [self._logprob_entry(t, lp, at_start=not text_before[i])

@@ -4,6 +4,7 @@ finish with their own tokens), where it was refused while the pool was full."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deepserve import LLM, SamplingParams
 from deepserve.config import SchedulerConfig
@@ -66,9 +67,31 @@ def test_make_room_preempts_the_newest_and_never_one_in_flight():
     assert sched.block_manager.num_free_blocks == 4 and sched.num_preemptions == 2
 
 
-def test_a_prompt_longer_than_a_step_is_refused_naming_the_flag():
-    llm = LLM(block_size=4, max_num_batched_tokens=8, max_model_len=64)
-    with pytest.raises(ValueError, match="longer than one step allows: .* --max-num-batched-tokens 8 "):
-        llm.generate(SCORED + " " + SCORED, SCORE)
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
-    assert not llm.engine.has_unfinished_requests()
+def _close(got, want):
+    """Entries equal up to float summation order (ranks, and logprobs within 1e-4)."""
+    assert len(got) == len(want) and got[0] is None and want[0] is None
+    for g, w in zip(got[1:], want[1:]):
+        assert sorted(g) == sorted(w)
+        assert [g[t].rank for t in sorted(g)] == [w[t].rank for t in sorted(w)]
+        assert [g[t].logprob for t in sorted(g)] == pytest.approx([w[t].logprob for t in sorted(w)], abs=1e-4)
+
+
+def test_a_prompt_longer_than_a_step_is_scored_in_chunks():
+    """Chunks of --max-num-batched-tokens (6: across block boundaries of 4), each reading the
+    KV of the ones before, give the one-step logits and prompt logprobs (lm-eval's long
+    contexts were refused); the blocks are freed, and a prompt past --max-model-len is refused
+    naming it."""
+    prompt = " ".join([SCORED] * 3)
+    whole = LLM(block_size=4, max_model_len=64)
+    chunked = LLM(block_size=4, max_num_batched_tokens=6, max_model_len=64)
+    want, got = whole.generate(prompt, SCORE)[0], chunked.generate(prompt, SCORE)[0]
+    assert len(got.prompt_token_ids) > 3 * 6
+    _close(got.prompt_logprobs, want.prompt_logprobs)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    torch.testing.assert_close(chunked.prompt_logits([prompt])[0], whole.prompt_logits([prompt])[0],
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="longer than --max-model-len 64"):
+        chunked.prompt_logits([list(range(1, 80))])
+    for llm in (whole, chunked):
+        assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+        assert not llm.engine.has_unfinished_requests()
