@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 import uuid
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -42,7 +44,7 @@ from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutput
                                             ScorePrompt, Work, connect)
 from deepserve.engine.executor import (STOP, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
-from deepserve.engine.llm_engine import LLMEngine, load_tokenizer
+from deepserve.engine.llm_engine import LLMEngine, chunk_logprobs, load_tokenizer
 from deepserve.engine.profiler import run_worker_steps
 from deepserve.engine.step_channel import PeerLost, StepChannel, lost_a_peer
 from deepserve.engine.step_inputs import DPSync, Stop
@@ -355,8 +357,8 @@ class EngineCore:
         elif isinstance(msg, AddRequest):
             self.client_of[msg.request_id] = msg.client
             if msg.params.prompt_logprobs is not None and self.sync_group is not None:
-                # scoring the prompt runs a forward: in a sync round, as other work
-                self.work.append(Work(len(msg.prompt_ids), lambda: self._add(msg)))
+                # scoring the prompt runs forwards: a chunk per sync round, as other work
+                self.work.append(self._add_scored(msg))
             else:
                 self._add(msg)
         elif isinstance(msg, AbortRequest):
@@ -365,7 +367,14 @@ class EngineCore:
             self.client_of.pop(msg.request_id, None)
         elif isinstance(msg, ScorePrompt):
             _, ids = self.engine.tokenize_prompt(msg.prompt)
-            self.work.append(Work(len(ids), lambda: self._score(msg)))
+            if self.sync_group is None:
+                self.work.append(Work(len(ids), lambda: self._score(msg)))
+            else:
+                parts: list = []
+                self.work.append(self._in_rounds(
+                    ids, lambda start, logits: parts.append(logits),
+                    lambda: self._send(CoreOutputs(self.dp_rank, self.gauges(), logits=torch.cat(parts)), msg.client),
+                    lambda exc: self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc)), msg.client)))
         elif isinstance(msg, ProfileRequest):
             self._profile(msg)
 
@@ -469,6 +478,53 @@ class EngineCore:
             if not ran:  # the other cores' MoE layers wait for this one
                 self.runner.run_dummy()
             self.runner.finish_mtp_round()
+
+    def _in_rounds(self, ids: list[int], chunk_done: Callable, done: Callable, refused: Callable) -> Work:
+        """Scoring a prompt as sync-round work (expert parallel): one prefill chunk, one forward,
+        a round, since the other cores' MoE layers meet this core's once a round. Each next
+        chunk goes first in line, so no batch runs before the scoring ends and frees its blocks."""
+        step = self.engine.config.scheduler.max_num_batched_tokens
+        chunks = self.engine.score_chunks(ids)
+
+        def run(start: int) -> bool:
+            try:
+                logits = next(chunks)
+            except ValueError as exc:  # refused before the first forward (too long, no free blocks)
+                refused(exc)
+                return False
+            chunk_done(start, logits)
+            start += len(logits)
+            if start < len(ids):
+                self.work.insert(0, Work(min(step, len(ids) - start), lambda: run(start)))
+            else:
+                chunks.close()   # frees the scoring blocks
+                done()
+            return True
+        return Work(min(step, len(ids)), lambda: run(0))
+
+    def _add_scored(self, msg: AddRequest) -> Work:
+        """A request with prompt_logprobs under sync rounds: added without them (its checks
+        refuse it before any forward), then its prompt scored a chunk a round (engine.prompt_logprobs'
+        rows); it steps only once they are in its state, since work goes before batches."""
+        k, rows = msg.params.prompt_logprobs, []
+        params = copy.copy(msg.params)   # as given (no __post_init__ again), less the prompt logprobs
+        params.prompt_logprobs = None
+        plain = dataclasses.replace(msg, params=params)
+
+        def finish() -> None:
+            state = self.engine.requests.get(msg.request_id)
+            if state is not None:   # else aborted meanwhile
+                state.prompt_logprobs = self.engine.prompt_logprob_entries(msg.prompt_ids, rows)
+
+        def refuse(exc: ValueError) -> None:
+            self.engine.abort_request(msg.request_id)
+            self.client_of.pop(msg.request_id, None)
+            self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc), failed_requests=[msg.request_id],
+                                   refused=True), msg.client)
+
+        scoring = self._in_rounds(msg.prompt_ids, lambda start, logits: rows.extend(
+            chunk_logprobs(msg.prompt_ids, start, logits, k)), finish, refuse)
+        return Work(scoring.num_tokens, lambda: self._add(plain) and scoring.run())
 
     def _score(self, score: ScorePrompt) -> bool:
         try:

@@ -98,6 +98,15 @@ def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
     return tokenizer, eos
 
 
+def chunk_logprobs(ids: list[int], start: int, logits, k: int) -> list:
+    """top_logprobs rows of one scoring chunk: `logits` [n, V] at positions start.. of `ids`,
+    row i predicting token start + i + 1 (the prompt's last position predicts none)."""
+    import torch
+
+    targets = ids[start + 1:start + 1 + len(logits)]
+    return top_logprobs(logits[:len(targets)].log_softmax(dim=-1), torch.tensor(targets), k)
+
+
 class LLMEngine:
     # whether gauges() changes while this engine has no unfinished request (true where they
     # come from engine-core processes), so that an idle server re-reads them
@@ -296,13 +305,6 @@ class LLMEngine:
         if len(ids) > self.max_model_len:
             raise RequestError(f"prompt of {len(ids)} tokens is longer than --max-model-len {self.max_model_len}: "
                                f"prompt logprobs and scores need the whole prompt in the context")
-        pctx = getattr(self.runner, "pctx", None)
-        if len(ids) > step and pctx is not None and pctx.moe_dp_exchange:
-            # the DP ranks' MoE layers meet once per sync round, and scoring runs in one round
-            raise RequestError(f"prompt of {len(ids)} tokens is longer than one step allows: with "
-                               f"--data-parallel-size {pctx.dp_size} and --enable-expert-parallel, prompt "
-                               f"logprobs and scores compute a prompt in one step of at most "
-                               f"--max-num-batched-tokens {step} tokens")
         seq = Sequence("score", 0, ids, SamplingParams(max_tokens=1))
         bm = self.block_manager
         # running sequences make room as for a step (recomputed later): what else runs must not
@@ -325,14 +327,14 @@ class LLMEngine:
         """vLLM's prompt_logprobs: None for the first token, then each token's logprob (and the
         k most likely) given the tokens before it, from one extra (chunked) prefill of the
         prompt; only those k of each chunk's rows are kept."""
-        import torch
-
-        rows, start = [], 0
+        rows = []
         with contextlib.closing(self.score_chunks(ids)) as chunks:
-            for logits in chunks:   # row i of the chunk predicts token start + i + 1
-                targets = ids[start + 1:start + 1 + len(logits)]
-                rows += top_logprobs(logits[:len(targets)].log_softmax(dim=-1), torch.tensor(targets), k)
-                start += len(logits)
+            for logits in chunks:
+                rows += chunk_logprobs(ids, len(rows), logits, k)
+        return self.prompt_logprob_entries(ids, rows)
+
+    def prompt_logprob_entries(self, ids: list[int], rows: list) -> list[Optional[dict[int, Logprob]]]:
+        """The prompt logprobs of `ids` from each token's `chunk_logprobs` row (from the second)."""
         special = self.tokenizer.special_ids if self.tokenizer else frozenset()
         text_before = [False] + list(itertools.accumulate((t not in special for t in ids[:-1]), operator.or_))
         return [None] + [self._logprob_entry(t, lp, at_start=not text_before[i])

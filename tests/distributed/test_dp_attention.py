@@ -26,11 +26,16 @@ MIXED = [{"prompt_token_ids": list(range(3, 40))}, {"prompt_token_ids": [1]},
          {"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11]}, {"prompt_token_ids": list(range(50, 72))},
          {"prompt_token_ids": [5, 6]}]
 SINGLE = [{"prompt_token_ids": [1, 40, 41, 26, 7, 9, 11, 13]}]
+SCORED = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, ignore_eos=True)
 ENGINE = dict(block_size=4, max_model_len=128, max_num_batched_tokens=16)
 
 
 def _tokens(llm, prompts, params=GREEDY):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def _logprobs(out):
+    return [e and e[t].logprob for e, t in zip(out.prompt_logprobs, out.prompt_token_ids)]
 
 
 def _per_rank(engine, key):
@@ -53,7 +58,8 @@ def reference(deepseek):
     try:
         return {"mixed": _tokens(llm, MIXED), "single": _tokens(llm, SINGLE),
                 "seeded": _tokens(llm, MIXED[:3], SEEDED),
-                "logits": llm.engine.prompt_logits(MIXED[2])}
+                "logits": llm.engine.prompt_logits(MIXED[2]), "long_logits": llm.engine.prompt_logits(MIXED[0]),
+                "scored": llm.generate(MIXED[0], SCORED)[0]}
     finally:
         llm.shutdown()
 
@@ -93,10 +99,19 @@ class TestDataParallelExpertParallel:
         logits = dp_ep.engine.prompt_logits(MIXED[2])
         assert logits.shape == reference["logits"].shape
         torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
+        # longer than a step: a chunk per sync round, the other cores running dummy steps
+        torch.testing.assert_close(dp_ep.engine.prompt_logits(MIXED[0]), reference["long_logits"],
+                                   rtol=1e-4, atol=1e-4)
+        scored = dp_ep.generate(MIXED[:2], [SCORED, GREEDY])
+        assert [o.outputs[0].token_ids for o in scored] == [reference["scored"].outputs[0].token_ids,
+                                                           reference["mixed"][1][:GREEDY.max_tokens]]
+        assert _logprobs(scored[0])[0] is None
+        assert _logprobs(scored[0])[1:] == pytest.approx(_logprobs(reference["scored"])[1:], abs=1e-4)
         # a prompt refused before its forward: the other core's round still completes
-        with pytest.raises(RequestError, match="longer than one step allows"):
-            dp_ep.engine.prompt_logits(MIXED[0])
+        with pytest.raises(RequestError, match="longer than --max-model-len 128"):
+            dp_ep.engine.prompt_logits({"prompt_token_ids": list(range(3, 140))})
         assert _tokens(dp_ep, SINGLE) == reference["single"]
+        assert _all_free(dp_ep.engine)
 
 
 def _decode_step_bytes(llm, dp_size):
