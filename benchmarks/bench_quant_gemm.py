@@ -76,9 +76,12 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
         # one row: the CUDA-core GEMV the op takes where configs/fp8_gemv/ sets `use`, with its
         # launch table's settings for the shape and the candidates around them (rows a program, groups a step, warps)
-        # (quantized beforehand, and quantizing the bf16 row itself as the op's one-row path does)
+        # (on a row quantized beforehand; quantizing the bf16 row itself, QUANT_IN 1; after the
+        # activation quant kernel, QUANT_IN 0)
         **({"fp8_gemv_only": (lambda: qg.fp8_gemv(xq, xs, wq, ws, torch.bfloat16), n * k),
-            "fp8_gemv_fused": (lambda: qg.fp8_gemv(x, None, wq, ws, torch.bfloat16), n * k)} if m == 1 else {}),
+            "fp8_gemv_fused": (lambda: qg.fp8_gemv(x, None, wq, ws, torch.bfloat16), n * k),
+            "fp8_gemv_quant_first": (lambda: qg.fp8_gemv(*qg.act_quant_fp8(x), wq, ws, torch.bfloat16), n * k)}
+           if m == 1 else {}),
         **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": (
             lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st):
             qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg), n * k)

@@ -74,12 +74,14 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
             else:
                 torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     calls, gemv = [], qg.fp8_gemv
-    monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append(("gemv", a[-1])) or gemv(*a))
+    monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append((a[1] is None, a[-1])) or gemv(*a))
     monkeypatch.delenv(qg.FP8_GEMV_ENV, raising=False)
-    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2}
+    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2, "QUANT_IN": 1}
     with trying("fp8_gemv", [{"if": {"n": 70, "k": 700}, "set": rule}]):
         y = qg.fp8_block_linear(x, wq, ws, bias)                 # one row: the table's GEMV settings
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with trying("fp8_gemv", [{"if": {"n": 70, "k": 700}, "set": {**rule, "QUANT_IN": 0}}]):
+        qg.fp8_block_linear(x, wq, ws, bias)                     # the activation quant kernel first
         qg.fp8_block_linear(torch.randn(2, 700), wq, ws)         # two: the GEMM
         monkeypatch.setenv(qg.FP8_GEMV_ENV, "0")
         qg.fp8_block_linear(x, wq, ws)                           # switched off by the environment
@@ -88,5 +90,7 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
         qg.fp8_block_linear(x, wq, ws)                           # switched on by the environment
         monkeypatch.delenv(qg.FP8_GEMV_ENV)
         qg.fp8_block_linear(x, wq, ws)                           # the table's GEMM
-    assert calls == [("gemv", {k: rule[k] for k in qg.GEMV_KEYS}),
-                     ("gemv", {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1, "STAGES": 1})]
+    table = {k: rule[k] for k in qg.GEMV_KEYS}
+    # (the row quantized inside the GEMV, the settings)
+    assert calls == [(True, table), (False, {**table, "QUANT_IN": 0}),
+                     (True, {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1, "STAGES": 1, "QUANT_IN": 1})]

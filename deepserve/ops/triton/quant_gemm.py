@@ -144,9 +144,10 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
 # fp8_block_linear runs one row (batch-1 decode) through the GEMV where the launch table
 # (configs/fp8_gemv/) sets `use` for the weight's shape, else the tensor-core GEMM; the rest
 # of a rule is the GEMV's settings (docs/PERFORMANCE.md: benchmarks/bench_quant_gemm.py --m 1
-# times both). DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
+# times both), QUANT_IN among them: 1 quantizes the row inside the GEMV, 0 runs the activation
+# quant kernel first. DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
 FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
-GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES")
+GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES", "QUANT_IN")
 
 
 def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
@@ -232,8 +233,11 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     x2 = as_rows(x)
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     one_row = gemv_settings(*weight.shape, x.device) if x2.shape[0] == 1 else None
-    if one_row is not None:          # the row quantized inside the GEMV: one launch
+    if one_row is not None and one_row["QUANT_IN"]:      # the row quantized inside the GEMV: one launch
         y = fp8_gemv(x2, None, weight, weight_scale, x.dtype, bias, one_row)
+    elif one_row is not None:
+        q, s = act_quant_fp8(x2)
+        y = fp8_gemv(q, s, weight, weight_scale, x.dtype, bias, one_row)
     else:
         q, s = act_quant_fp8(x2)
         y = fp8_gemm(q, s, weight, weight_scale, x.dtype, bias)
