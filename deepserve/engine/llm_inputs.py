@@ -70,23 +70,26 @@ def refuse_unsupported(**given) -> None:
             raise ValueError(f"{name} is not supported (no LoRA adapters or multi-modal inputs)")
 
 
-def generation_defaults(setting: str, model: str, overrides: Optional[dict]) -> dict:
+def generation_defaults(setting: str, model: str, overrides: Optional[dict] = None,
+                        flag: str = "generation_config") -> dict:
     """SamplingParams keyword arguments from generation_config.json, as vLLM's
-    get_diff_sampling_param reads them (`setting`: "auto", "vllm" or a folder)."""
+    get_diff_sampling_param reads them (`setting`: "auto", "vllm" or a folder; `flag`: how the
+    caller's user set it, for the messages). The offline LLM's defaults and the server's
+    request defaults."""
     config: dict = {}
+    path = None
     if setting != "vllm":
         path = Path(model if setting == "auto" else setting) / "generation_config.json"
         if path.is_file():
             config = json.loads(path.read_text())
         elif setting != "auto":
-            raise FileNotFoundError(f"generation_config={setting!r}: {path} not found")
+            raise FileNotFoundError(f"{flag} {setting}: {path} not found")
     config.update(overrides or {})
     found = {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
     if "max_new_tokens" in found:
         found["max_tokens"] = found.pop("max_new_tokens")
     if found and setting != "vllm":
-        logger.info("default sampling params from the generation config: %s (generation_config=\"vllm\" "
-                    "ignores them)", found)
+        logger.info("default sampling params from %s: %s (%s vllm ignores them)", path, found, flag)
     return found
 
 

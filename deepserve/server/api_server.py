@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import socket
 import sys
@@ -28,6 +27,7 @@ from typing import Optional
 import uvicorn
 
 from deepserve.config import DEMO_MODEL, EngineArgs
+from deepserve.engine import llm_inputs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
 from deepserve.engine.tokenizer import template_file
@@ -141,29 +141,11 @@ class _Server(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-# generation_config.json keys that become request defaults (vLLM's --generation-config auto)
-GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
 def generation_defaults(generation_config: str, model: str) -> dict:
     """Sampling defaults for requests that leave fields out: `auto` reads the model folder's
     generation_config.json, `vllm` uses none (vLLM's neutral defaults), anything else is a
-    folder holding a generation_config.json."""
-    if generation_config == "vllm":
-        return {}
-    folder = Path(model) if generation_config == "auto" else Path(generation_config)
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        if generation_config != "auto":
-            raise FileNotFoundError(f"--generation-config {generation_config}: {path} not found")
-        return {}
-    data = json.loads(path.read_text())
-    defaults = {ours: data[theirs] for theirs, ours in GENERATION_KEYS.items() if data.get(theirs) is not None}
-    if defaults:
-        logger.info("request defaults from %s: %s (--generation-config vllm to ignore them)", path,
-                    ", ".join(f"{k}={v}" for k, v in defaults.items()))
-    return defaults
+    folder holding a generation_config.json (the offline LLM's reading of it)."""
+    return llm_inputs.generation_defaults(generation_config, model, flag="--generation-config")
 
 
 def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LLMEngine] = None,
