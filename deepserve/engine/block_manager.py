@@ -16,6 +16,7 @@ cannot learn from cache hits what another's prompts were.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from array import array
 from collections import OrderedDict
@@ -24,6 +25,8 @@ from typing import Callable, Optional
 from deepserve.engine.sequence import Sequence
 
 PREFIX_HASH_ALGOS = ("sha256", "xxhash")
+
+logger = logging.getLogger("deepserve")
 
 
 def _sha256(data: bytes) -> bytes:
@@ -119,6 +122,19 @@ class BlockManager:
                 break
             hits.append(block)
         return hits
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's reset_prefix_cache: between benchmark runs, after
+        new weights), so no later prompt hits; only when no sequence holds a block, as a held
+        block's key may still be published. False, with nothing changed, when one is held.
+        The hit / query counters are totals since start and stay."""
+        held = self.num_blocks - len(self.free)
+        if held:
+            logger.warning("Failed to reset prefix cache because some blocks (%d) are not freed yet", held)
+            return False
+        self.cached.clear()
+        self.hash_of = [None] * self.num_blocks
+        return True
 
     # ---------------------------------------------------------------- allocation
     def _take_free(self) -> int:

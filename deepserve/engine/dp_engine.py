@@ -281,6 +281,10 @@ class DataParallelEngine(LLMEngine):
     def stop_profile(self) -> None:
         self._profile(ProfileRequest(False, None, self.client))
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        raise NotImplementedError("reset_prefix_cache is not supported with the engine core in processes of its "
+                                  "own (data_parallel_size > 1 or DEEPSERVE_ENGINE_CORE_PROCESS=1)")
+
     def _profile(self, request: ProfileRequest) -> None:
         """Every DP rank's core starts (stops) its profiler; returns once all are done."""
         self._check_profiler()

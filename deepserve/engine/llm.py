@@ -97,6 +97,57 @@ class LLM:
         """vLLM's: stop profiling; returns once every rank has written its trace."""
         self.engine.stop_profile()
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """vLLM's: forget every cached prefix block (e.g. between benchmark runs), so the next
+        prompts are computed anew; False, with nothing changed, while a request holds KV blocks
+        (requests enqueue() added and not yet run)."""
+        return self.engine.reset_prefix_cache(reset_running_requests, reset_connector)
+
+    def get_metrics(self) -> list:
+        """vLLM's: the engine's gauges and counters as vLLM's metric records (Gauge, Counter,
+        Vector of deepserve.engine.metrics_reader) under vLLM's names: running / waiting
+        requests, KV cache usage, preemptions, prompt / generation tokens, prefix-cache queries /
+        hits, speculative decoding's counters. No latency histograms: those are the API
+        server's (`deepserve serve`, /metrics)."""
+        from deepserve.engine.metrics_reader import metrics_snapshot
+        from deepserve.server.api_server import served_names   # the name the server's metrics carry
+        return metrics_snapshot(self.engine.gauges(), served_names(self.engine.args)[0])
+
+    def sleep(self, level: int = 1, mode: str = "abort"):
+        raise NotImplementedError("sleep mode is not supported: deepserve keeps the weights and KV cache on the "
+                                  "device until shutdown()")
+
+    def wake_up(self, tags: Optional[list[str]] = None):
+        raise NotImplementedError("sleep mode is not supported (wake_up): deepserve keeps the weights and KV cache "
+                                  "on the device until shutdown()")
+
+    def collective_rpc(self, method, timeout: Optional[float] = None, args: tuple = (), kwargs: Optional[dict] = None):
+        raise NotImplementedError("collective_rpc is not supported: deepserve's workers take no calls from outside "
+                                  "the engine")
+
+    def apply_model(self, func):
+        raise NotImplementedError("apply_model is not supported: deepserve's workers take no calls from outside "
+                                  "the engine")
+
+    def _pooling(self, method: str):
+        raise NotImplementedError(f"{method}() is not supported: deepserve serves generative models only (no "
+                                  f"pooling, embedding, classification or scoring)")
+
+    def encode(self, *args, **kwargs):
+        self._pooling("encode")
+
+    def embed(self, *args, **kwargs):
+        self._pooling("embed")
+
+    def classify(self, *args, **kwargs):
+        self._pooling("classify")
+
+    def score(self, *args, **kwargs):
+        self._pooling("score")
+
+    def reward(self, *args, **kwargs):
+        self._pooling("reward")
+
     def get_tokenizer(self):
         return self.tokenizer
 

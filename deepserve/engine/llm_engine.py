@@ -174,6 +174,21 @@ class LLMEngine:
         if args.ops_profile:
             self.ops_profiler = self._profile_ops_at_start()
 
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, usage_context=None, stat_loggers=None,
+                         enable_multiprocessing: bool = False) -> "LLMEngine":
+        """vLLM's: the engine of these arguments (as `LLMEngine(engine_args)`). `usage_context`
+        only tags vLLM's usage reports, which deepserve does not send; the engine core runs in a
+        process of its own as the arguments' layout says (DEEPSERVE_ENGINE_CORE_PROCESS=1 for one
+        DP rank), not as `enable_multiprocessing` asks."""
+        if stat_loggers is not None:
+            raise NotImplementedError("stat_loggers are not supported: deepserve's engine keeps its own "
+                                      "counters (LLMEngine.gauges(), LLM.get_metrics())")
+        if enable_multiprocessing:
+            raise NotImplementedError("enable_multiprocessing is not supported: set DEEPSERVE_ENGINE_CORE_PROCESS=1 "
+                                      "to run the engine core in a process of its own")
+        return cls(engine_args)
+
     def _profile_ops_at_start(self) -> OpsProfiler:
         """--ops-profile: a short greedy generation of random prompts (prefill, then decode
         steps as served: CUDA graphs, async scheduling, speculative decoding as configured) under
@@ -378,6 +393,17 @@ class LLMEngine:
             **(self.ops_profiler.gauges() if self.ops_profiler is not None else {}),
             **self.stats,
         }
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """vLLM's: forget every cached prefix block; True when done, False (nothing changed)
+        while a request holds KV blocks. Preempting running requests to make room for the reset
+        (`reset_running_requests`) and KV connectors are not supported."""
+        if reset_connector:
+            raise NotImplementedError("reset_connector is not supported: deepserve has no KV connector")
+        if reset_running_requests and self.has_unfinished_requests():
+            raise NotImplementedError("reset_running_requests=True (preempting the running requests) is not "
+                                      "supported: reset the prefix cache once no request is running")
+        return self.block_manager.reset_prefix_cache()
 
     # ------------------------------------------------------------------ profiler
     def start_profile(self, profile_prefix: Optional[str] = None) -> None:

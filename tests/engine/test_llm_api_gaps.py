@@ -1,0 +1,91 @@
+"""vLLM 0.26's offline API beyond generate(): LLMEngine.from_engine_args, reset_prefix_cache,
+get_metrics, and a clear refusal (never an AttributeError) for what deepserve does not serve:
+sleep mode, worker RPCs, pooling models. On the demo model (stories260k)."""
+from __future__ import annotations
+
+import pytest
+
+from deepserve import LLM, SamplingParams
+from deepserve.config import EngineArgs
+from deepserve.engine.llm_engine import LLMEngine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4)
+PROMPT = {"prompt_token_ids": list(range(5, 45))}   # 40 tokens: two full blocks of 16
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM(max_model_len=64, block_size=16) as llm:
+        yield llm
+
+
+def test_llm_engine_from_engine_args_runs_vllms_example_loop():
+    """vLLM's llm_engine_example: from_engine_args, add_request, step until done."""
+    engine = LLMEngine.from_engine_args(EngineArgs(max_model_len=64))
+    try:
+        engine.add_request("0", "Once upon a time", GREEDY)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += [o for o in engine.step() if o.finished]
+        assert [o.request_id for o in outs] == ["0"] and len(outs[0].outputs[0].token_ids) == 4
+        with pytest.raises(NotImplementedError, match="stat_loggers"):
+            LLMEngine.from_engine_args(EngineArgs(max_model_len=64), stat_loggers=[object()])
+    finally:
+        engine.shutdown()
+
+
+def test_reset_prefix_cache_forgets_cached_blocks(llm):
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 0
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 0
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32
+
+
+def test_reset_prefix_cache_refuses_while_blocks_are_held(llm):
+    """vLLM's rule: False, and the cache kept, while a request holds KV blocks."""
+    llm.generate(PROMPT, GREEDY)
+    engine = llm.engine
+    rid = engine.add_request(None, {"prompt_token_ids": list(range(100, 120))},
+                             SamplingParams(temperature=0, max_tokens=8))
+    engine.step()   # its prefill: it holds blocks now
+    try:
+        assert llm.reset_prefix_cache() is False
+        with pytest.raises(NotImplementedError, match="reset_running_requests"):
+            llm.reset_prefix_cache(reset_running_requests=True)
+    finally:
+        engine.abort_request(rid)
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32   # the cache was kept
+    with pytest.raises(NotImplementedError, match="KV connector"):
+        llm.reset_prefix_cache(reset_connector=True)
+
+
+def test_get_metrics_in_vllms_names(llm):
+    from deepserve.engine.metrics_reader import Counter, Gauge
+
+    llm.generate(["Once upon a time"], GREEDY)
+    metrics = {m.name: m for m in llm.get_metrics()}
+    assert isinstance(metrics["vllm:num_requests_running"], Gauge)
+    assert metrics["vllm:num_requests_running"].value == 0
+    assert 0.0 <= metrics["vllm:kv_cache_usage_perc"].value <= 1.0
+    tokens = metrics["vllm:generation_tokens"]
+    assert isinstance(tokens, Counter) and tokens.value >= 4
+    assert metrics["vllm:prompt_tokens"].value > 0
+    assert {"vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions"} <= set(metrics)
+    assert tokens.labels == {"model_name": "stories260k", "engine": "0"}
+
+
+@pytest.mark.parametrize("call, what", [
+    (lambda llm: llm.sleep(level=1), "sleep mode"),
+    (lambda llm: llm.wake_up(), "sleep mode"),
+    (lambda llm: llm.collective_rpc("echo"), "collective_rpc"),
+    (lambda llm: llm.apply_model(lambda m: None), "apply_model"),
+    (lambda llm: llm.embed(["hi"]), "embed"),
+    (lambda llm: llm.encode(["hi"]), "encode"),
+    (lambda llm: llm.classify(["hi"]), "classify"),
+    (lambda llm: llm.score("a", ["b"]), "score"),
+    (lambda llm: llm.reward(["hi"]), "reward"),
+])
+def test_unsupported_calls_are_refused_by_name(llm, call, what):
+    with pytest.raises(NotImplementedError, match=what):
+        call(llm)
