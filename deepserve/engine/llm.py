@@ -104,30 +104,35 @@ class LLM:
         return self.engine.reset_prefix_cache(reset_running_requests, reset_connector)
 
     def get_metrics(self) -> list:
-        """vLLM's: the engine's gauges and counters as vLLM's metric records (Gauge, Counter,
-        Vector of deepserve.engine.metrics_reader) under vLLM's names: running / waiting
-        requests, KV cache usage, preemptions, prompt / generation tokens, prefix-cache queries /
-        hits, speculative decoding's counters. No latency histograms: those are the API
-        server's (`deepserve serve`, /metrics)."""
-        from deepserve.engine.metrics_reader import metrics_snapshot
-        from deepserve.server.api_server import served_names   # the name the server's metrics carry
-        return metrics_snapshot(self.engine.gauges(), served_names(self.engine.args)[0])
+        """vLLM's: the engine's gauges and counters as vLLM's metric records (LLMEngine.get_metrics)."""
+        return self.engine.get_metrics()
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """vLLM's: the engine's ranks, tensor x pipeline parallel (x data parallel by default)."""
+        par = self.engine.config.parallel
+        return par.tensor_parallel_size * par.pipeline_parallel_size * (par.data_parallel_size if include_dp else 1)
+
+    def reset_mm_cache(self) -> None:
+        """vLLM's: clear the multimodal input cache; deepserve takes text only, so it has none."""
 
     def sleep(self, level: int = 1, mode: str = "abort"):
-        raise NotImplementedError("sleep mode is not supported: deepserve keeps the weights and KV cache on the "
-                                  "device until shutdown()")
+        self.engine.sleep(level, mode)
 
     def wake_up(self, tags: Optional[list[str]] = None):
-        raise NotImplementedError("sleep mode is not supported (wake_up): deepserve keeps the weights and KV cache "
-                                  "on the device until shutdown()")
+        self.engine.wake_up(tags)
 
     def collective_rpc(self, method, timeout: Optional[float] = None, args: tuple = (), kwargs: Optional[dict] = None):
-        raise NotImplementedError("collective_rpc is not supported: deepserve's workers take no calls from outside "
-                                  "the engine")
+        return self.engine.collective_rpc(method, timeout, args, kwargs)
 
     def apply_model(self, func):
-        raise NotImplementedError("apply_model is not supported: deepserve's workers take no calls from outside "
-                                  "the engine")
+        return self.engine.apply_model(func)
+
+    def _weight_transfer(self, *args, **kwargs):
+        raise NotImplementedError("weight transfer (init_weight_transfer_engine, update_weights) is not supported: "
+                                  "deepserve loads the weights once, from the model folder")
+
+    init_weight_transfer_engine = start_weight_update = start_draft_weight_update = _weight_transfer
+    update_weights = finish_weight_update = _weight_transfer
 
     def _pooling(self, method: str):
         raise NotImplementedError(f"{method}() is not supported: deepserve serves generative models only (no "
@@ -329,6 +334,30 @@ class LLM:
         else the tokenizer's. `continue_final_message`: the last message is a prefill that the
         reply continues; `tools` and `chat_template_kwargs` go to the template."""
         refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
+        prompts, kw = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
+                                         continue_final_message, tools, chat_template_kwargs, tokenization_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm, tokenization_kwargs=kw)
+
+    def enqueue_chat(self, messages: Union[list[dict], Sequence[list[dict]]],
+                     sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                     use_tqdm: Union[bool, Callable] = False, lora_request=None, priority: Optional[list[int]] = None,
+                     chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
+                     add_generation_prompt: bool = True, continue_final_message: bool = False,
+                     tools: Optional[list[dict]] = None, chat_template_kwargs: Optional[dict] = None,
+                     tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None
+                     ) -> list[str]:
+        """vLLM's: add chat()'s requests without running them; their request ids.
+        wait_for_completion() runs them."""
+        refuse_unsupported(lora_request=lora_request, mm_processor_kwargs=mm_processor_kwargs)
+        prompts, kw = self._chat_prompts(messages, chat_template, chat_template_content_format, add_generation_prompt,
+                                         continue_final_message, tools, chat_template_kwargs, tokenization_kwargs)
+        return self.enqueue(prompts, sampling_params, priority=priority, use_tqdm=use_tqdm, tokenization_kwargs=kw)
+
+    def _chat_prompts(self, messages, chat_template: Optional[str], chat_template_content_format: str,
+                      add_generation_prompt: bool, continue_final_message: bool, tools: Optional[list[dict]],
+                      chat_template_kwargs: Optional[dict], tokenization_kwargs: Optional[dict]
+                      ) -> tuple[list[str], dict]:
+        """chat()'s conversations rendered as prompts, and the tokenization_kwargs they take."""
         if chat_template_content_format not in ("auto", "string", "openai"):
             raise ValueError(f"chat_template_content_format must be auto, string or openai, got "
                              f"{chat_template_content_format!r}")
@@ -364,7 +393,7 @@ class LLM:
                     raise
                 prompts.append(render([{**t, "content": ""} if t.get("content", "") is None else t for t in turns]))
         kw = {"add_special_tokens": False, **(tokenization_kwargs or {})}   # the template writes the BOS
-        return self.generate(prompts, sampling_params, use_tqdm, tokenization_kwargs=kw)
+        return prompts, kw
 
     def _chat_tokenizer(self, template: str):
         """The tokenizer rendering `template` (a template's text or its file) instead of its own."""

@@ -405,6 +405,50 @@ class LLMEngine:
                                       "supported: reset the prefix cache once no request is running")
         return self.block_manager.reset_prefix_cache()
 
+    def get_metrics(self) -> list:
+        """vLLM's: gauges() as vLLM's metric records (Gauge, Counter, Vector of
+        engine/metrics_reader.py) under vLLM's names: running / waiting requests, KV cache usage,
+        preemptions, prompt / generation tokens, prefix-cache queries / hits, speculative
+        decoding's counters. No latency histograms: those are the API server's (/metrics)."""
+        from deepserve.engine.metrics_reader import metrics_snapshot
+        from deepserve.server.api_server import served_names   # the name the server's metrics carry
+        return metrics_snapshot(self.gauges(), served_names(self.args)[0])
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (its folder holds none)")
+        return self.tokenizer
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def is_sleeping(self) -> bool:
+        return False   # sleep mode is not supported
+
+    def sleep(self, level: int = 1, mode: str = "abort"):
+        raise NotImplementedError("sleep mode is not supported: deepserve keeps the weights and KV cache on the "
+                                  "device until shutdown()")
+
+    def wake_up(self, tags: Optional[list[str]] = None):
+        raise NotImplementedError("sleep mode is not supported (wake_up): deepserve keeps the weights and KV cache "
+                                  "on the device until shutdown()")
+
+    def collective_rpc(self, method, timeout: Optional[float] = None, args: tuple = (), kwargs: Optional[dict] = None):
+        raise NotImplementedError("collective_rpc is not supported: deepserve's workers take no calls from outside "
+                                  "the engine")
+
+    def apply_model(self, func):
+        raise NotImplementedError("apply_model is not supported: deepserve's workers take no calls from outside "
+                                  "the engine")
+
+    def _lora(self, *args, **kwargs):
+        raise NotImplementedError("LoRA adapters are not supported")
+
+    add_lora = remove_lora = list_loras = pin_lora = _lora
+
     # ------------------------------------------------------------------ profiler
     def start_profile(self, profile_prefix: Optional[str] = None) -> None:
         """vLLM's start_profile: record the steps from now on in every rank (--profiler-config)."""

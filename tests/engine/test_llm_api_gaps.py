@@ -13,9 +13,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4)
 PROMPT = {"prompt_token_ids": list(range(5, 45))}   # 40 tokens: two full blocks of 16
 
 
+DEMO_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
 @pytest.fixture(scope="module")
 def llm():
-    with LLM(max_model_len=64, block_size=16) as llm:
+    with LLM(max_model_len=64, block_size=16, chat_template=DEMO_TEMPLATE) as llm:
         yield llm
 
 
@@ -28,6 +31,8 @@ def test_llm_engine_from_engine_args_runs_vllms_example_loop():
         while engine.has_unfinished_requests():
             outs += [o for o in engine.step() if o.finished]
         assert [o.request_id for o in outs] == ["0"] and len(outs[0].outputs[0].token_ids) == 4
+        assert engine.get_num_unfinished_requests() == 0 and not engine.is_sleeping()
+        assert engine.get_supported_tasks() == ("generate",) and engine.get_tokenizer() is engine.tokenizer
         with pytest.raises(NotImplementedError, match="stat_loggers"):
             LLMEngine.from_engine_args(EngineArgs(max_model_len=64), stat_loggers=[object()])
     finally:
@@ -80,6 +85,10 @@ def test_get_metrics_in_vllms_names(llm):
     (lambda llm: llm.wake_up(), "sleep mode"),
     (lambda llm: llm.collective_rpc("echo"), "collective_rpc"),
     (lambda llm: llm.apply_model(lambda m: None), "apply_model"),
+    (lambda llm: llm.engine.sleep(), "sleep mode"),
+    (lambda llm: llm.update_weights({}), "weight transfer"),
+    (lambda llm: llm.init_weight_transfer_engine({}), "weight transfer"),
+    (lambda llm: llm.engine.add_lora(None), "LoRA"),
     (lambda llm: llm.embed(["hi"]), "embed"),
     (lambda llm: llm.encode(["hi"]), "encode"),
     (lambda llm: llm.classify(["hi"]), "classify"),
@@ -89,3 +98,17 @@ def test_get_metrics_in_vllms_names(llm):
 def test_unsupported_calls_are_refused_by_name(llm, call, what):
     with pytest.raises(NotImplementedError, match=what):
         call(llm)
+
+
+def test_enqueue_chat_then_wait_for_completion(llm):
+    conversation = [{"role": "user", "content": "Once upon a time"}]
+    ids = llm.enqueue_chat([conversation, conversation], GREEDY)
+    assert len(ids) == 2 and llm.engine.get_num_unfinished_requests() == 2
+    outs = llm.wait_for_completion()
+    assert [o.request_id for o in outs] == ids
+    assert outs[0].outputs[0].text == llm.chat(conversation, GREEDY)[0].outputs[0].text
+
+
+def test_world_size_and_mm_cache(llm):
+    assert llm.get_world_size() == llm.get_world_size(include_dp=False) == 1
+    llm.reset_mm_cache()   # text only: nothing to clear
