@@ -670,8 +670,11 @@ class EngineArgs:
 
     # ----------------------------------------------------------------------- CLI
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        """The engine's flags (vLLM's names) added to `parser`, which is returned, as vLLM's
+        `parser = EngineArgs.add_cli_args(parser)` takes it."""
         add_dataclass_args(parser, cls, skip=skip)
+        return parser
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineArgs":

@@ -3,6 +3,8 @@ get_metrics, and a clear refusal (never an AttributeError) for what deepserve do
 sleep mode, worker RPCs, pooling models. On the demo model (stories260k)."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from deepserve import LLM, SamplingParams
@@ -23,8 +25,10 @@ def llm():
 
 
 def test_llm_engine_from_engine_args_runs_vllms_example_loop():
-    """vLLM's llm_engine_example: from_engine_args, add_request, step until done."""
-    engine = LLMEngine.from_engine_args(EngineArgs(max_model_len=64))
+    """vLLM's llm_engine_example: the parser add_cli_args returns, from_engine_args, add_request,
+    step until done."""
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(parser.parse_args(["--max-model-len", "64"])))
     try:
         engine.add_request("0", "Once upon a time", GREEDY)
         outs = []
