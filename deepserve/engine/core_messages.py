@@ -49,6 +49,13 @@ class ProfileRequest:
 
 
 @dataclass
+class ResetPrefixCache:
+    """reset_prefix_cache: the core answers with a CoreOutputs whose `prefix_cache_reset` says
+    whether it forgot its cached blocks (False: its requests hold blocks)."""
+    client: int = 0
+
+
+@dataclass
 class Work:
     """Something a core runs in a sync round instead of a scheduled batch (it runs a forward,
     so with expert parallel the other cores must step with it)."""
@@ -88,6 +95,7 @@ class CoreOutputs:
     refused: bool = False        # the core refused `failed_requests` before any forward (bad input)
     logits: Optional[torch.Tensor] = None
     profiled: bool = False       # a ProfileRequest is done (`error`: why it failed)
+    prefix_cache_reset: Optional[bool] = None   # the answer to a ResetPrefixCache
 
 
 class DeltaWriter:

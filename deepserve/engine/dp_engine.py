@@ -25,8 +25,8 @@ from typing import Optional
 
 from deepserve.config import EngineArgs, async_scheduling_plan
 from deepserve.distributed.peer_watch import RemoteCores
-from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, ProfileRequest, ScorePrompt, connect,
-                                            read_outputs)
+from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, ProfileRequest, ResetPrefixCache,
+                                            ScorePrompt, connect, read_outputs)
 from deepserve.engine.engine_core import DPLayout, start_ranks
 from deepserve.engine.executor import STOP, check_no_live_group, ready_timeout_s, start_timeout_s
 from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
@@ -281,26 +281,32 @@ class DataParallelEngine(LLMEngine):
     def stop_profile(self) -> None:
         self._profile(ProfileRequest(False, None, self.client))
 
-    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        raise NotImplementedError("reset_prefix_cache is not supported with the engine core in processes of its "
-                                  "own (data_parallel_size > 1 or DEEPSERVE_ENGINE_CORE_PROCESS=1)")
+    def _reset_cached_blocks(self) -> bool:
+        """Every DP rank's core forgets its cached prefix blocks; whether all of them did."""
+        answers = self._ask_every_core(ResetPrefixCache(self.client), lambda msg: msg.prefix_cache_reset is not None)
+        return all(msg.prefix_cache_reset for msg in answers)
 
     def _profile(self, request: ProfileRequest) -> None:
         """Every DP rank's core starts (stops) its profiler; returns once all are done."""
         self._check_profiler()
-        for rank in range(self.dp_size):
-            self._send(rank, request)
-        done, errors = set(), []
-        while len(done) < self.dp_size:
-            msg = self._next(timeout_s=None)
-            if not msg.profiled:
-                self._pending.append(msg)   # for step()
-                continue
-            done.add(msg.dp_rank)
-            if msg.error:
-                errors.append(f"DP rank {msg.dp_rank}: {msg.error}")
+        errors = [f"DP rank {msg.dp_rank}: {msg.error}"
+                  for msg in self._ask_every_core(request, lambda msg: msg.profiled) if msg.error]
         if errors:
             raise RuntimeError("; ".join(errors))
+
+    def _ask_every_core(self, request, is_answer) -> list[CoreOutputs]:
+        """Send `request` to every DP rank's core; their answers (the messages `is_answer`
+        picks), by rank. Step outputs that come meanwhile wait for step()."""
+        for rank in range(self.dp_size):
+            self._send(rank, request)
+        answers: dict[int, CoreOutputs] = {}
+        while len(answers) < self.dp_size:
+            msg = self._next(timeout_s=None)
+            if is_answer(msg):
+                answers[msg.dp_rank] = msg
+            else:
+                self._pending.append(msg)
+        return [answers[rank] for rank in range(self.dp_size)]
 
     # ------------------------------------------------------------------ outputs
     def wake(self) -> None:

@@ -41,7 +41,7 @@ from deepserve.config import EngineArgs
 from deepserve.distributed.parallel_state import destroy_distributed, init_distributed, rank_layout
 from deepserve.distributed.peer_watch import watch
 from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutputs, DeltaWriter, ProfileRequest,
-                                            ScorePrompt, Work, connect)
+                                            ResetPrefixCache, ScorePrompt, Work, connect)
 from deepserve.engine.executor import (STOP, WorkerProcs, die_with_parent, dist_timeout_s, free_port,
                                        free_ports, report_errors)
 from deepserve.engine.llm_engine import LLMEngine, chunk_logprobs, load_tokenizer
@@ -377,6 +377,9 @@ class EngineCore:
                     lambda exc: self._send(CoreOutputs(self.dp_rank, self.gauges(), error=str(exc)), msg.client)))
         elif isinstance(msg, ProfileRequest):
             self._profile(msg)
+        elif isinstance(msg, ResetPrefixCache):
+            reset = self.engine.reset_prefix_cache()
+            self._send(CoreOutputs(self.dp_rank, self.gauges(), prefix_cache_reset=reset), msg.client)
 
     def _profile(self, msg: ProfileRequest) -> None:
         """start_profile / stop_profile (a stop returns once this DP rank's traces are written);

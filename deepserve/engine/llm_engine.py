@@ -395,14 +395,17 @@ class LLMEngine:
         }
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        """vLLM's: forget every cached prefix block; True when done, False (nothing changed)
-        while a request holds KV blocks. Preempting running requests to make room for the reset
+        """vLLM's: forget every cached prefix block (in every DP rank's engine core, where they
+        run apart); True when done, False (nothing changed) while a request holds KV blocks. Preempting running requests to make room for the reset
         (`reset_running_requests`) and KV connectors are not supported."""
         if reset_connector:
             raise NotImplementedError("reset_connector is not supported: deepserve has no KV connector")
         if reset_running_requests and self.has_unfinished_requests():
             raise NotImplementedError("reset_running_requests=True (preempting the running requests) is not "
                                       "supported: reset the prefix cache once no request is running")
+        return self._reset_cached_blocks()
+
+    def _reset_cached_blocks(self) -> bool:
         return self.block_manager.reset_prefix_cache()
 
     def get_metrics(self) -> list:

@@ -69,6 +69,19 @@ def test_reset_prefix_cache_refuses_while_blocks_are_held(llm):
         llm.reset_prefix_cache(reset_connector=True)
 
 
+def test_reset_prefix_cache_with_the_engine_core_apart(monkeypatch):
+    """The front end asks the engine core process (one DP rank here) to reset its cache."""
+    monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "1")
+    from deepserve.engine.dp_engine import DataParallelEngine
+
+    with LLM(max_model_len=64, block_size=16) as llm:
+        assert isinstance(llm.engine, DataParallelEngine)
+        llm.generate(PROMPT, GREEDY)
+        assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32
+        assert llm.reset_prefix_cache() is True
+        assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 0
+
+
 def test_get_metrics_in_vllms_names(llm):
     from deepserve.engine.metrics_reader import Counter, Gauge
 
