@@ -242,7 +242,7 @@ class DataParallelEngine(LLMEngine):
         if rank is not None and state is not None:
             self.placement.finished(rank, len(state.seqs))
 
-    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+    def _abort(self, request_id: str) -> Optional[RequestOutput]:
         rank = self._rank_of.get(request_id)
         if rank is None:
             return None

@@ -291,8 +291,16 @@ class LLMEngine:
         self.stats["prompt_tokens"] += len(ids)
         return request_id
 
-    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
-        """Stop a request now and free its KV blocks; returns its last output."""
+    def abort_request(self, request_id: Union[str, list[str]]) -> Optional[RequestOutput]:
+        """Stop a request now and free its KV blocks; returns its last output. A list of ids
+        (vLLM's form) stops each of them and returns None."""
+        if isinstance(request_id, str):
+            return self._abort(request_id)
+        for rid in request_id:
+            self._abort(rid)
+        return None
+
+    def _abort(self, request_id: str) -> Optional[RequestOutput]:
         state = self.requests.pop(request_id, None)
         if state is None:
             return None

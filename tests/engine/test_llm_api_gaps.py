@@ -36,6 +36,10 @@ def test_llm_engine_from_engine_args_runs_vllms_example_loop():
             outs += [o for o in engine.step() if o.finished]
         assert [o.request_id for o in outs] == ["0"] and len(outs[0].outputs[0].token_ids) == 4
         assert engine.get_num_unfinished_requests() == 0 and not engine.is_sleeping()
+        engine.add_request("1", "Once", GREEDY)
+        engine.add_request("2", "Once", GREEDY)
+        assert engine.abort_request(["1", "2"]) is None   # vLLM's form: a list of ids
+        assert not engine.has_unfinished_requests()
         assert engine.get_supported_tasks() == ("generate",) and engine.get_tokenizer() is engine.tokenizer
         with pytest.raises(NotImplementedError, match="stat_loggers"):
             LLMEngine.from_engine_args(EngineArgs(max_model_len=64), stat_loggers=[object()])
@@ -80,6 +84,9 @@ def test_reset_prefix_cache_with_the_engine_core_apart(monkeypatch):
         assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32
         assert llm.reset_prefix_cache() is True
         assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 0
+        llm.engine.add_request("a", PROMPT, GREEDY)
+        llm.engine.abort_request(["a"])
+        assert not llm.engine.has_unfinished_requests()
 
 
 def test_get_metrics_in_vllms_names(llm):
