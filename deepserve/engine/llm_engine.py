@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import operator
@@ -25,6 +26,7 @@ from typing import Optional, Union
 from deepserve.config import EngineArgs, async_scheduling_plan, engine_core_apart
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
+from deepserve.engine.llm_inputs import refuse_unsupported
 from deepserve.engine.micro_batches import MicroBatchPipeline
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.profiler import DriverProfiler, driver_profiler
@@ -236,11 +238,18 @@ class LLMEngine:
             return None, list(prompt)
         raise RequestError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: Optional[str], prompt: PromptType,
-                    params: Optional[SamplingParams] = None) -> str:
+    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
+                    lora_request=None, priority: int = 0) -> str:
+        """`priority` (vLLM's; lower runs first) needs scheduling_policy "priority"."""
         if self.shut_down:
             raise RuntimeError("this engine was shut down (its model and KV cache are freed); start a new one")
+        refuse_unsupported(lora_request=lora_request)
         params = params or SamplingParams()
+        if priority:
+            if self.config.scheduler.policy != "priority":
+                raise RequestError(f"Got priority {priority} but priority scheduling is not enabled "
+                                   f"(scheduling_policy=\"priority\")")
+            params = dataclasses.replace(params, priority=priority)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")

@@ -40,6 +40,11 @@ def test_llm_engine_from_engine_args_runs_vllms_example_loop():
         engine.add_request("2", "Once", GREEDY)
         assert engine.abort_request(["1", "2"]) is None   # vLLM's form: a list of ids
         assert not engine.has_unfinished_requests()
+        with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+            engine.add_request("3", "Once", GREEDY, priority=1)
+        with pytest.raises(ValueError, match="lora_request is not supported"):
+            engine.add_request("3", "Once", GREEDY, lora_request=object())
+        assert not engine.has_unfinished_requests()
         assert engine.get_supported_tasks() == ("generate",) and engine.get_tokenizer() is engine.tokenizer
         with pytest.raises(NotImplementedError, match="stat_loggers"):
             LLMEngine.from_engine_args(EngineArgs(max_model_len=64), stat_loggers=[object()])
@@ -122,6 +127,20 @@ def test_get_metrics_in_vllms_names(llm):
 def test_unsupported_calls_are_refused_by_name(llm, call, what):
     with pytest.raises(NotImplementedError, match=what):
         call(llm)
+
+
+def test_add_request_priority_with_priority_scheduling():
+    """vLLM's add_request(..., priority=): lower runs first."""
+    engine = LLMEngine(EngineArgs(max_model_len=64, scheduling_policy="priority", max_num_seqs=1))
+    try:
+        engine.add_request("late", "Once", GREEDY, priority=5)
+        engine.add_request("first", "Once", GREEDY, priority=-1)
+        order = []
+        while engine.has_unfinished_requests():
+            order += [o.request_id for o in engine.step() if o.finished]
+        assert order == ["first", "late"]
+    finally:
+        engine.shutdown()
 
 
 def test_enqueue_chat_then_wait_for_completion(llm):
