@@ -100,7 +100,7 @@ class LLM:
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's: forget every cached prefix block (e.g. between benchmark runs), so the next
         prompts are computed anew; False, with nothing changed, while a request holds KV blocks
-        (requests enqueue() added and not yet run)."""
+        (one the engine is part way through: requests enqueue() added wait without blocks)."""
         return self.engine.reset_prefix_cache(reset_running_requests, reset_connector)
 
     def get_metrics(self) -> list:

@@ -29,6 +29,15 @@ class Vector(Metric):
     values: list[int]
 
 
+@dataclass
+class Histogram(Metric):
+    """vLLM's record of a histogram; the engine keeps none (the API server's latency
+    histograms are at /metrics), so get_metrics() lists none: here for scripts that test for it."""
+    count: int
+    sum: float
+    buckets: dict[str, int]
+
+
 # (vLLM's name, gauges() key)
 GAUGES = (("vllm:num_requests_running", "num_requests_running"),
           ("vllm:num_requests_waiting", "num_requests_waiting"),

@@ -60,6 +60,14 @@ def test_reset_prefix_cache_forgets_cached_blocks(llm):
     assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32
 
 
+def test_reset_prefix_cache_with_requests_queued(llm):
+    """Requests enqueue() added wait without KV blocks: the reset goes ahead."""
+    llm.generate(PROMPT, GREEDY)
+    ids = llm.enqueue(PROMPT, GREEDY)
+    assert llm.reset_prefix_cache() is True
+    assert [o.num_cached_tokens for o in llm.wait_for_completion()] == [0] and len(ids) == 1
+
+
 def test_reset_prefix_cache_refuses_while_blocks_are_held(llm):
     """vLLM's rule: False, and the cache kept, while a request holds KV blocks."""
     llm.generate(PROMPT, GREEDY)
