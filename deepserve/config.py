@@ -954,3 +954,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kw["type"] = str
         kw["help"] = f"{kw['help']} (default: {default})"
         parser.add_argument(*flags, **kw)
+
+
+def served_names(args: EngineArgs) -> list[str]:
+    """--served-model-name (comma-separated), else the model argument as given, as vLLM serves
+    it (the guides send `"model": "/path/to/model"`); the built-in demo is "stories260k"."""
+    if args.served_model_name:
+        names = [n.strip() for n in str(args.served_model_name).split(",") if n.strip()]
+        if names:
+            return names
+    if str(args.model) == DEMO_MODEL:
+        return [Path(DEMO_MODEL).name]
+    return [str(args.model)]

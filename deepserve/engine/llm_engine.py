@@ -23,7 +23,7 @@ import time
 import weakref
 from typing import Optional, Union
 
-from deepserve.config import EngineArgs, async_scheduling_plan, engine_core_apart
+from deepserve.config import EngineArgs, async_scheduling_plan, engine_core_apart, served_names
 from deepserve.engine.block_manager import BlockManager, prefix_salt
 from deepserve.engine.executor import make_executor
 from deepserve.engine.llm_inputs import refuse_unsupported
@@ -431,7 +431,6 @@ class LLMEngine:
         preemptions, prompt / generation tokens, prefix-cache queries / hits, speculative
         decoding's counters. No latency histograms: those are the API server's (/metrics)."""
         from deepserve.engine.metrics_reader import metrics_snapshot
-        from deepserve.server.api_server import served_names   # the name the server's metrics carry
         return metrics_snapshot(self.gauges(), served_names(self.args)[0])
 
     def get_num_unfinished_requests(self) -> int:

@@ -21,12 +21,11 @@ import logging
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import uvicorn
 
-from deepserve.config import DEMO_MODEL, EngineArgs
+from deepserve.config import EngineArgs, served_names
 from deepserve.engine import llm_inputs
 from deepserve.engine.async_llm import AsyncLLM
 from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
@@ -43,18 +42,6 @@ from deepserve.server.stopping import stop_interruptibly
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deepserve")
-
-
-def served_names(args: EngineArgs) -> list[str]:
-    """--served-model-name (comma-separated), else the model argument as given, as vLLM serves
-    it (the guides send `"model": "/path/to/model"`); the built-in demo is "stories260k"."""
-    if args.served_model_name:
-        names = [n.strip() for n in str(args.served_model_name).split(",") if n.strip()]
-        if names:
-            return names
-    if str(args.model) == DEMO_MODEL:
-        return [Path(DEMO_MODEL).name]
-    return [str(args.model)]
 
 
 def read_chat_template(template: str) -> str:

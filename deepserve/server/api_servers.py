@@ -34,13 +34,13 @@ import threading
 import time
 from typing import Optional
 
-from deepserve.config import EngineArgs
+from deepserve.config import EngineArgs, served_names
 from deepserve.engine.dp_engine import DataParallelEngine
 from deepserve.engine.engine_core import DPLayout
 from deepserve.engine.executor import _in_environment, die_with_parent
 from deepserve.engine.fork_server import process_context
 from deepserve.log import for_spawned_processes
-from deepserve.server.api_server import build_state, serve_app, served_names, set_up_logging
+from deepserve.server.api_server import build_state, serve_app, set_up_logging
 from deepserve.server.args import ServerArgs
 from deepserve.server.stopping import stop_interruptibly
 
