@@ -51,8 +51,10 @@ class ProfileRequest:
 @dataclass
 class ResetPrefixCache:
     """reset_prefix_cache: the core answers with a CoreOutputs whose `prefix_cache_reset` says
-    whether it forgot its cached blocks (False: its requests hold blocks)."""
+    whether it forgot its cached blocks (False: its requests hold blocks); `preempt_running`:
+    it preempts its running requests first."""
     client: int = 0
+    preempt_running: bool = False
 
 
 @dataclass

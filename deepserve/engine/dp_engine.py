@@ -281,9 +281,11 @@ class DataParallelEngine(LLMEngine):
     def stop_profile(self) -> None:
         self._profile(ProfileRequest(False, None, self.client))
 
-    def _reset_cached_blocks(self) -> bool:
-        """Every DP rank's core forgets its cached prefix blocks; whether all of them did."""
-        answers = self._ask_every_core(ResetPrefixCache(self.client), lambda msg: msg.prefix_cache_reset is not None)
+    def _reset_cached_blocks(self, preempt_running: bool = False) -> bool:
+        """Every DP rank's core forgets its cached prefix blocks (first preempting its running
+        requests if `preempt_running`); whether all of them did."""
+        answers = self._ask_every_core(ResetPrefixCache(self.client, preempt_running),
+                                       lambda msg: msg.prefix_cache_reset is not None)
         return all(msg.prefix_cache_reset for msg in answers)
 
     def _profile(self, request: ProfileRequest) -> None:

@@ -378,7 +378,7 @@ class EngineCore:
         elif isinstance(msg, ProfileRequest):
             self._profile(msg)
         elif isinstance(msg, ResetPrefixCache):
-            reset = self.engine.reset_prefix_cache()
+            reset = self.engine.reset_prefix_cache(msg.preempt_running)
             self._send(CoreOutputs(self.dp_rank, self.gauges(), prefix_cache_reset=reset), msg.client)
 
     def _profile(self, msg: ProfileRequest) -> None:

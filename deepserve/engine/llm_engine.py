@@ -413,16 +413,17 @@ class LLMEngine:
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's: forget every cached prefix block (in every DP rank's engine core, where they
-        run apart); True when done, False (nothing changed) while a request holds KV blocks. Preempting running requests to make room for the reset
-        (`reset_running_requests`) and KV connectors are not supported."""
+        run apart); True when done. While a request holds KV blocks: False, nothing changed,
+        unless `reset_running_requests`, which first preempts the running requests (they wait
+        and recompute their KV later, as after a step short of blocks). KV connectors are not
+        supported."""
         if reset_connector:
             raise NotImplementedError("reset_connector is not supported: deepserve has no KV connector")
-        if reset_running_requests and self.has_unfinished_requests():
-            raise NotImplementedError("reset_running_requests=True (preempting the running requests) is not "
-                                      "supported: reset the prefix cache once no request is running")
-        return self._reset_cached_blocks()
+        return self._reset_cached_blocks(reset_running_requests)
 
-    def _reset_cached_blocks(self) -> bool:
+    def _reset_cached_blocks(self, preempt_running: bool = False) -> bool:
+        if preempt_running:
+            self.scheduler.make_room(self.block_manager.num_blocks)   # a step in flight keeps its rows
         return self.block_manager.reset_prefix_cache()
 
     def get_metrics(self) -> list:

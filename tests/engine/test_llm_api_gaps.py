@@ -77,13 +77,38 @@ def test_reset_prefix_cache_refuses_while_blocks_are_held(llm):
     engine.step()   # its prefill: it holds blocks now
     try:
         assert llm.reset_prefix_cache() is False
-        with pytest.raises(NotImplementedError, match="reset_running_requests"):
-            llm.reset_prefix_cache(reset_running_requests=True)
     finally:
         engine.abort_request(rid)
     assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 32   # the cache was kept
     with pytest.raises(NotImplementedError, match="KV connector"):
         llm.reset_prefix_cache(reset_connector=True)
+
+
+def _finish(engine) -> dict:
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return done
+
+
+def test_reset_prefix_cache_preempting_the_running_requests(llm):
+    """reset_running_requests=True: the running request is preempted (its blocks freed), the
+    cache is forgotten, and the request then finishes with the tokens it gives alone."""
+    ids = {"prompt_token_ids": list(range(100, 120))}
+    params = SamplingParams(temperature=0, max_tokens=8)
+    alone = llm.generate(ids, params)[0].outputs[0].token_ids
+    llm.generate(PROMPT, GREEDY)
+    engine = llm.engine
+    rid = engine.add_request(None, ids, params)
+    engine.step()
+    engine.step()
+    preemptions = engine.scheduler.num_preemptions
+    assert llm.reset_prefix_cache(reset_running_requests=True) is True
+    assert engine.scheduler.num_preemptions == preemptions + 1
+    assert _finish(engine) == {rid: alone}
+    assert llm.generate(PROMPT, GREEDY)[0].num_cached_tokens == 0   # the cache was forgotten
 
 
 def test_reset_prefix_cache_with_the_engine_core_apart(monkeypatch):
@@ -100,6 +125,10 @@ def test_reset_prefix_cache_with_the_engine_core_apart(monkeypatch):
         llm.engine.add_request("a", PROMPT, GREEDY)
         llm.engine.abort_request(["a"])
         assert not llm.engine.has_unfinished_requests()
+        llm.engine.add_request("b", PROMPT, GREEDY)
+        llm.engine.step()
+        assert llm.reset_prefix_cache(reset_running_requests=True) is True
+        assert list(_finish(llm.engine)) == ["b"]
 
 
 def test_get_metrics_in_vllms_names(llm):
