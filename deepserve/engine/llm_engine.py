@@ -239,11 +239,21 @@ class LLMEngine:
         raise RequestError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
-                    lora_request=None, priority: int = 0) -> str:
-        """`priority` (vLLM's; lower runs first) needs scheduling_policy "priority"."""
+                    arrival_time: Optional[float] = None, lora_request=None,
+                    tokenization_kwargs: Optional[dict] = None, trace_headers=None, priority: int = 0,
+                    prompt_text: Optional[str] = None) -> str:
+        """vLLM's arguments, in its order. `arrival_time`: when the request arrived (time.time()),
+        for its latency metrics; `priority` (lower runs first) needs scheduling_policy "priority".
+        Tokenization options belong to LLM.generate (here the prompt is tokenized as given), and
+        there is no request tracing: those arguments are refused unless empty."""
         if self.shut_down:
             raise RuntimeError("this engine was shut down (its model and KV cache are freed); start a new one")
         refuse_unsupported(lora_request=lora_request)
+        for name, value in (("tokenization_kwargs", tokenization_kwargs), ("trace_headers", trace_headers),
+                            ("prompt_text", prompt_text)):
+            if value:
+                raise RequestError(f"add_request's {name} is not supported (LLM.generate takes tokenization_kwargs; "
+                                   f"deepserve has no request tracing)")
         params = params or SamplingParams()
         if priority:
             if self.config.scheduler.policy != "priority":
@@ -294,6 +304,8 @@ class LLMEngine:
         seqs = [Sequence(request_id, i, ids, params, cache_salt) for i in range(params.n)]
         state = RequestState(request_id, text, ids, params, seqs, self.tokenizer if self.detokenizes else None)
         state.prompt_logprobs = prompt_logprobs
+        if arrival_time is not None:   # on the monotonic clock the metrics use
+            state.arrival = time.monotonic() - max(0.0, time.time() - arrival_time)
         self.requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)

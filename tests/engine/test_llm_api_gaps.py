@@ -192,3 +192,24 @@ def test_enqueue_chat_then_wait_for_completion(llm):
 def test_world_size_and_mm_cache(llm):
     assert llm.get_world_size() == llm.get_world_size(include_dp=False) == 1
     llm.reset_mm_cache()   # text only: nothing to clear
+
+
+def test_add_request_takes_vllms_arguments_in_order(llm):
+    """vLLM's add_request(request_id, prompt, params, arrival_time, lora_request,
+    tokenization_kwargs, trace_headers, priority, prompt_text): an arrival time given
+    positionally dates the request; tracing and tokenization options are refused by name."""
+    import time
+
+    engine = llm.engine
+    rid = engine.add_request("late", PROMPT, GREEDY, time.time() - 5.0)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    metrics = done[rid].metrics
+    assert metrics["first_token_time"] - metrics["arrival_time"] >= 4.9
+    for kwargs in ({"trace_headers": {"traceparent": "00-1-2-01"}}, {"tokenization_kwargs": {"truncate_prompt_tokens": 3}}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            engine.add_request("x", PROMPT, GREEDY, **kwargs)
+    assert not engine.has_unfinished_requests()
