@@ -205,7 +205,10 @@ def _size(flag: str, text: str) -> int:
 
 
 def run(args) -> int:
+    from deepserve.models.registry import check_config, config_source
+
     cfg = load_hf_config(args.model)
+    check_config(cfg, config_source(args.model))
     quantization = plan_quantization(args.model, cfg, args.quantization)
     if args.include_mtp and not cfg.get("num_nextn_predict_layers"):
         raise ValueError(f"--include-mtp needs a model with an MTP layer, but {cfg.get('architectures')} has "

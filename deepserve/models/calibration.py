@@ -30,7 +30,7 @@ from deepserve.layers.attention import AttentionMetadata
 from deepserve.layers.linear import LinearBase
 from deepserve.layers.quantization import checkpoint_names
 from deepserve.models.loader import _materialize, process_weights_after_loading
-from deepserve.models.registry import get_model_class
+from deepserve.models.registry import model_class
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _BLOCK = 16
@@ -79,7 +79,7 @@ class LayerRunner:
         self.device = torch.device(device)
         cfg = HFConfig(config)
         with torch.device("meta"):
-            self.model = get_model_class(cfg.architecture)(cfg, dtype=torch.float32)
+            self.model = model_class(cfg)(cfg, dtype=torch.float32)
         self.num_layers = int(cfg.num_hidden_layers)
         self.next_layer = 0
         embed = self.model.model.embed_tokens
@@ -91,8 +91,9 @@ class LayerRunner:
 
     @staticmethod
     def check(config: dict) -> None:
-        """Raise ValueError when `config`'s architecture has no model class to calibrate with."""
-        get_model_class(HFConfig(config).architecture)
+        """Raise ValueError when `config`'s architecture has no model class to calibrate with, or it
+        lacks a field the model reads."""
+        model_class(HFConfig(config))
 
     def layer_index(self, tensor_name: str) -> Optional[int]:
         """The decoder layer a checkpoint tensor belongs to (None: outside the calibrated layers)."""

@@ -47,7 +47,7 @@ from deepserve.layers.moe_int8 import int8_experts
 from deepserve.layers.quantization_int4 import int4_kept, quantize_int4_linears
 from deepserve.layers.quantization_modelslim import (modelslim_module, quantize_modelslim_experts,
                                                      quantize_modelslim_linears)
-from deepserve.models.registry import get_model_class
+from deepserve.models.registry import config_source, model_class
 from deepserve.models.weights import checkpoint_files, dequantize_stream, init_dummy_weights, iterate_checkpoint
 from deepserve.quant.ct_fp8 import ct_fp8_scheme, ct_fp8_stream, fp8_scale_scheme
 from deepserve.ops import OpTable, bind
@@ -249,7 +249,7 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
     storage: the weights of other stages stay on the meta device (copies into them are no-ops)."""
     pctx = pctx or single_process()
     cfg = model_config.hf_config
-    cls = get_model_class(cfg.architecture)
+    cls = model_class(cfg, config_source(model_config.model))
     dtype = resolve_dtype(model_config, device)
     with torch.device("meta"):
         model = cls(cfg, dtype=dtype, pctx=pctx, **model_kwargs)
