@@ -1,4 +1,4 @@
-"""4-bit weight checkpoints: AutoAWQ GEMM, GPTQ and compressed-tensors pack-quantized.
+"""4-bit weight checkpoints: AutoAWQ GEMM, GPTQ and compressed-tensors pack-quantized (or int-quantized).
 
 Every format stores eight 4-bit values per int32, with its own axis and nibble order:
 
@@ -17,6 +17,11 @@ In memory every format becomes one layout, the one the kernels read: `qweight` i
 [N, K/G], zero points uint8 [N, K/G] (absent for symmetric weights: z = 8) and, with
 activation reordering, `g_idx` [K] (input feature -> group). The conversion runs once per
 checkpoint tensor at load; the weight stays 4-bit.
+
+compressed-tensors' `int-quantized` format (what the library writes for int4 weights with int8
+activations, W4A8, unless told pack-quantized) keeps one signed value a byte: `weight` int8 [N, K]
+in -8..7 and, asymmetric, `weight_zero_point` int8 [N, K/G]; `int8_to_packed` packs them as
+pack-quantized stores them (value + 8) as they stream in, so they stay 4-bit from there on.
 
 GPTQ v1 (`checkpoint_format` "gptq", AutoGPTQ's default) stores each zero point minus one
 (the packer subtracts 1, every kernel adds it back), so z = nibble + 1, up to 16; "gptq_v2"
@@ -50,6 +55,7 @@ class Int4Spec:
     ignore: Ignore = Ignore()     # the modules the checkpoint leaves unquantized (quant/ignore.py)
     scale_dtype: torch.dtype = torch.float16
     names: dict = field(default_factory=dict)   # role -> checkpoint suffix
+    packed: bool = True           # compressed-tensors "int-quantized": one int8 a value (int8_to_packed)
 
     @property
     def method(self) -> str:
@@ -111,10 +117,12 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int
         raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one "
                          f"4-bit scheme per checkpoint")
     gname, w, a = weights[0]
-    for fmt in (qc.get("format"), groups[gname].get("format")):
-        if fmt not in ("pack-quantized", "mixed-precision", None):
-            raise ValueError(f"compressed-tensors format {fmt!r} with 4-bit weights is not "
-                             f"supported; deepserve serves pack-quantized")
+    # the group's own format, else the checkpoint's ("mixed-precision" names no layout)
+    fmt = next((f for f in (groups[gname].get("format"), qc.get("format")) if f not in ("mixed-precision", None)),
+               "pack-quantized")
+    if fmt not in ("pack-quantized", "int-quantized"):
+        raise ValueError(f"compressed-tensors format {fmt!r} with 4-bit weights is not "
+                         f"supported; deepserve serves pack-quantized and int-quantized")
     where = f"compressed-tensors group {gname}"
     _bits(w.get("num_bits"), where)
     if w.get("type", "int") != "int":
@@ -138,7 +146,7 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int
     return Int4Spec("compressed-tensors", _group(w.get("group_size") if strategy == "group" else -1, where),
                     symmetric=bool(w.get("symmetric", True)), act_order=actorder in ("group", "dynamic"),
                     activations=act, ignore=ignore, scale_dtype=scale_dtype,
-                    names=CT_NAMES)
+                    names=CT_NAMES, packed=fmt == "pack-quantized")
 
 
 # `--quantization NAME --load-format dummy` on a config without quantization_config: random
@@ -284,6 +292,44 @@ def _check_shape(spec: Int4Spec, module: str, shape: list, packed: list) -> None
                          f"{packed} (a [{n}, {k}] weight packs to [{n}, {-(-k // PACK)}])")
 
 
+def _signed_nibbles(t: torch.Tensor, name: str) -> torch.Tensor:
+    """int8 values in -8..7 -> uint8 nibbles (value + 8), refusing anything else by name."""
+    if t.dim() != 2 or t.dtype != torch.int8:
+        raise ValueError(f"tensor {name}: an int-quantized 4-bit tensor is 2-D int8, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if t.numel() and not -8 <= int(t.min()) <= int(t.max()) <= 7:
+        raise ValueError(f"tensor {name}: int-quantized 4-bit values must lie in [-8, 7], got "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return (t.to(torch.int16) + 8).to(torch.uint8)
+
+
+def _pack_padded(u: torch.Tensor, dim: int) -> torch.Tensor:
+    """Nibbles -> int32 along `dim`, padded with 8 (a signed 0) to a whole int32, as
+    compressed-tensors' pack_to_int32 pads."""
+    pad = -u.shape[dim] % PACK
+    if pad:
+        shape = list(u.shape)
+        shape[dim] = pad
+        u = torch.cat([u, torch.full(shape, 8, dtype=u.dtype)], dim)
+    return pack_int4(u, dim)
+
+
+def int8_to_packed(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A compressed-tensors int-quantized 4-bit checkpoint's tensors as pack-quantized ones: each
+    int8 `<m>.weight` [N, K] -> `<m>.weight_packed` int32 [N, ceil(K/8)] and `<m>.weight_shape`,
+    each int8 `<m>.weight_zero_point` [N, G] -> int32 [ceil(N/8), G] (rows packed); every other
+    tensor passes as it is."""
+    for name, t in weights:
+        if name.endswith(".weight") and t.dtype == torch.int8:
+            base = name[: -len("weight")]
+            yield base + "weight_packed", _pack_padded(_signed_nibbles(t, name), 1)
+            yield base + "weight_shape", torch.tensor(list(t.shape), dtype=torch.int64)
+        elif name.endswith(".weight_zero_point") and not t.is_floating_point():
+            yield name, _pack_padded(_signed_nibbles(t, name), 0)
+        else:
+            yield name, t
+
+
 def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, keep: Callable[[str], bool],
                 out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """A 4-bit checkpoint's tensors for the model: the parts of modules for which `keep(module)`
@@ -292,6 +338,8 @@ def int4_stream(weights: Iterable[tuple[str, torch.Tensor]], spec: Int4Spec, kee
     activation reordering (GPTQ writes it always) is checked to be the identity and dropped, as
     is compressed-tensors' `weight_shape` once checked against the packed weight (the layer
     checks the packed weight's shape against the model)."""
+    if not spec.packed:
+        weights = int8_to_packed(weights)
     need = spec.required()
     pending: dict[str, dict[str, torch.Tensor]] = {}
     shapes: dict[str, list] = {}      # kept module -> [weight_shape, packed shape], as they come

@@ -35,7 +35,8 @@ _GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_fo
 _FP8 = {"quant_method", "activation_scheme", "fmt", "weight_block_size", "ignored_layers",
         "modules_to_not_convert"}
 _CT = {"quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
-       "sparsity_config", "global_compression_ratio", "version", "transform_config", "provider"}
+       "sparsity_config", "global_compression_ratio", "version", "transform_config", "provider",
+       "moe_sparsity_config"}
 _CT_SCHEME = {"targets", "weights", "input_activations", "output_activations", "format"}
 _CT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_structure", "dynamic",
             "actorder", "observer", "observer_kwargs", "scale_dtype", "zp_dtype"}
@@ -44,7 +45,8 @@ KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
 _NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False),
                      "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2"),
                      "pack_dtype": (None, "int32", "torch.int32")},
-            "compressed-tensors": {"transform_config": (None, {})},
+            # moe_sparsity_config: experts pruned to a per-layer count the config.json does not give
+            "compressed-tensors": {"transform_config": (None, {}), "moe_sparsity_config": (None, {})},
             "fp8": {"fmt": (None, "e4m3")}}
 
 
