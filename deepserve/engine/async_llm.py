@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Protocol
 
 from deepserve.config import EngineArgs
@@ -48,14 +49,27 @@ class EngineStepError(RuntimeError):
     """A step failed while this request was in it; the server answers 500."""
 
 
+@dataclass
+class FinishedRequest:
+    """An ended request as the listener sees it (vLLM's FinishedRequestStats)."""
+
+    prompt_tokens: int
+    generation_tokens: int       # all its samples'
+    max_sample_tokens: int       # its longest sample's
+    cached_tokens: int           # prompt tokens found in the prefix cache
+    n: int
+    max_tokens: Optional[int]
+    reason: str                  # "stop" | "length" | "abort" | "error"
+    timings: dict                # RequestOutput.metrics: the engine's time.monotonic() of each phase
+
+
 class RequestListener(Protocol):
     """Optional observer of request timing (the server's metrics implement it)."""
 
     def on_output(self, request_id: str, arrival: float, now: float, new_tokens: int,
                   first: bool) -> None: ...
 
-    def on_finish(self, request_id: str, arrival: float, now: float, prompt_tokens: int,
-                  generation_tokens: int, reason: Optional[str]) -> None: ...
+    def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None: ...
 
 
 class AsyncLLM:
@@ -155,6 +169,7 @@ class AsyncLLM:
         self._queues[request_id] = queue
         arrival = time.monotonic()
         finished = False
+        failed = False
         tokens_seen = 0
         out: Optional[RequestOutput] = None
         try:
@@ -163,12 +178,19 @@ class AsyncLLM:
                 await asyncio.get_running_loop().run_in_executor(None, params.update_from_tokenizer, self.tokenizer)
             await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
             while True:
-                item = await queue.get()
-                while not queue.empty():  # outputs are cumulative: only the newest matters
-                    item = queue.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
-                out = item
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                # outputs are cumulative: only the newest matters, and it is yielded before an
+                # error that came after it (the listener counts its tokens)
+                newest = next((i for i in reversed(items) if not isinstance(i, BaseException)), None)
+                error = next((i for i in items if isinstance(i, BaseException)), None)
+                if error is not None:
+                    failed = isinstance(error, EngineStepError) or self.fatal_error is not None
+                    if newest is None:
+                        raise error
+                    queue.put_nowait(error)   # raised on the next round
+                out = newest
                 now = time.monotonic()
                 total = sum(len(o.token_ids) for o in out.outputs)
                 if self.listener is not None and total > tokens_seen:
@@ -183,9 +205,10 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
             if self.listener is not None and out is not None:
-                reason = out.outputs[0].finish_reason if finished else "abort"
-                self.listener.on_finish(request_id, arrival, time.monotonic(),
-                                        len(out.prompt_token_ids), tokens_seen, reason)
+                reason = (out.outputs[0].finish_reason or "stop") if finished else "error" if failed else "abort"
+                self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
+                    len(out.prompt_token_ids), tokens_seen, max(len(o.token_ids) for o in out.outputs),
+                    out.num_cached_tokens, params.n, params.max_tokens, reason, out.metrics))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe); its blocks are freed before the next step."""

@@ -87,6 +87,8 @@ class CoreOutputs:
     num_cached_tokens: list[int] = field(default_factory=list)  # the request's prefix-cache hits
     arrival_times: list[float] = field(default_factory=list)    # the request's, on the core's clock
     first_token_times: list[Optional[float]] = field(default_factory=list)
+    first_scheduled_times: list[Optional[float]] = field(default_factory=list)   # first admitted to run
+    last_token_times: list[Optional[float]] = field(default_factory=list)
     # rows of requests that asked for logprobs: row -> (new Logprob entries, cumulative logprob)
     logprobs: dict[int, tuple[list, float]] = field(default_factory=dict)
     # request id -> its prompt logprobs, in the request's first message
@@ -112,6 +114,7 @@ class DeltaWriter:
         ids, indexes, texts, tokens = msg.request_ids, msg.indexes, msg.texts, msg.token_ids
         finish, stops, done, cached = msg.finish_reasons, msg.stop_reasons, msg.finished, msg.num_cached_tokens
         arrivals, firsts = msg.arrival_times, msg.first_token_times
+        scheduled, lasts = msg.first_scheduled_times, msg.last_token_times
         for state in states:
             rid, seqs = state.request_id, state.seqs
             marks = self.sent.get(rid)
@@ -121,6 +124,7 @@ class DeltaWriter:
                     msg.prompt_logprobs[rid] = state.prompt_logprobs
             finished = state.finished
             num_cached = max(s.num_cached_tokens for s in seqs) if len(seqs) > 1 else seqs[0].num_cached_tokens
+            timings = state.timings()
             wants_logprobs = state.params.logprobs is not None
             for i, seq in enumerate(seqs):
                 mark = marks[i]
@@ -139,6 +143,8 @@ class DeltaWriter:
                 cached.append(num_cached)
                 arrivals.append(state.arrival)
                 firsts.append(state.first_token_time)
+                scheduled.append(timings["first_scheduled_time"])
+                lasts.append(state.last_token_time)
                 mark[0], mark[1] = len(text), len(seq.token_ids) - n_prompt
             if finished:
                 del self.sent[rid]
@@ -159,10 +165,11 @@ def read_outputs(msg: CoreOutputs, latest: dict[str, RequestOutput], start) -> l
             prev = latest.get(rid) or start(rid)
             if prev is None:
                 continue
-            first = msg.first_token_times[row]
+            timings = {"arrival_time": msg.arrival_times[row], "first_scheduled_time": msg.first_scheduled_times[row],
+                       "first_token_time": msg.first_token_times[row], "last_token_time": msg.last_token_times[row]}
             out = outs[rid] = RequestOutput(
                 rid, prev.prompt, prev.prompt_token_ids, list(prev.outputs), msg.finished[row],
-                msg.num_cached_tokens[row], {"arrival_time": msg.arrival_times[row], "first_token_time": first},
+                msg.num_cached_tokens[row], timings,
                 msg.prompt_logprobs.get(rid, prev.prompt_logprobs))
         i = msg.indexes[row]
         c = out.outputs[i]

@@ -62,6 +62,7 @@ class RequestState:
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string may still need
         self.arrival = time.monotonic()
         self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
 
     @property
     def finished(self) -> bool:
@@ -85,8 +86,15 @@ class RequestState:
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished,
                              num_cached_tokens=max(s.num_cached_tokens for s in self.seqs),
-                             metrics={"arrival_time": self.arrival, "first_token_time": self.first_token_time},
-                             prompt_logprobs=self.prompt_logprobs)
+                             metrics=self.timings(), prompt_logprobs=self.prompt_logprobs)
+
+    def timings(self) -> dict:
+        """time.monotonic() of its arrival, first admission to run, first and last token (None
+        until then): vLLM's RequestStateStats, from which /metrics takes queue, prefill and
+        decode times."""
+        scheduled = [s.first_scheduled_time for s in self.seqs if s.first_scheduled_time is not None]
+        return {"arrival_time": self.arrival, "first_scheduled_time": min(scheduled, default=None),
+                "first_token_time": self.first_token_time, "last_token_time": self.last_token_time}
 
 
 def load_tokenizer(config) -> tuple[Optional[Tokenizer], set[int]]:
@@ -207,7 +215,7 @@ class LLMEngine:
         g = torch.Generator().manual_seed(0)
         bm = self.block_manager
         saved = copy.deepcopy((self.stats, (bm.prefix_queries, bm.prefix_hits), self.scheduler.num_preemptions,
-                               getattr(self.spec, "stats", None)))
+                               getattr(self.spec, "stats", None), self.scheduler.step_tokens))
         with profiler.profiling(lambda: self.stats["steps"] - saved[0]["steps"]):
             params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
             for _ in range(n):
@@ -216,7 +224,7 @@ class LLMEngine:
             while self.has_unfinished_requests():
                 self.step()
         self.stats.update(saved[0])
-        self.scheduler.num_preemptions = saved[2]
+        self.scheduler.num_preemptions, self.scheduler.step_tokens = saved[2], saved[4]
         bm.prefix_queries, bm.prefix_hits = saved[1]
         if self.spec is not None:
             self.spec.stats = saved[3]
@@ -415,6 +423,7 @@ class LLMEngine:
             "kv_cache_capacity_tokens": bm.num_blocks * bm.block_size,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
+            **sched.step_tokens.gauges(),
             **(self.spec.stats.counters() if self.spec is not None else {}),
             **({"pp_most_micro_batches_in_flight": self.micro_batches.most_in_flight}
                if self.micro_batches is not None else {}),
@@ -613,6 +622,7 @@ class LLMEngine:
             self.stats["generation_tokens"] += 1
             if state.first_token_time is None:
                 state.first_token_time = now
+            state.last_token_time = now
             lp = sampled.logprobs[i]
             if lp is not None:
                 self._record_logprobs(seq, token, lp)

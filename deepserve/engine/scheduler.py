@@ -14,6 +14,7 @@ the micro-batches.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +22,29 @@ from typing import Optional
 from deepserve.config import SchedulerConfig
 from deepserve.engine.block_manager import BlockManager
 from deepserve.engine.sequence import Sequence, SeqStatus
+
+
+# vLLM's buckets of vllm:iteration_tokens_total (tokens an engine step computes)
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class StepTokenCounts:
+    """A histogram of the tokens each scheduled step computes, kept as plain counts (one per
+    bucket of STEP_TOKEN_BUCKETS, then +Inf) so that DP ranks' gauges sum into one."""
+
+    def __init__(self):
+        self.counts = [0] * (len(STEP_TOKEN_BUCKETS) + 1)
+        self.total = 0
+
+    def observe(self, tokens: int) -> None:
+        i = next((i for i, b in enumerate(STEP_TOKEN_BUCKETS) if tokens <= b), len(STEP_TOKEN_BUCKETS))
+        self.counts[i] += 1
+        self.total += tokens
+
+    def gauges(self) -> dict:
+        """step_tokens_le_{bucket} (not cumulative; le_inf the rest) and step_tokens_sum."""
+        keys = [f"step_tokens_le_{b}" for b in STEP_TOKEN_BUCKETS] + ["step_tokens_le_inf"]
+        return {**dict(zip(keys, self.counts)), "step_tokens_sum": self.total}
 
 
 @dataclass
@@ -54,6 +78,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.step_tokens = StepTokenCounts()
 
     def add(self, seq: Sequence) -> None:
         if self.config.policy == "priority":
@@ -150,6 +175,8 @@ class Scheduler:
             self.waiting.popleft()
             bm.allocate(seq, seq.num_tokens - remaining + n, hits)
             seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:   # the end of its queue time (vllm:request_queue_time_seconds)
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             chosen.append((seq, n))
             budget -= n
@@ -157,6 +184,8 @@ class Scheduler:
         # one-token rows (decodes) first: attention kernels and MLA split the batch there
         chosen.sort(key=lambda c: c[1] != 1)
         num_decodes = sum(1 for _, n in chosen if n == 1)
+        if chosen:
+            self.step_tokens.observe(sum(n for _, n in chosen))
         return ScheduledBatch([s for s, _ in chosen], [n for _, n in chosen], num_decodes)
 
     def finish(self, seq: Sequence, reason: str) -> None:

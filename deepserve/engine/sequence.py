@@ -39,6 +39,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
         self.num_preemptions = 0
+        self.first_scheduled_time: Optional[float] = None   # time.monotonic() when first admitted to run
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] = []
         self.generator: Optional[torch.Generator] = None

@@ -34,7 +34,7 @@ from deepserve.log import FORMAT as LOG_FORMAT
 from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
 from deepserve.server.args import STORE_ENV, ServerArgs
-from deepserve.server.metrics import ServerMetrics
+from deepserve.server.metrics import ServerMetrics, cache_info_labels
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.serving_common import ServerSettings, ServerState
@@ -170,7 +170,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)
     llm = AsyncLLM(engine)
-    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len)
+    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len,
+                            cache_info_labels(engine.config.cache))
     llm.listener = metrics
     return ServerState(llm=llm, settings=settings, metrics=metrics)
 

@@ -4,9 +4,12 @@ snapshot at scrape time (running / waiting requests, KV cache usage, free blocks
 by reason, error responses by status, operator calls and those run as Triton kernels, with
 their share as a gauge; with --ops-profile the share of profiled kernel time by kind,
 deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histograms (time to first token,
-inter-token latency, end-to-end latency) and each ended request's prompt and generated tokens
-(vLLM's request_prompt_tokens / request_generation_tokens, which its Grafana dashboard draws),
-fed by AsyncLLM's request listener.
+inter-token latency, end-to-end latency; each ended request's queue, prefill, decode and
+inference time and its mean time per output token, from the engine's timestamps) and each ended
+request's prompt, generated and computed prompt tokens, its longest sample, n and max_tokens
+(vLLM's request_* histograms, which its Grafana dashboard draws), fed by AsyncLLM's request
+listener; the tokens of each engine step (vLLM's iteration_tokens_total) and vLLM's
+cache_config_info come from the engine.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
@@ -26,10 +29,12 @@ import os
 from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from deepserve.engine.async_llm import FinishedRequest
+from deepserve.engine.scheduler import STEP_TOKEN_BUCKETS
 from deepserve.ops.profile import KINDS as OPS_TIME_KINDS
 
 PREFIX = "deepserve:"
@@ -41,7 +46,14 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
-FINISH_REASONS = ("stop", "length", "abort")   # present from the start, at 0
+# vLLM's for the phases of a request (queue, prefill, decode, inference)
+PHASE_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
+# vLLM's FinishReason values, present from the start at 0 (alerts on "error" find the series)
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
 def token_buckets(max_model_len: int) -> tuple[int, ...]:
@@ -80,11 +92,18 @@ COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cach
 class _EngineCollector:
     """The gauges and counters of the engine snapshot, read when scraped."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict]):
-        self.model_name, self.snapshot = model_name, snapshot
+    def __init__(self, model_name: str, snapshot: Callable[[], dict], cache_info: Optional[dict] = None):
+        self.model_name, self.snapshot, self.cache_info = model_name, snapshot, cache_info
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
+        yield from self._step_tokens(snap)
+        if self.cache_info is not None:   # vLLM's info gauge: the cache's settings as labels, value 1
+            labels = {**self.cache_info, "num_gpu_blocks": str(snap.get("num_blocks", 0)), "engine": "0"}
+            info = GaugeMetricFamily(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
+                                     labels=list(labels))
+            info.add_metric(list(labels.values()), 1.0)
+            yield info
         for name, help_text, key in GAUGES:
             yield self._family(GaugeMetricFamily, name, help_text, snap.get(key, 0))
         for name, help_text, key in COUNTERS:
@@ -105,6 +124,18 @@ class _EngineCollector:
         yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of the counted operator calls "
                            "that ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
         yield from self._ops_time(snap)
+
+    def _step_tokens(self, snap: dict) -> Iterator[Metric]:
+        """vLLM's iteration_tokens_total: a histogram of the tokens each engine step computed."""
+        counts = [snap.get(f"step_tokens_le_{b}", 0) for b in STEP_TOKEN_BUCKETS] + [snap.get("step_tokens_le_inf", 0)]
+        cumulative, total = [], 0
+        for bound, count in zip([str(float(b)) for b in STEP_TOKEN_BUCKETS] + ["+Inf"], counts):
+            total += count
+            cumulative.append((bound, total))
+        family = HistogramMetricFamily(PREFIX + "iteration_tokens_total", "Histogram of number of tokens per "
+                                       "engine_step.", labels=["model_name"])
+        family.add_metric([self.model_name], cumulative, snap.get("step_tokens_sum", 0))
+        yield family
 
     def _ops_time(self, snap: dict) -> Iterator[Metric]:
         """--ops-profile: the share of profiled kernel time per kind (deepserve/ops/profile.py)."""
@@ -162,12 +193,13 @@ class ServerMetrics:
     """Collects request timings (as AsyncLLM's listener) and renders the exposition text."""
 
     def __init__(self, model_name: str, snapshot: Callable[[], dict], api_server: Optional[int] = None,
-                 max_model_len: int = 1 << 17):
+                 max_model_len: int = 1 << 17, cache_info: Optional[dict] = None):
         """`api_server`: this process's index among several API servers; their requests are
         then also counted per API server (`api_server_requests`). `max_model_len`: the top of
-        the token-count histograms' buckets."""
+        the token-count histograms' buckets. `cache_info`: the KV cache's settings, the labels
+        of cache_config_info (cache_info_labels)."""
         inner = CollectorRegistry(auto_describe=True)
-        inner.register(_EngineCollector(model_name, snapshot))
+        inner.register(_EngineCollector(model_name, snapshot, cache_info))
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared_dir:  # the request metrics of every API server process, read from their files
             _SharedFilesCollector(inner, shared_dir)
@@ -184,6 +216,24 @@ class ServerMetrics:
                                        token_buckets(max_model_len))
         self.generation_tokens = histogram("request_generation_tokens", "Tokens generated for each ended request "
                                            "(all its samples).", token_buckets(max_model_len))
+        self.queue_time = histogram("request_queue_time_seconds", "Time from arrival to the first admission "
+                                    "to run.", PHASE_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "Time from the first admission to run to "
+                                      "the first token.", PHASE_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "Time from the first token to the last.",
+                                     PHASE_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "Time from the first admission to "
+                                        "run to the last token.", PHASE_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds", "Each ended request's decode time per "
+                              "token after its first.", TPOT_BUCKETS)
+        self.computed_prompt_tokens = histogram("request_prefill_kv_computed_tokens", "Prompt tokens each ended "
+                                                "request computed (not found in the prefix cache).",
+                                                token_buckets(max_model_len))
+        self.max_sample_tokens = histogram("request_max_num_generation_tokens", "Tokens of each ended request's "
+                                           "longest sample.", token_buckets(max_model_len))
+        self.params_n = histogram("request_params_n", "The n of each ended request.", N_BUCKETS)
+        self.params_max_tokens = histogram("request_params_max_tokens", "The max_tokens of each ended request.",
+                                           token_buckets(max_model_len))
         finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason.",
                            ["model_name", "finished_reason"], registry=own)
         self.finished = lambda reason: finished.labels(model_name, reason)
@@ -213,21 +263,52 @@ class ServerMetrics:
                 self.itl.observe((now - last) / new_tokens)
         self._last_output[request_id] = now
 
-    def on_finish(self, request_id: str, arrival: float, now: float, prompt_tokens: int,
-                  generation_tokens: int, reason: Optional[str]) -> None:
+    def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:
         self._last_output.pop(request_id, None)
         self.e2e.observe(now - arrival)
-        self.prompt_tokens.observe(prompt_tokens)
-        self.generation_tokens.observe(generation_tokens)
-        self.finished(reason or "abort").inc()
+        self.prompt_tokens.observe(finished.prompt_tokens)
+        self.generation_tokens.observe(finished.generation_tokens)
+        self.computed_prompt_tokens.observe(finished.prompt_tokens - finished.cached_tokens)
+        self.max_sample_tokens.observe(finished.max_sample_tokens)
+        self.params_n.observe(finished.n)
+        if finished.max_tokens is not None:
+            self.params_max_tokens.observe(finished.max_tokens)
+        self._observe_phases(finished.timings, finished.max_sample_tokens)
+        self.finished(finished.reason).inc()
         if self.served is not None:
             self.served.inc()
+
+    def _observe_phases(self, t: dict, tokens: int) -> None:
+        """Queue, prefill, decode and inference times from the engine's timestamps (one clock:
+        the engine core's), each where the request reached both of its ends."""
+        arrival, scheduled = t.get("arrival_time"), t.get("first_scheduled_time")
+        first, last = t.get("first_token_time"), t.get("last_token_time")
+        if arrival is not None and scheduled is not None:
+            self.queue_time.observe(max(0.0, scheduled - arrival))
+        if scheduled is not None and first is not None:
+            self.prefill_time.observe(max(0.0, first - scheduled))
+        if first is not None and last is not None:
+            self.decode_time.observe(last - first)
+            self.tpot.observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
+        if scheduled is not None and last is not None:
+            self.inference_time.observe(max(0.0, last - scheduled))
 
     def record_error(self, status: int) -> None:
         self.http_errors(status).inc()
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+def cache_info_labels(cache) -> dict:
+    """vllm:cache_config_info's labels (vLLM's CacheConfig names) of a CacheConfig; the number
+    of blocks is added at each scrape (the engine cores size the pool)."""
+    return {"block_size": str(cache.block_size), "cache_dtype": str(cache.kv_cache_dtype),
+            "enable_prefix_caching": str(cache.enable_prefix_caching),
+            "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+            "kv_cache_memory_bytes": str(cache.kv_cache_memory_bytes),
+            "num_gpu_blocks_override": str(cache.num_gpu_blocks_override),
+            "prefix_caching_hash_algo": str(cache.prefix_caching_hash_algo)}
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -60,13 +60,14 @@ def test_a_request_aborted_at_the_front_end_is_skipped():
 class _Seq:
     index, num_prompt_tokens, token_ids, num_cached_tokens = 0, 1, [1, 7], 0
     finish_reason, stop_reason, is_finished, logprobs = "length", None, True, []
+    first_scheduled_time = 1.5
 
 
 class _Finished(RequestState):
     def __init__(self):
         self.request_id, self.seqs, self.texts, self.hold = "x", [_Seq()], ["hi"], 0
         self.params, self.prompt_logprobs = SamplingParams(), None
-        self.arrival, self.first_token_time = 1.0, 2.0
+        self.arrival, self.first_token_time, self.last_token_time = 1.0, 2.0, 2.0
 
 
 def _front_end(tmp_path):

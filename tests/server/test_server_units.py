@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from deepserve.config import EngineArgs
-from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
+from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, FinishedRequest, QueueFullError
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.metrics import ServerMetrics, parse_metrics, token_buckets
 
@@ -203,7 +203,7 @@ def test_metrics_text():
     m = ServerMetrics('m"1', lambda: snap)
     m.on_output("r", 0.0, 0.2, 1, True)
     m.on_output("r", 0.0, 0.5, 3, False)
-    m.on_finish("r", 0.0, 0.5, 5, 4, "stop")
+    m.on_finish("r", 0.0, 0.5, FinishedRequest(5, 4, 4, 0, 1, 16, "stop", {}))
     m.record_error(400)
     text = m.render()
     values = parse_metrics(text)

@@ -1,0 +1,95 @@
+"""vLLM's request and engine metrics at /metrics, checked against what was sent: the phases of
+each request (queue, prefill, decode, inference, time per output token), its n / max_tokens /
+longest sample / computed prompt tokens, the tokens of each engine step, finish reasons
+(error included) and cache_config_info."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deepserve.config import EngineArgs
+from deepserve.engine.async_llm import AsyncLLM, EngineStepError
+from deepserve.engine.sampling_params import SamplingParams
+from deepserve.server.metrics import ServerMetrics, cache_info_labels, parse_metrics
+
+LAB = 'model_name="demo"'
+
+
+async def drain(llm: AsyncLLM, prompt, params: SamplingParams, rid: str):
+    last = None
+    async for out in llm.generate(prompt, params, rid):
+        last = out
+    return last
+
+
+def test_request_phases_params_and_step_tokens():
+    llm = AsyncLLM.from_engine_args(EngineArgs(num_gpu_blocks_override=64, async_scheduling=False))
+    metrics = ServerMetrics("demo", lambda: llm.snapshot, max_model_len=llm.max_model_len,
+                            cache_info=cache_info_labels(llm.engine.config.cache))
+    llm.listener = metrics
+    prompt = {"prompt_token_ids": [1, 403, 407, 261, 378]}   # 5 tokens
+
+    async def main():
+        llm.start()
+        try:
+            out = await drain(llm, prompt, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True), "a")
+            assert len(out.outputs[0].token_ids) == 7
+            values = parse_metrics(metrics.render())
+            # one request: a 5-token prefill, then 6 one-token decode steps
+            assert values[f"vllm:iteration_tokens_total_count{{{LAB}}}"] == 7
+            assert values[f"vllm:iteration_tokens_total_sum{{{LAB}}}"] == 5 + 6
+            assert values[f'vllm:iteration_tokens_total_bucket{{{LAB},le="1.0"}}'] == 6
+            assert values[f'vllm:iteration_tokens_total_bucket{{{LAB},le="8.0"}}'] == 7
+            # n = 3 samples of at most 4 tokens: its prompt is found in the cache by samples 2 and 3
+            await drain(llm, prompt, SamplingParams(n=3, max_tokens=4, temperature=1, seed=0, ignore_eos=True), "b")
+            # a client gone after two outputs, and a request whose second step fails
+            gen = llm.generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True), "c")
+            await gen.__anext__()
+            await gen.__anext__()
+            await gen.aclose()
+            real, calls = llm.engine.runner.execute, {"n": 0}
+
+            def flaky(batch):   # request d's second step
+                calls["n"] += any(s.request_id == "d" for s in batch.seqs)
+                if calls["n"] == 2:
+                    raise RuntimeError("device lost")
+                return real(batch)
+
+            llm.engine.runner.execute = flaky
+            with pytest.raises(EngineStepError):
+                await drain(llm, prompt, SamplingParams(max_tokens=9, ignore_eos=True), "d")
+            llm.engine.runner.execute = real
+        finally:
+            llm.shutdown()
+
+    asyncio.run(main())
+    values = parse_metrics(metrics.render())
+
+    def v(name: str, extra: str = "") -> float:
+        return values[f"vllm:{name}{{{LAB}{extra}}}"]
+
+    for reason, count in (("length", 2), ("abort", 1), ("error", 1), ("stop", 0), ("repetition", 0)):
+        assert v("request_success_total", f',finished_reason="{reason}"') == count, reason
+    # each ended request once in every per-request histogram
+    for name in ("e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_time_per_output_token_seconds", "request_params_n", "request_params_max_tokens",
+                 "request_max_num_generation_tokens", "request_prefill_kv_computed_tokens"):
+        assert v(name + "_count") == 4, name
+    assert v("request_params_n_sum") == 1 + 3 + 1 + 1
+    assert v("request_params_max_tokens_sum") == 7 + 4 + 50 + 9
+    assert v("request_max_num_generation_tokens_sum") == 7 + 4 + 2 + 1
+    # prompt tokens less those found in the prefix cache (the 5-token prompt fills no 16-token block)
+    assert v("request_prefill_kv_computed_tokens_sum") == 4 * 5
+    # the phases add up: inference = prefill + decode, each request's, so their sums too
+    assert v("request_inference_time_seconds_sum") == pytest.approx(
+        v("request_prefill_time_seconds_sum") + v("request_decode_time_seconds_sum"), abs=1e-6)
+    assert v("request_queue_time_seconds_sum") >= 0
+    assert v("request_queue_time_seconds_sum") + v("request_inference_time_seconds_sum") <= \
+        v("e2e_request_latency_seconds_sum") + 1e-3
+    info = next(k for k in values if k.startswith("vllm:cache_config_info{"))
+    assert values[info] == 1
+    for label in ('block_size="16"', 'num_gpu_blocks="64"', 'cache_dtype="auto"', 'enable_prefix_caching="True"',
+                  'engine="0"'):
+        assert label in info, (label, info)
