@@ -48,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     # a --chat-template path that is no file fails before the model loads
     template = read_chat_template(args.chat_template) if args.chat_template else None
-    engine = engine_from_args(args)
-    if engine.tokenizer is None:
-        raise ValueError(f"model {args.model if hasattr(args, 'model') else ''} has no tokenizer to chat with")
+    engine = engine_from_args(args, "chat with")
     if template is not None:
         engine.tokenizer.chat_template = template
     if not engine.tokenizer.chat_template:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from deepserve.config import EngineArgs
 
@@ -33,12 +34,26 @@ def sampling_params_from_args(args: argparse.Namespace, **extra):
                           stop=list(args.stop), ignore_eos=args.ignore_eos, **extra)
 
 
-def engine_from_args(args: argparse.Namespace):
+def check_tokenizer(engine_args: EngineArgs, use: str) -> None:
+    """Text in and out needs a tokenizer: a model folder without tokenizer.json (which the engine
+    serves token ids only) is refused before it loads, saying what to pass."""
+    if engine_args.tokenizer:
+        return      # the tokenizer names its own file when it cannot read it
+    folder = Path(str(engine_args.model))
+    if (folder / "tokenizer.json").is_file():
+        return
+    slow = (" (tokenizer.model alone is not read: deepserve reads fast tokenizers)"
+            if (folder / "tokenizer.model").is_file() else "")
+    raise ValueError(f"model {engine_args.model} has no tokenizer.json{slow} to {use}: pass --tokenizer FOLDER")
+
+
+def engine_from_args(args: argparse.Namespace, use: str = "encode the prompt"):
     from deepserve.cli.serve import check_in_process
     from deepserve.engine.llm_engine import LLMEngine
 
     engine_args = EngineArgs.from_cli_args(args)
     check_in_process(engine_args)   # before any rank starts
+    check_tokenizer(engine_args, use)
     return LLMEngine(engine_args)
 
 

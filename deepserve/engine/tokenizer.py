@@ -26,6 +26,17 @@ def _token_text(value) -> Optional[str]:
     return value
 
 
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, or a ValueError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 class Tokenizer:
     """`path`: a folder with tokenizer.json (and tokenizer_config.json), or the tokenizer.json
     itself. `chat_template`: a template (or a file holding one) replacing the folder's."""
@@ -38,10 +49,13 @@ class Tokenizer:
             raise FileNotFoundError(f"{file} not found: deepserve reads fast tokenizers (tokenizer.json; "
                                     "pass --tokenizer FOLDER)")
         folder = self.folder = file.parent
-        self.tok = HFTokenizer.from_file(str(file))
+        try:
+            self.tok = HFTokenizer.from_file(str(file))
+        except Exception as exc:    # the tokenizers library raises a plain Exception for a file it cannot read
+            raise ValueError(f"{file} is not a tokenizer the tokenizers library reads: {exc}") from None
         self._token_texts: dict[int, str] = {}    # token_text's answers, by id
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = _json_object(cfg_path) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
@@ -51,7 +65,7 @@ class Tokenizer:
             self.eos_token_ids.add(self.tok.token_to_id(self.eos_token))
         gen_path = folder / "generation_config.json"
         if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+            eos = _json_object(gen_path).get("eos_token_id")
             self.eos_token_ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"

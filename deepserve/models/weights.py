@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from deepserve.quant.checkpoint import no_safetensors
 from deepserve.quant.fp8 import FP8_DTYPE, dequant_fp8_block
 from deepserve.quant.int8 import dequant_int8
 
@@ -43,7 +44,7 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         return [folder / f for f in files]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+        raise no_safetensors(folder)
     return files
 
 

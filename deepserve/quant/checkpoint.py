@@ -59,6 +59,20 @@ class Checkpoint:
         return {t.dtype for t in self.tensors.values()}
 
 
+def no_safetensors(folder: Path) -> FileNotFoundError:
+    """The error for a folder without *.safetensors weights, naming PyTorch pickle files if it
+    holds them instead: deepserve reads no pickle (unpickling can run code; DESIGN: no remote
+    code is ever executed), unlike vLLM, which also loads .bin / .pt weights."""
+    pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+    if not pickles:
+        return FileNotFoundError(f"no *.safetensors files in {folder}")
+    shown = ", ".join(pickles[:2]) + (f" and {len(pickles) - 2} more" if len(pickles) > 2 else "")
+    return FileNotFoundError(
+        f"no *.safetensors files in {folder}, only PyTorch pickle ({shown}), which deepserve does not load "
+        f"(unpickling can run code): convert the folder to safetensors first, e.g. with transformers: "
+        f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
+
+
 def _dtype_of(code: str, name: str, path: Path) -> torch.dtype:
     if code not in _DTYPES:
         raise ValueError(f"tensor {name} in {path} has unsupported dtype {code}")
@@ -97,7 +111,7 @@ def open_checkpoint(src: Path) -> Checkpoint:
         # a converted folder holds what the source serves (an MTP layer in its own shard too)
         shards = sorted(p.name for p in src.glob("*.safetensors"))
         if not shards:
-            raise FileNotFoundError(f"no *.safetensors weights in {src}")
+            raise no_safetensors(src)
 
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:

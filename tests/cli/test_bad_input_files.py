@@ -1,0 +1,64 @@
+"""A model folder missing a file, or holding one deepserve does not read, is one error line naming
+the file and what to do (exit code 2), before the model loads: PyTorch pickle weights without
+safetensors, no tokenizer.json for a text prompt, a tokenizer file that does not parse."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deepserve.cli.main import main
+
+STORIES = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260k"
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    dst = tmp_path / "m"
+    shutil.copytree(STORIES, dst)
+    for p in [dst, *dst.iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return dst
+
+
+def _one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_pickle_weights_only_are_named_and_refused(folder, tmp_path, capsys):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    for argv in (["generate", "--model", str(folder), "--prompt", "Once"],
+                 ["convert", "quantize", str(folder), str(tmp_path / "out"), "--method", "fp8-block"]):
+        err = _one_line(capsys, argv)
+        assert "only PyTorch pickle (pytorch_model.bin), which deepserve does not load" in err
+        assert "save_pretrained" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("keep_spm", [False, True])
+def test_no_tokenizer_json_for_a_text_prompt(folder, capsys, monkeypatch, keep_spm):
+    (folder / "tokenizer.json").unlink()
+    if not keep_spm:
+        (folder / "tokenizer.model").unlink()
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine started")
+    monkeypatch.setattr("deepserve.engine.llm_engine.LLMEngine", no_engine)
+    for argv, use in ((["generate", "--prompt", "Once"], "to encode the prompt"), (["chat"], "to chat with")):
+        err = _one_line(capsys, argv + ["--model", str(folder)])
+        assert f"model {folder} has no tokenizer.json" in err and use in err and "--tokenizer FOLDER" in err
+        assert ("tokenizer.model alone is not read" in err) == keep_spm
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("tokenizer.json", "{bad", "tokenizer.json is not a tokenizer the tokenizers library reads"),
+    ("tokenizer_config.json", "{bad", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json holds a JSON list, not an object"),
+])
+def test_unreadable_tokenizer_files_are_named(folder, capsys, name, text, message):
+    (folder / name).write_text(text)
+    err = _one_line(capsys, ["generate", "--model", str(folder), "--prompt", "Once", "--max-tokens", "1"])
+    assert str(folder / name) in err and message in err
