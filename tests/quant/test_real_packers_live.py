@@ -5,7 +5,8 @@ has the comparison, and the committed checkpoints CI checks without the library)
 Skipped unless `compressed_tensors` imports (CI pins torch / transformers and does not install
 it; add it beside them without its dependencies, e.g. `pip install --no-deps --target DIR
 compressed-tensors loguru psutil` and DIR on PYTHONPATH). Run as a script, this file rewrites
-the committed fixtures: `python -m tests.quant.test_real_packers_live`.
+the committed fixtures, AutoAWQ's and AutoGPTQ's too (test_real_packers_awq_gptq.py):
+`python -m tests.quant.test_real_packers_live`.
 
 The writer follows llm-compressor's flow with the library alone: the model's checkpoint layout
 as modules (each 2-D `<m>.weight` an nn.Linear, experts included: llm-compressor unfuses them
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.models.hf_reference import save_tiny, save_tiny_mla_moe
-from tests.quant.test_real_packers import DATA, METHODS, check_against_reference
+from tests.quant.test_real_packers import DATA, EXACT, METHODS, check_against_reference
 
 W4 = {"num_bits": 4, "type": "int", "symmetric": True}
 INT8_TOKEN = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True}
@@ -52,25 +53,27 @@ IGNORE = ["lm_head", "re:.*mlp\\.gate$"]      # the LM head and DeepSeek's route
 
 
 # ------------------------------------------------------------------------ tiny dense models
+# every Linear's dimensions a multiple of 32: AutoAWQ and AutoGPTQ allocate N // 32 * 4 packed columns
 def _llama(path: Path, size: int) -> None:
     cfg = transformers.LlamaConfig(vocab_size=64 if size == 32 else 256, hidden_size=size, intermediate_size=2 * size,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                    head_dim=size // 2, max_position_embeddings=128, tie_word_embeddings=False)
     save_tiny(transformers.LlamaForCausalLM, cfg, path)
 
 
 def _qwen2(path: Path, size: int) -> None:
     cfg = transformers.Qwen2Config(vocab_size=64 if size == 32 else 256, hidden_size=size, intermediate_size=2 * size,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                    max_position_embeddings=128, tie_word_embeddings=False)
     save_tiny(transformers.Qwen2ForCausalLM, cfg, path)
 
 
 def _deepseek_v3(path: Path, size: int) -> None:
-    # one MoE layer (MLA, 4 routed experts, a shared one): small enough to commit
+    # one MoE layer (MLA, 4 routed experts, a shared one): small enough to commit, every
+    # dimension a multiple of 32 (AutoAWQ and AutoGPTQ pack 32 // 4 columns a step)
     save_tiny_mla_moe(path, vocab_size=64, hidden_size=32, moe_intermediate_size=32, num_hidden_layers=1,
                       first_k_dense_replace=0, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                      qk_rope_head_dim=16, v_head_dim=16)
+                      qk_rope_head_dim=32, v_head_dim=16)
 
 
 MODELS = {"llama": _llama, "qwen2": _qwen2, "deepseek_v3": _deepseek_v3}
@@ -194,7 +197,7 @@ def test_compressed_tensors_checkpoints_load_and_agree(case, tmp_path):
     ckpt = build(case, tmp_path)
     reference = load_file(str(ckpt / "reference" / "weights.safetensors"))
     method = METHODS[case.split("-")[1]]
-    check_against_reference(ckpt, reference, tmp_path, method, rtol=1e-4 if method == "w4a16" else 3e-2)
+    check_against_reference(ckpt, reference, tmp_path, method, rtol=1e-4 if method in EXACT else 3e-2)
 
 
 # the committed fixtures (tests/quant/data/real_packers): each format and scheme family once
@@ -206,11 +209,13 @@ def main() -> None:
     import tempfile
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
+    from tests.quant.test_real_packers_awq_gptq import write_fixtures
     with tempfile.TemporaryDirectory() as tmp:
         for case in FIXTURES:
             shutil.copytree(build(case, Path(tmp)), DATA / case)
-            size = sum(f.stat().st_size for f in (DATA / case).rglob("*") if f.is_file())
-            print(f"{case}: {size} bytes")
+        write_fixtures(DATA, Path(tmp))
+    for case in sorted(p.name for p in DATA.iterdir()):
+        print(f"{case}: {sum(f.stat().st_size for f in (DATA / case).rglob('*') if f.is_file())} bytes")
 
 
 if __name__ == "__main__":
