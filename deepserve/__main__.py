@@ -1,5 +1,8 @@
 import sys
 
-from deepserve.cli.main import main
+try:
+    from deepserve.cli.main import main
+except KeyboardInterrupt:   # Ctrl-C while the package imports
+    sys.exit(130)
 
 sys.exit(main())

@@ -100,6 +100,15 @@ def _dotted_json(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C ends any command with exit code 130 and no traceback, also while it still imports
+    its modules (torch takes seconds)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
@@ -108,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
     except (UserError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if getattr(args, "debug", False):
             raise

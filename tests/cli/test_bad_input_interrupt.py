@@ -1,0 +1,30 @@
+"""Ctrl-C is exit code 130 without a traceback at any point of a command, the seconds it spends
+importing its modules (torch) included."""
+import pytest
+
+import deepserve.cli.main as cli_main
+
+
+def _main(argv) -> int:
+    try:
+        return cli_main.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main(): Python prints its traceback")
+
+
+@pytest.mark.parametrize("argv", [["convert", "quantize", "SRC", "DST", "--method", "fp8-block"], ["plan"]])
+def test_ctrl_c_while_the_command_imports(monkeypatch, capsys, argv):
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli_main.importlib, "import_module", interrupted)
+    assert _main(argv) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_while_the_command_runs(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    parser = cli_main.build_parser("plan")
+    monkeypatch.setattr(cli_main, "build_parser", lambda command=None: parser)
+    parser._subparsers._group_actions[0].choices["plan"].set_defaults(func=interrupted)
+    assert _main(["plan", "m", "--gpus", "1", "--gpu-memory", "80GiB"]) == 130
