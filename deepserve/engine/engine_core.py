@@ -54,7 +54,7 @@ logger = logging.getLogger("deepserve")
 
 IDLE_POLL_S = (0.001, 0.05)   # an idle core's wait between sync rounds: first, longest
 FRONT_END_STOP_WAIT_S = 1.0   # after the front end's connection ends: how long its stop may still take
-GAUGES_EVERY_S = 0.25         # with several front ends: how stale the gauges of one without outputs get
+GAUGES_EVERY_S = 0.25         # how stale a front end's gauges get while the core steps without outputs for it
 
 
 def _count_bytes() -> bool:
@@ -253,10 +253,10 @@ class EngineCore:
     """One DP rank's engine loop: take requests from the front ends, step, push each request's
     outputs to the front end that sent it.
 
-    With several front ends (--api-server-count > 1) each one also gets the core's gauges
-    (running / waiting requests, KV use, token counters) at least every GAUGES_EVERY_S while
-    the core steps, and once more when it goes idle, so every API server's /metrics and
-    placement see the whole core, not only their own requests."""
+    Each front end also gets the core's gauges (running / waiting requests, KV use, token
+    counters) at least every GAUGES_EVERY_S while the core steps, and once more when it goes
+    idle, so every API server's /metrics and placement see the whole core, not only their own
+    requests, and see it during steps that output no token (a long prompt's chunks)."""
 
     def __init__(self, engine: LLMEngine, executor: DPRankExecutor, dp_rank: int, sync_group, addresses,
                  watch_front_end: bool = False):
@@ -305,11 +305,9 @@ class EngineCore:
         self.gauges_sent[client] = time.monotonic()
 
     def _share_gauges(self, sent: set[int]) -> None:
-        """Several front ends: the gauges to those this step sent nothing, when theirs are
-        GAUGES_EVERY_S old or the core has just gone idle (one front end: every step's
-        outputs carry them)."""
-        if len(self.outboxes) == 1:
-            return
+        """The gauges to the front ends this step sent nothing, when theirs are GAUGES_EVERY_S
+        old or the core has just gone idle: those of other front ends' requests, and steps
+        that output no token (a long prompt's chunks) keep /metrics and placement current."""
         now, idle = time.monotonic(), not self._has_work()
         stale = [c for c in range(len(self.outboxes))
                  if c not in sent and (idle or now - self.gauges_sent[c] >= GAUGES_EVERY_S)]
