@@ -12,7 +12,7 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
 | AutoAWQ GEMM / GPTQ / compressed-tensors W4A16 | none / awq / gptq / compressed-tensors | 4-bit packed (layers/quantization_int4.py) |
-| compressed-tensors W4A8          | none / compressed-tensors | 4-bit weights, int8 per-token activations |
+| compressed-tensors W4A8 (pack- or int-quantized) | none / compressed-tensors | 4-bit weights, int8 per-token activations |
 | msModelSlim W8A8 (quant_model_description.json) | none / ascend | int8, static or dynamic activations (quantization_modelslim.py) |
 
 4-bit checkpoints are served only in their own format (no conversion at load).
