@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from deepserve.quant.fp8 import FP8_DTYPE, valid_scales
-from deepserve.quant.qconfig_fields import distinct_schemes
+from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes
 
 STRATEGIES = ("tensor", "channel", "block")
 
@@ -44,7 +44,7 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
         return None
     if len(groups) != 1:
         raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one FP8 scheme "
-                         f"per checkpoint")
+                         f"per checkpoint, not a mix ({describe_schemes(groups)})")
     (name, group), = groups.items()
     w, a = weights[name], group.get("input_activations")
     where = f"compressed-tensors group {name}"

@@ -78,6 +78,17 @@ def distinct_schemes(qc: dict) -> dict[str, dict]:
     return out
 
 
+def describe_schemes(groups: dict[str, dict]) -> str:
+    """Each group's weights and input activations in a few words, for a refusal naming them."""
+    def args(a) -> str:
+        if not isinstance(a, dict):
+            return "none"
+        shape = {"group": a.get("group_size"), "block": a.get("block_structure")}.get(a.get("strategy"))
+        return f"{a.get('num_bits')}-bit {a.get('type', 'int')} {a.get('strategy')}" + (f" {shape}" if shape else "")
+    return "; ".join(f"{name}: weights {args(g.get('weights'))}, activations {args(g.get('input_activations'))}"
+                     for name, g in groups.items())
+
+
 def _unknown(where: str, got: dict, known: set) -> None:
     extra = sorted(set(got) - known)
     if extra:

@@ -200,3 +200,24 @@ def test_int_quantized_4bit_tensors_are_packed_as_pack_quantized_stores_them():
     assert torch.equal(zu[:5].to(torch.int16) - 8, z.to(torch.int16)) and bool((zu[5:] == 8).all())
     with pytest.raises(ValueError, match=r"^tensor m.weight: int-quantized 4-bit values must lie in \[-8, 7\], got \[-9, 7\]$"):
         list(int8_to_packed([("m.weight", torch.tensor([[-9, 7] * 4], dtype=torch.int8))]))
+
+
+def test_mixed_precision_configs_are_refused_naming_each_group():
+    """compressed-tensors writes one config group per scheme (format "mixed-precision" when the
+    compressors differ); deepserve serves one scheme a checkpoint, and the refusal says what each
+    group holds (it said "one FP8 scheme" of a 4-bit + FP8 mix, naming neither)."""
+    from deepserve.models.loader import checkpoint_quantization
+    base = json.loads((DATA / "llama-w4a16-asym-g32" / "config.json").read_text())
+    w4 = base["quantization_config"]["config_groups"]["group_0"]
+    fp8 = json.loads((DATA / "qwen2-fp8-channel" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    mixes = {"mixed-precision": ({**w4, "targets": ["re:.*mlp.*"]}, {**fp8, "targets": ["re:.*self_attn.*"]},
+                                 r"one FP8 scheme per checkpoint, not a mix \(group_0: weights 4-bit int group 32, "
+                                 r"activations none; group_1: weights 8-bit float channel, activations 8-bit float token\)$"),
+             "pack-quantized": ({**w4, "targets": ["re:.*mlp.*"]},
+                                {**w4, "targets": ["re:.*self_attn.*"], "weights": {**w4["weights"], "group_size": 128}},
+                                r"one 4-bit scheme per checkpoint, not a mix \(group_0: weights 4-bit int group 32, "
+                                r"activations none; group_1: weights 4-bit int group 128, activations none\)$")}
+    for fmt, (a, b, error) in mixes.items():
+        qc = {**base["quantization_config"], "format": fmt, "config_groups": {"group_0": a, "group_1": b}}
+        with pytest.raises(ValueError, match=r"^compressed-tensors config_groups \['group_0', 'group_1'\]: deepserve serves " + error):
+            checkpoint_quantization({**base, "quantization_config": qc})
