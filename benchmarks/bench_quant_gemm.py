@@ -43,6 +43,7 @@ def r1_shapes() -> list[tuple[str, int, int]]:
     d, inter = c["hidden_size"], c["intermediate_size"]
     return [("q_a_proj", c["q_lora_rank"], d),
             ("kv_a_proj", c["kv_lora_rank"] + rope, d),
+            ("q_kv_a_proj", c["q_lora_rank"] + c["kv_lora_rank"] + rope, d),   # the two stacked (MLAAttention)
             ("q_b_proj", heads * (nope + rope), c["q_lora_rank"]),
             ("kv_b_proj", heads * (nope + v), c["kv_lora_rank"]),
             ("o_proj", d, heads * v),
@@ -54,6 +55,10 @@ def r1_shapes() -> list[tuple[str, int, int]]:
 # earlier sweeps' winners at each K-loop pipelining depth
 GEMV_CANDIDATES = [(4, 8, 4, 1, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 3), (4, 4, 4, 1, 2), (4, 4, 4, 1, 3),
                    (4, 4, 4, 4, 1), (4, 4, 4, 4, 2), (8, 4, 8, 1, 2), (8, 4, 4, 1, 3), (2, 8, 4, 1, 2)]
+# the tensor-core GEMV's (BLOCK_N, num_warps, SPLIT_K, STAGES): 64 weight rows a warp group (fp8
+# wgmma; fewer rows fall back to converting MMAs), split over K for the weights of few rows
+MMA_CANDIDATES = [(64, 4, 1, 3), (64, 4, 1, 4), (128, 4, 1, 3), (128, 4, 1, 4), (64, 4, 4, 3), (128, 4, 4, 3),
+                  (128, 4, 8, 3), (128, 8, 1, 3)]
 
 
 def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float, meta: dict) -> list[dict]:
@@ -86,17 +91,30 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
             lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st):
             qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg), n * k)
             for bn, gr, nw, sk, st in GEMV_CANDIDATES} if m == 1 else {}),
+        # the tensor-core GEMV (MMA 1), the whole op: quantizing the row inside (q1) or the
+        # activation quant kernel first (q0)
+        **({f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": (
+            lambda cfg=dict(MMA=1, BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st), qi=qi:
+            qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg) if qi
+            else qg.fp8_gemv(*qg.act_quant_fp8(x), wq, ws, torch.bfloat16, settings=cfg), n * k)
+            for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)} if m == 1 else {}),
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),
     }
+    settings = {  # the op's launch settings each one-row candidate stands for (--write)
+        **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
+                                                      QUANT_IN=1, MMA=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
+        **{f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st,
+                                                          QUANT_IN=qi, MMA=1)
+           for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)}} if m == 1 else {}
     out = []
     for kind, (fn, weight_bytes) in runs.items():
         ms = bf16_ms if fn is None else graph_time_ms(fn)
         tflops = flop / (ms * 1e-3) / 1e12
         rec = dict(meta, name=f"quant_gemm.{name}_{kind}_m{m}", value=round(tflops, 3), unit="TFLOP/s",
                    roofline_value=round(peak / 1e12, 3), ratio=round(tflops * 1e12 / peak, 4),
-                   time_ms=round(ms, 5), bf16_ms=round(bf16_ms, 5), speedup_vs_bf16=round(bf16_ms / ms, 3),
+                   settings=settings.get(kind), time_ms=round(ms, 5), bf16_ms=round(bf16_ms, 5), speedup_vs_bf16=round(bf16_ms / ms, 3),
                    weight_gbps=round(weight_bytes / (ms * 1e-3) / 1e9, 1), copy_gbps=round(copy_gbps / 1e9, 1),
                    shape={"m": m, "n": n, "k": k})
         out.append(rec)
@@ -109,6 +127,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", default="1,64,1024", help="token counts, comma separated")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--write", action="store_true",
+                    help="one row: where a GEMV candidate beats the op as served by 3%%, add its settings for "
+                         "that shape to the device's fp8_gemv launch table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant_gemm needs a CUDA device")
@@ -121,11 +142,47 @@ def main() -> int:
             "command": "python " + " ".join(sys.argv)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    one_row = []
     for name, n, k in r1_shapes():
         for m in (int(v) for v in args.m.split(",")):
-            for rec in bench_shape(name, n, k, m, peak, copy_gbps, meta):
+            recs = bench_shape(name, n, k, m, peak, copy_gbps, meta)
+            for rec in recs:
                 (out_dir / f"{rec['name'].replace('.', '_')}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            if m == 1:
+                one_row.append((name, recs))
+    if one_row:   # the one-row kernels side by side: us (% of copy over the fp8 weight bytes)
+        print("\none row, us (% of copy): op as served | GEMM | CUDA-core GEMV best | tensor-core GEMV best")
+        for name, recs in one_row:
+            def cell(rs):
+                r = min(rs, key=lambda r: r["time_ms"])
+                kind = r["name"].split(".")[1].removeprefix(name + "_").removesuffix("_m1")
+                return f"{r['time_ms'] * 1e3:6.1f} ({100 * r['weight_gbps'] / r['copy_gbps']:3.0f}%) {kind}"
+            picks = [[r for r in recs if r["name"].endswith(f"_{kind}_m1")] for kind in ("fp8", "fp8_gemm_only")]
+            gemv = [r for r in recs if "_fp8_gemv_n" in r["name"] or r["name"].endswith("_fp8_gemv_fused_m1")]
+            mma = [r for r in recs if "_fp8_gemv_mma_" in r["name"]]
+            print(f"{name:13s} | " + " | ".join(cell(rs) for rs in (*picks, gemv, mma) if rs))
+    if args.write and one_row:
+        write_best(one_row)
     return 0
+
+
+def write_best(one_row: list) -> None:
+    """Each shape's fastest one-row candidate into this device's fp8_gemv table, where it beats
+    the op as served (the table's current pick, GEMM or GEMV) by 3% or more."""
+    from deepserve.ops.triton import launch_config
+
+    rules = []
+    for _, recs in one_row:
+        served = next(r for r in recs if r["name"].endswith("_fp8_m1"))
+        best = min((r for r in recs if r.get("settings")), key=lambda r: r["time_ms"])
+        if best["time_ms"] <= 0.97 * served["time_ms"]:
+            shape = {"n": best["shape"]["n"], "k": best["shape"]["k"]}
+            rules.append({"if": shape, "set": {"use": 1, **best["settings"]}})
+            print(f"rule {shape}: {best['settings']} ({best['time_ms'] * 1e3:.1f} us, served "
+                  f"{served['time_ms'] * 1e3:.1f} us)")
+    if rules:
+        path = launch_config.save_rules("fp8_gemv", launch_config.device_key(torch.device("cuda")), rules)
+        print(f"wrote {len(rules)} rules to {path}")
 
 
 if __name__ == "__main__":

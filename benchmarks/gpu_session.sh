@@ -94,7 +94,9 @@ step mla_fp8_pytest 120 . bash -c 'python3 -m pytest -q -m gpu tests/ops/test_kv
 step r1_share_nopdl 90 . env DEEPSERVE_PDL=0 python3 benchmarks/ops_share.py --model deepseek-r1 --quantization fp8 \
   --ops triton --batch 1 --hf-overrides '{"num_hidden_layers": 5}'
 #   issue 16  R1's fp8 projections at one row: the op (tensor-core GEMM) beside the CUDA-core GEMV
-step fp8_gemv 120 . python3 benchmarks/bench_quant_gemm.py --m 1 --out-dir "$OUT/res"
+#   (--write: each shape's fastest one-row kernel into this device's fp8_gemv table, for the steps after it)
+step fp8_gemv 200 . python3 benchmarks/bench_quant_gemm.py --m 1 --out-dir "$OUT/res" --write
+mkdir -p "$OUT/fp8_gemv_cfg" && cp deepserve/ops/triton/configs/fp8_gemv/*.json "$OUT/fp8_gemv_cfg/" 2>/dev/null
 #   issue 16  the fp8 KV kernels (the merge by the last split among them) at model sizes
 step fp8_kv_tests 120 . python3 -m pytest -q -m gpu tests/ops/test_kv_fp8_ops.py
 #   issue 21  where the W4A16 decode step's time goes, beside the bf16 one (kernels, graph, host)
@@ -114,7 +116,7 @@ step moe_small_tests 100 . python3 -m pytest -q -m gpu tests/ops/test_triton_fus
   tests/ops/test_fused_moe_shared.py
 cp -r deepserve/ops/triton/configs/fused_moe_small "$OUT/moe_small_cfg" 2>/dev/null
 #   issue 16  the fp8 linear op (one row: the GEMV quantizing its row) against the torch reference
-step fp8_op_tests 60 . python3 -m pytest -q -m gpu tests/quant/test_serving.py -k fp8_kernel
+step fp8_op_tests 100 . python3 -m pytest -q -m gpu tests/quant/test_serving.py -k fp8_kernel
 #   issue 16  batch 1 alone on the compare cut (the one-row fp8 GEMV quantizing its row, q_a / kv_a stacked)
 step r1_fp8_b1 110 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/b1" --case experts --weights fp8 --cut compare \
   --batches 1

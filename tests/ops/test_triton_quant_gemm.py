@@ -76,7 +76,7 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
     calls, gemv = [], qg.fp8_gemv
     monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append((a[1] is None, a[-1])) or gemv(*a))
     monkeypatch.delenv(qg.FP8_GEMV_ENV, raising=False)
-    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2, "QUANT_IN": 1}
+    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2, "QUANT_IN": 1, "MMA": 0}
     with trying("fp8_gemv", [{"if": {"n": 70, "k": 700}, "set": rule}]):
         y = qg.fp8_block_linear(x, wq, ws, bias)                 # one row: the table's GEMV settings
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
@@ -93,4 +93,25 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
     table = {k: rule[k] for k in qg.GEMV_KEYS}
     # (the row quantized inside the GEMV, the settings)
     assert calls == [(True, table), (False, {**table, "QUANT_IN": 0}),
-                     (True, {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1, "STAGES": 1, "QUANT_IN": 1})]
+                     (True, {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1, "STAGES": 1, "QUANT_IN": 1,
+                             "MMA": 0})]
+
+
+def test_fp8_gemv_on_tensor_cores_equals_the_dequantized_product(triton_ops, cpu_only):
+    """MMA 1: the weight rows as the M side of the e4m3 product, the row padded to 16 columns:
+    partial row blocks (N = 70 over 16- and 32-row programs), K = 700 (a partial last group),
+    bias, split over K, on a quantized row and quantizing the row itself; through the op too."""
+    qg = triton_ops.quant_gemm
+    x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 3)
+    for settings in ({"BLOCK_N": 16}, {"BLOCK_N": 32, "SPLIT_K": 3, "STAGES": 2}):
+        settings = {"MMA": 1, "num_warps": 4, **settings}
+        for row, scales in ((q, s), (x, None)):
+            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, bias, settings)
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with trying("fp8_gemv", [{"set": {"use": 1, "MMA": 1, "BLOCK_N": 16, "QUANT_IN": 1}}]):
+        torch.testing.assert_close(qg.fp8_block_linear(x, wq, ws, bias), want, rtol=1e-5, atol=1e-5)
+    try:
+        qg.fp8_gemv(q, s, wq, ws, torch.float32, settings={"MMA": 1, "BLOCK_N": 8})
+        raise AssertionError("an 8-row MMA program was accepted")
+    except ValueError as exc:
+        assert "BLOCK_N >= 16" in str(exc)

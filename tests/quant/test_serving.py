@@ -354,7 +354,7 @@ def test_dummy_weights_with_quantization(llama):
 
 
 # ----------------------------------------------------------------------------- GPU
-R1_SHAPES = [(24576, 1536), (7168, 16384), (36864, 7168)]
+R1_SHAPES = [(24576, 1536), (7168, 16384), (36864, 7168), (2112, 7168)]
 
 
 @pytest.mark.gpu
@@ -371,6 +371,28 @@ def test_gpu_fp8_kernel_matches_torch_reference(m, n, k):
     q, s = qg.act_quant_fp8(x)
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     y = resolve("fp8_block_linear", "triton")[1](x, wq, ws)
+    ref = resolve("fp8_block_linear", "torch")[1](x.float(), wq, ws)
+    err = (y.float() - ref).abs().max().item()
+    assert err <= 1e-2 * ref.abs().max().item(), err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", R1_SHAPES)
+@pytest.mark.parametrize("settings", [{"MMA": 0, "QUANT_IN": 1, "STAGES": 2}, {"MMA": 0, "QUANT_IN": 0},
+                                      {"MMA": 1, "BLOCK_N": 64, "QUANT_IN": 1, "STAGES": 3},
+                                      {"MMA": 1, "BLOCK_N": 128, "QUANT_IN": 0, "SPLIT_K": 4, "STAGES": 4},
+                                      {"MMA": 1, "BLOCK_N": 128, "num_warps": 8, "QUANT_IN": 1}])
+def test_gpu_fp8_kernel_one_row_gemv_settings(n, k, settings):
+    """The op at one row under GEMV settings the table may pick (CUDA cores quantizing the row or
+    after the quant kernel, the tensor-core GEMV), within the GEMM's bound of the torch op."""
+    import deepserve.ops.triton.quant_gemm as qg
+    from deepserve.ops.triton.launch_config import trying
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(1, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    wq, grid = quant_fp8_block(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    with trying("fp8_gemv", [{"set": {"use": 1, **settings}}]):
+        y = qg.fp8_block_linear(x, wq, ws)
     ref = resolve("fp8_block_linear", "torch")[1](x.float(), wq, ws)
     err = (y.float() - ref).abs().max().item()
     assert err <= 1e-2 * ref.abs().max().item(), err

@@ -141,13 +141,61 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
     tl.store(y_ptr + tl.program_id(1) * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _fp8_gemv_mma_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
+                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, QUANT_X: tl.constexpr,
+                         QMAX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
+                         LINES: tl.constexpr):
+    """_fp8_gemv_kernel's sums on the tensor cores, the operands swapped: BLOCK_N weight rows are
+    the M side of an e4m3 product whose N side is the quantized row padded to 16 columns (the
+    row in column 0, zeros beside it), one 128-group a step, each step's fp32 product scaled
+    by its weight and activation scales as in _fp8_gemm_kernel. The CUDA-core GEMV spends about
+    six instructions a weight byte converting and multiplying (ten to fourteen when it also
+    quantizes the row, which each program repeats); here the MMA takes the e4m3 bytes as they
+    are and a program quantizes its row once a step for all its rows. The K loop is pipelined
+    by the launch's num_stages. Same programs and outputs as _fp8_gemv_kernel (split s of K
+    writes row s of y)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    g_first = tl.program_id(1) * groups_per_split
+    g_end = tl.minimum(g_first + groups_per_split, tl.cdiv(K, GROUP))
+    prefetch_rows(w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_wn + g_first * GROUP,
+                  tl.minimum(g_end * GROUP, K) - g_first * GROUP, LINE, LINES, PREFETCH)
+    pdl_begin(USE_PDL)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    cols = tl.arange(0, 16)
+    kk = tl.arange(0, GROUP)
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    for g in range(g_first, g_end):
+        offs = g * GROUP + kk
+        k_ok = offs < K
+        if QUANT_X:
+            x = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+            a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
+            q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, a_s), -QMAX), QMAX))
+            q_cols = tl.where(cols[None, :] == 0, q[:, None], 0.0).to(w_ptr.dtype.element_ty)   # [GROUP, 16], exact
+        else:   # the e4m3 row loaded straight into column 0 (no conversions)
+            q_cols = tl.load(x_ptr + offs[:, None] + cols[None, :] * 0, mask=k_ok[:, None] & (cols[None, :] == 0),
+                             other=0.0)
+            a_s = tl.load(as_ptr + g)
+        w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)   # [BN, GROUP] e4m3
+        w_s = tl.load(ws_ptr + rows * stride_ws + g, mask=row_ok, other=0.0)
+        acc += tl.dot(w, q_cols) * (w_s * a_s)[:, None]
+    y = tl.sum(tl.where(cols[None, :] == 0, acc, 0.0), axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tl.program_id(1) * N + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
 # fp8_block_linear runs one row (batch-1 decode) through the GEMV where the launch table
 # (configs/fp8_gemv/) sets `use` for the weight's shape, else the tensor-core GEMM; the rest
 # of a rule is the GEMV's settings (docs/PERFORMANCE.md: benchmarks/bench_quant_gemm.py --m 1
 # times both), QUANT_IN among them: 1 quantizes the row inside the GEMV, 0 runs the activation
-# quant kernel first. DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of whole decode steps.
+# quant kernel first; MMA 1 runs _fp8_gemv_mma_kernel (tensor cores; BLOCK_N >= 16 rows a
+# program, GROUPS unused, STAGES its num_stages), 0 the CUDA-core kernel. DEEPSERVE_FP8_GEMV=0 / 1
+# overrides `use` for an A/B of whole decode steps.
 FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
-GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES", "QUANT_IN")
+GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES", "QUANT_IN", "MMA")
 
 
 def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
@@ -171,16 +219,24 @@ def fp8_gemv(q: torch.Tensor, a_scale: Optional[torch.Tensor], weight: torch.Ten
     k, n = q.shape[1], weight.shape[0]
     cfg = {**launch_settings("fp8_gemv", q.device, n=n, k=k), **(settings or {})}
     kb = triton.cdiv(k, FP8_GROUP)
-    per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), cfg["GROUPS"]) * cfg["GROUPS"]
+    mma = bool(cfg.get("MMA", 0))
+    step = 1 if mma else cfg["GROUPS"]
+    per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), step) * step
     split = triton.cdiv(kb, per_split)
     out = torch.empty((split, n), dtype=out_dtype if split == 1 else torch.float32, device=q.device)
     launch = pdl_launch(q.device, weight)
     launch.update(LINES=min(next_pow2(triton.cdiv(per_split * FP8_GROUP, launch["LINE"])), 64))
-    _fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        q, a_scale if a_scale is not None else q, weight, w_scale, bias if bias is not None and split == 1 else out,
-        out, n, k, per_split, weight.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None and split == 1,
-        BLOCK_N=cfg["BLOCK_N"], GROUPS=cfg["GROUPS"], GROUP=FP8_GROUP, QUANT_X=a_scale is None, QMAX=FP8_MAX,
-        STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **launch)
+    args = (q, a_scale if a_scale is not None else q, weight, w_scale, bias if bias is not None and split == 1 else out,
+            out, n, k, per_split, weight.stride(0), w_scale.stride(0))
+    common = dict(HAS_BIAS=bias is not None and split == 1, BLOCK_N=cfg["BLOCK_N"], GROUP=FP8_GROUP,
+                  QUANT_X=a_scale is None, QMAX=FP8_MAX, num_warps=cfg["num_warps"], **launch)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    if mma:
+        if cfg["BLOCK_N"] < 16:
+            raise ValueError(f"fp8_gemv MMA needs BLOCK_N >= 16 weight rows a program, got {cfg['BLOCK_N']}")
+        _fp8_gemv_mma_kernel[grid](*args, num_stages=cfg["STAGES"], **common)
+    else:
+        _fp8_gemv_kernel[grid](*args, GROUPS=cfg["GROUPS"], STAGES=cfg["STAGES"], **common)
     if split == 1:
         return out
     y = out.sum(0, keepdim=True)
