@@ -92,7 +92,8 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
 SWAP_SPACE_NOTE = ("deepserve: --swap-space accepted; nothing is reserved: preempted sequences are recomputed, "
                    "not swapped to host memory (as in vLLM V1)")
 # the vLLM variables deepserve reads (docs/GUIDES.md); vLLM too warns about the VLLM_* it does not know
-READ_VLLM_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_PP_LAYER_PARTITION", "VLLM_ENABLE_RESPONSES_API_STORE")
+READ_VLLM_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_PP_LAYER_PARTITION", "VLLM_ENABLE_RESPONSES_API_STORE",
+                 "VLLM_LOG_STATS_INTERVAL", "VLLM_SERVER_DEV_MODE")
 # vLLM-MindSpore's (the 300I Duo guide): its model YAML, whose settings deepserve takes from config.json
 MINDSPORE_ENV = ("vLLM_MODEL_BACKEND", "MINDFORMERS_MODEL_CONFIG")
 

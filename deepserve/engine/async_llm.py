@@ -214,6 +214,11 @@ class AsyncLLM:
         """Abort a request (thread-safe); its blocks are freed before the next step."""
         self._submit("abort", request_id)
 
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's: forget every cached prefix block, between two steps; False (nothing changed)
+        while requests hold blocks, unless `reset_running_requests` preempts them first."""
+        return await asyncio.wrap_future(self._submit("reset_prefix_cache", reset_running_requests))
+
     # ------------------------------------------------------------------ profiler
     @property
     def profiler_config(self):
@@ -326,6 +331,8 @@ class AsyncLLM:
                 result = self.engine.start_profile(payload)
             elif kind == "stop_profile":
                 result = self.engine.stop_profile()
+            elif kind == "reset_prefix_cache":
+                result = self.engine.reset_prefix_cache(reset_running_requests=payload)
             else:
                 raise AssertionError(f"unknown engine op {kind!r}")
         except Exception as exc:  # handed back to the awaiting request (e.g. too-long prompt)

@@ -37,6 +37,7 @@ from deepserve.server.args import STORE_ENV, ServerArgs
 from deepserve.server.metrics import ServerMetrics, cache_info_labels
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 from deepserve.server.reasoning import PARSERS
+from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.stopping import stop_interruptibly
 from deepserve.server.tool_parsers import TOOL_PARSERS
@@ -76,10 +77,12 @@ def check_server_args(engine_args: EngineArgs, server: ServerArgs) -> None:
 class _Server(uvicorn.Server):
     """uvicorn, plus a ready line with the bound URL and an engine drain on the first signal."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState, on_ready=None):
+    def __init__(self, config: uvicorn.Config, state: ServerState, on_ready=None,
+                 stats: Optional[tuple[StatsLogger, float]] = None):
         super().__init__(config)
         self.state = state
         self.on_ready = on_ready
+        self.stats = stats   # the periodic stats line's logger and interval (None: --disable-log-stats)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -91,7 +94,11 @@ class _Server(uvicorn.Server):
         else:
             names = ", ".join(self.state.settings.served_model_names)
             print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-        asyncio.get_running_loop().create_task(self._watch_engine())
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._watch_engine())
+        if self.stats is not None:
+            stats, interval = self.stats
+            loop.create_task(stats.run(interval, lambda: not self.should_exit))
 
     async def _watch_engine(self) -> None:
         """Exit (code 1) soon after a worker process dies; /health says 503 meanwhile."""
@@ -170,10 +177,11 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)
     llm = AsyncLLM(engine)
+    request_logger = RequestLogger(server.max_log_len, server.enable_log_outputs) if server.enable_log_requests else None
     metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len,
                             cache_info_labels(engine.config.cache))
     llm.listener = metrics
-    return ServerState(llm=llm, settings=settings, metrics=metrics)
+    return ServerState(llm=llm, settings=settings, metrics=metrics, request_logger=request_logger)
 
 
 def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, sock=None, **options) -> int:
@@ -198,13 +206,19 @@ def set_up_logging(log_level: str) -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
 
-def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None) -> int:
+def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None, log_stats: bool = True) -> int:
     """Run uvicorn on `state` until a signal or a dead engine; `sock`: an already bound
-    listening socket (shared by several API server processes), else server.host:port is bound."""
+    listening socket (shared by several API server processes), else server.host:port is bound.
+    `log_stats`: this process writes the periodic stats line (one API server of several does)."""
     app = build_app(state)
-    config = uvicorn.Config(app, host=server.host, port=int(server.port), log_level=server.log_level,
+    config = uvicorn.Config(app, host=server.host, port=int(server.port),
+                            log_level=server.uvicorn_log_level or server.log_level,
                             access_log=False, timeout_graceful_shutdown=3, lifespan="on")
-    http = _Server(config, state, on_ready)
+    stats = None
+    if log_stats and not server.disable_log_stats:
+        engines = state.llm.engine.config.parallel.data_parallel_size
+        stats = (StatsLogger(lambda: state.llm.snapshot, engines), stats_interval())
+    http = _Server(config, state, on_ready, stats)
     http.run(sockets=[sock] if sock is not None else None)
     stop_interruptibly(state.llm.shutdown)  # done by the app's lifespan unless uvicorn failed to start
     if getattr(http, "fatal", None):

@@ -10,6 +10,8 @@ app's lifespan.
     GET  /tokenizer_info      (vLLM's: the tokenizer's configuration, with --enable-tokenizer-info-endpoint)
     GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
     POST /start_profile       POST /stop_profile            (with --profiler-config, as vLLM)
+    POST /reset_prefix_cache  GET  /is_sleeping             GET /server_info
+                              (vLLM's development endpoints, with VLLM_SERVER_DEV_MODE=1)
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepserve import __version__
+from deepserve.server.args import dev_mode
+from deepserve.server.dev_endpoints import add_dev_routes
 from deepserve.server.errors import APIError, error_body, error_response
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
@@ -174,6 +178,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if dev_mode():   # vLLM routes its development endpoints only then
+        add_dev_routes(app, state)
 
     if getattr(state.llm, "profiler_config", None) is not None:   # vLLM routes them only then
         logger.warning("profiler %s configured: POST /start_profile and /stop_profile are served; "

@@ -20,7 +20,18 @@ from deepserve.engine.thinking_budget import reasoning_delimiters
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"   # vLLM's switch for its development endpoints
+
+
+def dev_mode() -> bool:
+    """VLLM_SERVER_DEV_MODE=1: the server also answers vLLM's development endpoints that
+    deepserve has (POST /reset_prefix_cache, GET /is_sleeping, GET /server_info)."""
+    env = os.environ.get(DEV_MODE_ENV, "0").strip() or "0"
+    if env not in ("0", "1"):
+        raise ValueError(f"{DEV_MODE_ENV} must be 0 or 1, got {env!r}")
+    return env == "1"
 
 
 @dataclass
@@ -79,6 +90,25 @@ class ServerArgs:
     """Largest request body accepted; larger ones get 413."""
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
     """Log level."""
+    uvicorn_log_level: Optional[str] = field(default=None, metadata={"choices": UVICORN_LOG_LEVELS})
+    """vLLM's: uvicorn's log level (default: --log-level)."""
+    disable_uvicorn_access_log: bool = False
+    """vLLM's: no access log line per HTTP request; deepserve writes none in any case."""
+    enable_log_requests: bool = False
+    """vLLM's: log each generation request as it arrives, its id and sampling parameters at INFO,
+    its prompt and token ids at DEBUG (--log-level debug)."""
+    disable_log_requests: bool = False
+    """vLLM <= 0.10's: no request log lines (the default; --enable-log-requests turns them on)."""
+    max_log_len: Optional[int] = None
+    """vLLM's: most prompt characters / token ids (and output characters / ids) a request log
+    line shows (default: all)."""
+    enable_log_outputs: bool = False
+    """vLLM's: log each request's output text, token ids and finish reason as it ends; needs
+    --enable-log-requests."""
+    disable_log_stats: bool = False
+    """vLLM's: no periodic stats line (every VLLM_LOG_STATS_INTERVAL seconds, 10 by default:
+    prompt and generation throughput, running and waiting requests, KV cache usage, prefix-cache
+    hit rate; at DEBUG while idle)."""
     allowed_origins: Union[str, list] = '["*"]'
     """Origins a browser may call the API from (CORS), a JSON list as vLLM's."""
     allow_credentials: bool = False
@@ -108,6 +138,13 @@ class ServerArgs:
                 raise ValueError(f"--reasoning-config is not valid JSON: {exc}") from None
         reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
         self.responses_store_size()   # a bad VLLM_ENABLE_RESPONSES_API_STORE is an error before the model loads
+        dev_mode()                    # and so is a bad VLLM_SERVER_DEV_MODE
+        if self.max_log_len is not None and int(self.max_log_len) < 0:
+            raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}")
+        if self.enable_log_requests and self.disable_log_requests:
+            raise ValueError("--enable-log-requests and --disable-log-requests contradict each other: give one")
+        if self.enable_log_outputs and not self.enable_log_requests:
+            raise ValueError("--enable-log-outputs needs --enable-log-requests (as in vLLM)")
         if self.enable_reasoning and not self.reasoning_parser:
             raise ValueError("--enable-reasoning needs --reasoning-parser deepseek_r1 (as in vLLM)")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:

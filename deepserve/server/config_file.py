@@ -58,8 +58,8 @@ from deepserve.server.flagscale_files import interpolate, model_args_entry, unre
 logger = logging.getLogger("deepserve")
 
 SERVER_KEYS = ServerArgs.keys()
-# vLLM options with no meaning in deepserve (logs are always on)
-IGNORED_KEYS = ("disable_log_stats", "disable_log_requests", "uvicorn_log_level", "disable_custom_all_reduce")
+# vLLM options with no meaning in deepserve
+IGNORED_KEYS = ("disable_custom_all_reduce",)
 # a serve entry's keys besides its server options; FlagScale's `resources` (Ray Serve's GPUs and
 # replicas of a deployment) sizes nothing here: the parallel sizes do
 ENTRY_KEYS = ("serve_id", "engine", "engine_args", "engine_args_specific", "envs", "runner", "hostfile")

@@ -296,7 +296,7 @@ class PreparedChat:
         prompt = {"prompt": self.prompt_text, "prompt_token_ids": self.prompt_ids, "cache_salt": self.cache_salt}
         if self.beams is not None:
             return beam_stream(state, prompt, self.beams, self.params, self.engine_id)
-        return state.llm.generate(prompt, self.params, self.engine_id)
+        return state.generate(prompt, self.params, self.engine_id)
 
 
 class ContentSplitter:

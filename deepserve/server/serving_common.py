@@ -25,6 +25,7 @@ from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
+from deepserve.server.request_log import RequestLogger
 from deepserve.server.responses_store import ResponseStore
 
 logger = logging.getLogger("deepserve")
@@ -70,6 +71,7 @@ class ServerState:
     llm: AsyncLLM
     settings: ServerSettings
     metrics: ServerMetrics
+    request_logger: Optional[RequestLogger] = None   # --enable-log-requests
     server_load: int = field(default=0, init=False)   # generation requests in flight (GET /load)
     response_store: Optional[ResponseStore] = field(default=None, init=False)
     _encoder: Optional[BatchEncoder] = field(default=None, init=False, repr=False)
@@ -81,6 +83,13 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.llm.tokenizer
+
+    def generate(self, prompt, params, request_id: str):
+        """AsyncLLM.generate, logged with --enable-log-requests."""
+        outputs = self.llm.generate(prompt, params, request_id)
+        if self.request_logger is None:
+            return outputs
+        return self.request_logger.logged(outputs, request_id, prompt, params)
 
     async def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """The prompts' token ids, encoded off the event loop (server/batch_encoder.py)."""

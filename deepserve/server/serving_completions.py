@@ -191,7 +191,7 @@ class _Prepared:
         if self.beams:
             return [beam_stream(state, {**p, "cache_salt": self.cache_salt}, b, self.params, f"{self.engine_id}-{i}")
                     for i, (p, b) in enumerate(zip(self.prompts, self.beams))]
-        return [state.llm.generate({**p, "cache_salt": self.cache_salt}, self.params, f"{self.engine_id}-{i}")
+        return [state.generate({**p, "cache_salt": self.cache_salt}, self.params, f"{self.engine_id}-{i}")
                 for i, p in enumerate(self.prompts)]
 
 

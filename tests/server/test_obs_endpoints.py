@@ -1,0 +1,66 @@
+"""vLLM's development endpoints (VLLM_SERVER_DEV_MODE=1 only, as vLLM 0.26 routes them):
+POST /reset_prefix_cache, GET /is_sleeping, GET /server_info; absent (404 with OpenAI's error
+JSON) otherwise."""
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from deepserve.config import EngineArgs
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.server.api_server import build_state
+from deepserve.server.app import build_app
+from deepserve.server.args import ServerArgs
+from deepserve.server.metrics import parse_metrics
+
+PROMPT = [1] + [403, 407, 261, 378] * 8   # 33 tokens: two full 16-token blocks to cache
+
+
+@pytest.fixture(scope="module")
+def engine_args():
+    return EngineArgs(num_gpu_blocks_override=64)
+
+
+def client(engine_args) -> TestClient:
+    return TestClient(build_app(build_state(engine_args, ServerArgs(), engine=LLMEngine(engine_args))))
+
+
+def test_dev_endpoints_absent_by_default(engine_args, monkeypatch):
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    with client(engine_args) as c:
+        for method, path in (("post", "/reset_prefix_cache"), ("get", "/is_sleeping"), ("get", "/server_info")):
+            r = getattr(c, method)(path)
+            assert r.status_code == 404 and "this server answers" in r.json()["error"]["message"], path
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "yes")
+    with pytest.raises(ValueError, match="VLLM_SERVER_DEV_MODE must be 0 or 1"):
+        ServerArgs()
+
+
+def test_dev_endpoints_with_dev_mode(engine_args, monkeypatch):
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    with client(engine_args) as c:
+        def hits() -> float:
+            values = parse_metrics(c.get("/metrics").text)
+            return next(v for k, v in values.items() if k.startswith("vllm:prefix_cache_hits_total"))
+
+        def complete() -> None:
+            r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
+            assert r.status_code == 200, r.text
+
+        complete()
+        complete()
+        assert hits() == 32   # the second request found both full blocks
+        r = c.post("/reset_prefix_cache")
+        assert r.status_code == 200 and r.json() == {"success": True}
+        complete()
+        assert hits() == 32   # nothing cached any more
+        r = c.post("/reset_prefix_cache?reset_external=true")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "reset_external"
+        assert c.post("/reset_prefix_cache?reset_running_requests=maybe").status_code == 400
+        assert c.post("/reset_prefix_cache?reset_running_requests=true").json() == {"success": True}
+        assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+        info = c.get("/server_info?config_format=json").json()
+        assert info["vllm_config"]["cache"]["block_size"] == 16 and info["vllm_config"]["cache"]["num_blocks"] == 64
+        assert info["vllm_env"]["VLLM_SERVER_DEV_MODE"] == "1" and info["system_env"]["device"] == "cpu"
+        assert "block_size=16" in c.get("/server_info").json()["vllm_config"]
+        assert c.get("/server_info?config_format=yaml").status_code == 400

@@ -1,0 +1,108 @@
+"""vLLM's logging options on `deepserve serve`: --enable-log-requests / --disable-log-requests,
+--enable-log-outputs, --max-log-len, --disable-log-stats, --uvicorn-log-level (flags and YAML
+keys), the request log lines and the periodic stats line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import pytest
+
+from deepserve.server.args import ServerArgs
+from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
+
+
+def serve_args(*argv: str):
+    from deepserve.cli.serve import register, resolve
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return resolve(parser.parse_args(["serve", *argv]))[1]
+
+
+def test_logging_flags_and_yaml_keys(tmp_path):
+    server = serve_args("some/model", "--enable-log-requests", "--enable-log-outputs", "--max-log-len", "40",
+                        "--disable-log-stats", "--uvicorn-log-level", "trace", "--disable-uvicorn-access-log")
+    assert (server.enable_log_requests, server.enable_log_outputs, server.max_log_len) == (True, True, 40)
+    assert (server.disable_log_stats, server.uvicorn_log_level) == (True, "trace")
+    assert serve_args("some/model", "--disable-log-requests").enable_log_requests is False
+    # a deployment file's vLLM keys are read, not ignored
+    path = tmp_path / "d.yaml"
+    path.write_text("engine_args:\n  model: m\n  disable_log_stats: true\n  enable_log_requests: true\n"
+                    "  uvicorn_log_level: warning\n")
+    server = serve_args(str(path))
+    assert (server.disable_log_stats, server.enable_log_requests, server.uvicorn_log_level) == (True, True, "warning")
+    with pytest.raises(ValueError, match="--enable-log-outputs needs --enable-log-requests"):
+        ServerArgs(enable_log_outputs=True)
+    with pytest.raises(ValueError, match="contradict"):
+        ServerArgs(enable_log_requests=True, disable_log_requests=True)
+    with pytest.raises(ValueError, match="--uvicorn-log-level must be one of"):
+        ServerArgs(uvicorn_log_level="loud")
+    with pytest.raises(ValueError, match="max_log_len must be >= 0"):
+        ServerArgs(max_log_len=-1)
+
+
+class _Sample:
+    def __init__(self, index, text, ids):
+        self.index, self.text, self.token_ids, self.finish_reason = index, text, ids, "length"
+
+
+class _Out:
+    def __init__(self, samples):
+        self.outputs = samples
+
+
+def test_request_lines_cut_to_max_log_len_and_a_close_reaches_the_engine(caplog):
+    closed = []
+
+    async def outputs():
+        try:
+            yield _Out([_Sample(0, "abc", [1]), _Sample(1, "xyz", [2])])
+            yield _Out([_Sample(0, "abcdefgh", [1, 2, 3, 4, 5]), _Sample(1, "xyzuvw", [2, 3])])
+        finally:
+            closed.append(True)
+
+    log = RequestLogger(max_log_len=4, log_outputs=True)
+    prompt = {"prompt": "Once upon a time", "prompt_token_ids": [1, 2, 3, 4, 5, 6]}
+
+    async def main():
+        async for _ in log.logged(outputs(), "r1", prompt, "PARAMS"):
+            pass
+        gen = log.logged(outputs(), "r2", prompt, "PARAMS")
+        await gen.__anext__()
+        await gen.aclose()   # the client left: AsyncLLM.generate's own close aborts the request
+
+    with caplog.at_level(logging.DEBUG, logger="deepserve"):
+        asyncio.run(main())
+    text = caplog.text
+    assert "Received request r1: params: PARAMS." in text
+    assert "Request r1 details: prompt: 'Once', prompt_token_ids: [1, 2, 3, 4]." in text
+    assert "Generated response r1 (sample 0): output: 'abcd', output_token_ids: [1, 2, 3, 4], finish_reason: length" in text
+    assert "Generated response r1 (sample 1): output: 'xyzu'" in text
+    assert "Generated response r2" not in text
+    assert closed == [True, True]
+
+
+def test_stats_line_throughput_and_idle_at_debug(caplog, monkeypatch):
+    snap = {"prompt_tokens": 100, "generation_tokens": 50, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+    stats = StatsLogger(lambda: snap, num_engines=1)
+    t0 = stats.last_time
+    snap.update(prompt_tokens=300, generation_tokens=90, num_requests_running=3, num_requests_waiting=1,
+                kv_cache_usage=0.25, prefix_cache_queries=40, prefix_cache_hits=10, num_preemptions=2)
+    with caplog.at_level(logging.DEBUG, logger="deepserve"):
+        line = stats.log(now=t0 + 10)
+        assert line == ("Engine 000: Avg prompt throughput: 20.0 tokens/s, Avg generation throughput: 4.0 tokens/s, "
+                        "Running: 3 reqs, Waiting: 1 reqs, Preemptions: 2, GPU KV cache usage: 25.0%, "
+                        "Prefix cache hit rate: 25.0%")
+        assert caplog.records[-1].levelno == logging.INFO
+        stats.log(now=t0 + 20)   # nothing new: INFO once more (the last interval worked), then DEBUG
+        assert caplog.records[-1].levelno == logging.INFO and "Avg prompt throughput: 0.0" in caplog.records[-1].message
+        stats.log(now=t0 + 30)
+        assert caplog.records[-1].levelno == logging.DEBUG
+    assert StatsLogger(lambda: {}, num_engines=2).log().startswith("2 Engines Aggregated: ")
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "2.5")
+    assert stats_interval() == 2.5
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL must be a number"):
+        stats_interval()
