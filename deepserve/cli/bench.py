@@ -133,11 +133,37 @@ def _unreachable(exc) -> str:
     return f"{exc.request.method} {exc.request.url}: {exc or type(exc).__name__} (is the server up there?)"
 
 
+def check_reachable(url: str, timeout_s: float = 10.0) -> None:
+    """One line naming `url` when nothing answers at its host and port (a refused connection, a
+    host name that does not resolve), before a run whose every request would fail or be retried
+    for minutes. Only a TCP connection is opened: the server sees no request."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = "no answer in {:g} s".format(timeout_s) if isinstance(exc, TimeoutError) else exc.strerror or exc
+        raise RuntimeError(f"cannot reach {url}: {reason} (is the server up there?)") from None
+
+
+def _check_server(args) -> None:
+    """The server of `bench serve` / `sweep` is there, unless --ready-check-timeout-sec waits for it."""
+    from deepserve.bench.client import api_url
+    from deepserve.bench.serve import base_url_of
+
+    if getattr(args, "ready_check_timeout_sec", 0) <= 0:
+        check_reachable(api_url(base_url_of(args), args.endpoint))
+
+
 def _serve(args) -> int:
     import httpx
 
     from deepserve.bench.serve import run_serve
 
+    _check_server(args)
     try:
         result = run_serve(args)
     except httpx.TransportError as exc:
@@ -150,6 +176,7 @@ def _sweep(args) -> int:
 
     from deepserve.bench.sweep import run_sweep
 
+    _check_server(args)
     try:
         out = run_sweep(args)
     except httpx.TransportError as exc:

@@ -131,6 +131,10 @@ def run_handler(args) -> int:
     if missing:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
                          "(or use `deepserve eval compare A.json B.json`)")
+    from deepserve.cli.bench import check_reachable
+    from deepserve.evals.client import api_root
+
+    check_reachable(api_root(args.base_url))    # else every request is retried for minutes
     args.model = args.model or served_model(args.base_url, args.api_key)
     if args.max_tokens is None:
         args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)

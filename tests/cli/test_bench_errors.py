@@ -18,7 +18,9 @@ def closed_port() -> int:
 
 
 @pytest.mark.parametrize("command", [["serve"], ["sweep", "--max-concurrency-list", "1"]])
-def test_profile_post_to_an_unreachable_server_is_one_line(capsys, command):
+def test_profile_post_to_an_unreachable_server_is_one_line(capsys, monkeypatch, command):
+    # the server going away after the check that it is there (tests/cli/test_bad_input_endpoints.py)
+    monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)
     port = closed_port()
     argv = ["bench", *command, "--model", str(REPO / "deepserve/assets/stories260k"), "--num-prompts", "1",
             "--port", str(port), "--ready-check-timeout-sec", "0", "--profile", "--disable-tqdm"]

@@ -16,6 +16,7 @@ def run_eval(monkeypatch):
     def started(opts):
         raise Started(opts.settings.model)
     monkeypatch.setattr("deepserve.evals.runner.run_eval", started)
+    monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)   # served() fakes the server
 
 
 def served(monkeypatch, names):
