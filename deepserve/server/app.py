@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,14 @@ def build_app(state: ServerState) -> FastAPI:
         return await cancel_response(state, response_id)
 
     def model_card(name: str) -> dict:
+        # vLLM's card, its one permission entry included (what its ModelPermission defaults say)
+        permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                      "created": state.settings.created, "allow_create_engine": False, "allow_sampling": True,
+                      "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                      "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
         return {"id": name, "object": "model", "created": state.settings.created, "owned_by": "deepserve",
-                "root": state.settings.model_path, "parent": None, "max_model_len": state.llm.max_model_len}
+                "root": state.settings.model_path, "parent": None, "max_model_len": state.llm.max_model_len,
+                "permission": [permission]}
 
     @app.get("/v1/models")
     async def models():

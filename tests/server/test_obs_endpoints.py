@@ -64,3 +64,14 @@ def test_dev_endpoints_with_dev_mode(engine_args, monkeypatch):
         assert info["vllm_env"]["VLLM_SERVER_DEV_MODE"] == "1" and info["system_env"]["device"] == "cpu"
         assert "block_size=16" in c.get("/server_info").json()["vllm_config"]
         assert c.get("/server_info?config_format=yaml").status_code == 400
+
+
+def test_model_card_has_vllm_s_fields(engine_args, monkeypatch):
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    with client(engine_args) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"} <= set(card)
+        (perm,) = card["permission"]
+        assert perm["object"] == "model_permission" and perm["id"].startswith("modelperm-")
+        assert (perm["allow_sampling"], perm["allow_logprobs"], perm["organization"]) == (True, True, "*")
+        assert c.get(f"/v1/models/{card['id']}").json()["permission"][0]["object"] == "model_permission"
