@@ -146,9 +146,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def cancel(response_id: str):
         return await cancel_response(state, response_id)
 
+    permission_ids = {name: f"modelperm-{uuid.uuid4().hex}" for name in state.settings.served_model_names}
+
     def model_card(name: str) -> dict:
         # vLLM's card, its one permission entry included (what its ModelPermission defaults say)
-        permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+        permission = {"id": permission_ids[name], "object": "model_permission",
                       "created": state.settings.created, "allow_create_engine": False, "allow_sampling": True,
                       "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                       "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
