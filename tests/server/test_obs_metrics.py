@@ -93,3 +93,18 @@ def test_request_phases_params_and_step_tokens():
     for label in ('block_size="16"', 'num_gpu_blocks="64"', 'cache_dtype="auto"', 'enable_prefix_caching="True"',
                   'engine="0"'):
         assert label in info, (label, info)
+
+
+def test_latency_buckets_hold_every_vllm_bound():
+    from deepserve.server.metrics import E2E_BUCKETS, ITL_BUCKETS, PHASE_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+
+    # vLLM 0.26's (vllm/v1/metrics/loggers.py)
+    vllm_ttft = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+    vllm_itl = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+    vllm_latency = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+    assert set(vllm_ttft) <= set(TTFT_BUCKETS) and set(vllm_itl) <= set(ITL_BUCKETS)
+    assert set(vllm_latency) <= set(E2E_BUCKETS) and set(vllm_latency) <= set(PHASE_BUCKETS)
+    assert set(vllm_itl) <= set(TPOT_BUCKETS)
