@@ -11,7 +11,7 @@ its modules):
 | compressed-tensors             | `config_groups.*.targets`          | no target matches m ("Linear": every Linear; else as `ignore`) |
 | AutoAWQ, GPTQ                  | `modules_to_not_convert`           | it is a substring of m                |
 | GPTQ (transformers)            | `modules_in_block_to_quantize`     | none of its entries is a substring of m |
-| GPTQModel                      | `dynamic` keys `-:regex`           | the regex `re.match`es m              |
+| GPTQModel (GPTQ and AWQ)       | `dynamic` keys `-:regex`           | the regex `re.match`es m              |
 
 Names are the checkpoint's (Hugging Face) module names. A model layer that fuses several
 checkpoint modules (q/k/v into qkv_proj, gate/up into gate_up_proj) is left in 16-bit when all
@@ -104,8 +104,8 @@ def _read(qc: dict) -> Ignore:
     if method == "compressed-tensors":
         targets = [t for group in (qc.get("config_groups") or {}).values() for t in _entries(group, "targets")]
         return Ignore(_entries(qc, "ignore"), targets=tuple(targets) or ("Linear",))
-    if method == "awq":
-        return Ignore(substrings=_entries(qc, "modules_to_not_convert"))
+    if method == "awq":      # GPTQModel writes AWQ checkpoints with its `dynamic` too
+        return Ignore(_gptq_dynamic(qc), _entries(qc, "modules_to_not_convert"))
     if method == "gptq":
         # the modules quantized in each block, as substrings of module names
         groups = qc.get("modules_in_block_to_quantize") or ()

@@ -6,8 +6,8 @@ size, which quant/ignore.py refuses while reading its "-:" entries) are refused 
 at their neutral value. A field deepserve does not know is logged as a warning naming it and the
 checkpoint loads (writers add bookkeeping fields with each release; vLLM loads such checkpoints
 too): the warning says where to look if the output is wrong. The lists hold what the
-formats' writers put in config.json: AutoAWQ and transformers' AwqConfig; AutoGPTQ's
-quantize_config, transformers' GPTQConfig and GPTQModel; compressed-tensors' QuantizationConfig,
+formats' writers put in config.json: AutoAWQ, transformers' AwqConfig and GPTQModel's AWQ; AutoGPTQ's
+quantize_config, transformers' GPTQConfig and GPTQModel (7.7: `method`, `activation`); compressed-tensors' QuantizationConfig,
 QuantizationScheme and QuantizationArgs (as llm-compressor saves them); DeepSeek's and vLLM's
 fp8 config. Fields that only record how the checkpoint was made (dataset, dampening, observer)
 are accepted; fields known to change the weights are accepted only at their neutral value.
@@ -21,7 +21,10 @@ logger = logging.getLogger("deepserve")
 
 _AWQ = {"quant_method", "bits", "w_bit", "group_size", "q_group_size", "zero_point", "version",
         "modules_to_not_convert", "backend", "do_fuse", "fuse_max_seq_len", "modules_to_fuse",
-        "exllama_config"}
+        "exllama_config",
+        # GPTQModel's AWQ checkpoints
+        "method", "format", "checkpoint_format", "pack_dtype", "desc_act", "lm_head", "dynamic", "rotation",
+        "meta", "activation"}
 _GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "damp_percent",
          "damp_auto_increment", "static_groups", "true_sequential", "model_name_or_path",
          "model_file_base_name", "modules_to_not_convert", "tokenizer", "dataset", "use_cuda_fp16",
@@ -31,7 +34,8 @@ _GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_fo
          "lm_head", "dynamic", "pack_dtype", "format", "mse", "v2", "v2_alpha", "hyb_act", "adapter",
          "rotation", "quantize_config", "act_group_aware", "pack_impl", "gptaq", "gptaq_alpha",
          "gptaq_memory_device", "foem", "scale_search", "offload_to_disk", "offload_to_disk_path", "fail_safe",
-         "failsafe", "fallback", "gc_mode", "shard_strategy", "wait_for_submodule_finalizers"}
+         "failsafe", "fallback", "gc_mode", "shard_strategy", "wait_for_submodule_finalizers", "method",
+         "activation"}
 _FP8 = {"quant_method", "activation_scheme", "fmt", "weight_block_size", "ignored_layers",
         "modules_to_not_convert"}
 _CT = {"quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
@@ -42,9 +46,15 @@ _CT_ARGS = {"num_bits", "type", "symmetric", "group_size", "strategy", "block_st
             "actorder", "observer", "observer_kwargs", "scale_dtype", "zp_dtype"}
 KNOWN = {"awq": _AWQ, "gptq": _GPTQ, "fp8": _FP8, "compressed-tensors": _CT}
 # field -> the neutral values deepserve serves (anything else changes the weights' meaning)
+# (GPTQModel's `activation` quantizes the inputs of the modules it names: a runtime deepserve does
+# not implement; its `method` repeats quant_method)
 _NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False),
                      "rotation": (None,), "adapter": (None,), "format": (None, "gptq", "gptq_v2"),
-                     "pack_dtype": (None, "int32", "torch.int32")},
+                     "pack_dtype": (None, "int32", "torch.int32"), "activation": (None,),
+                     "method": (None, "gptq")},
+            "awq": {"lm_head": (None, False), "rotation": (None,), "desc_act": (None, False),
+                    "format": (None, "gemm", "GEMM"), "checkpoint_format": (None, "gemm", "GEMM"),
+                    "pack_dtype": (None, "int32", "torch.int32"), "activation": (None,), "method": (None, "awq")},
             # moe_sparsity_config: experts pruned to a per-layer count the config.json does not give
             "compressed-tensors": {"transform_config": (None, {}), "moe_sparsity_config": (None, {})},
             "fp8": {"fmt": (None, "e4m3")}}

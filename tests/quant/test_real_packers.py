@@ -221,3 +221,42 @@ def test_mixed_precision_configs_are_refused_naming_each_group():
         qc = {**base["quantization_config"], "format": fmt, "config_groups": {"group_0": a, "group_1": b}}
         with pytest.raises(ValueError, match=r"^compressed-tensors config_groups \['group_0', 'group_1'\]: deepserve serves " + error):
             checkpoint_quantization({**base, "quantization_config": qc})
+
+
+# quantization_config as GPTQModel 7.7's QuantizeConfig.to_dict writes it (None-valued fields dropped)
+GPTQMODEL_META = {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
+                  "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True,
+                  "mse": 0.0, "act_group_aware": True, "fallback": None, "offload_to_disk": True,
+                  "pack_impl": "cpu", "gc_mode": "interval"}
+GPTQMODEL = {
+    "gptq": {"bits": 4, "group_size": 32, "desc_act": False, "lm_head": False, "method": "gptq", "quant_method": "gptq",
+             "format": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32", "meta": GPTQMODEL_META,
+             "sym": True},
+    "awq": {"bits": 4, "group_size": 32, "desc_act": False, "lm_head": False, "method": "awq", "quant_method": "awq",
+            "format": "gemm", "checkpoint_format": "gemm", "pack_dtype": "int32", "meta": GPTQMODEL_META,
+            "zero_point": True, "version": "gemm"},
+}
+
+
+def test_gptqmodel_configs_load_and_fields_that_change_the_run_are_refused(caplog):
+    """GPTQModel 7.7 writes `method` (quant_method again) and, for activation quantization of
+    selected modules, `activation`; its AWQ checkpoints carry its GPTQ fields (`dynamic`,
+    `lm_head`, `format`, ...). They load without an unknown-field warning; an `activation`, a
+    `method` other than quant_method, a quantized lm_head are refused naming the field; AWQ's
+    `dynamic` "-:" entries leave modules 16-bit as GPTQ's do (were not read: quantized as the rest)."""
+    from deepserve.models.loader import checkpoint_quantization
+    from deepserve.quant.ignore import checkpoint_ignore
+    for method, qc in GPTQMODEL.items():
+        cfg = {"quantization_config": qc, "torch_dtype": "float16"}
+        with caplog.at_level(logging.WARNING, logger="deepserve"):
+            caplog.clear()
+            assert checkpoint_quantization(cfg) == method
+        assert caplog.text == "", method
+        for field, value in (("activation", {"modules": ["re:.*mlp.*"], "bits": 8}), ("method", "qqq"),
+                             ("lm_head", True)):
+            with pytest.raises(ValueError, match=rf"^quantization_config \({method}\): {field} .* is not supported"):
+                checkpoint_quantization({**cfg, "quantization_config": {**qc, field: value}})
+        skipped = checkpoint_ignore({"quantization_config": {**qc, "dynamic": {"-:.*down_proj": {}}}})
+        assert skipped("model.layers.0.mlp.down_proj") and not skipped("model.layers.0.mlp.up_proj")
+        with pytest.raises(ValueError, match=r"dynamic '\+:.*down_proj'.*quantizes those modules with other settings"):
+            checkpoint_ignore({"quantization_config": {**qc, "dynamic": {"+:.*down_proj": {"bits": 8}}}})
