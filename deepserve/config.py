@@ -559,6 +559,10 @@ class EngineArgs:
         if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
             raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq, compressed-tensors or ascend, "
                              f"got {self.quantization!r}")
+        if self.served_model_name is not None and not str(self.served_model_name).replace(",", " ").strip():
+            # an unset shell variable (`--served-model-name "$NAME"`): clients could not name the model
+            raise ValueError(f"served_model_name must hold a name (or several, comma-separated), "
+                             f"got {self.served_model_name!r}")
         bs = self.block_size
         if bs is not None and (bs < 1 or bs & (bs - 1)):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
@@ -804,7 +808,12 @@ def resolve_max_model_len(hf_config: HFConfig, max_model_len: Optional[int]) -> 
     if max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
     if max_model_len > limit:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
+        # vLLM lets VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 past this; here the rotary tables are sized from
+        # max_position_embeddings, so the way past it is to raise that
+        ignored = " (VLLM_ALLOW_LONG_MAX_MODEL_LEN is not read)" if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") else ""
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}; for a "
+                         f"model that holds longer contexts pass --hf-overrides "
+                         f"'{{\"max_position_embeddings\": {max_model_len}}}'{ignored}")
     return max_model_len
 
 

@@ -1,0 +1,37 @@
+"""Engine flags with a value deepserve cannot serve are one line naming the flag and the value
+(exit code 2) before anything starts."""
+from __future__ import annotations
+
+import pytest
+
+from deepserve.cli.main import main
+
+
+def _one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("names", [[""], [" ", ""]])
+def test_an_empty_served_model_name_is_refused(capsys, names):
+    """`--served-model-name "$NAME"` with NAME unset served the model under its path instead."""
+    err = _one_line(capsys, ["serve", "--dry-run", "--port", "0", "--served-model-name", *names])
+    assert "served_model_name must hold a name (or several, comma-separated)" in err
+
+
+def test_a_served_model_name_is_still_taken(capsys):
+    assert main(["serve", "--dry-run", "--port", "0", "--served-model-name", "a", "b"]) == 0
+
+
+@pytest.mark.parametrize("env", [None, "1"])
+def test_max_model_len_past_the_model_says_how_to_raise_it(capsys, monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", env)
+    err = _one_line(capsys, ["generate", "--prompt", "Once", "--max-model-len", "1024"])
+    assert ("max_model_len 1024 exceeds the model's max_position_embeddings 512; for a model that holds longer "
+            "contexts pass --hf-overrides '{\"max_position_embeddings\": 1024}'") in err
+    assert ("VLLM_ALLOW_LONG_MAX_MODEL_LEN is not read" in err) == (env is not None)
