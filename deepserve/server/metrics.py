@@ -7,8 +7,8 @@ deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histog
 inter-token latency, end-to-end latency; each ended request's queue, prefill, decode and
 inference time and its mean time per output token, from the engine's timestamps) and each ended
 request's prompt, generated and computed prompt tokens, its longest sample, n and max_tokens
-(vLLM's request_* histograms, which its Grafana dashboard draws), fed by AsyncLLM's request
-listener; the tokens of each engine step (vLLM's iteration_tokens_total) and vLLM's
+(vLLM's request_* histograms, which its Grafana dashboard draws) and its prompt tokens by source
+(computed or found in the prefix cache), fed by AsyncLLM's request listener; the tokens of each engine step (vLLM's iteration_tokens_total) and vLLM's
 cache_config_info come from the engine.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
@@ -56,6 +56,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 N_BUCKETS = (1, 2, 5, 10, 20)
 # vLLM's FinishReason values, present from the start at 0 (alerts on "error" find the series)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")   # vLLM's, at 0 from the start
 
 
 def token_buckets(max_model_len: int) -> tuple[int, ...]:
@@ -241,6 +242,12 @@ class ServerMetrics:
         self.finished = lambda reason: finished.labels(model_name, reason)
         for reason in FINISH_REASONS:
             self.finished(reason)
+        by_source = Counter(PREFIX + "prompt_tokens_by_source", "Prompt tokens of ended requests by source: "
+                            "local_compute, local_cache_hit (prefix cache), external_kv_transfer (none here).",
+                            ["model_name", "source"], registry=own)
+        self.prompt_by_source = {source: by_source.labels(model_name, source) for source in PROMPT_SOURCES}
+        self.prompt_cached = Counter(PREFIX + "prompt_tokens_cached", "Prompt tokens of ended requests found in "
+                                     "the prefix cache.", ["model_name"], registry=own).labels(model_name)
         errors = Counter(PREFIX + "http_errors", "Error responses sent, by status.", ["model_name", "status"],
                          registry=own)
         self.http_errors = lambda status: errors.labels(model_name, str(status))
@@ -271,6 +278,9 @@ class ServerMetrics:
         self.prompt_tokens.observe(finished.prompt_tokens)
         self.generation_tokens.observe(finished.generation_tokens)
         self.computed_prompt_tokens.observe(finished.prompt_tokens - finished.cached_tokens)
+        self.prompt_by_source["local_compute"].inc(finished.prompt_tokens - finished.cached_tokens)
+        self.prompt_by_source["local_cache_hit"].inc(finished.cached_tokens)
+        self.prompt_cached.inc(finished.cached_tokens)
         self.max_sample_tokens.observe(finished.max_sample_tokens)
         self.params_n.observe(finished.n)
         if finished.max_tokens is not None:

@@ -82,6 +82,10 @@ def test_request_phases_params_and_step_tokens():
     assert v("request_max_num_generation_tokens_sum") == 7 + 4 + 2 + 1
     # prompt tokens less those found in the prefix cache (the 5-token prompt fills no 16-token block)
     assert v("request_prefill_kv_computed_tokens_sum") == 4 * 5
+    assert v("prompt_tokens_by_source_total", ',source="local_compute"') == 4 * 5
+    assert v("prompt_tokens_by_source_total", ',source="local_cache_hit"') == 0
+    assert v("prompt_tokens_by_source_total", ',source="external_kv_transfer"') == 0
+    assert v("prompt_tokens_cached_total") == 0
     # the phases add up: inference = prefill + decode, each request's, so their sums too
     assert v("request_inference_time_seconds_sum") == pytest.approx(
         v("request_prefill_time_seconds_sum") + v("request_decode_time_seconds_sum"), abs=1e-6)
