@@ -75,8 +75,9 @@ def _experts_forward(experts, quant):
 def quantize_activations(model, quantized: set[str], kind: str | None) -> None:
     """Make the fp32 reference model quantize the inputs of the `quantized` modules as deepserve's
     torch path does: `kind` "int8" (per token) or "fp8" (per token and 128-wide group). MLA's
-    kv_b_proj is dequantized at load (it runs in the model dtype), and fp8 routed and shared
-    experts run with their weights dequantized per call (ops/moe.py), so their inputs stay."""
+    kv_b_proj and a quantized LM head are dequantized at load (they run in the model dtype), and
+    fp8 routed and shared experts run with their weights dequantized per call (ops/moe.py), so
+    their inputs stay."""
     if kind is None:
         return
     quant = _int8_tokens if kind == "int8" else _fp8_groups
@@ -84,7 +85,7 @@ def quantize_activations(model, quantized: set[str], kind: str | None) -> None:
         if type(module).__name__ == "DeepseekV3Experts":
             if kind == "int8" and any(m.startswith(name + ".") for m in quantized):
                 module.forward = _experts_forward(module, quant)
-        elif name in quantized and not name.endswith("kv_b_proj") and not (
+        elif name in quantized and not name.endswith(("kv_b_proj", "lm_head")) and not (
                 kind == "fp8" and ".shared_experts." in name):
             module.register_forward_pre_hook(lambda mod, args: (quant(args[0]),))
 

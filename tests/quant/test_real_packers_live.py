@@ -172,15 +172,17 @@ def library_decompression(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def build(case: str, root: Path) -> Path:
-    """Case "<arch>-<scheme>[@<format>]" written under `root`, its reference beside it."""
+    """Case "<arch>-<scheme>[@<format>][+lm_head]" written under `root`, its reference beside it
+    (+lm_head: the LM head quantized too)."""
     arch, _, rest = case.partition("-")
+    rest, plus, _ = rest.partition("+lm_head")
     scheme, _, fmt = rest.partition("@")
     size = 128 if scheme.endswith("g128") else 32
     dense = root / f"{arch}-{size}-dense"
     if not dense.is_dir():
         MODELS[arch](dense, size)
     out = root / case
-    write_checkpoint(dense, out, SCHEMES[scheme], fmt or None)
+    write_checkpoint(dense, out, SCHEMES[scheme], fmt or None, ignore=IGNORE[1:] if plus else IGNORE)
     (out / "reference").mkdir()
     save_file(library_decompression(out), str(out / "reference" / "weights.safetensors"), metadata={"format": "pt"})
     return out
@@ -188,7 +190,8 @@ def build(case: str, root: Path) -> Path:
 
 LIVE = ["llama-w4a16-g128", "llama-w4a16-asym-g128", "qwen2-w4a16-asym-g32", "llama-w4a8-g128",
         "llama-w4a8-g32@pack-quantized", "qwen2-w4a8-asym-channel", "llama-fp8-block", "qwen2-fp8-tensor",
-        "deepseek_v3-w4a16-g32", "deepseek_v3-w4a8-g32", "deepseek_v3-w8a8-channel", "deepseek_v3-fp8-block"]
+        "deepseek_v3-w4a16-g32", "deepseek_v3-w4a8-g32", "deepseek_v3-w8a8-channel", "deepseek_v3-fp8-block",
+        "llama-w4a16-asym-g32+lm_head", "qwen2-w4a8-g32+lm_head", "deepseek_v3-w8a8-channel+lm_head"]
 
 
 @pytest.mark.parametrize("case", LIVE)
