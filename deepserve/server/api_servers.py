@@ -86,7 +86,7 @@ def _api_server_main(index: int, sock: socket.socket, engine_args: EngineArgs, s
             engine.executor.failure = reason  # AsyncLLM.fatal_error: /health 503, then exit 1
 
     threading.Thread(target=watch_launcher, daemon=True, name="deepserve-launcher-watch").start()
-    sys.exit(serve_app(state, server, sock=sock, on_ready=lambda url: conn.send(("ready", url)), log_stats=index == 0))
+    sys.exit(serve_app(state, server, sock=sock, on_ready=lambda url: conn.send(("ready", url)), log_stats=index == 1))
 
 
 class _Stop(Exception):

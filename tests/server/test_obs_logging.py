@@ -6,11 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
+import subprocess
+import sys
+import threading
+import time
 
+import openai
 import pytest
 
 from deepserve.server.args import ServerArgs
 from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
+from tests.server.conftest import READY, REPO, server_env
 
 
 def serve_args(*argv: str):
@@ -106,3 +113,30 @@ def test_stats_line_throughput_and_idle_at_debug(caplog, monkeypatch):
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL must be a number"):
         stats_interval()
+
+
+def test_stats_line_with_several_api_servers():
+    """One of the API server processes writes the stats line (each sees every core's counters)."""
+    env = {**server_env(), "VLLM_LOG_STATS_INTERVAL": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "deepserve", "serve", "--port", "0", "--api-server-count", "2",
+                             "--num-gpu-blocks-override", "64"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(READY.search(line) for line in lines):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.1)
+        url = next(READY.search(line).group(1) for line in lines if READY.search(line))
+        openai.OpenAI(base_url=url + "/v1", api_key="x").completions.create(
+            model="stories260k", prompt="Once upon a time", max_tokens=8)
+        deadline = time.monotonic() + 30
+        stats = []
+        while time.monotonic() < deadline and not stats:
+            stats = [line for line in lines if re.search(r"Engine 000: Avg prompt throughput: [1-9]", line)]
+            time.sleep(0.1)
+        assert stats, "".join(lines)[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(30)
