@@ -16,6 +16,8 @@ import importlib.util
 
 from deepserve.ops.registry import TRITON_ALL
 
+TOP = 15    # kernels --profile lists by default
+
 # ops that pick a kernel per shape under the triton backend, and how
 PER_SHAPE = {
     "linear": "triton: one row -> Triton GEMV; more rows -> Triton GEMM or cuBLAS by the device's "
@@ -38,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--hf-overrides", default=None, help="With --profile: JSON merged over config.json, "
                    "e.g. '{\"num_hidden_layers\": 2}'.")
     p.add_argument("--max-model-len", type=int, default=None, help="With --profile: the engine's max_model_len.")
-    p.add_argument("--top", type=int, default=15, help="With --profile: kernels listed.")
+    p.add_argument("--top", type=int, default=None, help=f"With --profile: kernels listed (default {TOP}).")
     p.set_defaults(func=run)
 
 
@@ -76,7 +78,18 @@ def runs(op: str, backend: str) -> str:
     return ran
 
 
+def _check_profile_flags(args) -> None:
+    """The flags of --profile are refused without it (the table ignores them)."""
+    given = [flag for flag, value in (("--hf-overrides", args.hf_overrides), ("--max-model-len", args.max_model_len),
+                                      ("--top", args.top)) if value is not None]
+    if given and not args.profile:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --profile MODEL only")
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
+
+
 def run(args) -> int:
+    _check_profile_flags(args)
     backend = chosen_backend(args.ops, args.device)
     if args.profile:
         return profile_model(args, backend)
@@ -101,7 +114,10 @@ def profile_model(args, backend: str) -> int:
 
     from deepserve import LLM
 
-    overrides = json.loads(args.hf_overrides) if args.hf_overrides else {}
+    try:
+        overrides = json.loads(args.hf_overrides) if args.hf_overrides else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--hf-overrides is not valid JSON: {args.hf_overrides!r} ({exc.msg})") from None
     if not isinstance(overrides, dict):
         raise ValueError(f"--hf-overrides must be a JSON object, got {args.hf_overrides!r}")
     llm = LLM(args.profile, ops=backend, device=args.device, ops_profile=True, hf_overrides=overrides,
@@ -113,7 +129,7 @@ def profile_model(args, backend: str) -> int:
                                "data parallel): its --ops-profile report is in its log, not here; unset it")
         print(f"--ops {backend}, {args.profile} on {llm.engine.runner.device}: "
               f"{100 * llm.engine.runner.ops.triton_share():.1f}% of a counted step's op calls ran as Triton kernels")
-        print(profiler.report.table(args.top))
+        print(profiler.report.table(args.top or TOP))
     finally:
         llm.shutdown()
     return 0

@@ -35,3 +35,15 @@ def test_max_model_len_past_the_model_says_how_to_raise_it(capsys, monkeypatch, 
     assert ("max_model_len 1024 exceeds the model's max_position_embeddings 512; for a model that holds longer "
             "contexts pass --hf-overrides '{\"max_position_embeddings\": 1024}'") in err
     assert ("VLLM_ALLOW_LONG_MAX_MODEL_LEN is not read" in err) == (env is not None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top", "5"], "--top applies to --profile MODEL only"),
+    (["--max-model-len", "64", "--hf-overrides", "{}"], "--hf-overrides, --max-model-len apply to --profile MODEL only"),
+    (["--profile", "MODEL", "--top", "0"], "--top must be >= 1, got 0"),
+    (["--profile", "MODEL", "--hf-overrides", "{bad"], "--hf-overrides is not valid JSON: '{bad'"),
+])
+def test_ops_flags_of_profile(capsys, monkeypatch, argv, message):
+    """`deepserve ops` printed its table and ignored the --profile flags given without it."""
+    monkeypatch.setattr("deepserve.LLM", lambda *a, **k: pytest.fail("the model started"))
+    assert message in _one_line(capsys, ["ops", *argv])
