@@ -140,3 +140,18 @@ def test_stats_line_with_several_api_servers():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_start_up_log_gives_vllm_s_kv_cache_size(caplog, kv_dtype):
+    from deepserve.config import EngineArgs
+    from deepserve.engine.llm_engine import LLMEngine
+
+    with caplog.at_level(logging.INFO, logger="deepserve"):
+        engine = LLMEngine(EngineArgs(dtype="bfloat16", kv_cache_dtype=kv_dtype, kv_cache_memory_bytes=1 << 22))
+    blocks, size, max_len = engine.runner.num_blocks, engine.runner.block_size, engine.max_model_len
+    engine.shutdown()
+    assert max_len % size == 0   # whole blocks: vLLM's size is then the pool's tokens
+    assert f"GPU KV cache size: {blocks * size:,} tokens" in caplog.text
+    assert f"Maximum concurrency for {max_len:,} tokens per request: {blocks * size / max_len:.2f}x" in caplog.text
+    assert f"{blocks} KV blocks of {size} tokens ({blocks * size} tokens in" in caplog.text
