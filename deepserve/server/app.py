@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,13 @@ from fastapi.routing import APIRoute
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from deepserve import __version__
 from deepserve.server.args import dev_mode
 from deepserve.server.dev_endpoints import add_dev_routes
 from deepserve.server.errors import APIError, error_body, error_response
+from deepserve.server.metrics import HTTP_UNCOUNTED_PATHS
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
 from deepserve.server.serving_common import ClientDisconnected, ServerState, parse_request
@@ -62,6 +65,39 @@ class LoadTrackingMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.state.server_load -= 1
+
+
+class HTTPMetricsMiddleware:
+    """Pure ASGI: each HTTP request's status, route, duration (a stream's until it ended) and
+    sizes into /metrics' http_* metrics, as vLLM's instrumentator counts them."""
+
+    def __init__(self, app, state: ServerState, routes: list):
+        self.app, self.state, self.routes = app, state, routes
+
+    def _handler(self, scope) -> str:
+        for route in self.routes:
+            if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.FULL:
+                return route.path
+        return "none"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in HTTP_UNCOUNTED_PATHS:
+            return await self.app(scope, receive, send)
+        start, status, out_bytes = time.perf_counter(), [500], [0]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                out_bytes[0] = int(dict(message.get("headers", ())).get(b"content-length", 0) or 0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            in_bytes = dict(scope["headers"]).get(b"content-length", b"0")
+            self.state.metrics.record_http(scope["method"], status[0], self._handler(scope),
+                                           time.perf_counter() - start,
+                                           int(in_bytes) if in_bytes.isdigit() else 0, out_bytes[0])
 
 
 class APIKeyMiddleware:
@@ -99,8 +135,9 @@ def build_app(state: ServerState) -> FastAPI:
     if state.settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key,
                            on_reject=state.metrics.record_error)
-    if state.settings.cors:  # outermost: preflights and refusals carry the CORS headers too (vLLM's defaults)
+    if state.settings.cors:  # preflights and refusals carry the CORS headers too (vLLM's defaults)
         app.add_middleware(CORSMiddleware, **state.settings.cors)
+    app.add_middleware(HTTPMetricsMiddleware, state=state, routes=app.router.routes)   # outermost: every answer
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

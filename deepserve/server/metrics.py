@@ -13,7 +13,8 @@ cache_config_info come from the engine.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
-prefix. Each server has its own registry (several servers can live in one process).
+prefix; beside them the HTTP metrics vLLM's /metrics carries (http_requests_total{method,
+status, handler}, http_request_duration_seconds, ..., prometheus-fastapi-instrumentator's). Each server has its own registry (several servers can live in one process).
 
 With several API server processes (--api-server-count N > 1) the launcher sets
 PROMETHEUS_MULTIPROC_DIR before it starts them (vLLM does the same): each process writes its
@@ -28,7 +29,7 @@ import glob
 import os
 from typing import Callable, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -56,6 +57,12 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 N_BUCKETS = (1, 2, 5, 10, 20)
 # vLLM's FinishReason values, present from the start at 0 (alerts on "error" find the series)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+# the HTTP metrics vLLM's /metrics has from prometheus-fastapi-instrumentator, which leaves out
+# these routes, groups statuses by hundreds ("2xx") and names each route by its template
+HTTP_UNCOUNTED_PATHS = frozenset(("/metrics", "/health", "/load", "/ping", "/version", "/server_info"))
+HTTP_HIGHR_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 7.5,
+                      10, 30, 60)
+HTTP_LOWR_BUCKETS = (0.1, 0.5, 1)
 PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")   # vLLM's, at 0 from the start
 
 
@@ -162,7 +169,7 @@ class _EngineCollector:
 
 
 class _Aliased:
-    """Every family of `inner` under its own name and again with the vLLM prefix."""
+    """Every deepserve: family of `inner` under its own name and again with the vLLM prefix."""
 
     def __init__(self, inner: CollectorRegistry):
         self.inner = inner
@@ -170,6 +177,8 @@ class _Aliased:
     def collect(self) -> Iterator[Metric]:
         for family in self.inner.collect():
             yield family
+            if not family.name.startswith(PREFIX):   # the http_* metrics: one name, as vLLM's
+                continue
             alias = Metric(ALIAS + family.name[len(PREFIX):], family.documentation, family.type)
             alias.samples = [s._replace(name=ALIAS + s.name[len(PREFIX):]) for s in family.samples]
             yield alias
@@ -248,6 +257,7 @@ class ServerMetrics:
         self.prompt_by_source = {source: by_source.labels(model_name, source) for source in PROMPT_SOURCES}
         self.prompt_cached = Counter(PREFIX + "prompt_tokens_cached", "Prompt tokens of ended requests found in "
                                      "the prefix cache.", ["model_name"], registry=own).labels(model_name)
+        self._http_metrics(own)
         errors = Counter(PREFIX + "http_errors", "Error responses sent, by status.", ["model_name", "status"],
                          registry=own)
         self.http_errors = lambda status: errors.labels(model_name, str(status))
@@ -304,6 +314,28 @@ class ServerMetrics:
             self.tpot.observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
         if scheduled is not None and last is not None:
             self.inference_time.observe(max(0.0, last - scheduled))
+
+    def _http_metrics(self, registry) -> None:
+        self.http_total = Counter("http_requests_total", "Total number of requests by method, status and handler.",
+                                  ["method", "status", "handler"], registry=registry)
+        self.http_in_size = Summary("http_request_size_bytes", "Content length of incoming requests by handler "
+                                    "(the header's; 0 without one).", ["handler"], registry=registry)
+        self.http_out_size = Summary("http_response_size_bytes", "Content length of outgoing responses by handler "
+                                     "(the header's; 0 for streams).", ["handler"], registry=registry)
+        self.http_highr = Histogram("http_request_duration_highr_seconds", "Latency with many buckets but no API "
+                                    "specific labels.", buckets=HTTP_HIGHR_BUCKETS, registry=registry)
+        self.http_lowr = Histogram("http_request_duration_seconds", "Latency with only few buckets by handler.",
+                                   ["method", "handler"], buckets=HTTP_LOWR_BUCKETS, registry=registry)
+
+    def record_http(self, method: str, status: int, handler: str, seconds: float, in_bytes: int,
+                    out_bytes: int) -> None:
+        """One HTTP request answered (a stream: once it ended); `handler`: its route's template,
+        "none" for a path no route has."""
+        self.http_total.labels(method, f"{status // 100}xx", handler).inc()
+        self.http_in_size.labels(handler).observe(in_bytes)
+        self.http_out_size.labels(handler).observe(out_bytes)
+        self.http_highr.observe(seconds)
+        self.http_lowr.labels(method, handler).observe(seconds)
 
     def record_error(self, status: int) -> None:
         self.http_errors(status).inc()

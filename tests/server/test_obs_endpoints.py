@@ -79,3 +79,26 @@ def test_model_card_has_vllm_s_fields(engine_args, monkeypatch):
         assert perm["object"] == "model_permission" and perm["id"].startswith("modelperm-")
         assert (perm["allow_sampling"], perm["allow_logprobs"], perm["organization"]) == (True, True, "*")
         assert c.get(f"/v1/models/{card['id']}").json()["permission"][0]["object"] == "model_permission"
+
+
+def test_http_metrics_as_vllm_s_instrumentator(engine_args, monkeypatch):
+    monkeypatch.delenv("VLLM_SERVER_DEV_MODE", raising=False)
+    with client(engine_args) as c:
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True}) as r:
+            assert r.status_code == 200 and "[DONE]" in "".join(r.iter_text())
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400
+        assert c.get("/v1/embeddings").status_code == 404
+        for path in ("/health", "/ping", "/version", "/load"):
+            assert c.get(path).status_code == 200
+        text = c.get("/metrics").text
+    values = parse_metrics(text)
+    assert values['http_requests_total{handler="/v1/completions",method="POST",status="2xx"}'] == 2
+    assert values['http_requests_total{handler="/v1/completions",method="POST",status="4xx"}'] == 1
+    assert values['http_requests_total{handler="none",method="GET",status="4xx"}'] == 1
+    assert not [k for k in values if k.startswith("http_") and any(p in k for p in ("/health", "/ping", "/metrics"))]
+    assert values['http_request_duration_seconds_count{handler="/v1/completions",method="POST"}'] == 3
+    assert values["http_request_duration_highr_seconds_count"] == 4
+    assert values['http_request_size_bytes_count{handler="/v1/completions"}'] == 3
+    assert values['http_request_size_bytes_sum{handler="/v1/completions"}'] > 3 * 4 * len(PROMPT)   # the JSON bodies
+    assert not [k for k in values if k.startswith(("vllm:http_requests", "deepserve:http_requests"))]
