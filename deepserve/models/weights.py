@@ -218,6 +218,10 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         if tensor.dtype in (FP8_DTYPE, torch.int8) and param.dtype != tensor.dtype:
             raise ValueError(f"checkpoint tensor {name} is {tensor.dtype} but parameter {target} is "
                              f"{param.dtype}: no quantized layer takes it and it was not dequantized")
+        if param.is_floating_point() and not tensor.is_floating_point():
+            # copy_ would turn the integers into floats without a word (a norm weight stored as int32)
+            raise ValueError(f"checkpoint tensor {name} is {tensor.dtype}, not floating point as parameter "
+                             f"{target} ({param.dtype}) needs")
         loader = getattr(param, "weight_loader", None)
         if loader is None:
             if tuple(param.shape) != tuple(tensor.shape):

@@ -62,3 +62,15 @@ def test_unreadable_tokenizer_files_are_named(folder, capsys, name, text, messag
     (folder / name).write_text(text)
     err = _one_line(capsys, ["generate", "--model", str(folder), "--prompt", "Once", "--max-tokens", "1"])
     assert str(folder / name) in err and message in err
+
+
+def test_an_integer_tensor_for_a_float_parameter_is_refused(folder, capsys):
+    """A norm weight stored as int32 was turned into floats (0 and 1) and served without a word."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    err = _one_line(capsys, ["generate", "--model", str(folder), "--prompt", "Once", "--max-tokens", "1"])
+    assert "checkpoint tensor model.norm.weight is torch.int32, not floating point" in err
