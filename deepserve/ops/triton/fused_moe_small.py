@@ -42,7 +42,8 @@ where this path rounds routed + shared once, from fp32: the results differ by ab
 of the activation dtype (the fused one is the more exact). fp8 weights (e4m3, one fp32
 scale_inv per 128x128 block) are multiplied by the unquantised activation and each row's
 128-wide partial sum by its block scale (W8A16, not the W8A8 of the sorted path), so fp8
-results match the reference's dequantise-then-matmul to about bf16 rounding.
+results match the reference's dequantise-then-matmul to about bf16 rounding. Where the launch
+table says MMA 1, fp8 weights run on the tensor cores instead, W8A8 (fused_moe_small_mma.py).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton.fused_moe_small_mma import _routed_slot, _silu_mul_store, down_mma, gate_up_mma
 from deepserve.ops.triton.launch_config import launch_settings
 
 FP8_BLOCK = 128
@@ -114,11 +116,7 @@ def _swiglu_block(x_row, g_rows, s_ptr, offs_n, n_ok, inter, hidden, w_sn, ws_sn
     if not FP8:
         rows_g = tl.sum(acc_g, axis=1)
         rows_u = tl.sum(acc_u, axis=1)
-    # the reference's linear output is in the activation dtype, and so is its silu
-    gate = rows_g.to(dt).to(tl.float32)
-    up = rows_u.to(dt).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
-    tl.store(a_ptrs, act.to(dt), mask=n_ok)
+    _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt)
 
 
 # the step's token counts and views of its inputs (positions, slots) vary from step to step:
@@ -137,16 +135,13 @@ def _small_gate_up_kernel(x_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_pt
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if pid < n_assign:
-        # (token, slot) pid; act columns [slot*I, (slot+1)*I) of the token's row
-        tok = pid // TOP_K
-        slot = pid % TOP_K
-        expert = tl.load(ids_ptr + tok * ids_s0 + slot * ids_s1).to(tl.int64)
+        tok, slot, expert, local = _routed_slot(ids_ptr, ids_s0, ids_s1, n_experts, TOP_K)
         # with shared experts the grid spans max(I, Is) columns: blocks past I do nothing
-        if (expert >= 0) & (expert < n_experts) & (n0 < inter):
+        if local & (n0 < inter):
             n_ok = offs_n < inter
-            x_row = x_ptr + tok.to(tl.int64) * x_stride
+            x_row = x_ptr + tok * x_stride
             g_rows = w_ptr + expert * w_se + offs_n.to(tl.int64)[:, None] * w_sn     # gate rows n
-            a_ptrs = act_ptr + tok.to(tl.int64) * act_stride + slot * inter + offs_n
+            a_ptrs = act_ptr + tok * act_stride + slot * inter + offs_n
             _swiglu_block(x_row, g_rows, ws_ptr + expert * ws_se, offs_n, n_ok, inter, hidden, w_sn,
                           ws_sn, ws_sk, a_ptrs, dt, BLOCK_N, BLOCK_K, EVEN_K, FP8, SCALE_BLOCK, False, LOOP_STAGES)
     else:
@@ -293,6 +288,9 @@ def small_config(kernel: str, fp8: bool, inter: int, device: torch.device) -> di
     cover whole 128-wide scale blocks, and a chip with faster memory needs more bytes in flight
     per program (the H200's fp8 rows). The launch's num_stages is 1: these loads feed no tl.dot,
     so it pipelines nothing; the gate_up K loop is software-pipelined by LOOP_STAGES instead.
+    fp8 "gate_up" and "down" rules may set MMA 1: that kernel's tensor-core form, W8A8
+    (fused_moe_small_mma.py: BLOCK_N >= 16 rows a program, one 128-group a step, num_stages
+    its cp.async depth, QUANT_IN 1 quantising the activations inside, 0 in a launch before).
     How each setting was measured: docs/PERFORMANCE.md (benchmarks/sweep_moe_small.py)."""
     cfg = launch_settings("fused_moe_small", device, kernel=kernel, fp8=fp8, inter=inter)
     if fp8 and cfg["BLOCK_K"] % FP8_BLOCK:
@@ -342,14 +340,19 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         s_inter = shared_w2.shape[1]
     # the down kernel takes every slot in one step where its table says so (ALL_SLOTS), unless a
     # shared expert that is not whole pieces of I, or fp8 scale blocks that straddle I, ask for
-    # the slot-by-slot loop
+    # the slot-by-slot loop; MMA 1 in a kernel's rule (fp8 only) runs its tensor-core form
+    # (fused_moe_small_mma.py), for the down kernel whatever ALL_SLOTS says
     n_shared = s_inter // inter if has_shared else 0
     slots_cfg = small_config("down_slots", fp8, inter, x.device)
     all_slots = (slots_cfg.pop("ALL_SLOTS") and n_shared * inter == s_inter
                  and not (fp8 and inter % FP8_BLOCK))
     slots = next_pow2(top_k + n_shared) if all_slots else 0
     gu_cfg = small_config("gate_up", fp8, inter, x.device)
-    down_cfg = slots_cfg if slots else small_config("down", fp8, inter, x.device)
+    down_rule = small_config("down", fp8, inter, x.device)
+    mma_gu, mma_down = gu_cfg.pop("MMA", 0), down_rule.pop("MMA", 0)
+    if (mma_gu or mma_down) and not fp8:
+        raise ValueError(f"fused_moe_small MMA runs fp8 weights only, got {w13.dtype}")
+    down_cfg = slots_cfg if slots else down_rule
     # one act row per token: its k routed acts back to back, then the shared act [k*I + Is]
     act = torch.empty(num_tokens, top_k * inter + s_inter, dtype=x.dtype, device=x.device)
     s13 = w13_scale.stride() if fp8 else (0, 0, 0)
@@ -360,12 +363,21 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
     n_assign = num_tokens * top_k
     gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
-    _small_gate_up_kernel[gu_grid](
-        x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, ss13, act,
-        x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
-        shared_w13.stride(0) if has_shared else 0, *(ss13.stride() if shared_fp8 else (0, 0)), act.stride(0),
-        inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg, **common,
-        **pdl_launch(x.device))
+    if mma_gu:
+        gate_up_mma(x, topk_ids, w13, w13_scale, act, gu_cfg, inter, (shared_w13, ss13) if has_shared else None)
+    else:
+        gu_cfg.pop("QUANT_IN", None)
+        _small_gate_up_kernel[gu_grid](
+            x, topk_ids, w13, w13_scale if fp8 else w13, shared_w13 if has_shared else w13, ss13, act,
+            x.stride(0), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *s13,
+            shared_w13.stride(0) if has_shared else 0, *(ss13.stride() if shared_fp8 else (0, 0)), act.stride(0),
+            inter, s_inter, hidden, num_experts, n_assign, EVEN_K=hidden % gu_cfg["BLOCK_K"] == 0, **gu_cfg,
+            **common, **pdl_launch(x.device))
+    if mma_down:
+        down_mma(act, topk_ids, topk_weights, w2, w2_scale, out, down_rule, inter,
+                 (shared_w2, ss2) if has_shared else None)
+        return out
+    down_cfg.pop("QUANT_IN", None)
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
         act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, ss2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
