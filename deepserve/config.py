@@ -601,7 +601,10 @@ class EngineArgs:
         if self.ops not in ("auto", "torch", "triton", "triton-all", "flaggems"):
             raise ValueError(f"ops must be auto, torch, triton, triton-all or flaggems, got {self.ops!r}")
         if isinstance(self.hf_overrides, str):
-            self.hf_overrides = json.loads(self.hf_overrides)
+            try:
+                self.hf_overrides = json.loads(self.hf_overrides)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hf_overrides is not valid JSON: {self.hf_overrides!r} ({exc.msg})") from None
         if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
             raise ValueError(f"hf_overrides must be a JSON object, got {self.hf_overrides!r}")
         if self.compilation_config is not None:

@@ -47,3 +47,14 @@ def test_ops_flags_of_profile(capsys, monkeypatch, argv, message):
     """`deepserve ops` printed its table and ignored the --profile flags given without it."""
     monkeypatch.setattr("deepserve.LLM", lambda *a, **k: pytest.fail("the model started"))
     assert message in _one_line(capsys, ["ops", *argv])
+
+
+def test_hf_overrides_text_that_is_not_json_names_the_field(tmp_path, capsys):
+    """From a config.yaml (or LLM(hf_overrides="...")) the JSON error came without the field's name."""
+    from deepserve.config import EngineArgs
+
+    with pytest.raises(ValueError, match=r"^hf_overrides is not valid JSON: '\{bad' \("):
+        EngineArgs(hf_overrides="{bad")
+    (tmp_path / "c.yaml").write_text("engine_args:\n  hf_overrides: '{bad'\n")
+    err = _one_line(capsys, ["serve", str(tmp_path / "c.yaml"), "--dry-run"])
+    assert "hf_overrides is not valid JSON: '{bad'" in err
