@@ -226,3 +226,29 @@ def test_small_path_gpu(small, case):
         # rounds each dequantised weight to bf16, this path does not (W8A8, sorted: ~4e-2)
         assert rel_err(got, want) < (1.5e-2 if fp8 else 5e-3), (t, rel_err(got, want))
         assert rel_err(fused(x, w13, w2, weights, ids, **kwargs), want) < (0.06 if fp8 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_in", [0, 1])
+def test_small_path_mma_gpu(small, quant_in):
+    """R1's fp8 experts and shared expert on the tensor cores (MMA 1 for both kernels, W8A8):
+    within the activations' e4m3 rounding of the reference, as the sorted W8A8 path."""
+    from deepserve.ops.triton.launch_config import trying
+    _, e, k, d, inter, _ = GPU_CASES[2]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    (w13, w2), kwargs = gpu_weights(e, d, inter, True, g)
+    for name, shape in (("shared_w13", (2 * inter, d)), ("shared_w2", (d, inter))):
+        kwargs[name], kwargs[name + "_scale"] = quant_fp8_block(
+            torch.randn(*shape, generator=g, device="cuda") * shape[1] ** -0.5, (1, 128))
+    rules = [{"if": {"kernel": kernel}, "set": {"MMA": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+                                                "QUANT_IN": quant_in}} for kernel in ("gate_up", "down")]
+    for t in (1, 4):
+        x = torch.randn(t, d, generator=g, device="cuda").bfloat16()
+        ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=-1).indices.int()
+        ids[0, 0] = -1
+        ids[-1, 1] = e
+        weights = torch.rand(t, k, generator=g, device="cuda")
+        want = reference(x, w13, w2, weights, ids, **kwargs)
+        with trying("fused_moe_small", rules):
+            got = small.fused_moe_small(x, w13, w2, weights, ids, **kwargs)
+        assert 1e-3 < rel_err(got, want) < 0.06, (t, rel_err(got, want))
