@@ -74,3 +74,15 @@ def test_an_integer_tensor_for_a_float_parameter_is_refused(folder, capsys):
     save_file(tensors, str(folder / "model.safetensors"))
     err = _one_line(capsys, ["generate", "--model", str(folder), "--prompt", "Once", "--max-tokens", "1"])
     assert "checkpoint tensor model.norm.weight is torch.int32, not floating point" in err
+
+
+def test_serve_without_tokenizer_json_says_it_takes_token_ids_only(folder, capsys, monkeypatch):
+    """The server started without a word, and every text request got a 400."""
+    (folder / "tokenizer.json").unlink()
+    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
+    monkeypatch.setattr("deepserve.server.api_server.run_server", lambda *a, **k: 0)
+    assert main(["serve", str(folder), "--port", "0"]) == 0
+    assert (f"deepserve: no tokenizer.json in {folder}: the server takes token-id prompts only"
+            in capsys.readouterr().err)
+    assert main(["serve", str(folder), "--port", "0", "--tokenizer", str(STORIES)]) == 0
+    assert "no tokenizer.json" not in capsys.readouterr().err
