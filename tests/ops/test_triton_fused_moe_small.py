@@ -207,6 +207,15 @@ def gpu_weights(e, d, inter, fp8, g):
     return (w13, w2), dict(w13_scale=s13, w2_scale=s2)
 
 
+def gpu_routing(t, d, e, k, g):
+    """(x [t, d] bf16, ids [t, k] with a -1 and an out-of-range slot, weights [t, k]) on the GPU."""
+    x = torch.randn(t, d, generator=g, device="cuda").bfloat16()
+    ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=-1).indices.int()
+    ids[0, 0] = -1
+    ids[-1, 1] = e
+    return x, ids, torch.rand(t, k, generator=g, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
 def test_small_path_gpu(small, case):
@@ -215,11 +224,7 @@ def test_small_path_gpu(small, case):
     (w13, w2), kwargs = gpu_weights(e, d, inter, fp8, g)
     fused = resolve("fused_moe", "triton")[1]
     for t in (1, 4):
-        x = torch.randn(t, d, generator=g, device="cuda").bfloat16()
-        ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=-1).indices.int()
-        ids[0, 0] = -1
-        ids[-1, 1] = e
-        weights = torch.rand(t, k, generator=g, device="cuda")
+        x, ids, weights = gpu_routing(t, d, e, k, g)
         want = reference(x, w13, w2, weights, ids, **kwargs)
         got = small.fused_moe_small(x, w13, w2, weights, ids, **kwargs)
         # bf16: the reference's roundings, fp32 sums in another order; fp8: the reference also
@@ -243,11 +248,7 @@ def test_small_path_mma_gpu(small, quant_in):
     rules = [{"if": {"kernel": kernel}, "set": {"MMA": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
                                                 "QUANT_IN": quant_in}} for kernel in ("gate_up", "down")]
     for t in (1, 4):
-        x = torch.randn(t, d, generator=g, device="cuda").bfloat16()
-        ids = torch.rand(t, e, generator=g, device="cuda").topk(k, dim=-1).indices.int()
-        ids[0, 0] = -1
-        ids[-1, 1] = e
-        weights = torch.rand(t, k, generator=g, device="cuda")
+        x, ids, weights = gpu_routing(t, d, e, k, g)
         want = reference(x, w13, w2, weights, ids, **kwargs)
         with trying("fused_moe_small", rules):
             got = small.fused_moe_small(x, w13, w2, weights, ids, **kwargs)
