@@ -161,7 +161,7 @@ async def send_request(client, req: RequestInput) -> RequestOutput:
         async with await open_stream(client, req.api_url, body, headers) as resp:
             if resp.status_code != 200:
                 text = (await resp.read()).decode("utf-8", "replace")
-                out.error = f"HTTP {resp.status_code}: {text[:300]}"
+                out.error = f"HTTP {resp.status_code}: {' '.join(text.split())[:300]}"   # an HTML page: one line
                 return out
             async for now, line in sse_lines(resp.chunks()):
                 line = line.strip()

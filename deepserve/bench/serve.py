@@ -293,6 +293,9 @@ def model_cards(args: argparse.Namespace) -> list[dict]:
         cards = resp.json()["data"]
         if not all("id" in card for card in cards):
             raise KeyError("id")
+    except httpx.HTTPStatusError as exc:   # its text runs on to a second line of documentation links
+        raise ValueError(f"{url} did not list the served models (HTTP {exc.response.status_code} "
+                         f"{exc.response.reason_phrase})") from None
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{url} did not list the served models ({exc})") from None
     if not cards:

@@ -99,7 +99,7 @@ class ChatClient:
             else:
                 if resp.status_code == 200:
                     return _parse_reply(resp)
-                last_error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+                last_error = f"HTTP {resp.status_code}: {' '.join(resp.text.split())[:300]}"   # an HTML page: one line
                 if not _is_transient(resp.status_code):
                     raise RequestFailed(f"{self.url} answered {last_error}")
                 retry_after = resp.headers.get("retry-after")
@@ -115,7 +115,7 @@ def _parse_reply(resp: httpx.Response) -> dict:
         choice = data["choices"][0]
         message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RequestFailed(f"malformed chat completion ({exc!r}): {resp.text[:300]}") from None
+        raise RequestFailed(f"malformed chat completion ({exc!r}): {' '.join(resp.text.split())[:300]}") from None
     # vLLM/SGLang put split reasoning in `reasoning_content`; some servers call it `reasoning`.
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     return {"content": message.get("content") or "", "reasoning_content": reasoning,

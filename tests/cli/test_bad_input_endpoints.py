@@ -66,3 +66,31 @@ def test_the_ready_check_waits_instead(monkeypatch):
     monkeypatch.setattr("deepserve.bench.serve.run_serve", lambda args: {"completed": 1})
     assert main(["bench", "serve", "--model", STORIES, "--port", str(closed_port()),
                  "--ready-check-timeout-sec", "5"]) == 0
+
+
+@pytest.fixture
+def html_server():
+    """A web server that is not an OpenAI API: multi-line HTML error pages for every path."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_endpoint_that_is_not_an_api_is_one_line(capsys, html_server, tmp_path, monkeypatch):
+    """httpx's status error ran on to a line of documentation links; an HTML error page came
+    as it was, a dozen lines."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    err = _one_line(capsys, ["eval", "--base-url", html_server, "--tasks", "gsm8k", "--data-path", str(tmp_path)])
+    assert err.endswith("/v1/models did not list the served models (HTTP 404 File not found)")
+    err = _one_line(capsys, ["eval", "--base-url", html_server, "--model", "m", "--tasks", "gsm8k",
+                             "--data-path", str(tmp_path), "--max-retries", "0", "--no-progress"])
+    assert "answered HTTP 501: <!DOCTYPE HTML> <html" in err or "last: HTTP 501: <!DOCTYPE HTML> <html" in err
