@@ -49,7 +49,9 @@ FP8_GRIDS = {
 MMA = [dict(MMA=1, BLOCK_N=n, num_warps=w, num_stages=s, QUANT_IN=0) for n in (64, 128) for w in (4, 8)
        for s in (3, 4)] + [dict(MMA=1, BLOCK_N=128, num_warps=4, num_stages=3, QUANT_IN=1)]
 FP8_GRIDS["gate_up"] += MMA
-FP8_GRIDS["down"] += MMA
+# the down kernel also with two 128-groups a step (more bytes in flight for its T x D/BLOCK_N programs)
+FP8_GRIDS["down"] += MMA + [dict(MMA=1, BLOCK_N=n, num_warps=4, num_stages=s, QUANT_IN=0, GROUPS=2)
+                            for n in (64, 128) for s in (3, 4)]
 # W8A8 differs from the W8A16 default by the activations' e4m3 rounding (~4% relative, as the
 # sorted path): checked by the relative norm of the difference instead (test_moe_small_mma.py)
 W8A8_REL = 6e-2

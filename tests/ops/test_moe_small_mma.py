@@ -97,10 +97,11 @@ def mma_rules(block_n=32, quant_in=1, stages=1):
 
 # D 200 / I 136: partial 128-groups along K and up rows straddling a scale block; Is 144 (not
 # a multiple of I), and I 128 / Is 256 where QUANT_IN 0 quantises act beforehand; BLOCK_N 32
-# leaves a partial row block of I 136 and D 200
-@pytest.mark.parametrize("t,d,inter,s_inter,quant_in", [(2, 200, 136, 144, 1), (1, 200, 136, 0, 0),
-                                                        (2, 256, 128, 256, 0)])
-def test_mma_kernels_match_w8a8(mma, cpu_only, monkeypatch, t, d, inter, s_inter, quant_in):
+# leaves a partial row block of I 136 and D 200 (and fills D 256); down steps of GROUPS 128-groups
+# that do not divide a slot's (1 or 2) or the shared expert's (2): the groups past them masked
+@pytest.mark.parametrize("t,d,inter,s_inter,quant_in,groups", [(2, 200, 136, 144, 1, 1), (1, 200, 136, 0, 0, 2),
+                                                               (2, 256, 128, 256, 0, 4)])
+def test_mma_kernels_match_w8a8(mma, cpu_only, monkeypatch, t, d, inter, s_inter, quant_in, groups):
     # quant_gemm.act_quant_fp8 casts to e4m3 with .to(), which the interpreter gets wrong where
     # a mantissa rounds up into the next binade; the torch quantisation it matches on a GPU
     monkeypatch.setattr(mma, "act_quant_fp8", quant_fp8_per_token_group)
@@ -108,7 +109,7 @@ def test_mma_kernels_match_w8a8(mma, cpu_only, monkeypatch, t, d, inter, s_inter
     args, kw = moe_case(t, d, inter, e, k, torch.float32, fp8=True)
     x, w13, w2, weights, ids = with_remote_slots(args, e)
     sh13, sh2 = shared_fp8(d, s_inter) if s_inter else (None, None)
-    cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "QUANT_IN": quant_in}
+    cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "QUANT_IN": quant_in, "GROUPS": groups}
     act = torch.full((t, k * inter + s_inter), float("nan"))     # slots of other ranks stay unwritten
     mma.gate_up_mma(x, ids, w13, kw["w13_scale"], act, cfg, inter, sh13)
     want = act_w8a8(x, ids, w13, kw["w13_scale"], sh13)

@@ -377,7 +377,8 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         down_mma(act, topk_ids, topk_weights, w2, w2_scale, out, down_rule, inter,
                  (shared_w2, ss2) if has_shared else None)
         return out
-    down_cfg.pop("QUANT_IN", None)
+    for key in ("QUANT_IN", "GROUPS"):       # the tensor-core kernel's settings
+        down_cfg.pop(key, None)
     _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
         act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, ss2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),

@@ -80,10 +80,11 @@ def _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt: tl.constexpr):
 
 @triton.jit
 def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs,
-                dt: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+                dt: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                 ROW_SCALES: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr):
     """Gate rows offs_n of w_base (up rows `inter` further) times the row, one 128-group a step.
-    Weight scales: one per GROUP x GROUP block, or with ROW_SCALES one per row and GROUP columns."""
+    Weight scales: one per GROUP x GROUP block, or with ROW_SCALES one per row and GROUP columns.
+    EVEN_N: every row of the block exists (I and Is multiples of BLOCK_N)."""
     n_ok = offs_n < inter
     g_rows = w_base + offs_n.to(tl.int64)[:, None] * w_sn                   # [BN, 1]
     u_rows = g_rows + inter * w_sn
@@ -101,16 +102,16 @@ def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_s
         offs = g * GROUP + kk
         if EVEN_K:
             k_ok = kk < GROUP
-            w_ok = n_ok[:, None]
+            w_ok = n_ok[:, None] | EVEN_N
         else:
             k_ok = offs < hidden
-            w_ok = n_ok[:, None] & k_ok[None, :]
+            w_ok = (n_ok[:, None] | EVEN_N) & k_ok[None, :]
         q_cols, a_s = _act_group(x_row, xs_row, offs, k_ok, g, True, 0, cols, w_base.dtype.element_ty, QUANT_IN,
                                  QMAX)
         wg = tl.load(g_rows + offs[None, :], mask=w_ok, other=0.0)                 # [BN, GROUP] e4m3
         wu = tl.load(u_rows + offs[None, :], mask=w_ok, other=0.0)
-        s_g = tl.load(sg_rows + g * ws_sk, mask=n_ok, other=0.0)
-        s_u = tl.load(su_rows + g * ws_sk, mask=n_ok, other=0.0)
+        s_g = tl.load(sg_rows + g * ws_sk, mask=n_ok | EVEN_N, other=0.0)
+        s_u = tl.load(su_rows + g * ws_sk, mask=n_ok | EVEN_N, other=0.0)
         acc_g += tl.dot(wg, q_cols) * (s_g * a_s)[:, None]
         acc_u += tl.dot(wu, q_cols) * (s_u * a_s)[:, None]
     rows_g = tl.sum(tl.where(cols[None, :] == 0, acc_g, 0.0), axis=1)
@@ -134,7 +135,7 @@ def _gate_up_mma_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, 
                         x_stride, xs_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk,
                         act_stride, inter, s_inter, hidden, n_experts, n_assign,
                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                        HAS_SHARED: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr,
+                        EVEN_N: tl.constexpr, HAS_SHARED: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr,
                         USE_PDL: tl.constexpr):
     pdl_begin(USE_PDL)
     n0 = tl.program_id(1) * BLOCK_N
@@ -144,31 +145,40 @@ def _gate_up_mma_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, 
         if local & (n0 < inter):
             _swiglu_mma(x_ptr + tok * x_stride, xs_ptr + tok * xs_stride, w_ptr + expert * w_se, ws_ptr + expert * ws_se,
                         offs_n, inter, hidden, w_sn, ws_sn, ws_sk, act_ptr + tok * act_stride + slot * inter + offs_n,
-                        act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, False, QUANT_IN, QMAX)
+                        act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, EVEN_N, False, QUANT_IN, QMAX)
     else:
         if HAS_SHARED:
             s_tok = (tl.program_id(0) - n_assign).to(tl.int64)
             if n0 < s_inter:
                 _swiglu_mma(x_ptr + s_tok * x_stride, xs_ptr + s_tok * xs_stride, sw_ptr, sws_ptr, offs_n, s_inter,
                             hidden, sw_sn, sws_sn, sws_sk, act_ptr + s_tok * act_stride + TOP_K * inter + offs_n,
-                            act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, True, QUANT_IN, QMAX)
+                            act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, EVEN_N, True, QUANT_IN, QMAX)
 
 
 @triton.jit
 def _down_step(acc, x_row, xs_row, g, col, use, k_len, w_rows, s_ptrs, n_ok, cols, kk, GROUP: tl.constexpr,
-               EVEN_K: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr):
+               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr):
     """acc + one 128-group of the rows w_rows [BN, 1] (scales at s_ptrs) times group g of the act
-    row at x_row, in column `col`; nothing is read where not `use`."""
+    row at x_row, in column `col`; nothing is read where not `use`. EVEN_N: every row exists."""
     offs = g * GROUP + kk
     if EVEN_K:
         k_ok = (kk < GROUP) & use
-        w_ok = n_ok[:, None] & use
+        if EVEN_N:
+            w_ok = use
+        else:
+            w_ok = n_ok[:, None] & use
     else:
         k_ok = (offs < k_len) & use
-        w_ok = n_ok[:, None] & k_ok[None, :]
+        if EVEN_N:
+            w_ok = k_ok[None, :]
+        else:
+            w_ok = n_ok[:, None] & k_ok[None, :]
     q_cols, a_s = _act_group(x_row, xs_row, offs, k_ok, g, use, col, cols, w_rows.dtype.element_ty, QUANT_IN, QMAX)
     w = tl.load(w_rows + offs[None, :], mask=w_ok, other=0.0)                          # [BN, GROUP] e4m3
-    w_s = tl.load(s_ptrs, mask=n_ok & use, other=0.0)
+    if EVEN_N:
+        w_s = tl.load(s_ptrs, mask=use, other=0.0)
+    else:
+        w_s = tl.load(s_ptrs, mask=n_ok & use, other=0.0)
     return acc + tl.dot(w, q_cols) * (w_s * a_s)[:, None]
 
 
@@ -177,13 +187,14 @@ def _down_mma_kernel(act_ptr, as_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sw
                      act_stride, as_stride, ids_s0, ids_s1, tw_s0, tw_s1, w_se, w_sn, ws_se, ws_sn, ws_sk,
                      sw_sn, sws_sn, sws_sk, out_stride, hidden, inter, s_inter, n_experts,
                      TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, G_SLOT: tl.constexpr,
-                     G_SHARED: tl.constexpr, COLS: tl.constexpr, EVEN_K: tl.constexpr, QUANT_IN: tl.constexpr,
-                     QMAX: tl.constexpr, USE_PDL: tl.constexpr):
-    """Token t's down rows offs_n: step i of the first loop is group i % G_SLOT of routed slot
-    i // G_SLOT (G_SLOT = cdiv(I, GROUP)), the second loop the shared expert's G_SHARED groups
-    (column TOP_K). Slots whose expert lies outside [0, E) load nothing. EVEN_K: I and Is are
-    multiples of GROUP. Without QUANT_IN, slot j's scales start at column j * G_SLOT of as_ptr's
-    row (I a multiple of GROUP)."""
+                     G_SHARED: tl.constexpr, GROUPS: tl.constexpr, COLS: tl.constexpr, EVEN_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr):
+    """Token t's down rows offs_n. The first loop runs over the routed slots' groups, GROUPS a
+    step (G_SLOT = cdiv(I, GROUP) a slot, its last step masked where GROUPS does not divide it),
+    the second over the shared expert's G_SHARED groups (column TOP_K). Slots whose expert
+    lies outside [0, E) load nothing. EVEN_K: I and Is are multiples of GROUP; EVEN_N: D of
+    BLOCK_N. Without QUANT_IN, slot j's scales start at column j * G_SLOT of as_ptr's row (I a
+    multiple of GROUP)."""
     pdl_begin(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     dt = out_ptr.dtype.element_ty          # the activations' dtype (act_ptr is e4m3 without QUANT_IN)
@@ -203,22 +214,28 @@ def _down_mma_kernel(act_ptr, as_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sw
     w_rows = w_ptr + rows * w_sn                                     # a routed expert's rows: one scale
     s_rows = ws_ptr + (offs_n // GROUP) * ws_sn                      # per GROUP x GROUP block
     acc = tl.zeros([BLOCK_N, COLS], tl.float32)                      # column j: slot j's rows
-    for i in range(0, TOP_K * G_SLOT):
-        slot = i // G_SLOT
-        g = i % G_SLOT
+    S_SLOT: tl.constexpr = (G_SLOT + GROUPS - 1) // GROUPS            # steps a routed slot
+    for i in range(0, TOP_K * S_SLOT):
+        slot = i // S_SLOT
+        g0 = (i % S_SLOT) * GROUPS
         expert = tl.sum(tl.where(cols == slot, col_expert, 0), axis=0)
         use = expert >= 0
         expert = tl.maximum(expert, 0).to(tl.int64)
-        acc = _down_step(acc, act_row + slot * inter, as_row + slot * G_SLOT, g, slot, use, inter,
-                         w_rows + expert * w_se, s_rows + expert * ws_se + g * ws_sk, n_ok, cols, kk, GROUP, EVEN_K,
-                         QUANT_IN, QMAX)
+        for sub in tl.static_range(GROUPS):
+            g = g0 + sub
+            acc = _down_step(acc, act_row + slot * inter, as_row + slot * G_SLOT, g, slot, use & (g < G_SLOT), inter,
+                             w_rows + expert * w_se, s_rows + expert * ws_se + g * ws_sk, n_ok, cols, kk, GROUP,
+                             EVEN_K, EVEN_N, QUANT_IN, QMAX)
     if G_SHARED > 0:
         # Fp8BlockLinear's layout: one scale per row and GROUP columns
         sw_rows = sw_ptr + rows * sw_sn
         ss_rows = sws_ptr + offs_n * sws_sn
-        for g in range(0, G_SHARED):
-            acc = _down_step(acc, act_row + TOP_K * inter, as_row + TOP_K * G_SLOT, g, TOP_K, True, s_inter,
-                             sw_rows, ss_rows + g * sws_sk, n_ok, cols, kk, GROUP, EVEN_K, QUANT_IN, QMAX)
+        for g0 in range(0, G_SHARED, GROUPS):
+            for sub in tl.static_range(GROUPS):
+                g = g0 + sub
+                acc = _down_step(acc, act_row + TOP_K * inter, as_row + TOP_K * G_SLOT, g, TOP_K, g < G_SHARED,
+                                 s_inter, sw_rows, ss_rows + g * sws_sk, n_ok, cols, kk, GROUP, EVEN_K, EVEN_N,
+                                 QUANT_IN, QMAX)
     tw = tl.load(tw_ptr + tok * tw_s0 + cols * tw_s1, mask=routed_col, other=0.0).to(tl.float32)
     # each routed output rounded to dt before its weight; the shared one rounded, weight 1
     y = acc.to(dt).to(tl.float32)
@@ -230,7 +247,8 @@ def _down_mma_kernel(act_ptr, as_ptr, ids_ptr, tw_ptr, w_ptr, ws_ptr, sw_ptr, sw
 
 def _mma_settings(cfg: dict, kernel: str) -> tuple[dict, bool]:
     """(launch keywords, QUANT_IN) of an MMA rule: BLOCK_N, num_warps, num_stages (the K loop's
-    cp.async depth); BLOCK_K and LOOP_STAGES are the CUDA-core kernels'."""
+    cp.async depth); GROUPS (down: 128-groups a loop step, default 1) is read apart; BLOCK_K and
+    LOOP_STAGES are the CUDA-core kernels'."""
     if cfg["BLOCK_N"] < 16:
         raise ValueError(f"fused_moe_small MMA ({kernel}) needs BLOCK_N >= 16 weight rows a program, "
                          f"got {cfg['BLOCK_N']}")
@@ -255,7 +273,8 @@ def gate_up_mma(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_
         topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *w13_scale.stride(),
         sw.stride(0), *(sws.stride() if shared is not None else (0, 0)), act.stride(0),
         inter, s_inter, hidden, w13.shape[0], n_assign, TOP_K=top_k, GROUP=FP8_GROUP,
-        EVEN_K=hidden % FP8_GROUP == 0, HAS_SHARED=shared is not None, QUANT_IN=quant_in, QMAX=FP8_MAX,
+        EVEN_K=hidden % FP8_GROUP == 0, EVEN_N=inter % launch["BLOCK_N"] == 0 and s_inter % launch["BLOCK_N"] == 0,
+        HAS_SHARED=shared is not None, QUANT_IN=quant_in, QMAX=FP8_MAX,
         **launch, **pdl_launch(x.device))
 
 
@@ -273,10 +292,12 @@ def down_mma(act: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     quant_in = quant_in or inter % FP8_GROUP != 0 or s_inter % FP8_GROUP != 0
     q, qs = (act, act) if quant_in else act_quant_fp8(act)
     g_shared = triton.cdiv(s_inter, FP8_GROUP)
+    groups = cfg.get("GROUPS", 1)
     _down_mma_kernel[(num_tokens, triton.cdiv(hidden, launch["BLOCK_N"]))](
         q, qs, topk_ids, topk_weights, w2, w2_scale, sw, sws, out, q.stride(0), 0 if quant_in else qs.stride(0),
         topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), *w2_scale.stride(), sw.stride(0), *(sws.stride() if shared is not None else (0, 0)),
         out.stride(0), hidden, inter, s_inter, w2.shape[0], TOP_K=top_k, GROUP=FP8_GROUP,
-        G_SLOT=triton.cdiv(inter, FP8_GROUP), G_SHARED=g_shared, COLS=max(16, next_pow2(top_k + 1)),
-        EVEN_K=inter % FP8_GROUP == 0 and s_inter % FP8_GROUP == 0, QUANT_IN=quant_in, QMAX=FP8_MAX, **launch, **pdl_launch(act.device))
+        G_SLOT=triton.cdiv(inter, FP8_GROUP), G_SHARED=g_shared, GROUPS=groups, COLS=max(16, next_pow2(top_k + 1)),
+        EVEN_K=inter % FP8_GROUP == 0 and s_inter % FP8_GROUP == 0, EVEN_N=hidden % launch["BLOCK_N"] == 0,
+        QUANT_IN=quant_in, QMAX=FP8_MAX, **launch, **pdl_launch(act.device))
