@@ -120,7 +120,9 @@ def _main(argv: list[str] | None) -> int:
     except (UserError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"deepserve {args.command}: error: {exc}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message, quotes included
+        message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+        print(f"deepserve {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
