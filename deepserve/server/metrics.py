@@ -108,6 +108,7 @@ class _EngineCollector:
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
         yield from self._step_tokens(snap)
+        yield from self._vllm_states(snap)
         if self.cache_info is not None:   # vLLM's info gauge: the cache's settings as labels, value 1
             labels = {**self.cache_info, "num_gpu_blocks": str(snap.get("num_blocks", 0)), "engine": "0"}
             info = GaugeMetricFamily(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
@@ -134,6 +135,21 @@ class _EngineCollector:
         yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of the counted operator calls "
                            "that ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
         yield from self._ops_time(snap)
+
+    def _vllm_states(self, snap: dict) -> Iterator[Metric]:
+        """vLLM's waiting requests by reason (all wait for capacity here: nothing defers them)
+        and its sleep-state gauge (always awake: there is no sleep mode)."""
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting_by_reason", "Requests waiting, by reason: "
+                                    "capacity (scheduling room) or deferred (none here).",
+                                    labels=["model_name", "reason"])
+        waiting.add_metric([self.model_name, "capacity"], snap.get("num_requests_waiting", 0))
+        waiting.add_metric([self.model_name, "deferred"], 0)
+        yield waiting
+        sleep = GaugeMetricFamily(PREFIX + "engine_sleep_state", "Engine sleep state: awake 1 (there is no sleep "
+                                  "mode).", labels=["model_name", "sleep_state"])
+        for state, value in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
+            sleep.add_metric([self.model_name, state], value)
+        yield sleep
 
     def _step_tokens(self, snap: dict) -> Iterator[Metric]:
         """vLLM's iteration_tokens_total: a histogram of the tokens each engine step computed."""

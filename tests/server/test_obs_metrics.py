@@ -92,6 +92,10 @@ def test_request_phases_params_and_step_tokens():
     assert v("request_queue_time_seconds_sum") >= 0
     assert v("request_queue_time_seconds_sum") + v("request_inference_time_seconds_sum") <= \
         v("e2e_request_latency_seconds_sum") + 1e-3
+    assert v("num_requests_waiting_by_reason", ',reason="capacity"') == v("num_requests_waiting") == 0
+    assert v("num_requests_waiting_by_reason", ',reason="deferred"') == 0
+    assert v("engine_sleep_state", ',sleep_state="awake"') == 1
+    assert v("engine_sleep_state", ',sleep_state="discard_all"') == 0
     info = next(k for k in values if k.startswith("vllm:cache_config_info{"))
     assert values[info] == 1
     for label in ('block_size="16"', 'num_gpu_blocks="64"', 'cache_dtype="auto"', 'enable_prefix_caching="True"',
