@@ -80,6 +80,8 @@ def token_buckets(max_model_len: int) -> tuple[int, ...]:
 GAUGES = (("num_requests_running", "Requests in the running batch.", "num_requests_running"),
           ("num_requests_waiting", "Requests waiting to be scheduled.", "num_requests_waiting"),
           ("kv_cache_usage_perc", "Share of KV cache blocks in use (1 = full).", "kv_cache_usage"),
+          ("gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM <= 0.9's name, which vLLM's Grafana "
+           "dashboard still draws.", "kv_cache_usage"),
           ("num_free_kv_blocks", "KV cache blocks not held by any request.", "num_free_blocks"),
           ("num_kv_blocks", "KV cache blocks in the pool.", "num_blocks"),
           ("kv_cache_capacity_tokens", "Tokens the KV cache pool holds (blocks x block size; "
@@ -239,6 +241,9 @@ class ServerMetrics:
 
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
+        # the same under vLLM <= 0.10's name, which vLLM's Grafana dashboard still draws
+        self.tpot = histogram("time_per_output_token_seconds", "Time between consecutive tokens (vLLM's "
+                              "earlier name of inter_token_latency_seconds).", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
         self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of each ended request.",
                                        token_buckets(max_model_len))
@@ -252,7 +257,7 @@ class ServerMetrics:
                                      PHASE_BUCKETS)
         self.inference_time = histogram("request_inference_time_seconds", "Time from the first admission to "
                                         "run to the last token.", PHASE_BUCKETS)
-        self.tpot = histogram("request_time_per_output_token_seconds", "Each ended request's decode time per "
+        self.request_tpot = histogram("request_time_per_output_token_seconds", "Each ended request's decode time per "
                               "token after its first.", TPOT_BUCKETS)
         self.computed_prompt_tokens = histogram("request_prefill_kv_computed_tokens", "Prompt tokens each ended "
                                                 "request computed (not found in the prefix cache).",
@@ -291,11 +296,12 @@ class ServerMetrics:
         last = self._last_output.get(request_id)
         if first or last is None:
             self.ttft.observe(now - arrival)
-            for _ in range(new_tokens - 1):  # n > 1: the other samples' first tokens came in the same step
-                self.itl.observe(0.0)
+            gaps = [0.0] * (new_tokens - 1)   # n > 1: the other samples' first tokens came in the same step
         else:
-            for _ in range(new_tokens):
-                self.itl.observe((now - last) / new_tokens)
+            gaps = [(now - last) / new_tokens] * new_tokens
+        for gap in gaps:
+            self.itl.observe(gap)
+            self.tpot.observe(gap)
         self._last_output[request_id] = now
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:
@@ -327,7 +333,7 @@ class ServerMetrics:
             self.prefill_time.observe(max(0.0, first - scheduled))
         if first is not None and last is not None:
             self.decode_time.observe(last - first)
-            self.tpot.observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
+            self.request_tpot.observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
         if scheduled is not None and last is not None:
             self.inference_time.observe(max(0.0, last - scheduled))
 

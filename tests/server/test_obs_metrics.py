@@ -69,6 +69,15 @@ def test_request_phases_params_and_step_tokens():
     def v(name: str, extra: str = "") -> float:
         return values[f"vllm:{name}{{{LAB}{extra}}}"]
 
+    # every series vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana) draws
+    for name in ("e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+                 "time_per_output_token_seconds_count", "num_requests_running", "num_requests_waiting",
+                 "time_to_first_token_seconds_count", "gpu_cache_usage_perc", "request_prompt_tokens_count",
+                 "request_generation_tokens_count", "request_queue_time_seconds_sum", "request_prefill_time_seconds_sum",
+                 "request_decode_time_seconds_sum", "request_max_num_generation_tokens_sum"):
+        assert f"vllm:{name}{{{LAB}}}" in values, name
+    assert v("time_per_output_token_seconds_count") == v("inter_token_latency_seconds_count") > 0
+    assert v("gpu_cache_usage_perc") == v("kv_cache_usage_perc")
     for reason, count in (("length", 2), ("abort", 1), ("error", 1), ("stop", 0), ("repetition", 0)):
         assert v("request_success_total", f',finished_reason="{reason}"') == count, reason
     # each ended request once in every per-request histogram
