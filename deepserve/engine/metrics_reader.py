@@ -1,10 +1,13 @@
-"""LLM.get_metrics(): the engine's counters and gauges as vLLM's metric snapshot
-(vllm/v1/metrics/reader.py): a list of Counter / Gauge / Vector records under vLLM's metric
-names, labelled with the model name and the engine index. Only the metrics vLLM also has are
-listed; `deepserve serve`'s /metrics (server/metrics.py) shows deepserve's own too."""
+"""LLM.get_metrics(): the engine's counters, gauges and its one histogram (tokens per step) as
+vLLM's metric snapshot (vllm/v1/metrics/reader.py): a list of Counter / Gauge / Vector /
+Histogram records under vLLM's metric names, labelled with the model name and the engine index.
+Only the metrics vLLM also has are listed; `deepserve serve`'s /metrics (server/metrics.py) shows
+deepserve's own too, and the request latency histograms."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from deepserve.engine.scheduler import STEP_TOKEN_BUCKETS
 
 
 @dataclass
@@ -31,8 +34,9 @@ class Vector(Metric):
 
 @dataclass
 class Histogram(Metric):
-    """vLLM's record of a histogram; the engine keeps none (the API server's latency
-    histograms are at /metrics), so get_metrics() lists none: here for scripts that test for it."""
+    """vLLM's record of a histogram: `buckets` maps each upper bound ("8.0", ..., "+Inf") to
+    the observations at or below it. The engine keeps vllm:iteration_tokens_total; the request
+    latency histograms are the API server's (/metrics)."""
     count: int
     sum: float
     buckets: dict[str, int]
@@ -62,4 +66,10 @@ def metrics_snapshot(gauges: dict, model_name: str) -> list[Metric]:
     per_pos = sorted((int(k[len(PER_POS):]), v) for k, v in gauges.items() if k.startswith(PER_POS))
     if per_pos:
         out.append(Vector("vllm:spec_decode_num_accepted_tokens_per_pos", dict(labels), [v for _, v in per_pos]))
+    buckets, seen = {}, 0
+    for bound in [*STEP_TOKEN_BUCKETS, "inf"]:
+        seen += int(gauges.get(f"step_tokens_le_{bound}", 0))
+        buckets["+Inf" if bound == "inf" else str(float(bound))] = seen
+    out.append(Histogram("vllm:iteration_tokens_total", dict(labels), seen, float(gauges.get("step_tokens_sum", 0)),
+                         buckets))
     return out

@@ -125,3 +125,17 @@ def test_latency_buckets_hold_every_vllm_bound():
     assert set(vllm_ttft) <= set(TTFT_BUCKETS) and set(vllm_itl) <= set(ITL_BUCKETS)
     assert set(vllm_latency) <= set(E2E_BUCKETS) and set(vllm_latency) <= set(PHASE_BUCKETS)
     assert set(vllm_itl) <= set(TPOT_BUCKETS)
+
+
+def test_offline_get_metrics_has_the_step_token_histogram():
+    from deepserve import LLM
+    from deepserve.engine.metrics_reader import Histogram
+
+    llm = LLM(num_gpu_blocks_override=64, async_scheduling=False)
+    llm.generate([{"prompt_token_ids": [1, 403, 407, 261, 378]}], SamplingParams(max_tokens=7, temperature=0,
+                                                                                   ignore_eos=True))
+    (steps,) = [m for m in llm.get_metrics() if m.name == "vllm:iteration_tokens_total"]
+    assert isinstance(steps, Histogram) and steps.labels == {"model_name": "stories260k", "engine": "0"}
+    assert (steps.count, steps.sum) == (7, 5 + 6)   # the prefill, then six one-token decodes
+    assert (steps.buckets["1.0"], steps.buckets["8.0"], steps.buckets["+Inf"]) == (6, 7, 7)
+    llm.shutdown()
