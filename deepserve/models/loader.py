@@ -170,30 +170,42 @@ def linear_method(model: str, hf_config, requested: Optional[str],
     else:
         stored = checkpoint_quantization(hf_config) or modelslim.stored_format(model)
         if stored is None:
-            _check_no_side_quantize_config(model)
+            _check_no_quantized_tensors(model)
     return stored, choose_quantization(requested, stored)
 
 
-def _check_no_side_quantize_config(model: str) -> None:
-    """AutoGPTQ before its transformers integration kept the GPTQ settings in
-    quantize_config.json beside a config.json without quantization_config: a folder whose shards
-    hold packed `qweight` tensors and no quantization_config is refused naming the file (its
-    tensors would be refused one by one as unknown parameters)."""
+_PACKED = (".qweight", ".weight_packed")      # AutoAWQ / GPTQ, compressed-tensors 4-bit
+_QUANTIZED_DTYPES = ("F8_E4M3", "I8")
+
+
+def _check_no_quantized_tensors(model: str) -> None:
+    """A folder whose config.json has no quantization_config must hold no quantized tensors: its
+    4-bit packed, fp8 or int8 weights would be refused one by one at load as unknown parameters or
+    dtypes, without saying what is missing. AutoGPTQ before its transformers integration kept the
+    GPTQ settings in quantize_config.json: that file is named when it is there."""
     from safetensors import SafetensorError, safe_open
-    path = Path(model) / "quantize_config.json"
-    if not path.is_file():
+    if not Path(model).is_dir():
         return
+    found = None
     try:
         for shard in checkpoint_files(model):
             with safe_open(str(shard), framework="pt") as f:
-                packed = any(name.endswith(".qweight") for name in f.keys())
-            if packed:
+                found = next(((name, f.get_slice(name).get_dtype()) for name in f.keys() if name.endswith(_PACKED)
+                              or name.endswith(".weight") and f.get_slice(name).get_dtype() in _QUANTIZED_DTYPES),
+                             None)
+            if found:
                 break
     except (OSError, ValueError, SafetensorError):
         return      # the loader names what is wrong with the shards
-    if packed:
-        raise ValueError(f"{path} holds AutoGPTQ's settings but config.json has no quantization_config: "
+    if found is None:
+        return
+    name, dtype = found
+    side = Path(model) / "quantize_config.json"
+    if side.is_file() and name.endswith(".qweight"):
+        raise ValueError(f"{side} holds AutoGPTQ's settings but config.json has no quantization_config: "
                          f"add them to config.json as \"quantization_config\" with \"quant_method\": \"gptq\"")
+    raise ValueError(f"{Path(model) / 'config.json'} has no quantization_config, but the checkpoint holds quantized "
+                     f"tensors ({name}, {dtype}, in {shard.name}): restore the quantization_config it was written with")
 
 
 def stage_modules(model, pctx: ParallelContext) -> list:

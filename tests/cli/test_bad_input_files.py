@@ -86,3 +86,30 @@ def test_serve_without_tokenizer_json_says_it_takes_token_ids_only(folder, capsy
             in capsys.readouterr().err)
     assert main(["serve", str(folder), "--port", "0", "--tokenizer", str(STORIES)]) == 0
     assert "no tokenizer.json" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, tensor", [("fp8-block", "weight, F8_E4M3"), ("w8a8-int8", "weight, I8"),
+                                            ("w4a16", "weight_packed, I32")])
+def test_quantized_tensors_without_a_quantization_config_are_named(tmp_path, capsys, method, tensor):
+    """They were refused at load one tensor at a time ("no matching model parameter", "not
+    dequantized"), without saying that config.json had lost its quantization_config."""
+    import json
+
+    import transformers
+
+    from tests.models.hf_reference import save_tiny
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path / "m")
+    extra = ["--algorithm", "rtn", "--group-size", "32"] if method == "w4a16" else []
+    assert main(["convert", "quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--method", method,
+                 "--no-progress", *extra]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    err = _one_line(capsys, ["generate", "--model", str(tmp_path / "q"), "--tokenizer", str(STORIES),
+                             "--prompt", "Once"])
+    assert f"{tmp_path / 'q' / 'config.json'} has no quantization_config, but the checkpoint holds quantized" in err
+    assert f".{tensor}, in model.safetensors): restore the quantization_config" in err
