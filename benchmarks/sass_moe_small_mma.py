@@ -38,12 +38,13 @@ def compile_kernel(kernel: str, block_n: int, warps: int, stages: int, quant_in:
     if kernel == "gate_up":
         fn = mma._gate_up_mma_kernel
         ptrs = dict(x_ptr="*bf16" if quant_in else "*fp8e4nv", xs_ptr="*fp32", ids_ptr="*i32", w_ptr="*fp8e4nv",
-                    ws_ptr="*fp32", sw_ptr="*fp8e4nv", sws_ptr="*fp32", act_ptr="*bf16")
+                    ws_ptr="*fp32", sw_ptr="*fp8e4nv", sws_ptr="*fp32", act_ptr="*bf16", qa_ptr="*fp8e4nv", qs_ptr="*fp32")
         ints = dict(x_stride=D, xs_stride=0 if quant_in else D // 128, ids_s0=TOP_K, ids_s1=1, w_se=2 * I * D,
                     w_sn=D, ws_se=(2 * I // 128) * (D // 128), ws_sn=D // 128, ws_sk=1, sw_sn=D, sws_sn=D // 128,
-                    sws_sk=1, act_stride=act_cols, inter=I, s_inter=I, hidden=D, n_experts=256, n_assign=TOP_K)
+                    sws_sk=1, act_stride=act_cols, qa_stride=act_cols, qs_stride=act_cols // 128, inter=I, s_inter=I, hidden=D, n_experts=256, n_assign=TOP_K)
+        # BLOCK_N 128 also quantises act for the down kernel, as fused_moe_small has it do
         consts = dict(TOP_K=TOP_K, BLOCK_N=block_n, GROUP=128, EVEN_K=True, EVEN_N=True, HAS_SHARED=True, QUANT_IN=quant_in,
-                      QMAX=448.0, USE_PDL=True)
+                      QUANT_OUT=block_n == 128, QMAX=448.0, USE_PDL=True)
         unspecialised = ("n_assign",)
     else:
         fn = mma._down_mma_kernel

@@ -153,3 +153,43 @@ def test_mma_refuses_16bit_weights_and_small_blocks(small, cpu_only):
     args, kw = moe_case(1, 128, 128, 4, 2, torch.float32, fp8=True)
     with trying("fused_moe_small", mma_rules(block_n=8)), pytest.raises(ValueError, match="BLOCK_N >= 16.*got 8"):
         small.fused_moe_small(*args, **kw)
+
+
+def test_gate_up_quantises_act_for_down(mma, small, cpu_only, monkeypatch):
+    """BLOCK_N 128 gate_up programs hold whole 128-groups of act: they write its e4m3 values and
+    scales as act_quant_fp8 would (the same bytes), and fused_moe_small then runs the down
+    kernel on them without quantising act in a launch of its own."""
+    calls = []
+
+    def act_quant(a):
+        calls.append(tuple(a.shape))
+        return quant_fp8_per_token_group(a)
+
+    monkeypatch.setattr(mma, "act_quant_fp8", act_quant)
+    e, k, t, d, inter, s_inter = 8, 2, 2, 256, 128, 256
+    args, kw = moe_case(t, d, inter, e, k, torch.float32, fp8=True)
+    x, w13, w2, weights, ids = with_remote_slots(args, e)
+    (sh13, ss13), (sh2, ss2) = shared_fp8(d, s_inter)
+    cols = k * inter + s_inter
+    act = torch.empty(t, cols)
+    q = torch.full((t, cols), float("nan")).to(torch.float8_e4m3fn)
+    s = torch.full((t, cols // 128), -1.0)
+    cfg = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "QUANT_IN": 0}
+    mma.gate_up_mma(x, ids, w13, kw["w13_scale"], act, cfg, inter, (sh13, ss13), (q, s))
+    local = [(r, j) for r in range(t) for j in range(k + 1) if j == k or 0 <= ids[r, j] < e]
+    for r, j in local:
+        a = act[r:r + 1, j * inter:] if j == k else act[r:r + 1, j * inter:(j + 1) * inter]
+        want_q, want_s = quant_fp8_per_token_group(a)
+        got = slice(j * inter, None if j == k else (j + 1) * inter)
+        assert torch.equal(q[r:r + 1, got].float(), want_q.float()), (r, j)
+        assert torch.equal(s[r:r + 1, got.start // 128:None if j == k else got.stop // 128], want_s), (r, j)
+    with pytest.raises(ValueError, match="BLOCK_N 128"):
+        mma.gate_up_mma(x, ids, w13, kw["w13_scale"], act, dict(cfg, BLOCK_N=32), inter, (sh13, ss13), (q, s))
+
+    from deepserve.ops.triton.launch_config import trying
+    shared = dict(shared_w13=sh13, shared_w13_scale=ss13, shared_w2=sh2, shared_w2_scale=ss2)
+    calls.clear()
+    with trying("fused_moe_small", mma_rules(block_n=128, quant_in=0)):
+        got = small.fused_moe_small(x, w13, w2, weights, ids, **kw, **shared)
+    assert calls == [(t, d)]                      # x for gate_up; act came quantised
+    assert 5e-3 < rel_err(got, reference(x, w13, w2, weights, ids, **kw, **shared)) < 6e-2

@@ -55,7 +55,8 @@ import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
 from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
-from deepserve.ops.triton.fused_moe_small_mma import _routed_slot, _silu_mul_store, down_mma, gate_up_mma
+from deepserve.ops.triton.fused_moe_small_mma import (_routed_slot, _silu_mul_store, act_quantized_by_gate_up,
+                                                     down_mma, gate_up_mma)
 from deepserve.ops.triton.launch_config import launch_settings
 
 FP8_BLOCK = 128
@@ -363,8 +364,15 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
     n_assign = num_tokens * top_k
     gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
+    # both on the tensor cores, the down one taking act quantised: gate_up quantises it on the
+    # way out where its programs hold whole 128-groups (no act_quant_fp8 launch between)
+    act_q = None
+    if mma_gu and mma_down and not down_rule.get("QUANT_IN", 1) and act_quantized_by_gate_up(gu_cfg, inter, s_inter):
+        act_q = (torch.empty(act.shape, dtype=w13.dtype, device=x.device),
+                 torch.empty(num_tokens, act.shape[1] // FP8_BLOCK, dtype=torch.float32, device=x.device))
     if mma_gu:
-        gate_up_mma(x, topk_ids, w13, w13_scale, act, gu_cfg, inter, (shared_w13, ss13) if has_shared else None)
+        gate_up_mma(x, topk_ids, w13, w13_scale, act, gu_cfg, inter, (shared_w13, ss13) if has_shared else None,
+                    act_q)
     else:
         gu_cfg.pop("QUANT_IN", None)
         _small_gate_up_kernel[gu_grid](
@@ -375,7 +383,7 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
             **common, **pdl_launch(x.device))
     if mma_down:
         down_mma(act, topk_ids, topk_weights, w2, w2_scale, out, down_rule, inter,
-                 (shared_w2, ss2) if has_shared else None)
+                 (shared_w2, ss2) if has_shared else None, act_q)
         return out
     for key in ("QUANT_IN", "GROUPS"):       # the tensor-core kernel's settings
         down_cfg.pop(key, None)

@@ -32,10 +32,19 @@ recipe. The rounding order of gate, up, silu and the down outputs follows fused_
 
 QUANT_IN 1 quantises inside the kernels, once a step for the program's 2*BLOCK_N (gate_up) or
 BLOCK_N (down) rows; QUANT_IN 0 quantises the row(s) before with quant_gemm.act_quant_fp8 (one
-more small launch per kernel) and loads the e4m3 bytes straight into their column. The sm_90
-SASS (benchmarks/sass_moe_small_mma.py) shows the in-kernel quantisation costs several
-instructions a weight byte: the launch table chooses.
+more small launch per kernel) and loads the e4m3 bytes straight into their column. Where both
+kernels run here and gate_up's programs hold 128 rows (whole groups of act), gate_up also
+writes act quantised on its way out and the down kernel needs no launch before it.
 """
+# The K loops in sm_90 SASS at R1's sizes (benchmarks/sass_moe_small_mma.py, Triton 3.6; no
+# spills; instructions x 32 lanes x warps over the step's weight bytes; an H200 SM can issue
+# ~7.8 a byte at full bandwidth, the CUDA-core kernels take ~6):
+#   gate_up, QUANT_IN 0: BLOCK_N 64 / 4 warps 0.98 (60 registers), 128 / 4: 0.68, 128 / 8: 1.00
+#   gate_up, QUANT_IN 1: 64 / 4: 4.8, 128 / 4: 2.5
+#   down, QUANT_IN 0: 64 / 4: 2.25, with GROUPS 2: 1.66, GROUPS 4: 1.40; 128 / 4: 1.49, GROUPS 2: 1.13
+#   down, QUANT_IN 1: 64 / 4: 9.7, 128 / 4: 5.2
+# Quantising inside costs ~600 instructions a 128-group a thread: the group's values reach the
+# [GROUP, 16] operand's layout replicated, 16 divisions (div_rn) a thread where one would do.
 from __future__ import annotations
 
 from typing import Optional
@@ -76,15 +85,18 @@ def _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt: tl.constexpr):
     up = rows_u.to(dt).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up
     tl.store(a_ptrs, act.to(dt), mask=n_ok)
+    return act.to(dt).to(tl.float32)
 
 
 @triton.jit
-def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs,
+def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_sn, ws_sk, a_ptrs, q_ptrs, qs_ptr,
                 dt: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                ROW_SCALES: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr):
+                ROW_SCALES: tl.constexpr, QUANT_IN: tl.constexpr, QUANT_OUT: tl.constexpr, QMAX: tl.constexpr):
     """Gate rows offs_n of w_base (up rows `inter` further) times the row, one 128-group a step.
     Weight scales: one per GROUP x GROUP block, or with ROW_SCALES one per row and GROUP columns.
-    EVEN_N: every row of the block exists (I and Is multiples of BLOCK_N)."""
+    EVEN_N: every row of the block exists (I and Is multiples of BLOCK_N). QUANT_OUT (BLOCK_N
+    = GROUP, the block one whole group of the act row): also the act block quantised as
+    _act_quant_kernel would, e4m3 to q_ptrs and its scale to qs_ptr."""
     n_ok = offs_n < inter
     g_rows = w_base + offs_n.to(tl.int64)[:, None] * w_sn                   # [BN, 1]
     u_rows = g_rows + inter * w_sn
@@ -116,7 +128,12 @@ def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_s
         acc_u += tl.dot(wu, q_cols) * (s_u * a_s)[:, None]
     rows_g = tl.sum(tl.where(cols[None, :] == 0, acc_g, 0.0), axis=1)
     rows_u = tl.sum(tl.where(cols[None, :] == 0, acc_u, 0.0), axis=1)
-    _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt)
+    act = _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt)
+    if QUANT_OUT:
+        a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(act), axis=0), 1e-12), QMAX)
+        q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(act, a_s), -QMAX), QMAX))
+        tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty))
+        tl.store(qs_ptr, a_s)
 
 
 @triton.jit
@@ -131,28 +148,36 @@ def _routed_slot(ids_ptr, ids_s0, ids_s1, n_experts, TOP_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_assign"])
-def _gate_up_mma_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_ptr,
+def _gate_up_mma_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, ws_ptr, sw_ptr, sws_ptr, act_ptr, qa_ptr, qs_ptr,
                         x_stride, xs_stride, ids_s0, ids_s1, w_se, w_sn, ws_se, ws_sn, ws_sk, sw_sn, sws_sn, sws_sk,
-                        act_stride, inter, s_inter, hidden, n_experts, n_assign,
+                        act_stride, qa_stride, qs_stride, inter, s_inter, hidden, n_experts, n_assign,
                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, EVEN_K: tl.constexpr,
-                        EVEN_N: tl.constexpr, HAS_SHARED: tl.constexpr, QUANT_IN: tl.constexpr, QMAX: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        EVEN_N: tl.constexpr, HAS_SHARED: tl.constexpr, QUANT_IN: tl.constexpr, QUANT_OUT: tl.constexpr,
+                        QMAX: tl.constexpr, USE_PDL: tl.constexpr):
+    """QUANT_OUT: act also quantised per 128-group into qa_ptr (e4m3, the act's layout) and
+    qs_ptr (one scale a group), for the down kernel; BLOCK_N = GROUP and I, Is multiples of it."""
     pdl_begin(USE_PDL)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    blk = tl.arange(0, BLOCK_N)
     if tl.program_id(0) < n_assign:
         tok, slot, expert, local = _routed_slot(ids_ptr, ids_s0, ids_s1, n_experts, TOP_K)
         if local & (n0 < inter):
-            _swiglu_mma(x_ptr + tok * x_stride, xs_ptr + tok * xs_stride, w_ptr + expert * w_se, ws_ptr + expert * ws_se,
-                        offs_n, inter, hidden, w_sn, ws_sn, ws_sk, act_ptr + tok * act_stride + slot * inter + offs_n,
-                        act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, EVEN_N, False, QUANT_IN, QMAX)
+            col = slot * inter + n0                   # the block's first act column
+            _swiglu_mma(x_ptr + tok * x_stride, xs_ptr + tok * xs_stride, w_ptr + expert * w_se,
+                        ws_ptr + expert * ws_se, offs_n, inter, hidden, w_sn, ws_sn, ws_sk,
+                        act_ptr + tok * act_stride + col + blk, qa_ptr + tok * qa_stride + col + blk,
+                        qs_ptr + tok * qs_stride + col // GROUP, act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K,
+                        EVEN_N, False, QUANT_IN, QUANT_OUT, QMAX)
     else:
         if HAS_SHARED:
             s_tok = (tl.program_id(0) - n_assign).to(tl.int64)
             if n0 < s_inter:
+                col = TOP_K * inter + n0
                 _swiglu_mma(x_ptr + s_tok * x_stride, xs_ptr + s_tok * xs_stride, sw_ptr, sws_ptr, offs_n, s_inter,
-                            hidden, sw_sn, sws_sn, sws_sk, act_ptr + s_tok * act_stride + TOP_K * inter + offs_n,
-                            act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, EVEN_N, True, QUANT_IN, QMAX)
+                            hidden, sw_sn, sws_sn, sws_sk, act_ptr + s_tok * act_stride + col + blk,
+                            qa_ptr + s_tok * qa_stride + col + blk, qs_ptr + s_tok * qs_stride + col // GROUP,
+                            act_ptr.dtype.element_ty, BLOCK_N, GROUP, EVEN_K, EVEN_N, True, QUANT_IN, QUANT_OUT, QMAX)
 
 
 @triton.jit
@@ -256,23 +281,36 @@ def _mma_settings(cfg: dict, kernel: str) -> tuple[dict, bool]:
     return launch, bool(cfg.get("QUANT_IN", 1))
 
 
+def act_quantized_by_gate_up(cfg: dict, inter: int, s_inter: int) -> bool:
+    """Whether gate_up_mma with these settings can also quantise act for the down kernel (each
+    program's rows one whole 128-group of it), saving act_quant_fp8's launch."""
+    return cfg["BLOCK_N"] == FP8_GROUP and inter % FP8_GROUP == 0 and s_inter % FP8_GROUP == 0
+
+
 def gate_up_mma(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                act: torch.Tensor, cfg: dict, inter: int, shared: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                act: torch.Tensor, cfg: dict, inter: int, shared: Optional[tuple[torch.Tensor, torch.Tensor]],
+                quant_out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """act [T, k*I + Is] = silu(gate) * up of every (token, slot) and of the shared expert
-    (shared = (shared_w13, its scales) or None), as _small_gate_up_kernel writes it."""
+    (shared = (shared_w13, its scales) or None), as _small_gate_up_kernel writes it; with
+    quant_out = (e4m3 [T, k*I + Is], fp32 [T, (k*I + Is) / 128]) also act quantised into them
+    as act_quant_fp8 would (where act_quantized_by_gate_up)."""
     launch, quant_in = _mma_settings(cfg, "gate_up")
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     q, qs = (x, x) if quant_in else act_quant_fp8(x)
     sw, sws = shared if shared is not None else (w13, w13_scale)
     s_inter = sw.shape[0] // 2 if shared is not None else 0
+    if quant_out is not None and not act_quantized_by_gate_up(cfg, inter, s_inter):
+        raise ValueError(f"gate_up_mma quantises act only with BLOCK_N {FP8_GROUP} and I, Is multiples of it, "
+                         f"got BLOCK_N {cfg['BLOCK_N']}, I {inter}, Is {s_inter}")
+    qa, qas = quant_out if quant_out is not None else (act, act)
     n_assign = num_tokens * top_k
     grid = (n_assign + (num_tokens if shared is not None else 0), triton.cdiv(max(inter, s_inter), launch["BLOCK_N"]))
     _gate_up_mma_kernel[grid](
-        q, qs, topk_ids, w13, w13_scale, sw, sws, act, q.stride(0), 0 if quant_in else qs.stride(0),
+        q, qs, topk_ids, w13, w13_scale, sw, sws, act, qa, qas, q.stride(0), 0 if quant_in else qs.stride(0),
         topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *w13_scale.stride(),
-        sw.stride(0), *(sws.stride() if shared is not None else (0, 0)), act.stride(0),
-        inter, s_inter, hidden, w13.shape[0], n_assign, TOP_K=top_k, GROUP=FP8_GROUP,
+        sw.stride(0), *(sws.stride() if shared is not None else (0, 0)), act.stride(0), qa.stride(0), qas.stride(0),
+        inter, s_inter, hidden, w13.shape[0], n_assign, TOP_K=top_k, GROUP=FP8_GROUP, QUANT_OUT=quant_out is not None,
         EVEN_K=hidden % FP8_GROUP == 0, EVEN_N=inter % launch["BLOCK_N"] == 0 and s_inter % launch["BLOCK_N"] == 0,
         HAS_SHARED=shared is not None, QUANT_IN=quant_in, QMAX=FP8_MAX,
         **launch, **pdl_launch(x.device))
@@ -280,17 +318,19 @@ def gate_up_mma(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_
 
 def down_mma(act: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor,
              w2_scale: torch.Tensor, out: torch.Tensor, cfg: dict, inter: int,
-             shared: Optional[tuple[torch.Tensor, torch.Tensor]]) -> None:
+             shared: Optional[tuple[torch.Tensor, torch.Tensor]],
+             quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """out [T, D] = sum over slots of weight x (w2[expert] @ act slot) + the shared expert's
     down (shared = (shared_w2, its scales) or None). QUANT_IN 0 quantises act beforehand only
-    where every slot's act starts on a 128-group (I and Is multiples of 128), else inside."""
+    where every slot's act starts on a 128-group (I and Is multiples of 128), else inside;
+    `quantized` is act so quantised already (gate_up_mma's quant_out)."""
     launch, quant_in = _mma_settings(cfg, "down")
     num_tokens, hidden = out.shape
     top_k = topk_ids.shape[1]
     sw, sws = shared if shared is not None else (w2, w2_scale)
     s_inter = sw.shape[1] if shared is not None else 0
-    quant_in = quant_in or inter % FP8_GROUP != 0 or s_inter % FP8_GROUP != 0
-    q, qs = (act, act) if quant_in else act_quant_fp8(act)
+    quant_in = (quant_in or inter % FP8_GROUP != 0 or s_inter % FP8_GROUP != 0) and quantized is None
+    q, qs = (act, act) if quant_in else (quantized if quantized is not None else act_quant_fp8(act))
     g_shared = triton.cdiv(s_inter, FP8_GROUP)
     groups = cfg.get("GROUPS", 1)
     _down_mma_kernel[(num_tokens, triton.cdiv(hidden, launch["BLOCK_N"]))](
