@@ -233,9 +233,17 @@ def test_small_path_gpu(small, case):
         assert rel_err(fused(x, w13, w2, weights, ids, **kwargs), want) < (0.06 if fp8 else 1e-2)
 
 
+MMA_GPU = {   # both kernels on the tensor cores: quantising inside, in launches before, and
+    # gate_up's 128-row programs quantising act for a down kernel of two groups a step
+    "quant-in": ({"BLOCK_N": 64, "QUANT_IN": 1}, {"BLOCK_N": 64, "QUANT_IN": 1}),
+    "quant-before": ({"BLOCK_N": 64, "QUANT_IN": 0}, {"BLOCK_N": 64, "QUANT_IN": 0}),
+    "act-from-gate-up": ({"BLOCK_N": 128, "QUANT_IN": 0}, {"BLOCK_N": 64, "QUANT_IN": 0, "GROUPS": 2}),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant_in", [0, 1])
-def test_small_path_mma_gpu(small, quant_in):
+@pytest.mark.parametrize("mode", MMA_GPU)
+def test_small_path_mma_gpu(small, mode):
     """R1's fp8 experts and shared expert on the tensor cores (MMA 1 for both kernels, W8A8):
     within the activations' e4m3 rounding of the reference, as the sorted W8A8 path."""
     from deepserve.ops.triton.launch_config import trying
@@ -245,8 +253,8 @@ def test_small_path_mma_gpu(small, quant_in):
     for name, shape in (("shared_w13", (2 * inter, d)), ("shared_w2", (d, inter))):
         kwargs[name], kwargs[name + "_scale"] = quant_fp8_block(
             torch.randn(*shape, generator=g, device="cuda") * shape[1] ** -0.5, (1, 128))
-    rules = [{"if": {"kernel": kernel}, "set": {"MMA": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
-                                                "QUANT_IN": quant_in}} for kernel in ("gate_up", "down")]
+    rules = [{"if": {"kernel": kernel}, "set": {"MMA": 1, "num_warps": 4, "num_stages": 3, **cfg}}
+             for kernel, cfg in zip(("gate_up", "down"), MMA_GPU[mode])]
     for t in (1, 4):
         x, ids, weights = gpu_routing(t, d, e, k, g)
         want = reference(x, w13, w2, weights, ids, **kwargs)
