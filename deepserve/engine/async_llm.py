@@ -66,8 +66,9 @@ class FinishedRequest:
 class RequestListener(Protocol):
     """Optional observer of request timing (the server's metrics implement it)."""
 
-    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: int,
-                  first: bool) -> None: ...
+    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int],
+                  first: bool) -> None:
+        """`new_tokens`: the tokens each sample gained since the request's last output."""
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None: ...
 
@@ -171,6 +172,7 @@ class AsyncLLM:
         finished = False
         failed = False
         tokens_seen = 0
+        sample_tokens: list[int] = []   # each sample's tokens so far
         out: Optional[RequestOutput] = None
         try:
             if params.bad_words and params.bad_words_token_ids is None and self.tokenizer is not None:
@@ -192,10 +194,13 @@ class AsyncLLM:
                     queue.put_nowait(error)   # raised on the next round
                 out = newest
                 now = time.monotonic()
-                total = sum(len(o.token_ids) for o in out.outputs)
+                counts = [len(o.token_ids) for o in out.outputs]
+                total = sum(counts)
                 if self.listener is not None and total > tokens_seen:
-                    self.listener.on_output(request_id, arrival, now, total - tokens_seen, tokens_seen == 0)
-                tokens_seen = total
+                    before = sample_tokens + [0] * (len(counts) - len(sample_tokens))
+                    self.listener.on_output(request_id, arrival, now, [c - b for c, b in zip(counts, before)],
+                                            tokens_seen == 0)
+                tokens_seen, sample_tokens = total, counts
                 finished = out.finished
                 yield out
                 if finished:

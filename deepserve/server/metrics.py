@@ -289,20 +289,27 @@ class ServerMetrics:
                                   registry=own).labels(model_name, str(api_server))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Aliased(inner))
-        self._last_output: dict[str, float] = {}
+        self._last_output: dict[str, list] = {}   # request id -> each sample's last output time
 
     # AsyncLLM's RequestListener
-    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: int, first: bool) -> None:
+    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int], first: bool) -> None:
+        """Time to first token once a request; each sample's tokens after its first are
+        inter-token gaps of that sample (vLLM times each of n samples as a request of its own),
+        a sample's k new tokens splitting the time since its last output."""
         last = self._last_output.get(request_id)
         if first or last is None:
             self.ttft.observe(now - arrival)
-            gaps = [0.0] * (new_tokens - 1)   # n > 1: the other samples' first tokens came in the same step
-        else:
-            gaps = [(now - last) / new_tokens] * new_tokens
-        for gap in gaps:
-            self.itl.observe(gap)
-            self.tpot.observe(gap)
-        self._last_output[request_id] = now
+            last = self._last_output[request_id] = []
+        last += [None] * (len(new_tokens) - len(last))
+        for i, k in enumerate(new_tokens):
+            if not k:
+                continue
+            # a sample's first output: its first token is no gap, those that came with it none either
+            gaps = [0.0] * (k - 1) if last[i] is None else [(now - last[i]) / k] * k
+            for gap in gaps:
+                self.itl.observe(gap)
+                self.tpot.observe(gap)
+            last[i] = now
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:
         self._last_output.pop(request_id, None)

@@ -29,6 +29,7 @@ def test_request_phases_params_and_step_tokens():
                             cache_info=cache_info_labels(llm.engine.config.cache))
     llm.listener = metrics
     prompt = {"prompt_token_ids": [1, 403, 407, 261, 378]}   # 5 tokens
+    seen = {}
 
     async def main():
         llm.start()
@@ -46,7 +47,7 @@ def test_request_phases_params_and_step_tokens():
             # a client gone after two outputs, and a request whose second step fails
             gen = llm.generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True), "c")
             await gen.__anext__()
-            await gen.__anext__()
+            seen["c"] = len((await gen.__anext__()).outputs[0].token_ids)   # 2, or more if outputs merged
             await gen.aclose()
             real, calls = llm.engine.runner.execute, {"n": 0}
 
@@ -88,7 +89,9 @@ def test_request_phases_params_and_step_tokens():
         assert v(name + "_count") == 4, name
     assert v("request_params_n_sum") == 1 + 3 + 1 + 1
     assert v("request_params_max_tokens_sum") == 7 + 4 + 50 + 9
-    assert v("request_max_num_generation_tokens_sum") == 7 + 4 + 2 + 1
+    assert v("request_max_num_generation_tokens_sum") == 7 + 4 + seen["c"] + 1
+    # every sample's tokens after its first are inter-token gaps: 6 + 3 x 3 + (c's - 1) + 0
+    assert v("inter_token_latency_seconds_count") == 6 + 9 + seen["c"] - 1
     # prompt tokens less those found in the prefix cache (the 5-token prompt fills no 16-token block)
     assert v("request_prefill_kv_computed_tokens_sum") == 4 * 5
     assert v("prompt_tokens_by_source_total", ',source="local_compute"') == 4 * 5
@@ -139,3 +142,16 @@ def test_offline_get_metrics_has_the_step_token_histogram():
     assert (steps.count, steps.sum) == (7, 5 + 6)   # the prefill, then six one-token decodes
     assert (steps.buckets["1.0"], steps.buckets["8.0"], steps.buckets["+Inf"]) == (6, 7, 7)
     llm.shutdown()
+
+
+def test_inter_token_latency_per_sample():
+    """n = 2: each sample's gaps, as vLLM times each sample; not the step's time split over both."""
+    m = ServerMetrics("demo", dict)
+    m.on_output("r", 0.0, 1.0, [1, 1], True)    # both samples' first tokens: the time to first token
+    m.on_output("r", 0.0, 1.5, [1, 1], False)   # a token each, 0.5 s after their first
+    m.on_output("r", 0.0, 2.5, [2, 0], False)   # sample 0: two more over 1 s
+    values = parse_metrics(m.render())
+    assert values[f"vllm:time_to_first_token_seconds_count{{{LAB}}}"] == 1
+    assert values[f"vllm:inter_token_latency_seconds_count{{{LAB}}}"] == 4
+    assert values[f"vllm:inter_token_latency_seconds_sum{{{LAB}}}"] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)
+    assert values[f"vllm:time_per_output_token_seconds_sum{{{LAB}}}"] == pytest.approx(2.0)

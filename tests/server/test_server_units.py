@@ -201,8 +201,8 @@ def test_metrics_text():
 
     snap = {"num_requests_running": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 10}
     m = ServerMetrics('m"1', lambda: snap)
-    m.on_output("r", 0.0, 0.2, 1, True)
-    m.on_output("r", 0.0, 0.5, 3, False)
+    m.on_output("r", 0.0, 0.2, [1], True)
+    m.on_output("r", 0.0, 0.5, [3], False)
     m.on_finish("r", 0.0, 0.5, FinishedRequest(5, 4, 4, 0, 1, 16, "stop", {}))
     m.record_error(400)
     text = m.render()
