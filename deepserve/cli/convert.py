@@ -105,7 +105,8 @@ def _no_conversion(parser: argparse.ArgumentParser) -> int:
 
 def _run(convert, dst: str):
     """`convert()`, with its file-system failures (permission, disk full) as one line and an
-    interrupt announced, each saying whether DST.partial holds work to resume."""
+    interrupt announced, each saying whether DST.partial holds work to resume, as a tensor refused
+    after some shards were written does."""
     def resume() -> str:
         partial = Path(dst + PARTIAL_SUFFIX)
         return (f"what was written stays in {partial}: re-run the same command to resume"
@@ -113,6 +114,10 @@ def _run(convert, dst: str):
     try:
         return convert()
     except FileNotFoundError:
+        raise
+    except ValueError as exc:   # a tensor refused midway: the shards before it are kept
+        if any(Path(dst + PARTIAL_SUFFIX).glob("*.safetensors")):
+            raise ValueError(f"{exc}; {resume()}") from None
         raise
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""

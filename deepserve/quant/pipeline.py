@@ -205,15 +205,23 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
     pending: tuple[str, Future] | None = None
     try:
         with ThreadPoolExecutor(max_workers=1) as writer:
-            for shard in todo:
-                out: dict[str, torch.Tensor] = {}
-                for name in ckpt.names_in(shard):
-                    if plan[name]:
-                        out.update(conv.convert(ckpt, ckpt.tensors[name], reader))
-                if pending is not None:
+            try:
+                for shard in todo:
+                    out: dict[str, torch.Tensor] = {}
+                    for name in ckpt.names_in(shard):
+                        if plan[name]:
+                            out.update(conv.convert(ckpt, ckpt.tensors[name], reader))
+                    if pending is not None:
+                        commit(*pending)
+                        pending = None
+                    pending = (shard, writer.submit(_write_shard, partial / shard, out))
+                    del out
+            except BaseException:
+                # a tensor refused (or Ctrl-C) while the previous shard was being written: that
+                # shard is finished and kept, so a re-run resumes after it
+                if pending is not None and pending[1].exception() is None:
                     commit(*pending)
-                pending = (shard, writer.submit(_write_shard, partial / shard, out))
-                del out
+                raise
             if pending is not None:
                 commit(*pending)
     finally:
