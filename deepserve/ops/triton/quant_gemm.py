@@ -44,7 +44,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s,
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
     scale = tl.div_rn(amax, QMAX)
-    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)
+    q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX))   # exact, then cast
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_s + g, scale)
 
