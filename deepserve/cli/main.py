@@ -2,7 +2,7 @@
 
 Each module `deepserve/cli/<name>.py` has `register(subparsers)`, which adds its parser and
 sets `func` (called with the parsed args; returns the exit code). Errors a user can fix are
-printed as one line, never as a traceback.
+printed as one line, never as a traceback (DEEPSERVE_DEBUG=1 shows it).
 
 Flags are spelled as in vLLM, whose parser also takes underscores (`--pipeline_parallel_size=2`,
 as the vLLM-MindSpore guide writes it) and unique prefixes (`--random-input` for
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import sys
 
@@ -118,8 +119,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        if getattr(args, "debug", False):
-            raise
+        if os.environ.get("DEEPSERVE_DEBUG"):
+            raise       # the traceback, for a bug report
         # a KeyError's str() is the repr of its message, quotes included
         message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
         print(f"deepserve {args.command}: error: {message}", file=sys.stderr)
