@@ -169,8 +169,7 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         arrival = time.monotonic()
-        finished = False
-        failed = False
+        finished = added = refused = failed = False
         tokens_seen = 0
         sample_tokens: list[int] = []   # each sample's tokens so far
         out: Optional[RequestOutput] = None
@@ -179,6 +178,7 @@ class AsyncLLM:
                 # here, not on the engine thread between steps: thousands of words would hold every batch
                 await asyncio.get_running_loop().run_in_executor(None, params.update_from_tokenizer, self.tokenizer)
             await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
+            added = True
             while True:
                 items = [await queue.get()]
                 while not queue.empty():
@@ -189,6 +189,7 @@ class AsyncLLM:
                 error = next((i for i in items if isinstance(i, BaseException)), None)
                 if error is not None:
                     failed = isinstance(error, EngineStepError) or self.fatal_error is not None
+                    refused = isinstance(error, RequestError)   # bad input an engine core found: a 400
                     if newest is None:
                         raise error
                     queue.put_nowait(error)   # raised on the next round
@@ -209,11 +210,16 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+            reason = "error" if failed else "abort"
             if self.listener is not None and out is not None:
-                reason = (out.outputs[0].finish_reason or "stop") if finished else "error" if failed else "abort"
+                reason = (out.outputs[0].finish_reason or "stop") if finished else reason
                 self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
                     len(out.prompt_token_ids), tokens_seen, max(len(o.token_ids) for o in out.outputs),
                     out.num_cached_tokens, params.n, params.max_tokens, reason, out.metrics))
+            elif self.listener is not None and added and not refused:   # ended before its first output
+                ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+                self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
+                    len(ids or ()), 0, 0, 0, params.n, params.max_tokens, reason, {}))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe); its blocks are freed before the next step."""

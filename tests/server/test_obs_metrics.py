@@ -155,3 +155,44 @@ def test_inter_token_latency_per_sample():
     assert values[f"vllm:inter_token_latency_seconds_count{{{LAB}}}"] == 4
     assert values[f"vllm:inter_token_latency_seconds_sum{{{LAB}}}"] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)
     assert values[f"vllm:time_per_output_token_seconds_sum{{{LAB}}}"] == pytest.approx(2.0)
+
+
+def test_a_request_gone_before_its_first_token_is_counted():
+    """A client that leaves mid-prefill (no output yet) ends an aborted request, as one that
+    leaves later does: request_success{abort}, e2e and its prompt tokens."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(num_gpu_blocks_override=64, async_scheduling=False,
+                                               max_num_batched_tokens=2, max_num_seqs=2))
+    metrics = ServerMetrics("demo", lambda: llm.snapshot, max_model_len=llm.max_model_len)
+    llm.listener = metrics
+    prompt = {"prompt_token_ids": [1] + [403, 407, 261, 378] * 60}   # 241 tokens: 121 two-token chunks
+
+    async def main():
+        llm.start()
+        try:
+            gen = llm.generate(prompt, SamplingParams(max_tokens=4), "p")
+            first = asyncio.ensure_future(gen.__anext__())
+            while not llm.engine.scheduler.running:   # admitted: prefilling
+                await asyncio.sleep(0.001)
+            assert not first.done()
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await gen.aclose()
+            for _ in range(200):
+                if not llm.engine.requests:
+                    break
+                await asyncio.sleep(0.01)
+            assert not llm.engine.requests
+            # a prompt the engine refuses (past max_model_len) is a 400, not a request that ended
+            with pytest.raises(ValueError):
+                async for _ in llm.generate({"prompt_token_ids": [1] * 600}, SamplingParams(max_tokens=4), "q"):
+                    pass
+        finally:
+            llm.shutdown()
+
+    asyncio.run(main())
+    values = parse_metrics(metrics.render())
+    assert values[f'vllm:request_success_total{{{LAB},finished_reason="abort"}}'] == 1
+    assert values[f"vllm:e2e_request_latency_seconds_count{{{LAB}}}"] == 1
+    assert values[f"vllm:request_prompt_tokens_sum{{{LAB}}}"] == 241
+    assert values[f"vllm:request_generation_tokens_sum{{{LAB}}}"] == 0
