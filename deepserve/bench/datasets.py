@@ -124,10 +124,21 @@ def sample_sonnet(tok: Tokenizer, path: str, num_requests: int, input_len: int,
     return requests
 
 
+def check_dataset_file(path: str) -> None:
+    """--dataset-path names a file: a missing one, or a folder, is refused saying which."""
+    if Path(path).is_dir():
+        raise ValueError(f"--dataset-path {path!r} is a folder; name the dataset file in it")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--dataset-path {path!r} does not exist")
+
+
 def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
                     output_len: Optional[int], seed: int) -> list[SampleRequest]:
     """First human turn of each conversation; pruned as vLLM does (see the module docstring)."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sharegpt dataset {path!r} is not JSON ({exc})") from None
     if not isinstance(data, list):
         raise ValueError(f"sharegpt dataset {path!r} must be a JSON list of conversations")
     convs = [d.get("conversations") or d.get("conversation") or [] for d in data if isinstance(d, dict)]
@@ -250,8 +261,8 @@ def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
                              args.random_range_ratio, args.random_prefix_len, seed)
     if name in ("sonnet", "sharegpt", "custom") and not args.dataset_path:
         raise ValueError(f"--dataset-name {name} needs --dataset-path")
-    if args.dataset_path and not Path(args.dataset_path).is_file():
-        raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
+    if args.dataset_path:
+        check_dataset_file(args.dataset_path)
     if name == "sonnet":
         return sample_sonnet(tok, args.dataset_path, n, args.sonnet_input_len, args.sonnet_prefix_len,
                              args.sonnet_output_len, chat_format="chat" not in args.endpoint, seed=seed)

@@ -160,13 +160,12 @@ def run_latency(args) -> dict:
 
 def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
     """(prompts as token ids, output length of each) from a sharegpt or sonnet file."""
-    from deepserve.bench.datasets import oversample, sample_sharegpt, sample_sonnet
+    from deepserve.bench.datasets import check_dataset_file, oversample, sample_sharegpt, sample_sonnet
     from deepserve.engine.tokenizer import resolve_tokenizer
 
     if not args.dataset_path:
         raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
-    if not Path(args.dataset_path).is_file():
-        raise FileNotFoundError(f"--dataset-path {args.dataset_path!r} does not exist")
+    check_dataset_file(args.dataset_path)
     from deepserve.config import EngineArgs
 
     engine_args = EngineArgs.from_cli_args(args)
@@ -205,8 +204,11 @@ def run_throughput(args) -> dict:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    llm, SamplingParams, vocab, seed = _load_engine(args)
     args.dataset_name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
+    if args.dataset_name != "random" and args.dataset_path:
+        from deepserve.bench.datasets import check_dataset_file
+        check_dataset_file(args.dataset_path)   # before the model loads
+    llm, SamplingParams, vocab, seed = _load_engine(args)
     if args.num_warmups:   # vLLM's: the same set with the next seed, untimed
         warm_prompts, warm_params = throughput_requests(args, args.num_warmups, seed + 1, vocab, SamplingParams)
         print(f"Warming up with {len(warm_prompts)} requests...", file=sys.stderr)

@@ -94,3 +94,17 @@ def test_an_endpoint_that_is_not_an_api_is_one_line(capsys, html_server, tmp_pat
     err = _one_line(capsys, ["eval", "--base-url", html_server, "--model", "m", "--tasks", "gsm8k",
                              "--data-path", str(tmp_path), "--max-retries", "0", "--no-progress"])
     assert "answered HTTP 501: <!DOCTYPE HTML> <html" in err or "last: HTTP 501: <!DOCTYPE HTML> <html" in err
+
+
+def test_a_dataset_path_that_is_no_dataset_is_named(capsys, monkeypatch, tmp_path):
+    """A folder was said not to exist (after the model had loaded); a ShareGPT file that is not
+    JSON came as the bare JSON error."""
+    from deepserve.bench.datasets import sample_sharegpt
+
+    monkeypatch.setattr("deepserve.engine.llm_engine.LLMEngine", lambda *a, **k: pytest.fail("the engine started"))
+    err = _one_line(capsys, ["bench", "throughput", "--model", STORIES, "--dataset-name", "sharegpt",
+                             "--dataset-path", str(tmp_path), "--num-prompts", "2"])
+    assert err == f"deepserve bench: error: --dataset-path '{tmp_path}' is a folder; name the dataset file in it"
+    (tmp_path / "sharegpt.json").write_text("{bad")
+    with pytest.raises(ValueError, match=f"^sharegpt dataset '{tmp_path}/sharegpt.json' is not JSON "):
+        sample_sharegpt(None, str(tmp_path / "sharegpt.json"), 2, None, 0)
