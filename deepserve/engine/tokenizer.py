@@ -18,6 +18,8 @@ from typing import Optional
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
+from deepserve.config import DEMO_MODEL
+
 
 def _token_text(value) -> Optional[str]:
     """tokenizer_config.json writes special tokens either as a string or as an AddedToken dict."""
@@ -245,11 +247,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def resolve_tokenizer(tokenizer: Optional[str], model: Optional[str]) -> Tokenizer:
-    """`--tokenizer` if given, else `--model` when it is a local folder with a tokenizer.json."""
+    """`--tokenizer` if given, else `--model` when it is a local folder with a tokenizer.json, else
+    the built-in demo's when `--model` is the name it is served under (`deepserve serve` with no
+    model), so a bench against the demo server needs no flag."""
     if tokenizer:
         return load_tokenizer(str(tokenizer))
     if model and (Path(model) / "tokenizer.json").is_file():
         return load_tokenizer(str(model))
+    if model == Path(DEMO_MODEL).name:
+        return load_tokenizer(DEMO_MODEL)
     raise ValueError(f"no tokenizer to count tokens with: --model {model!r} is not a folder with a "
                      "tokenizer.json; pass --tokenizer FOLDER")
 
