@@ -409,8 +409,10 @@ class EngineArgs:
     hf_overrides: dict = field(default_factory=dict)
     """JSON object merged over config.json, e.g. '{"num_hidden_layers": 4}'."""
     quantization: Optional[str] = None
-    """Weight quantization: None (as stored; fp8 checkpoints are dequantized), fp8, w8a8-int8;
-    awq, gptq, compressed-tensors name a 4-bit checkpoint's own format (served as stored)."""
+    """Weight quantization: None serves the checkpoint as stored (fp8, int8 and 4-bit weights stay
+    in that form); fp8 or w8a8-int8 quantize 16-bit weights at load; awq, gptq, compressed-tensors
+    name a 4-bit checkpoint's own format (served as stored; with --load-format dummy, random 4-bit
+    weights); ascend names an msModelSlim checkpoint (vllm-ascend's), served as stored."""
     seed: int = 0
     """Seed for random weights and for sampling requests that give no seed."""
     trust_remote_code: bool = False

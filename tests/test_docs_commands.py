@@ -21,3 +21,16 @@ def test_bench_tokenizer_unknown_name_still_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="pass --tokenizer"):
         resolve_tokenizer(None, "some-served-name")
+
+
+def test_serve_help_quantization_matches_readme(capsys):
+    # README: DeepSeek's FP8 is "kept in e4m3 ... on every device", and GUIDES.md's
+    # `--quantization ascend` is accepted: `deepserve serve --help` says the same
+    from deepserve.cli.main import main
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--quantization QUANTIZATION Weight quantization")
+    entry = text[start:text.index("--seed SEED", start)]
+    assert "dequantized" not in entry
+    assert "stay in that form" in entry and "ascend" in entry
