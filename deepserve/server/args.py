@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
 from deepserve.engine.thinking_budget import reasoning_delimiters
+from deepserve.server.request_log import stats_interval
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -139,6 +140,8 @@ class ServerArgs:
         reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
         self.responses_store_size()   # a bad VLLM_ENABLE_RESPONSES_API_STORE is an error before the model loads
         dev_mode()                    # and so is a bad VLLM_SERVER_DEV_MODE
+        if not self.disable_log_stats:
+            stats_interval()          # and a VLLM_LOG_STATS_INTERVAL that is no number
         if self.max_log_len is not None and int(self.max_log_len) < 0:
             raise ValueError(f"max_log_len must be >= 0, got {self.max_log_len}")
         if self.enable_log_requests and self.disable_log_requests:

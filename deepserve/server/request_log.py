@@ -23,15 +23,14 @@ INTERVAL_ENV = "VLLM_LOG_STATS_INTERVAL"
 
 
 def stats_interval() -> float:
-    """Seconds between stats lines: VLLM_LOG_STATS_INTERVAL (vLLM's variable; default 10)."""
+    """Seconds between stats lines: VLLM_LOG_STATS_INTERVAL (vLLM's variable; 10 when unset or
+    not above 0, as vLLM reads it)."""
     text = os.environ.get(INTERVAL_ENV, "").strip() or "10"
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{INTERVAL_ENV} must be a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"{INTERVAL_ENV} must be > 0, got {text!r}")
-    return value
+    return value if value > 0 else 10.0
 
 
 class RequestLogger:

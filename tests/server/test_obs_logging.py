@@ -110,9 +110,12 @@ def test_stats_line_throughput_and_idle_at_debug(caplog, monkeypatch):
     assert StatsLogger(lambda: {}, num_engines=2).log().startswith("2 Engines Aggregated: ")
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "2.5")
     assert stats_interval() == 2.5
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "0")
+    assert stats_interval() == 10.0   # vLLM's reading: not above 0 is the default
     monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "soon")
     with pytest.raises(ValueError, match="VLLM_LOG_STATS_INTERVAL must be a number"):
-        stats_interval()
+        ServerArgs()   # before the model loads
+    ServerArgs(disable_log_stats=True)
 
 
 def test_stats_line_with_several_api_servers():
