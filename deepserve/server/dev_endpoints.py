@@ -36,6 +36,13 @@ def _flag(request: Request, name: str) -> bool:
     return value in ("true", "1")
 
 
+def _plain(value):
+    """JSON for what dataclasses.asdict leaves as objects: config.json (HFConfig) as its dict,
+    the rest (dtypes, paths) as text."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
+
+
 def add_dev_routes(app: FastAPI, state: ServerState) -> None:
     logger.warning("SECURITY WARNING: Development endpoints are enabled (VLLM_SERVER_DEV_MODE=1: "
                    "/reset_prefix_cache, /is_sleeping, /server_info)! This should NOT be used in production!")
@@ -63,7 +70,7 @@ def add_dev_routes(app: FastAPI, state: ServerState) -> None:
         config = state.llm.engine.config   # with the pool's size as the engine (its cores) settled it
         config = dataclasses.replace(config, cache=dataclasses.replace(
             config.cache, num_blocks=int(state.llm.snapshot.get("num_blocks", config.cache.num_blocks))))
-        shown = json.loads(json.dumps(dataclasses.asdict(config), default=str)) if fmt == "json" else str(config)
+        shown = json.loads(json.dumps(dataclasses.asdict(config), default=_plain)) if fmt == "json" else str(config)
         env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") and "KEY" not in k}
         system = {"deepserve_version": __version__, "python_version": sys.version.split()[0],
                   "torch_version": torch.__version__, "platform": platform.platform(), "device": state.llm.engine.platform.device_type}

@@ -65,6 +65,7 @@ def test_dev_endpoints_with_dev_mode(engine_args, monkeypatch):
         assert c.get("/is_sleeping").json() == {"is_sleeping": False}
         info = c.get("/server_info?config_format=json").json()
         assert info["vllm_config"]["cache"]["block_size"] == 16 and info["vllm_config"]["cache"]["num_blocks"] == 64
+        assert info["vllm_config"]["model"]["hf_config"]["architectures"] == ["LlamaForCausalLM"]   # config.json
         assert info["vllm_env"]["VLLM_SERVER_DEV_MODE"] == "1" and info["system_env"]["device"] == "cpu"
         assert "block_size=16" in c.get("/server_info").json()["vllm_config"]
         assert c.get("/server_info?config_format=yaml").status_code == 400
