@@ -3,18 +3,20 @@ snapshot at scrape time (running / waiting requests, KV cache usage, free blocks
 (prompt and generation tokens, prefix-cache queries and hits, preemptions, finished requests
 by reason, error responses by status, operator calls and those run as Triton kernels, with
 their share as a gauge; with --ops-profile the share of profiled kernel time by kind,
-deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histograms (time to first token,
-inter-token latency, end-to-end latency; each ended request's queue, prefill, decode and
-inference time and its mean time per output token, from the engine's timestamps) and each ended
-request's prompt, generated and computed prompt tokens, its longest sample, n and max_tokens
-(vLLM's request_* histograms, which its Grafana dashboard draws) and its prompt tokens by source
-(computed or found in the prefix cache), fed by AsyncLLM's request listener; the tokens of each engine step (vLLM's iteration_tokens_total) and vLLM's
-cache_config_info come from the engine.
+deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histograms (time to
+first token, inter-token latency, end-to-end latency; each ended request's queue, prefill,
+decode and inference time and its mean time per output token, from the engine's timestamps)
+and each ended request's prompt, generated and computed prompt tokens, its longest sample, n
+and max_tokens (vLLM's request_* histograms, which its Grafana dashboard draws) and its prompt
+tokens by source (computed or found in the prefix cache), fed by AsyncLLM's request listener.
+The tokens of each engine step (vLLM's iteration_tokens_total), cache_config_info,
+num_requests_waiting_by_reason and engine_sleep_state come from the engine.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
-prefix; beside them the HTTP metrics vLLM's /metrics carries (http_requests_total{method,
-status, handler}, http_request_duration_seconds, ..., prometheus-fastapi-instrumentator's). Each server has its own registry (several servers can live in one process).
+prefix; beside them the HTTP metrics vLLM's /metrics carries (prometheus-fastapi-instrumentator's
+http_requests_total{method, status, handler}, http_request_duration_seconds, ...). Each server
+has its own registry (several servers can live in one process).
 
 With several API server processes (--api-server-count N > 1) the launcher sets
 PROMETHEUS_MULTIPROC_DIR before it starts them (vLLM does the same): each process writes its
