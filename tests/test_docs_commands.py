@@ -1,5 +1,6 @@
 """The README's and docs/GUIDES.md's commands as a newcomer runs them: what they name exists and
 what they pass is accepted (the end-to-end runs are tests/cli/test_guides_e2e*.py)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,36 @@ def test_bench_tokenizer_unknown_name_still_refused(tmp_path, monkeypatch):
 def test_serve_help_quantization_matches_readme(capsys):
     # README: DeepSeek's FP8 is "kept in e4m3 ... on every device", and GUIDES.md's
     # `--quantization ascend` is accepted: `deepserve serve --help` says the same
-    from deepserve.cli.main import main
-    with pytest.raises(SystemExit):
-        main(["serve", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = " ".join(_serve_help(capsys).split())
     start = text.index("--quantization QUANTIZATION Weight quantization")
     entry = text[start:text.index("--seed SEED", start)]
     assert "dequantized" not in entry
     assert "stay in that form" in entry and "ascend" in entry
+
+
+def _serve_help(capsys) -> str:
+    from deepserve.cli.main import main
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    return capsys.readouterr().out
+
+
+def test_guides_flag_table_flags_are_serve_flags(capsys):
+    # docs/GUIDES.md's "## Flags" table: each flag its first column names is one `serve` takes
+    text = (ROOT / "docs" / "GUIDES.md").read_text()
+    table = text[text.index("## Flags"):text.index("### bench")]
+    flags = set()
+    for row in table.splitlines():
+        if row.startswith("| `-"):
+            flags.update(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z]{1,2})\b", row.split(" | ")[0]))
+    assert len(flags) > 30
+    help_text = _serve_help(capsys)
+    missing = sorted(f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}\b", help_text))
+    assert not missing
+
+
+def test_docs_name_the_kv_scales_the_loader_reads():
+    from deepserve.models.weights import KV_SCALE_NAMES
+    for doc in ("README.md", "docs/GUIDES.md"):
+        text = (ROOT / doc).read_text()
+        assert all(f"`{name}`" in text for name in KV_SCALE_NAMES), doc
