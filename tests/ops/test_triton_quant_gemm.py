@@ -48,7 +48,7 @@ def test_act_quant_kernel_scales_exact(triton_ops, cpu_only):
     cast: the interpreter's own cast gets those wrong)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 200, generator=g)
-    x[0, :8] = torch.tensor([448.0, 124.3, 31.26, -15.9, 7.99, 0.0, 1e-3, -240.0])   # round-up ties
+    x[0, :9] = torch.tensor([448.0, 124.3, 31.26, -15.9, 7.99, 0.0, 1e-3, -240.0, -1e-4])  # ties; -0.0
     q_ref, s_ref = quant_fp8_per_token_group(x)
     q, s = triton_ops.quant_gemm.act_quant_fp8(x)
     assert torch.equal(s, s_ref)

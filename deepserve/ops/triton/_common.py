@@ -205,7 +205,10 @@ def round_to_e4m3(x):
     add-and-subtract of 1.5 * 2^23 ulps rounds at the ulp of x's binade (2^(e-3), 2^-9 for
     subnormals). Exact where a cast might not be (Triton 3.6's interpreter drops the carry
     of a mantissa that rounds up into the next binade: 31.26 -> 16)."""
-    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) & 0xFF
     ulp_e = tl.maximum(e - 127 - 3, -9)
     magic = (((ulp_e + 23 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (x + magic) - magic
+    r = (x + magic) - magic
+    # a negative x that rounds to zero keeps its sign (-0.0), as the e4m3 cast does
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
