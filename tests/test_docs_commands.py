@@ -60,3 +60,20 @@ def test_docs_name_the_kv_scales_the_loader_reads():
     for doc in ("README.md", "docs/GUIDES.md"):
         text = (ROOT / doc).read_text()
         assert all(f"`{name}`" in text for name in KV_SCALE_NAMES), doc
+
+
+def test_guides_bench_table_flags_are_bench_flags(capsys):
+    # docs/GUIDES.md's "### bench" table: each flag it names is one of bench serve / throughput /
+    # latency's (`--random-input` is argparse's unique prefix of --random-input-len)
+    from deepserve.cli.main import main
+    text = (ROOT / "docs" / "GUIDES.md").read_text()
+    table = text[text.index("### bench"):text.index("### API")]
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)\b", table))
+    help_text = ""
+    for sub in ("serve", "throughput", "latency"):
+        with pytest.raises(SystemExit):
+            main(["bench", sub, "--help"])
+        help_text += capsys.readouterr().out
+    assert len(flags) > 20
+    missing = sorted(f for f in flags if f not in help_text)
+    assert not missing
