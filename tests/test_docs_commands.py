@@ -77,3 +77,19 @@ def test_guides_bench_table_flags_are_bench_flags(capsys):
     assert len(flags) > 20
     missing = sorted(f for f in flags if f not in help_text)
     assert not missing
+
+
+def test_wheel_package_data_holds_every_data_file():
+    # the README's presets (`LLM("r1-distill-llama-8b", load_format="dummy")`) and the demo model
+    # must be in a wheel too (`pip install .`, not only the editable install): every file under
+    # deepserve/ other than Python source matches a package-data pattern of pyproject.toml
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["deepserve"]
+    pkg = ROOT / "deepserve"
+    data = [p.relative_to(pkg).as_posix() for p in pkg.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert data
+    missing = [f for f in data if not any(fnmatch.fnmatchcase(f, pat) and f.count("/") == pat.count("/")
+                                          for pat in patterns)]
+    assert not missing
