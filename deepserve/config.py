@@ -397,8 +397,9 @@ class EngineArgs:
     tokenizer: Optional[str] = None
     """Tokenizer folder; default: the model folder."""
     served_model_name: Optional[str] = None
-    """Model name(s) the API serves: `--served-model-name a b` (as vLLM) or "a,b"; the first is
-    reported. Default: the model argument as given (vLLM)."""
+    """Model name(s) the API serves: `--served-model-name a b` (as vLLM) or "a,b"; a response names
+    the one its request asked for (the first when it names none), metrics the first. Default: the
+    model argument as given (vLLM)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (the checkpoint's, bf16 for fp8 checkpoints, fp32 on CPU
     for fp16/bf16 checkpoints), float32 (float), float16 (half) or bfloat16."""

@@ -93,3 +93,12 @@ def test_wheel_package_data_holds_every_data_file():
     missing = [f for f in data if not any(fnmatch.fnmatchcase(f, pat) and f.count("/") == pat.count("/")
                                           for pat in patterns)]
     assert not missing
+
+
+def test_serve_help_served_model_name_says_which_name_a_response_carries(capsys):
+    # a request for the second of `--served-model-name a b` is answered as "b" (vLLM's rule;
+    # serving_common.check_model): the help does not say the first is always reported
+    text = " ".join(_serve_help(capsys).split())
+    start = text.index("--served-model-name SERVED_MODEL_NAME [SERVED_MODEL_NAME ...] Model name")
+    entry = text[start:text.index("--dtype DTYPE", start)]
+    assert "the first is reported" not in entry and "its request asked for" in entry
