@@ -145,7 +145,7 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
             raise ValueError(f"{path}: experiment.task.type is {task!r}; deepserve runs serve experiments only")
         before = (experiment.get("cmds") or {}).get("before_start")
         envs.update(exports_of(before) if isinstance(before, str) else {})
-        envs.update(experiment.get("envs") or {})
+        envs.update(_envs(experiment.get("envs"), f"{path}: experiment.envs"))
         data = data["serve"]
     if isinstance(data, dict) and "model_args" in data:
         data = model_args_entry(data, path)
@@ -163,7 +163,7 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
     engine = data.get("engine")
     if engine not in (None, "vllm", "deepserve"):
         raise ValueError(f"{path}: engine {engine!r} is not served by deepserve (use vllm or deepserve)")
-    envs.update(data.get("envs") or {})
+    envs.update(_envs(data.get("envs"), f"{path}: envs"))
     return data, envs
 
 
@@ -216,8 +216,23 @@ def _read_yaml(path: Path) -> Any:
         raise FileNotFoundError(f"config file {path} not found")
     try:
         return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (not UTF-8), so not YAML") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
+
+
+def _envs(value: Any, where: str) -> dict:
+    """An `envs:` mapping (variable -> value), or a ValueError naming where it sits."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of variable names to values, got {type(value).__name__} "
+                         f"{value!r}")
+    return value
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
