@@ -99,6 +99,16 @@ def _bits(value, where: str) -> None:
                          f"AWQ / GPTQ / compressed-tensors and 8-bit W8A8")
 
 
+def _flag(value, default: bool, name: str, where: str) -> bool:
+    """A true / false field of a quantization config; a string such as "false" is refused (it
+    would read as true)."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {name} {value!r} must be true or false")
+    return value
+
+
 def _group(value, where: str) -> int:
     if value not in (None, -1) and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{where}: group_size {value!r} must be -1 or a positive multiple of {PACK}")
@@ -144,7 +154,7 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int
     if actorder not in (None, False, "group", "weight", "static", "dynamic"):
         raise ValueError(f"{where}: actorder {actorder!r} is not supported")
     return Int4Spec("compressed-tensors", _group(w.get("group_size") if strategy == "group" else -1, where),
-                    symmetric=bool(w.get("symmetric", True)), act_order=actorder in ("group", "dynamic"),
+                    symmetric=_flag(w.get("symmetric"), True, "symmetric", where), act_order=actorder in ("group", "dynamic"),
                     activations=act, ignore=ignore, scale_dtype=scale_dtype,
                     names=CT_NAMES, packed=fmt == "pack-quantized")
 
@@ -194,8 +204,8 @@ def int4_spec(hf_config) -> Optional[Int4Spec]:
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
-        return Int4Spec("gptq", _group(qc.get("group_size"), where), symmetric=bool(qc.get("sym", True)),
-                        act_order=bool(qc.get("desc_act", False)), zero_plus_one=fmt == "gptq",
+        return Int4Spec("gptq", _group(qc.get("group_size"), where), symmetric=_flag(qc.get("sym"), True, "sym", where),
+                        act_order=_flag(qc.get("desc_act"), False, "desc_act", where), zero_plus_one=fmt == "gptq",
                         ignore=checkpoint_ignore(hf_config), scale_dtype=scale_dtype,
                         names=GPTQ_NAMES)
     if method == "compressed-tensors":

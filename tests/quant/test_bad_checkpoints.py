@@ -268,3 +268,16 @@ def test_kv_cache_scheme_is_fp8_per_tensor(scheme, ok):
     else:
         with pytest.raises(ValueError, match="kv_cache_scheme .* is not supported"):
             check_fields(qc)
+
+
+@pytest.mark.parametrize("qc, field", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": "false"}, "sym"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": "true"}, "desc_act"),
+])
+def test_true_false_fields_given_as_strings_are_refused(qc, field):
+    """GPTQ's sym / desc_act written as strings ("false" would read as true) are refused by name."""
+    from deepserve.quant.int4 import int4_spec
+    with pytest.raises(ValueError, match=f"{field} '.*' must be true or false"):
+        int4_spec({"quantization_config": qc, "torch_dtype": "float16"})
+    good = dict(qc, **{field: field == "sym"})
+    assert int4_spec({"quantization_config": good, "torch_dtype": "float16"}) is not None
