@@ -212,3 +212,12 @@ def round_to_e4m3(x):
     r = (x + magic) - magic
     # a negative x that rounds to zero keeps its sign (-0.0), as the e4m3 cast does
     return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quantize_e4m3(x, QMAX: tl.constexpr):
+    """One 1-D group x (fp32) quantized as quant_gemm.act_quant_fp8 does: (its e4m3 values, still
+    in fp32; its scale max(amax, 1e-12) / QMAX). The divisions are IEEE (div_rn), as torch's, so
+    scales and values equal the torch reference's bit for bit."""
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
+    return round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX)), scale

@@ -54,28 +54,8 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.quant import FP8_GROUP, FP8_MAX
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, round_to_e4m3
-from deepserve.ops.triton.quant_gemm import act_quant_fp8
-
-
-@triton.jit
-def _act_group(x_row, xs_row, offs, k_ok, g, g_ok, col, cols, QDT: tl.constexpr, QUANT_IN: tl.constexpr,
-               QMAX: tl.constexpr):
-    """(q_cols [GROUP, COLS] e4m3 with the row's 128-group g in column `col`, zeros elsewhere;
-    its scale). QUANT_IN: x_row is the unquantised row, quantised here as _act_quant_kernel
-    does; else x_row is its e4m3 quantisation and xs_row its group scales. A group that is not
-    g_ok (a slot of another rank's expert, whose act was never written) gives zeros and a
-    finite scale (quantised inside) or 0 (loaded)."""
-    if QUANT_IN:
-        x = tl.load(x_row + offs, mask=k_ok, other=0.0).to(tl.float32)
-        a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
-        q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, a_s), -QMAX), QMAX))
-        q_cols = tl.where(cols[None, :] == col, q[:, None], 0.0).to(QDT)          # exact: q is an e4m3 value
-    else:
-        q_cols = tl.load(x_row + offs[:, None] + cols[None, :] * 0, mask=k_ok[:, None] & (cols[None, :] == col),
-                         other=0.0)
-        a_s = tl.load(xs_row + g, mask=g_ok, other=0.0)
-    return q_cols, a_s
+from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, quantize_e4m3
+from deepserve.ops.triton.quant_gemm import act_quant_fp8, row_group_operand
 
 
 @triton.jit
@@ -118,7 +98,7 @@ def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_s
         else:
             k_ok = offs < hidden
             w_ok = (n_ok[:, None] | EVEN_N) & k_ok[None, :]
-        q_cols, a_s = _act_group(x_row, xs_row, offs, k_ok, g, True, 0, cols, w_base.dtype.element_ty, QUANT_IN,
+        q_cols, a_s = row_group_operand(x_row, xs_row, offs, k_ok, g, True, 0, cols, w_base.dtype.element_ty, QUANT_IN,
                                  QMAX)
         wg = tl.load(g_rows + offs[None, :], mask=w_ok, other=0.0)                 # [BN, GROUP] e4m3
         wu = tl.load(u_rows + offs[None, :], mask=w_ok, other=0.0)
@@ -130,8 +110,7 @@ def _swiglu_mma(x_row, xs_row, w_base, s_base, offs_n, inter, hidden, w_sn, ws_s
     rows_u = tl.sum(tl.where(cols[None, :] == 0, acc_u, 0.0), axis=1)
     act = _silu_mul_store(rows_g, rows_u, a_ptrs, n_ok, dt)
     if QUANT_OUT:
-        a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(act), axis=0), 1e-12), QMAX)
-        q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(act, a_s), -QMAX), QMAX))
+        q, a_s = quantize_e4m3(act, QMAX)
         tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty))
         tl.store(qs_ptr, a_s)
 
@@ -198,7 +177,7 @@ def _down_step(acc, x_row, xs_row, g, col, use, k_len, w_rows, s_ptrs, n_ok, col
             w_ok = k_ok[None, :]
         else:
             w_ok = n_ok[:, None] & k_ok[None, :]
-    q_cols, a_s = _act_group(x_row, xs_row, offs, k_ok, g, use, col, cols, w_rows.dtype.element_ty, QUANT_IN, QMAX)
+    q_cols, a_s = row_group_operand(x_row, xs_row, offs, k_ok, g, use, col, cols, w_rows.dtype.element_ty, QUANT_IN, QMAX)
     w = tl.load(w_rows + offs[None, :], mask=w_ok, other=0.0)                          # [BN, GROUP] e4m3
     if EVEN_N:
         w_s = tl.load(s_ptrs, mask=use, other=0.0)

@@ -28,7 +28,7 @@ from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
-                                          round_to_e4m3)
+                                          quantize_e4m3, round_to_e4m3)
 from deepserve.ops.triton.gemm import grouped_tile
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
@@ -41,10 +41,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s,
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, GROUP)
     mask = cols < K
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-    scale = tl.div_rn(amax, QMAX)
-    q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX), QMAX))   # exact, then cast
+    q, scale = quantize_e4m3(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), QMAX)
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_s + g, scale)
 
@@ -142,6 +139,24 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
 
 
 @triton.jit
+def row_group_operand(x_row, xs_row, offs, k_ok, g, g_ok, col, cols, QDT: tl.constexpr, QUANT_IN: tl.constexpr,
+                      QMAX: tl.constexpr):
+    """The N side of a weights-first e4m3 product: (q_cols [GROUP, COLS] e4m3 with the row's
+    128-group g (features offs) in column `col`, zeros elsewhere; its scale). QUANT_IN: x_row is
+    the unquantized row, quantized here as _act_quant_kernel does; else x_row is its e4m3
+    quantization, loaded straight into its column, and xs_row its group scales. A group that is
+    not g_ok gives zeros and a finite scale (quantized here) or 0 (loaded)."""
+    if QUANT_IN:
+        q, a_s = quantize_e4m3(tl.load(x_row + offs, mask=k_ok, other=0.0).to(tl.float32), QMAX)
+        q_cols = tl.where(cols[None, :] == col, q[:, None], 0.0).to(QDT)          # exact: q is an e4m3 value
+    else:
+        q_cols = tl.load(x_row + offs[:, None] + cols[None, :] * 0, mask=k_ok[:, None] & (cols[None, :] == col),
+                         other=0.0)
+        a_s = tl.load(xs_row + g, mask=g_ok, other=0.0)
+    return q_cols, a_s
+
+
+@triton.jit
 def _fp8_gemv_mma_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, QUANT_X: tl.constexpr,
                          QMAX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr,
@@ -169,15 +184,8 @@ def _fp8_gemv_mma_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, group
     for g in range(g_first, g_end):
         offs = g * GROUP + kk
         k_ok = offs < K
-        if QUANT_X:
-            x = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
-            a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX)
-            q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, a_s), -QMAX), QMAX))
-            q_cols = tl.where(cols[None, :] == 0, q[:, None], 0.0).to(w_ptr.dtype.element_ty)   # [GROUP, 16], exact
-        else:   # the e4m3 row loaded straight into column 0 (no conversions)
-            q_cols = tl.load(x_ptr + offs[:, None] + cols[None, :] * 0, mask=k_ok[:, None] & (cols[None, :] == 0),
-                             other=0.0)
-            a_s = tl.load(as_ptr + g)
+        q_cols, a_s = row_group_operand(x_ptr, as_ptr, offs, k_ok, g, True, 0, cols, w_ptr.dtype.element_ty,
+                                        QUANT_X, QMAX)                                 # [GROUP, 16]
         w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)   # [BN, GROUP] e4m3
         w_s = tl.load(ws_ptr + rows * stride_ws + g, mask=row_ok, other=0.0)
         acc += tl.dot(w, q_cols) * (w_s * a_s)[:, None]
