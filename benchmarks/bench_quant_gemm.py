@@ -77,6 +77,15 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     wi, wis = quant_int8_per_channel(w)
     xi = torch.randint(-127, 128, (m, k), device="cuda", generator=g, dtype=torch.int8)
     del w
+    # one row: the op's launch settings each GEMV candidate stands for (--write), by name: the
+    # CUDA-core kernel's (rows a program, groups a step, warps, split, stages) quantizing its row,
+    # and the tensor-core kernel's with the row quantized either way
+    settings = {
+        **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
+                                                      QUANT_IN=1, MMA=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
+        **{f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st,
+                                                          QUANT_IN=qi, MMA=1)
+           for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)}} if m == 1 else {}
     runs = {
         "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
         "fp8_gemm_only": (lambda: qg.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), n * k),
@@ -88,27 +97,15 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
             "fp8_gemv_fused": (lambda: qg.fp8_gemv(x, None, wq, ws, torch.bfloat16), n * k),
             "fp8_gemv_quant_first": (lambda: qg.fp8_gemv(*qg.act_quant_fp8(x), wq, ws, torch.bfloat16), n * k)}
            if m == 1 else {}),
-        **({f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": (
-            lambda cfg=dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st):
-            qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg), n * k)
-            for bn, gr, nw, sk, st in GEMV_CANDIDATES} if m == 1 else {}),
-        # the tensor-core GEMV (MMA 1), the whole op: quantizing the row inside (q1) or the
-        # activation quant kernel first (q0)
-        **({f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": (
-            lambda cfg=dict(MMA=1, BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st), qi=qi:
-            qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg) if qi
-            else qg.fp8_gemv(*qg.act_quant_fp8(x), wq, ws, torch.bfloat16, settings=cfg), n * k)
-            for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)} if m == 1 else {}),
+        # the candidates, whole op: quantizing the row inside (QUANT_IN 1) or the activation quant
+        # kernel first (0)
+        **{kind: ((lambda cfg=cfg: qg.fp8_gemv(x, None, wq, ws, torch.bfloat16, settings=cfg)) if cfg["QUANT_IN"]
+                  else (lambda cfg=cfg: qg.fp8_gemv(*qg.act_quant_fp8(x), wq, ws, torch.bfloat16, settings=cfg)),
+                  n * k) for kind, cfg in settings.items()},
         "int8": (lambda: int8_linear(x, wi, wis), n * k + n * 4),
         "int8_mm_only": (lambda: int8_matmul(xi, wi), n * k),
         "bf16": (None, n * k * 2),
     }
-    settings = {  # the op's launch settings each one-row candidate stands for (--write)
-        **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
-                                                      QUANT_IN=1, MMA=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
-        **{f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st,
-                                                          QUANT_IN=qi, MMA=1)
-           for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)}} if m == 1 else {}
     # a one-row candidate counts (--write) only where its output is the op's: against the torch
     # reference on the dequantized operands, within the GEMM's bound
     ref = fp8_block_linear_torch(x.float(), wq, ws) if settings else None
