@@ -24,16 +24,9 @@ from fastapi import FastAPI, Request
 
 from deepserve import __version__
 from deepserve.server.errors import APIError
-from deepserve.server.serving_common import ServerState
+from deepserve.server.serving_common import ServerState, query_flag
 
 logger = logging.getLogger("deepserve")
-
-
-def _flag(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise APIError(400, f"{name} must be true or false, got {value!r}", param=name)
-    return value in ("true", "1")
 
 
 def _plain(value):
@@ -49,11 +42,11 @@ def add_dev_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache(request: Request):
-        if _flag(request, "reset_external"):
+        if query_flag(request, "reset_external"):
             raise APIError(400, "reset_external=true is not supported: deepserve has no external (KV connector) "
                                 "prefix cache", param="reset_external")
         logger.info("Resetting prefix cache...")
-        done = await state.llm.reset_prefix_cache(_flag(request, "reset_running_requests"))
+        done = await state.llm.reset_prefix_cache(query_flag(request, "reset_running_requests"))
         return {"success": bool(done)}
 
     @app.get("/is_sleeping")

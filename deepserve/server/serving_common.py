@@ -120,6 +120,15 @@ class ServerState:
                            param=field if max_tokens else what, code="context_length_exceeded")
 
 
+def query_flag(request: Request, name: str) -> bool:
+    """A true / false query parameter (true, false, 1, 0; false when absent), else a 400 naming it."""
+    value = request.query_params.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise APIError(400, f"{name} must be true or false, got {request.query_params[name]!r}", param=name,
+                       code="invalid_value")
+    return value in ("true", "1")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes with 413 (without reading it all)."""
     declared = request.headers.get("content-length")

@@ -50,7 +50,7 @@ from deepserve.server.reasoning import THINK_END, THINK_START
 from deepserve.server.responses_store import EventLog, ResponseStore, StoredResponse
 from deepserve.server.serving_chat import ContentSplitter, PreparedChat, chat_logprobs, collect_final
 from deepserve.server.serving_common import (SSEResponse, ServerState, api_error_from, compile_grammar,
-                                             merge_streams, parse_request, sse_data, until_disconnect)
+                                             merge_streams, parse_request, query_flag, sse_data, until_disconnect)
 
 logger = logging.getLogger("deepserve")
 
@@ -219,12 +219,9 @@ async def retrieve_response(request: Request, state: ServerState, response_id: s
     if unknown:
         raise APIError(400, f"query parameter {unknown[0]} is not supported (stream and starting_after are)",
                        param=unknown[0], code="unsupported_field")
-    stream = query.get("stream", "false").lower()
-    if stream not in ("true", "false", "1", "0"):
-        raise APIError(400, f"stream must be true or false, got {query['stream']!r}", param="stream",
-                       code="invalid_value")
+    stream = query_flag(request, "stream")
     after = query.get("starting_after")
-    if after is not None and stream in ("false", "0"):
+    if after is not None and not stream:
         raise APIError(400, "starting_after goes with stream=true", param="starting_after", code="invalid_value")
     try:
         start = int(after) + 1 if after is not None else 0
@@ -234,7 +231,7 @@ async def retrieve_response(request: Request, state: ServerState, response_id: s
         raise APIError(400, f"starting_after must be an integer >= -1, got {after!r}", param="starting_after",
                        code="invalid_value")
     kept = _stored(state, response_id)
-    if stream in ("false", "0"):
+    if not stream:
         return kept.response
     if kept.events is None:
         raise APIError(400, f"response {response_id} was not created with background and stream true: it has no "
