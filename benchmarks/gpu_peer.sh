@@ -1,9 +1,10 @@
 #!/bin/bash
 # Issue 25 (vLLM beside deepserve) and issue 19 (structured-output overhead) on one GPU.
-# The vLLM 0.26.0 wheel comes in five pieces (../shared/scripts/peer-vllm-wheels.sh), each
-# carried by its own call to one warm machine and kept in /tmp/peer; then:
+# vLLM 0.26.0 and its dependencies come as one tar in pieces of 44 MiB (`benchmarks/stage_carry.sh
+# vllm`: .peer1 ... .peer8), each carried by its own call to one warm machine and kept in /tmp/peer;
+# then:
 #   benchmarks/gpu_peer.sh piece N           # carry .peerN: keep its piece in /tmp/peer
-#   benchmarks/gpu_peer.sh setup             # carry .peer6 .peerd: install vLLM + deps, unpack data
+#   benchmarks/gpu_peer.sh setup             # carry .peerd: install vLLM + deps, unpack data
 #   benchmarks/gpu_peer.sh setup_ds          # the same without vLLM (no pieces): for `variants` alone
 #   benchmarks/gpu_peer.sh structured        # issue 19: bench_structured.py on the 8B preset
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
@@ -22,15 +23,15 @@ piece)
   mkdir -p /tmp/peer && cp ".peer$2"/* /tmp/peer/ && ls -la /tmp/peer
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
 setup|setup_ds)   # setup_ds: the server's dependencies without vLLM (deepserve alone: `variants`)
-  vllm=()
+  vllm=(); deps=()
   if [ "$1" = setup ]; then
-    cat /tmp/peer/vllm.part* > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
-    vllm=(/tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl)
+    mkdir -p /tmp/pb && cat /tmp/peer/bundle.part* | tar -C /tmp/pb -xf -
+    vllm=(/tmp/pb/vllm-*.whl); deps=(/tmp/pb/deps/*.whl)
   fi
-  # wx/ repeats some of .peer6's wheels (pydantic & co.); pip refuses a distribution given twice
-  extra=(); for w in .peerd/wx/*.whl; do [ -e ".peer6/$(basename "$w")" ] || extra+=("$w"); done
+  # wx/ repeats some of the dependencies (pydantic & co.); pip refuses a distribution given twice
+  extra=(); for w in .peerd/wx/*.whl; do [ -e "/tmp/pb/deps/$(basename "$w")" ] || extra+=("$w"); done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
-    "${vllm[@]}" .peer6/*.whl "${extra[@]}" 2>&1 | grep -v WARN | tail -3
+    "${vllm[@]}" "${deps[@]}" "${extra[@]}" 2>&1 | grep -v WARN | tail -3
   mkdir -p $D && tar -C $D -xJf .peerd/data.tar.xz && ls $D/*
   [ "$1" = setup ] && PYTHONPATH=$SITE python3 -c "import vllm, xgrammar, fastapi, zmq; print('vllm', vllm.__version__)" 2>&1 | tail -2
   python3 - <<'PY'

@@ -4,7 +4,10 @@
 #   benchmarks/stage_carry.sh peerd      # .peerd: data.tar.xz (tokenizers, ShareGPT first 500,
 #                                        # the demo model) and wx/ (xgrammar + apache-tvm-ffi)
 #   benchmarks/stage_carry.sh flaggems   # .flaggems: flag_gems 5.0.2 and what it needs beyond the image
-#   benchmarks/stage_carry.sh vllm       # .peer1 ... .peer6: vLLM 0.26.0 in pieces (../shared/scripts)
+#   benchmarks/stage_carry.sh vllm       # .peer1 ... .peerN: vLLM 0.26.0 and its dependencies (../shared/scripts),
+#                                        # one tar in pieces of $PIECE_MB MiB (default 44): a call carries the
+#                                        # project's tracked files too, and the device tool takes 64 MiB in all
+#   benchmarks/stage_carry.sh repack     # the same repacking over .peer1 ... .peer6 already downloaded
 # The GPU image runs Python 3.12 on x86_64; wheels are fetched for that, binary only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +30,14 @@ flaggems)
   rm -rf .flaggems && mkdir -p .flaggems
   get .flaggems flag_gems==5.0.2 sqlalchemy==2.0.48 greenlet
   ls .flaggems ;;
-vllm)
-  bash "$SHARED/scripts/peer-vllm-wheels.sh"
-  du -sh .peer[1-6] ;;
-*) echo "usage: $0 peerd|flaggems|vllm"; exit 2 ;;
+vllm|repack)
+  [ "$1" = vllm ] && bash "$SHARED/scripts/peer-vllm-wheels.sh"
+  tmp=$(mktemp -d); mkdir -p "$tmp/b/deps"
+  cat .peer[1-5]/vllm.part* > "$tmp/b/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+  cp .peer6/*.whl "$tmp/b/deps/"
+  rm -rf .peer[0-9]*
+  tar -C "$tmp/b" -cf - . | split -b "${PIECE_MB:-44}M" -d -a 2 - "$tmp/bundle.part"
+  i=1; for p in "$tmp"/bundle.part*; do mkdir -p .peer$i && mv "$p" .peer$i/; i=$((i+1)); done
+  rm -rf "$tmp"; du -sh .peer[0-9]* ;;
+*) echo "usage: $0 peerd|flaggems|vllm|repack"; exit 2 ;;
 esac
