@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stage the git-ignored folders the GPU scripts carry to the device machine (which has no network
 # and no ../shared), from the repo root on this machine:
-#   benchmarks/stage_carry.sh peerd      # .peerd: data.tar.xz (tokenizers, ShareGPT first 500,
+#   benchmarks/stage_carry.sh peerd      # .peerd: data.tar.xz (tokenizers, ShareGPT first 500 and filtered 500,
 #                                        # the demo model) and wx/ (xgrammar + apache-tvm-ffi)
 #   benchmarks/stage_carry.sh flaggems   # .flaggems: flag_gems 5.0.2 and what it needs beyond the image
 #   benchmarks/stage_carry.sh vllm       # .peer1 ... .peerN: vLLM 0.26.0 and its dependencies (../shared/scripts),
@@ -21,7 +21,8 @@ peerd)
   rm -rf .peerd && mkdir -p .peerd/wx
   tmp=$(mktemp -d); mkdir -p "$tmp/datasets/serving" "$tmp/models"
   cp -r "$SHARED/tokenizers" "$tmp/"
-  cp "$SHARED/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json" "$tmp/datasets/serving/"
+  cp "$SHARED/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json" \
+     "$SHARED/datasets/serving/ShareGPT_V3_filtered_500.json" "$tmp/datasets/serving/"
   cp -r "$SHARED/models/stories260k" "$tmp/models/"
   tar -C "$tmp" -cJf .peerd/data.tar.xz tokenizers datasets models
   get .peerd/wx xgrammar apache-tvm-ffi
