@@ -82,8 +82,6 @@ def token_buckets(max_model_len: int) -> tuple[int, ...]:
 GAUGES = (("num_requests_running", "Requests in the running batch.", "num_requests_running"),
           ("num_requests_waiting", "Requests waiting to be scheduled.", "num_requests_waiting"),
           ("kv_cache_usage_perc", "Share of KV cache blocks in use (1 = full).", "kv_cache_usage"),
-          ("gpu_cache_usage_perc", "kv_cache_usage_perc under vLLM <= 0.9's name, which vLLM's Grafana "
-           "dashboard still draws.", "kv_cache_usage"),
           ("num_free_kv_blocks", "KV cache blocks not held by any request.", "num_free_blocks"),
           ("num_kv_blocks", "KV cache blocks in the pool.", "num_blocks"),
           ("kv_cache_capacity_tokens", "Tokens the KV cache pool holds (blocks x block size; "
@@ -243,9 +241,6 @@ class ServerMetrics:
 
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
-        # the same under vLLM <= 0.10's name, which vLLM's Grafana dashboard still draws
-        self.tpot = histogram("time_per_output_token_seconds", "Time between consecutive tokens (vLLM's "
-                              "earlier name of inter_token_latency_seconds).", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
         self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of each ended request.",
                                        token_buckets(max_model_len))
@@ -310,7 +305,6 @@ class ServerMetrics:
             gaps = [0.0] * (k - 1) if last[i] is None else [(now - last[i]) / k] * k
             for gap in gaps:
                 self.itl.observe(gap)
-                self.tpot.observe(gap)
             last[i] = now
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from deepserve.config import EngineArgs
-from deepserve.engine.async_llm import AsyncLLM, EngineStepError
+from deepserve.engine.async_llm import AsyncLLM, EngineStepError, FinishedRequest
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.metrics import ServerMetrics, cache_info_labels, parse_metrics
 
@@ -70,15 +70,13 @@ def test_request_phases_params_and_step_tokens():
     def v(name: str, extra: str = "") -> float:
         return values[f"vllm:{name}{{{LAB}{extra}}}"]
 
-    # every series vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana) draws
+    # every series vLLM 0.26's Grafana dashboard (examples/observability/prometheus_grafana) draws
     for name in ("e2e_request_latency_seconds_count", "prompt_tokens_total", "generation_tokens_total",
-                 "time_per_output_token_seconds_count", "num_requests_running", "num_requests_waiting",
-                 "time_to_first_token_seconds_count", "gpu_cache_usage_perc", "request_prompt_tokens_count",
+                 "inter_token_latency_seconds_count", "num_requests_running", "num_requests_waiting",
+                 "time_to_first_token_seconds_count", "kv_cache_usage_perc", "request_prompt_tokens_count",
                  "request_generation_tokens_count", "request_queue_time_seconds_sum", "request_prefill_time_seconds_sum",
                  "request_decode_time_seconds_sum", "request_max_num_generation_tokens_sum"):
         assert f"vllm:{name}{{{LAB}}}" in values, name
-    assert v("time_per_output_token_seconds_count") == v("inter_token_latency_seconds_count") > 0
-    assert v("gpu_cache_usage_perc") == v("kv_cache_usage_perc")
     for reason, count in (("length", 2), ("abort", 1), ("error", 1), ("stop", 0), ("repetition", 0)):
         assert v("request_success_total", f',finished_reason="{reason}"') == count, reason
     # each ended request once in every per-request histogram
@@ -154,7 +152,29 @@ def test_inter_token_latency_per_sample():
     assert values[f"vllm:time_to_first_token_seconds_count{{{LAB}}}"] == 1
     assert values[f"vllm:inter_token_latency_seconds_count{{{LAB}}}"] == 4
     assert values[f"vllm:inter_token_latency_seconds_sum{{{LAB}}}"] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)
-    assert values[f"vllm:time_per_output_token_seconds_sum{{{LAB}}}"] == pytest.approx(2.0)
+
+
+def test_time_per_output_token_is_each_requests_mean():
+    """vLLM 0.26 serves the per-request mean decode time per token as
+    request_time_per_output_token_seconds (one observation a request) and no longer serves
+    time_per_output_token_seconds (its <= 0.10 name of inter_token_latency_seconds), nor
+    gpu_cache_usage_perc (kv_cache_usage_perc's old name)."""
+    m = ServerMetrics("demo", lambda: {"kv_cache_usage": 0.25})
+    m.on_output("r", 0.0, 1.0, [1], True)
+    m.on_output("r", 0.0, 1.5, [1], False)
+    m.on_output("r", 0.0, 3.5, [2], False)   # 4 tokens: gaps 0.5, 1.0, 1.0
+    m.on_finish("r", 0.0, 3.5, FinishedRequest(
+        prompt_tokens=3, generation_tokens=4, max_sample_tokens=4, cached_tokens=0, n=1, max_tokens=4,
+        reason="length", timings={"arrival_time": 0.0, "first_scheduled_time": 0.5, "first_token_time": 1.0,
+                                  "last_token_time": 3.5}))
+    text = m.render()
+    values = parse_metrics(text)
+    assert values[f"vllm:inter_token_latency_seconds_count{{{LAB}}}"] == 3
+    assert values[f"vllm:request_time_per_output_token_seconds_count{{{LAB}}}"] == 1
+    assert values[f"vllm:request_time_per_output_token_seconds_sum{{{LAB}}}"] == pytest.approx(2.5 / 3)
+    assert values[f"vllm:kv_cache_usage_perc{{{LAB}}}"] == 0.25
+    for gone in ("time_per_output_token_seconds", "gpu_cache_usage_perc"):
+        assert f"vllm:{gone}" not in text and f"deepserve:{gone}" not in text, gone
 
 
 def test_a_request_gone_before_its_first_token_is_counted():
