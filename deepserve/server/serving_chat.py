@@ -418,14 +418,17 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
 
     frame = ChunkFrames(id=prep.id, object="chat.completion.chunk", created=prep.created, model=prep.model)
 
-    def chunk(choices: list[dict], **extra) -> str:
+    def chunk(choice: dict, **extra) -> str:
+        """One choice's chunk (OpenAI's and vLLM's streams carry one each); its continuous usage
+        counts the choice's tokens so far, as vLLM's."""
         if include_usage:
-            return frame(choices=choices, usage=stream_usage(continuous, len(prep.prompt_ids), sum(generated)), **extra)
-        return frame(choices=choices, **extra)
+            usage = stream_usage(continuous, len(prep.prompt_ids), generated[choice["index"]])
+            return frame(choices=[choice], usage=usage, **extra)
+        return frame(choices=[choice], **extra)
 
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
-                  "finish_reason": None} for i in range(n)],
-                **({"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}))
+    for i in range(n):
+        yield chunk({"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
+                     "finish_reason": None}, **({"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}))
     splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n
@@ -434,7 +437,6 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
     first = True
     async for _, res in merge_streams([prep.stream(state)]):
         cached = res.num_cached_tokens
-        choices = []
         for out in res.outputs:
             i = out.index
             if done[i]:
@@ -463,11 +465,9 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 if req.return_token_ids:
                     choice["token_ids"] = list(out.token_ids[ids_sent[i]:])
                     ids_sent[i] = len(out.token_ids)
-                choices.append(choice)
-        if choices:
-            extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}
-            first = False
-            yield chunk(choices, **extra)
+                extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}
+                first = False
+                yield chunk(choice, **extra)
     if include_usage:
         details = prompt_tokens_details(state, cached, [len(prep.prompt_ids)])
         yield frame(choices=[], usage=final_usage(len(prep.prompt_ids), sum(generated), details, stream=True))

@@ -260,21 +260,23 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
 
     frame = ChunkFrames(id=prep.id, object="text_completion", created=prep.created, model=prep.model)
 
-    def chunk(choices: list[dict]) -> str:
+    def chunk(choice: dict, i: int) -> str:
+        """One choice's chunk (OpenAI's and vLLM's streams carry one each); its continuous usage
+        counts the choice's prompt and its tokens so far, as vLLM's."""
         if include_usage:
-            return frame(choices=choices, usage=stream_usage(continuous, prompt_tokens, sum(generated.values())))
-        return frame(choices=choices)
+            n_prompt = len(prep.prompts[i]["prompt_token_ids"])
+            return frame(choices=[choice], usage=stream_usage(continuous, n_prompt, generated.get(choice["index"], 0)))
+        return frame(choices=[choice])
 
     async for i, res in merge_streams(prep.streams(state)):
         cached[i] = res.num_cached_tokens
-        choices = []
         for out in res.outputs:
             idx = i * prep.n + out.index
             if idx in finished or (prep.echo_only and out.finish_reason is None):
                 continue
             if prep.echo_only:  # one chunk per choice, once its prompt logprobs are all in
                 finished.add(idx)
-                choices.append(prep.echo_only_choice(state, req, res, i, out))
+                yield chunk(prep.echo_only_choice(state, req, res, i, out), i)
                 continue
             text = ""
             first = idx not in sent_text
@@ -307,9 +309,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             if req.prompt_logprobs is not None and idx not in prompt_logprobs_sent:  # with its first chunk sent
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
                 prompt_logprobs_sent.add(idx)
-            choices.append(choice)
-        if choices:
-            yield chunk(choices)
+            yield chunk(choice, i)
     if include_usage:
         details = prompt_tokens_details(state, sum(cached.values()))
         yield frame(choices=[], usage=final_usage(prompt_tokens, sum(generated.values()), details, stream=True))
