@@ -21,6 +21,7 @@ import logging
 import socket
 import sys
 import time
+import urllib.parse
 from typing import Optional
 
 import uvicorn
@@ -202,6 +203,21 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, soc
     return serve_app(state, server, sock=sock)
 
 
+class AccessLogFilter(logging.Filter):
+    """Drops uvicorn's access lines for the given paths (vLLM's --disable-access-log-for-endpoints);
+    uvicorn logs (client, method, path with query, HTTP version, status) as the record's args."""
+
+    def __init__(self, paths: str):
+        super().__init__()
+        self.paths = frozenset(p.strip() for p in paths.split(",") if p.strip())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            return urllib.parse.urlsplit(args[2]).path not in self.paths
+        return True
+
+
 def set_up_logging(log_level: str) -> None:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
 
@@ -213,13 +229,19 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None, 
     app = build_app(state)
     config = uvicorn.Config(app, host=server.host, port=int(server.port),
                             log_level=server.uvicorn_log_level or server.log_level,
-                            access_log=False, timeout_graceful_shutdown=3, lifespan="on")
+                            access_log=not server.disable_uvicorn_access_log, timeout_graceful_shutdown=3,
+                            lifespan="on")
+    access_filter = AccessLogFilter(server.disable_access_log_for_endpoints or "")
+    logging.getLogger("uvicorn.access").addFilter(access_filter)
     stats = None
     if log_stats and not server.disable_log_stats:
         engines = state.llm.engine.config.parallel.data_parallel_size
         stats = (StatsLogger(lambda: state.llm.snapshot, engines), stats_interval())
     http = _Server(config, state, on_ready, stats)
-    http.run(sockets=[sock] if sock is not None else None)
+    try:
+        http.run(sockets=[sock] if sock is not None else None)
+    finally:
+        logging.getLogger("uvicorn.access").removeFilter(access_filter)
     stop_interruptibly(state.llm.shutdown)  # done by the app's lifespan unless uvicorn failed to start
     if getattr(http, "fatal", None):
         return 1

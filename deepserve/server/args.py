@@ -94,7 +94,11 @@ class ServerArgs:
     uvicorn_log_level: Optional[str] = field(default=None, metadata={"choices": UVICORN_LOG_LEVELS})
     """vLLM's: uvicorn's log level (default: --log-level)."""
     disable_uvicorn_access_log: bool = False
-    """vLLM's: no access log line per HTTP request; deepserve writes none in any case."""
+    """vLLM's: no uvicorn access log line per HTTP request (`INFO:     127.0.0.1:PORT - "POST
+    /v1/completions HTTP/1.1" 200 OK`, on stdout at uvicorn's INFO level)."""
+    disable_access_log_for_endpoints: Optional[str] = None
+    """vLLM's: comma-separated paths (e.g. "/health,/metrics") whose requests write no access
+    log line; the others still do."""
     enable_log_requests: bool = False
     """vLLM's: log each generation request as it arrives, its id and sampling parameters at INFO,
     its prompt and token ids at DEBUG (--log-level debug)."""

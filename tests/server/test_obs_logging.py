@@ -158,3 +158,59 @@ def test_start_up_log_gives_vllm_s_kv_cache_size(caplog, kv_dtype):
     assert f"GPU KV cache size: {blocks * size:,} tokens" in caplog.text
     assert f"Maximum concurrency for {max_len:,} tokens per request: {blocks * size / max_len:.2f}x" in caplog.text
     assert f"{blocks} KV blocks of {size} tokens ({blocks * size} tokens in" in caplog.text
+
+
+def _serve_at_info(*flags: str):
+    proc = subprocess.Popen([sys.executable, "-m", "deepserve", "serve", "--port", "0", "--num-gpu-blocks-override",
+                             "64", *flags], cwd=REPO, env=server_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def test_uvicorn_access_log_as_vllm():
+    """An access line per HTTP request on stdout (uvicorn's, as vLLM's server writes it) unless
+    --disable-uvicorn-access-log; --disable-access-log-for-endpoints leaves out those paths."""
+    import httpx
+
+    servers = [_serve_at_info("--disable-access-log-for-endpoints", "/health, /metrics"),
+               _serve_at_info("--disable-uvicorn-access-log")]
+    try:
+        urls = []
+        for proc, lines in servers:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(READY.search(line) for line in lines):
+                assert proc.poll() is None, "".join(lines)
+                time.sleep(0.1)
+            urls.append(next(READY.search(line).group(1) for line in lines if READY.search(line)))
+        for url in urls:
+            assert httpx.get(url + "/v1/models").status_code == 200
+            assert httpx.get(url + "/health?probe=1").status_code == 200
+            assert httpx.get(url + "/metrics").status_code == 200
+            assert httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "a"}).status_code == 404
+        time.sleep(0.5)
+        (_, logged), (_, quiet) = servers
+        access = [line for line in logged if " HTTP/1.1" in line]
+        assert any(re.match(r'INFO: +127\.0\.0\.1:\d+ - "GET /v1/models HTTP/1\.1" 200 OK$', line) for line in access)
+        assert any('"POST /v1/completions HTTP/1.1" 404 Not Found' in line for line in access), access
+        assert not any("/health" in line or "/metrics" in line for line in access), access
+        assert not [line for line in quiet if " HTTP/1.1" in line]
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_access_log_filter_matches_paths_without_query():
+    from deepserve.server.api_server import AccessLogFilter
+
+    f = AccessLogFilter("/health, /metrics,")
+
+    def record(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:1", "GET", path, "1.1", 200), None)
+
+    assert not f.filter(record("/health")) and not f.filter(record("/metrics?x=1"))
+    assert f.filter(record("/v1/models")) and f.filter(record("/healthz"))
+    assert AccessLogFilter("").filter(record("/health"))

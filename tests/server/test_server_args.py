@@ -22,6 +22,7 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--reasoning-p
          "--enable-server-load-tracking": None, "--enable-tokenizer-info-endpoint": None,
          "--enable-responses-api-store": None,
          "--responses-store-max-size": "5", "--uvicorn-log-level": "warning", "--disable-uvicorn-access-log": None,
+         "--disable-access-log-for-endpoints": "/health,/metrics",
          "--enable-log-requests": None, "--no-disable-log-requests": None, "--max-log-len": "100",
          "--enable-log-outputs": None, "--disable-log-stats": None}
 GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_r1", enable_reasoning=True,
@@ -32,7 +33,8 @@ GIVEN = dict(host="0.0.0.0", port=9010, api_key="k", reasoning_parser="deepseek_
              reasoning_config={"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"},
              enable_prompt_tokens_details=True, enable_force_include_usage=True, enable_server_load_tracking=True,
              enable_tokenizer_info_endpoint=True, enable_responses_api_store=True, responses_store_max_size=5,
-             uvicorn_log_level="warning", disable_uvicorn_access_log=True, enable_log_requests=True,
+             uvicorn_log_level="warning", disable_uvicorn_access_log=True,
+             disable_access_log_for_endpoints="/health,/metrics", enable_log_requests=True,
              disable_log_requests=False, max_log_len=100, enable_log_outputs=True, disable_log_stats=True)
 
 
@@ -53,7 +55,8 @@ def test_defaults_are_vllms(parser, monkeypatch):
         allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]', reasoning_config=None,
         enable_prompt_tokens_details=False, enable_force_include_usage=False, enable_server_load_tracking=False,
         enable_tokenizer_info_endpoint=False, enable_responses_api_store=False, responses_store_max_size=1000,
-        uvicorn_log_level=None, disable_uvicorn_access_log=False, enable_log_requests=False, disable_log_requests=False,
+        uvicorn_log_level=None, disable_uvicorn_access_log=False, disable_access_log_for_endpoints=None,
+        enable_log_requests=False, disable_log_requests=False,
         max_log_len=None, enable_log_outputs=False, disable_log_stats=False)
 
 
