@@ -69,6 +69,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.n > 1 and args.temperature == 0:   # SamplingParams refuses it too, naming no flag
+        raise ValueError(f"--n {args.n} needs --temperature > 0: the default 0 is greedy, which gives one "
+                         "completion only (n must be 1 when using greedy sampling)")
     params = sampling_params_from_args(args, n=args.n)
     engine = engine_from_args(args)
     request_id = engine.add_request(None, prompt, params)

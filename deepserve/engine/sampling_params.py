@@ -82,6 +82,7 @@ StructuredOutputsParams = GuidedDecoding
 
 # most token ids one request's logprob_token_ids may name (vLLM's MAX_LOGPROB_TOKEN_IDS)
 MAX_LOGPROB_TOKEN_IDS = 128
+GREEDY_EPS = 1e-5   # vLLM's _SAMPLING_EPS: vLLM samples greedily below this temperature
 
 
 @dataclass
@@ -187,6 +188,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not self.temperature <= 2.0:   # vLLM's range (nan fails it too)
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.n > 1 and self.temperature < GREEDY_EPS:   # vLLM's rule: n copies of one greedy answer
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

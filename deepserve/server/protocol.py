@@ -290,8 +290,8 @@ class _SamplingFields(_Strict):
         def pick(name: str, fallback):
             value = getattr(self, name)
             return value if value is not None else d.get(name, fallback)
-        return SamplingParams(
-            n=self.n,
+        params = SamplingParams(
+            n=1 if self.use_beam_search else self.n,
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
             top_k=pick("top_k", 0),
@@ -317,6 +317,9 @@ class _SamplingFields(_Strict):
             thinking_token_budget=self.thinking_token_budget,
             bad_words=self.bad_words,
         )
+        if self.use_beam_search:   # n is the beam width: greedy beams are allowed (vLLM's BeamSearchParams)
+            params.n = self.n
+        return params
 
 
 PromptField = Union[str, list[str], list[int], list[list[int]]]

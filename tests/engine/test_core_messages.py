@@ -19,7 +19,7 @@ from tests.conftest import DEMO_MODEL
 PARAMS = [SamplingParams(temperature=0, max_tokens=24, stop=[" Lily", "a big"]),
           SamplingParams(temperature=0.8, seed=5, max_tokens=10, n=3),
           SamplingParams(temperature=0, max_tokens=7, logprobs=2, prompt_logprobs=1),
-          SamplingParams(temperature=0, max_tokens=3, n=2, logprobs=0)]
+          SamplingParams(temperature=0.5, seed=2, max_tokens=3, n=2, logprobs=0)]
 
 
 def test_rebuilt_outputs_equal_the_engine_s_every_step():

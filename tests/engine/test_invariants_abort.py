@@ -42,7 +42,7 @@ def test_aborts_free_every_block_and_keep_the_cache_whole(expected, kwargs):
     engine = llm.engine
     drafted_before_abort = 0
     for steps in (1, 2, 3, 5, 8, 13, 21, 34):
-        ids = [engine.add_request(None, t, SamplingParams(temperature=0, max_tokens=40, n=2)) for t in TEXTS]
+        ids = [engine.add_request(None, t, SamplingParams(temperature=0.8, seed=1, max_tokens=40, n=2)) for t in TEXTS]
         for _ in range(steps):
             engine.step()
             assert_consistent(engine)

@@ -164,7 +164,7 @@ def test_engine_stops_logprobs_and_n_as_without_speculation(llm, spec_llm):
     cases = [SamplingParams(temperature=0, max_tokens=40, stop=["park"]),
              SamplingParams(temperature=0, max_tokens=7),
              SamplingParams(temperature=0, max_tokens=12, logprobs=2),          # decodes without drafts
-             SamplingParams(temperature=0, max_tokens=20, n=2, min_tokens=3)]
+             SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, min_tokens=3)]   # (drafts off)
     for params in cases:
         want, got = llm.generate(prompt, params)[0], spec_llm.generate(prompt, params)[0]
         for w, g in zip(want.outputs, got.outputs, strict=True):

@@ -165,7 +165,7 @@ def test_return_token_ids(client, demo_server):
     """vLLM's return_token_ids: the prompt's ids and each choice's, streamed chunk by chunk."""
     prompt_ids = httpx.post(f"{demo_server.url}/tokenize", json={"prompt": "Once upon a time"},
                             headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
-    kw = dict(model="stories260k", prompt="Once upon a time", max_tokens=5, temperature=0, n=2,
+    kw = dict(model="stories260k", prompt="Once upon a time", max_tokens=5, temperature=0.8, seed=4, n=2,
               extra_body={"return_token_ids": True})
     whole = client.completions.create(**kw).model_dump()["choices"]
     assert [c["prompt_token_ids"] for c in whole] == [prompt_ids] * 2

@@ -172,12 +172,11 @@ def test_tiny_deepseek_v3_chat(v3_server):
     client = openai.OpenAI(base_url=v3_server.v1, api_key="unused", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["deepseek-r1"]
     kw = dict(model="deepseek-r1", messages=MESSAGES, temperature=0, max_tokens=12)
-    r = client.chat.completions.create(n=2, logprobs=True, top_logprobs=2, **kw)
-    first, second = r.choices
+    r = client.chat.completions.create(logprobs=True, top_logprobs=2, **kw)
+    (first,) = r.choices
     # random weights never close </think> here: the whole output is reasoning
     assert first.message.content is None and first.message.reasoning_content
-    assert second.message.reasoning_content == first.message.reasoning_content      # greedy, n=2
-    assert len(first.logprobs.content) == 12 and r.usage.completion_tokens == 24
+    assert len(first.logprobs.content) == 12 and r.usage.completion_tokens == 12
     chunks = list(client.chat.completions.create(stream=True, **kw))
     streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or ""
                        for c in chunks if c.choices)
