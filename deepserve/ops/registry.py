@@ -63,7 +63,16 @@ def register(op: str, backend: str, per_shape: bool = False) -> Callable[[Callab
 
 
 def resolve(op: str, backend: str) -> tuple[str, Callable]:
-    """The (backend, function) that runs `op` under `backend`."""
+    """The (backend, function) that runs `op` under `backend`. The backend's kernels are
+    imported first: they register on import, and a caller that had not imported them (a test
+    run alone) would otherwise get the torch reference for every op. Without Triton installed
+    the torch reference runs, as `deepserve ops` lists (OpTable refuses such a backend); any
+    other failed import is raised."""
+    try:
+        _import_kernels(backend)
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton":
+            raise
     impls = _impls[op]
     for name in (backend,) + _FALLBACK.get(backend, ()):
         if name in impls:
@@ -105,12 +114,18 @@ def check_backend_runs_on(platform_name: str, ops: str) -> None:
                          "use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
 
 
-def _load_backend(name: str) -> None:
-    """Import what backend `name` needs: the Triton kernels register on import; FlagGems patches
-    aten for the whole process (its design), once."""
-    global _flaggems_enabled
+def _import_kernels(name: str) -> None:
+    """Import the kernels backend `name` runs (they register on import): flaggems runs the
+    Triton ones (_FALLBACK)."""
     if name in ("triton", "flaggems"):
-        import deepserve.ops.triton  # noqa: F401  (registers the Triton kernels)
+        import deepserve.ops.triton  # noqa: F401
+
+
+def _load_backend(name: str) -> None:
+    """Import what backend `name` needs: its kernels; FlagGems patches aten for the whole process
+    (its design), once."""
+    global _flaggems_enabled
+    _import_kernels(name)
     if name == "flaggems" and not _flaggems_enabled:
         try:
             import flag_gems

@@ -31,6 +31,15 @@ def q_rounded_to_e4m3(q: torch.Tensor) -> torch.Tensor:
     return ((q.float() * mul).to(FP8).float() / mul).to(q.dtype)
 
 
+def triton_attention():
+    """The Triton paged_attention, checked to be the kernel: resolve falls back to the torch
+    reference for a backend that registered none, and a test would then compare the reference
+    with itself."""
+    backend, fn = resolve("paged_attention", "triton")
+    assert backend == "triton", backend
+    return fn
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm())
 
@@ -50,7 +59,7 @@ def test_triton_attention_reads_an_fp8_pool_like_the_torch_reference(triton_ops,
     q_lens = [1, 1, 1] if case.endswith("decode") else [5, 20, 1]
     seqs = [5, 37, 40]
     pb = fp8_pool(make_paged_batch(q_lens, seqs, **kw))
-    got = resolve("paged_attention", "triton")[1](*pb.args(0.125))
+    got = triton_attention()(*pb.args(0.125))
     if case == "mla_decode":        # e4m3 q (module docstring)
         assert rel_err(got, resolve("paged_attention", "torch")[1](*pb.args(0.125))) < Q_E4M3_REL_ERR
         pb = dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q))
@@ -70,7 +79,7 @@ def test_mla_fp8_decode_kernel_against_the_split_kernel_and_q_rounding(triton_op
     import deepserve.ops.triton.attention as tri_attention
     kw = dict(num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True, block_size=16)
     pb = fp8_pool(make_paged_batch([1, 1, 1, 1], [1, 64, 17, 300], **kw))
-    op = resolve("paged_attention", "triton")[1]
+    op = triton_attention()
     got = op(*pb.args(0.125), k_scale=0.5, v_scale=0.5)
     monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
     split_q = op(*pb.args(0.125), k_scale=0.5, v_scale=0.5)
@@ -93,7 +102,7 @@ def test_mla_fp8_decode_merges_many_splits_with_empty_ones(triton_ops, cpu_only,
     from deepserve.ops.triton.launch_config import trying
     kw = dict(num_heads=4, num_kv_heads=1, head_dim=48, v_head_dim=32, mla=True, block_size=16)
     pb = fp8_pool(make_paged_batch([1, 1, 1], [1, 300, 40], **kw))
-    op = resolve("paged_attention", "triton")[1]
+    op = triton_attention()
     setting = {"programs_per_sm": 64, "min_split": 16, "fused_merge": fused_merge, "qk_promote": qk_promote}
     with trying("mla_decode_fp8", [{"set": setting}]):
         assert tri_attention.fp8_decode_splits(3, 1, 300, 16, tri_attention.sm_count(pb.q.device), 64, 16) == 19
@@ -122,7 +131,7 @@ def test_mla_fp8_decode_with_the_latent_dims_permuted_for_the_pv_product(triton_
     from deepserve.ops.triton.launch_config import trying
     kw = dict(num_heads=2, num_kv_heads=1, head_dim=576, v_head_dim=512, mla=True, block_size=16)
     pb = fp8_pool(make_paged_batch([1, 1], [20, 33], **kw))
-    op = resolve("paged_attention", "triton")[1]
+    op = triton_attention()
     with trying("mla_decode_fp8", [{"set": {"dv_run": dv_run, "num_warps": warps}}]):
         got = op(*pb.args(0.05))
     monkeypatch.setattr(tri_attention, "MLA_FP8_MMA", False)
@@ -204,7 +213,7 @@ def test_gpu_attention_over_an_fp8_pool_at_r1_and_8b_shapes(case):
     q_lens = [1] * 8 if case.endswith("decode") else [300, 17, 1]
     seqs = [100, 900, 4000, 31, 2048, 1, 700, 1500] if case.endswith("decode") else [300, 1000, 77]
     pb = fp8_pool(make_paged_batch(q_lens, seqs, dtype=torch.bfloat16, device="cuda", **kw))
-    got = resolve("paged_attention", "triton")[1](*pb.args(0.07))
+    got = triton_attention()(*pb.args(0.07))
     if case == "mla_decode":        # e4m3 q (module docstring)
         assert rel_err(got, resolve("paged_attention", "torch")[1](*pb.args(0.07))) < Q_E4M3_REL_ERR
         pb = dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q))
@@ -229,7 +238,7 @@ def test_gpu_mla_fp8_decode_at_r1_shapes(heads, settings):
     pb = fp8_pool(make_paged_batch([1] * 64, seqs, heads, 1, 576, 512, block_size=64, dtype=torch.bfloat16,
                                    device="cuda", mla=True))
     with trying("mla_decode_fp8", [{"set": settings}] if settings else []):
-        got = resolve("paged_attention", "triton")[1](*pb.args(0.07), k_scale=0.25, v_scale=0.25)
+        got = triton_attention()(*pb.args(0.07), k_scale=0.25, v_scale=0.25)
     ref = resolve("paged_attention", "torch")[1]
     assert rel_err(got, ref(*pb.args(0.07), k_scale=0.25, v_scale=0.25)) < Q_E4M3_REL_ERR
     want = ref(*dataclasses.replace(pb, q=q_rounded_to_e4m3(pb.q)).args(0.07), k_scale=0.25, v_scale=0.25)

@@ -95,6 +95,28 @@ def test_bind_gives_every_module_the_table():
     assert table.counts == {("rms_norm", "torch"): 1} and not REFERENCE_OPS.counts
 
 
+def test_resolve_imports_the_kernels_it_is_asked_for():
+    """resolve(op, "triton") in a process that imported no Triton module gives the kernel, not
+    the torch reference: a GPU test run alone (`pytest -m gpu -k ...` deselects the tests whose
+    fixture imports the kernels) otherwise compared the torch op with itself. Without Triton
+    (its import refused here) the torch reference, as before. In a process of its own: this one
+    imported the kernels long ago."""
+    script = """
+import sys
+from deepserve.ops.registry import resolve
+ASKED = [("paged_attention", "triton"), ("rms_norm", "flaggems"), ("rms_norm", "torch")]
+sys.modules["triton"] = None
+print([resolve(op, b)[0] for op, b in ASKED])
+del sys.modules["triton"]
+print([resolve(op, b)[0] for op, b in ASKED])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(registry.__file__).rsplit("/deepserve/", 1)[0])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-3:] == ["['torch', 'torch', 'torch']", "['triton', 'triton', 'torch']", ""], \
+        out.stdout
+
+
 @pytest.mark.gpu
 def test_flaggems_leaves_seeded_draws_to_torch():
     """Under --ops flaggems a seeded draw gives torch's values (dummy weights and per-request
