@@ -76,11 +76,11 @@ def measure_latency(llm: Any, sampling_params: Any, prompts: list[dict], num_ite
         raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0, "
                          f"got {num_iters} and {num_iters_warmup}")
     for _ in tqdm(range(num_iters_warmup), desc="warmup", disable=not progress, file=sys.stderr):
-        llm.generate(prompts, sampling_params)
+        llm.generate(prompts, sampling_params, use_tqdm=False)
     latencies = []
     for _ in tqdm(range(num_iters), desc="latency", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
-        llm.generate(prompts, sampling_params)
+        llm.generate(prompts, sampling_params, use_tqdm=False)
         latencies.append(time.perf_counter() - start)
     arr = np.asarray(latencies)
     return {"avg_latency": float(arr.mean()), "latencies": latencies,
@@ -142,10 +142,10 @@ def run_latency(args) -> dict:
     prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
     if args.profile:   # as vLLM: after the warm-up, one batch under the profiler, untimed
         for _ in range(args.num_iters_warmup):
-            llm.generate(prompts, params)
+            llm.generate(prompts, params, use_tqdm=False)
         print(f"Profiling one batch with the {llm.engine.config.profiler.profiler} profiler...", file=sys.stderr)
         llm.start_profile()
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
         llm.stop_profile()
         return {}
     result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,

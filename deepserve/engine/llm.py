@@ -158,20 +158,22 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: Union[bool, Callable] = False, lora_request=None, priority: Optional[list[int]] = None,
+                 use_tqdm: Union[bool, Callable] = True, lora_request=None, priority: Optional[list[int]] = None,
                  tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None
                  ) -> list[RequestOutput]:
-        """vLLM's LLM.generate: one RequestOutput per prompt, in order. `use_tqdm`: a progress
-        bar (or a tqdm-like callable that makes one); `priority`: one per prompt (with
+        """vLLM's LLM.generate: one RequestOutput per prompt, in order. `use_tqdm` (default
+        True, as vLLM's): progress bars on stderr while prompts are tokenized and while they run
+        (or a tqdm-like callable that makes them); `priority`: one per prompt (with
         scheduling_policy "priority"); `tokenization_kwargs`: truncate_prompt_tokens (the
         prompt's last N tokens; -1: max_model_len), add_special_tokens, truncation_side."""
-        ids = self.enqueue(prompts, sampling_params, lora_request, priority, tokenization_kwargs=tokenization_kwargs,
-                           mm_processor_kwargs=mm_processor_kwargs, _queue=False)
+        ids = self.enqueue(prompts, sampling_params, lora_request, priority, use_tqdm,
+                           tokenization_kwargs=tokenization_kwargs, mm_processor_kwargs=mm_processor_kwargs,
+                           _queue=False)
         return self._run(ids, use_tqdm)
 
     def enqueue(self, prompts: Union[PromptType, Sequence[PromptType]],
                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None, lora_request=None,
-                priority: Optional[list[int]] = None, use_tqdm: Union[bool, Callable] = False,
+                priority: Optional[list[int]] = None, use_tqdm: Union[bool, Callable] = True,
                 tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None,
                 _queue: bool = True) -> list[str]:
         """vLLM's: add the requests (as generate() takes them) without running them; their
@@ -198,7 +200,8 @@ class LLM:
             sampling_params = [dataclasses.replace(sp, priority=p) if p != sp.priority else sp
                                for sp, p in zip(sampling_params, priority)]
         requests = [self._request(p, self._with_reasoning_ids(sp), tokenization_kwargs)
-                    for p, sp in zip(prompts, sampling_params)]
+                    for p, sp in _progress(zip(prompts, sampling_params), use_tqdm, total=len(prompts),
+                                           desc="Rendering prompts")]
         ids = []
         try:
             for prompt, sp in requests:
@@ -214,7 +217,7 @@ class LLM:
             self._queued += ids
         return ids
 
-    def wait_for_completion(self, output_type=None, *, use_tqdm: Union[bool, Callable] = False
+    def wait_for_completion(self, output_type=None, *, use_tqdm: Union[bool, Callable] = True
                             ) -> list[RequestOutput]:
         """vLLM's: run the requests enqueue() added; their outputs, in the order they were added."""
         ids, self._queued = self._queued, []
@@ -324,7 +327,7 @@ class LLM:
 
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-             use_tqdm: Union[bool, Callable] = False, lora_request=None, chat_template: Optional[str] = None,
+             use_tqdm: Union[bool, Callable] = True, lora_request=None, chat_template: Optional[str] = None,
              chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: Optional[list[dict]] = None,
              chat_template_kwargs: Optional[dict] = None, tokenization_kwargs: Optional[dict] = None,
@@ -340,7 +343,7 @@ class LLM:
 
     def enqueue_chat(self, messages: Union[list[dict], Sequence[list[dict]]],
                      sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                     use_tqdm: Union[bool, Callable] = False, lora_request=None, priority: Optional[list[int]] = None,
+                     use_tqdm: Union[bool, Callable] = True, lora_request=None, priority: Optional[list[int]] = None,
                      chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
                      add_generation_prompt: bool = True, continue_final_message: bool = False,
                      tools: Optional[list[dict]] = None, chat_template_kwargs: Optional[dict] = None,
@@ -406,17 +409,28 @@ class LLM:
         enqueue() added finish too; their outputs wait for wait_for_completion()."""
         done, self._finished = self._finished, {}
         bar = None
-        if use_tqdm:
+        if use_tqdm:   # vLLM's bar: one count per sample, the token rates since it started
             from tqdm import tqdm
-            bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(request_ids), desc="Processed prompts",
-                                                              dynamic_ncols=True)
+            live = self.engine.requests
+            samples = sum(live[r].params.n if r in live else len(done[r].outputs) if r in done else 1
+                          for r in request_ids)
+            bar = (use_tqdm if callable(use_tqdm) else tqdm)(
+                total=samples, initial=sum(len(done[r].outputs) for r in request_ids if r in done),
+                desc="Processed prompts", dynamic_ncols=True,
+                postfix=f"est. speed input: {0:.2f} toks/s, output: {0:.2f} toks/s")
+            tokens_in = tokens_out = 0
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
                         if bar:
-                            bar.update(1)
+                            tokens_in += len(out.prompt_token_ids or ()) * len(out.outputs)
+                            tokens_out += sum(len(o.token_ids) for o in out.outputs)
+                            elapsed = bar.format_dict["elapsed"] or 1e-9
+                            bar.postfix = (f"est. speed input: {tokens_in / elapsed:.2f} toks/s, "
+                                           f"output: {tokens_out / elapsed:.2f} toks/s")
+                            bar.update(len(out.outputs))
         except BaseException:
             for rid in request_ids:  # leave no blocks behind on error or Ctrl-C
                 self.engine.abort_request(rid)
@@ -435,3 +449,13 @@ class LLM:
         """Full-vocabulary logits at every prompt position (fp32 CPU tensors [len, V]), for
         logit-level comparisons between setups (`deepserve validate`)."""
         return [self.engine.prompt_logits(p) for p in prompts]
+
+
+def _progress(items, use_tqdm: Union[bool, Callable], **bar):
+    """`items`, through a tqdm bar (or the callable `use_tqdm` gives) when asked for."""
+    if not use_tqdm:
+        return items
+    if callable(use_tqdm):
+        return use_tqdm(items, **bar)
+    from tqdm import tqdm
+    return tqdm(items, **bar)
