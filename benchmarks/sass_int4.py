@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from sass_mla_decode_fp8 import counts, report  # noqa: E402
 
-CLASSES = ("IGMMA", "I2FP", "FADD", "FFMA", "FMUL", "IADD3", "LOP3", "PRMT", "SHF", "IMAD", "LEA", "STS", "LDS",
+CLASSES = ("IGMMA", "I2FP", "FADD", "FFMA", "FMUL", "HFMA2", "HMUL2", "HADD2", "F2F", "F2FP", "IADD3", "LOP3", "PRMT", "SHF", "IMAD", "LEA", "STS", "LDS",
            "LDGSTS", "LDG", "BAR", "MOV", "SHFL", "WARPGROUP", "STL", "LDL")
 
 
@@ -65,7 +65,8 @@ def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3, overla
 def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1, tiled: int = 0):
     from deepserve.ops.triton import int4_gemm as g
     consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
-                  SUB_C=sub_c, STEPS=steps, DEQ=deq, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, TILED=tiled)
+                  SUB_C=sub_c, STEPS=steps, DEQ=deq, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, TILED=tiled,
+                  AHEAD=0, ASM=1)
     ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
                 y_ptr="*bf16")
     return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
@@ -91,7 +92,7 @@ def main() -> int:
         loop = report(compile_gemv(block_n, sub_c, steps, warps, deq, tiled),
                       f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps} DEQ {deq} TILED {tiled}", CLASSES,
                       args.sass)
-        nibbles = 8 * sub_c * steps * block_n / (32 * warps)
+        nibbles = 8 * sub_c * steps * block_n * (2 if deq == 4 else 1) / (32 * warps)    # DEQ 4: 2 words a thread
         print(f"  {len(loop)} instructions a loop trip for {nibbles:.0f} nibbles a thread: "
               f"{len(loop) / nibbles:.2f} a nibble ({sum(counts(loop).values()) - len(loop)} sub-counted)")
     return 0
