@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
 
@@ -170,8 +170,20 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+# fields OpenAI's API declares nullable that have a default here: null asks for the default (vLLM's
+# n, penalties, stream, logprobs and echo take null too; clients that fill every field they know send it)
+_NULL_IS_DEFAULT = frozenset({"n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo"})
+
+
 class _SamplingFields(_Strict):
     """Fields both endpoints share (OpenAI's, then vLLM's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in _NULL_IS_DEFAULT):
+            return {k: v for k, v in data.items() if v is not None or k not in _NULL_IS_DEFAULT}
+        return data
 
     model: Optional[str] = None
     n: int = 1
