@@ -110,13 +110,18 @@ class ServerState:
 
     def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt",
                      field: str = "max_tokens") -> None:
-        """`field`: the request field `max_tokens` came from."""
+        """A 400 where the prompt and max_tokens pass the context (or the prompt fills it), in vLLM's
+        words (clients match them to shorten a prompt and retry) with OpenAI's code, naming the
+        field `max_tokens` came from (`field`) where it was sent; `what`: the prompt's field."""
         limit = self.llm.max_model_len
-        if prompt_tokens >= limit or prompt_tokens + (max_tokens or 0) > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
-                                f"you requested {prompt_tokens + (max_tokens or 0)} tokens "
-                                f"({prompt_tokens} in the {what}, {max_tokens or 0} for the "
-                                f"completion ({field})). Please reduce the length.",
+        total = prompt_tokens + (max_tokens or 0)
+        if prompt_tokens >= limit or total > limit:
+            no_room = "; the prompt leaves no room for an output token" if total <= limit else ""
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{max_tokens or 0} output tokens and your prompt contains {prompt_tokens} input "
+                                f"tokens, for a total of {total} tokens{no_room}. Please reduce the length of the "
+                                f"input prompt or the number of requested output tokens"
+                                f"{f' ({field})' if max_tokens else ''}.",
                            param=field if max_tokens else what, code="context_length_exceeded")
 
 

@@ -59,7 +59,6 @@ _RENAMED = {"messages": "input", "response_format": "text.format", "max_completi
 
 
 def _renamed(err: APIError) -> APIError:
-    err.message = err.message.replace("in the messages", "in the input")
     if err.param in _RENAMED:
         err.message = err.message.replace(err.param, _RENAMED[err.param])
         err.param = _RENAMED[err.param]

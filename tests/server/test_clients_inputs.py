@@ -36,3 +36,24 @@ def test_null_asks_for_the_default(demo_server, path, body):
 def test_null_for_a_required_field_is_still_refused(demo_server):
     r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": None})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+VLLM_TOO_LONG = ("This model's maximum context length is 512 tokens. However, you requested {out} output tokens and "
+                 "your prompt contains {n} input tokens, for a total of {total} tokens. Please reduce the length of "
+                 "the input prompt or the number of requested output tokens{field}.")
+
+
+def test_prompt_over_the_context_has_vllms_message(demo_server):
+    """vLLM 0.26's words (clients match them to shorten the prompt and retry), naming the field
+    max_tokens came from where it was sent, with OpenAI's code."""
+    r = post(demo_server, "completions", {"model": "stories260k", "prompt": [1] + [400] * 599, "max_tokens": 5})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["message"] == VLLM_TOO_LONG.format(out=5, n=600, total=605, field=" (max_tokens)")
+    assert err["code"] == "context_length_exceeded"
+    r = post(demo_server, "completions", {"model": "stories260k", "prompt": [1] * 500, "max_tokens": 13})
+    assert r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=13, n=500, total=513, field=" (max_tokens)")
+    messages = [{"role": "user", "content": "Once upon a time " * 200}]
+    n = len(httpx.post(f"{demo_server.url}/tokenize", json={"messages": messages}, headers=HEADERS).json()["tokens"])
+    r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=0, n=n, total=n, field="")
