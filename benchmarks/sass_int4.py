@@ -7,6 +7,7 @@ instructions of the main loop by class, per launch setting.
     python benchmarks/sass_int4.py gemv                       # W4A16 GEMV, the default setting
     python benchmarks/sass_int4.py gemv --tile 8,128,2,4      # BLOCK_N,SUB_C,STEPS,warps
     python benchmarks/sass_int4.py gemv --tile 4,128,2,4,1,1  # ... DEQ, TILED (tile_words' layout)
+    python benchmarks/sass_int4.py gemv --tile 8,128,1,4,3,0,4  # ... WORDS (DEQ 3's words a thread)
 
 Triton compiles for `GPUTarget("cuda", 90, 32)` with what a launch at the 8B's shapes gets
 (symmetric weights in groups of 128; unit strides constant, other ints and every pointer
@@ -62,11 +63,11 @@ def compile_w4a8(block_m: int, block_n: int, warps: int, stages: int = 3, overla
     return _compile(w._w4a8_gemm_kernel, dict(consts, HAS_ZP=False), dict(ptrs, z_ptr="*bf16"), warps, stages)
 
 
-def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1, tiled: int = 0):
+def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1, tiled: int = 0, words: int = 1):
     from deepserve.ops.triton import int4_gemm as g
     consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
                   SUB_C=sub_c, STEPS=steps, DEQ=deq, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, TILED=tiled,
-                  AHEAD=0, ASM=1)
+                  AHEAD=0, ASM=1, WORDS=words)
     ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
                 y_ptr="*bf16")
     return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
@@ -76,7 +77,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel", choices=["w4a8", "w4a8-swap", "gemv"])
     ap.add_argument("--tile", action="append", default=[],
-                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; w4a8-swap: the same [,OVERLAP]; gemv: BLOCK_N,SUB_C,STEPS,warps[,DEQ[,TILED]] (repeatable)")
+                    help="w4a8: BLOCK_M,BLOCK_N,warps[,stages]; w4a8-swap: the same [,OVERLAP]; "
+                         "gemv: BLOCK_N,SUB_C,STEPS,warps[,DEQ[,TILED[,WORDS]]] (repeatable)")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(",")) for t in args.tile]
@@ -89,10 +91,11 @@ def main() -> int:
         block_n, sub_c, steps, warps = tile[:4]
         deq = tile[4] if len(tile) > 4 else 1
         tiled = tile[5] if len(tile) > 5 else 0
-        loop = report(compile_gemv(block_n, sub_c, steps, warps, deq, tiled),
-                      f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps} DEQ {deq} TILED {tiled}", CLASSES,
-                      args.sass)
-        nibbles = 8 * sub_c * steps * block_n * (2 if deq == 4 else 1) / (32 * warps)    # DEQ 4: 2 words a thread
+        words = tile[6] if len(tile) > 6 else 1
+        loop = report(compile_gemv(block_n, sub_c, steps, warps, deq, tiled, words),
+                      f"BLOCK_N {block_n} SUB_C {sub_c} STEPS {steps} warps {warps} DEQ {deq} TILED {tiled} WORDS {words}",
+                      CLASSES, args.sass)
+        nibbles = 8 * sub_c * steps * block_n * words / (32 * warps)
         print(f"  {len(loop)} instructions a loop trip for {nibbles:.0f} nibbles a thread: "
               f"{len(loop) / nibbles:.2f} a nibble ({sum(counts(loop).values()) - len(loop)} sub-counted)")
     return 0

@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_int4.py --write                 # GPU (about 2 minutes on an H100)
     python benchmarks/sweep_int4.py --device cpu --tiny     # the script's logic, interpreted
-    python benchmarks/sweep_int4.py --kernels gemv --deq 3,4 --write     # only the fp16-pair GEMV candidates
+    python benchmarks/sweep_int4.py --kernels gemv --deq 3 --write     # only the fp16-pair GEMV candidates
 
 Cases, as benchmarks/bench_int4.py measures them (compressed-tensors W4A16: symmetric, groups
 of 128, bf16), the MoE ones first:
@@ -64,15 +64,17 @@ GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=1, DEQ=2)
 GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k, DEQ=d, AHEAD=1)
               for n, c, w, k, d in ((8, 128, 4, 1, 1), (4, 128, 4, 1, 1), (8, 128, 4, 1, 2), (4, 128, 4, 1, 2),
                                     (8, 256, 8, 1, 1), (8, 128, 4, 2, 1), (4, 128, 4, 2, 2))]
-# packed fp16 arithmetic (DEQ 3: a word a thread, 3.4 instructions a nibble at 8 rows; DEQ 4: two
-# adjacent words a thread, 2.6-2.9 at 8-16 rows, against DEQ 1's 4.8: benchmarks/sass_int4.py), with
-# split-K for the shapes with few rows
-GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k, DEQ=d)
-              for n, c, s, w, k, d in ((8, 128, 2, 4, 1, 3), (16, 128, 2, 4, 1, 3), (4, 128, 2, 4, 1, 3),
-                                       (8, 128, 1, 4, 1, 4), (8, 128, 2, 4, 1, 4), (16, 128, 1, 4, 1, 4),
-                                       (4, 128, 1, 4, 1, 4), (4, 128, 2, 4, 1, 4), (8, 64, 1, 2, 1, 4),
-                                       (8, 128, 1, 4, 2, 4), (4, 128, 1, 4, 2, 4), (8, 64, 1, 2, 2, 4),
-                                       (8, 64, 1, 2, 4, 4), (16, 128, 1, 4, 2, 4))]
+# packed fp16 arithmetic (DEQ 3, ops/triton/int4_half2.py) with WORDS adjacent words a thread: sm_90
+# loops of 3.4 (1 word), 2.8 (2) and 2.5 (4) instructions a nibble at 8 rows, 2.2 with 4 words at 16
+# rows, against DEQ 1's 4.8 (benchmarks/sass_int4.py); a slice is WORDS x SUB_C words (4 x 128: a
+# whole 4096-wide row), so the shapes with few rows get split-K over narrower slices
+GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k, DEQ=3, WORDS=d)
+              for n, c, s, w, k, d in ((8, 128, 2, 4, 1, 1), (8, 128, 1, 4, 1, 2), (16, 128, 1, 4, 1, 2),
+                                       (8, 128, 1, 4, 1, 4), (16, 128, 1, 4, 1, 4), (4, 128, 1, 4, 1, 4),
+                                       (16, 64, 1, 2, 1, 4), (8, 64, 1, 2, 1, 4), (4, 128, 2, 4, 1, 2),
+                                       (8, 128, 1, 4, 2, 2), (4, 128, 1, 4, 2, 2), (8, 64, 1, 2, 2, 4),
+                                       (4, 64, 1, 2, 2, 4), (8, 32, 1, 1, 4, 4), (16, 64, 1, 2, 2, 2),
+                                       (8, 64, 1, 2, 4, 2))]
 # the tensor-core path (ops/triton/int4_mma.py: about 3 instructions a nibble against 4.5-4.8;
 # 2.5-5x slower than the CUDA-core kernel on an H100 at every 8B shape, docs/PERFORMANCE.md)
 GEMV_GRID += [dict(MMA=1, MMA_BLOCK_N=n, MMA_WARPS=w, MMA_STAGES=3) for n, w in ((64, 4), (128, 8))]
@@ -157,7 +159,7 @@ def main() -> int:
                     help="which kernels to sweep (also: gemm, the 1024-row dense GEMM; w4a8, the W4A8 GEMM)")
     ap.add_argument("--r1", action="store_true", help="also R1's dense projections (q_b, o_proj) in the GEMV sweep")
     ap.add_argument("--deq", default="",
-                    help="time only the GEMV / small-batch MoE candidates of these DEQ values (e.g. 3,4) beside the default")
+                    help="time only the GEMV / small-batch MoE candidates of these DEQ values (e.g. 3) beside the default")
     ap.add_argument("--write", action="store_true", help="add the best settings to the device's launch table")
     ap.add_argument("--config-dir", default=None, help="write the table under this folder instead of the package's")
     args = ap.parse_args()

@@ -1,5 +1,6 @@
 """benchmarks/sass_int4.py gemv: the W4A16 GEMV compiled for sm_90 on this CPU machine (Triton's
-own ptxas and nvdisasm), its loop's instructions a nibble for DEQ 1 and the packed fp16 DEQ 4."""
+own ptxas and nvdisasm), its loop's instructions a nibble for DEQ 1 and the packed fp16 DEQ 3
+with 4 words a thread."""
 from __future__ import annotations
 
 import os
@@ -18,9 +19,9 @@ def test_gemv_loop_instructions_a_nibble(tmp_path):
         pytest.skip("Triton without its NVIDIA tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compiled, not interpreted
     out = subprocess.run([sys.executable, str(BENCHMARKS / "sass_int4.py"), "gemv", "--tile", "8,128,1,4,1",
-                          "--tile", "8,128,1,4,4"], capture_output=True, text=True, env=env, timeout=300)
+                          "--tile", "8,128,1,4,3,0,4"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     per_nibble = [float(v) for v in re.findall(r"([0-9.]+) a nibble", out.stdout)]
     assert len(per_nibble) == 2 and out.stdout.count("0 B spilled") == 2, out.stdout
-    deq1, deq4 = per_nibble
-    assert deq4 < 0.7 * deq1, out.stdout       # the fp16 pairs: 2.85 against 5.17 with Triton 3.6
+    deq1, half2 = per_nibble
+    assert half2 < 0.6 * deq1, out.stdout      # the fp16 pairs: 2.46 against 5.17 with Triton 3.6

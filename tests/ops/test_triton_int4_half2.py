@@ -1,7 +1,7 @@
-"""The W4A16 GEMV's packed fp16 arithmetic (ops/triton/int4_half2.py, launch settings DEQ 3 and
-4): its PTX run instruction by instruction in Python against the Triton replay that the
-interpreter and ROCm take, and the GEMV against the torch op (interpreted here; compiled at
-the 8B's shapes on a GPU)."""
+"""The W4A16 GEMV's packed fp16 arithmetic (ops/triton/int4_half2.py, launch setting DEQ 3 with
+WORDS 1, 2, 4): its PTX run instruction by instruction in Python against the Triton replay that
+the interpreter and ROCm take, and the GEMV against the torch op (interpreted here; compiled
+at the 8B's shapes on a GPU)."""
 from __future__ import annotations
 
 import re
@@ -14,7 +14,7 @@ import triton.language as tl
 
 from deepserve.ops.int4 import pack_int4
 from deepserve.ops.registry import resolve
-from deepserve.ops.triton.int4_half2 import magic16_of, words_dot16
+from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16
 
 
 def _f16(v: float) -> float:
@@ -71,56 +71,62 @@ def run_ptx(asm: str, args: list) -> float | int:
 
 
 @triton.jit
-def _replay_kernel(w_ptr, x_ptr, out_ptr, magic, C: tl.constexpr, TWO: tl.constexpr):
+def _replay_kernel(w_ptr, x_ptr, out_ptr, magic, C: tl.constexpr, WORDS: tl.constexpr):
+    """out[c] = pair_sum16 of the WORDS words w[c, :] times their x pairs x[c, 4 j + q] (no PTX)."""
     c = tl.arange(0, C)
-    wa = tl.load(w_ptr + 2 * c)[:, None]
-    wb = tl.load(w_ptr + 2 * c + 1)[:, None]
-    out = words_dot16(wa, wb, tl.load(x_ptr + 8 * c)[:, None], tl.load(x_ptr + 8 * c + 1)[:, None],
-                      tl.load(x_ptr + 8 * c + 2)[:, None], tl.load(x_ptr + 8 * c + 3)[:, None],
-                      tl.load(x_ptr + 8 * c + 4)[:, None], tl.load(x_ptr + 8 * c + 5)[:, None],
-                      tl.load(x_ptr + 8 * c + 6)[:, None], tl.load(x_ptr + 8 * c + 7)[:, None],
-                      magic16_of(magic), TWO, False)
-    tl.store(out_ptr + c[:, None], out)
+    acc = tl.zeros([C, 1], tl.int32)
+    for j in tl.static_range(WORDS):
+        acc = pairs_fma16(tl.load(w_ptr + 4 * c + j)[:, None], tl.load(x_ptr + 16 * c + 4 * j)[:, None],
+                          tl.load(x_ptr + 16 * c + 4 * j + 1)[:, None], tl.load(x_ptr + 16 * c + 4 * j + 2)[:, None],
+                          tl.load(x_ptr + 16 * c + 4 * j + 3)[:, None], acc, magic16_of(magic), False)
+    tl.store(out_ptr + c[:, None], pair_sum16(acc, False))
 
 
-@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("words", [1, 4])
 def test_half2_ptx_against_the_replay_and_the_exact_sum(triton_ops, cpu_only, words):
-    """int4_half2's PTX (1 and 2 words a thread), run here instruction by instruction: with
-    activations whose products and sums are exact in fp16 (multiples of 1/8 below 1), exactly
-    sum (u - 8) x / 128 for every nibble value at every lane; with random bf16 activations
-    (through the PTX's own fp32 -> fp16 pair conversion), bit for bit what the Triton replay
-    (`words_dot16` without ASM: the interpreter's and ROCm's path) computes."""
+    """int4_half2's PTX (WORD_ASM chained over 1 and 4 words, SUM_ASM, PACK_ASM), run here
+    instruction by instruction: with activations whose products and sums are exact in fp16
+    (multiples of 1/8 below 1), exactly sum (u - 8) x / 256 for every nibble value at every
+    lane; with random bf16 activations up to about 10 (through the PTX's fp32 -> fp16 pair
+    conversion), bit for bit what the Triton replay (the interpreter's and ROCm's path)
+    computes, and within the fp16 roundings of the exact sum."""
     from deepserve.ops.triton.int4_gemm import MAGIC
-    from deepserve.ops.triton.int4_half2 import F16_MAGIC, PACK_ASM, SCALE, dot_asm
+    from deepserve.ops.triton.int4_half2 import F16_MAGIC, PACK_ASM, SCALE, SUM_ASM, WORD_ASM
 
-    asm, n = dot_asm(words), 32
+    n = 32
     g = torch.Generator().manual_seed(words)
     for exact in (True, False):
-        u = torch.randint(0, 16, (n, 16), generator=g)
+        u = torch.randint(0, 16, (n, 8 * words), generator=g)
         u[0], u[1] = 0, 15
-        u[2] = torch.arange(16)
-        if exact:       # multiples of 1/8 below 1: every product and partial sum a multiple of 2^-10 below 1
-            x = torch.randint(-7, 8, (n, 16), generator=g).double() / 8
-        else:
-            x = (torch.randn(n, 16, generator=g) * 3).bfloat16().double()
-        x[:, 8 * words:] = 0
-        word = [pack_int4(u[:, 8 * i:8 * i + 8], 1)[:, 0] for i in range(2)]
-        pairs = [[run_ptx(PACK_ASM.value, [float(x[r, 8 * i + q]), float(x[r, 8 * i + q + 4])]) for i in range(2)
-                  for q in range(4)] for r in range(n)]
-        got = torch.tensor([run_ptx(asm, [int(word[i][r]) & 0xFFFFFFFF for i in range(words)]
-                                    + pairs[r][:4 * words] + [F16_MAGIC]) for r in range(n)], dtype=torch.float64)
+        u[2, :8] = torch.arange(8)
+        u[3, :8] = torch.arange(8, 16)
         if exact:
-            want = ((u - 8).double() * x).sum(1) / SCALE.value
-            assert torch.equal(got, want)
+            x = torch.randint(-7, 8, (n, 8 * words), generator=g).double() / 8
         else:
-            words_in = torch.stack(word, 1).reshape(-1).contiguous()
-            x_in = torch.tensor([p if p < 2 ** 31 else p - 2 ** 32 for r in range(n) for p in pairs[r]],
-                                dtype=torch.int32)
-            out = torch.empty(n, dtype=torch.float32)
-            _replay_kernel[(1,)](words_in, x_in, out, MAGIC, C=n, TWO=words == 2)
-            assert torch.equal(got.float(), out)
-            want = ((u - 8).double() * x).sum(1) / SCALE.value
-            assert (got - want).abs().max() <= 2 ** -8 * ((u - 8).abs().double() * x.abs()).sum(1).max() / SCALE.value
+            x = (torch.randn(n, 8 * words, generator=g) * 3).bfloat16().double()
+        word = pack_int4(u, 1)                                           # [n, words]
+        pairs = [[run_ptx(PACK_ASM.value, [float(x[r, 8 * j + q]), float(x[r, 8 * j + q + 4])]) for j in range(words)
+                  for q in range(4)] for r in range(n)]
+        got = []
+        for r in range(n):
+            acc = 0
+            for j in range(words):
+                acc = run_ptx(WORD_ASM.value, [int(word[r, j]) & 0xFFFFFFFF] + pairs[r][4 * j:4 * j + 4]
+                              + [acc, F16_MAGIC])
+            got.append(run_ptx(SUM_ASM.value, [acc]))
+        got = torch.tensor(got, dtype=torch.float64)
+        want = ((u - 8).double() * x).sum(1) / SCALE.value
+        if exact:
+            assert torch.equal(got, want)
+            continue
+        w_in = torch.zeros(n, 4, dtype=torch.int32)
+        w_in[:, :words] = word
+        x_in = torch.zeros(n, 16, dtype=torch.int64)
+        x_in[:, :4 * words] = torch.tensor(pairs)
+        out = torch.empty(n, dtype=torch.float32)
+        _replay_kernel[(1,)](w_in, x_in.to(torch.int32), out, MAGIC, C=n, WORDS=words)
+        assert torch.equal(got.float(), out)
+        assert ((got - want).abs() <= 2 ** -9 * ((u - 8).abs().double() * x.abs()).sum(1) / SCALE.value).all()
 
 
 def _operands(n, k, group, zeros, seed, dtype):
@@ -142,20 +148,22 @@ def _dequantized_l1(x, qweight, scales, z, group):
     return x.double().abs() @ w.abs().T
 
 
-@pytest.mark.parametrize("deq", [3, 4])
+@pytest.mark.parametrize("words", [1, 2, 4])
 @pytest.mark.parametrize("m,n,k,group,zeros,dtype,setting", [
     (1, 37, 256, 32, False, torch.bfloat16, {"SUB_C": 8, "STEPS": 1, "SPLIT_K": 1}),     # ragged N
-    (2, 24, 200, 40, True, torch.float16, {"SUB_C": 4, "STEPS": 2, "SPLIT_K": 1}),       # 25 words, groups of 5: DEQ 4 takes 3
-    (3, 40, 384, 64, True, torch.bfloat16, {"SUB_C": 4, "STEPS": 1, "SPLIT_K": 2}),      # split-K, the last split ragged
-    (4, 19, 512, 128, False, torch.float16, {"SUB_C": 16, "STEPS": 1, "SPLIT_K": 1}),    # slices wider than K's words at DEQ 4
+    (2, 24, 200, 40, True, torch.float16, {"SUB_C": 4, "STEPS": 2, "SPLIT_K": 1}),       # 25 words, groups of 5: WORDS 1
+    (3, 20, 384, 64, True, torch.bfloat16, {"SUB_C": 4, "STEPS": 1, "SPLIT_K": 2}),      # split-K, the last split ragged
+    (4, 19, 512, 128, False, torch.float16, {"SUB_C": 16, "STEPS": 1, "SPLIT_K": 1}),    # slices wider than K's words
+    (2, 12, 336, 48, False, torch.bfloat16, {"SUB_C": 4, "STEPS": 1, "SPLIT_K": 1}),     # 42 words, groups of 6: WORDS <= 2
     (1, 16, 640, 128, True, torch.bfloat16, {"SUB_C": 8, "STEPS": 2, "SPLIT_K": 3}),
 ])
 def test_int4_gemv_half2_matches_the_torch_op(triton_ops, cpu_only, monkeypatch, m, n, k, group, zeros, dtype,
-                                              setting, deq):
-    """DEQ 3 / 4 (interpreted: the replay of the PTX's fp16 operations) against the torch op, 1-4
-    rows, ragged N and K, groups of 4 to 16 words, zero points, split-K, bias, nibbles 0 and 15:
-    within the fp16 sums' rounding plus the reference's (its bf16 / fp16 weights and output):
-    |err| <= 2^-8 (|y| + sum |w x|). DEQ 4 runs where its word pairs share a group and align."""
+                                              setting, words):
+    """DEQ 3 with 1, 2, 4 words a thread (interpreted: the replay of the PTX's fp16 operations)
+    against the torch op, 1-4 rows, ragged N and K (a thread's last words past K), groups of 4
+    to 16 words, zero points, split-K, bias, nibbles 0 and 15: within the fp16 sums' rounding
+    plus the reference's (its 16-bit weights and output): |err| <= 2^-8 (|y| + sum |w x|).
+    WORDS takes 1 where a thread's words would straddle groups or a row has odd words."""
     from deepserve.ops.triton import int4_gemm
     from deepserve.ops.triton.launch_config import trying
     qweight, scales, z, g = _operands(n, k, group, zeros, m + n + k, dtype)
@@ -165,19 +173,19 @@ def test_int4_gemv_half2_matches_the_torch_op(triton_ops, cpu_only, monkeypatch,
     taken = []
     real = int4_gemm.gemv_deq
     monkeypatch.setattr(int4_gemm, "gemv_deq", lambda *a: taken.append(real(*a)) or taken[-1])
-    with trying("int4", [{"if": {"kernel": "gemv"}, "set": dict(setting, DEQ=deq, BLOCK_N=8)}]):
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": dict(setting, DEQ=3, WORDS=words, BLOCK_N=8)}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, z, None, group, bias)
     assert got.dtype == dtype and got.shape == (m, n)
-    assert taken == [4 if deq == 4 and k // 8 % 2 == 0 and group % 16 == 0 else 3]
+    assert taken == [(3, words if k // 8 % 2 == 0 and group % (8 * words) == 0 else 1)]
     bound = 2 ** -8 * (want.abs() + _dequantized_l1(x, qweight, scales, z, group))
     assert ((got.double() - want).abs() <= bound).all(), (got.double() - want).abs().max()
 
 
 def test_int4_gemv_half2_large_activations_and_fallbacks(triton_ops, cpu_only, monkeypatch):
-    """Activations up to 3e4 (near fp16's range, which the fp16 pairs keep: the sums are 1/128 of
+    """Activations up to 3e4 (near fp16's range, which the fp16 pairs keep: the sums are 1/256 of
     sum (u - 8) x) stay finite and within the bound; fp32 activations take DEQ 1 (their fp16
     pairs would round them) and g_idx the lane-wise path, both the torch op's result within
-    fp32 summation order."""
+    fp32 summation order; WORDS other than 1, 2, 4 is refused."""
     from deepserve.ops.triton import int4_gemm
     from deepserve.ops.triton.launch_config import trying
     n, k, group = 24, 256, 64
@@ -189,7 +197,8 @@ def test_int4_gemv_half2_large_activations_and_fallbacks(triton_ops, cpu_only, m
     real = int4_gemm.gemv_deq
     monkeypatch.setattr(int4_gemm, "gemv_deq", lambda *a: taken.append(real(*a)) or taken[-1])
     op, ref = resolve("int4_linear", "triton")[1], resolve("int4_linear", "torch")[1]
-    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"DEQ": 4, "SUB_C": 8, "STEPS": 1, "BLOCK_N": 8}}]):
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"DEQ": 3, "WORDS": 4, "SUB_C": 8, "STEPS": 1,
+                                                            "BLOCK_N": 8}}]):
         got = op(x, qweight, scales, None, None, group).double()
         want = ref(x, qweight, scales, None, None, group).double()
         assert torch.isfinite(got).all()
@@ -200,15 +209,19 @@ def test_int4_gemv_half2_large_activations_and_fallbacks(triton_ops, cpu_only, m
         gi = (torch.randperm(k, generator=g) // group).int()
         torch.testing.assert_close(op(x32, qweight, s32, None, gi, group), ref(x32, qweight, s32, None, gi, group),
                                    rtol=1e-5, atol=1e-5)
-    assert taken == [4, 1, 1]
+    assert taken == [(3, 4), (1, 1), (1, 1)]
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"DEQ": 3, "WORDS": 3}}]):
+        with pytest.raises(ValueError, match="WORDS must be 1, 2 or 4, got 3"):
+            op(x, qweight, scales, None, None, group)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deq", [3, 4])
+@pytest.mark.parametrize("setting", [{"WORDS": 1, "SUB_C": 128, "SPLIT_K": 1}, {"WORDS": 2, "SUB_C": 128, "SPLIT_K": 1},
+                                     {"WORDS": 4, "SUB_C": 128, "SPLIT_K": 1}, {"WORDS": 4, "SUB_C": 64, "SPLIT_K": 2}])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
-def test_int4_gemv_half2_gpu_model_shapes(triton_ops, m, n, k, deq):
-    """DEQ 3 / 4 compiled (the PTX) at the 8B's shapes, bf16, groups of 128, against the torch op."""
+def test_int4_gemv_half2_gpu_model_shapes(triton_ops, m, n, k, setting):
+    """DEQ 3 compiled (the PTX) at the 8B's shapes, bf16, groups of 128, against the torch op."""
     from deepserve.ops.triton.launch_config import trying
     g = torch.Generator(device="cuda").manual_seed(n + k + m)
     qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",
@@ -216,7 +229,7 @@ def test_int4_gemv_half2_gpu_model_shapes(triton_ops, m, n, k, deq):
     scales = (torch.rand(n, k // 128, generator=g, device="cuda") * 0.01 + 0.001).bfloat16()
     x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
     want = resolve("int4_linear", "torch")[1](x, qweight, scales, None, None, 128).float()
-    with trying("int4", [{"if": {"kernel": "gemv"}, "set": {"DEQ": deq, "BLOCK_N": 8, "SUB_C": 128, "STEPS": 1,
-                                                            "SPLIT_K": 1, "num_warps": 4}}]):
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": dict(setting, DEQ=3, BLOCK_N=8, STEPS=1,
+                                                                num_warps=setting["SUB_C"] // 32)}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())

@@ -19,8 +19,9 @@ Kernels:
    shared memory before the final reduction). Per word and row: the 8 lanes' (u - z) x, times
    the group's scale into an fp32 accumulator reduced once at the end; per nibble one LOP3 and
    two FFMAs (u - z exact, times x). No tensor cores: a matrix-vector product is bound by the
-   packed weight read. Launch settings DEQ 3 / 4 (16-bit activations) unpack and multiply in
-   packed fp16 arithmetic instead (ops/triton/int4_half2.py: 2.6-3.4 instructions a nibble).
+   packed weight read. Launch setting DEQ 3 (16-bit activations) unpacks and multiplies in
+   packed fp16 arithmetic instead (ops/triton/int4_half2.py; with WORDS 2 or 4 words a thread,
+   2.3-2.9 instructions a nibble at 8-16 rows).
 2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes a
    [BLOCK_N, BLOCK_K] weight tile in feature order (`dequant_tile`: (u - z) * s in fp32,
    rounded to the activations' dtype, exactly the torch reference's weight; the lanes joined
@@ -47,7 +48,7 @@ from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows, unpack_by_ptx)
 from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
-from deepserve.ops.triton.int4_half2 import magic16_of, words_dot16, x_pair
+from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pair
 from deepserve.ops.triton.int4_mma import int4_mma, mma_block_k, pair_order, unpack_pairs
 from deepserve.ops.triton.launch_config import launch_settings
 
@@ -101,39 +102,41 @@ def _pair_fields(src, magic):
 
 
 @triton.jit
-def _word_pairs(qw_rows, offs_c, c_ok, EVEN: tl.constexpr):
-    """DEQ 4: the words offs_c and offs_c + 1 (offs_c even; rows of an even number of words,
-    8-byte aligned) of the rows at qw_rows [BN] as int64 [C, BN] (one 8-byte load each)."""
+def _word_pair(qw_rows, offs_c, c_end, EVEN: tl.constexpr):
+    """WORDS 2 / 4: the words offs_c and offs_c + 1 (offs_c even; rows of an even number of
+    words, 8-byte aligned) of the rows at qw_rows [BN] as int64 [C, BN], one 8-byte load each."""
     pairs = (qw_rows[None, :] + offs_c[:, None]).to(tl.pointer_type(tl.int64))
     if EVEN:
         return tl.load(pairs)
-    return tl.load(pairs, mask=c_ok[:, None], other=0)
+    return tl.load(pairs, mask=(offs_c < c_end)[:, None], other=0)
 
 
 @triton.jit
-def _half2_dot(w, x_ptr, s_rows, z_rows, offs_c, c_ok, magic16, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
-               EVEN: tl.constexpr, TWO: tl.constexpr, ASM: tl.constexpr):
-    """DEQ 3 / 4: the slice's sum (u - z) x s / 128 [C, BN] (int4_half2.words_dot16) of the words
-    w [C, BN] at offs_c, or with TWO of the word pairs w (int64) at offs_c, offs_c + 1 (one group)."""
-    xa0, xs = x_pair(x_ptr, offs_c, c_ok, 0, EVEN, ASM)
-    xa1, xs1 = x_pair(x_ptr, offs_c, c_ok, 1, EVEN, ASM)
-    xa2, xs2 = x_pair(x_ptr, offs_c, c_ok, 2, EVEN, ASM)
-    xa3, xs3 = x_pair(x_ptr, offs_c, c_ok, 3, EVEN, ASM)
-    xs += xs1 + xs2 + xs3
-    if TWO:
-        wa = w.to(tl.int32)
-        wb = (w >> 32).to(tl.int32)
-        xb0, xs0 = x_pair(x_ptr, offs_c + 1, c_ok, 0, EVEN, ASM)
-        xb1, xs1 = x_pair(x_ptr, offs_c + 1, c_ok, 1, EVEN, ASM)
-        xb2, xs2 = x_pair(x_ptr, offs_c + 1, c_ok, 2, EVEN, ASM)
-        xb3, xs3 = x_pair(x_ptr, offs_c + 1, c_ok, 3, EVEN, ASM)
-        xs += xs0 + xs1 + xs2 + xs3
-    else:
-        wa, wb = w, w
-        xb0, xb1, xb2, xb3 = xa0, xa1, xa2, xa3
-    t = words_dot16(wa, wb, xa0[:, None], xa1[:, None], xa2[:, None], xa3[:, None], xb0[:, None], xb1[:, None],
-                    xb2[:, None], xb3[:, None], magic16, TWO, ASM)
-    s, z = _word_scales(s_rows, z_rows, offs_c, c_ok, GROUP, HAS_ZP, EVEN)
+def _half2_dot(w, qw_rows, x_ptr, s_rows, z_rows, offs_c, c_end, magic16, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+               EVEN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
+    """DEQ 3: the sums (u - z) x s / 256 [C, BN] of the WORDS words offs_c .. offs_c + WORDS - 1
+    of each thread (one group; int4_half2): w, the words [C, BN] (WORDS 1) or the first pair
+    as int64 (WORDS 2, 4: `_word_pair`; the second pair loaded here)."""
+    if WORDS == 4:
+        w2 = _word_pair(qw_rows, offs_c + 2, c_end, EVEN)
+    acc = tl.zeros(w.shape, tl.int32)                       # fp16 pairs (0.0, 0.0)
+    xs = tl.zeros(offs_c.shape, tl.float32)
+    for j in tl.static_range(WORDS):
+        if WORDS == 1:
+            wj = w
+        elif j < 2:
+            wj = (w >> (32 * j)).to(tl.int32)
+        else:
+            wj = (w2 >> (32 * (j - 2))).to(tl.int32)
+        ok = offs_c + j < c_end
+        x04, s0 = x_pair(x_ptr, offs_c + j, ok, 0, EVEN, ASM)
+        x15, s1 = x_pair(x_ptr, offs_c + j, ok, 1, EVEN, ASM)
+        x26, s2 = x_pair(x_ptr, offs_c + j, ok, 2, EVEN, ASM)
+        x37, s3 = x_pair(x_ptr, offs_c + j, ok, 3, EVEN, ASM)
+        xs += s0 + s1 + s2 + s3
+        acc = pairs_fma16(wj, x04[:, None], x15[:, None], x26[:, None], x37[:, None], acc, magic16, ASM)
+    t = pair_sum16(acc, ASM)
+    s, z = _word_scales(s_rows, z_rows, offs_c, offs_c < c_end, GROUP, HAS_ZP, EVEN)
     if HAS_ZP:
         t -= (z - 8.0) * (xs * (1.0 / SCALE16))[:, None]
     return t * s
@@ -158,7 +161,8 @@ def _slice_words(qw_rows, c0, perm, c_end, BLOCK_N: tl.constexpr, TILED: tl.cons
 def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, GROUP: tl.constexpr,
                   HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                   SUB_C: tl.constexpr, STEPS: tl.constexpr, X_DTYPE: tl.constexpr, DEQ: tl.constexpr,
-                  TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0, ASM: tl.constexpr = 0):
+                  TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0, ASM: tl.constexpr = 0,
+                  WORDS: tl.constexpr = 1):
     """fp32 [BLOCK_N]: the rows of a packed matrix at qw_rows [BLOCK_N] (scales / zeros at s_rows
     / z_rows) times the vector x over the packed columns [c_start, c_end) (features 8 c_start
     .. 8 c_end). Every row pointer must be in bounds (callers repeat the last row for rows past
@@ -189,14 +193,13 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     every row shares: 2.5 a nibble plus that sum. The offsets are at most 2^8 times the
     nibbles' terms, so fp32 keeps the products to about 2^-16 relative; the sum is
     2^15 times the dot, undone once at the end; 3 (16-bit activations), packed fp16 arithmetic
-    (`int4_half2`: a word's lanes q, q + 4 as one fp16 pair of (u - 8) / 128, times x's pair,
-    summed in fp16 pairs: 1.75-1.9 instructions a nibble for the unpacking and products, 2.6-3.4
-    for the loop with its loads, scales and addresses; by PTX with ASM, else the same
-    operations replayed), x's lanes converted to fp16 pairs once a column for every row, zero
-    points as (z - 8) times x summed over the word; 4, the same with two adjacent words a
-    thread (one 8-byte load, slices of 2 SUB_C words, both in one group: the host's
-    `gemv_deq` checks), summed together before fp32 and the scale. DEQ 3 and 4 are the GEMV's:
-    its host sizes the slices for 4 (and takes 1 for fp32 activations).
+    (`int4_half2`: a word's lanes q, q + 4 as one fp16 pair of (u - 8) / 256, times x's pair,
+    summed in fp16 pairs: 1.7-1.9 instructions a nibble for the unpacking and products; by
+    PTX with ASM, else the same operations replayed), x's lanes converted to fp16 pairs once a
+    column for every row, zero points as (z - 8) times x summed over the words. DEQ 3 takes
+    WORDS (1, 2 or 4) adjacent words a thread, one group (the host's `gemv_deq` checks; read
+    as 8-byte pairs), summed in fp16 before fp32 and the scale; a slice is then WORDS SUB_C
+    words. WORDS is the GEMV's: its host sizes the slices for it.
 
     TILED (the weights repacked by `tile_words` for this BLOCK_N and SUB_C): qw_rows is the
     scalar start of the program's row block, whose slices of SUB_C words lie one after another,
@@ -208,16 +211,16 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     flight while the one before is unpacked and multiplied (the load past the last slice is
     masked off)."""
     LANE_WISE: tl.constexpr = HAS_GIDX or GROUP % 8 != 0    # a scale and zero point a lane, not a word
-    SLICE: tl.constexpr = 2 * SUB_C if DEQ == 4 else SUB_C     # words a slice
-    if DEQ == 4:
-        tl.static_assert(not (LANE_WISE or TILED or AHEAD), "DEQ 4: groups of whole word pairs, plain layout")
-        perm = 2 * tl.arange(0, SUB_C)
+    SLICE: tl.constexpr = WORDS * SUB_C     # words a slice
+    if WORDS > 1:
+        tl.static_assert(DEQ == 3 and not (LANE_WISE or TILED or AHEAD), "WORDS > 1: DEQ 3, whole groups, plain layout")
+        perm = WORDS * tl.arange(0, SUB_C)
     elif TILED:
         perm = tl.arange(0, SUB_C)
     else:
         perm = tl.arange(0, SUB_C) ^ 1
     acc = tl.zeros([SUB_C, BLOCK_N], tl.float32)
-    if DEQ >= 3:
+    if DEQ == 3:
         magic16 = magic16_of(magic)
     if AHEAD:
         tl.static_assert(STEPS == 1, "AHEAD loads one slice ahead: STEPS must be 1")
@@ -226,8 +229,8 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
         for sub in tl.static_range(STEPS):
             offs_c = c_step + sub * SLICE + perm
             c_ok = offs_c < c_end
-            if DEQ == 4:    # words 2i and 2i + 1 of each pair as one int64
-                w = _word_pairs(qw_rows, offs_c, c_ok, EVEN)
+            if WORDS > 1:   # a thread's first two words as one int64
+                w = _word_pair(qw_rows, offs_c, c_end, EVEN)
             elif AHEAD:       # this slice's words came with the last one; ask for the next slice's now
                 w = w_next
                 w_next = _slice_words(qw_rows, c_step + SUB_C, perm, c_end, BLOCK_N, TILED, False)
@@ -249,8 +252,9 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                         z = 8.0
                     u = lane_minus(w if q < 4 else hi, magic, q, 0.0)
                     acc += ((u - z) * s).to(X_DTYPE).to(tl.float32) * x[:, None]
-            elif DEQ >= 3:
-                acc += _half2_dot(w, x_ptr, s_rows, z_rows, offs_c, c_ok, magic16, GROUP, HAS_ZP, EVEN, DEQ == 4, ASM)
+            elif DEQ == 3:
+                acc += _half2_dot(w, qw_rows, x_ptr, s_rows, z_rows, offs_c, c_end, magic16, GROUP, HAS_ZP, EVEN,
+                                  WORDS, ASM)
             elif DEQ == 2:
                 t = tl.zeros([SUB_C, BLOCK_N], tl.float32)
                 off = tl.zeros([SUB_C], tl.float32)        # the offsets' sum (and 2^15 z x when symmetric)
@@ -300,7 +304,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
                 acc += t * s
     if DEQ == 2 and not LANE_WISE:
         return tl.sum(acc, axis=0) * (1.0 / 32768.0)
-    if DEQ >= 3 and not LANE_WISE:
+    if DEQ == 3 and not LANE_WISE:
         return tl.sum(acc, axis=0) * SCALE16
     return tl.sum(acc, axis=0)
 
@@ -312,7 +316,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, DEQ: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
-                      TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0, ASM: tl.constexpr = 0):
+                      TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0, ASM: tl.constexpr = 0,
+                      WORDS: tl.constexpr = 1):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
     (x's dtype) without split-K, else the fp32 partial sums. TILED: qw_ptr holds the words as
     `tile_words` lays them out for this BLOCK_N and SUB_C (stride_qn: a row block's words)."""
@@ -330,7 +335,8 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
     pdl_begin(USE_PDL)
     y = int4_rows_dot(qw_rows, x_ptr + m * stride_xm, s_ptr + r * stride_sn, z_ptr + r * stride_sn, g_ptr,
                       c_start, c_end, magic, GROUP, HAS_ZP,
-                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED, AHEAD, ASM)
+                      HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED, AHEAD, ASM,
+                      WORDS)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -522,8 +528,8 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         if bk is not None:
             return int4_mma(x2, qweight, scales, group_size, bias, bk, cfg, unpack_by_ptx())
     ahead = cfg.get("AHEAD", 0) and min(cfg["STEPS"], triton.cdiv(kw, sub)) == 1
-    deq = gemv_deq(cfg, x2.dtype, group_size, g_idx is not None, qweight, tiled is not None or ahead)
-    per = sub * (2 if deq == 4 else 1)         # words a slice
+    deq, words_a_thread = gemv_deq(cfg, x2.dtype, group_size, g_idx is not None, qweight, tiled is not None or ahead)
+    per = sub * words_a_thread                 # words a slice
     steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, per)))
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, per * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), per * steps) * per * steps      # whole steps per split
@@ -541,7 +547,7 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
         HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
         EVEN=kw % (per * steps) == 0 and kw_per_split % (per * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
-        STEPS=steps, DEQ=deq, ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
+        STEPS=steps, DEQ=deq, ASM=unpack_by_ptx(), WORDS=words_a_thread, num_warps=cfg["num_warps"], num_stages=1,
         TILED=int(tiled is not None), AHEAD=int(ahead), **launch)
     if split == 1:
         return y[0]
@@ -552,18 +558,20 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
 
 
 def gemv_deq(cfg: dict, dtype: torch.dtype, group_size: int, has_gidx: bool, qweight: torch.Tensor,
-             other_layout: bool) -> int:
-    """The GEMV's DEQ for a launch: the table's, except that fp32 activations take DEQ 1 for 3
-    and 4 (their fp16 pairs would round them), and DEQ 4 (word pairs read as one int64, one
-    group) takes 3 where a pair could straddle groups or its int64 be misaligned, or with g_idx,
-    the tiled layout or AHEAD (other_layout)."""
-    deq = cfg["DEQ"]
-    if deq in (3, 4) and dtype == torch.float32:
-        return 1
-    if deq == 4 and (group_size % (2 * PACK) or has_gidx or other_layout or qweight.shape[1] % 2
-                     or qweight.data_ptr() % 8):
-        return 3
-    return deq
+             other_layout: bool) -> tuple[int, int]:
+    """The GEMV's (DEQ, WORDS) for a launch: the table's, except that fp32 activations take DEQ
+    1 for 3 (their fp16 pairs would round them), and that WORDS (DEQ 3's words a thread, read
+    as 8-byte pairs) is 1 where a thread's words could straddle groups or a pair be misaligned
+    (odd words a row), with g_idx, the tiled layout or AHEAD (other_layout), and for other DEQs."""
+    deq, words = cfg["DEQ"], cfg.get("WORDS", 1)
+    if words not in (1, 2, 4):
+        raise ValueError(f"int4 GEMV launch setting WORDS must be 1, 2 or 4, got {words}")
+    if deq == 3 and dtype == torch.float32:
+        deq = 1
+    if deq != 3 or group_size % (PACK * words) or has_gidx or other_layout or qweight.shape[1] % 2 \
+            or qweight.data_ptr() % 8:
+        words = 1
+    return deq, words
 
 
 def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,

@@ -1,30 +1,31 @@
-"""Packed int4 words times their activations in packed fp16 arithmetic (the GEMV's DEQ 3 and
-4): the unpacking of the fast weight-only GEMVs and Marlin's dequantization (4-bit fields
-OR-ed into the mantissa of fp16 1024), written as one inline-PTX block a thread and row.
+"""Packed int4 words times their activations in packed fp16 arithmetic (the GEMV's DEQ 3, with
+WORDS 1, 2 or 4 adjacent words a thread): the unpacking of the fast weight-only GEMVs and
+Marlin's dequantization (4-bit fields OR-ed into the mantissa of fp16 1024), as inline PTX.
 
 A word's lanes q and q + 4 sit 16 bits apart, so one LOP3 of the word (or of the word shifted
 down 8 bits) with 0x000F000F / 0x00F000F0 and 0x6400 twice gives an fp16 pair of 1024 + u
 (lanes 0 and 2 of each half) or 1024 + 16 u (lanes 1 and 3). One HFMA2 turns each pair into
-(u - 8) / 128 exactly (p / 128 - 8.0625, or p / 2048 - 0.5625: every value a multiple of 2^-7
-of at most 1/16), one HMUL2 / HFMA2 a pair multiplies it by the activations' fp16 pair and
-sums the pairs, and one HADD2 adds the two halves: per word 1 SHF, 4 LOP3 and 8 HFMA2, then
-per thread one HADD2 and one conversion to fp32 (against 16 FFMAs and 8 LOP3s lane by lane).
-With two words a thread (adjacent, in one group: DEQ 4) both words' pairs go into one sum, so
-the halves, the conversion, the scale and its load are paid once for 16 nibbles.
+(u - 8) / 256 exactly (p / 256 - 4.03125, or p / 4096 - 0.28125: every value a multiple of
+2^-8 of at most 1/32), and one HFMA2 a pair multiplies it by the activations' fp16 pair into
+an fp16-pair sum (`pairs_fma16`: per word 1 SHF, 4 LOP3, 8 HFMA2, against 16 FFMAs and 8
+LOP3s lane by lane); after a thread's words one HADD2 adds the halves and one conversion
+gives fp32 (`pair_sum16`), so with 2 or 4 words a thread (one group) the halves, the
+conversion, the scale and its load are paid once for 16 or 32 nibbles.
 
-Precision: the (u - 8) / 128 are exact; the activations are rounded to fp16 (exact for bf16
+Precision: the (u - 8) / 256 are exact; the activations are rounded to fp16 (exact for bf16
 and fp16 values in fp16's normal range, 2^-14 .. 65504; larger ones overflow, smaller ones
 keep 2^-25 absolute); each product and add rounds once to fp16 (2^-11 relative) over at most
-16 terms a thread, whose sum the /128 keeps below |x|max, so nothing past x's own conversion
+32 terms a thread, whose sum the /256 keeps below |x|max, so nothing past x's own conversion
 overflows; fp32 takes over once a thread's words are summed. The caller multiplies the fp32
-sums by 128 (SCALE) and the group's scale. At the 8B's shapes (bf16 x, groups of 128) the
-fp16 sums move y by about 4e-4 of max |y|, a third of what the torch op's bf16 rounding
-of each weight moves it (tests/ops/test_triton_int4.py bounds both).
+sums by 256 (SCALE) and the group's scale. At the 8B's shapes (bf16 x, groups of 128) the
+fp16 sums move y by 5e-4 (WORDS 1, 2) to 7e-4 (WORDS 4) of max |y|, under half of what the
+torch op's own bf16 rounding of each weight moves it (tests/ops/test_triton_int4_half2.py
+bounds both).
 
-`words_dot16` runs the PTX on NVIDIA GPUs and, under the interpreter and on ROCm
-(`_common.unpack_by_ptx`) the same operations in Triton: fp16 halves by bitcast, each fp16
-operation computed exactly in fp64 (a multiple of 2^-7 of at most 1/16 times an fp16 value, plus
-an fp16 value, spans fewer than 53 bits) and rounded once to fp16, as the PTX rounds.
+On NVIDIA GPUs the PTX runs; under the interpreter and on ROCm (`_common.unpack_by_ptx`) the
+same operations in Triton: fp16 halves by bitcast, each fp16 operation computed exactly in
+fp64 (a multiple of 2^-8 of at most 1/32 times an fp16 value, plus an fp16 value, spans fewer
+than 53 bits) and rounded once to fp16, as the PTX rounds.
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ import triton
 import triton.language as tl
 
 F16_MAGIC = 0x64006400         # fp16 1024, twice: OR-ed onto a field at bits 0-3 (4-7), 1024 + u (+ 16 u)
-LO_MUL, LO_ADD = tl.constexpr(1 / 128), tl.constexpr(-8.0625)     # (1024 + u) / 128 - 8.0625 = (u - 8) / 128
-HI_MUL, HI_ADD = tl.constexpr(1 / 2048), tl.constexpr(-0.5625)    # (1024 + 16 u) / 2048 - 0.5625 = (u - 8) / 128
-SCALE = tl.constexpr(128.0)    # the sums are 1/128 of sum (u - 8) x
+LO_MUL, LO_ADD = tl.constexpr(1 / 256), tl.constexpr(-4.03125)    # (1024 + u) / 256 - 4.03125 = (u - 8) / 256
+HI_MUL, HI_ADD = tl.constexpr(1 / 4096), tl.constexpr(-0.28125)   # (1024 + 16 u) / 4096 - 0.28125 = (u - 8) / 256
+SCALE = tl.constexpr(256.0)    # the sums are 1/256 of sum (u - 8) x
 
 
 def f16_pair_bits(v: float) -> int:
@@ -45,29 +46,24 @@ def f16_pair_bits(v: float) -> int:
     return half * 0x00010001
 
 
-def dot_asm(words: int) -> str:
-    """The PTX of `words_dot16` for 1 or 2 words: $0 the fp32 sum / 128; $1 .. $words the words;
-    then 4 fp16 activation pairs a word (lanes q, q + 4 for q = 0..3); last F16_MAGIC in a
-    register (the mask is the LOP3's one immediate)."""
-    lines = ["{", ".reg .b32 w8, p0, p1, p2, p3, a, ml, al, mh, ah;", ".reg .b16 l, h, s;",
-             f"mov.b32 ml, {f16_pair_bits(LO_MUL.value):#010x};", f"mov.b32 al, {f16_pair_bits(LO_ADD.value):#010x};",
-             f"mov.b32 mh, {f16_pair_bits(HI_MUL.value):#010x};", f"mov.b32 ah, {f16_pair_bits(HI_ADD.value):#010x};"]
-    magic = f"${1 + 5 * words}"
-    for i in range(words):
-        w, x = f"${1 + i}", [f"${1 + words + 4 * i + q}" for q in range(4)]
-        lines += [f"lop3.b32 p0, {w}, 0x000F000F, {magic}, 0xEA;", f"lop3.b32 p1, {w}, 0x00F000F0, {magic}, 0xEA;",
-                  f"shr.u32 w8, {w}, 8;", f"lop3.b32 p2, w8, 0x000F000F, {magic}, 0xEA;",
-                  f"lop3.b32 p3, w8, 0x00F000F0, {magic}, 0xEA;",
-                  "fma.rn.f16x2 p0, p0, ml, al;", "fma.rn.f16x2 p1, p1, mh, ah;",
-                  "fma.rn.f16x2 p2, p2, ml, al;", "fma.rn.f16x2 p3, p3, mh, ah;",
-                  f"mul.rn.f16x2 a, p0, {x[0]};" if i == 0 else f"fma.rn.f16x2 a, p0, {x[0]}, a;"]
-        lines += [f"fma.rn.f16x2 a, p{q}, {x[q]}, a;" for q in range(1, 4)]
-    lines += ["mov.b32 {l, h}, a;", "add.rn.f16 s, l, h;", "cvt.f32.f16 $0, s;", "}"]
-    return "\n".join(lines)
+def _word_asm() -> str:
+    """$0 = $6 + sum over q of (u_q - 8) / 256 * $(2 + q), as fp16 pairs (lanes q, q + 4): $1 the
+    word, $2 .. $5 the activation pairs, $6 the running pair sum, $7 F16_MAGIC in a register
+    (the mask is the LOP3's one immediate)."""
+    return "\n".join([
+        "{", ".reg .b32 w8, p0, p1, p2, p3, ml, al, mh, ah;",
+        f"mov.b32 ml, {f16_pair_bits(LO_MUL.value):#010x};", f"mov.b32 al, {f16_pair_bits(LO_ADD.value):#010x};",
+        f"mov.b32 mh, {f16_pair_bits(HI_MUL.value):#010x};", f"mov.b32 ah, {f16_pair_bits(HI_ADD.value):#010x};",
+        "lop3.b32 p0, $1, 0x000F000F, $7, 0xEA;", "lop3.b32 p1, $1, 0x00F000F0, $7, 0xEA;", "shr.u32 w8, $1, 8;",
+        "lop3.b32 p2, w8, 0x000F000F, $7, 0xEA;", "lop3.b32 p3, w8, 0x00F000F0, $7, 0xEA;",
+        "fma.rn.f16x2 p0, p0, ml, al;", "fma.rn.f16x2 p1, p1, mh, ah;",
+        "fma.rn.f16x2 p2, p2, ml, al;", "fma.rn.f16x2 p3, p3, mh, ah;",
+        "fma.rn.f16x2 $0, p0, $2, $6;", "fma.rn.f16x2 $0, p1, $3, $0;",
+        "fma.rn.f16x2 $0, p2, $4, $0;", "fma.rn.f16x2 $0, p3, $5, $0;", "}"])
 
 
-_ASM_1 = tl.constexpr(dot_asm(1))
-_ASM_2 = tl.constexpr(dot_asm(2))
+WORD_ASM = tl.constexpr(_word_asm())
+SUM_ASM = tl.constexpr("{\n.reg .b16 l, h, s;\nmov.b32 {l, h}, $1;\nadd.rn.f16 s, l, h;\ncvt.f32.f16 $0, s;\n}")
 PACK_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")     # fp32 $1, $2 -> the fp16 pair ($1 low)
 
 
@@ -103,41 +99,46 @@ def _f16(v):
 
 
 @triton.jit
+def _f16_bits(v):
+    """fp64 holding an fp16 value -> its 16 bits (int32)."""
+    return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
 def _term(w, mask: tl.constexpr, mul: tl.constexpr, add: tl.constexpr, x, a, magic16, h: tl.constexpr):
-    """One pair's half h: the field (w & mask | magic) unpacked to (u - 8) / 128, times x's half,
+    """One pair's half h: the field (w & mask | magic) unpacked to (u - 8) / 256, times x's half,
     plus a (fp16 values in fp64)."""
     return _f16(_f16(_half((w & mask) | magic16, h) * mul + add) * _half(x, h) + a)
 
 
 @triton.jit
-def _replay_word(w, x04, x15, x26, x37, a, magic16, h: tl.constexpr):
-    """A word's four pairs added to the half-h sum a, as `dot_asm` does (a = 0 for the first
-    word: its mul.rn rounds as an fma onto 0 does)."""
+def _replay_half(w, x04, x15, x26, x37, acc, magic16, h: tl.constexpr):
     w8 = w >> 8         # (arithmetic, unlike shr.u32: the masks take bits 0-23 only)
-    a = _term(w, 0x000F000F, LO_MUL, LO_ADD, x04, a, magic16, h)
+    a = _term(w, 0x000F000F, LO_MUL, LO_ADD, x04, _half(acc, h), magic16, h)
     a = _term(w, 0x00F000F0, HI_MUL, HI_ADD, x15, a, magic16, h)
     a = _term(w8, 0x000F000F, LO_MUL, LO_ADD, x26, a, magic16, h)
     return _term(w8, 0x00F000F0, HI_MUL, HI_ADD, x37, a, magic16, h)
 
 
 @triton.jit
-def words_dot16(wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, magic16, TWO: tl.constexpr, ASM: tl.constexpr):
-    """fp32 [C, R]: sum over the 8 lanes of the words wa [C, R] (and wb, with TWO) of (u - 8) x / 128,
-    the activations as fp16 pairs (`x_pair` bits, [C, 1]: xa0 .. xa3 for wa, xb0 .. xb3 for wb);
-    magic16: F16_MAGIC. Without TWO, wb and xb0 .. xb3 are unused."""
+def pairs_fma16(w, x04, x15, x26, x37, acc, magic16, ASM: tl.constexpr):
+    """acc + the word w's (u - 8) / 256 times x, lanes q and q + 4 as one fp16 pair (int32 bits
+    [C, R]); w [C, R]; x04 .. x37 the activation pairs (`x_pair` bits, [C, 1]); magic16:
+    F16_MAGIC. By `WORD_ASM` with ASM, else its operations replayed."""
     if ASM:
-        if TWO:
-            return tl.inline_asm_elementwise(_ASM_2, "=f" + ",r" * 11, [wa, wb, xa0, xa1, xa2, xa3, xb0, xb1, xb2,
-                                                                       xb3, magic16],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(_ASM_1, "=f" + ",r" * 6, [wa, xa0, xa1, xa2, xa3, magic16],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-    lo = _replay_word(wa, xa0, xa1, xa2, xa3, 0.0, magic16, 0)
-    hi = _replay_word(wa, xa0, xa1, xa2, xa3, 0.0, magic16, 1)
-    if TWO:
-        lo = _replay_word(wb, xb0, xb1, xb2, xb3, lo, magic16, 0)
-        hi = _replay_word(wb, xb0, xb1, xb2, xb3, hi, magic16, 1)
-    return _f16(lo + hi).to(tl.float32)
+        return tl.inline_asm_elementwise(WORD_ASM, "=r" + ",r" * 7, [w, x04, x15, x26, x37, acc, magic16],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    lo = _replay_half(w, x04, x15, x26, x37, acc, magic16, 0)
+    hi = _replay_half(w, x04, x15, x26, x37, acc, magic16, 1)
+    return _f16_bits(lo) | (_f16_bits(hi) << 16)
+
+
+@triton.jit
+def pair_sum16(acc, ASM: tl.constexpr):
+    """fp32 [C, R]: the two halves of the fp16-pair sums acc added in fp16 (`SUM_ASM`)."""
+    if ASM:
+        return tl.inline_asm_elementwise(SUM_ASM, "=f,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+    return _f16(_half(acc, 0) + _half(acc, 1)).to(tl.float32)
 
 
 @triton.jit
