@@ -21,7 +21,7 @@ Kernels:
    two FFMAs (u - z exact, times x). No tensor cores: a matrix-vector product is bound by the
    packed weight read. Launch setting DEQ 3 (16-bit activations) unpacks and multiplies in
    packed fp16 arithmetic instead (ops/triton/int4_half2.py; with WORDS 2 or 4 words a thread,
-   2.3-2.9 instructions a nibble at 8-16 rows).
+   2.2-2.8 instructions a nibble at 4-16 rows).
 2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes a
    [BLOCK_N, BLOCK_K] weight tile in feature order (`dequant_tile`: (u - z) * s in fp32,
    rounded to the activations' dtype, exactly the torch reference's weight; the lanes joined
@@ -48,7 +48,7 @@ from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows, unpack_by_ptx)
 from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
-from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pair
+from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pairs
 from deepserve.ops.triton.int4_mma import int4_mma, mma_block_k, pair_order, unpack_pairs
 from deepserve.ops.triton.launch_config import launch_settings
 
@@ -128,12 +128,8 @@ def _half2_dot(w, qw_rows, x_ptr, s_rows, z_rows, offs_c, c_end, magic16, GROUP:
             wj = (w >> (32 * j)).to(tl.int32)
         else:
             wj = (w2 >> (32 * (j - 2))).to(tl.int32)
-        ok = offs_c + j < c_end
-        x04, s0 = x_pair(x_ptr, offs_c + j, ok, 0, EVEN, ASM)
-        x15, s1 = x_pair(x_ptr, offs_c + j, ok, 1, EVEN, ASM)
-        x26, s2 = x_pair(x_ptr, offs_c + j, ok, 2, EVEN, ASM)
-        x37, s3 = x_pair(x_ptr, offs_c + j, ok, 3, EVEN, ASM)
-        xs += s0 + s1 + s2 + s3
+        x04, x15, x26, x37, xsum = x_pairs(x_ptr, offs_c + j, offs_c + j < c_end, EVEN, ASM)
+        xs += xsum
         acc = pairs_fma16(wj, x04[:, None], x15[:, None], x26[:, None], x37[:, None], acc, magic16, ASM)
     t = pair_sum16(acc, ASM)
     s, z = _word_scales(s_rows, z_rows, offs_c, offs_c < c_end, GROUP, HAS_ZP, EVEN)

@@ -68,22 +68,34 @@ PACK_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")     # fp32 $1, $2 -> the
 
 
 @triton.jit
-def x_pair(x_ptr, offs_c, c_ok, q: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
-    """Lanes q and q + 4 of the activation words offs_c [C] (x[8c + q], x[8c + q + 4]) as fp16
-    pair bits (int32, lane q in the low half; one cvt.rn.f16x2.f32 with ASM), and their fp32
-    sum (for zero points)."""
-    if EVEN:
-        lo = tl.load(x_ptr + 8 * offs_c + q).to(tl.float32)
-        hi = tl.load(x_ptr + 8 * offs_c + q + 4).to(tl.float32)
-    else:
-        lo = tl.load(x_ptr + 8 * offs_c + q, mask=c_ok, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + 8 * offs_c + q + 4, mask=c_ok, other=0.0).to(tl.float32)
+def _pack(lo, hi, ASM: tl.constexpr):
+    """fp32 lo, hi -> the bits of the fp16 pair (lo, hi) (int32, lo in the low half)."""
     if ASM:
-        bits = tl.inline_asm_elementwise(PACK_ASM, "=r,f,f", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
-        return bits, lo + hi
-    bits = ((lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        return tl.inline_asm_elementwise(PACK_ASM, "=r,f,f", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
+    return ((lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
             | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16))
-    return bits, lo + hi
+
+
+@triton.jit
+def x_pairs(x_ptr, offs_c, c_ok, EVEN: tl.constexpr, ASM: tl.constexpr):
+    """The activations of the words offs_c [C] as the fp16 pairs of lanes (q, q + 4), q = 0..3
+    (x[8c + q] in the low half; int32 bits [C] each), and their fp32 sum (for zero points). A
+    word's 8 activations are one [C, 8] load (16 bytes a thread where aligned), split into
+    lanes in the loading thread's registers."""
+    ptrs = x_ptr + 8 * offs_c[:, None] + tl.arange(0, 8)[None, :]
+    if EVEN:
+        x = tl.load(ptrs).to(tl.float32)
+    else:
+        x = tl.load(ptrs, mask=c_ok[:, None], other=0.0).to(tl.float32)
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 4]), (0, 2, 1)))     # [C, 4]: x[8c + q], x[8c + q + 4]
+    l02, l13 = tl.split(tl.reshape(lo, [x.shape[0], 2, 2]))
+    h02, h13 = tl.split(tl.reshape(hi, [x.shape[0], 2, 2]))
+    l0, l2 = tl.split(l02)
+    l1, l3 = tl.split(l13)
+    h0, h2 = tl.split(h02)
+    h1, h3 = tl.split(h13)
+    return (_pack(l0, h0, ASM), _pack(l1, h1, ASM), _pack(l2, h2, ASM), _pack(l3, h3, ASM),
+            tl.sum(x, axis=1))
 
 
 @triton.jit
