@@ -35,6 +35,10 @@ step mv_engine_old 150 .abmvold python3 benchmarks/bench_engine.py --case llama8
 step mv_engine_new 150 .abmvnew python3 benchmarks/bench_engine.py --case llama8b v2lite --repeats 3
 step mv_ops_old 60 .abmvold python3 benchmarks/bench_ops.py --only fused_moe --no-torch --out-dir "$OUT/mv_ops_old"
 step mv_ops_new 60 .abmvnew python3 benchmarks/bench_ops.py --only fused_moe --no-torch --out-dir "$OUT/mv_ops_new"
+#   every GPU test of the kernels and quantized serving (resolve() imports the kernels it names since
+#   df457f8: before, a GPU test run without the triton_ops fixture could compare the torch reference with itself)
+step gpu_tests 300 . python3 -m pytest -q -m gpu tests/ops tests/quant -rf -p no:cacheprovider
+step gpu_tests_rest 240 . python3 -m pytest -q -m gpu tests --ignore=tests/ops --ignore=tests/quant -rf -p no:cacheprovider
 #   the kernels changed since their last GPU run, against their torch references; the warm-up's coverage
 step kern_tests 170 . python3 -m pytest -q -m gpu tests/ops/test_triton_attention.py tests/ops/test_triton_pointwise.py \
   tests/ops/test_fused_moe_shared.py tests/ops/test_triton_mla_prep.py tests/ops/test_triton_moe.py \
