@@ -13,7 +13,9 @@ copy bandwidth where the GEMV does not, the GEMV's arithmetic or its dependency 
 it; if it stops where the GEMV does, the access pattern or the grid does. Three orders of the
 same bytes tell which part of the pattern: the GEMV's (4-byte loads, sm_90 SASS LDG.E), word
 order (the compiler's 16-byte loads, LDG.E.128) and each program's rows read as one linear
-stretch (16-byte loads, one DRAM stream a program: the layout a repacking at load would give).
+stretch (16-byte loads, one DRAM stream a program: the layout a repacking at load would give);
+a fourth, four adjacent words a thread as two 8-byte loads, is the pattern of the GEMV's
+packed fp16 setting (DEQ 3, WORDS 4), which is timed beside it (HALF2_SETTINGS).
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ import deepserve.ops.triton._common  # noqa: E402,F401  (the interpreter's numpy
 
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 # BLOCK_N, SUB_C, STEPS, warps, ORDER: 1 the GEMV's word order, 0 rows in parallel in word
-# order, 2 the program's rows as one linear stretch
+# order, 2 the program's rows as one linear stretch, 3 four adjacent words a thread (two 8-byte loads)
 TILES = [(8, 128, 2, 4, 1), (4, 128, 2, 4, 1), (16, 128, 2, 4, 1), (8, 256, 1, 8, 1), (8, 128, 2, 4, 0), (8, 512, 1, 4, 0),
-         (8, 128, 2, 4, 2), (16, 128, 2, 4, 2)]
-ORDER_NAMES = {0: "", 1: " swap", 2: " linear"}
+         (8, 128, 2, 4, 2), (16, 128, 2, 4, 2), (8, 128, 1, 4, 3), (16, 128, 1, 4, 3)]
+ORDER_NAMES = {0: "", 1: " swap", 2: " linear", 3: " 4 words"}
+# the GEMV's packed fp16 settings (DEQ 3: ops/triton/int4_half2.py), WORDS 4 as ORDER 3 reads
+HALF2_SETTINGS = [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, SPLIT_K=1, DEQ=3, WORDS=4) for n in (8, 16)]
 # GEMV settings timed on the usual words and on tile_words' layout (TILED: 16-byte loads and one
 # linear stretch a program; 4-row blocks, where sm_90 needs no shared memory for it)
 TILED_SETTINGS = [dict(BLOCK_N=4, SUB_C=128, STEPS=2, num_warps=4, SPLIT_K=1, DEQ=d) for d in (1, 2)]
@@ -65,6 +69,17 @@ def _read_words_kernel(qw_ptr, out_ptr, N, KW, stride_qn, BLOCK_N: tl.constexpr,
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.minimum(rows, N - 1).to(tl.int64)
     qw_rows = qw_ptr + r * stride_qn
+    if ORDER == 3:      # words 4i .. 4i + 3 of a slice of 4 SUB_C words in thread i (KW a multiple of 4)
+        pairs = tl.zeros([SUB_C, BLOCK_N], tl.int64)
+        for c0 in range(0, KW, 4 * SUB_C * STEPS):
+            for sub in tl.static_range(STEPS):
+                offs_c = c0 + sub * 4 * SUB_C + 4 * tl.arange(0, SUB_C)
+                ptrs = (qw_rows[None, :] + offs_c[:, None]).to(tl.pointer_type(tl.int64))
+                ok = (offs_c < KW)[:, None]
+                pairs ^= tl.load(ptrs, mask=ok, other=0) ^ tl.load(ptrs + 1, mask=ok, other=0)
+        acc = pairs.to(tl.int32) ^ (pairs >> 32).to(tl.int32)
+        tl.store(out_ptr + rows, tl.xor_sum(acc, axis=0), mask=rows < N)
+        return
     acc = tl.zeros([SUB_C, BLOCK_N], tl.int32)
     perm = tl.arange(0, SUB_C) ^ 1 if ORDER == 1 else tl.arange(0, SUB_C)
     for c0 in range(0, KW, SUB_C * STEPS):
@@ -78,6 +93,7 @@ def read_words(qweight: torch.Tensor, out: torch.Tensor, tile: tuple) -> None:
     block_n, sub_c, steps, warps, order = tile
     n, kw = qweight.shape
     assert order != 2 or qweight.stride(0) == kw, "the linear order reads each program's rows as one stretch"
+    assert order != 3 or (kw % 4 == 0 and qweight.stride(0) % 4 == 0), "4 words a thread: rows of whole 4-word runs"
     _read_words_kernel[(triton.cdiv(n, block_n),)](qweight, out, n, kw, qweight.stride(0), BLOCK_N=block_n,
                                                    SUB_C=sub_c, STEPS=steps, ORDER=order, num_warps=warps)
 
@@ -122,6 +138,27 @@ def tiled_cells(x: torch.Tensor, ws: list, nbytes: int, bw: float, dev: str) -> 
     return cells
 
 
+def half2_cells(x: torch.Tensor, ws: list, nbytes: int, bw: float, dev: str) -> list[str]:
+    """The GEMV at each of HALF2_SETTINGS (checked against the table's setting within bf16
+    rounding): time (% of copy), or ok on CPU."""
+    from deepserve.ops.triton.int4_gemm import int4_gemv
+    from deepserve.ops.triton.launch_config import trying
+    plain = int4_gemv(x, ws[0][0], ws[0][1], None, None, 128, None).float()
+    cells = []
+    for setting in HALF2_SETTINGS:
+        with trying("int4", [{"if": {"kernel": "gemv"}, "set": setting}]):
+            got = int4_gemv(x, ws[0][0], ws[0][1], None, None, 128, None).float()
+            if not torch.allclose(got, plain, rtol=1e-2, atol=1e-2 * plain.abs().max().item()):
+                cells.append("WRONG")
+            elif dev != "cuda":
+                cells.append("ok")
+            else:
+                us = graph_time_ms(lambda: [int4_gemv(x, q, s, None, None, 128, None) for q, s in ws],
+                                   reps=1) * 1e3 / len(ws)
+                cells.append(f"{us:.1f} ({nbytes / (us * 1e-6) / bw:.0%})")
+    return cells
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -134,6 +171,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dev == "cuda":
         print(f"device {torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s")
     tiled_names = [f"GEMV 4 rows DEQ {t['DEQ']}{kind}" for t in TILED_SETTINGS for kind in ("", " tiled")]
+    tiled_names += [f"GEMV {t['BLOCK_N']} rows DEQ 3 WORDS {t['WORDS']}" for t in HALF2_SETTINGS]
     print("| shape | N x K | GEMV us (% of copy) | " + " | ".join(f"read-only {t[0]}x{t[1]}x{t[2]} w{t[3]}{ORDER_NAMES[t[4]]}" for t in TILES)
           + " | " + " | ".join(tiled_names) + " |")
     print("|---|---|---:|" + "---:|" * (len(TILES) + len(tiled_names)))
@@ -168,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             g = f"{us:.1f} ({nbytes / (us * 1e-6) / bw:.0%})"
         else:
             g = "-"
-        cells += tiled_cells(x, ws, nbytes, bw, dev)
+        cells += tiled_cells(x, ws, nbytes, bw, dev) + half2_cells(x, ws, nbytes, bw, dev)
         print(f"| {name} | {n}x{k} | {g} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -43,3 +43,16 @@ def test_tiled_gemv_cells_check_against_the_plain_gemv():
     s = torch.full((12, 2), 0.01, dtype=torch.bfloat16)
     x = torch.randn(1, 256, generator=gen).bfloat16()
     assert reads.tiled_cells(x, [(q, s)], q.numel() * 4, float("nan"), "cpu") == ["ok"] * 2 * len(reads.TILED_SETTINGS)
+
+
+def test_half2_gemv_cells_check_against_the_table_setting():
+    """The packed fp16 GEMV columns (DEQ 3, 4 words a thread) give the table's GEMV output within
+    bf16 rounding (ok on a CPU host, where nothing is timed)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreted run is for CPU-only hosts")
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(-2 ** 31, 2 ** 31, (12, 32), generator=gen, dtype=torch.int64).to(torch.int32)
+    s = torch.full((12, 2), 0.01, dtype=torch.bfloat16)
+    x = torch.randn(1, 256, generator=gen).bfloat16()
+    assert reads.half2_cells(x, [(q, s)], q.numel() * 4, float("nan"), "cpu") == ["ok"] * len(reads.HALF2_SETTINGS)
