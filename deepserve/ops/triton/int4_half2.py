@@ -49,17 +49,18 @@ def f16_pair_bits(v: float) -> int:
 def _word_asm() -> str:
     """$0 = $6 + sum over q of (u_q - 8) / 256 * $(2 + q), as fp16 pairs (lanes q, q + 4): $1 the
     word, $2 .. $5 the activation pairs, $6 the running pair sum, $7 F16_MAGIC in a register
-    (the mask is the LOP3's one immediate)."""
+    (the mask is the LOP3's one immediate). The sum builds in `a`, written to $0 last, so that
+    $0 may share a register with any input."""
     return "\n".join([
-        "{", ".reg .b32 w8, p0, p1, p2, p3, ml, al, mh, ah;",
+        "{", ".reg .b32 w8, p0, p1, p2, p3, a, ml, al, mh, ah;",
         f"mov.b32 ml, {f16_pair_bits(LO_MUL.value):#010x};", f"mov.b32 al, {f16_pair_bits(LO_ADD.value):#010x};",
         f"mov.b32 mh, {f16_pair_bits(HI_MUL.value):#010x};", f"mov.b32 ah, {f16_pair_bits(HI_ADD.value):#010x};",
         "lop3.b32 p0, $1, 0x000F000F, $7, 0xEA;", "lop3.b32 p1, $1, 0x00F000F0, $7, 0xEA;", "shr.u32 w8, $1, 8;",
         "lop3.b32 p2, w8, 0x000F000F, $7, 0xEA;", "lop3.b32 p3, w8, 0x00F000F0, $7, 0xEA;",
         "fma.rn.f16x2 p0, p0, ml, al;", "fma.rn.f16x2 p1, p1, mh, ah;",
         "fma.rn.f16x2 p2, p2, ml, al;", "fma.rn.f16x2 p3, p3, mh, ah;",
-        "fma.rn.f16x2 $0, p0, $2, $6;", "fma.rn.f16x2 $0, p1, $3, $0;",
-        "fma.rn.f16x2 $0, p2, $4, $0;", "fma.rn.f16x2 $0, p3, $5, $0;", "}"])
+        "fma.rn.f16x2 a, p0, $2, $6;", "fma.rn.f16x2 a, p1, $3, a;",
+        "fma.rn.f16x2 a, p2, $4, a;", "fma.rn.f16x2 a, p3, $5, a;", "mov.b32 $0, a;", "}"])
 
 
 WORD_ASM = tl.constexpr(_word_asm())
