@@ -5,7 +5,11 @@ tojson, raise_exception, strftime_now). Read with the `tokenizers` library: no t
 no remote code.
 
 Benchmarks count tokens the way the model does (`count`: no special tokens added), never by
-splitting on spaces; the engine encodes prompts with the BOS the model expects.
+splitting on spaces. Special tokens (a BOS) are added as tokenizer.json's post-processor says,
+not per tokenizer_config.json's add_bos_token: transformers >= 5 (what vLLM 0.26 loads the
+tokenizer with) drops add_bos_token / add_eos_token when a tokenizer.json exists, so the R1
+tokenizers (add_bos_token true, a ByteLevel post-processor that adds nothing) give a completion
+prompt no BOS there, while their chat templates write one.
 """
 from __future__ import annotations
 
@@ -61,7 +65,6 @@ class Tokenizer:
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
-        self.add_bos_token = bool(cfg.get("add_bos_token", False)) and self.bos_token_id is not None
         self.eos_token_ids: set[int] = set()
         if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
             self.eos_token_ids.add(self.tok.token_to_id(self.eos_token))
@@ -86,19 +89,17 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._with_bos(self.tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text, in one call of the Rust tokenizer, which releases the GIL and
         spreads the texts over the cores (a single `encode` holds the GIL throughout)."""
-        return [self._with_bos(e.ids, add_special_tokens)
-                for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
-    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
-        """The tokenizer's ids with the BOS tokenizer_config asks for, when its template did not add it."""
-        if add_special_tokens and self.add_bos_token and (not ids or ids[0] != self.bos_token_id):
-            return [self.bos_token_id] + ids
-        return ids
+    @functools.cached_property
+    def add_bos_token(self) -> bool:
+        """Whether encoding with special tokens puts the BOS first (tokenizer.json's post-processor)."""
+        return self.bos_token_id is not None and self.encode("")[:1] == [self.bos_token_id]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

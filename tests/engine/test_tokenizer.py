@@ -27,7 +27,8 @@ def stream_text(tok: Tokenizer, context: list[int], ids: list[int], skip: bool =
 
 def test_incremental_detokenization_multibyte(tok):
     ids = tok.encode(TEXT)
-    assert ids[0] == tok.bos_token_id
+    assert tok.bos_token_id not in ids   # their tokenizer.json adds no BOS (transformers 5 neither)
+    ids = [tok.bos_token_id] + ids
     text, pieces = stream_text(tok, ids[:1], ids[1:])
     assert text == TEXT == tok.decode(ids[1:])
     assert all("\ufffd" not in p for p in pieces)
