@@ -8,8 +8,9 @@ request's KV blocks before the next step. A step that raises fails the requests 
 and the loop goes on serving the others; an error anywhere else ends the thread and fails
 every request, those in flight and those still to come (EngineDeadError), rather than leave
 them waiting. Gauges the server reports (running / waiting
-requests, KV usage, prefix-cache counters) are copied into `self.snapshot` by the engine
-thread after each round, so readers never race the scheduler's containers.
+requests, KV usage, prefix-cache counters) are copied into `self.snapshot` (and each DP
+rank's into `self.rank_snapshots`) by the engine thread after each round, so readers never race
+the scheduler's containers.
 
 Follows the shape of vLLM's AsyncLLM (generate as an async generator, abort on cancel),
 with a thread instead of a separate engine-core process.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Protocol
 
 from deepserve.config import EngineArgs
-from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
+from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError, sum_gauges
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.profiler import frontend_profiler
 from deepserve.engine.sampling_params import SamplingParams
@@ -61,14 +62,16 @@ class FinishedRequest:
     max_tokens: Optional[int]
     reason: str                  # "stop" | "length" | "abort" | "error"
     timings: dict                # RequestOutput.metrics: the engine's time.monotonic() of each phase
+    engine: int = 0              # the DP rank that served it
 
 
 class RequestListener(Protocol):
     """Optional observer of request timing (the server's metrics implement it)."""
 
     def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int],
-                  first: bool) -> None:
-        """`new_tokens`: the tokens each sample gained since the request's last output."""
+                  first: bool, engine: int = 0) -> None:
+        """`new_tokens`: the tokens each sample gained since the request's last output;
+        `engine`: the DP rank serving the request."""
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None: ...
 
@@ -89,6 +92,7 @@ class AsyncLLM:
         self._queues: dict[str, asyncio.Queue] = {}   # touched on the event loop only
         self._thread: Optional[threading.Thread] = None
         self.snapshot: dict = {}
+        self.rank_snapshots: list[dict] = [{}]
         self.num_step_errors = 0
         self._thread_error: Optional[str] = None   # why the engine thread ended unexpectedly
         self._frontend_profiler = frontend_profiler(engine)   # vLLM's AsyncLLM trace (not ignore_frontend)
@@ -170,14 +174,14 @@ class AsyncLLM:
         self._queues[request_id] = queue
         arrival = time.monotonic()
         finished = added = refused = failed = False
-        tokens_seen = 0
+        tokens_seen = engine = 0
         sample_tokens: list[int] = []   # each sample's tokens so far
         out: Optional[RequestOutput] = None
         try:
             if params.bad_words and params.bad_words_token_ids is None and self.tokenizer is not None:
                 # here, not on the engine thread between steps: thousands of words would hold every batch
                 await asyncio.get_running_loop().run_in_executor(None, params.update_from_tokenizer, self.tokenizer)
-            await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
+            engine = await asyncio.wrap_future(self._submit("add", (request_id, prompt, params)))
             added = True
             while True:
                 items = [await queue.get()]
@@ -200,7 +204,7 @@ class AsyncLLM:
                 if self.listener is not None and total > tokens_seen:
                     before = sample_tokens + [0] * (len(counts) - len(sample_tokens))
                     self.listener.on_output(request_id, arrival, now, [c - b for c, b in zip(counts, before)],
-                                            tokens_seen == 0)
+                                            tokens_seen == 0, engine)
                 tokens_seen, sample_tokens = total, counts
                 finished = out.finished
                 yield out
@@ -215,11 +219,11 @@ class AsyncLLM:
                 reason = (out.outputs[0].finish_reason or "stop") if finished else reason
                 self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
                     len(out.prompt_token_ids), tokens_seen, max(len(o.token_ids) for o in out.outputs),
-                    out.num_cached_tokens, params.n, params.max_tokens, reason, out.metrics))
+                    out.num_cached_tokens, params.n, params.max_tokens, reason, out.metrics, engine))
             elif self.listener is not None and added and not refused:   # ended before its first output
                 ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
                 self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
-                    len(ids or ()), 0, 0, 0, params.n, params.max_tokens, reason, {}))
+                    len(ids or ()), 0, 0, 0, params.n, params.max_tokens, reason, {}, engine))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe); its blocks are freed before the next step."""
@@ -333,7 +337,8 @@ class AsyncLLM:
         try:
             if kind == "add":
                 request_id, prompt, params = payload
-                result = self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params)
+                result = self.engine.engine_index(request_id)   # the DP rank it went to
             elif kind == "abort":
                 result = self.engine.abort_request(payload)
             elif kind == "abort_all":
@@ -389,4 +394,5 @@ class AsyncLLM:
                 queue.put_nowait(item)
 
     def _take_snapshot(self) -> None:
-        self.snapshot = self.engine.gauges()
+        ranks = self.engine.rank_gauges()
+        self.rank_snapshots, self.snapshot = ranks, ranks[0] if len(ranks) == 1 else sum_gauges(ranks)

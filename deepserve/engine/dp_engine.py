@@ -29,7 +29,7 @@ from deepserve.engine.core_messages import (AbortRequest, AddRequest, CoreOutput
                                             ScorePrompt, connect, read_outputs)
 from deepserve.engine.engine_core import DPLayout, start_ranks
 from deepserve.engine.executor import STOP, check_no_live_group, ready_timeout_s, start_timeout_s
-from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer
+from deepserve.engine.llm_engine import LLMEngine, RequestError, RequestState, load_tokenizer, sum_gauges
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.placement import RankPlacement
 from deepserve.platforms import get_platform
@@ -387,8 +387,12 @@ class DataParallelEngine(LLMEngine):
                              [CompletionOutput(i, "", []) for i in range(len(state.seqs))], False)
 
     def gauges(self) -> dict:
-        """The cores' gauges summed, as their latest messages (read now, without waiting) gave
-        them; requests sent to a core since its last message count as waiting."""
+        """The cores' gauges summed (rank_gauges)."""
+        return sum_gauges(self.rank_gauges())
+
+    def rank_gauges(self) -> list[dict]:
+        """Each core's gauges, as its latest message (read now, without waiting) gave them;
+        requests sent to a core since its last message count as waiting there."""
         try:
             msg = self._next(timeout_s=0.0)
             while msg is not None:  # kept for step(), which handles what they carry
@@ -396,14 +400,15 @@ class DataParallelEngine(LLMEngine):
                 msg = self._next(timeout_s=0.0)
         except RuntimeError:
             pass  # a failed core: AsyncLLM.fatal_error reports it
-        total = {}
-        for g in self._gauges:
-            for k, v in g.items():
-                total[k] = total.get(k, 0) + v
-        total["num_requests_waiting"] = total.get("num_requests_waiting", 0) + sum(self._unconfirmed)
-        blocks = total.get("num_blocks", 0)
-        total["kv_cache_usage"] = 1.0 - total.get("num_free_blocks", 0) / blocks if blocks else 0.0
-        return total
+        ranks = []
+        for g, unconfirmed in zip(self._gauges, self._unconfirmed):
+            g = dict(g)
+            g["num_requests_waiting"] = g.get("num_requests_waiting", 0) + unconfirmed
+            ranks.append(g)
+        return ranks
+
+    def engine_index(self, request_id: str) -> int:
+        return self._rank_of.get(request_id, 0)
 
     def shutdown(self) -> None:
         self._finalizer()

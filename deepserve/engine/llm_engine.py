@@ -432,6 +432,14 @@ class LLMEngine:
             **self.stats,
         }
 
+    def rank_gauges(self) -> list[dict]:
+        """gauges() of each DP rank, in rank order (/metrics' per-engine series); one here."""
+        return [self.gauges()]
+
+    def engine_index(self, request_id: str) -> int:
+        """The DP rank that serves the request (/metrics' `engine` label): 0, the only one here."""
+        return 0
+
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         """vLLM's: forget every cached prefix block (in every DP rank's engine core, where they
         run apart); True when done. While a request holds KV blocks: False, nothing changed,
@@ -677,3 +685,14 @@ class LLMEngine:
             return
         if seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self.scheduler.finish(seq, "length")
+
+
+def sum_gauges(ranks: list[dict]) -> dict:
+    """DP ranks' gauges as one engine's: counts summed, KV use over all their blocks."""
+    total: dict = {}
+    for g in ranks:
+        for k, v in g.items():
+            total[k] = total.get(k, 0) + v
+    blocks = total.get("num_blocks", 0)
+    total["kv_cache_usage"] = 1.0 - total.get("num_free_blocks", 0) / blocks if blocks else 0.0
+    return total

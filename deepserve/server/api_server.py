@@ -179,8 +179,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               if engine.config.cache.enable_prefix_caching else None)
     llm = AsyncLLM(engine)
     request_logger = RequestLogger(server.max_log_len, server.enable_log_outputs) if server.enable_log_requests else None
-    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.snapshot, api_server, llm.max_model_len,
-                            cache_info_labels(engine.config.cache))
+    metrics = ServerMetrics(settings.served_model_names[0], lambda: llm.rank_snapshots, api_server, llm.max_model_len,
+                            cache_info_labels(engine.config.cache), engine.config.parallel.data_parallel_size)
     llm.listener = metrics
     return ServerState(llm=llm, settings=settings, metrics=metrics, request_logger=request_logger)
 

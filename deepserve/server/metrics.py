@@ -14,7 +14,9 @@ num_requests_waiting_by_reason and engine_sleep_state come from the engine.
 
 Every metric is exposed under vLLM's name (`vllm:time_to_first_token_seconds`, ...), so
 dashboards and alerts made for vLLM work unchanged, and the same series under a `deepserve:`
-prefix; beside them the HTTP metrics vLLM's /metrics carries (prometheus-fastapi-instrumentator's
+prefix; as in vLLM each series carries `model_name` and `engine`, the DP rank whose gauges it
+reads or that served the request (engine="0" without data parallelism: vLLM's labels); beside
+them the HTTP metrics vLLM's /metrics carries (prometheus-fastapi-instrumentator's
 http_requests_total{method, status, handler}, http_request_duration_seconds, ...). Each server
 has its own registry (several servers can live in one process).
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -96,94 +98,110 @@ COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cach
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens accepted.", "prompt_tokens"),
             ("generation_tokens", "Tokens generated.", "generation_tokens"),
-            ("op_calls", "Operator calls counted on the engine's first rank (its start-up step; every call "
-             "with DEEPSERVE_OPS_COUNT=1), summed over DP ranks.", "op_calls"),
+            ("op_calls", "Operator calls counted on the DP rank's first worker (its start-up step; every call "
+             "with DEEPSERVE_OPS_COUNT=1).", "op_calls"),
             ("triton_op_calls", "Of those, the calls that ran as Triton kernels.", "triton_op_calls"))
 
 
 class _EngineCollector:
-    """The gauges and counters of the engine snapshot, read when scraped."""
+    """The gauges and counters of the engine snapshots, read when scraped: one series per DP
+    rank, labelled with its index as vLLM's `engine` label (vLLM's PrometheusStatLogger)."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict], cache_info: Optional[dict] = None):
+    def __init__(self, model_name: str, snapshot: Callable[[], Union[dict, list[dict]]],
+                 cache_info: Optional[dict] = None):
         self.model_name, self.snapshot, self.cache_info = model_name, snapshot, cache_info
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.snapshot()
-        yield from self._step_tokens(snap)
-        yield from self._vllm_states(snap)
+        snaps = self.snapshot()
+        ranks = list(enumerate(snaps if isinstance(snaps, list) else [snaps]))
+        yield self._step_tokens(ranks)
+        yield from self._vllm_states(ranks)
         if self.cache_info is not None:   # vLLM's info gauge: the cache's settings as labels, value 1
-            labels = {**self.cache_info, "num_gpu_blocks": str(snap.get("num_blocks", 0)), "engine": "0"}
+            names = [*self.cache_info, "num_gpu_blocks", "engine"]
             info = GaugeMetricFamily(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig",
-                                     labels=list(labels))
-            info.add_metric(list(labels.values()), 1.0)
+                                     labels=names)
+            for i, snap in ranks:
+                info.add_metric([*self.cache_info.values(), str(snap.get("num_blocks", 0)), str(i)], 1.0)
             yield info
         for name, help_text, key in GAUGES:
-            yield self._family(GaugeMetricFamily, name, help_text, snap.get(key, 0))
+            yield self._family(GaugeMetricFamily, name, help_text, ranks, lambda snap, key=key: snap.get(key, 0))
         for name, help_text, key in COUNTERS:
-            yield self._family(CounterMetricFamily, name, help_text, snap.get(key, 0))
-        per_pos = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in snap.items()
-                         if k.startswith("spec_decode_num_accepted_tokens_per_pos_"))
-        if per_pos:
-            family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-                                         "Speculative decoding: draft tokens accepted at each draft position.",
-                                         labels=["model_name", "position"])
-            for j, v in per_pos:
-                family.add_metric([self.model_name, str(j)], v)
-            yield family
-        queries, hits = snap.get("prefix_cache_queries", 0), snap.get("prefix_cache_hits", 0)
+            yield self._family(CounterMetricFamily, name, help_text, ranks, lambda snap, key=key: snap.get(key, 0))
+        per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Speculative decoding: draft tokens accepted at each draft position.",
+                                      labels=["model_name", "engine", "position"])
+        for i, snap in ranks:
+            for j, v in sorted((int(k.rsplit("_", 1)[1]), v) for k, v in snap.items()
+                               if k.startswith("spec_decode_num_accepted_tokens_per_pos_")):
+                per_pos.add_metric([self.model_name, str(i), str(j)], v)
+        if per_pos.samples:
+            yield per_pos
         yield self._family(GaugeMetricFamily, "prefix_cache_hit_rate", "Prefix-cache hits / queries since start.",
-                           hits / queries if queries else 0.0)
-        calls = snap.get("op_calls", 0)
+                           ranks, lambda snap: _share(snap.get("prefix_cache_hits", 0), snap.get("prefix_cache_queries", 0)))
         yield self._family(GaugeMetricFamily, "triton_op_call_share", "Share of the counted operator calls "
-                           "that ran as Triton kernels (--ops triton).", snap.get("triton_op_calls", 0) / calls if calls else 0.0)
-        yield from self._ops_time(snap)
+                           "that ran as Triton kernels (--ops triton).", ranks,
+                           lambda snap: _share(snap.get("triton_op_calls", 0), snap.get("op_calls", 0)))
+        yield from self._ops_time(ranks)
 
-    def _vllm_states(self, snap: dict) -> Iterator[Metric]:
+    def _vllm_states(self, ranks: list[tuple[int, dict]]) -> Iterator[Metric]:
         """vLLM's waiting requests by reason (all wait for capacity here: nothing defers them)
         and its sleep-state gauge (always awake: there is no sleep mode)."""
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting_by_reason", "Requests waiting, by reason: "
                                     "capacity (scheduling room) or deferred (none here).",
-                                    labels=["model_name", "reason"])
-        waiting.add_metric([self.model_name, "capacity"], snap.get("num_requests_waiting", 0))
-        waiting.add_metric([self.model_name, "deferred"], 0)
-        yield waiting
+                                    labels=["model_name", "engine", "reason"])
         sleep = GaugeMetricFamily(PREFIX + "engine_sleep_state", "Engine sleep state: awake 1 (there is no sleep "
-                                  "mode).", labels=["model_name", "sleep_state"])
-        for state, value in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
-            sleep.add_metric([self.model_name, state], value)
+                                  "mode).", labels=["model_name", "engine", "sleep_state"])
+        for i, snap in ranks:
+            waiting.add_metric([self.model_name, str(i), "capacity"], snap.get("num_requests_waiting", 0))
+            waiting.add_metric([self.model_name, str(i), "deferred"], 0)
+            for state, value in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
+                sleep.add_metric([self.model_name, str(i), state], value)
+        yield waiting
         yield sleep
 
-    def _step_tokens(self, snap: dict) -> Iterator[Metric]:
+    def _step_tokens(self, ranks: list[tuple[int, dict]]) -> Metric:
         """vLLM's iteration_tokens_total: a histogram of the tokens each engine step computed."""
-        counts = [snap.get(f"step_tokens_le_{b}", 0) for b in STEP_TOKEN_BUCKETS] + [snap.get("step_tokens_le_inf", 0)]
-        cumulative, total = [], 0
-        for bound, count in zip([str(float(b)) for b in STEP_TOKEN_BUCKETS] + ["+Inf"], counts):
-            total += count
-            cumulative.append((bound, total))
         family = HistogramMetricFamily(PREFIX + "iteration_tokens_total", "Histogram of number of tokens per "
-                                       "engine_step.", labels=["model_name"])
-        family.add_metric([self.model_name], cumulative, snap.get("step_tokens_sum", 0))
-        yield family
+                                       "engine_step.", labels=["model_name", "engine"])
+        bounds = [str(float(b)) for b in STEP_TOKEN_BUCKETS] + ["+Inf"]
+        for i, snap in ranks:
+            counts = [snap.get(f"step_tokens_le_{b}", 0) for b in STEP_TOKEN_BUCKETS] + [snap.get("step_tokens_le_inf", 0)]
+            cumulative, total = [], 0
+            for bound, count in zip(bounds, counts):
+                total += count
+                cumulative.append((bound, total))
+            family.add_metric([self.model_name, str(i)], cumulative, snap.get("step_tokens_sum", 0))
+        return family
 
-    def _ops_time(self, snap: dict) -> Iterator[Metric]:
+    def _ops_time(self, ranks: list[tuple[int, dict]]) -> Iterator[Metric]:
         """--ops-profile: the share of profiled kernel time per kind (deepserve/ops/profile.py)."""
-        spent = {k: snap[f"ops_time_us_{k}"] for k in OPS_TIME_KINDS if f"ops_time_us_{k}" in snap}
-        if not spent:
-            return
-        total = sum(spent.values())
         share = GaugeMetricFamily(PREFIX + "ops_time_share", "--ops-profile: share of the profiled steps' kernel "
                                   "time (CPU: op time) by kind: triton, blas (cuBLAS/cuDNN), torch, memcpy.",
-                                  labels=["model_name", "kind"])
-        for kind, us in spent.items():
-            share.add_metric([self.model_name, kind], us / total if total else 0.0)
-        yield share
-        yield self._family(CounterMetricFamily, "ops_profiled_steps", "--ops-profile: engine steps profiled "
-                           "(start-up generation and windows).", snap.get("ops_profiled_steps", 0))
+                                  labels=["model_name", "engine", "kind"])
+        profiled = []
+        for i, snap in ranks:
+            spent = {k: snap[f"ops_time_us_{k}"] for k in OPS_TIME_KINDS if f"ops_time_us_{k}" in snap}
+            if spent:
+                profiled.append((i, snap))
+                total = sum(spent.values())
+                for kind, us in spent.items():
+                    share.add_metric([self.model_name, str(i), kind], us / total if total else 0.0)
+        if profiled:
+            yield share
+            yield self._family(CounterMetricFamily, "ops_profiled_steps", "--ops-profile: engine steps profiled "
+                               "(start-up generation and windows).", profiled,
+                               lambda snap: snap.get("ops_profiled_steps", 0))
 
-    def _family(self, kind, name: str, help_text: str, value: float) -> Metric:
-        family = kind(PREFIX + name, help_text, labels=["model_name"])
-        family.add_metric([self.model_name], value)
+    def _family(self, kind, name: str, help_text: str, ranks: list[tuple[int, dict]],
+                value: Callable[[dict], float]) -> Metric:
+        family = kind(PREFIX + name, help_text, labels=["model_name", "engine"])
+        for i, snap in ranks:
+            family.add_metric([self.model_name, str(i)], value(snap))
         return family
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole else 0.0
 
 
 class _Aliased:
@@ -222,12 +240,15 @@ class _SharedFilesCollector(MultiProcessCollector):
 class ServerMetrics:
     """Collects request timings (as AsyncLLM's listener) and renders the exposition text."""
 
-    def __init__(self, model_name: str, snapshot: Callable[[], dict], api_server: Optional[int] = None,
-                 max_model_len: int = 1 << 17, cache_info: Optional[dict] = None):
-        """`api_server`: this process's index among several API servers; their requests are
+    def __init__(self, model_name: str, snapshot: Callable[[], Union[dict, list[dict]]],
+                 api_server: Optional[int] = None, max_model_len: int = 1 << 17, cache_info: Optional[dict] = None,
+                 engines: int = 1):
+        """`snapshot`: the engine's gauges, or each DP rank's (AsyncLLM.rank_snapshots).
+        `api_server`: this process's index among several API servers; their requests are
         then also counted per API server (`api_server_requests`). `max_model_len`: the top of
         the token-count histograms' buckets. `cache_info`: the KV cache's settings, the labels
-        of cache_config_info (cache_info_labels)."""
+        of cache_config_info (cache_info_labels). `engines`: the DP ranks, whose request
+        series (engine="0", "1", ...) are served from the start, at 0."""
         inner = CollectorRegistry(auto_describe=True)
         inner.register(_EngineCollector(model_name, snapshot, cache_info))
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -235,9 +256,12 @@ class ServerMetrics:
             _SharedFilesCollector(inner, shared_dir)
         own = None if shared_dir else inner   # (registered, they would show this process's alone too)
 
-        def histogram(name: str, help_text: str, buckets: tuple[float, ...]):
-            return Histogram(PREFIX + name, help_text, ["model_name"], buckets=buckets,
-                             registry=own).labels(model_name)
+        ranks = [str(i) for i in range(engines)]
+
+        def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> list:
+            """The histogram's series of each DP rank."""
+            family = Histogram(PREFIX + name, help_text, ["model_name", "engine"], buckets=buckets, registry=own)
+            return [family.labels(model_name, rank) for rank in ranks]
 
         self.ttft = histogram("time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.", ITL_BUCKETS)
@@ -265,16 +289,19 @@ class ServerMetrics:
         self.params_max_tokens = histogram("request_params_max_tokens", "The max_tokens of each ended request.",
                                            token_buckets(max_model_len))
         finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason.",
-                           ["model_name", "finished_reason"], registry=own)
-        self.finished = lambda reason: finished.labels(model_name, reason)
-        for reason in FINISH_REASONS:
-            self.finished(reason)
+                           ["model_name", "engine", "finished_reason"], registry=own)
+        self.finished = lambda engine, reason: finished.labels(model_name, str(engine), reason)
         by_source = Counter(PREFIX + "prompt_tokens_by_source", "Prompt tokens of ended requests by source: "
                             "local_compute, local_cache_hit (prefix cache), external_kv_transfer (none here).",
-                            ["model_name", "source"], registry=own)
-        self.prompt_by_source = {source: by_source.labels(model_name, source) for source in PROMPT_SOURCES}
-        self.prompt_cached = Counter(PREFIX + "prompt_tokens_cached", "Prompt tokens of ended requests found in "
-                                     "the prefix cache.", ["model_name"], registry=own).labels(model_name)
+                            ["model_name", "engine", "source"], registry=own)
+        self.prompt_by_source = [{source: by_source.labels(model_name, rank, source) for source in PROMPT_SOURCES}
+                                 for rank in ranks]
+        for rank in ranks:
+            for reason in FINISH_REASONS:
+                self.finished(rank, reason)
+        cached = Counter(PREFIX + "prompt_tokens_cached", "Prompt tokens of ended requests found in the prefix "
+                         "cache.", ["model_name", "engine"], registry=own)
+        self.prompt_cached = [cached.labels(model_name, rank) for rank in ranks]
         self._http_metrics(own)
         errors = Counter(PREFIX + "http_errors", "Error responses sent, by status.", ["model_name", "status"],
                          registry=own)
@@ -289,13 +316,15 @@ class ServerMetrics:
         self._last_output: dict[str, list] = {}   # request id -> each sample's last output time
 
     # AsyncLLM's RequestListener
-    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int], first: bool) -> None:
+    def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int], first: bool,
+                  engine: int = 0) -> None:
         """Time to first token once a request; each sample's tokens after its first are
         inter-token gaps of that sample (vLLM times each of n samples as a request of its own),
-        a sample's k new tokens splitting the time since its last output."""
+        a sample's k new tokens splitting the time since its last output. `engine`: the DP rank
+        whose series they go to."""
         last = self._last_output.get(request_id)
         if first or last is None:
-            self.ttft.observe(now - arrival)
+            self.ttft[engine].observe(now - arrival)
             last = self._last_output[request_id] = []
         last += [None] * (len(new_tokens) - len(last))
         for i, k in enumerate(new_tokens):
@@ -304,41 +333,42 @@ class ServerMetrics:
             # a sample's first output: its first token is no gap, those that came with it none either
             gaps = [0.0] * (k - 1) if last[i] is None else [(now - last[i]) / k] * k
             for gap in gaps:
-                self.itl.observe(gap)
+                self.itl[engine].observe(gap)
             last[i] = now
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:
         self._last_output.pop(request_id, None)
-        self.e2e.observe(now - arrival)
-        self.prompt_tokens.observe(finished.prompt_tokens)
-        self.generation_tokens.observe(finished.generation_tokens)
-        self.computed_prompt_tokens.observe(finished.prompt_tokens - finished.cached_tokens)
-        self.prompt_by_source["local_compute"].inc(finished.prompt_tokens - finished.cached_tokens)
-        self.prompt_by_source["local_cache_hit"].inc(finished.cached_tokens)
-        self.prompt_cached.inc(finished.cached_tokens)
-        self.max_sample_tokens.observe(finished.max_sample_tokens)
-        self.params_n.observe(finished.n)
+        e = finished.engine
+        self.e2e[e].observe(now - arrival)
+        self.prompt_tokens[e].observe(finished.prompt_tokens)
+        self.generation_tokens[e].observe(finished.generation_tokens)
+        self.computed_prompt_tokens[e].observe(finished.prompt_tokens - finished.cached_tokens)
+        self.prompt_by_source[e]["local_compute"].inc(finished.prompt_tokens - finished.cached_tokens)
+        self.prompt_by_source[e]["local_cache_hit"].inc(finished.cached_tokens)
+        self.prompt_cached[e].inc(finished.cached_tokens)
+        self.max_sample_tokens[e].observe(finished.max_sample_tokens)
+        self.params_n[e].observe(finished.n)
         if finished.max_tokens is not None:
-            self.params_max_tokens.observe(finished.max_tokens)
-        self._observe_phases(finished.timings, finished.max_sample_tokens)
-        self.finished(finished.reason).inc()
+            self.params_max_tokens[e].observe(finished.max_tokens)
+        self._observe_phases(e, finished.timings, finished.max_sample_tokens)
+        self.finished(e, finished.reason).inc()
         if self.served is not None:
             self.served.inc()
 
-    def _observe_phases(self, t: dict, tokens: int) -> None:
+    def _observe_phases(self, e: int, t: dict, tokens: int) -> None:
         """Queue, prefill, decode and inference times from the engine's timestamps (one clock:
         the engine core's), each where the request reached both of its ends."""
         arrival, scheduled = t.get("arrival_time"), t.get("first_scheduled_time")
         first, last = t.get("first_token_time"), t.get("last_token_time")
         if arrival is not None and scheduled is not None:
-            self.queue_time.observe(max(0.0, scheduled - arrival))
+            self.queue_time[e].observe(max(0.0, scheduled - arrival))
         if scheduled is not None and first is not None:
-            self.prefill_time.observe(max(0.0, first - scheduled))
+            self.prefill_time[e].observe(max(0.0, first - scheduled))
         if first is not None and last is not None:
-            self.decode_time.observe(last - first)
-            self.request_tpot.observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
+            self.decode_time[e].observe(last - first)
+            self.request_tpot[e].observe((last - first) / (tokens - 1) if tokens > 1 else 0.0)
         if scheduled is not None and last is not None:
-            self.inference_time.observe(max(0.0, last - scheduled))
+            self.inference_time[e].observe(max(0.0, last - scheduled))
 
     def _http_metrics(self, registry) -> None:
         self.http_total = Counter("http_requests_total", "Total number of requests by method, status and handler.",
@@ -382,8 +412,8 @@ def cache_info_labels(cache) -> dict:
 
 def parse_metrics(text: str) -> dict[str, float]:
     """Sample name with its labels -> value, e.g. `deepserve:request_success_total{model_name="m",
-    finished_reason="stop"}` (model_name first, then the others as exposed); for tests and
-    scrapers."""
+    engine="0",finished_reason="stop"}` (model_name first, then the others as exposed); for tests
+    and scrapers."""
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -104,10 +104,10 @@ def test_engine_ops_profile_startup_windows_and_metrics(monkeypatch):
         assert_kinds_equal(prof.report.kinds_us(), {k: start[k] + window[k] for k in start})
 
         values = parse_metrics(ServerMetrics("demo", llm.engine.gauges).render())
-        shares = {k: values[f'deepserve:ops_time_share{{model_name="demo",kind="{k}"}}'] for k in profile.KINDS}
+        shares = {k: values[f'deepserve:ops_time_share{{model_name="demo",engine="0",kind="{k}"}}'] for k in profile.KINDS}
         assert shares == pytest.approx(prof.report.shares()) and sum(shares.values()) == pytest.approx(1.0)
-        assert values[f'vllm:ops_time_share{{model_name="demo",kind="blas"}}'] == shares["blas"]
-        assert values['deepserve:ops_profiled_steps_total{model_name="demo"}'] == prof.report.steps
+        assert values[f'vllm:ops_time_share{{model_name="demo",engine="0",kind="blas"}}'] == shares["blas"]
+        assert values['deepserve:ops_profiled_steps_total{model_name="demo",engine="0"}'] == prof.report.steps
     finally:
         llm.shutdown()
 

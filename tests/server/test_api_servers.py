@@ -77,7 +77,7 @@ def test_two_api_servers_answer_like_one_engine_and_share_the_requests():
         # the core's counters reach an API server with its own requests' outputs and, once the core
         # goes idle, every API server (engine_core.EngineCore): the other one may read its last step
         # a moment after the last response
-        tokens = 'deepserve:generation_tokens_total{model_name="stories260k"}'
+        tokens = 'deepserve:generation_tokens_total{model_name="stories260k",engine="0"}'
         deadline = time.monotonic() + 5
         while (any(parse_metrics(httpx.get(server.url + "/metrics").text)[tokens] != sent * MAX_TOKENS
                    for _ in range(4)) and time.monotonic() < deadline):
@@ -85,9 +85,9 @@ def test_two_api_servers_answer_like_one_engine_and_share_the_requests():
         for _ in range(4):  # whichever API server answers, the request metrics cover both
             m = parse_metrics(httpx.get(server.url + "/metrics").text)
             assert all(n > 0 for n in served(m)) and sum(served(m)) == sent, served(m)
-            assert m['vllm:request_success_total{model_name="stories260k",finished_reason="length"}'] == sent
-            assert m['deepserve:generation_tokens_total{model_name="stories260k"}'] == sent * MAX_TOKENS
-            assert m['deepserve:num_requests_running{model_name="stories260k"}'] == 0
+            assert m['vllm:request_success_total{model_name="stories260k",engine="0",finished_reason="length"}'] == sent
+            assert m['deepserve:generation_tokens_total{model_name="stories260k",engine="0"}'] == sent * MAX_TOKENS
+            assert m['deepserve:num_requests_running{model_name="stories260k",engine="0"}'] == 0
             assert httpx.get(server.url + "/health").status_code == 200
         procs = _descendants(server.proc.pid)
         assert len(procs) >= 3     # the engine core and the two API servers (and multiprocessing's tracker)

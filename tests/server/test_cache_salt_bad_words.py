@@ -15,7 +15,7 @@ from conftest import API_KEY
 from deepserve.server.metrics import parse_metrics
 
 LONG = "Once upon a time, there was a little girl named Lily. She liked to play in the park with her friends every day."
-HITS = 'vllm:prefix_cache_hits_total{model_name="stories260k"}'
+HITS = 'vllm:prefix_cache_hits_total{model_name="stories260k",engine="0"}'
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from deepserve.ops import OpTable, bind
 from deepserve.server.metrics import ServerMetrics, parse_metrics
 from tests.conftest import DEMO_MODEL
 
-LAB = 'model_name="demo"'
+LAB = 'model_name="demo",engine="0"'
 GREEDY = SamplingParams(temperature=0, max_tokens=4)
 
 

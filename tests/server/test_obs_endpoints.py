@@ -51,9 +51,9 @@ def test_dev_endpoints_with_dev_mode(engine_args, monkeypatch):
         complete()
         assert hits() == 32   # the second request found both full blocks
         values = parse_metrics(c.get("/metrics").text)
-        assert values['vllm:prompt_tokens_cached_total{model_name="stories260k"}'] == 32
-        assert values['vllm:prompt_tokens_by_source_total{model_name="stories260k",source="local_cache_hit"}'] == 32
-        assert values['vllm:prompt_tokens_by_source_total{model_name="stories260k",source="local_compute"}'] == 33 + 1
+        assert values['vllm:prompt_tokens_cached_total{model_name="stories260k",engine="0"}'] == 32
+        assert values['vllm:prompt_tokens_by_source_total{model_name="stories260k",engine="0",source="local_cache_hit"}'] == 32
+        assert values['vllm:prompt_tokens_by_source_total{model_name="stories260k",engine="0",source="local_compute"}'] == 33 + 1
         r = c.post("/reset_prefix_cache")
         assert r.status_code == 200 and r.json() == {"success": True}
         complete()

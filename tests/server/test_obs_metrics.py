@@ -13,7 +13,7 @@ from deepserve.engine.async_llm import AsyncLLM, EngineStepError, FinishedReques
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.metrics import ServerMetrics, cache_info_labels, parse_metrics
 
-LAB = 'model_name="demo"'
+LAB = 'model_name="demo",engine="0"'
 
 
 async def drain(llm: AsyncLLM, prompt, params: SamplingParams, rid: str):

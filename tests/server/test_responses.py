@@ -159,7 +159,7 @@ def test_off_settings_and_the_sdk_refusal(client):
 
 
 def aborted(url: str) -> float:
-    key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
+    key = f'deepserve:request_success_total{{model_name="{MODEL}",engine="0",finished_reason="abort"}}'
     return parse_metrics(httpx.get(url + "/metrics").text).get(key, 0.0)
 
 

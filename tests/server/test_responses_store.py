@@ -153,7 +153,7 @@ def test_background_stream_resumed(client):
 
 
 def aborted(url: str) -> float:
-    key = f'deepserve:request_success_total{{model_name="{MODEL}",finished_reason="abort"}}'
+    key = f'deepserve:request_success_total{{model_name="{MODEL}",engine="0",finished_reason="abort"}}'
     return parse_metrics(httpx.get(url + "/metrics").text).get(key, 0.0)
 
 

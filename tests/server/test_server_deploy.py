@@ -45,8 +45,8 @@ def test_yaml_config_with_cli_override(yaml_server):
     assert [m["id"] for m in models["data"]] == ["from-cli"]               # the flag won
     assert httpx.get(yaml_server.v1 + "/models").status_code == 401        # api_key from the file
     metrics = parse_metrics(httpx.get(yaml_server.url + "/metrics").text)
-    assert metrics['deepserve:num_kv_blocks{model_name="from-cli"}'] == 256  # engine arg from the file
-    assert metrics['deepserve:kv_cache_capacity_tokens{model_name="from-cli"}'] == 256 * 16   # 16-token blocks
+    assert metrics['deepserve:num_kv_blocks{model_name="from-cli",engine="0"}'] == 256  # engine arg from the file
+    assert metrics['deepserve:kv_cache_capacity_tokens{model_name="from-cli",engine="0"}'] == 256 * 16   # 16-token blocks
 
 
 def test_queue_full_is_503_with_retry_after(yaml_server):

@@ -14,7 +14,7 @@ from deepserve.server.metrics import parse_metrics
 
 PROMPTS = ["Once upon a time", "One day", "The cat", "Tom and Sue", "In the park", "A little bird",
            "The sun was", "Lily wanted"]
-LABEL = '{model_name="stories260k"}'
+LABEL = '{model_name="stories260k",engine="0"}'
 
 
 def metrics(url: str) -> dict:
@@ -89,7 +89,7 @@ def test_dropped_stream_frees_blocks_at_once(demo_server):
 
 def test_non_streamed_client_timeout_aborts(demo_server):
     wait_for(lambda: idle(demo_server.url), timeout=20)
-    key = 'deepserve:request_success_total{model_name="stories260k",finished_reason="abort"}'
+    key = 'deepserve:request_success_total{model_name="stories260k",engine="0",finished_reason="abort"}'
 
     def aborted() -> float:
         return parse_metrics(httpx.get(demo_server.url + "/metrics").text).get(key, 0.0)

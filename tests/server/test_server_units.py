@@ -207,7 +207,7 @@ def test_metrics_text():
     m.record_error(400)
     text = m.render()
     values = parse_metrics(text)
-    lab = 'model_name="m\\"1"'
+    lab = 'model_name="m\\"1",engine="0"'
     assert values[f"deepserve:num_requests_running{{{lab}}}"] == 2
     assert values[f"deepserve:prefix_cache_hit_rate{{{lab}}}"] == 0.25
     assert values[f"deepserve:time_to_first_token_seconds_sum{{{lab}}}"] == pytest.approx(0.2)
@@ -217,7 +217,7 @@ def test_metrics_text():
     assert values[f'deepserve:time_to_first_token_seconds_bucket{{{lab},le="0.25"}}'] == 1
     assert values[f'deepserve:request_success_total{{{lab},finished_reason="stop"}}'] == 1
     assert values[f'deepserve:request_success_total{{{lab},finished_reason="length"}}'] == 0
-    assert values[f'deepserve:http_errors_total{{{lab},status="400"}}'] == 1
+    assert values['deepserve:http_errors_total{model_name="m\\"1",status="400"}'] == 1   # the server's, no engine
     # vLLM's per-request token counts (its dashboard's prompt / generation length panels)
     assert values[f'deepserve:request_prompt_tokens_bucket{{{lab},le="2.0"}}'] == 0
     assert values[f'deepserve:request_prompt_tokens_bucket{{{lab},le="5.0"}}'] == 1
