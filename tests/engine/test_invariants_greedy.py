@@ -17,9 +17,17 @@ def _requests(tok):
     prompts = [story[:n] for n in (4, 8, 9, 12, 16, len(story))]          # block size 4
     prompts += [story[:4] + tok.encode(" dog"), story[:9] + tok.encode(" big cat"),
                 tok.encode("Tom and Lily went to the park. Tom and Lily"), tok.encode("Sam")]
-    params = [SamplingParams(temperature=0, max_tokens=6 + 4 * (i % 5), n=1 + (i % 3 == 1), ignore_eos=i % 2 == 0)
+    params = [_greedy(n=1 + (i % 3 == 1), max_tokens=6 + 4 * (i % 5), ignore_eos=i % 2 == 0)
               for i in range(len(prompts))]
     return [{"prompt_token_ids": p} for p in prompts], params
+
+
+def _greedy(n: int, **kw) -> SamplingParams:
+    """Greedy params with n samples, which SamplingParams refuses (as vLLM's): set after it, so
+    the engine's n > 1 path (siblings sharing the prompt's blocks) runs with known tokens."""
+    params = SamplingParams(temperature=0, **kw)
+    params.n = n
+    return params
 
 
 def _tokens(outs):

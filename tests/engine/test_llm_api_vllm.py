@@ -79,12 +79,12 @@ def test_prompt_forms_and_generate_keywords(llm):
         llm.generate("Once", SamplingParams(logprobs=21))
     bars = []
 
-    def bar(**kw):
+    def bar(*args, **kw):   # as vLLM calls it: over the prompts being rendered, then with the total
         from tqdm import tqdm
         bars.append(kw)
-        return tqdm(disable=True, **kw)
+        return tqdm(*args, disable=True, **kw)
     llm.generate(["a", "b"], GREEDY, use_tqdm=bar)
-    assert bars and bars[0]["total"] == 2
+    assert [b["desc"] for b in bars] == ["Rendering prompts", "Processed prompts"] and bars[1]["total"] == 2
 
 
 def test_sampling_params_vllm_fields(llm):
