@@ -174,6 +174,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_force_include_usage=bool(server.enable_force_include_usage),
                               enable_server_load_tracking=bool(server.enable_server_load_tracking),
                               enable_tokenizer_info_endpoint=bool(server.enable_tokenizer_info_endpoint),
+                              enable_request_id_headers=bool(server.enable_request_id_headers),
                               responses_store_size=server.responses_store_size(),
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)

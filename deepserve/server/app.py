@@ -119,6 +119,26 @@ class APIKeyMiddleware:
         await response(scope, receive, send)
 
 
+class RequestIdHeaderMiddleware:
+    """Pure ASGI: every answer carries X-Request-Id, the request's or a new uuid4 hex
+    (--enable-request-id-headers, vLLM's)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def build_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,6 +157,8 @@ def build_app(state: ServerState) -> FastAPI:
                            on_reject=state.metrics.record_error)
     if state.settings.cors:  # preflights and refusals carry the CORS headers too (vLLM's defaults)
         app.add_middleware(CORSMiddleware, **state.settings.cors)
+    if state.settings.enable_request_id_headers:   # outside the key check: a refusal carries it too
+        app.add_middleware(RequestIdHeaderMiddleware)
     app.add_middleware(HTTPMetricsMiddleware, state=state, routes=app.router.routes)   # outermost: every answer
 
     @app.exception_handler(APIError)

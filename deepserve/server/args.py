@@ -79,6 +79,9 @@ class ServerArgs:
     """vLLM's: GET /tokenizer_info answers the tokenizer's configuration (tokenizer_config.json's
     fields, special tokens as their text, the chat template served), which lm-evaluation-harness's
     remote tokenizer reads; it shows the chat template to anyone who can reach the server."""
+    enable_request_id_headers: bool = False
+    """vLLM's: every answer carries an X-Request-Id header, the request's own or a new uuid4 hex
+    (a request's X-Request-Id names its completion or chat response with or without this flag)."""
     enable_responses_api_store: bool = False
     """Keep /v1/responses responses in this process's memory (OpenAI's store: GET
     /v1/responses/{id}, previous_response_id, background and cancel); vLLM's

@@ -45,9 +45,9 @@ from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
 from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, merge_streams, parse_request, prompt_tokens_details,
-                                             sampling_params, sse, stream_usage, truncated_prompt, until_disconnect,
-                                             usage_in_stream)
+                                             compile_grammar, header_request_id, merge_streams, parse_request,
+                                             prompt_tokens_details, sampling_params, sse, stream_usage,
+                                             truncated_prompt, until_disconnect, usage_in_stream)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
 from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, tool_calls_tag,
                                           tool_call_id)
@@ -364,6 +364,7 @@ def _finish_reason(out: CompletionOutput, mode: Optional[str], called: bool) -> 
 
 async def create_chat_completion(request: Request, state: ServerState):
     req = await parse_request(request, ChatCompletionRequest, state.settings.max_body_bytes)
+    req.request_id = header_request_id(request, req.request_id)
     prep = await PreparedChat(state, req).tokenize(state, req)
     await compile_grammar(state, prep.params, prep.guided_field)
     if req.stream:

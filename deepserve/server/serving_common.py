@@ -59,6 +59,7 @@ class ServerSettings:
     enable_force_include_usage: bool = False
     enable_server_load_tracking: bool = False
     enable_tokenizer_info_endpoint: bool = False   # vLLM's: GET /tokenizer_info is served
+    enable_request_id_headers: bool = False   # vLLM's: every answer carries an X-Request-Id header
     # the prefix cache's block size (None: prefix caching is off), for created_cache_tokens
     prefix_cache_block_size: Optional[int] = None
     # how many /v1/responses responses are kept (0: none; --enable-responses-api-store)
@@ -146,6 +147,12 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def header_request_id(request: Request, body_id: Optional[str]) -> Optional[str]:
+    """The id a completion or chat response ends with: an X-Request-Id header's (gateways add
+    one), else the body's request_id, as vLLM's."""
+    return request.headers.get("x-request-id") or body_id
 
 
 async def parse_request(request: Request, model: Type[M], limit: int) -> M:

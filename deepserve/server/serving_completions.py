@@ -24,9 +24,9 @@ from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, merge_streams, parse_request, prompt_tokens_details,
-                                             sampling_params, sse, stream_usage, truncated_prompt, until_disconnect,
-                                             usage_in_stream)
+                                             compile_grammar, header_request_id, merge_streams, parse_request,
+                                             prompt_tokens_details, sampling_params, sse, stream_usage,
+                                             truncated_prompt, until_disconnect, usage_in_stream)
 
 
 # samples (prompts x n) one completions request may ask for, in units of the n limit (4096 by default)
@@ -197,6 +197,7 @@ class _Prepared:
 
 async def create_completion(request: Request, state: ServerState):
     req = await parse_request(request, CompletionRequest, state.settings.max_body_bytes)
+    req.request_id = header_request_id(request, req.request_id)
     prep = await _Prepared(state, req).tokenize(state, req)
     await compile_grammar(state, prep.params, req.guided_field())
     if req.stream:
