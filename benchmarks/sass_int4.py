@@ -67,9 +67,9 @@ def compile_gemv(block_n: int, sub_c: int, steps: int, warps: int, deq: int = 1,
     from deepserve.ops.triton import int4_gemm as g
     consts = dict(GROUP=128, HAS_ZP=False, HAS_GIDX=False, HAS_BIAS=False, EVEN=True, BLOCK_N=block_n,
                   SUB_C=sub_c, STEPS=steps, DEQ=deq, USE_PDL=True, PREFETCH=False, LINE=32, LINES=64, TILED=tiled,
-                  AHEAD=0, ASM=1, WORDS=words)
+                  AHEAD=0, ASM=1, WORDS=words, MERGE=0)
     ptrs = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", g_ptr="*i32", b_ptr="*bf16",
-                y_ptr="*bf16")
+                y_ptr="*bf16", o_ptr="*bf16", count_ptr="*i32")
     return _compile(g._int4_gemv_kernel, consts, ptrs, warps, 1)
 
 

@@ -67,14 +67,15 @@ GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k, DEQ=d, A
 # packed fp16 arithmetic (DEQ 3, ops/triton/int4_half2.py) with WORDS adjacent words a thread: sm_90
 # loops of 3.4 (1 word) and 2.4 (4 words) instructions a nibble at 8 rows, 2.2 with 4 words at 16
 # rows, against DEQ 1's 4.8 (benchmarks/sass_int4.py); a slice is WORDS x SUB_C words (4 x 128: a
-# whole 4096-wide row), so the shapes with few rows get split-K over narrower slices
-GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k, DEQ=3, WORDS=d)
+# whole 4096-wide row), so the shapes with few rows get split-K over narrower slices, merged by
+# each row block's last split (MERGE: no reduction launch after the GEMV)
+GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k, DEQ=3, WORDS=d, MERGE=int(k > 1))
               for n, c, s, w, k, d in ((8, 128, 2, 4, 1, 1), (8, 128, 1, 4, 1, 2), (16, 128, 1, 4, 1, 2),
                                        (8, 128, 1, 4, 1, 4), (16, 128, 1, 4, 1, 4), (4, 128, 1, 4, 1, 4),
                                        (16, 64, 1, 2, 1, 4), (8, 64, 1, 2, 1, 4), (4, 128, 2, 4, 1, 2),
                                        (8, 128, 1, 4, 2, 2), (4, 128, 1, 4, 2, 2), (8, 64, 1, 2, 2, 4),
                                        (4, 64, 1, 2, 2, 4), (8, 32, 1, 1, 4, 4), (16, 64, 1, 2, 2, 2),
-                                       (8, 64, 1, 2, 4, 2))]
+                                       (8, 64, 1, 2, 4, 2), (16, 64, 1, 2, 2, 4), (8, 128, 1, 4, 2, 4))]
 # the tensor-core path (ops/triton/int4_mma.py: about 3 instructions a nibble against 4.5-4.8;
 # 2.5-5x slower than the CUDA-core kernel on an H100 at every 8B shape, docs/PERFORMANCE.md)
 GEMV_GRID += [dict(MMA=1, MMA_BLOCK_N=n, MMA_WARPS=w, MMA_STAGES=3) for n, w in ((64, 4), (128, 8))]

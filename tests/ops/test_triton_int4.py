@@ -360,3 +360,28 @@ def test_int4_gemm_bf16_pairs_gpu_model_shapes(triton_ops, m, n, k):
     with trying("int4", [{"if": {"kernel": "gemm"}, "set": {"PAIRS": 1, "BLOCK_K": 64}}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("setting", [{"SPLIT_K": 2, "SUB_C": 4, "STEPS": 1, "DEQ": 1},
+                                     {"SPLIT_K": 3, "SUB_C": 2, "STEPS": 2, "DEQ": 3, "WORDS": 2}])
+def test_int4_gemv_split_k_merged_by_the_last_split(triton_ops, cpu_only, monkeypatch, m, setting):
+    """Split-K with MERGE: the last split of each row block adds the partial sums and the bias
+    and writes the output (no reduction launch after the GEMV: torch's sum is not called); the
+    torch op's result, ragged rows and K, zero points, bf16 and fp16 activations."""
+    from deepserve.ops.triton.launch_config import trying
+    n, k, group = 20, 320, 32
+    qweight, scales, z, _ = _operands(n, k, group, True, False, seed=m + setting["SPLIT_K"])
+    qweight[0], qweight[1] = 0, -1
+    g = torch.Generator().manual_seed(m)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        s = scales.to(dtype)
+        want = resolve("int4_linear", "torch")[1](x, qweight, s, z, None, group, bias).float()
+        with trying("int4", [{"if": {"kernel": "gemv"}, "set": dict(setting, BLOCK_N=8, MERGE=1)}]), \
+                monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "sum", lambda *a, **kw: pytest.fail("a reduction after the merged GEMV"))
+            got = resolve("int4_linear", "triton")[1](x, qweight, s, z, None, group, bias)
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2e-2)

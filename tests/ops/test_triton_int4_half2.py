@@ -217,11 +217,13 @@ def test_int4_gemv_half2_large_activations_and_fallbacks(triton_ops, cpu_only, m
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("setting", [{"WORDS": 1, "SUB_C": 128, "SPLIT_K": 1}, {"WORDS": 2, "SUB_C": 128, "SPLIT_K": 1},
-                                     {"WORDS": 4, "SUB_C": 128, "SPLIT_K": 1}, {"WORDS": 4, "SUB_C": 64, "SPLIT_K": 2}])
+                                     {"WORDS": 4, "SUB_C": 128, "SPLIT_K": 1}, {"WORDS": 4, "SUB_C": 64, "SPLIT_K": 2},
+                                     {"WORDS": 2, "SUB_C": 64, "SPLIT_K": 4, "MERGE": 1}])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
 def test_int4_gemv_half2_gpu_model_shapes(triton_ops, m, n, k, setting):
-    """DEQ 3 compiled (the PTX) at the 8B's shapes, bf16, groups of 128, against the torch op."""
+    """DEQ 3 compiled (the PTX) at the 8B's shapes, bf16, groups of 128, against the torch op; split-K
+    summed after the launch and merged by the last split (MERGE: atomics at GPU scope)."""
     from deepserve.ops.triton.launch_config import trying
     g = torch.Generator(device="cuda").manual_seed(n + k + m)
     qweight = torch.randint(-2 ** 31, 2 ** 31, (n, k // 8), generator=g, device="cuda",

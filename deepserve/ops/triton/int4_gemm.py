@@ -306,17 +306,20 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, kw_per_split, magic,
+def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, o_ptr, count_ptr, N, KW, kw_per_split, magic,
                       stride_xm, stride_qn, stride_sn, stride_ys, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                       BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr, DEQ: tl.constexpr,
                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr,
                       TILED: tl.constexpr = 0, AHEAD: tl.constexpr = 0, ASM: tl.constexpr = 0,
-                      WORDS: tl.constexpr = 1):
+                      WORDS: tl.constexpr = 1, MERGE: tl.constexpr = 0):
     """y[split, m, rows] = W[rows, K slice `split`] x[m] (+ bias); y is the output itself
     (x's dtype) without split-K, else the fp32 partial sums. TILED: qw_ptr holds the words as
-    `tile_words` lays them out for this BLOCK_N and SUB_C (stride_qn: a row block's words)."""
+    `tile_words` lays them out for this BLOCK_N and SUB_C (stride_qn: a row block's words).
+    MERGE (split-K): the last of a row block's splits to finish (a counter a row and row block
+    at count_ptr, zero before the launch) adds the partial sums in split order and the bias,
+    and stores o[m, rows] (x's dtype, rows of N) itself: no reduction launch after the GEMV."""
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rows < N
@@ -333,9 +336,21 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, KW, k
                       c_start, c_end, magic, GROUP, HAS_ZP,
                       HAS_GIDX, EVEN, BLOCK_N, SUB_C, STEPS, x_ptr.dtype.element_ty, DEQ, TILED, AHEAD, ASM,
                       WORDS)
-    if HAS_BIAS:
+    if HAS_BIAS and not MERGE:
         y += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + split * stride_ys + m * stride_ym + rows, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if MERGE:
+        # every thread's store above comes before the barrier; the counter's release publishes
+        # them at GPU scope, and the split that takes the count to the last acquires the others'
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + m * tl.num_programs(1) + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(2) - 1:
+            total = tl.zeros([BLOCK_N], tl.float32)
+            for s in range(0, tl.num_programs(2)):
+                total += tl.load(y_ptr + s * stride_ys + m * stride_ym + rows, mask=n_ok, other=0.0)
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(o_ptr + m * N + rows, total.to(o_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -530,23 +545,28 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, per * steps)))
     kw_per_split = triton.cdiv(triton.cdiv(kw, split), per * steps) * per * steps      # whole steps per split
     split = triton.cdiv(kw, kw_per_split)
+    merge = split > 1 and bool(cfg.get("MERGE", 0))
     if split > 1:
         y = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     else:
         y = torch.empty(1, m, n, dtype=x2.dtype, device=x2.device)
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if merge else y
+    counts = torch.zeros(m * triton.cdiv(n, cfg["BLOCK_N"]), dtype=torch.int32, device=x2.device) if merge else y
     launch = pdl_launch(x2.device, qweight)
     launch["LINES"] = min(next_pow2(triton.cdiv(kw_per_split, launch["LINE"])), 64)
     words = qweight if tiled is None else tiled
     _int4_gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]), split)](
         x2, words, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else scales, y, n, kw, kw_per_split, MAGIC, x2.stride(0), words.stride(0),
-        scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
-        HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and split == 1,
+        bias if bias is not None else scales, y, out, counts, n, kw, kw_per_split, MAGIC, x2.stride(0),
+        words.stride(0), scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
+        HAS_GIDX=g_idx is not None, HAS_BIAS=bias is not None and (split == 1 or merge), MERGE=int(merge),
         EVEN=kw % (per * steps) == 0 and kw_per_split % (per * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=sub,
         STEPS=steps, DEQ=deq, ASM=unpack_by_ptx(), WORDS=words_a_thread, num_warps=cfg["num_warps"], num_stages=1,
         TILED=int(tiled is not None), AHEAD=int(ahead), **launch)
     if split == 1:
         return y[0]
+    if merge:
+        return out
     y = y.sum(0)
     if bias is not None:
         y = y + bias.float()
