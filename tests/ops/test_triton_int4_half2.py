@@ -29,11 +29,12 @@ def _pair(lo: float, hi: float) -> int:
     return int(np.array([lo, hi], np.float16).view(np.uint32)[0])
 
 
-def run_ptx(asm: str, args: list) -> float | int:
-    """The PTX subset of int4_half2's blocks, executed: $0 is the result, $1.. the args (ints
-    for .b32 / .r, floats for "f" operands); each fp16 operation exact in fp64 (every operand
-    here spans < 53 bits), then rounded once to fp16 (nearest even), as the hardware rounds."""
-    regs = {f"${i + 1}": a for i, a in enumerate(args)}
+def run_ptx(asm: str, args: list, outputs: int = 1):
+    """The PTX subset of int4_half2's blocks, executed: $0 .. $(outputs - 1) are the results
+    (the first alone when outputs is 1), the args follow (ints for .b32 / "r", floats for "f"
+    operands); each fp16 operation exact in fp64 (every operand here spans < 53 bits), then
+    rounded once to fp16 (nearest even), as the hardware rounds."""
+    regs = {f"${i + outputs}": a for i, a in enumerate(args)}
 
     def val(tok):
         return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
@@ -55,6 +56,10 @@ def run_ptx(asm: str, args: list) -> float | int:
             regs[d] = (val(a[0]) & val(a[1])) | val(a[2])
         elif op == "shr.u32":
             regs[d] = (val(a[0]) & 0xFFFFFFFF) >> val(a[1])
+        elif op == "shl.b32":
+            regs[d] = (val(a[0]) << val(a[1])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[d] = val(a[0]) & val(a[1])
         elif op in ("fma.rn.f16x2", "mul.rn.f16x2"):
             x, y = _halves(val(a[0])), _halves(val(a[1]))
             z = _halves(val(a[2])) if op.startswith("fma") else [0.0, 0.0]
@@ -67,7 +72,7 @@ def run_ptx(asm: str, args: list) -> float | int:
             regs[d] = _pair(_f16(val(a[1])), _f16(val(a[0])))
         else:
             raise AssertionError(f"unexpected PTX instruction {op}")
-    return regs["$0"]
+    return regs["$0"] if outputs == 1 else [regs[f"${i}"] for i in range(outputs)]
 
 
 @triton.jit
@@ -127,6 +132,19 @@ def test_half2_ptx_against_the_replay_and_the_exact_sum(triton_ops, cpu_only, wo
         _replay_kernel[(1,)](w_in, x_in.to(torch.int32), out, MAGIC, C=n, WORDS=words)
         assert torch.equal(got.float(), out)
         assert ((got - want).abs() <= 2 ** -9 * ((u - 8).abs().double() * x.abs()).sum(1) / SCALE.value).all()
+
+
+def test_bf16_widening_ptx():
+    """BF16_ASM (the activations' bf16 pairs widened to fp32 on a GPU), run here: each half of a
+    register of two bf16 values comes out as that value in fp32, signs, zeros and extremes too."""
+    from deepserve.ops.triton.int4_half2 import BF16_ASM
+    g = torch.Generator().manual_seed(4)
+    vals = torch.cat([torch.randn(62, generator=g) * 100, torch.tensor([-0.0, 3e38])]).bfloat16()
+    bits = vals.view(torch.int16).to(torch.int64) & 0xFFFF
+    for i in range(0, len(vals), 2):
+        lo, hi = run_ptx(BF16_ASM.value, [int(bits[i] | (bits[i + 1] << 16))], outputs=2)
+        got = torch.tensor([lo, hi], dtype=torch.int64).to(torch.int32).view(torch.float32)
+        assert torch.equal(got.view(torch.int32), vals[i:i + 2].float().view(torch.int32))
 
 
 def _operands(n, k, group, zeros, seed, dtype):

@@ -66,6 +66,8 @@ def _word_asm() -> str:
 WORD_ASM = tl.constexpr(_word_asm())
 SUM_ASM = tl.constexpr("{\n.reg .b16 l, h, s;\nmov.b32 {l, h}, $1;\nadd.rn.f16 s, l, h;\ncvt.f32.f16 $0, s;\n}")
 PACK_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")     # fp32 $1, $2 -> the fp16 pair ($1 low)
+# a bf16 pair $2 -> fp32 $0 (its low half) and $1 (its high half): a bf16 is an fp32's high 16 bits
+BF16_ASM = tl.constexpr("{\nshl.b32 $0, $2, 16;\nand.b32 $1, $2, 0xFFFF0000;\n}")
 
 
 @triton.jit
@@ -82,12 +84,16 @@ def x_pairs(x_ptr, offs_c, c_ok, EVEN: tl.constexpr, ASM: tl.constexpr):
     """The activations of the words offs_c [C] as the fp16 pairs of lanes (q, q + 4), q = 0..3
     (x[8c + q] in the low half; int32 bits [C] each), and their fp32 sum (for zero points). A
     word's 8 activations are one [C, 8] load (16 bytes a thread where aligned), split into
-    lanes in the loading thread's registers."""
+    lanes in the loading thread's registers; bf16 ones widened to fp32 by `BF16_ASM`."""
     ptrs = x_ptr + 8 * offs_c[:, None] + tl.arange(0, 8)[None, :]
     if EVEN:
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs)
     else:
-        x = tl.load(ptrs, mask=c_ok[:, None], other=0.0).to(tl.float32)
+        x = tl.load(ptrs, mask=c_ok[:, None], other=0.0)
+    if ASM and x.dtype == tl.bfloat16:      # two instructions a register of two (cvt takes a PRMT more)
+        x = tl.inline_asm_elementwise(BF16_ASM, "=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        x = x.to(tl.float32)
     lo, hi = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 4]), (0, 2, 1)))     # [C, 4]: x[8c + q], x[8c + q + 4]
     l02, l13 = tl.split(tl.reshape(lo, [x.shape[0], 2, 2]))
     h02, h13 = tl.split(tl.reshape(hi, [x.shape[0], 2, 2]))
