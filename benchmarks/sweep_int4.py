@@ -65,7 +65,7 @@ GEMV_GRID += [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, SPLIT_K=k, DEQ=d, A
               for n, c, w, k, d in ((8, 128, 4, 1, 1), (4, 128, 4, 1, 1), (8, 128, 4, 1, 2), (4, 128, 4, 1, 2),
                                     (8, 256, 8, 1, 1), (8, 128, 4, 2, 1), (4, 128, 4, 2, 2))]
 # packed fp16 arithmetic (DEQ 3, ops/triton/int4_half2.py) with WORDS adjacent words a thread: sm_90
-# loops of 3.4 (1 word) and 2.4 (4 words) instructions a nibble at 8 rows, 2.2 with 4 words at 16
+# loops of 3.2 (1 word) and 2.35 (4 words) instructions a nibble at 8 rows, 2.2 with 4 words at 16
 # rows, against DEQ 1's 4.8 (benchmarks/sass_int4.py); a slice is WORDS x SUB_C words (4 x 128: a
 # whole 4096-wide row), so the shapes with few rows get split-K over narrower slices, merged by
 # each row block's last split (MERGE: no reduction launch after the GEMV)

@@ -24,4 +24,4 @@ def test_gemv_loop_instructions_a_nibble(tmp_path):
     per_nibble = [float(v) for v in re.findall(r"([0-9.]+) a nibble", out.stdout)]
     assert len(per_nibble) == 2 and out.stdout.count("0 B spilled") == 2, out.stdout
     deq1, half2 = per_nibble
-    assert half2 < 0.6 * deq1, out.stdout      # the fp16 pairs: 2.46 against 5.17 with Triton 3.6
+    assert half2 < 0.6 * deq1, out.stdout      # the fp16 pairs: 2.35 against 5.17 with Triton 3.6

@@ -21,7 +21,7 @@ Kernels:
    two FFMAs (u - z exact, times x). No tensor cores: a matrix-vector product is bound by the
    packed weight read. Launch setting DEQ 3 (16-bit activations) unpacks and multiplies in
    packed fp16 arithmetic instead (ops/triton/int4_half2.py; with WORDS 2 or 4 words a thread,
-   2.2-2.8 instructions a nibble at 4-16 rows).
+   2.2-2.7 instructions a nibble at 4-16 rows).
 2. `_int4_gemm_kernel` (prefill, larger batches): a tiled GEMM whose K step dequantizes a
    [BLOCK_N, BLOCK_K] weight tile in feature order (`dequant_tile`: (u - z) * s in fp32,
    rounded to the activations' dtype, exactly the torch reference's weight; the lanes joined
