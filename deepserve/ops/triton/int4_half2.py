@@ -80,29 +80,40 @@ def _pack(lo, hi, ASM: tl.constexpr):
 
 
 @triton.jit
+def _lanes(t):
+    """A [C, 8] tile of words' lanes -> its 8 columns [C]: lanes 0..3, then 4..7 (split in the
+    loading thread's registers)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(t, [t.shape[0], 2, 4]), (0, 2, 1)))     # [C, 4]: lanes q, q + 4
+    l02, l13 = tl.split(tl.reshape(lo, [t.shape[0], 2, 2]))
+    h02, h13 = tl.split(tl.reshape(hi, [t.shape[0], 2, 2]))
+    l0, l2 = tl.split(l02)
+    l1, l3 = tl.split(l13)
+    h0, h2 = tl.split(h02)
+    h1, h3 = tl.split(h13)
+    return l0, l1, l2, l3, h0, h1, h2, h3
+
+
+@triton.jit
 def x_pairs(x_ptr, offs_c, c_ok, EVEN: tl.constexpr, ASM: tl.constexpr):
     """The activations of the words offs_c [C] as the fp16 pairs of lanes (q, q + 4), q = 0..3
     (x[8c + q] in the low half; int32 bits [C] each), and their fp32 sum (for zero points). A
     word's 8 activations are one [C, 8] load (16 bytes a thread where aligned), split into
-    lanes in the loading thread's registers; bf16 ones widened to fp32 by `BF16_ASM`."""
+    lanes in the loading thread's registers: fp16 ones are the pairs' halves as they are, bf16
+    ones widened to fp32 (by `BF16_ASM` on a GPU) and rounded in pairs (`_pack`)."""
     ptrs = x_ptr + 8 * offs_c[:, None] + tl.arange(0, 8)[None, :]
     if EVEN:
         x = tl.load(ptrs)
     else:
         x = tl.load(ptrs, mask=c_ok[:, None], other=0.0)
+    if x.dtype == tl.float16:
+        l0, l1, l2, l3, h0, h1, h2, h3 = _lanes(x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        return l0 | (h0 << 16), l1 | (h1 << 16), l2 | (h2 << 16), l3 | (h3 << 16), tl.sum(x.to(tl.float32), axis=1)
     if ASM and x.dtype == tl.bfloat16:      # two instructions a register of two (cvt takes a PRMT more)
         x = tl.inline_asm_elementwise(BF16_ASM, "=r,=r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
     else:
         x = x.to(tl.float32)
-    lo, hi = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, 4]), (0, 2, 1)))     # [C, 4]: x[8c + q], x[8c + q + 4]
-    l02, l13 = tl.split(tl.reshape(lo, [x.shape[0], 2, 2]))
-    h02, h13 = tl.split(tl.reshape(hi, [x.shape[0], 2, 2]))
-    l0, l2 = tl.split(l02)
-    l1, l3 = tl.split(l13)
-    h0, h2 = tl.split(h02)
-    h1, h3 = tl.split(h13)
-    return (_pack(l0, h0, ASM), _pack(l1, h1, ASM), _pack(l2, h2, ASM), _pack(l3, h3, ASM),
-            tl.sum(x, axis=1))
+    l0, l1, l2, l3, h0, h1, h2, h3 = _lanes(x)
+    return _pack(l0, h0, ASM), _pack(l1, h1, ASM), _pack(l2, h2, ASM), _pack(l3, h3, ASM), tl.sum(x, axis=1)
 
 
 @triton.jit
