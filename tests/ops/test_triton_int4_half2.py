@@ -253,3 +253,25 @@ def test_int4_gemv_half2_gpu_model_shapes(triton_ops, m, n, k, setting):
                                                                 num_warps=setting["SUB_C"] // 32)}]):
         got = resolve("int4_linear", "triton")[1](x, qweight, scales, None, None, 128).float()
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("setting", [{"AHEAD": 1, "SPLIT_K": 2}, {"TILED": 1, "SPLIT_K": 1}])
+def test_int4_gemv_half2_ahead_and_tiled(triton_ops, cpu_only, monkeypatch, setting):
+    """DEQ 3 with each slice's words loaded a slice ahead (AHEAD) and over tile_words' layout
+    (TILED): one word a thread (WORDS 4 asked, 1 taken), the torch op's result within the bound."""
+    from deepserve.ops.triton import int4_gemm
+    from deepserve.ops.triton.launch_config import trying
+    n, k, group = 20, 384, 64
+    qweight, scales, z, g = _operands(n, k, group, True, 9, torch.bfloat16)
+    x = torch.randn(2, k, generator=g).bfloat16()
+    want = resolve("int4_linear", "torch")[1](x, qweight, scales, z, None, group, None).double()
+    taken = []
+    real = int4_gemm.gemv_deq
+    monkeypatch.setattr(int4_gemm, "gemv_deq", lambda *a: taken.append(real(*a)) or taken[-1])
+    cfg = {"DEQ": 3, "WORDS": 4, "BLOCK_N": 8, "SUB_C": 4, "STEPS": 1, "SPLIT_K": setting["SPLIT_K"],
+           "AHEAD": setting.get("AHEAD", 0)}
+    with trying("int4", [{"if": {"kernel": "gemv"}, "set": cfg}]):
+        tiled = int4_gemm.tile_words(qweight, 8, 4) if setting.get("TILED") else None
+        got = int4_gemm.int4_gemv(x, qweight, scales, z, None, group, None, tiled=tiled).double()
+    assert taken == [(3, 1)]
+    assert ((got - want).abs() <= 2 ** -8 * (want.abs() + _dequantized_l1(x, qweight, scales, z, group))).all()
