@@ -102,7 +102,7 @@ class ResponsesRequest(_Strict):
     max_output_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    stream: bool = False
+    stream: Optional[bool] = False   # null: unstreamed (OpenAI's and vLLM's)
     stream_options: Optional[ResponsesStreamOptions] = None
     tools: Optional[list[FunctionTool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoiceObject]] = None
@@ -131,6 +131,8 @@ class ResponsesRequest(_Strict):
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None    # vLLM's, as chat's
+    frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     ignore_eos: bool = False
@@ -226,12 +228,13 @@ class ResponsesRequest(_Strict):
         as a ChatFromResponses), `history` (a stored conversation's input items) before the
         input; a 400 naming the input item for a bad one."""
         body: dict[str, Any] = {"model": self.model, "messages": chat_messages(self, history), "n": 1}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                     "logit_bias", "parallel_tool_calls", "priority", "request_id", "user", "metadata", "cache_salt"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty", "seed", "stop", "logit_bias", "parallel_tool_calls", "priority",
+                     "request_id", "user", "metadata", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
         body.update(skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
-        body["stream"] = self.stream
+        body["stream"] = bool(self.stream)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens
         if self.logprobs() is not None:

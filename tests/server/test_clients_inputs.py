@@ -57,3 +57,26 @@ def test_prompt_over_the_context_has_vllms_message(demo_server):
     n = len(httpx.post(f"{demo_server.url}/tokenize", json={"messages": messages}, headers=HEADERS).json()["tokens"])
     r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": messages})
     assert r.status_code == 400 and r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=0, n=n, total=n, field="")
+
+
+def test_responses_take_vllms_penalties_and_a_null_stream(demo_server):
+    """vLLM's Responses API takes presence_penalty and frequency_penalty (they were ignored with a
+    warning): a Responses request's text is the chat request's with the same penalties (greedy),
+    which is not the unpenalized one; stream null is unstreamed."""
+    def responses(**fields):
+        body = {"model": "stories260k", "input": "Once upon a time", "max_output_tokens": 60, "temperature": 0,
+                **fields}
+        r = post(demo_server, "responses", body)
+        assert r.status_code == 200, r.text
+        return r.json()["output"][-1]["content"][0]["text"]
+
+    def chat(**fields):
+        body = {"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
+                "max_tokens": 60, "temperature": 0, **fields}
+        return post(demo_server, "chat/completions", body).json()["choices"][0]["message"]["content"]
+
+    penalties = {"presence_penalty": 2.0, "frequency_penalty": 2.0}
+    assert responses(**penalties) == chat(**penalties) != chat()
+    assert responses(stream=None) == chat()
+    bad = post(demo_server, "responses", {"model": "stories260k", "input": "Once", "presence_penalty": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "presence_penalty"
