@@ -83,6 +83,27 @@ def test_small_kernels_with_paired_lanes(triton_ops, cpu_only, groups, zeros):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_small_kernels_with_packed_fp16_lanes(triton_ops, cpu_only, dtype):
+    """A table giving the per-assignment kernels the GEMV's DEQ 3 (fp16 lane pairs; the
+    interpreter runs its exact replay): bf16 activations within the bf16 test's bound of the
+    torch op, fp32 ones taking DEQ 1 (fp16 pairs would round them) and matching it closely."""
+    from deepserve.ops.triton.launch_config import trying
+    groups = (32, 16)
+    ops = _experts(groups, True, seed=7)
+    x = torch.randn(2, D).to(dtype)
+    wts, ids = _routing(2, 2, seed=8, foreign=True)
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
+    rules = [{"if": {"kernel": k}, "set": {"DEQ": 3}} for k in ("moe_gate_up", "moe_down")]
+    with trying("int4", rules):
+        got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    else:
+        err = (got.float() - want.float()).abs().max()
+        assert err <= 2 ** -4 * want.float().abs().max(), err
+
+
 @pytest.mark.parametrize("groups,zeros,setting", [
     ((32, 16), True, {"SLOTS": 1}), ((16, 48), False, {"SLOTS": 1}),
     ((32, 16), True, {"SLOTS": 1, "SUB_C": 2, "STEPS": 1})])     # slices ending inside K, then EVEN ones

@@ -39,7 +39,8 @@ from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import (dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+                                          unpack_by_ptx)
 from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, int4_rows_dot, int4_settings, lane_minus,
                                              pairs_mode, slice_words)
 from deepserve.ops.triton.int4_mma import pair_order
@@ -53,7 +54,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                    DEQ: tl.constexpr, USE_PDL: tl.constexpr):
+                    DEQ: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0):
     """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n:
     the gate and up rows of the block in one tile of 2 BLOCK_N rows (gate row n, then up row
     I + n), so each word of x is read once for both."""
@@ -70,7 +71,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
     qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
     y = int4_rows_dot(qw + w_rows * stride_qn, x, s + w_rows * stride_sn, z + w_rows * stride_sn,
                       g_ptr + e * stride_ge, 0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, 2 * BLOCK_N, SUB_C,
-                      STEPS, dt, DEQ)
+                      STEPS, dt, DEQ, ASM=ASM)
     gate, up = tl.split(tl.reshape(y, [BLOCK_N, 2]))
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
@@ -84,7 +85,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                  EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                 DEQ: tl.constexpr, SLOTS: tl.constexpr, USE_PDL: tl.constexpr):
+                 DEQ: tl.constexpr, SLOTS: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n.
 
@@ -113,7 +114,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
             y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
                               s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
                               g_ptr + ex * stride_ge, 0, IW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, BLOCK_N,
-                              SUB_C, STEPS, dt, DEQ)
+                              SUB_C, STEPS, dt, DEQ, ASM=ASM)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -269,6 +270,12 @@ def _matrix(w, scales, zeros, g_idx, group: int, words: int, min_k: int = 0) -> 
                 sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SCALES=mode))
 
 
+def _moe_deq(cfg: dict, dtype: torch.dtype) -> int:
+    """The matrix-vector kernels' DEQ: the table's, except that fp32 activations take DEQ 1 for
+    3 (its fp16 pairs would round them), as the GEMV's `gemv_deq`; one word a thread always."""
+    return 1 if cfg["DEQ"] == 3 and dtype == torch.float32 else cfg["DEQ"]
+
+
 def _gemv_matrix(w, scales, zeros, g_idx, group: int, words: int) -> dict:
     """One stacked matrix's operands for the matrix-vector kernels (`int4_rows_dot`): slices of
     `words` words (at least 2, at most K's words rounded up to a power of two)."""
@@ -344,7 +351,8 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
         x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
         EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        DEQ=cfg["DEQ"], num_warps=cfg["num_warps"], num_stages=1, **mat["consts"], **pdl_launch(x.device))
+        DEQ=_moe_deq(cfg, x.dtype), ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
+        **mat["consts"], **pdl_launch(x.device))
     if act_int8:
         h = int8_rows_roundtrip(h)
     y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
@@ -356,6 +364,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        DEQ=cfg["DEQ"], SLOTS=slots, num_warps=cfg["num_warps"], num_stages=1, **mat["consts"],
+        DEQ=_moe_deq(cfg, h.dtype), SLOTS=slots, ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
+        **mat["consts"],
         **pdl_launch(x.device))
     return y
