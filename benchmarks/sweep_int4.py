@@ -84,11 +84,14 @@ GRIDS = {
     "moe_gate_up": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                     for n, c, s, w in ((8, 128, 1, 4), (4, 128, 1, 4), (16, 128, 1, 4), (8, 256, 1, 8), (4, 256, 1, 8),
                                        (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))]
-                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, DEQ=2) for n in (4, 8)],
+                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, DEQ=2) for n in (4, 8)]
+                   # the GEMV's packed fp16 arithmetic, one word a thread (DEQ 3)
+                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)],
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                  for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)]
+                + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)]
                 # every slot's words of a step in one tile (SLOTS; tiles whose sm_90 build keeps
                 # the [8 slots, words, rows] operands in registers without spilling)
                 + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=1, SLOTS=1)
