@@ -85,6 +85,8 @@ step int4_decode_moe 260 . python3 benchmarks/bench_int4.py --part decode moe
 step gemv_read 180 . python3 benchmarks/gemv_read_only.py
 #   issue 21  the MoE down's all-slots tiles (SLOTS) and the bf16-pair GEMM / sorted MoE (PAIRS) swept
 step int4_sweep_next 260 . python3 benchmarks/sweep_int4.py --write --kernels moe_down,moe_sorted,gemm
+#   issue 21  the small-batch int4 MoE in packed fp16 (DEQ 3) against its table, written where it wins
+step int4_sweep_moe_deq3 150 . python3 benchmarks/sweep_int4.py --write --kernels moe_gate_up,moe_down --deq 3
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 #   issue 16  the fp8-pool MLA decode against the reference, one setting changed at a time (the R1-shape
 #             GPU test's case: which setting moves the 128-head, several-split output)
