@@ -164,6 +164,7 @@ step engine_8b_all 100 . env DEEPSERVE_OPS=triton-all python3 benchmarks/bench_e
 step gemm_sweep_more 200 . python3 benchmarks/sweep_gemm.py --models r1 v2lite --out "$OUT/res/sweep_gemm_more.json" --write
 mkdir -p "$OUT/gemm_cfg" && cp deepserve/ops/triton/configs/gemm/*.json "$OUT/gemm_cfg/" 2>/dev/null
 mkdir -p "$OUT/res"; cp benchmarks/results/int4_*.json "$OUT/res/" 2>/dev/null
+mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/"   # after every int4 sweep step
 keep="res ops_new ops_old mla_fp8_cfg moe_small_cfg gemm_cfg int4_cfg fused_moe_cfg mv_old mv_new mv_ops_old mv_ops_new"
 cd "$OUT" && tar czf results.tgz $keep 2>/dev/null; rm -rf $keep
 for f in $STEPS; do echo "==== $f"; grep -v -E "^(INFO|DEBUG|WARNING)|USDT" "$OUT/$f.txt" 2>/dev/null | tail -28; done
