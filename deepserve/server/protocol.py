@@ -64,6 +64,8 @@ _WHY_NOT = {
     "guided_whitespace_pattern": "xgrammar, the grammar engine, takes no whitespace pattern: JSON is generated "
                                  "compact",
     "structural_tag": "give it as structured_outputs.structural_tag or response_format type structural_tag",
+    "enable_response_messages": "vLLM's, for its harmony models: the response does not list its messages",
+    "previous_input_messages": "vLLM's harmony-format history: send the conversation in input",
 }
 
 

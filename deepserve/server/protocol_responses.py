@@ -132,6 +132,9 @@ class ResponsesRequest(_Strict):
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None    # vLLM's, as chat's
+    include_reasoning: bool = True   # vLLM's: false leaves the reasoning item out (it is still generated)
+    include_stop_str_in_output: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -233,7 +236,10 @@ class ResponsesRequest(_Strict):
                      "request_id", "user", "metadata", "cache_salt"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
-        body.update(skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        body.update(skip_special_tokens=self.skip_special_tokens, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                    include_reasoning=self.include_reasoning, include_stop_str_in_output=self.include_stop_str_in_output)
+        if self.chat_template_kwargs is not None:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         body["stream"] = bool(self.stream)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens

@@ -159,7 +159,7 @@ def _output(state: ServerState, prep: PreparedChat, final: RequestOutput) -> tup
     out = final.outputs[0]
     reasoning, content, calls = ContentSplitter(prep, state.settings.tool_call_parser).whole(out.text)
     items = []
-    if reasoning:
+    if reasoning and prep.include_reasoning:
         items.append(reasoning_item(_new_id("rs"), reasoning, "completed"))
     if content:
         logprobs = _answer_logprobs(state, prep, out, 0)
@@ -446,6 +446,7 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
         async for _, res in merge_streams([prep.stream(state)]):
             out, last = res.outputs[0], res
             reasoning, content, calls = splitter.feed(out.text[sent:], out.finish_reason is not None)
+            reasoning = reasoning if prep.include_reasoning else ""
             logprobs = _answer_logprobs(state, prep, out, sent_logprobs)
             sent, sent_logprobs = len(out.text), sent_logprobs + len(logprobs)
             for event in items.feed(reasoning, content, calls, logprobs):

@@ -198,7 +198,7 @@ def test_error_mid_stream_is_an_error_event():
                             metrics=SimpleNamespace(record_error=errors.append))
     prep = SimpleNamespace(created=0, model=MODEL, params=SimpleNamespace(temperature=1.0, top_p=1.0), top_k=None,
                            stream=failing, reasoning_parser=lambda: None, tool_mode=None, tool_name=None,
-                           parallel_tool_calls=None)
+                           parallel_tool_calls=None, include_reasoning=True)
 
     async def frames() -> list[str]:
         return [f async for f in _stream(state, ResponsesRequest(input="x"), prep, "resp_1")]
