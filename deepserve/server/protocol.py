@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
+from deepserve.server.errors import APIError
 
 
 def random_id(prefix: str) -> str:
@@ -365,9 +366,23 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+# the content part types that are text (vLLM renders these five), each with the key holding it
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+               "thinking": "thinking"}
+
+
 class ContentPart(_Strict):
     type: str
     text: Optional[str] = None
+    refusal: Optional[str] = None
+    thinking: Optional[str] = None
+
+    def part_text(self) -> str:
+        """The part's text; a 400 for a part that is not text (images, audio, files)."""
+        if self.type not in _TEXT_PARTS:
+            raise APIError(400, f"content part type {self.type!r} is not supported (text only: "
+                                f"{', '.join(_TEXT_PARTS)})", param="messages", code="unsupported_field")
+        return getattr(self, _TEXT_PARTS[self.type]) or ""
 
 
 class FunctionCall(_Strict):
@@ -411,12 +426,7 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.type != "text":
-                raise ValueError(f"content part type {part.type!r} is not supported (text only)")
-            parts.append(part.text or "")
-        return "\n".join(parts)   # vLLM's join for templates that take string content
+        return "\n".join(part.part_text() for part in self.content)   # vLLM's join for templates that take strings
 
 
 class FunctionDef(_Strict):

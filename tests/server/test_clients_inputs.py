@@ -80,3 +80,24 @@ def test_responses_take_vllms_penalties_and_a_null_stream(demo_server):
     assert responses(stream=None) == chat()
     bad = post(demo_server, "responses", {"model": "stories260k", "input": "Once", "presence_penalty": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "presence_penalty"
+
+
+def test_text_content_parts_as_vllm_reads_them(demo_server):
+    """vLLM renders input_text / output_text (the Responses API's names, which clients reuse in
+    chat), refusal and thinking parts as text; any other part is a 400 naming its type (it was a
+    500 "ValueError")."""
+    def tokens(*parts):
+        body = {"model": "stories260k", "messages": [{"role": "user", "content": list(parts)}]}
+        r = httpx.post(f"{demo_server.url}/tokenize", json=body, headers=HEADERS)
+        return r.status_code, r.json()
+    status, want = tokens({"type": "text", "text": "Once upon"}, {"type": "text", "text": "a time"})
+    assert status == 200
+    assert tokens({"type": "input_text", "text": "Once upon"}, {"type": "output_text", "text": "a time"}) == (200, want)
+    assert tokens({"type": "refusal", "refusal": "Once upon"}, {"type": "thinking", "thinking": "a time"}) == (200, want)
+    for path in ("chat/completions", "tokenize"):
+        url = f"{demo_server.v1}/{path}" if path != "tokenize" else f"{demo_server.url}/tokenize"
+        r = httpx.post(url, headers=HEADERS, json={"model": "stories260k", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "'input_image'" in err["message"]
