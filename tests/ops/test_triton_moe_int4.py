@@ -13,23 +13,36 @@ from deepserve.ops.registry import resolve
 E, D, I = 4, 32, 48
 
 
-def _experts(groups, zeros: bool, seed: int):
+def _experts(groups, zeros: bool, seed: int, e: int = E, d: int = D, i: int = I):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for rows, k, group in ((2 * I, D, groups[0]), (D, I, groups[1])):
-        u = torch.randint(0, 16, (E, rows, k), generator=g)
-        s = (torch.rand(E, rows, k // group, generator=g) * 0.05 + 0.01).half()
-        z = torch.randint(0, 16, (E, rows, k // group), generator=g).to(torch.uint8) if zeros else None
+    for rows, k, group in ((2 * i, d, groups[0]), (d, i, groups[1])):
+        u = torch.randint(0, 16, (e, rows, k), generator=g)
+        s = (torch.rand(e, rows, k // group, generator=g) * 0.05 + 0.01).half()
+        z = torch.randint(0, 16, (e, rows, k // group), generator=g).to(torch.uint8) if zeros else None
         out += [pack_int4(u, 2), s, z]
     return out
 
 
-def _routing(t, top_k, seed, foreign=False):
+def _routing(t, top_k, seed, foreign=False, e: int = E):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(t)])
+    ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(t)])
     if foreign:
-        ids[0, 0] = E + 3        # an expert another EP rank holds
+        ids[0, 0] = e + 3        # an expert another EP rank holds
     return torch.rand(t, top_k, generator=g), ids.int()
+
+
+def _assert_close_to_torch(got, want, fp32_tol: float):
+    """got within fp32_tol (relative, and of max |want|) of the torch op's want for fp32 results;
+    bf16 ones within 2^-4 of max |want|: Triton 3.6's interpreter casts fp32 to bf16 by truncation
+    (a GPU rounds to nearest), and the kernels round the weights, gate, up, h and the output to
+    x's dtype as the reference does: the truncations all shrink magnitudes, a few percent in
+    all; the fp32 cases check the arithmetic itself."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=fp32_tol, atol=fp32_tol * want.abs().max().item())
+    else:
+        err = (got.float() - want.float()).abs().max()
+        assert err <= 2 ** -4 * want.float().abs().max(), err
 
 
 def test_torch_op_equals_the_16bit_fused_moe_on_dequantized_weights():
@@ -57,15 +70,7 @@ def test_kernels_match_the_torch_op(triton_ops, cpu_only, monkeypatch, path, gro
     want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
     got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
     assert got.shape == want.shape == (2, D) and got.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:
-        # Triton 3.6's interpreter casts fp32 to bf16 by truncation (a GPU rounds to nearest), and
-        # the kernels round the weights, gate, up, h and the output to x's dtype as the reference
-        # does: the truncations all shrink magnitudes, a few percent in all; the fp32 case above
-        # checks the arithmetic itself
-        err = (got.float() - want.float()).abs().max()
-        assert err <= 2 ** -4 * want.float().abs().max(), err
+    _assert_close_to_torch(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("groups,zeros", [((32, 16), True), ((16, 48), False)])
@@ -118,6 +123,63 @@ def test_small_down_kernel_with_all_slots_at_once(triton_ops, cpu_only, groups, 
     with trying("int4", [{"if": {"kernel": "moe_down"}, "set": setting}]):
         got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Launches:
+    """A kernel whose launches record their WORDS (1 where the launch passes none)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.words = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.words.append(kwargs.get("WORDS", 1))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _spy_on_launches(monkeypatch, module) -> dict:
+    """The small-batch kernels of `module` replaced by `_Launches` of them, by name."""
+    spies = {}
+    for name in ("_gate_up_kernel", "_down_kernel"):
+        spies[name] = _Launches(getattr(module, name))
+        monkeypatch.setattr(module, name, spies[name])
+    return spies
+
+
+@pytest.mark.parametrize("groups,zeros,dtype,top_k,words,steps,slots,d,i", [
+    # D: 12 words, slices of 8 ending inside it; down: all slots at once (one word a thread)
+    ((32, 64), True, torch.bfloat16, 8, 4, 1, 1, 96, 128),
+    ((64, 32), False, torch.bfloat16, 3, 2, 2, 0, 128, 96),   # 2 slices a loop trip, the last trip ragged
+    ((128, 128), True, torch.bfloat16, 1, 2, 1, 0, 128, 128),
+    ((32, 16), True, torch.bfloat16, 2, 4, 1, 0, 96, 64),     # down: groups of 2 words, WORDS 1
+    ((32, 32), True, torch.float32, 5, 4, 1, 0, 96, 96)])     # fp32: DEQ 1, WORDS 1
+def test_small_kernels_with_several_words_a_thread(triton_ops, cpu_only, monkeypatch, groups, zeros, dtype, top_k,
+                                                   words, steps, slots, d, i):
+    """A table giving both per-assignment kernels the GEMV's DEQ 3 with WORDS adjacent words a
+    thread (8 experts, an expert of another EP rank, rows ragged against BLOCK_N, slices of 2
+    WORDS words): each launch takes WORDS where a thread's words lie in one group and x is
+    16-bit (else 1), and the result is the torch op's within the bf16 test's bound (fp32: DEQ 1,
+    close)."""
+    from deepserve.ops.triton.launch_config import trying
+    e = 8
+    ops = _experts(groups, zeros, seed=11, e=e, d=d, i=i)
+    t = 1 if top_k > 4 else 2
+    x = torch.randn(t, d).to(dtype)
+    wts, ids = _routing(t, top_k, seed=12, foreign=True, e=e)
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, groups)
+    spies = _spy_on_launches(monkeypatch, triton_ops.moe_int4)
+    tile = {"DEQ": 3, "WORDS": words, "BLOCK_N": 64, "SUB_C": 2, "STEPS": steps}
+    rules = [{"if": {"kernel": "moe_gate_up"}, "set": tile}, {"if": {"kernel": "moe_down"}, "set": {**tile, "SLOTS": slots}}]
+    with trying("int4", rules):
+        got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, groups)
+
+    def takes(group, one_word=False):
+        return 1 if dtype == torch.float32 or group % (8 * words) or one_word else words
+    assert spies["_gate_up_kernel"].words == [takes(groups[0])]
+    assert spies["_down_kernel"].words == [takes(groups[1], slots > 0)]
+    assert got.shape == want.shape == (t, d) and got.dtype == dtype
+    _assert_close_to_torch(got, want, 1e-4)
 
 
 def test_sorted_kernels_with_bf16_pairs(triton_ops, cpu_only, monkeypatch):
@@ -237,13 +299,13 @@ def test_w4a8_experts_quantize_each_gemm_input_per_row(triton_ops, cpu_only, mon
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("zeros", [False, True])
-def test_small_batch_kernels_gpu_r1_shapes(triton_ops, zeros):
-    """The compiled small-batch kernels at one EP8 rank of R1 (32 experts, D 7168, I 2048, top-8,
-    groups of 128), one token: the torch op's result within bf16 rounding."""
-    e, d, i, g = 32, 7168, 2048, 128
-    gen = torch.Generator(device="cuda").manual_seed(int(zeros))
+R1_RANK = (32, 7168, 2048, 128)      # experts, D, I, group: one EP8 rank of R1
+
+
+def _r1_rank(gen: torch.Generator, zeros: bool):
+    """Random bf16 experts of one R1 rank on the GPU (groups of 128, zero points or symmetric),
+    one token's bf16 x and its 8 routing weights and distinct experts."""
+    e, d, i, g = R1_RANK
     ops = []
     for rows, k in ((2 * i, d), (d, i)):
         ops += [torch.randint(-2 ** 31, 2 ** 31, (e, rows, k // 8), generator=gen, device="cuda",
@@ -253,7 +315,39 @@ def test_small_batch_kernels_gpu_r1_shapes(triton_ops, zeros):
                 else None]
     x = torch.randn(1, d, generator=gen, device="cuda").bfloat16()
     ids = torch.randperm(e, generator=gen, device="cuda")[:8][None].int()
-    wts = torch.rand(1, 8, generator=gen, device="cuda")
+    return ops, x, torch.rand(1, 8, generator=gen, device="cuda"), ids
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zeros", [False, True])
+def test_small_batch_kernels_gpu_r1_shapes(triton_ops, zeros):
+    """The compiled small-batch kernels at one EP8 rank of R1 (32 experts, D 7168, I 2048, top-8,
+    groups of 128), one token: the torch op's result within bf16 rounding."""
+    g = R1_RANK[3]
+    gen = torch.Generator(device="cuda").manual_seed(int(zeros))
+    ops, x, wts, ids = _r1_rank(gen, zeros)
     want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, (g, g)).float()
     got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, (g, g)).float()
+    torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("words,slots,zeros", [(2, 0, False), (4, 0, True), (2, 1, False)])
+def test_small_batch_kernels_gpu_several_words_a_thread(triton_ops, monkeypatch, words, slots, zeros):
+    """The compiled small-batch kernels with DEQ 3 and WORDS words a thread (the PTX unpack; the
+    down kernel's all-slots path with SLOTS) at one EP8 rank of R1, one token, an expert of
+    another rank among the 8: the torch op's result within bf16 rounding."""
+    from deepserve.ops.triton.launch_config import trying
+    e, g = R1_RANK[0], R1_RANK[3]
+    gen = torch.Generator(device="cuda").manual_seed(words + 2 * slots)
+    ops, x, wts, ids = _r1_rank(gen, zeros)
+    ids[0, 3] = e + 5
+    want = resolve("fused_moe_int4", "torch")[1](x, *ops, wts, ids, (g, g)).float()
+    spies = _spy_on_launches(monkeypatch, triton_ops.moe_int4)
+    tile = {"DEQ": 3, "WORDS": words, "BLOCK_N": 8, "SUB_C": 128, "STEPS": 1, "num_warps": 4}
+    rules = [{"if": {"kernel": "moe_gate_up"}, "set": tile},
+             {"if": {"kernel": "moe_down"}, "set": {**tile, "SLOTS": slots, "BLOCK_N": 2 if slots else 8}}]
+    with trying("int4", rules):
+        got = resolve("fused_moe_int4", "triton")[1](x, *ops, wts, ids, (g, g)).float()
+    assert spies["_gate_up_kernel"].words == [words] and spies["_down_kernel"].words == [1 if slots else words]
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-2 * want.abs().max().item())

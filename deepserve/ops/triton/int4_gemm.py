@@ -195,7 +195,7 @@ def int4_rows_dot(qw_rows, x_ptr, s_rows, z_rows, g_ptr, c_start, c_end, magic, 
     column for every row, zero points as (z - 8) times x summed over the words. DEQ 3 takes
     WORDS (1, 2 or 4) adjacent words a thread, one group (the host's `gemv_deq` checks; read
     as 8-byte pairs), summed in fp16 before fp32 and the scale; a slice is then WORDS SUB_C
-    words. WORDS is the GEMV's: its host sizes the slices for it.
+    words. WORDS is the launch's (the GEMV's and the small-batch MoE's hosts size the slices for it).
 
     TILED (the weights repacked by `tile_words` for this BLOCK_N and SUB_C): qw_rows is the
     scalar start of the program's row block, whose slices of SUB_C words lie one after another,

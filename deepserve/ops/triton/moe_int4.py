@@ -4,7 +4,8 @@
 At decode a step routes a few tokens to top-k experts each; every (token, slot) assignment
 is a pair of matrix-vector products on one expert, so the time is the packed weights' bytes.
 Two launches, the matrix-vector products of ops/triton/int4_gemm.py (`int4_rows_dot`: each
-packed word loaded once, nibbles unpacked in registers) on BLOCK_N rows per program:
+packed word loaded once, nibbles unpacked in registers; DEQ and, for DEQ 3, WORDS words a
+thread as the GEMV's `gemv_deq` decides them) on BLOCK_N rows per program:
 
 1. `_gate_up_kernel`, program (assignment a, row block): h[a, n] = silu(G[e] x_t)[n] *
    (U[e] x_t)[n] for the gate and up rows n of expert e = topk_ids[a] (gate rows, then the up
@@ -41,8 +42,8 @@ from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
 from deepserve.ops.triton._common import (dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           unpack_by_ptx)
-from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, int4_rows_dot, int4_settings, lane_minus,
-                                             pairs_mode, slice_words)
+from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, gemv_deq, int4_rows_dot, int4_settings,
+                                             lane_minus, pairs_mode, slice_words)
 from deepserve.ops.triton.int4_mma import pair_order
 from deepserve.ops.triton.moe_align import align_by_expert
 
@@ -54,10 +55,11 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
                     stride_xt, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_ha,
                     GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                    DEQ: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0):
+                    DEQ: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0, WORDS: tl.constexpr = 1):
     """h[a, n] = silu(G[e] x_t)[n] * (U[e] x_t)[n], e = ids[a], t = a // top_k, for BLOCK_N rows n:
     the gate and up rows of the block in one tile of 2 BLOCK_N rows (gate row n, then up row
-    I + n), so each word of x is read once for both."""
+    I + n), so each word of x is read once for both. WORDS: DEQ 3's words a thread
+    (`int4_rows_dot`; a slice is WORDS SUB_C words)."""
     pdl_begin(USE_PDL)
     a, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + a)
@@ -71,7 +73,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, h_ptr, E, I, DW
     qw, s, z = qw_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
     y = int4_rows_dot(qw + w_rows * stride_qn, x, s + w_rows * stride_sn, z + w_rows * stride_sn,
                       g_ptr + e * stride_ge, 0, DW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, 2 * BLOCK_N, SUB_C,
-                      STEPS, dt, DEQ, ASM=ASM)
+                      STEPS, dt, DEQ, ASM=ASM, WORDS=WORDS)
     gate, up = tl.split(tl.reshape(y, [BLOCK_N, 2]))
     gate = gate.to(dt).to(tl.float32)
     up = up.to(dt).to(tl.float32)
@@ -85,14 +87,16 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
                  stride_ha, stride_qe, stride_qn, stride_se, stride_sn, stride_ge, stride_yt,
                  TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
                  EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
-                 DEQ: tl.constexpr, SLOTS: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0):
+                 DEQ: tl.constexpr, SLOTS: tl.constexpr, USE_PDL: tl.constexpr, ASM: tl.constexpr = 0,
+                 WORDS: tl.constexpr = 1):
     """y[t, n] = sum over token t's slots j of wts[t, j] * (W2[e_j] h[t k + j])[n] (each slot's
     product rounded to h's dtype first, as the reference), for BLOCK_N rows n.
 
     SLOTS (a launch setting; 0: off): the slots one after another, each a matrix-vector product
     whose loads wait for the one before; else every slot's words of a step in one
     [SLOTS, SUB_C, BLOCK_N] tile (SLOTS: TOP_K rounded up to a power of two), TOP_K times the
-    bytes in flight (`_all_slots_dot`; groups of whole words, DEQ 1's unpacking)."""
+    bytes in flight (`_all_slots_dot`; groups of whole words, DEQ 1's unpacking). WORDS (slots
+    one after another): DEQ 3's words a thread, as the gate_up kernel's."""
     pdl_begin(USE_PDL)
     t, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,7 +118,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
             y = int4_rows_dot(qw_ptr + ex * stride_qe + r * stride_qn, h_ptr + a.to(tl.int64) * stride_ha,
                               s_ptr + ex * stride_se + r * stride_sn, z_ptr + ex * stride_se + r * stride_sn,
                               g_ptr + ex * stride_ge, 0, IW, magic, GROUP, HAS_ZP, HAS_GIDX, EVEN, BLOCK_N,
-                              SUB_C, STEPS, dt, DEQ, ASM=ASM)
+                              SUB_C, STEPS, dt, DEQ, ASM=ASM, WORDS=WORDS)
             out += y.to(dt).to(tl.float32) * tl.load(wts_ptr + a).to(tl.float32)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -270,20 +274,25 @@ def _matrix(w, scales, zeros, g_idx, group: int, words: int, min_k: int = 0) -> 
                 sub=sub, consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SCALES=mode))
 
 
-def _moe_deq(cfg: dict, dtype: torch.dtype) -> int:
-    """The matrix-vector kernels' DEQ: the table's, except that fp32 activations take DEQ 1 for
-    3 (its fp16 pairs would round them), as the GEMV's `gemv_deq`; one word a thread always."""
-    return 1 if cfg["DEQ"] == 3 and dtype == torch.float32 else cfg["DEQ"]
-
-
-def _gemv_matrix(w, scales, zeros, g_idx, group: int, words: int) -> dict:
-    """One stacked matrix's operands for the matrix-vector kernels (`int4_rows_dot`): slices of
-    `words` words (at least 2, at most K's words rounded up to a power of two)."""
+def _gemv_matrix(w, scales, zeros, g_idx, group: int, cfg: dict, dtype: torch.dtype, one_word: bool = False) -> dict:
+    """One stacked matrix's operands and settings for the matrix-vector kernels (`int4_rows_dot`),
+    decided as the GEMV's `gemv_deq`: DEQ (fp32 activations take 1 for 3) and WORDS (DEQ 3's
+    words a thread: 1 where a thread's words could straddle groups, with g_idx, odd words a row
+    or rows not 8-byte aligned, and with one_word); slices of `sub` words a thread-column (at
+    least 2, at most K's words rounded up to a power of two), WORDS sub words each, STEPS a
+    loop trip, EVEN where K is whole loop trips."""
     g, sg, has_g = _gidx(g_idx, w)
+    kw = w.shape[2]
+    # (rows of an expert 8-byte aligned: every row and expert stride even, as a contiguous row of
+    # even words is)
+    odd_strides = bool(w.stride(0) % 2 or w.stride(1) % 2) or one_word
+    deq, words = gemv_deq(cfg, dtype, group, has_g, w[0], odd_strides)
+    sub = max(2, min(cfg["SUB_C"], next_pow2(kw)))
+    steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub * words)))
     return dict(ptrs=(w, scales, zeros if zeros is not None else scales, g),
                 strides=(w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), sg),
-                sub=max(2, min(words, next_pow2(w.shape[2]))),
-                consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g))
+                consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SUB_C=sub, STEPS=steps,
+                            EVEN=kw % (sub * words * steps) == 0, DEQ=deq, WORDS=words))
 
 
 def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_weights, topk_ids, groups,
@@ -346,25 +355,20 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     n_assign = ids.numel()
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
     cfg = int4_settings("moe_gate_up", num_tokens, 2 * i, d, x.device)
-    mat = _gemv_matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg["SUB_C"])
-    steps = max(1, min(cfg["STEPS"], triton.cdiv(d // PACK, mat["sub"])))
+    mat = _gemv_matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg, x.dtype)
     _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
         x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
-        EVEN=(d // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        DEQ=_moe_deq(cfg, x.dtype), ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
-        **mat["consts"], **pdl_launch(x.device))
+        BLOCK_N=cfg["BLOCK_N"], ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1, **mat["consts"],
+        **pdl_launch(x.device))
     if act_int8:
         h = int8_rows_roundtrip(h)
     y = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     cfg = int4_settings("moe_down", num_tokens, d, i, x.device)
-    mat = _gemv_matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg["SUB_C"])
-    steps = max(1, min(cfg["STEPS"], triton.cdiv(i // PACK, mat["sub"])))
-    whole_words = not mat["consts"]["HAS_GIDX"] and groups[1] % PACK == 0     # `_all_slots_dot`'s cases
+    whole_words = w2_g_idx is None and groups[1] % PACK == 0     # `_all_slots_dot`'s cases
     slots = next_pow2(top_k) if cfg["SLOTS"] and whole_words else 0
+    mat = _gemv_matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg, h.dtype, one_word=slots > 0)
     _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
-        EVEN=(i // PACK) % (mat["sub"] * steps) == 0, BLOCK_N=cfg["BLOCK_N"], SUB_C=mat["sub"], STEPS=steps,
-        DEQ=_moe_deq(cfg, h.dtype), SLOTS=slots, ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
-        **mat["consts"],
-        **pdl_launch(x.device))
+        BLOCK_N=cfg["BLOCK_N"], SLOTS=slots, ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
+        **mat["consts"], **pdl_launch(x.device))
     return y
