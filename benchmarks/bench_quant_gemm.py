@@ -7,7 +7,8 @@ CUDA-graph replays (how the engine runs decode):
 
 - bf16: torch.matmul(x, W^T) with bf16 x and W (cuBLAS);
 - fp8: the whole `fp8_block_linear` op (Triton per-token-group activation quant + our
-  block-scaled fp8 GEMM), the GEMM kernel alone and, at one row, the CUDA-core GEMV alone;
+  block-scaled fp8 GEMM), the GEMM kernel alone and, at one row, the CUDA-core GEMV alone
+  (products summed byte by byte in fp32, or in packed fp16 runs: H2) and on the tensor cores;
 - int8: the whole `int8_linear` op (torch per-token quant, torch._int_mm, rescale) and
   torch._int_mm alone.
 
@@ -56,6 +57,9 @@ def r1_shapes() -> list[tuple[str, int, int]]:
 # earlier sweeps' winners at each K-loop pipelining depth
 GEMV_CANDIDATES = [(4, 8, 4, 1, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 3), (4, 4, 4, 1, 2), (4, 4, 4, 1, 3),
                    (4, 4, 4, 4, 1), (4, 4, 4, 4, 2), (8, 4, 8, 1, 2), (8, 4, 4, 1, 3), (2, 8, 4, 1, 2)]
+# the same kernel in packed fp16 (H2 1, fp8_half2; BLOCK_N, GROUPS, num_warps, SPLIT_K, STAGES), the row
+# quantized either way: the table's tile, deeper pipelining, more rows a thread, split over K
+H2_CANDIDATES = [(4, 4, 4, 1, 1), (4, 8, 4, 1, 2), (8, 4, 4, 1, 2), (16, 4, 4, 1, 2), (4, 4, 4, 4, 2)]
 # the tensor-core GEMV's (BLOCK_N, num_warps, SPLIT_K, STAGES): 64 weight rows a warp group (fp8
 # wgmma; fewer rows fall back to converting MMAs), split over K for the weights of few rows
 MMA_CANDIDATES = [(64, 4, 1, 3), (64, 4, 1, 4), (128, 4, 1, 3), (128, 4, 1, 4), (64, 4, 4, 3), (128, 4, 4, 3),
@@ -79,12 +83,15 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     del w
     # one row: the op's launch settings each GEMV candidate stands for (--write), by name: the
     # CUDA-core kernel's (rows a program, groups a step, warps, split, stages) quantizing its row,
-    # and the tensor-core kernel's with the row quantized either way
+    # the same in packed fp16 and the tensor-core kernel's, with the row quantized either way
     settings = {
         **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
-                                                      QUANT_IN=1, MMA=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
+                                                      QUANT_IN=1, MMA=0, H2=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
+        **{f"fp8_gemv_h2_n{bn}g{gr}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk,
+                                                              STAGES=st, QUANT_IN=qi, MMA=0, H2=1)
+           for bn, gr, nw, sk, st in H2_CANDIDATES for qi in (0, 1)},
         **{f"fp8_gemv_mma_n{bn}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=1, num_warps=nw, SPLIT_K=sk, STAGES=st,
-                                                          QUANT_IN=qi, MMA=1)
+                                                          QUANT_IN=qi, MMA=1, H2=0)
            for bn, nw, sk, st in MMA_CANDIDATES for qi in (0, 1)}} if m == 1 else {}
     runs = {
         "fp8": (lambda: qg.fp8_block_linear(x, wq, ws), n * k * 1 + n * (-(-k // 128)) * 4),
@@ -158,7 +165,8 @@ def main() -> int:
             if m == 1:
                 one_row.append((name, recs))
     if one_row:   # the one-row kernels side by side: us (% of copy over the fp8 weight bytes)
-        print("\none row, us (% of copy): op as served | GEMM | CUDA-core GEMV best | tensor-core GEMV best")
+        print("\none row, us (% of copy): op as served | GEMM | CUDA-core GEMV best | packed fp16 GEMV best | "
+              "tensor-core GEMV best")
         for name, recs in one_row:
             def cell(rs):
                 r = min(rs, key=lambda r: r["time_ms"])
@@ -166,8 +174,9 @@ def main() -> int:
                 return f"{r['time_ms'] * 1e3:6.1f} ({100 * r['weight_gbps'] / r['copy_gbps']:3.0f}%) {kind}"
             picks = [[r for r in recs if r["name"].endswith(f"_{kind}_m1")] for kind in ("fp8", "fp8_gemm_only")]
             gemv = [r for r in recs if "_fp8_gemv_n" in r["name"] or r["name"].endswith("_fp8_gemv_fused_m1")]
+            h2 = [r for r in recs if "_fp8_gemv_h2_" in r["name"]]
             mma = [r for r in recs if "_fp8_gemv_mma_" in r["name"]]
-            print(f"{name:13s} | " + " | ".join(cell(rs) for rs in (*picks, gemv, mma) if rs))
+            print(f"{name:13s} | " + " | ".join(cell(rs) for rs in (*picks, gemv, h2, mma) if rs))
     if args.write and one_row:
         write_best(one_row)
     return 0

@@ -7,6 +7,7 @@ cast, so their e4m3 values are checked bit for bit here, and again compiled on a
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from deepserve.ops.quant import quant_fp8_per_token_group
@@ -74,7 +75,8 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
     calls, gemv = [], qg.fp8_gemv
     monkeypatch.setattr(qg, "fp8_gemv", lambda *a: calls.append((a[1] is None, a[-1])) or gemv(*a))
     monkeypatch.delenv(qg.FP8_GEMV_ENV, raising=False)
-    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2, "QUANT_IN": 1, "MMA": 0}
+    rule = {"use": 1, "BLOCK_N": 2, "GROUPS": 1, "num_warps": 2, "SPLIT_K": 2, "STAGES": 2, "QUANT_IN": 1, "MMA": 0,
+            "H2": 0}
     with trying("fp8_gemv", [{"if": {"n": 70, "k": 700}, "set": rule}]):
         y = qg.fp8_block_linear(x, wq, ws, bias)                 # one row: the table's GEMV settings
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
@@ -92,7 +94,7 @@ def test_fp8_gemv_kernel_equals_the_gemm_on_one_row(triton_ops, cpu_only, monkey
     # (the row quantized inside the GEMV, the settings)
     assert calls == [(True, table), (False, {**table, "QUANT_IN": 0}),
                      (True, {"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "SPLIT_K": 1, "STAGES": 1, "QUANT_IN": 1,
-                             "MMA": 0})]
+                             "MMA": 0, "H2": 0})]
 
 
 def test_fp8_gemv_on_tensor_cores_equals_the_dequantized_product(triton_ops, cpu_only):
@@ -113,3 +115,80 @@ def test_fp8_gemv_on_tensor_cores_equals_the_dequantized_product(triton_ops, cpu
         raise AssertionError("an 8-row MMA program was accepted")
     except ValueError as exc:
         assert "BLOCK_N >= 16" in str(exc)
+
+
+def _h2_bound(q, s, wq, ws, want):
+    """H2's worst-case error: 9 x 2^-11 of the products' absolute sum (8 fp16 adds a half and
+    the halves' one a run), 2^-25 x 256 a product in fp16's subnormals, and fp32's own roundings."""
+    k = q.shape[1]
+    sums = ((q.float().abs() * s.repeat_interleave(128, 1)[:, :k])
+            @ (wq.float().abs() * ws.repeat_interleave(128, 1)[:, :k]).t())
+    tiny = k * 2.0 ** -17 * (s.max() * ws.max()).item()
+    return 9 * 2.0 ** -11 * sums + tiny + 1e-5 * (1 + want.abs())
+
+
+def test_fp8_gemv_in_packed_fp16_within_its_rounding_bound(triton_ops, cpu_only):
+    """H2 1 (fp8_half2: each thread's 16 products of a row summed in fp16 pairs, then fp32):
+    partial row blocks (N = 70), K = 700 (a partial last group and step), bias, two tiles,
+    split over K, on a quantized row and quantizing the row itself; through the op's table too.
+    Each run of 16 products rounds at most 9 times by 2^-11 of its products' absolute sum (8
+    fp16 adds a half and the halves' one) plus 2^-25 (x 256) a product under fp16's normal
+    range: the bound below, scaled by the block scales. K = 702 (not whole words) takes the
+    byte-wise sums, exact."""
+    qg = triton_ops.quant_gemm
+    x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 4)
+    bound = _h2_bound(q, s, wq, ws, want)
+    for settings in ({"H2": 1}, {"H2": 1, "BLOCK_N": 8, "GROUPS": 2, "num_warps": 2},
+                     {"H2": 1, "BLOCK_N": 2, "GROUPS": 1, "SPLIT_K": 3, "STAGES": 2}):
+        for row, scales in ((q, s), (x, None)):
+            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, bias, settings)
+            assert ((y - want).abs() <= bound).all(), (settings, (y - want).abs().max().item())
+    with trying("fp8_gemv", [{"set": {"use": 1, "H2": 1, "QUANT_IN": 0}}]):
+        y = qg.fp8_block_linear(x, wq, ws, bias)
+        assert ((y - want).abs() <= bound).all()
+    x, q, s, wq, ws, bias, want = _operands(1, 9, 702, 5)
+    torch.testing.assert_close(qg.fp8_gemv(q, s, wq, ws, torch.float32, bias, {"H2": 1}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_gemv_in_packed_fp16_at_the_range_worst_case(triton_ops, cpu_only):
+    _range_worst_case(triton_ops.quant_gemm, "cpu")
+
+
+def _range_worst_case(qg, device: str):
+    """Weights and row at e4m3's largest magnitude, 448: each product times 2^-8 is 784, a half's
+    8 sum to 6272 and a run's 16 to 12544 (< 65504: finite and exact). A row of 448 and 1
+    alternating (x 1 and 1/448) shows the fp16 rounding: a run of 8 x 784 and 8 x 1.75 sums to
+    6272 + 14 = 6286, which fp16 (step 4 there) rounds to 6288, ties to even."""
+    k = 256
+    wq = torch.tensor([448.0, -448.0]).repeat_interleave(k).reshape(2, k).to(torch.float8_e4m3fn).to(device)
+    ws = torch.ones(2, 2, device=device)
+    for x, run in ((torch.ones(1, k), 12544.0), (torch.tensor([1.0, 1 / 448]).repeat(k // 2)[None], 6288.0)):
+        x = x.to(device)
+        q, s = quant_fp8_per_token_group(x)
+        for row, scales in ((q, s), (x, None)):
+            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, None, {"H2": 1, "BLOCK_N": 2, "GROUPS": 2})
+            assert torch.isfinite(y).all()
+            want = 16 * run * 256 * s[0, 0].item()      # 16 runs of 16 products, times 2^8 and the row's scale
+            torch.testing.assert_close(y[0].cpu(), torch.tensor([want, -want]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(2112, 7168), (24576, 1536), (7168, 16384), (7168, 18432)])
+def test_fp8_gemv_in_packed_fp16_gpu_r1_shapes(triton_ops, n, k):
+    """H2 1 compiled (the PTX: cvt.rn.f16x2.e4m3x2, HFMA2) at R1's shapes, on a quantized row and
+    quantizing the row itself, at the bench's tiles, within the packed sums' bound of the torch
+    op; and the range worst case."""
+    qg = triton_ops.quant_gemm
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, k, generator=g, device="cuda")
+    wq, grid = quant_fp8_block(torch.randn(n, k, generator=g, device="cuda") * 0.02)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    q, s = quant_fp8_per_token_group(x)
+    want = (q.float() * s.repeat_interleave(128, 1)[:, :k]) @ (wq.float() * ws.repeat_interleave(128, 1)[:, :k]).t()
+    bound = _h2_bound(q, s, wq, ws, want)
+    for tile in ({"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4}, {"BLOCK_N": 8, "GROUPS": 4, "num_warps": 4, "STAGES": 2},
+                 {"BLOCK_N": 16, "GROUPS": 4, "num_warps": 4, "STAGES": 2}, {"BLOCK_N": 4, "GROUPS": 8, "SPLIT_K": 4}):
+        for row, scales in ((q, s), (x, None)):
+            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, None, {"H2": 1, **tile})
+            assert ((y - want).abs() <= bound).all(), (tile, (y - want).abs().max().item())
+    _range_worst_case(qg, "cuda")

@@ -28,8 +28,11 @@ from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
-                                          quantize_e4m3, round_to_e4m3)
+                                          quantize_e4m3, round_to_e4m3, unpack_by_ptx)
+from deepserve.ops.triton.fp8_half2 import SCALE as SCALE_H2
+from deepserve.ops.triton.fp8_half2 import quarters, row_pairs, word_fma16
 from deepserve.ops.triton.gemm import grouped_tile
+from deepserve.ops.triton.int4_half2 import pair_sum16
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX
 
@@ -94,7 +97,8 @@ def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_per_split, stride_wn, stride_ws,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
                      QUANT_X: tl.constexpr, QMAX: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+                     PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr, H2: tl.constexpr = 0,
+                     ASM: tl.constexpr = 0):
     """One quantized row (e4m3 q [K], scales [Kb]) times BLOCK_N rows of the e4m3 weight: each
     step reads GROUPS 128-wide groups of the rows, sums each group's exact e4m3 x e4m3 products
     in fp32 and scales it by its activation and weight scales (the GEMM's per-group promotion,
@@ -105,10 +109,16 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
     QUANT_X: x_ptr is the unquantized row and as_ptr unused; each step quantizes its groups as
     _act_quant_kernel does (the same scales and e4m3 values), so one row needs no second launch.
     The weight rows depend on no earlier kernel: with PDL they are asked into L2 before the wait
-    (PREFETCH, small weights only); STAGES is the K loop's software-pipelining depth."""
+    (PREFETCH, small weights only); STAGES is the K loop's software-pipelining depth.
+
+    H2 1 (K and the row stride multiples of 4): a thread's 16 weight bytes of a row, read as 4
+    words, times the row in packed fp16 arithmetic (fp8_half2; PTX with ASM, else replayed),
+    each group's fp16 run sums added in fp32; H2 0 converts byte by byte and sums in fp32."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    w_words = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None, None] * (stride_wn // 4)
+    x_words = x_ptr.to(tl.pointer_type(tl.int32))
     g_first = tl.program_id(1) * groups_per_split
     g_end = tl.minimum(g_first + groups_per_split, tl.cdiv(K, GROUP))
     prefetch_rows(w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_wn + g_first * GROUP,
@@ -125,11 +135,31 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
             a_s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), QMAX)            # [G]
             q = round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(x, a_s[:, None]), -QMAX), QMAX))
             q = tl.reshape(q, [GROUPS * GROUP])
-        else:
+        elif not H2:
             q = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+        if not QUANT_X:
             a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
-        w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)         # [BN, G]
+        if H2:
+            # words [C, 4]: C runs of 4 words (16 bytes, one thread's) of each row a step
+            C: tl.constexpr = GROUPS * GROUP // 16
+            wk = g0 * (GROUP // 4) + 4 * tl.arange(0, C)[:, None] + tl.arange(0, 4)[None, :]
+            wk_ok = (wk < g_end * (GROUP // 4)) & (wk < K // 4)
+            ww = tl.load(w_words + wk[None, :, :], mask=row_ok[:, None, None] & wk_ok[None, :, :], other=0)
+            if QUANT_X:
+                x01, x23 = row_pairs(tl.reshape(q, [1, C, 4, 4]), ASM)                       # [1, C, 4] each
+            else:
+                x01, x23 = row_pairs(tl.load(x_words + wk[None, :, :], mask=wk_ok[None, :, :], other=0), ASM)
+            w0, w1, w2, w3 = quarters(ww)                                                     # [BN, C]
+            a0, a1, a2, a3 = quarters(x01)                                                    # [1, C]
+            b0, b1, b2, b3 = quarters(x23)
+            run = word_fma16(w0, a0, b0, tl.zeros([BLOCK_N, C], tl.int32), ASM)
+            run = word_fma16(w1, a1, b1, run, ASM)
+            run = word_fma16(w2, a2, b2, run, ASM)
+            run = word_fma16(w3, a3, b3, run, ASM)
+            part = tl.sum(tl.reshape(pair_sum16(run, ASM), [BLOCK_N, GROUPS, GROUP // 16]), axis=2) * SCALE_H2
+        else:
+            w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)     # [BN, G]
         w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
                       other=0.0)
         acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
@@ -200,10 +230,12 @@ def _fp8_gemv_mma_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, group
 # of a rule is the GEMV's settings (docs/PERFORMANCE.md: benchmarks/bench_quant_gemm.py --m 1
 # times both), QUANT_IN among them: 1 quantizes the row inside the GEMV, 0 runs the activation
 # quant kernel first; MMA 1 runs _fp8_gemv_mma_kernel (tensor cores; BLOCK_N >= 16 rows a
-# program, GROUPS unused, STAGES its num_stages), 0 the CUDA-core kernel. DEEPSERVE_FP8_GEMV=0 / 1
-# overrides `use` for an A/B of whole decode steps.
+# program, GROUPS unused, STAGES its num_stages), 0 the CUDA-core kernel; H2 1 has the CUDA-core
+# kernel multiply in packed fp16 (fp8_half2; where K and the weight's row stride are multiples of
+# 4 bytes, else it converts byte by byte). DEEPSERVE_FP8_GEMV=0 / 1 overrides `use` for an A/B of
+# whole decode steps.
 FP8_GEMV_ENV = "DEEPSERVE_FP8_GEMV"
-GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES", "QUANT_IN", "MMA")
+GEMV_KEYS = ("BLOCK_N", "GROUPS", "num_warps", "SPLIT_K", "STAGES", "QUANT_IN", "MMA", "H2")
 
 
 def gemv_settings(n: int, k: int, device: torch.device) -> Optional[dict]:
@@ -244,7 +276,9 @@ def fp8_gemv(q: torch.Tensor, a_scale: Optional[torch.Tensor], weight: torch.Ten
             raise ValueError(f"fp8_gemv MMA needs BLOCK_N >= 16 weight rows a program, got {cfg['BLOCK_N']}")
         _fp8_gemv_mma_kernel[grid](*args, num_stages=cfg["STAGES"], **common)
     else:
-        _fp8_gemv_kernel[grid](*args, GROUPS=cfg["GROUPS"], STAGES=cfg["STAGES"], **common)
+        words = all(t.data_ptr() % 4 == 0 for t in (q, weight)) and k % 4 == 0 and weight.stride(0) % 4 == 0
+        _fp8_gemv_kernel[grid](*args, GROUPS=cfg["GROUPS"], STAGES=cfg["STAGES"], H2=int(cfg.get("H2", 0) and words),
+                               ASM=unpack_by_ptx(), **common)
     if split == 1:
         return out
     y = out.sum(0, keepdim=True)
