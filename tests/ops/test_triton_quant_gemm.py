@@ -138,11 +138,11 @@ def test_fp8_gemv_in_packed_fp16_within_its_rounding_bound(triton_ops, cpu_only)
     qg = triton_ops.quant_gemm
     x, q, s, wq, ws, bias, want = _operands(1, 70, 700, 4)
     bound = _h2_bound(q, s, wq, ws, want)
-    for settings in ({"H2": 1}, {"H2": 1, "BLOCK_N": 8, "GROUPS": 2, "num_warps": 2},
-                     {"H2": 1, "BLOCK_N": 2, "GROUPS": 1, "SPLIT_K": 3, "STAGES": 2}):
-        for row, scales in ((q, s), (x, None)):
-            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, bias, settings)
-            assert ((y - want).abs() <= bound).all(), (settings, (y - want).abs().max().item())
+    for settings, row, scales in (({"H2": 1}, q, s), ({"H2": 1, "BLOCK_N": 8, "GROUPS": 2, "num_warps": 2}, x, None),
+                                  ({"H2": 1, "BLOCK_N": 2, "GROUPS": 1, "SPLIT_K": 3, "STAGES": 2}, q, s),
+                                  ({"H2": 1, "BLOCK_N": 2, "GROUPS": 1, "SPLIT_K": 3}, x, None)):
+        y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, bias, settings)
+        assert ((y - want).abs() <= bound).all(), (settings, (y - want).abs().max().item())
     with trying("fp8_gemv", [{"set": {"use": 1, "H2": 1, "QUANT_IN": 0}}]):
         y = qg.fp8_block_linear(x, wq, ws, bias)
         assert ((y - want).abs() <= bound).all()
