@@ -1,8 +1,9 @@
 """POST /v1/completions: one engine request per prompt (string, list of strings, token ids or
 lists of token ids), each with n samples; choices are numbered prompt * n + sample as
-OpenAI does (at most 16 x the n limit in all: SAMPLES_PER_N). Streams as SSE with per-choice
-text deltas, optional logprobs, a final usage chunk when `stream_options.include_usage` is set
-(on every chunk with `continuous_usage_stats`), then `data: [DONE]`.
+OpenAI does (at most 16 x the n limit in all: SAMPLES_PER_N). Streams as SSE, one choice a
+chunk (OpenAI's and vLLM's) with its text delta and optional logprobs, a final usage chunk when
+`stream_options.include_usage` is set (on every chunk with `continuous_usage_stats`: the chunk's
+prompt and choice so far, as vLLM's), then `data: [DONE]`.
 
 `echo` with `logprobs` returns the prompt tokens' logprobs first (the first token's is None),
 then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. `echo` with
