@@ -11,8 +11,9 @@ group (16 weights) so, then one HADD2 adds the halves and one conversion gives f
 (int4_half2.pair_sum16).
 
 Range and precision: the row's e4m3 values go in times 2^-8 (`row_pairs`: a conversion and one
-HMUL2 a pair, or the packing of the in-kernel quantization's fp32 values; exact, down to e4m3's
-smallest subnormal 2^-9, 2^-17 after the prescale, in fp16's subnormals, whose step is 2^-24).
+HMUL2 a pair; `quantized_row_pairs`: the in-kernel quantization's fp32 values packed), exact
+down to e4m3's smallest subnormal 2^-9 (2^-17 after the prescale, among fp16's subnormals,
+whose step is 2^-24).
 A product is then at most 448 x 448 / 256 = 784, a half's 8 products sum to at most 6272 and the
 two halves to 12544 < 65504: no sum overflows. Each product-and-add rounds once to fp16 (2^-11
 relative to the running sum, whose size the products' absolute sum bounds) and a product under
@@ -79,15 +80,19 @@ def quarters(t):
 
 
 @triton.jit
+def quantized_row_pairs(q, ASM: tl.constexpr):
+    """`row_pairs` of the in-kernel quantization's e4m3 values (fp32 [1, C, 4, 4], the last
+    dimension a word's bytes), packed exactly."""
+    ev, od = tl.split(tl.reshape(q * X_MUL, [1, q.shape[1], 4, 2, 2]))    # bytes 0, 2 and 1, 3
+    e0, e2 = tl.split(ev)
+    o1, o3 = tl.split(od)
+    return _pack(e0, o1, ASM), _pack(e2, o3, ASM)
+
+
+@triton.jit
 def row_pairs(q, ASM: tl.constexpr):
-    """The row's values of [1, C, 4] words times 2^-8 as fp16 pairs (bits in int32 [1, C, 4]):
-    (bytes 0, 1; bytes 2, 3) of each word. q: the e4m3 words (int32, converted by `ROW_ASM` with
-    ASM) or the fp32 e4m3 values [1, C, 4, 4] of the in-kernel quantization (packed exactly)."""
-    if q.dtype == tl.float32:
-        ev, od = tl.split(tl.reshape(q * X_MUL, [1, q.shape[1], 4, 2, 2]))    # bytes 0, 2 and 1, 3
-        e0, e2 = tl.split(ev)
-        o1, o3 = tl.split(od)
-        return _pack(e0, o1, ASM), _pack(e2, o3, ASM)
+    """The row's e4m3 words q (int32 [1, C, 4]) times 2^-8 as fp16 pairs (bits in int32 [1, C, 4]):
+    (bytes 0, 1; bytes 2, 3) of each word, converted by `ROW_ASM` with ASM."""
     if ASM:
         return tl.inline_asm_elementwise(ROW_ASM, "=r,=r,r", [q], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
     return (_e4m3_f16_bits(q, 0) | (_e4m3_f16_bits(q, 1) << 16),

@@ -30,7 +30,7 @@ from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           quantize_e4m3, round_to_e4m3, unpack_by_ptx)
 from deepserve.ops.triton.fp8_half2 import SCALE as SCALE_H2
-from deepserve.ops.triton.fp8_half2 import quarters, row_pairs, word_fma16
+from deepserve.ops.triton.fp8_half2 import quantized_row_pairs, quarters, row_pairs, word_fma16
 from deepserve.ops.triton.gemm import grouped_tile
 from deepserve.ops.triton.int4_half2 import pair_sum16
 from deepserve.ops.triton.launch_config import launch_settings
@@ -113,7 +113,8 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
 
     H2 1 (K and the row stride multiples of 4): a thread's 16 weight bytes of a row, read as 4
     words, times the row in packed fp16 arithmetic (fp8_half2; PTX with ASM, else replayed),
-    each group's fp16 run sums added in fp32; H2 0 converts byte by byte and sums in fp32."""
+    each run's sum scaled by its group's scales into an fp32 sum a thread, added across threads
+    once after the loop; H2 0 converts byte by byte and sums in fp32."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -125,6 +126,8 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
                   tl.minimum(g_end * GROUP, K) - g_first * GROUP, LINE, LINES, PREFETCH)
     pdl_begin(USE_PDL)
     acc = tl.zeros([BLOCK_N], tl.float32)
+    C: tl.constexpr = GROUPS * GROUP // 16          # H2: runs of 4 words (16 bytes, one thread's) of a row a step
+    runs = tl.zeros([BLOCK_N, C], tl.float32)       # H2: each run's scaled sums, added across threads after the loop
     for g0 in tl.range(g_first, g_end, GROUPS, num_stages=STAGES):
         offs = g0 * GROUP + tl.arange(0, GROUPS * GROUP)
         k_ok = (offs < g_end * GROUP) & (offs < K)
@@ -137,16 +140,20 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
             q = tl.reshape(q, [GROUPS * GROUP])
         elif not H2:
             q = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
-        if not QUANT_X:
-            a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
         if H2:
-            # words [C, 4]: C runs of 4 words (16 bytes, one thread's) of each row a step
-            C: tl.constexpr = GROUPS * GROUP // 16
+            # words [C, 4]: the step's runs of each row; a run's group and its scales [C], [BN, C]
             wk = g0 * (GROUP // 4) + 4 * tl.arange(0, C)[:, None] + tl.arange(0, 4)[None, :]
+            run_g = g0 + tl.arange(0, C) // (GROUP // 16)
+            if QUANT_X:
+                a_s = tl.reshape(tl.broadcast_to(a_s[:, None], [GROUPS, GROUP // 16]), [C])
+            else:
+                a_s = tl.load(as_ptr + run_g, mask=run_g < g_end, other=0.0)
+            w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + run_g[None, :],
+                          mask=row_ok[:, None] & (run_g < g_end)[None, :], other=0.0)
             wk_ok = (wk < g_end * (GROUP // 4)) & (wk < K // 4)
             ww = tl.load(w_words + wk[None, :, :], mask=row_ok[:, None, None] & wk_ok[None, :, :], other=0)
             if QUANT_X:
-                x01, x23 = row_pairs(tl.reshape(q, [1, C, 4, 4]), ASM)                       # [1, C, 4] each
+                x01, x23 = quantized_row_pairs(tl.reshape(q, [1, C, 4, 4]), ASM)                     # [1, C, 4] each
             else:
                 x01, x23 = row_pairs(tl.load(x_words + wk[None, :, :], mask=wk_ok[None, :, :], other=0), ASM)
             w0, w1, w2, w3 = quarters(ww)                                                     # [BN, C]
@@ -156,13 +163,17 @@ def _fp8_gemv_kernel(x_ptr, as_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K, groups_pe
             run = word_fma16(w1, a1, b1, run, ASM)
             run = word_fma16(w2, a2, b2, run, ASM)
             run = word_fma16(w3, a3, b3, run, ASM)
-            part = tl.sum(tl.reshape(pair_sum16(run, ASM), [BLOCK_N, GROUPS, GROUP // 16]), axis=2) * SCALE_H2
+            runs += pair_sum16(run, ASM) * (w_s * a_s[None, :])
         else:
+            if not QUANT_X:
+                a_s = tl.load(as_ptr + groups, mask=g_ok, other=0.0)
             w = tl.load(w_rows + offs[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             part = tl.sum(tl.reshape(w * q[None, :], [BLOCK_N, GROUPS, GROUP]), axis=2)     # [BN, G]
-        w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
-                      other=0.0)
-        acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
+            w_s = tl.load(ws_ptr + rows[:, None] * stride_ws + groups[None, :], mask=row_ok[:, None] & g_ok[None, :],
+                          other=0.0)
+            acc += tl.sum(part * (w_s * a_s[None, :]), axis=1)
+    if H2:
+        acc = tl.sum(runs, axis=1) * SCALE_H2
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + tl.program_id(1) * N + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
