@@ -7,11 +7,18 @@ cast, so their e4m3 values are checked bit for bit here, and again compiled on a
 """
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from deepserve.ops.quant import quant_fp8_per_token_group
 from deepserve.ops.registry import op_backends
+from deepserve.ops.triton.fp8_half2 import quantized_row_pairs, quarters, row_pairs, word_fma16
+from deepserve.ops.triton.int4_half2 import pair_sum16
 from deepserve.ops.triton.launch_config import trying
 from deepserve.quant.fp8 import quant_fp8_block
 
@@ -192,3 +199,96 @@ def test_fp8_gemv_in_packed_fp16_gpu_r1_shapes(triton_ops, n, k):
             y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, None, {"H2": 1, **tile})
             assert ((y - want).abs() <= bound).all(), (tile, (y - want).abs().max().item())
     _range_worst_case(qg, "cuda")
+
+
+def _f16_pair(lo: float, hi: float) -> int:
+    return int(np.array([lo, hi], np.float16).view(np.uint32)[0])
+
+
+def _f16_halves(bits: int) -> list[float]:
+    return [float(np.array([(bits >> (16 * h)) & 0xFFFF], np.uint16).view(np.float16)[0]) for h in (0, 1)]
+
+
+def _e4m3(byte: int) -> float:
+    return float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+
+
+def run_fp8_ptx(asm: str, args: list[int], outputs: int = 1):
+    """fp8_half2's PTX executed: $0 .. $(outputs - 1) the results, the .b32 args after them;
+    e4m3 bytes decoded by torch, each fp16 operation exact in fp64 then rounded once to fp16."""
+    regs = {f"${i + outputs}": a for i, a in enumerate(args)}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):        # a register's 16-bit halves
+            lo, hi, src = re.fullmatch(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()
+            regs[lo], regs[hi] = regs[src] & 0xFFFF, regs[src] >> 16
+            continue
+        d, *a = [t.strip() for t in rest.split(",")]
+        val = [int(t, 16) if t.startswith("0x") else regs[t] for t in a]
+        if op == "mov.b32":
+            regs[d] = val[0]
+        elif op == "cvt.rn.f16x2.e4m3x2":                 # the low byte to the low half
+            regs[d] = _f16_pair(_e4m3(val[0] & 0xFF), _e4m3(val[0] >> 8))
+        elif op in ("fma.rn.f16x2", "mul.rn.f16x2"):
+            x, y = _f16_halves(val[0]), _f16_halves(val[1])
+            exact = [x[h] * y[h] + _f16_halves(val[2])[h] if op.startswith("fma") else x[h] * y[h] for h in (0, 1)]
+            regs[d] = _f16_pair(*(float(np.float64(v).astype(np.float16)) for v in exact))
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return regs["$0"] if outputs == 1 else [regs[f"${i}"] for i in range(outputs)]
+
+
+@triton.jit
+def _h2_replay_kernel(w_ptr, x_ptr, xf_ptr, pairs_ptr, run_ptr, sum_ptr, C: tl.constexpr):
+    """The row's pairs from its words and from its fp32 values ([4, C, 4]: x01, x23 of each),
+    and the fp16-pair run of C runs of 4 words (its bits and pair_sum16), by the replay."""
+    c, j = tl.arange(0, C)[:, None], tl.arange(0, 4)[None, :]
+    x01, x23 = row_pairs(tl.load(x_ptr + 4 * c + j)[None], False)
+    f01, f23 = quantized_row_pairs(tl.load(xf_ptr + 16 * c[:, :, None] + 4 * j[:, :, None]
+                                           + tl.arange(0, 4)[None, None, :])[None], False)
+    tl.store(pairs_ptr + 4 * c + j, tl.reshape(x01, [C, 4]))
+    tl.store(pairs_ptr + 4 * C + 4 * c + j, tl.reshape(x23, [C, 4]))
+    tl.store(pairs_ptr + 8 * C + 4 * c + j, tl.reshape(f01, [C, 4]))
+    tl.store(pairs_ptr + 12 * C + 4 * c + j, tl.reshape(f23, [C, 4]))
+    w0, w1, w2, w3 = quarters(tl.load(w_ptr + 4 * c + j)[None])
+    a0, a1, a2, a3 = quarters(x01)
+    b0, b1, b2, b3 = quarters(x23)
+    run = word_fma16(w0, a0, b0, tl.zeros([1, C], tl.int32), False)
+    run = word_fma16(w1, a1, b1, run, False)
+    run = word_fma16(w2, a2, b2, run, False)
+    run = word_fma16(w3, a3, b3, run, False)
+    tl.store(run_ptr + tl.arange(0, C), tl.reshape(run, [C]))
+    tl.store(sum_ptr + tl.arange(0, C), tl.reshape(pair_sum16(run, False), [C]))
+
+
+def test_fp8_half2_ptx_bit_for_bit_the_replay(triton_ops, cpu_only):
+    """fp8_half2's PTX (ROW_ASM, WORD_ASM chained over a run of 4 words), run here instruction
+    by instruction with torch's e4m3 decoding, gives the Triton replay's bits (the interpreter's
+    and ROCm's path) for every finite e4m3 byte as a weight and as a row value (both signs,
+    subnormals, 448); the row's pairs from its words equal those packed from its fp32 values."""
+    from deepserve.ops.triton.fp8_half2 import ROW_ASM, WORD_ASM
+
+    c = 64
+    g = torch.Generator().manual_seed(6)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F])
+    wb = torch.cat([finite, finite[torch.randint(0, len(finite), (c * 16,), generator=g)]])
+    wb = wb[:c * 16].to(torch.uint8).reshape(c * 4, 4)
+    xb = finite.flip(0).repeat(8)[:c * 16].to(torch.uint8).reshape(c * 4, 4)
+    w_words, x_words = wb.view(torch.int32).reshape(-1), xb.view(torch.int32).reshape(-1)
+    xf = xb.view(torch.float8_e4m3fn).float().reshape(-1)
+    pairs = torch.zeros(4, c, 4, dtype=torch.int32)
+    run, sums = torch.zeros(c, dtype=torch.int32), torch.zeros(c)
+    _h2_replay_kernel[(1,)](w_words, x_words, xf, pairs, run, sums, C=c)
+    assert torch.equal(pairs[0], pairs[2]) and torch.equal(pairs[1], pairs[3])
+    for r in range(c):
+        acc = 0
+        for j in range(4):
+            x01, x23 = run_fp8_ptx(ROW_ASM.value, [int(x_words[4 * r + j]) & 0xFFFFFFFF], outputs=2)
+            assert (x01, x23) == (int(pairs[0, r, j]) & 0xFFFFFFFF, int(pairs[1, r, j]) & 0xFFFFFFFF)
+            acc = run_fp8_ptx(WORD_ASM.value, [int(w_words[4 * r + j]) & 0xFFFFFFFF, x01, x23, acc])
+        assert acc == int(run[r]) & 0xFFFFFFFF, r
+        lo, hi = _f16_halves(acc)
+        assert float(sums[r]) == float(np.float16(lo + hi))
