@@ -60,9 +60,10 @@ GEMV_CANDIDATES = [(4, 8, 4, 1, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 3), (4, 4, 4, 
 # the same kernel in packed fp16 (H2 1, fp8_half2; BLOCK_N, GROUPS, num_warps, SPLIT_K, STAGES), the row
 # quantized either way: the table's tile, pipelined, and tiles whose step spans a group per 8 threads, so
 # that a thread holds BLOCK_N rows of one 16-byte run and converts its row's run once for all of them
-# (benchmarks/sass_fp8_gemv.py: 2.7-3.3 loop instructions a weight byte against 3.75 and today's 6.1-7.4)
-H2_CANDIDATES = [(4, 4, 4, 1, 1), (4, 4, 4, 1, 2), (4, 16, 4, 1, 1), (8, 8, 2, 1, 1), (16, 8, 4, 1, 1),
-                 (16, 8, 4, 4, 1)]
+# (benchmarks/sass_fp8_gemv.py, row quantized first: 2.7-3.5 loop instructions a weight byte, against
+# 3.75 at the table's tile and today's 6.1-7.4)
+H2_CANDIDATES = [(4, 4, 4, 1, 1), (4, 4, 4, 1, 2), (4, 8, 4, 1, 1), (4, 16, 4, 1, 1), (8, 8, 2, 1, 1),
+                 (16, 8, 4, 1, 1), (16, 8, 4, 4, 1)]
 # the tensor-core GEMV's (BLOCK_N, num_warps, SPLIT_K, STAGES): 64 weight rows a warp group (fp8
 # wgmma; fewer rows fall back to converting MMAs), split over K for the weights of few rows
 MMA_CANDIDATES = [(64, 4, 1, 3), (64, 4, 1, 4), (128, 4, 1, 3), (128, 4, 1, 4), (64, 4, 4, 3), (128, 4, 4, 3),

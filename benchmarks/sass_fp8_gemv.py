@@ -2,7 +2,7 @@
 registers, spills, shared memory and its K loop's instructions by class, a weight byte, per
 launch setting.
 
-    python benchmarks/sass_fp8_gemv.py                          # R1's shapes, H2 0 and 1, row quantized first
+    python benchmarks/sass_fp8_gemv.py                          # the tables' tiles and H2's, row quantized first
     python benchmarks/sass_fp8_gemv.py --tile 4,4,4,1,1 --quant-in 1 --sass loop.sass
                                                                 # BLOCK_N,GROUPS,warps,STAGES,H2
 
@@ -12,7 +12,8 @@ benchmarks/sass_mla_decode_fp8.py's helpers give registers (ptxas -v) and the SA
 A loop trip reads BLOCK_N x GROUPS x 128 weight bytes over 32 x warps threads; against an SM's
 issue rate at the copy bandwidth (about 11 thread-instructions a byte on the H100, 7.8 on the
 H200: docs/PERFORMANCE.md, "R1 in FP8") the instructions a weight byte bound the kernel. The
-instructions do not depend on N and K beyond their divisibility: R1's shapes share them.
+instructions do not depend on N and K beyond their divisibility: R1's shapes share them. Count
+at STAGES 1: a pipelined build's first loop need not be its K loop.
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from sass_mla_decode_fp8 import counts, report  # noqa: E402
 
 CLASSES = ("LDG", "F2FP", "F2F", "HFMA2", "HMUL2", "HADD2", "FFMA", "FMUL", "FADD", "FMNMX", "MUFU", "PRMT",
            "I2F", "I2FP", "SHF", "LOP3", "IADD3", "IMAD", "ISETP", "SEL", "SHFL", "STS", "LDS", "BAR", "STL", "LDL")
-# the launch table's CUDA-core settings (BLOCK_N, GROUPS, warps, STAGES) and more rows a thread
-TILES = [(4, 4, 4, 1), (4, 8, 4, 2), (8, 4, 4, 2), (16, 4, 4, 2)]
+# (BLOCK_N, GROUPS, warps, STAGES, H2): the launch tables' CUDA-core settings (GROUPS 8 for weights of
+# fewer than 4096 rows), then H2 at the same tiles and at tiles whose threads hold several rows of a run
+TILES = [(4, 4, 4, 1, 0), (4, 8, 4, 1, 0), (4, 4, 4, 1, 1), (4, 8, 4, 1, 1), (4, 16, 4, 1, 1), (8, 8, 2, 1, 1),
+         (16, 8, 4, 1, 1)]
 
 
 def compile_gemv(block_n: int, groups: int, warps: int, stages: int, h2: int, quant_in: int):
@@ -45,7 +48,7 @@ def main() -> int:
     ap.add_argument("--quant-in", type=int, default=0, help="1: the kernel quantizes the bf16 row itself")
     ap.add_argument("--sass", default="", help="write the last build's SASS here")
     args = ap.parse_args()
-    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile] or [t + (h2,) for t in TILES for h2 in (0, 1)]
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tile] or TILES
     for block_n, groups, warps, stages, h2 in tiles:
         loop = report(compile_gemv(block_n, groups, warps, stages, h2, args.quant_in),
                       f"BLOCK_N {block_n} GROUPS {groups} warps {warps} STAGES {stages} H2 {h2} "
