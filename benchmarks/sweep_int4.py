@@ -86,16 +86,28 @@ GRIDS = {
                                        (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))]
                    + [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, DEQ=2) for n in (4, 8)]
                    # the GEMV's packed fp16 arithmetic, one word a thread (DEQ 3)
-                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)],
+                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)]
+                   # ... WORDS 2 / 4 words a thread (sm_90 loops of 2.45 / 2.13 instructions a nibble at 8 rows
+                   # against 3.2 with one word: benchmarks/sass_int4.py moe_gate_up); a slice is WORDS SUB_C
+                   # words, so SUB_C 64 / 32 make D's 896 words whole slices
+                   + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, WORDS=d)
+                      for n, c, w, d in ((8, 128, 4, 2), (4, 128, 4, 2), (16, 128, 4, 2), (8, 128, 4, 4), (4, 128, 4, 4),
+                                         (8, 64, 2, 2), (16, 64, 2, 2), (8, 32, 1, 4))],
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                  for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)]
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)]
+                # ... WORDS 2 / 4 (I's 256 words: one slice of 2 x 128 or 4 x 64 words a slot)
+                + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, WORDS=d)
+                   for n, c, w, d in ((4, 128, 4, 2), (8, 128, 4, 2), (2, 128, 4, 2), (4, 64, 2, 4), (8, 64, 2, 4))]
                 # every slot's words of a step in one tile (SLOTS; tiles whose sm_90 build keeps
                 # the [8 slots, words, rows] operands in registers without spilling)
                 + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=1, SLOTS=1)
-                   for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (2, 256, 1, 8), (1, 128, 2, 4))],
+                   for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (2, 256, 1, 8), (1, 128, 2, 4))]
+                # ... in packed fp16 (`_all_slots_half2`)
+                + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=3, SLOTS=1)
+                   for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (1, 128, 2, 4))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)]
             # the bf16-pair dequantization (int4_gemm.dequant_tile PAIRS: no fp32 -> bf16 conversions)

@@ -44,6 +44,8 @@ from deepserve.ops.triton._common import (dot_dtype, interpreting, next_pow2, pd
                                           unpack_by_ptx)
 from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, gemv_deq, int4_rows_dot, int4_settings,
                                              lane_minus, pairs_mode, slice_words)
+from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
+from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pairs
 from deepserve.ops.triton.int4_mma import pair_order
 from deepserve.ops.triton.moe_align import align_by_expert
 
@@ -95,14 +97,21 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, E,
     SLOTS (a launch setting; 0: off): the slots one after another, each a matrix-vector product
     whose loads wait for the one before; else every slot's words of a step in one
     [SLOTS, SUB_C, BLOCK_N] tile (SLOTS: TOP_K rounded up to a power of two), TOP_K times the
-    bytes in flight (`_all_slots_dot`; groups of whole words, DEQ 1's unpacking). WORDS (slots
-    one after another): DEQ 3's words a thread, as the gate_up kernel's."""
+    bytes in flight (`_all_slots_dot`; groups of whole words; DEQ 3: `_all_slots_half2`, else
+    DEQ 1's unpacking). WORDS (slots one after another): DEQ 3's words a thread, as the gate_up
+    kernel's."""
     pdl_begin(USE_PDL)
     t, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < D
     r = tl.minimum(rows, D - 1).to(tl.int64)          # (rows past D: not stored)
     dt = h_ptr.dtype.element_ty
+    if SLOTS > 0 and DEQ == 3:
+        out = _all_slots_half2(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, magic, stride_ha,
+                               stride_qe, stride_qn, stride_se, stride_sn, TOP_K, GROUP, HAS_ZP, EVEN, BLOCK_N, SUB_C,
+                               STEPS, SLOTS, dt, ASM)
+        tl.store(y_ptr + t.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        return
     if SLOTS > 0:
         out = _all_slots_dot(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, magic, stride_ha, stride_qe,
                              stride_qn, stride_se, stride_sn, TOP_K, GROUP, HAS_ZP, EVEN, BLOCK_N, SUB_C, STEPS,
@@ -171,6 +180,55 @@ def _all_slots_dot(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, m
             acc += tw * sc
     y = tl.sum(acc, axis=1)                                                              # [S, BN]
     wts = tl.load(wts_ptr + a, mask=use, other=0.0).to(tl.float32)
+    return tl.sum(y.to(dt).to(tl.float32) * wts[:, None], axis=0)
+
+
+@triton.jit
+def _all_slots_half2(h_ptr, ids_ptr, wts_ptr, qw_ptr, s_ptr, z_ptr, r, t, E, IW, magic, stride_ha, stride_qe,
+                     stride_qn, stride_se, stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr,
+                     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr, STEPS: tl.constexpr,
+                     SLOTS: tl.constexpr, dt: tl.constexpr, ASM: tl.constexpr):
+    """`_all_slots_dot` in packed fp16 (DEQ 3, one word a thread: `int4_half2`): a step's words of
+    every slot as one column axis of SLOTS SUB_C words (column j: slot j // SUB_C, its word
+    (j % SUB_C) ^ 1 of the slice), a [SLOTS SUB_C, BLOCK_N] tile whose columns each read their
+    slot's h pairs (h's row as a [columns, 1] pointer, which `x_pairs` offsets by the word), so
+    the GEMV's per-word arithmetic runs unchanged; the word sums are reduced per slot at the end."""
+    j = tl.arange(0, SLOTS * SUB_C)
+    slot = j // SUB_C
+    a = t * TOP_K + slot
+    e = tl.load(ids_ptr + a, mask=slot < TOP_K, other=-1)
+    use = (slot < TOP_K) & (e >= 0) & (e < E)                                   # [SC]
+    ex = tl.where(use, e, 0).to(tl.int64)
+    qw_cols = qw_ptr + ex[:, None] * stride_qe + r[None, :] * stride_qn          # [SC, BN]
+    s_cols = s_ptr + ex[:, None] * stride_se + r[None, :] * stride_sn
+    z_cols = z_ptr + ex[:, None] * stride_se + r[None, :] * stride_sn
+    h_cols = (h_ptr + tl.where(use, a, 0).to(tl.int64) * stride_ha)[:, None]    # [SC, 1]
+    word = (j % SUB_C) ^ 1
+    magic16 = magic16_of(magic)
+    acc = tl.zeros([SLOTS * SUB_C, BLOCK_N], tl.float32)
+    for c_step in range(0, IW, SUB_C * STEPS):
+        for sub in tl.static_range(STEPS):
+            offs_c = c_step + sub * SUB_C + word
+            if EVEN:
+                ok = use
+            else:
+                ok = use & (offs_c < IW)
+            w = tl.load(qw_cols + offs_c[:, None], mask=ok[:, None], other=0)
+            x04, x15, x26, x37, xs = x_pairs(h_cols, offs_c, ok, False, ASM)
+            pairs = pairs_fma16(w, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
+                                tl.zeros(w.shape, tl.int32), magic16, ASM)
+            tw = pair_sum16(pairs, ASM)
+            grp = (8 * offs_c) // GROUP
+            sc = tl.load(s_cols + grp[:, None], mask=ok[:, None], other=0.0).to(tl.float32)
+            if HAS_ZP:
+                z = tl.load(z_cols + grp[:, None], mask=ok[:, None], other=8).to(tl.float32)
+                tw -= (z - 8.0) * (xs * (1.0 / SCALE16))[:, None]
+            acc += tw * sc
+    y = tl.sum(tl.reshape(acc, [SLOTS, SUB_C, BLOCK_N]), axis=1) * SCALE16                # [S, BN]
+    offs_s = tl.arange(0, SLOTS)
+    a_s = t * TOP_K + offs_s
+    e_s = tl.load(ids_ptr + a_s, mask=offs_s < TOP_K, other=-1)
+    wts = tl.load(wts_ptr + a_s, mask=(offs_s < TOP_K) & (e_s >= 0) & (e_s < E), other=0.0).to(tl.float32)
     return tl.sum(y.to(dt).to(tl.float32) * wts[:, None], axis=0)
 
 
