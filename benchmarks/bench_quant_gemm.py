@@ -64,6 +64,9 @@ GEMV_CANDIDATES = [(4, 8, 4, 1, 1), (4, 8, 4, 1, 2), (4, 8, 4, 1, 3), (4, 4, 4, 
 # 3.75 at the table's tile and today's 6.1-7.4)
 H2_CANDIDATES = [(4, 4, 4, 1, 1), (4, 4, 4, 1, 2), (4, 8, 4, 1, 1), (4, 16, 4, 1, 1), (8, 8, 2, 1, 1),
                  (16, 8, 4, 1, 1), (16, 8, 4, 4, 1)]
+# the byte-wise kernel at H2's tiles of several rows a thread (3.7-3.8 instructions a byte there), the row
+# quantized first: what H2 adds beyond the tile
+WIDE_CANDIDATES = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1)]
 # the tensor-core GEMV's (BLOCK_N, num_warps, SPLIT_K, STAGES): 64 weight rows a warp group (fp8
 # wgmma; fewer rows fall back to converting MMAs), split over K for the weights of few rows
 MMA_CANDIDATES = [(64, 4, 1, 3), (64, 4, 1, 4), (128, 4, 1, 3), (128, 4, 1, 4), (64, 4, 4, 3), (128, 4, 4, 3),
@@ -91,6 +94,8 @@ def bench_shape(name: str, n: int, k: int, m: int, peak: float, copy_gbps: float
     settings = {
         **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
                                                       QUANT_IN=1, MMA=0, H2=0) for bn, gr, nw, sk, st in GEMV_CANDIDATES},
+        **{f"fp8_gemv_n{bn}g{gr}w{nw}s{sk}t{st}q0": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk, STAGES=st,
+                                                        QUANT_IN=0, MMA=0, H2=0) for bn, gr, nw, sk, st in WIDE_CANDIDATES},
         **{f"fp8_gemv_h2_n{bn}g{gr}w{nw}s{sk}t{st}q{qi}": dict(BLOCK_N=bn, GROUPS=gr, num_warps=nw, SPLIT_K=sk,
                                                               STAGES=st, QUANT_IN=qi, MMA=0, H2=1)
            for bn, gr, nw, sk, st in H2_CANDIDATES for qi in (0, 1)},
