@@ -46,6 +46,8 @@ MOE = (32, 7168, 2048, 8)            # experts, D, I, top-k: one EP8 rank of R1
 # thread and row: SUB_C = 32 x num_warps, or a multiple of it), BLOCK_N rows in each thread's
 # registers (the gate_up kernel holds 2 BLOCK_N: gate and up rows), STEPS slices unrolled a
 # loop step, SPLIT_K programs along K.
+# (A candidate takes what it leaves out from the table: the DEQ 3 ones name WORDS and, for
+# moe_down, SLOTS, so that a rule written by an earlier sweep does not change them.)
 GEMV_GRID = [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, SPLIT_K=k)
              for n, c, s, w, k in ((8, 128, 2, 4, 1), (8, 128, 1, 4, 1), (16, 128, 1, 4, 1), (16, 128, 2, 4, 1),
                                    (4, 128, 2, 4, 1), (4, 128, 4, 4, 1), (8, 256, 1, 8, 1), (16, 256, 1, 8, 1),
@@ -86,28 +88,32 @@ GRIDS = {
                                        (8, 64, 2, 2), (16, 64, 1, 2), (4, 128, 7, 4))]
                    + [dict(BLOCK_N=n, SUB_C=128, STEPS=1, num_warps=4, DEQ=2) for n in (4, 8)]
                    # the GEMV's packed fp16 arithmetic, one word a thread (DEQ 3)
-                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)]
+                   + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3, WORDS=1) for n in (4, 8) for s in (1, 2)]
                    # ... WORDS 2 / 4 words a thread (sm_90 loops of 2.45 / 2.13 instructions a nibble at 8 rows
-                   # against 3.2 with one word: benchmarks/sass_int4.py moe_gate_up); a slice is WORDS SUB_C
-                   # words, so SUB_C 64 / 32 make D's 896 words whole slices
+                   # against 3.2 with one word, no spills: benchmarks/sass_int4.py moe_gate_up; 16 rows take
+                   # 254 registers); a slice is WORDS SUB_C words, so SUB_C 64 / 32 make D's 896 words whole
+                   # slices
                    + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, WORDS=d)
-                      for n, c, w, d in ((8, 128, 4, 2), (4, 128, 4, 2), (16, 128, 4, 2), (8, 128, 4, 4), (4, 128, 4, 4),
-                                         (8, 64, 2, 2), (16, 64, 2, 2), (8, 32, 1, 4))],
+                      for n, c, w, d in ((8, 128, 4, 2), (4, 128, 4, 2), (8, 64, 2, 2), (8, 128, 4, 4), (8, 32, 1, 4))],
     "moe_down": [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w)
                  for n, c, s, w in ((8, 128, 2, 4), (4, 128, 2, 4), (16, 128, 2, 4), (8, 256, 1, 8), (8, 64, 4, 2),
                                     (4, 64, 4, 2), (8, 32, 8, 1), (4, 32, 8, 1))]
                 + [dict(BLOCK_N=n, SUB_C=128, STEPS=2, num_warps=4, DEQ=2) for n in (4, 8)]
-                + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3) for n in (4, 8) for s in (1, 2)]
-                # ... WORDS 2 / 4 (I's 256 words: one slice of 2 x 128 or 4 x 64 words a slot)
-                + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, WORDS=d)
-                   for n, c, w, d in ((4, 128, 4, 2), (8, 128, 4, 2), (2, 128, 4, 2), (4, 64, 2, 4), (8, 64, 2, 4))]
+                + [dict(BLOCK_N=n, SUB_C=128, STEPS=s, num_warps=4, DEQ=3, WORDS=1, SLOTS=0)
+                   for n in (4, 8) for s in (1, 2)]
+                # ... WORDS 2 / 4 (I's 256 words: one slice of 2 x 128 or 4 x 64 words a slot; sm_90 loops of
+                # 2.77 / 2.43 / 2.30 instructions a nibble against 3.5-3.7 with one word; 4 rows with
+                # WORDS 4 spill)
+                + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, WORDS=d, SLOTS=0)
+                   for n, c, w, d in ((4, 128, 4, 2), (8, 128, 4, 2), (8, 64, 2, 4))]
                 # every slot's words of a step in one tile (SLOTS; tiles whose sm_90 build keeps
                 # the [8 slots, words, rows] operands in registers without spilling)
                 + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=1, SLOTS=1)
                    for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (2, 256, 1, 8), (1, 128, 2, 4))]
-                # ... in packed fp16 (`_all_slots_half2`)
-                + [dict(BLOCK_N=n, SUB_C=c, STEPS=s, num_warps=w, DEQ=3, SLOTS=1)
-                   for n, c, s, w in ((2, 128, 1, 4), (4, 128, 1, 4), (1, 128, 2, 4))],
+                # ... in packed fp16 (`_all_slots_half2`: 4.44 / 4.09 instructions a nibble against DEQ 1's
+                # 6.38 / 6.34)
+                + [dict(BLOCK_N=n, SUB_C=c, STEPS=1, num_warps=w, DEQ=3, SLOTS=1)
+                   for n, c, w in ((2, 128, 4), (2, 256, 8))],
     "gemm": [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
              for m, n, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4)) for k in (64, 128) for st in (2, 3)]
             # the bf16-pair dequantization (int4_gemm.dequant_tile PAIRS: no fp32 -> bf16 conversions)
