@@ -17,6 +17,7 @@ import dataclasses
 import os
 import socket
 import sys
+from typing import Optional
 
 from deepserve.cli import plan as plan_cli
 from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
@@ -186,7 +187,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
-    check_before_start(config)
+    check_host_memory(engine_args, config, check_before_start(config))
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         check_resolves(engine_args.data_parallel_address, "--data-parallel-address: node 0's address, where this "
                        "node's DP ranks connect")
@@ -235,26 +236,29 @@ def check_rpc_ports(engine_args: EngineArgs) -> None:
                     f"for the DP ranks").close()
 
 
-def check_model(engine_args: EngineArgs) -> None:
+def check_model(engine_args: EngineArgs):
     """The flags against the model, as the engine would check them at load: its layout against
-    config.json, its --quantization against the quantization_config."""
-    check_before_start(engine_args.create_engine_config())
+    config.json, its --quantization against the quantization_config. Returns the config and the
+    last rank's model on the meta device."""
+    config = engine_args.create_engine_config()
+    return config, check_before_start(config)
 
 
 def check_in_process(engine_args: EngineArgs) -> None:
     """The offline commands' check (generate, chat, bench latency / throughput): what `serve` checks
     before any rank starts."""
-    check_model(engine_args)
+    config, model = check_model(engine_args)
     check_local_gpus(engine_args)
+    check_host_memory(engine_args, config, model)
 
 
-def check_before_start(config) -> None:
+def check_before_start(config):
     """What every rank would find wrong as it loads, found once here before any process starts
     (one line instead of each rank's failure after the start-up): --quantization against the
     checkpoint, its weight files, and the model as the last rank builds it (its slices of every
     layer, e.g. fp8 row-parallel layers whose input per rank is not whole 128-wide scale blocks:
     R1 FP8 at --tensor-parallel-size 32). Built on the meta device: no memory, about a second
-    for R1."""
+    for R1. Returns that model (on the meta device)."""
     import torch
 
     from deepserve.distributed.parallel_state import ParallelContext
@@ -275,7 +279,7 @@ def check_before_start(config) -> None:
     ep = (tp * dp if dp > 1 else tp) if par.enable_expert_parallel else 1
     last = ParallelContext(tp_rank=tp - 1, tp_size=tp, pp_rank=pp - 1, pp_size=pp, dp_rank=dp - 1, dp_size=dp,
                            ep_rank=ep - 1, ep_size=ep)
-    build_model(model, torch.device("meta"), last, method, **({"load_mtp": True} if model.load_mtp else {}))
+    return build_model(model, torch.device("meta"), last, method, **({"load_mtp": True} if model.load_mtp else {}))
 
 
 def stores_weight_scales(folder: str, files: list) -> bool:
@@ -321,6 +325,49 @@ def check_local_gpus(engine_args: EngineArgs) -> None:
                          f"rank(s) = {tp * pp * dp} GPUs on this machine, which has {gpus} (CUDA_VISIBLE_DEVICES="
                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use --distributed-executor-backend ray "
                          f"over several machines (`ray start` on each), or fewer ranks")
+
+
+def available_host_memory() -> Optional[int]:
+    """Bytes of memory the machine can give new processes (Linux MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(engine_args: EngineArgs, config, meta_model) -> None:
+    """On a CPU the weights of every rank this machine starts live in its memory. More than it has
+    available is refused before any rank starts: each rank would otherwise allocate its share and
+    the machine run out of memory part way (the guides' R1 lines, -pp 4 -tp 8, on a CPU).
+    `meta_model` is the last rank's model on the meta device (every layer, that rank's TP / EP
+    slices): the local ranks hold about tp x local DP ranks of it, pipeline stages splitting its
+    layers. 16-bit weights count as the CPU allocates them (fp32 unless --dtype says otherwise)."""
+    import torch
+
+    from deepserve.models.loader import resolve_dtype
+    from deepserve.platforms import get_platform
+
+    if engine_args.distributed_executor_backend == "ray" or get_platform(config.device).name != "cpu":
+        return
+    available = available_host_memory()
+    if available is None:
+        return
+    built, used = resolve_dtype(config.model, torch.device("meta")), resolve_dtype(config.model, torch.device("cpu"))
+    rank_bytes = sum(p.numel() * (used.itemsize if p.dtype == built else p.element_size())
+                     for p in meta_model.parameters())
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    dp = engine_args.data_parallel_size_local or config.parallel.data_parallel_size
+    need = rank_bytes * tp * dp
+    if need > available:
+        raise ValueError(f"the weights of the {tp * pp * dp} ranks this machine starts (tensor_parallel_size {tp} x "
+                         f"pipeline_parallel_size {pp} x {dp} local data-parallel rank(s)) take about "
+                         f"{need / 2**30:.1f} GiB on the CPU (16-bit ones in {str(used).replace('torch.', '')}), and it has "
+                         f"{available / 2**30:.1f} GiB available: serve a smaller model, or on a machine with "
+                         f"accelerators (--distributed-executor-backend ray over several machines)")
 
 
 def check_ops_backend(engine_args: EngineArgs) -> None:
