@@ -90,11 +90,13 @@ def flagscale_experiment(name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def _compose_defaults(data: Any, path: Path) -> Any:
+def _compose_defaults(data: Any, path: Path) -> tuple[Any, Path]:
     """Hydra's `defaults:` list as FlagScale uses it: `- serve: NAME` loads serve/NAME.yaml
-    from the experiment file's folder into the `serve` key."""
+    from the experiment file's folder into the `serve` key. Returns the composed data and the
+    file holding the serve entry (what errors about its engine_args name)."""
+    serve_path = path
     if not isinstance(data, dict) or not isinstance(data.get("defaults"), list):
-        return data
+        return data, serve_path
     data = dict(data)
     for item in data["defaults"]:
         if not isinstance(item, dict):
@@ -106,8 +108,9 @@ def _compose_defaults(data: Any, path: Path) -> Any:
             part = path.parent / group / f"{name}.yaml"
             if not part.is_file():
                 raise FileNotFoundError(f"{path}: defaults names {group}: {name}, but {part} is not there")
-            data.setdefault("serve", _read_yaml(part))
-    return data
+            if "serve" not in data:
+                data["serve"], serve_path = _read_yaml(part), part
+    return data, serve_path
 
 
 def exports_of(command: str) -> dict[str, str]:
@@ -135,8 +138,9 @@ def _is_mindformers_config(data: Any) -> bool:
             and ("run_mode" in data or "parallel_config" in data))
 
 
-def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
-    """The serve entry holding engine_args, and the envs found around it."""
+def _pick_entry(data: Any, path: Path, serve_path: Path) -> tuple[dict, dict]:
+    """The serve entry holding engine_args, and the envs found around it (`serve_path`: the file
+    the experiment's serve part came from)."""
     envs: dict = {}
     if isinstance(data, dict) and "serve" in data:
         experiment = data.get("experiment") or {}
@@ -147,6 +151,7 @@ def _pick_entry(data: Any, path: Path) -> tuple[dict, dict]:
         envs.update(exports_of(before) if isinstance(before, str) else {})
         envs.update(_envs(experiment.get("envs"), f"{path}: experiment.envs"))
         data = data["serve"]
+    path = serve_path
     if isinstance(data, dict) and "model_args" in data:
         data = model_args_entry(data, path)
     if isinstance(data, list):
@@ -281,10 +286,11 @@ def _engine_args(entry: dict, path: Path) -> dict:
 
 def load_serve_config(path: str | Path) -> ServeConfig:
     path = Path(path)
-    data = _compose_defaults(_read_yaml(path), path)
+    data, serve_path = _compose_defaults(_read_yaml(path), path)
     data = interpolate(data, data)
-    entry, envs = _pick_entry(data, path)
+    entry, envs = _pick_entry(data, path, serve_path)
     runner = _runner(data, entry, path)
+    experiment_path, path = path, serve_path   # the entry's errors name the file that holds it
     engine_hints, server_hints = typing.get_type_hints(EngineArgs), typing.get_type_hints(ServerArgs)
     config = ServeConfig(envs={str(k): str(v) for k, v in envs.items()}, runner=runner)
     for key, value in _engine_args(entry, path).items():
@@ -316,12 +322,12 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         elif key not in ENTRY_KEYS:
             raise ValueError(f"{path}: unknown serve entry key {key!r}; known: {', '.join(ENTRY_KEYS)}, "
                              f"{', '.join(SERVER_KEYS)}")
-    config.server.update({k: _typed(v, server_hints[k], f"{path}: experiment.deploy.{k}")
-                          for k, v in _deploy(data, path).items()})
-    for values in (config.engine_args, config.server, config.envs):
+    config.server.update({k: _typed(v, server_hints[k], f"{experiment_path}: experiment.deploy.{k}")
+                          for k, v in _deploy(data, experiment_path).items()})
+    for values, where in ((config.engine_args, path), (config.server, path), (config.envs, experiment_path)):
         for key, value in values.items():
             if unresolved(value):
-                raise ValueError(f"{path}: {key}: {value} does not resolve (an environment variable unset and no "
+                raise ValueError(f"{where}: {key}: {value} does not resolve (an environment variable unset and no "
                                  "default, or a key the file lacks; deepserve resolves ${oc.env:NAME[,default]} "
                                  "and ${key.path})")
     name = config.engine_args.get("served_model_name")

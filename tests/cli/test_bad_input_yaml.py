@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from deepserve.cli.main import main
 from deepserve.server.config_file import load_serve_config
 
 
@@ -32,3 +33,23 @@ def test_envs_that_are_not_a_mapping(tmp_path, text, where):
     path.write_text(text)
     with pytest.raises(ValueError, match=f"{where} must be a mapping"):
         load_serve_config(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("    foo_bar: 1", "unknown engine_args key 'foo_bar'"),
+    ("    max_model_len: abc", "engine_args.max_model_len: expected an integer"),
+])
+def test_an_experiment_names_its_serve_file_in_engine_args_errors(capsys, tmp_path, monkeypatch, line, message):
+    """The FlagOS layout: engine_args live in conf/serve/deepseek_r1.yaml, which the experiment's
+    `defaults: [serve: deepseek_r1]` loads; an error in them names that file, not the experiment."""
+    conf = tmp_path / "examples" / "deepseek_r1" / "conf"
+    (conf / "serve").mkdir(parents=True)
+    (conf / "config_deepseek_r1.yaml").write_text(
+        "defaults:\n  - _self_\n  - serve: deepseek_r1\nexperiment:\n  task:\n    type: serve\n")
+    (conf / "serve" / "deepseek_r1.yaml").write_text(
+        "- serve_id: vllm_model\n  engine: vllm\n  engine_args:\n    model: stories260k\n" + line + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "deepseek_r1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepserve serve: error: examples/deepseek_r1/conf/serve/deepseek_r1.yaml: ") \
+        and message in err and len(err.splitlines()) == 1, err
