@@ -86,7 +86,9 @@ step gemv_read 180 . python3 benchmarks/gemv_read_only.py
 #   issue 21  the MoE down's all-slots tiles (SLOTS) and the bf16-pair GEMM / sorted MoE (PAIRS) swept
 step int4_sweep_next 260 . python3 benchmarks/sweep_int4.py --write --kernels moe_down,moe_sorted,gemm
 #   issue 21  the small-batch int4 MoE in packed fp16 (DEQ 3) against its table, written where it wins
+step int4_moe_tests 60 . python3 -m pytest -q -m gpu tests/ops/test_triton_moe_int4.py -rf -p no:cacheprovider
 step int4_sweep_moe_deq3 150 . python3 benchmarks/sweep_int4.py --write --kernels moe_gate_up,moe_down --deq 3
+step int4_moe 60 . python3 benchmarks/bench_int4.py --part moe
 mkdir -p "$OUT/int4_cfg" && cp deepserve/ops/triton/configs/int4/*.json "$OUT/int4_cfg/" 2>/dev/null
 #   issue 16  the fp8-pool MLA decode against the reference, one setting changed at a time (the R1-shape
 #             GPU test's case: which setting moves the 128-head, several-split output)
@@ -100,7 +102,9 @@ step r1_share_nopdl 90 . env DEEPSERVE_PDL=0 python3 benchmarks/ops_share.py --m
   --ops triton --batch 1 --hf-overrides '{"num_hidden_layers": 5}'
 #   issue 16  R1's fp8 projections at one row: the op (tensor-core GEMM) beside the CUDA-core GEMV
 #   (--write: each shape's fastest one-row kernel into this device's fp8_gemv table, for the steps after it)
-step fp8_gemv 200 . python3 benchmarks/bench_quant_gemm.py --m 1 --out-dir "$OUT/res" --write
+#   issue 16  the one-row fp8 GEMV in packed fp16 (H2): its PTX at R1's shapes against the torch op, the worst case
+step fp8_h2_tests 150 . python3 -m pytest -q -m gpu tests/ops/test_triton_quant_gemm.py -rf -p no:cacheprovider
+step fp8_gemv 260 . python3 benchmarks/bench_quant_gemm.py --m 1 --out-dir "$OUT/res" --write
 mkdir -p "$OUT/fp8_gemv_cfg" && cp deepserve/ops/triton/configs/fp8_gemv/*.json "$OUT/fp8_gemv_cfg/" 2>/dev/null
 #   issue 16  the fp8 KV kernels (the merge by the last split among them) at model sizes
 step fp8_kv_tests 120 . python3 -m pytest -q -m gpu tests/ops/test_kv_fp8_ops.py
