@@ -363,7 +363,7 @@ def check_host_memory(engine_args: EngineArgs, config, meta_model) -> None:
     dp = engine_args.data_parallel_size_local or config.parallel.data_parallel_size
     need = rank_bytes * tp * dp
     if need > available:
-        raise ValueError(f"the weights of the {tp * pp * dp} ranks this machine starts (tensor_parallel_size {tp} x "
+        raise ValueError(f"the weights of the {tp * pp * dp} rank(s) this machine starts (tensor_parallel_size {tp} x "
                          f"pipeline_parallel_size {pp} x {dp} local data-parallel rank(s)) take about "
                          f"{need / 2**30:.1f} GiB on the CPU (16-bit ones in {str(used).replace('torch.', '')}), and it has "
                          f"{available / 2**30:.1f} GiB available: serve a smaller model, or on a machine with "

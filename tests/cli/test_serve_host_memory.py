@@ -28,7 +28,7 @@ def test_metax_line_on_a_cpu_is_refused_before_any_rank_starts(capsys, no_engine
     folder = write_r1_config(tmp_path / "deepseek_r1_BF16")
     assert main(["serve", str(folder), *METAX_FLAGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("deepserve serve: error: the weights of the 32 ranks this machine starts "
+    assert err[-1].startswith("deepserve serve: error: the weights of the 32 rank(s) this machine starts "
                               "(tensor_parallel_size 8 x pipeline_parallel_size 4 x 1 local data-parallel rank(s)) "
                               "take about "), err
     # R1 as stored: fp8 linears and experts (~1 byte a parameter), the rest in bf16
@@ -43,7 +43,7 @@ def test_offline_commands_check_the_memory_too(capsys, no_engine, monkeypatch):
                  "--num-iters", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     # 8B parameters in fp32 on the CPU
-    assert "the weights of the 1 ranks this machine starts" in err[-1] and "GiB on the CPU (16-bit ones in float32)" \
+    assert "the weights of the 1 rank(s) this machine starts" in err[-1] and "GiB on the CPU (16-bit ones in float32)" \
         in err[-1], err
 
 
