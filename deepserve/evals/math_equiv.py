@@ -50,7 +50,7 @@ def normalize(answer: str) -> str:
     """Canonical string form of a LaTeX answer (see the module docstring)."""
     s = str(answer).strip()
     s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "")
-    s = s.replace("\\:", "").replace("\\ ", " ").replace("~", " ")
+    s = re.sub(r"(?<!\\)\\ ", " ", s.replace("\\:", "")).replace("~", " ")   # "\ " is a space, "\\" a row break
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = s.replace("\\$", "").replace("$", "")
@@ -78,6 +78,7 @@ def normalize(answer: str) -> str:
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)           # ".5" -> "0.5"
+    s = re.sub(r"^(-?)0+(?=\d+(?:\.\d+)?$)", r"\1", s)   # "025" -> "25" (AIME: 000-999)
     s = re.sub(r"^(-?\d+)\.0+$", r"\1", s)                 # "18.00" -> "18"
     s = re.sub(r"^(-?\d+\.\d*?)0+$", r"\1", s)             # "2.50" -> "2.5"
     return s.rstrip(".")
@@ -201,9 +202,27 @@ def math_equal(pred: str | None, gold: str, timeout: float = DEFAULT_TIMEOUT) ->
     return judge(pred, gold, timeout).equal
 
 
+_MATRIX = re.compile(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
+
+
+def _matrix_cells(s: str) -> list[list[str]] | None:
+    """`\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}` -> [["1", "2"], ["3", "4"]]; None if not a matrix."""
+    m = _MATRIX.fullmatch(s)
+    if not m:
+        return None
+    rows = [row for row in m.group(2).split("\\\\") if row]
+    return [row.split("&") for row in rows]
+
+
 def _equal_normalized(a: str, b: str, symbolic: Callable[[str, str], bool]) -> bool:
     if a == b:
         return True
+    ma, mb = _matrix_cells(a), _matrix_cells(b)
+    if ma is not None or mb is not None:
+        if ma is None or mb is None or [len(r) for r in ma] != [len(r) for r in mb]:
+            return False
+        return all(_equal_normalized(x, y, symbolic)
+                   for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
     pa, pb = _split_top_level(a), _split_top_level(b)
     if len(pa) > 1 or len(pb) > 1:
         if len(pa) != len(pb):
