@@ -196,7 +196,8 @@ def test_fp8_gemv_in_packed_fp16_gpu_r1_shapes(triton_ops, n, k):
     for tile in ({"BLOCK_N": 4, "GROUPS": 4, "num_warps": 4, "STAGES": 2}, {"BLOCK_N": 4, "GROUPS": 16, "num_warps": 4},
                  {"BLOCK_N": 8, "GROUPS": 8, "num_warps": 2}, {"BLOCK_N": 16, "GROUPS": 8, "num_warps": 4, "SPLIT_K": 4}):
         for row, scales in ((q, s), (x, None)):
-            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, None, {"H2": 1, **tile})
+            # the CUDA-core kernel whatever the device table picks for the shape (its MMA / split rules)
+            y = qg.fp8_gemv(row, scales, wq, ws, torch.float32, None, {"H2": 1, "MMA": 0, "SPLIT_K": 1, **tile})
             assert ((y - want).abs() <= bound).all(), (tile, (y - want).abs().max().item())
     _range_worst_case(qg, "cuda")
 
