@@ -157,6 +157,10 @@ def run_handler(args) -> int:
             limit = "the server's context" if args.max_tokens is None else f"--max-tokens {args.max_tokens}"
             print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
                   f"{limit} and were scored as given", file=sys.stderr)
+        if task.get("n_failed"):
+            print(f"note: {name}: {task['n_failed']} of {task['n_samples']} requests were refused "
+                  f"and scored wrong (rerun to send them again); first: {task['first_error']}",
+                  file=sys.stderr)
         if task.get("n_timeouts"):
             print(f"note: {name}: {task['n_timeouts']} of {task['n_samples']} answers ran out of "
                   f"--math-timeout {args.math_timeout:g} s and were scored wrong", file=sys.stderr)

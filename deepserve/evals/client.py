@@ -15,7 +15,18 @@ import httpx
 
 
 class RequestFailed(RuntimeError):
-    """A request failed for good: a non-retryable status, or retries were exhausted."""
+    """A request failed for good: a non-retryable status (`status`), or retries were exhausted
+    (`status` None)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def per_request(self) -> bool:
+        """A refusal of this one request (400, 413, 422, ...: its prompt or body), not of the
+        whole run (bad key, unknown model or route, which every request would meet)."""
+        return self.status is not None and 400 <= self.status < 500 and self.status not in (401, 403, 404, 405)
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,7 @@ class ChatClient:
                     return _parse_reply(resp)
                 last_error = f"HTTP {resp.status_code}: {' '.join(resp.text.split())[:300]}"   # an HTML page: one line
                 if not _is_transient(resp.status_code):
-                    raise RequestFailed(f"{self.url} answered {last_error}")
+                    raise RequestFailed(f"{self.url} answered {last_error}", resp.status_code)
                 retry_after = resp.headers.get("retry-after")
             if attempt < self.max_retries:
                 self.retries_done += 1

@@ -3,8 +3,11 @@
 The run is a flat list of jobs (task, item, sample index). Jobs already in the reply cache
 are skipped; the rest go to `max_concurrency` async workers, and each reply is written to
 the cache the moment it arrives. Scores are then computed from the cache alone, so a resumed
-run and an uninterrupted one produce the same numbers from the same replies. A request that
-fails for good stops the run (replies so far stay cached; rerunning the same command resumes).
+run and an uninterrupted one produce the same numbers from the same replies. A request the
+server refuses on its own (400, 413, 422: a prompt over the context, say) is not cached: it
+scores 0, is counted per task (n_failed) and is sent again by the next run. A failure every
+request would meet (401, 403, 404, retries exhausted), or refusals of the first requests
+before any reply, stops the run (replies so far stay cached; rerunning the command resumes).
 
 pass@1 with k samples (DeepSeek-R1 report): an item's score is the fraction of its k samples
 that are correct; a task's score is the mean over items, with a 95 % interval over items.
@@ -89,8 +92,13 @@ def build_jobs(opts: EvalOptions, items: dict[str, list[Item]]) -> list[Job]:
     return jobs
 
 
-async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: tqdm) -> int:
-    """Run the jobs with bounded concurrency; returns the number of retries made."""
+FIRST_REFUSALS = 8   # refusals before any reply that stop the run (every request would get one)
+
+
+async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: tqdm,
+                    refused: dict[str, str], any_cached: bool) -> int:
+    """Run the jobs with bounded concurrency; returns the number of retries made. Requests the
+    server refuses on their own are recorded in `refused` (key -> the server's message)."""
     client = ChatClient(opts.base_url, api_key=opts.api_key, timeout=opts.request_timeout,
                         max_retries=opts.max_retries, backoff=opts.retry_backoff,
                         max_connections=opts.max_concurrency)
@@ -108,7 +116,17 @@ async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: 
             if settings.seed is not None:  # distinct but reproducible seeds per sample
                 settings = replace(settings, seed=settings.seed + job.sample)
             started = time.time()
-            reply = await client.chat([{"role": "user", "content": job.prompt}], settings)
+            try:
+                reply = await client.chat([{"role": "user", "content": job.prompt}], settings)
+            except RequestFailed as exc:
+                if not exc.per_request:
+                    raise
+                refused[job.key] = str(exc)
+                if not any_cached and len(refused) >= min(FIRST_REFUSALS, len(todo)) and \
+                        not any(j.key in cache for j in todo):
+                    raise
+                bar.update(1)
+                continue
             cache.put({"key": job.key, "task": job.task.name, "item_id": job.item.id,
                        "sample": job.sample, **reply, "latency_s": round(time.time() - started, 3)})
             bar.update(1)
@@ -126,15 +144,26 @@ async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: 
 
 
 def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache,
-               math_timeout: float = DEFAULT_TIMEOUT) -> dict:
+               math_timeout: float = DEFAULT_TIMEOUT, refused: dict[str, str] | None = None) -> dict:
     """Per-item and overall scores of one task, from cached replies. A reply whose math check
     ran out of `math_timeout` seconds scores 0 and is counted in n_timeouts (its item lists
-    the sample in "timeouts")."""
+    the sample in "timeouts"); a request the server refused (`refused`: key -> message) scores
+    0 and is counted in n_failed (its item lists the sample in "failed")."""
+    refused = refused or {}
     per_item: dict[str, dict] = {item.id: {"gold": item.gold, "scores": [], "preds": []}
                                  for item in items}
-    truncated = unanswered = timeouts = 0
+    truncated = unanswered = timeouts = failed = 0
+    first_error = None
     for job in jobs:
         record = cache.get(job.key)
+        if record is None and job.key in refused:
+            entry = per_item[job.item.id]
+            entry["scores"].append(0.0)
+            entry["preds"].append(None)
+            entry.setdefault("failed", []).append(job.sample)
+            failed += 1
+            first_error = first_error or refused[job.key]
+            continue
         if record is None:
             raise RuntimeError(f"internal: no cached reply for {task.name}/{job.item.id} "
                                f"sample {job.sample} after the run")
@@ -155,7 +184,8 @@ def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache
     mean, low, high = mean_ci(item_scores)
     return {"title": task.title, "score": 100 * mean, "ci95": [100 * low, 100 * high],
             "n_items": len(items), "n_samples": len(jobs), "n_truncated": truncated,
-            "n_unanswered": unanswered, "n_timeouts": timeouts, "items": per_item}
+            "n_unanswered": unanswered, "n_timeouts": timeouts, "n_failed": failed,
+            **({"first_error": first_error} if first_error else {}), "items": per_item}
 
 
 def run_eval(opts: EvalOptions) -> dict:
@@ -166,11 +196,13 @@ def run_eval(opts: EvalOptions) -> dict:
     cache = ReplyCache(opts.cache_path)
     todo = [job for job in jobs if job.key not in cache]
     retries = 0
+    refused: dict[str, str] = {}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="eval", unit="req",
                disable=not opts.progress, dynamic_ncols=True)
     try:
         if todo:
-            retries = asyncio.run(_send_all(opts, todo, cache, bar))
+            retries = asyncio.run(_send_all(opts, todo, cache, bar, refused,
+                                            any_cached=len(todo) < len(jobs)))
     except RequestFailed as exc:
         done = sum(job.key in cache for job in jobs)
         raise RuntimeError(f"{exc} ({done}/{len(jobs)} replies are cached in "
@@ -181,7 +213,8 @@ def run_eval(opts: EvalOptions) -> dict:
     tasks = {}
     for task in opts.tasks:
         task_jobs = [job for job in jobs if job.task is task]
-        tasks[task.name] = score_task(task, items[task.name], task_jobs, cache, opts.math_timeout)
+        tasks[task.name] = score_task(task, items[task.name], task_jobs, cache, opts.math_timeout,
+                                      refused)
     return {
         "format": "deepserve-eval/1",
         "model": opts.settings.model,
@@ -192,7 +225,7 @@ def run_eval(opts: EvalOptions) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": round(time.time() - started, 3),
         "requests": {"total": len(jobs), "from_cache": len(jobs) - len(todo),
-                     "sent": len(todo), "retries": retries},
+                     "sent": len(todo), "retries": retries, "failed": len(refused)},
         "cache": str(opts.cache_path),
         "tasks": tasks,
     }

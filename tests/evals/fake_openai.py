@@ -13,7 +13,7 @@ connection. `split_reasoning` puts the thinking in `reasoning_content` as vLLM's
 deepseek_r1 reasoning parser does. `delay` slows every reply (for kill-and-resume tests).
 GET /v1/models lists one model, "fake-r1" (with `max_model_len` where given, as vLLM's card);
 with `api_key` every /v1 route wants it as a bearer token (401 otherwise), as a server started
-with --api-key.
+with --api-key. `refuse(item)` true: that item's requests get a 400 (a prompt over the context).
 """
 from __future__ import annotations
 
@@ -67,12 +67,13 @@ class FakeOpenAI:
 
     def __init__(self, items_by_task: dict[str, list[Item]], mode: str = "gold",
                  fail_rate: float = 0.0, split_reasoning: bool = False, delay: float = 0.0,
-                 seed: int = 0, api_key: str | None = None, max_model_len: int | None = None):
+                 seed: int = 0, api_key: str | None = None, max_model_len: int | None = None,
+                 refuse=None):
         if mode not in ("gold", "wrong", "mixed"):
             raise ValueError(f"mode must be gold, wrong or mixed, got {mode!r}")
         self.items = [(task, item) for task, items in items_by_task.items() for item in items]
         self.mode, self.fail_rate, self.split, self.delay = mode, fail_rate, split_reasoning, delay
-        self.api_key, self.max_model_len = api_key, max_model_len
+        self.api_key, self.max_model_len, self.refuse = api_key, max_model_len, refuse
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.calls = self.failures = self.answered = 0
@@ -172,6 +173,10 @@ class FakeOpenAI:
                     else:  # drop the connection without an answer
                         self.close_connection = True
                         self.connection.shutdown(2)
+                    return
+                if fake.refuse is not None and fake.refuse(fake.find(body["messages"][-1]["content"])[1]):
+                    self._send(400, {"error": {"message": "prompt is longer than the context",
+                                               "type": "BadRequestError", "code": 400}})
                     return
                 if fake.delay:
                     time.sleep(fake.delay)
