@@ -80,9 +80,14 @@ def extract_math_answer(text: str) -> str | None:
 _NUMBER_RE = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
+def _latex_digits(text: str) -> str:
+    """LaTeX digit grouping as plain text: "1,\\!200" / "1{,}200" -> "1,200", "1\\,200" -> "1200"."""
+    return text.replace("\\$", "$").replace("{,}", ",").replace("\\,", "").replace("\\!", "")
+
+
 def clean_number(text: str) -> str | None:
     """"$1,234.00." -> "1234.00"; the first number in a short string, or None."""
-    text = text.replace("\\$", "$").replace("\\,", "").replace("\\!", "")
+    text = _latex_digits(text)
     text = re.sub(r"\\(?:text|mathrm|textbf|mbox)\{([^}]*)\}", r"\1", text)
     m = _NUMBER_RE.search(text)
     if not m:
@@ -98,6 +103,7 @@ def clean_number(text: str) -> str | None:
 
 def extract_number(text: str) -> str | None:
     """GSM8K-style answer: boxed number, else "answer is N" / "#### N", else the last number."""
+    text = _latex_digits(text)
     boxed = extract_boxed(text)
     if boxed is not None:
         num = clean_number(boxed)
@@ -109,7 +115,6 @@ def extract_number(text: str) -> str | None:
             num = clean_number(hit)
             if num is not None:
                 return num
-    text = text.replace("\\$", "$")
     numbers = [m.group(0) for m in _NUMBER_RE.finditer(text)]
     for raw in reversed(numbers):
         num = clean_number(raw)

@@ -49,7 +49,7 @@ _UNIT_TAIL = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?\s*$")
 def normalize(answer: str) -> str:
     """Canonical string form of a LaTeX answer (see the module docstring)."""
     s = str(answer).strip()
-    s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "")
+    s = s.replace("\n", " ").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("{,}", ",")
     s = re.sub(r"(?<!\\)\\ ", " ", s.replace("\\:", "")).replace("~", " ")   # "\ " is a space, "\\" a row break
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)

@@ -1,26 +1,37 @@
-"""Math answers the PRM800K grader counts as equal: AIME's zero-padded integers and matrices
-written with other spacing (MATH-500 has column vectors and matrices as answers)."""
+"""Grading as the reference graders do: math answers PRM800K counts as equal (AIME's zero-padded
+integers, matrices spelled with other spacing, "10{,}000") and GSM8K numbers in LaTeX digit grouping."""
 import pytest
 
+from deepserve.evals.extract import extract_number
 from deepserve.evals.math_equiv import judge
 
 
-@pytest.mark.parametrize("pred, gold", [
+@pytest.mark.parametrize("pred, gold, equal", [(p, g, True) for p, g in [
     ("025", "25"),
     ("007", "7"),
     ("\\begin{pmatrix}-2\\\\-14\\\\-7\\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\\\ -7 \\end{pmatrix}"),
     ("\\begin{pmatrix} \\frac{1}{5} \\\\ -\\frac{18}{5} \\end{pmatrix}", "\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}"),
     ("\\begin{pmatrix}-1&0\\\\0&-1\\end{pmatrix}", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
-])
-def test_equal(pred, gold):
-    assert judge(pred, gold).equal
-
-
-@pytest.mark.parametrize("pred, gold", [
+]] + [(p, g, False) for p, g in [
     ("024", "25"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}"),
     ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "12"),
+]])
+def test_judge(pred, gold, equal):
+    assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("reply, number", [
+    ("Thus she earns $\\$1,\\!200$.", "1200"),
+    ("so \\$1{,}200 in total", "1200"),
+    ("It is 1\\,200 dollars", "1200"),
+    ("The answer is $\\boxed{1{,}200}$", "1200"),
 ])
-def test_not_equal(pred, gold):
-    assert not judge(pred, gold).equal
+def test_gsm8k_latex_thousands(reply, number):
+    """LaTeX digit grouping ("1,\\!200", "1{,}200", "1\\,200") is one number, not its last group."""
+    assert extract_number(reply) == number
+
+
+def test_math_braced_comma_thousands():
+    assert judge("10{,}000", "10000").equal
