@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         check_model(engine_args)
         check_ops_backend(engine_args)
         check_local_gpus(engine_args)
+        check_gloo_interface(engine_args)
         check_server_args(engine_args, server)
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
@@ -184,6 +185,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     config = engine_args.create_engine_config()   # the layout against config.json, before any process starts
     check_ops_backend(engine_args)
     check_local_gpus(engine_args)
+    check_gloo_interface(engine_args)
     from deepserve.engine.fork_server import start_early, starts_early
     if starts_early(engine_args):
         start_early()   # its imports of torch and the engine run beside the server's own below
@@ -249,6 +251,7 @@ def check_in_process(engine_args: EngineArgs) -> None:
     before any rank starts."""
     config, model = check_model(engine_args)
     check_local_gpus(engine_args)
+    check_gloo_interface(engine_args)
     check_host_memory(engine_args, config, model)
 
 
@@ -325,6 +328,23 @@ def check_local_gpus(engine_args: EngineArgs) -> None:
                          f"rank(s) = {tp * pp * dp} GPUs on this machine, which has {gpus} (CUDA_VISIBLE_DEVICES="
                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use --distributed-executor-backend ray "
                          f"over several machines (`ray start` on each), or fewer ranks")
+
+
+def check_gloo_interface(engine_args: EngineArgs) -> None:
+    """GLOO_SOCKET_IFNAME (read by torch's gloo: a CPU's collectives and every multi-rank run's
+    control groups) naming an interface this machine lacks fails each rank's group start after
+    the ranks have started (the FlagOS YAML's `export GLOO_SOCKET_IFNAME=bond0` on a machine whose
+    interface has another name): one line before any rank starts instead."""
+    names = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    ranks = engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size * engine_args.data_parallel_size
+    if not names or ranks == 1:
+        return
+    have = [name for _, name in socket.if_nameindex()]
+    missing = [name for name in names.split(",") if name and name not in have]
+    if missing:
+        raise ValueError(f"GLOO_SOCKET_IFNAME={names}: this machine has no network interface "
+                         f"{', '.join(missing)} (it has {', '.join(have)}), so torch's gloo cannot start the ranks' "
+                         "groups: export the name of the interface on the network the ranks share")
 
 
 def available_host_memory() -> Optional[int]:

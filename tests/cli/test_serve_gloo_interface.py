@@ -1,0 +1,40 @@
+"""GLOO_SOCKET_IFNAME naming an interface the machine lacks (the FlagOS YAML's `export
+GLOO_SOCKET_IFNAME=bond0` run where the interface has another name) is one line before any rank
+starts, not every rank's gloo failure after they started."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from deepserve.cli.main import main
+
+MISSING = "qa-no-such-if0"
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    def started(*args, **kwargs):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
+    monkeypatch.setattr("deepserve.cli.serve.bind_listen", started)
+    monkeypatch.setattr("deepserve.bench.offline.run_latency", started)
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--port", "0", "-pp", "2"],
+    ["serve", "--port", "0", "-pp", "2", "--dry-run"],
+    ["bench", "latency", "-pp", "2", "--num-iters", "1"],
+])
+def test_a_missing_gloo_interface_is_refused_before_the_ranks_start(capsys, no_engine, monkeypatch, argv):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", MISSING)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"GLOO_SOCKET_IFNAME={MISSING}: this machine has no network interface {MISSING} (it has " in err[-1], err
+
+
+def test_an_interface_the_machine_has_passes(no_engine, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", socket.if_nameindex()[0][1])
+    with pytest.raises(AssertionError, match="the engine was started"):
+        main(["serve", "--port", "0", "-pp", "2"])
