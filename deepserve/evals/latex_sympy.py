@@ -7,6 +7,7 @@ script it answers JSON lines on stdin ([a, b]) with JSON lines on stdout (true /
 """
 from __future__ import annotations
 
+import cmath
 import functools
 import json
 import re
@@ -122,6 +123,8 @@ def sympy_equal(a: str, b: str) -> bool:
         if ea.free_symbols or eb.free_symbols:
             return sympy.simplify(ea - eb) == 0
         va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
+        if not (cmath.isfinite(va) and cmath.isfinite(vb)):
+            return va == vb   # -oo is not oo (their difference is no small number)
         return abs(va - vb) <= 1e-6 * max(1.0, abs(vb))
     except (TypeError, ValueError, AttributeError, OverflowError, RecursionError,
             NotImplementedError):

@@ -35,3 +35,13 @@ def test_gsm8k_latex_thousands(reply, number):
 
 def test_math_braced_comma_thousands():
     assert judge("10{,}000", "10000").equal
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("-\\infty", "\\infty", False),
+    ("(\\infty,2]", "(-\\infty, 2]", False),
+    ("-\\infty", "-\\infty", True),
+    ("(-\\infty,2]", "(-\\infty, 2]", True),
+])
+def test_infinities_keep_their_sign(pred, gold, equal):
+    assert judge(pred, gold).equal == equal
