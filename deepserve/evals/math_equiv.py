@@ -11,7 +11,8 @@ al. 2021) followed by a symbolic check (as in Qwen2.5-Math's evaluation and math
    powers, pi, implicit products) and compared: exactly (simplify(a - b) == 0) or
    numerically (relative 1e-6), so `\\frac{1}{2}` == `0.5` and `2\\sqrt{2}` == `\\sqrt{8}`.
 Tuples and intervals compare element by element (bracket kinds must match); unordered lists
-("1, -2") as multisets.
+("1, -2") and sets ("\\{1, -2\\}") as multisets, "a \\pm b" standing for a + b and a - b;
+"x \\in [1, 2]" is the interval.
 
 sympy can run for minutes (or forever) on some model outputs ("(10^{7})!", big
 simplifications), so stage 2 (latex_sympy.py) runs in a worker process with a time limit per
@@ -53,6 +54,8 @@ def normalize(answer: str) -> str:
     s = re.sub(r"(?<!\\)\\ ", " ", s.replace("\\:", "")).replace("~", " ")   # "\ " is a space, "\\" a row break
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"^\s*[a-zA-Z]\s*\\in(?![a-zA-Z])\s*", "", s)   # "x \in [-2,7]" -> "[-2,7]"
+    s = re.sub(r"^\s*\\\{(.*)\\\}\s*$", r"\1", s)            # a set "\{1,2\}": its elements, any order
     s = s.replace("\\$", "").replace("$", "")
     # Degrees and percent carry no value of their own in these answers.
     s = re.sub(r"\^\s*\{?\\circ\}?", "", s).replace("°", "").replace("\\circ", "")
@@ -214,6 +217,14 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     return [row.split("&") for row in rows]
 
 
+def _expand_pm(parts: list[str]) -> list[str]:
+    """"1\\pm\\sqrt{5}" stands for two answers: "1+\\sqrt{5}" and "1-\\sqrt{5}"."""
+    out = []
+    for part in parts:
+        out += [part.replace("\\pm", "+"), part.replace("\\pm", "-")] if part.count("\\pm") == 1 else [part]
+    return out
+
+
 def _equal_normalized(a: str, b: str, symbolic: Callable[[str, str], bool]) -> bool:
     if a == b:
         return True
@@ -223,11 +234,19 @@ def _equal_normalized(a: str, b: str, symbolic: Callable[[str, str], bool]) -> b
             return False
         return all(_equal_normalized(x, y, symbolic)
                    for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
-    pa, pb = _split_top_level(a), _split_top_level(b)
+    pa, pb = _expand_pm(_split_top_level(a)), _expand_pm(_split_top_level(b))
     if len(pa) > 1 or len(pb) > 1:
         if len(pa) != len(pb):
             return False
-        return sorted(pa) == sorted(pb) or all(_equal_normalized(x, y, symbolic) for x, y in zip(pa, pb))
+        if sorted(pa) == sorted(pb):
+            return True
+        unmatched = list(pb)   # a multiset: each element of a equals a distinct element of b
+        for x in pa:
+            hit = next((i for i, y in enumerate(unmatched) if _equal_normalized(x, y, symbolic)), None)
+            if hit is None:
+                return False
+            del unmatched[hit]
+        return True
     brackets = "([", ")]"
     if a[:1] in brackets[0] and a[-1:] in brackets[1] and b[:1] in brackets[0] and b[-1:] in brackets[1]:
         inner_a, inner_b = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])

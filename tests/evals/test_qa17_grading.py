@@ -45,3 +45,17 @@ def test_math_braced_comma_thousands():
 ])
 def test_infinities_keep_their_sign(pred, gold, equal):
     assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("[-2,7]", "x \\in [-2,7]", True),
+    ("x \\in (-2,7)", "x \\in [-2,7]", False),
+    ("\\{2,1\\}", "1, 2", True),
+    ("-2, 1-\\sqrt5, 1+\\sqrt{5}", "\\{1\\pm\\sqrt{5},-2\\}", True),
+    ("3, \\frac12", "0.5, 3", True),
+    ("1, 1, 2", "1, 2, 2", False),
+    ("\\{1,3\\}", "\\{1,2\\}", False),
+])
+def test_sets_and_plus_minus(pred, gold, equal):
+    """MATH-500 golds such as "x \\in [-2,7]" and "\\{1\\pm\\sqrt{5},-2\\}": elements in any order."""
+    assert judge(pred, gold).equal == equal
