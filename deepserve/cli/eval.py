@@ -156,7 +156,7 @@ def run_handler(args) -> int:
         if task["n_truncated"]:
             limit = "the server's context" if args.max_tokens is None else f"--max-tokens {args.max_tokens}"
             print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
-                  f"{limit} and were scored as given", file=sys.stderr)
+                  f"{limit}; one cut inside its reasoning has no answer (scored wrong)", file=sys.stderr)
         if task.get("n_failed"):
             print(f"note: {name}: {task['n_failed']} of {task['n_samples']} requests were refused "
                   f"and scored wrong (rerun to send them again); first: {task['first_error']}",

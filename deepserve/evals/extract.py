@@ -20,12 +20,15 @@ THINK_END = "</think>"
 THINK_START = "<think>"
 
 
-def answer_text(content: str | None, reasoning_content: str | None = None) -> str:
+def answer_text(content: str | None, reasoning_content: str | None = None,
+                unclosed: bool = False) -> str:
     """The part of a reply that holds the answer (reasoning removed).
 
     With `reasoning_content` set, the server already split the reply, so `content` is the answer.
     Otherwise the answer follows the last `</think>`. A reply that opened `<think>` and never
-    closed it (cut at max tokens) has no answer: returns "".
+    closed it (cut at max tokens) has no answer: returns "". So does one without a `</think>`
+    that the caller knows to be reasoning cut short (`unclosed`): R1's chat template opens the
+    `<think>` in the prompt, so such a reply holds neither tag.
     """
     content = content or ""
     if reasoning_content:
@@ -33,7 +36,7 @@ def answer_text(content: str | None, reasoning_content: str | None = None) -> st
         return content.rsplit(THINK_END, 1)[-1].strip()
     if THINK_END in content:
         return content.rsplit(THINK_END, 1)[-1].strip()
-    if THINK_START in content:
+    if THINK_START in content or unclosed:
         return ""
     return content.strip()
 

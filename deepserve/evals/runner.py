@@ -24,7 +24,7 @@ from tqdm import tqdm
 from deepserve.evals.cache import ReplyCache, cache_key
 from deepserve.evals.client import ChatClient, RequestFailed, SamplingSettings
 from deepserve.evals.datasets import Item
-from deepserve.evals.extract import answer_text
+from deepserve.evals.extract import THINK_END, answer_text
 from deepserve.evals.math_equiv import DEFAULT_TIMEOUT
 from deepserve.evals.stats import mean_ci
 from deepserve.evals.tasks import Task
@@ -143,12 +143,20 @@ async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: 
     return client.retries_done
 
 
+def thinks(records) -> bool:
+    """Whether these replies come from a reasoning model: one of them has split reasoning or
+    closed a `</think>`."""
+    return any(r.get("reasoning_content") or THINK_END in (r.get("content") or "") for r in records)
+
+
 def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache,
-               math_timeout: float = DEFAULT_TIMEOUT, refused: dict[str, str] | None = None) -> dict:
+               math_timeout: float = DEFAULT_TIMEOUT, refused: dict[str, str] | None = None,
+               reasoning: bool = False) -> dict:
     """Per-item and overall scores of one task, from cached replies. A reply whose math check
     ran out of `math_timeout` seconds scores 0 and is counted in n_timeouts (its item lists
     the sample in "timeouts"); a request the server refused (`refused`: key -> message) scores
-    0 and is counted in n_failed (its item lists the sample in "failed")."""
+    0 and is counted in n_failed (its item lists the sample in "failed"). With `reasoning` (the
+    model thinks), a reply cut at the token limit before any `</think>` has no answer."""
     refused = refused or {}
     per_item: dict[str, dict] = {item.id: {"gold": item.gold, "scores": [], "preds": []}
                                  for item in items}
@@ -167,7 +175,8 @@ def score_task(task: Task, items: list[Item], jobs: list[Job], cache: ReplyCache
         if record is None:
             raise RuntimeError(f"internal: no cached reply for {task.name}/{job.item.id} "
                                f"sample {job.sample} after the run")
-        answer = answer_text(record.get("content"), record.get("reasoning_content"))
+        cut = reasoning and record.get("finish_reason") == "length"
+        answer = answer_text(record.get("content"), record.get("reasoning_content"), unclosed=cut)
         score, pred, timed_out = task.score(job.item, answer, math_timeout)
         entry = per_item[job.item.id]
         entry["scores"].append(score)
@@ -210,11 +219,12 @@ def run_eval(opts: EvalOptions) -> dict:
     finally:
         bar.close()
         cache.close()
+    reasoning = thinks(cache.get(job.key) or {} for job in jobs)
     tasks = {}
     for task in opts.tasks:
         task_jobs = [job for job in jobs if job.task is task]
         tasks[task.name] = score_task(task, items[task.name], task_jobs, cache, opts.math_timeout,
-                                      refused)
+                                      refused, reasoning)
     return {
         "format": "deepserve-eval/1",
         "model": opts.settings.model,
