@@ -155,8 +155,10 @@ def run_handler(args) -> int:
     for name, task in result["tasks"].items():
         if task["n_truncated"]:
             limit = "the server's context" if args.max_tokens is None else f"--max-tokens {args.max_tokens}"
+            cut = "; those cut inside their reasoning have no answer" if result.get("reasoning") else \
+                " and were scored as given"
             print(f"note: {name}: {task['n_truncated']} of {task['n_samples']} replies hit "
-                  f"{limit}; one cut inside its reasoning has no answer (scored wrong)", file=sys.stderr)
+                  f"{limit}{cut}", file=sys.stderr)
         if task.get("n_failed"):
             print(f"note: {name}: {task['n_failed']} of {task['n_samples']} requests were refused "
                   f"and scored wrong (rerun to send them again); first: {task['first_error']}",

@@ -6,8 +6,9 @@ the cache the moment it arrives. Scores are then computed from the cache alone, 
 run and an uninterrupted one produce the same numbers from the same replies. A request the
 server refuses on its own (400, 413, 422: a prompt over the context, say) is not cached: it
 scores 0, is counted per task (n_failed) and is sent again by the next run. A failure every
-request would meet (401, 403, 404, retries exhausted), or refusals of the first requests
-before any reply, stops the run (replies so far stay cached; rerunning the command resumes).
+request would meet (401, 403, 404, retries exhausted; the same refusal of the first requests
+before any reply; refusals of all of them) stops the run (replies so far stay cached;
+rerunning the command resumes).
 
 pass@1 with k samples (DeepSeek-R1 report): an item's score is the fraction of its k samples
 that are correct; a task's score is the mean over items, with a 95 % interval over items.
@@ -92,7 +93,7 @@ def build_jobs(opts: EvalOptions, items: dict[str, list[Item]]) -> list[Job]:
     return jobs
 
 
-FIRST_REFUSALS = 8   # refusals before any reply that stop the run (every request would get one)
+FIRST_REFUSALS = 8   # identical refusals before any reply that stop the run (every request would get one)
 
 
 async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: tqdm,
@@ -123,7 +124,7 @@ async def _send_all(opts: EvalOptions, todo: list[Job], cache: ReplyCache, bar: 
                     raise
                 refused[job.key] = str(exc)
                 if not any_cached and len(refused) >= min(FIRST_REFUSALS, len(todo)) and \
-                        not any(j.key in cache for j in todo):
+                        len(set(refused.values())) == 1 and not any(j.key in cache for j in todo):
                     raise
                 bar.update(1)
                 continue
@@ -219,6 +220,9 @@ def run_eval(opts: EvalOptions) -> dict:
     finally:
         bar.close()
         cache.close()
+    if refused and not any(job.key in cache for job in jobs):
+        raise RuntimeError(f"the server refused all {len(jobs)} requests; first: "
+                           f"{next(iter(refused.values()))}")
     reasoning = thinks(cache.get(job.key) or {} for job in jobs)
     tasks = {}
     for task in opts.tasks:
@@ -237,5 +241,6 @@ def run_eval(opts: EvalOptions) -> dict:
         "requests": {"total": len(jobs), "from_cache": len(jobs) - len(todo),
                      "sent": len(todo), "retries": retries, "failed": len(refused)},
         "cache": str(opts.cache_path),
+        "reasoning": reasoning,
         "tasks": tasks,
     }

@@ -13,7 +13,7 @@ connection. `split_reasoning` puts the thinking in `reasoning_content` as vLLM's
 deepseek_r1 reasoning parser does. `delay` slows every reply (for kill-and-resume tests).
 GET /v1/models lists one model, "fake-r1" (with `max_model_len` where given, as vLLM's card);
 with `api_key` every /v1 route wants it as a bearer token (401 otherwise), as a server started
-with --api-key. `refuse(item)` true: that item's requests get a 400 (a prompt over the context).
+with --api-key. `refuse(item)` a message: that item's requests get a 400 with it (a prompt over the context).
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ class FakeOpenAI:
         self.mode, self.fail_rate, self.split, self.delay = mode, fail_rate, split_reasoning, delay
         self.api_key, self.max_model_len, self.refuse = api_key, max_model_len, refuse
         self.rng = random.Random(seed)
+        self.reply_finish = "stop"   # every reply's finish_reason
         self.lock = threading.Lock()
         self.calls = self.failures = self.answered = 0
         self.requests: list[dict] = []
@@ -109,7 +110,7 @@ class FakeOpenAI:
         else:
             message = {"role": "assistant", "content": f"{thinking}\n</think>\n\n{answer}"}
         return {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": message, "finish_reason": self.reply_finish}],
                 "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 100,
                           "total_tokens": len(prompt.split()) + 100}}
 
@@ -174,9 +175,9 @@ class FakeOpenAI:
                         self.close_connection = True
                         self.connection.shutdown(2)
                     return
-                if fake.refuse is not None and fake.refuse(fake.find(body["messages"][-1]["content"])[1]):
-                    self._send(400, {"error": {"message": "prompt is longer than the context",
-                                               "type": "BadRequestError", "code": 400}})
+                refusal = fake.refuse and fake.refuse(fake.find(body["messages"][-1]["content"])[1])
+                if refusal:
+                    self._send(400, {"error": {"message": refusal, "type": "BadRequestError", "code": 400}})
                     return
                 if fake.delay:
                     time.sleep(fake.delay)
