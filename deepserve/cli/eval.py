@@ -86,7 +86,7 @@ def default_output(base_url: str, model: str) -> Path:
     from deepserve.evals.client import api_root
 
     host = urlparse(api_root(base_url)).netloc
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{host}").strip("_")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{host}").strip("._")   # no hidden "..x.json"
     return Path("eval-results") / f"{name}.json"
 
 
