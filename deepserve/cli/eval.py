@@ -20,14 +20,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from deepserve.evals.datasets import LAYOUT
 from deepserve.evals.tasks import DEFAULT_TASKS, TASKS, parse_tasks
 
 R1_MAX_TOKENS = 32768   # generated tokens a reply may take in DeepSeek-R1's published evaluation
 
-DATA_LAYOUT = ("--data-path holds one folder per task: gsm8k/test.jsonl, math500/test.jsonl, "
-               "aime/test.jsonl (aime24), aime/aime_2025.jsonl (aime25), "
-               "gpqa_diamond/gpqa_diamond.zip, mmlu/test/*.csv, mmlu_pro/test-*.parquet, "
-               "ceval/ceval-exam.zip.")
+DATA_LAYOUT = ("--data-path holds one folder per task: "
+               + ", ".join(f"{path} ({name})" for name, path in LAYOUT.items()) + ".")
 
 
 def register(subparsers) -> None:

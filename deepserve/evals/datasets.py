@@ -45,10 +45,15 @@ class Item:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+# Where each task's data lies under --data-path.
+LAYOUT = {"gsm8k": "gsm8k/test.jsonl", "math500": "math500/test.jsonl", "aime24": "aime/test.jsonl",
+          "aime25": "aime/aime_2025.jsonl", "gpqa_diamond": "gpqa_diamond/gpqa_diamond.zip",
+          "mmlu": "mmlu/test/*.csv", "mmlu_pro": "mmlu_pro/test-*.parquet", "ceval": "ceval/ceval-exam.zip"}
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist (expected under --data-path; "
-                                "see `deepserve eval --help` for the layout)")
+        raise FileNotFoundError(f"{what}: {path} does not exist")
     return path
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from deepserve.evals.cache import ReplyCache, cache_key
 from deepserve.evals.client import ChatClient, RequestFailed, SamplingSettings
+from deepserve.evals import datasets
 from deepserve.evals.datasets import Item
 from deepserve.evals.extract import THINK_END, answer_text
 from deepserve.evals.math_equiv import DEFAULT_TIMEOUT
@@ -75,7 +76,12 @@ def load_items(opts: EvalOptions) -> dict[str, list[Item]]:
     """Items per task, the first `limit` of each in file order."""
     items = {}
     for task in opts.tasks:
-        loaded = task.load(Path(opts.data_path))
+        try:
+            loaded = task.load(Path(opts.data_path))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"task {task.name}: {exc} (expected --data-path/"
+                                    f"{datasets.LAYOUT[task.name]}; the layout of every task: "
+                                    "`deepserve eval --help`)") from None
         if not loaded:
             raise ValueError(f"task {task.name}: no items found under {opts.data_path}")
         items[task.name] = list(loaded[:opts.limit] if opts.limit else loaded)
