@@ -130,6 +130,9 @@ def _letter_class(letters: str) -> str:
     return "[" + re.escape(letters) + "]"
 
 
+_FULL_WIDTH = {ord("Ａ") + i: ord("A") + i for i in range(26)}   # "答案：Ｂ" is "答案：B"
+
+
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     """The chosen option letter in a multiple-choice answer, or None.
 
@@ -139,7 +142,7 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     "A" or the pronoun "I" (a letter followed by a lowercase word is prose, not an answer).
     """
     L = _letter_class(letters)
-    text = text.replace("**", "").replace("__", "")
+    text = text.translate(_FULL_WIDTH).replace("**", "").replace("__", "")
     for box in reversed(all_boxed(text)):
         inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^}]*)\}", r"\1", box).strip()
         m = re.fullmatch(rf"\(?({L})\)?(?:[.:)]\s*.*)?", inner, re.DOTALL)
@@ -150,6 +153,7 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         rf"(?i:answer)\s*(?i:is|:|：)?\s*[:：]?\s*(?i:option\s*|choice\s*)?[\(\[]?({L})"
         rf"(?![\w'’])",
         rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})",
+        rf"(?:正确|正確|最佳|应|應)的?(?:选项|選項|选择|選擇)\s*(?:是|为|為|：|:)*\s*[\(（]?({L})(?![a-zA-Z])",
         rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])",
         rf"(?:选|選)(?:择|擇)?\s*[\(（]?({L})(?![a-zA-Z])",
     ]

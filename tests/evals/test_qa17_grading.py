@@ -2,7 +2,7 @@
 integers, matrices spelled with other spacing, "10{,}000") and GSM8K numbers in LaTeX digit grouping."""
 import pytest
 
-from deepserve.evals.extract import extract_number
+from deepserve.evals.extract import extract_choice, extract_number
 from deepserve.evals.math_equiv import judge
 
 
@@ -59,3 +59,14 @@ def test_infinities_keep_their_sign(pred, gold, equal):
 def test_sets_and_plus_minus(pred, gold, equal):
     """MATH-500 golds such as "x \\in [-2,7]" and "\\{1\\pm\\sqrt{5},-2\\}": elements in any order."""
     assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("综上，答案：Ｂ", "B"),                      # full-width letters, as simple-evals normalises them
+    ("故选Ｃ。", "C"),
+    ("选项A错误，选项B错误，正确选项为（C）。", "C"),
+    ("正确的选项是 D", "D"),
+    ("正确选项是C", "C"),
+])
+def test_ceval_chinese_answers(reply, letter):
+    assert extract_choice(reply, "ABCD") == letter
