@@ -125,7 +125,7 @@ def sympy_equal(a: str, b: str) -> bool:
         va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
         if not (cmath.isfinite(va) and cmath.isfinite(vb)):
             return va == vb   # -oo is not oo (their difference is no small number)
-        return abs(va - vb) <= 1e-6 * max(1.0, abs(vb))
+        return abs(va - vb) <= 1e-6 * max(abs(va), abs(vb)) + 1e-12   # relative: 10^{-7} is not 0
     except (TypeError, ValueError, AttributeError, OverflowError, RecursionError,
             NotImplementedError):
         return False

@@ -70,3 +70,13 @@ def test_sets_and_plus_minus(pred, gold, equal):
 ])
 def test_ceval_chinese_answers(reply, letter):
     assert extract_choice(reply, "ABCD") == letter
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("10^{-7}", "0", False),
+    ("\\frac{1}{1000000}", "\\frac{1}{2000000}", False),
+    ("\\frac{1}{3}", "0.333333333", True),
+    ("0.1+0.2", "0.3", True),
+])
+def test_small_values_compare_relatively(pred, gold, equal):
+    assert judge(pred, gold).equal == equal
