@@ -42,11 +42,11 @@ class SamplingSettings:
         if not self.model:
             raise ValueError("--model must name the served model, got an empty string")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
 def api_root(base_url: str) -> str:
@@ -68,9 +68,9 @@ class ChatClient:
                  max_retries: int = 8, backoff: float = 1.0, max_backoff: float = 60.0,
                  max_connections: int = 64):
         if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+            raise ValueError(f"--max-retries must be >= 0, got {max_retries}")
         if backoff < 0:
-            raise ValueError(f"retry backoff must be >= 0 seconds, got {backoff}")
+            raise ValueError(f"--retry-backoff must be >= 0 seconds, got {backoff}")
         self.url = api_root(base_url) + "/chat/completions"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_connections,

@@ -59,6 +59,12 @@ class EvalOptions:
             raise ValueError(f"--math-timeout must be > 0 seconds, got {self.math_timeout}")
         if self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.retry_backoff < 0:
+            raise ValueError(f"--retry-backoff must be >= 0 seconds, got {self.retry_backoff}")
+        if self.request_timeout <= 0:
+            raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
         if not Path(self.data_path).is_dir():
             raise FileNotFoundError(f"--data-path {self.data_path} is not a directory")
 
