@@ -133,7 +133,8 @@ def run_handler(args) -> int:
     from deepserve.cli.bench import check_reachable
     from deepserve.evals.client import api_root
 
-    check_reachable(api_root(args.base_url))    # else every request is retried for minutes
+    args.base_url = api_root(args.base_url)   # the server's /v1, however it was written
+    check_reachable(args.base_url)    # else every request is retried for minutes
     args.model = args.model or served_model(args.base_url, args.api_key)
     if args.max_tokens is None:
         args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)

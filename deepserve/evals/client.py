@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from dataclasses import dataclass
 
 import httpx
@@ -50,10 +51,12 @@ class SamplingSettings:
 
 
 def api_root(base_url: str) -> str:
-    """"http://h:8000", "http://h:8000/", "http://h:8000/v1/" -> "http://h:8000/v1"."""
+    """"http://h:8000", "http://h:8000/", "http://h:8000/v1/" and the endpoint itself,
+    "http://h:8000/v1/chat/completions" -> "http://h:8000/v1"."""
     url = base_url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--base-url must start with http:// or https://, got {base_url!r}")
+    url = re.sub(r"/(?:chat/)?completions$", "", url)
     return url if url.endswith("/v1") else url + "/v1"
 
 
