@@ -67,7 +67,8 @@ def extract_boxed(text: str) -> str | None:
 
 
 _FINAL_RE = re.compile(
-    r"(?:final answer|the answer)\s*(?:is|:)?\s*[:=]?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?$",
+    r"(?:final answer|the answer)\s*(?:is|:)?\s*[:=]?\s*(?:\$+|\\\[|\\\()?([^\n$]+?)"
+    r"(?:\$+|\\\]|\\\))?\s*(?:\.\s*)?$",
     re.IGNORECASE | re.MULTILINE)
 
 
@@ -76,7 +77,7 @@ def extract_math_answer(text: str) -> str | None:
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
-    matches = _FINAL_RE.findall(text)
+    matches = _FINAL_RE.findall(text.replace("**", ""))
     return matches[-1].strip() if matches else None
 
 

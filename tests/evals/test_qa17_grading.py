@@ -3,7 +3,7 @@ zero-padded integers, matrices, sets, \\pm, "x \\in [a,b]", signed infinities, t
 "10{,}000"), GSM8K numbers in LaTeX digit grouping, C-Eval's Chinese and full-width answers."""
 import pytest
 
-from deepserve.evals.extract import extract_choice, extract_number
+from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
 from deepserve.evals.math_equiv import judge
 
 EQUAL = [
@@ -63,3 +63,13 @@ def test_gsm8k_latex_thousands(reply, number):
 ])
 def test_ceval_chinese_answers(reply, letter):
     assert extract_choice(reply, "ABCD") == letter
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("**Final Answer**\n$$\\frac{1}{2}$$", "\\frac{1}{2}"),   # a bold heading, the answer below it
+    ("**Final Answer:** $x=3$", "x=3"),
+    ("Final answer:\n\\[ \\frac{3}{4} \\]", "\\frac{3}{4}"),
+    ("The final answer is \\(7\\).", "7"),
+])
+def test_math_final_answer_without_box(reply, answer):
+    assert extract_math_answer(reply) == answer
