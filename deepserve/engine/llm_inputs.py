@@ -104,6 +104,9 @@ def truncate_prompt(ids: list[int], keep: Optional[int], side: str, max_model_le
         keep = max_model_len
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"truncate_prompt_tokens must be -1 or >= 1, got {keep!r}")
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len = {max_model_len}. "
+                         "Please request a smaller truncation size.")
     return ids[-keep:] if side == "left" else ids[:keep]
 
 

@@ -213,6 +213,13 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1 and req.truncate_prompt_tokens != -1:
         raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as the context holds) or >= 1, got "
                             f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens", code="invalid_value")
+    if req.truncate_prompt_tokens is not None:   # vLLM's rule: the prompt must leave room for the reply
+        budget = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        room = state.llm.max_model_len - (req.max_new_tokens() or 0)
+        if req.truncate_prompt_tokens > room:
+            raise APIError(400, f"truncate_prompt_tokens={req.truncate_prompt_tokens} cannot be greater than "
+                                f"max_model_len - {budget} = {room}. Please request a smaller truncation size.",
+                           param="truncate_prompt_tokens", code="invalid_value")
     if params.thinking_token_budget is not None:
         if state.settings.reasoning_token_ids is None:   # vLLM's rule
             raise APIError(400, "thinking_token_budget needs to know where reasoning starts and ends: start the "

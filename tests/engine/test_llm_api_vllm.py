@@ -65,6 +65,11 @@ def test_prompt_forms_and_generate_keywords(llm):
                                                      TokensPrompt(prompt_token_ids=ids)], GREEDY)] == [want] * 2
     truncated = llm.generate("Once upon a time", GREEDY, tokenization_kwargs={"truncate_prompt_tokens": 2})[0]
     assert truncated.prompt_token_ids == ids[-2:]
+    limit = llm.engine.max_model_len
+    with pytest.raises(ValueError, match=f"truncate_prompt_tokens={limit + 1} cannot be greater than max_model_len"):
+        llm.generate("Once", GREEDY, tokenization_kwargs={"truncate_prompt_tokens": limit + 1})
+    assert llm.generate("Once upon a time", GREEDY, tokenization_kwargs={"truncate_prompt_tokens": -1})[0] \
+        .prompt_token_ids == ids
     plain = llm.generate("Once", GREEDY, tokenization_kwargs={"add_special_tokens": False})[0]
     assert plain.prompt_token_ids == llm.get_tokenizer().encode("Once", add_special_tokens=False) != ids[:2]
     with pytest.raises(ValueError, match="multi_modal_data"):

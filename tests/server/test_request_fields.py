@@ -106,6 +106,28 @@ def test_truncate_prompt_tokens_minus_one_and_echo(client):
         == (400, "truncate_prompt_tokens")
 
 
+def test_truncate_prompt_tokens_beyond_the_context_is_400(client):
+    """vLLM's rule: truncate_prompt_tokens may not pass max_model_len less the reply's budget
+    (512 for the demo model); -1 and a value within it still truncate."""
+    chat = [{"role": "user", "content": "Hi"}]
+    for call in (lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                    extra_body={"truncate_prompt_tokens": 100000}),
+                 lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=13,
+                                                    extra_body={"truncate_prompt_tokens": 500}),
+                 lambda: client.chat.completions.create(model="stories260k", messages=chat, max_completion_tokens=13,
+                                                         extra_body={"truncate_prompt_tokens": 500})):
+        assert status_of(call) == (400, "truncate_prompt_tokens")
+    with pytest.raises(openai.BadRequestError, match=r"max_model_len - max_completion_tokens = 499"):
+        client.chat.completions.create(model="stories260k", messages=chat, max_completion_tokens=13,
+                                       extra_body={"truncate_prompt_tokens": 500})
+    r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=12,
+                                  extra_body={"truncate_prompt_tokens": 500})
+    assert 0 < r.usage.prompt_tokens < 500
+    r = client.chat.completions.create(model="stories260k", messages=chat, max_tokens=1,
+                                       extra_body={"truncate_prompt_tokens": -1})
+    assert r.usage.prompt_tokens > 0
+
+
 @pytest.mark.parametrize("stop", ["", ["a", ""]])
 def test_an_empty_stop_string_is_400(client, stop):
     """vLLM's check (an empty string would end every reply at once), not dropped in silence."""
