@@ -56,6 +56,15 @@ class HostSpec:
         return self.slots if self.type == "gpu" else 0
 
 
+def resolves(name: str) -> bool:
+    """Whether this machine can look up host `name` (ssh and Ray would reach it by that name)."""
+    try:
+        socket.getaddrinfo(name, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def _check_address(token: str, where: str) -> str:
     try:
         return str(ipaddress.ip_address(token))
@@ -64,6 +73,9 @@ def _check_address(token: str, where: str) -> str:
     # a name opening with a number and a dot (300.1.2.3, 10.0.0, 10.0.0.x) is a mistyped IP
     if re.match(r"[0-9]+\.", token) or not _HOSTNAME.fullmatch(token):
         raise ValueError(f"{where}: bad IP address or host name {token!r}")
+    if not resolves(token):   # a guide's placeholder (x.x.x.x, xxxx) left in, or a typo
+        raise ValueError(f"{where}: {token!r} is neither an IP address nor a host name this machine resolves "
+                         "(a placeholder left in the hostfile?)")
     return token
 
 

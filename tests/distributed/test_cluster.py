@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import textwrap
 
@@ -56,7 +57,8 @@ def launcher(hostfile=HOSTFILE, local=frozenset(), runner=None, resources=None, 
 
 
 # --------------------------------------------------------------------------- hostfile
-def test_hostfile_good_lines():
+def test_hostfile_good_lines(monkeypatch):
+    monkeypatch.setattr("deepserve.distributed.cluster.resolves", lambda name: name == "node-03.cluster")
     text = HOSTFILE + "node-03.cluster slots=4 type=CPU\n2001:db8::5 slots=2\n"
     assert parse_hostfile_text(text) == [
         HostSpec("192.0.2.1", 8, "gpu", 3), HostSpec("192.0.2.2", 8, "gpu", 5),
@@ -81,6 +83,25 @@ def test_hostfile_bad_lines_name_the_line(line, message):
     with pytest.raises(ValueError) as err:
         parse_hostfile_text(f"192.0.2.1 slots=8\n{line}\n", "hosts")
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("placeholder", ["x.x.x.x", "xxxx", "<ip>"])
+def test_hostfile_placeholder_hosts_are_refused(placeholder, tmp_path, monkeypatch):
+    """A guide's placeholder left in the hostfile (FlagOS guides write `x.x.x.x slots=8`) names
+    the file, line and value instead of planning ssh to it."""
+    looked_up = []
+
+    def unknown(name, *args, **kwargs):   # no network: every name is unknown
+        looked_up.append(name)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr("deepserve.distributed.cluster.socket.getaddrinfo", unknown)
+    path = tmp_path / "hostfile.txt"
+    path.write_text(f"192.0.2.1 slots=8 type=gpu\n{placeholder} slots=8 type=gpu\n")
+    with pytest.raises(ValueError) as err:
+        parse_hostfile(path)
+    assert str(err.value).startswith(f"{path}:2: ") and repr(placeholder) in str(err.value)
+    assert "\n" not in str(err.value) and "192.0.2.1" not in looked_up
 
 
 def test_hostfile_empty_or_missing(tmp_path):
