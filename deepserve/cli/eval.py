@@ -131,10 +131,10 @@ def run_handler(args) -> int:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
                          "(or use `deepserve eval compare A.json B.json`)")
     from deepserve.cli.bench import check_reachable
-    from deepserve.evals.client import api_root
+    from deepserve.evals.client import api_root, server_url
 
-    args.base_url = api_root(args.base_url)   # the server's /v1, however it was written
-    check_reachable(args.base_url)    # else every request is retried for minutes
+    args.base_url = server_url(args.base_url)
+    check_reachable(api_root(args.base_url))    # else every request is retried for minutes
     args.model = args.model or served_model(args.base_url, args.api_key)
     if args.max_tokens is None:
         args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)

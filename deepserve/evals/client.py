@@ -50,13 +50,17 @@ class SamplingSettings:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
+def server_url(base_url: str) -> str:
+    """--base-url without a trailing chat / completions endpoint a user pasted with it."""
+    return re.sub(r"/(?:chat/)?completions$", "", base_url.strip().rstrip("/"))
+
+
 def api_root(base_url: str) -> str:
     """"http://h:8000", "http://h:8000/", "http://h:8000/v1/" and the endpoint itself,
     "http://h:8000/v1/chat/completions" -> "http://h:8000/v1"."""
-    url = base_url.strip().rstrip("/")
+    url = server_url(base_url)
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--base-url must start with http:// or https://, got {base_url!r}")
-    url = re.sub(r"/(?:chat/)?completions$", "", url)
     return url if url.endswith("/v1") else url + "/v1"
 
 
