@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
 import threading
@@ -58,6 +59,8 @@ GUARD_HINT = ('a script that starts a multi-process engine must guard its entry 
 # stopping the fork server (a start in flight would hand it a closed keep-alive pipe end)
 _fork_server_users = [0]
 _fork_server_lock = threading.RLock()
+# every `WorkerProcs` of this process, for `kill_workers`
+_all_worker_procs: "weakref.WeakSet[WorkerProcs]" = weakref.WeakSet()
 
 
 def keep_fork_server() -> bool:
@@ -197,13 +200,36 @@ def check_no_live_group() -> None:
                            "call .shutdown() on it (or delete it) before starting a new one")
 
 
+def _running(proc) -> bool:
+    try:
+        return proc.exitcode is None
+    except ValueError:   # closed
+        return False
+
+
+def kill_workers() -> None:
+    """SIGKILL every worker process this process started that still runs, and the fork server
+    they came from (both ignore SIGTERM): for a signal during start-up, where the graceful
+    stop has nothing to drain, and the fork server's own exit (the one that ends the workers
+    through their parent-death signal) takes seconds on a busy host. Safe in a signal handler:
+    no lock is taken."""
+    from multiprocessing import forkserver
+    pids = [p.pid for procs in list(_all_worker_procs) if not procs.closing for p in list(procs.procs)
+            if p.pid is not None and _running(p)]
+    server_pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    for pid in pids + ([server_pid] if server_pid else []):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:   # gone already
+            pass
+
+
 def die_with_parent() -> None:
     """Ask Linux to kill this worker when its parent dies, however the parent ends (even
     SIGKILL), so a lost driver never leaves orphan workers holding GPUs."""
     if sys.platform != "linux":
         return
     import ctypes
-    import signal
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
     except OSError:
@@ -282,6 +308,7 @@ class WorkerProcs:
         self.closing = False
         self.starting = True
         self.procs, self.pipes, self.errors, self.joining = [], [], {}, set()
+        _all_worker_procs.add(self)
         with _fork_server_lock:
             _fork_server_users[0] += 1
             self._uses_fork_server = True

@@ -40,7 +40,7 @@ from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_deli
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
 from deepserve.server.serving_common import ServerSettings, ServerState
-from deepserve.server.stopping import stop_interruptibly
+from deepserve.server.stopping import stop_interruptibly, workers_end_with_a_signal
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deepserve")
@@ -197,7 +197,7 @@ def run_server(engine_args: EngineArgs, server: Optional[ServerArgs] = None, soc
         from deepserve.server.api_servers import run_api_servers
         return run_api_servers(engine_args, server)
     set_up_logging(server.log_level)
-    with for_spawned_processes(server.log_level):  # the engine core processes log at this level too
+    with for_spawned_processes(server.log_level), workers_end_with_a_signal():  # cores log at this level too
         state = build_state(engine_args, server)
     if sock is not None:   # held exclusively during the load; listening past old connections' TIME_WAIT needs it
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 logger = logging.getLogger("deepserve")
 
@@ -57,3 +58,31 @@ def stop_interruptibly(stop: Callable[[], None]) -> None:
             signal.signal(sig, handler)
     if errors:
         raise errors[0]
+
+
+@contextmanager
+def workers_end_with_a_signal() -> Iterator[None]:
+    """While the engine starts: SIGINT / SIGTERM first kill the worker processes started so far
+    (executor.kill_workers; they ignore SIGTERM and would live on until the fork server's slow
+    exit), then take their usual course (a KeyboardInterrupt; death by SIGTERM). Off the main
+    thread, which cannot set handlers, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from deepserve.engine.executor import kill_workers
+    before: dict = {}
+
+    def on_signal(signum, frame) -> None:
+        kill_workers()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before[sig] = signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
