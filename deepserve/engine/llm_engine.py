@@ -273,7 +273,7 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("The decoder prompt cannot be empty")
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise RequestError(f"cache_salt must be a non-empty string if given, got {cache_salt!r}")

@@ -50,6 +50,12 @@ def test_a_request_past_max_model_len_stops_there(llm):
         llm.generate({"prompt_token_ids": [5] * 70}, GREEDY)
 
 
+def test_an_empty_prompt_is_refused_with_vllms_text(llm):
+    with pytest.raises(ValueError, match="^The decoder prompt cannot be empty$"):
+        llm.generate({"prompt_token_ids": []}, GREEDY)
+    assert llm.generate("", GREEDY)[0].prompt_token_ids == [1]   # BOS only: not empty
+
+
 def test_a_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
     with pytest.raises(RequestError, match="outside the vocabulary"):
         llm.generate(["Once upon a time", {"prompt_token_ids": [1, 9999]}], GREEDY)

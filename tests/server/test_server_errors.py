@@ -60,6 +60,11 @@ def test_bad_completion_values_are_400(http, change, param, contains):
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was a"
 
 
+def test_empty_prompt_has_vllms_text(http):
+    check_error(http.post("/v1/completions", json={**GOOD, "prompt": "", "add_special_tokens": False}),
+                400, None, ("The decoder prompt cannot be empty",))
+
+
 def test_long_prompt_names_both_numbers(http):
     err = check_error(http.post("/v1/completions", json={**GOOD, "prompt": [5] * 520, "max_tokens": 1}),
                       400, "max_tokens")
