@@ -137,8 +137,10 @@ _FULL_WIDTH = {ord("Ａ") + i: ord("A") + i for i in range(26)}   # "答案：�
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     """The chosen option letter in a multiple-choice answer, or None.
 
-    Tried in order, the last hit of the first pattern that matches wins: `\\boxed{C}`;
-    "Answer: C" / "answer is (C)" / "**Answer: C**" / "答案：C"; a line that is only a
+    Tried in order, the first pattern that matches wins, with its last hit except for an
+    answer statement, whose first hit wins (simple-evals reads ANSWER_PATTERN_MULTICHOICE with
+    re.search): `\\boxed{C}`; "Answer: C" / "answer is (C)" / "**Answer: C**" / "答案：C"
+    (first hit); "the correct option is C"; a line that is only a
     letter; a parenthesised "(C)"; a bare capital letter in prose that is not the article
     "A" or the pronoun "I" (a letter followed by a lowercase word is prose, not an answer).
     """
@@ -150,18 +152,20 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         if m:
             return m.group(1)
     # Keywords match in any case, the letter only in upper case ("the answer is a bit ...").
+    # (pattern, which hit): an "Answer: X" / "答案：X" statement counts from its first hit, as
+    # simple-evals reads ANSWER_PATTERN_MULTICHOICE with re.search; the other cues from their last
     strong = [
-        rf"(?i:answer)\s*(?i:is|:|：)?\s*[:：]?\s*(?i:option\s*|choice\s*)?[\(\[]?({L})"
-        rf"(?![\w'’])",
-        rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})",
-        rf"(?:正确|正確|最佳|应|應)的?(?:选项|選項|选择|選擇)\s*(?:是|为|為|：|:)*\s*[\(（]?({L})(?![a-zA-Z])",
-        rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])",
-        rf"(?:选|選)(?:择|擇)?\s*[\(（]?({L})(?![a-zA-Z])",
+        (rf"(?i:answer)\s*(?i:is|:|：)?\s*[:：]?\s*(?i:option\s*|choice\s*)?[\(\[]?({L})"
+         rf"(?![\w'’])", 0),
+        (rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})", 0),
+        (rf"(?:正确|正確|最佳|应|應)的?(?:选项|選項|选择|選擇)\s*(?:是|为|為|：|:)*\s*[\(（]?({L})(?![a-zA-Z])", -1),
+        (rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])", -1),
+        (rf"(?:选|選)(?:择|擇)?\s*[\(（]?({L})(?![a-zA-Z])", -1),
     ]
-    for pattern in strong:
+    for pattern, which in strong:
         hits = re.findall(pattern, text)
         if hits:
-            return hits[-1]
+            return hits[which]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         m = re.fullmatch(rf"[\(\[]?({L})[\)\]]?[.:]?", line)

@@ -113,8 +113,8 @@ def latex_to_py(s: str) -> str:
 
 
 def sympy_equal(a: str, b: str) -> bool:
-    """Whether two normalized LaTeX answers are the same expression (exactly when they have
-    free symbols, else numerically to a relative 1e-6)."""
+    """Whether two normalized LaTeX answers are the same expression (exactly when either has
+    free symbols or is an integer, else numerically to a relative 1e-6)."""
     ea, eb = latex_to_sympy(a), latex_to_sympy(b)
     if ea is None or eb is None:
         return False
@@ -125,6 +125,11 @@ def sympy_equal(a: str, b: str) -> bool:
         va, vb = complex(sympy.N(ea)), complex(sympy.N(eb))
         if not (cmath.isfinite(va) and cmath.isfinite(vb)):
             return va == vb   # -oo is not oo (their difference is no small number)
+        integers = [int(x) for x in (a, b) if re.fullmatch(r"-?\d+", x)]
+        if integers:
+            # an integer equals only a value exactly its own (PRM800K's grader: an integer and a
+            # non-integer differ), so 1000000.5 is not 1000000 though within the relative tolerance
+            return abs(complex(sympy.N(ea - eb, 50))) <= 1e-30 * max(1, abs(integers[0]))
         return abs(va - vb) <= 1e-6 * max(abs(va), abs(vb)) + 1e-12   # relative: 10^{-7} is not 0
     except (TypeError, ValueError, AttributeError, OverflowError, RecursionError,
             NotImplementedError):

@@ -9,7 +9,7 @@ al. 2021) followed by a symbolic check (as in Qwen2.5-Math's evaluation and math
    Equal strings are equal answers.
 2. Otherwise both are translated to sympy (our own small LaTeX subset: fractions, roots,
    powers, pi, implicit products) and compared: exactly (simplify(a - b) == 0) or
-   numerically (relative 1e-6), so `\\frac{1}{2}` == `0.5` and `2\\sqrt{2}` == `\\sqrt{8}`.
+   numerically (relative 1e-6; an integer only exactly, as in PRM800K), so `\\frac{1}{2}` == `0.5` and `2\\sqrt{2}` == `\\sqrt{8}`.
 Tuples and intervals compare element by element (bracket kinds must match); unordered lists
 ("1, -2") and sets ("\\{1, -2\\}") as multisets, "a \\pm b" standing for a + b and a - b;
 "x \\in [1, 2]" is the interval.
