@@ -362,7 +362,7 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         if any(x == [] for x in p):
-            raise ValueError("prompt must not hold an empty token-id list")
+            raise ValueError("The decoder prompt cannot be empty")   # vLLM's engine text
         return list(p)
 
 
