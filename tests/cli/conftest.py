@@ -80,3 +80,16 @@ def reference() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"{REFERENCE} not found (CI clones the repo beside shared/)")
     return REFERENCE
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """`serve` and the offline commands fail the test if they get as far as starting an engine
+    (binding the server's socket, or running `bench latency`): for checks made before any rank
+    starts."""
+    def started(*args, **kwargs):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
+    monkeypatch.setattr("deepserve.cli.serve.bind_listen", started)
+    monkeypatch.setattr("deepserve.bench.offline.run_latency", started)

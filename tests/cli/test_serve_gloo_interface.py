@@ -12,16 +12,6 @@ from deepserve.cli.main import main
 MISSING = "qa-no-such-if0"
 
 
-@pytest.fixture
-def no_engine(monkeypatch):
-    def started(*args, **kwargs):
-        raise AssertionError("the engine was started")
-
-    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
-    monkeypatch.setattr("deepserve.cli.serve.bind_listen", started)
-    monkeypatch.setattr("deepserve.bench.offline.run_latency", started)
-
-
 @pytest.mark.parametrize("argv", [
     ["serve", "--port", "0", "-pp", "2"],
     ["serve", "--port", "0", "-pp", "2", "--dry-run"],

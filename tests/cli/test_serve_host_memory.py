@@ -13,16 +13,6 @@ METAX_FLAGS = ["-pp", "4", "-tp", "8", "--trust-remote-code", "--dtype", "bfloat
                "--swap-space", "16", "--gpu-memory-utilization", "0.90"]
 
 
-@pytest.fixture
-def no_engine(monkeypatch):
-    def started(*args, **kwargs):
-        raise AssertionError("the engine was started")
-
-    monkeypatch.setattr("deepserve.engine.fork_server.starts_early", lambda args: False)
-    monkeypatch.setattr("deepserve.cli.serve.bind_listen", started)
-    monkeypatch.setattr("deepserve.bench.offline.run_latency", started)
-
-
 def test_metax_line_on_a_cpu_is_refused_before_any_rank_starts(capsys, no_engine, tmp_path, monkeypatch):
     monkeypatch.setattr("deepserve.cli.serve.available_host_memory", lambda: 64 * GiB)
     folder = write_r1_config(tmp_path / "deepseek_r1_BF16")
