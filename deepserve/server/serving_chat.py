@@ -9,8 +9,9 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   calls of tools marked `strict` are held to their schemas by a structural-tag grammar, and
   with response_format the output is the formatted answer or tool calls),
   required (the output is constrained to a JSON list of {name, parameters} of the given
-  tools; streamed call by call, each call's arguments as they are generated) or a named function (the output is constrained to its parameters' schema), and
-  none (tools only reach the template);
+  tools; streamed call by call, each call's arguments as they are generated) or a named
+  function (the output is constrained to its parameters' schema; a reply cut inside its
+  reasoning has no call), both with content "" as vLLM's, and none (tools only reach the template);
 - structured outputs (response_format, guided_*, structured_outputs); with a reasoning
   parser the grammar starts after `</think>`, so only the answer is constrained;
 - a `developer` message (OpenAI's name for the instructions) goes to a template that knows no
@@ -309,6 +310,7 @@ class ContentSplitter:
         self.max_calls = 1 if prep.parallel_tool_calls is False else None
         self.required_stream = RequiredCallsStream() if self.mode == "required" else None
         self.named_sent = False
+        self.named_held = ""      # blank answer text before the named call opens
         self.id = tool_call_id()
 
     def feed(self, delta: str, final: bool) -> tuple[str, str, list[dict]]:
@@ -327,13 +329,17 @@ class ContentSplitter:
                 content, calls = content + c2, calls + calls2
             calls = [c for c in calls if self.max_calls is None or c["index"] < self.max_calls]
         elif self.mode == "named":
-            if content or (final and not self.named_sent):
-                call: dict = {"index": 0, "function": {"arguments": content}}
+            # the call opens with the first answer text that is not blank: an output whose
+            # reasoning never ended (cut by max_tokens) calls nothing, as vLLM's
+            self.named_held += content
+            if self.named_held.strip():
+                call: dict = {"index": 0, "function": {"arguments": self.named_held}}
                 if not self.named_sent:
                     call.update(id=self.id, type="function")
                     call["function"]["name"] = self.name
                     self.named_sent = True
                 calls.append(call)
+                self.named_held = ""
             content = ""
         elif self.mode == "required":
             calls = self.required_stream.feed(content)
@@ -348,11 +354,14 @@ class ContentSplitter:
         if self.tools is not None:
             content, calls = self.tools.parse(content or "")
             return reasoning, content, calls[:self.max_calls]
+        # a forced call's reply has content "" (vLLM's), with or without the call
         if self.mode == "named":
-            return reasoning, None, [{"id": self.id, "type": "function",
-                                      "function": {"name": self.name, "arguments": content or ""}}]
+            if not (content or "").strip():    # the reasoning never ended: no arguments, no call
+                return reasoning, "", []
+            return reasoning, "", [{"id": self.id, "type": "function",
+                                    "function": {"name": self.name, "arguments": content}}]
         if self.mode == "required":
-            return reasoning, None, required_calls(content or "")
+            return reasoning, "", required_calls(content or "")
         return reasoning, content, []
 
 
@@ -376,7 +385,8 @@ async def create_chat_completion(request: Request, state: ServerState):
         reasoning, content, calls = splitter.whole(out.text)
         if prep.echo_text:
             content = prep.echo_text + (content or "")
-        message: dict = {"role": "assistant", "content": content if (content or not calls) else None}
+        shown = content if (content or not calls or prep.tool_mode in ("named", "required")) else None
+        message: dict = {"role": "assistant", "content": shown}
         if prep.parser_name is not None and prep.include_reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []

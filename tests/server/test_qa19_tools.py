@@ -1,0 +1,45 @@
+"""Forced tool calls, reasoning fields and tool turns as an agent framework meets them, with the
+official `openai` client over the scripted engine of test_qa14_chat_agents (the real tokenizers,
+detokenizer and parsers; the engine writes a fixed text), compared with what vLLM 0.26 returns.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from test_qa14_chat_agents import MESSAGES, TOOLS, load_tokenizer, serve, whole_and_streamed
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("choice", [NAMED, "required"])
+def test_forced_call_when_the_reasoning_never_ends(choice):
+    """max_tokens ends the output inside <think>: the grammar of a forced call starts after
+    </think>, so nothing of a call was written. vLLM 0.26 then returns no tool_calls, content ""
+    and the reasoning so far, finish "length", and its stream sends no call; a named choice came
+    back with a call of empty arguments, which no JSON parser takes."""
+    script = "Need the weather for Paris today.</think>\n\n" + '{"city": "Paris"}'
+    client = serve("deepseek-r1", script)
+    cut = len(load_tokenizer("deepseek-r1").encode("Need the weather", add_special_tokens=False))
+    whole, (reasoning, content, calls, finish, _) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=cut))
+    assert whole.message.tool_calls is None and calls == []
+    assert whole.message.content == "" and content == ""
+    assert whole.message.reasoning_content == reasoning == "Need the weather"
+    assert whole.finish_reason == finish == "length"
+
+
+@pytest.mark.parametrize("choice, answer, expected", [
+    (NAMED, '{"city": "Paris"}', [("get_weather", '{"city": "Paris"}')]),
+    ("required", '[{"name": "add", "parameters": {"a": 1}}]', [("add", '{"a": 1}')])])
+def test_forced_call_reply_content_is_empty_text(choice, answer, expected):
+    """A named or required call's reply: the call, content "" (vLLM's; it was null), finish
+    "stop" for a named call and "tool_calls" for required ones, as vLLM's."""
+    client = serve("deepseek-r1", "Need the weather.</think>\n\n" + answer)
+    whole, (reasoning, content, calls, finish, _) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES, tools=TOOLS, tool_choice=choice))
+    got = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert got == calls == expected and json.loads(got[0][1])
+    assert whole.message.content == "" and content == ""
+    assert whole.finish_reason == finish == ("stop" if choice == NAMED else "tool_calls")
