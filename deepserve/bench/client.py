@@ -37,7 +37,7 @@ class RequestInput:
     api_url: str
     chat: bool
     ignore_eos: bool = False
-    temperature: float = 0.0
+    temperature: Optional[float] = 0.0   # None: not sent (the server's default applies)
     extra_body: dict = field(default_factory=dict)  # sampling parameters and --extra-body, merged last
     headers: dict = field(default_factory=dict)     # --header and x-request-id
 
@@ -68,8 +68,9 @@ def api_url(base_url: str, endpoint: str) -> str:
 
 
 def build_payload(req: RequestInput) -> dict:
-    payload: dict = {"model": req.model, "temperature": req.temperature, "stream": True,
-                     "stream_options": {"include_usage": True}}
+    payload: dict = {"model": req.model, "stream": True, "stream_options": {"include_usage": True}}
+    if req.temperature is not None:
+        payload["temperature"] = req.temperature
     if req.chat:
         payload["messages"] = [{"role": "user", "content": req.prompt}]
         payload["max_completion_tokens"] = req.output_len

@@ -20,6 +20,7 @@ METRIC_HEADERS = {"ttft": ("TTFT", "Time to First Token"),
                   "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
                   "itl": ("ITL", "Inter-token Latency"),
                   "e2el": ("E2EL", "End-to-end Latency")}
+DEFAULT_METRICS = ("ttft", "tpot", "itl")   # vLLM's default --percentile-metrics for generation
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 
@@ -83,9 +84,10 @@ def peak_output_tokens_per_s(outputs: Sequence[RequestOutput]) -> float:
 
 
 def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
-                    count_tokens: Callable[[str], int], percentiles: Sequence[float] = (90, 95, 99),
-                    goodput: Optional[dict[str, float]] = None) -> dict:
-    """The result fields of one run (vLLM names); `duration` in seconds."""
+                    count_tokens: Callable[[str], int], percentiles: Sequence[float] = (99,),
+                    goodput: Optional[dict[str, float]] = None, metrics: Sequence[str] = METRICS) -> dict:
+    """The result fields of one run (vLLM names); `duration` in seconds. Mean, median, std and
+    `percentiles` are given for the latencies named in `metrics` only, as vLLM stores them."""
     if duration <= 0:
         raise ValueError(f"benchmark duration must be > 0 s, got {duration}")
     output_lens, ttfts, tpots, itls, e2els = [], [], [], [], []
@@ -123,14 +125,14 @@ def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
         "max_concurrent_requests": peak_concurrency(outputs),
         "rtfx": 0.0,   # vLLM's inverse real-time factor, which only audio requests have
     }
-    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els)):
-        result.update(_stats(name, values, percentiles))
+    latencies = {"ttft": ttfts, "tpot": tpots, "itl": itls, "e2el": e2els}
+    for name in metrics:
+        result.update(_stats(name, latencies[name], percentiles))
     result.update({
         "input_lens": [o.prompt_len for o in outputs],
         "output_lens": output_lens,
         "ttfts": [o.ttft for o in outputs],
         "itls": [o.itl for o in outputs],
-        "e2els": [o.latency for o in outputs],
         "start_times": [o.start_time for o in outputs],
         "generated_texts": [o.generated_text for o in outputs],
         "errors": [o.error for o in outputs],
@@ -185,8 +187,8 @@ def spec_decode_fields(before: Optional[dict], after: Optional[dict]) -> dict:
             "spec_decode_accepted_tokens": accepted, "spec_decode_per_position_acceptance_rates": per_pos}
 
 
-def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
-                   metrics: Sequence[str] = METRICS) -> str:
+def format_summary(result: dict, percentiles: Sequence[float] = (99,),
+                   metrics: Sequence[str] = DEFAULT_METRICS) -> str:
     """The result table `vllm bench serve` prints, as one string."""
     rows = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
 
@@ -209,13 +211,12 @@ def format_summary(result: dict, percentiles: Sequence[float] = (90, 95, 99),
     row("Output token throughput (tok/s):", result["output_throughput"], "{:<10.2f}")
     row("Peak output token throughput (tok/s):", result["max_output_tokens_per_s"], "{:<10.2f}")
     row("Peak concurrent requests:", result["max_concurrent_requests"], "{:<10.2f}")   # vLLM's format
-    row("Total Token throughput (tok/s):", result["total_token_throughput"], "{:<10.2f}")
+    row("Total token throughput (tok/s):", result["total_token_throughput"], "{:<10.2f}")
     for name in metrics:
         short, header = METRIC_HEADERS[name]
         rows.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
         row(f"Mean {short} (ms):", result[f"mean_{name}_ms"], "{:<10.2f}")
         row(f"Median {short} (ms):", result[f"median_{name}_ms"], "{:<10.2f}")
-        row(f"Std {short} (ms):", result[f"std_{name}_ms"], "{:<10.2f}")
         for p in percentiles:
             key = percentile_key(p)
             row(f"{key.upper()} {short} (ms):", result[f"{key}_{name}_ms"], "{:<10.2f}")

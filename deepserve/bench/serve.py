@@ -26,7 +26,7 @@ import numpy as np
 from deepserve.bench.client import RequestInput, RequestOutput, api_url, send_request
 from deepserve.bench.http1 import HTTPError, Http1Client
 from deepserve.bench.datasets import SampleRequest, sample_requests
-from deepserve.bench.metrics import (METRICS, compute_metrics, format_summary, parse_goodput,
+from deepserve.bench.metrics import (DEFAULT_METRICS, METRICS, compute_metrics, format_summary, parse_goodput,
                                      parse_spec_decode_counters, spec_decode_fields)
 from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
 
@@ -336,8 +336,9 @@ def request_model_name(args: argparse.Namespace, quiet: bool = False) -> str:
     return names[0]
 
 
-def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list[str]]:
-    """`--metric-percentiles 90,99` and `--percentile-metrics ttft,tpot`, checked."""
+def parse_percentiles(percentiles: str, metrics: Optional[str]) -> tuple[list[float], list[str]]:
+    """`--metric-percentiles 90,99` and `--percentile-metrics ttft,tpot` (None: vLLM's default
+    for generation, ttft,tpot,itl), checked."""
     values = []
     for p in str(percentiles).split(","):
         try:
@@ -347,11 +348,15 @@ def parse_percentiles(percentiles: str, metrics: str) -> tuple[list[float], list
         if not 0 <= value <= 100:
             raise ValueError(f"--metric-percentiles must be in [0, 100], got {p!r}")
         values.append(value)
-    names = [m.strip() for m in str(metrics).split(",") if m.strip()]
+    names = list(DEFAULT_METRICS) if metrics is None else [m.strip() for m in str(metrics).split(",") if m.strip()]
     for name in names:
         if name not in METRICS:
             raise ValueError(f"--percentile-metrics takes {','.join(METRICS)}, got {name!r}")
     return values, names
+
+
+# per-request lists, saved only with --save-detailed (as vLLM saves them)
+DETAILED_FIELDS = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "generated_texts", "errors")
 
 
 def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
@@ -383,6 +388,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     if inputs and getattr(args, "ready_check_timeout_sec", 0) > 0:
         wait_until_ready(inputs[0], args.ready_check_timeout_sec, verify)
     if not quiet:
+        if args.temperature is None:
+            print("bench serve: no --temperature: the server's default applies (as in vLLM 0.26; "
+                  "--temperature 0 for greedy)", file=sys.stderr)
         rate = "inf" if math.isinf(args.request_rate) else args.request_rate
         if ramp:
             rate = f"{args.ramp_up_strategy} ramp-up {args.ramp_up_start_rps} -> {args.ramp_up_end_rps}"
@@ -400,25 +408,21 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         profile_root=root if getattr(args, "profile", False) else None, verify=verify, on_start=count_before))
     result = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": backend_name(args),
         "endpoint_type": backend_name(args),
-        "endpoint": args.endpoint,
-        "base_url": base_url_of(args),
+        "backend": backend_name(args),
         "label": args.label,
         "model_id": args.model,
         "tokenizer_id": tok.name,
-        "dataset_name": args.dataset_name,
         "num_prompts": len(inputs),
         **metadata,
         "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
-        "goodput_slos_ms": goodput or None,
     }
     if ramp:
         result.update(ramp_up_strategy=args.ramp_up_strategy, ramp_up_start_rps=args.ramp_up_start_rps,
                       ramp_up_end_rps=args.ramp_up_end_rps, rps_change_events=rps_change_events(ramp, outputs))
-    result.update(compute_metrics(outputs, duration, tok.count, percentiles, goodput))
+    result.update(compute_metrics(outputs, duration, tok.count, percentiles, goodput, metrics))
     # vLLM's: the acceptance of a speculating server over the run, from its /metrics counters
     result.update(spec_decode_fields(counters.get("before"), spec_decode_counters(root, verify)))
     if not args.save_detailed:
@@ -433,11 +437,12 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     if args.save_result or append:
         path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args))
         path.parent.mkdir(parents=True, exist_ok=True)
+        saved = result if args.save_detailed else {k: v for k, v in result.items() if k not in DETAILED_FIELDS}
         if append:   # one JSON document a line, as vLLM appends them
             with path.open("a") as f:
-                f.write(("\n" if f.tell() else "") + json.dumps(result))
+                f.write(("\n" if f.tell() else "") + json.dumps(saved))
         else:
-            path.write_text(json.dumps(result, indent=2))
+            path.write_text(json.dumps(saved, indent=2))
         result["result_path"] = str(path)
         if not quiet:
             print(f"bench serve: result written to {path}", file=sys.stderr)

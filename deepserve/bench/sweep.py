@@ -109,6 +109,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     settings = sweep_settings(args)
+    if args.percentile_metrics is None:   # the table and chart read E2EL too
+        args.percentile_metrics = "ttft,tpot,itl,e2el"
     _require_matplotlib()  # fail before the runs, not after them
     args.model = resolve_model(args)
     tok = resolve_tokenizer(args.tokenizer, args.model)

@@ -102,8 +102,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-concurrency", type=int, default=None, help="Most requests in flight.")
     t.add_argument("--ignore-eos", action="store_true",
                    help="Ask the server to ignore EOS (always on for --dataset-name random, as in vLLM).")
-    t.add_argument("--temperature", type=float, default=0.0,
-                   help="Sent with every request (default 0, greedy; vLLM leaves it to the server).")
+    t.add_argument("--temperature", type=float, default=None,
+                   help="Sent with every request (default: not sent, the server's default applies, as in "
+                        "vLLM; --temperature 0 for greedy).")
     for flag, kind in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--frequency-penalty", float),
                        ("--presence-penalty", float), ("--repetition-penalty", float)):
         t.add_argument(flag, type=kind, default=None, help="Sampling parameter sent with every request.")
@@ -113,8 +114,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("results")
     r.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000.")
-    r.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el")
-    r.add_argument("--metric-percentiles", default="90,95,99")
+    r.add_argument("--percentile-metrics", default=None,
+                   help="Latencies whose statistics are printed and stored, of ttft,tpot,itl,e2el "
+                        "(default: ttft,tpot,itl; sweep: all four).")
+    r.add_argument("--metric-percentiles", default="99", help="Percentiles of each, e.g. 50,90,99.")
     r.add_argument("--save-result", action="store_true")
     r.add_argument("--save-detailed", action="store_true", help="Also save each generated text.")
     r.add_argument("--append-result", action="store_true",

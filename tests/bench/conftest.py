@@ -16,14 +16,16 @@ TOKENIZER = SHARED / "tokenizers" / "deepseek-r1-distill-llama-8b"
 SERVING = SHARED / "datasets" / "serving"
 FAKE_SERVER = Path(__file__).resolve().parent / "fake_openai.py"
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-# result JSON fields that tools written for `vllm bench serve` read
-EXPECTED_KEYS = {"date", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
-                 "max_concurrency", "duration", "completed", "failed", "total_input_tokens",
-                 "total_output_tokens", "request_throughput", "output_throughput",
-                 "total_token_throughput", "input_lens", "output_lens", "ttfts", "itls", "errors",
-                 "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p90_ttft_ms", "p95_ttft_ms",
-                 "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
-                 "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms"}
+# the result JSON fields `vllm bench serve --save-result` writes with its default flags
+EXPECTED_KEYS = {"date", "endpoint_type", "backend", "label", "model_id", "tokenizer_id", "num_prompts",
+                 "request_rate", "burstiness", "max_concurrency", "duration", "completed", "failed",
+                 "total_input_tokens", "total_output_tokens", "request_throughput", "request_goodput",
+                 "output_throughput", "total_token_throughput", "max_output_tokens_per_s",
+                 "max_concurrent_requests", "rtfx", "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms",
+                 "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "std_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
+                 "median_itl_ms", "std_itl_ms", "p99_itl_ms"}
+# and with --save-detailed besides
+DETAILED_KEYS = {"input_lens", "output_lens", "ttfts", "itls", "start_times", "generated_texts", "errors"}
 
 
 class FakeServer:

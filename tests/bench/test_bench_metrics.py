@@ -91,3 +91,37 @@ def test_parse_percentiles():
         parse_percentiles("101", "ttft")
     with pytest.raises(ValueError, match="'latency'"):
         parse_percentiles("99", "ttft,latency")
+
+
+def test_summary_is_vllms_table():
+    # vLLM 0.26's lines for these values: no Std rows, "Total token throughput", the rate and
+    # concurrency rows only when set, one row per --metric-percentiles value
+    outs = [_out(0.1, 0.5, 5, start=0.0, itl=[0.1] * 4), _out(0.3, 0.5, 3, start=0.2, itl=[0.1, 0.1])]
+    res = compute_metrics(outs, duration=2.0, count_tokens=len, percentiles=[50, 99.5], metrics=["ttft", "e2el"])
+    assert "mean_tpot_ms" not in res and "p99.5_e2el_ms" in res
+    text = format_summary({**res, "request_rate": 4.0, "max_concurrency": 8}, [50, 99.5], ["ttft", "e2el"])
+    assert text == """\
+============ Serving Benchmark Result ============
+Successful requests:                     2         
+Failed requests:                         0         
+Maximum request concurrency:             8         
+Request rate configured (RPS):           4.00      
+Benchmark duration (s):                  2.00      
+Total input tokens:                      20        
+Total generated tokens:                  8         
+Request throughput (req/s):              1.00      
+Output token throughput (tok/s):         4.00      
+Peak output token throughput (tok/s):    8.00      
+Peak concurrent requests:                2.00      
+Total token throughput (tok/s):          14.00     
+---------------Time to First Token----------------
+Mean TTFT (ms):                          200.00    
+Median TTFT (ms):                        200.00    
+P50 TTFT (ms):                           200.00    
+P99.5 TTFT (ms):                         299.00    
+----------------End-to-end Latency----------------
+Mean E2EL (ms):                          500.00    
+Median E2EL (ms):                        500.00    
+P50 E2EL (ms):                           500.00    
+P99.5 E2EL (ms):                         500.00    
+=================================================="""

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import EXPECTED_KEYS, TOKENIZER
+from conftest import DETAILED_KEYS, EXPECTED_KEYS, TOKENIZER
 from deepserve.bench.serve import arrival_gaps, run_serve
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.cli.bench import _serve
@@ -51,8 +51,8 @@ def test_known_timing(fake_server, bench_args, endpoint, capsys):
     for _attempt in range(3):
         with fake_server(ttft=0.1, itl=0.02) as srv:
             slack = 2 * _loopback_rtt_ms(srv.url)
-            res = run_serve(bench_args(_argv(srv.url + "/v1", "--endpoint", endpoint,
-                                             "--max-concurrency", "1", n=3)))
+            res = run_serve(bench_args(_argv(srv.url + "/v1", "--endpoint", endpoint, "--max-concurrency", "1",
+                                             "--percentile-metrics", "ttft,tpot,itl,e2el", n=3)))
             received = srv.stats()["requests"]
         if not _timing_errors(res, slack):
             break
@@ -104,10 +104,24 @@ def test_concurrency_limit_and_saved_json(fake_server, bench_args, tmp_path):
         assert srv.stats()["max_in_flight"] == 2
     assert res["max_concurrent_requests"] == 2
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert EXPECTED_KEYS <= set(saved)
+    assert set(saved) == EXPECTED_KEYS   # vLLM's fields, no more: the per-request lists need --save-detailed
     assert saved["completed"] == 6 and saved["max_concurrency"] == 2 and saved["request_rate"] == "inf"
     assert saved["request_goodput"] == pytest.approx(saved["request_throughput"])
-    assert "generated_texts" not in saved
+
+
+def test_saved_fields_follow_the_percentile_flags_and_save_detailed(fake_server, bench_args, tmp_path):
+    # vLLM stores the statistics of the --percentile-metrics only, at the --metric-percentiles,
+    # and the per-request lists with --save-detailed
+    with fake_server(ttft=0.01, itl=0.002) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--save-result", "--save-detailed", "--result-dir", str(tmp_path),
+                                         "--result-filename", "r.json", "--percentile-metrics", "e2el",
+                                         "--metric-percentiles", "50,99.9", n=2, out=3)))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    latency = {k for k in EXPECTED_KEYS if k.endswith("_ms")}
+    e2el = {"mean_e2el_ms", "median_e2el_ms", "std_e2el_ms", "p50_e2el_ms", "p99.9_e2el_ms"}
+    assert set(saved) == (EXPECTED_KEYS - latency) | e2el | DETAILED_KEYS
+    assert saved["output_lens"] == [3, 3] and saved["errors"] == ["", ""] and saved["p50_e2el_ms"] > 0
+    assert res["result_path"] == str(tmp_path / "r.json")
 
 
 def test_request_rate_spreads_arrivals(fake_server, bench_args, tmp_path):
@@ -117,7 +131,7 @@ def test_request_rate_spreads_arrivals(fake_server, bench_args, tmp_path):
         arrivals = srv.stats()["arrivals"]
     assert res["completed"] == 8 and res["request_rate"] == 20.0
     files = list(tmp_path.glob("openai-20.0qps-fake-model-*.json"))
-    assert len(files) == 1 and EXPECTED_KEYS <= set(json.loads(files[0].read_text()))
+    assert len(files) == 1 and set(json.loads(files[0].read_text())) == EXPECTED_KEYS
     # the server sees the requests on the seeded Poisson schedule (7 gaps, 50 ms on average):
     # never ahead of it, and behind it only by what a loaded host adds (sent all at once, or
     # on a doubled schedule, fails)

@@ -29,13 +29,13 @@ def test_request_flags_reach_the_server(fake_server, bench_args, tmp_path):
         argv[2] = srv.url
         res = run_serve(bench_args(argv))
         stats = srv.stats()
-    assert res["completed"] == 3 and res["dataset_name"] == "prefix_repetition"
+    assert res["completed"] == 3
     bodies, headers = stats["requests"][-3:], stats["headers"][-3:]
     assert len(stats["requests"]) == 4   # the ready check's test request, then the run
     for body in bodies:
         assert body["max_tokens"] == 3 and "ignore_eos" not in body
         assert (body["top_p"], body["top_k"], body["repetition_penalty"], body["min_tokens"]) == (0.9, 7, 1.1, 2)
-        assert "min_p" not in body   # flags not given are not sent
+        assert "min_p" not in body and "temperature" not in body   # flags not given are not sent
     assert all(h["x-team"] == "a=b" for h in headers)
     assert sorted(h["x-request-id"] for h in headers) == ["run1-0", "run1-1", "run1-2"]
 
@@ -44,13 +44,13 @@ def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_
     argv = _argv("", "--random-input-len", "8", "--input-len", "6", "--output-len", "2", "--append-result",
                  "--result-dir", str(tmp_path), "--result-filename", "runs.json", "--label", "mylabel",
                  "--metadata", "tp=8", "note=a b",
-                 "--backend", "vllm")
+                 "--backend", "vllm", "--save-detailed", "--temperature", "0")
     with fake_server(ttft=0.01, itl=0.005) as srv:
         argv[2] = srv.url
         run_serve(bench_args(argv))
         run_serve(bench_args(argv))
         bodies = srv.stats()["requests"]
-    assert all(b["ignore_eos"] is True and b["max_tokens"] == 2 for b in bodies)
+    assert all(b["ignore_eos"] is True and b["max_tokens"] == 2 and b["temperature"] == 0.0 for b in bodies)
     lines = (tmp_path / "runs.json").read_text().splitlines()
     assert len(lines) == 2   # one JSON document a line
     for line in lines:

@@ -45,7 +45,7 @@ def test_vastai_tp_serve_with_reasoning_and_bench_serve(reference, tiny_r1, fp32
         result = json.loads((tmp_path / "result.json").read_text())
         assert (result["completed"], result["failed"], result["model_id"], result["max_concurrency"]) == \
             (4, 0, str(tiny_r1), 4)
-        assert result["endpoint"] == "/v1/chat/completions" and 4 <= result["total_output_tokens"] <= 24
+        assert result["backend"] == "openai-chat" and 4 <= result["total_output_tokens"] <= 24
     finally:
         stop_cleanly(server)
 
