@@ -115,7 +115,7 @@ class APIKeyMiddleware:
             return await self.app(scope, receive, send)
         self.on_reject(401)
         response = JSONResponse(error_body(401, "invalid or missing API key (send Authorization: "
-                                                "Bearer <key>)", code="invalid_api_key"), status_code=401)
+                                                "Bearer <key>)"), status_code=401)
         await response(scope, receive, send)
 
 

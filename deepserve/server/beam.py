@@ -29,19 +29,16 @@ def beam_params(req, params: SamplingParams, guided_field: Optional[str], prompt
     checked); 400 naming a field beam search cannot honour."""
     for name, nothing in _NOT_WITH_BEAMS.items():
         if getattr(req, name, None) not in nothing:
-            raise APIError(400, f"{name} is not supported with use_beam_search", param=name,
-                           code="unsupported_field")
+            raise APIError(400, f"{name} is not supported with use_beam_search", param=name)
     if params.guided is not None:
         field = guided_field or "structured_outputs"
-        raise APIError(400, f"{field} (structured output) is not supported with use_beam_search", param=field,
-                       code="unsupported_field")
+        raise APIError(400, f"{field} (structured output) is not supported with use_beam_search", param=field)
     if stream_refused and req.stream:   # vLLM's rule for completions
-        raise APIError(400, "streaming is not supported with use_beam_search", param="stream",
-                       code="unsupported_field")
+        raise APIError(400, "streaming is not supported with use_beam_search", param="stream")
     max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - prompt_tokens
     if max_tokens < 1:
         raise APIError(400, f"{req.max_tokens_field()} must be >= 1 with use_beam_search, got {max_tokens}",
-                       param=req.max_tokens_field(), code="invalid_value")
+                       param=req.max_tokens_field())
     return BeamSearchParams(beam_width=params.n, max_tokens=max_tokens, ignore_eos=params.ignore_eos,
                             temperature=params.temperature, length_penalty=req.length_penalty,
                             include_stop_str_in_output=params.include_stop_str_in_output)
@@ -51,7 +48,7 @@ def check_length_penalty(req) -> None:
     """length_penalty asks for beam search's scoring: refused without it (vLLM's default 1 passes)."""
     if not req.use_beam_search and req.length_penalty != 1.0:
         raise APIError(400, "length_penalty is only used by beam search (use_beam_search true)",
-                       param="length_penalty", code="unsupported_field")
+                       param="length_penalty")
 
 
 def beam_stream(state, prompt: dict, bparams: BeamSearchParams, params: SamplingParams,

@@ -1,6 +1,7 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the HTTP status a
 client expects (400 bad values or JSON, 401 bad key, 404 unknown model, 413 body too big,
-503 queue full with Retry-After, 500 engine failure).
+503 queue full with Retry-After, 500 engine failure). `code` is that status as a number, as
+vLLM's ErrorInfo gives it (the openai SDK's APIStatusError.code).
 
 Handlers raise `APIError`; the app turns it into the JSON body. A streaming response that
 fails after its first chunk cannot change its status, so it sends the same body as one SSE
@@ -27,20 +28,18 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[dict] = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param = status, message, param
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
+        return error_body(self.status, self.message, self.param)
 
 
-def error_body(status: int, message: str, param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, HTTPStatus(status).phrase),
-                      "param": param, "code": code if code is not None else status}}
+                      "param": param, "code": status}}
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -63,17 +62,16 @@ def from_validation_error(exc: ValidationError) -> APIError:
     """A pydantic error as a 400 naming the first bad field (or malformed JSON)."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
-        return APIError(400, f"malformed JSON body: {first['msg']}", code="invalid_json")
+        return APIError(400, f"malformed JSON body: {first['msg']}")
     loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
     param = loc[0] if loc else None
     given = first.get("input")
     if param in _UNIONS:  # pydantic's message names one member of the union: it would mislead
-        return APIError(400, f"{param} must be {_UNIONS[param]}, got {json.dumps(given)[:200]}", param=param,
-                        code="invalid_value")
+        return APIError(400, f"{param} must be {_UNIONS[param]}, got {json.dumps(given)[:200]}", param=param)
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     shown = json.dumps(given)[:100] if given is not None and not isinstance(given, dict) else None
     message = f"{where}: {first['msg']}" + (f", got {shown}" if shown is not None else "")
-    return APIError(400, message, param=param, code="invalid_value")
+    return APIError(400, message, param=param)
 
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
@@ -89,4 +87,4 @@ def from_value_error(exc: ValueError) -> APIError:
     message = str(exc)
     first = message.split(" ", 1)[0].rstrip(":")
     param = first if first in _SAMPLING_FIELDS else None
-    return APIError(400, message, param=param, code="invalid_value")
+    return APIError(400, message, param=param)

@@ -381,7 +381,7 @@ class ContentPart(_Strict):
         """The part's text; a 400 for a part that is not text (images, audio, files)."""
         if self.type not in _TEXT_PARTS:
             raise APIError(400, f"content part type {self.type!r} is not supported (text only: "
-                                f"{', '.join(_TEXT_PARTS)})", param="messages", code="unsupported_field")
+                                f"{', '.join(_TEXT_PARTS)})", param="messages")
         return getattr(self, _TEXT_PARTS[self.type]) or ""
 
 

@@ -259,8 +259,7 @@ class ResponsesRequest(_Strict):
             body["response_format"] = {"type": "json_object"}
         elif fmt is not None and fmt.type == "json_schema":
             if fmt.schema_ is None:
-                raise APIError(400, "text.format json_schema needs a schema", param="text.format.schema",
-                               code="invalid_value")
+                raise APIError(400, "text.format json_schema needs a schema", param="text.format.schema")
             schema = {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_, "strict": fmt.strict}
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {k: v for k, v in schema.items() if v is not None}}
@@ -283,7 +282,7 @@ def _text(parts: Union[str, list[ContentPart], None], where: str) -> str:
     for j, part in enumerate(parts):
         if part.type not in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
             raise APIError(400, f"{where}[{j}].type: content part type {part.type!r} is not supported (text only: "
-                                "input_text, output_text)", param=f"{where}[{j}].type", code="unsupported_field")
+                                "input_text, output_text)", param=f"{where}[{j}].type")
         texts.append(part.text or "")
     return "\n".join(texts)
 
@@ -307,15 +306,14 @@ def chat_messages(req: ResponsesRequest, history: Sequence[dict] = ()) -> list[d
         if kind == "message":
             if item.role not in ("user", "system", "developer", "assistant"):
                 raise APIError(400, f"{where}.role must be user, system, developer or assistant, got {item.role!r}",
-                               param=f"{where}.role", code="invalid_value")
+                               param=f"{where}.role")
             message = {"role": item.role, "content": _text(item.content, f"{where}.content")}
             if item.role == "assistant" and reasoning is not None:
                 message["reasoning_content"], reasoning = reasoning, None
             messages.append(message)
         elif kind == "function_call":
             if not item.call_id or not item.name or item.arguments is None:
-                raise APIError(400, f"{where}: a function_call item needs call_id, name and arguments", param=where,
-                               code="invalid_value")
+                raise APIError(400, f"{where}: a function_call item needs call_id, name and arguments", param=where)
             calls[item.call_id] = item.name
             last = messages[-1] if messages else None
             if last is None or last["role"] != "assistant":
@@ -330,17 +328,16 @@ def chat_messages(req: ResponsesRequest, history: Sequence[dict] = ()) -> list[d
                 raise APIError(400, f"{where}.call_id: no function_call item with call_id {item.call_id!r} comes "
                                     "before this output (send the call in input too, or continue its response with "
                                     "previous_response_id where the server stores responses)",
-                               param=f"{where}.call_id", code="invalid_value")
+                               param=f"{where}.call_id")
             messages.append({"role": "tool", "tool_call_id": item.call_id,
                              "content": _text(item.output, f"{where}.output")})
         elif kind == "reasoning":
             if item.encrypted_content is not None:
                 raise APIError(400, f"{where}.encrypted_content: encrypted reasoning is not supported (this server "
-                                    "sends reasoning as text)", param=f"{where}.encrypted_content",
-                               code="unsupported_field")
+                                    "sends reasoning as text)", param=f"{where}.encrypted_content")
             reasoning = _text(item.content, f"{where}.content") if isinstance(item.content, list) else \
                 _text(item.summary, f"{where}.summary")
         else:
             raise APIError(400, f"{where}.type: input item type {kind!r} is not supported (message, function_call, "
-                                "function_call_output, reasoning)", param=f"{where}.type", code="unsupported_field")
+                                "function_call_output, reasoning)", param=f"{where}.type")
     return messages

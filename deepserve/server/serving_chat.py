@@ -112,11 +112,10 @@ def request_template_kwargs(state: ServerState, req: ChatCompletionRequest) -> O
         if not derived:
             raise APIError(400, "reasoning_effort: this model's chat template reads neither reasoning_effort nor "
                                 "enable_thinking, so its reasoning cannot be set per request",
-                           param="reasoning_effort", code="unsupported_field")
+                           param="reasoning_effort")
     if req.documents:
         if "documents" not in reads:
-            raise APIError(400, "documents: this model's chat template does not read documents", param="documents",
-                           code="unsupported_field")
+            raise APIError(400, "documents: this model's chat template does not read documents", param="documents")
         derived["documents"] = req.documents
     return {**derived, **(req.chat_template_kwargs or {})}
 
@@ -139,8 +138,7 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
               if extra.get(k) is not None and k not in template_variables(tok.chat_template or "")]
     if unread:
         raise APIError(400, f"chat_template_kwargs.{unread[0]}: this model's chat template does not read it, so "
-                            "its thinking cannot be switched per request", param="chat_template_kwargs",
-                       code="unsupported_field")
+                            "its thinking cannot be switched per request", param="chat_template_kwargs")
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     turns = [m.template_dict() for m in messages]
@@ -234,7 +232,7 @@ class PreparedChat:
                                           ("return_token_ids", req.return_token_ids)) if on), None)
             if shown is not None:
                 raise APIError(400, f"{shown} cannot be combined with include_reasoning false: the reply's tokens "
-                                    "would show the reasoning it hides", param=shown, code="unsupported_field")
+                                    "would show the reasoning it hides", param=shown)
         self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)
         self.beams = None   # BeamSearchParams with use_beam_search (vLLM's)

@@ -105,8 +105,7 @@ class ServerState:
     def check_model(self, name: Optional[str]) -> str:
         if name and name not in self.settings.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist; served: "
-                                f"{', '.join(self.settings.served_model_names)}", param="model",
-                           code="model_not_found")
+                                f"{', '.join(self.settings.served_model_names)}", param="model")
         return name or self.model_name
 
     def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt",
@@ -123,15 +122,14 @@ class ServerState:
                                 f"tokens, for a total of {total} tokens{no_room}. Please reduce the length of the "
                                 f"input prompt or the number of requested output tokens"
                                 f"{f' ({field})' if max_tokens else ''}.",
-                           param=field if max_tokens else what, code="context_length_exceeded")
+                           param=field if max_tokens else what)
 
 
 def query_flag(request: Request, name: str) -> bool:
     """A true / false query parameter (true, false, 1, 0; false when absent), else a 400 naming it."""
     value = request.query_params.get(name, "false").lower()
     if value not in ("true", "false", "1", "0"):
-        raise APIError(400, f"{name} must be true or false, got {request.query_params[name]!r}", param=name,
-                       code="invalid_value")
+        raise APIError(400, f"{name} must be true or false, got {request.query_params[name]!r}", param=name)
     return value in ("true", "1")
 
 
@@ -156,16 +154,22 @@ def header_request_id(request: Request, body_id: Optional[str]) -> Optional[str]
 
 
 async def parse_request(request: Request, model: Type[M], limit: int) -> M:
-    body = await read_body(request, limit)
+    """The body as `model`: JSON sent as application/json (vLLM's rule for its JSON routes; a
+    UTF-8 byte-order mark is allowed, as Python's json reads it), else a 400."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise APIError(400, f"Unsupported Media Type: Only 'application/json' is allowed, got Content-Type "
+                            f"{content_type!r}")
+    body = (await read_body(request, limit)).removeprefix(b"\xef\xbb\xbf")
     if not body.strip():
-        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+        raise APIError(400, "the request body is empty; send a JSON object")
     try:
         req = model.model_validate_json(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
     found = unsupported_field(req)
     if found is not None:
-        raise APIError(400, found[1], param=found[0], code="unsupported_field")
+        raise APIError(400, found[1], param=found[0])
     ignored = ignored_fields(req)
     if ignored:
         logger.warning("request fields ignored (neither OpenAI's nor vLLM's API defines them): %s",
@@ -176,11 +180,10 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
 def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
     """The request's SamplingParams over the model's defaults; 400 naming a bad field."""
     if req.stream_options is not None and not req.stream:  # vLLM refuses it too
-        raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options",
-                       code="invalid_value")
+        raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options")
     if req.n > state.settings.max_n:
         raise APIError(400, f"n must be <= {state.settings.max_n} (the server's --max-num-seqs, at least OpenAI's "
-                            f"limit of 128), got {req.n}", param="n", code="invalid_value")
+                            f"limit of 128), got {req.n}", param="n")
     if req.best_of not in (None, req.n):  # under n: vLLM refuses it too; over n: no ranking of extra samples
         raise APIError(400, f"best_of must equal n ({req.n}), got {req.best_of}", param="best_of")
     try:
@@ -192,39 +195,38 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
         raise err from None
     if req.priority and state.settings.scheduling_policy != "priority":
         raise APIError(400, f"priority {req.priority} needs --scheduling-policy priority (this server schedules "
-                            "first come, first served)", param="priority", code="unsupported_field")
+                            "first come, first served)", param="priority")
     if params.logprob_token_ids is not None and logprobs is None:   # vLLM's rule
         raise APIError(400, "logprob_token_ids needs logprobs (true on chat completions, a number on completions)",
-                       param="logprob_token_ids", code="invalid_value")
+                       param="logprob_token_ids")
     limit = state.settings.max_logprobs
     # logprob_token_ids' number stands in logprobs; it has its own limit (SamplingParams'), as in vLLM
     sample_logprobs = params.logprobs if params.logprob_token_ids is None else None
     for name, value in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
         if value is not None and value > limit:
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
-            raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown,
-                           code="invalid_value")
+            raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown)
     for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
                       ("stop_token_ids", params.stop_token_ids), ("logprob_token_ids", params.logprob_token_ids or [])):
         bad = next((t for t in ids if t >= state.llm.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"{name} token id {bad} is outside the vocabulary [0, {state.llm.vocab_size})",
-                           param=name, code="invalid_value")
+                           param=name)
     if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1 and req.truncate_prompt_tokens != -1:
         raise APIError(400, f"truncate_prompt_tokens must be -1 (as many as the context holds) or >= 1, got "
-                            f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens", code="invalid_value")
+                            f"{req.truncate_prompt_tokens}", param="truncate_prompt_tokens")
     if req.truncate_prompt_tokens is not None:   # vLLM's rule: the prompt must leave room for the reply
         budget = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
         room = state.llm.max_model_len - (req.max_new_tokens() or 0)
         if req.truncate_prompt_tokens > room:
             raise APIError(400, f"truncate_prompt_tokens={req.truncate_prompt_tokens} cannot be greater than "
                                 f"max_model_len - {budget} = {room}. Please request a smaller truncation size.",
-                           param="truncate_prompt_tokens", code="invalid_value")
+                           param="truncate_prompt_tokens")
     if params.thinking_token_budget is not None:
         if state.settings.reasoning_token_ids is None:   # vLLM's rule
             raise APIError(400, "thinking_token_budget needs to know where reasoning starts and ends: start the "
                                 "server with --reasoning-parser deepseek_r1 (or --reasoning-config)",
-                           param="thinking_token_budget", code="unsupported_field")
+                           param="thinking_token_budget")
         params.reasoning_token_ids = state.settings.reasoning_token_ids
     return params
 
@@ -250,7 +252,7 @@ async def compile_grammar(state: ServerState, params: SamplingParams, field: Opt
     try:
         await asyncio.to_thread(lambda: engine.grammar_compiler().compile(params.guided))
     except ValueError as exc:
-        raise APIError(400, str(exc), param=field, code="invalid_value") from None
+        raise APIError(400, str(exc), param=field) from None
 
 
 def usage_in_stream(state: ServerState, req) -> tuple[bool, bool]:
@@ -288,16 +290,13 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:
     """Map what the engine raises to the API error the client should see."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, QueueFullError):
-        return APIError(503, str(exc), code="queue_full", headers={"Retry-After": str(retry_after_s)})
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc), code="engine_unavailable",
-                        headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, (QueueFullError, EngineDeadError)):
+        return APIError(503, str(exc), headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, EngineStepError):
-        return APIError(500, str(exc), code="engine_error")
+        return APIError(500, str(exc))
     if isinstance(exc, (RequestError, ValueError)):
         return from_value_error(exc)
-    return APIError(500, f"{type(exc).__name__}: {exc}", code="internal_error")
+    return APIError(500, f"{type(exc).__name__}: {exc}")
 
 
 _DONE = object()

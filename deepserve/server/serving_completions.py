@@ -109,8 +109,7 @@ class _Prepared:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.prompt == "":   # vLLM's check and text (an empty token-id list is the engine's refusal)
-            raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt",
-                           code="invalid_value")
+            raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
         try:
             prompts = req.prompts()
         except ValueError as exc:
@@ -118,13 +117,12 @@ class _Prepared:
         samples, limit = len(prompts) * req.n, SAMPLES_PER_N * state.settings.max_n
         if samples > limit:  # each costs the server kilobytes before any step: 8 MB of [1] prompts were 16 GB
             raise APIError(400, f"this request asks for {samples} samples ({len(prompts)} prompts x n={req.n}); at "
-                                f"most {limit} go in one request: send the prompts in several", param="prompt",
-                           code="invalid_value")
+                                f"most {limit} go in one request: send the prompts in several", param="prompt")
         # echo with max_tokens 0: the prompt alone (the one token the engine samples is dropped)
         self.echo_only = req.echo and req.max_new_tokens() == 0
         if self.echo_only and req.logprob_token_ids:   # vLLM's rule
             raise APIError(400, "logprob_token_ids is not supported with echo and max_tokens 0: no token is generated",
-                           param="logprob_token_ids", code="invalid_value")
+                           param="logprob_token_ids")
         self.params = sampling_params(state, req, 1 if self.echo_only else req.max_new_tokens(), req.logprobs)
         check_length_penalty(req)
         self.beams: list = []   # each prompt's BeamSearchParams with use_beam_search

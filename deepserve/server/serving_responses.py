@@ -94,7 +94,7 @@ async def create_response(request: Request, state: ServerState):
     store = state.response_store
     refused = req.refused(store is not None)
     if refused is not None:
-        raise APIError(400, refused[1], param=refused[0], code="unsupported_field")
+        raise APIError(400, refused[1], param=refused[0])
     history = _history(store, req.previous_response_id)
     try:
         chat = ChatFromResponses.model_validate(req.chat_request(history))
@@ -107,13 +107,12 @@ async def create_response(request: Request, state: ServerState):
         raise _renamed(err) from None
     if prep.top_k is not None and prep.tool_mode is not None:
         raise APIError(400, f"include {LOGPROBS!r} is not supported with tool calls (tool_choice none takes it)",
-                       param="include", code="unsupported_field")
+                       param="include")
     response_id = f"resp_{req.request_id}" if req.request_id else _new_id("resp")
     running = store.get(response_id) if store is not None else None
     if running is not None and running.running:   # replacing it would leave its generation out of reach
         raise APIError(400, f"request_id {req.request_id!r} names response {response_id}, which is still "
-                            f"{running.response['status']} in the background", param="request_id",
-                       code="invalid_value")
+                            f"{running.response['status']} in the background", param="request_id")
     kept = StoredResponse({}, history + req.input_items()) if req.stored(store is not None) else None
     if req.background:   # refused() let it through only with the store
         kept.response = _response(req, prep, response_id, "queued", [], None, stored=True)
@@ -140,11 +139,10 @@ def _history(store: Optional[ResponseStore], previous_id: Optional[str]) -> list
         return []
     previous = store.get(previous_id)
     if previous is None:
-        raise APIError(404, f"Response with id '{previous_id}' not found.", param="previous_response_id",
-                       code="not_found")
+        raise APIError(404, f"Response with id '{previous_id}' not found.", param="previous_response_id")
     if previous.running:
         raise APIError(400, f"previous response {previous_id} is still {previous.response['status']}: continue it "
-                            "once it has finished", param="previous_response_id", code="invalid_value")
+                            "once it has finished", param="previous_response_id")
     return previous.conversation()
 
 
@@ -217,24 +215,23 @@ async def retrieve_response(request: Request, state: ServerState, response_id: s
     unknown = sorted(set(query) - {"stream", "starting_after"})
     if unknown:
         raise APIError(400, f"query parameter {unknown[0]} is not supported (stream and starting_after are)",
-                       param=unknown[0], code="unsupported_field")
+                       param=unknown[0])
     stream = query_flag(request, "stream")
     after = query.get("starting_after")
     if after is not None and not stream:
-        raise APIError(400, "starting_after goes with stream=true", param="starting_after", code="invalid_value")
+        raise APIError(400, "starting_after goes with stream=true", param="starting_after")
     try:
         start = int(after) + 1 if after is not None else 0
     except ValueError:
         start = -1
     if start < 0:
-        raise APIError(400, f"starting_after must be an integer >= -1, got {after!r}", param="starting_after",
-                       code="invalid_value")
+        raise APIError(400, f"starting_after must be an integer >= -1, got {after!r}", param="starting_after")
     kept = _stored(state, response_id)
     if not stream:
         return kept.response
     if kept.events is None:
         raise APIError(400, f"response {response_id} was not created with background and stream true: it has no "
-                            "events to stream (GET it without stream)", param="stream", code="invalid_value")
+                            "events to stream (GET it without stream)", param="stream")
     return SSEResponse(kept.events.replay(start))
 
 
@@ -244,7 +241,7 @@ async def cancel_response(state: ServerState, response_id: str) -> dict:
     kept = _stored(state, response_id)
     if not kept.response["background"]:
         raise APIError(400, f"response {response_id} was not created with background true: only background "
-                            "responses can be cancelled", param="response_id", code="invalid_value")
+                            "responses can be cancelled", param="response_id")
     if kept.running:
         kept.response["status"] = "cancelled"
         kept.task.cancel()
@@ -255,11 +252,10 @@ async def cancel_response(state: ServerState, response_id: str) -> dict:
 def _stored(state: ServerState, response_id: str) -> StoredResponse:
     if state.response_store is None:
         raise APIError(404, f"Response with id '{response_id}' not found (this server keeps no responses unless "
-                            f"started with --enable-responses-api-store or {STORE_ENV}=1).", param="response_id",
-                       code="not_found")
+                            f"started with --enable-responses-api-store or {STORE_ENV}=1).", param="response_id")
     kept = state.response_store.get(response_id)
     if kept is None:
-        raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+        raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
     return kept
 
 

@@ -209,7 +209,7 @@ def test_error_mid_stream_is_an_error_event():
                                            "response.content_part.added", "response.output_text.delta", "error"]
     assert out[-1].startswith("event: error\n") and not any("[DONE]" in f for f in out)
     last = events[-1]
-    assert last["sequence_number"] == 5 and last["message"] == "the step failed" and last["code"] == "engine_error"
+    assert last["sequence_number"] == 5 and last["message"] == "the step failed" and last["code"] == "500"
     assert last["error"]["message"] == "the step failed" and errors == [500]
 
 

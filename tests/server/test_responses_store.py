@@ -219,8 +219,8 @@ def test_store_drops_finished_before_running():
 
 
 @pytest.mark.parametrize("error, status, code, level", [
-    (EngineStepError("the step failed"), 500, "engine_error", logging.ERROR),
-    (EngineDeadError("the server is shutting down"), 503, "engine_unavailable", logging.WARNING)])
+    (EngineStepError("the step failed"), 500, "500", logging.ERROR),
+    (EngineDeadError("the server is shutting down"), 503, "503", logging.WARNING)])
 def test_a_failed_background_response_says_why(error, status, code, level, caplog):
     """An engine error in a background generation: the stored response is failed with OpenAI's
     error object, logged as an error unless the engine stopped (a server shutting down)."""

@@ -139,7 +139,7 @@ def test_models_health_version_detokenize(client, http):
     assert client.models.retrieve("stories260k").model_dump() == client.models.list().data[0].model_dump()
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("gpt-4")
-    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    assert info.value.body["code"] == 404 and info.value.body["param"] == "model"
     assert http.get("/health").status_code == 200
     assert http.get("/ping").status_code == 200 and http.post("/ping").status_code == 200   # vLLM's
     from deepserve import __version__

@@ -71,7 +71,7 @@ def test_queue_full_is_503_with_retry_after(yaml_server):
     assert all(r.json()["usage"]["completion_tokens"] == 150 for r in ok)
     for r in refused:
         assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full" and "queue is full" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == 503 and "queue is full" in r.json()["error"]["message"]
     # and the server goes on serving
     again = httpx.post(yaml_server.v1 + "/completions", headers={"Authorization": "Bearer yaml-key"},
                        json={**body, "max_tokens": 3}, timeout=60)

@@ -1,6 +1,8 @@
 """Every bad request gets its status and OpenAI's error body, and the server keeps serving."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from conftest import API_KEY
@@ -22,6 +24,7 @@ def check_error(response: httpx.Response, status: int, param=None, contains: tup
     assert set(body) == {"error"}
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status   # vLLM's ErrorInfo.code: the HTTP status, a number
     assert isinstance(err["message"], str) and err["message"]
     assert err["param"] == param
     for text in contains:
@@ -119,7 +122,37 @@ def test_malformed_and_empty_json(http):
     check_error(http.post("/v1/completions", content=b'{"prompt": "x",', headers=headers), 400,
                 contains=("malformed JSON",))
     check_error(http.post("/v1/chat/completions", content=b"", headers=headers), 400)
-    check_error(http.post("/v1/completions", content=b"[1, 2]", headers=headers), 400)
+    for not_an_object in (b"[1, 2]", b"5", b"null", b'"x"'):
+        check_error(http.post("/v1/completions", content=not_an_object, headers=headers), 400)
+
+
+JSON_ROUTES = {"/v1/completions": GOOD, "/v1/chat/completions": CHAT, "/tokenize": {"prompt": "Hi"},
+               "/v1/responses": {"input": "Hi", "max_output_tokens": 4}, "/detokenize": {"tokens": [1, 5]}}
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+def test_json_routes_take_only_application_json(http, route):
+    """vLLM's JSON routes refuse any other Content-Type (curl -d sends a form's, curl without -H
+    nothing) with a 400 before reading the body; a charset parameter is fine."""
+    body = json.dumps(JSON_ROUTES[route]).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None, "application/jsonl"):
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        check_error(http.post(route, content=body, headers=headers), 400,
+                    contains=("Unsupported Media Type: Only 'application/json' is allowed",))
+    ok = http.post(route, content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_utf8_bom_and_duplicate_keys_read_as_python_json_reads_them(http):
+    """A UTF-8 byte-order mark before the JSON is skipped, and of keys given twice the last
+    counts, as vLLM's json.loads reads a body."""
+    headers = {"Content-Type": "application/json"}
+    plain = http.post("/v1/completions", json=GOOD).json()["choices"][0]["text"]
+    bom = http.post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps(GOOD).encode(), headers=headers)
+    assert bom.status_code == 200 and bom.json()["choices"][0]["text"] == plain
+    twice = b'{"prompt": "Once upon a time", "temperature": 0, "max_tokens": 9, "max_tokens": 2}'
+    r = http.post("/v1/completions", content=twice, headers=headers)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_auth_401(demo_server):
@@ -147,7 +180,7 @@ def test_cors_preflight_and_headers(demo_server):
 def test_unknown_model_404(http):
     err = check_error(http.post("/v1/completions", json={**GOOD, "model": "gpt-4"}), 404, "model",
                       ("gpt-4",))
-    assert err["code"] == "model_not_found"
+    assert err["code"] == 404
     check_error(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"}), 404, "model")
     check_error(http.get("/v1/nothing-here"), 404)
     # an endpoint of OpenAI's this server lacks: the answer says which ones it has
@@ -162,7 +195,7 @@ def test_oversized_body_413(http):
     def chunks():  # no Content-Length: refused while reading
         for _ in range(40):
             yield b" " * 65536
-    check_error(http.post("/v1/completions", content=chunks()), 413)
+    check_error(http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413)
     assert http.post("/v1/completions", json=GOOD).status_code == 200
 
 
