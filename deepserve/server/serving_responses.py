@@ -166,7 +166,7 @@ def _output(state: ServerState, prep: PreparedChat, final: RequestOutput) -> tup
         items.append(call_item(_new_id("fc"), _call_id(call["id"]), call["function"]["name"],
                                call["function"]["arguments"], "completed"))
     status = _status(out)
-    if items and status == "incomplete" and items[-1]["type"] != "function_call":   # calls here are whole
+    if items and status == "incomplete":   # the item that max_output_tokens cut (a call too, as streamed)
         items[-1]["status"] = "incomplete"
     return status, items
 

@@ -43,3 +43,28 @@ def test_forced_call_reply_content_is_empty_text(choice, answer, expected):
     assert got == calls == expected and json.loads(got[0][1])
     assert whole.message.content == "" and content == ""
     assert whole.finish_reason == finish == ("stop" if choice == NAMED else "tool_calls")
+
+
+def test_responses_call_cut_by_max_output_tokens_is_incomplete_whole_and_streamed():
+    """/v1/responses, tool_choice required, max_output_tokens inside the second call: the
+    response is incomplete and so is its last function_call item, whole as streamed (the
+    whole response marked the cut call completed while the stream's was incomplete)."""
+    script = ('Two calls.</think>\n\n[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
+              '{"name": "add", "parameters": {"a": 1, "b": 2}}]')
+    client = serve("deepseek-r1", script)
+    cut = len(load_tokenizer("deepseek-r1").encode(script[:script.index("2}")], add_special_tokens=False))
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    kwargs = dict(model="m", input="Weather in Paris?", tools=tools, tool_choice="required", max_output_tokens=cut)
+
+    async def ask():
+        whole = await client.responses.create(**kwargs)
+        events = [e async for e in await client.responses.create(**kwargs, stream=True)]
+        return whole, events[-1].response
+    whole, streamed = asyncio.run(ask())
+    items = [[(o.type, o.status, getattr(o, "name", None), getattr(o, "arguments", None)) for o in r.output]
+             for r in (whole, streamed)]
+    assert items[0] == items[1]
+    assert [(kind, status, name) for kind, status, name, _ in items[0]] == [
+        ("reasoning", "completed", None), ("function_call", "completed", "get_weather"),
+        ("function_call", "incomplete", "add")]
+    assert whole.status == streamed.status == "incomplete" and items[0][2][3].startswith('{"a": 1')
