@@ -126,6 +126,10 @@ def template_turn(message: dict, content_format: str) -> dict:
     (format "auto" / "string"); a tool call's JSON arguments are their text to templates that
     join them into the prompt (R1's) and their value to `tojson` (JSONArguments)."""
     turn = dict(message)
+    if "tool_calls" in turn and not turn["tool_calls"]:
+        # None or [] (a client's turn without calls): gone, as vLLM drops them, so a template that
+        # tests for the key (R1's) renders the turn's text rather than an empty calls block
+        del turn["tool_calls"]
     content = turn.get("content")
     if isinstance(content, list) and content_format != "openai":
         other = [part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content
