@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import numbers
-from copy import deepcopy
+from copy import copy, deepcopy
 from dataclasses import InitVar, dataclass, field, replace
 from typing import Any, Optional, Union
+
+logger = logging.getLogger("deepserve")
 
 
 class RequestOutputKind(enum.Enum):
@@ -83,6 +86,7 @@ StructuredOutputsParams = GuidedDecoding
 # most token ids one request's logprob_token_ids may name (vLLM's MAX_LOGPROB_TOKEN_IDS)
 MAX_LOGPROB_TOKEN_IDS = 128
 GREEDY_EPS = 1e-5   # vLLM's _SAMPLING_EPS: vLLM samples greedily below this temperature
+MIN_TEMPERATURE = 1e-2   # vLLM's _MAX_TEMP: a lower non-zero temperature is raised to it
 
 
 @dataclass
@@ -178,42 +182,23 @@ class SamplingParams:
         self._check_integers()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
+        self.stop = list(self.stop or [])
+        if not all(self.stop):
+            raise ValueError("stop cannot contain an empty string.")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1 or self.top_k is None:
+        if self.top_k is None:
             self.top_k = 0
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not self.temperature <= 2.0:   # vLLM's range (nan fails it too)
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if self.n > 1 and self.temperature < GREEDY_EPS:   # vLLM's rule: n copies of one greedy answer
-            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (off), 0 (off) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.stop_token_ids and min(self.stop_token_ids) < 0:
-            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
-        if self.seed is not None and not -2**63 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        for name in ("logprobs", "prompt_logprobs"):  # the server caps them at --max-logprobs
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        self._check_ranges()
+        if 0 < self.temperature < MIN_TEMPERATURE:   # vLLM's floor: below it the softmax may overflow
+            logger.warning("temperature %s is below %s, which may give nan or inf; %s is used", self.temperature,
+                           MIN_TEMPERATURE, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
+        if self.temperature < GREEDY_EPS:   # greedy: vLLM turns the filters off
+            if self.n > 1:   # vLLM's rule: n copies of one greedy answer
+                raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+        if self.top_k == -1:
+            self.top_k = 0
         self._check_logprob_token_ids()
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
@@ -228,6 +213,46 @@ class SamplingParams:
             raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids}")
         self._check_thinking_budget()
         self._check_bad_words()
+
+    def _check_ranges(self) -> None:
+        """vLLM's _verify_args, in its words."""
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not math.isfinite(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be a finite number, got {self.repetition_penalty}.")
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        if not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature}.")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if self.temperature > 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                             f"got {self.min_tokens}.")
+        for name in ("logprobs", "prompt_logprobs"):   # the LLM / server cap them at max_logprobs
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.stop_token_ids and min(self.stop_token_ids) < 0:
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
 
     def _check_integers(self) -> None:
         """Counts and ids must be integers (a float failed deep in the sampler, or was truncated)."""
@@ -320,8 +345,17 @@ class SamplingParams:
         return self._bad_words_token_ids
 
     def clone(self) -> "SamplingParams":
-        """vLLM's: a deep copy (without a compiled grammar: the engine compiles it when it takes the copy)."""
-        return deepcopy(self)
+        """vLLM's: a deep copy (without a compiled grammar: the engine compiles it when it takes the
+        copy); with skip_clone, a shallow one."""
+        return copy(self) if self.skip_clone else deepcopy(self)
+
+    def __repr__(self) -> str:
+        """vLLM's text: the fields it prints, in its order."""
+        names = ("n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k",
+                 "min_p", "seed", "stop", "stop_token_ids", "bad_words", "thinking_token_budget",
+                 "include_stop_str_in_output", "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+                 "skip_special_tokens", "spaces_between_special_tokens", "structured_outputs", "extra_args")
+        return f"SamplingParams({', '.join(f'{name}={getattr(self, name)}' for name in names)})"
 
     def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
         """A copy with another max_tokens, its bad_words' token ids kept."""

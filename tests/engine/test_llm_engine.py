@@ -127,7 +127,7 @@ def test_bad_requests_are_clear_errors(llm):
         llm.generate({"prompt_token_ids": [1] * 513}, GREEDY)
     with pytest.raises(RequestError, match="outside the vocabulary"):
         llm.generate({"prompt_token_ids": [1, 99999]}, GREEDY)
-    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="temperature must be non-negative, got -1"):
         SamplingParams(temperature=-1)
     # the engine still serves afterwards, with every block free
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY)[0].outputs[0].text.startswith("Once")

@@ -33,7 +33,7 @@ def test_generate_prints_greedy_text(capsys, monkeypatch):
 def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path):
     assert main(["generate", "--prompt", "x", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err
-    assert err == "deepserve generate: error: temperature must be >= 0, got -1.0\n"
+    assert err == "deepserve generate: error: temperature must be non-negative, got -1.0.\n"
     # a model whose tokenizer has no chat template
     bare = shutil.copytree(DEMO_MODEL, tmp_path / "bare")
     config = json.loads((bare / "tokenizer_config.json").read_text())

@@ -37,7 +37,7 @@ BAD_COMPLETIONS = [
     ({"temperature": -0.5}, "temperature", ("-0.5",)),
     ({"top_p": 0.0}, "top_p", ("top_p",)),
     ({"top_p": 1.5}, "top_p", ("1.5",)),
-    ({"n": 0}, "n", ("n must be >= 1",)),
+    ({"n": 0}, "n", ("n must be at least 1",)),
     ({"n": 257}, "n", ("n must be <= 256", "max-num-seqs")),   # unbounded: n=10**8 ate memory without end
     ({"n": "two"}, "n", ("two",)),
     ({"temperature": "hot"}, "temperature", ("hot",)),

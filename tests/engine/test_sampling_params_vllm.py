@@ -1,0 +1,66 @@
+"""SamplingParams as vLLM 0.26 builds it: its validation messages, the values __post_init__
+settles (greedy filters off, the temperature floor), clone() and __repr__. No model needed."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from deepserve import SamplingParams
+from deepserve.sampling_params import StructuredOutputsParams
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=0), "n must be at least 1, got 0."),
+    (dict(top_k=-2), "top_k must be 0 (disable), or at least 1, got -2."),
+    (dict(stop=["a", ""]), "stop cannot contain an empty string."),
+    (dict(stop=""), "stop cannot contain an empty string."),
+    (dict(max_tokens=0), "max_tokens must be at least 1, got 0."),
+    (dict(min_tokens=-1), "min_tokens must be greater than or equal to 0, got -1."),
+    (dict(min_tokens=20), "min_tokens must be less than or equal to max_tokens=16, got 20."),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be greater than zero, got 0.0."),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number, got inf."),
+    (dict(temperature=-1.0), "temperature must be non-negative, got -1.0."),
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan."),
+    (dict(temperature=2.5), "temperature must be in [0, 2], got 2.5."),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0."),
+    (dict(min_p=1.5), "min_p must be in [0, 1], got 1.5."),
+    (dict(presence_penalty=3.0), "presence_penalty must be in [-2, 2], got 3.0."),
+    (dict(frequency_penalty=-3.0), "frequency_penalty must be in [-2, 2], got -3.0."),
+    (dict(n=2, temperature=0.0), "n must be 1 when using greedy sampling, got 2."),
+])
+def test_refusals_in_vllms_words(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert str(err.value) == message
+
+
+def test_greedy_turns_the_filters_off_and_a_tiny_temperature_is_raised(caplog):
+    greedy = SamplingParams(temperature=0, top_p=0.5, top_k=3, min_p=0.2)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    assert (SamplingParams(top_p=0.5, top_k=3).top_p, SamplingParams(top_k=3).top_k) == (0.5, 3)
+    with caplog.at_level(logging.WARNING, logger="deepserve"):
+        assert SamplingParams(temperature=1e-6).temperature == 0.01
+    assert "temperature 1e-06 is below 0.01" in caplog.text
+    assert SamplingParams(temperature=0.01).temperature == 0.01
+
+
+def test_repr_is_vllms():
+    params = SamplingParams(temperature=0.5, stop="x", structured_outputs=StructuredOutputsParams(regex="a"))
+    assert repr(SamplingParams()) == (
+        "SamplingParams(n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, temperature=1.0, "
+        "top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[], bad_words=[], "
+        "thinking_token_budget=None, include_stop_str_in_output=False, ignore_eos=False, max_tokens=16, "
+        "min_tokens=0, logprobs=None, prompt_logprobs=None, skip_special_tokens=True, "
+        "spaces_between_special_tokens=True, structured_outputs=None, extra_args=None)")
+    assert "temperature=0.5, " in repr(params) and "stop=['x'], " in repr(params)
+    assert f"structured_outputs={params.structured_outputs!r}, extra_args=None)" in repr(params)
+
+
+def test_clone_is_deep_unless_skip_clone():
+    params = SamplingParams(stop=["x"], extra_args={"k": [1]})
+    copy = params.clone()
+    assert copy == params and copy.extra_args is not params.extra_args
+    shared = SamplingParams(stop=["x"], extra_args={"k": [1]}, skip_clone=True)
+    copy = shared.clone()
+    assert copy == shared and copy is not shared and copy.extra_args is shared.extra_args
