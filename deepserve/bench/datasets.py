@@ -165,8 +165,8 @@ def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
 
 
 def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int, chat_format: bool,
-                  shuffle: bool, seed: int) -> list[SampleRequest]:
-    """vLLM's custom set (see the module docstring)."""
+                  shuffle: bool, seed: int, template_kwargs: Optional[dict] = None) -> list[SampleRequest]:
+    """vLLM's custom set (see the module docstring); `template_kwargs` go to the chat template."""
     if not path.endswith(".jsonl"):
         raise ValueError(f"--dataset-name custom reads a .jsonl file, got {path!r}")
     items = []
@@ -197,7 +197,7 @@ def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int,
                                  "(needed when --custom-output-len is -1)") from None
         prompt = item["prompt"]
         if use_template:
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], **(template_kwargs or {}))
         requests.append(SampleRequest(prompt, tok.count(prompt), out_len))
     return requests
 
@@ -257,6 +257,9 @@ def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
     if name in ("random", "prefix-repetition") and args.dataset_path:
         raise ValueError(f"--dataset-name {args.dataset_name} takes no --dataset-path (sharegpt and sonnet read one)")
     if name == "random":
+        if getattr(args, "random_batch_size", 1) != 1:
+            raise ValueError(f"--random-batch-size {args.random_batch_size}: several prompts a request are vLLM's "
+                             "embeddings benchmark; deepserve bench serve sends one prompt a request (1)")
         return sample_random(tok, n, args.random_input_len, args.random_output_len,
                              args.random_range_ratio, args.random_prefix_len, seed)
     if name in ("sonnet", "sharegpt", "custom") and not args.dataset_path:
@@ -271,10 +274,12 @@ def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
     if name == "custom":
         return sample_custom(tok, args.dataset_path, n, args.custom_output_len,
                              chat_format="chat" not in args.endpoint and not args.skip_chat_template,
-                             shuffle=not args.disable_shuffle, seed=seed)
+                             shuffle=not args.disable_shuffle, seed=seed,
+                             template_kwargs=getattr(args, "chat_template_kwargs", None))
     if name == "prefix-repetition":
         return sample_prefix_repetition(tok, n, args.prefix_repetition_prefix_len,
                                         args.prefix_repetition_suffix_len,
                                         args.prefix_repetition_num_prefixes,
                                         args.prefix_repetition_output_len, seed)
-    raise ValueError(f"--dataset-name must be one of {', '.join(DATASET_NAMES)}, got {name!r}")
+    raise ValueError(f"--dataset-name {args.dataset_name} is not supported: deepserve bench serve has "
+                     f"{', '.join(DATASET_NAMES[:-1])}")

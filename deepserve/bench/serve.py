@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import sys
 import time
 from datetime import datetime
@@ -204,10 +205,16 @@ def backend_name(args: argparse.Namespace) -> str:
     return getattr(args, "backend", None) or ("openai-chat" if "chat" in args.endpoint else "openai")
 
 
+BACKENDS = ("vllm", "openai", "openai-chat")
+
+
 def check_backend(args: argparse.Namespace) -> None:
     """vLLM's backends post to one endpoint each: openai and vllm to completions, openai-chat to
     chat completions; a --backend that contradicts --endpoint is refused, as vLLM refuses it."""
     backend = getattr(args, "backend", None)
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"--backend {backend} is not supported: deepserve bench serve sends text generation "
+                         f"requests ({', '.join(BACKENDS)})")
     wants = "/v1/chat/completions" if backend == "openai-chat" else "/v1/completions"
     if backend and args.endpoint != wants:
         raise ValueError(f"--backend {backend} sends to {wants}, but --endpoint is {args.endpoint} "
@@ -231,6 +238,10 @@ SAMPLING_FLAGS = ("top_p", "top_k", "min_p", "frequency_penalty", "presence_pena
 def request_body_extras(args: argparse.Namespace) -> dict:
     """The sampling flags given, then --extra-body over them (vLLM's order)."""
     body = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "logprobs", None) is not None:
+        if "chat" in args.endpoint:
+            raise ValueError("--logprobs goes with /v1/completions only (vLLM's chat requests do not carry it)")
+        body["logprobs"] = args.logprobs
     body.update(getattr(args, "extra_body", None) or {})
     return body
 
@@ -336,6 +347,17 @@ def request_model_name(args: argparse.Namespace, quiet: bool = False) -> str:
     return names[0]
 
 
+def request_models(args: argparse.Namespace, name: str, n: int) -> list[str]:
+    """The model name of each of `n` requests: `name`, or with vLLM's --lora-modules one of them
+    per request, in turn (--lora-assignment round-robin) or at random (seeded by --seed)."""
+    modules = getattr(args, "lora_modules", None)
+    if not modules:
+        return [name] * n
+    if args.lora_assignment == "round-robin":
+        return [modules[i % len(modules)] for i in range(n)]
+    return random.Random(args.seed).choices(modules, k=n)
+
+
 def parse_percentiles(percentiles: str, metrics: Optional[str]) -> tuple[list[float], list[str]]:
     """`--metric-percentiles 90,99` and `--percentile-metrics ttft,tpot` (None: vLLM's default
     for generation, ttft,tpot,itl), checked."""
@@ -378,8 +400,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     # vLLM asks for the random set's lengths exactly: EOS is ignored there.
     ignore_eos = args.ignore_eos or args.dataset_name == "random"
     id_prefix = getattr(args, "request_id_prefix", None) or f"bench-{os.urandom(4).hex()}-"
+    models = request_models(args, name, len(requests))
     inputs = [RequestInput(prompt=r.prompt, prompt_len=r.prompt_len, output_len=r.expected_output_len,
-                           model=name, api_url=url, chat=chat, ignore_eos=ignore_eos,
+                           model=models[i], api_url=url, chat=chat, ignore_eos=ignore_eos,
                            temperature=args.temperature, extra_body=extras,
                            headers={**headers, "x-request-id": f"{id_prefix}{i}"})
               for i, r in enumerate(requests)]
@@ -388,6 +411,9 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     if inputs and getattr(args, "ready_check_timeout_sec", 0) > 0:
         wait_until_ready(inputs[0], args.ready_check_timeout_sec, verify)
     if not quiet:
+        if getattr(args, "use_beam_search", False):
+            print("bench serve: --use-beam-search has no effect (vLLM's bench serve does not use it either)",
+                  file=sys.stderr)
         if args.temperature is None:
             print("bench serve: no --temperature: the server's default applies (as in vLLM 0.26; "
                   "--temperature 0 for greedy)", file=sys.stderr)

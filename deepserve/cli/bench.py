@@ -30,6 +30,44 @@ def _json_object(text: str) -> dict:
     return value
 
 
+# `vllm bench serve` flags of features deepserve's bench does not have: each is parsed (whatever
+# its values) and refused in one line naming it, never ignored.
+_DATASET_FLAGS = {   # vLLM dataset: its own flags
+    "hf": ("--hf-name", "--hf-split", "--hf-subset", "--hf-output-len", "--no-stream"),
+    "hf (audio)": ("--asr-max-audio-len-sec", "--asr-min-audio-len-sec"),
+    "hf (blazedit)": ("--blazedit-min-distance", "--blazedit-max-distance"),
+    "hf (BFCL)": ("--bfcl-categories",),
+    "random-mm": ("--random-mm-base-items-per-request", "--random-mm-bucket-config",
+                  "--random-mm-limit-mm-per-prompt", "--random-mm-num-mm-items-range-ratio",
+                  "--enable-multimodal-chat"),
+    "random-rerank": ("--no-reranker",),
+    "custom_image": ("--custom-ensure-client-side-data",),
+    "spec_bench": ("--spec-bench-category", "--spec-bench-output-len"),
+    "speed_bench": ("--speed-bench-category", "--speed-bench-dataset-subset", "--speed-bench-output-len"),
+    "timed_trace": ("--timed-trace-chunk-hash-size", "--timed-trace-label-hash-ids",
+                    "--timed-trace-label-input-length", "--timed-trace-label-output-length",
+                    "--timed-trace-label-timestamp", "--timed-trace-sec-multiplier"),
+}
+VLLM_REFUSED = {
+    **{flag: f"belongs to vLLM's {name} dataset, which deepserve bench serve does not have"
+       for name, flags in _DATASET_FLAGS.items() for flag in flags},
+    "--self-timed": "replays the timestamps of vLLM's timed_trace dataset, which deepserve bench serve does not have",
+    "--no-self-timed": "goes with vLLM's timed_trace dataset, which deepserve bench serve does not have",
+    "--skip-tokenizer-init": "is not supported: the prompts are built and counted with the tokenizer "
+                             "(vLLM's bench serve stops without one too)",
+    "--plot-timeline": "is not supported (bench sweep draws throughput against latency)",
+    "--timeline-itl-thresholds": "is not supported (it colours vLLM's --plot-timeline, which deepserve does not draw)",
+    "--plot-dataset-stats": "is not supported (the result JSON has input_lens and output_lens with --save-detailed)",
+}
+
+
+def check_vllm_refused(args: argparse.Namespace) -> None:
+    """One line naming the first flag of VLLM_REFUSED given."""
+    for flag, why in VLLM_REFUSED.items():
+        if getattr(args, "refused_" + flag[2:].replace("-", "_"), None) is not None:
+            raise ValueError(f"{flag} {why}")
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default=None, help="Server URL, root or /v1 (overrides --host/--port).")
@@ -47,20 +85,25 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
     g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
                    "warm-ups) and /stop_profile after it; the server needs --profiler-config.")
-    g.add_argument("--backend", default=None, choices=["vllm", "openai", "openai-chat"],
+    g.add_argument("--backend", default=None,
                    help="vLLM's request formats: openai and vllm post to /v1/completions, openai-chat to "
-                        "/v1/chat/completions (default: what --endpoint names).")
+                        "/v1/chat/completions (default: what --endpoint names); vLLM's others are refused.")
     g.add_argument("--header", nargs="*", default=None, metavar="KEY=VALUE", help="HTTP headers of every request.")
     g.add_argument("--ready-check-timeout-sec", type=int, default=0,
                    help="Seconds to retry a first test request until the server answers (0: no check).")
     g.add_argument("--request-id-prefix", default=None,
                    help="Each request's x-request-id header is this prefix + its index "
                         "(default: bench-<random hex>-).")
+    g.add_argument("--lora-modules", nargs="+", default=None, help="Model names sent instead of the "
+                   "model, one chosen per request (LoRA adapters the server serves).")
+    g.add_argument("--lora-assignment", default="random", choices=["random", "round-robin"],
+                   help="How --lora-modules are chosen: at random (seeded by --seed) or in turn.")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="Accepted (vLLM's flag for loading the tokenizer); tokenizer.json is read as data, "
                         "no code from the model folder runs.")
     d = p.add_argument_group("dataset")
-    d.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
+    d.add_argument("--dataset-name", default="random",
+                   help=f"{', '.join(DATASET_NAMES[:-1])}; vLLM's others are refused.")
     d.add_argument("--dataset-path", default=None, help="sonnet.txt, ShareGPT JSON or custom JSONL file.")
     d.add_argument("--num-prompts", type=int, default=1000)
     d.add_argument("--seed", type=int, default=0)
@@ -82,7 +125,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="custom: output tokens per request (-1: each line's output_tokens).")
     d.add_argument("--skip-chat-template", action="store_true",
                    help="custom: send the prompts as they are (else chat-templated for /v1/completions).")
+    d.add_argument("--chat-template-kwargs", type=_json_object, default=None,
+                   help="custom: JSON object of chat-template arguments (e.g. '{\"thinking\": true}').")
     d.add_argument("--disable-shuffle", action="store_true", help="custom: keep the file's order.")
+    d.add_argument("--random-batch-size", type=int, default=1,
+                   help="vLLM's prompts per request of its embeddings benchmark; only 1 here.")
     d.add_argument("--no-oversample", action="store_true",
                    help="sharegpt, custom: send only the file's usable entries, even fewer than --num-prompts.")
     d.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
@@ -108,6 +155,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     for flag, kind in (("--top-p", float), ("--top-k", int), ("--min-p", float), ("--frequency-penalty", float),
                        ("--presence-penalty", float), ("--repetition-penalty", float)):
         t.add_argument(flag, type=kind, default=None, help="Sampling parameter sent with every request.")
+    t.add_argument("--logprobs", type=int, default=None,
+                   help="Log-probabilities per token asked for in each /v1/completions request.")
+    t.add_argument("--use-beam-search", action="store_true",
+                   help="Accepted with a note: vLLM's bench serve does not use it either.")
     t.add_argument("--extra-body", type=_json_object, default=None,
                    help="JSON object merged into every request body.")
     t.add_argument("--num-warmups", type=int, default=0, help="Untimed requests before the run.")
@@ -128,6 +179,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--result-filename", default=None)
     r.add_argument("--label", default=None)
     r.add_argument("--disable-tqdm", action="store_true")
+    for flag in VLLM_REFUSED:
+        p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), nargs="*", default=None,
+                       help=argparse.SUPPRESS)
 
 
 def _unreachable(exc) -> str:
@@ -166,6 +220,7 @@ def _serve(args) -> int:
 
     from deepserve.bench.serve import run_serve
 
+    check_vllm_refused(args)
     _check_server(args)
     try:
         result = run_serve(args)
@@ -179,6 +234,7 @@ def _sweep(args) -> int:
 
     from deepserve.bench.sweep import run_sweep
 
+    check_vllm_refused(args)
     _check_server(args)
     try:
         out = run_sweep(args)

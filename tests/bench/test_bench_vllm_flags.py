@@ -316,3 +316,64 @@ def test_throughput_sharegpt_is_oversampled_unless_no_oversample(bench_args, tmp
 def test_result_has_vllms_rtfx():
     res = compute_metrics([RequestOutput(error="x")], 1.0, count_tokens=len)
     assert res["rtfx"] == 0.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hf-split", "train"], "--hf-split belongs to vLLM's hf dataset, which deepserve bench serve does not have"),
+    (["--no-self-timed"], "--no-self-timed goes with vLLM's timed_trace dataset"),
+    (["--plot-timeline", "--timeline-itl-thresholds", "10,20"], "--plot-timeline is not supported"),
+    (["--random-mm-limit-mm-per-prompt", '{"image": 1}'], "--random-mm-limit-mm-per-prompt belongs to vLLM's "
+                                                          "random-mm dataset"),
+    (["--skip-tokenizer-init"], "--skip-tokenizer-init is not supported"),
+    (["--dataset-name", "random-mm"], "--dataset-name random-mm is not supported: deepserve bench serve has random, "
+                                      "sonnet, sharegpt, custom, prefix_repetition"),
+    (["--backend", "openai-embeddings"], "--backend openai-embeddings is not supported"),
+    (["--random-batch-size", "4"], "--random-batch-size 4: several prompts a request are vLLM's embeddings"),
+    (["--endpoint", "/v1/chat/completions", "--logprobs", "2"], "--logprobs goes with /v1/completions only"),
+])
+def test_vllm_flags_deepserve_lacks_are_one_line(fake_server, extra, message, capsys):
+    """vLLM 0.26 bench serve flags of features deepserve's bench lacks: one line naming the flag
+    (argparse printed its whole usage, or a dataset-only flag would be ignored), nothing sent."""
+    from deepserve.cli.main import main
+
+    with fake_server() as srv:
+        code = main(["bench", *_argv(srv.url, *extra)])
+        sent = srv.stats()["requests"]
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"deepserve bench: error: {err.split('error: ', 1)[1]}" and err.count("\n") == 1
+    assert message in err and sent == []
+
+
+def test_logprobs_lora_modules_and_beam_search_flag(fake_server, bench_args, capsys):
+    # vLLM's --logprobs goes in each completions request, --lora-modules name the model of each
+    # request (in turn with round-robin), --use-beam-search changes nothing (vLLM's serve ignores it)
+    argv = _argv("", "--logprobs", "2", "--lora-modules", "a", "b", "--lora-assignment", "round-robin",
+                 "--use-beam-search", "--max-concurrency", "1")
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        argv[2] = srv.url
+        res = run_serve(bench_args(argv))
+        bodies = srv.stats()["requests"]
+    assert res["completed"] == 3 and [b["model"] for b in bodies] == ["a", "b", "a"]
+    assert all(b["logprobs"] == 2 for b in bodies)
+    assert "--use-beam-search has no effect" in capsys.readouterr().err
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        run_serve(bench_args(_argv(srv.url, "--lora-modules", "a", "b", "--num-prompts", "40")))
+        models = [b["model"] for b in srv.stats()["requests"]]
+    assert set(models) == {"a", "b"} and len(models) == 40
+
+
+def test_custom_dataset_chat_template_kwargs(bench_args, tmp_path):
+    from deepserve.bench.datasets import sample_requests
+    from deepserve.engine.tokenizer import load_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes((TOKENIZER / "tokenizer.json").read_bytes())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ 'think:' if thinking else '' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"prompt": "Name a prime."}\n')
+    base = ["--dataset-name", "custom", "--dataset-path", str(path), "--num-prompts", "1"]
+    assert sample_requests(bench_args(_argv("http://x", *base)), tok)[0].prompt == "Name a prime."
+    reqs = sample_requests(bench_args(_argv("http://x", *base, "--chat-template-kwargs", '{"thinking": true}')), tok)
+    assert reqs[0].prompt == "think:Name a prime." and reqs[0].prompt_len == tok.count("think:Name a prime.")
