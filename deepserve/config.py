@@ -939,7 +939,7 @@ class _JoinedNames(argparse.Action):
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field: `--field-name` (and vLLM's short form), typed from the
-    annotation; a field's metadata may give its `choices` and `metavar`."""
+    annotation; a field's metadata may give its `choices`, `metavar` and `nargs`."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -951,7 +951,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = {"help": docs.get(f.name, ""), "default": argparse.SUPPRESS, "dest": f.name}
-        kw.update({k: f.metadata[k] for k in ("choices", "metavar") if k in f.metadata})
+        kw.update({k: f.metadata[k] for k in ("choices", "metavar", "nargs") if k in f.metadata})
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue

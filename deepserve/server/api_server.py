@@ -160,7 +160,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     engine.executor.log_failure = False   # a dead rank is named once, by _Server._watch_engine (or the launcher)
     load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
-                              api_key=server.api_key or None, reasoning_parser=server.reasoning_parser,
+                              api_keys=server.api_keys(), root_path=server.root_path,
+                              reasoning_parser=server.reasoning_parser,
                               reasoning_token_ids=delimiter_token_ids(
                                   reasoning_delimiters(server.reasoning_parser, server.reasoning_config),
                                   engine.tokenizer),

@@ -48,6 +48,13 @@ logger = logging.getLogger("deepserve")
 
 # the routes whose requests GET /load counts
 _LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses"))
+# the path prefixes --api-key guards (vLLM's; /health, /metrics, ... stay open to probes)
+_GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
+
+
+def route_path(scope) -> str:
+    """The request's path without --root-path's prefix, where it has it (a proxy may strip it or not)."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
 
 
 class LoadTrackingMiddleware:
@@ -58,7 +65,7 @@ class LoadTrackingMiddleware:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in _LOADING_PATHS:
+        if scope["type"] != "http" or route_path(scope) not in _LOADING_PATHS:
             return await self.app(scope, receive, send)
         self.state.server_load += 1
         try:
@@ -81,7 +88,7 @@ class HTTPMetricsMiddleware:
         return "none"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in HTTP_UNCOUNTED_PATHS:
+        if scope["type"] != "http" or route_path(scope) in HTTP_UNCOUNTED_PATHS:
             return await self.app(scope, receive, send)
         start, status, out_bytes = time.perf_counter(), [500], [0]
 
@@ -101,17 +108,21 @@ class HTTPMetricsMiddleware:
 
 
 class APIKeyMiddleware:
-    """Pure ASGI (so streams pass through untouched): /v1/* needs `Authorization: Bearer KEY`."""
+    """Pure ASGI (so streams pass through untouched): /v1/*, /v2/* and /inference/* need
+    `Authorization: Bearer KEY` with one of the keys (vLLM's rule; a CORS preflight needs none)."""
 
-    def __init__(self, app, api_key: str, on_reject):
-        self.app, self.key, self.on_reject = app, api_key.encode(), on_reject
+    def __init__(self, app, api_keys: list[str], on_reject):
+        self.app, self.keys, self.on_reject = app, [key.encode() for key in api_keys], on_reject
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1") or scope["method"] == "OPTIONS":
+        guarded = scope["type"] == "http" and route_path(scope).startswith(_GUARDED_PREFIXES)
+        if not guarded or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+        # every key compared (no early exit), each in constant time: the time taken tells nothing of a key
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        if scheme.lower() == b"bearer" and any(matches):
             return await self.app(scope, receive, send)
         self.on_reject(401)
         response = JSONResponse(error_body(401, "invalid or missing API key (send Authorization: "
@@ -148,12 +159,12 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             stop_interruptibly(state.llm.shutdown)
 
-    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan, root_path=state.settings.root_path or "")
     app.state.deepserve = state
     if state.settings.enable_server_load_tracking:   # inside the key check: refused requests are no load
         app.add_middleware(LoadTrackingMiddleware, state=state)
-    if state.settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=state.settings.api_key,
+    if state.settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=state.settings.api_keys,
                            on_reject=state.metrics.record_error)
     if state.settings.cors:  # preflights and refusals carry the CORS headers too (vLLM's defaults)
         app.add_middleware(CORSMiddleware, **state.settings.cors)

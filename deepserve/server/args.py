@@ -24,6 +24,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"   # vLLM's switch for its development endpoints
+API_KEY_ENV = "VLLM_API_KEY"   # vLLM's API key where --api-key is not given
 
 
 def dev_mode() -> bool:
@@ -43,8 +44,12 @@ class ServerArgs:
     """Address to listen on."""
     port: int = 8000
     """Port (0 picks a free one)."""
-    api_key: Optional[str] = None
-    """Require `Authorization: Bearer KEY` on /v1/*."""
+    api_key: Optional[Union[str, list]] = field(default=None, metadata={"nargs": "+"})
+    """Require `Authorization: Bearer KEY` (any of the keys given) on /v1/*, /v2/* and
+    /inference/* (vLLM's); without it, vLLM's VLLM_API_KEY environment variable's key."""
+    root_path: Optional[str] = None
+    """vLLM's: the path prefix a proxy serves this server under (/v1/models answers at
+    ROOT_PATH/v1/models too)."""
     reasoning_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_r1",)})
     """Split <think> reasoning into reasoning_content (and reasoning)."""
     reasoning_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
@@ -131,6 +136,8 @@ class ServerArgs:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(self.api_key, str):   # a YAML file's one key
+            self.api_key = [self.api_key]
         if not 0 <= int(self.port) <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if int(self.max_logprobs) < 0:
@@ -160,6 +167,10 @@ class ServerArgs:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
         self.cors()
+
+    def api_keys(self) -> list[str]:
+        """The keys a request may bear: --api-key's, else VLLM_API_KEY's (vLLM's rule); none: no check."""
+        return [key for key in (self.api_key or [os.environ.get(API_KEY_ENV)]) if key]
 
     def responses_store_size(self) -> int:
         """How many responses /v1/responses keeps (0: none), from --enable-responses-api-store

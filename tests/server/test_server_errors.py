@@ -203,3 +203,29 @@ def test_error_metrics_counted(http):
     text = http.get("/metrics").text
     line = next(l for l in text.splitlines() if l.startswith("deepserve:http_errors_total") and '"400"' in l)
     assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+def test_several_keys_guarded_prefixes_and_root_path():
+    """vLLM's --api-key takes several keys and guards /v1, /v2 and /inference, under --root-path
+    (a proxy's prefix, kept or stripped) too; /health stays open."""
+    from conftest import launch
+
+    server = launch("--api-key", "k1", "k2", "--root-path", "/llm")
+    try:
+        def post(path, key=None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.post(server.url + path, json=GOOD, headers=headers, timeout=60)
+
+        for prefix in ("", "/llm"):
+            check_error(post(prefix + "/v1/completions"), 401)
+            check_error(post(prefix + "/v1/completions", "k3"), 401)
+            for key in ("k1", "k2"):
+                ok = post(prefix + "/v1/completions", key)
+                assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was a"
+            for guarded in ("/v2/models", "/inference/v1/generate"):
+                check_error(post(prefix + guarded), 401)
+                check_error(post(prefix + guarded, "k1"), 404)
+            assert httpx.get(server.url + prefix + "/health").status_code == 200
+            check_error(post(prefix + "/detokenize"), 400, "tokens")   # open, and so read: no tokens
+    finally:
+        server.stop()
