@@ -243,7 +243,7 @@ class LLM:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         ids = truncate_prompt(ids, kw.get("truncate_prompt_tokens"), kw.get("truncation_side", "left"),
                         self.engine.max_model_len)
-        self._check_logprobs(params)
+        params = self._check_logprobs(params)
         limit = self.engine.max_model_len
         if len(ids) > limit:
             raise RequestError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length "
@@ -260,16 +260,19 @@ class LLM:
             request["cache_salt"] = prompt["cache_salt"]
         return request, params
 
-    def _check_logprobs(self, params: SamplingParams) -> None:
-        """vLLM's max_logprobs rule (logprob_token_ids have their own limit)."""
+    def _check_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """vLLM's max_logprobs rule (logprob_token_ids have their own limit), -1 (the whole
+        vocabulary) counting as the vocabulary's size; the params with that size in place of -1."""
+        params = params.with_vocab_logprobs(self.engine.runner.vocab_size)
         if self.max_logprobs == -1:
-            return
+            return params
         asked = [("sample logprobs", None if params.logprob_token_ids else params.logprobs),
                  ("prompt logprobs", params.prompt_logprobs)]
         for what, k in asked:
             if k is not None and k > self.max_logprobs:
                 raise RequestError(f"Requested {what} of {k}, which is greater than max allowed: {self.max_logprobs} "
                                    f"(LLM(..., max_logprobs=N))")
+        return params
 
     def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, lora_request=None,
                     use_tqdm: bool = False, concurrency_limit: Optional[int] = None) -> list[BeamSearchOutput]:

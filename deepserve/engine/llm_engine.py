@@ -262,7 +262,7 @@ class LLMEngine:
             if value:
                 raise RequestError(f"add_request's {name} is not supported (LLM.generate takes tokenization_kwargs; "
                                    f"deepserve has no request tracing)")
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_vocab_logprobs(self.runner.vocab_size)
         if priority:
             if self.config.scheduler.policy != "priority":
                 raise RequestError(f"Got priority {priority} but priority scheduling is not enabled "

@@ -245,10 +245,10 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
                              f"got {self.min_tokens}.")
-        for name in ("logprobs", "prompt_logprobs"):   # the LLM / server cap them at max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):   # -1: the whole vocabulary (the LLM resolves it)
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if value is not None and value < -1:
+                raise ValueError(f"{name} must be non-negative or -1, got {value}.")
         if self.stop_token_ids and min(self.stop_token_ids) < 0:
             raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
@@ -359,7 +359,16 @@ class SamplingParams:
 
     def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
         """A copy with another max_tokens, its bad_words' token ids kept."""
-        copy = replace(self, max_tokens=max_tokens)
+        return self._replaced(max_tokens=max_tokens)
+
+    def with_vocab_logprobs(self, vocab_size: int) -> "SamplingParams":
+        """These params with logprobs / prompt_logprobs -1 (vLLM's "the whole vocabulary") as
+        `vocab_size`; themselves where neither is -1."""
+        whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
+        return self._replaced(**whole) if whole else self
+
+    def _replaced(self, **changes) -> "SamplingParams":
+        copy = replace(self, **changes)
         copy._bad_words_token_ids = self._bad_words_token_ids
         return copy
 

@@ -249,3 +249,29 @@ def test_enqueue_then_wait_for_completion(llm):
     assert [o.request_id for o in outs] == ids
     assert [o.outputs[0].text for o in outs] == [want[0], ""] and outs[1].outputs[0].token_ids
     assert llm.wait_for_completion() == []
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary(llm, monkeypatch):
+    """vLLM's -1: every token's logprob, at each generated and each prompt position; counted
+    as the vocabulary's size against max_logprobs."""
+    import math
+
+    with pytest.raises(ValueError, match="^Requested sample logprobs of 512, which is greater than max allowed: 20"):
+        llm.generate("Once", SamplingParams(logprobs=-1), use_tqdm=False)
+    with pytest.raises(ValueError, match="^prompt_logprobs must be non-negative or -1, got -2.$"):
+        SamplingParams(prompt_logprobs=-2)
+    monkeypatch.setattr(llm, "max_logprobs", -1)
+    out = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=2, logprobs=-1, prompt_logprobs=-1),
+                       use_tqdm=False)[0]
+    for entry in out.outputs[0].logprobs + out.prompt_logprobs[1:]:
+        assert len(entry) == 512 and sorted(lp.rank for lp in entry.values()) == list(range(1, 513))
+        assert math.isclose(sum(math.exp(lp.logprob) for lp in entry.values()), 1.0, rel_tol=1e-4)
+    top = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=2, logprobs=3), use_tqdm=False)[0]
+    assert {t: lp.logprob for t, lp in top.outputs[0].logprobs[1].items()} == pytest.approx(
+        {t: lp.logprob for t, lp in out.outputs[0].logprobs[1].items() if lp.rank <= 3})
+    engine = llm.engine   # vLLM's LLMEngine.add_request takes -1 too
+    rid = engine.add_request(None, {"prompt_token_ids": [1, 403]}, SamplingParams(max_tokens=1, logprobs=-1))
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished and o.request_id == rid]
+    assert len(done[0].outputs[0].logprobs[0]) == 512

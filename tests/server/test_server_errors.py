@@ -48,6 +48,8 @@ BAD_COMPLETIONS = [
     ({"prompt": [[1]] * 4097}, "prompt", ("4097 samples", "at most 4096")),   # memory per sample, before any step
     ({"prompt": [[1]] * 20, "n": 250}, "prompt", ("5000 samples",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
+    ({"logprobs": -1}, "logprobs", ("must be <= 20", "got 512")),   # vLLM's -1: the whole vocabulary
+    ({"prompt_logprobs": -1}, "prompt_logprobs", ("must be <= 20", "got 512")),
     ({"max_tokens": 600}, "max_tokens", ("512", "600", "5")),   # 5 prompt + 600 > 512
     ({"stop_token_ids": [512], "min_tokens": 2}, "stop_token_ids", ("512",)),   # failed the step
     ({"stop_token_ids": [-1]}, "stop_token_ids", ("-1",)),
