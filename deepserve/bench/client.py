@@ -2,9 +2,10 @@
 
 Timing follows vLLM's bench clients: TTFT is the time to the first chunk that carries text
 (a chat stream's opening role-only chunk does not count; reasoning text does), ITL the gaps
-between later text chunks, latency (E2EL) the time to the last text chunk. The output token
-count comes from the server's `usage` (asked for with `stream_options.include_usage`) and
-only when the server gives none from tokenizing the generated text. A request that fails
+between later text chunks, latency (E2EL) the time to the last text chunk. The prompt and output
+token counts come from the server's `usage` (asked for with `stream_options.include_usage`),
+as vLLM's bench takes them; without one, from the request set's prompt length and from
+tokenizing the generated text. A request that fails
 (HTTP error, broken stream, no text) is returned with `success=False` and its error, never
 raised, so the caller can count it.
 
@@ -186,6 +187,8 @@ async def send_request(client, req: RequestInput) -> RequestOutput:
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     out.output_tokens = int(usage["completion_tokens"])
+                if usage and usage.get("prompt_tokens") is not None:
+                    out.prompt_len = int(usage["prompt_tokens"])   # vLLM reports the server's count
     except ERRORS as exc:
         out.error = f"{type(exc).__name__}: {exc}"
         return out

@@ -3,7 +3,7 @@
 `python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics]` prints its port,
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
-not accumulate), then a usage chunk and `[DONE]`. Each chunk's text is " hello", one token
+not accumulate), then a usage chunk (the prompt's word count as its prompt_tokens) and `[DONE]`. Each chunk's text is " hello", one token
 of the Llama tokenizer. GET /_stats returns what it received (bodies, headers, arrival times, most
 requests in flight). A plain asyncio HTTP/1.1 server, in its own process so that its timing
 does not share a GIL with the client under test.
@@ -110,8 +110,11 @@ class FakeOpenAI:
             choice = {"index": 0, "delta": {"content": " hello"}} if chat else {"index": 0, "text": " hello"}
             await self._chunk(writer, {"choices": [choice]})
         if self.usage and (body.get("stream_options") or {}).get("include_usage"):
-            await self._chunk(writer, {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n,
-                                                                 "total_tokens": n + 1}})
+            # the prompt's words stand for the server's token count (not the bench tokenizer's)
+            text = body.get("prompt") or (body.get("messages") or [{}])[0].get("content") or ""
+            words = len(str(text).split())
+            await self._chunk(writer, {"choices": [], "usage": {"prompt_tokens": words, "completion_tokens": n,
+                                                                 "total_tokens": n + words}})
         await self._chunk(writer, b"[DONE]")
         writer.write(b"0\r\n\r\n")
         await writer.drain()

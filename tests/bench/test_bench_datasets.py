@@ -100,7 +100,7 @@ def test_prefix_repetition_groups(tok):
 def test_each_dataset_against_endpoint(fake_server, bench_args, tok, dataset, extra, endpoint):
     argv = ["serve", "--model", "fake-model", "--tokenizer", str(TOKENIZER), "--dataset-name", dataset,
             "--endpoint", endpoint, "--num-prompts", "4", "--max-concurrency", "2", "--disable-tqdm", *extra]
-    with fake_server(ttft=0.002, itl=0.001) as srv:
+    with fake_server(ttft=0.002, itl=0.001, usage=False) as srv:   # lengths counted by the bench
         res = run_serve(bench_args(argv + ["--base-url", srv.url]))
         received = srv.stats()["requests"]
     assert res["completed"] == 4 and res["failed"] == 0

@@ -60,10 +60,11 @@ def test_known_timing(fake_server, bench_args, endpoint, capsys):
     assert res["completed"] == 3 and res["failed"] == 0
     assert res["output_lens"] == [10] * 3 and res["total_output_tokens"] == 30
     assert all(len(itl) == 9 for itl in res["itls"])
-    # input lengths are the tokenizer's count of the prompts the server got
+    # input lengths are the server's usage.prompt_tokens (the fake's word count), as vLLM takes them
     tok = Tokenizer(TOKENIZER)
     sent = [r.get("prompt") or r["messages"][0]["content"] for r in received]
-    assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in sent)
+    assert sorted(res["input_lens"]) == sorted(len(p.split()) for p in sent)
+    assert res["input_lens"] != [tok.count(p) for p in sent]
     assert res["total_input_tokens"] == sum(res["input_lens"])
     assert all(r["stream"] and r["stream_options"] == {"include_usage": True} for r in received)
     assert res["output_throughput"] == pytest.approx(30 / res["duration"])

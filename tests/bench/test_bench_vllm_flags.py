@@ -45,7 +45,7 @@ def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_
                  "--result-dir", str(tmp_path), "--result-filename", "runs.json", "--label", "mylabel",
                  "--metadata", "tp=8", "note=a b",
                  "--backend", "vllm", "--save-detailed", "--temperature", "0")
-    with fake_server(ttft=0.01, itl=0.005) as srv:
+    with fake_server(ttft=0.01, itl=0.005, usage=False) as srv:   # prompt lengths counted by the bench
         argv[2] = srv.url
         run_serve(bench_args(argv))
         run_serve(bench_args(argv))
