@@ -19,7 +19,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 - vLLM's extras: `continue_final_message` (an assistant prefill continued, with
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false), `include_reasoning` false (no
-  reasoning fields; logprobs and return_token_ids, which would list its tokens, refused beside it), `return_token_ids` (the prompt's and the reply's token ids) and
+  reasoning fields, and, as vLLM's, no logprobs or reply token ids, which would list its
+  tokens), `return_token_ids` (the prompt's and the reply's token ids) and
   `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
@@ -226,13 +227,9 @@ class PreparedChat:
             max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
         state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field())
         self.parser_name = state.settings.reasoning_parser
-        if not req.include_reasoning and self.parser_name is not None:
-            # the reply's tokens, listed with their logprobs or ids, would show the reasoning it hides
-            shown = next((f for f, on in (("logprobs", self.top_k is not None),
-                                          ("return_token_ids", req.return_token_ids)) if on), None)
-            if shown is not None:
-                raise APIError(400, f"{shown} cannot be combined with include_reasoning false: the reply's tokens "
-                                    "would show the reasoning it hides", param=shown)
+        # the reply's tokens, listed with their logprobs or ids, would show the reasoning that
+        # include_reasoning false hides: they are left out (vLLM's; the prompt's ids stay)
+        self.hide_tokens = not req.include_reasoning and self.parser_name is not None
         self.parallel_tool_calls = req.parallel_tool_calls
         self._tools(state, req)
         self.beams = None   # BeamSearchParams with use_beam_search (vLLM's)
@@ -390,13 +387,13 @@ async def create_chat_completion(request: Request, state: ServerState):
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
             message["tool_calls"] = calls
         logprobs = None
-        if prep.top_k is not None:
+        if prep.top_k is not None and not prep.hide_tokens:
             logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, bool(req.return_tokens_as_token_ids),
                                      prep.listed)
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
                         "stop_reason": out.stop_reason})
-        if req.return_token_ids:
+        if req.return_token_ids and not prep.hide_tokens:
             choices[-1]["token_ids"] = list(out.token_ids)
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     details = prompt_tokens_details(state, final.num_cached_tokens, [len(prep.prompt_ids)])
@@ -461,7 +458,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 delta["tool_calls"] = calls
                 called[i] = True
             logprobs = None
-            if prep.top_k is not None and len(out.token_ids) > sent_tokens[i]:
+            if prep.top_k is not None and not prep.hide_tokens and len(out.token_ids) > sent_tokens[i]:
                 logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k,
                                          bool(req.return_tokens_as_token_ids), prep.listed)
             sent_text[i], sent_tokens[i] = len(out.text), len(out.token_ids)
@@ -471,7 +468,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 choice = {"index": i, "delta": delta, "logprobs": logprobs,
                           "finish_reason": _finish_reason(out, prep.tool_mode, called[i]),
                           "stop_reason": out.stop_reason}
-                if req.return_token_ids:
+                if req.return_token_ids and not prep.hide_tokens:
                     choice["token_ids"] = list(out.token_ids[ids_sent[i]:])
                     ids_sent[i] = len(out.token_ids)
                 extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}

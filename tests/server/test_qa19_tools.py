@@ -68,3 +68,23 @@ def test_responses_call_cut_by_max_output_tokens_is_incomplete_whole_and_streame
         ("reasoning", "completed", None), ("function_call", "completed", "get_weather"),
         ("function_call", "incomplete", "add")]
     assert whole.status == streamed.status == "incomplete" and items[0][2][3].startswith('{"a": 1')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_answer_logprobs_with_the_reasoning_hidden(stream):
+    """/v1/responses with include_reasoning false and include message.output_text.logprobs: the
+    logprobs here are the answer's tokens only, which show nothing of the hidden reasoning, so
+    they come (the request was a 400, from chat's rule for the reply's whole token list)."""
+    client = serve("deepseek-r1", "The secret plan.</think>\n\nHello there.")
+    kwargs = dict(model="m", input="Hi", include=["message.output_text.logprobs"], top_logprobs=1,
+                  extra_body={"include_reasoning": False})
+
+    async def ask():
+        if not stream:
+            return await client.responses.create(**kwargs)
+        return [e async for e in await client.responses.create(**kwargs, stream=True)][-1].response
+    r = asyncio.run(ask())
+    [message] = r.output
+    part = message.content[0]
+    assert part.text == "Hello there." and "".join(lp.token for lp in part.logprobs) == "Hello there."
+    assert "secret" not in r.model_dump_json()
