@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 from typing import Callable, Optional, Sequence, Union
 
 from deepserve.config import EngineArgs
@@ -51,6 +52,7 @@ class LLM:
         self.default_sampling_params = generation_defaults(generation_config, str(args.model),
                                                             override_generation_config)
         self.engine = LLMEngine(args)
+        self._request_ids = itertools.count()           # vLLM's request ids: "0", "1", ... per LLM
         self._queued: list[str] = []                    # enqueue()'s requests, not yet waited for
         self._finished: dict[str, RequestOutput] = {}   # the outputs of those that finished
         self._no_text: set[str] = set()                 # requests with detokenize=False
@@ -205,7 +207,7 @@ class LLM:
         ids = []
         try:
             for prompt, sp in requests:
-                ids.append(self.engine.add_request(None, prompt, sp))
+                ids.append(self.engine.add_request(self._next_id(), prompt, sp))
                 if not sp.detokenize:
                     self._no_text.add(ids[-1])
         except BaseException:
@@ -299,12 +301,11 @@ class LLM:
         limit = concurrency_limit or max(1, len(searches))
         for start in range(0, len(searches), limit):
             self._beam_steps(searches[start:start + limit], use_tqdm)
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
         results = []
         for s in searches:
             best = s.best()
-            for b in best:
-                b.text = decode(b.tokens)
+            for b in best:   # vLLM's tokenizer.decode: special tokens (a BOS, an EOS) written out
+                b.text = self.tokenizer.decode(b.tokens, skip_special_tokens=False) if self.tokenizer else ""
             results.append(BeamSearchOutput(best))
         return results
 
@@ -315,12 +316,16 @@ class LLM:
             if not live:
                 break
             step = live[0].step_params()
-            rids = [[self.engine.add_request(None, {"prompt_token_ids": ids}, step) for ids in s.step_prompts()]
+            rids = [[self.engine.add_request(self._next_id(), {"prompt_token_ids": ids}, step)
+                     for ids in s.step_prompts()]
                     for s in live]
             outs = iter(self._run([r for ids in rids for r in ids], use_tqdm))
             for s, ids in zip(live, rids):
                 s.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None
                            for o in (next(outs) for _ in ids)])
+
+    def _next_id(self) -> str:
+        return str(next(self._request_ids))
 
     def _with_reasoning_ids(self, params: SamplingParams) -> SamplingParams:
         if params.thinking_token_budget is None or params.reasoning_token_ids is not None \

@@ -139,8 +139,9 @@ def test_demo_model_text():
         ids = llm.tokenizer.encode("Once upon a time")
         want = reference(llm, ids, 2, 6, llm.engine.eos_token_ids)
         assert_same(out.sequences, want, len(ids), 1.0, llm.engine.eos_token_ids)
-        assert out.sequences[0].text == llm.tokenizer.decode(out.sequences[0].tokens)
-        assert out.sequences[0].text.startswith("Once upon a time")
+        # vLLM's text: tokenizer.decode(tokens), special tokens kept (transformers' default)
+        assert out.sequences[0].text == llm.tokenizer.decode(out.sequences[0].tokens, skip_special_tokens=False)
+        assert out.sequences[0].text.startswith("<s> Once upon a time")
 
 
 def test_score_and_params():

@@ -275,3 +275,12 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(llm, monkeypatch):
     while engine.has_unfinished_requests():
         done += [o for o in engine.step() if o.finished and o.request_id == rid]
     assert len(done[0].outputs[0].logprobs[0]) == 512
+
+
+def test_request_ids_count_from_zero_per_llm_as_vllms(llm):
+    """vLLM's LLM numbers its requests "0", "1", ... (scripts sort outputs by int(request_id))."""
+    first = [int(o.request_id) for o in llm.generate(["Once", "Lily", "Tom"], GREEDY, use_tqdm=False)]
+    assert first == list(range(first[0], first[0] + 3))
+    assert int(llm.generate("Once", GREEDY, use_tqdm=False)[0].request_id) == first[-1] + 1
+    assert llm.enqueue("Once", GREEDY) == [str(first[-1] + 2)]
+    assert [o.request_id for o in llm.wait_for_completion()] == [str(first[-1] + 2)]
