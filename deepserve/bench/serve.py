@@ -320,13 +320,17 @@ def served_models(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_model(args: argparse.Namespace) -> str:
-    """`--model`, or when it is not given the first model the server lists at /v1/models."""
+    """`--model`, or when it is not given, as vLLM: the "root" (the model's path, which the
+    tokenizer and result name come from) of the first model the server lists at /v1/models,
+    whose "id" the requests then carry unless --served-model-name says otherwise."""
     if args.model:
         return args.model
     try:
-        return served_models(args)[0]
+        card = model_cards(args)[0]
     except ValueError as exc:
         raise ValueError(f"no --model given and {exc}") from None
+    args.served_model_name = args.served_model_name or card["id"]
+    return card.get("root") or card["id"]
 
 
 def request_model_name(args: argparse.Namespace, quiet: bool = False) -> str:

@@ -1,6 +1,7 @@
 """A fake OpenAI streaming endpoint with known timing, run as its own process by the tests.
 
-`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics]` prints its port,
+`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics] [--root PATH]` prints
+its port,
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
 not accumulate), then a usage chunk (the prompt's word count as its prompt_tokens) and `[DONE]`. Each chunk's text is " hello", one token
@@ -18,8 +19,9 @@ import time
 
 
 class FakeOpenAI:
-    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True, spec_metrics=False):
-        self.ttft, self.itl, self.status = ttft, itl, status
+    def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True, spec_metrics=False,
+                 root=None):
+        self.ttft, self.itl, self.status, self.root = ttft, itl, status, root
         self.usage, self.role_chunk, self.spec_metrics = usage, role_chunk, spec_metrics
         self.requests: list[dict] = []
         self.headers: list[dict] = []   # each request's headers, names lower-cased
@@ -83,7 +85,8 @@ class FakeOpenAI:
 
     async def _respond(self, method, path, body, writer, headers):
         if method == "GET" and path == "/v1/models":
-            return await self._send_json(writer, 200, {"object": "list", "data": [{"id": "fake-model"}]})
+            card = {"id": "fake-model", **({"root": self.root} if self.root else {})}
+            return await self._send_json(writer, 200, {"object": "list", "data": [card]})
         if method == "GET" and path == "/metrics":
             if not self.spec_metrics:
                 return await self._send_json(writer, 404, {"detail": "Not Found"})
@@ -128,8 +131,10 @@ def main(argv=None):
     p.add_argument("--status", type=int, default=200)
     p.add_argument("--no-usage", action="store_true")
     p.add_argument("--spec-metrics", action="store_true", help="serve vLLM's spec_decode counters at /metrics")
+    p.add_argument("--root", default=None, help="the model's root (path) in /v1/models, as vLLM lists it")
     a = p.parse_args(argv)
-    asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage, spec_metrics=a.spec_metrics).serve())
+    asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage, spec_metrics=a.spec_metrics,
+                           root=a.root).serve())
 
 
 if __name__ == "__main__":

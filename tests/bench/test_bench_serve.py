@@ -154,6 +154,18 @@ def test_model_from_server_listing(fake_server, bench_args):
     assert res["model_id"] == "fake-model"
 
 
+def test_model_from_server_listing_takes_its_root(fake_server, bench_args, tmp_path):
+    """vLLM without --model: the listed model's root is the model_id (tokenizer, result name), its
+    id the name requests carry (a server started with --served-model-name lists both)."""
+    with fake_server(ttft=0.001, itl=0.001, root=TOKENIZER) as srv:
+        argv = [a for a in _argv(srv.url, "--save-result", "--result-dir", str(tmp_path), n=1, out=2)
+                if a not in ("--model", "fake-model", "--tokenizer", str(TOKENIZER))]
+        res = run_serve(bench_args(argv))
+        assert srv.stats()["requests"][0]["model"] == "fake-model"
+    assert res["completed"] == 1 and res["model_id"] == str(TOKENIZER)
+    assert len(list(tmp_path.glob(f"openai-infqps-{TOKENIZER.name}-*.json"))) == 1
+
+
 def test_ignore_eos_and_served_model_name_are_sent(fake_server, bench_args):
     with fake_server(ttft=0.001, itl=0.001) as srv:
         run_serve(bench_args(_argv(srv.url, "--ignore-eos", "--served-model-name", "other", n=1, out=3)))
