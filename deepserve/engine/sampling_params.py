@@ -152,8 +152,8 @@ class SamplingParams:
     """vLLM's: False leaves text "" and logprob entries' decoded_token None (the offline LLM's
     outputs); stop strings need it."""
     spaces_between_special_tokens: bool = True
-    """vLLM's; False (with skip_special_tokens False) is refused: special tokens decode as the
-    tokenizer writes them."""
+    """vLLM's; either value gives the same text: the text is decoded as a stream (tokenizers'
+    DecodeStream, vLLM's fast detokenizer), which writes no space between special tokens."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """vLLM's; the offline LLM returns each request's final output whatever it says."""
     extra_args: Optional[dict[str, Any]] = None
@@ -275,9 +275,6 @@ class SamplingParams:
             raise ValueError("flat_logprobs=True is not supported: logprobs come as a list of {token_id: Logprob}")
         if self.repetition_detection is not None:
             raise ValueError("repetition_detection is not supported")
-        if not self.spaces_between_special_tokens and not self.skip_special_tokens:
-            raise ValueError("spaces_between_special_tokens=False is not supported: special tokens decode as the "
-                             "tokenizer writes them")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if not self.detokenize and self.stop:

@@ -284,3 +284,11 @@ def test_request_ids_count_from_zero_per_llm_as_vllms(llm):
     assert int(llm.generate("Once", GREEDY, use_tqdm=False)[0].request_id) == first[-1] + 1
     assert llm.enqueue("Once", GREEDY) == [str(first[-1] + 2)]
     assert [o.request_id for o in llm.wait_for_completion()] == [str(first[-1] + 2)]
+
+
+def test_spaces_between_special_tokens_false_is_served(llm):
+    """vLLM's fast detokenizer takes either value; its stream writes special tokens side by side."""
+    params = dict(max_tokens=3, logit_bias={2: 100.0}, ignore_eos=True, skip_special_tokens=False)   # EOS thrice
+    for flag in (True, False):
+        out = llm.generate("Once", SamplingParams(**params, spaces_between_special_tokens=flag), use_tqdm=False)[0]
+        assert (out.outputs[0].token_ids, out.outputs[0].text) == ([2, 2, 2], "</s></s></s>")
