@@ -28,3 +28,22 @@ def test_profile_post_to_an_unreachable_server_is_one_line(capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"deepserve bench: error: POST http://127.0.0.1:{port}/start_profile: All connection attempts "
                    "failed (is the server up there?)")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["serve", "--request-rate", "0"], "deepserve bench serve: error: argument --request-rate: request rate must "
+                                       "be > 0 (or inf), got 0"),
+    (["serve", "--extra-body", "[1]"], "deepserve bench serve: error: argument --extra-body: must be a JSON object, "
+                                       "got '[1]'"),
+    (["serve", "--num-prompts", "many"], "deepserve bench serve: error: argument --num-prompts: invalid int value: "
+                                         "'many'"),
+    (["serve", "--no-such-flag", "1"], "deepserve bench serve: error: unrecognized arguments: --no-such-flag 1"),
+    (["sweep", "--max-concurrency-list", "x"], "deepserve bench sweep: error: argument --max-concurrency-list: "
+                                               "invalid int value: 'x'"),
+    (["throughput", "--n", "two"], "deepserve bench throughput: error: argument --n: invalid int value: 'two'"),
+])
+def test_bad_flag_values_are_one_line(capsys, argv, line):
+    # argparse printed the sub-command's whole usage (some 60 lines) above the error
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2 and capsys.readouterr().err == line + "\n"
