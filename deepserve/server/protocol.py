@@ -1,7 +1,9 @@
 """The wire protocol: pydantic models for OpenAI's completions and chat requests (plus vLLM's
 extra sampling and structured-output fields) and the converters to SamplingParams.
 
-Types are checked by pydantic (a string where a number belongs is a 400); value ranges are
+Types are checked by pydantic in its lax mode, as vLLM's models are (5.0 and "5" are the
+integer 5, "true" is true; "five" or 5.5 where an integer belongs is a 400), but for NaN and
+Infinity, which JSON parsers accept and no sampling value may be: a 400. Value ranges are
 checked once, by SamplingParams, whose messages name the field and the value. Nothing is
 ignored silently: a field OpenAI's or vLLM's API defines that this server does not implement
 (OpenAI's `audio`, vLLM's `mm_processor_kwargs`, ...) is a 400 naming it (`unsupported_field`); a
@@ -39,11 +41,11 @@ def response_ids(prefix: str, request_id: Optional[str]) -> tuple[str, str]:
     return rid, random_id(rid)
 
 
-class _Strict(BaseModel):
-    """Strict types (no "0.5" for a number, no NaN or Infinity, which JSON parsers accept); fields
-    not declared are kept for `unsupported_field`."""
+class _Wire(BaseModel):
+    """vLLM's type coercion (pydantic's lax mode) without NaN or Infinity; fields not declared
+    are kept for `unsupported_field`."""
 
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 # why some well-known fields are refused (the rest get a generic message)
@@ -119,14 +121,14 @@ def ignored_fields(model: BaseModel) -> list[str]:
     return [where for where, name in _sent_extras(model) if name not in KNOWN_UNSUPPORTED]
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(_Wire):
     name: Optional[str] = None
     description: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
     strict: Optional[bool] = None
 
 
-class StructuralTagItem(_Strict):
+class StructuralTagItem(_Wire):
     """One structure of the legacy structural_tag response_format: text opening with `begin`
     (after a trigger), then JSON following `schema`, then `end`."""
 
@@ -135,7 +137,7 @@ class StructuralTagItem(_Strict):
     end: str
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(_Wire):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: Optional[JsonSchemaFormat] = None
     # structural_tag: xgrammar's structural tag in `format`, or vLLM's legacy structures + triggers
@@ -153,7 +155,7 @@ class ResponseFormat(_Strict):
                            "structures": [s.model_dump(by_alias=True) for s in self.structures]})
 
 
-class StructuredOutputs(_Strict):
+class StructuredOutputs(_Wire):
     """vLLM's `structured_outputs` field (StructuredOutputsParams)."""
 
     json_: Optional[Union[str, dict[str, Any]]] = Field(default=None, alias="json")
@@ -168,7 +170,7 @@ class StructuredOutputs(_Strict):
     disable_additional_properties: bool = False
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Wire):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -178,7 +180,7 @@ class StreamOptions(_Strict):
 _NULL_IS_DEFAULT = frozenset({"n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo"})
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Wire):
     """Fields both endpoints share (OpenAI's, then vLLM's extras)."""
 
     @model_validator(mode="before")
@@ -371,7 +373,7 @@ _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "ref
                "thinking": "thinking"}
 
 
-class ContentPart(_Strict):
+class ContentPart(_Wire):
     type: str
     text: Optional[str] = None
     refusal: Optional[str] = None
@@ -385,18 +387,18 @@ class ContentPart(_Strict):
         return getattr(self, _TEXT_PARTS[self.type]) or ""
 
 
-class FunctionCall(_Strict):
+class FunctionCall(_Wire):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(_Wire):
     id: Optional[str] = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
@@ -429,23 +431,23 @@ class ChatMessage(_Strict):
         return "\n".join(part.part_text() for part in self.content)   # vLLM's join for templates that take strings
 
 
-class FunctionDef(_Strict):
+class FunctionDef(_Wire):
     name: str
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
 
 
-class Tool(_Strict):
+class Tool(_Wire):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(_Wire):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(_Wire):
     type: Literal["function"] = "function"
     function: NamedFunction
 
@@ -487,7 +489,7 @@ class ChatCompletionRequest(_SamplingFields):
         return top
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Wire):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
@@ -499,7 +501,7 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Wire):
     model: Optional[str] = None
     tokens: list[int]
 

@@ -26,19 +26,19 @@ from pydantic import Field, StringConstraints
 
 from deepserve.server.args import STORE_ENV
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, StructuredOutputs, _Strict
+from deepserve.server.protocol import ChatCompletionRequest, StructuredOutputs, _Wire
 
 # the one `include` value served: the answer's token logprobs (with top_logprobs alternatives)
 LOGPROBS = "message.output_text.logprobs"
 
-class ContentPart(_Strict):
+class ContentPart(_Wire):
     type: str
     text: Optional[str] = None
     annotations: Optional[list[Any]] = None   # output_text parts of a previous response
     logprobs: Optional[list[Any]] = None
 
 
-class InputItem(_Strict):
+class InputItem(_Wire):
     """One input item; `type` picks which fields apply (a message may leave `type` out)."""
 
     type: Optional[str] = None
@@ -57,7 +57,7 @@ class InputItem(_Strict):
     encrypted_content: Optional[str] = None
 
 
-class FunctionTool(_Strict):
+class FunctionTool(_Wire):
     """A tool in the Responses shape: name, description, parameters and strict at the top level."""
 
     type: str
@@ -67,12 +67,12 @@ class FunctionTool(_Strict):
     strict: Optional[bool] = None
 
 
-class ToolChoiceObject(_Strict):
+class ToolChoiceObject(_Wire):
     type: str
     name: Optional[str] = None
 
 
-class TextFormat(_Strict):
+class TextFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"]
     name: Optional[str] = None
     description: Optional[str] = None
@@ -80,22 +80,22 @@ class TextFormat(_Strict):
     strict: Optional[bool] = None
 
 
-class TextConfig(_Strict):
+class TextConfig(_Wire):
     format: Optional[TextFormat] = None
     verbosity: Optional[str] = None
 
 
-class ReasoningConfig(_Strict):
+class ReasoningConfig(_Wire):
     effort: Optional[str] = None
     summary: Optional[str] = None
     generate_summary: Optional[str] = None
 
 
-class ResponsesStreamOptions(_Strict):
+class ResponsesStreamOptions(_Wire):
     include_obfuscation: Optional[bool] = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(_Wire):
     model: Optional[str] = None
     input: Union[str, list[InputItem]]
     instructions: Optional[str] = None

@@ -65,6 +65,19 @@ def test_bad_completion_values_are_400(http, change, param, contains):
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was a"
 
 
+@pytest.mark.parametrize("route,base", [("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)])
+def test_numbers_and_switches_coerced_as_vllms_models_do(http, route, base):
+    """vLLM's request models take pydantic's lax types: 2.0 and "2" are the integer 2, "0" the
+    number 0, "false" false; 2.5 for an integer stays a 400 naming the field."""
+    exact = http.post(route, json={**base, "max_tokens": 2, "temperature": 0, "stream": False}).json()
+    for given in (2.0, "2"):
+        r = http.post(route, json={**base, "max_tokens": given, "temperature": "0", "stream": "false"})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == exact["choices"] and r.json()["usage"] == exact["usage"]
+    check_error(http.post(route, json={**base, "max_tokens": 2.5}), 400, "max_tokens", ("integer", "2.5"))
+    check_error(http.post(route, json={**base, "max_tokens": "two"}), 400, "max_tokens", ("integer", "two"))
+
+
 def test_empty_prompt_has_vllms_text(http):
     for extra in ({}, {"add_special_tokens": False}):   # refused before tokenizing, as vLLM does
         check_error(http.post("/v1/completions", json={**GOOD, "prompt": "", **extra}),
