@@ -292,11 +292,13 @@ def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
 
 def model_cards(args: argparse.Namespace) -> list[dict]:
     """The model cards the server lists at /v1/models (each with its "id"; vLLM's and ours with
-    "max_model_len"), asked with `args.api_key`, where there is one, as a bearer token (a server
-    started with --api-key answers /v1/* only with it)."""
+    "max_model_len"), asked with `args.api_key` or else the OPENAI_API_KEY bench's requests
+    carry, where there is one, as a bearer token (a server started with --api-key answers /v1/* only
+    with it), and with bench's --header, as vLLM asks."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
-    key = getattr(args, "api_key", None)
+    key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(key_values(getattr(args, "header", None), "--header"))
     try:
         resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
                          headers=headers)

@@ -377,3 +377,22 @@ def test_custom_dataset_chat_template_kwargs(bench_args, tmp_path):
     assert sample_requests(bench_args(_argv("http://x", *base)), tok)[0].prompt == "Name a prime."
     reqs = sample_requests(bench_args(_argv("http://x", *base, "--chat-template-kwargs", '{"thinking": true}')), tok)
     assert reqs[0].prompt == "think:Name a prime." and reqs[0].prompt_len == tok.count("think:Name a prime.")
+
+
+def test_model_lookup_carries_the_key_and_headers_of_the_requests(bench_args, monkeypatch):
+    # without --model the /v1/models lookup goes out as the requests do: OPENAI_API_KEY as the
+    # bearer token (a server started with --api-key answers 401 without it), and --header (vLLM's)
+    import httpx
+
+    from deepserve.bench.serve import resolve_model
+
+    seen = {}
+
+    def get(url, **kwargs):
+        seen.update(kwargs["headers"])
+        return httpx.Response(200, json={"data": [{"id": "m", "root": "/w/m"}]}, request=httpx.Request("GET", url))
+    monkeypatch.setattr(httpx, "get", get)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-1")
+    args = bench_args(["serve", "--base-url", "http://h:1", "--header", "X-Team=a"])
+    assert resolve_model(args) == "/w/m" and args.served_model_name == "m"
+    assert seen == {"Authorization": "Bearer sk-1", "X-Team": "a"}
