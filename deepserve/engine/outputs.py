@@ -25,6 +25,7 @@ class CompletionOutput:
     finish_reason: Optional[str] = None   # "stop" | "length" | "abort" | None while running
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
     lora_request: None = None             # vLLM's; no LoRA adapters are served
+    routed_experts: None = None           # vLLM's (enable_return_routed_experts); not served
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -42,3 +43,8 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     lora_request: None = None   # vLLM's; no LoRA adapters are served
+    # vLLM's, None for decoder-only models and without a KV / encoder-cache connector, as here
+    encoder_prompt: None = None
+    encoder_prompt_token_ids: None = None
+    kv_transfer_params: None = None
+    ec_transfer_params: None = None

@@ -35,6 +35,13 @@ def test_vllm_names_import():
     assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
 
 
+def test_outputs_carry_vllms_fields(llm):
+    out = llm.generate("Once upon a time", GREEDY, use_tqdm=False)[0]
+    assert (out.encoder_prompt, out.encoder_prompt_token_ids, out.kv_transfer_params, out.ec_transfer_params,
+            out.lora_request) == (None,) * 5
+    assert (out.outputs[0].routed_experts, out.outputs[0].lora_request) == (None, None)
+
+
 def test_a_request_past_max_model_len_stops_there(llm):
     """vLLM's engine stops a request at max_model_len with finish_reason "length" (offline it
     is not refused); a prompt of max_model_len tokens or more is refused."""
