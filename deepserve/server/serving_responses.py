@@ -329,8 +329,9 @@ def _usage(state: ServerState, prep: PreparedChat, final: RequestOutput) -> dict
 class _StreamedItems:
     """A streamed response's output items, built from the chat splitter's deltas, and the events
     that announce them. One item is open at a time; a delta of another kind closes it. A
-    message's trailing whitespace is held back: if a function call follows, it is dropped, as the
-    non-streamed response strips it."""
+    message's trailing whitespace is held back, so that blank text before a function call opens
+    no message (the non-streamed response has none): an open message takes it when a call
+    follows, as the whole response's text keeps it."""
 
     _PARTS = {"reasoning": {"type": "reasoning_text", "text": ""},
               "message": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}
@@ -412,6 +413,8 @@ class _StreamedItems:
         for call in calls:
             fn = call["function"]
             if "id" in call:   # a new call: its header, then its arguments as they grow
+                if self.kind == "message" and self.held:
+                    events += self._delta("message", self.held)
                 self.held = ""
                 events += self._delta("call", fn.get("arguments", ""), call_id=_call_id(call["id"]), name=fn["name"])
             elif fn.get("arguments"):

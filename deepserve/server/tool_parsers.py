@@ -97,8 +97,8 @@ class ToolCallParser:
         c2, _ = self.finish()
         content = c1 + c2
         calls = self.tool_calls()
-        if calls:
-            content = content.rstrip()
+        if calls and not content.strip():   # blanks before the calls are no content (vLLM's)
+            content = ""
         return (content or None), calls
 
 

@@ -49,7 +49,8 @@ def both_ways(make, text: str):
     whole = (content or "", [(c["function"]["name"], c["function"]["arguments"]) for c in calls])
     for chunk in (1, 2, 3, 7, len(text) or 1):
         s_content, s_calls = streamed(make(), text, chunk)
-        assert (s_content.rstrip() if s_calls else s_content, s_calls) == whole, chunk
+        # blank text before calls is no content whole, though streamed as it came (vLLM's)
+        assert (s_content if s_content.strip() or not s_calls else "", s_calls) == whole, chunk
     return whole
 
 
@@ -63,7 +64,7 @@ def test_both_parsers_are_choices():
 @pytest.mark.parametrize("content", ["", "Let me check that for you.\n"])
 def test_hermes_calls(calls, content):
     got_content, got = both_ways(HermesToolParser, hermes_text(calls, content))
-    assert got_content == content.rstrip()
+    assert got_content == content   # as written, its line break too (vLLM's)
     assert [(n, json.loads(a)) for n, a in got] == calls
 
 

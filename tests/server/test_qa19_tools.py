@@ -8,7 +8,9 @@ import asyncio
 import json
 
 import pytest
-from test_qa14_chat_agents import MESSAGES, TOOLS, load_tokenizer, serve, whole_and_streamed
+from test_qa14_chat_agents import MESSAGES, TOOLS, load_tokenizer, r1_call, serve, whole_and_streamed
+
+from deepserve.server.tool_parsers import CALLS_BEGIN, CALLS_END
 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
@@ -88,3 +90,29 @@ def test_responses_answer_logprobs_with_the_reasoning_hidden(stream):
     part = message.content[0]
     assert part.text == "Hello there." and "".join(lp.token for lp in part.logprobs) == "Hello there."
     assert "secret" not in r.model_dump_json()
+
+
+@pytest.mark.parametrize("tokenizer, parser, calls", [
+    ("deepseek-r1", "deepseek_v3", CALLS_BEGIN + r1_call("get_weather", '{"city": "Paris"}') + CALLS_END),
+    ("deepseek-r1-distill-qwen-7b", "hermes",
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')])
+def test_text_before_calls_keeps_its_trailing_blank_lines(tokenizer, parser, calls):
+    """The text before the calls is the content as written, whole as streamed (vLLM's); the
+    whole response stripped its trailing blank lines, which the stream had sent. /v1/responses:
+    the message item's text is the same, streamed or not; blank text alone opens no message."""
+    client = serve(tokenizer, "Hmm.</think>\n\nOne moment.\n\n" + calls, parser=parser)
+    whole, (_, content, streamed, finish, _) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES, tools=TOOLS))
+    assert whole.message.content == content == "One moment.\n\n"
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == streamed
+    kwargs = dict(model="m", input="Weather?", tools=[{"type": "function", **t["function"]} for t in TOOLS])
+
+    async def respond():
+        return (await client.responses.create(**kwargs),
+                [e async for e in await client.responses.create(**kwargs, stream=True)][-1].response)
+    for script, text in (("One moment.\n\n", "One moment.\n\n"), ("\n\n", None)):
+        client.engine.script = "Hmm.</think>\n\n" + script + calls
+        for r in asyncio.run(respond()):
+            messages = [o for o in r.output if o.type == "message"]
+            assert [m.content[0].text for m in messages] == ([text] if text else [])
+            assert [o.type for o in r.output][-1] == "function_call"
