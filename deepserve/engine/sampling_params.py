@@ -22,6 +22,23 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+class SamplingType(enum.IntEnum):
+    """vLLM's: how a request's tokens are drawn."""
+
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+def _integer_text(key) -> bool:
+    """Whether int(key) gives a token id (vLLM's test of a logit_bias key)."""
+    try:
+        int(key)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 @dataclass
 class GuidedDecoding:
     """Structured output: exactly one of json / regex / choice / grammar / json_object
@@ -340,6 +357,34 @@ class SamplingParams:
     def bad_words_token_ids(self) -> Optional[list[list[int]]]:
         """bad_words as token ids, set by the engine when it takes the request."""
         return self._bad_words_token_ids
+
+    @staticmethod
+    def from_optional(**kwargs) -> "SamplingParams":
+        """vLLM's: None for n, a penalty, temperature or top_p means its default; logit_bias keys
+        become token ids and its values are clipped to [-100, 100]."""
+        for name, default in (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                              ("repetition_penalty", 1.0), ("temperature", 1.0), ("top_p", 1.0)):
+            if kwargs.get(name) is None:
+                kwargs[name] = default
+        bias = kwargs.get("logit_bias")
+        if bias is not None:
+            bad = [token for token in bias if not _integer_text(token)]
+            if bad:
+                raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}")
+            kwargs["logit_bias"] = {int(token): min(100.0, max(-100.0, b)) for token, b in bias.items()}
+        return SamplingParams(**kwargs)
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        """vLLM's: greedy, random, or random from the request's seed."""
+        if self.temperature < GREEDY_EPS:
+            return SamplingType.GREEDY
+        return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        """vLLM's: the logprobs returned per generated token besides the sampled one's (None: none)."""
+        return self.logprobs
 
     def clone(self) -> "SamplingParams":
         """vLLM's: a deep copy (without a compiled grammar: the engine compiles it when it takes the

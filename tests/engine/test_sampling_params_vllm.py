@@ -64,3 +64,19 @@ def test_clone_is_deep_unless_skip_clone():
     shared = SamplingParams(stop=["x"], extra_args={"k": [1]}, skip_clone=True)
     copy = shared.clone()
     assert copy == shared and copy is not shared and copy.extra_args is shared.extra_args
+
+
+def test_from_optional_sampling_type_and_num_logprobs():
+    from deepserve.sampling_params import SamplingType
+
+    params = SamplingParams.from_optional(n=None, temperature=None, top_p=None, presence_penalty=None,
+                                          frequency_penalty=None, repetition_penalty=None, max_tokens=5,
+                                          logit_bias={"5": 300.0, 7: -500.0, 9: 1.5})
+    assert params == SamplingParams(max_tokens=5, logit_bias={5: 100.0, 7: -100.0, 9: 1.5})
+    with pytest.raises(ValueError) as err:
+        SamplingParams.from_optional(logit_bias={"x": 1.0, 3: 1.0, None: 2.0})
+    assert str(err.value) == "logit_bias contains key(s) that cannot be converted to integer token IDs: ['x', None]"
+    assert [SamplingParams(temperature=0).sampling_type, SamplingParams().sampling_type,
+            SamplingParams(seed=3).sampling_type] == [SamplingType.GREEDY, SamplingType.RANDOM, SamplingType.RANDOM_SEED]
+    assert (SamplingParams().num_logprobs, SamplingParams(logprobs=0).num_logprobs,
+            SamplingParams(logprob_token_ids=[4, 5, 6]).num_logprobs) == (None, 0, 3)
