@@ -152,6 +152,21 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""
 
+    # transformers' names, for scripts that take LLM.get_tokenizer() for vLLM's (a transformers tokenizer)
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.tok.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]):
+        """A token's id (None if it has none), or each token's."""
+        return self.tok.token_to_id(tokens) if isinstance(tokens, str) else [self.tok.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]):
+        """An id's token, or each id's."""
+        return self.tok.id_to_token(ids) if isinstance(ids, int) else [self.tok.id_to_token(int(i)) for i in ids]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, continue_final_message: bool = False, **extra):
         """Render `messages` with the model's chat template (like transformers').

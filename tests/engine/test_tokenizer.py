@@ -89,3 +89,15 @@ def test_r1_chat_template(shared_dir):
     assert "add" not in text  # R1's template drops earlier reasoning
     ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
     assert ids.count(tok.bos_token_id) == 1
+
+
+def test_transformers_names_give_transformers_answers(tok):
+    """LLM.get_tokenizer() stands in for vLLM's transformers tokenizer: len, get_vocab and the
+    token / id conversions answer as transformers' do."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tok.folder))
+    assert len(tok) == len(ref) and tok.get_vocab() == ref.get_vocab()
+    ids = tok.encode(TEXT) + [tok.eos_token_id]
+    tokens = ref.convert_ids_to_tokens(ids)
+    assert tok.convert_ids_to_tokens(ids) == tokens and tok.convert_ids_to_tokens(ids[0]) == tokens[0]
+    assert tok.convert_tokens_to_ids(tokens) == ids and tok.convert_tokens_to_ids(tokens[-1]) == ids[-1]
