@@ -287,12 +287,18 @@ class _SamplingFields(_Wire):
         return specs
 
     def token_bias(self) -> Optional[dict[int, float]]:
+        """logit_bias by token id, each bias clamped to [-100, 100] (vLLM's API clamps, not refuses)."""
         if not self.logit_bias:
             return None
-        try:
-            return {int(k): v for k, v in self.logit_bias.items()}
-        except ValueError:
-            raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)}") from None
+        bias, bad = {}, []
+        for key, value in self.logit_bias.items():
+            try:
+                bias[int(key)] = min(100.0, max(-100.0, value))
+            except ValueError:
+                bad.append(key)
+        if bad:   # vLLM's words
+            raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}")
+        return bias
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                         defaults: Optional[dict] = None) -> SamplingParams:

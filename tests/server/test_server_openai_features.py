@@ -90,6 +90,22 @@ def test_logit_bias_forces_and_bans(client, demo_server):
                "logit_bias")
 
 
+def test_logit_bias_beyond_100_is_clamped_as_vllms_api_does(client, demo_server):
+    """vLLM's API clamps each bias to [-100, 100]: 1000 samples as 100 does, -1000 as -100."""
+    def text(bias):
+        return client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=4, temperature=1.0,
+                                         seed=3, logit_bias=bias).choices[0].text
+    plain = text({})
+    first = str(tokenize(demo_server, PROMPT + plain)[len(tokenize(demo_server, PROMPT))])   # its first token
+    assert text({"300": 1000}) == text({"300": 100}) != plain
+    assert text({first: -1000}) == text({first: -100}) != plain
+    with pytest.raises(openai.BadRequestError) as info:   # only the keys that are no token id, in vLLM's words
+        text({"5": 1, "x": 2})
+    assert info.value.body["param"] == "logit_bias"
+    assert info.value.body["message"] == ("logit_bias contains key(s) that cannot be converted to integer "
+                                          "token IDs: ['x']")
+
+
 # --------------------------------------------------------------------------- logprobs
 def test_echo_logprobs_equal_transformers(client, demo_server, hf_logprobs):
     ids = tokenize(demo_server, PROMPT)
