@@ -78,6 +78,9 @@ class GuidedDecoding:
         if self.whitespace_pattern is not None:
             raise ValueError("structured outputs: whitespace_pattern is not supported (xgrammar has none; its JSON "
                              "is compact)")
+        for name in ("grammar", "json"):   # vLLM's checks, before anything compiles
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                raise ValueError(f"structured_outputs.{name} cannot be an empty string")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"guided_choice must be a non-empty list of strings, got {self.choice!r}")
         if isinstance(self.json, str):

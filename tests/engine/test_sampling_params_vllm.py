@@ -80,3 +80,14 @@ def test_from_optional_sampling_type_and_num_logprobs():
             SamplingParams(seed=3).sampling_type] == [SamplingType.GREEDY, SamplingType.RANDOM, SamplingType.RANDOM_SEED]
     assert (SamplingParams().num_logprobs, SamplingParams(logprobs=0).num_logprobs,
             SamplingParams(logprob_token_ids=[4, 5, 6]).num_logprobs) == (None, 0, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grammar=""), "structured_outputs.grammar cannot be an empty string"),
+    (dict(grammar="  \n"), "structured_outputs.grammar cannot be an empty string"),
+    (dict(json=" "), "structured_outputs.json cannot be an empty string"),
+])
+def test_empty_grammar_or_schema_refused_as_vllm(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        StructuredOutputsParams(**kwargs)
+    assert str(err.value) == message
