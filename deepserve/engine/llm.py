@@ -20,7 +20,7 @@ from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check
                                          truncate_prompt)
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
+from deepserve.engine.thinking_budget import PARSER_TAGS, delimiter_token_ids, reasoning_delimiters, reasoning_open
 
 
 class LLM:
@@ -29,7 +29,9 @@ class LLM:
                  generation_config: str = "auto", override_generation_config: Optional[dict] = None,
                  max_logprobs: int = 20, **kwargs):
         """`reasoning_parser` / `reasoning_config` (vLLM's): where reasoning starts and ends, for
-        requests with a thinking_token_budget. `chat_template`: a template (or its file) for
+        requests with a thinking_token_budget; with `reasoning_parser` a structured-output grammar
+        also holds only from the end of the reasoning a prompt opened on (vLLM's, so R1 thinks
+        before its JSON answer). `chat_template`: a template (or its file) for
         chat() in place of the tokenizer's. `generation_config` (vLLM's): the default
         SamplingParams come from the model folder's generation_config.json ("auto"), from none
         ("vllm"), or from that file in the folder given; `override_generation_config` overrides
@@ -61,6 +63,9 @@ class LLM:
         if chat_template is not None and self.tokenizer is not None:
             self._chat_tokenizer(chat_template)   # a template path that is no file fails now
         self.reasoning_token_ids = delimiter_token_ids(delimiters, self.tokenizer)
+        # the parser's tags, where its end tag is one token (a grammar starts after one token)
+        tags = delimiter_token_ids(PARSER_TAGS.get(reasoning_parser), self.tokenizer)
+        self._grammar_after = tags if tags is not None and len(tags[1]) == 1 else None
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":
@@ -257,6 +262,11 @@ class LLM:
         room = limit - len(ids)
         if params.max_tokens is None or params.max_tokens > room:   # None: up to max_model_len
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        if params.guided is not None and params.guided.start_after_token is None and self._grammar_after \
+                and reasoning_open(ids, *self._grammar_after):
+            # the prompt opened the reasoning (R1's template does): the grammar holds from its end on
+            after = dataclasses.replace(params.guided, start_after_token=self._grammar_after[1][0])
+            params = dataclasses.replace(params, guided=after)
         request = {"prompt_token_ids": ids, "prompt": text}
         if isinstance(prompt, dict) and "cache_salt" in prompt:
             request["cache_salt"] = prompt["cache_salt"]

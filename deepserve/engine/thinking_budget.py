@@ -81,6 +81,11 @@ def _last_index(ids: list[int], pattern: tuple[int, ...]) -> int:
     return -1
 
 
+def reasoning_open(ids: list[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
+    """Whether `ids` end inside a reasoning section: a start sequence with no end after it."""
+    return _last_index(ids, start) > _last_index(ids, end)
+
+
 def _ends_with(ids: list[int], upto: int, pattern: tuple[int, ...]) -> bool:
     """Whether ids[:upto] ends with `pattern`."""
     return upto >= len(pattern) and tuple(ids[upto - len(pattern):upto]) == pattern

@@ -125,3 +125,23 @@ def test_delimiters_of_several_tokens():
         assert state.forced_token(seq.token_ids) is None
         seq.token_ids.append(tok)
     assert [state.forced_token(seq.token_ids + [5][:k]) for k in (0, 1)] == [5, 6]
+
+
+@pytest.mark.parametrize("reasoning_parser", [None, "deepseek_r1"])
+def test_offline_grammar_starts_after_the_reasoning_the_prompt_opened(llm, reasoning_parser):
+    """LLM(reasoning_parser="deepseek_r1") with structured outputs: the prompt opened <think>, so
+    the grammar holds from </think> on and the model reasons first (vLLM's offline engine); it
+    held from the first token, inside the reasoning. Without a reasoning parser it still does."""
+    from deepserve.engine.sampling_params import GuidedDecoding
+
+    folder = llm.engine.config.model.model
+    offline = LLM(str(folder), num_gpu_blocks_override=64, block_size=4, reasoning_parser=reasoning_parser)
+    answer = offline.tokenizer.decode([NN, ANSWER])
+    params = SamplingParams(temperature=0, max_tokens=12, structured_outputs=GuidedDecoding(choice=[answer]))
+    [out] = offline.generate([{"prompt_token_ids": [0, HI, THINK, C]}], params, use_tqdm=False)
+    if reasoning_parser is None:
+        assert out.outputs[0].text == answer
+    else:
+        assert list(out.outputs[0].token_ids) == [D] + TAIL
+    assert params.guided.start_after_token is None   # the caller's params are left as given
+    offline.shutdown()
