@@ -46,8 +46,10 @@ from deepserve.server.stopping import stop_interruptibly
 logger = logging.getLogger("deepserve")
 
 
-# the routes whose requests GET /load counts
+# the routes whose requests GET /load counts (vLLM's: a stored response's retrieval, which may
+# stream a background generation, and its cancel too)
 _LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses"))
+_LOADING_PREFIX = "/v1/responses/"
 # the path prefixes --api-key guards (vLLM's; /health, /metrics, ... stay open to probes)
 _GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
 
@@ -65,7 +67,8 @@ class LoadTrackingMiddleware:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or route_path(scope) not in _LOADING_PATHS:
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if path not in _LOADING_PATHS and not path.startswith(_LOADING_PREFIX):
             return await self.app(scope, receive, send)
         self.state.server_load += 1
         try:

@@ -123,3 +123,26 @@ def test_load_counts_requests_in_flight(flagged, demo_server):
     sock = _held_request(demo_server)
     assert load(demo_server) == 0
     sock.close()
+
+
+def test_load_counts_vllms_generation_routes():
+    """GET /load counts what vLLM's load_aware_call wraps: the three generation routes and a stored
+    response's retrieval (which may stream a background generation) and cancel, under --root-path too."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deepserve.server.app import LoadTrackingMiddleware
+
+    state, seen = SimpleNamespace(server_load=0), {}
+
+    async def app(scope, receive, send):
+        seen[scope["path"]] = state.server_load
+
+    tracked = LoadTrackingMiddleware(app, state)
+    paths = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/responses/resp_1",
+             "/v1/responses/resp_1/cancel", "/llm/v1/completions", "/v1/models", "/health", "/tokenize"]
+    for path in paths:
+        asyncio.run(tracked({"type": "http", "path": path, "root_path": "/llm" if path.startswith("/llm") else ""},
+                            None, None))
+    assert seen == {path: int(path.startswith(("/v1/c", "/v1/r", "/llm"))) for path in paths}
+    assert state.server_load == 0
