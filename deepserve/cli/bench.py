@@ -282,24 +282,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the warm-up, untimed; throughput: the measured run).")
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A bench sub-command's parser whose errors (a bad value, an unknown flag) are one line, not
-    the sub-command's whole usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-    def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        if extras:   # else the top-level parser names them, after its usage line
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
-
-
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="Benchmark a server (serve, sweep) or the engine "
                                   "(latency, throughput).")
-    sub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True, parser_class=_OneLineParser)
+    sub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
 
     serve = sub.add_parser("serve", help="Load an OpenAI-compatible server; TTFT/TPOT/ITL/E2EL, throughput.")
     add_serve_args(serve)

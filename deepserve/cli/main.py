@@ -27,13 +27,27 @@ class UserError(Exception):
     """An error in what the user asked for: printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A sub-command's parser (and its own sub-commands'): a bad value or an unknown flag is one
+    line naming it, not the sub-command's whole usage above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:   # else the top-level parser names them, after its usage line
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every sub-command's parser, or only `command`'s (one of COMMANDS): a command then imports
     only its own module's dependencies (`deepserve eval` and `deepserve bench` talk HTTP, and
     never import torch)."""
     parser = argparse.ArgumentParser(prog="deepserve", description="Serve, convert, benchmark and "
                                      "evaluate DeepSeek-R1 and its distilled models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in [command] if command in COMMANDS else COMMANDS:
         try:
             module = importlib.import_module(f"deepserve.cli.{name}")

@@ -13,7 +13,7 @@ import argparse
 import re
 from typing import Optional
 
-from deepserve.config import KV_CACHE_DTYPES, is_preset, load_hf_config
+from deepserve.config import KV_CACHE_DTYPES, human_readable_int, is_preset, load_hf_config
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
 from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
@@ -41,8 +41,9 @@ def register(subparsers) -> None:
                    "a model folder's stored format (what `serve` loads from it), a preset's none (random weights). "
                    "A quantized folder takes only what `serve --quantization` runs it with")
     p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest sequence each replica must hold (default: max_position_embeddings)")
+    p.add_argument("--max-model-len", type=human_readable_int, default=None,
+                   help="longest sequence each replica must hold, as serve takes it (32768, 32k, 32K; "
+                   "default: max_position_embeddings)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of each GPU's memory deepserve may use")
     p.add_argument("--activation-reserve", default=None,

@@ -157,13 +157,15 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
                    ignored: Ignored = None) -> Plan:
     """Every candidate layout with its verdict; `chosen` is None when none fits. `ignored`: the
     modules the checkpoint leaves unquantized (quant/ignore.py's checkpoint_ignore; None: none)."""
-    if gpus < 1 or nodes < 1 or gpus % nodes:
+    if nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    if gpus < 1 or gpus % nodes:
         raise ValueError(f"--gpus {gpus} must be a positive multiple of --nodes {nodes}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} has no plan arithmetic; use fp8, w8a8-int8, w4a16, "
                          f"w4a8-int8, awq, gptq or none")
     if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     if gpu_memory_bytes <= 0:
         raise ValueError(f"gpu memory must be positive, got {gpu_memory_bytes} bytes")
     architecture(cfg)

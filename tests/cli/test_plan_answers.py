@@ -55,3 +55,29 @@ def test_kv_short_of_max_model_len_names_the_longest_that_fits(capsys):
     assert main([*argv, "--max-model-len", str(longest)]) == 0
     capsys.readouterr()
     assert main([*argv, "--max-model-len", str(longest + 10_000)]) == 1
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--gpus", "8", "--gpu-memory", "80GiB", "--quantization", "int3"],
+     "deepserve plan: error: argument --quantization: invalid choice: 'int3' (choose from 'fp8', 'w8a8-int8', "
+     "'w4a16', 'w4a8', 'awq', 'gptq', 'compressed-tensors', 'none')\n"),
+    (["--gpus", "eight", "--gpu-memory", "80GiB"], "deepserve plan: error: argument --gpus: invalid int value: "
+                                                   "'eight'\n"),
+    (["--gpus", "8", "--gpu-memory", "80GiB", "--tp", "8"], "deepserve plan: error: unrecognized arguments: --tp 8\n"),
+])
+def test_a_bad_flag_is_one_line(capsys, flags, line):
+    # argparse printed plan's whole usage (or the top-level usage line) above it
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "r1-distill-qwen-7b", *flags])
+    assert exc.value.code == 2 and capsys.readouterr().err == line
+
+
+def test_nodes_below_one_is_named(capsys):
+    assert _error(capsys, ["r1-distill-qwen-7b", "--gpus", "8", "--nodes", "0", "--gpu-memory", "80GiB"]) == \
+        "deepserve plan: error: --nodes must be >= 1, got 0\n"
+
+
+@pytest.mark.parametrize("text, tokens", [("32k", 32000), ("32K", 32768), ("32768", 32768)])
+def test_max_model_len_as_serve_takes_it(capsys, text, tokens):
+    assert main(["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "80GiB", "--max-model-len", text]) == 0
+    assert f"max-model-len {tokens:,}\n" in capsys.readouterr().out
