@@ -20,8 +20,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Optional
 
+import torch
+
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
+
+# most allowed_token_ids a structured step constrains the engine with (vLLM's
+# _MAX_NUM_ALLOWED_TOKEN_IDS); past it the candidates are only filtered
+MAX_ALLOWED_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -35,6 +41,8 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: Optional[GuidedDecoding] = None
+    """vLLM's: each beam's tokens follow this grammar (offline LLM.beam_search)."""
 
     def __post_init__(self) -> None:
         if self.beam_width < 1:
@@ -99,13 +107,24 @@ class BeamSearch:
     def step_prompts(self) -> list[list[int]]:
         return [b.tokens for b in self.beams]
 
-    def advance(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
+    def retire(self, keep: list[bool]) -> None:
+        """Take out the beams not kept (vLLM's rule for a beam whose grammar ended or allows no
+        token): each becomes a finished hypothesis if it generated any token."""
+        n = len(self.prompt_ids)
+        self.completed += [b for b, k in zip(self.beams, keep) if not k and len(b.tokens) > n]
+        self.beams = [b for b, k in zip(self.beams, keep) if k]
+
+    def advance(self, entries: list[Optional[dict[int, Logprob]]],
+                allowed: Optional[list[Optional[set[int]]]] = None) -> None:
         """One step: `entries[i]` is beam i's next-token logprobs (None: the engine ended it
-        without a token; that beam is dropped, as vLLM drops it)."""
+        without a token; that beam is dropped, as vLLM drops it); `allowed[i]`, with a grammar,
+        the tokens beam i may take: its candidates are the listed ones among them, the sampled
+        token included whatever its rank (vLLM's)."""
         width, candidates = self.params.beam_width, []
-        for beam, entry in zip(self.beams, entries):
+        for i, (beam, entry) in enumerate(zip(self.beams, entries)):
+            ok = allowed[i] if allowed is not None else None
             for token, lp in (entry or {}).items():
-                if lp.rank > 2 * width:   # listed for the client's logprobs, not a candidate
+                if (lp.rank > 2 * width) if ok is None else token not in ok:   # listed for the client's logprobs
                     continue
                 total = beam.cum_logprob + lp.logprob
                 if token in self.eos:
@@ -173,3 +192,26 @@ async def beam_search(llm, prompt: dict, params: BeamSearchParams, request_id: s
             cached, prompt_entries = outs[0].num_cached_tokens, outs[0].prompt_logprobs
         search.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None for o in outs])
     yield search.request_output(request_id, prompt.get("prompt"), decode, cached, prompt_entries)
+
+
+class BeamGrammar:
+    """vLLM's structured beam search: each step, a beam's grammar state is rebuilt from its
+    generated tokens (xgrammar matchers cannot be copied), which gives the tokens it may take next."""
+
+    def __init__(self, spec: GuidedDecoding, prompt_len: int, vocab_size: int):
+        from deepserve.engine.grammar import _xgr
+        self.xgr, self.spec, self.prompt_len = _xgr(), spec, prompt_len
+        self.bitmask = self.xgr.allocate_token_bitmask(1, vocab_size)
+        self.ids = torch.arange(vocab_size)
+
+    def allowed(self, tokens: list[int]) -> Optional[list[int]]:
+        """The token ids the beam `tokens` (prompt included) may take next; None once its
+        grammar has ended or allows nothing."""
+        matcher = self.xgr.GrammarMatcher(self.spec.compiled)
+        for token in tokens[self.prompt_len:]:
+            matcher.accept_token(token)
+        if matcher.is_terminated():
+            return None
+        matcher.fill_next_token_bitmask(self.bitmask, 0)
+        bits = (self.bitmask[0][self.ids >> 5] >> (self.ids & 31)) & 1   # [V]: 1 where allowed
+        return self.ids[bits.bool()].tolist() or None

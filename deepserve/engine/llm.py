@@ -13,7 +13,8 @@ import itertools
 from typing import Callable, Optional, Sequence, Union
 
 from deepserve.config import EngineArgs
-from deepserve.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from deepserve.engine.beam_search import (MAX_ALLOWED_TOKEN_IDS, BeamGrammar, BeamSearch, BeamSearchOutput,
+                                          BeamSearchParams)
 from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check_vllm_only_args, drop_text,
                                          generation_defaults, refuse_unsupported, template_text, template_turn,
@@ -54,6 +55,7 @@ class LLM:
         self.default_sampling_params = generation_defaults(generation_config, str(args.model),
                                                             override_generation_config)
         self.engine = LLMEngine(args)
+        self._beam_compiler = None                      # beam_search's grammars, without an engine's compiler
         self._request_ids = itertools.count()           # vLLM's request ids: "0", "1", ... per LLM
         self._queued: list[str] = []                    # enqueue()'s requests, not yet waited for
         self._finished: dict[str, RequestOutput] = {}   # the outputs of those that finished
@@ -308,9 +310,15 @@ class LLM:
             searches.append(BeamSearch(ids, dataclasses.replace(params, max_tokens=min(params.max_tokens, room),
                                                            include_stop_str_in_output=True),
                                        self.engine.eos_token_ids))
+        grammars = {}
+        if params.structured_outputs is not None:
+            spec = params.structured_outputs
+            if spec.compiled is None:
+                self._grammar_compiler().compile(spec)
+            grammars = {s: BeamGrammar(spec, len(s.prompt_ids), self.engine.runner.vocab_size) for s in searches}
         limit = concurrency_limit or max(1, len(searches))
         for start in range(0, len(searches), limit):
-            self._beam_steps(searches[start:start + limit], use_tqdm)
+            self._beam_steps(searches[start:start + limit], use_tqdm, grammars)
         results = []
         for s in searches:
             best = s.best()
@@ -319,20 +327,44 @@ class LLM:
             results.append(BeamSearchOutput(best))
         return results
 
-    def _beam_steps(self, searches: list[BeamSearch], use_tqdm) -> None:
-        """Run these searches to their end, one token a step for all their beams."""
+    def _beam_steps(self, searches: list[BeamSearch], use_tqdm, grammars: dict[BeamSearch, BeamGrammar]) -> None:
+        """Run these searches to their end, one token a step for all their beams; with
+        `grammars`, each beam's step request takes only the tokens its grammar allows (vLLM's
+        allowed_token_ids, up to MAX_ALLOWED_TOKEN_IDS of them) and its candidates are filtered."""
         while True:
+            allowed: dict[BeamSearch, list[list[int]]] = {}   # each live beam's allowed tokens
+            for s in searches if grammars else ():
+                if not s.done:
+                    ids = [grammars[s].allowed(tokens) for tokens in s.step_prompts()]
+                    s.retire([a is not None for a in ids])
+                    allowed[s] = [a for a in ids if a is not None]
             live = [s for s in searches if not s.done]
             if not live:
                 break
             step = live[0].step_params()
-            rids = [[self.engine.add_request(self._next_id(), {"prompt_token_ids": ids}, step)
-                     for ids in s.step_prompts()]
+
+            def params(s: BeamSearch, beam: int) -> SamplingParams:
+                if s not in allowed or len(allowed[s][beam]) > MAX_ALLOWED_TOKEN_IDS:
+                    return step
+                return dataclasses.replace(step, allowed_token_ids=allowed[s][beam])
+            rids = [[self.engine.add_request(self._next_id(), {"prompt_token_ids": ids}, params(s, i))
+                     for i, ids in enumerate(s.step_prompts())]
                     for s in live]
             outs = iter(self._run([r for ids in rids for r in ids], use_tqdm))
             for s, ids in zip(live, rids):
                 s.advance([o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None
-                           for o in (next(outs) for _ in ids)])
+                           for o in (next(outs) for _ in ids)],
+                          [set(ok) for ok in allowed[s]] if s in allowed else None)
+
+    def _grammar_compiler(self):
+        """The engine's structured-output compiler (a data-parallel front end builds its own)."""
+        if hasattr(self.engine, "grammar_compiler"):
+            return self.engine.grammar_compiler()
+        if self._beam_compiler is None:
+            from deepserve.engine.grammar import GrammarCompiler
+            self._beam_compiler = GrammarCompiler(self.tokenizer, self.engine.runner.vocab_size,
+                                                  self.engine.eos_token_ids)
+        return self._beam_compiler
 
     def _next_id(self) -> str:
         return str(next(self._request_ids))

@@ -203,3 +203,62 @@ def test_cancelled_search_ends_its_step_requests():
         await asyncio.sleep(0)
     asyncio.run(main())
     assert sorted(llm.unfinished) == sorted(llm.started[4:]) and len(llm.unfinished) == 3
+
+
+def structured_reference(llm: LLM, prompt: list[int], width: int, max_tokens: int, spec, eos: set[int]):
+    """vLLM 0.26's structured beam search (_beam_search_step) over full logprobs: a beam whose
+    grammar ended leaves as a hypothesis; the others' step is greedy among the tokens the grammar
+    allows, and their candidates are the raw 2 * width most likely tokens and that sampled one,
+    those the grammar allows only. xgrammar's own bitmask says which tokens those are."""
+    import xgrammar as xgr
+
+    vocab = llm.engine.runner.vocab_size
+    beams, done = [(list(prompt), 0.0)], []
+    for _ in range(max_tokens):
+        cands = []
+        for tokens, score in beams:
+            matcher = xgr.GrammarMatcher(spec.compiled)
+            assert all(matcher.accept_token(t) for t in tokens[len(prompt):])
+            if matcher.is_terminated():
+                done.append((tokens, score))
+                continue
+            bitmask = xgr.allocate_token_bitmask(1, vocab)
+            matcher.fill_next_token_bitmask(bitmask)
+            mask = torch.zeros(1, vocab)
+            xgr.apply_token_bitmask_inplace(mask, bitmask)
+            allowed = set(torch.nonzero(mask[0] == 0)[:, 0].tolist())
+            logprobs = llm.prompt_logits([{"prompt_token_ids": tokens}])[0][-1].double().log_softmax(-1)
+            sampled = max(allowed, key=lambda t: logprobs[t].item())
+            for tok in (set(torch.topk(logprobs, 2 * width).indices.tolist()) | {sampled}) & allowed:
+                (done if tok in eos else cands).append((tokens + [tok], score + logprobs[tok].item()))
+        beams = sorted(cands, key=lambda c: -c[1])[:width]
+        if not beams:
+            break
+    ranked = sorted(done + beams, key=lambda b: -get_beam_search_score(b[0], b[1], eos))
+    return [(b[0][len(prompt):], b[1]) for b in ranked[:width]]
+
+
+@pytest.mark.parametrize("constraint", [
+    {"regex": ", there (was|were) (a|an|two) (little|big|small) [a-z]+\\."},
+    {"choice": [", there was a girl", ", in a big house", " there lived a cat", ", a dog"]},
+])
+def test_structured_outputs_follow_vllms_search(constraint):
+    """BeamSearchParams.structured_outputs (vLLM's): every hypothesis follows the grammar, and
+    the hypotheses and their scores are those of vLLM's algorithm."""
+    from deepserve.sampling_params import StructuredOutputsParams
+
+    spec = StructuredOutputsParams(**constraint)
+    with LLM(num_gpu_blocks_override=256) as llm:
+        prompt = llm.tokenizer.encode("Once upon a time")
+        out = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=3, max_tokens=12,
+                                                                               structured_outputs=spec))[0]
+        eos = llm.engine.eos_token_ids
+        want = structured_reference(llm, prompt, 3, 12, spec, eos)
+        assert [(s.tokens[len(prompt):], pytest.approx(s.cum_logprob, abs=1e-4)) for s in out.sequences] == want
+        texts = [llm.tokenizer.decode(s.tokens[len(prompt):]) for s in out.sequences]
+        if "choice" in constraint:
+            assert set(texts) <= {c.strip() for c in constraint["choice"]} | set(constraint["choice"])
+        else:
+            assert len(set(texts)) == 3 and all(t.startswith(", there was a ") for t in texts)
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks and not llm.engine.requests
