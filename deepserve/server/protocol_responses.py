@@ -190,8 +190,6 @@ class ResponsesRequest(_Wire):
             ("stream_options.include_obfuscation",
              self.stream_options is not None and bool(self.stream_options.include_obfuscation),
              "stream_options.include_obfuscation is not supported"),
-            ("reasoning.effort", self.reasoning is not None and self.reasoning.effort is not None,
-             "reasoning.effort is not supported (the model reasons as its chat template makes it)"),
             ("reasoning.summary", self.reasoning is not None and (self.reasoning.summary or
                                                                   self.reasoning.generate_summary) is not None,
              "reasoning.summary is not supported (reasoning comes as reasoning_text, not summarised)"),
@@ -240,6 +238,8 @@ class ResponsesRequest(_Wire):
                     include_reasoning=self.include_reasoning, include_stop_str_in_output=self.include_stop_str_in_output)
         if self.chat_template_kwargs is not None:
             body["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.reasoning is not None and self.reasoning.effort is not None:   # to the template, as chat's
+            body["reasoning_effort"] = self.reasoning.effort
         body["stream"] = bool(self.stream)
         if self.max_output_tokens is not None:
             body["max_completion_tokens"] = self.max_output_tokens

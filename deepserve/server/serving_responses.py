@@ -55,12 +55,13 @@ from deepserve.server.serving_common import (SSEResponse, ServerState, api_error
 logger = logging.getLogger("deepserve")
 
 # the chat fields a Responses request sends under other names, for errors to name what was sent
-_RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens"}
+_RENAMED = {"messages": "input", "response_format": "text.format", "max_completion_tokens": "max_output_tokens",
+            "reasoning_effort": "reasoning.effort"}
 
 
 def _renamed(err: APIError) -> APIError:
     if err.param in _RENAMED:
-        err.message = err.message.replace(err.param, _RENAMED[err.param])
+        err.message = err.message.replace(err.param, _RENAMED[err.param], 1)
         err.param = _RENAMED[err.param]
     return err
 
@@ -276,7 +277,7 @@ def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, statu
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": prep.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id, "reasoning": {"effort": None, "summary": None},
+            "previous_response_id": req.previous_response_id, "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
             "store": stored, "background": bool(req.background), "temperature": prep.params.temperature, "top_p": prep.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import openai
 import pytest
 from test_qa14_chat_agents import MESSAGES, TOOLS, load_tokenizer, r1_call, serve, whole_and_streamed
 
@@ -116,3 +117,34 @@ def test_text_before_calls_keeps_its_trailing_blank_lines(tokenizer, parser, cal
             messages = [o for o in r.output if o.type == "message"]
             assert [m.content[0].text for m in messages] == ([text] if text else [])
             assert [o.type for o in r.output][-1] == "function_call"
+
+
+# reads enable_thinking as Qwen3's template does: false closes the reasoning in the prompt
+THINKING_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}<｜Assistant｜>"
+                     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+                     "{% else %}<think>\n{% endif %}")
+
+
+def test_responses_reasoning_effort_reaches_the_template_as_chats():
+    """/v1/responses reasoning.effort is chat's reasoning_effort (vLLM's Responses hands it to the
+    template, with enable_thinking false for "none"): the prompt is chat's, the reply's split
+    follows it, and the response echoes the effort; where the template reads neither key it is
+    the 400 chat gives, naming reasoning.effort. (It was refused whatever the template.)"""
+    client = serve("deepseek-r1", "Fine.", template=THINKING_TEMPLATE)
+
+    async def ask(effort):
+        r = await client.responses.create(model="m", input="Hi", reasoning={"effort": effort})
+        responses_prompt = client.engine.prompts[-1]
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                             reasoning_effort=effort)
+        return r, responses_prompt, client.engine.prompts[-1]
+    r, prompt, chat_prompt = asyncio.run(ask("none"))
+    assert prompt == chat_prompt and prompt.endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    assert [o.type for o in r.output] == ["message"] and r.output_text == "Fine." and r.reasoning.effort == "none"
+    r, prompt, chat_prompt = asyncio.run(ask("high"))
+    assert prompt == chat_prompt and prompt.endswith("<｜Assistant｜><think>\n")
+    assert [o.type for o in r.output] == ["reasoning"] and r.reasoning.effort == "high"   # never closed: all reasoning
+    r1 = serve("deepseek-r1", "Fine.")   # R1's template reads neither key
+    with pytest.raises(openai.BadRequestError) as err:
+        asyncio.run(r1.responses.create(model="m", input="Hi", reasoning={"effort": "low"}))
+    assert err.value.body["param"] == "reasoning.effort" and "reads neither" in err.value.message
