@@ -349,7 +349,7 @@ PromptField = Union[str, list[str], list[int], list[list[int]]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: PromptField
+    prompt: Optional[PromptField] = None   # none or "": a 400 in vLLM's words (serving_completions)
     max_tokens: Optional[int] = 16
     max_completion_tokens: Optional[int] = None   # vLLM takes it here too (the vllm-ascend guide sends it)
     logprobs: Optional[int] = None

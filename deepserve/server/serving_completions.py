@@ -108,7 +108,7 @@ class _Prepared:
         self.listed = bool(req.logprob_token_ids)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.prompt == "":   # vLLM's check and text (an empty token-id list is the engine's refusal)
+        if req.prompt is None or req.prompt == "":   # vLLM's check and text (an empty id list: the engine's refusal)
             raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
         try:
             prompts = req.prompts()

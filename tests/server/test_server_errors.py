@@ -82,6 +82,10 @@ def test_empty_prompt_has_vllms_text(http):
     for extra in ({}, {"add_special_tokens": False}):   # refused before tokenizing, as vLLM does
         check_error(http.post("/v1/completions", json={**GOOD, "prompt": "", **extra}),
                     400, "prompt", ("Either prompt or prompt_embeds must be provided and non-empty.",))
+    no_prompt = {k: v for k, v in GOOD.items() if k != "prompt"}
+    for body in (no_prompt, {**no_prompt, "prompt": None}):   # vLLM's text too (the body was quoted back)
+        err = check_error(http.post("/v1/completions", json=body), 400, "prompt")
+        assert err["message"] == "Either prompt or prompt_embeds must be provided and non-empty."
 
 
 def test_long_prompt_names_both_numbers(http):
