@@ -28,7 +28,7 @@ def test_completions_beams(client, demo_server):
     r = client.completions.create(model="stories260k", prompt=PROMPT, n=3, max_tokens=10, logprobs=2,
                                   extra_body={"use_beam_search": True, "return_token_ids": True})
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert [PROMPT + c.text for c in r.choices] == [s.text for s in offline]
+    assert ["<s> " + PROMPT + c.text for c in r.choices] == [s.text for s in offline]   # offline: BOS written out
     for c, s in zip(r.choices, offline):
         assert c.token_ids == s.tokens[-len(c.token_ids):] and c.finish_reason == "length"
         assert sum(c.logprobs.token_logprobs) == pytest.approx(s.cum_logprob, abs=1e-4)
