@@ -4,7 +4,7 @@
 
 Prints the chosen layout with its weight and KV memory per GPU and the concurrent tokens its
 KV cache holds, the `serve` flags that give it, then every other layout with the reason it
-lost. MODEL is a model folder (its config.json) or a preset name. Exit code 0 when a layout
+lost. MODEL is a model folder (its config.json), a preset name or a serve YAML. Exit code 0 when a layout
 fits, 1 when none does (the report then names what would fit).
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose TP/PP/DP/EP for a model on N GPUs and explain why",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model folder or preset name (e.g. deepseek-r1)")
+    p.add_argument("model", help="model folder, preset name (e.g. deepseek-r1) or serve YAML (its engine_args' "
+                   "model, max_model_len, kv_cache_dtype and gpu_memory_utilization)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs in all")
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
@@ -44,13 +45,13 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=human_readable_int, default=None,
                    help="longest sequence each replica must hold, as serve takes it (32768, 32k, 32K; "
                    "default: max_position_embeddings)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of each GPU's memory deepserve may use")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of each GPU's memory deepserve may use (default 0.9)")
     p.add_argument("--activation-reserve", default=None,
                    help="memory per GPU kept for activations, CUDA graphs and NCCL buffers "
                    "(default 4GiB for models of 20B parameters or more, else 2GiB)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV cache storage as `serve --kv-cache-dtype` (fp8: one byte a value)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="KV cache storage as `serve --kv-cache-dtype` (fp8: one byte a value; default auto)")
     p.add_argument("--include-mtp", action="store_true",
                    help="also load the MTP module (DeepSeek-V3/R1 speculative drafting)")
     p.set_defaults(func=run)
@@ -205,9 +206,31 @@ def _size(flag: str, text: str) -> int:
     return parse_size(text)
 
 
+# the serve engine_args a plan takes from a serve YAML where its own flag is not given (None)
+_FROM_SERVE_CONFIG = ("max_model_len", "kv_cache_dtype", "gpu_memory_utilization")
+
+
+def take_serve_config(args) -> None:
+    """MODEL given as a serve YAML (`deepserve serve config.yaml`): its engine_args' model, and
+    those of _FROM_SERVE_CONFIG the command line does not give; then serve's defaults for the rest."""
+    from deepserve.config import EngineArgs
+    from deepserve.server.config_file import is_config_file, load_serve_config
+
+    engine = {}
+    if is_config_file(args.model):
+        engine = load_serve_config(args.model).engine_args
+        if not engine.get("model"):
+            raise ValueError(f"{args.model} names no engine_args.model to plan for")
+        args.model = str(engine["model"])
+    for name in _FROM_SERVE_CONFIG:
+        if getattr(args, name) is None:
+            setattr(args, name, engine.get(name, getattr(EngineArgs, name)))
+
+
 def run(args) -> int:
     from deepserve.models.registry import check_config, config_source
 
+    take_serve_config(args)
     cfg = load_hf_config(args.model)
     check_config(cfg, config_source(args.model))
     quantization = plan_quantization(args.model, cfg, args.quantization)

@@ -81,3 +81,22 @@ def test_nodes_below_one_is_named(capsys):
 def test_max_model_len_as_serve_takes_it(capsys, text, tokens):
     assert main(["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "80GiB", "--max-model-len", text]) == 0
     assert f"max-model-len {tokens:,}\n" in capsys.readouterr().out
+
+
+def test_a_serve_yaml_plans_its_model(tmp_path, capsys):
+    # `deepserve plan config.yaml`: the model and the KV settings the serve file gives, flags over them
+    # (was: "model 'config.yaml' is a file: give the model's folder")
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine_args:\n  model: r1-distill-qwen-7b\n  max_model_len: 8192\n  kv_cache_dtype: fp8\n"
+                    "  gpu_memory_utilization: 0.8\n")
+    assert main(["plan", str(path), "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model      r1-distill-qwen-7b (Qwen2ForCausalLM") and "max-model-len 8,192\n" in out
+    assert "KV cache fp8 (e4m3)" in out and "80.0 GiB x 0.80 - " in out
+    assert main(["plan", str(path), "--gpus", "1", "--gpu-memory", "80GiB", "--max-model-len", "4096",
+                 "--kv-cache-dtype", "auto", "--gpu-memory-utilization", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "max-model-len 4,096\n" in out and "KV cache bfloat16" in out and "80.0 GiB x 0.90 - " in out
+    path.write_text("engine_args:\n  port: 8000\n")
+    assert _error(capsys, [str(path), "--gpus", "1", "--gpu-memory", "80GiB"]) == \
+        f"deepserve plan: error: {path} names no engine_args.model to plan for\n"
