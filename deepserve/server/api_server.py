@@ -161,6 +161,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     load_chat_template(engine, server.chat_template)
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_keys=server.api_keys(), root_path=server.root_path,
+                              disable_fastapi_docs=bool(server.disable_fastapi_docs),
                               reasoning_parser=server.reasoning_parser,
                               reasoning_token_ids=delimiter_token_ids(
                                   reasoning_delimiters(server.reasoning_parser, server.reasoning_config),

@@ -162,7 +162,9 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             stop_interruptibly(state.llm.shutdown)
 
-    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan, root_path=state.settings.root_path or "")
+    docs = {"openapi_url": None, "docs_url": None, "redoc_url": None} if state.settings.disable_fastapi_docs else {}
+    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan, **docs)
+    app.root_path = state.settings.root_path or ""   # vLLM's way (FastAPI's argument is deprecated)
     app.state.deepserve = state
     if state.settings.enable_server_load_tracking:   # inside the key check: refused requests are no load
         app.add_middleware(LoadTrackingMiddleware, state=state)
@@ -245,7 +247,8 @@ def build_app(state: ServerState) -> FastAPI:
             return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
         return Response(status_code=200)
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    @app.get("/ping")
+    @app.post("/ping")   # two routes (not one of two methods): each its own OpenAPI operation id
     async def ping():   # vLLM's (SageMaker's health check): /health
         return await health()
 

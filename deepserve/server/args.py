@@ -50,6 +50,8 @@ class ServerArgs:
     root_path: Optional[str] = None
     """vLLM's: the path prefix a proxy serves this server under (/v1/models answers at
     ROOT_PATH/v1/models too)."""
+    disable_fastapi_docs: bool = False
+    """vLLM's: no OpenAPI schema, Swagger UI or ReDoc (/openapi.json, /docs, /redoc answer 404)."""
     reasoning_parser: Optional[str] = field(default=None, metadata={"choices": ("deepseek_r1",)})
     """Split <think> reasoning into reasoning_content (and reasoning)."""
     reasoning_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})

@@ -39,6 +39,7 @@ class ServerSettings:
     model_path: str
     api_keys: list[str] = field(default_factory=list)   # a request must bear one of them (none: no check)
     root_path: Optional[str] = None   # vLLM's --root-path: the prefix a proxy serves the routes under
+    disable_fastapi_docs: bool = False   # vLLM's: no /openapi.json, /docs, /redoc
     reasoning_parser: Optional[str] = None
     # the token ids of the reasoning's start and end, which thinking_token_budget counts between
     reasoning_token_ids: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None

@@ -12,7 +12,8 @@ from deepserve.server.args import ServerArgs
 from deepserve.server.config_file import SERVER_KEYS
 
 # the server flags `deepserve serve` has always taken, with a value each accepts (None: a switch)
-FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path": "/llm", "--reasoning-parser": "deepseek_r1",
+FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path": "/llm",
+         "--disable-fastapi-docs": None, "--reasoning-parser": "deepseek_r1",
          "--enable-reasoning": None, "--generation-config": "vllm", "--enable-auto-tool-choice": None,
          "--tool-call-parser": "deepseek_v3", "--max-logprobs": "5", "--chat-template": "{{ x }}",
          "--max-body-bytes": "1024", "--log-level": "debug", "--allowed-origins": '["https://ui.example"]',
@@ -26,7 +27,8 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--disable-access-log-for-endpoints": "/health,/metrics",
          "--enable-log-requests": None, "--no-disable-log-requests": None, "--max-log-len": "100",
          "--enable-log-outputs": None, "--disable-log-stats": None}
-GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], root_path="/llm", reasoning_parser="deepseek_r1", enable_reasoning=True,
+GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], root_path="/llm", disable_fastapi_docs=True,
+             reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, tool_call_parser="deepseek_v3",
              max_logprobs=5, chat_template="{{ x }}", max_body_bytes=1024, log_level="debug",
              allowed_origins='["https://ui.example"]', allow_credentials=True, allowed_methods='["GET", "POST"]',
@@ -51,7 +53,8 @@ def test_defaults_are_vllms(parser, monkeypatch):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     _, server, _ = resolve(parser.parse_args(["serve", "some/model"]))
     assert dataclasses.asdict(server) == dict(
-        host="127.0.0.1", port=8000, api_key=None, root_path=None, reasoning_parser=None, enable_reasoning=False,
+        host="127.0.0.1", port=8000, api_key=None, root_path=None, disable_fastapi_docs=False,
+        reasoning_parser=None, enable_reasoning=False,
         generation_config="auto", enable_auto_tool_choice=False, tool_call_parser=None, max_logprobs=20,
         chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info", allowed_origins='["*"]',
         allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]', reasoning_config=None,

@@ -324,3 +324,35 @@ def test_bad_words_are_tokenized_off_the_engine_thread(make_llm, monkeypatch):
         finally:
             llm.shutdown()
     asyncio.run(main())
+
+
+def test_fastapi_docs_served_unless_disabled_and_the_root_path():
+    """vLLM serves FastAPI's /openapi.json, /docs and /redoc unless --disable-fastapi-docs; with
+    --root-path the routes answer under the prefix and without it, and the schema names it."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.tokenizer import Tokenizer
+    from deepserve.server.app import build_app
+    from deepserve.server.serving_common import ServerSettings, ServerState
+
+    llm = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL), max_model_len=512)   # /tokenize needs no engine
+
+    def client(**settings) -> TestClient:
+        state = ServerState(llm=llm, settings=ServerSettings(served_model_names=["m"], model_path="m", **settings),
+                            metrics=ServerMetrics("m", dict))
+        return TestClient(build_app(state))   # outside `with`: the lifespan (engine start) does not run
+
+    served = client()
+    assert [served.get(p).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [200] * 3
+    assert {"get", "post"} <= set(served.get("/openapi.json").json()["paths"]["/ping"])
+    hidden = client(disable_fastapi_docs=True)
+    assert [hidden.get(p).status_code for p in ("/openapi.json", "/docs", "/redoc")] == [404] * 3
+    proxied = client(root_path="/llm")
+    expected = served.post("/tokenize", json={"prompt": "Once"}).json()["tokens"]
+    for path in ("/llm/tokenize", "/tokenize"):
+        r = proxied.post(path, json={"prompt": "Once"})
+        assert r.status_code == 200 and r.json()["tokens"] == expected
+    assert proxied.get("/llm/openapi.json").json()["servers"] == [{"url": "/llm"}]
