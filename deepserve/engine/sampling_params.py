@@ -153,7 +153,8 @@ class SamplingParams:
     """Return the log-probability of every prompt token (the first has none) and of this many
     most likely tokens at each prompt position."""
     logit_bias: Optional[dict[int, float]] = None
-    """Added to the logits of these token ids before sampling (OpenAI's logit_bias, -100..100)."""
+    """Added to the logits of these token ids before sampling (any finite value; the API clips
+    OpenAI's logit_bias to [-100, 100])."""
     guided: Optional[GuidedDecoding] = None
     """Structured output: the tokens are constrained by a grammar."""
     allowed_token_ids: Optional[list[int]] = None
@@ -222,10 +223,10 @@ class SamplingParams:
         self._check_logprob_token_ids()
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
-            bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not -100 <= b <= 100), None)
+            # any finite value, as vLLM's SamplingParams (its API clips to OpenAI's [-100, 100] first)
+            bad = next(((t, b) for t, b in self.logit_bias.items() if t < 0 or not math.isfinite(b)), None)
             if bad is not None:
-                raise ValueError(f"logit_bias must map token ids >= 0 to values in [-100, 100], got "
-                                 f"{bad[0]}: {bad[1]}")
+                raise ValueError(f"logit_bias must map token ids >= 0 to finite values, got {bad[0]}: {bad[1]}")
         else:
             self.logit_bias = None
         if self.allowed_token_ids is not None and (not self.allowed_token_ids

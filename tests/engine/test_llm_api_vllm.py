@@ -299,3 +299,13 @@ def test_spaces_between_special_tokens_false_is_served(llm):
     for flag in (True, False):
         out = llm.generate("Once", SamplingParams(**params, spaces_between_special_tokens=flag), use_tqdm=False)[0]
         assert (out.outputs[0].token_ids, out.outputs[0].text) == ([2, 2, 2], "</s></s></s>")
+
+
+def test_logit_bias_beyond_100_is_applied_as_vllms_sampling_params(llm):
+    """vLLM's SamplingParams takes any finite bias (only its API clips to [-100, 100]): +200
+    wins over +100."""
+    forced = llm.generate("Once", SamplingParams(temperature=0, max_tokens=3, logit_bias={5: 100.0, 6: 200.0}),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert forced == [6, 6, 6]
+    with pytest.raises(ValueError, match="logit_bias must map token ids >= 0 to finite values, got 5: nan"):
+        SamplingParams(logit_bias={5: float("nan")})
