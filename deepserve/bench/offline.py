@@ -2,8 +2,10 @@
 
 Both follow vLLM's `benchmark_latency.py` / `benchmark_throughput.py`: random prompt token
 ids (so no tokenizer or dataset is involved), `ignore_eos` so every request produces exactly
-`--output-len` tokens, greedy sampling (throughput's `--n` > 1: that many sequences a
-prompt, sampled at temperature 1 and top-p 1 as vLLM's are, each counted).
+`--output-len` tokens, greedy sampling (`--n` > 1: that many sequences a prompt, sampled at
+temperature 1 and top-p 1 as vLLM's are, each counted; latency's `--use-beam-search`: `--n`
+beams). As vLLM's latency, bench latency runs without prefix caching unless
+`--enable-prefix-caching` is given: each iteration sends the same prompts.
 
 - latency: one batch of `--batch-size` prompts, timed end to end `--num-iters` times after
   `--num-iters-warmup` untimed runs; reports the mean and percentiles (seconds).
@@ -67,20 +69,29 @@ def random_requests(num: int, input_len: int, output_len: int, vocab_size: int, 
     return prompts, [int(n) for n in lens_out]
 
 
+def run_batch(llm: Any, params: Any, prompts: list[dict], beam_search: bool = False) -> None:
+    """One batch of bench latency: `llm.generate`, or `llm.beam_search` (`params` a BeamSearchParams)."""
+    if beam_search:
+        llm.beam_search(prompts, params)
+    else:
+        llm.generate(prompts, params, use_tqdm=False)
+
+
 def measure_latency(llm: Any, sampling_params: Any, prompts: list[dict], num_iters: int,
-                    num_iters_warmup: int, progress: bool = True) -> dict:
-    """Time `llm.generate(prompts)` `num_iters` times; vLLM's latency JSON fields (seconds)."""
+                    num_iters_warmup: int, progress: bool = True, beam_search: bool = False) -> dict:
+    """Time `llm.generate(prompts)` (`beam_search`: `llm.beam_search(prompts)`, `sampling_params`
+    then a BeamSearchParams) `num_iters` times; vLLM's latency JSON fields (seconds)."""
     from tqdm.auto import tqdm
 
     if num_iters < 1 or num_iters_warmup < 0:
         raise ValueError(f"--num-iters must be >= 1 and --num-iters-warmup >= 0, "
                          f"got {num_iters} and {num_iters_warmup}")
     for _ in tqdm(range(num_iters_warmup), desc="warmup", disable=not progress, file=sys.stderr):
-        llm.generate(prompts, sampling_params, use_tqdm=False)
+        run_batch(llm, sampling_params, prompts, beam_search)
     latencies = []
     for _ in tqdm(range(num_iters), desc="latency", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
-        llm.generate(prompts, sampling_params, use_tqdm=False)
+        run_batch(llm, sampling_params, prompts, beam_search)
         latencies.append(time.perf_counter() - start)
     arr = np.asarray(latencies)
     return {"avg_latency": float(arr.mean()), "latencies": latencies,
@@ -135,21 +146,37 @@ def check_profile_flag(args) -> None:
                          "\"torch_profiler_dir\": \"/abs/dir\"}'")
 
 
+def sampling_kwargs(args) -> dict:
+    """The sampling of bench latency / throughput requests: greedy for one sequence a prompt,
+    temperature 1 / top-p 1 for --n of them (as vLLM samples them); --disable-detokenize."""
+    n = getattr(args, "n", 1)
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    kwargs = dict(temperature=0) if n == 1 else dict(n=n, temperature=1.0, top_p=1.0)
+    return {**kwargs, **({"detokenize": False} if getattr(args, "disable_detokenize", False) else {})}
+
+
 def run_latency(args) -> dict:
     check_profile_flag(args)
+    sampling = sampling_kwargs(args)
     llm, SamplingParams, vocab, seed = _load_engine(args)
-    params = SamplingParams(max_tokens=args.output_len or 128, ignore_eos=True, temperature=0)
+    max_tokens = args.output_len or 128
+    if args.use_beam_search:   # vLLM's: --n beams a prompt
+        from deepserve import BeamSearchParams
+        params = BeamSearchParams(beam_width=args.n, max_tokens=max_tokens, ignore_eos=True)
+    else:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling)
     prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
     if args.profile:   # as vLLM: after the warm-up, one batch under the profiler, untimed
         for _ in range(args.num_iters_warmup):
-            llm.generate(prompts, params, use_tqdm=False)
+            run_batch(llm, params, prompts, args.use_beam_search)
         print(f"Profiling one batch with the {llm.engine.config.profiler.profiler} profiler...", file=sys.stderr)
         llm.start_profile()
-        llm.generate(prompts, params, use_tqdm=False)
+        run_batch(llm, params, prompts, args.use_beam_search)
         llm.stop_profile()
         return {}
     result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,
-                             progress=not args.disable_tqdm)
+                             progress=not args.disable_tqdm, beam_search=args.use_beam_search)
     print(f"Avg latency: {result['avg_latency']:.4f} seconds "
           f"(batch {args.batch_size}, {args.input_len} in / {args.output_len} out)")
     for p, value in result["percentiles"].items():
@@ -184,8 +211,7 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
 def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -> tuple[list[dict], list]:
     """`num` prompts of the chosen set and their sampling parameters (every output length exact;
     `args.n` sequences a prompt, greedy for one, temperature 1 for several as vLLM samples them)."""
-    n = getattr(args, "n", 1)
-    sampling = dict(temperature=0) if n == 1 else dict(n=n, temperature=1.0, top_p=1.0)
+    sampling = sampling_kwargs(args)
     if args.dataset_name == "random":
         prompts, out_lens = random_requests(num, args.input_len, args.output_len or 128, vocab, seed,
                                             args.random_range_ratio, args.random_prefix_len)
@@ -202,8 +228,7 @@ def run_throughput(args) -> dict:
         raise ValueError(f"--backend {args.backend} is not supported: the engine runs in-process (--backend vllm)")
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    sampling_kwargs(args)   # its flags checked before the model loads
     args.dataset_name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
     if args.dataset_name != "random" and args.dataset_path:
         from deepserve.bench.datasets import check_dataset_file

@@ -277,6 +277,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Tokens generated per request (default: 128; sharegpt: the dataset reply's length).")
     p.add_argument("--output-json", default=None, help="Write the result JSON here.")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--disable-detokenize", action="store_true",
+                   help="vLLM's: no text made from the generated tokens (detokenizing is left out of the time).")
+    p.add_argument("--n", type=int, default=1,
+                   help="Generated sequences a prompt (vLLM's; above 1 they sample at temperature 1).")
     p.add_argument("--profile", action="store_true",
                    help="vLLM's: record the run with the engine's --profiler-config (latency: one batch after "
                         "the warm-up, untimed; throughput: the measured run).")
@@ -302,6 +306,9 @@ def register(subparsers) -> None:
     latency.add_argument("--batch-size", type=int, default=8)
     latency.add_argument("--num-iters", type=int, default=30)
     latency.add_argument("--num-iters-warmup", type=int, default=10)
+    latency.add_argument("--use-beam-search", action="store_true", help="vLLM's: beam search of --n beams.")
+    # as vLLM's: the same prompts every iteration would be served from the prefix cache
+    latency.set_defaults(enable_prefix_caching=False)
     latency.set_defaults(func=_latency)
 
     throughput = sub.add_parser("throughput", help="In-process engine: requests/s and tokens/s.")
@@ -318,8 +325,6 @@ def register(subparsers) -> None:
                             help="random: token ids shared by every prompt, before its own.")
     throughput.add_argument("--no-oversample", action="store_true",
                             help="sharegpt: only the file's usable entries, even fewer than --num-prompts.")
-    throughput.add_argument("--n", type=int, default=1,
-                            help="Generated sequences a prompt (vLLM's; above 1 they sample at temperature 1).")
     throughput.add_argument("--num-warmups", type=int, default=0,
                             help="Untimed requests of the same set (next seed) before the run.")
     throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],

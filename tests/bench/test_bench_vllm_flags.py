@@ -396,3 +396,49 @@ def test_model_lookup_carries_the_key_and_headers_of_the_requests(bench_args, mo
     args = bench_args(["serve", "--base-url", "http://h:1", "--header", "X-Team=a"])
     assert resolve_model(args) == "/w/m" and args.served_model_name == "m"
     assert seen == {"Authorization": "Bearer sk-1", "X-Team": "a"}
+
+
+class RecordingLLM:
+    """generate / beam_search that record what they were given."""
+
+    def __init__(self):
+        self.generated, self.searched = [], []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.generated.append(params)
+        return []
+
+    def beam_search(self, prompts, params):
+        self.searched.append(params)
+        return []
+
+
+@pytest.mark.parametrize("argv, enabled", [([], False), (["--enable-prefix-caching"], True)])
+def test_latency_runs_without_prefix_caching_by_default(bench_args, argv, enabled):
+    # vLLM's bench latency turns it off: each iteration sends the same prompts, which the cache
+    # would otherwise serve after the first (a shorter prefill than the latency asked for)
+    from deepserve.config import EngineArgs
+
+    args = bench_args(["latency", "--model", "m", *argv])
+    assert EngineArgs.from_cli_args(args).enable_prefix_caching is enabled
+    assert EngineArgs.from_cli_args(bench_args(["throughput", "--model", "m"])).enable_prefix_caching is True
+
+
+def test_latency_takes_vllms_n_beam_search_and_disable_detokenize(bench_args, monkeypatch):
+    from deepserve import BeamSearchParams
+    from deepserve.bench import offline
+
+    def run(*flags):
+        llm = RecordingLLM()
+        monkeypatch.setattr(offline, "_load_engine", lambda args: (llm, SimpleNamespace, 1000, 0))
+        offline.run_latency(bench_args(["latency", "--num-iters", "2", "--num-iters-warmup", "1", "--output-len", "5",
+                                        "--disable-tqdm", *flags]))
+        return llm
+    llm = run("--n", "3", "--disable-detokenize")
+    assert len(llm.generated) == 3 and not llm.searched
+    p = llm.generated[0]
+    assert (p.n, p.temperature, p.top_p, p.max_tokens, p.ignore_eos, p.detokenize) == (3, 1.0, 1.0, 5, True, False)
+    assert vars(run().generated[0]) == {"max_tokens": 5, "ignore_eos": True, "temperature": 0}
+    llm = run("--use-beam-search", "--n", "2")
+    assert len(llm.searched) == 3 and not llm.generated
+    assert llm.searched[0] == BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True)
