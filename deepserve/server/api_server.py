@@ -169,6 +169,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               max_body_bytes=int(server.max_body_bytes), created=int(time.time()),
                               generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
+                              exclude_tools_when_tool_choice_none=bool(server.exclude_tools_when_tool_choice_none),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

@@ -67,6 +67,8 @@ class ServerArgs:
     folder holding one."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice auto); needs --tool-call-parser."""
+    exclude_tools_when_tool_choice_none: bool = False
+    """vLLM's: a request with tool_choice none renders its prompt without the tools."""
     tool_call_parser: Optional[str] = field(default=None, metadata={"choices": TOOL_PARSERS})
     """Parse the model's tool-call tokens into tool_calls (R1 / V3: deepseek_v3; V3.1: deepseek_v31;
     vLLM's hermes and llama3_json for R1-Distill-Qwen and -Llama, with a --chat-template that lists

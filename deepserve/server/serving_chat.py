@@ -208,7 +208,10 @@ class PreparedChat:
         check_length_penalty(req)
         self.listed = self.params.logprob_token_ids is not None
         self.cache_salt = req.cache_salt
-        self.prompt_text = render_text(state, req.messages, req.tools, req.add_generation_prompt,
+        # vLLM's --exclude-tools-when-tool-choice-none: tools the reply may not call stay out of the prompt
+        shown = None if req.tool_choice == "none" and state.settings.exclude_tools_when_tool_choice_none \
+            else req.tools
+        self.prompt_text = render_text(state, req.messages, shown, req.add_generation_prompt,
                                        request_template_kwargs(state, req), req.continue_final_message)
 
     async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":

@@ -83,14 +83,14 @@ def load_tokenizer(name: str) -> Tokenizer:
 
 
 def serve(tokenizer: str, script: str, template: Optional[str] = None,
-          parser: str = "deepseek_v3") -> openai.AsyncOpenAI:
+          parser: str = "deepseek_v3", **settings) -> openai.AsyncOpenAI:
     """The app over ScriptedLLM (`client.engine`), served as "m" with --reasoning-parser
     deepseek_r1 --enable-auto-tool-choice --tool-call-parser `parser` (and --chat-template
-    `template`); an openai client bound to it."""
+    `template`; `settings`: other ServerSettings); an openai client bound to it."""
     tok = copy.copy(load_tokenizer(tokenizer))
     tok.chat_template = template or tok.chat_template
     settings = ServerSettings(served_model_names=["m"], model_path=tokenizer, reasoning_parser="deepseek_r1",
-                              tool_call_parser=parser, enable_auto_tool_choice=True)
+                              tool_call_parser=parser, enable_auto_tool_choice=True, **settings)
     engine = ScriptedLLM(tok, script)
     state = ServerState(llm=engine, settings=settings, metrics=ServerMetrics("m", lambda: {}))
     transport = httpx.ASGITransport(app=build_app(state))

@@ -9,7 +9,8 @@ import json
 
 import openai
 import pytest
-from test_qa14_chat_agents import MESSAGES, TOOLS, load_tokenizer, r1_call, serve, whole_and_streamed
+from test_qa14_chat_agents import (INLINE_TOOLS_TEMPLATE, MESSAGES, TOOLS, load_tokenizer, r1_call, serve,
+                                  whole_and_streamed)
 
 from deepserve.server.tool_parsers import CALLS_BEGIN, CALLS_END
 
@@ -148,3 +149,19 @@ def test_responses_reasoning_effort_reaches_the_template_as_chats():
     with pytest.raises(openai.BadRequestError) as err:
         asyncio.run(r1.responses.create(model="m", input="Hi", reasoning={"effort": "low"}))
     assert err.value.body["param"] == "reasoning.effort" and "reads neither" in err.value.message
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_exclude_tools_when_tool_choice_none(exclude):
+    """vLLM's --exclude-tools-when-tool-choice-none: a tool_choice none request's prompt lists no
+    tools (the flag was an unrecognized argument); auto's still does, and without the flag none's
+    does too."""
+    client = serve("deepseek-r1", "Hi.", INLINE_TOOLS_TEMPLATE, exclude_tools_when_tool_choice_none=exclude)
+
+    async def prompts():
+        got = []
+        for choice in ("none", "auto"):
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, tool_choice=choice)
+            got.append('"name": "get_weather"' in client.engine.prompts[-1])
+        return got
+    assert asyncio.run(prompts()) == [not exclude, True]

@@ -15,6 +15,7 @@ from deepserve.server.config_file import SERVER_KEYS
 FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path": "/llm",
          "--disable-fastapi-docs": None, "--reasoning-parser": "deepseek_r1",
          "--enable-reasoning": None, "--generation-config": "vllm", "--enable-auto-tool-choice": None,
+         "--exclude-tools-when-tool-choice-none": None,
          "--tool-call-parser": "deepseek_v3", "--max-logprobs": "5", "--chat-template": "{{ x }}",
          "--max-body-bytes": "1024", "--log-level": "debug", "--allowed-origins": '["https://ui.example"]',
          "--allow-credentials": None, "--allowed-methods": '["GET", "POST"]', "--allowed-headers": '["Authorization"]',
@@ -29,7 +30,8 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--enable-log-outputs": None, "--disable-log-stats": None}
 GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], root_path="/llm", disable_fastapi_docs=True,
              reasoning_parser="deepseek_r1", enable_reasoning=True,
-             generation_config="vllm", enable_auto_tool_choice=True, tool_call_parser="deepseek_v3",
+             generation_config="vllm", enable_auto_tool_choice=True, exclude_tools_when_tool_choice_none=True,
+             tool_call_parser="deepseek_v3",
              max_logprobs=5, chat_template="{{ x }}", max_body_bytes=1024, log_level="debug",
              allowed_origins='["https://ui.example"]', allow_credentials=True, allowed_methods='["GET", "POST"]',
              allowed_headers='["Authorization"]',
@@ -55,7 +57,8 @@ def test_defaults_are_vllms(parser, monkeypatch):
     assert dataclasses.asdict(server) == dict(
         host="127.0.0.1", port=8000, api_key=None, root_path=None, disable_fastapi_docs=False,
         reasoning_parser=None, enable_reasoning=False,
-        generation_config="auto", enable_auto_tool_choice=False, tool_call_parser=None, max_logprobs=20,
+        generation_config="auto", enable_auto_tool_choice=False, exclude_tools_when_tool_choice_none=False,
+        tool_call_parser=None, max_logprobs=20,
         chat_template=None, max_body_bytes=8 * 1024 * 1024, log_level="info", allowed_origins='["*"]',
         allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]', reasoning_config=None,
         enable_prompt_tokens_details=False, enable_force_include_usage=False, enable_server_load_tracking=False,
