@@ -278,7 +278,9 @@ def wait_until_ready(req: RequestInput, timeout_s: int, verify: bool = True) -> 
 
 
 def base_url_of(args: argparse.Namespace) -> str:
-    return args.base_url or f"http://{args.host}:{args.port}"
+    """--base-url, else http://--host:--port (an IPv6 address in brackets, as vLLM joins them)."""
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    return args.base_url or f"http://{host}:{args.port}"
 
 
 def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
