@@ -156,14 +156,25 @@ def header_request_id(request: Request, body_id: Optional[str]) -> Optional[str]
     return request.headers.get("x-request-id") or body_id
 
 
+def utf8_json(body: bytes) -> bytes:
+    """JSON text as UTF-8: a byte-order mark, UTF-16 or UTF-32 read as Python's json.loads reads
+    them (so vLLM reads a body)."""
+    encoding = json.detect_encoding(body)
+    if encoding == "utf-8":
+        return body
+    try:
+        return body.decode(encoding).encode()
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"malformed JSON body: not {encoding} text ({exc.reason})") from None
+
+
 async def parse_request(request: Request, model: Type[M], limit: int) -> M:
-    """The body as `model`: JSON sent as application/json (vLLM's rule for its JSON routes; a
-    UTF-8 byte-order mark is allowed, as Python's json reads it), else a 400."""
+    """The body as `model`: JSON sent as application/json (vLLM's rule for its JSON routes), else a 400."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise APIError(400, f"Unsupported Media Type: Only 'application/json' is allowed, got Content-Type "
                             f"{content_type!r}")
-    body = (await read_body(request, limit)).removeprefix(b"\xef\xbb\xbf")
+    body = utf8_json(await read_body(request, limit))
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")
     try:

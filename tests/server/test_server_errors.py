@@ -163,12 +163,17 @@ def test_json_routes_take_only_application_json(http, route):
 
 
 def test_utf8_bom_and_duplicate_keys_read_as_python_json_reads_them(http):
-    """A UTF-8 byte-order mark before the JSON is skipped, and of keys given twice the last
-    counts, as vLLM's json.loads reads a body."""
+    """A UTF-8 byte-order mark before the JSON is skipped, UTF-16 and UTF-32 are read, and of keys
+    given twice the last counts, as vLLM's json.loads reads a body."""
     headers = {"Content-Type": "application/json"}
     plain = http.post("/v1/completions", json=GOOD).json()["choices"][0]["text"]
-    bom = http.post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps(GOOD).encode(), headers=headers)
-    assert bom.status_code == 200 and bom.json()["choices"][0]["text"] == plain
+    text = json.dumps(GOOD)
+    for body in (b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16"), text.encode("utf-16-le"),
+                 text.encode("utf-32")):
+        r = http.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == plain
+    check_error(http.post("/v1/completions", content=b"\xff\xfe{\x00\x22", headers=headers), 400,
+                contains=("malformed JSON body: not utf-16 text",))   # cut in a character
     twice = b'{"prompt": "Once upon a time", "temperature": 0, "max_tokens": 9, "max_tokens": 2}'
     r = http.post("/v1/completions", content=twice, headers=headers)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
