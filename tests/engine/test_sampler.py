@@ -83,5 +83,6 @@ def test_guided_spec_checks_and_pickles_without_its_compiled_grammar():
     params = pickle.loads(pickle.dumps(SamplingParams(guided=spec, logit_bias={"3": 1})))
     assert params.guided.choice == ["x", "y"] and params.guided.compiled is None   # another process recompiles
     assert params.logit_bias == {3: 1.0}
+    assert SamplingParams(logit_bias={5: 150}).logit_bias == {5: 150.0}   # vLLM's SamplingParams takes any value
     with pytest.raises(ValueError, match="logit_bias"):
-        SamplingParams(logit_bias={5: 150})
+        SamplingParams(logit_bias={-1: 1.0})
