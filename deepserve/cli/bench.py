@@ -234,6 +234,10 @@ def _sweep(args) -> int:
 
     from deepserve.bench.sweep import run_sweep
 
+    if args.vllm_sweep:
+        raise ValueError(f"`bench sweep {args.vllm_sweep[0]}` is vLLM's sweep runner, which deepserve does not "
+                         "have; deepserve bench sweep runs bench serve's flags against one server at each of "
+                         "--max-concurrency-list / --request-rate-list")
     check_vllm_refused(args)
     _check_server(args)
     try:
@@ -299,6 +303,8 @@ def register(subparsers) -> None:
     add_serve_args(sweep)
     sweep.add_argument("--max-concurrency-list", type=int, nargs="+", default=None)
     sweep.add_argument("--request-rate-list", type=_rate, nargs="+", default=None)
+    # vLLM's `bench sweep serve|serve_workload|startup|plot|plot_pareto ...`, taken whole to be named
+    sweep.add_argument("vllm_sweep", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     sweep.set_defaults(func=_sweep)
 
     latency = sub.add_parser("latency", help="In-process engine: latency of one batch.")

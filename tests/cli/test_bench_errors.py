@@ -47,3 +47,12 @@ def test_bad_flag_values_are_one_line(capsys, argv, line):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])
     assert exc.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
+def test_vllms_sweep_runner_is_named(capsys):
+    # `vllm bench sweep serve --serve-cmd ... --bench-cmd ...` was 'unrecognized arguments: serve --serve-cmd ...'
+    assert main(["bench", "sweep", "serve", "--serve-cmd", "vllm serve m", "--bench-cmd", "vllm bench serve"]) == 2
+    assert capsys.readouterr().err == (
+        "deepserve bench: error: `bench sweep serve` is vLLM's sweep runner, which deepserve does not have; "
+        "deepserve bench sweep runs bench serve's flags against one server at each of --max-concurrency-list / "
+        "--request-rate-list\n")
