@@ -282,7 +282,7 @@ class SamplingParams:
 
         for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs", "priority"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None or name in ("n", "min_tokens"):   # those two have no "unset"
                 if not integer(value):
                     raise ValueError(f"{name} must be an integer, got {value!r}")
                 setattr(self, name, int(value))
