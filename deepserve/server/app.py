@@ -27,7 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -238,7 +238,9 @@ def build_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [model_card(name) for name in state.settings.served_model_names]}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str):   # OpenAI's models.retrieve
+    async def model(name: str, request: Request):   # OpenAI's models.retrieve
+        if not name:   # /v1/models/: the list, by the redirect vLLM's router answers with (it has no such route)
+            return RedirectResponse(request.url.replace(path=request.url.path.rstrip("/")), status_code=307)
         return model_card(state.check_model(name))
 
     @app.get("/health")

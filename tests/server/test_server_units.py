@@ -356,3 +356,25 @@ def test_fastapi_docs_served_unless_disabled_and_the_root_path():
         r = proxied.post(path, json={"prompt": "Once"})
         assert r.status_code == 200 and r.json()["tokens"] == expected
     assert proxied.get("/llm/openapi.json").json()["servers"] == [{"url": "/llm"}]
+
+
+
+def test_models_with_a_trailing_slash_redirect_to_the_list():
+    """GET /v1/models/ is redirected to /v1/models as vLLM's router does (it answered the first
+    model's card, as if retrieved by an empty name)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from deepserve.server.app import build_app
+    from deepserve.server.serving_common import ServerSettings, ServerState
+
+    llm = SimpleNamespace(tokenizer=None, max_model_len=512)   # the model routes need no engine
+    state = ServerState(llm=llm, settings=ServerSettings(served_model_names=["a", "b"], model_path="m"),
+                        metrics=ServerMetrics("a", dict))
+    client = TestClient(build_app(state))
+    moved = client.get("/v1/models/", follow_redirects=False)
+    assert moved.status_code == 307 and moved.headers["location"] == "http://testserver/v1/models"
+    listed = client.get("/v1/models/").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["a", "b"]
+    assert client.get("/v1/models/b").json()["id"] == "b"
