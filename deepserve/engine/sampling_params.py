@@ -106,6 +106,7 @@ StructuredOutputsParams = GuidedDecoding
 # most token ids one request's logprob_token_ids may name (vLLM's MAX_LOGPROB_TOKEN_IDS)
 MAX_LOGPROB_TOKEN_IDS = 128
 GREEDY_EPS = 1e-5   # vLLM's _SAMPLING_EPS: vLLM samples greedily below this temperature
+MAX_N = 16384   # vLLM's default VLLM_MAX_N_SEQUENCES: more samples of one prompt are refused
 MIN_TEMPERATURE = 1e-2   # vLLM's _MAX_TEMP: a lower non-zero temperature is raised to it
 
 
@@ -239,6 +240,8 @@ class SamplingParams:
         """vLLM's _verify_args, in its words."""
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}, got {self.n}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:

@@ -12,6 +12,7 @@ from deepserve.sampling_params import StructuredOutputsParams
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n=0), "n must be at least 1, got 0."),
+    (dict(n=16385), "n must be at most 16384, got 16385."),
     (dict(top_k=-2), "top_k must be 0 (disable), or at least 1, got -2."),
     (dict(stop=["a", ""]), "stop cannot contain an empty string."),
     (dict(stop=""), "stop cannot contain an empty string."),
