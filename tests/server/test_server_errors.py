@@ -212,6 +212,18 @@ def test_unknown_model_404(http):
                 ("POST /v1/embeddings", "POST /v1/chat/completions"))
 
 
+def test_wrong_method_405_as_vllms_router(http):
+    """A route asked with a method it does not take: 405 typed as vLLM's HTTPException handler types
+    it (the status phrase); HEAD is no GET (FastAPI's routes, vLLM's too, take only what they name)."""
+    for method, path in (("GET", "/v1/completions"), ("DELETE", "/v1/models"), ("HEAD", "/health"),
+                         ("PUT", "/tokenize")):
+        r = http.request(method, path)
+        assert r.status_code == 405, (method, path)
+        if method != "HEAD":
+            err = check_error(r, 405, contains=(f"{method} {path}", "Method Not Allowed"))
+            assert err["type"] == "Method Not Allowed"
+
+
 def test_oversized_body_413(http):
     big = {**GOOD, "prompt": "a " * (1 << 20)}           # > the 1 MiB limit the fixture sets
     check_error(http.post("/v1/completions", json=big), 413, contains=("limit",))
