@@ -279,8 +279,10 @@ def wait_until_ready(req: RequestInput, timeout_s: int, verify: bool = True) -> 
 
 def base_url_of(args: argparse.Namespace) -> str:
     """--base-url, else http://--host:--port (an IPv6 address in brackets, as vLLM joins them)."""
+    if args.base_url:
+        return args.base_url
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
-    return args.base_url or f"http://{host}:{args.port}"
+    return f"http://{host}:{args.port}"
 
 
 def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
