@@ -39,6 +39,7 @@ from deepserve.server.metrics import ServerMetrics, cache_info_labels
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
+from deepserve.server.serving_chat import check_template_kwargs
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.stopping import stop_interruptibly, workers_end_with_a_signal
 from deepserve.server.tool_parsers import TOOL_PARSERS
@@ -159,6 +160,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
         engine = DataParallelEngine(engine_args) if apart else LLMEngine(engine_args)
     engine.executor.log_failure = False   # a dead rank is named once, by _Server._watch_engine (or the launcher)
     load_chat_template(engine, server.chat_template)
+    check_template_kwargs(engine.tokenizer, server.default_chat_template_kwargs, "--default-chat-template-kwargs")
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_keys=server.api_keys(), root_path=server.root_path,
                               disable_fastapi_docs=bool(server.disable_fastapi_docs),
@@ -170,6 +172,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               generation_defaults=defaults, tool_call_parser=server.tool_call_parser,
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
                               exclude_tools_when_tool_choice_none=bool(server.exclude_tools_when_tool_choice_none),
+                              default_chat_template_kwargs=dict(server.default_chat_template_kwargs or {}),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

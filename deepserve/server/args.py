@@ -99,6 +99,9 @@ class ServerArgs:
     """Most responses the store keeps; past it the oldest finished one is dropped."""
     chat_template: Optional[str] = None
     """Chat template file (or Jinja text) replacing the tokenizer's."""
+    default_chat_template_kwargs: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
+    """vLLM's: chat template kwargs every chat request gets, under its own chat_template_kwargs
+    (e.g. '{"enable_thinking": false}' for a template that reads it)."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest request body accepted; larger ones get 413."""
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
@@ -150,11 +153,15 @@ class ServerArgs:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        if isinstance(self.reasoning_config, str):   # a YAML file's JSON text
-            try:
-                self.reasoning_config = json.loads(self.reasoning_config)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--reasoning-config is not valid JSON: {exc}") from None
+        for name in ("reasoning_config", "default_chat_template_kwargs"):
+            if isinstance(getattr(self, name), str):   # a YAML file's JSON text
+                try:
+                    setattr(self, name, json.loads(getattr(self, name)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"--{name.replace('_', '-')} is not valid JSON: {exc}") from None
+        if self.default_chat_template_kwargs is not None and not isinstance(self.default_chat_template_kwargs, dict):
+            raise ValueError(f"--default-chat-template-kwargs must be a JSON object, got "
+                             f"{self.default_chat_template_kwargs!r}")
         reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
         self.responses_store_size()   # a bad VLLM_ENABLE_RESPONSES_API_STORE is an error before the model loads
         dev_mode()                    # and so is a bad VLLM_SERVER_DEV_MODE

@@ -84,8 +84,15 @@ async def render_messages(state: ServerState, messages, tools=None, add_generati
                           continue_final_message: bool = False) -> tuple[str, list[int]]:
     """The prompt text and ids, as transformers' apply_chat_template renders and encodes them
     (the encoding off the event loop)."""
-    text = render_text(state, messages, tools, add_generation_prompt, template_kwargs, continue_final_message)
+    text = render_text(state, messages, tools, add_generation_prompt, with_default_kwargs(state, template_kwargs),
+                       continue_final_message)
     return text, (await state.encode([text], add_special_tokens))[0]
+
+
+def with_default_kwargs(state: ServerState, kwargs: Optional[dict]) -> Optional[dict]:
+    """A request's chat template kwargs over the server's --default-chat-template-kwargs (vLLM's merge)."""
+    defaults = state.settings.default_chat_template_kwargs
+    return {**defaults, **(kwargs or {})} if defaults else kwargs
 
 
 # chat_template_kwargs that switch a model's thinking (Qwen3's, DeepSeek V3.1's)
@@ -97,6 +104,20 @@ def template_variables(template: str) -> frozenset:
     """The names a chat template reads from its context: the kwargs it can honour."""
     env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
     return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+
+
+def unread_switches(template: Optional[str], kwargs: dict) -> list[str]:
+    """The thinking switches set in `kwargs` that `template` does not read."""
+    return [k for k in _THINKING_SWITCHES if kwargs.get(k) is not None and k not in template_variables(template or "")]
+
+
+def check_template_kwargs(tokenizer, kwargs: Optional[dict], flag: str) -> None:
+    """A server-wide thinking switch the chat template does not read would have every request
+    refused: ValueError naming the flag at start."""
+    unread = unread_switches(tokenizer.chat_template if tokenizer is not None else None, kwargs or {})
+    if unread:
+        raise ValueError(f"{flag}: {unread[0]} is not read by this model's chat template, so it would switch "
+                         "nothing (every chat request would be refused)")
 
 
 def request_template_kwargs(state: ServerState, req: ChatCompletionRequest) -> Optional[dict]:
@@ -135,8 +156,7 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
     if taken:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(taken)} (the server renders them)",
                        param="chat_template_kwargs")
-    unread = [k for k in _THINKING_SWITCHES
-              if extra.get(k) is not None and k not in template_variables(tok.chat_template or "")]
+    unread = unread_switches(tok.chat_template, extra)
     if unread:
         raise APIError(400, f"chat_template_kwargs.{unread[0]}: this model's chat template does not read it, so "
                             "its thinking cannot be switched per request", param="chat_template_kwargs")
@@ -212,7 +232,8 @@ class PreparedChat:
         shown = None if req.tool_choice == "none" and state.settings.exclude_tools_when_tool_choice_none \
             else req.tools
         self.prompt_text = render_text(state, req.messages, shown, req.add_generation_prompt,
-                                       request_template_kwargs(state, req), req.continue_final_message)
+                                       with_default_kwargs(state, request_template_kwargs(state, req)),
+                                       req.continue_final_message)
 
     async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":
         """Encodes the rendered prompt (off the event loop), then checks its length, the tools

@@ -51,6 +51,7 @@ class ServerSettings:
     tool_call_parser: Optional[str] = None
     enable_auto_tool_choice: bool = False
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's: tool_choice none renders no tools
+    default_chat_template_kwargs: dict = field(default_factory=dict)   # under each request's own
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)

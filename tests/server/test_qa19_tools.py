@@ -165,3 +165,29 @@ def test_exclude_tools_when_tool_choice_none(exclude):
             got.append('"name": "get_weather"' in client.engine.prompts[-1])
         return got
     assert asyncio.run(prompts()) == [not exclude, True]
+
+
+def test_default_chat_template_kwargs_under_the_requests_own():
+    """vLLM's --default-chat-template-kwargs: every chat request's template gets them, under the
+    request's chat_template_kwargs and reasoning_effort (vLLM's merge), /tokenize's too; a thinking
+    switch the template does not read is refused at start, naming the flag (the flag was an
+    unrecognized argument)."""
+    from deepserve.server.serving_chat import check_template_kwargs
+
+    client = serve("deepseek-r1", "Fine.", template=THINKING_TEMPLATE,
+                   default_chat_template_kwargs={"enable_thinking": False})
+
+    async def prompt(**kwargs):
+        r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **kwargs)
+        return client.engine.prompts[-1], r.choices[0].message
+    closed, message = asyncio.run(prompt())
+    assert closed.endswith("<think>\n\n</think>\n\n") and message.content == "Fine." and message.reasoning is None
+    for kwargs in ({"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}, {"reasoning_effort": "high"}):
+        opened, message = asyncio.run(prompt(**kwargs))
+        assert opened.endswith("<｜Assistant｜><think>\n") and message.reasoning == "Fine.", kwargs
+    tokenized = asyncio.run(client.post("http://app/tokenize", cast_to=object, body={
+        "model": "m", "messages": [{"role": "user", "content": "Hi"}]}))
+    assert tokenized["tokens"] == load_tokenizer("deepseek-r1").encode(closed, add_special_tokens=False)
+    with pytest.raises(ValueError, match="--default-chat-template-kwargs: enable_thinking is not read"):
+        check_template_kwargs(load_tokenizer("deepseek-r1"), {"enable_thinking": False}, "--default-chat-template-kwargs")
+    check_template_kwargs(load_tokenizer("deepseek-r1"), {"other": 1}, "--default-chat-template-kwargs")
