@@ -2,7 +2,9 @@
 their GPUs, serve, and stop Ray again on exit.
 
 The hostfile follows FlagScale's runner (`ip slots=8 type=gpu` per line, `#` comments,
-blank lines allowed). The head is the local machine when it is listed (the server's rank 0
+blank lines allowed; `type=` gpu, cpu or the device's name, `type=A100`, an accelerator host
+as gpu). A loopback address (127.0.0.1, localhost) is refused beside other hosts, which could
+not reach it. The head is the local machine when it is listed (the server's rank 0
 runs in this process and Ray needs a raylet beside its driver), else the first host. On
 every host the YAML's `envs` are exported (and the runner's `before_start`, e.g. a conda
 activation, runs first) before `ray start`, so Ray's workers inherit USE_FLAGGEMS and the
@@ -32,7 +34,11 @@ from typing import Callable, Optional
 
 logger = logging.getLogger("deepserve")
 
-HOST_TYPES = ("gpu", "cpu")
+# `type=` values: cpu hosts offer CPUs only; gpu and any other name (FlagScale's hostfiles write
+# the device model, `type=A100`, and hand it to Ray as a custom resource while Ray counts the
+# devices itself) offer `slots` accelerators
+CPU_TYPE = "cpu"
+_TYPE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 # FlagScale runner keys that mean nothing here (Ray places the workers): warned about, not errors
 IGNORED_RUNNER_KEYS = ("backend", "nnodes", "nproc_per_node", "master_addr", "master_port", "rdzv_backend",
                        "no_shared_fs")
@@ -53,7 +59,7 @@ class HostSpec:
 
     @property
     def gpus(self) -> int:
-        return self.slots if self.type == "gpu" else 0
+        return 0 if self.type == CPU_TYPE else self.slots
 
 
 def resolves(name: str) -> bool:
@@ -100,9 +106,9 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> list[HostSpec]:
                     raise ValueError(f"{where}: slots must be a positive integer, got {value!r}")
                 slots = int(value)
             elif key == "type":
-                if value.lower() not in HOST_TYPES:
-                    raise ValueError(f"{where}: unknown type {value!r} (known: {', '.join(HOST_TYPES)})")
-                kind = value.lower()
+                if not _TYPE_NAME.fullmatch(value):
+                    raise ValueError(f"{where}: bad type {value!r} (gpu, cpu, or the device's name such as A100)")
+                kind = value.lower() if value.lower() in ("gpu", CPU_TYPE) else value
             else:
                 raise ValueError(f"{where}: unknown key {key!r} (known: slots, type)")
         if slots is None:
@@ -113,14 +119,31 @@ def parse_hostfile_text(text: str, source: str = "hostfile") -> list[HostSpec]:
         hosts.append(HostSpec(address, slots, kind, number))
     if not hosts:
         raise ValueError(f"{source}: no hosts listed")
+    loopback = next((h for h in hosts if is_loopback(h.address)), None)
+    if loopback is not None and len(hosts) > 1:
+        raise ValueError(f"{source}:{loopback.line}: {loopback.address} is a loopback address, which the other "
+                         "hosts cannot reach (their `ray start --address` would dial themselves): list this "
+                         "machine by its address on the network the hosts share")
     return hosts
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 and `localhost`: this machine as only it can reach itself."""
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return address.lower() == "localhost"
 
 
 def parse_hostfile(path: str | Path) -> list[HostSpec]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"hostfile {path} not found")
-    return parse_hostfile_text(path.read_text(), str(path))
+    try:   # utf-8-sig: a byte-order mark (a hostfile saved by a Windows editor) is not part of line 1
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"hostfile {path} is not a text file (not UTF-8)") from None
+    return parse_hostfile_text(text, str(path))
 
 
 # --------------------------------------------------------------------------- options
@@ -258,7 +281,11 @@ class ClusterLauncher:
     def __post_init__(self):
         if self.local is None:
             self.local = local_addresses()
-        self.head = next((h for h in self.hosts if h.address in self.local), self.hosts[0])
+        here = [h for h in self.hosts if h.address in self.local]
+        if len(here) > 1:   # a second `ray start` on the head's machine: two Ray nodes sharing its GPUs
+            raise ValueError(f"hostfile lines {here[0].line} ({here[0].address}) and {here[1].line} "
+                             f"({here[1].address}) both name this machine: list it once")
+        self.head = here[0] if here else self.hosts[0]
 
     # ----------------------------------------------------------------- the plan
     @property
@@ -305,7 +332,7 @@ class ClusterLauncher:
         else:
             cmd = f"ray start --address {self.address}"
         cmd += f" --num-gpus {gpus}"
-        if host.type == "cpu":
+        if host.type == CPU_TYPE:
             cmd += f" --num-cpus {host.slots}"
         try:  # Ray registers nodes by IP: pin it, so multi-NIC hosts join with the listed one
             ipaddress.ip_address(host.address)

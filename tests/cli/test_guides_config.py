@@ -196,7 +196,9 @@ def test_speculative_config_lands(reference, r1_config, capsys):
 
 
 # --------------------------------------------------------------------------- FlagScale YAML
-FOUR_HOSTS = "".join(f"{ip} slots=8 type=gpu\n" for ip in ("127.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"))
+# this machine is the first (tests set local_addresses to it): a loopback address is refused beside others
+HEAD_IP = "10.0.0.1"
+FOUR_HOSTS = "".join(f"{ip} slots=8 type=gpu\n" for ip in (HEAD_IP, "10.0.0.2", "10.0.0.3", "10.0.0.4"))
 
 
 def flagscale_checkout(root, reference, r1_config, hosts=FOUR_HOSTS):
@@ -229,7 +231,7 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert (runner.docker, runner.ssh_port, runner.hostfile) == \
         ("flagrelease_nv", 22, "examples/deepseek_r1/conf/hostfile.txt")
     assert runner.before_start.startswith("source /root/miniconda3/bin/activate flagscale-inference && export")
-    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {HEAD_IP})
     assert main(cmd + ["--dry-run"]) == 0
     out = capsys.readouterr().out
     worker = next(line for line in out.splitlines() if "[10.0.0.2 worker]" in line and "ray start" in line)

@@ -10,7 +10,7 @@ import pytest
 
 from deepserve.cli.main import main
 from deepserve.config import DEMO_MODEL, TRUST_REMOTE_CODE_NOTE, EngineArgs
-from tests.cli.test_guides_config import flagscale_checkout, serve_config
+from tests.cli.test_guides_config import HEAD_IP, flagscale_checkout, serve_config
 
 TINY = {"num_attention_heads": 4, "n_routed_experts": 8, "num_hidden_layers": 3}
 
@@ -296,7 +296,7 @@ def test_hostfile_dry_run_checks_the_engine_args_against_the_model(reference, tm
     monkeypatch.chdir(tmp_path)
     for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
         monkeypatch.setenv(name, "")
-    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {HEAD_IP})
     assert main(["serve", "deepseek_r1", "--dry-run"]) == 0          # the guide's sizes fit R1
     capsys.readouterr()
     serve.write_text(serve.read_text().replace("max_model_len: 32768", "max_model_len: 200000"))

@@ -74,7 +74,7 @@ def test_hostfile_good_lines(monkeypatch):
     ("192.0.2.9 type=gpu", "hosts:2: missing slots=N for host '192.0.2.9'"),
     ("192.0.2.9 slots=0", "hosts:2: slots must be a positive integer, got '0'"),
     ("192.0.2.9 slots=eight", "hosts:2: slots must be a positive integer, got 'eight'"),
-    ("192.0.2.9 slots=8 type=tpu", "hosts:2: unknown type 'tpu' (known: gpu, cpu)"),
+    ("192.0.2.9 slots=8 type=xxx[optional]", "hosts:2: bad type 'xxx[optional]' (gpu, cpu, or the device's name"),
     ("192.0.2.9 slots=8 gpus=2", "hosts:2: unknown key 'gpus' (known: slots, type)"),
     ("192.0.2.9 8", "hosts:2: expected key=value after the address, got '8'"),
     ("192.0.2.1 slots=4", "hosts:2: host '192.0.2.1' already listed on line 1"),
@@ -111,6 +111,49 @@ def test_hostfile_empty_or_missing(tmp_path):
         parse_hostfile(tmp_path / "nowhere.txt")
 
 
+def test_hostfile_device_type_names_are_accelerator_hosts():
+    """FlagScale's hostfiles name the device (`type=A100`; the guide's comment says `type=xxx`) and
+    FlagScale hands it to Ray as a resource while Ray counts the devices: was "unknown type 'A100'"."""
+    hosts = parse_hostfile_text("192.0.2.1 slots=8 type=H100\n192.0.2.7 slots=4 type=C550\n", "hosts")
+    assert [(h.type, h.gpus) for h in hosts] == [("H100", 8), ("C550", 4)]
+    cl = ClusterLauncher(hosts, RunnerOptions(), {}, {"192.0.2.1"})
+    assert (cl.total_gpus, cl.ray_gpus) == (12, 11)
+    assert [s.argv[-1].split(" && ")[-1] for s in cl.start_steps()] == [
+        "ray start --head --port 6379 --num-gpus 7 --node-ip-address 192.0.2.1",
+        "ray start --address 192.0.2.1:6379 --num-gpus 4 --node-ip-address 192.0.2.7"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.1.1", "::1", "localhost", "LOCALHOST"])
+def test_hostfile_loopback_beside_other_hosts_is_refused(address):
+    """The master line filled in as 127.0.0.1 (or localhost): every other host's `ray start
+    --address 127.0.0.1:6379` dialled itself and failed after Ray's retries, naming no cause.
+    Alone it is this machine, as before."""
+    with pytest.raises(ValueError) as err:
+        parse_hostfile_text(f"# master node\n{address} slots=8 type=gpu\n192.0.2.2 slots=8 type=gpu\n", "hosts")
+    assert str(err.value).startswith(f"hosts:2: {address} is a loopback address, which the other hosts cannot reach")
+    assert [h.address for h in parse_hostfile_text(f"{address} slots=8\n")] == [address]
+
+
+def test_hostfile_two_lines_naming_this_machine_are_refused():
+    """Its name and its address on two lines: the second line's `ray start` ran on this machine
+    beside the head's, a second Ray node offering the same GPUs."""
+    hosts = parse_hostfile_text("192.0.2.1 slots=8\n192.0.2.7 slots=8\n192.0.2.8 slots=8\n")
+    with pytest.raises(ValueError, match=r"^hostfile lines 1 \(192.0.2.1\) and 3 \(192.0.2.8\) both name this "
+                                         r"machine: list it once$"):
+        ClusterLauncher(hosts, RunnerOptions(), {}, {"192.0.2.1", "192.0.2.8"})
+
+
+def test_hostfile_with_a_byte_order_mark_or_not_text(tmp_path):
+    """A hostfile saved by a Windows editor (UTF-8 with a BOM, CRLF line ends): was "bad IP address
+    or host name '\\ufeff'" for its first line; one that is not UTF-8 was a UnicodeDecodeError."""
+    path = tmp_path / "hostfile.txt"
+    path.write_bytes("# master node\r\n192.0.2.1 slots=8 type=gpu\r\n192.0.2.2 slots=8\r\n".encode("utf-8-sig"))
+    assert parse_hostfile(path) == [HostSpec("192.0.2.1", 8, "gpu", 2), HostSpec("192.0.2.2", 8, "gpu", 3)]
+    path.write_bytes("192.0.2.1 slots=8\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=f"^hostfile {path} is not a text file \\(not UTF-8\\)$"):
+        parse_hostfile(path)
+
+
 # --------------------------------------------------------------------------- command plan
 def test_command_plan_two_hosts_via_runner():
     runner = FakeRunner()
@@ -126,16 +169,16 @@ def test_command_plan_two_hosts_via_runner():
 
 
 def test_local_host_is_head_and_runs_without_ssh():
-    text = "192.0.2.7 slots=4\n127.0.0.1 slots=2\n"
-    cl = launcher(text, local={"127.0.0.1"}, ssh_command="ssh -i /keys/id", docker="box",
+    text = "192.0.2.7 slots=4\n192.0.2.10 slots=2\n"
+    cl = launcher(text, local={"192.0.2.10"}, ssh_command="ssh -i /keys/id", docker="box",
                   before_start="source /opt/env/bin/activate")
     steps = cl.start_steps()
-    assert [(s.host.address, s.role) for s in steps] == [("127.0.0.1", "head"), ("192.0.2.7", "worker")]
+    assert [(s.host.address, s.role) for s in steps] == [("192.0.2.10", "head"), ("192.0.2.7", "worker")]
     assert steps[0].argv == ["bash", "-c", "source /opt/env/bin/activate && export CUDA_DEVICE_MAX_CONNECTIONS=1 "
                              "USE_FLAGGEMS=1 CUDA_VISIBLE_DEVICES=1 && ray start --head --port 6379 --num-gpus 1 "
-                             "--node-ip-address 127.0.0.1"]
+                             "--node-ip-address 192.0.2.10"]
     inner = ("source /opt/env/bin/activate && export CUDA_DEVICE_MAX_CONNECTIONS=1 USE_FLAGGEMS=1 && "
-             "ray start --address 127.0.0.1:6379 --num-gpus 4 --node-ip-address 192.0.2.7")
+             "ray start --address 192.0.2.10:6379 --num-gpus 4 --node-ip-address 192.0.2.7")
     assert steps[1].argv == ["ssh", "-i", "/keys/id", "-o", "BatchMode=yes", "-p", "22", "192.0.2.7",
                              f"docker exec box bash -c '{inner}'"]
 
@@ -298,9 +341,9 @@ def test_dry_run_prints_commands_host_by_host(tmp_path, capsys, monkeypatch):
 
 # --------------------------------------------------------------------------- serve_on_cluster
 def _local_launcher(runner, resources=None, **options):
-    text = "127.0.0.1 slots=8\n192.0.2.2 slots=8\n"
-    full = {"GPU": 15.0, "node:127.0.0.1": 1.0, "node:192.0.2.2": 1.0}
-    return launcher(text, local={"127.0.0.1"}, runner=runner, resources=resources or (lambda: dict(full)),
+    text = "192.0.2.10 slots=8\n192.0.2.2 slots=8\n"
+    full = {"GPU": 15.0, "node:192.0.2.10": 1.0, "node:192.0.2.2": 1.0}
+    return launcher(text, local={"192.0.2.10"}, runner=runner, resources=resources or (lambda: dict(full)),
                     **options)
 
 
@@ -319,7 +362,7 @@ def test_serve_on_cluster_plans_serves_and_stops(monkeypatch):
     assert seen["kwargs"] == {**asked, "distributed_executor_backend": "ray", **plan.parallel_args()}
     assert plan.parallel_args()["tensor_parallel_size"] * plan.parallel_args()["pipeline_parallel_size"] * \
         plan.parallel_args()["data_parallel_size"] == 16
-    assert seen["ray"] == "127.0.0.1:6379" and seen["calls"] == 2   # both started before serving
+    assert seen["ray"] == "192.0.2.10:6379" and seen["calls"] == 2   # both started before serving
     assert [c[-1] for c in runner.calls[2:]] == ["ray stop", "ray stop"]
 
 
