@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import shlex
 import signal
@@ -173,14 +174,9 @@ class RunnerOptions:
                 continue
             if key not in known:
                 raise ValueError(f"{source}: unknown runner key {key!r}; known: {', '.join(known)}")
-            if value is None:
-                continue
-            default = getattr(out, key)
-            try:
-                value = type(default)(value) if isinstance(default, (int, float)) else str(value)
-            except ValueError:
-                raise ValueError(f"{source}: runner.{key} must be a number, got {value!r}") from None
-            setattr(out, key, value)
+            if value is None or value is False:
+                continue   # FlagScale tests these keys for truth: `docker: false` is no container
+            setattr(out, key, _runner_value(value, getattr(out, key), f"{source}: runner.{key}"))
         for key in ("ssh_port", "ray_port"):
             if not 0 < getattr(out, key) < 65536:
                 raise ValueError(f"{source}: runner.{key} must be in [1, 65535], got {getattr(out, key)}")
@@ -188,6 +184,24 @@ class RunnerOptions:
             raise ValueError(f"{source}: timeouts must be positive, got wait_timeout_s={out.wait_timeout_s}, "
                              f"command_timeout_s={out.command_timeout_s}")
         return out
+
+
+def _runner_value(value, default, where: str):
+    """A runner key's YAML value as the type of its default: a number (a string of one too, as
+    FlagScale's shell lines take it), else a string; a list, mapping or `true` is a one-line error."""
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or \
+                (isinstance(default, int) and number != int(number)):
+            raise ValueError(f"{where} must be {'an integer' if isinstance(default, int) else 'a number'}, "
+                             f"got {value!r}")
+        return type(default)(number)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    return str(value)
 
 
 # --------------------------------------------------------------------------- Ray client

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -296,6 +297,26 @@ def test_yaml_hostfile_key_and_errors(tmp_path):
         load_serve_config(path)
     path.write_text("engine_args: {model: m}\n")
     assert load_serve_config(path).runner is None
+
+
+def test_yaml_runner_values_as_flagscale_reads_them(tmp_path):
+    """The metax guide says to remove `docker` where the containers reach each other: `docker:
+    false` ran `docker exec False ...` on every host; `ssh_port: [22]` was a TypeError traceback,
+    `ssh_port: true` port 1, `ssh_port: 22.5` port 22 and a list before_start its repr in the shell."""
+    path = _write_yaml(tmp_path, "engine_args: {model: m}\nrunner: {hostfile: hostfile.txt, docker: false, "
+                                 "ssh_port: '2222', wait_timeout_s: '1e3'}\n")
+    assert load_serve_config(path).runner == RunnerOptions(hostfile=str(tmp_path / "hostfile.txt"), ssh_port=2222,
+                                                           wait_timeout_s=1000.0)
+    for value, message in [("[22]", "runner.ssh_port must be an integer, got [22]"),
+                           ("true", "runner.ssh_port must be an integer, got True"),
+                           ("22.5", "runner.ssh_port must be an integer, got 22.5"),
+                           (".nan", "runner.ssh_port must be an integer, got nan")]:
+        path.write_text(f"engine_args: {{model: m}}\nrunner: {{hostfile: hostfile.txt, ssh_port: {value}}}\n")
+        with pytest.raises(ValueError, match=f"^{path}: {re.escape(message)}$"):
+            load_serve_config(path)
+    path.write_text("engine_args: {model: m}\nrunner: {hostfile: hostfile.txt, before_start: [a, b], docker: box}\n")
+    with pytest.raises(ValueError, match=r"runner.before_start must be a string, got \['a', 'b'\]$"):
+        load_serve_config(path)
 
 
 def _parse(argv):
