@@ -34,7 +34,7 @@ from starlette.routing import Match
 from deepserve import __version__
 from deepserve.server.args import dev_mode
 from deepserve.server.dev_endpoints import add_dev_routes
-from deepserve.server.errors import APIError, error_body, error_response
+from deepserve.server.errors import APIError, error_body, error_response, internal_error
 from deepserve.server.metrics import HTTP_UNCOUNTED_PATHS
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
@@ -199,7 +199,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
         state.metrics.record_error(500)
-        return JSONResponse(error_body(500, f"{type(exc).__name__}: {exc}"), status_code=500)
+        return error_response(internal_error(exc))
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -10,6 +10,7 @@ event instead (`sse_error`).
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Optional
 
@@ -43,6 +44,20 @@ def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+# what the text of a failure of the server's own may tell of its insides (vLLM strips these from
+# what it sends too): object addresses, a traceback's source lines, absolute file paths
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+_SOURCE_LINE = re.compile(r'\n?[ \t]*File "[^"]*", line \d+[^\n]*(\n[ \t]+[^\n]*)?')
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(?:/[\w.\-]+){2,}")
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """A 500 for an unexpected exception (a bug, not the request's fault): its type and text, less
+    addresses, source lines and file paths."""
+    text = _ADDRESS.sub(">", f"{type(exc).__name__}: {exc}")
+    return APIError(500, _ABSOLUTE_PATH.sub("<path>", _SOURCE_LINE.sub("", text)).strip())
 
 
 def sse_error(exc: APIError) -> str:

@@ -22,7 +22,7 @@ from deepserve.engine.llm_engine import RequestError
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.server.args import ServerArgs
 from deepserve.server.batch_encoder import BatchEncoder
-from deepserve.server.errors import APIError, from_validation_error, from_value_error, sse_error
+from deepserve.server.errors import APIError, from_validation_error, from_value_error, internal_error, sse_error
 from deepserve.server.metrics import ServerMetrics
 from deepserve.server.protocol import ignored_fields, unsupported_field, usage
 from deepserve.server.request_log import RequestLogger
@@ -312,7 +312,7 @@ def api_error_from(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return APIError(500, str(exc))
     if isinstance(exc, (RequestError, ValueError)):
         return from_value_error(exc)
-    return APIError(500, f"{type(exc).__name__}: {exc}")
+    return internal_error(exc)
 
 
 _DONE = object()

@@ -378,3 +378,38 @@ def test_models_with_a_trailing_slash_redirect_to_the_list():
     listed = client.get("/v1/models/").json()
     assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["a", "b"]
     assert client.get("/v1/models/b").json()["id"] == "b"
+
+
+def test_an_unexpected_error_says_what_failed_without_the_servers_insides():
+    """A 500 names the exception and its text, less object addresses, traceback source lines and
+    absolute file paths (vLLM strips the same from what it sends)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from deepserve.server.app import build_app
+    from deepserve.server.errors import internal_error
+    from deepserve.server.serving_common import ServerSettings, ServerState, api_error_from
+
+    class Thing:
+        pass
+    thing = f"<{Thing.__module__}.{Thing.__qualname__} object>"   # its repr without " at 0x..."
+
+    class Broken:
+        vocab_size = 10
+
+        def decode(self, ids, skip_special_tokens):
+            raise RuntimeError(f"decoder {Thing()} failed in /usr/lib/python3/site-packages/tok/dec.py")
+
+    state = ServerState(llm=SimpleNamespace(tokenizer=Broken(), max_model_len=512), metrics=ServerMetrics("m", dict),
+                        settings=ServerSettings(served_model_names=["m"], model_path="m"))
+    r = TestClient(build_app(state), raise_server_exceptions=False).post("/detokenize", json={"tokens": [1]})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": f"RuntimeError: decoder {thing} failed in <path>",
+                                 "type": "InternalServerError", "param": None, "code": 500}
+    traced = ValueError('Traceback:\n  File "/srv/app/x.py", line 3, in f\n    x = 1\nboom')
+    assert internal_error(traced).message == "ValueError: Traceback:\nboom"
+    assert api_error_from(KeyError(Thing())).message == f"KeyError: {thing}"
+    missing = FileNotFoundError(2, "No such file or directory", "/root/models/r1/config.json")
+    assert api_error_from(missing).message == "FileNotFoundError: [Errno 2] No such file or directory: '<path>'"
+    assert internal_error(TypeError("1/2 and a/b ratio")).message == "TypeError: 1/2 and a/b ratio"   # no paths
