@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -387,6 +388,62 @@ def parse_percentiles(percentiles: str, metrics: Optional[str]) -> tuple[list[fl
     return values, names
 
 
+ALIGNED_DATASETS = ("random", "prefix_repetition", "prefix-repetition")
+
+
+async def _align_to_server(root: str, model: str, requests: list[SampleRequest], verify: bool,
+                           quiet: bool) -> list[SampleRequest]:
+    """vLLM's re-alignment of random prompts: when the server's tokenizer (its /tokenize, no
+    special tokens) counts the first prompt otherwise than the bench's, each prompt it counts
+    longer is cut to its prompt_len in the server's tokens (/detokenize). A server without these
+    endpoints, or a request to them that fails, leaves the prompts as they are."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), trust_env=False, verify=verify) as http:
+        slots = asyncio.Semaphore(64)
+
+        async def post(path: str, body: dict) -> dict:
+            async with slots:
+                resp = await http.post(root + path, json={"model": model, **body})
+            resp.raise_for_status()
+            return resp.json()
+
+        async def tokens(prompt: str) -> list[int]:
+            return (await post("/tokenize", {"prompt": prompt, "add_special_tokens": False}))["tokens"]
+
+        try:
+            first = await tokens(requests[0].prompt)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            if not quiet:
+                print("bench serve: the server has no /tokenize; prompts not aligned to its tokenizer",
+                      file=sys.stderr)
+            return requests
+        if len(first) == requests[0].prompt_len:
+            return requests
+        if not quiet:
+            print(f"bench serve: the server's tokenizer counts {len(first)} tokens in the first prompt, the bench's "
+                  f"{requests[0].prompt_len}: cutting the prompts to their lengths in the server's tokens",
+                  file=sys.stderr)
+
+        async def align(req: SampleRequest) -> SampleRequest:
+            try:
+                ids = await tokens(req.prompt)
+                if len(ids) <= req.prompt_len:
+                    return req
+                return dataclasses.replace(req, prompt=(await post("/detokenize", {"tokens": ids[:req.prompt_len]}))
+                                           ["prompt"])
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return req
+        return list(await asyncio.gather(*(align(r) for r in requests)))
+
+
+def align_to_server(args: argparse.Namespace, requests: list[SampleRequest], model: str,
+                    quiet: bool = False) -> list[SampleRequest]:
+    """The random / prefix_repetition set aligned to the server's tokenizer, as vLLM aligns them."""
+    if args.dataset_name not in ALIGNED_DATASETS or not requests:
+        return requests
+    root = api_url(base_url_of(args), args.endpoint)[: -len(args.endpoint)]
+    return asyncio.run(_align_to_server(root, model, requests, not getattr(args, "insecure", False), quiet))
+
+
 # per-request lists, saved only with --save-detailed (as vLLM saves them)
 DETAILED_FIELDS = ("input_lens", "output_lens", "ttfts", "itls", "start_times", "generated_texts", "errors")
 
@@ -398,7 +455,8 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     check_backend(args)
     args.model = resolve_model(args)
     tok = tok or resolve_tokenizer(args.tokenizer, args.model)
-    requests = requests if requests is not None else sample_requests(args, tok)
+    sampled = requests is None
+    requests = sample_requests(args, tok) if sampled else requests
     url = api_url(base_url_of(args), args.endpoint)
     goodput = parse_goodput(args.goodput)
     percentiles, metrics = parse_percentiles(args.metric_percentiles, args.percentile_metrics)
@@ -407,6 +465,8 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     extras = request_body_extras(args)
     chat = "chat" in args.endpoint
     name = request_model_name(args, quiet)
+    if sampled:   # sweep aligns its set once, before its runs
+        requests = align_to_server(args, requests, name, quiet)
     # vLLM asks for the random set's lengths exactly: EOS is ignored there.
     ignore_eos = args.ignore_eos or args.dataset_name == "random"
     id_prefix = getattr(args, "request_id_prefix", None) or f"bench-{os.urandom(4).hex()}-"

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deepserve.bench.datasets import sample_requests
-from deepserve.bench.serve import resolve_model, run_serve
+from deepserve.bench.serve import align_to_server, request_model_name, resolve_model, run_serve
 from deepserve.engine.tokenizer import resolve_tokenizer
 
 TABLE_COLUMNS = [  # (header, result key, format)
@@ -114,7 +114,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     _require_matplotlib()  # fail before the runs, not after them
     args.model = resolve_model(args)
     tok = resolve_tokenizer(args.tokenizer, args.model)
-    requests = sample_requests(args, tok)
+    requests = align_to_server(args, sample_requests(args, tok), request_model_name(args, quiet=True), quiet=True)
     out_dir = Path(args.result_dir or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -1,7 +1,7 @@
 """A fake OpenAI streaming endpoint with known timing, run as its own process by the tests.
 
-`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics] [--root PATH]` prints
-its port,
+`python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics] [--root PATH]
+[--char-tokenizer]` prints its port,
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
 not accumulate), then a usage chunk (the prompt's word count as its prompt_tokens) and `[DONE]`. Each chunk's text is " hello", one token
@@ -20,8 +20,9 @@ import time
 
 class FakeOpenAI:
     def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True, spec_metrics=False,
-                 root=None):
+                 root=None, char_tokenizer=False):
         self.ttft, self.itl, self.status, self.root = ttft, itl, status, root
+        self.char_tokenizer = char_tokenizer
         self.usage, self.role_chunk, self.spec_metrics = usage, role_chunk, spec_metrics
         self.requests: list[dict] = []
         self.headers: list[dict] = []   # each request's headers, names lower-cased
@@ -91,6 +92,12 @@ class FakeOpenAI:
             if not self.spec_metrics:
                 return await self._send_json(writer, 404, {"detail": "Not Found"})
             return await self._send_text(writer, self._spec_metrics())
+        if path in ("/tokenize", "/detokenize"):   # vLLM's, with one token a character
+            if not self.char_tokenizer:
+                return await self._send_json(writer, 404, {"detail": "Not Found"})
+            if path == "/tokenize":
+                return await self._send_json(writer, 200, {"tokens": [ord(c) for c in body["prompt"]]})
+            return await self._send_json(writer, 200, {"prompt": "".join(map(chr, body["tokens"]))})
         if method == "GET" and path == "/_stats":
             return await self._send_json(writer, 200, {"requests": self.requests, "headers": self.headers, "arrivals": self.arrivals,
                                                        "max_in_flight": self.max_in_flight})
@@ -132,9 +139,11 @@ def main(argv=None):
     p.add_argument("--no-usage", action="store_true")
     p.add_argument("--spec-metrics", action="store_true", help="serve vLLM's spec_decode counters at /metrics")
     p.add_argument("--root", default=None, help="the model's root (path) in /v1/models, as vLLM lists it")
+    p.add_argument("--char-tokenizer", action="store_true", help="serve /tokenize and /detokenize, one token "
+                   "a character (else they are 404s)")
     a = p.parse_args(argv)
     asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage, spec_metrics=a.spec_metrics,
-                           root=a.root).serve())
+                           root=a.root, char_tokenizer=a.char_tokenizer).serve())
 
 
 if __name__ == "__main__":

@@ -451,3 +451,22 @@ def test_host_and_port_join_as_vllm_joins_them(bench_args, host, url):
     from deepserve.bench.serve import base_url_of
 
     assert base_url_of(bench_args(["serve", "--host", host])) == url
+
+
+@pytest.mark.parametrize("dataset", ["random", "prefix_repetition"])
+def test_random_prompts_aligned_to_the_servers_tokenizer(fake_server, bench_args, dataset, capsys):
+    # vLLM 0.26: a server whose /tokenize counts the prompts longer than the bench's tokenizer gets
+    # them cut to their prompt_len in its own tokens (here one a character)
+    argv = _argv("", "--dataset-name", dataset, "--random-input-len", "12", "--prefix-repetition-prefix-len", "6",
+                 "--prefix-repetition-suffix-len", "6", "--prefix-repetition-num-prefixes", "1", "--output-len", "2")
+    with fake_server(ttft=0.001, itl=0.001, char_tokenizer=True) as srv:
+        argv[2] = srv.url
+        run_serve(bench_args(argv))
+        prompts = [b["prompt"] for b in srv.stats()["requests"]]
+    assert [len(p) for p in prompts] == [12] * 3
+    assert "the server's tokenizer counts" in capsys.readouterr().err
+    with fake_server(ttft=0.001, itl=0.001) as srv:   # no /tokenize: as sampled
+        argv[2] = srv.url
+        run_serve(bench_args(argv))
+        assert all(len(b["prompt"]) > 12 for b in srv.stats()["requests"])
+    assert "the server has no /tokenize" in capsys.readouterr().err
