@@ -237,6 +237,13 @@ def _envs(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a mapping of variable names to values, got {type(value).__name__} "
                          f"{value!r}")
+    for name, item in value.items():
+        # exported here and in each host's shell (`export NAME=...` before ray start)
+        if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+            raise ValueError(f"{where}: {name!r} is not an environment variable name (letters, digits and _, "
+                             "not starting with a digit)")
+        if isinstance(item, (dict, list)):
+            raise ValueError(f"{where}.{name} must be a single value, got {item!r}")
     return value
 
 

@@ -35,6 +35,23 @@ def test_envs_that_are_not_a_mapping(tmp_path, text, where):
         load_serve_config(path)
 
 
+@pytest.mark.parametrize("envs, message", [
+    ('{"": 1}', "envs: '' is not an environment variable name"),
+    ('{"GLOO SOCKET": eth0}', "envs: 'GLOO SOCKET' is not an environment variable name"),
+    ("{1: x}", "envs: 1 is not an environment variable name"),
+    ("{USE_FLAGGEMS: {enabled: 1}}", "envs.USE_FLAGGEMS must be a single value, got {'enabled': 1}"),
+])
+def test_envs_names_and_values_are_checked(capsys, tmp_path, envs, message):
+    """`envs` are exported here and by each host's shell (`export NAME=VALUE`). Were: an OSError
+    traceback (the empty name), "illegal environment variable name" naming neither file nor
+    variable, and a mapping exported as its Python repr."""
+    path = tmp_path / "envs.yaml"
+    path.write_text(f"- serve_id: a\n  engine_args: {{model: stories260k}}\n  envs: {envs}\n")
+    assert main(["serve", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deepserve serve: error: {path}: {message}") and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("line, message", [
     ("    foo_bar: 1", "unknown engine_args key 'foo_bar'"),
     ("    max_model_len: abc", "engine_args.max_model_len: expected an integer"),
