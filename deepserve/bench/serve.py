@@ -295,18 +295,24 @@ def spec_decode_counters(root: str, verify: bool) -> Optional[dict]:
     return parse_spec_decode_counters(resp.text) if resp.status_code == 200 else None
 
 
+def lookup_headers(args: argparse.Namespace) -> dict:
+    """The headers of the bench's own requests (model list, tokenizer): `args.api_key` or else
+    OPENAI_API_KEY as the bearer token, then --header."""
+    key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(key_values(getattr(args, "header", None), "--header"))
+    return headers
+
+
 def model_cards(args: argparse.Namespace) -> list[dict]:
     """The model cards the server lists at /v1/models (each with its "id"; vLLM's and ours with
     "max_model_len"), asked with `args.api_key` or else the OPENAI_API_KEY bench's requests
     carry, where there is one, as a bearer token (a server started with --api-key answers /v1/* only
     with it), and with bench's --header, as vLLM asks."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
-    key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    headers.update(key_values(getattr(args, "header", None), "--header"))
     try:
         resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
-                         headers=headers)
+                         headers=lookup_headers(args))
         resp.raise_for_status()
         cards = resp.json()["data"]
         if not all("id" in card for card in cards):
@@ -392,12 +398,13 @@ ALIGNED_DATASETS = ("random", "prefix_repetition", "prefix-repetition")
 
 
 async def _align_to_server(root: str, model: str, requests: list[SampleRequest], verify: bool,
-                           quiet: bool) -> list[SampleRequest]:
+                           headers: dict, quiet: bool) -> list[SampleRequest]:
     """vLLM's re-alignment of random prompts: when the server's tokenizer (its /tokenize, no
     special tokens) counts the first prompt otherwise than the bench's, each prompt it counts
     longer is cut to its prompt_len in the server's tokens (/detokenize). A server without these
     endpoints, or a request to them that fails, leaves the prompts as they are."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), trust_env=False, verify=verify) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), trust_env=False, verify=verify,
+                                 headers=headers) as http:
         slots = asyncio.Semaphore(64)
 
         async def post(path: str, body: dict) -> dict:
@@ -441,7 +448,8 @@ def align_to_server(args: argparse.Namespace, requests: list[SampleRequest], mod
     if args.dataset_name not in ALIGNED_DATASETS or not requests:
         return requests
     root = api_url(base_url_of(args), args.endpoint)[: -len(args.endpoint)]
-    return asyncio.run(_align_to_server(root, model, requests, not getattr(args, "insecure", False), quiet))
+    return asyncio.run(_align_to_server(root, model, requests, not getattr(args, "insecure", False),
+                                        lookup_headers(args), quiet))
 
 
 # per-request lists, saved only with --save-detailed (as vLLM saves them)

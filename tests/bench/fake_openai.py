@@ -23,6 +23,7 @@ class FakeOpenAI:
                  root=None, char_tokenizer=False):
         self.ttft, self.itl, self.status, self.root = ttft, itl, status, root
         self.char_tokenizer = char_tokenizer
+        self.tokenize_headers: list[dict] = []   # the headers of each /tokenize and /detokenize call
         self.usage, self.role_chunk, self.spec_metrics = usage, role_chunk, spec_metrics
         self.requests: list[dict] = []
         self.headers: list[dict] = []   # each request's headers, names lower-cased
@@ -95,11 +96,13 @@ class FakeOpenAI:
         if path in ("/tokenize", "/detokenize"):   # vLLM's, with one token a character
             if not self.char_tokenizer:
                 return await self._send_json(writer, 404, {"detail": "Not Found"})
+            self.tokenize_headers.append(headers)
             if path == "/tokenize":
                 return await self._send_json(writer, 200, {"tokens": [ord(c) for c in body["prompt"]]})
             return await self._send_json(writer, 200, {"prompt": "".join(map(chr, body["tokens"]))})
         if method == "GET" and path == "/_stats":
             return await self._send_json(writer, 200, {"requests": self.requests, "headers": self.headers, "arrivals": self.arrivals,
+                                                       "tokenize_headers": self.tokenize_headers,
                                                        "max_in_flight": self.max_in_flight})
         self.arrivals.append(time.perf_counter())
         self.requests.append(body)

@@ -461,8 +461,10 @@ def test_random_prompts_aligned_to_the_servers_tokenizer(fake_server, bench_args
                  "--prefix-repetition-suffix-len", "6", "--prefix-repetition-num-prefixes", "1", "--output-len", "2")
     with fake_server(ttft=0.001, itl=0.001, char_tokenizer=True) as srv:
         argv[2] = srv.url
-        run_serve(bench_args(argv))
+        run_serve(bench_args([*argv, "--header", "X-Team=a"]))
         prompts = [b["prompt"] for b in srv.stats()["requests"]]
+        assert all(h["x-team"] == "a" for h in srv.stats()["tokenize_headers"])   # 1 + 3 + 3 calls
+        assert len(srv.stats()["tokenize_headers"]) == 7
     assert [len(p) for p in prompts] == [12] * 3
     assert "the server's tokenizer counts" in capsys.readouterr().err
     with fake_server(ttft=0.001, itl=0.001) as srv:   # no /tokenize: as sampled
