@@ -342,9 +342,12 @@ def check_gloo_interface(engine_args: EngineArgs) -> None:
     have = [name for _, name in socket.if_nameindex()]
     missing = [name for name in names.split(",") if name and name not in have]
     if missing:
-        raise ValueError(f"GLOO_SOCKET_IFNAME={names}: this machine has no network interface "
-                         f"{', '.join(missing)} (it has {', '.join(have)}), so torch's gloo cannot start the ranks' "
-                         "groups: export the name of the interface on the network the ranks share")
+        # torch splits the value at commas and strips nothing: "eth0, eth1" names " eth1"
+        shown = ", ".join(repr(name) if name != name.strip() else name for name in missing)
+        raise ValueError(f"GLOO_SOCKET_IFNAME={names}: this machine has no network interface {shown} (it has "
+                         f"{', '.join(have)}), so torch's gloo cannot start the ranks' groups: export the name of "
+                         "the interface on the network the ranks share" +
+                         (", without spaces around the commas" if shown != ", ".join(missing) else ""))
 
 
 def available_host_memory() -> Optional[int]:

@@ -28,3 +28,13 @@ def test_an_interface_the_machine_has_passes(no_engine, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", socket.if_nameindex()[0][1])
     with pytest.raises(AssertionError, match="the engine was started"):
         main(["serve", "--port", "0", "-pp", "2"])
+
+
+def test_a_space_after_the_comma_is_shown(capsys, no_engine, monkeypatch):
+    """`GLOO_SOCKET_IFNAME="lo, eth0"`: torch reads " eth0"; the line said "no network interface
+    eth0 (it has lo, ..., eth0)", the space invisible."""
+    have = socket.if_nameindex()[0][1]
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", f"{have}, {have}")
+    assert main(["serve", "--port", "0", "-pp", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"has no network interface ' {have}' (it has " in err and err.endswith("without spaces around the commas")
