@@ -4,8 +4,9 @@ Requests arrive as a Poisson process of `--request-rate` requests/s (all at once
 with `--burstiness` b != 1 the gaps are Gamma(shape=b, scale=1/(rate*b)), vLLM's model of
 bursty traffic (b < 1 burstier, b > 1 more regular, same mean rate). `--max-concurrency`
 caps the requests in flight: an arriving request waits for a free slot, and its timing
-starts when it is sent. The result dict carries vLLM's field names and metadata, so tooling
-written for `vllm bench serve` JSON reads ours.
+starts when it is sent. The random and prefix_repetition prompts are aligned to the server's
+tokenizer where its /tokenize counts them otherwise (vLLM 0.26's). The result dict carries
+vLLM's field names and metadata, so tooling written for `vllm bench serve` JSON reads ours.
 """
 from __future__ import annotations
 
@@ -306,9 +307,8 @@ def lookup_headers(args: argparse.Namespace) -> dict:
 
 def model_cards(args: argparse.Namespace) -> list[dict]:
     """The model cards the server lists at /v1/models (each with its "id"; vLLM's and ours with
-    "max_model_len"), asked with `args.api_key` or else the OPENAI_API_KEY bench's requests
-    carry, where there is one, as a bearer token (a server started with --api-key answers /v1/* only
-    with it), and with bench's --header, as vLLM asks."""
+    "max_model_len"), asked with lookup_headers (a server started with --api-key answers /v1/*
+    only with its key)."""
     url = api_url(base_url_of(args), "/v1/completions").replace("/completions", "/models")
     try:
         resp = httpx.get(url, timeout=30.0, trust_env=False, verify=not getattr(args, "insecure", False),
