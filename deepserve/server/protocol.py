@@ -176,8 +176,10 @@ class StreamOptions(_Wire):
 
 
 # fields OpenAI's API declares nullable that have a default here: null asks for the default (vLLM's
-# n, penalties, stream, logprobs and echo take null too; clients that fill every field they know send it)
-_NULL_IS_DEFAULT = frozenset({"n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo"})
+# n, penalties, stream, logprobs and echo take null too; clients that fill every field they know send it).
+# A completion's max_tokens null is its default 16, as vLLM reads it (not "up to the context").
+_NULL_IS_DEFAULT = frozenset({"n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo",
+                              "max_tokens"})
 
 
 class _SamplingFields(_Wire):

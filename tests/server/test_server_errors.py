@@ -78,6 +78,19 @@ def test_numbers_and_switches_coerced_as_vllms_models_do(http, route, base):
     check_error(http.post(route, json={**base, "max_tokens": "two"}), 400, "max_tokens", ("integer", "two"))
 
 
+def test_null_max_tokens_is_the_default(http):
+    """vLLM reads a completion's max_tokens null as its default, 16 (it ran to the context's end);
+    a chat's default is no limit but the context's, null or not."""
+    body = {**GOOD, "ignore_eos": True}
+    del body["max_tokens"]
+    plain = http.post("/v1/completions", json=body).json()
+    null = http.post("/v1/completions", json={**body, "max_tokens": None}).json()
+    assert null["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 16
+    assert null["choices"] == plain["choices"]
+    chat = {**CHAT, "ignore_eos": True, "max_tokens": None}
+    assert http.post("/v1/chat/completions", json=chat).json()["usage"]["total_tokens"] == 512
+
+
 def test_empty_prompt_has_vllms_text(http):
     for extra in ({}, {"add_special_tokens": False}):   # refused before tokenizing, as vLLM does
         check_error(http.post("/v1/completions", json={**GOOD, "prompt": "", **extra}),
