@@ -194,7 +194,8 @@ async def parse_request(request: Request, model: Type[M], limit: int) -> M:
 
 def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
     """The request's SamplingParams over the model's defaults; 400 naming a bad field."""
-    if req.stream_options is not None and not req.stream:  # vLLM refuses it too
+    opts = req.stream_options
+    if opts is not None and (opts.model_fields_set or opts.model_extra) and not req.stream:   # vLLM's rule: {} passes
         raise APIError(400, "stream_options is only for streamed requests (stream=true)", param="stream_options")
     if req.n > state.settings.max_n:
         raise APIError(400, f"n must be <= {state.settings.max_n} (the server's --max-num-seqs, at least OpenAI's "

@@ -78,6 +78,13 @@ def test_numbers_and_switches_coerced_as_vllms_models_do(http, route, base):
     check_error(http.post(route, json={**base, "max_tokens": "two"}), 400, "max_tokens", ("integer", "two"))
 
 
+@pytest.mark.parametrize("route,base", [("/v1/completions", GOOD), ("/v1/chat/completions", CHAT)])
+def test_empty_stream_options_without_stream_pass(http, route, base):
+    """vLLM refuses stream_options without stream only where they ask for something: {} passes."""
+    assert http.post(route, json={**base, "stream_options": {}}).status_code == 200
+    check_error(http.post(route, json={**base, "stream_options": {"include_usage": False}}), 400, "stream_options")
+
+
 def test_null_max_tokens_is_the_default(http):
     """vLLM reads a completion's max_tokens null as its default, 16 (it ran to the context's end);
     a chat's default is no limit but the context's, null or not."""
