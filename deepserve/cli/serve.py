@@ -75,8 +75,8 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
     # defaults < VLLM_LOGGING_LEVEL (the metax guide sets DEBUG) < the YAML file < flags given
     server: dict = {}
-    level = os.environ.get("VLLM_LOGGING_LEVEL", "").lower()
-    if level in LOG_LEVELS:
+    level = vllm_logging_level()
+    if level:
         server["log_level"] = level
     server.update(config.server)
     server.update(ServerArgs.from_cli_args(args))
@@ -88,6 +88,24 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     if runner is not None and not runner.hostfile:
         runner = None  # a FlagScale runner block without a hostfile: one machine, no Ray to start
     return engine, server_args, config.envs, runner
+
+
+# Python's other level names, which vLLM's logging config takes, as the nearest --log-level
+LOG_LEVEL_NAMES = {"warn": "warning", "critical": "error", "fatal": "error", "notset": "debug"}
+
+
+def vllm_logging_level() -> Optional[str]:
+    """VLLM_LOGGING_LEVEL as a --log-level (None when unset or empty). vLLM hands it to Python's
+    logging, which refuses a name it does not know; so does this, in one line (TRACE, VERBOSE
+    were ignored without a word)."""
+    value = os.environ.get("VLLM_LOGGING_LEVEL", "").strip()
+    if not value:
+        return None
+    level = LOG_LEVEL_NAMES.get(value.lower(), value.lower())
+    if level not in LOG_LEVELS:
+        raise ValueError(f"VLLM_LOGGING_LEVEL={value} is not a log level: DEBUG, INFO, WARNING or ERROR (WARN, "
+                         "CRITICAL as in Python's logging)")
+    return level
 
 
 SWAP_SPACE_NOTE = ("deepserve: --swap-space accepted; nothing is reserved: preempted sequences are recomputed, "

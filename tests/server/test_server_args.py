@@ -91,6 +91,20 @@ def test_every_flag_and_yaml_key_is_a_field(parser, tmp_path, monkeypatch):
     assert server.log_level == "warning"
 
 
+@pytest.mark.parametrize("value, level", [("DEBUG", "debug"), (" warn ", "warning"), ("Critical", "error"),
+                                          ("", "info"), ("TRACE", None), ("verbose", None)])
+def test_vllm_logging_level_values(parser, monkeypatch, value, level):
+    """VLLM_LOGGING_LEVEL as vLLM reads it (Python's level names, any case): WARN and CRITICAL
+    were ignored (the server logged at INFO), a name logging does not know too, where vLLM refuses
+    it at start; empty is unset."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", value)
+    if level is None:
+        with pytest.raises(ValueError, match=f"^VLLM_LOGGING_LEVEL={value} is not a log level: DEBUG, INFO, "):
+            resolve(parser.parse_args(["serve", "some/model"]))
+    else:
+        assert resolve(parser.parse_args(["serve", "some/model"]))[1].log_level == level
+
+
 def test_bad_values_are_refused_by_name(parser, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "m", "--log-level", "loud"])
