@@ -80,6 +80,11 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
         server["log_level"] = level
     server.update(config.server)
     server.update(ServerArgs.from_cli_args(args))
+    keys = getattr(args, "api_key", None) or []
+    if not positional and "model" not in engine and len(keys) > 1 and ("/" in keys[-1] or os.path.exists(keys[-1])):
+        # --api-key takes several keys (vLLM's), so a model named after it is read as one more
+        raise ValueError(f"--api-key took {keys[-1]!r} as a key and no model was given: name the model before "
+                         "the flags (deepserve serve MODEL --api-key KEY)")
     server_args = ServerArgs(**server)
     runner = config.runner
     if getattr(args, "hostfile", None):

@@ -135,3 +135,8 @@ def test_api_keys_several_or_vllms_environment_variable(parser, monkeypatch):
     assert ServerArgs().api_keys() == ["from-env"]
     monkeypatch.setenv("VLLM_API_KEY", "")
     assert ServerArgs().api_keys() == []
+    # a model after --api-key would be taken as a key and the demo served: refused, naming the fix
+    with pytest.raises(ValueError, match="name the model before the flags"):
+        resolve(parser.parse_args(["serve", "--api-key", "k", "/models/r1"]))
+    _, server, _ = resolve(parser.parse_args(["serve", "--api-key", "k1", "k2"]))   # the demo, two keys
+    assert server.api_key == ["k1", "k2"]
