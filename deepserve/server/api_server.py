@@ -173,6 +173,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_auto_tool_choice=bool(server.enable_auto_tool_choice),
                               exclude_tools_when_tool_choice_none=bool(server.exclude_tools_when_tool_choice_none),
                               default_chat_template_kwargs=dict(server.default_chat_template_kwargs or {}),
+                              chat_template_content_format=server.chat_template_content_format,
+                              trust_request_chat_template=bool(server.trust_request_chat_template),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

@@ -291,7 +291,8 @@ def build_app(state: ServerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:  # the chat fields would be ignored: refused by name
-            chat_only = {"tools": req.tools, "chat_template_kwargs": req.chat_template_kwargs,
+            chat_only = {"tools": req.tools, "chat_template": req.chat_template,
+                         "chat_template_kwargs": req.chat_template_kwargs,
                          "continue_final_message": req.continue_final_message or None,
                          "add_generation_prompt": None if req.add_generation_prompt else False}
             given = next((name for name, value in chat_only.items() if value is not None), None)
@@ -300,7 +301,8 @@ def build_app(state: ServerState) -> FastAPI:
         if req.messages is not None:
             _, ids = await render_messages(state, req.messages, req.tools, req.add_generation_prompt,
                                            req.chat_template_kwargs, add_special_tokens=bool(req.add_special_tokens),
-                                           continue_final_message=req.continue_final_message)
+                                           continue_final_message=req.continue_final_message,
+                                           template=req.chat_template)
         else:
             ids = (await state.encode([req.prompt], req.add_special_tokens is not False))[0]
         body = {"count": len(ids), "max_model_len": state.llm.max_model_len, "tokens": ids}

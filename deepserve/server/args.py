@@ -21,6 +21,7 @@ from deepserve.server.request_log import stats_interval
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CONTENT_FORMATS = ("auto", "string", "openai")   # vLLM's --chat-template-content-format values
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"   # vLLM's switch for its development endpoints
@@ -102,6 +103,15 @@ class ServerArgs:
     default_chat_template_kwargs: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
     """vLLM's: chat template kwargs every chat request gets, under its own chat_template_kwargs
     (e.g. '{"enable_thinking": false}' for a template that reads it)."""
+    chat_template_content_format: str = field(default="auto", metadata={"choices": CONTENT_FORMATS})
+    """vLLM's: how a message's content reaches the chat template: string (its text, parts joined by
+    newlines), openai (a list of {"type": "text", "text": ...} parts, a plain string as one part;
+    tool results stay text) or auto (openai where the template loops over a message's content,
+    string otherwise)."""
+    trust_request_chat_template: bool = False
+    """vLLM's: a chat or /tokenize request may bring its own Jinja template (chat_template, or
+    chat_template_kwargs' chat_template), rendered in the sandbox; without this flag such a
+    request gets a 400."""
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest request body accepted; larger ones get 413."""
     log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})

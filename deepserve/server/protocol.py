@@ -56,8 +56,7 @@ _WHY_NOT = {
     "audio": "text only", "modalities": "text only", "prediction": "predicted outputs are not implemented",
     "bad_words": "chat completions and completions only: vLLM's Responses API has none",
     "guided_decoding_backend": "the grammar engine is xgrammar, chosen by the server",
-    "chat_template": "a request may not bring its own template (vLLM's default too): the server's "
-                     "--chat-template or the model's applies",
+    "chat_template": "chat completions and /tokenize only, with the server's --trust-request-chat-template",
     "truncation_side": "truncate_prompt_tokens keeps the prompt's last tokens (\"left\")",
     "logprob_token_ids": "chat completions and completions only: vLLM's Responses API has none",
     "media_io_kwargs": "text only",
@@ -471,6 +470,7 @@ class ChatCompletionRequest(_SamplingFields):
     echo: bool = False                     # the reply starts with the last message, if it is the reply's role
     include_reasoning: bool = True         # False: no reasoning_content in the reply
     add_special_tokens: bool = False
+    chat_template: Optional[str] = None    # vLLM's: refused without --trust-request-chat-template
     chat_template_kwargs: Optional[dict[str, Any]] = None
     tools: Optional[list[Tool]] = Field(default=None, min_length=1)   # OpenAI refuses an empty list too
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
@@ -502,6 +502,7 @@ class TokenizeRequest(_Wire):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[Tool]] = None
+    chat_template: Optional[str] = None    # as chat's
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: Optional[bool] = None   # vLLM's defaults: true for a prompt, false for messages
     add_generation_prompt: bool = True

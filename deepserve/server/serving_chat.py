@@ -29,6 +29,7 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from typing import AsyncIterator, Optional
@@ -81,12 +82,31 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_id
 
 async def render_messages(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
                           template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
-                          continue_final_message: bool = False) -> tuple[str, list[int]]:
+                          continue_final_message: bool = False,
+                          template: Optional[str] = None) -> tuple[str, list[int]]:
     """The prompt text and ids, as transformers' apply_chat_template renders and encodes them
-    (the encoding off the event loop)."""
+    (the encoding off the event loop); `template`: the request's own chat template, if any."""
     text = render_text(state, messages, tools, add_generation_prompt, with_default_kwargs(state, template_kwargs),
-                       continue_final_message)
+                       continue_final_message, request_template(state, template, template_kwargs),
+                       state.settings.chat_template_content_format)
     return text, (await state.encode([text], add_special_tokens))[0]
+
+
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                      "Refused request with untrusted chat template.")   # vLLM's words
+
+
+def request_template(state: ServerState, template: Optional[str], kwargs: Optional[dict]) -> Optional[str]:
+    """The chat template a request brings (its chat_template, else chat_template_kwargs'
+    chat_template), None where it brings none; a 400 unless --trust-request-chat-template (vLLM's
+    rule: any value given, "" included, is refused)."""
+    given = template if template is not None else (kwargs or {}).get("chat_template")
+    if given is None:
+        return None
+    if not state.settings.trust_request_chat_template:
+        raise APIError(400, UNTRUSTED_TEMPLATE, param="chat_template" if template is not None
+                       else "chat_template_kwargs")
+    return template or (kwargs or {}).get("chat_template") or None
 
 
 def with_default_kwargs(state: ServerState, kwargs: Optional[dict]) -> Optional[dict]:
@@ -143,12 +163,19 @@ def request_template_kwargs(state: ServerState, req: ChatCompletionRequest) -> O
 
 
 def render_text(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
-                template_kwargs: Optional[dict] = None, continue_final_message: bool = False) -> str:
-    """The prompt text, as transformers' apply_chat_template renders it."""
+                template_kwargs: Optional[dict] = None, continue_final_message: bool = False,
+                template: Optional[str] = None, content_format: str = "auto") -> str:
+    """The prompt text, as transformers' apply_chat_template renders it, with the model's chat
+    template or `template` (a request's, trusted); message content as `content_format` says
+    (vLLM's --chat-template-content-format)."""
     tok = state.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat", param="messages")
+    if template is not None:
+        tok = copy.copy(tok)
+        tok.chat_template = template
     extra = dict(template_kwargs or {})
+    extra.pop("chat_template", None)   # the template itself (request_template), no variable of it
     # as vLLM: chat_template_kwargs override the request's own template switches
     add_generation_prompt = extra.pop("add_generation_prompt", add_generation_prompt)
     continue_final_message = extra.pop("continue_final_message", continue_final_message)
@@ -163,6 +190,10 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
     if tools:
         extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     turns = [m.template_dict() for m in messages]
+    if resolve_content_format(content_format, tok.chat_template or "") == "openai":
+        for turn, message in zip(turns, messages):
+            if message.role != "tool":   # tool results stay text (vLLM's: templates expect a string there)
+                turn["content"] = content_parts(message.content)
     for turn in turns:
         for call in turn.get("tool_calls") or []:
             call["function"]["arguments"] = _template_arguments(call["function"].get("arguments"))
@@ -187,6 +218,65 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
             return render([{**turn, "content": ""} if turn["content"] is None else turn for turn in turns])
     except (ValueError, TypeError) as exc:
         raise APIError(400, str(exc), param="messages") from None
+    except jinja2.TemplateError as exc:   # a request's own template: its syntax, the sandbox
+        raise APIError(400, f"chat template error: {exc}", param="chat_template") from None
+
+
+def content_parts(content) -> list[dict]:
+    """A message's content in vLLM's "openai" content format: a list of text parts (none for
+    no content, one for a plain string)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "text", "text": part.part_text()} for part in content]
+
+
+def resolve_content_format(option: str, template: str) -> str:
+    """--chat-template-content-format's value for `template`: string or openai as given, auto
+    detected from the template."""
+    return detected_content_format(template) if option == "auto" else option
+
+
+@functools.lru_cache(maxsize=16)
+def detected_content_format(template: str) -> str:
+    """vLLM's detection: "openai" where the template loops over a message's content (`for part in
+    message['content']`, the message drawn from `messages` or a variable set from it, or over a
+    variable named content), else "string" (a template that does not parse included)."""
+    try:
+        root = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return "string"
+    names, grown = {"messages"}, True
+    while grown:   # variables set from messages (`{% set msgs = messages[1:] %}`), transitively
+        before = len(names)
+        names |= {a.target.name for a in root.find_all(jinja2.nodes.Assign)
+                  if isinstance(a.target, jinja2.nodes.Name) and _reads(a.node, names)}
+        grown = len(names) > before
+    loops = list(root.find_all(jinja2.nodes.For))
+    message_vars = {loop.target.name for loop in loops
+                    if isinstance(loop.target, jinja2.nodes.Name) and _reads(loop.iter, names)}
+    for loop in loops:
+        if _reads(loop.iter, message_vars, "content") or _reads(loop.iter, {"content"}):
+            return "openai"
+    return "string"
+
+
+def _reads(node, names: set, key: Optional[str] = None) -> bool:
+    """Whether `node` is one of `names` (or its `key` item / attribute), through filters, tests
+    and slices."""
+    while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test)) or (
+            isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Slice)):
+        node = node.node
+    if key is not None:
+        if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const) \
+                and node.arg.value == key:
+            node = node.node
+        elif isinstance(node, jinja2.nodes.Getattr) and node.attr == key:
+            node = node.node
+        else:
+            return False
+    return isinstance(node, jinja2.nodes.Name) and node.name in names
 
 
 def _template_arguments(text):
@@ -233,7 +323,9 @@ class PreparedChat:
             else req.tools
         self.prompt_text = render_text(state, req.messages, shown, req.add_generation_prompt,
                                        with_default_kwargs(state, request_template_kwargs(state, req)),
-                                       req.continue_final_message)
+                                       req.continue_final_message,
+                                       request_template(state, req.chat_template, req.chat_template_kwargs),
+                                       state.settings.chat_template_content_format)
 
     async def tokenize(self, state: ServerState, req: ChatCompletionRequest) -> "PreparedChat":
         """Encodes the rendered prompt (off the event loop), then checks its length, the tools

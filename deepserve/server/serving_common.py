@@ -52,6 +52,8 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's: tool_choice none renders no tools
     default_chat_template_kwargs: dict = field(default_factory=dict)   # under each request's own
+    chat_template_content_format: str = "auto"   # vLLM's: how message content reaches the template
+    trust_request_chat_template: bool = False    # vLLM's: a request may bring its own chat template
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)
