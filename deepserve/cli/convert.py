@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deepserve.quant.pipeline import PARTIAL_SUFFIX
+from deepserve.quant.pipeline import partial_dir
 from deepserve.quant.policy import HIGH_PRECISION_HELP
 from deepserve.quant.quantize_int4 import Int4Options
 
@@ -107,8 +107,9 @@ def _run(convert, dst: str):
     """`convert()`, with its file-system failures (permission, disk full) as one line and an
     interrupt announced, each saying whether DST.partial holds work to resume, as a tensor refused
     after some shards were written does."""
+    partial = partial_dir(Path(dst))
+
     def resume() -> str:
-        partial = Path(dst + PARTIAL_SUFFIX)
         return (f"what was written stays in {partial}: re-run the same command to resume"
                 if partial.is_dir() else "nothing was written")
     try:
@@ -116,7 +117,7 @@ def _run(convert, dst: str):
     except FileNotFoundError:
         raise
     except ValueError as exc:   # a tensor refused midway: the shards before it are kept
-        if any(Path(dst + PARTIAL_SUFFIX).glob("*.safetensors")):
+        if any(partial.glob("*.safetensors")):
             raise ValueError(f"{exc}; {resume()}") from None
         raise
     except OSError as exc:

@@ -82,6 +82,8 @@ def _dtype_of(code: str, name: str, path: Path) -> torch.dtype:
 def open_checkpoint(src: Path) -> Checkpoint:
     """Read config.json, the index (if any) and every shard header under `src`."""
     src = Path(src)
+    if src.is_file():
+        raise FileNotFoundError(f"source {src} is a file: give the checkpoint's folder ({src.parent})")
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint folder {src} does not exist")
     config_path = src / "config.json"
@@ -144,6 +146,7 @@ class TensorReader:
         self.ckpt = ckpt
         self.max_open = max_open
         self._open: OrderedDict[str, object] = OrderedDict()
+        self.files_read: set[str] = set()       # shards any tensor was fetched from
 
     def _handle(self, shard: str):
         if shard in self._open:
@@ -159,6 +162,7 @@ class TensorReader:
         info = self.ckpt.tensors.get(name)
         if info is None:
             raise KeyError(f"tensor {name} is not in {self.ckpt.root}")
+        self.files_read.add(info.file)
         return self._handle(info.file).get_tensor(name)
 
     def close(self) -> None:

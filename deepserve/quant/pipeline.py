@@ -13,7 +13,8 @@ the output size and index exist before any weight is read) and converts them. Th
 3. writes the index, config.json and side files, then renames `DST.partial` to `DST`.
 
 A killed run leaves nothing under `DST`; the next run with the same source and task resumes,
-skipping shards whose size and sha256 still match the manifest.
+skipping shards whose size and sha256 still match the manifest and whose source shards (those
+read up to and including them) keep the size and mtime recorded there.
 Test hook: env `DEEPSERVE_CONVERT_TEST_SLEEP_S` sleeps that long after each shard, so a test
 can SIGKILL the converter between shards deterministically.
 """
@@ -94,7 +95,23 @@ def _job_id(ckpt: Checkpoint, conv: Converter) -> dict:
             "source_shards": {s: (src / s).stat().st_size for s in ckpt.shards}}
 
 
+def _source_stamps(root: Path, shards: set[str]) -> dict[str, list[int]]:
+    """Size and modification time of source shards: a shard rewritten in place (other weights of
+    the same shapes) keeps its size but not its mtime; hashing them would read the checkpoint."""
+    stamps = {}
+    for shard in sorted(shards):
+        try:
+            st = (root / shard).stat()
+        except OSError:
+            continue
+        stamps[shard] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
 def partial_dir(dst: Path) -> Path:
+    """The folder DST is built in: beside DST, under its name as an absolute path has it, so
+    `out/`, `.` or `..` name the folder they point at."""
+    dst = Path(os.path.abspath(dst))
     return dst.with_name(dst.name + PARTIAL_SUFFIX)
 
 
@@ -131,11 +148,15 @@ def _load_manifest(partial: Path, job: dict, overwrite: bool) -> dict:
     return {**job, "shards": {}}
 
 
-def _verified_shards(partial: Path, manifest: dict) -> dict[str, dict]:
+def _verified_shards(partial: Path, manifest: dict, source: Path) -> dict[str, dict]:
+    """The shards of `manifest` still intact in `partial` whose source shards read to make them
+    are unchanged."""
     done = {}
     for shard, rec in manifest["shards"].items():
         p = partial / shard
-        if p.is_file() and p.stat().st_size == rec["size"] and sha256_file(p) == rec["sha256"]:
+        sources = rec.get("sources") or {}
+        if (p.is_file() and p.stat().st_size == rec["size"] and sources
+                and _source_stamps(source, set(sources)) == sources and sha256_file(p) == rec["sha256"]):
             done[shard] = rec
     return done
 
@@ -174,7 +195,7 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
     plan = _plan(ckpt, conv)
     partial = partial_dir(dst)
     manifest = _load_manifest(partial, _job_id(ckpt, conv), overwrite)
-    done = _verified_shards(partial, manifest) if partial.exists() else {}
+    done = _verified_shards(partial, manifest, ckpt.root) if partial.exists() else {}
     todo = [s for s in ckpt.shards if s not in done]
     _check_disk(dst, sum(_shard_bytes(ckpt, plan, s) for s in todo))
 
@@ -191,9 +212,9 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
     bar = tqdm(total=len(ckpt.shards), initial=len(done), unit="shard", desc=conv.task,
                disable=not progress, dynamic_ncols=True)
 
-    def commit(shard: str, fut: Future) -> None:
+    def commit(shard: str, fut: Future, sources: dict) -> None:
         nonlocal written
-        manifest["shards"][shard] = fut.result()
+        manifest["shards"][shard] = {**fut.result(), "sources": sources}
         atomic_write_json(partial / MANIFEST_NAME, manifest)
         written += manifest["shards"][shard]["size"]
         bar.set_postfix_str(f"{written / 1e9 / max(time.perf_counter() - t0, 1e-9):.2f} GB/s")
@@ -202,7 +223,7 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
 
     # One writer thread: shard i is written and hashed while shard i+1 is converted, so at
     # most two output shards are in memory; a shard is committed before the next is queued.
-    pending: tuple[str, Future] | None = None
+    pending: tuple[str, Future, dict] | None = None
     try:
         with ThreadPoolExecutor(max_workers=1) as writer:
             try:
@@ -214,7 +235,9 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
                     if pending is not None:
                         commit(*pending)
                         pending = None
-                    pending = (shard, writer.submit(_write_shard, partial / shard, out))
+                    # the source shards read so far made this one (GPTQ carries activations on)
+                    pending = (shard, writer.submit(_write_shard, partial / shard, out),
+                               _source_stamps(ckpt.root, reader.files_read | {shard}))
                     del out
             except BaseException:
                 # a tensor refused (or Ctrl-C) while the previous shard was being written: that
@@ -224,6 +247,10 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
                 raise
             if pending is not None:
                 commit(*pending)
+    except ValueError:
+        if not manifest["shards"]:   # a refusal before any shard was kept writes nothing
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         bar.close()
         reader.close()
@@ -235,6 +262,7 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
 def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
             partial: Path, dst: Path) -> None:
     """Index, config and side files into `partial`, then move it to its final name."""
+    dst = Path(os.path.abspath(dst))
     if ckpt.has_index:
         weight_map = {out_name: ckpt.tensors[name].file
                       for name, specs in plan.items() for out_name, _, _ in specs}

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from deepserve.cli.main import main
 from deepserve.engine.fork_server import process_context
 from deepserve.quant import convert_fp8_to_bf16, quantize_checkpoint
@@ -98,3 +100,23 @@ def test_written_shards_are_readable_like_the_side_files(bf16_ckpt, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dst.iterdir()}
     assert modes["config.json"] == 0o644
     assert {m for n, m in modes.items() if n.endswith(".safetensors")} == {0o644}, modes
+
+
+def test_a_source_shard_rewritten_in_place_is_converted_again(bf16_ckpt, tmp_path):
+    """The first source shard replaced by other weights of the same size after the kill: the
+    re-run converts that shard again instead of keeping the one made from the old weights, and
+    ends identical to a clean conversion of the new source."""
+    dst = tmp_path / "fp8"
+    _kill_after_first_shard(["quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block"], dst)
+    shard = bf16_ckpt / FIRST
+    before = shard.stat()
+    save_file({n: -t for n, t in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    # a later write: a file system with coarse timestamps may not tell it apart within the test
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
+    assert shard.stat().st_size == before.st_size
+
+    rep = quantize_checkpoint(bf16_ckpt, dst, "fp8-block", progress=False)
+    assert (rep.shards_converted, rep.shards_skipped) == (2, 0)
+    fresh = tmp_path / "fresh"
+    quantize_checkpoint(bf16_ckpt, fresh, "fp8-block", progress=False)
+    assert _digests(dst) == _digests(fresh)

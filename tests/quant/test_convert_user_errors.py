@@ -8,6 +8,9 @@ import errno
 import json
 import shutil
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from deepserve.cli.main import main
 from deepserve.models.calibration import LayerRunner
 from deepserve.quant import Int4Options, files, quantize_checkpoint
@@ -118,3 +121,54 @@ def test_an_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert err == f"deepserve convert: interrupted; what was written stays in {dst}.partial: re-run the same " \
                   "command to resume\n", err
     assert not dst.exists() and dst.with_name("out.partial").is_dir()
+
+
+def test_a_destination_written_with_a_slash_or_as_dot_is_the_folder_it_names(tmp_path, capsys, monkeypatch):
+    """`out/` is built in out.partial, and the interrupt line names that folder; `.` with
+    --overwrite is the current folder, built beside it as HERE.partial."""
+    dst = tmp_path / "out"
+    real = files.atomic_save_safetensors
+
+    def interrupted(path, tensors):
+        real(path, tensors)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("deepserve.quant.pipeline.atomic_save_safetensors", interrupted)
+        assert main(["convert", "quantize", str(STORIES), f"{dst}/", "--method", "fp8-block", "--no-progress"]) == 130
+    assert capsys.readouterr().err == (f"deepserve convert: interrupted; what was written stays in {dst}.partial: "
+                                       "re-run the same command to resume\n")
+    assert not dst.exists()
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", "quantize", str(STORIES), ".", "--method", "fp8-block", "--overwrite",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert json.loads((here / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert not (tmp_path / "here.partial").exists()
+
+
+def test_a_weights_file_given_as_the_source_is_named_as_a_file(tmp_path, capsys):
+    """SRC pointing at model.safetensors: one line saying it is a file and which folder to give."""
+    assert main(["convert", "quantize", str(STORIES / "model.safetensors"), str(tmp_path / "out"),
+                 "--method", "fp8-block", "--no-progress"]) == 2
+    assert _one_line_error(capsys) == (f"deepserve convert: error: source {STORIES / 'model.safetensors'} is a "
+                                       f"file: give the checkpoint's folder ({STORIES})\n")
+
+
+def test_a_gptq_refusal_in_the_first_shard_leaves_no_partial(tmp_path, capsys):
+    """A tensor the calibration model has no place for is refused once GPTQ starts: one line, and
+    no DST.partial is left holding only a manifest."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(STORIES, src)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(64, 64)
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a little dog. " * 40)
+    assert main(["convert", "quantize", str(src), str(dst), "--method", "w4a16", "--group-size", "32",
+                 "--ignore", r"re:model\.layers\.\d+\.mlp\.down_proj$", "--calib-dataset", str(calib),
+                 "--calib-samples", "2", "--calib-seq-len", "32", "--no-progress"]) == 2
+    assert "model.layers.0.mlp.extra_proj.weight" in _one_line_error(capsys)
+    assert not dst.exists() and not dst.with_name("out.partial").exists()
