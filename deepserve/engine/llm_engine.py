@@ -277,10 +277,8 @@ class LLMEngine:
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise RequestError(f"cache_salt must be a non-empty string if given, got {cache_salt!r}")
+        self._check_prompt_ids(ids)
         vocab = self.runner.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         max_tokens = params.max_tokens
         if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
@@ -345,8 +343,15 @@ class LLMEngine:
         _, ids = self.tokenize_prompt(prompt)
         import torch
 
+        self._check_prompt_ids(ids)
         with contextlib.closing(self.score_chunks(ids)) as chunks:
             return torch.cat(list(chunks))
+
+    def _check_prompt_ids(self, ids: list[int]) -> None:
+        vocab = self.runner.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
 
     def score_chunks(self, ids: list[int]):
         """Yield the logits [n, V] (fp32, CPU) of one prompt's positions a prefill chunk at a

@@ -205,6 +205,18 @@ def test_setup_that_cannot_start_is_one_line(tmp_path, capsys):
     assert "setup A" in err and str(broken) in err and "safetensors" in err   # named before any worker starts
 
 
+def test_a_prompt_token_id_outside_the_vocabulary_is_one_line(tmp_path, capsys):
+    """A .jsonl prompt of token ids beyond the model's 512: one line naming the id and the
+    vocabulary, as a generate request with that prompt gets."""
+    prompts = tmp_path / "ids.jsonl"
+    prompts.write_text('{"prompt_token_ids": [1, 600, 5]}\n')
+    code, report = _validate(tmp_path, "--prompts", str(prompts), "--a", "--ops torch", "--b", "--ops torch")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and report is None
+    assert err == ("deepserve validate: error: setup A failed: RequestError: prompt token id 600 is outside the "
+                   "vocabulary [0, 512)"), err
+
+
 def test_setups_run_in_this_process_each_on_its_own_ops(tmp_path, capsys, monkeypatch):
     """Nothing asks for processes: both engines are built here, one after the other, torch and
     triton-all (kernels interpreted on CPU hosts), and give the same logits to fp32 rounding."""
