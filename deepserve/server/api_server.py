@@ -175,6 +175,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               default_chat_template_kwargs=dict(server.default_chat_template_kwargs or {}),
                               chat_template_content_format=server.chat_template_content_format,
                               trust_request_chat_template=bool(server.trust_request_chat_template),
+                              grammar_in_reasoning=server.grammar_in_reasoning(),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

@@ -17,11 +17,16 @@ from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
 from deepserve.engine.thinking_budget import reasoning_delimiters
+from deepserve.server.reasoning import PARSERS
 from deepserve.server.request_log import stats_interval
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONTENT_FORMATS = ("auto", "string", "openai")   # vLLM's --chat-template-content-format values
+# vLLM's --structured-outputs-config keys and the values served (bool: either)
+STRUCTURED_OUTPUTS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": bool,
+                      "disable_additional_properties": bool, "reasoning_parser": ("",) + PARSERS,
+                      "reasoning_parser_plugin": ("",), "enable_in_reasoning": bool}
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"   # vLLM's switch for its development endpoints
@@ -66,6 +71,12 @@ class ServerArgs:
     """Request defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) from
     generation_config.json: auto reads the model folder's (R1: 0.6 / 0.95), vllm ignores it, or a
     folder holding one."""
+    structured_outputs_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
+    """vLLM's, for deepserve's one grammar engine, xgrammar: backend (auto | xgrammar),
+    disable_any_whitespace and disable_additional_properties (what its JSON grammars do anyway:
+    compact JSON, only the keys a schema names), reasoning_parser (as --reasoning-parser),
+    enable_in_reasoning (true: a grammar holds from the first token, reasoning included, instead of
+    from </think>); e.g. '{"backend": "xgrammar"}' or --structured-outputs-config.backend xgrammar."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice auto); needs --tool-call-parser."""
     exclude_tools_when_tool_choice_none: bool = False
@@ -149,6 +160,13 @@ class ServerArgs:
     """CORS: request headers allowed cross-origin, a JSON list."""
 
     def __post_init__(self) -> None:
+        for name in ("reasoning_config", "default_chat_template_kwargs", "structured_outputs_config"):
+            if isinstance(getattr(self, name), str):   # a YAML file's JSON text
+                try:
+                    setattr(self, name, json.loads(getattr(self, name)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"--{name.replace('_', '-')} is not valid JSON: {exc}") from None
+        self.check_structured_outputs_config()
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
@@ -163,12 +181,6 @@ class ServerArgs:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        for name in ("reasoning_config", "default_chat_template_kwargs"):
-            if isinstance(getattr(self, name), str):   # a YAML file's JSON text
-                try:
-                    setattr(self, name, json.loads(getattr(self, name)))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"--{name.replace('_', '-')} is not valid JSON: {exc}") from None
         if self.default_chat_template_kwargs is not None and not isinstance(self.default_chat_template_kwargs, dict):
             raise ValueError(f"--default-chat-template-kwargs must be a JSON object, got "
                              f"{self.default_chat_template_kwargs!r}")
@@ -188,6 +200,34 @@ class ServerArgs:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3 for R1)")
         self.cors()
+
+    def check_structured_outputs_config(self) -> None:
+        """--structured-outputs-config's keys: the values xgrammar serves pass, its reasoning_parser
+        sets --reasoning-parser (the same parser where both are given), the rest are refused by name."""
+        config = self.structured_outputs_config
+        if config is None:
+            return
+        if not isinstance(config, dict):
+            raise ValueError(f"--structured-outputs-config must be a JSON object, got {config!r}")
+        for key, value in config.items():
+            served = STRUCTURED_OUTPUTS.get(key)
+            if served is None:
+                raise ValueError(f"--structured-outputs-config {key} is not supported (it takes "
+                                 f"{', '.join(STRUCTURED_OUTPUTS)})")
+            if served is bool and not isinstance(value, bool):
+                raise ValueError(f"--structured-outputs-config {key} must be true or false, got {value!r}")
+            if served is not bool and value not in served:
+                raise ValueError(f"--structured-outputs-config {key} {value!r} is not supported (deepserve's "
+                                 f"grammars are xgrammar's; it takes {' or '.join(repr(v) for v in served)})")
+        parser = config.get("reasoning_parser") or None
+        if parser is not None and self.reasoning_parser not in (None, parser):
+            raise ValueError(f"--reasoning-parser {self.reasoning_parser} and --structured-outputs-config "
+                             f"reasoning_parser {parser} differ: give one")
+        self.reasoning_parser = self.reasoning_parser or parser
+
+    def grammar_in_reasoning(self) -> bool:
+        """--structured-outputs-config enable_in_reasoning: grammars hold over the reasoning too."""
+        return bool((self.structured_outputs_config or {}).get("enable_in_reasoning"))
 
     def api_keys(self) -> list[str]:
         """The keys a request may bear: --api-key's, else VLLM_API_KEY's (vLLM's rule); none: no check."""

@@ -353,7 +353,7 @@ class PreparedChat:
             self.beams = beam_params(req, self.params, self.guided_field, len(self.prompt_ids),
                                      state.llm.max_model_len, stream_refused=False)
         if (self.params.guided is not None and self.parser_name is not None
-                and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
+                and not state.settings.grammar_in_reasoning and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
             # the prompt opened <think>: the grammar holds from </think> on (vLLM's behaviour)
             self.params.guided.start_after_token = state.tokenizer.tok.token_to_id(THINK_END)
         try:

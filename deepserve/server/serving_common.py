@@ -54,6 +54,7 @@ class ServerSettings:
     default_chat_template_kwargs: dict = field(default_factory=dict)   # under each request's own
     chat_template_content_format: str = "auto"   # vLLM's: how message content reaches the template
     trust_request_chat_template: bool = False    # vLLM's: a request may bring its own chat template
+    grammar_in_reasoning: bool = False   # vLLM's enable_in_reasoning: grammars hold from the first token
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)

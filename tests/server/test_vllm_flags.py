@@ -131,3 +131,51 @@ def test_untrusted_template_is_an_api_error_with_vllms_words():
         request_template(state, None, {"chat_template": OWN})
     assert err.value.message == ("Chat template is passed with request, but --trust-request-chat-template is not "
                                  "set. Refused request with untrusted chat template.")
+
+
+def test_structured_outputs_config(parser):
+    """vLLM's --structured-outputs-config (JSON or the dotted keys), was an unrecognized argument:
+    what xgrammar serves passes, its reasoning_parser is --reasoning-parser's, the rest is refused
+    in one line naming the key."""
+    from deepserve.cli.main import normalize_argv
+
+    def server_of(*flags):
+        return resolve(parser.parse_args(normalize_argv(["serve", "m", *flags])))[1]
+    server = server_of("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}')
+    assert server.structured_outputs_config == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert server.reasoning_parser is None and not server.grammar_in_reasoning()
+    server = server_of("--structured-outputs-config.reasoning_parser", "deepseek_r1",
+                       "--structured-outputs-config.enable_in_reasoning", "true")
+    assert server.reasoning_parser == "deepseek_r1" and server.grammar_in_reasoning()
+    assert server_of("--reasoning-parser", "deepseek_r1", "--structured-outputs-config.reasoning_parser",
+                     "deepseek_r1").reasoning_parser == "deepseek_r1"
+    for flags, message in (
+            (("--structured-outputs-config.backend", "guidance"),
+             "--structured-outputs-config backend 'guidance' is not supported (deepserve's grammars are xgrammar's; "
+             "it takes 'auto' or 'xgrammar')"),
+            (("--structured-outputs-config.reasoning_parser", "qwen3"), "reasoning_parser 'qwen3' is not supported"),
+            (("--structured-outputs-config.reasoning_parser_plugin", "/p.py"), "reasoning_parser_plugin '/p.py'"),
+            (("--structured-outputs-config.whitespace", "x"), "--structured-outputs-config whitespace is not supported"),
+            (("--structured-outputs-config.enable_in_reasoning", "yes"), "enable_in_reasoning must be true or false"),
+            (("--structured-outputs-config", "[1]"), "must be a JSON object"),
+            (("--reasoning-parser", "deepseek_r1", "--structured-outputs-config", '{"reasoning_parser": "x"}'),
+             "reasoning_parser 'x' is not supported")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            server_of(*flags)
+
+
+@pytest.mark.parametrize("in_reasoning", [False, True])
+def test_enable_in_reasoning_starts_the_grammar_at_the_first_token(in_reasoning):
+    """With a reasoning parser a grammar holds from </think> on; vLLM's enable_in_reasoning holds
+    it from the first token, the reasoning included."""
+    client = serve("deepseek-r1", '{"a": 1}', grammar_in_reasoning=in_reasoning)
+    seen = []
+    generate = client.engine.generate
+
+    def recording(prompt, params, request_id):
+        seen.append(params.guided.start_after_token)
+        return generate(prompt, params, request_id)
+    client.engine.generate = recording
+    asyncio.run(client.chat.completions.create(model="m", messages=HI, response_format={"type": "json_object"}))
+    think_end = load_tokenizer("deepseek-r1").tok.token_to_id("</think>")
+    assert seen == [None if in_reasoning else think_end]
