@@ -66,10 +66,15 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
+def is_tmp_file(path: Path) -> bool:
+    """Whether `path` is a temporary `tmp_path` names (a killed run may leave one)."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
 def remove_tmp_files(folder: Path) -> None:
     """Delete temporaries a killed run left behind (they are never trusted)."""
     for p in folder.iterdir():
-        if p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX):
+        if is_tmp_file(p):
             p.unlink()
 
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from deepserve.quant.checkpoint import INDEX_NAME, Checkpoint, TensorInfo, TensorReader
-from deepserve.quant.files import (atomic_save_safetensors, atomic_write_json, copy_atomic,
+from deepserve.quant.files import (atomic_save_safetensors, atomic_write_json, copy_atomic, is_tmp_file,
                                    remove_tmp_files, sha256_file, side_files)
 
 MANIFEST_NAME = ".deepserve-convert.json"
@@ -140,8 +140,13 @@ def _load_manifest(partial: Path, job: dict, overwrite: bool) -> dict:
         if same:
             return manifest
         # a run that stopped before its first shard (a refused checkpoint, a kill) left only its
-        # manifest: nothing to protect, so any job may start afresh there
-        work = bool((manifest or {}).get("shards")) or any(p.name != MANIFEST_NAME for p in partial.iterdir())
+        # manifest and temporaries: nothing to protect, so any job may start afresh there
+        files = [p for p in partial.iterdir() if p.name != MANIFEST_NAME and not is_tmp_file(p)]
+        if manifest is None and files:
+            # no run of ours made it: --overwrite replaces DST, never a folder of someone else's
+            raise ValueError(f"{partial} is in the way: it holds files but no conversion manifest "
+                             f"({MANIFEST_NAME}); move it away")
+        work = bool((manifest or {}).get("shards")) or bool(files)
         if work and not overwrite:
             raise ValueError(f"{partial} holds an unfinished conversion of another source or "
                              f"task; remove it or pass --overwrite")

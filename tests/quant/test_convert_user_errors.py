@@ -172,3 +172,33 @@ def test_a_gptq_refusal_in_the_first_shard_leaves_no_partial(tmp_path, capsys):
                  "--calib-samples", "2", "--calib-seq-len", "32", "--no-progress"]) == 2
     assert "model.layers.0.mlp.extra_proj.weight" in _one_line_error(capsys)
     assert not dst.exists() and not dst.with_name("out.partial").exists()
+
+
+def test_a_folder_named_like_the_partial_that_no_run_made_is_never_removed(tmp_path, capsys):
+    """DST.partial holding files but no manifest is not a conversion's: refused even with
+    --overwrite (which replaces DST), and left as it was."""
+    dst = tmp_path / "out"
+    partial = dst.with_name("out.partial")
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    argv = ["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, *extra]) == 2
+        assert _one_line_error(capsys) == (f"deepserve convert: error: {partial} is in the way: it holds files but "
+                                           f"no conversion manifest ({MANIFEST_NAME}); move it away\n")
+    assert [p.name for p in partial.iterdir()] == ["notes.txt"] and not dst.exists()
+
+
+def test_a_kill_during_the_first_shard_does_not_block_another_conversion(tmp_path, capsys):
+    """A run killed while writing its first shard left its manifest and a hidden temporary: a
+    conversion of another kind into DST starts afresh there, without --overwrite."""
+    dst = tmp_path / "out"
+    partial = dst.with_name("out.partial")
+    partial.mkdir()
+    (partial / MANIFEST_NAME).write_text(json.dumps(
+        {"version": 1, "task": "quantize w8a8-int8", "source": "/elsewhere", "source_shards": {}, "shards": {}}))
+    (partial / ".model.safetensors.tmp").write_bytes(b"half a shard")
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert not partial.exists()
