@@ -16,7 +16,7 @@ engine starts (a FlagScale experiment file's `experiment.envs` is read too). A `
 path (beside engine_args, at the top, or in a FlagScale `runner:` / `experiment.runner:` block
 with ssh_port, ssh_user, docker, ...) deploys over the listed hosts with Ray, see
 deepserve/distributed/cluster.py; a relative path is read from the YAML's folder, else from
-the working directory. Flags given on
+the working directory, else from a folder above the YAML (FlagScale's are relative to its checkout). Flags given on
 the command line override the file. Values take their field's type as FlagScale's flags would
 (`tensor_parallel_size: "8"` is 8; a switch must be true or false), `no_KEY: true` turns a switch
 off as `--no-KEY` does (FlagOS docs write `no_enable_prefix_caching: true`), and an entry's
@@ -78,7 +78,7 @@ class ServeConfig:
 
 
 def is_config_file(arg: str) -> bool:
-    return arg.endswith((".yaml", ".yml"))
+    return arg.lower().endswith((".yaml", ".yml"))
 
 
 def flagscale_experiment(name: str) -> Optional[Path]:
@@ -206,11 +206,15 @@ def _runner(data: Any, entry: dict, path: Path) -> Optional[RunnerOptions]:
     options = RunnerOptions.from_mapping(merged, str(path))
     if options.hostfile:
         hostfile = Path(options.hostfile).expanduser()
-        beside = path.parent / hostfile
-        options.hostfile = str(beside if not hostfile.is_absolute() and beside.is_file() else hostfile)
+        # relative: beside the YAML, in the working directory, else under a folder above the YAML
+        # (FlagScale's `hostfile: examples/deepseek_r1/conf/hostfile.txt` is relative to its
+        # checkout, which holds the experiment file: found from any working directory)
+        above = [folder / hostfile for folder in path.resolve().parent.parents]
+        found = [hostfile] if hostfile.is_absolute() else [path.parent / hostfile, hostfile, *above]
+        options.hostfile = str(next((f for f in found if f.is_file()), hostfile))
         if not Path(options.hostfile).is_file():
-            raise FileNotFoundError(f"{path}: hostfile {hostfile} not found (looked beside the YAML and "
-                                    f"in {Path.cwd()})")
+            raise FileNotFoundError(f"{path}: hostfile {hostfile} not found (looked beside the YAML, in "
+                                    f"{Path.cwd()} and in the folders above the YAML)")
     return options
 
 

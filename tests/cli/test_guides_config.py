@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -256,6 +257,23 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert (args.model, args.tensor_parallel_size, args.pipeline_parallel_size, envs, runner) == \
         (r1_config, 8, 4, {}, None)
 
+
+
+def test_flagos_experiment_given_by_path_from_another_folder(reference, r1_config, tmp_path, monkeypatch):
+    """The experiment file given by its path (from the home folder, or from conf/ itself) instead
+    of `flagscale serve deepseek_r1` in the checkout: its `hostfile: examples/deepseek_r1/conf/
+    hostfile.txt` (relative to the checkout) was "not found"; a `.YAML` name was taken for a model."""
+    conf = flagscale_checkout(tmp_path / "FlagScale", reference, r1_config)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    hostfile = conf / "hostfile.txt"
+    (conf / "config_deepseek_r1.YAML").write_text((conf / "config_deepseek_r1.yaml").read_text())
+    for cwd, argv in [(tmp_path, ["serve", str(conf / "config_deepseek_r1.yaml")]),
+                      (conf, ["serve", "config_deepseek_r1.yaml"]),
+                      (tmp_path, ["serve", "deepseek_r1", str(conf / "config_deepseek_r1.YAML")])]:
+        monkeypatch.chdir(cwd)
+        args, _, _, runner = serve_config(argv)
+        assert (Path(runner.hostfile).resolve(), args.tensor_parallel_size) == (hostfile, 8), argv
 
 
 def _serve_yaml(tmp_path, reference, r1_config, edit):
