@@ -125,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     limits = Thresholds(args.max_top1_mismatch, args.max_abs_diff, args.max_kl)
     if args.setup_timeout is not None and args.setup_timeout <= 0:
         raise ValueError(f"--setup-timeout must be > 0, got {args.setup_timeout}")
+    if args.output:
+        check_output(Path(args.output))
     prompts = load_prompts(args.prompts, args.num_prompts)
     common = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
     setups = {name: setup_kwargs(name, common, flags) for name, flags in (("A", args.setup_a), ("B", args.setup_b))}
@@ -151,6 +153,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.output:
         out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise ValueError(f"cannot write --output {out}: {exc.strerror or exc}") from None
     return 0 if not failures else 1
+
+
+def check_output(out: Path) -> None:
+    """Refuse an --output path that cannot become a file, before the setups spend their time."""
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder; name a file, e.g. {out / 'report.json'}")
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ValueError(f"--output {out}: {blocking} is a file, not a folder")

@@ -83,6 +83,8 @@ def load_prompts(path: Optional[str], num_prompts: Optional[int] = None) -> list
         prompts: list[Prompt] = list(DEFAULT_PROMPTS)
     else:
         file = Path(path)
+        if file.is_dir():
+            raise ValueError(f"prompts file {path} is a folder; name a .txt or .jsonl file")
         if not file.is_file():
             raise FileNotFoundError(f"prompts file {path} not found")
         if file.suffix == ".txt":

@@ -121,6 +121,11 @@ def test_load_prompts_files(tmp_path):
         load_prompts(None, 0)
 
 
+def test_a_prompts_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=f"^prompts file {tmp_path} is a folder; name a .txt or .jsonl file$"):
+        load_prompts(str(tmp_path))
+
+
 def test_prompt_label_fits_wide_characters():
     label = prompt_label("深度求索发布了推理模型，它在数学和代码任务上表现出色。", width=20)
     assert display_width(label) <= 20 and label.endswith("...")
@@ -215,6 +220,21 @@ def test_a_prompt_token_id_outside_the_vocabulary_is_one_line(tmp_path, capsys):
     assert code == 2 and report is None
     assert err == ("deepserve validate: error: setup A failed: RequestError: prompt token id 600 is outside the "
                    "vocabulary [0, 512)"), err
+
+
+def test_an_output_path_that_cannot_be_a_file_is_refused_before_the_setups_run(tmp_path, capsys, monkeypatch):
+    """--output naming a folder, or a path under a file: one line, and no setup is built."""
+    def no_setup(*args, **kwargs):
+        raise AssertionError("a setup ran")
+
+    monkeypatch.setattr("deepserve.engine.validate.run_in_process", no_setup)
+    monkeypatch.setattr("deepserve.engine.validate.run_setups", no_setup)
+    (tmp_path / "afile").write_text("")
+    for output, why in ((tmp_path, f"--output {tmp_path} is a folder; name a file, e.g. {tmp_path / 'report.json'}"),
+                        (tmp_path / "afile" / "r.json",
+                         f"--output {tmp_path / 'afile' / 'r.json'}: {tmp_path / 'afile'} is a file, not a folder")):
+        assert main(["validate", "--device", "cpu", "--num-prompts", "1", "--output", str(output)]) == 2
+        assert capsys.readouterr().err == f"deepserve validate: error: {why}\n"
 
 
 def test_setups_run_in_this_process_each_on_its_own_ops(tmp_path, capsys, monkeypatch):
