@@ -133,7 +133,9 @@ class QuantizeInt4(Converter):
         if opts.algorithm == "gptq" and runner is None:
             raise ValueError("GPTQ needs a calibration layer runner (deepserve.models.calibration.LayerRunner)")
         self.opts, self.device, self.make_runner = opts, torch.device(device), runner
-        self.task = opts.task
+        # GPTQ's calibration forwards and Hessians follow the device's arithmetic (rounding alone
+        # does not): a run resumed on another kind of device would mix two outputs
+        self.task = opts.task + (f" on {self.device.type}" if opts.algorithm == "gptq" else "")
         self._quant: set[str] = set()
         self._ignore: list[str] = []
         self._samples: list[torch.Tensor] = []

@@ -177,6 +177,22 @@ def test_a_resumed_gptq_run_must_read_the_same_calibration_file(tmp_path, monkey
     assert task("a") != before
 
 
+def test_a_resumed_gptq_run_must_run_on_the_same_kind_of_device(tmp_path):
+    """GPTQ output follows the device's arithmetic: a run begun on cuda and resumed on cpu is
+    another job (never one output mixing both); rounding alone writes the same bytes anywhere."""
+    from deepserve.models.calibration import LayerRunner
+    from deepserve.quant.quantize_int4 import Int4Options, QuantizeInt4
+    calib = tmp_path / "calib.txt"
+    calib.write_text("once upon a time")
+
+    def task(device, algorithm):
+        opts = Int4Options(algorithm=algorithm, calib_dataset=str(calib) if algorithm == "gptq" else None)
+        return QuantizeInt4(opts, device=device, runner=LayerRunner).task
+    assert task("cpu", "gptq") != task("cuda", "gptq")
+    assert task("cuda:0", "gptq") == task("cuda:1", "gptq")
+    assert task("cpu", "rtn") == task("cuda", "rtn")
+
+
 def test_a_scale_beside_a_16bit_weight_is_named(fp8_ckpt, tmp_path, capsys):
     """A half-converted FP8 folder (one weight already bf16, its scale_inv left): the scale was
     copied into the BF16 output, which then failed to load ('no matching model parameter')."""
