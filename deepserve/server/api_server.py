@@ -137,11 +137,12 @@ class _Server(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-def generation_defaults(generation_config: str, model: str) -> dict:
+def generation_defaults(generation_config: str, model: str, overrides: Optional[dict] = None) -> dict:
     """Sampling defaults for requests that leave fields out: `auto` reads the model folder's
     generation_config.json, `vllm` uses none (vLLM's neutral defaults), anything else is a
-    folder holding a generation_config.json (the offline LLM's reading of it)."""
-    return llm_inputs.generation_defaults(generation_config, model, flag="--generation-config")
+    folder holding a generation_config.json (the offline LLM's reading of it); `overrides`
+    (--override-generation-config) are set over what it holds."""
+    return llm_inputs.generation_defaults(generation_config, model, overrides, flag="--generation-config")
 
 
 def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LLMEngine] = None,
@@ -153,7 +154,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     if server.tool_call_parser is not None and server.tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown --tool-call-parser {server.tool_call_parser!r}; choose from "
                          f"{', '.join(TOOL_PARSERS)}")
-    defaults = generation_defaults(server.generation_config, str(engine_args.model))
+    defaults = generation_defaults(server.generation_config, str(engine_args.model), server.override_generation_config)
     if engine is None:
         from deepserve.engine.dp_engine import DataParallelEngine
         apart = engine_core_apart(engine_args, default=True)
@@ -176,6 +177,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               chat_template_content_format=server.chat_template_content_format,
                               trust_request_chat_template=bool(server.trust_request_chat_template),
                               grammar_in_reasoning=server.grammar_in_reasoning(),
+                              return_tokens_as_token_ids=bool(server.return_tokens_as_token_ids),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

@@ -77,6 +77,12 @@ class ServerArgs:
     compact JSON, only the keys a schema names), reasoning_parser (as --reasoning-parser),
     enable_in_reasoning (true: a grammar holds from the first token, reasoning included, instead of
     from </think>); e.g. '{"backend": "xgrammar"}' or --structured-outputs-config.backend xgrammar."""
+    override_generation_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
+    """vLLM's: request defaults set over --generation-config's (with vllm: the only ones), e.g.
+    '{"temperature": 0.5, "max_new_tokens": 1024}' (keys as generation_config.json's)."""
+    return_tokens_as_token_ids: bool = False
+    """vLLM's: logprobs name tokens `token_id:N` for requests that do not set
+    return_tokens_as_token_ids themselves."""
     enable_auto_tool_choice: bool = False
     """Let the model decide to call tools (tool_choice auto); needs --tool-call-parser."""
     exclude_tools_when_tool_choice_none: bool = False
@@ -160,7 +166,8 @@ class ServerArgs:
     """CORS: request headers allowed cross-origin, a JSON list."""
 
     def __post_init__(self) -> None:
-        for name in ("reasoning_config", "default_chat_template_kwargs", "structured_outputs_config"):
+        for name in ("reasoning_config", "default_chat_template_kwargs", "structured_outputs_config",
+                     "override_generation_config"):
             if isinstance(getattr(self, name), str):   # a YAML file's JSON text
                 try:
                     setattr(self, name, json.loads(getattr(self, name)))
@@ -181,9 +188,9 @@ class ServerArgs:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        if self.default_chat_template_kwargs is not None and not isinstance(self.default_chat_template_kwargs, dict):
-            raise ValueError(f"--default-chat-template-kwargs must be a JSON object, got "
-                             f"{self.default_chat_template_kwargs!r}")
+        for name in ("default_chat_template_kwargs", "override_generation_config"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"--{name.replace('_', '-')} must be a JSON object, got {getattr(self, name)!r}")
         reasoning_delimiters(self.reasoning_parser, self.reasoning_config)
         self.responses_store_size()   # a bad VLLM_ENABLE_RESPONSES_API_STORE is an error before the model loads
         dev_mode()                    # and so is a bad VLLM_SERVER_DEV_MODE

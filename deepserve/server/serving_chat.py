@@ -50,7 +50,8 @@ from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, header_request_id, merge_streams, parse_request,
                                              prompt_tokens_details, sampling_params, sse, stream_usage,
-                                             truncated_prompt, until_disconnect, usage_in_stream)
+                                             tokens_as_ids, truncated_prompt, until_disconnect,
+                                             usage_in_stream)
 from deepserve.server.serving_completions import vllm_prompt_logprobs
 from deepserve.server.tool_parsers import (RequiredCallsStream, make_tool_parser, required_calls, tool_calls_tag,
                                           tool_call_id)
@@ -317,6 +318,7 @@ class PreparedChat:
         self.params = sampling_params(state, req, max_tokens, self.top_k)
         check_length_penalty(req)
         self.listed = self.params.logprob_token_ids is not None
+        self.as_ids = tokens_as_ids(state, req)
         self.cache_salt = req.cache_salt
         # vLLM's --exclude-tools-when-tool-choice-none: tools the reply may not call stay out of the prompt
         shown = None if req.tool_choice == "none" and state.settings.exclude_tools_when_tool_choice_none \
@@ -504,7 +506,7 @@ async def create_chat_completion(request: Request, state: ServerState):
             message["tool_calls"] = calls
         logprobs = None
         if prep.top_k is not None and not prep.hide_tokens:
-            logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, bool(req.return_tokens_as_token_ids),
+            logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, prep.as_ids,
                                      prep.listed)
         choices.append({"index": out.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
@@ -576,7 +578,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             logprobs = None
             if prep.top_k is not None and not prep.hide_tokens and len(out.token_ids) > sent_tokens[i]:
                 logprobs = chat_logprobs(out, sent_tokens[i], len(out.token_ids), prep.top_k,
-                                         bool(req.return_tokens_as_token_ids), prep.listed)
+                                         prep.as_ids, prep.listed)
             sent_text[i], sent_tokens[i] = len(out.text), len(out.token_ids)
             generated[i] = len(out.token_ids)
             done[i] = final

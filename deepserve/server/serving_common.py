@@ -55,6 +55,7 @@ class ServerSettings:
     chat_template_content_format: str = "auto"   # vLLM's: how message content reaches the template
     trust_request_chat_template: bool = False    # vLLM's: a request may bring its own chat template
     grammar_in_reasoning: bool = False   # vLLM's enable_in_reasoning: grammars hold from the first token
+    return_tokens_as_token_ids: bool = False   # vLLM's: the default of requests that do not say
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)
@@ -273,6 +274,13 @@ async def compile_grammar(state: ServerState, params: SamplingParams, field: Opt
         await asyncio.to_thread(lambda: engine.grammar_compiler().compile(params.guided))
     except ValueError as exc:
         raise APIError(400, str(exc), param=field) from None
+
+
+def tokens_as_ids(state: ServerState, req) -> bool:
+    """Whether logprobs name tokens `token_id:N`: the request's return_tokens_as_token_ids, else
+    the server's --return-tokens-as-token-ids (vLLM's rule)."""
+    given = req.return_tokens_as_token_ids
+    return bool(given if given is not None else state.settings.return_tokens_as_token_ids)
 
 
 def usage_in_stream(state: ServerState, req) -> tuple[bool, bool]:

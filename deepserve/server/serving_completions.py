@@ -27,7 +27,8 @@ from deepserve.server.protocol import CompletionRequest, final_usage, now, respo
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, header_request_id, merge_streams, parse_request,
                                              prompt_tokens_details, sampling_params, sse, stream_usage,
-                                             truncated_prompt, until_disconnect, usage_in_stream)
+                                             tokens_as_ids, truncated_prompt, until_disconnect,
+                                             usage_in_stream)
 
 
 # samples (prompts x n) one completions request may ask for, in units of the n limit (4096 by default)
@@ -104,7 +105,7 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int,
 class _Prepared:
     def __init__(self, state: ServerState, req: CompletionRequest):
         self.model = state.check_model(req.model)
-        self.as_ids = bool(req.return_tokens_as_token_ids)
+        self.as_ids = tokens_as_ids(state, req)
         self.listed = bool(req.logprob_token_ids)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")

@@ -179,3 +179,35 @@ def test_enable_in_reasoning_starts_the_grammar_at_the_first_token(in_reasoning)
     asyncio.run(client.chat.completions.create(model="m", messages=HI, response_format={"type": "json_object"}))
     think_end = load_tokenizer("deepseek-r1").tok.token_to_id("</think>")
     assert seen == [None if in_reasoning else think_end]
+
+
+def test_override_generation_config(parser, tmp_path):
+    """vLLM's --override-generation-config (was an unrecognized argument): set over
+    generation_config.json's defaults, the only ones with --generation-config vllm (vLLM's
+    get_diff_sampling_param)."""
+    from deepserve.server.api_server import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.95}')
+    _, server, _ = resolve(parser.parse_args(["serve", "m", "--override-generation-config",
+                                              '{"temperature": 0.5, "max_new_tokens": 64}']))
+    overrides = server.override_generation_config
+    assert generation_defaults("auto", str(tmp_path), overrides) == {"temperature": 0.5, "top_p": 0.95,
+                                                                     "max_tokens": 64}
+    assert generation_defaults("vllm", str(tmp_path), overrides) == {"temperature": 0.5, "max_tokens": 64}
+    with pytest.raises(ValueError, match="--override-generation-config must be a JSON object, got 0.5"):
+        resolve(parser.parse_args(["serve", "m", "--override-generation-config", "0.5"]))
+
+
+@pytest.mark.parametrize("request_says, expected", [(None, True), (False, False), (True, True)])
+def test_return_tokens_as_token_ids_flag(request_says, expected):
+    """vLLM's --return-tokens-as-token-ids (was an unrecognized argument): the default of
+    requests that leave return_tokens_as_token_ids out, on chat and completions."""
+    client = serve("deepseek-r1", "Fine.", return_tokens_as_token_ids=True)
+    extra = {} if request_says is None else {"return_tokens_as_token_ids": request_says}
+
+    async def ask():
+        chat = await client.chat.completions.create(model="m", messages=HI, logprobs=True, extra_body=extra)
+        text = await client.completions.create(model="m", prompt="Hi", logprobs=0, extra_body=extra)
+        return [e.token for e in chat.choices[0].logprobs.content], text.choices[0].logprobs.tokens
+    for tokens in asyncio.run(ask()):
+        assert tokens and all(t.startswith("token_id:") == expected for t in tokens), tokens
