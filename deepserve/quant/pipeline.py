@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -282,9 +283,10 @@ def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
     for f in side_files(ckpt.root, skip={"config.json", INDEX_NAME}):
         copy_atomic(f, partial / f.name)
     (partial / MANIFEST_NAME).unlink()
-    if dst.exists():  # --overwrite: swap in the new folder, then drop the old one
-        old = dst.with_name(dst.name + ".old")
-        _remove(old)
+    if dst.exists() or dst.is_symlink():  # --overwrite: swap in the new folder, then drop the old one
+        # a fresh hidden name beside DST: a DST.old of the user's is none of ours to replace
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.replaced-"))
+        old.rmdir()
         os.replace(dst, old)
         os.replace(partial, dst)
         _remove(old)

@@ -202,3 +202,18 @@ def test_a_kill_during_the_first_shard_does_not_block_another_conversion(tmp_pat
         capsys.readouterr().err
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     assert not partial.exists()
+
+
+def test_overwrite_replaces_only_the_destination(tmp_path, capsys):
+    """--overwrite swaps the new folder in for DST; a DST.old beside it is the user's and stays."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "stale.txt").write_text("old output")
+    backup = tmp_path / "out.old"
+    backup.mkdir()
+    (backup / "keep.txt").write_text("a backup")
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--overwrite",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").is_file()
+    assert (backup / "keep.txt").read_text() == "a backup"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old"]
