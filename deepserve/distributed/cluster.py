@@ -8,8 +8,9 @@ not reach it. The head is the local machine when it is listed (the server's rank
 runs in this process and Ray needs a raylet beside its driver), else the first host. On
 every host the YAML's `envs` are exported (and the runner's `before_start`, e.g. a conda
 activation, runs first) before `ray start`, so Ray's workers inherit USE_FLAGGEMS and the
-like. Other hosts are reached with `ssh -o BatchMode=yes -p PORT [user@]host` (a wrong key
-fails at once instead of prompting); `docker: NAME` runs their commands in that container,
+like. Other hosts are reached with `ssh -o BatchMode=yes -o ConnectTimeout=10 -p PORT
+[user@]host` (a wrong key fails at once instead of prompting, an address nothing answers on
+within seconds instead of at the command's timeout); `docker: NAME` runs their commands in that container,
 as FlagScale does.
 
 The head keeps its first GPU out of Ray (`--num-gpus N-1`, CUDA_VISIBLE_DEVICES without
@@ -45,6 +46,8 @@ IGNORED_RUNNER_KEYS = ("backend", "nnodes", "nproc_per_node", "master_addr", "ma
                        "no_shared_fs")
 PARALLEL_KEYS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                  "enable_expert_parallel")
+# no password prompt; a host that does not answer fails in seconds, naming the connection
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
@@ -330,7 +333,7 @@ class ClusterLauncher:
         if self.options.docker:
             line = f"docker exec {shlex.quote(self.options.docker)} bash -c {shlex.quote(line)}"
         target = f"{self.options.ssh_user}@{host.address}" if self.options.ssh_user else host.address
-        return [*shlex.split(self.options.ssh_command), "-o", "BatchMode=yes", "-p", str(self.options.ssh_port),
+        return [*shlex.split(self.options.ssh_command), *SSH_OPTIONS, "-p", str(self.options.ssh_port),
                 target, line]
 
     def _ray_start(self, host: HostSpec) -> tuple[str, dict[str, str]]:

@@ -157,13 +157,15 @@ def test_hostfile_with_a_byte_order_mark_or_not_text(tmp_path):
 
 # --------------------------------------------------------------------------- command plan
 def test_command_plan_two_hosts_via_runner():
+    """ssh gives up on a host that does not answer after 10 s (a hostfile address filled in wrong:
+    was the command's 120 s timeout, "timed out" naming no connection)."""
     runner = FakeRunner()
     cl = launcher(runner=runner, ssh_user="root", ssh_port=2222)
     assert cl.head.address == "192.0.2.1" and cl.address == "192.0.2.1:6379"
     assert (cl.total_gpus, cl.ray_gpus) == (16, 15)
     with cl:
         started = list(runner.calls)
-    ssh = ["ssh", "-o", "BatchMode=yes", "-p", "2222"]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "2222"]
     assert started == [ssh + ["root@192.0.2.1", HEAD_CMD], ssh + ["root@192.0.2.2", WORKER_CMD]]
     # on exit: ray stop, workers first, the head last
     assert runner.calls[2:] == [ssh + ["root@192.0.2.2", "ray stop"], ssh + ["root@192.0.2.1", "ray stop"]]
@@ -180,8 +182,8 @@ def test_local_host_is_head_and_runs_without_ssh():
                              "--node-ip-address 192.0.2.10"]
     inner = ("source /opt/env/bin/activate && export CUDA_DEVICE_MAX_CONNECTIONS=1 USE_FLAGGEMS=1 && "
              "ray start --address 192.0.2.10:6379 --num-gpus 4 --node-ip-address 192.0.2.7")
-    assert steps[1].argv == ["ssh", "-i", "/keys/id", "-o", "BatchMode=yes", "-p", "22", "192.0.2.7",
-                             f"docker exec box bash -c '{inner}'"]
+    assert steps[1].argv == ["ssh", "-i", "/keys/id", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "22",
+                             "192.0.2.7", f"docker exec box bash -c '{inner}'"]
 
 
 def test_head_keeps_first_of_user_visible_devices():
@@ -212,7 +214,7 @@ def test_fake_ssh_binary_records_argv(tmp_path):
     with cl:
         pass
     got = [json.loads(line) for line in log.read_text().splitlines()]
-    opts = ["-o", "BatchMode=yes", "-p", "22"]
+    opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "22"]
     assert got == [opts + ["192.0.2.1", HEAD_CMD], opts + ["192.0.2.2", WORKER_CMD],
                    opts + ["192.0.2.2", "ray stop"], opts + ["192.0.2.1", "ray stop"]]
     assert run_command([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], 30) == (3, "x\n")
@@ -345,7 +347,7 @@ def test_dry_run_prints_commands_host_by_host(tmp_path, capsys, monkeypatch):
     assert args.func(args) == 0
     out = capsys.readouterr().out.splitlines()
     pre = "source /opt/env/bin/activate && "
-    ssh = "ssh -o BatchMode=yes -p 2222"
+    ssh = "ssh -o BatchMode=yes -o ConnectTimeout=10 -p 2222"
     assert f"  [192.0.2.1 head] {ssh} 192.0.2.1 '{pre}{HEAD_CMD}'" in out
     assert f"  [192.0.2.2 worker] {ssh} 192.0.2.2 '{pre}{WORKER_CMD}'" in out
     assert out.index(f"  [192.0.2.2 worker] {ssh} 192.0.2.2 '{pre}ray stop'") < \
