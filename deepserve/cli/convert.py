@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deepserve.quant.pipeline import partial_dir
+from deepserve.quant.pipeline import ConversionBusy, partial_dir
 from deepserve.quant.policy import HIGH_PRECISION_HELP
 from deepserve.quant.quantize_int4 import Int4Options
 
@@ -114,7 +114,7 @@ def _run(convert, dst: str):
                 if partial.is_dir() else "nothing was written")
     try:
         return convert()
-    except FileNotFoundError:
+    except (FileNotFoundError, ConversionBusy):
         raise
     except ValueError as exc:   # a tensor refused midway: the shards before it are kept
         if any(partial.glob("*.safetensors")):

@@ -12,7 +12,8 @@ the output size and index exist before any weight is read) and converts them. Th
    `DST.partial/.deepserve-convert.json`;
 3. writes the index, config.json and side files, then renames `DST.partial` to `DST`.
 
-A killed run leaves nothing under `DST`; the next run with the same source and task resumes,
+A run holds a lock beside `DST.partial` from start to end, so the same command started twice
+is refused rather than writing into the first one's folder. A killed run leaves nothing under `DST`; the next run with the same source and task resumes,
 skipping shards whose size and sha256 still match the manifest and whose source shards (those
 read up to and including them) keep the size and mtime recorded there.
 Test hook: env `DEEPSERVE_CONVERT_TEST_SLEEP_S` sleeps that long after each shard, so a test
@@ -20,6 +21,8 @@ can SIGKILL the converter between shards deterministically.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -200,6 +203,45 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
     conv.validate(ckpt)
     plan = _plan(ckpt, conv)
     partial = partial_dir(dst)
+    with _exclusive(partial):
+        _check_paths(src, dst, overwrite)   # a run that held the lock may have finished DST since
+        return _convert(dst, conv, ckpt, plan, partial, overwrite, progress)
+
+
+class ConversionBusy(ValueError):
+    """Another run holds DST.partial: its work there is its own to report."""
+
+
+@contextlib.contextmanager
+def _exclusive(partial: Path):
+    """Hold the lock that keeps a second run (the same command started twice) out of `partial`:
+    two writers would clear, overwrite and rename each other's files. The lock file sits beside
+    `partial` (which is renamed away at the end) and is removed when done."""
+    lock = partial.with_name(f".{partial.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConversionBusy(f"another deepserve convert is writing {partial}: let it finish, or stop it "
+                             f"and re-run") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)    # the holder removed the file between our open and lock: take the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _convert(dst: Path, conv: Converter, ckpt: Checkpoint, plan: dict[str, list[OutSpec]],
+             partial: Path, overwrite: bool, progress: bool) -> ConversionReport:
     manifest = _load_manifest(partial, _job_id(ckpt, conv), overwrite)
     done = _verified_shards(partial, manifest, ckpt.root) if partial.exists() else {}
     todo = [s for s in ckpt.shards if s not in done]

@@ -30,9 +30,10 @@ def _convert_slowly(argv: list[str]) -> None:
     sys.exit(main(["convert", *argv, "--no-progress"]))
 
 
-def _kill_after_first_shard(args: list[str], dst: Path) -> Path:
+def _kill_after_first_shard(args: list[str], dst: Path, meanwhile=lambda: None) -> Path:
     """Run `deepserve convert ARGS` in a process of its own, forked from the engines' fork
-    server (torch imported there already); SIGKILL it once shard 1 is recorded."""
+    server (torch imported there already); once shard 1 is recorded, call `meanwhile()`, then
+    SIGKILL it."""
     proc = process_context().Process(target=_convert_slowly, args=(args,))
     proc.start()
     partial = dst.with_name(dst.name + ".partial")
@@ -46,6 +47,7 @@ def _kill_after_first_shard(args: list[str], dst: Path) -> Path:
             assert time.monotonic() < deadline, "converter did not finish its first shard"
             time.sleep(0.05)
         assert not dst.exists()  # mid-run: nothing under the final name
+        meanwhile()
     finally:
         proc.kill()  # SIGKILL; a no-op if it already exited (then the asserts above failed)
         proc.join(30)
@@ -120,3 +122,30 @@ def test_a_source_shard_rewritten_in_place_is_converted_again(bf16_ckpt, tmp_pat
     fresh = tmp_path / "fresh"
     quantize_checkpoint(bf16_ckpt, fresh, "fp8-block", progress=False)
     assert _digests(dst) == _digests(fresh)
+
+
+def test_the_same_command_started_twice_leaves_the_first_run_alone(bf16_ckpt, tmp_path, capsys):
+    """A second run while the first one writes DST.partial: one line, exit 2, the first run's
+    shard untouched; once the first is gone the command resumes from its shard."""
+    dst = tmp_path / "fp8"
+    argv = ["convert", "quantize", str(bf16_ckpt), str(dst), "--method", "fp8-block", "--no-progress"]
+    partial = dst.with_name("fp8.partial")
+    seen = {}
+
+    def second_run():
+        seen["inode"] = (partial / FIRST).stat().st_ino
+        seen["code"] = main(argv)
+        seen["err"] = capsys.readouterr().err
+        seen["after"] = (partial / FIRST).stat().st_ino
+
+    _kill_after_first_shard(argv[1:-1], dst, meanwhile=second_run)
+    assert seen["code"] == 2 and seen["err"] == (
+        f"deepserve convert: error: another deepserve convert is writing {partial}: let it finish, or stop it "
+        "and re-run\n")
+    assert seen["after"] == seen["inode"]
+    assert main(argv) == 0
+    assert "1 shard(s) converted, 1 already done and verified" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    quantize_checkpoint(bf16_ckpt, fresh, "fp8-block", progress=False)
+    assert _digests(dst) == _digests(fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp8", "fresh"]
