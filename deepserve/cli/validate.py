@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import shlex
 import tempfile
@@ -70,6 +71,16 @@ def register(subparsers) -> None:
     e = p.add_argument_group("common engine flags (vLLM names), shared by both setups")
     EngineArgs.add_cli_args(e)
     p.set_defaults(func=run)
+    p.error = functools.partial(_setup_flags_error, p.error)
+
+
+def _setup_flags_error(error, message: str):
+    """The parser's error, with the spelling a lone flag as a setup's value needs: argparse takes
+    `--a --enforce-eager` for two flags, and `--a` is left without a value."""
+    for name in ("--a", "--b"):
+        if message == f"argument {name}: expected one argument":
+            message += f" (a single flag as its value takes '=': {name}=--enforce-eager)"
+    error(message)
 
 
 def setup_kwargs(name: str, common: dict, flags: str) -> tuple[dict, list[str]]:

@@ -13,9 +13,10 @@ the output size and index exist before any weight is read) and converts them. Th
 3. writes the index, config.json and side files, then renames `DST.partial` to `DST`.
 
 A run holds a lock beside `DST.partial` from start to end, so the same command started twice
-is refused rather than writing into the first one's folder. A killed run leaves nothing under `DST`; the next run with the same source and task resumes,
-skipping shards whose size and sha256 still match the manifest and whose source shards (those
-read up to and including them) keep the size and mtime recorded there.
+is refused rather than writing into the first one's folder. A killed run leaves nothing under
+`DST`; the next run with the same source and task resumes, skipping shards whose size and
+sha256 still match the manifest and whose source shards (those read up to and including them)
+keep the size and mtime recorded there.
 Test hook: env `DEEPSERVE_CONVERT_TEST_SLEEP_S` sleeps that long after each shard, so a test
 can SIGKILL the converter between shards deterministically.
 """

@@ -126,6 +126,15 @@ def test_a_prompts_folder_is_named_as_a_folder(tmp_path):
         load_prompts(str(tmp_path))
 
 
+def test_a_lone_flag_as_a_setup_without_equals_says_how_to_write_it(capsys):
+    for name in ("--a", "--b"):
+        with pytest.raises(SystemExit) as exc:
+            main(["validate", name, "--enforce-eager"])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == (f"deepserve validate: error: argument {name}: expected one argument "
+                                           f"(a single flag as its value takes '=': {name}=--enforce-eager)\n")
+
+
 def test_prompt_label_fits_wide_characters():
     label = prompt_label("深度求索发布了推理模型，它在数学和代码任务上表现出色。", width=20)
     assert display_width(label) <= 20 and label.endswith("...")
