@@ -22,6 +22,7 @@ from typing import Optional
 from deepserve.cli import plan as plan_cli
 from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
 from deepserve.server.args import LOG_LEVELS, ServerArgs
+from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
 
 def register(subparsers) -> None:
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
                    help="Print what would run (the cluster commands host by host, the engine args) and exit.")
     e = p.add_argument_group("engine (vLLM flag names)")
     EngineArgs.add_cli_args(e)
+    add_refused_flags(p)   # vLLM's flags for what deepserve does not have: one line naming each
     p.set_defaults(func=run)
 
 
@@ -52,6 +54,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict]:
 
 def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, object]:
     """resolve(), plus the cluster runner options (None without a hostfile)."""
+    check_refused(args)
     from deepserve.distributed.cluster import RunnerOptions
     from deepserve.server.config_file import ServeConfig, flagscale_experiment, is_config_file, load_serve_config
 

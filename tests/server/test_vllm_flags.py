@@ -211,3 +211,113 @@ def test_return_tokens_as_token_ids_flag(request_says, expected):
         return [e.token for e in chat.choices[0].logprobs.content], text.choices[0].logprobs.tokens
     for tokens in asyncio.run(ask()):
         assert tokens and all(t.startswith("token_id:") == expected for t in tokens), tokens
+
+
+# every flag of `vllm serve` 0.26 (entrypoints/openai/cli_args.py make_arg_parser and FrontendArgs,
+# engine/arg_utils.py EngineArgs / AsyncEngineArgs.add_cli_args)
+VLLM_SERVE_FLAGS = """
+    --lora-modules --chat-template --chat-template-content-format --trust-request-chat-template 
+    --default-chat-template-kwargs --response-role --return-tokens-as-token-ids --enable-auto-tool-choice 
+    --exclude-tools-when-tool-choice-none --tool-call-parser --tool-parser-plugin --tool-server 
+    --log-config-file --max-log-len --enable-prompt-tokens-details --enable-per-request-metrics 
+    --enable-server-load-tracking --enable-force-include-usage --enable-tokenizer-info-endpoint 
+    --enable-log-outputs --enable-log-deltas --log-error-stack --tokens-only --fingerprint-mode 
+    --fingerprint-value --host --port --data-parallel-supervisor-port --dp-supervisor-probe-interval-s 
+    --dp-supervisor-probe-timeout-s --dp-supervisor-probe-failure-threshold --uds --uvicorn-log-level 
+    --disable-uvicorn-access-log --disable-access-log-for-endpoints --allow-credentials --allowed-origins 
+    --allowed-methods --allowed-headers --api-key --ssl-keyfile --ssl-certfile --ssl-ca-certs 
+    --enable-ssl-refresh --ssl-cert-reqs --ssl-ciphers --root-path --middleware --enable-request-id-headers 
+    --disable-fastapi-docs --h11-max-incomplete-event-size --h11-max-header-count --enable-offline-docs 
+    --enable-flash-late-interaction --headless --api-server-count --grpc --model --runner --convert --tokenizer 
+    --tokenizer-mode --trust-remote-code --dtype --seed --hf-config-path --allowed-local-media-path 
+    --allowed-media-domains --revision --code-revision --tokenizer-revision --max-model-len --quantization 
+    --quantization-config --allow-deprecated-quantization --enforce-eager --enable-return-routed-experts 
+    --max-logprobs --logprobs-mode --use-fp64-gumbel --disable-sliding-window --disable-cascade-attn 
+    --skip-tokenizer-init --enable-prompt-embeds --served-model-name --config-format --hf-token --hf-overrides 
+    --model-class-overrides --pooler-config --generation-config --override-generation-config 
+    --enable-sleep-mode --enable-cumem-allocator --model-impl --override-attention-dtype --logits-processors 
+    --io-processor-plugin --renderer-num-workers --load-format --download-dir --safetensors-load-strategy 
+    --safetensors-prefetch-num-threads --safetensors-prefetch-block-size --model-loader-extra-config 
+    --ignore-patterns --use-tqdm-on-load --pt-load-map-location --attention-backend --mamba-backend 
+    --enable-mamba-cache-stochastic-rounding --mamba-cache-philox-rounds --reasoning-parser 
+    --reasoning-parser-plugin --distributed-executor-backend --pipeline-parallel-size --master-addr 
+    --master-port --nnodes --node-rank --distributed-timeout-seconds --cpu-distributed-timeout-seconds 
+    --numa-bind --numa-bind-nodes --numa-bind-cpus --device-ids --tensor-parallel-size 
+    --decode-context-parallel-size --dcp-comm-backend --dcp-kv-cache-interleave-size 
+    --cp-kv-cache-interleave-size --prefill-context-parallel-size --data-parallel-size --data-parallel-rank 
+    --data-parallel-start-rank --data-parallel-size-local --data-parallel-address --data-parallel-rpc-port 
+    --data-parallel-backend --data-parallel-hybrid-lb --data-parallel-external-lb 
+    --data-parallel-multi-port-external-lb --enable-expert-parallel --enable-ep-weight-filter --all2all-backend 
+    --enable-dbo --ubatch-size --enable-elastic-ep --dbo-decode-token-threshold --dbo-prefill-token-threshold 
+    --disable-nccl-for-dp-synchronization --enable-eplb --eplb-config --expert-placement-strategy 
+    --max-parallel-loading-workers --ray-workers-use-nsight --disable-custom-all-reduce --worker-cls 
+    --worker-extension-cls --block-size --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-dtype 
+    --num-gpu-blocks-override --enable-prefix-caching --prefix-caching-hash-algo --calculate-kv-scales 
+    --kv-cache-dtype-skip-layers --kv-sharing-fast-prefill --mamba-cache-dtype --mamba-ssm-cache-dtype 
+    --mamba-block-size --prefix-match-unit --mamba-cache-mode --kv-offloading-size --kv-offloading-backend 
+    --offload-backend --cpu-offload-gb --cpu-offload-params --offload-group-size --offload-num-in-group 
+    --offload-prefetch-step --offload-params --language-model-only --limit-mm-per-prompt --enable-mm-embeds 
+    --media-io-kwargs --mm-processor-kwargs --mm-processor-cache-gb --mm-processor-cache-type 
+    --mm-shm-cache-max-object-size-mb --mm-encoder-only --mm-encoder-tp-mode --mm-encoder-attn-backend 
+    --mm-encoder-attn-dtype --mm-encoder-fp8-scale-path --mm-encoder-fp8-scale-save-path 
+    --mm-encoder-fp8-scale-save-margin --interleave-mm-strings --skip-mm-profiling --video-pruning-rate 
+    --mm-tensor-ipc --mm-ipc-gpu-memory-gb --enable-lora --max-loras --max-lora-rank --lora-dtype 
+    --enable-tower-connector-lora --max-cpu-loras --fully-sharded-loras --lora-target-modules 
+    --default-mm-loras --specialize-active-lora --enable-mixed-moe-lora-format --enable-moe-shared-loras 
+    --show-hidden-metrics-for-version --otlp-traces-endpoint --collect-detailed-traces --kv-cache-metrics 
+    --kv-cache-metrics-sample --cudagraph-metrics --enable-layerwise-nvtx-tracing --enable-mfu-metrics 
+    --enable-logging-iteration-details --jit-monitor-mode --jit-monitor-verbose --max-num-batched-tokens 
+    --max-num-scheduled-tokens --max-num-seqs --max-num-partial-prefills --max-long-partial-prefills 
+    --long-prefill-token-threshold --scheduling-policy --enable-chunked-prefill --disable-chunked-mm-input 
+    --scheduler-cls --scheduler-reserve-full-isl --watermark --prefill-schedule-interval 
+    --disable-hybrid-kv-cache-manager --async-scheduling --stream-interval --ir-op-priority 
+    --enable-flashinfer-autotune --enable-bf16x3-router-gemm --moe-backend --linear-backend 
+    --speculative-config --diffusion-config --kv-transfer-config --kv-events-config --ec-transfer-config 
+    --compilation-config --attention-config --reasoning-config --kernel-config --additional-config 
+    --structured-outputs-config --profiler-config --optimization-level --performance-mode 
+    --weight-transfer-config --disable-log-stats --aggregate-engine-logging --fail-on-environ-validation 
+    --shutdown-timeout --gdn-prefill-backend --enable-log-requests
+""".split()
+
+
+def test_every_vllm_serve_flag_is_taken(parser):
+    """Each is honoured, or taken to be refused by name: none is argparse's "unrecognized
+    arguments" (206 of them were)."""
+    serve_parser = parser._subparsers._group_actions[0].choices["serve"]
+    assert [flag for flag in VLLM_SERVE_FLAGS if flag not in serve_parser._option_string_actions] == []
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--enable-lora"], "--enable-lora is not supported: deepserve serves no LoRA adapters"),
+    (["--lora-modules", "sql=/loras/sql"], "--lora-modules sql=/loras/sql is not supported: deepserve serves no LoRA"),
+    (["--limit-mm-per-prompt", '{"image": 2}'], "--limit-mm-per-prompt {\"image\": 2} is not supported: deepserve "
+                                               "serves text models, no multi-modal inputs"),
+    (["--kv-transfer-config", '{"kv_connector": "NixlConnector"}'], "--kv-transfer-config {\"kv_connector\": \"NixlConnector\"} is not supported: deepserve has no KV "
+     "cache transfer"),
+    (["--tokenizer-mode", "mistral"], "--tokenizer-mode mistral is not supported (it takes auto or hf): the "
+                                      "tokenizer is the folder's tokenizer.json"),
+    (["--runner", "pooling"], "--runner pooling is not supported (it takes auto or generate): deepserve serves "
+                              "no pooling models"),
+    (["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"], "--ssl-keyfile k.pem is not supported: the server "
+                                                            "listens on --host / --port over plain HTTP"),
+    (["--revision", "main"], "--revision main is not supported: deepserve serves local model folders"),
+    (["--logits-processors", "my.Proc"], "--logits-processors my.Proc is not supported: it loads user code"),
+])
+def test_unsupported_vllm_flags_are_one_line(argv, line, capsys):
+    """A vLLM flag for a feature deepserve does not have: one line naming it and why (was
+    argparse's generic "unrecognized arguments", or for --tokenizer-mode and the like a value
+    nobody checked)."""
+    from deepserve.cli.main import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"deepserve serve: error: {line}") and err.count("\n") == 1, err
+
+
+def test_served_values_of_vllm_flags_pass(parser):
+    """Values that ask for what deepserve does anyway, and switches that turn off what it does
+    not have, are accepted; a switch does not take the model that follows it."""
+    engine, _, _ = resolve(parser.parse_args(["serve", "--disable-custom-all-reduce", "m", "--tokenizer-mode", "hf",
+                                              "--runner", "generate", "--config-format", "auto",
+                                              "--disable-sliding-window", "--cpu-offload-gb", "0"]))
+    assert engine["model"] == "m"

@@ -1,0 +1,176 @@
+"""`vllm serve` 0.26 flags that `deepserve serve` has no option for: each is taken by the parser
+(hidden from --help) so that giving it is one line naming the flag and why, not argparse's
+"unrecognized arguments". A value that asks for what deepserve does anyway passes (`--runner
+generate`, `--tokenizer-mode hf`), and so do the switches that turn off something deepserve does
+not have (`--disable-custom-all-reduce`).
+
+The flags are vLLM's (engine/arg_utils.py EngineArgs.add_cli_args, entrypoints/openai/cli_args.py),
+grouped by the feature they belong to.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+_LOADER = "a setting of vLLM's weight loader; deepserve's loader reads the folder's safetensors and has none"
+_SCHEDULER = "a setting of vLLM's scheduler that deepserve's scheduler does not have"
+_METRICS = "deepserve has none of vLLM's extra tracing and metrics (its metrics are at /metrics)"
+_KERNELS = "kernel backends are chosen with --ops (auto | torch | triton | triton-all | flaggems)"
+_HUB = "deepserve serves local model folders and downloads nothing from the Hugging Face Hub"
+_CODE = "it loads user code (a plugin, class or import path), which deepserve does not run"
+_DP_LB = ("deepserve has no external or hybrid load balancing over data-parallel ranks: one server (with "
+          "--api-server-count front ends) serves every rank")
+
+# (why, flags): the flags refused for that reason
+_GROUPS = (
+    ("deepserve serves no LoRA adapters",
+     ("--lora-modules", "--enable-lora", "--max-loras", "--max-lora-rank", "--lora-dtype",
+      "--enable-tower-connector-lora", "--max-cpu-loras", "--fully-sharded-loras", "--lora-target-modules",
+      "--default-mm-loras", "--specialize-active-lora", "--enable-mixed-moe-lora-format",
+      "--enable-moe-shared-loras")),
+    ("deepserve serves text models, no multi-modal inputs",
+     ("--allowed-local-media-path", "--allowed-media-domains", "--language-model-only", "--limit-mm-per-prompt",
+      "--enable-mm-embeds", "--media-io-kwargs", "--mm-processor-kwargs", "--mm-processor-cache-gb",
+      "--mm-processor-cache-type", "--mm-shm-cache-max-object-size-mb", "--mm-encoder-only",
+      "--mm-encoder-tp-mode", "--mm-encoder-attn-backend", "--mm-encoder-attn-dtype", "--mm-encoder-fp8-scale-path",
+      "--mm-encoder-fp8-scale-save-path", "--mm-encoder-fp8-scale-save-margin", "--interleave-mm-strings",
+      "--skip-mm-profiling", "--video-pruning-rate", "--mm-tensor-ipc", "--mm-ipc-gpu-memory-gb",
+      "--disable-chunked-mm-input")),
+    ("prompts are text or token ids, not embeddings", ("--enable-prompt-embeds",)),
+    ("deepserve serves no pooling models (embeddings, classification, scores)",
+     ("--runner", "--convert", "--pooler-config", "--enable-flash-late-interaction", "--io-processor-plugin")),
+    ("deepserve has no KV cache transfer or offloading (disaggregated prefill / decode)",
+     ("--kv-transfer-config", "--kv-events-config", "--ec-transfer-config", "--kv-offloading-size",
+      "--kv-offloading-backend", "--tokens-only")),
+    ("deepserve has no weight transfer between processes (RL weight updates)", ("--weight-transfer-config",)),
+    ("weights stay in device memory (no offloading to host memory)",
+     ("--offload-backend", "--cpu-offload-gb", "--cpu-offload-params", "--offload-group-size",
+      "--offload-num-in-group", "--offload-prefetch-step", "--offload-params")),
+    ("deepserve serves DeepSeek, Qwen2 and Llama models, no Mamba or linear-attention ones",
+     ("--mamba-backend", "--enable-mamba-cache-stochastic-rounding", "--mamba-cache-philox-rounds",
+      "--mamba-cache-dtype", "--mamba-ssm-cache-dtype", "--mamba-block-size", "--mamba-cache-mode",
+      "--gdn-prefill-backend")),
+    ("deepserve serves no diffusion models", ("--diffusion-config",)),
+    ("deepserve has no sleep mode", ("--enable-sleep-mode", "--enable-cumem-allocator")),
+    (_CODE, ("--tool-parser-plugin", "--reasoning-parser-plugin", "--middleware", "--logits-processors",
+             "--worker-cls", "--worker-extension-cls", "--scheduler-cls", "--model-class-overrides",
+             "--model-impl")),
+    (_HUB, ("--revision", "--code-revision", "--tokenizer-revision", "--download-dir", "--hf-token")),
+    ("config.json is read from the model folder", ("--hf-config-path",)),
+    ("the tokenizer is the folder's tokenizer.json, read with the tokenizers library", ("--tokenizer-mode",)),
+    ("prompts are rendered and tokenized in a worker thread of each API server (--api-server-count sets how "
+     "many)", ("--renderer-num-workers",)),
+    ("config.json is read in Hugging Face's format", ("--config-format",)),
+    ("a folder without tokenizer.json already serves token-id prompts only; with one, text is served",
+     ("--skip-tokenizer-init",)),
+    (_LOADER, ("--safetensors-load-strategy", "--safetensors-prefetch-num-threads",
+               "--safetensors-prefetch-block-size", "--model-loader-extra-config", "--ignore-patterns",
+               "--pt-load-map-location", "--max-parallel-loading-workers", "--use-tqdm-on-load")),
+    ("quantization settings come from the checkpoint's config.json and --quantization",
+     ("--quantization-config", "--allow-deprecated-quantization")),
+    ("KV cache scales come from the checkpoint (k_scale / v_scale), 1.0 without",
+     ("--calculate-kv-scales", "--kv-cache-dtype-skip-layers")),
+    (_KERNELS, ("--attention-backend", "--attention-config", "--kernel-config", "--ir-op-priority",
+                "--enable-flashinfer-autotune", "--enable-bf16x3-router-gemm", "--moe-backend", "--linear-backend",
+                "--override-attention-dtype")),
+    ("tensor / pipeline parallel over several nodes runs on Ray (--distributed-executor-backend ray, or a "
+     "hostfile); data parallel over nodes takes --data-parallel-address and --headless",
+     ("--master-addr", "--master-port", "--nnodes", "--node-rank")),
+    ("process-group timeouts are not settable", ("--distributed-timeout-seconds",
+                                                  "--cpu-distributed-timeout-seconds")),
+    ("deepserve does not bind ranks to NUMA nodes", ("--numa-bind", "--numa-bind-nodes", "--numa-bind-cpus")),
+    ("the GPUs are chosen with CUDA_VISIBLE_DEVICES", ("--device-ids",)),
+    ("deepserve has no context parallelism",
+     ("--decode-context-parallel-size", "--dcp-comm-backend", "--dcp-kv-cache-interleave-size",
+      "--cp-kv-cache-interleave-size", "--prefill-context-parallel-size")),
+    (_DP_LB, ("--data-parallel-rank", "--data-parallel-hybrid-lb", "--data-parallel-external-lb",
+              "--data-parallel-multi-port-external-lb", "--data-parallel-supervisor-port",
+              "--dp-supervisor-probe-interval-s", "--dp-supervisor-probe-timeout-s",
+              "--dp-supervisor-probe-failure-threshold")),
+    ("data-parallel ranks run as local processes, or on Ray with --distributed-executor-backend ray",
+     ("--data-parallel-backend",)),
+    ("deepserve has no expert load balancing (EPLB, elastic EP, other placements): each EP rank holds a "
+     "contiguous range of experts",
+     ("--enable-eplb", "--eplb-config", "--enable-elastic-ep", "--expert-placement-strategy",
+      "--enable-ep-weight-filter")),
+    ("deepserve has no dual batch overlap", ("--enable-dbo", "--ubatch-size", "--dbo-decode-token-threshold",
+                                             "--dbo-prefill-token-threshold")),
+    ("it is a setting of vLLM's data-parallel synchronization, which deepserve does not have",
+     ("--disable-nccl-for-dp-synchronization",)),
+    ("deepserve does not start Ray workers under Nsight", ("--ray-workers-use-nsight",)),
+    ("deepserve has no KV cache sharing across layers", ("--kv-sharing-fast-prefill", "--prefix-match-unit")),
+    (_SCHEDULER, ("--max-num-scheduled-tokens", "--max-num-partial-prefills", "--max-long-partial-prefills",
+                  "--long-prefill-token-threshold", "--scheduler-reserve-full-isl", "--watermark",
+                  "--prefill-schedule-interval", "--stream-interval")),
+    (_METRICS, ("--show-hidden-metrics-for-version", "--otlp-traces-endpoint", "--collect-detailed-traces",
+                "--kv-cache-metrics", "--kv-cache-metrics-sample", "--cudagraph-metrics",
+                "--enable-layerwise-nvtx-tracing", "--enable-mfu-metrics", "--enable-logging-iteration-details",
+                "--jit-monitor-mode", "--jit-monitor-verbose", "--aggregate-engine-logging",
+                "--enable-per-request-metrics")),
+    ("the routed experts are not returned", ("--enable-return-routed-experts",)),
+    ("logprobs are the sampled distribution's log-probabilities", ("--logprobs-mode",)),
+    ("deepserve has no float64 Gumbel sampling", ("--use-fp64-gumbel",)),
+    ("responses name the assistant role", ("--response-role",)),
+    ("deepserve's Responses API has no built-in tool servers", ("--tool-server",)),
+    ("responses carry no system_fingerprint", ("--fingerprint-mode", "--fingerprint-value")),
+    ("the server listens on --host / --port over plain HTTP, without TLS or unix sockets (put a proxy in "
+     "front)", ("--uds", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--enable-ssl-refresh",
+                         "--ssl-cert-reqs", "--ssl-ciphers")),
+    ("the HTTP parser's limits are uvicorn's defaults (request bodies: --max-body-bytes)",
+     ("--h11-max-incomplete-event-size", "--h11-max-header-count")),
+    ("the API docs (/docs, /redoc) load their assets from a CDN", ("--enable-offline-docs",)),
+    ("deepserve has no gRPC server", ("--grpc",)),
+    ("logging is set with --log-level and --uvicorn-log-level (a logging config file is not read)",
+     ("--log-config-file",)),
+    ("error responses are logged in one line (DEEPSERVE_DEBUG=1 shows tracebacks)", ("--log-error-stack",)),
+    ("a streamed request's output is logged once, as it ends", ("--enable-log-deltas",)),
+    ("it sets vLLM's platform plugins, which deepserve does not have", ("--additional-config",)),
+    ("vLLM's optimization levels are torch.compile's; deepserve captures CUDA graphs (--cudagraph-mode, "
+     "--compilation-config)", ("--optimization-level", "--performance-mode")),
+    ("deepserve has no environment validation or shutdown timeout settings",
+     ("--fail-on-environ-validation", "--shutdown-timeout")),
+)
+# values that ask for what deepserve does anyway: accepted, with no effect
+_SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--tokenizer-mode": ("auto", "hf"),
+           "--config-format": ("auto", "hf"), "--model-impl": ("auto", "vllm"), "--cpu-offload-gb": ("0",),
+           "--logprobs-mode": ("raw_logprobs",), "--response-role": ("assistant",),
+           "--expert-placement-strategy": ("linear",), "--data-parallel-backend": ("mp",),
+           "--decode-context-parallel-size": ("1",), "--prefill-context-parallel-size": ("1",),
+           "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",), "--stream-interval": ("1",),
+           "--fingerprint-mode": ("none",), "--kv-offloading-size": ("0",), "--tool-parser-plugin": ("",),
+           "--worker-cls": ("auto",)}
+# switches that turn off what deepserve does not have: accepted, with no effect
+SATISFIED = {
+    "--disable-custom-all-reduce": "vLLM's custom all-reduce kernel (deepserve's all-reduce is torch.distributed's)",
+    "--disable-sliding-window": "sliding-window attention (the models served attend over the whole context)",
+    "--disable-cascade-attn": "cascade attention",
+    "--disable-hybrid-kv-cache-manager": "vLLM's hybrid KV cache manager (one KV cache layout serves every layer)",
+    "--no-enable-log-deltas": "streamed output deltas in the request log (a request's output is logged as it ends)",
+}
+REFUSED = {flag: why for why, flags in _GROUPS for flag in flags}
+
+
+def _dest(flag: str) -> str:
+    return "vllm_" + flag[2:].replace("-", "_")
+
+
+def add_refused_flags(parser: argparse.ArgumentParser) -> None:
+    """Every flag of REFUSED and SATISFIED, hidden from --help; `check_refused` reads them."""
+    for flag in REFUSED:
+        parser.add_argument(flag, dest=_dest(flag), nargs="*", default=None, help=argparse.SUPPRESS)
+    for flag in SATISFIED:
+        parser.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=argparse.SUPPRESS)
+
+
+def check_refused(args: argparse.Namespace) -> None:
+    """ValueError naming the first flag of REFUSED given with a value deepserve does not serve."""
+    for flag, why in REFUSED.items():
+        values: Optional[list] = getattr(args, _dest(flag), None)
+        if values is None:
+            continue
+        value = " ".join(values)
+        if value in _SERVED.get(flag, ()):
+            continue
+        given = f"{flag} {value}" if value else flag
+        takes = f" (it takes {' or '.join(_SERVED[flag])})" if value and flag in _SERVED else ""
+        raise ValueError(f"{given} is not supported{takes}: {why}")
