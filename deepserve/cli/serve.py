@@ -191,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         check_local_gpus(engine_args)
         check_gloo_interface(engine_args)
         check_server_args(engine_args, server)
+        if is_multi_node_dp(engine_args):
+            rpc_ports(engine_args)
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
         print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
                                     if k != "api_key"))
@@ -217,6 +219,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         start_early()   # its imports of torch and the engine run beside the server's own below
     check_host_memory(engine_args, config, check_before_start(config))
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
+        rpc_ports(engine_args)
         check_resolves(engine_args.data_parallel_address, "--data-parallel-address: node 0's address, where this "
                        "node's DP ranks connect")
         from deepserve.engine.engine_core import run_headless
@@ -234,8 +237,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
         sock.close()
         sock = None
     try:
-        local = engine_args.data_parallel_size_local
-        if engine_args.data_parallel_address and local and local < engine_args.data_parallel_size:
+        if is_multi_node_dp(engine_args):
             # node 0 of multi-node data parallel: the other nodes' engine cores reach it there
             bind_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
                         "where the other nodes' DP ranks connect").close()
@@ -251,14 +253,30 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
             sock.close()
 
 
-def check_rpc_ports(engine_args: EngineArgs) -> None:
+def rpc_ports(engine_args: EngineArgs) -> range:
     """The ports from --data-parallel-rpc-port that node 0 listens on for the other nodes (each
-    front end's outputs and its requests to each DP rank, the process group's store): one in use
-    (another server, or this one's --port) is one line, not a traceback after the load."""
+    front end's outputs and its requests to each DP rank, the process group's store). Past 65535
+    is one line: the OS would take 70000 as 4464 and ZeroMQ refuse it in rank 0 after the load."""
     from deepserve.engine.engine_core import front_ends
     first = engine_args.data_parallel_rpc_port
     last = first + front_ends(engine_args) * (engine_args.data_parallel_size + 2) - 1
-    for port in range(first, last + 1):
+    if first < 1 or last > 65535:
+        raise ValueError(f"--data-parallel-rpc-port {first}: multi-node data parallel uses ports {first}-{last}, "
+                         "which must lie in [1, 65535]")
+    return range(first, last + 1)
+
+
+def is_multi_node_dp(engine_args: EngineArgs) -> bool:
+    local = engine_args.data_parallel_size_local
+    return bool(engine_args.data_parallel_address and local and local < engine_args.data_parallel_size)
+
+
+def check_rpc_ports(engine_args: EngineArgs) -> None:
+    """rpc_ports() on node 0: one in use (another server, or this one's --port) is one line, not a
+    traceback after the load."""
+    ports = rpc_ports(engine_args)
+    first, last = ports[0], ports[-1]
+    for port in ports:
         bind_listen(engine_args.data_parallel_address, port,
                     f"--data-parallel-rpc-port {first}: this node listens on ports {first}-{last} "
                     f"for the DP ranks").close()

@@ -304,6 +304,18 @@ def test_hostfile_dry_run_checks_the_engine_args_against_the_model(reference, tm
     assert "max_model_len 200000 exceeds the model's max_position_embeddings 163840" in err
 
 
+@pytest.mark.parametrize("extra", [[], ["--dry-run"], ["--headless", "--data-parallel-start-rank", "1"]])
+def test_data_parallel_rpc_ports_past_65535_are_one_line(capsys, no_server, extra):
+    """The vllm-ascend two-node lines with --data-parallel-rpc-port 70000 (a digit too many): the
+    OS took it as port 4464, so the check passed, and rank 0's ZeroMQ refused it after the load
+    ("Port out of range"); `--dry-run` said nothing."""
+    argv = ["serve", DEMO_MODEL, "--data-parallel-size", "2", "--data-parallel-size-local", "1",
+            "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", "70000", "--port", "0", *extra]
+    err = one_line_error(capsys, argv)
+    assert err == ("deepserve serve: error: --data-parallel-rpc-port 70000: multi-node data parallel uses ports "
+                   "70000-70003, which must lie in [1, 65535]"), err
+
+
 def test_node0_data_parallel_address_must_be_its_own(capsys, no_server):
     """The vllm-ascend node 0 script with its `local_ip` unfilled or another node's address: the
     engine cores' ZeroMQ bind failed with a traceback (exit code 1) after the model loaded."""
