@@ -519,6 +519,11 @@ class EngineArgs:
     --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
     cudagraph_mode sets --cudagraph-mode; torch.compile keys (level, mode, backend, ...) are
     accepted and unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
+    cudagraph_capture_sizes: Optional[list] = None
+    """vLLM's: compilation_config's cudagraph_capture_sizes given alone (sets --cuda-graph-sizes)."""
+    max_cudagraph_capture_size: Optional[int] = None
+    """vLLM's: compilation_config's max_cudagraph_capture_size given alone (caps --cuda-graph-sizes
+    and --piecewise-max-tokens)."""
     ops: str = "auto"
     """Operator backend: auto (the platform's: triton on CUDA, torch on CPU, an out-of-tree
     platform's own) | torch | triton | triton-all (triton with the dense GEMMs on Triton kernels
@@ -612,6 +617,14 @@ class EngineArgs:
             raise ValueError(f"hf_overrides must be a JSON object, got {self.hf_overrides!r}")
         if self.compilation_config is not None:
             apply_compilation_config(self, self.compilation_config)
+        own = {k: getattr(self, k) for k in ("cudagraph_capture_sizes", "max_cudagraph_capture_size")
+               if getattr(self, k) is not None}
+        if own:   # into compilation_config, as vLLM folds them, where they stay
+            clash = next((k for k in own if k in (self.compilation_config or {})), None)
+            if clash:
+                raise ValueError(f"{clash} and compilation_config.{clash} are mutually exclusive")   # vLLM's words
+            apply_compilation_config(self, {**(self.compilation_config or {}), **own})
+            self.cudagraph_capture_sizes = self.max_cudagraph_capture_size = None
         mode = str(self.cudagraph_mode).upper()
         if mode not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {self.cudagraph_mode!r}")
@@ -695,6 +708,9 @@ class EngineArgs:
 
 # --------------------------------------------------------------------------- vLLM compatibility
 CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+# vLLM's top-level aliases of speculative_config keys (--spec-method, ...), and their types
+SPEC_ALIASES = {"spec_method": "method", "spec_model": "model", "spec_tokens": "num_speculative_tokens"}
+SPEC_ALIAS_TYPES = {"spec_method": str, "spec_model": str, "spec_tokens": int}
 # vLLM CompilationConfig keys about torch.compile / Inductor, which deepserve does not use
 COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", "use_inductor",
                      "compile_sizes", "inductor_compile_config", "inductor_passes", "pass_config",

@@ -20,7 +20,7 @@ import sys
 from typing import Optional
 
 from deepserve.cli import plan as plan_cli
-from deepserve.config import TRUST_REMOTE_CODE_NOTE, EngineArgs
+from deepserve.config import SPEC_ALIAS_TYPES, SPEC_ALIASES, TRUST_REMOTE_CODE_NOTE, EngineArgs
 from deepserve.server.args import LOG_LEVELS, ServerArgs
 from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                    help="Print what would run (the cluster commands host by host, the engine args) and exit.")
     e = p.add_argument_group("engine (vLLM flag names)")
     EngineArgs.add_cli_args(e)
+    for name, kind in SPEC_ALIAS_TYPES.items():
+        e.add_argument("--" + name.replace("_", "-"), type=kind, default=sup,
+                       help=f"vLLM's alias of --speculative-config's {SPEC_ALIASES[name]}.")
     add_refused_flags(p)   # vLLM's flags for what deepserve does not have: one line naming each
     p.set_defaults(func=run)
 
@@ -76,6 +79,12 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     engine = dict(config.engine_args)
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
+    spec = {name: getattr(args, name) for name in SPEC_ALIASES if hasattr(args, name)}
+    if spec:
+        from deepserve.engine.llm_inputs import fold_speculative_aliases
+
+        engine.update(spec)
+        fold_speculative_aliases(engine)
     # defaults < VLLM_LOGGING_LEVEL (the metax guide sets DEBUG) < the YAML file < flags given
     server: dict = {}
     level = vllm_logging_level()

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from deepserve.config import SPEC_ALIASES
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.tokenizer import JSONArguments, template_file
 
@@ -28,8 +29,6 @@ _VLLM_ONLY_ARGS: dict[str, tuple] = {
 # vLLM's structured_outputs_config keys and the values served (xgrammar; its JSON is always compact)
 _STRUCTURED_OUTPUTS_CONFIG = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (),
                               "disable_additional_properties": (), "disable_fallback": (), "reasoning_parser": ("",)}
-# vLLM's top-level aliases of speculative_config keys
-_SPEC_ALIASES = {"spec_method": "method", "spec_model": "model", "spec_tokens": "num_speculative_tokens"}
 # generation_config.json keys that become the default SamplingParams (max_new_tokens: max_tokens)
 _GENERATION_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 # TextPrompt / TokensPrompt keys served (others, vLLM's multi_modal_data among them, are refused)
@@ -47,7 +46,13 @@ def check_vllm_only_args(kwargs: dict) -> None:
             raise ValueError(f"structured_outputs_config.{key} is not supported (it takes "
                              f"{', '.join(_STRUCTURED_OUTPUTS_CONFIG)})")
         _check_served(f"structured_outputs_config.{key}", value, _STRUCTURED_OUTPUTS_CONFIG[key])
-    aliases = {_SPEC_ALIASES[k]: kwargs.pop(k) for k in list(kwargs) if k in _SPEC_ALIASES}
+    fold_speculative_aliases(kwargs)
+
+
+def fold_speculative_aliases(kwargs: dict) -> None:
+    """vLLM's spec_method / spec_model / spec_tokens taken out of `kwargs` and set in its
+    speculative_config; a key given both ways with two values is refused."""
+    aliases = {SPEC_ALIASES[k]: kwargs.pop(k) for k in list(kwargs) if k in SPEC_ALIASES}
     aliases = {k: v for k, v in aliases.items() if v is not None}
     if aliases:
         spec = kwargs.get("speculative_config") or {}

@@ -216,67 +216,68 @@ def test_return_tokens_as_token_ids_flag(request_says, expected):
 # every flag of `vllm serve` 0.26 (entrypoints/openai/cli_args.py make_arg_parser and FrontendArgs,
 # engine/arg_utils.py EngineArgs / AsyncEngineArgs.add_cli_args)
 VLLM_SERVE_FLAGS = """
-    --lora-modules --chat-template --chat-template-content-format --trust-request-chat-template 
-    --default-chat-template-kwargs --response-role --return-tokens-as-token-ids --enable-auto-tool-choice 
-    --exclude-tools-when-tool-choice-none --tool-call-parser --tool-parser-plugin --tool-server 
-    --log-config-file --max-log-len --enable-prompt-tokens-details --enable-per-request-metrics 
-    --enable-server-load-tracking --enable-force-include-usage --enable-tokenizer-info-endpoint 
-    --enable-log-outputs --enable-log-deltas --log-error-stack --tokens-only --fingerprint-mode 
-    --fingerprint-value --host --port --data-parallel-supervisor-port --dp-supervisor-probe-interval-s 
-    --dp-supervisor-probe-timeout-s --dp-supervisor-probe-failure-threshold --uds --uvicorn-log-level 
-    --disable-uvicorn-access-log --disable-access-log-for-endpoints --allow-credentials --allowed-origins 
-    --allowed-methods --allowed-headers --api-key --ssl-keyfile --ssl-certfile --ssl-ca-certs 
-    --enable-ssl-refresh --ssl-cert-reqs --ssl-ciphers --root-path --middleware --enable-request-id-headers 
-    --disable-fastapi-docs --h11-max-incomplete-event-size --h11-max-header-count --enable-offline-docs 
-    --enable-flash-late-interaction --headless --api-server-count --grpc --model --runner --convert --tokenizer 
-    --tokenizer-mode --trust-remote-code --dtype --seed --hf-config-path --allowed-local-media-path 
-    --allowed-media-domains --revision --code-revision --tokenizer-revision --max-model-len --quantization 
-    --quantization-config --allow-deprecated-quantization --enforce-eager --enable-return-routed-experts 
-    --max-logprobs --logprobs-mode --use-fp64-gumbel --disable-sliding-window --disable-cascade-attn 
-    --skip-tokenizer-init --enable-prompt-embeds --served-model-name --config-format --hf-token --hf-overrides 
-    --model-class-overrides --pooler-config --generation-config --override-generation-config 
-    --enable-sleep-mode --enable-cumem-allocator --model-impl --override-attention-dtype --logits-processors 
-    --io-processor-plugin --renderer-num-workers --load-format --download-dir --safetensors-load-strategy 
-    --safetensors-prefetch-num-threads --safetensors-prefetch-block-size --model-loader-extra-config 
-    --ignore-patterns --use-tqdm-on-load --pt-load-map-location --attention-backend --mamba-backend 
-    --enable-mamba-cache-stochastic-rounding --mamba-cache-philox-rounds --reasoning-parser 
-    --reasoning-parser-plugin --distributed-executor-backend --pipeline-parallel-size --master-addr 
-    --master-port --nnodes --node-rank --distributed-timeout-seconds --cpu-distributed-timeout-seconds 
-    --numa-bind --numa-bind-nodes --numa-bind-cpus --device-ids --tensor-parallel-size 
-    --decode-context-parallel-size --dcp-comm-backend --dcp-kv-cache-interleave-size 
-    --cp-kv-cache-interleave-size --prefill-context-parallel-size --data-parallel-size --data-parallel-rank 
-    --data-parallel-start-rank --data-parallel-size-local --data-parallel-address --data-parallel-rpc-port 
-    --data-parallel-backend --data-parallel-hybrid-lb --data-parallel-external-lb 
-    --data-parallel-multi-port-external-lb --enable-expert-parallel --enable-ep-weight-filter --all2all-backend 
-    --enable-dbo --ubatch-size --enable-elastic-ep --dbo-decode-token-threshold --dbo-prefill-token-threshold 
-    --disable-nccl-for-dp-synchronization --enable-eplb --eplb-config --expert-placement-strategy 
-    --max-parallel-loading-workers --ray-workers-use-nsight --disable-custom-all-reduce --worker-cls 
-    --worker-extension-cls --block-size --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-dtype 
-    --num-gpu-blocks-override --enable-prefix-caching --prefix-caching-hash-algo --calculate-kv-scales 
-    --kv-cache-dtype-skip-layers --kv-sharing-fast-prefill --mamba-cache-dtype --mamba-ssm-cache-dtype 
-    --mamba-block-size --prefix-match-unit --mamba-cache-mode --kv-offloading-size --kv-offloading-backend 
-    --offload-backend --cpu-offload-gb --cpu-offload-params --offload-group-size --offload-num-in-group 
-    --offload-prefetch-step --offload-params --language-model-only --limit-mm-per-prompt --enable-mm-embeds 
-    --media-io-kwargs --mm-processor-kwargs --mm-processor-cache-gb --mm-processor-cache-type 
-    --mm-shm-cache-max-object-size-mb --mm-encoder-only --mm-encoder-tp-mode --mm-encoder-attn-backend 
-    --mm-encoder-attn-dtype --mm-encoder-fp8-scale-path --mm-encoder-fp8-scale-save-path 
-    --mm-encoder-fp8-scale-save-margin --interleave-mm-strings --skip-mm-profiling --video-pruning-rate 
-    --mm-tensor-ipc --mm-ipc-gpu-memory-gb --enable-lora --max-loras --max-lora-rank --lora-dtype 
-    --enable-tower-connector-lora --max-cpu-loras --fully-sharded-loras --lora-target-modules 
-    --default-mm-loras --specialize-active-lora --enable-mixed-moe-lora-format --enable-moe-shared-loras 
-    --show-hidden-metrics-for-version --otlp-traces-endpoint --collect-detailed-traces --kv-cache-metrics 
-    --kv-cache-metrics-sample --cudagraph-metrics --enable-layerwise-nvtx-tracing --enable-mfu-metrics 
-    --enable-logging-iteration-details --jit-monitor-mode --jit-monitor-verbose --max-num-batched-tokens 
-    --max-num-scheduled-tokens --max-num-seqs --max-num-partial-prefills --max-long-partial-prefills 
-    --long-prefill-token-threshold --scheduling-policy --enable-chunked-prefill --disable-chunked-mm-input 
-    --scheduler-cls --scheduler-reserve-full-isl --watermark --prefill-schedule-interval 
-    --disable-hybrid-kv-cache-manager --async-scheduling --stream-interval --ir-op-priority 
-    --enable-flashinfer-autotune --enable-bf16x3-router-gemm --moe-backend --linear-backend 
-    --speculative-config --diffusion-config --kv-transfer-config --kv-events-config --ec-transfer-config 
-    --compilation-config --attention-config --reasoning-config --kernel-config --additional-config 
-    --structured-outputs-config --profiler-config --optimization-level --performance-mode 
-    --weight-transfer-config --disable-log-stats --aggregate-engine-logging --fail-on-environ-validation 
+    --lora-modules --chat-template --chat-template-content-format --trust-request-chat-template
+    --default-chat-template-kwargs --response-role --return-tokens-as-token-ids --enable-auto-tool-choice
+    --exclude-tools-when-tool-choice-none --tool-call-parser --tool-parser-plugin --tool-server
+    --log-config-file --max-log-len --enable-prompt-tokens-details --enable-per-request-metrics
+    --enable-server-load-tracking --enable-force-include-usage --enable-tokenizer-info-endpoint
+    --enable-log-outputs --enable-log-deltas --log-error-stack --tokens-only --fingerprint-mode
+    --fingerprint-value --host --port --data-parallel-supervisor-port --dp-supervisor-probe-interval-s
+    --dp-supervisor-probe-timeout-s --dp-supervisor-probe-failure-threshold --uds --uvicorn-log-level
+    --disable-uvicorn-access-log --disable-access-log-for-endpoints --allow-credentials --allowed-origins
+    --allowed-methods --allowed-headers --api-key --ssl-keyfile --ssl-certfile --ssl-ca-certs
+    --enable-ssl-refresh --ssl-cert-reqs --ssl-ciphers --root-path --middleware --enable-request-id-headers
+    --disable-fastapi-docs --h11-max-incomplete-event-size --h11-max-header-count --enable-offline-docs
+    --enable-flash-late-interaction --headless --api-server-count --grpc --model --runner --convert --tokenizer
+    --tokenizer-mode --trust-remote-code --dtype --seed --hf-config-path --allowed-local-media-path
+    --allowed-media-domains --revision --code-revision --tokenizer-revision --max-model-len --quantization
+    --quantization-config --allow-deprecated-quantization --enforce-eager --enable-return-routed-experts
+    --max-logprobs --logprobs-mode --use-fp64-gumbel --disable-sliding-window --disable-cascade-attn
+    --skip-tokenizer-init --enable-prompt-embeds --served-model-name --config-format --hf-token --hf-overrides
+    --model-class-overrides --pooler-config --generation-config --override-generation-config
+    --enable-sleep-mode --enable-cumem-allocator --model-impl --override-attention-dtype --logits-processors
+    --io-processor-plugin --renderer-num-workers --load-format --download-dir --safetensors-load-strategy
+    --safetensors-prefetch-num-threads --safetensors-prefetch-block-size --model-loader-extra-config
+    --ignore-patterns --use-tqdm-on-load --pt-load-map-location --attention-backend --mamba-backend
+    --enable-mamba-cache-stochastic-rounding --mamba-cache-philox-rounds --reasoning-parser
+    --reasoning-parser-plugin --distributed-executor-backend --pipeline-parallel-size --master-addr
+    --master-port --nnodes --node-rank --distributed-timeout-seconds --cpu-distributed-timeout-seconds
+    --numa-bind --numa-bind-nodes --numa-bind-cpus --device-ids --tensor-parallel-size
+    --decode-context-parallel-size --dcp-comm-backend --dcp-kv-cache-interleave-size
+    --cp-kv-cache-interleave-size --prefill-context-parallel-size --data-parallel-size --data-parallel-rank
+    --data-parallel-start-rank --data-parallel-size-local --data-parallel-address --data-parallel-rpc-port
+    --data-parallel-backend --data-parallel-hybrid-lb --data-parallel-external-lb
+    --data-parallel-multi-port-external-lb --enable-expert-parallel --enable-ep-weight-filter --all2all-backend
+    --enable-dbo --ubatch-size --enable-elastic-ep --dbo-decode-token-threshold --dbo-prefill-token-threshold
+    --disable-nccl-for-dp-synchronization --enable-eplb --eplb-config --expert-placement-strategy
+    --max-parallel-loading-workers --ray-workers-use-nsight --disable-custom-all-reduce --worker-cls
+    --worker-extension-cls --block-size --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-dtype
+    --num-gpu-blocks-override --enable-prefix-caching --prefix-caching-hash-algo --calculate-kv-scales
+    --kv-cache-dtype-skip-layers --kv-sharing-fast-prefill --mamba-cache-dtype --mamba-ssm-cache-dtype
+    --mamba-block-size --prefix-match-unit --mamba-cache-mode --kv-offloading-size --kv-offloading-backend
+    --offload-backend --cpu-offload-gb --cpu-offload-params --offload-group-size --offload-num-in-group
+    --offload-prefetch-step --offload-params --language-model-only --limit-mm-per-prompt --enable-mm-embeds
+    --media-io-kwargs --mm-processor-kwargs --mm-processor-cache-gb --mm-processor-cache-type
+    --mm-shm-cache-max-object-size-mb --mm-encoder-only --mm-encoder-tp-mode --mm-encoder-attn-backend
+    --mm-encoder-attn-dtype --mm-encoder-fp8-scale-path --mm-encoder-fp8-scale-save-path
+    --mm-encoder-fp8-scale-save-margin --interleave-mm-strings --skip-mm-profiling --video-pruning-rate
+    --mm-tensor-ipc --mm-ipc-gpu-memory-gb --enable-lora --max-loras --max-lora-rank --lora-dtype
+    --enable-tower-connector-lora --max-cpu-loras --fully-sharded-loras --lora-target-modules
+    --default-mm-loras --specialize-active-lora --enable-mixed-moe-lora-format --enable-moe-shared-loras
+    --show-hidden-metrics-for-version --otlp-traces-endpoint --collect-detailed-traces --kv-cache-metrics
+    --kv-cache-metrics-sample --cudagraph-metrics --enable-layerwise-nvtx-tracing --enable-mfu-metrics
+    --enable-logging-iteration-details --jit-monitor-mode --jit-monitor-verbose --max-num-batched-tokens
+    --max-num-scheduled-tokens --max-num-seqs --max-num-partial-prefills --max-long-partial-prefills
+    --long-prefill-token-threshold --scheduling-policy --enable-chunked-prefill --disable-chunked-mm-input
+    --scheduler-cls --scheduler-reserve-full-isl --watermark --prefill-schedule-interval
+    --disable-hybrid-kv-cache-manager --async-scheduling --stream-interval --ir-op-priority
+    --enable-flashinfer-autotune --enable-bf16x3-router-gemm --moe-backend --linear-backend
+    --speculative-config --diffusion-config --kv-transfer-config --kv-events-config --ec-transfer-config
+    --compilation-config --attention-config --reasoning-config --kernel-config --additional-config
+    --structured-outputs-config --profiler-config --optimization-level --performance-mode
+    --weight-transfer-config --disable-log-stats --aggregate-engine-logging --fail-on-environ-validation
     --shutdown-timeout --gdn-prefill-backend --enable-log-requests
+    --cudagraph-capture-sizes --max-cudagraph-capture-size --spec-method --spec-model --spec-tokens
 """.split()
 
 
@@ -321,3 +322,37 @@ def test_served_values_of_vllm_flags_pass(parser):
                                               "--runner", "generate", "--config-format", "auto",
                                               "--disable-sliding-window", "--cpu-offload-gb", "0"]))
     assert engine["model"] == "m"
+
+
+def test_cudagraph_capture_size_flags(parser):
+    """vLLM's --cudagraph-capture-sizes and --max-cudagraph-capture-size (were unrecognized
+    arguments): compilation_config's keys given alone, folded into it as vLLM does, so they set
+    and cap the captured sizes; with the same key in --compilation-config, vLLM's error."""
+    import dataclasses
+
+    from deepserve.config import EngineArgs
+
+    def engine_of(*flags):
+        engine, _, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, *flags]))
+        return EngineArgs(**engine)
+    args = engine_of("--cudagraph-capture-sizes", "4", "1", "2")
+    assert (args.cuda_graph_sizes, args.compilation_config) == ([1, 2, 4], {"cudagraph_capture_sizes": [4, 1, 2]})
+    args = engine_of("--max-cudagraph-capture-size", "8")
+    assert (args.cuda_graph_sizes, args.piecewise_max_tokens) == ([1, 2, 4, 8], 8)
+    assert EngineArgs(**dataclasses.asdict(args)).cuda_graph_sizes == [1, 2, 4, 8]   # made again from its fields
+    with pytest.raises(ValueError, match="cudagraph_capture_sizes and compilation_config.cudagraph_capture_sizes "
+                                         "are mutually exclusive"):
+        engine_of("--cudagraph-capture-sizes", "4", "--compilation-config", '{"cudagraph_capture_sizes": [2]}')
+
+
+def test_spec_aliases(parser):
+    """vLLM's --spec-method / --spec-model / --spec-tokens (were unrecognized arguments): its
+    speculative_config's method, model and num_speculative_tokens."""
+    engine, _, _ = resolve(parser.parse_args(["serve", "m", "--spec-method", "ngram", "--spec-tokens", "3"]))
+    assert engine["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    engine, _, _ = resolve(parser.parse_args(["serve", "m", "--speculative-config", '{"prompt_lookup_max": 4}',
+                                              "--spec-method", "ngram"]))
+    assert engine["speculative_config"] == {"prompt_lookup_max": 4, "method": "ngram"}
+    with pytest.raises(ValueError, match=r"speculative_config \['method'\] and their spec_\* aliases disagree"):
+        resolve(parser.parse_args(["serve", "m", "--speculative-config", '{"method": "mtp"}', "--spec-method",
+                                   "ngram"]))
