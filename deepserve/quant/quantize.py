@@ -78,9 +78,11 @@ def check_high_precision_source(ckpt: Checkpoint) -> None:
     """Refuse a checkpoint that is already quantized: quantize reads BF16/FP16/FP32 ones."""
     qc = ckpt.config.get("quantization_config")
     if qc:
-        raise ValueError(f"{ckpt.root} is already quantized (quant_method="
-                         f"{qc.get('quant_method')!r}); quantize reads a BF16/FP16/FP32 "
-                         f"checkpoint (use fp8-to-bf16 first for DeepSeek's FP8 release)")
+        method = qc.get("quant_method")
+        hint = ("convert it with fp8-to-bf16 first" if method == "fp8" and qc.get("weight_block_size")
+                else "start from the unquantized model")
+        raise ValueError(f"{ckpt.root} is already quantized (quant_method={method!r}); quantize reads a "
+                         f"BF16/FP16/FP32 checkpoint: {hint}")
     for t in ckpt.tensors.values():
         if t.dtype in _QUANTIZED_DTYPES:
             raise ValueError(f"{ckpt.root} holds quantized tensor {t.name} ({t.dtype}); "

@@ -73,8 +73,23 @@ def test_non_finite_or_negative_scale_names_the_tensor(fp8_ckpt, tmp_path, capsy
 def test_quantize_refuses_quantized_source(fp8_ckpt, tmp_path, capsys):
     dst = tmp_path / "out"
     _fails(capsys, ["quantize", str(fp8_ckpt), str(dst), "--method", "w8a8-int8"], dst,
-           "is already quantized (quant_method='fp8')")
+           "is already quantized (quant_method='fp8'); quantize reads a BF16/FP16/FP32 checkpoint: convert it "
+           "with fp8-to-bf16 first")
     assert not dst.exists()
+
+
+def test_quantize_on_a_4bit_checkpoint_does_not_point_at_fp8_to_bf16(tmp_path, capsys):
+    """fp8-to-bf16 reads DeepSeek's block FP8 only: an AWQ source is sent back to its unquantized model."""
+    from deepserve.models.calibration import LayerRunner
+    from deepserve.quant.quantize_int4 import Int4Options
+    from tests.conftest import DEMO_MODEL
+    awq, dst = tmp_path / "awq", tmp_path / "out"
+    quantize_checkpoint(DEMO_MODEL, awq, "w4a16", progress=False, runner=LayerRunner,
+                        int4=Int4Options(fmt="awq", algorithm="rtn", group_size=32, ignore=(r"re:.*mlp\..*",)))
+    err = _fails(capsys, ["quantize", str(awq), str(dst), "--method", "fp8-block"], dst,
+                 f"{awq} is already quantized (quant_method='awq'); quantize reads a BF16/FP16/FP32 checkpoint: "
+                 "start from the unquantized model")
+    assert "fp8-to-bf16" not in err
 
 
 def test_destination_exists(bf16_ckpt, tmp_path, capsys):
