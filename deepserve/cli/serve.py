@@ -101,7 +101,7 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     runner = config.runner
     if getattr(args, "hostfile", None):
         runner = runner or RunnerOptions()
-        runner.hostfile = args.hostfile
+        runner.hostfile = os.path.expanduser(args.hostfile)   # `--hostfile=~/h.txt`: no shell expands that ~
     if runner is not None and not runner.hostfile:
         runner = None  # a FlagScale runner block without a hostfile: one machine, no Ray to start
     return engine, server_args, config.envs, runner

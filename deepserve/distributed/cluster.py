@@ -141,6 +141,8 @@ def is_loopback(address: str) -> bool:
 
 def parse_hostfile(path: str | Path) -> list[HostSpec]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"hostfile {path} is a folder: give the file listing the hosts (`ip slots=8 type=gpu` lines)")
     if not path.is_file():
         raise FileNotFoundError(f"hostfile {path} not found")
     try:   # utf-8-sig: a byte-order mark (a hostfile saved by a Windows editor) is not part of line 1

@@ -327,12 +327,17 @@ def _parse(argv):
     return parser.parse_args(["serve", *argv])
 
 
-def test_cli_hostfile_flag_overrides_yaml(tmp_path):
+def test_cli_hostfile_flag_overrides_yaml(tmp_path, monkeypatch):
     path = _write_yaml(tmp_path, FLAGSCALE_YAML)
     other = tmp_path / "other.txt"
     other.write_text("127.0.0.1 slots=2\n")
     engine, _, envs, runner = resolve_all(_parse([str(path), "--hostfile", str(other), "--max-model-len", "2048"]))
     assert (runner.hostfile, runner.ssh_port, engine["max_model_len"]) == (str(other), 2222, 2048)
+    # `--hostfile=~/other.txt`: the shell leaves that ~ (was "hostfile ~/other.txt not found")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_all(_parse(["deepseek-r1", "--hostfile=~/other.txt"]))[3].hostfile == str(other)
+    with pytest.raises(ValueError, match=f"^hostfile {tmp_path} is a folder: give the file listing the hosts"):
+        parse_hostfile(tmp_path)   # was "hostfile DIR not found"
     _, _, _, runner = resolve_all(_parse(["deepseek-r1", "--hostfile", str(other)]))
     assert runner == RunnerOptions(hostfile=str(other))
     assert resolve_all(_parse(["deepseek-r1"]))[3] is None
