@@ -17,6 +17,7 @@ import dataclasses
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Optional
 
 from deepserve.cli import plan as plan_cli
@@ -39,6 +40,9 @@ def register(subparsers) -> None:
     c = p.add_argument_group("cluster")
     c.add_argument("--hostfile", default=sup,
                    help="Hosts to deploy over (`ip slots=N type=gpu` lines): starts Ray on them over ssh.")
+    c.add_argument("--config", dest="vllm_config", default=None, metavar="FILE.yaml",
+                   help="vLLM's flags file: flat keys naming flags (`port: 8001`, `tensor-parallel-size: 2`, "
+                        "a mapping for a JSON flag); flags on the command line override it.")
     c.add_argument("--dry-run", action="store_true",
                    help="Print what would run (the cluster commands host by host, the engine args) and exit.")
     e = p.add_argument_group("engine (vLLM flag names)")
@@ -57,6 +61,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict]:
 
 def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, object]:
     """resolve(), plus the cluster runner options (None without a hostfile)."""
+    if getattr(args, "vllm_config", None):
+        merge_config_flags(args)
     check_refused(args)
     from deepserve.distributed.cluster import RunnerOptions
     from deepserve.server.config_file import ServeConfig, flagscale_experiment, is_config_file, load_serve_config
@@ -123,6 +129,51 @@ def vllm_logging_level() -> Optional[str]:
         raise ValueError(f"VLLM_LOGGING_LEVEL={value} is not a log level: DEBUG, INFO, WARNING or ERROR (WARN, "
                          "CRITICAL as in Python's logging)")
     return level
+
+
+def config_flags(path: str) -> list[str]:
+    """vLLM's `--config FILE.yaml` as the flags it names: `KEY: VALUE` is `--KEY VALUE`, a list
+    the flag's values, a mapping its JSON, true the switch; false is the switch's --no- form where
+    it has one (vLLM drops a false key, which leaves a default of true on)."""
+    import json
+
+    from deepserve.server.config_file import _read_yaml
+
+    if not path.endswith((".yaml", ".yml")):
+        raise ValueError(f"--config {path}: vLLM's flags file is a .yaml or .yml file")
+    data = _read_yaml(Path(path))
+    if not isinstance(data, dict) or "engine_args" in data:
+        raise ValueError(f"--config {path}: expected flat keys naming flags (`port: 8001`); a deployment file "
+                         f"with engine_args is given as `deepserve serve {path}`")
+    switches = {f"--no-{f.name.replace('_', '-')}" for cls in (EngineArgs, ServerArgs)
+                for f in dataclasses.fields(cls) if f.type in ("bool", "Optional[bool]")}
+    argv: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key)
+        if value is False:
+            argv += [f"--no-{key}"] if f"--no-{str(key).replace('_', '-')}" in switches else []
+        elif value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)] if value else []
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def merge_config_flags(args: argparse.Namespace) -> None:
+    """--config's flags into `args` under those given on the command line (vLLM's order: command
+    line, then the file, then the defaults); a model argument given wins over the file's model."""
+    from deepserve.cli.main import build_parser, normalize_argv
+
+    parsed = build_parser("serve").parse_args(normalize_argv(["serve", *config_flags(args.vllm_config)]))
+    for name, value in vars(parsed).items():
+        if name == "model" and args.model_or_config:
+            continue
+        if value is not None and getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 SWAP_SPACE_NOTE = ("deepserve: --swap-space accepted; nothing is reserved: preempted sequences are recomputed, "

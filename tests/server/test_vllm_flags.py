@@ -277,7 +277,7 @@ VLLM_SERVE_FLAGS = """
     --structured-outputs-config --profiler-config --optimization-level --performance-mode
     --weight-transfer-config --disable-log-stats --aggregate-engine-logging --fail-on-environ-validation
     --shutdown-timeout --gdn-prefill-backend --enable-log-requests
-    --cudagraph-capture-sizes --max-cudagraph-capture-size --spec-method --spec-model --spec-tokens
+    --cudagraph-capture-sizes --max-cudagraph-capture-size --spec-method --spec-model --spec-tokens --config
 """.split()
 
 
@@ -356,3 +356,28 @@ def test_spec_aliases(parser):
     with pytest.raises(ValueError, match=r"speculative_config \['method'\] and their spec_\* aliases disagree"):
         resolve(parser.parse_args(["serve", "m", "--speculative-config", '{"method": "mtp"}', "--spec-method",
                                    "ngram"]))
+
+
+def test_vllm_config_file(parser, tmp_path):
+    """vLLM's `--config FILE.yaml` (was an unrecognized argument): flat keys naming flags, under
+    the command line's flags; the model argument wins over the file's model; false turns a switch
+    off (vLLM drops it)."""
+    path = tmp_path / "vllm.yaml"
+    path.write_text("model: /models/r1\nport: 8123\ntensor-parallel-size: 2\nmax_num_seqs: 8\n"
+                    "enable-prefix-caching: false\nenforce-eager: true\nserved-model-name: [a, b]\n"
+                    "speculative-config:\n  method: ngram\n  num_speculative_tokens: 3\n")
+    engine, server, _ = resolve(parser.parse_args(["serve", "--config", str(path), "--port", "9000", "-tp", "4"]))
+    assert engine == {"model": "/models/r1", "tensor_parallel_size": 4, "max_num_seqs": 8,
+                      "enable_prefix_caching": False, "enforce_eager": True, "served_model_name": "a,b",
+                      "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    assert server.port == 9000
+    engine, _, _ = resolve(parser.parse_args(["serve", "/models/other", "--config", str(path)]))
+    assert engine["model"] == "/models/other"
+    path.write_text("enable-lora: true\n")
+    with pytest.raises(ValueError, match="--enable-lora is not supported: deepserve serves no LoRA adapters"):
+        resolve(parser.parse_args(["serve", "m", "--config", str(path)]))
+    for name, text, message in (("c.json", "{}", "vLLM's flags file is a .yaml or .yml file"),
+                                ("d.yaml", "engine_args:\n  model: m\n", "is given as `deepserve serve")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            resolve(parser.parse_args(["serve", "m", "--config", str(tmp_path / name)]))
