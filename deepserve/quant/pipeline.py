@@ -310,7 +310,8 @@ def _convert(dst: Path, conv: Converter, ckpt: Checkpoint, plan: dict[str, list[
 
 def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
             partial: Path, dst: Path) -> None:
-    """Index, config and side files into `partial`, then move it to its final name."""
+    """Index, config and side files into `partial`, then move it to its final name and drop the
+    manifest."""
     dst = Path(os.path.abspath(dst))
     if ckpt.has_index:
         weight_map = {out_name: ckpt.tensors[name].file
@@ -325,7 +326,6 @@ def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
     atomic_write_json(partial / "config.json", config)
     for f in side_files(ckpt.root, skip={"config.json", INDEX_NAME}):
         copy_atomic(f, partial / f.name)
-    (partial / MANIFEST_NAME).unlink()
     if dst.exists() or dst.is_symlink():  # --overwrite: swap in the new folder, then drop the old one
         # a fresh hidden name beside DST: a DST.old of the user's is none of ours to replace
         old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.replaced-"))
@@ -335,3 +335,5 @@ def _finish(ckpt: Checkpoint, conv: Converter, plan: dict[str, list[OutSpec]],
         _remove(old)
     else:
         os.replace(partial, dst)
+    # the manifest goes last: a run killed before the rename finds it and resumes
+    (dst / MANIFEST_NAME).unlink()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -217,3 +219,26 @@ def test_overwrite_replaces_only_the_destination(tmp_path, capsys):
     assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").is_file()
     assert (backup / "keep.txt").read_text() == "a backup"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old"]
+
+
+def test_a_run_stopped_at_its_final_rename_is_finished_by_the_next(tmp_path, capsys, monkeypatch):
+    """Stopped between the last file written into DST.partial and its rename to DST: the same
+    command finishes the job (no shard converted again), with no manifest left in DST."""
+    dst = tmp_path / "out"
+    argv = ["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]
+    real = os.replace
+
+    def stopped(a, b):
+        if Path(b) == dst:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr("deepserve.quant.pipeline.os.replace", stopped)
+        assert main(argv) == 130
+    capsys.readouterr()
+    assert not dst.exists()
+    assert main(argv) == 0
+    assert "0 shard(s) converted, 1 already done and verified" in capsys.readouterr().out
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in STORIES.iterdir())
+    assert not (dst / MANIFEST_NAME).exists() and not dst.with_name("out.partial").exists()
