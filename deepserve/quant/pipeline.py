@@ -23,6 +23,7 @@ can SIGKILL the converter between shards deterministically.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -209,6 +210,10 @@ def run_conversion(src: Path, dst: Path, conv: Converter, ckpt: Checkpoint,
         return _convert(dst, conv, ckpt, plan, partial, overwrite, progress)
 
 
+# flock's answers on file systems that do not implement it
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
 class ConversionBusy(ValueError):
     """Another run holds DST.partial: its work there is its own to report."""
 
@@ -226,7 +231,12 @@ def _exclusive(partial: Path):
         except BlockingIOError:
             os.close(fd)
             raise ConversionBusy(f"another deepserve convert is writing {partial}: let it finish, or stop it "
-                             f"and re-run") from None
+                                 f"and re-run") from None
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                os.close(fd)
+                raise
+            break       # a file system without flock (some Lustre, FUSE mounts): run unguarded
         try:
             current = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

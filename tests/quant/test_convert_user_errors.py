@@ -242,3 +242,20 @@ def test_a_run_stopped_at_its_final_rename_is_finished_by_the_next(tmp_path, cap
     assert "0 shard(s) converted, 1 already done and verified" in capsys.readouterr().out
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in STORIES.iterdir())
     assert not (dst / MANIFEST_NAME).exists() and not dst.with_name("out.partial").exists()
+
+
+def test_a_file_system_without_flock_still_converts(tmp_path, capsys, monkeypatch):
+    """Shared storage that does not implement flock (ENOLCK): the run goes on without the lock
+    that keeps a second run out, and writes the same output."""
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("deepserve.quant.pipeline.fcntl.flock", no_flock)
+    dst = tmp_path / "out"
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    assert main(["convert", "quantize", str(STORIES), str(fresh), "--method", "fp8-block", "--no-progress"]) == 0
+    assert (dst / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]
