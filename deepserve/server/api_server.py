@@ -91,11 +91,12 @@ class _Server(uvicorn.Server):
         if self.should_exit or not self.servers:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
+        url = f"{'https' if self.config.is_ssl else 'http'}://{host}:{port}"
         if self.on_ready is not None:  # one of several API servers: the launcher announces them
-            self.on_ready(f"http://{host}:{port}")
+            self.on_ready(url)
         else:
             names = ", ".join(self.state.settings.served_model_names)
-            print(f"deepserve: serving {names} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+            print(f"deepserve: serving {names} at {url}/v1 (Ctrl-C to stop)", flush=True)
         loop = asyncio.get_running_loop()
         loop.create_task(self._watch_engine())
         if self.stats is not None:
@@ -242,7 +243,9 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None, 
     config = uvicorn.Config(app, host=server.host, port=int(server.port),
                             log_level=server.uvicorn_log_level or server.log_level,
                             access_log=not server.disable_uvicorn_access_log, timeout_graceful_shutdown=3,
-                            lifespan="on")
+                            lifespan="on", ssl_keyfile=server.ssl_keyfile, ssl_certfile=server.ssl_certfile,
+                            ssl_ca_certs=server.ssl_ca_certs, ssl_cert_reqs=int(server.ssl_cert_reqs),
+                            **({"ssl_ciphers": server.ssl_ciphers} if server.ssl_ciphers else {}))
     access_filter = AccessLogFilter(server.disable_access_log_for_endpoints or "")
     logging.getLogger("uvicorn.access").addFilter(access_filter)
     stats = None

@@ -53,6 +53,16 @@ class ServerArgs:
     api_key: Optional[Union[str, list]] = field(default=None, metadata={"nargs": "+"})
     """Require `Authorization: Bearer KEY` (any of the keys given) on /v1/*, /v2/* and
     /inference/* (vLLM's); without it, vLLM's VLLM_API_KEY environment variable's key."""
+    ssl_keyfile: Optional[str] = None
+    """vLLM's: serve HTTPS with this private key (PEM file), beside --ssl-certfile."""
+    ssl_certfile: Optional[str] = None
+    """vLLM's: the certificate (PEM file, chain included) served with --ssl-keyfile."""
+    ssl_ca_certs: Optional[str] = None
+    """vLLM's: CA certificates (PEM file) that client certificates are checked against."""
+    ssl_cert_reqs: int = 0
+    """vLLM's: client certificates (Python's ssl constants): 0 none asked, 1 optional, 2 required."""
+    ssl_ciphers: Optional[str] = None
+    """vLLM's: the cipher suites for TLS 1.2 and below, in OpenSSL's list form."""
     root_path: Optional[str] = None
     """vLLM's: the path prefix a proxy serves this server under (/v1/models answers at
     ROOT_PATH/v1/models too)."""
@@ -186,6 +196,7 @@ class ServerArgs:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if int(self.responses_store_max_size) < 1:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
+        self.check_ssl()
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         for name in ("default_chat_template_kwargs", "override_generation_config"):
@@ -231,6 +242,31 @@ class ServerArgs:
             raise ValueError(f"--reasoning-parser {self.reasoning_parser} and --structured-outputs-config "
                              f"reasoning_parser {parser} differ: give one")
         self.reasoning_parser = self.reasoning_parser or parser
+
+    def check_ssl(self) -> None:
+        """The TLS flags, checked as the server would load them: one line here instead of a
+        traceback after the model loads."""
+        if int(self.ssl_cert_reqs) not in (0, 1, 2):
+            raise ValueError(f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {self.ssl_cert_reqs}")
+        if not (self.ssl_keyfile or self.ssl_certfile):
+            if self.ssl_ca_certs or self.ssl_ciphers or int(self.ssl_cert_reqs):
+                raise ValueError("--ssl-ca-certs, --ssl-cert-reqs and --ssl-ciphers need --ssl-keyfile and --ssl-certfile")
+            return
+        if not (self.ssl_keyfile and self.ssl_certfile):
+            raise ValueError("--ssl-keyfile and --ssl-certfile go together (the key and its certificate)")
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+            if self.ssl_ca_certs:
+                context.load_verify_locations(self.ssl_ca_certs)
+            if self.ssl_ciphers:
+                context.set_ciphers(self.ssl_ciphers)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--ssl-keyfile {self.ssl_keyfile} / --ssl-certfile {self.ssl_certfile}"
+                             f"{f' / --ssl-ca-certs {self.ssl_ca_certs}' if self.ssl_ca_certs else ''}: "
+                             f"{exc.strerror or exc}") from None
 
     def grammar_in_reasoning(self) -> bool:
         """--structured-outputs-config enable_in_reasoning: grammars hold over the reasoning too."""

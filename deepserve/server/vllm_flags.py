@@ -113,9 +113,9 @@ _GROUPS = (
     ("responses name the assistant role", ("--response-role",)),
     ("deepserve's Responses API has no built-in tool servers", ("--tool-server",)),
     ("responses carry no system_fingerprint", ("--fingerprint-mode", "--fingerprint-value")),
-    ("the server listens on --host / --port over plain HTTP, without TLS or unix sockets (put a proxy in "
-     "front)", ("--uds", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--enable-ssl-refresh",
-                         "--ssl-cert-reqs", "--ssl-ciphers")),
+    ("the server listens on --host / --port (HTTPS with --ssl-keyfile / --ssl-certfile), not on a unix socket",
+     ("--uds",)),
+    ("certificates are loaded once, at start", ("--enable-ssl-refresh",)),
     ("the HTTP parser's limits are uvicorn's defaults (request bodies: --max-body-bytes)",
      ("--h11-max-incomplete-event-size", "--h11-max-header-count")),
     ("the API docs (/docs, /redoc) load their assets from a CDN", ("--enable-offline-docs",)),

@@ -32,7 +32,8 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--disable-access-log-for-endpoints": "/health,/metrics",
          "--enable-log-requests": None, "--no-disable-log-requests": None, "--max-log-len": "100",
          "--enable-log-outputs": None, "--disable-log-stats": None}
-GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], root_path="/llm", disable_fastapi_docs=True,
+GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
+             ssl_cert_reqs=0, ssl_ciphers=None, root_path="/llm", disable_fastapi_docs=True,
              reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, exclude_tools_when_tool_choice_none=True,
              tool_call_parser="deepseek_v3",
@@ -63,7 +64,8 @@ def test_defaults_are_vllms(parser, monkeypatch):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     _, server, _ = resolve(parser.parse_args(["serve", "some/model"]))
     assert dataclasses.asdict(server) == dict(
-        host="127.0.0.1", port=8000, api_key=None, root_path=None, disable_fastapi_docs=False,
+        host="127.0.0.1", port=8000, api_key=None, ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
+        ssl_cert_reqs=0, ssl_ciphers=None, root_path=None, disable_fastapi_docs=False,
         reasoning_parser=None, enable_reasoning=False,
         generation_config="auto", enable_auto_tool_choice=False, exclude_tools_when_tool_choice_none=False,
         tool_call_parser=None, max_logprobs=20,
@@ -86,7 +88,8 @@ def test_every_flag_and_yaml_key_is_a_field(parser, tmp_path, monkeypatch):
     _, server, _ = resolve(parser.parse_args(argv))
     assert dataclasses.asdict(server) == GIVEN
     # the same options from a YAML file, beside the engine args
-    lines = "".join(f"  {k}: {str(v).lower() if isinstance(v, bool) else repr(v)}\n" for k, v in GIVEN.items())
+    lines = "".join(f"  {k}: {str(v).lower() if isinstance(v, bool) else repr(v)}\n" for k, v in GIVEN.items()
+                    if v is not None)   # the TLS files (test_vllm_flags serves a certificate)
     path = tmp_path / "serve.yaml"
     path.write_text("engine_args:\n  model: some/model\n" + lines)
     engine, server, _ = resolve(parser.parse_args(["serve", str(path)]))

@@ -299,8 +299,7 @@ def test_every_vllm_serve_flag_is_taken(parser):
                                       "tokenizer is the folder's tokenizer.json"),
     (["--runner", "pooling"], "--runner pooling is not supported (it takes auto or generate): deepserve serves "
                               "no pooling models"),
-    (["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"], "--ssl-keyfile k.pem is not supported: the server "
-                                                            "listens on --host / --port over plain HTTP"),
+    (["--uds", "/tmp/api.sock"], "--uds /tmp/api.sock is not supported: the server listens on --host / --port"),
     (["--revision", "main"], "--revision main is not supported: deepserve serves local model folders"),
     (["--logits-processors", "my.Proc"], "--logits-processors my.Proc is not supported: it loads user code"),
 ])
@@ -381,3 +380,50 @@ def test_vllm_config_file(parser, tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=message):
             resolve(parser.parse_args(["serve", "m", "--config", str(tmp_path / name)]))
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key: (certfile, keyfile)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_ssl_flags_serve_https(certificate):
+    """vLLM's --ssl-keyfile / --ssl-certfile (were unrecognized arguments): the server answers
+    over HTTPS, and its ready line says so."""
+    import httpx
+    from conftest import launch
+
+    cert, key = certificate
+    server = launch("--ssl-keyfile", key, "--ssl-certfile", cert)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        assert httpx.get(server.url + "/health", verify=False).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url.replace("https://", "http://") + "/health")
+    finally:
+        server.stop()
+
+
+def test_ssl_flags_checked_before_start(certificate, tmp_path):
+    from deepserve.server.args import ServerArgs
+
+    cert, key = certificate
+    ServerArgs(ssl_keyfile=key, ssl_certfile=cert, ssl_ca_certs=cert, ssl_cert_reqs=2)
+    for kwargs, message in (
+            (dict(ssl_keyfile=key), "--ssl-keyfile and --ssl-certfile go together"),
+            (dict(ssl_cert_reqs=2), "need --ssl-keyfile and --ssl-certfile"),
+            (dict(ssl_keyfile=key, ssl_certfile=cert, ssl_cert_reqs=3), "--ssl-cert-reqs must be 0"),
+            (dict(ssl_keyfile=cert, ssl_certfile=cert), f"--ssl-keyfile {cert} / --ssl-certfile {cert}: "),
+            (dict(ssl_keyfile=key, ssl_certfile=str(tmp_path / "none.pem")), "No such file or directory")):
+        with pytest.raises(ValueError, match=message):
+            ServerArgs(**kwargs)
