@@ -54,6 +54,9 @@ class Converter:
     """One conversion; subclasses fill in the four methods."""
 
     task: str = ""
+    # whether a shard's output depends on the shards converted before it (GPTQ calibrates each
+    # layer on the activations of the layers before), not only on the tensors read for it
+    carries_state: bool = False
 
     def validate(self, ckpt: Checkpoint) -> None:
         """Raise ValueError if `ckpt` is not in the format this conversion reads."""
@@ -287,6 +290,8 @@ def _convert(dst: Path, conv: Converter, ckpt: Checkpoint, plan: dict[str, list[
         with ThreadPoolExecutor(max_workers=1) as writer:
             try:
                 for shard in todo:
+                    if not conv.carries_state:
+                        reader.files_read.clear()
                     out: dict[str, torch.Tensor] = {}
                     for name in ckpt.names_in(shard):
                         if plan[name]:
@@ -294,7 +299,7 @@ def _convert(dst: Path, conv: Converter, ckpt: Checkpoint, plan: dict[str, list[
                     if pending is not None:
                         commit(*pending)
                         pending = None
-                    # the source shards read so far made this one (GPTQ carries activations on)
+                    # the source shards this one was made from
                     pending = (shard, writer.submit(_write_shard, partial / shard, out),
                                _source_stamps(ckpt.root, reader.files_read | {shard}))
                     del out

@@ -136,6 +136,7 @@ class QuantizeInt4(Converter):
         # GPTQ's calibration forwards and Hessians follow the device's arithmetic (rounding alone
         # does not): a run resumed on another kind of device would mix two outputs
         self.task = opts.task + (f" on {self.device.type}" if opts.algorithm == "gptq" else "")
+        self.carries_state = opts.algorithm == "gptq"
         self._quant: set[str] = set()
         self._ignore: list[str] = []
         self._samples: list[torch.Tensor] = []

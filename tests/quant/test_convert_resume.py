@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 from deepserve.cli.main import main
@@ -149,3 +151,54 @@ def test_the_same_command_started_twice_leaves_the_first_run_alone(bf16_ckpt, tm
     quantize_checkpoint(bf16_ckpt, fresh, "fp8-block", progress=False)
     assert _digests(dst) == _digests(fresh)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp8", "fresh"]
+
+
+def _stories_in_three_shards(root: Path) -> Path:
+    from tests.conftest import DEMO_MODEL
+    weights = load_file(str(DEMO_MODEL / "model.safetensors"))
+    names = sorted(weights, key=lambda n: (n.split(".")[2].isdigit() and int(n.split(".")[2]), n))
+    shards = {f"model-0000{i + 1}-of-00003.safetensors": {n: weights[n] for n in names[i::3]} for i in range(3)}
+    shutil.copytree(DEMO_MODEL, root, ignore=shutil.ignore_patterns("model.safetensors"))
+    for fname, tensors in shards.items():
+        save_file(tensors, str(root / fname), metadata={"format": "pt"})
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ts in shards.items() for n in ts}}))
+    return root
+
+
+@pytest.mark.parametrize("method,redone", [("fp8-block", 2), ("gptq", 3)])
+def test_a_rewritten_source_shard_redoes_what_was_made_from_it(tmp_path, monkeypatch, method, redone):
+    """Stopped after two of three shards, source shard 1 rewritten: fp8-block converts shard 1
+    again and keeps shard 2 (made from shard 2 alone); GPTQ converts all three again (shard 2's
+    layers were calibrated on activations through shard 1's)."""
+    from deepserve.models.calibration import LayerRunner
+    from deepserve.quant import Int4Options, files
+    src = _stories_in_three_shards(tmp_path / "src")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Once upon a time there was a little dog. " * 40)
+    kw = {} if method == "fp8-block" else dict(runner=LayerRunner, int4=Int4Options(
+        group_size=32, ignore=(r"re:.*down_proj$",), calib_dataset=str(calib), calib_samples=2, calib_seq_len=32))
+    name = "fp8-block" if method == "fp8-block" else "w4a16"
+    dst = tmp_path / "out"
+    real = files.atomic_save_safetensors
+
+    def stop_at_third(path, tensors):
+        if path.name.startswith("model-00003"):
+            raise KeyboardInterrupt
+        real(path, tensors)
+
+    with monkeypatch.context() as m:
+        m.setattr("deepserve.quant.pipeline.atomic_save_safetensors", stop_at_third)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_checkpoint(src, dst, name, progress=False, **kw)
+    assert len(json.loads((tmp_path / "out.partial" / MANIFEST_NAME).read_text())["shards"]) == 2
+    shard = src / "model-00001-of-00003.safetensors"
+    before = shard.stat()
+    save_file({n: t * 1.01 for n, t in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
+
+    rep = quantize_checkpoint(src, dst, name, progress=False, **kw)
+    assert (rep.shards_converted, rep.shards_skipped) == (redone, 3 - redone)
+    fresh = tmp_path / "fresh"
+    quantize_checkpoint(src, fresh, name, progress=False, **kw)
+    assert _digests(dst) == _digests(fresh)
