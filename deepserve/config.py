@@ -943,7 +943,10 @@ TRUST_REMOTE_CODE_NOTE = ("deepserve: --trust-remote-code accepted; no code from
                           "(config.json is read as data, the model classes are deepserve's own)")
 # vLLM's short spellings (`vllm serve MODEL -tp 8 -pp 4`, `-O3`)
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
-               "compilation_config": "-O"}
+               "compilation_config": "-O", "quantization": "-q", "api_server_count": "-asc",
+               "data_parallel_start_rank": "-dpr", "data_parallel_size_local": "-dpl",
+               "data_parallel_address": "-dpa", "data_parallel_rpc_port": "-dpp", "enable_expert_parallel": "-ep",
+               "speculative_config": "-sc"}
 
 
 class _JoinedNames(argparse.Action):

@@ -148,6 +148,11 @@ SATISFIED = {
     "--no-enable-log-deltas": "streamed output deltas in the request log (a request's output is logged as it ends)",
 }
 REFUSED = {flag: why for why, flags in _GROUPS for flag in flags}
+# vLLM's short spellings of them
+_SHORT = {"--nnodes": "-n", "--node-rank": "-r", "--decode-context-parallel-size": "-dcp",
+          "--prefill-context-parallel-size": "-pcp", "--data-parallel-rank": "-dpn", "--data-parallel-backend": "-dpb",
+          "--data-parallel-hybrid-lb": "-dph", "--data-parallel-external-lb": "-dpe",
+          "--data-parallel-multi-port-external-lb": "-dpm", "--diffusion-config": "-dc", "--attention-config": "-ac"}
 
 
 def _dest(flag: str) -> str:
@@ -157,7 +162,8 @@ def _dest(flag: str) -> str:
 def add_refused_flags(parser: argparse.ArgumentParser) -> None:
     """Every flag of REFUSED and SATISFIED, hidden from --help; `check_refused` reads them."""
     for flag in REFUSED:
-        parser.add_argument(flag, dest=_dest(flag), nargs="*", default=None, help=argparse.SUPPRESS)
+        parser.add_argument(flag, *[_SHORT[flag]] if flag in _SHORT else [], dest=_dest(flag), nargs="*",
+                            default=None, help=argparse.SUPPRESS)
     for flag in SATISFIED:
         parser.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=argparse.SUPPRESS)
 

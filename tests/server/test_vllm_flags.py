@@ -302,6 +302,7 @@ def test_every_vllm_serve_flag_is_taken(parser):
     (["--uds", "/tmp/api.sock"], "--uds /tmp/api.sock is not supported: the server listens on --host / --port"),
     (["--revision", "main"], "--revision main is not supported: deepserve serves local model folders"),
     (["--logits-processors", "my.Proc"], "--logits-processors my.Proc is not supported: it loads user code"),
+    (["-n", "2", "-r", "1"], "--nnodes 2 is not supported: tensor / pipeline parallel over several nodes runs on Ray"),
 ])
 def test_unsupported_vllm_flags_are_one_line(argv, line, capsys):
     """A vLLM flag for a feature deepserve does not have: one line naming it and why (was
@@ -427,3 +428,16 @@ def test_ssl_flags_checked_before_start(certificate, tmp_path):
             (dict(ssl_keyfile=key, ssl_certfile=str(tmp_path / "none.pem")), "No such file or directory")):
         with pytest.raises(ValueError, match=message):
             ServerArgs(**kwargs)
+
+
+def test_vllms_short_flags(parser):
+    """vLLM's short spellings of the flags deepserve honours (-q, -asc, -dpl, ... were
+    unrecognized arguments)."""
+    engine, _, _ = resolve(parser.parse_args([
+        "serve", "m", "-q", "fp8", "-asc", "2", "-dp", "4", "-dpl", "2", "-dpr", "2", "-dpa", "10.0.0.1",
+        "-dpp", "13389", "-ep", "-sc", '{"method": "ngram", "num_speculative_tokens": 2}']))
+    assert engine == {"model": "m", "quantization": "fp8", "api_server_count": 2, "data_parallel_size": 4,
+                      "data_parallel_size_local": 2, "data_parallel_start_rank": 2,
+                      "data_parallel_address": "10.0.0.1", "data_parallel_rpc_port": 13389,
+                      "enable_expert_parallel": True,
+                      "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}
