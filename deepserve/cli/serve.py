@@ -85,6 +85,9 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     fields = {f.name for f in dataclasses.fields(EngineArgs)}
     engine = dict(config.engine_args)
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
+    if positional == "" or engine.get("model") == "":
+        # `deepserve serve "$MODEL_PATH"` with the variable unset: was the demo model, served without a word
+        raise ValueError("the model given is empty (an unset shell variable?): give the model's folder")
     spec = {name: getattr(args, name) for name in SPEC_ALIASES if hasattr(args, name)}
     if spec:
         from deepserve.engine.llm_inputs import fold_speculative_aliases

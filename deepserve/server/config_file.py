@@ -273,7 +273,7 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(number, bool) and (isinstance(number, int) or (base is float and isinstance(number, float))):
             return number
         raise ValueError(f"{where} must be {'an integer' if base is int else 'a number'}, got {value!r}")
-    if base is str and isinstance(value, bool):
+    if base is str and (isinstance(value, bool) or (isinstance(value, (dict, list)) and list not in args)):
         raise ValueError(f"{where} must be a string, got {value!r}")
     return str(value) if base is str and isinstance(value, (int, float)) else value
 
@@ -307,6 +307,8 @@ def load_serve_config(path: str | Path) -> ServeConfig:
     for key, value in _engine_args(entry, path).items():
         key = str(key).replace("-", "_")
         where = f"{path}: engine_args.{key}"
+        if key == "served_model_name" and isinstance(value, list):   # a list of names, as vLLM's flag takes
+            value = ",".join(str(n) for n in value)
         if key.startswith("no_") and key[3:] in engine_hints and engine_hints[key[3:]] is bool:
             # FlagScale's `no_enable_prefix_caching: true` -> vLLM's --no-enable-prefix-caching
             key, value = key[3:], not _typed(value, bool, where)
@@ -341,7 +343,4 @@ def load_serve_config(path: str | Path) -> ServeConfig:
                 raise ValueError(f"{where}: {key}: {value} does not resolve (an environment variable unset and no "
                                  "default, or a key the file lacks; deepserve resolves ${oc.env:NAME[,default]} "
                                  "and ${key.path})")
-    name = config.engine_args.get("served_model_name")
-    if isinstance(name, list):
-        config.engine_args["served_model_name"] = ",".join(str(n) for n in name)
     return config

@@ -35,21 +35,46 @@ def test_envs_that_are_not_a_mapping(tmp_path, text, where):
         load_serve_config(path)
 
 
-@pytest.mark.parametrize("envs, message", [
-    ('{"": 1}', "envs: '' is not an environment variable name"),
-    ('{"GLOO SOCKET": eth0}', "envs: 'GLOO SOCKET' is not an environment variable name"),
-    ("{1: x}", "envs: 1 is not an environment variable name"),
-    ("{USE_FLAGGEMS: {enabled: 1}}", "envs.USE_FLAGGEMS must be a single value, got {'enabled': 1}"),
+@pytest.mark.parametrize("entry, message", [
+    # `envs` are exported here and by each host's shell (`export NAME=VALUE`). Were: an OSError
+    # traceback (the empty name), "illegal environment variable name" naming neither file nor
+    # variable, and a mapping exported as its Python repr
+    ('envs: {"": 1}', "envs: '' is not an environment variable name"),
+    ('envs: {"GLOO SOCKET": eth0}', "envs: 'GLOO SOCKET' is not an environment variable name"),
+    ("envs: {1: x}", "envs: 1 is not an environment variable name"),
+    ("envs: {USE_FLAGGEMS: {enabled: 1}}", "envs.USE_FLAGGEMS must be a single value, got {'enabled': 1}"),
+    # a list or mapping where a string goes: was a TypeError traceback (model) or taken as is
+    ("engine_args: {model: [a]}", "engine_args.model must be a string, got ['a']"),
+    ("engine_args: {model: {path: a}}", "engine_args.model must be a string, got {'path': 'a'}"),
+    ("engine_args: {model: stories260k, host: [0.0.0.0]}", "engine_args.host must be a string, got ['0.0.0.0']"),
+    ("engine_args: {model: stories260k, served_model_name: {a: 1}}",
+     "engine_args.served_model_name must be a string, got {'a': 1}"),
 ])
-def test_envs_names_and_values_are_checked(capsys, tmp_path, envs, message):
-    """`envs` are exported here and by each host's shell (`export NAME=VALUE`). Were: an OSError
-    traceback (the empty name), "illegal environment variable name" naming neither file nor
-    variable, and a mapping exported as its Python repr."""
-    path = tmp_path / "envs.yaml"
-    path.write_text(f"- serve_id: a\n  engine_args: {{model: stories260k}}\n  envs: {envs}\n")
+def test_bad_entry_values_are_one_line(capsys, tmp_path, entry, message):
+    path = tmp_path / "serve.yaml"
+    engine_args = "" if entry.startswith("engine_args") else "  engine_args: {model: stories260k}\n"
+    path.write_text(f"- serve_id: a\n{engine_args}  {entry}\n")
     assert main(["serve", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"deepserve serve: error: {path}: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_served_model_names_as_a_list_still_serve_each(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("- serve_id: a\n  engine_args: {model: stories260k, served_model_name: [deepseek_r1, r1]}\n")
+    assert load_serve_config(path).engine_args["served_model_name"] == "deepseek_r1,r1"
+
+
+@pytest.mark.parametrize("argv", [["serve", ""], ["serve", "--model", ""], ["serve", "YAML"]])
+def test_an_empty_model_is_refused(capsys, tmp_path, argv):
+    """`deepserve serve "$MODEL_PATH"` with the variable unset served the built-in demo model
+    without a word (vLLM fails on an empty model); `--model ""` and `model: ""` said "config.json
+    not found"."""
+    path = tmp_path / "serve.yaml"
+    path.write_text('- serve_id: a\n  engine_args: {model: ""}\n')
+    assert main([str(path) if a == "YAML" else a for a in argv] + ["--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "deepserve serve: error: the model given is empty (an unset shell variable?): give the model's folder"
 
 
 @pytest.mark.parametrize("line, message", [
