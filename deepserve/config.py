@@ -519,6 +519,11 @@ class EngineArgs:
     --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
     cudagraph_mode sets --cudagraph-mode; torch.compile keys (level, mode, backend, ...) are
     accepted and unused. E.g. '{"cudagraph_capture_sizes": [4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}'."""
+    optimization_level: Optional[int] = None
+    """vLLM's, for the CUDA graphs it sets: 0 captures none (--cudagraph-mode NONE), 1 piecewise
+    graphs only (PIECEWISE), 2 and 3 both (FULL_AND_PIECEWISE, vLLM's default level 2); a
+    cudagraph_mode given (--cudagraph-mode, --compilation-config) wins. Its torch.compile part
+    is vLLM's own."""
     cudagraph_capture_sizes: Optional[list] = None
     """vLLM's: compilation_config's cudagraph_capture_sizes given alone (sets --cuda-graph-sizes)."""
     max_cudagraph_capture_size: Optional[int] = None
@@ -625,6 +630,12 @@ class EngineArgs:
                 raise ValueError(f"{clash} and compilation_config.{clash} are mutually exclusive")   # vLLM's words
             apply_compilation_config(self, {**(self.compilation_config or {}), **own})
             self.cudagraph_capture_sizes = self.max_cudagraph_capture_size = None
+        if self.optimization_level is not None:
+            if self.optimization_level not in (0, 1, 2, 3):
+                raise ValueError(f"optimization_level must be 0, 1, 2 or 3, got {self.optimization_level}")
+            if str(self.cudagraph_mode).upper() == EngineArgs.cudagraph_mode:   # none given: the level's
+                self.cudagraph_mode = ("NONE", "PIECEWISE", "FULL_AND_PIECEWISE",
+                                       "FULL_AND_PIECEWISE")[self.optimization_level]
         mode = str(self.cudagraph_mode).upper()
         if mode not in CUDAGRAPH_MODES:
             raise ValueError(f"cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {self.cudagraph_mode!r}")

@@ -125,8 +125,8 @@ _GROUPS = (
     ("error responses are logged in one line (DEEPSERVE_DEBUG=1 shows tracebacks)", ("--log-error-stack",)),
     ("a streamed request's output is logged once, as it ends", ("--enable-log-deltas",)),
     ("it sets vLLM's platform plugins, which deepserve does not have", ("--additional-config",)),
-    ("vLLM's optimization levels are torch.compile's; deepserve captures CUDA graphs (--cudagraph-mode, "
-     "--compilation-config)", ("--optimization-level", "--performance-mode")),
+    ("deepserve has no performance modes: --max-num-seqs, --cuda-graph-sizes and --cudagraph-mode set what "
+     "they tune", ("--performance-mode",)),
     ("deepserve has no environment validation or shutdown timeout settings",
      ("--fail-on-environ-validation", "--shutdown-timeout")),
 )
@@ -138,7 +138,7 @@ _SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--t
            "--decode-context-parallel-size": ("1",), "--prefill-context-parallel-size": ("1",),
            "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",), "--stream-interval": ("1",),
            "--fingerprint-mode": ("none",), "--kv-offloading-size": ("0",), "--tool-parser-plugin": ("",),
-           "--worker-cls": ("auto",)}
+           "--worker-cls": ("auto",), "--performance-mode": ("balanced",)}
 # switches that turn off what deepserve does not have: accepted, with no effect
 SATISFIED = {
     "--disable-custom-all-reduce": "vLLM's custom all-reduce kernel (deepserve's all-reduce is torch.distributed's)",

@@ -441,3 +441,18 @@ def test_vllms_short_flags(parser):
                       "data_parallel_address": "10.0.0.1", "data_parallel_rpc_port": 13389,
                       "enable_expert_parallel": True,
                       "speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}
+
+
+@pytest.mark.parametrize("flags, mode", [
+    (["--optimization-level", "0"], "NONE"), (["--optimization-level", "1"], "PIECEWISE"),
+    (["--optimization-level", "3"], "FULL_AND_PIECEWISE"),
+    (["--optimization-level", "0", "--cudagraph-mode", "FULL_DECODE_ONLY"], "FULL_DECODE_ONLY"),
+    (["--optimization-level", "0", "--compilation-config", '{"cudagraph_mode": "PIECEWISE"}'], "PIECEWISE")])
+def test_optimization_level_sets_the_cuda_graphs(parser, flags, mode):
+    """vLLM's --optimization-level (was refused as torch.compile's): its CUDA graph mode (vLLM's
+    OPTIMIZATION_LEVEL_0x cudagraph_mode), under a mode given."""
+    from deepserve.config import EngineArgs
+
+    engine, _, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, *flags]))
+    args = EngineArgs(**engine)
+    assert args.cudagraph_mode == mode and args.enforce_eager == (mode == "NONE")
