@@ -76,8 +76,10 @@ def resolves(name: str) -> bool:
 
 
 def _check_address(token: str, where: str) -> str:
-    try:
-        return str(ipaddress.ip_address(token))
+    try:   # an IPv6 address may come in the brackets of a URL ([fd00::2])
+        address = ipaddress.ip_address(token[1:-1] if token[:1] + token[-1:] == "[]" else token)
+        if token[:1] != "[" or address.version == 6:
+            return str(address)
     except ValueError:
         pass
     # a name opening with a number and a dot (300.1.2.3, 10.0.0, 10.0.0.x) is a mistyped IP

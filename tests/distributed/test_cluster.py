@@ -60,17 +60,19 @@ def launcher(hostfile=HOSTFILE, local=frozenset(), runner=None, resources=None, 
 # --------------------------------------------------------------------------- hostfile
 def test_hostfile_good_lines(monkeypatch):
     monkeypatch.setattr("deepserve.distributed.cluster.resolves", lambda name: name == "node-03.cluster")
-    text = HOSTFILE + "node-03.cluster slots=4 type=CPU\n2001:db8::5 slots=2\n"
+    text = HOSTFILE + "node-03.cluster slots=4 type=CPU\n2001:db8::5 slots=2\n[2001:db8::6] slots=2\n"
     assert parse_hostfile_text(text) == [
         HostSpec("192.0.2.1", 8, "gpu", 3), HostSpec("192.0.2.2", 8, "gpu", 5),
-        HostSpec("node-03.cluster", 4, "cpu", 6), HostSpec("2001:db8::5", 2, "gpu", 7)]
-    assert [h.gpus for h in parse_hostfile_text(text)] == [8, 8, 0, 2]
+        HostSpec("node-03.cluster", 4, "cpu", 6), HostSpec("2001:db8::5", 2, "gpu", 7),
+        HostSpec("2001:db8::6", 2, "gpu", 8)]   # in brackets: was "bad IP address or host name"
+    assert [h.gpus for h in parse_hostfile_text(text)] == [8, 8, 0, 2, 2]
 
 
 @pytest.mark.parametrize("line, message", [
     ("300.1.2.3 slots=8 type=gpu", "hosts:2: bad IP address or host name '300.1.2.3'"),
     ("10.0.0 slots=8", "hosts:2: bad IP address or host name '10.0.0'"),
     ("10.0.0.x slots=8", "hosts:2: bad IP address or host name '10.0.0.x'"),
+    ("[192.0.2.9] slots=8", "hosts:2: bad IP address or host name '[192.0.2.9]'"),
     ("bad_host! slots=8", "hosts:2: bad IP address or host name 'bad_host!'"),
     ("192.0.2.9 type=gpu", "hosts:2: missing slots=N for host '192.0.2.9'"),
     ("192.0.2.9 slots=0", "hosts:2: slots must be a positive integer, got '0'"),
