@@ -238,8 +238,9 @@ class _SamplingFields(_Wire):
     # vLLM's: a space between special tokens in the text. Its fast-tokenizer detokenizer (the
     # only kind deepserve has) writes none either way, nor does deepserve's.
     spaces_between_special_tokens: bool = True
-    # vLLM's: most reasoning tokens before </think> is forced (-1: no limit); needs --reasoning-parser
-    thinking_token_budget: Optional[int] = None
+    # vLLM's: most reasoning tokens before </think> is forced (-1: no limit); needs --reasoning-parser.
+    # A JSON integer only, as vLLM's validator takes it (true, 8.0 and "8" are 400s)
+    thinking_token_budget: Optional[Annotated[int, Field(strict=True)]] = None
     # vLLM's beam search: n beams, scored by cumulative logprob / length ** length_penalty
     # (server/beam.py refuses the fields it does not honour)
     use_beam_search: bool = False
