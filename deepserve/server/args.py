@@ -90,6 +90,9 @@ class ServerArgs:
     override_generation_config: Optional[dict] = field(default=None, metadata={"metavar": "JSON"})
     """vLLM's: request defaults set over --generation-config's (with vllm: the only ones), e.g.
     '{"temperature": 0.5, "max_new_tokens": 1024}' (keys as generation_config.json's)."""
+    response_role: str = "assistant"
+    """vLLM's: the role a chat reply names when the request adds a generation prompt (otherwise
+    the last message's role, as vLLM's)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs name tokens `token_id:N` for requests that do not set
     return_tokens_as_token_ids themselves."""

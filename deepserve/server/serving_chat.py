@@ -334,9 +334,11 @@ class PreparedChat:
         and whether the engine takes the request."""
         self.prompt_ids = (await state.encode([self.prompt_text], req.add_special_tokens))[0]
         max_tokens = req.max_new_tokens()
-        # vLLM's echo: the reply opens with the last message when that is the reply's role
+        # the reply's role, as vLLM names it: --response-role's for a new turn, else the last message's
         last = req.messages[-1]
-        echoed = req.echo and (last.role == "assistant" or not req.add_generation_prompt)
+        self.role = state.settings.response_role if req.add_generation_prompt else last.role
+        # vLLM's echo: the reply opens with the last message when that is the reply's role
+        echoed = req.echo and last.role == self.role
         self.echo_text = last.text() if echoed else ""
         self.include_reasoning = req.include_reasoning
         self.prompt_ids = truncated_prompt(state, req, self.prompt_ids, max_tokens)
@@ -499,7 +501,7 @@ async def create_chat_completion(request: Request, state: ServerState):
         if prep.echo_text:
             content = prep.echo_text + (content or "")
         shown = content if (content or not calls or prep.tool_mode in ("named", "required")) else None
-        message: dict = {"role": "assistant", "content": shown}
+        message: dict = {"role": prep.role, "content": shown}
         if prep.parser_name is not None and prep.include_reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
@@ -551,7 +553,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
         return frame(choices=[choice], **extra)
 
     for i in range(n):
-        yield chunk({"index": i, "delta": {"role": "assistant", "content": prep.echo_text}, "logprobs": None,
+        yield chunk({"index": i, "delta": {"role": prep.role, "content": prep.echo_text}, "logprobs": None,
                      "finish_reason": None}, **({"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}))
     splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n

@@ -56,6 +56,7 @@ class ServerSettings:
     trust_request_chat_template: bool = False    # vLLM's: a request may bring its own chat template
     grammar_in_reasoning: bool = False   # vLLM's enable_in_reasoning: grammars hold from the first token
     return_tokens_as_token_ids: bool = False   # vLLM's: the default of requests that do not say
+    response_role: str = "assistant"   # vLLM's --response-role: a new turn's role in the reply
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)

@@ -110,7 +110,6 @@ _GROUPS = (
     ("the routed experts are not returned", ("--enable-return-routed-experts",)),
     ("logprobs are the sampled distribution's log-probabilities", ("--logprobs-mode",)),
     ("deepserve has no float64 Gumbel sampling", ("--use-fp64-gumbel",)),
-    ("responses name the assistant role", ("--response-role",)),
     ("deepserve's Responses API has no built-in tool servers", ("--tool-server",)),
     ("responses carry no system_fingerprint", ("--fingerprint-mode", "--fingerprint-value")),
     ("the server listens on --host / --port (HTTPS with --ssl-keyfile / --ssl-certfile), not on a unix socket",
@@ -133,7 +132,7 @@ _GROUPS = (
 # values that ask for what deepserve does anyway: accepted, with no effect
 _SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--tokenizer-mode": ("auto", "hf"),
            "--config-format": ("auto", "hf"), "--model-impl": ("auto", "vllm"), "--cpu-offload-gb": ("0",),
-           "--logprobs-mode": ("raw_logprobs",), "--response-role": ("assistant",),
+           "--logprobs-mode": ("raw_logprobs",),
            "--expert-placement-strategy": ("linear",), "--data-parallel-backend": ("mp",),
            "--decode-context-parallel-size": ("1",), "--prefill-context-parallel-size": ("1",),
            "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",), "--stream-interval": ("1",),

@@ -456,3 +456,25 @@ def test_optimization_level_sets_the_cuda_graphs(parser, flags, mode):
     engine, _, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, *flags]))
     args = EngineArgs(**engine)
     assert args.cudagraph_mode == mode and args.enforce_eager == (mode == "NONE")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_role(stream):
+    """vLLM's --response-role (was an unrecognized argument): the reply's role for a new turn;
+    without a generation prompt the last message's role (vLLM's; it was always assistant)."""
+    import httpx
+
+    client = serve("deepseek-r1", "Fine.", response_role="bot")
+    transport = client._client._transport
+
+    async def role(**body):
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            body = {"model": "m", "messages": HI, "stream": stream, **body}
+            r = await http.post("/v1/chat/completions", json=body)
+            if stream:
+                import json
+                first = next(line for line in r.text.splitlines() if line.startswith("data: {"))
+                return json.loads(first[6:])["choices"][0]["delta"]["role"]
+            return r.json()["choices"][0]["message"]["role"]
+    assert asyncio.run(role()) == "bot"
+    assert asyncio.run(role(add_generation_prompt=False)) == "user"
