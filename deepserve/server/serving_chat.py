@@ -147,7 +147,9 @@ def request_template_kwargs(state: ServerState, req: ChatCompletionRequest) -> O
     none of a field's keys."""
     if req.reasoning_effort is None and not req.documents:
         return req.chat_template_kwargs
-    reads = template_variables(state.tokenizer.chat_template or "") if state.tokenizer else frozenset()
+    template = request_template(state, req.chat_template, req.chat_template_kwargs) or (
+        state.tokenizer.chat_template if state.tokenizer else None)
+    reads = template_variables(template or "")
     derived: dict = {}
     if req.reasoning_effort is not None:
         effort = {"reasoning_effort": req.reasoning_effort, "enable_thinking": req.reasoning_effort != "none"}

@@ -478,3 +478,13 @@ def test_response_role(stream):
             return r.json()["choices"][0]["message"]["role"]
     assert asyncio.run(role()) == "bot"
     assert asyncio.run(role(add_generation_prompt=False)) == "user"
+
+
+def test_reasoning_effort_reaches_a_trusted_request_template():
+    """reasoning_effort is checked against the template that renders the prompt: a trusted
+    request's own, which reads it, where the model's (R1's) does not."""
+    client = serve("deepseek-r1", "Fine.", trust_request_chat_template=True)
+    own = "{% for m in messages %}{{ m['content'] }}{% endfor %} effort={{ reasoning_effort }}"
+    asyncio.run(client.chat.completions.create(model="m", messages=HI, reasoning_effort="low",
+                                               extra_body={"chat_template": own}))
+    assert client.engine.prompts[-1] == "Hi effort=low"
