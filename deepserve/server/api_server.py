@@ -179,7 +179,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               trust_request_chat_template=bool(server.trust_request_chat_template),
                               grammar_in_reasoning=server.grammar_in_reasoning(),
                               return_tokens_as_token_ids=bool(server.return_tokens_as_token_ids),
-                              response_role=server.response_role,
+                              response_role=server.response_role, stream_interval=int(server.stream_interval),
                               max_logprobs=int(server.max_logprobs), scheduling_policy=engine_args.scheduling_policy,
                               max_n=max(128, engine.config.scheduler.max_num_seqs),
                               cors=server.cors(),

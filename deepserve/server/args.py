@@ -93,6 +93,9 @@ class ServerArgs:
     response_role: str = "assistant"
     """vLLM's: the role a chat reply names when the request adds a generation prompt (otherwise
     the last message's role, as vLLM's)."""
+    stream_interval: int = 1
+    """vLLM's: a stream sends its first token, then its tokens in groups of this many, then the
+    rest as it ends (1: each token as it comes; more: fewer, larger chunks)."""
     return_tokens_as_token_ids: bool = False
     """vLLM's: logprobs name tokens `token_id:N` for requests that do not set
     return_tokens_as_token_ids themselves."""
@@ -200,6 +203,8 @@ class ServerArgs:
         if int(self.responses_store_max_size) < 1:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         self.check_ssl()
+        if int(self.stream_interval) < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         for name in ("default_chat_template_kwargs", "override_generation_config"):

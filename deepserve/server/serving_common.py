@@ -57,6 +57,7 @@ class ServerSettings:
     grammar_in_reasoning: bool = False   # vLLM's enable_in_reasoning: grammars hold from the first token
     return_tokens_as_token_ids: bool = False   # vLLM's: the default of requests that do not say
     response_role: str = "assistant"   # vLLM's --response-role: a new turn's role in the reply
+    stream_interval: int = 1   # vLLM's: a streamed request's outputs are spaced by this many tokens
     max_logprobs: int = ServerArgs.max_logprobs
     # samples a request may ask for (n): the engine's max_num_seqs, at least OpenAI's limit; an
     # unbounded n would have one request build millions of sequences (memory without end)
@@ -95,11 +96,11 @@ class ServerState:
         return self.llm.tokenizer
 
     def generate(self, prompt, params, request_id: str):
-        """AsyncLLM.generate, logged with --enable-log-requests."""
+        """AsyncLLM.generate, logged with --enable-log-requests, spaced by --stream-interval."""
         outputs = self.llm.generate(prompt, params, request_id)
-        if self.request_logger is None:
-            return outputs
-        return self.request_logger.logged(outputs, request_id, prompt, params)
+        if self.request_logger is not None:
+            outputs = self.request_logger.logged(outputs, request_id, prompt, params)
+        return outputs if self.settings.stream_interval == 1 else spaced(outputs, self.settings.stream_interval)
 
     async def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """The prompts' token ids, encoded off the event loop (server/batch_encoder.py)."""
@@ -275,6 +276,20 @@ async def compile_grammar(state: ServerState, params: SamplingParams, field: Opt
         await asyncio.to_thread(lambda: engine.grammar_compiler().compile(params.guided))
     except ValueError as exc:
         raise APIError(400, str(exc), param=field) from None
+
+
+async def spaced(outputs: AsyncIterator, interval: int) -> AsyncIterator:
+    """vLLM's --stream-interval: the first output, then one each `interval` new tokens, and the
+    last. Outputs are cumulative (text and ids so far), so one left out merges into the next."""
+    sent = None
+    try:
+        async for out in outputs:
+            tokens = max((len(o.token_ids) for o in out.outputs), default=0)
+            if out.finished or sent is None or tokens - sent >= interval:
+                sent = tokens
+                yield out
+    finally:   # a client gone: the inner stream's close aborts the request
+        await outputs.aclose()
 
 
 def tokens_as_ids(state: ServerState, req) -> bool:

@@ -101,7 +101,7 @@ _GROUPS = (
     ("deepserve has no KV cache sharing across layers", ("--kv-sharing-fast-prefill", "--prefix-match-unit")),
     (_SCHEDULER, ("--max-num-scheduled-tokens", "--max-num-partial-prefills", "--max-long-partial-prefills",
                   "--long-prefill-token-threshold", "--scheduler-reserve-full-isl", "--watermark",
-                  "--prefill-schedule-interval", "--stream-interval")),
+                  "--prefill-schedule-interval")),
     (_METRICS, ("--show-hidden-metrics-for-version", "--otlp-traces-endpoint", "--collect-detailed-traces",
                 "--kv-cache-metrics", "--kv-cache-metrics-sample", "--cudagraph-metrics",
                 "--enable-layerwise-nvtx-tracing", "--enable-mfu-metrics", "--enable-logging-iteration-details",
@@ -135,7 +135,7 @@ _SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--t
            "--logprobs-mode": ("raw_logprobs",),
            "--expert-placement-strategy": ("linear",), "--data-parallel-backend": ("mp",),
            "--decode-context-parallel-size": ("1",), "--prefill-context-parallel-size": ("1",),
-           "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",), "--stream-interval": ("1",),
+           "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",),
            "--fingerprint-mode": ("none",), "--kv-offloading-size": ("0",), "--tool-parser-plugin": ("",),
            "--worker-cls": ("auto",), "--performance-mode": ("balanced",)}
 # switches that turn off what deepserve does not have: accepted, with no effect

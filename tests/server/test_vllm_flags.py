@@ -488,3 +488,23 @@ def test_reasoning_effort_reaches_a_trusted_request_template():
     asyncio.run(client.chat.completions.create(model="m", messages=HI, reasoning_effort="low",
                                                extra_body={"chat_template": own}))
     assert client.engine.prompts[-1] == "Hi effort=low"
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+def test_stream_interval(interval):
+    """vLLM's --stream-interval (was an unrecognized argument): the first token streams at once,
+    then one chunk per `interval` tokens, then the rest as the request ends (vLLM's output
+    processor rule); the text is the same."""
+    script = "one two three four five six seven eight nine ten"
+    client = serve("deepseek-r1-distill-llama-8b", script, stream_interval=interval)
+    tokens = len(load_tokenizer("deepseek-r1-distill-llama-8b").encode(script, add_special_tokens=False)) + 1  # EOS
+
+    async def chunks():
+        got = []
+        stream = await client.completions.create(model="m", prompt="Count:", stream=True)
+        async for chunk in stream:
+            got += [c.text for c in chunk.choices]
+        return got
+    got = asyncio.run(chunks())
+    sent_at = [1] + list(range(1 + interval, tokens, interval)) + [tokens] if interval > 1 else list(range(1, tokens + 1))
+    assert "".join(got) == script and len(got) == len(sorted(set(sent_at))), got
