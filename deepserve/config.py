@@ -396,6 +396,9 @@ class EngineArgs:
     Default: the built-in stories260k demo model."""
     tokenizer: Optional[str] = None
     """Tokenizer folder; default: the model folder."""
+    skip_tokenizer_init: bool = False
+    """vLLM's: load no tokenizer; prompts are token ids (text is a 400) and outputs their token ids,
+    as a folder without tokenizer.json serves."""
     served_model_name: Optional[str] = None
     """Model name(s) the API serves: `--served-model-name a b` (as vLLM) or "a,b"; a response names
     the one its request asked for (the first when it names none), metrics the first. Default: the
@@ -666,6 +669,8 @@ class EngineArgs:
         max_model_len = resolve_max_model_len(hf, self.max_model_len)
         # a folder without tokenizer.json serves token-id prompts only
         tokenizer = self.tokenizer or (self.model if (Path(self.model) / "tokenizer.json").is_file() else None)
+        if self.skip_tokenizer_init:
+            tokenizer = None
         load_format = "dummy" if is_preset(self.model) else self.load_format
         speculative = self.speculative_config.for_model(hf) if self.speculative_config is not None else None
         model = ModelConfig(model=self.model, hf_config=hf, dtype=self.dtype,

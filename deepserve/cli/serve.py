@@ -305,7 +305,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
             bind_listen(engine_args.data_parallel_address, 0, "--data-parallel-address: this node's address, "
                         "where the other nodes' DP ranks connect").close()
             check_rpc_ports(engine_args)
-        if not config.model.tokenizer:
+        if not config.model.tokenizer and not engine_args.skip_tokenizer_init:
             print(f"deepserve: no tokenizer.json in {config.model.model}: the server takes token-id prompts only "
                   f"(text gets a 400 naming it); pass --tokenizer FOLDER to serve text", file=sys.stderr)
         from deepserve.server.api_server import run_server

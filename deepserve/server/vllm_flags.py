@@ -61,8 +61,6 @@ _GROUPS = (
     ("prompts are rendered and tokenized in a worker thread of each API server (--api-server-count sets how "
      "many)", ("--renderer-num-workers",)),
     ("config.json is read in Hugging Face's format", ("--config-format",)),
-    ("a folder without tokenizer.json already serves token-id prompts only; with one, text is served",
-     ("--skip-tokenizer-init",)),
     (_LOADER, ("--safetensors-load-strategy", "--safetensors-prefetch-num-threads",
                "--safetensors-prefetch-block-size", "--model-loader-extra-config", "--ignore-patterns",
                "--pt-load-map-location", "--max-parallel-loading-workers", "--use-tqdm-on-load")),

@@ -508,3 +508,20 @@ def test_stream_interval(interval):
     got = asyncio.run(chunks())
     sent_at = [1] + list(range(1 + interval, tokens, interval)) + [tokens] if interval > 1 else list(range(1, tokens + 1))
     assert "".join(got) == script and len(got) == len(sorted(set(sent_at))), got
+
+
+def test_skip_tokenizer_init():
+    """vLLM's --skip-tokenizer-init (was an unrecognized argument; LLM(skip_tokenizer_init=True)
+    was refused): no tokenizer, token-id prompts give the same tokens as with one, text prompts
+    are refused naming the fix."""
+    from deepserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompt = {"prompt_token_ids": [1, 403, 407, 261]}
+    with LLM(DEMO_MODEL) as llm:
+        expected = llm.generate(prompt, params)[0].outputs[0].token_ids
+    with LLM(DEMO_MODEL, skip_tokenizer_init=True) as llm:
+        assert llm.llm_engine.tokenizer is None
+        assert llm.generate(prompt, params)[0].outputs[0].token_ids == expected
+        with pytest.raises(ValueError, match="no tokenizer"):
+            llm.generate("Once upon a time", params)
