@@ -409,6 +409,8 @@ def test_ssl_flags_serve_https(certificate):
     try:
         assert server.url.startswith("https://127.0.0.1:")
         assert httpx.get(server.url + "/health", verify=False).status_code == 200
+        # a head of 30 kB still coming: vLLM's default limit, 4 MiB, waits (uvicorn's, 16 KiB, answered 400)
+        assert partial_head(server.url, 30_000) == b""
         with pytest.raises(httpx.HTTPError):
             httpx.get(server.url.replace("https://", "http://") + "/health")
     finally:
@@ -525,3 +527,37 @@ def test_skip_tokenizer_init():
         assert llm.generate(prompt, params)[0].outputs[0].token_ids == expected
         with pytest.raises(ValueError, match="no tokenizer"):
             llm.generate("Once upon a time", params)
+
+
+def partial_head(url: str, size: int) -> bytes:
+    """What the server at `url` answers, within 2 s, to a request head of `size` bytes that never
+    ends (b"": nothing, it waits for the rest)."""
+    import socket
+    import ssl
+    import urllib.parse
+
+    address = urllib.parse.urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=2) as sock:
+        if address.scheme == "https":
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            sock = context.wrap_socket(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size)
+        try:
+            return sock.recv(100)
+        except TimeoutError:
+            return b""
+
+
+def test_h11_max_incomplete_event_size():
+    """vLLM's --h11-max-incomplete-event-size (was an unrecognized argument): a request head
+    still incomplete past that many bytes is answered 400 and the connection closed; under it
+    the server waits for the rest. Its default is vLLM's 4 MiB (test_ssl_flags_serve_https)."""
+    from conftest import launch
+
+    server = launch("--h11-max-incomplete-event-size", "16384")
+    try:
+        assert partial_head(server.url, 30_000).startswith(b"HTTP/1.1 400")
+        assert partial_head(server.url, 8_000) == b""
+    finally:
+        server.stop()
