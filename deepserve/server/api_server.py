@@ -247,6 +247,7 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None, 
                             lifespan="on", ssl_keyfile=server.ssl_keyfile, ssl_certfile=server.ssl_certfile,
                             ssl_ca_certs=server.ssl_ca_certs, ssl_cert_reqs=int(server.ssl_cert_reqs),
                             h11_max_incomplete_event_size=int(server.h11_max_incomplete_event_size),
+                            **({"log_config": server.log_config()} if server.log_config_file else {}),
                             **({"ssl_ciphers": server.ssl_ciphers} if server.ssl_ciphers else {}))
     access_filter = AccessLogFilter(server.disable_access_log_for_endpoints or "")
     logging.getLogger("uvicorn.access").addFilter(access_filter)

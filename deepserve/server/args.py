@@ -154,6 +154,9 @@ class ServerArgs:
     """Log level."""
     uvicorn_log_level: Optional[str] = field(default=None, metadata={"choices": UVICORN_LOG_LEVELS})
     """vLLM's: uvicorn's log level (default: --log-level)."""
+    log_config_file: Optional[str] = None
+    """vLLM's: a logging configuration, JSON in Python's logging.config.dictConfig schema (loggers
+    uvicorn, uvicorn.access, deepserve, ...), applied as the server starts."""
     disable_uvicorn_access_log: bool = False
     """vLLM's: no uvicorn access log line per HTTP request (`INFO:     127.0.0.1:PORT - "POST
     /v1/completions HTTP/1.1" 200 OK`, on stdout at uvicorn's INFO level)."""
@@ -206,6 +209,7 @@ class ServerArgs:
         if int(self.responses_store_max_size) < 1:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         self.check_ssl()
+        self.log_config()
         if int(self.h11_max_incomplete_event_size) < 1:
             raise ValueError(f"h11_max_incomplete_event_size must be >= 1, got {self.h11_max_incomplete_event_size}")
         if int(self.stream_interval) < 1:
@@ -255,6 +259,23 @@ class ServerArgs:
             raise ValueError(f"--reasoning-parser {self.reasoning_parser} and --structured-outputs-config "
                              f"reasoning_parser {parser} differ: give one")
         self.reasoning_parser = self.reasoning_parser or parser
+
+    def log_config(self) -> Optional[dict]:
+        """--log-config-file's configuration (None without one); ValueError for a file that is
+        missing or holds no JSON object."""
+        if not self.log_config_file:
+            return None
+        try:
+            with open(self.log_config_file) as f:
+                config = json.load(f)
+        except OSError as exc:
+            raise ValueError(f"--log-config-file {self.log_config_file}: {exc.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--log-config-file {self.log_config_file}: not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"--log-config-file {self.log_config_file}: expected a JSON object (logging's "
+                             f"dictConfig schema), got {type(config).__name__}")
+        return config
 
     def check_ssl(self) -> None:
         """The TLS flags, checked as the server would load them: one line here instead of a

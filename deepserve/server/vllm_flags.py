@@ -117,8 +117,6 @@ _GROUPS = (
      ("--h11-max-header-count",)),
     ("the API docs (/docs, /redoc) load their assets from a CDN", ("--enable-offline-docs",)),
     ("deepserve has no gRPC server", ("--grpc",)),
-    ("logging is set with --log-level and --uvicorn-log-level (a logging config file is not read)",
-     ("--log-config-file",)),
     ("error responses are logged in one line (DEEPSERVE_DEBUG=1 shows tracebacks)", ("--log-error-stack",)),
     ("a streamed request's output is logged once, as it ends", ("--enable-log-deltas",)),
     ("it sets vLLM's platform plugins, which deepserve does not have", ("--additional-config",)),

@@ -34,7 +34,7 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--enable-log-requests": None, "--no-disable-log-requests": None, "--max-log-len": "100",
          "--enable-log-outputs": None, "--disable-log-stats": None}
 GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
-             ssl_cert_reqs=0, ssl_ciphers=None, root_path="/llm", disable_fastapi_docs=True,
+             ssl_cert_reqs=0, ssl_ciphers=None, log_config_file=None, root_path="/llm", disable_fastapi_docs=True,
              reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, exclude_tools_when_tool_choice_none=True,
              tool_call_parser="deepseek_v3",
@@ -81,7 +81,7 @@ def test_defaults_are_vllms(parser, monkeypatch):
         enable_prompt_tokens_details=False, enable_force_include_usage=False, enable_server_load_tracking=False,
         enable_tokenizer_info_endpoint=False, enable_request_id_headers=False, enable_responses_api_store=False,
         responses_store_max_size=1000,
-        uvicorn_log_level=None, disable_uvicorn_access_log=False, disable_access_log_for_endpoints=None,
+        uvicorn_log_level=None, log_config_file=None, disable_uvicorn_access_log=False, disable_access_log_for_endpoints=None,
         enable_log_requests=False, disable_log_requests=False,
         max_log_len=None, enable_log_outputs=False, disable_log_stats=False)
 

@@ -561,3 +561,33 @@ def test_h11_max_incomplete_event_size():
         assert partial_head(server.url, 8_000) == b""
     finally:
         server.stop()
+
+
+def test_log_config_file(tmp_path):
+    """vLLM's --log-config-file (was refused): its dictConfig is applied as the server starts
+    (here uvicorn's access log goes to a file); a file that is no JSON object is one line."""
+    import json
+
+    import httpx
+    from conftest import launch
+
+    from deepserve.server.args import ServerArgs
+
+    log = tmp_path / "access.log"
+    config = {"version": 1, "disable_existing_loggers": False,
+              "formatters": {"plain": {"format": "%(message)s"}},
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log), "formatter": "plain"}},
+              "loggers": {"uvicorn.access": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+    server = launch("--log-config-file", str(path), "--uvicorn-log-level", "info")
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+    assert '"GET /health HTTP/1.1" 200' in log.read_text()
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        ServerArgs(log_config_file=str(path))
+    with pytest.raises(ValueError, match="No such file or directory"):
+        ServerArgs(log_config_file=str(tmp_path / "none.json"))
