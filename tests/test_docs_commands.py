@@ -28,7 +28,7 @@ def test_serve_help_quantization_matches_readme(capsys):
     # README: DeepSeek's FP8 is "kept in e4m3 ... on every device", and GUIDES.md's
     # `--quantization ascend` is accepted: `deepserve serve --help` says the same
     text = " ".join(_serve_help(capsys).split())
-    start = text.index("--quantization QUANTIZATION Weight quantization")
+    start = text.index("--quantization QUANTIZATION, -q QUANTIZATION Weight quantization")
     entry = text[start:text.index("--seed SEED", start)]
     assert "dequantized" not in entry
     assert "stay in that form" in entry and "ascend" in entry
