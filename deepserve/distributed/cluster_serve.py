@@ -86,6 +86,24 @@ def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
     return kwargs, plan
 
 
+def check_head_gpus(launcher: ClusterLauncher) -> None:
+    """This machine's hostfile line against its GPUs: `ray start --head --num-gpus` tells Ray the
+    slots the line gives, so a line with more slots than the machine has GPUs (the guide's
+    `slots=8` on a 4-GPU host) would have Ray place ranks on GPUs that do not exist, failing in
+    CUDA after every host started. Checked where CUDA is (a CPU machine's `type=gpu` slots place
+    CPU ranks)."""
+    import torch
+
+    head = launcher.head
+    if not head.gpus or not torch.cuda.is_available():
+        return
+    have = torch.cuda.device_count()
+    if head.gpus > have:
+        raise ValueError(f"hostfile line {head.line} gives this machine ({head.address}) slots={head.slots}, but it "
+                         f"has {have} GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+                         f": give slots={have}")
+
+
 def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, serve: Callable[[dict], int],
                      dry_run: bool = False, out: Callable[[str], None] = print,
                      launcher: Optional[ClusterLauncher] = None,
@@ -110,6 +128,7 @@ def serve_on_cluster(options: RunnerOptions, envs: dict, engine_kwargs: dict, se
         raise ValueError(f"this machine is not in the hostfile {options.hostfile}: run `deepserve serve` on "
                          f"{launcher.head.address} (the server's rank 0 runs beside the Ray head); this "
                          f"machine's addresses: {', '.join(sorted(launcher.local))}")
+    check_head_gpus(launcher)
     if any(k in engine_kwargs for k in PARALLEL_KEYS):  # fail on bad sizes before touching any host
         cluster_engine_args(engine_kwargs, launcher, gpu_memory_fn, weights_format)
     with launcher:

@@ -396,6 +396,24 @@ def test_serve_on_cluster_plans_serves_and_stops(monkeypatch):
     assert [c[-1] for c in runner.calls[2:]] == ["ray stop", "ray stop"]
 
 
+def test_head_slots_past_its_gpus_are_refused_before_any_host(monkeypatch):
+    """`192.0.2.10 slots=8` on a machine with 4 GPUs: Ray was told 7 GPUs beside rank 0's, and
+    ranks placed on the missing ones failed in CUDA after every host had started."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    runner = FakeRunner()
+    cl = _local_launcher(runner, gpu_memory="80GiB")
+    with pytest.raises(ValueError) as err:
+        serve_on_cluster(cl.options, ENVS, {"model": "deepseek-r1"}, lambda kw: pytest.fail("served"), launcher=cl)
+    assert str(err.value) == ("hostfile line 1 gives this machine (192.0.2.10) slots=8, but it has 4 GPU(s) "
+                              "(CUDA_VISIBLE_DEVICES=unset): give slots=4")
+    assert runner.calls == []
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    assert serve_on_cluster(cl.options, ENVS, {"model": "deepseek-r1", "tensor_parallel_size": 16}, lambda kw: 0,
+                            launcher=cl, out=lambda s: None) == 0
+
+
 def test_serve_error_and_sigterm_stop_ray(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "unset")
     for trigger in ("error", "sigterm"):
