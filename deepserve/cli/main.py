@@ -123,9 +123,47 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# dashes a document or chat app puts where `--` was typed: en / em dash, minus sign, ...
+_PASTED_FLAG = re.compile(r"([\u2010-\u2015\u2212\ufe58\ufe63\uff0d]{1,2})([A-Za-z][A-Za-z0-9_-]*)(=.*)?", re.S)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every flag of `parser` and of its sub-commands' parsers."""
+    names = set()
+    for action in parser._actions:
+        names.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= _option_strings(sub)
+    return names
+
+
+def check_pasted_dashes(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """A flag whose `--` a formatted page turned into a dash (`–max-model-len`, `—tp 8`) would be
+    a positional to argparse: "unrecognized arguments: 512", or taken for the serve YAML. One line
+    naming it instead, when its ASCII spelling (or a unique prefix of one) is a flag here."""
+    flags = _option_strings(parser)
+    for arg in argv:
+        m = _PASTED_FLAG.fullmatch(arg)
+        if m is None:
+            continue
+        name = m.group(2).replace("_", "-")
+        long = f"--{name}"   # or a unique prefix of a long flag, which argparse takes too
+        typed = long if long in flags or len([o for o in flags if o.startswith(long)]) == 1 else \
+            f"-{name}" if f"-{name}" in flags else None
+        if typed:
+            raise UserError(f"{arg!r} begins with {m.group(1)!r} ({', '.join(f'U+{ord(c):04X}' for c in m.group(1))}), "
+                            f"not ASCII hyphens (pasted from a formatted page?): type {typed}")
+
+
 def _main(argv: list[str] | None) -> int:
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv[0] if argv else None)
+    try:
+        check_pasted_dashes(argv, parser)
+    except UserError as exc:
+        print(f"deepserve{f' {argv[0]}' if argv and argv[0] in COMMANDS else ''}: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
