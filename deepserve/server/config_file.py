@@ -102,6 +102,8 @@ def _compose_defaults(data: Any, path: Path) -> tuple[Any, Path]:
         if not isinstance(item, dict):
             continue  # `_self_`
         for group, name in item.items():
+            if str(group).replace("override ", "", 1).startswith("hydra/"):
+                continue   # Hydra's own settings (`- override hydra/job_logging: disabled`), as `hydra:` is
             if group != "serve":
                 raise ValueError(f"{path}: defaults entry {group}: {name} is not a serve config; deepserve "
                                  "reads serve experiments (`- serve: NAME`)")

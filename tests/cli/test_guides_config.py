@@ -240,6 +240,15 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
     assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
 
+    # Hydra's own groups in defaults steer Hydra: were "defaults entry override hydra/job_logging:
+    # disabled is not a serve config"
+    experiment = tmp_path / "examples" / "deepseek_r1" / "conf" / "config_deepseek_r1.yaml"
+    text = experiment.read_text()
+    experiment.write_text(text.replace("  - serve: deepseek_r1\n", "  - serve: deepseek_r1\n  - override hydra/"
+                                       "job_logging: disabled\n  - hydra/hydra_logging: disabled\n"))
+    assert serve_config(cmd)[0].tensor_parallel_size == 8
+    experiment.write_text(text)
+
     # a FlagScale experiment of another kind is refused, naming what it is
     experiment = tmp_path / "examples" / "deepseek_r1" / "conf" / "config_deepseek_r1.yaml"
     experiment.write_text(experiment.read_text().replace("- serve: deepseek_r1", "- train: deepseek_r1"))
