@@ -219,8 +219,6 @@ class SamplingParams:
             if self.n > 1:   # vLLM's rule: n copies of one greedy answer
                 raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-        if self.top_k == -1:
-            self.top_k = 0
         self._check_logprob_token_ids()
         if self.logit_bias:
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}

@@ -94,3 +94,17 @@ def test_empty_grammar_or_schema_refused_as_vllm(kwargs, message):
     with pytest.raises(ValueError) as err:
         StructuredOutputsParams(**kwargs)
     assert str(err.value) == message
+
+
+def test_top_k_minus_one_is_kept_as_vllm_keeps_it_and_samples_as_off():
+    import torch
+
+    from deepserve.ops.sampling import sampling_probs
+
+    params = SamplingParams(top_k=-1)
+    assert params.top_k == -1 and "top_k=-1, " in repr(params)
+    assert SamplingParams(top_k=-1, temperature=0).top_k == 0   # greedy turns it off as vLLM's
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(2)
+    off, minus_one = (sampling_probs(logits, ones, torch.full((2,), k), ones, torch.zeros(2)) for k in (0, -1))
+    assert torch.equal(off, minus_one) and torch.allclose(off, logits.softmax(-1))
