@@ -197,7 +197,7 @@ def format_summary(result: dict, percentiles: Sequence[float] = (99,),
 
     row("Successful requests:", result["completed"])
     row("Failed requests:", result["failed"])
-    if result.get("max_concurrency"):
+    if result.get("max_concurrency") is not None:
         row("Maximum request concurrency:", result["max_concurrency"])
     rate = result.get("request_rate")
     if rate not in (None, "inf", float("inf")):

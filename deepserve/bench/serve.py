@@ -146,8 +146,8 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness:
     called after the warm-ups, just before the timed run."""
     from tqdm.auto import tqdm
 
-    if max_concurrency is not None and max_concurrency < 1:
-        raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    if max_concurrency is not None and max_concurrency < 0:
+        raise ValueError(f"--max-concurrency must be >= 0 (0: no limit, as vLLM's), got {max_concurrency}")
     gaps = arrival_gaps(len(inputs), request_rate, burstiness, seed)
     async with open_client(inputs[0].api_url if inputs else "http://", timeout_s, verify) as client:
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -196,7 +196,7 @@ def result_filename(args: argparse.Namespace) -> str:
     rate = "inf" if math.isinf(args.request_rate) else str(float(args.request_rate))   # 20.0qps, as vLLM writes it
     if getattr(args, "ramp_up_strategy", None):
         rate = f"ramp-up-{args.ramp_up_strategy}-{args.ramp_up_start_rps}qps-{args.ramp_up_end_rps}"
-    conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
+    conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency is not None else ""
     model = Path(str(args.model)).name or "model"
     prefix = getattr(args, "label", None) or backend_name(args)
     return f"{prefix}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"

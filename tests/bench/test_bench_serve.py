@@ -182,3 +182,22 @@ def test_path_not_served_falls_back_to_the_only_model(fake_server, bench_args, c
         assert srv.stats()["requests"][0]["model"] == "fake-model"
     assert res["completed"] == 1 and res["model_id"] == "path/DeepSeek-R1-W8A8"
     assert "does not serve 'path/DeepSeek-R1-W8A8'; sending its only model 'fake-model'" in capsys.readouterr().err
+
+
+def test_max_concurrency_zero_is_no_limit_as_vllms(fake_server, bench_args, tmp_path):
+    from types import SimpleNamespace
+
+    from deepserve.bench.metrics import format_summary
+    from deepserve.bench.serve import result_filename
+
+    with fake_server(ttft=0.05, itl=0.005) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--max-concurrency", "0", "--save-result", "--result-dir",
+                                         str(tmp_path), "--result-filename", "r.json", n=4, out=4)))
+        assert srv.stats()["max_in_flight"] == 4
+    assert res["completed"] == 4 and json.loads((tmp_path / "r.json").read_text())["max_concurrency"] == 0
+    # vLLM prints and names the limit whenever one was given, 0 included
+    assert "Maximum request concurrency:             0" in format_summary(res)
+    name = result_filename(SimpleNamespace(request_rate=2.0, max_concurrency=0, model="m", label="L"))
+    assert name.startswith("L-2.0qps-concurrency0-m-")
+    with pytest.raises(ValueError, match=r"--max-concurrency must be >= 0 \(0: no limit, as vLLM's\), got -1"):
+        run_serve(bench_args(_argv(srv.url, "--max-concurrency", "-1", n=1)))
