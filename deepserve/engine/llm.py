@@ -19,7 +19,7 @@ from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check_vllm_only_args, drop_text,
                                          generation_defaults, refuse_unsupported, template_text, template_turn,
                                          truncate_prompt)
-from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.outputs import RequestOutput, RequestStateStats
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.thinking_budget import PARSER_TAGS, delimiter_token_ids, reasoning_delimiters, reasoning_open
 
@@ -40,6 +40,7 @@ class LLM:
         request may ask for."""
         if model is not None:
             kwargs["model"] = model
+        self.log_stats = not kwargs.get("disable_log_stats", True)   # vLLM's offline default: off
         check_vllm_only_args(kwargs)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(kwargs) - known)
@@ -493,6 +494,9 @@ class LLM:
             drop_text(done[rid])
             self._no_text.discard(rid)
         outputs = [done.pop(rid) for rid in request_ids]
+        for out in outputs:   # vLLM's: per-request stats only when they are logged
+            tokens = sum(len(o.token_ids) for o in out.outputs)
+            out.metrics = RequestStateStats.from_timings(out.metrics, tokens) if self.log_stats else None
         self._finished = done
         return outputs
 

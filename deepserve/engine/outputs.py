@@ -1,8 +1,9 @@
 """Results shaped like vLLM's: a RequestOutput holds one CompletionOutput per sample."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass
@@ -32,6 +33,34 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestStateStats:
+    """vLLM's per-request timings, the offline LLM's RequestOutput.metrics when stats are logged
+    (LLM(disable_log_stats=False)): arrival_time is wall-clock, the *_ts are time.monotonic()."""
+
+    num_generation_tokens: int = 0
+    arrival_time: float = 0.0
+    queued_ts: float = 0.0
+    scheduled_ts: float = 0.0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_token_latency: float = 0.0
+    is_corrupted: bool = False
+
+    @classmethod
+    def from_timings(cls, timings: dict, num_generation_tokens: int) -> "RequestStateStats":
+        """From the engine's timings (time.monotonic() of arrival, first scheduling, first and
+        last token; None for a phase not reached, 0.0 here as in vLLM). A request is queued
+        as it arrives."""
+        arrival = timings.get("arrival_time") or 0.0
+        first = timings.get("first_token_time")
+        return cls(num_generation_tokens=num_generation_tokens,
+                   arrival_time=arrival + time.time() - time.monotonic(), queued_ts=arrival,
+                   scheduled_ts=timings.get("first_scheduled_time") or 0.0, first_token_ts=first or 0.0,
+                   last_token_ts=timings.get("last_token_time") or 0.0,
+                   first_token_latency=first - arrival if first is not None else 0.0)
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: Optional[str]
@@ -39,7 +68,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    # the engine's timings (LLMEngine.timings); the offline LLM gives vLLM's: None, or
+    # RequestStateStats with disable_log_stats=False
+    metrics: Union[dict, RequestStateStats, None] = field(default_factory=dict)
     # with SamplingParams.prompt_logprobs: None for the first prompt token, then one entry each
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
     lora_request: None = None   # vLLM's; no LoRA adapters are served

@@ -213,3 +213,22 @@ def test_add_request_takes_vllms_arguments_in_order(llm):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             engine.add_request("x", PROMPT, GREEDY, **kwargs)
     assert not engine.has_unfinished_requests()
+
+
+def test_request_output_metrics_are_vllms(llm):
+    """vLLM's offline LLM logs no stats by default, so RequestOutput.metrics is None; with
+    disable_log_stats=False it is a RequestStateStats (wall-clock arrival, monotonic phases)."""
+    import time
+
+    from deepserve.engine.outputs import RequestStateStats
+
+    assert llm.generate(PROMPT, GREEDY)[0].metrics is None
+    with LLM(max_model_len=64, block_size=16, disable_log_stats=False) as logged:
+        before, mono = time.time(), time.monotonic()
+        out = logged.generate([PROMPT, PROMPT], SamplingParams(temperature=0, max_tokens=4, n=1))[1]
+        after = time.monotonic()
+    stats = out.metrics
+    assert isinstance(stats, RequestStateStats) and stats.num_generation_tokens == 4 and not stats.is_corrupted
+    assert mono <= stats.queued_ts <= stats.scheduled_ts <= stats.first_token_ts <= stats.last_token_ts <= after
+    assert stats.first_token_latency == pytest.approx(stats.first_token_ts - stats.queued_ts)
+    assert before - 0.5 <= stats.arrival_time <= time.time()
