@@ -316,6 +316,21 @@ def test_data_parallel_rpc_ports_past_65535_are_one_line(capsys, no_server, extr
                    "70000-70003, which must lie in [1, 65535]"), err
 
 
+def test_hostfile_serve_refuses_a_model_missing_here_before_any_host(reference, tmp_path, monkeypatch, capsys):
+    """The FlagOS YAML with its hostfile and `model: /nfs/deepseek_r1` not on this machine: Ray
+    started on every host (minutes on four) before rank 0, here, found no folder."""
+    conf = flagscale_checkout(tmp_path, reference, "/nfs/no-such-deepseek_r1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {HEAD_IP})
+    monkeypatch.setattr("deepserve.distributed.cluster.ClusterLauncher.start",
+                        lambda self: pytest.fail("Ray was started on the hosts"))
+    assert (conf / "hostfile.txt").is_file()
+    err = one_line_error(capsys, ["serve", "deepseek_r1", "--port", "0"])
+    assert err == "deepserve serve: error: model '/nfs/no-such-deepseek_r1': no such folder on this machine", err
+
+
 def test_node0_data_parallel_address_must_be_its_own(capsys, no_server):
     """The vllm-ascend node 0 script with its `local_ip` unfilled or another node's address: the
     engine cores' ZeroMQ bind failed with a traceback (exit code 1) after the model loaded."""
