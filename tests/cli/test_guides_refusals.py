@@ -329,6 +329,21 @@ def test_hostfile_serve_refuses_a_model_missing_here_before_any_host(reference, 
     assert (conf / "hostfile.txt").is_file()
     err = one_line_error(capsys, ["serve", "deepseek_r1", "--port", "0"])
     assert err == "deepserve serve: error: model '/nfs/no-such-deepseek_r1': no such folder on this machine", err
+    # so are the guide's GLOO_SOCKET_IFNAME=bond0 where this machine has no bond0, and USE_FLAGGEMS=1
+    # without FlagGems (here: a CPU): each rank found them after Ray had started on every host
+    import importlib.util
+
+    from tests.cli.conftest import write_r1_config
+
+    serve = conf / "serve" / "deepseek_r1.yaml"
+    model = str(write_r1_config(tmp_path / "DeepSeek-R1"))
+    serve.write_text(serve.read_text().replace("/nfs/no-such-deepseek_r1", model))
+    monkeypatch.setattr("socket.if_nameindex", lambda: [(1, "lo"), (2, "eth0")])
+    assert "this machine has no network interface bond0" in one_line_error(
+        capsys, ["serve", "deepseek_r1", "--ops", "torch"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flag_gems" else real(name, *a))
+    assert "--ops flaggems (or USE_FLAGGEMS=1) needs FlagGems" in one_line_error(capsys, ["serve", "deepseek_r1"])
 
 
 def test_node0_data_parallel_address_must_be_its_own(capsys, no_server):
