@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Optional
@@ -301,7 +302,7 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     # the API's address, held from here (as vLLM binds it before the engine starts): a port in
     # use is this line before the model loads, and nothing can take it during the load; several
     # API servers' launcher binds its own before the engine cores start
-    sock = bind_listen(server.host, server.port)
+    sock = bind_unix(server.uds) if server.uds else bind_listen(server.host, server.port)
     if engine_args.api_server_count > 1:
         sock.close()
         sock = None
@@ -528,6 +529,32 @@ def check_resolves(host: str, what: str) -> None:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ValueError(f"cannot reach {host!r} ({what}): it does not resolve ({exc.strerror})") from None
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A unix socket bound at `path` (--uds), before the model loads; a socket file left by a
+    server that has gone is replaced, one a server still answers on is one line."""
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ValueError(f"cannot listen on --uds {path}: a file that is no socket is there")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)   # nothing listens there any more
+        except OSError as exc:
+            raise ValueError(f"cannot listen on --uds {path}: {exc.strerror}") from None
+        else:
+            raise ValueError(f"cannot listen on --uds {path}: a server answers there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on --uds {path}: {exc.strerror}") from None
+    return sock
 
 
 def bind_listen(host: str, port: int, what: str = "--host / --port") -> socket.socket:

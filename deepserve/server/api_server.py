@@ -72,6 +72,9 @@ def check_server_args(engine_args: EngineArgs, server: ServerArgs) -> None:
         raise ValueError(f"the Responses API's store (--enable-responses-api-store, {STORE_ENV}=1) keeps responses "
                          "in one API server process's memory: it needs --api-server-count 1, got "
                          f"{engine_args.api_server_count}")
+    if server.uds and engine_args.api_server_count > 1:
+        raise ValueError(f"--uds serves one API server on its socket: it needs --api-server-count 1, got "
+                         f"{engine_args.api_server_count}")
     if server.chat_template is not None:
         read_chat_template(server.chat_template)
 
@@ -90,8 +93,9 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.should_exit or not self.servers:
             return
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        url = f"{'https' if self.config.is_ssl else 'http'}://{host}:{port}"
+        name = self.servers[0].sockets[0].getsockname()
+        scheme = "https" if self.config.is_ssl else "http"
+        url = f"{scheme}+unix:{name}" if isinstance(name, str) else f"{scheme}://{name[0]}:{name[1]}"
         if self.on_ready is not None:  # one of several API servers: the launcher announces them
             self.on_ready(url)
         else:

@@ -50,6 +50,8 @@ class ServerArgs:
     """Address to listen on."""
     port: int = 8000
     """Port (0 picks a free one)."""
+    uds: Optional[str] = None
+    """vLLM's: listen on this unix socket path instead of --host / --port."""
     api_key: Optional[Union[str, list]] = field(default=None, metadata={"nargs": "+"})
     """Require `Authorization: Bearer KEY` (any of the keys given) on /v1/*, /v2/* and
     /inference/* (vLLM's); without it, vLLM's VLLM_API_KEY environment variable's key."""

@@ -110,8 +110,6 @@ _GROUPS = (
     ("deepserve has no float64 Gumbel sampling", ("--use-fp64-gumbel",)),
     ("deepserve's Responses API has no built-in tool servers", ("--tool-server",)),
     ("responses carry no system_fingerprint", ("--fingerprint-mode", "--fingerprint-value")),
-    ("the server listens on --host / --port (HTTPS with --ssl-keyfile / --ssl-certfile), not on a unix socket",
-     ("--uds",)),
     ("certificates are loaded once, at start", ("--enable-ssl-refresh",)),
     ("requests may carry any number of headers (their size is --h11-max-incomplete-event-size's)",
      ("--h11-max-header-count",)),

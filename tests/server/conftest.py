@@ -28,7 +28,7 @@ R1_TOKENIZER = SHARED / "tokenizers" / "deepseek-r1"
 API_KEY = "sk-deepserve-test"
 # a chat template for the demo model (it ships none): BOS, then the turns' text
 DEMO_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-READY = re.compile(r"at (https?://[\d.]+:\d+)/v1")
+READY = re.compile(r"at (https?://[\d.]+:\d+|https?\+unix:\S+)/v1")
 
 
 class ServerProcess:

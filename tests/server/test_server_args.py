@@ -33,7 +33,7 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--disable-access-log-for-endpoints": "/health,/metrics",
          "--enable-log-requests": None, "--no-disable-log-requests": None, "--max-log-len": "100",
          "--enable-log-outputs": None, "--disable-log-stats": None}
-GIVEN = dict(host="0.0.0.0", port=9010, api_key=["k"], ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
+GIVEN = dict(host="0.0.0.0", port=9010, uds=None, api_key=["k"], ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
              ssl_cert_reqs=0, ssl_ciphers=None, log_config_file=None, root_path="/llm", disable_fastapi_docs=True,
              reasoning_parser="deepseek_r1", enable_reasoning=True,
              generation_config="vllm", enable_auto_tool_choice=True, exclude_tools_when_tool_choice_none=True,
@@ -66,7 +66,7 @@ def test_defaults_are_vllms(parser, monkeypatch):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     _, server, _ = resolve(parser.parse_args(["serve", "some/model"]))
     assert dataclasses.asdict(server) == dict(
-        host="127.0.0.1", port=8000, api_key=None, ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
+        host="127.0.0.1", port=8000, uds=None, api_key=None, ssl_keyfile=None, ssl_certfile=None, ssl_ca_certs=None,
         ssl_cert_reqs=0, ssl_ciphers=None, root_path=None, disable_fastapi_docs=False,
         reasoning_parser=None, enable_reasoning=False,
         generation_config="auto", enable_auto_tool_choice=False, exclude_tools_when_tool_choice_none=False,

@@ -299,7 +299,7 @@ def test_every_vllm_serve_flag_is_taken(parser):
                                       "tokenizer is the folder's tokenizer.json"),
     (["--runner", "pooling"], "--runner pooling is not supported (it takes auto or generate): deepserve serves "
                               "no pooling models"),
-    (["--uds", "/tmp/api.sock"], "--uds /tmp/api.sock is not supported: the server listens on --host / --port"),
+    (["--enable-ssl-refresh"], "--enable-ssl-refresh is not supported: certificates are loaded once, at start"),
     (["--revision", "main"], "--revision main is not supported: deepserve serves local model folders"),
     (["--logits-processors", "my.Proc"], "--logits-processors my.Proc is not supported: it loads user code"),
     (["-n", "2", "-r", "1"], "--nnodes 2 is not supported: tensor / pipeline parallel over several nodes runs on Ray"),
@@ -591,3 +591,32 @@ def test_log_config_file(tmp_path):
         ServerArgs(log_config_file=str(path))
     with pytest.raises(ValueError, match="No such file or directory"):
         ServerArgs(log_config_file=str(tmp_path / "none.json"))
+
+
+def test_uds(tmp_path):
+    """vLLM's --uds (was an unrecognized argument): the API answers on a unix socket, and the
+    ready line names it; a socket file left by a server that has gone is replaced, a regular file
+    at the path is refused."""
+    import socket
+
+    import httpx
+    from conftest import launch
+
+    from deepserve.cli.serve import bind_unix
+
+    path = tmp_path / "api.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()   # a socket file nothing listens on
+    server = launch("--uds", str(path))
+    try:
+        assert server.url == f"http+unix:{path}"
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://api") as http:
+            assert http.get("/v1/models").json()["data"][0]["id"] == "stories260k"
+        with pytest.raises(ValueError, match="a server answers there"):
+            bind_unix(str(path))
+    finally:
+        server.stop()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="a file that is no socket is there"):
+        bind_unix(str(tmp_path / "file"))
