@@ -109,6 +109,9 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
                          "the flags (deepserve serve MODEL --api-key KEY)")
     server_args = ServerArgs(**server)
     runner = config.runner
+    if getattr(args, "hostfile", None) == "":
+        raise ValueError("--hostfile is empty (an unset shell variable?): give the hostfile's path, or leave the "
+                         "flag out to serve on this machine")
     if getattr(args, "hostfile", None):
         runner = runner or RunnerOptions()
         runner.hostfile = os.path.expanduser(args.hostfile)   # `--hostfile=~/h.txt`: no shell expands that ~

@@ -65,6 +65,14 @@ def test_served_model_names_as_a_list_still_serve_each(tmp_path):
     assert load_serve_config(path).engine_args["served_model_name"] == "deepseek_r1,r1"
 
 
+def test_an_empty_hostfile_flag_is_refused(capsys):
+    """`--hostfile "$HOSTFILE"` with the variable unset served on this machine alone, without a word."""
+    assert main(["serve", "--hostfile", "", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == ("deepserve serve: error: --hostfile is empty (an unset shell "
+                                               "variable?): give the hostfile's path, or leave the flag out to "
+                                               "serve on this machine")
+
+
 @pytest.mark.parametrize("argv", [["serve", ""], ["serve", "--model", ""], ["serve", "YAML"]])
 def test_an_empty_model_is_refused(capsys, tmp_path, argv):
     """`deepserve serve "$MODEL_PATH"` with the variable unset served the built-in demo model
