@@ -88,7 +88,7 @@ def _check_address(token: str, where: str) -> str:
     if not resolves(token):   # a guide's placeholder (x.x.x.x, xxxx) left in, or a typo
         raise ValueError(f"{where}: {token!r} is neither an IP address nor a host name this machine resolves "
                          "(a placeholder left in the hostfile?)")
-    return token
+    return token.lower()   # host names know no case: GPU-NODE01 is gpu-node01, and this machine's own name
 
 
 def parse_hostfile_text(text: str, source: str = "hostfile") -> list[HostSpec]:
@@ -234,7 +234,7 @@ def ray_token_auth_as_started(address: Optional[str]) -> None:
 # --------------------------------------------------------------------------- local host
 def local_addresses() -> set[str]:
     """This machine's names and interface addresses, read locally (no packet is sent)."""
-    names = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
+    names = {"127.0.0.1", "::1", "localhost", socket.gethostname().lower()}
     try:
         import psutil
         names.update(a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs)

@@ -133,8 +133,20 @@ def test_hostfile_loopback_beside_other_hosts_is_refused(address):
     Alone it is this machine, as before."""
     with pytest.raises(ValueError) as err:
         parse_hostfile_text(f"# master node\n{address} slots=8 type=gpu\n192.0.2.2 slots=8 type=gpu\n", "hosts")
-    assert str(err.value).startswith(f"hosts:2: {address} is a loopback address, which the other hosts cannot reach")
-    assert [h.address for h in parse_hostfile_text(f"{address} slots=8\n")] == [address]
+    assert str(err.value).startswith(f"hosts:2: {address.lower()} is a loopback address, which the other hosts "
+                                     "cannot reach")
+    assert [h.address for h in parse_hostfile_text(f"{address} slots=8\n")] == [address.lower()]
+
+
+def test_hostfile_host_names_know_no_case(monkeypatch):
+    """This machine listed by its name in capitals (GPU-NODE01 where `hostname` says gpu-node01):
+    was taken for another host, "this machine is not in the hostfile"."""
+    monkeypatch.setattr("deepserve.distributed.cluster.resolves", lambda name: True)
+    monkeypatch.setattr("deepserve.distributed.cluster.socket.gethostname", lambda: "Gpu-Node01")
+    hosts = parse_hostfile_text("GPU-NODE02 slots=8\nGPU-NODE01 slots=8\n")
+    assert [h.address for h in hosts] == ["gpu-node02", "gpu-node01"]
+    cl = ClusterLauncher(hosts, RunnerOptions(), {})
+    assert cl.head_is_local and cl.head.address == "gpu-node01"
 
 
 def test_hostfile_two_lines_naming_this_machine_are_refused():
