@@ -66,9 +66,14 @@ def normalize_argv(argv: list[str]) -> list[str]:
     """`--flag_name[=value]` -> `--flag-name[=value]`, as vLLM's FlexibleArgumentParser does.
     Only the flag's name changes; values (`--served-model-name deepseek_r1`) stay as given."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("-O."):   # vLLM's dotted -O: `-O.cudagraph_mode=FULL_DECODE_ONLY`
             arg = "--compilation-config" + arg[2:]
+        elif arg.startswith("-O") and arg != "-O":   # vLLM's -O3 / -O=3: the optimization level
+            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
+            continue
+        elif arg == "-O" and argv[i + 1:i + 2] in (["0"], ["1"], ["2"], ["3"]):   # -O 3 the same; -O '{..}' a config
+            arg = "--optimization-level"
         name, sep, value = arg.partition("=")
         # a flag token only: a value that starts with "--" (validate's `--b "--hf-overrides '{...}'"`)
         # keeps its underscores

@@ -460,6 +460,19 @@ def test_optimization_level_sets_the_cuda_graphs(parser, flags, mode):
     assert args.cudagraph_mode == mode and args.enforce_eager == (mode == "NONE")
 
 
+@pytest.mark.parametrize("flags, mode", [(["-O0"], "NONE"), (["-O=1"], "PIECEWISE"), (["-O", "0"], "NONE"),
+                                         (["-O", '{"cudagraph_mode": "PIECEWISE"}'], "PIECEWISE")])
+def test_short_o_is_the_optimization_level_as_vllms(parser, flags, mode):
+    """vLLM 0.26's -O3 / -O=3 / -O 3 is --optimization-level (-O0 runs without CUDA graphs; it
+    was read as a torch.compile level, keeping them); -O with JSON stays the compilation config."""
+    from deepserve.cli.main import normalize_argv
+    from deepserve.config import EngineArgs
+
+    engine, _, _ = resolve(parser.parse_args(normalize_argv(["serve", DEMO_MODEL, *flags])))
+    args = EngineArgs(**engine)
+    assert args.cudagraph_mode == mode and args.enforce_eager == (mode == "NONE")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_response_role(stream):
     """vLLM's --response-role (was an unrecognized argument): the reply's role for a new turn;
