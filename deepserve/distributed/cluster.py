@@ -190,6 +190,15 @@ class RunnerOptions:
         if out.wait_timeout_s <= 0 or out.command_timeout_s <= 0:
             raise ValueError(f"{source}: timeouts must be positive, got wait_timeout_s={out.wait_timeout_s}, "
                              f"command_timeout_s={out.command_timeout_s}")
+        if out.gpu_memory is not None:
+            from deepserve.distributed.plan import parse_size
+
+            if re.fullmatch(r"\s*[0-9.]+\s*", out.gpu_memory):   # `gpu_memory: 80` would be 80 bytes
+                raise ValueError(f"{source}: runner.gpu_memory {out.gpu_memory} has no unit: write e.g. 80GiB")
+            try:
+                parse_size(out.gpu_memory)   # here, naming the file, rather than at the plan
+            except ValueError as exc:
+                raise ValueError(f"{source}: runner.gpu_memory: {exc}") from None
         return out
 
 

@@ -326,9 +326,12 @@ def test_yaml_runner_values_as_flagscale_reads_them(tmp_path):
     for value, message in [("[22]", "runner.ssh_port must be an integer, got [22]"),
                            ("true", "runner.ssh_port must be an integer, got True"),
                            ("22.5", "runner.ssh_port must be an integer, got 22.5"),
-                           (".nan", "runner.ssh_port must be an integer, got nan")]:
+                           (".nan", "runner.ssh_port must be an integer, got nan"),
+                           # was a plan for GPUs of 80 bytes ("no layout fits")
+                           ("22, gpu_memory: 80", "runner.gpu_memory 80 has no unit: write e.g. 80GiB"),
+                           ("22, gpu_memory: 80 gigs", "runner.gpu_memory: memory size '80 gigs' not understood")]:
         path.write_text(f"engine_args: {{model: m}}\nrunner: {{hostfile: hostfile.txt, ssh_port: {value}}}\n")
-        with pytest.raises(ValueError, match=f"^{path}: {re.escape(message)}$"):
+        with pytest.raises(ValueError, match=f"^{path}: {re.escape(message)}"):
             load_serve_config(path)
     path.write_text("engine_args: {model: m}\nrunner: {hostfile: hostfile.txt, before_start: [a, b], docker: box}\n")
     with pytest.raises(ValueError, match=r"runner.before_start must be a string, got \['a', 'b'\]$"):
