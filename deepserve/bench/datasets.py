@@ -49,7 +49,7 @@ def _exact_length_text(tok: Tokenizer, rng: np.random.Generator, length: int,
     """
     vocab = np.asarray(tok.text_token_ids)
     ids = list(seed_ids) if seed_ids is not None else vocab[rng.integers(0, len(vocab), length)].tolist()
-    text = tok.decode(ids)
+    text = tok.decode(ids, skip_special_tokens=True)
     for _ in range(8):
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) == length:
@@ -58,7 +58,7 @@ def _exact_length_text(tok: Tokenizer, rng: np.random.Generator, length: int,
             ids = ids[:length]
         else:
             ids = ids + vocab[rng.integers(0, len(vocab), length - len(ids))].tolist()
-        text = tok.decode(ids)
+        text = tok.decode(ids, skip_special_tokens=True)
     return text, tok.count(text)
 
 
@@ -96,7 +96,9 @@ def sample_sonnet(tok: Tokenizer, path: str, num_requests: int, input_len: int,
     use_template = chat_format and tok.chat_template is not None
 
     def formatted(prompt: str) -> str:
-        return tok.apply_chat_template([{"role": "user", "content": prompt}]) if use_template else prompt
+        if not use_template:
+            return prompt
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
     base_len = tok.count(formatted(SONNET_INSTRUCTION))
     if input_len <= base_len:
@@ -197,7 +199,8 @@ def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int,
                                  "(needed when --custom-output-len is -1)") from None
         prompt = item["prompt"]
         if use_template:
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], **(template_kwargs or {}))
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False, **(template_kwargs or {}))
         requests.append(SampleRequest(prompt, tok.count(prompt), out_len))
     return requests
 

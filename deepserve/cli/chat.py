@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)
         limit = engine.max_model_len - len(prompt_ids)
         if limit < 1:
             print(f"[the conversation ({len(prompt_ids)} tokens) fills the context of "

@@ -101,8 +101,13 @@ class Tokenizer:
         """Whether encoding with special tokens puts the BOS first (tokenizer.json's post-processor)."""
         return self.bos_token_id is not None and self.encode("")[:1] == [self.bos_token_id]
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: int | list[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids` (or of one id); special tokens are kept unless skipped, as in transformers."""
+        ids = [ids] if isinstance(ids, int) else ids
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
     def token_text(self, token_id: int, at_start: bool = False) -> str:
         """The text one token adds (a logprob entry's token): inside a text, decoded after an
@@ -152,9 +157,17 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self.tok.id_to_token(token_id) or ""
 
-    # transformers' names, for scripts that take LLM.get_tokenizer() for vLLM's (a transformers tokenizer)
+    # transformers' names and defaults, for scripts that take LLM.get_tokenizer() for vLLM's (a
+    # transformers tokenizer); deepserve's own code passes every option it relies on
     def __len__(self) -> int:
         return self.vocab_size
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> "BatchEncoding":
+        """input_ids and attention_mask of a text, or of each text (no padding)."""
+        if isinstance(text, str):
+            return BatchEncoding(self.encode(text, add_special_tokens))
+        ids = self.encode_batch(text, add_special_tokens)
+        return BatchEncoding(ids, [[1] * len(i) for i in ids])
 
     def get_vocab(self) -> dict[str, int]:
         return self.tok.get_vocab(with_added_tokens=True)
@@ -167,9 +180,11 @@ class Tokenizer:
         """An id's token, or each id's."""
         return self.tok.id_to_token(ids) if isinstance(ids, int) else [self.tok.id_to_token(int(i)) for i in ids]
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False, continue_final_message: bool = False, **extra):
-        """Render `messages` with the model's chat template (like transformers').
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True, continue_final_message: bool = False,
+                            return_dict: bool = True, **extra):
+        """Render `messages` with the model's chat template, with transformers' defaults: the
+        ids, as a BatchEncoding unless return_dict=False; the text with tokenize=False.
         `continue_final_message`: the text ends right after the last message's content (what
         the template writes after it, end-of-turn tokens included, is cut), so the model goes
         on with that message: an assistant prefill."""
@@ -186,8 +201,25 @@ class Tokenizer:
             if not isinstance(final, str):  # content parts
                 final = "".join(part.get("text") or "" for part in final)
             text = _cut_after_final_message(text, final)
-        # the template writes the BOS itself
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize:
+            return text
+        ids = self.encode(text, add_special_tokens=False)   # the template writes the BOS itself
+        return BatchEncoding(ids) if return_dict else ids
+
+
+class BatchEncoding(dict):
+    """transformers' BatchEncoding as far as scripts read it: input_ids and attention_mask, as
+    keys or attributes."""
+
+    def __init__(self, input_ids: list, attention_mask: Optional[list] = None):
+        super().__init__(input_ids=input_ids,
+                         attention_mask=[1] * len(input_ids) if attention_mask is None else attention_mask)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def template_file(value: str) -> Optional[Path]:

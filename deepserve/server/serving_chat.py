@@ -206,7 +206,7 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
         for turn in turns:
             if turn["role"] == "developer":
                 turn["role"] = "system"
-    render = functools.partial(tok.apply_chat_template, add_generation_prompt=add_generation_prompt,
+    render = functools.partial(tok.apply_chat_template, add_generation_prompt=add_generation_prompt, tokenize=False,
                                continue_final_message=continue_final_message, **extra)
     try:
         try:

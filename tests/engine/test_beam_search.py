@@ -257,7 +257,7 @@ def test_structured_outputs_follow_vllms_search(constraint):
         eos = llm.engine.eos_token_ids
         want = structured_reference(llm, prompt, 3, 12, spec, eos)
         assert [(s.tokens[len(prompt):], pytest.approx(s.cum_logprob, abs=1e-4)) for s in out.sequences] == want
-        texts = [llm.tokenizer.decode(s.tokens[len(prompt):]) for s in out.sequences]
+        texts = [llm.tokenizer.decode(s.tokens[len(prompt):], skip_special_tokens=True) for s in out.sequences]
         if "choice" in constraint:
             assert set(texts) <= {c.strip() for c in constraint["choice"]} | set(constraint["choice"])
         else:

@@ -65,7 +65,7 @@ def test_grammar_masks_constrained_rows_only():
             seq.token_ids.append(out[j + 1])
             if not done[j]:
                 done[j] = out[j + 1] in tok.eos_token_ids
-                texts[j] += "" if done[j] else tok.decode(seq.output_token_ids)[len(texts[j]):]
+                texts[j] += "" if done[j] else tok.decode(seq.output_token_ids, skip_special_tokens=True)[len(texts[j]):]
     assert all(done), texts
     assert len(texts[0]) == 3 and set(texts[0]) <= {"a", "b"} and texts[1] in ("cat", "dog"), texts
     assert len(texts[2]) == 3 and texts[2][0] == "x" and texts[2][1:].isdigit(), texts

@@ -136,7 +136,7 @@ def test_offline_grammar_starts_after_the_reasoning_the_prompt_opened(llm, reaso
 
     folder = llm.engine.config.model.model
     offline = LLM(str(folder), num_gpu_blocks_override=64, block_size=4, reasoning_parser=reasoning_parser)
-    answer = offline.tokenizer.decode([NN, ANSWER])
+    answer = offline.tokenizer.decode([NN, ANSWER], skip_special_tokens=True)
     params = SamplingParams(temperature=0, max_tokens=12, structured_outputs=GuidedDecoding(choice=[answer]))
     [out] = offline.generate([{"prompt_token_ids": [0, HI, THINK, C]}], params, use_tqdm=False)
     if reasoning_parser is None:

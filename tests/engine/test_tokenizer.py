@@ -65,7 +65,7 @@ def test_jinja_environment_has_loopcontrols_and_tojson(tok):
         "{{ m['content'] | tojson }};{% endfor %}{% if add_generation_prompt %}>{% endif %}"))
     messages = [{"role": "user", "content": "a\"b"}, {"role": "stop", "content": "x"},
                 {"role": "user", "content": "never"}]
-    assert tok.apply_chat_template(messages) == '"a\\"b";>'
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == '"a\\"b";>'
 
 
 def test_tokenizer_file_and_counts(tok):
@@ -83,11 +83,11 @@ def test_r1_chat_template(shared_dir):
     text = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "2+2?"},
                                     {"role": "assistant", "content": "<think>\nadd\n</think>\n4"},
-                                    {"role": "user", "content": "3+3?"}])
+                                    {"role": "user", "content": "3+3?"}], add_generation_prompt=True, tokenize=False)
     assert text.startswith("<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜>")
     assert text.endswith("<｜User｜>3+3?<｜Assistant｜><think>\n")
     assert "add" not in text  # R1's template drops earlier reasoning
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], return_dict=False)
     assert ids.count(tok.bos_token_id) == 1
 
 

@@ -29,7 +29,7 @@ def test_completion_prompts_get_no_bos_and_chat_one(shared_dir, name, preset, he
     assert tok.encode("Hello world") == tok.encode("Hello world", add_special_tokens=False) == hello
     assert tok.encode(B + "Hello")[:1] == [tok.bos_token_id] and tok.encode(B + "Hello").count(tok.bos_token_id) == 1
     assert not tok.add_bos_token
-    ids = tok.apply_chat_template(MESSAGES, tokenize=True)
+    ids = tok.apply_chat_template(MESSAGES).input_ids
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
 
 
@@ -49,6 +49,17 @@ def test_ids_equal_transformers_autotokenizer(shared_dir, tmp_path, name, preset
     for prompt in PROMPTS:   # vLLM's completions: add_special_tokens=True
         assert tok.encode(prompt) == hf(prompt, add_special_tokens=True).input_ids, prompt
     text = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-    assert tok.apply_chat_template(MESSAGES) == text
+    assert tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == text
     # vLLM's chat completions: the rendered text, add_special_tokens=False
-    assert tok.apply_chat_template(MESSAGES, tokenize=True) == hf(text, add_special_tokens=False).input_ids
+    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+    assert ids == hf(text, add_special_tokens=False).input_ids
+    # transformers' defaults, for scripts holding LLM.get_tokenizer(): no generation prompt, a
+    # BatchEncoding of the ids; decode keeps special tokens
+    assert dict(tok.apply_chat_template(MESSAGES)) == dict(hf.apply_chat_template(MESSAGES))
+    assert tok.apply_chat_template(MESSAGES, tokenize=False) == hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert tok.apply_chat_template(MESSAGES).input_ids == hf.apply_chat_template(MESSAGES).input_ids
+    assert tok.decode(ids) == hf.decode(ids) and tok.decode(ids[0]) == hf.decode(ids[0])
+    assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True) != hf.decode(ids)
+    assert tok.batch_decode([ids, ids[1:]]) == hf.batch_decode([ids, ids[1:]])
+    assert dict(tok(PROMPTS[0])) == dict(hf(PROMPTS[0])) and tok(PROMPTS[0]).input_ids == hf(PROMPTS[0]).input_ids
+    assert dict(tok(PROMPTS)) == dict(hf(PROMPTS))

@@ -33,7 +33,7 @@ def r1_tokenizer():
 
 def _texts(tok, n: int, length: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [tok.decode([rng.randrange(1000, 100000) for _ in range(length)]) for _ in range(n)]
+    return [tok.decode([rng.randrange(1000, 100000) for _ in range(length)], skip_special_tokens=True) for _ in range(n)]
 
 
 @pytest.mark.parametrize("repeat", [1, 40])

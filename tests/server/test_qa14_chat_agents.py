@@ -231,7 +231,7 @@ def test_inline_chat_template_longer_than_a_file_name():
     tok = Tokenizer(folder, chat_template=INLINE_TOOLS_TEMPLATE)
     for t in (engine.tokenizer, tok):
         assert t.chat_template == INLINE_TOOLS_TEMPLATE
-        text = t.apply_chat_template(MESSAGES, tools=TOOLS)
+        text = t.apply_chat_template(MESSAGES, tools=TOOLS, add_generation_prompt=True, tokenize=False)
         assert '"name": "get_weather"' in text and text.endswith("<｜User｜>Weather in Paris?<｜Assistant｜><think>\n")
 
 

@@ -74,6 +74,9 @@ def test_prompt_list_token_ids_and_echo(client, http):
     assert t.choices[0].text == r.choices[0].text and t.usage.prompt_tokens == 8
     e = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
     assert e.choices[0].text.startswith(PROMPT + ", there")
+    # a token-id prompt echoes as vLLM decodes it (tokenizer.decode: its BOS written out)
+    e = client.completions.create(model="stories260k", prompt=ids, max_tokens=4, temperature=0, echo=True)
+    assert e.choices[0].text.startswith("<s> " + PROMPT + ", there")
 
 
 def test_logprobs_are_consistent(client):

@@ -62,9 +62,9 @@ def test_echoed_bos_takes_no_room(client, r1_server):
     ids = httpx.post(r1_server.url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
     r = client.completions.create(model="tiny-r1", prompt=ids, max_tokens=6, temperature=0, echo=True, logprobs=1)
     choice = r.choices[0]
-    bos = "<｜begin▁of▁sentence｜>"       # special: decoding the echoed prompt drops it
-    assert choice.logprobs.tokens[0] == bos and bos not in choice.text
-    check_text_offsets(choice.text, choice.logprobs, {bos})
+    bos = "<｜begin▁of▁sentence｜>"       # echoed token ids are vLLM's tokenizer.decode(ids): the BOS stays
+    assert choice.logprobs.tokens[0] == bos and choice.text.startswith(bos + "Be brief.")
+    check_text_offsets(choice.text, choice.logprobs, set())
     assert choice.text.endswith("<｜Assistant｜><think>\nOkay, the user asks for")
 
 

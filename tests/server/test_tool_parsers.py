@@ -25,7 +25,7 @@ def r1_calls_text(calls, content=None) -> str:
     msg = {"role": "assistant", "content": content,
            "tool_calls": [{"type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
                           for n, a in calls]}
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, msg], add_generation_prompt=False)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, msg], tokenize=False)
     body = text.split("<｜Assistant｜>", 1)[1]
     assert body.endswith("<｜end▁of▁sentence｜>")
     return body[:-len("<｜end▁of▁sentence｜>")]

@@ -116,7 +116,7 @@ def test_trusted_request_chat_template_renders_the_prompt():
     for body in ({"chat_template": OWN}, {"chat_template_kwargs": {"chat_template": OWN}}):
         assert asyncio.run(ask(body)) == ("<<Hi>>", tok.encode("<<Hi>>", add_special_tokens=False))
     prompt, _ = asyncio.run(ask({"chat_template": ""}))   # "" falls back to the model's (vLLM's `or`)
-    assert prompt == tok.apply_chat_template(HI)
+    assert prompt == tok.apply_chat_template(HI, add_generation_prompt=True, tokenize=False)
     for bad in ("{% for m in messages %}", "{{ ''.__class__.__mro__[1].__subclasses__() }}"):
         with pytest.raises(openai.BadRequestError) as err:
             asyncio.run(ask({"chat_template": bad}))
