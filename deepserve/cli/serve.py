@@ -87,7 +87,7 @@ def resolve_all(args: argparse.Namespace) -> tuple[dict, ServerArgs, dict, objec
     engine = dict(config.engine_args)
     engine.update({name: getattr(args, name) for name in fields if hasattr(args, name)})
     if positional == "" or engine.get("model") == "":
-        # `deepserve serve "$MODEL_PATH"` with the variable unset: was the demo model, served without a word
+        # `deepserve serve "$MODEL_PATH"` with the variable unset: refused, not taken for the demo model
         raise ValueError("the model given is empty (an unset shell variable?): give the model's folder")
     spec = {name: getattr(args, name) for name in SPEC_ALIASES if hasattr(args, name)}
     if spec:
@@ -126,8 +126,7 @@ LOG_LEVEL_NAMES = {"warn": "warning", "critical": "error", "fatal": "error", "no
 
 def vllm_logging_level() -> Optional[str]:
     """VLLM_LOGGING_LEVEL as a --log-level (None when unset or empty). vLLM hands it to Python's
-    logging, which refuses a name it does not know; so does this, in one line (TRACE, VERBOSE
-    were ignored without a word)."""
+    logging, which refuses a name it does not know (TRACE, VERBOSE); so does this, in one line."""
     value = os.environ.get("VLLM_LOGGING_LEVEL", "").strip()
     if not value:
         return None

@@ -19,7 +19,7 @@ logger = logging.getLogger("deepserve")
 _VLLM_ONLY_ARGS: dict[str, tuple] = {
     "disable_log_stats": (), "disable_custom_all_reduce": (), "tokenizer_mode": ("auto", "hf"),
     "revision": (None,), "tokenizer_revision": (None,), "code_revision": (None,), "cpu_offload_gb": (0,),
-"enable_lora": (False,), "hf_token": (None, False),
+    "enable_lora": (False,), "hf_token": (None, False),
     "allowed_local_media_path": ("",), "mm_processor_kwargs": (None, {}), "logits_processors": (None, []),
     "runner": ("auto", "generate"), "convert": ("auto", "none"), "enable_prompt_embeds": (False,),
     "attention_config": (None, {}), "kv_transfer_config": (None,), "worker_cls": ("auto",),
