@@ -237,24 +237,25 @@ def run(args: argparse.Namespace) -> int:
               "the layout from the flags)", file=sys.stderr)
     for note in misspelled_env():
         print(note, file=sys.stderr)
+    dry_run = getattr(args, "dry_run", False)
     if runner is not None:
         from deepserve.config import is_preset
         from deepserve.distributed.cluster_serve import serve_on_cluster
 
         model = str(engine_kwargs.get("model", ""))
-        dry_run = getattr(args, "dry_run", False)
         if os.path.isdir(model) or is_preset(model) or not dry_run:
             # the flags against the model's config.json before Ray starts on every host (the
             # parallel sizes the cluster picks when none are given are checked by the engine);
             # rank 0 runs here, so a model missing here is refused before any host starts (a dry
             # run may plan for a cluster from a machine without it)
-            check_model(EngineArgs(**engine_kwargs))
-        if not dry_run:   # what rank 0 needs here (USE_FLAGGEMS's FlagGems, GLOO_SOCKET_IFNAME's interface)
-            check_ops_backend(EngineArgs(**engine_kwargs))
-            check_gloo_interface(EngineArgs(**engine_kwargs))
+            engine_args = EngineArgs(**engine_kwargs)
+            check_model(engine_args)
+            if not dry_run:   # what rank 0 needs here (USE_FLAGGEMS's FlagGems, GLOO_SOCKET_IFNAME's interface)
+                check_ops_backend(engine_args)
+                check_gloo_interface(engine_args)
         return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
-                                dry_run=getattr(args, "dry_run", False), weights_format=plan_cli.weights_format)
-    if getattr(args, "dry_run", False):   # what `serve` checks before any rank starts
+                                dry_run=dry_run, weights_format=plan_cli.weights_format)
+    if dry_run:   # what `serve` checks before any rank starts
         from deepserve.server.api_server import check_server_args
 
         engine_args = EngineArgs(**engine_kwargs)
