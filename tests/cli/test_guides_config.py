@@ -460,7 +460,7 @@ def test_spellings():
     ns = parse(shlex.split("bench serve --random-input 200 --random_output_len=7 --backend vllm --trust-remote-code"))
     assert (ns.random_input_len, ns.random_output_len, ns.backend, ns.trust_remote_code) == (200, 7, "vllm", True)
     ns = parse(shlex.split("serve M --served-model-name deepseek_r1 path/DeepSeek-R1-W8A8 -O 3"))
-    assert (ns.served_model_name, ns.compilation_config) == ("deepseek_r1,path/DeepSeek-R1-W8A8", 3)
+    assert (ns.served_model_name, ns.optimization_level) == ("deepseek_r1,path/DeepSeek-R1-W8A8", 3)
     ns = parse(shlex.split("serve -O '{\"cudagraph_mode\": \"NONE\"}' -dp 2"))
     assert (ns.compilation_config, ns.data_parallel_size) == ({"cudagraph_mode": "NONE"}, 2)
 
