@@ -69,6 +69,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         if arg.startswith("-O."):   # vLLM's dotted -O: `-O.cudagraph_mode=FULL_DECODE_ONLY`
             arg = "--compilation-config" + arg[2:]
+        elif arg == "-cc" or arg.startswith(("-cc=", "-cc.")):   # vLLM's other short --compilation-config
+            arg = "--compilation-config" + arg[3:]
         elif arg.startswith("-O") and arg != "-O":   # vLLM's -O3 / -O=3: the optimization level
             out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
             continue

@@ -35,6 +35,7 @@ from deepserve.log import FORMAT as LOG_FORMAT
 from deepserve.log import for_spawned_processes
 from deepserve.server.app import build_app
 from deepserve.server.args import STORE_ENV, ServerArgs
+from deepserve.server.fingerprint import system_fingerprint
 from deepserve.server.metrics import ServerMetrics, cache_info_labels
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
 from deepserve.server.reasoning import PARSERS
@@ -192,6 +193,8 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
                               enable_server_load_tracking=bool(server.enable_server_load_tracking),
                               enable_tokenizer_info_endpoint=bool(server.enable_tokenizer_info_endpoint),
                               enable_request_id_headers=bool(server.enable_request_id_headers),
+                              system_fingerprint=system_fingerprint(engine.config, server.fingerprint_mode,
+                                                                    server.fingerprint_value),
                               responses_store_size=server.responses_store_size(),
                               prefix_cache_block_size=engine.config.cache.block_size
                               if engine.config.cache.enable_prefix_caching else None)

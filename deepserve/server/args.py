@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
 from deepserve.engine.thinking_budget import reasoning_delimiters
+from deepserve.server.fingerprint import FINGERPRINT_MODES
 from deepserve.server.reasoning import PARSERS
 from deepserve.server.request_log import stats_interval
 from deepserve.server.tool_parsers import TOOL_PARSERS
@@ -127,6 +128,13 @@ class ServerArgs:
     enable_request_id_headers: bool = False
     """vLLM's: every answer carries an X-Request-Id header, the request's own or a new uuid4 hex
     (a request's X-Request-Id names its completion or chat response with or without this flag)."""
+    fingerprint_mode: str = field(default="full", metadata={"choices": FINGERPRINT_MODES})
+    """vLLM's: the system_fingerprint of chat completions and completions (a stream's last chunk):
+    full `deepserve-VERSION[-tpN][-ppN][-dpN][-ep]-HASH8` (HASH8: of the model, dtype, context
+    length, quantization, KV cache dtype, parallel layout and speculative config), hash
+    `deepserve-VERSION-HASH8`, custom (--fingerprint-value's text) or none (null)."""
+    fingerprint_value: Optional[str] = None
+    """vLLM's: the system_fingerprint sent with --fingerprint-mode custom."""
     enable_responses_api_store: bool = False
     """Keep /v1/responses responses in this process's memory (OpenAI's store: GET
     /v1/responses/{id}, previous_response_id, background and cancel); vLLM's

@@ -48,7 +48,8 @@ from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
 from deepserve.server.reasoning import THINK_END, make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, header_request_id, merge_streams, parse_request,
+                                             compile_grammar, fingerprint_fields, header_request_id, merge_streams,
+                                             parse_request,
                                              prompt_tokens_details, sampling_params, sse, stream_usage,
                                              tokens_as_ids, truncated_prompt, until_disconnect,
                                              usage_in_stream)
@@ -520,7 +521,8 @@ async def create_chat_completion(request: Request, state: ServerState):
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     details = prompt_tokens_details(state, final.num_cached_tokens, [len(prep.prompt_ids)])
     body = {"id": prep.id, "object": "chat.completion", "created": prep.created, "model": prep.model,
-            "choices": choices, "usage": final_usage(len(prep.prompt_ids), completion_tokens, details, stream=False)}
+            "choices": choices, "system_fingerprint": state.settings.system_fingerprint,
+            "usage": final_usage(len(prep.prompt_ids), completion_tokens, details, stream=False)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = vllm_prompt_logprobs(final)
     if req.return_token_ids:
@@ -552,6 +554,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
         if include_usage:
             usage = stream_usage(continuous, len(prep.prompt_ids), generated[choice["index"]])
             return frame(choices=[choice], usage=usage, **extra)
+        if choice["finish_reason"] is not None:
+            extra.update(fingerprint_fields(state))
         return frame(choices=[choice], **extra)
 
     for i in range(n):
@@ -598,4 +602,5 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 yield chunk(choice, **extra)
     if include_usage:
         details = prompt_tokens_details(state, cached, [len(prep.prompt_ids)])
-        yield frame(choices=[], usage=final_usage(len(prep.prompt_ids), sum(generated), details, stream=True))
+        yield frame(choices=[], usage=final_usage(len(prep.prompt_ids), sum(generated), details, stream=True),
+                    **fingerprint_fields(state))

@@ -70,6 +70,7 @@ class ServerSettings:
     enable_server_load_tracking: bool = False
     enable_tokenizer_info_endpoint: bool = False   # vLLM's: GET /tokenizer_info is served
     enable_request_id_headers: bool = False   # vLLM's: every answer carries an X-Request-Id header
+    system_fingerprint: Optional[str] = None   # vLLM's, from --fingerprint-mode (server/fingerprint.py)
     # the prefix cache's block size (None: prefix caching is off), for created_cache_tokens
     prefix_cache_block_size: Optional[int] = None
     # how many /v1/responses responses are kept (0: none; --enable-responses-api-store)
@@ -394,6 +395,13 @@ def _one_line(text: str) -> str:
 def sse_data(event: dict) -> str:
     """One SSE data frame holding `event` as JSON on a single line for any line splitter."""
     return f"data: {_one_line(json.dumps(event, ensure_ascii=False))}\n\n"
+
+
+def fingerprint_fields(state: ServerState) -> dict:
+    """The system_fingerprint of a stream's last chunks ({} without one): vLLM sends it on each
+    choice's finishing chunk, or with include_usage on the usage chunk alone."""
+    fingerprint = state.settings.system_fingerprint
+    return {} if fingerprint is None else {"system_fingerprint": fingerprint}
 
 
 class ChunkFrames:

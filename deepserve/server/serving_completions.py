@@ -25,7 +25,8 @@ from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
-                                             compile_grammar, header_request_id, merge_streams, parse_request,
+                                             compile_grammar, fingerprint_fields, header_request_id, merge_streams,
+                                             parse_request,
                                              prompt_tokens_details, sampling_params, sse, stream_usage,
                                              tokens_as_ids, truncated_prompt, until_disconnect,
                                              usage_in_stream)
@@ -232,6 +233,7 @@ async def create_completion(request: Request, state: ServerState):
     details = prompt_tokens_details(state, sum(f.num_cached_tokens for f in finals.values()))
     return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
                          "model": prep.model, "choices": choices,
+                         "system_fingerprint": state.settings.system_fingerprint,
                          "usage": final_usage(prompt_tokens, completion_tokens, details, stream=False)})
 
 
@@ -270,7 +272,7 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
         if include_usage:
             n_prompt = len(prep.prompts[i]["prompt_token_ids"])
             return frame(choices=[choice], usage=stream_usage(continuous, n_prompt, generated.get(choice["index"], 0)))
-        return frame(choices=[choice])
+        return frame(choices=[choice], **(fingerprint_fields(state) if choice["finish_reason"] is not None else {}))
 
     async for i, res in merge_streams(prep.streams(state)):
         cached[i] = res.num_cached_tokens
@@ -316,4 +318,5 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
             yield chunk(choice, i)
     if include_usage:
         details = prompt_tokens_details(state, sum(cached.values()))
-        yield frame(choices=[], usage=final_usage(prompt_tokens, sum(generated.values()), details, stream=True))
+        yield frame(choices=[], usage=final_usage(prompt_tokens, sum(generated.values()), details, stream=True),
+                    **fingerprint_fields(state))

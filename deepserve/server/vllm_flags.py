@@ -2,7 +2,7 @@
 (hidden from --help) so that giving it is one line naming the flag and why, not argparse's
 "unrecognized arguments". A value that asks for what deepserve does anyway passes (`--runner
 generate`, `--tokenizer-mode hf`), and so do the switches that turn off something deepserve does
-not have (`--disable-custom-all-reduce`).
+not have (`--disable-custom-all-reduce`, `--no-enable-lora`).
 
 The flags are vLLM's (engine/arg_utils.py EngineArgs.add_cli_args, entrypoints/openai/cli_args.py),
 grouped by the feature they belong to.
@@ -109,7 +109,6 @@ _GROUPS = (
     ("logprobs are the sampled distribution's log-probabilities", ("--logprobs-mode",)),
     ("deepserve has no float64 Gumbel sampling", ("--use-fp64-gumbel",)),
     ("deepserve's Responses API has no built-in tool servers", ("--tool-server",)),
-    ("responses carry no system_fingerprint", ("--fingerprint-mode", "--fingerprint-value")),
     ("certificates are loaded once, at start", ("--enable-ssl-refresh",)),
     ("requests may carry any number of headers (their size is --h11-max-incomplete-event-size's)",
      ("--h11-max-header-count",)),
@@ -130,7 +129,7 @@ _SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--t
            "--expert-placement-strategy": ("linear",), "--data-parallel-backend": ("mp",),
            "--decode-context-parallel-size": ("1",), "--prefill-context-parallel-size": ("1",),
            "--max-num-partial-prefills": ("1",), "--max-long-partial-prefills": ("1",),
-           "--fingerprint-mode": ("none",), "--kv-offloading-size": ("0",), "--tool-parser-plugin": ("",),
+           "--kv-offloading-size": ("0",), "--tool-parser-plugin": ("",),
            "--worker-cls": ("auto",), "--performance-mode": ("balanced",)}
 # switches that turn off what deepserve does not have: accepted, with no effect
 SATISFIED = {
@@ -141,6 +140,23 @@ SATISFIED = {
     "--no-enable-log-deltas": "streamed output deltas in the request log (a request's output is logged as it ends)",
 }
 REFUSED = {flag: why for why, flags in _GROUPS for flag in flags}
+# the flags of REFUSED that vLLM declares as switches with a --no- form (argparse's
+# BooleanOptionalAction): `--no-enable-lora` asks for the feature off, as it is here, and passes
+NEGATABLE = (
+    "--enable-lora", "--enable-tower-connector-lora", "--fully-sharded-loras", "--specialize-active-lora",
+    "--enable-mixed-moe-lora-format", "--enable-moe-shared-loras", "--language-model-only", "--enable-mm-embeds",
+    "--mm-encoder-only", "--interleave-mm-strings", "--skip-mm-profiling", "--disable-chunked-mm-input",
+    "--enable-prompt-embeds", "--enable-flash-late-interaction", "--tokens-only",
+    "--enable-mamba-cache-stochastic-rounding", "--enable-sleep-mode", "--enable-cumem-allocator",
+    "--use-tqdm-on-load", "--allow-deprecated-quantization", "--calculate-kv-scales", "--enable-flashinfer-autotune",
+    "--enable-bf16x3-router-gemm", "--numa-bind", "--data-parallel-hybrid-lb", "--data-parallel-external-lb",
+    "--enable-eplb", "--enable-elastic-ep", "--enable-ep-weight-filter", "--enable-dbo",
+    "--disable-nccl-for-dp-synchronization", "--ray-workers-use-nsight", "--kv-sharing-fast-prefill",
+    "--scheduler-reserve-full-isl", "--kv-cache-metrics", "--cudagraph-metrics", "--enable-layerwise-nvtx-tracing",
+    "--enable-mfu-metrics", "--enable-logging-iteration-details", "--jit-monitor-verbose",
+    "--enable-per-request-metrics", "--enable-return-routed-experts", "--use-fp64-gumbel", "--enable-ssl-refresh",
+    "--enable-offline-docs", "--log-error-stack", "--fail-on-environ-validation",
+)
 # vLLM's short spellings of them
 _SHORT = {"--nnodes": "-n", "--node-rank": "-r", "--decode-context-parallel-size": "-dcp",
           "--prefill-context-parallel-size": "-pcp", "--data-parallel-rank": "-dpn", "--data-parallel-backend": "-dpb",
@@ -153,11 +169,12 @@ def _dest(flag: str) -> str:
 
 
 def add_refused_flags(parser: argparse.ArgumentParser) -> None:
-    """Every flag of REFUSED and SATISFIED, hidden from --help; `check_refused` reads them."""
+    """Every flag of REFUSED and SATISFIED and the --no- forms of NEGATABLE, hidden from --help;
+    `check_refused` reads REFUSED's."""
     for flag in REFUSED:
         parser.add_argument(flag, *[_SHORT[flag]] if flag in _SHORT else [], dest=_dest(flag), nargs="*",
                             default=None, help=argparse.SUPPRESS)
-    for flag in SATISFIED:
+    for flag in [*SATISFIED, *("--no-" + flag[2:] for flag in NEGATABLE)]:
         parser.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=argparse.SUPPRESS)
 
 

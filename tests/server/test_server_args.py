@@ -27,7 +27,7 @@ FLAGS = {"--host": "0.0.0.0", "--port": "9010", "--api-key": "k", "--root-path":
          "--reasoning-config": '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}',
          "--enable-prompt-tokens-details": None, "--enable-force-include-usage": None,
          "--enable-server-load-tracking": None, "--enable-tokenizer-info-endpoint": None,
-         "--enable-request-id-headers": None,
+         "--enable-request-id-headers": None, "--fingerprint-mode": "custom", "--fingerprint-value": "fp_1",
          "--enable-responses-api-store": None,
          "--responses-store-max-size": "5", "--uvicorn-log-level": "warning", "--disable-uvicorn-access-log": None,
          "--disable-access-log-for-endpoints": "/health,/metrics",
@@ -49,7 +49,7 @@ GIVEN = dict(host="0.0.0.0", port=9010, uds=None, api_key=["k"], ssl_keyfile=Non
              reasoning_config={"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"},
              enable_prompt_tokens_details=True, enable_force_include_usage=True, enable_server_load_tracking=True,
              enable_tokenizer_info_endpoint=True, enable_request_id_headers=True, enable_responses_api_store=True,
-             responses_store_max_size=5,
+             responses_store_max_size=5, fingerprint_mode="custom", fingerprint_value="fp_1",
              uvicorn_log_level="warning", disable_uvicorn_access_log=True,
              disable_access_log_for_endpoints="/health,/metrics", enable_log_requests=True,
              disable_log_requests=False, max_log_len=100, enable_log_outputs=True, disable_log_stats=True)
@@ -80,7 +80,7 @@ def test_defaults_are_vllms(parser, monkeypatch):
         allow_credentials=False, allowed_methods='["*"]', allowed_headers='["*"]', reasoning_config=None,
         enable_prompt_tokens_details=False, enable_force_include_usage=False, enable_server_load_tracking=False,
         enable_tokenizer_info_endpoint=False, enable_request_id_headers=False, enable_responses_api_store=False,
-        responses_store_max_size=1000,
+        responses_store_max_size=1000, fingerprint_mode="full", fingerprint_value=None,
         uvicorn_log_level=None, log_config_file=None, disable_uvicorn_access_log=False, disable_access_log_for_endpoints=None,
         enable_log_requests=False, disable_log_requests=False,
         max_log_len=None, enable_log_outputs=False, disable_log_stats=False)

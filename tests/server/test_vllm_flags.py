@@ -633,3 +633,47 @@ def test_uds(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="a file that is no socket is there"):
         bind_unix(str(tmp_path / "file"))
+
+
+def test_fingerprint_flags(parser):
+    """vLLM's --fingerprint-mode and --fingerprint-value (were refused but for `none`): the
+    server's options (the fingerprint itself: test_fingerprint.py)."""
+    _, server, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, "--fingerprint-mode", "custom",
+                                              "--fingerprint-value", "fp_1"]))
+    assert (server.fingerprint_mode, server.fingerprint_value) == ("custom", "fp_1")
+    _, server, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, "--fingerprint-mode", "hash"]))
+    assert (server.fingerprint_mode, server.fingerprint_value) == ("hash", None)
+    _, server, _ = resolve(parser.parse_args(["serve", DEMO_MODEL]))
+    assert server.fingerprint_mode == "full"   # vLLM's default
+
+
+@pytest.mark.parametrize("switch", ["--no-enable-lora", "--no-enable-sleep-mode", "--no-enable-eplb", "--no-tokens-only",
+                                    "--no-enable-prompt-embeds", "--no-log-error-stack", "--no-enable-ssl-refresh",
+                                    "--no-disable-nccl-for-dp-synchronization"])
+def test_no_forms_of_refused_switches_pass(parser, switch):
+    """vLLM's --no- form of a switch for a feature deepserve does not have asks for the feature
+    off, as it is: accepted, with no effect (was argparse's "unrecognized arguments")."""
+    plain = resolve(parser.parse_args(["serve", DEMO_MODEL]))
+    assert resolve(parser.parse_args(["serve", switch, DEMO_MODEL])) == plain
+
+
+@pytest.mark.parametrize("flag", ["--no-grpc", "--no-aggregate-engine-logging", "--no-lora-modules"])
+def test_no_forms_vllm_does_not_have_stay_unknown(parser, flag, capsys):
+    """vLLM declares these store_true (or with a value): no --no- form there either."""
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", DEMO_MODEL, flag])
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, mode", [(["-cc", '{"cudagraph_mode": "PIECEWISE"}'], "PIECEWISE"),
+                                         (['-cc={"cudagraph_mode": "NONE"}'], "NONE"),
+                                         (["-cc.cudagraph_mode", "FULL_DECODE_ONLY"], "FULL_DECODE_ONLY"),
+                                         (["-cc.cudagraph_mode=NONE", "-tp", "1"], "NONE")])
+def test_short_cc_is_the_compilation_config(parser, flags, mode):
+    """vLLM 0.26's -cc, its other short --compilation-config (arg_utils.py), dotted keys too (was
+    an unrecognized argument)."""
+    from deepserve.cli.main import normalize_argv
+    from deepserve.config import EngineArgs
+
+    engine, _, _ = resolve(parser.parse_args(normalize_argv(["serve", DEMO_MODEL, *flags])))
+    assert EngineArgs(**engine).cudagraph_mode == mode
