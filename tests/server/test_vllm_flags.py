@@ -542,15 +542,15 @@ def test_skip_tokenizer_init():
             llm.generate("Once upon a time", params)
 
 
-def partial_head(url: str, size: int) -> bytes:
-    """What the server at `url` answers, within 2 s, to a request head of `size` bytes that never
-    ends (b"": nothing, it waits for the rest)."""
+def partial_head(url: str, size: int, wait_s: float = 2.0) -> bytes:
+    """What the server at `url` answers, within `wait_s`, to a request head of `size` bytes that
+    never ends (b"": nothing, it waits for the rest)."""
     import socket
     import ssl
     import urllib.parse
 
     address = urllib.parse.urlsplit(url)
-    with socket.create_connection((address.hostname, address.port), timeout=2) as sock:
+    with socket.create_connection((address.hostname, address.port), timeout=wait_s) as sock:
         if address.scheme == "https":
             context = ssl.create_default_context()
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
@@ -562,43 +562,52 @@ def partial_head(url: str, size: int) -> bytes:
             return b""
 
 
-def test_h11_max_incomplete_event_size():
-    """vLLM's --h11-max-incomplete-event-size (was an unrecognized argument): a request head
-    still incomplete past that many bytes is answered 400 and the connection closed; under it
-    the server waits for the rest. Its default is vLLM's 4 MiB (test_ssl_flags_serve_https)."""
-    from conftest import launch
-
-    server = launch("--h11-max-incomplete-event-size", "16384")
-    try:
-        assert partial_head(server.url, 30_000).startswith(b"HTTP/1.1 400")
-        assert partial_head(server.url, 8_000) == b""
-    finally:
-        server.stop()
-
-
-def test_log_config_file(tmp_path):
-    """vLLM's --log-config-file (was refused): its dictConfig is applied as the server starts
-    (here uvicorn's access log goes to a file); a file that is no JSON object is one line."""
+@pytest.fixture(scope="module")
+def logged_server(tmp_path_factory):
+    """One server for the uvicorn flags: --log-config-file sending uvicorn's access log to a
+    file, and --h11-max-incomplete-event-size 16384; (server, the log file)."""
     import json
 
-    import httpx
     from conftest import launch
 
-    from deepserve.server.args import ServerArgs
-
-    log = tmp_path / "access.log"
+    folder = tmp_path_factory.mktemp("logging")
+    log = folder / "access.log"
     config = {"version": 1, "disable_existing_loggers": False,
               "formatters": {"plain": {"format": "%(message)s"}},
               "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log), "formatter": "plain"}},
               "loggers": {"uvicorn.access": {"handlers": ["file"], "level": "INFO", "propagate": False}}}
-    path = tmp_path / "logging.json"
+    path = folder / "logging.json"
     path.write_text(json.dumps(config))
-    server = launch("--log-config-file", str(path), "--uvicorn-log-level", "info")
+    server = launch("--log-config-file", str(path), "--uvicorn-log-level", "info",
+                    "--h11-max-incomplete-event-size", "16384")
     try:
-        assert httpx.get(server.url + "/health").status_code == 200
+        yield server, log
     finally:
         server.stop()
-    assert '"GET /health HTTP/1.1" 200' in log.read_text()
+
+
+def test_h11_max_incomplete_event_size(logged_server):
+    """vLLM's --h11-max-incomplete-event-size: a request head still incomplete past that many
+    bytes is answered 400 and the connection closed; under it the server waits for the rest. Its
+    default is vLLM's 4 MiB (test_ssl_flags_serve_https)."""
+    server, _ = logged_server
+    assert partial_head(server.url, 30_000, wait_s=60).startswith(b"HTTP/1.1 400")
+    assert partial_head(server.url, 8_000) == b""
+
+
+def test_log_config_file(logged_server, tmp_path):
+    """vLLM's --log-config-file: its dictConfig is applied as the server starts (here uvicorn's
+    access log goes to a file); a file that is no JSON object is one line."""
+    import httpx
+    from conftest import wait_for
+
+    from deepserve.server.args import ServerArgs
+
+    server, log = logged_server
+    assert httpx.get(server.url + "/health").status_code == 200
+    # the access line is written as the response ends, maybe after the client has read it
+    wait_for(lambda: '"GET /health HTTP/1.1" 200' in log.read_text(), timeout=60)
+    path = tmp_path / "logging.json"
     path.write_text("[1]")
     with pytest.raises(ValueError, match="expected a JSON object"):
         ServerArgs(log_config_file=str(path))
