@@ -25,3 +25,12 @@ def test_package_and_http_commands_import_no_torch():
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-2:] == ["False", "deepserve.engine.llm deepserve.engine.sampling_params True"]
+
+
+def test_vllm_sampling_names_import_no_torch():
+    """`deepserve.sampling_params` (vLLM's SamplingParams, BeamSearchParams, ...) holds dataclasses
+    only: importing it loads no torch (a structured beam search imports it when it runs)."""
+    check = "import sys\nimport deepserve.sampling_params\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"]

@@ -20,8 +20,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Optional
 
-import torch
-
 from deepserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
 
@@ -199,6 +197,8 @@ class BeamGrammar:
     generated tokens (xgrammar matchers cannot be copied), which gives the tokens it may take next."""
 
     def __init__(self, spec: GuidedDecoding, prompt_len: int, vocab_size: int):
+        import torch   # here: the module's other users (vLLM's BeamSearchParams import) need no torch
+
         from deepserve.engine.grammar import _xgr
         self.xgr, self.spec, self.prompt_len = _xgr(), spec, prompt_len
         self.bitmask = self.xgr.allocate_token_bitmask(1, vocab_size)
