@@ -67,8 +67,8 @@ MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": PART
     (LOOPS, "string", "s;a\nb;a\nb;"),
 ])
 def test_chat_template_content_format(template, content_format, expected):
-    """--chat-template-content-format (was an unrecognized argument; content was always joined
-    into a string, so a template that loops over parts, as vLLM's auto detects, saw characters)."""
+    """--chat-template-content-format: "openai" hands the template a message's content as parts
+    (a template that loops over parts, as vLLM's auto detects, would see characters of a string)."""
     state = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL, chat_template=template))
     req = ChatCompletionRequest.model_validate({"messages": MESSAGES})
     assert render_text(state, req.messages, add_generation_prompt=False, content_format=content_format) == expected
@@ -134,7 +134,7 @@ def test_untrusted_template_is_an_api_error_with_vllms_words():
 
 
 def test_structured_outputs_config(parser):
-    """vLLM's --structured-outputs-config (JSON or the dotted keys), was an unrecognized argument:
+    """vLLM's --structured-outputs-config (JSON or the dotted keys):
     what xgrammar serves passes, its reasoning_parser is --reasoning-parser's, the rest is refused
     in one line naming the key."""
     from deepserve.cli.main import normalize_argv
@@ -182,7 +182,7 @@ def test_enable_in_reasoning_starts_the_grammar_at_the_first_token(in_reasoning)
 
 
 def test_override_generation_config(parser, tmp_path):
-    """vLLM's --override-generation-config (was an unrecognized argument): set over
+    """vLLM's --override-generation-config: set over
     generation_config.json's defaults, the only ones with --generation-config vllm (vLLM's
     get_diff_sampling_param)."""
     from deepserve.server.api_server import generation_defaults
@@ -200,7 +200,7 @@ def test_override_generation_config(parser, tmp_path):
 
 @pytest.mark.parametrize("request_says, expected", [(None, True), (False, False), (True, True)])
 def test_return_tokens_as_token_ids_flag(request_says, expected):
-    """vLLM's --return-tokens-as-token-ids (was an unrecognized argument): the default of
+    """vLLM's --return-tokens-as-token-ids: the default of
     requests that leave return_tokens_as_token_ids out, on chat and completions."""
     client = serve("deepseek-r1", "Fine.", return_tokens_as_token_ids=True)
     extra = {} if request_says is None else {"return_tokens_as_token_ids": request_says}
@@ -325,8 +325,8 @@ def test_served_values_of_vllm_flags_pass(parser):
 
 
 def test_cudagraph_capture_size_flags(parser):
-    """vLLM's --cudagraph-capture-sizes and --max-cudagraph-capture-size (were unrecognized
-    arguments): compilation_config's keys given alone, folded into it as vLLM does, so they set
+    """vLLM's --cudagraph-capture-sizes and --max-cudagraph-capture-size:
+    compilation_config's keys given alone, folded into it as vLLM does, so they set
     and cap the captured sizes; with the same key in --compilation-config, vLLM's error."""
     import dataclasses
 
@@ -346,7 +346,7 @@ def test_cudagraph_capture_size_flags(parser):
 
 
 def test_spec_aliases(parser):
-    """vLLM's --spec-method / --spec-model / --spec-tokens (were unrecognized arguments): its
+    """vLLM's --spec-method / --spec-model / --spec-tokens: its
     speculative_config's method, model and num_speculative_tokens."""
     engine, _, _ = resolve(parser.parse_args(["serve", "m", "--spec-method", "ngram", "--spec-tokens", "3"]))
     assert engine["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
@@ -359,7 +359,7 @@ def test_spec_aliases(parser):
 
 
 def test_vllm_config_file(parser, tmp_path):
-    """vLLM's `--config FILE.yaml` (was an unrecognized argument): flat keys naming flags, under
+    """vLLM's `--config FILE.yaml`: flat keys naming flags, under
     the command line's flags; the model argument wins over the file's model; false turns a switch
     off (vLLM drops it)."""
     path = tmp_path / "vllm.yaml"
@@ -399,7 +399,7 @@ def certificate(tmp_path_factory):
 
 
 def test_ssl_flags_serve_https(certificate):
-    """vLLM's --ssl-keyfile / --ssl-certfile (were unrecognized arguments): the server answers
+    """vLLM's --ssl-keyfile / --ssl-certfile: the server answers
     over HTTPS, and its ready line says so."""
     import httpx
     from conftest import launch
@@ -451,7 +451,7 @@ def test_vllms_short_flags(parser):
     (["--optimization-level", "0", "--cudagraph-mode", "FULL_DECODE_ONLY"], "FULL_DECODE_ONLY"),
     (["--optimization-level", "0", "--compilation-config", '{"cudagraph_mode": "PIECEWISE"}'], "PIECEWISE")])
 def test_optimization_level_sets_the_cuda_graphs(parser, flags, mode):
-    """vLLM's --optimization-level (was refused as torch.compile's): its CUDA graph mode (vLLM's
+    """vLLM's --optimization-level: its CUDA graph mode (vLLM's
     OPTIMIZATION_LEVEL_0x cudagraph_mode), under a mode given."""
     from deepserve.config import EngineArgs
 
@@ -463,8 +463,8 @@ def test_optimization_level_sets_the_cuda_graphs(parser, flags, mode):
 @pytest.mark.parametrize("flags, mode", [(["-O0"], "NONE"), (["-O=1"], "PIECEWISE"), (["-O", "0"], "NONE"),
                                          (["-O", '{"cudagraph_mode": "PIECEWISE"}'], "PIECEWISE")])
 def test_short_o_is_the_optimization_level_as_vllms(parser, flags, mode):
-    """vLLM 0.26's -O3 / -O=3 / -O 3 is --optimization-level (-O0 runs without CUDA graphs; it
-    was read as a torch.compile level, keeping them); -O with JSON stays the compilation config."""
+    """vLLM 0.26's -O3 / -O=3 / -O 3 is --optimization-level (-O0 runs without CUDA graphs, not
+    a torch.compile level that keeps them); -O with JSON stays the compilation config."""
     from deepserve.cli.main import normalize_argv
     from deepserve.config import EngineArgs
 
@@ -475,8 +475,8 @@ def test_short_o_is_the_optimization_level_as_vllms(parser, flags, mode):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_response_role(stream):
-    """vLLM's --response-role (was an unrecognized argument): the reply's role for a new turn;
-    without a generation prompt the last message's role (vLLM's; it was always assistant)."""
+    """vLLM's --response-role: the reply's role for a new turn; without a generation prompt the
+    last message's role (vLLM's), whatever the flag."""
     import httpx
 
     client = serve("deepseek-r1", "Fine.", response_role="bot")
@@ -507,7 +507,7 @@ def test_reasoning_effort_reaches_a_trusted_request_template():
 
 @pytest.mark.parametrize("interval", [1, 4])
 def test_stream_interval(interval):
-    """vLLM's --stream-interval (was an unrecognized argument): the first token streams at once,
+    """vLLM's --stream-interval: the first token streams at once,
     then one chunk per `interval` tokens, then the rest as the request ends (vLLM's output
     processor rule); the text is the same."""
     script = "one two three four five six seven eight nine ten"
@@ -526,8 +526,7 @@ def test_stream_interval(interval):
 
 
 def test_skip_tokenizer_init():
-    """vLLM's --skip-tokenizer-init (was an unrecognized argument; LLM(skip_tokenizer_init=True)
-    was refused): no tokenizer, token-id prompts give the same tokens as with one, text prompts
+    """vLLM's --skip-tokenizer-init (and LLM(skip_tokenizer_init=True)): no tokenizer, token-id prompts give the same tokens as with one, text prompts
     are refused naming the fix."""
     from deepserve import LLM, SamplingParams
 
@@ -616,7 +615,7 @@ def test_log_config_file(logged_server, tmp_path):
 
 
 def test_uds(tmp_path):
-    """vLLM's --uds (was an unrecognized argument): the API answers on a unix socket, and the
+    """vLLM's --uds: the API answers on a unix socket, and the
     ready line names it; a socket file left by a server that has gone is replaced, a regular file
     at the path is refused."""
     import socket
