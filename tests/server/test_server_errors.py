@@ -264,24 +264,35 @@ def test_error_metrics_counted(http):
 def test_several_keys_guarded_prefixes_and_root_path():
     """vLLM's --api-key takes several keys and guards /v1, /v2 and /inference, under --root-path
     (a proxy's prefix, kept or stripped) too; /health stays open."""
-    from conftest import launch
+    from types import SimpleNamespace
 
-    server = launch("--api-key", "k1", "k2", "--root-path", "/llm")
-    try:
-        def post(path, key=None):
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            return httpx.post(server.url + path, json=GOOD, headers=headers, timeout=60)
+    from starlette.testclient import TestClient
 
-        for prefix in ("", "/llm"):
-            check_error(post(prefix + "/v1/completions"), 401)
-            check_error(post(prefix + "/v1/completions", "k3"), 401)
-            for key in ("k1", "k2"):
-                ok = post(prefix + "/v1/completions", key)
-                assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == ", there was a"
-            for guarded in ("/v2/models", "/inference/v1/generate"):
-                check_error(post(prefix + guarded), 401)
-                check_error(post(prefix + guarded, "k1"), 404)
-            assert httpx.get(server.url + prefix + "/health").status_code == 200
-            check_error(post(prefix + "/detokenize"), 400, "tokens")   # open, and so read: no tokens
-    finally:
-        server.stop()
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.tokenizer import Tokenizer
+    from deepserve.server.app import build_app
+    from deepserve.server.metrics import ServerMetrics
+    from deepserve.server.serving_common import ServerSettings, ServerState
+
+    # the middleware and the routes that need no engine (the lifespan does not run outside `with`)
+    llm = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL), max_model_len=512, is_running=True)
+    settings = ServerSettings(served_model_names=["stories260k"], model_path="m", api_keys=["k1", "k2"],
+                              root_path="/llm")
+    client = TestClient(build_app(ServerState(llm=llm, settings=settings, metrics=ServerMetrics("m", dict))))
+
+    def post(path, key=None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return client.post(path, json=GOOD, headers=headers)
+
+    for prefix in ("", "/llm"):
+        check_error(post(prefix + "/v1/completions"), 401)
+        check_error(post(prefix + "/v1/completions", "k3"), 401)
+        check_error(client.get(prefix + "/v1/models"), 401)
+        for key in ("k1", "k2"):
+            ok = client.get(prefix + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "stories260k"
+        for guarded in ("/v2/models", "/inference/v1/generate"):
+            check_error(post(prefix + guarded), 401)
+            check_error(post(prefix + guarded, "k1"), 404)
+        assert client.get(prefix + "/health").status_code == 200
+        check_error(post(prefix + "/detokenize"), 400, "tokens")   # open, and so read: no tokens
