@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -47,16 +48,21 @@ def test_gptq_on_an_architecture_it_cannot_run_writes_nothing(tmp_path, capsys):
     assert not dst.exists() and not dst.with_name("out.partial").exists()
 
 
-def test_a_partial_with_only_a_manifest_does_not_block_another_conversion(tmp_path, capsys):
+@pytest.mark.parametrize("temporary", [False, True])
+def test_a_partial_with_only_a_manifest_does_not_block_another_conversion(tmp_path, capsys, temporary):
     """A run killed (or refused) before its first shard leaves DST.partial with its manifest and
-    no shard: a later conversion of another kind into DST starts afresh there."""
+    no shard, one killed while writing its first shard a hidden temporary too: a later conversion
+    of another kind into DST starts afresh there, without --overwrite."""
     dst = tmp_path / "out"
     partial = dst.with_name("out.partial")
     partial.mkdir()
     (partial / MANIFEST_NAME).write_text(json.dumps(
         {"version": 1, "task": "quantize w4a16 gptq(...)", "source": "/elsewhere", "source_shards": {},
          "shards": {}}))
-    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0
+    if temporary:
+        (partial / ".model.safetensors.tmp").write_bytes(b"half a shard")
+    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0, \
+        capsys.readouterr().err
     assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     assert not partial.exists()
 
@@ -189,21 +195,6 @@ def test_a_folder_named_like_the_partial_that_no_run_made_is_never_removed(tmp_p
         assert _one_line_error(capsys) == (f"deepserve convert: error: {partial} is in the way: it holds files but "
                                            f"no conversion manifest ({MANIFEST_NAME}); move it away\n")
     assert [p.name for p in partial.iterdir()] == ["notes.txt"] and not dst.exists()
-
-
-def test_a_kill_during_the_first_shard_does_not_block_another_conversion(tmp_path, capsys):
-    """A run killed while writing its first shard left its manifest and a hidden temporary: a
-    conversion of another kind into DST starts afresh there, without --overwrite."""
-    dst = tmp_path / "out"
-    partial = dst.with_name("out.partial")
-    partial.mkdir()
-    (partial / MANIFEST_NAME).write_text(json.dumps(
-        {"version": 1, "task": "quantize w8a8-int8", "source": "/elsewhere", "source_shards": {}, "shards": {}}))
-    (partial / ".model.safetensors.tmp").write_bytes(b"half a shard")
-    assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 0, \
-        capsys.readouterr().err
-    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
-    assert not partial.exists()
 
 
 def test_overwrite_replaces_only_the_destination(tmp_path, capsys):
