@@ -240,8 +240,7 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
     assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
 
-    # Hydra's own groups in defaults steer Hydra: were "defaults entry override hydra/job_logging:
-    # disabled is not a serve config"
+    # Hydra's own groups in defaults steer Hydra, not the serve config: passed over
     experiment = tmp_path / "examples" / "deepseek_r1" / "conf" / "config_deepseek_r1.yaml"
     text = experiment.read_text()
     experiment.write_text(text.replace("  - serve: deepseek_r1\n", "  - serve: deepseek_r1\n  - override hydra/"
@@ -271,7 +270,7 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
 def test_flagos_experiment_given_by_path_from_another_folder(reference, r1_config, tmp_path, monkeypatch):
     """The experiment file given by its path (from the home folder, or from conf/ itself) instead
     of `flagscale serve deepseek_r1` in the checkout: its `hostfile: examples/deepseek_r1/conf/
-    hostfile.txt` (relative to the checkout) was "not found"; a `.YAML` name was taken for a model."""
+    hostfile.txt` (relative to the checkout) is found above the file; a `.YAML` name is a config file."""
     conf = flagscale_checkout(tmp_path / "FlagScale", reference, r1_config)
     for name in ("CUDA_DEVICE_MAX_CONNECTIONS", "GLOO_SOCKET_IFNAME", "USE_FLAGGEMS"):
         monkeypatch.setenv(name, "")
@@ -358,7 +357,7 @@ deploy:
 
 def test_flagscale_older_serve_file(reference, r1_config, tmp_path, monkeypatch, capsys):
     """FlagScale's serve/deepseek_r1.yaml as it stood until mid 2025 (the metax guide builds a
-    pinned FlagScale commit): was "no 'engine_args:' mapping found"."""
+    pinned FlagScale commit), with its flags under model_args.vllm_model, not engine_args: read as well."""
     conf = flagscale_checkout(tmp_path, reference, r1_config)
     (conf / "serve" / "deepseek_r1.yaml").write_text(OLD_SERVE_FILE.replace("MODEL", r1_config))
     monkeypatch.chdir(tmp_path)

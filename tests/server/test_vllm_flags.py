@@ -90,8 +90,7 @@ HI = [{"role": "user", "content": "Hi"}]
                                   {"chat_template_kwargs": {"chat_template": OWN}}])
 def test_request_chat_template_refused_unless_trusted(body):
     """A request's own chat template (or chat_template_kwargs' one) is refused with vLLM's
-    message without --trust-request-chat-template; chat_template was refused as unsupported
-    even with the flag, and chat_template_kwargs' went into the template as a variable."""
+    message without --trust-request-chat-template (with it: the test below)."""
     client = serve("deepseek-r1", "Fine.")
 
     async def ask():
