@@ -293,8 +293,9 @@ class LLM:
                     use_tqdm: bool = False, concurrency_limit: Optional[int] = None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: each prompt's best params.beam_width hypotheses, best first
         (engine/beam_search.py); a sequence's tokens and text hold the prompt's too, and its
-        tokens the EOS that ended it, as vLLM's; its finish_reason and stop_reason are None, as vLLM's. Searches stop at max_model_len. The beams of
-        `concurrency_limit` prompts (default: all) run together, one token a step."""
+        tokens the EOS that ended it, as vLLM's; its finish_reason and stop_reason are None, as
+        vLLM's. Searches stop at max_model_len. The beams of `concurrency_limit` prompts
+        (default: all) run together, one token a step."""
         refuse_unsupported(lora_request=lora_request)
         if isinstance(prompts, (str, dict)):
             raise TypeError("beam_search takes a list of prompts")

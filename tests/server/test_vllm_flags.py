@@ -525,8 +525,8 @@ def test_stream_interval(interval):
 
 
 def test_skip_tokenizer_init():
-    """vLLM's --skip-tokenizer-init (and LLM(skip_tokenizer_init=True)): no tokenizer, token-id prompts give the same tokens as with one, text prompts
-    are refused naming the fix."""
+    """vLLM's --skip-tokenizer-init (and LLM(skip_tokenizer_init=True)): no tokenizer, token-id
+    prompts give the same tokens as with one, text prompts are refused naming the fix."""
     from deepserve import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=4)
