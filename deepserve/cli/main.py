@@ -20,7 +20,7 @@ import re
 import sys
 
 # (sub-command module, in the order `deepserve --help` lists them)
-COMMANDS = ["serve", "generate", "chat", "bench", "eval", "convert", "plan", "validate", "ops"]
+COMMANDS = ["serve", "generate", "chat", "complete", "bench", "eval", "convert", "plan", "validate", "ops"]
 
 
 class UserError(Exception):
