@@ -11,6 +11,7 @@ import json
 
 from deepserve.bench.client import ENDPOINTS
 from deepserve.bench.datasets import DATASET_NAMES
+from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
 
 def _rate(text: str) -> float:
@@ -59,13 +60,6 @@ VLLM_REFUSED = {
     "--timeline-itl-thresholds": "is not supported (it colours vLLM's --plot-timeline, which deepserve does not draw)",
     "--plot-dataset-stats": "is not supported (the result JSON has input_lens and output_lens with --save-detailed)",
 }
-
-
-def check_vllm_refused(args: argparse.Namespace) -> None:
-    """One line naming the first flag of VLLM_REFUSED given."""
-    for flag, why in VLLM_REFUSED.items():
-        if getattr(args, "refused_" + flag[2:].replace("-", "_"), None) is not None:
-            raise ValueError(f"{flag} {why}")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -179,9 +173,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--result-filename", default=None)
     r.add_argument("--label", default=None)
     r.add_argument("--disable-tqdm", action="store_true")
-    for flag in VLLM_REFUSED:
-        p.add_argument(flag, dest="refused_" + flag[2:].replace("-", "_"), nargs="*", default=None,
-                       help=argparse.SUPPRESS)
+    add_refused_flags(p, VLLM_REFUSED, switches=())
 
 
 def _unreachable(exc) -> str:
@@ -220,7 +212,7 @@ def _serve(args) -> int:
 
     from deepserve.bench.serve import run_serve
 
-    check_vllm_refused(args)
+    check_refused(args, VLLM_REFUSED, served={}, message="{flag} {why}")
     _check_server(args)
     try:
         result = run_serve(args)
@@ -238,7 +230,7 @@ def _sweep(args) -> int:
         raise ValueError(f"`bench sweep {args.vllm_sweep[0]}` is vLLM's sweep runner, which deepserve does not "
                          "have; deepserve bench sweep runs bench serve's flags against one server at each of "
                          "--max-concurrency-list / --request-rate-list")
-    check_vllm_refused(args)
+    check_refused(args, VLLM_REFUSED, served={}, message="{flag} {why}")
     _check_server(args)
     try:
         out = run_sweep(args)

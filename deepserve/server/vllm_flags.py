@@ -10,7 +10,7 @@ grouped by the feature they belong to.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 _LOADER = "a setting of vLLM's weight loader; deepserve's loader reads the folder's safetensors and has none"
 _SCHEDULER = "a setting of vLLM's scheduler that deepserve's scheduler does not have"
@@ -168,25 +168,30 @@ def _dest(flag: str) -> str:
     return "vllm_" + flag[2:].replace("-", "_")
 
 
-def add_refused_flags(parser: argparse.ArgumentParser) -> None:
-    """Every flag of REFUSED and SATISFIED and the --no- forms of NEGATABLE, hidden from --help;
-    `check_refused` reads REFUSED's."""
-    for flag in REFUSED:
+def add_refused_flags(parser: argparse.ArgumentParser, refused: Iterable[str] = REFUSED,
+                      switches: Iterable[str] = (*SATISFIED, *("--no-" + flag[2:] for flag in NEGATABLE))) -> None:
+    """Every flag of `refused` (taking any values) and of `switches`, hidden from --help;
+    `check_refused` reads those of `refused`. The defaults are serve's tables."""
+    for flag in refused:
         parser.add_argument(flag, *[_SHORT[flag]] if flag in _SHORT else [], dest=_dest(flag), nargs="*",
                             default=None, help=argparse.SUPPRESS)
-    for flag in [*SATISFIED, *("--no-" + flag[2:] for flag in NEGATABLE)]:
+    for flag in switches:
         parser.add_argument(flag, dest=_dest(flag), action="store_true", default=None, help=argparse.SUPPRESS)
 
 
-def check_refused(args: argparse.Namespace) -> None:
-    """ValueError naming the first flag of REFUSED given with a value deepserve does not serve."""
-    for flag, why in REFUSED.items():
+def check_refused(args: argparse.Namespace, refused: Mapping[str, str] = REFUSED,
+                  served: Mapping[str, tuple] = _SERVED,
+                  message: str = "{given} is not supported{takes}: {why}") -> None:
+    """ValueError `message` for the first flag of `refused` given with a value not in `served`;
+    `message` may name {flag}, {given} (the flag with its values), {takes} (what `served` has for
+    it) and {why} (its text in `refused`)."""
+    for flag, why in refused.items():
         values: Optional[list] = getattr(args, _dest(flag), None)
         if values is None:
             continue
         value = " ".join(values)
-        if value in _SERVED.get(flag, ()):
+        if value in served.get(flag, ()):
             continue
         given = f"{flag} {value}" if value else flag
-        takes = f" (it takes {' or '.join(_SERVED[flag])})" if value and flag in _SERVED else ""
-        raise ValueError(f"{given} is not supported{takes}: {why}")
+        takes = f" (it takes {' or '.join(served[flag])})" if value and flag in served else ""
+        raise ValueError(message.format(flag=flag, given=given, takes=takes, why=why))
