@@ -8,7 +8,7 @@ import math
 import numbers
 from copy import copy, deepcopy
 from dataclasses import InitVar, dataclass, field, replace
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 logger = logging.getLogger("deepserve")
 
@@ -37,6 +37,17 @@ def _integer_text(key) -> bool:
     except (ValueError, TypeError):
         return False
     return True
+
+
+def logit_bias_by_token(bias: Optional[Mapping]) -> Optional[dict[int, float]]:
+    """vLLM's reading of an API logit_bias: keys become token ids (ValueError in vLLM's words
+    naming those that do not), values are clipped to [-100, 100]; None when empty."""
+    if not bias:
+        return None
+    bad = [token for token in bias if not _integer_text(token)]
+    if bad:
+        raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}")
+    return {int(token): min(100.0, max(-100.0, b)) for token, b in bias.items()}
 
 
 @dataclass
@@ -371,12 +382,7 @@ class SamplingParams:
                               ("repetition_penalty", 1.0), ("temperature", 1.0), ("top_p", 1.0)):
             if kwargs.get(name) is None:
                 kwargs[name] = default
-        bias = kwargs.get("logit_bias")
-        if bias is not None:
-            bad = [token for token in bias if not _integer_text(token)]
-            if bad:
-                raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}")
-            kwargs["logit_bias"] = {int(token): min(100.0, max(-100.0, b)) for token, b in bias.items()}
+        kwargs["logit_bias"] = logit_bias_by_token(kwargs.get("logit_bias"))
         return SamplingParams(**kwargs)
 
     @property

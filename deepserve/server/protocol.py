@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams
+from deepserve.engine.sampling_params import GuidedDecoding, SamplingParams, logit_bias_by_token
 from deepserve.server.errors import APIError
 
 
@@ -288,20 +288,6 @@ class _SamplingFields(_Wire):
                                  "structural_tag (its options alone constrain nothing)")
         return specs
 
-    def token_bias(self) -> Optional[dict[int, float]]:
-        """logit_bias by token id, each bias clamped to [-100, 100] (vLLM's API clamps, not refuses)."""
-        if not self.logit_bias:
-            return None
-        bias, bad = {}, []
-        for key, value in self.logit_bias.items():
-            try:
-                bias[int(key)] = min(100.0, max(-100.0, value))
-            except ValueError:
-                bad.append(key)
-        if bad:   # vLLM's words
-            raise ValueError(f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}")
-        return bias
-
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                         defaults: Optional[dict] = None) -> SamplingParams:
         """Raises ValueError naming the field for out-of-range values. `defaults`: the
@@ -335,7 +321,7 @@ class _SamplingFields(_Wire):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             prompt_logprobs=self.prompt_logprobs,
-            logit_bias=self.token_bias(),
+            logit_bias=logit_bias_by_token(self.logit_bias),
             guided=self.guided(),
             priority=self.priority,
             allowed_token_ids=self.allowed_token_ids,
