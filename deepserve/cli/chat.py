@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepserve.cli.generate import add_sampling_args, engine_from_args, sampling_params_from_args
+from deepserve.cli.generate import add_sampling_args, engine_from_args, sampling_params_from_args, utf8_text
 from deepserve.cli.remote import DEFAULT_URL, add_query_args, run_chat
 from deepserve.config import EngineArgs
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 def _user_messages(quick: str | None):
     """The user's messages: -q's one, else each line of stdin until EOF or `exit`."""
     if quick is not None:
-        yield quick
+        yield utf8_text(quick, "-q")
         return
     interactive = sys.stdin.isatty()
     while True:
@@ -78,12 +78,13 @@ def _user_messages(quick: str | None):
         if not line or line.strip() in ("exit", "quit"):
             return
         if line.strip():
-            yield line.rstrip("\n")
+            yield utf8_text(line.rstrip("\n"), "stdin")
 
 
 def run_local(args: argparse.Namespace) -> int:
     from deepserve.server.api_server import read_chat_template
 
+    system = utf8_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
     # a --chat-template path that is no file fails before the model loads
     template = read_chat_template(args.chat_template) if args.chat_template else None
     engine = engine_from_args(args, "chat with")
@@ -93,7 +94,7 @@ def run_local(args: argparse.Namespace) -> int:
         raise ValueError("this model has no chat template; pass --chat-template FILE")
     max_tokens = args.max_tokens = LOCAL_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     params = sampling_params_from_args(args)
-    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    messages = [{"role": "system", "content": system}] if system else []
     for message in _user_messages(args.quick):
         messages.append({"role": "user", "content": message})
         prompt_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

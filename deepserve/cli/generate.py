@@ -1,6 +1,7 @@
 """`deepserve generate --prompt TEXT`: one completion from the offline engine, printed.
 
     deepserve generate --prompt "Once upon a time" --max-tokens 32 --temperature 0
+    echo "Once upon a time" | deepserve generate       # the prompt from stdin (or --prompt -)
 
 Engine flags are the same as `deepserve serve`'s (vLLM names; no --model: the demo model).
 `add_sampling_args` / `sampling_params_from_args` are shared with `deepserve chat`.
@@ -60,15 +61,38 @@ def engine_from_args(args: argparse.Namespace, use: str = "encode the prompt"):
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="Generate one completion offline and print it.",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="Prompt text ('-' reads stdin).")
+    p.add_argument("--prompt", default=None, help="Prompt text; '-' or none with stdin piped reads stdin "
+                   "(one trailing newline dropped).")
     p.add_argument("--n", type=int, default=1, help="Completions to print, separated by blank lines.")
     add_sampling_args(p, max_tokens=64)
     EngineArgs.add_cli_args(p.add_argument_group("engine (vLLM flag names)"))
     p.set_defaults(func=run)
 
 
+def utf8_text(text: str, source: str) -> str:
+    """`text` as read from argv or stdin, which Python decodes with surrogateescape (argv always,
+    stdin under a C locale): bytes that are not UTF-8 are refused there, naming the first, rather
+    than failing in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = text[exc.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{source} is not UTF-8 text: byte 0x{byte[0]:02x} at character {exc.start}") from None
+    return text
+
+
+def read_prompt(prompt: str | None) -> str:
+    """--prompt's text, or stdin's for `--prompt -` or for no --prompt with stdin piped."""
+    if prompt is not None and prompt != "-":
+        return utf8_text(prompt, "--prompt")
+    if prompt is None and (sys.stdin is None or sys.stdin.isatty()):
+        raise ValueError("no prompt: pass --prompt TEXT, or pipe it on stdin")
+    text = utf8_text(sys.stdin.read(), "stdin")
+    return text[:-1] if text.endswith("\n") else text
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     if args.n > 1 and args.temperature == 0:   # SamplingParams refuses it too, naming no flag
         raise ValueError(f"--n {args.n} needs --temperature > 0: the default 0 is greedy, which gives one "
                          "completion only (n must be 1 when using greedy sampling)")

@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from deepserve.cli.generate import utf8_text
+
 DEFAULT_URL = "http://localhost:8000/v1"
 
 
@@ -153,15 +155,17 @@ def _prompts(banner: str):
             print()
             return
         if line.strip():
-            yield line
+            yield utf8_text(line, "stdin")
 
 
 def _run(args: argparse.Namespace, session) -> int:
-    """`session(remote)` with ClientError as one line (exit 1) and Ctrl-C as a clean end (exit 0)."""
+    """`session(remote, quick)` with ClientError as one line (exit 1) and Ctrl-C as a clean end
+    (exit 0). Text that is not UTF-8 is main's one line (exit 2), as other bad input."""
+    quick = utf8_text(args.quick, "-q") if args.quick is not None else None
     try:
         remote = Remote(args.url, args.api_key, args.model_name)
         print(f"Using model: {remote.model}", flush=True)
-        session(remote)
+        session(remote, quick)
     except ClientError as exc:
         print(f"deepserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -172,7 +176,8 @@ def _run(args: argparse.Namespace, session) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    conversation = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
+    system = args.system_prompt
+    conversation = [{"role": "system", "content": utf8_text(system, "--system-prompt")}] if system is not None else []
     extra = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
 
     def ask(remote: Remote, message: str) -> None:
@@ -180,9 +185,9 @@ def run_chat(args: argparse.Namespace) -> int:
         reply = remote.stream("/chat/completions", {"messages": conversation, **extra}, args.stats)
         conversation.append({"role": "assistant", "content": reply})
 
-    def session(remote: Remote) -> None:
-        if args.quick is not None:
-            return ask(remote, args.quick)
+    def session(remote: Remote, quick: str | None) -> None:
+        if quick is not None:
+            return ask(remote, quick)
         for message in _prompts("Please enter a message for the chat model:"):
             ask(remote, message)
 
@@ -192,9 +197,9 @@ def run_chat(args: argparse.Namespace) -> int:
 def run_complete(args: argparse.Namespace) -> int:
     extra = {"max_tokens": args.max_tokens} if args.max_tokens else {}
 
-    def session(remote: Remote) -> None:
-        if args.quick is not None:
-            remote.stream("/completions", {"prompt": args.quick, **extra}, args.stats)
+    def session(remote: Remote, quick: str | None) -> None:
+        if quick is not None:
+            remote.stream("/completions", {"prompt": quick, **extra}, args.stats)
             return
         for prompt in _prompts("Please enter prompt to complete:"):
             remote.stream("/completions", {"prompt": prompt, **extra}, args.stats)
