@@ -17,8 +17,8 @@ from deepserve.engine.beam_search import (MAX_ALLOWED_TOKEN_IDS, BeamGrammar, Be
                                           BeamSearchParams)
 from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
 from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check_vllm_only_args, drop_text,
-                                         generation_defaults, refuse_unsupported, template_text, template_turn,
-                                         truncate_prompt)
+                                         generation_defaults, refuse_unsupported, structured_outputs_parser,
+                                         template_text, template_turn, truncate_prompt)
 from deepserve.engine.outputs import RequestOutput, RequestStateStats
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.thinking_budget import PARSER_TAGS, delimiter_token_ids, reasoning_delimiters, reasoning_open
@@ -41,6 +41,9 @@ class LLM:
         if model is not None:
             kwargs["model"] = model
         self.log_stats = not kwargs.get("disable_log_stats", True)   # vLLM's offline default: off
+        structured = kwargs.pop("structured_outputs_config", None)
+        reasoning_parser = structured_outputs_parser(structured, reasoning_parser, "structured_outputs_config",
+                                                     "reasoning_parser")
         check_vllm_only_args(kwargs)
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         unknown = sorted(set(kwargs) - known)
@@ -68,7 +71,8 @@ class LLM:
         self.reasoning_token_ids = delimiter_token_ids(delimiters, self.tokenizer)
         # the parser's tags, where its end tag is one token (a grammar starts after one token)
         tags = delimiter_token_ids(PARSER_TAGS.get(reasoning_parser), self.tokenizer)
-        self._grammar_after = tags if tags is not None and len(tags[1]) == 1 else None
+        in_reasoning = bool((structured or {}).get("enable_in_reasoning"))
+        self._grammar_after = tags if tags is not None and len(tags[1]) == 1 and not in_reasoning else None
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLM":

@@ -10,6 +10,7 @@ from typing import Optional
 
 from deepserve.config import SPEC_ALIASES
 from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.thinking_budget import PARSER_TAGS
 from deepserve.engine.tokenizer import JSONArguments, template_file
 
 logger = logging.getLogger("deepserve")
@@ -26,9 +27,11 @@ _VLLM_ONLY_ARGS: dict[str, tuple] = {
     "limit_mm_per_prompt": (None, {}), "pooler_config": (None,), "quantization_config": (None, {}),
     "enable_return_routed_experts": (False,), "enable_sleep_mode": (False,), "logprobs_mode": ("raw_logprobs",),
 }
-# vLLM's structured_outputs_config keys and the values served (xgrammar; its JSON is always compact)
-_STRUCTURED_OUTPUTS_CONFIG = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": (),
-                              "disable_additional_properties": (), "disable_fallback": (), "reasoning_parser": ("",)}
+# vLLM's structured_outputs_config keys (its StructuredOutputsConfig) and the values served (bool:
+# true or false); the grammars are xgrammar's, whose JSON is compact and holds only a schema's keys
+STRUCTURED_OUTPUTS_CONFIG = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": bool,
+                             "disable_additional_properties": bool, "reasoning_parser": ("", *PARSER_TAGS),
+                             "reasoning_parser_plugin": ("",), "enable_in_reasoning": bool}
 # generation_config.json keys that become the default SamplingParams (max_new_tokens: max_tokens)
 _GENERATION_DEFAULTS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 # TextPrompt / TokensPrompt keys served (others, vLLM's multi_modal_data among them, are refused)
@@ -41,12 +44,31 @@ def check_vllm_only_args(kwargs: dict) -> None:
     other values are refused by name."""
     for name in [k for k in kwargs if k in _VLLM_ONLY_ARGS]:
         _check_served(name, kwargs.pop(name), _VLLM_ONLY_ARGS[name])
-    for key, value in (kwargs.pop("structured_outputs_config", None) or {}).items():
-        if key not in _STRUCTURED_OUTPUTS_CONFIG:
-            raise ValueError(f"structured_outputs_config.{key} is not supported (it takes "
-                             f"{', '.join(_STRUCTURED_OUTPUTS_CONFIG)})")
-        _check_served(f"structured_outputs_config.{key}", value, _STRUCTURED_OUTPUTS_CONFIG[key])
     fold_speculative_aliases(kwargs)
+
+
+def structured_outputs_parser(config: Optional[dict], parser: Optional[str], name: str,
+                              parser_name: str) -> Optional[str]:
+    """The reasoning parser of a structured_outputs_config (vLLM's, named `name`) and of the
+    reasoning_parser option (named `parser_name`): the one given, the same where both are.
+    ValueError naming the first key or value STRUCTURED_OUTPUTS_CONFIG does not serve."""
+    if config is None:
+        return parser
+    if not isinstance(config, dict):
+        raise ValueError(f"{name} must be a JSON object, got {config!r}")
+    for key, value in config.items():
+        served = STRUCTURED_OUTPUTS_CONFIG.get(key)
+        if served is None:
+            raise ValueError(f"{name} {key} is not supported (it takes {', '.join(STRUCTURED_OUTPUTS_CONFIG)})")
+        if served is bool and not isinstance(value, bool):
+            raise ValueError(f"{name} {key} must be true or false, got {value!r}")
+        if served is not bool and value not in served:
+            raise ValueError(f"{name} {key} {value!r} is not supported (deepserve's grammars are xgrammar's; "
+                             f"it takes {' or '.join(repr(v) for v in served)})")
+    given = config.get("reasoning_parser") or None
+    if given is not None and parser not in (None, given):
+        raise ValueError(f"{parser_name} {parser} and {name} reasoning_parser {given} differ: give one")
+    return parser or given
 
 
 def fold_speculative_aliases(kwargs: dict) -> None:

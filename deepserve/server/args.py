@@ -16,18 +16,14 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from deepserve.config import add_dataclass_args
+from deepserve.engine.llm_inputs import structured_outputs_parser
 from deepserve.engine.thinking_budget import reasoning_delimiters
 from deepserve.server.fingerprint import FINGERPRINT_MODES
-from deepserve.server.reasoning import PARSERS
 from deepserve.server.request_log import stats_interval
 from deepserve.server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONTENT_FORMATS = ("auto", "string", "openai")   # vLLM's --chat-template-content-format values
-# vLLM's --structured-outputs-config keys and the values served (bool: either)
-STRUCTURED_OUTPUTS = {"backend": ("auto", "xgrammar"), "disable_any_whitespace": bool,
-                      "disable_additional_properties": bool, "reasoning_parser": ("",) + PARSERS,
-                      "reasoning_parser_plugin": ("",), "enable_in_reasoning": bool}
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"   # vLLM's switch for the Responses API's store
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"   # vLLM's switch for its development endpoints
@@ -249,26 +245,8 @@ class ServerArgs:
     def check_structured_outputs_config(self) -> None:
         """--structured-outputs-config's keys: the values xgrammar serves pass, its reasoning_parser
         sets --reasoning-parser (the same parser where both are given), the rest are refused by name."""
-        config = self.structured_outputs_config
-        if config is None:
-            return
-        if not isinstance(config, dict):
-            raise ValueError(f"--structured-outputs-config must be a JSON object, got {config!r}")
-        for key, value in config.items():
-            served = STRUCTURED_OUTPUTS.get(key)
-            if served is None:
-                raise ValueError(f"--structured-outputs-config {key} is not supported (it takes "
-                                 f"{', '.join(STRUCTURED_OUTPUTS)})")
-            if served is bool and not isinstance(value, bool):
-                raise ValueError(f"--structured-outputs-config {key} must be true or false, got {value!r}")
-            if served is not bool and value not in served:
-                raise ValueError(f"--structured-outputs-config {key} {value!r} is not supported (deepserve's "
-                                 f"grammars are xgrammar's; it takes {' or '.join(repr(v) for v in served)})")
-        parser = config.get("reasoning_parser") or None
-        if parser is not None and self.reasoning_parser not in (None, parser):
-            raise ValueError(f"--reasoning-parser {self.reasoning_parser} and --structured-outputs-config "
-                             f"reasoning_parser {parser} differ: give one")
-        self.reasoning_parser = self.reasoning_parser or parser
+        self.reasoning_parser = structured_outputs_parser(self.structured_outputs_config, self.reasoning_parser,
+                                                          "--structured-outputs-config", "--reasoning-parser")
 
     def log_config(self) -> Optional[dict]:
         """--log-config-file's configuration (None without one); ValueError for a file that is

@@ -236,7 +236,13 @@ def test_vllm_config_arguments_are_taken_or_refused_by_name():
              structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}) as llm:
         assert llm.engine.config.speculative is not None
         assert llm.generate("Once upon a time", GREEDY)[0].outputs[0].text
-    for bad, message in ((dict(structured_outputs_config={"backend": "outlines"}), "backend='outlines'"),
+    for bad, message in ((dict(structured_outputs_config={"backend": "outlines"}), "backend 'outlines'"),
+                         (dict(structured_outputs_config={"disable_fallback": True}),
+                          "structured_outputs_config disable_fallback is not supported"),
+                         (dict(structured_outputs_config={"enable_in_reasoning": "yes"}),
+                          "enable_in_reasoning must be true or false"),
+                         (dict(reasoning_parser="deepseek_r1", structured_outputs_config={"reasoning_parser": "x"}),
+                          "reasoning_parser 'x' is not supported"),
                          (dict(attention_config={"backend": "FLASHINFER"}), "attention_config="),
                          (dict(logprobs_mode="processed_logprobs"), "logprobs_mode='processed_logprobs'"),
                          (dict(spec_tokens=3, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),

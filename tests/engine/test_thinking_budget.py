@@ -145,3 +145,22 @@ def test_offline_grammar_starts_after_the_reasoning_the_prompt_opened(llm, reaso
         assert list(out.outputs[0].token_ids) == [D] + TAIL
     assert params.guided.start_after_token is None   # the caller's params are left as given
     offline.shutdown()
+
+
+@pytest.mark.parametrize("kwargs,in_reasoning", [
+    (dict(structured_outputs_config={"reasoning_parser": "deepseek_r1"}), False),
+    (dict(reasoning_parser="deepseek_r1", structured_outputs_config={"enable_in_reasoning": True}), True)])
+def test_offline_structured_outputs_config_reasoning_keys(llm, kwargs, in_reasoning):
+    """vLLM's structured_outputs_config offline: its reasoning_parser is LLM's reasoning_parser (the
+    grammar holds from </think>), enable_in_reasoning makes the grammar hold from the first token."""
+    from deepserve.engine.sampling_params import GuidedDecoding
+
+    offline = LLM(str(llm.engine.config.model.model), num_gpu_blocks_override=64, block_size=4, **kwargs)
+    answer = offline.tokenizer.decode([NN, ANSWER], skip_special_tokens=True)
+    params = SamplingParams(temperature=0, max_tokens=12, structured_outputs=GuidedDecoding(choice=[answer]))
+    [out] = offline.generate([{"prompt_token_ids": [0, HI, THINK, C]}], params, use_tqdm=False)
+    if in_reasoning:
+        assert out.outputs[0].text == answer
+    else:
+        assert list(out.outputs[0].token_ids) == [D] + TAIL
+    offline.shutdown()
