@@ -7,7 +7,7 @@ With --url (or --model-name / --api-key, whose server is then vLLM's default
 http://localhost:8000/v1) it is vLLM's `vllm chat`: a client of a running server. Otherwise the
 model runs here, each turn rendered with its chat template (or --chat-template) over the whole
 conversation so far. -q sends one message, prints the answer and exits. Type `exit` or send EOF
-(Ctrl-D) to leave; Ctrl-C stops a local reply, and ends a client session.
+(Ctrl-D) or Ctrl-C at the prompt to leave; Ctrl-C stops a local reply, and ends a client session.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _user_messages(quick: str | None):
-    """The user's messages: -q's one, else each line of stdin until EOF or `exit`."""
+    """The user's messages: -q's one, else each line of stdin until EOF, Ctrl-C or `exit`."""
     if quick is not None:
         yield utf8_text(quick, "-q")
         return
@@ -74,7 +74,12 @@ def _user_messages(quick: str | None):
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:   # Ctrl-C at the prompt ends the chat, as EOF does
+            line = ""
+        if not line and interactive:
+            print()
         if not line or line.strip() in ("exit", "quit"):
             return
         if line.strip():

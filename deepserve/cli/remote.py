@@ -83,7 +83,7 @@ class Remote:
         ttft, tokens, text = None, 0, ""
         resp = self._request("POST", path, body)
         try:
-            for chunk in _events(resp):
+            for chunk in _events(resp, f"{self.root}{path}"):
                 if "error" in chunk:    # an error the server met after the stream began
                     raise ClientError(f"POST {self.root}{path}: {_message_of(chunk, '')}")
                 if chunk.get("usage"):
@@ -106,18 +106,23 @@ class Remote:
         return text
 
 
-def _events(resp):
+def _events(resp, url: str):
     """The JSON objects of a server-sent-event stream, up to `data: [DONE]`."""
-    for line in resp.iter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            yield json.loads(data)
-        except ValueError:
-            raise ClientError(f"the server sent a stream line that is not JSON: {_clip(data)}") from None
+    import httpx
+
+    try:
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                yield json.loads(data)
+            except ValueError:
+                raise ClientError(f"{url} sent a stream line that is not JSON: {_clip(data)}") from None
+    except httpx.TransportError as exc:    # the server went away, or sent nothing for the read timeout
+        raise ClientError(f"{url}: the stream broke off: {exc or type(exc).__name__}") from None
 
 
 def _clip(text: str) -> str:

@@ -75,3 +75,21 @@ def test_chat_quantization_keeps_its_long_flag():
 
     args = build_parser("chat").parse_args(["chat", "--quantization", "fp8", "-q", "hi"])
     assert (args.quantization, args.quick) == ("fp8", "hi")
+
+
+class _CtrlCAfterOneLine(_Tty):
+    """A terminal where the user types one line, then Ctrl-C at the prompt."""
+
+    def readline(self, *args):
+        if self.tell() == 0:
+            return super().readline(*args)
+        raise KeyboardInterrupt
+
+
+def test_chat_ctrl_c_at_the_prompt_ends_the_chat(capsys, monkeypatch):
+    """Exit code 0 and the terminal's line ended, as at EOF (vLLM's chat exits 0 on Ctrl-C)."""
+    code, expected, err = _run(capsys, monkeypatch, ["chat", "--max-tokens", "6"], _Tty("Once upon a time\n"))
+    assert code == 0, err
+    code, out, err = _run(capsys, monkeypatch, ["chat", "--max-tokens", "6"], _CtrlCAfterOneLine("Once upon a time\n"))
+    assert (code, out, err) == (0, expected, "")
+    assert out.endswith("> \n")

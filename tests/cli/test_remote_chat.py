@@ -49,6 +49,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": {"message": f"The model `{body['model']}` does not exist.",
                                               "type": "NotFoundError", "code": 404}})
         chat = self.path == "/v1/chat/completions"
+        if body["model"] == "dies":   # one chunk of a chunked stream, then the connection drops
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            event = f"data: {json.dumps({'choices': [{'index': 0, 'text': 'Once'}]})}\n\n".encode()
+            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n5\r\nda")
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -64,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.models, srv.api_key, srv.bodies, srv.keys = ["first-model", "second-model"], None, [], []
+    srv.models, srv.api_key, srv.bodies, srv.keys = ["first-model", "second-model", "dies"], None, [], []
     srv.url = f"http://127.0.0.1:{srv.server_port}/v1"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -172,3 +181,11 @@ def test_a_url_without_a_scheme_is_one_line(capsys):
     assert main(["complete", "--url", "localhost:8000/v1", "-q", "x"]) == 1
     assert capsys.readouterr().err == ("deepserve complete: error: --url must start with http:// or https://, "
                                        "got 'localhost:8000/v1'\n")
+
+
+def test_a_stream_that_breaks_off_is_one_line(server, capsys):
+    assert main(["complete", "--url", server.url, "--model-name", "dies", "-q", "x"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "Using model: dies\nOnce"
+    assert err.startswith(f"deepserve complete: error: {server.url}/completions: the stream broke off: ")
+    assert err.count("\n") == 1
