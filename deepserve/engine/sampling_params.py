@@ -39,6 +39,11 @@ def _integer_text(key) -> bool:
     return True
 
 
+def whole_vocabulary(k: Optional[int], vocab_size: int) -> Optional[int]:
+    """A logprobs / prompt_logprobs count with vLLM's -1 ("the whole vocabulary") as `vocab_size`."""
+    return vocab_size if k == -1 else k
+
+
 def logit_bias_by_token(bias: Optional[Mapping]) -> Optional[dict[int, float]]:
     """vLLM's reading of an API logit_bias: keys become token ids (ValueError in vLLM's words
     naming those that do not), values are clipped to [-100, 100]; None when empty."""
@@ -417,8 +422,9 @@ class SamplingParams:
     def with_vocab_logprobs(self, vocab_size: int) -> "SamplingParams":
         """These params with logprobs / prompt_logprobs -1 (vLLM's "the whole vocabulary") as
         `vocab_size`; themselves where neither is -1."""
-        whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(self, name) == -1}
-        return self._replaced(**whole) if whole else self
+        whole = {name: whole_vocabulary(getattr(self, name), vocab_size) for name in ("logprobs", "prompt_logprobs")}
+        changed = {name: k for name, k in whole.items() if k != getattr(self, name)}
+        return self._replaced(**changed) if changed else self
 
     def _replaced(self, **changes) -> "SamplingParams":
         copy = replace(self, **changes)

@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.llm_engine import RequestError
-from deepserve.engine.sampling_params import SamplingParams
+from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
 from deepserve.server.args import ServerArgs
 from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, internal_error, sse_error
@@ -226,7 +226,7 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     # logprob_token_ids' number stands in logprobs; it has its own limit (SamplingParams'), as in vLLM
     sample_logprobs = params.logprobs if params.logprob_token_ids is None else None
     for name, value in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-        value = state.llm.vocab_size if value == -1 else value   # vLLM's -1: the whole vocabulary
+        value = whole_vocabulary(value, state.llm.vocab_size)
         if value is not None and value > limit:
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
             raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown)
