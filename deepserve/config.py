@@ -724,9 +724,9 @@ class EngineArgs:
 
 # --------------------------------------------------------------------------- vLLM compatibility
 CUDAGRAPH_MODES = ("NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
-# vLLM's top-level aliases of speculative_config keys (--spec-method, ...), and their types
-SPEC_ALIASES = {"spec_method": "method", "spec_model": "model", "spec_tokens": "num_speculative_tokens"}
-SPEC_ALIAS_TYPES = {"spec_method": str, "spec_model": str, "spec_tokens": int}
+# vLLM's top-level aliases of speculative_config keys (--spec-method, ...): the key and its type
+SPEC_ALIASES = {"spec_method": ("method", str), "spec_model": ("model", str),
+                "spec_tokens": ("num_speculative_tokens", int)}
 # vLLM CompilationConfig keys about torch.compile / Inductor, which deepserve does not use
 COMPILE_ONLY_KEYS = ("level", "mode", "backend", "custom_ops", "splitting_ops", "use_inductor",
                      "compile_sizes", "inductor_compile_config", "inductor_passes", "pass_config",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from deepserve.cli import plan as plan_cli
-from deepserve.config import SPEC_ALIAS_TYPES, SPEC_ALIASES, TRUST_REMOTE_CODE_NOTE, EngineArgs
+from deepserve.config import SPEC_ALIASES, TRUST_REMOTE_CODE_NOTE, EngineArgs
 from deepserve.server.args import LOG_LEVELS, ServerArgs
 from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
@@ -48,9 +48,9 @@ def register(subparsers) -> None:
                    help="Print what would run (the cluster commands host by host, the engine args) and exit.")
     e = p.add_argument_group("engine (vLLM flag names)")
     EngineArgs.add_cli_args(e)
-    for name, kind in SPEC_ALIAS_TYPES.items():
+    for name, (key, kind) in SPEC_ALIASES.items():
         e.add_argument("--" + name.replace("_", "-"), type=kind, default=sup,
-                       help=f"vLLM's alias of --speculative-config's {SPEC_ALIASES[name]}.")
+                       help=f"vLLM's alias of --speculative-config's {key}.")
     add_refused_flags(p)   # vLLM's flags for what deepserve does not have: one line naming each
     p.set_defaults(func=run)
 

@@ -74,7 +74,7 @@ def structured_outputs_parser(config: Optional[dict], parser: Optional[str], nam
 def fold_speculative_aliases(kwargs: dict) -> None:
     """vLLM's spec_method / spec_model / spec_tokens taken out of `kwargs` and set in its
     speculative_config; a key given both ways with two values is refused."""
-    aliases = {SPEC_ALIASES[k]: kwargs.pop(k) for k in list(kwargs) if k in SPEC_ALIASES}
+    aliases = {SPEC_ALIASES[k][0]: kwargs.pop(k) for k in list(kwargs) if k in SPEC_ALIASES}
     aliases = {k: v for k, v in aliases.items() if v is not None}
     if aliases:
         spec = kwargs.get("speculative_config") or {}
