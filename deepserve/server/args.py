@@ -269,10 +269,12 @@ class ServerArgs:
         """The TLS flags, checked as the server would load them: one line here instead of a
         traceback after the model loads."""
         if int(self.ssl_cert_reqs) not in (0, 1, 2):
-            raise ValueError(f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {self.ssl_cert_reqs}")
+            raise ValueError(f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), "
+                             f"got {self.ssl_cert_reqs}")
         if not (self.ssl_keyfile or self.ssl_certfile):
             if self.ssl_ca_certs or self.ssl_ciphers or int(self.ssl_cert_reqs):
-                raise ValueError("--ssl-ca-certs, --ssl-cert-reqs and --ssl-ciphers need --ssl-keyfile and --ssl-certfile")
+                raise ValueError("--ssl-ca-certs, --ssl-cert-reqs and --ssl-ciphers need --ssl-keyfile and "
+                                 "--ssl-certfile")
             return
         if not (self.ssl_keyfile and self.ssl_certfile):
             raise ValueError("--ssl-keyfile and --ssl-certfile go together (the key and its certificate)")

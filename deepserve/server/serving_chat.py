@@ -347,7 +347,8 @@ class PreparedChat:
         self.prompt_ids = truncated_prompt(state, req, self.prompt_ids, max_tokens)
         default_max = state.settings.generation_defaults.get("max_tokens")
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
-            max_tokens = self.params.max_tokens = max(1, min(default_max, state.llm.max_model_len - len(self.prompt_ids)))
+            room = state.llm.max_model_len - len(self.prompt_ids)
+            max_tokens = self.params.max_tokens = max(1, min(default_max, room))
         state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field())
         self.parser_name = state.settings.reasoning_parser
         # the reply's tokens, listed with their logprobs or ids, would show the reasoning that
@@ -359,8 +360,8 @@ class PreparedChat:
         if req.use_beam_search:
             self.beams = beam_params(req, self.params, self.guided_field, len(self.prompt_ids),
                                      state.llm.max_model_len, stream_refused=False)
-        if (self.params.guided is not None and self.parser_name is not None
-                and not state.settings.grammar_in_reasoning and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
+        if (self.params.guided is not None and self.parser_name is not None and not state.settings.grammar_in_reasoning
+                and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
             # the prompt opened <think>: the grammar holds from </think> on (vLLM's behaviour)
             self.params.guided.start_after_token = state.tokenizer.tok.token_to_id(THINK_END)
         try:
@@ -597,7 +598,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
                 if req.return_token_ids and not prep.hide_tokens:
                     choice["token_ids"] = list(out.token_ids[ids_sent[i]:])
                     ids_sent[i] = len(out.token_ids)
-                extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if first and req.prompt_logprobs is not None else {}
+                with_prompt = first and req.prompt_logprobs is not None
+                extra = {"prompt_logprobs": vllm_prompt_logprobs(res)} if with_prompt else {}
                 first = False
                 yield chunk(choice, **extra)
     if include_usage:

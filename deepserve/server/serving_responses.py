@@ -277,8 +277,10 @@ def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, statu
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": prep.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id, "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
-            "store": stored, "background": bool(req.background), "temperature": prep.params.temperature, "top_p": prep.params.top_p,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": req.reasoning.effort if req.reasoning else None, "summary": None},
+            "store": stored, "background": bool(req.background), "temperature": prep.params.temperature,
+            "top_p": prep.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",
             "top_logprobs": req.top_logprobs, "usage": usage, "user": req.user, "metadata": req.metadata or {}}
