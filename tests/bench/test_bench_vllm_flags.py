@@ -447,7 +447,7 @@ def test_latency_takes_vllms_n_beam_search_and_disable_detokenize(bench_args, mo
 @pytest.mark.parametrize("host, url", [("::1", "http://[::1]:8000"), ("[::1]", "http://[::1]:8000"),
                                        ("127.0.0.1", "http://127.0.0.1:8000"), ("node-1", "http://node-1:8000")])
 def test_host_and_port_join_as_vllm_joins_them(bench_args, host, url):
-    # an IPv6 --host was 'Port could not be cast to integer value as ':1:8000''
+    # an IPv6 --host goes in brackets, as vLLM writes it
     from deepserve.bench.serve import base_url_of
 
     assert base_url_of(bench_args(["serve", "--host", host])) == url

@@ -43,7 +43,7 @@ def test_envs_that_are_not_a_mapping(tmp_path, text, where):
     ('envs: {"GLOO SOCKET": eth0}', "envs: 'GLOO SOCKET' is not an environment variable name"),
     ("envs: {1: x}", "envs: 1 is not an environment variable name"),
     ("envs: {USE_FLAGGEMS: {enabled: 1}}", "envs.USE_FLAGGEMS must be a single value, got {'enabled': 1}"),
-    # a list or mapping where a string goes: was a TypeError traceback (model) or taken as is
+    # a list or mapping where a string goes: one line naming the key
     ("engine_args: {model: [a]}", "engine_args.model must be a string, got ['a']"),
     ("engine_args: {model: {path: a}}", "engine_args.model must be a string, got {'path': 'a'}"),
     ("engine_args: {model: stories260k, host: [0.0.0.0]}", "engine_args.host must be a string, got ['0.0.0.0']"),

@@ -50,7 +50,7 @@ def test_bad_flag_values_are_one_line(capsys, argv, line):
 
 
 def test_vllms_sweep_runner_is_named(capsys):
-    # `vllm bench sweep serve --serve-cmd ... --bench-cmd ...` was 'unrecognized arguments: serve --serve-cmd ...'
+    # vLLM's `bench sweep serve --serve-cmd ... --bench-cmd ...`: one line saying deepserve has no sweep runner
     assert main(["bench", "sweep", "serve", "--serve-cmd", "vllm serve m", "--bench-cmd", "vllm bench serve"]) == 2
     assert capsys.readouterr().err == (
         "deepserve bench: error: `bench sweep serve` is vLLM's sweep runner, which deepserve does not have; "

@@ -14,17 +14,15 @@ def test_only_flag_names_change():
 
 
 def test_dotted_short_compilation_flag():
-    """vLLM's `-O.key value` / `-O.key=value`, as `--compilation-config.key`: it was read as
-    -O's JSON ('.cudagraph_mode', not valid JSON)."""
+    """vLLM's `-O.key value` / `-O.key=value` are `--compilation-config.key`, as vLLM reads them."""
     argv = ["-O.cudagraph_mode", "FULL_DECODE_ONLY", "-O.cudagraph_capture_sizes=[4,16]", "-tp", "2"]
     assert normalize_argv(argv) == ["-tp", "2", "--compilation-config",
                                     '{"cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [4, 16]}']
 
 
 @pytest.mark.parametrize("argv, message", [
-    # the metax line with its `--` turned into dashes by a formatted page: were "unrecognized
-    # arguments: 4096" (the dashed flag taken for the serve YAML) and a misleading "expected
-    # `deepserve serve NAME SERVE.yaml`"
+    # the metax line with its `--` turned into dashes by a formatted page: one line naming the
+    # dash and the flag to type
     (["serve", "m", "–max-model-len", "4096"], "deepserve serve: error: '–max-model-len' begins with '–' "
      "(U+2013), not ASCII hyphens (pasted from a formatted page?): type --max-model-len"),
     (["serve", "m", "−−trust-remote-code"], "deepserve serve: error: '−−trust-remote-code' begins with '−−' "

@@ -64,7 +64,7 @@ def test_hostfile_good_lines(monkeypatch):
     assert parse_hostfile_text(text) == [
         HostSpec("192.0.2.1", 8, "gpu", 3), HostSpec("192.0.2.2", 8, "gpu", 5),
         HostSpec("node-03.cluster", 4, "cpu", 6), HostSpec("2001:db8::5", 2, "gpu", 7),
-        HostSpec("2001:db8::6", 2, "gpu", 8)]   # in brackets: was "bad IP address or host name"
+        HostSpec("2001:db8::6", 2, "gpu", 8)]   # an IPv6 address in brackets is read as the address
     assert [h.gpus for h in parse_hostfile_text(text)] == [8, 8, 0, 2, 2]
 
 
@@ -116,7 +116,7 @@ def test_hostfile_empty_or_missing(tmp_path):
 
 def test_hostfile_device_type_names_are_accelerator_hosts():
     """FlagScale's hostfiles name the device (`type=A100`; the guide's comment says `type=xxx`) and
-    FlagScale hands it to Ray as a resource while Ray counts the devices: was "unknown type 'A100'"."""
+    FlagScale hands it to Ray as a resource while Ray counts the devices: any type is a GPU host."""
     hosts = parse_hostfile_text("192.0.2.1 slots=8 type=H100\n192.0.2.7 slots=4 type=C550\n", "hosts")
     assert [(h.type, h.gpus) for h in hosts] == [("H100", 8), ("C550", 4)]
     cl = ClusterLauncher(hosts, RunnerOptions(), {}, {"192.0.2.1"})
@@ -140,7 +140,7 @@ def test_hostfile_loopback_beside_other_hosts_is_refused(address):
 
 def test_hostfile_host_names_know_no_case(monkeypatch):
     """This machine listed by its name in capitals (GPU-NODE01 where `hostname` says gpu-node01):
-    was taken for another host, "this machine is not in the hostfile"."""
+    host names match whatever their case, as DNS names do."""
     monkeypatch.setattr("deepserve.distributed.cluster.resolves", lambda name: True)
     monkeypatch.setattr("deepserve.distributed.cluster.socket.gethostname", lambda: "Gpu-Node01")
     hosts = parse_hostfile_text("GPU-NODE02 slots=8\nGPU-NODE01 slots=8\n")
@@ -159,8 +159,8 @@ def test_hostfile_two_lines_naming_this_machine_are_refused():
 
 
 def test_hostfile_with_a_byte_order_mark_or_not_text(tmp_path):
-    """A hostfile saved by a Windows editor (UTF-8 with a BOM, CRLF line ends): was "bad IP address
-    or host name '\\ufeff'" for its first line; one that is not UTF-8 was a UnicodeDecodeError."""
+    """A hostfile saved by a Windows editor (UTF-8 with a BOM, CRLF line ends) reads as the same
+    file without them; one that is not UTF-8 is one line naming the file."""
     path = tmp_path / "hostfile.txt"
     path.write_bytes("# master node\r\n192.0.2.1 slots=8 type=gpu\r\n192.0.2.2 slots=8\r\n".encode("utf-8-sig"))
     assert parse_hostfile(path) == [HostSpec("192.0.2.1", 8, "gpu", 2), HostSpec("192.0.2.2", 8, "gpu", 3)]
@@ -171,8 +171,8 @@ def test_hostfile_with_a_byte_order_mark_or_not_text(tmp_path):
 
 # --------------------------------------------------------------------------- command plan
 def test_command_plan_two_hosts_via_runner():
-    """ssh gives up on a host that does not answer after 10 s (a hostfile address filled in wrong:
-    was the command's 120 s timeout, "timed out" naming no connection)."""
+    """ssh gives up on a host that does not answer after 10 s (a hostfile address filled in
+    wrong), well inside the command's timeout."""
     runner = FakeRunner()
     cl = launcher(runner=runner, ssh_user="root", ssh_port=2222)
     assert cl.head.address == "192.0.2.1" and cl.address == "192.0.2.1:6379"
@@ -316,9 +316,9 @@ def test_yaml_hostfile_key_and_errors(tmp_path):
 
 
 def test_yaml_runner_values_as_flagscale_reads_them(tmp_path):
-    """The metax guide says to remove `docker` where the containers reach each other: `docker:
-    false` ran `docker exec False ...` on every host; `ssh_port: [22]` was a TypeError traceback,
-    `ssh_port: true` port 1, `ssh_port: 22.5` port 22 and a list before_start its repr in the shell."""
+    """runner values read as FlagScale reads them: `docker: false` (the metax guide's, where the
+    containers reach each other) runs no docker exec, numbers given as text are numbers, and an
+    ssh_port that is not an integer (a list, true, 22.5) or a list before_start is one line."""
     path = _write_yaml(tmp_path, "engine_args: {model: m}\nrunner: {hostfile: hostfile.txt, docker: false, "
                                  "ssh_port: '2222', wait_timeout_s: '1e3'}\n")
     assert load_serve_config(path).runner == RunnerOptions(hostfile=str(tmp_path / "hostfile.txt"), ssh_port=2222,
@@ -327,7 +327,7 @@ def test_yaml_runner_values_as_flagscale_reads_them(tmp_path):
                            ("true", "runner.ssh_port must be an integer, got True"),
                            ("22.5", "runner.ssh_port must be an integer, got 22.5"),
                            (".nan", "runner.ssh_port must be an integer, got nan"),
-                           # was a plan for GPUs of 80 bytes ("no layout fits")
+                           # a size needs its unit
                            ("22, gpu_memory: 80", "runner.gpu_memory 80 has no unit: write e.g. 80GiB"),
                            ("22, gpu_memory: 80 gigs", "runner.gpu_memory: memory size '80 gigs' not understood")]:
         path.write_text(f"engine_args: {{model: m}}\nrunner: {{hostfile: hostfile.txt, ssh_port: {value}}}\n")
@@ -350,11 +350,11 @@ def test_cli_hostfile_flag_overrides_yaml(tmp_path, monkeypatch):
     other.write_text("127.0.0.1 slots=2\n")
     engine, _, envs, runner = resolve_all(_parse([str(path), "--hostfile", str(other), "--max-model-len", "2048"]))
     assert (runner.hostfile, runner.ssh_port, engine["max_model_len"]) == (str(other), 2222, 2048)
-    # `--hostfile=~/other.txt`: the shell leaves that ~ (was "hostfile ~/other.txt not found")
+    # `--hostfile=~/other.txt`: the shell leaves that ~, which is read as the home folder
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_all(_parse(["deepseek-r1", "--hostfile=~/other.txt"]))[3].hostfile == str(other)
     with pytest.raises(ValueError, match=f"^hostfile {tmp_path} is a folder: give the file listing the hosts"):
-        parse_hostfile(tmp_path)   # was "hostfile DIR not found"
+        parse_hostfile(tmp_path)
     _, _, _, runner = resolve_all(_parse(["deepseek-r1", "--hostfile", str(other)]))
     assert runner == RunnerOptions(hostfile=str(other))
     assert resolve_all(_parse(["deepseek-r1"]))[3] is None
@@ -412,8 +412,8 @@ def test_serve_on_cluster_plans_serves_and_stops(monkeypatch):
 
 
 def test_head_slots_past_its_gpus_are_refused_before_any_host(monkeypatch):
-    """`192.0.2.10 slots=8` on a machine with 4 GPUs: Ray was told 7 GPUs beside rank 0's, and
-    ranks placed on the missing ones failed in CUDA after every host had started."""
+    """`192.0.2.10 slots=8` on a machine with 4 GPUs: refused in one line before any host starts
+    (ranks placed on the missing GPUs would fail in CUDA)."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

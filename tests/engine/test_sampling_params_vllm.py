@@ -29,7 +29,7 @@ from deepserve.sampling_params import StructuredOutputsParams
     (dict(presence_penalty=3.0), "presence_penalty must be in [-2, 2], got 3.0."),
     (dict(frequency_penalty=-3.0), "frequency_penalty must be in [-2, 2], got -3.0."),
     (dict(n=2, temperature=0.0), "n must be 1 when using greedy sampling, got 2."),
-    (dict(n=None), "n must be an integer, got None"),   # vLLM: "n must be an int" (it was a TypeError here)
+    (dict(n=None), "n must be an integer, got None"),   # vLLM: "n must be an int"
     (dict(min_tokens=None), "min_tokens must be an integer, got None"),
 ])
 def test_refusals_in_vllms_words(kwargs, message):

@@ -38,7 +38,7 @@ def test_forced_call_when_the_reasoning_never_ends(choice):
     (NAMED, '{"city": "Paris"}', [("get_weather", '{"city": "Paris"}')]),
     ("required", '[{"name": "add", "parameters": {"a": 1}}]', [("add", '{"a": 1}')])])
 def test_forced_call_reply_content_is_empty_text(choice, answer, expected):
-    """A named or required call's reply: the call, content "" (vLLM's; it was null), finish
+    """A named or required call's reply: the call, content "" (vLLM's), finish
     "stop" for a named call and "tool_calls" for required ones, as vLLM's."""
     client = serve("deepseek-r1", "Need the weather.</think>\n\n" + answer)
     whole, (reasoning, content, calls, finish, _) = asyncio.run(whole_and_streamed(
@@ -51,8 +51,7 @@ def test_forced_call_reply_content_is_empty_text(choice, answer, expected):
 
 def test_responses_call_cut_by_max_output_tokens_is_incomplete_whole_and_streamed():
     """/v1/responses, tool_choice required, max_output_tokens inside the second call: the
-    response is incomplete and so is its last function_call item, whole as streamed (the
-    whole response marked the cut call completed while the stream's was incomplete)."""
+    response is incomplete and so is its last function_call item, whole as streamed."""
     script = ('Two calls.</think>\n\n[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
               '{"name": "add", "parameters": {"a": 1, "b": 2}}]')
     client = serve("deepseek-r1", script)
@@ -78,7 +77,7 @@ def test_responses_call_cut_by_max_output_tokens_is_incomplete_whole_and_streame
 def test_responses_answer_logprobs_with_the_reasoning_hidden(stream):
     """/v1/responses with include_reasoning false and include message.output_text.logprobs: the
     logprobs here are the answer's tokens only, which show nothing of the hidden reasoning, so
-    they come (the request was a 400, from chat's rule for the reply's whole token list)."""
+    they come (chat's 400 for the reply's whole token list does not apply)."""
     client = serve("deepseek-r1", "The secret plan.</think>\n\nHello there.")
     kwargs = dict(model="m", input="Hi", include=["message.output_text.logprobs"], top_logprobs=1,
                   extra_body={"include_reasoning": False})
@@ -130,7 +129,7 @@ def test_responses_reasoning_effort_reaches_the_template_as_chats():
     """/v1/responses reasoning.effort is chat's reasoning_effort (vLLM's Responses hands it to the
     template, with enable_thinking false for "none"): the prompt is chat's, the reply's split
     follows it, and the response echoes the effort; where the template reads neither key it is
-    the 400 chat gives, naming reasoning.effort. (It was refused whatever the template.)"""
+    the 400 chat gives, naming reasoning.effort."""
     client = serve("deepseek-r1", "Fine.", template=THINKING_TEMPLATE)
 
     async def ask(effort):
@@ -154,8 +153,7 @@ def test_responses_reasoning_effort_reaches_the_template_as_chats():
 @pytest.mark.parametrize("exclude", [False, True])
 def test_exclude_tools_when_tool_choice_none(exclude):
     """vLLM's --exclude-tools-when-tool-choice-none: a tool_choice none request's prompt lists no
-    tools (the flag was an unrecognized argument); auto's still does, and without the flag none's
-    does too."""
+    tools; auto's still does, and without the flag none's does too."""
     client = serve("deepseek-r1", "Hi.", INLINE_TOOLS_TEMPLATE, exclude_tools_when_tool_choice_none=exclude)
 
     async def prompts():
@@ -170,8 +168,7 @@ def test_exclude_tools_when_tool_choice_none(exclude):
 def test_default_chat_template_kwargs_under_the_requests_own():
     """vLLM's --default-chat-template-kwargs: every chat request's template gets them, under the
     request's chat_template_kwargs and reasoning_effort (vLLM's merge), /tokenize's too; a thinking
-    switch the template does not read is refused at start, naming the flag (the flag was an
-    unrecognized argument)."""
+    switch the template does not read is refused at start, naming the flag."""
     from deepserve.server.serving_chat import check_template_kwargs
 
     client = serve("deepseek-r1", "Fine.", template=THINKING_TEMPLATE,

@@ -281,8 +281,8 @@ VLLM_SERVE_FLAGS = """
 
 
 def test_every_vllm_serve_flag_is_taken(parser):
-    """Each is honoured, or taken to be refused by name: none is argparse's "unrecognized
-    arguments" (206 of them were)."""
+    """Each of vLLM serve's flags is honoured, or taken to be refused by name: none is argparse's
+    "unrecognized arguments"."""
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]
     assert [flag for flag in VLLM_SERVE_FLAGS if flag not in serve_parser._option_string_actions] == []
 
@@ -304,9 +304,8 @@ def test_every_vllm_serve_flag_is_taken(parser):
     (["-n", "2", "-r", "1"], "--nnodes 2 is not supported: tensor / pipeline parallel over several nodes runs on Ray"),
 ])
 def test_unsupported_vllm_flags_are_one_line(argv, line, capsys):
-    """A vLLM flag for a feature deepserve does not have: one line naming it and why (was
-    argparse's generic "unrecognized arguments", or for --tokenizer-mode and the like a value
-    nobody checked)."""
+    """A vLLM flag for a feature deepserve does not have, or a value of --tokenizer-mode and the
+    like that deepserve does not serve: one line naming it and why."""
     from deepserve.cli.main import main
 
     assert main(["serve", *argv]) == 2
@@ -432,8 +431,7 @@ def test_ssl_flags_checked_before_start(certificate, tmp_path):
 
 
 def test_vllms_short_flags(parser):
-    """vLLM's short spellings of the flags deepserve honours (-q, -asc, -dpl, ... were
-    unrecognized arguments)."""
+    """vLLM's short spellings of the flags deepserve honours (-q, -asc, -dpl, ...) set those flags."""
     engine, _, _ = resolve(parser.parse_args([
         "serve", "m", "-q", "fp8", "-asc", "2", "-dp", "4", "-dpl", "2", "-dpr", "2", "-dpa", "10.0.0.1",
         "-dpp", "13389", "-ep", "-sc", '{"method": "ngram", "num_speculative_tokens": 2}']))
@@ -643,8 +641,8 @@ def test_uds(tmp_path):
 
 
 def test_fingerprint_flags(parser):
-    """vLLM's --fingerprint-mode and --fingerprint-value (were refused but for `none`): the
-    server's options (the fingerprint itself: test_fingerprint.py)."""
+    """vLLM's --fingerprint-mode and --fingerprint-value set the server's options (the fingerprint
+    itself: test_fingerprint.py)."""
     _, server, _ = resolve(parser.parse_args(["serve", DEMO_MODEL, "--fingerprint-mode", "custom",
                                               "--fingerprint-value", "fp_1"]))
     assert (server.fingerprint_mode, server.fingerprint_value) == ("custom", "fp_1")
@@ -659,7 +657,7 @@ def test_fingerprint_flags(parser):
                                     "--no-disable-nccl-for-dp-synchronization"])
 def test_no_forms_of_refused_switches_pass(parser, switch):
     """vLLM's --no- form of a switch for a feature deepserve does not have asks for the feature
-    off, as it is: accepted, with no effect (was argparse's "unrecognized arguments")."""
+    off, as it is: accepted, with no effect."""
     plain = resolve(parser.parse_args(["serve", DEMO_MODEL]))
     assert resolve(parser.parse_args(["serve", switch, DEMO_MODEL])) == plain
 
@@ -677,8 +675,7 @@ def test_no_forms_vllm_does_not_have_stay_unknown(parser, flag, capsys):
                                          (["-cc.cudagraph_mode", "FULL_DECODE_ONLY"], "FULL_DECODE_ONLY"),
                                          (["-cc.cudagraph_mode=NONE", "-tp", "1"], "NONE")])
 def test_short_cc_is_the_compilation_config(parser, flags, mode):
-    """vLLM 0.26's -cc, its other short --compilation-config (arg_utils.py), dotted keys too (was
-    an unrecognized argument)."""
+    """vLLM 0.26's -cc, its other short --compilation-config (arg_utils.py), dotted keys too."""
     from deepserve.cli.main import normalize_argv
     from deepserve.config import EngineArgs
 
