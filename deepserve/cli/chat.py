@@ -12,9 +12,11 @@ conversation so far. -q sends one message, prints the answer and exits. Type `ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from deepserve.cli.generate import add_sampling_args, engine_from_args, sampling_params_from_args, utf8_text
+from deepserve.cli.main import UserError
 from deepserve.cli.remote import DEFAULT_URL, add_query_args, run_chat
 from deepserve.config import EngineArgs
 
@@ -60,9 +62,20 @@ def stream_reply(engine, prompt_ids: list[int], params, out=None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.url is not None or args.model_name is not None or args.api_key is not None:
+        local = next((f.name for f in dataclasses.fields(EngineArgs)
+                      if hasattr(args, f.name) and getattr(args, f.name) != _default(f)), None)
+        if local is not None:
+            flag = "--" + local.replace("_", "-")
+            raise UserError(f"{flag} sets up a local model, which a client of a server (--url, --model-name, "
+                            f"--api-key) does not run" + ("; name the server's model with --model-name"
+                                                         if local == "model" else ""))
         args.url = args.url or DEFAULT_URL
         return run_chat(args)
     return run_local(args)
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _user_messages(quick: str | None):

@@ -189,3 +189,13 @@ def test_a_stream_that_breaks_off_is_one_line(server, capsys):
     assert out == "Using model: dies\nOnce"
     assert err.startswith(f"deepserve complete: error: {server.url}/completions: the stream broke off: ")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--model", "some/folder"), ("--max-model-len", "128")])
+def test_local_model_flags_with_url_are_one_line(server, capsys, flag, value):
+    """A local model's flag beside --url is refused naming it; nothing is sent to the server."""
+    sent = len(server.keys)
+    assert main(["chat", "--url", server.url, flag, value, "-q", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deepserve chat: error: {flag} sets up a local model")
+    assert len(server.keys) == sent
