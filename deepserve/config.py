@@ -868,18 +868,20 @@ def check_ascend_checkpoint(model: str) -> None:
 
 def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
     """vLLM's VLLM_PP_LAYER_PARTITION ("31,30": layers per pipeline stage, first stage first),
-    checked against the model; None when unset or with one stage."""
+    checked against the model as vLLM checks it, one stage included; None when unset or with
+    one stage."""
     text = os.environ.get("VLLM_PP_LAYER_PARTITION", "").strip().strip('"')
-    if not text or pp_size == 1:
+    if not text:
         return None
     try:
         parts = [int(p) for p in text.split(",")]
     except ValueError:
         raise ValueError(f"VLLM_PP_LAYER_PARTITION must be comma-separated layer counts, got {text!r}") from None
     if len(parts) != pp_size or sum(parts) != num_layers or min(parts) < 1:
-        raise ValueError(f"VLLM_PP_LAYER_PARTITION={text} must give {pp_size} stages of >= 1 layer adding up to "
-                         f"the model's {num_layers} layers")
-    return parts
+        stages = f"{pp_size} stage{'s' if pp_size > 1 else ''}"
+        raise ValueError(f"VLLM_PP_LAYER_PARTITION={text} must give {stages} of >= 1 layer adding up to the "
+                         f"model's {num_layers} layers")
+    return parts if pp_size > 1 else None
 
 
 def check_parallel_sizes(hf: HFConfig, tp: int, pp: int, dp: int, expert_parallel: bool) -> None:

@@ -115,6 +115,11 @@ def test_bad_layer_partition_is_one_line(reference, r1_config, monkeypatch, caps
     assert main(set_model(cmd, r1_config) + ["--dry-run"]) == 2    # checked before any rank starts
     assert capsys.readouterr().err == "deepserve serve: error: VLLM_PP_LAYER_PARTITION=31,31 must give 2 stages " \
                                       "of >= 1 layer adding up to the model's 61 layers\n"
+    # the guide's partition kept while serving on one stage: vLLM checks it there too
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "31,30")
+    assert main(set_model(cmd, r1_config) + ["-pp", "1", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "deepserve serve: error: VLLM_PP_LAYER_PARTITION=31,30 must give 1 stage " \
+                                      "of >= 1 layer adding up to the model's 61 layers\n"
 
 
 def test_vastai_serve_and_bench_lines(reference, r1_config):
