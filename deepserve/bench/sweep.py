@@ -37,12 +37,13 @@ TABLE_COLUMNS = [  # (header, result key, format)
 ]
 
 
-def _require_matplotlib():
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (the chart
+    is an extra: `deepserve[plot]`; the runs, table and JSON need nothing beyond the base install)."""
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("bench sweep draws its chart with matplotlib, which is not installed: "
-                           "pip install matplotlib (or pip install 'deepserve[plot]')") from None
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -84,9 +85,8 @@ def _point_label(r: dict) -> str:
     return ",".join(parts) or "inf"
 
 
-def draw_chart(results: list[dict], path: Path, title: str) -> None:
+def draw_chart(plt, results: list[dict], path: Path, title: str) -> None:
     """Output tok/s (y) against median TPOT and median E2EL (x), one point per run."""
-    plt = _require_matplotlib()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "median_tpot_ms", "median TPOT (ms)"),
                            (axes[1], "median_e2el_ms", "median E2EL (ms)")):
@@ -105,13 +105,16 @@ def draw_chart(results: list[dict], path: Path, title: str) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
-    """All runs of the sweep; returns {"runs": [...], "markdown": path, "chart": path, "json": path}."""
+    """All runs of the sweep; returns {"runs": [...], "markdown": path, "chart": path or None, "json": path}."""
     from tqdm.auto import tqdm
 
     settings = sweep_settings(args)
     if args.percentile_metrics is None:   # the table and chart read E2EL too
         args.percentile_metrics = "ttft,tpot,itl,e2el"
-    _require_matplotlib()  # fail before the runs, not after them
+    plt = _pyplot()
+    if plt is None:
+        print("bench sweep: matplotlib is not installed, so no chart (pip install 'deepserve[plot]'); "
+              "the runs, the table and the JSON are written", file=sys.stderr)
     args.model = resolve_model(args)
     tok = resolve_tokenizer(args.tokenizer, args.model)
     requests = align_to_server(args, sample_requests(args, tok), request_model_name(args, quiet=True), quiet=True)
@@ -134,8 +137,12 @@ def run_sweep(args: argparse.Namespace) -> dict:
     table = markdown_table(results)
     md_path, png_path, json_path = (out_dir / f"{stem}{ext}" for ext in (".md", ".png", ".json"))
     title = f"{args.model} · {args.dataset_name} · {len(requests)} prompts"
-    md_path.write_text(f"# bench sweep: {title}\n\n{table}\n![chart]({png_path.name})\n")
-    draw_chart(results, png_path, title)
+    chart = f"\n![chart]({png_path.name})\n" if plt else ""
+    md_path.write_text(f"# bench sweep: {title}\n\n{table}{chart}")
+    if plt:
+        draw_chart(plt, results, png_path, title)
+    else:
+        png_path = None
     summary_keys = [key for _, key, _ in TABLE_COLUMNS] + ["result_path", "duration", "total_input_tokens",
                                                            "total_output_tokens", "request_goodput"]
     json_path.write_text(json.dumps({"model_id": args.model, "dataset_name": args.dataset_name,
@@ -143,5 +150,6 @@ def run_sweep(args: argparse.Namespace) -> dict:
                                      "runs": [{k: r.get(k) for k in summary_keys} for r in results]},
                                     indent=2))
     print(table)
-    print(f"sweep: wrote {md_path}, {png_path}, {json_path}", file=sys.stderr)
-    return {"runs": results, "markdown": str(md_path), "chart": str(png_path), "json": str(json_path)}
+    written = [p for p in (md_path, png_path, json_path) if p]
+    print(f"sweep: wrote {', '.join(map(str, written))}", file=sys.stderr)
+    return {"runs": results, "markdown": str(md_path), "chart": png_path and str(png_path), "json": str(json_path)}

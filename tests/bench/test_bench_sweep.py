@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from conftest import TOKENIZER
 from deepserve.bench.sweep import markdown_table, run_sweep, sweep_settings
 
-pytest.importorskip("matplotlib")
-
 
 def test_sweep_writes_md_png_json(fake_server, bench_args, tmp_path):
+    pytest.importorskip("matplotlib")
     # requests long enough (~0.35 s) that four start together on a loaded 2-core machine
     with fake_server(ttft=0.2, itl=0.05) as srv:
         args = bench_args(["sweep", "--base-url", srv.url, "--model", "fake-model", "--tokenizer",
@@ -36,6 +36,23 @@ def test_sweep_writes_md_png_json(fake_server, bench_args, tmp_path):
     per_run = sorted(tmp_path.glob("openai-infqps-concurrency*-fake-model-*.json"))
     assert len(per_run) == 2
     assert {json.loads(p.read_text())["max_concurrency"] for p in per_run} == {1, 4}
+
+
+def test_sweep_without_matplotlib_writes_md_and_json(fake_server, bench_args, tmp_path, monkeypatch, capsys):
+    # the base install has no matplotlib: the runs, table and JSON are written, the chart is skipped
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with fake_server(ttft=0.01, itl=0.01) as srv:
+        args = bench_args(["sweep", "--base-url", srv.url, "--model", "fake-model", "--tokenizer",
+                           str(TOKENIZER), "--random-input-len", "16", "--random-output-len", "4",
+                           "--num-prompts", "2", "--max-concurrency-list", "1", "2",
+                           "--result-dir", str(tmp_path), "--result-filename", "s.json", "--disable-tqdm"])
+        out = run_sweep(args)
+    assert [(r["max_concurrency"], r["completed"], r["failed"]) for r in out["runs"]] == [(1, 2, 0), (2, 2, 0)]
+    assert out["chart"] is None and not (tmp_path / "s.png").exists()
+    md = (tmp_path / "s.md").read_text()
+    assert "![chart]" not in md and md.count("| inf | 2 | 0 |") == 2
+    assert [r["max_concurrency"] for r in json.loads((tmp_path / "s.json").read_text())["runs"]] == [1, 2]
+    assert "pip install 'deepserve[plot]'" in capsys.readouterr().err
 
 
 def test_sweep_settings_product_and_errors(bench_args):
