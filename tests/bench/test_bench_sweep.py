@@ -10,15 +10,19 @@ from conftest import TOKENIZER
 from deepserve.bench.sweep import markdown_table, run_sweep, sweep_settings
 
 
+def sweep_args(bench_args, url, tmp_path, prompts: int, concurrencies: list[int]):
+    """A sweep of `prompts` random 16-token prompts (4 tokens out) per concurrency, written as s.*"""
+    return bench_args(["sweep", "--base-url", url, "--model", "fake-model", "--tokenizer", str(TOKENIZER),
+                       "--random-input-len", "16", "--random-output-len", "4", "--num-prompts", str(prompts),
+                       "--max-concurrency-list", *map(str, concurrencies),
+                       "--result-dir", str(tmp_path), "--result-filename", "s.json", "--disable-tqdm"])
+
+
 def test_sweep_writes_md_png_json(fake_server, bench_args, tmp_path):
     pytest.importorskip("matplotlib")
     # requests long enough (~0.35 s) that four start together on a loaded 2-core machine
     with fake_server(ttft=0.2, itl=0.05) as srv:
-        args = bench_args(["sweep", "--base-url", srv.url, "--model", "fake-model", "--tokenizer",
-                           str(TOKENIZER), "--random-input-len", "16", "--random-output-len", "4",
-                           "--num-prompts", "4", "--max-concurrency-list", "1", "4",
-                           "--result-dir", str(tmp_path), "--result-filename", "s.json", "--disable-tqdm"])
-        out = run_sweep(args)
+        out = run_sweep(sweep_args(bench_args, srv.url, tmp_path, prompts=4, concurrencies=[1, 4]))
         assert srv.stats()["max_in_flight"] == 4
     runs = out["runs"]
     assert [r["max_concurrency"] for r in runs] == [1, 4]
@@ -42,11 +46,7 @@ def test_sweep_without_matplotlib_writes_md_and_json(fake_server, bench_args, tm
     # the base install has no matplotlib: the runs, table and JSON are written, the chart is skipped
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with fake_server(ttft=0.01, itl=0.01) as srv:
-        args = bench_args(["sweep", "--base-url", srv.url, "--model", "fake-model", "--tokenizer",
-                           str(TOKENIZER), "--random-input-len", "16", "--random-output-len", "4",
-                           "--num-prompts", "2", "--max-concurrency-list", "1", "2",
-                           "--result-dir", str(tmp_path), "--result-filename", "s.json", "--disable-tqdm"])
-        out = run_sweep(args)
+        out = run_sweep(sweep_args(bench_args, srv.url, tmp_path, prompts=2, concurrencies=[1, 2]))
     assert [(r["max_concurrency"], r["completed"], r["failed"]) for r in out["runs"]] == [(1, 2, 0), (2, 2, 0)]
     assert out["chart"] is None and not (tmp_path / "s.png").exists()
     md = (tmp_path / "s.md").read_text()
