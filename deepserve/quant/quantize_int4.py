@@ -169,17 +169,21 @@ class QuantizeInt4(Converter):
             else:
                 self._quant.add(t.name)
         check_ignore(ckpt, o.ignore, {n[: -len(".weight")] for n in self._quant}, ignore - policy_ignore(ckpt))
+        problems = []   # every reason at once, so one rerun can fix them all
         for why, found in unfit.items():
             name, size = found[0]
             ignore_flag = _ignore_suggestion([f[0][: -len(".weight")] for f in found])
             if why == "pack":
-                raise ValueError(f"tensor {name}: {size} input features do not pack into int32s of {PACK} "
-                                 f"4-bit values; keep it in high precision with --ignore {ignore_flag}")
-            if why == "group":
-                raise ValueError(f"tensor {name}: --group-size {o.group_size} does not divide its {size} input "
-                                 f"features; pick a group size that does, or --ignore {ignore_flag}")
-            raise ValueError(f"tensor {name}: AutoAWQ packs output features in eights, {size} is not a "
-                             f"multiple of {PACK}; use the compressed-tensors format or --ignore {ignore_flag}")
+                problems.append(f"tensor {name}: {size} input features do not pack into int32s of {PACK} "
+                                f"4-bit values; keep it in high precision with --ignore {ignore_flag}")
+            elif why == "group":
+                problems.append(f"tensor {name}: --group-size {o.group_size} does not divide its {size} input "
+                                f"features; pick a group size that does, or --ignore {ignore_flag}")
+            else:
+                problems.append(f"tensor {name}: AutoAWQ packs output features in eights, {size} is not a "
+                                f"multiple of {PACK}; use the compressed-tensors format or --ignore {ignore_flag}")
+        if problems:
+            raise ValueError("; and ".join(problems))
         if not self._quant:
             raise ValueError(f"{ckpt.root} has no 2-D Linear weights to quantize")
         self._ignore = sorted(ignore)

@@ -342,6 +342,9 @@ def test_bad_input_is_one_line(tmp_path, capsys, shared_dir):
     _fails(capsys, ["--method", "w4a16", *rtn, "--group-size", "32"], dst,
            "tensor model.layers.0.mlp.down_proj.weight: 172 input features do not pack",
            "--ignore 're:model\\.layers\\.\\d+\\.mlp\\.down_proj$'")   # every layer's, not layer 0's
+    _fails(capsys, ["--method", "w4a16", *rtn], dst,   # group size 128: both problems in one message
+           "tensor model.layers.0.mlp.down_proj.weight: 172 input features do not pack",
+           "; and tensor model.layers.0.mlp.gate_proj.weight: --group-size 128 does not divide its 64 input features")
     gptq = ["--method", "w4a16", "--group-size", "32", "--ignore", NO_DOWN[0]]
     _fails(capsys, [*gptq, "--calib-dataset", str(shared_dir / "datasets/gsm8k/test.jsonl"),
                     "--calib-seq-len", "100000"], dst, "--calib-seq-len 100000 exceeds the model's "
