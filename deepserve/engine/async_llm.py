@@ -63,6 +63,11 @@ class FinishedRequest:
     reason: str                  # "stop" | "length" | "abort" | "error"
     timings: dict                # RequestOutput.metrics: the engine's time.monotonic() of each phase
     engine: int = 0              # the DP rank that served it
+    samples: tuple = ()          # each sample's (tokens, finish reason); () is one sample of the above
+
+    def each_sample(self) -> tuple:
+        """(tokens, finish reason) of each of its samples, which vLLM counts as requests of their own."""
+        return self.samples or ((self.generation_tokens, self.reason),)
 
 
 class RequestListener(Protocol):
@@ -216,14 +221,17 @@ class AsyncLLM:
                 self.abort(request_id)
             reason = "error" if failed else "abort"
             if self.listener is not None and out is not None:
-                reason = (out.outputs[0].finish_reason or "stop") if finished else reason
+                # a sample that ended has its own reason; the rest end with the request
+                samples = tuple((len(o.token_ids), o.finish_reason or ("stop" if finished else reason))
+                                for o in out.outputs) + ((0, reason),) * (params.n - len(out.outputs))
                 self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
-                    len(out.prompt_token_ids), tokens_seen, max(len(o.token_ids) for o in out.outputs),
-                    out.num_cached_tokens, params.n, params.max_tokens, reason, out.metrics, engine))
+                    len(out.prompt_token_ids), tokens_seen, max(t for t, _ in samples), out.num_cached_tokens,
+                    params.n, params.max_tokens, samples[0][1], out.metrics, engine, samples))
             elif self.listener is not None and added and not refused:   # ended before its first output
                 ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
                 self.listener.on_finish(request_id, arrival, time.monotonic(), FinishedRequest(
-                    len(ids or ()), 0, 0, 0, params.n, params.max_tokens, reason, {}, engine))
+                    len(ids or ()), 0, 0, 0, params.n, params.max_tokens, reason, {}, engine,
+                    ((0, reason),) * params.n))
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe); its blocks are freed before the next step."""

@@ -315,7 +315,7 @@ class LLMEngine:
         self.requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)
-        self.stats["prompt_tokens"] += len(ids)
+        self.stats["prompt_tokens"] += len(ids) * params.n   # each sample prefills it, as each of vLLM's n children
         return request_id
 
     def abort_request(self, request_id: Union[str, list[str]]) -> Optional[RequestOutput]:

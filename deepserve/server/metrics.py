@@ -269,7 +269,7 @@ class ServerMetrics:
         self.prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of each ended request.",
                                        token_buckets(max_model_len))
         self.generation_tokens = histogram("request_generation_tokens", "Tokens generated for each ended request "
-                                           "(all its samples).", token_buckets(max_model_len))
+                                           "(each sample of n counted as one).", token_buckets(max_model_len))
         self.queue_time = histogram("request_queue_time_seconds", "Time from arrival to the first admission "
                                     "to run.", PHASE_BUCKETS)
         self.prefill_time = histogram("request_prefill_time_seconds", "Time from the first admission to run to "
@@ -285,7 +285,7 @@ class ServerMetrics:
                                                 token_buckets(max_model_len))
         self.max_sample_tokens = histogram("request_max_num_generation_tokens", "Tokens of each ended request's "
                                            "longest sample.", token_buckets(max_model_len))
-        self.params_n = histogram("request_params_n", "The n of each ended request.", N_BUCKETS)
+        self.params_n = histogram("request_params_n", "The n of each ended request (once for its n samples).", N_BUCKETS)
         self.params_max_tokens = histogram("request_params_max_tokens", "The max_tokens of each ended request.",
                                            token_buckets(max_model_len))
         finished = Counter(PREFIX + "request_success", "Requests ended, by finish reason.",
@@ -318,48 +318,63 @@ class ServerMetrics:
     # AsyncLLM's RequestListener
     def on_output(self, request_id: str, arrival: float, now: float, new_tokens: list[int], first: bool,
                   engine: int = 0) -> None:
-        """Time to first token once a request; each sample's tokens after its first are
-        inter-token gaps of that sample (vLLM times each of n samples as a request of its own),
-        a sample's k new tokens splitting the time since its last output. `engine`: the DP rank
-        whose series they go to."""
+        """Each sample's first output is a time to first token and its tokens after its first
+        are inter-token gaps of that sample (vLLM times each of n samples as a request of its
+        own), a sample's k new tokens splitting the time since its last output. `engine`: the DP
+        rank whose series they go to."""
         last = self._last_output.get(request_id)
         if first or last is None:
-            self.ttft[engine].observe(now - arrival)
             last = self._last_output[request_id] = []
         last += [None] * (len(new_tokens) - len(last))
         for i, k in enumerate(new_tokens):
             if not k:
                 continue
-            # a sample's first output: its first token is no gap, those that came with it none either
-            gaps = [0.0] * (k - 1) if last[i] is None else [(now - last[i]) / k] * k
+            if last[i] is None:   # its first token is no gap, those that came with it none either
+                self.ttft[engine].observe(now - arrival)
+                gaps = [0.0] * (k - 1)
+            else:
+                gaps = [(now - last[i]) / k] * k
             for gap in gaps:
                 self.itl[engine].observe(gap)
             last[i] = now
 
     def on_finish(self, request_id: str, arrival: float, now: float, finished: FinishedRequest) -> None:
-        self._last_output.pop(request_id, None)
+        """As vLLM, which runs each of n samples as a request of its own: the finish reasons,
+        latencies, phases, token counts (prompt tokens by source too) and max_tokens once per sample; n and the longest
+        sample's tokens (request_params_n, request_max_num_generation_tokens) once per request."""
+        last = self._last_output.pop(request_id, None) or []
         e = finished.engine
-        self.e2e[e].observe(now - arrival)
-        self.prompt_tokens[e].observe(finished.prompt_tokens)
-        self.generation_tokens[e].observe(finished.generation_tokens)
-        self.computed_prompt_tokens[e].observe(finished.prompt_tokens - finished.cached_tokens)
-        self.prompt_by_source[e]["local_compute"].inc(finished.prompt_tokens - finished.cached_tokens)
-        self.prompt_by_source[e]["local_cache_hit"].inc(finished.cached_tokens)
-        self.prompt_cached[e].inc(finished.cached_tokens)
+        computed = finished.prompt_tokens - finished.cached_tokens
+        outputs = [t for t in last if t is not None]
+        for i, (tokens, reason) in enumerate(finished.each_sample()):
+            # a sample that ended on its own did so at its last output, before the request's last
+            own = reason not in ("abort", "error") and i < len(last) and last[i] is not None
+            early = max(outputs) - last[i] if own else 0.0
+            self.e2e[e].observe(now - early - arrival)
+            self.prompt_tokens[e].observe(finished.prompt_tokens)
+            self.generation_tokens[e].observe(tokens)
+            self.computed_prompt_tokens[e].observe(computed)
+            if finished.max_tokens is not None:
+                self.params_max_tokens[e].observe(finished.max_tokens)
+            self._observe_phases(e, finished.timings, tokens, early)
+            self.finished(e, reason).inc()
+        samples = len(finished.each_sample())
+        self.prompt_by_source[e]["local_compute"].inc(computed * samples)
+        self.prompt_by_source[e]["local_cache_hit"].inc(finished.cached_tokens * samples)
+        self.prompt_cached[e].inc(finished.cached_tokens * samples)
         self.max_sample_tokens[e].observe(finished.max_sample_tokens)
         self.params_n[e].observe(finished.n)
-        if finished.max_tokens is not None:
-            self.params_max_tokens[e].observe(finished.max_tokens)
-        self._observe_phases(e, finished.timings, finished.max_sample_tokens)
-        self.finished(e, finished.reason).inc()
         if self.served is not None:
             self.served.inc()
 
-    def _observe_phases(self, e: int, t: dict, tokens: int) -> None:
+    def _observe_phases(self, e: int, t: dict, tokens: int, early: float = 0.0) -> None:
         """Queue, prefill, decode and inference times from the engine's timestamps (one clock:
-        the engine core's), each where the request reached both of its ends."""
+        the engine core's), each where the request reached both of its ends. `early`: how long
+        before the request's last token this sample had its last."""
         arrival, scheduled = t.get("arrival_time"), t.get("first_scheduled_time")
         first, last = t.get("first_token_time"), t.get("last_token_time")
+        if last is not None and first is not None:
+            last = max(first, last - early)
         if arrival is not None and scheduled is not None:
             self.queue_time[e].observe(max(0.0, scheduled - arrival))
         if scheduled is not None and first is not None:

@@ -1,7 +1,12 @@
 """vLLM's request and engine metrics at /metrics, checked against what was sent: the phases of
 each request (queue, prefill, decode, inference, time per output token), its n / max_tokens /
 longest sample / computed prompt tokens, the tokens of each engine step, finish reasons
-(error included) and cache_config_info."""
+(error included) and cache_config_info. As vLLM 0.26, which runs each of a request's n samples
+as a child request, request_success_total, time_to_first_token, inter_token_latency,
+e2e_request_latency, the queue / prefill / decode / inference / per-output-token times and
+request_prompt_tokens, request_generation_tokens, request_prefill_kv_computed_tokens and
+request_params_max_tokens, prompt_tokens_total and prompt_tokens_by_source count once per
+sample; request_params_n and request_max_num_generation_tokens once per request."""
 from __future__ import annotations
 
 import asyncio
@@ -77,22 +82,27 @@ def test_request_phases_params_and_step_tokens():
                  "request_generation_tokens_count", "request_queue_time_seconds_sum", "request_prefill_time_seconds_sum",
                  "request_decode_time_seconds_sum", "request_max_num_generation_tokens_sum"):
         assert f"vllm:{name}{{{LAB}}}" in values, name
-    for reason, count in (("length", 2), ("abort", 1), ("error", 1), ("stop", 0), ("repetition", 0)):
+    for reason, count in (("length", 1 + 3), ("abort", 1), ("error", 1), ("stop", 0), ("repetition", 0)):
         assert v("request_success_total", f',finished_reason="{reason}"') == count, reason
-    # each ended request once in every per-request histogram
+    # as vLLM, which runs each of n samples as a child request: b's 3 samples count 3 times in
+    # the finish reasons, latencies, phases, token counts and max_tokens; n and the longest
+    # sample once a request
     for name in ("e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
-                 "request_decode_time_seconds", "request_inference_time_seconds",
-                 "request_time_per_output_token_seconds", "request_params_n", "request_params_max_tokens",
-                 "request_max_num_generation_tokens", "request_prefill_kv_computed_tokens"):
+                 "request_decode_time_seconds", "request_inference_time_seconds", "time_to_first_token_seconds",
+                 "request_time_per_output_token_seconds", "request_params_max_tokens", "request_prompt_tokens",
+                 "request_generation_tokens", "request_prefill_kv_computed_tokens"):
+        assert v(name + "_count") == 1 + 3 + 1 + 1, name
+    for name in ("request_params_n", "request_max_num_generation_tokens"):
         assert v(name + "_count") == 4, name
     assert v("request_params_n_sum") == 1 + 3 + 1 + 1
-    assert v("request_params_max_tokens_sum") == 7 + 4 + 50 + 9
+    assert v("request_params_max_tokens_sum") == 7 + 3 * 4 + 50 + 9
     assert v("request_max_num_generation_tokens_sum") == 7 + 4 + seen["c"] + 1
+    assert v("request_generation_tokens_sum") == 7 + 3 * 4 + seen["c"] + 1
     # every sample's tokens after its first are inter-token gaps: 6 + 3 x 3 + (c's - 1) + 0
     assert v("inter_token_latency_seconds_count") == 6 + 9 + seen["c"] - 1
     # prompt tokens less those found in the prefix cache (the 5-token prompt fills no 16-token block)
-    assert v("request_prefill_kv_computed_tokens_sum") == 4 * 5
-    assert v("prompt_tokens_by_source_total", ',source="local_compute"') == 4 * 5
+    assert v("request_prefill_kv_computed_tokens_sum") == 6 * 5
+    assert v("prompt_tokens_by_source_total", ',source="local_compute"') == v("prompt_tokens_total") == 6 * 5
     assert v("prompt_tokens_by_source_total", ',source="local_cache_hit"') == 0
     assert v("prompt_tokens_by_source_total", ',source="external_kv_transfer"') == 0
     assert v("prompt_tokens_cached_total") == 0
@@ -143,13 +153,14 @@ def test_offline_get_metrics_has_the_step_token_histogram():
 
 
 def test_inter_token_latency_per_sample():
-    """n = 2: each sample's gaps, as vLLM times each sample; not the step's time split over both."""
+    """n = 2: each sample's first token and gaps, as vLLM times each sample; not the step's time
+    split over both."""
     m = ServerMetrics("demo", dict)
     m.on_output("r", 0.0, 1.0, [1, 1], True)    # both samples' first tokens: the time to first token
     m.on_output("r", 0.0, 1.5, [1, 1], False)   # a token each, 0.5 s after their first
     m.on_output("r", 0.0, 2.5, [2, 0], False)   # sample 0: two more over 1 s
     values = parse_metrics(m.render())
-    assert values[f"vllm:time_to_first_token_seconds_count{{{LAB}}}"] == 1
+    assert values[f"vllm:time_to_first_token_seconds_count{{{LAB}}}"] == 2
     assert values[f"vllm:inter_token_latency_seconds_count{{{LAB}}}"] == 4
     assert values[f"vllm:inter_token_latency_seconds_sum{{{LAB}}}"] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5)
 
@@ -216,3 +227,34 @@ def test_a_request_gone_before_its_first_token_is_counted():
     assert values[f"vllm:e2e_request_latency_seconds_count{{{LAB}}}"] == 1
     assert values[f"vllm:request_prompt_tokens_sum{{{LAB}}}"] == 241
     assert values[f"vllm:request_generation_tokens_sum{{{LAB}}}"] == 0
+
+
+def test_samples_that_end_apart_count_as_requests():
+    """n = 3, samples ending by stop, length and (the request aborted) abort: each is a request
+    of its own in vLLM: its finish reason, tokens and end time; n and the longest once."""
+    m = ServerMetrics("demo", dict)
+    m.on_output("r", 0.0, 1.0, [1, 1, 1], True)
+    m.on_output("r", 0.0, 2.0, [1, 3, 1], False)   # sample 0 ends (stop) with 2 tokens
+    m.on_output("r", 0.0, 4.0, [0, 2, 1], False)   # sample 1 ends (length) with 6
+    m.on_finish("r", 0.0, 5.0, FinishedRequest(
+        prompt_tokens=3, generation_tokens=2 + 6 + 3, max_sample_tokens=6, cached_tokens=0, n=3, max_tokens=6,
+        reason="stop", timings={"arrival_time": 0.0, "first_scheduled_time": 0.5, "first_token_time": 1.0,
+                                "last_token_time": 4.0}, samples=((2, "stop"), (6, "length"), (3, "abort"))))
+    values = parse_metrics(m.render())
+
+    def v(name: str, extra: str = "") -> float:
+        return values[f"vllm:{name}{{{LAB}{extra}}}"]
+
+    for reason in ("stop", "length", "abort"):
+        assert v("request_success_total", f',finished_reason="{reason}"') == 1, reason
+    assert v("time_to_first_token_seconds_count") == 3
+    assert v("request_generation_tokens_count") == 3 and v("request_generation_tokens_sum") == 11
+    assert v("request_prompt_tokens_sum") == 3 * 3
+    assert v("request_params_max_tokens_sum") == 3 * 6
+    assert (v("request_params_n_count"), v("request_params_n_sum")) == (1, 3)
+    assert (v("request_max_num_generation_tokens_count"), v("request_max_num_generation_tokens_sum")) == (1, 6)
+    # ends: sample 0 two seconds before the request's last output, the others with the request
+    assert v("e2e_request_latency_seconds_sum") == pytest.approx(3.0 + 5.0 + 5.0)
+    assert v("request_decode_time_seconds_sum") == pytest.approx(1.0 + 3.0 + 3.0)
+    assert v("request_time_per_output_token_seconds_sum") == pytest.approx(1.0 / 1 + 3.0 / 5 + 3.0 / 2)
+    assert v("request_queue_time_seconds_count") == 3
