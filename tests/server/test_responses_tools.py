@@ -158,7 +158,7 @@ def test_logprobs_are_the_answers_tokens(client):
     assert r.usage.output_tokens > len(part.logprobs) > 5
     events = list(client.responses.create(**kwargs, stream=True))
     deltas = [e for e in events if e.type == "response.output_text.delta"]
-    assert all("".join(lp.token for lp in d.logprobs) == d.delta for d in deltas) and len(deltas) > 1
+    assert all("".join(lp.token for lp in d.logprobs) == d.delta for d in deltas) and deltas   # merged when lagging
     assert not any(getattr(e, "logprobs", None) for e in events if e.type.startswith("response.reasoning"))
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**{**kwargs, "tool_choice": "auto"})
