@@ -114,16 +114,16 @@ def test_a_refused_folder_creation_says_nothing_was_written(tmp_path, capsys, mo
     assert "Permission denied" in err and "out.partial; nothing was written" in err, err
 
 
+def _save_then_interrupt(path, tensors):
+    """The first shard written, then Ctrl-C."""
+    files.atomic_save_safetensors(path, tensors)
+    raise KeyboardInterrupt
+
+
 def test_an_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
     """Ctrl-C after the first shard: exit 130 and a line saying the work waits in DST.partial."""
     dst = tmp_path / "out"
-    real = files.atomic_save_safetensors
-
-    def interrupted(path, tensors):
-        real(path, tensors)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("deepserve.quant.pipeline.atomic_save_safetensors", interrupted)
+    monkeypatch.setattr("deepserve.quant.pipeline.atomic_save_safetensors", _save_then_interrupt)
     assert main(["convert", "quantize", str(STORIES), str(dst), "--method", "fp8-block", "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert err == f"deepserve convert: interrupted; what was written stays in {dst}.partial: re-run the same " \
@@ -135,14 +135,8 @@ def test_a_destination_written_with_a_slash_or_as_dot_is_the_folder_it_names(tmp
     """`out/` is built in out.partial, and the interrupt line names that folder; `.` with
     --overwrite is the current folder, built beside it as HERE.partial."""
     dst = tmp_path / "out"
-    real = files.atomic_save_safetensors
-
-    def interrupted(path, tensors):
-        real(path, tensors)
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as m:
-        m.setattr("deepserve.quant.pipeline.atomic_save_safetensors", interrupted)
+        m.setattr("deepserve.quant.pipeline.atomic_save_safetensors", _save_then_interrupt)
         assert main(["convert", "quantize", str(STORIES), f"{dst}/", "--method", "fp8-block", "--no-progress"]) == 130
     assert capsys.readouterr().err == (f"deepserve convert: interrupted; what was written stays in {dst}.partial: "
                                        "re-run the same command to resume\n")
