@@ -141,3 +141,15 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def parser():
+    """`deepserve serve`'s argument parser."""
+    import argparse
+
+    from deepserve.cli.serve import register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    return p

@@ -2,12 +2,11 @@
 their defaults come from its fields; every spelling the CLI took before still works."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest
 
-from deepserve.cli.serve import register, resolve
+from deepserve.cli.serve import resolve
 from deepserve.server.args import ServerArgs
 from deepserve.server.config_file import SERVER_KEYS
 
@@ -53,13 +52,6 @@ GIVEN = dict(host="0.0.0.0", port=9010, uds=None, api_key=["k"], ssl_keyfile=Non
              uvicorn_log_level="warning", disable_uvicorn_access_log=True,
              disable_access_log_for_endpoints="/health,/metrics", enable_log_requests=True,
              disable_log_requests=False, max_log_len=100, enable_log_outputs=True, disable_log_stats=True)
-
-
-@pytest.fixture
-def parser():
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers())
-    return p
 
 
 def test_defaults_are_vllms(parser, monkeypatch):

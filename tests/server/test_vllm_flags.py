@@ -3,7 +3,6 @@ with vLLM's meaning (compared with what vLLM's code does for the same input), an
 features it does not have, refused in one line naming the flag."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 from types import SimpleNamespace
 
@@ -11,19 +10,12 @@ import openai
 import pytest
 from test_qa14_chat_agents import load_tokenizer, serve
 
-from deepserve.cli.serve import register, resolve
+from deepserve.cli.serve import resolve
 from deepserve.config import DEMO_MODEL
 from deepserve.engine.tokenizer import Tokenizer
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest
 from deepserve.server.serving_chat import UNTRUSTED_TEMPLATE, detected_content_format, render_text
-
-
-@pytest.fixture
-def parser():
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers())
-    return p
 
 
 # each content loop vLLM's detection (renderers/hf.py _detect_content_format) finds, and templates without one
