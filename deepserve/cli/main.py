@@ -149,11 +149,12 @@ def check_pasted_dashes(argv: list[str], parser: argparse.ArgumentParser) -> Non
     """A flag whose `--` a formatted page turned into a dash (`–max-model-len`, `—tp 8`) would be
     a positional to argparse: "unrecognized arguments: 512", or taken for the serve YAML. One line
     naming it instead, when its ASCII spelling (or a unique prefix of one) is a flag here."""
-    flags = _option_strings(parser)
+    flags = None
     for arg in argv:
         m = _PASTED_FLAG.fullmatch(arg)
         if m is None:
             continue
+        flags = _option_strings(parser) if flags is None else flags
         name = m.group(2).replace("_", "-")
         long = f"--{name}"   # or a unique prefix of a long flag, which argparse takes too
         typed = long if long in flags or len([o for o in flags if o.startswith(long)]) == 1 else \
