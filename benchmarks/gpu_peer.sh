@@ -28,8 +28,10 @@ setup|setup_ds)   # setup_ds: the server's dependencies without vLLM (deepserve 
     mkdir -p /tmp/pb && cat /tmp/peer/bundle.part* | tar -C /tmp/pb -xf -
     vllm=(/tmp/pb/vllm-*.whl); deps=(/tmp/pb/deps/*.whl)
   fi
-  # wx/ repeats some of the dependencies (pydantic & co.); pip refuses a distribution given twice
-  extra=(); for w in .peerd/wx/*.whl; do [ -e "/tmp/pb/deps/$(basename "$w")" ] || extra+=("$w"); done
+  # wx/ repeats some of the dependencies (openai & co.); pip refuses a distribution given twice,
+  # so a wheel whose distribution the bundle has is left out
+  extra=(); for w in .peerd/wx/*.whl; do
+    n=$(basename "$w"); n=${n%%-*}; compgen -G "/tmp/pb/deps/$n-*.whl" > /dev/null || extra+=("$w"); done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
     "${vllm[@]}" "${deps[@]}" "${extra[@]}" 2>&1 | grep -v WARN | tail -3
   mkdir -p $D && tar -C $D -xJf .peerd/data.tar.xz && ls $D/*

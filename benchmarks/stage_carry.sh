@@ -25,7 +25,7 @@ peerd)
      "$SHARED/datasets/serving/ShareGPT_V3_filtered_500.json" "$tmp/datasets/serving/"
   cp -r "$SHARED/models/stories260k" "$tmp/models/"
   tar -C "$tmp" -cJf .peerd/data.tar.xz tokenizers datasets models
-  get .peerd/wx xgrammar apache-tvm-ffi
+  get .peerd/wx xgrammar apache-tvm-ffi openai distro jiter   # openai: the server tests the GPU run collects
   du -sh .peerd ;;
 flaggems)
   rm -rf .flaggems && mkdir -p .flaggems

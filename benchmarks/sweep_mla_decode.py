@@ -230,7 +230,8 @@ def run_fp8_case(case: Fp8Case, device: str, timer, bw: float, rows: list, out_o
             break
         full = dict(default, **(cfg or {}))
         name = ("default " if cfg is None else "") + fp8_label(full)
-        tile = tuple(full[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "dv_run"))
+        tile = tuple(full.get(k, 0) for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "dv_run",
+                                              "fused_merge", "qk_promote"))
         splits = attention.fp8_decode_splits(case.batch, -(-case.heads // full["BLOCK_H"]), case.ctx,
                                              full["BLOCK_N"], attention.sm_count(dev), full["programs_per_sm"],
                                              full["min_split"])
