@@ -55,9 +55,9 @@ def sweep_settings(args: argparse.Namespace) -> list[tuple]:
     rates = args.request_rate_list or [args.request_rate]
     if not args.max_concurrency_list and not args.request_rate_list:
         raise ValueError("bench sweep needs --max-concurrency-list and/or --request-rate-list")
-    for c in concs:
-        if c is not None and c < 1:
-            raise ValueError(f"--max-concurrency-list values must be >= 1, got {c}")
+    for c in concs:   # 0: no limit, as bench serve's --max-concurrency 0 (vLLM's sweep passes it on)
+        if c is not None and c < 0:
+            raise ValueError(f"--max-concurrency-list values must be >= 0 (0: no limit), got {c}")
     for r in rates:
         if r <= 0:
             raise ValueError(f"--request-rate-list values must be > 0 (or inf), got {r}")

@@ -60,8 +60,24 @@ def test_sweep_settings_product_and_errors(bench_args):
     assert sweep_settings(args) == [(1, 2.0), (1, float("inf")), (8, 2.0), (8, float("inf"))]
     with pytest.raises(ValueError, match="needs --max-concurrency-list"):
         sweep_settings(bench_args(["sweep"]))
-    with pytest.raises(ValueError, match="got 0"):
-        sweep_settings(bench_args(["sweep", "--max-concurrency-list", "0"]))
+    with pytest.raises(ValueError, match=r"must be >= 0 \(0: no limit\), got -1"):
+        sweep_settings(bench_args(["sweep", "--max-concurrency-list", "4", "-1"]))
+
+
+def test_sweep_concurrency_zero_is_no_limit(fake_server, bench_args, tmp_path):
+    """vLLM's sweep hands max_concurrency 0 to `bench serve --max-concurrency 0`, which sets no
+    limit (it was refused here): all 4 requests in flight at once, as at concurrency 4."""
+    with fake_server(ttft=0.2, itl=0.05) as srv:
+        out = run_sweep(sweep_args(bench_args, srv.url, tmp_path, prompts=4, concurrencies=[0]))
+        assert srv.stats()["max_in_flight"] == 4
+    assert [(r["max_concurrency"], r["completed"], r["failed"]) for r in out["runs"]] == [(0, 4, 0)]
+
+
+def test_sweep_concurrency_inf_is_not_an_int(bench_args, capsys):
+    """vLLM's --max-concurrency is an int: "inf" is argparse's error there and here."""
+    with pytest.raises(SystemExit):
+        bench_args(["sweep", "--max-concurrency-list", "inf"])
+    assert "argument --max-concurrency-list: invalid int value: 'inf'" in capsys.readouterr().err
 
 
 def test_markdown_table_formats_missing_values():
