@@ -140,9 +140,12 @@ SATISFIED = {
     "--no-enable-log-deltas": "streamed output deltas in the request log (a request's output is logged as it ends)",
 }
 REFUSED = {flag: why for why, flags in _GROUPS for flag in flags}
-# the flags of REFUSED that vLLM declares as switches with a --no- form (argparse's
-# BooleanOptionalAction): `--no-enable-lora` asks for the feature off, as it is here, and passes
+# the flags of REFUSED and SATISFIED that vLLM declares as switches with a --no- form (argparse's
+# BooleanOptionalAction): `--no-enable-lora` asks for the feature off, as it is here, and
+# `--no-disable-custom-all-reduce` for vLLM's default: both pass
 NEGATABLE = (
+    "--disable-custom-all-reduce", "--disable-sliding-window", "--disable-cascade-attn",
+    "--disable-hybrid-kv-cache-manager",
     "--enable-lora", "--enable-tower-connector-lora", "--fully-sharded-loras", "--specialize-active-lora",
     "--enable-mixed-moe-lora-format", "--enable-moe-shared-loras", "--language-model-only", "--enable-mm-embeds",
     "--mm-encoder-only", "--interleave-mm-strings", "--skip-mm-profiling", "--disable-chunked-mm-input",

@@ -646,17 +646,21 @@ def test_fingerprint_flags(parser):
 
 @pytest.mark.parametrize("switch", ["--no-enable-lora", "--no-enable-sleep-mode", "--no-enable-eplb", "--no-tokens-only",
                                     "--no-enable-prompt-embeds", "--no-log-error-stack", "--no-enable-ssl-refresh",
-                                    "--no-disable-nccl-for-dp-synchronization"])
+                                    "--no-disable-nccl-for-dp-synchronization", "--no-disable-custom-all-reduce",
+                                    "--no-disable-sliding-window", "--no-disable-cascade-attn",
+                                    "--no-disable-hybrid-kv-cache-manager"])
 def test_no_forms_of_refused_switches_pass(parser, switch):
     """vLLM's --no- form of a switch for a feature deepserve does not have asks for the feature
-    off, as it is: accepted, with no effect."""
+    off, as it is, or (--no-disable-...) for vLLM's default: accepted, with no effect."""
     plain = resolve(parser.parse_args(["serve", DEMO_MODEL]))
     assert resolve(parser.parse_args(["serve", switch, DEMO_MODEL])) == plain
 
 
-@pytest.mark.parametrize("flag", ["--no-grpc", "--no-aggregate-engine-logging", "--no-lora-modules"])
+@pytest.mark.parametrize("flag", ["--no-grpc", "--no-aggregate-engine-logging", "--no-lora-modules",
+                                  "--no-data-parallel-multi-port-external-lb", "--no-hf-token", "--no-max-loras"])
 def test_no_forms_vllm_does_not_have_stay_unknown(parser, flag, capsys):
-    """vLLM declares these store_true (or with a value): no --no- form there either."""
+    """vLLM declares these store_true or with a value (--hf-token's is optional): no --no- form
+    there either."""
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", DEMO_MODEL, flag])
     assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
