@@ -4,6 +4,7 @@
     echo "Once upon a time" | deepserve generate       # the prompt from stdin (or --prompt -)
 
 Engine flags are the same as `deepserve serve`'s (vLLM names; no --model: the demo model).
+As LLM.generate, an output that --max-tokens would take past --max-model-len stops there.
 `add_sampling_args` / `sampling_params_from_args` are shared with `deepserve chat`.
 """
 from __future__ import annotations
@@ -98,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
                          "completion only (n must be 1 when using greedy sampling)")
     params = sampling_params_from_args(args, n=args.n)
     engine = engine_from_args(args)
-    request_id = engine.add_request(None, prompt, params)
+    text, ids = engine.tokenize_prompt(prompt)
+    room = engine.max_model_len - len(ids)
+    if 0 < room < params.max_tokens:   # as LLM.generate: the output stops at max_model_len ("length")
+        params = params.with_max_tokens(room)
+    request_id = engine.add_request(None, {"prompt": text, "prompt_token_ids": ids}, params)
     final = None
     try:
         while engine.has_unfinished_requests():

@@ -93,3 +93,21 @@ def test_chat_ctrl_c_at_the_prompt_ends_the_chat(capsys, monkeypatch):
     code, out, err = _run(capsys, monkeypatch, ["chat", "--max-tokens", "6"], _CtrlCAfterOneLine("Once upon a time\n"))
     assert (code, out, err) == (0, expected, "")
     assert out.endswith("> \n")
+
+
+def test_generate_past_the_context_stops_there(capsys, monkeypatch):
+    """--max-tokens past max_model_len stops the output at the context's end, as LLM.generate
+    (vLLM's offline API) does; it was refused. A prompt that fills the context is still one line."""
+    from deepserve import LLM, SamplingParams
+
+    prompt = "Once upon a time"
+    llm = LLM(max_model_len=48)
+    want = llm.generate(prompt, SamplingParams(max_tokens=600, temperature=0, ignore_eos=True), use_tqdm=False)
+    llm.shutdown()
+    out = want[0].outputs[0]
+    assert out.finish_reason == "length" and len(want[0].prompt_token_ids) + len(out.token_ids) == 48
+    code, text, err = _run(capsys, monkeypatch, ["generate", "--prompt", prompt, "--max-tokens", "600",
+                                                 "--ignore-eos", "--max-model-len", "48"], "")
+    assert (code, text, err) == (0, out.text + "\n", "")
+    code, _, err = _run(capsys, monkeypatch, ["generate", "--prompt", prompt * 20, "--max-model-len", "48"], "")
+    assert code == 2 and err.startswith("deepserve generate: error: ") and err.count("\n") == 1
