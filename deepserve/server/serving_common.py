@@ -121,19 +121,22 @@ class ServerState:
 
     def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt",
                      field: str = "max_tokens") -> None:
-        """A 400 where the prompt and max_tokens pass the context (or the prompt fills it), in vLLM's
-        words (clients match them to shorten a prompt and retry) with OpenAI's code, naming the
-        field `max_tokens` came from (`field`) where it was sent; `what`: the prompt's field."""
+        """A 400 where the request does not fit the context, in vLLM 0.26's words and parameter
+        names (clients match the words to shorten a prompt and retry): max_tokens alone past it
+        names the field it came from (`field`), prompt + max_tokens past it `input_tokens`, and a
+        prompt that fills it the prompt's field (`what`)."""
         limit = self.llm.max_model_len
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400, f"{field}={max_tokens} cannot be greater than max_model_len={limit}. Please request "
+                                f"fewer output tokens.", param=field)
         total = prompt_tokens + (max_tokens or 0)
         if prompt_tokens >= limit or total > limit:
             no_room = "; the prompt leaves no room for an output token" if total <= limit else ""
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{max_tokens or 0} output tokens and your prompt contains {prompt_tokens} input "
                                 f"tokens, for a total of {total} tokens{no_room}. Please reduce the length of the "
-                                f"input prompt or the number of requested output tokens"
-                                f"{f' ({field})' if max_tokens else ''}.",
-                           param=field if max_tokens else what)
+                                f"input prompt or the number of requested output tokens.",
+                           param="input_tokens" if total > limit else what)
 
 
 def query_flag(request: Request, name: str) -> bool:

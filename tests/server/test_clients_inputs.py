@@ -39,24 +39,32 @@ def test_null_for_a_required_field_is_still_refused(demo_server):
 
 
 VLLM_TOO_LONG = ("This model's maximum context length is 512 tokens. However, you requested {out} output tokens and "
-                 "your prompt contains {n} input tokens, for a total of {total} tokens. Please reduce the length of "
-                 "the input prompt or the number of requested output tokens{field}.")
+                 "your prompt contains {n} input tokens, for a total of {total} tokens. Please reduce the "
+                 "length of the input prompt or the number of requested output tokens.")
 
 
 def test_prompt_over_the_context_has_vllms_message(demo_server):
-    """vLLM 0.26's words (clients match them to shorten the prompt and retry), naming the field
-    max_tokens came from where it was sent, with OpenAI's code."""
+    """vLLM 0.26's words and parameter (its renderer's: clients match them to shorten the prompt
+    and retry), with OpenAI's code: prompt + max_tokens past the context names input_tokens (it
+    named max_tokens, with the field in the message), max_tokens alone past it the field sent."""
     r = post(demo_server, "completions", {"model": "stories260k", "prompt": [1] + [400] * 599, "max_tokens": 5})
     assert r.status_code == 400
-    err = r.json()["error"]
-    assert err["message"] == VLLM_TOO_LONG.format(out=5, n=600, total=605, field=" (max_tokens)")
-    assert err["code"] == 400
+    assert r.json()["error"] == {"message": VLLM_TOO_LONG.format(out=5, n=600, total=605),
+                                 "type": "BadRequestError", "param": "input_tokens", "code": 400}
     r = post(demo_server, "completions", {"model": "stories260k", "prompt": [1] * 500, "max_tokens": 13})
-    assert r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=13, n=500, total=513, field=" (max_tokens)")
+    err = r.json()["error"]
+    assert (err["message"], err["param"]) == (VLLM_TOO_LONG.format(out=13, n=500, total=513), "input_tokens")
     messages = [{"role": "user", "content": "Once upon a time " * 200}]
     n = len(httpx.post(f"{demo_server.url}/tokenize", json={"messages": messages}, headers=HEADERS).json()["tokens"])
-    r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": messages})
-    assert r.status_code == 400 and r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=0, n=n, total=n, field="")
+    for tokens in ({}, {"max_completion_tokens": 3}):
+        r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": messages, **tokens})
+        out = tokens.get("max_completion_tokens", 0)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input_tokens"
+        assert r.json()["error"]["message"] == VLLM_TOO_LONG.format(out=out, n=n, total=n + out)
+    r = post(demo_server, "chat/completions", {"model": "stories260k", "messages": messages[:1], "max_tokens": 513})
+    assert r.json()["error"] == {"message": "max_tokens=513 cannot be greater than max_model_len=512. Please request "
+                                            "fewer output tokens.",
+                                 "type": "BadRequestError", "param": "max_tokens", "code": 400}
 
 
 def test_responses_take_vllms_penalties_and_a_null_stream(demo_server):
