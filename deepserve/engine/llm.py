@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 from deepserve.config import EngineArgs
 from deepserve.engine.beam_search import (MAX_ALLOWED_TOKEN_IDS, BeamGrammar, BeamSearch, BeamSearchOutput,
                                           BeamSearchParams)
-from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError
+from deepserve.engine.llm_engine import LLMEngine, PromptType, RequestError, prompt_length_error
 from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check_vllm_only_args, drop_text,
                                          generation_defaults, refuse_unsupported, structured_outputs_parser,
                                          template_text, template_turn, truncate_prompt)
@@ -259,13 +259,9 @@ class LLM:
                         self.engine.max_model_len)
         params = self._check_logprobs(params)
         limit = self.engine.max_model_len
-        if len(ids) > limit:
-            raise RequestError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length "
-                               f"of {limit}. Make sure that `max_model_len` is no smaller than the number of text "
-                               f"tokens.")
-        if ids and len(ids) == limit:
-            raise RequestError(f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens "
-                               f"(at least 1) is longer than the maximum model length of {limit}.")
+        too_long = prompt_length_error(len(ids), limit) if ids else None
+        if too_long:
+            raise RequestError(too_long)
         room = limit - len(ids)
         if params.max_tokens is None or params.max_tokens > room:   # None: up to max_model_len
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))

@@ -117,6 +117,17 @@ def chunk_logprobs(ids: list[int], start: int, logits, k: int) -> list:
     return top_logprobs(logits[:len(targets)].log_softmax(dim=-1), torch.tensor(targets), k)
 
 
+def prompt_length_error(prompt_len: int, limit: int) -> Optional[str]:
+    """vLLM's words for a prompt that leaves no room for an output token in `limit`, or None."""
+    if prompt_len > limit:
+        return (f"The decoder prompt (length {prompt_len}) is longer than the maximum model length of {limit}. "
+                f"Make sure that `max_model_len` is no smaller than the number of text tokens.")
+    if prompt_len == limit:
+        return (f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at least 1) "
+                f"is longer than the maximum model length of {limit}.")
+    return None
+
+
 class LLMEngine:
     # whether gauges() changes while this engine has no unfinished request (true where they
     # come from engine-core processes), so that an idle server re-reads them
@@ -280,9 +291,13 @@ class LLMEngine:
         self._check_prompt_ids(ids)
         vocab = self.runner.vocab_size
         max_tokens = params.max_tokens
-        if len(ids) >= self.max_model_len or len(ids) + (max_tokens or 0) > self.max_model_len:
-            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; the "
-                               f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}")
+        too_long = prompt_length_error(len(ids), self.max_model_len)
+        if too_long:
+            raise RequestError(too_long)
+        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
+            # as vLLM's engine: the output stops at max_model_len (finish_reason "length"); the API
+            # server refuses such a request with a 400 before it gets here
+            params = params.with_max_tokens(self.max_model_len - len(ids))
         capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}")

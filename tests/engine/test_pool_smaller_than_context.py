@@ -16,8 +16,11 @@ def test_context_is_capped_at_the_pool_and_a_long_request_finishes():
     out = llm.generate({"prompt_token_ids": prompt},
                        SamplingParams(temperature=0, max_tokens=64 - len(prompt), ignore_eos=True))[0]
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 64 - len(prompt)
-    # the engine refuses a request past the 64 tokens; the offline LLM stops it there, as vLLM's
-    with pytest.raises(RequestError, match="maximum context length is 64"):
-        llm.engine.add_request(None, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=100))
+    # the engine stops a request past the 64 tokens there, as vLLM's; a prompt filling them is refused
+    rid = llm.engine.add_request(None, {"prompt_token_ids": prompt}, SamplingParams(max_tokens=100))
+    assert llm.engine.requests[rid].params.max_tokens == 64 - len(prompt)
+    llm.engine.abort_request([rid])
+    with pytest.raises(RequestError, match="longer than the maximum model length of 64"):
+        llm.engine.add_request(None, {"prompt_token_ids": prompt * 16}, SamplingParams(max_tokens=1))
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=100, ignore_eos=True))[0]
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 64 - len(prompt)
