@@ -99,11 +99,7 @@ def run(args: argparse.Namespace) -> int:
                          "completion only (n must be 1 when using greedy sampling)")
     params = sampling_params_from_args(args, n=args.n)
     engine = engine_from_args(args)
-    text, ids = engine.tokenize_prompt(prompt)
-    room = engine.max_model_len - len(ids)
-    if 0 < room < params.max_tokens:   # as LLM.generate: the output stops at max_model_len ("length")
-        params = params.with_max_tokens(room)
-    request_id = engine.add_request(None, {"prompt": text, "prompt_token_ids": ids}, params)
+    request_id = engine.add_request(None, prompt, params)   # an output past max_model_len stops there
     final = None
     try:
         while engine.has_unfinished_requests():
