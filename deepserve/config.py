@@ -113,6 +113,18 @@ def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
     return HFConfig(data)
 
 
+def parse_hf_overrides(value):
+    """hf_overrides as JSON text or a parsed object -> the object (None stays None)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"hf_overrides is not valid JSON: {value!r} ({exc.msg})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"hf_overrides must be a JSON object, got {value!r}")
+    return value
+
+
 def is_preset(model: str) -> bool:
     return not Path(model).exists() and (PRESET_DIR / f"{model}.json").is_file()
 
@@ -616,13 +628,7 @@ class EngineArgs:
             self.ops = env_ops
         if self.ops not in ("auto", "torch", "triton", "triton-all", "flaggems"):
             raise ValueError(f"ops must be auto, torch, triton, triton-all or flaggems, got {self.ops!r}")
-        if isinstance(self.hf_overrides, str):
-            try:
-                self.hf_overrides = json.loads(self.hf_overrides)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"hf_overrides is not valid JSON: {self.hf_overrides!r} ({exc.msg})") from None
-        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
-            raise ValueError(f"hf_overrides must be a JSON object, got {self.hf_overrides!r}")
+        self.hf_overrides = parse_hf_overrides(self.hf_overrides)
         if self.compilation_config is not None:
             apply_compilation_config(self, self.compilation_config)
         own = {k: getattr(self, k) for k in ("cudagraph_capture_sizes", "max_cudagraph_capture_size")

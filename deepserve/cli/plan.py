@@ -3,18 +3,22 @@
     deepserve plan deepseek-r1 --gpus 16 --nodes 2 --gpu-memory 80GiB --quantization fp8
 
 Prints the chosen layout with its weight and KV memory per GPU and the concurrent tokens its
-KV cache holds, the `serve` flags that give it, then every other layout with the reason it
-lost. MODEL is a model folder (its config.json), a preset name or a serve YAML. Exit code 0 when a layout
-fits, 1 when none does (the report then names what would fit).
+KV cache holds, the `serve` flags that give it (the layout, and the settings counted that serve
+would not take by default), then every other layout with the reason it lost. MODEL is a model
+folder (its config.json), a preset name or a serve YAML. Exit code 0 when a layout fits, 1 when
+none does (the report then names what would fit).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shlex
 from typing import Optional
 
-from deepserve.config import KV_CACHE_DTYPES, human_readable_int, is_preset, load_hf_config
-from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, parse_size
+from deepserve.config import (KV_CACHE_DTYPES, human_readable_int, is_preset, load_hf_config, parse_hf_overrides,
+                              resolve_max_model_len)
+from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, loads_mtp, parse_size, resolve_dtype
 from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 
@@ -28,7 +32,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose TP/PP/DP/EP for a model on N GPUs and explain why",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model folder, preset name (e.g. deepseek-r1) or serve YAML (its engine_args' "
-                   "model, max_model_len, kv_cache_dtype and gpu_memory_utilization)")
+                   "model, quantization, dtype, max_model_len, kv_cache_dtype, gpu_memory_utilization, "
+                   "hf_overrides and speculative_config)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs in all")
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
@@ -41,7 +46,10 @@ def register(subparsers) -> None:
                    "folder's own W4A16 or W4A8, else w4a16; none: every weight in --dtype. Default: "
                    "a model folder's stored format (what `serve` loads from it), a preset's none (random weights). "
                    "A quantized folder takes only what `serve --quantization` runs it with")
-    p.add_argument("--dtype", default="auto", help="model dtype (auto: config.json's torch_dtype)")
+    p.add_argument("--dtype", default=None, help="model dtype (default auto: config.json's torch_dtype)")
+    p.add_argument("--hf-overrides", default=None,
+                   help="JSON object merged over config.json, as serve takes it (e.g. '{\"max_position_embeddings\": "
+                   "200000}')")
     p.add_argument("--max-model-len", type=human_readable_int, default=None,
                    help="longest sequence each replica must hold, as serve takes it (32768, 32k, 32K; "
                    "default: max_position_embeddings)")
@@ -53,7 +61,8 @@ def register(subparsers) -> None:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="KV cache storage as `serve --kv-cache-dtype` (fp8: one byte a value; default auto)")
     p.add_argument("--include-mtp", action="store_true",
-                   help="also load the MTP module (DeepSeek-V3/R1 speculative drafting)")
+                   help="also load the MTP module (DeepSeek-V3/R1 speculative drafting: serve's "
+                   "--speculative-config '{\"method\": \"mtp\"}', which runs without pipeline stages)")
     p.set_defaults(func=run)
 
 
@@ -69,6 +78,29 @@ def _flags(c: Candidate) -> str:
     lay = c.layout
     flags = f"--tensor-parallel-size {lay.tp} --pipeline-parallel-size {lay.pp} --data-parallel-size {lay.dp}"
     return flags + (" --enable-expert-parallel" if lay.ep else "")
+
+
+def serve_settings(plan: Plan, model: str, cfg, hf_overrides: Optional[dict] = None) -> str:
+    """The `serve` flags besides the layout that give what the plan counted: each one whose value
+    differs from what serve takes without it (the weights' format, the model dtype, the context,
+    the memory fraction, the KV cache dtype, the config overrides, the MTP layer)."""
+    from deepserve.config import EngineArgs
+
+    flags = [f"--kv-cache-dtype {plan.kv_cache_dtype}"] if plan.kv_cache_dtype != "auto" else []
+    stored, _ = weights_format({"model": model, "hf_overrides": hf_overrides})
+    if plan.quantization != stored:
+        flags.append(f"--quantization {_SERVE_FLAG.get(plan.quantization, plan.quantization)}")
+    if plan.dtype != resolve_dtype(cfg, "auto"):
+        flags.append(f"--dtype {plan.dtype}")
+    if plan.max_model_len != resolve_max_model_len(cfg, None):
+        flags.append(f"--max-model-len {plan.max_model_len}")
+    if plan.gpu_memory_utilization != EngineArgs.gpu_memory_utilization:
+        flags.append(f"--gpu-memory-utilization {plan.gpu_memory_utilization}")
+    if hf_overrides:
+        flags.append(f"--hf-overrides {shlex.quote(json.dumps(hf_overrides))}")
+    if plan.include_mtp:
+        flags.append(f"--speculative-config {shlex.quote(json.dumps({'method': 'mtp'}))}")
+    return " ".join(flags)
 
 
 def _candidate_row(c: Candidate, verdict: str) -> str:
@@ -100,8 +132,9 @@ def _no_fit(plan: Plan) -> str:
     return msg
 
 
-def render_plan(plan: Plan, model: str, cfg) -> str:
-    """The report `deepserve plan` prints."""
+def render_plan(plan: Plan, model: str, cfg, settings: str = "") -> str:
+    """The report `deepserve plan` prints; `settings`: the serve flags besides the layout
+    (serve_settings)."""
     q = plan.dtype
     if plan.quantization == "fp8":
         q = f"fp8 (128x128 blocks) Linear weights, the rest {plan.dtype}"
@@ -139,8 +172,7 @@ def render_plan(plan: Plan, model: str, cfg) -> str:
         if lay.pp > 1:
             ranges = ", ".join(f"{r.start}-{r.stop - 1}" for r in plan.stage_layers(cfg.num_hidden_layers))
             lines.append(f"  layers per stage    {ranges} (weights and KV above: the heaviest stage)")
-        kv_flag = f" --kv-cache-dtype {plan.kv_cache_dtype}" if plan.kv_cache_dtype != "auto" else ""
-        lines += [f"  serve flags         {_flags(best)}{kv_flag}", ""]
+        lines += [f"  serve flags         {_flags(best)}{' ' + settings if settings else ''}", ""]
     lines.append(f"  {'layout':<24} {'GiB/GPU':>8} {'KV GiB':>8} {'KV tokens':>13}  verdict")
     for c in sorted(plan.candidates, key=lambda c: (c is not best, not c.weight_bytes, -c.tokens,
                                                     c.layout.tp, c.layout.pp, c.layout.ep)):
@@ -207,12 +239,16 @@ def _size(flag: str, text: str) -> int:
 
 
 # the serve engine_args a plan takes from a serve YAML where its own flag is not given (None)
-_FROM_SERVE_CONFIG = ("max_model_len", "kv_cache_dtype", "gpu_memory_utilization")
+_FROM_SERVE_CONFIG = ("quantization", "dtype", "max_model_len", "kv_cache_dtype", "gpu_memory_utilization",
+                      "hf_overrides")
+# serve --quantization names the plan calls otherwise (vllm-ascend's msModelSlim W8A8)
+_PLAN_NAMES = {"ascend": "w8a8-int8"}
 
 
 def take_serve_config(args) -> None:
-    """MODEL given as a serve YAML (`deepserve serve config.yaml`): its engine_args' model, and
-    those of _FROM_SERVE_CONFIG the command line does not give; then serve's defaults for the rest."""
+    """MODEL given as a serve YAML (`deepserve serve config.yaml`): its engine_args' model, its
+    speculative_config, and those of _FROM_SERVE_CONFIG the command line does not give; then
+    serve's defaults for the rest."""
     from deepserve.config import EngineArgs
     from deepserve.server.config_file import is_config_file, load_serve_config
 
@@ -224,27 +260,31 @@ def take_serve_config(args) -> None:
         args.model = str(engine["model"])
     for name in _FROM_SERVE_CONFIG:
         if getattr(args, name) is None:
-            setattr(args, name, engine.get(name, getattr(EngineArgs, name)))
+            setattr(args, name, engine.get(name, getattr(EngineArgs, name, None)))
+    args.quantization = _PLAN_NAMES.get(args.quantization, args.quantization)
+    args.hf_overrides = parse_hf_overrides(args.hf_overrides)
+    args.speculative_config = engine.get("speculative_config")
 
 
 def run(args) -> int:
     from deepserve.models.registry import check_config, config_source
 
     take_serve_config(args)
-    cfg = load_hf_config(args.model)
+    cfg = load_hf_config(args.model, args.hf_overrides)
     check_config(cfg, config_source(args.model))
     quantization = plan_quantization(args.model, cfg, args.quantization)
     if args.include_mtp and not cfg.get("num_nextn_predict_layers"):
         raise ValueError(f"--include-mtp needs a model with an MTP layer, but {cfg.get('architectures')} has "
                          f"num_nextn_predict_layers={cfg.get('num_nextn_predict_layers')!r}")
+    include_mtp = args.include_mtp or loads_mtp(args.speculative_config, cfg)
     plan = evaluate_plans(
         cfg, args.gpus, _size("--gpu-memory", args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         activation_reserve_bytes=None if args.activation_reserve is None else _size("--activation-reserve", args.activation_reserve),
-        include_mtp=args.include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
+        include_mtp=include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
     if plan.usable_bytes <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "
                          f"leaves nothing past the {_gib(plan.activation_reserve_bytes)} activation reserve; "
                          f"pass a smaller --activation-reserve")
-    print(render_plan(plan, args.model, cfg))
+    print(render_plan(plan, args.model, cfg, serve_settings(plan, args.model, cfg, args.hf_overrides)))
     return 0 if plan.chosen else 1

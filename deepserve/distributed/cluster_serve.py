@@ -28,16 +28,19 @@ def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int, weights_form
     """`deepserve plan`'s choice for these engine kwargs on `gpus` GPUs of `gpu_memory` bytes: the
     weights counted in the format `weights_format` gives (the engine's, for a folder its stored
     one unless --quantization asks for another, its unquantized modules in the model dtype;
-    without it, --quantization as given, every module quantized)."""
+    without it, --quantization as given, every module quantized), the KV cache in its
+    kv_cache_dtype, and the MTP layer with its KV when speculative_config loads it."""
     from deepserve.config import EngineArgs, load_hf_config
-    from deepserve.distributed.plan import choose_plan
+    from deepserve.distributed.plan import choose_plan, loads_mtp
 
     model = str(kwargs.get("model", EngineArgs.model))
     hf = load_hf_config(model, kwargs.get("hf_overrides"))
     quantization, ignored = weights_format(kwargs) if weights_format else (kwargs.get("quantization"), None)
     return choose_plan(hf, gpus, gpu_memory, nodes=nodes, quantization=quantization, ignored=ignored,
                        dtype=kwargs.get("dtype", "auto"), max_model_len=kwargs.get("max_model_len"),
-                       gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9))
+                       gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9),
+                       kv_cache_dtype=kwargs.get("kv_cache_dtype", "auto"),
+                       include_mtp=loads_mtp(kwargs.get("speculative_config"), hf))
 
 
 def local_engine_args(engine_kwargs: dict, out=print, weights_format: Optional[WeightsFormat] = None) -> dict:

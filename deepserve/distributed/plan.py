@@ -17,7 +17,8 @@ the most concurrent tokens wins; ties go to fewer PP stages, then smaller TP. PP
 used to fit or to put one stage per node: a PP larger than the smallest that fits, and
 other than the node count, is rejected, since pipeline bubbles cost latency the token
 count does not show (without this rule PP would win everywhere: it splits the KV cache
-where TP replicates MLA's).
+where TP replicates MLA's). With the MTP layer loaded no layout has PP > 1: the engine drafts
+with it on one stage only (config.speculative_not_yet).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deepserve.config import resolve_max_model_len
+from deepserve.config import SpeculativeConfig, resolve_max_model_len
 from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Ignored, Layout, architecture,
                                               kv_bytes_per_token_layer, param_count, stage_kv_layers,
                                               stage_layers, structural_problem, weight_breakdown,
@@ -125,6 +126,9 @@ def _powers_of_two(n: int) -> list[int]:
 def _evaluate(cfg, lay: Layout, plan: Plan) -> Candidate:
     cand = Candidate(lay)
     problem = structural_problem(cfg, lay, plan.quantization, plan.ignored)
+    if plan.include_mtp and lay.pp > 1:
+        # config.speculative_not_yet: the engine drafts with the MTP layer on one stage only
+        problem = f"PP {lay.pp}: MTP drafting (speculative_config method mtp) runs without pipeline stages"
     if problem:
         cand.reason = problem
         return cand
@@ -197,6 +201,17 @@ def evaluate_plans(cfg, gpus: int, gpu_memory_bytes: int, nodes: int = 1, quanti
     return plan
 
 
+def loads_mtp(speculative_config, hf_config) -> bool:
+    """Whether serve's speculative_config (JSON text, a dict or a SpeculativeConfig; None: off)
+    loads the model's MTP layer: method mtp, or no method on a model that has one."""
+    if not speculative_config:
+        return False
+    spec = speculative_config
+    if not isinstance(spec, SpeculativeConfig):
+        spec = SpeculativeConfig.from_json(spec)
+    return spec.for_model(hf_config).method == "mtp"
+
+
 def _choose(plan: Plan) -> None:
     fitting = [c for c in plan.candidates if c.fits]
     if not fitting:
@@ -249,7 +264,7 @@ def choose_plan(hf_config, gpus: int, gpu_memory_bytes: int, nodes: int = 1, qua
                 **kwargs) -> Plan:
     """The plan `serve` uses when no parallel sizes are given; ValueError (naming what would
     fit) when no layout fits. kwargs: dtype, max_model_len, gpu_memory_utilization,
-    activation_reserve_bytes, include_mtp, ignored (evaluate_plans)."""
+    activation_reserve_bytes, include_mtp, kv_cache_dtype, ignored (evaluate_plans)."""
     plan = evaluate_plans(hf_config, gpus, gpu_memory_bytes, nodes, quantization, **kwargs)
     if plan.chosen is None:
         raise ValueError(plan.no_fit_message())

@@ -1,0 +1,112 @@
+"""`deepserve plan`'s printed serve flags run the plan it printed: `serve MODEL <flags>` without
+parallel sizes plans the same layout and tokens (the weights' format, dtype, context, memory
+fraction, KV cache dtype, config overrides and MTP layer included); a serve YAML given as MODEL
+is planned with every engine arg that changes the count; MTP drafting takes no pipeline stages,
+as serve refuses them."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+from deepserve.cli.main import build_parser, main
+from deepserve.cli.plan import weights_format
+from deepserve.cli.serve import resolve
+from deepserve.config import EngineArgs, SpeculativeConfig, load_hf_config, speculative_not_yet
+from deepserve.distributed.cluster import PARALLEL_KEYS
+from deepserve.distributed.cluster_serve import auto_plan
+from deepserve.distributed.plan import GiB, evaluate_plans, parse_size
+
+
+def _plan(capsys, argv) -> str:
+    assert main(["plan", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def _line(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if line.strip().startswith(name)).split(name, 1)[1].strip()
+
+
+@pytest.mark.parametrize("argv", [
+    # R1 on 2 nodes of 8 x H100 as the guides run it: fp8 weights and KV, MTP drafting, 32k context
+    ["deepseek-r1", "--gpus", "16", "--nodes", "2", "--gpu-memory", "80GiB", "--quantization", "fp8",
+     "--max-model-len", "32k", "--kv-cache-dtype", "fp8", "--include-mtp", "--gpu-memory-utilization", "0.92"],
+    # a distill in random 4-bit weights (serve's compressed-tensors), fp16
+    ["r1-distill-qwen-7b", "--gpus", "2", "--gpu-memory", "24GiB", "--quantization", "w4a16", "--dtype", "float16",
+     "--max-model-len", "16384"],
+    # int8 weights on 4 x 64 GiB cards, a context past the config's through --hf-overrides
+    ["r1-distill-llama-8b", "--gpus", "4", "--gpu-memory", "64GiB", "--quantization", "w8a8-int8",
+     "--hf-overrides", '{"max_position_embeddings": 200000}'],
+])
+def test_serve_with_the_printed_flags_plans_what_the_plan_printed(capsys, argv):
+    out = _plan(capsys, argv)
+    flags = shlex.split(_line(out, "serve flags"))
+    engine, _, _ = resolve(build_parser().parse_args(["serve", argv[0], *flags]))
+    gpus, nodes = int(argv[argv.index("--gpus") + 1]), int(argv[argv.index("--nodes") + 1]) if "--nodes" in argv else 1
+    # serve's automatic plan (no parallel sizes given) over the same GPUs, with every other flag printed
+    unsized = {k: v for k, v in engine.items() if k not in PARALLEL_KEYS}
+    plan = auto_plan(unsized, gpus, parse_size(argv[argv.index("--gpu-memory") + 1]), nodes, weights_format)
+    assert _line(out, "chosen").startswith(str(plan.chosen.layout))
+    assert _line(out, "concurrent tokens").startswith(f"{plan.chosen.tokens:,} ")
+    assert _line(out, "weights per GPU").startswith(f"{plan.chosen.weight_bytes / GiB:.1f} GiB")
+    assert {k: engine.get(k, False) for k in plan.parallel_args()} == plan.parallel_args()
+
+
+def test_mtp_drafting_takes_no_pipeline_stages():
+    """serve refuses speculative_config method mtp with PP > 1; the plan chose TP=1 PP=2 DP=8 for R1
+    with --include-mtp on 2 nodes of 8 x 80 GiB, which serve then refused."""
+    cfg = load_hf_config("deepseek-r1")
+    kw = dict(quantization="fp8", max_model_len=32768)
+    assert evaluate_plans(cfg, 16, 80 * GiB, 2, **kw).chosen.layout.pp == 2
+    plan = evaluate_plans(cfg, 16, 80 * GiB, 2, include_mtp=True, **kw)
+    assert plan.chosen is not None and plan.chosen.layout.pp == 1
+    staged = [c for c in plan.candidates if c.layout.pp > 1]
+    assert staged and all("MTP drafting" in c.reason and not c.weight_bytes for c in staged)
+    args = EngineArgs(model="deepseek-r1", load_format="dummy", pipeline_parallel_size=2)
+    assert speculative_not_yet(args, SpeculativeConfig(method="mtp").for_model(cfg)) is not None
+
+
+def test_serves_automatic_plan_counts_the_kv_cache_dtype():
+    """8 x 96 GiB hold R1's fp8 weights with a 64k context only with an fp8 KV cache: serve's
+    automatic plan counted the cache in bf16 and refused what `deepserve plan --kv-cache-dtype fp8`
+    chose."""
+    kwargs = {"model": "deepseek-r1", "quantization": "fp8", "max_model_len": 64000}
+    with pytest.raises(ValueError, match="no layout of 8 x 96 GiB GPUs fits"):
+        auto_plan(kwargs, 8, 96 * GiB, 1, weights_format)
+    plan = auto_plan(dict(kwargs, kv_cache_dtype="fp8"), 8, 96 * GiB, 1, weights_format)
+    assert plan.kv_dtype_bytes == 1 and plan.chosen.tokens_per_replica >= 64000
+
+
+def test_a_serve_yaml_plans_with_its_weights_dtype_and_mtp(tmp_path, capsys):
+    """The YAML's quantization, dtype, hf_overrides and speculative_config are what serve runs:
+    the plan took only its max_model_len, kv_cache_dtype and gpu_memory_utilization, and planned
+    this file's fp8 R1 in bf16 without its MTP layer ("NO LAYOUT FITS")."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("engine_args:\n  model: deepseek-r1\n  quantization: fp8\n  dtype: float16\n"
+                    "  max_model_len: 32768\n  hf_overrides: {rope_theta: 10000}\n"
+                    "  speculative_config: {method: mtp}\n")
+    out = _plan(capsys, [str(path), "--gpus", "16", "--nodes", "2", "--gpu-memory", "80GiB"])
+    assert "13.5B MTP loaded" in out and "weights    fp8 (128x128 blocks) Linear weights, the rest float16" in out
+    assert re.search(r"chosen     TP=\d+ PP=1 ", out)
+    flags = _line(out, "serve flags")
+    assert "--quantization fp8 --dtype float16 --max-model-len 32768" in flags
+    assert "--hf-overrides '{\"rope_theta\": 10000}' --speculative-config '{\"method\": \"mtp\"}'" in flags
+    # flags given on the command line win over the file
+    out = _plan(capsys, [str(path), "--gpus", "16", "--nodes", "2", "--gpu-memory", "141GiB", "--quantization",
+                         "none", "--dtype", "bfloat16"])
+    assert "weights    bfloat16; KV cache bfloat16" in out
+
+
+def test_hf_overrides_as_serve_takes_them(capsys):
+    """The context past max_position_embeddings is refused naming --hf-overrides, which the plan
+    did not take ("unrecognized arguments")."""
+    argv = ["r1-distill-llama-8b", "--gpus", "1", "--gpu-memory", "80GiB", "--kv-cache-dtype", "fp8"]
+    assert main(["plan", *argv, "--max-model-len", "200k"]) == 2
+    assert "--hf-overrides" in capsys.readouterr().err
+    out = _plan(capsys, [*argv, "--max-model-len", "200k", "--hf-overrides", json.dumps({"max_position_embeddings": 200000})])
+    assert "max-model-len 200,000\n" in out
+    assert main(["plan", *argv, "--hf-overrides", "{max"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hf_overrides is not valid JSON: '{max'" in err
