@@ -31,6 +31,11 @@ _DTYPE_ALIASES = {"half": "float16", "float": "float32", "torch.float16": "float
                   "torch.bfloat16": "bfloat16"}
 
 
+def canonical_dtype(dtype) -> str:
+    """A --dtype by its name in _DTYPES (vLLM's half / float / torch.bfloat16 ... aliases)."""
+    return _DTYPE_ALIASES.get(str(dtype), dtype)
+
+
 # --------------------------------------------------------------------------- HF config.json
 class HFConfig:
     """A model's config.json as attributes, normalised to one spelling.
@@ -574,7 +579,7 @@ class EngineArgs:
     active_iterations (a torch.profiler schedule)."""
 
     def __post_init__(self):
-        self.dtype = _DTYPE_ALIASES.get(str(self.dtype), self.dtype)
+        self.dtype = canonical_dtype(self.dtype)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.dtype not in _DTYPES:

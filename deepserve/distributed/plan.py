@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deepserve.config import SpeculativeConfig, resolve_max_model_len
+from deepserve.config import SpeculativeConfig, canonical_dtype, resolve_max_model_len
 from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Ignored, Layout, architecture,
                                               kv_bytes_per_token_layer, param_count, stage_kv_layers,
                                               stage_layers, structural_problem, weight_breakdown,
@@ -112,6 +112,7 @@ def default_activation_reserve(params: int) -> int:
 
 
 def resolve_dtype(cfg, dtype: str) -> str:
+    dtype = canonical_dtype(dtype)
     if dtype == "auto":
         dtype = str(cfg.get("torch_dtype") or "bfloat16").replace("torch.", "")
     if dtype not in DTYPE_BYTES:

@@ -83,6 +83,16 @@ def test_max_model_len_as_serve_takes_it(capsys, text, tokens):
     assert f"max-model-len {tokens:,}\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("alias, dtype", [("half", "float16"), ("float", "float32"), ("torch.bfloat16", "bfloat16")])
+def test_dtype_as_serve_takes_it(capsys, alias, dtype):
+    # vLLM's --dtype half (the vastai guide's fp16 runs) was refused: "dtype 'half' has no plan arithmetic"
+    argv = ["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "80GiB"]
+    assert main([*argv, "--dtype", dtype]) == 0
+    named = capsys.readouterr().out
+    assert main([*argv, "--dtype", alias]) == 0
+    assert capsys.readouterr().out == named and f"weights    {dtype}; KV cache {dtype}\n" in named
+
+
 def test_a_serve_yaml_plans_its_model(tmp_path, capsys):
     # `deepserve plan config.yaml`: the model and the KV settings the serve file gives, flags over them
     # (was: "model 'config.yaml' is a file: give the model's folder")
