@@ -229,13 +229,13 @@ def weights_format(kwargs: dict) -> tuple[Optional[str], Ignore]:
     return ("w8a8-int8" if method == modelslim.METHOD else method), checkpoint_ignore(hf)
 
 
-def _size(flag: str, text: str) -> int:
-    """parse_size of a memory flag, refusing a bare number: parse_size counts it in bytes, and
-    `--gpu-memory 80` means 80 GiB to whoever types it."""
+def _size(flag: str, text: str, allow_zero: bool = False) -> int:
+    """parse_size of a memory flag, refusing a bare number other than 0: parse_size counts it in
+    bytes, and `--gpu-memory 80` means 80 GiB to whoever types it."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*", text)
-    if m and float(m[1]) > 0:     # 0 is refused by parse_size as not positive
+    if m and float(m[1]) > 0:
         raise ValueError(f"{flag} {m[1]} has no unit; write e.g. {m[1]}GiB or {m[1]}GB")
-    return parse_size(text)
+    return parse_size(text, allow_zero)
 
 
 # the serve engine_args a plan takes from a serve YAML where its own flag is not given (None)
@@ -277,11 +277,12 @@ def run(args) -> int:
         raise ValueError(f"--include-mtp needs a model with an MTP layer, but {cfg.get('architectures')} has "
                          f"num_nextn_predict_layers={cfg.get('num_nextn_predict_layers')!r}")
     include_mtp = args.include_mtp or loads_mtp(args.speculative_config, cfg)
+    reserve = (None if args.activation_reserve is None else
+               _size("--activation-reserve", args.activation_reserve, allow_zero=True))
     plan = evaluate_plans(
         cfg, args.gpus, _size("--gpu-memory", args.gpu_memory), args.nodes, quantization, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-        activation_reserve_bytes=None if args.activation_reserve is None else _size("--activation-reserve", args.activation_reserve),
-        include_mtp=include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
+        activation_reserve_bytes=reserve, include_mtp=include_mtp, kv_cache_dtype=args.kv_cache_dtype, ignored=checkpoint_ignore(cfg))
     if plan.usable_bytes <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "
                          f"leaves nothing past the {_gib(plan.activation_reserve_bytes)} activation reserve; "

@@ -277,13 +277,13 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
 
 
-def parse_size(text: str) -> int:
-    """'80GiB', '141 GiB', '80GB' (10^9), '80G' (GiB), '1073741824' -> bytes."""
+def parse_size(text: str, allow_zero: bool = False) -> int:
+    """'80GiB', '141 GiB', '80GB' (10^9), '80G' (GiB), '1073741824' -> bytes; 0 only with allow_zero."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m[2].lower() if m else None
     if m is None or unit not in _UNITS:
         raise ValueError(f"memory size {text!r} not understood; write e.g. 80GiB, 141GiB or 80GB")
     value = int(float(m[1]) * _UNITS[unit])
-    if value <= 0:
+    if value < 0 or value == 0 and not allow_zero:
         raise ValueError(f"memory size {text!r} must be positive")
     return value

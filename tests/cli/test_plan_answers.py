@@ -36,6 +36,17 @@ def test_a_memory_size_with_unit_still_plans(capsys):
     assert "80.0 GiB x 0.90 - 2.0 GiB activation reserve" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("reserve", ["0", "0GiB"])
+def test_no_activation_reserve_is_taken(capsys, reserve):
+    # memory left nothing past the reserve: "pass a smaller --activation-reserve", and 0 was refused
+    # ("memory size '0' must be positive")
+    argv = ["plan", "r1-distill-qwen-1.5b", "--gpus", "1", "--gpu-memory", "2GiB"]
+    assert main(argv) == 2 and "pass a smaller --activation-reserve" in capsys.readouterr().err
+    assert main([*argv, "--activation-reserve", reserve]) == 1     # 3.3 GiB of weights > 1.8 GiB
+    assert "2.0 GiB x 0.90 - 0.0 GiB activation reserve = 1.8 GiB per GPU" in capsys.readouterr().out
+    assert "memory size '0' must be positive" in _error(capsys, [*argv[1:-1], "0"])   # a GPU of no memory
+
+
 def test_every_layout_refused_before_counting_names_the_refusal(tmp_path, capsys):
     """A 4-bit plan for a model whose 64 input features no group of 128 divides: the headline is
     that reason, not a memory comparison."""
