@@ -242,7 +242,7 @@ def _suggestions(cfg, plan: Plan) -> list[str]:
     kw = dict(dtype=plan.dtype, max_model_len=plan.max_model_len,
               gpu_memory_utilization=plan.gpu_memory_utilization,
               activation_reserve_bytes=plan.activation_reserve_bytes, include_mtp=plan.include_mtp, suggest=False,
-              ignored=plan.ignored)
+              kv_cache_dtype=plan.kv_cache_dtype, ignored=plan.ignored)
     out = []
     if plan.quantization is None:
         other = evaluate_plans(cfg, plan.gpus, plan.gpu_memory_bytes, plan.nodes, "fp8", **kw)

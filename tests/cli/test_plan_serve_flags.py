@@ -2,7 +2,7 @@
 parallel sizes plans the same layout and tokens (the weights' format, dtype, context, memory
 fraction, KV cache dtype, config overrides and MTP layer included); a serve YAML given as MODEL
 is planned with every engine arg that changes the count; MTP drafting takes no pipeline stages,
-as serve refuses them."""
+as serve refuses them; what a refusal says would fit is counted with the same KV cache dtype."""
 from __future__ import annotations
 
 import json
@@ -110,3 +110,18 @@ def test_hf_overrides_as_serve_takes_them(capsys):
     assert main(["plan", *argv, "--hf-overrides", "{max"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hf_overrides is not valid JSON: '{max'" in err
+
+
+def test_what_would_fit_is_counted_with_the_kv_cache_dtype_asked_for():
+    """R1 in bf16 on 8 x 96 GiB with a 64k context and an fp8 KV cache: fp8 weights on the same GPUs
+    fit, and 2 nodes hold what their own plan says; the suggestions counted the cache in bf16 (no
+    fp8 suggestion, and 2 nodes' layout and tokens of a bf16 cache)."""
+    cfg = load_hf_config("deepseek-r1")
+    kw = dict(max_model_len=64000, kv_cache_dtype="fp8")
+    plan = evaluate_plans(cfg, 8, 96 * GiB, **kw)
+    assert plan.chosen is None
+    fp8 = evaluate_plans(cfg, 8, 96 * GiB, quantization="fp8", **kw).chosen
+    nodes = evaluate_plans(cfg, 16, 96 * GiB, 2, **kw).chosen
+    assert plan.suggestions == [
+        f"--quantization fp8 on the same 8 GPUs ({fp8.layout}, {fp8.tokens:,} KV tokens)",
+        f"16 x 96 GiB GPUs in 2 nodes of 8 in bfloat16 ({nodes.layout}, {nodes.tokens:,} KV tokens)"]
