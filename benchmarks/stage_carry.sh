@@ -25,7 +25,8 @@ peerd)
      "$SHARED/datasets/serving/ShareGPT_V3_filtered_500.json" "$tmp/datasets/serving/"
   cp -r "$SHARED/models/stories260k" "$tmp/models/"
   tar -C "$tmp" -cJf .peerd/data.tar.xz tokenizers datasets models
-  get .peerd/wx xgrammar apache-tvm-ffi openai distro jiter   # openai: the server tests the GPU run collects
+  get .peerd/wx xgrammar apache-tvm-ffi openai distro jiter pydantic pydantic-core annotated-types typing-inspection typing-extensions
+  # openai and pydantic: the server tests the GPU run collects import them; the image has neither
   du -sh .peerd ;;
 flaggems)
   rm -rf .flaggems && mkdir -p .flaggems
