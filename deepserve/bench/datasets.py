@@ -4,8 +4,9 @@ Each sampler returns `SampleRequest`s (prompt text, its length in the model's to
 output length to ask for), following the definitions of vLLM's `benchmarks/datasets.py`
 so that numbers compare with `vllm bench serve` runs on the same flags:
 
-- random: prompts of `--random-input-len` tokens (± `--random-range-ratio`), built from
-  token ids, decoded, then re-encoded so the reported length is what the server will see.
+- random: prompts of `--random-input-len` tokens (± `--random-range-ratio`), a BOS the
+  tokenizer adds included (vLLM's count), built from token ids, decoded, then re-encoded so
+  the reported length is the text's count in the server's tokenizer.
 - sonnet: lines of a poem after a fixed instruction; the first lines are a shared prefix
   (`--sonnet-prefix-len` tokens) for prefix-cache tests; chat-formatted for /v1/completions.
 - sharegpt: first human turn of each conversation, output length of the first reply
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -69,9 +71,14 @@ def sample_random(tok: Tokenizer, num_requests: int, input_len: int, output_len:
     if input_len < 1 or output_len < 1:
         raise ValueError(f"--random-input-len and --random-output-len must be >= 1, "
                          f"got {input_len} and {output_len}")
+    # As vLLM's: the tokens the tokenizer adds to a prompt (a BOS) count in --random-input-len.
+    text_len = max(0, input_len - len(tok.encode("")))
+    low = math.floor(text_len * (1 - range_ratio))
+    if prefix_len + low < 1:
+        raise ValueError(f"--random-input-len {input_len} is too small: the tokenizer adds "
+                         f"{input_len - text_len} token(s) to each prompt, leaving none of random text")
     rng = np.random.default_rng(seed)
-    lens_in = rng.integers(max(1, math.floor(input_len * (1 - range_ratio))),
-                           math.ceil(input_len * (1 + range_ratio)) + 1, num_requests)
+    lens_in = rng.integers(low, math.ceil(text_len * (1 + range_ratio)) + 1, num_requests)
     lens_out = rng.integers(max(1, math.floor(output_len * (1 - range_ratio))),
                             math.ceil(output_len * (1 + range_ratio)) + 1, num_requests)
     vocab = np.asarray(tok.text_token_ids)
@@ -83,6 +90,10 @@ def sample_random(tok: Tokenizer, num_requests: int, input_len: int, output_len:
         inner = vocab[(offsets[i] + i + np.arange(int(lens_in[i]))) % len(vocab)].tolist()
         text, n = _exact_length_text(tok, rng, prefix_len + int(lens_in[i]), prefix + inner)
         requests.append(SampleRequest(text, n, int(lens_out[i])))
+    extra = sum(r.prompt_len for r in requests) - num_requests * prefix_len - int(lens_in.sum())
+    if extra:   # vLLM warns the same way
+        print(f"bench: the random prompts hold {abs(extra)} {'more' if extra > 0 else 'fewer'} tokens in all "
+              "than asked for: encoding their decoded ids again merged or split some", file=sys.stderr)
     return requests
 
 

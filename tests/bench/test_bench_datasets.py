@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from deepserve.bench.serve import run_serve
 from deepserve.engine.tokenizer import load_tokenizer
 
 SONNET = str(SERVING / "sonnet.txt")
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "deepserve" / "assets" / "stories260k"
 SHAREGPT_2TURN = str(SERVING / "ShareGPT_V3_unfiltered_cleaned_split.first500.json")
 SHAREGPT_1TURN = str(SERVING / "ShareGPT_V3_filtered_500.json")
 
@@ -112,3 +114,24 @@ def test_each_dataset_against_endpoint(fake_server, bench_args, tok, dataset, ex
     # sonnet is chat-formatted for /v1/completions only (the chat endpoint formats it itself)
     if dataset == "sonnet":
         assert all(p.startswith("<｜begin▁of▁sentence｜>") == ("chat" not in endpoint) for p in sent)
+
+
+def test_random_input_len_counts_the_bos_the_server_adds(capsys):
+    """As vLLM's random set: --random-input-len counts the BOS the tokenizer adds, so the demo
+    model's server sees 128-token prompts for 128 (not 129); prompts whose re-encoding does not
+    settle (the demo's byte tokens) are named in one line, as vLLM warns."""
+    demo = load_tokenizer(str(DEMO_MODEL))
+    reqs = sample_random(demo, 20, input_len=128, output_len=8, range_ratio=0.0, prefix_len=0, seed=0)
+    served = [len(demo.encode(r.prompt)) for r in reqs]
+    assert served.count(128) >= 15 and min(served) == 128
+    assert [r.prompt_len for r in reqs] == [n - 1 for n in served]
+    extra = sum(served) - 20 * 128
+    assert extra > 0 and f"hold {extra} more tokens in all" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--random-input-len 1 is too small"):
+        sample_random(demo, 1, 1, 8, 0.0, 0, 0)
+
+
+def test_random_input_len_without_added_tokens_is_the_text(tok, capsys):
+    reqs = sample_random(tok, 8, input_len=128, output_len=8, range_ratio=0.0, prefix_len=0, seed=0)
+    assert [len(tok.encode(r.prompt)) for r in reqs] == [128] * 8   # R1-Distill: no BOS on a completion prompt
+    assert capsys.readouterr().err == ""
