@@ -44,6 +44,12 @@ def _fix_fracs_and_sqrt(s: str) -> str:
     return s
 
 
+# Words of two or more letters set apart from the number, or units written without a space
+# (PRM800K's grader strips a list of unit words the same way).
+_UNIT_NAMES = ("cm|mm|km|kg|mg|lb|lbs|oz|ft|yd|mi|in|inch|inches|feet|foot|sq|mph|sec|min|hr|hrs|"
+               "dollars?|cents?|units?|degrees?|meters?|miles?|hours?|minutes?|seconds?|days?|weeks?|years?")
+_WORD_UNITS = re.compile(rf"(-?[\d.,]+)(?:\s+[a-zA-Z]{{2,}}\.?|\s*(?:{_UNIT_NAMES})\.?(?![a-zA-Z]))"
+                         rf"(?:\s+[a-zA-Z]+\.?)*(?:\^\d)?\s*")
 _UNIT_TAIL = re.compile(r"\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?\s*$")
 
 
@@ -67,8 +73,9 @@ def normalize(answer: str) -> str:
             break
         s = s[:m.start()].rstrip()
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm|mathbf|boxed)\{([^{}]*)\}", r"\1", s)
-    # Plain-word units after a number: "10 cm", "5 inches", "18 dollars".
-    m = re.fullmatch(r"(-?[\d.,]+)\s*(?:[a-zA-Z]+\.?\s*)+(?:\^\d)?", s)
+    # Plain-word units after a number: "10 cm", "5 inches", "18 dollars", "6cm^2". Letters
+    # glued to the number are a product ("2k", "5r^5", "6i"), kept unless a known unit.
+    m = _WORD_UNITS.fullmatch(s)
     if m:
         s = m.group(1)
     s = _fix_fracs_and_sqrt(s)
