@@ -80,10 +80,12 @@ def _flags(c: Candidate) -> str:
     return flags + (" --enable-expert-parallel" if lay.ep else "")
 
 
-def serve_settings(plan: Plan, model: str, cfg, hf_overrides: Optional[dict] = None) -> str:
+def serve_settings(plan: Plan, model: str, cfg, hf_overrides: Optional[dict] = None,
+                   speculative_config=None) -> str:
     """The `serve` flags besides the layout that give what the plan counted: each one whose value
     differs from what serve takes without it (the weights' format, the model dtype, the context,
-    the memory fraction, the KV cache dtype, the config overrides, the MTP layer)."""
+    the memory fraction, the KV cache dtype, the config overrides, the MTP layer: a serve YAML's
+    own speculative_config where it drafts with MTP)."""
     from deepserve.config import EngineArgs
 
     flags = [f"--kv-cache-dtype {plan.kv_cache_dtype}"] if plan.kv_cache_dtype != "auto" else []
@@ -99,7 +101,8 @@ def serve_settings(plan: Plan, model: str, cfg, hf_overrides: Optional[dict] = N
     if hf_overrides:
         flags.append(f"--hf-overrides {shlex.quote(json.dumps(hf_overrides))}")
     if plan.include_mtp:
-        flags.append(f"--speculative-config {shlex.quote(json.dumps({'method': 'mtp'}))}")
+        spec = speculative_config if loads_mtp(speculative_config, cfg) else {"method": "mtp"}
+        flags.append(f"--speculative-config {shlex.quote(spec if isinstance(spec, str) else json.dumps(spec))}")
     return " ".join(flags)
 
 
@@ -287,5 +290,6 @@ def run(args) -> int:
         raise ValueError(f"--gpu-memory {args.gpu_memory} x --gpu-memory-utilization {plan.gpu_memory_utilization} "
                          f"leaves nothing past the {_gib(plan.activation_reserve_bytes)} activation reserve; "
                          f"pass a smaller --activation-reserve")
-    print(render_plan(plan, args.model, cfg, serve_settings(plan, args.model, cfg, args.hf_overrides)))
+    print(render_plan(plan, args.model, cfg, serve_settings(plan, args.model, cfg, args.hf_overrides,
+                                                                  args.speculative_config)))
     return 0 if plan.chosen else 1

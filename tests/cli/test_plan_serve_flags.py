@@ -86,13 +86,15 @@ def test_a_serve_yaml_plans_with_its_weights_dtype_and_mtp(tmp_path, capsys):
     path = tmp_path / "serve.yaml"
     path.write_text("engine_args:\n  model: deepseek-r1\n  quantization: fp8\n  dtype: float16\n"
                     "  max_model_len: 32768\n  hf_overrides: {rope_theta: 10000}\n"
-                    "  speculative_config: {method: mtp}\n")
+                    "  speculative_config: {method: mtp, num_speculative_tokens: 2}\n")
     out = _plan(capsys, [str(path), "--gpus", "16", "--nodes", "2", "--gpu-memory", "80GiB"])
     assert "13.5B MTP loaded" in out and "weights    fp8 (128x128 blocks) Linear weights, the rest float16" in out
     assert re.search(r"chosen     TP=\d+ PP=1 ", out)
     flags = _line(out, "serve flags")
     assert "--quantization fp8 --dtype float16 --max-model-len 32768" in flags
-    assert "--hf-overrides '{\"rope_theta\": 10000}' --speculative-config '{\"method\": \"mtp\"}'" in flags
+    # the file's own drafting settings (a bare {"method": "mtp"} flag would replace them: k = 1)
+    assert flags.endswith("--hf-overrides '{\"rope_theta\": 10000}' "
+                          "--speculative-config '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}'")
     # flags given on the command line win over the file
     out = _plan(capsys, [str(path), "--gpus", "16", "--nodes", "2", "--gpu-memory", "141GiB", "--quantization",
                          "none", "--dtype", "bfloat16"])
