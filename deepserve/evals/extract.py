@@ -155,8 +155,10 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     # (pattern, which hit): an "Answer: X" / "答案：X" statement counts from its first hit, as
     # simple-evals reads ANSWER_PATTERN_MULTICHOICE with re.search; the other cues from their last
     strong = [
-        (rf"(?i:answer)\s*(?i:is|:|：)?\s*[:：]?\s*(?i:option\s*|choice\s*)?[\(\[]?({L})"
-         rf"(?![\w'’])", 0),
+        # "option" / "choice" only with an "is" or colon: "answer choice A is tempting" names
+        # an option, "the answer choice is C" / "Answer: option C" choose one
+        (rf"(?i:answer)\s*(?:(?i:option|choice)\s*(?i:is|:|：)\s*[:：]?|(?i:is|:|：)\s*[:：]?\s*"
+         rf"(?:(?i:option|choice)\s*)?)?\s*[\(\[]?({L})(?![\w'’])", 0),
         (rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})", 0),
         (rf"(?:正确|正確|最佳|应|應)的?(?:选项|選項|选择|選擇)\s*(?:是|为|為|：|:)*\s*[\(（]?({L})(?![a-zA-Z])", -1),
         (rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])", -1),

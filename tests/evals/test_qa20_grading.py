@@ -1,6 +1,8 @@
-"""Grading cases of MATH-500's own golds: letters glued to a number are a product, not a unit."""
+"""Grading cases: letters glued to a number (MATH-500's golds "2k", "5r^5") are a product, not
+a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it."""
 import pytest
 
+from deepserve.evals.extract import extract_choice
 from deepserve.evals.math_equiv import judge
 
 
@@ -24,3 +26,16 @@ from deepserve.evals.math_equiv import judge
 ])
 def test_letters_glued_to_a_number_are_not_units(pred, gold, equal):
     assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("The answer choice A is tempting, but the answer is C.", "C"),
+    ("Answer choice A is incorrect; so is B.\n\nAnswer: C", "C"),
+    ("Answer option B fails the units check. Answer: D", "D"),
+    ("The correct answer choice is C.", "C"),
+    ("Answer: Option C", "C"),
+    ("The answer is option (C).", "C"),
+    ("Answer\nC", "C"),
+])
+def test_answer_choice_names_an_option(reply, letter):
+    assert extract_choice(reply, "ABCD") == letter
