@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from deepserve import __version__
+
 # (sub-command module, in the order `deepserve --help` lists them)
 COMMANDS = ["serve", "generate", "chat", "complete", "bench", "eval", "convert", "plan", "validate", "ops"]
 
@@ -47,6 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     never import torch)."""
     parser = argparse.ArgumentParser(prog="deepserve", description="Serve, convert, benchmark and "
                                      "evaluate DeepSeek-R1 and its distilled models.")
+    parser.add_argument("-v", "--version", action="version", version=__version__)   # as `vllm --version`
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in [command] if command in COMMANDS else COMMANDS:
         try:
