@@ -8,7 +8,8 @@
     aime/test.jsonl                  AIME 2024: id, problem, answer
     aime/aime_2025.jsonl             AIME 2025: question/problem, answer
     gpqa_diamond/gpqa_diamond.zip    csv in a zip with the authors' password
-    mmlu/test/*.csv                  question, choice0..3, answer (index 0-3)
+    mmlu/test/*.csv                  question, 4 options, answer (A-D, or 0-3 under a header
+                                     question,choice0..3,answer)
     mmlu_pro/test-*.parquet          question_id, question, options, answer
     ceval/ceval-exam.zip             val/<subject>_val.csv: id, question, A..D, answer
 
@@ -142,6 +143,9 @@ def load_gpqa_diamond(root: Path) -> list[Item]:
     return items
 
 
+MMLU_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
+
+
 @functools.lru_cache(maxsize=None)  # parsed once per process
 def load_mmlu(root: Path) -> list[Item]:
     folder = _require(root / "mmlu" / "test", "MMLU test folder")
@@ -152,12 +156,19 @@ def load_mmlu(root: Path) -> list[Item]:
     for path in files:
         subject = re.sub(r"_test$", "", path.stem)
         with open(path, encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                answer = row["answer"].strip()
-                gold = LETTERS[int(answer)] if answer.isdigit() else answer.upper()
-                items.append(Item(id=f"{subject}/{i}", question=row["question"].strip(),
-                                  choices=tuple(row[f"choice{k}"] for k in range(4)),
-                                  gold=gold, subject=subject))
+            rows = list(csv.reader(f))
+        if rows and [c.strip().lower() for c in rows[0]] == list(MMLU_HEADER):
+            rows = rows[1:]   # the re-export's header; the original release has none
+        for i, row in enumerate(rows):
+            if len(row) != 6:
+                raise ValueError(f"{path}: row {i + 1} has {len(row)} fields, expected 6 "
+                                 "(question, four options, answer)")
+            answer = row[5].strip()
+            gold = LETTERS[int(answer)] if answer.isdigit() else answer.upper()
+            if gold not in LETTERS[:4]:
+                raise ValueError(f"{path}: row {i + 1} answers {answer!r}, expected A-D or 0-3")
+            items.append(Item(id=f"{subject}/{i}", question=row[0].strip(), choices=tuple(row[1:5]),
+                              gold=gold, subject=subject))
     return items
 
 
