@@ -7,7 +7,8 @@
     math500/test.jsonl               problem, answer, unique_id, ...
     aime/test.jsonl                  AIME 2024: id, problem, answer
     aime/aime_2025.jsonl             AIME 2025: question/problem, answer
-    gpqa_diamond/gpqa_diamond.zip    csv in a zip with the authors' password
+    gpqa_diamond/gpqa_diamond.zip    csv in a zip with the authors' password (or the plain
+                                     gpqa_diamond.csv)
     mmlu/test/*.csv                  question, 4 options, answer (A-D, or 0-3 under a header
                                      question,choice0..3,answer)
     mmlu_pro/test-*.parquet          question_id, question, options, answer
@@ -122,15 +123,22 @@ def _stable_shuffle(values: list[str], key: str) -> list[str]:
 
 @functools.lru_cache(maxsize=None)  # parsed once per process
 def load_gpqa_diamond(root: Path) -> list[Item]:
-    path = _require(root / "gpqa_diamond" / "gpqa_diamond.zip", "GPQA-Diamond zip")
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if n.endswith(".csv")]
-        if not names:
-            raise ValueError(f"{path}: no .csv inside (found {zf.namelist()})")
-        try:
-            text = zf.read(names[0], pwd=GPQA_PASSWORD).decode("utf-8")
-        except RuntimeError as exc:  # zipfile's "Bad password for file"
-            raise ValueError(f"{path}: cannot decrypt {names[0]}: {exc}") from None
+    """From the zip, or from the plain gpqa_diamond.csv of the Hugging Face copy."""
+    path = root / "gpqa_diamond" / "gpqa_diamond.zip"
+    plain = path.with_suffix(".csv")
+    if plain.exists() and not path.exists():
+        text = plain.read_text(encoding="utf-8")
+    else:
+        with zipfile.ZipFile(_require(path, "GPQA-Diamond zip")) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".csv")]
+            if not names:
+                raise ValueError(f"{path}: no .csv inside (found {zf.namelist()})")
+            # the authors' dataset.zip also holds gpqa_main, gpqa_extended and gpqa_experts
+            name = next((n for n in names if n.endswith("gpqa_diamond.csv")), names[0])
+            try:
+                text = zf.read(name, pwd=GPQA_PASSWORD).decode("utf-8")
+            except RuntimeError as exc:  # zipfile's "Bad password for file"
+                raise ValueError(f"{path}: cannot decrypt {name}: {exc}") from None
     items = []
     for i, row in enumerate(csv.DictReader(io.StringIO(text))):
         correct = row["Correct Answer"].strip()

@@ -1,10 +1,12 @@
-"""MMLU as first released (Hendrycks' data.tar, OpenCompass, evalscope): headerless csv rows
-`question, A, B, C, D, answer letter`, read to the same items as the shared re-export."""
+"""Users' own copies: MMLU as first released (Hendrycks' data.tar, OpenCompass, evalscope:
+headerless rows `question, A, B, C, D, letter`) and GPQA-Diamond as a plain csv or inside the
+authors' full dataset.zip read to the same items as the shared files."""
 import csv
+import zipfile
 
 import pytest
 
-from deepserve.evals.datasets import LETTERS, load_mmlu
+from deepserve.evals.datasets import GPQA_PASSWORD, LETTERS, load_gpqa_diamond, load_mmlu
 
 
 def test_headerless_mmlu_reads_as_the_reexport(datasets_dir, tmp_path):
@@ -25,3 +27,24 @@ def test_mmlu_row_of_other_shape_names_file_and_row(tmp_path):
     (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,1,2,3,4,B\nq2,1,2,3,E\n")
     with pytest.raises(ValueError, match=r"x_test.csv: row 2 has 5 fields, expected 6"):
         load_mmlu(tmp_path)
+
+
+def test_gpqa_plain_csv_and_the_authors_full_zip(datasets_dir, tmp_path):
+    """The Hugging Face copy's plain gpqa_diamond.csv, and the authors' dataset.zip (main,
+    extended and experts beside diamond) give the shared zip's 198 items."""
+    with zipfile.ZipFile(datasets_dir / "gpqa_diamond" / "gpqa_diamond.zip") as zf:
+        text = zf.read("gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
+    shared = load_gpqa_diamond(datasets_dir)
+    plain = tmp_path / "plain"
+    (plain / "gpqa_diamond").mkdir(parents=True)
+    (plain / "gpqa_diamond" / "gpqa_diamond.csv").write_text(text, encoding="utf-8")
+    assert load_gpqa_diamond(plain) == shared
+    full = tmp_path / "full"
+    (full / "gpqa_diamond").mkdir(parents=True)
+    header = text.splitlines()[0]
+    with zipfile.ZipFile(full / "gpqa_diamond" / "gpqa_diamond.zip", "w") as zf:
+        zf.writestr("dataset/gpqa_experts.csv", "Question,Expert\nq,e\n")
+        zf.writestr("dataset/gpqa_extended.csv", header + "\n")
+        zf.writestr("dataset/gpqa_diamond.csv", text)
+    assert load_gpqa_diamond(full) == shared
+    assert len(shared) == 198
