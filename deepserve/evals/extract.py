@@ -72,13 +72,21 @@ _FINAL_RE = re.compile(
     re.IGNORECASE | re.MULTILINE)
 
 
+# "The final answer is $X$. I hope it is correct." (Minerva's format, lm-eval's hendrycks_math):
+# math set in $...$ is the whole answer, whatever follows it on the line.
+_FINAL_MATH_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)?\s*[:=]?\s*\$+([^$]+?)\$+",
+                            re.IGNORECASE)
+
+
 def extract_math_answer(text: str) -> str | None:
-    """A math answer: the last boxed expression, else a trailing "the final answer is X"."""
+    """A math answer: the last boxed expression, else the last "the final answer is X" that
+    ends its line or sets X in $...$."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
-    matches = _FINAL_RE.findall(text.replace("**", ""))
-    return matches[-1].strip() if matches else None
+    text = text.replace("**", "")
+    matches = [m for regex in (_FINAL_RE, _FINAL_MATH_RE) for m in regex.finditer(text)]
+    return max(matches, key=lambda m: m.start()).group(1).strip() if matches else None
 
 
 _NUMBER_RE = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+")

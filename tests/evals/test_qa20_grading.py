@@ -1,8 +1,9 @@
 """Grading cases: letters glued to a number (MATH-500's golds "2k", "5r^5") are a product, not
-a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it."""
+a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it;
+Minerva's "The final answer is $X$. I hope it is correct." gives X."""
 import pytest
 
-from deepserve.evals.extract import extract_choice
+from deepserve.evals.extract import extract_choice, extract_math_answer
 from deepserve.evals.math_equiv import judge
 
 
@@ -39,3 +40,13 @@ def test_letters_glued_to_a_number_are_not_units(pred, gold, equal):
 ])
 def test_answer_choice_names_an_option(reply, letter):
     assert extract_choice(reply, "ABCD") == letter
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("The final answer is $5$, as the table shows.", "5"),
+    ("The answer is $3$... no. The final answer is $4$.", "4"),
+    ("The final answer is \\(7\\).", "7"),
+])
+def test_math_answer_set_in_dollars_mid_line(reply, answer):
+    assert extract_math_answer(reply) == answer
