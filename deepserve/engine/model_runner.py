@@ -163,11 +163,13 @@ class ModelRunner:
                     self.dtype, self.ops.name, 100 * self.ops.triton_share(), self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, str(self.kv_dtype).replace("torch.", ""),
                     ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
-        # vLLM's two lines, which operators grep for: requests of max_model_len tokens the pool holds at once
-        max_len = config.scheduler.max_model_len
-        concurrency = self.num_blocks / math.ceil(max_len / self.block_size)
-        logger.info("GPU KV cache size: %s tokens", f"{int(concurrency * max_len):,}")
-        logger.info("Maximum concurrency for %s tokens per request: %.2fx", f"{max_len:,}", concurrency)
+        # vLLM's two lines, which operators grep for: requests of max_model_len tokens the pool holds at once;
+        # once an engine (DP rank), as vLLM's engine core writes them, since its ranks' pools are one size
+        if self.pctx.tp_rank == 0 and self.pctx.pp_rank == 0:
+            max_len = config.scheduler.max_model_len
+            concurrency = self.num_blocks / math.ceil(max_len / self.block_size)
+            logger.info("GPU KV cache size: %s tokens", f"{int(concurrency * max_len):,}")
+            logger.info("Maximum concurrency for %s tokens per request: %.2fx", f"{max_len:,}", concurrency)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _capture_whole_graphs(self) -> bool:

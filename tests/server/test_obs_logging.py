@@ -160,6 +160,19 @@ def test_start_up_log_gives_vllm_s_kv_cache_size(caplog, kv_dtype):
     assert f"{blocks} KV blocks of {size} tokens ({blocks * size} tokens in" in caplog.text
 
 
+
+def test_kv_cache_size_lines_once_an_engine_with_tensor_parallel():
+    """vLLM's engine core writes its two KV cache lines once; the TP ranks' pools are one size,
+    so a TP=2 engine writes them once too (not once a rank)."""
+    env = {**server_env(), "DEEPSERVE_LOG_LEVEL": "INFO"}
+    out = subprocess.run([sys.executable, "-m", "deepserve", "generate", "--tensor-parallel-size", "2",
+                          "--num-gpu-blocks-override", "64", "--prompt", "Once", "--max-tokens", "1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("GPU KV cache size: 1,024 tokens") == 1, out.stderr[-2000:]
+    assert out.stderr.count("Maximum concurrency for 512 tokens per request: 2.00x") == 1
+    assert out.stderr.count("64 KV blocks of 16 tokens") == 2   # the per-rank line stays one a rank
+
 def _serve_at_info(*flags: str):
     proc = subprocess.Popen([sys.executable, "-m", "deepserve", "serve", "--port", "0", "--num-gpu-blocks-override",
                              "64", *flags], cwd=REPO, env=server_env(), stdout=subprocess.PIPE,
