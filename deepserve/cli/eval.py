@@ -133,6 +133,9 @@ def run_handler(args) -> int:
     from deepserve.cli.bench import check_reachable
     from deepserve.evals.client import api_root, server_url
 
+    tasks = parse_tasks(args.tasks)   # the user's own inputs first, before any request
+    if not args.data_path.is_dir():
+        raise FileNotFoundError(f"--data-path {args.data_path} is not a directory")
     args.base_url = server_url(args.base_url)
     check_reachable(api_root(args.base_url))    # else every request is retried for minutes
     args.model = args.model or served_model(args.base_url, args.api_key)
@@ -142,7 +145,7 @@ def run_handler(args) -> int:
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     output = args.output or default_output(args.base_url, args.model)
     cache = args.cache or output.with_suffix(".cache.jsonl")
-    opts = EvalOptions(base_url=args.base_url, settings=settings, tasks=parse_tasks(args.tasks),
+    opts = EvalOptions(base_url=args.base_url, settings=settings, tasks=tasks,
                        data_path=args.data_path, cache_path=cache, num_samples=args.num_samples,
                        limit=args.limit, max_concurrency=args.max_concurrency,
                        api_key=args.api_key, request_timeout=args.request_timeout,
