@@ -118,7 +118,8 @@ def extract_number(text: str) -> str | None:
     text = _latex_digits(text)
     boxed = extract_boxed(text)
     if boxed is not None:
-        num = clean_number(boxed)
+        result = boxed.rsplit("=", 1)[-1]   # a boxed worked equation, "3 \times 6 = 18": its result
+        num = clean_number(result if re.search(r"\d", result) else boxed)
         if num is not None:
             return num
     for pattern in (r"####\s*([^\n]+)", r"answer\s*(?:is|:)\s*([^\n]+)"):

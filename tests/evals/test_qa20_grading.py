@@ -1,9 +1,10 @@
 """Grading cases: letters glued to a number (MATH-500's golds "2k", "5r^5") are a product, not
 a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it;
-Minerva's "The final answer is $X$. I hope it is correct." gives X."""
+Minerva's "The final answer is $X$. I hope it is correct." gives X; a GSM8K box holding a
+worked equation gives its result."""
 import pytest
 
-from deepserve.evals.extract import extract_choice, extract_math_answer
+from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
 from deepserve.evals.math_equiv import judge
 
 
@@ -50,3 +51,13 @@ def test_answer_choice_names_an_option(reply, letter):
 ])
 def test_math_answer_set_in_dollars_mid_line(reply, answer):
     assert extract_math_answer(reply) == answer
+
+
+@pytest.mark.parametrize("reply, number", [
+    ("So she earns \\boxed{3 \\times 6 = 18} dollars.", "18"),
+    ("\\boxed{20 - 2 = \\$18}", "18"),
+    ("\\boxed{x = 18}", "18"),
+    ("The answer is 18 (check: 2 + 2 = 4).", "18"),
+])
+def test_gsm8k_boxed_equation_gives_its_result(reply, number):
+    assert extract_number(reply) == number
