@@ -151,7 +151,12 @@ def run_handler(args) -> int:
                        api_key=args.api_key, request_timeout=args.request_timeout,
                        max_retries=args.max_retries, retry_backoff=args.retry_backoff,
                        progress=not args.no_progress, math_timeout=args.math_timeout)
-    result = run_eval(opts)
+    try:
+        result = run_eval(opts)
+    except KeyboardInterrupt:
+        print(f"\neval: interrupted; the replies so far are kept in {cache}: rerun the same command "
+              "to resume", file=sys.stderr)
+        raise
     json_path, md_path = write_result(result, output)
     req = result["requests"]
     print(markdown_table(result), end="")
