@@ -5,8 +5,9 @@ al. 2021) followed by a symbolic check (as in Qwen2.5-Math's evaluation and math
 
 1. `normalize` rewrites both strings to a canonical LaTeX form: `\\dfrac` -> `\\frac`,
    `\\frac12` -> `\\frac{1}{2}`, units (`\\text{ cm}`), degrees, percent, dollars,
-   `\\left`/`\\right` and spacing removed, thousands separators dropped, "x = 5" -> "5".
-   Equal strings are equal answers.
+   `\\left`/`\\right` and spacing removed, thousands separators dropped, "x = 5" -> "5",
+   mixed numbers `1\\frac{4}{5}` -> `(1+\\frac{4}{5})`. Equal strings are equal answers, and
+   text answers ("\\text{East}", "east") equal in any case.
 2. Otherwise both are translated to sympy (our own small LaTeX subset: fractions, roots,
    powers, pi, implicit products) and compared: exactly (simplify(a - b) == 0) or
    numerically (relative 1e-6; an integer only exactly, as in PRM800K), so `\\frac{1}{2}` == `0.5` and `2\\sqrt{2}` == `\\sqrt{8}`.
@@ -79,6 +80,9 @@ def normalize(answer: str) -> str:
     if m:
         s = m.group(1)
     s = _fix_fracs_and_sqrt(s)
+    # A mixed number, "1\\frac{4}{5}" or "-137 \\frac{1}{2}", is a sum (PRM800K's grader reads
+    # "7 3/4" as 7+3/4), not the product sympy would make of it.
+    s = re.sub(r"(?<![\w.}^_\\])(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", r"(\1+\\frac{\2}{\3})", s)
     # "x = 5" -> "5" when the left side is a single variable (not for equations like y=2x+1).
     m = re.fullmatch(r"\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*([^=]+)", s)
     if m and re.search(r"\d", m.group(1)) and not re.search(r"[a-zA-Z]", re.sub(
@@ -232,9 +236,14 @@ def _expand_pm(parts: list[str]) -> list[str]:
     return out
 
 
+_WORDS = re.compile(r"[A-Za-z(),]+")   # a text answer: "\\text{east}", "Evelyn", "(C)"
+
+
 def _equal_normalized(a: str, b: str, symbolic: Callable[[str, str], bool]) -> bool:
     if a == b:
         return True
+    if _WORDS.fullmatch(a) and _WORDS.fullmatch(b):
+        return a.lower() == b.lower()   # text answers in any case, as PRM800K's grader
     ma, mb = _matrix_cells(a), _matrix_cells(b)
     if ma is not None or mb is not None:
         if ma is None or mb is None or [len(r) for r in ma] != [len(r) for r in mb]:

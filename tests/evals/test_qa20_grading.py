@@ -1,7 +1,8 @@
 """Grading cases: letters glued to a number (MATH-500's golds "2k", "5r^5") are a product, not
 a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it;
 Minerva's "The final answer is $X$. I hope it is correct." gives X; a GSM8K box holding a
-worked equation gives its result."""
+worked equation gives its result; MATH-500's mixed numbers ("1\\frac{4}{5}") are sums and its
+text answers ("\\text{east}") match in any case, as PRM800K's grader has them."""
 import pytest
 
 from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
@@ -61,3 +62,20 @@ def test_math_answer_set_in_dollars_mid_line(reply, answer):
 ])
 def test_gsm8k_boxed_equation_gives_its_result(reply, number):
     assert extract_number(reply) == number
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("\\frac{9}{5}", "1\\frac{4}{5}", True),     # MATH-500 golds, "Express your answer as a mixed number"
+    ("1.8", "1\\frac{4}{5}", True),
+    ("\\frac{4}{5}", "1\\frac{4}{5}", False),    # sympy's product 1 * 4/5
+    ("\\frac{275}{2}", "137 \\frac{1}{2}", True),
+    ("137\\frac12", "137 \\frac{1}{2}", True),
+    ("-\\frac{3}{2}", "-1\\frac{1}{2}", True),
+    ("2\\frac{\\sqrt{3}}{3}", "\\frac{2\\sqrt{3}}{3}", True),   # not a mixed number: a product
+    ("\\text{East}", "\\text{east}", True),
+    ("Ellipse", "\\text{ellipse}", True),
+    ("\\text{odd}", "\\text{even}", False),
+    ("3r^2", "3R^2", False),                      # case still matters in an expression
+])
+def test_mixed_numbers_and_text_answers(pred, gold, equal):
+    assert judge(pred, gold).equal == equal
