@@ -74,6 +74,7 @@ def normalize(answer: str) -> str:
             break
         s = s[:m.start()].rstrip()
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm|mathbf|boxed)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<=\S)\s+(?:or|and)\s+(?=\S)", ",", s)   # "1 \\text{ or } -2" lists two answers
     # Plain-word units after a number: "10 cm", "5 inches", "18 dollars", "6cm^2". Letters
     # glued to the number are a product ("2k", "5r^5", "6i"), kept unless a known unit.
     m = _WORD_UNITS.fullmatch(s)
@@ -89,6 +90,10 @@ def normalize(answer: str) -> str:
             r"\\[a-zA-Z]+", "", m.group(1))):
         s = m.group(1)
     s = s.replace(" ", "")
+    parts = _split_top_level(s)   # the roots "x=1,x=-2" (or x_1, x_2): the values
+    if len(parts) > 1 and len({p[0] for p in parts}) == 1 and \
+            all(re.match(r"[a-zA-Z](?:_\{?\w+\}?)?=[^=]+$", p) for p in parts):
+        s = ",".join(p.split("=")[1] for p in parts)
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
     s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)           # ".5" -> "0.5"

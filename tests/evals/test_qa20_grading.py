@@ -2,7 +2,8 @@
 a unit; "answer choice A" in a multiple-choice reply names an option, it does not choose it;
 Minerva's "The final answer is $X$. I hope it is correct." gives X; a GSM8K box holding a
 worked equation gives its result; MATH-500's mixed numbers ("1\\frac{4}{5}") are sums and its
-text answers ("\\text{east}") match in any case, as PRM800K's grader has them."""
+text answers ("\\text{east}") match in any case, and roots written "x = 1 \\text{ or } x = -2"
+are the list "1, -2", as PRM800K's grader has them."""
 import pytest
 
 from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
@@ -78,4 +79,17 @@ def test_gsm8k_boxed_equation_gives_its_result(reply, number):
     ("3r^2", "3R^2", False),                      # case still matters in an expression
 ])
 def test_mixed_numbers_and_text_answers(pred, gold, equal):
+    assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("1 \\text{ or } -2", "1,-2", True),
+    ("x = 1 \\text{ or } x = -2", "1,-2", True),
+    ("x=1, x=-2", "1,-2", True),
+    ("x_1 = -2, x_2 = 1", "1,-2", True),
+    ("1 \\text{ and } -2", "1,-2", True),
+    ("x=1, y=-2", "-2,1", False),                 # two variables: a point, not a list of roots
+    ("1 \\text{ or } 3", "1,-2", False),
+])
+def test_roots_joined_by_or(pred, gold, equal):
     assert judge(pred, gold).equal == equal
