@@ -52,8 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="base seed sent to the server (seed + sample index per request)")
     p.add_argument("--output", type=Path, default=None,
-                   help="result JSON (default ./eval-results/<model>__<host>.json); a .md "
-                        "table is written beside it")
+                   help="result JSON, or a folder for <model>__<host>.json (default "
+                        "./eval-results/); a .md table is written beside it")
     p.add_argument("--cache", type=Path, default=None,
                    help="reply cache JSONL (default <output>.cache.jsonl)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
@@ -77,7 +77,8 @@ def register(subparsers) -> None:
                                                           "baseline")
     c.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
     c.add_argument("--output", type=Path, default=None,
-                   help="also write the comparison as JSON here (and Markdown beside it)")
+                   help="also write the comparison as JSON here, or as compare.json in a folder "
+                        "(and Markdown beside it)")
     c.set_defaults(func=compare_handler)
 
 
@@ -144,7 +145,15 @@ def run_handler(args) -> int:
     settings = SamplingSettings(model=args.model, temperature=args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     output = args.output or default_output(args.base_url, args.model)
+    if output.is_dir():   # `--output ./` as lm-eval's --output_path: the default name inside it
+        output = output / default_output(args.base_url, args.model).name
     cache = args.cache or output.with_suffix(".cache.jsonl")
+    for path in (output, cache):   # a folder that cannot be made fails now, not after the run
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot write {path}: cannot make the folder {exc.filename} "
+                             f"({exc.strerror})") from None
     opts = EvalOptions(base_url=args.base_url, settings=settings, tasks=tasks,
                        data_path=args.data_path, cache_path=cache, num_samples=args.num_samples,
                        limit=args.limit, max_concurrency=args.max_concurrency,
@@ -188,6 +197,8 @@ def compare_handler(args) -> int:
     table = compare_markdown(comparison)
     print(table, end="")
     if args.output:
+        if args.output.is_dir():
+            args.output = args.output / "compare.json"
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
         args.output.with_suffix(".md").write_text(table, encoding="utf-8")
