@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; BUDGET=${BUDGET:-330}; mkdir -p "$OUT/res"
 # PIECE=N (carrying .peerN): also keep vLLM's wheel piece N for gpu_peer.sh setup on this warm machine
 [ -n "${PIECE:-}" ] && mkdir -p /tmp/peer && cp ".peer$PIECE"/* /tmp/peer/ && echo "kept piece $PIECE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .peerd/wx/*.whl 2>&1 | grep -v WARN | tail -2
 mkdir -p /tmp/d && tar -C /tmp/d -xJf .peerd/data.tar.xz
 [ -e ../shared ] || ln -s /tmp/d ../shared 2>/dev/null || true   # the scripts' ../shared (tokenizers, datasets)
 STEPS=${STEPS:-structured ops_new ops_old spec_gpu_tests kvattn mixed}   # which steps, in this order of the script

@@ -25,8 +25,11 @@ peerd)
      "$SHARED/datasets/serving/ShareGPT_V3_filtered_500.json" "$tmp/datasets/serving/"
   cp -r "$SHARED/models/stories260k" "$tmp/models/"
   tar -C "$tmp" -cJf .peerd/data.tar.xz tokenizers datasets models
-  get .peerd/wx xgrammar apache-tvm-ffi openai distro jiter pydantic pydantic-core annotated-types typing-inspection typing-extensions
-  # openai and pydantic: the server tests the GPU run collects import them; the image has neither
+  get .peerd/wx xgrammar apache-tvm-ffi
+  # the server's dependencies and the openai client with theirs (the image has none of them; the
+  # GPU test run collects the server tests): resolved, all wheels; openai 1.x imports httpx
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
+    -d .peerd/wx fastapi uvicorn prometheus-client pyzmq "openai==1.109.1"
   du -sh .peerd ;;
 flaggems)
   rm -rf .flaggems && mkdir -p .flaggems
