@@ -33,16 +33,21 @@ class ReplyCache:
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         self.torn_lines = 0
-        self._needs_newline = False
-        if self.path.exists():
-            self._load()
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():
-                    f.seek(-1, os.SEEK_END)
-                    self._needs_newline = f.read(1) != b"\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = None
+        needs_newline = False
+        try:   # opened now: a path that cannot be written fails before any request is sent
+            if self.path.exists():
+                self._load()
+                with open(self.path, "rb") as f:
+                    f.seek(0, os.SEEK_END)
+                    if f.tell():
+                        f.seek(-1, os.SEEK_END)
+                        needs_newline = f.read(1) != b"\n"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot use {self.path} as the reply cache: {exc.strerror}") from None
+        if needs_newline:
+            self._file.write("\n")   # never append to the end of a torn line
 
     def _load(self) -> None:
         with open(self.path, encoding="utf-8", errors="replace") as f:
@@ -69,9 +74,7 @@ class ReplyCache:
         if "key" not in record:
             raise ValueError(f"cache record needs a 'key', got fields {sorted(record)}")
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
-            if self._needs_newline:
-                self._file.write("\n")  # never append to the end of a torn line
+            raise ValueError(f"the reply cache {self.path} is closed")
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -1,10 +1,13 @@
 """--output as a folder (lm-eval's `--output_path ./`) holds the default-named result; an
 --output that cannot be written fails in one line before any request, not after the run."""
 import json
+import re
 
+import pytest
 from fake_openai import FakeOpenAI
 
 from deepserve.cli.main import main
+from deepserve.evals.cache import ReplyCache
 from deepserve.evals.datasets import load_gsm8k
 
 
@@ -33,3 +36,21 @@ def test_output_folder_and_unwritable_output(datasets_dir, tmp_path, capsys):
     result = str(folder / f"fake-r1__{host}.json")
     assert main(["eval", "compare", result, result, "--output", str(folder)]) == 0
     assert json.loads((folder / "compare.json").read_text())["rows"][0]["task"] == "gsm8k"
+
+
+def test_unwritable_cache_fails_before_any_request(datasets_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    cache = tmp_path / "afile" / "c.jsonl"
+    with FakeOpenAI({"gsm8k": load_gsm8k(datasets_dir)[:2]}) as srv:
+        assert main(_argv(srv.url, datasets_dir, tmp_path / "r.json") + ["--cache", str(cache)]) == 2
+        assert srv.calls == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepserve eval: error: cannot write {cache}: cannot make the folder {tmp_path / 'afile'} "
+                   "(File exists)"], err
+
+
+def test_reply_cache_that_cannot_be_opened_is_one_error(tmp_path):
+    folder = tmp_path / "c.jsonl"
+    folder.mkdir()   # a folder where the cache file should be
+    with pytest.raises(ValueError, match=rf"^cannot use {re.escape(str(folder))} as the reply cache: Is a directory$"):
+        ReplyCache(folder)
