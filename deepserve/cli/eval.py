@@ -166,7 +166,11 @@ def run_handler(args) -> int:
         print(f"\neval: interrupted; the replies so far are kept in {cache}: rerun the same command "
               "to resume", file=sys.stderr)
         raise
-    json_path, md_path = write_result(result, output)
+    try:
+        json_path, md_path = write_result(result, output)
+    except OSError as exc:
+        raise ValueError(f"cannot write {exc.filename}: {exc.strerror}; the replies are kept: rerun with "
+                         f"another --output and --cache {cache}") from None
     req = result["requests"]
     print(markdown_table(result), end="")
     for name, task in result["tasks"].items():

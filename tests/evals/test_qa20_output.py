@@ -54,3 +54,16 @@ def test_reply_cache_that_cannot_be_opened_is_one_error(tmp_path):
     folder.mkdir()   # a folder where the cache file should be
     with pytest.raises(ValueError, match=rf"^cannot use {re.escape(str(folder))} as the reply cache: Is a directory$"):
         ReplyCache(folder)
+
+
+def test_result_that_cannot_be_written_is_one_line(datasets_dir, tmp_path, capsys):
+    (tmp_path / "r.md").mkdir()   # the table's place is taken by a folder
+    with FakeOpenAI({"gsm8k": load_gsm8k(datasets_dir)[:2]}) as srv:
+        assert main(_argv(srv.url, datasets_dir, tmp_path / "r.json")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (f"deepserve eval: error: cannot write {tmp_path / 'r.md'}: Is a directory; the replies "
+                           f"are kept: rerun with another --output and --cache {tmp_path / 'r.cache.jsonl'}"), err
+        calls = srv.calls
+        assert main(_argv(srv.url, datasets_dir, tmp_path / "s.json") + ["--cache", str(tmp_path / "r.cache.jsonl")]) == 0
+        assert srv.calls == calls
+    assert json.loads((tmp_path / "s.json").read_text())["requests"]["from_cache"] == 2
