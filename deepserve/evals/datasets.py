@@ -62,13 +62,22 @@ def _require(path: Path, what: str) -> Path:
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(_require(path, "dataset file"), encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return rows
+
+
+def _open_zip(path: Path, what: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(_require(path, what))
+    except zipfile.BadZipFile as exc:   # a download cut short, or an error page saved under its name
+        raise ValueError(f"{path}: not a readable zip ({exc}); fetch it again") from None
 
 
 def _field(row: dict, names: tuple[str, ...], path: Path):
@@ -129,7 +138,7 @@ def load_gpqa_diamond(root: Path) -> list[Item]:
     if plain.exists() and not path.exists():
         text = plain.read_text(encoding="utf-8")
     else:
-        with zipfile.ZipFile(_require(path, "GPQA-Diamond zip")) as zf:
+        with _open_zip(path, "GPQA-Diamond zip") as zf:
             names = [n for n in zf.namelist() if n.endswith(".csv")]
             if not names:
                 raise ValueError(f"{path}: no .csv inside (found {zf.namelist()})")
@@ -215,10 +224,10 @@ def load_mmlu_pro(root: Path) -> list[Item]:
 @functools.lru_cache(maxsize=None)  # parsed once per process
 def load_ceval(root: Path) -> list[Item]:
     """C-Eval's val split: the test split's answers are not public."""
-    path = _require(root / "ceval" / "ceval-exam.zip", "C-Eval zip")
+    path = root / "ceval" / "ceval-exam.zip"
     mapping_path = root / "ceval" / "subject_mapping.json"
     items = []
-    with zipfile.ZipFile(path) as zf:
+    with _open_zip(path, "C-Eval zip") as zf:
         names = sorted(n for n in zf.namelist() if re.fullmatch(r"(?:.*/)?val/\w+_val\.csv", n))
         if not names:
             raise ValueError(f"{path}: no val/<subject>_val.csv inside")

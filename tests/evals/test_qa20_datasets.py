@@ -6,7 +6,8 @@ import zipfile
 
 import pytest
 
-from deepserve.evals.datasets import GPQA_PASSWORD, LETTERS, load_gpqa_diamond, load_mmlu
+from deepserve.cli.main import main
+from deepserve.evals.datasets import GPQA_PASSWORD, LETTERS, load_aime24, load_gpqa_diamond, load_mmlu
 
 
 def test_headerless_mmlu_reads_as_the_reexport(datasets_dir, tmp_path):
@@ -48,3 +49,23 @@ def test_gpqa_plain_csv_and_the_authors_full_zip(datasets_dir, tmp_path):
         zf.writestr("dataset/gpqa_diamond.csv", text)
     assert load_gpqa_diamond(full) == shared
     assert len(shared) == 198
+
+
+@pytest.mark.parametrize("task, relpath", [("ceval", "ceval/ceval-exam.zip"),
+                                           ("gpqa_diamond", "gpqa_diamond/gpqa_diamond.zip")])
+def test_a_broken_zip_is_one_line(tmp_path, capsys, monkeypatch, task, relpath):
+    """An error page saved under the zip's name (a failed download) is named, not a traceback."""
+    (tmp_path / relpath).parent.mkdir()
+    (tmp_path / relpath).write_text("<html>429 Too Many Requests</html>")
+    monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)
+    assert main(["eval", "--base-url", "http://127.0.0.1:9", "--model", "m", "--max-tokens", "8",
+                 "--tasks", task, "--data-path", str(tmp_path), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"deepserve eval: error: {tmp_path / relpath}: not a readable zip (File is not a zip file); fetch it again"]
+
+
+def test_jsonl_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "aime").mkdir()
+    (tmp_path / "aime" / "test.jsonl").write_bytes(b'{"problem": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"aime/test.jsonl: not UTF-8 text \(invalid start byte at byte 13\)"):
+        load_aime24(tmp_path)
