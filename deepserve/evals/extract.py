@@ -168,10 +168,12 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         # an option, "the answer choice is C" / "Answer: option C" choose one
         (rf"(?i:answer)\s*(?:(?i:option|choice)\s*(?i:is|:|：)\s*[:：]?|(?i:is|:|：)\s*[:：]?\s*"
          rf"(?:(?i:option|choice)\s*)?)?\s*[\(\[]?({L})(?![\w'’])", 0),
-        (rf"答案\s*(?:是|为|應為|应为|选|：|:)*\s*[\(（]?({L})", 0),
+        (rf"答案\s*(?:应该|應該|应当|應當|就)?\s*(?:是|为|為|應為|应为|选|選|：|:)*\s*[\(（]?({L})", 0),
         (rf"(?:正确|正確|最佳|应|應)的?(?:选项|選項|选择|選擇)\s*(?:是|为|為|：|:)*\s*[\(（]?({L})(?![a-zA-Z])", -1),
         (rf"(?i:correct|right|best)\s+(?i:option|choice)\s*(?i:is|:)?\s*[\(\[]?({L})(?![\w'’])", -1),
         (rf"(?:选|選)(?:择|擇)?\s*[\(（]?({L})(?![a-zA-Z])", -1),
+        # "选项B正确" / "B选项正确" / "故B正确" / "B是正确的": option B is right
+        (rf"(?<![a-zA-Z])({L})\s*(?:选项|選項|项|項)?\s*(?:是|为|為)?\s*(?:正确|正確)", -1),
     ]
     for pattern, which in strong:
         hits = re.findall(pattern, text)
@@ -186,9 +188,10 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     if hits:
         return hits[-1]
     # Bare letters in prose: skip "A " / "I " followed by a lowercase word (article, pronoun),
-    # and letters glued to other word characters ("A-level", "I'm").
+    # and letters glued to other Latin letters or digits ("A-level", "I'm"); next to Chinese
+    # characters a letter stands alone ("因此B是对的").
     candidates = []
-    for m in re.finditer(rf"(?<![\w'’-])({L})(?![\w'’-])", text):
+    for m in re.finditer(rf"(?<![A-Za-z0-9_'’-])({L})(?![A-Za-z0-9_'’-])", text):
         after = text[m.end():m.end() + 3]
         if re.match(r"\s+[a-z]", after):
             continue

@@ -3,7 +3,8 @@ a unit; "answer choice A" in a multiple-choice reply names an option, it does no
 Minerva's "The final answer is $X$. I hope it is correct." gives X; a GSM8K box holding a
 worked equation gives its result; MATH-500's mixed numbers ("1\\frac{4}{5}") are sums and its
 text answers ("\\text{east}") match in any case, and roots written "x = 1 \\text{ or } x = -2"
-are the list "1, -2", as PRM800K's grader has them."""
+are the list "1, -2", as PRM800K's grader has them; C-Eval replies that call an option right
+("选项B正确", "答案应该是B", "因此B是对的") choose it."""
 import pytest
 
 from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
@@ -93,3 +94,16 @@ def test_mixed_numbers_and_text_answers(pred, gold, equal):
 ])
 def test_roots_joined_by_or(pred, gold, equal):
     assert judge(pred, gold).equal == equal
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("选项B正确。", "B"),
+    ("B选项正确", "B"),
+    ("分析：A错误，C错误，D错误，故B正确。", "B"),
+    ("选项A不正确，选项B正确", "B"),
+    ("答案应该是B", "B"),
+    ("因此，B是正确的。", "B"),
+    ("A项是错误的，因此B对", "B"),         # a bare letter beside Chinese characters
+])
+def test_ceval_option_called_right(reply, letter):
+    assert extract_choice(reply, "ABCD") == letter
