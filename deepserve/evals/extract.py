@@ -61,8 +61,9 @@ def all_boxed(text: str) -> list[str]:
 
 
 def extract_boxed(text: str) -> str | None:
-    """The last boxed expression, or None. Several boxes in one answer: the last one wins."""
-    boxes = all_boxed(text)
+    """The last boxed expression, or None. Several boxes in one answer: the last one wins; an
+    empty `\\boxed{}` (the prompt's instruction quoted back) is none."""
+    boxes = [box for box in all_boxed(text) if box]
     return boxes[-1] if boxes else None
 
 

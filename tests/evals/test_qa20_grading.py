@@ -4,7 +4,8 @@ Minerva's "The final answer is $X$. I hope it is correct." gives X; a GSM8K box 
 worked equation gives its result; MATH-500's mixed numbers ("1\\frac{4}{5}") are sums and its
 text answers ("\\text{east}") match in any case, and roots written "x = 1 \\text{ or } x = -2"
 are the list "1, -2", as PRM800K's grader has them; C-Eval replies that call an option right
-("选项B正确", "答案应该是B", "因此B是对的") choose it."""
+("选项B正确", "答案应该是B", "因此B是对的") choose it; an empty \\boxed{} quoted from the
+prompt is no answer."""
 import pytest
 
 from deepserve.evals.extract import extract_choice, extract_math_answer, extract_number
@@ -107,3 +108,12 @@ def test_roots_joined_by_or(pred, gold, equal):
 ])
 def test_ceval_option_called_right(reply, letter):
     assert extract_choice(reply, "ABCD") == letter
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("So the answer is \\boxed{42}. (I put the final answer within \\boxed{} as asked.)", "42"),
+    ("\\boxed{ }", None),
+])
+def test_an_empty_box_is_not_the_answer(reply, answer):
+    assert extract_math_answer(reply) == answer
+    assert extract_number(reply) == answer
