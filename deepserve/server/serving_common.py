@@ -15,6 +15,7 @@ from typing import AsyncIterator, Optional, Type, TypeVar
 import anyio
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
@@ -148,16 +149,20 @@ def query_flag(request: Request, name: str) -> bool:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes with 413 (without reading it all)."""
+    """The request body, refusing more than `limit` bytes with 413 (without reading it all); a
+    client gone before its body's end raises ClientDisconnected (no one is left to answer)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected() from None
     return b"".join(chunks)
 
 

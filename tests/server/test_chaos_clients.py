@@ -1,0 +1,51 @@
+"""Hostile and unlucky clients against a running server: each leaves the server answering, the
+greedy text of a request sent afterwards unchanged, every KV block free, and no traceback in
+the server's log (a client going away is no server error)."""
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+from conftest import API_KEY, wait_for
+from test_server_load import idle
+
+from deepserve.server.metrics import parse_metrics
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+def answered(url: str, handler: str) -> float:
+    """HTTP requests on `handler` the server has finished with, whatever their status."""
+    values = parse_metrics(httpx.get(url + "/metrics").text)
+    return sum(v for k, v in values.items() if k.startswith("http_requests_total{") and f'handler="{handler}"' in k)
+
+
+def greedy(url: str) -> str:
+    body = {"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"])
+def test_half_sent_body_is_no_server_error(demo_server, path):
+    """A client that sends half its body and leaves: no 'unhandled error' traceback, no 500 counted
+    (vLLM's FastAPI body reading ends it without a traceback)."""
+    url = demo_server.url
+    solo = greedy(url)
+    wait_for(lambda: idle(url), timeout=20)
+    before, logged = answered(url, path), len(demo_server.lines)
+    body = json.dumps({"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 8}).encode()
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), API_KEY.encode(), len(body)) + body[:len(body) // 2])
+    wait_for(lambda: answered(url, path) == before + 1, timeout=10)
+    assert greedy(url) == solo
+    wait_for(lambda: idle(url), timeout=10)
+    log = "".join(demo_server.lines[logged:])
+    assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+    values = parse_metrics(httpx.get(url + "/metrics").text)
+    failed = {k: v for k, v in values.items() if k.startswith("http_requests_total{") and 'status="5xx"' in k
+              and f'handler="{path}"' in k}
+    assert not failed, failed
