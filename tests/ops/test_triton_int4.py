@@ -30,6 +30,17 @@ def _operands(n, k, group, zeros, g_idx, seed):
     return qweight, scales, z, gi
 
 
+@pytest.fixture(params=[True, False], ids=["block_ptrs", "pointer_tensors"])
+def block_ptrs(request, monkeypatch):
+    """Both ways the W4A8 and MMA kernels step their tiles along K (`_common.BLOCK_PTRS`): block
+    pointers where this Triton has them (before 3.9), pointer tensors with a row mask always."""
+    from deepserve.ops.triton import _common
+    if request.param and not _common.BLOCK_PTRS:
+        pytest.skip(f"Triton {_common.triton.__version__} has no block pointers")
+    monkeypatch.setattr(_common, "BLOCK_PTRS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("n,k,group,zeros,g_idx", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,7 +73,7 @@ def test_int4_kernel_leading_dims_and_empty_batch(triton_ops, cpu_only):
 @pytest.mark.parametrize("m,n,k,group,zeros", [(1, 40, 64, 32, True), (20, 37, 128, 128, False),
                                                (5, 24, 96, 32, True), (3, 16, 192, 64, False),
                                                (17, 40, 256, 64, False), (18, 40, 256, 256, False)])
-def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group, zeros, setting):
+def test_w4a8_int8_dot_kernel_matches_the_torch_op(triton_ops, cpu_only, block_ptrs, m, n, k, group, zeros, setting):
     """Both W4A8 kernels (weights as the dot's second operand; symmetric weights also as its first,
     unpacked in parity order against parity-ordered activations, rescaled in the same step or
     the next) against the torch op: rows and columns past a tile's edge, several K steps, bias;
@@ -277,7 +288,7 @@ def test_w4a8_ptx_unpack_only_on_nvidia(monkeypatch):
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 48, 256, 128), (3, 40, 384, 64), (2, 70, 256, 256), (4, 16, 128, 128)])
-def test_int4_gemv_mma_path_matches_the_torch_op(triton_ops, cpu_only, m, n, k, group):
+def test_int4_gemv_mma_path_matches_the_torch_op(triton_ops, cpu_only, block_ptrs, m, n, k, group):
     """The GEMV's tensor-core path (launch setting MMA 1, int4_mma.py): bf16 weights (u - 8) * s
     unpacked in pair order against pair-ordered activations, rows padded to 16, ragged last tile,
     bias, nibbles 0 and 15: the torch op's output within bf16 rounding (same weights, fp32 sums

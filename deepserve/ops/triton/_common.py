@@ -40,6 +40,39 @@ def repeat_words(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.reshape(tl.join(pp, pp), [BLOCK_N, BLOCK_K])
 
 
+# Triton 3.9 removed block pointers (tl.make_block_ptr keeps its name but raises); there the
+# kernels that step a tile along K through one take a pointer tensor and a row mask instead.
+BLOCK_PTRS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+@triton.jit
+def row_tile(base, n_rows, n_cols, stride, row0, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+             BLOCK_PTR: tl.constexpr):
+    """Rows [row0, row0 + BLOCK_ROWS) and columns [0, BLOCK_COLS) of the row-major [n_rows, n_cols]
+    matrix at `base` (unit column stride): a block pointer with BLOCK_PTR, else a pointer tensor.
+    Read with load_rows (rows past n_rows read 0), moved along the columns with advance_cols."""
+    if BLOCK_PTR:
+        return tl.make_block_ptr(base, (n_rows, n_cols), (stride, 1), (row0, 0), (BLOCK_ROWS, BLOCK_COLS), (1, 0))
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
+    return base + rows[:, None].to(tl.int64) * stride + tl.arange(0, BLOCK_COLS)[None, :]
+
+
+@triton.jit
+def load_rows(tile, rows_ok, BLOCK_PTR: tl.constexpr):
+    """row_tile's tile, zero in rows past the matrix (rows_ok [BLOCK_ROWS]: the rows inside)."""
+    if BLOCK_PTR:
+        return tl.load(tile, boundary_check=(0,), padding_option="zero")
+    return tl.load(tile, mask=rows_ok[:, None], other=0)
+
+
+@triton.jit
+def advance_cols(tile, cols, BLOCK_PTR: tl.constexpr):
+    """row_tile's tile moved `cols` columns on."""
+    if BLOCK_PTR:
+        return tl.advance(tile, (0, cols))
+    return tile + cols
+
+
 @functools.lru_cache(maxsize=8)
 def _properties(device_index: int):
     return torch.cuda.get_device_properties(device_index)

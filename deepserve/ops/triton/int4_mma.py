@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import dot_dtype, repeat_words
+from deepserve.ops.triton import _common
+from deepserve.ops.triton._common import advance_cols, dot_dtype, load_rows, repeat_words, row_tile
 
 # q = 0: no shift; q = 1, 2, 3: the pair moved down 4q bits; 0x4300 is bf16 128, 0x4308 bf16 136
 # ($5: 0x43004300 from a runtime argument, so that the mask and the OR are one LOP3 with the
@@ -73,21 +74,21 @@ def pair_order(a, ROWS: tl.constexpr, SUB_C: tl.constexpr, PAIRS: tl.constexpr):
 @triton.jit
 def _int4_mma_kernel(x_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_ym, magic,
                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_PTR: tl.constexpr):
     """acc [BN, BM] += ((u - 8) * s)[BN, BK] @ x^T [BK, BM] over K; K is a multiple of BLOCK_K and
-    every step lies inside one group."""
+    every step lies inside one group. The packed words are read through a block pointer with
+    BLOCK_PTR (`_common.BLOCK_PTRS`)."""
     C: tl.constexpr = BLOCK_K // 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
-    p_blk = tl.make_block_ptr(qw_ptr, (N, K // 8), (stride_qn, 1), (tl.program_id(0) * BLOCK_N, 0), (BLOCK_N, C),
-                              (1, 0))
+    p_blk = row_tile(qw_ptr, N, K // 8, stride_qn, tl.program_id(0) * BLOCK_N, BLOCK_N, C, BLOCK_PTR)
     s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
-        p_blk = tl.advance(p_blk, (0, C))
+        p = load_rows(p_blk, n_ok, BLOCK_PTR)                                                       # [BN, C]
+        p_blk = advance_cols(p_blk, C, BLOCK_PTR)
         s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)
         w = unpack_pairs(p, magic, BLOCK_N, BLOCK_K, ASM)                                          # bf16 [BN, BK]
         if ASM:     # one bf16x2 multiply a pair
@@ -126,6 +127,6 @@ def int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     _int4_mma_kernel[(triton.cdiv(n, bn),)](
         x2, qweight, scales, bias if bias is not None else y, y, m, n, k, x2.stride(0), qweight.stride(0),
         scales.stride(0), y.stride(0), BF16_128_PAIR, GROUP=group_size, HAS_BIAS=bias is not None, ASM=asm, DOT_DTYPE=dot_dtype(x2.dtype),
-        BLOCK_N=bn, BLOCK_K=block_k, BLOCK_M=ROWS, num_warps=cfg.get("MMA_WARPS", 4),
+        BLOCK_N=bn, BLOCK_K=block_k, BLOCK_M=ROWS, BLOCK_PTR=_common.BLOCK_PTRS, num_warps=cfg.get("MMA_WARPS", 4),
         num_stages=cfg.get("MMA_STAGES", 3))
     return y

@@ -31,7 +31,9 @@ import triton.language as tl
 from deepserve.ops.int4 import check_int4_operands
 from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, interpreting, repeat_words, unpack_by_ptx
+from deepserve.ops.triton import _common
+from deepserve.ops.triton._common import (advance_cols, as_rows, interpreting, load_rows, repeat_words, row_tile,
+                                             unpack_by_ptx)
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_int8 import quant_rows_int8
 
@@ -91,15 +93,15 @@ def _unpack_tile_asm(p, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn, stride_sn, pid_m, pid_n,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tile (pid_m, pid_n)'s row and column indices, block pointers to its activations [BM, BK]
-    and packed words [BN, BK / 8] at K = 0 (stepped along K without per-element pointer tensors
-    held across the loop, which spilled on sm_90) and its rows' scale pointers."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PTR: tl.constexpr):
+    """Tile (pid_m, pid_n)'s row and column indices, tiles of its activations [BM, BK] and packed
+    words [BN, BK / 8] at K = 0 (`_common.row_tile`: block pointers with BLOCK_PTR, stepped along
+    K without per-element pointer tensors held across the loop, which spilled on sm_90) and its
+    rows' scale pointers."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_blk = tl.make_block_ptr(a_ptr, (M, K), (stride_am, 1), (pid_m * BLOCK_M, 0), (BLOCK_M, BLOCK_K), (1, 0))
-    p_blk = tl.make_block_ptr(qw_ptr, (N, K // 8), (stride_qn, 1), (pid_n * BLOCK_N, 0), (BLOCK_N, BLOCK_K // 8),
-                              (1, 0))
+    a_blk = row_tile(a_ptr, M, K, stride_am, pid_m * BLOCK_M, BLOCK_M, BLOCK_K, BLOCK_PTR)
+    p_blk = row_tile(qw_ptr, N, K // 8, stride_qn, pid_n * BLOCK_N, BLOCK_N, BLOCK_K // 8, BLOCK_PTR)
     return offs_m, offs_n, a_blk, p_blk, s_ptr + offs_n.to(tl.int64) * stride_sn
 
 
@@ -107,7 +109,8 @@ def _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn, stride_s
 def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
                       stride_am, stride_qn, stride_sn, stride_ym,
                       GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_PTR: tl.constexpr):
     """y = (a_q @ (u - z)^T per group * s) * a_scale (+ b). K is a multiple of BLOCK_K and every
     K step lies inside one group. The weight tile is read as [BLOCK_N, BLOCK_K / 8] packed words
     (each row's words contiguous: whole 32-byte sectors, every word once) and unpacked in
@@ -116,15 +119,15 @@ def _w4a8_gemm_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K
     C: tl.constexpr = BLOCK_K // 8
     offs_m, offs_n, a_blk, p_blk, s_rows = _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn,
                                                           stride_sn, tl.program_id(0), tl.program_id(1),
-                                                          BLOCK_M, BLOCK_N, BLOCK_K)
+                                                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_PTR)
     m_ok, n_ok = offs_m < M, offs_n < N
     z_rows = z_ptr + offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_blk, boundary_check=(0,), padding_option="zero")                              # int8 [BM, BK]
-        p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
-        a_blk = tl.advance(a_blk, (0, BLOCK_K))
-        p_blk = tl.advance(p_blk, (0, C))
+        a = load_rows(a_blk, m_ok, BLOCK_PTR)                                                       # int8 [BM, BK]
+        p = load_rows(p_blk, n_ok, BLOCK_PTR)                                                       # [BN, C]
+        a_blk = advance_cols(a_blk, BLOCK_K, BLOCK_PTR)
+        p_blk = advance_cols(p_blk, C, BLOCK_PTR)
         g = k0 // GROUP
         if HAS_ZP:
             z = tl.load(z_rows + g, mask=n_ok, other=8).to(tl.int32)[:, None]
@@ -191,7 +194,8 @@ def _unpack_parity_tile(p, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl
 def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
                     stride_am, stride_qn, stride_sn, stride_ym,
                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, OVERLAP: tl.constexpr,
-                    ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_PTR: tl.constexpr):
     """Symmetric weights, y^T tile by tile: acc [BN, BM] += (w16 [BN, BK] @ a^T [BK, BM]) * s[:, None]
     per K step (one group), w16 = 16 (u - 8) unpacked in registers as the dot's first operand
     and the parity-ordered int8 activations as its second; a thread's rows of the result are
@@ -202,16 +206,16 @@ def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
     C: tl.constexpr = BLOCK_K // 8
     offs_m, offs_n, a_blk, p_blk, s_rows = _tile_operands(a_ptr, qw_ptr, s_ptr, M, N, K, stride_am, stride_qn,
                                                           stride_sn, tl.program_id(1), tl.program_id(0),
-                                                          BLOCK_M, BLOCK_N, BLOCK_K)
+                                                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_PTR)
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     d_prev = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
     s_prev = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_blk, boundary_check=(0,), padding_option="zero")                              # int8 [BM, BK]
-        p = tl.load(p_blk, boundary_check=(0,), padding_option="zero")                              # [BN, C]
-        a_blk = tl.advance(a_blk, (0, BLOCK_K))
-        p_blk = tl.advance(p_blk, (0, C))
+        a = load_rows(a_blk, m_ok, BLOCK_PTR)                                                       # int8 [BM, BK]
+        p = load_rows(p_blk, n_ok, BLOCK_PTR)                                                       # [BN, C]
+        a_blk = advance_cols(a_blk, BLOCK_K, BLOCK_PTR)
+        p_blk = advance_cols(p_blk, C, BLOCK_PTR)
         w = _unpack_parity_tile(p, BLOCK_N, BLOCK_K, ASM)                                           # [BN, BK]
         if ONE_GROUP:
             # one scale a row (channel scales): the int32 sum runs over all of K, exact
@@ -262,7 +266,8 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     # w4a8 measures them; benchmarks/sass_int4.py w4a8 shows each tile's registers, shared memory and loop)
     cfg = launch_settings("int4", x.device, kernel="w4a8", m=m, n=n, k=k, groups=k // group_size)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_PTR=_common.BLOCK_PTRS, num_warps=cfg["num_warps"],
+                  num_stages=cfg.get("num_stages", 3))
     b = bias if bias is not None else y
     if zeros is None and cfg.get("SWAP_AB", 0):
         xq, xs = quant_rows_int8(x2, parity_lanes=True)
