@@ -12,7 +12,7 @@ from deepserve import LLM, SamplingParams
 from deepserve.engine.dp_engine import DataParallelEngine
 from tests.conftest import DEMO_MODEL
 from tests.server.conftest import launch
-from tests.server.test_server_worker_death import kill_and_see_it_named, spawned_children
+from tests.server.test_server_worker_death import LONG_CONTEXT, kill_and_see_it_named, spawned_children
 
 PARAMS = [SamplingParams(temperature=0, max_tokens=20, stop=[" Lily"]),
           SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2),
@@ -44,7 +44,7 @@ def _first_completion(server) -> None:
 
 
 def test_server_fails_health_when_the_core_dies():
-    server = launch("--block-size", "4", timeout=180)   # deepserve serve: the core apart by default
+    server = launch("--block-size", "4", *LONG_CONTEXT, timeout=180)   # deepserve serve: the core apart by default
     try:
         _first_completion(server)
         assert httpx.get(server.url + "/health").status_code == 200
@@ -56,7 +56,7 @@ def test_server_fails_health_when_the_core_dies():
 
 
 def test_two_api_servers_fail_health_and_exit_when_the_core_dies():
-    server = launch("--api-server-count", "2", "--block-size", "4", timeout=240)
+    server = launch("--api-server-count", "2", "--block-size", "4", *LONG_CONTEXT, timeout=240)
     try:
         _first_completion(server)
         children = spawned_children(server)

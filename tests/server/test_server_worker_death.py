@@ -50,12 +50,14 @@ def settled_output(server, quiet_s: float = 0.5, limit_s: float = 10.0) -> str:
 
 def _stream_started(server) -> list:
     """A long streamed completion, in a thread, once its first chunk has come; the list gets
-    the stream's last event."""
-    model = httpx.get(server.v1 + "/models").json()["data"][0]["id"]
+    the stream's last event. It runs to the server's context (LONG_CONTEXT: a few thousand
+    steps), so that it is still in flight when the test kills a rank on a loaded machine."""
+    card = httpx.get(server.v1 + "/models").json()["data"][0]
     started, last = threading.Event(), []
 
     def run() -> None:
-        body = {"model": model, "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        body = {"model": card["id"], "prompt": "Once", "max_tokens": card["max_model_len"] - 8, "ignore_eos": True,
+                "stream": True}
         with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
@@ -66,6 +68,11 @@ def _stream_started(server) -> list:
     threading.Thread(target=run, daemon=True).start()
     assert started.wait(60)
     return last
+
+
+# the demo model served with a context of 4,096 positions (it was trained on 512: the tokens past
+# that are noise, which these tests do not read)
+LONG_CONTEXT = ("--hf-overrides", '{"max_position_embeddings": 4096}')
 
 
 def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0, in_flight: bool = False) -> None:
@@ -94,7 +101,7 @@ def kill_and_see_it_named(server, pid: int, name: str, limit_s: float = 30.0, in
 
 @pytest.mark.parametrize("rank", [1, 0])   # 0: the engine core, whose TP peer then loses its driver
 def test_dead_worker_fails_health_and_exits(rank):
-    server = launch("--tensor-parallel-size", "2", "--block-size", "4", timeout=180)
+    server = launch("--tensor-parallel-size", "2", "--block-size", "4", *LONG_CONTEXT, timeout=180)
     try:
         model = httpx.get(server.v1 + "/models").json()["data"][0]["id"]
         r = httpx.post(server.v1 + "/completions", json={"model": model, "prompt": [1], "max_tokens": 12,
