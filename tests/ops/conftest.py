@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,34 @@ def triton_ops():
 def cpu_only():
     if HAS_CUDA:
         pytest.skip("interpreter tests run on CPU-only hosts; the gpu tests cover this host")
+
+
+@pytest.fixture(autouse=True)
+def bool_masks(monkeypatch):
+    """Interpreted loads and stores take bool masks only, as Triton 3.9's interpreter does. 3.6's
+    also reads an int32 mask, which is what `block & scalar` gives there (the scalar condition
+    is widened when broadcast), so a kernel that passes here runs interpreted on both."""
+    if HAS_CUDA:
+        return
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return
+    load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+    def check(mask):
+        # a TensorHandle, or the bare array a block pointer's bounds give
+        data = mask if isinstance(mask, np.ndarray) else mask.data
+        if data.dtype != np.bool_:
+            raise ValueError(f"mask has unsupported dtype {data.dtype} (Triton 3.9's interpreter takes bool)")
+
+    def checked_load(self, ptrs, mask, *rest, **kw):
+        check(mask)
+        return load(self, ptrs, mask, *rest, **kw)
+
+    def checked_store(self, ptrs, value, mask, *rest, **kw):
+        check(mask)
+        return store(self, ptrs, value, mask, *rest, **kw)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", checked_load)
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_store", checked_store)

@@ -73,6 +73,20 @@ def advance_cols(tile, cols, BLOCK_PTR: tl.constexpr):
     return tile + cols
 
 
+@triton.jit
+def and_scalar(mask, cond):
+    """mask & cond for a block mask and a scalar condition, as a select: Triton 3.9's interpreter
+    widens `block & scalar` to int32, which its loads and stores refuse as a mask."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
+def scalar_mask(cond, like):
+    """The scalar condition cond as a block mask of like's shape (what a load or store would
+    broadcast it to, but in bool: see and_scalar)."""
+    return and_scalar(tl.full(like.shape, 1, tl.int1), cond)
+
+
 @functools.lru_cache(maxsize=8)
 def _properties(device_index: int):
     return torch.cuda.get_device_properties(device_index)

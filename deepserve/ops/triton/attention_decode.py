@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import pdl_begin, round_to_e4m3
+from deepserve.ops.triton._common import and_scalar, pdl_begin, round_to_e4m3, scalar_mask
 
 LOG2E = 1.4426950408889634
 
@@ -184,7 +184,7 @@ def _decode_split_kernel(
     mid_row, l_safe = _store_split_lse(mid_lse_ptr, m_i, l_i, nonempty, b, heads, h_mask, n_heads, split, num_splits)
     tl.store(mid_o_ptr + mid_row[:, None] * BLOCK_DV + offs_dv[None, :],
              (acc * (v_scale / l_safe)[:, None]).to(mid_o_ptr.dtype.element_ty),
-             mask=h_mask[:, None] & nonempty)
+             mask=and_scalar(h_mask[:, None], nonempty))
 
 
 @triton.jit
@@ -214,12 +214,12 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, 
     for s in range(0, num_splits):
         lse_s = tl.load(mid_lse_ptr + base + s)
         # an empty split stored no output: do not read it
-        part = tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv, mask=lse_s > float("-inf"),
+        part = tl.load(mid_o_ptr + (base + s) * BLOCK_DV + offs_dv, mask=scalar_mask(lse_s > float("-inf"), offs_dv),
                        other=0.0).to(tl.float32)
         acc += tl.exp2(lse_s - m) * part
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty),
-             mask=(offs_dv < dv) & has_row)
+             mask=and_scalar(offs_dv < dv, has_row))
 
 
 @triton.jit
@@ -259,7 +259,7 @@ def _merge_splits_kernel(mid_o_ptr, mid_lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, n
         acc = acc * alpha + tl.sum(tl.where(lse[:, None] > float("-inf"), w[:, None] * part, 0.0), axis=0)
         total = total * alpha + tl.sum(w, axis=0)
     out = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=dv_mask & has_row)
+    tl.store(out_ptr + q_start * o_st + h * o_sh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=and_scalar(dv_mask, has_row))
 
 
 @triton.jit
@@ -286,7 +286,7 @@ def _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, qsl_ptr, o_st, o_sh, b, heads,
     q_start = tl.load(qsl_ptr + b).to(tl.int64)
     has_row = tl.load(qsl_ptr + b + 1) > q_start
     tl.store(out_ptr + q_start * o_st + heads[:, None] * o_sh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=h_mask[:, None] & d_ok[None, :] & has_row)
+             mask=and_scalar(h_mask[:, None] & d_ok[None, :], has_row))
 
 
 @triton.jit(do_not_specialize=["num_splits", "bt_stride"], do_not_specialize_on_alignment=SEQ_ARRAYS)
@@ -377,7 +377,7 @@ def _mla_decode_fp8_kernel(
     out_d = _dv_order(offs_d, DV_RUN // 2, DV_WG) if DV_RUN > 1 else offs_d             # acc row -> latent dim
     tl.store(mid_o_ptr + mid_row[None, :] * BLOCK_D + out_d[:, None],
              (acc * (v_scale / l_safe)[None, :]).to(mid_o_ptr.dtype.element_ty),
-             mask=h_mask[None, :] & (out_d[:, None] < dv) & nonempty)
+             mask=and_scalar(h_mask[None, :] & (out_d[:, None] < dv), nonempty))
     if FUSED_MERGE:
         # the row's last split to finish merges them all: every thread's stores above come
         # before the barrier, the counter's release publishes them at GPU scope, and the

@@ -36,7 +36,7 @@ from deepserve.ops.moe import fused_moe as fused_moe_torch
 from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
-from deepserve.ops.triton._common import dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
+from deepserve.ops.triton._common import and_scalar, dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_align import align_by_expert
@@ -231,7 +231,7 @@ def _sum_slots_kernel(y_ptr, ids_ptr, topk_w_ptr, add_ptr, out_ptr, hidden, n_ex
         e = tl.load(ids_ptr + tok * TOP_K + j)
         local = (e >= 0) & (e < n_experts)
         w = tl.load(topk_w_ptr + tok * TOP_K + j)
-        acc += w * tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=mask & local, other=0.0).to(tl.float32)
+        acc += w * tl.load(y_ptr + (tok * TOP_K + j) * hidden + offs, mask=and_scalar(mask, local), other=0.0).to(tl.float32)
     out = acc.to(out_ptr.dtype.element_ty)
     if ADD:
         add = tl.load(add_ptr + tok * hidden + offs, mask=mask, other=0.0)

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton._common import and_scalar, next_pow2, pdl_begin, pdl_launch, unit_last
 from deepserve.ops.triton.fused_moe_small_mma import (_routed_slot, _silu_mul_store, act_quantized_by_gate_up,
                                                      down_mma, gate_up_mma)
 from deepserve.ops.triton.launch_config import launch_settings
@@ -90,7 +90,7 @@ def _gemv_step(acc, acc_rows, w_rows, a_ptr, k0, k_len, s_ptr, rows, row_ok, s_s
         if FP8:
             # a slice wholly past K (a step of several scale blocks at a ragged end) has no
             # scale column: its weights load as zeros, and its scale must not be read either
-            s_ok = row_ok if EVEN_K else row_ok & (k0 + sub * SUB_K < k_len)
+            s_ok = row_ok if EVEN_K else and_scalar(row_ok, k0 + sub * SUB_K < k_len)
             s_row = rows if ROW_SCALES else rows // SCALE_BLOCK
             s = tl.load(s_ptr + s_row * s_sn + (k0 // SCALE_BLOCK + sub) * s_sk, mask=s_ok, other=0.0)
             acc_rows += tl.sum(w.to(tl.float32) * a, axis=1) * s
@@ -214,7 +214,7 @@ def _down_all_slots(act_row, ids_row, tw_row, w_ptr, ws_ptr, sw_ptr, sws_ptr, of
                 if EVEN_K:
                     s = tl.load(s_rows + kb * s_sk, mask=s_ok, other=0.0)
                 else:
-                    s = tl.load(s_rows + kb * s_sk, mask=s_ok & (kb * SCALE_BLOCK < inter), other=0.0)
+                    s = tl.load(s_rows + kb * s_sk, mask=and_scalar(s_ok, kb * SCALE_BLOCK < inter), other=0.0)
                 y += tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2) * s
             else:
                 acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.quant import FP8_GROUP, FP8_MAX
-from deepserve.ops.triton._common import next_pow2, pdl_begin, pdl_launch, quantize_e4m3
+from deepserve.ops.triton._common import and_scalar, next_pow2, pdl_begin, pdl_launch, quantize_e4m3, scalar_mask
 from deepserve.ops.triton.quant_gemm import act_quant_fp8, row_group_operand
 
 
@@ -166,13 +166,13 @@ def _down_step(acc, x_row, xs_row, g, col, use, k_len, w_rows, s_ptrs, n_ok, col
     row at x_row, in column `col`; nothing is read where not `use`. EVEN_N: every row exists."""
     offs = g * GROUP + kk
     if EVEN_K:
-        k_ok = (kk < GROUP) & use
+        k_ok = and_scalar(kk < GROUP, use)
         if EVEN_N:
-            w_ok = use
+            w_ok = scalar_mask(use, offs[None, :])
         else:
-            w_ok = n_ok[:, None] & use
+            w_ok = and_scalar(n_ok[:, None], use)
     else:
-        k_ok = (offs < k_len) & use
+        k_ok = and_scalar(offs < k_len, use)
         if EVEN_N:
             w_ok = k_ok[None, :]
         else:
@@ -180,9 +180,9 @@ def _down_step(acc, x_row, xs_row, g, col, use, k_len, w_rows, s_ptrs, n_ok, col
     q_cols, a_s = row_group_operand(x_row, xs_row, offs, k_ok, g, use, col, cols, w_rows.dtype.element_ty, QUANT_IN, QMAX)
     w = tl.load(w_rows + offs[None, :], mask=w_ok, other=0.0)                          # [BN, GROUP] e4m3
     if EVEN_N:
-        w_s = tl.load(s_ptrs, mask=use, other=0.0)
+        w_s = tl.load(s_ptrs, mask=scalar_mask(use, s_ptrs), other=0.0)
     else:
-        w_s = tl.load(s_ptrs, mask=n_ok & use, other=0.0)
+        w_s = tl.load(s_ptrs, mask=and_scalar(n_ok, use), other=0.0)
     return acc + tl.dot(w, q_cols) * (w_s * a_s)[:, None]
 
 

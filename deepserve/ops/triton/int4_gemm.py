@@ -45,7 +45,7 @@ import triton.language as tl
 from deepserve.ops.int4 import PACK, check_int4_operands
 from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+from deepserve.ops.triton._common import (and_scalar, as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows, unpack_by_ptx)
 from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
 from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pairs
@@ -386,7 +386,7 @@ def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: 
     c_ok = offs_c < c_end
     w = _load_words(qw_rows, offs_c, n_ok, c_ok, EVEN)
     if PAIRS:
-        ok = n_ok & (c0 < c_end)
+        ok = and_scalar(n_ok, c0 < c_end)
         s = tl.load(s_rows + (8 * c0) // GROUP, mask=ok, other=0.0)
         # 0x43004300 (bf16 128, twice) derived from the runtime `magic` (0x4B000000), so that it
         # reaches the PTX in a register beside the mask's immediate
@@ -409,7 +409,7 @@ def dequant_tile(qw_rows, s_rows, z_rows, g_ptr, n_ok, c0, c_end, magic, GROUP: 
             BLOCK_N, SUB_C)
     if SCALES == 1:              # ROW
         g = (8 * c0) // GROUP
-        ok = n_ok & (c0 < c_end)                # (a slice wholly past the end reads no scale)
+        ok = and_scalar(n_ok, c0 < c_end)                # (a slice wholly past the end reads no scale)
         s = tl.load(s_rows + g, mask=ok, other=0.0).to(tl.float32)[:, None]
         zs = tl.load(z_rows + g, mask=ok, other=8).to(tl.float32)[:, None] * s if HAS_ZP else 0.0
     else:                        # WORD
