@@ -287,6 +287,7 @@ class EngineCore:
         self.client_of: dict[str, int] = {}       # request id -> the front end it came from
         self.gauges_sent = [0.0] * len(outboxes)   # when each front end last heard from this core
         self.work: list[Work] = []
+        self.queued_adds: dict[str, AddRequest] = {}   # request id -> its add, queued as work (`_apply`)
         self.deltas = DeltaWriter()
         engine.output_of = _state_itself  # a step returns the requests it touched; self.deltas reads them
         self.stopping = False
@@ -357,9 +358,15 @@ class EngineCore:
             if msg.params.prompt_logprobs is not None and self.sync_group is not None:
                 # scoring the prompt runs forwards: a chunk per sync round, as other work
                 self.work.append(self._add_scored(msg))
+            elif msg.params.prompt_logprobs is not None:
+                # scoring the prompt runs a forward over it at add time: queued as work, so that
+                # steps and aborts (a client gone) come between such adds, not after all of them
+                self.queued_adds[msg.request_id] = msg
+                self.work.append(Work(len(msg.prompt_ids), lambda: self._add_queued(msg)))
             else:
                 self._add(msg)
         elif isinstance(msg, AbortRequest):
+            self.queued_adds.pop(msg.request_id, None)
             self.engine.abort_request(msg.request_id)
             self.deltas.forget(msg.request_id)
             self.client_of.pop(msg.request_id, None)
@@ -404,6 +411,13 @@ class EngineCore:
                        msg.client)
             return False
 
+    def _add_queued(self, msg: AddRequest) -> bool:
+        """Add a request queued by `_apply`, unless it was aborted meanwhile."""
+        if self.queued_adds.get(msg.request_id) is not msg:
+            return False
+        del self.queued_adds[msg.request_id]
+        return self._add(msg)
+
     def _has_work(self) -> bool:
         return bool(self.work) or self.engine.has_unfinished_requests()
 
@@ -427,7 +441,7 @@ class EngineCore:
         """Without expert parallel: a replica that steps whenever it has work."""
         while not self.stopping:
             self._receive(None if not self._has_work() else 0)
-            while self.work and not self.stopping:
+            if self.work and not self.stopping:   # one item a turn: a step and new messages between
                 self.work.pop(0).run()
             if self.engine.has_unfinished_requests() and not self.stopping:
                 self._step(None)

@@ -49,3 +49,25 @@ def test_half_sent_body_is_no_server_error(demo_server, path):
     failed = {k: v for k, v in values.items() if k.startswith("http_requests_total{") and 'status="5xx"' in k
               and f'handler="{path}"' in k}
     assert not failed, failed
+
+
+def test_left_batch_of_prompt_logprobs_requests_is_dropped(demo_server):
+    """Many long prompts with prompt_logprobs (each scored by a forward when added) and a client
+    that leaves at once: the adds not yet made are dropped with the abort, not all made first
+    (which held every other request for as long)."""
+    url = demo_server.url
+    wait_for(lambda: idle(url), timeout=20)
+    key = 'deepserve:prompt_tokens_total{model_name="stories260k",engine="0"}'
+
+    def prompt_tokens() -> float:
+        return parse_metrics(httpx.get(url + "/metrics").text)[key]
+
+    solo, before = greedy(url), prompt_tokens()
+    prompt = [1] + [403, 407, 261, 378, 290, 263] * 70   # 421 tokens
+    body = {"model": "stories260k", "prompt": [prompt] * 300, "max_tokens": 8, "prompt_logprobs": 5}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=1.0)
+    assert greedy(url) == solo
+    wait_for(lambda: idle(url), timeout=20)
+    added = (prompt_tokens() - before - 4) / len(prompt)   # less greedy()'s 4-token prompt
+    assert added < 150, added
