@@ -396,3 +396,63 @@ def test_int4_gemv_split_k_merged_by_the_last_split(triton_ops, cpu_only, monkey
             got = resolve("int4_linear", "triton")[1](x, qweight, s, z, None, group, bias)
         assert got.dtype == dtype and got.shape == (m, n)
         torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2e-2)
+
+
+_LOWER_BOTH_WAYS = '''
+import sys
+import triton
+import triton.language as tl
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deepserve.ops.triton import _common, int4_mma, w4a8_gemm
+
+target = GPUTarget("cuda", 90, 32)
+backend = triton.compiler.make_backend(target)
+
+
+def lower(fn, sig, consts):
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    opts = backend.parse_options({"num_warps": 4, "num_stages": 3})
+    src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}}, consts)
+    mod = src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), ctx)
+    front = str(mod)
+    stages = {}
+    backend.add_stages(stages, opts, src.language)
+    stages["ttir"](mod, {})
+    return front
+
+
+ints = dict(M="i32", N="i32", K="i32", stride_am="i32", stride_qn="i32", stride_sn="i32", stride_ym="i32")
+w4a8 = dict(a_ptr="*i8", as_ptr="*fp32", qw_ptr="*i32", s_ptr="*fp16", b_ptr="*fp16", y_ptr="*fp16", **ints)
+mma = dict(x_ptr="*bf16", qw_ptr="*i32", s_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32",
+           stride_xm="i32", stride_qn="i32", stride_sn="i32", stride_ym="i32", magic="i32")
+for block_ptr in [False] + [True] * _common.BLOCK_PTRS:
+    tiles = dict(GROUP=128, HAS_BIAS=True, ASM=True, BLOCK_N=64, BLOCK_K=128, BLOCK_PTR=block_ptr)
+    irs = [lower(w4a8_gemm._w4a8_gemm_kernel, dict(w4a8, z_ptr="*u8"), dict(tiles, HAS_ZP=True, BLOCK_M=64)),
+           lower(w4a8_gemm._w4a8_nt_kernel, w4a8, dict(tiles, OVERLAP=1, ONE_GROUP=False, BLOCK_M=16)),
+           lower(int4_mma._int4_mma_kernel, mma, dict(tiles, DOT_DTYPE=tl.bfloat16, BLOCK_M=16))]
+    print(block_ptr, *[t.count("tt.make_tensor_ptr") for t in irs])
+'''
+
+
+def test_w4a8_and_mma_kernels_lower_for_cuda_both_ways():
+    """The W4A8 and MMA kernels lower to Triton IR for sm_90 with pointer tensors, and with block
+    pointers where this Triton has them, in a process without the interpreter (the front end
+    needs no GPU). The compiler, unlike the interpreter, also compiles what follows an `if` that
+    returns, and rejects returns of two types."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _LOWER_BOTH_WAYS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from deepserve.ops.triton import _common
+    lines = run.stdout.split("\n")
+    assert lines[0] == "False 0 0 0"           # pointer tensors: no block pointer made
+    if _common.BLOCK_PTRS:
+        assert lines[1] == "True 2 2 1"        # activations and words; words only for the MMA

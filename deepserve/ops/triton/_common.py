@@ -51,26 +51,34 @@ def row_tile(base, n_rows, n_cols, stride, row0, BLOCK_ROWS: tl.constexpr, BLOCK
     """Rows [row0, row0 + BLOCK_ROWS) and columns [0, BLOCK_COLS) of the row-major [n_rows, n_cols]
     matrix at `base` (unit column stride): a block pointer with BLOCK_PTR, else a pointer tensor.
     Read with load_rows (rows past n_rows read 0), moved along the columns with advance_cols."""
+    # one return after the branches: the compiler also compiles a return after an `if` that
+    # returns (and rejects two return types), where the interpreter stops at the first
     if BLOCK_PTR:
-        return tl.make_block_ptr(base, (n_rows, n_cols), (stride, 1), (row0, 0), (BLOCK_ROWS, BLOCK_COLS), (1, 0))
-    rows = row0 + tl.arange(0, BLOCK_ROWS)
-    return base + rows[:, None].to(tl.int64) * stride + tl.arange(0, BLOCK_COLS)[None, :]
+        tile = tl.make_block_ptr(base, (n_rows, n_cols), (stride, 1), (row0, 0), (BLOCK_ROWS, BLOCK_COLS), (1, 0))
+    else:
+        rows = row0 + tl.arange(0, BLOCK_ROWS)
+        tile = base + rows[:, None].to(tl.int64) * stride + tl.arange(0, BLOCK_COLS)[None, :]
+    return tile
 
 
 @triton.jit
 def load_rows(tile, rows_ok, BLOCK_PTR: tl.constexpr):
     """row_tile's tile, zero in rows past the matrix (rows_ok [BLOCK_ROWS]: the rows inside)."""
     if BLOCK_PTR:
-        return tl.load(tile, boundary_check=(0,), padding_option="zero")
-    return tl.load(tile, mask=rows_ok[:, None], other=0)
+        x = tl.load(tile, boundary_check=(0,), padding_option="zero")
+    else:
+        x = tl.load(tile, mask=rows_ok[:, None], other=0)
+    return x
 
 
 @triton.jit
 def advance_cols(tile, cols, BLOCK_PTR: tl.constexpr):
     """row_tile's tile moved `cols` columns on."""
     if BLOCK_PTR:
-        return tl.advance(tile, (0, cols))
-    return tile + cols
+        moved = tl.advance(tile, (0, cols))
+    else:
+        moved = tile + cols
+    return moved
 
 
 @triton.jit
