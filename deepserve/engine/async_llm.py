@@ -339,9 +339,13 @@ class AsyncLLM:
             time.sleep(0.05)
 
     def _apply(self, kind: str, payload, fut: concurrent.futures.Future) -> None:
-        # False: the caller stopped waiting (its client left, cancelling the future). The op
-        # applies all the same: the abort its generate() queued after an add finds the request.
+        # False: the caller stopped waiting (its client left, cancelling the future). Such an
+        # add is dropped (the abort its generate() queued after it finds nothing): a batch of
+        # requests whose client left is not added, each scoring its prompt_logprobs, first.
+        # Other ops apply all the same.
         waiting = fut.set_running_or_notify_cancel()
+        if kind == "add" and not waiting:
+            return
         try:
             if kind == "add":
                 request_id, prompt, params = payload

@@ -4,11 +4,12 @@ the server's log (a client going away is no server error)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import httpx
 import pytest
-from conftest import API_KEY, wait_for
+from conftest import API_KEY, launch, wait_for
 from test_server_load import idle
 
 from deepserve.server.metrics import parse_metrics
@@ -51,11 +52,25 @@ def test_half_sent_body_is_no_server_error(demo_server, path):
     assert not failed, failed
 
 
-def test_left_batch_of_prompt_logprobs_requests_is_dropped(demo_server):
+@pytest.fixture(scope="module")
+def engine_thread_server():
+    """The demo model with its engine in a thread of the API server (no engine-core process)."""
+    os.environ["DEEPSERVE_ENGINE_CORE_PROCESS"] = "0"
+    try:
+        server = launch("--num-gpu-blocks-override", "256")
+    finally:
+        del os.environ["DEEPSERVE_ENGINE_CORE_PROCESS"]
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("layout", ["demo_server", "engine_thread_server"])
+def test_left_batch_of_prompt_logprobs_requests_is_dropped(request, layout):
     """Many long prompts with prompt_logprobs (each scored by a forward when added) and a client
     that leaves at once: the adds not yet made are dropped with the abort, not all made first
-    (which held every other request for as long)."""
-    url = demo_server.url
+    (which held every other request for as long), with the engine in a core process or in a
+    thread of the server."""
+    url = request.getfixturevalue(layout).url
     wait_for(lambda: idle(url), timeout=20)
     key = 'deepserve:prompt_tokens_total{model_name="stories260k",engine="0"}'
 
