@@ -253,8 +253,11 @@ def run(args: argparse.Namespace) -> int:
             if not dry_run:   # what rank 0 needs here (USE_FLAGGEMS's FlagGems, GLOO_SOCKET_IFNAME's interface)
                 check_ops_backend(engine_args)
                 check_gloo_interface(engine_args)
-        return serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
-                                dry_run=dry_run, weights_format=plan_cli.weights_format)
+        rc = serve_on_cluster(runner, envs, engine_kwargs, lambda kw: _serve(kw, server),
+                              dry_run=dry_run, weights_format=plan_cli.weights_format)
+        if dry_run and rc == 0:
+            _print_server(server)
+        return rc
     if dry_run:   # what `serve` checks before any rank starts
         from deepserve.server.api_server import check_server_args
 
@@ -267,11 +270,15 @@ def run(args: argparse.Namespace) -> int:
         if is_multi_node_dp(engine_args):
             rpc_ports(engine_args)
         print("serve: " + " ".join(f"{k}={v}" for k, v in sorted(engine_kwargs.items())))
-        print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items())
-                                    if k != "api_key"))
+        _print_server(server)
         return 0
     from deepserve.distributed.cluster_serve import local_engine_args
     return _serve(local_engine_args(engine_kwargs, weights_format=plan_cli.weights_format), server)
+
+
+def _print_server(server) -> None:
+    """A dry run's line of the API server's settings (host, port, ...; not the API key)."""
+    print("server: " + " ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(server).items()) if k != "api_key"))
 
 
 def _serve(engine_kwargs: dict, server: ServerArgs) -> int:

@@ -244,6 +244,8 @@ def test_flagos_experiment_yaml(reference, r1_config, tmp_path, monkeypatch, cap
     assert "docker exec flagrelease_nv bash -c" in worker and "export GLOO_SOCKET_IFNAME=bond0" in worker
     assert "USE_FLAGGEMS=1" in worker and "-p 22" in worker
     assert "pipeline_parallel_size=4" in out and "tensor_parallel_size=8" in out
+    server_line = next(line for line in out.splitlines() if line.startswith("server: "))   # as without a hostfile
+    assert "port=8000" in server_line and "api_key" not in server_line
 
     # Hydra's own groups in defaults steer Hydra, not the serve config: passed over
     experiment = tmp_path / "examples" / "deepseek_r1" / "conf" / "config_deepseek_r1.yaml"
