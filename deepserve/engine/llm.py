@@ -264,7 +264,7 @@ class LLM:
             raise RequestError(too_long)
         room = limit - len(ids)
         if params.max_tokens is None or params.max_tokens > room:   # None: up to max_model_len
-            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+            params = params.with_max_tokens(room)
         if params.guided is not None and params.guided.start_after_token is None and self._grammar_after \
                 and reasoning_open(ids, *self._grammar_after):
             # the prompt opened the reasoning (R1's template does): the grammar holds from its end on

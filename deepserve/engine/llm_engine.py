@@ -290,13 +290,12 @@ class LLMEngine:
             raise RequestError(f"cache_salt must be a non-empty string if given, got {cache_salt!r}")
         self._check_prompt_ids(ids)
         vocab = self.runner.vocab_size
-        max_tokens = params.max_tokens
         too_long = prompt_length_error(len(ids), self.max_model_len)
         if too_long:
             raise RequestError(too_long)
-        if max_tokens is not None and len(ids) + max_tokens > self.max_model_len:
-            # as vLLM's engine: the output stops at max_model_len (finish_reason "length"); the API
-            # server refuses such a request with a 400 before it gets here
+        if params.max_tokens is None or len(ids) + params.max_tokens > self.max_model_len:
+            # as vLLM's engine: the output stops at max_model_len (finish_reason "length"), min_tokens
+            # or not; the API server refuses such a request with a 400 before it gets here
             params = params.with_max_tokens(self.max_model_len - len(ids))
         capacity = self.block_manager.num_blocks * self.config.cache.block_size  # one DP rank's pool
         if len(ids) + 1 > capacity:
@@ -305,8 +304,6 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise RequestError("bad_words needs the model's tokenizer (this model has none)")
             params.update_from_tokenizer(self.tokenizer)
-        if params.max_tokens is None:
-            params = params.with_max_tokens(self.max_model_len - len(ids))
         for name, given in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids),
                             ("allowed_token_ids", params.allowed_token_ids or []),
                             ("logprob_token_ids", params.logprob_token_ids or []),

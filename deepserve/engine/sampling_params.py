@@ -416,8 +416,9 @@ class SamplingParams:
         return f"SamplingParams({', '.join(f'{name}={getattr(self, name)}' for name in names)})"
 
     def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
-        """A copy with another max_tokens, its bad_words' token ids kept."""
-        return self._replaced(max_tokens=max_tokens)
+        """A copy with another max_tokens (min_tokens lowered to it where above), its bad_words'
+        token ids kept."""
+        return self._replaced(max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens))
 
     def with_vocab_logprobs(self, vocab_size: int) -> "SamplingParams":
         """These params with logprobs / prompt_logprobs -1 (vLLM's "the whole vocabulary") as

@@ -24,3 +24,20 @@ def test_context_is_capped_at_the_pool_and_a_long_request_finishes():
         llm.engine.add_request(None, {"prompt_token_ids": prompt * 16}, SamplingParams(max_tokens=1))
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=100, ignore_eos=True))[0]
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 64 - len(prompt)
+
+
+@pytest.mark.timeout(120)
+def test_min_tokens_past_the_context_stops_there():
+    """min_tokens beyond the room the prompt leaves: the output stops at the context's end
+    (finish_reason "length"), as vLLM's engine, with no 'min_tokens must be less than or equal to
+    max_tokens' naming a max_tokens the caller never sent."""
+    llm = LLM(num_gpu_blocks_override=4, block_size=16, enable_prefix_caching=False)
+    prompt = llm.tokenizer.encode("Once upon a time")
+    room = 64 - len(prompt)
+    params = SamplingParams(temperature=0, max_tokens=100, min_tokens=90)
+    rid = llm.engine.add_request(None, {"prompt_token_ids": prompt}, params)
+    taken = llm.engine.requests[rid].params
+    assert (taken.max_tokens, taken.min_tokens) == (room, room)
+    llm.engine.abort_request([rid])
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == room
