@@ -49,7 +49,7 @@ class Item:
 
 # Where each task's data lies under --data-path.
 LAYOUT = {"gsm8k": "gsm8k/test.jsonl", "math500": "math500/test.jsonl", "aime24": "aime/test.jsonl",
-          "aime25": "aime/aime_2025.jsonl", "gpqa_diamond": "gpqa_diamond/gpqa_diamond.zip",
+          "aime25": "aime/aime_2025.jsonl", "gpqa_diamond": "gpqa_diamond/gpqa_diamond.zip or gpqa_diamond.csv",
           "mmlu": "mmlu/test/*.csv", "mmlu_pro": "mmlu_pro/test-*.parquet", "ceval": "ceval/ceval-exam.zip"}
 
 

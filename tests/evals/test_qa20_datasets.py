@@ -69,3 +69,18 @@ def test_jsonl_not_utf8_names_the_file(tmp_path):
     (tmp_path / "aime" / "test.jsonl").write_bytes(b'{"problem": "\xff"}\n')
     with pytest.raises(ValueError, match=r"aime/test.jsonl: not UTF-8 text \(invalid start byte at byte 13\)"):
         load_aime24(tmp_path)
+
+
+def test_missing_gpqa_names_both_forms(tmp_path, capsys, monkeypatch):
+    """Neither the zip nor the plain csv there: the line names both, as `eval --help` does."""
+    monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)
+    assert main(["eval", "--base-url", "http://127.0.0.1:9", "--model", "m", "--max-tokens", "8",
+                 "--tasks", "gpqa_diamond", "--data-path", str(tmp_path), "--no-progress"]) == 2
+    zip_path = tmp_path / "gpqa_diamond" / "gpqa_diamond.zip"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"deepserve eval: error: task gpqa_diamond: GPQA-Diamond zip: {zip_path} does not exist (expected "
+        f"--data-path/gpqa_diamond/gpqa_diamond.zip or gpqa_diamond.csv; the layout of every task: "
+        f"`deepserve eval --help`)"]
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "gpqa_diamond/gpqa_diamond.zip or gpqa_diamond.csv (gpqa_diamond)" in capsys.readouterr().out
