@@ -123,13 +123,17 @@ def test_a_request_the_core_refuses_gets_a_request_error():
 
 def test_front_end_serves_the_contexts_the_pool_holds(monkeypatch):
     """A KV pool of 64 tokens caps the core's contexts at 64: the front end takes a request whose
-    output would pass it and stops it there, refuses a prompt past it naming 64 (once the core
-    refused it as an engine error), and the offline LLM stops such a request at 64 tokens, as vLLM's."""
+    output would pass it and the core stops it there, the front end itself refuses a prompt past
+    it naming 64, and the offline LLM stops such a request at 64 tokens, as vLLM's."""
     monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "1")
     with LLM(str(DEMO_MODEL), num_gpu_blocks_override=4, block_size=16) as llm:
         assert llm.engine.max_model_len == 64
         rid = llm.engine.add_request(None, "Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))
-        llm.engine.abort_request([rid])   # taken: the output stops at 64 tokens, as vLLM's engine
+        final = None
+        while llm.engine.has_unfinished_requests():
+            final = next((o for o in llm.engine.step() if o.request_id == rid and o.finished), final)
+        assert final.outputs[0].finish_reason == "length"
+        assert len(final.prompt_token_ids) + len(final.outputs[0].token_ids) == 64
         with pytest.raises(ValueError, match="longer than the maximum model length of 64"):
             llm.engine.add_request(None, {"prompt_token_ids": [5] * 65}, SamplingParams(max_tokens=1))
         capped = llm.generate("Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True))[0]
