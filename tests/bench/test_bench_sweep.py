@@ -66,7 +66,7 @@ def test_sweep_settings_product_and_errors(bench_args):
 
 def test_sweep_concurrency_zero_is_no_limit(fake_server, bench_args, tmp_path):
     """vLLM's sweep hands max_concurrency 0 to `bench serve --max-concurrency 0`, which sets no
-    limit (it was refused here): all 4 requests in flight at once, as at concurrency 4."""
+    limit: all 4 requests in flight at once, as at concurrency 4."""
     with fake_server(ttft=0.2, itl=0.05) as srv:
         out = run_sweep(sweep_args(bench_args, srv.url, tmp_path, prompts=4, concurrencies=[0]))
         assert srv.stats()["max_in_flight"] == 4

@@ -97,7 +97,7 @@ def test_chat_ctrl_c_at_the_prompt_ends_the_chat(capsys, monkeypatch):
 
 def test_generate_past_the_context_stops_there(capsys, monkeypatch):
     """--max-tokens past max_model_len stops the output at the context's end, as LLM.generate
-    (vLLM's offline API) does; it was refused. A prompt that fills the context is still one line."""
+    (vLLM's offline API) does, with the same text. A prompt that fills the context is one line."""
     from deepserve import LLM, SamplingParams
 
     prompt = "Once upon a time"

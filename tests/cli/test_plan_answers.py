@@ -38,8 +38,8 @@ def test_a_memory_size_with_unit_still_plans(capsys):
 
 @pytest.mark.parametrize("reserve", ["0", "0GiB"])
 def test_no_activation_reserve_is_taken(capsys, reserve):
-    # memory left nothing past the reserve: "pass a smaller --activation-reserve", and 0 was refused
-    # ("memory size '0' must be positive")
+    # memory left nothing past the reserve: "pass a smaller --activation-reserve", and 0 is a reserve
+    # (no "memory size '0' must be positive"), which stays the answer to --gpu-memory 0
     argv = ["plan", "r1-distill-qwen-1.5b", "--gpus", "1", "--gpu-memory", "2GiB"]
     assert main(argv) == 2 and "pass a smaller --activation-reserve" in capsys.readouterr().err
     assert main([*argv, "--activation-reserve", reserve]) == 1     # 3.3 GiB of weights > 1.8 GiB
@@ -96,7 +96,7 @@ def test_max_model_len_as_serve_takes_it(capsys, text, tokens):
 
 @pytest.mark.parametrize("alias, dtype", [("half", "float16"), ("float", "float32"), ("torch.bfloat16", "bfloat16")])
 def test_dtype_as_serve_takes_it(capsys, alias, dtype):
-    # vLLM's --dtype half (the vastai guide's fp16 runs) was refused: "dtype 'half' has no plan arithmetic"
+    # vLLM's aliases (the vastai guide's fp16 runs pass --dtype half) plan as the dtype they name
     argv = ["plan", "r1-distill-qwen-7b", "--gpus", "1", "--gpu-memory", "80GiB"]
     assert main([*argv, "--dtype", dtype]) == 0
     named = capsys.readouterr().out
@@ -106,7 +106,6 @@ def test_dtype_as_serve_takes_it(capsys, alias, dtype):
 
 def test_a_serve_yaml_plans_its_model(tmp_path, capsys):
     # `deepserve plan config.yaml`: the model and the KV settings the serve file gives, flags over them
-    # (was: "model 'config.yaml' is a file: give the model's folder")
     path = tmp_path / "serve.yaml"
     path.write_text("engine_args:\n  model: r1-distill-qwen-7b\n  max_model_len: 8192\n  kv_cache_dtype: fp8\n"
                     "  gpu_memory_utilization: 0.8\n")

@@ -15,6 +15,8 @@ from test_server_load import idle
 from deepserve.server.metrics import parse_metrics
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def answered(url: str, handler: str) -> float:
     """HTTP requests on `handler` the server has finished with, whatever their status."""
     values = parse_metrics(httpx.get(url + "/metrics").text)

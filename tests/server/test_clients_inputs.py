@@ -45,8 +45,8 @@ VLLM_TOO_LONG = ("This model's maximum context length is 512 tokens. However, yo
 
 def test_prompt_over_the_context_has_vllms_message(demo_server):
     """vLLM 0.26's words and parameter (its renderer's: clients match them to shorten the prompt
-    and retry), with OpenAI's code: prompt + max_tokens past the context names input_tokens (it
-    named max_tokens, with the field in the message), max_tokens alone past it the field sent."""
+    and retry), with OpenAI's code: prompt + max_tokens past the context names input_tokens, with
+    no field in the message; max_tokens alone past it names the field sent."""
     r = post(demo_server, "completions", {"model": "stories260k", "prompt": [1] + [400] * 599, "max_tokens": 5})
     assert r.status_code == 400
     assert r.json()["error"] == {"message": VLLM_TOO_LONG.format(out=5, n=600, total=605),

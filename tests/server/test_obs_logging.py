@@ -160,7 +160,6 @@ def test_start_up_log_gives_vllm_s_kv_cache_size(caplog, kv_dtype):
     assert f"{blocks} KV blocks of {size} tokens ({blocks * size} tokens in" in caplog.text
 
 
-
 def test_kv_cache_size_lines_once_an_engine_with_tensor_parallel():
     """vLLM's engine core writes its two KV cache lines once; the TP ranks' pools are one size,
     so a TP=2 engine writes them once too (not once a rank)."""
@@ -172,6 +171,7 @@ def test_kv_cache_size_lines_once_an_engine_with_tensor_parallel():
     assert out.stderr.count("GPU KV cache size: 1,024 tokens") == 1, out.stderr[-2000:]
     assert out.stderr.count("Maximum concurrency for 512 tokens per request: 2.00x") == 1
     assert out.stderr.count("64 KV blocks of 16 tokens") == 2   # the per-rank line stays one a rank
+
 
 def _serve_at_info(*flags: str):
     proc = subprocess.Popen([sys.executable, "-m", "deepserve", "serve", "--port", "0", "--num-gpu-blocks-override",

@@ -110,8 +110,8 @@ def test_empty_prompt_has_vllms_text(http):
 
 
 def test_long_prompt_names_both_numbers(http):
-    """vLLM's renderer names the prompt's tokens (input_tokens) where prompt + max_tokens passes
-    the context; max_tokens was named."""
+    """vLLM's renderer names the prompt's tokens (input_tokens), not max_tokens, where prompt +
+    max_tokens passes the context."""
     err = check_error(http.post("/v1/completions", json={**GOOD, "prompt": [5] * 520, "max_tokens": 1}),
                       400, "input_tokens")
     assert "512" in err["message"] and "520" in err["message"]
