@@ -55,8 +55,8 @@ def test_serve_with_the_printed_flags_plans_what_the_plan_printed(capsys, argv):
 
 
 def test_mtp_drafting_takes_no_pipeline_stages():
-    """serve refuses speculative_config method mtp with PP > 1; the plan chose TP=1 PP=2 DP=8 for R1
-    with --include-mtp on 2 nodes of 8 x 80 GiB, which serve then refused."""
+    """serve refuses speculative_config method mtp with PP > 1: R1 on 2 nodes of 8 x 80 GiB plans
+    TP=1 PP=2 DP=8 without the MTP layer, and a layout of one stage with it."""
     cfg = load_hf_config("deepseek-r1")
     kw = dict(quantization="fp8", max_model_len=32768)
     assert evaluate_plans(cfg, 16, 80 * GiB, 2, **kw).chosen.layout.pp == 2
@@ -70,8 +70,8 @@ def test_mtp_drafting_takes_no_pipeline_stages():
 
 def test_serves_automatic_plan_counts_the_kv_cache_dtype():
     """8 x 96 GiB hold R1's fp8 weights with a 64k context only with an fp8 KV cache: serve's
-    automatic plan counted the cache in bf16 and refused what `deepserve plan --kv-cache-dtype fp8`
-    chose."""
+    automatic plan counts the cache in the kv_cache_dtype asked for, as `deepserve plan
+    --kv-cache-dtype fp8` does."""
     kwargs = {"model": "deepseek-r1", "quantization": "fp8", "max_model_len": 64000}
     with pytest.raises(ValueError, match="no layout of 8 x 96 GiB GPUs fits"):
         auto_plan(kwargs, 8, 96 * GiB, 1, weights_format)
@@ -80,9 +80,9 @@ def test_serves_automatic_plan_counts_the_kv_cache_dtype():
 
 
 def test_a_serve_yaml_plans_with_its_weights_dtype_and_mtp(tmp_path, capsys):
-    """The YAML's quantization, dtype, hf_overrides and speculative_config are what serve runs:
-    the plan took only its max_model_len, kv_cache_dtype and gpu_memory_utilization, and planned
-    this file's fp8 R1 in bf16 without its MTP layer ("NO LAYOUT FITS")."""
+    """The YAML's quantization, dtype, hf_overrides and speculative_config are what serve runs,
+    so the plan counts them (this file's R1 in fp8, float16 elsewhere, with its MTP layer) beside
+    its max_model_len, kv_cache_dtype and gpu_memory_utilization."""
     path = tmp_path / "serve.yaml"
     path.write_text("engine_args:\n  model: deepseek-r1\n  quantization: fp8\n  dtype: float16\n"
                     "  max_model_len: 32768\n  hf_overrides: {rope_theta: 10000}\n"
@@ -103,7 +103,7 @@ def test_a_serve_yaml_plans_with_its_weights_dtype_and_mtp(tmp_path, capsys):
 
 def test_hf_overrides_as_serve_takes_them(capsys):
     """The context past max_position_embeddings is refused naming --hf-overrides, which the plan
-    did not take ("unrecognized arguments")."""
+    takes as serve does (JSON text; bad JSON in one line)."""
     argv = ["r1-distill-llama-8b", "--gpus", "1", "--gpu-memory", "80GiB", "--kv-cache-dtype", "fp8"]
     assert main(["plan", *argv, "--max-model-len", "200k"]) == 2
     assert "--hf-overrides" in capsys.readouterr().err
@@ -115,9 +115,9 @@ def test_hf_overrides_as_serve_takes_them(capsys):
 
 
 def test_what_would_fit_is_counted_with_the_kv_cache_dtype_asked_for():
-    """R1 in bf16 on 8 x 96 GiB with a 64k context and an fp8 KV cache: fp8 weights on the same GPUs
-    fit, and 2 nodes hold what their own plan says; the suggestions counted the cache in bf16 (no
-    fp8 suggestion, and 2 nodes' layout and tokens of a bf16 cache)."""
+    """R1 in bf16 on 8 x 96 GiB with a 64k context and an fp8 KV cache: the refusal suggests fp8
+    weights on the same GPUs and 2 nodes, each with the layout and tokens its own plan gives with
+    that fp8 cache."""
     cfg = load_hf_config("deepseek-r1")
     kw = dict(max_model_len=64000, kv_cache_dtype="fp8")
     plan = evaluate_plans(cfg, 8, 96 * GiB, **kw)
