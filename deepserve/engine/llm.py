@@ -239,8 +239,9 @@ class LLM:
 
     def _request(self, prompt: PromptType, params: SamplingParams,
                  tokenization_kwargs: Optional[dict]) -> tuple[dict, SamplingParams]:
-        """The prompt as token ids (tokenized and truncated as asked) and its params, whose
-        max_tokens stops the request at max_model_len as vLLM's engine does."""
+        """The prompt as token ids (tokenized and truncated as asked) and its params; a prompt
+        that leaves no room for an output is refused here, before any of the batch is added
+        (the engine's add_request stops an output at max_model_len)."""
         if isinstance(prompt, dict):
             extra = sorted(k for k in set(prompt) - PROMPT_KEYS if prompt[k] is not None)   # None asks nothing
             if extra:
@@ -258,13 +259,9 @@ class LLM:
         ids = truncate_prompt(ids, kw.get("truncate_prompt_tokens"), kw.get("truncation_side", "left"),
                         self.engine.max_model_len)
         params = self._check_logprobs(params)
-        limit = self.engine.max_model_len
-        too_long = prompt_length_error(len(ids), limit) if ids else None
+        too_long = prompt_length_error(len(ids), self.engine.max_model_len) if ids else None
         if too_long:
             raise RequestError(too_long)
-        room = limit - len(ids)
-        if params.max_tokens is None or params.max_tokens > room:   # None: up to max_model_len
-            params = params.with_max_tokens(room)
         if params.guided is not None and params.guided.start_after_token is None and self._grammar_after \
                 and reasoning_open(ids, *self._grammar_after):
             # the prompt opened the reasoning (R1's template does): the grammar holds from its end on
