@@ -349,7 +349,8 @@ class PreparedChat:
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
             room = state.llm.max_model_len - len(self.prompt_ids)
             max_tokens = self.params.max_tokens = max(1, min(default_max, room))
-        state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field())
+        state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field(),
+                           min_tokens=self.params.min_tokens)
         self.parser_name = state.settings.reasoning_parser
         # the reply's tokens, listed with their logprobs or ids, would show the reasoning that
         # include_reasoning false hides: they are left out (vLLM's; the prompt's ids stay)

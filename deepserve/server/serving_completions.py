@@ -159,7 +159,8 @@ class _Prepared:
             kept = truncated_prompt(state, req, p["prompt_token_ids"], req.max_new_tokens())
             if len(kept) < len(p["prompt_token_ids"]):   # echo shows what the model saw (vLLM's)
                 p["prompt"], p["prompt_token_ids"] = None, kept
-            state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens(), field=req.max_tokens_field())
+            state.check_length(len(p["prompt_token_ids"]), req.max_new_tokens(), field=req.max_tokens_field(),
+                               min_tokens=self.params.min_tokens)
             if req.use_beam_search:
                 self.beams.append(beam_params(req, self.params, req.guided_field(), len(p["prompt_token_ids"]),
                                               state.llm.max_model_len, stream_refused=True))

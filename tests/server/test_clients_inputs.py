@@ -67,6 +67,24 @@ def test_prompt_over_the_context_has_vllms_message(demo_server):
                                  "type": "BadRequestError", "param": "max_tokens", "code": 400}
 
 
+def test_min_tokens_past_the_room_without_max_tokens(demo_server):
+    """A chat request without max_tokens asks for the room its prompt leaves (vLLM's server): a
+    min_tokens past it is refused in SamplingParams' words, one that fits runs to the context's
+    end, as vLLM's. (A completion's max_tokens null is 16.)"""
+    messages = [{"role": "user", "content": "Once upon a time " * 115}]
+    n = len(httpx.post(f"{demo_server.url}/tokenize", json={"messages": messages}, headers=HEADERS).json()["tokens"])
+    room = 512 - n
+    assert 0 < room < 64
+    body = {"model": "stories260k", "messages": messages}
+    r = post(demo_server, "chat/completions", {**body, "min_tokens": room + 1})
+    assert r.json()["error"] == {"message": f"min_tokens must be less than or equal to max_tokens={room}, "
+                                            f"got {room + 1}.",
+                                 "type": "BadRequestError", "param": "min_tokens", "code": 400}
+    r = post(demo_server, "chat/completions", {**body, "min_tokens": room})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == room and r.json()["choices"][0]["finish_reason"] == "length"
+
+
 def test_responses_take_vllms_penalties_and_a_null_stream(demo_server):
     """vLLM's Responses API takes presence_penalty and frequency_penalty (they were ignored with a
     warning): a Responses request's text is the chat request's with the same penalties (greedy),
