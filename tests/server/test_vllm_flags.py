@@ -189,6 +189,24 @@ def test_override_generation_config(parser, tmp_path):
         resolve(parser.parse_args(["serve", "m", "--override-generation-config", "0.5"]))
 
 
+def test_min_tokens_past_the_generation_default_max_tokens():
+    """A chat request without max_tokens takes the model's max_new_tokens (generation_config or
+    --override-generation-config); a min_tokens past it is refused in SamplingParams' words, as
+    vLLM's server (which builds its SamplingParams with that default)."""
+    client = serve("deepseek-r1", "Fine.", generation_defaults={"max_tokens": 4})
+    messages = [{"role": "user", "content": "Hi"}]
+
+    async def main():
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="m", messages=messages, extra_body={"min_tokens": 5})
+        assert refused.value.body["message"] == "min_tokens must be less than or equal to max_tokens=4, got 5."
+        assert refused.value.body["param"] == "min_tokens"
+        r = await client.chat.completions.create(model="m", messages=messages, extra_body={"min_tokens": 4})
+        assert r.choices[0].finish_reason == "stop"   # served: the script's reply
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("request_says, expected", [(None, True), (False, False), (True, True)])
 def test_return_tokens_as_token_ids_flag(request_says, expected):
     """vLLM's --return-tokens-as-token-ids: the default of
