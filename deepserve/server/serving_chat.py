@@ -349,9 +349,6 @@ class PreparedChat:
         if max_tokens is None and default_max is not None:  # the model's max_new_tokens, within the context
             room = state.llm.max_model_len - len(self.prompt_ids)
             max_tokens = self.params.max_tokens = max(1, min(default_max, room))
-            if self.params.min_tokens > max_tokens:   # vLLM's SamplingParams check on the default it set
-                raise APIError(400, f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
-                                    f"{self.params.min_tokens}.", param="min_tokens")
         state.check_length(len(self.prompt_ids), max_tokens, what="messages", field=req.max_tokens_field(),
                            min_tokens=self.params.min_tokens)
         self.parser_name = state.settings.reasoning_parser

@@ -125,8 +125,9 @@ class ServerState:
         """A 400 where the request does not fit the context, in vLLM 0.26's words and parameter
         names (clients match the words to shorten a prompt and retry): max_tokens alone past it
         names the field it came from (`field`), prompt + max_tokens past it `input_tokens`, and a
-        prompt that fills it the prompt's field (`what`). Without max_tokens the request asks for
-        the room the prompt leaves, as vLLM's server does: a `min_tokens` past it is refused."""
+        prompt that fills it the prompt's field (`what`). A `min_tokens` past max_tokens (or, without
+        one, past the room the prompt leaves, which vLLM's server asks for) is refused in
+        SamplingParams' words."""
         limit = self.llm.max_model_len
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"{field}={max_tokens} cannot be greater than max_model_len={limit}. Please request "
@@ -139,9 +140,10 @@ class ServerState:
                                 f"tokens, for a total of {total} tokens{no_room}. Please reduce the length of the "
                                 f"input prompt or the number of requested output tokens.",
                            param="input_tokens" if total > limit else what)
-        if max_tokens is None and min_tokens > limit - prompt_tokens:
-            raise APIError(400, f"min_tokens must be less than or equal to max_tokens={limit - prompt_tokens}, "
-                                f"got {min_tokens}.", param="min_tokens")
+        asked = limit - prompt_tokens if max_tokens is None else max_tokens
+        if min_tokens > asked:
+            raise APIError(400, f"min_tokens must be less than or equal to max_tokens={asked}, got {min_tokens}.",
+                           param="min_tokens")
 
 
 def query_flag(request: Request, name: str) -> bool:

@@ -195,7 +195,7 @@ def _w4a8_nt_kernel(a_ptr, as_ptr, qw_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
                     stride_am, stride_qn, stride_sn, stride_ym,
                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, OVERLAP: tl.constexpr,
                     ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_PTR: tl.constexpr):
+                    BLOCK_PTR: tl.constexpr):
     """Symmetric weights, y^T tile by tile: acc [BN, BM] += (w16 [BN, BK] @ a^T [BK, BM]) * s[:, None]
     per K step (one group), w16 = 16 (u - 8) unpacked in registers as the dot's first operand
     and the parity-ordered int8 activations as its second; a thread's rows of the result are
