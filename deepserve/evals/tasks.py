@@ -80,13 +80,13 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("gsm8k", "GSM8K (EM)", datasets.load_gsm8k, math_prompt, score_number),
     Task("mmlu", "MMLU (Acc.)", datasets.load_mmlu, choice_prompt, score_choice),
-    Task("ceval", "C-Eval (EM)", datasets.load_ceval, ceval_prompt, score_choice),
+    Task("ceval", "CEVAL", datasets.load_ceval, ceval_prompt, score_choice),
     Task("aime24", "AIME 2024 (Pass@1)", datasets.load_aime24, math_prompt, score_math),
     Task("aime25", "AIME 2025 (Pass@1)", datasets.load_aime25, math_prompt, score_math),
     Task("gpqa_diamond", "GPQA-Diamond (Pass@1)", datasets.load_gpqa_diamond, choice_prompt,
          score_choice),
     Task("math500", "MATH-500 (Pass@1)", datasets.load_math500, math_prompt, score_math),
-    Task("mmlu_pro", "MMLU-Pro (EM)", datasets.load_mmlu_pro, choice_prompt, score_choice),
+    Task("mmlu_pro", "MMLU-Pro (Acc.)", datasets.load_mmlu_pro, choice_prompt, score_choice),
 ]}
 
 DEFAULT_TASKS = ["gsm8k", "mmlu", "ceval", "aime24", "gpqa_diamond", "math500", "mmlu_pro"]

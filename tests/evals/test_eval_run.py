@@ -58,7 +58,7 @@ def test_gold_answers_score_100(items, datasets_dir, tmp_path):
     assert "\\boxed{}" in next(r for r in srv.requests if "Janet" in
                                r["messages"][0]["content"])["messages"][0]["content"]
     md = (tmp_path / "gold.md").read_text()
-    assert "| GSM8K (EM) | 100.00 |" in md and "| MMLU-Pro (EM) | 100.00 |" in md
+    assert "| GSM8K (EM) | 100.00 |" in md and "| MMLU-Pro (Acc.) | 100.00 |" in md
 
 
 def test_wrong_answers_score_0_and_split_reasoning(items, datasets_dir, tmp_path):
