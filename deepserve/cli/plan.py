@@ -1,6 +1,10 @@
 """`deepserve plan`: choose the TP / PP / DP / EP layout for a model on a set of GPUs.
 
     deepserve plan deepseek-r1 --gpus 16 --nodes 2 --gpu-memory 80GiB --quantization fp8
+    deepserve plan deepseek-r1 --hostfile hostfile.txt --gpu-memory 80GiB
+
+With a hostfile (`--hostfile`, or a serve YAML's `hostfile:`) the GPUs and nodes are its slots
+and GPU hosts, as `serve --hostfile` plans them; a YAML's runner.gpu_memory gives --gpu-memory.
 
 Prints the chosen layout with its weight and KV memory per GPU and the concurrent tokens its
 KV cache holds, the `serve` flags that give it (the layout, and the settings counted that serve
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 from typing import Optional
@@ -34,10 +39,13 @@ def register(subparsers) -> None:
     p.add_argument("model", help="model folder, preset name (e.g. deepseek-r1) or serve YAML (its engine_args' "
                    "model, quantization, dtype, max_model_len, kv_cache_dtype, gpu_memory_utilization, "
                    "hf_overrides and speculative_config)")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs in all")
-    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GiB or 141GiB")
-    p.add_argument("--nodes", type=int, default=1, help="number of nodes the GPUs are spread over "
-                   "(equally); TP stays inside a node")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs in all (default: the hostfile's)")
+    p.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GiB or 141GiB (default: a "
+                   "serve YAML's runner.gpu_memory)")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes the GPUs are spread over "
+                   "(equally); TP stays inside a node (default: the hostfile's GPU hosts, else 1)")
+    p.add_argument("--hostfile", default=None, help="the hosts `serve --hostfile` would deploy on (`ip slots=8 "
+                   "type=gpu` lines): their slots are the GPUs, their GPU hosts the nodes")
     p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "compressed-tensors", "none"], default=None,
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
@@ -257,7 +265,11 @@ def take_serve_config(args) -> None:
 
     engine = {}
     if is_config_file(args.model):
-        engine = load_serve_config(args.model).engine_args
+        config = load_serve_config(args.model)
+        engine = config.engine_args
+        if config.runner is not None:
+            args.hostfile = args.hostfile or config.runner.hostfile
+            args.gpu_memory = args.gpu_memory or config.runner.gpu_memory
         if not engine.get("model"):
             raise ValueError(f"{args.model} names no engine_args.model to plan for")
         args.model = str(engine["model"])
@@ -269,10 +281,35 @@ def take_serve_config(args) -> None:
     args.speculative_config = engine.get("speculative_config")
 
 
+def take_hostfile(args) -> None:
+    """--gpus and --nodes from the hostfile (`serve --hostfile`'s automatic plan: its slots, its GPU
+    hosts); a --gpus or --nodes given must agree with it. Without a hostfile: --gpus is needed,
+    --nodes defaults to 1."""
+    if args.hostfile == "":
+        raise ValueError("--hostfile is empty (an unset shell variable?): give the hostfile's path")
+    if args.gpu_memory is None:
+        raise ValueError("--gpu-memory is required (the memory of one GPU, e.g. 80GiB)")
+    if not args.hostfile:
+        if args.gpus is None:
+            raise ValueError("--gpus is required (the number of GPUs in all), or --hostfile")
+        args.nodes = 1 if args.nodes is None else args.nodes
+        return
+    from deepserve.distributed.cluster import parse_hostfile
+    from deepserve.distributed.cluster_serve import hostfile_gpus
+
+    gpus, nodes = hostfile_gpus(parse_hostfile(os.path.expanduser(args.hostfile)))
+    for flag, given, listed in (("--gpus", args.gpus, gpus), ("--nodes", args.nodes, nodes)):
+        if given is not None and given != listed:
+            raise ValueError(f"{flag} {given} disagrees with the hostfile {args.hostfile}, which lists {gpus} GPUs "
+                             f"on {nodes} node(s): leave {flag} out")
+    args.gpus, args.nodes = gpus, nodes
+
+
 def run(args) -> int:
     from deepserve.models.registry import check_config, config_source
 
     take_serve_config(args)
+    take_hostfile(args)
     cfg = load_hf_config(args.model, args.hf_overrides)
     check_config(cfg, config_source(args.model))
     quantization = plan_quantization(args.model, cfg, args.quantization)

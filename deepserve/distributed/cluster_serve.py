@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from deepserve.distributed.cluster import PARALLEL_KEYS, ClusterLauncher, RunnerOptions, parse_hostfile
+from deepserve.distributed.cluster import PARALLEL_KEYS, ClusterLauncher, HostSpec, RunnerOptions, parse_hostfile
 from deepserve.distributed.plan import parse_size
 from deepserve.distributed.plan_bytes import Ignored
 
@@ -58,6 +58,16 @@ def local_engine_args(engine_kwargs: dict, out=print, weights_format: Optional[W
     return dict(engine_kwargs, **plan.parallel_args())
 
 
+def hostfile_gpus(hosts: list[HostSpec]) -> tuple[int, int]:
+    """The GPUs the automatic plan lays out over these hosts: (in all, hosts holding them). The
+    plan puts the same number of GPUs on every node, so the GPU hosts must list the same slots."""
+    counts = [h.gpus for h in hosts if h.gpus]
+    if len(set(counts)) != 1:
+        raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
+                         f"{[h.gpus for h in hosts]}: give the parallel sizes")
+    return sum(counts), len(counts)
+
+
 def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
                         gpu_memory_fn: Optional[Callable[[], int]] = None,
                         weights_format: Optional[WeightsFormat] = None) -> tuple[dict, Optional[object]]:
@@ -76,10 +86,7 @@ def cluster_engine_args(engine_kwargs: dict, launcher: ClusterLauncher,
             memory = parse_size(launcher.options.gpu_memory)
         else:
             memory = (gpu_memory_fn or _local_gpu_memory)()
-        gpu_hosts = sum(1 for h in launcher.hosts if h.gpus)
-        if total < 1 or total % gpu_hosts:
-            raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
-                             f"{[h.gpus for h in launcher.hosts]}: give the parallel sizes")
+        total, gpu_hosts = hostfile_gpus(launcher.hosts)
         plan = auto_plan(kwargs, total, memory, gpu_hosts, weights_format)
         kwargs.update(plan.parallel_args())
     world = (int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))

@@ -15,8 +15,8 @@ from deepserve.cli.main import build_parser, main
 from deepserve.cli.plan import weights_format
 from deepserve.cli.serve import resolve
 from deepserve.config import EngineArgs, SpeculativeConfig, load_hf_config, speculative_not_yet
-from deepserve.distributed.cluster import PARALLEL_KEYS
-from deepserve.distributed.cluster_serve import auto_plan
+from deepserve.distributed.cluster import PARALLEL_KEYS, ClusterLauncher, RunnerOptions, parse_hostfile
+from deepserve.distributed.cluster_serve import auto_plan, cluster_engine_args
 from deepserve.distributed.plan import GiB, evaluate_plans, parse_size
 
 
@@ -127,3 +127,51 @@ def test_what_would_fit_is_counted_with_the_kv_cache_dtype_asked_for():
     assert plan.suggestions == [
         f"--quantization fp8 on the same 8 GPUs ({fp8.layout}, {fp8.tokens:,} KV tokens)",
         f"16 x 96 GiB GPUs in 2 nodes of 8 in bfloat16 ({nodes.layout}, {nodes.tokens:,} KV tokens)"]
+
+
+def _sizes(line: str) -> dict:
+    return {k: v for k, _, v in (part.partition("=") for part in line.split()) if k in PARALLEL_KEYS}
+
+
+def test_a_hostfile_plans_its_slots_as_serve_does(tmp_path, capsys, monkeypatch):
+    """`plan --hostfile` (or a serve YAML's hostfile with runner.gpu_memory) counts the GPU hosts'
+    slots on as many nodes, a CPU host adding none, and chooses the sizes `serve --hostfile
+    --dry-run` deploys; --gpus or --nodes against the file are refused in one line."""
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    hosts = tmp_path / "hostfile.txt"
+    hosts.write_text("192.0.2.1 slots=8 type=gpu\n192.0.2.2 slots=8 type=gpu\n192.0.2.3 slots=4 type=cpu\n")
+    flags = ["--quantization", "fp8", "--max-model-len", "32768"]
+    by_hand = _plan(capsys, ["deepseek-r1", "--gpus", "16", "--nodes", "2", "--gpu-memory", "80GiB", *flags])
+    assert "GPUs       16 x 80.0 GiB in 2 node(s) of 8\n" in by_hand
+    assert _plan(capsys, ["deepseek-r1", "--hostfile", str(hosts), "--gpu-memory", "80GiB", *flags]) == by_hand
+    config = tmp_path / "serve.yaml"
+    config.write_text("engine_args:\n  model: deepseek-r1\n  quantization: fp8\n  max_model_len: 32768\n"
+                      "runner:\n  hostfile: hostfile.txt\n  gpu_memory: 80GiB\n")
+    assert _plan(capsys, [str(config)]) == by_hand
+    args = build_parser().parse_args(["serve", str(config), "--dry-run"])
+    assert args.func(args) == 0
+    served = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("serve: "))
+    printed = shlex.split(_line(by_hand, "serve flags"))
+    assert _sizes(served) == {"tensor_parallel_size": printed[1], "pipeline_parallel_size": printed[3],
+                              "data_parallel_size": printed[5], "enable_expert_parallel": "True"}
+    for flag, value, listed in (("--gpus", "8", "--gpus 8"), ("--nodes", "1", "--nodes 1")):
+        assert main(["plan", str(config), flag, value]) == 2
+        assert capsys.readouterr().err == (f"deepserve plan: error: {listed} disagrees with the hostfile "
+                                           f"{hosts}, which lists 16 GPUs on 2 node(s): leave {flag} out\n")
+    assert main(["plan", "deepseek-r1", "--gpu-memory", "80GiB"]) == 2
+    assert capsys.readouterr().err == "deepserve plan: error: --gpus is required (the number of GPUs in all), " \
+                                      "or --hostfile\n"
+
+
+def test_hosts_of_unequal_gpu_counts_take_the_sizes_given(tmp_path, capsys):
+    """The automatic plan puts as many GPUs on every node: hosts of 8, 4, 4 and 8 GPUs (24, a
+    multiple of the 4 hosts) are refused by serve's plan and by `plan --hostfile` alike."""
+    hosts = tmp_path / "hostfile.txt"
+    hosts.write_text("192.0.2.1 slots=8\n192.0.2.2 slots=4\n192.0.2.3 slots=4\n192.0.2.4 slots=8\n")
+    line = "the automatic plan needs the same GPU count on every host; the hostfile lists [8, 4, 4, 8]: give " \
+           "the parallel sizes"
+    assert main(["plan", "deepseek-r1", "--hostfile", str(hosts), "--gpu-memory", "80GiB"]) == 2
+    assert capsys.readouterr().err == f"deepserve plan: error: {line}\n"
+    launcher = ClusterLauncher(parse_hostfile(hosts), RunnerOptions(gpu_memory="80GiB"), {}, set())
+    with pytest.raises(ValueError, match=re.escape(line)):
+        cluster_engine_args({"model": "deepseek-r1"}, launcher)
