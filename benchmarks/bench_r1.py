@@ -51,6 +51,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -388,6 +389,45 @@ def derived(a: dict, b: dict) -> str:
     return f"{a.get('command', '?')} / {b.get('command', '?')}"
 
 
+CUT_NAME = re.compile(r"^(?:r1_)?(?P<w>bf16|fp8)_3d(?P<m>\d+)m_decode_b(?P<b>\d+)$")
+
+
+def extrapolated_ratios(found: list) -> list:
+    """fp8 / bf16 at batch b on an fp8 cut too big for bf16 experts on the GPU.
+
+    A decode step's time is a + m * c in the number m of MoE layers (each adds the same
+    attention and the same expert bytes at a batch), so the bf16 step at the fp8 cut's m is
+    read off the line through the two bf16 cuts measured on the same device, and the fp8
+    figure is divided by it. Entries name both bf16 cuts and keep their rates.
+    """
+    cuts: dict = {}
+    for r in found:
+        m = CUT_NAME.match(r["name"])
+        if m:
+            cuts.setdefault((m["w"], r["device"], m["b"]), {})[int(m["m"])] = r
+    out = []
+    for (weights, device, batch), fp8_cuts in cuts.items():
+        bf16 = cuts.get(("bf16", device, batch), {})
+        if weights != "fp8" or len(bf16) < 2:
+            continue
+        (m1, r1), (m2, r2) = sorted(bf16.items())[-2:]
+        per_layer = (1 / r2["value"] - 1 / r1["value"]) / (m2 - m1)
+        for m, fp8 in fp8_cuts.items():
+            if m in bf16:
+                continue
+            bf16_rate = 1 / (1 / r2["value"] + (m - m2) * per_layer)
+            out.append({"device": device, "date": fp8["date"],
+                        "name": f"fp8_over_bf16_3d{m}m_decode_b{batch}_extrapolated",
+                        "command": f"{fp8.get('command', '?')} / line through {r1.get('command', '?')} "
+                                   f"and {r2.get('command', '?')}",
+                        "value": fp8["value"] / bf16_rate, "unit": "x", "roofline_value": None, "ratio": None,
+                        "fp8_tok_s": fp8["value"], "bf16_tok_s_extrapolated": bf16_rate,
+                        "bf16_cuts": {str(m1): r1["value"], str(m2): r2["value"]},
+                        "bf16_ms_per_moe_layer": per_layer * 1e3 * int(batch),
+                        "target": TARGETS["fp8_over_bf16_b1"] if batch == "1" else None})
+    return out
+
+
 def case_table(args, rows: list) -> None:
     """Every r1_*.json in --out-dir, and the fp8 / bf16 decode ratio on each cut with both."""
     found = [json.loads(p.read_text()) for p in sorted(Path(args.out_dir).glob(f"{PREFIX}*.json"))]
@@ -414,6 +454,9 @@ def case_table(args, rows: list) -> None:
                      "target": TARGETS["kv_tokens"]}
             (Path(args.out_dir) / f"{PREFIX}{name}.json").write_text(json.dumps(entry, indent=2))
             found.append(entry)
+    for entry in extrapolated_ratios(found):
+        (Path(args.out_dir) / f"{PREFIX}{entry['name']}.json").write_text(json.dumps(entry, indent=2))
+        found.append(entry)
     print("\n| figure | value | of roofline | device |\n|---|---|---|---|")
     for r in found:
         print(fmt(r))

@@ -137,6 +137,9 @@ step r1_fp8_gemm 130 . env DEEPSERVE_FP8_GEMV=0 python3 benchmarks/bench_r1.py -
 step r1_fp8_gemv 130 . env DEEPSERVE_FP8_GEMV=1 python3 benchmarks/bench_r1.py --out-dir "$OUT/res/gemv" --case experts \
   --weights fp8 --cut compare --batches 1
 step r1_bf16 130 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --cut compare
+#   bf16 on 3 + 2 as well: with the compare cut, the line a + m * c that gives bf16 on the big fp8 cut
+#   (`bench_r1.py --case table` over both folders: fp8_over_bf16_3d8m_*_extrapolated)
+step r1_bf16_m2 110 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res" --case experts --weights bf16 --moe-layers 2
 #   the most MoE layers fp8 fits (3 dense + 8 on an H200): per-layer bytes, the MoE layer in the model, decode
 step r1_fp8_big 170 . python3 benchmarks/bench_r1.py --out-dir "$OUT/res/big" --case experts --weights fp8 --cut big
 #   issue 16  the fp8 MLA decode's settings with the merge by the last split (fused_merge) among them, then kvattn
