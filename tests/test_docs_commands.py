@@ -95,6 +95,25 @@ def test_wheel_package_data_holds_every_data_file():
     assert not missing
 
 
+def test_triton_extra_takes_the_versions_the_readme_supports():
+    # README: "The Triton kernels run on triton A to B (the test extra pins X)"; `pip install
+    # deepserve[triton]` takes exactly those minor versions, and the pin CI installs is one of them
+    from packaging.requirements import Requirement
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    text = " ".join((ROOT / "README.md").read_text().split())
+    first, last, pin = re.search(r"The Triton kernels run on triton (\d+\.\d+) to (\d+\.\d+) "
+                                 r"\(the test extra pins ([0-9.]+);", text).groups()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (triton,) = [Requirement(r) for r in extras["triton"]]
+    (tested,) = [Requirement(r) for r in extras["test"] if Requirement(r).name == "triton"]
+    major, lo, hi = int(first.split(".")[0]), int(first.split(".")[1]), int(last.split(".")[1])
+    assert first.split(".")[0] == last.split(".")[0]
+    inside = [f"{major}.{m}.{p}" for m in range(lo, hi + 1) for p in (0, 1)]
+    outside = [f"{major}.{lo - 1}.0", f"{major}.{hi + 1}.0", f"{major + 1}.0.0"]
+    assert [v for v in inside if v not in triton.specifier] == []
+    assert [v for v in outside if v in triton.specifier] == []
+    assert str(tested.specifier) == f"=={pin}" and pin in triton.specifier
+
 def test_serve_help_served_model_name_says_which_name_a_response_carries(capsys):
     # a request for the second of `--served-model-name a b` is answered as "b" (vLLM's rule;
     # serving_common.check_model): the help does not say the first is always reported
