@@ -36,7 +36,8 @@ _GROUP_NAMES = {"attention": "attention", "mlp": "dense MLP", "experts": "routed
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose TP/PP/DP/EP for a model on N GPUs and explain why",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model folder, preset name (e.g. deepseek-r1) or serve YAML (its engine_args' "
+    p.add_argument("model", help="model folder, preset name (e.g. deepseek-r1), serve YAML or FlagScale experiment "
+                   "name (examples/NAME/conf/config_NAME.yaml under this folder), as serve takes them (the YAML's engine_args' "
                    "model, quantization, dtype, max_model_len, kv_cache_dtype, gpu_memory_utilization, "
                    "hf_overrides and speculative_config)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs in all (default: the hostfile's)")
@@ -257,13 +258,16 @@ _PLAN_NAMES = {"ascend": "w8a8-int8"}
 
 
 def take_serve_config(args) -> None:
-    """MODEL given as a serve YAML (`deepserve serve config.yaml`): its engine_args' model, its
+    """MODEL given as a serve YAML (`deepserve serve config.yaml`, or FlagScale's experiment name
+    `deepserve serve deepseek_r1` run in its checkout): its engine_args' model, its
     speculative_config, and those of _FROM_SERVE_CONFIG the command line does not give; then
     serve's defaults for the rest."""
     from deepserve.config import EngineArgs
-    from deepserve.server.config_file import is_config_file, load_serve_config
+    from deepserve.server.config_file import flagscale_experiment, is_config_file, load_serve_config
 
     engine = {}
+    if not is_config_file(args.model) and flagscale_experiment(args.model):
+        args.model = str(flagscale_experiment(args.model))   # `flagscale serve deepseek_r1`'s name, as serve takes it
     if is_config_file(args.model):
         config = load_serve_config(args.model)
         engine = config.engine_args

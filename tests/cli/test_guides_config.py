@@ -291,6 +291,18 @@ def test_flagos_experiment_given_by_path_from_another_folder(reference, r1_confi
         assert (Path(runner.hostfile).resolve(), args.tensor_parallel_size) == (hostfile, 8), argv
 
 
+def test_flagos_experiment_plans_on_its_hostfile(reference, r1_config, tmp_path, monkeypatch, capsys):
+    """`deepserve plan deepseek_r1` in the checkout reads the experiment as `serve deepseek_r1`
+    does: its model and max_model_len, and its hostfile's four hosts of 8 GPUs (TP8 x PP4's 32)."""
+    flagscale_checkout(tmp_path, reference, r1_config)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "deepseek_r1", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model      {r1_config} (DeepseekV3ForCausalLM")
+    assert "GPUs       32 x 80.0 GiB in 4 node(s) of 8\n" in out and "max-model-len 32,768\n" in out
+    assert main(["plan", "examples/deepseek_r1/conf/config_deepseek_r1.yaml", "--gpu-memory", "80GiB"]) == 0
+    assert capsys.readouterr().out == out
+
 def _serve_yaml(tmp_path, reference, r1_config, edit):
     """The h100 guide's serve/deepseek_r1.yaml, edited by `edit` (a function of its text)."""
     conf = flagscale_checkout(tmp_path, reference, r1_config)
