@@ -877,17 +877,25 @@ def check_ascend_checkpoint(model: str) -> None:
                          f"and {model} has none; drop the flag to serve it as stored")
 
 
-def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
-    """vLLM's VLLM_PP_LAYER_PARTITION ("31,30": layers per pipeline stage, first stage first),
-    checked against the model as vLLM checks it, one stage included; None when unset or with
-    one stage."""
+def pp_partition_env() -> Optional[list[int]]:
+    """VLLM_PP_LAYER_PARTITION's layer counts as written (None when unset), unchecked against a model."""
     text = os.environ.get("VLLM_PP_LAYER_PARTITION", "").strip().strip('"')
     if not text:
         return None
     try:
-        parts = [int(p) for p in text.split(",")]
+        return [int(p) for p in text.split(",")]
     except ValueError:
         raise ValueError(f"VLLM_PP_LAYER_PARTITION must be comma-separated layer counts, got {text!r}") from None
+
+
+def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
+    """vLLM's VLLM_PP_LAYER_PARTITION ("31,30": layers per pipeline stage, first stage first),
+    checked against the model as vLLM checks it, one stage included; None when unset or with
+    one stage."""
+    parts = pp_partition_env()
+    if parts is None:
+        return None
+    text = os.environ["VLLM_PP_LAYER_PARTITION"].strip().strip('"')
     if len(parts) != pp_size or sum(parts) != num_layers or min(parts) < 1:
         stages = f"{pp_size} stage{'s' if pp_size > 1 else ''}"
         raise ValueError(f"VLLM_PP_LAYER_PARTITION={text} must give {stages} of >= 1 layer adding up to the "

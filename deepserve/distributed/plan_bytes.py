@@ -50,6 +50,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from deepserve.config import pp_partition_env
 from deepserve.distributed.parallel_state import pp_layer_range
 
 # checkpoint module name -> whether the checkpoint leaves it unquantized (None: none is)
@@ -326,9 +327,13 @@ def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None, ignored
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
     """Contiguous layer ranges per PP stage, as the engine splits them (pp_layer_range:
-    the remainder on the first stages, or VLLM_PP_LAYER_PARTITION)."""
+    the remainder on the first stages, or VLLM_PP_LAYER_PARTITION). One stage holds every layer:
+    the plan counts the whole model that way whatever the variable gives (structural_problem
+    refuses a layout of another stage count)."""
     if not 1 <= pp <= num_layers:
         raise ValueError(f"pipeline-parallel size {pp} must be in [1, num_hidden_layers={num_layers}]")
+    if pp == 1:
+        return [range(num_layers)]
     return [pp_layer_range(num_layers, pp, rank) for rank in range(pp)]
 
 
@@ -446,6 +451,10 @@ def structural_problem(cfg, layout: Layout, quantization: Optional[str], ignored
             return f"num_key_value_heads {kv} and TP {tp}: neither divides the other"
     if layout.pp > cfg.num_hidden_layers:
         return f"PP {layout.pp} > num_hidden_layers {cfg.num_hidden_layers}"
+    partition = pp_partition_env()   # serve refuses a layout whose stages it does not count (as vLLM)
+    if partition is not None and len(partition) != layout.pp:
+        return (f"VLLM_PP_LAYER_PARTITION={','.join(map(str, partition))} gives {len(partition)} "
+                f"stage{'s' if len(partition) > 1 else ''}, not PP {layout.pp}")
     splits = {"intermediate_size": cfg.intermediate_size}
     if mla and cfg.get("n_routed_experts"):
         e = cfg.n_routed_experts

@@ -6,6 +6,7 @@ the speculative config is checked apart (the MTP layer and k it lands as)."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -160,6 +161,28 @@ def test_metax_short_flags(reference, r1_config, monkeypatch):
     args.create_engine_config()
     assert [len(pp_layer_range(61, 4, r)) for r in range(4)] == [16, 15, 15, 15]
 
+
+def test_metax_partition_plans_four_stages(reference, r1_config, tmp_path, monkeypatch, capsys):
+    """With the metax guide's env.sh sourced (VLLM_PP_LAYER_PARTITION=16,15,15,15), `deepserve
+    plan` of its BF16 R1 (config.json without quantization_config) on 4 nodes of 8 x 64 GiB
+    chooses among 4-stage layouts split 16,15,15,15 and names the others as what the variable
+    refuses (serve would fail on them, as vLLM)."""
+    cfg = json.loads((Path(r1_config) / "config.json").read_text())
+    del cfg["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    partition = exports(reference / "flagos-metax.md")["VLLM_PP_LAYER_PARTITION"]
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    assert main(["plan", str(tmp_path), "--gpus", "32", "--nodes", "4", "--gpu-memory", "64GiB",
+                 "--max-model-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "  layers per stage    0-15, 16-30, 31-45, 46-60 " in out
+    assert re.search(r"chosen     TP=\d+ PP=4 ", out)
+    rows = [line.split() for line in out.splitlines() if line.startswith("  TP=") and "PP=*" not in line]
+    assert {r[1] for r in rows} == {"PP=1", "PP=2", "PP=4", "PP=8", "PP=16", "PP=32"}
+    for row in rows:
+        refusal = f"VLLM_PP_LAYER_PARTITION={partition} gives 4 stages, not {row[1].replace('=', ' ')}"
+        refused = " ".join(row[4:]).endswith(refusal)
+        assert refused == (row[1] != "PP=4"), row
 
 def test_vllm_ascend_dp_ep_async_compilation(reference, r1_config):
     (r1_dir := __import__("pathlib").Path(r1_config)).joinpath("quant_model_description.json").write_text("{}")
