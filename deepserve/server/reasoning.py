@@ -1,18 +1,20 @@
 """DeepSeek-R1 reasoning parser: the text up to `</think>` is the reasoning, the rest the answer.
 
 R1's chat template ends the prompt with `<think>\\n`, so the output usually starts inside the
-reasoning with no opening tag; older templates leave `<think>` to the model. The parser is
-an incremental state machine fed with text deltas, so streamed and non-streamed responses
-split the same way, and a tag cut across two chunks (`</th` + `ink>`) is held back until it
-can be recognised, never leaked into either field:
+reasoning with no opening tag. As vLLM's deepseek_r1 parser, the output is taken to start in
+its reasoning unless the prompt closed it (its last think tag is `</think>`: a prefill past
+its reasoning, continued); a prompt with no think tag at all, as R1's templates end one after
+tool results, leaves it open too. The parser is an incremental state machine fed with text
+deltas, so streamed and non-streamed responses split the same way, and a tag cut across two
+chunks (`</th` + `ink>`) is held back until it can be recognised, never leaked into either field:
 
     start      -> output opens with "<think>"          -> reasoning
                -> anything else                        -> content (no reasoning at all)
     reasoning  -> "</think>"                           -> content (leading whitespace dropped)
 
-A prompt that already opened `<think>` starts in `reasoning` (a `<think>` the output opens
-with all the same is dropped, as vLLM drops it); an output that never closes it (cut by
-max_tokens) is then all reasoning. Same behaviour as vLLM's deepseek_r1 parser.
+`start` is the state after a prompt that closed the reasoning; the others start in
+`reasoning` (a `<think>` the output opens with all the same is dropped, as vLLM drops it),
+and an output that never closes it (cut by max_tokens) is then all reasoning.
 
 The parser's tags (or vLLM's --reasoning-config strings) also bound what a request's
 thinking_token_budget counts (engine/thinking_budget.py, which settles them).
@@ -27,10 +29,11 @@ PARSERS = tuple(PARSER_TAGS)
 
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
-    """True when the rendered prompt ends inside an open <think> block: the template opened it
-    (R1's generation prompt ends with it), or an assistant prefill continued with
-    continue_final_message is part-way through its reasoning."""
-    return prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END)
+    """True unless the rendered prompt closed the reasoning (its last think tag is `</think>`,
+    vLLM's is_reasoning_end): the template opened <think> (R1's generation prompt ends with
+    it) or wrote no tag at all (R1's templates after tool results), or an assistant prefill
+    continued with continue_final_message is part-way through its reasoning."""
+    return prompt_text.rfind(THINK_START) >= prompt_text.rfind(THINK_END)
 
 
 def _held_suffix(text: str, tag: str) -> int:

@@ -363,7 +363,7 @@ class PreparedChat:
                                      state.llm.max_model_len, stream_refused=False)
         if (self.params.guided is not None and self.parser_name is not None and not state.settings.grammar_in_reasoning
                 and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
-            # the prompt opened <think>: the grammar holds from </think> on (vLLM's behaviour)
+            # the prompt leaves the reasoning open: the grammar holds from </think> on (vLLM's behaviour)
             self.params.guided.start_after_token = state.tokenizer.tok.token_to_id(THINK_END)
         try:
             state.llm.check_can_accept()

@@ -70,11 +70,12 @@ def test_held_tag_prefix_is_not_leaked_early():
 
 def test_prompt_detection_and_factory():
     assert prompt_opens_reasoning("<｜Assistant｜><think>\n")
-    assert not prompt_opens_reasoning("<｜Assistant｜>")
+    assert prompt_opens_reasoning("<｜tool▁outputs▁end｜>")                      # no tag: vLLM's open reasoning
     assert prompt_opens_reasoning("<｜Assistant｜><think>\nLet me see")          # a prefill part-way through
     assert not prompt_opens_reasoning("<think>\nx</think>\n\nThe answer")
     assert make_parser(None, "x") is None
     assert make_parser("deepseek_r1", "...<think>\n").state == "reasoning"
-    assert make_parser("deepseek_r1", "...").state == "start"
+    assert make_parser("deepseek_r1", "...").state == "reasoning"
+    assert make_parser("deepseek_r1", "<think>x</think>The answer").state == "start"
     with pytest.raises(ValueError, match="'qwen3'"):
         make_parser("qwen3", "")

@@ -1,0 +1,34 @@
+"""What an agent built on the official `openai` client meets on /v1/chat/completions, compared
+with vLLM 0.26's server: the turn after tool results, and request bodies vLLM refuses.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_qa14_chat_agents import MESSAGES, TOOLS, TOKENIZERS, r1_call, serve, whole_and_streamed
+
+from deepserve.server.tool_parsers import CALLS_BEGIN, CALLS_END
+
+CALLED = [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+
+
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
+@pytest.mark.parametrize("answer, content, calls", [
+    ("It is sunny in Paris.", "It is sunny in Paris.", []),
+    (CALLS_BEGIN + r1_call("add", '{"a": 1}') + CALLS_END, None, [("add", '{"a": 1}')])], ids=["answer", "call"])
+def test_turn_after_tool_results_splits_its_reasoning(tokenizer, answer, content, calls):
+    """R1's templates end a prompt after tool results with no think tag (no generation prompt,
+    no <think>). vLLM's deepseek_r1 parser takes the output to start in its reasoning unless
+    the prompt closed it, so the model's `...</think>` is split there, whole and streamed; the
+    reasoning and the tag came back as content, and a call after them was no call."""
+    client = serve(tokenizer, "Sunny, so say so.</think>\n\n" + answer)
+    whole, (reasoning, streamed, deltas, finish, _) = asyncio.run(whole_and_streamed(
+        client, model="m", messages=MESSAGES + CALLED, tools=TOOLS))
+    assert "<think>" not in client.engine.prompts[-1].split("sunny, 21 C")[-1]
+    assert whole.message.reasoning_content == reasoning == "Sunny, so say so."
+    assert whole.message.content == content and streamed == (content or "")
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []] == deltas == calls
+    assert whole.finish_reason == finish == ("tool_calls" if calls else "stop")
