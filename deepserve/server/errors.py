@@ -72,10 +72,20 @@ _UNIONS = {
 }
 
 
+# the JSON parser's words for a \ud800-\udfff escape without its other half: Python's json
+# takes such a string, and vLLM's tokenizer then refuses it with a 400 that names no cause
+_LONE_SURROGATE = re.compile(r"Invalid JSON: (?:unexpected end of hex escape|lone leading surrogate in hex escape)"
+                             r"( at line \d+ column \d+)")
+
+
 def from_validation_error(exc: ValidationError) -> APIError:
     """A pydantic error as a 400 naming the first bad field (or malformed JSON)."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
+        lone = _LONE_SURROGATE.fullmatch(first["msg"])
+        if lone:
+            return APIError(400, "malformed JSON body: a \\u escape of half a UTF-16 surrogate pair (\\ud800 to "
+                                 f"\\udfff) without its other half encodes no Unicode character{lone.group(1)}")
         return APIError(400, f"malformed JSON body: {first['msg']}")
     loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
     param = loc[0] if loc else None

@@ -22,8 +22,8 @@ CALLED = [{"role": "assistant", "content": None, "tool_calls": [
 def test_turn_after_tool_results_splits_its_reasoning(tokenizer, answer, content, calls):
     """R1's templates end a prompt after tool results with no think tag (no generation prompt,
     no <think>). vLLM's deepseek_r1 parser takes the output to start in its reasoning unless
-    the prompt closed it, so the model's `...</think>` is split there, whole and streamed; the
-    reasoning and the tag came back as content, and a call after them was no call."""
+    the prompt closed it, so the model's `...</think>` is split there, whole and streamed, and a
+    call after it is a call."""
     client = serve(tokenizer, "Sunny, so say so.</think>\n\n" + answer)
     whole, (reasoning, streamed, deltas, finish, _) = asyncio.run(whole_and_streamed(
         client, model="m", messages=MESSAGES + CALLED, tools=TOOLS))
@@ -32,3 +32,21 @@ def test_turn_after_tool_results_splits_its_reasoning(tokenizer, answer, content
     assert whole.message.content == content and streamed == (content or "")
     assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []] == deltas == calls
     assert whole.finish_reason == finish == ("tool_calls" if calls else "stop")
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "a\\udfffb", "\\ud83d\\u0041"])
+def test_lone_surrogate_escape_is_a_400_that_says_so(escape):
+    """A JSON string with half a surrogate pair: Python's json (vLLM's FastAPI) takes it and
+    vLLM's tokenizer refuses the text, a 400; here the JSON parser refuses it, a 400 whose
+    message names the lone surrogate. A whole pair is a character."""
+    client = serve("deepseek-r1", "Hi.</think>\n\nHello.")
+
+    async def post(text: str):
+        body = '{"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "%s"}]}' % text
+        return await client._client.post("/v1/chat/completions", content=body.encode(),
+                                         headers={"content-type": "application/json"})
+    bad, pair = asyncio.run(post(escape)), asyncio.run(post("\\ud83d\\ude00"))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] is None
+    message = bad.json()["error"]["message"]
+    assert "half a UTF-16 surrogate pair" in message and "encodes no Unicode character at line 1 column" in message
+    assert pair.status_code == 200 and "\U0001F600" in client.engine.prompts[-1]
