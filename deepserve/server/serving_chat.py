@@ -302,12 +302,28 @@ def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:
                                 f"({', '.join(tools) or 'none given'})", param="tool_choice")
         return params(tools[choice.function.name])
     if choice == "required":
+        defs: dict = {}
         items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
-                                                   "parameters": params(f)},
+                                                   "parameters": _hoisted_defs(params(f), defs)},
                   "required": ["name", "parameters"]} for name, f in tools.items()]
         one = {"maxItems": 1} if req.parallel_tool_calls is False else {}
-        return {"type": "array", "minItems": 1, "items": {"anyOf": items}, **one}
+        return {"type": "array", "minItems": 1, "items": {"anyOf": items}, **one, **defs}
     return None
+
+
+def _hoisted_defs(schema: dict, defs: dict) -> dict:
+    """`schema` without its `$defs` / `definitions`, which go to `defs`: inside the required
+    calls' array schema, a tool's `#/$defs/X` names the root's (vLLM's hoisting; pydantic's
+    nested models are written so). A name two tools define differently is a 400 in vLLM's words."""
+    out = dict(schema)
+    for key in ("$defs", "definitions"):
+        if not isinstance(out.get(key), dict):
+            continue
+        for name, definition in out.pop(key).items():
+            if defs.setdefault(key, {}).setdefault(name, definition) != definition:
+                raise APIError(400, f"Tool definition '{name}' has multiple schemas, which is not supported.",
+                               param="tools")
+    return out
 
 
 class PreparedChat:

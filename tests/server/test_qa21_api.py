@@ -4,10 +4,15 @@ with vLLM 0.26's server: the turn after tool results, and request bodies vLLM re
 from __future__ import annotations
 
 import asyncio
+import json
+import types
 
+import openai
+import pydantic
 import pytest
 from test_qa14_chat_agents import MESSAGES, TOOLS, TOKENIZERS, r1_call, serve, whole_and_streamed
 
+from deepserve.engine.grammar import GrammarCompiler
 from deepserve.server.tool_parsers import CALLS_BEGIN, CALLS_END
 
 CALLED = [{"role": "assistant", "content": None, "tool_calls": [
@@ -50,3 +55,54 @@ def test_lone_surrogate_escape_is_a_400_that_says_so(escape):
     message = bad.json()["error"]["message"]
     assert "half a UTF-16 surrogate pair" in message and "encodes no Unicode character at line 1 column" in message
     assert pair.status_code == 200 and "\U0001F600" in client.engine.prompts[-1]
+
+
+class City(pydantic.BaseModel):
+    name: str
+
+
+class Trip(pydantic.BaseModel):
+    to: City
+    stops: list[City]
+
+
+def with_grammars(client):
+    """The scripted engine given xgrammar over its tokenizer, as the server's engine compiles
+    specs; the sampling params of each request are kept in `client.params`."""
+    tok = client.engine.tokenizer
+    compiler = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids)
+    client.engine.engine = types.SimpleNamespace(grammar_compiler=lambda: compiler)
+    client.params, generate = [], client.engine.generate
+
+    def kept(prompt, params, request_id):
+        client.params.append(params)
+        return generate(prompt, params, request_id)
+    client.engine.generate = kept
+    return client
+
+
+def test_required_calls_of_tools_with_nested_models():
+    """tool_choice required with tools whose parameters are pydantic models holding models
+    (openai.pydantic_function_tool writes `$defs` and `#/$defs/City`): the calls' array schema
+    holds each tool's parameters under its root, so their $defs go to the root (vLLM's), and the
+    model's calls are what its grammar takes. Two tools defining one name differently: vLLM's 400."""
+    xgr = pytest.importorskip("xgrammar")
+    tools = [openai.pydantic_function_tool(Trip), openai.pydantic_function_tool(City, name="visit")]
+    calls = [{"name": "Trip", "parameters": {"to": {"name": "Rome"}, "stops": [{"name": "Pisa"}]}},
+             {"name": "visit", "parameters": {"name": "Rome"}}]
+    client = with_grammars(serve("deepseek-r1", "Plan.</think>\n\n" + json.dumps(calls)))
+    reply = asyncio.run(client.chat.completions.create(model="m", messages=MESSAGES, tools=tools,
+                                                       tool_choice="required")).choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in reply.message.tool_calls] == [
+        (c["name"], c["parameters"]) for c in calls]
+    matcher = xgr.GrammarMatcher(client.params[-1].guided.compiled)
+    assert all(matcher.accept_token(t) for t in client.engine.tokenizer.encode(json.dumps(calls), False))
+    assert matcher.accept_token(client.engine.tokenizer.eos_token_id)
+
+    other = {"type": "function", "function": {"name": "other", "parameters": {
+        "type": "object", "properties": {"c": {"$ref": "#/$defs/City"}}, "$defs": {"City": {"type": "integer"}}}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        asyncio.run(client.chat.completions.create(model="m", messages=MESSAGES, tools=tools + [other],
+                                                   tool_choice="required"))
+    assert err.value.body["message"] == "Tool definition 'City' has multiple schemas, which is not supported."
+    assert err.value.body["param"] == "tools"
