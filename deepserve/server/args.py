@@ -107,7 +107,8 @@ class ServerArgs:
     vLLM's hermes and llama3_json for R1-Distill-Qwen and -Llama, with a --chat-template that lists
     the tools)."""
     max_logprobs: int = 20
-    """Most logprobs / top_logprobs / prompt_logprobs a request may ask for."""
+    """Most logprobs / top_logprobs / prompt_logprobs a request may ask for (-1: no cap, the
+    whole vocabulary, as vLLM's)."""
     enable_prompt_tokens_details: bool = False
     """vLLM's: chat completions' and completions' usage gives prompt_tokens_details.cached_tokens,
     the prompt tokens found in the prefix cache (null without this flag, as vLLM)."""
@@ -210,8 +211,8 @@ class ServerArgs:
             self.api_key = [self.api_key]
         if not 0 <= int(self.port) <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if int(self.max_logprobs) < 0:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if int(self.max_logprobs) < -1:
+            raise ValueError(f"max_logprobs must be >= 0, or -1 for no cap, got {self.max_logprobs}")
         if int(self.responses_store_max_size) < 1:
             raise ValueError(f"responses_store_max_size must be >= 1, got {self.responses_store_max_size}")
         self.check_ssl()

@@ -479,8 +479,8 @@ class ChatCompletionRequest(_SamplingFields):
         if not self.logprobs:
             return None
         top = self.top_logprobs or 0
-        if top < 0:
-            raise ValueError(f"top_logprobs must be >= 0, got {top}")
+        if top < -1:   # -1: the whole vocabulary (vLLM's)
+            raise ValueError(f"top_logprobs must be >= 0, or -1 for the whole vocabulary, got {top}")
         return top
 
 

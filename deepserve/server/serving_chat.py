@@ -67,14 +67,16 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_id
                   listed: bool = False) -> dict:
     """OpenAI's chat logprobs object for tokens [start, end) of one sample (`as_ids`: tokens
     named `token_id:N`, vLLM's return_tokens_as_token_ids; `bytes` stay the token's text's;
-    `listed`: top_logprobs are the sampled token's and logprob_token_ids', in that order, as vLLM's)."""
+    `listed`: top_logprobs are the sampled token's and logprob_token_ids', in that order, as vLLM's;
+    `top_k` -1: every token's, the whole vocabulary)."""
     content = []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
         if listed:
             top = list(entry.items())
         else:
-            top = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= top_k), key=lambda item: item[1].rank)
+            top = sorted(((t, lp) for t, lp in entry.items() if top_k == -1 or lp.rank <= top_k),
+                         key=lambda item: item[1].rank)
         item = _entry(chosen.decoded_token, chosen.logprob, f"token_id:{tid}" if as_ids else None)
         item["top_logprobs"] = [_entry(lp.decoded_token, lp.logprob, f"token_id:{t}" if as_ids else None)
                                 for t, lp in top]

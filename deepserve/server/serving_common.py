@@ -241,7 +241,7 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     sample_logprobs = params.logprobs if params.logprob_token_ids is None else None
     for name, value in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
         value = whole_vocabulary(value, state.llm.vocab_size)
-        if value is not None and value > limit:
+        if value is not None and value > limit >= 0:
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
             raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown)
     for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),

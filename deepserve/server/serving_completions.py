@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
+from deepserve.engine.sampling_params import whole_vocabulary
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
@@ -42,9 +43,10 @@ def token_name(tid: int, text: str, as_ids: bool) -> str:
 
 
 def _legacy_entry(entry: dict, tid: int, top_k: int, as_ids: bool, listed: bool = False) -> dict:
-    """`listed`: every entry, the sampled token's and then logprob_token_ids' (vLLM's)."""
+    """`listed`: every entry, the sampled token's and then logprob_token_ids' (vLLM's); so with
+    `top_k` -1 (the whole vocabulary)."""
     return {token_name(t, lp.decoded_token, as_ids): lp.logprob for t, lp in entry.items()
-            if listed or lp.rank <= top_k or t == tid}
+            if listed or top_k == -1 or lp.rank <= top_k or t == tid}
 
 
 def text_offsets(text: str, tokens: list[str], cursor: int = 0, slack: int = 4) -> tuple[list[int], int]:
@@ -130,7 +132,8 @@ class _Prepared:
         self.beams: list = []   # each prompt's BeamSearchParams with use_beam_search
         self.echo_logprobs = req.echo and req.logprobs is not None
         if self.echo_logprobs:
-            self.params.prompt_logprobs = max(self.params.prompt_logprobs or 0, req.logprobs)
+            self.params.prompt_logprobs = max(whole_vocabulary(self.params.prompt_logprobs or 0, state.llm.vocab_size),
+                                              whole_vocabulary(req.logprobs, state.llm.vocab_size))
         self.prompts: list[dict] = []
         for p in prompts:
             if isinstance(p, str):

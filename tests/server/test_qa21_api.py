@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import types
 
 import openai
 import pydantic
 import pytest
+from conftest import DEMO_TEMPLATE, launch
 from test_qa14_chat_agents import MESSAGES, TOOLS, TOKENIZERS, r1_call, serve, whole_and_streamed
 
 from deepserve.engine.grammar import GrammarCompiler
@@ -106,3 +108,34 @@ def test_required_calls_of_tools_with_nested_models():
                                                    tool_choice="required"))
     assert err.value.body["message"] == "Tool definition 'City' has multiple schemas, which is not supported."
     assert err.value.body["param"] == "tools"
+
+
+@pytest.fixture(scope="module")
+def uncapped(tmp_path_factory):
+    """The demo model served with vLLM's --max-logprobs -1 (no cap)."""
+    template = tmp_path_factory.mktemp("tmpl") / "demo.jinja"
+    template.write_text(DEMO_TEMPLATE)
+    server = launch("--max-logprobs", "-1", "--chat-template", str(template))
+    yield server
+    server.stop()
+
+
+def test_whole_vocabulary_logprobs(uncapped):
+    """vLLM's -1 for logprobs / top_logprobs: every token of the vocabulary (512 for the demo
+    model) at each position, under --max-logprobs -1 (vLLM's "no cap"); completions' echo lists
+    the prompt's the same way. Chat's top_logprobs takes -1 as vLLM's does; below it is a 400."""
+    client = openai.OpenAI(base_url=uncapped.v1, api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    # tokens named by id: many tokens' texts are alike (bytes, special tokens), and the legacy format keys by text
+    whole = client.completions.create(model=model, prompt="Once upon", max_tokens=2, logprobs=-1, echo=True,
+                                      extra_body={"return_tokens_as_token_ids": True})
+    tops = whole.choices[0].logprobs.top_logprobs
+    assert tops[0] is None and [len(t) for t in tops[1:]] == [512] * (len(tops) - 1)
+    assert all(abs(math.log(sum(math.exp(v) for v in t.values()))) < 1e-3 for t in tops[1:])
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Once"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=-1)
+    assert [len(t.top_logprobs) for t in chat.choices[0].logprobs.content] == [512, 512]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Once"}], max_tokens=2,
+                                       logprobs=True, top_logprobs=-2)
+    assert err.value.body["param"] == "top_logprobs"

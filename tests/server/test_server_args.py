@@ -128,8 +128,9 @@ def test_bad_values_are_refused_by_name(parser, tmp_path, capsys):
         resolve(parser.parse_args(["serve", "m", "--enable-auto-tool-choice"]))
     with pytest.raises(ValueError, match=r"port must be in \[0, 65535\], got 70000"):
         resolve(parser.parse_args(["serve", "m", "--port", "70000"]))
-    with pytest.raises(ValueError, match="max_logprobs must be >= 0, got -1"):
-        ServerArgs(max_logprobs=-1)
+    with pytest.raises(ValueError, match="max_logprobs must be >= 0, or -1 for no cap, got -2"):
+        ServerArgs(max_logprobs=-2)
+    assert ServerArgs(max_logprobs=-1).max_logprobs == -1   # vLLM's: no cap
     with pytest.raises(ValueError, match="--allowed-origins must be a JSON list of strings, got 'https://a'"):
         resolve(parser.parse_args(["serve", "m", "--allowed-origins", "https://a"]))
     assert ServerArgs(allowed_origins=["https://a"]).cors()["allow_origins"] == ["https://a"]   # a YAML list
