@@ -9,8 +9,13 @@ so that numbers compare with `vllm bench serve` runs on the same flags:
   the reported length is the text's count in the server's tokenizer.
 - sonnet: lines of a poem after a fixed instruction; the first lines are a shared prefix
   (`--sonnet-prefix-len` tokens) for prefix-cache tests; chat-formatted for /v1/completions.
+  As vLLM's, the lines are chosen and counted on the chat-formatted prompt for either
+  endpoint, so both send the same lines.
 - sharegpt: first human turn of each conversation, output length of the first reply
   (or `--sharegpt-output-len`), pruned like vLLM (prompt < 1024, prompt + output < 2048).
+
+sonnet and sharegpt count a text as vLLM's sets do, `tokenizer(text).input_ids`: with the
+special tokens the tokenizer adds (a BOS where tokenizer.json's post-processor writes one).
 - custom: a JSONL file of {"prompt": ..., "output_tokens": n (optional)} lines, shuffled
   unless `--disable-shuffle`, chat-templated for /v1/completions unless `--skip-chat-template`,
   each asking for `--custom-output-len` tokens (-1: the line's output_tokens).
@@ -33,6 +38,11 @@ from deepserve.engine.tokenizer import Tokenizer
 
 DATASET_NAMES = ("random", "sonnet", "sharegpt", "custom", "prefix_repetition", "prefix-repetition")
 SONNET_INSTRUCTION = "Pick as many lines as you can from these poem lines:\n"
+
+
+def _input_ids_len(tok: Tokenizer, text: str) -> int:
+    """len(tokenizer(text).input_ids), vLLM's count in its sonnet and sharegpt sets."""
+    return len(tok.encode(text))
 
 
 @dataclass
@@ -99,23 +109,23 @@ def sample_random(tok: Tokenizer, num_requests: int, input_len: int, output_len:
 
 def sample_sonnet(tok: Tokenizer, path: str, num_requests: int, input_len: int,
                   prefix_len: int, output_len: int, chat_format: bool, seed: int) -> list[SampleRequest]:
-    """vLLM's sonnet set; `chat_format` sends the chat-templated text (for /v1/completions)."""
+    """vLLM's sonnet set; `chat_format` sends the chat-templated text (for /v1/completions).
+    Lengths are the chat-templated text's either way (the chat endpoint templates it itself)."""
     lines = Path(path).read_text().splitlines(keepends=True)
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise ValueError(f"sonnet dataset {path!r} has no lines")
-    use_template = chat_format and tok.chat_template is not None
 
     def formatted(prompt: str) -> str:
-        if not use_template:
+        if tok.chat_template is None:
             return prompt
         return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
-    base_len = tok.count(formatted(SONNET_INSTRUCTION))
+    base_len = _input_ids_len(tok, formatted(SONNET_INSTRUCTION))
     if input_len <= base_len:
         raise ValueError(f"--sonnet-input-len {input_len} must be larger than the instruction's "
                          f"{base_len} tokens")
-    avg_line = sum(tok.count(line) for line in lines) / len(lines)
+    avg_line = sum(_input_ids_len(tok, line) for line in lines) / len(lines)
     num_input_lines = round((input_len - base_len) / avg_line)
     num_prefix_lines = max(round((prefix_len - base_len) / avg_line), 0)
     if num_prefix_lines > num_input_lines:
@@ -130,10 +140,10 @@ def sample_sonnet(tok: Tokenizer, path: str, num_requests: int, input_len: int,
             raise ValueError(f"could not build sonnet prompts of at most {input_len} tokens "
                              f"(lines average {avg_line:.1f} tokens)")
         extra = rnd.choices(lines, k=num_input_lines - num_prefix_lines)
-        prompt = formatted(SONNET_INSTRUCTION + "".join(prefix_lines + extra))
-        n = tok.count(prompt)
+        prompt = SONNET_INSTRUCTION + "".join(prefix_lines + extra)
+        n = _input_ids_len(tok, formatted(prompt))
         if n <= input_len:
-            requests.append(SampleRequest(prompt, n, output_len))
+            requests.append(SampleRequest(formatted(prompt) if chat_format else prompt, n, output_len))
     return requests
 
 
@@ -164,8 +174,8 @@ def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
         if len(requests) == num_requests:
             break
         prompt = conv[0].get("value", "")
-        prompt_len = tok.count(prompt)
-        out_len = output_len if output_len is not None else tok.count(conv[1].get("value", ""))
+        prompt_len = _input_ids_len(tok, prompt)
+        out_len = output_len if output_len is not None else _input_ids_len(tok, conv[1].get("value", ""))
         if prompt_len < 4 or (output_len is None and out_len < 4):
             continue
         if prompt_len > 1024 or prompt_len + out_len > 2048:

@@ -56,13 +56,36 @@ def test_sonnet_shared_prefix_and_limit(tok):
                          chat_format=False, seed=0)
     lines = [line for line in open(SONNET).read().splitlines(keepends=True) if line.strip()]
     assert all(r.prompt.startswith(SONNET_INSTRUCTION + lines[0] + lines[1]) for r in reqs)
-    assert all(r.prompt_len <= 200 and r.prompt_len == tok.count(r.prompt) for r in reqs)
+    assert all(r.prompt_len <= 200 and r.prompt_len == len(tok.encode(_user_turn(tok, r.prompt))) for r in reqs)
     assert all(r.prompt_len > 150 for r in reqs)
     chat = sample_sonnet(tok, SONNET, 2, 200, 80, 20, chat_format=True, seed=0)
     assert chat[0].prompt.startswith("<｜begin▁of▁sentence｜><｜User｜>" + SONNET_INSTRUCTION)
     assert chat[0].prompt.endswith("<｜Assistant｜><think>\n")
     with pytest.raises(ValueError, match="sonnet-input-len 5 must be larger"):
         sample_sonnet(tok, SONNET, 1, 5, 0, 10, False, 0)
+
+
+def _user_turn(tok, text: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+
+
+def test_sonnet_sends_the_same_lines_to_either_endpoint(tok):
+    """As vLLM's sonnet set: the lines are chosen and counted on the chat-formatted prompt for
+    either endpoint; the chat endpoint gets them unformatted. The lengths are those vLLM 0.26's
+    SonnetDataset gives for this tokenizer, seed and flags."""
+    fmt = sample_sonnet(tok, SONNET, 6, 200, 50, 8, chat_format=True, seed=0)
+    raw = sample_sonnet(tok, SONNET, 6, 200, 50, 8, chat_format=False, seed=0)
+    assert [_user_turn(tok, r.prompt) for r in raw] == [r.prompt for r in fmt]
+    assert [r.prompt_len for r in raw] == [r.prompt_len for r in fmt] == [197, 192, 180, 193, 197, 195]
+
+
+def test_sharegpt_counts_the_bos_as_vllm():
+    """vLLM's sharegpt set counts prompt and reply as tokenizer(text).input_ids: with the demo
+    model's BOS. Lengths (and so the conversations its pruning keeps) are vLLM 0.26's for seed 0."""
+    demo = load_tokenizer(str(DEMO_MODEL))
+    reqs = sample_sharegpt(demo, SHAREGPT_2TURN, 8, output_len=None, seed=0)
+    assert [r.prompt_len for r in reqs] == [33, 196, 21, 247, 47, 4, 24, 385]
+    assert [r.expected_output_len for r in reqs] == [696, 1233, 206, 1605, 343, 18, 997, 850]
 
 
 def test_sharegpt_lengths_and_pruning(tok):
@@ -110,7 +133,8 @@ def test_each_dataset_against_endpoint(fake_server, bench_args, tok, dataset, ex
     key = "max_completion_tokens" if "chat" in endpoint else "max_tokens"
     assert [r[key] for r in received] == [3] * 4
     sent = [r["messages"][0]["content"] if "chat" in endpoint else r["prompt"] for r in received]
-    assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in sent)
+    counted = [_user_turn(tok, p) if dataset == "sonnet" and "chat" in endpoint else p for p in sent]
+    assert sorted(res["input_lens"]) == sorted(tok.count(p) for p in counted)
     # sonnet is chat-formatted for /v1/completions only (the chat endpoint formats it itself)
     if dataset == "sonnet":
         assert all(p.startswith("<｜begin▁of▁sentence｜>") == ("chat" not in endpoint) for p in sent)
