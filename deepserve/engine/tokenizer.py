@@ -43,6 +43,29 @@ def _json_object(path: Path) -> dict:
     return data
 
 
+def _llama_pipeline(tok: HFTokenizer, cfg: dict, file: Path) -> None:
+    """The pre-tokenizer and decoder transformers >= 5 give a sentencepiece-style tokenizer.json
+    whose tokenizer_config.json names LlamaTokenizer(Fast) (Llama 2, the demo model): its
+    LlamaTokenizer keeps the file's vocab, merges and post-processor but replaces the file's
+    normalizer (a "▁" prepended to every text segment, the legacy behaviour) with a Metaspace
+    pre-tokenizer that prepends one to the first segment only. So " hi" and the text after a
+    special token ("<s>hi") encode as vLLM 0.26's. A ByteLevel tokenizer.json (Llama 3, R1)
+    is read as written, as AutoTokenizer does."""
+    from tokenizers import decoders, pre_tokenizers
+
+    if str(cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
+        return
+    if '"ByteLevel"' in file.read_text(encoding="utf-8"):
+        return
+    add_prefix_space = cfg.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else add_prefix_space
+    scheme = ("always" if cfg.get("legacy", False) else "first") if add_prefix_space else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
+
+
 class Tokenizer:
     """`path`: a folder with tokenizer.json (and tokenizer_config.json), or the tokenizer.json
     itself. `chat_template`: a template (or a file holding one) replacing the folder's."""
@@ -62,6 +85,7 @@ class Tokenizer:
         self._token_texts: dict[int, str] = {}    # token_text's answers, by id
         cfg_path = folder / "tokenizer_config.json"
         cfg = _json_object(cfg_path) if cfg_path.is_file() else {}
+        _llama_pipeline(self.tok, cfg, file)
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None

@@ -63,3 +63,26 @@ def test_ids_equal_transformers_autotokenizer(shared_dir, tmp_path, name, preset
     assert tok.batch_decode([ids, ids[1:]]) == hf.batch_decode([ids, ids[1:]])
     assert dict(tok(PROMPTS[0])) == dict(hf(PROMPTS[0])) and tok(PROMPTS[0]).input_ids == hf(PROMPTS[0]).input_ids
     assert dict(tok(PROMPTS)) == dict(hf(PROMPTS))
+
+
+def test_demo_model_ids_equal_transformers_autotokenizer():
+    """The demo model's tokenizer.json is sentencepiece-style and its tokenizer_config.json names
+    LlamaTokenizerFast: transformers >= 5 prepends "▁" to the first text segment only, so a
+    leading space and the text after a special token encode as vLLM 0.26's (the file's
+    normalizer prepends one to every segment)."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"vLLM 0.26 loads tokenizers with transformers >= 5.5.3, not {transformers.__version__}")
+    from deepserve.config import DEMO_MODEL
+    hf = transformers.AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    tok = Tokenizer(DEMO_MODEL)
+    prompts = ["Once upon a time", " leading space", "  two", "<s>Hello there", "a</s>b", "x  y\n z", "end "]
+    for prompt in prompts:
+        for special in (True, False):
+            assert tok.encode(prompt, add_special_tokens=special) == \
+                hf(prompt, add_special_tokens=special).input_ids, (prompt, special)
+    for prompt in prompts:
+        ids = hf(prompt).input_ids
+        assert tok.decode(ids) == hf.decode(ids) and tok.decode(ids, True) == hf.decode(ids, skip_special_tokens=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert tok.encode(text, add_special_tokens=False) == hf(text, add_special_tokens=False).input_ids
