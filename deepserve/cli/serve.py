@@ -579,8 +579,10 @@ def bind_listen(host: str, port: int, what: str = "--host / --port") -> socket.s
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ValueError(f"cannot listen on {host!r} ({what}): it does not resolve ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, address = infos[0]
+    # the protocol named (IPPROTO_TCP, not 0): asyncio sets TCP_NODELAY only on connections of
+    # such a socket, and without it Nagle holds a streamed token behind the previous one's ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
     try:
         sock.bind(address)

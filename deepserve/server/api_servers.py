@@ -53,7 +53,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """The socket every API server accepts on (bound and listening before any starts, so
     early connections wait in its backlog)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # TCP_NODELAY: see bind_listen
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
