@@ -100,7 +100,7 @@ class GrammarCompiler:
             # xgrammar reports bad schemas / grammars as RuntimeError, a structural tag of the wrong
             # shape as TypeError or pydantic's ValidationError (a ValueError)
             kind = next(k for k in ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
-                        if getattr(spec, k))
+                        if getattr(spec, k) not in (None, False))   # "" too: an empty structural tag
             # its message opens with a log prefix, "[15:59:11] /project/cpp/regex_converter.cc:94: ",
             # and may go on with the failed check, "Check failed: (...) is false: "
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()

@@ -8,6 +8,7 @@ import json
 import math
 import types
 
+import httpx
 import openai
 import pydantic
 import pytest
@@ -111,7 +112,7 @@ def test_required_calls_of_tools_with_nested_models():
 
 
 @pytest.fixture(scope="module")
-def uncapped(tmp_path_factory):
+def demo(tmp_path_factory):
     """The demo model served with vLLM's --max-logprobs -1 (no cap)."""
     template = tmp_path_factory.mktemp("tmpl") / "demo.jinja"
     template.write_text(DEMO_TEMPLATE)
@@ -120,11 +121,11 @@ def uncapped(tmp_path_factory):
     server.stop()
 
 
-def test_whole_vocabulary_logprobs(uncapped):
+def test_whole_vocabulary_logprobs(demo):
     """vLLM's -1 for logprobs / top_logprobs: every token of the vocabulary (512 for the demo
     model) at each position, under --max-logprobs -1 (vLLM's "no cap"); completions' echo lists
     the prompt's the same way. Chat's top_logprobs takes -1 as vLLM's does; below it is a 400."""
-    client = openai.OpenAI(base_url=uncapped.v1, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=demo.v1, api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     # tokens named by id: many tokens' texts are alike (bytes, special tokens), and the legacy format keys by text
     whole = client.completions.create(model=model, prompt="Once upon", max_tokens=2, logprobs=-1, echo=True,
@@ -139,3 +140,16 @@ def test_whole_vocabulary_logprobs(uncapped):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Once"}], max_tokens=2,
                                        logprobs=True, top_logprobs=-2)
     assert err.value.body["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_empty_structural_tag_is_a_400(demo, endpoint):
+    """structured_outputs.structural_tag "" is no JSON: vLLM's 400, answered at once (the
+    compiler's error names the kind of an empty spec as of any other; an exception its worker
+    thread's future cannot carry, StopIteration, would leave the request waiting)."""
+    body = {"max_tokens": 3, "structured_outputs": {"structural_tag": ""}}
+    body.update({"prompt": "Once"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Once"}]})
+    r = httpx.post(f"{demo.v1}/{'completions' if endpoint == 'completions' else 'chat/completions'}", json=body,
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+    assert r.json()["error"]["message"].startswith("the structural_tag structured-output spec does not compile: not JSON")
