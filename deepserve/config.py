@@ -114,8 +114,24 @@ def load_hf_config(model: str, hf_overrides: Optional[dict] = None) -> HFConfig:
               "--local_dir DIR` or `huggingface-cli download ID --local-dir DIR`, and pass DIR)" if "/" in model else ""
         raise FileNotFoundError(
             f"model {model!r} is neither a folder nor a preset{hub}; presets: {', '.join(list_presets())}")
-    data.update(hf_overrides or {})
-    return HFConfig(data)
+    return HFConfig({**HFConfig(data).to_dict(), **_hub_spelling(hf_overrides or {})})
+
+
+def _hub_spelling(overrides: dict) -> dict:
+    """hf_overrides in the spelling HFConfig normalises to (rope_theta, rope_scaling,
+    torch_dtype), so that an override replaces config.json's value whichever spelling either
+    uses, as vLLM's config.update does: transformers 5's rope_parameters replace the file's
+    scaling (a rope_theta they leave out stays the file's)."""
+    overrides = dict(overrides)
+    rope = overrides.pop("rope_parameters", None)
+    if isinstance(rope, dict):
+        rope = dict(rope)
+        if "rope_theta" in rope:
+            overrides.setdefault("rope_theta", rope.pop("rope_theta"))
+        overrides.setdefault("rope_scaling", rope)
+    if "dtype" in overrides:
+        overrides.setdefault("torch_dtype", overrides.pop("dtype"))
+    return overrides
 
 
 def parse_hf_overrides(value):

@@ -59,6 +59,29 @@ def test_hf_config_reads_both_spellings():
     assert plain.rope_scaling is None and plain.rope_theta == 1e6
 
 
+@pytest.mark.parametrize("written", [
+    {"rope_theta": 5.0, "rope_scaling": {"type": "yarn", "factor": 40}, "torch_dtype": "bfloat16"},
+    {"rope_parameters": {"rope_type": "yarn", "factor": 40, "rope_theta": 5.0}, "dtype": "bfloat16"}],
+    ids=["hub", "transformers5"])
+def test_hf_overrides_rope_parameters_replace_the_files_rope(tmp_path, written):
+    """hf_overrides in transformers 5's spelling replace config.json's RoPE whichever spelling
+    the file uses, as vLLM's config.update does; a rope_theta the override leaves out stays the
+    file's; dtype likewise. They were dropped when the file wrote the other spelling."""
+    import json
+
+    from deepserve.config import load_hf_config
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"], **written}))
+    theta = load_hf_config(str(tmp_path), {"rope_parameters": {"rope_type": "default", "rope_theta": 50.0}})
+    assert theta.rope_theta == 50.0 and theta.rope_scaling is None
+    linear = load_hf_config(str(tmp_path), {"rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+    assert linear.rope_theta == 5.0 and linear.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    # the Hub spelling as an override still wins over either spelling in the file
+    hub = load_hf_config(str(tmp_path), {"rope_theta": 7.0, "rope_scaling": None})
+    assert hub.rope_theta == 7.0 and hub.rope_scaling is None
+    assert load_hf_config(str(tmp_path), {"dtype": "float16"}).torch_dtype == "float16"
+    assert load_hf_config(str(tmp_path), {"torch_dtype": "float16"}).torch_dtype == "float16"
+
+
 def test_ops_backend_from_flag_and_env(monkeypatch):
     monkeypatch.delenv("DEEPSERVE_OPS", raising=False)
     monkeypatch.delenv("USE_FLAGGEMS", raising=False)
