@@ -21,7 +21,7 @@ from deepserve.engine.llm_inputs import (PROMPT_KEYS, TOKENIZATION_KWARGS, check
                                          template_text, template_turn, truncate_prompt)
 from deepserve.engine.outputs import RequestOutput, RequestStateStats
 from deepserve.engine.sampling_params import SamplingParams
-from deepserve.engine.thinking_budget import PARSER_TAGS, delimiter_token_ids, reasoning_delimiters, reasoning_open
+from deepserve.engine.thinking_budget import PARSER_TAGS, delimiter_token_ids, reasoning_delimiters, reasoning_ended
 
 
 class LLM:
@@ -31,8 +31,8 @@ class LLM:
                  max_logprobs: int = 20, **kwargs):
         """`reasoning_parser` / `reasoning_config` (vLLM's): where reasoning starts and ends, for
         requests with a thinking_token_budget; with `reasoning_parser` a structured-output grammar
-        also holds only from the end of the reasoning a prompt opened on (vLLM's, so R1 thinks
-        before its JSON answer). `chat_template`: a template (or its file) for
+        also holds only from the end of the reasoning, unless the prompt closed it (vLLM's, so R1
+        thinks before its JSON answer). `chat_template`: a template (or its file) for
         chat() in place of the tokenizer's. `generation_config` (vLLM's): the default
         SamplingParams come from the model folder's generation_config.json ("auto"), from none
         ("vllm"), or from that file in the folder given; `override_generation_config` overrides
@@ -263,8 +263,8 @@ class LLM:
         if too_long:
             raise RequestError(too_long)
         if params.guided is not None and params.guided.start_after_token is None and self._grammar_after \
-                and reasoning_open(ids, *self._grammar_after):
-            # the prompt opened the reasoning (R1's template does): the grammar holds from its end on
+                and not reasoning_ended(ids, *self._grammar_after):
+            # the prompt left the reasoning open (R1's template opens it): the grammar holds from its end on
             after = dataclasses.replace(params.guided, start_after_token=self._grammar_after[1][0])
             params = dataclasses.replace(params, guided=after)
         request = {"prompt_token_ids": ids, "prompt": text}

@@ -81,9 +81,10 @@ def _last_index(ids: list[int], pattern: tuple[int, ...]) -> int:
     return -1
 
 
-def reasoning_open(ids: list[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
-    """Whether `ids` end inside a reasoning section: a start sequence with no end after it."""
-    return _last_index(ids, start) > _last_index(ids, end)
+def reasoning_ended(ids: list[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
+    """vLLM's is_reasoning_end: whether the last delimiter in `ids` is an end; a prompt with
+    neither leaves the reasoning to its output (R1's templates after tool results)."""
+    return _last_index(ids, end) > _last_index(ids, start)
 
 
 def _ends_with(ids: list[int], upto: int, pattern: tuple[int, ...]) -> bool:

@@ -164,3 +164,22 @@ def test_offline_structured_outputs_config_reasoning_keys(llm, kwargs, in_reason
     else:
         assert list(out.outputs[0].token_ids) == [D] + TAIL
     offline.shutdown()
+
+
+@pytest.mark.parametrize("prompt, waits", [([0, C], True), ([0, THINK, END, C], False)], ids=["no tag", "closed"])
+def test_offline_grammar_waits_unless_the_prompt_closed_the_reasoning(llm, prompt, waits):
+    """vLLM's is_reasoning_end on the prompt: one with no think tag (R1's templates after tool
+    results) leaves the reasoning open, so the grammar holds from </think> on; one whose last tag
+    is </think> has the grammar from the first token."""
+    from deepserve.engine.sampling_params import GuidedDecoding
+
+    offline = LLM(str(llm.engine.config.model.model), num_gpu_blocks_override=64, block_size=4,
+                  reasoning_parser="deepseek_r1")
+    answer = offline.tokenizer.decode([NN, ANSWER], skip_special_tokens=True)
+    params = SamplingParams(temperature=0, max_tokens=12, structured_outputs=GuidedDecoding(choice=[answer]))
+    [out] = offline.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    if waits:
+        assert list(out.outputs[0].token_ids) == [D] + TAIL
+    else:
+        assert out.outputs[0].text == answer
+    offline.shutdown()
