@@ -148,8 +148,11 @@ def test_empty_structural_tag_is_a_400(demo, endpoint):
     compiler's error names the kind of an empty spec as of any other; an exception its worker
     thread's future cannot carry, StopIteration, would leave the request waiting)."""
     body = {"max_tokens": 3, "structured_outputs": {"structural_tag": ""}}
-    body.update({"prompt": "Once"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Once"}]})
-    r = httpx.post(f"{demo.v1}/{'completions' if endpoint == 'completions' else 'chat/completions'}", json=body,
-                   timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
-    assert r.json()["error"]["message"].startswith("the structural_tag structured-output spec does not compile: not JSON")
+    if endpoint == "completions":
+        r = httpx.post(f"{demo.v1}/completions", json={**body, "prompt": "Once"}, timeout=30)
+    else:
+        r = httpx.post(f"{demo.v1}/chat/completions", json={**body, "messages": [{"role": "user", "content": "Once"}]},
+                       timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "structured_outputs"
+    assert error["message"].startswith("the structural_tag structured-output spec does not compile: not JSON")
