@@ -66,6 +66,10 @@ def _llama_pipeline(tok: HFTokenizer, cfg: dict, file: Path) -> None:
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
 
 
+VERY_LARGE_INTEGER = int(1e30)   # transformers' model_max_length where tokenizer_config.json gives none
+SPECIAL_TOKEN_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
 class Tokenizer:
     """`path`: a folder with tokenizer.json (and tokenizer_config.json), or the tokenizer.json
     itself. `chat_template`: a template (or a file holding one) replacing the folder's."""
@@ -88,6 +92,15 @@ class Tokenizer:
         _llama_pipeline(self.tok, cfg, file)
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
+        self.unk_token = _token_text(cfg.get("unk_token"))
+        self.pad_token = _token_text(cfg.get("pad_token"))
+        self.model_max_length = int(cfg.get("model_max_length") or VERY_LARGE_INTEGER)
+        self.truncation_side = cfg.get("truncation_side") or "right"
+        named = [_token_text(cfg.get(f"{kind}_token")) for kind in SPECIAL_TOKEN_KINDS]
+        extra = cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or []
+        extra = [_token_text(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+        # transformers' all_special_tokens: the named ones in its order, then the extra ones, once each
+        self.all_special_tokens = list(dict.fromkeys(t for t in named + extra if t))
         self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_ids: set[int] = set()
         if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
@@ -112,8 +125,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, *, truncation: Optional[bool] = None,
+               max_length: Optional[int] = None) -> list[int]:
+        """The ids of `text`; `truncation`: at most `max_length` (default model_max_length) ids,
+        special tokens included, cut on the truncation_side (transformers' and vLLM's)."""
+        if not truncation:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        limit = self.model_max_length if max_length is None else max_length
+        enc = self.tok.encode(text, add_special_tokens=False)
+        enc.truncate(max(0, limit - (self.num_special_tokens_to_add() if add_special_tokens else 0)),
+                     direction=self.truncation_side)
+        return self.tok.post_process(enc, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text, in one call of the Rust tokenizer, which releases the GIL and
@@ -186,12 +208,62 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> "BatchEncoding":
-        """input_ids and attention_mask of a text, or of each text (no padding)."""
+    def __call__(self, text: str | list[str], text_pair: Optional[str] = None, add_special_tokens: bool = True,
+                 truncation: bool = False, max_length: Optional[int] = None) -> "BatchEncoding":
+        """input_ids and attention_mask of a text (or a text and its pair), or of each text (no
+        padding); truncation as `encode`'s."""
+        if text_pair is not None:
+            if truncation:
+                raise ValueError("truncation of a text pair is not supported")
+            return BatchEncoding(self.tok.encode(text, text_pair, add_special_tokens=add_special_tokens).ids)
         if isinstance(text, str):
-            return BatchEncoding(self.encode(text, add_special_tokens))
-        ids = self.encode_batch(text, add_special_tokens)
+            return BatchEncoding(self.encode(text, add_special_tokens, truncation=truncation, max_length=max_length))
+        if truncation:
+            ids = [self.encode(t, add_special_tokens, truncation=True, max_length=max_length) for t in text]
+        else:
+            ids = self.encode_batch(text, add_special_tokens)
         return BatchEncoding(ids, [[1] * len(i) for i in ids])
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        decoder = self.tok.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else "".join(tokens)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self.tok.num_special_tokens_to_add(pair)
+
+    @functools.cached_property
+    def all_special_ids(self) -> list[int]:
+        return [self.tok.token_to_id(t) for t in self.all_special_tokens]
+
+    @property
+    def pad_token_id(self) -> Optional[int]:
+        return self.tok.token_to_id(self.pad_token) if self.pad_token else None
+
+    @property
+    def unk_token_id(self) -> Optional[int]:
+        return self.tok.token_to_id(self.unk_token) if self.unk_token else None
+
+    @property
+    def is_fast(self) -> bool:
+        return True
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.folder)
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        return max(self.get_vocab().values())
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        return max(len(t) for t in self.get_vocab())
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
 
     def get_vocab(self) -> dict[str, int]:
         return self.tok.get_vocab(with_added_tokens=True)
@@ -200,9 +272,12 @@ class Tokenizer:
         """A token's id (None if it has none), or each token's."""
         return self.tok.token_to_id(tokens) if isinstance(tokens, str) else [self.tok.token_to_id(t) for t in tokens]
 
-    def convert_ids_to_tokens(self, ids: int | list[int]):
-        """An id's token, or each id's."""
-        return self.tok.id_to_token(ids) if isinstance(ids, int) else [self.tok.id_to_token(int(i)) for i in ids]
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False):
+        """An id's token, or each id's (less all_special_ids with `skip_special_tokens`)."""
+        if isinstance(ids, int):
+            return self.tok.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        return [self.tok.id_to_token(int(i)) for i in ids if int(i) not in skip]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tokenize: bool = True, continue_final_message: bool = False,

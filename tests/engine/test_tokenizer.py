@@ -101,3 +101,35 @@ def test_transformers_names_give_transformers_answers(tok):
     tokens = ref.convert_ids_to_tokens(ids)
     assert tok.convert_ids_to_tokens(ids) == tokens and tok.convert_ids_to_tokens(ids[0]) == tokens[0]
     assert tok.convert_tokens_to_ids(tokens) == ids and tok.convert_tokens_to_ids(tokens[-1]) == ids[-1]
+
+
+@pytest.mark.parametrize("which", ["demo", "r1"])
+def test_vllm_tokenizer_protocol_answers_as_transformers(shared_dir, which):
+    """LLM.get_tokenizer() answers the rest of vLLM's TokenizerLike (vllm/tokenizers/protocol.py)
+    and transformers' common names as AutoTokenizer does: special tokens and ids, pad / unk ids,
+    tokenize, convert_tokens_to_string, truncation, text pairs, skip_special_tokens on
+    convert_ids_to_tokens, the added vocabulary, model_max_length."""
+    transformers = pytest.importorskip("transformers")
+    from deepserve.config import DEMO_MODEL
+    folder = DEMO_MODEL if which == "demo" else shared_dir / "tokenizers" / "deepseek-r1"
+    ref, tok = transformers.AutoTokenizer.from_pretrained(str(folder)), Tokenizer(folder)
+    assert tok.all_special_tokens == ref.all_special_tokens and tok.all_special_ids == ref.all_special_ids
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id) == (ref.pad_token_id, ref.unk_token_id,
+                                                                       ref.bos_token_id)
+    assert (tok.model_max_length, tok.truncation_side, tok.is_fast) == (ref.model_max_length, "right", True)
+    assert tok.num_special_tokens_to_add() == ref.num_special_tokens_to_add()
+    assert tok.get_added_vocab() == ref.get_added_vocab() and tok.name_or_path == ref.name_or_path
+    assert tok.max_token_id == max(ref.get_vocab().values())
+    text = "Once upon a time, there was a little girl"
+    assert tok.tokenize(text) == ref.tokenize(text)
+    assert tok.tokenize(text, add_special_tokens=True) == ref.tokenize(text, add_special_tokens=True)
+    assert tok.convert_tokens_to_string(ref.tokenize(text)) == ref.convert_tokens_to_string(ref.tokenize(text))
+    for n in (3, 5):
+        assert tok.encode(text, truncation=True, max_length=n) == ref.encode(text, truncation=True, max_length=n)
+        assert tok(text, truncation=True, max_length=n).input_ids == ref(text, truncation=True, max_length=n).input_ids
+        assert tok([text, "a b"], truncation=True, max_length=n).input_ids == \
+            ref([text, "a b"], truncation=True, max_length=n).input_ids
+    assert tok(text, "a pair").input_ids == ref(text, "a pair").input_ids
+    ids = ref.encode(text) + list(range(4))
+    assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == \
+        ref.convert_ids_to_tokens(ids, skip_special_tokens=True)
