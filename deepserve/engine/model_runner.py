@@ -122,7 +122,8 @@ class ModelRunner:
         # speculative decoding with mtp: the model's first MTP layer drafts on every rank (its
         # layers sharded like the target's), from the hidden states a verify step keeps
         spec = config.speculative
-        self.mtp = (MTPProposer(self.model.mtp[0], spec.num_speculative_tokens, self.block_size)
+        self.mtp = (MTPProposer(self.model.mtp[0], spec.num_speculative_tokens, self.block_size,
+                                config.scheduler.max_model_len)
                     if spec is not None and spec.method == "mtp" else None)
         self.hidden: Optional[torch.Tensor] = None
         self.mtp_forwards = 0   # MTP forwards since the last verify step (DP + EP: each DP rank runs k)

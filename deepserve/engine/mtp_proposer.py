@@ -15,20 +15,27 @@ verified as one-hot drafts (vLLM's MTP proposer does the same); the logits are r
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deepserve.layers.attention import AttentionMetadata
 
 
 def decode_step_meta(meta: AttentionMetadata, seq_index: torch.Tensor, positions: torch.Tensor,
-                     block_size: int, extra_len: int, write_kv: bool = True) -> AttentionMetadata:
+                     block_size: int, extra_len: int, write_kv: bool = True,
+                     past: Optional[torch.Tensor] = None) -> AttentionMetadata:
     """Metadata of one decode token per drafting sequence at `positions` [S], in the block
     tables of `meta` (rows `seq_index`); `extra_len` bounds how far past meta.max_seq_len;
-    `write_kv` False: the tokens' KV goes to no cache slot (the start-up warm-up)."""
+    `write_kv` False: the tokens' KV goes to no cache slot (the start-up warm-up); `past` [S]
+    bool: rows whose position lies past the context (given as 0), which write no KV and
+    attend to one token."""
     tables = meta.block_tables.index_select(0, seq_index)                       # [S, W]
     if write_kv:
         blocks = tables.gather(1, (positions // block_size)[:, None].to(torch.int64))[:, 0]
         slots = blocks.to(torch.int64) * block_size + positions % block_size
+        if past is not None:
+            slots = slots.masked_fill(past, -1)
     else:
         slots = torch.full_like(positions, -1, dtype=torch.int64)
     n = positions.shape[0]
@@ -41,10 +48,10 @@ def decode_step_meta(meta: AttentionMetadata, seq_index: torch.Tensor, positions
 class MTPProposer:
     """k draft tokens per sequence from a `DeepseekMTP` module (one MTP layer, reused)."""
 
-    def __init__(self, mtp: torch.nn.Module, k: int, block_size: int):
+    def __init__(self, mtp: torch.nn.Module, k: int, block_size: int, max_model_len: int):
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
-        self.mtp, self.k, self.block_size = mtp, k, block_size
+        self.mtp, self.k, self.block_size, self.max_model_len = mtp, k, block_size, max_model_len
         self.graphs = None   # an MTPGraphRunner (engine/cuda_graphs.py) where graphs are captured
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, previous: torch.Tensor,
@@ -75,8 +82,13 @@ class MTPProposer:
             seq_index = torch.searchsorted(ends, rows)                              # row -> its sequence
             last_pos = positions[rows]
         for j in range(1, self.k):
+            # a sequence near the context's end drafts past it: those drafts are dropped (the
+            # decoder keeps what the context has room for), so their rows run at position 0,
+            # out of the rotary table's and block table's way, as vLLM's drafter clamps them
             pos = last_pos + j
-            step = decode_step_meta(meta, seq_index, pos, self.block_size, j, write_kv)
+            past = pos >= self.max_model_len
+            pos = pos.masked_fill(past, 0)
+            step = decode_step_meta(meta, seq_index, pos, self.block_size, j, write_kv, past)
             hidden, step_logits = self.forward(drafts[-1], pos, hidden, step)
             logits.append(step_logits.float())
             drafts.append(logits[-1].argmax(dim=-1))

@@ -87,9 +87,22 @@ def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp, decode_rows):
         meta, positions = build_meta([n], [n], 4, 16)
         with torch.no_grad():
             hidden = model(torch.tensor(tokens[:-1]), positions, meta)
-        want, _ = MTPProposer(model.mtp[0], k, 4).propose(hidden, torch.tensor(tokens[1:]), positions, meta)
+        want, _ = MTPProposer(model.mtp[0], k, 4, 64).propose(hidden, torch.tensor(tokens[1:]), positions, meta)
         assert want[0].tolist() == drafts, tokens
 
+
+def test_greedy_to_the_context_end_with_mtp(r1_with_mtp):
+    """A request that runs to the end of a context as long as the model's positions (a chat
+    request without max_tokens): the drafts made near the end reach past it (positions 64 and
+    on, beyond the rotary table), are dropped, and the output is the plain one to position 64."""
+    kw = dict(dtype="float32", block_size=4, max_model_len=64, hf_overrides={"max_position_embeddings": 64})
+    params = SamplingParams(temperature=0, max_tokens=64 - len(PROMPTS[0]), ignore_eos=True)
+    plain = LLM(model=r1_with_mtp, **kw).generate([{"prompt_token_ids": PROMPTS[0]}], params)[0].outputs[0]
+    llm = LLM(model=r1_with_mtp, speculative_config={"method": "mtp", "num_speculative_tokens": 3}, **kw)
+    out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params)[0].outputs[0]
+    assert (out.token_ids, out.finish_reason) == (plain.token_ids, "length") and len(out.token_ids) == 57
+    g = llm.engine.gauges()
+    assert g["num_free_blocks"] == g["num_blocks"]
 
 def test_fp8_checkpoint_keeps_the_mtp_layers_experts_in_fp8(r1_with_mtp, tmp_path):
     """The checkpoint in DeepSeek's FP8 format (`convert quantize --method fp8-block`, the MTP

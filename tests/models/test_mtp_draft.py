@@ -95,7 +95,7 @@ def test_mtp_drafts_match_the_reference(mtp_pair, k):
     allocate_kv_cache(ours, BLOCKS_PER_SEQ * 2, BLOCK)
     meta, positions = build_meta(lens, lens, BLOCK, BLOCKS_PER_SEQ)
     next_ids = torch.tensor([t for s in seqs for t in s[1:]])
-    drafts, logits = MTPProposer(ours, k, BLOCK).propose(torch.cat(hiddens), next_ids, positions, meta)
+    drafts, logits = MTPProposer(ours, k, BLOCK, BLOCK * BLOCKS_PER_SEQ).propose(torch.cat(hiddens), next_ids, positions, meta)
     assert drafts.shape == (2, k) and logits.shape == (2, k, 256)
     for b, (s, h) in enumerate(zip(seqs, hiddens)):
         want_ids, want_logits = reference_drafts(tensors, ref, s, h, k)
@@ -118,7 +118,7 @@ def test_mtp_drafts_over_cached_context(mtp_pair):
         meta, pos = build_meta([first], [first], BLOCK, BLOCKS_PER_SEQ)
         ours(next_ids[:first], pos, hidden[:first], meta)
     meta, pos = build_meta([len(seq) - 1 - first], [len(seq) - 1], BLOCK, BLOCKS_PER_SEQ)
-    drafts, logits = MTPProposer(ours, 2, BLOCK).propose(hidden[first:], next_ids[first:], pos, meta)
+    drafts, logits = MTPProposer(ours, 2, BLOCK, BLOCK * BLOCKS_PER_SEQ).propose(hidden[first:], next_ids[first:], pos, meta)
     want_ids, want_logits = reference_drafts(tensors, ref, seq, hidden, 2)
     assert_close_rel(logits[0], want_logits)
     assert drafts[0].tolist() == want_ids
