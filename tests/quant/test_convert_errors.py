@@ -110,6 +110,13 @@ def test_too_little_disk(bf16_ckpt, tmp_path, capsys, monkeypatch):
     assert not dst.exists()
 
 
+def test_destination_under_a_file(bf16_ckpt, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    dst = tmp_path / "afile" / "out"
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "w8a8-int8"], dst,
+           f"parent folder of destination {dst} is a file, not a folder")
+
+
 def test_missing_source_and_shard(bf16_ckpt, tmp_path, capsys):
     dst = tmp_path / "out"
     _fails(capsys, ["fp8-to-bf16", str(tmp_path / "nope"), str(dst)], dst,
