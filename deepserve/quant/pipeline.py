@@ -131,7 +131,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite:
         raise ValueError(f"destination {dst} already exists; pass --overwrite to replace it")
     if not dst.parent.is_dir():
-        raise FileNotFoundError(f"parent folder of destination {dst} does not exist")
+        what = "is a file, not a folder" if dst.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"parent folder of destination {dst} {what}")
 
 
 def _load_manifest(partial: Path, job: dict, overwrite: bool) -> dict:
