@@ -265,8 +265,7 @@ class LLM:
         if params.guided is not None and params.guided.start_after_token is None and self._grammar_after \
                 and not reasoning_ended(ids, *self._grammar_after):
             # the prompt left the reasoning open (R1's template opens it): the grammar holds from its end on
-            after = dataclasses.replace(params.guided, start_after_token=self._grammar_after[1][0])
-            params = dataclasses.replace(params, guided=after)
+            params = params.with_grammar_after(self._grammar_after[1][0])
         request = {"prompt_token_ids": ids, "prompt": text}
         if isinstance(prompt, dict) and "cache_salt" in prompt:
             request["cache_salt"] = prompt["cache_salt"]

@@ -420,6 +420,11 @@ class SamplingParams:
         token ids kept."""
         return self._replaced(max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens))
 
+    def with_grammar_after(self, token: int) -> "SamplingParams":
+        """A copy whose grammar holds only once `token` is generated (a reasoning model's
+        </think>), its bad_words' token ids kept."""
+        return self._replaced(guided=replace(self.guided, start_after_token=token))
+
     def with_vocab_logprobs(self, vocab_size: int) -> "SamplingParams":
         """These params with logprobs / prompt_logprobs -1 (vLLM's "the whole vocabulary") as
         `vocab_size`; themselves where neither is -1."""

@@ -21,7 +21,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
-from deepserve.engine.sampling_params import whole_vocabulary
+from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
+from deepserve.engine.thinking_budget import THINK_END, THINK_START, reasoning_ended
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
@@ -195,11 +196,25 @@ class _Prepared:
             choice.update(prompt_token_ids=self.prompts[i]["prompt_token_ids"], token_ids=[])
         return choice
 
+    def prompt_params(self, state: ServerState, ids: list[int]) -> SamplingParams:
+        """The params for one prompt: with a reasoning parser a grammar holds from </think> on
+        unless the prompt closed the reasoning, as vLLM's engine decides for every request
+        (chat's PreparedChat does so on its rendered prompt)."""
+        guided, tok = self.params.guided, state.tokenizer
+        if guided is None or guided.start_after_token is not None or tok is None or \
+                state.settings.reasoning_parser is None or state.settings.grammar_in_reasoning:
+            return self.params
+        start, end = tok.tok.token_to_id(THINK_START), tok.tok.token_to_id(THINK_END)
+        if end is None or reasoning_ended(ids, (start,), (end,)):
+            return self.params
+        return self.params.with_grammar_after(end)
+
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
+        params = [self.prompt_params(state, p["prompt_token_ids"]) for p in self.prompts]
         if self.beams:
-            return [beam_stream(state, {**p, "cache_salt": self.cache_salt}, b, self.params, f"{self.engine_id}-{i}")
+            return [beam_stream(state, {**p, "cache_salt": self.cache_salt}, b, params[i], f"{self.engine_id}-{i}")
                     for i, (p, b) in enumerate(zip(self.prompts, self.beams))]
-        return [state.generate({**p, "cache_salt": self.cache_salt}, self.params, f"{self.engine_id}-{i}")
+        return [state.generate({**p, "cache_salt": self.cache_salt}, params[i], f"{self.engine_id}-{i}")
                 for i, p in enumerate(self.prompts)]
 
 

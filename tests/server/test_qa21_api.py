@@ -156,3 +156,24 @@ def test_empty_structural_tag_is_a_400(demo, endpoint):
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "structured_outputs"
     assert error["message"].startswith("the structural_tag structured-output spec does not compile: not JSON")
+
+
+@pytest.mark.parametrize("in_reasoning", [False, True])
+def test_completions_grammar_waits_for_the_reasoning_the_prompt_left_open(in_reasoning):
+    """/v1/completions with a structured output on a server with a reasoning parser: as vLLM's
+    engine, each prompt's grammar holds from </think> on unless the prompt closed the reasoning
+    (R1's chat prompt opened it, a prompt without a tag leaves it to the output), and from the
+    first token with vLLM's enable_in_reasoning."""
+    client = serve("deepseek-r1", '{"a": 1}', grammar_in_reasoning=in_reasoning)
+    seen, generate = [], client.engine.generate
+
+    def recording(prompt, params, request_id):
+        seen.append((prompt["prompt"], params.guided.start_after_token))
+        return generate(prompt, params, request_id)
+    client.engine.generate = recording
+    prompts = ["<｜User｜>Hi<｜Assistant｜><think>\n", "Hi", "<think>\nHm.</think>\n\n"]
+    asyncio.run(client.completions.create(model="m", prompt=prompts, max_tokens=8,
+                                          extra_body={"response_format": {"type": "json_object"}}))
+    think_end = client.engine.tokenizer.tok.token_to_id("</think>")
+    expected = [None] * 3 if in_reasoning else [think_end, think_end, None]
+    assert sorted(seen) == sorted(zip(prompts, expected))
