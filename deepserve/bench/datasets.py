@@ -14,8 +14,8 @@ so that numbers compare with `vllm bench serve` runs on the same flags:
 - sharegpt: first human turn of each conversation, output length of the first reply
   (or `--sharegpt-output-len`), pruned like vLLM (prompt < 1024, prompt + output < 2048).
 
-sonnet and sharegpt count a text as vLLM's sets do, `tokenizer(text).input_ids`: with the
-special tokens the tokenizer adds (a BOS where tokenizer.json's post-processor writes one).
+sonnet, sharegpt and custom count a text as vLLM's sets do, `tokenizer(text).input_ids`: with
+the special tokens the tokenizer adds (a BOS where tokenizer.json's post-processor writes one).
 - custom: a JSONL file of {"prompt": ..., "output_tokens": n (optional)} lines, shuffled
   unless `--disable-shuffle`, chat-templated for /v1/completions unless `--skip-chat-template`,
   each asking for `--custom-output-len` tokens (-1: the line's output_tokens).
@@ -188,8 +188,11 @@ def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
 
 
 def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int, chat_format: bool,
-                  shuffle: bool, seed: int, template_kwargs: Optional[dict] = None) -> list[SampleRequest]:
-    """vLLM's custom set (see the module docstring); `template_kwargs` go to the chat template."""
+                  shuffle: bool, seed: int, template_kwargs: Optional[dict] = None,
+                  skip_template: bool = False) -> list[SampleRequest]:
+    """vLLM's custom set (see the module docstring); `template_kwargs` go to the chat template.
+    `chat_format` sends the chat-templated text (for /v1/completions); lengths are the
+    templated text's either way, as vLLM's, unless `skip_template` (--skip-chat-template)."""
     if not path.endswith(".jsonl"):
         raise ValueError(f"--dataset-name custom reads a .jsonl file, got {path!r}")
     items = []
@@ -208,7 +211,7 @@ def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int,
     rnd = random.Random(seed)
     if shuffle:
         rnd.shuffle(items)
-    use_template = chat_format and tok.chat_template is not None
+    use_template = not skip_template and tok.chat_template is not None
     requests = []
     for i, item in enumerate(items[:num_requests]):
         out_len = output_len
@@ -218,11 +221,11 @@ def sample_custom(tok: Tokenizer, path: str, num_requests: int, output_len: int,
             except (KeyError, ValueError, TypeError):
                 raise ValueError(f"custom dataset {path!r}: an entry has no integer \"output_tokens\" "
                                  "(needed when --custom-output-len is -1)") from None
-        prompt = item["prompt"]
+        prompt = templated = item["prompt"]
         if use_template:
-            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False, **(template_kwargs or {}))
-        requests.append(SampleRequest(prompt, tok.count(prompt), out_len))
+            templated = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=False, **(template_kwargs or {}))
+        requests.append(SampleRequest(templated if chat_format else prompt, _input_ids_len(tok, templated), out_len))
     return requests
 
 
@@ -299,7 +302,8 @@ def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
         return sample_custom(tok, args.dataset_path, n, args.custom_output_len,
                              chat_format="chat" not in args.endpoint and not args.skip_chat_template,
                              shuffle=not args.disable_shuffle, seed=seed,
-                             template_kwargs=getattr(args, "chat_template_kwargs", None))
+                             template_kwargs=getattr(args, "chat_template_kwargs", None),
+                             skip_template=args.skip_chat_template)
     if name == "prefix-repetition":
         return sample_prefix_repetition(tok, n, args.prefix_repetition_prefix_len,
                                         args.prefix_repetition_suffix_len,

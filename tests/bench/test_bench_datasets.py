@@ -88,6 +88,25 @@ def test_sharegpt_counts_the_bos_as_vllm():
     assert [r.expected_output_len for r in reqs] == [696, 1233, 206, 1605, 343, 18, 997, 850]
 
 
+def test_custom_counts_the_templated_prompt_for_either_endpoint(bench_args, tmp_path):
+    """As vLLM's custom set: a prompt's length is tokenizer(templated prompt).input_ids, the demo
+    model's BOS included, also where the chat endpoint is sent the prompt untemplated (the server
+    templates it); --skip-chat-template counts the prompt as written."""
+    from deepserve.bench.datasets import sample_requests
+    demo = load_tokenizer(str(DEMO_MODEL))
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"prompt": "Once upon a time", "output_tokens": 4}\n')
+    base = ["serve", "--base-url", "http://x", "--dataset-name", "custom", "--dataset-path", str(path),
+            "--num-prompts", "1", "--custom-output-len", "-1"]
+    templated = _user_turn(demo, "Once upon a time")
+    assert templated == "<s>Once upon a time"
+    for endpoint, sent in (("/v1/completions", templated), ("/v1/chat/completions", "Once upon a time")):
+        req, = sample_requests(bench_args(base + ["--endpoint", endpoint]), demo)
+        assert (req.prompt, req.prompt_len) == (sent, 8)   # [1, 1, 441, 416, 331, 407, 261, 378] in vLLM
+    req, = sample_requests(bench_args(base + ["--skip-chat-template"]), demo)
+    assert (req.prompt, req.prompt_len) == ("Once upon a time", 5)
+
+
 def test_sharegpt_lengths_and_pruning(tok):
     reqs = sample_sharegpt(tok, SHAREGPT_2TURN, 20, output_len=None, seed=0)
     data = {c["conversations"][0]["value"]: c["conversations"][1]["value"]
