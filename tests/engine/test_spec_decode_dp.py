@@ -47,3 +47,17 @@ def test_dp2_ep2_greedy_with_mtp_equals_plain(r1_with_mtp, plain_outputs, monkey
         # one short request per core afterwards: their last outputs carry the cores' pools
         llm.generate(prompts[1:3], SamplingParams(temperature=0, max_tokens=3))
         assert _per_rank(engine, "num_free_blocks") == _per_rank(engine, "num_blocks")
+
+
+def test_dp2_ep2_mtp_to_the_context_end(r1_with_mtp):  # noqa: F811
+    """The vllm-ascend guide's layout (DP x EP, mtp k = 3) with a request that runs to the end of
+    a context as long as the model's positions: the drafts past it are dropped on the core that
+    makes them, the other core's dummy MTP forwards meet them, and the output is the plain one."""
+    kw = dict(dtype="float32", block_size=4, max_model_len=64, hf_overrides={"max_position_embeddings": 64})
+    params = SamplingParams(temperature=0, max_tokens=64 - len(PROMPTS[0]), ignore_eos=True)
+    plain = LLM(model=r1_with_mtp, **kw).generate([{"prompt_token_ids": PROMPTS[0]}], params)[0].outputs[0]
+    with LLM(model=r1_with_mtp, data_parallel_size=2, enable_expert_parallel=True,
+             speculative_config={"method": "mtp", "num_speculative_tokens": 3}, **kw) as llm:
+        out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params)[0].outputs[0]
+        assert (out.token_ids, out.finish_reason) == (plain.token_ids, "length")
+        assert _per_rank(llm.engine, "num_free_blocks") == _per_rank(llm.engine, "num_blocks")
