@@ -43,7 +43,7 @@ def _json_object(path: Path) -> dict:
     return data
 
 
-def _llama_pipeline(tok: HFTokenizer, cfg: dict, file: Path) -> None:
+def _llama_pipeline(tok: HFTokenizer, cfg: dict) -> None:
     """The pre-tokenizer and decoder transformers >= 5 give a sentencepiece-style tokenizer.json
     whose tokenizer_config.json names LlamaTokenizer(Fast) (Llama 2, the demo model): its
     LlamaTokenizer keeps the file's vocab, merges and post-processor but replaces the file's
@@ -55,7 +55,7 @@ def _llama_pipeline(tok: HFTokenizer, cfg: dict, file: Path) -> None:
 
     if str(cfg.get("tokenizer_class") or "").removesuffix("Fast") != "LlamaTokenizer":
         return
-    if '"ByteLevel"' in file.read_text(encoding="utf-8"):
+    if any("ByteLevel" in str(part) for part in (tok.normalizer, tok.pre_tokenizer, tok.decoder, tok.post_processor)):
         return
     add_prefix_space = cfg.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else add_prefix_space
@@ -89,7 +89,7 @@ class Tokenizer:
         self._token_texts: dict[int, str] = {}    # token_text's answers, by id
         cfg_path = folder / "tokenizer_config.json"
         cfg = _json_object(cfg_path) if cfg_path.is_file() else {}
-        _llama_pipeline(self.tok, cfg, file)
+        _llama_pipeline(self.tok, cfg)
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.unk_token = _token_text(cfg.get("unk_token"))
