@@ -165,9 +165,11 @@ def sample_sharegpt(tok: Tokenizer, path: str, num_requests: int,
     if not isinstance(data, list):
         raise ValueError(f"sharegpt dataset {path!r} must be a JSON list of conversations")
     convs = [d.get("conversations") or d.get("conversation") or [] for d in data if isinstance(d, dict)]
-    # A single-turn entry has no reply to take an output length from: usable only with
-    # --sharegpt-output-len.
-    convs = [c for c in convs if len(c) >= (1 if output_len is not None else 2)]
+    # vLLM's set: the conversations with a reply (whose length --sharegpt-output-len may
+    # replace). A file of first turns alone has no reply to take a length from: its entries
+    # are used with --sharegpt-output-len.
+    replied = [c for c in convs if len(c) >= 2]
+    convs = replied or [c for c in convs if c and output_len is not None]
     random.Random(seed).shuffle(convs)
     requests: list[SampleRequest] = []
     for conv in convs:

@@ -107,6 +107,14 @@ def test_custom_counts_the_templated_prompt_for_either_endpoint(bench_args, tmp_
     assert (req.prompt, req.prompt_len) == ("Once upon a time", 5)
 
 
+def test_sharegpt_output_len_keeps_vllms_conversations(shared_dir):
+    """With --sharegpt-output-len, vLLM's sharegpt set still draws from the conversations with a
+    reply only (the file's single-turn entries out): the lengths are vLLM 0.26's for seed 0."""
+    r1 = load_tokenizer(str(shared_dir / "tokenizers" / "deepseek-r1"))
+    reqs = sample_sharegpt(r1, SHAREGPT_2TURN, 8, output_len=8, seed=0)
+    assert [r.prompt_len for r in reqs] == [513, 10, 68, 85, 4, 85, 315, 342]
+
+
 def test_sharegpt_lengths_and_pruning(tok):
     reqs = sample_sharegpt(tok, SHAREGPT_2TURN, 20, output_len=None, seed=0)
     data = {c["conversations"][0]["value"]: c["conversations"][1]["value"]
