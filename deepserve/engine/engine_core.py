@@ -579,6 +579,13 @@ class EngineCore:
             for client, rids in failed.items():
                 self._send(CoreOutputs(self.dp_rank, self.gauges(), error=f"{type(exc).__name__}: {exc}",
                                        failed_requests=rids), client)
+            if self.sync_group is not None and not lost_a_peer(exc):
+                # the other cores run this round's MoE exchanges (their dummy steps') to the end,
+                # waiting for ones this core never reached: no round can follow, so the core
+                # ends and the front end fails what is left as the engine's death (vLLM's
+                # engine core dies on any step error)
+                raise RuntimeError(f"DP rank {self.dp_rank}: a step failed with expert parallel, leaving the "
+                                   f"other DP ranks' MoE exchanges unmatched: {type(exc).__name__}: {exc}") from exc
             return True
         states = dict.fromkeys(outputs)  # RequestStates (output_of), once each
         if len(self.outboxes) == 1:

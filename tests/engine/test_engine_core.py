@@ -141,3 +141,32 @@ def test_front_end_serves_the_contexts_the_pool_holds(monkeypatch):
         assert capped.outputs[0].finish_reason == "length"
         out = llm.generate("Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True, temperature=0))
         assert len(out[0].outputs[0].token_ids) == 50
+
+
+@pytest.mark.parametrize("sync_group", [None, "the cores' group"], ids=["replicas", "expert-parallel"])
+def test_a_failed_step_with_expert_parallel_ends_the_core(sync_group):
+    """A step that raises fails its requests (each front end hears which, with the error). A
+    replica core steps on; under expert parallel (the cores' MoE layers exchange tokens every
+    round) the other cores wait in exchanges this one never reached, so it ends, naming them."""
+    from types import SimpleNamespace
+
+    from deepserve.engine.engine_core import EngineCore
+
+    def step():
+        raise IndexError("index 64 is out of bounds for dimension 0 with size 64")
+
+    engine = SimpleNamespace(stats={"steps": 0}, step=step, requests={"a": 1, "b": 2},
+                             abort_request=lambda rid: None)
+    core = object.__new__(EngineCore)
+    sent = []
+    core.__dict__.update(engine=engine, executor=SimpleNamespace(sent_bytes=0), dp_rank=1, sync_group=sync_group,
+                         client_of={"a": 0, "b": 1}, deltas=SimpleNamespace(forget=lambda rid: None),
+                         gauges=dict, _send=lambda msg, client: sent.append((client, msg.failed_requests, msg.error)))
+    error = "IndexError: index 64 is out of bounds for dimension 0 with size 64"
+    if sync_group is None:
+        assert core._step(None) is True
+    else:
+        with pytest.raises(RuntimeError, match=f"^DP rank 1: a step failed with expert parallel, leaving the other "
+                                               f"DP ranks' MoE exchanges unmatched: {error}$"):
+            core._step(None)
+    assert sent == [(0, ["a"], error), (1, ["b"], error)]
