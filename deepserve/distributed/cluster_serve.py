@@ -62,6 +62,9 @@ def hostfile_gpus(hosts: list[HostSpec]) -> tuple[int, int]:
     """The GPUs the automatic plan lays out over these hosts: (in all, hosts holding them). The
     plan puts the same number of GPUs on every node, so the GPU hosts must list the same slots."""
     counts = [h.gpus for h in hosts if h.gpus]
+    if not counts:
+        raise ValueError("the automatic plan lays out GPUs and the hostfile lists none (every host type=cpu): give "
+                         "the parallel sizes")
     if len(set(counts)) != 1:
         raise ValueError(f"the automatic plan needs the same GPU count on every host; the hostfile lists "
                          f"{[h.gpus for h in hosts]}: give the parallel sizes")

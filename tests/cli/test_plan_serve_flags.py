@@ -165,7 +165,8 @@ def test_a_hostfile_plans_its_slots_as_serve_does(tmp_path, capsys, monkeypatch)
 
 def test_hosts_of_unequal_gpu_counts_take_the_sizes_given(tmp_path, capsys):
     """The automatic plan puts as many GPUs on every node: hosts of 8, 4, 4 and 8 GPUs (24, a
-    multiple of the 4 hosts) are refused by serve's plan and by `plan --hostfile` alike."""
+    multiple of the 4 hosts) are refused by serve's plan and by `plan --hostfile` alike, and so
+    are hosts of CPUs only, named as such."""
     hosts = tmp_path / "hostfile.txt"
     hosts.write_text("192.0.2.1 slots=8\n192.0.2.2 slots=4\n192.0.2.3 slots=4\n192.0.2.4 slots=8\n")
     line = "the automatic plan needs the same GPU count on every host; the hostfile lists [8, 4, 4, 8]: give " \
@@ -175,3 +176,7 @@ def test_hosts_of_unequal_gpu_counts_take_the_sizes_given(tmp_path, capsys):
     launcher = ClusterLauncher(parse_hostfile(hosts), RunnerOptions(gpu_memory="80GiB"), {}, set())
     with pytest.raises(ValueError, match=re.escape(line)):
         cluster_engine_args({"model": "deepseek-r1"}, launcher)
+    hosts.write_text("192.0.2.1 slots=8 type=cpu\n192.0.2.2 slots=8 type=cpu\n")
+    assert main(["plan", "deepseek-r1", "--hostfile", str(hosts), "--gpu-memory", "80GiB"]) == 2
+    assert capsys.readouterr().err == "deepserve plan: error: the automatic plan lays out GPUs and the hostfile " \
+                                      "lists none (every host type=cpu): give the parallel sizes\n"
