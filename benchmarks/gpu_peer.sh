@@ -10,7 +10,7 @@
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
 #                                      (PEER_ARGS: more peer_vllm.py flags, e.g. --random-weights;
 #                                       DS_ARGS: deepserve serve's extra flags, one string;
-#                                       PEER_ARGS="--profile sharegpt:30:150": both servers' steps,
+#                                       PEER_ARGS="--profile sharegpt:5:150": both servers' steps,
 #                                       benchmarks/trace_steps.py, into $OUT/steps_PRESET.json)
 #   VARIANTS="a=FLAGS|b=FLAGS" benchmarks/gpu_peer.sh variants PRESET [CASES]   # deepserve alone, per variant
 # .peerd holds data.tar.xz (tokenizers, ShareGPT first 500, the demo model from ../shared) and

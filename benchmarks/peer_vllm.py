@@ -139,6 +139,14 @@ def profiler_config(trace_dir: Path, steps: int) -> str:
                        "max_iterations": steps})
 
 
+def profile_too_late(t_started: float, t_end: float, t_run: float) -> str:
+    """Why a profile holds no steps of its case (the start came once the run had ended), or ''."""
+    if t_started < t_end:
+        return ""
+    return (f"start_profile came {t_started - t_run:.0f} s into a run that ended after {t_end - t_run:.0f} s: "
+            f"the trace holds no steps of it; give a DELAY_S under the run's length")
+
+
 def post(url: str, timeout_s: float) -> str:
     """POST with an empty body; the status, or why it failed."""
     req = urllib.request.Request(url, data=b"", method="POST")
@@ -179,14 +187,20 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
                 t1 = time.time()
                 profiled = bool(args.profile) and case == args.profile[0]
                 if profiled:
-                    starter = threading.Timer(args.profile[1], lambda: print(
-                        f"   start_profile: {post(f'http://127.0.0.1:{port}/start_profile', 60)}", flush=True))
+                    started: list = []
+                    starter = threading.Timer(args.profile[1], lambda: started.append(
+                        (time.time(), post(f"http://127.0.0.1:{port}/start_profile", 60))))
                     starter.start()
                 r = subprocess.run(bench, capture_output=True, text=True,
                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                        p for p in (str(REPO), args.deps_path, os.environ.get("PYTHONPATH")) if p)})
                 if profiled:
+                    t_end = time.time()
                     starter.join()
+                    print(f"   start_profile: {started[0][1]}", flush=True)
+                    late = profile_too_late(started[0][0], t_end, t1)
+                    if late:
+                        print(f"   {late}", flush=True)
                     t2 = time.time()
                     status = post(f"http://127.0.0.1:{port}/stop_profile", 600)
                     print(f"   stop_profile: {status} ({time.time() - t2:.0f} s)", flush=True)
