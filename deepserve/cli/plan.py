@@ -271,6 +271,8 @@ def take_serve_config(args) -> None:
     if is_config_file(args.model):
         config = load_serve_config(args.model)
         engine = config.engine_args
+        if "VLLM_PP_LAYER_PARTITION" in config.envs:   # the file's envs, which serve exports: the one the count reads
+            os.environ["VLLM_PP_LAYER_PARTITION"] = config.envs["VLLM_PP_LAYER_PARTITION"]
         if config.runner is not None:
             args.hostfile = args.hostfile or config.runner.hostfile
             args.gpu_memory = args.gpu_memory or config.runner.gpu_memory

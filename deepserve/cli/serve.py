@@ -239,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     dry_run = getattr(args, "dry_run", False)
     if runner is not None:
-        from deepserve.config import is_preset
+        from deepserve.config import is_preset, pp_partition_env
+        from deepserve.distributed.cluster import PARALLEL_KEYS
         from deepserve.distributed.cluster_serve import serve_on_cluster
 
         model = str(engine_kwargs.get("model", ""))
@@ -249,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
             # rank 0 runs here, so a model missing here is refused before any host starts (a dry
             # run may plan for a cluster from a machine without it)
             engine_args = EngineArgs(**engine_kwargs)
+            partition = pp_partition_env()
+            if partition and not any(k in engine_kwargs for k in PARALLEL_KEYS):
+                # the automatic plan takes as many stages as VLLM_PP_LAYER_PARTITION gives
+                engine_args = EngineArgs(**dict(engine_kwargs, pipeline_parallel_size=len(partition)))
             check_model(engine_args)
             if not dry_run:   # what rank 0 needs here (USE_FLAGGEMS's FlagGems, GLOO_SOCKET_IFNAME's interface)
                 check_ops_backend(engine_args)

@@ -180,3 +180,27 @@ def test_hosts_of_unequal_gpu_counts_take_the_sizes_given(tmp_path, capsys):
     assert main(["plan", "deepseek-r1", "--hostfile", str(hosts), "--gpu-memory", "80GiB"]) == 2
     assert capsys.readouterr().err == "deepserve plan: error: the automatic plan lays out GPUs and the hostfile " \
                                       "lists none (every host type=cpu): give the parallel sizes\n"
+
+
+def test_a_yaml_partition_plans_its_stages_as_serve_does(tmp_path, capsys, monkeypatch):
+    """A serve YAML whose envs give VLLM_PP_LAYER_PARTITION (serve exports them), with a hostfile
+    and no parallel sizes: `plan` and `serve --dry-run`'s automatic plan both take 4 stages split
+    16,15,15,15 (serve refused it before planning, checking the partition against PP 1)."""
+    monkeypatch.setattr("deepserve.distributed.cluster.local_addresses", lambda: {"127.0.0.1"})
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "")   # the commands export the file's: restored after
+    (tmp_path / "hostfile.txt").write_text("".join(f"192.0.2.{i} slots=8 type=gpu\n" for i in range(1, 5)))
+    config = tmp_path / "serve.yaml"
+    config.write_text("engine_args:\n  model: deepseek-r1\n  max_model_len: 4096\nenvs:\n"
+                      "  VLLM_PP_LAYER_PARTITION: \"16,15,15,15\"\nrunner:\n  hostfile: hostfile.txt\n"
+                      "  gpu_memory: 64GiB\n")
+    out = _plan(capsys, [str(config)])
+    assert "GPUs       32 x 64.0 GiB in 4 node(s) of 8\n" in out
+    assert "  layers per stage    0-15, 16-30, 31-45, 46-60 " in out
+    assert "TP=1 PP=1 DP=32 EP=32           -        -             -  VLLM_PP_LAYER_PARTITION=16,15,15,15 gives " \
+           "4 stages, not PP 1\n" in out
+    printed = shlex.split(_line(out, "serve flags"))
+    args = build_parser().parse_args(["serve", str(config), "--dry-run"])
+    assert args.func(args) == 0
+    served = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("serve: "))
+    assert _sizes(served) == {"tensor_parallel_size": printed[1], "pipeline_parallel_size": "4",
+                              "data_parallel_size": printed[5], "enable_expert_parallel": "True"}
