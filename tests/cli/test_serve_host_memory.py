@@ -3,6 +3,8 @@ rank starts (the metax guide's `-pp 4 -tp 8` line for R1 run on a CPU machine st
 that filled the memory), by `serve` and by the offline commands alike."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deepserve.cli.main import main
@@ -25,6 +27,14 @@ def test_metax_line_on_a_cpu_is_refused_before_any_rank_starts(capsys, no_engine
     need = float(err[-1].split("take about ")[1].split(" GiB")[0])
     assert 600 < need < 700, err[-1]
     assert "and it has 64.0 GiB available" in err[-1]
+    # the metax guide's checkpoint: config.json without its quantization_config (BF16), twice that
+    config = folder / "config.json"
+    config.write_text(re.sub(r',\s*"quantization_config": \{[^{}]*\}', "", config.read_text()))
+    assert "quantization_config" not in config.read_text()
+    assert main(["serve", str(folder), *METAX_FLAGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    need = float(err[-1].split("take about ")[1].split(" GiB")[0])
+    assert 1200 < need < 1300 and "GiB on the CPU (16-bit ones in bfloat16)" in err[-1], err[-1]
 
 
 def test_offline_commands_check_the_memory_too(capsys, no_engine, monkeypatch):
