@@ -1,6 +1,12 @@
 """Rotary embeddings with their scaling variants, as a cos/sin cache per position.
 
 - default: RoFormer (Su et al. 2021), inv_freq_i = base^(-2i/d).
+- linear: positions divided by `factor`.
+- dynamic: NTK-aware base scaling as vLLM's DynamicNTKScalingRotaryEmbedding fixes it for the
+  table: base * (factor * max_position / max_trained_positions - (factor - 1))^(d / (d - 2)),
+  which is the plain base when max_trained_positions is not given (transformers rescales only
+  past max_position_embeddings, which max_model_len does not pass); with `alpha` instead of
+  `factor`, base * alpha^(d / (d - 2)) (vLLM's DynamicNTKAlphaRotaryEmbedding).
 - llama3: Llama 3.1's frequency-dependent wavelength scaling.
 - yarn: YaRN (Peng et al. 2023) as DeepSeek-V2/V3 use it: frequencies blended between
   interpolation and extrapolation by a linear ramp over the correction range, and cos/sin
@@ -36,6 +42,13 @@ def yarn_softmax_scale(head_dim: int, rope_scaling: Optional[dict]) -> float:
 
 def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _dynamic_ntk_base(dim: int, base: float, s: dict, max_position: int) -> float:
+    if "alpha" in s:
+        return base * s["alpha"] ** (dim / (dim - 2))
+    factor, trained = s["factor"], s.get("max_trained_positions", max_position)
+    return base * (factor * max_position / trained - (factor - 1)) ** (dim / (dim - 2))
 
 
 def _llama3_inv_freq(dim: int, base: float, s: dict) -> torch.Tensor:
@@ -115,8 +128,11 @@ class RotaryEmbedding(nn.Module):
             inv_freq, magnitude = _yarn_inv_freq(rotary_dim, base, rope_scaling, max_position)
         elif kind == "linear":
             inv_freq = _base_inv_freq(rotary_dim, base) / rope_scaling["factor"]
+        elif kind == "dynamic":
+            inv_freq = _base_inv_freq(rotary_dim, _dynamic_ntk_base(rotary_dim, base, rope_scaling, max_position))
         else:
-            raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn)")
+            raise ValueError(f"unsupported rope_scaling type {kind!r} "
+                             "(supported: default, linear, dynamic, llama3, yarn)")
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         return torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)

@@ -22,6 +22,10 @@ CASES = {
     "llama3_rope_tied": (transformers.LlamaForCausalLM, llama_config(
         tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama_linear_rope": (transformers.LlamaForCausalLM, llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # transformers' dynamic NTK keeps the base up to max_position_embeddings, as vLLM's table does
+    "llama_dynamic_rope": (transformers.LlamaForCausalLM, llama_config(
+        max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 4.0})),
     "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -52,3 +56,13 @@ def test_greedy_matches_transformers(pair):
     got = greedy_generate(ours, PROMPTS, max_new=32)
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == hf_greedy(ref, prompt, 32)
+
+
+@pytest.mark.parametrize("scaling, base", [({"factor": 4.0, "max_trained_positions": 16}, 1e4 * 13 ** (8 / 6)),
+                                           ({"alpha": 2.0}, 1e4 * 2 ** (8 / 6))])
+def test_dynamic_ntk_table_is_vllms(scaling, base):
+    """vLLM's dynamic NTK tables: base * (factor * max_position / max_trained_positions - (factor - 1))^(d / (d - 2)),
+    or base * alpha^(d / (d - 2)), over max_position rows."""
+    from deepserve.layers.rotary import RotaryEmbedding
+    got = RotaryEmbedding(8, 64, 1e4, {"rope_type": "dynamic", **scaling}).cos_sin_cache
+    assert torch.allclose(got, RotaryEmbedding(8, 64, base).cos_sin_cache, atol=1e-6)
