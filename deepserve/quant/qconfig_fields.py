@@ -37,7 +37,7 @@ _GPTQ = {"quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_fo
          "failsafe", "fallback", "gc_mode", "shard_strategy", "wait_for_submodule_finalizers", "method",
          "activation"}
 _FP8 = {"quant_method", "activation_scheme", "fmt", "weight_block_size", "ignored_layers",
-        "modules_to_not_convert"}
+        "modules_to_not_convert", "scale_fmt"}
 _CT = {"quant_method", "format", "quantization_status", "config_groups", "ignore", "kv_cache_scheme",
        "sparsity_config", "global_compression_ratio", "version", "transform_config", "provider",
        "moe_sparsity_config"}
@@ -57,7 +57,8 @@ _NEUTRAL = {"gptq": {"lm_head": (None, False), "is_marlin_format": (None, False)
                     "pack_dtype": (None, "int32", "torch.int32"), "activation": (None,), "method": (None, "awq")},
             # moe_sparsity_config: experts pruned to a per-layer count the config.json does not give
             "compressed-tensors": {"transform_config": (None, {}), "moe_sparsity_config": (None, {})},
-            "fp8": {"fmt": (None, "e4m3")}}
+            # DeepSeek-V3.1's "ue8m0": its fp32 block scales are powers of two, read as any fp32 scale
+            "fp8": {"fmt": (None, "e4m3"), "scale_fmt": (None, "ue8m0")}}
 
 
 def quantization_config(hf_config) -> dict:

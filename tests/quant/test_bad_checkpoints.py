@@ -270,6 +270,21 @@ def test_kv_cache_scheme_is_fp8_per_tensor(scheme, ok):
             check_fields(qc)
 
 
+def test_deepseek_ue8m0_scale_fmt_loads_without_a_warning(caplog):
+    """DeepSeek-V3.1's fp8 config adds `scale_fmt: "ue8m0"`: its weight_scale_inv are fp32 powers of
+    two, read as any fp32 block scale (vLLM only switches DeepGEMM's activation scales to
+    powers of two), so it loads without the unknown-field warning; another scale_fmt is refused by name."""
+    import logging
+    from deepserve.quant.qconfig_fields import check_fields
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+          "weight_block_size": [128, 128]}
+    with caplog.at_level(logging.WARNING, logger="deepserve"):
+        check_fields(qc)
+    assert "scale_fmt" not in caplog.text
+    with pytest.raises(ValueError, match=r"^quantization_config \(fp8\): scale_fmt 'e8m0' is not supported$"):
+        check_fields({**qc, "scale_fmt": "e8m0"})
+
+
 @pytest.mark.parametrize("qc, field", [
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": "false"}, "sym"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": "true"}, "desc_act"),
