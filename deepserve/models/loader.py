@@ -94,10 +94,11 @@ def _check_w8a8_int8(qc: dict) -> None:
         got = (w.get("num_bits"), w.get("type"), w.get("strategy"), w.get("symmetric"),
                a.get("num_bits"), a.get("type"), a.get("strategy"), a.get("dynamic"))
         if got != (8, "int", "channel", True, 8, "int", "token", True):
+            acts = (f"{a.get('num_bits')}-bit {a.get('type')} {a.get('strategy')} (dynamic={a.get('dynamic')})"
+                    if a else "none (weight only)")
             raise ValueError(f"compressed-tensors group {gname}: weights {w.get('num_bits')}-bit "
                              f"{w.get('type')} {w.get('strategy')} (symmetric={w.get('symmetric')}), "
-                             f"activations {a.get('num_bits')}-bit {a.get('type')} {a.get('strategy')} "
-                             f"(dynamic={a.get('dynamic')}): deepserve serves only int8 symmetric "
+                             f"activations {acts}: deepserve serves only int8 symmetric "
                              f"channel weights with dynamic int8 token activations")
 
 

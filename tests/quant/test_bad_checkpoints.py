@@ -270,6 +270,24 @@ def test_kv_cache_scheme_is_fp8_per_tensor(scheme, ok):
             check_fields(qc)
 
 
+def test_int8_weights_without_activation_quantization_are_refused_saying_so():
+    """compressed-tensors int-quantized int8 weights with no input_activations (W8A16, weight only)
+    are refused saying the activations are unquantized (it read "activations None-bit None None
+    (dynamic=None)"); a scheme with activations still names their bits, type, strategy and dynamic."""
+    from deepserve.models.loader import checkpoint_quantization
+    w = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    a = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    qc = {"quant_method": "compressed-tensors", "format": "int-quantized",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "input_activations": None}}}
+    with pytest.raises(ValueError, match=r"^compressed-tensors group group_0: weights 8-bit int channel \(symmetric=True\), "
+                                         r"activations none \(weight only\): deepserve serves only int8 symmetric"):
+        checkpoint_quantization({"quantization_config": qc})
+    qc["config_groups"]["group_0"]["input_activations"] = a
+    with pytest.raises(ValueError, match=r"group_0: weights 8-bit int channel \(symmetric=True\), activations 8-bit int "
+                                         r"tensor \(dynamic=False\): deepserve serves only"):
+        checkpoint_quantization({"quantization_config": qc})
+
+
 def test_deepseek_ue8m0_scale_fmt_loads_without_a_warning(caplog):
     """DeepSeek-V3.1's fp8 config adds `scale_fmt: "ue8m0"`: its weight_scale_inv are fp32 powers of
     two, read as any fp32 block scale (vLLM only switches DeepGEMM's activation scales to
