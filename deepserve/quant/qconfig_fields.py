@@ -152,6 +152,9 @@ def check_fields(qc: dict) -> None:
     if kv:
         _unknown(f"{where} kv_cache_scheme", kv, _CT_ARGS)
         # the k_scale / v_scale it writes are per-tensor fp8 scales (--kv-cache-dtype fp8), as vLLM takes them
-        if (kv.get("type", "float"), kv.get("num_bits", 8), kv.get("strategy", "tensor")) != ("float", 8, "tensor"):
+        # (asymmetric: k / v zero points, which no fp8 pool reads)
+        if (kv.get("type", "float"), kv.get("num_bits", 8), kv.get("strategy", "tensor"),
+                kv.get("symmetric", True)) != ("float", 8, "tensor", True):
             raise ValueError(f"{where}: kv_cache_scheme {kv.get('type')} {kv.get('num_bits')}-bit, strategy "
-                             f"{kv.get('strategy')!r} is not supported (fp8, one scale a tensor, only)")
+                             f"{kv.get('strategy')!r}, symmetric={kv.get('symmetric')} is not supported (fp8, "
+                             f"symmetric, one scale a tensor, only)")

@@ -255,11 +255,12 @@ def test_bad_parts_of_a_4bit_module_dequantized_at_load_are_named():
     ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}, True),
     ({"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False, "symmetric": True}, False),
     ({"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True}, False),
-    ({"num_bits": 4, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}, False)])
+    ({"num_bits": 4, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}, False),
+    ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": False}, False)])
 def test_kv_cache_scheme_is_fp8_per_tensor(scheme, ok):
     """compressed-tensors' kv_cache_scheme: its k_scale / v_scale are read as per-tensor fp8 scales,
-    so another scheme (int8, per channel, 4-bit) is refused by name instead of misread (vLLM
-    refuses them too)."""
+    so another scheme (int8, per channel, 4-bit, asymmetric with k / v zero points) is refused by
+    name instead of misread (vLLM refuses them too)."""
     from deepserve.quant.qconfig_fields import check_fields
     qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {},
           "kv_cache_scheme": scheme}
