@@ -22,7 +22,8 @@ CASES = {
     "llama3_rope_tied": (transformers.LlamaForCausalLM, llama_config(
         tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "llama_linear_rope": (transformers.LlamaForCausalLM, llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama_linear_rope": (transformers.LlamaForCausalLM, llama_config(
+        rope_scaling={"rope_type": "linear", "factor": 4.0})),
     # transformers' dynamic NTK keeps the base up to max_position_embeddings, as vLLM's table does
     "llama_dynamic_rope": (transformers.LlamaForCausalLM, llama_config(
         max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 4.0})),
