@@ -149,15 +149,18 @@ class _QuantizedLinearMethod:
 
 
 class Fp8BlockLinearMethod(_QuantizedLinearMethod):
-    """e4m3 weight + row-expanded fp32 block scales; y = fp8 GEMM with 1x128 activation groups."""
+    """e4m3 weight + row-expanded fp32 block scales; y = fp8 GEMM with 1x128 activation groups,
+    or with `weight_only` (a checkpoint without activation quantization) the dequantized weight
+    times the unquantized activations."""
 
     scale_name = "weight_scale_inv"
 
-    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK):
+    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False):
         if tuple(block)[1] != FP8_GROUP:
             raise ValueError(f"fp8 weight_block_size {list(block)}: the K block must be "
                              f"{FP8_GROUP} (the activation group size)")
         self.block = tuple(block)
+        self.weight_only = weight_only
 
     def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
                        device: Optional[torch.device] = None) -> None:
@@ -200,6 +203,8 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
         layer.weight_scale_inv.data.copy_(scale.repeat_interleave(self.block[0], 0)[:n])
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.weight_only:
+            return layer.ops.fp8_weight_only_linear(x, layer.weight, layer.weight_scale_inv, bias)
         return layer.ops.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, bias)
 
 
@@ -233,9 +238,9 @@ class Int8W8A8LinearMethod(_QuantizedLinearMethod):
         return layer.ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
-def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK):
+def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False):
     if name == "fp8":
-        return Fp8BlockLinearMethod(block)
+        return Fp8BlockLinearMethod(block, weight_only)
     if name == "w8a8-int8":
         return Int8W8A8LinearMethod()
     raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {name!r}")
@@ -294,12 +299,13 @@ def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[ob
 
 
 def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK,
-                     ignore: Callable[[str], bool] = lambda module: False) -> list[str]:
+                     ignore: Callable[[str], bool] = lambda module: False, weight_only: bool = False) -> list[str]:
     """Give every Linear that `is_quantized_module` accepts, and whose checkpoint modules
-    `ignore` does not name (quant/ignore.py), the `method`; returns their names."""
+    `ignore` does not name (quant/ignore.py), the `method` (fp8 `weight_only`: activations
+    unquantized); returns their names."""
     if not any(isinstance(m, LinearBase) and is_quantized_module(n) for n, m in model.named_modules()):
         raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
-    return set_methods(model, lambda name, sources: make_method(method, block) if parts_quantized(
+    return set_methods(model, lambda name, sources: make_method(method, block, weight_only) if parts_quantized(
         name, sources, lambda s: not ignore(s)) else None)
 
 

@@ -7,7 +7,7 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 |----------------------------------|----------------|-----------------------------------------------|
 | fp8 (DeepSeek block)             | none / fp8     | fp8 (CPU and GPUs without fp8: dequantize-then-matmul per call) |
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
-| compressed-tensors FP8 (float-quantized: tensor, channel, block) | none / fp8 | fp8, as DeepSeek's with 1x128 or 128x128 scale blocks (quant/ct_fp8.py) |
+| compressed-tensors FP8 (float-quantized: tensor, channel, block) | none / fp8 | fp8, as DeepSeek's with 1x128 or 128x128 scale blocks (quant/ct_fp8.py); without input_activations weight only |
 | fp8 without weight_block_size (AutoFP8: one weight_scale a tensor) | none / fp8 | fp8, as compressed-tensors' tensor strategy |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
@@ -277,7 +277,9 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         quantize_modelslim_experts(model, desc)
     elif method is not None:
         ignore = checkpoint_ignore(cfg)
-        quantize_linears(model, method, block, ignore)
+        # a compressed-tensors FP8 checkpoint without input_activations: its activations stay unquantized
+        scheme = fp8_scale_scheme(cfg.get("quantization_config") or {}) if method == "fp8" else None
+        quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only)
         quantize_experts(model, method, block, ignore)
     if pctx.pp_size > 1:
         model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)

@@ -93,6 +93,17 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     return y.to(x.dtype).reshape(*lead, weight.shape[0])
 
 
+@register("fp8_weight_only_linear", "torch")
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K], e4m3 weight [N, K], fp32 weight_scale [N, ceil(K/128)] -> [..., N] in x's dtype:
+    the weight dequantized, the activations unquantized (FP8 W8A16)."""
+    check_fp8_operands(x, weight, weight_scale)
+    k = x.shape[-1]
+    w = (weight.to(torch.float32) * _expand_k(weight_scale.float(), k, FP8_GROUP)).to(x.dtype)   # [N, K]
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     # torch._int_mm needs CUDA and K, N multiples of 8 (M > 16 is met by padding)
     return a.is_cuda and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0

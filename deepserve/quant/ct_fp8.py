@@ -10,7 +10,9 @@ row's scale, and "tensor" as 128x128 blocks all holding the one scale, so the we
 and run through the same fp8 GEMM. Routed experts need 128x128 blocks (the fused-MoE kernels'
 grid): "tensor" and "block" checkpoints load them, "channel" ones are refused.
 Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
-checkpoint's per-token scheme) or none; static activation scales are refused.
+checkpoint's per-token scheme) or none (W8A16: `weight_only`, the weight dequantized per call and
+the activations kept in the model dtype, as vLLM's CompressedTensorsW8A16Fp8); static activation
+scales are refused.
 `quant_method` "fp8" checkpoints without `weight_block_size` (AutoFP8's, vLLM's Fp8Config) store
 the same per-tensor `weight_scale` and load as the "tensor" strategy.
 Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`, `Fp8Config`.
@@ -33,6 +35,7 @@ STRATEGIES = ("tensor", "channel", "block")
 class CtFp8Scheme:
     strategy: str
     block: tuple[int, int]          # the scale block the fp8 layers are built with
+    weight_only: bool = False       # no input_activations: activations stay unquantized
 
 
 def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
@@ -68,10 +71,10 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
         if len(block) != 2 or block[1] != 128:
             raise ValueError(f"{where}: block_structure {w.get('block_structure')!r} is not supported; "
                              f"the K block must be 128 (the activation group)")
-        return CtFp8Scheme(strategy, block)
+        return CtFp8Scheme(strategy, block, weight_only=not a)
     # one scale a row ("channel") needs row-high blocks; one for the tensor fills any grid, so
     # DeepSeek's (the only one the fused-MoE kernels read: routed experts load too)
-    return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128))
+    return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128), weight_only=not a)
 
 
 def fp8_scale_scheme(qc: dict) -> Optional[CtFp8Scheme]:

@@ -172,3 +172,20 @@ def test_per_tensor_fp8_without_weight_block_size_loads_as_the_tensor_strategy(t
     with pytest.raises(ValueError, match=r"^tensor model\.layers\.\d\..*weight_scale_inv: a DeepSeek block scale, but "
                                          r"the quantization_config names no weight_block_size"):
         load_ours(folders["deepseek"])
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "block"])
+def test_ct_fp8_weights_without_input_activations_run_weight_only(tiny, tmp_path, strategy):
+    """A compressed-tensors FP8 group with no input_activations (W8A16, vLLM's
+    CompressedTensorsW8A16Fp8) keeps its activations unquantized: the weights stay e4m3 and the
+    logits are exactly those of the model holding the dequantized weights (the activations were
+    quantized to fp8 as for a dynamic scheme)."""
+    folders = _folders(tiny, tmp_path, strategy)
+    cfg = json.loads((folders["ct"] / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = None
+    (folders["ct"] / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER)
+    assert llm.engine.runner.model.model.layers[1].mlp.down_proj.weight.dtype == FP8
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = torch.cat(LLM(model=str(folders["deq"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    assert torch.equal(got, want), (got - want).abs().max()
