@@ -1,6 +1,7 @@
 """Prometheus metrics at /metrics, through `prometheus_client`: gauges read from the engine
 snapshot at scrape time (running / waiting requests, KV cache usage, free blocks), counters
-(prompt and generation tokens, prefix-cache queries and hits, preemptions, finished requests
+(prompt and generation tokens, prefix-cache queries and hits (vLLM's external and
+multi-modal cache counters beside them, at 0), preemptions, finished requests
 by reason, error responses by status, operator calls and those run as Triton kernels, with
 their share as a gauge; with --ops-profile the share of profiled kernel time by kind,
 deepserve:ops_time_share{kind="triton"|"blas"|"torch"|"memcpy"}), latency histograms (time to
@@ -95,6 +96,13 @@ COUNTERS = (("prefix_cache_queries", "Prompt tokens looked up in the prefix cach
             ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
              "spec_decode_num_accepted_tokens"),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+            # vLLM's KV connector and multi-modal caches, which deepserve does not have: 0, as vLLM's without them
+            ("external_prefix_cache_queries", "External (KV connector) prefix cache queries: none (no KV "
+             "connector).", "external_prefix_cache_queries"),
+            ("external_prefix_cache_hits", "External (KV connector) prefix cache hits: none (no KV connector).",
+             "external_prefix_cache_hits"),
+            ("mm_cache_queries", "Multi-modal cache queries: none (text-only models).", "mm_cache_queries"),
+            ("mm_cache_hits", "Multi-modal cache hits: none (text-only models).", "mm_cache_hits"),
             ("num_preemptions", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
             ("prompt_tokens", "Prompt tokens accepted.", "prompt_tokens"),
             ("generation_tokens", "Tokens generated.", "generation_tokens"),

@@ -258,3 +258,44 @@ def test_samples_that_end_apart_count_as_requests():
     assert v("request_decode_time_seconds_sum") == pytest.approx(1.0 + 3.0 + 3.0)
     assert v("request_time_per_output_token_seconds_sum") == pytest.approx(1.0 / 1 + 3.0 / 5 + 3.0 / 2)
     assert v("request_queue_time_seconds_count") == 3
+
+
+def test_every_family_vllm_always_registers_is_exposed_with_its_type_and_labels():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deepserve.server.metrics import token_buckets
+
+    # vLLM 0.26's PrometheusStatLogger (vllm/v1/metrics/loggers.py) without spec decoding, LoRA,
+    # --kv-cache-metrics or VLLM_COMPUTE_NANS_IN_LOGITS: name -> (type, labels beside model_name, engine)
+    base = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_cache_usage_perc": "gauge",
+            "prefix_cache_queries": "counter", "prefix_cache_hits": "counter",
+            "external_prefix_cache_queries": "counter", "external_prefix_cache_hits": "counter",
+            "mm_cache_queries": "counter", "mm_cache_hits": "counter", "num_preemptions": "counter",
+            "prompt_tokens": "counter", "prompt_tokens_cached": "counter", "generation_tokens": "counter",
+            "request_prompt_tokens": "histogram", "request_generation_tokens": "histogram",
+            "iteration_tokens_total": "histogram", "request_max_num_generation_tokens": "histogram",
+            "request_params_n": "histogram", "request_params_max_tokens": "histogram",
+            "time_to_first_token_seconds": "histogram", "inter_token_latency_seconds": "histogram",
+            "request_time_per_output_token_seconds": "histogram", "e2e_request_latency_seconds": "histogram",
+            "request_queue_time_seconds": "histogram", "request_inference_time_seconds": "histogram",
+            "request_prefill_time_seconds": "histogram", "request_decode_time_seconds": "histogram",
+            "request_prefill_kv_computed_tokens": "histogram"}
+    expected = {name: (kind, set()) for name, kind in base.items()}
+    expected.update({"num_requests_waiting_by_reason": ("gauge", {"reason"}),
+                     "engine_sleep_state": ("gauge", {"sleep_state"}),
+                     "prompt_tokens_by_source": ("counter", {"source"}),
+                     "request_success": ("counter", {"finished_reason"})})
+    metrics = ServerMetrics("demo", lambda: {}, max_model_len=512)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+    for name, (kind, extra) in expected.items():
+        family = families.get("vllm:" + name)
+        assert family is not None, name
+        assert family.type == kind, (name, family.type)
+        labels = {k for s in family.samples if not s.name.endswith("_created") for k in s.labels} - {"le"}
+        assert labels == {"model_name", "engine"} | extra, (name, labels)
+        assert all(s.value == 0 for s in family.samples if s.name.endswith(("_total", "_count", "_sum"))
+                   and not name.startswith(("num_", "kv_", "engine_"))), name
+    # vLLM's token-count buckets (build_1_2_5_buckets(max_model_len)), the same bounds here
+    bounds = {s.labels["le"] for s in families["vllm:request_prompt_tokens"].samples if "le" in s.labels}
+    assert bounds == {str(float(b)) for b in (1, 2, 5, 10, 20, 50, 100, 200, 500)} | {"+Inf"}
+    assert token_buckets(512) == (1, 2, 5, 10, 20, 50, 100, 200, 500)
