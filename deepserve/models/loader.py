@@ -54,7 +54,7 @@ from deepserve.ops import OpTable, bind
 from deepserve.quant import modelslim
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 from deepserve.quant.int4 import int4_spec, int4_spec_for, int4_stream
-from deepserve.quant.qconfig_fields import check_fields, quantization_config
+from deepserve.quant.qconfig_fields import check_fields, group_format, quantization_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,9 +84,11 @@ def _check_w8a8_int8(qc: dict) -> None:
     """Accept only the compressed-tensors scheme we run: int8 symmetric channel weights with
     dynamic per-token int8 activations (what `deepserve convert quantize` writes)."""
     groups = qc.get("config_groups") or {}
-    if qc.get("format") not in (None, "int-quantized") or not groups:
+    fmt = next((f for f in (group_format(qc, g) for g in groups.values()) if f not in (None, "int-quantized")),
+               None if groups else qc.get("format"))
+    if fmt is not None or not groups:
         bits = sorted({str((g.get("weights") or {}).get("num_bits")) for g in groups.values()})
-        raise ValueError(f"compressed-tensors format {qc.get('format')!r} with {'/'.join(bits) or 'no'}-bit "
+        raise ValueError(f"compressed-tensors format {fmt!r} with {'/'.join(bits) or 'no'}-bit "
                          f"weights (config_groups {sorted(groups)}) is not supported; deepserve serves "
                          f"4-bit pack-quantized and 8-bit int-quantized (W8A8 int8)")
     for gname, g in groups.items():

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from deepserve.quant.fp8 import FP8_DTYPE, valid_scales
-from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes
+from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes, group_format
 
 STRATEGIES = ("tensor", "channel", "block")
 
@@ -54,9 +54,9 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
     if (w.get("num_bits"), w.get("type")) != (8, "float"):
         raise ValueError(f"{where}: {w.get('num_bits')}-bit {w.get('type')} weights are not supported; FP8 "
                          f"weights are 8-bit float")
-    if qc.get("format") not in ("float-quantized", "naive-quantized", None):
-        raise ValueError(f"{where}: format {qc.get('format')!r} with FP8 weights is not supported "
-                         f"(float-quantized)")
+    fmt = group_format(qc, group)
+    if fmt not in ("float-quantized", "naive-quantized", None):
+        raise ValueError(f"{where}: format {fmt!r} with FP8 weights is not supported (float-quantized)")
     strategy = w.get("strategy")
     if strategy not in STRATEGIES or not w.get("symmetric", True) or w.get("dynamic"):
         raise ValueError(f"{where}: FP8 weights with strategy {strategy!r} (symmetric={w.get('symmetric')}, "

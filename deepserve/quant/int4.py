@@ -36,7 +36,7 @@ import torch
 
 from deepserve.ops.int4 import PACK, SEQUENTIAL, dequant_int4, pack_int4, unpack_int4
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
-from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes
+from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes, group_format
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)       # AWQ: nibble i holds column AWQ_ORDER[i] of its 8
 FORMATS = ("awq", "gptq", "compressed-tensors")
@@ -127,9 +127,7 @@ def _ct_spec(qc: dict, scale_dtype: torch.dtype, ignore: Ignore) -> Optional[Int
         raise ValueError(f"compressed-tensors config_groups {sorted(groups)}: deepserve serves one "
                          f"4-bit scheme per checkpoint, not a mix ({describe_schemes(groups)})")
     gname, w, a = weights[0]
-    # the group's own format, else the checkpoint's ("mixed-precision" names no layout)
-    fmt = next((f for f in (groups[gname].get("format"), qc.get("format")) if f not in ("mixed-precision", None)),
-               "pack-quantized")
+    fmt = group_format(qc, groups[gname]) or "pack-quantized"
     if fmt not in ("pack-quantized", "int-quantized"):
         raise ValueError(f"compressed-tensors format {fmt!r} with 4-bit weights is not "
                          f"supported; deepserve serves pack-quantized and int-quantized")

@@ -89,6 +89,12 @@ def distinct_schemes(qc: dict) -> dict[str, dict]:
     return out
 
 
+def group_format(qc: dict, group: dict) -> str | None:
+    """A compressed-tensors group's storage format: its own `format`, else the checkpoint's
+    ("mixed-precision", the checkpoint's when its groups differ, names no layout: None)."""
+    return next((f for f in (group.get("format"), qc.get("format")) if f not in ("mixed-precision", None)), None)
+
+
 def describe_schemes(groups: dict[str, dict]) -> str:
     """Each group's weights and input activations in a few words, for a refusal naming them."""
     def args(a) -> str:

@@ -224,6 +224,35 @@ def test_mixed_precision_configs_are_refused_naming_each_group():
             checkpoint_quantization({**base, "quantization_config": qc})
 
 
+@pytest.mark.parametrize("folder, stored", [("llama-w8a8-channel", "w8a8-int8"), ("qwen2-fp8-channel", "fp8")])
+def test_mixed_precision_8bit_groups_read_their_own_format(tmp_path, folder, stored):
+    """Top-level format "mixed-precision" names no layout: each group's own format does (vLLM reads
+    the group's). An 8-bit checkpoint whose one scheme sits in two groups (attention, MLP) under
+    "mixed-precision" was refused (W8A8: "format 'mixed-precision' with 8-bit weights", FP8:
+    "format 'mixed-precision' with FP8 weights"); it loads with the logits of the single-group
+    config. A group format that does not fit the weights is still refused naming it."""
+    import shutil
+    from deepserve.models.loader import checkpoint_quantization
+    src = DATA / folder
+    dst = tmp_path / folder
+    shutil.copytree(src, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    qc.update(format="mixed-precision", config_groups={"attn": {**group, "targets": ["re:.*self_attn.*"]},
+                                                       "mlp": {**group, "targets": ["re:.*mlp.*"]}})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    assert checkpoint_quantization(cfg) == stored
+    prompts = [[5, 17, 42, 8, 9, 3, 61], [50, 1, 37, 13]]
+    got = torch.cat(LLM(model=str(dst), dtype="float32", tokenizer=TOKENIZER).prompt_logits(prompts))
+    want = torch.cat(LLM(model=str(src), dtype="float32", tokenizer=TOKENIZER).prompt_logits(prompts))
+    assert torch.equal(got, want)
+    for g in qc["config_groups"].values():
+        g["format"] = "pack-quantized"
+    with pytest.raises(ValueError, match=r"format 'pack-quantized' with (8-bit|FP8) weights"):
+        checkpoint_quantization(cfg)
+
+
 # quantization_config as GPTQModel 7.7's QuantizeConfig.to_dict writes it (None-valued fields dropped)
 GPTQMODEL_META = {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
                   "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True,
