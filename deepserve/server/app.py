@@ -6,6 +6,8 @@ app's lifespan.
     POST /v1/responses        GET  /v1/responses/{id}       POST /v1/responses/{id}/cancel
                               (with the store: --enable-responses-api-store, as vLLM's)
     GET  /health              GET  /version                 GET /metrics
+    POST /invocations         (vLLM's SageMaker route: a chat body, one with "messages", to chat
+                              completions; one with "prompt" to completions)
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
     GET  /tokenizer_info      (vLLM's: the tokenizer's configuration, with --enable-tokenizer-info-endpoint)
     GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
@@ -38,7 +40,8 @@ from deepserve.server.errors import APIError, error_body, error_response, intern
 from deepserve.server.metrics import HTTP_UNCOUNTED_PATHS
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
-from deepserve.server.serving_common import ClientDisconnected, ServerState, parse_request
+from deepserve.server.serving_common import (ClientDisconnected, ServerState, check_json_content_type, parse_request,
+                                             read_body, utf8_json)
 from deepserve.server.serving_completions import create_completion
 from deepserve.server.serving_responses import cancel_response, create_response, retrieve_response
 from deepserve.server.stopping import stop_interruptibly
@@ -48,7 +51,7 @@ logger = logging.getLogger("deepserve")
 
 # the routes whose requests GET /load counts (vLLM's: a stored response's retrieval, which may
 # stream a background generation, and its cancel too)
-_LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses"))
+_LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations"))
 _LOADING_PREFIX = "/v1/responses/"
 # the path prefixes --api-key guards (vLLM's; /health, /metrics, ... stay open to probes)
 _GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
@@ -254,6 +257,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def ping():   # vLLM's (SageMaker's health check): /health
         return await health()
 
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        return await invoke(request, state)
+
     @app.get("/load")
     async def load():
         return {"server_load": state.server_load}
@@ -327,6 +334,38 @@ def build_app(state: ServerState) -> FastAPI:
             return tokenizer_info(_tokenizer(state))
 
     return app
+
+
+# what vLLM's /invocations names when a body is neither (its request types, tried in this order)
+_INVOCATION_TYPES = "['ChatCompletionRequest', 'CompletionRequest']"
+
+
+async def invoke(request: Request, state: ServerState):
+    """vLLM's SageMaker route: the body goes to chat completions where it has "messages", else to
+    completions where it has "prompt" (vLLM's order: the first request type it validates as);
+    the route's own answer, a stream included. Outside --api-key's prefixes, as vLLM's."""
+    check_json_content_type(request)
+    body = await read_body(request, state.settings.max_body_bytes)
+    try:
+        fields = json.loads(utf8_json(body))
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"JSON decode error: {exc}") from None
+    if isinstance(fields, dict) and "messages" in fields:
+        handler = create_chat_completion
+    elif isinstance(fields, dict) and ("prompt" in fields or "prompt_embeds" in fields):
+        handler = create_completion
+    else:
+        raise APIError(400, f"Cannot find suitable handler for request. Expected one of: {_INVOCATION_TYPES}")
+    replayed = False
+
+    async def receive():   # the body read above, then the connection's own messages (a disconnect)
+        nonlocal replayed
+        if replayed:
+            return await request.receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await handler(Request(request.scope, receive), state)
 
 
 def _plain(value: Any) -> Any:

@@ -190,12 +190,17 @@ def utf8_json(body: bytes) -> bytes:
         raise APIError(400, f"malformed JSON body: not {encoding} text ({exc.reason})") from None
 
 
-async def parse_request(request: Request, model: Type[M], limit: int) -> M:
-    """The body as `model`: JSON sent as application/json (vLLM's rule for its JSON routes), else a 400."""
+def check_json_content_type(request: Request) -> None:
+    """vLLM's rule for its JSON routes: a body sent as application/json, else a 400."""
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise APIError(400, f"Unsupported Media Type: Only 'application/json' is allowed, got Content-Type "
                             f"{content_type!r}")
+
+
+async def parse_request(request: Request, model: Type[M], limit: int) -> M:
+    """The body as `model`: JSON sent as application/json, else a 400."""
+    check_json_content_type(request)
     body = utf8_json(await read_body(request, limit))
     if not body.strip():
         raise APIError(400, "the request body is empty; send a JSON object")

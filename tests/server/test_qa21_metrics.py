@@ -1,0 +1,61 @@
+"""What an operator moving a vLLM 0.26 deployment meets on deepserve's operational routes:
+POST /invocations (vLLM's SageMaker route, always served), which hands a chat body to chat
+completions and a completion body to completions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from deepserve.config import EngineArgs
+from deepserve.engine.llm_engine import LLMEngine
+from deepserve.server.api_server import build_state
+from deepserve.server.app import build_app
+from deepserve.server.args import ServerArgs
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
+COMPLETION = {"prompt": "Once upon", "max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def client():
+    args = EngineArgs(num_gpu_blocks_override=64)
+    with TestClient(build_app(build_state(args, ServerArgs(api_key=["k"]), engine=LLMEngine(args)))) as c:
+        yield c
+
+
+def answer(response) -> dict:
+    body = response.json()
+    return {"object": body["object"], "choices": body["choices"], "usage": body["usage"]}
+
+
+@pytest.mark.parametrize("body, route", [(CHAT, "/v1/chat/completions"), (COMPLETION, "/v1/completions")],
+                         ids=["chat", "completion"])
+def test_invocations_answers_as_the_route_of_its_body(client, body, route):
+    # outside --api-key's prefixes (/v1, /v2, /inference), as vLLM's
+    got = client.post("/invocations", json=body)
+    assert got.status_code == 200, got.text
+    want = client.post(route, json=body, headers={"Authorization": "Bearer k"})
+    assert answer(got) == answer(want)
+    streamed = client.post("/invocations", json={**body, "stream": True})
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1] if json.loads(e)["choices"]]
+    text = "".join(c["delta"].get("content") or "" for c in chunks) if route.endswith("chat/completions") \
+        else "".join(c["text"] for c in chunks)
+    whole = want.json()["choices"][0]
+    assert text == (whole["message"]["content"] if "message" in whole else whole["text"])
+
+
+@pytest.mark.parametrize("body, message", [
+    (json.dumps({"input": "Hi"}), "Cannot find suitable handler for request. Expected one of: "
+                                  "['ChatCompletionRequest', 'CompletionRequest']"),
+    ("[1, 2]", "Cannot find suitable handler for request."),
+    ("{bad", "JSON decode error: Expecting property name enclosed in double quotes"),
+    (json.dumps({"prompt": "Hi", "max_tokens": -1}), "max_tokens must be at least 1")],
+    ids=["neither", "not-an-object", "bad-json", "bad-field"])
+def test_invocations_refuses_what_no_route_takes(client, body, message):
+    got = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
+    assert got.status_code == 400
+    assert got.json()["error"]["message"].startswith(message), got.text
