@@ -8,6 +8,8 @@ app's lifespan.
     GET  /health              GET  /version                 GET /metrics
     POST /invocations         (vLLM's SageMaker route: a chat body, one with "messages", to chat
                               completions; one with "prompt" to completions)
+    POST /scale_elastic_ep    POST /is_scaling_elastic_ep   (vLLM's elastic EP routes: the data parallel
+                              size a server started with is the one it keeps; a scale to it is done)
     POST /tokenize            POST /detokenize              GET|POST /ping (/health)
     GET  /tokenizer_info      (vLLM's: the tokenizer's configuration, with --enable-tokenizer-info-endpoint)
     GET  /load                (vLLM's: generation requests in flight, with --enable-server-load-tracking)
@@ -261,6 +263,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def invocations(request: Request):
         return await invoke(request, state)
 
+    @app.post("/scale_elastic_ep")
+    async def scale_elastic_ep(request: Request):
+        return await scale_data_parallel(request, state)
+
+    @app.post("/is_scaling_elastic_ep")
+    async def is_scaling_elastic_ep():
+        return {"is_scaling_elastic_ep": False}
+
     @app.get("/load")
     async def load():
         return {"server_load": state.server_load}
@@ -366,6 +376,31 @@ async def invoke(request: Request, state: ServerState):
         return {"type": "http.request", "body": body, "more_body": False}
 
     return await handler(Request(request.scope, receive), state)
+
+
+async def scale_data_parallel(request: Request, state: ServerState) -> dict:
+    """vLLM's POST /scale_elastic_ep, checked as vLLM checks it: a scale to the data parallel
+    size the server runs is done at once (vLLM's answer); any other is a 400 (deepserve has no
+    elastic EP: the size is set at start)."""
+    try:
+        fields = json.loads(utf8_json(await read_body(request, state.settings.max_body_bytes)))
+    except json.JSONDecodeError:
+        raise APIError(400, "Invalid JSON format") from None
+    if not isinstance(fields, dict):
+        raise APIError(400, "Invalid JSON format")
+    size, drain_timeout = fields.get("new_data_parallel_size"), fields.get("drain_timeout", 120)
+    if size is None:
+        raise APIError(400, "new_data_parallel_size is required", param="new_data_parallel_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise APIError(400, "new_data_parallel_size must be a positive integer", param="new_data_parallel_size")
+    if not isinstance(drain_timeout, int) or isinstance(drain_timeout, bool) or drain_timeout <= 0:
+        raise APIError(400, "drain_timeout must be a positive integer", param="drain_timeout")
+    current = state.llm.engine.config.parallel.data_parallel_size
+    if size != current:
+        raise APIError(400, f"new_data_parallel_size {size} is not supported: deepserve has no elastic EP, so a "
+                            f"running server keeps its data parallel size ({current}); restart it with "
+                            f"--data-parallel-size {size}", param="new_data_parallel_size")
+    return {"message": f"Scaled to {size} data parallel engines"}
 
 
 def _plain(value: Any) -> Any:

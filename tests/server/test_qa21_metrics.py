@@ -1,6 +1,7 @@
 """What an operator moving a vLLM 0.26 deployment meets on deepserve's operational routes:
 POST /invocations (vLLM's SageMaker route, always served), which hands a chat body to chat
-completions and a completion body to completions."""
+completions and a completion body to completions, and vLLM's elastic EP routes
+(/scale_elastic_ep, /is_scaling_elastic_ep), served for every generating model."""
 from __future__ import annotations
 
 import json
@@ -59,3 +60,22 @@ def test_invocations_refuses_what_no_route_takes(client, body, message):
     got = client.post("/invocations", content=body, headers={"Content-Type": "application/json"})
     assert got.status_code == 400
     assert got.json()["error"]["message"].startswith(message), got.text
+
+
+def test_elastic_ep_routes_answer_as_vllm_without_elastic_ep(client):
+    """vLLM routes both for every generating model: a scale to the size the server runs is done
+    (vLLM returns at once); another size, which needs elastic EP, is refused with a 400 naming
+    the flag to restart with."""
+    assert client.post("/is_scaling_elastic_ep").json() == {"is_scaling_elastic_ep": False}
+    same = client.post("/scale_elastic_ep", json={"new_data_parallel_size": 1})
+    assert same.status_code == 200 and same.json() == {"message": "Scaled to 1 data parallel engines"}
+    other = client.post("/scale_elastic_ep", json={"new_data_parallel_size": 2})
+    assert other.status_code == 400 and other.json()["error"]["param"] == "new_data_parallel_size"
+    assert "--data-parallel-size 2" in other.json()["error"]["message"]
+    for body, message in (("{bad", "Invalid JSON format"), ("{}", "new_data_parallel_size is required"),
+                          ('{"new_data_parallel_size": 0}', "new_data_parallel_size must be a positive integer"),
+                          ('{"new_data_parallel_size": "2"}', "new_data_parallel_size must be a positive integer"),
+                          ('{"new_data_parallel_size": 1, "drain_timeout": 0}',
+                           "drain_timeout must be a positive integer")):
+        got = client.post("/scale_elastic_ep", content=body, headers={"Content-Type": "application/json"})
+        assert got.status_code == 400 and got.json()["error"]["message"] == message, (body, got.text)
