@@ -201,12 +201,14 @@ def test_return_token_ids(client, demo_server):
 
     kw = dict(model="stories260k", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=5,
               temperature=0, extra_body={"return_token_ids": True})
+    chat_ids = httpx.post(f"{demo_server.url}/tokenize", json={"messages": kw["messages"]},
+                          headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
     r = client.chat.completions.create(**kw).model_dump()
-    assert r["prompt_token_ids"] == prompt_ids   # the demo template: BOS, then the text
+    assert r["prompt_token_ids"] == chat_ids   # the demo template's "<s>Once upon a time", as /tokenize has it
     ids = r["choices"][0]["token_ids"]
     assert len(ids) == r["usage"]["completion_tokens"] == 5
     chunks = [c.model_dump() for c in client.chat.completions.create(stream=True, **kw)]
-    assert chunks[0]["prompt_token_ids"] == prompt_ids
+    assert chunks[0]["prompt_token_ids"] == chat_ids
     assert [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []] == ids
 
 
