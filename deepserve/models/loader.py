@@ -130,7 +130,7 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
 
 INT4_METHODS = ("awq", "gptq", "w4a16", "w4a8-int8")
 _FORMAT_NAMES = {"awq": "AutoAWQ", "gptq": "GPTQ", "w4a16": "compressed-tensors W4A16",
-                 "w4a8-int8": "compressed-tensors W4A8", "compressed-tensors": "compressed-tensors 4-bit",
+                 "w4a8-int8": "compressed-tensors W4A8", "compressed-tensors": "compressed-tensors",
                  "fp8": "fp8", "w8a8-int8": "W8A8 int8", modelslim.METHOD: "msModelSlim W8A8"}
 AS_STORED = INT4_METHODS + (modelslim.METHOD,)   # served only in the checkpoint's own format
 # --quantization names (vLLM's) that ask for a 4-bit checkpoint's own method
@@ -174,6 +174,8 @@ def linear_method(model: str, hf_config, requested: Optional[str],
         stored = checkpoint_quantization(hf_config) or modelslim.stored_format(model)
         if stored is None:
             _check_no_quantized_tensors(model)
+        if requested == "compressed-tensors" and quantization_config(hf_config).get("quant_method") == requested:
+            requested = None    # vLLM's name of the checkpoint's own method, whatever its scheme (FP8, int8, 4-bit)
     return stored, choose_quantization(requested, stored)
 
 

@@ -253,6 +253,22 @@ def test_mixed_precision_8bit_groups_read_their_own_format(tmp_path, folder, sto
         checkpoint_quantization(cfg)
 
 
+@pytest.mark.parametrize("folder, stored", [("llama-w8a8-channel", "w8a8-int8"), ("qwen2-fp8-channel", "fp8"),
+                                            ("llama-w4a16-asym-g32", "w4a16")])
+def test_quantization_compressed_tensors_serves_every_compressed_tensors_scheme(folder, stored):
+    """`--quantization compressed-tensors` names the checkpoint's quant_method, as in vLLM: it
+    serves a compressed-tensors FP8 or W8A8 int8 folder as stored (it was refused as "loads
+    compressed-tensors 4-bit checkpoints"), and is still refused on another format's folder."""
+    from deepserve.models.loader import linear_method
+    cfg = json.loads((DATA / folder / "config.json").read_text())
+    assert linear_method(str(DATA / folder), cfg, "compressed-tensors") == (stored, stored)
+    deepseek = {"quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128]}}
+    with pytest.raises(ValueError, match=r"^--quantization compressed-tensors loads compressed-tensors checkpoints and "
+                                         r"this one is fp8 \(leave --quantization out"):
+        linear_method(str(DATA / folder), deepseek, "compressed-tensors")
+
+
 # quantization_config as GPTQModel 7.7's QuantizeConfig.to_dict writes it (None-valued fields dropped)
 GPTQMODEL_META = {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
                   "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True,
