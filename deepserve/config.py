@@ -179,6 +179,8 @@ def default_block_size(hf_config: HFConfig) -> int:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+# vLLM's Marlin names of a 4-bit checkpoint's own format (its kernels, not another format)
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
 
 @dataclass
@@ -449,7 +451,8 @@ class EngineArgs:
     """Weight quantization: None serves the checkpoint as stored (fp8, int8 and 4-bit weights stay
     in that form); fp8 or w8a8-int8 quantize 16-bit weights at load; awq, gptq, compressed-tensors
     name a 4-bit checkpoint's own format (served as stored; with --load-format dummy, random 4-bit
-    weights); ascend names an msModelSlim checkpoint (vllm-ascend's), served as stored."""
+    weights), as do vLLM's awq_marlin, gptq_marlin and moe_wna16 (an AutoAWQ or GPTQ checkpoint);
+    ascend names an msModelSlim checkpoint (vllm-ascend's), served as stored."""
     seed: int = 0
     """Seed for random weights and for sampling requests that give no seed."""
     trust_remote_code: bool = False
@@ -605,9 +608,10 @@ class EngineArgs:
         if self.quantization == "ascend":
             check_ascend_checkpoint(self.model)
             self.quantization = None  # the checkpoint's own (msModelSlim) format
-        if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors"):
-            raise ValueError(f"quantization must be fp8, w8a8-int8, awq, gptq, compressed-tensors or ascend, "
-                             f"got {self.quantization!r}")
+        self.quantization = QUANTIZATION_ALIASES.get(self.quantization, self.quantization)
+        if self.quantization not in (None, "fp8", "w8a8-int8", "awq", "gptq", "compressed-tensors", "moe_wna16"):
+            raise ValueError(f"quantization must be fp8, w8a8-int8, awq (awq_marlin), gptq (gptq_marlin), "
+                             f"compressed-tensors, moe_wna16 or ascend, got {self.quantization!r}")
         if self.served_model_name is not None and not str(self.served_model_name).replace(",", " ").strip():
             # an unset shell variable (`--served-model-name "$NAME"`): clients could not name the model
             raise ValueError(f"served_model_name must hold a name (or several, comma-separated), "

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from deepserve.config import ModelConfig
+from deepserve.config import QUANTIZATION_ALIASES, ModelConfig
 from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
 from deepserve.layers.moe import FusedMoE
 from deepserve.layers.quantization import (experts_quantized, init_dummy_quantized, is_expert_tensor,
@@ -167,14 +167,21 @@ def linear_method(model: str, hf_config, requested: Optional[str],
     quantization_config deepserve does not load or a --quantization it cannot serve the folder
     with. Random weights (`--load-format dummy`) store nothing, but 4-bit ones in the format asked
     for."""
-    quantization_config(hf_config)
+    qc = quantization_config(hf_config)
+    requested = QUANTIZATION_ALIASES.get(requested, requested)
+    if requested == "moe_wna16":     # vLLM's MoE kernels for an AutoAWQ or GPTQ checkpoint
+        if qc.get("quant_method") not in ("awq", "gptq"):
+            raise ValueError(f"--quantization moe_wna16 serves AutoAWQ and GPTQ checkpoints and this one is "
+                             f"{_FORMAT_NAMES.get(checkpoint_quantization(hf_config), 'high precision')} "
+                             f"(leave --quantization out)")
+        requested = qc["quant_method"]
     if load_format == "dummy":
         stored = int4_spec_for(hf_config, requested).method if requested in INT4_REQUESTS else None
     else:
         stored = checkpoint_quantization(hf_config) or modelslim.stored_format(model)
         if stored is None:
             _check_no_quantized_tensors(model)
-        if requested == "compressed-tensors" and quantization_config(hf_config).get("quant_method") == requested:
+        if requested == "compressed-tensors" and qc.get("quant_method") == requested:
             requested = None    # vLLM's name of the checkpoint's own method, whatever its scheme (FP8, int8, 4-bit)
     return stored, choose_quantization(requested, stored)
 

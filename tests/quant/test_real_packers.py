@@ -269,6 +269,26 @@ def test_quantization_compressed_tensors_serves_every_compressed_tensors_scheme(
         linear_method(str(DATA / folder), deepseek, "compressed-tensors")
 
 
+@pytest.mark.parametrize("flag", ["awq_marlin", "gptq_marlin", "moe_wna16"])
+def test_vllm_kernel_names_of_awq_and_gptq_serve_the_checkpoint(flag):
+    """vLLM's `--quantization awq_marlin` / `gptq_marlin` / `moe_wna16` (DeepSeek-R1-AWQ's model
+    card) name an AutoAWQ or GPTQ checkpoint served with other kernels: each serves its folder as
+    stored (they were refused as not among fp8, w8a8-int8, awq, gptq, ...); another format's
+    folder is refused naming both."""
+    from deepserve.config import EngineArgs
+    from deepserve.models.loader import linear_method
+    folders = {"awq": DATA / "llama-awq-g32", "gptq": DATA / "qwen2-gptq-g32-actorder"}
+    for fmt, folder in folders.items():
+        if flag.startswith(fmt) or flag == "moe_wna16":
+            model = EngineArgs(model=str(folder), quantization=flag, tokenizer=TOKENIZER).create_engine_config().model
+            assert linear_method(str(folder), model.hf_config, model.quantization) == (fmt, fmt)
+            assert linear_method(str(folder), model.hf_config, flag) == (fmt, fmt)     # the automatic plan's path
+    other = DATA / "llama-w4a16-asym-g32"
+    model = EngineArgs(model=str(other), quantization=flag, tokenizer=TOKENIZER).create_engine_config().model
+    with pytest.raises(ValueError, match=r"^--quantization \S+ (cannot serve|serves) .*compressed-tensors W4A16"):
+        linear_method(str(other), model.hf_config, model.quantization)
+
+
 # quantization_config as GPTQModel 7.7's QuantizeConfig.to_dict writes it (None-valued fields dropped)
 GPTQMODEL_META = {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
                   "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False, "true_sequential": True,
