@@ -110,6 +110,10 @@ class ModelRunner:
         # e4m3 KV (the layers' checkpoint scales, 1.0 without): written by the KV-write ops, read
         # by the attention kernels
         self.kv_dtype = torch.float8_e4m3fn if config.cache.fp8_kv else self.dtype
+        if (config.model.hf_config.get("quantization_config") or {}).get("kv_cache_scheme") and not config.cache.fp8_kv:
+            logger.warning("the checkpoint's quantization_config has a kv_cache_scheme (fp8 KV cache scales) and the "
+                           "KV cache holds %s: pass --kv-cache-dtype fp8 to store it in fp8 with those scales (as vLLM "
+                           "does unasked outside MLA models)", str(self.dtype).replace("torch.", ""))
         self.block_size = config.cache.block_size
         # the attention layers this rank holds (a pipeline stage holds a range of them)
         self.kv_layers = [m for m in self.model.modules() if hasattr(m, "kv_cache_shapes")

@@ -141,3 +141,25 @@ def test_gqa_checkpoint_scales_reach_each_layer(tmp_path):
     unscaled = torch.cat(LLM(str(STORIES), **kw, kv_cache_dtype="fp8").prompt_logits(prompts)).float()
     kl = _compare(ref, torch.cat(llm.prompt_logits(prompts)).float())[1]
     assert kl < 2 * _compare(ref, unscaled)[1] + 1e-4, kl
+
+
+def test_a_kv_cache_scheme_without_fp8_kv_is_named(tmp_path, caplog):
+    """An llm-compressor checkpoint with a kv_cache_scheme (fp8 KV scales) served with the default
+    KV dtype keeps a model-dtype cache, where vLLM switches to fp8 unasked: a warning says so and
+    names --kv-cache-dtype fp8, with which the pool is e4m3 and the warning absent."""
+    import json
+    import logging
+    import shutil
+    from tests.quant.test_real_packers import DATA
+    folder = tmp_path / "w8a8"
+    shutil.copytree(DATA / "llama-w8a8-channel", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                     "dynamic": False, "symmetric": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for kv, warned in (("auto", True), ("fp8", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deepserve"):
+            llm = LLM(str(folder), tokenizer=TOKENIZER, dtype="float32", kv_cache_memory_bytes=1 << 20, kv_cache_dtype=kv)
+        assert (llm.engine.runner.kv_dtype == FP8) == (kv == "fp8")
+        assert ("kv_cache_scheme" in caplog.text and "--kv-cache-dtype fp8" in caplog.text) == warned, caplog.text
