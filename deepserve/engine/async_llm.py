@@ -126,6 +126,15 @@ class AsyncLLM:
         """Why the engine can no longer serve (a worker process died), or None."""
         return getattr(self.engine.executor, "failure", None)
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests (503), letting the in-flight ones finish (thread-safe)."""
+        self._accepting = False
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose outputs are still awaited (read on the event loop)."""
+        return len(self._queues)
+
     def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
         """Refuse new requests and end the in-flight ones with an error (thread-safe)."""
         self._accepting = False
@@ -163,7 +172,8 @@ class AsyncLLM:
     def check_can_accept(self) -> None:
         """Raise EngineDeadError / QueueFullError when a new request would be refused."""
         if not self._accepting or self._thread is None or self.fatal_error:
-            raise EngineDeadError(self._thread_error or self.fatal_error or "the engine is not running")
+            stopping = not self._accepting and self._thread is not None and "the server is shutting down"
+            raise EngineDeadError(self._thread_error or self.fatal_error or stopping or "the engine is not running")
         limit = self.max_waiting_requests
         if limit is not None and self.num_waiting_requests() >= limit:
             raise QueueFullError(f"the server queue is full ({limit} requests waiting); retry later")

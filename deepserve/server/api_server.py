@@ -8,8 +8,10 @@ ZeroMQ (engine/dp_engine.py). DEEPSERVE_ENGINE_CORE_PROCESS=0 keeps the engine i
 this process instead; --distributed-executor-backend ray always does.
 
 On a signal, in-flight requests are ended at once with an error (streams get an error event
-and `[DONE]`), the listener closes, the engine thread stops and the engine-core processes
-with it: the process exits within a few seconds and leaves nothing behind. When the socket is
+and `[DONE]`; with --shutdown-timeout N, vLLM's drain, new requests get a 503 and those in
+flight have up to N seconds to finish first; a second signal ends the wait), the listener
+closes, the engine thread stops and the engine-core processes with it: the process exits
+within a few seconds and leaves nothing behind. When the socket is
 bound the server prints one line with its URL (`--port 0` picks a free port and the line
 tells which). --api-server-count N > 1: server/api_servers.py.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import socket
 import sys
 import time
@@ -84,11 +87,14 @@ class _Server(uvicorn.Server):
     """uvicorn, plus a ready line with the bound URL and an engine drain on the first signal."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, on_ready=None,
-                 stats: Optional[tuple[StatsLogger, float]] = None):
+                 stats: Optional[tuple[StatsLogger, float]] = None, shutdown_timeout: float = 0.0):
         super().__init__(config)
         self.state = state
         self.on_ready = on_ready
         self.stats = stats   # the periodic stats line's logger and interval (None: --disable-log-stats)
+        self.shutdown_timeout = shutdown_timeout   # how long a signal lets the requests in flight finish
+        self.draining = False
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -102,7 +108,7 @@ class _Server(uvicorn.Server):
         else:
             names = ", ".join(self.state.settings.served_model_names)
             print(f"deepserve: serving {names} at {url}/v1 (Ctrl-C to stop)", flush=True)
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         loop.create_task(self._watch_engine())
         if self.stats is not None:
             stats, interval = self.stats
@@ -123,6 +129,13 @@ class _Server(uvicorn.Server):
             await asyncio.sleep(0.5)
 
     def handle_exit(self, sig, frame) -> None:
+        if self.shutdown_timeout > 0 and not self.draining and not self.should_exit and self.loop is not None:
+            self.draining = True   # vLLM's drain: new requests refused, those in flight go on
+            self.state.llm.stop_accepting()
+            logger.info("%s: draining %d requests in flight (--shutdown-timeout %s s)",
+                        signal.Signals(sig).name, self.state.llm.num_in_flight, self.shutdown_timeout)
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain(sig, frame)))
+            return
         if not self.should_exit:
             self.state.llm.begin_shutdown()
         super().handle_exit(sig, frame)
@@ -131,6 +144,18 @@ class _Server(uvicorn.Server):
         captured = getattr(self, "_captured_signals", None)
         if isinstance(captured, list):
             captured.clear()
+
+    async def _drain(self, sig, frame) -> None:
+        """Stop once the requests in flight have ended, or at --shutdown-timeout (the rest then
+        end with an error); a second signal meanwhile stops at once."""
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.state.llm.num_in_flight and time.monotonic() < deadline and not self.should_exit:
+            await asyncio.sleep(0.05)
+        if self.state.llm.num_in_flight:
+            logger.warning("%d requests still in flight at shutdown: ended with an error", self.state.llm.num_in_flight)
+        self.shutdown_timeout = 0.0   # the stop that follows ends what is left
+        if not self.should_exit:
+            self.handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
         await super().shutdown(sockets)
@@ -262,7 +287,7 @@ def serve_app(state: ServerState, server: ServerArgs, sock=None, on_ready=None, 
     if log_stats and not server.disable_log_stats:
         engines = state.llm.engine.config.parallel.data_parallel_size
         stats = (StatsLogger(lambda: state.llm.snapshot, engines), stats_interval())
-    http = _Server(config, state, on_ready, stats)
+    http = _Server(config, state, on_ready, stats, float(server.shutdown_timeout))
     try:
         http.run(sockets=[sock] if sock is not None else None)
     finally:

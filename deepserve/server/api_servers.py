@@ -128,7 +128,7 @@ def run_api_servers(engine_args: EngineArgs, server: ServerArgs) -> int:
         pass
     finally:
         def stop() -> None:
-            _stop_servers(servers, conns, failure)
+            _stop_servers(servers, conns, failure, float(server.shutdown_timeout))
             if cores is not None:
                 cores.shutdown()
         stop_interruptibly(stop)
@@ -177,9 +177,10 @@ def _supervise(cores: DataParallelEngine, servers: list, conns: list, engine_arg
                 return f"API server {i} (pid {p.pid}) {'failed: ' if error else ''}{why}"
 
 
-def _stop_servers(servers: list, conns: list, failure: Optional[str]) -> None:
+def _stop_servers(servers: list, conns: list, failure: Optional[str], drain: float = 0.0) -> None:
     """End every API server: told the cores are lost (`failure`), or SIGTERM (a graceful stop:
-    in-flight requests get an error); killed if still running after STOP_GRACE_S."""
+    in-flight requests get an error, after up to `drain` seconds to finish, --shutdown-timeout);
+    killed if still running STOP_GRACE_S after that."""
     for p, conn in zip(servers, conns):
         if p.exitcode is not None:
             continue
@@ -190,11 +191,12 @@ def _stop_servers(servers: list, conns: list, failure: Optional[str]) -> None:
                 p.terminate()
         else:
             p.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
+    grace = STOP_GRACE_S + (0.0 if failure else drain)
+    deadline = time.monotonic() + grace
     for p in servers:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.is_alive():
-            logger.warning("API server %s did not stop within %.0f s: killed", p.name, STOP_GRACE_S)
+            logger.warning("API server %s did not stop within %.0f s: killed", p.name, grace)
             p.kill()
             p.join(timeout=5)
     for conn in conns:

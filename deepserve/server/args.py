@@ -115,6 +115,9 @@ class ServerArgs:
     enable_force_include_usage: bool = False
     """vLLM's: every stream carries usage, on each chunk and in a last chunk, as if each request
     sent stream_options include_usage and continuous_usage_stats."""
+    shutdown_timeout: int = 0
+    """vLLM's: seconds a SIGTERM / SIGINT lets the requests in flight finish (new ones get a 503)
+    before the rest are ended with an error and the server exits; 0 ends them at once."""
     enable_server_load_tracking: bool = False
     """vLLM's: GET /load counts the generation requests in flight ({"server_load": N}; 0 without
     this flag), each API server process its own."""
@@ -221,6 +224,8 @@ class ServerArgs:
             raise ValueError(f"h11_max_incomplete_event_size must be >= 1, got {self.h11_max_incomplete_event_size}")
         if int(self.stream_interval) < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if int(self.shutdown_timeout) < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if int(self.max_body_bytes) < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         for name in ("default_chat_template_kwargs", "override_generation_config"):

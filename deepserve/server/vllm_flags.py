@@ -119,8 +119,7 @@ _GROUPS = (
     ("it sets vLLM's platform plugins, which deepserve does not have", ("--additional-config",)),
     ("deepserve has no performance modes: --max-num-seqs, --cuda-graph-sizes and --cudagraph-mode set what "
      "they tune", ("--performance-mode",)),
-    ("deepserve has no environment validation or shutdown timeout settings",
-     ("--fail-on-environ-validation", "--shutdown-timeout")),
+    ("deepserve has no environment validation settings", ("--fail-on-environ-validation",)),
 )
 # values that ask for what deepserve does anyway: accepted, with no effect
 _SERVED = {"--runner": ("auto", "generate"), "--convert": ("auto", "none"), "--tokenizer-mode": ("auto", "hf"),

@@ -79,3 +79,52 @@ def test_elastic_ep_routes_answer_as_vllm_without_elastic_ep(client):
                            "drain_timeout must be a positive integer")):
         got = client.post("/scale_elastic_ep", content=body, headers={"Content-Type": "application/json"})
         assert got.status_code == 400 and got.json()["error"]["message"] == message, (body, got.text)
+
+
+def test_shutdown_timeout_lets_the_requests_in_flight_finish():
+    """vLLM's --shutdown-timeout N (drain): on SIGTERM the streams in flight run to their end,
+    a new request gets a 503, and the server exits 0 once they are done (0, vLLM's default,
+    ends them at once with an error)."""
+    import signal
+    import threading
+
+    import httpx
+    from conftest import launch
+
+    server = launch("--shutdown-timeout", "600")
+    results, started = {}, threading.Barrier(5)
+
+    def stream(i: int) -> None:
+        body = {"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", server.v1 + "/completions", json=body, timeout=600) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            started.wait()
+            results[i] = [first] + [line for line in lines if line.startswith("data: ")]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        started.wait(timeout=120)
+        server.proc.send_signal(signal.SIGTERM)
+        late = httpx.post(server.v1 + "/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        for t in threads:
+            t.join(timeout=600)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
+    assert late.status_code == 503 and late.json()["error"]["message"] == "the server is shutting down"
+    for i in range(4):
+        events = results[i]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert all("error" not in c for c in chunks), chunks[-1]
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 200
+
+
+def test_shutdown_timeout_below_zero_is_refused():
+    with pytest.raises(ValueError, match="shutdown_timeout must be >= 0, got -1"):
+        ServerArgs(shutdown_timeout=-1)
