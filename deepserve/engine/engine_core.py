@@ -384,6 +384,9 @@ class EngineCore:
             self._profile(msg)
         elif isinstance(msg, ResetPrefixCache):
             reset = self.engine.reset_prefix_cache(msg.preempt_running)
+            settled = self.engine.take_settled()   # micro-batches the reset finished: told now
+            if settled:
+                self._step(None, lambda: settled)
             self._send(CoreOutputs(self.dp_rank, self.gauges(), prefix_cache_reset=reset), msg.client)
 
     def _profile(self, msg: ProfileRequest) -> None:

@@ -181,6 +181,7 @@ class LLMEngine:
                            pool_tokens, self.max_model_len, pool_tokens)
             self.max_model_len = pool_tokens
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._settled: list[RequestOutput] = []  # outputs of micro-batches a reset finished early
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
         # speculative decoding (engine/spec_decode.py): drafting steps run synchronously
@@ -425,7 +426,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """Requests not finished, or pipeline micro-batches still to finish (those of aborted
         requests, whose steps drain them)."""
-        return bool(self.requests) or bool(self.micro_batches)
+        return bool(self.requests) or bool(self.micro_batches) or bool(self._settled)
 
     def gauges(self) -> dict:
         """What the server reports: requests running / waiting, KV use, prefix-cache counters."""
@@ -469,8 +470,17 @@ class LLMEngine:
 
     def _reset_cached_blocks(self, preempt_running: bool = False) -> bool:
         if preempt_running:
+            # a micro-batch in flight holds its sequences' blocks: finish them first (their
+            # outputs come with the next step), so that every running sequence can be preempted
+            while self.micro_batches is not None and self.micro_batches.in_flight:
+                self._settled += self.micro_batches.finish_oldest(self)
             self.scheduler.make_room(self.block_manager.num_blocks)   # a step in flight keeps its rows
         return self.block_manager.reset_prefix_cache()
+
+    def take_settled(self) -> list[RequestOutput]:
+        """The outputs of the micro-batches that a reset_prefix_cache finished, once."""
+        outputs, self._settled = self._settled, []
+        return outputs
 
     def get_metrics(self) -> list:
         """vLLM's: gauges() as vLLM's metric records (Gauge, Counter, Vector of
@@ -556,6 +566,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        if self._settled:
+            return self.take_settled()
         if self.micro_batches is not None:
             try:
                 return self.micro_batches.step(self)

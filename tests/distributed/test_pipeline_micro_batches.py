@@ -100,6 +100,35 @@ def test_sampling_preemption_and_abort_with_micro_batches_in_flight():
         llm.shutdown()
 
 
+def test_reset_prefix_cache_preempting_micro_batches_in_flight():
+    """reset_prefix_cache(reset_running_requests=True) while a micro-batch is in flight:
+    True, as vLLM's (which preempts every running request), every block free and no prefix
+    cached; the sequences that were in flight recompute and end with one process's tokens,
+    and those their last micro-batch finished are still told."""
+    prompts = PROMPTS[1:5]
+    want = [o.outputs[0].token_ids for o in LLM(str(DEMO_MODEL), block_size=4, max_model_len=128)
+            .generate(prompts, GREEDY)]
+    llm = LLM(str(DEMO_MODEL), block_size=4, max_model_len=128, pipeline_parallel_size=2)
+    try:
+        engine, bm = llm.engine, llm.engine.block_manager
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, GREEDY if i else SamplingParams(temperature=0, max_tokens=1))
+        done = {}
+        for _ in range(3):
+            for out in engine.step():
+                done[out.request_id] = out.outputs[0].token_ids
+        assert engine.micro_batches.in_flight and done
+        assert engine.reset_prefix_cache(reset_running_requests=True)
+        assert bm.num_free_blocks == bm.num_blocks and not bm.cached
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                done[out.request_id] = out.outputs[0].token_ids
+        assert [done[f"r{i}"] for i in range(len(prompts))] == [want[0][:1]] + want[1:]
+        assert bm.num_free_blocks == bm.num_blocks
+    finally:
+        llm.shutdown()
+
+
 def test_dp2_ep_pp2_micro_batches_in_rounds_give_one_process_greedy(tmp_path):
     """DP2 x EP x PP2 (four ranks, two engine cores): the cores launch a micro-batch each per
     round (a dummy when one has none) and keep two in flight each; greedy equals one process."""
