@@ -36,14 +36,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from deepserve import __version__
+from deepserve.engine.async_llm import EngineDeadError
 from deepserve.server.args import dev_mode
 from deepserve.server.dev_endpoints import add_dev_routes
 from deepserve.server.errors import APIError, error_body, error_response, internal_error
 from deepserve.server.metrics import HTTP_UNCOUNTED_PATHS
 from deepserve.server.protocol import DetokenizeRequest, TokenizeRequest
 from deepserve.server.serving_chat import create_chat_completion, render_messages
-from deepserve.server.serving_common import (ClientDisconnected, ServerState, check_json_content_type, parse_request,
-                                             read_body, utf8_json)
+from deepserve.server.serving_common import (ClientDisconnected, ServerState, api_error_from, check_json_content_type,
+                                             parse_request, read_body, utf8_json)
 from deepserve.server.serving_completions import create_completion
 from deepserve.server.serving_responses import cancel_response, create_response, retrieve_response
 from deepserve.server.stopping import stop_interruptibly
@@ -186,6 +187,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def _api_error(request: Request, exc: APIError):
         state.metrics.record_error(exc.status)
         return error_response(exc)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError):
+        # a route other than generation's waiting on the engine when a rank died (vLLM's
+        # engine_error_handler: an answer, no traceback)
+        return await _api_error(request, api_error_from(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def _client_gone(request: Request, exc: ClientDisconnected):

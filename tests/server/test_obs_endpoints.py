@@ -103,3 +103,17 @@ def test_http_metrics_as_vllm_s_instrumentator(engine_args, monkeypatch):
     assert values['http_request_size_bytes_count{handler="/v1/completions"}'] == 3
     assert values['http_request_size_bytes_sum{handler="/v1/completions"}'] > 3 * 4 * len(PROMPT)   # the JSON bodies
     assert not [k for k in values if k.startswith(("vllm:http_requests", "deepserve:http_requests"))]
+
+
+def test_dev_endpoint_waiting_on_a_dead_engine_is_a_503(engine_args, monkeypatch, caplog):
+    """/reset_prefix_cache asked while a rank dies: the engine's death as the generation routes
+    answer it (503, the death named), not an unhandled error with a traceback in the log."""
+    from deepserve.engine.async_llm import EngineDeadError
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    with client(engine_args) as c:
+        async def dead(*args):
+            raise EngineDeadError("rank 1 (pid 7) on host vm exited with code -9")
+        monkeypatch.setattr(c.app.state.deepserve.llm, "reset_prefix_cache", dead)
+        r = c.post("/reset_prefix_cache?reset_running_requests=true")
+    assert r.status_code == 503 and r.json()["error"]["message"] == "rank 1 (pid 7) on host vm exited with code -9"
+    assert "unhandled error" not in caplog.text
