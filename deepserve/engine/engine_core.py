@@ -446,6 +446,8 @@ class EngineCore:
             self._receive(None if not self._has_work() else 0)
             if self.work and not self.stopping:   # one item a turn: a step and new messages between
                 self.work.pop(0).run()
+                if not self._has_work():   # no step follows to carry the gauges (an aborted add ran)
+                    self._gauges_to_all()
             if self.engine.has_unfinished_requests() and not self.stopping:
                 self._step(None)
 

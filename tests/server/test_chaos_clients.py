@@ -88,3 +88,19 @@ def test_left_batch_of_prompt_logprobs_requests_is_dropped(request, layout):
     wait_for(lambda: idle(url), timeout=20)
     added = (prompt_tokens() - before - 4) / len(prompt)   # less greedy()'s 4-token prompt
     assert added < 150, added
+
+
+def test_metrics_idle_after_clients_leave_with_queued_prompt_logprobs(demo_server):
+    """A stream and a batch of prompt_logprobs requests (adds queued as work in the engine core)
+    whose clients leave: /metrics turns idle with no request after them (the core went idle
+    running the dropped adds, after the last step's gauges that still counted the stream)."""
+    url = demo_server.url
+    wait_for(lambda: idle(url), timeout=20)
+    prompt = [1] + [403, 407, 261, 378, 290, 263] * 70
+    stream_body = {"model": "stories260k", "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    batch = {"model": "stories260k", "prompt": [prompt] * 100, "max_tokens": 8, "prompt_logprobs": 5}
+    with httpx.stream("POST", url + "/v1/completions", json=stream_body, headers=AUTH, timeout=60) as r:
+        next(r.iter_lines())
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=batch, headers=AUTH, timeout=1.0)
+    wait_for(lambda: idle(url), timeout=20)
