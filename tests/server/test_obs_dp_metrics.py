@@ -13,6 +13,9 @@ from deepserve.server.metrics import parse_metrics
 from tests.server.conftest import launch
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom saw a big", "Lily", "One day", "The sun", "A cat", "Ben"]
+# long enough that the eight requests overlap, so the least-loaded placement spreads them over both
+# ranks (a request that ended before the next one came leaves both ranks idle: rank 0 takes the tie)
+MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def test_per_rank_series_exact_against_the_requests(dp_server):
     async def send():
         client = openai.AsyncOpenAI(base_url=dp_server.v1, api_key="x", max_retries=0)
         return await asyncio.gather(*[client.completions.create(
-            model="demo", prompt=p, max_tokens=3 + i, temperature=0, extra_body={"ignore_eos": True})
+            model="demo", prompt=p, max_tokens=MAX_TOKENS + i, temperature=0, extra_body={"ignore_eos": True})
             for i, p in enumerate(PROMPTS)])   # at once: the ranks share them
 
     replies = asyncio.run(send())
@@ -63,6 +66,6 @@ def test_per_rank_series_exact_against_the_requests(dp_server):
         return sum(values[f'vllm:{name}{{model_name="demo",engine="{rank}"}}'] for rank in "01")
 
     assert total("generation_tokens_total") == sum(r.usage.completion_tokens for r in replies) == \
-        sum(3 + i for i in range(len(PROMPTS)))
+        sum(MAX_TOKENS + i for i in range(len(PROMPTS)))
     assert total("prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
-    assert total("request_params_max_tokens_sum") == sum(3 + i for i in range(len(PROMPTS)))
+    assert total("request_params_max_tokens_sum") == sum(MAX_TOKENS + i for i in range(len(PROMPTS)))
