@@ -21,8 +21,8 @@ import re
 import shlex
 from typing import Optional
 
-from deepserve.config import (KV_CACHE_DTYPES, human_readable_int, is_preset, load_hf_config, parse_hf_overrides,
-                              resolve_max_model_len)
+from deepserve.config import (KV_CACHE_DTYPES, QUANTIZATION_ALIASES, human_readable_int, is_preset, load_hf_config,
+                              parse_hf_overrides, resolve_max_model_len)
 from deepserve.distributed.plan import GiB, Candidate, Plan, evaluate_plans, loads_mtp, parse_size, resolve_dtype
 from deepserve.distributed.plan_bytes import GROUPS, Layout, int4_layout, stage_tensors
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
@@ -47,12 +47,14 @@ def register(subparsers) -> None:
                    "(equally); TP stays inside a node (default: the hostfile's GPU hosts, else 1)")
     p.add_argument("--hostfile", default=None, help="the hosts `serve --hostfile` would deploy on (`ip slots=8 "
                    "type=gpu` lines): their slots are the GPUs, their GPU hosts the nodes")
-    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "compressed-tensors", "none"], default=None,
+    p.add_argument("--quantization", choices=["fp8", "w8a8-int8", "w4a16", "w4a8", "awq", "gptq", "compressed-tensors",
+                                              "awq_marlin", "gptq_marlin", "moe_wna16", "none"], default=None,
                    help="fp8: DeepSeek's block fp8 (128x128 scales) for the Linear weights, as the "
                    "DeepSeek-V3/R1 checkpoints ship; w8a8-int8: int8 Linear weights and routed experts "
                    "with per-row scales (compressed-tensors W8A8, msModelSlim W8A8_DYNAMIC); w4a16 / w4a8 / awq / gptq: 4-bit Linear weights in "
                    "groups of 128 (compressed-tensors, AutoAWQ, GPTQ); compressed-tensors: as `serve` takes it, a "
-                   "folder's own W4A16 or W4A8, else w4a16; none: every weight in --dtype. Default: "
+                   "folder's own W4A16 or W4A8, else w4a16; awq_marlin / gptq_marlin / moe_wna16 (vLLM's names, as "
+                   "`serve` takes them): awq / gptq; none: every weight in --dtype. Default: "
                    "a model folder's stored format (what `serve` loads from it), a preset's none (random weights). "
                    "A quantized folder takes only what `serve --quantization` runs it with")
     p.add_argument("--dtype", default=None, help="model dtype (default auto: config.json's torch_dtype)")
@@ -206,8 +208,8 @@ def plan_quantization(model: str, cfg, requested: Optional[str] = None) -> Optio
     error where serve refuses the flag; a high-precision folder or a preset takes any (the
     weights a conversion would write, random weights), none or nothing meaning the model dtype."""
     requested = "w4a8-int8" if requested == "w4a8" else requested   # the engine's name
-    if is_preset(model):
-        return _UNSTORED.get(requested, requested)
+    if is_preset(model):   # moe_wna16 serves AutoAWQ / GPTQ folders: random weights plan as awq's
+        return _UNSTORED.get(requested, "awq" if requested == "moe_wna16" else requested)
     from deepserve.quant import modelslim
     if modelslim.stored_format(model):
         if requested != "w8a8-int8":
@@ -254,7 +256,7 @@ def _size(flag: str, text: str, allow_zero: bool = False) -> int:
 _FROM_SERVE_CONFIG = ("quantization", "dtype", "max_model_len", "kv_cache_dtype", "gpu_memory_utilization",
                       "hf_overrides")
 # serve --quantization names the plan calls otherwise (vllm-ascend's msModelSlim W8A8)
-_PLAN_NAMES = {"ascend": "w8a8-int8"}
+_PLAN_NAMES = {"ascend": "w8a8-int8", **QUANTIZATION_ALIASES}
 
 
 def take_serve_config(args) -> None:

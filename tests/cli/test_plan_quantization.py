@@ -98,6 +98,10 @@ def test_none_on_a_quantized_folder_is_refused(folders, capsys):
     ("fp8", "w8a8-int8", "int8 (per-row scales)"),           # serve requantizes fp8 weights at load
     ("bf16", "awq", "awq 4-bit (groups of 128)"),            # what a conversion would write
     ("bf16", "w4a8", "w4a8 4-bit (groups of 128)"),
+    ("awq", "awq_marlin", "awq 4-bit (groups of 32)"),        # vLLM's names serve takes for the folders
+    ("gptq", "gptq_marlin", "gptq 4-bit (groups of 32)"),
+    ("awq", "moe_wna16", "awq 4-bit (groups of 32)"),
+    ("bf16", "gptq_marlin", "gptq 4-bit (groups of 128)"),
 ])
 def test_the_plan_names_the_scheme_serve_runs(folders, capsys, folder, flag, scheme):
     """A W4A8 compressed-tensors folder was labelled "w4a16 4-bit" (its bytes were right)."""
