@@ -71,7 +71,7 @@ def test_kv_short_of_max_model_len_names_the_longest_that_fits(capsys):
 @pytest.mark.parametrize("flags, line", [
     (["--gpus", "8", "--gpu-memory", "80GiB", "--quantization", "int3"],
      "deepserve plan: error: argument --quantization: invalid choice: 'int3' (choose from 'fp8', 'w8a8-int8', "
-     "'w4a16', 'w4a8', 'awq', 'gptq', 'compressed-tensors', 'none')\n"),
+     "'w4a16', 'w4a8', 'awq', 'gptq', 'compressed-tensors', 'awq_marlin', 'gptq_marlin', 'moe_wna16', 'none')\n"),
     (["--gpus", "eight", "--gpu-memory", "80GiB"], "deepserve plan: error: argument --gpus: invalid int value: "
                                                    "'eight'\n"),
     (["--gpus", "8", "--gpu-memory", "80GiB", "--tp", "8"], "deepserve plan: error: unrecognized arguments: --tp 8\n"),
