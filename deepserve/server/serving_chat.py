@@ -46,7 +46,7 @@ from deepserve.engine.tokenizer import JSONArguments
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
-from deepserve.server.reasoning import THINK_END, make_parser
+from deepserve.server.reasoning import make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, fingerprint_fields, header_request_id, merge_streams,
                                              parse_request,
@@ -379,10 +379,9 @@ class PreparedChat:
         if req.use_beam_search:
             self.beams = beam_params(req, self.params, self.guided_field, len(self.prompt_ids),
                                      state.llm.max_model_len, stream_refused=False)
-        if (self.params.guided is not None and self.parser_name is not None and not state.settings.grammar_in_reasoning
-                and make_parser(self.parser_name, self.prompt_text).state == "reasoning"):
-            # the prompt leaves the reasoning open: the grammar holds from </think> on (vLLM's behaviour)
-            self.params.guided.start_after_token = state.tokenizer.tok.token_to_id(THINK_END)
+        after = state.grammar_start_after(self.params, self.prompt_ids)
+        if after is not None:   # the prompt leaves the reasoning open: the grammar holds from </think> on
+            self.params.guided.start_after_token = after
         try:
             state.llm.check_can_accept()
         except Exception as exc:

@@ -21,6 +21,7 @@ from starlette.responses import StreamingResponse
 from deepserve.engine.async_llm import AsyncLLM, EngineDeadError, EngineStepError, QueueFullError
 from deepserve.engine.llm_engine import RequestError
 from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
+from deepserve.engine.thinking_budget import THINK_END, THINK_START, reasoning_ended
 from deepserve.server.args import ServerArgs
 from deepserve.server.batch_encoder import BatchEncoder
 from deepserve.server.errors import APIError, from_validation_error, from_value_error, internal_error, sse_error
@@ -119,6 +120,19 @@ class ServerState:
             raise APIError(404, f"The model `{name}` does not exist; served: "
                                 f"{', '.join(self.settings.served_model_names)}", param="model")
         return name or self.model_name
+
+    def grammar_start_after(self, params: SamplingParams, prompt_ids: list[int]) -> Optional[int]:
+        """The token a request's structured-output grammar waits for: with a reasoning parser,
+        `</think>` unless the prompt closed the reasoning (vLLM's is_reasoning_end, decided for
+        every request: chat's rendered prompt, each completions prompt); else None."""
+        guided = params.guided
+        if guided is None or guided.start_after_token is not None or self.tokenizer is None or \
+                self.settings.reasoning_parser is None or self.settings.grammar_in_reasoning:
+            return None
+        start, end = self.tokenizer.tok.token_to_id(THINK_START), self.tokenizer.tok.token_to_id(THINK_END)
+        if end is None or reasoning_ended(prompt_ids, (start,), (end,)):
+            return None
+        return end
 
     def check_length(self, prompt_tokens: int, max_tokens: Optional[int], what: str = "prompt",
                      field: str = "max_tokens", min_tokens: int = 0) -> None:

@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
-from deepserve.engine.thinking_budget import THINK_END, THINK_START, reasoning_ended
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
@@ -197,17 +196,10 @@ class _Prepared:
         return choice
 
     def prompt_params(self, state: ServerState, ids: list[int]) -> SamplingParams:
-        """The params for one prompt: with a reasoning parser a grammar holds from </think> on
-        unless the prompt closed the reasoning, as vLLM's engine decides for every request
-        (chat's PreparedChat does so on its rendered prompt)."""
-        guided, tok = self.params.guided, state.tokenizer
-        if guided is None or guided.start_after_token is not None or tok is None or \
-                state.settings.reasoning_parser is None or state.settings.grammar_in_reasoning:
-            return self.params
-        start, end = tok.tok.token_to_id(THINK_START), tok.tok.token_to_id(THINK_END)
-        if end is None or reasoning_ended(ids, (start,), (end,)):
-            return self.params
-        return self.params.with_grammar_after(end)
+        """The params for one prompt: a grammar held from </think> on where the prompt leaves
+        the reasoning open (ServerState.grammar_start_after)."""
+        end = state.grammar_start_after(self.params, ids)
+        return self.params if end is None else self.params.with_grammar_after(end)
 
     def streams(self, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
         params = [self.prompt_params(state, p["prompt_token_ids"]) for p in self.prompts]
