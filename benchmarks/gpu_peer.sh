@@ -10,8 +10,8 @@
 #   benchmarks/gpu_peer.sh peer PRESET SERVERS [CASES]   # peer_vllm.py; results + logs into $OUT
 #                                      (PEER_ARGS: more peer_vllm.py flags, e.g. --random-weights;
 #                                       DS_ARGS: deepserve serve's extra flags, one string;
-#                                       PEER_ARGS="--profile sharegpt:5:150": both servers' steps,
-#                                       benchmarks/trace_steps.py, into $OUT/steps_PRESET.json)
+#                                       PEER_ARGS="--profile c256:3:60,sharegpt:5:150": both servers'
+#                                       steps, benchmarks/trace_steps.py, into $OUT/steps_PRESET_CASE.json)
 #   VARIANTS="a=FLAGS|b=FLAGS" benchmarks/gpu_peer.sh variants PRESET [CASES]   # deepserve alone, per variant
 # .peerd holds data.tar.xz (tokenizers, ShareGPT first 500, the demo model from ../shared) and
 # wx/ (xgrammar + apache-tvm-ffi wheels for deepserve's structured outputs).
@@ -56,12 +56,16 @@ peer)
     --sharegpt $D/datasets/serving/ShareGPT_V3_unfiltered_cleaned_split.first500.json \
     --vllm-path $SITE --deps-path $SITE --out-dir /tmp/po ${PEER_ARGS:-} ${DS_ARGS:+"--deepserve-args=$DS_ARGS"}
   cp /tmp/po/peer_*.json "$OUT/" 2>/dev/null
-  traces=(); labels=()    # PEER_ARGS="--profile CASE:DELAY_S:STEPS": the steps side by side, not the traces
-  for s in ${3//,/ }; do [ -d "/tmp/po/trace_$s" ] && traces+=("/tmp/po/trace_$s") && labels+=("$s"); done
-  if [ ${#traces[@]} -gt 0 ]; then
+  # PEER_ARGS="--profile CASE:DELAY_S:STEPS[,...]": each profiled case's steps of the servers side by
+  # side (trace_<server>/<case>), into $OUT/steps_PRESET_CASE.json; not the traces
+  for c in $(echo "${4:-c1,c64,c256,sharegpt}" | tr , ' '); do
+    traces=(); labels=()
+    for s in ${3//,/ }; do [ -d "/tmp/po/trace_$s/$c" ] && traces+=("/tmp/po/trace_$s/$c") && labels+=("$s"); done
+    [ ${#traces[@]} -eq 0 ] && continue
     labels_csv=$(IFS=,; echo "${labels[*]}")
-    python3 benchmarks/trace_steps.py "${traces[@]}" --labels "$labels_csv" --json "$OUT/steps_$2.json"
-  fi
+    echo "== steps of $c"
+    python3 benchmarks/trace_steps.py "${traces[@]}" --labels "$labels_csv" --json "$OUT/steps_$2_$c.json"
+  done
   tar czf "$OUT/peer_logs_$2_${3//,/_}.tgz" -C /tmp/po --exclude='model-*' --exclude='trace_*' . ;;
 variants)  # deepserve alone, one server per variant: VARIANTS="label=flags|label=flags" (after setup)
   DEPS=$SITE OUT=$OUT bash benchmarks/gpu_served.sh variants "$2" "${3:-c256,sharegpt}" ;;

@@ -21,12 +21,14 @@ Servers:
         --vllm-path /tmp/vsite --out-dir OUT
     python benchmarks/peer_vllm.py --table OUT/peer_*.json        # the table of several runs
 
---profile CASE:DELAY_S:STEPS starts every server with the same `--profiler-config` (vLLM's
-flag, which deepserve takes too: the torch profiler, traces in OUT/trace_<server>), calls
-`POST /start_profile` DELAY_S seconds into CASE's run, which then records STEPS engine steps,
-and `POST /stop_profile` after it; `python benchmarks/trace_steps.py OUT/trace_deepserve
-OUT/trace_vllm` then compares the steps. The profiled case's figures carry "profiled": true
-(the profiler slows the steps it records: not table figures).
+--profile CASE:DELAY_S:STEPS[,CASE:DELAY_S:STEPS...] starts every server with the same
+`--profiler-config` (vLLM's flag, which deepserve takes too: the torch profiler), calls
+`POST /start_profile` DELAY_S seconds into each named CASE's run, which then records STEPS engine
+steps (the largest STEPS given: one config a server), and `POST /stop_profile` after it; each
+case's traces go to OUT/trace_<server>/<case>, and `python benchmarks/trace_steps.py
+OUT/trace_deepserve/CASE OUT/trace_vllm/CASE` compares the steps. Several cases share one start of
+each server. The profiled cases' figures carry "profiled": true (the profiler slows the steps it
+records: not table figures).
 
 When the tokenizer holds more ids than the preset's vocabulary (deepseek-v2-lite with the R1
 tokenizer), the folder's vocab_size is raised to the tokenizer's, for both servers alike.
@@ -147,6 +149,38 @@ def profile_too_late(t_started: float, t_end: float, t_run: float) -> str:
             f"the trace holds no steps of it; give a DELAY_S under the run's length")
 
 
+def move_traces(trace_dir: Path, case: str, settle_s: float = 30.0) -> int:
+    """Move the finished traces at the top of `trace_dir` into `trace_dir/case` (each profiled
+    case its own folder); waits up to `settle_s` for a trace still being written (a hidden or
+    temporary name). The number moved."""
+    deadline = time.time() + settle_s
+    while time.time() < deadline and any(p.name.startswith(".") or p.name.endswith(".tmp")
+                                         for p in trace_dir.iterdir() if p.is_file()):
+        time.sleep(1.0)
+    dest = trace_dir / case
+    dest.mkdir(exist_ok=True)
+    moved = 0
+    for p in sorted(trace_dir.iterdir()):
+        if p.is_file() and p.name.endswith((".json", ".json.gz")):
+            p.rename(dest / p.name)
+            moved += 1
+    return moved
+
+
+def parse_profile(spec: str, cases: list[str]) -> dict:
+    """CASE:DELAY_S:STEPS[,...] -> {case: (delay_s, steps)}; ValueError names what is wrong."""
+    out = {}
+    for part in spec.split(","):
+        bits = part.split(":")
+        if len(bits) != 3:
+            raise ValueError(f"--profile takes CASE:DELAY_S:STEPS[,...], got {part!r}")
+        case, delay, steps = bits
+        if case not in cases:
+            raise ValueError(f"--profile case {case!r} is not among --cases {','.join(cases)}")
+        out[case] = (float(delay), int(steps))
+    return out
+
+
 def post(url: str, timeout_s: float) -> str:
     """POST with an empty body; the status, or why it failed."""
     req = urllib.request.Request(url, data=b"", method="POST")
@@ -164,7 +198,7 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
         trace_dir = out / f"trace_{kind}"
         shutil.rmtree(trace_dir, ignore_errors=True)
         trace_dir.mkdir(parents=True)
-        cmd += ["--profiler-config", profiler_config(trace_dir, args.profile[2])]
+        cmd += ["--profiler-config", profiler_config(trace_dir, max(st for _, st in args.profile.values()))]
     log_path = out / f"{args.preset_name}_{kind}_server.log"
     entry: dict = {"server_command": " ".join(cmd), "cases": {}}
     with open(log_path, "w") as log:
@@ -185,10 +219,10 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
                          "--max-concurrency", str(conc), "--ignore-eos", "--seed", str(seed), "--disable-tqdm",
                          "--save-result", "--result-dir", str(out / "raw"), "--result-filename", name]
                 t1 = time.time()
-                profiled = bool(args.profile) and case == args.profile[0]
+                profiled = bool(args.profile) and case in args.profile
                 if profiled:
                     started: list = []
-                    starter = threading.Timer(args.profile[1], lambda: started.append(
+                    starter = threading.Timer(args.profile[case][0], lambda: started.append(
                         (time.time(), post(f"http://127.0.0.1:{port}/start_profile", 60))))
                     starter.start()
                 r = subprocess.run(bench, capture_output=True, text=True,
@@ -204,6 +238,7 @@ def run_server(kind: str, folder: Path, tokenizer: Path, out: Path, args) -> dic
                     t2 = time.time()
                     status = post(f"http://127.0.0.1:{port}/stop_profile", 600)
                     print(f"   stop_profile: {status} ({time.time() - t2:.0f} s)", flush=True)
+                    print(f"   traces: {move_traces(trace_dir, case)} into {trace_dir.name}/{case}", flush=True)
                 if r.returncode != 0:
                     print(r.stdout[-2000:], r.stderr[-2000:], flush=True)
                     entry["cases"][case] = {"error": (r.stderr or r.stdout)[-500:]}
@@ -272,8 +307,8 @@ def main() -> None:
     p.add_argument("--vllm-args", default="", help="extra flags for both vLLM servers (one string)")
     p.add_argument("--start-limit-s", type=float, default=420)
     p.add_argument("--tiny", action="store_true", help="2-8 prompts of 32 in / 8 out (a CPU check of the script)")
-    p.add_argument("--profile", default=None, metavar="CASE:DELAY_S:STEPS",
-                   help="torch-profile STEPS engine steps of CASE, from DELAY_S seconds into its run (see above)")
+    p.add_argument("--profile", default=None, metavar="CASE:DELAY_S:STEPS[,...]",
+                   help="torch-profile STEPS engine steps of each CASE, from DELAY_S seconds into its run (see above)")
     p.add_argument("--table", nargs="*", help="print the table of these result JSONs and exit")
     args = p.parse_args()
     if args.table is not None:
@@ -289,12 +324,9 @@ def main() -> None:
         p.error("the sharegpt case needs --sharegpt FILE")
     if args.profile:
         try:
-            case, delay, steps = args.profile.split(":")
-            args.profile = (case, float(delay), int(steps))
-        except ValueError:
-            p.error(f"--profile takes CASE:DELAY_S:STEPS, got {args.profile!r}")
-        if args.profile[0] not in args.cases:
-            p.error(f"--profile case {args.profile[0]!r} is not among --cases {','.join(args.cases)}")
+            args.profile = parse_profile(args.profile, args.cases)
+        except ValueError as e:
+            p.error(str(e))
     args.deepserve_args = args.deepserve_args.split()
     args.vllm_args = args.vllm_args.split()
     args.preset_name = Path(args.preset).name
