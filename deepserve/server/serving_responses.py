@@ -14,8 +14,10 @@ and `usage` with input/output tokens, reasoning tokens and cached prompt tokens.
 by max_output_tokens is `incomplete` (incomplete_details.reason max_output_tokens; its last
 item too). Streamed, the events are OpenAI's: response.created, response.in_progress, then per
 item output_item.added, content_part.added, the text / reasoning_text / function-call argument
-deltas, their done events, content_part.done, output_item.done, and last response.completed (or
-response.incomplete, as OpenAI sends for a cut response); each with its sequence_number and an
+deltas, their done events, content_part.done, output_item.done, and last response.completed
+carrying the whole response, whatever its status (a cut one's too, status incomplete: vLLM
+sends no response.incomplete, and the openai SDK's responses.stream() helper finds the final
+response only in response.completed); each with its sequence_number and an
 SSE `event:` line, and no closing `[DONE]` (OpenAI's Responses streams have none). The streamed
 deltas join to the items of the non-streamed response. An error after the stream began is
 OpenAI's `error` event, which also carries the `error` object the openai SDK raises.
@@ -467,5 +469,5 @@ async def _stream(state: ServerState, req: ResponsesRequest, prep: PreparedChat,
         yield frame(event)
     body = _response(req, prep, response_id, status, items.items, _usage(state, prep, last), stored=kept is not None)
     _keep(state.response_store, kept, body)
-    yield frame({"type": f"response.{status}", "response": body})
+    yield frame({"type": "response.completed", "response": body})
 

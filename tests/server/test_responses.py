@@ -96,13 +96,18 @@ def test_stream_events_join_to_the_response(client):
         assert stream.get_final_response().output_text == text
 
 
-def test_cut_stream_ends_incomplete(client):
-    events = list(client.responses.create(model=MODEL, input="Once upon a time", max_output_tokens=5,
-                                          temperature=0, stream=True))
-    assert events[-1].type == "response.incomplete"
+def test_cut_stream_ends_completed_with_an_incomplete_response(client):
+    """vLLM ends every stream with response.completed; a response cut by max_output_tokens is
+    its status (incomplete), so the SDK's stream helper returns it."""
+    kwargs = dict(model=MODEL, input="Once upon a time", max_output_tokens=5, temperature=0)
+    events = list(client.responses.create(**kwargs, stream=True))
+    assert events[-1].type == "response.completed"
     final = events[-1].response
     assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
     assert final.output[0].status == "incomplete" and final.usage.output_tokens == 5
+    with client.responses.stream(**kwargs) as stream:
+        got = stream.get_final_response()
+    assert (got.status, got.output_text) == ("incomplete", final.output_text)
 
 
 REFUSED = [
