@@ -19,6 +19,7 @@ import torch
 from deepserve.ops.quant import FP8_DTYPE, FP8_MAX  # noqa: F401  (re-exported)
 
 DEFAULT_BLOCK = (128, 128)
+E8M0_DTYPE = torch.float8_e8m0fnu
 _MIN_AMAX = 1e-12
 
 
@@ -54,6 +55,13 @@ def _column_scale(scale: torch.Tensor, k: int, bk: int) -> torch.Tensor:
     return scale.repeat_interleave(bk, dim=1)[:, :k]
 
 
+def scale_as_fp32(scale_inv: torch.Tensor) -> torch.Tensor:
+    """A block scale tensor as fp32. DeepSeek-V3.1-style `ue8m0` scales may be stored as
+    F8_E8M0 (8 exponent bits, no sign or mantissa: 2^(e-127), 0xFF NaN); the cast is exact
+    (2^-127 is an fp32 subnormal) and keeps 0xFF NaN, which `valid_scales` refuses."""
+    return scale_inv.to(torch.float32) if scale_inv.dtype == E8M0_DTYPE else scale_inv
+
+
 def valid_scales(scale_inv: torch.Tensor) -> bool:
     """Whether every block scale is finite and positive: a NaN, infinite, zero or negative one
     would turn its block's weights into NaN / inf / zeros silently (checked at load only)."""
@@ -66,11 +74,12 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
                       rows_per_chunk: int = 4096) -> torch.Tensor:
     """y = out_dtype(fp32(weight) * scale_inv[block]) for a [N, K] e4m3 weight.
 
-    `scale_inv` is fp32 [ceil(N/bn), ceil(K/bk)]. Rows are processed in chunks (whole blocks)
+    `scale_inv` is fp32 (or E8M0) [ceil(N/bn), ceil(K/bk)]. Rows are processed in chunks (whole blocks)
     so a 18432x7168 weight never needs two full fp32 copies at once.
     """
     _check_2d("weight", weight)
     _check_2d("scale_inv", scale_inv)
+    scale_inv = scale_as_fp32(scale_inv)
     if weight.dtype != FP8_DTYPE:
         raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
     expected = block_scale_shape(tuple(weight.shape), block)

@@ -3,7 +3,8 @@
 Each float8 e4m3 weight `W` with its fp32 block scale `W_scale_inv` becomes
 bf16(fp32(W) * scale_inv) (see quant/fp8.py); the scale tensors are dropped, every other
 tensor is copied unchanged, and config.json loses its `quantization_config`. This is the
-BF16 checkpoint the deployment guides serve on chips without FP8. Follows DeepSeek-V3's
+BF16 checkpoint the deployment guides serve on chips without FP8. Scales stored as F8_E8M0
+(`scale_fmt` "ue8m0" written in its own dtype) are the powers of two 2^(e-127), exactly. Follows DeepSeek-V3's
 `inference/fp8_cast_bf16.py` in what it produces, shard by shard with bounded memory.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from deepserve.quant.checkpoint import Checkpoint, TensorInfo, TensorReader
-from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape, dequant_fp8_block
+from deepserve.quant.fp8 import DEFAULT_BLOCK, E8M0_DTYPE, FP8_DTYPE, block_scale_shape, dequant_fp8_block
 from deepserve.quant.pipeline import Converter, OutSpec
 
 SCALE_SUFFIX = "_scale_inv"
@@ -59,9 +60,10 @@ class Fp8ToBf16(Converter):
             if len(t.shape) != 2:
                 raise ValueError(f"FP8 weight {t.name} must be 2-D, got shape {t.shape}")
             want = block_scale_shape(t.shape, block)
-            if scale.shape != want or scale.dtype != torch.float32:
+            if scale.shape != want or scale.dtype not in (torch.float32, E8M0_DTYPE):
                 raise ValueError(f"scale tensor {scale.name} is {scale.dtype} {scale.shape}; "
-                                 f"expected float32 {want} for weight {t.shape} and block {block}")
+                                 f"expected float32 (or float8_e8m0fnu) {want} for weight {t.shape} "
+                                 f"and block {block}")
 
     def _is_consumed_scale(self, ckpt: Checkpoint, name: str) -> bool:
         if not name.endswith(SCALE_SUFFIX):
