@@ -9,7 +9,9 @@ prompt and choice so far, as vLLM's), then `data: [DONE]`.
 then the generated ones: what lm-evaluation-harness reads for loglikelihood tasks. `echo` with
 `max_tokens` 0 returns the prompt alone (its logprobs with `logprobs`), finish_reason "length"
 and no completion tokens, as OpenAI's legacy API and vLLM do (the engine samples one token,
-which is dropped). vLLM's `prompt_logprobs` puts vLLM's per-position dicts in each choice;
+which is dropped). vLLM's `prompt_logprobs` puts vLLM's per-position dicts in each choice
+(each position's top k and its prompt token); a response (not a stream) with `echo` and
+`logprobs` carries them too, k = `logprobs`, as vLLM's, which scores the prompt for them;
 its `return_token_ids` puts the prompt's and the sample's token ids there (`prompt_token_ids`
 with a choice's first chunk, `token_ids` of each chunk's new tokens).
 """
@@ -79,13 +81,15 @@ def echo_logprobs(res: RequestOutput, top_k: int, decode, prompt_text: str, as_i
             "text_offset": text_offsets(prompt_text, tokens)[0]}
 
 
-def vllm_prompt_logprobs(res: RequestOutput) -> Optional[list]:
+def vllm_prompt_logprobs(res: RequestOutput, k: Optional[int] = None) -> Optional[list]:
     """vLLM's `prompt_logprobs` field: per prompt position None or {token id: {logprob, rank,
-    decoded_token}}."""
+    decoded_token}}: with `k`, of its top k and its prompt token alone (the engine may have
+    scored more, for echo's logprobs)."""
     if res.prompt_logprobs is None:
         return None
     return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-                                    for t, lp in e.items()} for e in res.prompt_logprobs]
+                                    for t, lp in e.items() if k is None or lp.rank <= k or t == tid}
+            for tid, e in zip(res.prompt_token_ids, res.prompt_logprobs)]
 
 
 def completion_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, base: int,
@@ -134,6 +138,11 @@ class _Prepared:
         if self.echo_logprobs:
             self.params.prompt_logprobs = max(whole_vocabulary(self.params.prompt_logprobs or 0, state.llm.vocab_size),
                                               whole_vocabulary(req.logprobs, state.llm.vocab_size))
+        # the choices' prompt_logprobs field: asked for, or (vLLM's) echo's logprobs outside a stream
+        shown = req.prompt_logprobs
+        if shown is None and self.echo_logprobs and not req.stream:
+            shown = req.logprobs
+        self.shown_prompt_logprobs = whole_vocabulary(shown, state.llm.vocab_size)
         self.prompts: list[dict] = []
         for p in prompts:
             if isinstance(p, str):
@@ -189,8 +198,8 @@ class _Prepared:
         logprobs = self.echo_logprobs_of(state, res, req.logprobs, i) if self.echo_logprobs else None
         choice = {"index": i * self.n + out.index, "text": self.prompt_text(state, i), "logprobs": logprobs,
                   "finish_reason": "length", "stop_reason": None}
-        if req.prompt_logprobs is not None:
-            choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+        if self.shown_prompt_logprobs is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(res, self.shown_prompt_logprobs)
         if req.return_token_ids:
             choice.update(prompt_token_ids=self.prompts[i]["prompt_token_ids"], token_ids=[])
         return choice
@@ -235,8 +244,8 @@ async def create_completion(request: Request, state: ServerState):
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
             choice = {"index": i * prep.n + out.index, "text": prefix + out.text,
                       "logprobs": logprobs, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-            if req.prompt_logprobs is not None:
-                choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            if prep.shown_prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(res, prep.shown_prompt_logprobs)
             if req.return_token_ids:
                 choice.update(prompt_token_ids=prep.prompts[i]["prompt_token_ids"], token_ids=list(out.token_ids))
             choices.append(choice)
@@ -323,8 +332,8 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
                     choice["prompt_token_ids"] = prep.prompts[i]["prompt_token_ids"]
                     prompt_ids_sent.add(idx)
                 choice["token_ids"] = list(out.token_ids[tokens_before:n_tok])
-            if req.prompt_logprobs is not None and idx not in prompt_logprobs_sent:  # with its first chunk sent
-                choice["prompt_logprobs"] = vllm_prompt_logprobs(res)
+            if prep.shown_prompt_logprobs is not None and idx not in prompt_logprobs_sent:  # with its first chunk
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(res, prep.shown_prompt_logprobs)
                 prompt_logprobs_sent.add(idx)
             yield chunk(choice, i)
     if include_usage:

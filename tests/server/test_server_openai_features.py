@@ -135,6 +135,31 @@ def test_prompt_logprobs_shape(client, demo_server, hf_logprobs):
         assert entry[str(ids[pos])]["logprob"] == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=1e-4)
 
 
+def test_echo_logprobs_bring_prompt_logprobs(client, demo_server, hf_logprobs):
+    """vLLM scores the prompt for echo's logprobs and returns them as the choice's prompt_logprobs
+    too (k = logprobs); an explicit prompt_logprobs keeps its own k; a stream carries none."""
+    ids = tokenize(demo_server, PROMPT)
+    ref = hf_logprobs(ids)
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=1, temperature=0, logprobs=2,
+                                  echo=True)
+    plp, lp = r.choices[0].model_extra["prompt_logprobs"], r.choices[0].logprobs
+    assert len(plp) == len(ids) and plp[0] is None
+    for pos in range(1, len(ids)):
+        top2 = {k: v for k, v in plp[pos].items() if v["rank"] <= 2}
+        assert [v["rank"] for v in top2.values()] == [1, 2]
+        assert [v["logprob"] for v in top2.values()] == pytest.approx(ref[pos - 1].topk(2).values.tolist(), abs=1e-4)
+        assert plp[pos][str(ids[pos])]["logprob"] == pytest.approx(lp.token_logprobs[pos], abs=1e-6)
+        assert len(plp[pos]) in (2, 3)
+    r = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=0, logprobs=3, echo=True,
+                                  extra_body={"prompt_logprobs": 0})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert [list(e) for e in plp[1:]] == [[str(t)] for t in ids[1:]]
+    assert len(r.choices[0].logprobs.top_logprobs[1]) >= 3
+    chunks = list(client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=2, logprobs=1,
+                                            echo=True, stream=True))
+    assert all("prompt_logprobs" not in c.choices[0].model_extra for c in chunks)
+
+
 def test_chat_top_logprobs(client, demo_server, hf_logprobs):
     messages = [{"role": "user", "content": PROMPT}]
     r = client.chat.completions.create(model="stories260k", messages=messages, max_tokens=3, temperature=0,
