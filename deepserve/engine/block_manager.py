@@ -112,8 +112,8 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`'s tokens (never all of them: the last token
-        must be computed to get logits)."""
-        if not self.enable_prefix_caching:
+        must be computed to get logits); none when its params skip reading the cache."""
+        if not self.enable_prefix_caching or seq.params.skip_reading_prefix_cache:
             return []
         hits = []
         for h in self._full_block_hashes(seq, seq.num_tokens - 1):

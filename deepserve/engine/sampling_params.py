@@ -202,6 +202,11 @@ class SamplingParams:
     """vLLM's copy-avoidance switch; the engine never changes a caller's SamplingParams."""
     repetition_detection: Optional[Any] = None
     """vLLM's repetition stop; refused (not implemented)."""
+    skip_reading_prefix_cache: Optional[bool] = None
+    """vLLM's: True computes the whole prompt, reading no prefix-cache block (its blocks are
+    still cached for later requests). None reads the cache: vLLM resolves None to True with
+    prompt_logprobs, whose rows it takes from the prefill; here they come from a pass of their
+    own over the whole prompt, so a cached prefix costs them nothing."""
     structured_outputs: InitVar[Optional[GuidedDecoding]] = None
     """vLLM's name for `guided` (StructuredOutputsParams), used where `guided` is not given;
     reading it reads `guided`."""
@@ -317,6 +322,8 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if not self.detokenize and self.stop:
             raise ValueError("stop strings are only supported when detokenize is True")
+        if self.skip_reading_prefix_cache not in (None, True, False):
+            raise ValueError(f"skip_reading_prefix_cache must be a bool or None, got {self.skip_reading_prefix_cache!r}")
 
     def _check_logprob_token_ids(self) -> None:
         """vLLM's rules (the vocabulary's end is the engine's check); logprobs becomes their

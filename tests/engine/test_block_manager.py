@@ -175,3 +175,18 @@ def test_cached_tokens_are_the_first_admissions_hits():
     s.num_preemptions += 1
     assert len(prefill(bm, s)) == 3                       # now its own third block hits as well
     assert s.num_cached_tokens == 8
+
+
+def test_skip_reading_prefix_cache_computes_the_prompt_and_still_caches_it():
+    """vLLM's SamplingParams.skip_reading_prefix_cache: no hit is read for the request, but its
+    full blocks are published for the next one."""
+    bm = BlockManager(32, BS)
+    prefill(bm, seq(range(10), "a"))
+    skipping = Sequence("b", 0, list(range(13)), SamplingParams(skip_reading_prefix_cache=True))
+    assert prefill(bm, skipping) == [] and skipping.num_cached_tokens == 0
+    bm.free_seq(skipping)
+    again = seq(range(13), "c")
+    prefill(bm, again)
+    assert again.num_cached_tokens == 12
+    with pytest.raises(ValueError, match="skip_reading_prefix_cache must be a bool"):
+        SamplingParams(skip_reading_prefix_cache="yes")

@@ -86,3 +86,14 @@ def test_the_salt_reaches_an_engine_core_process(monkeypatch):
     with LLM(str(DEMO_MODEL), block_size=4) as llm:
         assert isinstance(llm.engine, DataParallelEngine)
         _check_salts(llm)
+
+
+def test_skip_reading_prefix_cache_through_the_offline_llm():
+    """vLLM's skip_reading_prefix_cache=True: the cached prompt is computed again (no hit), the
+    same text comes out, and the next request still hits."""
+    with LLM(str(DEMO_MODEL), block_size=4) as llm:
+        _, text = _cached(llm)
+        hits, _ = _cached(llm)
+        out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, skip_reading_prefix_cache=True))[0]
+        assert (out.num_cached_tokens, out.outputs[0].text) == (0, text) and hits > 0
+        assert _cached(llm) == (hits, text)
