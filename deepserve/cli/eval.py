@@ -51,9 +51,9 @@ def register(subparsers) -> None:
                         "context is no larger: each reply may use what its prompt leaves)")
     p.add_argument("--seed", type=int, default=None,
                    help="base seed sent to the server (seed + sample index per request)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="result JSON, or a folder for <model>__<host>.json (default "
-                        "./eval-results/); a .md table is written beside it")
+    p.add_argument("--output", default=None,
+                   help="result JSON, or a folder (one that exists, or a path ending in /) for "
+                        "<model>__<host>.json (default ./eval-results/); a .md table is written beside it")
     p.add_argument("--cache", type=Path, default=None,
                    help="reply cache JSONL (default <output>.cache.jsonl)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
@@ -76,10 +76,19 @@ def register(subparsers) -> None:
     c.add_argument("results", nargs="+", type=Path, help="result JSON files; the first is the "
                                                           "baseline")
     c.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
-    c.add_argument("--output", type=Path, default=None,
+    c.add_argument("--output", default=None,
                    help="also write the comparison as JSON here, or as compare.json in a folder "
-                        "(and Markdown beside it)")
+                        "(one that exists, or a path ending in /; Markdown beside it)")
     c.set_defaults(func=compare_handler)
+
+
+def output_file(output: str, name: str) -> Path:
+    """--output as given: a folder (one that exists, or written with a trailing separator as
+    lm-eval's `--output_path ./results/`) holds `name`; any other path is the file itself."""
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        return path / name
+    return path
 
 
 def default_output(base_url: str, model: str) -> Path:
@@ -144,9 +153,9 @@ def run_handler(args) -> int:
         args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)
     settings = SamplingSettings(model=args.model, temperature=args.temperature,
                                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-    output = args.output or default_output(args.base_url, args.model)
-    if output.is_dir():   # `--output ./` as lm-eval's --output_path: the default name inside it
-        output = output / default_output(args.base_url, args.model).name
+    output = default_output(args.base_url, args.model)
+    if args.output:
+        output = output_file(args.output, output.name)
     cache = args.cache or output.with_suffix(".cache.jsonl")
     for path in (output, cache):   # a folder that cannot be made fails now, not after the run
         try:
@@ -201,9 +210,8 @@ def compare_handler(args) -> int:
     table = compare_markdown(comparison)
     print(table, end="")
     if args.output:
-        if args.output.is_dir():
-            args.output = args.output / "compare.json"
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
-        args.output.with_suffix(".md").write_text(table, encoding="utf-8")
+        output = output_file(args.output, "compare.json")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
+        output.with_suffix(".md").write_text(table, encoding="utf-8")
     return 0
