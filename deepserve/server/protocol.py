@@ -62,6 +62,7 @@ _WHY_NOT = {
     "media_io_kwargs": "text only",
     "thinking_token_budget": "chat completions and completions only; vLLM's Responses API does not take it either",
     "reasoning_effort": "chat completions only: the chat template applies it",
+    "return_prompt_text": "chat completions only (vLLM's): the chat template's rendered prompt",
     "whitespace_pattern": "xgrammar, the grammar engine, takes no whitespace pattern: JSON is generated compact",
     "guided_whitespace_pattern": "xgrammar, the grammar engine, takes no whitespace pattern: JSON is generated "
                                  "compact",
@@ -456,6 +457,8 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False   # the last (assistant) message is a prefill to continue
     echo: bool = False                     # the reply starts with the last message, if it is the reply's role
     include_reasoning: bool = True         # False: no reasoning_content in the reply
+    # vLLM's: the chat template's rendered prompt as the response's prompt_text (streamed: with the role chunks)
+    return_prompt_text: Optional[bool] = None
     add_special_tokens: bool = False
     chat_template: Optional[str] = None    # vLLM's: refused without --trust-request-chat-template
     chat_template_kwargs: Optional[dict[str, Any]] = None

@@ -20,8 +20,8 @@ logprobs/top_logprobs, prompt_logprobs, streaming deltas, usage, and:
   add_generation_prompt false), `echo` (the reply opens with the last message when it is an
   assistant's, or with add_generation_prompt false), `include_reasoning` false (no
   reasoning fields, and, as vLLM's, no logprobs or reply token ids, which would list its
-  tokens), `return_token_ids` (the prompt's and the reply's token ids) and
-  `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
+  tokens), `return_token_ids` (the prompt's and the reply's token ids), `return_prompt_text`
+  (the rendered prompt) and `return_tokens_as_token_ids` (logprobs name tokens `token_id:N`);
 - thinking switches: `reasoning_effort` reaches the template as vLLM passes it (itself, and
   enable_thinking false for "none", true otherwise); it, and chat_template_kwargs'
   enable_thinking or thinking, are refused where the template reads none of them; so are
@@ -546,6 +546,8 @@ async def create_chat_completion(request: Request, state: ServerState):
         body["prompt_logprobs"] = vllm_prompt_logprobs(final)
     if req.return_token_ids:
         body["prompt_token_ids"] = prep.prompt_ids
+    if req.return_prompt_text:
+        body["prompt_text"] = prep.prompt_text
     return JSONResponse(body)
 
 
@@ -577,9 +579,12 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             extra.update(fingerprint_fields(state))
         return frame(choices=[choice], **extra)
 
+    prompt = {"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}
+    if req.return_prompt_text:
+        prompt["prompt_text"] = prep.prompt_text
     for i in range(n):
         yield chunk({"index": i, "delta": {"role": prep.role, "content": prep.echo_text}, "logprobs": None,
-                     "finish_reason": None}, **({"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}))
+                     "finish_reason": None}, **prompt)
     splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n

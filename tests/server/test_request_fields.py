@@ -35,7 +35,7 @@ VLLM_FIELDS = {
 # a value asking for something of each field this server refuses
 REFUSED = {"truncation_side": "right", "logprob_token_ids": [5], "thinking_token_budget": 8,
            "return_token_offsets": True, "ec_transfer_params": {"a": 1}, "repetition_detection": {"max_pattern_size": 4},
-           "media_io_kwargs": {"image": {}}, "return_prompt_text": True, "return_assistant_tokens_mask": True}
+           "media_io_kwargs": {"image": {}}, "return_assistant_tokens_mask": True}
 
 
 @pytest.mark.parametrize("model", list(VLLM_FIELDS), ids=lambda m: m.__name__)
@@ -89,6 +89,34 @@ def test_refused_fields_are_400_naming_them(client):
     r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1,
                                   extra_body={"truncate_prompt_tokens": 2, "truncation_side": "left"})
     assert r.usage.prompt_tokens == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_prompt_text_is_the_rendered_prompt(client, demo_server, stream):
+    """vLLM's chat return_prompt_text: the template's rendered prompt as the response's
+    prompt_text (streamed: on the role chunks, one per choice); it tokenizes to the prompt's
+    ids. Completions (no template) refuse it, naming it."""
+    chat = [{"role": "system", "content": "Once upon"}, {"role": "user", "content": " a time"}]
+    kwargs = dict(model="stories260k", messages=chat, max_tokens=3,
+                  extra_body={"return_prompt_text": True, "return_token_ids": True})
+    if stream:
+        chunks = list(client.chat.completions.create(**kwargs, n=2, seed=1, stream=True))
+        firsts = [c.model_extra for c in chunks if c.choices and c.choices[0].delta.role]
+        assert len(firsts) == 2 and all(c.get("prompt_text") == firsts[0]["prompt_text"] for c in firsts)
+        text, ids = firsts[0]["prompt_text"], firsts[0]["prompt_token_ids"]
+        assert all("prompt_text" not in c.model_extra for c in chunks if not (c.choices and c.choices[0].delta.role))
+    else:
+        r = client.chat.completions.create(**kwargs)
+        text, ids = r.model_extra["prompt_text"], r.model_extra["prompt_token_ids"]
+    assert text == "<s>Once upon a time"   # the demo template: BOS, then the turns' text
+    tokenized = httpx.post(demo_server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False},
+                           headers={"Authorization": f"Bearer {API_KEY}"}).json()["tokens"]
+    assert tokenized == ids
+    plain = client.chat.completions.create(model="stories260k", messages=chat, max_tokens=1)
+    assert "prompt_text" not in plain.model_extra
+    assert status_of(lambda: client.completions.create(model="stories260k", prompt="Hi", max_tokens=1,
+                                                       extra_body={"return_prompt_text": True})) == \
+        (400, "return_prompt_text")
 
 
 def test_truncate_prompt_tokens_minus_one_and_echo(client):
