@@ -21,7 +21,8 @@ the `meta` device):
   take 1 byte per value plus one fp32 scale per 128 x 128 block, their intermediate dim padded
   up to a whole block when a rank holds whole experts (FusedMoE.use_fp8); embeddings, lm_head,
   norms, biases, MLA's kv_b_proj and MTP's eh_proj keep the model dtype
-  (layers/quantization.py), and the router is fp32 as MoEGate holds it.
+  (layers/quantization.py), and the router is fp32 as MoEGate holds it. A checkpoint with
+  static activation scales adds one fp32 input_scale per fp8 Linear (`static_fp8_input`).
 - 4-bit (w4a16, awq, gptq; INT4_PLAN): a quantized Linear weight or routed expert matrix takes
   half a byte per value plus a scale (and for awq / gptq a uint8 zero point) per row per 128
   columns (layers/quantization_int4.py, moe_int4.py), or per the group size (and zero points)
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -172,6 +174,30 @@ def act_order(cfg, quantization: Optional[str]) -> bool:
     return False
 
 
+def static_fp8_input(cfg, quantization: Optional[str]) -> bool:
+    """Whether an fp8 plan's checkpoint quantizes activations with static scales: each fp8
+    Linear (one for a fused q/k/v or gate/up) then holds one fp32 `input_scale`
+    (layers/quantization.py), as quant/ct_fp8.py reads the config: fp8 `activation_scheme`
+    "static", compressed-tensors FP8 `input_activations` with `dynamic` false."""
+    if quantization != "fp8":
+        return False
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":
+        return qc.get("activation_scheme") == "static"
+    groups = (qc.get("config_groups") or {}).values() if qc.get("quant_method") == "compressed-tensors" else ()
+    return any((g.get("weights") or {}).get("type") == "float" and (g.get("input_activations") or {}).get("dynamic")
+               is False for g in groups)
+
+
+_FUSED_PART = re.compile(r"\.(k_proj|v_proj|up_proj)$")      # q/k/v and gate/up are one Linear
+
+
+def _input_scales(tensors: list[Tensor]) -> list[Tensor]:
+    """One fp32 input_scale for each fp8 Linear among `tensors` (fused parts counted once)."""
+    return [Tensor(t.group, 1, kind="fp32", module=t.module) for t in tensors
+            if t.kind == "linear" and not _FUSED_PART.search(t.module)]
+
+
 def _g_idx(group: str, *inputs: tuple[str, int], act: bool, count: int = 1) -> list[Tensor]:
     """The int32 g_idx of 4-bit layers (or experts), (checkpoint module, input features) each,
     under act order."""
@@ -289,7 +315,8 @@ def layer_tensors(cfg, layer: int, layout: Layout, quantization: Optional[str] =
     else:
         out += _mlp("mlp", d, cfg.intermediate_size, layout.tp, bool(cfg.get("mlp_bias", False)), f"{prefix}.mlp",
                     act)
-    return _keep_ignored(out, ignore)
+    out = _keep_ignored(out, ignore)
+    return out + (_input_scales(out) if static_fp8_input(cfg, quantization) else [])
 
 
 def _keep_ignored(tensors: list[Tensor], ignore: Ignored) -> list[Tensor]:

@@ -10,7 +10,9 @@ the model is built and before the weights load.
   (3% of the fp8 weight) but lets fused layers (gate+up, q+k+v), TP shards and partial edge
   blocks fall anywhere, not only on 128-row boundaries, with the same numbers. The K
   direction keeps its blocks, so a row-parallel split must fall on a 128 boundary.
-  The GEMM quantizes activations per token per 128 group (ops.fp8_block_linear).
+  The GEMM quantizes activations per token per 128 group (ops.fp8_block_linear), or, for a
+  checkpoint with static activation scales, with its one `input_scale` a layer
+  (ops.fp8_static_linear; a fused layer takes its parts' largest).
 - `Int8W8A8LinearMethod`: int8 `weight` [N, K] + fp32 `weight_scale` [N, 1] (per output
   channel), dynamic per-token int8 activations (ops.int8_linear).
 
@@ -42,7 +44,7 @@ from torch import nn
 from deepserve.ops.quant import FP8_GROUP
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
                                      RowParallelLinear, UnquantizedLinearMethod, check_shape)
-from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quant_fp8_block, valid_scales
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, quant_fp8_block, valid_scales
 from deepserve.quant.int8 import quant_int8_per_channel
 from deepserve.quant.policy import high_precision_reason
 
@@ -51,6 +53,7 @@ METHODS = ("fp8", "w8a8-int8")
 KEEP_HIGH_PRECISION = ("kv_b_proj", "eh_proj")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 _SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight")
+DUMMY_INPUT_AMAX = 16.0     # --load-format dummy's static activation range (fp8 with input_scale)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -155,12 +158,13 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
 
     scale_name = "weight_scale_inv"
 
-    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False):
+    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False, static_input: bool = False):
         if tuple(block)[1] != FP8_GROUP:
             raise ValueError(f"fp8 weight_block_size {list(block)}: the K block must be "
                              f"{FP8_GROUP} (the activation group size)")
         self.block = tuple(block)
         self.weight_only = weight_only
+        self.static_input = static_input
 
     def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
                        device: Optional[torch.device] = None) -> None:
@@ -176,6 +180,24 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
             torch.ones(n, math.ceil(k / self.block[1]), dtype=torch.float32, device=device),
             requires_grad=False)
         self.attach_loaders(layer)
+        if self.static_input:
+            layer.input_scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device), requires_grad=False)
+            layer.input_scale.weight_loader = self.load_input_scale
+
+    @staticmethod
+    def load_input_scale(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """A checkpoint's static activation scale (one value a module); a fused layer (q/k/v,
+        gate/up: one input, one quantization) keeps the largest of its parts', as vLLM does, so
+        no part's activations clip more than its calibration allowed."""
+        name = getattr(param, "param_name", "?")
+        if loaded.numel() != 1:
+            raise ValueError(f"tensor {name}: a static input_scale holds one value, got shape {tuple(loaded.shape)}")
+        value = loaded.reshape(1).to(param.device, torch.float32)
+        if not valid_scales(value):
+            raise ValueError(f"tensor {name}: input_scale must be finite and > 0, got {value.item()}")
+        seen = getattr(param, "seen_shards", frozenset())
+        param.data.copy_(torch.maximum(param.data, value) if seen else value)
+        param.seen_shards = seen | {shard_id}
 
     def quantize(self, w):
         return quant_fp8_block(w, self.block)
@@ -201,8 +223,12 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
     def _fill_local_scale(self, layer, scale):
         n = layer.out_features
         layer.weight_scale_inv.data.copy_(scale.repeat_interleave(self.block[0], 0)[:n])
+        if self.static_input:       # random weights: activations up to DUMMY_INPUT_AMAX unclipped
+            layer.input_scale.data.fill_(DUMMY_INPUT_AMAX / FP8_MAX)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.static_input:
+            return layer.ops.fp8_static_linear(x, layer.weight, layer.weight_scale_inv, layer.input_scale, bias)
         if self.weight_only:
             return layer.ops.fp8_weight_only_linear(x, layer.weight, layer.weight_scale_inv, bias)
         return layer.ops.fp8_block_linear(x, layer.weight, layer.weight_scale_inv, bias)
@@ -238,9 +264,10 @@ class Int8W8A8LinearMethod(_QuantizedLinearMethod):
         return layer.ops.int8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
-def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False):
+def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False,
+                static_input: bool = False):
     if name == "fp8":
-        return Fp8BlockLinearMethod(block, weight_only)
+        return Fp8BlockLinearMethod(block, weight_only, static_input)
     if name == "w8a8-int8":
         return Int8W8A8LinearMethod()
     raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {name!r}")
@@ -299,14 +326,15 @@ def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[ob
 
 
 def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK,
-                     ignore: Callable[[str], bool] = lambda module: False, weight_only: bool = False) -> list[str]:
+                     ignore: Callable[[str], bool] = lambda module: False, weight_only: bool = False,
+                     static_input: bool = False) -> list[str]:
     """Give every Linear that `is_quantized_module` accepts, and whose checkpoint modules
     `ignore` does not name (quant/ignore.py), the `method` (fp8 `weight_only`: activations
-    unquantized); returns their names."""
+    unquantized; `static_input`: quantized with the checkpoint's `input_scale`); returns their names."""
     if not any(isinstance(m, LinearBase) and is_quantized_module(n) for n, m in model.named_modules()):
         raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
-    return set_methods(model, lambda name, sources: make_method(method, block, weight_only) if parts_quantized(
-        name, sources, lambda s: not ignore(s)) else None)
+    return set_methods(model, lambda name, sources: make_method(method, block, weight_only, static_input)
+                       if parts_quantized(name, sources, lambda s: not ignore(s)) else None)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
 | compressed-tensors FP8 (float-quantized: tensor, channel, block) | none / fp8 | fp8, as DeepSeek's with 1x128 or 128x128 scale blocks (quant/ct_fp8.py); without input_activations weight only |
 | fp8 without weight_block_size (AutoFP8: one weight_scale a tensor) | none / fp8 | fp8, as compressed-tensors' tensor strategy |
+| either FP8 with static activations (`input_scale`) | none / fp8 | fp8, activations quantized with the one static scale |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
 | AutoAWQ GEMM / GPTQ / compressed-tensors W4A16 | none / awq / gptq / compressed-tensors | 4-bit packed (layers/quantization_int4.py) |
@@ -112,9 +113,12 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
     if method is None:
         return None
     check_fields(qc)
-    if method == "fp8" and qc.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError(f"quantization_config activation_scheme {qc.get('activation_scheme')!r} (fp8 input "
-                         f"scales per layer) is not supported; deepserve serves fp8 weights with dynamic "
+    scheme = qc.get("activation_scheme", "dynamic")
+    if method == "fp8" and scheme not in ("dynamic", "static"):
+        raise ValueError(f"quantization_config activation_scheme {scheme!r} is not supported (dynamic or static)")
+    if method == "fp8" and scheme == "static" and qc.get("weight_block_size"):
+        raise ValueError(f"quantization_config activation_scheme 'static' with weight_block_size "
+                         f"{qc['weight_block_size']} is not supported (nor by vLLM): block fp8 runs with dynamic "
                          f"activations")
     if method == "fp8" or ct_fp8_scheme(qc) is not None:
         return "fp8"
@@ -220,6 +224,15 @@ def _check_no_quantized_tensors(model: str) -> None:
                      f"tensors ({name}, {dtype}, in {shard.name}): restore the quantization_config it was written with")
 
 
+def _drop_unused_input_scales(weights, keep):
+    """A static fp8 checkpoint's `<m>.input_scale` goes to the layers that keep `<m>.weight`
+    in fp8; a module dequantized at load (or requantized to another method) runs on its
+    activations unquantized, as vLLM's unquantized layers do, so its scale is dropped."""
+    for name, t in weights:
+        if not name.endswith(".input_scale") or keep(name[: -len("input_scale")] + "weight"):
+            yield name, t
+
+
 def stage_modules(model, pctx: ParallelContext) -> list:
     """The modules pipeline stage `pctx.pp_rank` holds: embedding on the first stage, its
     range of layers, the final norm and LM head on the last stage."""
@@ -290,8 +303,13 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         ignore = checkpoint_ignore(cfg)
         # a compressed-tensors FP8 checkpoint without input_activations: its activations stay unquantized
         scheme = fp8_scale_scheme(cfg.get("quantization_config") or {}) if method == "fp8" else None
-        quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only)
-        quantize_experts(model, method, block, ignore)
+        static = scheme is not None and scheme.static_input
+        quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only,
+                         static_input=static)
+        experts = quantize_experts(model, method, block, ignore)
+        if static and experts:
+            raise ValueError(f"fp8 routed experts with static activation scales (input_scale) are not supported "
+                             f"({experts[0]}): deepserve's fused-MoE kernels quantize activations per token")
     if pctx.pp_size > 1:
         model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
     if torch.device(device).type == "meta":
@@ -359,7 +377,7 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
             else:
                 keep = lambda name: ((is_quantized_tensor(name) or is_expert_tensor(name))  # noqa: E731
                                      and not ignore(tensor_module(name)))
-            weights = dequantize_stream(weights, stored, block, dtype, keep)
+            weights = dequantize_stream(_drop_unused_input_scales(weights, keep), stored, block, dtype, keep)
         loaded = model.load_weights(weights)
         params = dict(model.named_parameters())
         loaded |= {n for n, p in params.items() if getattr(p, "filled", False)}

@@ -104,6 +104,34 @@ def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def quant_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> e4m3 [M, K] with one given activation scale (a checkpoint's static
+    `input_scale`): q = e4m3(clamp(x / s, -448, 448)), compressed-tensors' rule (a division,
+    rounded to nearest, saturating: calibration need not have seen every activation's max)."""
+    s = input_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1)
+    return (x.to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+@register("fp8_static_linear", "torch")
+def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K], e4m3 weight [N, K], fp32 weight_scale [N, ceil(K/128)], fp32 input_scale [1]
+    -> [..., N] in x's dtype: the activations quantized with the one static scale (W8A8 FP8 with
+    static per-tensor activations, vLLM's Fp8LinearMethod / CompressedTensorsW8A8Fp8), the product
+    rescaled per 128-group as fp8_block_linear's."""
+    check_fp8_operands(x, weight, weight_scale)
+    if input_scale.numel() != 1:
+        raise ValueError(f"fp8_static_linear: input_scale holds one value, got shape {tuple(input_scale.shape)}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    q = quant_fp8_static(x.reshape(-1, k), input_scale)
+    x_dq = q.to(torch.float32) * input_scale.float().reshape(1, 1)                 # [M, K]
+    w_dq = weight.to(torch.float32) * _expand_k(weight_scale.float(), k, FP8_GROUP)  # [N, K]
+    y = x_dq @ w_dq.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     # torch._int_mm needs CUDA and K, N multiples of 8 (M > 16 is met by padding)
     return a.is_cuda and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0

@@ -10,11 +10,14 @@ row's scale, and "tensor" as 128x128 blocks all holding the one scale, so the we
 and run through the same fp8 GEMM. Routed experts need 128x128 blocks (the fused-MoE kernels'
 grid): "tensor" and "block" checkpoints load them, "channel" ones are refused.
 Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
-checkpoint's per-token scheme) or none (W8A16: `weight_only`, the weight dequantized per call and
-the activations kept in the model dtype, as vLLM's CompressedTensorsW8A16Fp8); static activation
-scales are refused.
+checkpoint's per-token scheme), none (W8A16: `weight_only`, the weight dequantized per call and
+the activations kept in the model dtype, as vLLM's CompressedTensorsW8A16Fp8) or static: one
+symmetric `input_scale` a Linear (strategy "tensor", dynamic false; with "tensor" or "channel"
+weights, as vLLM's CompressedTensorsW8A8Fp8; the fused q/k/v and gate/up take their parts'
+largest, as vLLM does). Routed experts with static scales are refused.
 `quant_method` "fp8" checkpoints without `weight_block_size` (AutoFP8's, vLLM's Fp8Config) store
-the same per-tensor `weight_scale` and load as the "tensor" strategy.
+the same per-tensor `weight_scale` and load as the "tensor" strategy, with `activation_scheme`
+"static" their `input_scale` too.
 Reference: compressed-tensors `QuantizationStrategy`, vLLM `CompressedTensorsW8A8Fp8`, `Fp8Config`.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ class CtFp8Scheme:
     strategy: str
     block: tuple[int, int]          # the scale block the fp8 layers are built with
     weight_only: bool = False       # no input_activations: activations stay unquantized
+    static_input: bool = False      # one static `input_scale` a Linear quantizes its activations
 
 
 def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
@@ -62,19 +66,25 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
         raise ValueError(f"{where}: FP8 weights with strategy {strategy!r} (symmetric={w.get('symmetric')}, "
                          f"dynamic={w.get('dynamic')}) are not supported; deepserve serves static symmetric "
                          f"{', '.join(STRATEGIES)} scales")
-    if a and (a.get("num_bits"), a.get("type"), a.get("dynamic")) != (8, "float", True):
-        raise ValueError(f"{where}: activations {a.get('num_bits')}-bit {a.get('type')} "
-                         f"(dynamic={a.get('dynamic')}) are not supported; FP8 weights run with dynamic fp8 "
-                         f"activations")
+    static = bool(a) and a.get("dynamic") is False
+    if a and ((a.get("num_bits"), a.get("type")) != (8, "float") or a.get("dynamic") not in (True, False)
+              or static and (a.get("strategy"), a.get("symmetric", True)) != ("tensor", True)):
+        raise ValueError(f"{where}: activations {a.get('num_bits')}-bit {a.get('type')} {a.get('strategy')} "
+                         f"(dynamic={a.get('dynamic')}, symmetric={a.get('symmetric')}) are not supported; FP8 "
+                         f"weights run with dynamic fp8 activations or static symmetric per-tensor ones")
     if strategy == "block":
         block = tuple(w.get("block_structure") or ())
         if len(block) != 2 or block[1] != 128:
             raise ValueError(f"{where}: block_structure {w.get('block_structure')!r} is not supported; "
                              f"the K block must be 128 (the activation group)")
+        if static:
+            raise ValueError(f"{where}: 'block' weights with static activations (dynamic=False) are not "
+                             f"supported (nor by vLLM): block FP8 runs with dynamic activations")
         return CtFp8Scheme(strategy, block, weight_only=not a)
     # one scale a row ("channel") needs row-high blocks; one for the tensor fills any grid, so
     # DeepSeek's (the only one the fused-MoE kernels read: routed experts load too)
-    return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128), weight_only=not a)
+    return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128), weight_only=not a,
+                       static_input=static)
 
 
 def fp8_scale_scheme(qc: dict) -> Optional[CtFp8Scheme]:
@@ -83,8 +93,17 @@ def fp8_scale_scheme(qc: dict) -> Optional[CtFp8Scheme]:
     vLLM's Fp8Config: one `weight_scale` per tensor, as the "tensor" strategy); None for
     DeepSeek's block format (`weight_scale_inv` as stored) and every other checkpoint."""
     if qc.get("quant_method") == "fp8" and not qc.get("weight_block_size"):
-        return CtFp8Scheme("tensor", (128, 128))
+        return CtFp8Scheme("tensor", (128, 128), static_input=qc.get("activation_scheme") == "static")
     return ct_fp8_scheme(qc)
+
+
+def check_input_scale(name: str, t: torch.Tensor) -> None:
+    """A static activation scale: one finite value > 0 (it divides the activations)."""
+    if t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"tensor {name}: a static input_scale holds one floating-point value, got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    if t.device.type != "meta" and not valid_scales(t.float()):
+        raise ValueError(f"tensor {name}: input_scale must be finite and > 0, got {t.float().item()}")
 
 
 def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:
@@ -111,7 +130,8 @@ def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Sche
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors in DeepSeek's fp8 naming: each `<m>.weight_scale` becomes
     `<m>.weight_scale_inv` on the block grid of `scheme.block`, once its e4m3 weight's shape is
-    known (only scales and shapes wait: a weight passes at once)."""
+    known (only scales and shapes wait: a weight passes at once); a static scheme's
+    `<m>.input_scale` passes as stored, checked."""
     shapes: dict[str, tuple[int, int]] = {}
     pending: dict[str, tuple[str, torch.Tensor]] = {}
     for name, t in weights:
@@ -126,7 +146,11 @@ def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Sche
                              f"weight_block_size (fp8 without one stores a weight_scale per tensor); add "
                              f"the checkpoint's block, e.g. \"weight_block_size\": [128, 128]")
         elif name.endswith(".input_scale"):
-            raise ValueError(f"tensor {name}: static activation scales are not supported (dynamic only)")
+            if not scheme.static_input:
+                raise ValueError(f"tensor {name}: a static activation scale, but the quantization_config "
+                                 f"names dynamic activations (or none)")
+            check_input_scale(name, t)
+            yield name, t
         elif name.endswith(".weight") and t.dtype == FP8_DTYPE:
             yield name, t
             if name in pending:

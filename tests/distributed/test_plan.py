@@ -459,3 +459,26 @@ def test_serves_automatic_plan_counts_the_modules_a_folder_leaves_unquantized(tm
     assert plan.total_weight_bytes == weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "fp8",
                                                            ignored=checkpoint_ignore(cfg))
     assert plan.total_weight_bytes > weight_bytes_per_gpu(cfg, Layout(1, 1, 1), "bfloat16", "fp8")
+
+
+@pytest.mark.parametrize("qc", [
+    {"quant_method": "fp8", "activation_scheme": "static"},
+    {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                                           "dynamic": False},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
+                              "dynamic": False}}}, "ignore": ["lm_head", "model.layers.1.mlp.down_proj"]},
+])
+def test_plan_counts_static_fp8_input_scales(qc):
+    """A static-activation FP8 checkpoint's Linears each hold one fp32 input_scale (one for fused
+    q/k/v and gate/up, none where the checkpoint leaves the module unquantized): counted."""
+    cfg = HFConfig({"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "quantization_config": qc})
+    mc = ModelConfig(model="m", hf_config=cfg, dtype="bfloat16", max_model_len=4096, tokenizer="",
+                     load_format="dummy", quantization="fp8")
+    model = build_model(mc, torch.device("meta"), ParallelContext(), "fp8")
+    scales = sum(1 for n, _ in model.named_parameters() if n.endswith("input_scale"))
+    assert scales == 4 * 2 - int("ignore" in qc)       # qkv, o, gate_up, down a layer
+    built = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes_per_gpu(cfg, Layout(1, 1, 1), quantization="fp8", ignored=checkpoint_ignore(cfg)) == built

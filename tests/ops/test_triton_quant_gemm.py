@@ -293,3 +293,22 @@ def test_fp8_half2_ptx_bit_for_bit_the_replay(triton_ops, cpu_only):
         assert acc == int(run[r]) & 0xFFFFFFFF, r
         lo, hi = _f16_halves(acc)
         assert float(sums[r]) == float(np.float16(lo + hi))
+
+
+def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only):
+    """Static activation scale (a checkpoint's input_scale): the torch op is the format's rule
+    (q = e4m3(clamp(x / s, -448, 448)), y = (q s) (w s_w)^T + b, values past 448 s saturating),
+    and the Triton op (the block GEMM given that scale for every row and group) equals it."""
+    from deepserve.ops.quant import fp8_static_linear
+    assert op_backends()["fp8_static_linear"] == ["torch", "triton"]
+    x, _, _, wq, ws, bias, _ = _operands(20, 72, 300, 3)
+    s_in = torch.tensor([x.abs().amax().item() / 448 * 0.5])      # half the range: the largest saturate
+    q = (x / s_in).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert (x.abs() > 448 * s_in).any() and q.float().abs().max() == 448
+    want = (q.float() * s_in) @ (wq.float() * ws.repeat_interleave(128, 1)[:, :300]).t() + bias
+    ref = fp8_static_linear(x, wq, ws, s_in, bias)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    got = triton_ops.quant_gemm.fp8_static_linear(x.reshape(4, 5, 300), wq, ws, s_in, bias)
+    torch.testing.assert_close(got.reshape(20, 72), want, rtol=1e-5, atol=1e-5)
+    # a dynamic quantization of the same rows gives other numbers: the scale is the one used
+    assert (triton_ops.quant_gemm.fp8_block_linear(x, wq, ws, bias) - want).abs().max() > 1e-2

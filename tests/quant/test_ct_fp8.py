@@ -142,10 +142,11 @@ def test_bad_ct_fp8_checkpoints_fail_naming_the_tensor(tiny, tmp_path):
     fails({**tensors, name + "_scale": torch.full((384, 1), float("nan"))},
           rf"^tensor {name}_scale: weight_scale has non-finite or non-positive values$")
     fails({**tensors, "model.layers.0.mlp.up_proj.input_scale": torch.ones(1)},
-          r"^tensor model.layers.0.mlp.up_proj.input_scale: static activation scales are not supported")
+          r"^tensor model.layers.0.mlp.up_proj.input_scale: a static activation scale, but the quantization_config "
+          r"names dynamic activations")
     static = _ct_config("channel")
-    static["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
-    fails(tensors, r"activations 8-bit float \(dynamic=False\) are not supported", static)
+    static["config_groups"]["group_0"]["input_activations"]["dynamic"] = False     # per token: only tensor is static
+    fails(tensors, r"activations 8-bit float token \(dynamic=False, symmetric=True\) are not supported", static)
     mixed = _ct_config("channel")
     mixed["config_groups"]["group_1"] = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"}}
     fails(tensors, r"config_groups \['group_0', 'group_1'\]: deepserve serves one FP8 scheme", mixed)

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
 from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
+from deepserve.ops.quant import fp8_static_linear as fp8_static_linear_torch
+from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
 from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
@@ -350,4 +352,21 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     else:
         q, s = act_quant_fp8(x2)
         y = fp8_gemm(q, s, weight, weight_scale, x.dtype, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+@register("fp8_static_linear", "triton")
+def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The block GEMM with the activations quantized by the checkpoint's one static scale (an
+    elementwise torch op) instead of per 128-group: the kernel takes any activation scales, here
+    that one repeated for every row and group."""
+    if not fp8_kernels_usable(x.device):
+        return fp8_static_linear_torch(x, weight, weight_scale, input_scale, bias)
+    check_fp8_operands(x, weight, weight_scale)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = as_rows(x)
+    q = quant_fp8_static(x2, input_scale)
+    a_scale = input_scale.to(torch.float32).reshape(1, 1).expand(x2.shape[0], triton.cdiv(k, FP8_GROUP)).contiguous()
+    y = fp8_gemm(q, a_scale, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,180 @@
+"""FP8 checkpoints with static activation scales: compressed-tensors `float-quantized` with
+input_activations dynamic=false (strategy "tensor") and `quant_method` "fp8" with
+`activation_scheme` "static" (AutoFP8), each quantized Linear storing one `input_scale`.
+
+The oracle is the format's rule run in transformers: the model holding the dequantized weights
+(w = fp32(q) * s_w) whose every quantized Linear first fake-quantizes its input,
+x -> fp32(e4m3(clamp(x / s, -448, 448))) * s, with s the layer's input_scale, and for the
+fused q/k/v and gate/up the largest of the parts' (vLLM's merge: one input, one quantization).
+Scales are calibrated below the activations' range on purpose, so saturation is exercised.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from deepserve import LLM
+from tests.quant.test_ct_fp8 import _ct_config, _quantize
+from tests.quant.test_ct_fp8 import tiny as ct_tiny  # noqa: F401, F811  (a fixture)
+from tests.quant.test_int4_loading import PROMPTS, TOKENIZER, write_variant
+
+FP8 = torch.float8_e4m3fn
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+# calibrated scale x this: below 1 the largest activations saturate; parts of a fused layer differ
+FACTOR = {"q_proj": 0.5, "k_proj": 0.8, "v_proj": 0.6, "o_proj": 0.7, "gate_proj": 0.9, "up_proj": 0.4,
+          "down_proj": 0.5}
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+
+
+@torch.no_grad()
+def _calibrate(model) -> dict[str, torch.Tensor]:
+    """module -> input_scale: the largest |input| over PROMPTS / 448, times FACTOR."""
+    amax: dict[str, float] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: amax.__setitem__(
+        n, max(amax.get(n, 0.0), args[0].abs().max().item()))) for n, m in _linears(model).items()]
+    for p in PROMPTS:
+        model(torch.tensor([p]))
+    for h in hooks:
+        h.remove()
+    return {n: torch.tensor([a / 448 * FACTOR[n.rsplit(".", 1)[1]]]) for n, a in amax.items()}
+
+
+def _merged(scales: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The scale a (possibly fused) layer runs with: the largest of its parts'."""
+    prefix, leaf = name.rsplit(".", 1)
+    parts = [p for p, f in FUSED.items() if f == FUSED.get(leaf)] or [leaf]
+    return torch.stack([scales[f"{prefix}.{p}"] for p in parts]).max()
+
+
+@torch.no_grad()
+def _oracle_logits(ref, tensors: dict, scales: dict) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval()
+    model.load_state_dict(tensors, strict=False)
+
+    def fake_quant(mod, args, s):
+        return ((args[0] / s).clamp(-448, 448).to(FP8).float() * s,)
+    for n, m in _linears(model).items():
+        m.register_forward_pre_hook(lambda mod, args, s=_merged(scales, n): fake_quant(mod, args, s))
+    return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+
+@pytest.fixture(scope="module")
+def tiny(ct_tiny):  # noqa: F811
+    """test_ct_fp8's tiny Llama and its input scales."""
+    return ct_tiny, _calibrate(transformers.LlamaForCausalLM.from_pretrained(ct_tiny, torch_dtype=torch.float32).eval())
+
+
+def _static_folder(ref, scales, root, strategy: str, autofp8: bool = False):
+    """(the static checkpoint folder, the dequantized weights)."""
+    tensors = load_file(str(ref / "model.safetensors"))
+    out, deq = {}, {}
+    for name, w in tensors.items():
+        module = name[: -len(".weight")]
+        if module not in scales:
+            out[name] = w
+            continue
+        q, s, full = _quantize(w, strategy)
+        out[name], out[module + ".weight_scale"], out[module + ".input_scale"] = q, s, scales[module]
+        if autofp8:     # AutoFP8 writes 0-d scalars
+            out[module + ".weight_scale"], out[module + ".input_scale"] = s.reshape(()), scales[module].reshape(())
+        deq[name] = q.float() * full
+    if autofp8:
+        qc = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    else:
+        qc = _ct_config(strategy)
+        qc["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
+    return write_variant(ref, root, out, qc), deq
+
+
+@pytest.mark.parametrize("strategy, autofp8", [("tensor", False), ("channel", False), ("tensor", True)])
+def test_static_fp8_activations_follow_the_format_rule(tiny, tmp_path, strategy, autofp8):
+    ref, scales = tiny
+    folder, deq = _static_folder(ref, scales, tmp_path / "static", strategy, autofp8)
+    llm = LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+    layer = llm.engine.runner.model.model.layers[1]
+    assert layer.mlp.down_proj.weight.dtype == FP8
+    assert layer.self_attn.qkv_proj.input_scale.item() == _merged(scales, "model.layers.1.self_attn.q_proj").item()
+    assert layer.mlp.gate_up_proj.input_scale.item() == scales["model.layers.1.mlp.gate_proj"].item()
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    want = _oracle_logits(ref, deq, scales)
+    err = (got - want).abs().max().item()
+    # the same weights with dynamic activations: what ignoring the static scales would give
+    cfg = json.loads((folder / "config.json").read_text())
+    if autofp8:
+        cfg["quantization_config"]["activation_scheme"] = "dynamic"
+    else:
+        cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(dynamic=True,
+                                                                                            strategy="token")
+    dyn_folder = write_variant(ref, tmp_path / "dynamic", {n: t for n, t in load_file(
+        str(folder / "model.safetensors")).items() if not n.endswith("input_scale")}, cfg["quantization_config"])
+    dyn = torch.cat(LLM(model=str(dyn_folder), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
+    err_dyn = (dyn - want).abs().max().item()
+    assert err < 1e-4 and err_dyn > 1e-2, (err, err_dyn)
+
+
+def test_bad_static_fp8_checkpoints_fail_in_one_line(tiny, tmp_path):
+    ref, scales = tiny
+    folder, _ = _static_folder(ref, scales, tmp_path / "static", "tensor")
+    tensors = load_file(str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    name = "model.layers.0.self_attn.k_proj.input_scale"
+
+    def fails(ts, match, qc=None):
+        bad = write_variant(ref, tmp_path / f"bad{len(list(tmp_path.iterdir()))}", ts, qc or cfg["quantization_config"])
+        with pytest.raises(ValueError, match=match):
+            LLM(model=str(bad), dtype="float32", tokenizer=TOKENIZER)
+
+    fails({k: v for k, v in tensors.items() if k != name}, rf"^checkpoint lacks tensor {name} \(the other parts")
+    fails({**tensors, name: torch.tensor([float("nan")])}, rf"^tensor {name}: input_scale must be finite and > 0")
+    fails({**tensors, name: torch.tensor([0.0])}, rf"^tensor {name}: input_scale must be finite and > 0, got 0.0$")
+    fails({**tensors, name: torch.ones(2)}, rf"^tensor {name}: a static input_scale holds one floating-point value")
+    down = "model.layers.1.mlp.down_proj.input_scale"
+    fails({k: v for k, v in tensors.items() if k != down}, rf"lacks tensor\(s\) for: {down}$")
+    block = _ct_config("block")
+    block["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
+    fails(tensors, r"^compressed-tensors group group_0: 'block' weights with static activations", block)
+    asym = json.loads(json.dumps(cfg["quantization_config"]))
+    asym["config_groups"]["group_0"]["input_activations"]["symmetric"] = False
+    fails(tensors, r"activations 8-bit float tensor \(dynamic=False, symmetric=False\) are not supported", asym)
+
+
+def test_static_scales_of_a_requantized_or_ignored_module_are_dropped(tiny, tmp_path):
+    """--quantization w8a8-int8 of a static FP8 checkpoint requantizes its weights with dynamic
+    int8 activations (the scales are not read); a module the config ignores keeps its 16-bit
+    weight and unquantized activations, so its input_scale (if written) is dropped, as in vLLM."""
+    ref, scales = tiny
+    folder, deq = _static_folder(ref, scales, tmp_path / "static", "channel")
+    llm = LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER, quantization="w8a8-int8")
+    assert llm.engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    tensors[name + ".weight"] = deq[name + ".weight"]
+    del tensors[name + ".weight_scale"]
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    qc["ignore"] = ["lm_head", name]
+    ignored = write_variant(ref, tmp_path / "ignored", tensors, qc)
+    layer = LLM(model=str(ignored), dtype="float32", tokenizer=TOKENIZER).engine.runner.model.model.layers[1].mlp
+    assert layer.down_proj.weight.dtype == torch.float32 and not hasattr(layer.down_proj, "input_scale")
+    assert layer.gate_up_proj.weight.dtype == FP8
+
+
+def test_static_fp8_routed_experts_are_refused(tmp_path):
+    """The fused-MoE kernels quantize activations per token: a DeepSeek checkpoint whose FP8
+    experts carry static input scales is refused naming the layer (not run on dynamic scales)."""
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    from tests.quant.test_ct_fp8 import _folders
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+    folder = _folders(tmp_path / "ref", tmp_path, "tensor")["ct"]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"^fp8 routed experts with static activation scales \(input_scale\) are not "
+                                         r"supported \(model\.layers\.\d+\.mlp\.experts\)"):
+        LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
