@@ -164,6 +164,8 @@ class ModelConfig:
     quantization: Optional[str] = None
     seed: int = 0
     load_mtp: bool = False  # also the MTP layer (speculative decoding with method mtp)
+    # --max-model-len as given (vLLM's name): None (the model's), -1 (fit to the KV cache) or a length
+    original_max_model_len: Optional[int] = None
 
     @property
     def architecture(self) -> str:
@@ -442,7 +444,10 @@ class EngineArgs:
     """Weight and activation dtype: auto (the checkpoint's, bf16 for fp8 checkpoints, fp32 on CPU
     for fp16/bf16 checkpoints), float32 (float), float16 (half) or bfloat16."""
     max_model_len: Optional[int] = None
-    """Longest prompt + output in tokens; default: the model's max_position_embeddings."""
+    """Longest prompt + output in tokens; default: the model's max_position_embeddings. A KV cache
+    too small for one request of this length is an error at start, as in vLLM (without the flag,
+    a warning and the length the cache holds); -1 or auto: the longest the KV cache holds, up to
+    the model's."""
     load_format: str = "auto"
     """auto | safetensors | dummy (random weights with the config's shapes)."""
     hf_overrides: dict = field(default_factory=dict)
@@ -626,8 +631,10 @@ class EngineArgs:
         for name in ("max_num_seqs", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override",
-                     "max_waiting_requests", "kv_cache_memory_bytes"):
+        if self.max_model_len is not None and self.max_model_len < 1 and self.max_model_len != -1:
+            raise ValueError(f"max_model_len must be >= 1, or -1 to fit it to the KV cache, got {self.max_model_len}")
+        for name in ("max_num_batched_tokens", "num_gpu_blocks_override", "max_waiting_requests",
+                     "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -707,7 +714,8 @@ class EngineArgs:
         model = ModelConfig(model=self.model, hf_config=hf, dtype=self.dtype,
                             max_model_len=max_model_len, tokenizer=tokenizer,
                             load_format=load_format, quantization=self.quantization, seed=self.seed,
-                            load_mtp=speculative is not None and speculative.method == "mtp")
+                            load_mtp=speculative is not None and speculative.method == "mtp",
+                            original_max_model_len=self.max_model_len)
         batched = self.max_num_batched_tokens or 8192
         if not self.enable_chunked_prefill:
             batched = max(batched, max_model_len)
@@ -870,9 +878,10 @@ def apply_compilation_config(args: "EngineArgs", config: Any) -> None:
 
 def resolve_max_model_len(hf_config: HFConfig, max_model_len: Optional[int]) -> int:
     """--max-model-len against the model (`serve` and `deepserve plan` alike): at most its
-    max_position_embeddings, which is the default."""
+    max_position_embeddings, which is the default (and where -1 starts: the engine lowers it to
+    what the KV cache holds)."""
     limit = int(hf_config.get("max_position_embeddings", 2048))
-    if max_model_len is None:
+    if max_model_len is None or max_model_len == -1:
         return limit
     if max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
@@ -977,9 +986,11 @@ HUMAN_READABLE = {"k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "K": 1024, "M": 102
 HUMAN_READABLE_FLAGS = ("max_model_len", "max_num_batched_tokens")
 
 
-def human_readable_int(text: str) -> int:
+def human_readable_int(text: str, flag: str = "") -> int:
     """vLLM's token counts as `32k` / `25.6k` (powers of 1000) or `32K` (1024, whole numbers),
-    or a plain integer."""
+    or a plain integer; for max_model_len also `auto` (-1: fit it to the KV cache, vLLM's)."""
+    if flag == "max_model_len" and text.strip() == "auto":
+        return -1
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)([kmgKMG])\s*", text)
     if m is None:
         try:
@@ -1038,7 +1049,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         elif base is list or typing.get_origin(base) is list:
             kw.update(type=int, nargs="+")
         elif f.name in HUMAN_READABLE_FLAGS:
-            kw["type"] = human_readable_int
+            kw["type"] = functools.partial(human_readable_int, flag=f.name)
         elif base in (int, float):
             kw["type"] = base
         else:

@@ -152,3 +152,8 @@ def test_token_counts_take_vllms_human_readable_form():
     for bad in ("1.5K", "32q", "0.0001k"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--max-model-len", bad])
+    # vLLM's human_readable_int_or_auto, for max_model_len alone: auto and -1 fit it to the KV cache
+    assert parser.parse_args(["--max-model-len", "auto"]).max_model_len == -1
+    assert parser.parse_args(["--max-model-len", "-1"]).max_model_len == -1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-num-batched-tokens", "auto"])

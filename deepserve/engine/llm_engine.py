@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import math
 import operator
 import time
 import weakref
@@ -128,6 +129,10 @@ def prompt_length_error(prompt_len: int, limit: int) -> Optional[str]:
     return None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
 class LLMEngine:
     # whether gauges() changes while this engine has no unfinished request (true where they
     # come from engine-core processes), so that an idle server re-reads them
@@ -171,15 +176,7 @@ class LLMEngine:
                                           cache.prefix_caching_hash_algo, prefix_salt(cache.prefix_caching_salt))
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.requests: dict[str, RequestState] = {}
-        self.max_model_len = self.config.model.max_model_len
-        pool_tokens = self.runner.num_blocks * cache.block_size
-        if pool_tokens < self.max_model_len:
-            # a sequence longer than the whole pool could never be scheduled again once it
-            # preempted itself: the context the engine serves is what the pool holds
-            logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: serving contexts "
-                           "of at most %d tokens (give the KV cache more memory or lower --max-model-len)",
-                           pool_tokens, self.max_model_len, pool_tokens)
-            self.max_model_len = pool_tokens
+        self.max_model_len = self._context_the_pool_holds()
         self._inflight = None  # async scheduling: the launched step whose tokens are not read yet
         self._settled: list[RequestOutput] = []  # outputs of micro-batches a reset finished early
         self._ids = itertools.count()
@@ -195,6 +192,33 @@ class LLMEngine:
         self.ops_profiler: Optional[OpsProfiler] = None
         if args.ops_profile:
             self.ops_profiler = self._profile_ops_at_start()
+
+    def _context_the_pool_holds(self) -> int:
+        """max_model_len against the KV pool, by vLLM's rules: a pool that cannot hold one request
+        of the --max-model-len given is an error at start, and -1 (auto) fits it to the pool.
+        Without the flag (vLLM raises the same error) the pool's length is served, with a
+        warning. Never more than the pool: a sequence longer than the whole pool could never be
+        scheduled again once it preempted itself."""
+        cache, model = self.config.cache, self.config.model
+        want, pool_tokens = model.max_model_len, self.runner.num_blocks * cache.block_size
+        if pool_tokens >= want:
+            return want
+        if model.original_max_model_len == -1:
+            logger.info("max_model_len auto: %d tokens, what the KV cache holds (the model's is %d)",
+                        pool_tokens, want)
+            return pool_tokens
+        if model.original_max_model_len is None:
+            logger.warning("the KV cache holds %d tokens, fewer than max_model_len %d: serving contexts "
+                           "of at most %d tokens (give the KV cache more memory or lower --max-model-len)",
+                           pool_tokens, want, pool_tokens)
+            return pool_tokens
+        per_block = self.runner.bytes_per_block()
+        need, have = math.ceil(want / cache.block_size) * per_block, self.runner.num_blocks * per_block
+        raise ValueError(f"To serve at least one request with the model's max seq len ({want}), {_size(need)} "
+                         f"KV cache is needed, which is larger than the available KV cache memory "
+                         f"({_size(have)}). Based on the available memory, the estimated maximum model "
+                         f"length is {pool_tokens}. Try to {self.runner.more_kv_cache_hint()}, or lower "
+                         f"--max-model-len (-1 or auto: the longest the KV cache holds)")
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, usage_context=None, stat_loggers=None,

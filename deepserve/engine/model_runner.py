@@ -319,15 +319,21 @@ class ModelRunner:
             budget = self._profile_free_memory()
         blocks = min(budget // per_block, self._max_useful_blocks())
         if blocks < 1:
-            if cache.kv_cache_memory_bytes:
-                how = "raise --kv-cache-memory-bytes"
-            elif self.device.type == "cpu":
-                how = "give --kv-cache-memory-bytes"
-            else:
-                how = "lower --max-num-batched-tokens or raise --gpu-memory-utilization"
             raise ValueError(f"no room for one KV block ({budget / 2**20:.2f} MiB for the KV cache, "
-                             f"{per_block / 2**20:.2f} MiB a block of {self.block_size} tokens): {how}")
+                             f"{per_block / 2**20:.2f} MiB a block of {self.block_size} tokens): "
+                             f"{self.more_kv_cache_hint()}")
         return int(blocks)
+
+    def more_kv_cache_hint(self) -> str:
+        """How to give the KV cache more room, by what sized it."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override:
+            return "raise --num-gpu-blocks-override"
+        if cache.kv_cache_memory_bytes:
+            return "raise --kv-cache-memory-bytes"
+        if self.device.type == "cpu":
+            return "give --kv-cache-memory-bytes"
+        return "lower --max-num-batched-tokens or raise --gpu-memory-utilization"
 
     @torch.inference_mode()
     def _profile_free_memory(self) -> int:

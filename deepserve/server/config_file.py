@@ -317,7 +317,7 @@ def load_serve_config(path: str | Path) -> ServeConfig:
         if key in engine_hints:
             if key in HUMAN_READABLE_FLAGS and isinstance(value, str):   # `max_model_len: 32k`, as vLLM reads it
                 try:
-                    config.engine_args[key] = human_readable_int(value)
+                    config.engine_args[key] = human_readable_int(value, key)
                 except argparse.ArgumentTypeError as exc:
                     raise ValueError(f"{where}: {exc}") from None
             else:

@@ -343,6 +343,7 @@ def _serve_yaml(tmp_path, reference, r1_config, edit):
      {"enable_prefix_caching": False, "enable_chunked_prefill": False}),
     # vLLM's human-readable token counts (`--max-model-len 32k` on the flags FlagScale writes)
     (lambda t: t.replace("max_model_len: 32768", "max_model_len: 32k"), {"max_model_len": 32000}),
+    (lambda t: t.replace("max_model_len: 32768", "max_model_len: auto"), {"max_model_len": -1}),   # vLLM's fit
     # FlagScale's per-engine block: vllm's args over the common ones
     (lambda t: t + "  engine_args_specific:\n    vllm:\n      tensor_parallel_size: 16\n      max_model_len: 4096\n",
      {"tensor_parallel_size": 16, "max_model_len": 4096}),
