@@ -285,7 +285,11 @@ def _response(req: ResponsesRequest, prep: PreparedChat, response_id: str, statu
             "top_p": prep.params.top_p,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": choice, "tools": [t.model_dump() for t in req.tools or []], "truncation": "disabled",
-            "top_logprobs": req.top_logprobs, "usage": usage, "user": req.user, "metadata": req.metadata or {}}
+            "top_logprobs": req.top_logprobs, "usage": usage, "user": req.user, "metadata": req.metadata or {},
+            # vLLM's ResponsesResponse fields besides: the tier (auto and default are served), the
+            # penalties sampled with, and OpenAI's max_tool_calls / prompt (both refused when sent)
+            "service_tier": req.service_tier or "auto", "presence_penalty": prep.params.presence_penalty,
+            "frequency_penalty": prep.params.frequency_penalty, "max_tool_calls": None, "prompt": None}
 
 
 def _think_span(state: ServerState, prep: PreparedChat, token_ids: list[int]) -> Optional[tuple[int, int]]:

@@ -53,6 +53,17 @@ def test_text_equals_the_chat_answer(client):
                                                                                              "auto", [])
 
 
+def test_response_carries_vllms_fields(client):
+    """vLLM's ResponsesResponse.from_request sets service_tier (the request's, auto by default),
+    the penalties sampled with, and max_tool_calls / prompt (None here: both are refused)."""
+    r = client.responses.create(model=MODEL, input="Once upon a time", max_output_tokens=2, service_tier="default",
+                                extra_body={"presence_penalty": 0.5})
+    dumped = r.model_dump()
+    assert (r.service_tier, r.max_tool_calls, r.prompt) == ("default", None, None)
+    assert (dumped["presence_penalty"], dumped["frequency_penalty"]) == (0.5, 0.0)
+    assert client.responses.create(model=MODEL, input="Once", max_output_tokens=1).service_tier == "auto"
+
+
 def test_input_items_become_chat_messages(client):
     """A list of items: roles (developer included), text parts, an earlier assistant answer;
     `stop` ends the response (completed), `metadata` and `user` come back."""
@@ -201,7 +212,8 @@ def test_error_mid_stream_is_an_error_event():
     errors: list[int] = []
     state = SimpleNamespace(settings=SimpleNamespace(tool_call_parser=None, retry_after_s=1),
                             metrics=SimpleNamespace(record_error=errors.append))
-    prep = SimpleNamespace(created=0, model=MODEL, params=SimpleNamespace(temperature=1.0, top_p=1.0), top_k=None,
+    params = SimpleNamespace(temperature=1.0, top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    prep = SimpleNamespace(created=0, model=MODEL, params=params, top_k=None,
                            stream=failing, reasoning_parser=lambda: None, tool_mode=None, tool_name=None,
                            parallel_tool_calls=None, include_reasoning=True)
 
