@@ -202,6 +202,9 @@ class SamplingParams:
     """vLLM's copy-avoidance switch; the engine never changes a caller's SamplingParams."""
     repetition_detection: Optional[Any] = None
     """vLLM's repetition stop; refused (not implemented)."""
+    routed_experts_prompt_start: int = 0
+    """vLLM's, for the routed experts it returns with --enable-return-routed-experts; those are not
+    returned here, so only 0 is taken."""
     skip_reading_prefix_cache: Optional[bool] = None
     """vLLM's: True computes the whole prompt, reading no prefix-cache block (its blocks are
     still cached for later requests). None reads the cache: vLLM resolves None to True with
@@ -322,6 +325,9 @@ class SamplingParams:
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         if not self.detokenize and self.stop:
             raise ValueError("stop strings are only supported when detokenize is True")
+        if self.routed_experts_prompt_start != 0:
+            raise ValueError(f"routed_experts_prompt_start={self.routed_experts_prompt_start!r} is not supported: "
+                             "routed experts are not returned (--enable-return-routed-experts is refused)")
         if self.skip_reading_prefix_cache not in (None, True, False):
             raise ValueError(f"skip_reading_prefix_cache must be a bool or None, got {self.skip_reading_prefix_cache!r}")
 

@@ -108,3 +108,11 @@ def test_top_k_minus_one_is_kept_as_vllm_keeps_it_and_samples_as_off():
     ones = torch.ones(2)
     off, minus_one = (sampling_probs(logits, ones, torch.full((2,), k), ones, torch.zeros(2)) for k in (0, -1))
     assert torch.equal(off, minus_one) and torch.allclose(off, logits.softmax(-1))
+
+
+def test_every_vllm_field_is_taken():
+    """Each field vLLM 0.26's SamplingParams takes as input is a keyword here: the prefix-cache
+    switch, and routed_experts_prompt_start at its default (no routed experts are returned)."""
+    assert SamplingParams(skip_reading_prefix_cache=True, routed_experts_prompt_start=0).skip_reading_prefix_cache
+    with pytest.raises(ValueError, match="routed_experts_prompt_start=4 is not supported"):
+        SamplingParams(routed_experts_prompt_start=4)
