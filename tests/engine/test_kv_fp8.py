@@ -163,3 +163,39 @@ def test_a_kv_cache_scheme_without_fp8_kv_is_named(tmp_path, caplog):
             llm = LLM(str(folder), tokenizer=TOKENIZER, dtype="float32", kv_cache_memory_bytes=1 << 20, kv_cache_dtype=kv)
         assert (llm.engine.runner.kv_dtype == FP8) == (kv == "fp8")
         assert ("kv_cache_scheme" in caplog.text and "--kv-cache-dtype fp8" in caplog.text) == warned, caplog.text
+
+
+def test_fp8_kv_is_transformers_with_k_and_v_rounded_to_e4m3(models):
+    """The oracle of an fp8 KV cache at scale 1.0 (vLLM's default): transformers' Llama with each
+    layer's keys (after RoPE, as cached) and values rounded to e4m3 (nearest, saturating at 448)
+    before attention. stories260k's fp8-KV logits are that model's to float summation, while the
+    unrounded model is far off: the cache's drift from model-dtype KV is e4m3's own rounding
+    (measured: greedy 64-token text equal to that model's on 8 prompts; K/V in the pool equal
+    to their e4m3 round trip byte for byte, 2.5-3% relative error a layer)."""
+    from transformers.models.llama import modeling_llama
+    e4m3 = lambda t: t.float().clamp(-448, 448).to(FP8).to(t.dtype)     # noqa: E731
+    llm = LLM(model=str(models["stories"]), tokenizer=TOKENIZER, dtype="float32", kv_cache_dtype="fp8",
+              kv_cache_memory_bytes=1 << 22)
+    prompts = [llm.tokenizer.encode(t) for t in STORY_TEXTS + ["Once upon a time", "The cat sat on"]]
+    got = torch.cat(llm.prompt_logits(prompts))
+    hf = transformers.LlamaForCausalLM.from_pretrained(models["stories"], torch_dtype=torch.float32).eval()
+
+    def logits():
+        with torch.no_grad():
+            return torch.cat([hf(torch.tensor([p])).logits[0] for p in prompts])
+    plain = logits()
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_round(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        return q, e4m3(k)
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: e4m3(o)) for layer in hf.model.layers]
+    try:
+        modeling_llama.apply_rotary_pos_emb = rope_then_round
+        rounded = logits()
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rope
+        for h in hooks:
+            h.remove()
+    err, drift = (got - rounded).abs().max().item(), (got - plain).abs().max().item()
+    assert err < 1e-3 and drift > 0.05, (err, drift)
