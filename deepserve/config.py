@@ -491,7 +491,8 @@ class EngineArgs:
     max_num_seqs: int = 256
     """Most sequences in one engine step."""
     max_num_batched_tokens: Optional[int] = None
-    """Most tokens in one engine step (default 8192, at least max_model_len without chunked prefill)."""
+    """Most tokens in one engine step (default 8192; without chunked prefill at least max_model_len, the
+    default raised to it)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps, mixed with decode tokens."""
     max_waiting_requests: Optional[int] = None
@@ -718,6 +719,13 @@ class EngineArgs:
                             original_max_model_len=self.max_model_len)
         batched = self.max_num_batched_tokens or 8192
         if not self.enable_chunked_prefill:
+            given = self.max_num_batched_tokens is not None and self.max_model_len != -1   # -1: fit later
+            if given and self.max_num_batched_tokens < max_model_len:
+                # a step must hold a whole prompt; vLLM refuses this too rather than raise the budget
+                raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                                 f"max_model_len ({max_model_len}) without chunked prefill: a prompt longer "
+                                 "than that could never run; raise --max-num-batched-tokens, lower "
+                                 "--max-model-len or drop --no-enable-chunked-prefill")
             batched = max(batched, max_model_len)
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=max_model_len,

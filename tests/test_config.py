@@ -157,3 +157,16 @@ def test_token_counts_take_vllms_human_readable_form():
     assert parser.parse_args(["--max-model-len", "-1"]).max_model_len == -1
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-num-batched-tokens", "auto"])
+
+
+def test_step_budget_without_chunked_prefill():
+    """Without chunked prefill a given --max-num-batched-tokens below max_model_len is refused, as
+    vLLM's SchedulerConfig refuses it (it was raised to max_model_len without a word); the default
+    budget is raised to hold a whole prompt."""
+    flags = ["--max-model-len", "512", "--no-enable-chunked-prefill"]
+    with pytest.raises(ValueError, match=re.escape("max_num_batched_tokens (100) is smaller than max_model_len (512) "
+                                                   "without chunked prefill")):
+        _parse(flags + ["--max-num-batched-tokens", "100"]).create_engine_config()
+    assert _parse(flags + ["--max-num-batched-tokens", "512"]).create_engine_config().scheduler.max_num_batched_tokens == 512
+    assert _parse(["--max-model-len", "512", "--max-num-batched-tokens", "100"]).create_engine_config() \
+        .scheduler.max_num_batched_tokens == 100
