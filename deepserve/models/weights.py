@@ -105,7 +105,8 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
     kept_s: set[str] = set()
     float_w: dict[str, torch.dtype] = {}   # a scale beside one would replace the scale made at load
     for name, t in weights:
-        if name.endswith(suffix):
+        # a weight's scale only: `self_attn.k_scale` (an fp8 KV scale) also ends in "_scale"
+        if name.endswith(".weight" + suffix):
             base = name[: -len(suffix)]
             if not t.is_floating_point():
                 raise ValueError(f"tensor {name}: a {fmt} scale must be floating point, got {t.dtype}")
@@ -148,13 +149,23 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
 
 
 KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
+# the other names vLLM reads a layer's KV scales under (its QuantizationConfig / Fp8Config
+# cache-scale mappers): ModelOpt's on the k / v projection, a fused qkv_proj's, and
+# llm-compressor's (kv_cache_scheme) output scales of k_proj / v_proj
+KV_SCALE_ALIASES = ((re.compile(r"\.self_attn\.[kv]_proj\.([kv])_scale$"), r".self_attn.\1_scale"),
+                    (re.compile(r"\.self_attn\.qkv_proj\.([kv])_scale$"), r".self_attn.\1_scale"),
+                    (re.compile(r"\.self_attn\.([kv])_proj\.output_scale$"), r".self_attn.\1_scale"))
 
 
 def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     """Apply `name` if it is one of vLLM's per-layer fp8 KV scales (`<attention>.k_scale`,
-    `.v_scale`, `.kv_scale`, the last one both; on the attention module or its `attn` child):
-    the layer's `set_kv_scale` takes the value. False for any other tensor."""
-    prefix, _, leaf = name.rpartition(".")
+    `.v_scale`, `.kv_scale`, the last one both; on the attention module or its `attn` child; or
+    under an alias of KV_SCALE_ALIASES): the layer's `set_kv_scale` takes the value. False for
+    any other tensor."""
+    mapped = name
+    for pattern, repl in KV_SCALE_ALIASES:
+        mapped = pattern.sub(repl, mapped)
+    prefix, _, leaf = mapped.rpartition(".")
     if leaf not in KV_SCALE_NAMES:
         return False
     try:

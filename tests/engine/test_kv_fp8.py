@@ -199,3 +199,36 @@ def test_fp8_kv_is_transformers_with_k_and_v_rounded_to_e4m3(models):
             h.remove()
     err, drift = (got - rounded).abs().max().item(), (got - plain).abs().max().item()
     assert err < 1e-3 and drift > 0.05, (err, drift)
+
+
+@pytest.mark.parametrize("folder", ["stories", "llama-w8a8-channel"])
+@pytest.mark.parametrize("k_name, v_name", [
+    ("self_attn.k_scale", "self_attn.v_scale"),                  # vLLM's own
+    ("self_attn.attn.k_scale", "self_attn.attn.v_scale"),
+    ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),    # ModelOpt
+    ("self_attn.qkv_proj.k_scale", "self_attn.qkv_proj.v_scale"),
+    ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),   # llm-compressor kv_cache_scheme
+])
+def test_kv_scales_under_every_name_vllm_reads(tmp_path, folder, k_name, v_name):
+    """A layer's fp8 KV scales under each name vLLM's cache-scale mappers read reach its K and V
+    scales, in a 16-bit checkpoint and in a compressed-tensors W8A8 int8 one with a kv_cache_scheme
+    (whose loader took `self_attn.k_scale` for an int8 weight's scale and refused the folder)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from tests.quant.test_real_packers import DATA
+    src = STORIES if folder == "stories" else DATA / folder
+    shutil.copytree(src, tmp_path / "m")
+    shard = next((tmp_path / "m").glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors[f"model.layers.0.{k_name}"], tensors[f"model.layers.0.{v_name}"] = torch.tensor(0.5), torch.tensor(0.25)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    if folder != "stories":
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                         "dynamic": False, "symmetric": True}
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(tmp_path / "m"), tokenizer=TOKENIZER, dtype="float32", kv_cache_dtype="fp8",
+              kv_cache_memory_bytes=1 << 20)
+    scales = [(m.k_scale, m.v_scale) for m in llm.engine.runner.kv_layers]
+    assert scales[0] == (0.5, 0.25) and set(scales[1:]) == {(1.0, 1.0)}, scales
