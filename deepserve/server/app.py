@@ -5,6 +5,7 @@ app's lifespan.
     POST /v1/completions      POST /v1/chat/completions     GET /v1/models, /v1/models/{model}
     POST /v1/responses        GET  /v1/responses/{id}       POST /v1/responses/{id}/cancel
                               (with the store: --enable-responses-api-store, as vLLM's)
+    POST /v1/messages         POST /v1/messages/count_tokens (Anthropic's Messages API, as vLLM's)
     GET  /health              GET  /version                 GET /metrics
     POST /invocations         (vLLM's SageMaker route: a chat body, one with "messages", to chat
                               completions; one with "prompt" to completions)
@@ -46,6 +47,7 @@ from deepserve.server.serving_chat import create_chat_completion, render_message
 from deepserve.server.serving_common import (ClientDisconnected, ServerState, api_error_from, check_json_content_type,
                                              parse_request, read_body, utf8_json)
 from deepserve.server.serving_completions import create_completion
+from deepserve.server.serving_anthropic import count_tokens, create_message
 from deepserve.server.serving_responses import cancel_response, create_response, retrieve_response
 from deepserve.server.stopping import stop_interruptibly
 
@@ -54,7 +56,8 @@ logger = logging.getLogger("deepserve")
 
 # the routes whose requests GET /load counts (vLLM's: a stored response's retrieval, which may
 # stream a background generation, and its cancel too)
-_LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations"))
+_LOADING_PATHS = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+                            "/invocations"))
 _LOADING_PREFIX = "/v1/responses/"
 # the path prefixes --api-key guards (vLLM's; /health, /metrics, ... stay open to probes)
 _GUARDED_PREFIXES = ("/v1", "/v2", "/inference")
@@ -224,6 +227,15 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/responses")
     async def responses(request: Request):
         return await create_response(request, state)
+
+    def over_state(handler):   # a route of Anthropic's Messages API (server/serving_anthropic.py)
+        async def endpoint(request: Request):
+            return await handler(request, state)
+        return endpoint
+
+    app.add_api_route("/v1/messages", over_state(create_message), methods=["POST"], name="messages")
+    app.add_api_route("/v1/messages/count_tokens", over_state(count_tokens), methods=["POST"],
+                      name="messages_count_tokens")
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, request: Request):
