@@ -10,6 +10,7 @@ from typing import Optional
 
 from deepserve.config import SPEC_ALIASES
 from deepserve.engine.outputs import RequestOutput
+from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.thinking_budget import PARSER_TAGS
 from deepserve.engine.tokenizer import JSONArguments, template_file
 
@@ -113,11 +114,30 @@ def generation_defaults(setting: str, model: str, overrides: Optional[dict] = No
             raise FileNotFoundError(f"{flag} {setting}: {path} not found")
     config.update(overrides or {})
     found = {k: config[k] for k in _GENERATION_DEFAULTS if config.get(k) is not None}
+    check_generation_defaults(found, path, overrides or {}, flag)
     if "max_new_tokens" in found:
         found["max_tokens"] = found.pop("max_new_tokens")
     if found and setting != "vllm":
         logger.info("default sampling params from %s: %s (%s vllm ignores them)", path, found, flag)
     return found
+
+
+def check_generation_defaults(found: dict, path: Optional[Path], overrides: dict, flag: str) -> None:
+    """The defaults must make valid SamplingParams, else every request that leaves a field out
+    would fail with them: one error at start, naming where the value came from."""
+    override_flag = "--override-generation-config" if flag.startswith("--") else "override_generation_config"
+
+    def source(key: str) -> str:
+        return override_flag if key in overrides else str(path)
+
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source(key)}: {key} must be a number, got {value!r}")
+        try:
+            SamplingParams(**{("max_tokens" if key == "max_new_tokens" else key): value})
+        except ValueError as exc:
+            named = " (max_new_tokens is the default max_tokens)" if key == "max_new_tokens" else ""
+            raise ValueError(f"{source(key)}: {exc}{named}") from None
 
 
 def truncate_prompt(ids: list[int], keep: Optional[int], side: str, max_model_len: int) -> list[int]:
