@@ -145,14 +145,15 @@ class MLAAttention(nn.Module):
                            "scale, k_scale %g, as in vLLM)", self.unused_v_scale, self.kv_scale)
 
     def _join_fp8_q_kv_a(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """q_a_proj and kv_a_proj_with_mqa both block-fp8 (activations quantized) and bias-free:
-        their weights and row-expanded scales stacked into one [q_lora + C + rope, D] pair, each layer's
-        parameters left as views of it (no memory added), so that one fp8 linear, one launch at
-        a single row, computes both; each output row is computed as before."""
+        """q_a_proj and kv_a_proj_with_mqa both block-fp8 (activations quantized per token
+        group, not with a checkpoint's static input_scale each) and bias-free: their weights and
+        row-expanded scales stacked into one [q_lora + C + rope, D] pair, each layer's parameters
+        left as views of it (no memory added), so that one fp8 linear, one launch at a single
+        row, computes both; each output row is computed as before."""
         from deepserve.layers.quantization import Fp8BlockLinearMethod
         pair = (self.q_a_proj, self.kv_a_proj_with_mqa)
         if not all(isinstance(m.quant_method, Fp8BlockLinearMethod) and m.bias is None
-                   and not m.quant_method.weight_only for m in pair) \
+                   and not m.quant_method.weight_only and not m.quant_method.static_input for m in pair) \
                 or pair[0].quant_method.block != pair[1].quant_method.block:
             return None
         joined = []

@@ -34,16 +34,17 @@ def _linears(model):
 
 
 @torch.no_grad()
-def _calibrate(model) -> dict[str, torch.Tensor]:
-    """module -> input_scale: the largest |input| over PROMPTS / 448, times FACTOR."""
+def _calibrate(model, prompts=PROMPTS) -> dict[str, torch.Tensor]:
+    """module -> input_scale: the largest |input| over `prompts` / 448, times FACTOR (0.6 for
+    modules FACTOR does not name)."""
     amax: dict[str, float] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: amax.__setitem__(
         n, max(amax.get(n, 0.0), args[0].abs().max().item()))) for n, m in _linears(model).items()]
-    for p in PROMPTS:
+    for p in prompts:
         model(torch.tensor([p]))
     for h in hooks:
         h.remove()
-    return {n: torch.tensor([a / 448 * FACTOR[n.rsplit(".", 1)[1]]]) for n, a in amax.items()}
+    return {n: torch.tensor([a / 448 * FACTOR.get(n.rsplit(".", 1)[1], 0.6)]) for n, a in amax.items()}
 
 
 def _merged(scales: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -54,15 +55,18 @@ def _merged(scales: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _oracle_logits(ref, tensors: dict, scales: dict) -> torch.Tensor:
-    model = transformers.LlamaForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval()
+def _oracle_logits(ref, tensors: dict, scales: dict, prompts=PROMPTS) -> torch.Tensor:
+    """MLA's kv_b_proj runs unquantized (dequantized at load: layers/quantization.py), so its
+    input is not rounded."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval()
     model.load_state_dict(tensors, strict=False)
 
     def fake_quant(mod, args, s):
         return ((args[0] / s).clamp(-448, 448).to(FP8).float() * s,)
     for n, m in _linears(model).items():
-        m.register_forward_pre_hook(lambda mod, args, s=_merged(scales, n): fake_quant(mod, args, s))
-    return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+        if not n.endswith("kv_b_proj"):
+            m.register_forward_pre_hook(lambda mod, args, s=_merged(scales, n): fake_quant(mod, args, s))
+    return torch.cat([model(torch.tensor([p])).logits[0] for p in prompts])
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,24 @@ def test_static_fp8_routed_experts_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^fp8 routed experts with static activation scales \(input_scale\) are not "
                                          r"supported \(model\.layers\.\d+\.mlp\.experts\)"):
         LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+
+
+def test_static_fp8_mla_projections_keep_their_own_scales(tmp_path):
+    """A dense MLA model (q_a_proj, kv_a_proj_with_mqa, q_b_proj, o_proj, MLPs) with static FP8
+    activations follows the format's rule. deepserve joins q_a_proj and kv_a_proj_with_mqa into
+    one fp8 GEMM; that GEMM quantized their input per token, dropping both static scales."""
+    from tests.models.hf_reference import save_tiny_mla_moe
+    ref = save_tiny_mla_moe(tmp_path / "ref", first_k_dense_replace=2, hidden_size=128, q_lora_rank=64)
+    prompts = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 100, 11, 54, 9], [120, 1, 77, 77, 13, 40, 6, 93]]
+    scales = _calibrate(transformers.AutoModelForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval(),
+                        prompts)
+    folder, deq = _static_folder(ref, scales, tmp_path / "static", "channel")
+    llm = LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+    attn = llm.engine.runner.model.model.layers[0].self_attn
+    assert attn.q_a_proj.weight.dtype == FP8 and attn.kv_b_proj.weight.dtype == torch.float32
+    got = torch.cat(llm.prompt_logits(prompts))
+    # kv_b_proj is dequantized through bf16 at load, as `convert fp8-to-bf16` writes it
+    want = _oracle_logits(ref, {n: w.bfloat16().float() if n.endswith("kv_b_proj.weight") else w
+                                for n, w in deq.items()}, scales, prompts)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, err
