@@ -203,3 +203,18 @@ def test_static_fp8_mla_projections_keep_their_own_scales(tmp_path):
                                 for n, w in deq.items()}, scales, prompts)
     err = (got - want).abs().max().item()
     assert err < 1e-4, err
+
+
+def test_the_start_up_log_plans_the_static_scales(tiny, tmp_path):
+    """The engine's `weights on this rank: X allocated, Y planned`: X == Y with the input scales."""
+    from deepserve.config import EngineArgs
+    from deepserve.distributed.parallel_state import single_process
+    from deepserve.engine.model_runner import _bytes, held_weight_bytes, planned_weight_text
+    from deepserve.models.loader import load_model
+    ref, scales = tiny
+    folder, _ = _static_folder(ref, scales, tmp_path / "static", "tensor", autofp8=True)
+    config = EngineArgs(model=str(folder), dtype="bfloat16").create_engine_config()
+    model = load_model(config.model, torch.device("cpu"))
+    assert model.model.layers[0].mlp.gate_up_proj.input_scale.numel() == 1
+    planned = planned_weight_text(config, single_process(), model.quantization, torch.bfloat16)
+    assert planned == f"{_bytes(held_weight_bytes(model))} planned"
