@@ -6,8 +6,10 @@ The conversion follows vLLM's: the top-level `system` (a string or text blocks, 
 per-request `x-anthropic-billing-header` block left out so the prefix cache holds) becomes a
 system message; a user's `tool_result` blocks become `tool` messages, an assistant's `tool_use`
 blocks its tool_calls and its `thinking` blocks its reasoning; tools become function tools and
-tool_choice auto / any / tool / none chat's auto / required / named / none. Blocks that carry
-what a text-only server cannot read (images, documents) and server tools are a 400 naming them.
+tool_choice auto / any / tool / none chat's auto / required / named / none. A final assistant
+message is a prefill the reply continues (Anthropic's rule; vLLM opens a new turn). Blocks that
+carry what a text-only server cannot read (images, documents) and server tools are a 400 naming
+them.
 """
 from __future__ import annotations
 
@@ -153,6 +155,10 @@ class MessagesRequest(CountTokensRequest):
     def chat_request(self) -> dict:
         body = super().chat_request()
         body.update(max_tokens=self.max_tokens, stream=self.stream)
+        last = body["messages"][-1] if body["messages"] else {}
+        if last.get("role") == "assistant" and not last.get("tool_calls"):
+            # Anthropic's prefill: the reply continues the final assistant message (its text is not repeated)
+            body.update(add_generation_prompt=False, continue_final_message=True)
         for name, chat_name in (("stop_sequences", "stop"), ("temperature", "temperature"), ("top_p", "top_p"),
                                 ("top_k", "top_k")):
             if getattr(self, name) is not None:

@@ -147,6 +147,16 @@ def test_a_tool_turn_renders_as_the_chat_messages_do():
         len(client.engine.tokenizer.encode(ours, add_special_tokens=False))
 
 
+def test_a_final_assistant_message_is_a_prefill():
+    """Anthropic's rule: the reply continues the final assistant message, so the prompt ends with
+    its text, no new assistant turn opened after it (vLLM opens one)."""
+    client = scripted("done</think>\n\n 42.")
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, the answer is"}]
+    r = asyncio.run(client.post("/v1/messages", json={"model": "m", "max_tokens": 16, "messages": turns}))
+    assert r.status_code == 200
+    assert client.engine.prompts[-1].endswith("<｜Assistant｜>Sure, the answer is")
+
+
 @pytest.mark.parametrize("body, param_in_message", [
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}]},
      "messages[0].content[0]"),
@@ -186,5 +196,12 @@ def test_stop_sequence_and_counts_on_the_demo_server(http):
     counted = http.post("/v1/messages/count_tokens", json={"model": "stories260k", "system": body["system"],
                                                           "messages": body["messages"]}).json()
     assert counted["input_tokens"] == whole["usage"]["input_tokens"] == len(tokens)
+    # a final assistant message is a prefill: the reply continues it (Anthropic's rule)
+    prefill = {"model": "stories260k", "max_tokens": 6, "temperature": 0,
+               "messages": [{"role": "user", "content": "Once upon a time"}, {"role": "assistant", "content": ", there"}]}
+    continued = http.post("/v1/messages", json=prefill).json()["content"][0]["text"]
+    plain = http.post("/v1/completions", json={"model": "stories260k", "prompt": "Once upon a time, there",
+                                               "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    assert continued == plain and continued.startswith(" was")
     r = http.post("/v1/messages", json={**body, "model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
