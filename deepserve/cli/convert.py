@@ -48,10 +48,12 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="convert_command", metavar="CONVERSION")
 
     fp8 = sub.add_parser(
-        "fp8-to-bf16", help="DeepSeek FP8 (e4m3 + 128x128 weight_scale_inv) to BF16",
-        description="Dequantize DeepSeek's FP8 release to BF16: y = bf16(fp32(w) * scale_inv) "
-                    "per 128x128 block; drops the scale tensors and quantization_config. "
-                    + _ATOMIC_HELP)
+        "fp8-to-bf16", help="FP8 (DeepSeek's e4m3 + 128x128 weight_scale_inv, or per-tensor / per-row / "
+                            "block weight_scale) to BF16",
+        description="Dequantize an FP8 checkpoint to BF16: y = bf16(fp32(w) * s), s the weight's scale of its "
+                    "128x128 block (DeepSeek's weight_scale_inv, fp32 or E8M0), or its tensor, row or block "
+                    "(compressed-tensors float-quantized, AutoFP8 weight_scale); drops the scale tensors "
+                    "(static input_scale too) and quantization_config. " + _ATOMIC_HELP)
     _add_common(fp8)
     fp8.set_defaults(func=_fp8_to_bf16)
 

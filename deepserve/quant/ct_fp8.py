@@ -106,7 +106,7 @@ def check_input_scale(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"tensor {name}: input_scale must be finite and > 0, got {t.float().item()}")
 
 
-def _scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:
+def block_scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: CtFp8Scheme, name: str) -> torch.Tensor:
     """A checkpoint `weight_scale` -> DeepSeek's `weight_scale_inv` grid of `scheme.block`."""
     n, k = weight_shape
     grid = (math.ceil(n / scheme.block[0]), math.ceil(k / scheme.block[1]))
@@ -138,7 +138,7 @@ def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Sche
         if name.endswith(".weight_scale"):
             base = name[: -len("_scale")]
             if base in shapes:
-                yield base + "_scale_inv", _scale_inv(t, shapes.pop(base), scheme, name)
+                yield base + "_scale_inv", block_scale_inv(t, shapes.pop(base), scheme, name)
             else:
                 pending[base] = (name, t)
         elif name.endswith(".weight_scale_inv"):
@@ -155,7 +155,7 @@ def ct_fp8_stream(weights: Iterable[tuple[str, torch.Tensor]], scheme: CtFp8Sche
             yield name, t
             if name in pending:
                 scale_name, scale = pending.pop(name)
-                yield name + "_scale_inv", _scale_inv(scale, tuple(t.shape), scheme, scale_name)
+                yield name + "_scale_inv", block_scale_inv(scale, tuple(t.shape), scheme, scale_name)
             else:
                 shapes[name] = tuple(t.shape)
         else:

@@ -218,3 +218,35 @@ def test_the_start_up_log_plans_the_static_scales(tiny, tmp_path):
     assert model.model.layers[0].mlp.gate_up_proj.input_scale.numel() == 1
     planned = planned_weight_text(config, single_process(), model.quantization, torch.bfloat16)
     assert planned == f"{_bytes(held_weight_bytes(model))} planned"
+
+
+@pytest.mark.parametrize("case", ["autofp8-tensor-static", "ct-channel-static", "ct-block"])
+def test_convert_fp8_to_bf16_dequantizes_every_fp8_format_exactly(tiny, tmp_path, case):
+    """`deepserve convert fp8-to-bf16` of a per-tensor (AutoFP8), per-row or per-block
+    (compressed-tensors) FP8 folder: each e4m3 weight becomes bf16(fp32(q) * s) with s its
+    tensor's, row's or block's scale (they were refused as not DeepSeek's format); the weight
+    and static input scales are dropped, the other tensors copied, the config unquantized."""
+    from deepserve.quant import convert_fp8_to_bf16
+    from tests.quant.test_ct_fp8 import _folders
+    ref, scales = tiny
+    if case == "ct-block":
+        folder, deq = _folders(ref, tmp_path, "block")["ct"], None
+    else:
+        folder, deq = _static_folder(ref, scales, tmp_path / "static", case.split("-")[1], case.startswith("autofp8"))
+    src = load_file(str(folder / "model.safetensors"))
+    convert_fp8_to_bf16(folder, tmp_path / "bf16", progress=False)
+    out = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert set(out) == {n for n in src if not n.endswith(("_scale", ".input_scale"))}
+    for name, q in src.items():
+        if q.dtype == FP8:
+            s = src[name + "_scale"].float()
+            n, k = q.shape
+            full = (s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k] if case == "ct-block"
+                    else s.reshape(-1, 1).expand(n, k))            # one value, or one a row
+            want = (q.float() * full).bfloat16()
+            assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want), name
+            if deq is not None:
+                assert torch.equal(out[name], deq[name].bfloat16()), name
+        elif not name.endswith(("_scale", ".input_scale")):
+            assert torch.equal(out[name], q), name
