@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from deepserve.bench.results import check_result_path, write_result
+
 LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)
 
 
@@ -134,9 +136,13 @@ def _load_engine(args) -> tuple[Any, Any, int, int]:
 
 def _write_json(path: Optional[str], result: dict) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_result(Path(path), json.dumps(result, indent=2))
         print(f"bench: result written to {path}", file=sys.stderr)
+
+
+def check_output_json(args) -> None:
+    if getattr(args, "output_json", None):
+        check_result_path(Path(args.output_json), "--output-json")
 
 
 def check_profile_flag(args) -> None:
@@ -158,6 +164,7 @@ def sampling_kwargs(args) -> dict:
 
 def run_latency(args) -> dict:
     check_profile_flag(args)
+    check_output_json(args)
     sampling = sampling_kwargs(args)
     llm, SamplingParams, vocab, seed = _load_engine(args)
     max_tokens = args.output_len or 128
@@ -224,6 +231,7 @@ def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -
 
 def run_throughput(args) -> dict:
     check_profile_flag(args)
+    check_output_json(args)
     if args.backend != "vllm":
         raise ValueError(f"--backend {args.backend} is not supported: the engine runs in-process (--backend vllm)")
     if args.num_warmups < 0:

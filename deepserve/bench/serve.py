@@ -31,6 +31,7 @@ from deepserve.bench.http1 import HTTPError, Http1Client
 from deepserve.bench.datasets import SampleRequest, sample_requests
 from deepserve.bench.metrics import (DEFAULT_METRICS, METRICS, compute_metrics, format_summary, parse_goodput,
                                      parse_spec_decode_counters, spec_decode_fields)
+from deepserve.bench.results import check_result_path, write_result
 from deepserve.engine.tokenizer import Tokenizer, resolve_tokenizer
 
 
@@ -461,6 +462,10 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
     """One benchmark run; returns the result dict (saved when `args.save_result`)."""
     check_tokenizer_mode(getattr(args, "tokenizer_mode", None))
     check_backend(args)
+    append = getattr(args, "append_result", False)
+    if args.save_result or append:
+        flag = "--result-filename" if args.result_filename else "--result-dir"
+        check_result_path(Path(args.result_dir or ".") / (args.result_filename or "result.json"), flag)
     args.model = resolve_model(args)
     tok = tok or resolve_tokenizer(args.tokenizer, args.model)
     sampled = requests is None
@@ -537,16 +542,10 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         first = next(e for e in result["errors"] if e)
         print(f"bench serve: {result['failed']} of {len(inputs)} requests failed; first error: {first}",
               file=sys.stderr)
-    append = getattr(args, "append_result", False)
     if args.save_result or append:
         path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args))
-        path.parent.mkdir(parents=True, exist_ok=True)
         saved = result if args.save_detailed else {k: v for k, v in result.items() if k not in DETAILED_FIELDS}
-        if append:   # one JSON document a line, as vLLM appends them
-            with path.open("a") as f:
-                f.write(("\n" if f.tell() else "") + json.dumps(saved))
-        else:
-            path.write_text(json.dumps(saved, indent=2))
+        write_result(path, json.dumps(saved) if append else json.dumps(saved, indent=2), append)
         result["result_path"] = str(path)
         if not quiet:
             print(f"bench serve: result written to {path}", file=sys.stderr)

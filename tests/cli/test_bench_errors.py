@@ -56,3 +56,28 @@ def test_vllms_sweep_runner_is_named(capsys):
         "deepserve bench: error: `bench sweep serve` is vLLM's sweep runner, which deepserve does not have; "
         "deepserve bench sweep runs bench serve's flags against one server at each of --max-concurrency-list / "
         "--request-rate-list\n")
+
+
+@pytest.mark.parametrize("command, flags", [
+    (["serve", "--num-prompts", "1", "--port", "8000"], ["--save-result", "--result-dir", "{file}/results"]),
+    (["serve", "--num-prompts", "1", "--port", "8000"],
+     ["--append-result", "--result-dir", "{tmp}", "--result-filename", "{file}/r.json"]),
+    (["latency", "--input-len", "4", "--output-len", "2", "--num-iters", "1"], ["--output-json", "{file}/r.json"]),
+    (["throughput", "--num-prompts", "1", "--input-len", "4", "--output-len", "2"], ["--output-json", "{file}/r.json"]),
+])
+def test_result_that_cannot_be_saved_is_one_line_before_the_run(capsys, monkeypatch, tmp_path, command, flags):
+    """A result path under a file fails at once in one line naming the flag (it was a traceback
+    after the whole run); nothing is sent and no engine starts."""
+    monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)
+    monkeypatch.setattr("deepserve.bench.offline._load_engine",
+                        lambda args: (_ for _ in ()).throw(AssertionError("the engine was started")))
+    monkeypatch.setattr("deepserve.bench.serve.resolve_model",
+                        lambda args: (_ for _ in ()).throw(AssertionError("the run began")))
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    flags = [f.format(file=a_file, tmp=tmp_path) for f in flags]
+    argv = ["bench", *command, "--model", str(REPO / "deepserve/assets/stories260k"), "--disable-tqdm", *flags]
+    assert main(argv) == 2
+    flag = next(f for f in ("--result-filename", "--result-dir", "--output-json") if f in flags)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"deepserve bench: error: {flag}: {a_file} is a file, not a folder"
