@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from conftest import API_KEY
 from test_qa14_chat_agents import MESSAGES, ScriptedLLM, load_tokenizer, r1_call
 
+from deepserve.engine.async_llm import EngineStepError
+from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.server.app import build_app
 from deepserve.server.metrics import ServerMetrics
+from deepserve.server.protocol_anthropic import MessagesRequest
+from deepserve.server.serving_anthropic import _stream
 from deepserve.server.serving_common import ServerSettings, ServerState
 from deepserve.server.tool_parsers import CALLS_BEGIN, CALLS_END
 
@@ -205,3 +210,26 @@ def test_stop_sequence_and_counts_on_the_demo_server(http):
     assert continued == plain and continued.startswith(" was")
     r = http.post("/v1/messages", json={**body, "model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_an_engine_error_mid_stream_is_an_error_event():
+    """Once message_start is sent the status line is gone: a failing engine request ends the
+    stream with Anthropic's `error` event (its error object), no message_stop."""
+    async def failing(state):
+        yield RequestOutput("r", None, [1], [CompletionOutput(0, "Once", [5])], False)
+        raise EngineStepError("the step failed")
+
+    errors: list[int] = []
+    state = SimpleNamespace(settings=SimpleNamespace(tool_call_parser=None, retry_after_s=1,
+                                                     enable_prompt_tokens_details=False),
+                            metrics=SimpleNamespace(record_error=errors.append))
+    prep = SimpleNamespace(model="m", prompt_ids=[1, 2], stream=failing, reasoning_parser=lambda: None,
+                           tool_mode=None, tool_name=None, parallel_tool_calls=None, include_reasoning=True)
+    req = MessagesRequest(model="m", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+
+    async def frames() -> str:
+        return "".join([f async for f in _stream(state, req, prep, "msg_1")])
+
+    events = events_of(asyncio.run(frames()))
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
+    assert events[-1]["error"] == {"type": "api_error", "message": "the step failed"} and errors == [500]
