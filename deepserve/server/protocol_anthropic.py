@@ -101,9 +101,13 @@ class CountTokensRequest(_Wire):
 
     def _chat_messages(self) -> list[dict]:
         out: list[dict] = []
+        blocks = [] if isinstance(self.system, str) else self.system or []
+        bad = next((i for i, b in enumerate(blocks) if b.type != "text"), None)
+        if bad is not None:   # Anthropic's system takes text blocks alone
+            raise APIError(400, f"system[{bad}]: block type {blocks[bad].type!r} is not supported (text only)",
+                           param=f"system[{bad}].type")
         system = self.system if isinstance(self.system, str) else "".join(
-            b.text or "" for b in self.system or [] if b.type == "text" and not (b.text or "").startswith(
-                _BILLING_HEADER))
+            b.text or "" for b in blocks if not (b.text or "").startswith(_BILLING_HEADER))
         if system:
             out.append({"role": "system", "content": system})
         for i, msg in enumerate(self.messages):

@@ -167,6 +167,7 @@ def test_a_final_assistant_message_is_a_prefill():
      "messages[0].content[0]"),
     ({"messages": MESSAGES, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ({"messages": MESSAGES, "kv_transfer_params": {"a": 1}}, "kv_transfer_params"),
+    ({"messages": MESSAGES, "system": [{"type": "image", "source": {}}]}, "system[0]"),
     ({"messages": MESSAGES, "tool_choice": {"type": "tool"}}, "tool_choice.name"),
 ])
 def test_refusals_are_anthropic_errors(body, param_in_message):
