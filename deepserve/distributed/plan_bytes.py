@@ -434,16 +434,31 @@ def stage_kv_layers(cfg, layout: Layout, stage: int, include_mtp: bool) -> int:
 INT4_PACK = 8   # 4-bit values per int32 (ops/int4.py PACK)
 
 
+def fp8_scales_uniform_in_k(cfg) -> bool:
+    """Whether a folder's fp8 Linear scales are one value a row or tensor (compressed-tensors
+    "tensor" / "channel", fp8 without weight_block_size), which layers/quantization.py splits
+    anywhere, as quant/ct_fp8.py reads the config."""
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":
+        return not qc.get("weight_block_size")
+    groups = (qc.get("config_groups") or {}).values() if qc.get("quant_method") == "compressed-tensors" else ()
+    weights = [g.get("weights") or {} for g in groups]
+    return bool(weights) and all(w.get("type") == "float" and w.get("strategy") in ("tensor", "channel")
+                                 for w in weights)
+
+
 def split_problem(cfg, layout: Layout, quantization: Optional[str], ignored: Ignored = None) -> Optional[str]:
     """Why a quantized plan's layers cannot be split as `layout` splits them, as the engine's
     quantized layers refuse them: fp8 row-parallel slices that are not whole 128-wide blocks
-    (layers/quantization.py); a 4-bit group size that does not divide a layer's input features,
+    (layers/quantization.py; per-tensor / per-channel scales split anywhere); a 4-bit group
+    size that does not divide a layer's input features,
     or slices that are not whole int32 words or, without act order, not whole groups
     (layers/quantization_int4.py, moe_int4.py). None when they can."""
     if quantization not in INT4_PLAN and quantization != "fp8":
         return None
     group, _ = int4_layout(cfg, quantization) or (0, False)
     act = act_order(cfg, quantization)
+    uniform = quantization == "fp8" and fp8_scales_uniform_in_k(cfg)
     one = Layout(1, 1, 1)
     for layer in range(cfg.num_hidden_layers):
         whole = layer_tensors(cfg, layer, one, quantization, ignored)
@@ -453,7 +468,7 @@ def split_problem(cfg, layout: Layout, quantization: Optional[str], ignored: Ign
                 continue
             name = t.module.replace(".experts.0.", ".experts.*.") if t.kind == "expert" else t.module
             if quantization == "fp8":
-                if t.kind == "linear" and t.cols != full.cols and t.cols % FP8_BLOCK:
+                if t.kind == "linear" and t.cols != full.cols and t.cols % FP8_BLOCK and not uniform:
                     return f"{name}: {t.cols} input features per GPU are not whole fp8 blocks of {FP8_BLOCK}"
                 continue
             g = full.cols if group == -1 else group
@@ -490,9 +505,12 @@ def structural_problem(cfg, layout: Layout, quantization: Optional[str], ignored
         splits["moe_intermediate_size x n_shared_experts"] = cfg.moe_intermediate_size * (cfg.get("n_shared_experts") or 0)
         if not layout.ep:
             splits["moe_intermediate_size"] = cfg.moe_intermediate_size
+    # per-tensor / per-channel fp8 Linears split anywhere; routed experts keep 128x128 blocks
+    uniform = quantization == "fp8" and fp8_scales_uniform_in_k(cfg)
     for name, size in splits.items():
         if size % tp:
             return f"{name} {size} not divisible by TP {tp}"
-        if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK:
+        if quantization == "fp8" and size and tp > 1 and (size // tp) % FP8_BLOCK \
+                and not (uniform and name != "moe_intermediate_size"):
             return f"{name} / TP = {size // tp} is not a multiple of the fp8 block {FP8_BLOCK}"
     return split_problem(cfg, layout, quantization, ignored)

@@ -154,22 +154,28 @@ class _QuantizedLinearMethod:
 class Fp8BlockLinearMethod(_QuantizedLinearMethod):
     """e4m3 weight + row-expanded fp32 block scales; y = fp8 GEMM with 1x128 activation groups,
     or with `weight_only` (a checkpoint without activation quantization) the dequantized weight
-    times the unquantized activations."""
+    times the unquantized activations. `k_uniform`: the checkpoint's scale is one value a row
+    or tensor (compressed-tensors "channel" / "tensor", AutoFP8), the same in every 128-column
+    block of a row, so a row-parallel split may fall anywhere (vLLM splits such layers freely):
+    each rank's blocks of its slice repeat the row's scale."""
 
     scale_name = "weight_scale_inv"
 
-    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False, static_input: bool = False):
+    def __init__(self, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False, static_input: bool = False,
+                 k_uniform: bool = False):
         if tuple(block)[1] != FP8_GROUP:
             raise ValueError(f"fp8 weight_block_size {list(block)}: the K block must be "
                              f"{FP8_GROUP} (the activation group size)")
         self.block = tuple(block)
         self.weight_only = weight_only
         self.static_input = static_input
+        self.k_uniform = k_uniform
 
     def create_weights(self, layer: LinearBase, params_dtype: torch.dtype,
                        device: Optional[torch.device] = None) -> None:
         n, k = layer.out_features, layer.in_features
-        if isinstance(layer, RowParallelLinear) and layer.pctx.tp_size > 1 and k % self.block[1]:
+        if isinstance(layer, RowParallelLinear) and layer.pctx.tp_size > 1 and k % self.block[1] \
+                and not self.k_uniform:
             full, bk = layer.full_in_features, self.block[1]
             fix = (f"use a tensor-parallel size that divides {full // bk}" if full % bk == 0 and full >= 2 * bk
                    else f"its {full} input features allow no split: use --tensor-parallel-size 1")
@@ -200,6 +206,9 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
         param.seen_shards = seen | {shard_id}
 
     def quantize(self, w):
+        if self.k_uniform:      # one scale a block of rows across the whole row, kept k-uniform
+            q, s = quant_fp8_block(w, (self.block[0], w.shape[1]))
+            return q, s.expand(-1, math.ceil(w.shape[1] / self.block[1])).contiguous()
         return quant_fp8_block(w, self.block)
 
     def load_scale(self, layer, param, loaded, shard_id=None):
@@ -214,7 +223,12 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
             raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale_inv has non-finite or "
                              f"non-positive values")
         expanded = loaded.repeat_interleave(bn, 0)[:rows]                   # [rows, Kb]
-        if isinstance(layer, RowParallelLinear):
+        if isinstance(layer, RowParallelLinear) and self.k_uniform:
+            if not bool((expanded == expanded[:, :1]).all()):
+                raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scales differ along a row of a "
+                                 f"per-tensor / per-channel fp8 layer")
+            param.data.copy_(expanded[:, :1].expand(-1, param.shape[1]))
+        elif isinstance(layer, RowParallelLinear):
             kb = param.shape[1]
             param.data.copy_(expanded.narrow(1, layer.pctx.tp_rank * kb, kb))
         else:
@@ -265,9 +279,9 @@ class Int8W8A8LinearMethod(_QuantizedLinearMethod):
 
 
 def make_method(name: str, block: tuple[int, int] = DEFAULT_BLOCK, weight_only: bool = False,
-                static_input: bool = False):
+                static_input: bool = False, k_uniform: bool = False):
     if name == "fp8":
-        return Fp8BlockLinearMethod(block, weight_only, static_input)
+        return Fp8BlockLinearMethod(block, weight_only, static_input, k_uniform)
     if name == "w8a8-int8":
         return Int8W8A8LinearMethod()
     raise ValueError(f"quantization must be one of {', '.join(METHODS)}, got {name!r}")
@@ -327,13 +341,14 @@ def set_methods(model: nn.Module, choose: Callable[[str, list[str]], Optional[ob
 
 def quantize_linears(model: nn.Module, method: str, block: tuple[int, int] = DEFAULT_BLOCK,
                      ignore: Callable[[str], bool] = lambda module: False, weight_only: bool = False,
-                     static_input: bool = False) -> list[str]:
+                     static_input: bool = False, k_uniform: bool = False) -> list[str]:
     """Give every Linear that `is_quantized_module` accepts, and whose checkpoint modules
     `ignore` does not name (quant/ignore.py), the `method` (fp8 `weight_only`: activations
-    unquantized; `static_input`: quantized with the checkpoint's `input_scale`); returns their names."""
+    unquantized; `static_input`: quantized with the checkpoint's `input_scale`; `k_uniform`:
+    one scale a row or tensor); returns their names."""
     if not any(isinstance(m, LinearBase) and is_quantized_module(n) for n, m in model.named_modules()):
         raise ValueError(f"--quantization {method}: the model has no Linear layer to quantize")
-    return set_methods(model, lambda name, sources: make_method(method, block, weight_only, static_input)
+    return set_methods(model, lambda name, sources: make_method(method, block, weight_only, static_input, k_uniform)
                        if parts_quantized(name, sources, lambda s: not ignore(s)) else None)
 
 

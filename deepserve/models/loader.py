@@ -305,7 +305,7 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         scheme = fp8_scale_scheme(cfg.get("quantization_config") or {}) if method == "fp8" else None
         static = scheme is not None and scheme.static_input
         quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only,
-                         static_input=static)
+                         static_input=static, k_uniform=scheme is not None and scheme.strategy != "block")
         experts = quantize_experts(model, method, block, ignore)
         if static and experts:
             raise ValueError(f"fp8 routed experts with static activation scales (input_scale) are not supported "

@@ -482,3 +482,19 @@ def test_plan_counts_static_fp8_input_scales(qc):
     assert scales == 4 * 2 - int("ignore" in qc)       # qkv, o, gate_up, down a layer
     built = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes_per_gpu(cfg, Layout(1, 1, 1), quantization="fp8", ignored=checkpoint_ignore(cfg)) == built
+
+
+@pytest.mark.parametrize("strategy, ok", [("channel", True), ("tensor", True), ("block", False)])
+def test_per_channel_fp8_layouts_split_anywhere(strategy, ok):
+    """A compressed-tensors FP8 folder with one scale a row or tensor: TP 2 of an intermediate
+    size of 384 (192 a rank, not whole 128 blocks) is a layout, as the engine loads it; with
+    128x128 block scales it is not."""
+    from deepserve.distributed.plan_bytes import structural_problem
+    w = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False}
+    cfg = HFConfig({"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 384,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+                    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                    "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w}}}})
+    problem = structural_problem(cfg, Layout(2, 1, 1), "fp8")
+    assert (problem is None) == ok, problem

@@ -250,3 +250,33 @@ def test_convert_fp8_to_bf16_dequantizes_every_fp8_format_exactly(tiny, tmp_path
                 assert torch.equal(out[name], deq[name].bfloat16()), name
         elif not name.endswith(("_scale", ".input_scale")):
             assert torch.equal(out[name], q), name
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_per_tensor_and_channel_fp8_split_anywhere_under_tp(tiny, tmp_path, strategy):
+    """One scale a row or tensor is the same in every 128-column block, so a row-parallel split
+    need not fall on a block (vLLM splits such layers freely): the tiny Llama's down_proj (384
+    inputs, 192 a rank at TP 2) was refused. With static activations TP 2 gives TP 1's logits
+    (the same quantized values; sums split over ranks); with dynamic ones (per 128-group of a
+    rank's slice) it follows the dequantized model as TP 1 does."""
+    from tests.quant.test_ct_fp8 import _folders
+    ref, scales = tiny
+    static, _ = _static_folder(ref, scales, tmp_path / "static", strategy)
+    kw = dict(dtype="float32", tokenizer=TOKENIZER, kv_cache_memory_bytes=1 << 22)
+    one = torch.cat(LLM(model=str(static), **kw).prompt_logits(PROMPTS))
+    two = LLM(model=str(static), tensor_parallel_size=2, **kw)
+    try:
+        got = torch.cat(two.prompt_logits(PROMPTS))
+    finally:
+        two.shutdown()
+    assert (got - one).abs().max().item() < 1e-4
+    folders = _folders(ref, tmp_path / "dynamic", strategy)
+    two = LLM(model=str(folders["ct"]), tensor_parallel_size=2, **kw)
+    try:
+        got = torch.cat(two.prompt_logits(PROMPTS))
+    finally:
+        two.shutdown()
+    want = torch.cat(LLM(model=str(folders["deq"]), **kw).prompt_logits(PROMPTS))
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    assert kl < 1e-3, kl
