@@ -16,6 +16,12 @@ idle gap), then groups the steps: decode steps (C = 0) by batch (G in buckets), 
 With two traces the table puts them side by side with the first / second ratio of each median.
 A trace is a Chrome JSON file (.json or .json.gz); a folder means every trace file in it (one a
 rank: the first rank's is used, the others listed).
+
+A step's GPU range can come as several ranges of its name: vLLM's trace holds each step's range
+twice, one inside the other, and a piecewise-graph step as its first range with a fragment per
+eager stretch inside it. Ranges of one name that start inside the range before them are one
+step (their union). Per group, `--kernels N` (default 12) also lists the N kernels with the most
+GPU time a step (ms, the mean over the group's steps), side by side: where a step's time goes.
 """
 from __future__ import annotations
 
@@ -77,21 +83,42 @@ def steps_of(events: list[dict]) -> list[dict]:
             c, ct, g, gt = (int(v) for v in m.groups())
             spans.append({"context": c, "context_tokens": ct, "generation": g, "generation_tokens": gt,
                           "start_us": float(ev["ts"]), "span_us": float(ev["dur"])})
-    spans.sort(key=lambda s: s["start_us"])
-    kernels = sorted((float(ev["ts"]), float(ev["ts"]) + float(ev["dur"])) for ev in events
+    spans = merge_ranges(spans)
+    kernels = sorted((float(ev["ts"]), float(ev["ts"]) + float(ev["dur"]), ev.get("name", "?")) for ev in events
                      if ev.get("ph") == "X" and ev.get("cat") == "kernel")
     k = 0
     for i, step in enumerate(spans):
         lo, hi = step["start_us"], step["start_us"] + step["span_us"]
         while k < len(kernels) and kernels[k][1] <= lo:
             k += 1
-        inside, j = [], k
+        inside, by_name, j = [], {}, k
         while j < len(kernels) and kernels[j][0] < hi:
-            inside.append((max(kernels[j][0], lo), min(kernels[j][1], hi)))
+            a, b = max(kernels[j][0], lo), min(kernels[j][1], hi)
+            inside.append((a, b))
+            by_name[kernels[j][2]] = by_name.get(kernels[j][2], 0.0) + (b - a)
             j += 1
         step["busy_us"] = _union(inside) if kernels else None
+        step["kernels_us"] = by_name
         step["period_us"] = spans[i + 1]["start_us"] - lo if i + 1 < len(spans) else None
     return spans
+
+
+def _name(step: dict) -> tuple:
+    return step["context"], step["context_tokens"], step["generation"], step["generation_tokens"]
+
+
+def merge_ranges(spans: list[dict]) -> list[dict]:
+    """One entry a step: a range that starts inside the range before it and has its name (a
+    nested copy, or a fragment of a piecewise step) joins it, as their union."""
+    out: list[dict] = []
+    for step in sorted(spans, key=lambda s: s["start_us"]):
+        last = out[-1] if out else None
+        if last and _name(last) == _name(step) and step["start_us"] < last["start_us"] + last["span_us"]:
+            end = max(last["start_us"] + last["span_us"], step["start_us"] + step["span_us"])
+            last["span_us"] = end - last["start_us"]
+            continue
+        out.append(dict(step))
+    return out
 
 
 def bucket(value: int, edges: tuple[int, ...]) -> str:
@@ -127,6 +154,11 @@ def summarize(steps: list[dict]) -> dict[str, dict]:
         with_next = [s for s in mine if s["period_us"] is not None and s["busy_us"] is not None]
         row["idle_share"] = (1 - sum(s["busy_us"] for s in with_next) / sum(s["period_us"] for s in with_next)
                              if with_next else None)
+        totals: dict[str, float] = {}
+        for s in mine:
+            for k, us in s.get("kernels_us", {}).items():
+                totals[k] = totals.get(k, 0.0) + us
+        row["kernels_ms"] = {k: v / len(mine) / 1e3 for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
         out[name] = row
     return out
 
@@ -166,11 +198,31 @@ def table(labels: list[str], summaries: list[dict[str, dict]]) -> str:
     return "\n".join(rows)
 
 
+def _short(kernel: str, width: int = 70) -> str:
+    return kernel if len(kernel) <= width else kernel[:width - 3] + "..."
+
+
+def kernel_table(labels: list[str], summaries: list[dict[str, dict]], group_name: str, top: int) -> str:
+    """The `top` kernels of each trace in one step group (the union, ordered by the first trace's
+    time), ms a step; the last row is every kernel."""
+    tables = [s.get(group_name, {}).get("kernels_ms", {}) for s in summaries]
+    names: list[str] = []
+    for t in tables:
+        names += [k for k in list(t)[:top] if k not in names]
+    names.sort(key=lambda k: -max(t.get(k, 0.0) for t in tables))
+    rows = [f"{group_name}: ms a step", "| kernel | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for k in names:
+        rows.append(f"| {_short(k)} | " + " | ".join(f"{t[k]:.3f}" if k in t else "-" for t in tables) + " |")
+    rows.append("| all kernels | " + " | ".join(f"{sum(t.values()):.3f}" for t in tables) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+", help="trace files or folders")
     ap.add_argument("--labels", default=None, help="comma-separated names of the traces (default: their names)")
     ap.add_argument("--json", default=None, help="write every step and the summaries here")
+    ap.add_argument("--kernels", type=int, default=12, help="kernels listed a step group (0: none)")
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(t).name for t in args.traces]
     if len(labels) != len(args.traces):
@@ -184,11 +236,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"(profiled with a step-annotating server between /start_profile and /stop_profile?)")
         print(f"{label}: {files[0]} ({len(steps)} steps; {len(files) - 1} other trace files)", flush=True)
         summaries.append(summarize(steps))
-        dump[label] = {"file": str(files[0]), "others": [str(f) for f in files[1:]], "steps": steps,
+        dump[label] = {"file": str(files[0]), "others": [str(f) for f in files[1:]],
+                       "steps": [{k: v for k, v in st.items() if k != "kernels_us"} for st in steps],
                        "summary": summaries[-1]}
     if args.json:
         Path(args.json).write_text(json.dumps(dump, indent=1))
     print(table(labels, summaries))
+    if args.kernels:
+        names = sorted({n for s in summaries for n in s}, key=_group_order)
+        for name in names:
+            if any(s.get(name, {}).get("kernels_ms") for s in summaries):
+                print()
+                print(kernel_table(labels, summaries, name, args.kernels))
     return 0
 
 

@@ -78,3 +78,39 @@ def test_a_cpu_trace_gives_its_host_ranges():
     steps = steps_mod.steps_of(cpu)
     assert [(s["context_tokens"], s["generation"], s["span_us"], s["busy_us"], s["period_us"]) for s in steps] == [
         (12, 0, 5.0, None, 10.0), (0, 1, 3.0, None, None)]
+
+
+def test_nested_and_fragment_ranges_are_one_step():
+    """vLLM's trace: each decode step's range twice, one inside the other; a piecewise step as
+    its range with fragments inside it; each is one step, and the period runs to the next."""
+    dec, mix = "execute_context_0(0)_generation_235(235)", "execute_context_1(14)_generation_235(235)"
+    trace = _trace([(dec, 0, 1000), (dec, 50, 900),
+                    (mix, 1100, 1400), (mix, 1150, 4), (mix, 1200, 4), (mix, 2490, 4),
+                    (dec, 2600, 1000), (dec, 2650, 900)],
+                   [(0, 950), (1100, 1500), (2600, 3500)])
+    steps = steps_mod.steps_of(trace["traceEvents"])
+    assert [(s["context"], s["start_us"], s["span_us"], s["period_us"]) for s in steps] == [
+        (0, 0.0, 1000.0, 1100.0), (1, 1100.0, 1400.0, 1500.0), (0, 2600.0, 1000.0, None)]
+    assert [s["busy_us"] for s in steps] == [950.0, 400.0, 900.0]
+
+
+def test_kernels_a_step_side_by_side(capsys, tmp_path):
+    """Per group, each kernel's GPU time a step (mean over the group's steps), the two traces'
+    tops together, and every kernel's sum."""
+    dec = "execute_context_0(0)_generation_8(8)"
+    a = {"traceEvents": _trace([(dec, 0, 100), (dec, 200, 100)], [])["traceEvents"] + [
+        {"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d}
+        for n, t, d in [("moe", 0, 60), ("attn", 60, 30), ("moe", 200, 80), ("attn", 280, 10)]]}
+    b = {"traceEvents": _trace([(dec, 0, 100)], [])["traceEvents"] + [
+        {"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d}
+        for n, t, d in [("fused_moe_kernel", 0, 50), ("flash_mla", 50, 20)]]}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert steps_mod.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--labels", "ds,vllm",
+                           "--json", str(tmp_path / "s.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| moe | 0.070 | - |" in text and "| attn | 0.020 | - |" in text
+    assert "| fused_moe_kernel | - | 0.050 |" in text and "| all kernels | 0.090 | 0.070 |" in text
+    dump = json.loads((tmp_path / "s.json").read_text())
+    assert dump["ds"]["summary"]["decode, batch 2-8"]["kernels_ms"] == pytest.approx({"moe": 0.07, "attn": 0.02})
+    assert "kernels_us" not in dump["ds"]["steps"][0]
