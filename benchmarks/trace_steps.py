@@ -12,6 +12,7 @@ idle gap), then groups the steps: decode steps (C = 0) by batch (G in buckets), 
 
     python benchmarks/trace_steps.py DIR_OR_TRACE [--label NAME] [DIR_OR_TRACE --label NAME ...]
     python benchmarks/trace_steps.py po/trace_deepserve po/trace_vllm --json steps.json
+    python benchmarks/trace_steps.py --steps-json steps.json     # that JSON's steps again, merged
 
 With two traces the table puts them side by side with the first / second ratio of each median.
 A trace is a Chrome JSON file (.json or .json.gz); a folder means every trace file in it (one a
@@ -121,6 +122,28 @@ def merge_ranges(spans: list[dict]) -> list[dict]:
     return out
 
 
+def resummarize(saved: dict) -> dict[str, dict]:
+    """The summary of each label's steps saved by an earlier --json, their ranges merged as
+    steps_of merges them (a merged step's busy time: its largest member's, which holds the
+    others' kernels when they nest) and the periods taken again."""
+    out = {}
+    for label, entry in saved.items():
+        steps: list[dict] = []
+        for st in sorted(entry["steps"], key=lambda s: s["start_us"]):
+            busy = st.get("busy_us")
+            merged = merge_ranges(steps[-1:] + [st])
+            if len(merged) == 1 and steps:
+                prev_busy = steps[-1].get("busy_us")
+                steps[-1] = merged[0]
+                steps[-1]["busy_us"] = None if busy is None else max(busy, prev_busy or 0.0)
+            else:
+                steps.append(dict(st))
+        for i, st in enumerate(steps):
+            st["period_us"] = steps[i + 1]["start_us"] - st["start_us"] if i + 1 < len(steps) else None
+        out[label] = summarize(steps)
+    return out
+
+
 def bucket(value: int, edges: tuple[int, ...]) -> str:
     lo = 0
     for edge in edges:
@@ -219,11 +242,19 @@ def kernel_table(labels: list[str], summaries: list[dict[str, dict]], group_name
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("traces", nargs="+", help="trace files or folders")
+    ap.add_argument("traces", nargs="*", help="trace files or folders")
+    ap.add_argument("--steps-json", default=None,
+                    help="summarize the steps a --json of an earlier run saved (no traces needed)")
     ap.add_argument("--labels", default=None, help="comma-separated names of the traces (default: their names)")
     ap.add_argument("--json", default=None, help="write every step and the summaries here")
     ap.add_argument("--kernels", type=int, default=12, help="kernels listed a step group (0: none)")
     args = ap.parse_args(argv)
+    if args.steps_json:
+        again = resummarize(json.loads(Path(args.steps_json).read_text()))
+        print(table(list(again), list(again.values())))
+        return 0
+    if not args.traces:
+        ap.error("give trace files or folders, or --steps-json")
     labels = args.labels.split(",") if args.labels else [Path(t).name for t in args.traces]
     if len(labels) != len(args.traces):
         ap.error(f"{len(labels)} labels for {len(args.traces)} traces")

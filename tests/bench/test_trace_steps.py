@@ -114,3 +114,24 @@ def test_kernels_a_step_side_by_side(capsys, tmp_path):
     dump = json.loads((tmp_path / "s.json").read_text())
     assert dump["ds"]["summary"]["decode, batch 2-8"]["kernels_ms"] == pytest.approx({"moe": 0.07, "attn": 0.02})
     assert "kernels_us" not in dump["ds"]["steps"][0]
+
+
+def test_saved_steps_summarized_again(tmp_path, capsys):
+    """--steps-json: steps saved before the range merge, nested copies included, summarized as
+    steps_of now gives them."""
+    dec = "execute_context_0(0)_generation_235(235)"
+    trace = _trace([(dec, 0, 1000), (dec, 50, 900), (dec, 1100, 1000), (dec, 1150, 900), (dec, 2200, 1000)],
+                   [(0, 950), (1100, 2050), (2200, 3100)])
+    unmerged = []
+    for ev in trace["traceEvents"]:
+        if ev["cat"] == "gpu_user_annotation" and ev["name"] == dec:
+            unmerged.append({"context": 0, "context_tokens": 0, "generation": 235, "generation_tokens": 235,
+                             "start_us": float(ev["ts"]), "span_us": float(ev["dur"]), "busy_us": 900.0})
+    saved = tmp_path / "steps.json"
+    saved.write_text(json.dumps({"vllm": {"steps": unmerged}}))
+    again = steps_mod.resummarize(json.loads(saved.read_text()))["vllm"]["decode, batch 193-256"]
+    direct = steps_mod.summarize(steps_mod.steps_of(trace["traceEvents"]))["decode, batch 193-256"]
+    assert again["steps"] == direct["steps"] == 3
+    assert again["period_ms"] == direct["period_ms"] == pytest.approx(1.1)
+    assert steps_mod.main(["--steps-json", str(saved)]) == 0
+    assert "| decode, batch 193-256 | 3 | 235 | 1.00 | 0.90 | 1.10 |" in capsys.readouterr().out
