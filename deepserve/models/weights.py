@@ -11,6 +11,7 @@ to the model dtype; int8 as fp32(q) * s.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import zlib
@@ -24,6 +25,8 @@ from torch import nn
 from deepserve.quant.checkpoint import no_safetensors
 from deepserve.quant.fp8 import FP8_DTYPE, dequant_fp8_block
 from deepserve.quant.int8 import dequant_int8
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -154,7 +157,7 @@ KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
 # llm-compressor's (kv_cache_scheme) output scales of k_proj / v_proj
 KV_SCALE_ALIASES = ((re.compile(r"\.self_attn\.[kv]_proj\.([kv])_scale$"), r".self_attn.\1_scale"),
                     (re.compile(r"\.self_attn\.qkv_proj\.([kv])_scale$"), r".self_attn.\1_scale"),
-                    (re.compile(r"\.self_attn\.([kv])_proj\.output_scale$"), r".self_attn.\1_scale"))
+                    (re.compile(r"\.self_attn\.([qkv])_proj\.output_scale$"), r".self_attn.\1_scale"))
 
 
 def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
@@ -166,6 +169,8 @@ def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     for pattern, repl in KV_SCALE_ALIASES:
         mapped = pattern.sub(repl, mapped)
     prefix, _, leaf = mapped.rpartition(".")
+    if leaf == "q_scale":
+        return _skip_q_scale(model, name, tensor)
     if leaf not in KV_SCALE_NAMES:
         return False
     try:
@@ -181,6 +186,20 @@ def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"fp8 KV scale {name} must be finite and > 0, got {value}")
     target.set_kv_scale(leaf, value)
+    return True
+
+
+def _skip_q_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """A checkpoint's fp8 query scale (llm-compressor's attention scheme writes `self_attn.q_scale`
+    beside the KV scales): vLLM loads it for backends that quantize queries to fp8 and ignores it
+    elsewhere; deepserve's attention keeps queries in the model dtype, so it is checked and left
+    unused, said once a model."""
+    if tensor.numel() != 1 or not tensor.is_floating_point() or not math.isfinite(float(tensor.float().reshape(-1)[0])):
+        raise ValueError(f"fp8 query scale {name} must hold one finite value, got {tensor.dtype} {tuple(tensor.shape)}")
+    if not getattr(model, "unused_q_scale", None):
+        logger.warning("the checkpoint's fp8 query scales (%s, ...) are not used: deepserve's attention keeps "
+                       "queries in the model dtype", name)
+        model.unused_q_scale = name
     return True
 
 

@@ -232,3 +232,30 @@ def test_kv_scales_under_every_name_vllm_reads(tmp_path, folder, k_name, v_name)
               kv_cache_memory_bytes=1 << 20)
     scales = [(m.k_scale, m.v_scale) for m in llm.engine.runner.kv_layers]
     assert scales[0] == (0.5, 0.25) and set(scales[1:]) == {(1.0, 1.0)}, scales
+
+
+def test_a_query_scale_is_checked_and_left_unused_with_a_warning(tmp_path, caplog):
+    """llm-compressor's attention scheme writes `self_attn.q_scale` (or `q_proj.output_scale`)
+    beside the KV scales; vLLM ignores it where its backend keeps queries unquantized, as
+    deepserve's attention does: loaded without error, one warning naming it, KV scales applied
+    (it was refused as a tensor with no model parameter); a malformed one is refused."""
+    import logging
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(STORIES, tmp_path / "m")
+    shard = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(shard)
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.q_scale"] = torch.tensor(0.3)
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="deepserve"):
+        llm = LLM(str(tmp_path / "m"), tokenizer=TOKENIZER, dtype="float32", kv_cache_dtype="fp8",
+                  kv_cache_memory_bytes=1 << 20)
+    assert caplog.text.count("fp8 query scales") == 1 and "model.layers.0.self_attn.q_scale" in caplog.text
+    assert llm.engine.runner.kv_layers[0].k_scale == 0.5
+    tensors["model.layers.1.self_attn.q_scale"] = torch.tensor([float("nan")])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"^fp8 query scale model.layers.1.self_attn.q_scale must hold one finite"):
+        LLM(str(tmp_path / "m"), tokenizer=TOKENIZER, dtype="float32", kv_cache_dtype="fp8",
+            kv_cache_memory_bytes=1 << 20)
