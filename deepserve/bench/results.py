@@ -23,13 +23,13 @@ def check_result_path(path: Path, flag: str) -> None:
 
 
 def write_result(path: Path, text: str, append: bool = False) -> None:
-    """The result file, as vLLM writes it (appended: one JSON document a line); a failure to write
-    is one line that keeps the printed summary as the only copy."""
+    """The result file (appended: one JSON document a line, as vLLM appends them); a failure to
+    write is one line."""
     try:
         if append:
-            with path.open("a") as f:
+            with path.open("a", encoding="utf-8") as f:
                 f.write(("\n" if f.tell() else "") + text)
         else:
-            path.write_text(text)
+            path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror or exc}; the summary above is the run's result") from None
+        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deepserve.bench.datasets import sample_requests
+from deepserve.bench.results import check_result_path
 from deepserve.bench.serve import align_to_server, request_model_name, resolve_model, run_serve
 from deepserve.engine.tokenizer import resolve_tokenizer
 
@@ -115,11 +116,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
     if plt is None:
         print("bench sweep: matplotlib is not installed, so no chart (pip install 'deepserve[plot]'); "
               "the runs, the table and the JSON are written", file=sys.stderr)
+    out_dir = Path(args.result_dir or ".")
+    check_result_path(out_dir / "sweep.json", "--result-dir")
     args.model = resolve_model(args)
     tok = resolve_tokenizer(args.tokenizer, args.model)
     requests = align_to_server(args, sample_requests(args, tok), request_model_name(args, quiet=True), quiet=True)
-    out_dir = Path(args.result_dir or ".")
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bar = tqdm(settings, desc="sweep", disable=args.disable_tqdm, file=sys.stderr)
     for conc, rate in bar:

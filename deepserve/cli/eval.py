@@ -210,8 +210,10 @@ def compare_handler(args) -> int:
     table = compare_markdown(comparison)
     print(table, end="")
     if args.output:
+        from deepserve.bench.results import check_result_path, write_result
+
         output = output_file(args.output, "compare.json")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
-        output.with_suffix(".md").write_text(table, encoding="utf-8")
+        check_result_path(output, "--output")
+        write_result(output, json.dumps(comparison, indent=1) + "\n")
+        write_result(output.with_suffix(".md"), table)
     return 0

@@ -64,6 +64,7 @@ def test_vllms_sweep_runner_is_named(capsys):
      ["--append-result", "--result-dir", "{tmp}", "--result-filename", "{file}/r.json"]),
     (["latency", "--input-len", "4", "--output-len", "2", "--num-iters", "1"], ["--output-json", "{file}/r.json"]),
     (["throughput", "--num-prompts", "1", "--input-len", "4", "--output-len", "2"], ["--output-json", "{file}/r.json"]),
+    (["sweep", "--num-prompts", "1", "--port", "8000", "--max-concurrency-list", "1"], ["--result-dir", "{file}/s"]),
 ])
 def test_result_that_cannot_be_saved_is_one_line_before_the_run(capsys, monkeypatch, tmp_path, command, flags):
     """A result path under a file fails at once in one line naming the flag (it was a traceback
@@ -71,8 +72,9 @@ def test_result_that_cannot_be_saved_is_one_line_before_the_run(capsys, monkeypa
     monkeypatch.setattr("deepserve.cli.bench.check_reachable", lambda url: None)
     monkeypatch.setattr("deepserve.bench.offline._load_engine",
                         lambda args: (_ for _ in ()).throw(AssertionError("the engine was started")))
-    monkeypatch.setattr("deepserve.bench.serve.resolve_model",
-                        lambda args: (_ for _ in ()).throw(AssertionError("the run began")))
+    for module in ("serve", "sweep"):
+        monkeypatch.setattr(f"deepserve.bench.{module}.resolve_model",
+                            lambda args: (_ for _ in ()).throw(AssertionError("the run began")))
     a_file = tmp_path / "afile"
     a_file.write_text("")
     flags = [f.format(file=a_file, tmp=tmp_path) for f in flags]
