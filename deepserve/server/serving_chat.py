@@ -523,7 +523,10 @@ async def create_chat_completion(request: Request, state: ServerState):
         if prep.echo_text:
             content = prep.echo_text + (content or "")
         shown = content if (content or not calls or prep.tool_mode in ("named", "required")) else None
-        message: dict = {"role": prep.role, "content": shown}
+        # `reasoning` is always there, null without a parser or with the reasoning hidden, as in
+        # vLLM's ChatMessage (clients read message.reasoning); reasoning_content, its older
+        # name, only beside a parser's reasoning
+        message: dict = {"role": prep.role, "content": shown, "reasoning": None}
         if prep.parser_name is not None and prep.include_reasoning:
             message.update(reasoning_content=reasoning, reasoning=reasoning)
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
