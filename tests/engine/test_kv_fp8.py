@@ -259,3 +259,34 @@ def test_a_query_scale_is_checked_and_left_unused_with_a_warning(tmp_path, caplo
     with pytest.raises(ValueError, match=r"^fp8 query scale model.layers.1.self_attn.q_scale must hold one finite"):
         LLM(str(tmp_path / "m"), tokenizer=TOKENIZER, dtype="float32", kv_cache_dtype="fp8",
             kv_cache_memory_bytes=1 << 20)
+
+
+def test_mla_fp8_latent_is_transformers_with_the_latent_rounded_to_e4m3(tmp_path):
+    """MLA's fp8 cache holds the latent (kv_a_layernorm's output and the roped k_pe): a tiny
+    DeepSeek-V3's fp8-KV prompt logits are transformers' with those two rounded to e4m3 (the
+    prefill reads every key, the chunk's own too, from the cache), far from the unrounded model's."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as md
+    from tests.models.hf_reference import save_tiny_mla_moe
+    save_tiny_mla_moe(tmp_path / "m")
+    prompts = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 100, 11, 54, 9], [120, 1, 77, 77, 13, 40, 6, 93]]
+    got = torch.cat(LLM(model=str(tmp_path / "m"), dtype="float32", tokenizer=TOKENIZER, kv_cache_dtype="fp8",
+                        kv_cache_memory_bytes=1 << 22).prompt_logits(prompts))
+    e4m3 = lambda t: t.float().clamp(-448, 448).to(FP8).to(t.dtype)     # noqa: E731
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
+
+    def logits():
+        with torch.no_grad():
+            return torch.cat([hf(torch.tensor([p])).logits[0] for p in prompts])
+    plain = logits()
+    ropes = md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave
+    hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(lambda m, i, o: e4m3(o)) for layer in hf.model.layers]
+    try:
+        md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = (
+            (lambda q, k, *a, rope=rope, **kw: (lambda qk: (qk[0], e4m3(qk[1])))(rope(q, k, *a, **kw))) for rope in ropes)
+        rounded = logits()
+    finally:
+        md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = ropes
+        for h in hooks:
+            h.remove()
+    err, drift = (got - rounded).abs().max().item(), (got - plain).abs().max().item()
+    assert err < 1e-5 and drift > 1e-3, (err, drift)
