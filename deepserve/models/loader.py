@@ -129,7 +129,8 @@ def checkpoint_quantization(hf_config) -> Optional[str]:
         _check_w8a8_int8(qc)
         return "w8a8-int8"
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported; deepserve loads "
-                     f"fp8 (DeepSeek block), compressed-tensors (W8A8 int8, W4A16, W4A8), awq and gptq")
+                     f"fp8 (DeepSeek block, per-tensor), compressed-tensors (FP8, W8A8 int8, W4A16, W4A8), "
+                     f"awq and gptq")
 
 
 INT4_METHODS = ("awq", "gptq", "w4a16", "w4a8-int8")

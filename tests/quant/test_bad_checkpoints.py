@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from deepserve.models.loader import linear_method
+from deepserve.models.loader import checkpoint_quantization, linear_method
 from deepserve.models.weights import checkpoint_files
 from deepserve.quant import quantize_checkpoint
 from tests.models.hf_reference import load_ours, save_tiny
@@ -315,3 +315,11 @@ def test_true_false_fields_given_as_strings_are_refused(qc, field):
         int4_spec({"quantization_config": qc, "torch_dtype": "float16"})
     good = dict(qc, **{field: field == "sym"})
     assert int4_spec({"quantization_config": good, "torch_dtype": "float16"}) is not None
+
+
+def test_an_unknown_quant_method_names_every_format_served():
+    """The refusal of an unknown quant_method lists what deepserve loads, the per-tensor fp8 and
+    compressed-tensors FP8 folders included."""
+    with pytest.raises(ValueError, match=r"^quantization_config.quant_method 'bitsandbytes' is not supported; deepserve "
+                                         r"loads fp8 \(DeepSeek block, per-tensor\), compressed-tensors \(FP8, W8A8"):
+        checkpoint_quantization({"quantization_config": {"quant_method": "bitsandbytes"}})
