@@ -295,7 +295,7 @@ def test_fp8_half2_ptx_bit_for_bit_the_replay(triton_ops, cpu_only):
         assert float(sums[r]) == float(np.float16(lo + hi))
 
 
-def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only):
+def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only, monkeypatch):
     """Static activation scale (a checkpoint's input_scale): the torch op is the format's rule
     (q = e4m3(clamp(x / s, -448, 448)), y = (q s) (w s_w)^T + b, values past 448 s saturating),
     and the Triton op (the block GEMM given that scale for every row and group) equals it."""
@@ -310,5 +310,9 @@ def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
     got = triton_ops.quant_gemm.fp8_static_linear(x.reshape(4, 5, 300), wq, ws, s_in, bias)
     torch.testing.assert_close(got.reshape(20, 72), want, rtol=1e-5, atol=1e-5)
+    for gemv in ("0", "1"):         # one row: the GEMM, or the GEMV given the scale
+        monkeypatch.setenv("DEEPSERVE_FP8_GEMV", gemv)
+        row = triton_ops.quant_gemm.fp8_static_linear(x[3:4], wq, ws, s_in, bias)
+        torch.testing.assert_close(row, want[3:4], rtol=1e-5, atol=1e-5)
     # a dynamic quantization of the same rows gives other numbers: the scale is the one used
     assert (triton_ops.quant_gemm.fp8_block_linear(x, wq, ws, bias) - want).abs().max() > 1e-2

@@ -358,9 +358,10 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 @register("fp8_static_linear", "triton")
 def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The block GEMM with the activations quantized by the checkpoint's one static scale (an
-    elementwise torch op) instead of per 128-group: the kernel takes any activation scales, here
-    that one repeated for every row and group."""
+    """The block GEMM (or, for one row where the launch table says so, the GEMV) with the
+    activations quantized by the checkpoint's one static scale (an elementwise torch op) instead
+    of per 128-group: the kernels take any activation scales, here that one repeated for every
+    row and group."""
     if not fp8_kernels_usable(x.device):
         return fp8_static_linear_torch(x, weight, weight_scale, input_scale, bias)
     check_fp8_operands(x, weight, weight_scale)
@@ -368,5 +369,10 @@ def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     x2 = as_rows(x)
     q = quant_fp8_static(x2, input_scale)
     a_scale = input_scale.to(torch.float32).reshape(1, 1).expand(x2.shape[0], triton.cdiv(k, FP8_GROUP)).contiguous()
-    y = fp8_gemm(q, a_scale, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
+    weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
+    one_row = gemv_settings(*weight.shape, x.device) if x2.shape[0] == 1 else None
+    if one_row is not None:
+        y = fp8_gemv(q, a_scale, weight, weight_scale, x.dtype, bias, one_row)
+    else:
+        y = fp8_gemm(q, a_scale, weight, weight_scale, x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
