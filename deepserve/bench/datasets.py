@@ -284,7 +284,8 @@ def _sample(args, tok: Tokenizer) -> list[SampleRequest]:
     if n < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {n}")
     if name in ("random", "prefix-repetition") and args.dataset_path:
-        raise ValueError(f"--dataset-name {args.dataset_name} takes no --dataset-path (sharegpt and sonnet read one)")
+        raise ValueError(f"--dataset-name {args.dataset_name} takes no --dataset-path; name the file's set with "
+                         "--dataset-name sharegpt, sonnet or custom (random is the default, as in vLLM)")
     if name == "random":
         if getattr(args, "random_batch_size", 1) != 1:
             raise ValueError(f"--random-batch-size {args.random_batch_size}: several prompts a request are vLLM's "

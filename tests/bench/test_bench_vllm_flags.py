@@ -62,6 +62,8 @@ def test_random_ignores_eos_and_results_append_with_metadata(fake_server, bench_
 
 @pytest.mark.parametrize("extra, message", [
     (["--dataset-name", "random", "--dataset-path", "x.json"], "--dataset-name random takes no --dataset-path"),
+    (["--dataset-path", "x.jsonl"], "--dataset-name random takes no --dataset-path; name the file's set with "
+                                    "--dataset-name sharegpt, sonnet or custom"),
     (["--tokenizer-mode", "mistral"], "--tokenizer-mode mistral is not supported"),
     (["--header", "novalue"], "--header takes KEY=VALUE"),
     (["--metadata", "=x"], "--metadata takes KEY=VALUE"),
