@@ -162,6 +162,21 @@ def sampling_kwargs(args) -> dict:
     return {**kwargs, **({"detokenize": False} if getattr(args, "disable_detokenize", False) else {})}
 
 
+def check_fits(llm: Any, prompts: list[dict], out_lens: list[int]) -> None:
+    """Every request's prompt and output within the engine's max_model_len, as vLLM's benchmarks
+    assert: past it the engine stops the output early, and the run would time shorter outputs
+    than were asked for."""
+    limit = getattr(getattr(llm, "engine", None), "max_model_len", None)
+    if limit is None:   # vLLM's LLM; an object that tells none is not checked
+        limit = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+    if limit is None:
+        return
+    longest = max(len(p["prompt_token_ids"]) + n for p, n in zip(prompts, out_lens))
+    if longest > limit:
+        raise ValueError(f"a request of {longest} tokens (prompt + output) does not fit max_model_len {limit}: "
+                         "lower --input-len / --output-len or raise --max-model-len")
+
+
 def run_latency(args) -> dict:
     check_profile_flag(args)
     check_output_json(args)
@@ -174,6 +189,7 @@ def run_latency(args) -> dict:
     else:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling)
     prompts = random_prompts(args.batch_size, args.input_len, vocab, seed)
+    check_fits(llm, prompts, [max_tokens] * len(prompts))
     if args.profile:   # as vLLM: after the warm-up, one batch under the profiler, untimed
         for _ in range(args.num_iters_warmup):
             run_batch(llm, params, prompts, args.use_beam_search)
@@ -215,7 +231,8 @@ def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
             [r.expected_output_len for r in requests])
 
 
-def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -> tuple[list[dict], list]:
+def throughput_requests(args, num: int, seed: int, llm: Any, vocab: int,
+                        SamplingParams) -> tuple[list[dict], list]:
     """`num` prompts of the chosen set and their sampling parameters (every output length exact;
     `args.n` sequences a prompt, greedy for one, temperature 1 for several as vLLM samples them)."""
     sampling = sampling_kwargs(args)
@@ -224,6 +241,7 @@ def throughput_requests(args, num: int, seed: int, vocab: int, SamplingParams) -
                                             args.random_range_ratio, args.random_prefix_len)
     else:
         prompts, out_lens = dataset_prompts(argparse.Namespace(**{**vars(args), "num_prompts": num}), seed)
+    check_fits(llm, prompts, out_lens)
     if len(set(out_lens)) == 1:
         return prompts, SamplingParams(max_tokens=out_lens[0], ignore_eos=True, **sampling)
     return prompts, [SamplingParams(max_tokens=tokens, ignore_eos=True, **sampling) for tokens in out_lens]
@@ -243,10 +261,11 @@ def run_throughput(args) -> dict:
         check_dataset_file(args.dataset_path)   # before the model loads
     llm, SamplingParams, vocab, seed = _load_engine(args)
     if args.num_warmups:   # vLLM's: the same set with the next seed, untimed
-        warm_prompts, warm_params = throughput_requests(args, args.num_warmups, seed + 1, vocab, SamplingParams)
+        warm_prompts, warm_params = throughput_requests(args, args.num_warmups, seed + 1, llm, vocab,
+                                                       SamplingParams)
         print(f"Warming up with {len(warm_prompts)} requests...", file=sys.stderr)
         llm.generate(warm_prompts, warm_params, use_tqdm=False)
-    prompts, params = throughput_requests(args, args.num_prompts, seed, vocab, SamplingParams)
+    prompts, params = throughput_requests(args, args.num_prompts, seed, llm, vocab, SamplingParams)
     if args.profile:   # as vLLM: the measured run is profiled
         llm.start_profile()
     result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)

@@ -78,3 +78,24 @@ def test_real_engine_latency_and_throughput(bench_args, tmp_path, capsys):
     assert res["total_output_tokens"] == 30 and res["total_prompt_tokens"] == 24 and res["num_requests"] == 3
     with pytest.raises(ValueError, match="--n must be >= 1"):
         _throughput(bench_args(["throughput", "--num-prompts", "1", "--n", "0", "--disable-tqdm"]))
+
+
+@pytest.mark.parametrize("command", [
+    ["latency", "--batch-size", "1", "--num-iters", "1", "--num-iters-warmup", "0"],
+    ["throughput", "--num-prompts", "2"],
+])
+def test_requests_past_max_model_len_are_refused(bench_args, command):
+    """As vLLM's benchmarks assert: a prompt + output past max_model_len is refused, where the
+    engine would stop each output early and the run time shorter outputs than were asked for
+    (bench latency timed 60 + 4 tokens for --output-len 10 at --max-model-len 64)."""
+    pytest.importorskip("deepserve.engine.llm", reason="the engine (deepserve.LLM) is not in this build")
+    from deepserve.bench.offline import run_latency, run_throughput
+
+    run = run_latency if command[0] == "latency" else run_throughput
+    flags = [*command, "--max-model-len", "64", "--input-len", "60", "--disable-tqdm"]
+    with pytest.raises(ValueError, match=r"^a request of 70 tokens \(prompt \+ output\) does not fit "
+                                         r"max_model_len 64: lower --input-len / --output-len or raise --max-model-len$"):
+        run(bench_args(flags + ["--output-len", "10"]))
+    result = run(bench_args(flags + ["--output-len", "4"]))
+    if command[0] == "throughput":
+        assert result["total_output_tokens"] == 8
