@@ -892,7 +892,7 @@ def resolve_max_model_len(hf_config: HFConfig, max_model_len: Optional[int]) -> 
     if max_model_len is None or max_model_len == -1:
         return limit
     if max_model_len < 1:
-        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        raise ValueError(f"max_model_len must be >= 1, or -1 to fit it to the KV cache, got {max_model_len}")
     if max_model_len > limit:
         # vLLM lets VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 past this; here the rotary tables are sized from
         # max_position_embeddings, so the way past it is to raise that

@@ -115,7 +115,7 @@ def test_the_plan_names_the_scheme_serve_runs(folders, capsys, folder, flag, sch
     (["--max-model-len", "100000"], "max_model_len 100000 exceeds the model's max_position_embeddings 256; for a "
                                     "model that holds longer contexts pass --hf-overrides "
                                     "'{\"max_position_embeddings\": 100000}'"),
-    (["--max-model-len", "0"], "max_model_len must be >= 1, got 0"),
+    (["--max-model-len", "0"], "max_model_len must be >= 1, or -1 to fit it to the KV cache, got 0"),
 ])
 def test_the_plan_refuses_a_max_model_len_serve_refuses(folders, capsys, no_server, flags, message):
     """A plan for a context the model cannot take (or 0, which planned the default) was printed."""
