@@ -316,3 +316,25 @@ def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only
         torch.testing.assert_close(row, want[3:4], rtol=1e-5, atol=1e-5)
     # a dynamic quantization of the same rows gives other numbers: the scale is the one used
     assert (triton_ops.quant_gemm.fp8_block_linear(x, wq, ws, bias) - want).abs().max() > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("n,k", [(2112, 7168), (4096, 4096), (7168, 18432)])
+def test_fp8_static_linear_gpu_model_shapes(triton_ops, m, n, k):
+    """The static-scale op compiled (block GEMM, and the GEMV where the device table takes it at
+    one row) at R1 / 8B shapes, against the format's rule on the same device: within the fp8
+    tensor cores' accumulation bound (a few 2^-10 of the sum of |terms|)."""
+    qg = triton_ops.quant_gemm
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g, device="cuda")
+    wq, grid = quant_fp8_block(torch.randn(n, k, generator=g, device="cuda") * 0.02)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    s_in = torch.tensor([x.abs().amax().item() / 448 * 0.5], device="cuda")
+    q = (x / s_in).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s_in
+    w = wq.float() * ws.repeat_interleave(128, 1)[:, :k]
+    bias = torch.randn(n, generator=g, device="cuda")
+    want = q @ w.t() + bias
+    bound = 4e-3 * (q.abs() @ w.abs().t()) + 1e-4
+    got = qg.fp8_static_linear(x, wq, ws, s_in, bias)
+    assert ((got.float() - want).abs() <= bound).all(), (got.float() - want).abs().max().item()
