@@ -44,6 +44,7 @@ from deepserve.engine.pipeline import PipelineStage
 from deepserve.engine.step_inputs import MTPStepMessage, StepInputs, StepMessage
 from deepserve.engine.warm_up import WATCH, profile_inputs
 from deepserve.layers.attention import AttentionMetadata
+from deepserve.layers.mla import MLAAttention, prefill_gather_arrays, set_prefill_gather
 from deepserve.models.loader import load_model
 from deepserve.ops import OpTable
 from deepserve.ops.registry import check_backend_runs_on
@@ -121,6 +122,7 @@ class ModelRunner:
         if self.pctx.pp_size > 1:
             held = {id(m) for i in self.model.pp_layers for m in self.model.model.layers[i].modules()}
             self.kv_layers = [m for m in self.kv_layers if id(m) in held]
+        self.mla_layers = any(isinstance(m, MLAAttention) for m in self.kv_layers)
         self.vocab_size = config.model.hf_config.vocab_size
         self.pipeline = PipelineStage(self) if self.pctx.pp_size > 1 else None
         # speculative decoding with mtp: the model's first MTP layer drafts on every rank (its
@@ -398,12 +400,23 @@ class ModelRunner:
         qsl = np.zeros(len(h.q_lens) + 1, dtype=np.int64)
         np.cumsum(h.q_lens, out=qsl[1:])
         tables = np.asarray(h.tables, dtype=np.int32)
-        (ids, positions, slots, rows), (qsl_t, seq_lens, tables_t) = self.staging.copy(
-            (h.ids, h.positions, h.slots, h.logits_rows), (qsl, h.seq_lens, tables))
+        first = h.num_decodes
+        # with prompt rows: their query starts from 0 and MLA's prefill gather (the same for every
+        # layer), built here and sent with the rest instead of by launches in the first layer
+        prompts = first < len(h.q_lens)
+        gather = (prefill_gather_arrays(h.seq_lens[first:], tables[first:], self.block_size)
+                  if self.mla_layers and prompts else ())
+        starts = (qsl[first:] - qsl[first],) if prompts else ()
+        (ids, positions, slots, rows, *g_blocks), (qsl_t, seq_lens, tables_t, *extra) = self.staging.copy(
+            (h.ids, h.positions, h.slots, h.logits_rows, *gather[:1]), (qsl, h.seq_lens, tables, *starts, *gather[1:]))
         meta = AttentionMetadata(
             query_start_loc=qsl_t, seq_lens=seq_lens, block_tables=tables_t.view(tables.shape),
             slot_mapping=slots, logits_indices=rows, max_query_len=max(h.q_lens),
-            max_seq_len=int(max(h.seq_lens)), num_decodes=h.num_decodes, seq_lens_host=h.seq_lens)
+            max_seq_len=int(max(h.seq_lens)), num_decodes=first, seq_lens_host=h.seq_lens,
+            prefill_starts=extra[0] if prompts else None)
+        if gather:
+            _, g_tables, g_valid = extra
+            set_prefill_gather(meta, first, self.block_size, g_blocks[0], g_tables.view(gather[1].shape), g_valid)
         return ids, positions, meta
 
     @torch.inference_mode()

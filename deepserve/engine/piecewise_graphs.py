@@ -122,7 +122,7 @@ class PiecewiseGraphs:
         self.copy_outputs = copy_outputs
         # without copy_outputs: size -> each piece's outputs by name (captured: aliases)
         self.held: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self.num_parts = 0
+        self.part_names: tuple[str, ...] = ()   # what piece i hands layer i's attention
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.replays = 0     # piece graphs replayed
         self.steps = 0       # steps run through the pieces (captured or not)
@@ -157,19 +157,26 @@ class PiecewiseGraphs:
             self._keep(size, i, {"hidden": self.norm(x, residual)[0]})
             return
         parts, residual = self.layers[i].before_attention(self.positions[:size], x, residual)
-        self.num_parts = len(parts)
+        self.part_names = tuple(f"part{j}" for j in range(len(parts)))
         self._keep(size, i, {"residual": residual, **{f"part{j}": part for j, part in enumerate(parts)}})
 
-    def attend(self, i: int, size: int, n: int, meta: AttentionMetadata) -> None:
-        """Layer i's attention over the first n rows (the step's real tokens), eagerly."""
-        parts = tuple(self.output(size, i, f"part{j}")[:n] for j in range(self.num_parts))
-        self._put("attn_out", self.layers[i].self_attn.attend(self.positions[:n], parts, meta))
+    def attend(self, i: int, size: int, n: int, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Layer i's attention over the first n rows (the step's real tokens, at `positions`),
+        eagerly, written into the static attn_out buffer (made by the first call)."""
+        parts = tuple(self.output(size, i, name)[:n] for name in self.part_names)
+        attn = self.layers[i].self_attn
+        buf = self.buffers.get("attn_out")
+        if buf is None:
+            self._put("attn_out", attn.attend(positions, parts, meta))
+        else:
+            attn.attend(positions, parts, meta, out=buf[:n])
 
     def _forward(self, size: int, n: int, meta: AttentionMetadata, run_piece: Callable[[int, int], None]) -> None:
+        positions = self.positions[:n]
         for i in range(self.num_pieces):
             run_piece(i, size)
             if i < len(self.layers):
-                self.attend(i, size, n, meta)
+                self.attend(i, size, n, positions, meta)
 
     # ------------------------------------------------------------------ steps
     def size_for(self, num_tokens: int) -> int:

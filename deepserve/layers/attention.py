@@ -29,6 +29,8 @@ class AttentionMetadata:
     # seq_lens on the host (the runner's copy, so layers that size buffers by the lengths need
     # no device sync); None: read from the device once per step (`host_seq_lens`)
     seq_lens_host: Optional[Sequence[int]] = None
+    # [Bp+1] int32: `prefill_query_start_loc` as the runner sends it (None: computed once per step)
+    prefill_starts: Optional[torch.Tensor] = None
     # what layers derive from the metadata once per step and share across layers, by key
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -39,7 +41,22 @@ class AttentionMetadata:
     @cached_property
     def prefill_query_start_loc(self) -> torch.Tensor:
         """query_start_loc of the sequences after the decodes, from 0 (once per step, for every layer)."""
+        if self.prefill_starts is not None:
+            return self.prefill_starts
         return self.query_start_loc[self.num_decodes:] - self.query_start_loc[self.num_decodes]
+
+    @cached_property
+    def decode_part(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query_start_loc, seq_lens, block_tables) of the first num_decodes sequences: views made
+        once per step, not once per layer."""
+        n = self.num_decodes
+        return self.query_start_loc[:n + 1], self.seq_lens[:n], self.block_tables[:n]
+
+    @cached_property
+    def prefill_part(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_lens, block_tables) of the sequences after the decodes (once per step)."""
+        n = self.num_decodes
+        return self.seq_lens[n:], self.block_tables[n:]
 
     @cached_property
     def host_seq_lens(self) -> list[int]:
@@ -80,27 +97,27 @@ class Attention(nn.Module):
         return [(block_size, self.num_kv_heads, self.head_dim),
                 (block_size, self.num_kv_heads, self.v_head_dim)]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, H * Dv]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [T, H, D], k [T, Hk, D], v [T, Hk, Dv] -> [T, H * Dv] (written into `out` [T, H * Dv]
+        when given: the piecewise graphs' static buffer, so no copy follows)."""
         k_cache, v_cache = self.kv_cache
         # the scales apply to e4m3 pools only (vLLM's rule); a 16-bit pool holds K/V as they are
         ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         n_dec = meta.num_decodes
+        shape = (q.shape[0], q.shape[1], v_cache.shape[-1])
+        out = q.new_empty(shape) if out is None else out.view(shape)
         if 0 < n_dec < meta.num_seqs and meta.max_query_len > 1:
             # a mixed step: the decode rows on the decode kernel (split over the context), the
             # prompt chunks on the prefill kernel, whose query tiles a one-token row would waste;
             # both write their rows of one output
-            out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-            self.ops.paged_attention(q[:n_dec], k_cache, v_cache, meta.query_start_loc[:n_dec + 1],
-                                     meta.seq_lens[:n_dec], meta.block_tables[:n_dec], self.scale, 1,
+            self.ops.paged_attention(q[:n_dec], k_cache, v_cache, *meta.decode_part, self.scale, 1,
                                      meta.max_seq_len, k_scale=ks, v_scale=vs, out=out[:n_dec])
-            self.ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc,
-                                     meta.seq_lens[n_dec:], meta.block_tables[n_dec:], self.scale,
-                                     meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs, out=out[n_dec:])
+            self.ops.paged_attention(q[n_dec:], k_cache, v_cache, meta.prefill_query_start_loc, *meta.prefill_part,
+                                     self.scale, meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs,
+                                     out=out[n_dec:])
             return out.flatten(1)
-        out = self.ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                       meta.block_tables, self.scale, meta.max_query_len, meta.max_seq_len,
-                                       k_scale=ks, v_scale=vs)
+        self.ops.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                 self.scale, meta.max_query_len, meta.max_seq_len, k_scale=ks, v_scale=vs, out=out)
         return out.flatten(1)

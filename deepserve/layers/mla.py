@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from functools import cached_property
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,16 +49,50 @@ class PrefillGather:
     used pool blocks gathered one sequence after another into a buffer of Nb blocks."""
     blocks: torch.Tensor    # [Nb] int64: the pool block of each gathered block
     tables: torch.Tensor    # [Bp, W] int32: each sequence's blocks in the gathered buffer (W: the longest's)
-    stale: torch.Tensor     # [Nb, bs] bool: slots past their sequence's end
+    valid: torch.Tensor     # [Nb] int32: slots of each gathered block inside its sequence
     seq_lens: torch.Tensor  # [Bp] int32: the sequences' lengths (meta.seq_lens[first:])
+    block_size: int
+
+    @cached_property
+    def stale(self) -> torch.Tensor:
+        """[Nb, bs] bool: slots past their sequence's end (made only where a layer needs it)."""
+        return torch.arange(self.block_size, device=self.valid.device) >= self.valid[:, None]
+
+
+def _gather_key(first: int, block_size: int) -> tuple:
+    return ("mla_prefill_gather", first, block_size)
+
+
+def prefill_gather_arrays(seq_lens: Sequence[int], tables: np.ndarray,
+                          block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PrefillGather's blocks (int64), tables (int32 [Bp, W]) and valid (int32) on the host, from
+    the prefill sequences' lengths and block tables (rows [Bp, >= W]): what the model runner
+    sends with the step's other inputs, so the gather costs no launches of its own."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    counts = -(-lens // block_size)
+    total = int(counts.sum())
+    seq_of = np.repeat(np.arange(len(lens)), counts)                               # [Nb]
+    block_idx = np.arange(total) - (np.cumsum(counts) - counts)[seq_of]           # [Nb]
+    gathered = np.zeros((len(lens), int(counts.max())), dtype=np.int32)
+    gathered[seq_of, block_idx] = np.arange(total)
+    valid = np.minimum(lens[seq_of] - block_idx * block_size, block_size).astype(np.int32)
+    return np.asarray(tables)[seq_of, block_idx].astype(np.int64), gathered, valid
+
+
+def set_prefill_gather(meta: AttentionMetadata, first: int, block_size: int, blocks: torch.Tensor,
+                       tables: torch.Tensor, valid: torch.Tensor) -> None:
+    """The step's gather of sequences first.. from `prefill_gather_arrays`' arrays on the device."""
+    meta.derived[_gather_key(first, block_size)] = PrefillGather(blocks, tables, valid, meta.seq_lens[first:],
+                                                                 block_size)
 
 
 def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> PrefillGather:
     """The gather of sequences first.. of `meta`, made once per step and block size and shared by
-    every MLA layer (meta.derived). Sizes come from the host's sequence lengths and every index
-    is built on the device (repeat_interleave told its output size), so nothing waits for the
-    device; the buffer holds the used blocks only, not Bp x the longest sequence's."""
-    key = ("mla_prefill_gather", first, block_size)
+    every MLA layer (meta.derived): the model runner's (`set_prefill_gather`), else built here on
+    the device. Sizes come from the host's sequence lengths and every index is built on the
+    device (repeat_interleave told its output size), so nothing waits for the device; the buffer
+    holds the used blocks only, not Bp x the longest sequence's."""
+    key = _gather_key(first, block_size)
     if key in meta.derived:
         return meta.derived[key]
     per_seq = [-(-n // block_size) for n in meta.host_seq_lens[first:]]
@@ -70,8 +106,8 @@ def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> Pref
     blocks = meta.block_tables[first:].long()[seq_of, block_idx]
     tables = torch.zeros(len(per_seq), width, dtype=meta.block_tables.dtype, device=dev)
     tables[seq_of, block_idx] = torch.arange(total, dtype=tables.dtype, device=dev)
-    pos = block_idx[:, None] * block_size + torch.arange(block_size, device=dev)  # [Nb, bs]
-    gather = PrefillGather(blocks, tables, pos >= seq_lens[seq_of][:, None], meta.seq_lens[first:])
+    valid = (seq_lens[seq_of] - block_idx * block_size).clamp_(max=block_size).int()
+    gather = PrefillGather(blocks, tables, valid, meta.seq_lens[first:], block_size)
     meta.derived[key] = gather
     return gather
 
@@ -166,24 +202,23 @@ class MLAAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _decode(self, q_abs, w_uv, pool, meta: AttentionMetadata, n: int,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Absorbed attention of the first n sequences (one token each; q_abs [n, H, C + rope])
-        -> [n, H, v] (into `out` when given)."""
-        s = self.pool_scale(pool)
-        out_lat = self.ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank],
-                                           meta.query_start_loc[:n + 1], meta.seq_lens[:n],
-                                           meta.block_tables[:n], self.scale, 1, meta.max_seq_len, k_scale=s, v_scale=s)
-        return self.ops.mla_v_up(out_lat, w_uv, out=out)                   # [n, H, v]
+    def _decode(self, q_abs, w_uv, pool, scale: float, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Absorbed attention of the first meta.num_decodes sequences (one token each; q_abs
+        [n, H, C + rope]) into out [n, H, v]."""
+        out_lat = self.ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank], *meta.decode_part,
+                                           self.scale, 1, meta.max_seq_len, k_scale=scale, v_scale=scale)
+        self.ops.mla_v_up(out_lat, w_uv, out=out)                          # [n, H, v]
 
-    def _prefill(self, q, pool, meta: AttentionMetadata, first: int, out: torch.Tensor) -> None:
+    def _prefill(self, q, pool, scale: float, meta: AttentionMetadata, first: int, out: torch.Tensor) -> None:
         """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
         q [Tp, H, qk]) into out [Tp, H, v]."""
         g = prefill_gather(meta, first, pool.shape[1])
         latent = pool.index_select(0, g.blocks)                       # [Nb, bs, 1, C + rope]
-        s = self.pool_scale(pool)
         # fp8 KV: e4m3 -> 16 bits is exact and the product rounds once, as it would in fp32
-        latent = latent.to(q.dtype) * s if s != 1.0 else latent.to(q.dtype)
+        if latent.dtype != q.dtype:
+            latent = latent.to(q.dtype)
+        if scale != 1.0:
+            latent = latent * scale
         if not self.kv_b_rowwise:
             # zero the slots past each sequence's end: stale pool data must not reach a GEMM that
             # mixes rows (the attention never reads those slots' keys and values)
@@ -216,30 +251,37 @@ class MLAAttention(nn.Module):
         return q.view(-1, self.num_heads, self.qk_head_dim), kv_a
 
     def attend(self, positions: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor],
-               meta: AttentionMetadata) -> torch.Tensor:
-        """`project`'s parts -> [T, H * v], o_proj's input: the latent's norm, rotation and cache
-        write, the absorbed decode and the expanded prefill. The part of a layer that piecewise
-        CUDA graphs leave eager (engine/piecewise_graphs.py), as vLLM's MLA attention op."""
+               meta: AttentionMetadata, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`project`'s parts -> [T, H * v], o_proj's input (written into `out` [T, H * v] when
+        given: the piecewise graphs' static buffer, so no copy follows): the latent's norm,
+        rotation and cache write, the absorbed decode and the expanded prefill. The part of a
+        layer that piecewise CUDA graphs leave eager (engine/piecewise_graphs.py), as vLLM's MLA
+        attention op. Views of the step's metadata come from `meta` once a step (decode_part,
+        prefill_gather), not once a layer."""
         q, kv_a = parts
         (pool,) = self.kv_cache
         rope = self.rotary_emb
-        w_uk, w_uv, norm = self.w_uk, self.w_uv, self.kv_a_layernorm
+        norm = self.kv_a_layernorm
+        scale = self.pool_scale(pool)
         n_dec = meta.num_decodes
+        shape = (q.shape[0], self.num_heads, self.v_dim)
+        out = q.new_empty(shape) if out is None else out.view(shape)       # [T, H, v]
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
-            q_abs = self.ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, w_uk,
+            q_abs = self.ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, self.w_uk,
                                              norm.weight, norm.eps, pool, meta.slot_mapping,
-                                             kv_scale=self.pool_scale(pool))                  # [n, H, C + rope]
-            return self._decode(q_abs, w_uv, pool, meta, n_dec).flatten(1)
+                                             kv_scale=scale)                                  # [n, H, C + rope]
+            self._decode(q_abs, self.w_uv, pool, scale, meta, out)
+            return out.flatten(1)
         self.ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
-                              meta.slot_mapping, kv_scale=self.pool_scale(pool))
+                              meta.slot_mapping, kv_scale=scale)
         # the decode rows' output, then the prompt chunks' (the rows after them), written in place
-        out = q.new_empty(q.shape[0], self.num_heads, self.v_dim)            # [T, H, v]
         if n_dec:
-            q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style, w_uk)
-            self._decode(q_abs, w_uv, pool, meta, n_dec, out=out[:n_dec])
+            q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style,
+                                          self.w_uk)
+            self._decode(q_abs, self.w_uv, pool, scale, meta, out[:n_dec])
         # the prompt rows' q_pe rotated where it lies (their k_pe's rotation is in the cache),
         # so q[n_dec:] is the prefill attention's query as it stands
         q_pre = q[n_dec:]
         rope.rotate_(positions[n_dec:], q_pre[..., self.nope_dim:])
-        self._prefill(q_pre, pool, meta, n_dec, out[n_dec:])
+        self._prefill(q_pre, pool, scale, meta, n_dec, out[n_dec:])
         return out.flatten(1)

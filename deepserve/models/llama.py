@@ -58,10 +58,12 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
 
-    def attend(self, positions, parts: tuple[torch.Tensor, ...], meta: AttentionMetadata) -> torch.Tensor:
-        """Paged attention over `project`'s parts -> [T, H * hd], o_proj's input. The part of a
-        layer that piecewise CUDA graphs leave eager (engine/piecewise_graphs.py)."""
-        return self.attn(*parts, meta)
+    def attend(self, positions, parts: tuple[torch.Tensor, ...], meta: AttentionMetadata,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Paged attention over `project`'s parts -> [T, H * hd], o_proj's input (written into
+        `out` when given). The part of a layer that piecewise CUDA graphs leave eager
+        (engine/piecewise_graphs.py)."""
+        return self.attn(*parts, meta, out=out)
 
     def forward(self, positions, x, meta: AttentionMetadata):
         return self.o_proj(self.attend(positions, self.project(positions, x), meta))
