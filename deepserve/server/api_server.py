@@ -41,7 +41,7 @@ from deepserve.server.args import STORE_ENV, ServerArgs
 from deepserve.server.fingerprint import system_fingerprint
 from deepserve.server.metrics import ServerMetrics, cache_info_labels
 from deepserve.engine.thinking_budget import delimiter_token_ids, reasoning_delimiters
-from deepserve.server.reasoning import PARSERS
+from deepserve.server.reasoning import PARSERS, check_parser_tokens
 from deepserve.server.request_log import RequestLogger, StatsLogger, stats_interval
 from deepserve.server.serving_chat import check_template_kwargs
 from deepserve.server.serving_common import ServerSettings, ServerState
@@ -193,6 +193,7 @@ def build_state(engine_args: EngineArgs, server: ServerArgs, engine: Optional[LL
     engine.executor.log_failure = False   # a dead rank is named once, by _Server._watch_engine (or the launcher)
     load_chat_template(engine, server.chat_template)
     check_template_kwargs(engine.tokenizer, server.default_chat_template_kwargs, "--default-chat-template-kwargs")
+    check_parser_tokens(server.reasoning_parser, engine.tokenizer, str(engine_args.model))
     settings = ServerSettings(served_model_names=served_names(engine_args), model_path=str(engine_args.model),
                               api_keys=server.api_keys(), root_path=server.root_path,
                               disable_fastapi_docs=bool(server.disable_fastapi_docs),

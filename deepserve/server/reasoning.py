@@ -28,6 +28,18 @@ from deepserve.engine.thinking_budget import PARSER_TAGS, THINK_END, THINK_START
 PARSERS = tuple(PARSER_TAGS)
 
 
+def check_parser_tokens(name: Optional[str], tokenizer, model: str) -> None:
+    """The parser's tags must be tokens of the model's vocabulary, as vLLM's deepseek_r1 parser
+    requires (it fails every request without them): a model whose tokenizer has no such token
+    (one not trained to reason) would have each reply taken whole for reasoning, content null."""
+    if name is None or tokenizer is None:
+        return
+    missing = [tag for tag in PARSER_TAGS[name] if tokenizer.convert_tokens_to_ids(tag) is None]
+    if missing:
+        raise ValueError(f"--reasoning-parser {name}: the tokenizer of {model} has no {' / '.join(missing)} token "
+                         "to split the reasoning at (vLLM's parser refuses such a tokenizer too)")
+
+
 def prompt_opens_reasoning(prompt_text: str) -> bool:
     """True unless the rendered prompt closed the reasoning (its last think tag is `</think>`,
     vLLM's is_reasoning_end): the template opened <think> (R1's generation prompt ends with

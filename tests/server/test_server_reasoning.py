@@ -79,3 +79,21 @@ def test_prompt_detection_and_factory():
     assert make_parser("deepseek_r1", "<think>x</think>The answer").state == "start"
     with pytest.raises(ValueError, match="'qwen3'"):
         make_parser("qwen3", "")
+
+
+def test_parser_needs_the_think_tokens():
+    """As vLLM's deepseek_r1 parser: a tokenizer without <think> / </think> tokens is refused (at
+    start, naming the model), where every reply would have been taken whole for reasoning."""
+    from conftest import R1_TOKENIZER
+
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.tokenizer import load_tokenizer
+    from deepserve.server.reasoning import check_parser_tokens
+
+    with pytest.raises(ValueError, match=r"^--reasoning-parser deepseek_r1: the tokenizer of demo has no "
+                                         r"<think> / </think> token to split the reasoning at"):
+        check_parser_tokens("deepseek_r1", load_tokenizer(str(DEMO_MODEL)), "demo")
+    if R1_TOKENIZER.is_dir():
+        check_parser_tokens("deepseek_r1", load_tokenizer(str(R1_TOKENIZER)), "r1")
+    check_parser_tokens(None, load_tokenizer(str(DEMO_MODEL)), "demo")   # no parser: nothing to check
+
