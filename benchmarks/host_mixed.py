@@ -21,8 +21,11 @@ static buffers, and reports per step:
 With --kernels stub (the default) the attention ops (paged_attention, the mla_* ops,
 rotary_embedding) return their output buffers without computing them, so the attend time is the layer's own host work
 plus one Python call per op, as a GPU host would spend before the kernel launches; --kernels
-torch runs the torch reference (its attention loops over sequences on the host: that is the
-reference's cost, not the layer's). --cprofile N: cProfile over N mixed steps, by function.
+triton-wrappers runs the triton backend's functions of those ops with their Triton launches
+skipped (TRITON_INTERPRET=1 is set for them): the layer's host work plus those functions' own
+(argument checks, launch-table lookups, temporaries) before the launches a GPU host then makes;
+--kernels torch runs the torch reference (its attention loops over sequences on the host: that
+is the reference's cost, not the layer's). --cprofile N: cProfile over N mixed steps, by function.
 
     python benchmarks/host_mixed.py                       # 27 layers, 64 decodes + a 32-token prompt
     python benchmarks/host_mixed.py --cprofile 3 --top 25
@@ -32,11 +35,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # the triton backend's functions on the CPU (no launches)
 
 import torch
 from launch_count import NO_LAUNCH, op_name, tiny_v2_lite_config
@@ -65,9 +72,35 @@ def stub_ops(table) -> None:
     def rotary_embedding(positions, q, k, cos_sin_cache, is_neox, inplace=False):
         return q, k
 
-    for fn in (paged_attention, mla_kv_write, mla_q_absorb, mla_v_up, mla_decode_prep, rotary_embedding):
+    stubs = (paged_attention, mla_kv_write, mla_q_absorb, mla_v_up, mla_decode_prep, rotary_embedding)
+    assert tuple(fn.__name__ for fn in stubs) == ATTENTION_OPS
+    for fn in stubs:
         setattr(table, fn.__name__, fn)
         table._fns[fn.__name__] = fn
+
+
+ATTENTION_OPS = ("paged_attention", "mla_kv_write", "mla_q_absorb", "mla_v_up", "mla_decode_prep", "rotary_embedding")
+
+
+@contextlib.contextmanager
+def triton_wrappers(table) -> Iterator[None]:
+    """The attention ops of `table` as the triton backend's functions, their Triton launches
+    skipped (nothing computed): the host work of those functions before their launches. Inside
+    the block every Triton launch is skipped."""
+    from triton.runtime.jit import KernelInterface
+
+    from deepserve.ops.registry import resolve
+    for name in ATTENTION_OPS:
+        backend, fn = resolve(name, "triton")
+        assert backend == "triton", name
+        setattr(table, name, fn)
+        table._fns[name] = fn
+    original = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: (lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
 
 
 class AttendCounter(TorchDispatchMode):
@@ -143,7 +176,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="the mixed steps' new prompt")
     p.add_argument("--context", type=int, default=100, help="prompt length of the running sequences")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--kernels", default="stub", choices=("stub", "torch"))
+    p.add_argument("--kernels", default="stub", choices=("stub", "triton-wrappers", "torch"))
     p.add_argument("--piecewise", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed steps through the (uncaptured) piecewise pieces, as the GPU's up to --max-pieces")
     p.add_argument("--max-pieces", type=int, default=512)
@@ -163,8 +196,11 @@ def main() -> None:
     eng = llm.engine
     runner = eng.runner
     eng.block_manager.enable_prefix_caching = False
+    stack = contextlib.ExitStack()
     if args.kernels == "stub":
         stub_ops(runner.ops)
+    elif args.kernels == "triton-wrappers":
+        stack.enter_context(triton_wrappers(runner.ops))
     pieces = None
     if args.piecewise:
         from deepserve.engine.piecewise_graphs import PiecewiseGraphs
@@ -240,13 +276,13 @@ def main() -> None:
         prof = cProfile.Profile()
         for _ in range(args.cprofile):
             eng.add_request(None, prompt(args.prompt_len), one)
-            with contextlib.ExitStack():
-                prof.enable()
-                step()
-                prof.disable()
+            prof.enable()
+            step()
+            prof.disable()
             eng.step()
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(args.top)
+    stack.close()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 
