@@ -10,17 +10,19 @@ static buffers, and reports per step:
 
   wall ms of engine.step() of decode-only and of mixed steps (--decodes running sequences,
       plus one new --prompt-len prompt in the mixed one);
-  attend ms: the time of the eager attention (the pieces' `attend`: the MLA layer's `attend`
-      and the hand-over of its output; with --no-piecewise the layer's `attend`), per step and
-      per layer, with the first layer apart (it may build the step's prefill gather);
+  attend ms: this thread's CPU time (other processes on the machine add none) in the eager
+      attention (the pieces' `attend`: the MLA layer's `attend` and the hand-over of its
+      output; with --no-piecewise the layer's `attend`), per step and per layer, with the first
+      layer apart (it may build the step's prefill gather); the fastest of --repeats steps;
   op calls and aten launches made there (op-table calls, each one or two kernel launches on
       the triton backend, and the aten ops run outside them), and the host reads of device
       values (.item() / .tolist()) made outside the ops, counted over one more step than timed
       (under a dispatch mode whose own cost would swamp the times).
 
 With --kernels stub (the default) the attention ops (paged_attention, the mla_* ops,
-rotary_embedding) return their output buffers without computing them, so the attend time is the layer's own host work
-plus one Python call per op, as a GPU host would spend before the kernel launches; --kernels
+rotary_embedding) return their output buffers without computing them, so the attend time is
+the layer's own host work plus one Python call per op, as a GPU host would spend before the
+kernel launches; --kernels
 triton-wrappers runs the triton backend's functions of those ops with their Triton launches
 skipped (TRITON_INTERPRET=1 is set for them): the layer's host work plus those functions' own
 (argument checks, launch-table lookups, temporaries) before the launches a GPU host then makes;
@@ -149,11 +151,11 @@ def instrument(model, pieces, table, times: list, counter: AttendCounter) -> Non
     def timed_call(inner, layer_of):
         def timed(*args, **kwargs):
             counter.layer = layer_of(args)
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             try:
                 return inner(*args, **kwargs)
             finally:
-                times[counter.layer] += time.perf_counter() - t0
+                times[counter.layer] += time.thread_time() - t0
                 counter.layer = None
         return timed
     if pieces is not None:
