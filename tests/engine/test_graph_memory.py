@@ -179,7 +179,7 @@ def _tokens(llm):
 
 
 def _pool_bytes(blocks: int) -> int:
-    probe = LLM(str(DEMO_MODEL), num_gpu_blocks_override=1, **ENGINE)
+    probe = LLM(str(DEMO_MODEL), num_gpu_blocks_override=16, **ENGINE)   # 16 x 4 tokens: max_model_len
     try:
         return blocks * probe.engine.runner.bytes_per_block()
     finally:
