@@ -9,7 +9,9 @@ small that kernels cost next to nothing), with the pieces run as plain calls ove
 static buffers, and reports per step:
 
   wall ms of engine.step() of decode-only and of mixed steps (--decodes running sequences,
-      plus one new --prompt-len prompt in the mixed one);
+      plus one new --prompt-len prompt in the mixed one); with stub kernels the attention's
+      output is whatever its buffer held, so the torch MoE after it (most of the CPU's wall)
+      routes differently from one version of the code to another: compare the attend columns;
   attend ms: this thread's CPU time (other processes on the machine add none) in the eager
       attention (the pieces' `attend`: the MLA layer's `attend` and the hand-over of its
       output; with --no-piecewise the layer's `attend`), per step and per layer, with the first
