@@ -190,7 +190,8 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(1)
-    folder = Path(tempfile.mkdtemp(prefix="host_mixed_"))
+    scratch = tempfile.TemporaryDirectory(prefix="host_mixed_")   # the config.json (dummy weights)
+    folder = Path(scratch.name)
     (folder / "config.json").write_text(json.dumps(tiny_v2_lite_config(args.layers)))
     steps = 3 * (args.repeats + 1) + 2 * args.cprofile + 16   # decode steps the running sequences last
     llm = LLM(str(folder), load_format="dummy", device="cpu", ops="torch", dtype="float32", seed=0,
@@ -287,6 +288,8 @@ def main() -> None:
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(args.top)
     stack.close()
+    eng.shutdown()
+    scratch.cleanup()
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 
