@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import as_rows, next_pow2, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import as_rows, cdiv, next_pow2, pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -39,6 +39,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] == 0 or d == 0:
         return out
     block = min(next_pow2(d), 1024)
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+    _silu_and_mul_kernel[(x2.shape[0], cdiv(d, block))](
         x2, out.view(-1, d), x2.stride(0), d, d, BLOCK=block, num_warps=4, **pdl_launch(x.device))
     return out

@@ -9,13 +9,12 @@ and can be captured in a CUDA graph. Semantics are those of `deepserve.ops.atten
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from deepserve.ops.attention import output_rows
 from deepserve.ops.registry import register
 from deepserve.ops.triton import launch_config
-from deepserve.ops.triton._common import dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
+from deepserve.ops.triton._common import cdiv, dot_dtype, dot_precision, interpreting, next_pow2, nvidia_sm90, pdl_launch, sm_count
 from deepserve.ops.triton.attention_decode import (LOG2E, _decode_reduce_kernel, _decode_split_kernel,
                                                    _merge_splits_kernel, _mla_decode_fp8_kernel)
 from deepserve.ops.triton.attention_prefill import _prefill_kernel
@@ -89,8 +88,8 @@ def num_decode_splits(batch: int, kv_programs: int, max_seq_len: int, device: to
                       programs_per_sm: int = 2) -> int:
     """Enough splits to give every SM about `programs_per_sm` programs, but no split under
     MIN_TOKENS_PER_SPLIT tokens (merging costs more than it saves there)."""
-    want = triton.cdiv(programs_per_sm * sm_count(device), max(batch * kv_programs, 1))
-    by_len = triton.cdiv(max(max_seq_len, 1), MIN_TOKENS_PER_SPLIT)
+    want = cdiv(programs_per_sm * sm_count(device), max(batch * kv_programs, 1))
+    by_len = cdiv(max(max_seq_len, 1), MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, by_len, MAX_SPLITS))
 
 
@@ -151,7 +150,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         cfg = decode_config(big_head, group, k_cache.shape[1], device)
         block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
         page_tile = cfg.pop("page_tile")
-        head_groups = triton.cdiv(group, block_h)
+        head_groups = cdiv(group, block_h)
         programs = n_kv_heads * head_groups
         splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)
         # each split's normalised output in the activation dtype, its log-sum-exp in fp32: an
@@ -173,7 +172,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = cfg.pop("BLOCK_M")
     # the keys' dims past the main block: k_pe where given, else the rest of k_cache's rows
     kp = k_cache[..., head_d:] if k_pe is None else k_pe
-    _prefill_kernel[(triton.cdiv(max_query_len, block_m), batch, n_heads)](
+    _prefill_kernel[(cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, kp, v_cache, query_start_loc, seq_lens, block_tables, out,
         *q.stride(), *k_cache.stride(), *kp.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
         block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - head_d, dv,
@@ -226,9 +225,9 @@ def fp8_decode_splits(batch: int, head_groups: int, max_seq_len: int, block_n: i
     in the split length the kernel derives (whole BLOCK_N tiles), so the longest row has no
     empty split."""
     want = programs_per_sm * sms // max(batch * head_groups, 1)
-    splits = max(1, min(want, triton.cdiv(max(max_seq_len, 1), max(min_split, block_n)), MAX_SPLITS))
-    split_len = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), block_n) * block_n
-    return triton.cdiv(max(max_seq_len, 1), split_len)
+    splits = max(1, min(want, cdiv(max(max_seq_len, 1), max(min_split, block_n)), MAX_SPLITS))
+    split_len = cdiv(cdiv(max(max_seq_len, 1), splits), block_n) * block_n
+    return cdiv(max(max_seq_len, 1), split_len)
 
 
 def _maxnreg(cfg: dict) -> dict:
@@ -253,7 +252,7 @@ def _mla_fp8_decode(q, kv_cache, query_start_loc, seq_lens, block_tables, out, q
     run in fp32 over the same rounded q. `cfg`: mla_fp8_decode_config's settings."""
     batch, n_heads = seq_lens.shape[0], q.shape[1]
     block_h, block_n = cfg["BLOCK_H"], cfg["BLOCK_N"]
-    head_groups = triton.cdiv(n_heads, block_h)
+    head_groups = cdiv(n_heads, block_h)
     splits = fp8_decode_splits(batch, head_groups, max_seq_len, block_n, sm_count(q.device),
                                cfg["programs_per_sm"], cfg["min_split"])
     mid_o = torch.empty(batch, n_heads, splits, block_d, dtype=q.dtype, device=q.device)

@@ -36,7 +36,7 @@ from deepserve.ops.moe import fused_moe as fused_moe_torch
 from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
-from deepserve.ops.triton._common import and_scalar, dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
+from deepserve.ops.triton._common import and_scalar, cdiv, dot_dtype, interpreting, next_pow2, nvidia_sm90, unit_last
 from deepserve.ops.triton.fused_moe_small import fused_moe_small, moe_shapes
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_align import align_by_expert
@@ -77,7 +77,7 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, x_stride, q_stride, s_stride
 def _quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, fp32 scales per 128-column group) of the rows of x [R, C]."""
     rows, cols = x.shape
-    groups = triton.cdiv(cols, FP8_BLOCK)
+    groups = cdiv(cols, FP8_BLOCK)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
     if rows:
@@ -346,18 +346,18 @@ def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
         tma = _tma_weights(w13) and _tma_weights(w2)
     a, a_s = _quant_rows(x) if prequant else (x, x)
     w13_desc = _weight_arg(w13, tma, gu["BLOCK_N"], gu["BLOCK_K"])
-    _gate_up_kernel[(num_m * triton.cdiv(inter, gu["BLOCK_N"]),)](
+    _gate_up_kernel[(num_m * cdiv(inter, gu["BLOCK_N"]),)](
         a, a_s, w13, w13_desc, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
         a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
         n_assign, inter, hidden, num_experts, num_m, TOP_K=top_k, A_FP8=prequant, W_TMA=tma, **gu)
     h, h_s = _quant_rows(act) if prequant else (act, act)
     w2_desc = _weight_arg(w2, tma, dn["BLOCK_N"], dn["BLOCK_K"])
-    _down_kernel[(num_m * triton.cdiv(hidden, dn["BLOCK_N"]),)](
+    _down_kernel[(num_m * cdiv(hidden, dn["BLOCK_N"]),)](
         h, h_s, w2, w2_desc, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert, y,
         h.stride(0), h_s.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *s2, y.stride(0),
         n_assign, hidden, inter, num_experts, num_m, A_FP8=prequant, W_TMA=tma, **dn)
     block = min(next_pow2(hidden), 1024)
-    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
+    _sum_slots_kernel[(num_tokens, cdiv(hidden, block))](
         y, topk_ids.contiguous(), topk_weights.reshape(-1).float().contiguous(),
         out if add is None else add.contiguous(), out, hidden, num_experts,
         TOP_K=top_k, BLOCK=block, ADD=add is not None, num_warps=4)

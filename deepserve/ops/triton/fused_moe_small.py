@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.moe import check_shared_experts
-from deepserve.ops.triton._common import and_scalar, next_pow2, pdl_begin, pdl_launch, unit_last
+from deepserve.ops.triton._common import and_scalar, cdiv, next_pow2, pdl_begin, pdl_launch, unit_last
 from deepserve.ops.triton.fused_moe_small_mma import (_routed_slot, _silu_mul_store, act_quantized_by_gate_up,
                                                      down_mma, gate_up_mma)
 from deepserve.ops.triton.launch_config import launch_settings
@@ -363,7 +363,7 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     ss2 = shared_w2_scale if shared_fp8 else (w2_scale if fp8 else x)   # one element type for both scale pointers
     common = dict(TOP_K=top_k, FP8=fp8, SCALE_BLOCK=FP8_BLOCK, HAS_SHARED=has_shared)
     n_assign = num_tokens * top_k
-    gu_grid = (n_assign + (num_tokens if has_shared else 0), triton.cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
+    gu_grid = (n_assign + (num_tokens if has_shared else 0), cdiv(max(inter, s_inter), gu_cfg["BLOCK_N"]))
     # both on the tensor cores, the down one taking act quantised: gate_up quantises it on the
     # way out where its programs hold whole 128-groups (no act_quant_fp8 launch between)
     act_q = None
@@ -387,7 +387,7 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
         return out
     for key in ("QUANT_IN", "GROUPS"):       # the tensor-core kernel's settings
         down_cfg.pop(key, None)
-    _small_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg["BLOCK_N"]))](
+    _small_down_kernel[(num_tokens, cdiv(hidden, down_cfg["BLOCK_N"]))](
         act, topk_ids, topk_weights, w2, w2_scale if fp8 else w2, shared_w2 if has_shared else w2, ss2, out,
         act.stride(0), topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), *s2, shared_w2.stride(0) if has_shared else 0,

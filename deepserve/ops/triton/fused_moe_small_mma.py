@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.quant import FP8_GROUP, FP8_MAX
-from deepserve.ops.triton._common import and_scalar, next_pow2, pdl_begin, pdl_launch, quantize_e4m3, scalar_mask
+from deepserve.ops.triton._common import and_scalar, cdiv, next_pow2, pdl_begin, pdl_launch, quantize_e4m3, scalar_mask
 from deepserve.ops.triton.quant_gemm import act_quant_fp8, row_group_operand
 
 
@@ -284,7 +284,7 @@ def gate_up_mma(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_
                          f"got BLOCK_N {cfg['BLOCK_N']}, I {inter}, Is {s_inter}")
     qa, qas = quant_out if quant_out is not None else (act, act)
     n_assign = num_tokens * top_k
-    grid = (n_assign + (num_tokens if shared is not None else 0), triton.cdiv(max(inter, s_inter), launch["BLOCK_N"]))
+    grid = (n_assign + (num_tokens if shared is not None else 0), cdiv(max(inter, s_inter), launch["BLOCK_N"]))
     _gate_up_mma_kernel[grid](
         q, qs, topk_ids, w13, w13_scale, sw, sws, act, qa, qas, q.stride(0), 0 if quant_in else qs.stride(0),
         topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1), *w13_scale.stride(),
@@ -310,13 +310,13 @@ def down_mma(act: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tens
     s_inter = sw.shape[1] if shared is not None else 0
     quant_in = (quant_in or inter % FP8_GROUP != 0 or s_inter % FP8_GROUP != 0) and quantized is None
     q, qs = (act, act) if quant_in else (quantized if quantized is not None else act_quant_fp8(act))
-    g_shared = triton.cdiv(s_inter, FP8_GROUP)
+    g_shared = cdiv(s_inter, FP8_GROUP)
     groups = cfg.get("GROUPS", 1)
-    _down_mma_kernel[(num_tokens, triton.cdiv(hidden, launch["BLOCK_N"]))](
+    _down_mma_kernel[(num_tokens, cdiv(hidden, launch["BLOCK_N"]))](
         q, qs, topk_ids, topk_weights, w2, w2_scale, sw, sws, out, q.stride(0), 0 if quant_in else qs.stride(0),
         topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         w2.stride(0), w2.stride(1), *w2_scale.stride(), sw.stride(0), *(sws.stride() if shared is not None else (0, 0)),
         out.stride(0), hidden, inter, s_inter, w2.shape[0], TOP_K=top_k, GROUP=FP8_GROUP,
-        G_SLOT=triton.cdiv(inter, FP8_GROUP), G_SHARED=g_shared, GROUPS=groups, COLS=max(16, next_pow2(top_k + 1)),
+        G_SLOT=cdiv(inter, FP8_GROUP), G_SHARED=g_shared, GROUPS=groups, COLS=max(16, next_pow2(top_k + 1)),
         EVEN_K=inter % FP8_GROUP == 0 and s_inter % FP8_GROUP == 0, EVEN_N=hidden % launch["BLOCK_N"] == 0,
         QUANT_IN=quant_in, QMAX=FP8_MAX, **launch, **pdl_launch(act.device))

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import as_rows, dot_dtype, dot_precision, interpreting, pdl_begin, pdl_launch
+from deepserve.ops.triton._common import as_rows, cdiv, dot_dtype, dot_precision, interpreting, pdl_begin, pdl_launch
 from deepserve.ops.triton.launch_config import launch_settings
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -141,7 +141,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         split = cfg.pop("SPLIT_K", 1)
         if not isinstance(split, int) or split < 1:
             raise ValueError(f"gemm: SPLIT_K is a positive integer, got {split!r}")
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
         common = dict(DOT_DTYPE=dot_dtype(weight.dtype), DOT_PRECISION=dot_precision(weight.dtype),
                       num_warps=warps, num_stages=stages, **cfg)
         if split == 1:
@@ -154,7 +154,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
             _gemm_kernel[(tiles, split)](x2, w, w, partials, m, n, k, x2.stride(0), w.stride(0), n,
                                          HAS_BIAS=False, SPLIT_K=split, LAUNCH_DEPENDENTS=pdl["USE_PDL"],
                                          **common)
-            _split_k_sum[(triton.cdiv(m * n, SUM_BLOCK),)](
+            _split_k_sum[(cdiv(m * n, SUM_BLOCK),)](
                 partials, bias if bias is not None else out, out, m * n, n, HAS_BIAS=bias is not None,
                 SPLIT_K=split, BLOCK=SUM_BLOCK, num_warps=4, **pdl)
     return out.reshape(*x.shape[:-1], n)

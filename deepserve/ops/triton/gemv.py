@@ -30,7 +30,7 @@ import triton.language as tl
 
 from deepserve.ops.dense import linear as torch_linear
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows
+from deepserve.ops.triton._common import cdiv, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows
 from deepserve.ops.triton.gemm import gemm, use_gemm
 from deepserve.ops.triton.launch_config import launch_settings
 
@@ -108,7 +108,7 @@ def _launch_setup(x: torch.Tensor, k: int, n_total: int, *weights: torch.Tensor)
     cfg = gemv_config(n_total, k, x.device)
     num_warps = cfg.pop("num_warps")
     launch = pdl_launch(x.device, *weights)
-    cfg.update(launch, LINES=min(next_pow2(triton.cdiv(k, launch["LINE"])), 64))
+    cfg.update(launch, LINES=min(next_pow2(cdiv(k, launch["LINE"])), 64))
     return x1, weights, cfg, num_warps
 
 
@@ -120,7 +120,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     out = torch.empty(*x.shape[:-1], n, dtype=weight.dtype, device=x.device)
     if n == 0:
         return out
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    _gemv_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
         x1, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
     return out
@@ -135,7 +135,7 @@ def gemv_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torc
     x1, (w1, w2), cfg, num_warps = _launch_setup(x, k, n1 + n2, w1, w2)
     y1 = torch.empty(*x.shape[:-1], n1, dtype=w1.dtype, device=x.device)
     y2 = torch.empty(*x.shape[:-1], n2, dtype=w2.dtype, device=x.device)
-    grid = (triton.cdiv(n1, cfg["BLOCK_N"]) + triton.cdiv(n2, cfg["BLOCK_N"]),)
+    grid = (cdiv(n1, cfg["BLOCK_N"]) + cdiv(n2, cfg["BLOCK_N"]),)
     _gemv_pair_kernel[grid](x1, w1, w2, y1, y2, n1, n2, k, w1.stride(0), w2.stride(0),
                             EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=num_warps, num_stages=1, **cfg)
     return y1, y2

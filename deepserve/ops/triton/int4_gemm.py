@@ -45,7 +45,7 @@ import triton.language as tl
 from deepserve.ops.int4 import PACK, check_int4_operands
 from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (and_scalar, as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+from deepserve.ops.triton._common import (cdiv, and_scalar, as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows, unpack_by_ptx)
 from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
 from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pairs
@@ -538,24 +538,24 @@ def int4_gemv(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
         bk = mma_block_k(x2, zeros, g_idx, group_size)
         if bk is not None:
             return int4_mma(x2, qweight, scales, group_size, bias, bk, cfg, unpack_by_ptx())
-    ahead = cfg.get("AHEAD", 0) and min(cfg["STEPS"], triton.cdiv(kw, sub)) == 1
+    ahead = cfg.get("AHEAD", 0) and min(cfg["STEPS"], cdiv(kw, sub)) == 1
     deq, words_a_thread = gemv_deq(cfg, x2.dtype, group_size, g_idx is not None, qweight, tiled is not None or ahead)
     per = sub * words_a_thread                 # words a slice
-    steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, per)))
-    split = max(1, min(cfg["SPLIT_K"], triton.cdiv(kw, per * steps)))
-    kw_per_split = triton.cdiv(triton.cdiv(kw, split), per * steps) * per * steps      # whole steps per split
-    split = triton.cdiv(kw, kw_per_split)
+    steps = max(1, min(cfg["STEPS"], cdiv(kw, per)))
+    split = max(1, min(cfg["SPLIT_K"], cdiv(kw, per * steps)))
+    kw_per_split = cdiv(cdiv(kw, split), per * steps) * per * steps      # whole steps per split
+    split = cdiv(kw, kw_per_split)
     merge = split > 1 and bool(cfg.get("MERGE", 0))
     if split > 1:
         y = torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
     else:
         y = torch.empty(1, m, n, dtype=x2.dtype, device=x2.device)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if merge else y
-    counts = torch.zeros(m * triton.cdiv(n, cfg["BLOCK_N"]), dtype=torch.int32, device=x2.device) if merge else y
+    counts = torch.zeros(m * cdiv(n, cfg["BLOCK_N"]), dtype=torch.int32, device=x2.device) if merge else y
     launch = pdl_launch(x2.device, qweight)
-    launch["LINES"] = min(next_pow2(triton.cdiv(kw_per_split, launch["LINE"])), 64)
+    launch["LINES"] = min(next_pow2(cdiv(kw_per_split, launch["LINE"])), 64)
     words = qweight if tiled is None else tiled
-    _int4_gemv_kernel[(m, triton.cdiv(n, cfg["BLOCK_N"]), split)](
+    _int4_gemv_kernel[(m, cdiv(n, cfg["BLOCK_N"]), split)](
         x2, words, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else scales, y, out, counts, n, kw, kw_per_split, MAGIC, x2.stride(0),
         words.stride(0), scales.stride(0), y.stride(0), y.stride(1), GROUP=group_size, HAS_ZP=zeros is not None,
@@ -599,7 +599,7 @@ def int4_gemm(x2: torch.Tensor, qweight, scales, zeros, g_idx, group_size: int,
     if sub < 4:                           # a step feeds tl.dot at least 32 columns
         sub, mode = slice_words(max(k, 32), group_size, g_idx is not None, 4)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
     _int4_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
         bias if bias is not None else y, y, m, n, kw, MAGIC, x2.stride(0), qweight.stride(0), scales.stride(0),

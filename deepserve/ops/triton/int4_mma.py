@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.triton import _common
-from deepserve.ops.triton._common import advance_cols, dot_dtype, load_rows, repeat_words, row_tile
+from deepserve.ops.triton._common import advance_cols, cdiv, dot_dtype, load_rows, repeat_words, row_tile
 
 # q = 0: no shift; q = 1, 2, 3: the pair moved down 4q bits; 0x4300 is bf16 128, 0x4308 bf16 136
 # ($5: 0x43004300 from a runtime argument, so that the mask and the OR are one LOP3 with the
@@ -124,7 +124,7 @@ def int4_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, grou
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     bn = cfg.get("MMA_BLOCK_N", 64)
-    _int4_mma_kernel[(triton.cdiv(n, bn),)](
+    _int4_mma_kernel[(cdiv(n, bn),)](
         x2, qweight, scales, bias if bias is not None else y, y, m, n, k, x2.stride(0), qweight.stride(0),
         scales.stride(0), y.stride(0), BF16_128_PAIR, GROUP=group_size, HAS_BIAS=bias is not None, ASM=asm, DOT_DTYPE=dot_dtype(x2.dtype),
         BLOCK_N=bn, BLOCK_K=block_k, BLOCK_M=ROWS, BLOCK_PTR=_common.BLOCK_PTRS, num_warps=cfg.get("MMA_WARPS", 4),

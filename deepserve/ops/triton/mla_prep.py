@@ -36,7 +36,7 @@ from deepserve.ops.attention import output_rows
 from deepserve.ops.triton.kv_cache import inverse_scale, to_pool
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+from deepserve.ops.triton._common import (cdiv, dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           unit_last)
 
 
@@ -265,7 +265,7 @@ def mla_q_absorb(q: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
         return out
     cache = unit_last(cos_sin_cache)
     tiles, num_warps = _q_absorb_tiles(n_tokens, nope, rot, q.device)
-    grid = (triton.cdiv(n_tokens, tiles["BLOCK_T"]), heads, triton.cdiv(c, tiles["BLOCK_C"]))
+    grid = (cdiv(n_tokens, tiles["BLOCK_T"]), heads, cdiv(c, tiles["BLOCK_C"]))
     _q_absorb_kernel[grid](
         q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0), w_uk.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, nope, c, rot // 2,
@@ -290,8 +290,8 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, positions: torch.Tensor
         return out
     cache = unit_last(cos_sin_cache)
     tiles, num_warps = _q_absorb_tiles(n_tokens, nope, rot, q.device)
-    c_blocks = triton.cdiv(c, tiles["BLOCK_C"])
-    grid = (n_tokens + triton.cdiv(n_tokens, tiles["BLOCK_T"]) * heads * c_blocks,)
+    c_blocks = cdiv(c, tiles["BLOCK_C"])
+    grid = (n_tokens + cdiv(n_tokens, tiles["BLOCK_T"]) * heads * c_blocks,)
     _decode_prep_kernel[grid](
         kv_a, kv_a.stride(0), slot_mapping, norm_weight, pool, pool.stride(0), pool.stride(1), pool.shape[1],
         float(eps), q, q.stride(0), q.stride(1), positions, cache, cache.stride(0), w_uk, w_uk.stride(0),
@@ -316,7 +316,7 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor | None
         return out
     cfg = launch("v_up", out_lat.device)
     block_t, block_v = _token_block(n_tokens, cfg), cfg["BLOCK_V"]
-    grid = (triton.cdiv(n_tokens, block_t), heads, triton.cdiv(v_dim, block_v))
+    grid = (cdiv(n_tokens, block_t), heads, cdiv(v_dim, block_v))
     _v_up_kernel[grid](
         out_lat, out_lat.stride(0), out_lat.stride(1), w_uv, w_uv.stride(0), w_uv.stride(1),
         out, out.stride(0), out.stride(1), n_tokens, c, v_dim,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.triton._common import next_pow2
+from deepserve.ops.triton._common import cdiv, next_pow2
 
 MAX_PROGRAMS = 128      # slices of the assignments (the second launch reads P x E counts in each program)
 MIN_SLICE = 256         # fewest assignments a slice takes: small batches run one or two programs
@@ -60,7 +60,7 @@ def align_by_expert_reference(topk_ids: torch.Tensor, num_experts: int, block_m:
     kept = sorted_expert < num_experts
     e_idx = sorted_expert.clamp(max=num_experts - 1)
     rank = torch.arange(n_assign, device=device) - raw_start[e_idx]
-    max_blocks = triton.cdiv(n_assign, block_m) + num_experts
+    max_blocks = cdiv(n_assign, block_m) + num_experts
     max_rows = max_blocks * block_m
     dest = torch.where(kept, padded_start[e_idx] + rank, max_rows)                  # dropped -> spill slot
     sorted_ids = torch.full((max_rows + 1,), n_assign, dtype=torch.int32, device=device)
@@ -139,9 +139,9 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
     if not ids.is_contiguous():
         ids = ids.contiguous()
     n_assign = ids.shape[0]
-    max_blocks = triton.cdiv(n_assign, block_m) + num_experts
-    programs = max(1, min(MAX_PROGRAMS, triton.cdiv(n_assign, MIN_SLICE)))
-    slice_len = max(triton.cdiv(n_assign, programs), 1)
+    max_blocks = cdiv(n_assign, block_m) + num_experts
+    programs = max(1, min(MAX_PROGRAMS, cdiv(n_assign, MIN_SLICE)))
+    slice_len = max(cdiv(n_assign, programs), 1)
     e_block = next_pow2(num_experts)
     chunk = max(16, min(256, TILE // e_block))
     dev = ids.device
@@ -150,6 +150,6 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> A
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     _count_kernel[(programs,)](ids, counts, n_assign, num_experts, slice_len, E_BLOCK=e_block, CHUNK=chunk)
     _scatter_kernel[(programs,)](ids, counts, sorted_ids, block_expert, n_assign, num_experts, slice_len,
-                                 programs, max_blocks, triton.cdiv(max_blocks, programs), E_BLOCK=e_block,
+                                 programs, max_blocks, cdiv(max_blocks, programs), E_BLOCK=e_block,
                                  CHUNK=chunk, BLOCK_M=block_m, B_CHUNK=max(1, min(64, 2048 // block_m)))
     return AlignedAssignments(sorted_ids, block_expert, block_m)

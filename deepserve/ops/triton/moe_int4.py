@@ -40,7 +40,7 @@ from deepserve.ops.moe_int4 import check_moe_int4_operands, int8_rows_roundtrip
 from deepserve.ops.moe_int4 import fused_moe_int4 as fused_moe_int4_torch
 from deepserve.ops.registry import register
 from deepserve.ops.int4 import PACK
-from deepserve.ops.triton._common import (dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+from deepserve.ops.triton._common import (cdiv, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           unpack_by_ptx)
 from deepserve.ops.triton.int4_gemm import (MAGIC, dequant_tile, gemv_deq, int4_rows_dot, int4_settings,
                                              lane_minus, pairs_mode, slice_words)
@@ -346,7 +346,7 @@ def _gemv_matrix(w, scales, zeros, g_idx, group: int, cfg: dict, dtype: torch.dt
     odd_strides = bool(w.stride(0) % 2 or w.stride(1) % 2) or one_word
     deq, words = gemv_deq(cfg, dtype, group, has_g, w[0], odd_strides)
     sub = max(2, min(cfg["SUB_C"], next_pow2(kw)))
-    steps = max(1, min(cfg["STEPS"], triton.cdiv(kw, sub * words)))
+    steps = max(1, min(cfg["STEPS"], cdiv(kw, sub * words)))
     return dict(ptrs=(w, scales, zeros if zeros is not None else scales, g),
                 strides=(w.stride(0), w.stride(1), scales.stride(0), scales.stride(1), sg),
                 consts=dict(GROUP=group, HAS_ZP=zeros is not None, HAS_GIDX=has_g, SUB_C=sub, STEPS=steps,
@@ -374,7 +374,7 @@ def _sorted_path(x, w13, w13_scales, w13_zeros, w2, w2_scales, w2_zeros, topk_we
             mat = _matrix(w, s, z, g_idx, group, 4, min_k=32)
         sub = mat["sub"]
         kw = w.shape[2]
-        grid = (aligned.num_blocks, triton.cdiv(k_out, bn))
+        grid = (aligned.num_blocks, cdiv(k_out, bn))
         if name == "gate_up":
             _sorted_gate_up_kernel[grid](
                 a_in, aligned.sorted_ids, aligned.block_expert, *mat["ptrs"], out, n_assign, e, i, kw, top_k, MAGIC,
@@ -414,7 +414,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     h = torch.empty(n_assign, i, dtype=x.dtype, device=x.device)
     cfg = int4_settings("moe_gate_up", num_tokens, 2 * i, d, x.device)
     mat = _gemv_matrix(w13, w13_scales, w13_zeros, w13_g_idx, groups[0], cfg, x.dtype)
-    _gate_up_kernel[(n_assign, triton.cdiv(i, cfg["BLOCK_N"]))](
+    _gate_up_kernel[(n_assign, cdiv(i, cfg["BLOCK_N"]))](
         x, ids, *mat["ptrs"], h, e, i, d // PACK, top_k, MAGIC, x.stride(0), *mat["strides"], h.stride(0),
         BLOCK_N=cfg["BLOCK_N"], ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1, **mat["consts"],
         **pdl_launch(x.device))
@@ -425,7 +425,7 @@ def fused_moe_int4(x: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     whole_words = w2_g_idx is None and groups[1] % PACK == 0     # `_all_slots_dot`'s cases
     slots = next_pow2(top_k) if cfg["SLOTS"] and whole_words else 0
     mat = _gemv_matrix(w2, w2_scales, w2_zeros, w2_g_idx, groups[1], cfg, h.dtype, one_word=slots > 0)
-    _down_kernel[(num_tokens, triton.cdiv(d, cfg["BLOCK_N"]))](
+    _down_kernel[(num_tokens, cdiv(d, cfg["BLOCK_N"]))](
         h, ids, wts, *mat["ptrs"], y, e, d, i // PACK, MAGIC, h.stride(0), *mat["strides"], y.stride(0), TOP_K=top_k,
         BLOCK_N=cfg["BLOCK_N"], SLOTS=slots, ASM=unpack_by_ptx(), num_warps=cfg["num_warps"], num_stages=1,
         **mat["consts"], **pdl_launch(x.device))

@@ -35,7 +35,7 @@ from deepserve.ops.moe_int8 import check_moe_int8_operands
 from deepserve.ops.moe_int8 import fused_moe_int8 as fused_moe_int8_torch
 from deepserve.ops.quant import INT8_MAX
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import interpreting, next_pow2
+from deepserve.ops.triton._common import cdiv, interpreting, next_pow2
 from deepserve.ops.triton.fused_moe import _sum_slots_kernel, use_small_path
 from deepserve.ops.triton.moe_align import align_by_expert
 
@@ -239,17 +239,17 @@ def _sorted_path(xq, xs, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, d
     # rows of other EP ranks' assignments are never written: zeros keep their quantization finite
     h = torch.zeros(n_assign, i, dtype=dtype, device=xq.device)
     kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    _sorted_gate_up_kernel[(aligned.num_blocks, triton.cdiv(i, bn))](
+    _sorted_gate_up_kernel[(aligned.num_blocks, cdiv(i, bn))](
         xq, xs, aligned.sorted_ids, aligned.block_expert, w13, w13_scale, h, n_assign, e, i, d,
         xq.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), h.stride(0), TOP_K=top_k, **kw)
     hq, hs = quant_rows_int8(h)
     y = torch.empty(n_assign, d, dtype=dtype, device=xq.device)
-    _sorted_down_kernel[(aligned.num_blocks, triton.cdiv(d, bn))](
+    _sorted_down_kernel[(aligned.num_blocks, cdiv(d, bn))](
         hq, hs, aligned.sorted_ids, aligned.block_expert, w2, w2_scale, y, n_assign, e, i, d,
         hq.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), y.stride(0), **kw)
     out = torch.empty(num_tokens, d, dtype=dtype, device=xq.device)
     block = min(next_pow2(d), 1024)
-    _sum_slots_kernel[(num_tokens, triton.cdiv(d, block))](
+    _sum_slots_kernel[(num_tokens, cdiv(d, block))](
         y, topk_ids.to(torch.int32).contiguous(), topk_weights.reshape(-1).float().contiguous(), out, out, d, e,
         TOP_K=top_k, BLOCK=block, ADD=False, num_warps=4)
     return out
@@ -263,12 +263,12 @@ def _small_path(xq, xs, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, dt
     wts = topk_weights.reshape(-1).contiguous()
     bn, bk, warps = (16, 32, 1) if interpreting() else (16, 256, 4)
     h = torch.zeros(ids.numel(), i, dtype=dtype, device=xq.device)
-    _small_gate_up_kernel[(ids.numel(), triton.cdiv(i, bn))](
+    _small_gate_up_kernel[(ids.numel(), cdiv(i, bn))](
         xq, xs, ids, w13, w13_scale, h, e, i, d, top_k, xq.stride(0), w13.stride(0), w13.stride(1),
         w13_scale.stride(0), h.stride(0), BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(d)), num_warps=warps)
     hq, hs = quant_rows_int8(h)
     out = torch.empty(num_tokens, d, dtype=dtype, device=xq.device)
-    _small_down_kernel[(num_tokens, triton.cdiv(d, bn))](
+    _small_down_kernel[(num_tokens, cdiv(d, bn))](
         hq, hs, ids, wts, w2, w2_scale, out, e, i, d, hq.stride(0), w2.stride(0), w2.stride(1),
         w2_scale.stride(0), out.stride(0), TOP_K=top_k, BLOCK_N=bn, BLOCK_K=min(bk, next_pow2(i)),
         num_warps=warps)

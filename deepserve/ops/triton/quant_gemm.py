@@ -29,7 +29,7 @@ from deepserve.ops.quant import fp8_static_linear as fp8_static_linear_torch
 from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
-from deepserve.ops.triton._common import (as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+from deepserve.ops.triton._common import (cdiv, as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           quantize_e4m3, round_to_e4m3, unpack_by_ptx)
 from deepserve.ops.triton.fp8_half2 import SCALE as SCALE_H2
 from deepserve.ops.triton.fp8_half2 import quantized_row_pairs, quarters, row_pairs, word_fma16
@@ -86,7 +86,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
 def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scale [M, ceil(K/128)]), as ops.quant.quant_fp8_per_token_group."""
     m, k = x.shape
-    kb = triton.cdiv(k, FP8_GROUP)
+    kb = cdiv(k, FP8_GROUP)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
     if m:
@@ -271,19 +271,19 @@ def fp8_gemv(q: torch.Tensor, a_scale: Optional[torch.Tensor], weight: torch.Ten
     over the launch table's."""
     k, n = q.shape[1], weight.shape[0]
     cfg = {**launch_settings("fp8_gemv", q.device, n=n, k=k), **(settings or {})}
-    kb = triton.cdiv(k, FP8_GROUP)
+    kb = cdiv(k, FP8_GROUP)
     mma = bool(cfg.get("MMA", 0))
     step = 1 if mma else cfg["GROUPS"]
-    per_split = triton.cdiv(triton.cdiv(kb, max(1, cfg["SPLIT_K"])), step) * step
-    split = triton.cdiv(kb, per_split)
+    per_split = cdiv(cdiv(kb, max(1, cfg["SPLIT_K"])), step) * step
+    split = cdiv(kb, per_split)
     out = torch.empty((split, n), dtype=out_dtype if split == 1 else torch.float32, device=q.device)
     launch = pdl_launch(q.device, weight)
-    launch.update(LINES=min(next_pow2(triton.cdiv(per_split * FP8_GROUP, launch["LINE"])), 64))
+    launch.update(LINES=min(next_pow2(cdiv(per_split * FP8_GROUP, launch["LINE"])), 64))
     args = (q, a_scale if a_scale is not None else q, weight, w_scale, bias if bias is not None and split == 1 else out,
             out, n, k, per_split, weight.stride(0), w_scale.stride(0))
     common = dict(HAS_BIAS=bias is not None and split == 1, BLOCK_N=cfg["BLOCK_N"], GROUP=FP8_GROUP,
                   QUANT_X=a_scale is None, QMAX=FP8_MAX, num_warps=cfg["num_warps"], **launch)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    grid = (cdiv(n, cfg["BLOCK_N"]), split)
     if mma:
         if cfg["BLOCK_N"] < 16:
             raise ValueError(f"fp8_gemv MMA needs BLOCK_N >= 16 weight rows a program, got {cfg['BLOCK_N']}")
@@ -319,7 +319,7 @@ def fp8_gemm(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_sca
     if m == 0:
         return out
     bm, bn, warps, stages = _tiles(m, n)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    grid = (cdiv(m, bm) * cdiv(n, bn),)
     _fp8_gemm_kernel[grid](q, weight, out, a_scale, w_scale, bias if bias is not None else out,
                            m, n, k, q.stride(0), weight.stride(0), out.stride(0),
                            a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None,
@@ -368,7 +368,7 @@ def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = as_rows(x)
     q = quant_fp8_static(x2, input_scale)
-    a_scale = input_scale.to(torch.float32).reshape(1, 1).expand(x2.shape[0], triton.cdiv(k, FP8_GROUP)).contiguous()
+    a_scale = input_scale.to(torch.float32).reshape(1, 1).expand(x2.shape[0], cdiv(k, FP8_GROUP)).contiguous()
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     one_row = gemv_settings(*weight.shape, x.device) if x2.shape[0] == 1 else None
     if one_row is not None:

@@ -32,7 +32,7 @@ from deepserve.ops.int4 import check_int4_operands
 from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton import _common
-from deepserve.ops.triton._common import (advance_cols, as_rows, interpreting, load_rows, repeat_words, row_tile,
+from deepserve.ops.triton._common import (cdiv, advance_cols, as_rows, interpreting, load_rows, repeat_words, row_tile,
                                              unpack_by_ptx)
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_int8 import quant_rows_int8
@@ -271,7 +271,7 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     b = bias if bias is not None else y
     if zeros is None and cfg.get("SWAP_AB", 0):
         xq, xs = quant_rows_int8(x2, parity_lanes=True)
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+        grid = (cdiv(n, bn), cdiv(m, bm))
         _w4a8_nt_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(), b, y, m, n, k, xq.stride(0),
                               qweight.stride(0), scales.stride(0), y.stride(0), GROUP=group_size,
                               HAS_BIAS=bias is not None, ASM=unpack_by_ptx(), OVERLAP=cfg.get("OVERLAP", 0),
@@ -279,7 +279,7 @@ def w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                               **common)
         return y.reshape(*lead, n)
     xq, xs = quant_rows_int8(x2)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    grid = (cdiv(m, bm), cdiv(n, bn))
     _w4a8_gemm_kernel[grid](xq, xs, qweight.contiguous(), scales.contiguous(),
                             zeros.contiguous() if zeros is not None else scales, b,
                             y, m, n, k, xq.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
