@@ -100,8 +100,14 @@ def steps_of(events: list[dict]) -> list[dict]:
             j += 1
         step["busy_us"] = _union(inside) if kernels else None
         step["kernels_us"] = by_name
-        step["period_us"] = spans[i + 1]["start_us"] - lo if i + 1 < len(spans) else None
-    return spans
+    return _with_periods(spans)
+
+
+def _with_periods(steps: list[dict]) -> list[dict]:
+    """Each step's period: its GPU start to the next step's (None for the last)."""
+    for i, step in enumerate(steps):
+        step["period_us"] = steps[i + 1]["start_us"] - step["start_us"] if i + 1 < len(steps) else None
+    return steps
 
 
 def _name(step: dict) -> tuple:
@@ -110,13 +116,17 @@ def _name(step: dict) -> tuple:
 
 def merge_ranges(spans: list[dict]) -> list[dict]:
     """One entry a step: a range that starts inside the range before it and has its name (a
-    nested copy, or a fragment of a piecewise step) joins it, as their union."""
+    nested copy, or a fragment of a piecewise step) joins it, as their union; of ranges that
+    carry a busy time (saved steps), the joined one keeps the largest, which holds the others'
+    kernels when they nest."""
     out: list[dict] = []
     for step in sorted(spans, key=lambda s: s["start_us"]):
         last = out[-1] if out else None
         if last and _name(last) == _name(step) and step["start_us"] < last["start_us"] + last["span_us"]:
             end = max(last["start_us"] + last["span_us"], step["start_us"] + step["span_us"])
             last["span_us"] = end - last["start_us"]
+            if last.get("busy_us") is not None and step.get("busy_us") is not None:
+                last["busy_us"] = max(last["busy_us"], step["busy_us"])
             continue
         out.append(dict(step))
     return out
@@ -124,24 +134,8 @@ def merge_ranges(spans: list[dict]) -> list[dict]:
 
 def resummarize(saved: dict) -> dict[str, dict]:
     """The summary of each label's steps saved by an earlier --json, their ranges merged as
-    steps_of merges them (a merged step's busy time: its largest member's, which holds the
-    others' kernels when they nest) and the periods taken again."""
-    out = {}
-    for label, entry in saved.items():
-        steps: list[dict] = []
-        for st in sorted(entry["steps"], key=lambda s: s["start_us"]):
-            busy = st.get("busy_us")
-            merged = merge_ranges(steps[-1:] + [st])
-            if len(merged) == 1 and steps:
-                prev_busy = steps[-1].get("busy_us")
-                steps[-1] = merged[0]
-                steps[-1]["busy_us"] = None if busy is None else max(busy, prev_busy or 0.0)
-            else:
-                steps.append(dict(st))
-        for i, st in enumerate(steps):
-            st["period_us"] = steps[i + 1]["start_us"] - st["start_us"] if i + 1 < len(steps) else None
-        out[label] = summarize(steps)
-    return out
+    steps_of merges them and the periods taken again."""
+    return {label: summarize(_with_periods(merge_ranges(entry["steps"]))) for label, entry in saved.items()}
 
 
 def bucket(value: int, edges: tuple[int, ...]) -> str:

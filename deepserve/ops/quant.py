@@ -85,12 +85,19 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     q, s = quant_fp8_per_token_group(x2)
-    x_dq = q.to(torch.float32) * _expand_k(s, k, FP8_GROUP)                 # [M, K]
-    w_dq = weight.to(torch.float32) * _expand_k(weight_scale.float(), k, FP8_GROUP)  # [N, K]
+    return _dequantized_product(q.to(torch.float32) * _expand_k(s, k, FP8_GROUP), weight, weight_scale, bias,
+                                x.dtype, lead)
+
+
+def _dequantized_product(x_dq: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: Optional[torch.Tensor], dtype: torch.dtype, lead) -> torch.Tensor:
+    """Dequantized activations x_dq [M, K] (fp32) times the e4m3 weight dequantized per
+    128-group, plus bias, in fp32 -> [*lead, N] in `dtype`."""
+    w_dq = weight.to(torch.float32) * _expand_k(weight_scale.float(), x_dq.shape[1], FP8_GROUP)  # [N, K]
     y = x_dq @ w_dq.t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+    return y.to(dtype).reshape(*lead, weight.shape[0])
 
 
 @register("fp8_weight_only_linear", "torch")
@@ -124,12 +131,8 @@ def fp8_static_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         raise ValueError(f"fp8_static_linear: input_scale holds one value, got shape {tuple(input_scale.shape)}")
     lead, k = x.shape[:-1], x.shape[-1]
     q = quant_fp8_static(x.reshape(-1, k), input_scale)
-    x_dq = q.to(torch.float32) * input_scale.float().reshape(1, 1)                 # [M, K]
-    w_dq = weight.to(torch.float32) * _expand_k(weight_scale.float(), k, FP8_GROUP)  # [N, K]
-    y = x_dq @ w_dq.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+    return _dequantized_product(q.to(torch.float32) * input_scale.float().reshape(1, 1), weight, weight_scale,
+                                bias, x.dtype, lead)
 
 
 def _int_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -45,7 +45,7 @@ import triton.language as tl
 from deepserve.ops.int4 import PACK, check_int4_operands
 from deepserve.ops.int4 import int4_linear as int4_linear_torch
 from deepserve.ops.registry import register
-from deepserve.ops.triton._common import (cdiv, and_scalar, as_rows, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
+from deepserve.ops.triton._common import (and_scalar, as_rows, cdiv, dot_dtype, interpreting, next_pow2, pdl_begin, pdl_launch,
                                           prefetch_rows, unpack_by_ptx)
 from deepserve.ops.triton.int4_half2 import SCALE as SCALE16
 from deepserve.ops.triton.int4_half2 import magic16_of, pair_sum16, pairs_fma16, x_pairs

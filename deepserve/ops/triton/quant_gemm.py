@@ -29,7 +29,7 @@ from deepserve.ops.quant import fp8_static_linear as fp8_static_linear_torch
 from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
-from deepserve.ops.triton._common import (cdiv, as_rows, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
+from deepserve.ops.triton._common import (as_rows, cdiv, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           quantize_e4m3, round_to_e4m3, unpack_by_ptx)
 from deepserve.ops.triton.fp8_half2 import SCALE as SCALE_H2
 from deepserve.ops.triton.fp8_half2 import quantized_row_pairs, quarters, row_pairs, word_fma16

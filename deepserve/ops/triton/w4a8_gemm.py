@@ -32,7 +32,7 @@ from deepserve.ops.int4 import check_int4_operands
 from deepserve.ops.int4 import w4a8_linear as w4a8_linear_torch
 from deepserve.ops.registry import register
 from deepserve.ops.triton import _common
-from deepserve.ops.triton._common import (cdiv, advance_cols, as_rows, interpreting, load_rows, repeat_words, row_tile,
+from deepserve.ops.triton._common import (advance_cols, as_rows, cdiv, interpreting, load_rows, repeat_words, row_tile,
                                              unpack_by_ptx)
 from deepserve.ops.triton.launch_config import launch_settings
 from deepserve.ops.triton.moe_int8 import quant_rows_int8
