@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 import re
 import textwrap
@@ -29,6 +30,11 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 # vLLM's other names for them (--dtype half, LLM(dtype=torch.bfloat16))
 _DTYPE_ALIASES = {"half": "float16", "float": "float32", "torch.float16": "float16", "torch.float32": "float32",
                   "torch.bfloat16": "bfloat16"}
+
+
+CALCULATE_KV_SCALES_WARNING = ("--calculate-kv-scales is deprecated (as in vLLM 0.26) and has no effect: the fp8 KV "
+                               "cache scales are loaded from the model checkpoint if available, otherwise they "
+                               "default to 1.0")
 
 
 def canonical_dtype(dtype) -> str:
@@ -480,6 +486,9 @@ class EngineArgs:
     """KV cache storage: auto (the model dtype) | fp8 | fp8_e4m3 (float8 e4m3: half the bytes,
     twice the tokens; the MLA latent cache too). Scales per layer from the checkpoint's
     `k_scale` / `v_scale` / `kv_scale` (vLLM's names; MLA's latent takes k_scale), 1.0 without."""
+    calculate_kv_scales: bool = False
+    """Deprecated in vLLM 0.26 (removed after it): accepted with a deprecation warning and no
+    effect; fp8 KV cache scales come from the checkpoint (k_scale / v_scale / kv_scale), else 1.0."""
     swap_space: float = 4
     """vLLM's CPU swap space per GPU (GiB) for preempted sequences: accepted and unused, since
     preempted sequences are recomputed (as in vLLM V1)."""
@@ -627,6 +636,10 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.calculate_kv_scales:
+            # vLLM 0.26 warns too; its runtime calculation took the scales from the profiling
+            # pass's dummy inputs, and the releases after it dropped the option
+            logging.getLogger(__name__).warning(CALCULATE_KV_SCALES_WARNING)
         if not self.swap_space >= 0:   # vLLM's bound; the value is unused here
             raise ValueError(f"swap_space must be >= 0 (GiB), got {self.swap_space}")
         for name in ("max_num_seqs", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

@@ -332,6 +332,21 @@ def test_served_values_of_vllm_flags_pass(parser):
     assert engine["model"] == "m"
 
 
+@pytest.mark.parametrize("flags, value", [(["--calculate-kv-scales"], True), (["--no-calculate-kv-scales"], False)])
+def test_calculate_kv_scales_is_deprecated_as_in_vllm(parser, caplog, flags, value):
+    """vLLM 0.26 takes --calculate-kv-scales with a deprecation warning (the option is gone after
+    it; the scales come from the checkpoint, else 1.0): taken and warned about, as LLM's keyword,
+    not refused."""
+    from deepserve.config import CALCULATE_KV_SCALES_WARNING, EngineArgs
+
+    engine, _, _ = resolve(parser.parse_args(["serve", "m", *flags, "--kv-cache-dtype", "fp8"]))
+    assert engine["calculate_kv_scales"] is value
+    with caplog.at_level("WARNING", logger="deepserve.config"):
+        EngineArgs(**{**engine, "model": DEMO_MODEL})
+    assert [r.getMessage() for r in caplog.records] == ([CALCULATE_KV_SCALES_WARNING] if value else [])
+    assert "no effect" in CALCULATE_KV_SCALES_WARNING
+
+
 def test_cudagraph_capture_size_flags(parser):
     """vLLM's --cudagraph-capture-sizes and --max-cudagraph-capture-size:
     compilation_config's keys given alone, folded into it as vLLM does, so they set
