@@ -497,8 +497,9 @@ class EngineArgs:
     prefix_caching_salt: Optional[str] = None
     """Salt of the prefix-cache keys (default: random bytes drawn at start; a fixed string makes
     keys reproducible across restarts)."""
-    max_num_seqs: int = 256
-    """Most sequences in one engine step."""
+    max_num_seqs: Optional[int] = None
+    """Most sequences in one engine step (default 256, lowered to max_num_batched_tokens when that is
+    smaller, as vLLM's default)."""
     max_num_batched_tokens: Optional[int] = None
     """Most tokens in one engine step (default 8192; without chunked prefill at least max_model_len, the
     default raised to it)."""
@@ -642,12 +643,12 @@ class EngineArgs:
             logging.getLogger(__name__).warning(CALCULATE_KV_SCALES_WARNING)
         if not self.swap_space >= 0:   # vLLM's bound; the value is unused here
             raise ValueError(f"swap_space must be >= 0 (GiB), got {self.swap_space}")
-        for name in ("max_num_seqs", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1 and self.max_model_len != -1:
             raise ValueError(f"max_model_len must be >= 1, or -1 to fit it to the KV cache, got {self.max_model_len}")
-        for name in ("max_num_batched_tokens", "num_gpu_blocks_override", "max_waiting_requests",
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override", "max_waiting_requests",
                      "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -740,7 +741,12 @@ class EngineArgs:
                                  "than that could never run; raise --max-num-batched-tokens, lower "
                                  "--max-model-len or drop --no-enable-chunked-prefill")
             batched = max(batched, max_model_len)
-        scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+        max_num_seqs = self.max_num_seqs or min(256, batched)
+        if batched < max_num_seqs:
+            # a step could not give each running sequence its one decode token (vLLM's words)
+            raise ValueError(f"max_num_batched_tokens ({batched}) must be greater than or equal to "
+                             f"max_num_seqs ({max_num_seqs}).")
+        scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=max_model_len,
                                     enable_chunked_prefill=self.enable_chunked_prefill,
                                     max_waiting_requests=self.max_waiting_requests,

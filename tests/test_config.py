@@ -170,3 +170,26 @@ def test_step_budget_without_chunked_prefill():
     assert _parse(flags + ["--max-num-batched-tokens", "512"]).create_engine_config().scheduler.max_num_batched_tokens == 512
     assert _parse(["--max-model-len", "512", "--max-num-batched-tokens", "100"]).create_engine_config() \
         .scheduler.max_num_batched_tokens == 100
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["--max-num-batched-tokens", "4", "--max-num-seqs", "8"], (4, 8)),
+    (["--max-num-seqs", "9000"], (8192, 9000)),              # the default budget is below it too
+])
+def test_step_budget_below_max_num_seqs_refused(flags, want):
+    """A step budget below max_num_seqs is refused at start with vLLM's SchedulerConfig message
+    (it ran: a full decode batch never fit one step)."""
+    with pytest.raises(ValueError, match=re.escape(f"max_num_batched_tokens ({want[0]}) must be greater than or "
+                                                   f"equal to max_num_seqs ({want[1]}).")):
+        _parse(["--max-model-len", "64"] + flags).create_engine_config()
+
+
+@pytest.mark.parametrize("flags, want", [
+    ([], (8192, 256)),
+    (["--max-num-batched-tokens", "32"], (32, 32)),           # vLLM: min(default max_num_seqs, budget)
+    (["--max-num-batched-tokens", "8", "--max-num-seqs", "8"], (8, 8)),
+    (["--max-num-seqs", "1000"], (8192, 1000)),
+])
+def test_max_num_seqs_default_fits_step_budget(flags, want):
+    sc = _parse(["--max-model-len", "64"] + flags).create_engine_config().scheduler
+    assert (sc.max_num_batched_tokens, sc.max_num_seqs) == want
