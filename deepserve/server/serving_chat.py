@@ -68,15 +68,16 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, top_k: int, as_id
     """OpenAI's chat logprobs object for tokens [start, end) of one sample (`as_ids`: tokens
     named `token_id:N`, vLLM's return_tokens_as_token_ids; `bytes` stay the token's text's;
     `listed`: top_logprobs are the sampled token's and logprob_token_ids', in that order, as vLLM's;
-    `top_k` -1: every token's, the whole vocabulary)."""
+    `top_k` -1: every token's, the whole vocabulary). As vLLM's, top_logprobs are the first
+    `top_k` of the sampled token and then the most likely others by rank: a sampled token outside
+    the top k comes first and pushes the k-th out."""
     content = []
     for tid, entry in zip(out.token_ids[start:end], (out.logprobs or [])[start:end]):
         chosen = entry[tid]
-        if listed:
+        if listed or top_k == -1:
             top = list(entry.items())
-        else:
-            top = sorted(((t, lp) for t, lp in entry.items() if top_k == -1 or lp.rank <= top_k),
-                         key=lambda item: item[1].rank)
+        else:   # an entry is the sampled token's, then the others' in rank order (more for beams)
+            top = [(t, lp) for t, lp in entry.items() if t == tid or lp.rank <= top_k][:top_k]
         item = _entry(chosen.decoded_token, chosen.logprob, f"token_id:{tid}" if as_ids else None)
         item["top_logprobs"] = [_entry(lp.decoded_token, lp.logprob, f"token_id:{t}" if as_ids else None)
                                 for t, lp in top]

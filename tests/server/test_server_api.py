@@ -117,6 +117,29 @@ def test_chat_matches_completion_of_the_rendered_prompt(client, http):
     assert chunks[-1].usage.completion_tokens == 20
 
 
+def test_chat_top_logprobs_put_the_sampled_token_first(client, http):
+    """vLLM's chat top_logprobs: the first top_logprobs of (the sampled token, then the others in
+    rank order), the order its completions' top_logprobs dict has (sampled first, then the top k).
+    A sampled token outside the top k is listed first and pushes the k-th out; the chat listed the
+    top k by rank without it. Seeded sampling at temperature 1.5 takes such tokens here."""
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    kw = dict(model="stories260k", max_tokens=16, temperature=1.5, seed=3)
+    ref = client.completions.create(prompt=ids, logprobs=2, **kw).choices[0].logprobs
+    want = [list(top)[:2] for top in ref.top_logprobs]
+    assert any(top[0] != max(ref.top_logprobs[i], key=ref.top_logprobs[i].get) for i, top in enumerate(want))
+    r = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **kw)
+    content = r.choices[0].logprobs.content
+    assert [t.token for t in content] == ref.tokens
+    assert [[e.token for e in t.top_logprobs] for t in content] == want
+    assert [e.logprob for t in content for e in t.top_logprobs] == pytest.approx(
+        [ref.top_logprobs[i][tok] for i, top in enumerate(want) for tok in top])
+    chunks = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, stream=True, **kw)
+    streamed = [[e.token for e in t.top_logprobs] for c in chunks for ch in c.choices
+                for t in (ch.logprobs.content if ch.logprobs else [])]
+    assert streamed == want
+
+
 def test_async_client_concurrent(demo_server):
     async def main():
         client = openai.AsyncOpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0)
