@@ -426,6 +426,7 @@ class EngineConfig:
     speculative: Optional[SpeculativeConfig] = None
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
     piecewise_max_tokens: int = 2048      # at most max_num_batched_tokens
+    mixed_graph_tokens: int = 0           # prompt tokens of a mixed step run as decode graph rows (0: none)
     profiler: Optional[ProfilerConfig] = None   # vLLM's profiler interface, when a profiler is set
 
 
@@ -554,8 +555,9 @@ class EngineArgs:
     per stage instead). --async-scheduling forces it on: every layout (TP, PP, DP, EP, Ray);
     steps with logprobs, penalties, min_tokens, structured output or drafts run synchronously,
     and pipeline parallel keeps its micro-batches. --no-async-scheduling forces it off."""
-    cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
-    """Decode batch sizes captured as CUDA graphs."""
+    cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512])
+    """Decode batch sizes captured as CUDA graphs: those up to the most rows a graph step has
+    (max_num_seqs; times 1 + the drafts with speculative decoding; plus --mixed-graph-tokens)."""
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
     """Which steps replay CUDA graphs (vLLM's modes): FULL_AND_PIECEWISE (the default, as
     vLLM's): decode-only steps as whole graphs (--cuda-graph-sizes), prefill and mixed steps of
@@ -569,6 +571,14 @@ class EngineArgs:
     --max-num-batched-tokens); larger steps run eagerly. Default: 2048 (eager steps of that size
     are bound by the host's launches: a mixed step beside 256 decodes passes 512 tokens with a
     short prompt); with vLLM's max_cudagraph_capture_size, that size."""
+    mixed_graph_tokens: Optional[int] = None
+    """Mixed steps (decodes beside prompt chunks) of at most this many prompt tokens replay the
+    decode CUDA graphs, each prompt token a one-token row that attends over its sequence's
+    positions up to its own, instead of piecewise graphs with attention run eagerly between
+    them, whose host launches outlast such a step's GPU work. The decode graphs are then
+    captured up to max_num_seqs + this many rows (of --cuda-graph-sizes). 0 turns it off.
+    Default: 256 with --cudagraph-mode FULL_AND_PIECEWISE or FULL, one pipeline stage and no
+    speculative decoding; 0 otherwise."""
     compilation_config: Optional[dict] = None
     """vLLM's JSON, mapped onto the CUDA graphs deepserve captures: cudagraph_capture_sizes sets
     --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
@@ -700,6 +710,8 @@ class EngineArgs:
             self.enforce_eager = True
         if self.piecewise_max_tokens is not None and self.piecewise_max_tokens < 1:
             raise ValueError(f"piecewise_max_tokens must be >= 1, got {self.piecewise_max_tokens}")
+        if self.mixed_graph_tokens is not None and self.mixed_graph_tokens < 0:
+            raise ValueError(f"mixed_graph_tokens must be >= 0, got {self.mixed_graph_tokens}")
         if isinstance(self.speculative_config, (str, dict)) and not self.speculative_config:
             self.speculative_config = None       # "" or {}: no speculative decoding
         elif self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
@@ -770,8 +782,23 @@ class EngineArgs:
                             cudagraph_mode=self.cudagraph_mode,
                             piecewise_max_tokens=min(self.piecewise_max_tokens or default_piecewise_max_tokens(hf),
                                                      batched),
+                            mixed_graph_tokens=self._mixed_graph_tokens(speculative),
                             profiler=self.profiler_config if self.profiler_config and self.profiler_config.profiler
                             else None)
+
+    def _mixed_graph_tokens(self, speculative) -> int:
+        """--mixed-graph-tokens as the engine runs it (see the field): 0 where no whole decode
+        graphs replay; a value given with speculative decoding (its verify steps take the
+        graphs' rows) or pipeline parallel (stage graphs) is refused."""
+        given = self.mixed_graph_tokens
+        if given and (speculative is not None or self.pipeline_parallel_size > 1):
+            why = "speculative decoding" if speculative is not None else "pipeline parallel"
+            raise ValueError(f"mixed_graph_tokens ({given}) is not supported with {why}; leave it out or set 0")
+        if self.enforce_eager or self.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL"):
+            return 0
+        if given is None:
+            return 0 if speculative is not None or self.pipeline_parallel_size > 1 else 256
+        return given
 
     # ----------------------------------------------------------------------- CLI
     @classmethod

@@ -10,6 +10,10 @@ cudagraph_mode FULL_AND_PIECEWISE as piecewise graphs around eager attention
 
 Capture needs ops without host syncs, so graphs are used only with the Triton backend.
 
+Small mixed steps (decodes beside at most --mixed-graph-tokens prompt tokens) replay them the
+same way, each prompt token a row (`fits_as_rows`, DriverRunner.host_inputs): the piecewise
+graphs would run their attention eagerly, whose launches outlast such a step's GPU work.
+
 Verify steps of speculative decoding (each sequence's last token and its k drafts) replay the
 same graphs as decode rows, one row per token (engine/spec_decode.as_decode_rows), so the
 sizes count tokens, up to max_num_seqs * (k + 1); the graphs keep their hidden states too,
@@ -37,11 +41,34 @@ logger = logging.getLogger("deepserve")
 
 def decode_graph_sizes(config, sizes: list[int]) -> list[int]:
     """The decode graph sizes captured of `sizes` (--cuda-graph-sizes): those up to the most
-    rows a decode step has (max_num_seqs, times 1 + the drafts with speculative decoding),
-    ascending; [1] where none is."""
+    rows a graph step has (max_num_seqs, times 1 + the drafts with speculative decoding, plus
+    --mixed-graph-tokens' prompt rows of a mixed step), ascending; [1] where none is."""
     spec = config.speculative
-    rows = config.scheduler.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+    if spec is not None:
+        rows = config.scheduler.max_num_seqs * (1 + spec.num_speculative_tokens)
+    else:
+        rows = config.scheduler.max_num_seqs + config.mixed_graph_tokens
     return sorted(s for s in sizes if s <= rows) or [1]
+
+
+MIXED_ROWS_CONTEXT = 1 << 20
+"""The most (row, attended position) pairs a mixed step's prompt rows may hold to run as decode
+rows: each such row reads its sequence's cache up to its own position, where the prefill path
+reads a sequence's cached prefix once, so a chunk deep into a long prompt stays off this path."""
+
+
+def fits_as_rows(inputs, mixed_tokens: int, max_rows: int, max_len: int) -> bool:
+    """Whether a mixed step (StepInputs: decodes first, then prompt chunks) runs as one-token
+    decode rows (engine/spec_decode.as_decode_rows) in a captured graph: at most `mixed_tokens`
+    prompt tokens, `max_rows` rows in all, no sequence longer than `max_len`, and its prompt
+    rows' attended positions within MIXED_ROWS_CONTEXT."""
+    if not mixed_tokens or inputs.decode_only or inputs.num_tokens > max_rows:
+        return False
+    first = inputs.num_decodes
+    if inputs.num_tokens - first > mixed_tokens or max(inputs.seq_lens) > max_len:
+        return False
+    context = sum(q * s for q, s in zip(inputs.q_lens[first:], inputs.seq_lens[first:]))
+    return context <= MIXED_ROWS_CONTEXT
 
 
 class CudaGraphRunner:

@@ -19,6 +19,7 @@ import torch
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext
+from deepserve.engine.cuda_graphs import fits_as_rows
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.pipeline import PendingLogits
@@ -127,7 +128,14 @@ class DriverRunner(ModelRunner):
         self.sampler.warm_up(logits)
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        return StepInputs.from_batch(batch, self.block_size)
+        """The batch's flat step inputs; a small mixed step's as one-token rows, which the decode
+        CUDA graphs replay (engine/cuda_graphs.fits_as_rows)."""
+        inputs = StepInputs.from_batch(batch, self.block_size)
+        g, mixed = self.graphs, self.config.mixed_graph_tokens
+        if (mixed and g is not None and g.enabled and self.pipeline is None
+                and fits_as_rows(inputs, mixed, g.max_bs, g.max_len)):
+            return as_decode_rows(inputs)
+        return inputs
 
     def _forward(self, msg: StepMessage) -> Optional[torch.Tensor]:
         self.publish(msg)

@@ -136,10 +136,10 @@ def as_decode_rows(inputs: StepInputs) -> StepInputs:
     writes the whole step's KV before any row attends. A verify step of decodes (each its
     last token and k drafts) thus becomes a decode step of tokens = batch * (k + 1) rows,
     which CUDA graphs replay. Logits rows stay the same flat rows."""
-    tables = np.repeat(np.asarray(inputs.tables, dtype=np.int64), inputs.q_lens, axis=0)
+    tables = np.repeat(np.asarray(inputs.tables, dtype=np.int32), inputs.q_lens, axis=0)
     n = inputs.num_tokens
     return StepInputs(ids=inputs.ids, positions=inputs.positions, slots=inputs.slots, q_lens=[1] * n,
-                      seq_lens=(inputs.positions + 1).tolist(), tables=tables.tolist(),
+                      seq_lens=(inputs.positions + 1).tolist(), tables=tables,
                       logits_rows=inputs.logits_rows, num_decodes=n)
 
 

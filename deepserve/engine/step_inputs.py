@@ -23,7 +23,7 @@ class StepInputs:
     slots: np.ndarray              # [T] int64 KV slot of each token (-1: write nothing)
     q_lens: list[int]              # [S] new tokens per sequence
     seq_lens: list[int]            # [S] tokens per sequence after this step
-    tables: list[list[int]]        # [S, max blocks] block tables, 0-padded
+    tables: list[list[int]] | np.ndarray   # [S, max blocks] block tables, 0-padded
     logits_rows: list[int]         # rows of the flat batch whose logits are needed
     num_decodes: int               # the first num_decodes sequences are one-token decodes
     dummy: bool = False            # an idle DP rank's filler step (MoE collectives need every rank)

@@ -26,19 +26,21 @@ def _config(**kw):
 
 
 DECODE_64 = [1, 2, 4, 8, 16, 32, 64]      # the default sizes up to max_num_seqs
+MIXED_64 = DECODE_64 + [128, 256]         # ... up to max_num_seqs + --mixed-graph-tokens (256)
 
 
 @pytest.mark.parametrize("kw, device, backend, pp, exchange, want", [
-    ({}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(2048))),     # FULL_AND_PIECEWISE
+    ({}, "cuda", "triton", 1, False, (MIXED_64, [], capture_sizes(2048))),     # FULL_AND_PIECEWISE
     ({"cudagraph_mode": "FULL_DECODE_ONLY"}, "cuda", "triton", 1, False, (DECODE_64, [], [])),
-    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(2048))),
+    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, False, (MIXED_64, [], capture_sizes(2048))),
+    ({"mixed_graph_tokens": 0}, "cuda", "triton", 1, False, (DECODE_64, [], capture_sizes(2048))),
     ({"cudagraph_mode": "PIECEWISE", "piecewise_max_tokens": 64}, "cuda", "triton", 1, False,
      ([], [], capture_sizes(64))),
-    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 2, False, (DECODE_64, [], [])),   # per stage
-    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, True, (DECODE_64, [], [])),    # DP x EP
+    ({"pipeline_parallel_size": 2}, "cuda", "triton", 2, False, (DECODE_64, [], [])),   # per stage
+    ({"cudagraph_mode": "FULL_AND_PIECEWISE"}, "cuda", "triton", 1, True, (MIXED_64, [], [])),    # DP x EP
     ({"all2all_backend": "alltoall"}, "cuda", "triton", 1, True, ([], [], [])),
     ({}, "cuda", "torch", 1, False, ([], [], [])),                  # host syncs: no capture
-    ({}, "cuda", "flaggems", 1, False, (DECODE_64, [], capture_sizes(2048))),  # Triton kernels + FlagGems
+    ({}, "cuda", "flaggems", 1, False, (MIXED_64, [], capture_sizes(2048))),  # Triton kernels + FlagGems
     ({"enforce_eager": True}, "cuda", "triton", 1, False, ([], [], [])),
     ({}, "cpu", "torch", 1, False, ([], [], [])),
 ])
@@ -132,6 +134,7 @@ def test_grown_blocks_within_what_the_sequences_can_use():
 class _FakeGraphs:
     """Stands for a CudaGraphRunner on the CPU: records the pool it was captured over and
     never replays (every step runs eagerly)."""
+    max_bs = max_len = 0      # no row fits: mixed steps stay off the graphs too
 
     def __init__(self, runner, enabled: bool):
         self.enabled = enabled

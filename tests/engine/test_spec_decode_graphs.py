@@ -104,7 +104,7 @@ def test_graph_sizes_count_verify_tokens(k, sizes):
     """max_num_seqs 4: decode graphs up to 4 rows; with k drafts up to 4 * (k + 1) tokens."""
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=k) if k else None
     runner = SimpleNamespace(config=SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=4, max_model_len=64),
-                                                    speculative=spec),
+                                                    speculative=spec, mixed_graph_tokens=0),
                              model=None, pctx=SimpleNamespace(moe_dp_exchange=False, dp_size=1),
                              ops=OpTable("torch"))
     graphs = CudaGraphRunner(runner, [1, 2, 4, 8, 16, 32, 64])   # the torch backend: sizes, no capture
