@@ -525,3 +525,23 @@ def final_usage(prompt_tokens: int, completion_tokens: int, details: Optional[di
 
 def now() -> int:
     return int(time.time())
+
+
+# The fields of vLLM's whole (non-streamed) response models, in their order: vLLM sends each, null
+# where unset (model_dump), and so do these responses. ChatMessage's tool_calls is left out as
+# vLLM's serializer leaves an empty list out; a field vLLM does not have (reasoning_content) stays.
+CHAT_RESPONSE_FIELDS = ("id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+                        "usage", "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                        "ec_transfer_params", "metrics")
+CHAT_CHOICE_FIELDS = ("index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                      "routed_experts")
+CHAT_MESSAGE_FIELDS = ("role", "content", "refusal", "annotations", "audio", "function_call", "reasoning")
+COMPLETION_RESPONSE_FIELDS = ("id", "object", "created", "model", "choices", "service_tier",
+                              "system_fingerprint", "usage", "kv_transfer_params", "ec_transfer_params", "metrics")
+COMPLETION_CHOICE_FIELDS = ("index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                            "prompt_logprobs", "prompt_token_ids", "routed_experts")
+
+
+def with_fields(obj: dict, fields: tuple[str, ...]) -> dict:
+    """`obj` with each of `fields` (null where it has none), in their order, then its other keys."""
+    return {**{f: obj.get(f) for f in fields}, **obj}

@@ -45,7 +45,9 @@ from deepserve.engine.sampling_params import GuidedDecoding
 from deepserve.engine.tokenizer import JSONArguments
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids
+from deepserve.server.protocol import (CHAT_CHOICE_FIELDS, CHAT_MESSAGE_FIELDS, CHAT_RESPONSE_FIELDS,
+                                      ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids,
+                                      with_fields)
 from deepserve.server.reasoning import make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, fingerprint_fields, header_request_id, merge_streams,
@@ -527,20 +529,20 @@ async def create_chat_completion(request: Request, state: ServerState):
         # `reasoning` is always there, null without a parser or with the reasoning hidden, as in
         # vLLM's ChatMessage (clients read message.reasoning); reasoning_content, its older
         # name, only beside a parser's reasoning
-        message: dict = {"role": prep.role, "content": shown, "reasoning": None}
+        message: dict = with_fields({"role": prep.role, "content": shown}, CHAT_MESSAGE_FIELDS)
         if prep.parser_name is not None and prep.include_reasoning:
-            message.update(reasoning_content=reasoning, reasoning=reasoning)
+            message.update(reasoning=reasoning, reasoning_content=reasoning)
         if calls:  # OpenAI and vLLM leave the field out when there is no call, rather than send []
             message["tool_calls"] = calls
         logprobs = None
         if prep.top_k is not None and not prep.hide_tokens:
             logprobs = chat_logprobs(out, 0, len(out.token_ids), prep.top_k, prep.as_ids,
                                      prep.listed)
-        choices.append({"index": out.index, "message": message, "logprobs": logprobs,
-                        "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)),
-                        "stop_reason": out.stop_reason})
+        choice = {"index": out.index, "message": message, "logprobs": logprobs,
+                  "finish_reason": _finish_reason(out, prep.tool_mode, bool(calls)), "stop_reason": out.stop_reason}
         if req.return_token_ids and not prep.hide_tokens:
-            choices[-1]["token_ids"] = list(out.token_ids)
+            choice["token_ids"] = list(out.token_ids)
+        choices.append(with_fields(choice, CHAT_CHOICE_FIELDS))
     completion_tokens = sum(len(o.token_ids) for o in final.outputs)
     details = prompt_tokens_details(state, final.num_cached_tokens, [len(prep.prompt_ids)])
     body = {"id": prep.id, "object": "chat.completion", "created": prep.created, "model": prep.model,
@@ -552,7 +554,7 @@ async def create_chat_completion(request: Request, state: ServerState):
         body["prompt_token_ids"] = prep.prompt_ids
     if req.return_prompt_text:
         body["prompt_text"] = prep.prompt_text
-    return JSONResponse(body)
+    return JSONResponse(with_fields(body, CHAT_RESPONSE_FIELDS))
 
 
 async def collect_final(prep: PreparedChat, state: ServerState) -> RequestOutput:

@@ -26,7 +26,8 @@ from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import CompletionRequest, final_usage, now, response_ids
+from deepserve.server.protocol import (COMPLETION_CHOICE_FIELDS, COMPLETION_RESPONSE_FIELDS, CompletionRequest,
+                                      final_usage, now, response_ids, with_fields)
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, fingerprint_fields, header_request_id, merge_streams,
                                              parse_request,
@@ -202,7 +203,7 @@ class _Prepared:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(res, self.shown_prompt_logprobs)
         if req.return_token_ids:
             choice.update(prompt_token_ids=self.prompts[i]["prompt_token_ids"], token_ids=[])
-        return choice
+        return with_fields(choice, COMPLETION_CHOICE_FIELDS)
 
     def prompt_params(self, state: ServerState, ids: list[int]) -> SamplingParams:
         """The params for one prompt: a grammar held from </think> on where the prompt leaves
@@ -248,13 +249,14 @@ async def create_completion(request: Request, state: ServerState):
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(res, prep.shown_prompt_logprobs)
             if req.return_token_ids:
                 choice.update(prompt_token_ids=prep.prompts[i]["prompt_token_ids"], token_ids=list(out.token_ids))
-            choices.append(choice)
+            choices.append(with_fields(choice, COMPLETION_CHOICE_FIELDS))
     prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prep.prompts)
     details = prompt_tokens_details(state, sum(f.num_cached_tokens for f in finals.values()))
-    return JSONResponse({"id": prep.id, "object": "text_completion", "created": prep.created,
-                         "model": prep.model, "choices": choices,
-                         "system_fingerprint": state.settings.system_fingerprint,
-                         "usage": final_usage(prompt_tokens, completion_tokens, details, stream=False)})
+    return JSONResponse(with_fields({"id": prep.id, "object": "text_completion", "created": prep.created,
+                                     "model": prep.model, "choices": choices,
+                                     "system_fingerprint": state.settings.system_fingerprint,
+                                     "usage": final_usage(prompt_tokens, completion_tokens, details, stream=False)},
+                                    COMPLETION_RESPONSE_FIELDS))
 
 
 def _joined(first: dict, second: dict) -> dict:

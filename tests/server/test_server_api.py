@@ -140,6 +140,47 @@ def test_chat_top_logprobs_put_the_sampled_token_first(client, http):
     assert streamed == want
 
 
+# the fields of vLLM 0.26's response models (entrypoints/openai/*/protocol.py), which its whole
+# responses send, null where unset (model_dump); ChatMessage drops tool_calls when empty
+VLLM_CHAT_RESPONSE = {"id", "object", "created", "model", "choices", "service_tier", "system_fingerprint", "usage",
+                      "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
+                      "ec_transfer_params", "metrics"}
+VLLM_CHAT_CHOICE = {"index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids", "routed_experts"}
+VLLM_CHAT_MESSAGE = {"role", "content", "refusal", "annotations", "audio", "function_call", "reasoning"}
+VLLM_COMPLETION_RESPONSE = {"id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
+                            "usage", "kv_transfer_params", "ec_transfer_params", "metrics"}
+VLLM_COMPLETION_CHOICE = {"index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+                          "prompt_logprobs", "prompt_token_ids", "routed_experts"}
+VLLM_USAGE = {"prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details"}
+VLLM_MODEL_CARD = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
+
+
+@pytest.mark.parametrize("extra", [{}, {"n": 2, "logprobs": True, "top_logprobs": 1}])
+def test_chat_response_has_vllm_keys(http, extra):
+    body = http.post("/v1/chat/completions", json={"model": "stories260k", "max_tokens": 2, **extra,
+                                                    "messages": [{"role": "user", "content": PROMPT}]}).json()
+    assert set(body) == VLLM_CHAT_RESPONSE and set(body["usage"]) == VLLM_USAGE
+    assert all(body[k] is None for k in VLLM_CHAT_RESPONSE - {"id", "object", "created", "model", "choices",
+                                                             "system_fingerprint", "usage"})
+    for choice in body["choices"]:
+        assert set(choice) == VLLM_CHAT_CHOICE and choice["token_ids"] is None and choice["routed_experts"] is None
+        assert set(choice["message"]) == VLLM_CHAT_MESSAGE
+        assert [choice["message"][k] for k in ("refusal", "annotations", "audio", "function_call")] == [None] * 4
+
+
+@pytest.mark.parametrize("extra", [{}, {"n": 2, "logprobs": 1}, {"echo": True, "max_tokens": 0}])
+def test_completion_response_has_vllm_keys(http, extra):
+    body = http.post("/v1/completions", json={"model": "stories260k", "prompt": PROMPT, "max_tokens": 2,
+                                              **extra}).json()
+    assert set(body) == VLLM_COMPLETION_RESPONSE and set(body["usage"]) == VLLM_USAGE
+    assert [body[k] for k in ("service_tier", "kv_transfer_params", "ec_transfer_params", "metrics")] == [None] * 4
+    for choice in body["choices"]:
+        assert set(choice) == VLLM_COMPLETION_CHOICE
+        assert [choice[k] for k in ("token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts")] == [None] * 4
+    cards = http.get("/v1/models").json()["data"]
+    assert cards and all(set(c) == VLLM_MODEL_CARD for c in cards)
+
+
 def test_async_client_concurrent(demo_server):
     async def main():
         client = openai.AsyncOpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0)
