@@ -19,7 +19,12 @@ expert that received tokens (a loop over experts, never over tokens), weighted a
 back per token. Expert ids outside [0, E) contribute zero: that is how expert parallelism
 drops the tokens routed to another rank's experts (the layer shifts ids by its first local
 expert). With `w13_scale`/`w2_scale` the weights are e4m3 with one fp32 scale_inv per
-128x128 block and are dequantized here, per expert.
+128x128 block, dequantized here per expert, and run W8A8 as the Triton kernels do (the
+sorted grouped GEMMs and the small path's tensor-core kernels; DeepSeek-V3's recipe): the
+token rows and the SwiGLU output are quantised to e4m3 per token per 128-group
+(ops/quant.py's quant_fp8_per_token_group) and each product summed in fp32, so this op is
+their oracle. (The small path's CUDA-core kernels run W8A16: their oracle is this op over the
+dequantised weights.)
 
 `shared_w13` [2*Is, D] / `shared_w2` [D, Is] add DeepSeek's shared experts: one more SwiGLU
 expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
@@ -28,7 +33,7 @@ routed sum rounded to the activation dtype, so the result is bit for bit the rou
 plus the shared MLP's, the two-call contract the Triton kernels fuse (they round once). Beside
 fp8 routed experts the shared weights are e4m3 too, with `shared_w13_scale` /
 `shared_w2_scale` in Fp8BlockLinear's layout (scale_inv per row and 128-column block, rows of a
-128-row block alike), dequantized here.
+128-row block alike), run through fp8_block_linear as the dense fp8 MLP runs them.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from deepserve.ops.quant import fp8_block_linear, quant_fp8_per_token_group
 from deepserve.ops.registry import register
 
 _SCORING = ("softmax", "sigmoid")
@@ -100,20 +106,27 @@ def expert_batches(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
         yield expert, slots // top_k, topk_weights.reshape(-1)[slots].float()
 
 
-def _dequant(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """One expert's weight [N, K] in `dtype`; e4m3 with per-128x128 scale_inv when given."""
-    if scale_inv is None:
-        return weight.to(dtype)
+def _dequant(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """One expert's e4m3 weight [N, K] with its per-128x128 scale_inv, in fp32."""
     n, k = weight.shape
     scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
-    return (weight.float() * scale).to(dtype)
+    return weight.float() * scale
 
 
-def _dequant_rows(weight: torch.Tensor, scale_inv: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """A shared-expert weight [N, K] in `dtype`; e4m3 with scale_inv [N, ceil(K/128)] when given."""
+def _fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x [M, K] quantised to e4m3 per 128-group and back, in fp32: the activations the
+    fp8 kernels multiply (W8A8)."""
+    q, s = quant_fp8_per_token_group(x)
+    return q.float() * s.repeat_interleave(FP8_BLOCK, 1)[:, :x.shape[1]]
+
+
+def _expert_linear(a: torch.Tensor, weight: torch.Tensor, scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+    """a [n, K] times one expert's weight [N, K]^T -> [n, N] in a's dtype: 16-bit weights as
+    F.linear; e4m3 ones as the fp8 kernels compute, the activations quantised per token per
+    128-group and the product of the dequantised operands summed in fp32."""
     if scale_inv is None:
-        return weight.to(dtype)
-    return (weight.float() * scale_inv.float().repeat_interleave(FP8_BLOCK, 1)[:, :weight.shape[1]]).to(dtype)
+        return F.linear(a, weight)
+    return (_fake_quant(a) @ _dequant(weight, scale_inv).t()).to(a.dtype)
 
 
 @register("fused_moe", "torch")
@@ -142,16 +155,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         if count == 0:
             continue
         rows = token_of[start:start + count]
-        w_gate_up = _dequant(w13[expert], None if w13_scale is None else w13_scale[expert], x.dtype)
-        w_down = _dequant(w2[expert], None if w2_scale is None else w2_scale[expert], x.dtype)
-        gate, up = F.linear(x[rows], w_gate_up).chunk(2, dim=-1)   # [n, I] each
-        y = F.linear(F.silu(gate) * up, w_down)                    # [n, D]
+        s13 = None if w13_scale is None else w13_scale[expert]
+        s2 = None if w2_scale is None else w2_scale[expert]
+        gate, up = _expert_linear(x[rows], w13[expert], s13).chunk(2, dim=-1)   # [n, I] each
+        y = _expert_linear(F.silu(gate) * up, w2[expert], s2)                   # [n, D]
         out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
         start += count
     if shared_w13 is None:
         return out.to(x.dtype)
-    return out.to(x.dtype) + shared_mlp(x, _dequant_rows(shared_w13, shared_w13_scale, x.dtype),
-                                        _dequant_rows(shared_w2, shared_w2_scale, x.dtype))
+    return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
 
 
 def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optional[torch.Tensor],
@@ -195,7 +207,13 @@ def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optiona
                                  f"(want {want_s}, one scale per row and {FP8_BLOCK}-column block)")
 
 
-def shared_mlp(x: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor) -> torch.Tensor:
-    """The shared experts as LlamaMLP computes them: x [T, D] -> [T, D] in x's dtype."""
-    gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)    # [T, Is] each
-    return F.linear(F.silu(gate) * up, shared_w2)
+def shared_mlp(x: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor,
+               shared_w13_scale: Optional[torch.Tensor] = None,
+               shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The shared experts as LlamaMLP computes them: x [T, D] -> [T, D] in x's dtype; e4m3
+    weights (with their row-expanded scales) through fp8_block_linear, as the dense fp8 MLP."""
+    if shared_w13_scale is None:
+        gate, up = F.linear(x, shared_w13).chunk(2, dim=-1)    # [T, Is] each
+        return F.linear(F.silu(gate) * up, shared_w2)
+    gate, up = fp8_block_linear(x, shared_w13, shared_w13_scale).chunk(2, dim=-1)
+    return fp8_block_linear(F.silu(gate) * up, shared_w2, shared_w2_scale)
