@@ -21,7 +21,7 @@ def output_rows(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Te
     layer writes several ops' rows without joining them after), checked, else a new tensor."""
     if out is None:
         return like.new_empty(shape)
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device \
+    if out.shape != shape or out.dtype != like.dtype or out.device != like.device \
             or out.stride(-1) != 1:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} does not fit the op's output "
                          f"{tuple(shape)} {like.dtype} on {like.device} (unit last stride needed)")

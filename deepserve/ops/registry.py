@@ -108,8 +108,8 @@ def check_backend_runs_on(platform_name: str, ops: str) -> None:
     "0 active drivers" from the first kernel launch."""
     if platform_name != "cpu" or ops not in ("triton", TRITON_ALL, "flaggems"):
         return
-    from deepserve.ops.triton._common import interpreting
-    if not interpreting():
+    from deepserve.ops.triton._common import interpret_env
+    if not interpret_env():
         raise ValueError(f"--ops {ops} runs Triton kernels, which need a GPU (this machine runs on the CPU); "
                          "use --ops torch, or TRITON_INTERPRET=1 to interpret them (slow)")
 

@@ -75,8 +75,7 @@ def test_written_decode_rules_hold_only_over_their_range(tmp_path, monkeypatch):
     (tmp_path / "fused_moe").mkdir()
     (tmp_path / "fused_moe" / "default.json").write_text((lc.CONFIG_DIR / "fused_moe" / "default.json").read_text())
     monkeypatch.setattr(lc, "CONFIG_DIR", tmp_path)
-    lc.table.cache_clear()
-    lc._resolve.cache_clear()
+    lc.tables_changed()
     try:
         path = lc.save_rules("fused_moe", lc.device_key(device), rules)
         assert path == tmp_path / "fused_moe" / "sm90-132sm-144g.json"
@@ -92,8 +91,7 @@ def test_written_decode_rules_hold_only_over_their_range(tmp_path, monkeypatch):
         assert tiles(6.0, inter=2048) != tiles(6.0) and tiles(6.0, inter=2048)[0]["BLOCK_N"] == 64
         assert tiles(6.0, fp8=True)[0]["BLOCK_K"] == 128 and tiles(6.0, fp8=True)[1]["num_warps"] == 4
     finally:
-        lc.table.cache_clear()
-        lc._resolve.cache_clear()
+        lc.tables_changed()
 
 
 @pytest.mark.parametrize("tokens,message", [([4], "take fused_moe_small"), ([16, 512], "48 rows per expert")])

@@ -52,8 +52,7 @@ def test_written_rules_reach_the_forced_triton_path(tmp_path, monkeypatch):
     (tmp_path / "gemm").mkdir()
     (tmp_path / "gemm" / "default.json").write_text((lc.CONFIG_DIR / "gemm" / "default.json").read_text())
     monkeypatch.setattr(lc, "CONFIG_DIR", tmp_path)
-    lc.table.cache_clear()
-    lc._resolve.cache_clear()
+    lc.tables_changed()
     try:
         split = sweep.setting(64, 64, 128, 4, 3, split=4)
         wide = sweep.setting(64, 128, 64, 4, 4)
@@ -71,8 +70,7 @@ def test_written_rules_reach_the_forced_triton_path(tmp_path, monkeypatch):
         assert gemm_mod.use_gemm(x, w) is None
         assert gemm_mod.use_gemm(x, w, force_triton=True) == {"backend": "cublas", **split}
     finally:
-        lc.table.cache_clear()
-        lc._resolve.cache_clear()
+        lc.tables_changed()
 
 
 def test_interpreted_sweep_writes_its_rules(tmp_path, capsys):

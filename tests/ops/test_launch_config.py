@@ -98,14 +98,12 @@ def test_a_table_applies_where_every_part_of_its_key_matches(tmp_path, monkeypat
     for key, warps in (("default", 1), ("sm90", 2), ("sm90-132sm", 4), ("sm90-132sm-144g", 8), ("sm80", 16)):
         (tmp_path / "gemv" / f"{key}.json").write_text(lc.dumps([{"set": {"num_warps": warps}}]))
     monkeypatch.setattr(lc, "CONFIG_DIR", tmp_path)
-    lc.table.cache_clear()
-    lc._resolve.cache_clear()
+    lc.tables_changed()
     try:
         warps = {key: [r["set"]["num_warps"] for r in lc.table("gemv", key)]
                  for key in ("sm90-132sm-144g", "sm90-132sm-80g", "sm90-114sm-80g", "sm89-128sm-32g", "")}
     finally:
-        lc.table.cache_clear()
-        lc._resolve.cache_clear()
+        lc.tables_changed()
     # broader keys first, so the narrowest table's rules win
     assert warps == {"sm90-132sm-144g": [1, 2, 4, 8], "sm90-132sm-80g": [1, 2, 4], "sm90-114sm-80g": [1, 2],
                      "sm89-128sm-32g": [1], "": [1]}

@@ -27,9 +27,21 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def interpreting() -> bool:
-    """True when kernels run under TRITON_INTERPRET=1 (numpy on the CPU)."""
+def interpret_env() -> bool:
+    """TRITON_INTERPRET set (to anything but "" or "0") in the environment now."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# triton.jit chooses the interpreter when it decorates a kernel, as the kernel's module is
+# imported (this one first), so the host code reads the same choice once here, not in every
+# launch's code (a few reads a kernel, an environment lookup each).
+_INTERPRETING = interpret_env()
+
+
+def interpreting() -> bool:
+    """True when kernels run under TRITON_INTERPRET=1 (numpy on the CPU): the environment as
+    the kernels were decorated."""
+    return _INTERPRETING
 
 
 def unpack_by_ptx() -> bool:
@@ -206,15 +218,21 @@ def dot_dtype(dtype: torch.dtype):
 # progress needs nothing later.
 
 
+@functools.lru_cache(maxsize=64)
+def _pdl_on(device: torch.device, env: str) -> bool:
+    """PDL on `device` with DEEPSERVE_PDL=env (read at every launch: tests and A/B runs set it
+    between models), once per device and value."""
+    return env != "0" and nvidia_sm90(device)
+
+
 def pdl_launch(device: torch.device, *weights: torch.Tensor) -> dict:
     """Launch keywords for a kernel that calls pdl_begin(USE_PDL) on `device`. With `weights`
     (those the kernel streams, for its prefetch_rows: below) also PREFETCH, on with PDL when
     they total at most PREFETCH_MAX_BYTES, and LINE, the elements of one 128-byte line."""
-    on = not interpreting() and os.environ.get("DEEPSERVE_PDL", "1") != "0" and nvidia_sm90(device)
+    on = not interpreting() and _pdl_on(device, os.environ.get("DEEPSERVE_PDL", "1"))
     kw = {"USE_PDL": on, "launch_pdl": on} if on else {"USE_PDL": False}
     if weights:
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        kw.update(PREFETCH=on and nbytes <= PREFETCH_MAX_BYTES,
+        kw.update(PREFETCH=on and sum(w.numel() * w.element_size() for w in weights) <= PREFETCH_MAX_BYTES,
                   LINE=LINE_BYTES // weights[0].element_size())
     return kw
 

@@ -56,11 +56,26 @@ def decode_config(mla: bool, group: int, block_size: int, device: str) -> dict:
     return cfg
 
 
+@launch_config.memoized
+def _decode_launch(mla: bool, group: int, block_size: int, device: str) -> tuple[int, int, bool, dict]:
+    """decode_config's BLOCK_H, programs_per_sm and page_tile, and its other settings (the split
+    kernel's launch keywords)."""
+    cfg = decode_config(mla, group, block_size, device)
+    return cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm"), cfg.pop("page_tile"), cfg
+
+
 def prefill_config(mla: bool, fp32: bool, device: str) -> dict:
     """BLOCK_M, BLOCK_N, num_warps, num_stages of the varlen prefill kernel, from the launch
     table (configs/attention_prefill/) of the device key `device`: MLA's wide heads and fp32
     tiles take smaller tiles to fit shared memory (docs/PERFORMANCE.md)."""
     return launch_config.lookup("attention_prefill", device, mla=mla, fp32=fp32)
+
+
+@launch_config.memoized
+def _prefill_launch(mla: bool, fp32: bool, device: str) -> tuple[int, dict]:
+    """prefill_config's BLOCK_M and its other settings (the kernel's launch keywords)."""
+    cfg = prefill_config(mla, fp32, device)
+    return cfg.pop("BLOCK_M"), cfg
 
 
 MIN_DOT_K = 16     # tl.dot's smallest reduction width
@@ -147,9 +162,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return _mla_fp8_decode(q, k_cache, query_start_loc, seq_lens, block_tables, out, qk_scale,
                                    float(v_scale), max_seq_len, block_d, block_dpe, small, cfg)
     if max_query_len == 1:
-        cfg = decode_config(big_head, group, k_cache.shape[1], device)
-        block_h, pps = cfg.pop("BLOCK_H"), cfg.pop("programs_per_sm")
-        page_tile = cfg.pop("page_tile")
+        block_h, pps, page_tile, cfg = _decode_launch(big_head, group, k_cache.shape[1], device)
         head_groups = cdiv(group, block_h)
         programs = n_kv_heads * head_groups
         splits = num_decode_splits(batch, programs, max_seq_len, q.device, pps)
@@ -168,8 +181,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             mid_o, mid_lse, query_start_loc, out, out.stride(0), out.stride(1), n_heads, dv, splits,
             BLOCK_S=REDUCE_SPLITS, BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
         return out
-    cfg = prefill_config(big_head, q.element_size() > 2, device)
-    block_m = cfg.pop("BLOCK_M")
+    block_m, cfg = _prefill_launch(big_head, q.element_size() > 2, device)
     # the keys' dims past the main block: k_pe where given, else the rest of k_cache's rows
     kp = k_cache[..., head_d:] if k_pe is None else k_pe
     _prefill_kernel[(cdiv(max_query_len, block_m), batch, n_heads)](

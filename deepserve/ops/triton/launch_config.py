@@ -56,13 +56,23 @@ def properties_key(props, hip: Optional[bool] = None) -> str:
     return f"{arch}-{props.multi_processor_count}sm-{memory}g"
 
 
+# properties_key of each properties object met (the one torch returns per device: read once),
+# by identity, so that a launch's code builds no string
+_keys: dict[int, tuple[object, str]] = {}
+
+
 def device_key(device: torch.device) -> str:
     """Which tables apply: "interpreter" under TRITON_INTERPRET=1, else the device's
     properties_key ("" off CUDA: the default table alone)."""
     if interpreting():
         return INTERPRETER
     props = device_properties(device)
-    return "" if props is None else properties_key(props)
+    if props is None:
+        return ""
+    known = _keys.get(id(props))
+    if known is None or known[0] is not props:
+        known = _keys[id(props)] = (props, properties_key(props))
+    return known[1]
 
 
 def _applies(table_key: str, device: str) -> bool:
@@ -124,13 +134,34 @@ def launch_settings(op: str, device: torch.device, **shape) -> dict:
     return lookup(op, device_key(device), **shape)
 
 
+# what `memoized` functions derived from the tables, dropped whenever the tables change
+_memoized: list = []
+
+
+def memoized(fn):
+    """fn (hashable arguments: a device key and shape variables) cached until the tables change
+    (`trying`, `save_rules`): a launch's code derives its settings from a table once a shape,
+    not at every launch. What it returns is shared between calls, so never changed."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+    _memoized.append(cached)
+    return cached
+
+
+def tables_changed() -> None:
+    """Forget every setting read from the tables (after a table file or a trial changed)."""
+    table.cache_clear()
+    _resolve.cache_clear()
+    for cached in _memoized:
+        cached.cache_clear()
+
+
 @contextlib.contextmanager
 def trying(op: str, rules: list[dict]) -> Iterator[None]:
     """Append `rules` to `op`'s table inside the block: how sweeps time candidate settings
     and tests reach settings the tables do not pick on this machine."""
     previous = _trials.get(op)
     _trials[op] = list(previous or ()) + list(rules)
-    _resolve.cache_clear()
+    tables_changed()
     try:
         yield
     finally:
@@ -138,7 +169,7 @@ def trying(op: str, rules: list[dict]) -> Iterator[None]:
             _trials.pop(op, None)
         else:
             _trials[op] = previous
-        _resolve.cache_clear()
+        tables_changed()
 
 
 def range_conditions(var: str, points: list[float], below: Optional[float] = None) -> list[dict]:
@@ -174,6 +205,5 @@ def save_rules(op: str, device: str, rules: list[dict], folder: Optional[Path] =
         current = [r for r in current if r.get("if", {}) != rule.get("if", {})] + [rule]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dumps(current))
-    table.cache_clear()
-    _resolve.cache_clear()
+    tables_changed()
     return path

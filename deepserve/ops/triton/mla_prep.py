@@ -34,7 +34,8 @@ import triton.language as tl
 
 from deepserve.ops.attention import output_rows
 from deepserve.ops.triton.kv_cache import inverse_scale, to_pool
-from deepserve.ops.triton.launch_config import launch_settings
+from deepserve.ops.triton import launch_config
+from deepserve.ops.triton.launch_config import device_key
 from deepserve.ops.registry import register
 from deepserve.ops.triton._common import (cdiv, dot_dtype, dot_precision, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
                                           unit_last)
@@ -221,21 +222,39 @@ def _q_absorb_checked(q: torch.Tensor, w_uk: torch.Tensor, cos_sin_cache: torch.
 
 def launch(kernel: str, device: torch.device) -> dict:
     """Launch settings of `kernel` (kv_write, q_absorb, v_up) from the launch table
-    (configs/mla_prep/): tiles of one 128-wide latent block, 4 warps (docs/PERFORMANCE.md)."""
-    return launch_settings("mla_prep", device, kernel=kernel)
+    (configs/mla_prep/): tiles of one 128-wide latent block, 4 warps (docs/PERFORMANCE.md).
+    Shared between calls: read, never changed."""
+    return _launch(kernel, device_key(device))
+
+
+@launch_config.memoized
+def _launch(kernel: str, device: str) -> dict:
+    return launch_config.lookup("mla_prep", device, kernel=kernel)
 
 
 def _token_block(n_tokens: int, cfg: dict) -> int:
     """Rows of tokens per program: at least one 16-row tensor-core tile, at most BLOCK_T_MAX."""
-    return min(cfg.pop("BLOCK_T_MAX"), max(16, next_pow2(n_tokens)))
+    return min(cfg["BLOCK_T_MAX"], max(16, next_pow2(n_tokens)))
 
 
 def _q_absorb_tiles(n_tokens: int, nope: int, rot: int, device: torch.device) -> tuple[dict, int]:
-    """(tile sizes, num_warps) of the q-absorb kernel body."""
-    cfg = launch("q_absorb", device)
-    num_warps = cfg.pop("num_warps")
-    return dict(BLOCK_T=_token_block(n_tokens, cfg), BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=cfg.pop("BLOCK_C"),
-                BLOCK_HALF=next_pow2(rot // 2)), num_warps
+    """(tile sizes, num_warps) of the q-absorb kernel body. Shared between calls: read, never
+    changed."""
+    return _q_absorb_tiles_of(n_tokens, nope, rot, device_key(device))
+
+
+@launch_config.memoized
+def _q_absorb_tiles_of(n_tokens: int, nope: int, rot: int, device: str) -> tuple[dict, int]:
+    cfg = _launch("q_absorb", device)
+    return dict(BLOCK_T=_token_block(n_tokens, cfg), BLOCK_D=max(16, next_pow2(nope)), BLOCK_C=cfg["BLOCK_C"],
+                BLOCK_HALF=next_pow2(rot // 2)), cfg["num_warps"]
+
+
+@launch_config.memoized
+def _v_up_launch(n_tokens: int, device: str) -> tuple[int, dict]:
+    """(BLOCK_T, the other launch keywords) of the v-up kernel for n_tokens rows."""
+    cfg = _launch("v_up", device)
+    return _token_block(n_tokens, cfg), {k: v for k, v in cfg.items() if k != "BLOCK_T_MAX"}
 
 
 @register("mla_kv_write", "triton")
@@ -314,8 +333,8 @@ def mla_v_up(out_lat: torch.Tensor, w_uv: torch.Tensor, out: torch.Tensor | None
     out = output_rows(out, (n_tokens, heads, v_dim), out_lat)
     if n_tokens == 0:
         return out
-    cfg = launch("v_up", out_lat.device)
-    block_t, block_v = _token_block(n_tokens, cfg), cfg["BLOCK_V"]
+    block_t, cfg = _v_up_launch(n_tokens, device_key(out_lat.device))
+    block_v = cfg["BLOCK_V"]
     grid = (cdiv(n_tokens, block_t), heads, cdiv(v_dim, block_v))
     _v_up_kernel[grid](
         out_lat, out_lat.stride(0), out_lat.stride(1), w_uv, w_uv.stride(0), w_uv.stride(1),

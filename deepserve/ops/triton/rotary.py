@@ -70,29 +70,32 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: Optional[torch
     """q [T, H, rot_dim], k [T, Hk, rot_dim] (None: q only) -> rotated copies (computed in fp32),
     or with `inplace` q and k themselves, rotated."""
     no_k = k is None
-    if no_k:
-        k = q[:, :0]     # no heads: the kernel loads and stores nothing of it
-    if q.dim() != 3 or k.dim() != 3:
+    if q.dim() != 3 or (not no_k and k.dim() != 3):
         raise ValueError(f"rotary_embedding wants q [T, H, D] and k [T, Hk, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}")
+                         f"{None if no_k else tuple(k.shape)}")
     rot_dim = q.shape[-1]
-    if k.shape[-1] != rot_dim or cos_sin_cache.shape[-1] != rot_dim or rot_dim % 2:
-        raise ValueError(f"rotary dims disagree: q {rot_dim}, k {k.shape[-1]}, "
+    if (not no_k and k.shape[-1] != rot_dim) or cos_sin_cache.shape[-1] != rot_dim or rot_dim % 2:
+        raise ValueError(f"rotary dims disagree: q {rot_dim}, k {None if no_k else k.shape[-1]}, "
                          f"cos_sin_cache {cos_sin_cache.shape[-1]} (must be equal and even)")
     if inplace:
         q_out, k_out = q, k
     else:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        k_out = None if no_k else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     n_tokens = positions.shape[0]
     if n_tokens == 0:
         return q_out, None if no_k else k_out
     cache = unit_last(cos_sin_cache)
     half = rot_dim // 2
+    if no_k:
+        # no key heads: q's pointers and strides in k's place (a [T, 0, D] view of q would pass
+        # the same, but costs a view a call); the kernel loads and stores nothing of them
+        k, k_out = q, q_out
+    k_heads = 0 if no_k else k.shape[1]
     _rotary_kernel[(n_tokens,)](
         positions, q, k, cache, q_out, k_out,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), cache.stride(0),
-        q.shape[1], k.shape[1], half,
-        IS_NEOX=bool(is_neox), BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k.shape[1]),
+        q.shape[1], k_heads, half,
+        IS_NEOX=bool(is_neox), BLOCK_HQ=next_pow2(q.shape[1]), BLOCK_HK=next_pow2(k_heads),
         BLOCK_HALF=next_pow2(half), num_warps=4, **pdl_launch(q.device))
     return q_out, None if no_k else k_out

@@ -1,0 +1,153 @@
+"""The host work of the Triton wrappers an eager MLA layer calls in a mixed step (the six calls
+of benchmarks/host_wrappers.py, which times them), counted with their launches skipped:
+
+- launch settings come from the tables once a shape: a second round of calls looks nothing up
+  and launches with the same settings; settings tried (`launch_config.trying`) still reach the
+  launches, and the cached ones come back after;
+- no call reads TRITON_INTERPRET from the environment (triton.jit chose at import);
+- a CUDA device's table key is built once per device properties, DEEPSERVE_PDL still read at
+  every launch (tests/engine/test_pdl.py sets it between two engines of one process);
+- rotary_embedding of q alone makes no view for the missing keys (no aten op in place)."""
+from __future__ import annotations
+
+import collections
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import KernelInterface
+
+from deepserve.ops.triton import _common, launch_config as lc
+from tests.bench.conftest import benchmark_module
+
+host_wrappers = benchmark_module("host_wrappers")
+H100 = SimpleNamespace(major=9, minor=0, multi_processor_count=132, total_memory=79 * 2**30)
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """Every Triton launch skipped; (kernel, grid, launch keywords) of each in the list."""
+    made = []
+
+    def getitem(kernel, grid):
+        return lambda *args, **kwargs: made.append((kernel.fn.__name__, grid, kwargs))
+    monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
+    return made
+
+
+@pytest.fixture
+def calls():
+    lc.tables_changed()
+    yield host_wrappers.calls(heads=16, decodes=8, prompt_len=5)
+    lc.tables_changed()
+
+
+class Environ(dict):
+    """os.environ's contents, reads counted by name."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads = collections.Counter()
+
+    def get(self, key, default=None):
+        self.reads[key] += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.reads[key] += 1
+        return super().__getitem__(key)
+
+
+def test_settings_are_looked_up_once_a_shape_and_no_call_reads_the_environment(calls, launches, monkeypatch):
+    lookups, lookup = collections.Counter(), lc.lookup
+
+    def counted(op, device, **shape):
+        lookups[op] += 1
+        return lookup(op, device, **shape)
+    monkeypatch.setattr(lc, "lookup", counted)
+    env = Environ(os.environ)
+    monkeypatch.setattr(os, "environ", env)
+    rounds = []
+    for _ in range(2):
+        lookups.clear()
+        launches.clear()
+        for call in calls.values():
+            call()
+        rounds.append((dict(lookups), list(launches)))
+    (first, launched), (second, relaunched) = rounds
+    assert first == {"mla_prep": 3, "attention_decode": 1, "attention_prefill": 1}
+    assert second == {}
+    assert [name for name, _, _ in launched] == ["_kv_write_kernel", "_q_absorb_kernel", "_decode_split_kernel",
+                                                 "_decode_reduce_kernel", "_v_up_kernel", "_rotary_kernel",
+                                                 "_prefill_kernel"]
+    assert relaunched == launched
+    assert env.reads["TRITON_INTERPRET"] == 0
+
+
+def test_settings_tried_reach_the_launch_and_the_table_comes_back(calls, launches):
+    def v_up_launch():
+        calls["mla_v_up"]()
+        _, grid, kwargs = launches[-1]
+        return grid, kwargs["BLOCK_V"], kwargs["num_warps"]
+
+    def decode_warps():
+        calls["paged_attention (decode rows)"]()
+        return launches[-2][2]["num_warps"]           # the split kernel's (the reduce's is last)
+
+    table = (v_up_launch(), decode_warps())
+    assert table == (((1, 16, 4), 32, 4), 4)        # 8 rows, 16 heads, 128 values in 32-wide blocks
+    with lc.trying("mla_prep", [{"if": {"kernel": "v_up"}, "set": {"BLOCK_V": 64, "num_warps": 2}}]), \
+            lc.trying("attention_decode", [{"set": {"num_warps": 8}}]):
+        assert (v_up_launch(), decode_warps()) == (((1, 16, 2), 64, 2), 8)
+    assert (v_up_launch(), decode_warps()) == table
+
+
+def test_a_devices_table_key_is_built_once(monkeypatch):
+    built = collections.Counter()
+    key_of = lc.properties_key
+
+    def counted(props, hip=None):
+        built[id(props)] += 1
+        return key_of(props, hip)
+    monkeypatch.setattr(lc, "properties_key", counted)
+    monkeypatch.setattr(lc, "interpreting", lambda: False)
+    h200 = SimpleNamespace(major=9, minor=0, multi_processor_count=132, total_memory=140 * 2**30)
+    for props, key in ((H100, "sm90-132sm-80g"), (h200, "sm90-132sm-144g")):
+        monkeypatch.setattr(lc, "device_properties", lambda device, _p=props: _p)
+        assert [lc.device_key(torch.device("cuda", 0)) for _ in range(3)] == [key] * 3
+        assert built[id(props)] == 1
+
+
+def test_pdl_follows_the_environment_at_every_launch(monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_cuda_properties", lambda device: H100)
+    _common._pdl_on.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        seen = []
+        for value in ("1", "0", "1"):
+            monkeypatch.setenv("DEEPSERVE_PDL", value)
+            seen.append(_common.pdl_launch(cuda)["USE_PDL"])
+        assert seen == [True, False, True]
+    finally:
+        _common._pdl_on.cache_clear()
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def test_rotary_of_q_alone_makes_no_view(calls, launches):
+    with AtenOps() as aten:
+        calls["rotary_embedding (prompt q_pe)"]()
+    assert aten.ops == []
+    _, grid, kwargs = launches[-1]
+    assert grid == (5,) and kwargs["BLOCK_HK"] == 1
