@@ -203,7 +203,7 @@ class _Prepared:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(res, self.shown_prompt_logprobs)
         if req.return_token_ids:
             choice.update(prompt_token_ids=self.prompts[i]["prompt_token_ids"], token_ids=[])
-        return with_fields(choice, COMPLETION_CHOICE_FIELDS)
+        return choice
 
     def prompt_params(self, state: ServerState, ids: list[int]) -> SamplingParams:
         """The params for one prompt: a grammar held from </think> on where the prompt leaves
@@ -234,7 +234,7 @@ async def create_completion(request: Request, state: ServerState):
         prefix = prep.prompt_text(state, i) if req.echo else ""
         for out in res.outputs:
             if prep.echo_only:
-                choices.append(prep.echo_only_choice(state, req, res, i, out))
+                choices.append(with_fields(prep.echo_only_choice(state, req, res, i, out), COMPLETION_CHOICE_FIELDS))
                 continue
             completion_tokens += len(out.token_ids)
             logprobs = None

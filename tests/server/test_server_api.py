@@ -4,6 +4,7 @@ template, and the small endpoints."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -177,6 +178,11 @@ def test_completion_response_has_vllm_keys(http, extra):
     for choice in body["choices"]:
         assert set(choice) == VLLM_COMPLETION_CHOICE
         assert [choice[k] for k in ("token_ids", "prompt_logprobs", "prompt_token_ids", "routed_experts")] == [None] * 4
+    if extra.get("echo"):   # a stream's choices are vLLM's stream choice model, which has no routed_experts
+        with http.stream("POST", "/v1/completions", json={"model": "stories260k", "prompt": PROMPT, "stream": True,
+                                                          **extra}) as r:
+            frames = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert frames and all("routed_experts" not in ch for f in frames for ch in f["choices"])
     cards = http.get("/v1/models").json()["data"]
     assert cards and all(set(c) == VLLM_MODEL_CARD for c in cards)
 
