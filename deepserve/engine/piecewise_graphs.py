@@ -160,23 +160,34 @@ class PiecewiseGraphs:
         self.part_names = tuple(f"part{j}" for j in range(len(parts)))
         self._keep(size, i, {"residual": residual, **{f"part{j}": part for j, part in enumerate(parts)}})
 
-    def attend(self, i: int, size: int, n: int, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+    def attend(self, i: int, size: int, n: int, positions: torch.Tensor, meta: AttentionMetadata,
+               step: Optional[dict] = None) -> None:
         """Layer i's attention over the first n rows (the step's real tokens, at `positions`),
-        eagerly, written into the static attn_out buffer (made by the first call)."""
-        parts = tuple(self.output(size, i, name)[:n] for name in self.part_names)
+        eagerly, written into the static attn_out buffer (made by the first call). `step`: a
+        dict the caller keeps for the step's layers, where the first keeps the views of the
+        buffers it reads and writes: with copy_outputs every layer's are the same (its
+        attention can then derive its own once a step too: layers/mla.py MixedRows)."""
+        views = None if step is None or not self.copy_outputs else step.get(self.part_names)
+        if views is None:
+            parts = tuple(self.output(size, i, name)[:n] for name in self.part_names)
+            buf = self.buffers.get("attn_out")
+            views = parts, None if buf is None else buf[:n]
+            if step is not None and self.copy_outputs and buf is not None:
+                step[self.part_names] = views
+        parts, out = views
         attn = self.layers[i].self_attn
-        buf = self.buffers.get("attn_out")
-        if buf is None:
+        if out is None:
             self._put("attn_out", attn.attend(positions, parts, meta))
         else:
-            attn.attend(positions, parts, meta, out=buf[:n])
+            attn.attend(positions, parts, meta, out=out)
 
     def _forward(self, size: int, n: int, meta: AttentionMetadata, run_piece: Callable[[int, int], None]) -> None:
         positions = self.positions[:n]
+        step: dict = {}
         for i in range(self.num_pieces):
             run_piece(i, size)
             if i < len(self.layers):
-                self.attend(i, size, n, positions, meta)
+                self.attend(i, size, n, positions, meta, step)
 
     # ------------------------------------------------------------------ steps
     def size_for(self, num_tokens: int) -> int:

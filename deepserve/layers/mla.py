@@ -112,6 +112,43 @@ def prefill_gather(meta: AttentionMetadata, first: int, block_size: int) -> Pref
     return gather
 
 
+@dataclass
+class MixedRows:
+    """attend's inputs of a mixed step split at the decode rows: the decode rows' q, positions
+    and output rows, the prompt rows' q, q_pe (their rope part, rotated in place), positions
+    and output rows. Made once a step where every layer is given the same tensors (the piecewise
+    pieces' static buffers), else once a layer."""
+    q: torch.Tensor
+    positions: torch.Tensor
+    out: torch.Tensor          # [T, H * v], as given
+    q_dec: torch.Tensor
+    pos_dec: torch.Tensor
+    out_dec: torch.Tensor
+    q_pre: torch.Tensor
+    q_pe: torch.Tensor
+    pos_pre: torch.Tensor
+    out_pre: torch.Tensor
+
+
+_MIXED_ROWS = "mla_mixed_rows"
+
+
+def mixed_rows(meta: AttentionMetadata, q: torch.Tensor, positions: torch.Tensor, out: torch.Tensor,
+               nope: int, v_dim: int) -> MixedRows:
+    """The MixedRows of q [T, H, nope + rope], positions [T] and out [T, H * v]: the step's
+    (meta.derived) where the last layer's were of the same tensors, else new ones kept there."""
+    rows = meta.derived.get(_MIXED_ROWS)
+    if rows is not None and rows.q is q and rows.positions is positions and rows.out is out:
+        return rows
+    n = meta.num_decodes
+    out3 = out.view(q.shape[0], q.shape[1], v_dim)
+    q_pre = q[n:]
+    rows = MixedRows(q, positions, out, q[:n], positions[:n], out3[:n], q_pre, q_pre[..., nope:], positions[n:],
+                     out3[n:])
+    meta.derived[_MIXED_ROWS] = rows
+    return rows
+
+
 class MLAAttention(nn.Module):
     ops: OpTable = REFERENCE_OPS  # the model runner's table after `ops.bind`
 
@@ -140,7 +177,7 @@ class MLAAttention(nn.Module):
                                               False, dt, pctx)
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, attention_bias, dt, pctx)
         self.rotary_emb = rotary_emb
-        self.kv_cache: list[torch.Tensor] = []  # [pool [num_blocks, block_size, 1, kv_lora + rope]]
+        self.kv_cache = []
         # an fp8 pool holds the latent / kv_scale: the checkpoint's k_scale (or kv_scale) of the
         # layer, the one scale vLLM's MLA writes and reads its latent cache with (layer._k_scale)
         self.kv_scale = 1.0
@@ -202,10 +239,22 @@ class MLAAttention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
+    @property
+    def kv_cache(self) -> list[torch.Tensor]:
+        """[pool [num_blocks, block_size, 1, kv_lora + rope]] once the runner has set it."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, pools: list[torch.Tensor]) -> None:
+        self._kv_cache = pools
+        # the decode's values, the latent part of the pool's rows: a view made once per pool,
+        # not once a layer and step (dropped with the pool, so it keeps no freed pool alive)
+        self._latent_values = pools[0][..., :self.kv_lora_rank] if pools else None
+
     def _decode(self, q_abs, w_uv, pool, scale: float, meta: AttentionMetadata, out: torch.Tensor) -> None:
         """Absorbed attention of the first meta.num_decodes sequences (one token each; q_abs
         [n, H, C + rope]) into out [n, H, v]."""
-        out_lat = self.ops.paged_attention(q_abs, pool, pool[..., :self.kv_lora_rank], *meta.decode_part,
+        out_lat = self.ops.paged_attention(q_abs, pool, self._latent_values, *meta.decode_part,
                                            self.scale, 1, meta.max_seq_len, k_scale=scale, v_scale=scale)
         self.ops.mla_v_up(out_lat, w_uv, out=out)                          # [n, H, v]
 
@@ -264,24 +313,23 @@ class MLAAttention(nn.Module):
         norm = self.kv_a_layernorm
         scale = self.pool_scale(pool)
         n_dec = meta.num_decodes
-        shape = (q.shape[0], self.num_heads, self.v_dim)
-        out = q.new_empty(shape) if out is None else out.view(shape)       # [T, H, v]
+        if out is None:
+            out = q.new_empty(q.shape[0], self.num_heads * self.v_dim)       # [T, H * v]
         if n_dec == meta.num_seqs:  # decode only (every CUDA-graph step): no scatter into a buffer
             q_abs = self.ops.mla_decode_prep(q, kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, self.w_uk,
                                              norm.weight, norm.eps, pool, meta.slot_mapping,
                                              kv_scale=scale)                                  # [n, H, C + rope]
-            self._decode(q_abs, self.w_uv, pool, scale, meta, out)
-            return out.flatten(1)
+            self._decode(q_abs, self.w_uv, pool, scale, meta, out.view(-1, self.num_heads, self.v_dim))
+            return out
         self.ops.mla_kv_write(kv_a, positions, rope.cos_sin_cache, rope.is_neox_style, norm.weight, norm.eps, pool,
                               meta.slot_mapping, kv_scale=scale)
+        rows = mixed_rows(meta, q, positions, out, self.nope_dim, self.v_dim)
         # the decode rows' output, then the prompt chunks' (the rows after them), written in place
         if n_dec:
-            q_abs = self.ops.mla_q_absorb(q[:n_dec], positions[:n_dec], rope.cos_sin_cache, rope.is_neox_style,
-                                          self.w_uk)
-            self._decode(q_abs, self.w_uv, pool, scale, meta, out[:n_dec])
+            q_abs = self.ops.mla_q_absorb(rows.q_dec, rows.pos_dec, rope.cos_sin_cache, rope.is_neox_style, self.w_uk)
+            self._decode(q_abs, self.w_uv, pool, scale, meta, rows.out_dec)
         # the prompt rows' q_pe rotated where it lies (their k_pe's rotation is in the cache),
         # so q[n_dec:] is the prefill attention's query as it stands
-        q_pre = q[n_dec:]
-        rope.rotate_(positions[n_dec:], q_pre[..., self.nope_dim:])
-        self._prefill(q_pre, pool, scale, meta, n_dec, out[n_dec:])
-        return out.flatten(1)
+        rope.rotate_(rows.pos_pre, rows.q_pe)
+        self._prefill(rows.q_pre, pool, scale, meta, n_dec, rows.out_pre)
+        return out

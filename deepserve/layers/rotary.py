@@ -140,8 +140,8 @@ class RotaryEmbedding(nn.Module):
     def rotate_(self, positions: torch.Tensor, q: torch.Tensor) -> None:
         """q [T, H, D] rotated in place (q[..., :rotary_dim]); no keys (MLA's prompt rows, whose
         keys the cache holds rotated)."""
-        self.ops.rotary_embedding(positions, q[..., :self.rotary_dim], None, self.cos_sin_cache,
-                                  self.is_neox_style, inplace=True)
+        rot = q if q.shape[-1] == self.rotary_dim else q[..., :self.rotary_dim]
+        self.ops.rotary_embedding(positions, rot, None, self.cos_sin_cache, self.is_neox_style, inplace=True)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, H, D], k [T, Hk, D]; rotates q[..., :rotary_dim] and k[..., :rotary_dim]."""

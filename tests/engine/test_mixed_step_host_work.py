@@ -8,6 +8,8 @@ and launches, none per step beside them, and no host read of a device value.
   too (no gather built there), writes its output into the pieces' static buffer (no copy after)
   and reads nothing back from the device; the hidden states equal the model's forward over
   metadata without the runner's gather.
+- The views of the step's inputs and of the pieces' buffers (the decode / prompt rows' q,
+  positions and outputs) are made by the first layer and reused by the rest.
 benchmarks/host_mixed.py times the same path at 27 layers; its counters count here."""
 from __future__ import annotations
 
@@ -122,3 +124,29 @@ def test_mixed_step_eager_attention_calls_per_layer(runner):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert counter.syncs == 0
     assert {i: dict(c) for i, c in counter.calls.items()} == {i: LAYER_CALLS for i in range(len(model.model.layers))}
+
+
+# the views a later layer's eager attention makes itself (outside the ops) in a mixed step: of its
+# prefill's gathered latent (split into c_kv / k_pe, kv_b_proj's output viewed per head and split
+# into k_nope / v); the splits of its inputs at the decode rows and the views of the pieces'
+# buffers are the first layer's, shared by the rest (every layer is given the same buffers)
+LATER_LAYER_VIEWS = {"aten.split_with_sizes": 2, "aten.view": 1}
+
+
+@torch.inference_mode()
+def test_later_layers_reuse_the_steps_views(runner, monkeypatch):
+    pieces = PiecewiseGraphs(runner.model, 32, runner.device, sizes=[8, 32])
+    ids, positions, meta = runner.to_device(mixed_step())
+    pieces.run(ids, positions, meta)   # the first run makes the static buffers
+    monkeypatch.setattr(host_mixed, "NO_LAUNCH", frozenset())     # views counted too
+    counter = host_mixed.AttendCounter()
+    host_mixed.instrument(runner.model, pieces, runner.ops, [0.0] * len(runner.model.model.layers), counter)
+    counter.counting = True
+    try:
+        with counter:
+            pieces.run(ids, positions, runner.to_device(mixed_step())[2])
+    finally:
+        host_mixed.uninstrument(runner.ops)
+    views = {i: {name: n for name, n in calls.items() if name.startswith("aten.") and name != "aten.index_select"}
+             for i, calls in counter.calls.items()}
+    assert all(views[i] == LATER_LAYER_VIEWS for i in range(1, len(views)))

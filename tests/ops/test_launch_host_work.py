@@ -7,7 +7,8 @@ of benchmarks/host_wrappers.py, which times them), counted with their launches s
 - no call reads TRITON_INTERPRET from the environment (triton.jit chose at import);
 - a CUDA device's table key is built once per device properties, DEEPSERVE_PDL still read at
   every launch (tests/engine/test_pdl.py sets it between two engines of one process);
-- rotary_embedding of q alone makes no view for the missing keys (no aten op in place)."""
+- rotary_embedding of q alone makes no view for the missing keys, nor the prompt rows' attention
+  one of k_pe for every head (no aten op in either: the strides a view would have are passed)."""
 from __future__ import annotations
 
 import collections
@@ -28,11 +29,11 @@ H100 = SimpleNamespace(major=9, minor=0, multi_processor_count=132, total_memory
 
 @pytest.fixture
 def launches(monkeypatch) -> list:
-    """Every Triton launch skipped; (kernel, grid, launch keywords) of each in the list."""
+    """Every Triton launch skipped; (kernel, grid, launch keywords, arguments) of each in the list."""
     made = []
 
     def getitem(kernel, grid):
-        return lambda *args, **kwargs: made.append((kernel.fn.__name__, grid, kwargs))
+        return lambda *args, **kwargs: made.append((kernel.fn.__name__, grid, kwargs, args))
     monkeypatch.setattr(KernelInterface, "__getitem__", getitem)
     return made
 
@@ -79,17 +80,17 @@ def test_settings_are_looked_up_once_a_shape_and_no_call_reads_the_environment(c
     (first, launched), (second, relaunched) = rounds
     assert first == {"mla_prep": 3, "attention_decode": 1, "attention_prefill": 1}
     assert second == {}
-    assert [name for name, _, _ in launched] == ["_kv_write_kernel", "_q_absorb_kernel", "_decode_split_kernel",
+    assert [launch[0] for launch in launched] == ["_kv_write_kernel", "_q_absorb_kernel", "_decode_split_kernel",
                                                  "_decode_reduce_kernel", "_v_up_kernel", "_rotary_kernel",
                                                  "_prefill_kernel"]
-    assert relaunched == launched
+    assert [launch[:3] for launch in relaunched] == [launch[:3] for launch in launched]
     assert env.reads["TRITON_INTERPRET"] == 0
 
 
 def test_settings_tried_reach_the_launch_and_the_table_comes_back(calls, launches):
     def v_up_launch():
         calls["mla_v_up"]()
-        _, grid, kwargs = launches[-1]
+        _, grid, kwargs, _ = launches[-1]
         return grid, kwargs["BLOCK_V"], kwargs["num_warps"]
 
     def decode_warps():
@@ -145,9 +146,14 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_rotary_of_q_alone_makes_no_view(calls, launches):
-    with AtenOps() as aten:
-        calls["rotary_embedding (prompt q_pe)"]()
-    assert aten.ops == []
-    _, grid, kwargs = launches[-1]
-    assert grid == (5,) and kwargs["BLOCK_HK"] == 1
+def test_rotary_of_q_alone_and_the_prompt_attention_make_no_view(calls, launches):
+    for name in ("rotary_embedding (prompt q_pe)", "paged_attention (prompt rows)"):
+        with AtenOps() as aten:
+            calls[name]()
+        assert aten.ops == [], name
+    (_, rotary_grid, rotary_kw, _), (_, _, _, prefill_args) = launches
+    assert rotary_grid == (5,) and rotary_kw["BLOCK_HK"] == 1
+    # the prefill kernel's k_pe: the tensor given, with the strides of its expand over the 16 heads
+    q, k_nope, k_pe = prefill_args[0], prefill_args[1], prefill_args[2]
+    strides = prefill_args[8 + q.dim() + k_nope.dim():][:4]
+    assert k_pe.shape[2] == 1 and strides == k_pe.expand(*k_nope.shape[:3], k_pe.shape[-1]).stride()

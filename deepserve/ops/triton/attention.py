@@ -143,10 +143,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_seq_len = int(seq_lens.max())
     group = n_heads // n_kv_heads
     block_d, block_dpe = _split_head_dim(d)
-    if k_pe is not None:
-        k_pe = k_pe.expand(*k_cache.shape[:3], k_pe.shape[-1])
-        if max_query_len == 1 or k_cache.shape[-1] != block_d:   # the decode kernels, or another split
-            k_cache, k_pe = torch.cat((k_cache, k_pe), dim=-1), None
+    if k_pe is not None and (max_query_len == 1 or k_cache.shape[-1] != block_d):   # the decode kernels, or another split
+        k_cache, k_pe = torch.cat((k_cache, k_pe.expand(*k_cache.shape[:3], k_pe.shape[-1])), dim=-1), None
     head_d = min(d, block_d)             # the main block's real width: block_d but for tiny heads
     block_dv = next_pow2(dv)
     shared = _shares_kv(k_cache, v_cache, block_d)
@@ -182,11 +180,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             BLOCK_S=REDUCE_SPLITS, BLOCK_DV=block_dv, num_warps=4, **pdl_launch(q.device))
         return out
     block_m, cfg = _prefill_launch(big_head, q.element_size() > 2, device)
-    # the keys' dims past the main block: k_pe where given, else the rest of k_cache's rows
+    # the keys' dims past the main block: k_pe where given (one head for all: a 0 head stride,
+    # as its expand to the KV heads would give), else the rest of k_cache's rows
     kp = k_cache[..., head_d:] if k_pe is None else k_pe
+    kp_strides = kp.stride()
+    if k_pe is not None and k_pe.shape[2] != n_kv_heads:
+        kp_strides = (kp_strides[0], kp_strides[1], 0, kp_strides[3])
     _prefill_kernel[(cdiv(max_query_len, block_m), batch, n_heads)](
         q, k_cache, kp, v_cache, query_start_loc, seq_lens, block_tables, out,
-        *q.stride(), *k_cache.stride(), *kp.stride(), *v_cache.stride(), out.stride(0), out.stride(1),
+        *q.stride(), *k_cache.stride(), *kp_strides, *v_cache.stride(), out.stride(0), out.stride(1),
         block_tables.stride(0), qk_scale, float(v_scale), group, k_cache.shape[1], d - head_d, dv,
         BLOCK_M=block_m, **cfg, **common)
     return out
