@@ -555,9 +555,11 @@ class EngineArgs:
     per stage instead). --async-scheduling forces it on: every layout (TP, PP, DP, EP, Ray);
     steps with logprobs, penalties, min_tokens, structured output or drafts run synchronously,
     and pipeline parallel keeps its micro-batches. --no-async-scheduling forces it off."""
-    cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512])
+    cuda_graph_sizes: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 320, 384, 448, 512])
     """Decode batch sizes captured as CUDA graphs: those up to the most rows a graph step has
-    (max_num_seqs; times 1 + the drafts with speculative decoding; plus --mixed-graph-tokens)."""
+    (max_num_seqs; times 1 + the drafts with speculative decoding; plus --mixed-graph-tokens).
+    Above 256 rows every 64: there a dense model's GEMMs turn compute-bound, so a step's padding
+    rows cost time."""
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
     """Which steps replay CUDA graphs (vLLM's modes): FULL_AND_PIECEWISE (the default, as
     vLLM's): decode-only steps as whole graphs (--cuda-graph-sizes), prefill and mixed steps of

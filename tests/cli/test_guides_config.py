@@ -465,10 +465,10 @@ def test_interpolate(monkeypatch, text, value):
 # --------------------------------------------------------------------------- the mappings
 @pytest.mark.parametrize("config, sizes, eager", [
     ({"cudagraph_capture_sizes": [64, 4, 16], "cudagraph_mode": "FULL_DECODE_ONLY"}, [4, 16, 64], False),
-    ({"cudagraph_mode": "NONE"}, [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512], True),
+    ({"cudagraph_mode": "NONE"}, [1, 2, 4, 8, 16, 32, 64, 128, 256, 320, 384, 448, 512], True),
     ({"cudagraph_mode": "full_and_piecewise", "max_cudagraph_capture_size": 16}, [1, 2, 4, 8, 16], False),
-    ({"level": 3, "use_cudagraph": False}, [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512], True),
-    (3, [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512], False)])
+    ({"level": 3, "use_cudagraph": False}, [1, 2, 4, 8, 16, 32, 64, 128, 256, 320, 384, 448, 512], True),
+    (3, [1, 2, 4, 8, 16, 32, 64, 128, 256, 320, 384, 448, 512], False)])
 def test_compilation_config_maps_to_cuda_graphs(config, sizes, eager):
     args = EngineArgs(compilation_config=config)
     assert (args.cuda_graph_sizes, args.enforce_eager) == (sizes, eager)

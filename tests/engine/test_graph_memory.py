@@ -26,7 +26,7 @@ def _config(**kw):
 
 
 DECODE_64 = [1, 2, 4, 8, 16, 32, 64]      # the default sizes up to max_num_seqs
-MIXED_64 = DECODE_64 + [128, 256]         # ... up to max_num_seqs + --mixed-graph-tokens (256)
+MIXED_64 = DECODE_64 + [128, 256, 320]        # ... up to max_num_seqs + --mixed-graph-tokens (256)
 
 
 @pytest.mark.parametrize("kw, device, backend, pp, exchange, want", [

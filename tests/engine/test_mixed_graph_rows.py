@@ -154,7 +154,7 @@ def test_the_flag_and_the_graph_sizes(tmp_path):
     model = "deepseek-v2-lite"
     config = EngineArgs(model=model, load_format="dummy").create_engine_config()
     assert config.mixed_graph_tokens == 256
-    assert decode_graph_sizes(config, config.cuda_graph_sizes)[-3:] == [256, 384, 512]
+    assert decode_graph_sizes(config, config.cuda_graph_sizes)[-5:] == [256, 320, 384, 448, 512]
     off = EngineArgs(model=model, load_format="dummy", mixed_graph_tokens=0).create_engine_config()
     assert decode_graph_sizes(off, off.cuda_graph_sizes)[-1] == 256
     for kw in ({"enforce_eager": True}, {"cudagraph_mode": "FULL_DECODE_ONLY"}, {"cudagraph_mode": "PIECEWISE"},
