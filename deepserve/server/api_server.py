@@ -32,6 +32,7 @@ import uvicorn
 from deepserve.config import EngineArgs, served_names
 from deepserve.engine import llm_inputs
 from deepserve.engine.async_llm import AsyncLLM
+from deepserve.engine.fork_server import freeze_heap
 from deepserve.engine.llm_engine import LLMEngine, engine_core_apart
 from deepserve.engine.tokenizer import template_file
 from deepserve.log import FORMAT as LOG_FORMAT
@@ -97,6 +98,7 @@ class _Server(uvicorn.Server):
         self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def startup(self, sockets=None) -> None:
+        freeze_heap()   # what the engine's start made stays, as in the fork server (vLLM's freeze_gc_heap)
         await super().startup(sockets)
         if self.should_exit or not self.servers:
             return

@@ -132,7 +132,7 @@ def test_fork_server_preload_calls_no_cuda_at_import(tmp_path):
     (tmp_path / "cuda_at_import.py").write_text("import torch\nDEVICES = torch.cuda.device_count()\n")
     code = NO_CUDA_AT_IMPORT + "import cuda_at_import\n"
     proc = _run(code, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    assert "'deepserve.engine.engine_core', 'deepserve.engine.model_runner']" in proc.stdout, proc.stderr[-3000:]
+    assert "'deepserve.engine.model_runner', 'deepserve.engine.fork_server_frozen']" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "AssertionError: torch.cuda.device_count called while importing the fork server's preload")
@@ -175,3 +175,25 @@ def test_serve_starts_the_fork_server_early_only_where_it_will_use_it(monkeypatc
     monkeypatch.setenv("DEEPSERVE_ENGINE_CORE_PROCESS", "0")
     assert not starts_early(EngineArgs())                                    # one process: nothing to fork
     assert starts_early(EngineArgs(tensor_parallel_size=2))                  # its workers
+
+
+# run by `exec` in a process forked from the fork server (a function of this module would import
+# tests/conftest.py there first, which freezes the heap itself)
+TRACKED_COUNTS = "import gc; conn.send((gc.get_freeze_count(), len(gc.get_objects()))); conn.close()"
+
+
+def test_processes_forked_from_the_fork_server_start_with_its_heap_frozen():
+    """The fork server freezes what its preload made (torch, the engine's modules) before it
+    forks (fork_server.freeze_heap): the engine cores and workers forked from it start with
+    nearly every object in the collector's permanent generation, which their collections and
+    their exits then skip."""
+    from deepserve.engine.fork_server import process_context
+    ctx = process_context()
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=exec, args=(TRACKED_COUNTS, {"conn": send}))
+    child.start()
+    send.close()
+    frozen, collectable = recv.recv()
+    child.join(60)
+    assert child.exitcode == 0
+    assert frozen > 10 * collectable, (frozen, collectable)

@@ -416,3 +416,35 @@ def test_an_unexpected_error_says_what_failed_without_the_servers_insides():
     missing = FileNotFoundError(2, "No such file or directory", "/root/models/r1/config.json")
     assert api_error_from(missing).message == "FileNotFoundError: [Errno 2] No such file or directory: '<path>'"
     assert internal_error(TypeError("1/2 and a/b ratio")).message == "TypeError: 1/2 and a/b ratio"   # no paths
+
+
+def test_the_server_freezes_the_heap_its_start_made(capsys):
+    """The API server's start freezes the heap (vLLM's freeze_gc_heap when its API server
+    starts): what exists then (the engine, the app, torch's modules) is left out of the
+    collector's later collections, the process's last one at exit included."""
+    import gc
+    from types import SimpleNamespace
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from deepserve.server.api_server import _Server
+
+    made_before = [0]   # a list: tracked by the collector
+    state = SimpleNamespace(settings=SimpleNamespace(served_model_names=["m"]), llm=SimpleNamespace(fatal_error=None))
+    server = _Server(uvicorn.Config(FastAPI(), host="127.0.0.1", port=0, lifespan="off", log_level="warning"), state)
+
+    async def start_and_stop() -> None:
+        serving = asyncio.create_task(server._serve())   # uvicorn's run, without its signal handlers
+        while not server.started:
+            await asyncio.sleep(0.01)
+        server.should_exit = True
+        await serving
+
+    assert any(o is made_before for o in gc.get_objects())
+    try:
+        asyncio.run(start_and_stop())
+        assert not any(o is made_before for o in gc.get_objects())
+    finally:
+        gc.unfreeze()   # the objects of the tests that follow stay collectable
+    assert "deepserve: serving m at http://127.0.0.1:" in capsys.readouterr().out
