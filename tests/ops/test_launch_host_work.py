@@ -5,6 +5,7 @@ of benchmarks/host_wrappers.py, which times them), counted with their launches s
   and launches with the same settings; settings tried (`launch_config.trying`) still reach the
   launches, and the cached ones come back after;
 - no call reads TRITON_INTERPRET from the environment (triton.jit chose at import);
+- a linear of several rows (cuBLAS's too) reads the GEMM table once a shape;
 - a CUDA device's table key is built once per device properties, DEEPSERVE_PDL still read at
   every launch (tests/engine/test_pdl.py sets it between two engines of one process);
 - rotary_embedding of q alone makes no view for the missing keys, nor the prompt rows' attention
@@ -39,10 +40,16 @@ def launches(monkeypatch) -> list:
 
 
 @pytest.fixture
-def calls():
+def fresh_tables():
+    """Nothing read from the launch tables before the test (nor kept after it)."""
     lc.tables_changed()
-    yield host_wrappers.calls(heads=16, decodes=8, prompt_len=5)
+    yield
     lc.tables_changed()
+
+
+@pytest.fixture
+def calls(fresh_tables):
+    return host_wrappers.calls(heads=16, decodes=8, prompt_len=5)
 
 
 class Environ(dict):
@@ -85,6 +92,21 @@ def test_settings_are_looked_up_once_a_shape_and_no_call_reads_the_environment(c
                                                  "_prefill_kernel"]
     assert [launch[:3] for launch in relaunched] == [launch[:3] for launch in launched]
     assert env.reads["TRITON_INTERPRET"] == 0
+
+
+def test_a_linear_of_several_rows_reads_the_gemm_table_once_a_shape(fresh_tables, monkeypatch):
+    """(the kv_b_proj expansion of each layer's prompt rows: cuBLAS where the table says so)"""
+    from deepserve.ops.triton.gemv import linear
+    lookups, lookup = collections.Counter(), lc.lookup
+
+    def counted(op, device, **shape):
+        lookups[op, shape["m"]] += 1
+        return lookup(op, device, **shape)
+    monkeypatch.setattr(lc, "lookup", counted)
+    w = torch.randn(24, 16)
+    outs = [linear(torch.randn(m, 16), w) for m in (5, 5, 7, 5)]
+    assert [o.shape for o in outs] == [(5, 24), (5, 24), (7, 24), (5, 24)]
+    assert lookups == {("gemm", 5): 1, ("gemm", 7): 1}
 
 
 def test_settings_tried_reach_the_launch_and_the_table_comes_back(calls, launches):

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from deepserve.ops.triton._common import as_rows, cdiv, dot_dtype, dot_precision, interpreting, pdl_begin, pdl_launch
-from deepserve.ops.triton.launch_config import launch_settings
+from deepserve.ops.triton import launch_config
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -119,8 +119,14 @@ SUM_BLOCK = 1024
 
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """backend ("triton" | "cublas"), BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages of
-    an [M, K] x [N, K]^T product, from the launch table (configs/gemm/)."""
-    return launch_settings("gemm", device, m=m, n=n, k=k)
+    an [M, K] x [N, K]^T product, from the launch table (configs/gemm/). Shared between calls
+    (every linear of several rows asks, cuBLAS's too): read, never changed."""
+    return _gemm_config(m, n, k, launch_config.device_key(device))
+
+
+@launch_config.memoized
+def _gemm_config(m: int, n: int, k: int, device: str) -> dict:
+    return launch_config.lookup("gemm", device, m=m, n=n, k=k)
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
