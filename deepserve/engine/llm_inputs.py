@@ -12,7 +12,7 @@ from deepserve.config import SPEC_ALIASES
 from deepserve.engine.outputs import RequestOutput
 from deepserve.engine.sampling_params import SamplingParams
 from deepserve.engine.thinking_budget import PARSER_TAGS
-from deepserve.engine.tokenizer import JSONArguments, template_file
+from deepserve.engine.tokenizer import template_file, tool_call_arguments
 
 logger = logging.getLogger("deepserve")
 
@@ -186,14 +186,12 @@ def template_turn(message: dict, content_format: str) -> dict:
         turn["content"] = "\n".join(part["text"] for part in content)
     if turn.get("tool_calls"):
         calls = []
-        for call in turn["tool_calls"]:
+        for j, call in enumerate(turn["tool_calls"]):
             function = dict(call.get("function") or {})
-            text = function.get("arguments")
-            if isinstance(text, str):
-                try:
-                    function["arguments"] = JSONArguments(text, json.loads(text))
-                except json.JSONDecodeError:
-                    pass   # left as written: the template prints it
+            try:
+                function["arguments"] = tool_call_arguments(function.get("arguments"))
+            except ValueError as exc:
+                raise ValueError(f"tool_calls[{j}].function.arguments {exc}") from None
             calls.append({**call, "function": function})
         turn["tool_calls"] = calls
     return turn

@@ -418,6 +418,19 @@ class JSONArguments(str):
         return obj
 
 
+def tool_call_arguments(arguments):
+    """A past tool call's arguments as a chat template sees them, by vLLM's rule: JSON text as
+    JSONArguments, empty text or JSON null as {} (JSONArguments too), any other value as given.
+    Text that is not JSON is a ValueError, as vLLM's json.loads of it is (a 400 on its API)."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        value = json.loads(arguments) if arguments else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not JSON ({exc}): {arguments[:60]!r}") from None
+    return JSONArguments("{}", {}) if value is None else JSONArguments(arguments, value)
+
+
 def _plain(x):
     """`x` with JSONArguments replaced by their values."""
     if isinstance(x, JSONArguments):

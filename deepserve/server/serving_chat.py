@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from typing import AsyncIterator, Optional
 
 import jinja2
@@ -42,7 +41,7 @@ from fastapi.responses import JSONResponse
 
 from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import GuidedDecoding
-from deepserve.engine.tokenizer import JSONArguments
+from deepserve.engine.tokenizer import tool_call_arguments
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import (CHAT_CHOICE_FIELDS, CHAT_MESSAGE_FIELDS, CHAT_RESPONSE_FIELDS,
@@ -203,9 +202,13 @@ def render_text(state: ServerState, messages, tools=None, add_generation_prompt:
         for turn, message in zip(turns, messages):
             if message.role != "tool":   # tool results stay text (vLLM's: templates expect a string there)
                 turn["content"] = content_parts(message.content)
-    for turn in turns:
-        for call in turn.get("tool_calls") or []:
-            call["function"]["arguments"] = _template_arguments(call["function"].get("arguments"))
+    for i, turn in enumerate(turns):
+        for j, call in enumerate(turn.get("tool_calls") or []):
+            try:
+                call["function"]["arguments"] = tool_call_arguments(call["function"].get("arguments"))
+            except ValueError as exc:
+                raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments {exc}",
+                               param="messages") from None
     if "developer" not in (tok.chat_template or ""):
         # OpenAI's developer messages are the system instructions (its newer name for them); a
         # template that knows no developer role (R1's, Qwen2.5's) would drop them without a word
@@ -286,15 +289,6 @@ def _reads(node, names: set, key: Optional[str] = None) -> bool:
         else:
             return False
     return isinstance(node, jinja2.nodes.Name) and node.name in names
-
-
-def _template_arguments(text):
-    """A past tool call's arguments for the template: the JSON text, whose `tojson` is its value
-    (JSONArguments); text that is not JSON stays as sent."""
-    try:
-        return JSONArguments(text, json.loads(text)) if isinstance(text, str) else text
-    except json.JSONDecodeError:
-        return text
 
 
 def _tool_schema(req: ChatCompletionRequest, choice) -> Optional[dict]:

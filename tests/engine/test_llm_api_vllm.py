@@ -188,6 +188,12 @@ def test_chat_hands_tool_call_arguments_to_the_template_as_vllm(llm):
     # a template that joins every turn's content: the tool-call turn's None is "" to it
     joined = "{{ bos_token }}{% for m in messages %}{{ m['content'] + '|' }}{% endfor %}"
     assert llm.chat(turns, GREEDY, chat_template=joined)[0].prompt == "<s>Once||"
+    # vLLM's parse_chat_messages: empty arguments are {}, text that is not JSON a ValueError
+    turns[1]["tool_calls"][0]["function"]["arguments"] = ""
+    assert llm.chat(turns, GREEDY, chat_template=template)[0].prompt == "<s>{}|{}"
+    turns[1]["tool_calls"][0]["function"]["arguments"] = "{'a': 1}"
+    with pytest.raises(ValueError, match=r"tool_calls\[0\]\.function\.arguments is not JSON"):
+        llm.chat(turns, GREEDY, chat_template=template)
 
 
 def test_beam_search_takes_vllms_arguments(llm):

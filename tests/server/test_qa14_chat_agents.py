@@ -297,15 +297,26 @@ def test_distilled_models_call_formats(tokenizer, parser, calls):
 
 def test_past_calls_arguments_through_tojson_are_their_value():
     """A template that writes whole turns with tojson writes a past call's arguments as the JSON
-    value (vLLM's rendering); text that is not JSON stays the string sent."""
+    value (vLLM's rendering), empty or null arguments as {} (vLLM's); text that is not JSON is a
+    400 naming the message and call, as vLLM's json.loads of it is (it was rendered as sent)."""
     client = serve("deepseek-r1", "Done.", "{% for m in messages %}{{ (m['tool_calls'] or []) | tojson }}\n{% endfor %}")
     calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": [1, "é"]}'}},
-             {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}}]
-    asyncio.run(client.chat.completions.create(model="m", messages=[
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}]))
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": ""}},
+             {"id": "c", "type": "function", "function": {"name": "h", "arguments": "null"}}]
+
+    def ask(calls):
+        return client.chat.completions.create(model="m", messages=[
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls}])
+    asyncio.run(ask(calls))
     prompt = client.engine.prompts[-1].splitlines()
     assert json.loads(prompt[1]) == [{**calls[0], "function": {"name": "f", "arguments": {"x": [1, "é"]}}},
-                                     calls[1]]
+                                     {**calls[1], "function": {"name": "g", "arguments": {}}},
+                                     {**calls[2], "function": {"name": "h", "arguments": {}}}]
+    broken = {"id": "d", "type": "function", "function": {"name": "g", "arguments": '{"x": 1'}}
+    with pytest.raises(openai.BadRequestError) as err:
+        asyncio.run(ask([calls[0], broken]))
+    assert err.value.status_code == 400 and err.value.body["param"] == "messages"
+    assert err.value.body["message"].startswith("messages[1].tool_calls[1].function.arguments is not JSON (")
 
 
 @pytest.mark.parametrize("tokenizer", TOKENIZERS)
