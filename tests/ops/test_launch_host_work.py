@@ -5,7 +5,8 @@ of benchmarks/host_wrappers.py, which times them), counted with their launches s
   and launches with the same settings; settings tried (`launch_config.trying`) still reach the
   launches, and the cached ones come back after;
 - no call reads TRITON_INTERPRET from the environment (triton.jit chose at import);
-- a linear of several rows (cuBLAS's too) reads the GEMM table once a shape;
+- a linear of several rows (cuBLAS's too) reads the GEMM table once a shape, the decode over
+  an e4m3 latent pool its table once a step;
 - a CUDA device's table key is built once per device properties, DEEPSERVE_PDL still read at
   every launch (tests/engine/test_pdl.py sets it between two engines of one process);
 - rotary_embedding of q alone makes no view for the missing keys, nor the prompt rows' attention
@@ -107,6 +108,26 @@ def test_a_linear_of_several_rows_reads_the_gemm_table_once_a_shape(fresh_tables
     outs = [linear(torch.randn(m, 16), w) for m in (5, 5, 7, 5)]
     assert [o.shape for o in outs] == [(5, 24), (5, 24), (7, 24), (5, 24)]
     assert lookups == {("gemm", 5): 1, ("gemm", 7): 1}
+
+
+def test_the_fp8_latent_decode_reads_its_table_once_a_shape(fresh_tables, launches, monkeypatch):
+    """(an e4m3 MLA pool: its decode rows' settings depend on the step's batch and context, the
+    same for every layer of the step)"""
+    from deepserve.ops.triton.attention import paged_attention
+    lookups, lookup = collections.Counter(), lc.lookup
+
+    def counted(op, device, **shape):
+        lookups[op, shape.get("ctx")] += 1
+        return lookup(op, device, **shape)
+    monkeypatch.setattr(lc, "lookup", counted)
+    pool = torch.zeros(8, 64, 1, 576).to(torch.float8_e4m3fn)
+    q = torch.randn(3, 16, 576, dtype=torch.bfloat16)
+    starts, tables = torch.arange(4, dtype=torch.int32), torch.arange(6, dtype=torch.int32).view(3, 2)
+    for ctx in (100, 100, 100, 101, 101):          # two steps' layers
+        paged_attention(q, pool, pool[..., :512], starts, torch.full((3,), ctx, dtype=torch.int32), tables, 0.1, 1,
+                        ctx)
+    assert [launch[0] for launch in launches].count("_mla_decode_fp8_kernel") == 5
+    assert lookups == {("mla_decode_fp8", 100): 1, ("mla_decode_fp8", 101): 1}
 
 
 def test_settings_tried_reach_the_launch_and_the_table_comes_back(calls, launches):

@@ -155,7 +155,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     big_head = block_d + block_dpe + block_dv > 512      # MLA's latent: 576-wide keys, 512-wide values
     small = interpreting() or q.device.type != "cuda"
     if max_query_len == 1 and _mla_fp8_pool(q, k_cache, shared, block_dpe, small):
-        cfg = mla_fp8_decode_config(n_heads, batch, max_seq_len, k_cache.shape[1], device)
+        cfg = _mla_fp8_decode_settings(n_heads, batch, max_seq_len, k_cache.shape[1], device)
         if k_cache.shape[1] % cfg["BLOCK_N"] == 0:
             return _mla_fp8_decode(q, k_cache, query_start_loc, seq_lens, block_tables, out, qk_scale,
                                    float(v_scale), max_seq_len, block_d, block_dpe, small, cfg)
@@ -229,6 +229,11 @@ def mla_fp8_decode_config(heads: int, batch: int, max_seq_len: int, block_size: 
     if cfg["qk_promote"] not in (0, 64, 128, 256):
         raise ValueError(f"mla_decode_fp8 qk_promote must be 0, 64, 128 or 256, got {cfg['qk_promote']!r}")
     return cfg
+
+
+# mla_fp8_decode_config's settings shared between calls (read, never changed): the layers of a
+# step ask with the same shapes, so the table is read and checked once a step, not once a layer
+_mla_fp8_decode_settings = launch_config.memoized(mla_fp8_decode_config)
 
 
 def fp8_decode_splits(batch: int, head_groups: int, max_seq_len: int, block_n: int, sms: int,
