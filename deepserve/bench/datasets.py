@@ -4,7 +4,8 @@ Each sampler returns `SampleRequest`s (prompt text, its length in the model's to
 output length to ask for), following the definitions of vLLM's `benchmarks/datasets.py`
 so that numbers compare with `vllm bench serve` runs on the same flags:
 
-- random: prompts of `--random-input-len` tokens (± `--random-range-ratio`), a BOS the
+- random: prompts of `--random-input-len` tokens (± `--random-range-ratio`, one ratio or vLLM's
+  JSON '{"input": r, "output": r}'), a BOS the
   tokenizer adds included (vLLM's count), built from token ids, decoded, then re-encoded so
   the reported length is the text's count in the server's tokenizer.
 - sonnet: lines of a poem after a fixed instruction; the first lines are a shared prefix
@@ -30,7 +31,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -74,23 +75,58 @@ def _exact_length_text(tok: Tokenizer, rng: np.random.Generator, length: int,
     return text, tok.count(text)
 
 
+RangeRatio = Union[float, dict]
+
+
+def parse_range_ratio(text: str) -> RangeRatio:
+    """vLLM 0.26's --random-range-ratio: one number for input and output lengths, or a JSON
+    object '{"input": 0.3, "output": 0.5}' giving each its own; checked as range_ratios does."""
+    try:
+        value: RangeRatio = float(text)
+    except ValueError:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"takes a number or a JSON object like '{{\"input\": 0.3, \"output\": 0.5}}', "
+                             f"got {text!r}") from None
+    range_ratios(value)
+    return value
+
+
+def range_ratios(range_ratio: RangeRatio) -> tuple[float, float]:
+    """(input, output) range ratios of a --random-range-ratio value, each in [0, 1)."""
+    if isinstance(range_ratio, dict):
+        if set(range_ratio) != {"input", "output"}:
+            raise ValueError(f"--random-range-ratio needs the keys \"input\" and \"output\" in a JSON object, "
+                             f"got {sorted(range_ratio)}")
+        pair = range_ratio["input"], range_ratio["output"]
+    elif isinstance(range_ratio, (int, float)) and not isinstance(range_ratio, bool):
+        pair = range_ratio, range_ratio
+    else:
+        raise ValueError(f"--random-range-ratio takes a number or a JSON object, got {range_ratio!r}")
+    for value in pair:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    return float(pair[0]), float(pair[1])
+
+
 def sample_random(tok: Tokenizer, num_requests: int, input_len: int, output_len: int,
-                  range_ratio: float, prefix_len: int, seed: int) -> list[SampleRequest]:
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+                  range_ratio: RangeRatio, prefix_len: int, seed: int) -> list[SampleRequest]:
+    """`range_ratio`: one ratio for input and output lengths, or vLLM's {"input": r, "output": r}."""
+    ratio_in, ratio_out = range_ratios(range_ratio)
     if input_len < 1 or output_len < 1:
         raise ValueError(f"--random-input-len and --random-output-len must be >= 1, "
                          f"got {input_len} and {output_len}")
     # As vLLM's: the tokens the tokenizer adds to a prompt (a BOS) count in --random-input-len.
     text_len = max(0, input_len - len(tok.encode("")))
-    low = math.floor(text_len * (1 - range_ratio))
+    low = math.floor(text_len * (1 - ratio_in))
     if prefix_len + low < 1:
         raise ValueError(f"--random-input-len {input_len} is too small: the tokenizer adds "
                          f"{input_len - text_len} token(s) to each prompt, leaving none of random text")
     rng = np.random.default_rng(seed)
-    lens_in = rng.integers(low, math.ceil(text_len * (1 + range_ratio)) + 1, num_requests)
-    lens_out = rng.integers(max(1, math.floor(output_len * (1 - range_ratio))),
-                            math.ceil(output_len * (1 + range_ratio)) + 1, num_requests)
+    lens_in = rng.integers(low, math.ceil(text_len * (1 + ratio_in)) + 1, num_requests)
+    lens_out = rng.integers(max(1, math.floor(output_len * (1 - ratio_out))),
+                            math.ceil(output_len * (1 + ratio_out)) + 1, num_requests)
     vocab = np.asarray(tok.text_token_ids)
     prefix = vocab[rng.integers(0, len(vocab), prefix_len)].tolist() if prefix_len else []
     offsets = rng.integers(0, len(vocab), num_requests)

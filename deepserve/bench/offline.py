@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from deepserve.bench.datasets import RangeRatio, range_ratios
 from deepserve.bench.results import check_result_path, write_result
 
 LATENCY_PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -48,24 +49,24 @@ def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list
 
 
 def random_requests(num: int, input_len: int, output_len: int, vocab_size: int, seed: int,
-                    range_ratio: float = 0.0, prefix_len: int = 0) -> tuple[list[dict], list[int]]:
+                    range_ratio: RangeRatio = 0.0, prefix_len: int = 0) -> tuple[list[dict], list[int]]:
     """vLLM's random set as token ids: `prefix_len` ids shared by every prompt, then input and
-    output lengths drawn uniformly in [len * (1 - r), len * (1 + r)] (`range_ratio` r in [0, 1))."""
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
+    output lengths drawn uniformly in [len * (1 - r), len * (1 + r)] (`range_ratio` r in [0, 1),
+    or vLLM's {"input": r, "output": r})."""
+    ratio_in, ratio_out = range_ratios(range_ratio)
     if prefix_len < 0:
         raise ValueError(f"--random-prefix-len must be >= 0, got {prefix_len}")
-    if range_ratio == 0.0 and prefix_len == 0:
+    if ratio_in == ratio_out == 0.0 and prefix_len == 0:
         return random_prompts(num, input_len, vocab_size, seed), [output_len] * num
     if num < 1 or input_len < 1 or output_len < 1:
         raise ValueError(f"need >= 1 prompt of >= 1 token in and out, got {num} prompts of "
                          f"{input_len} / {output_len} tokens")
     rng = np.random.default_rng(seed)
 
-    def lengths(n: int) -> np.ndarray:
-        return rng.integers(max(1, math.floor(n * (1 - range_ratio))), math.ceil(n * (1 + range_ratio)) + 1, num)
+    def lengths(n: int, ratio: float) -> np.ndarray:
+        return rng.integers(max(1, math.floor(n * (1 - ratio))), math.ceil(n * (1 + ratio)) + 1, num)
 
-    lens_in, lens_out = lengths(input_len), lengths(output_len)
+    lens_in, lens_out = lengths(input_len, ratio_in), lengths(output_len, ratio_out)
     prefix = rng.integers(0, vocab_size, prefix_len).tolist()
     prompts = [{"prompt_token_ids": prefix + rng.integers(0, vocab_size, int(n)).tolist()} for n in lens_in]
     return prompts, [int(n) for n in lens_out]

@@ -21,6 +21,15 @@ def _rate(text: str) -> float:
     return value
 
 
+def _range_ratio(text: str):
+    from deepserve.bench.datasets import parse_range_ratio
+
+    try:
+        return parse_range_ratio(text)
+    except ValueError as exc:   # argparse names the flag first
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--random-range-ratio ")) from None
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -107,8 +116,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Sets every dataset's output length (--random-output-len, --sonnet-output-len, ...).")
     d.add_argument("--random-input-len", type=int, default=1024)
     d.add_argument("--random-output-len", type=int, default=128)
-    d.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="Lengths drawn uniformly in [len*(1-r), len*(1+r)].")
+    d.add_argument("--random-range-ratio", type=_range_ratio, default=0.0,
+                   help="Lengths drawn uniformly in [len*(1-r), len*(1+r)]; a JSON object "
+                        "'{\"input\": 0.3, \"output\": 0.5}' gives input and output their own r.")
     d.add_argument("--random-prefix-len", type=int, default=0, help="Random tokens before each prompt.")
     d.add_argument("--sonnet-input-len", type=int, default=550)
     d.add_argument("--sonnet-output-len", type=int, default=150)
@@ -317,8 +327,9 @@ def register(subparsers) -> None:
     throughput.add_argument("--dataset-path", default=None, help="ShareGPT JSON or sonnet.txt file.")
     throughput.add_argument("--prefix-len", type=int, default=None,
                             help="sonnet: tokens of shared prefix (default 200).")
-    throughput.add_argument("--random-range-ratio", type=float, default=0.0,
-                            help="random: input and output lengths drawn uniformly in [len*(1-r), len*(1+r)].")
+    throughput.add_argument("--random-range-ratio", type=_range_ratio, default=0.0,
+                            help="random: input and output lengths drawn uniformly in [len*(1-r), len*(1+r)] "
+                                 "(a JSON object '{\"input\": r, \"output\": r}' gives each its own).")
     throughput.add_argument("--random-prefix-len", type=int, default=0,
                             help="random: token ids shared by every prompt, before its own.")
     throughput.add_argument("--no-oversample", action="store_true",

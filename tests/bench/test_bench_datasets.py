@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,39 @@ def test_random_input_len_without_added_tokens_is_the_text(tok, capsys):
     reqs = sample_random(tok, 8, input_len=128, output_len=8, range_ratio=0.0, prefix_len=0, seed=0)
     assert [len(tok.encode(r.prompt)) for r in reqs] == [128] * 8   # R1-Distill: no BOS on a completion prompt
     assert capsys.readouterr().err == ""
+
+
+def test_range_ratio_per_input_and_output(tok, bench_args):
+    # vLLM 0.26's --random-range-ratio takes '{"input": r, "output": r}' besides one number
+    flag = ["--random-range-ratio", '{"input": 0, "output": 0.5}']
+    args = bench_args(["serve", *flag])
+    assert args.random_range_ratio == {"input": 0, "output": 0.5}
+    reqs = sample_random(tok, 40, input_len=33, output_len=20, range_ratio=args.random_range_ratio,
+                         prefix_len=0, seed=0)
+    lens_out = [r.expected_output_len for r in reqs]
+    assert min(lens_out) >= 10 and max(lens_out) <= 30 and len(set(lens_out)) > 5
+    assert max(abs(r.prompt_len - 32) for r in reqs) <= 2   # 33 with the BOS, no spread
+    assert len({r.prompt_len for r in reqs}) <= 3
+    assert bench_args(["serve", "--random-range-ratio", "0.25"]).random_range_ratio == 0.25
+
+    from deepserve.bench.offline import random_requests
+    tp = bench_args(["throughput", "--model", "m", "--random-range-ratio", '{"input": 0.5, "output": 0}'])
+    prompts, out_lens = random_requests(40, 20, 8, 100, 0, tp.random_range_ratio)
+    assert out_lens == [8] * 40
+    lens_in = [len(p["prompt_token_ids"]) for p in prompts]
+    assert min(lens_in) >= 10 and max(lens_in) <= 30 and len(set(lens_in)) > 5
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{"input": 0.3}', "needs the keys \"input\" and \"output\" in a JSON object, got \\['input'\\]"),
+    ('{"input": 0.3, "output": 1.0}', "must be in \\[0, 1\\)"),
+    ("1.5", "must be in \\[0, 1\\), got 1.5"),
+    ("wide", "takes a number or a JSON object"),
+    ("[0.1, 0.2]", "takes a number or a JSON object"),
+])
+def test_range_ratio_refused_in_one_line(bench_args, capsys, value, message):
+    for command in (["serve"], ["throughput", "--model", "m"]):
+        with pytest.raises(SystemExit):
+            bench_args([*command, "--random-range-ratio", value])
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert re.search("argument --random-range-ratio: " + message, err), err
