@@ -28,6 +28,7 @@ routed by its own gate, and the layer exchanges them with the ranks holding thei
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -36,13 +37,16 @@ from torch import nn
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers import moe_exchange
-from deepserve.quant.fp8 import FP8_DTYPE, quant_fp8_block, valid_scales
+from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX, quant_fp8_block, valid_scales
 
 # checkpoint projection name -> (stacked parameter, which part of it)
 EXPERT_SHARDS = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
                  "down_proj": ("w2_weight", "w2")}
 FP8_BLOCK = 128
 SCALE_SUFFIX = "_scale_inv"
+DUMMY_INPUT_AMAX = 16.0     # --load-format dummy's static activation range (fp8 with input scales)
+
+logger = logging.getLogger(__name__)
 
 
 class MoEGate(nn.Module):
@@ -74,13 +78,26 @@ class UnquantizedExperts:
 
 
 class Fp8Experts:
-    """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`)."""
+    """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`); with `static_input`,
+    activations quantised with the checkpoint's static input scales (the layer's largest)."""
+
+    def __init__(self, static_input: bool = False):
+        self.static_input = static_input
 
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, **shared) -> torch.Tensor:
         """`shared`: the shared-expert weights (e4m3, with scales) ops.fused_moe adds."""
+        static = dict(a13_scale=moe.a13_scale, a2_scale=moe.a2_scale) if self.static_input else {}
         return moe.ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
-                                 w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv, **shared)
+                                 w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv,
+                                 **static, **shared)
+
+    def init_dummy(self, moe: "FusedMoE", gen: torch.Generator, std: float) -> None:
+        """Random weights' static input scales: activations up to DUMMY_INPUT_AMAX unclipped
+        (the weights themselves come from init_dummy_weights)."""
+        if self.static_input:
+            for p in (moe.w13_input_scale, moe.w2_input_scale):
+                p.data.fill_(DUMMY_INPUT_AMAX / FP8_MAX)
 
 
 class FusedMoE(nn.Module):
@@ -120,8 +137,11 @@ class FusedMoE(nn.Module):
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
 
-    def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> None:
-        """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before loading."""
+    def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK), static_input: bool = False) -> None:
+        """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before
+        loading; `static_input`: with the checkpoint's static activation scales, one a matrix
+        (`experts.{e}.{gate,up,down}_proj.input_scale`), kept for every expert of the layer (a
+        few floats) so that each EP rank quantises with the layer's largest, as one rank does."""
         if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
             raise ValueError(f"fp8 experts need {FP8_BLOCK}x{FP8_BLOCK} scale blocks (the fused-MoE "
                              f"kernels' grid), got {block[0]}x{block[1]} (weight_block_size, or 1x128 for a "
@@ -151,7 +171,10 @@ class FusedMoE(nn.Module):
         self.w2_weight_scale_inv = param(e, kb_d, kb_i, dtype=torch.float32)
         for p in (self.w13_weight, self.w2_weight):
             p.quantize_on_load = True     # takes float tensors too (init_dummy_weights, --quantization)
-        self.quant, self.fp8 = Fp8Experts(), True
+        if static_input:    # [E, 2]: gate, up of each expert; [E, 1]: down
+            self.w13_input_scale = param(self.num_experts, 2, dtype=torch.float32)
+            self.w2_input_scale = param(self.num_experts, 1, dtype=torch.float32)
+        self.quant, self.fp8 = Fp8Experts(static_input), True
 
     def dummy_shards(self):
         """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""
@@ -175,6 +198,9 @@ class FusedMoE(nn.Module):
         are skipped on purpose."""
         expert, part = shard_id
         name = getattr(param, "param_name", "?")
+        if param is getattr(self, "w13_input_scale", None) or param is getattr(self, "w2_input_scale", None):
+            self._load_input_scale(param, loaded, expert, part)
+            return
         local = self.local_index(expert, name)
         if local is None:
             return
@@ -209,6 +235,32 @@ class FusedMoE(nn.Module):
             dst = param.data[local].narrow(0, 0 if part == "w1" else stored, stored)   # [stored, D]
             dst.narrow(0, 0, i).copy_(loaded.narrow(0, start, i))
             dst.narrow(0, i, stored - i).zero_()
+
+    def _load_input_scale(self, param: nn.Parameter, loaded: torch.Tensor, expert: int, part: str) -> None:
+        """One expert matrix's static activation scale (one value), for any expert of the layer."""
+        name = getattr(param, "param_name", "?")
+        self.local_index(expert, name)          # checks the expert's range
+        if loaded.numel() != 1:
+            raise ValueError(f"tensor {name} expert {expert} {part}: a static input_scale holds one value, "
+                             f"got shape {tuple(loaded.shape)}")
+        value = loaded.reshape(1).to(param.device, torch.float32)
+        if not valid_scales(value):
+            raise ValueError(f"tensor {name} expert {expert} {part}: input_scale must be finite and > 0, "
+                             f"got {value.item()}")
+        param.data[expert, 1 if part == "w3" else 0] = value[0]
+
+    def process_weights_after_loading(self) -> None:
+        """Static activation scales: each GEMM's input quantised with the largest of the layer's
+        experts' (vLLM's rule: one scale for the grouped GEMM; no expert's activations clip
+        more than its calibration allowed)."""
+        if not getattr(self.quant, "static_input", False):
+            return
+        self.a13_scale = self.w13_input_scale.amax().reshape(1)
+        self.a2_scale = self.w2_input_scale.amax().reshape(1)
+        if self.w13_input_scale.device.type != "meta" and not (
+                bool((self.w13_input_scale == self.a13_scale).all()) and bool((self.w2_input_scale == self.a2_scale).all())):
+            logger.warning("fp8 routed experts: the experts' static input scales differ; each GEMM takes the "
+                           "layer's largest (as vLLM does)")
 
     def _load_scale(self, param: nn.Parameter, loaded: torch.Tensor, local: int, expert: int, part: str,
                     weight_shape: tuple[int, int]) -> None:

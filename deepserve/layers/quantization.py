@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from deepserve.ops.quant import FP8_GROUP
+from deepserve.layers.moe import DUMMY_INPUT_AMAX
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
                                      RowParallelLinear, UnquantizedLinearMethod, check_shape)
 from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, quant_fp8_block, valid_scales
@@ -53,7 +54,6 @@ METHODS = ("fp8", "w8a8-int8")
 KEEP_HIGH_PRECISION = ("kv_b_proj", "eh_proj")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 _SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight")
-DUMMY_INPUT_AMAX = 16.0     # --load-format dummy's static activation range (fp8 with input_scale)
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 

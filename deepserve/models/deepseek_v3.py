@@ -41,7 +41,8 @@ from deepserve.models.weights import load_params, named_as_checkpoint
 
 # an expert tensor: its weight, fp8 scale_inv, or 4-bit parts (AWQ / GPTQ, compressed-tensors)
 _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\."
-                        r"(weight|weight_scale_inv|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point|g_idx|weight_g_idx)$")
+                        r"(weight|weight_scale_inv|input_scale|qweight|qzeros|scales|weight_packed|weight_scale|weight_zero_point|g_idx|"
+                        r"weight_g_idx)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # a module of MTP layer i, as the model names it
 _MTP_MODULE_RE = re.compile(r"^mtp\.(\d+)\.(?:mtp_block\.)?(.+)$")
@@ -72,9 +73,11 @@ def is_moe_layer(cfg: HFConfig, layer_idx: int) -> bool:
 
 
 def _fp8_block_128(linear) -> bool:
-    """An e4m3 linear with DeepSeek's 128x128 block scales (row-expanded) and no bias."""
+    """An e4m3 linear with DeepSeek's 128x128 block scales (row-expanded) and no bias, its
+    activations quantised per token group (not weight only, nor with static scales)."""
     method = linear.quant_method
     return (isinstance(method, Fp8BlockLinearMethod) and method.block == (FP8_BLOCK, FP8_BLOCK)
+            and not method.weight_only and not method.static_input
             and linear.bias is None and linear.weight.dtype == torch.float8_e4m3fn)
 
 
@@ -106,10 +109,13 @@ class DeepseekMoE(nn.Module):
         at decode it saves three launches a layer) when that sums the same thing: one process
         (tp 1, ep 1, so no reduction between the routed and shared sums), and either 16-bit
         routed experts with unquantized 16-bit shared weights without bias, or fp8 routed
-        experts with block-fp8 shared weights (128x128 blocks, no bias)."""
+        experts (activations quantised per token group) with block-fp8 shared weights (128x128
+        blocks, no bias, dynamic activations)."""
         p, mlp = self.experts.pctx, self.shared_experts
         one_process = p.tp_size == 1 and p.ep_size == 1 and mlp is not None
         fp8 = isinstance(self.experts.quant, Fp8Experts)
+        if fp8 and self.experts.quant.static_input:
+            one_process = False     # the shared MLP keeps its own static scales beside the experts
         if fp8:
             self.shared_in_experts = one_process and all(_fp8_block_128(lin) for lin in (mlp.gate_up_proj,
                                                                                          mlp.down_proj))

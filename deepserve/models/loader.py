@@ -9,7 +9,7 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | compressed-tensors W8A8 int8     | none / w8a8-int8 | int8 (torch._int_mm on CUDA, exact emulation on CPU) |
 | compressed-tensors FP8 (float-quantized: tensor, channel, block) | none / fp8 | fp8, as DeepSeek's with 1x128 or 128x128 scale blocks (quant/ct_fp8.py); without input_activations weight only |
 | fp8 without weight_block_size (AutoFP8: one weight_scale a tensor) | none / fp8 | fp8, as compressed-tensors' tensor strategy |
-| either FP8 with static activations (`input_scale`) | none / fp8 | fp8, activations quantized with the one static scale |
+| either FP8 with static activations (`input_scale`) | none / fp8 | fp8, activations quantized with the one static scale (routed experts: the layer's largest a GEMM) |
 | BF16/FP16/FP32                   | fp8 / w8a8-int8 | quantized at load, per 128x128 block / per channel |
 | any quantized                    | the other one  | dequantized, then quantized at load           |
 | AutoAWQ GEMM / GPTQ / compressed-tensors W4A16 | none / awq / gptq / compressed-tensors | 4-bit packed (layers/quantization_int4.py) |
@@ -264,16 +264,18 @@ def _materialize(module: torch.nn.Module, device: torch.device) -> None:
             sub.rebuild_buffers()
 
 
-def quantize_experts(model, method: str, block: tuple[int, int], ignore: Ignore = Ignore()) -> list[str]:
+def quantize_experts(model, method: str, block: tuple[int, int], ignore: Ignore = Ignore(),
+                     static_input: bool = False) -> list[str]:
     """Routed experts stored in the linear method's format (fp8, w8a8-int8), but for the layers
-    whose experts the checkpoint leaves unquantized (`ignore`); returns their names."""
+    whose experts the checkpoint leaves unquantized (`ignore`); returns their names. fp8
+    `static_input`: the checkpoint's static activation scales quantise the experts' inputs."""
     if method == "w8a8-int8":
         return int8_experts(model, (lambda module: not ignore(module)) if ignore else None)
     names = []
     if method == "fp8":
         for name, module in model.named_modules():
             if isinstance(module, FusedMoE) and experts_quantized(model, name, module, lambda m: not ignore(m)):
-                module.use_fp8(block)
+                module.use_fp8(block, static_input)
                 names.append(name)
     return names
 
@@ -307,10 +309,7 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         static = scheme is not None and scheme.static_input
         quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only,
                          static_input=static, k_uniform=scheme is not None and scheme.strategy != "block")
-        experts = quantize_experts(model, method, block, ignore)
-        if static and experts:
-            raise ValueError(f"fp8 routed experts with static activation scales (input_scale) are not supported "
-                             f"({experts[0]}): deepserve's fused-MoE kernels quantize activations per token")
+        quantize_experts(model, method, block, ignore, static)
     if pctx.pp_size > 1:
         model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
     if torch.device(device).type == "meta":

@@ -24,7 +24,10 @@ sorted grouped GEMMs and the small path's tensor-core kernels; DeepSeek-V3's rec
 token rows and the SwiGLU output are quantised to e4m3 per token per 128-group
 (ops/quant.py's quant_fp8_per_token_group) and each product summed in fp32, so this op is
 their oracle. (The small path's CUDA-core kernels run W8A16: their oracle is this op over the
-dequantised weights.)
+dequantised weights.) A checkpoint with static activation scales (compressed-tensors FP8 with
+dynamic=false on the experts, AutoFP8's activation_scheme static) gives `a13_scale` /
+`a2_scale`, one value each (vLLM's a1 / a2 scales: the largest of the layer's experts'), and
+the two GEMMs' inputs are quantised with them: e4m3(clamp(x / s, -448, 448)), the format's rule.
 
 `shared_w13` [2*Is, D] / `shared_w2` [D, Is] add DeepSeek's shared experts: one more SwiGLU
 expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
@@ -42,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from deepserve.ops.quant import fp8_block_linear, quant_fp8_per_token_group
+from deepserve.ops.quant import fp8_block_linear, quant_fp8_per_token_group, quant_fp8_static
 from deepserve.ops.registry import register
 
 _SCORING = ("softmax", "sigmoid")
@@ -113,20 +116,24 @@ def _dequant(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     return weight.float() * scale
 
 
-def _fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x [M, K] quantised to e4m3 per 128-group and back, in fp32: the activations the
-    fp8 kernels multiply (W8A8)."""
+def _fake_quant(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of x [M, K] quantised to e4m3 and back, in fp32: the activations the fp8 kernels
+    multiply (W8A8), per token per 128-group, or with a checkpoint's one static scale."""
+    if static_scale is not None:
+        return quant_fp8_static(x, static_scale).float() * static_scale.float().reshape(1, 1)
     q, s = quant_fp8_per_token_group(x)
     return q.float() * s.repeat_interleave(FP8_BLOCK, 1)[:, :x.shape[1]]
 
 
-def _expert_linear(a: torch.Tensor, weight: torch.Tensor, scale_inv: Optional[torch.Tensor]) -> torch.Tensor:
+def _expert_linear(a: torch.Tensor, weight: torch.Tensor, scale_inv: Optional[torch.Tensor],
+                   a_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [n, K] times one expert's weight [N, K]^T -> [n, N] in a's dtype: 16-bit weights as
-    F.linear; e4m3 ones as the fp8 kernels compute, the activations quantised per token per
-    128-group and the product of the dequantised operands summed in fp32."""
+    F.linear; e4m3 ones as the fp8 kernels compute, the activations quantised (per token per
+    128-group, or with the static `a_scale`) and the product of the dequantised operands
+    summed in fp32."""
     if scale_inv is None:
         return F.linear(a, weight)
-    return (_fake_quant(a) @ _dequant(weight, scale_inv).t()).to(a.dtype)
+    return (_fake_quant(a, a_scale) @ _dequant(weight, scale_inv).t()).to(a.dtype)
 
 
 @register("fused_moe", "torch")
@@ -134,12 +141,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
-              shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
+              a2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j],
-    plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given."""
+    plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given.
+    `a13_scale` / `a2_scale` (fp8 experts, one fp32 value each): static activation scales of the
+    gate/up and down GEMMs' inputs, used instead of per-token-group ones."""
     check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+    check_static_scales(w13_scale is not None, a13_scale, a2_scale, shared_w13)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()                        # [T*k]
@@ -157,13 +168,30 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         rows = token_of[start:start + count]
         s13 = None if w13_scale is None else w13_scale[expert]
         s2 = None if w2_scale is None else w2_scale[expert]
-        gate, up = _expert_linear(x[rows], w13[expert], s13).chunk(2, dim=-1)   # [n, I] each
-        y = _expert_linear(F.silu(gate) * up, w2[expert], s2)                   # [n, D]
+        gate, up = _expert_linear(x[rows], w13[expert], s13, a13_scale).chunk(2, dim=-1)   # [n, I] each
+        y = _expert_linear(F.silu(gate) * up, w2[expert], s2, a2_scale)                   # [n, D]
         out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
         start += count
     if shared_w13 is None:
         return out.to(x.dtype)
     return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+
+
+def check_static_scales(fp8_experts: bool, a13_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],
+                        shared_w13: Optional[torch.Tensor]) -> None:
+    """Static activation scales: both or neither, one value each, for fp8 experts only, and no
+    shared experts folded in (they run as the dense layer, with their own scales)."""
+    if a13_scale is None and a2_scale is None:
+        return
+    if a13_scale is None or a2_scale is None:
+        raise ValueError("fused_moe static activation scales need both a13_scale and a2_scale")
+    if not fp8_experts:
+        raise ValueError("fused_moe static activation scales (a13_scale / a2_scale) are for fp8 experts only")
+    for name, s in (("a13_scale", a13_scale), ("a2_scale", a2_scale)):
+        if s.numel() != 1:
+            raise ValueError(f"fused_moe {name} holds one value, got shape {tuple(s.shape)}")
+    if shared_w13 is not None:
+        raise ValueError("fused_moe shared experts do not fold into experts with static activation scales")
 
 
 def check_shared_experts(x: torch.Tensor, fp8_experts: bool, shared_w13: Optional[torch.Tensor],

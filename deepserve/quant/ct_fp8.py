@@ -14,7 +14,8 @@ checkpoint's per-token scheme), none (W8A16: `weight_only`, the weight dequantiz
 the activations kept in the model dtype, as vLLM's CompressedTensorsW8A16Fp8) or static: one
 symmetric `input_scale` a Linear (strategy "tensor", dynamic false; with "tensor" or "channel"
 weights, as vLLM's CompressedTensorsW8A8Fp8; the fused q/k/v and gate/up take their parts'
-largest, as vLLM does). Routed experts with static scales are refused.
+largest, as vLLM does). Routed experts with static scales run the fused MoE with one scale a
+GEMM, the largest of the layer's experts' (vLLM's a1 / a2 scales; layers/moe.py).
 `quant_method` "fp8" checkpoints without `weight_block_size` (AutoFP8's, vLLM's Fp8Config) store
 the same per-tensor `weight_scale` and load as the "tensor" strategy, with `activation_scheme`
 "static" their `input_scale` too.

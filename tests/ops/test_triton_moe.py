@@ -105,6 +105,21 @@ def test_fused_moe_fp8_blocks(triton_ops, cpu_only, monkeypatch):
     assert rel_err(resolve("fused_moe", "triton")[1](*args, **wrong), want) > 0.3
 
 
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_fused_moe_fp8_static_scales(triton_ops, cpu_only, tokens):
+    """Static activation scales (one for the gate/up input, one for the down input): the rows
+    quantised with them beforehand and the sorted kernels run at any batch (1 token: the small
+    path's batch), equal to the torch op to fp32 rounding; not the per-group quantisation."""
+    args, kwargs = moe_inputs(tokens, 256, 128, 4, 2, torch.float32, fp8=True)
+    x = args[0]
+    static = dict(a13_scale=x.abs().amax().reshape(1) / 448 * 0.7, a2_scale=torch.tensor([0.05]))
+    want, got = run_both("fused_moe", *args, **kwargs, **static)
+    assert rel_err(got, want) < 1e-6, rel_err(got, want)
+    assert rel_err(resolve("fused_moe", "torch")[1](*args, **kwargs), want) > 1e-2
+    with pytest.raises(ValueError, match="need both a13_scale and a2_scale"):
+        resolve("fused_moe", "triton")[1](*args, **kwargs, a13_scale=static["a13_scale"])
+
+
 @pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}],
                          ids=lambda o: str(o["GROUP_M"]))
 def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, over):

@@ -69,6 +69,30 @@ def test_ep_rank_holds_whole_experts(ep_rank):
         assert torch.equal(w2, dequant(ckpt, e, "w2"))
 
 
+@pytest.mark.parametrize("pctx", [None, ParallelContext(ep_rank=1, ep_size=2), ParallelContext(tp_rank=1, tp_size=2)],
+                         ids=["one", "ep", "tp"])
+def test_static_input_scales_take_the_layers_largest_on_every_rank(pctx):
+    """Static activation scales (one a checkpoint expert matrix): each GEMM takes the largest of
+    the layer's experts' (gate and up for the first, down for the second), the same on every EP
+    rank (an EP rank keeps every expert's few scales, not only its own experts'); a bad one is
+    refused naming the expert."""
+    moe = FusedMoE(E, D, I, torch.float32, pctx)
+    moe.use_fp8(static_input=True)
+    load(moe, checkpoint())
+    given = {(e, part): 0.01 * (1 + e) + {"w1": 0.0, "w3": 0.001, "w2": 0.05}[part]
+             for e in range(E) for part in ("w1", "w3", "w2")}
+    given[0, "w1"] = 0.5                                        # an expert another EP rank holds
+    for (e, part), v in given.items():
+        param = moe.w2_input_scale if part == "w2" else moe.w13_input_scale
+        moe.weight_loader(param, torch.tensor(v), (e, part))
+    moe.process_weights_after_loading()
+    assert moe.a13_scale.item() == pytest.approx(0.5) and moe.a2_scale.item() == pytest.approx(0.01 * E + 0.05)
+    with pytest.raises(ValueError, match=r"expert 2 w2: input_scale must be finite and > 0, got -1.0"):
+        moe.weight_loader(moe.w2_input_scale, torch.tensor(-1.0), (2, "w2"))
+    with pytest.raises(ValueError, match=r"expert 2 w1: a static input_scale holds one value, got shape \(2,\)"):
+        moe.weight_loader(moe.w13_input_scale, torch.ones(2), (2, "w1"))
+
+
 def fake_quant(x: torch.Tensor) -> torch.Tensor:
     """Rows of x quantised to e4m3 per 128-group (scale amax / 448) and back, float64."""
     from deepserve.ops.quant import quant_fp8_per_token_group

@@ -10,6 +10,7 @@ Scales are calibrated below the activations' range on purpose, so saturation is 
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -169,19 +170,97 @@ def test_static_scales_of_a_requantized_or_ignored_module_are_dropped(tiny, tmp_
     assert layer.gate_up_proj.weight.dtype == FP8
 
 
-def test_static_fp8_routed_experts_are_refused(tmp_path):
-    """The fused-MoE kernels quantize activations per token: a DeepSeek checkpoint whose FP8
-    experts carry static input scales is refused naming the layer (not run on dynamic scales)."""
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights, quant_in, quant_mid):
+    """transformers' DeepseekV3Experts.forward with each expert's input row and SwiGLU output
+    passed through quant_in / quant_mid (the format's fake quantization, or a recorder)."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(self.num_experts):
+        tok, pos = torch.where(top_k_index == e)
+        if tok.numel():
+            gate, up = torch.nn.functional.linear(quant_in(e, hidden_states[tok]), self.gate_up_proj[e]).chunk(2, -1)
+            y = torch.nn.functional.linear(quant_mid(e, self.act_fn(gate) * up), self.down_proj[e])
+            out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+    return out
+
+
+@torch.no_grad()
+def _expert_scales(model, prompts) -> dict[str, torch.Tensor]:
+    """Each routed expert matrix's input_scale: the largest |input| it saw over `prompts` / 448
+    (or the layer's, for an expert no token reached), times a factor that differs by expert."""
+    amax: dict[tuple, float] = {}
+
+    def record(key):
+        def f(e, x):
+            amax[(*key, e)] = max(amax.get((*key, e), 0.0), x.abs().max().item())
+            return x
+        return f
+    moes = {n: m for n, m in model.named_modules() if type(m).__name__ == "DeepseekV3Experts"}
+    for n, m in moes.items():
+        m.forward = functools.partial(_experts_forward, m, quant_in=record((n, "in")), quant_mid=record((n, "mid")))
+    for p in prompts:
+        model(torch.tensor([p]))
+    scales = {}
+    for n, m in moes.items():
+        for e in range(m.num_experts):
+            for proj, kind in (("gate_proj", "in"), ("up_proj", "in"), ("down_proj", "mid")):
+                a = amax.get((n, kind, e)) or max(v for k, v in amax.items() if k[:2] == (n, kind))
+                factor = 0.5 + 0.1 * e + (0.05 if proj == "up_proj" else 0.0)
+                scales[f"{n}.{e}.{proj}"] = torch.tensor([a / 448 * factor])
+        del m.forward
+    return scales
+
+
+def test_static_fp8_routed_experts_follow_the_format_rule(tmp_path):
+    """A tiny DeepSeek-V3 whose every Linear and routed expert is FP8 with static per-tensor
+    input scales (compressed-tensors, dynamic=false): served, as vLLM serves it, with the fused
+    MoE quantizing each GEMM's input with one scale, the largest of the layer's experts' (vLLM's
+    a1 / a2 scales). Oracle: transformers over the dequantized weights, every quantized input
+    fake-quantized by the format's rule with the scale deepserve runs. The checkpoint was refused."""
     from tests.models.test_deepseek import r1_style, save_deepseek
-    from tests.quant.test_ct_fp8 import _folders
     save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
-    folder = _folders(tmp_path / "ref", tmp_path, "tensor")["ct"]
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"^fp8 routed experts with static activation scales \(input_scale\) are not "
-                                         r"supported \(model\.layers\.\d+\.mlp\.experts\)"):
-        LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+    ref = tmp_path / "ref"
+    prompts = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 200, 11, 54, 9], [250, 1, 77, 77, 13, 140, 6, 93]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval()
+    scales = {**_calibrate(model, prompts), **_expert_scales(model, prompts)}
+    folder, deq = _static_folder(ref, scales, tmp_path / "static", "tensor")
+    llm = LLM(model=str(folder), dtype="float32", tokenizer=TOKENIZER)
+    experts = llm.engine.runner.model.model.layers[2].mlp.experts
+    assert experts.w13_weight.dtype == FP8
+    layer_max = {kind: max(v.item() for k, v in scales.items() if k.startswith("model.layers.2.mlp.experts.")
+                           and k.endswith(projs)) for kind, projs in (("in", ("gate_proj", "up_proj")),
+                                                                      ("mid", ("down_proj",)))}
+    assert (experts.a13_scale.item(), experts.a2_scale.item()) == (layer_max["in"], layer_max["mid"])
+    got = torch.cat(llm.prompt_logits(prompts))
+
+    full = {**load_file(str(ref / "model.safetensors")), **deq}
+    # kv_b_proj is dequantized through bf16 at load, as `convert fp8-to-bf16` writes it
+    full = {n: w.bfloat16().float() if n.endswith("kv_b_proj.weight") else w for n, w in full.items()}
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(write_variant(ref, tmp_path / "deq", full, None),
+                                                               torch_dtype=torch.float32).eval()
+
+    def fake_quant(x, s):
+        return (x / s).clamp(-448, 448).to(FP8).float() * s
+    for n, m in _linears(oracle).items():
+        if not n.endswith("kv_b_proj"):
+            m.register_forward_pre_hook(lambda mod, args, s=_merged(scales, n): (fake_quant(args[0], s),))
+
+    @torch.no_grad()
+    def oracle_logits(layer_max: bool):
+        for n, m in oracle.named_modules():
+            if type(m).__name__ != "DeepseekV3Experts":
+                continue
+            s13 = {e: torch.maximum(scales[f"{n}.{e}.gate_proj"], scales[f"{n}.{e}.up_proj"]) for e in range(8)}
+            s2 = {e: scales[f"{n}.{e}.down_proj"] for e in range(8)}
+            if layer_max:
+                s13 = dict.fromkeys(s13, max(s13.values()))
+                s2 = dict.fromkeys(s2, max(s2.values()))
+            m.forward = functools.partial(_experts_forward, m, quant_in=lambda e, x, s=s13: fake_quant(x, s[e]),
+                                          quant_mid=lambda e, x, s=s2: fake_quant(x, s[e]))
+        return torch.cat([oracle(torch.tensor([p])).logits[0] for p in prompts])
+    err = (got - oracle_logits(layer_max=True)).abs().max().item()
+    # each expert quantizing with its own scales instead: what one scale a GEMM does not give
+    err_own = (got - oracle_logits(layer_max=False)).abs().max().item()
+    assert err < 1e-4 and err_own > 1e-3, (err, err_own)
 
 
 def test_static_fp8_mla_projections_keep_their_own_scales(tmp_path):

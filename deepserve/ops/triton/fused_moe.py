@@ -20,10 +20,13 @@ W8A8: each 128-wide slice of an activation row is quantised to e4m3 with its own
 (per-token-group quantisation, as DeepSeek-V3's inference does), the product runs on fp8
 tensor cores, and both scales are applied to the partial sums. Large batches quantise each
 row once beforehand (`_quant_rows`); small ones in registers inside the GEMMs, saving two
-launches where the weights' bytes dominate.
+launches where the weights' bytes dominate. A checkpoint's static activation scales (one for
+the gate/up input, one for the down input) quantise the rows beforehand instead, every group
+of a row taking the one scale (`_static_rows`), so the kernels run unchanged.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,8 +34,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from deepserve.ops.moe import check_shared_experts
+from deepserve.ops.moe import check_shared_experts, check_static_scales
 from deepserve.ops.moe import fused_moe as fused_moe_torch
+from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
 from deepserve.ops.registry import register
 from deepserve.ops.triton.activation import silu_and_mul
@@ -291,20 +295,26 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
-              shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
+              a2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
     experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
     two launches; beside the sorted path an MLP of their own (it streams its weights once
     there; fp8 shared weights: the block-fp8 linear the dense layer runs) whose rows the slot
-    sum adds."""
+    sum adds. fp8 experts with static activation scales (`a13_scale` / `a2_scale`) take the
+    sorted path at any batch, its rows quantised beforehand with the one scale (the small
+    path's kernels quantise per group, or not at all)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+    check_static_scales(fp8, a13_scale, a2_scale, shared_w13)
     shared = dict(shared_w13=shared_w13, shared_w2=shared_w2, shared_w13_scale=shared_w13_scale,
                   shared_w2_scale=shared_w2_scale)
+    static = a13_scale is not None
     if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
-        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
+        return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+                               a13_scale=a13_scale, a2_scale=a2_scale, **shared)
     top_k = topk_ids.shape[1]
-    if num_tokens and use_small_path(num_tokens, top_k, num_experts):
+    if num_tokens and use_small_path(num_tokens, top_k, num_experts) and not static:
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
     add = None
     if shared_w13 is not None and fp8:
@@ -312,14 +322,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         add = fp8_block_linear(act, shared_w2, shared_w2_scale)
     elif shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
         add = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
-    return _fused_moe_sorted(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add)
+    return _fused_moe_sorted(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add,
+                             (a13_scale, a2_scale) if static else None)
+
+
+def _static_rows(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scales per 128-column group) of the rows of x [R, C] quantised with
+    one static scale: `_quant_rows`' layout, every group holding that scale."""
+    groups = cdiv(x.shape[1], FP8_BLOCK)
+    return quant_fp8_static(x, scale), scale.float().reshape(1, 1).expand(x.shape[0], groups).contiguous()
 
 
 def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
-                      add: Optional[torch.Tensor]) -> torch.Tensor:
+                      add: Optional[torch.Tensor],
+                      static: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """`fused_moe` over tokens sorted by expert (grouped GEMMs), plus `add` [T, D] (the shared
-    experts' output) in the slot sum when given."""
+    experts' output) in the slot sum when given; fp8 with `static` (a13_scale, a2_scale): the
+    rows quantised beforehand with those scales."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     top_k = topk_ids.shape[1]
     out = torch.empty_like(x)
@@ -341,16 +361,18 @@ def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     gu, dn = {**common, **gu}, {**common, **dn}
     # fp8: activation rows quantised once by a separate pass where the row blocks are large
     # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
-    prequant = fp8 and prequant
+    prequant = fp8 and (prequant or static is not None)
     if tma is None:
         tma = _tma_weights(w13) and _tma_weights(w2)
-    a, a_s = _quant_rows(x) if prequant else (x, x)
+    quant = _quant_rows if static is None else functools.partial(_static_rows, scale=static[0])
+    a, a_s = quant(x) if prequant else (x, x)
     w13_desc = _weight_arg(w13, tma, gu["BLOCK_N"], gu["BLOCK_K"])
     _gate_up_kernel[(num_m * cdiv(inter, gu["BLOCK_N"]),)](
         a, a_s, w13, w13_desc, w13_scale if fp8 else w13, aligned.sorted_ids, aligned.block_expert, act,
         a.stride(0), a_s.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *s13, act.stride(0),
         n_assign, inter, hidden, num_experts, num_m, TOP_K=top_k, A_FP8=prequant, W_TMA=tma, **gu)
-    h, h_s = _quant_rows(act) if prequant else (act, act)
+    quant = _quant_rows if static is None else functools.partial(_static_rows, scale=static[1])
+    h, h_s = quant(act) if prequant else (act, act)
     w2_desc = _weight_arg(w2, tma, dn["BLOCK_N"], dn["BLOCK_K"])
     _down_kernel[(num_m * cdiv(hidden, dn["BLOCK_N"]),)](
         h, h_s, w2, w2_desc, w2_scale if fp8 else w2, aligned.sorted_ids, aligned.block_expert, y,
