@@ -7,7 +7,10 @@ kv_b_proj = [W_UK; W_UV] per head, a head's key is [W_UK c_kv | k_pe] and its va
 
 - Prefill sequences (chunks of any length, context > 0 on chunked prefill or prefix hits)
   gather their whole latent from the pool, expand k_nope / v through kv_b_proj and run
-  ordinary causal attention (`ops.paged_attention` over temporary expanded blocks).
+  ordinary causal attention (`ops.paged_attention` over temporary expanded blocks). With an
+  fp8 pool the chunk's own tokens take their latent as computed, not its e4m3 copy: only the
+  cached context goes through the cache's rounding (vLLM's MLA prefill attends the new tokens'
+  kv_c_normed / k_pe and reads the context from the cache).
 - Decode sequences (the first `meta.num_decodes`, one token each) absorb W_UK into the query,
   q_lat = q_nope W_UK (so q_lat . c_kv = q_nope . k_nope), attend over the latent directly
   as MQA with 576-wide q/k and the first 512 dims as v, then apply W_UV to the output.
@@ -61,6 +64,27 @@ class PrefillGather:
 
 def _gather_key(first: int, block_size: int) -> tuple:
     return ("mla_prefill_gather", first, block_size)
+
+
+def chunk_rows(meta: AttentionMetadata, first: int, gather: "PrefillGather", num_rows: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """(the prefill rows [Tp], the flat row of the gathered latent buffer each one's token lies
+    at [Tp]) for the `num_rows` rows after the decodes: row j of sequence i is its token
+    seq_len_i - q_len_i + (j - start_i). Padding rows past the last sequence's tokens stand for
+    that last token (so writing them repeats its write). Made once per step, on the device."""
+    key = ("mla_chunk_rows", first, gather.block_size)
+    if key in meta.derived:
+        return meta.derived[key]
+    starts = meta.prefill_query_start_loc.long()                                  # [Bp+1]
+    dev = starts.device
+    rows = torch.minimum(torch.arange(num_rows, device=dev), starts[-1] - 1)      # [Tp]
+    seq = torch.searchsorted(starts[1:], rows, right=True)                        # [Tp] its sequence
+    q_lens = starts[1:] - starts[:-1]
+    pos = gather.seq_lens.long()[seq] - q_lens[seq] + rows - starts[seq]          # [Tp] place in the sequence
+    bs = gather.block_size
+    flat = gather.tables.long()[seq, pos // bs] * bs + pos % bs
+    meta.derived[key] = rows, flat
+    return rows, flat
 
 
 def prefill_gather_arrays(seq_lens: Sequence[int], tables: np.ndarray,
@@ -258,9 +282,11 @@ class MLAAttention(nn.Module):
                                            self.scale, 1, meta.max_seq_len, k_scale=scale, v_scale=scale)
         self.ops.mla_v_up(out_lat, w_uv, out=out)                          # [n, H, v]
 
-    def _prefill(self, q, pool, scale: float, meta: AttentionMetadata, first: int, out: torch.Tensor) -> None:
+    def _prefill(self, q, pool, scale: float, meta: AttentionMetadata, first: int, out: torch.Tensor,
+                 fresh: Optional[torch.Tensor] = None) -> None:
         """Expanded attention of sequences first.. = the ones after the decodes (their new tokens are
-        q [Tp, H, qk]) into out [Tp, H, v]."""
+        q [Tp, H, qk]) into out [Tp, H, v]. `fresh` [Tp, C + rope] (an fp8 pool): the new tokens'
+        latent as computed, which they attend instead of its e4m3 copy in the pool."""
         g = prefill_gather(meta, first, pool.shape[1])
         latent = pool.index_select(0, g.blocks)                       # [Nb, bs, 1, C + rope]
         # fp8 KV: e4m3 -> 16 bits is exact and the product rounds once, as it would in fp32
@@ -268,6 +294,9 @@ class MLAAttention(nn.Module):
             latent = latent.to(q.dtype)
         if scale != 1.0:
             latent = latent * scale
+        if fresh is not None:
+            rows, flat = chunk_rows(meta, first, g, fresh.shape[0])
+            latent.view(-1, latent.shape[-1])[flat] = fresh[rows]
         if not self.kv_b_rowwise:
             # zero the slots past each sequence's end: stale pool data must not reach a GEMM that
             # mixes rows (the attention never reads those slots' keys and values)
@@ -331,5 +360,14 @@ class MLAAttention(nn.Module):
         # the prompt rows' q_pe rotated where it lies (their k_pe's rotation is in the cache),
         # so q[n_dec:] is the prefill attention's query as it stands
         rope.rotate_(rows.pos_pre, rows.q_pe)
-        self._prefill(rows.q_pre, pool, scale, meta, n_dec, rows.out_pre)
+        fresh = None
+        if pool.dtype == torch.float8_e4m3fn:
+            # as vLLM's MLA prefill: the chunk's tokens attend their own latent as computed, only
+            # the cached context through e4m3; the same op as the cache write, into rows of q's dtype
+            n_pre = rows.q_pre.shape[0]
+            fresh = kv_a.new_empty(n_pre, 1, 1, pool.shape[-1])                 # [Tp, 1, 1, C + rope]
+            self.ops.mla_kv_write(kv_a[n_dec:], rows.pos_pre, rope.cos_sin_cache, rope.is_neox_style,
+                                  norm.weight, norm.eps, fresh, torch.arange(n_pre, device=fresh.device), kv_scale=1.0)
+            fresh = fresh.view(n_pre, -1).to(q.dtype)
+        self._prefill(rows.q_pre, pool, scale, meta, n_dec, rows.out_pre, fresh)
         return out

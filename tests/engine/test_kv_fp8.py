@@ -69,7 +69,9 @@ def test_checkpoint_kv_scales_keep_a_small_latent_in_e4m3s_range(tmp_path):
     kv_a_layernorm weight and the rope rows of kv_a_proj_with_mqa; kv_b_proj grown to match), so
     at scale 1.0 most latent values fall below e4m3's normal range (2^-6) and lose bits; with
     k_scale = 1/128 the pool holds latent * 128 and the fp8-KV logits come closer to the
-    model-dtype-KV logits of the same weights."""
+    model-dtype-KV logits of the same weights. The prompts are scored in chunks of 3 tokens, so
+    that each chunk reads its context from the fp8 cache (a chunk's own tokens attend their latent
+    unrounded)."""
     from safetensors.torch import load_file, save_file
     small = 1 / 128
     base, scaled = tmp_path / "base", tmp_path / "scaled"
@@ -94,7 +96,7 @@ def test_checkpoint_kv_scales_keep_a_small_latent_in_e4m3s_range(tmp_path):
     ref = torch.cat(LLM(str(base), **kw).prompt_logits(prompts)).float()
     kls = {}
     for name, folder in (("scale 1.0", base), ("k_scale", scaled)):
-        llm = LLM(str(folder), **kw, kv_cache_dtype="fp8")
+        llm = LLM(str(folder), **kw, kv_cache_dtype="fp8", max_num_batched_tokens=3, max_num_seqs=1)
         scales = {m.kv_scale for m in llm.engine.runner.kv_layers}
         assert scales == ({small} if name == "k_scale" else {1.0}), scales
         kls[name] = _compare(ref, torch.cat(llm.prompt_logits(prompts)).float())[1]
@@ -261,32 +263,60 @@ def test_a_query_scale_is_checked_and_left_unused_with_a_warning(tmp_path, caplo
             kv_cache_memory_bytes=1 << 20)
 
 
-def test_mla_fp8_latent_is_transformers_with_the_latent_rounded_to_e4m3(tmp_path):
-    """MLA's fp8 cache holds the latent (kv_a_layernorm's output and the roped k_pe): a tiny
-    DeepSeek-V3's fp8-KV prompt logits are transformers' with those two rounded to e4m3 (the
-    prefill reads every key, the chunk's own too, from the cache), far from the unrounded model's."""
+def test_mla_fp8_prefill_rounds_only_the_cached_context(tmp_path):
+    """MLA's fp8 cache holds the latent (kv_a_layernorm's output and the roped k_pe). As in vLLM's
+    MLA prefill, a chunk's own tokens attend their latent as computed and only the context cached
+    by earlier chunks through e4m3. Oracle, transformers chunk by chunk: the rows of the chunk
+    starting at a come from a pass whose latents at positions < a are those the earlier chunks'
+    passes computed, rounded to e4m3; a prompt in one chunk is the unrounded model's. The old
+    prefill read every key back from the cache (the chunk's own too): every latent rounded."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as md
     from tests.models.hf_reference import save_tiny_mla_moe
     save_tiny_mla_moe(tmp_path / "m")
-    prompts = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 100, 11, 54, 9], [120, 1, 77, 77, 13, 40, 6, 93]]
-    got = torch.cat(LLM(model=str(tmp_path / "m"), dtype="float32", tokenizer=TOKENIZER, kv_cache_dtype="fp8",
-                        kv_cache_memory_bytes=1 << 22).prompt_logits(prompts))
+    prompts, chunk = [[5, 17, 42, 8, 99, 3, 61, 7, 7, 123, 100, 11, 54, 9], [120, 1, 77, 77, 13]], 5
+    llm = LLM(model=str(tmp_path / "m"), dtype="float32", tokenizer=TOKENIZER, kv_cache_dtype="fp8",
+              kv_cache_memory_bytes=1 << 22, max_num_batched_tokens=chunk, max_num_seqs=1)
+    got = llm.prompt_logits(prompts)
     e4m3 = lambda t: t.float().clamp(-448, 448).to(FP8).to(t.dtype)     # noqa: E731
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
-
-    def logits():
-        with torch.no_grad():
-            return torch.cat([hf(torch.tensor([p])).logits[0] for p in prompts])
-    plain = logits()
     ropes = md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave
-    hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(lambda m, i, o: e4m3(o)) for layer in hf.model.layers]
-    try:
-        md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = (
-            (lambda q, k, *a, rope=rope, **kw: (lambda qk: (qk[0], e4m3(qk[1])))(rope(q, k, *a, **kw))) for rope in ropes)
-        rounded = logits()
-    finally:
-        md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = ropes
-        for h in hooks:
-            h.remove()
-    err, drift = (got - rounded).abs().max().item(), (got - plain).abs().max().item()
-    assert err < 1e-5 and drift > 1e-3, (err, drift)
+    seen: list[torch.Tensor] = []    # each layer's normed latent, then its roped k_pe, in call order
+
+    def run(prompt, cached: int = 0, everywhere: bool = False) -> torch.Tensor:
+        """Logits with the latents of positions < `cached` the recorded ones rounded, recording
+        this pass's latents at positions >= `cached`; `everywhere`: every latent rounded."""
+        calls = iter(range(10 ** 6))
+
+        def swap(t, dim):       # t [..., S, W], the positions on `dim`
+            if everywhere:
+                return e4m3(t)
+            i = next(calls)
+            if not cached:
+                seen.append(t.detach().clone())
+                return t
+            seen[i] = torch.cat([seen[i].narrow(dim, 0, cached), t.narrow(dim, cached, t.shape[dim] - cached)], dim)
+            return torch.cat([e4m3(seen[i].narrow(dim, 0, cached)), t.narrow(dim, cached, t.shape[dim] - cached)], dim)
+        hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(lambda m, i, o: swap(o, 1))
+                 for layer in hf.model.layers]
+        try:
+            md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = (
+                (lambda q, k, *a, rope=rope, **kw: (lambda qk: (qk[0], swap(qk[1], 2)))(rope(q, k, *a, **kw)))
+                for rope in ropes)
+            with torch.no_grad():
+                return hf(torch.tensor([prompt])).logits[0]
+        finally:
+            md.apply_rotary_pos_emb, md.apply_rotary_pos_emb_interleave = ropes
+            for h in hooks:
+                h.remove()
+
+    for prompt, logits in zip(prompts, got):
+        seen.clear()
+        plain = run(prompt)
+        want = torch.cat([plain[:chunk]] + [run(prompt, a)[a:a + chunk] for a in range(chunk, len(prompt), chunk)])
+        err = (logits - want).abs().max().item()
+        if len(prompt) <= chunk:
+            assert err < 1e-5, err
+            continue
+        old = (logits - run(prompt, everywhere=True)).abs().max().item()
+        drift = (logits - plain).abs().max().item()
+        assert err < 1e-5 and old > 1e-3 and drift > 1e-3, (err, old, drift)

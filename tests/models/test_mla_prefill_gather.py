@@ -2,7 +2,8 @@
 plain causal attention written out here: a decode row and three prompt chunks of different
 lengths in one step, two of them over a cached context longer than their new tokens, their
 blocks scattered over a pool whose other slots hold NaN; 16-bit and e4m3 pools, torch and
-Triton ops (interpreted on the CPU)."""
+Triton ops (interpreted on the CPU). With an e4m3 pool the prompt chunks attend their own
+tokens' latent as computed and the cached context's through e4m3."""
 import pytest
 import torch
 
@@ -45,16 +46,18 @@ def _meta(lens: list[tuple[int, int]], tables: torch.Tensor, num_decodes: int, h
     return meta, positions
 
 
-def _reference(attn: MLAAttention, x: torch.Tensor, pool_dtype, kv_scale: float) -> torch.Tensor:
-    """One sequence's attention output [L, D], all L tokens at once: the latent through the
-    pool's dtype and back, keys and values expanded from it, causal softmax."""
+def _reference(attn: MLAAttention, x: torch.Tensor, pool_dtype, kv_scale: float, cached: int) -> torch.Tensor:
+    """One sequence's attention output [L, D], all L tokens at once: the latent of the first
+    `cached` tokens through the pool's dtype and back (the others' as computed: a prompt chunk
+    attends its own latent unrounded, as vLLM's MLA prefill), keys and values expanded from it,
+    causal softmax."""
     L = x.shape[0]
     pos = torch.arange(L)
     q, kv_a = attn.project(x)
     kv_c = attn.kv_a_layernorm(kv_a[:, :C])
     q_pe, k_pe = attn.rotary_emb(pos, q[..., NOPE:].clone(), kv_a[:, None, C:].clone())
     latent = torch.cat((kv_c, k_pe[:, 0]), dim=-1)
-    latent = to_cache_dtype(latent, pool_dtype, kv_scale).float() * kv_scale
+    latent[:cached] = to_cache_dtype(latent[:cached], pool_dtype, kv_scale).float() * kv_scale
     kv = attn.kv_b_proj(latent[:, :C]).view(L, H, NOPE + V)
     k = torch.cat((kv[..., :NOPE], latent[:, None, C:].expand(L, H, ROPE)), dim=-1)
     qf = torch.cat((q[..., :NOPE], q_pe), dim=-1)
@@ -88,7 +91,9 @@ def test_prefill_over_cached_context_matches_plain_attention(backend, fp8):
         attn(pos, torch.cat([xs[b][:s] for b, s in ctx]), meta)
         meta, pos = _meta(SEQS, tables, num_decodes=1)
         got = attn(pos, torch.cat([x[s:] for x, (s, _) in zip(xs, SEQS)]), meta)
-        want = torch.cat([_reference(attn, x, dtype, attn.pool_scale(pool))[s:] for x, (s, _) in zip(xs, SEQS)])
+        # the decode row reads its own latent from the pool too; the prompt chunks their context only
+        want = torch.cat([_reference(attn, x, dtype, attn.pool_scale(pool), s + n if b == 0 else s)[s:]
+                          for b, (x, (s, n)) in enumerate(zip(xs, SEQS))])
     assert torch.isfinite(got).all()
     # fp8: the Triton decode kernel also rounds the decode row's query to e4m3
     assert_close_rel(got, want, rtol=3e-2 if fp8 and backend == "triton" else 1e-4)
