@@ -15,7 +15,11 @@ w2_weight_scale_inv [E, ceil(D/128), I/128], the layout the fp8 fused-MoE kernel
 stay fp8 in memory; the torch op dequantizes one expert at a time per call. A rank's slice of
 I must fall on the 128-block grid, so gate and up blocks stack and TP shards keep whole blocks.
 A float checkpoint tensor (BF16 folder with `--quantization fp8`, random weights) is quantized
-here with the converter's rule (quant/fp8.py) before slicing.
+here with the converter's rule (quant/fp8.py) before slicing. compressed-tensors FP8 "channel"
+experts keep one scale a row instead, w13_weight_scale_inv [E, 2I, 1] / w2_weight_scale_inv
+[E, D, 1] (vLLM's per-channel fused MoE): any slice of I, no padding; with the checkpoint's
+static activation scales (`use_fp8(static_input=True)`) each GEMM's input is quantized with the
+largest of the layer's experts' scales.
 
 Parallelism (DESIGN invariant 5): with expert parallelism (ep_size > 1) a rank holds the
 E/ep_size experts `[ep_rank * E_local, ...)` whole, tokens routed elsewhere contribute zero
@@ -81,13 +85,16 @@ class Fp8Experts:
     """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`); with `static_input`,
     activations quantised with the checkpoint's static input scales (the layer's largest)."""
 
-    def __init__(self, static_input: bool = False):
+    def __init__(self, static_input: bool = False, per_channel: bool = False):
         self.static_input = static_input
+        self.per_channel = per_channel      # one scale a row (compressed-tensors 'channel')
 
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, **shared) -> torch.Tensor:
         """`shared`: the shared-expert weights (e4m3, with scales) ops.fused_moe adds."""
         static = dict(a13_scale=moe.a13_scale, a2_scale=moe.a2_scale) if self.static_input else {}
+        if self.per_channel:
+            static["per_channel_weights"] = True
         return moe.ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
                                  w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv,
                                  **static, **shared)
@@ -142,12 +149,15 @@ class FusedMoE(nn.Module):
         loading; `static_input`: with the checkpoint's static activation scales, one a matrix
         (`experts.{e}.{gate,up,down}_proj.input_scale`), kept for every expert of the layer (a
         few floats) so that each EP rank quantises with the layer's largest, as one rank does."""
-        if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+        per_channel = tuple(block) == (1, FP8_BLOCK)
+        if tuple(block) != (FP8_BLOCK, FP8_BLOCK) and not per_channel:
             raise ValueError(f"fp8 experts need {FP8_BLOCK}x{FP8_BLOCK} scale blocks (the fused-MoE "
-                             f"kernels' grid), got {block[0]}x{block[1]} (weight_block_size, or 1x128 for a "
-                             f"compressed-tensors FP8 'channel' strategy)")
+                             f"kernels' grid) or one scale a row (1x{FP8_BLOCK}: compressed-tensors FP8 "
+                             f"'channel'), got {block[0]}x{block[1]} (weight_block_size)")
         e, i, d = self.num_local_experts, self.local_intermediate, self.hidden_size
-        if i % FP8_BLOCK and self.inter_start == 0 and i == self.intermediate_size:
+        if per_channel:
+            pass        # one scale a row: any slice of I, no padding
+        elif i % FP8_BLOCK and self.inter_start == 0 and i == self.intermediate_size:
             # whole experts on this rank: pad I with zero rows/columns to the block grid, so the
             # up rows' scales start on a block of their own (silu(0) * 0 adds nothing)
             i = -(-i // FP8_BLOCK) * FP8_BLOCK
@@ -167,14 +177,18 @@ class FusedMoE(nn.Module):
         del self.w13_weight, self.w2_weight
         self.w13_weight = param(e, 2 * i, d, dtype=FP8_DTYPE)
         self.w2_weight = param(e, d, i, dtype=FP8_DTYPE)
-        self.w13_weight_scale_inv = param(e, 2 * kb_i, kb_d, dtype=torch.float32)
-        self.w2_weight_scale_inv = param(e, kb_d, kb_i, dtype=torch.float32)
+        if per_channel:     # [E, N, 1]: one scale a row of each expert matrix
+            self.w13_weight_scale_inv = param(e, 2 * i, 1, dtype=torch.float32)
+            self.w2_weight_scale_inv = param(e, d, 1, dtype=torch.float32)
+        else:
+            self.w13_weight_scale_inv = param(e, 2 * kb_i, kb_d, dtype=torch.float32)
+            self.w2_weight_scale_inv = param(e, kb_d, kb_i, dtype=torch.float32)
         for p in (self.w13_weight, self.w2_weight):
             p.quantize_on_load = True     # takes float tensors too (init_dummy_weights, --quantization)
         if static_input:    # [E, 2]: gate, up of each expert; [E, 1]: down
             self.w13_input_scale = param(self.num_experts, 2, dtype=torch.float32)
             self.w2_input_scale = param(self.num_experts, 1, dtype=torch.float32)
-        self.quant, self.fp8 = Fp8Experts(static_input), True
+        self.quant, self.fp8 = Fp8Experts(static_input, per_channel), True
 
     def dummy_shards(self):
         """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""
@@ -215,7 +229,8 @@ class FusedMoE(nn.Module):
             if tuple(loaded.shape) != expected or not loaded.is_floating_point():
                 raise ValueError(f"tensor {name} expert {expert} {part}: checkpoint {loaded.dtype} "
                                  f"{tuple(loaded.shape)} does not fit the model's fp8 {expected}")
-            q, scale = quant_fp8_block(loaded.to(param.device))    # the whole tensor, then shard
+            row_block = (1, loaded.shape[1]) if self.quant.per_channel else (FP8_BLOCK, FP8_BLOCK)
+            q, scale = quant_fp8_block(loaded.to(param.device), row_block)    # the whole tensor, then shard
             self.weight_loader(param, q, shard_id)
             target = self.w2_weight_scale_inv if part == "w2" else self.w13_weight_scale_inv
             self._load_scale(target, scale, local, expert, part, expected)
@@ -266,6 +281,9 @@ class FusedMoE(nn.Module):
                     weight_shape: tuple[int, int]) -> None:
         """One expert's block scales [ceil(N/128), ceil(K/128)] -> this rank's blocks of the stack."""
         name = getattr(param, "param_name", "?")
+        if self.quant.per_channel:
+            self._load_row_scale(param, loaded, local, expert, part, weight_shape)
+            return
         grid = tuple(-(-n // FP8_BLOCK) for n in weight_shape)
         if tuple(loaded.shape) != grid:
             raise ValueError(f"tensor {name} expert {expert} {part}: scale shape {tuple(loaded.shape)} does "
@@ -282,6 +300,30 @@ class FusedMoE(nn.Module):
         else:
             offset = 0 if part == "w1" else self.stored_intermediate // FP8_BLOCK
             param.data[local].narrow(0, offset, kb).copy_(loaded.narrow(0, kb_start, kb))
+        param.filled = True
+
+    def _load_row_scale(self, param: nn.Parameter, loaded: torch.Tensor, local: int, expert: int, part: str,
+                        weight_shape: tuple[int, int]) -> None:
+        """One expert's per-row scales ([N, 1], or row-expanded [N, ceil(K/128)] alike along the
+        row) -> this rank's rows of the [E, N, 1] stack."""
+        name = getattr(param, "param_name", "?")
+        n, k = weight_shape
+        if loaded.dim() != 2 or loaded.shape[0] != n or loaded.shape[1] not in (1, -(-k // FP8_BLOCK)):
+            raise ValueError(f"tensor {name} expert {expert} {part}: scale shape {tuple(loaded.shape)} does not "
+                             f"match a {n}x{k} weight with one scale a row ({n}, 1)")
+        loaded = loaded.to(param.device, torch.float32)
+        if not valid_scales(loaded):
+            raise ValueError(f"tensor {name} expert {expert} {part}: scale_inv has non-finite or "
+                             f"non-positive values")
+        if not bool((loaded == loaded[:, :1]).all()):
+            raise ValueError(f"tensor {name} expert {expert} {part}: 1x{FP8_BLOCK} scales that differ along a "
+                             f"row; fp8 experts take one scale a row or {FP8_BLOCK}x{FP8_BLOCK} blocks")
+        rows = loaded[:, :1]
+        i, start = self.local_intermediate, self.inter_start
+        if part == "w2":
+            param.data[local].copy_(rows)
+        else:
+            param.data[local].narrow(0, 0 if part == "w1" else self.stored_intermediate, i).copy_(rows.narrow(0, start, i))
         param.filled = True
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -28,6 +28,9 @@ dequantised weights.) A checkpoint with static activation scales (compressed-ten
 dynamic=false on the experts, AutoFP8's activation_scheme static) gives `a13_scale` /
 `a2_scale`, one value each (vLLM's a1 / a2 scales: the largest of the layer's experts'), and
 the two GEMMs' inputs are quantised with them: e4m3(clamp(x / s, -448, 448)), the format's rule.
+`per_channel_weights`: one scale a weight row instead of a 128x128 block (compressed-tensors
+FP8 'channel' experts, RedHatAI's *-FP8-dynamic MoE releases), the activations quantised per
+token group as above.
 
 `shared_w13` [2*Is, D] / `shared_w2` [D, Is] add DeepSeek's shared experts: one more SwiGLU
 expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
@@ -109,8 +112,11 @@ def expert_batches(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exper
         yield expert, slots // top_k, topk_weights.reshape(-1)[slots].float()
 
 
-def _dequant(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """One expert's e4m3 weight [N, K] with its per-128x128 scale_inv, in fp32."""
+def _dequant(weight: torch.Tensor, scale_inv: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """One expert's e4m3 weight [N, K] with its per-128x128 scale_inv (per_channel: [N, 1], one
+    a row), in fp32."""
+    if per_channel:
+        return weight.float() * scale_inv.float()
     n, k = weight.shape
     scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
     return weight.float() * scale
@@ -126,14 +132,14 @@ def _fake_quant(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> torch.
 
 
 def _expert_linear(a: torch.Tensor, weight: torch.Tensor, scale_inv: Optional[torch.Tensor],
-                   a_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   a_scale: Optional[torch.Tensor] = None, per_channel: bool = False) -> torch.Tensor:
     """a [n, K] times one expert's weight [N, K]^T -> [n, N] in a's dtype: 16-bit weights as
     F.linear; e4m3 ones as the fp8 kernels compute, the activations quantised (per token per
     128-group, or with the static `a_scale`) and the product of the dequantised operands
     summed in fp32."""
     if scale_inv is None:
         return F.linear(a, weight)
-    return (_fake_quant(a, a_scale) @ _dequant(weight, scale_inv).t()).to(a.dtype)
+    return (_fake_quant(a, a_scale) @ _dequant(weight, scale_inv, per_channel).t()).to(a.dtype)
 
 
 @register("fused_moe", "torch")
@@ -142,15 +148,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
               shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
-              a2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j],
     plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given.
     `a13_scale` / `a2_scale` (fp8 experts, one fp32 value each): static activation scales of the
-    gate/up and down GEMMs' inputs, used instead of per-token-group ones."""
+    gate/up and down GEMMs' inputs, used instead of per-token-group ones. `per_channel_weights`:
+    w13_scale [E, 2I, 1] / w2_scale [E, D, 1] hold one scale a row (compressed-tensors 'channel')."""
     check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     check_static_scales(w13_scale is not None, a13_scale, a2_scale, shared_w13)
+    check_row_scales(x, w13, w2, w13_scale, w2_scale, per_channel_weights, shared_w13)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1).long()                        # [T*k]
@@ -168,13 +176,29 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         rows = token_of[start:start + count]
         s13 = None if w13_scale is None else w13_scale[expert]
         s2 = None if w2_scale is None else w2_scale[expert]
-        gate, up = _expert_linear(x[rows], w13[expert], s13, a13_scale).chunk(2, dim=-1)   # [n, I] each
-        y = _expert_linear(F.silu(gate) * up, w2[expert], s2, a2_scale)                   # [n, D]
+        gate, up = _expert_linear(x[rows], w13[expert], s13, a13_scale, per_channel_weights).chunk(2, dim=-1)
+        y = _expert_linear(F.silu(gate) * up, w2[expert], s2, a2_scale, per_channel_weights)    # [n, D]
         out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
         start += count
     if shared_w13 is None:
         return out.to(x.dtype)
     return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+
+
+def check_row_scales(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor],
+                     w2_scale: Optional[torch.Tensor], per_channel: bool, shared_w13: Optional[torch.Tensor]) -> None:
+    """Per-row weight scales: fp8 experts only, [E, N, 1] for each weight [E, N, K], no shared
+    experts folded in."""
+    if not per_channel:
+        return
+    if w13_scale is None:
+        raise ValueError("fused_moe per_channel_weights is for fp8 experts (w13_scale / w2_scale) only")
+    for name, w, s in (("w13_scale", w13, w13_scale), ("w2_scale", w2, w2_scale)):
+        if tuple(s.shape) != (*w.shape[:2], 1):
+            raise ValueError(f"fused_moe {name} {tuple(s.shape)} does not hold one scale a row of "
+                             f"{tuple(w.shape)} (want {(*w.shape[:2], 1)})")
+    if shared_w13 is not None:
+        raise ValueError("fused_moe shared experts do not fold into experts with per-row scales")
 
 
 def check_static_scales(fp8_experts: bool, a13_scale: Optional[torch.Tensor], a2_scale: Optional[torch.Tensor],

@@ -7,8 +7,9 @@ Such a checkpoint stores each quantized Linear as an e4m3 `weight` [N, K] with a
 Every strategy is a special case of the row-expanded block scales the fp8 Linear holds
 ([N, ceil(K/128)]): "channel" loads as blocks of (1, 128), every block of a row holding that
 row's scale, and "tensor" as 128x128 blocks all holding the one scale, so the weights stay e4m3
-and run through the same fp8 GEMM. Routed experts need 128x128 blocks (the fused-MoE kernels'
-grid): "tensor" and "block" checkpoints load them, "channel" ones are refused.
+and run through the same fp8 GEMM. Routed experts keep 128x128 blocks (the fused-MoE kernels'
+grid: "tensor" and "block" checkpoints) or, for "channel" ones, one scale a row of each expert
+matrix (layers/moe.py; the same kernels, their scales read per row).
 Activations: dynamic (per token, quantized by the GEMM per 128-wide group, a finer grid than the
 checkpoint's per-token scheme), none (W8A16: `weight_only`, the weight dequantized per call and
 the activations kept in the model dtype, as vLLM's CompressedTensorsW8A16Fp8) or static: one
@@ -82,8 +83,8 @@ def ct_fp8_scheme(qc: dict) -> Optional[CtFp8Scheme]:
             raise ValueError(f"{where}: 'block' weights with static activations (dynamic=False) are not "
                              f"supported (nor by vLLM): block FP8 runs with dynamic activations")
         return CtFp8Scheme(strategy, block, weight_only=not a)
-    # one scale a row ("channel") needs row-high blocks; one for the tensor fills any grid, so
-    # DeepSeek's (the only one the fused-MoE kernels read: routed experts load too)
+    # one scale a row ("channel") needs row-high blocks (routed experts keep it per row); one for
+    # the tensor fills any grid, so DeepSeek's (routed experts load on the 128x128 grid)
     return CtFp8Scheme(strategy, (1, 128) if strategy == "channel" else (128, 128), weight_only=not a,
                        static_input=static)
 

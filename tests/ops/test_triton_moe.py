@@ -120,6 +120,30 @@ def test_fused_moe_fp8_static_scales(triton_ops, cpu_only, tokens):
         resolve("fused_moe", "triton")[1](*args, **kwargs, a13_scale=static["a13_scale"])
 
 
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_fused_moe_fp8_row_scales(triton_ops, cpu_only, monkeypatch, tokens):
+    """fp8 weights with one scale a row (compressed-tensors 'channel': scales [E, N, 1]) on the
+    sorted kernels at any batch, I 136 not on the 128-row grid: equal to the torch op to fp32
+    rounding where the rows are quantised by torch's rule (the interpreter's e4m3 cast is not
+    the GPU's), with the in-kernel quantisation within its error; a wrong row's scale is far off."""
+    from deepserve.ops.quant import quant_fp8_per_token_group
+    from deepserve.ops.triton import fused_moe as fm
+    from deepserve.ops.triton.launch_config import trying
+    args, _ = moe_inputs(tokens, 256, 136, 4, 2, torch.float32, fp8=True)
+    g = torch.Generator().manual_seed(5)
+    rows = dict(w13_scale=torch.rand(4, 272, 1, generator=g) / 64 + 0.005,
+                w2_scale=torch.rand(4, 256, 1, generator=g) / 64 + 0.005)
+    want = resolve("fused_moe", "torch")[1](*args, **rows, per_channel_weights=True)
+    with monkeypatch.context() as m, trying("fused_moe", [{"set": {"PREQUANT": True}}]):
+        m.setattr(fm, "_quant_rows", quant_fp8_per_token_group)
+        assert rel_err(fm.fused_moe(*args, **rows, per_channel_weights=True), want) < 1e-6
+    assert rel_err(fm.fused_moe(*args, **rows, per_channel_weights=True), want) < 0.15
+    wrong = dict(rows, w2_scale=rows["w2_scale"].flip(1))
+    assert rel_err(fm.fused_moe(*args, **wrong, per_channel_weights=True), want) > 0.3
+    with pytest.raises(ValueError, match=r"w13_scale \(4, 272, 2\) does not hold one scale a row"):
+        fm.fused_moe(*args, **dict(rows, w13_scale=rows["w13_scale"].expand(4, 272, 2)), per_channel_weights=True)
+
+
 @pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}],
                          ids=lambda o: str(o["GROUP_M"]))
 def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, over):

@@ -93,6 +93,41 @@ def test_static_input_scales_take_the_layers_largest_on_every_rank(pctx):
         moe.weight_loader(moe.w13_input_scale, torch.ones(2), (2, "w1"))
 
 
+@pytest.mark.parametrize("pctx", [None, ParallelContext(tp_rank=1, tp_size=2), ParallelContext(ep_rank=1, ep_size=2)],
+                         ids=["one", "tp", "ep"])
+def test_per_channel_experts_keep_one_scale_a_row(pctx):
+    """compressed-tensors FP8 'channel' experts (one scale a weight row, as the loader renames
+    them: row-expanded [N, ceil(K/128)]): e4m3 with [E, N, 1] scales, a TP rank's rows of I (any
+    slice: no 128-row grid), and the op W8A8 over the exact dequantisation; scales that differ
+    along a row are refused naming the expert."""
+    g = torch.Generator().manual_seed(0)
+    ckpt = {(e, part): quant_fp8_block(torch.randn(shape, generator=g) * 0.05, (1, shape[1]))
+            for e in range(E) for part, shape in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I)))}
+    moe = FusedMoE(E, D, I, torch.float32, pctx)
+    moe.use_fp8((1, 128))
+    for (e, part), (q, s) in ckpt.items():
+        weight = moe.w2_weight if part == "w2" else moe.w13_weight
+        scale = moe.w2_weight_scale_inv if part == "w2" else moe.w13_weight_scale_inv
+        moe.weight_loader(weight, q, (e, part))
+        moe.weight_loader(scale, s.expand(-1, -(-q.shape[1] // 128)), (e, part))
+    i, e0 = moe.local_intermediate, moe.first_expert
+    rows = slice(moe.inter_start, moe.inter_start + i)
+    deq = {k: q.float() * s for k, (q, s) in ckpt.items()}
+    w13 = torch.stack([torch.cat((deq[e, "w1"][rows], deq[e, "w3"][rows])) for e in range(e0, e0 + moe.num_local_experts)])
+    w2 = torch.stack([deq[e, "w2"][:, rows] for e in range(e0, e0 + moe.num_local_experts)])
+    assert tuple(moe.w13_weight_scale_inv.shape) == (moe.num_local_experts, 2 * i, 1)
+    assert torch.equal(moe.w13_weight.float() * moe.w13_weight_scale_inv, w13)
+    x = torch.randn(6, D, generator=g)
+    ids = torch.randint(0, moe.num_local_experts, (6, 2), generator=g, dtype=torch.int32)
+    w = torch.rand(6, 2, generator=g)
+    got = moe.run_experts(x, w, ids)
+    torch.testing.assert_close(got, w8a8_reference(x, w13, w2, w, ids), rtol=1e-5, atol=1e-6)
+    q, s = ckpt[e0 + 1, "w2"]
+    bad = torch.cat([s, s * 2], dim=1)
+    with pytest.raises(ValueError, match=rf"expert {e0 + 1} w2: 1x128 scales that differ along a row"):
+        moe.weight_loader(moe.w2_weight_scale_inv, bad, (e0 + 1, "w2"))
+
+
 def fake_quant(x: torch.Tensor) -> torch.Tensor:
     """Rows of x quantised to e4m3 per 128-group (scale amax / 448) and back, float64."""
     from deepserve.ops.quant import quant_fp8_per_token_group

@@ -22,7 +22,9 @@ tensor cores, and both scales are applied to the partial sums. Large batches qua
 row once beforehand (`_quant_rows`); small ones in registers inside the GEMMs, saving two
 launches where the weights' bytes dominate. A checkpoint's static activation scales (one for
 the gate/up input, one for the down input) quantise the rows beforehand instead, every group
-of a row taking the one scale (`_static_rows`), so the kernels run unchanged.
+of a row taking the one scale (`_static_rows`), so the kernels run unchanged. Weights with one
+scale a row (compressed-tensors FP8 'channel', scales [E, N, 1]) run the same kernels with
+ROW_SCALES, which index the scales by weight row instead of by 128-row block.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from deepserve.ops.moe import check_shared_experts, check_static_scales
+from deepserve.ops.moe import check_row_scales, check_shared_experts, check_static_scales
 from deepserve.ops.moe import fused_moe as fused_moe_torch
 from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
@@ -126,7 +128,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
                     n_assign, inter, hidden, n_experts, num_m,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr):
+                    DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -159,8 +161,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
                 else:
                     a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 s_base = ws_ptr + expert * ws_se + kb * ws_sk
-                sg = tl.load(s_base + (offs_n // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
-                su = tl.load(s_base + ((offs_n + inter) // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
+                if ROW_SCALES:    # one scale a weight row (ws_sk 0: the same at every k)
+                    sg = tl.load(s_base + offs_n * ws_sn, mask=n_ok, other=0.0)
+                    su = tl.load(s_base + (offs_n + inter) * ws_sn, mask=n_ok, other=0.0)
+                else:
+                    sg = tl.load(s_base + (offs_n // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
+                    su = tl.load(s_base + ((offs_n + inter) // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
                 acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
                 acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
             else:
@@ -185,7 +191,7 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_
                  n_assign, hidden, inter, n_experts, num_m,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr):
+                 DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -209,8 +215,8 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_
                     a_s = tl.load(hs_ptr + safe_rows * hs_stride + k0 // BLOCK_K, mask=row_ok, other=1.0)
                 else:
                     a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
-                s = tl.load(ws_ptr + expert * ws_se + (k0 // BLOCK_K) * ws_sk + (offs_n // BLOCK_K) * ws_sn,
-                            mask=n_ok, other=0.0)
+                s_rows = offs_n if ROW_SCALES else offs_n // BLOCK_K     # a scale a row, or a block's
+                s = tl.load(ws_ptr + expert * ws_se + (k0 // BLOCK_K) * ws_sk + s_rows * ws_sn, mask=n_ok, other=0.0)
                 acc += tl.dot(a_q, w) * a_s[:, None] * s[None, :]
             else:
                 acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
@@ -296,25 +302,29 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
               shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
-              a2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
     experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
     two launches; beside the sorted path an MLP of their own (it streams its weights once
     there; fp8 shared weights: the block-fp8 linear the dense layer runs) whose rows the slot
     sum adds. fp8 experts with static activation scales (`a13_scale` / `a2_scale`) take the
     sorted path at any batch, its rows quantised beforehand with the one scale (the small
-    path's kernels quantise per group, or not at all)."""
+    path's kernels quantise per group, or not at all). fp8 weights with one scale a row
+    (`per_channel_weights`, scales [E, N, 1]) take the sorted path too, its kernels reading a
+    scale per weight row instead of per 128-row block."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     check_static_scales(fp8, a13_scale, a2_scale, shared_w13)
+    check_row_scales(x, w13, w2, w13_scale, w2_scale, per_channel_weights, shared_w13)
     shared = dict(shared_w13=shared_w13, shared_w2=shared_w2, shared_w13_scale=shared_w13_scale,
                   shared_w2_scale=shared_w2_scale)
     static = a13_scale is not None
     if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
         return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
-                               a13_scale=a13_scale, a2_scale=a2_scale, **shared)
+                               a13_scale=a13_scale, a2_scale=a2_scale, per_channel_weights=per_channel_weights,
+                               **shared)
     top_k = topk_ids.shape[1]
-    if num_tokens and use_small_path(num_tokens, top_k, num_experts) and not static:
+    if num_tokens and use_small_path(num_tokens, top_k, num_experts) and not static and not per_channel_weights:
         return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
     add = None
     if shared_w13 is not None and fp8:
@@ -323,7 +333,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     elif shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
         add = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
     return _fused_moe_sorted(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add,
-                             (a13_scale, a2_scale) if static else None)
+                             (a13_scale, a2_scale) if static else None, per_channel_weights)
 
 
 def _static_rows(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,10 +346,11 @@ def _static_rows(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
 def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
                       add: Optional[torch.Tensor],
-                      static: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                      static: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                      row_scales: bool = False) -> torch.Tensor:
     """`fused_moe` over tokens sorted by expert (grouped GEMMs), plus `add` [T, D] (the shared
     experts' output) in the slot sum when given; fp8 with `static` (a13_scale, a2_scale): the
-    rows quantised beforehand with those scales."""
+    rows quantised beforehand with those scales; `row_scales`: weight scales [E, N, 1]."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     top_k = topk_ids.shape[1]
     out = torch.empty_like(x)
@@ -354,10 +365,11 @@ def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     x = unit_last(x)
     act = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(n_assign, hidden, dtype=x.dtype, device=x.device)
-    s13 = w13_scale.stride() if fp8 else (0, 0, 0)
-    s2 = w2_scale.stride() if fp8 else (0, 0, 0)
+    # a row's one scale read at every k step: stride 0 along K
+    s13 = (*w13_scale.stride()[:2], 0 if row_scales else w13_scale.stride(2)) if fp8 else (0, 0, 0)
+    s2 = (*w2_scale.stride()[:2], 0 if row_scales else w2_scale.stride(2)) if fp8 else (0, 0, 0)
     num_m = aligned.num_blocks
-    common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype))
+    common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype), ROW_SCALES=row_scales)
     gu, dn = {**common, **gu}, {**common, **dn}
     # fp8: activation rows quantised once by a separate pass where the row blocks are large
     # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
