@@ -41,7 +41,7 @@ from torch import nn
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, divide, single_process
 from deepserve.layers import moe_exchange
-from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX, quant_fp8_block, valid_scales
+from deepserve.quant.fp8 import FP8_DTYPE, FP8_MAX, checked_scale_inv, quant_fp8_block, valid_scales
 
 # checkpoint projection name -> (stacked parameter, which part of it)
 EXPERT_SHARDS = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"),
@@ -289,10 +289,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"tensor {name} expert {expert} {part}: scale shape {tuple(loaded.shape)} does "
                              f"not match a {weight_shape[0]}x{weight_shape[1]} weight in {FP8_BLOCK}x"
                              f"{FP8_BLOCK} blocks {grid}")
-        loaded = loaded.to(param.device, torch.float32)
-        if not valid_scales(loaded):
-            raise ValueError(f"tensor {name} expert {expert} {part}: scale_inv has non-finite or "
-                             f"non-positive values")
+        loaded = checked_scale_inv(loaded, param.device, f"tensor {name} expert {expert} {part}")
         # this rank's blocks of I (whole blocks: use_fp8 checked or padded)
         kb, kb_start = -(-self.local_intermediate // FP8_BLOCK), self.inter_start // FP8_BLOCK
         if part == "w2":
@@ -311,10 +308,7 @@ class FusedMoE(nn.Module):
         if loaded.dim() != 2 or loaded.shape[0] != n or loaded.shape[1] not in (1, -(-k // FP8_BLOCK)):
             raise ValueError(f"tensor {name} expert {expert} {part}: scale shape {tuple(loaded.shape)} does not "
                              f"match a {n}x{k} weight with one scale a row ({n}, 1)")
-        loaded = loaded.to(param.device, torch.float32)
-        if not valid_scales(loaded):
-            raise ValueError(f"tensor {name} expert {expert} {part}: scale_inv has non-finite or "
-                             f"non-positive values")
+        loaded = checked_scale_inv(loaded, param.device, f"tensor {name} expert {expert} {part}")
         if not bool((loaded == loaded[:, :1]).all()):
             raise ValueError(f"tensor {name} expert {expert} {part}: 1x{FP8_BLOCK} scales that differ along a "
                              f"row; fp8 experts take one scale a row or {FP8_BLOCK}x{FP8_BLOCK} blocks")

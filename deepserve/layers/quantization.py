@@ -45,7 +45,7 @@ from deepserve.ops.quant import FP8_GROUP
 from deepserve.layers.moe import DUMMY_INPUT_AMAX
 from deepserve.layers.linear import (ColumnParallelLinear, LinearBase, QKVParallelLinear,
                                      RowParallelLinear, UnquantizedLinearMethod, check_shape)
-from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, quant_fp8_block, valid_scales
+from deepserve.quant.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, checked_scale_inv, quant_fp8_block, valid_scales
 from deepserve.quant.int8 import quant_int8_per_channel
 from deepserve.quant.policy import high_precision_reason
 
@@ -218,10 +218,7 @@ class Fp8BlockLinearMethod(_QuantizedLinearMethod):
         if tuple(loaded.shape) != grid:
             raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale shape {tuple(loaded.shape)} "
                              f"does not match a {rows}x{cols} weight in {bn}x{bk} blocks {grid}")
-        loaded = loaded.to(param.device, torch.float32)
-        if not valid_scales(loaded):
-            raise ValueError(f"tensor {getattr(param, 'param_name', '?')}: scale_inv has non-finite or "
-                             f"non-positive values")
+        loaded = checked_scale_inv(loaded, param.device, f"tensor {getattr(param, 'param_name', '?')}")
         expanded = loaded.repeat_interleave(bn, 0)[:rows]                   # [rows, Kb]
         if isinstance(layer, RowParallelLinear) and self.k_uniform:
             if not bool((expanded == expanded[:, :1]).all()):

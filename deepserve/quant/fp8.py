@@ -68,6 +68,15 @@ def valid_scales(scale_inv: torch.Tensor) -> bool:
     return bool(torch.isfinite(scale_inv).all()) and bool((scale_inv > 0).all())
 
 
+def checked_scale_inv(loaded: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """A checkpoint's scale_inv as fp32 on `device`; a non-finite or non-positive value is
+    refused naming `what` (the tensor, and the expert where there is one)."""
+    loaded = loaded.to(device, torch.float32)
+    if not valid_scales(loaded):
+        raise ValueError(f"{what}: scale_inv has non-finite or non-positive values")
+    return loaded
+
+
 def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
                       block: tuple[int, int] = DEFAULT_BLOCK,
                       out_dtype: torch.dtype = torch.bfloat16,
