@@ -17,7 +17,8 @@ Quantization (`--quantization`, else the checkpoint's `quantization_config`):
 | msModelSlim W8A8 (quant_model_description.json) | none / ascend | int8, static or dynamic activations (quantization_modelslim.py) |
 
 4-bit checkpoints are served only in their own format (no conversion at load).
-The MoE routed experts follow the linear method (fp8: e4m3 with per-block scales, layers/moe.py;
+The MoE routed experts follow the linear method (fp8: e4m3 with per-block scales, or per-row
+ones for compressed-tensors FP8 "channel", layers/moe.py;
 W4A16 and W4A8, act-order GPTQ included: packed 4-bit, layers/moe_int4.py; w8a8-int8 and
 msModelSlim "W8A8_DYNAMIC": int8 with per-row scales and per-token int8 activations,
 layers/moe_int8.py); msModelSlim's static "W8A8" experts are dequantized at load. Layers
