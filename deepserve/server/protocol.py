@@ -382,6 +382,13 @@ class ContentPart(_Wire):
         return getattr(self, _TEXT_PARTS[self.type]) or ""
 
 
+def content_texts(parts: list) -> list[str]:
+    """The texts of a content list, as vLLM reads one: a plain string is a text part, a text or
+    refusal part without its text is skipped (vLLM warns and drops it)."""
+    return [p if isinstance(p, str) else p.part_text() for p in parts
+            if isinstance(p, str) or p.type not in ("text", "refusal") or getattr(p, _TEXT_PARTS[p.type]) is not None]
+
+
 class FunctionCall(_Wire):
     name: str
     arguments: str
@@ -395,7 +402,7 @@ class ToolCall(_Wire):
 
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Optional[Union[str, list[ContentPart]]] = None
+    content: Optional[Union[str, list[Union[str, ContentPart]]]] = None   # vLLM takes plain strings in the list
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
@@ -423,7 +430,7 @@ class ChatMessage(_Wire):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.part_text() for part in self.content)   # vLLM's join for templates that take strings
+        return "\n".join(content_texts(self.content))   # vLLM's join for templates that take strings
 
 
 class FunctionDef(_Wire):

@@ -45,7 +45,7 @@ from deepserve.engine.tokenizer import tool_call_arguments
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
 from deepserve.server.protocol import (CHAT_CHOICE_FIELDS, CHAT_MESSAGE_FIELDS, CHAT_RESPONSE_FIELDS,
-                                      ChatCompletionRequest, NamedToolChoice, final_usage, now, response_ids,
+                                      ChatCompletionRequest, NamedToolChoice, content_texts, final_usage, now, response_ids,
                                       with_fields)
 from deepserve.server.reasoning import make_parser
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
@@ -241,7 +241,7 @@ def content_parts(content) -> list[dict]:
         return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    return [{"type": "text", "text": part.part_text()} for part in content]
+    return [{"type": "text", "text": text} for text in content_texts(content)]
 
 
 def resolve_content_format(option: str, template: str) -> str:

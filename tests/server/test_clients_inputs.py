@@ -110,8 +110,8 @@ def test_responses_take_vllms_penalties_and_a_null_stream(demo_server):
 
 def test_text_content_parts_as_vllm_reads_them(demo_server):
     """vLLM renders input_text / output_text (the Responses API's names, which clients reuse in
-    chat), refusal and thinking parts as text; any other part is a 400 naming its type (it was a
-    500 "ValueError")."""
+    chat), refusal and thinking parts as text, and plain strings in the list; any other part is a
+    400 naming its type (it was a 500 "ValueError")."""
     def tokens(*parts):
         body = {"model": "stories260k", "messages": [{"role": "user", "content": list(parts)}]}
         r = httpx.post(f"{demo_server.url}/tokenize", json=body, headers=HEADERS)
@@ -120,6 +120,10 @@ def test_text_content_parts_as_vllm_reads_them(demo_server):
     assert status == 200
     assert tokens({"type": "input_text", "text": "Once upon"}, {"type": "output_text", "text": "a time"}) == (200, want)
     assert tokens({"type": "refusal", "refusal": "Once upon"}, {"type": "thinking", "thinking": "a time"}) == (200, want)
+    # vLLM's content list takes plain strings as text parts, and drops a text or refusal part
+    # without its text (the strings were a 400; the empty part added a newline)
+    assert tokens("Once upon", {"type": "text", "text": "a time"}) == (200, want)
+    assert tokens({"type": "text"}, "Once upon", {"type": "refusal", "refusal": None}, "a time") == (200, want)
     for path in ("chat/completions", "tokenize"):
         url = f"{demo_server.v1}/{path}" if path != "tokenize" else f"{demo_server.url}/tokenize"
         r = httpx.post(url, headers=HEADERS, json={"model": "stories260k", "max_tokens": 2, "messages": [
