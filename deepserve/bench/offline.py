@@ -13,10 +13,12 @@ beams). As vLLM's latency, bench latency runs without prefix caching unless
   wall time of the whole `generate` call, with output tokens counted from the results.
   `--dataset-name random` (the default without `--dataset-path`) builds random token ids of
   `--input-len` (`--random-range-ratio` / `--random-prefix-len` as in vLLM); `sharegpt` and
-  `sonnet` read `--dataset-path` as `bench serve` does and send the prompts' token ids (model
-  tokenizer, no special tokens added), `--output-len` replacing the dataset's output lengths
+  `sonnet` read `--dataset-path` as `bench serve` does, `prefix_repetition` builds `bench serve`'s
+  set from its `--prefix-repetition-*` flags; all send the prompts' token ids (model tokenizer,
+  no special tokens added), `--output-len` replacing the sharegpt and sonnet output lengths
   where given (vLLM's benchmark_throughput.py). `--num-warmups` runs that many requests of the
-  same set (next seed) untimed first.
+  same set (next seed) untimed first; `--prequeue-requests` enqueues every request before the
+  engine runs a step.
 
 The measuring functions take the `llm` object, so they run against anything with vLLM's
 `LLM.generate` API.
@@ -101,10 +103,17 @@ def measure_latency(llm: Any, sampling_params: Any, prompts: list[dict], num_ite
             "percentiles": {str(p): float(np.percentile(arr, p)) for p in LATENCY_PERCENTILES}}
 
 
-def measure_throughput(llm: Any, sampling_params: Any, prompts: list[dict], progress: bool = True) -> dict:
-    """One `generate` over all prompts; vLLM's throughput JSON fields plus output tokens/s."""
+def measure_throughput(llm: Any, sampling_params: Any, prompts: list[dict], progress: bool = True,
+                       prequeue: bool = False) -> dict:
+    """One `generate` over all prompts (`prequeue`: vLLM's --prequeue-requests, every request
+    enqueued before the engine runs a step, then wait_for_completion); vLLM's throughput JSON
+    fields plus output tokens/s."""
     start = time.perf_counter()
-    outputs = llm.generate(prompts, sampling_params, use_tqdm=progress)
+    if prequeue:
+        llm.enqueue(prompts, sampling_params, use_tqdm=progress)
+        outputs = llm.wait_for_completion(use_tqdm=progress)
+    else:
+        outputs = llm.generate(prompts, sampling_params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
     if len(outputs) != len(prompts):
         raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
@@ -202,7 +211,7 @@ def run_latency(args) -> dict:
     result = measure_latency(llm, params, prompts, args.num_iters, args.num_iters_warmup,
                              progress=not args.disable_tqdm, beam_search=args.use_beam_search)
     print(f"Avg latency: {result['avg_latency']:.4f} seconds "
-          f"(batch {args.batch_size}, {args.input_len} in / {args.output_len} out)")
+          f"(batch {args.batch_size}, {args.input_len} in / {max_tokens} out)")
     for p, value in result["percentiles"].items():
         print(f"{p}% percentile latency: {value:.4f} seconds")
     _write_json(args.output_json, result)
@@ -210,26 +219,37 @@ def run_latency(args) -> dict:
 
 
 def dataset_prompts(args, seed: int) -> tuple[list[dict], list[int]]:
-    """(prompts as token ids, output length of each) from a sharegpt or sonnet file."""
-    from deepserve.bench.datasets import check_dataset_file, oversample, sample_sharegpt, sample_sonnet
+    """(prompts as token ids, output length of each) from a sharegpt or sonnet file, or vLLM's
+    prefix_repetition set; the lengths not given take vLLM's throughput defaults (sonnet: 550 in,
+    150 out, --prefix-len 0; prefix_repetition: its own flags, 256 / 256 / 10 prefixes / 128 out)."""
+    from deepserve.bench.datasets import (check_dataset_file, oversample, sample_prefix_repetition,
+                                          sample_sharegpt, sample_sonnet)
+    from deepserve.config import EngineArgs
     from deepserve.engine.tokenizer import resolve_tokenizer
 
-    if not args.dataset_path:
-        raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
-    check_dataset_file(args.dataset_path)
-    from deepserve.config import EngineArgs
-
+    if args.dataset_name != "prefix_repetition":
+        if not args.dataset_path:
+            raise ValueError(f"--dataset-name {args.dataset_name} needs --dataset-path")
+        check_dataset_file(args.dataset_path)
     engine_args = EngineArgs.from_cli_args(args)
     tok = resolve_tokenizer(engine_args.tokenizer, engine_args.model)
     if args.dataset_name == "sharegpt":
         requests = oversample(sample_sharegpt(tok, args.dataset_path, args.num_prompts, args.output_len, seed),
                               args, seed)
+    elif args.dataset_name == "sonnet":
+        requests = sample_sonnet(tok, args.dataset_path, args.num_prompts, _given(args.input_len, 550),
+                                 args.prefix_len, _given(args.output_len, 150), chat_format=True, seed=seed)
     else:
-        prefix = 200 if args.prefix_len is None else args.prefix_len   # vLLM's sonnet default
-        requests = sample_sonnet(tok, args.dataset_path, args.num_prompts, args.input_len, prefix,
-                                 args.output_len or 128, chat_format=True, seed=seed)
+        requests = sample_prefix_repetition(
+            tok, args.num_prompts, _given(args.prefix_repetition_prefix_len, 256),
+            _given(args.prefix_repetition_suffix_len, 256), _given(args.prefix_repetition_num_prefixes, 10),
+            _given(args.prefix_repetition_output_len, 128), seed)
     return ([{"prompt_token_ids": tok.encode(r.prompt, add_special_tokens=False)} for r in requests],
             [r.expected_output_len for r in requests])
+
+
+def _given(value: Optional[int], default: int) -> int:
+    return default if value is None else value
 
 
 def throughput_requests(args, num: int, seed: int, llm: Any, vocab: int,
@@ -238,8 +258,8 @@ def throughput_requests(args, num: int, seed: int, llm: Any, vocab: int,
     `args.n` sequences a prompt, greedy for one, temperature 1 for several as vLLM samples them)."""
     sampling = sampling_kwargs(args)
     if args.dataset_name == "random":
-        prompts, out_lens = random_requests(num, args.input_len, args.output_len or 128, vocab, seed,
-                                            args.random_range_ratio, args.random_prefix_len)
+        prompts, out_lens = random_requests(num, _given(args.input_len, 1024), _given(args.output_len, 128), vocab,
+                                            seed, args.random_range_ratio, args.random_prefix_len)
     else:
         prompts, out_lens = dataset_prompts(argparse.Namespace(**{**vars(args), "num_prompts": num}), seed)
     check_fits(llm, prompts, out_lens)
@@ -253,10 +273,16 @@ def run_throughput(args) -> dict:
     check_output_json(args)
     if args.backend != "vllm":
         raise ValueError(f"--backend {args.backend} is not supported: the engine runs in-process (--backend vllm)")
+    if args.dataset is not None:   # vLLM's deprecated spelling, with its warning
+        print("bench throughput: --dataset is deprecated; use --dataset-name and --dataset-path", file=sys.stderr)
+        args.dataset_path = args.dataset_path or args.dataset
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     sampling_kwargs(args)   # its flags checked before the model loads
     args.dataset_name = args.dataset_name or ("sharegpt" if args.dataset_path else "random")
+    if args.dataset_name in ("random", "prefix_repetition") and args.dataset_path:
+        raise ValueError(f"--dataset-name {args.dataset_name} takes no --dataset-path; name the file's set with "
+                         "--dataset-name sharegpt or sonnet")
     if args.dataset_name != "random" and args.dataset_path:
         from deepserve.bench.datasets import check_dataset_file
         check_dataset_file(args.dataset_path)   # before the model loads
@@ -269,7 +295,7 @@ def run_throughput(args) -> dict:
     prompts, params = throughput_requests(args, args.num_prompts, seed, llm, vocab, SamplingParams)
     if args.profile:   # as vLLM: the measured run is profiled
         llm.start_profile()
-    result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm)
+    result = measure_throughput(llm, params, prompts, progress=not args.disable_tqdm, prequeue=args.prequeue_requests)
     if args.profile:
         llm.stop_profile()
     print(f"Throughput: {result['requests_per_second']:.2f} requests/s, "

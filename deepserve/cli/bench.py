@@ -71,6 +71,29 @@ VLLM_REFUSED = {
 }
 
 
+THROUGHPUT_DATASETS = ("random", "sharegpt", "sonnet", "prefix_repetition")
+# `vllm bench throughput` flags of features deepserve's does not have, refused in one line each.
+_TP_DATASET_FLAGS = {
+    "hf": ("--hf-name", "--hf-split", "--hf-subset"),
+    "random-mm": ("--random-mm-base-items-per-request", "--random-mm-bucket-config",
+                  "--random-mm-limit-mm-per-prompt", "--random-mm-num-mm-items-range-ratio",
+                  "--enable-multimodal-chat"),
+    "random-rerank": ("--no-reranker", "--random-batch-size"),
+    "custom_audio": ("--custom-output-len", "--asr-min-audio-len-sec", "--asr-max-audio-len-sec"),
+}
+THROUGHPUT_REFUSED = {
+    **{flag: f"belongs to vLLM's {name} dataset, which deepserve bench throughput does not have "
+             f"(it has {', '.join(THROUGHPUT_DATASETS)})"
+       for name, flags in _TP_DATASET_FLAGS.items() for flag in flags},
+    "--async-engine": "is not supported: bench throughput runs the engine in-process (vLLM's LLM path); "
+                      "bench serve against `deepserve serve` measures the async engine",
+    "--hf-max-batch-size": "goes with vLLM's --backend hf, which deepserve does not have",
+    "--hf-enable-torch-compile": "goes with vLLM's --backend hf, which deepserve does not have",
+    "--lora-path": "is not supported: deepserve serves no LoRA adapters",
+    "--lora-assignment": "is not supported: deepserve serves no LoRA adapters",
+}
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--base-url", default=None, help="Server URL, root or /v1 (overrides --host/--port).")
@@ -268,6 +291,7 @@ def _latency(args) -> int:
 def _throughput(args) -> int:
     from deepserve.bench.offline import run_throughput
 
+    check_refused(args, THROUGHPUT_REFUSED, served={"--random-batch-size": ("1",)}, message="{given} {why}")
     _check_engine(args)
     run_throughput(args)
     return 0
@@ -277,10 +301,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from deepserve.config import EngineArgs
 
     EngineArgs.add_cli_args(p)
-    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int,
-                   default=32 if p.prog.endswith("latency") else 1024, help="Prompt tokens (random prompts).")
+    latency = p.prog.endswith("latency")
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=32 if latency else None,
+                   help="Prompt tokens" + (" (random prompts)." if latency else
+                                           " (random: default 1024; sonnet: default 550, as vLLM's)."))
     p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
-                   help="Tokens generated per request (default: 128; sharegpt: the dataset reply's length).")
+                   help="Tokens generated per request (default: 128; sonnet: 150; sharegpt: the dataset reply's "
+                        "length; prefix_repetition: --prefix-repetition-output-len).")
     p.add_argument("--output-json", default=None, help="Write the result JSON here.")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--disable-detokenize", action="store_true",
@@ -322,11 +349,17 @@ def register(subparsers) -> None:
     throughput = sub.add_parser("throughput", help="In-process engine: requests/s and tokens/s.")
     _add_engine_args(throughput)
     throughput.add_argument("--num-prompts", type=int, default=1000)
-    throughput.add_argument("--dataset-name", default=None, choices=["random", "sharegpt", "sonnet"],
+    throughput.add_argument("--dataset-name", default=None, choices=THROUGHPUT_DATASETS,
                             help="Prompt source (default: sharegpt with --dataset-path, else random).")
     throughput.add_argument("--dataset-path", default=None, help="ShareGPT JSON or sonnet.txt file.")
-    throughput.add_argument("--prefix-len", type=int, default=None,
-                            help="sonnet: tokens of shared prefix (default 200).")
+    throughput.add_argument("--dataset", default=None, help="vLLM's deprecated spelling of --dataset-path.")
+    throughput.add_argument("--prefix-len", type=int, default=0,
+                            help="sonnet: tokens of shared prefix (vLLM's throughput default: 0).")
+    for flag, default in (("prefix-len", 256), ("suffix-len", 256), ("num-prefixes", 10), ("output-len", 128)):
+        throughput.add_argument(f"--prefix-repetition-{flag}", type=int, default=None,
+                                help=f"prefix_repetition (default {default}, as vLLM's).")
+    throughput.add_argument("--prequeue-requests", action="store_true",
+                            help="vLLM's: every request queued before the engine schedules the first step.")
     throughput.add_argument("--random-range-ratio", type=_range_ratio, default=0.0,
                             help="random: input and output lengths drawn uniformly in [len*(1-r), len*(1+r)] "
                                  "(a JSON object '{\"input\": r, \"output\": r}' gives each its own).")
@@ -338,4 +371,5 @@ def register(subparsers) -> None:
                             help="Untimed requests of the same set (next seed) before the run.")
     throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],
                             help="vLLM's: only vllm (the engine in-process) runs here; the others are refused.")
+    add_refused_flags(throughput, THROUGHPUT_REFUSED, switches=())
     throughput.set_defaults(func=_throughput)

@@ -149,7 +149,8 @@ def test_throughput_takes_vllms_random_flags_and_warmups(bench_args, monkeypatch
 
 @pytest.mark.parametrize("argv, message", [
     (["--backend", "hf"], "--backend hf is not supported"),
-    (["--random-range-ratio", "1.5"], r"--random-range-ratio must be in \[0, 1\)"),
+    (["--dataset-name", "prefix_repetition", "--dataset-path", "x.json"],
+     "--dataset-name prefix_repetition takes no --dataset-path"),
 ])
 def test_throughput_refusals(bench_args, monkeypatch, argv, message):
     from deepserve.bench import offline
@@ -157,6 +158,66 @@ def test_throughput_refusals(bench_args, monkeypatch, argv, message):
     monkeypatch.setattr(offline, "_load_engine", lambda args: (CountingLLM(), SimpleNamespace, 1000, 0))
     with pytest.raises(ValueError, match=message):
         offline.run_throughput(bench_args(["throughput", "--num-prompts", "2", "--disable-tqdm", *argv]))
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--async-engine"], "--async-engine is not supported: bench throughput runs the engine in-process"),
+    (["--lora-path", "/a"], "--lora-path /a is not supported: deepserve serves no LoRA adapters"),
+    (["--hf-name", "x/y"], "--hf-name x/y belongs to vLLM's hf dataset, which deepserve bench throughput does not "
+                           "have (it has random, sharegpt, sonnet, prefix_repetition)"),
+    (["--random-batch-size", "4"], "--random-batch-size 4 belongs to vLLM's random-rerank dataset"),
+    (["--hf-max-batch-size", "8"], "--hf-max-batch-size 8 goes with vLLM's --backend hf"),
+    (["--custom-output-len", "5"], "--custom-output-len 5 belongs to vLLM's custom_audio dataset"),
+])
+def test_throughput_names_vllms_flags_it_lacks(capsys, argv, line):
+    # vLLM's `bench throughput` flags: argparse said "unrecognized arguments"
+    from deepserve.cli.main import main
+
+    assert main(["bench", "throughput", "--model", "m", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("deepserve bench: error: " + line), err
+
+
+class QueueingLLM(CountingLLM):
+    """CountingLLM with vLLM's enqueue / wait_for_completion, recording which ran."""
+
+    def enqueue(self, prompts, params, use_tqdm=False):
+        self.queued = (prompts, params)
+
+    def wait_for_completion(self, use_tqdm=False):
+        self.prequeued = True
+        return self.generate(*self.queued)
+
+
+def test_throughput_vllms_dataset_spellings_and_defaults(bench_args, monkeypatch, shared_dir):
+    # vLLM's throughput: --dataset (deprecated --dataset-path), prefix_repetition with its own flags,
+    # sonnet at 550 in / 150 out with --prefix-len 0, --prequeue-requests (enqueue, then run)
+    from deepserve.bench import offline
+    from deepserve.bench.datasets import sample_prefix_repetition, sample_sonnet
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.tokenizer import load_tokenizer
+
+    def run(*argv):
+        llm = QueueingLLM()
+        monkeypatch.setattr(offline, "_load_engine", lambda args: (llm, SimpleNamespace, 1000, 0))
+        offline.run_throughput(bench_args(["throughput", "--model", str(DEMO_MODEL), "--disable-tqdm", *argv]))
+        return llm
+
+    tok = load_tokenizer(DEMO_MODEL)
+    sonnet = str(shared_dir / "datasets/serving/sonnet.txt")
+    llm = run("--dataset", sonnet, "--dataset-name", "sonnet", "--num-prompts", "3")
+    expected = sample_sonnet(tok, sonnet, 3, 550, 0, 150, chat_format=True, seed=0)
+    assert llm.calls == [[{"prompt_token_ids": tok.encode(r.prompt, add_special_tokens=False)} for r in expected]]
+    assert not hasattr(llm, "prequeued")
+    llm = run("--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "6",
+              "--prefix-repetition-suffix-len", "5", "--prefix-repetition-num-prefixes", "2",
+              "--prefix-repetition-output-len", "3", "--output-len", "9", "--num-prompts", "4", "--prequeue-requests")
+    expected = sample_prefix_repetition(tok, 4, 6, 5, 2, 3, seed=0)
+    assert llm.calls == [[{"prompt_token_ids": tok.encode(r.prompt, add_special_tokens=False)} for r in expected]]
+    assert llm.prequeued and llm.queued[1].max_tokens == 3   # its own output length, as vLLM's
+    assert len({tuple(p["prompt_token_ids"][:4]) for p in llm.calls[0]}) == 2
+    llm = run("--num-prompts", "2")   # random: 1024 in / 128 out without --input-len / --output-len
+    assert [len(p["prompt_token_ids"]) for p in llm.calls[0]] == [1024, 1024]
 
 
 def test_custom_jsonl_dataset(bench_args, tmp_path):
