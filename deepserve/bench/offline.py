@@ -2,9 +2,8 @@
 
 Both follow vLLM's `benchmark_latency.py` / `benchmark_throughput.py`: random prompt token
 ids (so no tokenizer or dataset is involved), `ignore_eos` so every request produces exactly
-`--output-len` tokens, greedy sampling (`--n` > 1: that many sequences a prompt, sampled at
-temperature 1 and top-p 1 as vLLM's are, each counted; latency's `--use-beam-search`: `--n`
-beams). As vLLM's latency, bench latency runs without prefix caching unless
+`--output-len` tokens, `--n` sequences a prompt sampled at temperature 1 and top-p 1 as vLLM's
+are (one by default), each counted; latency's `--use-beam-search`: `--n` beams. As vLLM's latency, bench latency runs without prefix caching unless
 `--enable-prefix-caching` is given: each iteration sends the same prompts.
 
 - latency: one batch of `--batch-size` prompts, timed end to end `--num-iters` times after
@@ -163,12 +162,13 @@ def check_profile_flag(args) -> None:
 
 
 def sampling_kwargs(args) -> dict:
-    """The sampling of bench latency / throughput requests: greedy for one sequence a prompt,
-    temperature 1 / top-p 1 for --n of them (as vLLM samples them); --disable-detokenize."""
+    """The sampling of bench latency / throughput requests, vLLM's: --n sequences a prompt
+    sampled at temperature 1 / top-p 1 (one included: the sampler's cost is part of the time);
+    --disable-detokenize."""
     n = getattr(args, "n", 1)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    kwargs = dict(temperature=0) if n == 1 else dict(n=n, temperature=1.0, top_p=1.0)
+    kwargs = dict(n=n, temperature=1.0, top_p=1.0)
     return {**kwargs, **({"detokenize": False} if getattr(args, "disable_detokenize", False) else {})}
 
 
@@ -255,7 +255,7 @@ def _given(value: Optional[int], default: int) -> int:
 def throughput_requests(args, num: int, seed: int, llm: Any, vocab: int,
                         SamplingParams) -> tuple[list[dict], list]:
     """`num` prompts of the chosen set and their sampling parameters (every output length exact;
-    `args.n` sequences a prompt, greedy for one, temperature 1 for several as vLLM samples them)."""
+    `args.n` sequences a prompt at temperature 1, as vLLM samples them)."""
     sampling = sampling_kwargs(args)
     if args.dataset_name == "random":
         prompts, out_lens = random_requests(num, _given(args.input_len, 1024), _given(args.output_len, 128), vocab,

@@ -487,7 +487,7 @@ def test_latency_runs_without_prefix_caching_by_default(bench_args, argv, enable
     assert EngineArgs.from_cli_args(bench_args(["throughput", "--model", "m"])).enable_prefix_caching is True
 
 
-def test_latency_takes_vllms_n_beam_search_and_disable_detokenize(bench_args, monkeypatch):
+def test_latency_takes_vllms_n_beam_search_and_disable_detokenize(bench_args, monkeypatch, capsys):
     from deepserve import BeamSearchParams
     from deepserve.bench import offline
 
@@ -501,7 +501,12 @@ def test_latency_takes_vllms_n_beam_search_and_disable_detokenize(bench_args, mo
     assert len(llm.generated) == 3 and not llm.searched
     p = llm.generated[0]
     assert (p.n, p.temperature, p.top_p, p.max_tokens, p.ignore_eos, p.detokenize) == (3, 1.0, 1.0, 5, True, False)
-    assert vars(run().generated[0]) == {"max_tokens": 5, "ignore_eos": True, "temperature": 0}
+    # vLLM's latency and throughput sample one sequence at temperature 1 / top-p 1 too, never greedily
+    assert vars(run().generated[0]) == {"max_tokens": 5, "ignore_eos": True, "n": 1, "temperature": 1.0, "top_p": 1.0}
+    capsys.readouterr()
+    monkeypatch.setattr(offline, "_load_engine", lambda args: (RecordingLLM(), SimpleNamespace, 1000, 0))
+    offline.run_latency(bench_args(["latency", "--num-iters", "1", "--num-iters-warmup", "0", "--disable-tqdm"]))
+    assert "(batch 8, 32 in / 128 out)" in capsys.readouterr().out   # vLLM's defaults
     llm = run("--use-beam-search", "--n", "2")
     assert len(llm.searched) == 3 and not llm.generated
     assert llm.searched[0] == BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True)
