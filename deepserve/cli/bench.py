@@ -251,7 +251,8 @@ def _serve(args) -> int:
         result = run_serve(args)
     except httpx.TransportError as exc:
         raise RuntimeError(_unreachable(exc)) from None
-    return 1 if result["completed"] == 0 else 0
+    # failed requests (their count and first error printed) make the run no clean measurement
+    return 1 if result["failed"] else 0
 
 
 def _sweep(args) -> int:
@@ -269,7 +270,7 @@ def _sweep(args) -> int:
         out = run_sweep(args)
     except httpx.TransportError as exc:
         raise RuntimeError(_unreachable(exc)) from None
-    return 1 if all(r["completed"] == 0 for r in out["runs"]) else 0
+    return 1 if any(r["failed"] for r in out["runs"]) else 0
 
 
 def _check_engine(args) -> None:

@@ -32,11 +32,12 @@ class FakeServer:
     """`with FakeServer(ttft=0.1, itl=0.02) as srv:` runs fake_openai.py; srv.url, srv.stats()."""
 
     def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, spec_metrics=False, root=None,
-                 char_tokenizer=False):
+                 char_tokenizer=False, fail_after=None):
         self.argv = [sys.executable, str(FAKE_SERVER), "--ttft", str(ttft), "--itl", str(itl),
                      "--status", str(status)] + ([] if usage else ["--no-usage"]) + \
             (["--spec-metrics"] if spec_metrics else []) + (["--root", str(root)] if root else []) + \
-            (["--char-tokenizer"] if char_tokenizer else [])
+            (["--char-tokenizer"] if char_tokenizer else []) + \
+            ([] if fail_after is None else ["--fail-after", str(fail_after)])
 
     def __enter__(self):
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)

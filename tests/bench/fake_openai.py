@@ -1,7 +1,7 @@
 """A fake OpenAI streaming endpoint with known timing, run as its own process by the tests.
 
 `python fake_openai.py --ttft 0.1 --itl 0.02 [--status 500] [--no-usage] [--spec-metrics] [--root PATH]
-[--char-tokenizer]` prints its port,
+[--char-tokenizer] [--fail-after N]` prints its port,
 then serves: after a completion request it waits `ttft` seconds, sends the first text chunk,
 then one chunk every `itl` seconds (scheduled against absolute times, so sleep overhead does
 not accumulate), then a usage chunk (the prompt's word count as its prompt_tokens) and `[DONE]`. Each chunk's text is " hello", one token
@@ -20,8 +20,9 @@ import time
 
 class FakeOpenAI:
     def __init__(self, ttft=0.1, itl=0.02, status=200, usage=True, role_chunk=True, spec_metrics=False,
-                 root=None, char_tokenizer=False):
+                 root=None, char_tokenizer=False, fail_after=None):
         self.ttft, self.itl, self.status, self.root = ttft, itl, status, root
+        self.fail_after = fail_after   # completion requests answered before the rest get 503s
         self.char_tokenizer = char_tokenizer
         self.tokenize_headers: list[dict] = []   # the headers of each /tokenize and /detokenize call
         self.usage, self.role_chunk, self.spec_metrics = usage, role_chunk, spec_metrics
@@ -109,6 +110,8 @@ class FakeOpenAI:
         self.headers.append(headers)
         if self.status != 200:
             return await self._send_json(writer, self.status, {"error": {"message": "boom", "code": self.status}})
+        if self.fail_after is not None and len(self.requests) > self.fail_after:
+            return await self._send_json(writer, 503, {"error": {"message": "shutting down", "code": 503}})
         chat = path.endswith("/chat/completions")
         n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
         self.in_flight += 1
@@ -144,9 +147,11 @@ def main(argv=None):
     p.add_argument("--root", default=None, help="the model's root (path) in /v1/models, as vLLM lists it")
     p.add_argument("--char-tokenizer", action="store_true", help="serve /tokenize and /detokenize, one token "
                    "a character (else they are 404s)")
+    p.add_argument("--fail-after", type=int, default=None, help="answer this many completion requests, "
+                   "then 503 (a server going away mid-run)")
     a = p.parse_args(argv)
     asyncio.run(FakeOpenAI(a.ttft, a.itl, a.status, usage=not a.no_usage, spec_metrics=a.spec_metrics,
-                           root=a.root, char_tokenizer=a.char_tokenizer).serve())
+                           root=a.root, char_tokenizer=a.char_tokenizer, fail_after=a.fail_after).serve())
 
 
 if __name__ == "__main__":

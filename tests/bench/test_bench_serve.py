@@ -92,6 +92,20 @@ def test_failing_endpoint_counts_failures(fake_server, bench_args, capsys):
     assert "first error: HTTP 500" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["serve"], ["sweep", "--max-concurrency-list", "1"]])
+def test_server_failing_mid_run_exits_1_with_a_line(fake_server, capsys, tmp_path, command):
+    # a server that answers two requests and then goes away: the run's numbers are no clean
+    # measurement, so the exit status says so (it was 0 once any request had completed)
+    from deepserve.cli.main import main
+
+    with fake_server(ttft=0.001, itl=0.001, fail_after=2) as srv:
+        argv = _argv(srv.url, "--max-concurrency", "1", "--result-dir", str(tmp_path), out=2)
+        assert main(["bench", *command, *argv[1:]]) == 1
+    err = capsys.readouterr().err
+    assert "bench serve: 2 of 4 requests failed; first error: HTTP 503" in err
+    assert "Traceback" not in err
+
+
 def test_unreachable_server_is_a_counted_failure(bench_args):
     res = run_serve(bench_args(_argv("http://127.0.0.1:9", n=2)))
     assert res["failed"] == 2 and all("ConnectError" in e for e in res["errors"])
