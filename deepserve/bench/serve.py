@@ -191,16 +191,17 @@ async def run_requests(inputs: Sequence[RequestInput], request_rate, burstiness:
     return list(outputs), duration
 
 
-def result_filename(args: argparse.Namespace) -> str:
+def result_filename(args: argparse.Namespace, date: Optional[str] = None) -> str:
     """vLLM's default name: {label or backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json, with
-    ramp-up-{strategy}-{start}qps-{end}qps for the rate under a ramp-up."""
+    ramp-up-{strategy}-{start}qps-{end}qps for the rate under a ramp-up; `date` (the result's
+    "date", as vLLM names the file after it) defaults to now."""
     rate = "inf" if math.isinf(args.request_rate) else str(float(args.request_rate))   # 20.0qps, as vLLM writes it
     if getattr(args, "ramp_up_strategy", None):
         rate = f"ramp-up-{args.ramp_up_strategy}-{args.ramp_up_start_rps}qps-{args.ramp_up_end_rps}"
     conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency is not None else ""
     model = Path(str(args.model)).name or "model"
     prefix = getattr(args, "label", None) or backend_name(args)
-    return f"{prefix}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    return f"{prefix}-{rate}qps{conc}-{model}-{date or f'{datetime.now():%Y%m%d-%H%M%S}'}.json"
 
 
 def backend_name(args: argparse.Namespace) -> str:
@@ -543,7 +544,7 @@ def run_serve(args: argparse.Namespace, tok: Optional[Tokenizer] = None,
         print(f"bench serve: {result['failed']} of {len(inputs)} requests failed; first error: {first}",
               file=sys.stderr)
     if args.save_result or append:
-        path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args))
+        path = Path(args.result_dir or ".") / (args.result_filename or result_filename(args, result["date"]))
         saved = result if args.save_detailed else {k: v for k, v in result.items() if k not in DETAILED_FIELDS}
         write_result(path, json.dumps(saved) if append else json.dumps(saved, indent=2), append)
         result["result_path"] = str(path)

@@ -124,6 +124,27 @@ def test_concurrency_limit_and_saved_json(fake_server, bench_args, tmp_path):
     assert saved["request_goodput"] == pytest.approx(saved["request_throughput"])
 
 
+def test_default_result_name_carries_the_results_date(fake_server, bench_args, tmp_path, monkeypatch):
+    # vLLM names the file after the result's "date"; a clock read twice could name another second
+    import datetime as dt
+    from deepserve.bench import serve
+
+    class Ticking(dt.datetime):
+        tick = 0
+
+        @classmethod
+        def now(cls, tz=None):
+            cls.tick += 1
+            return dt.datetime(2026, 1, 2, 3, 4, 5) + dt.timedelta(seconds=cls.tick)
+
+    monkeypatch.setattr(serve, "datetime", Ticking)
+    with fake_server(ttft=0.001, itl=0.001) as srv:
+        res = run_serve(bench_args(_argv(srv.url, "--save-result", "--result-dir", str(tmp_path), n=1, out=2)))
+    (path,) = tmp_path.iterdir()
+    assert path.name == f"openai-infqps-fake-model-{res['date']}.json"
+    assert json.loads(path.read_text())["date"] == res["date"]
+
+
 def test_saved_fields_follow_the_percentile_flags_and_save_detailed(fake_server, bench_args, tmp_path):
     # vLLM stores the statistics of the --percentile-metrics only, at the --metric-percentiles,
     # and the per-request lists with --save-detailed
