@@ -2,7 +2,7 @@
 
 Requests arrive as a Poisson process of `--request-rate` requests/s (all at once when inf);
 with `--burstiness` b != 1 the gaps are Gamma(shape=b, scale=1/(rate*b)), vLLM's model of
-bursty traffic (b < 1 burstier, b > 1 more regular, same mean rate). `--max-concurrency`
+bursty traffic (b < 1 burstier, b > 1 more regular, same mean rate; inf: every gap 1/rate). `--max-concurrency`
 caps the requests in flight: an arriving request waits for a free slot, and its timing
 starts when it is sent. The random and prefix_repetition prompts are aligned to the server's
 tokenizer where its /tokenize counts them otherwise (vLLM 0.26's). The result dict carries
@@ -45,6 +45,10 @@ def arrival_gaps(n: int, request_rate, burstiness: float, seed: int) -> list[flo
         raise ValueError(f"--burstiness must be > 0, got {burstiness}")
     if np.isinf(rates).all():
         return [0.0] * n
+    if math.isinf(burstiness):   # vLLM's limit of the Gamma gaps: every gap 1 / rate, exactly
+        gaps = 1.0 / rates
+        gaps[0] = 0.0
+        return gaps.tolist()
     rng = np.random.default_rng(seed)
     if np.isscalar(request_rate):
         gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n)

@@ -106,6 +106,14 @@ def test_server_failing_mid_run_exits_1_with_a_line(fake_server, capsys, tmp_pat
     assert "Traceback" not in err
 
 
+def test_infinite_burstiness_sends_at_a_constant_rate(bench_args):
+    # vLLM: as the Gamma shape grows the gaps tend to 1 / rate, which --burstiness inf sends
+    # exactly (the Gamma of an infinite shape gave NaN gaps: every request at once)
+    args = bench_args(["serve", "--request-rate", "4", "--burstiness", "inf"])
+    assert arrival_gaps(5, args.request_rate, args.burstiness, seed=0) == [0.0, 0.25, 0.25, 0.25, 0.25]
+    assert arrival_gaps(3, [1.0, 2.0, 4.0], float("inf"), seed=0) == [0.0, 0.5, 0.25]   # a ramp-up's rates
+
+
 def test_unreachable_server_is_a_counted_failure(bench_args):
     res = run_serve(bench_args(_argv("http://127.0.0.1:9", n=2)))
     assert res["failed"] == 2 and all("ConnectError" in e for e in res["errors"])
