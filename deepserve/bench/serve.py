@@ -39,9 +39,9 @@ def arrival_gaps(n: int, request_rate, burstiness: float, seed: int) -> list[flo
     """Seconds to wait before sending each of `n` requests (the first is sent at once).
     `request_rate`: one rate, or each request's own (a ramp-up)."""
     rates = np.full(n, float(request_rate)) if np.isscalar(request_rate) else np.asarray(request_rate, float)
-    if (rates <= 0).any():
+    if not (rates > 0).all():   # NaN too
         raise ValueError(f"--request-rate must be > 0 (or inf), got {request_rate}")
-    if burstiness <= 0:
+    if not burstiness > 0:
         raise ValueError(f"--burstiness must be > 0, got {burstiness}")
     if np.isinf(rates).all():
         return [0.0] * n

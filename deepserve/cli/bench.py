@@ -16,8 +16,15 @@ from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
 def _rate(text: str) -> float:
     value = float(text)  # accepts "inf"
-    if value <= 0:
+    if not value > 0:   # NaN too
         raise argparse.ArgumentTypeError(f"request rate must be > 0 (or inf), got {text}")
+    return value
+
+
+def _burstiness(text: str) -> float:
+    value = float(text)  # accepts "inf": gaps of exactly 1 / rate
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (or inf), got {text}")
     return value
 
 
@@ -166,7 +173,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("traffic")
     t.add_argument("--request-rate", type=_rate, default=float("inf"),
                    help="Requests/s, Poisson arrivals (inf: all at once).")
-    t.add_argument("--burstiness", type=float, default=1.0,
+    t.add_argument("--burstiness", type=_burstiness, default=1.0,
                    help="Gamma shape of the arrival gaps: 1 Poisson, <1 burstier, >1 more regular.")
     t.add_argument("--ramp-up-strategy", default=None, choices=["linear", "exponential"],
                    help="Request rate going from --ramp-up-start-rps to --ramp-up-end-rps over the run "

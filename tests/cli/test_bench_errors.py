@@ -33,6 +33,11 @@ def test_profile_post_to_an_unreachable_server_is_one_line(capsys, monkeypatch, 
 @pytest.mark.parametrize("argv, line", [
     (["serve", "--request-rate", "0"], "deepserve bench serve: error: argument --request-rate: request rate must "
                                        "be > 0 (or inf), got 0"),
+    (["serve", "--request-rate", "nan"], "deepserve bench serve: error: argument --request-rate: request rate must "
+                                         "be > 0 (or inf), got nan"),
+    (["serve", "--burstiness", "0"], "deepserve bench serve: error: argument --burstiness: must be > 0 (or inf), got 0"),
+    (["serve", "--burstiness", "nan"], "deepserve bench serve: error: argument --burstiness: must be > 0 (or inf), "
+                                       "got nan"),
     (["serve", "--extra-body", "[1]"], "deepserve bench serve: error: argument --extra-body: must be a JSON object, "
                                        "got '[1]'"),
     (["serve", "--num-prompts", "many"], "deepserve bench serve: error: argument --num-prompts: invalid int value: "
