@@ -21,6 +21,23 @@ def _rate(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _burstiness(text: str) -> float:
     value = float(text)  # accepts "inf": gaps of exactly 1 / rate
     if not value > 0:
@@ -115,7 +132,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "with; default: --model when it is a folder.")
     g.add_argument("--tokenizer-mode", default="auto", help="auto or hf (tokenizer.json); others are refused.")
     g.add_argument("--insecure", action="store_true", help="Do not check an https server's certificate.")
-    g.add_argument("--request-timeout", type=float, default=6 * 3600.0, help="Seconds per request.")
+    g.add_argument("--request-timeout", type=_seconds, default=6 * 3600.0, help="Seconds per request.")
     g.add_argument("--profile", action="store_true", help="vLLM's: POST /start_profile before the run (after the "
                    "warm-ups) and /stop_profile after it; the server needs --profiler-config.")
     g.add_argument("--backend", default=None,
@@ -149,7 +166,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--random-range-ratio", type=_range_ratio, default=0.0,
                    help="Lengths drawn uniformly in [len*(1-r), len*(1+r)]; a JSON object "
                         "'{\"input\": 0.3, \"output\": 0.5}' gives input and output their own r.")
-    d.add_argument("--random-prefix-len", type=int, default=0, help="Random tokens before each prompt.")
+    d.add_argument("--random-prefix-len", type=_count, default=0, help="Random tokens before each prompt.")
     d.add_argument("--sonnet-input-len", type=int, default=550)
     d.add_argument("--sonnet-output-len", type=int, default=150)
     d.add_argument("--sonnet-prefix-len", type=int, default=200)
@@ -195,7 +212,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Accepted with a note: vLLM's bench serve does not use it either.")
     t.add_argument("--extra-body", type=_json_object, default=None,
                    help="JSON object merged into every request body.")
-    t.add_argument("--num-warmups", type=int, default=0, help="Untimed requests before the run.")
+    t.add_argument("--num-warmups", type=_count, default=0, help="Untimed requests before the run.")
     r = p.add_argument_group("results")
     r.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000.")
@@ -375,7 +392,7 @@ def register(subparsers) -> None:
                             help="random: token ids shared by every prompt, before its own.")
     throughput.add_argument("--no-oversample", action="store_true",
                             help="sharegpt: only the file's usable entries, even fewer than --num-prompts.")
-    throughput.add_argument("--num-warmups", type=int, default=0,
+    throughput.add_argument("--num-warmups", type=_count, default=0,
                             help="Untimed requests of the same set (next seed) before the run.")
     throughput.add_argument("--backend", default="vllm", choices=["vllm", "hf", "mii", "vllm-chat"],
                             help="vLLM's: only vllm (the engine in-process) runs here; the others are refused.")

@@ -38,6 +38,11 @@ def test_profile_post_to_an_unreachable_server_is_one_line(capsys, monkeypatch, 
     (["serve", "--burstiness", "0"], "deepserve bench serve: error: argument --burstiness: must be > 0 (or inf), got 0"),
     (["serve", "--burstiness", "nan"], "deepserve bench serve: error: argument --burstiness: must be > 0 (or inf), "
                                        "got nan"),
+    (["serve", "--request-timeout", "0"], "deepserve bench serve: error: argument --request-timeout: must be > 0 "
+                                          "seconds, got 0"),
+    (["serve", "--random-prefix-len", "-3"], "deepserve bench serve: error: argument --random-prefix-len: must be "
+                                             ">= 0, got -3"),
+    (["sweep", "--num-warmups", "-1"], "deepserve bench sweep: error: argument --num-warmups: must be >= 0, got -1"),
     (["serve", "--extra-body", "[1]"], "deepserve bench serve: error: argument --extra-body: must be a JSON object, "
                                        "got '[1]'"),
     (["serve", "--num-prompts", "many"], "deepserve bench serve: error: argument --num-prompts: invalid int value: "
