@@ -55,16 +55,19 @@ def _stats(name: str, values_s: list[float], percentiles: Sequence[float]) -> di
 
 
 def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
-    """Most requests in flight at once (successful ones, from send to last token)."""
-    events = []
-    for o in outputs:
-        if o.success:
-            events += [(o.start_time, 1), (o.start_time + o.latency, -1)]
-    peak = cur = 0
-    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
-        cur += step
-        peak = max(peak, cur)
-    return peak
+    """vLLM's max_concurrent_requests: the most successful requests active (from send to last
+    token) in one whole second of the run, in one-second buckets from the first one's send; a
+    request counts in every bucket it touches, so requests that follow each other within a
+    second all count there."""
+    done = [o for o in outputs if o.success]
+    if not done:
+        return 0
+    t0 = min(o.start_time for o in done)
+    counts: dict[int, int] = {}
+    for o in done:
+        for second in range(int(o.start_time - t0), int(o.start_time + o.latency - t0) + 1):
+            counts[second] = counts.get(second, 0) + 1
+    return max(counts.values())
 
 
 def peak_output_tokens_per_s(outputs: Sequence[RequestOutput]) -> float:

@@ -125,7 +125,7 @@ def test_concurrency_limit_and_saved_json(fake_server, bench_args, tmp_path):
                                          "--result-dir", str(tmp_path), "--result-filename", "r.json",
                                          "--goodput", "ttft:1000", "tpot:1000", n=6, out=4)))
         assert srv.stats()["max_in_flight"] == 2
-    assert res["max_concurrent_requests"] == 2
+    assert 2 <= res["max_concurrent_requests"] <= 6   # vLLM's: the requests active in one second of the run
     saved = json.loads((tmp_path / "r.json").read_text())
     assert set(saved) == EXPECTED_KEYS   # vLLM's fields, no more: the per-request lists need --save-detailed
     assert saved["completed"] == 6 and saved["max_concurrency"] == 2 and saved["request_rate"] == "inf"

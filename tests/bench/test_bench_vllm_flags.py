@@ -297,6 +297,19 @@ def test_fixed_rate_schedule_ends_at_n_over_rate_as_vllms(burstiness):
         assert gaps[0] == 0.0 and sum(gaps) == pytest.approx(5.0)
 
 
+def test_peak_concurrency_counts_requests_in_one_second_buckets():
+    # vLLM's max_concurrent_requests: requests active in the same second of the run, so three that
+    # follow each other within it count 3 (one in flight at any instant), one spanning two seconds
+    # counts in both
+    def out(start, latency):
+        return RequestOutput(success=True, ttft=0.01, latency=latency, start_time=start, output_tokens=1)
+    res = compute_metrics([out(10.0, 0.3), out(10.3, 0.3), out(10.6, 0.3), out(11.5, 1.0), RequestOutput(error="x")],
+                          2.0, count_tokens=len)
+    assert res["max_concurrent_requests"] == 3
+    res = compute_metrics([out(10.0, 0.3), out(10.5, 1.2), out(11.9, 0.05)], 2.0, count_tokens=len)
+    assert res["max_concurrent_requests"] == 2   # seconds 0: {1, 2}, 1: {2, 3}
+
+
 def test_summary_prints_peak_concurrency_as_vllm():
     res = compute_metrics([RequestOutput(success=True, ttft=0.1, latency=0.2, itl=[0.1], start_time=1.0,
                                          generated_text="ab", output_tokens=2)], 1.0, count_tokens=len)
