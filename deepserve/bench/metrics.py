@@ -9,7 +9,7 @@ keep their error in `errors`, and add nothing to the latency statistics.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -54,36 +54,32 @@ def _stats(name: str, values_s: list[float], percentiles: Sequence[float]) -> di
     return out
 
 
-def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
-    """vLLM's max_concurrent_requests: the most successful requests active (from send to last
-    token) in one whole second of the run, in one-second buckets from the first one's send; a
-    request counts in every bucket it touches, so requests that follow each other within a
-    second all count there."""
+def _busiest_second(outputs: Sequence[RequestOutput], buckets: Callable[[RequestOutput, float], Iterable[int]]) -> int:
+    """vLLM's one-second buckets, numbered from the first successful request's send t0: the
+    largest count over the successful requests of `buckets(o, t0)` (the buckets o counts in)."""
     done = [o for o in outputs if o.success]
     if not done:
         return 0
     t0 = min(o.start_time for o in done)
     counts: dict[int, int] = {}
     for o in done:
-        for second in range(int(o.start_time - t0), int(o.start_time + o.latency - t0) + 1):
-            counts[second] = counts.get(second, 0) + 1
+        for bucket in buckets(o, t0):
+            counts[bucket] = counts.get(bucket, 0) + 1
     return max(counts.values())
 
 
+def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
+    """vLLM's max_concurrent_requests: the most requests active (from send to last token) in one
+    second of the run; a request counts in every second it touches, so requests that follow each
+    other within a second all count there."""
+    return _busiest_second(outputs, lambda o, t0: range(int(o.start_time - t0), int(o.start_time + o.latency - t0) + 1))
+
+
 def peak_output_tokens_per_s(outputs: Sequence[RequestOutput]) -> float:
-    """Most text chunks (streamed tokens) received in one whole second of the run, counted in
-    one-second buckets from the first successful request's send (vLLM's max_output_tokens_per_s)."""
-    done = [o for o in outputs if o.success]
-    if not done:
-        return 0.0
-    t0 = min(o.start_time for o in done)
-    counts: dict[int, int] = {}
-    for o in done:
-        t = o.start_time + o.ttft
-        for gap in [0.0, *o.itl]:
-            t += gap
-            counts[int(t - t0)] = counts.get(int(t - t0), 0) + 1
-    return float(max(counts.values()))
+    """Most text chunks (streamed tokens) received in one second of the run (vLLM's
+    max_output_tokens_per_s)."""
+    return float(_busiest_second(outputs, lambda o, t0: (int(t - t0) for t in np.cumsum([o.start_time + o.ttft,
+                                                                                         *o.itl]))))
 
 
 def compute_metrics(outputs: Sequence[RequestOutput], duration: float,
