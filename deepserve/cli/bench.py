@@ -10,6 +10,7 @@ import argparse
 import json
 
 from deepserve.bench.client import ENDPOINTS
+from deepserve.cli.arg_types import int_at_least
 from deepserve.bench.datasets import DATASET_NAMES
 from deepserve.server.vllm_flags import add_refused_flags, check_refused
 
@@ -28,14 +29,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_count = int_at_least(0)
 
 
 def _burstiness(text: str) -> float:

@@ -20,13 +20,43 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from deepserve.cli.arg_types import int_at_least
 from deepserve.evals.datasets import LAYOUT
+from deepserve.server.vllm_flags import add_refused_flags, check_refused
 from deepserve.evals.tasks import DEFAULT_TASKS, TASKS, parse_tasks
 
 R1_MAX_TOKENS = 32768   # generated tokens a reply may take in DeepSeek-R1's published evaluation
 
 DATA_LAYOUT = ("--data-path holds one folder per task: "
                + ", ".join(f"{path} ({name})" for name, path in LAYOUT.items()) + ".")
+
+
+# lm-evaluation-harness flags (`lm_eval --model local-chat-completions --model_args base_url=...`) a
+# user may bring: each is parsed, whatever its values, and refused in one line saying what to use.
+LM_EVAL_REFUSED = {
+    "--model-args": "is lm-eval's; deepserve eval takes --base-url, --model (the served name) and --api-key",
+    "--gen-kwargs": "is lm-eval's; deepserve eval takes --temperature, --top-p, --max-tokens and --seed",
+    "--num-fewshot": "is not supported: the tasks run zero-shot, as DeepSeek-R1's evaluation",
+    "--fewshot-as-multiturn": "is not supported: the tasks run zero-shot, as DeepSeek-R1's evaluation",
+    "--batch-size": "is not supported: requests are sent concurrently (--max-concurrency, default 32)",
+    "--max-batch-size": "is not supported: requests are sent concurrently (--max-concurrency, default 32)",
+    "--device": "is not supported: deepserve eval measures a running server (--base-url)",
+    "--log-samples": "is not supported: every reply is kept in the reply cache (--cache)",
+    "--write-out": "is not supported: every reply is kept in the reply cache (--cache)",
+    "--use-cache": "is lm-eval's; deepserve eval keeps its replies in --cache (default <output>.cache.jsonl)",
+    "--include-path": "is not supported: the tasks are deepserve eval's own (--tasks)",
+    "--system-instruction": "is not supported: the prompts are DeepSeek-R1's evaluation prompts",
+    **{flag: "is lm-eval's, which deepserve eval does not have"
+       for flag in ("--samples", "--predict-only", "--check-integrity", "--show-config", "--verbosity",
+                    "--cache-requests", "--wandb-args", "--wandb-config-args", "--hf-hub-log-args",
+                    "--confirm-run-unsafe-code", "--metadata")},
+}
+# lm-eval's --model names the kind of model, where deepserve eval's names the served model
+LM_EVAL_MODEL_TYPES = ("local-completions", "local-chat-completions", "openai-completions",
+                       "openai-chat-completions", "vllm", "hf", "sglang")
+
+
+_positive = int_at_least(1)
 
 
 def register(subparsers) -> None:
@@ -40,20 +70,21 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated, from: {', '.join(TASKS)} (default: %(default)s)")
     p.add_argument("--data-path", type=Path, help="root folder of the datasets (see above)")
-    p.add_argument("--num-samples", type=int, default=1,
+    p.add_argument("--num-samples", type=_positive, default=1,
                    help="samples per question; pass@1 is averaged over them (default 1)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests in flight (32)")
+    p.add_argument("--limit", type=_positive, default=None, help="first N questions of each task")
+    p.add_argument("--max-concurrency", type=_positive, default=32, help="requests in flight (32)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=_positive, default=None,
                    help=f"generated tokens per reply (default {R1_MAX_TOKENS}; none sent where the server's "
                         "context is no larger: each reply may use what its prompt leaves)")
     p.add_argument("--seed", type=int, default=None,
                    help="base seed sent to the server (seed + sample index per request)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", "--output-path", dest="output", default=None,
                    help="result JSON, or a folder (one that exists, or a path ending in /) for "
-                        "<model>__<host>.json (default ./eval-results/); a .md table is written beside it")
+                        "<model>__<host>.json (default ./eval-results/); a .md table is written beside it "
+                        "(--output-path: lm-eval's spelling)")
     p.add_argument("--cache", type=Path, default=None,
                    help="reply cache JSONL (default <output>.cache.jsonl)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
@@ -67,6 +98,8 @@ def register(subparsers) -> None:
                    help="seconds of symbolic checking per math answer; one that runs out is "
                         "scored wrong and counted (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # lm-eval's --apply-chat-template is what deepserve eval always does (chat completions)
+    add_refused_flags(p, LM_EVAL_REFUSED, switches=("--apply-chat-template",))
     p.set_defaults(func=run_handler)
 
     sub = p.add_subparsers(dest="eval_command", metavar="compare")
@@ -129,6 +162,21 @@ def reply_budget(base_url: str, api_key: str | None, model: str) -> int | None:
     return None
 
 
+def check_not_lm_eval_type(model: str, base_url: str, api_key: str | None) -> None:
+    """--model `model` (one of lm-eval's model kinds) is refused where the server does not serve a
+    model of that name: every request would be a 404."""
+    from deepserve.bench.serve import served_models
+
+    try:
+        names = served_models(argparse.Namespace(base_url=base_url, api_key=api_key))
+    except ValueError:
+        return
+    if model not in names:
+        raise ValueError(f"--model {model} is lm-eval's kind of model; deepserve eval's --model is the served "
+                         f"model's name ({', '.join(names)}; left out: the server's), with --base-url for "
+                         "lm-eval's base_url")
+
+
 def run_handler(args) -> int:
     # the HTTP client and the runner are imported here, not when every `deepserve` command
     # builds its parser (a server process has no use for them)
@@ -136,6 +184,7 @@ def run_handler(args) -> int:
     from deepserve.evals.report import markdown_table, write_result
     from deepserve.evals.runner import EvalOptions, run_eval
 
+    check_refused(args, LM_EVAL_REFUSED, served={}, message="{flag} {why}")
     missing = [flag for flag, value in (("--base-url", args.base_url), ("--data-path", args.data_path)) if not value]
     if missing:
         raise ValueError(f"deepserve eval needs {', '.join(missing)} "
@@ -148,6 +197,8 @@ def run_handler(args) -> int:
         raise FileNotFoundError(f"--data-path {args.data_path} is not a directory")
     args.base_url = server_url(args.base_url)
     check_reachable(api_root(args.base_url))    # else every request is retried for minutes
+    if args.model in LM_EVAL_MODEL_TYPES:
+        check_not_lm_eval_type(args.model, args.base_url, args.api_key)
     args.model = args.model or served_model(args.base_url, args.api_key)
     if args.max_tokens is None:
         args.max_tokens = reply_budget(args.base_url, args.api_key, args.model)

@@ -4,7 +4,8 @@ import pytest
 from deepserve.cli.main import main
 
 
-@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "0"), ("--max-tokens", "0"),
+# --max-tokens 0: argparse's one line (tests/evals/test_lm_eval_flags.py)
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--top-p", "0"),
                                          ("--max-retries", "-1"), ("--retry-backoff", "-2"),
                                          ("--request-timeout", "0")])
 def test_bad_value_names_its_flag(tmp_path, capsys, monkeypatch, flag, value):
