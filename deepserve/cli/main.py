@@ -34,9 +34,24 @@ class OneLineParser(argparse.ArgumentParser):
     line naming it, not the sub-command's whole usage above it."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {self._unknown_flag_value(message) or message}\n")
+
+    def _unknown_flag_value(self, message: str) -> str | None:
+        """An unknown flag's value that argparse took for a sub-command of this one (`deepserve eval
+        --foo 5`: "argument compare: invalid choice: '5'"), named as the unknown flag it follows."""
+        m = re.fullmatch(r"argument [^:]+: invalid choice: '(.*)' \(choose from .*\)", message, re.S)
+        argv = getattr(self, "_argv", None) or []
+        if m is None or not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return None
+        known = {o for a in self._actions for o in a.option_strings}
+        for i, arg in enumerate(argv[1:], 1):
+            flag = argv[i - 1].split("=", 1)[0]
+            if arg == m.group(1) and flag.startswith("-") and flag not in known:
+                return f"unrecognized arguments: {argv[i - 1]} {arg}"
+        return None
 
     def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(args) if args is not None else sys.argv[1:]
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:   # else the top-level parser names them, after its usage line
             self.error(f"unrecognized arguments: {' '.join(extras)}")

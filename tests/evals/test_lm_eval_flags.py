@@ -70,3 +70,16 @@ def test_lm_eval_model_kind_is_named(datasets_dir, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "deepserve eval: error: --model local-chat-completions is lm-eval's kind of model; deepserve eval's --model "
         "is the served model's name (fake-r1; left out: the server's), with --base-url for lm-eval's base_url")
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["eval", "--no-such-flag", "5"], "deepserve eval: error: unrecognized arguments: --no-such-flag 5"),
+    (["eval", "--limit", "2", "--no-such-flag=5", "x"], "deepserve eval: error: unrecognized arguments: "
+                                                        "--no-such-flag=5 x"),
+    (["eval", "bogus"], "deepserve eval: error: argument compare: invalid choice: 'bogus' (choose from 'compare')"),
+])
+def test_an_unknown_flags_value_is_not_taken_for_a_sub_command(capsys, argv, line):
+    # argparse took the value for `eval compare`: "argument compare: invalid choice: '5'"
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == line
