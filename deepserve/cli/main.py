@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from deepserve import __version__
 
@@ -54,7 +55,10 @@ class OneLineParser(argparse.ArgumentParser):
         self._argv = list(args) if args is not None else sys.argv[1:]
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:   # else the top-level parser names them, after its usage line
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
+            folder = next((e for e in extras if (Path(e) / "config.json").is_file()), None)
+            takes_model = any("--model" in a.option_strings for a in self._actions)
+            hint = f" (a model folder: pass it as --model {folder})" if folder and takes_model else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return namespace, extras
 
 

@@ -58,3 +58,15 @@ def test_hf_overrides_text_that_is_not_json_names_the_field(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("engine_args:\n  hf_overrides: '{bad'\n")
     err = _one_line(capsys, ["serve", str(tmp_path / "c.yaml"), "--dry-run"])
     assert "hf_overrides is not valid JSON: '{bad'" in err
+
+
+@pytest.mark.parametrize("command", [["generate"], ["bench", "latency"], ["bench", "throughput"]])
+def test_a_model_folder_given_as_a_positional_says_to_pass_it_as_model(capsys, command):
+    # `deepserve serve MODEL` takes it so; these commands take --model (as vLLM's bench does)
+    from deepserve.config import DEMO_MODEL
+
+    with pytest.raises(SystemExit) as exc:
+        main([*command, str(DEMO_MODEL), "--max-model-len", "64"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"deepserve {' '.join(command)}: error: unrecognized arguments: {DEMO_MODEL} "
+                                       f"(a model folder: pass it as --model {DEMO_MODEL})\n")
