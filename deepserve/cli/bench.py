@@ -270,7 +270,7 @@ def _serve(args) -> int:
     except httpx.TransportError as exc:
         raise RuntimeError(_unreachable(exc)) from None
     # failed requests (their count and first error printed) make the run no clean measurement
-    return 1 if result["failed"] else 0
+    return 1 if result.get("failed") else 0
 
 
 def _sweep(args) -> int:
@@ -288,7 +288,7 @@ def _sweep(args) -> int:
         out = run_sweep(args)
     except httpx.TransportError as exc:
         raise RuntimeError(_unreachable(exc)) from None
-    return 1 if any(r["failed"] for r in out["runs"]) else 0
+    return 1 if any(r.get("failed") for r in out["runs"]) else 0
 
 
 def _check_engine(args) -> None:
