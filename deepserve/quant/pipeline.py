@@ -229,7 +229,11 @@ def _exclusive(partial: Path):
     `partial` (which is renamed away at the end) and is removed when done."""
     lock = partial.with_name(f".{partial.name}.lock")
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:    # a read-only, unwritable or special folder (/proc, /sys)
+            raise ValueError(f"cannot create files in {lock.parent}, where the output is built beside its "
+                             f"destination: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -117,6 +117,21 @@ def test_destination_under_a_file(bf16_ckpt, tmp_path, capsys):
            f"parent folder of destination {dst} is a file, not a folder")
 
 
+def test_a_destination_folder_nothing_can_be_created_in(bf16_ckpt, tmp_path, capsys, monkeypatch):
+    """(a read-only mount, an unwritable folder, /proc: the lock beside DST.partial is the first file)"""
+    real_open = pipeline.os.open
+
+    def os_open(path, *args, **kwargs):
+        if str(path).endswith(".partial.lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(pipeline.os, "open", os_open)
+    dst = tmp_path / "out"
+    _fails(capsys, ["quantize", str(bf16_ckpt), str(dst), "--method", "w8a8-int8"], dst,
+           f"cannot create files in {tmp_path}, where the output is built beside its destination: "
+           "Permission denied")
+
+
 def test_missing_source_and_shard(bf16_ckpt, tmp_path, capsys):
     dst = tmp_path / "out"
     _fails(capsys, ["fp8-to-bf16", str(tmp_path / "nope"), str(dst)], dst,
