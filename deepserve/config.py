@@ -793,14 +793,13 @@ class EngineArgs:
         graphs replay; a value given with speculative decoding (its verify steps take the
         graphs' rows) or pipeline parallel (stage graphs) is refused."""
         given = self.mixed_graph_tokens
-        if given and (speculative is not None or self.pipeline_parallel_size > 1):
-            why = "speculative decoding" if speculative is not None else "pipeline parallel"
-            raise ValueError(f"mixed_graph_tokens ({given}) is not supported with {why}; leave it out or set 0")
-        if self.enforce_eager or self.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL"):
+        unsupported = ("speculative decoding" if speculative is not None
+                       else "pipeline parallel" if self.pipeline_parallel_size > 1 else None)
+        if given and unsupported:
+            raise ValueError(f"mixed_graph_tokens ({given}) is not supported with {unsupported}; leave it out or set 0")
+        if unsupported or self.enforce_eager or self.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL"):
             return 0
-        if given is None:
-            return 0 if speculative is not None or self.pipeline_parallel_size > 1 else 256
-        return given
+        return 256 if given is None else given
 
     # ----------------------------------------------------------------------- CLI
     @classmethod

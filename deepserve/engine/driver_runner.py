@@ -129,11 +129,11 @@ class DriverRunner(ModelRunner):
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """The batch's flat step inputs; a small mixed step's as one-token rows, which the decode
-        CUDA graphs replay (engine/cuda_graphs.fits_as_rows)."""
+        CUDA graphs replay (engine/cuda_graphs.fits_as_rows; never with pipeline parallel,
+        where the config keeps mixed_graph_tokens 0)."""
         inputs = StepInputs.from_batch(batch, self.block_size)
         g, mixed = self.graphs, self.config.mixed_graph_tokens
-        if (mixed and g is not None and g.enabled and self.pipeline is None
-                and fits_as_rows(inputs, mixed, g.max_bs, g.max_len)):
+        if mixed and g is not None and g.enabled and fits_as_rows(inputs, mixed, g.max_bs, g.max_len):
             return as_decode_rows(inputs)
         return inputs
 

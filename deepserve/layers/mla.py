@@ -87,6 +87,15 @@ def chunk_rows(meta: AttentionMetadata, first: int, gather: "PrefillGather", num
     return rows, flat
 
 
+def fresh_slots(meta: AttentionMetadata, n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1: the slots of the prompt rows' own latents in the rows made for them (an fp8
+    pool's prefill), made once a step."""
+    key = ("mla_fresh_slots", n)
+    if key not in meta.derived:
+        meta.derived[key] = torch.arange(n, device=device)
+    return meta.derived[key]
+
+
 def prefill_gather_arrays(seq_lens: Sequence[int], tables: np.ndarray,
                           block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PrefillGather's blocks (int64), tables (int32 [Bp, W]) and valid (int32) on the host, from
@@ -367,7 +376,7 @@ class MLAAttention(nn.Module):
             n_pre = rows.q_pre.shape[0]
             fresh = kv_a.new_empty(n_pre, 1, 1, pool.shape[-1])                 # [Tp, 1, 1, C + rope]
             self.ops.mla_kv_write(kv_a[n_dec:], rows.pos_pre, rope.cos_sin_cache, rope.is_neox_style,
-                                  norm.weight, norm.eps, fresh, torch.arange(n_pre, device=fresh.device), kv_scale=1.0)
+                                  norm.weight, norm.eps, fresh, fresh_slots(meta, n_pre, fresh.device), kv_scale=1.0)
             fresh = fresh.view(n_pre, -1).to(q.dtype)
         self._prefill(rows.q_pre, pool, scale, meta, n_dec, rows.out_pre, fresh)
         return out

@@ -121,12 +121,7 @@ def gemm_config(m: int, n: int, k: int, device: torch.device) -> dict:
     """backend ("triton" | "cublas"), BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages of
     an [M, K] x [N, K]^T product, from the launch table (configs/gemm/). Shared between calls
     (every linear of several rows asks, cuBLAS's too): read, never changed."""
-    return _gemm_config(m, n, k, launch_config.device_key(device))
-
-
-@launch_config.memoized
-def _gemm_config(m: int, n: int, k: int, device: str) -> dict:
-    return launch_config.lookup("gemm", device, m=m, n=n, k=k)
+    return launch_config.shared_lookup("gemm", launch_config.device_key(device), m=m, n=n, k=k)
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

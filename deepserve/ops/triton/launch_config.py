@@ -147,6 +147,13 @@ def memoized(fn):
     return cached
 
 
+@memoized
+def shared_lookup(op: str, device: str, **shape) -> dict:
+    """lookup's settings, one dict per (op, device key, shape) shared between calls until the
+    tables change: for launch code that reads them at every call and never changes them."""
+    return lookup(op, device, **shape)
+
+
 def tables_changed() -> None:
     """Forget every setting read from the tables (after a table file or a trial changed)."""
     table.cache_clear()

@@ -227,9 +227,8 @@ def launch(kernel: str, device: torch.device) -> dict:
     return _launch(kernel, device_key(device))
 
 
-@launch_config.memoized
 def _launch(kernel: str, device: str) -> dict:
-    return launch_config.lookup("mla_prep", device, kernel=kernel)
+    return launch_config.shared_lookup("mla_prep", device, kernel=kernel)
 
 
 def _token_block(n_tokens: int, cfg: dict) -> int:
