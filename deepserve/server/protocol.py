@@ -548,6 +548,10 @@ COMPLETION_RESPONSE_FIELDS = ("id", "object", "created", "model", "choices", "se
 COMPLETION_CHOICE_FIELDS = ("index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
                             "prompt_logprobs", "prompt_token_ids", "routed_experts")
 
+# vLLM's stream choice of a completion, whose fields its chunks all set (null where unset)
+COMPLETION_STREAM_CHOICE_FIELDS = ("index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids",
+                                   "token_ids")
+
 
 def with_fields(obj: dict, fields: tuple[str, ...]) -> dict:
     """`obj` with each of `fields` (null where it has none), in their order, then its other keys."""

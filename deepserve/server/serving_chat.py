@@ -574,17 +574,21 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
         counts the choice's tokens so far, as vLLM's."""
         if include_usage:
             usage = stream_usage(continuous, len(prep.prompt_ids), generated[choice["index"]])
-            return frame(choices=[choice], usage=usage, **extra)
+            return frame(choices=[choice], **usage, **extra)
         if choice["finish_reason"] is not None:
             extra.update(fingerprint_fields(state))
         return frame(choices=[choice], **extra)
 
-    prompt = {"prompt_token_ids": prep.prompt_ids} if req.return_token_ids else {}
-    if req.return_prompt_text:
-        prompt["prompt_text"] = prep.prompt_text
+    # vLLM's role chunk sets prompt_token_ids and prompt_text (null unless asked for); the echo
+    # follows in a chunk of its own
+    prompt = {"prompt_token_ids": prep.prompt_ids if req.return_token_ids else None,
+              "prompt_text": prep.prompt_text if req.return_prompt_text else None}
     for i in range(n):
-        yield chunk({"index": i, "delta": {"role": prep.role, "content": prep.echo_text}, "logprobs": None,
+        yield chunk({"index": i, "delta": {"role": prep.role, "content": ""}, "logprobs": None,
                      "finish_reason": None}, **prompt)
+    if prep.echo_text:
+        for i in range(n):
+            yield chunk({"index": i, "delta": {"content": prep.echo_text}, "logprobs": None, "finish_reason": None})
     splitters = [ContentSplitter(prep, state.settings.tool_call_parser) for _ in range(n)]
     called = [False] * n
     sent_text, sent_tokens = [0] * n, [0] * n
@@ -615,9 +619,12 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             generated[i] = len(out.token_ids)
             done[i] = final
             if delta or logprobs or final:
+                # vLLM's token chunk: stop_reason on the finishing one alone, token_ids always
                 choice = {"index": i, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": _finish_reason(out, prep.tool_mode, called[i]),
-                          "stop_reason": out.stop_reason}
+                          "finish_reason": _finish_reason(out, prep.tool_mode, called[i])}
+                if final:
+                    choice["stop_reason"] = out.stop_reason
+                choice["token_ids"] = None
                 if req.return_token_ids and not prep.hide_tokens:
                     choice["token_ids"] = list(out.token_ids[ids_sent[i]:])
                     ids_sent[i] = len(out.token_ids)

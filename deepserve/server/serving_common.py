@@ -344,9 +344,10 @@ def usage_in_stream(state: ServerState, req) -> tuple[bool, bool]:
     return True, bool(opts.continuous_usage_stats)
 
 
-def stream_usage(continuous: bool, prompt_tokens: int, completion_tokens: int) -> Optional[dict]:
-    """The usage a chunk before the last carries where the stream has usage (None: null)."""
-    return usage(prompt_tokens, completion_tokens) if continuous else None
+def stream_usage(continuous: bool, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The usage field of a chunk before the last where the stream has usage: with continuous
+    usage stats only ({} without: vLLM's chunks leave an unset usage out, not null)."""
+    return {"usage": usage(prompt_tokens, completion_tokens)} if continuous else {}
 
 
 def prompt_tokens_details(state: ServerState, cached_tokens: int, prompt_lens: Optional[list[int]] = None

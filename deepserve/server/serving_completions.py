@@ -26,7 +26,8 @@ from deepserve.engine.outputs import CompletionOutput, RequestOutput
 from deepserve.engine.sampling_params import SamplingParams, whole_vocabulary
 from deepserve.server.beam import beam_params, beam_stream, check_length_penalty
 from deepserve.server.errors import APIError
-from deepserve.server.protocol import (COMPLETION_CHOICE_FIELDS, COMPLETION_RESPONSE_FIELDS, CompletionRequest,
+from deepserve.server.protocol import (COMPLETION_CHOICE_FIELDS, COMPLETION_RESPONSE_FIELDS,
+                                      COMPLETION_STREAM_CHOICE_FIELDS, CompletionRequest,
                                       final_usage, now, response_ids, with_fields)
 from deepserve.server.serving_common import (ChunkFrames, SSEResponse, ServerState, api_error_from,
                                              compile_grammar, fingerprint_fields, header_request_id, merge_streams,
@@ -291,9 +292,10 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
     def chunk(choice: dict, i: int) -> str:
         """One choice's chunk (OpenAI's and vLLM's streams carry one each); its continuous usage
         counts the choice's prompt and its tokens so far, as vLLM's."""
+        choice = with_fields(choice, COMPLETION_STREAM_CHOICE_FIELDS)
         if include_usage:
             n_prompt = len(prep.prompts[i]["prompt_token_ids"])
-            return frame(choices=[choice], usage=stream_usage(continuous, n_prompt, generated.get(choice["index"], 0)))
+            return frame(choices=[choice], **stream_usage(continuous, n_prompt, generated.get(choice["index"], 0)))
         return frame(choices=[choice], **(fingerprint_fields(state) if choice["finish_reason"] is not None else {}))
 
     async for i, res in merge_streams(prep.streams(state)):

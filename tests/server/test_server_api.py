@@ -187,6 +187,82 @@ def test_completion_response_has_vllm_keys(http, extra):
     assert cards and all(set(c) == VLLM_MODEL_CARD for c in cards)
 
 
+# vLLM 0.26's stream chunks (model_dump_json(exclude_unset=True)): the keys its constructors set,
+# null included. Chat: the role chunk sets prompt_token_ids and prompt_text, the token chunks
+# token_ids, the finishing one stop_reason too; completions set all their choice's fields. The
+# usage is a key only where it has a value (continuous usage; the last chunk, exclude_none).
+VLLM_CHUNK = {"id", "object", "created", "model", "choices"}
+VLLM_CHAT_ROLE_CHOICE = {"index", "delta", "logprobs", "finish_reason"}
+VLLM_CHAT_TOKEN_CHOICE = VLLM_CHAT_ROLE_CHOICE | {"token_ids"}
+VLLM_COMPLETION_STREAM_CHOICE = {"index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids",
+                                 "token_ids"}
+VLLM_STREAM_USAGE = {"prompt_tokens", "total_tokens", "completion_tokens"}
+STREAM_CASES = [{}, {"logprobs": True, "top_logprobs": 1, "stream_options": {"include_usage": True}},
+                {"n": 2, "temperature": 1.0, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                {"return_token_ids": True}]
+
+
+def stream_frames(http, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json={"model": "stories260k", "max_tokens": 3, "stream": True, **body}) as r:
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def check_usage_keys(frames: list[dict], body: dict) -> None:
+    """A usage key on every chunk with continuous usage, else on the last (usage) chunk alone."""
+    opts = body.get("stream_options", {})
+    last = frames[-1] if opts.get("include_usage") else None
+    if last is not None:
+        assert set(last) == VLLM_CHUNK | {"usage", "system_fingerprint"} and last["choices"] == []
+        assert set(last["usage"]) == VLLM_STREAM_USAGE
+    for f in frames[:-1] if last is not None else frames:
+        assert ("usage" in f) == bool(opts.get("continuous_usage_stats"))
+        assert "usage" not in f or set(f["usage"]) == VLLM_STREAM_USAGE
+
+
+@pytest.mark.parametrize("body", STREAM_CASES)
+def test_chat_stream_chunks_have_vllm_keys(http, body):
+    body = {"messages": [{"role": "user", "content": PROMPT}], **body}
+    frames = stream_frames(http, "/v1/chat/completions", body)
+    check_usage_keys(frames, body)
+    chunks = [f for f in frames if f["choices"]]
+    n = body.get("n", 1)
+    for f in chunks[:n]:
+        assert set(f) - {"usage"} == VLLM_CHUNK | {"prompt_token_ids", "prompt_text"}
+        assert f["prompt_text"] is None and (f["prompt_token_ids"] is not None) == ("return_token_ids" in body)
+        assert set(f["choices"][0]) == VLLM_CHAT_ROLE_CHOICE and set(f["choices"][0]["delta"]) == {"role", "content"}
+    assert len(chunks) > n
+    for f in chunks[n:]:
+        (choice,) = f["choices"]
+        finished = choice["finish_reason"] is not None
+        fingerprint = finished and not body.get("stream_options")
+        assert set(f) - {"usage"} == VLLM_CHUNK | ({"system_fingerprint"} if fingerprint else set())
+        assert set(choice) == VLLM_CHAT_TOKEN_CHOICE | ({"stop_reason"} if finished else set())
+        assert (choice["token_ids"] is not None) == ("return_token_ids" in body)
+        assert (choice["logprobs"] is not None) == ("logprobs" in body)
+
+
+@pytest.mark.parametrize("body", STREAM_CASES)
+def test_completion_stream_chunks_have_vllm_keys(http, body):
+    body = {"prompt": PROMPT, **{k: v for k, v in body.items() if k != "top_logprobs"}}
+    body["logprobs"] = 1 if body.get("logprobs") else None
+    frames = stream_frames(http, "/v1/completions", body)
+    check_usage_keys(frames, body)
+    chunks = [f for f in frames if f["choices"]]
+    assert len(chunks) >= 3 * body.get("n", 1)
+    seen = set()
+    for f in chunks:
+        (choice,) = f["choices"]
+        fingerprint = choice["finish_reason"] is not None and not body.get("stream_options")
+        assert set(f) - {"usage"} == VLLM_CHUNK | ({"system_fingerprint"} if fingerprint else set())
+        assert set(choice) == VLLM_COMPLETION_STREAM_CHOICE
+        # the prompt's ids go with each choice's first chunk (vLLM's echo rule)
+        first = choice["index"] not in seen
+        seen.add(choice["index"])
+        assert (choice["prompt_token_ids"] is not None) == ("return_token_ids" in body and first)
+        assert (choice["token_ids"] is not None) == ("return_token_ids" in body)
+        assert (choice["logprobs"] is not None) == (body["logprobs"] is not None)
+
+
 def test_async_client_concurrent(demo_server):
     async def main():
         client = openai.AsyncOpenAI(base_url=demo_server.v1, api_key=API_KEY, max_retries=0)
