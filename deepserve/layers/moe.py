@@ -19,7 +19,9 @@ here with the converter's rule (quant/fp8.py) before slicing. compressed-tensors
 experts keep one scale a row instead, w13_weight_scale_inv [E, 2I, 1] / w2_weight_scale_inv
 [E, D, 1] (vLLM's per-channel fused MoE): any slice of I, no padding; with the checkpoint's
 static activation scales (`use_fp8(static_input=True)`) each GEMM's input is quantized with the
-largest of the layer's experts' scales.
+largest of the layer's experts' scales; without activation quantization (`use_fp8(weight_only=True)`,
+a compressed-tensors FP8 scheme with no input_activations) the activations stay in the model
+dtype (W8A16), as the checkpoint's dense layers run.
 
 Parallelism (DESIGN invariant 5): with expert parallelism (ep_size > 1) a rank holds the
 E/ep_size experts `[ep_rank * E_local, ...)` whole, tokens routed elsewhere contribute zero
@@ -83,11 +85,13 @@ class UnquantizedExperts:
 
 class Fp8Experts:
     """e4m3 experts with per-128x128-block scales (`FusedMoE.use_fp8`); with `static_input`,
-    activations quantised with the checkpoint's static input scales (the layer's largest)."""
+    activations quantised with the checkpoint's static input scales (the layer's largest); with
+    `weight_only`, not quantised at all (W8A16)."""
 
-    def __init__(self, static_input: bool = False, per_channel: bool = False):
+    def __init__(self, static_input: bool = False, per_channel: bool = False, weight_only: bool = False):
         self.static_input = static_input
         self.per_channel = per_channel      # one scale a row (compressed-tensors 'channel')
+        self.weight_only = weight_only
 
     def apply(self, moe: "FusedMoE", x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, **shared) -> torch.Tensor:
@@ -95,6 +99,8 @@ class Fp8Experts:
         static = dict(a13_scale=moe.a13_scale, a2_scale=moe.a2_scale) if self.static_input else {}
         if self.per_channel:
             static["per_channel_weights"] = True
+        if self.weight_only:
+            static["weight_only"] = True
         return moe.ops.fused_moe(x, moe.w13_weight, moe.w2_weight, topk_weights, topk_ids,
                                  w13_scale=moe.w13_weight_scale_inv, w2_scale=moe.w2_weight_scale_inv,
                                  **static, **shared)
@@ -144,11 +150,15 @@ class FusedMoE(nn.Module):
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader
 
-    def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK), static_input: bool = False) -> None:
+    def use_fp8(self, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK), static_input: bool = False,
+                weight_only: bool = False) -> None:
         """Store the experts as e4m3 + per-block fp32 scales (on the weights' device), before
         loading; `static_input`: with the checkpoint's static activation scales, one a matrix
         (`experts.{e}.{gate,up,down}_proj.input_scale`), kept for every expert of the layer (a
-        few floats) so that each EP rank quantises with the layer's largest, as one rank does."""
+        few floats) so that each EP rank quantises with the layer's largest, as one rank does;
+        `weight_only`: the activations stay unquantised (W8A16)."""
+        if static_input and weight_only:
+            raise ValueError("fp8 experts: static activation scales and weight-only are exclusive")
         per_channel = tuple(block) == (1, FP8_BLOCK)
         if tuple(block) != (FP8_BLOCK, FP8_BLOCK) and not per_channel:
             raise ValueError(f"fp8 experts need {FP8_BLOCK}x{FP8_BLOCK} scale blocks (the fused-MoE "
@@ -188,7 +198,7 @@ class FusedMoE(nn.Module):
         if static_input:    # [E, 2]: gate, up of each expert; [E, 1]: down
             self.w13_input_scale = param(self.num_experts, 2, dtype=torch.float32)
             self.w2_input_scale = param(self.num_experts, 1, dtype=torch.float32)
-        self.quant, self.fp8 = Fp8Experts(static_input, per_channel), True
+        self.quant, self.fp8 = Fp8Experts(static_input, per_channel, weight_only), True
 
     def dummy_shards(self):
         """Per-expert checkpoint tensors, for this rank's experts only (others would be skipped)."""

@@ -266,17 +266,18 @@ def _materialize(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def quantize_experts(model, method: str, block: tuple[int, int], ignore: Ignore = Ignore(),
-                     static_input: bool = False) -> list[str]:
+                     static_input: bool = False, weight_only: bool = False) -> list[str]:
     """Routed experts stored in the linear method's format (fp8, w8a8-int8), but for the layers
     whose experts the checkpoint leaves unquantized (`ignore`); returns their names. fp8
-    `static_input`: the checkpoint's static activation scales quantise the experts' inputs."""
+    `static_input`: the checkpoint's static activation scales quantise the experts' inputs;
+    `weight_only`: nothing quantises them (W8A16)."""
     if method == "w8a8-int8":
         return int8_experts(model, (lambda module: not ignore(module)) if ignore else None)
     names = []
     if method == "fp8":
         for name, module in model.named_modules():
             if isinstance(module, FusedMoE) and experts_quantized(model, name, module, lambda m: not ignore(m)):
-                module.use_fp8(block, static_input)
+                module.use_fp8(block, static_input, weight_only)
                 names.append(name)
     return names
 
@@ -308,9 +309,10 @@ def build_model(model_config: ModelConfig, device: torch.device, pctx: ParallelC
         # a compressed-tensors FP8 checkpoint without input_activations: its activations stay unquantized
         scheme = fp8_scale_scheme(cfg.get("quantization_config") or {}) if method == "fp8" else None
         static = scheme is not None and scheme.static_input
-        quantize_linears(model, method, block, ignore, weight_only=scheme is not None and scheme.weight_only,
+        weight_only = scheme is not None and scheme.weight_only
+        quantize_linears(model, method, block, ignore, weight_only=weight_only,
                          static_input=static, k_uniform=scheme is not None and scheme.strategy != "block")
-        quantize_experts(model, method, block, ignore, static)
+        quantize_experts(model, method, block, ignore, static, weight_only)
     if pctx.pp_size > 1:
         model.pp_layers = pp_layer_range(len(model.model.layers), pctx.pp_size, pctx.pp_rank)
     if torch.device(device).type == "meta":

@@ -30,7 +30,10 @@ dynamic=false on the experts, AutoFP8's activation_scheme static) gives `a13_sca
 the two GEMMs' inputs are quantised with them: e4m3(clamp(x / s, -448, 448)), the format's rule.
 `per_channel_weights`: one scale a weight row instead of a 128x128 block (compressed-tensors
 FP8 'channel' experts, RedHatAI's *-FP8-dynamic MoE releases), the activations quantised per
-token group as above.
+token group as above. `weight_only` (a compressed-tensors FP8 scheme without
+input_activations): W8A16, each expert's weight dequantised to the activations' dtype and the
+activations left as they are, as fp8_weight_only_linear runs the dense layers of such a
+checkpoint.
 
 `shared_w13` [2*Is, D] / `shared_w2` [D, Is] add DeepSeek's shared experts: one more SwiGLU
 expert every token uses with weight 1.0, computed here exactly as the dense `LlamaMLP` does
@@ -132,13 +135,16 @@ def _fake_quant(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> torch.
 
 
 def _expert_linear(a: torch.Tensor, weight: torch.Tensor, scale_inv: Optional[torch.Tensor],
-                   a_scale: Optional[torch.Tensor] = None, per_channel: bool = False) -> torch.Tensor:
+                   a_scale: Optional[torch.Tensor] = None, per_channel: bool = False,
+                   weight_only: bool = False) -> torch.Tensor:
     """a [n, K] times one expert's weight [N, K]^T -> [n, N] in a's dtype: 16-bit weights as
     F.linear; e4m3 ones as the fp8 kernels compute, the activations quantised (per token per
     128-group, or with the static `a_scale`) and the product of the dequantised operands
-    summed in fp32."""
+    summed in fp32; `weight_only`: the dequantised weight in a's dtype, F.linear (W8A16)."""
     if scale_inv is None:
         return F.linear(a, weight)
+    if weight_only:
+        return F.linear(a, _dequant(weight, scale_inv, per_channel).to(a.dtype))
     return (_fake_quant(a, a_scale) @ _dequant(weight, scale_inv, per_channel).t()).to(a.dtype)
 
 
@@ -148,16 +154,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
               shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
-              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False) -> torch.Tensor:
+              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False,
+              weight_only: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(gate_e x_t) * (up_e x_t)), e = topk_ids[t, j],
     plus the shared MLP of `shared_w13` [2*Is, D] / `shared_w2` [D, Is] when given.
     `a13_scale` / `a2_scale` (fp8 experts, one fp32 value each): static activation scales of the
     gate/up and down GEMMs' inputs, used instead of per-token-group ones. `per_channel_weights`:
-    w13_scale [E, 2I, 1] / w2_scale [E, D, 1] hold one scale a row (compressed-tensors 'channel')."""
+    w13_scale [E, 2I, 1] / w2_scale [E, D, 1] hold one scale a row (compressed-tensors 'channel').
+    `weight_only` (fp8 experts): the activations stay unquantised (W8A16)."""
     check_shared_experts(x, w13_scale is not None, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     check_static_scales(w13_scale is not None, a13_scale, a2_scale, shared_w13)
+    check_weight_only(w13_scale is not None, weight_only, a13_scale, shared_w13)
     check_row_scales(x, w13, w2, w13_scale, w2_scale, per_channel_weights, shared_w13)
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -176,13 +185,28 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         rows = token_of[start:start + count]
         s13 = None if w13_scale is None else w13_scale[expert]
         s2 = None if w2_scale is None else w2_scale[expert]
-        gate, up = _expert_linear(x[rows], w13[expert], s13, a13_scale, per_channel_weights).chunk(2, dim=-1)
-        y = _expert_linear(F.silu(gate) * up, w2[expert], s2, a2_scale, per_channel_weights)    # [n, D]
+        gate, up = _expert_linear(x[rows], w13[expert], s13, a13_scale, per_channel_weights,
+                                  weight_only).chunk(2, dim=-1)
+        y = _expert_linear(F.silu(gate) * up, w2[expert], s2, a2_scale, per_channel_weights, weight_only)  # [n, D]
         out.index_add_(0, rows, y.float() * weight_of[start:start + count, None])
         start += count
     if shared_w13 is None:
         return out.to(x.dtype)
     return out.to(x.dtype) + shared_mlp(x, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+
+
+def check_weight_only(fp8_experts: bool, weight_only: bool, a13_scale: Optional[torch.Tensor],
+                      shared_w13: Optional[torch.Tensor]) -> None:
+    """Weight-only (W8A16) runs fp8 experts, without static activation scales, and no shared
+    experts folded in (the fused shared MLP quantises its activations)."""
+    if not weight_only:
+        return
+    if not fp8_experts:
+        raise ValueError("fused_moe weight_only is for fp8 experts (w13_scale / w2_scale) only")
+    if a13_scale is not None:
+        raise ValueError("fused_moe weight_only experts leave the activations unquantised: no a13_scale / a2_scale")
+    if shared_w13 is not None:
+        raise ValueError("fused_moe shared experts do not fold into weight-only fp8 experts")
 
 
 def check_row_scales(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor],

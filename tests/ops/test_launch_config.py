@@ -26,6 +26,9 @@ def test_rules_apply_in_order_and_conditions_read_shapes():
     fp8 = dict(fp8=True, per_expert=256.0, elem_bytes=1)
     assert lc.lookup("fused_moe", "", kernel="gate_up", **fp8)["BLOCK_M"] == 64
     assert lc.lookup("fused_moe", "", kernel="gate_up", fp8=True, per_expert=8.0, elem_bytes=1)["PREQUANT"] is False
+    # weight-only fp8 (16-bit MMA operands, 128-wide K tiles widened in shared memory): narrow tiles
+    a16 = lc.lookup("fused_moe", "", kernel="gate_up", fp8=True, per_expert=256.0, elem_bytes=2)
+    assert (a16["BLOCK_K"], a16["BLOCK_N"], a16["num_stages"], a16["PREQUANT"]) == (128, 64, 2, False)
 
 
 GIB = 2**30

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deepserve.ops.registry import resolve
+from tests.ops.test_triton_fused_moe_small import w8a16_reference
 
 ROUTES = [
     dict(top_k=6, scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
@@ -144,6 +145,35 @@ def test_fused_moe_fp8_row_scales(triton_ops, cpu_only, monkeypatch, tokens):
         fm.fused_moe(*args, **dict(rows, w13_scale=rows["w13_scale"].expand(4, 272, 2)), per_channel_weights=True)
 
 
+def _weight_only_reference(args, w13_scale, w2_scale, per_channel):
+    """W8A16: the 16-bit torch op over each expert's weight dequantised exactly (fp32)."""
+    x, w13, w2, weights, ids = args
+    if not per_channel:
+        return w8a16_reference(*args, w13_scale=w13_scale, w2_scale=w2_scale)
+    return resolve("fused_moe", "torch")[1](x, w13.float() * w13_scale, w2.float() * w2_scale, weights, ids)
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["blocks", "rows"])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_fused_moe_fp8_weight_only(triton_ops, cpu_only, tokens, rows):
+    """fp8 experts without activation quantisation (compressed-tensors FP8, no
+    input_activations): the torch op and both Triton paths (1 token: the small path's CUDA-core
+    kernels, 6: the sorted kernels with A16; 'channel' row scales always sorted) equal the 16-bit
+    op over the exactly dequantised weights to fp32 rounding; the W8A8 op is far from it."""
+    args, kwargs = moe_inputs(tokens, 256, 128, 4, 2, torch.float32, fp8=True)
+    if rows:
+        g = torch.Generator().manual_seed(5)
+        kwargs = dict(w13_scale=torch.rand(4, 256, 1, generator=g) / 64 + 0.005,
+                      w2_scale=torch.rand(4, 256, 1, generator=g) / 64 + 0.005, per_channel_weights=True)
+    want = _weight_only_reference(args, kwargs["w13_scale"], kwargs["w2_scale"], rows)
+    got_torch, got_triton = run_both("fused_moe", *args, **kwargs, weight_only=True)
+    assert rel_err(got_torch, want) < 1e-6, rel_err(got_torch, want)
+    assert rel_err(got_triton, want) < 1e-5, rel_err(got_triton, want)
+    assert rel_err(resolve("fused_moe", "torch")[1](*args, **kwargs), want) > 1e-2     # W8A8
+    with pytest.raises(ValueError, match="weight_only is for fp8 experts"):
+        resolve("fused_moe", "triton")[1](*moe_inputs(tokens, 64, 32, 4, 2, torch.float32)[0], weight_only=True)
+
+
 @pytest.mark.parametrize("over", [{"GROUP_M": 1}, {"GROUP_M": 2}, {"GROUP_M": 1 << 20}],
                          ids=lambda o: str(o["GROUP_M"]))
 def test_fused_moe_launch_order_changes_nothing(triton_ops, cpu_only, over):
@@ -256,7 +286,6 @@ def test_fused_moe_gpu(triton_ops, tokens):
     want, got = run_both("fused_moe", *args, **kwargs)
     # the sorted path is W8A8 as the torch op; the small path's CUDA-core kernels W8A16
     from deepserve.ops.triton.fused_moe import use_small_path
-    from tests.ops.test_triton_fused_moe_small import w8a16_reference
     if use_small_path(tokens, 8, 32):
         want = w8a16_reference(*args, **kwargs)
     # interpreted in fp32 with torch's e4m3 cast, the sorted path equals the W8A8 torch op to 1e-6
@@ -264,3 +293,14 @@ def test_fused_moe_gpu(triton_ops, tokens):
     # and 2,048 tokens (by ~4% from the W8A16 op before): which rounding (the bf16 gate / up /
     # SwiGLU outputs before their e4m3 groups, the e4m3 MMAs' accumulation) is not located
     assert rel_err(got, want) < 3e-2, rel_err(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 300, 2048])
+def test_fused_moe_fp8_weight_only_gpu(triton_ops, tokens):
+    """Weight-only fp8 experts in bf16 at R1's expert shapes: the small path's CUDA-core kernels
+    (1 token) and the sorted kernels with A16 against the 16-bit op over the dequantised weights."""
+    args, kwargs = moe_inputs(tokens, 7168, 256, 32, 8, torch.bfloat16, device="cuda", fp8=True)
+    got = resolve("fused_moe", "triton")[1](*args, **kwargs, weight_only=True)
+    want = w8a16_reference(*args, **kwargs)
+    assert rel_err(got, want) < 1e-2, rel_err(got, want)

@@ -55,7 +55,7 @@ def _folders(ref, root, strategy):
     tensors = load_file(str(ref / "model.safetensors"))
     ct, ds, deq = {}, {}, {}
     for name, w in tensors.items():
-        if not (name.startswith("model.layers.") and name.endswith("proj.weight")):
+        if not (name.startswith("model.layers.") and name.endswith(("proj.weight", "proj_with_mqa.weight"))):
             ct[name] = ds[name] = deq[name] = w
             continue
         q, s, full = _quantize(w, strategy)
@@ -195,3 +195,34 @@ def test_ct_fp8_weights_without_input_activations_run_weight_only(tiny, tmp_path
     got = torch.cat(llm.prompt_logits(PROMPTS))
     want = torch.cat(LLM(model=str(folders["deq"]), dtype="float32", tokenizer=TOKENIZER).prompt_logits(PROMPTS))
     assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("strategy", ["block", "channel"])
+def test_ct_fp8_weight_only_routed_experts_match_transformers(tmp_path, strategy):
+    """A tiny DeepSeek-V3 whose every Linear and routed expert is compressed-tensors FP8 without
+    input_activations: the experts stay e4m3 and run W8A16 like the dense layers, so the logits
+    are transformers' DeepseekV3 holding the exactly dequantized weights (fp32, 1e-4 of the
+    largest; kv_b_proj, which MLA keeps in 16 bits, dequantized through bf16 as the loader and
+    the converter do); the experts run W8A8 (activations quantised to fp8) fall outside it."""
+    from tests.models.hf_reference import assert_close_rel, hf_logits
+    from tests.models.test_deepseek import r1_style, save_deepseek
+    save_deepseek(transformers.DeepseekV3ForCausalLM, r1_style(), tmp_path / "ref")
+    folders = _folders(tmp_path / "ref", tmp_path, strategy)
+    deq = load_file(str(folders["deq"] / "model.safetensors"))
+    save_file({n: t.bfloat16().float() if ".kv_b_proj." in n else t for n, t in deq.items()},
+              str(folders["deq"] / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folders["ct"] / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = None
+    (folders["ct"] / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(model=str(folders["ct"]), dtype="float32", tokenizer=TOKENIZER)
+    experts = llm.engine.runner.model.model.layers[2].mlp.experts
+    assert experts.w13_weight.dtype == experts.w2_weight.dtype == FP8 and experts.quant.weight_only
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(folders["deq"]), torch_dtype=torch.float32).eval()
+    want = torch.cat(hf_logits(hf, PROMPTS))
+    got = torch.cat(llm.prompt_logits(PROMPTS))
+    assert_close_rel(got, want)
+    for layer in llm.engine.runner.model.model.layers[2:]:
+        layer.mlp.experts.quant.weight_only = False
+    w8a8 = torch.cat(llm.prompt_logits(PROMPTS))
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_close_rel(w8a8, want)

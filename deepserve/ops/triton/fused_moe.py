@@ -24,7 +24,10 @@ launches where the weights' bytes dominate. A checkpoint's static activation sca
 the gate/up input, one for the down input) quantise the rows beforehand instead, every group
 of a row taking the one scale (`_static_rows`), so the kernels run unchanged. Weights with one
 scale a row (compressed-tensors FP8 'channel', scales [E, N, 1]) run the same kernels with
-ROW_SCALES, which index the scales by weight row instead of by 128-row block.
+ROW_SCALES, which index the scales by weight row instead of by 128-row block. Weight-only fp8
+(a compressed-tensors scheme without input_activations) runs them with A16: the activations
+stay in their dtype, the e4m3 weight tile is widened to it (exactly) for the MMA, and the
+block's weight scale multiplies the partial sum (W8A16).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from deepserve.ops.moe import check_row_scales, check_shared_experts, check_static_scales
+from deepserve.ops.moe import check_row_scales, check_shared_experts, check_static_scales, check_weight_only
 from deepserve.ops.moe import fused_moe as fused_moe_torch
 from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.triton.quant_gemm import fp8_block_linear, fp8_kernels_usable
@@ -128,7 +131,7 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
                     n_assign, inter, hidden, n_experts, num_m,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False):
+                    DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False, A16: tl.constexpr = False):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -155,11 +158,6 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
                               BLOCK_K, W_TMA)
             if FP8:
                 kb = k0 // BLOCK_K
-                if A_FP8:     # rows quantised beforehand (_quant_rows_kernel): values and group scales
-                    a_q = a
-                    a_s = tl.load(xs_ptr + tok * xs_stride + kb, mask=row_ok, other=1.0)
-                else:
-                    a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 s_base = ws_ptr + expert * ws_se + kb * ws_sk
                 if ROW_SCALES:    # one scale a weight row (ws_sk 0: the same at every k)
                     sg = tl.load(s_base + offs_n * ws_sn, mask=n_ok, other=0.0)
@@ -167,8 +165,18 @@ def _gate_up_kernel(x_ptr, xs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expe
                 else:
                     sg = tl.load(s_base + (offs_n // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
                     su = tl.load(s_base + ((offs_n + inter) // BLOCK_K) * ws_sn, mask=n_ok, other=0.0)
-                acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
-                acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
+                if A16:       # weight only: the rows as they are, the e4m3 tiles widened exactly
+                    a16 = a.to(DOT_DTYPE)
+                    acc_g += tl.dot(a16, wg.to(DOT_DTYPE)) * sg[None, :]
+                    acc_u += tl.dot(a16, wu.to(DOT_DTYPE)) * su[None, :]
+                else:
+                    if A_FP8:     # rows quantised beforehand (_quant_rows_kernel): values and group scales
+                        a_q = a
+                        a_s = tl.load(xs_ptr + tok * xs_stride + kb, mask=row_ok, other=1.0)
+                    else:
+                        a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
+                    acc_g += tl.dot(a_q, wg) * a_s[:, None] * sg[None, :]
+                    acc_u += tl.dot(a_q, wu) * a_s[:, None] * su[None, :]
             else:
                 acc_g = tl.dot(a.to(DOT_DTYPE), wg.to(DOT_DTYPE), acc_g)
                 acc_u = tl.dot(a.to(DOT_DTYPE), wu.to(DOT_DTYPE), acc_u)
@@ -191,7 +199,7 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_
                  n_assign, hidden, inter, n_experts, num_m,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, FP8: tl.constexpr, A_FP8: tl.constexpr, W_TMA: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False):
+                 DOT_DTYPE: tl.constexpr, ROW_SCALES: tl.constexpr = False, A16: tl.constexpr = False):
     pid_m, pid_n = _block_of(num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < n_experts:
@@ -210,14 +218,17 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, w_desc, ws_ptr, sorted_ptr, block_expert_
             w = _weight_tile(w_ptrs, k_ok[:, None] & n_ok[None, :], w_desc, expert.to(tl.int32), pid_n * BLOCK_N, k0,
                              BLOCK_N, BLOCK_K, W_TMA)
             if FP8:
-                if A_FP8:
-                    a_q = a
-                    a_s = tl.load(hs_ptr + safe_rows * hs_stride + k0 // BLOCK_K, mask=row_ok, other=1.0)
-                else:
-                    a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
                 s_rows = offs_n if ROW_SCALES else offs_n // BLOCK_K     # a scale a row, or a block's
                 s = tl.load(ws_ptr + expert * ws_se + (k0 // BLOCK_K) * ws_sk + s_rows * ws_sn, mask=n_ok, other=0.0)
-                acc += tl.dot(a_q, w) * a_s[:, None] * s[None, :]
+                if A16:       # weight only (as the gate/up kernel)
+                    acc += tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE)) * s[None, :]
+                else:
+                    if A_FP8:
+                        a_q = a
+                        a_s = tl.load(hs_ptr + safe_rows * hs_stride + k0 // BLOCK_K, mask=row_ok, other=1.0)
+                    else:
+                        a_q, a_s = _quant_group(a.to(tl.float32), 448.0)
+                    acc += tl.dot(a_q, w) * a_s[:, None] * s[None, :]
             else:
                 acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
             a_ptrs += BLOCK_K
@@ -281,7 +292,8 @@ def use_small_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
 def sorted_tiles(n_assign: int, num_experts: int, inter: int, fp8: bool, elem_bytes: int,
                  device: torch.device) -> tuple[dict, dict]:
     """Each kernel's launch settings from the table (configs/fused_moe/), by rows per expert
-    (`per_expert`; a table may also name the experts' intermediate size `inter`):
+    (`per_expert`; a table may also name the experts' intermediate size `inter`; `elem_bytes`:
+    the MMA operands', 1 for W8A8 fp8, the activations' for weight-only fp8):
     BLOCK_M (taken from gate_up's), PREQUANT (fp8: quantise activation rows once beforehand),
     BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; W_TMA, where a table sets it, forces the
     weights' TMA tiles on or off.
@@ -289,7 +301,9 @@ def sorted_tiles(n_assign: int, num_experts: int, inter: int, fp8: bool, elem_by
     Few rows per expert take small row blocks (an expert's last block is padding); where the
     GEMMs are compute-bound, large blocks walking the columns together. fp32 activations and
     weights take twice the shared memory per stage: half the K tile and at most 2 stages keep
-    the tiles under Hopper's 227 KB. How each setting was measured: docs/PERFORMANCE.md
+    the tiles under Hopper's 227 KB; weight-only fp8 (fp8 with 16/32-bit operands) reads 128-wide
+    K tiles and widens the weight tiles in shared memory: narrow column tiles, 2 stages (chosen to
+    fit, not swept). How each other setting was measured: docs/PERFORMANCE.md
     (benchmarks/sweep_fused_moe.py)."""
     shape = dict(fp8=fp8, per_expert=n_assign / max(num_experts, 1), elem_bytes=elem_bytes, inter=inter)
     return (launch_settings("fused_moe", device, kernel="gate_up", **shape),
@@ -302,7 +316,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
               shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
               shared_w2_scale: Optional[torch.Tensor] = None, a13_scale: Optional[torch.Tensor] = None,
-              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False) -> torch.Tensor:
+              a2_scale: Optional[torch.Tensor] = None, per_channel_weights: bool = False,
+              weight_only: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D]; plus the shared
     experts shared_w13 [2*Is, D] / shared_w2 [D, Is] when given: fused into the small path's
     two launches; beside the sorted path an MLP of their own (it streams its weights once
@@ -311,10 +326,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted path at any batch, its rows quantised beforehand with the one scale (the small
     path's kernels quantise per group, or not at all). fp8 weights with one scale a row
     (`per_channel_weights`, scales [E, N, 1]) take the sorted path too, its kernels reading a
-    scale per weight row instead of per 128-row block."""
+    scale per weight row instead of per 128-row block. fp8 `weight_only` (W8A16): the small
+    path's CUDA-core kernels, or the sorted kernels with the activations unquantised (A16)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
     check_static_scales(fp8, a13_scale, a2_scale, shared_w13)
+    check_weight_only(fp8, weight_only, a13_scale, shared_w13)
     check_row_scales(x, w13, w2, w13_scale, w2_scale, per_channel_weights, shared_w13)
     shared = dict(shared_w13=shared_w13, shared_w2=shared_w2, shared_w13_scale=shared_w13_scale,
                   shared_w2_scale=shared_w2_scale)
@@ -322,10 +339,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if fp8 and not fp8_kernels_usable(x.device):   # no e4m3 tensor cores: dequantize per call
         return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
                                a13_scale=a13_scale, a2_scale=a2_scale, per_channel_weights=per_channel_weights,
-                               **shared)
+                               weight_only=weight_only, **shared)
     top_k = topk_ids.shape[1]
     if num_tokens and use_small_path(num_tokens, top_k, num_experts) and not static and not per_channel_weights:
-        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale, **shared)
+        return fused_moe_small(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+                               weight_only=weight_only, **shared)
     add = None
     if shared_w13 is not None and fp8:
         act = silu_and_mul(fp8_block_linear(x, shared_w13, shared_w13_scale))
@@ -333,7 +351,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     elif shared_w13 is not None:   # LlamaMLP's ops: cuBLAS GEMMs around the Triton SiLU-and-mul
         add = F.linear(silu_and_mul(F.linear(x, shared_w13)), shared_w2)
     return _fused_moe_sorted(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add,
-                             (a13_scale, a2_scale) if static else None, per_channel_weights)
+                             (a13_scale, a2_scale) if static else None, per_channel_weights, weight_only)
 
 
 def _static_rows(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,17 +365,20 @@ def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
                       topk_ids: torch.Tensor, w13_scale: Optional[torch.Tensor], w2_scale: Optional[torch.Tensor],
                       add: Optional[torch.Tensor],
                       static: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                      row_scales: bool = False) -> torch.Tensor:
+                      row_scales: bool = False, weight_only: bool = False) -> torch.Tensor:
     """`fused_moe` over tokens sorted by expert (grouped GEMMs), plus `add` [T, D] (the shared
     experts' output) in the slot sum when given; fp8 with `static` (a13_scale, a2_scale): the
-    rows quantised beforehand with those scales; `row_scales`: weight scales [E, N, 1]."""
+    rows quantised beforehand with those scales; `row_scales`: weight scales [E, N, 1];
+    `weight_only`: the rows unquantised (A16)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     top_k = topk_ids.shape[1]
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
     n_assign = num_tokens * top_k
-    gu, dn = sorted_tiles(n_assign, num_experts, inter, fp8, w13.element_size(), x.device)
+    # the MMA operands' bytes: weight-only fp8 widens the e4m3 tiles to the activations' dtype
+    gu, dn = sorted_tiles(n_assign, num_experts, inter, fp8, x.element_size() if weight_only else w13.element_size(),
+                          x.device)
     block_m, prequant, tma = gu.pop("BLOCK_M"), gu.pop("PREQUANT"), gu.pop("W_TMA", None)
     for key in ("BLOCK_M", "PREQUANT", "W_TMA"):
         dn.pop(key, None)
@@ -369,11 +390,11 @@ def _fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     s13 = (*w13_scale.stride()[:2], 0 if row_scales else w13_scale.stride(2)) if fp8 else (0, 0, 0)
     s2 = (*w2_scale.stride()[:2], 0 if row_scales else w2_scale.stride(2)) if fp8 else (0, 0, 0)
     num_m = aligned.num_blocks
-    common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype), ROW_SCALES=row_scales)
+    common = dict(BLOCK_M=block_m, FP8=fp8, DOT_DTYPE=dot_dtype(x.dtype), ROW_SCALES=row_scales, A16=weight_only)
     gu, dn = {**common, **gu}, {**common, **dn}
     # fp8: activation rows quantised once by a separate pass where the row blocks are large
     # enough for the GEMMs to be compute-bound, else inside the GEMMs (one launch less)
-    prequant = fp8 and (prequant or static is not None)
+    prequant = fp8 and not weight_only and (prequant or static is not None)
     if tma is None:
         tma = _tma_weights(w13) and _tma_weights(w2)
     quant = _quant_rows if static is None else functools.partial(_static_rows, scale=static[0])

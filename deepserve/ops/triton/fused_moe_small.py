@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deepserve.ops.moe import check_shared_experts
+from deepserve.ops.moe import check_shared_experts, check_weight_only
 from deepserve.ops.triton._common import and_scalar, cdiv, next_pow2, pdl_begin, pdl_launch, unit_last
 from deepserve.ops.triton.fused_moe_small_mma import (_routed_slot, _silu_mul_store, act_quantized_by_gate_up,
                                                      down_mma, gate_up_mma)
@@ -321,12 +321,14 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
                     topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
                     w2_scale: Optional[torch.Tensor] = None, shared_w13: Optional[torch.Tensor] = None,
                     shared_w2: Optional[torch.Tensor] = None, shared_w13_scale: Optional[torch.Tensor] = None,
-                    shared_w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    shared_w2_scale: Optional[torch.Tensor] = None, weight_only: bool = False) -> torch.Tensor:
     """x [T, D], w13 [E, 2I, D] (rows: gate then up), w2 [E, D, I] -> [T, D], in two launches;
     plus the shared experts shared_w13 [2*Is, D] (gate then up) / shared_w2 [D, Is] when given
-    (e4m3 with shared_w13_scale / shared_w2_scale beside fp8 experts)."""
+    (e4m3 with shared_w13_scale / shared_w2_scale beside fp8 experts). fp8 `weight_only`: W8A16
+    whatever the table's MMA says (the tensor-core forms quantise the activations)."""
     num_tokens, hidden, num_experts, inter, fp8 = moe_shapes(x, w13, w2, w13_scale, w2_scale)
     check_shared_experts(x, fp8, shared_w13, shared_w2, shared_w13_scale, shared_w2_scale)
+    check_weight_only(fp8, weight_only, None, shared_w13)
     has_shared = shared_w13 is not None
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] != num_tokens or topk_weights.shape != topk_ids.shape:
@@ -353,6 +355,8 @@ def fused_moe_small(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_w
     gu_cfg = small_config("gate_up", fp8, inter, x.device)
     down_rule = small_config("down", fp8, inter, x.device)
     mma_gu, mma_down = gu_cfg.pop("MMA", 0), down_rule.pop("MMA", 0)
+    if weight_only:
+        mma_gu = mma_down = 0
     if (mma_gu or mma_down) and not fp8:
         raise ValueError(f"fused_moe_small MMA runs fp8 weights only, got {w13.dtype}")
     down_cfg = slots_cfg if slots else down_rule
