@@ -578,9 +578,11 @@ class EngineArgs:
     decode CUDA graphs, each prompt token a one-token row that attends over its sequence's
     positions up to its own, instead of piecewise graphs with attention run eagerly between
     them, whose host launches outlast such a step's GPU work. The decode graphs are then
-    captured up to max_num_seqs + this many rows (of --cuda-graph-sizes). 0 turns it off.
-    Default: 256 with --cudagraph-mode FULL_AND_PIECEWISE or FULL, one pipeline stage and no
-    speculative decoding; 0 otherwise."""
+    captured up to max_num_seqs + this many rows (of --cuda-graph-sizes). With speculative
+    decoding the same holds for verify steps that carry prompt chunks (their drafts, up to k a
+    decode, are rows too; the graphs reach max_num_seqs * (1 + k) + this many rows). 0 turns it
+    off. Default: 256 with --cudagraph-mode FULL_AND_PIECEWISE or FULL and one pipeline stage;
+    0 otherwise."""
     compilation_config: Optional[dict] = None
     """vLLM's JSON, mapped onto the CUDA graphs deepserve captures: cudagraph_capture_sizes sets
     --cuda-graph-sizes, max_cudagraph_capture_size caps them and --piecewise-max-tokens,
@@ -784,20 +786,19 @@ class EngineArgs:
                             cudagraph_mode=self.cudagraph_mode,
                             piecewise_max_tokens=min(self.piecewise_max_tokens or default_piecewise_max_tokens(hf),
                                                      batched),
-                            mixed_graph_tokens=self._mixed_graph_tokens(speculative),
+                            mixed_graph_tokens=self._mixed_graph_tokens(),
                             profiler=self.profiler_config if self.profiler_config and self.profiler_config.profiler
                             else None)
 
-    def _mixed_graph_tokens(self, speculative) -> int:
+    def _mixed_graph_tokens(self) -> int:
         """--mixed-graph-tokens as the engine runs it (see the field): 0 where no whole decode
-        graphs replay; a value given with speculative decoding (its verify steps take the
-        graphs' rows) or pipeline parallel (stage graphs) is refused."""
+        graphs replay; a value given with pipeline parallel (stage graphs) is refused."""
         given = self.mixed_graph_tokens
-        unsupported = ("speculative decoding" if speculative is not None
-                       else "pipeline parallel" if self.pipeline_parallel_size > 1 else None)
-        if given and unsupported:
-            raise ValueError(f"mixed_graph_tokens ({given}) is not supported with {unsupported}; leave it out or set 0")
-        if unsupported or self.enforce_eager or self.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL"):
+        if given and self.pipeline_parallel_size > 1:
+            raise ValueError(f"mixed_graph_tokens ({given}) is not supported with pipeline parallel; "
+                             "leave it out or set 0")
+        whole_graphs = not self.enforce_eager and self.cudagraph_mode in ("FULL_AND_PIECEWISE", "FULL")
+        if self.pipeline_parallel_size > 1 or not whole_graphs:
             return 0
         return 256 if given is None else given
 

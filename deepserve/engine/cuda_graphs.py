@@ -11,13 +11,15 @@ cudagraph_mode FULL_AND_PIECEWISE as piecewise graphs around eager attention
 Capture needs ops without host syncs, so graphs are used only with the Triton backend.
 
 Small mixed steps (decodes beside at most --mixed-graph-tokens prompt tokens) replay them the
-same way, each prompt token a row (`fits_as_rows`, DriverRunner.host_inputs): the piecewise
-graphs would run their attention eagerly, whose launches outlast such a step's GPU work.
+same way, each prompt token a row (`CudaGraphRunner.fits_as_rows`, DriverRunner.runs_as_rows):
+the piecewise graphs would run their attention eagerly, whose launches outlast such a step's
+GPU work.
 
 Verify steps of speculative decoding (each sequence's last token and its k drafts) replay the
 same graphs as decode rows, one row per token (engine/spec_decode.as_decode_rows), so the
-sizes count tokens, up to max_num_seqs * (k + 1); the graphs keep their hidden states too,
-which MTP drafting reads after the step. The MTP module's own forwards (its rows after a
+sizes count tokens, up to max_num_seqs * (k + 1) (plus --mixed-graph-tokens: a small mixed
+step's prompt rows beside verify rows, by the same rule); the graphs keep their hidden states
+too, which MTP drafting reads after the step. The MTP module's own forwards (its rows after a
 step of decodes, and each later draft position) replay graphs of their own
 (`MTPGraphRunner`), with the previous hidden state as one more input buffer.
 
@@ -44,11 +46,8 @@ def decode_graph_sizes(config, sizes: list[int]) -> list[int]:
     rows a graph step has (max_num_seqs, times 1 + the drafts with speculative decoding, plus
     --mixed-graph-tokens' prompt rows of a mixed step), ascending; [1] where none is."""
     spec = config.speculative
-    if spec is not None:
-        rows = config.scheduler.max_num_seqs * (1 + spec.num_speculative_tokens)
-    else:
-        rows = config.scheduler.max_num_seqs + config.mixed_graph_tokens
-    return sorted(s for s in sizes if s <= rows) or [1]
+    rows = config.scheduler.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+    return sorted(s for s in sizes if s <= rows + config.mixed_graph_tokens) or [1]
 
 
 MIXED_ROWS_CONTEXT = 1 << 20
@@ -57,18 +56,11 @@ rows: each such row reads its sequence's cache up to its own position, where the
 reads a sequence's cached prefix once, so a chunk deep into a long prompt stays off this path."""
 
 
-def fits_as_rows(inputs, mixed_tokens: int, max_rows: int, max_len: int) -> bool:
-    """Whether a mixed step (StepInputs: decodes first, then prompt chunks) runs as one-token
-    decode rows (engine/spec_decode.as_decode_rows) in a captured graph: at most `mixed_tokens`
-    prompt tokens, `max_rows` rows in all, no sequence longer than `max_len`, and its prompt
-    rows' attended positions within MIXED_ROWS_CONTEXT."""
-    if not mixed_tokens or inputs.decode_only or inputs.num_tokens > max_rows:
-        return False
-    first = inputs.num_decodes
-    if inputs.num_tokens - first > mixed_tokens or max(inputs.seq_lens) > max_len:
-        return False
-    context = sum(q * s for q, s in zip(inputs.q_lens[first:], inputs.seq_lens[first:]))
-    return context <= MIXED_ROWS_CONTEXT
+def step_rows(num_new_tokens: list[int], drafts: int) -> int:
+    """The most one-token rows a scheduled step runs as: its tokens, and with speculative
+    decoding up to `drafts` verify rows beside each one-token row (only a sequence that computes
+    one token drafts; the step's token budget and the pool may give it fewer)."""
+    return sum(num_new_tokens) + drafts * num_new_tokens.count(1)
 
 
 class CudaGraphRunner:
@@ -134,6 +126,22 @@ class CudaGraphRunner:
     def fits(self, num_seqs: int, decode_only: bool, max_seq_len: int) -> bool:
         """Whether a batch of `num_seqs` rows can replay a captured graph."""
         return self.enabled and decode_only and num_seqs <= self.max_bs and max_seq_len <= self.max_len
+
+    def fits_as_rows(self, batch, mixed_tokens: int, drafts: int = 0) -> bool:
+        """Whether a scheduled step with prompt tokens (ScheduledBatch: one-token rows first, then
+        prompt chunks) runs as one-token decode rows (engine/spec_decode.as_decode_rows) in a captured
+        graph: at most `mixed_tokens` prompt tokens, its rows (`step_rows`, counting up to
+        `drafts` verify rows beside each one-token row) within a graph (`fits`), and its prompt
+        rows' attended positions within MIXED_ROWS_CONTEXT. It reads the batch as scheduled,
+        before any drafting, so a DP rank can tell the others before its step runs."""
+        q, first = batch.num_new_tokens, batch.num_decodes
+        prompt = sum(q[first:])
+        if not mixed_tokens or not prompt or prompt > mixed_tokens:
+            return False
+        seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, q)]
+        if not self.fits(step_rows(q, drafts), True, max(seq_lens)):
+            return False
+        return sum(n * s for n, s in zip(q[first:], seq_lens[first:])) <= MIXED_ROWS_CONTEXT
 
     def size_for(self, num_seqs: int) -> int:
         """The captured size a decode batch of `num_seqs` rows runs at."""

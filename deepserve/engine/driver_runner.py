@@ -19,7 +19,7 @@ import torch
 
 from deepserve.config import EngineConfig
 from deepserve.distributed.parallel_state import ParallelContext
-from deepserve.engine.cuda_graphs import fits_as_rows
+from deepserve.engine.cuda_graphs import step_rows
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.model_runner import ModelRunner
 from deepserve.engine.pipeline import PendingLogits
@@ -128,14 +128,37 @@ class DriverRunner(ModelRunner):
         self.sampler.warm_up(logits)
 
     def host_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """The batch's flat step inputs; a small mixed step's as one-token rows, which the decode
-        CUDA graphs replay (engine/cuda_graphs.fits_as_rows; never with pipeline parallel,
-        where the config keeps mixed_graph_tokens 0)."""
+        """The batch's flat step inputs; as one-token rows where the step runs as decode rows
+        (`runs_as_rows`), which the decode CUDA graphs replay."""
         inputs = StepInputs.from_batch(batch, self.block_size)
-        g, mixed = self.graphs, self.config.mixed_graph_tokens
-        if mixed and g is not None and g.enabled and fits_as_rows(inputs, mixed, g.max_bs, g.max_len):
-            return as_decode_rows(inputs)
-        return inputs
+        return as_decode_rows(inputs) if not inputs.decode_only and self.runs_as_rows(batch) else inputs
+
+    def runs_as_rows(self, batch: ScheduledBatch) -> bool:
+        """Whether a scheduled step runs as one-token rows over the decode CUDA graphs
+        (engine/spec_decode.as_decode_rows): a step of decodes (with speculative decoding each
+        verified with its drafts, as rows of their own), or a small mixed step, prompt chunks
+        beside the decodes and their verify rows (CudaGraphRunner.fits_as_rows, counting k
+        drafts beside each one-token row). One rule for the plain step (`host_inputs`), the
+        verify step and its MTP forward (engine/spec_decode.run_speculative_step) and the DP
+        ranks' agreement before the step (engine/engine_core.py), read from the batch as
+        scheduled, before any drafting. Never with pipeline parallel's mixed steps, where the
+        config keeps mixed_graph_tokens 0."""
+        g = self.graphs
+        if g is None or not g.enabled:
+            return False
+        if batch.num_decodes == len(batch.seqs):     # one-token rows alone
+            return True
+        return g.fits_as_rows(batch, self.config.mixed_graph_tokens, self.num_drafts)
+
+    @property
+    def num_drafts(self) -> int:
+        """Draft tokens a decode may verify beside its own (speculative decoding's k; 0 without)."""
+        spec = self.config.speculative
+        return spec.num_speculative_tokens if spec is not None else 0
+
+    def graph_rows(self, batch: ScheduledBatch) -> int:
+        """The most rows `batch` replays as decode rows (cuda_graphs.step_rows)."""
+        return step_rows(batch.num_new_tokens, self.num_drafts)
 
     def _forward(self, msg: StepMessage) -> Optional[torch.Tensor]:
         self.publish(msg)

@@ -470,10 +470,10 @@ class EngineCore:
             if work:
                 mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
             elif batch:
-                inputs = self.runner.host_inputs(batch)
-                # speculative decoding: up to k draft rows a decode (engine/spec_decode.as_decode_rows)
-                rows = inputs.num_tokens * (1 + (self.engine.spec.k if self.engine.spec is not None else 0))
-                mine = DPSync(True, rows, not inputs.decode_only, max(inputs.seq_lens), self.stopping)
+                # from the batch as scheduled: the step's own inputs are flattened once, when it runs
+                longest = max(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens))
+                mine = DPSync(True, self.runner.graph_rows(batch), not self.runner.runs_as_rows(batch), longest,
+                              self.stopping)
             else:
                 mine = DPSync(False, 1, False, 1, self.stopping)
             v = torch.tensor(mine.to_list(), dtype=torch.int64)

@@ -164,9 +164,6 @@ class SpecDecoder:
         self.mtp = spec.method == "mtp"
         if not self.mtp:
             self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, self.k, max_model_len)
-        # verify steps of decodes only run as one-token rows (`as_decode_rows`): set where the
-        # runner replays them as CUDA graphs
-        self.decode_rows = False
         # the runner's sampler (its sampling op and vocabulary) samples the verified rows
         self.sampler: Optional[Sampler] = None
         self.pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # Sequence -> MTP drafts
@@ -267,7 +264,6 @@ def make_spec_decoder(config, runner) -> Optional[SpecDecoder]:
     if spec.method == "mtp" and runner.mtp is None:
         raise ValueError(f"speculative method {spec.method!r} needs the model's MTP module")
     decoder = SpecDecoder(spec, config.model.max_model_len)
-    decoder.decode_rows = runner.graphs is not None and runner.graphs.enabled
     decoder.sampler = runner.sampler
     return decoder
 
@@ -294,7 +290,10 @@ def run_speculative_step(engine, batch) -> list:
             bm.append_slots(seq, seq.num_tokens + len(d))
         drafts.append(d)
     inputs, order = verify_inputs(seqs, num_new, drafts, bm.block_size)
-    forward = as_decode_rows(inputs) if decoder.decode_rows and all(n == 1 for n in num_new) else inputs
+    # one-token rows where the decode CUDA graphs replay the step (DriverRunner.runs_as_rows: decided
+    # from the batch as scheduled, as a DP rank told the others)
+    as_rows = runner.runs_as_rows(batch)
+    forward = as_decode_rows(inputs) if as_rows else inputs
     # (mtp: every rank keeps the hidden states of every row for the MTP step)
     msg = StepMessage(forward, runner.graph_size, keep_hidden=decoder.mtp)
     runner.publish(msg)
@@ -324,8 +323,7 @@ def run_speculative_step(engine, batch) -> list:
             emitted[i], logprobs[i] = [tok], lp
     next_drafts = {}
     if decoder.mtp:
-        next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs,
-                               decoder.decode_rows and all(n == 1 for n in num_new))
+        next_drafts = mtp_step(runner, bm, seqs, order, num_new, emitted, inputs, as_rows)
     flat_seqs, flat_tokens, flat_lps = [], [], []
     for i, seq in enumerate(seqs):
         toks = emitted.get(i, [])

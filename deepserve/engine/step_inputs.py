@@ -74,7 +74,7 @@ class DPSync:
     vector, so its size does not grow with the number of DP ranks)."""
     has_work: bool
     num_tokens: int
-    mixed: bool          # some rank's batch is not decode-only (no CUDA graph this step)
+    mixed: bool          # some rank's step does not run as decode rows (no CUDA graph this step)
     longest: int         # the longest sequence of any rank (CUDA graphs cover max_model_len)
     stop: bool = False   # some rank is shutting down: all leave the loop in this round
 

@@ -50,12 +50,16 @@ def test_plan_follows_what_the_runner_captures(kw, device, backend, pp, exchange
 
 
 def test_plan_with_mtp_drafts_counts_their_rows_and_graphs():
-    cfg = EngineArgs(model="deepseek-v2-lite", hf_overrides={"num_nextn_predict_layers": 1}, max_num_seqs=16,
-                     speculative_config={"method": "mtp", "num_speculative_tokens": 1}).create_engine_config()
+    args = dict(model="deepseek-v2-lite", hf_overrides={"num_nextn_predict_layers": 1}, max_num_seqs=16,
+                speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    cfg = EngineArgs(**args, mixed_graph_tokens=0).create_engine_config()
     plan = graph_plan(cfg, "cuda", "triton", 1, False, splittable=True)
     assert plan.decode_sizes == plan.mtp_sizes == [1, 2, 4, 8, 16, 32]      # rows: 16 x (1 + 1)
     assert plan.piecewise_sizes == capture_sizes(cfg.piecewise_max_tokens)  # the default mode's prefill graphs
     assert plan.num_sizes == 12 + len(plan.piecewise_sizes)
+    # verify rows beside the default 256 prompt rows of a small mixed step: 16 x (1 + 1) + 256
+    plan = graph_plan(EngineArgs(**args).create_engine_config(), "cuda", "triton", 1, False, splittable=True)
+    assert plan.decode_sizes == plan.mtp_sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 def test_estimate_and_budget_arithmetic():
@@ -134,7 +138,6 @@ def test_grown_blocks_within_what_the_sequences_can_use():
 class _FakeGraphs:
     """Stands for a CudaGraphRunner on the CPU: records the pool it was captured over and
     never replays (every step runs eagerly)."""
-    max_bs = max_len = 0      # no row fits: mixed steps stay off the graphs too
 
     def __init__(self, runner, enabled: bool):
         self.enabled = enabled
@@ -144,6 +147,9 @@ class _FakeGraphs:
 
     def can_run(self, meta) -> bool:
         return False
+
+    def fits_as_rows(self, batch, mixed_tokens: int, drafts: int = 0) -> bool:
+        return False           # mixed steps stay off the graphs too
 
 
 def _fake_gpu_start(monkeypatch, estimate_blocks: int, taken_blocks: int, capture_ok: bool = True):

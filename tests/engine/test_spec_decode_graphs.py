@@ -20,6 +20,7 @@ from deepserve.engine.sequence import Sequence
 from deepserve.engine.spec_decode import as_decode_rows, verify_inputs
 from deepserve.engine.step_inputs import StepMessage
 from deepserve.ops import OpTable
+from tests.engine.eager_graphs import install
 from tests.engine.test_spec_decode_mtp import PROMPTS, plain_outputs, r1_with_mtp  # noqa: F401 (fixtures)
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
@@ -68,8 +69,9 @@ def test_decode_rows_equal_the_verify_forward_mla(r1_with_mtp):  # noqa: F811
 
 
 def _forced_decode_rows(llm, monkeypatch):
-    """Verify as decode rows (as under CUDA graphs); record each forward's row layout."""
-    llm.engine.spec.decode_rows = True
+    """Verify as decode rows (as under CUDA graphs, replayed eagerly); record each forward's row
+    layout."""
+    install(llm, max_bs=1024)
     seen, real = [], llm.engine.runner.run_step
     monkeypatch.setattr(llm.engine.runner, "run_step",
                         lambda msg, *a, **k: (seen.append(msg.inputs.decode_only), real(msg, *a, **k))[1])
@@ -81,7 +83,7 @@ def test_engine_ngram_verifying_as_decode_rows_equals_plain(monkeypatch):
     prompts = STORIES + ["Lily had a cat. Lily had"]
     params = SamplingParams(temperature=0, max_tokens=40)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
-    spec = LLM(block_size=4, speculative_config=json.dumps(NGRAM))
+    spec = LLM(block_size=4, speculative_config=json.dumps(NGRAM), mixed_graph_tokens=0)   # (prompts flat)
     seen = _forced_decode_rows(spec, monkeypatch)
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
     g = spec.engine.gauges()
@@ -129,10 +131,11 @@ def test_gpu_ngram_verify_steps_replay_graphs(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=48)
     with LLM(dtype="float32", block_size=16, enforce_eager=True) as plain:
         want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
-    with LLM(dtype="float32", block_size=16, max_num_seqs=8, speculative_config=json.dumps(NGRAM)) as llm:
+    with LLM(dtype="float32", block_size=16, max_num_seqs=8, speculative_config=json.dumps(NGRAM),
+             mixed_graph_tokens=0) as llm:
         graphs = llm.engine.runner.graphs
         assert graphs is not None and graphs.enabled and graphs.sizes[-1] == 32
-        assert llm.engine.spec.decode_rows and llm.engine.runner.mtp is None
+        assert llm.engine.runner.mtp is None
         rows = _replays(llm, monkeypatch)
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
         assert max(rows) > len(prompts) and llm.engine.gauges()["spec_decode_num_accepted_tokens"] > 0
@@ -149,7 +152,6 @@ def test_gpu_mtp_verify_steps_replay_graphs(r1_with_mtp, monkeypatch):  # noqa: 
         want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     with LLM(model=r1_with_mtp, dtype="float32", block_size=16, max_num_seqs=8,
              speculative_config={"method": "mtp", "num_speculative_tokens": 1}) as llm:
-        assert llm.engine.spec.decode_rows
         rows = _replays(llm, monkeypatch)
         mtp_graphs = llm.engine.runner.mtp.graphs
         assert mtp_graphs is not None and mtp_graphs.enabled

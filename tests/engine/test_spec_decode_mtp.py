@@ -71,7 +71,9 @@ def test_engine_mtp_drafts_equal_drafts_from_scratch(r1_with_mtp, decode_rows):
     llm = LLM(model=r1_with_mtp, dtype="float32", block_size=4,
               speculative_config={"method": "mtp", "num_speculative_tokens": k})
     engine = llm.engine
-    engine.spec.decode_rows = decode_rows
+    if decode_rows:
+        from tests.engine.eager_graphs import install
+        install(llm, max_bs=64)
     rid = engine.add_request(None, {"prompt_token_ids": PROMPTS[2]}, SamplingParams(temperature=0, max_tokens=12))
     seq = engine.requests[rid].seqs[0]
     snapshots = []
@@ -211,7 +213,8 @@ def test_mtp_warm_up_as_decode_rows_writes_nothing(r1_with_mtp, monkeypatch):
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=12)
     reference = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    monkeypatch.setattr(llm.engine.runner, "graphs", types.SimpleNamespace(enabled=True, can_run=lambda meta: False))
+    monkeypatch.setattr(llm.engine.runner, "graphs", types.SimpleNamespace(enabled=True, can_run=lambda meta: False,
+                                                                           fits_as_rows=lambda *a: False))
     published = warm_up_again(llm)
     serves_again(llm, prompts, params, reference)
     pairs = list(zip([m for m in published if isinstance(m, StepMessage)],
