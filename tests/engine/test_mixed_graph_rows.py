@@ -167,6 +167,15 @@ def _staggered(llm, prompts: list, params: SamplingParams, every: int = 3) -> li
     return [out[i] for i in ids]
 
 
+def _same_speculation(llm, flat) -> None:
+    """`llm` drafted, and had accepted, as many tokens as `flat` (the same requests, verified
+    flat); its pool is whole again."""
+    g, f = llm.engine.gauges(), flat.engine.gauges()
+    counters = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+    assert g["spec_decode_num_drafts"] > 0 and [g[c] for c in counters] == [f[c] for c in counters]
+    assert g["num_free_blocks"] == g["num_blocks"]
+
+
 @pytest.mark.parametrize("mixed_tokens", [6, 256])
 def test_engine_ngram_mixed_verify_steps_as_rows_equal_plain(mixed_tokens, monkeypatch):
     """n-gram drafts (stories260k), prompts arriving while others decode: their prompts are
@@ -177,15 +186,16 @@ def test_engine_ngram_mixed_verify_steps_as_rows_equal_plain(mixed_tokens, monke
                "Tom and Lily went to the park. Tom and Lily went to the", "Once upon a time", "Lily had a cat"]
     params = SamplingParams(temperature=0, max_tokens=24)
     want = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
-    llm = LLM(**kw, mixed_graph_tokens=mixed_tokens,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2})
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}
+    flat = LLM(**kw, speculative_config=spec)                # no graphs: every verify step flat
+    assert _staggered(flat, prompts, params, every=1) == want
+    llm = LLM(**kw, mixed_graph_tokens=mixed_tokens, speculative_config=spec)
     install(llm, max_bs=4 * 4 + mixed_tokens)
     steps = _verify_steps(llm, monkeypatch)
     assert _staggered(llm, prompts, params, every=1) == want
     assert [p for p, d, _ in steps if p and d] == [21, 5], steps        # prompts beside drafts
     assert all(rows == (p <= mixed_tokens) for p, d, rows in steps), steps
-    g = llm.engine.gauges()
-    assert g["spec_decode_num_accepted_tokens"] > 0 and g["num_free_blocks"] == g["num_blocks"]
+    _same_speculation(llm, flat)
 
 
 def test_engine_mtp_mixed_verify_steps_as_rows_equal_plain(r1_with_mtp, monkeypatch):  # noqa: F811
@@ -196,7 +206,10 @@ def test_engine_mtp_mixed_verify_steps_as_rows_equal_plain(r1_with_mtp, monkeypa
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=24)
     want = [o.outputs[0].token_ids for o in LLM(**kw).generate(prompts, params)]
-    llm = LLM(**kw, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    spec = {"method": "mtp", "num_speculative_tokens": 2}
+    flat = LLM(**kw, speculative_config=spec)                # no graphs: every verify step flat
+    assert _staggered(flat, prompts, params) == want
+    llm = LLM(**kw, speculative_config=spec)
     install(llm, max_bs=64)
     steps = _verify_steps(llm, monkeypatch)
     mtp_rows, real_mtp = [], llm.engine.runner.run_mtp
@@ -205,8 +218,7 @@ def test_engine_mtp_mixed_verify_steps_as_rows_equal_plain(r1_with_mtp, monkeypa
     assert _staggered(llm, prompts, params) == want
     assert any(p and d and rows for p, d, rows in steps), steps
     assert all(rows for _, _, rows in steps) and all(mtp_rows) and len(mtp_rows) == len(steps)
-    g = llm.engine.gauges()
-    assert g["spec_decode_num_drafts"] > 0 and g["num_free_blocks"] == g["num_blocks"]
+    _same_speculation(llm, flat)
 
 
 def _batch(q_lens: list[int], seq_lens: list[int]) -> ScheduledBatch:
