@@ -22,6 +22,7 @@ import re
 import torch
 from torch import nn
 
+from deepserve.quant.fp8 import first_bad_value
 from deepserve.quant.int8 import quant_int8_per_channel
 
 
@@ -78,7 +79,8 @@ class Int8Experts:
                              f"{tuple(loaded.shape)} does not match the {rows} output rows (one float per row)")
         loaded = loaded.reshape(-1, 1).to(param.device, torch.float32)
         if not bool(torch.isfinite(loaded).all()):
-            raise ValueError(f"tensor {name} expert {expert} {part}: weight_scale has non-finite values")
+            raise ValueError(f"tensor {name} expert {expert} {part}: weight_scale has non-finite values "
+                             f"({first_bad_value(loaded, positive=False)})")
         i, start = moe.local_intermediate, moe.inter_start
         if part == "w2":
             param.data[local].copy_(loaded)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deepserve.quant.checkpoint import no_safetensors
-from deepserve.quant.fp8 import FP8_DTYPE, dequant_fp8_block
+from deepserve.quant.fp8 import FP8_DTYPE, dequant_fp8_block, first_bad_value
 from deepserve.quant.int8 import dequant_int8
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _dequantize(fmt: str, name: str, weight: torch.Tensor, scale: torch.Tensor, 
             # the FP8 folder sees exactly the weights of the converted BF16 folder
             return dequant_fp8_block(weight, scale, block, torch.bfloat16).to(out_dtype)
         if not bool(torch.isfinite(scale).all()):
-            raise ValueError("weight_scale has non-finite values")
+            raise ValueError(f"weight_scale has non-finite values ({first_bad_value(scale, positive=False)})")
         return dequant_int8(weight, scale.reshape(-1, 1).float(), out_dtype)
     except ValueError as exc:
         raise ValueError(f"tensor {scale_name}: {exc}") from None
@@ -117,7 +117,8 @@ def dequantize_stream(weights: Iterable[tuple[str, torch.Tensor]], fmt: str, blo
                 # fp8 scales are checked by their layers; an int8 layer multiplies by its scale as
                 # stored, so a NaN / inf one would make its rows NaN without a word
                 if fmt == "w8a8-int8" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"tensor {name}: weight_scale has non-finite values")
+                    raise ValueError(f"tensor {name}: weight_scale has non-finite values "
+                                     f"({first_bad_value(t, positive=False)})")
                 kept_s.add(base)
                 yield name, t
             elif base in pending_w:

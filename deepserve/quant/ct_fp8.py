@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from deepserve.quant.fp8 import FP8_DTYPE, valid_scales
+from deepserve.quant.fp8 import FP8_DTYPE, first_bad_value, valid_scales
 from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes, group_format
 
 STRATEGIES = ("tensor", "channel", "block")
@@ -114,7 +114,7 @@ def block_scale_inv(scale: torch.Tensor, weight_shape: tuple[int, int], scheme: 
     grid = (math.ceil(n / scheme.block[0]), math.ceil(k / scheme.block[1]))
     scale = scale.to(torch.float32)
     if scale.device.type != "meta" and not valid_scales(scale):    # named here: the layer sees only the grid
-        raise ValueError(f"tensor {name}: weight_scale has non-finite or non-positive values")
+        raise ValueError(f"tensor {name}: weight_scale has non-finite or non-positive values ({first_bad_value(scale)})")
     if scheme.strategy == "tensor":
         if scale.numel() != 1:
             raise ValueError(f"tensor {name}: a 'tensor' strategy scale holds one value, got shape "

@@ -13,6 +13,7 @@ inputs, so the conversion is reproducible bit for bit.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -68,12 +69,29 @@ def valid_scales(scale_inv: torch.Tensor) -> bool:
     return bool(torch.isfinite(scale_inv).all()) and bool((scale_inv > 0).all())
 
 
+def first_bad_value(t: torch.Tensor, positive: bool = True, stored: Optional[torch.Tensor] = None) -> str:
+    """The first value of a scale tensor that no scale may hold (non-finite; with `positive`,
+    also zero or negative) and where: "nan at [0, 3]"; "" when there is none. For the one-line
+    errors that name the tensor and the value. `stored`: the checkpoint's tensor when `t` is it
+    cast (a float16 scale of 1e6 is inf): its value is the one named."""
+    values = t.float()
+    bad = ~torch.isfinite(values)
+    if positive:
+        bad |= values <= 0
+    hits = bad.nonzero()
+    if not len(hits):
+        return ""
+    where = hits[0].tolist()
+    value = (values if stored is None else stored)[tuple(where)].item()
+    return f"{value}" + (f" at {where}" if where else "")
+
+
 def checked_scale_inv(loaded: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
     """A checkpoint's scale_inv as fp32 on `device`; a non-finite or non-positive value is
     refused naming `what` (the tensor, and the expert where there is one)."""
     loaded = loaded.to(device, torch.float32)
     if not valid_scales(loaded):
-        raise ValueError(f"{what}: scale_inv has non-finite or non-positive values")
+        raise ValueError(f"{what}: scale_inv has non-finite or non-positive values ({first_bad_value(loaded)})")
     return loaded
 
 
@@ -96,7 +114,7 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor,
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight "
                          f"{tuple(weight.shape)} with block {tuple(block)}: expected {expected}")
     if not valid_scales(scale_inv):
-        raise ValueError("scale_inv has non-finite or non-positive values")
+        raise ValueError(f"scale_inv has non-finite or non-positive values ({first_bad_value(scale_inv)})")
     n, k = weight.shape
     weight = weight.contiguous()
     s_cols = _column_scale(scale_inv.to(device=weight.device, dtype=torch.float32), k, block[1])

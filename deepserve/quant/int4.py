@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from deepserve.ops.int4 import PACK, SEQUENTIAL, dequant_int4, pack_int4, unpack_int4
+from deepserve.quant.fp8 import first_bad_value
 from deepserve.quant.ignore import Ignore, checkpoint_ignore
 from deepserve.quant.qconfig_fields import describe_schemes, distinct_schemes, group_format
 
@@ -235,7 +236,8 @@ def scales_to_memory(spec: Int4Spec, t: torch.Tensor, n: int, groups: int, name:
     # a NaN / inf scale (or one past the scale dtype's range) would make its group's outputs
     # NaN and the text empty without a word
     if out.device.type != "meta" and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"tensor {name}: scales have non-finite values (in {spec.scale_dtype})")
+        bad = first_bad_value(t.to(spec.scale_dtype), positive=False, stored=t)     # where the checkpoint holds it
+        raise ValueError(f"tensor {name}: scales have non-finite values (in {spec.scale_dtype}: {bad})")
     return out
 
 

@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from deepserve.quant.fp8 import first_bad_value
+
 METHOD = "msmodelslim-w8a8"
 TYPES = ("W8A8", "W8A8_DYNAMIC", "FLOAT")
 PARTS = ("weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
@@ -82,7 +84,7 @@ def _check_values(name: str, part: str, t: torch.Tensor) -> None:
     if part not in _FLOAT_PARTS or t.device.type == "meta":
         return
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"tensor {name}: {part} has non-finite values")
+        raise ValueError(f"tensor {name}: {part} has non-finite values ({first_bad_value(t, positive=False)})")
     if part == "input_scale" and bool((t <= 0).any()):
         raise ValueError(f"tensor {name}: input_scale must be > 0, got {t.reshape(-1)[0].item()}")
 

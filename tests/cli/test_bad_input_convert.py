@@ -29,8 +29,8 @@ def test_a_tensor_refused_in_the_second_shard_keeps_the_first(tmp_path, capsys):
     argv = ["convert", "fp8-to-bf16", str(tmp_path / "fp8"), str(out), "--no-progress"]
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        f"deepserve convert: error: tensor {SCALE}: scale_inv has non-finite or non-positive values; what was "
-        f"written stays in {out}.partial: re-run the same command to resume\n")
+        f"deepserve convert: error: tensor {SCALE}: scale_inv has non-finite or non-positive values (nan at [0, 0]); "
+        f"what was written stays in {out}.partial: re-run the same command to resume\n")
     assert not out.exists() and (tmp_path / "bf16-out.partial" / "model-00001-of-00002.safetensors").is_file()
 
     tensors[SCALE] = good

@@ -66,7 +66,7 @@ def test_non_finite_or_negative_scale_names_the_tensor(fp8_ckpt, tmp_path, capsy
     assert main(["convert", "fp8-to-bf16", str(fp8_ckpt), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == (f"deepserve convert: error: tensor {Q_A}_scale_inv: scale_inv has non-finite or "
-                   "non-positive values\n"), err
+                   f"non-positive values ({bad} at [0, 0])\n"), err
     assert not (tmp_path / "out").exists()
 
 

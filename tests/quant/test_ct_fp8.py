@@ -145,7 +145,7 @@ def test_bad_ct_fp8_checkpoints_fail_naming_the_tensor(tiny, tmp_path):
           rf"^tensor {name}_scale: a 'channel' strategy scale of a \[384, 256\] weight is \[384, 1\], got \(3, 1\)$")
     fails({k: v for k, v in tensors.items() if k != name + "_scale"}, rf"^fp8 tensor {name} has no {name}_scale")
     fails({**tensors, name + "_scale": torch.full((384, 1), float("nan"))},
-          rf"^tensor {name}_scale: weight_scale has non-finite or non-positive values$")
+          rf"^tensor {name}_scale: weight_scale has non-finite or non-positive values \(nan at \[0, 0\]\)$")
     fails({**tensors, "model.layers.0.mlp.up_proj.input_scale": torch.ones(1)},
           r"^tensor model.layers.0.mlp.up_proj.input_scale: a static activation scale, but the quantization_config "
           r"names dynamic activations")

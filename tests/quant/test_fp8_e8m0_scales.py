@@ -90,5 +90,5 @@ def test_e8m0_nan_scale_is_refused_naming_the_tensor(folders, tmp_path):
     name = next(n for n in sorted(ts) if n.endswith("_scale_inv"))
     ts[name] = torch.full(ts[name].shape, 255, dtype=torch.uint8).view(E8M0)         # 0xFF: E8M0's NaN
     save_file(ts, str(shard), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"^tensor {name}: scale_inv has non-finite or non-positive values$"):
+    with pytest.raises(ValueError, match=rf"^tensor {name}: scale_inv has non-finite or non-positive values \(nan at \[0, 0\]\)$"):
         convert_fp8_to_bf16(bad, tmp_path / "out", progress=False)

@@ -242,7 +242,8 @@ def test_non_finite_4bit_scales_are_refused_naming_the_tensor():
         tensors, _ = _packed(fmt, 32, True, False, 32, 128, seed=1)
         tensors["scales"] = tensors["scales"].float()
         tensors["scales"][1, 2] = bad
-        with pytest.raises(ValueError, match=r"^tensor scales: scales have non-finite values \(in torch.float16\)$"):
+        with pytest.raises(ValueError, match=rf"^tensor scales: scales have non-finite values \(in torch.float16: "
+                                             rf"{bad} at \[1, 2\]\)$"):
             _load(ReplicatedLinear(128, 32), _spec(fmt, 32, True, False), tensors)
     spec = _spec("compressed-tensors", 32, True, False)
     moe = FusedMoE(2, 64, 64)

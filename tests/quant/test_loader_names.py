@@ -76,4 +76,4 @@ def test_a_routed_experts_bad_scale_is_named_as_stored(tmp_path):
     quantize_checkpoint(tmp_path / "ref", tmp_path / "fp8", "fp8-block", progress=False)
     name = "model.layers.2.mlp.experts.3.up_proj.weight_scale_inv"
     err = _load_error(_edited(tmp_path / "fp8", tmp_path / "bad", _nan(name)))
-    assert err == f"tensor {name}: scale_inv has non-finite or non-positive values", err
+    assert err == f"tensor {name}: scale_inv has non-finite or non-positive values (nan at [0, 0])", err
