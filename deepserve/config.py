@@ -988,6 +988,19 @@ def pp_layer_partition(num_layers: int, pp_size: int) -> Optional[list[int]]:
     return parts if pp_size > 1 else None
 
 
+def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Layers of pipeline stage `pp_rank`: contiguous, the remainder spread over the first stages,
+    or as VLLM_PP_LAYER_PARTITION gives them (read here in every rank, as vLLM does; the
+    engine checks it against the model at start)."""
+    parts = pp_layer_partition(num_layers, pp_size)
+    if parts:
+        start = sum(parts[:pp_rank])
+        return range(start, start + parts[pp_rank])
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
 def check_parallel_sizes(hf: HFConfig, tp: int, pp: int, dp: int, expert_parallel: bool) -> None:
     """The sizes the layers split over the ranks, checked before any rank starts (as vLLM's
     verify_with_parallel_config does): otherwise every rank fails alike while building the model."""

@@ -296,12 +296,14 @@ def _serve(engine_kwargs: dict, server: ServerArgs) -> int:
     if "swap_space" in engine_kwargs:   # given (the metax line's --swap-space 16), not the default
         print(SWAP_SPACE_NOTE, file=sys.stderr)
     config = engine_args.create_engine_config()   # the layout against config.json, before any process starts
+    from deepserve.engine.fork_server import start_early, starts_early
+    if starts_early(engine_args):
+        # its imports of torch and the engine run beside this process's own from here (the checks
+        # below import torch); a check that fails ends this process, and the fork server with it
+        start_early()
     check_ops_backend(engine_args)
     check_local_gpus(engine_args)
     check_gloo_interface(engine_args)
-    from deepserve.engine.fork_server import start_early, starts_early
-    if starts_early(engine_args):
-        start_early()   # its imports of torch and the engine run beside the server's own below
     check_host_memory(engine_args, config, check_before_start(config))
     if engine_args.headless:  # this node runs engine cores only (multi-node data parallel)
         rpc_ports(engine_args)

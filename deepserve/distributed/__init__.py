@@ -1,4 +1,4 @@
-"""Process groups and collectives (TP / EP / DP / PP); launchers live beside them."""
-from deepserve.distributed.parallel_state import ParallelContext, single_process
+"""Process groups and collectives (TP / EP / DP / PP); launchers live beside them.
 
-__all__ = ["ParallelContext", "single_process"]
+The package itself imports nothing: `deepserve serve` builds its parser from modules here
+(plan, plan_bytes) without importing torch, which parallel_state needs."""

@@ -46,10 +46,10 @@ def auto_plan(kwargs: dict, gpus: int, gpu_memory: int, nodes: int, weights_form
 def local_engine_args(engine_kwargs: dict, out=print, weights_format: Optional[WeightsFormat] = None) -> dict:
     """One machine with several GPUs and no parallel sizes given: use the automatic plan
     (the guides' "automated deployment optimization"). One GPU or none: unchanged."""
-    import torch
-
     if any(k in engine_kwargs for k in PARALLEL_KEYS) or engine_kwargs.get("device") == "cpu":
         return engine_kwargs
+    import torch
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus < 2:
         return engine_kwargs

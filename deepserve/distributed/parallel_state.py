@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from deepserve.config import pp_layer_partition
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +115,6 @@ def divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} = {n} is not divisible by the parallel size {d}")
     return n // d
-
-
-def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """Layers of pipeline stage `pp_rank`: contiguous, the remainder spread over the first stages,
-    or as VLLM_PP_LAYER_PARTITION gives them (read here in every rank, as vLLM does; the
-    engine checks it against the model at start)."""
-    parts = pp_layer_partition(num_layers, pp_size)
-    if parts:
-        start = sum(parts[:pp_rank])
-        return range(start, start + parts[pp_rank])
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
 def rank_layout(rank: int, tp_size: int, pp_size: int) -> tuple[int, int, int]:

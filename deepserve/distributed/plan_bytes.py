@@ -52,8 +52,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from deepserve.config import pp_partition_env
-from deepserve.distributed.parallel_state import pp_layer_range
+from deepserve.config import pp_layer_range, pp_partition_env
 
 # checkpoint module name -> whether the checkpoint leaves it unquantized (None: none is)
 Ignored = Optional[Callable[[str], bool]]

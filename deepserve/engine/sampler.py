@@ -20,7 +20,7 @@ import torch
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.engine.input_staging import to_device_async
 from deepserve.engine.sequence import Sequence
-from deepserve.engine.thinking_budget import force_reasoning_ends
+from deepserve.engine.thinking_budget import ThinkingBudget
 
 
 @dataclass
@@ -239,3 +239,25 @@ class Sampler:
         sampled step does (engine/warm_up.py: its kernel compiles at start)."""
         rows = logits.float()[:, :self.vocab_size]
         return self._draw(rows, [[0.8, 20, 0.9, 0.05]] * rows.shape[0], [None] * rows.shape[0])
+
+
+def force_reasoning_ends(logits: torch.Tensor, seqs: list[Sequence], states: dict) -> torch.Tensor:
+    """Rows whose budget is spent get -inf everywhere but their forced token (greedy and sampled
+    rows alike then take it). `states` keeps each budgeted sequence's ThinkingBudget."""
+    rows, tokens = [], []
+    for i, s in enumerate(seqs):
+        if s.params.thinking_token_budget is None:
+            continue
+        state = states.get(s)
+        if state is None:
+            state = states[s] = ThinkingBudget(s)
+        token = state.forced_token(s.token_ids)
+        if token is not None:
+            rows.append(i)
+            tokens.append(token)
+    if not rows:
+        return logits
+    index = to_device_async([rows, tokens], torch.int64, logits.device)
+    logits[index[0]] = float("-inf")
+    logits[index[0], index[1]] = 0.0   # finite even where a mask had put -inf
+    return logits

@@ -10,16 +10,15 @@ Same counting as vLLM 0.26's ThinkingBudgetStateHolder (v1/sample/thinking_budge
 Where reasoning starts and ends comes from a reasoning parser's tags or vLLM's reasoning_config
 strings (`reasoning_delimiters`), as token ids in SamplingParams.reasoning_token_ids. Each
 budgeted sequence keeps a small host-side state that reads its new tokens once; rows
-without a budget cost nothing.
+without a budget cost nothing. The sampler's force_reasoning_ends puts the forced tokens in the
+logits; this module stays torch-free, as the API server's parser reads its tags.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from deepserve.engine.input_staging import to_device_async
-from deepserve.engine.sequence import Sequence
+if TYPE_CHECKING:
+    from deepserve.engine.sequence import Sequence
 
 THINK_START, THINK_END = "<think>", "</think>"
 # each reasoning parser's tags (server/reasoning.py splits the text at the same ones)
@@ -122,25 +121,3 @@ class ThinkingBudget:
             self.forced_from = len(ids)
         k = len(ids) - self.forced_from
         return self.end[k] if k < len(self.end) else None
-
-
-def force_reasoning_ends(logits: torch.Tensor, seqs: list[Sequence], states: dict) -> torch.Tensor:
-    """Rows whose budget is spent get -inf everywhere but their forced token (greedy and sampled
-    rows alike then take it). `states` keeps each budgeted sequence's ThinkingBudget."""
-    rows, tokens = [], []
-    for i, s in enumerate(seqs):
-        if s.params.thinking_token_budget is None:
-            continue
-        state = states.get(s)
-        if state is None:
-            state = states[s] = ThinkingBudget(s)
-        token = state.forced_token(s.token_ids)
-        if token is not None:
-            rows.append(i)
-            tokens.append(token)
-    if not rows:
-        return logits
-    index = to_device_async([rows, tokens], torch.int64, logits.device)
-    logits[index[0]] = float("-inf")
-    logits[index[0], index[1]] = 0.0   # finite even where a mask had put -inf
-    return logits

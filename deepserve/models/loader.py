@@ -39,8 +39,8 @@ from typing import Optional
 
 import torch
 
-from deepserve.config import QUANTIZATION_ALIASES, ModelConfig
-from deepserve.distributed.parallel_state import ParallelContext, pp_layer_range, single_process
+from deepserve.config import QUANTIZATION_ALIASES, ModelConfig, pp_layer_range
+from deepserve.distributed.parallel_state import ParallelContext, single_process
 from deepserve.layers.moe import FusedMoE
 from deepserve.layers.quantization import (experts_quantized, init_dummy_quantized, is_expert_tensor,
                                            is_quantized_tensor, quantize_linears, tensor_module)

@@ -6,64 +6,33 @@ Tensor functions (used by the engine's loader and by the converters):
 Folder conversions (`deepserve convert`): `convert_fp8_to_bf16` and `quantize_checkpoint`
 (fp8-block, w8a8-int8, and 4-bit w4a16 / w4a8 by round-to-nearest or GPTQ: quant/quantize_int4.py),
 resumable and atomic (see quant/pipeline.py).
+
+The package imports its modules on first use of a name (PEP 562): `deepserve serve` reads
+quant/ignore.py while it builds its parser, before torch is imported.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
+import importlib
 
-import torch
-
-from deepserve.quant.checkpoint import open_checkpoint
-from deepserve.quant.fp8 import dequant_fp8_block, quant_fp8_block
-from deepserve.quant.fp8_to_bf16 import Fp8ToBf16
-from deepserve.quant.int8 import dequant_int8, quant_int8_per_channel, quant_int8_per_token
-from deepserve.quant.pipeline import ConversionReport, run_conversion
-from deepserve.quant.quantize import METHODS as _8BIT_METHODS
-from deepserve.quant.quantize import Quantize
-from deepserve.quant.quantize_int4 import INT4_METHODS, Int4Options, QuantizeInt4
-
-METHODS = _8BIT_METHODS + INT4_METHODS
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is checked as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asked for, but no CUDA device is available")
-    return device
+# each name of the package -> the module that defines it
+_HOMES = {
+    "open_checkpoint": "checkpoint",
+    "dequant_fp8_block": "fp8", "quant_fp8_block": "fp8",
+    "Fp8ToBf16": "fp8_to_bf16",
+    "dequant_int8": "int8", "quant_int8_per_channel": "int8", "quant_int8_per_token": "int8",
+    "ConversionReport": "pipeline", "run_conversion": "pipeline",
+    "Quantize": "quantize",
+    "INT4_METHODS": "quantize_int4", "Int4Options": "quantize_int4", "QuantizeInt4": "quantize_int4",
+    "METHODS": "folders", "resolve_device": "folders", "convert_fp8_to_bf16": "folders",
+    "quantize_checkpoint": "folders",
+}
 
 
-def convert_fp8_to_bf16(src: str | Path, dst: str | Path, overwrite: bool = False,
-                        progress: bool = True, device: str = "cpu") -> ConversionReport:
-    """DeepSeek FP8 checkpoint folder `src` -> BF16 folder `dst`."""
-    conv = Fp8ToBf16(device=resolve_device(device))
-    return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
-                          overwrite=overwrite, progress=progress)
-
-
-def quantize_checkpoint(src: str | Path, dst: str | Path, method: str, overwrite: bool = False,
-                        progress: bool = True, device: str = "cpu", int4: Int4Options | None = None,
-                        runner=None, ignore: tuple[str, ...] = ()) -> ConversionReport:
-    """High-precision checkpoint folder `src` -> `method` folder: "fp8-block" | "w8a8-int8" (the
-    modules `ignore` names kept in high precision), or "w4a16" | "w4a8" with `int4` options (their
-    own `ignore`; GPTQ needs `runner`, models/calibration.LayerRunner)."""
-    if method in INT4_METHODS:
-        if ignore:
-            raise ValueError("pass a 4-bit method's ignore list in its Int4Options")
-        conv = QuantizeInt4(dataclasses.replace(int4 or Int4Options(), method=method),
-                            device=resolve_device(device), runner=runner)
-    else:
-        if int4 is not None:
-            raise ValueError(f"4-bit options given for --method {method}")
-        conv = Quantize(method, device=resolve_device(device), ignore=tuple(ignore))
-    return run_conversion(Path(src), Path(dst), conv, open_checkpoint(Path(src)),
-                          overwrite=overwrite, progress=progress)
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:   # a submodule (`from deepserve.quant import pipeline`) is imported by name
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
 
 
 __all__ = ["METHODS", "INT4_METHODS", "ConversionReport", "Int4Options", "convert_fp8_to_bf16", "dequant_fp8_block",

@@ -14,7 +14,7 @@ import pytest
 
 from deepserve.cli.main import build_parser, main, normalize_argv
 from deepserve.config import EngineArgs, SHORT_FLAGS, apply_compilation_config
-from deepserve.distributed.parallel_state import pp_layer_range
+from deepserve.config import pp_layer_range
 from tests.cli.conftest import write_r1_config
 from tests.cli.guides import commands, exports, set_flags, set_model, to_deepserve, yaml_blocks
 
