@@ -64,11 +64,19 @@ def _split(name: str) -> Optional[tuple[str, str]]:
 
 
 def dequantize(parts: dict[str, torch.Tensor], module: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """A module the model runs in float: (int8 weight - offset) * scale, one scale and offset a row."""
     q, scale = parts["weight"], parts["weight_scale"]
     offset = parts.get("weight_offset")
-    if scale.numel() != q.shape[0]:
-        raise ValueError(f"tensor {module}.weight_scale: {tuple(scale.shape)} does not match the "
-                         f"{q.shape[0]} output rows of {module}.weight")
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"tensor {module}.weight is {q.dtype} {tuple(q.shape)}, but quant_model_description "
+                         f"says it is quantized: a 2-D int8 weight is expected")
+    # an integer scale (all zeros once cast, for real scales) would zero the layer without a word
+    for part, t in (("weight_scale", scale), ("weight_offset", offset)):
+        if t is None:
+            continue
+        if t.numel() != q.shape[0] or not t.is_floating_point():
+            raise ValueError(f"tensor {module}.{part}: {t.dtype} {tuple(t.shape)} does not match the "
+                             f"{q.shape[0]} output rows of {module}.weight (one float a row)")
     w = q.to(torch.float32)
     if offset is not None:
         w = w - offset.reshape(-1, 1).to(torch.float32)

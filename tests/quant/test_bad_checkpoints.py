@@ -92,6 +92,30 @@ def test_modelslim_static_input_scale_must_be_positive_and_finite():
             list(stream)
 
 
+def test_modelslim_module_dequantized_at_load_checks_its_parts():
+    """A quantized module the model runs in float (kv_b_proj, or one whose layer is not int8) is
+    dequantized at load, (int8 - offset) * scale a row: an offset with the wrong row count (it was
+    a bare broadcasting RuntimeError), an integer scale (it zeroed the layer) and a float weight
+    are refused naming the tensor; good parts give the format's formula."""
+    from deepserve.quant.modelslim import modelslim_stream
+    q = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
+    scale, offset = torch.rand(4, 1) + 0.5, torch.zeros(4, 1)
+    desc = {"m.weight": "W8A8_DYNAMIC"}
+
+    def stream(**parts):
+        tensors = {"m.weight": q, "m.weight_scale": scale, "m.weight_offset": offset}
+        tensors.update({f"m.{k}": v for k, v in parts.items()})
+        return list(modelslim_stream(tensors.items(), desc, lambda module: False, torch.float32))
+
+    assert torch.equal(stream()[0][1], q.float() * scale)
+    for parts, why in ((dict(weight_offset=torch.zeros(3, 1)), r"m.weight_offset: torch.float32 \(3, 1\) does not match "
+                        r"the 4 output rows of m.weight"),
+                       (dict(weight_scale=torch.ones(4, 1, dtype=torch.int32)), r"m.weight_scale: torch.int32 \(4, 1\)"),
+                       (dict(weight=q.float()), r"m.weight is torch.float32 \(4, 8\), but quant_model_description")):
+        with pytest.raises(ValueError, match=rf"^tensor {why}"):
+            stream(**parts)
+
+
 def _method(qc):
     return linear_method("no-folder", {"quantization_config": qc, "torch_dtype": "float16"}, None)
 
