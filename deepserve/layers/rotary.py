@@ -113,9 +113,15 @@ class RotaryEmbedding(nn.Module):
     def _compute_cache(self) -> torch.Tensor:
         target = torch.empty(0).device  # the device the model is being built on
         with torch.device("cpu"):       # frequencies in fp32 on the host, whatever the target
-            return self._cache_on_cpu().to(target)
+            inv_freq, magnitude = self._frequencies()
+            if target.type == "meta":   # only its shape: rebuild_buffers computes it once materialized
+                return torch.empty((self._args[0], 2 * inv_freq.numel()), dtype=torch.float32, device=target)
+            t = torch.arange(self._args[0], dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            return torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1).to(target)
 
-    def _cache_on_cpu(self) -> torch.Tensor:
+    def _frequencies(self) -> tuple[torch.Tensor, float]:
+        """The rotation frequencies (rotary_dim / 2) and the factor on cos and sin."""
         max_position, base, rope_scaling = self._args
         rotary_dim = self.rotary_dim
         kind = (rope_scaling or {}).get("rope_type", "default")
@@ -133,9 +139,7 @@ class RotaryEmbedding(nn.Module):
         else:
             raise ValueError(f"unsupported rope_scaling type {kind!r} "
                              "(supported: default, linear, dynamic, llama3, yarn)")
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        return torch.cat((freqs.cos() * magnitude, freqs.sin() * magnitude), dim=-1)
+        return inv_freq, magnitude
 
     def rotate_(self, positions: torch.Tensor, q: torch.Tensor) -> None:
         """q [T, H, D] rotated in place (q[..., :rotary_dim]); no keys (MLA's prompt rows, whose

@@ -67,3 +67,24 @@ def test_dynamic_ntk_table_is_vllms(scaling, base):
     from deepserve.layers.rotary import RotaryEmbedding
     got = RotaryEmbedding(8, 64, 1e4, {"rope_type": "dynamic", **scaling}).cos_sin_cache
     assert torch.allclose(got, RotaryEmbedding(8, 64, base).cos_sin_cache, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                                            "mscale": 1.0, "mscale_all_dim": 1.0}])
+def test_rotary_table_is_computed_once_materialized(monkeypatch, scaling):
+    """Built on the meta device (every model is, then materialized; `serve`'s checks and `plan`
+    stop there), the cos/sin table is only its shape: its [max_position, rotary_dim] values (a
+    CPU-second a layer at 128K positions) are computed by rebuild_buffers, equal to a CPU build's."""
+    from deepserve.layers.rotary import RotaryEmbedding
+    from deepserve.models.loader import _materialize
+    expected = RotaryEmbedding(8, 64, 1e4, scaling).cos_sin_cache
+    tables = []
+    outer = torch.outer
+    monkeypatch.setattr(torch, "outer", lambda *a: tables.append(a) or outer(*a))
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(8, 64, 1e4, scaling)
+    assert not tables and rotary.cos_sin_cache.shape == expected.shape and rotary.cos_sin_cache.dtype == expected.dtype
+    _materialize(rotary, torch.device("cpu"))
+    assert len(tables) == 1 and torch.equal(rotary.cos_sin_cache, expected)
+    with torch.device("meta"), pytest.raises(ValueError, match="unsupported rope_scaling type 'su'"):
+        RotaryEmbedding(8, 64, 1e4, {"rope_type": "su"})   # refused on the meta device still
