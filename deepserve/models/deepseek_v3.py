@@ -46,6 +46,7 @@ _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # a module of MTP layer i, as the model names it
 _MTP_MODULE_RE = re.compile(r"^mtp\.(\d+)\.(?:mtp_block\.)?(.+)$")
+_MTP_NAME_RE = re.compile(r"\bmtp\.(\d+)\.(?:mtp_block\.)?")
 # top-level parts of an MTP layer that are not its transformer block
 MTP_OWN_PARTS = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head")
 
@@ -258,8 +259,19 @@ class DeepseekV3ForCausalLM(nn.Module):
             return name
         return f"model.layers.{self.config.num_hidden_layers + int(m[1])}.{m[2]}"
 
+    def checkpoint_names(self, text: str) -> str:
+        """`text` (an error) with the MTP layers' module names as the checkpoint's: a tensor a
+        loader refuses as `mtp.0.mtp_block.mlp.experts.3.down_proj.weight_scale_inv` is R1's
+        `model.layers.61.mlp.experts.3.down_proj.weight_scale_inv`, the name a user can find."""
+        return _MTP_NAME_RE.sub(lambda m: f"model.layers.{self.config.num_hidden_layers + int(m[1])}.", text)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_deepseek_weights(self, weights, self.stacked_params, self._rename)
+        try:
+            return load_deepseek_weights(self, weights, self.stacked_params, self._rename)
+        except ValueError as exc:
+            if self.mtp is None:
+                raise
+            raise ValueError(self.checkpoint_names(str(exc))) from exc
 
 
 def load_deepseek_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],

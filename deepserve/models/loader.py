@@ -386,7 +386,8 @@ def load_model(model_config: ModelConfig, device: torch.device, pctx: ParallelCo
         loaded |= {n for n, p in params.items() if getattr(p, "filled", False)}
         missing = sorted(set(params) - loaded - getattr(model, "optional_params", set()))
         if missing:
-            raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {', '.join(missing[:5])}"
+            names = getattr(model, "checkpoint_names", lambda text: text)(", ".join(missing[:5]))
+            raise ValueError(f"checkpoint {model_config.model} lacks tensor(s) for: {names}"
                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     process_weights_after_loading(model)
     drop_weight_loaders(model)

@@ -321,6 +321,34 @@ def test_mtp_layer_loads_into_its_own_module(mtp_checkpoint):
     _check_mtp_values(standalone, tensors)
 
 
+@pytest.mark.parametrize("edit, error", [
+    ("short", r"^tensor model\.layers\.4\.mlp\.experts\.5\.down_proj\.weight: checkpoint shape \(63, 32\) does "
+              r"not match the model's \(64, 32\)$"),
+    ("drop", r"lacks tensor\(s\) for: model\.layers\.4\.eh_proj\.weight$")])
+def test_a_bad_mtp_tensor_is_named_as_the_checkpoint_names_it(mtp_checkpoint, tmp_path, edit, error):
+    """The MTP layer's modules live under `mtp.0.` (`mtp.0.mtp_block.` for its decoder layer) in
+    the model: a refused or missing tensor there is named as the checkpoint names it
+    (model.layers.4.*), not by the model's name, which no checkpoint holds."""
+    import dataclasses
+    import shutil
+
+    from deepserve.config import EngineArgs
+    from deepserve.models.loader import load_model
+    path, _, mtp = mtp_checkpoint
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    name = "model.layers.4.mlp.experts.5.down_proj.weight" if edit == "short" else "model.layers.4.eh_proj.weight"
+    mtp = dict(mtp)
+    if edit == "short":
+        mtp[name] = mtp[name][:-1].clone()
+    else:
+        del mtp[name]
+    save_file(mtp, str(bad / "model-mtp.safetensors"))
+    config = EngineArgs(model=str(bad), dtype="float32").create_engine_config().model
+    with pytest.raises(ValueError, match=error):
+        load_model(dataclasses.replace(config, load_mtp=True), torch.device("cpu"))
+
+
 # --------------------------------------------------------------------------- TP / EP (gloo)
 def _parallel_worker(rank, mode, port, path, out_dir):
     import os
