@@ -446,6 +446,9 @@ class ContentSplitter:
         self.named_sent = False
         self.named_held = ""      # blank answer text before the named call opens
         self.id = tool_call_id()
+        # vLLM's stream without a reasoning or tool parser: each output's text is the delta's
+        # content, "" included (a held-back stop string, a finishing EOS)
+        self.plain = self.reasoning is None and tool_call_parser is None and self.mode not in ("named", "required")
 
     def feed(self, delta: str, final: bool) -> tuple[str, str, list[dict]]:
         """(reasoning delta, content delta, tool-call deltas)."""
@@ -606,7 +609,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, prep: Prepared
             delta: dict = {}
             if reasoning and prep.include_reasoning:
                 delta.update(reasoning_content=reasoning, reasoning=reasoning)
-            if content:
+            if content or (splitters[i].plain and (final or len(out.token_ids) > sent_tokens[i])):
                 delta["content"] = content
             if calls:
                 delta["tool_calls"] = calls

@@ -241,6 +241,19 @@ def test_chat_stream_chunks_have_vllm_keys(http, body):
         assert (choice["logprobs"] is not None) == ("logprobs" in body)
 
 
+def test_chat_stream_without_parsers_sends_each_outputs_text(http):
+    """vLLM's chat stream without a reasoning or tool parser: each engine output's chunk has its
+    text as the delta's content, "" included (the tokens a pending stop string holds back); the
+    held-back text never shows."""
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "temperature": 0, "stop": ["Lily"],
+            "logprobs": True, "stream_options": {"include_usage": True}}
+    frames = stream_frames(http, "/v1/chat/completions", body)
+    choices = [f["choices"][0] for f in frames[1:] if f["choices"]]
+    assert all(set(c["delta"]) == {"content"} for c in choices)
+    assert "".join(c["delta"]["content"] for c in choices) == ", there was a little girl named "
+    assert sum(len(c["logprobs"]["content"]) for c in choices) == frames[-1]["usage"]["completion_tokens"]
+
+
 @pytest.mark.parametrize("body", STREAM_CASES)
 def test_completion_stream_chunks_have_vllm_keys(http, body):
     body = {"prompt": PROMPT, **{k: v for k, v in body.items() if k != "top_logprobs"}}
