@@ -138,9 +138,11 @@ def test_strict_tools_grammar_in_each_format(variant, tokenizer, render):
     tok = Tokenizer(folder)
     tools = [Tool.model_validate(t) for t in STRICT]
 
+    compiler = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids)   # its vocabulary's table: seconds, made once
+
     def matcher(parallel=True, answer=None):
         tag = tool_calls_tag(variant, tools, parallel, answer)
-        compiled = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids).compile(GuidedDecoding(structural_tag=tag))
+        compiled = compiler.compile(GuidedDecoding(structural_tag=tag))
 
         def accepts(text: str) -> bool:
             m = xgr.GrammarMatcher(compiled)

@@ -4,6 +4,7 @@ format the model was trained to write. Streamed (chunked at every split point) a
 parses must agree."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,11 +18,17 @@ CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}),
          ("search", {"query": "R1 \"tool\" tokens\nsecond line", "k": 3})]
 
 
+@functools.cache
+def r1_tokenizer() -> Tokenizer:
+    """The R1 tokenizer (a second to load), shared by the tests of this file."""
+    return Tokenizer(R1_TOKENIZER)
+
+
 def r1_calls_text(calls, content=None) -> str:
     """What R1 writes after `<｜Assistant｜>` for these calls, from its chat template."""
     if not R1_TOKENIZER.is_dir():
         pytest.skip(f"{R1_TOKENIZER} not found")
-    tok = Tokenizer(R1_TOKENIZER)
+    tok = r1_tokenizer()
     msg = {"role": "assistant", "content": content,
            "tool_calls": [{"type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
                           for n, a in calls]}
@@ -156,16 +163,25 @@ STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict
     {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]   # not strict
 
 
+@functools.cache
+def r1_grammar_compiler():
+    """A grammar compiler over the R1 tokenizer's vocabulary (whose table takes seconds to make),
+    shared by the tests of this file."""
+    from deepserve.engine.grammar import GrammarCompiler
+
+    tok = r1_tokenizer()
+    return GrammarCompiler(tok, 129280, tok.eos_token_ids)
+
+
 def strict_matcher(variant: str, tools=STRICT_TOOLS, parallel: bool = True, answer=None):
     """`accepts(text)`: whether the strict-tools grammar takes `text`'s R1 tokens, then EOS."""
     xgr = pytest.importorskip("xgrammar")
-    from deepserve.engine.grammar import GrammarCompiler
     from deepserve.engine.sampling_params import GuidedDecoding
     from deepserve.server.protocol import Tool
 
-    tok = Tokenizer(R1_TOKENIZER)
+    tok = r1_tokenizer()
     tag = tool_calls_tag(variant, [Tool.model_validate(t) for t in tools], parallel, answer)
-    compiled = GrammarCompiler(tok, 129280, tok.eos_token_ids).compile(GuidedDecoding(structural_tag=tag))
+    compiled = r1_grammar_compiler().compile(GuidedDecoding(structural_tag=tag))
 
     def accepts(text: str) -> bool:
         matcher = xgr.GrammarMatcher(compiled)
