@@ -153,8 +153,9 @@ class _QuantizedLinearMethod:
 
 class Fp8BlockLinearMethod(_QuantizedLinearMethod):
     """e4m3 weight + row-expanded fp32 block scales; y = fp8 GEMM with 1x128 activation groups,
-    or with `weight_only` (a checkpoint without activation quantization) the dequantized weight
-    times the unquantized activations. `k_uniform`: the checkpoint's scale is one value a row
+    or with `weight_only` (a checkpoint without activation quantization) the weight times the
+    unquantized activations (ops.fp8_weight_only_linear: the Triton GEMM reads it as stored, the
+    torch op dequantizes it per call). `k_uniform`: the checkpoint's scale is one value a row
     or tensor (compressed-tensors "channel" / "tensor", AutoFP8), the same in every 128-column
     block of a row, so a row-parallel split may fall anywhere (vLLM splits such layers freely):
     each rank's blocks of its slice repeat the row's scale."""

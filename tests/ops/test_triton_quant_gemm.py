@@ -318,6 +318,44 @@ def test_fp8_static_linear_takes_the_given_activation_scale(triton_ops, cpu_only
     assert (triton_ops.quant_gemm.fp8_block_linear(x, wq, ws, bias) - want).abs().max() > 1e-2
 
 
+def test_fp8_weight_only_linear_is_the_dequantized_weight_times_the_rows(triton_ops, cpu_only):
+    """W8A16 (compressed-tensors FP8 without input_activations): the torch op (the e4m3 weight
+    dequantized to x's dtype, F.linear) and the Triton op (the block GEMM with the rows
+    unquantized, the weight read as stored) equal x (q_w s_w)^T + b, partial tiles and a ragged
+    last 128-group included; the dynamic W8A8 op is far from it."""
+    from deepserve.ops.quant import fp8_weight_only_linear
+    assert op_backends()["fp8_weight_only_linear"] == ["torch", "triton"]
+    x, _, _, wq, ws, bias, _ = _operands(20, 72, 300, 4)
+    want = x @ (wq.float() * ws.repeat_interleave(128, 1)[:, :300]).t() + bias
+    torch.testing.assert_close(fp8_weight_only_linear(x, wq, ws, bias), want, rtol=1e-5, atol=1e-5)
+    qg = triton_ops.quant_gemm
+    got = qg.fp8_weight_only_linear(x.reshape(4, 5, 300), wq, ws, bias)
+    torch.testing.assert_close(got.reshape(20, 72), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qg.fp8_weight_only_linear(x[3:4], wq, ws), want[3:4] - bias, rtol=1e-5, atol=1e-5)
+    got16 = qg.fp8_weight_only_linear(x.bfloat16(), wq, ws, bias.bfloat16())
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want, rtol=2e-2, atol=2e-2)
+    assert (qg.fp8_block_linear(x, wq, ws, bias) - want).abs().max() > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("n,k", [(2112, 7168), (7168, 18432)])
+def test_fp8_weight_only_linear_gpu_model_shapes(triton_ops, m, n, k):
+    """The W8A16 op compiled at R1 shapes, bf16 rows, against x (q_w s_w)^T in fp32 on the same
+    device: the MMA's products are exact (bf16 rows, e4m3 widened) and summed in fp32, so what
+    is left is the output's bf16 rounding and the sum's order."""
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g, device="cuda").bfloat16()
+    wq, grid = quant_fp8_block(torch.randn(n, k, generator=g, device="cuda") * 0.02)
+    ws = grid.repeat_interleave(128, 0)[:n].contiguous()
+    w = wq.float() * ws.repeat_interleave(128, 1)[:, :k]
+    want = x.float() @ w.t()
+    got = triton_ops.quant_gemm.fp8_weight_only_linear(x, wq, ws)
+    bound = 2 ** -8 * want.abs() + 1e-5 * (x.float().abs() @ w.abs().t())
+    assert ((got.float() - want).abs() <= bound).all(), (got.float() - want).abs().max().item()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 7, 64])
 @pytest.mark.parametrize("n,k", [(2112, 7168), (4096, 4096), (7168, 18432)])

@@ -8,7 +8,10 @@ run time to e4m3 per token per 128 input features. Two kernels:
    the quantized activations are bit-identical to the torch reference.
 2. `_fp8_gemm_kernel`: a tiled GEMM whose K step is exactly one 128-group, so each step's
    fp8 tensor-core product (fp32 accumulate) is rescaled by a_scale[m] x w_scale[n] before it
-   joins the fp32 accumulator: the "per-group promotion" DeepSeek's paper describes.
+   joins the fp32 accumulator: the "per-group promotion" DeepSeek's paper describes. With A16
+   (`fp8_weight_only_linear`, a checkpoint without activation quantization: W8A16) the rows
+   stay in their dtype, the e4m3 weight tile is widened to it (exactly) for the MMA, and each
+   step's product is rescaled by w_scale[n] alone.
 
 The idea is that of vLLM's `w8a8_block_fp8_matmul` and DeepSeek's `fp8_gemm`; the code is
 ours. Tile sizes are chosen per M (decode vs prefill), without autotuning. GPUs without fp8
@@ -26,11 +29,12 @@ import triton.language as tl
 from deepserve.ops.quant import FP8_GROUP, check_fp8_operands
 from deepserve.ops.quant import fp8_block_linear as fp8_block_linear_torch
 from deepserve.ops.quant import fp8_static_linear as fp8_static_linear_torch
+from deepserve.ops.quant import fp8_weight_only_linear as fp8_weight_only_linear_torch
 from deepserve.ops.quant import quant_fp8_static
 from deepserve.ops.registry import register
 from deepserve.platforms import CudaPlatform
-from deepserve.ops.triton._common import (as_rows, cdiv, interpreting, next_pow2, pdl_begin, pdl_launch, prefetch_rows,
-                                          quantize_e4m3, round_to_e4m3, unpack_by_ptx)
+from deepserve.ops.triton._common import (as_rows, cdiv, dot_dtype, dot_precision, interpreting, next_pow2, pdl_begin, pdl_launch,
+                                          prefetch_rows, quantize_e4m3, round_to_e4m3, unpack_by_ptx)
 from deepserve.ops.triton.fp8_half2 import SCALE as SCALE_H2
 from deepserve.ops.triton.fp8_half2 import quantized_row_pairs, quarters, row_pairs, word_fma16
 from deepserve.ops.triton.gemm import grouped_tile
@@ -55,7 +59,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, stride_s,
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                      stride_am, stride_bn, stride_cm, stride_as, stride_bs,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, A16: tl.constexpr = False,
+                     DOT_DTYPE: tl.constexpr = tl.bfloat16, PRECISION: tl.constexpr = "tf32"):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,9 +77,12 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
         k_left = K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)                       # [BM]
         b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)                       # [BN]
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if A16:
+            acc += tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION) * b_s[None, :]
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)                   # [BM]
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -310,9 +318,10 @@ def _tiles(m: int, n: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
-def fp8_gemm(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+def fp8_gemm(q: torch.Tensor, a_scale: Optional[torch.Tensor], weight: torch.Tensor, w_scale: torch.Tensor,
              out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """e4m3 q [M, K] (scales [M, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [M, N] out_dtype."""
+    """e4m3 q [M, K] (scales [M, Kb]) x e4m3 weight [N, K] (scales [N, Kb]) -> [M, N] out_dtype;
+    a_scale None: q holds 16/32-bit rows, unquantized (W8A16)."""
     m, k = q.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=q.device)
@@ -320,10 +329,12 @@ def fp8_gemm(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, w_sca
         return out
     bm, bn, warps, stages = _tiles(m, n)
     grid = (cdiv(m, bm) * cdiv(n, bn),)
-    _fp8_gemm_kernel[grid](q, weight, out, a_scale, w_scale, bias if bias is not None else out,
+    a16 = a_scale is None
+    _fp8_gemm_kernel[grid](q, weight, out, out if a16 else a_scale, w_scale, bias if bias is not None else out,
                            m, n, k, q.stride(0), weight.stride(0), out.stride(0),
-                           a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None,
-                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_GROUP, GROUP_M=8,
+                           0 if a16 else a_scale.stride(0), w_scale.stride(0), HAS_BIAS=bias is not None,
+                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=FP8_GROUP, GROUP_M=8, A16=a16,
+                           DOT_DTYPE=dot_dtype(q.dtype) if a16 else tl.bfloat16, PRECISION=dot_precision(q.dtype),
                            num_warps=warps, num_stages=stages)
     return out
 
@@ -353,6 +364,18 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         q, s = act_quant_fp8(x2)
         y = fp8_gemm(q, s, weight, weight_scale, x.dtype, bias)
     return y.reshape(*lead, weight.shape[0])
+
+
+@register("fp8_weight_only_linear", "triton")
+def fp8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A16 (a compressed-tensors FP8 checkpoint without input_activations): the block GEMM
+    with the rows unquantized, the e4m3 weight read as stored, never expanded in memory."""
+    if not fp8_kernels_usable(x.device):
+        return fp8_weight_only_linear_torch(x, weight, weight_scale, bias)
+    check_fp8_operands(x, weight, weight_scale)
+    y = fp8_gemm(as_rows(x), None, weight.contiguous(), weight_scale.contiguous(), x.dtype, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @register("fp8_static_linear", "triton")
