@@ -201,6 +201,11 @@ def test_fused_moe_fp8_weight_only(triton_ops, cpu_only, tokens, rows):
     assert rel_err(got_torch, want) < 1e-6, rel_err(got_torch, want)
     assert rel_err(got_triton, want) < 1e-5, rel_err(got_triton, want)
     assert rel_err(resolve("fused_moe", "torch")[1](*args, **kwargs), want) > 1e-2     # W8A8
+    if tokens == 1 and not rows:    # a table that puts the small path on the (W8A8) tensor cores
+        from deepserve.ops.triton.launch_config import trying
+        mma = [{"if": {"fp8": True, "kernel": k}, "set": {"MMA": 1, "BLOCK_N": 16}} for k in ("gate_up", "down")]
+        with trying("fused_moe_small", mma):
+            assert rel_err(resolve("fused_moe", "triton")[1](*args, **kwargs, weight_only=True), want) < 1e-5
     with pytest.raises(ValueError, match="weight_only is for fp8 experts"):
         resolve("fused_moe", "triton")[1](*moe_inputs(tokens, 64, 32, 4, 2, torch.float32)[0], weight_only=True)
 
