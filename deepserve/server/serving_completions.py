@@ -322,8 +322,8 @@ async def _stream(state: ServerState, req: CompletionRequest, prep: _Prepared) -
                                                              echoed[idx], cursors[idx], prep.as_ids, prep.listed)
                 if first and prep.echo_logprobs:
                     logprobs = _joined(prep.echo_logprobs_of(state, res, req.logprobs, i), logprobs)
-            if not text and out.finish_reason is None and not (logprobs and logprobs["tokens"]):
-                continue
+            if not text and out.finish_reason is None and n_tok == sent_tokens[idx]:
+                continue   # vLLM's stream has a chunk for each output that brings tokens, "" text included
             tokens_before = sent_tokens[idx]
             sent_text[idx], sent_tokens[idx] = len(out.text), n_tok
             generated[idx] = n_tok

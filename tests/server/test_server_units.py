@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import threading
 
 import pytest
@@ -448,3 +449,43 @@ def test_the_server_freezes_the_heap_its_start_made(capsys):
     finally:
         gc.unfreeze()   # the objects of the tests that follow stay collectable
     assert "deepserve: serving m at http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_streams_send_a_chunk_for_each_output_with_tokens():
+    """vLLM's streams without a reasoning or tool parser: a chunk per engine output that brings
+    tokens, its text "" where the tokens show nothing yet (a pending stop string, a partial
+    character); the completions stream skipped those, and the chat stream sent them as delta {}."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from deepserve.config import DEMO_MODEL
+    from deepserve.engine.outputs import CompletionOutput, RequestOutput
+    from deepserve.engine.tokenizer import Tokenizer
+    from deepserve.server.app import build_app
+    from deepserve.server.serving_common import ServerSettings, ServerState
+
+    steps = [(" there", [1]), (" there", [1, 2]), (" there was", [1, 2, 3])]   # the 2nd token shows nothing yet
+
+    async def generate(prompt, params, request_id):
+        for k, (text, ids) in enumerate(steps):
+            last = k == len(steps) - 1
+            out = CompletionOutput(0, text, ids, finish_reason="length" if last else None)
+            yield RequestOutput(request_id, None, prompt["prompt_token_ids"], [out], last)
+
+    llm = SimpleNamespace(tokenizer=Tokenizer(DEMO_MODEL), max_model_len=512, vocab_size=512, generate=generate,
+                          check_can_accept=lambda: None)
+    state = ServerState(llm=llm, settings=ServerSettings(served_model_names=["m"], model_path="m"),
+                        metrics=ServerMetrics("m", dict))
+    client = TestClient(build_app(state))   # outside `with`: the lifespan (engine start) does not run
+
+    def choices(path: str, **body) -> list[dict]:
+        r = client.post(path, json={"model": "m", "stream": True, "max_tokens": 3, "return_token_ids": True, **body})
+        assert r.status_code == 200, r.text
+        return [json.loads(line[6:])["choices"][0] for line in r.text.splitlines() if line.startswith("data: {")]
+
+    got = choices("/v1/completions", prompt="Once")
+    assert [(c["text"], c["token_ids"]) for c in got] == [(" there", [1]), ("", [2]), (" was", [3])]
+    got = choices("/v1/chat/completions", messages=[{"role": "user", "content": "Once"}])[1:]
+    assert [(c["delta"], c["token_ids"]) for c in got] == [({"content": " there"}, [1]), ({"content": ""}, [2]),
+                                                           ({"content": " was"}, [3])]
