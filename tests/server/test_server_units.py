@@ -37,7 +37,7 @@ async def drain(llm: AsyncLLM, prompt: str, params: SamplingParams, rid: str):
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_generate_abort_and_failed_step(make_llm, async_scheduling):
-    llm = make_llm(async_scheduling=async_scheduling)
+    llm = make_llm(async_scheduling=async_scheduling, max_model_len=128)
 
     async def main():
         llm.start()
@@ -80,11 +80,11 @@ def test_generate_abort_and_failed_step(make_llm, async_scheduling):
         out = await asyncio.wait_for(last_of(first), 10)
         assert out.finished and out.outputs[0].text == GREEDY_8
         # a prompt past the context is refused with both numbers; an output past it stops there
-        with pytest.raises(ValueError, match="600.*512"):
+        with pytest.raises(ValueError, match="600.*128"):
             await drain(llm, {"prompt_token_ids": [5] * 600}, SamplingParams(max_tokens=1), "e")
         capped = await drain(llm, "x", SamplingParams(max_tokens=600, ignore_eos=True), "e2")
         assert capped.outputs[0].finish_reason == "length"
-        assert len(capped.prompt_token_ids) + len(capped.outputs[0].token_ids) == 512
+        assert len(capped.prompt_token_ids) + len(capped.outputs[0].token_ids) == 128
         # shutdown ends in-flight requests with an error
         gen = llm.generate("One day", SamplingParams(max_tokens=400, ignore_eos=True), "f")
         await gen.__anext__()
