@@ -186,7 +186,8 @@ def default_block_size(hf_config: HFConfig) -> int:
     return 64 if hf_config.get("kv_lora_rank") else 16
 
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 # vLLM's Marlin names of a 4-bit checkpoint's own format (its kernels, not another format)
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
@@ -205,7 +206,7 @@ class CacheConfig:
 
     @property
     def fp8_kv(self) -> bool:
-        return self.kv_cache_dtype != "auto"      # every other KV_CACHE_DTYPES entry is e4m3
+        return self.kv_cache_dtype in FP8_KV_CACHE_DTYPES
 
 
 def check_data_parallel_nodes(args) -> None:
@@ -484,8 +485,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of identical full-block prompt prefixes."""
     kv_cache_dtype: str = "auto"
-    """KV cache storage: auto (the model dtype) | fp8 | fp8_e4m3 (float8 e4m3: half the bytes,
-    twice the tokens; the MLA latent cache too). Scales per layer from the checkpoint's
+    """KV cache storage: auto (the model dtype) | bfloat16 | float16 (the model dtype named: it
+    must be the model's) | fp8 | fp8_e4m3 (float8 e4m3: half the bytes, twice the tokens; the
+    MLA latent cache too). Scales per layer from the checkpoint's
     `k_scale` / `v_scale` / `kv_scale` (vLLM's names; MLA's latent takes k_scale), 1.0 without."""
     calculate_kv_scales: bool = False
     """Deprecated in vLLM 0.26 (removed after it): accepted with a deprecation warning and no

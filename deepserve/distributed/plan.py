@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from deepserve.config import SpeculativeConfig, canonical_dtype, resolve_max_model_len
+from deepserve.config import FP8_KV_CACHE_DTYPES, SpeculativeConfig, canonical_dtype, resolve_max_model_len
 from deepserve.distributed.plan_bytes import (DTYPE_BYTES, MLA_ARCHS, Ignored, Layout, architecture,
                                               kv_bytes_per_token_layer, param_count, stage_kv_layers,
                                               stage_layers, structural_problem, weight_breakdown,
@@ -76,12 +76,12 @@ class Plan:
     mtp_params: int
     total_weight_bytes: int               # the whole model in this dtype / quantization
     suggestions: list[str] = field(default_factory=list)
-    kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8 / fp8_e4m3: one byte a value
+    kv_cache_dtype: str = "auto"          # auto / bfloat16 / float16: the model dtype; fp8 / fp8_e4m3: one byte
     ignored: Ignored = field(default=None, repr=False, compare=False)   # modules the checkpoint leaves unquantized
 
     @property
     def kv_dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype] if self.kv_cache_dtype == "auto" else 1
+        return 1 if self.kv_cache_dtype in FP8_KV_CACHE_DTYPES else DTYPE_BYTES[self.dtype]
 
     @property
     def usable_bytes(self) -> int:

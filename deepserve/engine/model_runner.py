@@ -108,6 +108,11 @@ class ModelRunner:
                     planned_weight_text(config, self.pctx, getattr(self.model, "quantization", None),
                                         next(self.model.parameters()).dtype))
         self.dtype = next(self.model.parameters()).dtype
+        named = config.cache.kv_cache_dtype
+        if named in ("bfloat16", "float16") and getattr(torch, named) != self.dtype:
+            held = str(self.dtype).replace("torch.", "")
+            raise ValueError(f"--kv-cache-dtype {named} names the model's own dtype, and this model runs in "
+                             f"{held}: pass --dtype {named} too, or --kv-cache-dtype auto")
         # e4m3 KV (the layers' checkpoint scales, 1.0 without): written by the KV-write ops, read
         # by the attention kernels
         self.kv_dtype = torch.float8_e4m3fn if config.cache.fp8_kv else self.dtype

@@ -59,8 +59,23 @@ def test_fp8_kv_cache_against_model_dtype_kv(models, model):
 
 
 def test_unknown_kv_cache_dtype_names_the_choices():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, got 'int4'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, bfloat16, float16, fp8, fp8_e4m3, "
+                                         "got 'int4'"):
         EngineArgs(kv_cache_dtype="int4")
+
+
+def test_a_named_16_bit_kv_dtype_is_the_model_dtype_or_refused():
+    """vLLM's --kv-cache-dtype bfloat16 / float16: the pool in that dtype, which must be the
+    model's (no conversion between two 16-bit formats); the same tokens as auto."""
+    kw = dict(model=str(STORIES), tokenizer=TOKENIZER, kv_cache_memory_bytes=1 << 20)
+    named, auto = LLM(**kw, dtype="bfloat16", kv_cache_dtype="bfloat16"), LLM(**kw, dtype="bfloat16")
+    assert all(t.dtype == torch.bfloat16 for m in named.engine.runner.kv_layers for t in m.kv_cache)
+    assert named.engine.runner.num_blocks == auto.engine.runner.num_blocks
+    prompts = [named.tokenizer.encode(t) for t in STORY_TEXTS[:2]]
+    assert _greedy(named, prompts) == _greedy(auto, prompts)
+    with pytest.raises(ValueError, match="--kv-cache-dtype float16 names the model's own dtype, and this model runs "
+                                         "in bfloat16: pass --dtype float16 too"):
+        LLM(**kw, dtype="bfloat16", kv_cache_dtype="float16")
 
 
 def test_checkpoint_kv_scales_keep_a_small_latent_in_e4m3s_range(tmp_path):
