@@ -122,7 +122,7 @@ def ignored_fields(model: BaseModel) -> list[str]:
 
 
 class JsonSchemaFormat(_Wire):
-    name: Optional[str] = None
+    name: str   # required, as by OpenAI and vLLM
     description: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
     strict: Optional[bool] = None

@@ -260,6 +260,8 @@ class ResponsesRequest(_Wire):
         elif fmt is not None and fmt.type == "json_schema":
             if fmt.schema_ is None:
                 raise APIError(400, "text.format json_schema needs a schema", param="text.format.schema")
+            if fmt.name is None:   # required, as by OpenAI's and vLLM's
+                raise APIError(400, "text.format json_schema needs a name", param="text.format.name")
             schema = {"name": fmt.name, "description": fmt.description, "schema": fmt.schema_, "strict": fmt.strict}
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {k: v for k, v in schema.items() if v is not None}}

@@ -148,6 +148,7 @@ REFUSED = [
     ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xyz"}]},
      "input[0].encrypted_content"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format.name"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_output_tokens": 100000}, "max_output_tokens"),
 ]

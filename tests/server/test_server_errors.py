@@ -141,6 +141,8 @@ BAD_CHAT = [
     ({"top_logprobs": 3}, "top_logprobs"),          # top_logprobs without logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"presence_penalty": 3}, "presence_penalty"),
+    # json_schema's name is required (OpenAI's and vLLM's JsonSchemaResponseFormat); it was optional
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}, "response_format"),
 ]
 
 
