@@ -22,7 +22,7 @@ none (layers/quantization.py, `experts_quantized`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -32,33 +32,42 @@ class Ignore:
     names: tuple[str, ...] = ()        # a module, a parent module, or "re:" + a regex
     substrings: tuple[str, ...] = ()   # any module whose name contains one
     targets: tuple[str, ...] = ("Linear",)   # the modules quantized (names as `names`), "Linear": all
+    # `names` and `targets` made ready to match (a model's build asks about every expert matrix
+    # of every layer: R1's 45,000 names)
+    _names: _Entries = field(init=False, repr=False, compare=False)
+    _targets: _Entries = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for entry in self.names + self.targets:
-            if entry.startswith("re:"):
-                try:
-                    re.compile(entry[3:])
-                except re.error as exc:
-                    raise ValueError(f"{entry!r} is not a valid regular expression ({exc})") from None
+        object.__setattr__(self, "_names", _Entries(self.names))
+        object.__setattr__(self, "_targets", _Entries(self.targets))
 
     def __call__(self, module: str) -> bool:
-        if any(s in module for s in self.substrings) or _named(self.names, module):
+        if any(s in module for s in self.substrings) or self._names.name(module):
             return True
-        return "Linear" not in self.targets and not _named(self.targets, module)
+        return "Linear" not in self.targets and not self._targets.name(module)
 
     def __bool__(self) -> bool:
         return bool(self.names or self.substrings or "Linear" not in self.targets)
 
 
-def _named(entries: tuple[str, ...], module: str) -> bool:
-    """Whether one of `entries` (a module, a parent module, or "re:" + a regex) names `module`."""
-    for entry in entries:
-        if entry.startswith("re:"):
-            if re.match(entry[3:], module):
-                return True
-        elif module == entry or module.startswith(entry + "."):
-            return True
-    return False
+class _Entries:
+    """Entries that name modules (a module, a parent module, or "re:" + a regex), compiled."""
+
+    def __init__(self, entries: tuple[str, ...]):
+        self.modules = frozenset(e for e in entries if not e.startswith("re:"))
+        self.parents = tuple(e + "." for e in self.modules)   # a parent's name covers its modules
+        self.patterns = tuple(_regex(e[3:]) for e in entries if e.startswith("re:"))
+
+    def name(self, module: str) -> bool:
+        """Whether one of the entries names `module`."""
+        return module in self.modules or module.startswith(self.parents) or any(p.match(module) for p in self.patterns)
+
+
+def _regex(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{'re:' + pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _entries(qc: dict, field: str) -> tuple[str, ...]:

@@ -237,6 +237,27 @@ def test_matching_rules():
         checkpoint_ignore({"quantization_config": {"quant_method": "compressed-tensors", "ignore": ["re:("]}})
 
 
+
+def test_matching_a_models_names_compiles_no_pattern_per_name(monkeypatch):
+    """A model's build asks about every expert matrix of every layer (R1: 45,000 names): the
+    entries are made ready once, no regex is looked up or compiled per name; the answers are
+    the rules' (a name and its children, not a longer sibling; `re:` from the start; targets)."""
+    import re
+    ignore = Ignore(("model.layers.1", "re:.*experts\\.(3|4)\\.", "re:.*o_proj"), ("visual",))
+    targets = Ignore(targets=("re:.*mlp\\.experts\\..*", "model.layers.0.self_attn"))
+    looked_up = []
+    for name in ("match", "compile", "search", "fullmatch"):
+        real = getattr(re, name)
+        monkeypatch.setattr(re, name, lambda *a, real=real, **k: looked_up.append(a) or real(*a, **k))
+    names = [f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(12) for e in range(8) for p in ("w1", "w2", "w3")]
+    assert [n for n in names if ignore(n)] == [n for n in names if n.startswith("model.layers.1.")
+                                               or ".experts.3." in n or ".experts.4." in n]
+    assert ignore("model.layers.1") and ignore("model.visual.proj") and ignore("model.layers.2.self_attn.o_proj")
+    assert ignore("model.layers.2.self_attn.o_proj_x") and not ignore("model.layers.10.self_attn.q_proj")  # re.match
+    assert not any(targets(n) for n in names)
+    assert not targets("model.layers.0.self_attn.q_proj") and targets("model.layers.1.self_attn.q_proj")
+    assert not looked_up, looked_up[:3]
+
 def test_fused_parts_that_disagree_are_refused_naming_them(ref, tmp_path):
     qc = {**FP8_QC, "ignored_layers": ["model.layers.1.self_attn.q_proj"]}
     folder = _write(ref, tmp_path / "fp8", _fp8, qc)
