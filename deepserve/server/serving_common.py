@@ -258,11 +258,12 @@ def sampling_params(state: ServerState, req, max_tokens: Optional[int], logprobs
     limit = state.settings.max_logprobs
     # logprob_token_ids' number stands in logprobs; it has its own limit (SamplingParams'), as in vLLM
     sample_logprobs = params.logprobs if params.logprob_token_ids is None else None
-    for name, value in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-        value = whole_vocabulary(value, state.llm.vocab_size)
+    for name, given in (("logprobs", sample_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        value = whole_vocabulary(given, state.llm.vocab_size)
         if value is not None and value > limit >= 0:
             shown = "top_logprobs" if name == "logprobs" and hasattr(req, "top_logprobs") else name
-            raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {value}", param=shown)
+            got = f"{given} (the whole vocabulary, {value} tokens)" if given == -1 else given
+            raise APIError(400, f"{shown} must be <= {limit} (--max-logprobs), got {got}", param=shown)
     for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
                       ("stop_token_ids", params.stop_token_ids), ("logprob_token_ids", params.logprob_token_ids or [])):
         bad = next((t for t in ids if t >= state.llm.vocab_size), None)

@@ -118,6 +118,9 @@ class _Prepared:
         self.listed = bool(req.logprob_token_ids)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if req.logprobs is not None and req.logprobs < 0:   # vLLM's rule: -1 is prompt_logprobs' and chat's alone
+            raise APIError(400, f"logprobs must be >= 0 on completions, got {req.logprobs} (prompt_logprobs -1 asks "
+                                "for the whole vocabulary)", param="logprobs")
         if req.prompt is None or req.prompt == "":   # vLLM's check and text (an empty id list: the engine's refusal)
             raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
         try:

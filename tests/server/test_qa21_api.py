@@ -123,13 +123,17 @@ def demo(tmp_path_factory):
 
 def test_whole_vocabulary_logprobs(demo):
     """vLLM's -1 for logprobs / top_logprobs: every token of the vocabulary (512 for the demo
-    model) at each position, under --max-logprobs -1 (vLLM's "no cap"); completions' echo lists
-    the prompt's the same way. Chat's top_logprobs takes -1 as vLLM's does; below it is a 400."""
+    model) at each position, under --max-logprobs -1 (vLLM's "no cap"); completions' echo with
+    logprobs 512 lists the prompt's the same way (completions' logprobs takes no -1: vLLM's 400).
+    Chat's top_logprobs takes -1 as vLLM's does; below it is a 400."""
     client = openai.OpenAI(base_url=demo.v1, api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     # tokens named by id: many tokens' texts are alike (bytes, special tokens), and the legacy format keys by text
-    whole = client.completions.create(model=model, prompt="Once upon", max_tokens=2, logprobs=-1, echo=True,
+    whole = client.completions.create(model=model, prompt="Once upon", max_tokens=2, logprobs=512, echo=True,
                                       extra_body={"return_tokens_as_token_ids": True})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=model, prompt="Once upon", max_tokens=2, logprobs=-1, echo=True)
+    assert err.value.body["param"] == "logprobs"
     tops = whole.choices[0].logprobs.top_logprobs
     assert tops[0] is None and [len(t) for t in tops[1:]] == [512] * (len(tops) - 1)
     assert all(abs(math.log(sum(math.exp(v) for v in t.values()))) < 1e-3 for t in tops[1:])

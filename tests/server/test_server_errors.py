@@ -48,8 +48,9 @@ BAD_COMPLETIONS = [
     ({"prompt": [[1]] * 4097}, "prompt", ("4097 samples", "at most 4096")),   # memory per sample, before any step
     ({"prompt": [[1]] * 20, "n": 250}, "prompt", ("5000 samples",)),
     ({"logprobs": 50}, "logprobs", ("50",)),
-    ({"logprobs": -1}, "logprobs", ("must be <= 20", "got 512")),   # vLLM's -1: the whole vocabulary
-    ({"prompt_logprobs": -1}, "prompt_logprobs", ("must be <= 20", "got 512")),
+    ({"logprobs": -1}, "logprobs", ("logprobs must be >= 0", "got -1")),   # vLLM's: -1 is no completions' logprobs
+    ({"logprobs": -1, "echo": True}, "logprobs", ("logprobs must be >= 0", "got -1")),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", ("must be <= 20", "got -1 (the whole vocabulary, 512 tokens)")),
     ({"max_tokens": 600}, "max_tokens", ("max_tokens=600 cannot be greater than max_model_len=512. Please request "
                                          "fewer output tokens.",)),   # vLLM's words, before the prompt's count
     ({"stop_token_ids": [512], "min_tokens": 2}, "stop_token_ids", ("512",)),   # failed the step
@@ -149,6 +150,16 @@ BAD_CHAT = [
 @pytest.mark.parametrize("change,param", BAD_CHAT)
 def test_bad_chat_values_are_400(http, change, param):
     check_error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param)
+
+
+def test_whole_vocabulary_over_max_logprobs_names_the_minus_one_sent(http):
+    """vLLM takes -1 for chat's top_logprobs and for prompt_logprobs as the whole vocabulary (512
+    for the demo model), over --max-logprobs 20 a 400: the message names the -1 sent, then the size."""
+    whole = "got -1 (the whole vocabulary, 512 tokens)"
+    check_error(http.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": -1}),
+                400, "top_logprobs", ("top_logprobs must be <= 20", whole))
+    check_error(http.post("/v1/chat/completions", json={**CHAT, "prompt_logprobs": -1}),
+                400, "prompt_logprobs", ("prompt_logprobs must be <= 20", whole))
 
 
 def test_a_union_field_names_every_shape_it_takes(http):
