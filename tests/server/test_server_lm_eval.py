@@ -136,3 +136,40 @@ def test_lm_eval_remote_tokenizer_is_the_servers(demo_server, tmp_path, monkeypa
     for r, h in zip(remote, local):
         assert r["arguments"] == h["arguments"]
         assert [x[0][0] for x in r["resps"]] == pytest.approx([x[0][0] for x in h["resps"]], abs=1e-4)
+
+
+def test_lm_eval_loglikelihoods_equal_transformers_in_both_prompt_modes(demo_server, tmp_path, monkeypatch):
+    """Each choice's loglikelihood through the server equals transformers' (fp32) on the same
+    tokens. Token-id prompts (lm-eval's default) are scored as sent: the continuation's logprobs.
+    Text prompts (tokenized_requests=False) are tokenized as vLLM does, with the tokenizer's BOS
+    first; lm-eval counts its context without that BOS, so its slice of token_logprobs starts one
+    token early and adds the context's last token to every choice (lm-eval's reading, against
+    vLLM the same)."""
+    pytest.importorskip("tenacity")
+    import torch
+    import transformers
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hf = f"tokenizer_backend=huggingface,tokenizer={DEMO_TOKENIZER}"
+    as_ids = run_mc(demo_server, tmp_path / "ids", hf)
+    as_text = run_mc(demo_server, tmp_path / "text", hf + ",tokenized_requests=False")
+    tok = transformers.AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+    model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_TOKENIZER, dtype=torch.float32).eval()
+
+    def summed(ids: list[int], first: int) -> float:
+        """Sum of log p(ids[p] | ids[:p]) for p >= first."""
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        return sum(lp[p - 1, ids[p]].item() for p in range(first, len(ids)))
+
+    checked = 0
+    for ids_sample, text_sample in zip(as_ids, as_text):
+        for (context, continuation), by_ids, by_text in zip(
+                ids_sample["arguments"], ids_sample["resps"], text_sample["resps"]):
+            ctx = tok(context, add_special_tokens=False).input_ids
+            whole = tok(context + continuation, add_special_tokens=False).input_ids
+            assert float(by_ids[0][0]) == pytest.approx(summed(whole, len(ctx)), abs=1e-4)
+            assert float(by_text[0][0]) == pytest.approx(summed([tok.bos_token_id] + whole, len(ctx)), abs=1e-4)
+            checked += 1
+    assert checked == sum(len(d["choices"]) for d in MC_DOCS)
