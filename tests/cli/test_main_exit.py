@@ -6,9 +6,11 @@ import sys
 
 from tests.conftest import REPO
 
-# registered before main's own exit hook, so it runs after it (atexit runs the last registered first)
+# registered before main's own exit hook, so it runs after it (atexit runs the last registered first);
+# torch imported here, as the commands that load a model do (`plan --help` itself no longer does)
 CHECK = """
 import atexit, gc, sys
+import torch
 atexit.register(lambda: print("torch" in sys.modules, gc.get_freeze_count() > 100_000, len(gc.get_objects()) < 1_000))
 from deepserve.cli.main import main
 sys.exit(main(["plan", "--help"]))
