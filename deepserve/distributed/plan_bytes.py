@@ -7,7 +7,8 @@ parameter bytes of our models built with the same ParallelContext (tests check t
 the `meta` device):
 
 - TP splits attention heads (q/k/v/o; MLA's q_b / kv_b / o), MLP intermediate dims, and
-  the vocab (embedding and lm_head rows, padded to equal slices of ceil(V / TP)). GQA KV
+  the vocab (embedding and lm_head rows: V padded to a multiple of 64, then equal slices of
+  ceil(V / TP)). GQA KV
   heads are replicated when TP > kv heads. MLA's q_a / kv_a down-projections, norms, the
   MoE router and row-parallel biases are whole on every rank.
 - EP (vLLM's --enable-expert-parallel): each of the TP x DP ranks of a stage holds
@@ -333,8 +334,21 @@ def _keep_ignored(tensors: list[Tensor], ignore: Ignored) -> list[Tensor]:
     return out
 
 
+VOCAB_ROWS_MULTIPLE = 64
+"""The vocabulary's rows are padded to a multiple of this before the TP split (vLLM's padding):
+an LM head GEMM whose output width is odd (a vocabulary of 128,815) gets a cuBLAS kernel
+without Hopper's tensor-core path."""
+
+
+def vocab_slice_rows(vocab_size: int, tp: int) -> int:
+    """Rows of each TP rank's vocabulary slice: the vocabulary padded to VOCAB_ROWS_MULTIPLE,
+    split in equal slices (the last rank's padded further where TP does not divide it)."""
+    padded = -(-vocab_size // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
+    return -(-padded // tp)
+
+
 def vocab_rows(cfg, tp: int) -> int:
-    return -(-cfg.vocab_size // tp)   # padded so every rank holds the same slice
+    return vocab_slice_rows(cfg.vocab_size, tp)
 
 
 def mtp_tensors(cfg, layout: Layout, quantization: Optional[str] = None, ignored: Ignored = None) -> list[Tensor]:

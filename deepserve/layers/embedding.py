@@ -13,6 +13,7 @@ from torch import nn
 
 from deepserve.ops import REFERENCE_OPS, OpTable
 from deepserve.distributed.parallel_state import ParallelContext, single_process
+from deepserve.distributed.plan_bytes import vocab_slice_rows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -23,8 +24,8 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.pctx = pctx or single_process()
         self.vocab_size = vocab_size
-        # pad so every rank holds the same number of rows
-        self.per_rank = -(-vocab_size // self.pctx.tp_size)
+        # every rank holds the same number of rows, of a vocabulary padded to 64 (the LM head's GEMM width)
+        self.per_rank = vocab_slice_rows(vocab_size, self.pctx.tp_size)
         self.start = self.pctx.tp_rank * self.per_rank
         self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden_size, dtype=params_dtype),
                                    requires_grad=False)
@@ -37,6 +38,7 @@ class VocabParallelEmbedding(nn.Module):
                              f"{tuple(loaded.shape)} does not match the model's {expected}")
         rows = loaded[self.start:self.start + self.per_rank]
         param.data[:rows.shape[0]].copy_(rows)
+        param.data[rows.shape[0]:].zero_()     # the padding: logits cut off, ids never looked up
 
     def dummy_shards(self):
         yield self.weight, None, (self.vocab_size, self.weight.shape[1])

@@ -1,7 +1,11 @@
 """Llama and Qwen2 logits and greedy text against transformers on tiny random checkpoints."""
+import math
+
 import pytest
 import torch
 import transformers
+
+from deepserve import LLM, SamplingParams
 
 from tests.models.hf_reference import assert_close_rel, hf_greedy, hf_logits, load_ours, save_tiny
 from tests.models.paged_harness import greedy_generate, prefill_logits
@@ -22,6 +26,8 @@ CASES = {
     "llama3_rope_tied": (transformers.LlamaForCausalLM, llama_config(
         tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # a vocabulary off the 64-row padding (the LM head's rows padded, its logits cut back), tied
+    "llama_odd_vocab_tied": (transformers.LlamaForCausalLM, llama_config(vocab_size=250, tie_word_embeddings=True)),
     "llama_linear_rope": (transformers.LlamaForCausalLM, llama_config(
         rope_scaling={"rope_type": "linear", "factor": 4.0})),
     # transformers' dynamic NTK keeps the base up to max_position_embeddings, as vLLM's table does
@@ -50,6 +56,27 @@ def test_logits_match_transformers(pair):
     logits = prefill_logits(ours, PROMPTS)
     expected = torch.cat(hf_logits(ref, PROMPTS))
     assert_close_rel(logits, expected)
+
+
+def test_vocab_rows_padded_to_64_and_logits_cut_to_the_vocab(tmp_path):
+    """The embedding / LM head hold 64-row multiples (vLLM's padding; an odd GEMM width takes
+    a slow cuBLAS kernel), the padding rows stay zero and the logits keep the vocabulary's width."""
+    ref = save_tiny(transformers.LlamaForCausalLM, llama_config(vocab_size=250), tmp_path)
+    ours = load_ours(tmp_path)
+    assert ours.lm_head.weight.shape[0] == ours.model.embed_tokens.weight.shape[0] == 256
+    assert not ours.lm_head.weight[250:].any() and not ours.model.embed_tokens.weight[250:].any()
+    logits = prefill_logits(ours, PROMPTS)
+    assert logits.shape[-1] == 250
+    assert_close_rel(logits, torch.cat(hf_logits(ref, PROMPTS)))
+    # through the engine (its sampler and logprobs read the cut logits)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=1 << 20)
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16, logprobs=3)   # hf_greedy: min_new_tokens
+    for prompt, out in zip(PROMPTS, llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)):
+        got = out.outputs[0]
+        assert list(got.token_ids) == hf_greedy(ref, prompt, 16)
+        # logprobs over the vocabulary alone (the raw distribution: min_tokens' EOS mask is not in it)
+        assert all(t in lp and max(lp) < 250 and all(math.isfinite(x.logprob) for x in lp.values())
+                   for t, lp in zip(got.token_ids, got.logprobs))
 
 
 def test_greedy_matches_transformers(pair):
