@@ -54,6 +54,22 @@ def structural_tag_args(text: str) -> tuple:
     return items, triggers
 
 
+# xgrammar compilers by the tokenizer's files (path, size, mtime), logits width and stop ids: the
+# table of a 129K vocabulary takes seconds to build, and every engine of a process (LLM objects,
+# the beam-search compiler) would build its own
+_SHARED: dict[tuple, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _files_key(tokenizer) -> tuple:
+    """The tokenizer's files as they are on disk, or () for one without (never shared)."""
+    files = getattr(tokenizer, "files", ())
+    try:
+        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return ()
+
+
 class GrammarCompiler:
     """Compiles GuidedDecoding specs for one tokenizer and one logits width (thread-safe)."""
 
@@ -63,20 +79,31 @@ class GrammarCompiler:
         self._compiler = None
         self._lock = threading.Lock()
 
+    def _build(self):
+        xgr = _xgr()
+        tok = self.tokenizer.tok  # the `tokenizers` object
+        vocab = [""] * self.vocab_size
+        for text, idx in tok.get_vocab(with_added_tokens=True).items():
+            if idx < self.vocab_size:
+                vocab[idx] = text
+        meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())
+        info = xgr.TokenizerInfo(vocab, vocab_type=meta["vocab_type"], vocab_size=self.vocab_size,
+                                 stop_token_ids=self.eos_token_ids,
+                                 add_prefix_space=meta["add_prefix_space"])
+        return xgr.GrammarCompiler(info, max_threads=2)
+
     def _get(self):
         with self._lock:
             if self._compiler is None:
-                xgr = _xgr()
-                tok = self.tokenizer.tok  # the `tokenizers` object
-                vocab = [""] * self.vocab_size
-                for text, idx in tok.get_vocab(with_added_tokens=True).items():
-                    if idx < self.vocab_size:
-                        vocab[idx] = text
-                meta = xgr.TokenizerInfo._detect_metadata_from_hf(tok.to_str())
-                info = xgr.TokenizerInfo(vocab, vocab_type=meta["vocab_type"], vocab_size=self.vocab_size,
-                                         stop_token_ids=self.eos_token_ids,
-                                         add_prefix_space=meta["add_prefix_space"])
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+                files = _files_key(self.tokenizer)
+                if not files:
+                    self._compiler = self._build()
+                    return self._compiler
+                key = (files, self.vocab_size, tuple(self.eos_token_ids))
+                with _SHARED_LOCK:
+                    if key not in _SHARED:
+                        _SHARED[key] = self._build()
+                    self._compiler = _SHARED[key]
             return self._compiler
 
     def compile(self, spec: GuidedDecoding):

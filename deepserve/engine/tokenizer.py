@@ -82,6 +82,8 @@ class Tokenizer:
             raise FileNotFoundError(f"{file} not found: deepserve reads fast tokenizers (tokenizer.json; "
                                     "pass --tokenizer FOLDER)")
         folder = self.folder = file.parent
+        # what the vocabulary is read from (engine/grammar.py shares its tables by them)
+        self.files = tuple(f for f in (file, folder / "tokenizer_config.json") if f.is_file())
         try:
             self.tok = HFTokenizer.from_file(str(file))
         except Exception as exc:    # the tokenizers library raises a plain Exception for a file it cannot read

@@ -86,3 +86,31 @@ def test_guided_spec_checks_and_pickles_without_its_compiled_grammar():
     assert SamplingParams(logit_bias={5: 150}).logit_bias == {5: 150.0}   # vLLM's SamplingParams takes any value
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={-1: 1.0})
+
+
+def test_grammar_tables_are_shared_by_the_tokenizer_files(tmp_path, monkeypatch):
+    """Engines of one process over the same tokenizer files, width and stop ids share one
+    xgrammar compiler (its vocabulary table takes seconds at 129K tokens); another width,
+    other stop ids or a changed file get their own."""
+    pytest.importorskip("xgrammar")
+    import shutil
+
+    from deepserve.engine import grammar
+    from deepserve.engine.grammar import GrammarCompiler
+    from deepserve.engine.tokenizer import Tokenizer
+
+    monkeypatch.setattr(grammar, "_SHARED", {})
+    built = []
+    build = GrammarCompiler._build
+    monkeypatch.setattr(GrammarCompiler, "_build", lambda self: built.append(self) or build(self))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{DEMO_MODEL}/{f}", tmp_path / f)
+    tok_a, tok_b = Tokenizer(tmp_path), Tokenizer(tmp_path)
+    a = GrammarCompiler(tok_a, VOCAB, tok_a.eos_token_ids)._get()
+    assert GrammarCompiler(tok_b, VOCAB, tok_b.eos_token_ids)._get() is a and len(built) == 1
+    assert GrammarCompiler(tok_b, VOCAB + 64, tok_b.eos_token_ids)._get() is not a
+    assert GrammarCompiler(tok_b, VOCAB, [0])._get() is not a and len(built) == 3
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")       # another size: another key
+    tok_c = Tokenizer(tmp_path)
+    assert GrammarCompiler(tok_c, VOCAB, tok_c.eos_token_ids)._get() is not a and len(built) == 4
