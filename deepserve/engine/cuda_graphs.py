@@ -138,7 +138,7 @@ class CudaGraphRunner:
         prompt = sum(q[first:])
         if not mixed_tokens or not prompt or prompt > mixed_tokens:
             return False
-        seq_lens = [s.num_computed_tokens + n for s, n in zip(batch.seqs, q)]
+        seq_lens = batch.seq_lens()
         if not self.fits(step_rows(q, drafts), True, max(seq_lens)):
             return False
         return sum(n * s for n, s in zip(q[first:], seq_lens[first:])) <= MIXED_ROWS_CONTEXT

@@ -471,9 +471,8 @@ class EngineCore:
                 mine = DPSync(True, work.num_tokens, True, work.num_tokens, self.stopping)
             elif batch:
                 # from the batch as scheduled: the step's own inputs are flattened once, when it runs
-                longest = max(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens))
-                mine = DPSync(True, self.runner.graph_rows(batch), not self.runner.runs_as_rows(batch), longest,
-                              self.stopping)
+                mine = DPSync(True, self.runner.graph_rows(batch), not self.runner.runs_as_rows(batch),
+                              max(batch.seq_lens()), self.stopping)
             else:
                 mine = DPSync(False, 1, False, 1, self.stopping)
             v = torch.tensor(mine.to_list(), dtype=torch.int64)

@@ -98,12 +98,12 @@ class GrammarCompiler:
                 files = _files_key(self.tokenizer)
                 if not files:
                     self._compiler = self._build()
-                    return self._compiler
-                key = (files, self.vocab_size, tuple(self.eos_token_ids))
-                with _SHARED_LOCK:
-                    if key not in _SHARED:
-                        _SHARED[key] = self._build()
-                    self._compiler = _SHARED[key]
+                else:
+                    with _SHARED_LOCK:
+                        key = (files, self.vocab_size, tuple(self.eos_token_ids))
+                        if key not in _SHARED:
+                            _SHARED[key] = self._build()
+                        self._compiler = _SHARED[key]
             return self._compiler
 
     def compile(self, spec: GuidedDecoding):

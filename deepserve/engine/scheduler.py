@@ -60,6 +60,10 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.seqs)
 
+    def seq_lens(self) -> list[int]:
+        """Each sequence's length once this step's tokens are computed."""
+        return [s.num_computed_tokens + n for s, n in zip(self.seqs, self.num_new_tokens)]
+
     def sampling_seqs(self) -> list[Sequence]:
         """The sequences whose step reaches their last token, so they sample one (before the
         step: num_computed_tokens not yet advanced)."""
